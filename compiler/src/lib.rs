@@ -1,0 +1,16 @@
+//! `v3c-compiler`: lowers DeepSeek-V3 graphs (from `v3c-models`) through MLIR into PTX kernels for
+//! NVIDIA Hopper (sm_90a) and a launch plan the runtime executes.
+//!
+//! Stages (see `shared/design/ARCHITECTURE.md`): import (graph -> `v3` dialect), transforms (fusion),
+//! conversions (kernels -> CPU linalg / GPU nvgpu), target (LLVM IR -> PTX -> cubin), plan, artifact.
+//! Today the crate holds the foundations every stage uses:
+//! - [`mlir`]: MLIR context creation (all upstream dialects + LLVM translations), parsing with the
+//!   diagnostics MLIR produced, verification;
+//! - [`target`]: the only place that knows sm_90a facts, and PTX emission through LLVM's NVPTX backend;
+//! - [`toolchain`]: finding ptxas / cuobjdump / nvdisasm and reporting what is lost without them;
+//! - [`doctor`]: the `v3c doctor` report.
+
+pub mod doctor;
+pub mod mlir;
+pub mod target;
+pub mod toolchain;

@@ -1,0 +1,241 @@
+//! `v3c`: the DeepSeek-V3 compiler's command line; see `v3c --help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use v3c_compiler::{doctor, target::GpuTarget};
+
+/// Compile DeepSeek-V3 model graphs through MLIR into PTX kernels for NVIDIA Hopper (sm_90a).
+///
+/// A model (the built-in `deepseek-v3` definition, the small `deepseek-v3-tiny`, or a Hugging Face
+/// checkpoint directory) is imported into the `v3` MLIR dialect, fused into kernels (MLA low-rank
+/// projections, MoE gather/scatter, FP8 block-scaled matmuls), lowered to PTX, and written as an
+/// artifact directory that `v3r` runs. Every stage can be dumped (`v3c dump-ir`, V3C_DUMP_DIR).
+#[derive(Parser)]
+#[command(name = "v3c", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    after_help = "Examples:\n  v3c doctor                                        # what this machine can do\n  v3c compile --model deepseek-v3 --target sm_90a --out out/deepseek-v3\n  v3c dump-ir --model deepseek-v3-tiny --stage v3 --entry decode\n  v3c logits --model-dir ckpt/ --tokens \"0 3 17\" --backend reference --out logits.safetensors\n\nStages, in order: v3, fused, cpu, gpu, nvvm, ptx, plan.\nEnvironment: V3C_DUMP_DIR=<dir> dumps every stage; V3C_LOG=<filter> sets logging;\nV3C_PTXAS / V3C_CUOBJDUMP / V3C_NVDISASM name tools not in .tools/bin or on PATH."
+)]
+struct Cli {
+    /// More log output on stderr (-v info, -vv debug, -vvv trace); V3C_LOG=<filter> overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile a model for a GPU target into an artifact directory (kernels, launch plan, manifest).
+    Compile(CompileArgs),
+    /// Print the IR of one pipeline stage (or run stages from a given IR file).
+    DumpIr(DumpIrArgs),
+    /// Compute logits for a token sequence and write them as safetensors.
+    Logits(LogitsArgs),
+    /// Generate tokens from a prompt (greedy, or temperature/top-p with a seed).
+    Run(RunArgs),
+    /// Autotune kernels for the GPU of this machine (or emit candidates for another machine).
+    Tune(TuneArgs),
+    /// Report LLVM/MLIR, PTX and cubin generation, CUDA tools, driver and GPUs; works without a GPU.
+    Doctor(DoctorArgs),
+}
+
+/// Pipeline stages, in order; the names are stable (dump folders and snapshots use them).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Stage {
+    V3,
+    Fused,
+    Cpu,
+    Gpu,
+    Nvvm,
+    Ptx,
+    Plan,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Entry {
+    Prefill,
+    Decode,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Backend {
+    /// The f32 reference interpreter (the oracle).
+    Reference,
+    /// Fused kernels JIT-compiled for this CPU.
+    Cpu,
+    /// Generated kernels on a CUDA GPU.
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Precision {
+    F32,
+    Fp8,
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// A built-in model (deepseek-v3, deepseek-v3-tiny) or a checkpoint directory with config.json.
+    #[arg(long, value_name = "NAME|DIR", default_value = "deepseek-v3")]
+    model: String,
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// GPU target.
+    #[arg(long, value_name = "TARGET", default_value = "sm_90a", value_parser = parse_target)]
+    target: GpuTarget,
+    /// Artifact directory to write (created; must not exist unless --force).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Tuning database to take kernel configurations from (written by `v3c tune` / `v3r tune`).
+    #[arg(long, value_name = "FILE")]
+    tuning: Option<PathBuf>,
+    /// Replace an existing artifact directory.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct DumpIrArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Stage whose IR to print.
+    #[arg(long, value_enum, default_value_t = Stage::V3)]
+    stage: Stage,
+    /// Entry point to print (default: all).
+    #[arg(long, value_enum)]
+    entry: Option<Entry>,
+    /// Only these decoder layers, e.g. 0..4 (half-open).
+    #[arg(long, value_name = "A..B")]
+    layers: Option<String>,
+    /// Start from this IR file (the output of an earlier stage) instead of the model.
+    #[arg(long, value_name = "FILE")]
+    from: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    /// Checkpoint directory (config.json + safetensors).
+    #[arg(long, value_name = "DIR")]
+    model_dir: PathBuf,
+    /// Token ids separated by spaces, e.g. "0 3 17 250".
+    #[arg(long, value_name = "IDS")]
+    tokens: String,
+    #[arg(long, value_enum, default_value_t = Backend::Reference)]
+    backend: Backend,
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
+    /// Output safetensors file (`logits` F32 [T, vocab], `mtp_logits` when the checkpoint has MTP).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Checkpoint directory (config.json + safetensors).
+    #[arg(long, value_name = "DIR")]
+    model_dir: PathBuf,
+    /// Prompt token ids separated by spaces.
+    #[arg(long, value_name = "IDS")]
+    prompt_tokens: String,
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_new_tokens: usize,
+    #[arg(long, value_enum, default_value_t = Backend::Reference)]
+    backend: Backend,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct TuneArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Tuning database to write (merged with an existing one).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Write compiled candidates for `v3r tune` on a GPU machine instead of measuring here.
+    #[arg(long, value_name = "DIR")]
+    emit_candidates: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_target(s: &str) -> Result<GpuTarget, String> {
+    GpuTarget::by_name(s)
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = v3c_runtime::cli::parse_or_exit("v3c");
+    v3c_runtime::cli::init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Doctor(a) => run_doctor(&a),
+        Command::Compile(a) => not_yet(
+            "compile",
+            &format!("--model {} --target {}", a.model.model, a.target.name),
+            "the fusion and Hopper codegen issues",
+        ),
+        Command::DumpIr(a) => not_yet(
+            "dump-ir",
+            &format!("--model {} --stage {:?}", a.model.model, a.stage),
+            "the dialect issue",
+        ),
+        Command::Logits(a) => not_yet(
+            "logits",
+            &a.model_dir.display().to_string(),
+            "the DSL/reference issue",
+        ),
+        Command::Run(a) => not_yet(
+            "run",
+            &a.model_dir.display().to_string(),
+            "the DSL/reference issue",
+        ),
+        Command::Tune(a) => not_yet("tune", &a.model.model, "the autotuning issue"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("v3c: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_doctor(args: &DoctorArgs) -> Result<(), String> {
+    let report = doctor::run();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", report.to_text());
+    }
+    if report.compiler_ok() {
+        Ok(())
+    } else {
+        Err("the compiler's own toolchain (LLVM/MLIR) is broken; see the lines marked --".into())
+    }
+}
+
+/// A subcommand whose arguments are settled but whose stage has not landed: says so, exits 1.
+fn not_yet(command: &str, what: &str, lands_with: &str) -> Result<(), String> {
+    Err(format!(
+        "{command} ({what}): not implemented yet; it lands with {lands_with}"
+    ))
+}

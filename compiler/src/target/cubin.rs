@@ -1,0 +1,156 @@
+//! PTX -> cubin with ptxas, and ptxas's resource report (registers, spills, shared memory).
+//!
+//! ptxas is optional: without it the artifact carries PTX only and the driver JIT-compiles it at
+//! load. Callers find it with [`crate::toolchain::find`] and decide what to do when it is missing.
+
+use std::process::Command;
+
+use super::GpuTarget;
+use crate::toolchain::FoundTool;
+
+/// ptxas's verdict on one kernel (`ptxas -v` prints one such block per entry).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelResources {
+    pub name: String,
+    pub registers: u32,
+    pub spill_stores_bytes: u32,
+    pub spill_loads_bytes: u32,
+    pub shared_memory_bytes: u32,
+}
+
+/// A cubin and what ptxas said about it.
+#[derive(Debug, Clone)]
+pub struct Assembled {
+    pub cubin: Vec<u8>,
+    pub kernels: Vec<KernelResources>,
+    /// ptxas's full `-v` output, for dumps.
+    pub log: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    #[error("{module}: cannot prepare ptxas input: {source}")]
+    Io {
+        module: String,
+        source: std::io::Error,
+    },
+    #[error("{module}: ptxas ({ptxas}) failed for {target}: {log}")]
+    Failed {
+        module: String,
+        ptxas: String,
+        target: String,
+        log: String,
+    },
+}
+
+/// Assembles `ptx` (named `module` in errors) for `target` with `ptxas -v`.
+pub fn assemble(
+    ptx: &str,
+    module: &str,
+    target: &GpuTarget,
+    ptxas: &FoundTool,
+) -> Result<Assembled, AssembleError> {
+    let io = |source| AssembleError::Io {
+        module: module.into(),
+        source,
+    };
+    let dir = tempfile::tempdir().map_err(io)?;
+    let input = dir.path().join("kernel.ptx");
+    let output = dir.path().join("kernel.cubin");
+    std::fs::write(&input, ptx).map_err(io)?;
+    let out = Command::new(&ptxas.path)
+        .arg(format!("-arch={}", target.name))
+        .arg("-v")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .output()
+        .map_err(io)?;
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        let log = log
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" | ");
+        return Err(AssembleError::Failed {
+            module: module.into(),
+            ptxas: ptxas.path.display().to_string(),
+            target: target.name.into(),
+            log,
+        });
+    }
+    let cubin = std::fs::read(&output).map_err(io)?;
+    Ok(Assembled {
+        cubin,
+        kernels: parse_resource_report(&log),
+        log,
+    })
+}
+
+/// Reads `ptxas -v` output:
+/// ```text
+/// ptxas info    : Compiling entry function 'vadd' for 'sm_90a'
+/// ptxas info    : Function properties for vadd
+///     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+/// ptxas info    : Used 8 registers, used 0 barriers, 1024 bytes smem, 384 bytes cmem[0]
+/// ```
+pub fn parse_resource_report(log: &str) -> Vec<KernelResources> {
+    fn number_before(text: &str, unit: &str) -> Option<u32> {
+        let at = text.find(unit)?;
+        text[..at].split_whitespace().last()?.parse().ok()
+    }
+    let mut kernels: Vec<KernelResources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            kernels.push(KernelResources {
+                name,
+                ..Default::default()
+            });
+            continue;
+        }
+        let Some(k) = kernels.last_mut() else {
+            continue;
+        };
+        if line.contains("spill stores") {
+            k.spill_stores_bytes = number_before(line, "bytes spill stores").unwrap_or(0);
+            k.spill_loads_bytes = number_before(line, "bytes spill loads").unwrap_or(0);
+        }
+        if line.contains("Used") && line.contains("registers") {
+            k.registers = number_before(line, "registers").unwrap_or(0);
+            k.shared_memory_bytes = number_before(line, "bytes smem").unwrap_or(0);
+        }
+    }
+    kernels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_registers_spills_and_smem() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+                   ptxas info    : Compiling entry function 'gemm' for 'sm_90a'\n\
+                   ptxas info    : Function properties for gemm\n    \
+                   0 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n\
+                   ptxas info    : Used 168 registers, used 1 barriers, 197632 bytes smem, 400 bytes cmem[0]\n";
+        let k = parse_resource_report(log);
+        assert_eq!(
+            k,
+            vec![KernelResources {
+                name: "gemm".into(),
+                registers: 168,
+                spill_stores_bytes: 8,
+                spill_loads_bytes: 12,
+                shared_memory_bytes: 197632
+            }]
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! `v3c-runtime`: the thin layer that loads a v3c artifact and launches its kernels on a CUDA device.
+//!
+//! It never links MLIR or LLVM (the compiler binary is ~170 MB; this one must stay a few MB so it
+//! travels next to an artifact to a GPU box). CUDA is reached through cudarc with dynamic loading:
+//! the crate builds and runs on machines with no CUDA at all, and every entry point that needs a GPU
+//! returns a clean [`DeviceError`] instead of panicking.
+//!
+//! Today it holds device discovery ([`device`]); the artifact reader, memory arena, launches and
+//! sessions arrive with the artifact/runtime issue.
+
+pub mod cli;
+pub mod device;
+
+pub use device::{probe_devices, DeviceError, DeviceInfo, DriverInfo};
