@@ -30,10 +30,7 @@ impl Report {
     /// Does every check that the compiler itself needs pass? (Missing CUDA tools or GPU do not count:
     /// compiling works without them.)
     pub fn compiler_ok(&self) -> bool {
-        self.checks
-            .iter()
-            .filter(|c| c.what == "MLIR" || c.what.starts_with("LLVM"))
-            .all(|c| c.ok)
+        self.checks.iter().filter(|c| c.what == "MLIR" || c.what.starts_with("LLVM")).all(|c| c.ok)
     }
 
     pub fn to_text(&self) -> String {
@@ -49,16 +46,8 @@ impl Report {
 
 fn check(what: impl Into<String>, result: Result<String, String>) -> Check {
     match result {
-        Ok(detail) => Check {
-            what: what.into(),
-            ok: true,
-            detail,
-        },
-        Err(detail) => Check {
-            what: what.into(),
-            ok: false,
-            detail,
-        },
+        Ok(detail) => Check { what: what.into(), ok: true, detail },
+        Err(detail) => Check { what: what.into(), ok: false, detail },
     }
 }
 
@@ -67,12 +56,7 @@ pub fn run() -> Report {
     let mut checks = Vec::new();
 
     let (major, minor, patch) = inkwell::support::get_llvm_version();
-    checks.push(check(
-        "LLVM",
-        Ok(format!(
-            "{major}.{minor}.{patch}, linked statically (NVPTX backend)"
-        )),
-    ));
+    checks.push(check("LLVM", Ok(format!("{major}.{minor}.{patch}, linked statically (NVPTX backend)"))));
 
     checks.push(check("MLIR", mlir_smoke()));
 
@@ -82,14 +66,7 @@ pub fn run() -> Report {
         checks.push(check(
             format!("LLVM -> PTX {}", t.name),
             ptx.as_ref()
-                .map(|p| {
-                    format!(
-                        "PTX ISA {}.{}, {} bytes for a test kernel",
-                        t.ptx_isa.0,
-                        t.ptx_isa.1,
-                        p.len()
-                    )
-                })
+                .map(|p| format!("PTX ISA {}.{}, {} bytes for a test kernel", t.ptx_isa.0, t.ptx_isa.1, p.len()))
                 .map_err(|e| e.to_string()),
         ));
         if let (Ok(ptx), Ok(ptxas)) = (&ptx, &ptxas) {
@@ -111,10 +88,7 @@ pub fn run() -> Report {
             tool.binary_name(),
             toolchain::find(tool)
                 .map(|f| {
-                    let version = f
-                        .version()
-                        .map(|v| format!(", CUDA {v}"))
-                        .unwrap_or_default();
+                    let version = f.version().map(|v| format!(", CUDA {v}")).unwrap_or_default();
                     format!("{} ({}{version})", f.path.display(), f.origin)
                 })
                 .map_err(|e| e.to_string()),
@@ -127,62 +101,33 @@ pub fn run() -> Report {
         if mlir_opt.is_file() {
             Ok(mlir_opt.display().to_string())
         } else {
-            Err(format!(
-                "{} not found: stock-tool checks of dumps are unavailable",
-                mlir_opt.display()
-            ))
+            Err(format!("{} not found: stock-tool checks of dumps are unavailable", mlir_opt.display()))
         },
     ));
 
     match v3c_runtime::device::probe_devices() {
         Ok((driver, devices)) => {
-            checks.push(check(
-                "CUDA driver",
-                Ok(format!("found, supports CUDA {}", driver.version)),
-            ));
+            checks.push(check("CUDA driver", Ok(format!("found, supports CUDA {}", driver.version))));
             for d in devices {
-                let runs: Vec<_> = TARGETS
-                    .iter()
-                    .filter(|t| t.runs_on(d.compute_capability))
-                    .map(|t| t.name)
-                    .collect();
-                let detail = format!(
-                    "{d}; runs: {}",
-                    if runs.is_empty() {
-                        "no v3c target".into()
-                    } else {
-                        runs.join(", ")
-                    }
-                );
-                checks.push(check(
-                    format!("GPU {}", d.ordinal),
-                    if runs.is_empty() {
-                        Err(detail)
-                    } else {
-                        Ok(detail)
-                    },
-                ));
+                let runs: Vec<_> = TARGETS.iter().filter(|t| t.runs_on(d.compute_capability)).map(|t| t.name).collect();
+                let detail =
+                    format!("{d}; runs: {}", if runs.is_empty() { "no v3c target".into() } else { runs.join(", ") });
+                checks
+                    .push(check(format!("GPU {}", d.ordinal), if runs.is_empty() { Err(detail) } else { Ok(detail) }));
             }
         }
         Err(e) => {
-            checks.push(check(
-                "CUDA driver",
-                Err(format!("{e}; compiling works, running needs a GPU machine")),
-            ));
+            checks.push(check("CUDA driver", Err(format!("{e}; compiling works, running needs a GPU machine"))));
         }
     }
 
-    Report {
-        compiler_version: env!("CARGO_PKG_VERSION").to_string(),
-        checks,
-    }
+    Report { compiler_version: env!("CARGO_PKG_VERSION").to_string(), checks }
 }
 
 fn mlir_smoke() -> Result<String, String> {
     let context = crate::mlir::new_context();
     let text = "func.func @smoke(%a: f32) -> f32 {\n  %b = arith.mulf %a, %a : f32\n  return %b : f32\n}\n";
-    let module =
-        crate::mlir::parse_module(&context, text, "doctor.mlir").map_err(|e| e.to_string())?;
+    let module = crate::mlir::parse_module(&context, text, "doctor.mlir").map_err(|e| e.to_string())?;
     crate::mlir::verify(&context, &module, "doctor").map_err(|e| e.to_string())?;
     Ok(format!(
         "22 ({}), {} dialects loaded, parse + verify ok",

@@ -190,21 +190,11 @@ fn main() -> ExitCode {
             &format!("--model {} --target {}", a.model.model, a.target.name),
             "the fusion and Hopper codegen issues",
         ),
-        Command::DumpIr(a) => not_yet(
-            "dump-ir",
-            &format!("--model {} --stage {:?}", a.model.model, a.stage),
-            "the dialect issue",
-        ),
-        Command::Logits(a) => not_yet(
-            "logits",
-            &a.model_dir.display().to_string(),
-            "the DSL/reference issue",
-        ),
-        Command::Run(a) => not_yet(
-            "run",
-            &a.model_dir.display().to_string(),
-            "the DSL/reference issue",
-        ),
+        Command::DumpIr(a) => {
+            not_yet("dump-ir", &format!("--model {} --stage {:?}", a.model.model, a.stage), "the dialect issue")
+        }
+        Command::Logits(a) => not_yet("logits", &a.model_dir.display().to_string(), "the DSL/reference issue"),
+        Command::Run(a) => not_yet("run", &a.model_dir.display().to_string(), "the DSL/reference issue"),
         Command::Tune(a) => not_yet("tune", &a.model.model, "the autotuning issue"),
     };
     match result {
@@ -219,10 +209,7 @@ fn main() -> ExitCode {
 fn run_doctor(args: &DoctorArgs) -> Result<(), String> {
     let report = doctor::run();
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
     } else {
         print!("{}", report.to_text());
     }
@@ -235,7 +222,5 @@ fn run_doctor(args: &DoctorArgs) -> Result<(), String> {
 
 /// A subcommand whose arguments are settled but whose stage has not landed: says so, exits 1.
 fn not_yet(command: &str, what: &str, lands_with: &str) -> Result<(), String> {
-    Err(format!(
-        "{command} ({what}): not implemented yet; it lands with {lands_with}"
-    ))
+    Err(format!("{command} ({what}): not implemented yet; it lands with {lands_with}"))
 }

@@ -4,6 +4,9 @@
 //! go to a handler. [`parse_module`] attaches one for the duration of the parse and returns every
 //! diagnostic (with its location) in the error. [`verify`] does the same for an existing module.
 //!
+//! [`translate_to_llvm_ir`] turns a module in the LLVM dialect (plus NVVM etc.) into LLVM IR text, the
+//! input of [`crate::target::emit_ptx`].
+//!
 //! Not handled here: the `v3` dialect (loaded from IRDL by `v3c-dialects`), pass pipelines.
 
 use std::cell::RefCell;
@@ -19,15 +22,11 @@ use melior::Context;
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum MlirError {
     #[error("{source_name}: MLIR parse failed: {}", .diagnostics.join("; "))]
-    Parse {
-        source_name: String,
-        diagnostics: Vec<String>,
-    },
+    Parse { source_name: String, diagnostics: Vec<String> },
     #[error("{what}: MLIR verification failed: {}", .diagnostics.join("; "))]
-    Verify {
-        what: String,
-        diagnostics: Vec<String>,
-    },
+    Verify { what: String, diagnostics: Vec<String> },
+    #[error("{what}: translation to LLVM IR failed: {}", .diagnostics.join("; "))]
+    Translate { what: String, diagnostics: Vec<String> },
 }
 
 /// A context with every upstream dialect registered and loaded, and the LLVM IR translations.
@@ -56,19 +55,11 @@ fn with_diagnostics<T>(context: &Context, f: impl FnOnce() -> T) -> (T, Vec<Stri
 }
 
 /// Parses (and thereby verifies) `text`; `source_name` names the input in errors (a file name).
-pub fn parse_module<'c>(
-    context: &'c Context,
-    text: &str,
-    source_name: &str,
-) -> Result<Module<'c>, MlirError> {
+pub fn parse_module<'c>(context: &'c Context, text: &str, source_name: &str) -> Result<Module<'c>, MlirError> {
     let (module, diagnostics) = with_diagnostics(context, || Module::parse(context, text));
     module.ok_or_else(|| MlirError::Parse {
         source_name: source_name.to_string(),
-        diagnostics: if diagnostics.is_empty() {
-            vec!["no diagnostic emitted".into()]
-        } else {
-            diagnostics
-        },
+        diagnostics: if diagnostics.is_empty() { vec!["no diagnostic emitted".into()] } else { diagnostics },
     })
 }
 
@@ -78,11 +69,38 @@ pub fn verify(context: &Context, module: &Module, what: &str) -> Result<(), Mlir
     if ok {
         Ok(())
     } else {
-        Err(MlirError::Verify {
-            what: what.to_string(),
-            diagnostics,
-        })
+        Err(MlirError::Verify { what: what.to_string(), diagnostics })
     }
+}
+
+/// Translates `module` (only LLVM-dialect-translatable ops left, e.g. `llvm`, `nvvm`) to LLVM IR text.
+/// `what` names the module in errors.
+pub fn translate_to_llvm_ir(context: &Context, module: &Module, what: &str) -> Result<String, MlirError> {
+    use mlir_sys::{
+        mlirTranslateModuleToLLVMIR, LLVMContextCreate, LLVMContextDispose, LLVMDisposeMessage, LLVMDisposeModule,
+        LLVMPrintModuleToString,
+    };
+    let (text, diagnostics) = with_diagnostics(context, || {
+        // SAFETY: the module is a live, verified operation; the LLVM context and module are created,
+        // printed and disposed here and never escape. A null module means translation failed (the
+        // reason went to the diagnostic handler).
+        unsafe {
+            let llvm_context = LLVMContextCreate();
+            let llvm_module = mlirTranslateModuleToLLVMIR(module.as_operation().to_raw(), llvm_context);
+            let text = if llvm_module.is_null() {
+                None
+            } else {
+                let raw = LLVMPrintModuleToString(llvm_module);
+                let text = std::ffi::CStr::from_ptr(raw).to_string_lossy().into_owned();
+                LLVMDisposeMessage(raw);
+                LLVMDisposeModule(llvm_module);
+                Some(text)
+            };
+            LLVMContextDispose(llvm_context);
+            text
+        }
+    });
+    text.ok_or_else(|| MlirError::Translate { what: what.to_string(), diagnostics })
 }
 
 #[cfg(test)]
@@ -96,6 +114,15 @@ mod tests {
         let module = parse_module(&context, text, "add.mlir").unwrap();
         verify(&context, &module, "test").unwrap();
         assert!(module.as_operation().to_string().contains("arith.addf"));
+    }
+
+    #[test]
+    fn non_llvm_ops_do_not_translate() {
+        let context = new_context();
+        let text = "func.func @f(%a: f32) -> f32 {\n  %b = arith.addf %a, %a : f32\n  return %b : f32\n}\n";
+        let module = parse_module(&context, text, "f.mlir").unwrap();
+        let err = translate_to_llvm_ir(&context, &module, "f.mlir").unwrap_err();
+        assert!(err.to_string().starts_with("f.mlir: translation to LLVM IR failed:"), "{err}");
     }
 
     #[test]

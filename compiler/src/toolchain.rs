@@ -47,7 +47,9 @@ impl Tool {
     /// One line saying what the compiler cannot do without this tool.
     pub fn missing_consequence(self) -> &'static str {
         match self {
-            Tool::Ptxas => "no ptxas: emitting PTX only, no cubin (the driver JIT-compiles PTX at load; no register/spill report)",
+            Tool::Ptxas => {
+                "no ptxas: emitting PTX only, no cubin (the driver JIT-compiles PTX at load; no register/spill report)"
+            }
             Tool::Cuobjdump => "no cuobjdump: SASS checks (HGMMA/QGMMA/UTMALDG) are skipped",
             Tool::Nvdisasm => "no nvdisasm: cuobjdump cannot disassemble, SASS checks are skipped",
         }
@@ -92,9 +94,7 @@ impl FoundTool {
         let out = Command::new(&self.path).arg("--version").output().ok()?;
         let text = String::from_utf8_lossy(&out.stdout);
         // "Cuda compilation tools, release 13.0, V13.0.88"
-        text.lines()
-            .find_map(|l| l.split(", V").nth(1))
-            .map(|v| v.trim().to_string())
+        text.lines().find_map(|l| l.split(", V").nth(1)).map(|v| v.trim().to_string())
     }
 }
 
@@ -108,9 +108,7 @@ pub struct MissingTool {
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(path).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// `.tools/bin` folders of checkouts above the running executable and the current directory, and
@@ -148,12 +146,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// Finds `tool` in the project folder, then on PATH, then through its environment variable.
 pub fn find(tool: Tool) -> Result<FoundTool, MissingTool> {
-    find_in(
-        tool,
-        &project_tool_dirs(),
-        std::env::var_os("PATH"),
-        std::env::var_os(tool.env_var()),
-    )
+    find_in(tool, &project_tool_dirs(), std::env::var_os("PATH"), std::env::var_os(tool.env_var()))
 }
 
 /// [`find`] with its three sources given explicitly (for tests and for callers with their own PATH).
@@ -188,19 +181,11 @@ pub fn find_in(
     let mut searched = vec![if project_dirs.is_empty() {
         "project .tools/bin (none found; run scripts/bootstrap.sh)".to_string()
     } else {
-        project_dirs
-            .iter()
-            .map(|d| d.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        project_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
     }];
     searched.push("PATH".into());
     searched.push(match &env_value {
-        Some(v) => format!(
-            "{}={} (not an executable file)",
-            tool.env_var(),
-            PathBuf::from(v).display()
-        ),
+        Some(v) => format!("{}={} (not an executable file)", tool.env_var(), PathBuf::from(v).display()),
         None => format!("{} (unset)", tool.env_var()),
     });
     Err(MissingTool { tool, searched })
@@ -214,11 +199,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir).unwrap();
         let p = dir.join(name);
-        std::fs::write(
-            &p,
-            "#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n",
-        )
-        .unwrap();
+        std::fs::write(&p, "#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         p
     }
@@ -236,22 +217,12 @@ mod tests {
         let on_path = root.join("path");
         fake_tool(&project, "ptxas");
         let path_copy = fake_tool(&on_path, "ptxas");
-        let found = find_in(
-            Tool::Ptxas,
-            &[project.clone()],
-            Some(on_path.clone().into()),
-            Some(path_copy.clone().into()),
-        )
-        .unwrap();
+        let found =
+            find_in(Tool::Ptxas, &[project.clone()], Some(on_path.clone().into()), Some(path_copy.clone().into()))
+                .unwrap();
         assert_eq!(found.origin, Origin::ProjectFolder);
         assert_eq!(found.version().as_deref(), Some("13.0.88"));
-        let found = find_in(
-            Tool::Ptxas,
-            &[root.join("empty")],
-            Some(on_path.into()),
-            None,
-        )
-        .unwrap();
+        let found = find_in(Tool::Ptxas, &[root.join("empty")], Some(on_path.into()), None).unwrap();
         assert_eq!(found.origin, Origin::Path);
         let found = find_in(Tool::Ptxas, &[], None, Some(path_copy.into())).unwrap();
         assert_eq!(found.origin, Origin::EnvVar);
@@ -260,22 +231,10 @@ mod tests {
 
     #[test]
     fn missing_tool_says_what_is_lost_and_where_it_looked() {
-        let err = find_in(
-            Tool::Ptxas,
-            &[],
-            Some("/nonexistent".into()),
-            Some("/nope/ptxas".into()),
-        )
-        .unwrap_err();
+        let err = find_in(Tool::Ptxas, &[], Some("/nonexistent".into()), Some("/nope/ptxas".into())).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.starts_with("no ptxas: emitting PTX only, no cubin"),
-            "{msg}"
-        );
-        assert!(
-            msg.contains("V3C_PTXAS=/nope/ptxas (not an executable file)"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("no ptxas: emitting PTX only, no cubin"), "{msg}");
+        assert!(msg.contains("V3C_PTXAS=/nope/ptxas (not an executable file)"), "{msg}");
         assert!(!msg.contains('\n'));
     }
 }

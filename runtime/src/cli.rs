@@ -1,5 +1,5 @@
-//! What the two command-line tools (`v3r` here, `v3c` in the compiler) share: log set-up and
-//! one-line usage errors.
+//! What the two command-line tools (`v3r` here, `v3c` in the compiler) share: log set-up,
+//! one-line usage errors, and reading token ids from a flag.
 //!
 //! Logging: warnings by default, `-v` info, `-vv` debug, `-vvv` trace; `V3C_LOG` (an env-filter
 //! string such as `v3c_compiler=debug`) overrides. Usage errors (unknown flag, bad value, missing
@@ -15,10 +15,7 @@ pub fn parse_or_exit<C: clap::Parser>(tool: &str) -> C {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind::*;
-            if matches!(
-                e.kind(),
-                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
+            if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
                 e.exit();
             }
             // clap renders "error: ...", maybe a list of missing arguments, a tip, then Usage: ...;
@@ -55,4 +52,50 @@ pub fn init_logging(verbosity: u8) {
         .with_writer(std::io::stderr)
         .with_target(verbosity >= 2)
         .try_init();
+}
+
+/// Parses token ids separated by whitespace ("3 17 250"); `flag` names the source in errors, which
+/// quote the offending word.
+pub fn parse_token_ids(text: &str, flag: &str) -> Result<Vec<u32>, String> {
+    let ids = text
+        .split_whitespace()
+        .map(|w| {
+            w.parse::<u32>().map_err(|_| {
+                format!("{flag}: '{w}' is not a token id (expected non-negative integers separated by spaces)")
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.is_empty() {
+        return Err(format!("{flag}: no token ids given"));
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn token_ids_round_trip_through_any_whitespace(ids in prop::collection::vec(any::<u32>(), 1..50),
+                                                     seps in prop::collection::vec("[ \t\n]{1,3}", 50)) {
+            let text: String = ids.iter().zip(&seps).map(|(id, sep)| format!("{sep}{id}")).collect();
+            prop_assert_eq!(parse_token_ids(&text, "--tokens").unwrap(), ids);
+        }
+
+        #[test]
+        fn a_bad_word_is_named(prefix in prop::collection::vec(0u32..1000, 0..5), bad in "[a-z-][a-z0-9.]{0,6}") {
+            let mut words: Vec<String> = prefix.iter().map(u32::to_string).collect();
+            words.push(bad.clone());
+            let err = parse_token_ids(&words.join(" "), "--tokens").unwrap_err();
+            prop_assert!(err.starts_with(&format!("--tokens: '{bad}' is not a token id")), "{}", err);
+        }
+    }
+
+    #[test]
+    fn empty_and_out_of_range_are_rejected() {
+        assert_eq!(parse_token_ids("  ", "--tokens").unwrap_err(), "--tokens: no token ids given");
+        assert!(parse_token_ids("1 4294967296", "--tokens").unwrap_err().contains("'4294967296'"));
+    }
 }

@@ -15,20 +15,14 @@ use cudarc::driver::{result, sys};
 /// Why no CUDA device can be used. Each variant's message is one line a user can act on.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum DeviceError {
-    #[error(
-        "no CUDA driver found (libcuda could not be loaded); GPU commands need an NVIDIA driver"
-    )]
+    #[error("no CUDA driver found (libcuda could not be loaded); GPU commands need an NVIDIA driver")]
     NoDriver,
     #[error("CUDA driver found but it failed to initialize: {0}")]
     DriverInit(String),
     #[error("no CUDA device: the driver (version {driver}) reports 0 devices")]
     NoDevice { driver: DriverVersion },
     #[error("CUDA device {ordinal}: cannot read {what}: {cause}")]
-    Query {
-        ordinal: usize,
-        what: &'static str,
-        cause: String,
-    },
+    Query { ordinal: usize, what: &'static str, cause: String },
     #[error("CUDA device {ordinal} does not exist: the driver reports {count} device(s)")]
     NoSuchOrdinal { ordinal: usize, count: usize },
 }
@@ -64,10 +58,7 @@ pub struct DeviceInfo {
 impl DeviceInfo {
     /// The `sm_XY` name of this device's architecture (without the `a` suffix of arch-specific PTX).
     pub fn sm_name(&self) -> String {
-        format!(
-            "sm_{}{}",
-            self.compute_capability.0, self.compute_capability.1
-        )
+        format!("sm_{}{}", self.compute_capability.0, self.compute_capability.1)
     }
 }
 
@@ -103,13 +94,9 @@ pub fn probe_driver() -> Result<DriverInfo, DeviceError> {
     // SAFETY: the library is loaded and initialized; the out pointer is a valid c_int.
     let status = unsafe { sys::cuDriverGetVersion(&mut version) };
     if status != sys::CUresult::CUDA_SUCCESS {
-        return Err(DeviceError::DriverInit(format!(
-            "cuDriverGetVersion returned {status:?}"
-        )));
+        return Err(DeviceError::DriverInit(format!("cuDriverGetVersion returned {status:?}")));
     }
-    Ok(DriverInfo {
-        version: DriverVersion(version),
-    })
+    Ok(DriverInfo { version: DriverVersion(version) })
 }
 
 /// Every device the driver lists, with name, compute capability and memory.
@@ -118,16 +105,11 @@ pub fn probe_driver() -> Result<DriverInfo, DeviceError> {
 /// driver works but lists nothing, [`DeviceError::Query`] when a device cannot be read.
 pub fn probe_devices() -> Result<(DriverInfo, Vec<DeviceInfo>), DeviceError> {
     let driver = probe_driver()?;
-    let count =
-        result::device::get_count().map_err(|e| DeviceError::DriverInit(driver_error(e)))?;
+    let count = result::device::get_count().map_err(|e| DeviceError::DriverInit(driver_error(e)))?;
     if count <= 0 {
-        return Err(DeviceError::NoDevice {
-            driver: driver.version,
-        });
+        return Err(DeviceError::NoDevice { driver: driver.version });
     }
-    let devices = (0..count as usize)
-        .map(query_device)
-        .collect::<Result<Vec<_>, _>>()?;
+    let devices = (0..count as usize).map(query_device).collect::<Result<Vec<_>, _>>()?;
     Ok((driver, devices))
 }
 
@@ -135,20 +117,12 @@ pub fn probe_devices() -> Result<(DriverInfo, Vec<DeviceInfo>), DeviceError> {
 pub fn probe_device(ordinal: usize) -> Result<DeviceInfo, DeviceError> {
     let (_, devices) = probe_devices()?;
     let count = devices.len();
-    devices
-        .into_iter()
-        .nth(ordinal)
-        .ok_or(DeviceError::NoSuchOrdinal { ordinal, count })
+    devices.into_iter().nth(ordinal).ok_or(DeviceError::NoSuchOrdinal { ordinal, count })
 }
 
 fn query_device(ordinal: usize) -> Result<DeviceInfo, DeviceError> {
-    let q = |what: &'static str| {
-        move |e: result::DriverError| DeviceError::Query {
-            ordinal,
-            what,
-            cause: driver_error(e),
-        }
-    };
+    let q =
+        |what: &'static str| move |e: result::DriverError| DeviceError::Query { ordinal, what, cause: driver_error(e) };
     let dev = result::device::get(ordinal as i32).map_err(q("handle"))?;
     let name = result::device::get_name(dev).map_err(q("name"))?;
     let attr = |a: sys::CUdevice_attribute, what: &'static str| {
@@ -156,28 +130,12 @@ fn query_device(ordinal: usize) -> Result<DeviceInfo, DeviceError> {
         unsafe { result::device::get_attribute(dev, a) }.map_err(q(what))
     };
     use sys::CUdevice_attribute::*;
-    let major = attr(
-        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-        "compute capability",
-    )?;
-    let minor = attr(
-        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
-        "compute capability",
-    )?;
-    let multiprocessors = attr(
-        CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-        "multiprocessor count",
-    )?;
+    let major = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, "compute capability")?;
+    let minor = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, "compute capability")?;
+    let multiprocessors = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, "multiprocessor count")?;
     // SAFETY: as above.
-    let total_memory_bytes =
-        unsafe { result::device::total_mem(dev) }.map_err(q("total memory"))?;
-    Ok(DeviceInfo {
-        ordinal,
-        name,
-        compute_capability: (major, minor),
-        total_memory_bytes,
-        multiprocessors,
-    })
+    let total_memory_bytes = unsafe { result::device::total_mem(dev) }.map_err(q("total memory"))?;
+    Ok(DeviceInfo { ordinal, name, compute_capability: (major, minor), total_memory_bytes, multiprocessors })
 }
 
 #[cfg(test)]
@@ -200,10 +158,7 @@ mod tests {
             Err(e) => {
                 let msg = e.to_string();
                 assert!(!msg.contains('\n'), "multi-line error: {msg}");
-                assert!(
-                    msg.starts_with("no CUDA") || msg.starts_with("CUDA"),
-                    "{msg}"
-                );
+                assert!(msg.starts_with("no CUDA") || msg.starts_with("CUDA"), "{msg}");
             }
         }
     }
@@ -218,9 +173,6 @@ mod tests {
             multiprocessors: 132,
         };
         assert_eq!(d.sm_name(), "sm_90");
-        assert_eq!(
-            d.to_string(),
-            "cuda:0 NVIDIA H200 (compute capability 9.0, sm_90, 139.7 GiB, 132 SMs)"
-        );
+        assert_eq!(d.to_string(), "cuda:0 NVIDIA H200 (compute capability 9.0, sm_90, 139.7 GiB, 132 SMs)");
     }
 }

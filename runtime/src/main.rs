@@ -107,19 +107,13 @@ fn doctor(args: &DoctorArgs) -> Result<(), String> {
         println!("{value}");
         return Ok(());
     }
-    println!(
-        "v3r {} (runtime; links no compiler)",
-        env!("CARGO_PKG_VERSION")
-    );
+    println!("v3r {} (runtime; links no compiler)", env!("CARGO_PKG_VERSION"));
     match probe {
         Ok((driver, devices)) => {
             println!("CUDA driver: found, supports CUDA {}", driver.version);
             for d in &devices {
-                let note = if d.compute_capability == (9, 0) {
-                    ""
-                } else {
-                    "  [not Hopper: sm_90a artifacts will not run]"
-                };
+                let note =
+                    if d.compute_capability == (9, 0) { "" } else { "  [not Hopper: sm_90a artifacts will not run]" };
                 println!("GPU: {d}{note}");
             }
         }
@@ -141,10 +135,7 @@ fn require_artifact_dir(path: &Path) -> Result<(), String> {
     }
     let manifest = path.join("manifest.json");
     if !manifest.is_file() {
-        return Err(format!(
-            "{}: not a v3c artifact (no manifest.json)",
-            path.display()
-        ));
+        return Err(format!("{}: not a v3c artifact (no manifest.json)", path.display()));
     }
     Ok(())
 }
@@ -160,27 +151,9 @@ fn info(args: &InfoArgs) -> Result<(), String> {
 fn run(args: &RunArgs) -> Result<(), String> {
     require_artifact_dir(&args.artifact)?;
     if !args.weights.is_dir() {
-        return Err(format!(
-            "{}: no such checkpoint directory",
-            args.weights.display()
-        ));
+        return Err(format!("{}: no such checkpoint directory", args.weights.display()));
     }
-    parse_token_ids(&args.prompt_tokens)?;
+    v3c_runtime::cli::parse_token_ids(&args.prompt_tokens, "--prompt-tokens")?;
     device::probe_device(args.device).map_err(|e| e.to_string())?;
-    Err(
-        "running artifacts is not implemented yet (it lands with the artifact/runtime issue)"
-            .into(),
-    )
-}
-
-/// Parses "3 17 250" into token ids; the error names the offending word.
-fn parse_token_ids(text: &str) -> Result<Vec<u32>, String> {
-    let ids = text
-        .split_whitespace()
-        .map(|w| w.parse::<u32>().map_err(|_| format!("--prompt-tokens: '{w}' is not a token id (expected non-negative integers separated by spaces)")))
-        .collect::<Result<Vec<_>, _>>()?;
-    if ids.is_empty() {
-        return Err("--prompt-tokens: empty prompt (give at least one token id)".into());
-    }
-    Ok(ids)
+    Err("running artifacts is not implemented yet (it lands with the artifact/runtime issue)".into())
 }

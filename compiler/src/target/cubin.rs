@@ -30,30 +30,14 @@ pub struct Assembled {
 #[derive(Debug, thiserror::Error)]
 pub enum AssembleError {
     #[error("{module}: cannot prepare ptxas input: {source}")]
-    Io {
-        module: String,
-        source: std::io::Error,
-    },
+    Io { module: String, source: std::io::Error },
     #[error("{module}: ptxas ({ptxas}) failed for {target}: {log}")]
-    Failed {
-        module: String,
-        ptxas: String,
-        target: String,
-        log: String,
-    },
+    Failed { module: String, ptxas: String, target: String, log: String },
 }
 
 /// Assembles `ptx` (named `module` in errors) for `target` with `ptxas -v`.
-pub fn assemble(
-    ptx: &str,
-    module: &str,
-    target: &GpuTarget,
-    ptxas: &FoundTool,
-) -> Result<Assembled, AssembleError> {
-    let io = |source| AssembleError::Io {
-        module: module.into(),
-        source,
-    };
+pub fn assemble(ptx: &str, module: &str, target: &GpuTarget, ptxas: &FoundTool) -> Result<Assembled, AssembleError> {
+    let io = |source| AssembleError::Io { module: module.into(), source };
     let dir = tempfile::tempdir().map_err(io)?;
     let input = dir.path().join("kernel.ptx");
     let output = dir.path().join("kernel.cubin");
@@ -66,18 +50,9 @@ pub fn assemble(
         .arg(&output)
         .output()
         .map_err(io)?;
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
-        let log = log
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join(" | ");
+        let log = log.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" | ");
         return Err(AssembleError::Failed {
             module: module.into(),
             ptxas: ptxas.path.display().to_string(),
@@ -86,11 +61,7 @@ pub fn assemble(
         });
     }
     let cubin = std::fs::read(&output).map_err(io)?;
-    Ok(Assembled {
-        cubin,
-        kernels: parse_resource_report(&log),
-        log,
-    })
+    Ok(Assembled { cubin, kernels: parse_resource_report(&log), log })
 }
 
 /// Reads `ptxas -v` output:
@@ -109,10 +80,7 @@ pub fn parse_resource_report(log: &str) -> Vec<KernelResources> {
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or_default().to_string();
-            kernels.push(KernelResources {
-                name,
-                ..Default::default()
-            });
+            kernels.push(KernelResources { name, ..Default::default() });
             continue;
         }
         let Some(k) = kernels.last_mut() else {

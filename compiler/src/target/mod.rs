@@ -61,14 +61,10 @@ pub const TARGETS: &[GpuTarget] = &[SM90A];
 impl GpuTarget {
     /// Looks a target up by the name users type; the error lists what exists.
     pub fn by_name(name: &str) -> Result<GpuTarget, String> {
-        TARGETS
-            .iter()
-            .copied()
-            .find(|t| t.name == name)
-            .ok_or_else(|| {
-                let known: Vec<_> = TARGETS.iter().map(|t| t.name).collect();
-                format!("unknown target '{name}' (known: {})", known.join(", "))
-            })
+        TARGETS.iter().copied().find(|t| t.name == name).ok_or_else(|| {
+            let known: Vec<_> = TARGETS.iter().map(|t| t.name).collect();
+            format!("unknown target '{name}' (known: {})", known.join(", "))
+        })
     }
 
     /// The LLVM target triple for NVIDIA GPUs with 64-bit addressing.
@@ -106,9 +102,6 @@ mod tests {
     #[test]
     fn unknown_target_lists_known_ones() {
         assert_eq!(GpuTarget::by_name("sm_90a").unwrap(), SM90A);
-        assert_eq!(
-            GpuTarget::by_name("sm_80").unwrap_err(),
-            "unknown target 'sm_80' (known: sm_90a)"
-        );
+        assert_eq!(GpuTarget::by_name("sm_80").unwrap_err(), "unknown target 'sm_80' (known: sm_90a)");
     }
 }

@@ -8,9 +8,7 @@ use std::sync::Once;
 
 use inkwell::context::Context;
 use inkwell::memory_buffer::MemoryBuffer;
-use inkwell::targets::{
-    CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine, TargetTriple,
-};
+use inkwell::targets::{CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine, TargetTriple};
 use inkwell::OptimizationLevel;
 
 use super::GpuTarget;
@@ -25,11 +23,7 @@ pub enum PtxError {
     #[error("LLVM cannot create a target machine for {target}")]
     TargetMachine { target: String },
     #[error("{module}: PTX emission for {target} failed: {reason}")]
-    Emit {
-        module: String,
-        target: String,
-        reason: String,
-    },
+    Emit { module: String, target: String, reason: String },
 }
 
 fn init_nvptx() {
@@ -44,16 +38,11 @@ pub fn emit_ptx(llvm_ir: &str, module_name: &str, target: &GpuTarget) -> Result<
     let buffer = MemoryBuffer::create_from_memory_range_copy(llvm_ir.as_bytes(), module_name);
     let module = context
         .create_module_from_ir(buffer)
-        .map_err(|e| PtxError::InvalidIr {
-            module: module_name.into(),
-            reason: e.to_string().trim().to_string(),
-        })?;
+        .map_err(|e| PtxError::InvalidIr { module: module_name.into(), reason: e.to_string().trim().to_string() })?;
     let triple = TargetTriple::create(target.llvm_triple());
     module.set_triple(&triple);
-    let llvm_target = Target::from_triple(&triple).map_err(|e| PtxError::NoBackend {
-        triple: target.llvm_triple().into(),
-        reason: e.to_string(),
-    })?;
+    let llvm_target = Target::from_triple(&triple)
+        .map_err(|e| PtxError::NoBackend { triple: target.llvm_triple().into(), reason: e.to_string() })?;
     let machine: TargetMachine = llvm_target
         .create_target_machine(
             &triple,
@@ -63,17 +52,13 @@ pub fn emit_ptx(llvm_ir: &str, module_name: &str, target: &GpuTarget) -> Result<
             RelocMode::Default,
             CodeModel::Default,
         )
-        .ok_or_else(|| PtxError::TargetMachine {
-            target: target.name.into(),
-        })?;
+        .ok_or_else(|| PtxError::TargetMachine { target: target.name.into() })?;
     module.set_data_layout(&machine.get_target_data().get_data_layout());
-    let ptx = machine
-        .write_to_memory_buffer(&module, FileType::Assembly)
-        .map_err(|e| PtxError::Emit {
-            module: module_name.into(),
-            target: target.name.into(),
-            reason: e.to_string(),
-        })?;
+    let ptx = machine.write_to_memory_buffer(&module, FileType::Assembly).map_err(|e| PtxError::Emit {
+        module: module_name.into(),
+        target: target.name.into(),
+        reason: e.to_string(),
+    })?;
     String::from_utf8(ptx.as_slice().to_vec()).map_err(|_| PtxError::Emit {
         module: module_name.into(),
         target: target.name.into(),
@@ -109,18 +94,12 @@ mod tests {
         assert!(ptx.contains(".target sm_90a"), "{ptx}");
         assert!(ptx.contains(".version 8.0"), "{ptx}");
         assert!(ptx.contains(".entry vadd"), "{ptx}");
-        assert!(
-            ptx.contains("add.f32") || ptx.contains("add.rn.f32"),
-            "{ptx}"
-        );
+        assert!(ptx.contains("add.f32") || ptx.contains("add.rn.f32"), "{ptx}");
     }
 
     #[test]
     fn bad_ir_names_the_module() {
         let err = emit_ptx("define void @f( {", "broken.ll", &SM90A).unwrap_err();
-        assert!(
-            err.to_string().starts_with("broken.ll: invalid LLVM IR:"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("broken.ll: invalid LLVM IR:"), "{err}");
     }
 }

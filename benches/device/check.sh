@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (shared/design/GPU-CHECKS.md). Run on a machine with a Hopper GPU:
+#   bash benches/device/check.sh
+# Bring the runtime along (it is built on the build machine; the GPU machine has no Rust):
+#   cargo build --release -p v3c-runtime && mkdir -p .device && cp target/release/v3r .device/
+# and carry `.device` (git-ignored). Results go to $OUT (else ./device-out/): check.log, results.json.
+#
+# Steps, in order: 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
+# 2. kernel correctness vs torch; 3. end-to-end fixtures; 4. timing vs torch/cuBLAS.
+# Steps 2-4 need generated kernels and artifacts; until those exist the script says so per step.
+# Never changes clocks, power, MIG, persistence or compute mode.
+set -uo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+out="${OUT:-$root/device-out}"
+mkdir -p "$out"
+log="$out/check.log"
+: > "$log"
+table=()
+note() { echo "$*" | tee -a "$log"; }
+row() { table+=("$(printf '%-28s %-10s %s' "$1" "$2" "$3")"); }
+
+v3r="${V3R:-}"
+for c in "$root/.device/v3r" "$root/target/release/v3r"; do
+  [ -z "$v3r" ] && [ -x "$c" ] && v3r="$c"
+done
+
+note "== 1. doctor"
+if [ -n "$v3r" ]; then
+  "$v3r" doctor | tee -a "$log"
+  "$v3r" doctor --json > "$out/doctor.json" 2>>"$log"
+  if grep -q '"compute_capability":\[9,0\]' "$out/doctor.json"; then row "v3r doctor" "ok" "Hopper found"; else row "v3r doctor" "NO GPU" "see doctor.json"; fi
+else
+  note "v3r not found (.device/v3r, target/release/v3r or \$V3R): build it on the build machine and carry .device"
+  row "v3r doctor" "MISSING" "no v3r binary"
+fi
+
+note "== 1b. ceilings (torch)"
+if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
+  python3 - "$out/ceilings.json" <<'PY' 2>&1 | tee -a "$log"
+import json, sys, torch
+def median_ms(fn, reps=30):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(5): fn()
+    times = []
+    for _ in range(reps):
+        start.record(); fn(); end.record(); torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort(); return times[len(times) // 2]
+n = 1 << 30  # 1 GiB copies: far larger than L2
+src = torch.randn(n // 4, device="cuda"); dst = torch.empty_like(src)
+copy_ms = median_ms(lambda: dst.copy_(src))
+copy_tbs = 2 * n / (copy_ms * 1e-3) / 1e12  # bytes read + written
+m = k = nn = 8192
+a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16); b = torch.randn(k, nn, device="cuda", dtype=torch.bfloat16)
+mm_ms = median_ms(lambda: torch.matmul(a, b))
+mm_tf = 2 * m * k * nn / (mm_ms * 1e-3) / 1e12
+res = {"device": torch.cuda.get_device_name(), "copy_TBps": copy_tbs, "bf16_matmul_8192_TFLOPs": mm_tf,
+       "torch": torch.__version__}
+json.dump(res, open(sys.argv[1], "w"), indent=1)
+print(f"copy {copy_tbs:.2f} TB/s (read+write), bf16 matmul 8192^3 {mm_tf:.0f} TFLOP/s on {res['device']}")
+PY
+  if [ -s "$out/ceilings.json" ]; then row "ceilings" "ok" "$(python3 -c "import json;d=json.load(open('$out/ceilings.json'));print(f\"copy {d['copy_TBps']:.2f} TB/s, bf16 mm {d['bf16_matmul_8192_TFLOPs']:.0f} TFLOP/s\")")"; else row "ceilings" "FAILED" "see check.log"; fi
+else
+  note "torch with CUDA not available: ceilings skipped"
+  row "ceilings" "SKIPPED" "no torch+CUDA"
+fi
+
+for step in "2. kernel correctness" "3. end-to-end fixtures" "4. timing vs torch"; do
+  note "== $step: not available yet (no generated kernels or artifacts in this revision)"
+  row "$step" "N/A" "nothing to check yet"
+done
+
+note ""
+note "== summary ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown))"
+for r in "${table[@]}"; do note "$r"; done
