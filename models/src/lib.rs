@@ -1,2 +1,19 @@
-//! `v3c-models`: the model DSL (typed graph builder), DeepSeek-V3 in it, configs, checkpoint I/O and
-//! the reference interpreter. Pure Rust: no MLIR.
+//! `v3c-models`: the model DSL (a typed graph of kernel-level ops), DeepSeek-V3 written in it,
+//! Hugging Face configs and checkpoints, and the reference interpreter every backend is checked
+//! against. Pure Rust: no MLIR.
+//!
+//! - [`graph`]: values, ops, the shape-checking [`graph::Builder`];
+//! - [`config`]: `config.json` parsing and validation, presets;
+//! - [`deepseek_v3`]: the model's entry points (`prefill`, `decode`) built from a config;
+//! - [`rope`]: RoPE/YaRN frequencies and the softmax scale, as transformers computes them;
+//! - [`dtype`]: bf16 / fp8 e4m3 conversions.
+
+pub mod config;
+pub mod deepseek_v3;
+pub mod dtype;
+pub mod graph;
+pub mod rope;
+
+pub use config::ModelConfig;
+pub use deepseek_v3::{build, BuildOptions, Entry, Precision};
+pub use graph::Graph;

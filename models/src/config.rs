@@ -1,0 +1,743 @@
+//! DeepSeek-V3 configurations: Hugging Face `config.json` (both spellings) and built-in presets.
+//!
+//! Accepted spellings of RoPE: the hub's `rope_theta` + `rope_scaling {type|rope_type: yarn, ...}`
+//! (or `rope_scaling: null` for plain RoPE), and transformers 5's `rope_parameters {rope_type,
+//! rope_theta, ...}`. `quantization_config` (fp8, e4m3, block-scaled weights) is read when present.
+//!
+//! Every rejected config names the offending key: unknown model types, missing keys, wrong JSON
+//! types and impossible values (odd rope dim, experts not divisible into groups, top-k larger than
+//! the experts the group limit allows, ...).
+//!
+//! Not handled: configs of other architectures (DeepSeek-V2's `topk_method: greedy`, softmax
+//! scoring), attention biases, RoPE types other than default and YaRN.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+/// A config that cannot be used; `key` names the JSON key (or preset) at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name}: {key}: {problem}")]
+pub struct ConfigError {
+    pub source_name: String,
+    pub key: String,
+    pub problem: String,
+}
+
+/// YaRN RoPE scaling parameters, as transformers reads them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    pub attention_factor: Option<f64>,
+    pub truncate: bool,
+}
+
+/// Rotary position embedding of the `qk_rope_head_dim` dims of queries and keys.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RopeConfig {
+    pub theta: f64,
+    /// DeepSeek's layout: adjacent pairs (x[2i], x[2i+1]) rotate together (`rope_interleave`, default
+    /// true); false means the two halves rotate together (`rotate_half`).
+    pub interleave: bool,
+    pub yarn: Option<Yarn>,
+}
+
+/// FP8 block-scaled weights (`quantization_config`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Fp8Quantization {
+    /// Weight block [rows, cols], [128, 128] for V3.
+    pub weight_block: [usize; 2],
+}
+
+/// Everything the DeepSeek-V3 definition needs to know about one model.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelConfig {
+    /// Preset name or the config file it came from.
+    pub name: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub moe_intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// None: queries come from one `q_proj` instead of `q_a_proj` + norm + `q_b_proj`.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub n_routed_experts: usize,
+    pub n_shared_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub first_k_dense_replace: usize,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f32,
+    pub rms_norm_eps: f32,
+    pub max_position_embeddings: usize,
+    pub rope: RopeConfig,
+    pub tie_word_embeddings: bool,
+    /// Multi-token prediction modules (0 or 1), stored as layer `num_hidden_layers`.
+    pub num_nextn_predict_layers: usize,
+    pub quantization: Option<Fp8Quantization>,
+    /// Storage dtype of the unquantized weights (`torch_dtype` / `dtype`): f32 or bf16.
+    pub weight_dtype: crate::dtype::DType,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+/// Built-in model names for `--model`.
+pub const PRESETS: &[&str] = &["deepseek-v3", "deepseek-v3-tiny"];
+
+impl ModelConfig {
+    /// q/k head dim (nope + rope), 192 for V3.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Width of one token's latent cache entry per layer (kv_lora_rank + rope dim), 576 for V3.
+    pub fn latent_dim(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+
+    /// Is decoder layer `layer` a MoE layer? (The MTP layer is always MoE.)
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        layer >= self.first_k_dense_replace
+    }
+
+    /// A built-in config by name; the error lists the presets.
+    pub fn preset(name: &str) -> Result<ModelConfig, ConfigError> {
+        let text = match name {
+            "deepseek-v3" => DEEPSEEK_V3_JSON,
+            "deepseek-v3-tiny" => DEEPSEEK_V3_TINY_JSON,
+            _ => {
+                return Err(ConfigError {
+                    source_name: "--model".into(),
+                    key: name.into(),
+                    problem: format!(
+                        "unknown model (built-in: {}; or give a checkpoint directory with config.json)",
+                        PRESETS.join(", ")
+                    ),
+                })
+            }
+        };
+        let mut config = ModelConfig::from_json_str(text, name)?;
+        config.name = name.to_string();
+        Ok(config)
+    }
+
+    /// Reads `dir/config.json` (or a config file given directly).
+    pub fn from_path(path: &Path) -> Result<ModelConfig, ConfigError> {
+        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        let source_name = file.display().to_string();
+        let text = std::fs::read_to_string(&file).map_err(|e| ConfigError {
+            source_name: source_name.clone(),
+            key: "(file)".into(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        ModelConfig::from_json_str(&text, &source_name)
+    }
+
+    /// A built-in name or a checkpoint directory (what `--model` accepts).
+    pub fn resolve(model: &str) -> Result<ModelConfig, ConfigError> {
+        if PRESETS.contains(&model) {
+            ModelConfig::preset(model)
+        } else if Path::new(model).exists() {
+            ModelConfig::from_path(Path::new(model))
+        } else {
+            ModelConfig::preset(model)
+        }
+    }
+
+    /// Parses and validates a Hugging Face `config.json`; `source_name` names it in errors.
+    pub fn from_json_str(text: &str, source_name: &str) -> Result<ModelConfig, ConfigError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| ConfigError {
+            source_name: source_name.into(),
+            key: "(json)".into(),
+            problem: format!("not valid JSON: {e}"),
+        })?;
+        let obj = value.as_object().ok_or_else(|| ConfigError {
+            source_name: source_name.into(),
+            key: "(json)".into(),
+            problem: "expected a JSON object".into(),
+        })?;
+        let r = Reader { obj, source_name };
+        let config = r.parse()?;
+        config.validate(source_name)?;
+        Ok(config)
+    }
+
+    fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
+        let fail =
+            |key: &str, problem: String| Err(ConfigError { source_name: source_name.into(), key: key.into(), problem });
+        for (key, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("kv_lora_rank", self.kv_lora_rank),
+            ("qk_nope_head_dim", self.qk_nope_head_dim),
+            ("qk_rope_head_dim", self.qk_rope_head_dim),
+            ("v_head_dim", self.v_head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return fail(key, "must be positive".into());
+            }
+        }
+        if self.q_lora_rank == Some(0) {
+            return fail("q_lora_rank", "must be positive or null".into());
+        }
+        if self.qk_rope_head_dim % 2 != 0 {
+            return fail("qk_rope_head_dim", format!("{} is odd; RoPE rotates pairs of dims", self.qk_rope_head_dim));
+        }
+        if self.first_k_dense_replace > self.num_hidden_layers {
+            return fail(
+                "first_k_dense_replace",
+                format!("{} exceeds num_hidden_layers {}", self.first_k_dense_replace, self.num_hidden_layers),
+            );
+        }
+        let has_moe = self.first_k_dense_replace < self.num_hidden_layers || self.num_nextn_predict_layers > 0;
+        if has_moe {
+            if self.n_routed_experts == 0 {
+                return fail("n_routed_experts", "must be positive when MoE layers exist".into());
+            }
+            if self.moe_intermediate_size == 0 {
+                return fail("moe_intermediate_size", "must be positive when MoE layers exist".into());
+            }
+            if self.n_group == 0 || self.n_routed_experts % self.n_group != 0 {
+                return fail(
+                    "n_group",
+                    format!("{} groups do not divide n_routed_experts {}", self.n_group, self.n_routed_experts),
+                );
+            }
+            let per_group = self.n_routed_experts / self.n_group;
+            if per_group < 2 {
+                return fail(
+                    "n_group",
+                    format!(
+                        "{per_group} expert(s) per group; group scores sum each group's top 2, so groups need >= 2"
+                    ),
+                );
+            }
+            if self.topk_group == 0 || self.topk_group > self.n_group {
+                return fail("topk_group", format!("{} must be in 1..={} (n_group)", self.topk_group, self.n_group));
+            }
+            let allowed = self.topk_group * per_group;
+            if self.num_experts_per_tok == 0 || self.num_experts_per_tok > allowed {
+                return fail(
+                    "num_experts_per_tok",
+                    format!(
+                        "{} must be in 1..={allowed} (the experts in topk_group={} groups of {per_group})",
+                        self.num_experts_per_tok, self.topk_group
+                    ),
+                );
+            }
+        }
+        if self.num_nextn_predict_layers > 1 {
+            return fail(
+                "num_nextn_predict_layers",
+                format!("{} MTP modules; only depth 1 is supported", self.num_nextn_predict_layers),
+            );
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return fail("rms_norm_eps", format!("{} must be positive", self.rms_norm_eps));
+        }
+        if !self.routed_scaling_factor.is_finite() || self.routed_scaling_factor <= 0.0 {
+            return fail("routed_scaling_factor", format!("{} must be positive", self.routed_scaling_factor));
+        }
+        if !(self.rope.theta > 1.0) {
+            return fail("rope_theta", format!("{} must be > 1", self.rope.theta));
+        }
+        if let Some(y) = &self.rope.yarn {
+            if !(y.factor > 0.0) {
+                return fail("rope_scaling.factor", format!("{} must be positive", y.factor));
+            }
+            if y.original_max_position_embeddings == 0 {
+                return fail("rope_scaling.original_max_position_embeddings", "must be positive".into());
+            }
+        }
+        if let Some(q) = &self.quantization {
+            if q.weight_block[0] == 0 || q.weight_block[1] == 0 {
+                return fail("quantization_config.weight_block_size", "block sizes must be positive".into());
+            }
+        }
+        if let Some(t) = self.bos_token_id.into_iter().chain(self.eos_token_id).find(|&t| t as usize >= self.vocab_size)
+        {
+            return fail("eos_token_id", format!("token {t} is outside the vocabulary ({})", self.vocab_size));
+        }
+        Ok(())
+    }
+}
+
+/// Typed access to a config object; every error names the key.
+struct Reader<'a> {
+    obj: &'a Map<String, Value>,
+    source_name: &'a str,
+}
+
+impl Reader<'_> {
+    fn err(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError { source_name: self.source_name.into(), key: key.into(), problem: problem.into() }
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize_in(&self, obj: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<usize>, ConfigError> {
+        let full = format!("{prefix}{key}");
+        match obj.get(key).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) => usize::try_from(n).map(Some).map_err(|_| self.err(&full, "too large")),
+                None => Err(self.err(&full, format!("expected a non-negative integer, found {v}"))),
+            },
+        }
+    }
+
+    fn f64_in(&self, obj: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<f64>, ConfigError> {
+        match obj.get(key).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(&format!("{prefix}{key}"), format!("expected a number, found {v}"))),
+        }
+    }
+
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>, ConfigError> {
+        self.usize_in(self.obj, "", key)
+    }
+
+    fn usize(&self, key: &str) -> Result<usize, ConfigError> {
+        self.usize_opt(key)?.ok_or_else(|| self.err(key, "missing"))
+    }
+
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize, ConfigError> {
+        Ok(self.usize_opt(key)?.unwrap_or(default))
+    }
+
+    fn f64_opt(&self, key: &str) -> Result<Option<f64>, ConfigError> {
+        self.f64_in(self.obj, "", key)
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    fn str_opt(&self, key: &str) -> Result<Option<&str>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
+        }
+    }
+
+    /// `eos_token_id` may be an int or a list of ints (the first is used).
+    fn token_opt(&self, key: &str) -> Result<Option<u32>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => match items.first() {
+                None => Ok(None),
+                Some(v) => v.as_u64().map(|n| Some(n as u32)).ok_or_else(|| self.err(key, "expected token ids")),
+            },
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as u32))
+                .ok_or_else(|| self.err(key, format!("expected a token id, found {v}"))),
+        }
+    }
+
+    fn parse(&self) -> Result<ModelConfig, ConfigError> {
+        match self.str_opt("model_type")? {
+            Some("deepseek_v3") => {}
+            Some(other) => {
+                return Err(self.err("model_type", format!("'{other}' is not supported (expected 'deepseek_v3')")))
+            }
+            None => return Err(self.err("model_type", "missing (expected 'deepseek_v3')")),
+        }
+        if let Some(act) = self.str_opt("hidden_act")? {
+            if act != "silu" {
+                return Err(self.err("hidden_act", format!("'{act}' is not supported (expected 'silu')")));
+            }
+        }
+        if let Some(s) = self.str_opt("scoring_func")? {
+            if s != "sigmoid" {
+                return Err(self.err("scoring_func", format!("'{s}' is not supported (expected 'sigmoid')")));
+            }
+        }
+        if let Some(s) = self.str_opt("topk_method")? {
+            if s != "noaux_tc" {
+                return Err(self.err("topk_method", format!("'{s}' is not supported (expected 'noaux_tc')")));
+            }
+        }
+        if self.bool_or("attention_bias", false)? {
+            return Err(self.err("attention_bias", "true is not supported (DeepSeek-V3 has no attention biases)"));
+        }
+        let num_hidden_layers = self.usize("num_hidden_layers")?;
+        let n_routed_experts = self.usize_or("n_routed_experts", 0)?;
+        let routed_scaling_factor = self.f64_opt("routed_scaling_factor")?.unwrap_or(1.0) as f32;
+        let rms_norm_eps = self.f64_opt("rms_norm_eps")?.unwrap_or(1e-6) as f32;
+        let max_position_embeddings = self.usize("max_position_embeddings")?;
+        let rope = self.rope(max_position_embeddings)?;
+        let quantization = self.quantization()?;
+        let mtp = match self.usize_opt("num_nextn_predict_layers")? {
+            Some(n) => n,
+            None => self.usize_or("num_mtp_layers", 0)?,
+        };
+        Ok(ModelConfig {
+            name: self.source_name.to_string(),
+            vocab_size: self.usize("vocab_size")?,
+            hidden_size: self.usize("hidden_size")?,
+            intermediate_size: self.usize("intermediate_size")?,
+            moe_intermediate_size: self.usize_or("moe_intermediate_size", 0)?,
+            num_hidden_layers,
+            num_attention_heads: self.usize("num_attention_heads")?,
+            q_lora_rank: self.usize_opt("q_lora_rank")?,
+            kv_lora_rank: self.usize("kv_lora_rank")?,
+            qk_nope_head_dim: self.usize("qk_nope_head_dim")?,
+            qk_rope_head_dim: self.usize("qk_rope_head_dim")?,
+            v_head_dim: self.usize("v_head_dim")?,
+            n_routed_experts,
+            n_shared_experts: self.usize_or("n_shared_experts", 0)?,
+            num_experts_per_tok: self.usize_or("num_experts_per_tok", 0)?,
+            n_group: self.usize_or("n_group", 1)?,
+            topk_group: self.usize_or("topk_group", 1)?,
+            first_k_dense_replace: self.usize_or("first_k_dense_replace", 0)?,
+            norm_topk_prob: self.bool_or("norm_topk_prob", false)?,
+            routed_scaling_factor,
+            rms_norm_eps,
+            max_position_embeddings,
+            rope,
+            tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
+            num_nextn_predict_layers: mtp,
+            quantization,
+            weight_dtype: self.weight_dtype()?,
+            bos_token_id: self.token_opt("bos_token_id")?,
+            eos_token_id: self.token_opt("eos_token_id")?,
+        })
+    }
+
+    fn rope(&self, max_position_embeddings: usize) -> Result<RopeConfig, ConfigError> {
+        let interleave = self.bool_or("rope_interleave", true)?;
+        // transformers 5: rope_parameters {rope_type, rope_theta, factor, ...}
+        // hub / transformers 4: rope_theta + rope_scaling {type | rope_type, factor, ...} or null.
+        let (prefix, params) = match (self.get("rope_parameters"), self.get("rope_scaling")) {
+            (Some(p), _) => ("rope_parameters.", Some(p)),
+            (None, Some(s)) => ("rope_scaling.", Some(s)),
+            (None, None) => ("rope_scaling.", None),
+        };
+        let params = match params {
+            None => None,
+            Some(Value::Object(m)) => Some(m),
+            Some(v) => {
+                return Err(self.err(prefix.trim_end_matches('.'), format!("expected an object or null, found {v}")))
+            }
+        };
+        let theta = match params.map(|p| self.f64_in(p, prefix, "rope_theta")).transpose()?.flatten() {
+            Some(t) => t,
+            None => self.f64_opt("rope_theta")?.unwrap_or(10000.0),
+        };
+        let Some(p) = params else {
+            return Ok(RopeConfig { theta, interleave, yarn: None });
+        };
+        let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+        match kind {
+            "default" => Ok(RopeConfig { theta, interleave, yarn: None }),
+            "yarn" => {
+                let original =
+                    self.usize_in(p, prefix, "original_max_position_embeddings")?.unwrap_or(max_position_embeddings);
+                // transformers: a missing factor means max_position_embeddings / original.
+                let factor =
+                    self.f64_in(p, prefix, "factor")?.unwrap_or(max_position_embeddings as f64 / original as f64);
+                let nonzero = |v: Option<f64>| v.filter(|x| *x != 0.0);
+                let truncate = match p.get("truncate") {
+                    None | Some(Value::Null) => true,
+                    Some(v) => {
+                        v.as_bool().ok_or_else(|| self.err(&format!("{prefix}truncate"), "expected true or false"))?
+                    }
+                };
+                Ok(RopeConfig {
+                    theta,
+                    interleave,
+                    yarn: Some(Yarn {
+                        factor,
+                        original_max_position_embeddings: original,
+                        beta_fast: nonzero(self.f64_in(p, prefix, "beta_fast")?).unwrap_or(32.0),
+                        beta_slow: nonzero(self.f64_in(p, prefix, "beta_slow")?).unwrap_or(1.0),
+                        mscale: nonzero(self.f64_in(p, prefix, "mscale")?),
+                        mscale_all_dim: nonzero(self.f64_in(p, prefix, "mscale_all_dim")?),
+                        attention_factor: self.f64_in(p, prefix, "attention_factor")?,
+                        truncate,
+                    }),
+                })
+            }
+            other => Err(self.err(
+                &format!("{prefix}rope_type"),
+                format!("'{other}' is not supported (expected 'yarn' or 'default')"),
+            )),
+        }
+    }
+
+    fn weight_dtype(&self) -> Result<crate::dtype::DType, ConfigError> {
+        let key = if self.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+        match self.str_opt(key)? {
+            None | Some("bfloat16") => Ok(crate::dtype::DType::BF16),
+            Some("float32") => Ok(crate::dtype::DType::F32),
+            Some(other) => Err(self.err(key, format!("'{other}' is not supported (expected 'bfloat16' or 'float32')"))),
+        }
+    }
+
+    fn quantization(&self) -> Result<Option<Fp8Quantization>, ConfigError> {
+        let Some(q) = self.get("quantization_config") else { return Ok(None) };
+        let Some(q) = q.as_object() else {
+            return Err(self.err("quantization_config", format!("expected an object, found {q}")));
+        };
+        let field = |k: &str| q.get(k).and_then(Value::as_str);
+        match field("quant_method") {
+            Some("fp8") => {}
+            other => {
+                return Err(self
+                    .err("quantization_config.quant_method", format!("{other:?} is not supported (expected \"fp8\")")))
+            }
+        }
+        if let Some(fmt) = field("fmt") {
+            if fmt != "e4m3" {
+                return Err(self.err("quantization_config.fmt", format!("'{fmt}' is not supported (expected 'e4m3')")));
+            }
+        }
+        if let Some(s) = field("activation_scheme") {
+            if s != "dynamic" {
+                return Err(self.err(
+                    "quantization_config.activation_scheme",
+                    format!("'{s}' is not supported (expected 'dynamic')"),
+                ));
+            }
+        }
+        let block = match q.get("weight_block_size") {
+            None | Some(Value::Null) => [128, 128],
+            Some(Value::Array(a)) if a.len() == 2 && a.iter().all(|v| v.as_u64().is_some()) => {
+                [a[0].as_u64().unwrap_or(0) as usize, a[1].as_u64().unwrap_or(0) as usize]
+            }
+            Some(v) => {
+                return Err(
+                    self.err("quantization_config.weight_block_size", format!("expected [rows, cols], found {v}"))
+                )
+            }
+        };
+        Ok(Some(Fp8Quantization { weight_block: block }))
+    }
+}
+
+/// The full DeepSeek-V3 (671B), as in the released `config.json`.
+pub const DEEPSEEK_V3_JSON: &str = r#"{
+  "architectures": ["DeepseekV3ForCausalLM"],
+  "model_type": "deepseek_v3",
+  "vocab_size": 129280,
+  "hidden_size": 7168,
+  "intermediate_size": 18432,
+  "moe_intermediate_size": 2048,
+  "num_hidden_layers": 61,
+  "num_nextn_predict_layers": 1,
+  "num_attention_heads": 128,
+  "num_key_value_heads": 128,
+  "n_shared_experts": 1,
+  "n_routed_experts": 256,
+  "routed_scaling_factor": 2.5,
+  "kv_lora_rank": 512,
+  "q_lora_rank": 1536,
+  "qk_rope_head_dim": 64,
+  "v_head_dim": 128,
+  "qk_nope_head_dim": 128,
+  "topk_method": "noaux_tc",
+  "n_group": 8,
+  "topk_group": 4,
+  "num_experts_per_tok": 8,
+  "first_k_dense_replace": 3,
+  "norm_topk_prob": true,
+  "scoring_func": "sigmoid",
+  "hidden_act": "silu",
+  "max_position_embeddings": 163840,
+  "rms_norm_eps": 1e-06,
+  "rope_theta": 10000,
+  "rope_scaling": {
+    "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 4096, "type": "yarn"
+  },
+  "tie_word_embeddings": false,
+  "bos_token_id": 0,
+  "eos_token_id": 1,
+  "quantization_config": {
+    "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]
+  }
+}"#;
+
+/// A small config with every feature of the full one (MLA with q LoRA, dense + MoE layers, grouped
+/// routing with bias, shared expert, YaRN, MTP) for tests and demos. Sizes are deliberately not
+/// multiples of 128 so fp8 blocks are ragged.
+pub const DEEPSEEK_V3_TINY_JSON: &str = r#"{
+  "model_type": "deepseek_v3",
+  "vocab_size": 320,
+  "hidden_size": 96,
+  "intermediate_size": 160,
+  "moe_intermediate_size": 48,
+  "num_hidden_layers": 3,
+  "num_nextn_predict_layers": 1,
+  "num_attention_heads": 4,
+  "n_shared_experts": 1,
+  "n_routed_experts": 8,
+  "routed_scaling_factor": 2.5,
+  "kv_lora_rank": 32,
+  "q_lora_rank": 48,
+  "qk_rope_head_dim": 16,
+  "v_head_dim": 24,
+  "qk_nope_head_dim": 24,
+  "topk_method": "noaux_tc",
+  "n_group": 4,
+  "topk_group": 2,
+  "num_experts_per_tok": 3,
+  "first_k_dense_replace": 1,
+  "norm_topk_prob": true,
+  "scoring_func": "sigmoid",
+  "hidden_act": "silu",
+  "max_position_embeddings": 2048,
+  "rms_norm_eps": 1e-06,
+  "rope_theta": 10000,
+  "rope_scaling": {
+    "beta_fast": 32, "beta_slow": 1, "factor": 8, "mscale": 1.0, "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 256, "type": "yarn"
+  },
+  "tie_word_embeddings": false,
+  "bos_token_id": 0,
+  "eos_token_id": 1
+}"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(base: &str, edit: impl FnOnce(&mut Map<String, Value>)) -> String {
+        let mut v: Value = serde_json::from_str(base).unwrap();
+        edit(v.as_object_mut().unwrap());
+        v.to_string()
+    }
+
+    fn err(text: &str) -> String {
+        ModelConfig::from_json_str(text, "config.json").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn full_preset_has_the_published_shapes() {
+        let c = ModelConfig::preset("deepseek-v3").unwrap();
+        assert_eq!(c.qk_head_dim(), 192);
+        assert_eq!(c.latent_dim(), 576);
+        assert_eq!(c.num_hidden_layers, 61);
+        assert!(!c.is_moe_layer(2) && c.is_moe_layer(3));
+        let y = c.rope.yarn.as_ref().unwrap();
+        assert_eq!((y.factor, y.original_max_position_embeddings), (40.0, 4096));
+        assert_eq!(c.quantization, Some(Fp8Quantization { weight_block: [128, 128] }));
+        assert!(c.rope.interleave);
+    }
+
+    #[test]
+    fn transformers5_rope_parameters_spelling_is_accepted() {
+        let text = with(DEEPSEEK_V3_TINY_JSON, |m| {
+            m.remove("rope_theta");
+            m.remove("rope_scaling");
+            m.insert(
+                "rope_parameters".into(),
+                serde_json::json!({"rope_type": "yarn", "rope_theta": 5000.0, "factor": 8.0,
+                    "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1,
+                    "mscale": 1.0, "mscale_all_dim": 1.0}),
+            );
+        });
+        let c = ModelConfig::from_json_str(&text, "c").unwrap();
+        assert_eq!(c.rope.theta, 5000.0);
+        assert_eq!(c.rope.yarn.unwrap().factor, 8.0);
+        let plain = with(DEEPSEEK_V3_TINY_JSON, |m| {
+            m.insert("rope_scaling".into(), Value::Null);
+        });
+        assert_eq!(ModelConfig::from_json_str(&plain, "c").unwrap().rope.yarn, None);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let cases: Vec<(String, &str)> = vec![
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("model_type".into(), "llama".into());
+                }),
+                "config.json: model_type: 'llama' is not supported (expected 'deepseek_v3')",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.remove("hidden_size");
+                }),
+                "config.json: hidden_size: missing",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("hidden_size".into(), "big".into());
+                }),
+                "config.json: hidden_size: expected a non-negative integer, found \"big\"",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("qk_rope_head_dim".into(), 15.into());
+                }),
+                "config.json: qk_rope_head_dim: 15 is odd; RoPE rotates pairs of dims",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("n_group".into(), 3.into());
+                }),
+                "config.json: n_group: 3 groups do not divide n_routed_experts 8",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("num_experts_per_tok".into(), 5.into());
+                }),
+                "config.json: num_experts_per_tok: 5 must be in 1..=4 (the experts in topk_group=2 groups of 2)",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("topk_group".into(), 5.into());
+                }),
+                "config.json: topk_group: 5 must be in 1..=4 (n_group)",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("rope_scaling".into(), serde_json::json!({"type": "dynamic", "factor": 2}));
+                }),
+                "config.json: rope_scaling.rope_type: 'dynamic' is not supported (expected 'yarn' or 'default')",
+            ),
+            (
+                with(DEEPSEEK_V3_JSON, |m| {
+                    m["quantization_config"]["fmt"] = "e5m2".into();
+                }),
+                "config.json: quantization_config.fmt: 'e5m2' is not supported (expected 'e4m3')",
+            ),
+            ("[1, 2]".into(), "config.json: (json): expected a JSON object"),
+            ("{".into(), "config.json: (json): not valid JSON"),
+        ];
+        for (text, expected) in cases {
+            let msg = err(&text);
+            assert!(msg.starts_with(expected), "expected '{expected}', got '{msg}'");
+        }
+    }
+
+    #[test]
+    fn unknown_preset_lists_the_built_in_ones() {
+        let e = ModelConfig::preset("deepseek-v4").unwrap_err().to_string();
+        assert!(e.contains("unknown model (built-in: deepseek-v3, deepseek-v3-tiny"), "{e}");
+    }
+}

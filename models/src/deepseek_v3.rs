@@ -1,0 +1,381 @@
+//! DeepSeek-V3 in the DSL: MLA, dense MLP, MoE, decoder layer, the full model and the MTP module,
+//! for two entry points (see `shared/reference/deepseek-v3.md`).
+//!
+//! `prefill` — T tokens of one sequence at absolute `positions` [T], continuing a latent cache of P
+//! earlier tokens per layer:
+//!   inputs  `tokens` [T] i64, `positions` [T] i64, `kv_cache.{l}` [P, 576] for every layer l,
+//!           and with MTP `mtp_tokens` [T] i64 (the token FOLLOWING each position) and `kv_cache.mtp`;
+//!   outputs `logits` [T, vocab], `kv_cache.{l}` [P+T, 576], and with MTP `mtp_logits` [T, vocab]
+//!           (row i predicts token i+2) and `kv_cache.mtp` [P+T, 576].
+//!   Attention is the naive form (latent expanded through kv_b_proj).
+//! `decode` — one new token for each of B sequences, each with its own cache of S rows:
+//!   inputs  `tokens` [B], `positions` [B] (= tokens already cached), `kv_cache.{l}` [B, S, 576],
+//!           with MTP `mtp_tokens` [B] and `kv_cache.mtp` [B, S, 576];
+//!   outputs `logits` [B, vocab], the caches with row positions[b] written, with MTP `mtp_logits`.
+//!   Attention is the absorbed form over the latent cache.
+//! The cache row of a token is (RMSNorm_kv(ckv) [512], rope(k_pe) [64]); both forms read the same cache.
+//! MTP outputs depend on `mtp_tokens`, main outputs do not: a caller computes `logits`, picks the next
+//! token, then asks for `mtp_logits` (the interpreter evaluates only what an output needs).
+//!
+//! Building never touches weight data: the full 671B definition is a few hundred thousand nodes.
+
+use std::ops::Range;
+
+use crate::config::ModelConfig;
+use crate::dtype::DType;
+use crate::graph::{AttentionForm, Builder, Dim, Graph, GraphError, Routing, ValueId, WeightFormat};
+use crate::rope;
+
+/// The two inference entry points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Entry {
+    Prefill,
+    Decode,
+}
+
+impl Entry {
+    pub const ALL: [Entry; 2] = [Entry::Prefill, Entry::Decode];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Entry::Prefill => "prefill",
+            Entry::Decode => "decode",
+        }
+    }
+}
+
+/// Arithmetic of the linear layers whose weights are fp8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Weights dequantized, activations in f32 (the oracle).
+    #[default]
+    F32,
+    /// Activations quantized 1x128 to e4m3 before every fp8-weight linear; block-scaled GEMM.
+    Fp8,
+}
+
+/// What to build.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    pub precision: Precision,
+    /// Only these decoder layers (default: all). Embedding, final norm and head are always built.
+    pub layers: Option<Range<usize>>,
+    /// Override the MLA form of the entry (default: naive for prefill, absorbed for decode).
+    pub attention_form: Option<AttentionForm>,
+    /// Leave out the MTP module even when the config has one.
+    pub skip_mtp: bool,
+}
+
+/// Activation group of fp8 activation quantization (per token per 128 channels).
+pub const FP8_ACTIVATION_GROUP: usize = 128;
+
+/// Builds one entry point of `config`.
+pub fn build(config: &ModelConfig, entry: Entry, options: &BuildOptions) -> Result<Graph, GraphError> {
+    let layers = options.layers.clone().unwrap_or(0..config.num_hidden_layers);
+    if layers.end > config.num_hidden_layers || layers.start > layers.end {
+        return Err(GraphError {
+            op: "build".into(),
+            problem: format!("layers {}..{} outside 0..{}", layers.start, layers.end, config.num_hidden_layers),
+        });
+    }
+    let mut m = ModelBuilder {
+        b: Builder::new(&format!("{}.{}", config.name, entry.name())),
+        c: config,
+        entry,
+        precision: options.precision,
+        form: options.attention_form.unwrap_or(match entry {
+            Entry::Prefill => AttentionForm::Naive,
+            Entry::Decode => AttentionForm::Absorbed,
+        }),
+    };
+    m.model(layers, config.num_nextn_predict_layers > 0 && !options.skip_mtp)?;
+    Ok(m.b.finish())
+}
+
+struct ModelBuilder<'a> {
+    b: Builder,
+    c: &'a ModelConfig,
+    entry: Entry,
+    precision: Precision,
+    form: AttentionForm,
+}
+
+/// Per-call inputs shared by all layers.
+struct Tokens {
+    positions: ValueId,
+}
+
+impl ModelBuilder<'_> {
+    fn dense_dtype(&self) -> DType {
+        self.c.weight_dtype
+    }
+
+    /// A projection weight: fp8 block-scaled when the checkpoint is quantized.
+    fn proj(&mut self, name: &str, out: usize, inp: usize) -> Result<ValueId, GraphError> {
+        let format = match &self.c.quantization {
+            Some(q) => WeightFormat::Fp8Block { block: q.weight_block },
+            None => WeightFormat::Dense(self.dense_dtype()),
+        };
+        self.b.param(&format!("{name}.weight"), &[out, inp], format)
+    }
+
+    /// A weight that is never quantized (embeddings, norms, router, eh_proj, head).
+    fn plain(&mut self, name: &str, shape: &[usize]) -> Result<ValueId, GraphError> {
+        let format = WeightFormat::Dense(self.dense_dtype());
+        self.b.param(name, shape, format)
+    }
+
+    fn norm(&mut self, x: ValueId, name: &str, dim: usize) -> Result<ValueId, GraphError> {
+        let w = self.plain(&format!("{name}.weight"), &[dim])?;
+        self.b.rms_norm(x, w, self.c.rms_norm_eps)
+    }
+
+    /// `x @ W^T` for projection `name`, with fp8 activations when asked and the weight is fp8.
+    fn linear(&mut self, x: ValueId, name: &str, out: usize, inp: usize) -> Result<ValueId, GraphError> {
+        let w = self.proj(name, out, inp)?;
+        self.apply_linear(x, w)
+    }
+
+    fn apply_linear(&mut self, x: ValueId, w: ValueId) -> Result<ValueId, GraphError> {
+        if self.precision == Precision::Fp8 && self.b.ty(w).dtype == DType::F8E4M3 {
+            let (xq, xs) = self.b.quantize_fp8(x, FP8_ACTIVATION_GROUP)?;
+            self.b.linear_fp8(xq, xs, w)
+        } else {
+            self.b.linear(x, w)
+        }
+    }
+
+    fn rows(&self) -> Dim {
+        match self.entry {
+            Entry::Prefill => Dim::dynamic("T"),
+            Entry::Decode => Dim::dynamic("B"),
+        }
+    }
+
+    fn model(&mut self, layers: Range<usize>, mtp: bool) -> Result<(), GraphError> {
+        let c = self.c;
+        let rows = self.rows();
+        let tokens = self.b.input("tokens", vec![rows.clone()], DType::I64)?;
+        let positions = self.b.input("positions", vec![rows.clone()], DType::I64)?;
+        let t = Tokens { positions };
+        let embed = self.plain("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let mut h = self.b.embed(embed, tokens)?;
+        let mut caches = Vec::new();
+        for l in layers {
+            let cache = self.cache_input(&format!("kv_cache.{l}"))?;
+            let (out, new_cache) = self.decoder_layer(h, &t, cache, &format!("model.layers.{l}"), c.is_moe_layer(l))?;
+            h = out;
+            caches.push((format!("kv_cache.{l}"), new_cache));
+        }
+        let h = self.norm(h, "model.norm", c.hidden_size)?;
+        let head = self.head_weight()?;
+        let logits = self.b.lm_head(h, head)?;
+        self.b.output("logits", logits)?;
+        for (name, v) in caches {
+            self.b.output(&name, v)?;
+        }
+        if mtp {
+            self.mtp(h, &t)?;
+        }
+        Ok(())
+    }
+
+    fn head_weight(&mut self) -> Result<ValueId, GraphError> {
+        let c = self.c;
+        if c.tie_word_embeddings {
+            self.plain("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])
+        } else {
+            self.plain("lm_head.weight", &[c.vocab_size, c.hidden_size])
+        }
+    }
+
+    fn cache_input(&mut self, name: &str) -> Result<ValueId, GraphError> {
+        let width = Dim::Fixed(self.c.latent_dim());
+        let shape = match self.entry {
+            Entry::Prefill => vec![Dim::dynamic("P"), width],
+            Entry::Decode => vec![Dim::dynamic("B"), Dim::dynamic("S"), width],
+        };
+        self.b.input(name, shape, DType::F32)
+    }
+
+    /// Multi-token prediction (spec section 6): position i combines the final hidden state h_i with
+    /// the embedding of the token that follows it, runs one MoE decoder layer, and predicts i+2.
+    /// The module's own `embed_tokens` / `shared_head.head` are declared; checkpoints without them
+    /// fall back to the main embedding and head when loaded (`checkpoint::fallback_name`).
+    fn mtp(&mut self, h: ValueId, t: &Tokens) -> Result<(), GraphError> {
+        let c = self.c;
+        let p = format!("model.layers.{}", c.num_hidden_layers);
+        let rows = self.rows();
+        let next = self.b.input("mtp_tokens", vec![rows], DType::I64)?;
+        let embed = self.plain(&format!("{p}.embed_tokens.weight"), &[c.vocab_size, c.hidden_size])?;
+        let e = self.b.embed(embed, next)?;
+        let e = self.norm(e, &format!("{p}.enorm"), c.hidden_size)?;
+        let hn = self.norm(h, &format!("{p}.hnorm"), c.hidden_size)?;
+        let x = self.b.concat(&[e, hn], 1)?;
+        let eh = self.plain(&format!("{p}.eh_proj.weight"), &[c.hidden_size, 2 * c.hidden_size])?;
+        let x = self.b.linear(x, eh)?;
+        let cache = self.cache_input("kv_cache.mtp")?;
+        let (y, new_cache) = self.decoder_layer(x, t, cache, &p, true)?;
+        let y = self.norm(y, &format!("{p}.shared_head.norm"), c.hidden_size)?;
+        let head = self.plain(&format!("{p}.shared_head.head.weight"), &[c.vocab_size, c.hidden_size])?;
+        let logits = self.b.lm_head(y, head)?;
+        self.b.output("mtp_logits", logits)?;
+        self.b.output("kv_cache.mtp", new_cache)
+    }
+
+    fn decoder_layer(
+        &mut self,
+        h: ValueId,
+        t: &Tokens,
+        cache: ValueId,
+        p: &str,
+        moe: bool,
+    ) -> Result<(ValueId, ValueId), GraphError> {
+        let d = self.c.hidden_size;
+        let x = self.norm(h, &format!("{p}.input_layernorm"), d)?;
+        let (a, new_cache) = self.mla(x, t, cache, &format!("{p}.self_attn"))?;
+        let h = self.b.add(h, a)?;
+        let x = self.norm(h, &format!("{p}.post_attention_layernorm"), d)?;
+        let f = if moe {
+            self.moe(x, &format!("{p}.mlp"))?
+        } else {
+            self.mlp(x, &format!("{p}.mlp"), self.c.intermediate_size)?
+        };
+        Ok((self.b.add(h, f)?, new_cache))
+    }
+
+    /// Multi-head latent attention (spec section 3). Returns (output, updated cache).
+    fn mla(&mut self, x: ValueId, t: &Tokens, cache: ValueId, p: &str) -> Result<(ValueId, ValueId), GraphError> {
+        let c = self.c;
+        let (h, dn, dr, dv, kv) =
+            (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
+        let rows = self.rows();
+        let q = match c.q_lora_rank {
+            Some(r) => {
+                let qa = self.linear(x, &format!("{p}.q_a_proj"), r, c.hidden_size)?;
+                let cq = self.norm(qa, &format!("{p}.q_a_layernorm"), r)?;
+                self.linear(cq, &format!("{p}.q_b_proj"), h * (dn + dr), r)?
+            }
+            None => self.linear(x, &format!("{p}.q_proj"), h * (dn + dr), c.hidden_size)?,
+        };
+        let q = self.b.reshape(q, vec![rows.clone(), h.into(), (dn + dr).into()])?;
+        let qs = self.b.split(q, 2, &[dn, dr])?;
+        let q_pe = self.b.rope(qs[1], t.positions, &c.rope)?;
+        let kva = self.linear(x, &format!("{p}.kv_a_proj_with_mqa"), kv + dr, c.hidden_size)?;
+        let kvs = self.b.split(kva, 1, &[kv, dr])?;
+        let ckv = self.norm(kvs[0], &format!("{p}.kv_a_layernorm"), kv)?;
+        let k_pe = self.b.rope(kvs[1], t.positions, &c.rope)?;
+        let entry = self.b.concat(&[ckv, k_pe], 1)?;
+        // kv_b_proj feeds the attention core, which runs in f32 (an fp8 weight is dequantized there).
+        let kv_b = self.proj(&format!("{p}.kv_b_proj"), h * (dn + dv), kv)?;
+        let scale = rope::softmax_scale(c);
+        let (o, new_cache) = match self.entry {
+            Entry::Prefill => {
+                let all = self.b.concat(&[cache, entry], 0)?;
+                (self.b.attention(qs[0], q_pe, all, kv_b, self.form, scale, kv)?, all)
+            }
+            Entry::Decode => {
+                let all = self.b.cache_write(cache, entry, t.positions)?;
+                let o = self.b.attention_decode(qs[0], q_pe, all, t.positions, kv_b, self.form, scale, kv)?;
+                (o, all)
+            }
+        };
+        let o = self.b.reshape(o, vec![rows, (h * dv).into()])?;
+        let out = self.linear(o, &format!("{p}.o_proj"), c.hidden_size, h * dv)?;
+        Ok((out, new_cache))
+    }
+
+    /// Dense SwiGLU MLP.
+    fn mlp(&mut self, x: ValueId, p: &str, inter: usize) -> Result<ValueId, GraphError> {
+        let d = self.c.hidden_size;
+        let g = self.linear(x, &format!("{p}.gate_proj"), inter, d)?;
+        let u = self.linear(x, &format!("{p}.up_proj"), inter, d)?;
+        let a = self.b.silu_mul(g, u)?;
+        self.linear(a, &format!("{p}.down_proj"), d, inter)
+    }
+
+    /// Routed experts + shared expert (spec section 4).
+    fn moe(&mut self, x: ValueId, p: &str) -> Result<ValueId, GraphError> {
+        let c = self.c;
+        let (d, e, inter) = (c.hidden_size, c.n_routed_experts, c.moe_intermediate_size);
+        let gate = self.b.param(&format!("{p}.gate.weight"), &[e, d], WeightFormat::Dense(self.dense_dtype()))?;
+        let bias = self.b.param(&format!("{p}.gate.e_score_correction_bias"), &[e], WeightFormat::Dense(DType::F32))?;
+        let routing = Routing {
+            top_k: c.num_experts_per_tok,
+            n_group: c.n_group,
+            topk_group: c.topk_group,
+            norm_topk_prob: c.norm_topk_prob,
+            routed_scaling_factor: c.routed_scaling_factor,
+        };
+        let (idx, w) = self.b.moe_route(x, gate, bias, routing)?;
+        let mut experts = Vec::with_capacity(e);
+        for i in 0..e {
+            let q = format!("{p}.experts.{i}");
+            experts.push((
+                self.proj(&format!("{q}.gate_proj"), inter, d)?,
+                self.proj(&format!("{q}.up_proj"), inter, d)?,
+                self.proj(&format!("{q}.down_proj"), d, inter)?,
+            ));
+        }
+        let routed = self.b.moe_experts(x, idx, w, &experts)?;
+        if c.n_shared_experts == 0 {
+            return Ok(routed);
+        }
+        let shared = self.mlp(x, &format!("{p}.shared_experts"), inter * c.n_shared_experts)?;
+        self.b.add(routed, shared)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::Op;
+
+    #[test]
+    fn tiny_prefill_has_every_block() {
+        let c = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+        let g = build(&c, Entry::Prefill, &BuildOptions::default()).unwrap();
+        let count = |name: &str| g.nodes.iter().filter(|n| n.op.name() == name).count();
+        // 3 layers + MTP layer.
+        assert_eq!(count("attention"), 4);
+        assert_eq!(count("moe_route"), 3);
+        assert_eq!(count("moe_experts"), 3);
+        assert_eq!(count("lm_head"), 2);
+        let names: Vec<_> = g.outputs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["logits", "kv_cache.0", "kv_cache.1", "kv_cache.2", "mtp_logits", "kv_cache.mtp"]);
+        assert_eq!(g.ty(g.output("kv_cache.0").unwrap()).to_string(), "[P+T, 48] f32");
+        assert_eq!(g.ty(g.output("logits").unwrap()).to_string(), "[T, 320] f32");
+    }
+
+    #[test]
+    fn decode_uses_the_absorbed_form_and_cache_writes() {
+        let c = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+        let g = build(&c, Entry::Decode, &BuildOptions::default()).unwrap();
+        assert!(g.nodes.iter().any(|n| matches!(n.op, Op::AttentionDecode { form: AttentionForm::Absorbed, .. })));
+        assert_eq!(g.nodes.iter().filter(|n| matches!(n.op, Op::CacheWrite)).count(), 4);
+        assert_eq!(g.ty(g.output("kv_cache.mtp").unwrap()).to_string(), "[B, S, 48] f32");
+    }
+
+    #[test]
+    fn fp8_precision_quantizes_activations_of_fp8_linears_only() {
+        let mut c = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+        c.quantization = Some(crate::config::Fp8Quantization { weight_block: [128, 128] });
+        let g = build(&c, Entry::Prefill, &BuildOptions { precision: Precision::Fp8, ..Default::default() }).unwrap();
+        let quantized = g.nodes.iter().filter(|n| matches!(n.op, Op::QuantizeFp8 { .. })).count();
+        // Per layer: q_a, q_b, kv_a, o_proj + dense MLP 3 (layer 0) or shared expert 3 (MoE layers).
+        assert_eq!(quantized, 4 * 7);
+        // eh_proj and the heads stay bf16.
+        let eh = g.params().find(|(n, ..)| n.ends_with("eh_proj.weight")).unwrap();
+        assert_eq!(eh.2, WeightFormat::Dense(DType::BF16));
+    }
+
+    #[test]
+    fn full_model_has_all_layers_and_mtp() {
+        let c = ModelConfig::preset("deepseek-v3").unwrap();
+        let g = build(&c, Entry::Prefill, &BuildOptions::default()).unwrap();
+        assert_eq!(g.nodes.iter().filter(|n| matches!(n.op, Op::Attention { .. })).count(), 62);
+        // 58 MoE layers + MTP, 256 experts x 3 projections each.
+        let experts = g.params().filter(|(n, ..)| n.contains(".experts.")).count();
+        assert_eq!(experts, 59 * 256 * 3);
+    }
+}
