@@ -6,13 +6,19 @@
 //! - [`config`]: `config.json` parsing and validation, presets;
 //! - [`deepseek_v3`]: the model's entry points (`prefill`, `decode`) built from a config;
 //! - [`rope`]: RoPE/YaRN frequencies and the softmax scale, as transformers computes them;
-//! - [`dtype`]: bf16 / fp8 e4m3 conversions.
+//! - [`dtype`]: bf16 / fp8 e4m3 conversions;
+//! - [`checkpoint`]: safetensors checkpoints (single or sharded, memory-mapped);
+//! - [`interp`]: the reference interpreter; [`tensor`]: its host tensors.
 
+pub mod checkpoint;
 pub mod config;
 pub mod deepseek_v3;
 pub mod dtype;
 pub mod graph;
+pub mod interp;
+pub mod reference;
 pub mod rope;
+pub mod tensor;
 
 pub use config::ModelConfig;
 pub use deepseek_v3::{build, BuildOptions, Entry, Precision};

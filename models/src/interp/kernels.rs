@@ -1,0 +1,315 @@
+//! The reference implementation of every op, on plain f32 slices: obviously correct first, fast only
+//! where it is free (matmuls split rows across threads).
+
+use crate::dtype::{f32_to_f8e4m3, f8e4m3_to_f32, F8E4M3_MAX};
+use crate::graph::{AttentionForm, Routing};
+
+/// `y[m, n] = sum_k x[m, k] * w[n, k]` for x [m, k], w [n, k].
+pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; m * n];
+    let work = m * n * k;
+    let threads = if work > 1 << 20 { std::thread::available_parallelism().map_or(1, |p| p.get()).min(m) } else { 1 };
+    let rows_per = m.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        for (chunk_index, out) in y.chunks_mut(rows_per * n).enumerate() {
+            s.spawn(move || {
+                let row0 = chunk_index * rows_per;
+                for (r, yrow) in out.chunks_mut(n).enumerate() {
+                    let xrow = &x[(row0 + r) * k..(row0 + r + 1) * k];
+                    for (j, yv) in yrow.iter_mut().enumerate() {
+                        let wrow = &w[j * k..(j + 1) * k];
+                        *yv = dot(xrow, wrow);
+                    }
+                }
+            });
+        }
+    });
+    y
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Block-scaled fp8 GEMM (spec section 7): for each K block kb of `group` channels,
+/// `acc += (sum_k xq[m,k] * wq[n,k]) * xs[m, kb] * ws[n / block_n, kb]`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_fp8(
+    xq: &[u8],
+    xs: &[f32],
+    wq: &[u8],
+    ws: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    group: usize,
+    block_n: usize,
+    ws_cols: usize,
+) -> Vec<f32> {
+    let kb_count = k.div_ceil(group);
+    let xf: Vec<f32> = xq.iter().map(|&b| f8e4m3_to_f32(b)).collect();
+    let wf: Vec<f32> = wq.iter().map(|&b| f8e4m3_to_f32(b)).collect();
+    let mut y = vec![0.0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0.0f32;
+            for kb in 0..kb_count {
+                let (lo, hi) = (kb * group, ((kb + 1) * group).min(k));
+                let partial = dot(&xf[i * k + lo..i * k + hi], &wf[j * k + lo..j * k + hi]);
+                acc += partial * xs[i * kb_count + kb] * ws[(j / block_n) * ws_cols + kb];
+            }
+            y[i * n + j] = acc;
+        }
+    }
+    y
+}
+
+/// 1 x `group` quantization of rows of length k: (bits, scales [rows, ceil(k / group)]).
+pub fn quantize_fp8(x: &[f32], k: usize, group: usize) -> (Vec<u8>, Vec<f32>) {
+    let rows = x.len() / k;
+    let groups = k.div_ceil(group);
+    let mut bits = vec![0u8; x.len()];
+    let mut scales = vec![0.0f32; rows * groups];
+    for r in 0..rows {
+        for g in 0..groups {
+            let (lo, hi) = (r * k + g * group, r * k + ((g + 1) * group).min(k));
+            let amax = x[lo..hi].iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let s = amax.max(1e-4) / F8E4M3_MAX;
+            scales[r * groups + g] = s;
+            for i in lo..hi {
+                bits[i] = f32_to_f8e4m3(x[i] / s);
+            }
+        }
+    }
+    (bits, scales)
+}
+
+/// RMSNorm over rows of length d: `w * x / sqrt(mean(x^2) + eps)`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut y = vec![0.0f32; x.len()];
+    for (xr, yr) in x.chunks(d).zip(y.chunks_mut(d)) {
+        let mean = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (mean + eps).sqrt();
+        for i in 0..d {
+            yr[i] = w[i] * (xr[i] * inv);
+        }
+    }
+    y
+}
+
+/// Rotates vectors of `dim` values in place: interleaved pairs (2i, 2i+1) or halves (i, i + dim/2).
+pub fn rotate(v: &mut [f32], cos: &[f32], sin: &[f32], interleave: bool) {
+    let half = cos.len();
+    for i in 0..half {
+        let (a, b) = if interleave { (2 * i, 2 * i + 1) } else { (i, i + half) };
+        let (x, y) = (v[a], v[b]);
+        v[a] = x * cos[i] - y * sin[i];
+        v[b] = y * cos[i] + x * sin[i];
+    }
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn softmax_in_place(s: &mut [f32]) {
+    let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0.0;
+    for v in s.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in s.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// Shapes of one MLA call.
+#[derive(Debug, Clone, Copy)]
+pub struct MlaDims {
+    pub heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
+    pub kv_lora: usize,
+}
+
+/// MLA for `t` queries of one sequence against `s` latent rows; query i may see rows
+/// `0..=visible[i]`. q_nope [t, H, dn], q_pe [t, H, dr], latent [s, kv + dr], kv_b [H (dn + dv), kv].
+/// Returns [t, H, dv].
+#[allow(clippy::too_many_arguments)]
+pub fn mla(
+    q_nope: &[f32],
+    q_pe: &[f32],
+    latent: &[f32],
+    kv_b: &[f32],
+    visible: &[usize],
+    s: usize,
+    dims: MlaDims,
+    scale: f32,
+    form: AttentionForm,
+) -> Vec<f32> {
+    let MlaDims { heads: h, nope: dn, rope: dr, v: dv, kv_lora: kv } = dims;
+    let t = visible.len();
+    let c = kv + dr;
+    let per_head = dn + dv;
+    let mut out = vec![0.0f32; t * h * dv];
+    // Naive form: keys and values per head from the latent, computed once for all queries.
+    let kvb = match form {
+        AttentionForm::Naive => {
+            let ckv: Vec<f32> = (0..s).flat_map(|j| latent[j * c..j * c + kv].iter().copied()).collect();
+            Some(matmul_nt(&ckv, kv_b, s, kv, h * per_head))
+        }
+        AttentionForm::Absorbed => None,
+    };
+    for head in 0..h {
+        let w_uk = |d: usize| &kv_b[(head * per_head + d) * kv..(head * per_head + d + 1) * kv];
+        let w_uv = |e: usize| &kv_b[(head * per_head + dn + e) * kv..(head * per_head + dn + e + 1) * kv];
+        for (i, &last) in visible.iter().enumerate() {
+            let qn = &q_nope[(i * h + head) * dn..(i * h + head + 1) * dn];
+            let qp = &q_pe[(i * h + head) * dr..(i * h + head + 1) * dr];
+            let n_keys = last + 1;
+            let mut scores = vec![0.0f32; n_keys];
+            let o = &mut out[(i * h + head) * dv..(i * h + head + 1) * dv];
+            match &kvb {
+                Some(kvb) => {
+                    for (j, sc) in scores.iter_mut().enumerate() {
+                        let row = &kvb[j * h * per_head + head * per_head..j * h * per_head + (head + 1) * per_head];
+                        let k_pe = &latent[j * c + kv..(j + 1) * c];
+                        *sc = (dot(qn, &row[..dn]) + dot(qp, k_pe)) * scale;
+                    }
+                    softmax_in_place(&mut scores);
+                    for (j, p) in scores.iter().enumerate() {
+                        let v = &kvb[j * h * per_head + head * per_head + dn..j * h * per_head + (head + 1) * per_head];
+                        for e in 0..dv {
+                            o[e] += p * v[e];
+                        }
+                    }
+                }
+                None => {
+                    // q_abs = q_nope @ W_UK[head]  ([dn] x [dn, kv] -> [kv])
+                    let mut q_abs = vec![0.0f32; kv];
+                    for (d, qv) in qn.iter().enumerate() {
+                        for (a, w) in q_abs.iter_mut().zip(w_uk(d)) {
+                            *a += qv * w;
+                        }
+                    }
+                    for (j, sc) in scores.iter_mut().enumerate() {
+                        let row = &latent[j * c..(j + 1) * c];
+                        *sc = (dot(&q_abs, &row[..kv]) + dot(qp, &row[kv..])) * scale;
+                    }
+                    softmax_in_place(&mut scores);
+                    let mut o_lat = vec![0.0f32; kv];
+                    for (j, p) in scores.iter().enumerate() {
+                        for (a, l) in o_lat.iter_mut().zip(&latent[j * c..j * c + kv]) {
+                            *a += p * l;
+                        }
+                    }
+                    for (e, ov) in o.iter_mut().enumerate() {
+                        *ov = dot(&o_lat, w_uv(e));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Routing for one token (spec section 4): returns (expert indices, weights), best first.
+pub fn route(logits: &[f32], bias: &[f32], r: &Routing) -> (Vec<usize>, Vec<f32>) {
+    let e = logits.len();
+    let per_group = e / r.n_group;
+    let s: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+    let sb: Vec<f32> = s.iter().zip(bias).map(|(a, b)| a + b).collect();
+    let mut group_scores: Vec<(f32, usize)> = (0..r.n_group)
+        .map(|g| {
+            let mut v: Vec<f32> = sb[g * per_group..(g + 1) * per_group].to_vec();
+            v.sort_by(|a, b| b.total_cmp(a));
+            (v[0] + v.get(1).copied().unwrap_or(0.0), g)
+        })
+        .collect();
+    group_scores.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let kept: Vec<usize> = group_scores[..r.topk_group].iter().map(|&(_, g)| g).collect();
+    let mut candidates: Vec<usize> = (0..e).filter(|i| kept.contains(&(i / per_group))).collect();
+    candidates.sort_by(|&a, &b| sb[b].total_cmp(&sb[a]).then(a.cmp(&b)));
+    candidates.truncate(r.top_k);
+    let mut w: Vec<f32> = candidates.iter().map(|&i| s[i]).collect();
+    if r.norm_topk_prob {
+        let sum: f32 = w.iter().sum::<f32>() + 1e-20;
+        w.iter_mut().for_each(|x| *x /= sum);
+    }
+    w.iter_mut().for_each(|x| *x *= r.routed_scaling_factor);
+    (candidates, w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn matmul_matches_a_hand_computed_case() {
+        // x [2, 3], w [2, 3]
+        let y = matmul_nt(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[1.0, 0.0, -1.0, 0.5, 0.5, 0.5], 2, 3, 2);
+        assert_eq!(y, vec![-2.0, 3.0, -2.0, 7.5]);
+    }
+
+    #[test]
+    fn interleaved_and_half_rotation_give_the_same_dot_products() {
+        // The same pairs rotated in two layouts: dot products between rotated vectors agree.
+        let (cos, sin) = (vec![0.6, 0.8f32.cos()], vec![0.8, 0.8f32.sin()]);
+        let q = [1.0f32, 2.0, 3.0, 4.0];
+        let k = [0.5f32, -1.0, 2.0, 0.25];
+        let (mut qi, mut ki) = (q, k);
+        rotate(&mut qi, &cos, &sin, true);
+        rotate(&mut ki, &cos, &sin, true);
+        // De-interleave: (x0, x2, x1, x3) pairs (0,2) and (1,3) in the half layout.
+        let de = |v: [f32; 4]| [v[0], v[2], v[1], v[3]];
+        let (mut qh, mut kh) = (de(q), de(k));
+        rotate(&mut qh, &cos, &sin, false);
+        rotate(&mut kh, &cos, &sin, false);
+        assert!((dot(&qi, &ki) - dot(&qh, &kh)).abs() < 1e-6);
+    }
+
+    proptest! {
+        #[test]
+        fn routing_invariants(logits in prop::collection::vec(-4.0f32..4.0, 16), bias in prop::collection::vec(-0.5f32..0.5, 16),
+                              top_k in 1usize..=8, norm in any::<bool>()) {
+            // 4 groups of 4, keep 2 groups: at most 8 experts are reachable.
+            let r = Routing { top_k, n_group: 4, topk_group: 2, norm_topk_prob: norm, routed_scaling_factor: 2.5 };
+            let (idx, w) = route(&logits, &bias, &r);
+            prop_assert_eq!(idx.len(), top_k);
+            let mut uniq = idx.clone(); uniq.sort(); uniq.dedup();
+            prop_assert_eq!(uniq.len(), top_k);
+            let mut groups: Vec<usize> = idx.iter().map(|i| i / 4).collect(); groups.sort(); groups.dedup();
+            prop_assert!(groups.len() <= 2);
+            if norm {
+                prop_assert!((w.iter().sum::<f32>() - 2.5).abs() < 1e-4);
+            }
+            prop_assert!(w.iter().all(|x| *x > 0.0));
+        }
+
+        #[test]
+        fn naive_and_absorbed_mla_agree(seed in 0u64..1000) {
+            let dims = MlaDims { heads: 2, nope: 4, rope: 2, v: 3, kv_lora: 5 };
+            let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let mut rnd = |n: usize| (0..n).map(|_| { state = state.wrapping_mul(6364136223846793005).wrapping_add(1); ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5 }).collect::<Vec<f32>>();
+            let (t, s) = (3, 5);
+            let (qn, qp, lat, kvb) = (rnd(t * 2 * 4), rnd(t * 2 * 2), rnd(s * 7), rnd(2 * 7 * 5));
+            let visible = [2, 3, 4];
+            let a = mla(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, AttentionForm::Naive);
+            let b = mla(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, AttentionForm::Absorbed);
+            for (x, y) in a.iter().zip(&b) { prop_assert!((x - y).abs() < 1e-5, "{} vs {}", x, y); }
+        }
+    }
+
+    #[test]
+    fn fp8_gemm_with_unit_scales_is_exact_on_representable_values() {
+        let (xq, xs) = quantize_fp8(&[448.0, -224.0, 1.0, 0.5], 4, 128);
+        assert_eq!(xs, vec![1.0]);
+        let w = [f32_to_f8e4m3(1.0), f32_to_f8e4m3(2.0), 0, 0];
+        let y = matmul_fp8(&xq, &xs, &w, &[1.0], 1, 4, 1, 128, 128, 1);
+        assert_eq!(y, vec![448.0 - 448.0]);
+    }
+}

@@ -1,0 +1,410 @@
+//! The reference interpreter: executes any graph on the CPU in f32 (weights dequantized; fp8
+//! activations and block-scaled GEMMs where the graph asks for them). It is the oracle every backend
+//! is checked against, so it is written to be obviously correct: each op is a plain loop in
+//! [`kernels`].
+//!
+//! Evaluation is by demand: only the nodes the requested outputs need are run, and only the inputs
+//! they need must be given (the MTP outputs need `mtp_tokens`, the main logits do not). Parameters
+//! are loaded once, when the interpreter is created, and checked against the graph.
+//!
+//! Not handled: anything for speed beyond splitting large matmuls across threads.
+
+pub mod kernels;
+
+use std::collections::HashMap;
+
+use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::dtype::DType;
+use crate::graph::{AttentionForm, Dim, Graph, Node, Op, ValueId};
+use crate::rope;
+use crate::tensor::{Tensor, TensorData};
+
+/// Why a graph could not be evaluated; names the input, op or token at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum InterpError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("input '{name}': {problem}")]
+    Input { name: String, problem: String },
+    #[error("{graph}: no output named '{name}' (outputs: {known})")]
+    UnknownOutput { graph: String, name: String, known: String },
+    #[error("{op}: {problem}")]
+    Op { op: String, problem: String },
+}
+
+fn op_err(node: &Node, problem: impl Into<String>) -> InterpError {
+    InterpError::Op { op: node.op.name().to_string(), problem: problem.into() }
+}
+
+/// A graph with its parameters loaded.
+pub struct Interpreter {
+    graph: Graph,
+    params: HashMap<ValueId, Tensor>,
+}
+
+impl Interpreter {
+    /// Checks and loads every parameter of `graph` from `checkpoint`.
+    pub fn new(graph: Graph, checkpoint: &Checkpoint) -> Result<Interpreter, InterpError> {
+        checkpoint.check(&graph)?;
+        let mut params = HashMap::new();
+        for (name, ty, format, v) in graph.params() {
+            params.insert(v, checkpoint.load(name, ty, format)?);
+        }
+        Ok(Interpreter { graph, params })
+    }
+
+    /// An interpreter over parameters given directly (tests, generated weights).
+    pub fn with_params(graph: Graph, params: HashMap<String, Tensor>) -> Result<Interpreter, InterpError> {
+        let mut loaded = HashMap::new();
+        for (name, _, _, v) in graph.params() {
+            let t = params
+                .get(name)
+                .cloned()
+                .ok_or_else(|| InterpError::Input { name: name.into(), problem: "parameter not given".into() })?;
+            loaded.insert(v, t);
+        }
+        Ok(Interpreter { graph, params: loaded })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Evaluates the named outputs from the named inputs.
+    pub fn run(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+        outputs: &[&str],
+    ) -> Result<HashMap<String, Tensor>, InterpError> {
+        let g = &self.graph;
+        let mut wanted = Vec::new();
+        for &name in outputs {
+            let v = g.output(name).ok_or_else(|| InterpError::UnknownOutput {
+                graph: g.name.clone(),
+                name: name.into(),
+                known: g.outputs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "),
+            })?;
+            wanted.push((name, v));
+        }
+        // Mark the nodes the outputs depend on.
+        let mut needed = vec![false; g.nodes.len()];
+        let mut stack: Vec<u32> = wanted.iter().map(|(_, v)| g.producers[v.0 as usize]).collect();
+        while let Some(n) = stack.pop() {
+            if std::mem::replace(&mut needed[n as usize], true) {
+                continue;
+            }
+            stack.extend(g.nodes[n as usize].inputs.iter().map(|v| g.producers[v.0 as usize]));
+        }
+        let mut env: HashMap<ValueId, Tensor> = HashMap::new();
+        let mut bindings: HashMap<String, usize> = HashMap::new();
+        for (index, node) in g.nodes.iter().enumerate() {
+            if !needed[index] {
+                continue;
+            }
+            match &node.op {
+                Op::Param { .. } => continue,
+                Op::Input { name } => {
+                    let t = inputs
+                        .get(name)
+                        .ok_or_else(|| InterpError::Input { name: name.clone(), problem: "not given".into() })?;
+                    check_input(name, t, g.ty(node.outputs[0]), &mut bindings)?;
+                    env.insert(node.outputs[0], t.clone());
+                }
+                _ => {
+                    let args: Vec<&Tensor> = node
+                        .inputs
+                        .iter()
+                        .map(|v| self.params.get(v).or_else(|| env.get(v)).expect("operands evaluated first"))
+                        .collect();
+                    let results = self.eval(node, &args)?;
+                    for (v, t) in node.outputs.iter().zip(results) {
+                        env.insert(*v, t);
+                    }
+                }
+            }
+        }
+        Ok(wanted
+            .into_iter()
+            .map(|(name, v)| (name.to_string(), env.remove(&v).unwrap_or_else(|| env[&v].clone())))
+            .collect())
+    }
+
+    fn eval(&self, node: &Node, a: &[&Tensor]) -> Result<Vec<Tensor>, InterpError> {
+        let f = |i: usize| {
+            a[i].as_f32().ok_or_else(|| op_err(node, format!("operand {i} is {}, expected floats", a[i].describe())))
+        };
+        let one = |t: Tensor| Ok(vec![t]);
+        match &node.op {
+            Op::Input { .. } | Op::Param { .. } => unreachable!("handled by run"),
+            Op::Embed => {
+                let table = f(0)?;
+                let (vocab, d) = (a[0].shape[0], a[0].shape[1]);
+                let ids = a[1].as_ids().ok_or_else(|| op_err(node, "ids must be integers"))?;
+                let mut out = Vec::with_capacity(ids.len() * d);
+                for &id in &ids {
+                    if id < 0 || id as usize >= vocab {
+                        return Err(op_err(node, format!("token id {id} is outside the vocabulary (0..{vocab})")));
+                    }
+                    out.extend_from_slice(&table[id as usize * d..(id as usize + 1) * d]);
+                }
+                one(Tensor::f32(vec![ids.len(), d], out))
+            }
+            Op::Linear if a.len() == 2 => {
+                let (x, w) = (f(0)?, f(1)?);
+                let (n, k) = (a[1].shape[0], a[1].shape[1]);
+                let m = x.len() / k;
+                one(Tensor::f32(with_last(&a[0].shape, n), kernels::matmul_nt(x, w, m, k, n)))
+            }
+            Op::Linear => {
+                let (TensorData::F8(xq), Some(xs)) = (&a[0].data, a[1].as_f32()) else {
+                    return Err(op_err(node, "fp8 linear needs quantized activations and scales"));
+                };
+                let TensorData::F8Block { bits, scale, block, scale_cols, .. } = &a[2].data else {
+                    return Err(op_err(node, "fp8 linear needs a block-scaled fp8 weight"));
+                };
+                let (n, k) = (a[2].shape[0], a[2].shape[1]);
+                let groups = *a[1].shape.last().unwrap_or(&0);
+                if groups != *scale_cols {
+                    return Err(op_err(
+                        node,
+                        format!("activation scales have {groups} groups per row, the weight {scale_cols} K blocks"),
+                    ));
+                }
+                let m = xq.len() / k;
+                let y = kernels::matmul_fp8(xq, xs, bits, scale, m, k, n, block[1], block[0], *scale_cols);
+                one(Tensor::f32(with_last(&a[0].shape, n), y))
+            }
+            Op::RmsNorm { eps } => one(Tensor::f32(a[0].shape.clone(), kernels::rms_norm(f(0)?, f(1)?, *eps))),
+            Op::Rope(r) => {
+                let mut x = f(0)?.to_vec();
+                let positions = a[1].as_ids().ok_or_else(|| op_err(node, "positions must be integers"))?;
+                let inv = rope::inv_freq(&r.rope, r.dim);
+                let factor = rope::attention_factor(&r.rope);
+                let per_row = x.len() / positions.len().max(1);
+                for (row, &p) in positions.iter().enumerate() {
+                    let (cos, sin) = rope::cos_sin(&inv, factor, p);
+                    for v in x[row * per_row..(row + 1) * per_row].chunks_mut(r.dim) {
+                        kernels::rotate(v, &cos, &sin, r.rope.interleave);
+                    }
+                }
+                one(Tensor::f32(a[0].shape.clone(), x))
+            }
+            Op::Attention { form, scale, kv_lora_rank } => {
+                let dims = mla_dims(a[0], a[1], a[3], *kv_lora_rank);
+                let (t, s) = (a[0].shape[0], a[2].shape[0]);
+                if s < t {
+                    return Err(op_err(node, format!("latent has {s} rows for {t} queries")));
+                }
+                let visible: Vec<usize> = (0..t).map(|i| s - t + i).collect();
+                let o = kernels::mla(f(0)?, f(1)?, f(2)?, f(3)?, &visible, s, dims, *scale, *form);
+                one(Tensor::f32(vec![t, dims.heads, dims.v], o))
+            }
+            Op::AttentionDecode { form, scale, kv_lora_rank } => {
+                let dims = mla_dims(a[0], a[1], a[4], *kv_lora_rank);
+                let (b, s, c) = (a[2].shape[0], a[2].shape[1], a[2].shape[2]);
+                let positions = a[3].as_ids().ok_or_else(|| op_err(node, "positions must be integers"))?;
+                let (qn, qp, lat, kvb) = (f(0)?, f(1)?, f(2)?, f(4)?);
+                let (h, dn, dr) = (dims.heads, dims.nope, dims.rope);
+                let mut out = Vec::with_capacity(b * h * dims.v);
+                for (seq, &p) in positions.iter().enumerate() {
+                    if p < 0 || p as usize >= s {
+                        return Err(op_err(
+                            node,
+                            format!("sequence {seq}: position {p} is outside the cache (0..{s})"),
+                        ));
+                    }
+                    let rows = &lat[seq * s * c..(seq + 1) * s * c];
+                    out.extend(kernels::mla(
+                        &qn[seq * h * dn..(seq + 1) * h * dn],
+                        &qp[seq * h * dr..(seq + 1) * h * dr],
+                        rows,
+                        kvb,
+                        &[p as usize],
+                        s,
+                        dims,
+                        *scale,
+                        *form,
+                    ));
+                }
+                one(Tensor::f32(vec![b, h, dims.v], out))
+            }
+            Op::CacheWrite => {
+                let mut cache = f(0)?.to_vec();
+                let (s, c) = (a[0].shape[1], a[0].shape[2]);
+                let entries = f(1)?;
+                let positions = a[2].as_ids().ok_or_else(|| op_err(node, "positions must be integers"))?;
+                for (seq, &p) in positions.iter().enumerate() {
+                    if p < 0 || p as usize >= s {
+                        return Err(op_err(
+                            node,
+                            format!("sequence {seq}: position {p} is outside the cache (0..{s})"),
+                        ));
+                    }
+                    let at = (seq * s + p as usize) * c;
+                    cache[at..at + c].copy_from_slice(&entries[seq * c..(seq + 1) * c]);
+                }
+                one(Tensor::f32(a[0].shape.clone(), cache))
+            }
+            Op::MoeRoute(r) => {
+                let (x, gate, bias) = (f(0)?, f(1)?, f(2)?);
+                let (e, d) = (a[1].shape[0], a[1].shape[1]);
+                let t = x.len() / d;
+                let logits = kernels::matmul_nt(x, gate, t, d, e);
+                let (mut idx, mut w) = (Vec::with_capacity(t * r.top_k), Vec::with_capacity(t * r.top_k));
+                for row in logits.chunks(e) {
+                    let (i, ws) = kernels::route(row, bias, r);
+                    idx.extend(i.iter().map(|&v| v as i32));
+                    w.extend(ws);
+                }
+                Ok(vec![
+                    Tensor { shape: vec![t, r.top_k], data: TensorData::I32(idx) },
+                    Tensor::f32(vec![t, r.top_k], w),
+                ])
+            }
+            Op::MoeExperts { num_experts } => {
+                let x = f(0)?;
+                let d = a[0].shape[1];
+                let t = x.len() / d;
+                let TensorData::I32(idx) = &a[1].data else { return Err(op_err(node, "indices must be i32")) };
+                let w = f(2)?;
+                let k = a[1].shape[1];
+                let mut y = vec![0.0f32; t * d];
+                for tok in 0..t {
+                    let xr = &x[tok * d..(tok + 1) * d];
+                    for slot in 0..k {
+                        let e = idx[tok * k + slot];
+                        if e < 0 || e as usize >= *num_experts {
+                            return Err(op_err(node, format!("expert index {e} outside 0..{num_experts}")));
+                        }
+                        let base = 3 + 3 * e as usize;
+                        let (g, u, dw) = (f(base)?, f(base + 1)?, f(base + 2)?);
+                        let inter = a[base].shape[0];
+                        let gv = kernels::matmul_nt(xr, g, 1, d, inter);
+                        let uv = kernels::matmul_nt(xr, u, 1, d, inter);
+                        let h: Vec<f32> = gv.iter().zip(&uv).map(|(a, b)| kernels::silu(*a) * b).collect();
+                        let out = kernels::matmul_nt(&h, dw, 1, inter, d);
+                        for (yv, ov) in y[tok * d..(tok + 1) * d].iter_mut().zip(out) {
+                            *yv += w[tok * k + slot] * ov;
+                        }
+                    }
+                }
+                one(Tensor::f32(a[0].shape.clone(), y))
+            }
+            Op::SiluMul => {
+                let y = f(0)?.iter().zip(f(1)?).map(|(g, u)| kernels::silu(*g) * u).collect();
+                one(Tensor::f32(a[0].shape.clone(), y))
+            }
+            Op::Add => one(Tensor::f32(a[0].shape.clone(), f(0)?.iter().zip(f(1)?).map(|(x, y)| x + y).collect())),
+            Op::Split { axis, sizes } => {
+                let x = f(0)?;
+                let shape = &a[0].shape;
+                let (outer, inner) =
+                    (shape[..*axis].iter().product::<usize>(), shape[axis + 1..].iter().product::<usize>());
+                let full = shape[*axis];
+                let mut start = 0;
+                let mut parts = Vec::new();
+                for &size in sizes {
+                    let mut v = Vec::with_capacity(outer * size * inner);
+                    for o in 0..outer {
+                        v.extend_from_slice(&x[(o * full + start) * inner..(o * full + start + size) * inner]);
+                    }
+                    let mut s = shape.clone();
+                    s[*axis] = size;
+                    parts.push(Tensor::f32(s, v));
+                    start += size;
+                }
+                Ok(parts)
+            }
+            Op::Concat { axis } => {
+                let shape0 = &a[0].shape;
+                let outer: usize = shape0[..*axis].iter().product();
+                let inner: usize = shape0[axis + 1..].iter().product();
+                let total: usize = a.iter().map(|t| t.shape[*axis]).sum();
+                let mut v = Vec::with_capacity(outer * total * inner);
+                for o in 0..outer {
+                    for (i, t) in a.iter().enumerate() {
+                        let n = t.shape[*axis] * inner;
+                        v.extend_from_slice(&f(i)?[o * n..(o + 1) * n]);
+                    }
+                }
+                let mut s = shape0.clone();
+                s[*axis] = total;
+                one(Tensor::f32(s, v))
+            }
+            Op::Reshape => {
+                let ty = self.graph.ty(node.outputs[0]);
+                let known: usize = ty.shape.iter().filter_map(|d| d.clone().fixed()).product();
+                let shape = ty.shape.iter().map(|d| d.clone().fixed().unwrap_or(a[0].len() / known.max(1))).collect();
+                one(Tensor { shape, data: a[0].data.clone() })
+            }
+            Op::QuantizeFp8 { group } => {
+                let x = f(0)?;
+                let k = *a[0].shape.last().unwrap_or(&1);
+                let (bits, scales) = kernels::quantize_fp8(x, k, *group);
+                Ok(vec![
+                    Tensor { shape: a[0].shape.clone(), data: TensorData::F8(bits) },
+                    Tensor::f32(with_last(&a[0].shape, k.div_ceil(*group)), scales),
+                ])
+            }
+            Op::LmHead => {
+                let (x, w) = (f(0)?, f(1)?);
+                let (v, d) = (a[1].shape[0], a[1].shape[1]);
+                one(Tensor::f32(vec![x.len() / d, v], kernels::matmul_nt(x, w, x.len() / d, d, v)))
+            }
+        }
+    }
+}
+
+fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    if let Some(l) = s.last_mut() {
+        *l = last;
+    }
+    s
+}
+
+fn mla_dims(q_nope: &Tensor, q_pe: &Tensor, kv_b: &Tensor, kv_lora: usize) -> kernels::MlaDims {
+    let (heads, nope, rope) = (q_nope.shape[1], q_nope.shape[2], q_pe.shape[2]);
+    kernels::MlaDims { heads, nope, rope, v: kv_b.shape[0] / heads - nope, kv_lora }
+}
+
+/// Checks a given input against its declared type, binding dynamic dims by name.
+fn check_input(
+    name: &str,
+    t: &Tensor,
+    ty: &crate::graph::TensorType,
+    bindings: &mut HashMap<String, usize>,
+) -> Result<(), InterpError> {
+    let bad = |problem: String| InterpError::Input { name: name.into(), problem };
+    let dtype_ok = match ty.dtype {
+        DType::I64 | DType::I32 => matches!(t.data, TensorData::I64(_) | TensorData::I32(_)),
+        _ => matches!(t.data, TensorData::F32(_)),
+    };
+    if !dtype_ok || t.shape.len() != ty.rank() {
+        return Err(bad(format!("expected {ty}, given {}", t.describe())));
+    }
+    for (given, dim) in t.shape.iter().zip(&ty.shape) {
+        match dim {
+            Dim::Fixed(n) if n != given => return Err(bad(format!("expected {ty}, given {}", t.describe()))),
+            Dim::Dyn(sym) => {
+                if let Some(&bound) = bindings.get(sym) {
+                    if bound != *given {
+                        return Err(bad(format!("dimension {sym} is {given} here but {bound} in an earlier input")));
+                    }
+                } else {
+                    bindings.insert(sym.clone(), *given);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The attention form a graph uses (for reports).
+pub fn attention_form(graph: &Graph) -> Option<AttentionForm> {
+    graph.nodes.iter().find_map(|n| match n.op {
+        Op::Attention { form, .. } | Op::AttentionDecode { form, .. } => Some(form),
+        _ => None,
+    })
+}
