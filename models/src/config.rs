@@ -111,6 +111,64 @@ impl ModelConfig {
         layer >= self.first_k_dense_replace
     }
 
+    /// The config in the hub's `config.json` spelling (`rope_theta` + `rope_scaling`).
+    pub fn to_hf_json(&self) -> Value {
+        let mut m = serde_json::json!({
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_nextn_predict_layers": self.num_nextn_predict_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_attention_heads,
+            "n_shared_experts": self.n_shared_experts,
+            "n_routed_experts": self.n_routed_experts,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "kv_lora_rank": self.kv_lora_rank,
+            "q_lora_rank": self.q_lora_rank,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "topk_method": "noaux_tc",
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "first_k_dense_replace": self.first_k_dense_replace,
+            "norm_topk_prob": self.norm_topk_prob,
+            "scoring_func": "sigmoid",
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope.theta,
+            "rope_interleave": self.rope.interleave,
+            "rope_scaling": self.rope.yarn.as_ref().map(|y| serde_json::json!({
+                "type": "yarn",
+                "factor": y.factor,
+                "original_max_position_embeddings": y.original_max_position_embeddings,
+                "beta_fast": y.beta_fast,
+                "beta_slow": y.beta_slow,
+                "mscale": y.mscale.unwrap_or(0.0),
+                "mscale_all_dim": y.mscale_all_dim.unwrap_or(0.0),
+                "attention_factor": y.attention_factor,
+                "truncate": y.truncate,
+            })),
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": if self.weight_dtype == crate::dtype::DType::F32 { "float32" } else { "bfloat16" },
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        });
+        if let Some(q) = &self.quantization {
+            m["quantization_config"] = serde_json::json!({
+                "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                "weight_block_size": q.weight_block,
+            });
+        }
+        m
+    }
+
     /// A built-in config by name; the error lists the presets.
     pub fn preset(name: &str) -> Result<ModelConfig, ConfigError> {
         let text = match name {
@@ -732,6 +790,16 @@ mod tests {
         for (text, expected) in cases {
             let msg = err(&text);
             assert!(msg.starts_with(expected), "expected '{expected}', got '{msg}'");
+        }
+    }
+
+    #[test]
+    fn hf_json_round_trips() {
+        for name in PRESETS {
+            let c = ModelConfig::preset(name).unwrap();
+            let mut back = ModelConfig::from_json_str(&c.to_hf_json().to_string(), name).unwrap();
+            back.name = c.name.clone();
+            assert_eq!(back, c);
         }
     }
 

@@ -317,7 +317,8 @@ impl ModelBuilder<'_> {
                 self.proj(&format!("{q}.down_proj"), d, inter)?,
             ));
         }
-        let routed = self.b.moe_experts(x, idx, w, &experts)?;
+        let fp8 = self.precision == Precision::Fp8 && self.c.quantization.is_some();
+        let routed = self.b.moe_experts(x, idx, w, &experts, fp8)?;
         if c.n_shared_experts == 0 {
             return Ok(routed);
         }

@@ -170,7 +170,8 @@ pub enum Op {
     MoeRoute(Routing),
     /// (x [T, D], indices [T, K], weights [T, K], then gate_e [I, D], up_e [I, D], down_e [D, I] for each
     /// expert e) -> [T, D] = sum_k weights[t,k] * Expert_{indices[t,k]}(x[t]); experts are SwiGLU.
-    MoeExperts { num_experts: usize },
+    /// With `fp8_activations` the expert inputs are quantized 1x128 and the GEMMs block-scaled.
+    MoeExperts { num_experts: usize, fp8_activations: bool },
     /// (gate, up) -> silu(gate) * up
     SiluMul,
     /// (a, b) -> a + b, same shapes.
@@ -568,6 +569,7 @@ impl Builder {
         indices: ValueId,
         weights: ValueId,
         experts: &[(ValueId, ValueId, ValueId)],
+        fp8_activations: bool,
     ) -> Result<ValueId, GraphError> {
         self.expect_float("moe_experts", x, "input")?;
         let (xt, it, wt) = (self.ty(x), self.ty(indices), self.ty(weights));
@@ -595,10 +597,16 @@ impl Builder {
                     format!("expert {e}: gate {gt}, up {ut}, down {dt} do not fit input {xt}"),
                 );
             }
+            if fp8_activations && gt.dtype != DType::F8E4M3 {
+                return Self::err(
+                    "moe_experts",
+                    format!("expert {e}: fp8 activations need fp8 weights, found gate {gt}"),
+                );
+            }
             inputs.extend([g, u, dn]);
         }
         let ty = TensorType::new(xt.shape.clone(), DType::F32);
-        Ok(self.push1(Op::MoeExperts { num_experts: experts.len() }, inputs, ty))
+        Ok(self.push1(Op::MoeExperts { num_experts: experts.len(), fp8_activations }, inputs, ty))
     }
 
     fn same_shape(&mut self, op: Op, a: ValueId, b: ValueId) -> Result<ValueId, GraphError> {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod deepseek_v3;
 pub mod dtype;
 pub mod graph;
+pub mod init;
 pub mod interp;
 pub mod reference;
 pub mod rope;

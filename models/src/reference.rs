@@ -274,3 +274,80 @@ impl Sampler {
         nucleus.last().map_or(0, |p| p.0 as u32)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::{with_fp8, write_random_checkpoint};
+
+    fn tiny(dir: &Path, fp8: bool) -> Model {
+        let c = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+        let c = if fp8 { with_fp8(&c) } else { c };
+        write_random_checkpoint(&c, &dir.join("ckpt"), 11).unwrap();
+        Model::open(&dir.join("ckpt"), Precision::F32).unwrap()
+    }
+
+    #[test]
+    fn prefill_then_decode_matches_one_long_prefill() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny(dir.path(), false);
+        let tokens = [3u32, 17, 250, 9, 44, 101, 7, 2, 66];
+        let full = model.logits(&tokens, 0).unwrap().logits;
+        let full = full.as_f32().unwrap();
+        let v = model.config.vocab_size;
+        let mut session = model.session(16).unwrap();
+        let split = 5;
+        let last = session.prefill(&tokens[..split]).unwrap();
+        let mut rows = vec![last];
+        for &t in &tokens[split..] {
+            rows.push(session.decode(t).unwrap());
+        }
+        // Row r of `rows` is the logits after token split - 1 + r.
+        for (r, row) in rows.iter().enumerate() {
+            let want = &full[(split - 1 + r) * v..(split + r) * v];
+            let diff = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(diff < 1e-4, "position {}: naive prefill vs absorbed decode differ by {diff}", split - 1 + r);
+        }
+        assert_eq!(session.position(), tokens.len());
+    }
+
+    #[test]
+    fn fp8_precision_stays_close_to_f32() {
+        let dir = tempfile::tempdir().unwrap();
+        let f32_model = tiny(dir.path(), true);
+        let fp8_model = Model::open(&dir.path().join("ckpt"), Precision::Fp8).unwrap();
+        let tokens = [1u32, 2, 3, 200, 150, 4];
+        let a = f32_model.logits(&tokens, 0).unwrap().logits;
+        let b = fp8_model.logits(&tokens, 0).unwrap().logits;
+        let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
+        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+        let den: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        // e4m3 activations carry ~3 significant bits: a few percent, never identical.
+        assert!(num / den < 0.1 && num > 0.0, "relative error {}", num / den);
+    }
+
+    #[test]
+    fn bad_tokens_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny(dir.path(), false);
+        let e = model.logits(&[1, 320], 0).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "token id 320 is outside the vocabulary of deepseek_v3 (0..320)".replace("deepseek_v3", &model.config.name)
+        );
+        assert_eq!(model.logits(&[], 0).unwrap_err().to_string(), "no tokens given");
+    }
+
+    #[test]
+    fn greedy_sampling_is_argmax_and_seeded_sampling_repeats() {
+        let logits = [0.1f32, 3.0, -1.0, 2.9];
+        assert_eq!(Sampler::new(0.0, 1.0, 0).sample(&logits), 1);
+        let draw = |seed| {
+            let mut s = Sampler::new(1.0, 0.9, seed);
+            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(5), draw(5));
+        // top-p 0.9 keeps tokens 1 and 3 (and maybe 0), never the least likely one.
+        assert!(draw(6).iter().all(|&t| t != 2));
+    }
+}

@@ -261,13 +261,26 @@ impl Interpreter {
                     Tensor::f32(vec![t, r.top_k], w),
                 ])
             }
-            Op::MoeExperts { num_experts } => {
+            Op::MoeExperts { num_experts, fp8_activations } => {
                 let x = f(0)?;
                 let d = a[0].shape[1];
                 let t = x.len() / d;
                 let TensorData::I32(idx) = &a[1].data else { return Err(op_err(node, "indices must be i32")) };
                 let w = f(2)?;
                 let k = a[1].shape[1];
+                // One expert projection of one row: f32, or fp8 activations x block-scaled fp8 weight.
+                let project = |row: &[f32], wt: &Tensor| -> Result<Vec<f32>, InterpError> {
+                    let (n, kk) = (wt.shape[0], wt.shape[1]);
+                    if !*fp8_activations {
+                        let wv = wt.as_f32().ok_or_else(|| op_err(node, "expert weight is not float"))?;
+                        return Ok(kernels::matmul_nt(row, wv, 1, kk, n));
+                    }
+                    let TensorData::F8Block { bits, scale, block, scale_cols, .. } = &wt.data else {
+                        return Err(op_err(node, "fp8 experts need block-scaled fp8 weights"));
+                    };
+                    let (q, s) = kernels::quantize_fp8(row, kk, block[1]);
+                    Ok(kernels::matmul_fp8(&q, &s, bits, scale, 1, kk, n, block[1], block[0], *scale_cols))
+                };
                 let mut y = vec![0.0f32; t * d];
                 for tok in 0..t {
                     let xr = &x[tok * d..(tok + 1) * d];
@@ -277,12 +290,10 @@ impl Interpreter {
                             return Err(op_err(node, format!("expert index {e} outside 0..{num_experts}")));
                         }
                         let base = 3 + 3 * e as usize;
-                        let (g, u, dw) = (f(base)?, f(base + 1)?, f(base + 2)?);
-                        let inter = a[base].shape[0];
-                        let gv = kernels::matmul_nt(xr, g, 1, d, inter);
-                        let uv = kernels::matmul_nt(xr, u, 1, d, inter);
+                        let gv = project(xr, a[base])?;
+                        let uv = project(xr, a[base + 1])?;
                         let h: Vec<f32> = gv.iter().zip(&uv).map(|(a, b)| kernels::silu(*a) * b).collect();
-                        let out = kernels::matmul_nt(&h, dw, 1, inter, d);
+                        let out = project(&h, a[base + 2])?;
                         for (yv, ov) in y[tok * d..(tok + 1) * d].iter_mut().zip(out) {
                             *yv += w[tok * k + slot] * ov;
                         }
