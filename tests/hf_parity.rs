@@ -52,3 +52,31 @@ fn reference_logits_match_transformers() {
         }
     }
 }
+
+/// The same fixture split over two shards with `model.safetensors.index.json` gives the same logits.
+#[test]
+fn sharded_checkpoints_load_like_single_files() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf/plain_f32_mtp");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (shard, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let views: Vec<_> = part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        std::fs::write(dir.path().join(shard), safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+        for n in part {
+            map.insert(n.clone(), shard.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let tokens = [5u32, 9, 100, 3];
+    let single = Model::open(&src, Precision::F32).unwrap().logits(&tokens, 0).unwrap();
+    let sharded = Model::open(dir.path(), Precision::F32).unwrap().logits(&tokens, 0).unwrap();
+    assert_eq!(single.logits, sharded.logits);
+    assert_eq!(single.mtp_logits, sharded.mtp_logits);
+}

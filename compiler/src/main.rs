@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use v3c_compiler::{doctor, target::GpuTarget};
 
+mod commands;
+
 /// Compile DeepSeek-V3 model graphs through MLIR into PTX kernels for NVIDIA Hopper (sm_90a).
 ///
 /// A model (the built-in `deepseek-v3` definition, the small `deepseek-v3-tiny`, or a Hugging Face
@@ -15,7 +17,7 @@ use v3c_compiler::{doctor, target::GpuTarget};
 #[derive(Parser)]
 #[command(name = "v3c", version, propagate_version = true, max_term_width = 100)]
 #[command(
-    after_help = "Examples:\n  v3c doctor                                        # what this machine can do\n  v3c compile --model deepseek-v3 --target sm_90a --out out/deepseek-v3\n  v3c dump-ir --model deepseek-v3-tiny --stage v3 --entry decode\n  v3c logits --model-dir ckpt/ --tokens \"0 3 17\" --backend reference --out logits.safetensors\n\nStages, in order: v3, fused, cpu, gpu, nvvm, ptx, plan.\nEnvironment: V3C_DUMP_DIR=<dir> dumps every stage; V3C_LOG=<filter> sets logging;\nV3C_PTXAS / V3C_CUOBJDUMP / V3C_NVDISASM name tools not in .tools/bin or on PATH."
+    after_help = "Examples:\n  v3c doctor                                        # what this machine can do\n  v3c compile --model deepseek-v3 --target sm_90a --out out/deepseek-v3\n  v3c dump-ir --model deepseek-v3-tiny --stage v3 --entry decode\n  v3c init-weights --model deepseek-v3-tiny --out ckpt/ [--fp8]\n  v3c logits --model-dir ckpt/ --tokens \"0 3 17\" --backend reference --out logits.safetensors\n  v3c run --model-dir ckpt/ --prompt-tokens \"0 3 17\" --max-new-tokens 8\n\nStages, in order: v3, fused, cpu, gpu, nvvm, ptx, plan.\nEnvironment: V3C_DUMP_DIR=<dir> dumps every stage; V3C_LOG=<filter> sets logging;\nV3C_PTXAS / V3C_CUOBJDUMP / V3C_NVDISASM name tools not in .tools/bin or on PATH."
 )]
 struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace); V3C_LOG=<filter> overrides.
@@ -37,6 +39,8 @@ enum Command {
     Run(RunArgs),
     /// Autotune kernels for the GPU of this machine (or emit candidates for another machine).
     Tune(TuneArgs),
+    /// Write a random checkpoint (HF layout, optionally fp8) for tests and demos.
+    InitWeights(InitWeightsArgs),
     /// Report LLVM/MLIR, PTX and cubin generation, CUDA tools, driver and GPUs; works without a GPU.
     Doctor(DoctorArgs),
 }
@@ -59,7 +63,7 @@ enum Entry {
     Decode,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum Backend {
     /// The f32 reference interpreter (the oracle).
     Reference,
@@ -71,8 +75,29 @@ enum Backend {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Precision {
+    /// Weights dequantized to f32, activations in f32 (the oracle).
     F32,
+    /// Activations quantized 1x128 to e4m3 before fp8-weight GEMMs, block-scaled accumulation.
     Fp8,
+}
+
+impl Precision {
+    fn model(self) -> v3c_models::Precision {
+        match self {
+            Precision::F32 => v3c_models::Precision::F32,
+            Precision::Fp8 => v3c_models::Precision::Fp8,
+        }
+    }
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Reference => "reference",
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+        }
+    }
 }
 
 #[derive(Args)]
@@ -130,7 +155,11 @@ struct LogitsArgs {
     backend: Backend,
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
-    /// Output safetensors file (`logits` F32 [T, vocab], `mtp_logits` when the checkpoint has MTP).
+    /// Absolute position of the first token.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    first_position: i64,
+    /// Output safetensors file (`logits` F32 [T, vocab]; `mtp_logits` F32 [T-1, vocab], row i
+    /// predicting token i+2, when the checkpoint has an MTP module).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
 }
@@ -153,6 +182,26 @@ struct RunArgs {
     /// Nucleus sampling threshold in (0, 1].
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
+}
+
+#[derive(Args)]
+struct InitWeightsArgs {
+    /// Config source: a built-in model (e.g. deepseek-v3-tiny) or a directory with config.json.
+    #[arg(long, value_name = "NAME|DIR", default_value = "deepseek-v3-tiny")]
+    model: String,
+    /// Checkpoint directory to create (must not exist).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Store attention and MLP/expert projections as fp8 e4m3 with 128x128 block scales.
+    #[arg(long)]
+    fp8: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -193,8 +242,21 @@ fn main() -> ExitCode {
         Command::DumpIr(a) => {
             not_yet("dump-ir", &format!("--model {} --stage {:?}", a.model.model, a.stage), "the dialect issue")
         }
-        Command::Logits(a) => not_yet("logits", &a.model_dir.display().to_string(), "the DSL/reference issue"),
-        Command::Run(a) => not_yet("run", &a.model_dir.display().to_string(), "the DSL/reference issue"),
+        Command::Logits(a) => commands::require_reference(a.backend.name())
+            .and_then(|_| commands::logits(&a.model_dir, &a.tokens, a.first_position, a.precision.model(), &a.out)),
+        Command::Run(a) => commands::require_reference(a.backend.name()).and_then(|_| {
+            commands::run(&commands::RunOptions {
+                model_dir: &a.model_dir,
+                prompt: &a.prompt_tokens,
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                top_p: a.top_p,
+                seed: a.seed,
+                ignore_eos: a.ignore_eos,
+                precision: a.precision.model(),
+            })
+        }),
+        Command::InitWeights(a) => commands::init_weights(&a.model, &a.out, a.fp8, a.seed),
         Command::Tune(a) => not_yet("tune", &a.model.model, "the autotuning issue"),
     };
     match result {

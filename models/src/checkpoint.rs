@@ -329,3 +329,34 @@ pub fn safetensors_dtype(d: DType) -> Dtype {
         DType::I64 => Dtype::I64,
     }
 }
+
+/// Writes f32/i64 host tensors to one safetensors file, atomically (a temporary sibling renamed into
+/// place): on error nothing is left at `path`.
+pub fn save_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<(), CheckpointError> {
+    use crate::tensor::TensorData;
+    let err = |problem: String| CheckpointError::File { path: path.display().to_string(), problem };
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in tensors {
+        let (dtype, bytes) = match &t.data {
+            TensorData::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            TensorData::I64(v) => (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            TensorData::I32(v) => (Dtype::I32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            _ => return Err(err(format!("tensor '{name}': only f32/i32/i64 tensors can be saved"))),
+        };
+        owned.push((name.to_string(), dtype, t.shape.clone(), bytes));
+    }
+    let views = owned
+        .iter()
+        .map(|(n, d, s, b)| safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(format!("{e:?}")))?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let staging = path.with_file_name(format!(".{file_name}.partial-{}", std::process::id()));
+    let written = safetensors::tensor::serialize_to_file(views, None, &staging)
+        .map_err(|e| err(format!("cannot write: {e:?}")))
+        .and_then(|_| std::fs::rename(&staging, path).map_err(|e| err(format!("cannot write: {e}"))));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&staging);
+    }
+    written
+}

@@ -194,12 +194,28 @@ impl ModelConfig {
     pub fn from_path(path: &Path) -> Result<ModelConfig, ConfigError> {
         let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
         let source_name = file.display().to_string();
+        if !path.exists() {
+            return Err(ConfigError {
+                source_name: path.display().to_string(),
+                key: "(file)".into(),
+                problem: "no such file or directory".into(),
+            });
+        }
+        if !file.is_file() {
+            return Err(ConfigError {
+                source_name,
+                key: "(file)".into(),
+                problem: "not found (a checkpoint directory needs config.json)".into(),
+            });
+        }
         let text = std::fs::read_to_string(&file).map_err(|e| ConfigError {
             source_name: source_name.clone(),
             key: "(file)".into(),
             problem: format!("cannot read: {e}"),
         })?;
-        ModelConfig::from_json_str(&text, &source_name)
+        let mut config = ModelConfig::from_json_str(&text, &source_name)?;
+        config.name = path.display().to_string();
+        Ok(config)
     }
 
     /// A built-in name or a checkpoint directory (what `--model` accepts).

@@ -1,0 +1,122 @@
+//! The reference-backend commands of `v3c`: `logits`, `run`, `init-weights`. Each returns a one-line
+//! error for the user; output files are written atomically.
+
+use std::path::Path;
+use std::time::Instant;
+
+use v3c_models::checkpoint::save_tensors;
+use v3c_models::config::ModelConfig;
+use v3c_models::init::{with_fp8, write_random_checkpoint};
+use v3c_models::reference::{Model, Sampler};
+use v3c_models::Precision;
+
+/// Which backend a command was asked to use; only `reference` exists so far.
+pub fn require_reference(backend: &str) -> Result<(), String> {
+    match backend {
+        "reference" => Ok(()),
+        "cpu" => Err("backend cpu is not available yet (it lands with the fusion + CPU backend issue); use --backend reference".into()),
+        other => Err(format!(
+            "backend {other} is not available yet (GPU execution lands with the artifact/runtime issue); use --backend reference"
+        )),
+    }
+}
+
+pub fn logits(
+    model_dir: &Path,
+    tokens: &str,
+    first_position: i64,
+    precision: Precision,
+    out: &Path,
+) -> Result<(), String> {
+    let tokens = v3c_runtime::cli::parse_token_ids(tokens, "--tokens")?;
+    let model = Model::open(model_dir, precision).map_err(|e| e.to_string())?;
+    let result = model.logits(&tokens, first_position).map_err(|e| e.to_string())?;
+    let mut tensors = vec![("logits", &result.logits)];
+    if let Some(m) = &result.mtp_logits {
+        tensors.push(("mtp_logits", m));
+    }
+    save_tensors(out, &tensors).map_err(|e| e.to_string())?;
+    let mtp = match &result.mtp_logits {
+        Some(m) => format!(" and mtp_logits {:?}", m.shape),
+        None => String::new(),
+    };
+    eprintln!("wrote logits {:?}{mtp} to {}", result.logits.shape, out.display());
+    Ok(())
+}
+
+pub struct RunOptions<'a> {
+    pub model_dir: &'a Path,
+    pub prompt: &'a str,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub ignore_eos: bool,
+    pub precision: Precision,
+}
+
+pub fn run(o: &RunOptions) -> Result<(), String> {
+    if !(o.top_p > 0.0 && o.top_p <= 1.0) {
+        return Err(format!("--top-p {} must be in (0, 1]", o.top_p));
+    }
+    if o.temperature < 0.0 || !o.temperature.is_finite() {
+        return Err(format!("--temperature {} must be >= 0", o.temperature));
+    }
+    let prompt = v3c_runtime::cli::parse_token_ids(o.prompt, "--prompt-tokens")?;
+    let model = Model::open(o.model_dir, o.precision).map_err(|e| e.to_string())?;
+    let mut session = model.session(prompt.len() + o.max_new_tokens).map_err(|e| e.to_string())?;
+    let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed);
+    let start = Instant::now();
+    let mut logits = session.prefill(&prompt).map_err(|e| e.to_string())?;
+    let prefill_s = start.elapsed().as_secs_f64();
+    let mut generated = Vec::new();
+    let mut stopped = false;
+    while generated.len() < o.max_new_tokens {
+        let token = sampler.sample(&logits);
+        generated.push(token);
+        if !o.ignore_eos && Some(token) == model.config.eos_token_id {
+            stopped = true;
+            break;
+        }
+        if generated.len() < o.max_new_tokens {
+            logits = session.decode(token).map_err(|e| e.to_string())?;
+        }
+    }
+    let total = start.elapsed().as_secs_f64();
+    let text: Vec<String> = generated.iter().map(u32::to_string).collect();
+    println!("{}", text.join(" "));
+    let decode_s = (total - prefill_s).max(1e-9);
+    eprintln!(
+        "generated {} tokens{}: prefill {} tokens in {:.3} s, decode {:.2} tok/s (reference backend, {})",
+        generated.len(),
+        if stopped { " (stopped at eos)" } else { "" },
+        prompt.len(),
+        prefill_s,
+        generated.len().saturating_sub(1) as f64 / decode_s,
+        if o.precision == Precision::Fp8 { "fp8" } else { "f32" }
+    );
+    Ok(())
+}
+
+pub fn init_weights(model: &str, out: &Path, fp8: bool, seed: u64) -> Result<(), String> {
+    let config = ModelConfig::resolve(model).map_err(|e| e.to_string())?;
+    let config = if fp8 { with_fp8(&config) } else { config };
+    let params: usize = v3c_models::build(&config, v3c_models::Entry::Prefill, &Default::default())
+        .map_err(|e| e.to_string())?
+        .params()
+        .map(|(_, ty, ..)| ty.shape.iter().filter_map(|d| d.clone().fixed()).product::<usize>())
+        .sum();
+    if params > 2_000_000_000 {
+        return Err(format!(
+            "--model {model}: {:.1}B parameters is too large for random test weights (use deepseek-v3-tiny or a small config)",
+            params as f64 / 1e9
+        ));
+    }
+    let n = write_random_checkpoint(&config, out, seed).map_err(|e| e.to_string())?;
+    eprintln!(
+        "wrote {n} tensors ({params} parameters{}) to {}",
+        if fp8 { ", fp8 block-scaled" } else { "" },
+        out.display()
+    );
+    Ok(())
+}
