@@ -12,7 +12,7 @@ fn v3c_help_lists_every_subcommand() {
     let out = run_binary("v3c", &["--help"]);
     assert!(out.status.success());
     let help = text(&out.stdout);
-    for sub in ["compile", "dump-ir", "logits", "run", "tune", "doctor"] {
+    for sub in ["compile", "dump-ir", "logits", "run", "tune", "init-weights", "doctor"] {
         assert!(help.contains(&format!("  {sub} ")), "missing {sub} in:\n{help}");
     }
     assert!(help.contains("Examples:"), "{help}");
@@ -122,4 +122,60 @@ fn help_texts_are_stable() {
         assert!(out.status.success());
         insta::assert_snapshot!(name, text(&out.stdout));
     }
+}
+
+/// `v3c logits` on a committed HF fixture reproduces transformers' logits through the CLI, and
+/// `v3c run` generates deterministically (greedy twice, seeded sampling twice).
+#[test]
+fn logits_and_run_work_on_a_committed_fixture() {
+    use v3c_models::checkpoint::Checkpoint;
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf/fp8_yarn_mtp");
+    let expected = Checkpoint::open_file(&fixture.join("expected.safetensors")).unwrap();
+    let tokens: Vec<String> =
+        expected.read("tokens").unwrap().as_ids().unwrap().iter().map(|t| t.to_string()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logits.safetensors");
+    let r = run_binary(
+        "v3c",
+        &[
+            "logits",
+            "--model-dir",
+            fixture.to_str().unwrap(),
+            "--tokens",
+            &tokens.join(" "),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let got = Checkpoint::open_file(&out).unwrap();
+    for name in ["logits", "mtp_logits"] {
+        let (a, b) = (got.read(name).unwrap(), expected.read(name).unwrap());
+        assert_eq!(a.shape, b.shape);
+        let diff =
+            a.as_f32().unwrap().iter().zip(b.as_f32().unwrap()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-3, "{name}: {diff}");
+    }
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--model-dir",
+            fixture.to_str().unwrap(),
+            "--prompt-tokens",
+            "3 1 4 1 5",
+            "--max-new-tokens",
+            "6",
+            "--ignore-eos",
+        ];
+        args.extend_from_slice(extra);
+        let r = run_binary("v3c", &args);
+        assert!(r.status.success(), "{}", text(&r.stderr));
+        assert!(text(&r.stderr).contains("tok/s"));
+        text(&r.stdout).trim().to_string()
+    };
+    let greedy = run(&[]);
+    assert_eq!(greedy.split(' ').count(), 6, "{greedy}");
+    assert_eq!(greedy, run(&[]));
+    let sampled = run(&["--temperature", "1.0", "--top-p", "0.9", "--seed", "7"]);
+    assert_eq!(sampled, run(&["--temperature", "1.0", "--top-p", "0.9", "--seed", "7"]));
 }
