@@ -1,5 +1,5 @@
-//! The reference-backend commands of `v3c`: `logits`, `run`, `init-weights`. Each returns a one-line
-//! error for the user; output files are written atomically.
+//! The commands of `v3c` beyond `doctor`: `dump-ir`, and on the reference backend `logits`, `run`,
+//! `init-weights`. Each returns a one-line error for the user; output files are written atomically.
 
 use std::path::Path;
 use std::time::Instant;
@@ -118,5 +118,58 @@ pub fn init_weights(model: &str, out: &Path, fp8: bool, seed: u64) -> Result<(),
         if fp8 { ", fp8 block-scaled" } else { "" },
         out.display()
     );
+    Ok(())
+}
+
+pub struct DumpIrOptions<'a> {
+    pub model: &'a str,
+    pub stage: &'a str,
+    pub entries: Vec<v3c_models::Entry>,
+    pub layers: Option<&'a str>,
+    pub from: Option<&'a Path>,
+    pub precision: Precision,
+}
+
+/// Parses `a..b` (half-open layer range).
+fn parse_layers(text: &str) -> Result<std::ops::Range<usize>, String> {
+    let bad = || format!("--layers '{text}': expected A..B with A < B, e.g. 0..4");
+    let (a, b) = text.split_once("..").ok_or_else(bad)?;
+    let (a, b) = (a.trim().parse::<usize>().map_err(|_| bad())?, b.trim().parse::<usize>().map_err(|_| bad())?);
+    if a >= b {
+        return Err(bad());
+    }
+    Ok(a..b)
+}
+
+pub fn dump_ir(o: &DumpIrOptions) -> Result<(), String> {
+    use v3c_compiler::pipeline::Driver;
+    let context = v3c_compiler::mlir::new_context();
+    let module = match o.from {
+        Some(path) => {
+            let label = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            Driver::from_env(&label).run_file(&context, path, o.stage, o.stage).map_err(|e| e.to_string())?
+        }
+        None => {
+            let config = ModelConfig::resolve(o.model).map_err(|e| e.to_string())?;
+            let layers = o.layers.map(parse_layers).transpose()?;
+            if let Some(r) = &layers {
+                if r.end > config.num_hidden_layers {
+                    return Err(format!(
+                        "--layers {}..{}: the model has {} layers",
+                        r.start, r.end, config.num_hidden_layers
+                    ));
+                }
+            }
+            let options = v3c_models::BuildOptions { precision: o.precision, layers, ..Default::default() };
+            Driver::from_env(o.model)
+                .run_model(&context, &config, &o.entries, &options, o.stage)
+                .map_err(|e| e.to_string())?
+        }
+    };
+    use std::io::Write;
+    let text = module.as_operation().to_string();
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (e.g. `| head`) is not an error worth reporting.
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
     Ok(())
 }

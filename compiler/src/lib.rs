@@ -11,6 +11,9 @@
 //! - [`doctor`]: the `v3c doctor` report.
 
 pub mod doctor;
+pub mod import;
 pub mod mlir;
+pub mod pipeline;
 pub mod target;
 pub mod toolchain;
+pub mod verify;

@@ -57,6 +57,20 @@ enum Stage {
     Plan,
 }
 
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::V3 => "v3",
+            Stage::Fused => "fused",
+            Stage::Cpu => "cpu",
+            Stage::Gpu => "gpu",
+            Stage::Nvvm => "nvvm",
+            Stage::Ptx => "ptx",
+            Stage::Plan => "plan",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Entry {
     Prefill,
@@ -138,9 +152,13 @@ struct DumpIrArgs {
     /// Only these decoder layers, e.g. 0..4 (half-open).
     #[arg(long, value_name = "A..B")]
     layers: Option<String>,
-    /// Start from this IR file (the output of an earlier stage) instead of the model.
+    /// Start from this IR file instead of the model; `--stage` names the stage the file is the
+    /// output of (it is verified as such).
     #[arg(long, value_name = "FILE")]
     from: Option<PathBuf>,
+    /// Build the fp8 graph (activations quantized 1x128 before fp8-weight GEMMs).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
 }
 
 #[derive(Args)]
@@ -239,9 +257,18 @@ fn main() -> ExitCode {
             &format!("--model {} --target {}", a.model.model, a.target.name),
             "the fusion and Hopper codegen issues",
         ),
-        Command::DumpIr(a) => {
-            not_yet("dump-ir", &format!("--model {} --stage {:?}", a.model.model, a.stage), "the dialect issue")
-        }
+        Command::DumpIr(a) => commands::dump_ir(&commands::DumpIrOptions {
+            model: &a.model.model,
+            stage: a.stage.name(),
+            entries: match a.entry {
+                Some(Entry::Prefill) => vec![v3c_models::Entry::Prefill],
+                Some(Entry::Decode) => vec![v3c_models::Entry::Decode],
+                None => v3c_models::Entry::ALL.to_vec(),
+            },
+            layers: a.layers.as_deref(),
+            from: a.from.as_deref(),
+            precision: a.precision.model(),
+        }),
         Command::Logits(a) => commands::require_reference(a.backend.name())
             .and_then(|_| commands::logits(&a.model_dir, &a.tokens, a.first_position, a.precision.model(), &a.out)),
         Command::Run(a) => commands::require_reference(a.backend.name()).and_then(|_| {

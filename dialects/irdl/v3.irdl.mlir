@@ -1,0 +1,207 @@
+// The `v3` dialect: DeepSeek-V3 graph ops at the level kernels are written for. One op per op of the
+// v3c DSL (models/src/graph.rs), with the same attribute names. Loaded by v3c at context creation and
+// accepted by stock tools: `mlir-opt --irdl-file=dialects/irdl/v3.irdl.mlir file.mlir`.
+//
+// Operands and results are ranked tensors. Each operand has its own constraint value: one IRDL
+// constraint used twice would force equal types. Relations between shapes (e.g. linear's K) are
+// checked by v3c's shape verifier (compiler/src/import.rs, `verify_shapes`), which IRDL cannot express.
+// Parameters are function arguments carrying `v3.param = "<checkpoint name>"`; fp8 weights come with
+// their block scales as optional `*_scale` operands (operandSegmentSizes where an op has several).
+
+irdl.dialect @v3 {
+  // (table [V, D], ids [N]) -> [N, D]
+  irdl.operation @embed {
+    %table = irdl.base "!builtin.tensor"
+    %ids = irdl.base "!builtin.tensor"
+    %out = irdl.base "!builtin.tensor"
+    irdl.operands(table: %table, ids: %ids)
+    irdl.results(out: %out)
+  }
+
+  // y = x @ w^T. fp8: x (e4m3) with x_scale [.., K/128], w (e4m3) with w_scale [N/128, K/128].
+  irdl.operation @linear {
+    %x = irdl.base "!builtin.tensor"
+    %x_scale = irdl.base "!builtin.tensor"
+    %w = irdl.base "!builtin.tensor"
+    %w_scale = irdl.base "!builtin.tensor"
+    %y = irdl.base "!builtin.tensor"
+    irdl.operands(x: %x, x_scale: optional %x_scale, w: %w, w_scale: optional %w_scale)
+    irdl.results(y: %y)
+  }
+
+  // w * x / sqrt(mean(x^2) + eps) over the last axis, in f32.
+  irdl.operation @rms_norm {
+    %x = irdl.base "!builtin.tensor"
+    %w = irdl.base "!builtin.tensor"
+    %y = irdl.base "!builtin.tensor"
+    %eps = irdl.base "#builtin.float"
+    irdl.operands(x: %x, w: %w)
+    irdl.results(y: %y)
+    irdl.attributes { "eps" = %eps }
+  }
+
+  // Rotates the last `dim` values of x [N, (H,) dim] at absolute positions [N]:
+  // angle_i = position * inv_freq[i]; cos/sin scaled by attention_factor (YaRN).
+  irdl.operation @rope {
+    %x = irdl.base "!builtin.tensor"
+    %positions = irdl.base "!builtin.tensor"
+    %y = irdl.base "!builtin.tensor"
+    %dim = irdl.base "#builtin.integer"
+    %theta = irdl.base "#builtin.float"
+    %interleave = irdl.base "#builtin.integer"
+    %inv_freq = irdl.base "#builtin.dense_array"
+    %attention_factor = irdl.base "#builtin.float"
+    irdl.operands(x: %x, positions: %positions)
+    irdl.results(y: %y)
+    irdl.attributes { "dim" = %dim, "theta" = %theta, "interleave" = %interleave, "inv_freq" = %inv_freq, "attention_factor" = %attention_factor }
+  }
+
+  // Causal MLA over one sequence: q_nope [T, H, dn], q_pe [T, H, dr], latent [S, kv + dr],
+  // kv_b [H (dn + dv), kv] (+ block scales when fp8) -> [T, H, dv]. form: "naive" | "absorbed".
+  irdl.operation @attention {
+    %q_nope = irdl.base "!builtin.tensor"
+    %q_pe = irdl.base "!builtin.tensor"
+    %latent = irdl.base "!builtin.tensor"
+    %kv_b = irdl.base "!builtin.tensor"
+    %kv_b_scale = irdl.base "!builtin.tensor"
+    %out = irdl.base "!builtin.tensor"
+    %form = irdl.base "#builtin.string"
+    %scale = irdl.base "#builtin.float"
+    %kv_lora_rank = irdl.base "#builtin.integer"
+    irdl.operands(q_nope: %q_nope, q_pe: %q_pe, latent: %latent, kv_b: %kv_b, kv_b_scale: optional %kv_b_scale)
+    irdl.results(out: %out)
+    irdl.attributes { "form" = %form, "scale" = %scale, "kv_lora_rank" = %kv_lora_rank }
+  }
+
+  // MLA decode, one token per sequence: latent [B, S, kv + dr]; sequence b sees rows 0..=positions[b].
+  irdl.operation @attention_decode {
+    %q_nope = irdl.base "!builtin.tensor"
+    %q_pe = irdl.base "!builtin.tensor"
+    %latent = irdl.base "!builtin.tensor"
+    %positions = irdl.base "!builtin.tensor"
+    %kv_b = irdl.base "!builtin.tensor"
+    %kv_b_scale = irdl.base "!builtin.tensor"
+    %out = irdl.base "!builtin.tensor"
+    %form = irdl.base "#builtin.string"
+    %scale = irdl.base "#builtin.float"
+    %kv_lora_rank = irdl.base "#builtin.integer"
+    irdl.operands(q_nope: %q_nope, q_pe: %q_pe, latent: %latent, positions: %positions, kv_b: %kv_b, kv_b_scale: optional %kv_b_scale)
+    irdl.results(out: %out)
+    irdl.attributes { "form" = %form, "scale" = %scale, "kv_lora_rank" = %kv_lora_rank }
+  }
+
+  // cache [B, S, C] with row positions[b] of sequence b replaced by entries[b].
+  irdl.operation @cache_write {
+    %cache = irdl.base "!builtin.tensor"
+    %entries = irdl.base "!builtin.tensor"
+    %positions = irdl.base "!builtin.tensor"
+    %out = irdl.base "!builtin.tensor"
+    irdl.operands(cache: %cache, entries: %entries, positions: %positions)
+    irdl.results(out: %out)
+  }
+
+  // sigmoid(x @ gate^T) + bias -> group-limited top-k -> (indices [T, K] i32, weights [T, K] f32).
+  irdl.operation @moe_route {
+    %x = irdl.base "!builtin.tensor"
+    %gate = irdl.base "!builtin.tensor"
+    %bias = irdl.base "!builtin.tensor"
+    %indices = irdl.base "!builtin.tensor"
+    %weights = irdl.base "!builtin.tensor"
+    %top_k = irdl.base "#builtin.integer"
+    %n_group = irdl.base "#builtin.integer"
+    %topk_group = irdl.base "#builtin.integer"
+    %norm_topk_prob = irdl.base "#builtin.integer"
+    %routed_scaling_factor = irdl.base "#builtin.float"
+    irdl.operands(x: %x, gate: %gate, bias: %bias)
+    irdl.results(indices: %indices, weights: %weights)
+    irdl.attributes { "top_k" = %top_k, "n_group" = %n_group, "topk_group" = %topk_group, "norm_topk_prob" = %norm_topk_prob, "routed_scaling_factor" = %routed_scaling_factor }
+  }
+
+  // Routed SwiGLU experts; weights stacked over experts: gate/up [E, I, D], down [E, D, I]
+  // (+ block scales [E, ., .] when fp8).
+  irdl.operation @moe_experts {
+    %x = irdl.base "!builtin.tensor"
+    %indices = irdl.base "!builtin.tensor"
+    %weights = irdl.base "!builtin.tensor"
+    %gate = irdl.base "!builtin.tensor"
+    %up = irdl.base "!builtin.tensor"
+    %down = irdl.base "!builtin.tensor"
+    %gate_scale = irdl.base "!builtin.tensor"
+    %up_scale = irdl.base "!builtin.tensor"
+    %down_scale = irdl.base "!builtin.tensor"
+    %out = irdl.base "!builtin.tensor"
+    %num_experts = irdl.base "#builtin.integer"
+    %fp8_activations = irdl.base "#builtin.integer"
+    irdl.operands(x: %x, indices: %indices, weights: %weights, gate: %gate, up: %up, down: %down, gate_scale: optional %gate_scale, up_scale: optional %up_scale, down_scale: optional %down_scale)
+    irdl.results(out: %out)
+    irdl.attributes { "num_experts" = %num_experts, "fp8_activations" = %fp8_activations }
+  }
+
+  // silu(gate) * up
+  irdl.operation @silu_mul {
+    %gate = irdl.base "!builtin.tensor"
+    %up = irdl.base "!builtin.tensor"
+    %out = irdl.base "!builtin.tensor"
+    irdl.operands(gate: %gate, up: %up)
+    irdl.results(out: %out)
+  }
+
+  irdl.operation @add {
+    %lhs = irdl.base "!builtin.tensor"
+    %rhs = irdl.base "!builtin.tensor"
+    %out = irdl.base "!builtin.tensor"
+    irdl.operands(lhs: %lhs, rhs: %rhs)
+    irdl.results(out: %out)
+  }
+
+  // Two pieces of `sizes` = [head, tail] along `axis`. (IRDL variadics are homogeneous, so split
+  // and concat are binary; an N-way DSL split/concat is imported as a chain.)
+  irdl.operation @split {
+    %x = irdl.base "!builtin.tensor"
+    %head = irdl.base "!builtin.tensor"
+    %tail = irdl.base "!builtin.tensor"
+    %axis = irdl.base "#builtin.integer"
+    %sizes = irdl.base "#builtin.dense_array"
+    irdl.operands(x: %x)
+    irdl.results(head: %head, tail: %tail)
+    irdl.attributes { "axis" = %axis, "sizes" = %sizes }
+  }
+
+  irdl.operation @concat {
+    %lhs = irdl.base "!builtin.tensor"
+    %rhs = irdl.base "!builtin.tensor"
+    %out = irdl.base "!builtin.tensor"
+    %axis = irdl.base "#builtin.integer"
+    irdl.operands(lhs: %lhs, rhs: %rhs)
+    irdl.results(out: %out)
+    irdl.attributes { "axis" = %axis }
+  }
+
+  // Same elements, the shape of the result type.
+  irdl.operation @reshape {
+    %x = irdl.base "!builtin.tensor"
+    %out = irdl.base "!builtin.tensor"
+    irdl.operands(x: %x)
+    irdl.results(out: %out)
+  }
+
+  // Per row per `group` channels: s = max(amax, 1e-4) / 448, xq = e4m3(x / s).
+  irdl.operation @quantize_fp8 {
+    %x = irdl.base "!builtin.tensor"
+    %xq = irdl.base "!builtin.tensor"
+    %scales = irdl.base "!builtin.tensor"
+    %group = irdl.base "#builtin.integer"
+    irdl.operands(x: %x)
+    irdl.results(xq: %xq, scales: %scales)
+    irdl.attributes { "group" = %group }
+  }
+
+  // logits [N, V] f32 = x [N, D] @ w [V, D]^T
+  irdl.operation @lm_head {
+    %x = irdl.base "!builtin.tensor"
+    %w = irdl.base "!builtin.tensor"
+    %out = irdl.base "!builtin.tensor"
+    irdl.operands(x: %x, w: %w)
+    irdl.results(out: %out)
+  }
+}

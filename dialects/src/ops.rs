@@ -1,0 +1,365 @@
+//! Typed builders: one function per `v3` op, taking operands, result types and the op's attributes.
+//! Each returns the created (unattached) operation or an error naming the op.
+
+use melior::ir::attribute::{
+    BoolAttribute, DenseI32ArrayAttribute, DenseI64ArrayAttribute, FloatAttribute, IntegerAttribute, StringAttribute,
+};
+use melior::ir::operation::OperationBuilder;
+use melior::ir::r#type::IntegerType;
+use melior::ir::{Attribute, Identifier, Location, Operation, Type, Value};
+use melior::Context;
+
+use crate::DialectError;
+
+/// Op names, in the order of the IRDL file.
+pub const OP_NAMES: &[&str] = &[
+    "embed",
+    "linear",
+    "rms_norm",
+    "rope",
+    "attention",
+    "attention_decode",
+    "cache_write",
+    "moe_route",
+    "moe_experts",
+    "silu_mul",
+    "add",
+    "split",
+    "concat",
+    "reshape",
+    "quantize_fp8",
+    "lm_head",
+];
+
+fn build<'c>(
+    name: &str,
+    operands: &[Value<'c, '_>],
+    results: &[Type<'c>],
+    attributes: &[(&str, Attribute<'c>)],
+    context: &'c Context,
+    location: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let attrs: Vec<(Identifier, Attribute)> =
+        attributes.iter().map(|(k, v)| (Identifier::new(context, k), *v)).collect();
+    OperationBuilder::new(&format!("v3.{name}"), location)
+        .add_operands(operands)
+        .add_results(results)
+        .add_attributes(&attrs)
+        .build()
+        .map_err(|e| DialectError::Build { op: format!("v3.{name}"), reason: e.to_string() })
+}
+
+fn i64_attr<'c>(c: &'c Context, v: i64) -> Attribute<'c> {
+    IntegerAttribute::new(IntegerType::new(c, 64).into(), v).into()
+}
+
+fn f32_attr<'c>(c: &'c Context, v: f32) -> Attribute<'c> {
+    FloatAttribute::new(c, melior::ir::r#type::Type::float32(c), v as f64).into()
+}
+
+fn f64_attr<'c>(c: &'c Context, v: f64) -> Attribute<'c> {
+    FloatAttribute::new(c, melior::ir::r#type::Type::float64(c), v).into()
+}
+
+fn bool_attr<'c>(c: &'c Context, v: bool) -> Attribute<'c> {
+    BoolAttribute::new(c, v).into()
+}
+
+fn str_attr<'c>(c: &'c Context, v: &str) -> Attribute<'c> {
+    StringAttribute::new(c, v).into()
+}
+
+/// `array<f32: ...>` (melior has no typed builder for it; the text form is exact: Rust prints the
+/// shortest representation that round-trips).
+fn f32_array_attr<'c>(c: &'c Context, values: &[f32]) -> Result<Attribute<'c>, DialectError> {
+    let text: Vec<String> = values.iter().map(|v| format!("{v:.9e}")).collect();
+    Attribute::parse(c, &format!("array<f32: {}>", text.join(", ")))
+        .ok_or_else(|| DialectError::Build { op: "v3.rope".into(), reason: "inv_freq array does not parse".into() })
+}
+
+/// `operandSegmentSizes` for ops with optional operands.
+fn segments<'c>(c: &'c Context, sizes: &[i32]) -> Attribute<'c> {
+    DenseI32ArrayAttribute::new(c, sizes).into()
+}
+
+/// Creates `v3.embed`: rows of `table` [V, D] picked by `ids` [N].
+pub fn embed<'c>(
+    table: Value<'c, '_>,
+    ids: Value<'c, '_>,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("embed", &[table, ids], &[out], &[], c, l)
+}
+
+/// Creates `v3.linear`: `x @ w^T`; fp8 activations carry `x_scale`, fp8 weights `w_scale`.
+pub fn linear<'c, 'a>(
+    x: Value<'c, 'a>,
+    x_scale: Option<Value<'c, 'a>>,
+    w: Value<'c, 'a>,
+    w_scale: Option<Value<'c, 'a>>,
+    y: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let mut operands = vec![x];
+    operands.extend(x_scale);
+    operands.push(w);
+    operands.extend(w_scale);
+    let seg = segments(c, &[1, x_scale.is_some() as i32, 1, w_scale.is_some() as i32]);
+    build("linear", &operands, &[y], &[("operandSegmentSizes", seg)], c, l)
+}
+
+/// Creates `v3.rms_norm` over the last axis.
+pub fn rms_norm<'c>(
+    x: Value<'c, '_>,
+    w: Value<'c, '_>,
+    eps: f32,
+    y: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("rms_norm", &[x, w], &[y], &[("eps", f32_attr(c, eps))], c, l)
+}
+
+/// Attributes of `v3.rope`.
+#[derive(Debug, Clone)]
+pub struct RopeAttributes<'a> {
+    pub dim: usize,
+    pub theta: f64,
+    pub interleave: bool,
+    pub inv_freq: &'a [f32],
+    pub attention_factor: f32,
+}
+
+/// Creates `v3.rope`: rotates the last `dim` values at absolute `positions`.
+pub fn rope<'c>(
+    x: Value<'c, '_>,
+    positions: Value<'c, '_>,
+    a: &RopeAttributes,
+    y: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let attrs = [
+        ("dim", i64_attr(c, a.dim as i64)),
+        ("theta", f64_attr(c, a.theta)),
+        ("interleave", bool_attr(c, a.interleave)),
+        ("inv_freq", f32_array_attr(c, a.inv_freq)?),
+        ("attention_factor", f32_attr(c, a.attention_factor)),
+    ];
+    build("rope", &[x, positions], &[y], &attrs, c, l)
+}
+
+/// Attributes of the MLA ops.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionAttributes<'a> {
+    pub form: &'a str,
+    pub scale: f32,
+    pub kv_lora_rank: usize,
+}
+
+fn attention_attrs<'c>(c: &'c Context, a: &AttentionAttributes) -> [(&'static str, Attribute<'c>); 3] {
+    [
+        ("form", str_attr(c, a.form)),
+        ("scale", f32_attr(c, a.scale)),
+        ("kv_lora_rank", i64_attr(c, a.kv_lora_rank as i64)),
+    ]
+}
+
+/// Creates `v3.attention`: causal MLA over one sequence's latent rows.
+#[allow(clippy::too_many_arguments)]
+pub fn attention<'c, 'a>(
+    q_nope: Value<'c, 'a>,
+    q_pe: Value<'c, 'a>,
+    latent: Value<'c, 'a>,
+    kv_b: Value<'c, 'a>,
+    kv_b_scale: Option<Value<'c, 'a>>,
+    a: &AttentionAttributes,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let mut operands = vec![q_nope, q_pe, latent, kv_b];
+    operands.extend(kv_b_scale);
+    build("attention", &operands, &[out], &attention_attrs(c, a), c, l)
+}
+
+/// Creates `v3.attention_decode`: MLA for one new token per sequence over per-sequence caches.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode<'c, 'a>(
+    q_nope: Value<'c, 'a>,
+    q_pe: Value<'c, 'a>,
+    latent: Value<'c, 'a>,
+    positions: Value<'c, 'a>,
+    kv_b: Value<'c, 'a>,
+    kv_b_scale: Option<Value<'c, 'a>>,
+    a: &AttentionAttributes,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let mut operands = vec![q_nope, q_pe, latent, positions, kv_b];
+    operands.extend(kv_b_scale);
+    build("attention_decode", &operands, &[out], &attention_attrs(c, a), c, l)
+}
+
+/// Creates `v3.cache_write`: one entry per sequence written at its position.
+pub fn cache_write<'c>(
+    cache: Value<'c, '_>,
+    entries: Value<'c, '_>,
+    positions: Value<'c, '_>,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("cache_write", &[cache, entries, positions], &[out], &[], c, l)
+}
+
+/// Attributes of `v3.moe_route`.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteAttributes {
+    pub top_k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f32,
+}
+
+/// Creates `v3.moe_route`: sigmoid scores, biased group-limited top-k, normalized weights.
+pub fn moe_route<'c>(
+    x: Value<'c, '_>,
+    gate: Value<'c, '_>,
+    bias: Value<'c, '_>,
+    a: &RouteAttributes,
+    indices: Type<'c>,
+    weights: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let attrs = [
+        ("top_k", i64_attr(c, a.top_k as i64)),
+        ("n_group", i64_attr(c, a.n_group as i64)),
+        ("topk_group", i64_attr(c, a.topk_group as i64)),
+        ("norm_topk_prob", bool_attr(c, a.norm_topk_prob)),
+        ("routed_scaling_factor", f32_attr(c, a.routed_scaling_factor)),
+    ];
+    build("moe_route", &[x, gate, bias], &[indices, weights], &attrs, c, l)
+}
+
+/// Expert weights stacked over experts, with block scales when fp8.
+#[derive(Clone, Copy)]
+pub struct StackedExperts<'c, 'a> {
+    pub gate: Value<'c, 'a>,
+    pub up: Value<'c, 'a>,
+    pub down: Value<'c, 'a>,
+    pub scales: Option<[Value<'c, 'a>; 3]>,
+}
+
+/// Creates `v3.moe_experts`: routed SwiGLU experts combined with the routing weights.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_experts<'c, 'a>(
+    x: Value<'c, 'a>,
+    indices: Value<'c, 'a>,
+    weights: Value<'c, 'a>,
+    experts: StackedExperts<'c, 'a>,
+    num_experts: usize,
+    fp8_activations: bool,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let mut operands = vec![x, indices, weights, experts.gate, experts.up, experts.down];
+    let s = experts.scales.is_some() as i32;
+    if let Some(scales) = experts.scales {
+        operands.extend(scales);
+    }
+    let attrs = [
+        ("num_experts", i64_attr(c, num_experts as i64)),
+        ("fp8_activations", bool_attr(c, fp8_activations)),
+        ("operandSegmentSizes", segments(c, &[1, 1, 1, 1, 1, 1, s, s, s])),
+    ];
+    build("moe_experts", &operands, &[out], &attrs, c, l)
+}
+
+/// Creates `v3.silu_mul`: `silu(gate) * up`.
+pub fn silu_mul<'c>(
+    gate: Value<'c, '_>,
+    up: Value<'c, '_>,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("silu_mul", &[gate, up], &[out], &[], c, l)
+}
+
+/// Creates `v3.add`.
+pub fn add<'c>(
+    lhs: Value<'c, '_>,
+    rhs: Value<'c, '_>,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("add", &[lhs, rhs], &[out], &[], c, l)
+}
+
+/// Creates `v3.split`: `[head, tail]` sizes along `axis`.
+pub fn split<'c>(
+    x: Value<'c, '_>,
+    axis: usize,
+    sizes: [usize; 2],
+    parts: [Type<'c>; 2],
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let sizes = [sizes[0] as i64, sizes[1] as i64];
+    let attrs = [("axis", i64_attr(c, axis as i64)), ("sizes", DenseI64ArrayAttribute::new(c, &sizes).into())];
+    build("split", &[x], &parts, &attrs, c, l)
+}
+
+/// Creates `v3.concat` of two tensors along `axis`.
+pub fn concat<'c>(
+    lhs: Value<'c, '_>,
+    rhs: Value<'c, '_>,
+    axis: usize,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("concat", &[lhs, rhs], &[out], &[("axis", i64_attr(c, axis as i64))], c, l)
+}
+
+/// Creates `v3.reshape` to the result type's shape.
+pub fn reshape<'c>(
+    x: Value<'c, '_>,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("reshape", &[x], &[out], &[], c, l)
+}
+
+/// Creates `v3.quantize_fp8`: 1 x `group` e4m3 quantization with f32 scales.
+pub fn quantize_fp8<'c>(
+    x: Value<'c, '_>,
+    group: usize,
+    xq: Type<'c>,
+    scales: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("quantize_fp8", &[x], &[xq, scales], &[("group", i64_attr(c, group as i64))], c, l)
+}
+
+/// Creates `v3.lm_head`: vocabulary logits in f32.
+pub fn lm_head<'c>(
+    x: Value<'c, '_>,
+    w: Value<'c, '_>,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("lm_head", &[x, w], &[out], &[], c, l)
+}
