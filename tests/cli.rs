@@ -179,3 +179,40 @@ fn logits_and_run_work_on_a_committed_fixture() {
     let sampled = run(&["--temperature", "1.0", "--top-p", "0.9", "--seed", "7"]);
     assert_eq!(sampled, run(&["--temperature", "1.0", "--top-p", "0.9", "--seed", "7"]));
 }
+
+/// `dump-ir` prints a stage, dumps every stage under V3C_DUMP_DIR/<model>/NN-<stage>.mlir, restarts
+/// from a dump with `--from`, and names stages that do not exist yet.
+#[test]
+fn dump_ir_prints_dumps_and_restarts_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump_dir = dir.path().to_str().unwrap();
+    let out = v3c_tests::run_binary_env(
+        "v3c",
+        &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "v3", "--entry", "decode", "--layers", "0..2"],
+        &[("V3C_DUMP_DIR", dump_dir)],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    assert!(printed.contains("func.func @decode(") && !printed.contains("@prefill"));
+    assert!(printed.contains("model.layers.1.mlp.experts.*.gate_proj.weight") && !printed.contains("model.layers.2."));
+    let dump = dir.path().join("deepseek-v3-tiny/00-v3.mlir");
+    assert_eq!(std::fs::read_to_string(&dump).unwrap(), printed, "the dump is the printed stage");
+
+    let again = run_binary("v3c", &["dump-ir", "--from", dump.to_str().unwrap(), "--stage", "v3"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(text(&again.stdout), printed, "print -> parse -> print is identical");
+
+    let broken = dir.path().join("broken.mlir");
+    std::fs::write(&broken, printed.replacen("tensor<?xi64>", "tensor<?xi64", 1)).unwrap();
+    let err = run_binary("v3c", &["dump-ir", "--from", broken.to_str().unwrap(), "--stage", "v3"]);
+    assert_eq!(err.status.code(), Some(1));
+    let msg = text(&err.stderr);
+    assert!(msg.starts_with(&format!("v3c: error: MLIR parse failed: {}:2:", broken.display())), "{msg}");
+    assert!(msg.contains("expected '>'"), "{msg}");
+
+    let later = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "fused"]);
+    assert_eq!(later.status.code(), Some(1));
+    assert_eq!(text(&later.stderr).trim_end(), "v3c: error: stage 'fused' is not implemented yet (available: v3)");
+    let bad = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--layers", "2..9"]);
+    assert_eq!(text(&bad.stderr).trim_end(), "v3c: error: --layers 2..9: the model has 3 layers");
+}

@@ -23,8 +23,14 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 
 /// Runs a workspace binary with `args` and no stdin.
 pub fn run_binary(name: &str, args: &[&str]) -> Output {
+    run_binary_env(name, args, &[])
+}
+
+/// [`run_binary`] with extra environment variables.
+pub fn run_binary_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(workspace_binary(name))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .env("COLUMNS", "100")
         .output()

@@ -21,7 +21,7 @@ use melior::Context;
 /// A parse or verification failure, with every diagnostic MLIR emitted (location: message).
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum MlirError {
-    #[error("{source_name}: MLIR parse failed: {}", .diagnostics.join("; "))]
+    #[error("MLIR parse failed: {}", .diagnostics.join("; "))]
     Parse { source_name: String, diagnostics: Vec<String> },
     #[error("{what}: MLIR verification failed: {}", .diagnostics.join("; "))]
     Verify { what: String, diagnostics: Vec<String> },
@@ -54,9 +54,19 @@ fn with_diagnostics<T>(context: &Context, f: impl FnOnce() -> T) -> (T, Vec<Stri
     (value, collected)
 }
 
+/// MLIR names text parsed from memory `"-"`: rewrites a leading `loc("-":L:C): message` into
+/// `source_name:L:C: message` so diagnostics point at the real file.
+pub fn name_source(diagnostic: &str, source_name: &str) -> String {
+    match diagnostic.strip_prefix("loc(\"-\":").and_then(|rest| rest.split_once("): ")) {
+        Some((line_col, message)) => format!("{source_name}:{line_col}: {message}"),
+        None => diagnostic.to_string(),
+    }
+}
+
 /// Parses (and thereby verifies) `text`; `source_name` names the input in errors (a file name).
 pub fn parse_module<'c>(context: &'c Context, text: &str, source_name: &str) -> Result<Module<'c>, MlirError> {
     let (module, diagnostics) = with_diagnostics(context, || Module::parse(context, text));
+    let diagnostics: Vec<String> = diagnostics.into_iter().map(|d| name_source(&d, source_name)).collect();
     module.ok_or_else(|| MlirError::Parse {
         source_name: source_name.to_string(),
         diagnostics: if diagnostics.is_empty() { vec!["no diagnostic emitted".into()] } else { diagnostics },
@@ -131,8 +141,7 @@ mod tests {
         let text = "func.func @f(%a: f32) -> f32 {\n  %c = arith.addf %a, %a : i32\n  return %c : f32\n}\n";
         let err = parse_module(&context, text, "bad.mlir").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.starts_with("bad.mlir: MLIR parse failed:"), "{msg}");
-        // The diagnostic points at line 2 (the mistyped addf).
-        assert!(msg.contains(":2:"), "{msg}");
+        // The diagnostic points at line 2 of the named source (the mistyped addf).
+        assert!(msg.starts_with("MLIR parse failed: bad.mlir:2:"), "{msg}");
     }
 }

@@ -93,10 +93,14 @@ impl Driver {
         module: &Module,
         index: usize,
         started: Instant,
+        source_name: Option<&str>,
     ) -> Result<(), PipelineError> {
         let stage = STAGES[index].name;
         verify(context, module, stage)?;
-        crate::verify::verify_shapes(module).map_err(|errors| PipelineError::Shapes { what: stage.into(), errors })?;
+        crate::verify::verify_shapes(module).map_err(|errors| PipelineError::Shapes {
+            what: stage.into(),
+            errors: errors.iter().map(|e| crate::mlir::name_source(e, source_name.unwrap_or("-"))).collect(),
+        })?;
         tracing::info!(stage, ms = started.elapsed().as_secs_f64() * 1e3, "stage done (verified)");
         if let Some(dir) = &self.dump_dir {
             let path = dir.join(format!("{index:02}-{stage}.mlir"));
@@ -126,7 +130,7 @@ impl Driver {
             .collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<(&str, &v3c_models::Graph)> = graphs.iter().map(|(n, g)| (*n, g)).collect();
         let module = import(context, &refs)?;
-        self.finish_stage(context, &module, 0, started)?;
+        self.finish_stage(context, &module, 0, started, None)?;
         debug_assert_eq!(last, 0, "only the v3 stage exists");
         Ok(module)
     }
@@ -146,7 +150,7 @@ impl Driver {
         v3c_dialects::load(context)?;
         let started = Instant::now();
         let module = parse_module(context, text, source_name)?;
-        self.finish_stage(context, &module, first, started)?;
+        self.finish_stage(context, &module, first, started, Some(source_name))?;
         debug_assert!(first == last && last == 0, "only the v3 stage exists");
         Ok(module)
     }

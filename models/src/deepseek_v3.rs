@@ -92,6 +92,68 @@ pub fn build(config: &ModelConfig, entry: Entry, options: &BuildOptions) -> Resu
     Ok(m.b.finish())
 }
 
+/// One block of the model on its own, for IR snapshots and kernel tests: its inputs are the
+/// block's activations (`x` [T|B, hidden]) plus whatever it reads (`positions`, `kv_cache`), its
+/// outputs what it produces. Weights keep their checkpoint names (layer `layer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// Multi-head latent attention (naive form in prefill, absorbed in decode) with its cache.
+    Mla,
+    /// The dense SwiGLU MLP (layers below `first_k_dense_replace`).
+    DenseMlp,
+    /// Routing + routed experts + shared expert.
+    Moe,
+    /// The MTP module: `hidden` (final-normed) and `mtp_tokens` in, `mtp_logits` out.
+    Mtp,
+}
+
+/// Builds one [`Block`] of `config` for `entry`, with the weights of decoder layer `layer`.
+pub fn build_block(
+    config: &ModelConfig,
+    block: Block,
+    entry: Entry,
+    layer: usize,
+    options: &BuildOptions,
+) -> Result<Graph, GraphError> {
+    let name = format!("{}.{:?}.{}", config.name, block, entry.name()).to_lowercase();
+    let mut m = ModelBuilder {
+        b: Builder::new(&name),
+        c: config,
+        entry,
+        precision: options.precision,
+        form: options.attention_form.unwrap_or(match entry {
+            Entry::Prefill => AttentionForm::Naive,
+            Entry::Decode => AttentionForm::Absorbed,
+        }),
+    };
+    let rows = m.rows();
+    let d = config.hidden_size;
+    let x = m.b.input(if block == Block::Mtp { "hidden" } else { "x" }, vec![rows.clone(), d.into()], DType::F32)?;
+    let p = format!("model.layers.{layer}");
+    match block {
+        Block::Mla => {
+            let positions = m.b.input("positions", vec![rows], DType::I64)?;
+            let cache = m.cache_input("kv_cache")?;
+            let (y, cache) = m.mla(x, &Tokens { positions }, cache, &format!("{p}.self_attn"))?;
+            m.b.output("y", y)?;
+            m.b.output("kv_cache", cache)?;
+        }
+        Block::DenseMlp => {
+            let y = m.mlp(x, &format!("{p}.mlp"), config.intermediate_size)?;
+            m.b.output("y", y)?;
+        }
+        Block::Moe => {
+            let y = m.moe(x, &format!("{p}.mlp"))?;
+            m.b.output("y", y)?;
+        }
+        Block::Mtp => {
+            let positions = m.b.input("positions", vec![rows], DType::I64)?;
+            m.mtp(x, &Tokens { positions })?;
+        }
+    }
+    Ok(m.b.finish())
+}
+
 struct ModelBuilder<'a> {
     b: Builder,
     c: &'a ModelConfig,

@@ -22,5 +22,5 @@ pub mod rope;
 pub mod tensor;
 
 pub use config::ModelConfig;
-pub use deepseek_v3::{build, BuildOptions, Entry, Precision};
+pub use deepseek_v3::{build, build_block, Block, BuildOptions, Entry, Precision};
 pub use graph::Graph;

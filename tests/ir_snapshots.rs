@@ -1,0 +1,111 @@
+//! Snapshots of the `v3` IR (stage `v3`) of every block kind of the tiny preset, and of the whole
+//! tiny model; plus the stock-tool check: the full DeepSeek-V3 IR is accepted by `mlir-opt` with the
+//! dialect's IRDL file, and it has 61 decoder layers plus the MTP layer in both entry points.
+
+use std::path::Path;
+use std::process::Command;
+
+use v3c_compiler::pipeline::Driver;
+use v3c_models::{build_block, Block, BuildOptions, Entry, ModelConfig};
+
+fn tiny() -> ModelConfig {
+    ModelConfig::preset("deepseek-v3-tiny").unwrap()
+}
+
+fn block_ir(block: Block, entry: Entry, layer: usize) -> String {
+    let context = v3c_compiler::mlir::new_context();
+    let graph = build_block(&tiny(), block, entry, layer, &BuildOptions::default()).unwrap();
+    let module = v3c_compiler::import::import(&context, &[(entry.name(), &graph)]).unwrap();
+    v3c_compiler::mlir::verify(&context, &module, "snapshot").unwrap();
+    v3c_compiler::verify::verify_shapes(&module).unwrap();
+    module.as_operation().to_string()
+}
+
+#[test]
+fn mla_prefill() {
+    insta::assert_snapshot!(block_ir(Block::Mla, Entry::Prefill, 0));
+}
+
+#[test]
+fn mla_decode_absorbed() {
+    let ir = block_ir(Block::Mla, Entry::Decode, 0);
+    assert!(ir.contains("form = \"absorbed\""));
+    insta::assert_snapshot!(ir);
+}
+
+#[test]
+fn dense_mlp() {
+    insta::assert_snapshot!(block_ir(Block::DenseMlp, Entry::Prefill, 0));
+}
+
+#[test]
+fn moe() {
+    insta::assert_snapshot!(block_ir(Block::Moe, Entry::Prefill, 1));
+}
+
+#[test]
+fn mtp() {
+    insta::assert_snapshot!(block_ir(Block::Mtp, Entry::Prefill, 3));
+}
+
+#[test]
+fn whole_tiny_model() {
+    let context = v3c_compiler::mlir::new_context();
+    let module = Driver::quiet().run_model(&context, &tiny(), &Entry::ALL, &BuildOptions::default(), "v3").unwrap();
+    insta::assert_snapshot!(module.as_operation().to_string());
+}
+
+#[test]
+fn fp8_linear_and_experts_carry_block_scales() {
+    let mut c = tiny();
+    c.quantization = Some(v3c_models::config::Fp8Quantization { weight_block: [128, 128] });
+    let context = v3c_compiler::mlir::new_context();
+    let options = BuildOptions { precision: v3c_models::Precision::Fp8, ..Default::default() };
+    let module = Driver::quiet().run_model(&context, &c, &[Entry::Prefill], &options, "v3").unwrap();
+    let ir = module.as_operation().to_string();
+    assert!(
+        ir.contains("tensor<48x96xf8E4M3FN> {v3.param = \"model.layers.0.self_attn.q_a_proj.weight\"}"),
+        "fp8 weight argument"
+    );
+    assert!(
+        ir.contains("tensor<1x1xf32> {v3.param = \"model.layers.0.self_attn.q_a_proj.weight_scale_inv\"}"),
+        "scale argument"
+    );
+    assert!(
+        ir.contains("tensor<8x48x96xf8E4M3FN> {v3.param = \"model.layers.1.mlp.experts.*.gate_proj.weight\"}"),
+        "stacked experts"
+    );
+    assert!(ir.contains("\"v3.quantize_fp8\""));
+    assert!(ir.contains("operandSegmentSizes = array<i32: 1, 1, 1, 1>"), "fp8 x fp8 linear");
+    assert!(ir.contains("fp8_activations = true"));
+}
+
+/// `v3c dump-ir --model deepseek-v3 --stage v3` output is accepted by stock `mlir-opt`.
+#[test]
+fn full_model_ir_is_accepted_by_stock_mlir_opt() {
+    let mlir_opt = Path::new("/usr/lib/llvm-22/bin/mlir-opt");
+    assert!(mlir_opt.is_file(), "{} missing: run scripts/bootstrap.sh (mlir-22-tools)", mlir_opt.display());
+    let out = v3c_tests::run_binary("v3c", &["dump-ir", "--model", "deepseek-v3", "--stage", "v3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ir = String::from_utf8(out.stdout).unwrap();
+    for entry in ["@prefill", "@decode"] {
+        assert!(ir.contains(&format!("func.func {entry}(")), "{entry} missing");
+    }
+    // 61 decoder layers + the MTP layer, in both entry points.
+    assert_eq!(ir.matches("\"v3.attention\"(").count(), 62);
+    assert_eq!(ir.matches("\"v3.attention_decode\"(").count(), 62);
+    assert_eq!(ir.matches("{v3.param = \"model.layers.61.eh_proj.weight\"}").count(), 2);
+    assert_eq!(ir.matches("{v3.param = \"model.layers.60.mlp.experts.*.down_proj.weight\"}").count(), 2);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("v3.mlir");
+    std::fs::write(&file, &ir).unwrap();
+    let irdl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dialects/irdl/v3.irdl.mlir");
+    let check = Command::new(mlir_opt)
+        .arg(format!("--irdl-file={}", irdl.display()))
+        .arg(&file)
+        .arg("-o")
+        .arg("/dev/null")
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "mlir-opt rejected the IR: {}", String::from_utf8_lossy(&check.stderr));
+}
