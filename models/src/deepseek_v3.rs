@@ -78,16 +78,7 @@ pub fn build(config: &ModelConfig, entry: Entry, options: &BuildOptions) -> Resu
             problem: format!("layers {}..{} outside 0..{}", layers.start, layers.end, config.num_hidden_layers),
         });
     }
-    let mut m = ModelBuilder {
-        b: Builder::new(&format!("{}.{}", config.name, entry.name())),
-        c: config,
-        entry,
-        precision: options.precision,
-        form: options.attention_form.unwrap_or(match entry {
-            Entry::Prefill => AttentionForm::Naive,
-            Entry::Decode => AttentionForm::Absorbed,
-        }),
-    };
+    let mut m = ModelBuilder::new(config, entry, options, &format!("{}.{}", config.name, entry.name()));
     m.model(layers, config.num_nextn_predict_layers > 0 && !options.skip_mtp)?;
     Ok(m.b.finish())
 }
@@ -116,16 +107,7 @@ pub fn build_block(
     options: &BuildOptions,
 ) -> Result<Graph, GraphError> {
     let name = format!("{}.{:?}.{}", config.name, block, entry.name()).to_lowercase();
-    let mut m = ModelBuilder {
-        b: Builder::new(&name),
-        c: config,
-        entry,
-        precision: options.precision,
-        form: options.attention_form.unwrap_or(match entry {
-            Entry::Prefill => AttentionForm::Naive,
-            Entry::Decode => AttentionForm::Absorbed,
-        }),
-    };
+    let mut m = ModelBuilder::new(config, entry, options, &name);
     let rows = m.rows();
     let d = config.hidden_size;
     let x = m.b.input(if block == Block::Mtp { "hidden" } else { "x" }, vec![rows.clone(), d.into()], DType::F32)?;
@@ -167,7 +149,20 @@ struct Tokens {
     positions: ValueId,
 }
 
-impl ModelBuilder<'_> {
+impl<'a> ModelBuilder<'a> {
+    fn new(config: &'a ModelConfig, entry: Entry, options: &BuildOptions, name: &str) -> ModelBuilder<'a> {
+        ModelBuilder {
+            b: Builder::new(name),
+            c: config,
+            entry,
+            precision: options.precision,
+            form: options.attention_form.unwrap_or(match entry {
+                Entry::Prefill => AttentionForm::Naive,
+                Entry::Decode => AttentionForm::Absorbed,
+            }),
+        }
+    }
+
     fn dense_dtype(&self) -> DType {
         self.c.weight_dtype
     }

@@ -123,10 +123,8 @@ impl Interpreter {
                 }
             }
         }
-        Ok(wanted
-            .into_iter()
-            .map(|(name, v)| (name.to_string(), env.remove(&v).unwrap_or_else(|| env[&v].clone())))
-            .collect())
+        // Two output names may share a value: clone rather than move.
+        Ok(wanted.into_iter().map(|(name, v)| (name.to_string(), env[&v].clone())).collect())
     }
 
     fn eval(&self, node: &Node, a: &[&Tensor]) -> Result<Vec<Tensor>, InterpError> {
