@@ -210,9 +210,26 @@ fn dump_ir_prints_dumps_and_restarts_from_a_file() {
     assert!(msg.starts_with(&format!("v3c: error: MLIR parse failed: {}:2:", broken.display())), "{msg}");
     assert!(msg.contains("expected '>'"), "{msg}");
 
-    let later = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "fused"]);
+    let later = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "cpu"]);
     assert_eq!(later.status.code(), Some(1));
-    assert_eq!(text(&later.stderr).trim_end(), "v3c: error: stage 'fused' is not implemented yet (available: v3)");
+    assert_eq!(text(&later.stderr).trim_end(), "v3c: error: stage 'cpu' is not implemented yet (available: v3, fused)");
     let bad = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--layers", "2..9"]);
     assert_eq!(text(&bad.stderr).trim_end(), "v3c: error: --layers 2..9: the model has 3 layers");
+}
+
+/// `dump-ir --stage fused --report` forms deduplicated kernels and reports launches per layer.
+#[test]
+fn fused_stage_reports_kernels_and_launches() {
+    let out = run_binary(
+        "v3c",
+        &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "fused", "--entry", "decode", "--report"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = text(&out.stderr);
+    assert!(report.contains("report: decode: "), "{report}");
+    assert!(report.contains("layers 1..3: "), "MoE layers 1 and 2 report the same count: {report}");
+    let ir = text(&out.stdout);
+    assert!(ir.contains("attributes {v3.kernel = \"moe_experts\"}"));
+    assert_eq!(ir.matches("func.func private @moe_experts_").count(), 1, "MoE layers share one experts kernel");
+    assert_eq!(ir.matches("call @moe_experts_0(").count(), 3, "launched for layers 1, 2 and MTP");
 }

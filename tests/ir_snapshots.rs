@@ -109,3 +109,47 @@ fn full_model_ir_is_accepted_by_stock_mlir_opt() {
         .unwrap();
     assert!(check.status.success(), "mlir-opt rejected the IR: {}", String::from_utf8_lossy(&check.stderr));
 }
+
+/// `form-kernels` moves every op into exactly one kernel and launches each kernel where its ops
+/// stood: the ops launched per entry (each call counted with its kernel's ops) are exactly the ops
+/// of the `v3` stage, for the tiny model and the full DeepSeek-V3.
+#[test]
+fn every_op_lands_in_exactly_one_launched_kernel() {
+    fn v3_ops(text: &str) -> std::collections::BTreeMap<String, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            if let Some(i) = line.find("\"v3.") {
+                let name = &line[i + 1..];
+                *m.entry(name[..name.find('"').unwrap()].to_string()).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+    for config in [tiny(), ModelConfig::preset("deepseek-v3").unwrap()] {
+        for entry in Entry::ALL {
+            let context = v3c_compiler::mlir::new_context();
+            let v3 = Driver::quiet().run_model(&context, &config, &[entry], &BuildOptions::default(), "v3").unwrap();
+            let fused =
+                Driver::quiet().run_model(&context, &config, &[entry], &BuildOptions::default(), "fused").unwrap();
+            let text = fused.as_operation().to_string();
+            // Kernel bodies by symbol, then launched op counts from the entry's calls.
+            let mut bodies: std::collections::HashMap<String, std::collections::BTreeMap<String, usize>> =
+                Default::default();
+            for chunk in text.split("func.func private @").skip(1) {
+                let name = chunk[..chunk.find('(').unwrap()].to_string();
+                let body = &chunk[..chunk.find("\n  }").unwrap()];
+                bodies.insert(name, v3_ops(body));
+            }
+            let entry_text = &text[text.find(&format!("func.func @{}(", entry.name())).unwrap()..];
+            assert_eq!(v3_ops(entry_text).len(), 0, "no v3 op left outside kernels");
+            let mut launched = std::collections::BTreeMap::new();
+            for line in entry_text.lines().filter(|l| l.contains("call @")) {
+                let callee = line.split("call @").nth(1).unwrap().split('(').next().unwrap();
+                for (op, n) in &bodies[callee] {
+                    *launched.entry(op.clone()).or_insert(0) += n;
+                }
+            }
+            assert_eq!(launched, v3_ops(&v3.as_operation().to_string()), "{} {}", config.name, entry.name());
+        }
+    }
+}

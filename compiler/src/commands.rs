@@ -128,6 +128,8 @@ pub struct DumpIrOptions<'a> {
     pub layers: Option<&'a str>,
     pub from: Option<&'a Path>,
     pub precision: Precision,
+    /// Print launch counts per entry and layer (stage `fused` and later) to stderr.
+    pub report: bool,
 }
 
 /// Parses `a..b` (half-open layer range).
@@ -167,6 +169,17 @@ pub fn dump_ir(o: &DumpIrOptions) -> Result<(), String> {
         }
     };
     use std::io::Write;
+    if o.report {
+        let (entries, kernels) = v3c_compiler::transforms::form_kernels::launch_report(&module.as_operation());
+        if kernels == 0 {
+            eprintln!("report: no kernels at stage {} (kernels form at stage fused)", o.stage);
+        } else {
+            eprintln!("report: {kernels} distinct kernels");
+            for e in entries {
+                eprintln!("report: {e}");
+            }
+        }
+    }
     let text = module.as_operation().to_string();
     let mut out = std::io::stdout().lock();
     // A closed pipe (e.g. `| head`) is not an error worth reporting.

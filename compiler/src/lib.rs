@@ -16,4 +16,5 @@ pub mod mlir;
 pub mod pipeline;
 pub mod target;
 pub mod toolchain;
+pub mod transforms;
 pub mod verify;

@@ -159,6 +159,9 @@ struct DumpIrArgs {
     /// Build the fp8 graph (activations quantized 1x128 before fp8-weight GEMMs).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
+    /// Also print kernel and launch counts (per entry point and layer) to stderr.
+    #[arg(long)]
+    report: bool,
 }
 
 #[derive(Args)]
@@ -268,6 +271,7 @@ fn main() -> ExitCode {
             layers: a.layers.as_deref(),
             from: a.from.as_deref(),
             precision: a.precision.model(),
+            report: a.report,
         }),
         Command::Logits(a) => commands::require_reference(a.backend.name())
             .and_then(|_| commands::logits(&a.model_dir, &a.tokens, a.first_position, a.precision.model(), &a.out)),

@@ -26,10 +26,13 @@ pub struct Stage {
 }
 
 /// The stages that exist, in order.
-pub const STAGES: &[Stage] = &[Stage { name: "v3", about: "the model graph imported into the v3 dialect" }];
+pub const STAGES: &[Stage] = &[
+    Stage { name: "v3", about: "the model graph imported into the v3 dialect" },
+    Stage { name: "fused", about: "ops grouped into deduplicated kernel functions, entries as launch lists" },
+];
 
 /// Stages later issues add, in order after [`STAGES`].
-pub const PLANNED_STAGES: &[&str] = &["fused", "cpu", "gpu", "nvvm", "ptx", "plan"];
+pub const PLANNED_STAGES: &[&str] = &["cpu", "gpu", "nvvm", "ptx", "plan"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -45,6 +48,8 @@ pub enum PipelineError {
     Graph(#[from] v3c_models::graph::GraphError),
     #[error(transparent)]
     Dialect(#[from] v3c_dialects::DialectError),
+    #[error(transparent)]
+    Pass(#[from] crate::transforms::PassError),
     #[error("{what}: shape verification failed: {}", .errors.join("; "))]
     Shapes { what: String, errors: Vec<String> },
     #[error("{path}: cannot write dump: {source}")]
@@ -129,9 +134,10 @@ impl Driver {
             .map(|&e| v3c_models::build(config, e, options).map(|g| (e.name(), g)))
             .collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<(&str, &v3c_models::Graph)> = graphs.iter().map(|(n, g)| (*n, g)).collect();
-        let module = import(context, &refs)?;
+        let mut module = import(context, &refs)?;
         self.finish_stage(context, &module, 0, started, None)?;
-        debug_assert_eq!(last, 0, "only the v3 stage exists");
+        drop(_enter);
+        self.run_stages(context, &mut module, 1, last)?;
         Ok(module)
     }
 
@@ -149,10 +155,25 @@ impl Driver {
         let last = stage_index(until)?;
         v3c_dialects::load(context)?;
         let started = Instant::now();
-        let module = parse_module(context, text, source_name)?;
+        let mut module = parse_module(context, text, source_name)?;
         self.finish_stage(context, &module, first, started, Some(source_name))?;
-        debug_assert!(first == last && last == 0, "only the v3 stage exists");
+        self.run_stages(context, &mut module, first + 1, last)?;
         Ok(module)
+    }
+
+    /// Runs stages `from..=to` (by index) on `module`.
+    fn run_stages(&self, context: &Context, module: &mut Module, from: usize, to: usize) -> Result<(), PipelineError> {
+        for index in from..=to {
+            let span = tracing::info_span!("stage", name = STAGES[index].name);
+            let _enter = span.enter();
+            let started = Instant::now();
+            match STAGES[index].name {
+                "fused" => crate::transforms::run_passes(context, module, &["form-kernels"])?,
+                other => return Err(PipelineError::NotYet(other.into())),
+            }
+            self.finish_stage(context, module, index, started, None)?;
+        }
+        Ok(())
     }
 
     /// [`Driver::run_text`] on a file.

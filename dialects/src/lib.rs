@@ -21,6 +21,8 @@ pub const PARAM_ATTR: &str = "v3.param";
 pub const INPUT_ATTR: &str = "v3.input";
 /// Function-result attribute naming a graph output.
 pub const OUTPUT_ATTR: &str = "v3.output";
+/// Function attribute marking a kernel function and naming its root op.
+pub const KERNEL_ATTR: &str = "v3.kernel";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DialectError {

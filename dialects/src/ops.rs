@@ -31,6 +31,11 @@ pub const OP_NAMES: &[&str] = &[
     "lm_head",
 ];
 
+/// The full op name (`v3.<op>`) of a bare op name from [`OP_NAMES`].
+pub fn qualified(op: &str) -> String {
+    format!("{}.{op}", crate::DIALECT)
+}
+
 fn build<'c>(
     name: &str,
     operands: &[Value<'c, '_>],
