@@ -168,7 +168,7 @@ impl Driver {
             let _enter = span.enter();
             let started = Instant::now();
             match STAGES[index].name {
-                "fused" => crate::transforms::run_passes(context, module, &["form-kernels"])?,
+                "fused" => crate::transforms::run_passes(context, module, crate::transforms::FUSED_STAGE)?,
                 other => return Err(PipelineError::NotYet(other.into())),
             }
             self.finish_stage(context, module, index, started, None)?;

@@ -142,6 +142,8 @@ struct ModelBuilder<'a> {
     entry: Entry,
     precision: Precision,
     form: AttentionForm,
+    /// fp8 quantizations already built, by activation: one quantization serves every GEMM reading it.
+    quantized: std::collections::HashMap<ValueId, (ValueId, ValueId)>,
 }
 
 /// Per-call inputs shared by all layers.
@@ -160,6 +162,7 @@ impl<'a> ModelBuilder<'a> {
                 Entry::Prefill => AttentionForm::Naive,
                 Entry::Decode => AttentionForm::Absorbed,
             }),
+            quantized: std::collections::HashMap::new(),
         }
     }
 
@@ -195,7 +198,14 @@ impl<'a> ModelBuilder<'a> {
 
     fn apply_linear(&mut self, x: ValueId, w: ValueId) -> Result<ValueId, GraphError> {
         if self.precision == Precision::Fp8 && self.b.ty(w).dtype == DType::F8E4M3 {
-            let (xq, xs) = self.b.quantize_fp8(x, FP8_ACTIVATION_GROUP)?;
+            let (xq, xs) = match self.quantized.get(&x) {
+                Some(&q) => q,
+                None => {
+                    let q = self.b.quantize_fp8(x, FP8_ACTIVATION_GROUP)?;
+                    self.quantized.insert(x, q);
+                    q
+                }
+            };
             self.b.linear_fp8(xq, xs, w)
         } else {
             self.b.linear(x, w)
@@ -420,8 +430,9 @@ mod tests {
         c.quantization = Some(crate::config::Fp8Quantization { weight_block: [128, 128] });
         let g = build(&c, Entry::Prefill, &BuildOptions { precision: Precision::Fp8, ..Default::default() }).unwrap();
         let quantized = g.nodes.iter().filter(|n| matches!(n.op, Op::QuantizeFp8 { .. })).count();
-        // Per layer: q_a, q_b, kv_a, o_proj + dense MLP 3 (layer 0) or shared expert 3 (MoE layers).
-        assert_eq!(quantized, 4 * 7);
+        // Per layer (4 with MTP): one for q_a + kv_a (same input), q_b, o_proj, one for the MLP's (or
+        // shared expert's) gate + up, and down.
+        assert_eq!(quantized, 4 * 5);
         // eh_proj and the heads stay bf16.
         let eh = g.params().find(|(n, ..)| n.ends_with("eh_proj.weight")).unwrap();
         assert_eq!(eh.2, WeightFormat::Dense(DType::BF16));

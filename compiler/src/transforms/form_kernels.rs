@@ -22,6 +22,8 @@ use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::r#type::FunctionType;
 use melior::ir::{Block, Identifier, Location, Operation, Region, RegionLike, Type, Value, ValueLike};
 use melior::Context;
+
+use super::op_graph::FUSION_ATTR;
 use mlir_sys::{
     mlirOpOperandGetNextUse, mlirOpOperandGetOwner, mlirOpOperandIsNull, mlirOpResultGetOwner, mlirOperationClone,
     mlirOperationDestroy, mlirOperationGetNumOperands, mlirOperationGetNumResults, mlirOperationGetOperand,
@@ -80,6 +82,12 @@ fn users(v: MlirValue) -> Vec<MlirOperation> {
     out
 }
 
+/// Does `a` come before `b` in their (common) block?
+fn comes_before(a: MlirOperation, b: MlirOperation) -> bool {
+    // SAFETY: both ops are live and in the same block.
+    unsafe { mlir_sys::mlirOperationIsBeforeInBlock(a, b) }
+}
+
 /// Is `func` a kernel function (already formed), rather than an entry point?
 pub fn is_kernel(func: &OperationRef) -> bool {
     func.attribute(v3c_dialects::KERNEL_ATTR).is_ok()
@@ -126,18 +134,24 @@ fn form_in_entry(
         .ok()
         .and_then(|r| r.first_block())
         .ok_or_else(|| FormKernelsError("entry function without a body".into()))?;
-    // Group v3 ops: a root and the views that hang off it.
+    // Group v3 ops: fusion groups tagged by earlier passes, else a root and the views that hang off it.
     let mut groups: Vec<Vec<MlirOperation>> = Vec::new();
     let mut group_of: HashMap<usize, usize> = HashMap::new();
+    let mut by_tag: HashMap<String, usize> = HashMap::new();
     let mut op = block.first_operation();
     while let Some(o) = op {
         let name = op_name(&o);
         if v3c_dialects::is_v3_op(&name) {
             let raw = o.to_raw();
+            let tag = o.attribute(FUSION_ATTR).ok().map(|a| a.to_string());
             let producer_group =
                 operands(raw).first().and_then(|v| defining_op(*v)).and_then(|p| group_of.get(&key(p)).copied());
-            let g = match producer_group {
-                Some(g) if is_view(&name) => g,
+            let g = match (tag, producer_group) {
+                (Some(tag), _) => *by_tag.entry(tag).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                }),
+                (None, Some(g)) if is_view(&name) => g,
                 _ => {
                     groups.push(Vec::new());
                     groups.len() - 1
@@ -184,7 +198,11 @@ fn outline(
     // SAFETY: `members[0]` is live.
     let root = unsafe { OperationRef::from_raw(members[0]) };
     let root_name = op_name(&root);
-    let kind = root_name.trim_start_matches(v3c_dialects::DIALECT).trim_start_matches('.').to_string();
+    // A fusion group is named by its kind (`mla_latent#3` -> `mla_latent`), a single op by its name.
+    let kind = match root.attribute(FUSION_ATTR) {
+        Ok(tag) => tag.to_string().trim_matches('"').split('#').next().unwrap_or_default().to_string(),
+        Err(_) => root_name.trim_start_matches(v3c_dialects::DIALECT).trim_start_matches('.').to_string(),
+    };
     let location = Location::unknown(context);
 
     // The kernel body: clones of the members, operands remapped to block arguments / clones.
@@ -198,6 +216,9 @@ fn outline(
         // SAFETY: cloning a live op gives an owned, unattached op; its operands are then pointed at
         // values of the kernel block before it is inserted.
         let clone = unsafe { mlirOperationClone(m) };
+        let tag = melior::StringRef::new(FUSION_ATTR);
+        // SAFETY: removing a discardable attribute from the owned clone (absent is fine).
+        unsafe { mlir_sys::mlirOperationRemoveAttributeByName(clone, tag.to_raw()) };
         for (i, v) in operands(m).iter().enumerate() {
             let new = mapped
                 .get(&value_key(*v))
@@ -248,7 +269,18 @@ fn outline(
         &output_types,
         location,
     );
-    let anchor = *members.last().expect("groups are never empty");
+    // Where the launch goes: before the first member when everything the group reads exists there,
+    // else where the last member stood (then nothing outside may read the group's results earlier).
+    let first = members[0];
+    let defined_before_first = |v: MlirValue| match defining_op(v) {
+        None => true,
+        Some(d) => inside.contains(&key(d)) || comes_before(d, first),
+    };
+    let anchor = if inputs.iter().all(|&v| defined_before_first(v)) {
+        first
+    } else {
+        *members.last().expect("groups are never empty")
+    };
     let parent =
         entry.region(0).ok().and_then(|r| r.first_block()).ok_or_else(|| FormKernelsError("no body".into()))?;
     // SAFETY: `anchor` is a live op of `parent`.

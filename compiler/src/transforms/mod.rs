@@ -1,11 +1,17 @@
 //! Transforms on the `v3` dialect. Each pass is a thin wrapper, run inside MLIR's PassManager, around
 //! a public function that does the work (the function is what tests and other passes call):
+//! - `fuse-mla-projections` ([`fuse_mla_projections`]): the MLA front end as three kernels;
+//! - `fuse-epilogues` ([`fuse_epilogues`]): SwiGLU dual GEMMs, residual adds (and the MoE combine)
+//!   into GEMM epilogues, fp8 quantization into RMSNorm;
 //! - `form-kernels` ([`form_kernels`]): every op into exactly one kernel function, deduplicated.
-//!
-//! The fusion passes (MLA projections, absorbed decode, MoE gather/scatter, fp8 epilogues) group ops
-//! before `form-kernels` outlines the groups; they arrive with the rest of the fusion work.
+//! Fusion passes only tag groups (`{v3.fusion = ...}`, see [`op_graph`]); `form-kernels` outlines them.
+//! Still to come: `absorb-mla` weight re-layouts and `fuse-moe` (routing + permutation, gather/scatter
+//! grouped GEMMs with the shared expert as one more expert).
 
 pub mod form_kernels;
+pub mod fuse_epilogues;
+pub mod fuse_mla_projections;
+pub mod op_graph;
 
 use std::sync::{Arc, Mutex};
 
@@ -15,9 +21,13 @@ use melior::ir::Module;
 use melior::pass::{create_external, ExternalPass, PassManager};
 use melior::Context;
 
+/// A pass's TypeId is the address of its static; the (unread) byte keeps the statics distinct
+/// objects (zero-sized statics may share one address).
 #[repr(align(8))]
-struct PassId;
-static FORM_KERNELS_ID: PassId = PassId;
+struct PassId(#[allow(dead_code)] u8);
+static FORM_KERNELS_ID: PassId = PassId(0);
+static FUSE_MLA_ID: PassId = PassId(1);
+static FUSE_EPILOGUES_ID: PassId = PassId(2);
 
 /// A pass failure, with the pass's own message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,40 +37,84 @@ pub struct PassError {
     pub message: String,
 }
 
-/// The names users can give to `--passes` style options, in pipeline order.
-pub const PASSES: &[&str] = &["form-kernels"];
+/// The passes, in pipeline order: (name, what it does).
+pub const PASSES: &[(&str, &str)] = &[
+    (
+        "fuse-mla-projections",
+        "q_a/kv_a as one GEMM, the latent norms + RoPE + cache write as one kernel, q_b with RoPE",
+    ),
+    ("fuse-epilogues", "SwiGLU dual GEMMs, residual adds and the MoE combine into GEMM epilogues, norm + fp8 quantize"),
+    ("form-kernels", "every v3 op into exactly one deduplicated kernel function"),
+];
+
+/// The passes of the `fused` stage, in order.
+pub const FUSED_STAGE: &[&str] = &["fuse-mla-projections", "fuse-epilogues", "form-kernels"];
+
+/// Runs `f` on every entry function (not kernel functions) of `module_op`.
+pub fn for_each_entry(
+    module_op: &OperationRef,
+    pass: &str,
+    mut f: impl FnMut(&OperationRef) -> Result<(), PassError>,
+) -> Result<(), PassError> {
+    use melior::ir::block::BlockLike;
+    use melior::ir::operation::OperationLike;
+    use melior::ir::RegionLike;
+    let body = module_op
+        .region(0)
+        .ok()
+        .and_then(|r| r.first_block())
+        .ok_or_else(|| PassError { pass: pass.into(), message: "expected a module with a body".into() })?;
+    let mut op = body.first_operation();
+    while let Some(o) = op {
+        op = o.next_in_block();
+        if o.region(0).is_ok() && !form_kernels::is_kernel(&o) {
+            f(&o)?;
+        }
+    }
+    Ok(())
+}
 
 /// Runs the named passes on `module` through a PassManager (which verifies after each pass).
 pub fn run_passes(context: &Context, module: &mut Module, passes: &[&str]) -> Result<(), PassError> {
     let manager = PassManager::new(context);
     let failure: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     for &name in passes {
-        match name {
-            "form-kernels" => {
-                let failure = failure.clone();
-                let pass = create_external(
-                    move |op: OperationRef, pass: ExternalPass| {
-                        if let Err(e) = form_kernels::form_kernels(context, &op) {
-                            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                            pass.signal_failure();
-                        }
-                    },
-                    TypeId::create(&FORM_KERNELS_ID),
-                    "form-kernels",
-                    "form-kernels",
-                    "every v3 op into exactly one deduplicated kernel function",
-                    "builtin.module",
-                    &[],
-                );
-                manager.add_pass(pass);
-            }
+        type Work = fn(&Context, &OperationRef) -> Result<(), PassError>;
+        let (id, work, about): (&'static PassId, Work, &str) = match name {
+            "form-kernels" => (
+                &FORM_KERNELS_ID,
+                |c, op| {
+                    form_kernels::form_kernels(c, op)
+                        .map_err(|e| PassError { pass: "form-kernels".into(), message: e.0 })
+                },
+                PASSES[2].1,
+            ),
+            "fuse-mla-projections" => (&FUSE_MLA_ID, fuse_mla_projections::fuse_mla_projections, PASSES[0].1),
+            "fuse-epilogues" => (&FUSE_EPILOGUES_ID, fuse_epilogues::fuse_epilogues, PASSES[1].1),
             other => {
+                let known: Vec<&str> = PASSES.iter().map(|p| p.0).collect();
                 return Err(PassError {
                     pass: other.into(),
-                    message: format!("unknown pass (known: {})", PASSES.join(", ")),
-                })
+                    message: format!("unknown pass (known: {})", known.join(", ")),
+                });
             }
-        }
+        };
+        let failure = failure.clone();
+        let pass = create_external(
+            move |op: OperationRef, pass: ExternalPass| {
+                if let Err(e) = work(context, &op) {
+                    *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    pass.signal_failure();
+                }
+            },
+            TypeId::create(id),
+            name,
+            name,
+            about,
+            "builtin.module",
+            &[],
+        );
+        manager.add_pass(pass);
     }
     let result = manager.run(module);
     let message = failure.lock().unwrap_or_else(|p| p.into_inner()).take();

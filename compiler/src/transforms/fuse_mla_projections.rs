@@ -1,0 +1,118 @@
+//! `fuse-mla-projections`: the MLA front end of a layer as three launches instead of ten.
+//!
+//! Level: `v3` ops of an entry, before `form-kernels`. Matches, by dataflow (not by weight names):
+//! 1. the two projections that read the same normed activations, `q_a_proj` (result -> RMSNorm) and
+//!    `kv_a_proj_with_mqa` (result -> split [latent | rope]): one GEMM with N = q_lora + kv_lora + rope;
+//! 2. the small "latent" kernel: RMSNorm of the kv latent, RoPE of k_pe, the (ckv, k_pe) row and its
+//!    write into the latent cache;
+//! 3. `q_b_proj` with the query latent's RMSNorm as prologue, and its head split and RoPE of q_pe as
+//!    epilogue.
+//! Each match is tagged as a fusion group; a match that cannot be scheduled as one launch is left
+//! alone (the pass never fails on a graph it does not recognise). MLA without q LoRA (one q_proj)
+//! gets groups 2 and 3 only where they match.
+
+use melior::ir::operation::OperationRef;
+use melior::Context;
+
+use super::op_graph::{Groups, OpGraph, Source};
+use super::PassError;
+
+/// Ops reached from `op`'s results through view ops (reshape, split), with the views themselves.
+fn through_views(g: &OpGraph, op: usize) -> (Vec<usize>, Vec<usize>) {
+    let (mut views, mut ends) = (Vec::new(), Vec::new());
+    let mut stack = g.all_users(op);
+    while let Some(u) = stack.pop() {
+        if matches!(g.ops[u].name.as_str(), "reshape" | "split") {
+            views.push(u);
+            stack.extend(g.all_users(u));
+        } else {
+            ends.push(u);
+        }
+    }
+    (views, ends)
+}
+
+/// Activation operands of a linear: everything that is not a parameter argument.
+fn activations(g: &OpGraph, op: usize) -> Vec<Source> {
+    (0..g.ops[op].operands.len()).filter(|&k| g.param(op, k).is_none()).map(|k| g.ops[op].operands[k]).collect()
+}
+
+pub fn plan(g: &OpGraph, groups: &mut Groups) {
+    let n = g.ops.len();
+    for kv_a in 0..n {
+        if g.ops[kv_a].name != "linear" {
+            continue;
+        }
+        // kv_a: result -> split whose head -> rms_norm and tail -> rope.
+        let users = g.all_users(kv_a);
+        let [split] = users[..] else { continue };
+        if g.ops[split].name != "split" || g.ops[split].users.len() != 2 {
+            continue;
+        }
+        let (head_users, tail_users) = (&g.ops[split].users[0], &g.ops[split].users[1]);
+        let (&[kv_norm], &[k_rope]) = (&head_users[..], &tail_users[..]) else { continue };
+        if g.ops[kv_norm].name != "rms_norm" || g.ops[k_rope].name != "rope" {
+            continue;
+        }
+        // The latent row: concat(kv_norm, k_rope) -> cache (concat along rows, or cache_write).
+        let row_users = g.all_users(kv_norm);
+        let [row] = row_users[..] else { continue };
+        if g.ops[row].name != "concat" || g.all_users(k_rope) != vec![row] {
+            continue;
+        }
+        let cache_users = g.all_users(row);
+        let [cache] = cache_users[..] else { continue };
+        if !matches!(g.ops[cache].name.as_str(), "concat" | "cache_write") {
+            continue;
+        }
+        // q_a: another linear on the same activations, result -> rms_norm -> q_b linear.
+        let act = activations(g, kv_a);
+        let q_a = (0..n).find(|&o| o != kv_a && g.ops[o].name == "linear" && activations(g, o) == act);
+        let q_norm = q_a.and_then(|q| match g.all_users(q)[..] {
+            [u] if g.ops[u].name == "rms_norm" => Some(u),
+            _ => None,
+        });
+        if let Some(q_a) = q_a {
+            let mut gemm = vec![q_a, kv_a, split];
+            gemm.sort();
+            groups.try_new(g, "mla_projections", &gemm);
+        }
+        groups.try_new(g, "mla_latent", &[kv_norm, k_rope, row, cache]);
+        // q_b: the linear reading the q latent norm (which it takes as prologue), its head views,
+        // and RoPE of q_pe as epilogue.
+        if let Some(q_norm) = q_norm {
+            // With fp8 activations a quantization sits between the norm and the GEMM: it joins too.
+            let mut prologue = vec![q_norm];
+            let mut next = g.all_users(q_norm);
+            if let [q] = next[..] {
+                if g.ops[q].name == "quantize_fp8" {
+                    prologue.push(q);
+                    next = g.all_users(q);
+                }
+            }
+            if let [q_b] = next[..] {
+                if g.ops[q_b].name == "linear" {
+                    let (views, ends) = through_views(g, q_b);
+                    let ropes: Vec<usize> = ends.iter().copied().filter(|&e| g.ops[e].name == "rope").collect();
+                    let mut members = prologue;
+                    members.push(q_b);
+                    members.extend(views);
+                    members.extend(ropes);
+                    groups.try_new(g, "mla_q_up", &members);
+                }
+            }
+        }
+    }
+}
+
+/// Runs the pass on every entry function of `module_op`.
+pub fn fuse_mla_projections(context: &Context, module_op: &OperationRef) -> Result<(), PassError> {
+    super::for_each_entry(module_op, "fuse-mla-projections", |entry| {
+        if let Some(g) = OpGraph::read(entry) {
+            let mut groups = Groups::from_tags(&g);
+            plan(&g, &mut groups);
+            groups.tag(context, &g);
+        }
+        Ok(())
+    })
+}
