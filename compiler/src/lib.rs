@@ -10,6 +10,7 @@
 //! - [`toolchain`]: finding ptxas / cuobjdump / nvdisasm and reporting what is lost without them;
 //! - [`doctor`]: the `v3c doctor` report.
 
+pub mod conversion;
 pub mod doctor;
 pub mod import;
 pub mod mlir;
