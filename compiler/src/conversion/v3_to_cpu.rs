@@ -3,10 +3,12 @@
 //! written with `linalg.generic`, lowered to LLVM and JIT-compiled by MLIR's ExecutionEngine.
 //!
 //! Covered so far: `linear` and `lm_head` with f32/bf16 weights (rank-2 activations), `rms_norm`,
-//! `add`, `silu_mul`, `embed`, and any kernel made of them (`gemm_residual`, `swiglu`, ...).
-//! Everything else is reported as `unsupported on cpu: v3.<op>` — never run some other way.
-//! Not yet: tiling and vectorization through the transform dialect (the loops are plain), views,
-//! RoPE, MLA attention, MoE routing/experts, fp8.
+//! `add`, `silu_mul`, `embed`, `reshape`, `split`, `concat`, `cache_write`, `rope` (interleaved or
+//! half rotation, YaRN tables as module constants), and every kernel made of them (the fused MLA
+//! projection, q-up and latent kernels, `gemm_residual`, `swiglu`, ...). Everything else is reported
+//! as `unsupported on cpu: v3.<op>` — never run some other way.
+//! Not yet: MLA attention, MoE routing/experts, fp8 operands, the entry-level executor and plan, and
+//! tiling + vectorization through the transform dialect (the loops are plain).
 
 use std::collections::HashMap;
 
@@ -45,9 +47,33 @@ struct Emitter {
     /// MLIR value (raw pointer) -> (memref SSA name, shape).
     values: HashMap<usize, (String, Shape)>,
     allocs: Vec<String>,
+    /// Module-level constants (RoPE frequency tables).
+    globals: Vec<String>,
 }
 
 impl Emitter {
+    /// `dest[i] = src[f(i)]` over every index `i` of `dest`, `f` given as one affine expression per
+    /// source dim over `d0..`. The loops run over `dest` only, so bounds never come from `src`.
+    fn gather_copy(&mut self, src: &(String, Shape), dest: &str, dest_shape: &Shape, exprs: &[String]) {
+        let rank = dest_shape.dims.len();
+        let dims: Vec<String> = (0..rank).map(|i| format!("d{i}")).collect();
+        let idx: Vec<String> = (0..rank).map(|i| format!("%i{i}")).collect();
+        let mut body: String = (0..rank).map(|i| format!("      %i{i} = linalg.index {i} : index\n")).collect();
+        let mut src_idx = Vec::new();
+        for (j, expr) in exprs.iter().enumerate() {
+            body.push_str(&format!(
+                "      %s{j} = affine.apply affine_map<({}) -> ({expr})>({})\n",
+                dims.join(", "),
+                idx.join(", ")
+            ));
+            src_idx.push(format!("%s{j}"));
+        }
+        self.line(&format!(
+            "linalg.generic {{indexing_maps = [{}], iterator_types = [{}]}} outs({dest} : {}) {{\n    ^bb0(%c: f32):\n{body}      %v = memref.load {}[{}] : {}\n      linalg.yield %v : f32\n    }}",
+            identity(rank), vec!["\"parallel\""; rank].join(", "), memref(dest_shape), src.0, src_idx.join(", "), memref(&src.1)
+        ));
+    }
+
     fn fresh(&mut self) -> String {
         self.next += 1;
         format!("%v{}", self.next)
@@ -95,12 +121,57 @@ fn load_f32(element: &str, v: &str, out: &str) -> String {
     }
 }
 
+fn identity(rank: usize) -> String {
+    let names: Vec<String> = (0..rank).map(|i| format!("d{i}")).collect();
+    let d: Vec<&str> = names.iter().map(String::as_str).collect();
+    affine(&d, &d)
+}
+
+fn int_attr(op: &OperationRef, name: &str) -> Option<i64> {
+    op.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+}
+
+/// For a reshape: the input index of every input dim as an affine expression of the output indices
+/// `d0..` (row-major, same element count; a dynamic leading dim must stay the leading dim).
+fn reshape_exprs(input: &Shape, output: &Shape) -> Option<Vec<String>> {
+    let out_rank = output.dims.len();
+    let names: Vec<String> = (0..out_rank).map(|i| format!("d{i}")).collect();
+    let keep_leading = input.dims.first()?.is_none();
+    if keep_leading != output.dims.first()?.is_none() {
+        return None;
+    }
+    let start = usize::from(keep_leading);
+    // Linear offset over the output's (static) trailing dims.
+    let mut terms = Vec::new();
+    let mut stride = 1usize;
+    for i in (start..out_rank).rev() {
+        terms.push(format!("{} * {stride}", names[i]));
+        stride *= output.dims[i]?;
+    }
+    let linear = if terms.is_empty() { "0".to_string() } else { terms.join(" + ") };
+    let mut exprs = Vec::new();
+    if keep_leading {
+        exprs.push("d0".to_string());
+    }
+    let mut in_strides = vec![1usize; input.dims.len()];
+    for j in (start..input.dims.len()).rev() {
+        if j + 1 < input.dims.len() {
+            in_strides[j] = in_strides[j + 1] * input.dims[j + 1]?;
+        }
+    }
+    for j in start..input.dims.len() {
+        exprs.push(format!("(({linear}) floordiv {}) mod {}", in_strides[j], input.dims[j]?));
+    }
+    Some(exprs)
+}
+
 /// Lowers the kernel function `kernel` to CPU MLIR text: `func.func @<name>` on memrefs.
 pub fn lower_kernel(kernel: &OperationRef) -> Result<(String, Vec<Shape>, Vec<Shape>), CpuError> {
     let name = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
     let lowering = |problem: String| CpuError::Lowering { kernel: name.clone(), problem };
     let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or_else(|| lowering("no body".into()))?;
-    let mut e = Emitter { body: String::new(), next: 0, values: HashMap::new(), allocs: Vec::new() };
+    let mut e =
+        Emitter { body: String::new(), next: 0, values: HashMap::new(), allocs: Vec::new(), globals: Vec::new() };
     let mut inputs = Vec::new();
     for i in 0..block.argument_count() {
         let arg = block.argument(i).map_err(|err| lowering(err.to_string()))?;
@@ -138,14 +209,19 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<(String, Vec<Shape>, Vec<Sh
                     .ok_or_else(|| lowering(format!("{full}: operand {i} unknown")))
             })
             .collect::<Result<_, _>>()?;
-        let result = o.result(0).map_err(|err| lowering(err.to_string()))?;
-        let rshape =
-            Shape::parse(&result.r#type().to_string()).ok_or_else(|| lowering("result is not a tensor".into()))?;
-        let key = result.to_raw().ptr as usize;
-        let dest = match output_of.get(&key) {
-            Some(out) => out.clone(),
-            None => e.alloc(&rshape, &args[0]),
-        };
+        let mut dests = Vec::new();
+        for r in 0..o.result_count() {
+            let result = o.result(r).map_err(|err| lowering(err.to_string()))?;
+            let shape =
+                Shape::parse(&result.r#type().to_string()).ok_or_else(|| lowering("result is not a tensor".into()))?;
+            let key = result.to_raw().ptr as usize;
+            let dest = match output_of.get(&key) {
+                Some(out) => out.clone(),
+                None => e.alloc(&shape, &args[0]),
+            };
+            dests.push((key, dest, shape));
+        }
+        let (key, dest, rshape) = dests[0].clone();
         let out_ty = memref(&rshape);
         match kind.as_str() {
             "add" | "silu_mul" => {
@@ -215,15 +291,116 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<(String, Vec<Shape>, Vec<Sh
                     table.0, memref(&table.1), load_f32(&table.1.element, "%t", "%r")
                 ));
             }
+            "reshape" => {
+                let (src, out) = (&args[0], &rshape);
+                let exprs =
+                    reshape_exprs(&src.1, out).ok_or_else(|| lowering(format!("reshape {} -> {out}", src.1)))?;
+                e.gather_copy(src, &dest, out, &exprs);
+            }
+            "split" => {
+                let axis = int_attr(&o, "axis").ok_or_else(|| lowering("split without axis".into()))? as usize;
+                let src = &args[0];
+                let mut offset = 0;
+                for (_, part_dest, part_shape) in &dests {
+                    let exprs: Vec<String> = (0..part_shape.dims.len())
+                        .map(|i| if i == axis { format!("d{i} + {offset}") } else { format!("d{i}") })
+                        .collect();
+                    e.gather_copy(src, part_dest, part_shape, &exprs);
+                    offset += part_shape.dims[axis].ok_or_else(|| lowering("split along a dynamic axis".into()))?;
+                }
+            }
+            "concat" => {
+                let axis = int_attr(&o, "axis").ok_or_else(|| lowering("concat without axis".into()))? as usize;
+                let (lhs, rhs) = (&args[0], &args[1]);
+                let rank = rshape.dims.len();
+                let split_at = match lhs.1.dims[axis] {
+                    Some(n) => {
+                        let c = e.fresh();
+                        e.line(&format!("{c} = arith.constant {n} : index"));
+                        c
+                    }
+                    None => {
+                        let a = e.constant_index(axis);
+                        let d = e.fresh();
+                        e.line(&format!("{d} = memref.dim {}, {a} : {}", lhs.0, memref(&lhs.1)));
+                        d
+                    }
+                };
+                let idx: Vec<String> = (0..rank).map(|i| format!("%i{i}")).collect();
+                let index_lines: String =
+                    (0..rank).map(|i| format!("      %i{i} = linalg.index {i} : index\n")).collect();
+                let mut shifted = idx.clone();
+                shifted[axis] = "%shifted".into();
+                e.line(&format!(
+                    "linalg.generic {{indexing_maps = [{}], iterator_types = [{}]}} outs({dest} : {out_ty}) {{\n    ^bb0(%c: f32):\n{index_lines}      %in_lhs = arith.cmpi ult, %i{axis}, {split_at} : index\n      %r = scf.if %in_lhs -> (f32) {{\n        %l = memref.load {}[{}] : {}\n        scf.yield %l : f32\n      }} else {{\n        %shifted = arith.subi %i{axis}, {split_at} : index\n        %v = memref.load {}[{}] : {}\n        scf.yield %v : f32\n      }}\n      linalg.yield %r : f32\n    }}",
+                    identity(rank), vec!["\"parallel\""; rank].join(", "),
+                    lhs.0, idx.join(", "), memref(&lhs.1), rhs.0, shifted.join(", "), memref(&rhs.1)
+                ));
+            }
+            "cache_write" => {
+                let (cache, entries, positions) = (&args[0], &args[1], &args[2]);
+                e.line(&format!("memref.copy {}, {dest} : {} to {out_ty}", cache.0, memref(&cache.1)));
+                let (c0, c1, c2) = (e.constant_index(0), e.constant_index(1), e.constant_index(2));
+                let (b, s, w) = (e.fresh(), e.fresh(), e.fresh());
+                e.line(&format!("{b} = memref.dim {dest}, {c0} : {out_ty}"));
+                e.line(&format!("{s} = memref.dim {dest}, {c1} : {out_ty}"));
+                e.line(&format!("{w} = memref.dim {dest}, {c2} : {out_ty}"));
+                // Rows outside the cache are skipped here; the executor rejects them before launch.
+                e.line(&format!(
+                    "scf.for %b = {c0} to {b} step {c1} {{\n      %p64 = memref.load {}[%b] : {}\n      %p = arith.index_cast %p64 : i64 to index\n      %inside = arith.cmpi ult, %p, {s} : index\n      scf.if %inside {{\n        scf.for %c = {c0} to {w} step {c1} {{\n          %v = memref.load {}[%b, %c] : {}\n          memref.store %v, {dest}[%b, %p, %c] : {out_ty}\n        }}\n      }}\n    }}",
+                    positions.0, memref(&positions.1), entries.0, memref(&entries.1)
+                ));
+            }
+            "rope" => {
+                let (x, positions) = (&args[0], &args[1]);
+                let dim = int_attr(&o, "dim").ok_or_else(|| lowering("rope without dim".into()))? as usize;
+                let interleave = o.attribute("interleave").map(|a| a.to_string() == "true").unwrap_or(true);
+                let factor = o.attribute("attention_factor").map(|a| a.to_string()).unwrap_or_default();
+                let factor = factor.split(':').next().unwrap_or("1.0").trim().to_string();
+                let inv = o
+                    .attribute("inv_freq")
+                    .map(|a| a.to_string())
+                    .map_err(|_| lowering("rope without inv_freq".into()))?;
+                let values = inv.trim_start_matches("array<f32:").trim_end_matches('>').trim().to_string();
+                let global = format!("{name}_inv_freq_{}", e.next);
+                e.globals.push(format!(
+                    "memref.global \"private\" constant @{global} : memref<{}xf32> = dense<[{values}]>",
+                    dim / 2
+                ));
+                let table = e.fresh();
+                e.line(&format!("{table} = memref.get_global @{global} : memref<{}xf32>", dim / 2));
+                let rank = rshape.dims.len();
+                let last = rank - 1;
+                let idx: Vec<String> = (0..rank).map(|i| format!("%i{i}")).collect();
+                let index_lines: String =
+                    (0..rank).map(|i| format!("      %i{i} = linalg.index {i} : index\n")).collect();
+                let mut partner = idx.clone();
+                partner[last] = "%partner".into();
+                let half = dim / 2;
+                let pair = if interleave {
+                    format!("      %c2 = arith.constant 2 : index\n      %c1 = arith.constant 1 : index\n      %f = arith.divui %i{last}, %c2 : index\n      %odd = arith.remui %i{last}, %c2 : index\n      %first = arith.cmpi eq, %odd, %zero_i : index\n      %up = arith.addi %i{last}, %c1 : index\n      %down = arith.subi %i{last}, %c1 : index\n      %partner = arith.select %first, %up, %down : index\n")
+                } else {
+                    format!("      %h = arith.constant {half} : index\n      %first = arith.cmpi ult, %i{last}, %h : index\n      %f = arith.remui %i{last}, %h : index\n      %up = arith.addi %i{last}, %h : index\n      %down = arith.subi %i{last}, %h : index\n      %partner = arith.select %first, %up, %down : index\n")
+                };
+                e.line(&format!(
+                    "linalg.generic {{indexing_maps = [{}, {}], iterator_types = [{}]}} ins({} : {}) outs({dest} : {out_ty}) {{\n    ^bb0(%a: f32, %c: f32):\n{index_lines}      %zero_i = arith.constant 0 : index\n{pair}      %pos64 = memref.load {}[%i0] : {}\n      %pos = arith.sitofp %pos64 : i64 to f32\n      %freq = memref.load {table}[%f] : memref<{half}xf32>\n      %angle = arith.mulf %pos, %freq : f32\n      %cos0 = math.cos %angle : f32\n      %sin0 = math.sin %angle : f32\n      %af = arith.constant {factor} : f32\n      %cos = arith.mulf %cos0, %af : f32\n      %sin = arith.mulf %sin0, %af : f32\n      %b = memref.load {}[{}] : {}\n      %ac = arith.mulf %a, %cos : f32\n      %bs = arith.mulf %b, %sin : f32\n      %minus = arith.subf %ac, %bs : f32\n      %plus = arith.addf %ac, %bs : f32\n      %r = arith.select %first, %minus, %plus : f32\n      linalg.yield %r : f32\n    }}",
+                    identity(rank), identity(rank), vec!["\"parallel\""; rank].join(", "), x.0, memref(&x.1),
+                    positions.0, memref(&positions.1), x.0, partner.join(", "), memref(&x.1)
+                ));
+            }
             _ => return Err(CpuError::Unsupported(full)),
         }
-        e.values.insert(key, (dest, rshape));
+        for (key, dest, shape) in dests {
+            e.values.insert(key, (dest, shape));
+        }
+        let _ = (key, rshape);
     }
     let mut params: Vec<String> = inputs.iter().enumerate().map(|(i, s)| format!("%in{i}: {}", memref(s))).collect();
     params.extend(outputs.iter().enumerate().map(|(i, s)| format!("%out{i}: {}", memref(s))));
     let deallocs: String = e.allocs.iter().map(|d| format!("    {d}\n")).collect();
+    let globals: String = e.globals.iter().map(|g| format!("{g}\n")).collect();
     let text = format!(
-        "func.func @{name}({}) attributes {{llvm.emit_c_interface}} {{\n{}{deallocs}    return\n  }}\n",
+        "{globals}func.func @{name}({}) attributes {{llvm.emit_c_interface}} {{\n{}{deallocs}    return\n  }}\n",
         params.join(", "),
         e.body
     );
@@ -231,7 +408,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<(String, Vec<Shape>, Vec<Sh
 }
 
 /// The pass pipeline from linalg on memrefs to the LLVM dialect.
-pub const LOWER_TO_LLVM: &str = "builtin.module(func.func(convert-linalg-to-loops), convert-scf-to-cf, \
+pub const LOWER_TO_LLVM: &str = "builtin.module(func.func(convert-linalg-to-loops), lower-affine, convert-scf-to-cf, \
     convert-math-to-llvm, expand-strided-metadata, finalize-memref-to-llvm, convert-arith-to-llvm, \
     convert-func-to-llvm, convert-cf-to-llvm, convert-index-to-llvm, convert-ub-to-llvm, reconcile-unrealized-casts)";
 
@@ -300,8 +477,14 @@ impl CpuKernel {
         Ok(CpuKernel { engine, name, inputs, outputs })
     }
 
-    /// Runs the kernel on `inputs`, writing `outputs` (allocated by the caller with matching shapes).
-    pub fn run(&self, inputs: &mut [HostBuffer], outputs: &mut [HostBuffer]) -> Result<(), CpuError> {
+    /// Runs the kernel on `inputs`, writing `outputs`.
+    ///
+    /// # Safety
+    /// Every output buffer must have exactly the shape the kernel computes from its inputs (ranks,
+    /// element types and static dims are checked here; dynamic output dims are not: the kernel
+    /// writes as many rows as its inputs imply). Ids and positions must be in range (embedding rows,
+    /// cache rows). The entry-level executor derives both from the plan before launching.
+    pub unsafe fn run(&self, inputs: &mut [HostBuffer], outputs: &mut [HostBuffer]) -> Result<(), CpuError> {
         let err = |problem: String| CpuError::Run { kernel: self.name.clone(), problem };
         if inputs.len() != self.inputs.len() || outputs.len() != self.outputs.len() {
             return Err(err(format!("expected {} inputs and {} outputs", self.inputs.len(), self.outputs.len())));
