@@ -11,6 +11,7 @@ use v3c_compiler::conversion::v3_to_cpu::{CpuError, CpuKernel, HostBuffer, HostD
 use v3c_compiler::pipeline::Driver;
 use v3c_compiler::verify::Shape;
 use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+use v3c_models::graph::AttentionForm;
 use v3c_models::interp::kernels;
 use v3c_models::{BuildOptions, Entry, ModelConfig};
 
@@ -160,6 +161,39 @@ fn reference(kernel: &OperationRef, inputs: &[HostBuffer]) -> Vec<(Vec<f32>, Vec
                 }
                 vec![(x, args[0].1.clone())]
             }
+            "v3.attention" | "v3.attention_decode" => {
+                let attr = |n: &str| o.attribute(n).unwrap().to_string();
+                let scale: f32 = attr("scale").split(':').next().unwrap().trim().parse().unwrap();
+                let kv: usize = attr("kv_lora_rank").split(':').next().unwrap().trim().parse().unwrap();
+                let form = if attr("form").contains("absorbed") { AttentionForm::Absorbed } else { AttentionForm::Naive };
+                let (qn, qp, lat) = (&args[0], &args[1], &args[2]);
+                let kvb = &args[if name == "v3.attention" { 3 } else { 4 }];
+                let (heads, nope, rope) = (qn.1[1], qn.1[2], qp.1[2]);
+                let dims = kernels::MlaDims { heads, nope, rope, v: kvb.1[0] / heads - nope, kv_lora: kv };
+                let n = qn.1[0];
+                if name == "v3.attention" {
+                    let s = lat.1[0];
+                    let visible: Vec<usize> = (0..n).map(|i| s - n + i).collect();
+                    vec![(kernels::mla(&qn.0, &qp.0, &lat.0, &kvb.0, &visible, s, dims, scale, form), vec![n, heads, dims.v])]
+                } else {
+                    let (s, c) = (lat.1[1], lat.1[2]);
+                    let mut out = Vec::new();
+                    for (b, &p) in args[3].0.iter().enumerate() {
+                        out.extend(kernels::mla(
+                            &qn.0[b * heads * nope..(b + 1) * heads * nope],
+                            &qp.0[b * heads * rope..(b + 1) * heads * rope],
+                            &lat.0[b * s * c..(b + 1) * s * c],
+                            &kvb.0,
+                            &[p as usize],
+                            s,
+                            dims,
+                            scale,
+                            form,
+                        ));
+                    }
+                    vec![(out, vec![n, heads, dims.v])]
+                }
+            }
             other => panic!("reference for {other} missing"),
         };
         for (r, value) in results.into_iter().enumerate() {
@@ -174,7 +208,7 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
     let context = v3c_compiler::mlir::new_context();
     let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
     let module =
-        Driver::quiet().run_model(&context, &config, &[Entry::Prefill], &BuildOptions::default(), "fused").unwrap();
+        Driver::quiet().run_model(&context, &config, &Entry::ALL, &BuildOptions::default(), "fused").unwrap();
     let body = module.body();
     let (mut compiled, mut unsupported) = (Vec::new(), Vec::new());
     let mut op = body.first_operation();
@@ -202,7 +236,10 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
         "mla_projections_0",
         "mla_q_up_0",
         "mla_latent_0",
+        "mla_latent_1",
         "concat_0",
+        "attention_0",
+        "attention_decode_0",
     ] {
         assert!(names.contains(&expected), "{expected} not compiled; compiled {names:?}, unsupported {unsupported:?}");
     }
@@ -233,5 +270,5 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
     let mut missing = unsupported.clone();
     missing.sort();
     missing.dedup();
-    assert_eq!(missing, ["v3.attention", "v3.moe_experts", "v3.moe_route"]);
+    assert_eq!(missing, ["v3.moe_experts", "v3.moe_route"]);
 }
