@@ -315,6 +315,10 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
                     },
                 })
                 .collect();
+            // The kernel's own shape inference agrees with the reference's shapes.
+            let in_shapes: Vec<Vec<usize>> = inputs.iter().map(|b| b.shape.clone()).collect();
+            let inferred = kernel.output_shapes(&in_shapes).unwrap();
+            assert_eq!(inferred, want.iter().map(|w| w.1.clone()).collect::<Vec<_>>(), "{}", kernel.name);
             // SAFETY: output buffers have exactly the shapes the kernel computes (the reference's).
             unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
             for (got, (want, _)) in outputs.iter().zip(&want) {

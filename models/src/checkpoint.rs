@@ -62,6 +62,9 @@ pub fn fallback_name(name: &str) -> Option<String> {
     }
 }
 
+/// Block size of fp8 weights loaded where dense values are wanted (DeepSeek-V3's 128 x 128).
+const DEFAULT_FP8_BLOCK: [usize; 2] = [128, 128];
+
 fn dtype_name(d: Dtype) -> String {
     format!("{d:?}")
 }
@@ -221,6 +224,10 @@ impl Checkpoint {
             return Err(mismatch(found));
         }
         match format {
+            WeightFormat::Dense(_) if e.dtype == Dtype::F8_E4M3 && shape.len() == 2 => {
+                // An fp8 tensor where dense values are wanted: dequantized at load with its scales.
+                self.check_scales(&stored, &shape, DEFAULT_FP8_BLOCK)?;
+            }
             WeightFormat::Dense(_) => {
                 if !matches!(e.dtype, Dtype::F32 | Dtype::BF16) {
                     return Err(mismatch(found));
@@ -230,29 +237,30 @@ impl Checkpoint {
                 if e.dtype != Dtype::F8_E4M3 {
                     return Err(mismatch(format!("{found} (the config's quantization_config says fp8)")));
                 }
-                let scale_name = format!("{stored}_scale_inv");
-                let want = vec![shape[0].div_ceil(block[0]), shape[1].div_ceil(block[1])];
-                match self.tensors.get(&scale_name) {
-                    None => {
-                        return Err(CheckpointError::Missing {
-                            dir: self.dir.display().to_string(),
-                            name: scale_name,
-                            expected: format!("{want:?} F32"),
-                        })
-                    }
-                    Some(s) if s.dtype != Dtype::F32 || s.shape != want => {
-                        return Err(CheckpointError::Mismatch {
-                            file: self.file_of(s),
-                            name: scale_name,
-                            expected: format!("{want:?} F32"),
-                            found: format!("{:?} {}", s.shape, dtype_name(s.dtype)),
-                        })
-                    }
-                    Some(_) => {}
-                }
+                self.check_scales(&stored, &shape, block)?;
             }
         }
         Ok(stored)
+    }
+
+    /// Checks that `stored`'s `weight_scale_inv` exists with one f32 per `block` of `shape`.
+    fn check_scales(&self, stored: &str, shape: &[usize], block: [usize; 2]) -> Result<(), CheckpointError> {
+        let scale_name = format!("{stored}_scale_inv");
+        let want = vec![shape[0].div_ceil(block[0]), shape[1].div_ceil(block[1])];
+        match self.tensors.get(&scale_name) {
+            None => Err(CheckpointError::Missing {
+                dir: self.dir.display().to_string(),
+                name: scale_name,
+                expected: format!("{want:?} F32"),
+            }),
+            Some(s) if s.dtype != Dtype::F32 || s.shape != want => Err(CheckpointError::Mismatch {
+                file: self.file_of(s),
+                name: scale_name,
+                expected: format!("{want:?} F32"),
+                found: format!("{:?} {}", s.shape, dtype_name(s.dtype)),
+            }),
+            Some(_) => Ok(()),
+        }
     }
 
     /// Checks that every parameter of `graph` is present with the right shape and dtype. Unused
@@ -278,13 +286,18 @@ impl Checkpoint {
         let stored = self.check_param(name, ty, format)?;
         let e = &self.tensors[&stored];
         let bytes = self.bytes(e);
+        let fp8 = |block: [usize; 2]| {
+            let s = &self.tensors[&format!("{stored}_scale_inv")];
+            let scale = decode_f32(self.bytes(s), Dtype::F32);
+            Tensor::f8_block([e.shape[0], e.shape[1]], bytes.to_vec(), scale, block)
+        };
         match format {
-            WeightFormat::Dense(_) => Ok(Tensor::f32(e.shape.clone(), decode_f32(bytes, e.dtype))),
-            WeightFormat::Fp8Block { block } => {
-                let s = &self.tensors[&format!("{stored}_scale_inv")];
-                let scale = decode_f32(self.bytes(s), Dtype::F32);
-                Ok(Tensor::f8_block([e.shape[0], e.shape[1]], bytes.to_vec(), scale, block))
+            WeightFormat::Dense(_) if e.dtype == Dtype::F8_E4M3 => {
+                let t = fp8(DEFAULT_FP8_BLOCK);
+                Ok(Tensor::f32(e.shape.clone(), t.as_f32().unwrap_or_default().to_vec()))
             }
+            WeightFormat::Dense(_) => Ok(Tensor::f32(e.shape.clone(), decode_f32(bytes, e.dtype))),
+            WeightFormat::Fp8Block { block } => Ok(fp8(block)),
         }
     }
 

@@ -64,6 +64,9 @@ pub struct BuildOptions {
     pub attention_form: Option<AttentionForm>,
     /// Leave out the MTP module even when the config has one.
     pub skip_mtp: bool,
+    /// Declare every weight as dense f32 (fp8 weights dequantized at load): for backends that run
+    /// on the loaded values, as the reference interpreter does in f32 precision.
+    pub dense_f32_weights: bool,
 }
 
 /// Activation group of fp8 activation quantization (per token per 128 channels).
@@ -144,6 +147,7 @@ struct ModelBuilder<'a> {
     form: AttentionForm,
     /// fp8 quantizations already built, by activation: one quantization serves every GEMM reading it.
     quantized: std::collections::HashMap<ValueId, (ValueId, ValueId)>,
+    dense_f32_weights: bool,
 }
 
 /// Per-call inputs shared by all layers.
@@ -163,18 +167,23 @@ impl<'a> ModelBuilder<'a> {
                 Entry::Decode => AttentionForm::Absorbed,
             }),
             quantized: std::collections::HashMap::new(),
+            dense_f32_weights: options.dense_f32_weights,
         }
     }
 
     fn dense_dtype(&self) -> DType {
-        self.c.weight_dtype
+        if self.dense_f32_weights {
+            DType::F32
+        } else {
+            self.c.weight_dtype
+        }
     }
 
     /// A projection weight: fp8 block-scaled when the checkpoint is quantized.
     fn proj(&mut self, name: &str, out: usize, inp: usize) -> Result<ValueId, GraphError> {
         let format = match &self.c.quantization {
-            Some(q) => WeightFormat::Fp8Block { block: q.weight_block },
-            None => WeightFormat::Dense(self.dense_dtype()),
+            Some(q) if !self.dense_f32_weights => WeightFormat::Fp8Block { block: q.weight_block },
+            _ => WeightFormat::Dense(self.dense_dtype()),
         };
         self.b.param(&format!("{name}.weight"), &[out, inp], format)
     }
