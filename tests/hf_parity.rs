@@ -80,3 +80,25 @@ fn sharded_checkpoints_load_like_single_files() {
     assert_eq!(single.logits, sharded.logits);
     assert_eq!(single.mtp_logits, sharded.mtp_logits);
 }
+
+/// The CPU backend (every kernel JIT-compiled from MLIR) reproduces transformers' logits too.
+#[test]
+fn cpu_backend_logits_match_transformers() {
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let expected = Checkpoint::open_file(&dir.join("expected.safetensors")).unwrap();
+        let tokens: Vec<u32> = expected.read("tokens").unwrap().as_ids().unwrap().iter().map(|&t| t as u32).collect();
+        let p0 = expected.read("positions").unwrap().as_ids().unwrap()[0];
+        let model = Model::open(&dir, Precision::F32).unwrap();
+        let got = v3c_compiler::cpu_backend::logits(&model, &tokens, p0).unwrap();
+        let want = expected.read("logits").unwrap();
+        let diff = max_abs_diff(got.logits.as_f32().unwrap(), want.as_f32().unwrap());
+        eprintln!("{name}: cpu backend logits max |diff| = {diff:.2e}");
+        assert!(diff <= 1e-3, "{name}: cpu logits differ by {diff}");
+        if let (true, Some(mtp)) = (expected.contains("mtp_logits"), got.mtp_logits) {
+            let diff = max_abs_diff(mtp.as_f32().unwrap(), expected.read("mtp_logits").unwrap().as_f32().unwrap());
+            eprintln!("{name}: cpu backend mtp_logits max |diff| = {diff:.2e}");
+            assert!(diff <= 1e-3, "{name}: cpu mtp logits differ by {diff}");
+        }
+    }
+}

@@ -11,6 +11,7 @@
 //! - [`doctor`]: the `v3c doctor` report.
 
 pub mod conversion;
+pub mod cpu_backend;
 pub mod doctor;
 pub mod import;
 pub mod mlir;

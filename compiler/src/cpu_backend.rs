@@ -1,0 +1,284 @@
+//! The CPU backend: runs entry points of the `fused` stage on this machine, every kernel JIT-compiled
+//! from MLIR ([`crate::conversion::v3_to_cpu`]); no op falls back to hand-written numerics.
+//!
+//! A [`CpuProgram`] is built once per model: the pipeline runs to `fused` (with dense f32 weights:
+//! fp8 and bf16 weights are converted at load, as the reference interpreter does in f32 precision),
+//! every kernel function is compiled, and the weights every entry reads are loaded (MoE experts
+//! stacked per layer). [`CpuProgram::run`] then walks an entry's launch list: it checks the inputs
+//! (token ids in the vocabulary, cache positions inside the caches), infers each launch's output
+//! shapes, allocates them, and launches.
+//!
+//! Not handled yet: fp8 precision (fp8 activations / block-scaled GEMMs), a memory arena from a plan
+//! (every launch allocates), tiling and vectorization, threads.
+
+use std::collections::HashMap;
+
+use melior::ir::block::BlockLike;
+use melior::ir::operation::OperationLike;
+use melior::ir::{Module, RegionLike, ValueLike};
+use melior::Context;
+use v3c_models::checkpoint::Checkpoint;
+use v3c_models::dtype::DType;
+use v3c_models::graph::{Dim, TensorType, WeightFormat};
+use v3c_models::{BuildOptions, Entry, ModelConfig};
+
+use crate::conversion::v3_to_cpu::{CpuError, CpuKernel, HostBuffer, HostData};
+use crate::pipeline::Driver;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CpuBackendError {
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    #[error(transparent)]
+    Kernel(#[from] CpuError),
+    #[error(transparent)]
+    Checkpoint(#[from] v3c_models::checkpoint::CheckpointError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What a function argument binds to.
+#[derive(Debug, Clone)]
+enum Binding {
+    Input(String),
+    Param(String),
+}
+
+fn bindings(attr_text: &str) -> Vec<Binding> {
+    attr_text
+        .split("}, {")
+        .map(|a| {
+            let value = |key: &str| {
+                a.split(&format!("{key} = \"")).nth(1).and_then(|r| r.split('"').next()).map(str::to_string)
+            };
+            match (value(v3c_dialects::INPUT_ATTR), value(v3c_dialects::PARAM_ATTR)) {
+                (Some(i), _) => Binding::Input(i),
+                (None, Some(p)) => Binding::Param(p),
+                _ => Binding::Input(String::new()),
+            }
+        })
+        .collect()
+}
+
+/// A model compiled for the CPU, with its weights loaded.
+pub struct CpuProgram<'c> {
+    module: Module<'c>,
+    kernels: HashMap<String, CpuKernel>,
+    weights: HashMap<String, HostBuffer>,
+    vocab: usize,
+}
+
+impl<'c> CpuProgram<'c> {
+    /// Compiles `entries` of `config` and loads their weights from `checkpoint`.
+    pub fn new(
+        context: &'c Context,
+        config: &ModelConfig,
+        entries: &[Entry],
+        skip_mtp: bool,
+        checkpoint: &Checkpoint,
+    ) -> Result<CpuProgram<'c>, CpuBackendError> {
+        let options = BuildOptions { dense_f32_weights: true, skip_mtp, ..Default::default() };
+        let module = Driver::from_env(&config.name).run_model(context, config, entries, &options, "fused")?;
+        let mut kernels = HashMap::new();
+        let mut weights = HashMap::new();
+        let mut op = module.body().first_operation();
+        while let Some(f) = op {
+            op = f.next_in_block();
+            if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
+                let k = CpuKernel::compile(context, &f)?;
+                kernels.insert(k.name.clone(), k);
+                continue;
+            }
+            let Ok(attrs) = f.attribute("arg_attrs") else { continue };
+            let block = f
+                .region(0)
+                .ok()
+                .and_then(|r| r.first_block())
+                .ok_or_else(|| CpuBackendError::Invalid("entry without body".into()))?;
+            for (i, b) in bindings(&attrs.to_string()).into_iter().enumerate() {
+                let Binding::Param(name) = b else { continue };
+                if weights.contains_key(&name) {
+                    continue;
+                }
+                let ty = block.argument(i).map_err(|e| CpuBackendError::Invalid(e.to_string()))?.r#type().to_string();
+                let shape = crate::verify::Shape::parse(&ty)
+                    .ok_or_else(|| CpuBackendError::Invalid(format!("{name}: {ty}")))?;
+                let dims: Vec<usize> = shape.dims.iter().map(|d| d.unwrap_or(0)).collect();
+                weights.insert(name.clone(), load_weight(checkpoint, &name, &dims)?);
+            }
+        }
+        Ok(CpuProgram { module, kernels, weights, vocab: config.vocab_size })
+    }
+
+    /// Runs `entry` on `inputs` (by `v3.input` name) and returns the outputs named in `wanted`.
+    pub fn run(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, CpuBackendError> {
+        let invalid = |m: String| CpuBackendError::Invalid(m);
+        let mut op = self.module.body().first_operation();
+        let function = loop {
+            let f = op.ok_or_else(|| invalid(format!("no entry point '{entry}'")))?;
+            op = f.next_in_block();
+            if f.attribute("sym_name").map(|a| a.to_string() == format!("\"{entry}\"")).unwrap_or(false) {
+                break f;
+            }
+        };
+        let args = bindings(&function.attribute("arg_attrs").map(|a| a.to_string()).unwrap_or_default());
+        let block = function
+            .region(0)
+            .ok()
+            .and_then(|r| r.first_block())
+            .ok_or_else(|| invalid("entry without body".into()))?;
+        self.check_inputs(inputs)?;
+        let mut env: HashMap<usize, HostBuffer> = HashMap::new();
+        for (i, b) in args.iter().enumerate() {
+            let value = block.argument(i).map_err(|e| invalid(e.to_string()))?.to_raw().ptr as usize;
+            let buf = match b {
+                Binding::Input(name) => {
+                    inputs.get(name).cloned().ok_or_else(|| invalid(format!("input '{name}' not given")))?
+                }
+                Binding::Param(name) => self.weights[name].clone(),
+            };
+            env.insert(value, buf);
+        }
+        let mut c = block.first_operation();
+        while let Some(call) = c {
+            c = call.next_in_block();
+            let Ok(callee) = call.attribute("callee") else {
+                // func.return: collect the outputs by name.
+                let names: Vec<String> = function
+                    .attribute("res_attrs")
+                    .map(|a| a.to_string())
+                    .unwrap_or_default()
+                    .split("}, {")
+                    .map(|a| {
+                        a.split(&format!("{} = \"", v3c_dialects::OUTPUT_ATTR))
+                            .nth(1)
+                            .and_then(|r| r.split('"').next())
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                    .collect();
+                let mut out = HashMap::new();
+                for (k, name) in names.iter().enumerate() {
+                    if wanted.contains(&name.as_str()) {
+                        let v = call.operand(k).map_err(|e| invalid(e.to_string()))?.to_raw().ptr as usize;
+                        out.insert(name.clone(), env[&v].clone());
+                    }
+                }
+                return Ok(out);
+            };
+            let name = callee.to_string().trim_start_matches('@').to_string();
+            let kernel = self.kernels.get(&name).ok_or_else(|| invalid(format!("kernel {name} missing")))?;
+            let mut ins: Vec<HostBuffer> = (0..call.operand_count())
+                .map(|k| env[&(call.operand(k).expect("operand").to_raw().ptr as usize)].clone())
+                .collect();
+            let shapes = kernel.output_shapes(&ins.iter().map(|b| b.shape.clone()).collect::<Vec<_>>())?;
+            let mut outs: Vec<HostBuffer> = shapes
+                .into_iter()
+                .zip(&kernel.outputs)
+                .map(|(shape, declared)| {
+                    let n = shape.iter().product();
+                    let data =
+                        if declared.element == "i32" { HostData::I32(vec![0; n]) } else { HostData::F32(vec![0.0; n]) };
+                    HostBuffer { shape, data }
+                })
+                .collect();
+            // SAFETY: output shapes come from the kernel's own shape rules; token ids and cache
+            // positions were checked above, and every other index is produced by a kernel.
+            unsafe { kernel.run(&mut ins, &mut outs)? };
+            for (k, b) in outs.into_iter().enumerate() {
+                env.insert(call.result(k).map_err(|e| invalid(e.to_string()))?.to_raw().ptr as usize, b);
+            }
+        }
+        Err(invalid(format!("entry '{entry}' has no return")))
+    }
+
+    fn check_inputs(&self, inputs: &HashMap<String, HostBuffer>) -> Result<(), CpuBackendError> {
+        for (name, buf) in inputs {
+            let HostData::I64(ids) = &buf.data else { continue };
+            if name == "tokens" || name == "mtp_tokens" {
+                if let Some(&t) = ids.iter().find(|&&t| t < 0 || t as usize >= self.vocab) {
+                    return Err(CpuBackendError::Invalid(format!(
+                        "token id {t} is outside the vocabulary (0..{})",
+                        self.vocab
+                    )));
+                }
+            }
+            if name == "positions" {
+                // Decode caches are [B, S, C]: positions must index rows of S.
+                for (cache_name, cache) in
+                    inputs.iter().filter(|(n, b)| n.starts_with("kv_cache.") && b.shape.len() == 3)
+                {
+                    if let Some(&p) = ids.iter().find(|&&p| p < 0 || p as usize >= cache.shape[1]) {
+                        return Err(CpuBackendError::Invalid(format!(
+                            "position {p} is outside {cache_name} ({} rows)",
+                            cache.shape[1]
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Loads a weight as dense f32; `model.layers.N.mlp.experts.*.X` stacks the experts.
+fn load_weight(checkpoint: &Checkpoint, name: &str, dims: &[usize]) -> Result<HostBuffer, CpuBackendError> {
+    let load = |n: &str, shape: &[usize]| -> Result<Vec<f32>, CpuBackendError> {
+        let ty = TensorType::new(shape.iter().map(|&d| Dim::Fixed(d)).collect(), DType::F32);
+        let t = checkpoint.load(n, &ty, WeightFormat::Dense(DType::F32))?;
+        Ok(t.as_f32().unwrap_or_default().to_vec())
+    };
+    let data = if name.contains(".experts.*.") {
+        let mut all = Vec::new();
+        for e in 0..dims[0] {
+            all.extend(load(&name.replace(".experts.*.", &format!(".experts.{e}.")), &dims[1..])?);
+        }
+        all
+    } else {
+        load(name, dims)?
+    };
+    Ok(HostBuffer { shape: dims.to_vec(), data: HostData::F32(data) })
+}
+
+/// Logits of one sequence through the CPU backend: the CPU twin of
+/// [`v3c_models::reference::Model::logits`] (same inputs, same outputs).
+pub fn logits(
+    model: &v3c_models::reference::Model,
+    tokens: &[u32],
+    first_position: i64,
+) -> Result<v3c_models::reference::Logits, CpuBackendError> {
+    use v3c_models::tensor::Tensor;
+    if tokens.is_empty() {
+        return Err(CpuBackendError::Invalid("no tokens given".into()));
+    }
+    let context = crate::mlir::new_context();
+    let program = CpuProgram::new(&context, &model.config, &[Entry::Prefill], !model.has_mtp, &model.checkpoint)?;
+    let t = tokens.len();
+    let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
+    let mut inputs = HashMap::new();
+    inputs.insert("tokens".to_string(), ids(tokens.iter().map(|&x| x as i64).collect()));
+    inputs.insert("positions".to_string(), ids((0..t as i64).map(|i| i + first_position).collect()));
+    let latent = model.config.latent_dim();
+    for l in (0..model.config.num_hidden_layers).map(|l| format!("kv_cache.{l}")).chain(["kv_cache.mtp".to_string()]) {
+        inputs.insert(l, HostBuffer { shape: vec![0, latent], data: HostData::F32(Vec::new()) });
+    }
+    let mut wanted = vec!["logits"];
+    if model.has_mtp {
+        inputs.insert("mtp_tokens".into(), ids(tokens[1..].iter().map(|&x| x as i64).chain([0]).collect()));
+        wanted.push("mtp_logits");
+    }
+    let out = program.run("prefill", &inputs, &wanted)?;
+    let tensor = |b: &HostBuffer, rows: usize| match &b.data {
+        HostData::F32(v) => Tensor::f32(vec![rows, b.shape[1]], v[..rows * b.shape[1]].to_vec()),
+        _ => Tensor::f32(vec![0, 0], Vec::new()),
+    };
+    Ok(v3c_models::reference::Logits {
+        logits: tensor(&out["logits"], t),
+        mtp_logits: out.get("mtp_logits").map(|m| tensor(m, t - 1)),
+    })
+}
