@@ -10,13 +10,13 @@ use v3c_models::init::{with_fp8, write_random_checkpoint};
 use v3c_models::reference::{Model, Sampler};
 use v3c_models::Precision;
 
-/// Which backend a command was asked to use; only `reference` exists so far.
-pub fn require_reference(backend: &str) -> Result<(), String> {
+/// Which backend a command was asked to use: `reference` (interpreter) or `cpu` (JIT kernels).
+pub fn require_backend(backend: &str) -> Result<(), String> {
     match backend {
         "reference" => Ok(()),
-        "cpu" => Err("backend cpu is not available yet (it lands with the fusion + CPU backend issue); use --backend reference".into()),
+        "cpu" => Ok(()),
         other => Err(format!(
-            "backend {other} is not available yet (GPU execution lands with the artifact/runtime issue); use --backend reference"
+            "backend {other} is not available yet (GPU execution lands with the artifact/runtime issue); use --backend reference or cpu"
         )),
     }
 }
@@ -26,11 +26,19 @@ pub fn logits(
     tokens: &str,
     first_position: i64,
     precision: Precision,
+    backend: &str,
     out: &Path,
 ) -> Result<(), String> {
     let tokens = v3c_runtime::cli::parse_token_ids(tokens, "--tokens")?;
     let model = Model::open(model_dir, precision).map_err(|e| e.to_string())?;
-    let result = model.logits(&tokens, first_position).map_err(|e| e.to_string())?;
+    let result = if backend == "cpu" {
+        if precision == Precision::Fp8 {
+            return Err("backend cpu: --precision fp8 is not lowered yet (fp8 activations); use --precision f32".into());
+        }
+        v3c_compiler::cpu_backend::logits(&model, &tokens, first_position).map_err(|e| e.to_string())?
+    } else {
+        model.logits(&tokens, first_position).map_err(|e| e.to_string())?
+    };
     let mut tensors = vec![("logits", &result.logits)];
     if let Some(m) = &result.mtp_logits {
         tensors.push(("mtp_logits", m));
@@ -53,6 +61,29 @@ pub struct RunOptions<'a> {
     pub seed: u64,
     pub ignore_eos: bool,
     pub precision: Precision,
+    pub backend: &'a str,
+}
+
+/// A generation session on either backend.
+enum AnySession<'m, 'c> {
+    Reference(v3c_models::reference::Session<'m>),
+    Cpu(v3c_compiler::cpu_backend::CpuSession<'c>),
+}
+
+impl AnySession<'_, '_> {
+    fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
+        match self {
+            AnySession::Reference(s) => s.prefill(tokens).map_err(|e| e.to_string()),
+            AnySession::Cpu(s) => s.prefill(tokens).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn decode(&mut self, token: u32) -> Result<Vec<f32>, String> {
+        match self {
+            AnySession::Reference(s) => s.decode(token).map_err(|e| e.to_string()),
+            AnySession::Cpu(s) => s.decode(token).map_err(|e| e.to_string()),
+        }
+    }
 }
 
 pub fn run(o: &RunOptions) -> Result<(), String> {
@@ -64,10 +95,21 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
     }
     let prompt = v3c_runtime::cli::parse_token_ids(o.prompt, "--prompt-tokens")?;
     let model = Model::open(o.model_dir, o.precision).map_err(|e| e.to_string())?;
-    let mut session = model.session(prompt.len() + o.max_new_tokens).map_err(|e| e.to_string())?;
+    let context = v3c_compiler::mlir::new_context();
+    let max_len = prompt.len() + o.max_new_tokens;
+    let mut session = if o.backend == "cpu" {
+        if o.precision == Precision::Fp8 {
+            return Err("backend cpu: --precision fp8 is not lowered yet (fp8 activations); use --precision f32".into());
+        }
+        AnySession::Cpu(
+            v3c_compiler::cpu_backend::CpuSession::new(&context, &model, max_len).map_err(|e| e.to_string())?,
+        )
+    } else {
+        AnySession::Reference(model.session(max_len).map_err(|e| e.to_string())?)
+    };
     let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed);
     let start = Instant::now();
-    let mut logits = session.prefill(&prompt).map_err(|e| e.to_string())?;
+    let mut logits = session.prefill(&prompt)?;
     let prefill_s = start.elapsed().as_secs_f64();
     let mut generated = Vec::new();
     let mut stopped = false;
@@ -79,7 +121,7 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
             break;
         }
         if generated.len() < o.max_new_tokens {
-            logits = session.decode(token).map_err(|e| e.to_string())?;
+            logits = session.decode(token)?;
         }
     }
     let total = start.elapsed().as_secs_f64();
@@ -87,12 +129,13 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
     println!("{}", text.join(" "));
     let decode_s = (total - prefill_s).max(1e-9);
     eprintln!(
-        "generated {} tokens{}: prefill {} tokens in {:.3} s, decode {:.2} tok/s (reference backend, {})",
+        "generated {} tokens{}: prefill {} tokens in {:.3} s, decode {:.2} tok/s ({} backend, {})",
         generated.len(),
         if stopped { " (stopped at eos)" } else { "" },
         prompt.len(),
         prefill_s,
         generated.len().saturating_sub(1) as f64 / decode_s,
+        o.backend,
         if o.precision == Precision::Fp8 { "fp8" } else { "f32" }
     );
     Ok(())

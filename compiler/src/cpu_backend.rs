@@ -282,3 +282,102 @@ pub fn logits(
         mtp_logits: out.get("mtp_logits").map(|m| tensor(m, t - 1)),
     })
 }
+
+/// One sequence generated on the CPU backend: prefill once, then one decode step per token, with
+/// the latent KV cache of every layer held as [1, max_len, 576]-style buffers between steps.
+pub struct CpuSession<'c> {
+    program: CpuProgram<'c>,
+    caches: HashMap<String, HostBuffer>,
+    latent: usize,
+    layers: usize,
+    position: usize,
+    max_len: usize,
+}
+
+impl<'c> CpuSession<'c> {
+    /// Compiles both entry points of `model` (without MTP) for sequences up to `max_len` tokens.
+    pub fn new(
+        context: &'c Context,
+        model: &v3c_models::reference::Model,
+        max_len: usize,
+    ) -> Result<CpuSession<'c>, CpuBackendError> {
+        let program = CpuProgram::new(context, &model.config, &Entry::ALL, true, &model.checkpoint)?;
+        Ok(CpuSession {
+            program,
+            caches: HashMap::new(),
+            latent: model.config.latent_dim(),
+            layers: model.config.num_hidden_layers,
+            position: 0,
+            max_len,
+        })
+    }
+
+    fn cache_names(&self) -> Vec<String> {
+        (0..self.layers).map(|l| format!("kv_cache.{l}")).collect()
+    }
+
+    fn ids(v: Vec<i64>) -> HostBuffer {
+        HostBuffer { shape: vec![v.len()], data: HostData::I64(v) }
+    }
+
+    fn last_row(b: &HostBuffer) -> Vec<f32> {
+        match &b.data {
+            HostData::F32(v) => v[v.len() - b.shape[1]..].to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Runs the prompt; returns the logits of its last token.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, CpuBackendError> {
+        if tokens.is_empty() || tokens.len() > self.max_len {
+            return Err(CpuBackendError::Invalid(format!(
+                "prompt of {} tokens (session holds 1..={})",
+                tokens.len(),
+                self.max_len
+            )));
+        }
+        let t = tokens.len();
+        let mut inputs = HashMap::new();
+        inputs.insert("tokens".to_string(), Self::ids(tokens.iter().map(|&x| x as i64).collect()));
+        inputs.insert("positions".to_string(), Self::ids((0..t as i64).collect()));
+        for name in self.cache_names() {
+            inputs.insert(name, HostBuffer { shape: vec![0, self.latent], data: HostData::F32(Vec::new()) });
+        }
+        let names = self.cache_names();
+        let mut wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+        wanted.push("logits");
+        let out = self.program.run("prefill", &inputs, &wanted)?;
+        for name in &names {
+            let HostData::F32(rows) = &out[name].data else { continue };
+            let mut cache = vec![0.0f32; self.max_len * self.latent];
+            cache[..rows.len()].copy_from_slice(rows);
+            self.caches.insert(
+                name.clone(),
+                HostBuffer { shape: vec![1, self.max_len, self.latent], data: HostData::F32(cache) },
+            );
+        }
+        self.position = t;
+        Ok(Self::last_row(&out["logits"]))
+    }
+
+    /// Feeds one token at the next position; returns its logits.
+    pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, CpuBackendError> {
+        if self.position >= self.max_len {
+            return Err(CpuBackendError::Invalid(format!("session is full ({} tokens)", self.max_len)));
+        }
+        let mut inputs = self.caches.clone();
+        inputs.insert("tokens".to_string(), Self::ids(vec![token as i64]));
+        inputs.insert("positions".to_string(), Self::ids(vec![self.position as i64]));
+        let names = self.cache_names();
+        let mut wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+        wanted.push("logits");
+        let mut out = self.program.run("decode", &inputs, &wanted)?;
+        for name in names {
+            if let Some(c) = out.remove(&name) {
+                self.caches.insert(name, c);
+            }
+        }
+        self.position += 1;
+        Ok(Self::last_row(&out["logits"]))
+    }
+}

@@ -273,9 +273,10 @@ fn main() -> ExitCode {
             precision: a.precision.model(),
             report: a.report,
         }),
-        Command::Logits(a) => commands::require_reference(a.backend.name())
-            .and_then(|_| commands::logits(&a.model_dir, &a.tokens, a.first_position, a.precision.model(), &a.out)),
-        Command::Run(a) => commands::require_reference(a.backend.name()).and_then(|_| {
+        Command::Logits(a) => commands::require_backend(a.backend.name()).and_then(|_| {
+            commands::logits(&a.model_dir, &a.tokens, a.first_position, a.precision.model(), a.backend.name(), &a.out)
+        }),
+        Command::Run(a) => commands::require_backend(a.backend.name()).and_then(|_| {
             commands::run(&commands::RunOptions {
                 model_dir: &a.model_dir,
                 prompt: &a.prompt_tokens,
@@ -285,6 +286,7 @@ fn main() -> ExitCode {
                 seed: a.seed,
                 ignore_eos: a.ignore_eos,
                 precision: a.precision.model(),
+                backend: a.backend.name(),
             })
         }),
         Command::InitWeights(a) => commands::init_weights(&a.model, &a.out, a.fp8, a.seed),

@@ -337,3 +337,34 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
     missing.dedup();
     assert!(missing.is_empty(), "every kernel of the tiny model lowers: {missing:?}");
 }
+
+/// On the CPU backend, prefill of T tokens then decode of k more (absorbed MLA over the latent cache)
+/// gives the logits of one prefill of T + k (naive MLA), and both match the reference interpreter.
+#[test]
+fn cpu_incremental_decode_matches_full_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, 5).unwrap();
+    let model = v3c_models::reference::Model::open(&ckpt, v3c_models::Precision::F32).unwrap();
+    let tokens = [7u32, 300, 2, 45, 99, 1, 250, 12];
+    let full = v3c_compiler::cpu_backend::logits(&model, &tokens, 0).unwrap().logits;
+    let reference = model.logits(&tokens, 0).unwrap().logits;
+    let v = config.vocab_size;
+    let (full, reference) = (full.as_f32().unwrap(), reference.as_f32().unwrap());
+    let diff = full.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "cpu vs reference prefill: {diff}");
+    let context = v3c_compiler::mlir::new_context();
+    let mut session = v3c_compiler::cpu_backend::CpuSession::new(&context, &model, tokens.len()).unwrap();
+    let split = 3;
+    let mut rows = vec![session.prefill(&tokens[..split]).unwrap()];
+    for &t in &tokens[split..] {
+        rows.push(session.decode(t).unwrap());
+    }
+    for (r, row) in rows.iter().enumerate() {
+        let want = &full[(split - 1 + r) * v..(split + r) * v];
+        let diff = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "position {}: decode vs prefill differ by {diff}", split - 1 + r);
+    }
+    assert!(session.decode(1).unwrap_err().to_string().contains("session is full"));
+}
