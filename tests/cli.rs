@@ -210,9 +210,12 @@ fn dump_ir_prints_dumps_and_restarts_from_a_file() {
     assert!(msg.starts_with(&format!("v3c: error: MLIR parse failed: {}:2:", broken.display())), "{msg}");
     assert!(msg.contains("expected '>'"), "{msg}");
 
-    let later = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "cpu"]);
+    let later = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "plan"]);
     assert_eq!(later.status.code(), Some(1));
-    assert_eq!(text(&later.stderr).trim_end(), "v3c: error: stage 'cpu' is not implemented yet (available: v3, fused)");
+    assert_eq!(
+        text(&later.stderr).trim_end(),
+        "v3c: error: stage 'plan' is not implemented yet (available: v3, fused, cpu)"
+    );
     let bad = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--layers", "2..9"]);
     assert_eq!(text(&bad.stderr).trim_end(), "v3c: error: --layers 2..9: the model has 3 layers");
 }
@@ -232,4 +235,28 @@ fn fused_stage_reports_kernels_and_launches() {
     assert!(ir.contains("attributes {v3.kernel = \"moe_experts\"}"));
     assert_eq!(ir.matches("func.func private @moe_experts_").count(), 1, "MoE layers share one experts kernel");
     assert_eq!(ir.matches("call @moe_experts_0(").count(), 3, "launched for layers 1, 2 and MTP");
+}
+
+/// `--stage cpu` prints every kernel lowered for the CPU; `--kernel` follows one kernel through the
+/// stages; fp8 models say what the CPU does not lower yet.
+#[test]
+fn cpu_stage_and_single_kernel_dumps() {
+    let out = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "cpu"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ir = text(&out.stdout);
+    assert!(ir.contains("func.func @attention_decode_0(") && ir.contains("linalg.generic") && !ir.contains("\"v3."));
+    let one =
+        run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "cpu", "--kernel", "moe_route_0"]);
+    let dump = text(&one.stdout);
+    assert!(dump.starts_with("// ----- stage fused: moe_route_0\n"), "{dump}");
+    assert!(dump.contains("// ----- stage cpu: moe_route_0\n"), "{dump}");
+    let missing = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "cpu", "--kernel", "nope"]);
+    assert!(
+        text(&missing.stderr).starts_with("v3c: error: no kernel 'nope' (kernels: embed_0, "),
+        "{}",
+        text(&missing.stderr)
+    );
+    let fp8 = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3", "--stage", "cpu"]);
+    assert_eq!(fp8.status.code(), Some(1));
+    assert_eq!(text(&fp8.stderr).trim_end(), "v3c: error: unsupported on cpu: v3.linear with fp8 operands");
 }

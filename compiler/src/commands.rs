@@ -173,6 +173,8 @@ pub struct DumpIrOptions<'a> {
     pub precision: Precision,
     /// Print launch counts per entry and layer (stage `fused` and later) to stderr.
     pub report: bool,
+    /// Print only this kernel, in every stage from `fused` up to `stage`.
+    pub kernel: Option<&'a str>,
 }
 
 /// Parses `a..b` (half-open layer range).
@@ -189,6 +191,9 @@ fn parse_layers(text: &str) -> Result<std::ops::Range<usize>, String> {
 pub fn dump_ir(o: &DumpIrOptions) -> Result<(), String> {
     use v3c_compiler::pipeline::Driver;
     let context = v3c_compiler::mlir::new_context();
+    if let Some(kernel) = o.kernel {
+        return dump_kernel(o, &context, kernel);
+    }
     let module = match o.from {
         Some(path) => {
             let label = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -211,7 +216,6 @@ pub fn dump_ir(o: &DumpIrOptions) -> Result<(), String> {
                 .map_err(|e| e.to_string())?
         }
     };
-    use std::io::Write;
     if o.report {
         let (entries, kernels) = v3c_compiler::transforms::form_kernels::launch_report(&module.as_operation());
         if kernels == 0 {
@@ -223,9 +227,51 @@ pub fn dump_ir(o: &DumpIrOptions) -> Result<(), String> {
             }
         }
     }
-    let text = module.as_operation().to_string();
-    let mut out = std::io::stdout().lock();
-    // A closed pipe (e.g. `| head`) is not an error worth reporting.
-    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+    write_stdout(&module.as_operation().to_string());
     Ok(())
+}
+
+/// Writes to stdout; a closed pipe (e.g. `| head`) is not an error worth reporting.
+fn write_stdout(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+}
+
+/// `dump-ir --kernel NAME`: the kernel's function at stage `fused`, then (for `--stage cpu`) its CPU
+/// lowering, each under a `// ----- stage` header.
+fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Result<(), String> {
+    use melior::ir::block::BlockLike;
+    use melior::ir::operation::OperationLike;
+    use v3c_compiler::pipeline::Driver;
+    if !matches!(o.stage, "fused" | "cpu") {
+        return Err(format!("--kernel: kernels exist from stage fused on (asked for stage {})", o.stage));
+    }
+    let config = ModelConfig::resolve(o.model).map_err(|e| e.to_string())?;
+    let layers = o.layers.map(parse_layers).transpose()?;
+    let options = v3c_models::BuildOptions { precision: o.precision, layers, ..Default::default() };
+    let module = Driver::from_env(o.model)
+        .run_model(context, &config, &o.entries, &options, "fused")
+        .map_err(|e| e.to_string())?;
+    let mut names = Vec::new();
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if !v3c_compiler::transforms::form_kernels::is_kernel(&f) {
+            continue;
+        }
+        let name = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        if name != kernel {
+            names.push(name);
+            continue;
+        }
+        let mut text = format!("// ----- stage fused: {kernel}\n{f}\n");
+        if o.stage == "cpu" {
+            let lowered = v3c_compiler::conversion::v3_to_cpu::lower_kernel(&f).map_err(|e| e.to_string())?;
+            text.push_str(&format!("// ----- stage cpu: {kernel}\n{}", lowered.text));
+        }
+        write_stdout(&text);
+        return Ok(());
+    }
+    Err(format!("no kernel '{kernel}' (kernels: {})", names.join(", ")))
 }

@@ -162,6 +162,9 @@ struct DumpIrArgs {
     /// Also print kernel and launch counts (per entry point and layer) to stderr.
     #[arg(long)]
     report: bool,
+    /// Print only this kernel (e.g. mla_latent_0), in every stage from `fused` up to `--stage`.
+    #[arg(long, value_name = "NAME")]
+    kernel: Option<String>,
 }
 
 #[derive(Args)]
@@ -272,6 +275,7 @@ fn main() -> ExitCode {
             from: a.from.as_deref(),
             precision: a.precision.model(),
             report: a.report,
+            kernel: a.kernel.as_deref(),
         }),
         Command::Logits(a) => commands::require_backend(a.backend.name()).and_then(|_| {
             commands::logits(&a.model_dir, &a.tokens, a.first_position, a.precision.model(), a.backend.name(), &a.out)

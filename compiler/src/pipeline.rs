@@ -29,10 +29,11 @@ pub struct Stage {
 pub const STAGES: &[Stage] = &[
     Stage { name: "v3", about: "the model graph imported into the v3 dialect" },
     Stage { name: "fused", about: "ops grouped into deduplicated kernel functions, entries as launch lists" },
+    Stage { name: "cpu", about: "every kernel as a function on memrefs in linalg/scf, ready for LLVM and the JIT" },
 ];
 
 /// Stages later issues add, in order after [`STAGES`].
-pub const PLANNED_STAGES: &[&str] = &["cpu", "gpu", "nvvm", "ptx", "plan"];
+pub const PLANNED_STAGES: &[&str] = &["gpu", "nvvm", "ptx", "plan"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -50,6 +51,8 @@ pub enum PipelineError {
     Dialect(#[from] v3c_dialects::DialectError),
     #[error(transparent)]
     Pass(#[from] crate::transforms::PassError),
+    #[error(transparent)]
+    Cpu(#[from] crate::conversion::v3_to_cpu::CpuError),
     #[error("{what}: shape verification failed: {}", .errors.join("; "))]
     Shapes { what: String, errors: Vec<String> },
     #[error("{path}: cannot write dump: {source}")]
@@ -162,13 +165,20 @@ impl Driver {
     }
 
     /// Runs stages `from..=to` (by index) on `module`.
-    fn run_stages(&self, context: &Context, module: &mut Module, from: usize, to: usize) -> Result<(), PipelineError> {
+    fn run_stages<'c>(
+        &self,
+        context: &'c Context,
+        module: &mut Module<'c>,
+        from: usize,
+        to: usize,
+    ) -> Result<(), PipelineError> {
         for index in from..=to {
             let span = tracing::info_span!("stage", name = STAGES[index].name);
             let _enter = span.enter();
             let started = Instant::now();
             match STAGES[index].name {
                 "fused" => crate::transforms::run_passes(context, module, crate::transforms::FUSED_STAGE)?,
+                "cpu" => *module = cpu_stage(context, module)?,
                 other => return Err(PipelineError::NotYet(other.into())),
             }
             self.finish_stage(context, module, index, started, None)?;
@@ -188,4 +198,22 @@ impl Driver {
             .map_err(|source| PipelineError::Read { path: path.display().to_string(), source })?;
         self.run_text(context, &text, &path.display().to_string(), stage, until)
     }
+}
+
+/// Stage `cpu`: the module of every kernel of the `fused` module lowered for the CPU (functions on
+/// memrefs, linalg/scf). Entry launch lists stay with the `fused` stage (the plan executes them).
+fn cpu_stage<'c>(context: &'c Context, fused: &Module<'c>) -> Result<Module<'c>, PipelineError> {
+    use melior::ir::block::BlockLike;
+    use melior::ir::operation::OperationLike;
+    let mut text = String::from("module {\n");
+    let mut op = fused.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if crate::transforms::form_kernels::is_kernel(&f) {
+            let lowered = crate::conversion::v3_to_cpu::lower_kernel(&f)?;
+            text.push_str(&lowered.text);
+        }
+    }
+    text.push_str("}\n");
+    Ok(parse_module(context, &text, "cpu stage")?)
 }

@@ -682,11 +682,11 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 ));
             }
             "linear" | "lm_head" => {
-                if args.len() != 2 || args[0].1.dims.len() != 2 {
-                    return Err(CpuError::Unsupported(format!(
-                        "{full} with fp8 operands or rank-{} activations",
-                        args[0].1.dims.len()
-                    )));
+                if args.len() != 2 {
+                    return Err(CpuError::Unsupported(format!("{full} with fp8 operands")));
+                }
+                if args[0].1.dims.len() != 2 {
+                    return Err(CpuError::Unsupported(format!("{full} on rank-{} activations", args[0].1.dims.len())));
                 }
                 let (x, w) = (&args[0], &args[1]);
                 e.line(&format!("linalg.fill ins(%zero : f32) outs({dest} : {out_ty})"));
