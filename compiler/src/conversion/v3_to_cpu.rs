@@ -18,6 +18,7 @@ use melior::ir::{RegionLike, ValueLike};
 use melior::pass::PassManager;
 use melior::{Context, ExecutionEngine};
 
+use crate::shapes::{kernel_shape_rules, DimRule};
 use crate::verify::Shape;
 
 /// Why a kernel has no CPU lowering (yet), or failed to build.
@@ -29,27 +30,6 @@ pub enum CpuError {
     Lowering { kernel: String, problem: String },
     #[error("cpu kernel {kernel}: {problem}")]
     Run { kernel: String, problem: String },
-}
-
-/// How a dynamic dim of a kernel result follows from the kernel's inputs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DimRule {
-    /// A known size.
-    Const(usize),
-    /// Dim `dim` of input `input`.
-    Input { input: usize, dim: usize },
-    /// The sum of two (a concatenation).
-    Sum(Box<DimRule>, Box<DimRule>),
-}
-
-impl DimRule {
-    fn eval(&self, inputs: &[Vec<usize>]) -> Option<usize> {
-        match self {
-            DimRule::Const(n) => Some(*n),
-            DimRule::Input { input, dim } => inputs.get(*input)?.get(*dim).copied(),
-            DimRule::Sum(a, b) => Some(a.eval(inputs)? + b.eval(inputs)?),
-        }
-    }
 }
 
 fn memref(shape: &Shape) -> String {
@@ -70,8 +50,6 @@ struct Emitter {
     allocs: Vec<String>,
     /// Module-level constants (RoPE frequency tables).
     globals: Vec<String>,
-    /// Per value: how each dim follows from the kernel inputs.
-    rules: HashMap<usize, Vec<DimRule>>,
 }
 
 impl Emitter {
@@ -572,37 +550,22 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
     let name = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
     let lowering = |problem: String| CpuError::Lowering { kernel: name.clone(), problem };
     let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or_else(|| lowering("no body".into()))?;
-    let mut e = Emitter {
-        body: String::new(),
-        next: 0,
-        values: HashMap::new(),
-        allocs: Vec::new(),
-        globals: Vec::new(),
-        rules: HashMap::new(),
-    };
+    let mut e =
+        Emitter { body: String::new(), next: 0, values: HashMap::new(), allocs: Vec::new(), globals: Vec::new() };
     let mut inputs = Vec::new();
     for i in 0..block.argument_count() {
         let arg = block.argument(i).map_err(|err| lowering(err.to_string()))?;
         let shape =
             Shape::parse(&arg.r#type().to_string()).ok_or_else(|| lowering(format!("argument {i} is not a tensor")))?;
-        let rules = shape
-            .dims
-            .iter()
-            .enumerate()
-            .map(|(d, n)| n.map_or(DimRule::Input { input: i, dim: d }, DimRule::Const))
-            .collect();
-        e.rules.insert(arg.to_raw().ptr as usize, rules);
         e.values.insert(arg.to_raw().ptr as usize, (format!("%in{i}"), shape.clone()));
         inputs.push(shape);
     }
     // Results returned by the kernel are written straight into the output buffers.
     let terminator = block.terminator().ok_or_else(|| lowering("no return".into()))?;
     let mut outputs = Vec::new();
-    let mut output_values = Vec::new();
     let mut output_of: HashMap<usize, String> = HashMap::new();
     for i in 0..terminator.operand_count() {
         let v = terminator.operand(i).map_err(|err| lowering(err.to_string()))?;
-        output_values.push(v.to_raw().ptr as usize);
         let shape = Shape::parse(&v.r#type().to_string()).ok_or_else(|| lowering("result is not a tensor".into()))?;
         output_of.entry(v.to_raw().ptr as usize).or_insert(format!("%out{i}"));
         outputs.push(shape);
@@ -626,36 +589,12 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                     .ok_or_else(|| lowering(format!("{full}: operand {i} unknown")))
             })
             .collect::<Result<_, _>>()?;
-        let operand_rules: Vec<Vec<DimRule>> = (0..o.operand_count())
-            .map(|i| {
-                o.operand(i).ok().and_then(|v| e.rules.get(&(v.to_raw().ptr as usize)).cloned()).unwrap_or_default()
-            })
-            .collect();
-        let concat_axis = if kind == "concat" { int_attr(&o, "axis").map(|a| a as usize) } else { None };
         let mut dests = Vec::new();
         for r in 0..o.result_count() {
             let result = o.result(r).map_err(|err| lowering(err.to_string()))?;
             let shape =
                 Shape::parse(&result.r#type().to_string()).ok_or_else(|| lowering("result is not a tensor".into()))?;
             let key = result.to_raw().ptr as usize;
-            let rules: Vec<DimRule> = shape
-                .dims
-                .iter()
-                .enumerate()
-                .map(|(d, n)| match n {
-                    Some(n) => DimRule::Const(*n),
-                    None if concat_axis == Some(d) => {
-                        DimRule::Sum(Box::new(operand_rules[0][d].clone()), Box::new(operand_rules[1][d].clone()))
-                    }
-                    // Embedding rows follow the ids (operand 1).
-                    None if kind == "embed" => operand_rules[1][0].clone(),
-                    None => operand_rules
-                        .iter()
-                        .find_map(|r| r.get(d).filter(|x| !matches!(x, DimRule::Const(_))).cloned())
-                        .unwrap_or(DimRule::Const(0)),
-                })
-                .collect();
-            e.rules.insert(key, rules);
             let dest = match output_of.get(&key) {
                 Some(out) => out.clone(),
                 None => e.alloc(&shape, &args[0]),
@@ -901,7 +840,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         params.join(", "),
         e.body
     );
-    let output_rules = output_values.iter().map(|k| e.rules.get(k).cloned().unwrap_or_default()).collect();
+    let output_rules = kernel_shape_rules(kernel).map_err(lowering)?;
     Ok(LoweredKernel { text, inputs, outputs, output_rules })
 }
 

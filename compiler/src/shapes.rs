@@ -1,0 +1,91 @@
+//! Run-time shapes of kernel results: each dynamic dim of a kernel function's results as a rule over
+//! its input sizes ([`DimRule`]), derived from the `v3` ops of the kernel. Target-independent: the
+//! CPU backend allocates outputs with it, and the plan sizes buffers with it.
+//!
+//! Rules: a concatenation along a dynamic axis sums its operands' sizes; an embedding has as many
+//! rows as ids; any other dynamic result dim follows the first operand with a dynamic dim at the same
+//! position (rows of activations, batch of caches).
+
+use std::collections::HashMap;
+
+use melior::ir::block::BlockLike;
+use melior::ir::operation::{OperationLike, OperationRef};
+use melior::ir::{RegionLike, ValueLike};
+
+use crate::verify::Shape;
+
+/// How one dim of a kernel result follows from the kernel's inputs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum DimRule {
+    /// A known size.
+    Const(usize),
+    /// Dim `dim` of input `input`.
+    Input { input: usize, dim: usize },
+    /// The sum of two (a concatenation).
+    Sum(Box<DimRule>, Box<DimRule>),
+}
+
+impl DimRule {
+    /// The size for inputs of `inputs` shapes.
+    pub fn eval(&self, inputs: &[Vec<usize>]) -> Option<usize> {
+        match self {
+            DimRule::Const(n) => Some(*n),
+            DimRule::Input { input, dim } => inputs.get(*input)?.get(*dim).copied(),
+            DimRule::Sum(a, b) => Some(a.eval(inputs)? + b.eval(inputs)?),
+        }
+    }
+}
+
+/// Per result of `kernel` (a kernel function), per dim, its rule.
+pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, String> {
+    let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("kernel without a body")?;
+    let mut rules: HashMap<usize, Vec<DimRule>> = HashMap::new();
+    let shape_of = |t: String| Shape::parse(&t).ok_or_else(|| format!("{t} is not a ranked tensor"));
+    for i in 0..block.argument_count() {
+        let arg = block.argument(i).map_err(|e| e.to_string())?;
+        let shape = shape_of(arg.r#type().to_string())?;
+        let r = shape
+            .dims
+            .iter()
+            .enumerate()
+            .map(|(d, n)| n.map_or(DimRule::Input { input: i, dim: d }, DimRule::Const))
+            .collect();
+        rules.insert(arg.to_raw().ptr as usize, r);
+    }
+    let mut op = block.first_operation();
+    while let Some(o) = op {
+        op = o.next_in_block();
+        let name = o.name().as_string_ref().as_str().unwrap_or_default().to_string();
+        let operand_rules: Vec<Vec<DimRule>> = (0..o.operand_count())
+            .map(|i| o.operand(i).ok().and_then(|v| rules.get(&(v.to_raw().ptr as usize)).cloned()).unwrap_or_default())
+            .collect();
+        if name == "func.return" {
+            return Ok(operand_rules);
+        }
+        let concat_axis = (name == "v3.concat")
+            .then(|| o.attribute("axis").ok()?.to_string().split(':').next()?.trim().parse::<usize>().ok())
+            .flatten();
+        for r in 0..o.result_count() {
+            let result = o.result(r).map_err(|e| e.to_string())?;
+            let shape = shape_of(result.r#type().to_string())?;
+            let dims = shape
+                .dims
+                .iter()
+                .enumerate()
+                .map(|(d, n)| match n {
+                    Some(n) => Ok(DimRule::Const(*n)),
+                    None if concat_axis == Some(d) => {
+                        Ok(DimRule::Sum(Box::new(operand_rules[0][d].clone()), Box::new(operand_rules[1][d].clone())))
+                    }
+                    None if name == "v3.embed" => Ok(operand_rules[1][0].clone()),
+                    None => operand_rules
+                        .iter()
+                        .find_map(|r| r.get(d).filter(|x| !matches!(x, DimRule::Const(_))).cloned())
+                        .ok_or_else(|| format!("{name}: no rule for dynamic result dim {d}")),
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            rules.insert(result.to_raw().ptr as usize, dims);
+        }
+    }
+    Err("kernel without a return".into())
+}
