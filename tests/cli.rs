@@ -260,3 +260,30 @@ fn cpu_stage_and_single_kernel_dumps() {
     assert_eq!(fp8.status.code(), Some(1));
     assert_eq!(text(&fp8.stderr).trim_end(), "v3c: error: unsupported on cpu: v3.linear with fp8 operands");
 }
+
+/// `dump-ir --stage plan` prints the plan as JSON (serde types of the runtime) and reports arenas.
+#[test]
+fn plan_stage_prints_json_and_reports_arena_peaks() {
+    let out = run_binary(
+        "v3c",
+        &[
+            "dump-ir",
+            "--model",
+            "deepseek-v3-tiny",
+            "--stage",
+            "plan",
+            "--max-rows",
+            "2",
+            "--max-context",
+            "9",
+            "--report",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: v3c_runtime::plan::Plan = serde_json::from_slice(&out.stdout).expect("the plan is JSON");
+    assert_eq!(plan.format_version, v3c_runtime::plan::PLAN_FORMAT_VERSION);
+    assert_eq!(plan.entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["prefill", "decode"]);
+    let report = text(&out.stderr);
+    assert!(report.contains("report: decode: 52 launches, arena "), "{report}");
+    assert!(report.contains(" KiB peak (rows 2, context 9)"), "{report}");
+}

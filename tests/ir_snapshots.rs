@@ -153,3 +153,59 @@ fn every_op_lands_in_exactly_one_launched_kernel() {
         }
     }
 }
+
+/// The plan: every launch binds existing buffers; arena buffers that are live at the same time never
+/// overlap; decode caches are updated in place (the cache inputs are the cache outputs).
+#[test]
+fn plan_places_live_buffers_apart_and_updates_caches_in_place() {
+    use v3c_runtime::plan::BufferKind;
+    let context = v3c_compiler::mlir::new_context();
+    let module = Driver::quiet().run_model(&context, &tiny(), &Entry::ALL, &BuildOptions::default(), "fused").unwrap();
+    let plan = v3c_compiler::plan::build_plan(&module, v3c_compiler::plan::PlanSizes { rows: 3, context: 17 }).unwrap();
+    assert_eq!(plan.entries.len(), 2);
+    for e in &plan.entries {
+        let n = e.launches.len();
+        // Live range of each arena buffer.
+        let mut live: std::collections::HashMap<usize, (usize, usize)> = Default::default();
+        for (i, l) in e.launches.iter().enumerate() {
+            for &b in l.args.iter().chain(&l.results) {
+                assert!(b < e.buffers.len());
+                if matches!(e.buffers[b].kind, BufferKind::Arena { .. }) {
+                    let r = live.entry(b).or_insert((i, i));
+                    r.1 = i;
+                }
+            }
+        }
+        for (_, b) in &e.outputs {
+            if let Some(r) = live.get_mut(b) {
+                r.1 = n;
+            }
+        }
+        let spans: Vec<(usize, (usize, usize))> = live.into_iter().collect();
+        for (a, (a0, a1)) in &spans {
+            for (b, (b0, b1)) in &spans {
+                if a >= b || a1 < b0 || b1 < a0 {
+                    continue;
+                }
+                let (BufferKind::Arena { offset: oa }, BufferKind::Arena { offset: ob }) =
+                    (&e.buffers[*a].kind, &e.buffers[*b].kind)
+                else {
+                    unreachable!()
+                };
+                let (ea, eb) = (oa + e.buffers[*a].bytes, ob + e.buffers[*b].bytes);
+                assert!(ea <= *ob || eb <= *oa, "{}: buffers {a} and {b} overlap while both live", e.name);
+                assert!(ea <= e.arena_bytes && eb <= e.arena_bytes);
+            }
+        }
+        if e.name == "decode" {
+            let cache_in =
+                e.buffers.iter().find(|b| b.kind == BufferKind::Input { name: "kv_cache.1".into() }).unwrap();
+            assert_eq!(cache_in.shape, vec![3, 17, 48]);
+            let out = e.outputs.iter().find(|(n, _)| n == "kv_cache.1").unwrap().1;
+            assert_eq!(out, cache_in.id, "the decode cache is written in place");
+        } else {
+            let cache_out = e.outputs.iter().find(|(n, _)| n == "kv_cache.1").unwrap().1;
+            assert_eq!(e.buffers[cache_out].shape, vec![17 + 3, 48], "prefill appends rows");
+        }
+    }
+}

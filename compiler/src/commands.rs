@@ -175,6 +175,8 @@ pub struct DumpIrOptions<'a> {
     pub report: bool,
     /// Print only this kernel, in every stage from `fused` up to `stage`.
     pub kernel: Option<&'a str>,
+    /// Sizes the `plan` stage plans dynamic dims for.
+    pub plan_sizes: v3c_compiler::plan::PlanSizes,
 }
 
 /// Parses `a..b` (half-open layer range).
@@ -193,6 +195,9 @@ pub fn dump_ir(o: &DumpIrOptions) -> Result<(), String> {
     let context = v3c_compiler::mlir::new_context();
     if let Some(kernel) = o.kernel {
         return dump_kernel(o, &context, kernel);
+    }
+    if o.stage == v3c_compiler::pipeline::PLAN_STAGE {
+        return dump_plan(o, &context);
     }
     let module = match o.from {
         Some(path) => {
@@ -274,4 +279,54 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
         return Ok(());
     }
     Err(format!("no kernel '{kernel}' (kernels: {})", names.join(", ")))
+}
+
+/// `dump-ir --stage plan`: the launch plan of every entry as JSON (stage `fused`, then planning).
+fn dump_plan(o: &DumpIrOptions, context: &melior::Context) -> Result<(), String> {
+    use v3c_compiler::pipeline::Driver;
+    let driver = Driver::from_env(o.model);
+    let module = match o.from {
+        Some(path) => driver.run_file(context, path, "fused", "fused").map_err(|e| e.to_string())?,
+        None => {
+            let config = ModelConfig::resolve(o.model).map_err(|e| e.to_string())?;
+            let layers = o.layers.map(parse_layers).transpose()?;
+            let options = v3c_models::BuildOptions { precision: o.precision, layers, ..Default::default() };
+            driver.run_model(context, &config, &o.entries, &options, "fused").map_err(|e| e.to_string())?
+        }
+    };
+    let plan = v3c_compiler::plan::build_plan(&module, o.plan_sizes)?;
+    let text = serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n";
+    driver.dump_data("plan", "json", &text).map_err(|e| e.to_string())?;
+    if o.report {
+        for e in &plan.entries {
+            let weights: u64 = e
+                .buffers
+                .iter()
+                .filter(|b| matches!(b.kind, v3c_runtime::plan::BufferKind::Weight { .. }))
+                .map(|b| b.bytes)
+                .sum();
+            eprintln!(
+                "report: {}: {} launches, arena {} peak (rows {}, context {}), weights {}",
+                e.name,
+                e.launches.len(),
+                human_bytes(e.arena_bytes),
+                o.plan_sizes.rows,
+                o.plan_sizes.context,
+                human_bytes(weights)
+            );
+        }
+    }
+    write_stdout(&text);
+    Ok(())
+}
+
+/// `1.5 KiB`, `66.6 MiB`, `641.29 GiB`.
+fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1_048_576 => format!("{:.1} KiB", b / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1} MiB", b / 1_048_576.0),
+        _ => format!("{:.2} GiB", b / 1_073_741_824.0),
+    }
 }

@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod import;
 pub mod mlir;
 pub mod pipeline;
+pub mod plan;
 pub mod shapes;
 pub mod target;
 pub mod toolchain;

@@ -165,6 +165,12 @@ struct DumpIrArgs {
     /// Print only this kernel (e.g. mla_latent_0), in every stage from `fused` up to `--stage`.
     #[arg(long, value_name = "NAME")]
     kernel: Option<String>,
+    /// `--stage plan`: rows to plan for (tokens of a prefill, sequences of a decode).
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    max_rows: usize,
+    /// `--stage plan`: context to plan for (tokens cached before a prefill, cache rows of a decode).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_context: usize,
 }
 
 #[derive(Args)]
@@ -276,6 +282,7 @@ fn main() -> ExitCode {
             precision: a.precision.model(),
             report: a.report,
             kernel: a.kernel.as_deref(),
+            plan_sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
         }),
         Command::Logits(a) => commands::require_backend(a.backend.name()).and_then(|_| {
             commands::logits(&a.model_dir, &a.tokens, a.first_position, a.precision.model(), a.backend.name(), &a.out)

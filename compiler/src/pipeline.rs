@@ -33,7 +33,10 @@ pub const STAGES: &[Stage] = &[
 ];
 
 /// Stages later issues add, in order after [`STAGES`].
-pub const PLANNED_STAGES: &[&str] = &["gpu", "nvvm", "ptx", "plan"];
+pub const PLANNED_STAGES: &[&str] = &["gpu", "nvvm", "ptx"];
+
+/// The last stage: plain data rather than IR (`dump-ir --stage plan` prints JSON).
+pub const PLAN_STAGE: &str = "plan";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -63,6 +66,11 @@ pub enum PipelineError {
 
 /// Looks a stage up by name.
 pub fn stage_index(name: &str) -> Result<usize, PipelineError> {
+    if name == PLAN_STAGE {
+        return Err(PipelineError::NotYet(format!(
+            "{name} (not an IR stage: it is data; use `v3c dump-ir --stage plan`)"
+        )));
+    }
     if let Some(i) = STAGES.iter().position(|s| s.name == name) {
         return Ok(i);
     }
@@ -88,6 +96,15 @@ impl Driver {
     /// Dumps go to `$V3C_DUMP_DIR/<label>` when the variable is set.
     pub fn from_env(label: &str) -> Driver {
         Driver { dump_dir: std::env::var_os("V3C_DUMP_DIR").map(|d| PathBuf::from(d).join(model_label(label))) }
+    }
+
+    /// Writes a non-IR stage output (the plan) beside the IR dumps, as `<NN>-<stage>.<ext>`.
+    pub fn dump_data(&self, stage: &str, ext: &str, text: &str) -> Result<(), PipelineError> {
+        let Some(dir) = &self.dump_dir else { return Ok(()) };
+        let path = dir.join(format!("{:02}-{stage}.{ext}", STAGES.len()));
+        let err = |source| PipelineError::Dump { path: path.display().to_string(), source };
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::write(&path, text).map_err(err)
     }
 
     /// No dumps.

@@ -89,3 +89,31 @@ pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, St
     }
     Err("kernel without a return".into())
 }
+
+/// For each result of `kernel`: the input it updates in place, if any. A `cache_write` result whose
+/// cache is a kernel argument is that argument's buffer with one row per sequence written: the plan
+/// binds both to the same buffer (decode caches are never copied).
+pub fn kernel_in_place(kernel: &OperationRef) -> Vec<Option<usize>> {
+    let Some(block) = kernel.region(0).ok().and_then(|r| r.first_block()) else { return Vec::new() };
+    let args: Vec<usize> =
+        (0..block.argument_count()).filter_map(|i| block.argument(i).ok().map(|a| a.to_raw().ptr as usize)).collect();
+    let mut updates: HashMap<usize, usize> = HashMap::new();
+    let mut op = block.first_operation();
+    while let Some(o) = op {
+        op = o.next_in_block();
+        let name = o.name().as_string_ref().as_str().unwrap_or_default().to_string();
+        if name == "v3.cache_write" {
+            if let (Ok(cache), Ok(result)) = (o.operand(0), o.result(0)) {
+                if let Some(j) = args.iter().position(|&a| a == cache.to_raw().ptr as usize) {
+                    updates.insert(result.to_raw().ptr as usize, j);
+                }
+            }
+        }
+        if name == "func.return" {
+            return (0..o.operand_count())
+                .map(|k| o.operand(k).ok().and_then(|v| updates.get(&(v.to_raw().ptr as usize)).copied()))
+                .collect();
+        }
+    }
+    Vec::new()
+}

@@ -10,5 +10,6 @@
 
 pub mod cli;
 pub mod device;
+pub mod plan;
 
 pub use device::{probe_devices, DeviceError, DeviceInfo, DriverInfo};

@@ -1,0 +1,161 @@
+//! Stage `plan`: the launch list of every entry of a `fused` module, with buffers bound by name and
+//! intermediates placed in one arena by liveness (`v3c_runtime::plan`, which the backends execute).
+//!
+//! Dynamic dims are planned for concrete sizes ([`PlanSizes`]): `rows` (tokens of a prefill,
+//! sequences of a decode) and `context` (tokens already cached before a prefill, cache rows of a
+//! decode). Kernel result shapes follow from their inputs by [`crate::shapes`].
+
+use std::collections::{BTreeMap, HashMap};
+
+use melior::ir::block::BlockLike;
+use melior::ir::operation::OperationLike;
+use melior::ir::{Module, RegionLike, ValueLike};
+use v3c_runtime::plan::{element_bytes, place, Buffer, BufferKind, EntryPlan, Launch, Plan, PLAN_FORMAT_VERSION};
+
+use crate::shapes::{kernel_in_place, kernel_shape_rules, DimRule};
+use crate::verify::Shape;
+
+/// The sizes dynamic dims are planned for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanSizes {
+    pub rows: usize,
+    pub context: usize,
+}
+
+/// Concrete shape of an entry input from its name and type.
+fn input_shape(name: &str, ty: &Shape, sizes: PlanSizes) -> Vec<usize> {
+    let cache = name.starts_with("kv_cache.");
+    ty.dims
+        .iter()
+        .enumerate()
+        .map(|(d, n)| match n {
+            Some(n) => *n,
+            // Prefill caches [P, C]: P tokens already cached. Decode caches [B, S, C].
+            None if cache && ty.dims.len() == 2 => sizes.context,
+            None if cache && d == 1 => sizes.context,
+            None => sizes.rows,
+        })
+        .collect()
+}
+
+/// Plans every entry function of `module` (stage `fused`).
+pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
+    let mut rules: HashMap<String, Vec<Vec<DimRule>>> = HashMap::new();
+    let mut in_place: HashMap<String, Vec<Option<usize>>> = HashMap::new();
+    let mut entries = Vec::new();
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        let name = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        if crate::transforms::form_kernels::is_kernel(&f) {
+            rules.insert(name.clone(), kernel_shape_rules(&f)?);
+            in_place.insert(name, kernel_in_place(&f));
+            continue;
+        }
+        let block = f.region(0).ok().and_then(|r| r.first_block()).ok_or("entry without a body")?;
+        let attrs = f.attribute("arg_attrs").map(|a| a.to_string()).unwrap_or_default();
+        let arg_attrs: Vec<&str> = attrs.split("}, {").collect();
+        let quoted = |text: &str, key: &str| {
+            text.split(&format!("{key} = \"")).nth(1).and_then(|r| r.split('"').next()).map(str::to_string)
+        };
+        let mut buffers: Vec<Buffer> = Vec::new();
+        let mut by_value: HashMap<usize, usize> = HashMap::new();
+        let mut bounds = BTreeMap::new();
+        let new_buffer =
+            |buffers: &mut Vec<Buffer>, kind: BufferKind, shape: Vec<usize>, dtype: &str| -> Result<usize, String> {
+                let per = element_bytes(dtype).ok_or_else(|| format!("no size for element type {dtype}"))?;
+                let id = buffers.len();
+                let bytes = per * shape.iter().product::<usize>() as u64;
+                buffers.push(Buffer { id, kind, shape, dtype: dtype.to_string(), bytes });
+                Ok(id)
+            };
+        for i in 0..block.argument_count() {
+            let arg = block.argument(i).map_err(|e| e.to_string())?;
+            let ty = Shape::parse(&arg.r#type().to_string()).ok_or("entry argument is not a tensor")?;
+            let attr = arg_attrs.get(i).copied().unwrap_or("");
+            let (kind, shape) = match (quoted(attr, v3c_dialects::INPUT_ATTR), quoted(attr, v3c_dialects::PARAM_ATTR)) {
+                (Some(input), _) => {
+                    let shape = input_shape(&input, &ty, sizes);
+                    bounds.insert(input.clone(), shape.clone());
+                    (BufferKind::Input { name: input }, shape)
+                }
+                (None, Some(param)) => {
+                    (BufferKind::Weight { name: param }, ty.dims.iter().map(|d| d.unwrap_or(0)).collect())
+                }
+                _ => return Err(format!("{name}: argument {i} is neither an input nor a parameter")),
+            };
+            let id = new_buffer(&mut buffers, kind, shape, &ty.element)?;
+            by_value.insert(arg.to_raw().ptr as usize, id);
+        }
+        let mut launches = Vec::new();
+        let mut outputs = Vec::new();
+        let mut call = block.first_operation();
+        while let Some(c) = call {
+            call = c.next_in_block();
+            let operands: Vec<usize> = (0..c.operand_count())
+                .map(|k| c.operand(k).map(|v| by_value[&(v.to_raw().ptr as usize)]).map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?;
+            let Ok(callee) = c.attribute("callee") else {
+                let res = f.attribute("res_attrs").map(|a| a.to_string()).unwrap_or_default();
+                for (k, attr) in res.split("}, {").enumerate() {
+                    let out = quoted(attr, v3c_dialects::OUTPUT_ATTR).unwrap_or_default();
+                    outputs.push((out, operands[k]));
+                }
+                break;
+            };
+            let kernel = callee.to_string().trim_start_matches('@').to_string();
+            let input_shapes: Vec<Vec<usize>> = operands.iter().map(|&b| buffers[b].shape.clone()).collect();
+            let kernel_rules = rules.get(&kernel).ok_or_else(|| format!("{name}: kernel {kernel} unknown"))?;
+            let mut results = Vec::new();
+            let updates = in_place.get(&kernel).cloned().unwrap_or_default();
+            for (k, rule) in kernel_rules.iter().enumerate() {
+                // An in-place update (cache write) is the updated input's own buffer.
+                if let Some(j) = updates.get(k).copied().flatten() {
+                    let id = operands[j];
+                    by_value.insert(c.result(k).map_err(|e| e.to_string())?.to_raw().ptr as usize, id);
+                    results.push(id);
+                    continue;
+                }
+                let shape = rule
+                    .iter()
+                    .map(|r| r.eval(&input_shapes))
+                    .collect::<Option<Vec<usize>>>()
+                    .ok_or_else(|| format!("{kernel}: result {k} shape"))?;
+                let ty = Shape::parse(&c.result(k).map_err(|e| e.to_string())?.r#type().to_string())
+                    .ok_or("result is not a tensor")?;
+                let id = new_buffer(&mut buffers, BufferKind::Arena { offset: 0 }, shape, &ty.element)?;
+                by_value.insert(c.result(k).map_err(|e| e.to_string())?.to_raw().ptr as usize, id);
+                results.push(id);
+            }
+            launches.push(Launch { kernel, args: operands, results });
+        }
+        // Liveness: an arena buffer lives from its launch to its last reader (outputs to the end).
+        let end = launches.len();
+        let mut range: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+        for (i, l) in launches.iter().enumerate() {
+            // Results updated in place stay the input buffers they are.
+            for &r in l.results.iter().filter(|&&r| matches!(buffers[r].kind, BufferKind::Arena { .. })) {
+                range.insert(r, (i, i));
+            }
+            for a in &l.args {
+                if let Some(r) = range.get_mut(a) {
+                    r.1 = i;
+                }
+            }
+        }
+        for (_, b) in &outputs {
+            if let Some(r) = range.get_mut(b) {
+                r.1 = end;
+            }
+        }
+        let ids: Vec<usize> = range.keys().copied().collect();
+        let spans: Vec<(usize, usize, u64)> =
+            ids.iter().map(|id| (range[id].0, range[id].1, buffers[*id].bytes)).collect();
+        let (offsets, arena_bytes) = place(&spans);
+        for (id, offset) in ids.iter().zip(offsets) {
+            buffers[*id].kind = BufferKind::Arena { offset };
+        }
+        entries.push(EntryPlan { name, bounds, buffers, launches, outputs, arena_bytes });
+    }
+    Ok(Plan { format_version: PLAN_FORMAT_VERSION, entries })
+}
