@@ -210,11 +210,11 @@ fn dump_ir_prints_dumps_and_restarts_from_a_file() {
     assert!(msg.starts_with(&format!("v3c: error: MLIR parse failed: {}:2:", broken.display())), "{msg}");
     assert!(msg.contains("expected '>'"), "{msg}");
 
-    let later = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "plan"]);
+    let later = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "gpu"]);
     assert_eq!(later.status.code(), Some(1));
     assert_eq!(
         text(&later.stderr).trim_end(),
-        "v3c: error: stage 'plan' is not implemented yet (available: v3, fused, cpu)"
+        "v3c: error: stage 'gpu' is not implemented yet (available: v3, fused, cpu)"
     );
     let bad = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--layers", "2..9"]);
     assert_eq!(text(&bad.stderr).trim_end(), "v3c: error: --layers 2..9: the model has 3 layers");
