@@ -102,3 +102,33 @@ fn cpu_backend_logits_match_transformers() {
         }
     }
 }
+
+/// In fp8 precision (1x128 activations, 128x128 block-scaled GEMMs) the CPU backend quantizes as
+/// the reference interpreter does: logits within 1e-3 x max|logit| and the same argmax on every row.
+#[test]
+fn cpu_backend_fp8_matches_the_reference_fp8() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf/fp8_yarn_mtp");
+    let expected = Checkpoint::open_file(&dir.join("expected.safetensors")).unwrap();
+    let tokens: Vec<u32> = expected.read("tokens").unwrap().as_ids().unwrap().iter().map(|&t| t as u32).collect();
+    let model = Model::open(&dir, Precision::Fp8).unwrap();
+    let reference = model.logits(&tokens, 0).unwrap();
+    let cpu = v3c_compiler::cpu_backend::logits(&model, &tokens, 0).unwrap();
+    for (name, a, b) in [
+        ("logits", &reference.logits, &cpu.logits),
+        ("mtp_logits", reference.mtp_logits.as_ref().unwrap(), cpu.mtp_logits.as_ref().unwrap()),
+    ] {
+        let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
+        let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(a, b);
+        eprintln!("fp8 {name}: cpu vs reference max |diff| = {diff:.2e} (max |logit| {scale:.2})");
+        assert!(diff <= 1e-3 * scale, "{name}: {diff}");
+        let v = reference.logits.shape[1];
+        let argmax = |r: &[f32]| r.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+        for (ra, rb) in a.chunks(v).zip(b.chunks(v)) {
+            assert_eq!(argmax(ra), argmax(rb), "{name}: argmax differs");
+        }
+    }
+    // fp8 really differs from f32 (the quantization is exercised, not bypassed).
+    let f32_logits = Model::open(&dir, Precision::F32).unwrap().logits(&tokens, 0).unwrap().logits;
+    assert!(max_abs_diff(f32_logits.as_f32().unwrap(), cpu.logits.as_f32().unwrap()) > 1e-4);
+}

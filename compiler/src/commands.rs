@@ -32,9 +32,6 @@ pub fn logits(
     let tokens = v3c_runtime::cli::parse_token_ids(tokens, "--tokens")?;
     let model = Model::open(model_dir, precision).map_err(|e| e.to_string())?;
     let result = if backend == "cpu" {
-        if precision == Precision::Fp8 {
-            return Err("backend cpu: --precision fp8 is not lowered yet (fp8 activations); use --precision f32".into());
-        }
         v3c_compiler::cpu_backend::logits(&model, &tokens, first_position).map_err(|e| e.to_string())?
     } else {
         model.logits(&tokens, first_position).map_err(|e| e.to_string())?
@@ -98,9 +95,6 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
     let context = v3c_compiler::mlir::new_context();
     let max_len = prompt.len() + o.max_new_tokens;
     let mut session = if o.backend == "cpu" {
-        if o.precision == Precision::Fp8 {
-            return Err("backend cpu: --precision fp8 is not lowered yet (fp8 activations); use --precision f32".into());
-        }
         AnySession::Cpu(
             v3c_compiler::cpu_backend::CpuSession::new(&context, &model, max_len).map_err(|e| e.to_string())?,
         )

@@ -75,9 +75,10 @@ impl<'c> CpuProgram<'c> {
         config: &ModelConfig,
         entries: &[Entry],
         skip_mtp: bool,
+        precision: v3c_models::Precision,
         checkpoint: &Checkpoint,
     ) -> Result<CpuProgram<'c>, CpuBackendError> {
-        let options = BuildOptions { dense_f32_weights: true, skip_mtp, ..Default::default() };
+        let options = BuildOptions { dense_f32_weights: true, skip_mtp, precision, ..Default::default() };
         let module = Driver::from_env(&config.name).run_model(context, config, entries, &options, "fused")?;
         let mut kernels = HashMap::new();
         let mut weights = HashMap::new();
@@ -104,7 +105,7 @@ impl<'c> CpuProgram<'c> {
                 let shape = crate::verify::Shape::parse(&ty)
                     .ok_or_else(|| CpuBackendError::Invalid(format!("{name}: {ty}")))?;
                 let dims: Vec<usize> = shape.dims.iter().map(|d| d.unwrap_or(0)).collect();
-                weights.insert(name.clone(), load_weight(checkpoint, &name, &dims)?);
+                weights.insert(name.clone(), load_weight(checkpoint, &name, &dims, &shape.element)?);
             }
         }
         Ok(CpuProgram { module, kernels, weights, vocab: config.vocab_size })
@@ -182,8 +183,11 @@ impl<'c> CpuProgram<'c> {
                 .zip(&kernel.outputs)
                 .map(|(shape, declared)| {
                     let n = shape.iter().product();
-                    let data =
-                        if declared.element == "i32" { HostData::I32(vec![0; n]) } else { HostData::F32(vec![0.0; n]) };
+                    let data = match declared.element.as_str() {
+                        "i32" => HostData::I32(vec![0; n]),
+                        "f8E4M3FN" => HostData::F8(vec![0; n]),
+                        _ => HostData::F32(vec![0.0; n]),
+                    };
                     HostBuffer { shape, data }
                 })
                 .collect();
@@ -226,23 +230,46 @@ impl<'c> CpuProgram<'c> {
     }
 }
 
-/// Loads a weight as dense f32; `model.layers.N.mlp.experts.*.X` stacks the experts.
-fn load_weight(checkpoint: &Checkpoint, name: &str, dims: &[usize]) -> Result<HostBuffer, CpuBackendError> {
-    let load = |n: &str, shape: &[usize]| -> Result<Vec<f32>, CpuBackendError> {
-        let ty = TensorType::new(shape.iter().map(|&d| Dim::Fixed(d)).collect(), DType::F32);
-        let t = checkpoint.load(n, &ty, WeightFormat::Dense(DType::F32))?;
-        Ok(t.as_f32().unwrap_or_default().to_vec())
-    };
-    let data = if name.contains(".experts.*.") {
-        let mut all = Vec::new();
-        for e in 0..dims[0] {
-            all.extend(load(&name.replace(".experts.*.", &format!(".experts.{e}.")), &dims[1..])?);
+/// Loads a weight as the kernels take it: fp8 bits, f32 block scales (`*_scale_inv`), or dense f32;
+/// `model.layers.N.mlp.experts.*.X` stacks the experts.
+fn load_weight(
+    checkpoint: &Checkpoint,
+    name: &str,
+    dims: &[usize],
+    element: &str,
+) -> Result<HostBuffer, CpuBackendError> {
+    let stacked = name.contains(".experts.*.");
+    let (count, shape) = if stacked { (dims[0], &dims[1..]) } else { (1, dims) };
+    let expert =
+        |e: usize| if stacked { name.replace(".experts.*.", &format!(".experts.{e}.")) } else { name.to_string() };
+    let data = if element == "f8E4M3FN" {
+        let mut bits = Vec::new();
+        for e in 0..count {
+            let ty = TensorType::new(shape.iter().map(|&d| Dim::Fixed(d)).collect(), DType::F8E4M3);
+            let t = checkpoint.load(&expert(e), &ty, WeightFormat::Fp8Block { block: [128, 128] })?;
+            let v3c_models::tensor::TensorData::F8Block { bits: b, .. } = t.data else {
+                return Err(CpuBackendError::Invalid(format!("{}: not an fp8 tensor", expert(e))));
+            };
+            bits.extend(b);
         }
-        all
+        HostData::F8(bits)
+    } else if name.ends_with("_scale_inv") {
+        let mut all = Vec::new();
+        for e in 0..count {
+            let t = checkpoint.read(&expert(e))?;
+            all.extend_from_slice(t.as_f32().unwrap_or_default());
+        }
+        HostData::F32(all)
     } else {
-        load(name, dims)?
+        let mut all = Vec::new();
+        for e in 0..count {
+            let ty = TensorType::new(shape.iter().map(|&d| Dim::Fixed(d)).collect(), DType::F32);
+            let t = checkpoint.load(&expert(e), &ty, WeightFormat::Dense(DType::F32))?;
+            all.extend_from_slice(t.as_f32().unwrap_or_default());
+        }
+        HostData::F32(all)
     };
-    Ok(HostBuffer { shape: dims.to_vec(), data: HostData::F32(data) })
+    Ok(HostBuffer { shape: dims.to_vec(), data })
 }
 
 /// Logits of one sequence through the CPU backend: the CPU twin of
@@ -257,7 +284,14 @@ pub fn logits(
         return Err(CpuBackendError::Invalid("no tokens given".into()));
     }
     let context = crate::mlir::new_context();
-    let program = CpuProgram::new(&context, &model.config, &[Entry::Prefill], !model.has_mtp, &model.checkpoint)?;
+    let program = CpuProgram::new(
+        &context,
+        &model.config,
+        &[Entry::Prefill],
+        !model.has_mtp,
+        model.precision,
+        &model.checkpoint,
+    )?;
     let t = tokens.len();
     let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
     let mut inputs = HashMap::new();
@@ -301,7 +335,7 @@ impl<'c> CpuSession<'c> {
         model: &v3c_models::reference::Model,
         max_len: usize,
     ) -> Result<CpuSession<'c>, CpuBackendError> {
-        let program = CpuProgram::new(context, &model.config, &Entry::ALL, true, &model.checkpoint)?;
+        let program = CpuProgram::new(context, &model.config, &Entry::ALL, true, model.precision, &model.checkpoint)?;
         Ok(CpuSession {
             program,
             caches: HashMap::new(),

@@ -390,7 +390,9 @@ fn cpu_batched_decode_of_different_lengths_equals_each_alone() {
         let mut s = CpuSession::new(&context, &model, max_len).unwrap();
         s.prefill(p).unwrap();
         // Re-run the prefill through the program to read the caches it produced.
-        let program = CpuProgram::new(&context, &config, &[Entry::Prefill], true, &model.checkpoint).unwrap();
+        let program =
+            CpuProgram::new(&context, &config, &[Entry::Prefill], true, v3c_models::Precision::F32, &model.checkpoint)
+                .unwrap();
         let mut inputs = HashMap::new();
         inputs.insert(
             "tokens".to_string(),
@@ -409,7 +411,9 @@ fn cpu_batched_decode_of_different_lengths_equals_each_alone() {
         alone.push(s.decode(n).unwrap());
     }
     // Together: one decode launch list over B = 2 with per-sequence positions.
-    let program = CpuProgram::new(&context, &config, &[Entry::Decode], true, &model.checkpoint).unwrap();
+    let program =
+        CpuProgram::new(&context, &config, &[Entry::Decode], true, v3c_models::Precision::F32, &model.checkpoint)
+            .unwrap();
     let mut inputs = HashMap::new();
     inputs.insert(
         "tokens".to_string(),

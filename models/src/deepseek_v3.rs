@@ -64,8 +64,9 @@ pub struct BuildOptions {
     pub attention_form: Option<AttentionForm>,
     /// Leave out the MTP module even when the config has one.
     pub skip_mtp: bool,
-    /// Declare every weight as dense f32 (fp8 weights dequantized at load): for backends that run
-    /// on the loaded values, as the reference interpreter does in f32 precision.
+    /// Declare every weight as dense f32 (bf16 widened, fp8 dequantized at load, except that fp8
+    /// precision keeps fp8 projections fp8): for backends that run on the loaded values, as the
+    /// reference interpreter does.
     pub dense_f32_weights: bool,
 }
 
@@ -182,7 +183,10 @@ impl<'a> ModelBuilder<'a> {
     /// A projection weight: fp8 block-scaled when the checkpoint is quantized.
     fn proj(&mut self, name: &str, out: usize, inp: usize) -> Result<ValueId, GraphError> {
         let format = match &self.c.quantization {
-            Some(q) if !self.dense_f32_weights => WeightFormat::Fp8Block { block: q.weight_block },
+            // fp8 weights stay fp8 where fp8 GEMMs run; dense f32 values are asked for otherwise.
+            Some(q) if !self.dense_f32_weights || self.precision == Precision::Fp8 => {
+                WeightFormat::Fp8Block { block: q.weight_block }
+            }
             _ => WeightFormat::Dense(self.dense_dtype()),
         };
         self.b.param(&format!("{name}.weight"), &[out, inp], format)
