@@ -256,9 +256,13 @@ fn cpu_stage_and_single_kernel_dumps() {
         "{}",
         text(&missing.stderr)
     );
-    let fp8 = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3", "--stage", "cpu"]);
-    assert_eq!(fp8.status.code(), Some(1));
-    assert_eq!(text(&fp8.stderr).trim_end(), "v3c: error: unsupported on cpu: v3.linear with fp8 operands");
+    // The full model (fp8 weights) lowers for the CPU in both precisions.
+    for precision in ["f32", "fp8"] {
+        let full =
+            run_binary("v3c", &["dump-ir", "--model", "deepseek-v3", "--stage", "cpu", "--precision", precision]);
+        assert!(full.status.success(), "{precision}: {}", text(&full.stderr));
+        assert!(text(&full.stdout).contains("_f8_decode"), "{precision}");
+    }
 }
 
 /// `dump-ir --stage plan` prints the plan as JSON (serde types of the runtime) and reports arenas.

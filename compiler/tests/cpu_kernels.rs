@@ -45,6 +45,7 @@ fn floats(b: &HostBuffer) -> Vec<f32> {
         HostData::Bf16(v) => v.iter().map(|&x| bf16_to_f32(x)).collect(),
         HostData::I64(v) => v.iter().map(|&x| x as f32).collect(),
         HostData::I32(v) => v.iter().map(|&x| x as f32).collect(),
+        HostData::F8(v) => v.iter().map(|&x| v3c_models::dtype::f8e4m3_to_f32(x)).collect(),
     }
 }
 
@@ -443,4 +444,63 @@ fn cpu_batched_decode_of_different_lengths_equals_each_alone() {
     inputs.insert("positions".to_string(), HostBuffer { shape: vec![2], data: HostData::I64(vec![3, max_len as i64]) });
     let err = program.run("decode", &inputs, &["logits"]).unwrap_err().to_string();
     assert!(err.starts_with(&format!("position {max_len} is outside kv_cache.")), "{err}");
+}
+
+/// Kernels of an fp8 checkpoint in f32 precision read e4m3 weights with block scales and match the
+/// reference GEMM on dequantized weights (ragged 128-blocks: the tiny model's dims are not multiples).
+#[test]
+fn fp8_weight_kernels_match_the_dequantized_reference() {
+    let context = v3c_compiler::mlir::new_context();
+    let mut config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    config.quantization = Some(v3c_models::config::Fp8Quantization { weight_block: [128, 128] });
+    let module =
+        Driver::quiet().run_model(&context, &config, &[Entry::Prefill], &BuildOptions::default(), "fused").unwrap();
+    let mut checked = 0;
+    let mut op = module.body().first_operation();
+    let mut rng = Rng(7);
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if f.attribute(v3c_dialects::KERNEL_ATTR).is_err() {
+            continue;
+        }
+        let kernel = CpuKernel::compile(&context, &f).unwrap();
+        // GEMM + residual kernels with an fp8 weight: (x, w, w_scale, h) -> h + x @ W^T.
+        let fits = kernel.name.starts_with("gemm_residual")
+            && kernel.inputs.len() == 4
+            && kernel.inputs[1].element == "f8E4M3FN"
+            && kernel.inputs[0].dims.len() == 2;
+        if !fits {
+            continue;
+        }
+        for rows in [1usize, 5] {
+            let (k, n) = (kernel.inputs[0].dims[1].unwrap(), kernel.inputs[1].dims[0].unwrap());
+            let x: Vec<f32> = (0..rows * k).map(|_| rng.next() * 4.0).collect();
+            // Valid e4m3 codes (no NaN): 0x00..=0x7e with random sign.
+            let bits: Vec<u8> =
+                (0..n * k).map(|i| ((i * 37 + 11) % 0x7f) as u8 | if i % 3 == 0 { 0x80 } else { 0 }).collect();
+            let (sn, sk) = (n.div_ceil(128), k.div_ceil(128));
+            let scales: Vec<f32> = (0..sn * sk).map(|i| 0.01 + 0.003 * i as f32).collect();
+            let weight: Vec<f32> = (0..n * k)
+                .map(|i| v3c_models::dtype::f8e4m3_to_f32(bits[i]) * scales[(i / k / 128) * sk + (i % k) / 128])
+                .collect();
+            let residual: Vec<f32> = (0..rows * n).map(|_| rng.next()).collect();
+            let want: Vec<f32> =
+                kernels::matmul_nt(&x, &weight, rows, k, n).iter().zip(&residual).map(|(o, h)| h + o).collect();
+            let mut inputs = vec![
+                HostBuffer { shape: vec![rows, k], data: HostData::F32(x) },
+                HostBuffer { shape: vec![n, k], data: HostData::F8(bits) },
+                HostBuffer { shape: vec![sn, sk], data: HostData::F32(scales) },
+                HostBuffer { shape: vec![rows, n], data: HostData::F32(residual) },
+            ];
+            let mut outputs = vec![HostBuffer { shape: vec![rows, n], data: HostData::F32(vec![f32::NAN; rows * n]) }];
+            // SAFETY: the output has the shape the kernel computes.
+            unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
+            let got = floats(&outputs[0]);
+            let scale = want.iter().fold(1e-6f32, |a, b| a.max(b.abs()));
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(diff <= 1e-5 * scale, "{} rows={rows}: {diff}", kernel.name);
+        }
+        checked += 1;
+    }
+    assert!(checked >= 1, "expected fp8-weight GEMM + residual kernels, checked {checked}");
 }
