@@ -63,7 +63,8 @@ fn prefill(c: &mut Criterion) {
     group.bench_function("reference", |b| b.iter(|| interp.run(&inputs, &["logits"]).unwrap()));
 
     let context = v3c_compiler::mlir::new_context();
-    let program = CpuProgram::new(&context, &model.config, &[Entry::Prefill], true, Precision::F32, &model.checkpoint).unwrap();
+    let program =
+        CpuProgram::new(&context, &model.config, &[Entry::Prefill], true, Precision::F32, &model.checkpoint).unwrap();
     let mut host: HashMap<String, HostBuffer> = HashMap::new();
     host.insert("tokens".into(), HostBuffer { shape: vec![TOKENS], data: HostData::I64(tokens) });
     host.insert("positions".into(), HostBuffer { shape: vec![TOKENS], data: HostData::I64(positions) });

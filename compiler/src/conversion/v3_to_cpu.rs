@@ -300,6 +300,20 @@ impl Emitter {
             w(&mut t, &format!("%kvb = memref.alloc(%srows) : memref<?x{}xf32>", h * per_head));
         }
         // Loop over queries (decode: one per sequence).
+        // kvb[j, r] = sum_c latent[j, c] * kv_b[r, c] for the rows a query may see.
+        let expand = |pad: &str, rows: &str| {
+            format!(
+                "{pad}scf.for %j = %c0 to {rows} step %c1 {{\n{pad}  scf.for %r = %c0 to %c{hp} step %c1 {{\n{pad}    %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %l = memref.load {}[{}] : {lat_ty}\n{}\n        %m = arith.mulf %l, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, %kvb[%j, %r] : memref<?x{hp}xf32>\n    }}\n  }}",
+                lat.0,
+                lat_idx("%j", "%c"),
+                indent(&kvb_load("%r", "%c", "%kf"), 8),
+                hp = h * per_head
+            )
+        };
+        if !absorbed && !decode {
+            // Prefill (naive form): every latent row is expanded once, before the queries.
+            w(&mut t, &expand("", "%srows"));
+        }
         w(&mut t, "scf.for %q = %c0 to %nq step %c1 {");
         if decode {
             let p = positions.expect("decode has positions");
@@ -308,12 +322,9 @@ impl Emitter {
             w(&mut t, "  %tq = arith.subi %srows, %nq : index\n  %last = arith.addi %tq, %q : index");
         }
         w(&mut t, "  %nkeys = arith.addi %last, %c1 : index");
-        if !absorbed {
-            // Expand the visible latent rows (recomputed per query row: plain, not fast).
-            w(&mut t, &format!(
-                "  scf.for %j = %c0 to %nkeys step %c1 {{\n    scf.for %r = %c0 to %c{hp} step %c1 {{\n      %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %l = memref.load {}[{}] : {lat_ty}\n{}\n        %m = arith.mulf %l, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, %kvb[%j, %r] : memref<?x{hp}xf32>\n    }}\n  }}",
-                lat.0, lat_idx("%j", "%c"), indent(&kvb_load("%r", "%c", "%kf"), 8), hp = h * per_head
-            ));
+        if !absorbed && decode {
+            // Decode (naive form): each sequence expands its own visible rows.
+            w(&mut t, &expand("  ", "%nkeys"));
         }
         w(
             &mut t,
@@ -554,6 +565,10 @@ impl Emitter {
       %ci = arith.constant {inter} : index
       %cd = arith.constant {d} : index
       %ck = arith.constant {k} : index
+      %cdv = arith.constant {dv_main} : index
+      %civ = arith.constant {iv_main} : index
+      %cl = arith.constant {lanes} : index
+      %zv = arith.constant dense<0.0> : vector<{lanes}xf32>
       %nt = memref.dim {x}, %c0 : {x_ty}
       %h = memref.alloc() : memref<{inter}xf32>
       scf.for %t = %c0 to %nt step %c1 {{
@@ -565,7 +580,19 @@ impl Emitter {
           %e = arith.index_cast %e32 : i32 to index
           %wt = memref.load {w}[%t, %slot] : {w_ty}
           scf.for %i = %c0 to %ci step %c1 {{
-            %acc:2 = scf.for %j = %c0 to %cd step %c1 iter_args(%ag = %zero, %au = %zero) -> (f32, f32) {{
+            %vacc:2 = scf.for %j = %c0 to %cdv step %cl iter_args(%vg = %zv, %vu = %zv) -> (vector<{lanes}xf32>, vector<{lanes}xf32>) {{
+              %xvv = vector.load {x}[%t, %j] : {x_ty}, vector<{lanes}xf32>
+              %gv0 = vector.load {gate}[%e, %i, %j] : {g_ty}, vector<{lanes}x{gel}>
+              {gwiden}
+              %uv0 = vector.load {up}[%e, %i, %j] : {u_ty}, vector<{lanes}x{uel}>
+              {uwiden}
+              %fg = vector.fma %xvv, %gvv, %vg : vector<{lanes}xf32>
+              %fu = vector.fma %xvv, %uvv, %vu : vector<{lanes}xf32>
+              scf.yield %fg, %fu : vector<{lanes}xf32>, vector<{lanes}xf32>
+            }}
+            %sg0 = vector.reduction <add>, %vacc#0 : vector<{lanes}xf32> into f32
+            %su0 = vector.reduction <add>, %vacc#1 : vector<{lanes}xf32> into f32
+            %acc:2 = scf.for %j = %cdv to %cd step %c1 iter_args(%ag = %sg0, %au = %su0) -> (f32, f32) {{
               %xv = memref.load {x}[%t, %j] : {x_ty}
               %graw = memref.load {gate}[%e, %i, %j] : {g_ty}
               {gl}
@@ -585,7 +612,15 @@ impl Emitter {
             memref.store %hv, %h[%i] : memref<{inter}xf32>
           }}
           scf.for %o = %c0 to %cd step %c1 {{
-            %acc = scf.for %i = %c0 to %ci step %c1 iter_args(%a2 = %zero) -> (f32) {{
+            %dacc = scf.for %i = %c0 to %civ step %cl iter_args(%vd = %zv) -> (vector<{lanes}xf32>) {{
+              %hvv = vector.load %h[%i] : memref<{inter}xf32>, vector<{lanes}xf32>
+              %dv0 = vector.load {down}[%e, %o, %i] : {dn_ty}, vector<{lanes}x{del}>
+              {dwiden}
+              %fd = vector.fma %hvv, %dvv, %vd : vector<{lanes}xf32>
+              scf.yield %fd : vector<{lanes}xf32>
+            }}
+            %sd0 = vector.reduction <add>, %dacc : vector<{lanes}xf32> into f32
+            %acc = scf.for %i = %civ to %ci step %c1 iter_args(%a2 = %sd0) -> (f32) {{
               %hv = memref.load %h[%i] : memref<{inter}xf32>
               %draw = memref.load {down}[%e, %o, %i] : {dn_ty}
               {dl}
@@ -608,9 +643,84 @@ impl Emitter {
             w = w.0,
             gate = gate.0,
             up = up.0,
-            down = down.0
+            down = down.0,
+            lanes = LANES,
+            dv_main = d - d % LANES,
+            iv_main = inter - inter % LANES,
+            gel = storage(&gate.1.element),
+            uel = storage(&up.1.element),
+            del = storage(&down.1.element),
+            gwiden = widen_vector(&gate.1.element, "%gv0", "%gvv"),
+            uwiden = widen_vector(&up.1.element, "%uv0", "%uvv"),
+            dwiden = widen_vector(&down.1.element, "%dv0", "%dvv"),
         );
         self.line(&text);
+    }
+}
+
+/// `out = f32 lanes of v` for a vector of `element`s.
+fn widen_vector(element: &str, v: &str, out: &str) -> String {
+    if element == "f32" {
+        format!("{out} = arith.addf {v}, %zv : vector<{LANES}xf32>")
+    } else {
+        format!("{out} = arith.extf {v} : vector<{LANES}x{}> to vector<{LANES}xf32>", storage(element))
+    }
+}
+
+/// Lanes of the vectorized dot products of dense GEMMs.
+const LANES: usize = 16;
+
+impl Emitter {
+    /// y = x @ w^T for x [M, K] f32 and a dense w [N, K] (f32 or bf16): each output a dot product
+    /// over K, `LANES` at a time with `vector.fma` (then a scalar tail), reduced once at the end.
+    fn gemm_vectorized(&mut self, x: &(String, Shape), w: &(String, Shape), dest: &str, out: &Shape) {
+        let k = x.1.dims[1].unwrap_or(0);
+        let n = w.1.dims[0].unwrap_or(0);
+        let kv = k - k % LANES;
+        let el = storage(&w.1.element).to_string();
+        let widen = if el == "f32" {
+            "%wv = arith.addf %wv0, %zv : vector<LANESxf32>".replace("LANES", &LANES.to_string())
+        } else {
+            format!("%wv = arith.extf %wv0 : vector<{LANES}x{el}> to vector<{LANES}xf32>")
+        };
+        let widen_scalar = load_f32(&w.1.element, "%wb", "%wf");
+        let (x_ty, w_ty, o_ty) = (memref(&x.1), memref(&w.1), memref(out));
+        self.line(&format!(
+            "scf.execute_region {{
+      %c0 = arith.constant 0 : index
+      %c1 = arith.constant 1 : index
+      %cn = arith.constant {n} : index
+      %ck = arith.constant {k} : index
+      %ckv = arith.constant {kv} : index
+      %cl = arith.constant {LANES} : index
+      %zv = arith.constant dense<0.0> : vector<{LANES}xf32>
+      %rows = memref.dim {xv}, %c0 : {x_ty}
+      scf.for %m = %c0 to %rows step %c1 {{
+        scf.for %j = %c0 to %cn step %c1 {{
+          %accv = scf.for %i = %c0 to %ckv step %cl iter_args(%a = %zv) -> (vector<{LANES}xf32>) {{
+            %xv = vector.load {xv}[%m, %i] : {x_ty}, vector<{LANES}xf32>
+            %wv0 = vector.load {wvv}[%j, %i] : {w_ty}, vector<{LANES}x{el}>
+            {widen}
+            %f = vector.fma %xv, %wv, %a : vector<{LANES}xf32>
+            scf.yield %f : vector<{LANES}xf32>
+          }}
+          %s0 = vector.reduction <add>, %accv : vector<{LANES}xf32> into f32
+          %sum = scf.for %i = %ckv to %ck step %c1 iter_args(%t = %s0) -> (f32) {{
+            %xs = memref.load {xv}[%m, %i] : {x_ty}
+            %wb = memref.load {wvv}[%j, %i] : {w_ty}
+            {widen_scalar}
+            %p = arith.mulf %xs, %wf : f32
+            %nt = arith.addf %t, %p : f32
+            scf.yield %nt : f32
+          }}
+          memref.store %sum, {dest}[%m, %j] : {o_ty}
+        }}
+      }}
+      scf.yield
+    }}",
+            xv = x.0,
+            wvv = w.0
+        ));
     }
 }
 
@@ -1078,17 +1188,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 if args[0].1.dims.len() != 2 {
                     return Err(CpuError::Unsupported(format!("{full} on rank-{} activations", args[0].1.dims.len())));
                 }
-                let (x, w) = (&args[0], &args[1]);
-                e.line(&format!("linalg.fill ins(%zero : f32) outs({dest} : {out_ty})"));
-                let maps = [
-                    affine(&["m", "n", "k"], &["m", "k"]),
-                    affine(&["m", "n", "k"], &["n", "k"]),
-                    affine(&["m", "n", "k"], &["m", "n"]),
-                ];
-                e.line(&format!(
-                    "linalg.generic {{indexing_maps = [{}], iterator_types = [\"parallel\", \"parallel\", \"reduction\"]}} ins({}, {} : {}, {}) outs({dest} : {out_ty}) {{\n    ^bb0(%a: f32, %b: {}, %c: f32):\n      {}\n      %p = arith.mulf %a, %bf : f32\n      %r = arith.addf %c, %p : f32\n      linalg.yield %r : f32\n    }}",
-                    maps.join(", "), x.0, w.0, memref(&x.1), memref(&w.1), w.1.element, load_f32(&w.1.element, "%b", "%bf")
-                ));
+                e.gemm_vectorized(&args[0], &args[1], &dest, &rshape);
             }
             "rms_norm" => {
                 let (x, w) = (&args[0], &args[1]);
@@ -1301,6 +1401,7 @@ pub struct LoweredKernel {
 
 /// The pass pipeline from linalg on memrefs to the LLVM dialect.
 pub const LOWER_TO_LLVM: &str = "builtin.module(func.func(convert-linalg-to-loops), lower-affine, convert-scf-to-cf, \
+    convert-vector-to-llvm, \
     convert-math-to-llvm, expand-strided-metadata, finalize-memref-to-llvm, convert-arith-to-llvm, \
     convert-func-to-llvm, convert-cf-to-llvm, convert-index-to-llvm, convert-ub-to-llvm, reconcile-unrealized-casts)";
 
