@@ -291,3 +291,25 @@ fn plan_stage_prints_json_and_reports_arena_peaks() {
     assert!(report.contains("report: decode: 52 launches, arena "), "{report}");
     assert!(report.contains(" KiB peak (rows 2, context 9)"), "{report}");
 }
+
+/// `v3c compile` for sm_90a runs the pipeline and names every kernel that has no Hopper lowering
+/// yet, instead of producing anything partial.
+#[test]
+fn compile_names_the_kernels_without_a_gpu_lowering() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("artifact");
+    let out = run_binary(
+        "v3c",
+        &["compile", "--model", "deepseek-v3", "--target", "sm_90a", "--out", out_dir.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with(
+            "v3c: error: unsupported on sm_90a: 18 of 18 kernels have no sm_90a lowering yet: embed_0 (embed), "
+        ),
+        "{err}"
+    );
+    assert!(err.contains("attention_decode_0 (attention_decode)"), "{err}");
+    assert!(!out_dir.exists(), "no partial artifact");
+}

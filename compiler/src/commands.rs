@@ -324,3 +324,33 @@ fn human_bytes(bytes: u64) -> String {
         _ => format!("{:.2} GiB", b / 1_073_741_824.0),
     }
 }
+
+/// `v3c compile`: runs the pipeline as far as it exists for `target`; kernels without a lowering for
+/// the target are named (`unsupported on sm_90a: <kernel> (<root op>)`), never silently skipped.
+pub fn compile(model: &str, target: &str) -> Result<(), String> {
+    use melior::ir::block::BlockLike;
+    use melior::ir::operation::OperationLike;
+    use v3c_compiler::pipeline::Driver;
+    let config = ModelConfig::resolve(model).map_err(|e| e.to_string())?;
+    let context = v3c_compiler::mlir::new_context();
+    let options = v3c_models::BuildOptions::default();
+    let module = Driver::from_env(model)
+        .run_model(&context, &config, &v3c_models::Entry::ALL, &options, "fused")
+        .map_err(|e| e.to_string())?;
+    let mut kernels = Vec::new();
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if let Ok(kind) = f.attribute(v3c_dialects::KERNEL_ATTR) {
+            let name = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+            kernels.push(format!("{name} ({})", kind.to_string().trim_matches('"')));
+        }
+    }
+    // No kernel has an sm90 lowering yet (Hopper codegen issues): say which, all of them.
+    Err(format!(
+        "unsupported on {target}: {} of {} kernels have no {target} lowering yet: {}",
+        kernels.len(),
+        kernels.len(),
+        kernels.join(", ")
+    ))
+}

@@ -264,11 +264,7 @@ fn main() -> ExitCode {
     v3c_runtime::cli::init_logging(cli.verbose);
     let result = match cli.command {
         Command::Doctor(a) => run_doctor(&a),
-        Command::Compile(a) => not_yet(
-            "compile",
-            &format!("--model {} --target {}", a.model.model, a.target.name),
-            "the fusion and Hopper codegen issues",
-        ),
+        Command::Compile(a) => commands::compile(&a.model.model, a.target.name),
         Command::DumpIr(a) => commands::dump_ir(&commands::DumpIrOptions {
             model: &a.model.model,
             stage: a.stage.name(),
