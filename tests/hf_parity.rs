@@ -20,6 +20,15 @@ fn fixtures() -> Vec<PathBuf> {
     dirs
 }
 
+/// A fixture's expectations: (name, expected tensors, tokens, first position).
+fn expectations(dir: &Path) -> (String, Checkpoint, Vec<u32>, i64) {
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let expected = Checkpoint::open_file(&dir.join("expected.safetensors")).unwrap();
+    let tokens: Vec<u32> = expected.read("tokens").unwrap().as_ids().unwrap().iter().map(|&t| t as u32).collect();
+    let p0 = expected.read("positions").unwrap().as_ids().unwrap()[0];
+    (name, expected, tokens, p0)
+}
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -28,10 +37,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn reference_logits_match_transformers() {
     for dir in fixtures() {
-        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        let expected = Checkpoint::open_file(&dir.join("expected.safetensors")).unwrap();
-        let tokens: Vec<u32> = expected.read("tokens").unwrap().as_ids().unwrap().iter().map(|&t| t as u32).collect();
-        let p0 = expected.read("positions").unwrap().as_ids().unwrap()[0];
+        let (name, expected, tokens, p0) = expectations(&dir);
         let model = Model::open(&dir, Precision::F32).unwrap();
         let got = model.logits(&tokens, p0).unwrap();
         let want = expected.read("logits").unwrap();
@@ -85,10 +91,7 @@ fn sharded_checkpoints_load_like_single_files() {
 #[test]
 fn cpu_backend_logits_match_transformers() {
     for dir in fixtures() {
-        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        let expected = Checkpoint::open_file(&dir.join("expected.safetensors")).unwrap();
-        let tokens: Vec<u32> = expected.read("tokens").unwrap().as_ids().unwrap().iter().map(|&t| t as u32).collect();
-        let p0 = expected.read("positions").unwrap().as_ids().unwrap()[0];
+        let (name, expected, tokens, p0) = expectations(&dir);
         let model = Model::open(&dir, Precision::F32).unwrap();
         let got = v3c_compiler::cpu_backend::logits(&model, &tokens, p0).unwrap();
         let want = expected.read("logits").unwrap();

@@ -95,12 +95,5 @@ pub fn plan(g: &OpGraph, groups: &mut Groups) {
 
 /// Runs the pass on every entry function of `module_op`.
 pub fn fuse_epilogues(context: &Context, module_op: &OperationRef) -> Result<(), PassError> {
-    super::for_each_entry(module_op, "fuse-epilogues", |entry| {
-        if let Some(g) = OpGraph::read(entry) {
-            let mut groups = Groups::from_tags(&g);
-            plan(&g, &mut groups);
-            groups.tag(context, &g);
-        }
-        Ok(())
-    })
+    super::tag_groups(context, module_op, "fuse-epilogues", plan)
 }

@@ -50,6 +50,24 @@ pub const PASSES: &[(&str, &str)] = &[
 /// The passes of the `fused` stage, in order.
 pub const FUSED_STAGE: &[&str] = &["fuse-mla-projections", "fuse-epilogues", "form-kernels"];
 
+/// A fusion pass: reads each entry's ops, extends the groups earlier passes tagged with `plan`,
+/// and writes the tags back.
+pub fn tag_groups(
+    context: &Context,
+    module_op: &OperationRef,
+    pass: &str,
+    plan: fn(&op_graph::OpGraph, &mut op_graph::Groups),
+) -> Result<(), PassError> {
+    for_each_entry(module_op, pass, |entry| {
+        if let Some(g) = op_graph::OpGraph::read(entry) {
+            let mut groups = op_graph::Groups::from_tags(&g);
+            plan(&g, &mut groups);
+            groups.tag(context, &g);
+        }
+        Ok(())
+    })
+}
+
 /// Runs `f` on every entry function (not kernel functions) of `module_op`.
 pub fn for_each_entry(
     module_op: &OperationRef,

@@ -1,0 +1,409 @@
+//! fp8 e4m3: encode/decode helpers, 1x128 quantization, block-scaled GEMMs and fp8 experts.
+
+use super::*;
+
+/// Helper functions every fp8 kernel module carries (names prefixed by the kernel's): e4m3 bits
+/// to f32 and f32 to e4m3 bits, round to nearest even, |x| >= 464 -> NaN, exactly as
+/// `v3c_models::dtype` does.
+pub(super) fn fp8_helpers(prefix: &str) -> String {
+    format!(
+        "func.func private @{prefix}_f8_decode(%b: i8) -> f32 {{
+    %bi = arith.extui %b : i8 to i32
+    %c3 = arith.constant 3 : i32
+    %c7 = arith.constant 7 : i32
+    %c15 = arith.constant 15 : i32
+    %c20 = arith.constant 20 : i32
+    %c23 = arith.constant 23 : i32
+    %c24 = arith.constant 24 : i32
+    %c120 = arith.constant 120 : i32
+    %c128 = arith.constant 128 : i32
+    %sign = arith.andi %bi, %c128 : i32
+    %signbit = arith.shli %sign, %c24 : i32
+    %eraw = arith.shrui %bi, %c3 : i32
+    %e = arith.andi %eraw, %c15 : i32
+    %m = arith.andi %bi, %c7 : i32
+    %eb = arith.addi %e, %c120 : i32
+    %es = arith.shli %eb, %c23 : i32
+    %ms = arith.shli %m, %c20 : i32
+    %n0 = arith.ori %es, %ms : i32
+    %n1 = arith.ori %n0, %signbit : i32
+    %normal = arith.bitcast %n1 : i32 to f32
+    %mf = arith.uitofp %m : i32 to f32
+    %tiny = arith.constant 1.953125e-03 : f32
+    %subabs = arith.mulf %mf, %tiny : f32
+    %subneg = arith.negf %subabs : f32
+    %zero_i = arith.constant 0 : i32
+    %neg = arith.cmpi ne, %sign, %zero_i : i32
+    %sub = arith.select %neg, %subneg, %subabs : f32
+    %issub = arith.cmpi eq, %e, %zero_i : i32
+    %v = arith.select %issub, %sub, %normal : f32
+    %emax = arith.cmpi eq, %e, %c15 : i32
+    %mmax = arith.cmpi eq, %m, %c7 : i32
+    %isnan = arith.andi %emax, %mmax : i1
+    %nan = arith.constant 0x7FC00000 : f32
+    %r = arith.select %isnan, %nan, %v : f32
+    return %r : f32
+  }}
+  func.func private @{prefix}_f8_encode(%x: f32) -> i8 {{
+    %bits = arith.bitcast %x : f32 to i32
+    %c24 = arith.constant 24 : i32
+    %c128 = arith.constant 128 : i32
+    %sh = arith.shrui %bits, %c24 : i32
+    %sign = arith.andi %sh, %c128 : i32
+    %a = math.absf %x : f32
+    %ab = arith.bitcast %a : f32 to i32
+    %c23 = arith.constant 23 : i32
+    %c20 = arith.constant 20 : i32
+    %c1 = arith.constant 1 : i32
+    %c3 = arith.constant 3 : i32
+    %c7 = arith.constant 7 : i32
+    %c120 = arith.constant 120 : i32
+    %mask23 = arith.constant 8388607 : i32
+    %half = arith.constant 524287 : i32
+    %e = arith.shrui %ab, %c23 : i32
+    %mant = arith.andi %ab, %mask23 : i32
+    %lsb0 = arith.shrui %mant, %c20 : i32
+    %lsb = arith.andi %lsb0, %c1 : i32
+    %inc = arith.addi %half, %lsb : i32
+    %rounded = arith.addi %mant, %inc : i32
+    %m3 = arith.shrui %rounded, %c20 : i32
+    %carry = arith.shrui %m3, %c3 : i32
+    %mm = arith.andi %m3, %c7 : i32
+    %e8a = arith.subi %e, %c120 : i32
+    %e8 = arith.addi %e8a, %carry : i32
+    %eb = arith.shli %e8, %c3 : i32
+    %normal = arith.ori %eb, %mm : i32
+    %scaled = arith.constant 512.0 : f32
+    %q = arith.mulf %a, %scaled : f32
+    %qr = math.roundeven %q : f32
+    %sub = arith.fptoui %qr : f32 to i32
+    %minnormal = arith.constant 0.015625 : f32
+    %issub = arith.cmpf olt, %a, %minnormal : f32
+    %code0 = arith.select %issub, %sub, %normal : i32
+    %limit = arith.constant 464.0 : f32
+    %over = arith.cmpf oge, %a, %limit : f32
+    %isnan = arith.cmpf uno, %x, %x : f32
+    %bad = arith.ori %over, %isnan : i1
+    %c127 = arith.constant 127 : i32
+    %code = arith.select %bad, %c127, %code0 : i32
+    %withsign = arith.ori %code, %sign : i32
+    %r = arith.trunci %withsign : i32 to i8
+    return %r : i8
+  }}
+"
+    )
+}
+
+/// fp8 activation group and weight block edge (DeepSeek-V3: 1x128 activations, 128x128 weights).
+pub(super) const FP8_BLOCK: usize = 128;
+
+impl Emitter {
+    pub(super) fn decode(&mut self) -> String {
+        self.uses_fp8 = true;
+        format!("@{}_f8_decode", self.prefix)
+    }
+
+    pub(super) fn encode(&mut self) -> String {
+        self.uses_fp8 = true;
+        format!("@{}_f8_encode", self.prefix)
+    }
+
+    /// 1 x `group` quantization of rows: s = max(amax, 1e-4) / 448, xq = e4m3(x / s).
+    pub(super) fn quantize(&mut self, x: &(String, Shape), group: usize, q: (&str, &Shape), scales: (&str, &Shape)) {
+        let k = x.1.dims.last().copied().flatten().unwrap_or(0);
+        let groups = k.div_ceil(group);
+        let enc = self.encode();
+        let (x_ty, q_ty, s_ty) = (memref(&x.1), memref(q.1), memref(scales.1));
+        self.line(&format!(
+            "scf.execute_region {{
+      %c0 = arith.constant 0 : index
+      %c1 = arith.constant 1 : index
+      %ck = arith.constant {k} : index
+      %cg = arith.constant {group} : index
+      %cb = arith.constant {groups} : index
+      %floor = arith.constant 1.0e-04 : f32
+      %fmax = arith.constant 448.0 : f32
+      %rows = memref.dim {x}, %c0 : {x_ty}
+      scf.for %r = %c0 to %rows step %c1 {{
+        scf.for %b = %c0 to %cb step %c1 {{
+          %lo = arith.muli %b, %cg : index
+          %hi0 = arith.addi %lo, %cg : index
+          %hi = arith.minui %hi0, %ck : index
+          %amax = scf.for %i = %lo to %hi step %c1 iter_args(%a = %zero) -> (f32) {{
+            %v = memref.load {x}[%r, %i] : {x_ty}
+            %av = math.absf %v : f32
+            %m = arith.maximumf %a, %av : f32
+            scf.yield %m : f32
+          }}
+          %am = arith.maximumf %amax, %floor : f32
+          %s = arith.divf %am, %fmax : f32
+          memref.store %s, {sc}[%r, %b] : {s_ty}
+          scf.for %i = %lo to %hi step %c1 {{
+            %v = memref.load {x}[%r, %i] : {x_ty}
+            %d = arith.divf %v, %s : f32
+            %bits = func.call {enc}(%d) : (f32) -> i8
+            memref.store %bits, {qd}[%r, %i] : {q_ty}
+          }}
+        }}
+      }}
+      scf.yield
+    }}",
+            x = x.0,
+            sc = scales.0,
+            qd = q.0
+        ));
+    }
+
+    /// f32 activations with an fp8 weight: y[m, n] = sum_k x[m,k] * (e4m3(w[n,k]) * ws[n/128, k/128]),
+    /// the weight dequantized as it is read (what the reference computes on dequantized weights).
+    pub(super) fn linear_dequant(&mut self, a: &[(String, Shape)], dest: &str, out: &Shape) {
+        let (x, w, ws) = (&a[0], &a[1], &a[2]);
+        let k = x.1.dims[1].unwrap_or(0);
+        let n = w.1.dims[0].unwrap_or(0);
+        let dec = self.decode();
+        let (x_ty, w_ty, ws_ty, o_ty) = (memref(&x.1), memref(&w.1), memref(&ws.1), memref(out));
+        self.line(&format!(
+            "scf.execute_region {{
+      %c0 = arith.constant 0 : index
+      %c1 = arith.constant 1 : index
+      %ck = arith.constant {k} : index
+      %cn = arith.constant {n} : index
+      %cblk = arith.constant {FP8_BLOCK} : index
+      %rows = memref.dim {xv}, %c0 : {x_ty}
+      scf.for %m = %c0 to %rows step %c1 {{
+        scf.for %j = %c0 to %cn step %c1 {{
+          %nb = arith.divui %j, %cblk : index
+          %acc = scf.for %i = %c0 to %ck step %c1 iter_args(%a = %zero) -> (f32) {{
+            %kb = arith.divui %i, %cblk : index
+            %xf = memref.load {xv}[%m, %i] : {x_ty}
+            %wb = memref.load {wv}[%j, %i] : {w_ty}
+            %wd = func.call {dec}(%wb) : (i8) -> f32
+            %sw = memref.load {wsv}[%nb, %kb] : {ws_ty}
+            %wf = arith.mulf %wd, %sw : f32
+            %pr = arith.mulf %xf, %wf : f32
+            %na = arith.addf %a, %pr : f32
+            scf.yield %na : f32
+          }}
+          memref.store %acc, {dest}[%m, %j] : {o_ty}
+        }}
+      }}
+      scf.yield
+    }}",
+            xv = x.0,
+            wv = w.0,
+            wsv = ws.0
+        ));
+    }
+
+    /// y[m, n] = sum over K blocks kb of (sum_k xq[m,k] wq[n,k]) * xs[m,kb] * ws[n/128, kb].
+    pub(super) fn linear_fp8(&mut self, a: &[(String, Shape)], dest: &str, out: &Shape) {
+        let (x, xs, w, ws) = (&a[0], &a[1], &a[2], &a[3]);
+        let k = x.1.dims[1].unwrap_or(0);
+        let n = w.1.dims[0].unwrap_or(0);
+        let kb = k.div_ceil(FP8_BLOCK);
+        let dec = self.decode();
+        let (x_ty, xs_ty, w_ty, ws_ty, o_ty) = (memref(&x.1), memref(&xs.1), memref(&w.1), memref(&ws.1), memref(out));
+        self.line(&format!(
+            "scf.execute_region {{
+      %c0 = arith.constant 0 : index
+      %c1 = arith.constant 1 : index
+      %ck = arith.constant {k} : index
+      %cn = arith.constant {n} : index
+      %ckb = arith.constant {kb} : index
+      %cblk = arith.constant {FP8_BLOCK} : index
+      %rows = memref.dim {xv}, %c0 : {x_ty}
+      scf.for %m = %c0 to %rows step %c1 {{
+        scf.for %j = %c0 to %cn step %c1 {{
+          %nb = arith.divui %j, %cblk : index
+          %acc = scf.for %b = %c0 to %ckb step %c1 iter_args(%a = %zero) -> (f32) {{
+            %lo = arith.muli %b, %cblk : index
+            %hi0 = arith.addi %lo, %cblk : index
+            %hi = arith.minui %hi0, %ck : index
+            %part = scf.for %i = %lo to %hi step %c1 iter_args(%p = %zero) -> (f32) {{
+              %xb = memref.load {xv}[%m, %i] : {x_ty}
+              %wb = memref.load {wv}[%j, %i] : {w_ty}
+              %xf = func.call {dec}(%xb) : (i8) -> f32
+              %wf = func.call {dec}(%wb) : (i8) -> f32
+              %pr = arith.mulf %xf, %wf : f32
+              %np = arith.addf %p, %pr : f32
+              scf.yield %np : f32
+            }}
+            %sx = memref.load {xsv}[%m, %b] : {xs_ty}
+            %sw = memref.load {wsv}[%nb, %b] : {ws_ty}
+            %t1 = arith.mulf %part, %sx : f32
+            %t2 = arith.mulf %t1, %sw : f32
+            %na = arith.addf %a, %t2 : f32
+            scf.yield %na : f32
+          }}
+          memref.store %acc, {dest}[%m, %j] : {o_ty}
+        }}
+      }}
+      scf.yield
+    }}",
+            xv = x.0,
+            xsv = xs.0,
+            wv = w.0,
+            wsv = ws.0
+        ));
+    }
+}
+
+/// Quantizes the 1-D f32 row `src` (`len` values) 1 x 128 into `q` (bits) and `s` (scales); SSA
+/// names are local to the returned region.
+pub(super) fn quant_row(src: &str, len: usize, q: &str, s: &str, enc: &str) -> String {
+    let blocks = len.div_ceil(FP8_BLOCK);
+    format!(
+        "scf.execute_region {{
+        %qc0 = arith.constant 0 : index
+        %qc1 = arith.constant 1 : index
+        %qlen = arith.constant {len} : index
+        %qblk = arith.constant {FP8_BLOCK} : index
+        %qnb = arith.constant {blocks} : index
+        %qfloor = arith.constant 1.0e-04 : f32
+        %qmax = arith.constant 448.0 : f32
+        scf.for %qb = %qc0 to %qnb step %qc1 {{
+          %qlo = arith.muli %qb, %qblk : index
+          %qhi0 = arith.addi %qlo, %qblk : index
+          %qhi = arith.minui %qhi0, %qlen : index
+          %qamax = scf.for %qi = %qlo to %qhi step %qc1 iter_args(%qa = %zero) -> (f32) {{
+            %qv = memref.load {src}[%qi] : memref<{len}xf32>
+            %qav = math.absf %qv : f32
+            %qm = arith.maximumf %qa, %qav : f32
+            scf.yield %qm : f32
+          }}
+          %qam = arith.maximumf %qamax, %qfloor : f32
+          %qs = arith.divf %qam, %qmax : f32
+          memref.store %qs, {s}[%qb] : memref<{blocks}xf32>
+          scf.for %qi = %qlo to %qhi step %qc1 {{
+            %qv = memref.load {src}[%qi] : memref<{len}xf32>
+            %qd = arith.divf %qv, %qs : f32
+            %qbits = func.call {enc}(%qd) : (f32) -> i8
+            memref.store %qbits, {q}[%qi] : memref<{len}xi8>
+          }}
+        }}
+        scf.yield
+      }}"
+    )
+}
+
+impl Emitter {
+    /// Routed SwiGLU experts with fp8 activations: each token's row is quantized 1 x 128, the
+    /// gate/up GEMVs are block-scaled, the SwiGLU output is quantized again for down.
+    pub(super) fn experts_fp8(&mut self, a: &[(String, Shape)], dest: &str, out_shape: &Shape) {
+        let (x, idx, w, gate, up, down, gs, us, ds) = (&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8]);
+        let inter = gate.1.dims[1].unwrap_or(0);
+        let d = gate.1.dims[2].unwrap_or(0);
+        let k = idx.1.dims[1].unwrap_or(0);
+        let (db, ib) = (d.div_ceil(FP8_BLOCK), inter.div_ceil(FP8_BLOCK));
+        let (dec, enc) = (self.decode(), self.encode());
+        let ty = |s: &(String, Shape)| memref(&s.1);
+        // One block-scaled GEMV row: `len` values in `nblocks` K blocks (SSA constants `bound`, `nb`).
+        #[allow(clippy::too_many_arguments)]
+        let gemv = |acc: &str,
+                    q: &str,
+                    sc: &str,
+                    (len, bound): (usize, &str),
+                    (nblocks, nb): (usize, &str),
+                    wt: &(String, Shape),
+                    wsc: &(String, Shape),
+                    row: &str| {
+            format!(
+                "%{acc} = scf.for %b = %c0 to {nb} step %c1 iter_args(%a = %zero) -> (f32) {{
+              %lo = arith.muli %b, %cblk : index
+              %hi0 = arith.addi %lo, %cblk : index
+              %hi = arith.minui %hi0, {bound} : index
+              %part = scf.for %j = %lo to %hi step %c1 iter_args(%p = %zero) -> (f32) {{
+                %qb = memref.load {q}[%j] : memref<{len}xi8>
+                %wb = memref.load {wv}[%e, {row}, %j] : {wty}
+                %qf = func.call {dec}(%qb) : (i8) -> f32
+                %wf = func.call {dec}(%wb) : (i8) -> f32
+                %pr = arith.mulf %qf, %wf : f32
+                %np = arith.addf %p, %pr : f32
+                scf.yield %np : f32
+              }}
+              %sx = memref.load {sc}[%b] : memref<{nblocks}xf32>
+              %rb = arith.divui {row}, %cblk : index
+              %sw = memref.load {wsv}[%e, %rb, %b] : {wsty}
+              %t1 = arith.mulf %part, %sx : f32
+              %t2 = arith.mulf %t1, %sw : f32
+              %na = arith.addf %a, %t2 : f32
+              scf.yield %na : f32
+            }}",
+                wv = wt.0,
+                wty = ty(wt),
+                wsv = wsc.0,
+                wsty = ty(wsc)
+            )
+        };
+        let text = format!(
+            "scf.execute_region {{
+      %c0 = arith.constant 0 : index
+      %c1 = arith.constant 1 : index
+      %cdim = arith.constant {d} : index
+      %cinter = arith.constant {inter} : index
+      %cdb = arith.constant {db} : index
+      %cib = arith.constant {ib} : index
+      %ck = arith.constant {k} : index
+      %cblk = arith.constant {FP8_BLOCK} : index
+      %nt = memref.dim {xv}, %c0 : {xty}
+      %row = memref.alloc() : memref<{d}xf32>
+      %xq = memref.alloc() : memref<{d}xi8>
+      %xs = memref.alloc() : memref<{db}xf32>
+      %h = memref.alloc() : memref<{inter}xf32>
+      %hq = memref.alloc() : memref<{inter}xi8>
+      %hs = memref.alloc() : memref<{ib}xf32>
+      scf.for %t = %c0 to %nt step %c1 {{
+        scf.for %o = %c0 to %cdim step %c1 {{
+          memref.store %zero, {dest}[%t, %o] : {oty}
+          %xv = memref.load {xv}[%t, %o] : {xty}
+          memref.store %xv, %row[%o] : memref<{d}xf32>
+        }}
+        {quant_x}
+        scf.for %slot = %c0 to %ck step %c1 {{
+          %e32 = memref.load {iv}[%t, %slot] : {ity}
+          %e = arith.index_cast %e32 : i32 to index
+          %wt = memref.load {wv}[%t, %slot] : {wty}
+          scf.for %i = %c0 to %cinter step %c1 {{
+            {gemv_gate}
+            {gemv_up}
+            %neg = arith.negf %g : f32
+            %ex = math.exp %neg : f32
+            %dn = arith.addf %one, %ex : f32
+            %sg = arith.divf %g, %dn : f32
+            %hv = arith.mulf %sg, %u : f32
+            memref.store %hv, %h[%i] : memref<{inter}xf32>
+          }}
+          {quant_h}
+          scf.for %o = %c0 to %cdim step %c1 {{
+            {gemv_down}
+            %cur = memref.load {dest}[%t, %o] : {oty}
+            %wa = arith.mulf %wt, %dd : f32
+            %sum = arith.addf %cur, %wa : f32
+            memref.store %sum, {dest}[%t, %o] : {oty}
+          }}
+        }}
+      }}
+      memref.dealloc %row : memref<{d}xf32>
+      memref.dealloc %xq : memref<{d}xi8>
+      memref.dealloc %xs : memref<{db}xf32>
+      memref.dealloc %h : memref<{inter}xf32>
+      memref.dealloc %hq : memref<{inter}xi8>
+      memref.dealloc %hs : memref<{ib}xf32>
+      scf.yield
+    }}",
+            xv = x.0,
+            xty = ty(x),
+            iv = idx.0,
+            ity = ty(idx),
+            wv = w.0,
+            wty = ty(w),
+            oty = memref(out_shape),
+            quant_x = quant_row("%row", d, "%xq", "%xs", &enc),
+            quant_h = quant_row("%h", inter, "%hq", "%hs", &enc),
+            gemv_gate = gemv("g", "%xq", "%xs", (d, "%cdim"), (db, "%cdb"), gate, gs, "%i"),
+            gemv_up = gemv("u", "%xq", "%xs", (d, "%cdim"), (db, "%cdb"), up, us, "%i"),
+            gemv_down = gemv("dd", "%hq", "%hs", (inter, "%cinter"), (ib, "%cib"), down, ds, "%o"),
+        );
+        self.line(&text);
+    }
+}

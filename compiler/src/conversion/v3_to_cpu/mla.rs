@@ -1,0 +1,156 @@
+//! MLA attention (naive and absorbed; one sequence or batched decode) as scf loops.
+
+use super::*;
+
+/// Static facts of one MLA op.
+pub(super) struct AttentionSpec {
+    pub(super) h: usize,
+    pub(super) dn: usize,
+    pub(super) dr: usize,
+    pub(super) dv: usize,
+    pub(super) kv: usize,
+    pub(super) scale: String,
+    pub(super) absorbed: bool,
+    pub(super) decode: bool,
+}
+
+impl Emitter {
+    /// MLA with scf loops (spec section 3). Single sequence: query t sees latent rows 0..=S-T+t.
+    /// Decode: sequence b's one query sees rows 0..=positions[b] of its own cache.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention(
+        &mut self,
+        a: &AttentionSpec,
+        qn: &(String, Shape),
+        qp: &(String, Shape),
+        lat: &(String, Shape),
+        (kvb, kvb_scale): (&(String, Shape), Option<&(String, Shape)>),
+        positions: Option<&(String, Shape)>,
+        dest: &str,
+        out_shape: &Shape,
+    ) {
+        let AttentionSpec { h, dn, dr, dv, kv, absorbed, decode, .. } = *a;
+        let dec = if kvb_scale.is_some() { self.decode() } else { String::new() };
+        let per_head = dn + dv;
+        let (qn_ty, qp_ty, lat_ty, kvb_ty, out_ty) =
+            (memref(&qn.1), memref(&qp.1), memref(&lat.1), memref(&kvb.1), memref(out_shape));
+        let kvb_load = |row: &str, col: &str, out: &str| {
+            match kvb_scale {
+            // fp8 kv_b_proj: bits decoded and scaled by their 128 x 128 block's scale.
+            Some(scale) => format!(
+                "%kraw = memref.load {}[{row}, {col}] : {kvb_ty}\n%kdec = func.call {dec}(%kraw) : (i8) -> f32\n%krb = arith.divui {row}, %c128 : index\n%kcb = arith.divui {col}, %c128 : index\n%ksc = memref.load {}[%krb, %kcb] : {}\n{out} = arith.mulf %kdec, %ksc : f32",
+                kvb.0,
+                scale.0,
+                memref(&scale.1)
+            ),
+            None => {
+                let conv = if kvb.1.element == "f32" {
+                    format!("{out} = arith.addf %kraw, %zero : f32")
+                } else {
+                    format!("{out} = arith.extf %kraw : {} to f32", kvb.1.element)
+                };
+                format!("%kraw = memref.load {}[{row}, {col}] : {kvb_ty}\n{conv}", kvb.0)
+            }
+        }
+        };
+        // The latent row j of the current sequence.
+        let lat_idx = |j: &str, c: &str| if decode { format!("%seq, {j}, {c}") } else { format!("{j}, {c}") };
+        let mut t = String::new();
+        let w = |t: &mut String, s: &str| {
+            for line in s.lines() {
+                t.push_str("    ");
+                t.push_str(line);
+                t.push('\n');
+            }
+        };
+        w(&mut t, &format!("%c0 = arith.constant 0 : index\n%c1 = arith.constant 1 : index\n%ninf = arith.constant 0xFF800000 : f32\n%scale = arith.constant {} : f32", a.scale));
+        let (rows_dim, queries) = if decode { (1, "%nb") } else { (0, "%nt") };
+        w(&mut t, &format!("%c_rows = arith.constant {rows_dim} : index\n%srows = memref.dim {}, %c_rows : {lat_ty}\n%nq = memref.dim {}, %c0 : {qn_ty}", lat.0, qn.0));
+        let _ = queries;
+        w(&mut t, "%scores = memref.alloc(%srows) : memref<?xf32>");
+        if absorbed {
+            w(&mut t, &format!("%qabs = memref.alloc() : memref<{kv}xf32>\n%olat = memref.alloc() : memref<{kv}xf32>"));
+        } else {
+            // kvb[j, r] = sum_c latent[j, c] * kv_b[r, c] over the kv_lora_rank latent columns.
+            w(&mut t, &format!("%kvb = memref.alloc(%srows) : memref<?x{}xf32>", h * per_head));
+        }
+        // Loop over queries (decode: one per sequence).
+        // kvb[j, r] = sum_c latent[j, c] * kv_b[r, c] for the rows a query may see.
+        let expand = |pad: &str, rows: &str| {
+            format!(
+                "{pad}scf.for %j = %c0 to {rows} step %c1 {{\n{pad}  scf.for %r = %c0 to %c{hp} step %c1 {{\n{pad}    %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %l = memref.load {}[{}] : {lat_ty}\n{}\n        %m = arith.mulf %l, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, %kvb[%j, %r] : memref<?x{hp}xf32>\n    }}\n  }}",
+                lat.0,
+                lat_idx("%j", "%c"),
+                indent(&kvb_load("%r", "%c", "%kf"), 8),
+                hp = h * per_head
+            )
+        };
+        if !absorbed && !decode {
+            // Prefill (naive form): every latent row is expanded once, before the queries.
+            w(&mut t, &expand("", "%srows"));
+        }
+        w(&mut t, "scf.for %q = %c0 to %nq step %c1 {");
+        if decode {
+            let p = positions.expect("decode has positions");
+            w(&mut t, &format!("  %seq = arith.addi %q, %c0 : index\n  %p64 = memref.load {}[%q] : {}\n  %last = arith.index_cast %p64 : i64 to index", p.0, memref(&p.1)));
+        } else {
+            w(&mut t, "  %tq = arith.subi %srows, %nq : index\n  %last = arith.addi %tq, %q : index");
+        }
+        w(&mut t, "  %nkeys = arith.addi %last, %c1 : index");
+        if !absorbed && decode {
+            // Decode (naive form): each sequence expands its own visible rows.
+            w(&mut t, &expand("  ", "%nkeys"));
+        }
+        w(
+            &mut t,
+            &format!("  scf.for %hh = %c0 to %c{h} step %c1 {{\n    %hbase = arith.muli %hh, %c{per_head} : index"),
+        );
+        if absorbed {
+            // q_abs = q_nope[q, h] @ W_UK[h]  ([dn] x [dn, kv])
+            w(&mut t, &format!(
+                "    scf.for %c = %c0 to %c{kv} step %c1 {{\n      %acc = scf.for %d = %c0 to %c{dn} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %qv = memref.load {}[%q, %hh, %d] : {qn_ty}\n        %row = arith.addi %hbase, %d : index\n{}\n        %m = arith.mulf %qv, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, %qabs[%c] : memref<{kv}xf32>\n    }}",
+                qn.0, indent(&kvb_load("%row", "%c", "%kf"), 8)
+            ));
+        }
+        // Scores and their max.
+        let nope_dot = if absorbed {
+            format!("%dn_acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qa = memref.load %qabs[%c] : memref<{kv}xf32>\n  %l = memref.load {}[{}] : {lat_ty}\n  %m = arith.mulf %qa, %l : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", lat.0, lat_idx("%j", "%c"))
+        } else {
+            format!("%dn_acc = scf.for %d = %c0 to %c{dn} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %d] : {qn_ty}\n  %col = arith.addi %hbase, %d : index\n  %k = memref.load %kvb[%j, %col] : memref<?x{}xf32>\n  %m = arith.mulf %qv, %k : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qn.0, h * per_head)
+        };
+        let rope_dot = format!("%dr_acc = scf.for %r = %c0 to %c{dr} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %r] : {qp_ty}\n  %col = arith.addi %r, %c{kv} : index\n  %l = memref.load {}[{}] : {lat_ty}\n  %m = arith.mulf %qv, %l : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qp.0, lat.0, lat_idx("%j", "%col"));
+        w(&mut t, &format!(
+            "    %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{\n{}\n{}\n      %sum_s = arith.addf %dn_acc, %dr_acc : f32\n      %sc = arith.mulf %sum_s, %scale : f32\n      memref.store %sc, %scores[%j] : memref<?xf32>\n      %nm = arith.maximumf %mx, %sc : f32\n      scf.yield %nm : f32\n    }}",
+            indent(&nope_dot, 6), indent(&rope_dot, 6)
+        ));
+        w(&mut t, "    %den = scf.for %j = %c0 to %nkeys step %c1 iter_args(%sm = %zero) -> (f32) {\n      %sc = memref.load %scores[%j] : memref<?xf32>\n      %z = arith.subf %sc, %max : f32\n      %ex = math.exp %z : f32\n      memref.store %ex, %scores[%j] : memref<?xf32>\n      %ns = arith.addf %sm, %ex : f32\n      scf.yield %ns : f32\n    }".replace("\\n", "\n").as_str());
+        if absorbed {
+            w(&mut t, &format!(
+                "    scf.for %c = %c0 to %c{kv} step %c1 {{\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zero) -> (f32) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %l = memref.load {}[{}] : {lat_ty}\n        %m = arith.mulf %pj, %l : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      %norm = arith.divf %acc, %den : f32\n      memref.store %norm, %olat[%c] : memref<{kv}xf32>\n    }}\n    scf.for %e = %c0 to %c{dv} step %c1 {{\n      %vrow0 = arith.addi %hbase, %c{dn} : index\n      %vrow = arith.addi %vrow0, %e : index\n      %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %ol = memref.load %olat[%c] : memref<{kv}xf32>\n{}\n        %m = arith.mulf %ol, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, {dest}[%q, %hh, %e] : {out_ty}\n    }}",
+                lat.0, lat_idx("%j", "%c"), indent(&kvb_load("%vrow", "%c", "%kf"), 8)
+            ));
+        } else {
+            w(&mut t, &format!(
+                "    scf.for %e = %c0 to %c{dv} step %c1 {{\n      %vcol0 = arith.addi %hbase, %c{dn} : index\n      %vcol = arith.addi %vcol0, %e : index\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zero) -> (f32) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %v = memref.load %kvb[%j, %vcol] : memref<?x{}xf32>\n        %m = arith.mulf %pj, %v : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      %norm = arith.divf %acc, %den : f32\n      memref.store %norm, {dest}[%q, %hh, %e] : {out_ty}\n    }}",
+                h * per_head
+            ));
+        }
+        w(&mut t, "  }\n}");
+        w(&mut t, "memref.dealloc %scores : memref<?xf32>");
+        if absorbed {
+            w(&mut t, &format!("memref.dealloc %qabs : memref<{kv}xf32>\nmemref.dealloc %olat : memref<{kv}xf32>"));
+        } else {
+            w(&mut t, &format!("memref.dealloc %kvb : memref<?x{}xf32>", h * per_head));
+        }
+        // Constants used above.
+        let mut consts = String::new();
+        for n in [h, dn, dr, dv, kv, per_head, h * per_head, 128] {
+            let line = format!("    %c{n} = arith.constant {n} : index\n");
+            if !consts.contains(&line) {
+                consts.push_str(&line);
+            }
+        }
+        // Each MLA op gets its own region so the fixed names above never clash with other ops.
+        self.line(&format!("scf.execute_region {{\n{consts}{t}    scf.yield\n    }}"));
+    }
+}

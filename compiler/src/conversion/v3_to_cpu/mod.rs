@@ -1,0 +1,639 @@
+//! `v3` kernels -> CPU machine code: each kernel function (stage `fused`) becomes a function on
+//! memrefs in destination-passing style (its inputs, then one caller-allocated buffer per result),
+//! written with `linalg.generic`, lowered to LLVM and JIT-compiled by MLIR's ExecutionEngine.
+//!
+//! Covered so far: `linear` and `lm_head` with f32/bf16 weights (rank-2 activations), `rms_norm`,
+//! `add`, `silu_mul`, `embed`, `reshape`, `split`, `concat`, `cache_write`, `rope` (interleaved or
+//! half rotation, YaRN tables as module constants), and every kernel made of them (the fused MLA
+//! projection, q-up and latent kernels, `gemm_residual`, `swiglu`, ...). Everything else is reported
+//! as `unsupported on cpu: v3.<op>` — never run some other way.
+//! Not yet: MLA attention, MoE routing/experts, fp8 operands, the entry-level executor and plan, and
+//! tiling + vectorization through the transform dialect (the loops are plain).
+
+use std::collections::HashMap;
+
+use melior::ir::block::BlockLike;
+use melior::ir::operation::{OperationLike, OperationRef};
+use melior::ir::{RegionLike, ValueLike};
+use melior::pass::PassManager;
+use melior::{Context, ExecutionEngine};
+
+use crate::shapes::{kernel_shape_rules, DimRule};
+use crate::verify::Shape;
+
+/// Why a kernel has no CPU lowering (yet), or failed to build.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CpuError {
+    #[error("unsupported on cpu: {0}")]
+    Unsupported(String),
+    #[error("cpu lowering of {kernel}: {problem}")]
+    Lowering { kernel: String, problem: String },
+    #[error("cpu kernel {kernel}: {problem}")]
+    Run { kernel: String, problem: String },
+}
+
+mod fp8;
+mod gemm;
+mod mla;
+mod moe;
+
+use fp8::fp8_helpers;
+use mla::AttentionSpec;
+use moe::RouteSpec;
+
+/// The memref element of a tensor element: fp8 travels as its bits (`i8`); LLVM has no fp8 type.
+fn storage(element: &str) -> &str {
+    if element == "f8E4M3FN" {
+        "i8"
+    } else {
+        element
+    }
+}
+
+fn memref(shape: &Shape) -> String {
+    let dims: Vec<String> = shape.dims.iter().map(|d| d.map_or("?".into(), |n| n.to_string())).collect();
+    if dims.is_empty() {
+        format!("memref<{}>", storage(&shape.element))
+    } else {
+        format!("memref<{}x{}>", dims.join("x"), storage(&shape.element))
+    }
+}
+
+/// Emits the text of one kernel; values are named `%v<n>`.
+struct Emitter {
+    body: String,
+    next: usize,
+    /// MLIR value (raw pointer) -> (memref SSA name, shape).
+    values: HashMap<usize, (String, Shape)>,
+    allocs: Vec<String>,
+    /// Module-level constants (RoPE frequency tables).
+    globals: Vec<String>,
+    /// The kernel's name, prefixing its module-level symbols.
+    prefix: String,
+    /// Whether the fp8 helper functions are needed.
+    uses_fp8: bool,
+}
+
+impl Emitter {
+    /// `dest[i] = src[f(i)]` over every index `i` of `dest`, `f` given as one affine expression per
+    /// source dim over `d0..`. The loops run over `dest` only, so bounds never come from `src`.
+    fn gather_copy(&mut self, src: &(String, Shape), dest: &str, dest_shape: &Shape, exprs: &[String]) {
+        let rank = dest_shape.dims.len();
+        let dims: Vec<String> = (0..rank).map(|i| format!("d{i}")).collect();
+        let idx: Vec<String> = (0..rank).map(|i| format!("%i{i}")).collect();
+        let mut body: String = (0..rank).map(|i| format!("      %i{i} = linalg.index {i} : index\n")).collect();
+        let mut src_idx = Vec::new();
+        for (j, expr) in exprs.iter().enumerate() {
+            body.push_str(&format!(
+                "      %s{j} = affine.apply affine_map<({}) -> ({expr})>({})\n",
+                dims.join(", "),
+                idx.join(", ")
+            ));
+            src_idx.push(format!("%s{j}"));
+        }
+        self.line(&format!(
+            "linalg.generic {{indexing_maps = [{}], iterator_types = [{}]}} outs({dest} : {}) {{\n    ^bb0(%c: f32):\n{body}      %v = memref.load {}[{}] : {}\n      linalg.yield %v : f32\n    }}",
+            identity(rank), vec!["\"parallel\""; rank].join(", "), memref(dest_shape), src.0, src_idx.join(", "), memref(&src.1)
+        ));
+    }
+
+    fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("%v{}", self.next)
+    }
+
+    fn line(&mut self, s: &str) {
+        self.body.push_str("    ");
+        self.body.push_str(s);
+        self.body.push('\n');
+    }
+
+    fn constant_index(&mut self, n: usize) -> String {
+        let c = self.fresh();
+        self.line(&format!("{c} = arith.constant {n} : index"));
+        c
+    }
+
+    /// A new buffer of `shape`, dynamic dims taken from the same dims of `like`.
+    fn alloc(&mut self, shape: &Shape, like: &(String, Shape)) -> String {
+        let mut dyn_sizes = Vec::new();
+        for (i, d) in shape.dims.iter().enumerate() {
+            if d.is_none() {
+                let c = self.constant_index(i);
+                let s = self.fresh();
+                self.line(&format!("{s} = memref.dim {}, {c} : {}", like.0, memref(&like.1)));
+                dyn_sizes.push(s);
+            }
+        }
+        let buf = self.fresh();
+        self.line(&format!("{buf} = memref.alloc({}) : {}", dyn_sizes.join(", "), memref(shape)));
+        self.allocs.push(format!("memref.dealloc {buf} : {}", memref(shape)));
+        buf
+    }
+}
+
+fn affine(dims: &[&str], results: &[&str]) -> String {
+    format!("affine_map<({}) -> ({})>", dims.join(", "), results.join(", "))
+}
+
+fn load_f32(element: &str, v: &str, out: &str) -> String {
+    if element == "f32" {
+        format!("{out} = arith.addf {v}, %zero : f32")
+    } else {
+        format!("{out} = arith.extf {v} : {element} to f32")
+    }
+}
+
+fn indent(text: &str, n: usize) -> String {
+    text.lines().map(|l| format!("{}{l}", " ".repeat(n))).collect::<Vec<_>>().join("\n")
+}
+
+fn identity(rank: usize) -> String {
+    let names: Vec<String> = (0..rank).map(|i| format!("d{i}")).collect();
+    let d: Vec<&str> = names.iter().map(String::as_str).collect();
+    affine(&d, &d)
+}
+
+fn int_attr(op: &OperationRef, name: &str) -> Option<i64> {
+    op.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+}
+
+/// For a reshape: the input index of every input dim as an affine expression of the output indices
+/// `d0..` (row-major, same element count; a dynamic leading dim must stay the leading dim).
+fn reshape_exprs(input: &Shape, output: &Shape) -> Option<Vec<String>> {
+    let out_rank = output.dims.len();
+    let names: Vec<String> = (0..out_rank).map(|i| format!("d{i}")).collect();
+    let keep_leading = input.dims.first()?.is_none();
+    if keep_leading != output.dims.first()?.is_none() {
+        return None;
+    }
+    let start = usize::from(keep_leading);
+    // Linear offset over the output's (static) trailing dims.
+    let mut terms = Vec::new();
+    let mut stride = 1usize;
+    for i in (start..out_rank).rev() {
+        terms.push(format!("{} * {stride}", names[i]));
+        stride *= output.dims[i]?;
+    }
+    let linear = if terms.is_empty() { "0".to_string() } else { terms.join(" + ") };
+    let mut exprs = Vec::new();
+    if keep_leading {
+        exprs.push("d0".to_string());
+    }
+    let mut in_strides = vec![1usize; input.dims.len()];
+    for j in (start..input.dims.len()).rev() {
+        if j + 1 < input.dims.len() {
+            in_strides[j] = in_strides[j + 1] * input.dims[j + 1]?;
+        }
+    }
+    for j in start..input.dims.len() {
+        exprs.push(format!("(({linear}) floordiv {}) mod {}", in_strides[j], input.dims[j]?));
+    }
+    Some(exprs)
+}
+
+/// Lowers the kernel function `kernel` to CPU MLIR text: `func.func @<name>` on memrefs.
+pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
+    let name = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    let lowering = |problem: String| CpuError::Lowering { kernel: name.clone(), problem };
+    let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or_else(|| lowering("no body".into()))?;
+    let mut e = Emitter {
+        body: String::new(),
+        next: 0,
+        values: HashMap::new(),
+        allocs: Vec::new(),
+        globals: Vec::new(),
+        prefix: name.clone(),
+        uses_fp8: false,
+    };
+    let mut inputs = Vec::new();
+    for i in 0..block.argument_count() {
+        let arg = block.argument(i).map_err(|err| lowering(err.to_string()))?;
+        let shape =
+            Shape::parse(&arg.r#type().to_string()).ok_or_else(|| lowering(format!("argument {i} is not a tensor")))?;
+        e.values.insert(arg.to_raw().ptr as usize, (format!("%in{i}"), shape.clone()));
+        inputs.push(shape);
+    }
+    // Results returned by the kernel are written straight into the output buffers.
+    let terminator = block.terminator().ok_or_else(|| lowering("no return".into()))?;
+    let mut outputs = Vec::new();
+    let mut output_of: HashMap<usize, String> = HashMap::new();
+    for i in 0..terminator.operand_count() {
+        let v = terminator.operand(i).map_err(|err| lowering(err.to_string()))?;
+        let shape = Shape::parse(&v.r#type().to_string()).ok_or_else(|| lowering("result is not a tensor".into()))?;
+        output_of.entry(v.to_raw().ptr as usize).or_insert(format!("%out{i}"));
+        outputs.push(shape);
+    }
+    e.line("%zero = arith.constant 0.0 : f32");
+    e.line("%one = arith.constant 1.0 : f32");
+    let mut op = block.first_operation();
+    while let Some(o) = op {
+        op = o.next_in_block();
+        let full = o.name().as_string_ref().as_str().unwrap_or_default().to_string();
+        if full == "func.return" {
+            continue;
+        }
+        let kind = full.strip_prefix("v3.").ok_or_else(|| CpuError::Unsupported(full.clone()))?.to_string();
+        let args: Vec<(String, Shape)> = (0..o.operand_count())
+            .map(|i| {
+                let v = o.operand(i).map_err(|err| lowering(err.to_string()))?;
+                e.values
+                    .get(&(v.to_raw().ptr as usize))
+                    .cloned()
+                    .ok_or_else(|| lowering(format!("{full}: operand {i} unknown")))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut dests = Vec::new();
+        for r in 0..o.result_count() {
+            let result = o.result(r).map_err(|err| lowering(err.to_string()))?;
+            let shape =
+                Shape::parse(&result.r#type().to_string()).ok_or_else(|| lowering("result is not a tensor".into()))?;
+            let key = result.to_raw().ptr as usize;
+            let dest = match output_of.get(&key) {
+                Some(out) => out.clone(),
+                None => e.alloc(&shape, &args[0]),
+            };
+            dests.push((key, dest, shape));
+        }
+        let (key, dest, rshape) = dests[0].clone();
+        let out_ty = memref(&rshape);
+        match kind.as_str() {
+            "add" | "silu_mul" => {
+                let rank = rshape.dims.len();
+                let dims: Vec<String> = (0..rank).map(|i| format!("d{i}")).collect();
+                let d: Vec<&str> = dims.iter().map(String::as_str).collect();
+                let id = affine(&d, &d);
+                let iters = vec!["\"parallel\""; rank].join(", ");
+                let body = if kind == "add" {
+                    "%r = arith.addf %a, %b : f32".to_string()
+                } else {
+                    "%n = arith.negf %a : f32\n      %x = math.exp %n : f32\n      %den = arith.addf %one, %x : f32\n      %s = arith.divf %a, %den : f32\n      %r = arith.mulf %s, %b : f32".to_string()
+                };
+                e.line(&format!(
+                    "linalg.generic {{indexing_maps = [{id}, {id}, {id}], iterator_types = [{iters}]}} ins({}, {} : {}, {}) outs({dest} : {out_ty}) {{\n    ^bb0(%a: f32, %b: f32, %c: f32):\n      {body}\n      linalg.yield %r : f32\n    }}",
+                    args[0].0, args[1].0, memref(&args[0].1), memref(&args[1].1)
+                ));
+            }
+            "linear" if args.len() == 4 => {
+                e.linear_fp8(&args, &dest, &rshape);
+            }
+            "linear" if args.len() == 3 => {
+                e.linear_dequant(&args, &dest, &rshape);
+            }
+            "quantize_fp8" => {
+                let group =
+                    int_attr(&o, "group").ok_or_else(|| lowering("quantize_fp8 without group".into()))? as usize;
+                let (q_dest, q_shape) = (dests[0].1.clone(), dests[0].2.clone());
+                let (s_dest, s_shape) = (dests[1].1.clone(), dests[1].2.clone());
+                e.quantize(&args[0], group, (&q_dest, &q_shape), (&s_dest, &s_shape));
+            }
+            "linear" | "lm_head" => {
+                if args.len() != 2 {
+                    return Err(CpuError::Unsupported(format!("{full} with an fp8 weight and f32 activations")));
+                }
+                if args[0].1.dims.len() != 2 {
+                    return Err(CpuError::Unsupported(format!("{full} on rank-{} activations", args[0].1.dims.len())));
+                }
+                e.gemm_vectorized(&args[0], &args[1], &dest, &rshape);
+            }
+            "rms_norm" => {
+                let (x, w) = (&args[0], &args[1]);
+                if x.1.dims.len() != 2 {
+                    return Err(CpuError::Unsupported(format!("{full} of rank {}", x.1.dims.len())));
+                }
+                let d = x.1.dims[1].ok_or_else(|| lowering("rms_norm needs a static width".into()))?;
+                let eps = o.attribute("eps").map_err(|_| lowering("rms_norm without eps".into()))?.to_string();
+                let eps = eps.split(':').next().unwrap_or("1.0e-6").trim().to_string();
+                let sums = e.alloc(&Shape { dims: vec![x.1.dims[0]], element: "f32".into() }, x);
+                e.line(&format!(
+                    "linalg.fill ins(%zero : f32) outs({sums} : {})",
+                    memref(&Shape { dims: vec![x.1.dims[0]], element: "f32".into() })
+                ));
+                let sum_ty = memref(&Shape { dims: vec![x.1.dims[0]], element: "f32".into() });
+                e.line(&format!(
+                    "linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"reduction\"]}} ins({} : {}) outs({sums} : {sum_ty}) {{\n    ^bb0(%a: f32, %c: f32):\n      %sq = arith.mulf %a, %a : f32\n      %r = arith.addf %c, %sq : f32\n      linalg.yield %r : f32\n    }}",
+                    affine(&["m", "d"], &["m", "d"]), affine(&["m", "d"], &["m"]), x.0, memref(&x.1)
+                ));
+                e.line(&format!(
+                    "linalg.generic {{indexing_maps = [{}, {}, {}, {}], iterator_types = [\"parallel\", \"parallel\"]}} ins({}, {sums}, {} : {}, {sum_ty}, {}) outs({dest} : {out_ty}) {{\n    ^bb0(%a: f32, %s: f32, %wv: {}, %c: f32):\n      %width = arith.constant {d}.0 : f32\n      %eps = arith.constant {eps} : f32\n      %mean = arith.divf %s, %width : f32\n      %me = arith.addf %mean, %eps : f32\n      %root = math.sqrt %me : f32\n      %inv = arith.divf %one, %root : f32\n      %xn = arith.mulf %a, %inv : f32\n      {}\n      %r = arith.mulf %wf, %xn : f32\n      linalg.yield %r : f32\n    }}",
+                    affine(&["m", "d"], &["m", "d"]), affine(&["m", "d"], &["m"]), affine(&["m", "d"], &["d"]), affine(&["m", "d"], &["m", "d"]),
+                    x.0, w.0, memref(&x.1), memref(&w.1), w.1.element, load_f32(&w.1.element, "%wv", "%wf")
+                ));
+            }
+            "embed" => {
+                let (table, ids) = (&args[0], &args[1]);
+                e.line(&format!(
+                    "linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"parallel\"]}} ins({} : {}) outs({dest} : {out_ty}) {{\n    ^bb0(%id: {}, %c: f32):\n      %row = arith.index_cast %id : {} to index\n      %col = linalg.index 1 : index\n      %t = memref.load {}[%row, %col] : {}\n      {}\n      linalg.yield %r : f32\n    }}",
+                    affine(&["n", "d"], &["n"]), affine(&["n", "d"], &["n", "d"]), ids.0, memref(&ids.1), ids.1.element, ids.1.element,
+                    table.0, memref(&table.1), load_f32(&table.1.element, "%t", "%r")
+                ));
+            }
+            "reshape" => {
+                let (src, out) = (&args[0], &rshape);
+                let exprs =
+                    reshape_exprs(&src.1, out).ok_or_else(|| lowering(format!("reshape {} -> {out}", src.1)))?;
+                e.gather_copy(src, &dest, out, &exprs);
+            }
+            "split" => {
+                let axis = int_attr(&o, "axis").ok_or_else(|| lowering("split without axis".into()))? as usize;
+                let src = &args[0];
+                let mut offset = 0;
+                for (_, part_dest, part_shape) in &dests {
+                    let exprs: Vec<String> = (0..part_shape.dims.len())
+                        .map(|i| if i == axis { format!("d{i} + {offset}") } else { format!("d{i}") })
+                        .collect();
+                    e.gather_copy(src, part_dest, part_shape, &exprs);
+                    offset += part_shape.dims[axis].ok_or_else(|| lowering("split along a dynamic axis".into()))?;
+                }
+            }
+            "concat" => {
+                let axis = int_attr(&o, "axis").ok_or_else(|| lowering("concat without axis".into()))? as usize;
+                let (lhs, rhs) = (&args[0], &args[1]);
+                let rank = rshape.dims.len();
+                let split_at = match lhs.1.dims[axis] {
+                    Some(n) => {
+                        let c = e.fresh();
+                        e.line(&format!("{c} = arith.constant {n} : index"));
+                        c
+                    }
+                    None => {
+                        let a = e.constant_index(axis);
+                        let d = e.fresh();
+                        e.line(&format!("{d} = memref.dim {}, {a} : {}", lhs.0, memref(&lhs.1)));
+                        d
+                    }
+                };
+                let idx: Vec<String> = (0..rank).map(|i| format!("%i{i}")).collect();
+                let index_lines: String =
+                    (0..rank).map(|i| format!("      %i{i} = linalg.index {i} : index\n")).collect();
+                let mut shifted = idx.clone();
+                shifted[axis] = "%shifted".into();
+                e.line(&format!(
+                    "linalg.generic {{indexing_maps = [{}], iterator_types = [{}]}} outs({dest} : {out_ty}) {{\n    ^bb0(%c: f32):\n{index_lines}      %in_lhs = arith.cmpi ult, %i{axis}, {split_at} : index\n      %r = scf.if %in_lhs -> (f32) {{\n        %l = memref.load {}[{}] : {}\n        scf.yield %l : f32\n      }} else {{\n        %shifted = arith.subi %i{axis}, {split_at} : index\n        %v = memref.load {}[{}] : {}\n        scf.yield %v : f32\n      }}\n      linalg.yield %r : f32\n    }}",
+                    identity(rank), vec!["\"parallel\""; rank].join(", "),
+                    lhs.0, idx.join(", "), memref(&lhs.1), rhs.0, shifted.join(", "), memref(&rhs.1)
+                ));
+            }
+            "cache_write" => {
+                let (cache, entries, positions) = (&args[0], &args[1], &args[2]);
+                e.line(&format!("memref.copy {}, {dest} : {} to {out_ty}", cache.0, memref(&cache.1)));
+                let (c0, c1, c2) = (e.constant_index(0), e.constant_index(1), e.constant_index(2));
+                let (b, s, w) = (e.fresh(), e.fresh(), e.fresh());
+                e.line(&format!("{b} = memref.dim {dest}, {c0} : {out_ty}"));
+                e.line(&format!("{s} = memref.dim {dest}, {c1} : {out_ty}"));
+                e.line(&format!("{w} = memref.dim {dest}, {c2} : {out_ty}"));
+                // Rows outside the cache are skipped here; the executor rejects them before launch.
+                e.line(&format!(
+                    "scf.for %b = {c0} to {b} step {c1} {{\n      %p64 = memref.load {}[%b] : {}\n      %p = arith.index_cast %p64 : i64 to index\n      %inside = arith.cmpi ult, %p, {s} : index\n      scf.if %inside {{\n        scf.for %c = {c0} to {w} step {c1} {{\n          %v = memref.load {}[%b, %c] : {}\n          memref.store %v, {dest}[%b, %p, %c] : {out_ty}\n        }}\n      }}\n    }}",
+                    positions.0, memref(&positions.1), entries.0, memref(&entries.1)
+                ));
+            }
+            "rope" => {
+                let (x, positions) = (&args[0], &args[1]);
+                let dim = int_attr(&o, "dim").ok_or_else(|| lowering("rope without dim".into()))? as usize;
+                let interleave = o.attribute("interleave").map(|a| a.to_string() == "true").unwrap_or(true);
+                let factor = o.attribute("attention_factor").map(|a| a.to_string()).unwrap_or_default();
+                let factor = factor.split(':').next().unwrap_or("1.0").trim().to_string();
+                let inv = o
+                    .attribute("inv_freq")
+                    .map(|a| a.to_string())
+                    .map_err(|_| lowering("rope without inv_freq".into()))?;
+                let values = inv.trim_start_matches("array<f32:").trim_end_matches('>').trim().to_string();
+                let global = format!("{name}_inv_freq_{}", e.next);
+                e.globals.push(format!(
+                    "memref.global \"private\" constant @{global} : memref<{}xf32> = dense<[{values}]>",
+                    dim / 2
+                ));
+                let table = e.fresh();
+                e.line(&format!("{table} = memref.get_global @{global} : memref<{}xf32>", dim / 2));
+                let rank = rshape.dims.len();
+                let last = rank - 1;
+                let idx: Vec<String> = (0..rank).map(|i| format!("%i{i}")).collect();
+                let index_lines: String =
+                    (0..rank).map(|i| format!("      %i{i} = linalg.index {i} : index\n")).collect();
+                let mut partner = idx.clone();
+                partner[last] = "%partner".into();
+                let half = dim / 2;
+                let pair = if interleave {
+                    format!("      %c2 = arith.constant 2 : index\n      %c1 = arith.constant 1 : index\n      %f = arith.divui %i{last}, %c2 : index\n      %odd = arith.remui %i{last}, %c2 : index\n      %first = arith.cmpi eq, %odd, %zero_i : index\n      %up = arith.addi %i{last}, %c1 : index\n      %down = arith.subi %i{last}, %c1 : index\n      %partner = arith.select %first, %up, %down : index\n")
+                } else {
+                    format!("      %h = arith.constant {half} : index\n      %first = arith.cmpi ult, %i{last}, %h : index\n      %f = arith.remui %i{last}, %h : index\n      %up = arith.addi %i{last}, %h : index\n      %down = arith.subi %i{last}, %h : index\n      %partner = arith.select %first, %up, %down : index\n")
+                };
+                e.line(&format!(
+                    "linalg.generic {{indexing_maps = [{}, {}], iterator_types = [{}]}} ins({} : {}) outs({dest} : {out_ty}) {{\n    ^bb0(%a: f32, %c: f32):\n{index_lines}      %zero_i = arith.constant 0 : index\n{pair}      %pos64 = memref.load {}[%i0] : {}\n      %pos = arith.sitofp %pos64 : i64 to f32\n      %freq = memref.load {table}[%f] : memref<{half}xf32>\n      %angle = arith.mulf %pos, %freq : f32\n      %cos0 = math.cos %angle : f32\n      %sin0 = math.sin %angle : f32\n      %af = arith.constant {factor} : f32\n      %cos = arith.mulf %cos0, %af : f32\n      %sin = arith.mulf %sin0, %af : f32\n      %b = memref.load {}[{}] : {}\n      %ac = arith.mulf %a, %cos : f32\n      %bs = arith.mulf %b, %sin : f32\n      %minus = arith.subf %ac, %bs : f32\n      %plus = arith.addf %ac, %bs : f32\n      %r = arith.select %first, %minus, %plus : f32\n      linalg.yield %r : f32\n    }}",
+                    identity(rank), identity(rank), vec!["\"parallel\""; rank].join(", "), x.0, memref(&x.1),
+                    positions.0, memref(&positions.1), x.0, partner.join(", "), memref(&x.1)
+                ));
+            }
+            "attention" | "attention_decode" => {
+                let decode = kind == "attention_decode";
+                let form = o.attribute("form").map(|a| a.to_string()).unwrap_or_default();
+                let absorbed = form.contains("absorbed");
+                let scale = o.attribute("scale").map(|a| a.to_string()).unwrap_or_default();
+                let scale = scale.split(':').next().unwrap_or("1.0").trim().to_string();
+                let kv = int_attr(&o, "kv_lora_rank")
+                    .ok_or_else(|| lowering("attention without kv_lora_rank".into()))?
+                    as usize;
+                let (qn, qp, lat) = (&args[0], &args[1], &args[2]);
+                let kvb = &args[if decode { 4 } else { 3 }];
+                let kvb_scale = args.get(if decode { 5 } else { 4 }).cloned();
+                let positions = decode.then(|| args[3].clone());
+                let (h, dn, dr) = (
+                    qn.1.dims[1].ok_or_else(|| lowering("dynamic head count".into()))?,
+                    qn.1.dims[2].ok_or_else(|| lowering("dynamic nope dim".into()))?,
+                    qp.1.dims[2].ok_or_else(|| lowering("dynamic rope dim".into()))?,
+                );
+                let dv = rshape.dims[2].ok_or_else(|| lowering("dynamic v dim".into()))?;
+                let spec = AttentionSpec { h, dn, dr, dv, kv, scale, absorbed, decode };
+                e.attention(&spec, qn, qp, lat, (kvb, kvb_scale.as_ref()), positions.as_ref(), &dest, &rshape);
+            }
+            "moe_route" => {
+                let r = RouteSpec {
+                    top_k: int_attr(&o, "top_k").ok_or_else(|| lowering("moe_route without top_k".into()))? as usize,
+                    n_group: int_attr(&o, "n_group").ok_or_else(|| lowering("moe_route without n_group".into()))?
+                        as usize,
+                    topk_group: int_attr(&o, "topk_group")
+                        .ok_or_else(|| lowering("moe_route without topk_group".into()))?
+                        as usize,
+                    norm: o.attribute("norm_topk_prob").map(|a| a.to_string() == "true").unwrap_or(false),
+                    factor: o
+                        .attribute("routed_scaling_factor")
+                        .map(|a| a.to_string())
+                        .unwrap_or_default()
+                        .split(':')
+                        .next()
+                        .unwrap_or("1.0")
+                        .trim()
+                        .to_string(),
+                };
+                let (idx_dest, idx_shape) = (dests[0].1.clone(), dests[0].2.clone());
+                let (w_dest, w_shape) = (dests[1].1.clone(), dests[1].2.clone());
+                e.route(&r, &args[0], &args[1], &args[2], (&idx_dest, &idx_shape), (&w_dest, &w_shape));
+            }
+            "moe_experts" if args.len() == 9 => e.experts_fp8(&args, &dest, &rshape),
+            "moe_experts" => e.experts(&args, &dest, &rshape),
+            _ => return Err(CpuError::Unsupported(full)),
+        }
+        for (key, dest, shape) in dests {
+            e.values.insert(key, (dest, shape));
+        }
+        let _ = (key, rshape);
+    }
+    let mut params: Vec<String> = inputs.iter().enumerate().map(|(i, s)| format!("%in{i}: {}", memref(s))).collect();
+    params.extend(outputs.iter().enumerate().map(|(i, s)| format!("%out{i}: {}", memref(s))));
+    let deallocs: String = e.allocs.iter().map(|d| format!("    {d}\n")).collect();
+    let mut globals: String = e.globals.iter().map(|g| format!("{g}\n")).collect();
+    if e.uses_fp8 {
+        globals.push_str(&fp8_helpers(&name));
+    }
+    let text = format!(
+        "{globals}func.func @{name}({}) attributes {{llvm.emit_c_interface}} {{\n{}{deallocs}    return\n  }}\n",
+        params.join(", "),
+        e.body
+    );
+    let output_rules = kernel_shape_rules(kernel).map_err(lowering)?;
+    Ok(LoweredKernel { text, inputs, outputs, output_rules })
+}
+
+/// A kernel lowered to CPU MLIR text, with its buffer signature.
+#[derive(Debug, Clone)]
+pub struct LoweredKernel {
+    pub text: String,
+    pub inputs: Vec<Shape>,
+    pub outputs: Vec<Shape>,
+    /// Per output, per dim: how its size follows from the input sizes.
+    pub output_rules: Vec<Vec<DimRule>>,
+}
+
+/// The pass pipeline from linalg on memrefs to the LLVM dialect.
+pub const LOWER_TO_LLVM: &str = "builtin.module(func.func(convert-linalg-to-loops), lower-affine, convert-scf-to-cf, \
+    convert-vector-to-llvm, \
+    convert-math-to-llvm, expand-strided-metadata, finalize-memref-to-llvm, convert-arith-to-llvm, \
+    convert-func-to-llvm, convert-cf-to-llvm, convert-index-to-llvm, convert-ub-to-llvm, reconcile-unrealized-casts)";
+
+/// A host buffer handed to a CPU kernel: element storage plus shape.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostData {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    I64(Vec<i64>),
+    I32(Vec<i32>),
+    /// e4m3 bits.
+    F8(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostBuffer {
+    pub shape: Vec<usize>,
+    pub data: HostData,
+}
+
+impl HostBuffer {
+    fn element(&self) -> &'static str {
+        match self.data {
+            HostData::F32(_) => "f32",
+            HostData::Bf16(_) => "bf16",
+            HostData::I64(_) => "i64",
+            HostData::I32(_) => "i32",
+            HostData::F8(_) => "f8E4M3FN",
+        }
+    }
+
+    fn ptr(&mut self) -> *mut () {
+        match &mut self.data {
+            HostData::F32(v) => v.as_mut_ptr() as *mut (),
+            HostData::Bf16(v) => v.as_mut_ptr() as *mut (),
+            HostData::I64(v) => v.as_mut_ptr() as *mut (),
+            HostData::I32(v) => v.as_mut_ptr() as *mut (),
+            HostData::F8(v) => v.as_mut_ptr() as *mut (),
+        }
+    }
+}
+
+/// A JIT-compiled CPU kernel.
+pub struct CpuKernel {
+    engine: ExecutionEngine,
+    pub name: String,
+    pub inputs: Vec<Shape>,
+    pub outputs: Vec<Shape>,
+    output_rules: Vec<Vec<DimRule>>,
+}
+
+impl CpuKernel {
+    /// Lowers and JIT-compiles `kernel` (a kernel function of the `fused` stage).
+    pub fn compile(context: &Context, kernel: &OperationRef) -> Result<CpuKernel, CpuError> {
+        let LoweredKernel { text, inputs, outputs, output_rules } = lower_kernel(kernel)?;
+        let name =
+            kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let lowering = |problem: String| CpuError::Lowering { kernel: name.clone(), problem };
+        let mut module =
+            crate::mlir::parse_module(context, &text, &format!("{name} (cpu)")).map_err(|e| lowering(e.to_string()))?;
+        melior::utility::register_all_passes();
+        let manager = PassManager::new(context);
+        melior::utility::parse_pass_pipeline(manager.as_operation_pass_manager(), LOWER_TO_LLVM)
+            .map_err(|e| lowering(format!("pass pipeline: {e}")))?;
+        manager.run(&mut module).map_err(|e| lowering(format!("lowering to LLVM failed: {e}")))?;
+        // ExecutionEngine reports no error: check that only the LLVM dialect is left first.
+        let llvm = module.as_operation().to_string();
+        if let Some(line) =
+            llvm.lines().find(|l| l.contains(" = ") && !l.contains("llvm.") && !l.trim_start().starts_with('^'))
+        {
+            return Err(lowering(format!("non-LLVM op left after lowering: {}", line.trim())));
+        }
+        let engine = ExecutionEngine::new(&module, 2, &[], false, false);
+        Ok(CpuKernel { engine, name, inputs, outputs, output_rules })
+    }
+
+    /// The shapes of the outputs for inputs of `input_shapes` (what [`CpuKernel::run`] requires).
+    pub fn output_shapes(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<Vec<usize>>, CpuError> {
+        self.output_rules
+            .iter()
+            .map(|rules| {
+                rules.iter().map(|r| r.eval(input_shapes)).collect::<Option<Vec<usize>>>().ok_or_else(|| {
+                    CpuError::Run { kernel: self.name.clone(), problem: "cannot infer output shapes".into() }
+                })
+            })
+            .collect()
+    }
+
+    /// Runs the kernel on `inputs`, writing `outputs`.
+    ///
+    /// # Safety
+    /// Every output buffer must have exactly the shape the kernel computes from its inputs (ranks,
+    /// element types and static dims are checked here; dynamic output dims are not: the kernel
+    /// writes as many rows as its inputs imply). Ids and positions must be in range (embedding rows,
+    /// cache rows). The entry-level executor derives both from the plan before launching.
+    pub unsafe fn run(&self, inputs: &mut [HostBuffer], outputs: &mut [HostBuffer]) -> Result<(), CpuError> {
+        let err = |problem: String| CpuError::Run { kernel: self.name.clone(), problem };
+        if inputs.len() != self.inputs.len() || outputs.len() != self.outputs.len() {
+            return Err(err(format!("expected {} inputs and {} outputs", self.inputs.len(), self.outputs.len())));
+        }
+        let declared = self.inputs.iter().chain(&self.outputs);
+        let mut descriptors: Vec<Vec<u64>> = Vec::new();
+        for (i, (buf, shape)) in inputs.iter_mut().chain(outputs.iter_mut()).zip(declared).enumerate() {
+            let fits = buf.element() == shape.element
+                && buf.shape.len() == shape.dims.len()
+                && buf.shape.iter().zip(&shape.dims).all(|(a, b)| b.is_none_or(|b| b == *a));
+            if !fits {
+                return Err(err(format!("buffer {i}: {:?} {} does not fit {shape}", buf.shape, buf.element())));
+            }
+            // memref descriptor: allocated ptr, aligned ptr, offset, sizes[rank], strides[rank].
+            let ptr = buf.ptr() as u64;
+            let mut d = vec![ptr, ptr, 0];
+            d.extend(buf.shape.iter().map(|&s| s as u64));
+            let mut stride = 1u64;
+            let mut strides = vec![0u64; buf.shape.len()];
+            for (k, &s) in buf.shape.iter().enumerate().rev() {
+                strides[k] = stride;
+                stride *= s as u64;
+            }
+            d.extend(strides);
+            descriptors.push(d);
+        }
+        let mut pointers: Vec<*mut u64> = descriptors.iter_mut().map(|d| d.as_mut_ptr()).collect();
+        let mut args: Vec<*mut ()> = pointers.iter_mut().map(|p| p as *mut *mut u64 as *mut ()).collect();
+        // SAFETY: each argument points at a pointer to a descriptor matching the kernel's memref
+        // type (checked above); the buffers outlive the call.
+        unsafe { self.engine.invoke_packed(&self.name, &mut args) }.map_err(|e| err(e.to_string()))
+    }
+}
