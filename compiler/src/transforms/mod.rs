@@ -1,13 +1,15 @@
 //! Transforms on the `v3` dialect. Each pass is a thin wrapper, run inside MLIR's PassManager, around
 //! a public function that does the work (the function is what tests and other passes call):
+//! - `absorb-mla` ([`absorb_mla`]): decode attention in the absorbed form over the latent cache;
 //! - `fuse-mla-projections` ([`fuse_mla_projections`]): the MLA front end as three kernels;
 //! - `fuse-epilogues` ([`fuse_epilogues`]): SwiGLU dual GEMMs, residual adds (and the MoE combine)
 //!   into GEMM epilogues, fp8 quantization into RMSNorm;
 //! - `form-kernels` ([`form_kernels`]): every op into exactly one kernel function, deduplicated.
 //! Fusion passes only tag groups (`{v3.fusion = ...}`, see [`op_graph`]); `form-kernels` outlines them.
-//! Still to come: `absorb-mla` weight re-layouts and `fuse-moe` (routing + permutation, gather/scatter
-//! grouped GEMMs with the shared expert as one more expert).
+//! Still to come: `fuse-moe` (routing + permutation, gather/scatter grouped GEMMs with the shared
+//! expert as one more expert).
 
+pub mod absorb_mla;
 pub mod form_kernels;
 pub mod fuse_epilogues;
 pub mod fuse_mla_projections;
@@ -28,6 +30,7 @@ struct PassId(#[allow(dead_code)] u8);
 static FORM_KERNELS_ID: PassId = PassId(0);
 static FUSE_MLA_ID: PassId = PassId(1);
 static FUSE_EPILOGUES_ID: PassId = PassId(2);
+static ABSORB_MLA_ID: PassId = PassId(3);
 
 /// A pass failure, with the pass's own message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +42,7 @@ pub struct PassError {
 
 /// The passes, in pipeline order: (name, what it does).
 pub const PASSES: &[(&str, &str)] = &[
+    ("absorb-mla", "decode attention in the absorbed form (W_UK into the query, W_UV into the output)"),
     (
         "fuse-mla-projections",
         "q_a/kv_a as one GEMM, the latent norms + RoPE + cache write as one kernel, q_b with RoPE",
@@ -48,7 +52,7 @@ pub const PASSES: &[(&str, &str)] = &[
 ];
 
 /// The passes of the `fused` stage, in order.
-pub const FUSED_STAGE: &[&str] = &["fuse-mla-projections", "fuse-epilogues", "form-kernels"];
+pub const FUSED_STAGE: &[&str] = &["absorb-mla", "fuse-mla-projections", "fuse-epilogues", "form-kernels"];
 
 /// A fusion pass: reads each entry's ops, extends the groups earlier passes tagged with `plan`,
 /// and writes the tags back.
@@ -98,17 +102,13 @@ pub fn run_passes(context: &Context, module: &mut Module, passes: &[&str]) -> Re
     let failure: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     for &name in passes {
         type Work = fn(&Context, &OperationRef) -> Result<(), PassError>;
-        let (id, work, about): (&'static PassId, Work, &str) = match name {
-            "form-kernels" => (
-                &FORM_KERNELS_ID,
-                |c, op| {
-                    form_kernels::form_kernels(c, op)
-                        .map_err(|e| PassError { pass: "form-kernels".into(), message: e.0 })
-                },
-                PASSES[2].1,
-            ),
-            "fuse-mla-projections" => (&FUSE_MLA_ID, fuse_mla_projections::fuse_mla_projections, PASSES[0].1),
-            "fuse-epilogues" => (&FUSE_EPILOGUES_ID, fuse_epilogues::fuse_epilogues, PASSES[1].1),
+        let (id, work): (&'static PassId, Work) = match name {
+            "absorb-mla" => (&ABSORB_MLA_ID, absorb_mla::absorb_mla),
+            "fuse-mla-projections" => (&FUSE_MLA_ID, fuse_mla_projections::fuse_mla_projections),
+            "fuse-epilogues" => (&FUSE_EPILOGUES_ID, fuse_epilogues::fuse_epilogues),
+            "form-kernels" => (&FORM_KERNELS_ID, |c, op| {
+                form_kernels::form_kernels(c, op).map_err(|e| PassError { pass: "form-kernels".into(), message: e.0 })
+            }),
             other => {
                 let known: Vec<&str> = PASSES.iter().map(|p| p.0).collect();
                 return Err(PassError {
@@ -117,6 +117,7 @@ pub fn run_passes(context: &Context, module: &mut Module, passes: &[&str]) -> Re
                 });
             }
         };
+        let about = PASSES.iter().find(|p| p.0 == name).map_or("", |p| p.1);
         let failure = failure.clone();
         let pass = create_external(
             move |op: OperationRef, pass: ExternalPass| {
