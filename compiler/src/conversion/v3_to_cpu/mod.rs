@@ -581,6 +581,10 @@ impl CpuKernel {
             return Err(lowering(format!("non-LLVM op left after lowering: {}", line.trim())));
         }
         let engine = ExecutionEngine::new(&module, 2, &[], false, false);
+        // Looking the entry up makes the JIT generate machine code now (and proves it exists).
+        if engine.lookup(&format!("_mlir_ciface_{name}")).is_null() {
+            return Err(lowering("the JIT produced no entry point".into()));
+        }
         Ok(CpuKernel { engine, name, inputs, outputs, output_rules })
     }
 
