@@ -201,6 +201,91 @@ impl<'c> CpuProgram<'c> {
         Err(invalid(format!("entry '{entry}' has no return")))
     }
 
+    /// The launch plan of this program's entries for `sizes` (stage `plan`).
+    pub fn plan(&self, sizes: crate::plan::PlanSizes) -> Result<v3c_runtime::plan::Plan, CpuBackendError> {
+        crate::plan::build_plan(&self.module, sizes).map_err(CpuBackendError::Invalid)
+    }
+
+    /// Runs one entry from its plan: every intermediate lives in one arena at the plan's offsets,
+    /// caches updated in place are written into the input buffers. `inputs` must have the shapes the
+    /// plan was made for.
+    pub fn run_plan(
+        &self,
+        plan: &v3c_runtime::plan::EntryPlan,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, CpuBackendError> {
+        use crate::conversion::v3_to_cpu::RawBuffer;
+        use v3c_runtime::plan::BufferKind;
+        let invalid = |m: String| CpuBackendError::Invalid(m);
+        for (name, shape) in &plan.bounds {
+            let given = inputs.get(name).ok_or_else(|| invalid(format!("input '{name}' not given")))?;
+            if &given.shape != shape {
+                return Err(invalid(format!("input '{name}': planned for {shape:?}, given {:?}", given.shape)));
+            }
+        }
+        self.check_inputs(inputs)?;
+        let mut owned: HashMap<String, HostBuffer> = inputs.clone();
+        let mut arena = vec![0u64; (plan.arena_bytes as usize).div_ceil(8)];
+        let base = arena.as_mut_ptr() as *mut u8;
+        let raw = |id: usize, owned: &mut HashMap<String, HostBuffer>| -> Result<RawBuffer, CpuBackendError> {
+            let b = &plan.buffers[id];
+            let ptr = match &b.kind {
+                BufferKind::Input { name } => {
+                    owned.get_mut(name).map(host_ptr).ok_or_else(|| invalid(format!("input {name}")))?
+                }
+                // Kernels never write weights (they are inputs of every launch that reads them).
+                BufferKind::Weight { name } => self
+                    .weights
+                    .get(name)
+                    .map(|w| host_ptr_const(w))
+                    .ok_or_else(|| invalid(format!("weight {name}")))?,
+                // SAFETY: offsets come from the plan, within `arena_bytes`.
+                BufferKind::Arena { offset } => unsafe { base.add(*offset as usize) as *mut () },
+            };
+            Ok(RawBuffer { ptr, shape: b.shape.clone(), element: b.dtype.clone() })
+        };
+        for launch in &plan.launches {
+            let kernel =
+                self.kernels.get(&launch.kernel).ok_or_else(|| invalid(format!("kernel {} missing", launch.kernel)))?;
+            let buffers = launch
+                .args
+                .iter()
+                .chain(&launch.results)
+                .map(|&id| raw(id, &mut owned))
+                .collect::<Result<Vec<_>, _>>()?;
+            // SAFETY: shapes come from the plan (the kernels' own shape rules at the planned
+            // sizes), inputs were checked against the plan's bounds, ids and positions above.
+            unsafe { kernel.run_raw(&buffers)? };
+        }
+        let mut out = HashMap::new();
+        for (name, id) in &plan.outputs {
+            if !wanted.contains(&name.as_str()) {
+                continue;
+            }
+            let b = &plan.buffers[*id];
+            let value = match &b.kind {
+                BufferKind::Input { name: input } => owned[input].clone(),
+                BufferKind::Arena { offset } => {
+                    let n: usize = b.shape.iter().product();
+                    // SAFETY: the buffer's bytes lie inside the arena.
+                    let data = unsafe {
+                        let p = base.add(*offset as usize);
+                        match b.dtype.as_str() {
+                            "f32" => HostData::F32(std::slice::from_raw_parts(p as *const f32, n).to_vec()),
+                            "i32" => HostData::I32(std::slice::from_raw_parts(p as *const i32, n).to_vec()),
+                            other => return Err(invalid(format!("output {name} of type {other}"))),
+                        }
+                    };
+                    HostBuffer { shape: b.shape.clone(), data }
+                }
+                BufferKind::Weight { name: w } => self.weights[w].clone(),
+            };
+            out.insert(name.clone(), value);
+        }
+        Ok(out)
+    }
+
     fn check_inputs(&self, inputs: &HashMap<String, HostBuffer>) -> Result<(), CpuBackendError> {
         for (name, buf) in inputs {
             let HostData::I64(ids) = &buf.data else { continue };
@@ -413,5 +498,25 @@ impl<'c> CpuSession<'c> {
         }
         self.position += 1;
         Ok(Self::last_row(&out["logits"]))
+    }
+}
+
+fn host_ptr(b: &mut HostBuffer) -> *mut () {
+    match &mut b.data {
+        HostData::F32(v) => v.as_mut_ptr() as *mut (),
+        HostData::Bf16(v) => v.as_mut_ptr() as *mut (),
+        HostData::I64(v) => v.as_mut_ptr() as *mut (),
+        HostData::I32(v) => v.as_mut_ptr() as *mut (),
+        HostData::F8(v) => v.as_mut_ptr() as *mut (),
+    }
+}
+
+fn host_ptr_const(b: &HostBuffer) -> *mut () {
+    match &b.data {
+        HostData::F32(v) => v.as_ptr() as *mut (),
+        HostData::Bf16(v) => v.as_ptr() as *mut (),
+        HostData::I64(v) => v.as_ptr() as *mut (),
+        HostData::I32(v) => v.as_ptr() as *mut (),
+        HostData::F8(v) => v.as_ptr() as *mut (),
     }
 }

@@ -504,3 +504,67 @@ fn fp8_weight_kernels_match_the_dequantized_reference() {
     }
     assert!(checked >= 1, "expected fp8-weight GEMM + residual kernels, checked {checked}");
 }
+
+/// Executing the plan (one arena, offsets by liveness, caches in place) gives exactly what the
+/// launch-by-launch execution of the fused IR gives, for a prefill and for a batched decode.
+#[test]
+fn executing_the_plan_equals_executing_the_launch_list() {
+    use std::collections::HashMap;
+    use v3c_compiler::cpu_backend::CpuProgram;
+    use v3c_compiler::plan::PlanSizes;
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, 21).unwrap();
+    let model = v3c_models::reference::Model::open(&ckpt, v3c_models::Precision::F32).unwrap();
+    let context = v3c_compiler::mlir::new_context();
+    let program =
+        CpuProgram::new(&context, &config, &Entry::ALL, false, v3c_models::Precision::F32, &model.checkpoint).unwrap();
+    let c = config.latent_dim();
+    let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
+    let caches: Vec<String> =
+        (0..config.num_hidden_layers).map(|l| format!("kv_cache.{l}")).chain(["kv_cache.mtp".to_string()]).collect();
+
+    // Prefill of 5 tokens after 2 cached ones.
+    let mut prefill = HashMap::new();
+    prefill.insert("tokens".to_string(), ids(vec![3, 9, 27, 81, 243]));
+    prefill.insert("positions".to_string(), ids(vec![2, 3, 4, 5, 6]));
+    prefill.insert("mtp_tokens".to_string(), ids(vec![9, 27, 81, 243, 0]));
+    let mut rng = Rng(3);
+    for name in &caches {
+        prefill.insert(
+            name.clone(),
+            HostBuffer { shape: vec![2, c], data: HostData::F32((0..2 * c).map(|_| rng.next()).collect()) },
+        );
+    }
+    // Decode of 2 sequences over 6-row caches.
+    let mut decode = HashMap::new();
+    decode.insert("tokens".to_string(), ids(vec![5, 7]));
+    decode.insert("positions".to_string(), ids(vec![1, 4]));
+    decode.insert("mtp_tokens".to_string(), ids(vec![11, 13]));
+    for name in &caches {
+        decode.insert(
+            name.clone(),
+            HostBuffer { shape: vec![2, 6, c], data: HostData::F32((0..12 * c).map(|_| rng.next()).collect()) },
+        );
+    }
+    for (entry, inputs, sizes) in [
+        ("prefill", &prefill, PlanSizes { rows: 5, context: 2 }),
+        ("decode", &decode, PlanSizes { rows: 2, context: 6 }),
+    ] {
+        let plan = program.plan(sizes).unwrap();
+        let entry_plan = plan.entries.iter().find(|e| e.name == entry).unwrap();
+        let mut wanted: Vec<&str> = vec!["logits", "mtp_logits"];
+        wanted.extend(caches.iter().map(String::as_str));
+        let walked = program.run(entry, inputs, &wanted).unwrap();
+        let planned = program.run_plan(entry_plan, inputs, &wanted).unwrap();
+        for name in &wanted {
+            assert_eq!(walked[*name], planned[*name], "{entry}: {name}");
+        }
+        assert!(entry_plan.arena_bytes > 0);
+    }
+    // Inputs must have the planned shapes.
+    let plan = program.plan(PlanSizes { rows: 4, context: 2 }).unwrap();
+    let err = program.run_plan(&plan.entries[0], &prefill, &["logits"]).unwrap_err().to_string();
+    assert!(err.contains("planned for"), "{err}");
+}

@@ -608,21 +608,41 @@ impl CpuKernel {
     /// writes as many rows as its inputs imply). Ids and positions must be in range (embedding rows,
     /// cache rows). The entry-level executor derives both from the plan before launching.
     pub unsafe fn run(&self, inputs: &mut [HostBuffer], outputs: &mut [HostBuffer]) -> Result<(), CpuError> {
-        let err = |problem: String| CpuError::Run { kernel: self.name.clone(), problem };
         if inputs.len() != self.inputs.len() || outputs.len() != self.outputs.len() {
-            return Err(err(format!("expected {} inputs and {} outputs", self.inputs.len(), self.outputs.len())));
+            return Err(CpuError::Run {
+                kernel: self.name.clone(),
+                problem: format!("expected {} inputs and {} outputs", self.inputs.len(), self.outputs.len()),
+            });
+        }
+        let views: Vec<RawBuffer> = inputs
+            .iter_mut()
+            .chain(outputs.iter_mut())
+            .map(|b| RawBuffer { ptr: b.ptr(), shape: b.shape.clone(), element: b.element().to_string() })
+            .collect();
+        // SAFETY: forwarded contract; the host buffers outlive the call.
+        unsafe { self.run_raw(&views) }
+    }
+
+    /// Runs the kernel on raw buffers (inputs then outputs), e.g. slices of one arena.
+    ///
+    /// # Safety
+    /// As [`CpuKernel::run`], and every pointer must address `shape`'s elements of `element`.
+    pub unsafe fn run_raw(&self, buffers: &[RawBuffer]) -> Result<(), CpuError> {
+        let err = |problem: String| CpuError::Run { kernel: self.name.clone(), problem };
+        if buffers.len() != self.inputs.len() + self.outputs.len() {
+            return Err(err(format!("expected {} buffers", self.inputs.len() + self.outputs.len())));
         }
         let declared = self.inputs.iter().chain(&self.outputs);
         let mut descriptors: Vec<Vec<u64>> = Vec::new();
-        for (i, (buf, shape)) in inputs.iter_mut().chain(outputs.iter_mut()).zip(declared).enumerate() {
-            let fits = buf.element() == shape.element
+        for (i, (buf, shape)) in buffers.iter().zip(declared).enumerate() {
+            let fits = buf.element == shape.element
                 && buf.shape.len() == shape.dims.len()
                 && buf.shape.iter().zip(&shape.dims).all(|(a, b)| b.is_none_or(|b| b == *a));
             if !fits {
-                return Err(err(format!("buffer {i}: {:?} {} does not fit {shape}", buf.shape, buf.element())));
+                return Err(err(format!("buffer {i}: {:?} {} does not fit {shape}", buf.shape, buf.element)));
             }
             // memref descriptor: allocated ptr, aligned ptr, offset, sizes[rank], strides[rank].
-            let ptr = buf.ptr() as u64;
+            let ptr = buf.ptr as u64;
             let mut d = vec![ptr, ptr, 0];
             d.extend(buf.shape.iter().map(|&s| s as u64));
             let mut stride = 1u64;
@@ -640,4 +660,13 @@ impl CpuKernel {
         // type (checked above); the buffers outlive the call.
         unsafe { self.engine.invoke_packed(&self.name, &mut args) }.map_err(|e| err(e.to_string()))
     }
+}
+
+/// A buffer by address: element storage somewhere (a host vector, an arena slice) plus its shape.
+#[derive(Debug, Clone)]
+pub struct RawBuffer {
+    pub ptr: *mut (),
+    pub shape: Vec<usize>,
+    /// MLIR element type name (`f32`, `bf16`, `f8E4M3FN`, `i32`, `i64`).
+    pub element: String,
 }
