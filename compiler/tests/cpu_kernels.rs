@@ -568,3 +568,52 @@ fn executing_the_plan_equals_executing_the_launch_list() {
     let err = program.run_plan(&plan.entries[0], &prefill, &["logits"]).unwrap_err().to_string();
     assert!(err.contains("planned for"), "{err}");
 }
+
+/// The GEMM template at awkward sizes (1, 3, 50, 783: K not a multiple of the vector width, so the
+/// scalar tail runs) against the reference matmul, f32 and bf16 weights, plus the residual epilogue.
+#[test]
+fn gemm_template_matches_the_reference_on_awkward_shapes() {
+    use melior::ir::operation::OperationLike;
+    let context = v3c_compiler::mlir::new_context();
+    v3c_dialects::load(&context).unwrap();
+    let mut rng = Rng(11);
+    for (m, k, n) in [(1usize, 783usize, 3usize), (3, 50, 783), (50, 3, 50), (783, 17, 1), (2, 128, 129)] {
+        for element in ["f32", "bf16"] {
+            let text = format!(
+                "func.func private @gemm(%x: tensor<?x{k}xf32>, %w: tensor<{n}x{k}x{element}>, %h: tensor<?x{n}xf32>) -> tensor<?x{n}xf32> attributes {{v3.kernel = \"gemm_residual\"}} {{
+  %y = \"v3.linear\"(%x, %w) {{operandSegmentSizes = array<i32: 1, 0, 1, 0>}} : (tensor<?x{k}xf32>, tensor<{n}x{k}x{element}>) -> tensor<?x{n}xf32>
+  %r = \"v3.add\"(%h, %y) : (tensor<?x{n}xf32>, tensor<?x{n}xf32>) -> tensor<?x{n}xf32>
+  return %r : tensor<?x{n}xf32>
+}}"
+            );
+            let module = v3c_compiler::mlir::parse_module(&context, &text, "gemm.mlir").unwrap();
+            let f = module.body().first_operation().unwrap();
+            let kernel = CpuKernel::compile(&context, &f).unwrap();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.next()).collect();
+            let h: Vec<f32> = (0..m * n).map(|_| rng.next()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| rng.next()).collect();
+            let (w_data, w_values) = if element == "f32" {
+                (HostData::F32(w.clone()), w)
+            } else {
+                let bits: Vec<u16> = w.iter().map(|&v| f32_to_bf16(v)).collect();
+                let values = bits.iter().map(|&b| bf16_to_f32(b)).collect();
+                (HostData::Bf16(bits), values)
+            };
+            let want: Vec<f32> =
+                kernels::matmul_nt(&x, &w_values, m, k, n).iter().zip(&h).map(|(y, r)| r + y).collect();
+            let mut inputs = vec![
+                HostBuffer { shape: vec![m, k], data: HostData::F32(x) },
+                HostBuffer { shape: vec![n, k], data: w_data },
+                HostBuffer { shape: vec![m, n], data: HostData::F32(h) },
+            ];
+            let mut outputs = vec![HostBuffer { shape: vec![m, n], data: HostData::F32(vec![f32::NAN; m * n]) }];
+            // SAFETY: the output has the shape the kernel computes.
+            unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
+            let got = floats(&outputs[0]);
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            // Lanes sum in a different order than the reference: allow rounding of a k-term sum.
+            assert!(diff <= 1e-6 * (k as f32).sqrt() * 8.0, "m={m} k={k} n={n} {element}: {diff}");
+            let _ = f.name();
+        }
+    }
+}
