@@ -235,11 +235,9 @@ impl<'c> CpuProgram<'c> {
                     owned.get_mut(name).map(host_ptr).ok_or_else(|| invalid(format!("input {name}")))?
                 }
                 // Kernels never write weights (they are inputs of every launch that reads them).
-                BufferKind::Weight { name } => self
-                    .weights
-                    .get(name)
-                    .map(|w| host_ptr_const(w))
-                    .ok_or_else(|| invalid(format!("weight {name}")))?,
+                BufferKind::Weight { name } => {
+                    self.weights.get(name).map(host_ptr_const).ok_or_else(|| invalid(format!("weight {name}")))?
+                }
                 // SAFETY: offsets come from the plan, within `arena_bytes`.
                 BufferKind::Arena { offset } => unsafe { base.add(*offset as usize) as *mut () },
             };

@@ -268,7 +268,7 @@ impl ModelConfig {
         if self.q_lora_rank == Some(0) {
             return fail("q_lora_rank", "must be positive or null".into());
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return fail("qk_rope_head_dim", format!("{} is odd; RoPE rotates pairs of dims", self.qk_rope_head_dim));
         }
         if self.first_k_dense_replace > self.num_hidden_layers {
@@ -285,7 +285,7 @@ impl ModelConfig {
             if self.moe_intermediate_size == 0 {
                 return fail("moe_intermediate_size", "must be positive when MoE layers exist".into());
             }
-            if self.n_group == 0 || self.n_routed_experts % self.n_group != 0 {
+            if self.n_group == 0 || !self.n_routed_experts.is_multiple_of(self.n_group) {
                 return fail(
                     "n_group",
                     format!("{} groups do not divide n_routed_experts {}", self.n_group, self.n_routed_experts),
