@@ -22,7 +22,7 @@ use v3c_models::dtype::DType;
 use v3c_models::graph::{Dim, TensorType, WeightFormat};
 use v3c_models::{BuildOptions, Entry, ModelConfig};
 
-use crate::conversion::v3_to_cpu::{CpuError, CpuKernel, HostBuffer, HostData};
+use crate::conversion::v3_to_cpu::{CpuError, CpuKernel, HostBuffer, HostData, RawBuffer};
 use crate::pipeline::Driver;
 
 #[derive(Debug, thiserror::Error)]
@@ -134,16 +134,20 @@ impl<'c> CpuProgram<'c> {
             .and_then(|r| r.first_block())
             .ok_or_else(|| invalid("entry without body".into()))?;
         self.check_inputs(inputs)?;
+        // Values: inputs (copied once) and kernel results by value; weights are read in place.
         let mut env: HashMap<usize, HostBuffer> = HashMap::new();
+        let mut weight_of: HashMap<usize, &HostBuffer> = HashMap::new();
         for (i, b) in args.iter().enumerate() {
             let value = block.argument(i).map_err(|e| invalid(e.to_string()))?.to_raw().ptr as usize;
-            let buf = match b {
+            match b {
                 Binding::Input(name) => {
-                    inputs.get(name).cloned().ok_or_else(|| invalid(format!("input '{name}' not given")))?
+                    let buf = inputs.get(name).cloned().ok_or_else(|| invalid(format!("input '{name}' not given")))?;
+                    env.insert(value, buf);
                 }
-                Binding::Param(name) => self.weights[name].clone(),
-            };
-            env.insert(value, buf);
+                Binding::Param(name) => {
+                    weight_of.insert(value, &self.weights[name]);
+                }
+            }
         }
         let mut c = block.first_operation();
         while let Some(call) = c {
@@ -167,16 +171,25 @@ impl<'c> CpuProgram<'c> {
                 for (k, name) in names.iter().enumerate() {
                     if wanted.contains(&name.as_str()) {
                         let v = call.operand(k).map_err(|e| invalid(e.to_string()))?.to_raw().ptr as usize;
-                        out.insert(name.clone(), env[&v].clone());
+                        let buf = env
+                            .get(&v)
+                            .or_else(|| weight_of.get(&v).copied())
+                            .ok_or_else(|| invalid(format!("output {name}")))?;
+                        out.insert(name.clone(), buf.clone());
                     }
                 }
                 return Ok(out);
             };
             let name = callee.to_string().trim_start_matches('@').to_string();
             let kernel = self.kernels.get(&name).ok_or_else(|| invalid(format!("kernel {name} missing")))?;
-            let mut ins: Vec<HostBuffer> = (0..call.operand_count())
-                .map(|k| env[&(call.operand(k).expect("operand").to_raw().ptr as usize)].clone())
-                .collect();
+            let ins: Vec<&HostBuffer> = (0..call.operand_count())
+                .map(|k| {
+                    let v = call.operand(k).map_err(|e| invalid(e.to_string()))?.to_raw().ptr as usize;
+                    env.get(&v)
+                        .or_else(|| weight_of.get(&v).copied())
+                        .ok_or_else(|| invalid(format!("{name}: operand {k} unknown")))
+                })
+                .collect::<Result<_, _>>()?;
             let shapes = kernel.output_shapes(&ins.iter().map(|b| b.shape.clone()).collect::<Vec<_>>())?;
             let mut outs: Vec<HostBuffer> = shapes
                 .into_iter()
@@ -191,9 +204,19 @@ impl<'c> CpuProgram<'c> {
                     HostBuffer { shape, data }
                 })
                 .collect();
+            let mut raw: Vec<RawBuffer> = ins
+                .iter()
+                .map(|b| RawBuffer { ptr: host_ptr_const(b), shape: b.shape.clone(), element: element_of(b).into() })
+                .collect();
+            raw.extend(outs.iter_mut().map(|b| RawBuffer {
+                ptr: host_ptr(b),
+                shape: b.shape.clone(),
+                element: element_of(b).into(),
+            }));
             // SAFETY: output shapes come from the kernel's own shape rules; token ids and cache
-            // positions were checked above, and every other index is produced by a kernel.
-            unsafe { kernel.run(&mut ins, &mut outs)? };
+            // positions were checked above, and every other index is produced by a kernel. Kernels
+            // only read their inputs; the borrowed buffers live until the call returns.
+            unsafe { kernel.run_raw(&raw)? };
             for (k, b) in outs.into_iter().enumerate() {
                 env.insert(call.result(k).map_err(|e| invalid(e.to_string()))?.to_raw().ptr as usize, b);
             }
@@ -215,7 +238,6 @@ impl<'c> CpuProgram<'c> {
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, CpuBackendError> {
-        use crate::conversion::v3_to_cpu::RawBuffer;
         use v3c_runtime::plan::BufferKind;
         let invalid = |m: String| CpuBackendError::Invalid(m);
         for (name, shape) in &plan.bounds {
@@ -516,5 +538,15 @@ fn host_ptr_const(b: &HostBuffer) -> *mut () {
         HostData::I64(v) => v.as_ptr() as *mut (),
         HostData::I32(v) => v.as_ptr() as *mut (),
         HostData::F8(v) => v.as_ptr() as *mut (),
+    }
+}
+
+fn element_of(b: &HostBuffer) -> &'static str {
+    match b.data {
+        HostData::F32(_) => "f32",
+        HostData::Bf16(_) => "bf16",
+        HostData::I64(_) => "i64",
+        HostData::I32(_) => "i32",
+        HostData::F8(_) => "f8E4M3FN",
     }
 }
