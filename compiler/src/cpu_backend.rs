@@ -216,7 +216,7 @@ impl<'c> CpuProgram<'c> {
             // SAFETY: output shapes come from the kernel's own shape rules; token ids and cache
             // positions were checked above, and every other index is produced by a kernel. Kernels
             // only read their inputs; the borrowed buffers live until the call returns.
-            unsafe { kernel.run_raw(&raw)? };
+            unsafe { launch(kernel, &raw)? };
             for (k, b) in outs.into_iter().enumerate() {
                 env.insert(call.result(k).map_err(|e| invalid(e.to_string()))?.to_raw().ptr as usize, b);
             }
@@ -549,4 +549,68 @@ fn element_of(b: &HostBuffer) -> &'static str {
         HostData::I32(_) => "i32",
         HostData::F8(_) => "f8E4M3FN",
     }
+}
+
+/// Rows per thread below which splitting a launch costs more than it saves.
+const MIN_ROWS_PER_THREAD: usize = 8;
+
+fn element_bytes(element: &str) -> usize {
+    v3c_runtime::plan::element_bytes(element).unwrap_or(4) as usize
+}
+
+/// Launches `kernel` on `buffers`; a row-independent kernel with enough rows runs on the halves of
+/// its rows on two threads (the machine's cores).
+///
+/// # Safety
+/// As [`CpuKernel::run_raw`].
+unsafe fn launch(kernel: &CpuKernel, buffers: &[RawBuffer]) -> Result<(), CpuError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(2);
+    let split = kernel.row_split.as_ref().and_then(|(ins, outs)| {
+        let is_row: Vec<bool> = ins.iter().chain(outs).copied().collect();
+        let rows = buffers.iter().zip(&is_row).find(|(_, &r)| r).map(|(b, _)| b.shape[0])?;
+        let all_same = buffers.iter().zip(&is_row).all(|(b, &r)| !r || b.shape[0] == rows);
+        (threads > 1 && all_same && rows >= threads * MIN_ROWS_PER_THREAD).then_some((rows, is_row))
+    });
+    let Some((rows, is_row)) = split else {
+        // SAFETY: forwarded contract.
+        return unsafe { kernel.run_raw(buffers) };
+    };
+    let half = rows / 2;
+    let part = |start: usize, count: usize| -> Vec<RawBuffer> {
+        buffers
+            .iter()
+            .zip(&is_row)
+            .map(|(b, &r)| {
+                if !r {
+                    return b.clone();
+                }
+                let row_elems: usize = b.shape[1..].iter().product();
+                let mut shape = b.shape.clone();
+                shape[0] = count;
+                // SAFETY: `start + count <= rows`: the slice stays inside the buffer.
+                let ptr = unsafe { (b.ptr as *mut u8).add(start * row_elems * element_bytes(&b.element)) as *mut () };
+                RawBuffer { ptr, shape, element: b.element.clone() }
+            })
+            .collect()
+    };
+    let (first, second) = (part(0, half), part(half, rows - half));
+    /// Moves a borrowed kernel and raw buffers into the second thread.
+    struct Job<'a>(&'a CpuKernel, Vec<RawBuffer>);
+    // SAFETY: the JIT-compiled function is reentrant (no global state; its temporaries come from
+    // malloc), and the two jobs write disjoint row ranges of the outputs.
+    unsafe impl Send for Job<'_> {}
+    let job = Job(kernel, second);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(move || {
+            let job = job;
+            // SAFETY: forwarded contract, on the second half of the rows.
+            unsafe { job.0.run_raw(&job.1) }
+        });
+        // SAFETY: forwarded contract, on the first half of the rows.
+        let mine = unsafe { kernel.run_raw(&first) };
+        let theirs = other.join().unwrap_or_else(|_| {
+            Err(CpuError::Run { kernel: kernel.name.clone(), problem: "worker thread panicked".into() })
+        });
+        mine.and(theirs)
+    })
 }

@@ -617,3 +617,23 @@ fn gemm_template_matches_the_reference_on_awkward_shapes() {
         }
     }
 }
+
+/// Long enough prefills run row-independent kernels on two threads (row halves): still the
+/// reference's logits.
+#[test]
+fn row_split_launches_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, 33).unwrap();
+    let model = v3c_models::reference::Model::open(&ckpt, v3c_models::Precision::F32).unwrap();
+    let tokens: Vec<u32> = (0..41u32).map(|i| (i * 97 + 5) % 320).collect();
+    let cpu = v3c_compiler::cpu_backend::logits(&model, &tokens, 0).unwrap();
+    let reference = model.logits(&tokens, 0).unwrap();
+    let (a, b) = (cpu.logits.as_f32().unwrap(), reference.logits.as_f32().unwrap());
+    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+    let (a, b) = (cpu.mtp_logits.unwrap(), reference.mtp_logits.unwrap());
+    let diff = a.as_f32().unwrap().iter().zip(b.as_f32().unwrap()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "mtp {diff}");
+}

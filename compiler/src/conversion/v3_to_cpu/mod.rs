@@ -557,7 +557,28 @@ pub struct CpuKernel {
     pub inputs: Vec<Shape>,
     pub outputs: Vec<Shape>,
     output_rules: Vec<Vec<DimRule>>,
+    /// Rows (dim 0 of the inputs and outputs marked true) are independent: the kernel may run on
+    /// disjoint row ranges concurrently. Weights (false) are shared whole.
+    pub row_split: Option<(Vec<bool>, Vec<bool>)>,
 }
+
+/// Kernel kinds whose every row (token) is computed from the same row of its row inputs alone.
+const ROW_INDEPENDENT: &[&str] = &[
+    "embed",
+    "linear",
+    "lm_head",
+    "rms_norm",
+    "norm_quantize",
+    "silu_mul",
+    "add",
+    "quantize_fp8",
+    "swiglu",
+    "gemm_residual",
+    "moe_route",
+    "moe_experts",
+    "mla_projections",
+    "mla_q_up",
+];
 
 impl CpuKernel {
     /// Lowers and JIT-compiles `kernel` (a kernel function of the `fused` stage).
@@ -585,7 +606,23 @@ impl CpuKernel {
         if engine.lookup(&format!("_mlir_ciface_{name}")).is_null() {
             return Err(lowering("the JIT produced no entry point".into()));
         }
-        Ok(CpuKernel { engine, name, inputs, outputs, output_rules })
+        // Row-split eligibility: a row-independent kind whose outputs take their rows from dim 0
+        // of row inputs (dynamic dim 0), every row input sharing that dim.
+        let kind = kernel
+            .attribute(v3c_dialects::KERNEL_ATTR)
+            .map(|a| a.to_string().trim_matches('"').to_string())
+            .unwrap_or_default();
+        let row_inputs: Vec<bool> = inputs.iter().map(|s| s.dims.first().is_some_and(|d| d.is_none())).collect();
+        let rows_follow = output_rules
+            .iter()
+            .all(|r| matches!(r.first(), Some(DimRule::Input { input, dim: 0 }) if row_inputs[*input]));
+        let row_outputs: Vec<bool> = outputs.iter().map(|s| s.dims.first().is_some_and(|d| d.is_none())).collect();
+        let row_split = (ROW_INDEPENDENT.contains(&kind.as_str())
+            && rows_follow
+            && row_outputs.iter().all(|&r| r)
+            && row_inputs.iter().any(|&r| r))
+        .then_some((row_inputs, row_outputs));
+        Ok(CpuKernel { engine, name, inputs, outputs, output_rules, row_split })
     }
 
     /// The shapes of the outputs for inputs of `input_shapes` (what [`CpuKernel::run`] requires).
