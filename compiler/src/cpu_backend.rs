@@ -149,10 +149,15 @@ impl<'c> CpuProgram<'c> {
                 }
             }
         }
+        let profile = std::env::var_os("V3C_PROFILE_KERNELS").is_some();
+        let mut times: Vec<(String, f64)> = Vec::new();
         let mut c = block.first_operation();
         while let Some(call) = c {
             c = call.next_in_block();
             let Ok(callee) = call.attribute("callee") else {
+                if profile {
+                    print_profile(entry, &times);
+                }
                 // func.return: collect the outputs by name.
                 let names: Vec<String> = function
                     .attribute("res_attrs")
@@ -216,7 +221,11 @@ impl<'c> CpuProgram<'c> {
             // SAFETY: output shapes come from the kernel's own shape rules; token ids and cache
             // positions were checked above, and every other index is produced by a kernel. Kernels
             // only read their inputs; the borrowed buffers live until the call returns.
+            let started = std::time::Instant::now();
             unsafe { launch(kernel, &raw)? };
+            if profile {
+                times.push((name.clone(), started.elapsed().as_secs_f64() * 1e3));
+            }
             for (k, b) in outs.into_iter().enumerate() {
                 env.insert(call.result(k).map_err(|e| invalid(e.to_string()))?.to_raw().ptr as usize, b);
             }
@@ -613,4 +622,21 @@ unsafe fn launch(kernel: &CpuKernel, buffers: &[RawBuffer]) -> Result<(), CpuErr
         });
         mine.and(theirs)
     })
+}
+
+/// `V3C_PROFILE_KERNELS=1`: time per kernel of one entry run, largest first, on stderr.
+fn print_profile(entry: &str, times: &[(String, f64)]) {
+    let mut by_kernel: HashMap<&str, (usize, f64)> = HashMap::new();
+    for (name, ms) in times {
+        let e = by_kernel.entry(name.as_str()).or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += ms;
+    }
+    let mut rows: Vec<_> = by_kernel.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+    let total: f64 = times.iter().map(|t| t.1).sum();
+    eprintln!("profile {entry}: {} launches, {total:.3} ms in kernels", times.len());
+    for (name, (count, ms)) in rows {
+        eprintln!("  {ms:9.3} ms {:5.1}%  {count:4}x  {name}", 100.0 * ms / total.max(1e-9));
+    }
 }

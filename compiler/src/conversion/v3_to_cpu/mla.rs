@@ -1,5 +1,6 @@
 //! MLA attention (naive and absorbed; one sequence or batched decode) as scf loops.
 
+use super::gemm::{widen_vector, LANES};
 use super::*;
 
 /// Static facts of one MLA op.
@@ -85,8 +86,21 @@ impl Emitter {
                 hp = h * per_head
             )
         };
-        if !absorbed && !decode {
-            // Prefill (naive form): every latent row is expanded once, before the queries.
+        if !absorbed && !decode && kvb_scale.is_none() {
+            // Prefill (naive form, dense kv_b): every latent row is expanded once, before the
+            // queries, with vectorized dot products over the latent.
+            let kvv = kv - kv % LANES;
+            let el = storage(&kvb.1.element).to_string();
+            w(&mut t, &format!(
+                "%zv = arith.constant dense<0.0> : vector<{LANES}xf32>\n%cl = arith.constant {LANES} : index\n%ckvv = arith.constant {kvv} : index\nscf.for %j = %c0 to %srows step %c1 {{\n  scf.for %r = %c0 to %c{hp} step %c1 {{\n    %vacc = scf.for %c = %c0 to %ckvv step %cl iter_args(%va = %zv) -> (vector<{LANES}xf32>) {{\n      %lv = vector.load {lat}[%j, %c] : {lat_ty}, vector<{LANES}xf32>\n      %kv0 = vector.load {kw}[%r, %c] : {kvb_ty}, vector<{LANES}x{el}>\n      {widen}\n      %f = vector.fma %lv, %kvv, %va : vector<{LANES}xf32>\n      scf.yield %f : vector<{LANES}xf32>\n    }}\n    %s0 = vector.reduction <add>, %vacc : vector<{LANES}xf32> into f32\n    %acc = scf.for %c = %ckvv to %c{kv} step %c1 iter_args(%s = %s0) -> (f32) {{\n      %l = memref.load {lat}[%j, %c] : {lat_ty}\n{load}\n      %m = arith.mulf %l, %kf : f32\n      %n = arith.addf %s, %m : f32\n      scf.yield %n : f32\n    }}\n    memref.store %acc, %kvb[%j, %r] : memref<?x{hp}xf32>\n  }}\n}}",
+                lat = lat.0,
+                kw = kvb.0,
+                widen = widen_vector(&kvb.1.element, "%kv0", "%kvv"),
+                load = indent(&kvb_load("%r", "%c", "%kf"), 6),
+                hp = h * per_head
+            ));
+        } else if !absorbed && !decode {
+            // Prefill (naive form, fp8 kv_b): expanded once, before the queries.
             w(&mut t, &expand("", "%srows"));
         }
         w(&mut t, "scf.for %q = %c0 to %nq step %c1 {");
@@ -115,6 +129,13 @@ impl Emitter {
         // Scores and their max.
         let nope_dot = if absorbed {
             format!("%dn_acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qa = memref.load %qabs[%c] : memref<{kv}xf32>\n  %l = memref.load {}[{}] : {lat_ty}\n  %m = arith.mulf %qa, %l : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", lat.0, lat_idx("%j", "%c"))
+        } else if !decode && kvb_scale.is_none() && dn % LANES == 0 {
+            // Prefill with dense kv_b: q_nope . k_nope over dn, LANES at a time.
+            format!(
+                "%dvacc = scf.for %d = %c0 to %c{dn} step %cl iter_args(%va = %zv) -> (vector<{LANES}xf32>) {{\n  %qvv = vector.load {}[%q, %hh, %d] : {qn_ty}, vector<{LANES}xf32>\n  %col = arith.addi %hbase, %d : index\n  %kvv = vector.load %kvb[%j, %col] : memref<?x{}xf32>, vector<{LANES}xf32>\n  %f = vector.fma %qvv, %kvv, %va : vector<{LANES}xf32>\n  scf.yield %f : vector<{LANES}xf32>\n}}\n%dn_acc = vector.reduction <add>, %dvacc : vector<{LANES}xf32> into f32",
+                qn.0,
+                h * per_head
+            )
         } else {
             format!("%dn_acc = scf.for %d = %c0 to %c{dn} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %d] : {qn_ty}\n  %col = arith.addi %hbase, %d : index\n  %k = memref.load %kvb[%j, %col] : memref<?x{}xf32>\n  %m = arith.mulf %qv, %k : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qn.0, h * per_head)
         };
