@@ -67,7 +67,7 @@ else
 fi
 
 for step in "2. kernel correctness" "3. end-to-end fixtures" "4. timing vs torch"; do
-  note "== $step: not available yet (no generated kernels or artifacts in this revision)"
+  note "== $step: not available yet (no sm_90a kernels or artifacts in this revision)"
   row "$step" "N/A" "nothing to check yet"
 done
 
