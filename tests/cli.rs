@@ -1,7 +1,7 @@
 //! Behaviour of the `v3c` and `v3r` command lines: help that teaches, one-line usage errors with
 //! exit code 2, doctor reports that work with and without a GPU, clean errors for bad paths.
 
-use v3c_tests::{gpu_or_skip, run_binary};
+use v3c_tests::{gpu_or_skip, run_binary, run_binary_env};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -32,7 +32,7 @@ fn v3r_help_lists_every_subcommand() {
 fn usage_errors_are_one_line_with_exit_code_2() {
     let cases: &[(&str, &[&str], &str)] = &[
         ("v3c", &["--bogus"], "v3c: error: unexpected argument '--bogus' found"),
-        ("v3c", &["compile", "--target", "sm_80"], "unknown target 'sm_80' (known: sm_90a)"),
+        ("v3c", &["compile", "--target", "sm_80"], "unknown target 'sm_80' (known: sm_90a, cpu)"),
         ("v3c", &["dump-ir", "--stage", "llvm"], "invalid value 'llvm' for '--stage <STAGE>'"),
         ("v3c", &["logits", "--tokens", "1 2"], "the following required arguments were not provided"),
         (
@@ -312,4 +312,56 @@ fn compile_names_the_kernels_without_a_gpu_lowering() {
     );
     assert!(err.contains("attention_decode_0 (attention_decode)"), "{err}");
     assert!(!out_dir.exists(), "no partial artifact");
+}
+
+/// `v3c compile --target cpu`: cold, every kernel is JIT-compiled and stored in the kernel cache;
+/// warm, every kernel comes from it. `--out` writes a whole artifact, never over an existing one.
+#[test]
+fn compile_for_the_cpu_fills_and_reuses_the_kernel_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
+    let out = run_binary_env("v3c", &["compile", "--model", "deepseek-v3-tiny", "--target", "cpu"], &env);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let count = |s: &str, what: &str| -> usize {
+        let at = s.find(what).unwrap_or_else(|| panic!("no '{what}' in: {s}"));
+        s[..at].rsplit(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    let kernels = count(&err, " kernels (");
+    assert!(kernels > 5, "{err}");
+    assert_eq!(count(&err, " JIT-compiled)"), kernels, "cold: {err}");
+    let stored = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "so"))
+        .count();
+    assert_eq!(stored, kernels);
+    let artifact = dir.path().join("artifact");
+    let args = ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--out", artifact.to_str().unwrap()];
+    let out = run_binary_env("v3c", &args, &env);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(count(&err, " from the kernel cache"), kernels, "warm: {err}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(artifact.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["target"], "cpu");
+    let listed = manifest["kernels"].as_array().unwrap();
+    assert_eq!(listed.len(), kernels);
+    for k in listed {
+        assert!(artifact.join(k["file"].as_str().unwrap()).is_file(), "{k}");
+    }
+    let plan: v3c_runtime::plan::Plan =
+        serde_json::from_str(&std::fs::read_to_string(artifact.join("plan.json")).unwrap()).unwrap();
+    assert_eq!(plan.entries.len(), 2);
+    // Existing output: refused, untouched, and nothing staged is left beside it.
+    let out = run_binary_env("v3c", &args, &env);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("already exists (pass --force to replace it)"), "{}", text(&out.stderr));
+    assert!(artifact.join("manifest.json").is_file());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".v3c-artifact"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

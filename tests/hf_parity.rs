@@ -93,7 +93,7 @@ fn cpu_backend_logits_match_transformers() {
     for dir in fixtures() {
         let (name, expected, tokens, p0) = expectations(&dir);
         let model = Model::open(&dir, Precision::F32).unwrap();
-        let got = v3c_compiler::cpu_backend::logits(&model, &tokens, p0).unwrap();
+        let got = v3c_compiler::cpu_backend::logits(&model, &tokens, p0, None).unwrap();
         let want = expected.read("logits").unwrap();
         let diff = max_abs_diff(got.logits.as_f32().unwrap(), want.as_f32().unwrap());
         eprintln!("{name}: cpu backend logits max |diff| = {diff:.2e}");
@@ -115,7 +115,7 @@ fn cpu_backend_fp8_matches_the_reference_fp8() {
     let tokens: Vec<u32> = expected.read("tokens").unwrap().as_ids().unwrap().iter().map(|&t| t as u32).collect();
     let model = Model::open(&dir, Precision::Fp8).unwrap();
     let reference = model.logits(&tokens, 0).unwrap();
-    let cpu = v3c_compiler::cpu_backend::logits(&model, &tokens, 0).unwrap();
+    let cpu = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap();
     for (name, a, b) in [
         ("logits", &reference.logits, &cpu.logits),
         ("mtp_logits", reference.mtp_logits.as_ref().unwrap(), cpu.mtp_logits.as_ref().unwrap()),

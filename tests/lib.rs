@@ -30,6 +30,8 @@ pub fn run_binary(name: &str, args: &[&str]) -> Output {
 pub fn run_binary_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(workspace_binary(name))
         .args(args)
+        // Tests leave the user's kernel cache alone unless they name one.
+        .env("V3C_KERNEL_CACHE", "off")
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .env("COLUMNS", "100")

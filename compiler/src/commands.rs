@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use v3c_compiler::kernel_cache::KernelCache;
 use v3c_models::checkpoint::save_tensors;
 use v3c_models::config::ModelConfig;
 use v3c_models::init::{with_fp8, write_random_checkpoint};
@@ -32,7 +33,8 @@ pub fn logits(
     let tokens = v3c_runtime::cli::parse_token_ids(tokens, "--tokens")?;
     let model = Model::open(model_dir, precision).map_err(|e| e.to_string())?;
     let result = if backend == "cpu" {
-        v3c_compiler::cpu_backend::logits(&model, &tokens, first_position).map_err(|e| e.to_string())?
+        v3c_compiler::cpu_backend::logits(&model, &tokens, first_position, KernelCache::from_env().as_ref())
+            .map_err(|e| e.to_string())?
     } else {
         model.logits(&tokens, first_position).map_err(|e| e.to_string())?
     };
@@ -96,7 +98,8 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
     let max_len = prompt.len() + o.max_new_tokens;
     let mut session = if o.backend == "cpu" {
         AnySession::Cpu(
-            v3c_compiler::cpu_backend::CpuSession::new(&context, &model, max_len).map_err(|e| e.to_string())?,
+            v3c_compiler::cpu_backend::CpuSession::new(&context, &model, max_len, KernelCache::from_env().as_ref())
+                .map_err(|e| e.to_string())?,
         )
     } else {
         AnySession::Reference(model.session(max_len).map_err(|e| e.to_string())?)
@@ -353,4 +356,123 @@ pub fn compile(model: &str, target: &str) -> Result<(), String> {
         kernels.len(),
         kernels.join(", ")
     ))
+}
+
+pub struct CompileCpuOptions<'a> {
+    pub model: &'a str,
+    pub out: Option<&'a Path>,
+    pub force: bool,
+    pub sizes: v3c_compiler::plan::PlanSizes,
+}
+
+/// `v3c compile --target cpu`: both entry points to machine code for this CPU, kernels taken from
+/// the content-addressed kernel cache where it has them. With `--out`: an artifact directory
+/// (`manifest.json`, `plan.json`, `kernels/<kernel>.so`) written whole or not at all.
+pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
+    let start = Instant::now();
+    let config = ModelConfig::resolve(o.model).map_err(|e| e.to_string())?;
+    let staging = match o.out {
+        Some(out) => Some(stage_artifact_dir(out, o.force)?),
+        None => None,
+    };
+    // Without a cache, an artifact still needs its kernels as files: link them into the staging dir.
+    let cache =
+        KernelCache::from_env().or_else(|| staging.as_ref().map(|s| KernelCache::new(s.path().join(".objects"))));
+    let context = v3c_compiler::mlir::new_context();
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} kernels {msg}")
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("compiling for cpu");
+    let (mut hits, mut built) = (0usize, 0usize);
+    let compiled = v3c_compiler::cpu_backend::compile_model(
+        &context,
+        &config,
+        &v3c_models::Entry::ALL,
+        false,
+        Precision::F32,
+        cache.as_ref(),
+        &mut |done, total, k| {
+            if k.from_cache {
+                hits += 1;
+            } else {
+                built += 1;
+            }
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(k.name.clone());
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let plan = v3c_compiler::plan::build_plan(&compiled.module, o.sizes)?;
+    let arenas: Vec<String> =
+        plan.entries.iter().map(|e| format!("{} {:.1} MiB", e.name, e.arena_bytes as f64 / (1 << 20) as f64)).collect();
+    eprintln!(
+        "compiled {} for cpu: {} kernels ({hits} from the kernel cache, {built} JIT-compiled) in {:.2} s; \
+         arenas at rows {} / context {}: {}",
+        config.name,
+        compiled.kernels.len(),
+        start.elapsed().as_secs_f64(),
+        o.sizes.rows,
+        o.sizes.context,
+        arenas.join(", ")
+    );
+    match &cache {
+        Some(c) if staging.is_none() => eprintln!("kernel cache: {}", c.dir().display()),
+        _ => {}
+    }
+    let (Some(staging), Some(out), Some(cache)) = (staging, o.out, cache) else { return Ok(()) };
+    let kernel_dir = staging.path().join("kernels");
+    std::fs::create_dir_all(&kernel_dir).map_err(|e| format!("{}: {e}", kernel_dir.display()))?;
+    let mut names: Vec<&String> = compiled.kernels.keys().collect();
+    names.sort();
+    let mut entries = Vec::new();
+    for name in names {
+        let key = &compiled.kernels[name].key;
+        let from = cache.path(key);
+        let to = kernel_dir.join(format!("{name}.so"));
+        std::fs::copy(&from, &to).map_err(|e| format!("{}: {e}", from.display()))?;
+        entries.push(serde_json::json!({ "name": name, "key": key, "file": format!("kernels/{name}.so") }));
+    }
+    let manifest = serde_json::json!({
+        "format_version": 1,
+        "model": config.name,
+        "target": "cpu",
+        "compiler_version": env!("CARGO_PKG_VERSION"),
+        "plan": "plan.json",
+        "kernels": entries,
+    });
+    let write = |file: &str, text: String| {
+        let path = staging.path().join(file);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write("manifest.json", serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n")?;
+    write("plan.json", serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n")?;
+    let _ = std::fs::remove_dir_all(staging.path().join(".objects"));
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| format!("{}: cannot replace: {e}", out.display()))?;
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, out).map_err(|e| format!("{}: {e}", out.display()))?;
+    eprintln!("wrote {} ({} kernels, plan, manifest)", out.display(), compiled.kernels.len());
+    Ok(())
+}
+
+/// A temporary directory beside `out` to build an artifact in (removed unless kept); `out` must
+/// not exist unless `force`.
+fn stage_artifact_dir(out: &Path, force: bool) -> Result<tempfile::TempDir, String> {
+    if out.exists() && !force {
+        return Err(format!("{}: already exists (pass --force to replace it)", out.display()));
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    tempfile::Builder::new()
+        .prefix(".v3c-artifact.")
+        .tempdir_in(parent)
+        .map_err(|e| format!("{}: cannot create a staging directory: {e}", parent.display()))
 }

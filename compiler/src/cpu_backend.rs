@@ -23,6 +23,7 @@ use v3c_models::graph::{Dim, TensorType, WeightFormat};
 use v3c_models::{BuildOptions, Entry, ModelConfig};
 
 use crate::conversion::v3_to_cpu::{CpuError, CpuKernel, HostBuffer, HostData, RawBuffer};
+use crate::kernel_cache::KernelCache;
 use crate::pipeline::Driver;
 
 #[derive(Debug, thiserror::Error)]
@@ -78,16 +79,26 @@ impl<'c> CpuProgram<'c> {
         precision: v3c_models::Precision,
         checkpoint: &Checkpoint,
     ) -> Result<CpuProgram<'c>, CpuBackendError> {
-        let options = BuildOptions { dense_f32_weights: true, skip_mtp, precision, ..Default::default() };
-        let module = Driver::from_env(&config.name).run_model(context, config, entries, &options, "fused")?;
-        let mut kernels = HashMap::new();
+        CpuProgram::with_cache(context, config, entries, skip_mtp, precision, checkpoint, None)
+    }
+
+    /// As [`CpuProgram::new`], taking kernels from (and adding them to) `cache`.
+    pub fn with_cache(
+        context: &'c Context,
+        config: &ModelConfig,
+        entries: &[Entry],
+        skip_mtp: bool,
+        precision: v3c_models::Precision,
+        checkpoint: &Checkpoint,
+        cache: Option<&KernelCache>,
+    ) -> Result<CpuProgram<'c>, CpuBackendError> {
+        let CompiledModel { module, kernels } =
+            compile_model(context, config, entries, skip_mtp, precision, cache, &mut |_, _, _| {})?;
         let mut weights = HashMap::new();
         let mut op = module.body().first_operation();
         while let Some(f) = op {
             op = f.next_in_block();
             if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
-                let k = CpuKernel::compile(context, &f)?;
-                kernels.insert(k.name.clone(), k);
                 continue;
             }
             let Ok(attrs) = f.attribute("arg_attrs") else { continue };
@@ -386,25 +397,63 @@ fn load_weight(
     Ok(HostBuffer { shape: dims.to_vec(), data })
 }
 
+/// The `fused` module of a model and its kernels compiled for this CPU (no weights).
+pub struct CompiledModel<'c> {
+    pub module: Module<'c>,
+    pub kernels: HashMap<String, CpuKernel>,
+}
+
+/// Runs `entries` of `config` to the `fused` stage and compiles every kernel, taking machine code
+/// from `cache` where it holds it. `progress(done, total, kernel)` is called after each kernel.
+pub fn compile_model<'c>(
+    context: &'c Context,
+    config: &ModelConfig,
+    entries: &[Entry],
+    skip_mtp: bool,
+    precision: v3c_models::Precision,
+    cache: Option<&KernelCache>,
+    progress: &mut dyn FnMut(usize, usize, &CpuKernel),
+) -> Result<CompiledModel<'c>, CpuBackendError> {
+    let options = BuildOptions { dense_f32_weights: true, skip_mtp, precision, ..Default::default() };
+    let module = Driver::from_env(&config.name).run_model(context, config, entries, &options, "fused")?;
+    let mut functions = Vec::new();
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
+            functions.push(f);
+        }
+    }
+    let mut kernels = HashMap::new();
+    for (i, f) in functions.iter().enumerate() {
+        let k = CpuKernel::compile_cached(context, f, cache)?;
+        progress(i + 1, functions.len(), &k);
+        kernels.insert(k.name.clone(), k);
+    }
+    Ok(CompiledModel { module, kernels })
+}
+
 /// Logits of one sequence through the CPU backend: the CPU twin of
 /// [`v3c_models::reference::Model::logits`] (same inputs, same outputs).
 pub fn logits(
     model: &v3c_models::reference::Model,
     tokens: &[u32],
     first_position: i64,
+    cache: Option<&KernelCache>,
 ) -> Result<v3c_models::reference::Logits, CpuBackendError> {
     use v3c_models::tensor::Tensor;
     if tokens.is_empty() {
         return Err(CpuBackendError::Invalid("no tokens given".into()));
     }
     let context = crate::mlir::new_context();
-    let program = CpuProgram::new(
+    let program = CpuProgram::with_cache(
         &context,
         &model.config,
         &[Entry::Prefill],
         !model.has_mtp,
         model.precision,
         &model.checkpoint,
+        cache,
     )?;
     let t = tokens.len();
     let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
@@ -448,8 +497,17 @@ impl<'c> CpuSession<'c> {
         context: &'c Context,
         model: &v3c_models::reference::Model,
         max_len: usize,
+        cache: Option<&KernelCache>,
     ) -> Result<CpuSession<'c>, CpuBackendError> {
-        let program = CpuProgram::new(context, &model.config, &Entry::ALL, true, model.precision, &model.checkpoint)?;
+        let program = CpuProgram::with_cache(
+            context,
+            &model.config,
+            &Entry::ALL,
+            true,
+            model.precision,
+            &model.checkpoint,
+            cache,
+        )?;
         Ok(CpuSession {
             program,
             caches: HashMap::new(),

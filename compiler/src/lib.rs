@@ -14,6 +14,7 @@ pub mod conversion;
 pub mod cpu_backend;
 pub mod doctor;
 pub mod import;
+pub mod kernel_cache;
 pub mod mlir;
 pub mod pipeline;
 pub mod plan;

@@ -125,9 +125,16 @@ struct ModelArg {
 struct CompileArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// GPU target.
-    #[arg(long, value_name = "TARGET", default_value = "sm_90a", value_parser = parse_target)]
-    target: GpuTarget,
+    /// Target: a GPU (sm_90a) or `cpu` (this machine: kernels JIT-compiled through MLIR, machine
+    /// code kept in the content-addressed kernel cache, V3C_KERNEL_CACHE=<dir>|off).
+    #[arg(long, value_name = "TARGET", default_value = "sm_90a", value_parser = parse_compile_target)]
+    target: CompileTarget,
+    /// Most rows (tokens of one launch) the `cpu` plan's arena is sized for.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_rows: usize,
+    /// Longest context (KV cache rows) the `cpu` plan's arena is sized for.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_context: usize,
     /// Artifact directory to write (created; must not exist unless --force).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -255,8 +262,20 @@ struct DoctorArgs {
     json: bool,
 }
 
-fn parse_target(s: &str) -> Result<GpuTarget, String> {
-    GpuTarget::by_name(s)
+#[derive(Clone, Copy)]
+enum CompileTarget {
+    Cpu,
+    Gpu(GpuTarget),
+}
+
+fn parse_compile_target(s: &str) -> Result<CompileTarget, String> {
+    if s == "cpu" {
+        return Ok(CompileTarget::Cpu);
+    }
+    GpuTarget::by_name(s).map(CompileTarget::Gpu).map_err(|_| {
+        let known: Vec<_> = v3c_compiler::target::TARGETS.iter().map(|t| t.name).chain(["cpu"]).collect();
+        format!("unknown target '{s}' (known: {})", known.join(", "))
+    })
 }
 
 fn main() -> ExitCode {
@@ -264,7 +283,15 @@ fn main() -> ExitCode {
     v3c_runtime::cli::init_logging(cli.verbose);
     let result = match cli.command {
         Command::Doctor(a) => run_doctor(&a),
-        Command::Compile(a) => commands::compile(&a.model.model, a.target.name),
+        Command::Compile(a) => match a.target {
+            CompileTarget::Gpu(t) => commands::compile(&a.model.model, t.name),
+            CompileTarget::Cpu => commands::compile_cpu(&commands::CompileCpuOptions {
+                model: &a.model.model,
+                out: a.out.as_deref(),
+                force: a.force,
+                sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
+            }),
+        },
         Command::DumpIr(a) => commands::dump_ir(&commands::DumpIrOptions {
             model: &a.model.model,
             stage: a.stage.name(),

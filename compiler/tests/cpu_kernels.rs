@@ -349,14 +349,14 @@ fn cpu_incremental_decode_matches_full_prefill() {
     v3c_models::init::write_random_checkpoint(&config, &ckpt, 5).unwrap();
     let model = v3c_models::reference::Model::open(&ckpt, v3c_models::Precision::F32).unwrap();
     let tokens = [7u32, 300, 2, 45, 99, 1, 250, 12];
-    let full = v3c_compiler::cpu_backend::logits(&model, &tokens, 0).unwrap().logits;
+    let full = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap().logits;
     let reference = model.logits(&tokens, 0).unwrap().logits;
     let v = config.vocab_size;
     let (full, reference) = (full.as_f32().unwrap(), reference.as_f32().unwrap());
     let diff = full.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(diff < 1e-4, "cpu vs reference prefill: {diff}");
     let context = v3c_compiler::mlir::new_context();
-    let mut session = v3c_compiler::cpu_backend::CpuSession::new(&context, &model, tokens.len()).unwrap();
+    let mut session = v3c_compiler::cpu_backend::CpuSession::new(&context, &model, tokens.len(), None).unwrap();
     let split = 3;
     let mut rows = vec![session.prefill(&tokens[..split]).unwrap()];
     for &t in &tokens[split..] {
@@ -388,7 +388,7 @@ fn cpu_batched_decode_of_different_lengths_equals_each_alone() {
     let mut alone = Vec::new();
     let mut caches: Vec<HashMap<String, Vec<f32>>> = Vec::new();
     for (p, &n) in prompts.iter().zip(&next) {
-        let mut s = CpuSession::new(&context, &model, max_len).unwrap();
+        let mut s = CpuSession::new(&context, &model, max_len, None).unwrap();
         s.prefill(p).unwrap();
         // Re-run the prefill through the program to read the caches it produced.
         let program =
@@ -628,7 +628,7 @@ fn row_split_launches_match_the_reference() {
     v3c_models::init::write_random_checkpoint(&config, &ckpt, 33).unwrap();
     let model = v3c_models::reference::Model::open(&ckpt, v3c_models::Precision::F32).unwrap();
     let tokens: Vec<u32> = (0..41u32).map(|i| (i * 97 + 5) % 320).collect();
-    let cpu = v3c_compiler::cpu_backend::logits(&model, &tokens, 0).unwrap();
+    let cpu = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap();
     let reference = model.logits(&tokens, 0).unwrap();
     let (a, b) = (cpu.logits.as_f32().unwrap(), reference.logits.as_f32().unwrap());
     let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
@@ -636,4 +636,60 @@ fn row_split_launches_match_the_reference() {
     let (a, b) = (cpu.mtp_logits.unwrap(), reference.mtp_logits.unwrap());
     let diff = a.as_f32().unwrap().iter().zip(b.as_f32().unwrap()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     assert!(diff < 1e-4, "mtp {diff}");
+}
+
+#[test]
+fn kernels_from_the_cache_compute_what_the_jit_computes() {
+    use v3c_compiler::kernel_cache::KernelCache;
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, 21).unwrap();
+    let model = v3c_models::reference::Model::open(&ckpt, v3c_models::Precision::F32).unwrap();
+    let cache = KernelCache::new(dir.path().join("cache"));
+    let tokens = [3u32, 77, 310, 9, 1];
+    let jit = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap();
+    // Cold: every kernel JIT-compiled and stored; warm: every kernel loaded from the cache.
+    let context = v3c_compiler::mlir::new_context();
+    let compile = |cache: &KernelCache| {
+        let mut from_cache = Vec::new();
+        v3c_compiler::cpu_backend::compile_model(
+            &context,
+            &config,
+            &[Entry::Prefill],
+            !model.has_mtp,
+            v3c_models::Precision::F32,
+            Some(cache),
+            &mut |_, _, k| from_cache.push(k.from_cache),
+        )
+        .unwrap();
+        from_cache
+    };
+    let cold = compile(&cache);
+    assert!(!cold.is_empty() && cold.iter().all(|&hit| !hit), "cold compile hit the cache: {cold:?}");
+    let entries = std::fs::read_dir(cache.dir())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "so"))
+        .count();
+    assert_eq!(entries, cold.len(), "one cache entry per kernel");
+    let warm = compile(&cache);
+    assert!(warm.iter().all(|&hit| hit), "warm compile missed the cache: {warm:?}");
+    let cached = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, Some(&cache)).unwrap();
+    assert_eq!(
+        cached.logits.as_f32().unwrap(),
+        jit.logits.as_f32().unwrap(),
+        "cached machine code differs from the JIT's"
+    );
+    // A corrupt entry is a miss: rebuilt, replaced, and the results stay right.
+    let victim = std::fs::read_dir(cache.dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "so"))
+        .unwrap();
+    std::fs::write(&victim, b"garbage").unwrap();
+    let after = compile(&cache);
+    assert_eq!(after.iter().filter(|&&hit| !hit).count(), 1, "exactly the corrupt entry is rebuilt: {after:?}");
+    assert!(std::fs::metadata(&victim).unwrap().len() > 1000, "the corrupt entry was replaced");
+    let again = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, Some(&cache)).unwrap();
+    assert_eq!(again.logits.as_f32().unwrap(), jit.logits.as_f32().unwrap());
 }

@@ -18,6 +18,7 @@ use melior::ir::{RegionLike, ValueLike};
 use melior::pass::PassManager;
 use melior::{Context, ExecutionEngine};
 
+use crate::kernel_cache::KernelCache;
 use crate::shapes::{kernel_shape_rules, DimRule};
 use crate::verify::Shape;
 
@@ -552,8 +553,12 @@ impl HostBuffer {
 
 /// A JIT-compiled CPU kernel.
 pub struct CpuKernel {
-    engine: ExecutionEngine,
+    code: KernelCode,
     pub name: String,
+    /// Where the machine code came from: the kernel cache (true) or this process's JIT.
+    pub from_cache: bool,
+    /// The kernel's content address (empty when compiled without a cache).
+    pub key: String,
     pub inputs: Vec<Shape>,
     pub outputs: Vec<Shape>,
     output_rules: Vec<Vec<DimRule>>,
@@ -561,6 +566,39 @@ pub struct CpuKernel {
     /// disjoint row ranges concurrently. Weights (false) are shared whole.
     pub row_split: Option<(Vec<bool>, Vec<bool>)>,
 }
+
+/// Lowers a kernel's `cpu`-stage `text` to LLVM and JIT-compiles it (position-independent code
+/// kept for an object file when `for_object`).
+fn jit(context: &Context, text: &str, name: &str, for_object: bool) -> Result<ExecutionEngine, String> {
+    let mut module = crate::mlir::parse_module(context, text, &format!("{name} (cpu)")).map_err(|e| e.to_string())?;
+    melior::utility::register_all_passes();
+    let manager = PassManager::new(context);
+    melior::utility::parse_pass_pipeline(manager.as_operation_pass_manager(), LOWER_TO_LLVM)
+        .map_err(|e| format!("pass pipeline: {e}"))?;
+    manager.run(&mut module).map_err(|e| format!("lowering to LLVM failed: {e}"))?;
+    // ExecutionEngine reports no error: check that only the LLVM dialect is left first.
+    let llvm = module.as_operation().to_string();
+    if let Some(line) =
+        llvm.lines().find(|l| l.contains(" = ") && !l.contains("llvm.") && !l.trim_start().starts_with('^'))
+    {
+        return Err(format!("non-LLVM op left after lowering: {}", line.trim()));
+    }
+    let engine = ExecutionEngine::new(&module, OPT_LEVEL, &[], for_object, for_object);
+    // Looking the entry up makes the JIT generate machine code now (and proves it exists).
+    if engine.lookup(&format!("_mlir_ciface_{name}")).is_null() {
+        return Err("the JIT produced no entry point".into());
+    }
+    Ok(engine)
+}
+
+/// A kernel's machine code.
+enum KernelCode {
+    Jit(ExecutionEngine),
+    Cached(crate::kernel_cache::CachedKernel),
+}
+
+/// The JIT's LLVM optimization level.
+const OPT_LEVEL: usize = 2;
 
 /// Kernel kinds whose every row (token) is computed from the same row of its row inputs alone.
 const ROW_INDEPENDENT: &[&str] = &[
@@ -583,29 +621,40 @@ const ROW_INDEPENDENT: &[&str] = &[
 impl CpuKernel {
     /// Lowers and JIT-compiles `kernel` (a kernel function of the `fused` stage).
     pub fn compile(context: &Context, kernel: &OperationRef) -> Result<CpuKernel, CpuError> {
+        CpuKernel::compile_cached(context, kernel, None)
+    }
+
+    /// As [`CpuKernel::compile`], taking the machine code from `cache` when it holds this kernel
+    /// and storing it there when not.
+    pub fn compile_cached(
+        context: &Context,
+        kernel: &OperationRef,
+        cache: Option<&KernelCache>,
+    ) -> Result<CpuKernel, CpuError> {
         let LoweredKernel { text, inputs, outputs, output_rules } = lower_kernel(kernel)?;
         let name =
             kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
         let lowering = |problem: String| CpuError::Lowering { kernel: name.clone(), problem };
-        let mut module =
-            crate::mlir::parse_module(context, &text, &format!("{name} (cpu)")).map_err(|e| lowering(e.to_string()))?;
-        melior::utility::register_all_passes();
-        let manager = PassManager::new(context);
-        melior::utility::parse_pass_pipeline(manager.as_operation_pass_manager(), LOWER_TO_LLVM)
-            .map_err(|e| lowering(format!("pass pipeline: {e}")))?;
-        manager.run(&mut module).map_err(|e| lowering(format!("lowering to LLVM failed: {e}")))?;
-        // ExecutionEngine reports no error: check that only the LLVM dialect is left first.
-        let llvm = module.as_operation().to_string();
-        if let Some(line) =
-            llvm.lines().find(|l| l.contains(" = ") && !l.contains("llvm.") && !l.trim_start().starts_with('^'))
-        {
-            return Err(lowering(format!("non-LLVM op left after lowering: {}", line.trim())));
-        }
-        let engine = ExecutionEngine::new(&module, 2, &[], false, false);
-        // Looking the entry up makes the JIT generate machine code now (and proves it exists).
-        if engine.lookup(&format!("_mlir_ciface_{name}")).is_null() {
-            return Err(lowering("the JIT produced no entry point".into()));
-        }
+        // The packed wrapper of the C interface: what `ExecutionEngine::invoke_packed(name)` calls.
+        let packed = format!("_mlir__mlir_ciface_{name}");
+        let key = cache.map(|_| KernelCache::key(&text, LOWER_TO_LLVM, OPT_LEVEL));
+        let hit = cache.zip(key.as_deref()).and_then(|(c, k)| c.load(k, &packed));
+        let from_cache = hit.is_some();
+        let code = match hit {
+            Some(k) => KernelCode::Cached(k),
+            None => {
+                let engine = jit(context, &text, &name, cache.is_some()).map_err(lowering)?;
+                if let (Some(cache), Some(key)) = (cache, &key) {
+                    let object = tempfile::Builder::new()
+                        .suffix(".o")
+                        .tempfile()
+                        .map_err(|e| lowering(format!("kernel cache: temporary object file: {e}")))?;
+                    engine.dump_to_object_file(&object.path().to_string_lossy());
+                    cache.store(key, object.path()).map_err(lowering)?;
+                }
+                KernelCode::Jit(engine)
+            }
+        };
         // Row-split eligibility: a row-independent kind whose outputs take their rows from dim 0
         // of row inputs (dynamic dim 0), every row input sharing that dim.
         let kind = kernel
@@ -622,7 +671,7 @@ impl CpuKernel {
             && row_outputs.iter().all(|&r| r)
             && row_inputs.iter().any(|&r| r))
         .then_some((row_inputs, row_outputs));
-        Ok(CpuKernel { engine, name, inputs, outputs, output_rules, row_split })
+        Ok(CpuKernel { code, name, from_cache, key: key.unwrap_or_default(), inputs, outputs, output_rules, row_split })
     }
 
     /// The shapes of the outputs for inputs of `input_shapes` (what [`CpuKernel::run`] requires).
@@ -695,7 +744,17 @@ impl CpuKernel {
         let mut args: Vec<*mut ()> = pointers.iter_mut().map(|p| p as *mut *mut u64 as *mut ()).collect();
         // SAFETY: each argument points at a pointer to a descriptor matching the kernel's memref
         // type (checked above); the buffers outlive the call.
-        unsafe { self.engine.invoke_packed(&self.name, &mut args) }.map_err(|e| err(e.to_string()))
+        match &self.code {
+            // SAFETY: as above.
+            KernelCode::Jit(engine) => {
+                unsafe { engine.invoke_packed(&self.name, &mut args) }.map_err(|e| err(e.to_string()))
+            }
+            KernelCode::Cached(k) => {
+                // SAFETY: as above; `entry` is the same packed wrapper the JIT would call.
+                unsafe { (k.entry)(args.as_mut_ptr()) };
+                Ok(())
+            }
+        }
     }
 }
 
