@@ -433,7 +433,8 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
         let key = &compiled.kernels[name].key;
         let from = cache.path(key);
         let to = kernel_dir.join(format!("{name}.so"));
-        std::fs::copy(&from, &to).map_err(|e| format!("{}: {e}", from.display()))?;
+        std::fs::copy(&from, &to)
+            .map_err(|e| format!("kernel {name}: no machine code in the kernel cache ({}: {e})", from.display()))?;
         entries.push(serde_json::json!({ "name": name, "key": key, "file": format!("kernels/{name}.so") }));
     }
     let manifest = serde_json::json!({

@@ -645,12 +645,16 @@ impl CpuKernel {
             None => {
                 let engine = jit(context, &text, &name, cache.is_some()).map_err(lowering)?;
                 if let (Some(cache), Some(key)) = (cache, &key) {
-                    let object = tempfile::Builder::new()
-                        .suffix(".o")
-                        .tempfile()
-                        .map_err(|e| lowering(format!("kernel cache: temporary object file: {e}")))?;
-                    engine.dump_to_object_file(&object.path().to_string_lossy());
-                    cache.store(key, object.path()).map_err(lowering)?;
+                    // The cache only saves time: a kernel that cannot be stored still runs from the JIT.
+                    let stored = tempfile::Builder::new().suffix(".o").tempfile().map_err(|e| e.to_string()).and_then(
+                        |object| {
+                            engine.dump_to_object_file(&object.path().to_string_lossy());
+                            cache.store(key, object.path())
+                        },
+                    );
+                    if let Err(e) = stored {
+                        tracing::warn!("{name}: not stored in the kernel cache: {e}");
+                    }
                 }
                 KernelCode::Jit(engine)
             }
