@@ -1,6 +1,6 @@
 //! Compile time of the pipeline on the full DeepSeek-V3 (61 layers + MTP, both entry points):
 //! build + import + verify (stage `v3`), through the fusion passes and `form-kernels` (`fused`), and
-//! the cold JIT compilation of every CPU kernel.
+//! every CPU kernel compiled cold (lowered and JIT-compiled) and warm (from the kernel cache).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use v3c_compiler::pipeline::Driver;
@@ -21,27 +21,37 @@ fn compile_stages(c: &mut Criterion) {
             })
         });
     }
-    // Cold JIT of every CPU kernel of the full model (f32 precision, dense weights), no kernel cache.
-    group.bench_function("deepseek-v3/cpu_jit_all_kernels", |b| {
-        use melior::ir::block::BlockLike;
-        use melior::ir::operation::OperationLike;
-        b.iter(|| {
+    // Every CPU kernel of the full model (f32 precision, dense weights) from the `fused` stage:
+    // cold (no kernel cache: lowered and JIT-compiled), and warm (every kernel loaded from a
+    // content-addressed kernel cache filled beforehand).
+    let cache_dir = tempfile::tempdir().expect("temporary directory");
+    let cache = v3c_compiler::kernel_cache::KernelCache::new(cache_dir.path());
+    for (name, cache) in [("cpu_cold", None), ("cpu_warm_cache", Some(&cache))] {
+        let compile = || {
             let context = v3c_compiler::mlir::new_context();
-            let options = BuildOptions { dense_f32_weights: true, ..Default::default() };
-            let module =
-                Driver::quiet().run_model(&context, &config, &Entry::ALL, &options, "fused").expect("pipeline");
-            let mut op = module.body().first_operation();
-            let mut compiled = 0;
-            while let Some(f) = op {
-                op = f.next_in_block();
-                if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
-                    v3c_compiler::conversion::v3_to_cpu::CpuKernel::compile(&context, &f).expect("kernel");
-                    compiled += 1;
-                }
-            }
-            assert!(compiled > 10);
-        })
-    });
+            let compiled = v3c_compiler::cpu_backend::compile_model(
+                &context,
+                &config,
+                &Entry::ALL,
+                false,
+                v3c_models::Precision::F32,
+                cache,
+                &mut |_, _, _| {},
+            )
+            .expect("compile");
+            assert!(compiled.kernels.len() > 10);
+            compiled.kernels.values().filter(|k| k.from_cache).count()
+        };
+        if cache.is_some() {
+            compile();
+        }
+        group.bench_function(format!("deepseek-v3/{name}"), |b| {
+            b.iter(|| {
+                let hits = compile();
+                assert_eq!(hits > 0, cache.is_some());
+            })
+        });
+    }
     group.finish();
 }
 
