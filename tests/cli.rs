@@ -250,6 +250,17 @@ fn cpu_stage_and_single_kernel_dumps() {
     let dump = text(&one.stdout);
     assert!(dump.starts_with("// ----- stage fused: moe_route_0\n"), "{dump}");
     assert!(dump.contains("// ----- stage cpu: moe_route_0\n"), "{dump}");
+    assert!(!dump.contains("llvm.func"), "the LLVM dialect only with --llvm");
+    let llvm = run_binary(
+        "v3c",
+        &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "cpu", "--kernel", "moe_route_0", "--llvm"],
+    );
+    let llvm = text(&llvm.stdout);
+    let header = llvm.lines().find(|l| l.starts_with("// ----- llvm dialect: moe_route_0 (kernel cache key ")).unwrap();
+    let key = header.trim_end_matches(')').rsplit(' ').next().unwrap();
+    assert!(key.len() == 64 && key.chars().all(|c| c.is_ascii_hexdigit()), "{header}");
+    let body = &llvm[llvm.find(header).unwrap()..];
+    assert!(body.contains("llvm.func @_mlir_ciface_moe_route_0(") && !body.contains("linalg."), "{body}");
     let missing = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "cpu", "--kernel", "nope"]);
     assert!(
         text(&missing.stderr).starts_with("v3c: error: no kernel 'nope' (kernels: embed_0, "),

@@ -172,6 +172,8 @@ pub struct DumpIrOptions<'a> {
     pub report: bool,
     /// Print only this kernel, in every stage from `fused` up to `stage`.
     pub kernel: Option<&'a str>,
+    /// With `kernel` at stage `cpu`: also the LLVM dialect the JIT compiles, and the cache key.
+    pub llvm: bool,
     /// Sizes the `plan` stage plans dynamic dims for.
     pub plan_sizes: v3c_compiler::plan::PlanSizes,
 }
@@ -241,13 +243,16 @@ fn write_stdout(text: &str) {
 }
 
 /// `dump-ir --kernel NAME`: the kernel's function at stage `fused`, then (for `--stage cpu`) its CPU
-/// lowering, each under a `// ----- stage` header.
+/// lowering and, with `--llvm`, the LLVM dialect the JIT compiles, each under a `// -----` header.
 fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Result<(), String> {
     use melior::ir::block::BlockLike;
     use melior::ir::operation::OperationLike;
     use v3c_compiler::pipeline::Driver;
     if !matches!(o.stage, "fused" | "cpu") {
         return Err(format!("--kernel: kernels exist from stage fused on (asked for stage {})", o.stage));
+    }
+    if o.llvm && o.stage != "cpu" {
+        return Err(format!("--llvm: the LLVM dialect is below stage cpu (asked for stage {})", o.stage));
     }
     let config = ModelConfig::resolve(o.model).map_err(|e| e.to_string())?;
     let layers = o.layers.map(parse_layers).transpose()?;
@@ -271,6 +276,15 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
         if o.stage == "cpu" {
             let lowered = v3c_compiler::conversion::v3_to_cpu::lower_kernel(&f).map_err(|e| e.to_string())?;
             text.push_str(&format!("// ----- stage cpu: {kernel}\n{}", lowered.text));
+            if o.llvm {
+                let llvm = v3c_compiler::conversion::v3_to_cpu::lower_to_llvm(context, &lowered.text, kernel)
+                    .map_err(|e| format!("kernel {kernel}: {e}"))?;
+                let key = v3c_compiler::conversion::v3_to_cpu::cache_key(&lowered.text);
+                text.push_str(&format!(
+                    "// ----- llvm dialect: {kernel} (kernel cache key {key})\n{}",
+                    llvm.as_operation()
+                ));
+            }
         }
         write_stdout(&text);
         return Ok(());

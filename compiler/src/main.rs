@@ -172,6 +172,10 @@ struct DumpIrArgs {
     /// Print only this kernel (e.g. mla_latent_0), in every stage from `fused` up to `--stage`.
     #[arg(long, value_name = "NAME")]
     kernel: Option<String>,
+    /// With `--kernel` and `--stage cpu`: also print the kernel lowered to the LLVM dialect (what the
+    /// JIT compiles) and its kernel-cache key.
+    #[arg(long, requires = "kernel")]
+    llvm: bool,
     /// `--stage plan`: rows to plan for (tokens of a prefill, sequences of a decode).
     #[arg(long, value_name = "N", default_value_t = 128)]
     max_rows: usize,
@@ -305,6 +309,7 @@ fn main() -> ExitCode {
             precision: a.precision.model(),
             report: a.report,
             kernel: a.kernel.as_deref(),
+            llvm: a.llvm,
             plan_sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
         }),
         Command::Logits(a) => commands::require_backend(a.backend.name()).and_then(|_| {

@@ -570,6 +570,18 @@ pub struct CpuKernel {
 /// Lowers a kernel's `cpu`-stage `text` to LLVM and JIT-compiles it (position-independent code
 /// kept for an object file when `for_object`).
 fn jit(context: &Context, text: &str, name: &str, for_object: bool) -> Result<ExecutionEngine, String> {
+    let module = lower_to_llvm(context, text, name)?;
+    let engine = ExecutionEngine::new(&module, OPT_LEVEL, &[], for_object, for_object);
+    // Looking the entry up makes the JIT generate machine code now (and proves it exists).
+    if engine.lookup(&format!("_mlir_ciface_{name}")).is_null() {
+        return Err("the JIT produced no entry point".into());
+    }
+    Ok(engine)
+}
+
+/// Lowers a kernel's `cpu`-stage `text` to the LLVM dialect ([`LOWER_TO_LLVM`]), checking that
+/// nothing else is left (the JIT would not say).
+pub fn lower_to_llvm<'c>(context: &'c Context, text: &str, name: &str) -> Result<melior::ir::Module<'c>, String> {
     let mut module = crate::mlir::parse_module(context, text, &format!("{name} (cpu)")).map_err(|e| e.to_string())?;
     melior::utility::register_all_passes();
     let manager = PassManager::new(context);
@@ -583,12 +595,12 @@ fn jit(context: &Context, text: &str, name: &str, for_object: bool) -> Result<Ex
     {
         return Err(format!("non-LLVM op left after lowering: {}", line.trim()));
     }
-    let engine = ExecutionEngine::new(&module, OPT_LEVEL, &[], for_object, for_object);
-    // Looking the entry up makes the JIT generate machine code now (and proves it exists).
-    if engine.lookup(&format!("_mlir_ciface_{name}")).is_null() {
-        return Err("the JIT produced no entry point".into());
-    }
-    Ok(engine)
+    Ok(module)
+}
+
+/// The kernel-cache key of a kernel whose `cpu`-stage text is `text`.
+pub fn cache_key(text: &str) -> String {
+    KernelCache::key(text, LOWER_TO_LLVM, OPT_LEVEL)
 }
 
 /// A kernel's machine code.
@@ -637,7 +649,7 @@ impl CpuKernel {
         let lowering = |problem: String| CpuError::Lowering { kernel: name.clone(), problem };
         // The packed wrapper of the C interface: what `ExecutionEngine::invoke_packed(name)` calls.
         let packed = format!("_mlir__mlir_ciface_{name}");
-        let key = cache.map(|_| KernelCache::key(&text, LOWER_TO_LLVM, OPT_LEVEL));
+        let key = cache.map(|_| cache_key(&text));
         let hit = cache.zip(key.as_deref()).and_then(|(c, k)| c.load(k, &packed));
         let from_cache = hit.is_some();
         let code = match hit {
