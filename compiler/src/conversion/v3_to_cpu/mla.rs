@@ -64,7 +64,7 @@ impl Emitter {
                 t.push('\n');
             }
         };
-        w(&mut t, &format!("%c0 = arith.constant 0 : index\n%c1 = arith.constant 1 : index\n%ninf = arith.constant 0xFF800000 : f32\n%scale = arith.constant {} : f32", a.scale));
+        w(&mut t, &format!("%c0 = arith.constant 0 : index\n%c1 = arith.constant 1 : index\n%ninf = arith.constant 0xFF800000 : f32\n%scale = arith.constant {} : f32\n%pv_zv = arith.constant dense<0.0> : vector<{LANES}xf32>\n%pv_l = arith.constant {LANES} : index", a.scale));
         let (rows_dim, queries) = if decode { (1, "%nb") } else { (0, "%nt") };
         w(&mut t, &format!("%c_rows = arith.constant {rows_dim} : index\n%srows = memref.dim {}, %c_rows : {lat_ty}\n%nq = memref.dim {}, %c0 : {qn_ty}", lat.0, qn.0));
         let _ = queries;
@@ -149,6 +149,13 @@ impl Emitter {
             w(&mut t, &format!(
                 "    scf.for %c = %c0 to %c{kv} step %c1 {{\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zero) -> (f32) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %l = memref.load {}[{}] : {lat_ty}\n        %m = arith.mulf %pj, %l : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      %norm = arith.divf %acc, %den : f32\n      memref.store %norm, %olat[%c] : memref<{kv}xf32>\n    }}\n    scf.for %e = %c0 to %c{dv} step %c1 {{\n      %vrow0 = arith.addi %hbase, %c{dn} : index\n      %vrow = arith.addi %vrow0, %e : index\n      %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %ol = memref.load %olat[%c] : memref<{kv}xf32>\n{}\n        %m = arith.mulf %ol, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, {dest}[%q, %hh, %e] : {out_ty}\n    }}",
                 lat.0, lat_idx("%j", "%c"), indent(&kvb_load("%vrow", "%c", "%kf"), 8)
+            ));
+        } else if dv % LANES == 0 && out_shape.element == "f32" {
+            // out[q, h, :] = sum_j p_j * v_j, LANES columns at a time over contiguous value rows
+            // (accumulated in the output row), then normalized.
+            w(&mut t, &format!(
+                "    %vcol0 = arith.addi %hbase, %c{dn} : index\n    scf.for %e = %c0 to %c{dv} step %pv_l {{\n      vector.store %pv_zv, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}\n    scf.for %j = %c0 to %nkeys step %c1 {{\n      %pj = memref.load %scores[%j] : memref<?xf32>\n      %pjv = vector.broadcast %pj : f32 to vector<{LANES}xf32>\n      scf.for %e = %c0 to %c{dv} step %pv_l {{\n        %vcol = arith.addi %vcol0, %e : index\n        %v = vector.load %kvb[%j, %vcol] : memref<?x{hp}xf32>, vector<{LANES}xf32>\n        %o = vector.load {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n        %f = vector.fma %pjv, %v, %o : vector<{LANES}xf32>\n        vector.store %f, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n      }}\n    }}\n    %denv = vector.broadcast %den : f32 to vector<{LANES}xf32>\n    scf.for %e = %c0 to %c{dv} step %pv_l {{\n      %o = vector.load {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n      %nv = arith.divf %o, %denv : vector<{LANES}xf32>\n      vector.store %nv, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}",
+                hp = h * per_head
             ));
         } else {
             w(&mut t, &format!(
