@@ -163,9 +163,13 @@ impl Emitter {
         self.line(&text);
     }
 
-    /// Routed SwiGLU experts, token by token: out[t] = sum_k w[t,k] * down_e(silu(gate_e x) * up_e x).
+    /// Routed SwiGLU experts: out[t] = sum_k w[t,k] * down_e(silu(gate_e x) * up_e x), expert by
+    /// expert: each expert's tokens are gathered into a list (the permutation), then go four at a
+    /// time through its gate/up and down weights (each weight vector loaded serves four tokens);
+    /// leftover tokens one at a time. The weighted results are added into their tokens' rows.
     pub(super) fn experts(&mut self, a: &[(String, Shape)], dest: &str, out_shape: &Shape) {
         let (x, idx, w, gate, up, down) = (&a[0], &a[1], &a[2], &a[3], &a[4], &a[5]);
+        let experts = gate.1.dims[0].unwrap_or(0);
         let inter = gate.1.dims[1].unwrap_or(0);
         let d = gate.1.dims[2].unwrap_or(0);
         let k = idx.1.dims[1].unwrap_or(0);
@@ -178,104 +182,247 @@ impl Emitter {
             memref(&down.1),
             memref(out_shape),
         );
+        let vf = format!("vector<{LANES}xf32>");
         let gl = load_f32(&gate.1.element, "%graw", "%gv");
         let ul = load_f32(&up.1.element, "%uraw", "%uv");
         let dl = load_f32(&down.1.element, "%draw", "%dv");
-        let text = format!(
-            "scf.execute_region {{
-      %c0 = arith.constant 0 : index
-      %c1 = arith.constant 1 : index
-      %ci = arith.constant {inter} : index
-      %cd = arith.constant {d} : index
-      %ck = arith.constant {k} : index
-      %cdv = arith.constant {dv_main} : index
-      %civ = arith.constant {iv_main} : index
-      %cl = arith.constant {lanes} : index
-      %zv = arith.constant dense<0.0> : vector<{lanes}xf32>
-      %nt = memref.dim {x}, %c0 : {x_ty}
-      %h = memref.alloc() : memref<{inter}xf32>
-      scf.for %t = %c0 to %nt step %c1 {{
-        scf.for %o = %c0 to %cd step %c1 {{
-          memref.store %zero, {dest}[%t, %o] : {o_ty}
-        }}
-        scf.for %slot = %c0 to %ck step %c1 {{
-          %e32 = memref.load {idx}[%t, %slot] : {i_ty}
-          %e = arith.index_cast %e32 : i32 to index
-          %wt = memref.load {w}[%t, %slot] : {w_ty}
-          scf.for %i = %c0 to %ci step %c1 {{
-            %vacc:2 = scf.for %j = %c0 to %cdv step %cl iter_args(%vg = %zv, %vu = %zv) -> (vector<{lanes}xf32>, vector<{lanes}xf32>) {{
-              %xvv = vector.load {x}[%t, %j] : {x_ty}, vector<{lanes}xf32>
-              %gv0 = vector.load {gate}[%e, %i, %j] : {g_ty}, vector<{lanes}x{gel}>
-              {gwiden}
-              %uv0 = vector.load {up}[%e, %i, %j] : {u_ty}, vector<{lanes}x{uel}>
-              {uwiden}
-              %fg = vector.fma %xvv, %gvv, %vg : vector<{lanes}xf32>
-              %fu = vector.fma %xvv, %uvv, %vu : vector<{lanes}xf32>
-              scf.yield %fg, %fu : vector<{lanes}xf32>, vector<{lanes}xf32>
-            }}
-            %sg0 = vector.reduction <add>, %vacc#0 : vector<{lanes}xf32> into f32
-            %su0 = vector.reduction <add>, %vacc#1 : vector<{lanes}xf32> into f32
-            %acc:2 = scf.for %j = %cdv to %cd step %c1 iter_args(%ag = %sg0, %au = %su0) -> (f32, f32) {{
-              %xv = memref.load {x}[%t, %j] : {x_ty}
-              %graw = memref.load {gate}[%e, %i, %j] : {g_ty}
-              {gl}
-              %uraw = memref.load {up}[%e, %i, %j] : {u_ty}
-              {ul}
-              %mg = arith.mulf %xv, %gv : f32
-              %mu = arith.mulf %xv, %uv : f32
-              %ng = arith.addf %ag, %mg : f32
-              %nu = arith.addf %au, %mu : f32
-              scf.yield %ng, %nu : f32, f32
-            }}
-            %neg = arith.negf %acc#0 : f32
-            %ex = math.exp %neg : f32
-            %dn = arith.addf %one, %ex : f32
-            %sg = arith.divf %acc#0, %dn : f32
-            %hv = arith.mulf %sg, %acc#1 : f32
-            memref.store %hv, %h[%i] : memref<{inter}xf32>
-          }}
-          scf.for %o = %c0 to %cd step %c1 {{
-            %dacc = scf.for %i = %c0 to %civ step %cl iter_args(%vd = %zv) -> (vector<{lanes}xf32>) {{
-              %hvv = vector.load %h[%i] : memref<{inter}xf32>, vector<{lanes}xf32>
-              %dv0 = vector.load {down}[%e, %o, %i] : {dn_ty}, vector<{lanes}x{del}>
-              {dwiden}
-              %fd = vector.fma %hvv, %dvv, %vd : vector<{lanes}xf32>
-              scf.yield %fd : vector<{lanes}xf32>
-            }}
-            %sd0 = vector.reduction <add>, %dacc : vector<{lanes}xf32> into f32
-            %acc = scf.for %i = %civ to %ci step %c1 iter_args(%a2 = %sd0) -> (f32) {{
-              %hv = memref.load %h[%i] : memref<{inter}xf32>
-              %draw = memref.load {down}[%e, %o, %i] : {dn_ty}
-              {dl}
-              %m = arith.mulf %hv, %dv : f32
-              %n = arith.addf %a2, %m : f32
-              scf.yield %n : f32
-            }}
-            %cur = memref.load {dest}[%t, %o] : {o_ty}
-            %wa = arith.mulf %wt, %acc : f32
-            %sum = arith.addf %cur, %wa : f32
-            memref.store %sum, {dest}[%t, %o] : {o_ty}
-          }}
-        }}
-      }}
-      memref.dealloc %h : memref<{inter}xf32>
-      scf.yield
-    }}",
-            x = x.0,
-            idx = idx.0,
-            w = w.0,
+        let (gel, uel, del) = (storage(&gate.1.element), storage(&up.1.element), storage(&down.1.element));
+        let (gwiden, uwiden, dwiden) = (
+            widen_vector(&gate.1.element, "%gv0", "%gvv"),
+            widen_vector(&up.1.element, "%uv0", "%uvv"),
+            widen_vector(&down.1.element, "%dv0", "%dvv"),
+        );
+        // Four tokens %t0..%t3 (list entries %g..%g+3) through expert %e.
+        let r4 = |f: &dyn Fn(usize) -> String| (0..4).map(f).collect::<Vec<_>>().join("\n");
+        let list4 = |f: &dyn Fn(usize) -> String| (0..4).map(f).collect::<Vec<_>>().join(", ");
+        let group = format!(
+            "{tok}
+scf.for %i = %c0 to %ci step %c1 {{
+  %va:8 = scf.for %j = %c0 to %cdv step %cl iter_args({va_args}) -> ({vf8}) {{
+    %gv0 = vector.load {gate}[%e, %i, %j] : {g_ty}, vector<{LANES}x{gel}>
+    {gwiden}
+    %uv0 = vector.load {up}[%e, %i, %j] : {u_ty}, vector<{LANES}x{uel}>
+    {uwiden}
+{xload}
+{fmas}
+    scf.yield {yields} : {vf8}
+  }}
+{reduce}
+  %sa:8 = scf.for %j = %cdv to %cd step %c1 iter_args({sa_args}) -> ({f8}) {{
+    %graw = memref.load {gate}[%e, %i, %j] : {g_ty}
+    {gl}
+    %uraw = memref.load {up}[%e, %i, %j] : {u_ty}
+    {ul}
+{stail}
+    scf.yield {syields} : {f8}
+  }}
+{silu}
+}}
+scf.for %o = %c0 to %cd step %c1 {{
+  %vd:4 = scf.for %i = %c0 to %civ step %cl iter_args({vd_args}) -> ({vf4}) {{
+    %dv0 = vector.load {down}[%e, %o, %i] : {dn_ty}, vector<{LANES}x{del}>
+    {dwiden}
+{hload}
+    scf.yield {dyields} : {vf4}
+  }}
+{dreduce}
+  %sd:4 = scf.for %i = %civ to %ci step %c1 iter_args({sd_args}) -> (f32, f32, f32, f32) {{
+    %draw = memref.load {down}[%e, %o, %i] : {dn_ty}
+    {dl}
+{dtail}
+    scf.yield {dsyields} : f32, f32, f32, f32
+  }}
+{accumulate}
+}}",
+            tok = r4(&|r| {
+                format!(
+                "%gi{r} = arith.addi %g, %c{r} : index\n%t{r} = memref.load %list[%gi{r}] : memref<?xindex>\n%w{r} = memref.load %wlist[%gi{r}] : memref<?xf32>"
+            )
+            }),
+            va_args = (0..4).map(|r| format!("%ag{r} = %zv, %au{r} = %zv")).collect::<Vec<_>>().join(", "),
+            vf8 = vec![vf.clone(); 8].join(", "),
+            vf4 = vec![vf.clone(); 4].join(", "),
+            f8 = vec!["f32"; 8].join(", "),
+            xload = r4(&|r| format!("    %x{r} = vector.load {x}[%t{r}, %j] : {x_ty}, {vf}", x = x.0)),
+            fmas = r4(&|r| format!(
+                "    %fg{r} = vector.fma %x{r}, %gvv, %ag{r} : {vf}\n    %fu{r} = vector.fma %x{r}, %uvv, %au{r} : {vf}"
+            )),
+            yields = list4(&|r| format!("%fg{r}, %fu{r}")),
+            reduce = r4(&|r| {
+                format!(
+                "  %rg{r} = vector.reduction <add>, %va#{g} : {vf} into f32\n  %ru{r} = vector.reduction <add>, %va#{u} : {vf} into f32",
+                g = 2 * r,
+                u = 2 * r + 1
+            )
+            }),
+            sa_args = (0..4).map(|r| format!("%sg{r} = %rg{r}, %su{r} = %ru{r}")).collect::<Vec<_>>().join(", "),
+            stail = r4(&|r| {
+                format!(
+                "    %xs{r} = memref.load {x}[%t{r}, %j] : {x_ty}\n    %mg{r} = arith.mulf %xs{r}, %gv : f32\n    %mu{r} = arith.mulf %xs{r}, %uv : f32\n    %ng{r} = arith.addf %sg{r}, %mg{r} : f32\n    %nu{r} = arith.addf %su{r}, %mu{r} : f32",
+                x = x.0
+            )
+            }),
+            syields = list4(&|r| format!("%ng{r}, %nu{r}")),
+            silu = r4(&|r| {
+                format!(
+                "  %neg{r} = arith.negf %sa#{g} : f32\n  %ex{r} = math.exp %neg{r} : f32\n  %dn{r} = arith.addf %one, %ex{r} : f32\n  %sl{r} = arith.divf %sa#{g}, %dn{r} : f32\n  %hv{r} = arith.mulf %sl{r}, %sa#{u} : f32\n  memref.store %hv{r}, %h4[%c{r}, %i] : memref<4x{inter}xf32>",
+                g = 2 * r,
+                u = 2 * r + 1
+            )
+            }),
+            vd_args = list4(&|r| format!("%ad{r} = %zv")),
+            hload = r4(&|r| {
+                format!(
+                "    %hh{r} = vector.load %h4[%c{r}, %i] : memref<4x{inter}xf32>, {vf}\n    %fd{r} = vector.fma %hh{r}, %dvv, %ad{r} : {vf}"
+            )
+            }),
+            dyields = list4(&|r| format!("%fd{r}")),
+            dreduce = r4(&|r| format!("  %rd{r} = vector.reduction <add>, %vd#{r} : {vf} into f32")),
+            sd_args = list4(&|r| format!("%td{r} = %rd{r}")),
+            dtail = r4(&|r| {
+                format!(
+                "    %hs{r} = memref.load %h4[%c{r}, %i] : memref<4x{inter}xf32>\n    %md{r} = arith.mulf %hs{r}, %dv : f32\n    %nd{r} = arith.addf %td{r}, %md{r} : f32"
+            )
+            }),
+            dsyields = list4(&|r| format!("%nd{r}")),
+            accumulate = r4(&|r| {
+                format!(
+                "  %cur{r} = memref.load {dest}[%t{r}, %o] : {o_ty}\n  %wa{r} = arith.mulf %w{r}, %sd#{r} : f32\n  %sum{r} = arith.addf %cur{r}, %wa{r} : f32\n  memref.store %sum{r}, {dest}[%t{r}, %o] : {o_ty}"
+            )
+            }),
             gate = gate.0,
             up = up.0,
             down = down.0,
-            lanes = LANES,
+        );
+        let single = format!(
+            "%t = memref.load %list[%g] : memref<?xindex>
+%wt = memref.load %wlist[%g] : memref<?xf32>
+scf.for %i = %c0 to %ci step %c1 {{
+  %vacc:2 = scf.for %j = %c0 to %cdv step %cl iter_args(%vg = %zv, %vu = %zv) -> ({vf}, {vf}) {{
+    %xvv = vector.load {x}[%t, %j] : {x_ty}, {vf}
+    %gv0 = vector.load {gate}[%e, %i, %j] : {g_ty}, vector<{LANES}x{gel}>
+    {gwiden}
+    %uv0 = vector.load {up}[%e, %i, %j] : {u_ty}, vector<{LANES}x{uel}>
+    {uwiden}
+    %fg = vector.fma %xvv, %gvv, %vg : {vf}
+    %fu = vector.fma %xvv, %uvv, %vu : {vf}
+    scf.yield %fg, %fu : {vf}, {vf}
+  }}
+  %sg0 = vector.reduction <add>, %vacc#0 : {vf} into f32
+  %su0 = vector.reduction <add>, %vacc#1 : {vf} into f32
+  %acc:2 = scf.for %j = %cdv to %cd step %c1 iter_args(%ag = %sg0, %au = %su0) -> (f32, f32) {{
+    %xv = memref.load {x}[%t, %j] : {x_ty}
+    %graw = memref.load {gate}[%e, %i, %j] : {g_ty}
+    {gl}
+    %uraw = memref.load {up}[%e, %i, %j] : {u_ty}
+    {ul}
+    %mg = arith.mulf %xv, %gv : f32
+    %mu = arith.mulf %xv, %uv : f32
+    %ng = arith.addf %ag, %mg : f32
+    %nu = arith.addf %au, %mu : f32
+    scf.yield %ng, %nu : f32, f32
+  }}
+  %neg = arith.negf %acc#0 : f32
+  %ex = math.exp %neg : f32
+  %dn = arith.addf %one, %ex : f32
+  %sg = arith.divf %acc#0, %dn : f32
+  %hv = arith.mulf %sg, %acc#1 : f32
+  memref.store %hv, %h[%i] : memref<{inter}xf32>
+}}
+scf.for %o = %c0 to %cd step %c1 {{
+  %dacc = scf.for %i = %c0 to %civ step %cl iter_args(%vd = %zv) -> ({vf}) {{
+    %hvv = vector.load %h[%i] : memref<{inter}xf32>, {vf}
+    %dv0 = vector.load {down}[%e, %o, %i] : {dn_ty}, vector<{LANES}x{del}>
+    {dwiden}
+    %fd = vector.fma %hvv, %dvv, %vd : {vf}
+    scf.yield %fd : {vf}
+  }}
+  %sd0 = vector.reduction <add>, %dacc : {vf} into f32
+  %acc = scf.for %i = %civ to %ci step %c1 iter_args(%a2 = %sd0) -> (f32) {{
+    %hv = memref.load %h[%i] : memref<{inter}xf32>
+    %draw = memref.load {down}[%e, %o, %i] : {dn_ty}
+    {dl}
+    %m = arith.mulf %hv, %dv : f32
+    %n = arith.addf %a2, %m : f32
+    scf.yield %n : f32
+  }}
+  %cur = memref.load {dest}[%t, %o] : {o_ty}
+  %wa = arith.mulf %wt, %acc : f32
+  %sum = arith.addf %cur, %wa : f32
+  memref.store %sum, {dest}[%t, %o] : {o_ty}
+}}",
+            x = x.0,
+            gate = gate.0,
+            up = up.0,
+            down = down.0,
+        );
+        let text = format!(
+            "scf.execute_region {{
+%c0 = arith.constant 0 : index
+%c1 = arith.constant 1 : index
+%c2 = arith.constant 2 : index
+%c3 = arith.constant 3 : index
+%c4 = arith.constant 4 : index
+%ci = arith.constant {inter} : index
+%cd = arith.constant {d} : index
+%ck = arith.constant {k} : index
+%cne = arith.constant {experts} : index
+%cdv = arith.constant {dv_main} : index
+%civ = arith.constant {iv_main} : index
+%cl = arith.constant {LANES} : index
+%zv = arith.constant dense<0.0> : {vf}
+%nt = memref.dim {x}, %c0 : {x_ty}
+%nlist = arith.muli %nt, %ck : index
+%list = memref.alloc(%nlist) : memref<?xindex>
+%wlist = memref.alloc(%nlist) : memref<?xf32>
+%h = memref.alloc() : memref<{inter}xf32>
+%h4 = memref.alloc() : memref<4x{inter}xf32>
+scf.for %t = %c0 to %nt step %c1 {{
+  scf.for %o = %c0 to %cd step %c1 {{
+    memref.store %zero, {dest}[%t, %o] : {o_ty}
+  }}
+}}
+scf.for %e = %c0 to %cne step %c1 {{
+  %cnt = scf.for %t = %c0 to %nt step %c1 iter_args(%n0 = %c0) -> (index) {{
+    %n2 = scf.for %slot = %c0 to %ck step %c1 iter_args(%n1 = %n0) -> (index) {{
+      %e32 = memref.load {idx}[%t, %slot] : {i_ty}
+      %ei = arith.index_cast %e32 : i32 to index
+      %hit = arith.cmpi eq, %ei, %e : index
+      %nn = scf.if %hit -> (index) {{
+        %wsel = memref.load {w}[%t, %slot] : {w_ty}
+        memref.store %t, %list[%n1] : memref<?xindex>
+        memref.store %wsel, %wlist[%n1] : memref<?xf32>
+        %inc = arith.addi %n1, %c1 : index
+        scf.yield %inc : index
+      }} else {{
+        scf.yield %n1 : index
+      }}
+      scf.yield %nn : index
+    }}
+    scf.yield %n2 : index
+  }}
+  %crem = arith.remui %cnt, %c4 : index
+  %cnt4 = arith.subi %cnt, %crem : index
+  scf.for %g = %c0 to %cnt4 step %c4 {{
+{group}
+  }}
+  scf.for %g = %cnt4 to %cnt step %c1 {{
+{single}
+  }}
+}}
+memref.dealloc %h4 : memref<4x{inter}xf32>
+memref.dealloc %h : memref<{inter}xf32>
+memref.dealloc %wlist : memref<?xf32>
+memref.dealloc %list : memref<?xindex>
+scf.yield
+}}",
+            x = x.0,
+            idx = idx.0,
+            w = w.0,
             dv_main = d - d % LANES,
             iv_main = inter - inter % LANES,
-            gel = storage(&gate.1.element),
-            uel = storage(&up.1.element),
-            del = storage(&down.1.element),
-            gwiden = widen_vector(&gate.1.element, "%gv0", "%gvv"),
-            uwiden = widen_vector(&up.1.element, "%uv0", "%uvv"),
-            dwiden = widen_vector(&down.1.element, "%dv0", "%dvv"),
+            group = indent(&group, 4),
+            single = indent(&single, 4),
         );
         self.line(&text);
     }
