@@ -139,7 +139,17 @@ impl Emitter {
         } else {
             format!("%dn_acc = scf.for %d = %c0 to %c{dn} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %d] : {qn_ty}\n  %col = arith.addi %hbase, %d : index\n  %k = memref.load %kvb[%j, %col] : memref<?x{}xf32>\n  %m = arith.mulf %qv, %k : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qn.0, h * per_head)
         };
-        let rope_dot = format!("%dr_acc = scf.for %r = %c0 to %c{dr} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %r] : {qp_ty}\n  %col = arith.addi %r, %c{kv} : index\n  %l = memref.load {}[{}] : {lat_ty}\n  %m = arith.mulf %qv, %l : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qp.0, lat.0, lat_idx("%j", "%col"));
+        let rope_dot = if dr % LANES == 0 && qp.1.element == "f32" && lat.1.element == "f32" {
+            // q_pe . k_pe over dr, LANES at a time (k_pe: the latent row's last dr columns).
+            format!(
+                "%rvacc = scf.for %r = %c0 to %c{dr} step %pv_l iter_args(%va = %pv_zv) -> (vector<{LANES}xf32>) {{\n  %qvv = vector.load {}[%q, %hh, %r] : {qp_ty}, vector<{LANES}xf32>\n  %col = arith.addi %r, %c{kv} : index\n  %lvv = vector.load {}[{}] : {lat_ty}, vector<{LANES}xf32>\n  %f = vector.fma %qvv, %lvv, %va : vector<{LANES}xf32>\n  scf.yield %f : vector<{LANES}xf32>\n}}\n%dr_acc = vector.reduction <add>, %rvacc : vector<{LANES}xf32> into f32",
+                qp.0,
+                lat.0,
+                lat_idx("%j", "%col")
+            )
+        } else {
+            format!("%dr_acc = scf.for %r = %c0 to %c{dr} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %r] : {qp_ty}\n  %col = arith.addi %r, %c{kv} : index\n  %l = memref.load {}[{}] : {lat_ty}\n  %m = arith.mulf %qv, %l : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qp.0, lat.0, lat_idx("%j", "%col"))
+        };
         w(&mut t, &format!(
             "    %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{\n{}\n{}\n      %sum_s = arith.addf %dn_acc, %dr_acc : f32\n      %sc = arith.mulf %sum_s, %scale : f32\n      memref.store %sc, %scores[%j] : memref<?xf32>\n      %nm = arith.maximumf %mx, %sc : f32\n      scf.yield %nm : f32\n    }}",
             indent(&nope_dot, 6), indent(&rope_dot, 6)
