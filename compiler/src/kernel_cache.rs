@@ -2,7 +2,7 @@
 //!
 //! The key of a kernel is the SHA-256 of everything its machine code depends on: the kernel's
 //! `cpu`-stage MLIR, the pass pipeline that lowers it to LLVM, the JIT's optimization level, this
-//! compiler's version and the host CPU (model and the vector features LLVM selects code for). An
+//! compiler's version, the LLVM it runs with and the host CPU (model and the vector features LLVM selects code for). An
 //! entry is one shared object, `<key>.so`, linked by the system `cc` from the object file MLIR's
 //! ExecutionEngine emits; a hit is `dlopen`ed instead of lowered and JIT-compiled again.
 //!
@@ -55,7 +55,9 @@ impl KernelCache {
     /// The key of a kernel whose `cpu`-stage text is `text`, lowered by `pipeline` at `opt_level`.
     pub fn key(text: &str, pipeline: &str, opt_level: usize) -> String {
         let mut h = Sha256::new();
-        for part in [FORMAT, env!("CARGO_PKG_VERSION"), &host_cpu(), pipeline, &opt_level.to_string(), text] {
+        let (major, minor, patch) = inkwell::support::get_llvm_version();
+        let llvm = format!("llvm {major}.{minor}.{patch}");
+        for part in [FORMAT, env!("CARGO_PKG_VERSION"), &llvm, &host_cpu(), pipeline, &opt_level.to_string(), text] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
