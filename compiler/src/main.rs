@@ -289,6 +289,9 @@ fn main() -> ExitCode {
         Command::Doctor(a) => run_doctor(&a),
         Command::Compile(a) => match a.target {
             CompileTarget::Gpu(t) => commands::compile(&a.model.model, t.name),
+            CompileTarget::Cpu if a.tuning.is_some() => {
+                Err("--tuning: CPU kernels have no tuned configurations (GPU targets only)".into())
+            }
             CompileTarget::Cpu => commands::compile_cpu(&commands::CompileCpuOptions {
                 model: &a.model.model,
                 out: a.out.as_deref(),
