@@ -86,6 +86,12 @@ fn v3c_doctor_checks_the_toolchain_and_exits_0() {
         report.contains("ok  PTX -> cubin sm_90a") || report.contains("no ptxas: emitting PTX only, no cubin"),
         "{report}"
     );
+    // Tests run with the kernel cache off; a named cache is reported with what it holds.
+    assert!(report.contains("ok  kernel cache         off (V3C_KERNEL_CACHE=off"), "{report}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_binary_env("v3c", &["doctor"], &[("V3C_KERNEL_CACHE", dir.path().to_str().unwrap())]);
+    let report = text(&out.stdout);
+    assert!(report.contains(&format!("kernel cache         {}: 0 kernels, 0.0 MiB", dir.path().display())), "{report}");
 }
 
 #[test]

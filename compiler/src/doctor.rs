@@ -95,6 +95,8 @@ pub fn run() -> Report {
         ));
     }
 
+    checks.push(check("kernel cache", kernel_cache()));
+
     let mlir_opt = Path::new(env!("MLIR_SYS_220_PREFIX")).join("bin/mlir-opt");
     checks.push(check(
         "mlir-opt",
@@ -134,4 +136,27 @@ fn mlir_smoke() -> Result<String, String> {
         env!("MLIR_SYS_220_PREFIX"),
         context.loaded_dialect_count()
     ))
+}
+
+/// Where CPU kernels are cached, how many entries and bytes it holds, and whether `cc` links them.
+fn kernel_cache() -> Result<String, String> {
+    let Some(cache) = crate::kernel_cache::KernelCache::from_env() else {
+        return Ok("off (V3C_KERNEL_CACHE=off, or no HOME): CPU kernels are JIT-compiled every run".into());
+    };
+    let (mut entries, mut bytes) = (0usize, 0u64);
+    if let Ok(dir) = std::fs::read_dir(cache.dir()) {
+        for e in dir.flatten() {
+            if e.path().extension().is_some_and(|x| x == "so") {
+                entries += 1;
+                bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let linker = std::process::Command::new(&cc).arg("--version").output();
+    let held = format!("{}: {entries} kernels, {:.1} MiB", cache.dir().display(), bytes as f64 / (1 << 20) as f64);
+    match linker {
+        Ok(o) if o.status.success() => Ok(held),
+        _ => Err(format!("{held}; '{cc}' cannot be run, so new kernels are not stored (set CC)")),
+    }
 }
