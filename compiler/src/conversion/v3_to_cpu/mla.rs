@@ -183,6 +183,10 @@ impl Emitter {
         // Constants used above.
         let mut consts = String::new();
         for n in [h, dn, dr, dv, kv, per_head, h * per_head, 128] {
+            // %c0 and %c1 are defined with the region's other constants (a dim of 1 is common).
+            if n <= 1 {
+                continue;
+            }
             let line = format!("    %c{n} = arith.constant {n} : index\n");
             if !consts.contains(&line) {
                 consts.push_str(&line);
