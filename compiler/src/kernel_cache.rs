@@ -55,9 +55,7 @@ impl KernelCache {
     /// The key of a kernel whose `cpu`-stage text is `text`, lowered by `pipeline` at `opt_level`.
     pub fn key(text: &str, pipeline: &str, opt_level: usize) -> String {
         let mut h = Sha256::new();
-        let (major, minor, patch) = inkwell::support::get_llvm_version();
-        let llvm = format!("llvm {major}.{minor}.{patch}");
-        for part in [FORMAT, env!("CARGO_PKG_VERSION"), &llvm, &host_cpu(), pipeline, &opt_level.to_string(), text] {
+        for part in [FORMAT, env!("CARGO_PKG_VERSION"), environment(), pipeline, &opt_level.to_string(), text] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
@@ -129,6 +127,15 @@ pub struct CachedKernel {
     pub entry: PackedFn,
     // Keeps `entry` mapped.
     _library: libloading::Library,
+}
+
+/// The LLVM this process runs with and the host CPU: read once, the same for every key.
+fn environment() -> &'static str {
+    static ENVIRONMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ENVIRONMENT.get_or_init(|| {
+        let (major, minor, patch) = inkwell::support::get_llvm_version();
+        format!("llvm {major}.{minor}.{patch} {}", host_cpu())
+    })
 }
 
 /// The host CPU as far as generated code depends on it.

@@ -64,7 +64,7 @@ impl Emitter {
                 t.push('\n');
             }
         };
-        w(&mut t, &format!("%c0 = arith.constant 0 : index\n%c1 = arith.constant 1 : index\n%ninf = arith.constant 0xFF800000 : f32\n%scale = arith.constant {} : f32\n%pv_zv = arith.constant dense<0.0> : vector<{LANES}xf32>\n%pv_l = arith.constant {LANES} : index", a.scale));
+        w(&mut t, &format!("%c0 = arith.constant 0 : index\n%c1 = arith.constant 1 : index\n%ninf = arith.constant 0xFF800000 : f32\n%scale = arith.constant {} : f32\n%zv = arith.constant dense<0.0> : vector<{LANES}xf32>\n%cl = arith.constant {LANES} : index", a.scale));
         let (rows_dim, queries) = if decode { (1, "%nb") } else { (0, "%nt") };
         w(&mut t, &format!("%c_rows = arith.constant {rows_dim} : index\n%srows = memref.dim {}, %c_rows : {lat_ty}\n%nq = memref.dim {}, %c0 : {qn_ty}", lat.0, qn.0));
         let _ = queries;
@@ -92,7 +92,7 @@ impl Emitter {
             let kvv = kv - kv % LANES;
             let el = storage(&kvb.1.element).to_string();
             w(&mut t, &format!(
-                "%zv = arith.constant dense<0.0> : vector<{LANES}xf32>\n%cl = arith.constant {LANES} : index\n%ckvv = arith.constant {kvv} : index\nscf.for %j = %c0 to %srows step %c1 {{\n  scf.for %r = %c0 to %c{hp} step %c1 {{\n    %vacc = scf.for %c = %c0 to %ckvv step %cl iter_args(%va = %zv) -> (vector<{LANES}xf32>) {{\n      %lv = vector.load {lat}[%j, %c] : {lat_ty}, vector<{LANES}xf32>\n      %kv0 = vector.load {kw}[%r, %c] : {kvb_ty}, vector<{LANES}x{el}>\n      {widen}\n      %f = vector.fma %lv, %kvv, %va : vector<{LANES}xf32>\n      scf.yield %f : vector<{LANES}xf32>\n    }}\n    %s0 = vector.reduction <add>, %vacc : vector<{LANES}xf32> into f32\n    %acc = scf.for %c = %ckvv to %c{kv} step %c1 iter_args(%s = %s0) -> (f32) {{\n      %l = memref.load {lat}[%j, %c] : {lat_ty}\n{load}\n      %m = arith.mulf %l, %kf : f32\n      %n = arith.addf %s, %m : f32\n      scf.yield %n : f32\n    }}\n    memref.store %acc, %kvb[%j, %r] : memref<?x{hp}xf32>\n  }}\n}}",
+                "%ckvv = arith.constant {kvv} : index\nscf.for %j = %c0 to %srows step %c1 {{\n  scf.for %r = %c0 to %c{hp} step %c1 {{\n    %vacc = scf.for %c = %c0 to %ckvv step %cl iter_args(%va = %zv) -> (vector<{LANES}xf32>) {{\n      %lv = vector.load {lat}[%j, %c] : {lat_ty}, vector<{LANES}xf32>\n      %kv0 = vector.load {kw}[%r, %c] : {kvb_ty}, vector<{LANES}x{el}>\n      {widen}\n      %f = vector.fma %lv, %kvv, %va : vector<{LANES}xf32>\n      scf.yield %f : vector<{LANES}xf32>\n    }}\n    %s0 = vector.reduction <add>, %vacc : vector<{LANES}xf32> into f32\n    %acc = scf.for %c = %ckvv to %c{kv} step %c1 iter_args(%s = %s0) -> (f32) {{\n      %l = memref.load {lat}[%j, %c] : {lat_ty}\n{load}\n      %m = arith.mulf %l, %kf : f32\n      %n = arith.addf %s, %m : f32\n      scf.yield %n : f32\n    }}\n    memref.store %acc, %kvb[%j, %r] : memref<?x{hp}xf32>\n  }}\n}}",
                 lat = lat.0,
                 kw = kvb.0,
                 widen = widen_vector(&kvb.1.element, "%kv0", "%kvv"),
@@ -142,7 +142,7 @@ impl Emitter {
         let rope_dot = if dr % LANES == 0 && qp.1.element == "f32" && lat.1.element == "f32" {
             // q_pe . k_pe over dr, LANES at a time (k_pe: the latent row's last dr columns).
             format!(
-                "%rvacc = scf.for %r = %c0 to %c{dr} step %pv_l iter_args(%va = %pv_zv) -> (vector<{LANES}xf32>) {{\n  %qvv = vector.load {}[%q, %hh, %r] : {qp_ty}, vector<{LANES}xf32>\n  %col = arith.addi %r, %c{kv} : index\n  %lvv = vector.load {}[{}] : {lat_ty}, vector<{LANES}xf32>\n  %f = vector.fma %qvv, %lvv, %va : vector<{LANES}xf32>\n  scf.yield %f : vector<{LANES}xf32>\n}}\n%dr_acc = vector.reduction <add>, %rvacc : vector<{LANES}xf32> into f32",
+                "%rvacc = scf.for %r = %c0 to %c{dr} step %cl iter_args(%va = %zv) -> (vector<{LANES}xf32>) {{\n  %qvv = vector.load {}[%q, %hh, %r] : {qp_ty}, vector<{LANES}xf32>\n  %col = arith.addi %r, %c{kv} : index\n  %lvv = vector.load {}[{}] : {lat_ty}, vector<{LANES}xf32>\n  %f = vector.fma %qvv, %lvv, %va : vector<{LANES}xf32>\n  scf.yield %f : vector<{LANES}xf32>\n}}\n%dr_acc = vector.reduction <add>, %rvacc : vector<{LANES}xf32> into f32",
                 qp.0,
                 lat.0,
                 lat_idx("%j", "%col")
@@ -164,7 +164,7 @@ impl Emitter {
             // out[q, h, :] = sum_j p_j * v_j, LANES columns at a time over contiguous value rows
             // (accumulated in the output row), then normalized.
             w(&mut t, &format!(
-                "    %vcol0 = arith.addi %hbase, %c{dn} : index\n    scf.for %e = %c0 to %c{dv} step %pv_l {{\n      vector.store %pv_zv, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}\n    scf.for %j = %c0 to %nkeys step %c1 {{\n      %pj = memref.load %scores[%j] : memref<?xf32>\n      %pjv = vector.broadcast %pj : f32 to vector<{LANES}xf32>\n      scf.for %e = %c0 to %c{dv} step %pv_l {{\n        %vcol = arith.addi %vcol0, %e : index\n        %v = vector.load %kvb[%j, %vcol] : memref<?x{hp}xf32>, vector<{LANES}xf32>\n        %o = vector.load {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n        %f = vector.fma %pjv, %v, %o : vector<{LANES}xf32>\n        vector.store %f, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n      }}\n    }}\n    %denv = vector.broadcast %den : f32 to vector<{LANES}xf32>\n    scf.for %e = %c0 to %c{dv} step %pv_l {{\n      %o = vector.load {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n      %nv = arith.divf %o, %denv : vector<{LANES}xf32>\n      vector.store %nv, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}",
+                "    %vcol0 = arith.addi %hbase, %c{dn} : index\n    scf.for %e = %c0 to %c{dv} step %cl {{\n      vector.store %zv, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}\n    scf.for %j = %c0 to %nkeys step %c1 {{\n      %pj = memref.load %scores[%j] : memref<?xf32>\n      %pjv = vector.broadcast %pj : f32 to vector<{LANES}xf32>\n      scf.for %e = %c0 to %c{dv} step %cl {{\n        %vcol = arith.addi %vcol0, %e : index\n        %v = vector.load %kvb[%j, %vcol] : memref<?x{hp}xf32>, vector<{LANES}xf32>\n        %o = vector.load {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n        %f = vector.fma %pjv, %v, %o : vector<{LANES}xf32>\n        vector.store %f, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n      }}\n    }}\n    %denv = vector.broadcast %den : f32 to vector<{LANES}xf32>\n    scf.for %e = %c0 to %c{dv} step %cl {{\n      %o = vector.load {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n      %nv = arith.divf %o, %denv : vector<{LANES}xf32>\n      vector.store %nv, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}",
                 hp = h * per_head
             ));
         } else {
