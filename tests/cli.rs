@@ -238,9 +238,12 @@ fn fused_stage_reports_kernels_and_launches() {
     assert!(report.contains("report: decode: "), "{report}");
     assert!(report.contains("layers 1..3: "), "MoE layers 1 and 2 report the same count: {report}");
     let ir = text(&out.stdout);
-    assert!(ir.contains("attributes {v3.kernel = \"moe_experts\"}"));
-    assert_eq!(ir.matches("func.func private @moe_experts_").count(), 1, "MoE layers share one experts kernel");
-    assert_eq!(ir.matches("call @moe_experts_0(").count(), 3, "launched for layers 1, 2 and MTP");
+    for kind in ["moe_dispatch", "moe_gate_up", "moe_down"] {
+        assert!(ir.contains(&format!("attributes {{v3.kernel = \"{kind}\"}}")), "{kind}");
+        assert_eq!(ir.matches(&format!("func.func private @{kind}_")).count(), 1, "MoE layers share one {kind} kernel");
+        assert_eq!(ir.matches(&format!("call @{kind}_0(")).count(), 3, "{kind} launched for layers 1, 2 and MTP");
+    }
+    assert!(!ir.contains("v3.moe_experts") && !ir.contains("v3.moe_route"), "fuse-moe rewrote every MoE block");
 }
 
 /// `--stage cpu` prints every kernel lowered for the CPU; `--kernel` follows one kernel through the
@@ -252,21 +255,22 @@ fn cpu_stage_and_single_kernel_dumps() {
     let ir = text(&out.stdout);
     assert!(ir.contains("func.func @attention_decode_0(") && ir.contains("linalg.generic") && !ir.contains("\"v3."));
     let one =
-        run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "cpu", "--kernel", "moe_route_0"]);
+        run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "cpu", "--kernel", "moe_dispatch_0"]);
     let dump = text(&one.stdout);
-    assert!(dump.starts_with("// ----- stage fused: moe_route_0\n"), "{dump}");
-    assert!(dump.contains("// ----- stage cpu: moe_route_0\n"), "{dump}");
+    assert!(dump.starts_with("// ----- stage fused: moe_dispatch_0\n"), "{dump}");
+    assert!(dump.contains("// ----- stage cpu: moe_dispatch_0\n"), "{dump}");
     assert!(!dump.contains("llvm.func"), "the LLVM dialect only with --llvm");
     let llvm = run_binary(
         "v3c",
-        &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "cpu", "--kernel", "moe_route_0", "--llvm"],
+        &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "cpu", "--kernel", "moe_dispatch_0", "--llvm"],
     );
     let llvm = text(&llvm.stdout);
-    let header = llvm.lines().find(|l| l.starts_with("// ----- llvm dialect: moe_route_0 (kernel cache key ")).unwrap();
+    let header =
+        llvm.lines().find(|l| l.starts_with("// ----- llvm dialect: moe_dispatch_0 (kernel cache key ")).unwrap();
     let key = header.trim_end_matches(')').rsplit(' ').next().unwrap();
     assert!(key.len() == 64 && key.chars().all(|c| c.is_ascii_hexdigit()), "{header}");
     let body = &llvm[llvm.find(header).unwrap()..];
-    assert!(body.contains("llvm.func @_mlir_ciface_moe_route_0(") && !body.contains("linalg."), "{body}");
+    assert!(body.contains("llvm.func @_mlir_ciface_moe_dispatch_0(") && !body.contains("linalg."), "{body}");
     let missing = run_binary("v3c", &["dump-ir", "--model", "deepseek-v3-tiny", "--stage", "cpu", "--kernel", "nope"]);
     assert!(
         text(&missing.stderr).starts_with("v3c: error: no kernel 'nope' (kernels: embed_0, "),
@@ -305,7 +309,7 @@ fn plan_stage_prints_json_and_reports_arena_peaks() {
     assert_eq!(plan.format_version, v3c_runtime::plan::PLAN_FORMAT_VERSION);
     assert_eq!(plan.entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["prefill", "decode"]);
     let report = text(&out.stderr);
-    assert!(report.contains("report: decode: 52 launches, arena "), "{report}");
+    assert!(report.contains("report: decode: 49 launches, arena "), "{report}");
     assert!(report.contains(" KiB peak (rows 2, context 9)"), "{report}");
 }
 
@@ -323,7 +327,7 @@ fn compile_names_the_kernels_without_a_gpu_lowering() {
     let err = text(&out.stderr);
     assert!(
         err.starts_with(
-            "v3c: error: unsupported on sm_90a: 18 of 18 kernels have no sm_90a lowering yet: embed_0 (embed), "
+            "v3c: error: unsupported on sm_90a: 17 of 17 kernels have no sm_90a lowering yet: embed_0 (embed), "
         ),
         "{err}"
     );

@@ -638,6 +638,10 @@ unsafe fn launch(kernel: &CpuKernel, buffers: &[RawBuffer]) -> Result<(), CpuErr
         let all_same = buffers.iter().zip(&is_row).all(|(b, &r)| !r || b.shape[0] == rows);
         (threads > 1 && all_same && rows >= threads * MIN_ROWS_PER_THREAD).then_some((rows, is_row))
     });
+    if kernel.partitioned && threads > 1 {
+        // SAFETY: forwarded contract.
+        return unsafe { run_parts(kernel, buffers) };
+    }
     let Some((rows, is_row)) = split else {
         // SAFETY: forwarded contract.
         return unsafe { kernel.run_raw(buffers) };
@@ -675,6 +679,31 @@ unsafe fn launch(kernel: &CpuKernel, buffers: &[RawBuffer]) -> Result<(), CpuErr
         });
         // SAFETY: forwarded contract, on the first half of the rows.
         let mine = unsafe { kernel.run_raw(&first) };
+        let theirs = other.join().unwrap_or_else(|_| {
+            Err(CpuError::Run { kernel: kernel.name.clone(), problem: "worker thread panicked".into() })
+        });
+        mine.and(theirs)
+    })
+}
+
+/// Runs the two shares of a partitioned kernel on two threads (disjoint output columns).
+///
+/// # Safety
+/// As [`CpuKernel::run_part`].
+unsafe fn run_parts(kernel: &CpuKernel, buffers: &[RawBuffer]) -> Result<(), CpuError> {
+    /// Moves a borrowed kernel and raw buffers into the second thread.
+    struct Job<'a>(&'a CpuKernel, &'a [RawBuffer]);
+    // SAFETY: the JIT-compiled function is reentrant, and the two shares write disjoint columns.
+    unsafe impl Send for Job<'_> {}
+    let job = Job(kernel, buffers);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(move || {
+            let job = job;
+            // SAFETY: forwarded contract, share 1 of 2.
+            unsafe { job.0.run_part(job.1, 1, 2) }
+        });
+        // SAFETY: forwarded contract, share 0 of 2.
+        let mine = unsafe { kernel.run_part(buffers, 0, 2) };
         let theirs = other.join().unwrap_or_else(|_| {
             Err(CpuError::Run { kernel: kernel.name.clone(), problem: "worker thread panicked".into() })
         });

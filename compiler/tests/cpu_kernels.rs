@@ -49,6 +49,109 @@ fn floats(b: &HostBuffer) -> Vec<f32> {
     }
 }
 
+/// The shape of result `r` of `o` with its dynamic dim (the tokens) set to `tokens`.
+fn result_shape_of(o: &OperationRef, r: usize, tokens: usize) -> Vec<usize> {
+    let s = Shape::parse(&o.result(r).unwrap().r#type().to_string()).unwrap();
+    s.dims.iter().map(|d| d.unwrap_or(tokens)).collect()
+}
+
+/// (offsets, rows, weights) of a permutation given per expert its (token, weight) rows, as f32
+/// values (what `reference` passes around).
+fn permutation_buffers(per_expert: &[Vec<(usize, f32)>]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut offsets = vec![0.0f32];
+    let (mut rows, mut weights) = (Vec::new(), Vec::new());
+    for list in per_expert {
+        rows.extend(list.iter().map(|&(t, _)| t as f32));
+        weights.extend(list.iter().map(|&(_, w)| w));
+        offsets.push(rows.len() as f32);
+    }
+    (offsets, rows, weights)
+}
+
+/// A valid permutation for `tokens` tokens: each picks `top_k` distinct routed experts (spread so
+/// some experts get none and some many), then `shared` shared experts take every token.
+fn random_permutation(tokens: usize, experts: usize, shared: usize, top_k: usize, rng: &mut Rng) -> [HostBuffer; 3] {
+    let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts + shared];
+    for t in 0..tokens {
+        let start = ((rng.next() + 0.5) * experts as f32) as usize % experts;
+        for j in 0..top_k {
+            // Experts start, start + 1, ... skipping the last expert: it stays unpicked.
+            let e = (start + j) % (experts - 1).max(1);
+            per_expert[e].push((t, rng.next() + 0.75));
+        }
+    }
+    for list in &mut per_expert[experts..] {
+        list.extend((0..tokens).map(|t| (t, 1.0)));
+    }
+    let (offsets, rows, weights) = permutation_buffers(&per_expert);
+    let width = top_k + shared;
+    [
+        HostBuffer { shape: vec![offsets.len()], data: HostData::I32(offsets.iter().map(|&v| v as i32).collect()) },
+        HostBuffer { shape: vec![tokens, width], data: HostData::I32(rows.iter().map(|&v| v as i32).collect()) },
+        HostBuffer { shape: vec![tokens, width], data: HostData::F32(weights) },
+    ]
+}
+
+/// `outputs` with every element set to a value no kernel writes from valid inputs (NaN; for e4m3
+/// bits 0x7f, NaN too).
+fn poisoned(outputs: &[HostBuffer]) -> Vec<HostBuffer> {
+    outputs
+        .iter()
+        .map(|b| HostBuffer {
+            shape: b.shape.clone(),
+            data: match &b.data {
+                HostData::F8(v) => HostData::F8(vec![0x7f; v.len()]),
+                HostData::I32(v) => HostData::I32(vec![i32::MIN; v.len()]),
+                other => {
+                    HostData::F32(vec![f32::NAN; floats(&HostBuffer { shape: vec![], data: other.clone() }).len()])
+                }
+            },
+        })
+        .collect()
+}
+
+/// Which elements of `b` were written (differ from the poison).
+fn written(b: &HostBuffer) -> Vec<bool> {
+    match &b.data {
+        HostData::F8(v) => v.iter().map(|&x| x != 0x7f).collect(),
+        HostData::I32(v) => v.iter().map(|&x| x != i32::MIN).collect(),
+        _ => floats(b).iter().map(|x| !x.is_nan()).collect(),
+    }
+}
+
+/// A partitioned kernel's two shares, each run alone on poisoned outputs, write disjoint sets of
+/// elements that together are every element, with exactly the values of the whole `outputs` (so
+/// they can run concurrently).
+fn check_shares(kernel: &CpuKernel, inputs: &mut [HostBuffer], whole: &[HostBuffer]) {
+    let mut owner: Vec<Vec<Option<usize>>> = whole.iter().map(|b| vec![None; written(b).len()]).collect();
+    for part in 0..2 {
+        let mut outs = poisoned(whole);
+        let views: Vec<v3c_compiler::conversion::v3_to_cpu::RawBuffer> =
+            inputs.iter_mut().chain(outs.iter_mut()).map(|b| b.raw()).collect();
+        // SAFETY: the buffers have the shapes of the whole run and outlive the call.
+        unsafe { kernel.run_part(&views, part, 2) }.unwrap();
+        for (o, (got, want)) in outs.iter().zip(whole).enumerate() {
+            let (w, gv, wv) = (written(got), floats(got), floats(want));
+            for i in 0..w.len() {
+                if !w[i] {
+                    continue;
+                }
+                assert!(
+                    owner[o][i].is_none(),
+                    "{}: output {o}[{i}] written by shares {owner:?} and {part}",
+                    kernel.name,
+                    owner = owner[o][i]
+                );
+                owner[o][i] = Some(part);
+                assert_eq!(gv[i].to_bits(), wv[i].to_bits(), "{}: share {part} output {o}[{i}]", kernel.name);
+            }
+        }
+    }
+    for (o, owners) in owner.iter().enumerate() {
+        assert!(owners.iter().all(Option::is_some), "{}: output {o} not fully written by the shares", kernel.name);
+    }
+}
+
 /// Evaluates a kernel function op by op with the reference kernels: (values, shape) per result.
 fn reference(kernel: &OperationRef, inputs: &[HostBuffer]) -> Vec<(Vec<f32>, Vec<usize>)> {
     let block = kernel.region(0).unwrap().first_block().unwrap();
@@ -225,6 +328,88 @@ fn reference(kernel: &OperationRef, inputs: &[HostBuffer]) -> Vec<(Vec<f32>, Vec
                 }
                 vec![(idx, vec![t, r.top_k]), (w, vec![t, r.top_k])]
             }
+            "v3.moe_dispatch" => {
+                let attr = |n: &str| o.attribute(n).unwrap().to_string();
+                let num = |n: &str| attr(n).split(':').next().unwrap().trim().parse::<f32>().unwrap();
+                let r = v3c_models::graph::Routing {
+                    top_k: num("top_k") as usize,
+                    n_group: num("n_group") as usize,
+                    topk_group: num("topk_group") as usize,
+                    norm_topk_prob: attr("norm_topk_prob") == "true",
+                    routed_scaling_factor: num("routed_scaling_factor"),
+                };
+                let shared = num("num_shared") as usize;
+                let (x, gate, bias) = (&args[0], &args[1], &args[2]);
+                let (e, d) = (gate.1[0], gate.1[1]);
+                let t = x.1[0];
+                let logits = kernels::matmul_nt(&x.0, &gate.0, t, d, e);
+                let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e + shared];
+                for (tok, row) in logits.chunks(e).enumerate() {
+                    let (i, ws) = kernels::route(row, &bias.0, &r);
+                    for (ex, w) in i.into_iter().zip(ws) {
+                        per_expert[ex].push((tok, w));
+                    }
+                }
+                for list in &mut per_expert[e..] {
+                    list.extend((0..t).map(|tok| (tok, 1.0)));
+                }
+                let (offsets, rows, weights) = permutation_buffers(&per_expert);
+                let width = r.top_k + shared;
+                vec![(offsets, vec![e + shared + 1]), (rows, vec![t, width]), (weights, vec![t, width])]
+            }
+            "v3.moe_gate_up" => {
+                let (x, offsets, rows, gate, up) = (&args[0], &args[1], &args[2], &args[3], &args[4]);
+                let (experts, inter, d) = (gate.1[0], gate.1[1], gate.1[2]);
+                let h_rows = rows.0.len();
+                let mut h = vec![0.0f32; h_rows * inter];
+                for e in 0..offsets.0.len() - 1 {
+                    let (g, u) = if e < experts {
+                        (&gate.0[e * inter * d..(e + 1) * inter * d], &up.0[e * inter * d..(e + 1) * inter * d])
+                    } else {
+                        let s = e - experts;
+                        (&args[5].0[s * inter * d..(s + 1) * inter * d], &args[6].0[s * inter * d..(s + 1) * inter * d])
+                    };
+                    for r in offsets.0[e] as usize..offsets.0[e + 1] as usize {
+                        let t = rows.0[r] as usize;
+                        let xr = &x.0[t * d..(t + 1) * d];
+                        let gv = kernels::matmul_nt(xr, g, 1, d, inter);
+                        let uv = kernels::matmul_nt(xr, u, 1, d, inter);
+                        for i in 0..inter {
+                            h[r * inter + i] = kernels::silu(gv[i]) * uv[i];
+                        }
+                    }
+                }
+                vec![(h, result_shape_of(&o, 0, rows.1[0]))]
+            }
+            "v3.moe_down" => {
+                let (h, offsets, rows, weights, down) = (&args[0], &args[1], &args[2], &args[3], &args[4]);
+                let (experts, d, inter) = (down.1[0], down.1[1], down.1[2]);
+                let t = rows.1[0];
+                let shared = offsets.0.len() - 1 - experts;
+                let mut y = vec![0.0f32; t * d];
+                for e in 0..experts + shared {
+                    let w: Vec<f32> = if e < experts {
+                        down.0[e * d * inter..(e + 1) * d * inter].to_vec()
+                    } else {
+                        // Column block s of the shared expert's [D, S*I] down weight.
+                        let s = e - experts;
+                        (0..d * inter)
+                            .map(|k| args[5].0[(k / inter) * shared * inter + s * inter + k % inter])
+                            .collect()
+                    };
+                    for r in offsets.0[e] as usize..offsets.0[e + 1] as usize {
+                        let tok = rows.0[r] as usize;
+                        let out = kernels::matmul_nt(&h.0[r * inter..(r + 1) * inter], &w, 1, inter, d);
+                        for (yv, ov) in y[tok * d..(tok + 1) * d].iter_mut().zip(out) {
+                            *yv += weights.0[r] * ov;
+                        }
+                    }
+                }
+                if let Some(residual) = args.get(5 + (shared > 0) as usize) {
+                    y.iter_mut().zip(&residual.0).for_each(|(a, b)| *a += b);
+                }
+                vec![(y, vec![t, d])]
+            }
             "v3.moe_experts" => {
                 let (x, idx, w, gate, up, down) = (&args[0], &args[1], &args[2], &args[3], &args[4], &args[5]);
                 let (inter, d, k) = (gate.1[1], gate.1[2], idx.1[1]);
@@ -290,8 +475,9 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
         "concat_0",
         "attention_0",
         "attention_decode_0",
-        "moe_route_0",
-        "moe_experts_0",
+        "moe_dispatch_0",
+        "moe_gate_up_0",
+        "moe_down_0",
     ] {
         assert!(names.contains(&expected), "{expected} not compiled; compiled {names:?}, unsupported {unsupported:?}");
     }
@@ -303,6 +489,16 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
                 .iter()
                 .map(|s| buffer(s, rows, &mut rng, config.vocab_size, config.n_routed_experts))
                 .collect();
+            // Grouped GEMMs read a permutation: (offsets, rows[, row weights]) after the activations.
+            if kernel.partitioned {
+                let width = kernel.inputs[2].dims[1].unwrap();
+                let (total, experts) = (kernel.inputs[1].dims[0].unwrap() - 1, kernel.inputs[4].dims[0].unwrap());
+                let perm = random_permutation(rows, experts, total - experts, width - (total - experts), &mut rng);
+                let n = if kernel.name.starts_with("moe_down") { 3 } else { 2 };
+                for (slot, b) in inputs[1..1 + n].iter_mut().zip(perm) {
+                    *slot = b;
+                }
+            }
             let want = reference(f, &inputs);
             // Outputs poisoned with NaN, shaped as the reference computes them.
             let mut outputs: Vec<HostBuffer> = want
@@ -322,6 +518,9 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
             assert_eq!(inferred, want.iter().map(|w| w.1.clone()).collect::<Vec<_>>(), "{}", kernel.name);
             // SAFETY: output buffers have exactly the shapes the kernel computes (the reference's).
             unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
+            if kernel.partitioned {
+                check_shares(kernel, &mut inputs, &outputs);
+            }
             for (got, (want, _)) in outputs.iter().zip(&want) {
                 let got = floats(got);
                 assert_eq!(got.len(), want.len());
@@ -503,6 +702,195 @@ fn fp8_weight_kernels_match_the_dequantized_reference() {
         checked += 1;
     }
     assert!(checked >= 1, "expected fp8-weight GEMM + residual kernels, checked {checked}");
+}
+
+/// The fp8 grouped MoE kernels (gathered e4m3 rows x block-scaled expert weights, SwiGLU, 1 x 128
+/// quantization of the permuted rows; the down GEMM scattered onto the residual) compute exactly
+/// what the reference kernels compute on the same bits, with intermediate sizes that are not
+/// multiples of 128, and the shared expert as expert E; shares write disjoint parts.
+#[test]
+fn fp8_grouped_moe_kernels_match_the_reference() {
+    // 176: two partitions and a ragged last group; 48: one group, the second partition empty.
+    for (hidden, inter) in [(160, 176), (96, 48)] {
+        fp8_grouped_moe_case(hidden, inter, true);
+    }
+    // f32 activations on fp8 weights (the f32 oracle precision): weights dequantized as read.
+    fp8_grouped_moe_case(160, 176, false);
+}
+
+fn fp8_grouped_moe_case(hidden: usize, inter: usize, fp8_activations: bool) {
+    let precision = if fp8_activations { v3c_models::Precision::Fp8 } else { v3c_models::Precision::F32 };
+    let context = v3c_compiler::mlir::new_context();
+    let mut config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    config.quantization = Some(v3c_models::config::Fp8Quantization { weight_block: [128, 128] });
+    config.hidden_size = hidden;
+    config.moe_intermediate_size = inter;
+    let module = Driver::quiet()
+        .run_model(&context, &config, &[Entry::Prefill], &BuildOptions { precision, ..Default::default() }, "fused")
+        .unwrap();
+    let kernel = |prefix: &str| {
+        let mut op = module.body().first_operation();
+        while let Some(f) = op {
+            op = f.next_in_block();
+            let name = f.attribute("sym_name").map(|a| a.to_string()).unwrap_or_default();
+            if name.trim_matches('"').starts_with(prefix) {
+                return CpuKernel::compile(&context, &f).unwrap();
+            }
+        }
+        panic!("no {prefix} kernel");
+    };
+    let (gate_up, down) =
+        (kernel(if fp8_activations { "moe_gate_up_quantize" } else { "moe_gate_up" }), kernel("moe_down"));
+    assert!(gate_up.partitioned && down.partitioned);
+    let (d, inter, experts) = (config.hidden_size, config.moe_intermediate_size, config.n_routed_experts);
+    let (db, ib, k) = (d.div_ceil(128), inter.div_ceil(128), config.num_experts_per_tok);
+    let mut rng = Rng(11);
+    let bits = |rng: &mut Rng, n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| (((rng.next() + 0.5) * 126.0) as u8).min(0x7e) | if rng.next() > 0.0 { 0x80 } else { 0 })
+            .collect()
+    };
+    // Expert weights [E, N, K] and the shared expert's [N, K], with their block scales.
+    let stack = |n: usize, kk: usize, count: usize, rng: &mut Rng| {
+        let s: Vec<f32> =
+            (0..count * n.div_ceil(128) * kk.div_ceil(128)).map(|i| 0.002 + 0.0007 * (i % 13) as f32).collect();
+        (bits(rng, count * n * kk), s)
+    };
+    let (gw, gs) = stack(inter, d, experts + 1, &mut rng);
+    let (uw, us) = stack(inter, d, experts + 1, &mut rng);
+    let (dw, ds) = stack(d, inter, experts + 1, &mut rng);
+    // Expert e's slice of a stack (the shared expert is the last).
+    let slice = |v: &[u8], e: usize, n: usize| v[e * n..(e + 1) * n].to_vec();
+    let sslice = |v: &[f32], e: usize, n: usize| v[e * n..(e + 1) * n].to_vec();
+    for tokens in [1usize, 3, 50] {
+        let [offsets, rows, row_w] = random_permutation(tokens, experts, 1, k, &mut rng);
+        let xq = bits(&mut rng, tokens * d);
+        let xs: Vec<f32> = (0..tokens * db).map(|i| 0.01 + 0.003 * (i % 7) as f32).collect();
+        let xf: Vec<f32> = (0..tokens * d).map(|_| rng.next() * 4.0).collect();
+        let (HostData::I32(off), HostData::I32(rv), HostData::F32(wv)) = (&offsets.data, &rows.data, &row_w.data)
+        else {
+            unreachable!()
+        };
+        let width = k + 1;
+        // Reference: h per permuted row, its 1 x 128 quantization, then the down GEMM + combine.
+        let mut h = vec![0.0f32; tokens * width * inter];
+        let mut y = vec![0.0f32; tokens * d];
+        let residual: Vec<f32> = (0..tokens * d).map(|_| rng.next()).collect();
+        let e_of = |r: usize| (0..=experts).find(|&e| (off[e] as usize..off[e + 1] as usize).contains(&r)).unwrap();
+        for r in 0..tokens * width {
+            let (e, t) = (e_of(r), rv[r] as usize);
+            let (xr, xsr) = (&xq[t * d..(t + 1) * d], &xs[t * db..(t + 1) * db]);
+            let (gn, gsn) = (inter * d, ib * db);
+            let (g, u) = if fp8_activations {
+                (
+                    kernels::matmul_fp8(xr, xsr, &slice(&gw, e, gn), &sslice(&gs, e, gsn), 1, d, inter, 128, 128, db),
+                    kernels::matmul_fp8(xr, xsr, &slice(&uw, e, gn), &sslice(&us, e, gsn), 1, d, inter, 128, 128, db),
+                )
+            } else {
+                let xf = &xf[t * d..(t + 1) * d];
+                (
+                    kernels::matmul_nt(
+                        xf,
+                        &dequantized(&slice(&gw, e, gn), &sslice(&gs, e, gsn), inter, d),
+                        1,
+                        d,
+                        inter,
+                    ),
+                    kernels::matmul_nt(
+                        xf,
+                        &dequantized(&slice(&uw, e, gn), &sslice(&us, e, gsn), inter, d),
+                        1,
+                        d,
+                        inter,
+                    ),
+                )
+            };
+            for i in 0..inter {
+                h[r * inter + i] = kernels::silu(g[i]) * u[i];
+            }
+        }
+        let (hq, hs) = kernels::quantize_fp8(&h, inter, 128);
+        for e in 0..=experts {
+            for r in off[e] as usize..off[e + 1] as usize {
+                let t = rv[r] as usize;
+                let o = if fp8_activations {
+                    kernels::matmul_fp8(
+                        &hq[r * inter..(r + 1) * inter],
+                        &hs[r * ib..(r + 1) * ib],
+                        &slice(&dw, e, d * inter),
+                        &sslice(&ds, e, ib * db),
+                        1,
+                        inter,
+                        d,
+                        128,
+                        128,
+                        ib,
+                    )
+                } else {
+                    let w = dequantized(&slice(&dw, e, d * inter), &sslice(&ds, e, ib * db), d, inter);
+                    kernels::matmul_nt(&h[r * inter..(r + 1) * inter], &w, 1, inter, d)
+                };
+                for (yv, ov) in y[t * d..(t + 1) * d].iter_mut().zip(o) {
+                    *yv += wv[r] * ov;
+                }
+            }
+        }
+        let y: Vec<f32> = residual.iter().zip(&y).map(|(a, b)| a + b).collect();
+        let f8 = |shape: Vec<usize>, v: Vec<u8>| HostBuffer { shape, data: HostData::F8(v) };
+        let f32b = |shape: Vec<usize>, v: Vec<f32>| HostBuffer { shape, data: HostData::F32(v) };
+        let (routed, shared) = (experts * inter * d, inter * d);
+        let (rs, ss) = (experts * ib * db, ib * db);
+        let mut inputs = if fp8_activations {
+            vec![f8(vec![tokens, d], xq.clone()), f32b(vec![tokens, db], xs.clone())]
+        } else {
+            vec![f32b(vec![tokens, d], xf.clone())]
+        };
+        inputs.extend([
+            offsets.clone(),
+            rows.clone(),
+            f8(vec![experts, inter, d], gw[..routed].to_vec()),
+            f8(vec![experts, inter, d], uw[..routed].to_vec()),
+            f32b(vec![experts, ib, db], gs[..rs].to_vec()),
+            f32b(vec![experts, ib, db], us[..rs].to_vec()),
+            f8(vec![inter, d], gw[routed..routed + shared].to_vec()),
+            f8(vec![inter, d], uw[routed..routed + shared].to_vec()),
+            f32b(vec![ib, db], gs[rs..rs + ss].to_vec()),
+            f32b(vec![ib, db], us[rs..rs + ss].to_vec()),
+        ]);
+        let want = if fp8_activations {
+            vec![f8(vec![tokens, width, inter], hq.clone()), f32b(vec![tokens, width, ib], hs.clone())]
+        } else {
+            vec![f32b(vec![tokens, width, inter], h.clone())]
+        };
+        let mut got = poisoned(&want);
+        // SAFETY: outputs shaped as the kernel computes them.
+        unsafe { gate_up.run(&mut inputs, &mut got) }.unwrap();
+        assert_eq!(got, want, "{}, {tokens} tokens: differs from the reference", gate_up.name);
+        check_shares(&gate_up, &mut inputs, &want);
+        let mut inputs = want.clone();
+        inputs.extend([
+            offsets.clone(),
+            rows.clone(),
+            row_w.clone(),
+            f8(vec![experts, d, inter], dw[..experts * d * inter].to_vec()),
+            f32b(vec![experts, db, ib], ds[..rs].to_vec()),
+            f8(vec![d, inter], dw[experts * d * inter..].to_vec()),
+            f32b(vec![db, ib], ds[rs..].to_vec()),
+            f32b(vec![tokens, d], residual.clone()),
+        ]);
+        let want = [f32b(vec![tokens, d], y)];
+        let mut got = poisoned(&want);
+        // SAFETY: as above.
+        unsafe { down.run(&mut inputs, &mut got) }.unwrap();
+        assert_eq!(got, want, "moe_down, {tokens} tokens: differs from the reference");
+        check_shares(&down, &mut inputs, &want);
+    }
+}
+
+/// Dequantized values of an fp8 weight [n, k] with 128 x 128 block scales.
+fn dequantized(bits: &[u8], scales: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let kb = k.div_ceil(128);
+    (0..n * k).map(|i| v3c_models::dtype::f8e4m3_to_f32(bits[i]) * scales[(i / k / 128) * kb + (i % k) / 128]).collect()
 }
 
 /// Executing the plan (one arena, offsets by liveness, caches in place) gives exactly what the

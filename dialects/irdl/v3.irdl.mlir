@@ -137,6 +137,73 @@ irdl.dialect @v3 {
     irdl.attributes { "num_experts" = %num_experts, "fp8_activations" = %fp8_activations }
   }
 
+  // Routing that also builds the permutation for grouped GEMMs (the `fuse-moe` pass makes it):
+  // experts 0..E-1 routed, E..E+S-1 the shared experts (every token, weight 1). Results:
+  // offsets [E+S+1] i32 (rows of expert e: offsets[e]..offsets[e+1]), rows [T, K+S] i32 and
+  // row_weights [T, K+S] f32, both read flat: row r of the permuted activations is token rows[r].
+  irdl.operation @moe_dispatch {
+    %x = irdl.base "!builtin.tensor"
+    %gate = irdl.base "!builtin.tensor"
+    %bias = irdl.base "!builtin.tensor"
+    %offsets = irdl.base "!builtin.tensor"
+    %rows = irdl.base "!builtin.tensor"
+    %row_weights = irdl.base "!builtin.tensor"
+    %top_k = irdl.base "#builtin.integer"
+    %n_group = irdl.base "#builtin.integer"
+    %topk_group = irdl.base "#builtin.integer"
+    %norm_topk_prob = irdl.base "#builtin.integer"
+    %routed_scaling_factor = irdl.base "#builtin.float"
+    %num_shared = irdl.base "#builtin.integer"
+    irdl.operands(x: %x, gate: %gate, bias: %bias)
+    irdl.results(offsets: %offsets, rows: %rows, row_weights: %row_weights)
+    irdl.attributes { "top_k" = %top_k, "n_group" = %n_group, "topk_group" = %topk_group, "norm_topk_prob" = %norm_topk_prob, "routed_scaling_factor" = %routed_scaling_factor, "num_shared" = %num_shared }
+  }
+
+  // Grouped gate/up GEMM with SwiGLU: permuted row r (flat over [T, K+S]) of the result is
+  // silu(x[rows[r]] gate_e^T) * (x[rows[r]] up_e^T) for the expert e owning r; the shared experts'
+  // weights are row blocks of shared_gate/shared_up [S*I, D]. fp8: x and weights block-scaled.
+  irdl.operation @moe_gate_up {
+    %x = irdl.base "!builtin.tensor"
+    %x_scale = irdl.base "!builtin.tensor"
+    %offsets = irdl.base "!builtin.tensor"
+    %rows = irdl.base "!builtin.tensor"
+    %gate = irdl.base "!builtin.tensor"
+    %up = irdl.base "!builtin.tensor"
+    %gate_scale = irdl.base "!builtin.tensor"
+    %up_scale = irdl.base "!builtin.tensor"
+    %shared_gate = irdl.base "!builtin.tensor"
+    %shared_up = irdl.base "!builtin.tensor"
+    %shared_gate_scale = irdl.base "!builtin.tensor"
+    %shared_up_scale = irdl.base "!builtin.tensor"
+    %h = irdl.base "!builtin.tensor"
+    %num_experts = irdl.base "#builtin.integer"
+    %num_shared = irdl.base "#builtin.integer"
+    irdl.operands(x: %x, x_scale: optional %x_scale, offsets: %offsets, rows: %rows, gate: %gate, up: %up, gate_scale: optional %gate_scale, up_scale: optional %up_scale, shared_gate: optional %shared_gate, shared_up: optional %shared_up, shared_gate_scale: optional %shared_gate_scale, shared_up_scale: optional %shared_up_scale)
+    irdl.results(h: %h)
+    irdl.attributes { "num_experts" = %num_experts, "num_shared" = %num_shared }
+  }
+
+  // Grouped down GEMM with the combine: out[t] = residual[t] + sum over rows r of token t of
+  // row_weights[r] * (h[r] down_e^T) (a scatter into the token's row); shared_down [D, S*I].
+  irdl.operation @moe_down {
+    %h = irdl.base "!builtin.tensor"
+    %h_scale = irdl.base "!builtin.tensor"
+    %offsets = irdl.base "!builtin.tensor"
+    %rows = irdl.base "!builtin.tensor"
+    %row_weights = irdl.base "!builtin.tensor"
+    %down = irdl.base "!builtin.tensor"
+    %down_scale = irdl.base "!builtin.tensor"
+    %shared_down = irdl.base "!builtin.tensor"
+    %shared_down_scale = irdl.base "!builtin.tensor"
+    %residual = irdl.base "!builtin.tensor"
+    %out = irdl.base "!builtin.tensor"
+    %num_experts = irdl.base "#builtin.integer"
+    %num_shared = irdl.base "#builtin.integer"
+    irdl.operands(h: %h, h_scale: optional %h_scale, offsets: %offsets, rows: %rows, row_weights: %row_weights, down: %down, down_scale: optional %down_scale, shared_down: optional %shared_down, shared_down_scale: optional %shared_down_scale, residual: optional %residual)
+    irdl.results(out: %out)
+    irdl.attributes { "num_experts" = %num_experts, "num_shared" = %num_shared }
+  }
+
   // silu(gate) * up
   irdl.operation @silu_mul {
     %gate = irdl.base "!builtin.tensor"

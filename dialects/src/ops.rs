@@ -22,6 +22,9 @@ pub const OP_NAMES: &[&str] = &[
     "cache_write",
     "moe_route",
     "moe_experts",
+    "moe_dispatch",
+    "moe_gate_up",
+    "moe_down",
     "silu_mul",
     "add",
     "split",
@@ -286,6 +289,133 @@ pub fn moe_experts<'c, 'a>(
         ("operandSegmentSizes", segments(c, &[1, 1, 1, 1, 1, 1, s, s, s])),
     ];
     build("moe_experts", &operands, &[out], &attrs, c, l)
+}
+
+/// Creates `v3.moe_dispatch`: routing plus the permutation of (token, expert) rows by expert, the
+/// `num_shared` shared experts after the routed ones.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_dispatch<'c>(
+    x: Value<'c, '_>,
+    gate: Value<'c, '_>,
+    bias: Value<'c, '_>,
+    a: &RouteAttributes,
+    num_shared: usize,
+    [offsets, rows, row_weights]: [Type<'c>; 3],
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let attrs = [
+        ("top_k", i64_attr(c, a.top_k as i64)),
+        ("n_group", i64_attr(c, a.n_group as i64)),
+        ("topk_group", i64_attr(c, a.topk_group as i64)),
+        ("norm_topk_prob", bool_attr(c, a.norm_topk_prob)),
+        ("routed_scaling_factor", f32_attr(c, a.routed_scaling_factor)),
+        ("num_shared", i64_attr(c, num_shared as i64)),
+    ];
+    build("moe_dispatch", &[x, gate, bias], &[offsets, rows, row_weights], &attrs, c, l)
+}
+
+/// A weight with its block scales when fp8.
+#[derive(Clone, Copy)]
+pub struct Scaled<'c, 'a> {
+    pub weight: Value<'c, 'a>,
+    pub scale: Option<Value<'c, 'a>>,
+}
+
+/// The permutation `v3.moe_dispatch` produces: offsets per expert and the token of each row.
+#[derive(Clone, Copy)]
+pub struct Permutation<'c, 'a> {
+    pub offsets: Value<'c, 'a>,
+    pub rows: Value<'c, 'a>,
+}
+
+/// Creates `v3.moe_gate_up`: grouped gate/up GEMM over permuted rows (gathered from `x`) with
+/// SwiGLU; `shared` = the shared experts' (gate, up), stacked along their output rows.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_gate_up<'c, 'a>(
+    x: Scaled<'c, 'a>,
+    p: Permutation<'c, 'a>,
+    (gate, up): (Scaled<'c, 'a>, Scaled<'c, 'a>),
+    shared: Option<(Scaled<'c, 'a>, Scaled<'c, 'a>)>,
+    (num_experts, num_shared): (usize, usize),
+    h: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let mut operands = vec![x.weight];
+    operands.extend(x.scale);
+    operands.extend([p.offsets, p.rows, gate.weight, up.weight]);
+    operands.extend(gate.scale);
+    operands.extend(up.scale);
+    let n = |v: Option<Value>| v.is_some() as i32;
+    let (sg, su) = (shared.map(|s| s.0), shared.map(|s| s.1));
+    operands.extend(sg.map(|s| s.weight));
+    operands.extend(su.map(|s| s.weight));
+    operands.extend(sg.and_then(|s| s.scale));
+    operands.extend(su.and_then(|s| s.scale));
+    let seg = [
+        1,
+        n(x.scale),
+        1,
+        1,
+        1,
+        1,
+        n(gate.scale),
+        n(up.scale),
+        n(sg.map(|s| s.weight)),
+        n(su.map(|s| s.weight)),
+        n(sg.and_then(|s| s.scale)),
+        n(su.and_then(|s| s.scale)),
+    ];
+    let attrs = [
+        ("num_experts", i64_attr(c, num_experts as i64)),
+        ("num_shared", i64_attr(c, num_shared as i64)),
+        ("operandSegmentSizes", segments(c, &seg)),
+    ];
+    build("moe_gate_up", &operands, &[h], &attrs, c, l)
+}
+
+/// Creates `v3.moe_down`: grouped down GEMM over the permuted rows `h`, scattered into the
+/// tokens' rows with the row weights (the combine), plus `residual` when given.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_down<'c, 'a>(
+    h: Scaled<'c, 'a>,
+    p: Permutation<'c, 'a>,
+    row_weights: Value<'c, 'a>,
+    down: Scaled<'c, 'a>,
+    shared: Option<Scaled<'c, 'a>>,
+    residual: Option<Value<'c, 'a>>,
+    (num_experts, num_shared): (usize, usize),
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let mut operands = vec![h.weight];
+    operands.extend(h.scale);
+    operands.extend([p.offsets, p.rows, row_weights, down.weight]);
+    operands.extend(down.scale);
+    operands.extend(shared.map(|s| s.weight));
+    operands.extend(shared.and_then(|s| s.scale));
+    operands.extend(residual);
+    let n = |v: Option<Value>| v.is_some() as i32;
+    let seg = [
+        1,
+        n(h.scale),
+        1,
+        1,
+        1,
+        1,
+        n(down.scale),
+        n(shared.map(|s| s.weight)),
+        n(shared.and_then(|s| s.scale)),
+        n(residual),
+    ];
+    let attrs = [
+        ("num_experts", i64_attr(c, num_experts as i64)),
+        ("num_shared", i64_attr(c, num_shared as i64)),
+        ("operandSegmentSizes", segments(c, &seg)),
+    ];
+    build("moe_down", &operands, &[out], &attrs, c, l)
 }
 
 /// Creates `v3.silu_mul`: `silu(gate) * up`.

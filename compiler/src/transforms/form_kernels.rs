@@ -54,22 +54,22 @@ fn value_key(v: MlirValue) -> usize {
 }
 
 /// The op that defines `v`, if it is an op result.
-fn defining_op(v: MlirValue) -> Option<MlirOperation> {
+pub(super) fn defining_op(v: MlirValue) -> Option<MlirOperation> {
     // SAFETY: `v` is a live value of the module being transformed.
     unsafe { mlirValueIsAOpResult(v).then(|| mlirOpResultGetOwner(v)) }
 }
 
-fn operands(op: MlirOperation) -> Vec<MlirValue> {
+pub(super) fn operands(op: MlirOperation) -> Vec<MlirValue> {
     // SAFETY: `op` is a live operation; indices are in range.
     unsafe { (0..mlirOperationGetNumOperands(op)).map(|i| mlirOperationGetOperand(op, i)).collect() }
 }
 
-fn results(op: MlirOperation) -> Vec<MlirValue> {
+pub(super) fn results(op: MlirOperation) -> Vec<MlirValue> {
     // SAFETY: as above.
     unsafe { (0..mlirOperationGetNumResults(op)).map(|i| mlirOperationGetResult(op, i)).collect() }
 }
 
-fn users(v: MlirValue) -> Vec<MlirOperation> {
+pub(super) fn users(v: MlirValue) -> Vec<MlirOperation> {
     let mut out = Vec::new();
     // SAFETY: walking the use list of a live value.
     unsafe {

@@ -2,17 +2,18 @@
 //! a public function that does the work (the function is what tests and other passes call):
 //! - `absorb-mla` ([`absorb_mla`]): decode attention in the absorbed form over the latent cache;
 //! - `fuse-mla-projections` ([`fuse_mla_projections`]): the MLA front end as three kernels;
+//! - `fuse-moe` ([`fuse_moe`]): routing + permutation, gather/scatter grouped GEMMs, the shared
+//!   expert as more experts, the residual add in the down GEMM;
 //! - `fuse-epilogues` ([`fuse_epilogues`]): SwiGLU dual GEMMs, residual adds (and the MoE combine)
 //!   into GEMM epilogues, fp8 quantization into RMSNorm;
 //! - `form-kernels` ([`form_kernels`]): every op into exactly one kernel function, deduplicated.
 //! Fusion passes only tag groups (`{v3.fusion = ...}`, see [`op_graph`]); `form-kernels` outlines them.
-//! Still to come: `fuse-moe` (routing + permutation, gather/scatter grouped GEMMs with the shared
-//! expert as one more expert).
 
 pub mod absorb_mla;
 pub mod form_kernels;
 pub mod fuse_epilogues;
 pub mod fuse_mla_projections;
+pub mod fuse_moe;
 pub mod op_graph;
 
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,7 @@ static FORM_KERNELS_ID: PassId = PassId(0);
 static FUSE_MLA_ID: PassId = PassId(1);
 static FUSE_EPILOGUES_ID: PassId = PassId(2);
 static ABSORB_MLA_ID: PassId = PassId(3);
+static FUSE_MOE_ID: PassId = PassId(4);
 
 /// A pass failure, with the pass's own message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,12 +49,16 @@ pub const PASSES: &[(&str, &str)] = &[
         "fuse-mla-projections",
         "q_a/kv_a as one GEMM, the latent norms + RoPE + cache write as one kernel, q_b with RoPE",
     ),
+    (
+        "fuse-moe",
+        "routing + permutation, gather grouped gate/up + SwiGLU, scatter grouped down + combine, shared experts as experts",
+    ),
     ("fuse-epilogues", "SwiGLU dual GEMMs, residual adds and the MoE combine into GEMM epilogues, norm + fp8 quantize"),
     ("form-kernels", "every v3 op into exactly one deduplicated kernel function"),
 ];
 
 /// The passes of the `fused` stage, in order.
-pub const FUSED_STAGE: &[&str] = &["absorb-mla", "fuse-mla-projections", "fuse-epilogues", "form-kernels"];
+pub const FUSED_STAGE: &[&str] = &["absorb-mla", "fuse-mla-projections", "fuse-moe", "fuse-epilogues", "form-kernels"];
 
 /// A fusion pass: reads each entry's ops, extends the groups earlier passes tagged with `plan`,
 /// and writes the tags back.
@@ -105,6 +111,7 @@ pub fn run_passes(context: &Context, module: &mut Module, passes: &[&str]) -> Re
         let (id, work): (&'static PassId, Work) = match name {
             "absorb-mla" => (&ABSORB_MLA_ID, absorb_mla::absorb_mla),
             "fuse-mla-projections" => (&FUSE_MLA_ID, fuse_mla_projections::fuse_mla_projections),
+            "fuse-moe" => (&FUSE_MOE_ID, fuse_moe::fuse_moe),
             "fuse-epilogues" => (&FUSE_EPILOGUES_ID, fuse_epilogues::fuse_epilogues),
             "form-kernels" => (&FORM_KERNELS_ID, |c, op| {
                 form_kernels::form_kernels(c, op).map_err(|e| PassError { pass: "form-kernels".into(), message: e.0 })

@@ -282,7 +282,11 @@ impl Interpreter {
                 let mut y = vec![0.0f32; t * d];
                 for tok in 0..t {
                     let xr = &x[tok * d..(tok + 1) * d];
-                    for slot in 0..k {
+                    // A token's experts are summed in expert order, as Hugging Face's DeepseekV3MoE
+                    // does (index_add_ expert by expert).
+                    let mut slots: Vec<usize> = (0..k).collect();
+                    slots.sort_by_key(|&s| idx[tok * k + s]);
+                    for slot in slots {
                         let e = idx[tok * k + slot];
                         if e < 0 || e as usize >= *num_experts {
                             return Err(op_err(node, format!("expert index {e} outside 0..{num_experts}")));

@@ -109,11 +109,40 @@ impl Emitter {
     }
 
     /// 1 x `group` quantization of rows: s = max(amax, 1e-4) / 448, xq = e4m3(x / s).
+    /// Rank-3 operands (the permuted rows of a grouped GEMM) are quantized as their rank-2 views;
+    /// in a partitioned kernel, only the partition's columns (whole groups; both ends round up, so
+    /// an empty partition clamped to the end of a ragged last group quantizes nothing).
     pub(super) fn quantize(&mut self, x: &(String, Shape), group: usize, q: (&str, &Shape), scales: (&str, &Shape)) {
         let k = x.1.dims.last().copied().flatten().unwrap_or(0);
         let groups = k.div_ceil(group);
         let enc = self.encode();
+        let mut flat = |v: &str, shape: &Shape| -> (String, Shape) {
+            if shape.dims.len() != 3 {
+                return (v.to_string(), shape.clone());
+            }
+            let f = self.fresh();
+            let inner = shape.dims[2];
+            let view = Shape { dims: vec![None, inner], element: shape.element.clone() };
+            self.line(&format!(
+                "{f} = memref.collapse_shape {v} [[0, 1], [2]] : {} into {}",
+                memref(shape),
+                memref(&view)
+            ));
+            (f, view)
+        };
+        let (xv, xs) = flat(&x.0, &x.1);
+        let (qv, qs) = flat(q.0, q.1);
+        let (sv, ss) = flat(scales.0, scales.1);
+        let (x, q, scales) = (&(xv, xs), (qv.as_str(), &qs), (sv.as_str(), &ss));
         let (x_ty, q_ty, s_ty) = (memref(&x.1), memref(q.1), memref(scales.1));
+        let blocks = if self.partitioned && group == super::grouped::GATE_UP_GRANULE {
+            format!(
+                "{}\n      %blo = arith.ceildivui %qclo, %cg : index\n      %bhi = arith.ceildivui %qchi, %cg : index",
+                super::grouped::partition_range(k, group, "%qclo", "%qchi").replace('\n', "\n      ")
+            )
+        } else {
+            "%blo = arith.addi %c0, %c0 : index\n      %bhi = arith.addi %cb, %c0 : index".to_string()
+        };
         self.line(&format!(
             "scf.execute_region {{
       %c0 = arith.constant 0 : index
@@ -123,9 +152,10 @@ impl Emitter {
       %cb = arith.constant {groups} : index
       %floor = arith.constant 1.0e-04 : f32
       %fmax = arith.constant 448.0 : f32
+      {blocks}
       %rows = memref.dim {x}, %c0 : {x_ty}
       scf.for %r = %c0 to %rows step %c1 {{
-        scf.for %b = %c0 to %cb step %c1 {{
+        scf.for %b = %blo to %bhi step %c1 {{
           %lo = arith.muli %b, %cg : index
           %hi0 = arith.addi %lo, %cg : index
           %hi = arith.minui %hi0, %ck : index

@@ -35,6 +35,7 @@ pub enum CpuError {
 
 mod fp8;
 mod gemm;
+mod grouped;
 mod mla;
 mod moe;
 
@@ -73,6 +74,8 @@ struct Emitter {
     prefix: String,
     /// Whether the fp8 helper functions are needed.
     uses_fp8: bool,
+    /// A partitioned kernel (grouped GEMMs): it takes `%part, %parts` and computes its share.
+    partitioned: bool,
 }
 
 impl Emitter {
@@ -206,6 +209,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         globals: Vec::new(),
         prefix: name.clone(),
         uses_fp8: false,
+        partitioned: false,
     };
     let mut inputs = Vec::new();
     for i in 0..block.argument_count() {
@@ -449,27 +453,65 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 e.attention(&spec, qn, qp, lat, (kvb, kvb_scale.as_ref()), positions.as_ref(), &dest, &rshape);
             }
             "moe_route" => {
-                let r = RouteSpec {
-                    top_k: int_attr(&o, "top_k").ok_or_else(|| lowering("moe_route without top_k".into()))? as usize,
-                    n_group: int_attr(&o, "n_group").ok_or_else(|| lowering("moe_route without n_group".into()))?
-                        as usize,
-                    topk_group: int_attr(&o, "topk_group")
-                        .ok_or_else(|| lowering("moe_route without topk_group".into()))?
-                        as usize,
-                    norm: o.attribute("norm_topk_prob").map(|a| a.to_string() == "true").unwrap_or(false),
-                    factor: o
-                        .attribute("routed_scaling_factor")
-                        .map(|a| a.to_string())
-                        .unwrap_or_default()
-                        .split(':')
-                        .next()
-                        .unwrap_or("1.0")
-                        .trim()
-                        .to_string(),
-                };
+                let r = route_spec(&o).map_err(lowering)?;
                 let (idx_dest, idx_shape) = (dests[0].1.clone(), dests[0].2.clone());
                 let (w_dest, w_shape) = (dests[1].1.clone(), dests[1].2.clone());
                 e.route(&r, &args[0], &args[1], &args[2], (&idx_dest, &idx_shape), (&w_dest, &w_shape));
+            }
+            "moe_dispatch" => {
+                let r = route_spec(&o).map_err(lowering)?;
+                let shared = int_attr(&o, "num_shared").unwrap_or(0) as usize;
+                let outs = [(&dests[0].1, &dests[0].2), (&dests[1].1, &dests[1].2), (&dests[2].1, &dests[2].2)];
+                let outs = outs.map(|(d, s)| (d.as_str(), s));
+                e.dispatch(&r, shared, &args[0], &args[1], &args[2], outs);
+            }
+            "moe_gate_up" | "moe_down" => {
+                e.partitioned = true;
+                let experts =
+                    int_attr(&o, "num_experts").ok_or_else(|| lowering(format!("{full} without num_experts")))?;
+                let shared = int_attr(&o, "num_shared").unwrap_or(0) as usize;
+                // fp8 activations carry scales; fp8 weights (with f32 or fp8 activations) take the
+                // fp8 templates.
+                let fp8 = args[0].1.element == "f8E4M3FN";
+                let base = if fp8 { 2 } else { 1 };
+                let fp8_weights =
+                    args.get(base + 2 + (kind == "moe_down") as usize).is_some_and(|w| w.1.element == "f8E4M3FN");
+                let g = grouped::Grouped {
+                    act: &args[0],
+                    act_scale: fp8.then(|| &args[1]),
+                    offsets: &args[base],
+                    rows: &args[base + 1],
+                    experts: experts as usize,
+                    shared,
+                };
+                let rest = &args[base + 2..];
+                let need = |n: usize| {
+                    (rest.len() >= n).then_some(()).ok_or_else(|| lowering(format!("{full}: {} operands", args.len())))
+                };
+                match (kind.as_str(), fp8_weights) {
+                    ("moe_gate_up", false) => {
+                        need(2 + 2 * (shared > 0) as usize)?;
+                        let sh = (shared > 0).then(|| [&rest[2], &rest[3]]);
+                        e.gate_up(&g, [&rest[0], &rest[1]], sh, &dest, &rshape);
+                    }
+                    ("moe_gate_up", true) => {
+                        need(4 + 4 * (shared > 0) as usize)?;
+                        let sh = (shared > 0).then(|| [&rest[4], &rest[5], &rest[6], &rest[7]]);
+                        e.gate_up_fp8(&g, [&rest[0], &rest[1], &rest[2], &rest[3]], sh, &dest, &rshape);
+                    }
+                    (_, false) => {
+                        let n = 2 + (shared > 0) as usize;
+                        need(n)?;
+                        let sh = (shared > 0).then(|| &rest[2]);
+                        e.down(&g, &rest[0], &rest[1], sh, rest.get(n), &dest, &rshape);
+                    }
+                    (_, true) => {
+                        let n = 3 + 2 * (shared > 0) as usize;
+                        need(n)?;
+                        let sh = (shared > 0).then(|| [&rest[3], &rest[4]]);
+                        e.down_fp8(&g, &rest[0], [&rest[1], &rest[2]], sh, rest.get(n), &dest, &rshape);
+                    }
+                }
             }
             "moe_experts" if args.len() == 9 => e.experts_fp8(&args, &dest, &rshape),
             "moe_experts" => e.experts(&args, &dest, &rshape),
@@ -482,6 +524,9 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
     }
     let mut params: Vec<String> = inputs.iter().enumerate().map(|(i, s)| format!("%in{i}: {}", memref(s))).collect();
     params.extend(outputs.iter().enumerate().map(|(i, s)| format!("%out{i}: {}", memref(s))));
+    if e.partitioned {
+        params.push("%part: index, %parts: index".into());
+    }
     let deallocs: String = e.allocs.iter().map(|d| format!("    {d}\n")).collect();
     let mut globals: String = e.globals.iter().map(|g| format!("{g}\n")).collect();
     if e.uses_fp8 {
@@ -493,7 +538,27 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         e.body
     );
     let output_rules = kernel_shape_rules(kernel).map_err(lowering)?;
-    Ok(LoweredKernel { text, inputs, outputs, output_rules })
+    Ok(LoweredKernel { text, inputs, outputs, output_rules, partitioned: e.partitioned })
+}
+
+/// The routing attributes of `moe_route` / `moe_dispatch`.
+fn route_spec(o: &OperationRef) -> Result<RouteSpec, String> {
+    let int = |n: &str| int_attr(o, n).map(|v| v as usize).ok_or_else(|| format!("routing without {n}"));
+    Ok(RouteSpec {
+        top_k: int("top_k")?,
+        n_group: int("n_group")?,
+        topk_group: int("topk_group")?,
+        norm: o.attribute("norm_topk_prob").map(|a| a.to_string() == "true").unwrap_or(false),
+        factor: o
+            .attribute("routed_scaling_factor")
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+            .split(':')
+            .next()
+            .unwrap_or("1.0")
+            .trim()
+            .to_string(),
+    })
 }
 
 /// A kernel lowered to CPU MLIR text, with its buffer signature.
@@ -504,12 +569,14 @@ pub struct LoweredKernel {
     pub outputs: Vec<Shape>,
     /// Per output, per dim: how its size follows from the input sizes.
     pub output_rules: Vec<Vec<DimRule>>,
+    /// Takes `(part, parts)` after its buffers and computes that share of its outputs.
+    pub partitioned: bool,
 }
 
 /// The pass pipeline from linalg on memrefs to the LLVM dialect.
 pub const LOWER_TO_LLVM: &str = "builtin.module(func.func(convert-linalg-to-loops), lower-affine, convert-scf-to-cf, \
     convert-vector-to-llvm, \
-    convert-math-to-llvm, expand-strided-metadata, finalize-memref-to-llvm, convert-arith-to-llvm, \
+    convert-math-to-llvm, expand-strided-metadata, lower-affine, finalize-memref-to-llvm, convert-arith-to-llvm, \
     convert-func-to-llvm, convert-cf-to-llvm, convert-index-to-llvm, convert-ub-to-llvm, reconcile-unrealized-casts)";
 
 /// A host buffer handed to a CPU kernel: element storage plus shape.
@@ -540,6 +607,11 @@ impl HostBuffer {
         }
     }
 
+    /// This buffer by address (valid while the buffer lives and is not resized).
+    pub fn raw(&mut self) -> RawBuffer {
+        RawBuffer { ptr: self.ptr(), shape: self.shape.clone(), element: self.element().to_string() }
+    }
+
     fn ptr(&mut self) -> *mut () {
         match &mut self.data {
             HostData::F32(v) => v.as_mut_ptr() as *mut (),
@@ -565,6 +637,9 @@ pub struct CpuKernel {
     /// Rows (dim 0 of the inputs and outputs marked true) are independent: the kernel may run on
     /// disjoint row ranges concurrently. Weights (false) are shared whole.
     pub row_split: Option<(Vec<bool>, Vec<bool>)>,
+    /// Takes `(part, parts)`: [`CpuKernel::run_part`] computes one share of the outputs (disjoint
+    /// columns), so shares can run on different threads.
+    pub partitioned: bool,
 }
 
 /// Lowers a kernel's `cpu`-stage `text` to LLVM and JIT-compiles it (position-independent code
@@ -643,7 +718,7 @@ impl CpuKernel {
         kernel: &OperationRef,
         cache: Option<&KernelCache>,
     ) -> Result<CpuKernel, CpuError> {
-        let LoweredKernel { text, inputs, outputs, output_rules } = lower_kernel(kernel)?;
+        let LoweredKernel { text, inputs, outputs, output_rules, partitioned } = lower_kernel(kernel)?;
         let name =
             kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
         let lowering = |problem: String| CpuError::Lowering { kernel: name.clone(), problem };
@@ -687,7 +762,17 @@ impl CpuKernel {
             && row_outputs.iter().all(|&r| r)
             && row_inputs.iter().any(|&r| r))
         .then_some((row_inputs, row_outputs));
-        Ok(CpuKernel { code, name, from_cache, key: key.unwrap_or_default(), inputs, outputs, output_rules, row_split })
+        Ok(CpuKernel {
+            code,
+            name,
+            from_cache,
+            key: key.unwrap_or_default(),
+            inputs,
+            outputs,
+            output_rules,
+            row_split,
+            partitioned,
+        })
     }
 
     /// The shapes of the outputs for inputs of `input_shapes` (what [`CpuKernel::run`] requires).
@@ -730,6 +815,16 @@ impl CpuKernel {
     /// # Safety
     /// As [`CpuKernel::run`], and every pointer must address `shape`'s elements of `element`.
     pub unsafe fn run_raw(&self, buffers: &[RawBuffer]) -> Result<(), CpuError> {
+        // SAFETY: forwarded contract; one part is the whole kernel.
+        unsafe { self.run_part(buffers, 0, 1) }
+    }
+
+    /// Runs share `part` of `parts` of a partitioned kernel (any other kernel needs `0, 1`).
+    ///
+    /// # Safety
+    /// As [`CpuKernel::run_raw`]; shares of one launch may run concurrently (they write disjoint
+    /// parts of the outputs), nothing else may touch the buffers meanwhile.
+    pub unsafe fn run_part(&self, buffers: &[RawBuffer], part: usize, parts: usize) -> Result<(), CpuError> {
         let err = |problem: String| CpuError::Run { kernel: self.name.clone(), problem };
         if buffers.len() != self.inputs.len() + self.outputs.len() {
             return Err(err(format!("expected {} buffers", self.inputs.len() + self.outputs.len())));
@@ -758,6 +853,12 @@ impl CpuKernel {
         }
         let mut pointers: Vec<*mut u64> = descriptors.iter_mut().map(|d| d.as_mut_ptr()).collect();
         let mut args: Vec<*mut ()> = pointers.iter_mut().map(|p| p as *mut *mut u64 as *mut ()).collect();
+        let mut share = [part as u64, parts as u64];
+        if self.partitioned {
+            args.extend(share.iter_mut().map(|v| v as *mut u64 as *mut ()));
+        } else if (part, parts) != (0, 1) {
+            return Err(err(format!("not a partitioned kernel (asked for part {part} of {parts})")));
+        }
         // SAFETY: each argument points at a pointer to a descriptor matching the kernel's memref
         // type (checked above); the buffers outlive the call.
         match &self.code {

@@ -1,0 +1,817 @@
+//! The `fuse-moe` kernels: `moe_dispatch` (routing + the permutation by expert), and the grouped
+//! GEMMs `moe_gate_up` (gathering permuted rows, SwiGLU) and `moe_down` (scattering into tokens'
+//! rows with the routing weights, plus the residual).
+//!
+//! The grouped GEMMs are partitioned kernels: they take `%part, %parts` (the CPU's block index and
+//! count) and compute the output columns of their share, so two threads write disjoint columns
+//! of the same rows. Experts `0..E` read the stacked routed weights, experts `E..E+S` the shared
+//! expert's (row blocks of [S*I, D] for gate/up, column blocks of [D, S*I] for down, both views).
+
+use super::gemm::{widen_vector, LANES};
+use super::moe::RouteSpec;
+use super::*;
+
+/// Output columns a partition of a grouped GEMM owns: `[%lo, %hi)` of `n`, in `granule` steps.
+pub(super) fn partition_range(n: usize, granule: usize, lo: &str, hi: &str) -> String {
+    let granules = n.div_ceil(granule);
+    format!(
+        "{lo}pg = arith.constant {granules} : index
+{lo}gr = arith.constant {granule} : index
+{lo}n = arith.constant {n} : index
+{lo}ch0 = arith.ceildivui {lo}pg, %parts : index
+{lo}ch = arith.muli {lo}ch0, {lo}gr : index
+{lo}0 = arith.muli %part, {lo}ch : index
+{lo} = arith.minui {lo}0, {lo}n : index
+{hi}0 = arith.addi {lo}, {lo}ch : index
+{hi} = arith.minui {hi}0, {lo}n : index"
+    )
+}
+
+/// Partition granule of the grouped gate/up GEMM: whole 1 x 128 groups, so that a quantization
+/// of its output in the same kernel stays inside each partition's columns.
+pub(super) const GATE_UP_GRANULE: usize = FP8_BLOCK;
+/// Partition granule of the grouped down GEMM's output columns.
+const DOWN_GRANULE: usize = 8;
+
+use super::fp8::FP8_BLOCK;
+
+/// Operands of a grouped GEMM, by role.
+pub(super) struct Grouped<'a> {
+    pub(super) act: &'a (String, Shape),
+    pub(super) act_scale: Option<&'a (String, Shape)>,
+    pub(super) offsets: &'a (String, Shape),
+    pub(super) rows: &'a (String, Shape),
+    pub(super) experts: usize,
+    pub(super) shared: usize,
+}
+
+/// Four names `{p}0..{p}3` joined, or lines.
+fn four(f: impl Fn(usize) -> String, sep: &str) -> String {
+    (0..4).map(f).collect::<Vec<_>>().join(sep)
+}
+
+impl Emitter {
+    /// Routing as `route` does, then a counting sort of the (token, expert) pairs by expert:
+    /// offsets per expert, and per permuted row its token and weight; shared experts take every
+    /// token with weight 1 after the routed ones. Tokens stay in order within an expert.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn dispatch(
+        &mut self,
+        r: &RouteSpec,
+        shared: usize,
+        x: &(String, Shape),
+        gate: &(String, Shape),
+        bias: &(String, Shape),
+        outs: [(&str, &Shape); 3],
+    ) {
+        let experts = gate.1.dims[0].unwrap_or(0);
+        let k = r.top_k;
+        let pair = Shape { dims: vec![None, Some(k)], element: "i32".into() };
+        let idx = self.alloc(&pair, x);
+        let wshape = Shape { dims: vec![None, Some(k)], element: "f32".into() };
+        let wts = self.alloc(&wshape, x);
+        self.route(r, x, gate, bias, (&idx, &pair), (&wts, &wshape));
+        let [(offsets, off_shape), (rows, rows_shape), (rw, rw_shape)] = outs;
+        let width = rows_shape.dims[1].unwrap_or(0);
+        let total = experts + shared;
+        self.line(&format!(
+            "scf.execute_region {{
+      %c0 = arith.constant 0 : index
+      %c1 = arith.constant 1 : index
+      %ck = arith.constant {k} : index
+      %ce = arith.constant {experts} : index
+      %cs = arith.constant {shared} : index
+      %ctot = arith.constant {total} : index
+      %nt = memref.dim {xv}, %c0 : {x_ty}
+      %rflat = memref.collapse_shape {rows} [[0, 1]] : memref<?x{width}xi32> into memref<?xi32>
+      %wflat = memref.collapse_shape {rw} [[0, 1]] : {rw_ty} into memref<?xf32>
+      %cur = memref.alloc() : memref<{total_or_1}xindex>
+      scf.for %e = %c0 to %ctot step %c1 {{
+        %shared = arith.cmpi uge, %e, %ce : index
+        %init = arith.select %shared, %nt, %c0 : index
+        memref.store %init, %cur[%e] : memref<{total_or_1}xindex>
+      }}
+      scf.for %t = %c0 to %nt step %c1 {{
+        scf.for %s = %c0 to %ck step %c1 {{
+          %e32 = memref.load {idx}[%t, %s] : {i_ty}
+          %e = arith.index_cast %e32 : i32 to index
+          %n = memref.load %cur[%e] : memref<{total_or_1}xindex>
+          %n1 = arith.addi %n, %c1 : index
+          memref.store %n1, %cur[%e] : memref<{total_or_1}xindex>
+        }}
+      }}
+      %end = scf.for %e = %c0 to %ctot step %c1 iter_args(%start = %c0) -> (index) {{
+        %count = memref.load %cur[%e] : memref<{total_or_1}xindex>
+        %s32 = arith.index_cast %start : index to i32
+        memref.store %s32, {offsets}[%e] : {o_ty}
+        memref.store %start, %cur[%e] : memref<{total_or_1}xindex>
+        %next = arith.addi %start, %count : index
+        scf.yield %next : index
+      }}
+      %end32 = arith.index_cast %end : index to i32
+      memref.store %end32, {offsets}[%ctot] : {o_ty}
+      scf.for %t = %c0 to %nt step %c1 {{
+        %t32 = arith.index_cast %t : index to i32
+        scf.for %s = %c0 to %ck step %c1 {{
+          %e32 = memref.load {idx}[%t, %s] : {i_ty}
+          %e = arith.index_cast %e32 : i32 to index
+          %pos = memref.load %cur[%e] : memref<{total_or_1}xindex>
+          %wv = memref.load {wts}[%t, %s] : {w_ty}
+          memref.store %t32, %rflat[%pos] : memref<?xi32>
+          memref.store %wv, %wflat[%pos] : memref<?xf32>
+          %p1 = arith.addi %pos, %c1 : index
+          memref.store %p1, %cur[%e] : memref<{total_or_1}xindex>
+        }}
+      }}
+      scf.for %s = %c0 to %cs step %c1 {{
+        %e = arith.addi %ce, %s : index
+        %base = memref.load %cur[%e] : memref<{total_or_1}xindex>
+        scf.for %t = %c0 to %nt step %c1 {{
+          %t32 = arith.index_cast %t : index to i32
+          %pos = arith.addi %base, %t : index
+          memref.store %t32, %rflat[%pos] : memref<?xi32>
+          memref.store %one, %wflat[%pos] : memref<?xf32>
+        }}
+      }}
+      memref.dealloc %cur : memref<{total_or_1}xindex>
+      scf.yield
+    }}",
+            xv = x.0,
+            x_ty = memref(&x.1),
+            rw_ty = memref(rw_shape),
+            o_ty = memref(off_shape),
+            i_ty = memref(&pair),
+            w_ty = memref(&wshape),
+            total_or_1 = total.max(1),
+        ));
+    }
+
+    /// After the scatter: out = residual + out on the partition's columns. With the experts summed
+    /// in expert order from zero first, this is the order Hugging Face's DeepseekV3MoE adds in
+    /// (index_add_ per expert, then + shared, then the residual add), which the reference follows.
+    fn add_residual(residual: Option<&(String, Shape)>, dest: &str, o_ty: &str) -> String {
+        let Some(r) = residual else { return String::new() };
+        format!(
+            "scf.for %t = %c0 to %nt step %c1 {{
+  scf.for %o = %olo to %ohi step %c1 {{
+    %rv = memref.load {}[%t, %o] : {}
+    %mv = memref.load {dest}[%t, %o] : {o_ty}
+    %sv = arith.addf %rv, %mv : f32
+    memref.store %sv, {dest}[%t, %o] : {o_ty}
+  }}
+}}",
+            r.0,
+            memref(&r.1)
+        )
+    }
+
+    /// Per expert `%e` inside the expert loop: `{name}` = the shared view `shared` for shared
+    /// experts, else the routed weight; `pre` (before the loop) casts the routed weight to `ty`.
+    fn select_weight(routed: &(String, Shape), shared: Option<&str>, ty: &str, name: &str) -> (String, String) {
+        let pre = format!("{name}_r = memref.cast {} : {} to {ty}", routed.0, memref(&routed.1));
+        let pick = match shared {
+            Some(s) => format!(
+                "{name} = scf.if %is_shared -> ({ty}) {{\n  scf.yield {s} : {ty}\n}} else {{\n  scf.yield {name}_r : {ty}\n}}"
+            ),
+            None => format!("{name} = memref.cast {name}_r : {ty} to {ty}"),
+        };
+        (pre, pick)
+    }
+
+    /// The expert loop shared by both grouped GEMMs: for each expert `%e` (routed then shared),
+    /// `%is_shared`, `%ex` (index within its stack), `%glo..%ghi` its permuted rows, then `body4`
+    /// on rows `%g..%g+3` and `body1` on leftover rows `%g`.
+    fn expert_loop(g: &Grouped, picks: &str, body4: Option<&str>, body1: &str) -> String {
+        let (experts, total) = (g.experts, g.experts + g.shared);
+        let (rem, body4) = match body4 {
+            Some(b) => ("arith.remui %gcount, %c4 : index", b),
+            None => ("arith.addi %c0, %gcount : index", ""),
+        };
+        format!(
+            "%ce = arith.constant {experts} : index
+%ctot = arith.constant {total} : index
+scf.for %e = %c0 to %ctot step %c1 {{
+  %is_shared = arith.cmpi uge, %e, %ce : index
+  %es = arith.subi %e, %ce : index
+  %ex = arith.select %is_shared, %es, %e : index
+{picks}
+  %e1 = arith.addi %e, %c1 : index
+  %glo32 = memref.load {off}[%e] : {off_ty}
+  %ghi32 = memref.load {off}[%e1] : {off_ty}
+  %glo = arith.index_cast %glo32 : i32 to index
+  %ghi = arith.index_cast %ghi32 : i32 to index
+  %gcount = arith.subi %ghi, %glo : index
+  %grem = {rem}
+  %g4 = arith.subi %ghi, %grem : index
+  scf.for %g = %glo to %g4 step %c4 {{
+{body4}
+  }}
+  scf.for %g = %g4 to %ghi step %c1 {{
+{body1}
+  }}
+}}",
+            off = g.offsets.0,
+            off_ty = memref(&g.offsets.1),
+            picks = indent(picks, 2),
+            body4 = indent(body4, 4),
+            body1 = indent(body1, 4),
+        )
+    }
+
+    /// Grouped gate/up GEMM with SwiGLU, f32 activations and f32/bf16 weights: rows of an expert
+    /// four at a time (each weight vector loaded serves four rows), dot products over D `LANES`
+    /// wide, the partition's intermediate columns only.
+    pub(super) fn gate_up(
+        &mut self,
+        g: &Grouped,
+        [gate, up]: [&(String, Shape); 2],
+        shared: Option<[&(String, Shape); 2]>,
+        dest: &str,
+        out: &Shape,
+    ) {
+        let (x, rows) = (g.act, g.rows);
+        let (inter, d) = (gate.1.dims[1].unwrap_or(0), gate.1.dims[2].unwrap_or(0));
+        let width = out.dims[1].unwrap_or(0);
+        let el = storage(&gate.1.element).to_string();
+        let wty = format!("memref<?x{inter}x{d}x{el}>");
+        let vf = format!("vector<{LANES}xf32>");
+        let x_ty = memref(&x.1);
+        let mut pre = Vec::new();
+        let mut views = [None, None];
+        if let Some(sh) = shared {
+            for (k, w) in sh.iter().enumerate() {
+                let v = format!("%sh{k}");
+                pre.push(format!(
+                    "{v}3 = memref.expand_shape {} [[0, 1], [2]] output_shape [{s}, {inter}, {d}] : {} into memref<{s}x{inter}x{d}x{el}>\n{v} = memref.cast {v}3 : memref<{s}x{inter}x{d}x{el}> to {wty}",
+                    w.0,
+                    memref(&w.1),
+                    s = g.shared
+                ));
+                views[k] = Some(v);
+            }
+        }
+        let (pg, kg) = Self::select_weight(gate, views[0].as_deref(), &wty, "%wg");
+        let (pu, ku) = Self::select_weight(up, views[1].as_deref(), &wty, "%wu");
+        pre.extend([pg, pu]);
+        let gwiden = widen_vector(&gate.1.element, "%gv0", "%gvv");
+        let uwiden = widen_vector(&up.1.element, "%uv0", "%uvv");
+        let (gl, ul) = (load_f32(&gate.1.element, "%graw", "%gv"), load_f32(&up.1.element, "%uraw", "%uv"));
+        let rows4 = format!(
+            "{tok}
+scf.for %i = %ilo to %ihi step %c1 {{
+  %va:8 = scf.for %j = %c0 to %cdv step %cl iter_args({va_args}) -> ({vf8}) {{
+    %gv0 = vector.load %wg[%ex, %i, %j] : {wty}, vector<{LANES}x{el}>
+    {gwiden}
+    %uv0 = vector.load %wu[%ex, %i, %j] : {wty}, vector<{LANES}x{el}>
+    {uwiden}
+{xload}
+{fmas}
+    scf.yield {yields} : {vf8}
+  }}
+{reduce}
+  %sa:8 = scf.for %j = %cdv to %cd step %c1 iter_args({sa_args}) -> ({f8}) {{
+    %graw = memref.load %wg[%ex, %i, %j] : {wty}
+    {gl}
+    %uraw = memref.load %wu[%ex, %i, %j] : {wty}
+    {ul}
+{stail}
+    scf.yield {syields} : {f8}
+  }}
+{silu}
+}}",
+            tok = four(
+                |r| {
+                    format!(
+                    "%gi{r} = arith.addi %g, %c{r} : index\n%t{r}32 = memref.load %rflat[%gi{r}] : memref<?xi32>\n%t{r} = arith.index_cast %t{r}32 : i32 to index"
+                )
+                },
+                "\n"
+            ),
+            va_args = four(|r| format!("%ag{r} = %zv, %au{r} = %zv"), ", "),
+            vf8 = vec![vf.clone(); 8].join(", "),
+            f8 = ["f32"; 8].join(", "),
+            xload = four(|r| format!("    %x{r} = vector.load {}[%t{r}, %j] : {x_ty}, {vf}", x.0), "\n"),
+            fmas = four(
+                |r| {
+                    format!(
+                    "    %fg{r} = vector.fma %x{r}, %gvv, %ag{r} : {vf}\n    %fu{r} = vector.fma %x{r}, %uvv, %au{r} : {vf}"
+                )
+                },
+                "\n"
+            ),
+            yields = four(|r| format!("%fg{r}, %fu{r}"), ", "),
+            reduce = four(
+                |r| {
+                    format!(
+                    "  %rg{r} = vector.reduction <add>, %va#{} : {vf} into f32\n  %ru{r} = vector.reduction <add>, %va#{} : {vf} into f32",
+                    2 * r,
+                    2 * r + 1
+                )
+                },
+                "\n"
+            ),
+            sa_args = four(|r| format!("%sg{r} = %rg{r}, %su{r} = %ru{r}"), ", "),
+            stail = four(
+                |r| {
+                    format!(
+                    "    %xs{r} = memref.load {}[%t{r}, %j] : {x_ty}\n    %mg{r} = arith.mulf %xs{r}, %gv : f32\n    %mu{r} = arith.mulf %xs{r}, %uv : f32\n    %ng{r} = arith.addf %sg{r}, %mg{r} : f32\n    %nu{r} = arith.addf %su{r}, %mu{r} : f32",
+                    x.0
+                )
+                },
+                "\n"
+            ),
+            syields = four(|r| format!("%ng{r}, %nu{r}"), ", "),
+            silu = four(
+                |r| {
+                    format!(
+                    "  %neg{r} = arith.negf %sa#{g} : f32\n  %ex{r} = math.exp %neg{r} : f32\n  %dn{r} = arith.addf %one, %ex{r} : f32\n  %sl{r} = arith.divf %sa#{g}, %dn{r} : f32\n  %hv{r} = arith.mulf %sl{r}, %sa#{u} : f32\n  memref.store %hv{r}, %hflat[%gi{r}, %i] : memref<?x{inter}xf32>",
+                    g = 2 * r,
+                    u = 2 * r + 1
+                )
+                },
+                "\n"
+            ),
+        );
+        let rows1 = format!(
+            "%t32 = memref.load %rflat[%g] : memref<?xi32>
+%t = arith.index_cast %t32 : i32 to index
+scf.for %i = %ilo to %ihi step %c1 {{
+  %vacc:2 = scf.for %j = %c0 to %cdv step %cl iter_args(%vg = %zv, %vu = %zv) -> ({vf}, {vf}) {{
+    %xvv = vector.load {xv}[%t, %j] : {x_ty}, {vf}
+    %gv0 = vector.load %wg[%ex, %i, %j] : {wty}, vector<{LANES}x{el}>
+    {gwiden}
+    %uv0 = vector.load %wu[%ex, %i, %j] : {wty}, vector<{LANES}x{el}>
+    {uwiden}
+    %fg = vector.fma %xvv, %gvv, %vg : {vf}
+    %fu = vector.fma %xvv, %uvv, %vu : {vf}
+    scf.yield %fg, %fu : {vf}, {vf}
+  }}
+  %sg0 = vector.reduction <add>, %vacc#0 : {vf} into f32
+  %su0 = vector.reduction <add>, %vacc#1 : {vf} into f32
+  %acc:2 = scf.for %j = %cdv to %cd step %c1 iter_args(%ag = %sg0, %au = %su0) -> (f32, f32) {{
+    %xv = memref.load {xv}[%t, %j] : {x_ty}
+    %graw = memref.load %wg[%ex, %i, %j] : {wty}
+    {gl}
+    %uraw = memref.load %wu[%ex, %i, %j] : {wty}
+    {ul}
+    %mg = arith.mulf %xv, %gv : f32
+    %mu = arith.mulf %xv, %uv : f32
+    %ng = arith.addf %ag, %mg : f32
+    %nu = arith.addf %au, %mu : f32
+    scf.yield %ng, %nu : f32, f32
+  }}
+  %neg = arith.negf %acc#0 : f32
+  %exn = math.exp %neg : f32
+  %dn = arith.addf %one, %exn : f32
+  %sg = arith.divf %acc#0, %dn : f32
+  %hv = arith.mulf %sg, %acc#1 : f32
+  memref.store %hv, %hflat[%g, %i] : memref<?x{inter}xf32>
+}}",
+            xv = x.0,
+        );
+        let body = Self::expert_loop(g, &format!("{kg}\n{ku}"), Some(&rows4), &rows1);
+        self.line(&format!(
+            "scf.execute_region {{
+%c0 = arith.constant 0 : index
+%c1 = arith.constant 1 : index
+%c2 = arith.constant 2 : index
+%c3 = arith.constant 3 : index
+%c4 = arith.constant 4 : index
+%cd = arith.constant {d} : index
+%cdv = arith.constant {dv} : index
+%cl = arith.constant {LANES} : index
+%zv = arith.constant dense<0.0> : {vf}
+%hflat = memref.collapse_shape {dest} [[0, 1], [2]] : {o_ty} into memref<?x{inter}xf32>
+%rflat = memref.collapse_shape {rv} [[0, 1]] : memref<?x{width}xi32> into memref<?xi32>
+{range}
+{pre}
+{body}
+scf.yield
+}}",
+            dv = d - d % LANES,
+            o_ty = memref(out),
+            rv = rows.0,
+            range = partition_range(inter, GATE_UP_GRANULE, "%ilo", "%ihi"),
+            pre = pre.join("\n"),
+        ));
+    }
+
+    /// Grouped down GEMM with the combine: out = 0 on the partition's columns, then per expert,
+    /// rows four at a time: out[token, o] += weight * (h[row] . down_e[o]); then + residual.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn down(
+        &mut self,
+        g: &Grouped,
+        weights: &(String, Shape),
+        down: &(String, Shape),
+        shared: Option<&(String, Shape)>,
+        residual: Option<&(String, Shape)>,
+        dest: &str,
+        out: &Shape,
+    ) {
+        let (d, inter) = (down.1.dims[1].unwrap_or(0), down.1.dims[2].unwrap_or(0));
+        let width = g.rows.1.dims[1].unwrap_or(0);
+        let el = storage(&down.1.element).to_string();
+        let wty = format!("memref<?x{d}x{inter}x{el}, strided<[?, ?, 1], offset: ?>>");
+        let vf = format!("vector<{LANES}xf32>");
+        let o_ty = memref(out);
+        let mut pre = Vec::new();
+        let view = shared.map(|sd| {
+            let s = g.shared;
+            pre.push(format!(
+                "%sd3 = memref.expand_shape {} [[0], [1, 2]] output_shape [{d}, {s}, {inter}] : {} into memref<{d}x{s}x{inter}x{el}>
+%sdt = memref.transpose %sd3 (d0, d1, d2) -> (d1, d0, d2) : memref<{d}x{s}x{inter}x{el}> to memref<{s}x{d}x{inter}x{el}, strided<[{inter}, {si}, 1]>>
+%sdv = memref.cast %sdt : memref<{s}x{d}x{inter}x{el}, strided<[{inter}, {si}, 1]>> to {wty}",
+                sd.0,
+                memref(&sd.1),
+                si = s * inter
+            ));
+            "%sdv".to_string()
+        });
+        let (pd, kd) = Self::select_weight(down, view.as_deref(), &wty, "%wd");
+        pre.push(pd);
+        let dwiden = widen_vector(&down.1.element, "%dv0", "%dvv");
+        let dl = load_f32(&down.1.element, "%draw", "%dv");
+        let finish = Self::add_residual(residual, dest, &o_ty);
+        let rows4 = format!(
+            "{tok}
+scf.for %o = %olo to %ohi step %c1 {{
+  %vd:4 = scf.for %i = %c0 to %civ step %cl iter_args({vd_args}) -> ({vf4}) {{
+    %dv0 = vector.load %wd[%ex, %o, %i] : {wty}, vector<{LANES}x{el}>
+    {dwiden}
+{hload}
+    scf.yield {dyields} : {vf4}
+  }}
+{dreduce}
+  %sd:4 = scf.for %i = %civ to %ci step %c1 iter_args({sd_args}) -> (f32, f32, f32, f32) {{
+    %draw = memref.load %wd[%ex, %o, %i] : {wty}
+    {dl}
+{dtail}
+    scf.yield {dsyields} : f32, f32, f32, f32
+  }}
+{accumulate}
+}}",
+            tok = four(
+                |r| {
+                    format!(
+                    "%gi{r} = arith.addi %g, %c{r} : index\n%t{r}32 = memref.load %rflat[%gi{r}] : memref<?xi32>\n%t{r} = arith.index_cast %t{r}32 : i32 to index\n%w{r} = memref.load %wflat[%gi{r}] : memref<?xf32>"
+                )
+                },
+                "\n"
+            ),
+            vd_args = four(|r| format!("%ad{r} = %zv"), ", "),
+            vf4 = vec![vf.clone(); 4].join(", "),
+            hload = four(
+                |r| {
+                    format!(
+                    "    %hh{r} = vector.load %hflat[%gi{r}, %i] : memref<?x{inter}xf32>, {vf}\n    %fd{r} = vector.fma %hh{r}, %dvv, %ad{r} : {vf}"
+                )
+                },
+                "\n"
+            ),
+            dyields = four(|r| format!("%fd{r}"), ", "),
+            dreduce = four(|r| format!("  %rd{r} = vector.reduction <add>, %vd#{r} : {vf} into f32"), "\n"),
+            sd_args = four(|r| format!("%td{r} = %rd{r}"), ", "),
+            dtail = four(
+                |r| {
+                    format!(
+                    "    %hs{r} = memref.load %hflat[%gi{r}, %i] : memref<?x{inter}xf32>\n    %md{r} = arith.mulf %hs{r}, %dv : f32\n    %nd{r} = arith.addf %td{r}, %md{r} : f32"
+                )
+                },
+                "\n"
+            ),
+            dsyields = four(|r| format!("%nd{r}"), ", "),
+            accumulate = four(
+                |r| {
+                    format!(
+                    "  %cur{r} = memref.load {dest}[%t{r}, %o] : {o_ty}\n  %wa{r} = arith.mulf %w{r}, %sd#{r} : f32\n  %sum{r} = arith.addf %cur{r}, %wa{r} : f32\n  memref.store %sum{r}, {dest}[%t{r}, %o] : {o_ty}"
+                )
+                },
+                "\n"
+            ),
+        );
+        let rows1 = format!(
+            "%t32 = memref.load %rflat[%g] : memref<?xi32>
+%t = arith.index_cast %t32 : i32 to index
+%wt = memref.load %wflat[%g] : memref<?xf32>
+scf.for %o = %olo to %ohi step %c1 {{
+  %dacc = scf.for %i = %c0 to %civ step %cl iter_args(%vd = %zv) -> ({vf}) {{
+    %hvv = vector.load %hflat[%g, %i] : memref<?x{inter}xf32>, {vf}
+    %dv0 = vector.load %wd[%ex, %o, %i] : {wty}, vector<{LANES}x{el}>
+    {dwiden}
+    %fd = vector.fma %hvv, %dvv, %vd : {vf}
+    scf.yield %fd : {vf}
+  }}
+  %sd0 = vector.reduction <add>, %dacc : {vf} into f32
+  %acc = scf.for %i = %civ to %ci step %c1 iter_args(%a2 = %sd0) -> (f32) {{
+    %hv = memref.load %hflat[%g, %i] : memref<?x{inter}xf32>
+    %draw = memref.load %wd[%ex, %o, %i] : {wty}
+    {dl}
+    %m = arith.mulf %hv, %dv : f32
+    %n = arith.addf %a2, %m : f32
+    scf.yield %n : f32
+  }}
+  %cur = memref.load {dest}[%t, %o] : {o_ty}
+  %wa = arith.mulf %wt, %acc : f32
+  %sum = arith.addf %cur, %wa : f32
+  memref.store %sum, {dest}[%t, %o] : {o_ty}
+}}"
+        );
+        let body = Self::expert_loop(g, &kd, Some(&rows4), &rows1);
+        self.line(&format!(
+            "scf.execute_region {{
+%c0 = arith.constant 0 : index
+%c1 = arith.constant 1 : index
+%c2 = arith.constant 2 : index
+%c3 = arith.constant 3 : index
+%c4 = arith.constant 4 : index
+%ci = arith.constant {inter} : index
+%civ = arith.constant {iv} : index
+%cl = arith.constant {LANES} : index
+%zv = arith.constant dense<0.0> : {vf}
+%hflat = memref.collapse_shape {hv} [[0, 1], [2]] : {h_ty} into memref<?x{inter}xf32>
+%rflat = memref.collapse_shape {rv} [[0, 1]] : memref<?x{width}xi32> into memref<?xi32>
+%wflat = memref.collapse_shape {wv} [[0, 1]] : memref<?x{width}xf32> into memref<?xf32>
+{range}
+{pre}
+%nt = memref.dim {dest}, %c0 : {o_ty}
+scf.for %t = %c0 to %nt step %c1 {{
+  scf.for %o = %olo to %ohi step %c1 {{
+    memref.store %zero, {dest}[%t, %o] : {o_ty}
+  }}
+}}
+{body}
+{finish}
+scf.yield
+}}",
+            iv = inter - inter % LANES,
+            hv = g.act.0,
+            h_ty = memref(&g.act.1),
+            rv = g.rows.0,
+            wv = weights.0,
+            range = partition_range(d, DOWN_GRANULE, "%olo", "%ohi"),
+            pre = pre.join("\n"),
+        ));
+    }
+
+    /// fp8 views of the single shared expert's weight and block scales as one-expert stacks.
+    fn shared_fp8_view(w: &(String, Shape), ty: &str, name: &str) -> String {
+        let (a, b) = (w.1.dims[0].unwrap_or(0), w.1.dims[1].unwrap_or(0));
+        let el = storage(&w.1.element);
+        format!(
+            "{name}3 = memref.expand_shape {} [[0, 1], [2]] output_shape [1, {a}, {b}] : {} into memref<1x{a}x{b}x{el}>\n{name} = memref.cast {name}3 : memref<1x{a}x{b}x{el}> to {ty}",
+            w.0,
+            memref(&w.1)
+        )
+    }
+
+    /// One dot product against an fp8 weight row. With fp8 activations (`a_scale` given), block
+    /// scaled: `%{acc}` = sum over K blocks b of (sum_j a[j] w[j]) * a_scale[b] * w_scale[b] (the
+    /// GPU's per-K-block promotion), `a_at(j)` loading e4m3 bits. With f32 activations, the weight
+    /// dequantized as read: sum_j a[j] * (w[j] * w_scale[j / 128]) (what the reference computes on
+    /// dequantized weights). `$j` / `$b` in the loads stand for the K index / K block.
+    fn fp8_dot(
+        &mut self,
+        acc: &str,
+        (len, blocks): (usize, usize),
+        a_at: &str,
+        a_scale: Option<&str>,
+        w_at: &str,
+        w_scale: &str,
+    ) -> String {
+        let dec = self.decode();
+        let Some(a_scale) = a_scale else {
+            return format!(
+                "%{acc}_len = arith.constant {len} : index
+%{acc} = scf.for %j = %c0 to %{acc}_len step %c1 iter_args(%a = %zero) -> (f32) {{
+  %av = {a_load}
+  %wb = {w_load}
+  %wdq = func.call {dec}(%wb) : (i8) -> f32
+  %jb = arith.divui %j, %cblk : index
+  %sw = {sw_load}
+  %wf = arith.mulf %wdq, %sw : f32
+  %pr = arith.mulf %av, %wf : f32
+  %na = arith.addf %a, %pr : f32
+  scf.yield %na : f32
+}}",
+                a_load = a_at.replace("$j", "%j"),
+                w_load = w_at.replace("$j", "%j"),
+                sw_load = w_scale.replace("$b", "%jb"),
+            );
+        };
+        format!(
+            "%{acc}_len = arith.constant {len} : index
+%{acc}_nb = arith.constant {blocks} : index
+%{acc} = scf.for %b = %c0 to %{acc}_nb step %c1 iter_args(%a = %zero) -> (f32) {{
+  %lo = arith.muli %b, %cblk : index
+  %hi0 = arith.addi %lo, %cblk : index
+  %hi = arith.minui %hi0, %{acc}_len : index
+  %bpart = scf.for %j = %lo to %hi step %c1 iter_args(%p = %zero) -> (f32) {{
+    %ab = {a_load}
+    %wb = {w_load}
+    %af = func.call {dec}(%ab) : (i8) -> f32
+    %wf = func.call {dec}(%wb) : (i8) -> f32
+    %pr = arith.mulf %af, %wf : f32
+    %np = arith.addf %p, %pr : f32
+    scf.yield %np : f32
+  }}
+  %sa = {sa_load}
+  %sw = {sw_load}
+  %t1 = arith.mulf %bpart, %sa : f32
+  %t2 = arith.mulf %t1, %sw : f32
+  %na = arith.addf %a, %t2 : f32
+  scf.yield %na : f32
+}}",
+            a_load = a_at.replace("$j", "%j"),
+            w_load = w_at.replace("$j", "%j"),
+            sa_load = a_scale.replace("$b", "%b"),
+            sw_load = w_scale.replace("$b", "%b"),
+        )
+    }
+
+    /// Grouped gate/up on fp8 expert weights: gathered rows of the quantized activations (e4m3 +
+    /// 1 x 128 scales) in block-scaled dot products, or (no activation scales) f32 rows against the
+    /// weights dequantized as read; f32 SwiGLU output (fp8: quantized by the kernel's epilogue).
+    pub(super) fn gate_up_fp8(
+        &mut self,
+        g: &Grouped,
+        w: [&(String, Shape); 4],
+        shared: Option<[&(String, Shape); 4]>,
+        dest: &str,
+        out: &Shape,
+    ) {
+        let [gate, up, gs, us] = w;
+        let x = g.act;
+        let (inter, d) = (gate.1.dims[1].unwrap_or(0), gate.1.dims[2].unwrap_or(0));
+        let (ib, db) = (inter.div_ceil(FP8_BLOCK), d.div_ceil(FP8_BLOCK));
+        let width = out.dims[1].unwrap_or(0);
+        let wty = format!("memref<?x{inter}x{d}xi8>");
+        let sty = format!("memref<?x{ib}x{db}xf32>");
+        let mut pre = Vec::new();
+        let mut views: [Option<String>; 4] = Default::default();
+        if let Some(sh) = shared {
+            for (k, w) in sh.iter().enumerate() {
+                let name = format!("%sh{k}");
+                pre.push(Self::shared_fp8_view(w, if k < 2 { &wty } else { &sty }, &name));
+                views[k] = Some(name);
+            }
+        }
+        let mut picks = Vec::new();
+        for (k, (w, name)) in [(gate, "%wg"), (up, "%wu"), (gs, "%wgs"), (us, "%wus")].into_iter().enumerate() {
+            let (p, pick) = Self::select_weight(w, views[k].as_deref(), if k < 2 { &wty } else { &sty }, name);
+            pre.push(p);
+            picks.push(pick);
+        }
+        let x_at = format!("memref.load {}[%t, $j] : {}", x.0, memref(&x.1));
+        let xs_at = g.act_scale.map(|xs| format!("memref.load {}[%t, $b] : {}", xs.0, memref(&xs.1)));
+        let dot_g = self.fp8_dot(
+            "dg",
+            (d, db),
+            &x_at,
+            xs_at.as_deref(),
+            &format!("memref.load %wg[%ex, %i, $j] : {wty}"),
+            &format!("memref.load %wgs[%ex, %ib, $b] : {sty}"),
+        );
+        let dot_u = self.fp8_dot(
+            "du",
+            (d, db),
+            &x_at,
+            xs_at.as_deref(),
+            &format!("memref.load %wu[%ex, %i, $j] : {wty}"),
+            &format!("memref.load %wus[%ex, %ib, $b] : {sty}"),
+        );
+        let row = format!(
+            "%t32 = memref.load %rflat[%g] : memref<?xi32>
+%t = arith.index_cast %t32 : i32 to index
+scf.for %i = %ilo to %ihi step %c1 {{
+  %ib = arith.divui %i, %cblk : index
+{dot_g}
+{dot_u}
+  %neg = arith.negf %dg : f32
+  %exn = math.exp %neg : f32
+  %dn = arith.addf %one, %exn : f32
+  %sg = arith.divf %dg, %dn : f32
+  %hv = arith.mulf %sg, %du : f32
+  memref.store %hv, %hflat[%g, %i] : memref<?x{inter}xf32>
+}}",
+            dot_g = indent(&dot_g, 2),
+            dot_u = indent(&dot_u, 2),
+        );
+        let body = Self::expert_loop(g, &picks.join("\n"), None, &row);
+        self.line(&format!(
+            "scf.execute_region {{
+%c0 = arith.constant 0 : index
+%c1 = arith.constant 1 : index
+%c4 = arith.constant 4 : index
+%cblk = arith.constant {FP8_BLOCK} : index
+%hflat = memref.collapse_shape {dest} [[0, 1], [2]] : {o_ty} into memref<?x{inter}xf32>
+%rflat = memref.collapse_shape {rv} [[0, 1]] : memref<?x{width}xi32> into memref<?xi32>
+{range}
+{pre}
+{body}
+scf.yield
+}}",
+            o_ty = memref(out),
+            rv = g.rows.0,
+            range = partition_range(inter, GATE_UP_GRANULE, "%ilo", "%ihi"),
+            pre = pre.join("\n"),
+        ));
+    }
+
+    /// Grouped down GEMM with the combine on fp8 expert weights: quantized permuted rows (e4m3 +
+    /// 1 x 128 scales) block-scaled, or f32 rows against dequantized weights; scattered with the
+    /// row weights, then the residual added.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn down_fp8(
+        &mut self,
+        g: &Grouped,
+        weights: &(String, Shape),
+        [down, ds]: [&(String, Shape); 2],
+        shared: Option<[&(String, Shape); 2]>,
+        residual: Option<&(String, Shape)>,
+        dest: &str,
+        out: &Shape,
+    ) {
+        let (d, inter) = (down.1.dims[1].unwrap_or(0), down.1.dims[2].unwrap_or(0));
+        let (ib, db) = (inter.div_ceil(FP8_BLOCK), d.div_ceil(FP8_BLOCK));
+        let width = g.rows.1.dims[1].unwrap_or(0);
+        let h = g.act;
+        let wty = format!("memref<?x{d}x{inter}xi8>");
+        let sty = format!("memref<?x{db}x{ib}xf32>");
+        let o_ty = memref(out);
+        let mut pre = Vec::new();
+        let mut views: [Option<String>; 2] = Default::default();
+        if let Some(sh) = shared {
+            for (k, w) in sh.iter().enumerate() {
+                let name = format!("%sh{k}");
+                pre.push(Self::shared_fp8_view(w, if k == 0 { &wty } else { &sty }, &name));
+                views[k] = Some(name);
+            }
+        }
+        let mut picks = Vec::new();
+        for (k, (w, name)) in [(down, "%wd"), (ds, "%wds")].into_iter().enumerate() {
+            let (p, pick) = Self::select_weight(w, views[k].as_deref(), if k == 0 { &wty } else { &sty }, name);
+            pre.push(p);
+            picks.push(pick);
+        }
+        let h_el = storage(&h.1.element).to_string();
+        let dot = self.fp8_dot(
+            "dd",
+            (inter, ib),
+            &format!("memref.load %hq[%g, $j] : memref<?x{inter}x{h_el}>"),
+            g.act_scale.map(|_| format!("memref.load %hs[%g, $b] : memref<?x{ib}xf32>")).as_deref(),
+            &format!("memref.load %wd[%ex, %o, $j] : {wty}"),
+            &format!("memref.load %wds[%ex, %ob, $b] : {sty}"),
+        );
+        let finish = Self::add_residual(residual, dest, &o_ty);
+        let row = format!(
+            "%t32 = memref.load %rflat[%g] : memref<?xi32>
+%t = arith.index_cast %t32 : i32 to index
+%wt = memref.load %wflat[%g] : memref<?xf32>
+scf.for %o = %olo to %ohi step %c1 {{
+  %ob = arith.divui %o, %cblk : index
+{dot}
+  %cur = memref.load {dest}[%t, %o] : {o_ty}
+  %wa = arith.mulf %wt, %dd : f32
+  %sum = arith.addf %cur, %wa : f32
+  memref.store %sum, {dest}[%t, %o] : {o_ty}
+}}",
+            dot = indent(&dot, 2),
+        );
+        let body = Self::expert_loop(g, &picks.join("\n"), None, &row);
+        self.line(&format!(
+            "scf.execute_region {{
+%c0 = arith.constant 0 : index
+%c1 = arith.constant 1 : index
+%c4 = arith.constant 4 : index
+%cblk = arith.constant {FP8_BLOCK} : index
+%hq = memref.collapse_shape {hv} [[0, 1], [2]] : {h_ty} into memref<?x{inter}x{h_el}>
+{hs_view}
+%rflat = memref.collapse_shape {rv} [[0, 1]] : memref<?x{width}xi32> into memref<?xi32>
+%wflat = memref.collapse_shape {wv} [[0, 1]] : memref<?x{width}xf32> into memref<?xf32>
+{range}
+{pre}
+%nt = memref.dim {dest}, %c0 : {o_ty}
+scf.for %t = %c0 to %nt step %c1 {{
+  scf.for %o = %olo to %ohi step %c1 {{
+    memref.store %zero, {dest}[%t, %o] : {o_ty}
+  }}
+}}
+{body}
+{finish}
+scf.yield
+}}",
+            hv = h.0,
+            h_ty = memref(&h.1),
+            hs_view = g.act_scale.map_or(String::new(), |hs| format!(
+                "%hs = memref.collapse_shape {} [[0, 1], [2]] : {} into memref<?x{ib}xf32>",
+                hs.0,
+                memref(&hs.1)
+            )),
+            rv = g.rows.0,
+            wv = weights.0,
+            range = partition_range(d, DOWN_GRANULE, "%olo", "%ohi"),
+            pre = pre.join("\n"),
+        ));
+    }
+}
