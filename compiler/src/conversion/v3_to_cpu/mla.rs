@@ -32,6 +32,10 @@ impl Emitter {
     ) {
         let AttentionSpec { h, dn, dr, dv, kv, absorbed, decode, .. } = *a;
         let dec = if kvb_scale.is_some() { self.decode() } else { String::new() };
+        // With an fp8 kv_b (fp8 precision, whose attention output is quantized next), every sum
+        // runs in the reference's order (sequential products, probabilities normalized before P.V):
+        // a difference in the last bit would move some values across an e4m3 rounding boundary.
+        let exact = kvb_scale.is_some();
         let per_head = dn + dv;
         let (qn_ty, qp_ty, lat_ty, kvb_ty, out_ty) =
             (memref(&qn.1), memref(&qp.1), memref(&lat.1), memref(&kvb.1), memref(out_shape));
@@ -139,7 +143,7 @@ impl Emitter {
         } else {
             format!("%dn_acc = scf.for %d = %c0 to %c{dn} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %d] : {qn_ty}\n  %col = arith.addi %hbase, %d : index\n  %k = memref.load %kvb[%j, %col] : memref<?x{}xf32>\n  %m = arith.mulf %qv, %k : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qn.0, h * per_head)
         };
-        let rope_dot = if dr % LANES == 0 && qp.1.element == "f32" && lat.1.element == "f32" {
+        let rope_dot = if !exact && dr % LANES == 0 && qp.1.element == "f32" && lat.1.element == "f32" {
             // q_pe . k_pe over dr, LANES at a time (k_pe: the latent row's last dr columns).
             format!(
                 "%rvacc = scf.for %r = %c0 to %c{dr} step %cl iter_args(%va = %zv) -> (vector<{LANES}xf32>) {{\n  %qvv = vector.load {}[%q, %hh, %r] : {qp_ty}, vector<{LANES}xf32>\n  %col = arith.addi %r, %c{kv} : index\n  %lvv = vector.load {}[{}] : {lat_ty}, vector<{LANES}xf32>\n  %f = vector.fma %qvv, %lvv, %va : vector<{LANES}xf32>\n  scf.yield %f : vector<{LANES}xf32>\n}}\n%dr_acc = vector.reduction <add>, %rvacc : vector<{LANES}xf32> into f32",
@@ -155,12 +159,20 @@ impl Emitter {
             indent(&nope_dot, 6), indent(&rope_dot, 6)
         ));
         w(&mut t, "    %den = scf.for %j = %c0 to %nkeys step %c1 iter_args(%sm = %zero) -> (f32) {\n      %sc = memref.load %scores[%j] : memref<?xf32>\n      %z = arith.subf %sc, %max : f32\n      %ex = math.exp %z : f32\n      memref.store %ex, %scores[%j] : memref<?xf32>\n      %ns = arith.addf %sm, %ex : f32\n      scf.yield %ns : f32\n    }".replace("\\n", "\n").as_str());
+        // Normalization: exact, the probabilities themselves (then P.V divides by 1); otherwise
+        // once per output after P.V.
+        let den = if exact {
+            w(&mut t, "    scf.for %j = %c0 to %nkeys step %c1 {\n      %ex = memref.load %scores[%j] : memref<?xf32>\n      %pn = arith.divf %ex, %den : f32\n      memref.store %pn, %scores[%j] : memref<?xf32>\n    }\n    %unit = arith.constant 1.0 : f32");
+            "%unit"
+        } else {
+            "%den"
+        };
         if absorbed {
             w(&mut t, &format!(
-                "    scf.for %c = %c0 to %c{kv} step %c1 {{\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zero) -> (f32) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %l = memref.load {}[{}] : {lat_ty}\n        %m = arith.mulf %pj, %l : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      %norm = arith.divf %acc, %den : f32\n      memref.store %norm, %olat[%c] : memref<{kv}xf32>\n    }}\n    scf.for %e = %c0 to %c{dv} step %c1 {{\n      %vrow0 = arith.addi %hbase, %c{dn} : index\n      %vrow = arith.addi %vrow0, %e : index\n      %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %ol = memref.load %olat[%c] : memref<{kv}xf32>\n{}\n        %m = arith.mulf %ol, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, {dest}[%q, %hh, %e] : {out_ty}\n    }}",
+                "    scf.for %c = %c0 to %c{kv} step %c1 {{\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zero) -> (f32) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %l = memref.load {}[{}] : {lat_ty}\n        %m = arith.mulf %pj, %l : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      %norm = arith.divf %acc, {den} : f32\n      memref.store %norm, %olat[%c] : memref<{kv}xf32>\n    }}\n    scf.for %e = %c0 to %c{dv} step %c1 {{\n      %vrow0 = arith.addi %hbase, %c{dn} : index\n      %vrow = arith.addi %vrow0, %e : index\n      %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %ol = memref.load %olat[%c] : memref<{kv}xf32>\n{}\n        %m = arith.mulf %ol, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, {dest}[%q, %hh, %e] : {out_ty}\n    }}",
                 lat.0, lat_idx("%j", "%c"), indent(&kvb_load("%vrow", "%c", "%kf"), 8)
             ));
-        } else if dv % LANES == 0 && out_shape.element == "f32" {
+        } else if !exact && dv % LANES == 0 && out_shape.element == "f32" {
             // out[q, h, :] = sum_j p_j * v_j, LANES columns at a time over contiguous value rows
             // (accumulated in the output row), then normalized.
             w(&mut t, &format!(
@@ -169,7 +181,7 @@ impl Emitter {
             ));
         } else {
             w(&mut t, &format!(
-                "    scf.for %e = %c0 to %c{dv} step %c1 {{\n      %vcol0 = arith.addi %hbase, %c{dn} : index\n      %vcol = arith.addi %vcol0, %e : index\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zero) -> (f32) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %v = memref.load %kvb[%j, %vcol] : memref<?x{}xf32>\n        %m = arith.mulf %pj, %v : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      %norm = arith.divf %acc, %den : f32\n      memref.store %norm, {dest}[%q, %hh, %e] : {out_ty}\n    }}",
+                "    scf.for %e = %c0 to %c{dv} step %c1 {{\n      %vcol0 = arith.addi %hbase, %c{dn} : index\n      %vcol = arith.addi %vcol0, %e : index\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zero) -> (f32) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %v = memref.load %kvb[%j, %vcol] : memref<?x{}xf32>\n        %m = arith.mulf %pj, %v : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      %norm = arith.divf %acc, {den} : f32\n      memref.store %norm, {dest}[%q, %hh, %e] : {out_ty}\n    }}",
                 h * per_head
             ));
         }
