@@ -1,0 +1,96 @@
+//! `v3` kernels -> sm_90a: kernel templates written with the gpu/nvgpu/nvvm dialects, lowered inside
+//! their `gpu.module` to the LLVM + NVVM dialects, translated to LLVM IR, then PTX
+//! ([`crate::target::emit_ptx`]) and cubin ([`crate::target::assemble`], when ptxas is present).
+//!
+//! Templates so far: the dense GEMM ([`gemm`]: bf16 and fp8 block-scaled, TMA + mbarrier ring +
+//! wgmma). Kernels of the `fused` stage are not mapped onto templates yet: `v3c compile --target
+//! sm_90a` still names every kernel as unsupported.
+
+pub mod gemm;
+
+use melior::ir::block::BlockLike;
+use melior::ir::operation::OperationLike;
+use melior::ir::{Module, RegionLike};
+use melior::pass::PassManager;
+use melior::Context;
+
+use crate::target::{self, GpuTarget};
+
+/// The passes that lower a `gpu.module` (gpu, nvgpu, nvvm, scf, arith, memref) to LLVM + NVVM.
+pub const LOWER_GPU_MODULE: &str = "builtin.module(gpu.module(convert-nvgpu-to-nvvm, lower-affine, \
+    convert-scf-to-cf, expand-strided-metadata, lower-affine, convert-gpu-to-nvvm, convert-nvvm-to-llvm, \
+    reconcile-unrealized-casts, canonicalize, cse))";
+
+/// Why a GPU kernel could not be produced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Sm90Error {
+    #[error("{kernel}: {problem}")]
+    Config { kernel: String, problem: String },
+    #[error("{kernel}: lowering to LLVM failed: {problem}")]
+    Lowering { kernel: String, problem: String },
+    #[error("{0}")]
+    Ptx(#[from] target::PtxError),
+}
+
+/// One kernel on its way down: the MLIR it was written in, the LLVM dialect, LLVM IR and PTX.
+#[derive(Debug, Clone)]
+pub struct GpuKernel {
+    pub name: String,
+    pub mlir: String,
+    pub llvm_dialect: String,
+    pub llvm_ir: String,
+    pub ptx: String,
+    /// Dynamic shared memory the launch must request, in bytes.
+    pub shared_memory_bytes: usize,
+    pub threads: usize,
+}
+
+/// Lowers `text` (a module holding one `gpu.module`) and returns the lowered gpu.module's body as a
+/// builtin module (LLVM + NVVM dialects) plus its LLVM IR.
+pub fn lower_gpu_module(context: &Context, text: &str, kernel: &str) -> Result<(String, String), Sm90Error> {
+    let fail = |problem: String| Sm90Error::Lowering { kernel: kernel.into(), problem };
+    let mut module = crate::mlir::parse_module(context, text, kernel).map_err(|e| fail(e.to_string()))?;
+    melior::utility::register_all_passes();
+    let manager = PassManager::new(context);
+    melior::utility::parse_pass_pipeline(manager.as_operation_pass_manager(), LOWER_GPU_MODULE)
+        .map_err(|e| fail(format!("pipeline: {e}")))?;
+    manager.run(&mut module).map_err(|e| fail(format!("passes: {e}")))?;
+    // The gpu.module's ops, printed into a builtin module that MLIR can translate to LLVM IR.
+    let mut body = String::new();
+    let mut op = module.body().first_operation();
+    while let Some(o) = op {
+        op = o.next_in_block();
+        if o.name().as_string_ref().as_str().ok() != Some("gpu.module") {
+            continue;
+        }
+        let block = o.region(0).ok().and_then(|r| r.first_block()).ok_or_else(|| fail("empty gpu.module".into()))?;
+        let mut inner = block.first_operation();
+        while let Some(i) = inner {
+            inner = i.next_in_block();
+            body.push_str(&i.to_string());
+            body.push('\n');
+        }
+    }
+    let llvm_text = format!("module {{\n{body}}}\n");
+    let llvm_module: Module =
+        crate::mlir::parse_module(context, &llvm_text, kernel).map_err(|e| fail(e.to_string()))?;
+    let ir = crate::mlir::translate_to_llvm_ir(context, &llvm_module, kernel).map_err(|e| fail(e.to_string()))?;
+    Ok((llvm_text, ir))
+}
+
+/// Generates, lowers and compiles to PTX the GEMM kernel of `config` for `target`.
+pub fn compile_gemm(context: &Context, config: &gemm::GemmConfig, target: &GpuTarget) -> Result<GpuKernel, Sm90Error> {
+    let name = config.kernel_name();
+    let mlir = gemm::emit(config, target).map_err(|problem| Sm90Error::Config { kernel: name.clone(), problem })?;
+    let (llvm_dialect, llvm_ir) = lower_gpu_module(context, &mlir, &name)?;
+    let ptx = target::emit_ptx(&llvm_ir, &format!("{name}.ll"), target)?;
+    Ok(GpuKernel {
+        name,
+        mlir,
+        llvm_dialect,
+        llvm_ir,
+        ptx,
+        shared_memory_bytes: config.shared_memory_bytes(),
+        threads: config.threads(),
+    })
+}
