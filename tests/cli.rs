@@ -386,3 +386,33 @@ fn compile_for_the_cpu_fills_and_reuses_the_kernel_cache() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// `dump-ir --stage gpu|nvvm|ptx --kernel NAME` follows a Hopper template kernel down to PTX (with
+/// ptxas's report when present); a kernel without a Hopper lowering says so and exits 1.
+#[test]
+fn gpu_stages_of_a_template_kernel() {
+    let out = run_binary("v3c", &["dump-ir", "--stage", "ptx", "--kernel", "gemm_bf16_bf16_128x128x64_s4"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dump = text(&out.stdout);
+    for header in ["// ----- stage gpu: ", "// ----- stage nvvm: ", "// ----- stage ptx: "] {
+        assert!(dump.contains(&format!("{header}gemm_bf16_bf16_128x128x64_s4")), "{header}");
+    }
+    assert!(dump.contains("nvgpu.tma.async.load") && dump.contains("nvvm.wgmma.mma_async"));
+    assert!(
+        dump.contains(".entry gemm_bf16_bf16_128x128x64_s4(")
+            && dump.contains("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16")
+    );
+    let gpu = run_binary("v3c", &["dump-ir", "--stage", "gpu", "--kernel", "gemm_fp8_f32_64x128x128_s6"]);
+    assert!(gpu.status.success(), "{}", text(&gpu.stderr));
+    assert!(!text(&gpu.stdout).contains("// ----- stage nvvm"), "stage gpu stops at the gpu module");
+    let none = run_binary("v3c", &["dump-ir", "--stage", "ptx", "--kernel", "attention_0"]);
+    assert_eq!(none.status.code(), Some(1));
+    assert!(
+        text(&none.stderr).starts_with("v3c: error: unsupported on sm_90a: attention_0 "),
+        "{}",
+        text(&none.stderr)
+    );
+    let bad = run_binary("v3c", &["dump-ir", "--stage", "ptx", "--kernel", "gemm_bf16_f32_96x128x64_s4"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(text(&bad.stderr).contains("block_m 96 is not a multiple of 64"), "{}", text(&bad.stderr));
+}

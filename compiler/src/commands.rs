@@ -248,6 +248,9 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
     use melior::ir::block::BlockLike;
     use melior::ir::operation::OperationLike;
     use v3c_compiler::pipeline::Driver;
+    if matches!(o.stage, "gpu" | "nvvm" | "ptx") {
+        return dump_gpu_kernel(o.stage, context, kernel);
+    }
     if !matches!(o.stage, "fused" | "cpu") {
         return Err(format!("--kernel: kernels exist from stage fused on (asked for stage {})", o.stage));
     }
@@ -290,6 +293,42 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
         return Ok(());
     }
     Err(format!("no kernel '{kernel}' (kernels: {})", names.join(", ")))
+}
+
+/// `dump-ir --stage gpu|nvvm|ptx --kernel NAME`: a Hopper template kernel (`gemm_<in>_<out>_<M>x<N>x<K>_s<stages>`)
+/// through its stages: the gpu/nvgpu/nvvm module, the LLVM + NVVM dialect after lowering, and the
+/// PTX for sm_90a, with ptxas's resource report when ptxas is present.
+fn dump_gpu_kernel(stage: &str, context: &melior::Context, kernel: &str) -> Result<(), String> {
+    use v3c_compiler::conversion::sm90::{self, gemm::GemmConfig};
+    let Some(config) = GemmConfig::from_name(kernel) else {
+        return Err(format!(
+            "unsupported on sm_90a: {kernel} (stages gpu/nvvm/ptx exist for template kernels so far, named like \
+             gemm_bf16_f32_128x128x64_s4 or gemm_fp8_bf16_64x128x128_s6)"
+        ));
+    };
+    let target = v3c_compiler::target::SM90A;
+    let k = sm90::compile_gemm(context, &config, &target).map_err(|e| e.to_string())?;
+    let mut text = format!("// ----- stage gpu: {kernel}\n{}", k.mlir);
+    if stage != "gpu" {
+        text.push_str(&format!("// ----- stage nvvm: {kernel}\n{}", k.llvm_dialect));
+    }
+    if stage == "ptx" {
+        text.push_str(&format!(
+            "// ----- stage ptx: {kernel} ({} threads, {} B dynamic shared memory)\n{}",
+            k.threads, k.shared_memory_bytes, k.ptx
+        ));
+        if let Ok(ptxas) = v3c_compiler::toolchain::find(v3c_compiler::toolchain::Tool::Ptxas) {
+            let cubin = v3c_compiler::target::assemble(&k.ptx, kernel, &target, &ptxas).map_err(|e| e.to_string())?;
+            for r in &cubin.kernels {
+                text.push_str(&format!(
+                    "// ptxas: {}: {} registers, {} B spill stores, {} B spill loads, {} B static shared memory\n",
+                    r.name, r.registers, r.spill_stores_bytes, r.spill_loads_bytes, r.shared_memory_bytes
+                ));
+            }
+        }
+    }
+    write_stdout(&text);
+    Ok(())
 }
 
 /// `dump-ir --stage plan`: the launch plan of every entry as JSON (stage `fused`, then planning).

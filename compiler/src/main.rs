@@ -170,6 +170,8 @@ struct DumpIrArgs {
     #[arg(long)]
     report: bool,
     /// Print only this kernel (e.g. mla_latent_0), in every stage from `fused` up to `--stage`.
+    /// With `--stage gpu|nvvm|ptx`: a Hopper template kernel by name, e.g.
+    /// gemm_fp8_bf16_64x128x128_s6 (gemm_<in>_<out>_<M>x<N>x<K>_s<stages>), down to PTX.
     #[arg(long, value_name = "NAME")]
     kernel: Option<String>,
     /// With `--kernel` and `--stage cpu`: also print the kernel lowered to the LLVM dialect (what the

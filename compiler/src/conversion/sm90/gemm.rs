@@ -106,6 +106,27 @@ impl GemmConfig {
         format!("gemm_{input}_{output}_{}x{}x{}_s{}", self.block_m, self.block_n, self.block_k(), self.stages)
     }
 
+    /// The configuration a [`GemmConfig::kernel_name`] names (`gemm_fp8_bf16_64x128x128_s6`).
+    pub fn from_name(name: &str) -> Option<GemmConfig> {
+        let rest = name.strip_prefix("gemm_")?;
+        let mut parts = rest.split('_');
+        let input = match parts.next()? {
+            "bf16" => GemmInput::Bf16,
+            "fp8" => GemmInput::Fp8,
+            _ => return None,
+        };
+        let output = match parts.next()? {
+            "f32" => GemmOutput::F32,
+            "bf16" => GemmOutput::Bf16,
+            _ => return None,
+        };
+        let dims: Vec<usize> = parts.next()?.split('x').map(|d| d.parse().ok()).collect::<Option<_>>()?;
+        let stages = parts.next()?.strip_prefix('s')?.parse().ok()?;
+        let [block_m, block_n, block_k] = dims[..] else { return None };
+        let config = GemmConfig { input, output, block_m, block_n, stages };
+        (parts.next().is_none() && config.block_k() == block_k).then_some(config)
+    }
+
     /// Rejects configurations that cannot be generated or would not fit `target` (shared memory,
     /// registers), before any code is generated. The message names the limit.
     pub fn validate(&self, target: &GpuTarget) -> Result<(), String> {
