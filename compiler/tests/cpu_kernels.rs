@@ -526,6 +526,7 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
                 assert_eq!(got.len(), want.len());
                 let scale = want.iter().fold(1.0f32, |a, b| a.max(b.abs()));
                 let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                eprintln!("DEBUG {} rows={rows} out len {} diff {diff}", kernel.name, got.len());
                 assert!(diff <= 1e-5 * scale, "{} rows={rows}: max |diff| {diff} (scale {scale})", kernel.name);
             }
         }
@@ -965,7 +966,9 @@ fn gemm_template_matches_the_reference_on_awkward_shapes() {
     let context = v3c_compiler::mlir::new_context();
     v3c_dialects::load(&context).unwrap();
     let mut rng = Rng(11);
-    for (m, k, n) in [(1usize, 783usize, 3usize), (3, 50, 783), (50, 3, 50), (783, 17, 1), (2, 128, 129)] {
+    for (m, k, n) in
+        [(1usize, 783usize, 3usize), (3, 50, 783), (50, 3, 50), (783, 17, 1), (2, 128, 129), (50, 96, 48), (8, 32, 8)]
+    {
         for element in ["f32", "bf16"] {
             let text = format!(
                 "func.func private @gemm(%x: tensor<?x{k}xf32>, %w: tensor<{n}x{k}x{element}>, %h: tensor<?x{n}xf32>) -> tensor<?x{n}xf32> attributes {{v3.kernel = \"gemm_residual\"}} {{
@@ -1139,5 +1142,42 @@ fn experts_template_matches_the_reference_on_awkward_shapes() {
             );
             let _ = f.name();
         }
+    }
+}
+
+/// Rank-one inputs (x[r, 0] = r + 1, w[c, 0] = 10 (c + 1), zero elsewhere) make y[r, c] = 10 (r + 1) (c + 1)
+/// and tell every output tile from its transpose. Caught: with MLIR's transfer-permutation patterns in
+/// the GEMM transform script, tiles off the diagonal came out transposed (all-ones tests passed).
+#[test]
+fn gemm_tiles_are_placed_not_transposed() {
+    use melior::ir::operation::OperationLike;
+    let context = v3c_compiler::mlir::new_context();
+    v3c_dialects::load(&context).unwrap();
+    for (m, k, n) in [(8usize, 32usize, 8usize), (9, 48, 12), (5, 16, 6)] {
+        let text = format!(
+            "func.func private @gemm(%x: tensor<?x{k}xf32>, %w: tensor<{n}x{k}xf32>) -> tensor<?x{n}xf32> attributes {{v3.kernel = \"linear\"}} {{
+  %y = \"v3.linear\"(%x, %w) {{operandSegmentSizes = array<i32: 1, 0, 1, 0>}} : (tensor<?x{k}xf32>, tensor<{n}x{k}xf32>) -> tensor<?x{n}xf32>
+  return %y : tensor<?x{n}xf32>
+}}"
+        );
+        let module = v3c_compiler::mlir::parse_module(&context, &text, "gemm.mlir").unwrap();
+        let f = module.body().first_operation().unwrap();
+        let kernel = CpuKernel::compile(&context, &f).unwrap();
+        let x: Vec<f32> = (0..m * k).map(|i| if i % k == 0 { (i / k + 1) as f32 } else { 0.0 }).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| if i % k == 0 { (10 * (i / k + 1)) as f32 } else { 0.0 }).collect();
+        let mut inputs = vec![
+            HostBuffer { shape: vec![m, k], data: HostData::F32(x) },
+            HostBuffer { shape: vec![n, k], data: HostData::F32(w) },
+        ];
+        let mut outputs = vec![HostBuffer { shape: vec![m, n], data: HostData::F32(vec![f32::NAN; m * n]) }];
+        // SAFETY: the output has the shape the kernel computes.
+        unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
+        let got = floats(&outputs[0]);
+        for r in 0..m {
+            for c in 0..n {
+                assert_eq!(got[r * n + c], (10 * (r + 1) * (c + 1)) as f32, "{m}x{k}x{n}: y[{r}, {c}]");
+            }
+        }
+        let _ = f.name();
     }
 }

@@ -1,4 +1,16 @@
-//! Dense GEMMs as vectorized dot products (`vector.fma`) with scalar tails.
+//! Dense GEMMs, `y = x @ w^T` with x [M, K] f32 and w [N, K] f32/bf16 (both K-contiguous), as linalg
+//! on tensors that the transform dialect tiles, fuses, vectorizes and bufferizes.
+//!
+//! The emitted IR: rows in tiles of 4 (then single rows) on memref subviews; per row tile, on
+//! tensors, a split-K product `partial[r, n, l] = sum_ko x[r, ko, l] w[n, ko, l]` (K viewed as
+//! [K / L, L], L lanes) and its reduction over the lanes, both tagged `{v3c.gemm = ...}`. The
+//! module's transform script ([`transform_script`]) tiles the reduction by `TN` columns, fuses the
+//! partial products and their zero fill into that loop, tiles K-outer by one, vectorizes (the
+//! `R x TN x L` accumulator becomes a vector loop-carried in registers once the loop-invariant
+//! subsets are hoisted), eliminates the empty tensors (results go straight into the output
+//! buffer) and bufferizes; contractions then lower to `vector.fma`. Measured: 155-160 GFLOP/s f32
+//! on one core of this machine for 256 x 2048 x 512 with bf16 weights, vs ~70-80 for the
+//! hand-written dot-product template it replaced.
 
 use super::*;
 
@@ -14,106 +26,156 @@ pub(super) fn widen_vector(element: &str, v: &str, out: &str) -> String {
 /// Lanes of the vectorized dot products of dense GEMMs.
 pub(super) const LANES: usize = 16;
 
+/// Lanes of the split-K dot products: the largest of 16, 8, 4, 2, 1 dividing `k`.
+fn lanes_for(k: usize) -> usize {
+    [16, 8, 4, 2, 1].into_iter().find(|l| k % l == 0).unwrap_or(1)
+}
+
+/// Output columns per register tile: the largest of 4, 2, 1 dividing `n`.
+fn column_tile(n: usize) -> usize {
+    [4, 2, 1].into_iter().find(|t| n % t == 0).unwrap_or(1)
+}
+
+/// The transform script for the GEMMs of one kernel module: one block per column tile in use
+/// (`reduce_n4`, ...). Runs as `transform-interpreter` before the lowering to LLVM.
+pub(super) fn transform_script(column_tiles: &[usize]) -> String {
+    let mut blocks = String::new();
+    for tn in column_tiles {
+        blocks.push_str(&format!(
+            "    %reds_{tn} = transform.structured.match ops{{[\"linalg.generic\"]}} attributes {{v3c.gemm = \"reduce_n{tn}\"}} in %root : (!transform.any_op) -> !transform.any_op
+    transform.foreach %reds_{tn} : !transform.any_op {{
+    ^bb0(%red: !transform.any_op):
+      %part = transform.get_producer_of_operand %red[0] : (!transform.any_op) -> !transform.any_op
+      %pfill = transform.get_producer_of_operand %part[2] : (!transform.any_op) -> !transform.any_op
+      %yfill = transform.get_producer_of_operand %red[1] : (!transform.any_op) -> !transform.any_op
+      %tred, %nloop = transform.structured.tile_using_for %red tile_sizes [0, {tn}, 0] : (!transform.any_op) -> (!transform.any_op, !transform.any_op)
+      %fpart, %l1 = transform.structured.fuse_into_containing_op %part into %nloop : (!transform.any_op, !transform.any_op) -> (!transform.any_op, !transform.any_op)
+      %ffill, %l2 = transform.structured.fuse_into_containing_op %pfill into %l1 : (!transform.any_op, !transform.any_op) -> (!transform.any_op, !transform.any_op)
+      %tyfill, %yloop = transform.structured.tile_using_for %yfill tile_sizes [0, {tn}] : (!transform.any_op) -> (!transform.any_op, !transform.any_op)
+      %tpart, %kloop = transform.structured.tile_using_for %fpart tile_sizes [0, 0, 1, 0] : (!transform.any_op) -> (!transform.any_op, !transform.any_op)
+      transform.structured.vectorize %tpart : !transform.any_op
+      transform.structured.vectorize %tred : !transform.any_op
+      transform.structured.vectorize %ffill : !transform.any_op
+      transform.structured.vectorize %tyfill : !transform.any_op
+    }}
+"
+        ));
+    }
+    format!(
+        "module attributes {{transform.with_named_sequence}} {{
+  transform.named_sequence @__transform_main(%root: !transform.any_op {{transform.consumed}}) {{
+{blocks}    %fv = transform.structured.match ops{{[\"func.func\"]}} in %root : (!transform.any_op) -> !transform.any_op
+    transform.apply_patterns to %fv {{
+      transform.apply_patterns.tensor.fold_tensor_subset_ops_into_vector_transfers
+      transform.apply_patterns.vector.reduction_to_contract
+      transform.apply_patterns.canonicalization
+    }} : !transform.any_op
+    transform.apply_cse to %fv : !transform.any_op
+    %loops = transform.structured.match ops{{[\"scf.for\"]}} in %fv : (!transform.any_op) -> !transform.any_op
+    transform.foreach %loops : !transform.any_op {{
+    ^bb0(%l: !transform.any_op):
+      transform.loop.hoist_loop_invariant_subsets %l : !transform.any_op
+    }}
+    transform.apply_patterns to %fv {{
+      transform.apply_patterns.canonicalization
+    }} : !transform.any_op
+    // No vector.transfer_permutation_patterns anywhere: on the broadcasting reads of x and w they
+    // transposed off-diagonal tiles (MLIR 22; test gemm_tiles_are_placed_not_transposed).
+    transform.bufferization.eliminate_empty_tensors %fv : !transform.any_op
+    %b = transform.bufferization.one_shot_bufferize %root : (!transform.any_op) -> !transform.any_op
+    %fb = transform.structured.match ops{{[\"func.func\"]}} in %b : (!transform.any_op) -> !transform.any_op
+    transform.apply_patterns to %fb {{
+      transform.apply_patterns.vector.drop_unit_dims_with_shape_cast
+      transform.apply_patterns.vector.cast_away_vector_leading_one_dim
+      transform.apply_patterns.canonicalization
+    }} : !transform.any_op
+    transform.apply_patterns to %fb {{
+      transform.apply_patterns.vector.lower_contraction lowering_strategy = \"parallelarith\"
+      transform.apply_patterns.vector.lower_multi_reduction lowering_strategy = \"innerreduction\"
+      transform.apply_patterns.vector.lower_transfer max_transfer_rank = 1
+      transform.apply_patterns.vector.lower_broadcast
+      transform.apply_patterns.canonicalization
+    }} : !transform.any_op
+    // Apart from canonicalization: with unit dims (one lane, one column) the two undo each
+    // other forever.
+    transform.apply_patterns to %fb {{
+      transform.apply_patterns.vector.lower_shape_cast
+    }} : !transform.any_op
+    transform.yield
+  }}
+}}
+"
+    )
+}
+
 impl Emitter {
-    /// y = x @ w^T for x [M, K] f32 and a dense w [N, K] (f32 or bf16): each output a dot product
-    /// over K, `LANES` at a time with `vector.fma` (then a scalar tail), reduced once at the end.
-    /// Rows go four at a time so each weight vector loaded serves four outputs; leftover rows one
-    /// at a time.
+    /// y = x @ w^T for x [M, K] f32 and a dense w [N, K] (f32 or bf16) into `dest` [M, N]: rows
+    /// four at a time then one at a time, each row tile as tagged linalg on tensors for the
+    /// module's transform script (see the module docs).
     pub(super) fn gemm_vectorized(&mut self, x: &(String, Shape), w: &(String, Shape), dest: &str, out: &Shape) {
         let k = x.1.dims[1].unwrap_or(0);
         let n = w.1.dims[0].unwrap_or(0);
-        let kv = k - k % LANES;
+        let (l, tn) = (lanes_for(k), column_tile(n));
+        if !self.column_tiles.contains(&tn) {
+            self.column_tiles.push(tn);
+        }
+        let ko = k / l;
         let el = storage(&w.1.element).to_string();
-        let widen = if el == "f32" {
-            "%wv = arith.addf %wv0, %zv : vector<LANESxf32>".replace("LANES", &LANES.to_string())
-        } else {
-            format!("%wv = arith.extf %wv0 : vector<{LANES}x{el}> to vector<{LANES}xf32>")
-        };
-        let widen_scalar = load_f32(&w.1.element, "%wb", "%wf");
         let (x_ty, w_ty, o_ty) = (memref(&x.1), memref(&w.1), memref(out));
+        let widen = if el == "f32" {
+            "%bf = arith.addf %b, %gz : f32".to_string()
+        } else {
+            format!("%bf = arith.extf %b : {el} to f32")
+        };
+        let body = |r: usize| {
+            format!(
+                "%xs = memref.subview {xv}[%r, 0] [{r}, {k}] [1, 1] : {x_ty} to memref<{r}x{k}xf32, strided<[{k}, 1], offset: ?>>
+%ys = memref.subview {dest}[%r, 0] [{r}, {n}] [1, 1] : {o_ty} to memref<{r}x{n}xf32, strided<[{n}, 1], offset: ?>>
+%xt = bufferization.to_tensor %xs restrict : memref<{r}x{k}xf32, strided<[{k}, 1], offset: ?>> to tensor<{r}x{k}xf32>
+%x3 = tensor.expand_shape %xt [[0], [1, 2]] output_shape [{r}, {ko}, {l}] : tensor<{r}x{k}xf32> into tensor<{r}x{ko}x{l}xf32>
+%pe = tensor.empty() : tensor<{r}x{n}x{l}xf32>
+%pz = linalg.fill ins(%gz : f32) outs(%pe : tensor<{r}x{n}x{l}xf32>) -> tensor<{r}x{n}x{l}xf32>
+%part = linalg.generic {{indexing_maps = [affine_map<(m, n, ko, l) -> (m, ko, l)>, affine_map<(m, n, ko, l) -> (n, ko, l)>, affine_map<(m, n, ko, l) -> (m, n, l)>], iterator_types = [\"parallel\", \"parallel\", \"reduction\", \"parallel\"]}} ins(%x3, %w3 : tensor<{r}x{ko}x{l}xf32>, tensor<{n}x{ko}x{l}x{el}>) outs(%pz : tensor<{r}x{n}x{l}xf32>) attrs = {{v3c.gemm = \"partial\"}} {{
+^bb0(%a: f32, %b: {el}, %c: f32):
+  {widen}
+  %pr = arith.mulf %a, %bf : f32
+  %s = arith.addf %c, %pr : f32
+  linalg.yield %s : f32
+}} -> tensor<{r}x{n}x{l}xf32>
+%ye = tensor.empty() : tensor<{r}x{n}xf32>
+%yz = linalg.fill ins(%gz : f32) outs(%ye : tensor<{r}x{n}xf32>) -> tensor<{r}x{n}xf32>
+%res = linalg.generic {{indexing_maps = [affine_map<(m, n, l) -> (m, n, l)>, affine_map<(m, n, l) -> (m, n)>], iterator_types = [\"parallel\", \"parallel\", \"reduction\"]}} ins(%part : tensor<{r}x{n}x{l}xf32>) outs(%yz : tensor<{r}x{n}xf32>) attrs = {{v3c.gemm = \"reduce_n{tn}\"}} {{
+^bb0(%a: f32, %c: f32):
+  %s = arith.addf %c, %a : f32
+  linalg.yield %s : f32
+}} -> tensor<{r}x{n}xf32>
+bufferization.materialize_in_destination %res in restrict writable %ys : (tensor<{r}x{n}xf32>, memref<{r}x{n}xf32, strided<[{n}, 1], offset: ?>>) -> ()",
+                xv = x.0,
+            )
+        };
         self.line(&format!(
             "scf.execute_region {{
       %c0 = arith.constant 0 : index
       %c1 = arith.constant 1 : index
-      %cn = arith.constant {n} : index
-      %ck = arith.constant {k} : index
-      %ckv = arith.constant {kv} : index
-      %cl = arith.constant {LANES} : index
-      %zv = arith.constant dense<0.0> : vector<{LANES}xf32>
-      %rows = memref.dim {xv}, %c0 : {x_ty}
       %c4 = arith.constant 4 : index
+      %gz = arith.constant 0.0 : f32
+      %rows = memref.dim {xv}, %c0 : {x_ty}
       %rrem = arith.remui %rows, %c4 : index
       %rows4 = arith.subi %rows, %rrem : index
-      scf.for %m = %c0 to %rows4 step %c4 {{
-        %m1 = arith.addi %m, %c1 : index
-        %m2 = arith.addi %m1, %c1 : index
-        %m3 = arith.addi %m2, %c1 : index
-        scf.for %j = %c0 to %cn step %c1 {{
-          %acc:4 = scf.for %i = %c0 to %ckv step %cl iter_args(%a0 = %zv, %a1 = %zv, %a2 = %zv, %a3 = %zv) -> (vector<{LANES}xf32>, vector<{LANES}xf32>, vector<{LANES}xf32>, vector<{LANES}xf32>) {{
-            %wv0 = vector.load {wvv}[%j, %i] : {w_ty}, vector<{LANES}x{el}>
-            {widen}
-            %x0 = vector.load {xv}[%m, %i] : {x_ty}, vector<{LANES}xf32>
-            %x1 = vector.load {xv}[%m1, %i] : {x_ty}, vector<{LANES}xf32>
-            %x2 = vector.load {xv}[%m2, %i] : {x_ty}, vector<{LANES}xf32>
-            %x3 = vector.load {xv}[%m3, %i] : {x_ty}, vector<{LANES}xf32>
-            %f0 = vector.fma %x0, %wv, %a0 : vector<{LANES}xf32>
-            %f1 = vector.fma %x1, %wv, %a1 : vector<{LANES}xf32>
-            %f2 = vector.fma %x2, %wv, %a2 : vector<{LANES}xf32>
-            %f3 = vector.fma %x3, %wv, %a3 : vector<{LANES}xf32>
-            scf.yield %f0, %f1, %f2, %f3 : vector<{LANES}xf32>, vector<{LANES}xf32>, vector<{LANES}xf32>, vector<{LANES}xf32>
-          }}
-          %s0 = vector.reduction <add>, %acc#0 : vector<{LANES}xf32> into f32
-          %s1 = vector.reduction <add>, %acc#1 : vector<{LANES}xf32> into f32
-          %s2 = vector.reduction <add>, %acc#2 : vector<{LANES}xf32> into f32
-          %s3 = vector.reduction <add>, %acc#3 : vector<{LANES}xf32> into f32
-          %sum:4 = scf.for %i = %ckv to %ck step %c1 iter_args(%t0 = %s0, %t1 = %s1, %t2 = %s2, %t3 = %s3) -> (f32, f32, f32, f32) {{
-            %wb = memref.load {wvv}[%j, %i] : {w_ty}
-            {widen_scalar}
-            %y0 = memref.load {xv}[%m, %i] : {x_ty}
-            %y1 = memref.load {xv}[%m1, %i] : {x_ty}
-            %y2 = memref.load {xv}[%m2, %i] : {x_ty}
-            %y3 = memref.load {xv}[%m3, %i] : {x_ty}
-            %p0 = arith.mulf %y0, %wf : f32
-            %p1 = arith.mulf %y1, %wf : f32
-            %p2 = arith.mulf %y2, %wf : f32
-            %p3 = arith.mulf %y3, %wf : f32
-            %n0 = arith.addf %t0, %p0 : f32
-            %n1 = arith.addf %t1, %p1 : f32
-            %n2 = arith.addf %t2, %p2 : f32
-            %n3 = arith.addf %t3, %p3 : f32
-            scf.yield %n0, %n1, %n2, %n3 : f32, f32, f32, f32
-          }}
-          memref.store %sum#0, {dest}[%m, %j] : {o_ty}
-          memref.store %sum#1, {dest}[%m1, %j] : {o_ty}
-          memref.store %sum#2, {dest}[%m2, %j] : {o_ty}
-          memref.store %sum#3, {dest}[%m3, %j] : {o_ty}
-        }}
+      %wt = bufferization.to_tensor {wv} restrict : {w_ty} to tensor<{n}x{k}x{el}>
+      %w3 = tensor.expand_shape %wt [[0], [1, 2]] output_shape [{n}, {ko}, {l}] : tensor<{n}x{k}x{el}> into tensor<{n}x{ko}x{l}x{el}>
+      scf.for %r = %c0 to %rows4 step %c4 {{
+{body4}
       }}
-      scf.for %m = %rows4 to %rows step %c1 {{
-        scf.for %j = %c0 to %cn step %c1 {{
-          %accv = scf.for %i = %c0 to %ckv step %cl iter_args(%a = %zv) -> (vector<{LANES}xf32>) {{
-            %xv = vector.load {xv}[%m, %i] : {x_ty}, vector<{LANES}xf32>
-            %wv0 = vector.load {wvv}[%j, %i] : {w_ty}, vector<{LANES}x{el}>
-            {widen}
-            %f = vector.fma %xv, %wv, %a : vector<{LANES}xf32>
-            scf.yield %f : vector<{LANES}xf32>
-          }}
-          %s0 = vector.reduction <add>, %accv : vector<{LANES}xf32> into f32
-          %sum = scf.for %i = %ckv to %ck step %c1 iter_args(%t = %s0) -> (f32) {{
-            %xs = memref.load {xv}[%m, %i] : {x_ty}
-            %wb = memref.load {wvv}[%j, %i] : {w_ty}
-            {widen_scalar}
-            %p = arith.mulf %xs, %wf : f32
-            %nt = arith.addf %t, %p : f32
-            scf.yield %nt : f32
-          }}
-          memref.store %sum, {dest}[%m, %j] : {o_ty}
-        }}
+      scf.for %r = %rows4 to %rows step %c1 {{
+{body1}
       }}
       scf.yield
     }}",
             xv = x.0,
-            wvv = w.0
+            wv = w.0,
+            body4 = indent(&body(4), 8),
+            body1 = indent(&body(1), 8),
         ));
     }
 }

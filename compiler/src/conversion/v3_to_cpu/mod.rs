@@ -76,6 +76,8 @@ struct Emitter {
     uses_fp8: bool,
     /// A partitioned kernel (grouped GEMMs): it takes `%part, %parts` and computes its share.
     partitioned: bool,
+    /// Column tiles of the transform-dialect GEMMs emitted (their script blocks).
+    column_tiles: Vec<usize>,
 }
 
 impl Emitter {
@@ -210,6 +212,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         prefix: name.clone(),
         uses_fp8: false,
         partitioned: false,
+        column_tiles: Vec::new(),
     };
     let mut inputs = Vec::new();
     for i in 0..block.argument_count() {
@@ -532,6 +535,9 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
     if e.uses_fp8 {
         globals.push_str(&fp8_helpers(&name));
     }
+    if !e.column_tiles.is_empty() {
+        globals.push_str(&gemm::transform_script(&e.column_tiles));
+    }
     let text = format!(
         "{globals}func.func @{name}({}) attributes {{llvm.emit_c_interface}} {{\n{}{deallocs}    return\n  }}\n",
         params.join(", "),
@@ -574,7 +580,9 @@ pub struct LoweredKernel {
 }
 
 /// The pass pipeline from linalg on memrefs to the LLVM dialect.
-pub const LOWER_TO_LLVM: &str = "builtin.module(func.func(convert-linalg-to-loops), lower-affine, convert-scf-to-cf, \
+pub const LOWER_TO_LLVM: &str =
+    "builtin.module(func.func(convert-linalg-to-loops), convert-vector-to-scf{full-unroll=true}, \
+    lower-affine, convert-scf-to-cf, \
     convert-vector-to-llvm, \
     convert-math-to-llvm, expand-strided-metadata, lower-affine, finalize-memref-to-llvm, convert-arith-to-llvm, \
     convert-func-to-llvm, convert-cf-to-llvm, convert-index-to-llvm, convert-ub-to-llvm, reconcile-unrealized-casts)";
@@ -659,6 +667,18 @@ fn jit(context: &Context, text: &str, name: &str, for_object: bool) -> Result<Ex
 pub fn lower_to_llvm<'c>(context: &'c Context, text: &str, name: &str) -> Result<melior::ir::Module<'c>, String> {
     let mut module = crate::mlir::parse_module(context, text, &format!("{name} (cpu)")).map_err(|e| e.to_string())?;
     melior::utility::register_all_passes();
+    if text.contains(TRANSFORM_ENTRY) {
+        // The kernel's transform script tiles, vectorizes and bufferizes its GEMMs; then the script
+        // itself leaves the module.
+        let interpreter = PassManager::new(context);
+        melior::utility::parse_pass_pipeline(
+            interpreter.as_operation_pass_manager(),
+            "builtin.module(transform-interpreter)",
+        )
+        .map_err(|e| format!("pass pipeline: {e}"))?;
+        interpreter.run(&mut module).map_err(|e| format!("transform script failed: {e}"))?;
+        remove_transform_modules(&module);
+    }
     let manager = PassManager::new(context);
     melior::utility::parse_pass_pipeline(manager.as_operation_pass_manager(), LOWER_TO_LLVM)
         .map_err(|e| format!("pass pipeline: {e}"))?;
@@ -671,6 +691,26 @@ pub fn lower_to_llvm<'c>(context: &'c Context, text: &str, name: &str) -> Result
         return Err(format!("non-LLVM op left after lowering: {}", line.trim()));
     }
     Ok(module)
+}
+
+/// The entry of the transform scripts kernels carry.
+const TRANSFORM_ENTRY: &str = "transform.named_sequence @__transform_main";
+
+/// Erases the nested `module attributes {transform.with_named_sequence}` ops (transform scripts).
+fn remove_transform_modules(module: &melior::ir::Module) {
+    let mut op = module.body().first_operation();
+    while let Some(o) = op {
+        op = o.next_in_block();
+        let is_script = o.name().as_string_ref().as_str().ok() == Some("builtin.module")
+            && o.attribute("transform.with_named_sequence").is_ok();
+        if is_script {
+            // SAFETY: `o` is a live op of `module`'s body with no uses (a module defines no values).
+            unsafe {
+                mlir_sys::mlirOperationRemoveFromParent(o.to_raw());
+                mlir_sys::mlirOperationDestroy(o.to_raw());
+            }
+        }
+    }
 }
 
 /// The kernel-cache key of a kernel whose `cpu`-stage text is `text`.
