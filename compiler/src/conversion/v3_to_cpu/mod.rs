@@ -725,7 +725,7 @@ enum KernelCode {
 }
 
 /// The JIT's LLVM optimization level.
-const OPT_LEVEL: usize = 2;
+const OPT_LEVEL: usize = 3;
 
 /// Kernel kinds whose every row (token) is computed from the same row of its row inputs alone.
 const ROW_INDEPENDENT: &[&str] = &[
