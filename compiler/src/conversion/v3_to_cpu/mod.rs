@@ -1,14 +1,16 @@
 //! `v3` kernels -> CPU machine code: each kernel function (stage `fused`) becomes a function on
 //! memrefs in destination-passing style (its inputs, then one caller-allocated buffer per result),
-//! written with `linalg.generic`, lowered to LLVM and JIT-compiled by MLIR's ExecutionEngine.
+//! lowered to LLVM and JIT-compiled by MLIR's ExecutionEngine (or loaded from the kernel cache).
 //!
-//! Covered so far: `linear` and `lm_head` with f32/bf16 weights (rank-2 activations), `rms_norm`,
-//! `add`, `silu_mul`, `embed`, `reshape`, `split`, `concat`, `cache_write`, `rope` (interleaved or
-//! half rotation, YaRN tables as module constants), and every kernel made of them (the fused MLA
-//! projection, q-up and latent kernels, `gemm_residual`, `swiglu`, ...). Everything else is reported
-//! as `unsupported on cpu: v3.<op>` — never run some other way.
-//! Not yet: MLA attention, MoE routing/experts, fp8 operands, the entry-level executor and plan, and
-//! tiling + vectorization through the transform dialect (the loops are plain).
+//! Every op of the dialect has a template here: dense GEMMs (`linear`, `lm_head`, and the GEMMs inside
+//! the fused MLA, SwiGLU and residual kernels) as linalg on tensors that the kernel's transform script
+//! tiles, fuses, vectorizes and bufferizes (`gemm`); MLA attention (`mla`); routing, the fuse-moe
+//! dispatch and the grouped gate/up and down GEMMs (`moe`, `grouped`: scf/vector, rows of an expert
+//! four at a time, partitioned over threads by output columns); fp8 quantization and block-scaled GEMMs
+//! (`fp8`: scalar, in the reference interpreter's summation order, because a last-bit difference
+//! before a quantization moves values across e4m3 rounding boundaries); norms, RoPE, views and
+//! elementwise ops as `linalg.generic`. An op without a template is `unsupported on cpu: v3.<op>`,
+//! never run some other way.
 
 use std::collections::HashMap;
 
