@@ -186,3 +186,26 @@ fn cpu_backend_fp8_sums_attention_in_the_reference_order() {
     eprintln!("fp8 cpu vs reference: max |diff| {diff:.2e}, max |logit| {scale:.2}");
     assert!(diff <= 1e-5 * scale, "{diff} (scale {scale})");
 }
+
+/// A shared expert that cannot join the grouped GEMMs (two experts wide with fp8 weights: its scale
+/// blocks would straddle) keeps its own kernels and becomes the down GEMM's residual: the CPU
+/// backend still computes what the reference computes, in fp8 and in f32.
+#[test]
+fn cpu_backend_runs_a_shared_expert_that_stays_apart() {
+    let mut j: serde_json::Value = serde_json::from_str(DEEPSEEK_V3_TINY_JSON).unwrap();
+    j["n_shared_experts"] = 2.into();
+    let c = v3c_models::init::with_fp8(&ModelConfig::from_json_str(&j.to_string(), "shared2").unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    write_random_checkpoint(&c, &ckpt, 5).unwrap();
+    for precision in [Precision::Fp8, Precision::F32] {
+        let model = Model::open(&ckpt, precision).unwrap();
+        let tokens: Vec<u32> = (0..12u32).map(|i| (i * 37 + 3) % 320).collect();
+        let want = model.logits(&tokens, 0).unwrap().logits;
+        let got = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap().logits;
+        let (want, got) = (want.as_f32().unwrap(), got.as_f32().unwrap());
+        let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+        let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-4 * scale, "{precision:?}: {diff} (scale {scale})");
+    }
+}

@@ -58,3 +58,17 @@ func.func @dequant(%x: tensor<?x256xf32>, %gate: tensor<4x256xbf16> {v3.param = 
   %r = "v3.moe_experts"(%x, %i, %w, %eg, %eu, %ed, %egs, %eus, %eds) {fp8_activations = false, num_experts = 4 : i64, operandSegmentSizes = array<i32: 1, 1, 1, 1, 1, 1, 1, 1, 1>} : (tensor<?x256xf32>, tensor<?x2xi32>, tensor<?x2xf32>, tensor<4x128x256xf8E4M3FN>, tensor<4x128x256xf8E4M3FN>, tensor<4x256x128xf8E4M3FN>, tensor<4x1x2xf32>, tensor<4x1x2xf32>, tensor<4x2x1xf32>) -> tensor<?x256xf32>
   return %r : tensor<?x256xf32>
 }
+
+// -----
+// A shared expert 1.5 routed experts wide keeps its own kernels; the combine add becomes the down
+// GEMM's residual.
+func.func @odd_shared(%x: tensor<?x96xf32>, %gate: tensor<8x96xbf16> {v3.param = "gate.weight"}, %bias: tensor<8xf32> {v3.param = "gate.bias"}, %sg: tensor<72x96xbf16> {v3.param = "shared.gate"}, %su: tensor<72x96xbf16> {v3.param = "shared.up"}, %sd: tensor<96x72xbf16> {v3.param = "shared.down"}, %eg: tensor<8x48x96xbf16> {v3.param = "experts.gate"}, %eu: tensor<8x48x96xbf16> {v3.param = "experts.up"}, %ed: tensor<8x96x48xbf16> {v3.param = "experts.down"}) -> tensor<?x96xf32> {
+  %i, %w = "v3.moe_route"(%x, %gate, %bias) {n_group = 1 : i64, norm_topk_prob = true, routed_scaling_factor = 1.0 : f32, top_k = 2 : i64, topk_group = 1 : i64} : (tensor<?x96xf32>, tensor<8x96xbf16>, tensor<8xf32>) -> (tensor<?x2xi32>, tensor<?x2xf32>)
+  %r = "v3.moe_experts"(%x, %i, %w, %eg, %eu, %ed) {fp8_activations = false, num_experts = 8 : i64, operandSegmentSizes = array<i32: 1, 1, 1, 1, 1, 1, 0, 0, 0>} : (tensor<?x96xf32>, tensor<?x2xi32>, tensor<?x2xf32>, tensor<8x48x96xbf16>, tensor<8x48x96xbf16>, tensor<8x96x48xbf16>) -> tensor<?x96xf32>
+  %g = "v3.linear"(%x, %sg) {operandSegmentSizes = array<i32: 1, 0, 1, 0>} : (tensor<?x96xf32>, tensor<72x96xbf16>) -> tensor<?x72xf32>
+  %u = "v3.linear"(%x, %su) {operandSegmentSizes = array<i32: 1, 0, 1, 0>} : (tensor<?x96xf32>, tensor<72x96xbf16>) -> tensor<?x72xf32>
+  %a = "v3.silu_mul"(%g, %u) : (tensor<?x72xf32>, tensor<?x72xf32>) -> tensor<?x72xf32>
+  %s = "v3.linear"(%a, %sd) {operandSegmentSizes = array<i32: 1, 0, 1, 0>} : (tensor<?x72xf32>, tensor<96x72xbf16>) -> tensor<?x96xf32>
+  %m = "v3.add"(%r, %s) : (tensor<?x96xf32>, tensor<?x96xf32>) -> tensor<?x96xf32>
+  return %m : tensor<?x96xf32>
+}

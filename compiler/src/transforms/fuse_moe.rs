@@ -12,9 +12,9 @@
 //! expert computes what it did before; only the order of the final sum over a token's experts
 //! changes (routed in expert order, then shared), so results agree to rounding.
 //!
-//! Left alone (the pass never fails on a graph it does not recognise): a shared expert whose width
-//! is not a multiple of the routed experts' (or, with fp8 weights, is more than one expert wide:
-//! its 128 x 128 scale blocks would straddle experts).
+//! Every `moe_experts` fed by a `moe_route` (all the DSL builds) is rewritten. A shared expert whose width is not a multiple of the routed
+//! experts' (or, with fp8 weights, is more than one expert wide: its 128 x 128 scale blocks would
+//! straddle experts) keeps its own kernels; the combine add becomes the down GEMM's residual.
 
 use melior::ir::block::BlockLike;
 use melior::ir::operation::{OperationLike, OperationRef};
@@ -196,12 +196,15 @@ fn rewrite(context: &Context, block: &BlockRef, m: MlirOperation) -> Result<(), 
     if let [combine] = users(out)[..] {
         if is(combine, "add") {
             let other = operands(combine).into_iter().find(|v| v.ptr != out.ptr);
-            if let Some(s) = other.and_then(|v| shared_expert(v, combine, x, fp8)) {
+            // A shared expert that cannot be cut into routed-size experts stays its own kernels; the
+            // combine add then folds into the down GEMM as its residual (the sum is the same).
+            let fits = |s: &Shared| {
                 let width = shape(s.gate.w).and_then(|s| s.dims[0]).unwrap_or(0);
                 let count = width / inter.max(1);
-                if count == 0 || count * inter != width || (fp8_weights && count != 1) {
-                    return Ok(());
-                }
+                (count > 0 && count * inter == width && !(fp8_weights && count != 1)).then_some(count)
+            };
+            let matched = other.and_then(|v| shared_expert(v, combine, x, fp8));
+            if let Some((s, count)) = matched.and_then(|s| fits(&s).map(|c| (s, c))) {
                 doomed.splice(0..0, std::iter::once(combine).chain(s.ops.iter().copied()));
                 out = results(combine)[0];
                 shared = Some((s, count));
@@ -227,10 +230,15 @@ fn rewrite(context: &Context, block: &BlockRef, m: MlirOperation) -> Result<(), 
     let location = Location::unknown(context);
     let value = |v: MlirValue| unsafe { Value::from_raw(v) };
     let err = |e: v3c_dialects::DialectError| e.to_string();
-    // fp8 activations: the gathered rows are the 1 x 128 quantization of x (the shared expert's,
-    // else a new one).
+    // fp8 activations: the gathered rows are the 1 x 128 quantization of x.
     let x_in = if fp8 {
-        match shared.as_ref().and_then(|s| s.0.gate.x_scale.map(|sc| (s.0.gate.x, sc))) {
+        // An existing 1 x 128 quantization of x (the shared expert's, joined or not) is reused.
+        let existing = users(x).into_iter().find(|&u| {
+            is(u, "quantize_fp8")
+                && attr_number(u, "group") == Some(GROUP as f64)
+                && !doomed.iter().any(|d| d.ptr == u.ptr)
+        });
+        match existing.map(|q| (results(q)[0], results(q)[1])) {
             Some((q, sc)) => (q, Some(sc)),
             None => {
                 let q = v3::quantize_fp8(

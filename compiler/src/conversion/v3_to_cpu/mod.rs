@@ -518,8 +518,6 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                     }
                 }
             }
-            "moe_experts" if args.len() == 9 => e.experts_fp8(&args, &dest, &rshape),
-            "moe_experts" => e.experts(&args, &dest, &rshape),
             _ => return Err(CpuError::Unsupported(full)),
         }
         for (key, dest, shape) in dests {
@@ -742,7 +740,6 @@ const ROW_INDEPENDENT: &[&str] = &[
     "swiglu",
     "gemm_residual",
     "moe_route",
-    "moe_experts",
     "mla_projections",
     "mla_q_up",
 ];
