@@ -146,6 +146,44 @@ impl Emitter {
         ));
     }
 
+    /// The frame both down GEMMs share: constants, the views of the permutation, the partition's
+    /// columns of `dest` zeroed, the expert loop `body`, then `finish` (the residual).
+    fn down_region(
+        g: &Grouped,
+        weights: &(String, Shape),
+        (dest, o_ty, d): (&str, &str, usize),
+        header: &str,
+        pre: &str,
+        body: &str,
+        finish: &str,
+    ) -> String {
+        let width = g.rows.1.dims[1].unwrap_or(0);
+        format!(
+            "scf.execute_region {{
+%c0 = arith.constant 0 : index
+%c1 = arith.constant 1 : index
+%c4 = arith.constant 4 : index
+{header}
+%rflat = memref.collapse_shape {rv} [[0, 1]] : memref<?x{width}xi32> into memref<?xi32>
+%wflat = memref.collapse_shape {wv} [[0, 1]] : memref<?x{width}xf32> into memref<?xf32>
+{range}
+{pre}
+%nt = memref.dim {dest}, %c0 : {o_ty}
+scf.for %t = %c0 to %nt step %c1 {{
+  scf.for %o = %olo to %ohi step %c1 {{
+    memref.store %zero, {dest}[%t, %o] : {o_ty}
+  }}
+}}
+{body}
+{finish}
+scf.yield
+}}",
+            rv = g.rows.0,
+            wv = weights.0,
+            range = partition_range(d, DOWN_GRANULE, "%olo", "%ohi"),
+        )
+    }
+
     /// After the scatter: out = residual + out on the partition's columns. With the experts summed
     /// in expert order from zero first, this is the order Hugging Face's DeepseekV3MoE adds in
     /// (index_add_ per expert, then + shared, then the residual add), which the reference follows.
@@ -410,7 +448,6 @@ scf.yield
         out: &Shape,
     ) {
         let (d, inter) = (down.1.dims[1].unwrap_or(0), down.1.dims[2].unwrap_or(0));
-        let width = g.rows.1.dims[1].unwrap_or(0);
         let el = storage(&down.1.element).to_string();
         let wty = format!("memref<?x{d}x{inter}x{el}, strided<[?, ?, 1], offset: ?>>");
         let vf = format!("vector<{LANES}xf32>");
@@ -518,40 +555,19 @@ scf.for %o = %olo to %ohi step %c1 {{
 }}"
         );
         let body = Self::expert_loop(g, &kd, Some(&rows4), &rows1);
-        self.line(&format!(
-            "scf.execute_region {{
-%c0 = arith.constant 0 : index
-%c1 = arith.constant 1 : index
-%c2 = arith.constant 2 : index
+        let header = format!(
+            "%c2 = arith.constant 2 : index
 %c3 = arith.constant 3 : index
-%c4 = arith.constant 4 : index
 %ci = arith.constant {inter} : index
 %civ = arith.constant {iv} : index
 %cl = arith.constant {LANES} : index
 %zv = arith.constant dense<0.0> : {vf}
-%hflat = memref.collapse_shape {hv} [[0, 1], [2]] : {h_ty} into memref<?x{inter}xf32>
-%rflat = memref.collapse_shape {rv} [[0, 1]] : memref<?x{width}xi32> into memref<?xi32>
-%wflat = memref.collapse_shape {wv} [[0, 1]] : memref<?x{width}xf32> into memref<?xf32>
-{range}
-{pre}
-%nt = memref.dim {dest}, %c0 : {o_ty}
-scf.for %t = %c0 to %nt step %c1 {{
-  scf.for %o = %olo to %ohi step %c1 {{
-    memref.store %zero, {dest}[%t, %o] : {o_ty}
-  }}
-}}
-{body}
-{finish}
-scf.yield
-}}",
+%hflat = memref.collapse_shape {hv} [[0, 1], [2]] : {h_ty} into memref<?x{inter}xf32>",
             iv = inter - inter % LANES,
             hv = g.act.0,
             h_ty = memref(&g.act.1),
-            rv = g.rows.0,
-            wv = weights.0,
-            range = partition_range(d, DOWN_GRANULE, "%olo", "%ohi"),
-            pre = pre.join("\n"),
-        ));
+        );
+        self.line(&Self::down_region(g, weights, (dest, &o_ty, d), &header, &pre.join("\n"), &body, &finish));
     }
 
     /// fp8 views of the single shared expert's weight and block scales as one-expert stacks.
@@ -734,7 +750,6 @@ scf.yield
     ) {
         let (d, inter) = (down.1.dims[1].unwrap_or(0), down.1.dims[2].unwrap_or(0));
         let (ib, db) = (inter.div_ceil(FP8_BLOCK), d.div_ceil(FP8_BLOCK));
-        let width = g.rows.1.dims[1].unwrap_or(0);
         let h = g.act;
         let wty = format!("memref<?x{d}x{inter}xi8>");
         let sty = format!("memref<?x{db}x{ib}xf32>");
@@ -779,28 +794,10 @@ scf.for %o = %olo to %ohi step %c1 {{
             dot = indent(&dot, 2),
         );
         let body = Self::expert_loop(g, &picks.join("\n"), None, &row);
-        self.line(&format!(
-            "scf.execute_region {{
-%c0 = arith.constant 0 : index
-%c1 = arith.constant 1 : index
-%c4 = arith.constant 4 : index
-%cblk = arith.constant {FP8_BLOCK} : index
+        let header = format!(
+            "%cblk = arith.constant {FP8_BLOCK} : index
 %hq = memref.collapse_shape {hv} [[0, 1], [2]] : {h_ty} into memref<?x{inter}x{h_el}>
-{hs_view}
-%rflat = memref.collapse_shape {rv} [[0, 1]] : memref<?x{width}xi32> into memref<?xi32>
-%wflat = memref.collapse_shape {wv} [[0, 1]] : memref<?x{width}xf32> into memref<?xf32>
-{range}
-{pre}
-%nt = memref.dim {dest}, %c0 : {o_ty}
-scf.for %t = %c0 to %nt step %c1 {{
-  scf.for %o = %olo to %ohi step %c1 {{
-    memref.store %zero, {dest}[%t, %o] : {o_ty}
-  }}
-}}
-{body}
-{finish}
-scf.yield
-}}",
+{hs_view}",
             hv = h.0,
             h_ty = memref(&h.1),
             hs_view = g.act_scale.map_or(String::new(), |hs| format!(
@@ -808,10 +805,7 @@ scf.yield
                 hs.0,
                 memref(&hs.1)
             )),
-            rv = g.rows.0,
-            wv = weights.0,
-            range = partition_range(d, DOWN_GRANULE, "%olo", "%ohi"),
-            pre = pre.join("\n"),
-        ));
+        );
+        self.line(&Self::down_region(g, weights, (dest, &o_ty, d), &header, &pre.join("\n"), &body, &finish));
     }
 }
