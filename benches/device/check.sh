@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (shared/design/GPU-CHECKS.md). Run on a machine with a Hopper GPU:
 #   bash benches/device/check.sh
-# Bring the runtime along (it is built on the build machine; the GPU machine has no Rust):
-#   cargo build --release -p v3c-runtime && mkdir -p .device && cp target/release/v3r .device/
-# and carry `.device` (git-ignored). Results go to $OUT (else ./device-out/): check.log, results.json.
+# Prepare on the build machine (the GPU machine has no Rust): `bash benches/device/prepare.sh` puts v3r
+# and the PTX of the GEMM template kernels into .device/ (git-ignored); carry it. Results go to $OUT
+# (else ./device-out/): check.log, doctor.json, ceilings.json, gemm.json.
 #
 # Steps, in order: 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
-# 2. kernel correctness vs torch; 3. end-to-end fixtures; 4. timing vs torch/cuBLAS.
-# Steps 2-4 need generated kernels and artifacts; until those exist the script says so per step.
+# 2. the GEMM template kernels vs torch (benches/device/gemm_check.py: correctness, then TFLOP/s);
+# 3. end-to-end fixtures; 4. model kernels timing. Steps 3-4 need artifacts; until they exist the
+# script says so.
 # Never changes clocks, power, MIG, persistence or compute mode.
 set -uo pipefail
 
@@ -66,8 +67,20 @@ else
   row "ceilings" "SKIPPED" "no torch+CUDA"
 fi
 
-for step in "2. kernel correctness" "3. end-to-end fixtures" "4. timing vs torch"; do
-  note "== $step: not available yet (no sm_90a kernels or artifacts in this revision)"
+note "== 2. GEMM template kernels vs torch (correctness, then timing)"
+if [ -d "$root/.device/gemm" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
+  if timeout 300 python3 "$root/benches/device/gemm_check.py" --ptx-dir "$root/.device/gemm" --out "$out/gemm.json" 2>&1 | tee -a "$log"; then
+    row "2. GEMM kernels" "ok" "$(tail -1 "$log")"
+  else
+    row "2. GEMM kernels" "FAILED" "see check.log / gemm.json"
+  fi
+else
+  note "no .device/gemm (run benches/device/prepare.sh on the build machine) or no torch+CUDA: skipped"
+  row "2. GEMM kernels" "SKIPPED" "no .device/gemm or no GPU"
+fi
+
+for step in "3. end-to-end fixtures" "4. model kernels timing"; do
+  note "== $step: not available yet (the fused kernels have no sm_90a lowering and no artifacts in this revision)"
   row "$step" "N/A" "nothing to check yet"
 done
 

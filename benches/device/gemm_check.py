@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Correctness and speed of v3c's sm_90a GEMM template kernels on the device, against torch.
+
+Run by benches/device/check.sh on the GPU machine (python3 + torch, no Rust). The PTX comes from the build
+machine (benches/device/prepare.sh writes .device/gemm/<kernel>.ptx); the CUDA driver JIT-compiles it.
+Kernels are launched through the driver API (ctypes on libcuda): module load, CUtensorMap encoding (2-D,
+K innermost, 128-byte swizzle, out-of-bounds zero fill) copied to device memory, cuLaunchKernel with the
+kernel's dynamic shared memory.
+
+Kernel ABI (compiler/src/conversion/sm90/gemm.rs): (a_map*, b_map*, out memref [M, N] as 7 scalars
+(allocated, aligned, offset, size0, size1, stride0, stride1), fp8 only a_scale and b_scale memrefs [.., ..]
+as 7 scalars each, k). out = A[M, K] . B[N, K]^T.
+
+Checks (shared/design/GPU-CHECKS.md): fresh random inputs, output poisoned with NaN and checked fully written,
+relative error ||out - ref|| / ||ref|| vs an f32 reference: bf16 <= 1e-2; fp8 vs an fp8-faithful reference
+(the same e4m3 operands, f32 promotion per 128-wide K block with the 1x128 / 128x128 scales) <= 1e-3.
+
+`--self-test` needs no GPU: it checks the fp8-faithful reference and the quantizers on the CPU.
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import re
+import sys
+
+import torch
+
+NAME = re.compile(r"^gemm_(bf16|fp8)_(f32|bf16)_(\d+)x(\d+)x(\d+)_s(\d+)$")
+E4M3_MAX = 448.0
+
+
+def parse(name):
+    m = NAME.match(name)
+    if not m:
+        raise SystemExit(f"gemm_check: {name}: not a template kernel name")
+    inp, out, bm, bn, bk, stages = m.groups()
+    bm, bn, bk, stages = int(bm), int(bn), int(bk), int(stages)
+    return {"name": name, "input": inp, "output": out, "bm": bm, "bn": bn, "bk": bk, "stages": stages,
+            "smem": stages * (bm + bn) * 128}
+
+
+def quantize_rows(x, group=128):
+    """1 x group e4m3 quantization of rows: (e4m3 tensor, f32 scales [rows, ceil(k / group)])."""
+    rows, k = x.shape
+    blocks = math.ceil(k / group)
+    pad = torch.zeros(rows, blocks * group, dtype=torch.float32, device=x.device)
+    pad[:, :k] = x
+    g = pad.view(rows, blocks, group)
+    s = g.abs().amax(dim=2).clamp(min=1e-4) / E4M3_MAX
+    q = (g / s[:, :, None]).to(torch.float8_e4m3fn).view(rows, blocks * group)[:, :k]
+    return q.contiguous(), s
+
+
+def quantize_blocks(w, block=128):
+    """128 x 128 e4m3 weight quantization: (e4m3 tensor, f32 scales [ceil(n / 128), ceil(k / 128)])."""
+    n, k = w.shape
+    nb, kb = math.ceil(n / block), math.ceil(k / block)
+    pad = torch.zeros(nb * block, kb * block, dtype=torch.float32, device=w.device)
+    pad[:n, :k] = w
+    g = pad.view(nb, block, kb, block)
+    s = g.abs().amax(dim=(1, 3)).clamp(min=1e-4) / E4M3_MAX
+    q = (g / s[:, None, :, None]).to(torch.float8_e4m3fn).view(nb * block, kb * block)[:n, :k]
+    return q.contiguous(), s
+
+
+def fp8_reference(aq, a_s, bq, b_s):
+    """The kernel's arithmetic in f32: per 128-wide K block, (A_b . B_b^T) * a_scale[:, b] * b_scale[n / 128, b],
+    accumulated block by block."""
+    m, k = aq.shape
+    n = bq.shape[0]
+    a, b = aq.float(), bq.float()
+    out = torch.zeros(m, n, dtype=torch.float32, device=aq.device)
+    col_scale = b_s.repeat_interleave(128, dim=0)[:n]  # [n, kb]
+    for kb in range(math.ceil(k / 128)):
+        lo, hi = kb * 128, min(k, (kb + 1) * 128)
+        out += (a[:, lo:hi] @ b[:, lo:hi].T) * a_s[:, kb:kb + 1] * col_scale[:, kb][None, :]
+    return out
+
+
+def self_test():
+    torch.manual_seed(0)
+    for m, n, k in [(3, 5, 200), (130, 129, 300)]:
+        a, w = torch.randn(m, k) * 3, torch.randn(n, k) * 0.05
+        aq, a_s = quantize_rows(a)
+        bq, b_s = quantize_blocks(w)
+        ref = fp8_reference(aq, a_s, bq, b_s).double()
+        # The same product from fully dequantized operands in float64.
+        a_deq = aq.double() * a_s.double().repeat_interleave(128, dim=1)[:, :k]
+        w_deq = bq.double() * b_s.double().repeat_interleave(128, dim=0)[:n].repeat_interleave(128, dim=1)[:, :k]
+        exact = a_deq @ w_deq.T
+        rel = ((ref - exact).norm() / exact.norm()).item()
+        assert rel < 1e-6, f"fp8 reference vs float64 dequantized product: {rel}"
+        quant = ((a_deq - a.double()).norm() / a.double().norm()).item()
+        assert quant < 0.05, f"1x128 quantization error {quant}"
+    print("gemm_check self-test: fp8-faithful reference == float64 dequantized product; quantizers sane")
+
+
+class Driver:
+    """The few CUDA driver calls the check needs."""
+
+    def __init__(self):
+        self.cu = ctypes.CDLL("libcuda.so.1")
+        torch.cuda.init()
+        torch.empty(1, device="cuda")  # a current context (torch's primary context)
+
+    def check(self, rc, what):
+        if rc != 0:
+            msg = ctypes.c_char_p()
+            self.cu.cuGetErrorString(rc, ctypes.byref(msg))
+            raise RuntimeError(f"{what}: CUDA error {rc} ({msg.value.decode() if msg.value else '?'})")
+
+    def load(self, ptx, name):
+        module, func = ctypes.c_void_p(), ctypes.c_void_p()
+        self.check(self.cu.cuModuleLoadData(ctypes.byref(module), ctypes.c_char_p(ptx.encode() + b"\0")),
+                   f"{name}: cuModuleLoadData")
+        self.check(self.cu.cuModuleGetFunction(ctypes.byref(func), module, name.encode()), f"{name}: get function")
+        return func
+
+    def tensor_map(self, t, box_rows, box_k, dtype_code):
+        """A 2-D CUtensorMap for a row-major [rows, k] tensor, copied to device memory (returns the tensor
+        holding it; its data_ptr is the kernel argument)."""
+        rows, k = t.shape
+        elem = t.element_size()
+        tmap = (ctypes.c_uint8 * 128)()
+        gdim = (ctypes.c_uint64 * 2)(k, rows)
+        gstride = (ctypes.c_uint64 * 1)(k * elem)
+        box = (ctypes.c_uint32 * 2)(box_k, box_rows)
+        estride = (ctypes.c_uint32 * 2)(1, 1)
+        # interleave none (0), swizzle 128B (3), L2 promotion none (0), out-of-bounds fill zero (0).
+        rc = self.cu.cuTensorMapEncodeTiled(ctypes.byref(tmap), dtype_code, 2, ctypes.c_void_p(t.data_ptr()), gdim,
+                                            gstride, box, estride, 0, 3, 0, 0)
+        self.check(rc, "cuTensorMapEncodeTiled")
+        dev = torch.empty(128, dtype=torch.uint8, device="cuda")
+        dev.copy_(torch.frombuffer(bytearray(tmap), dtype=torch.uint8))
+        return dev
+
+    def launch(self, func, grid, smem, args, name):
+        self.check(self.cu.cuFuncSetAttribute(func, 8, smem), f"{name}: max dynamic shared memory")  # attr 8
+        params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        rc = self.cu.cuLaunchKernel(func, grid[0], grid[1], 1, 128, 1, 1, smem, stream, params, None)
+        self.check(rc, f"{name}: cuLaunchKernel")
+
+
+def memref_args(t):
+    rows, cols = t.shape
+    p = t.data_ptr()
+    return [ctypes.c_uint64(p), ctypes.c_uint64(p), ctypes.c_int64(0), ctypes.c_int64(rows), ctypes.c_int64(cols),
+            ctypes.c_int64(cols), ctypes.c_int64(1)]
+
+
+def prepare(drv, cfg, m, n, k, inputs, out):
+    """Kernel arguments for one problem (the tensor maps live in the returned list's tensors)."""
+    bf16 = cfg["input"] == "bf16"
+    code = 9 if bf16 else 0  # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 / UINT8
+    a_map = drv.tensor_map(inputs["a"], cfg["bm"], cfg["bk"], code)
+    b_map = drv.tensor_map(inputs["b"], cfg["bn"], cfg["bk"], code)
+    args = [ctypes.c_uint64(a_map.data_ptr()), ctypes.c_uint64(b_map.data_ptr())] + memref_args(out)
+    if not bf16:
+        args += memref_args(inputs["a_scale"]) + memref_args(inputs["b_scale"])
+    args.append(ctypes.c_int64(k))
+    grid = (math.ceil(n / cfg["bn"]), math.ceil(m / cfg["bm"]))
+    return {"args": args, "grid": grid, "keep": (a_map, b_map)}
+
+
+def make_inputs(cfg, m, n, k):
+    a = torch.randn(m, k, device="cuda") * 2
+    w = torch.randn(n, k, device="cuda") * 0.05
+    if cfg["input"] == "bf16":
+        a16, w16 = a.to(torch.bfloat16), w.to(torch.bfloat16)
+        return {"a": a16, "b": w16}, a16.float() @ w16.float().T, 1e-2
+    aq, a_s = quantize_rows(a)
+    bq, b_s = quantize_blocks(w)
+    return ({"a": aq.view(torch.uint8), "b": bq.view(torch.uint8), "a_scale": a_s.contiguous(),
+             "b_scale": b_s.contiguous()}, fp8_reference(aq, a_s, bq, b_s), 1e-3)
+
+
+def median_ms(fn, reps=20):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start.record(); fn(); end.record(); torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ptx-dir", help="directory of <kernel>.ptx files")
+    ap.add_argument("--out", default="gemm_results.json")
+    ap.add_argument("--self-test", action="store_true", help="check the references on the CPU and exit")
+    args = ap.parse_args()
+    if args.self_test:
+        self_test()
+        return 0
+    drv = Driver()
+    torch.manual_seed(1234)
+    results, failed = [], 0
+    # K a multiple of 16 (TMA row pitch); 528 leaves a ragged last K block, 200 and 1 ragged M tiles.
+    shapes = [(64, 2112, 7168), (128, 576, 1536), (200, 384, 528), (1, 256, 256)]
+    timed = [(4096, 7168, 16384), (64, 2112, 7168)]
+    for path in sorted(os.listdir(args.ptx_dir)):
+        if not path.endswith(".ptx"):
+            continue
+        cfg = parse(path[:-4])
+        func = drv.load(open(os.path.join(args.ptx_dir, path)).read(), cfg["name"])
+        out_dtype = torch.float32 if cfg["output"] == "f32" else torch.bfloat16
+        for m, n, k in shapes:
+            inputs, ref, tol = make_inputs(cfg, m, n, k)
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
+            launch = prepare(drv, cfg, m, n, k, inputs, out)
+            drv.launch(func, launch["grid"], cfg["smem"], launch["args"], cfg["name"])
+            torch.cuda.synchronize()
+            o = out.float()
+            written = bool(torch.isfinite(o).all())
+            rel = float((o - ref).norm() / ref.norm()) if written else float("nan")
+            ok = written and rel <= tol
+            failed += not ok
+            results.append({"kernel": cfg["name"], "m": m, "n": n, "k": k, "rel_err": rel, "tolerance": tol,
+                            "fully_written": written, "ok": ok})
+            print(f"{cfg['name']:36s} {m:5d}x{n:5d}x{k:5d}  rel err {rel:.2e} (<= {tol:g})  {'ok' if ok else 'FAIL'}")
+        for m, n, k in timed:
+            inputs, _, _ = make_inputs(cfg, m, n, k)
+            out = torch.empty((m, n), device="cuda", dtype=out_dtype)
+            launch = prepare(drv, cfg, m, n, k, inputs, out)
+            ms = median_ms(lambda: drv.launch(func, launch["grid"], cfg["smem"], launch["args"], cfg["name"]))
+            a16, b16 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            torch_ms = median_ms(lambda: a16 @ b16.T)
+            tf, torch_tf = 2 * m * n * k / (ms * 1e-3) / 1e12, 2 * m * n * k / (torch_ms * 1e-3) / 1e12
+            results.append({"kernel": cfg["name"], "m": m, "n": n, "k": k, "ms": ms, "TFLOPs": tf,
+                            "torch_bf16_TFLOPs": torch_tf})
+            print(f"{cfg['name']:36s} {m:5d}x{n:5d}x{k:5d}  {tf:7.1f} TFLOP/s (torch bf16 {torch_tf:7.1f}, ratio {tf / torch_tf:.2f})")
+    json.dump(results, open(args.out, "w"), indent=1)
+    print(f"gemm_check: {failed} failed of {sum(1 for r in results if 'ok' in r)} correctness runs")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# On the build machine: everything benches/device/check.sh needs on the GPU machine, into the git-ignored
+# .device/ (carry it along): the runtime `v3r` and the PTX of the sm_90a template kernels under test.
+#   bash benches/device/prepare.sh && (on the GPU machine) bash benches/device/check.sh
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+cargo build --release -q -p v3c-runtime -p v3c-compiler
+mkdir -p .device/gemm
+cp target/release/v3r .device/
+# GEMM template kernels: bf16 and fp8 block-scaled, f32 and bf16 outputs.
+for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_64x128x128_s6 gemm_fp8_f32_128x64x128_s4; do
+  target/release/v3c dump-ir --stage ptx --kernel "$k" \
+    | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/gemm/$k.ptx"
+  grep -q "\.entry $k(" ".device/gemm/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }
+done
+echo "prepare: .device/ holds v3r and $(ls .device/gemm | wc -l) kernels ($(du -sh .device | cut -f1)); carry it to the GPU machine"
