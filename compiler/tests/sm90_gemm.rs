@@ -69,6 +69,9 @@ fn gemm_configs_compile_to_sm90a_tensor_core_code_without_spills() {
             r.spill_loads_bytes
         );
         assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", kernel.name);
+        // The dynamic ring starts 1024-byte aligned after the (padded) static mbarriers.
+        assert!(r.shared_memory_bytes as usize <= sm90::gemm::STATIC_SHARED_BYTES, "{}: static smem", kernel.name);
+        assert!(kernel.ptx.contains(".extern .shared .align 1024 .b8 __dynamic_shmem__0[];"), "{}", kernel.name);
         if let Some(sass) = sass(&cubin.cubin) {
             let mma = match config.input {
                 GemmInput::Bf16 => "HGMMA.64x",

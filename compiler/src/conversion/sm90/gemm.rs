@@ -50,6 +50,9 @@ pub struct GemmConfig {
 const ROW_BYTES: usize = 128;
 /// Registers a thread keeps for itself beyond the accumulators (addresses, loop state, epilogue).
 const REGISTER_HEADROOM: usize = 64;
+/// Static shared memory beside the dynamic ring: the mbarriers, padded so that the dynamic region
+/// starts 1024-byte aligned (what ptxas reports for these kernels).
+pub const STATIC_SHARED_BYTES: usize = 1024;
 
 impl GemmConfig {
     fn element_bytes(&self) -> usize {
@@ -152,7 +155,7 @@ impl GemmConfig {
         if self.stages < 2 || self.stages > 8 {
             return Err(format!("{name}: {} stages (2..=8 supported)", self.stages));
         }
-        let smem = self.shared_memory_bytes();
+        let smem = self.shared_memory_bytes() + STATIC_SHARED_BYTES;
         if smem > target.max_shared_memory_per_block as usize {
             return Err(format!(
                 "{name}: needs {smem} bytes of shared memory, {} has {} per block",

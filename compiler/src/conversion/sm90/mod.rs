@@ -71,6 +71,17 @@ pub fn lower_gpu_module(context: &Context, text: &str, kernel: &str) -> Result<(
             body.push('\n');
         }
     }
+    // Dynamic shared memory must be the `.extern .shared` array that aliases the launch's dynamic
+    // allocation; convert-gpu-to-nvvm declares it internal (NVPTX then demotes it to a 1-byte static
+    // variable that static allocations like the mbarriers sit next to). 1024-byte alignment: the
+    // 128-byte-swizzled TMA tiles and wgmma descriptors assume 1024-byte-aligned tile bases.
+    let body = body.replace(
+        "llvm.mlir.global internal @__dynamic_shmem__0() {addr_space = 3 : i32, alignment = 16 : i64}",
+        "llvm.mlir.global external @__dynamic_shmem__0() {addr_space = 3 : i32, alignment = 1024 : i64}",
+    );
+    if body.contains("@__dynamic_shmem__0()") && !body.contains("llvm.mlir.global external @__dynamic_shmem__0()") {
+        return Err(fail("the dynamic shared memory global is not declared as this lowering expects".into()));
+    }
     let llvm_text = format!("module {{\n{body}}}\n");
     let llvm_module: Module =
         crate::mlir::parse_module(context, &llvm_text, kernel).map_err(|e| fail(e.to_string()))?;
