@@ -399,10 +399,12 @@ nvgpu.tma.async.load %b_map[%ld_k0, %col0], %bars[{st}] to %ld_b : !bmap, !bar -
     } else {
         cur.clone()
     };
-    // Refill the stage just consumed with K tile kt + stages.
+    // Refill the stage just consumed with K tile kt + stages, once every warp's wgmma has read it
+    // (wgmma.wait_group covers the issuing warp only: the block barrier covers the warpgroup).
     let _ = writeln!(
         t,
-        "    %kn = arith.addi %kt, %c{stages} : index
+        "    gpu.barrier
+    %kn = arith.addi %kt, %c{stages} : index
     %more = arith.cmpi ult, %kn, %k_tiles : index
     %refill = arith.andi %leader, %more : i1
     scf.if %refill {{
