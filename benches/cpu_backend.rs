@@ -14,33 +14,6 @@ use v3c_models::tensor::Tensor;
 use v3c_models::{build, BuildOptions, Entry, ModelConfig, Precision};
 
 /// The small bench config with `changes` applied.
-fn bench_config(changes: &[(&str, usize)]) -> ModelConfig {
-    let mut j: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_TINY_JSON).unwrap();
-    for (k, v) in [
-        ("hidden_size", 512),
-        ("intermediate_size", 1024),
-        ("moe_intermediate_size", 256),
-        ("num_hidden_layers", 2),
-        ("num_attention_heads", 8),
-        ("n_routed_experts", 16),
-        ("num_experts_per_tok", 4),
-        ("n_group", 4),
-        ("topk_group", 2),
-        ("q_lora_rank", 256),
-        ("kv_lora_rank", 128),
-        ("qk_nope_head_dim", 64),
-        ("qk_rope_head_dim", 32),
-        ("v_head_dim", 64),
-        ("vocab_size", 2048),
-        ("num_nextn_predict_layers", 0),
-    ] {
-        j[k] = v.into();
-    }
-    for &(k, v) in changes {
-        j[k] = v.into();
-    }
-    ModelConfig::from_json_str(&j.to_string(), "bench").unwrap()
-}
 
 fn prefill(c: &mut Criterion) {
     prefill_group(c, "prefill_64_tokens", 64, &[]);
@@ -58,7 +31,7 @@ fn prefill(c: &mut Criterion) {
 fn prefill_group(c: &mut Criterion, name: &str, n_tokens: usize, changes: &[(&str, usize)]) {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
-    v3c_models::init::write_random_checkpoint(&bench_config(changes), &ckpt, 1).unwrap();
+    v3c_models::init::write_random_checkpoint(&v3c_benches::bench_config(changes), &ckpt, 1).unwrap();
     let model = Model::open(&ckpt, Precision::F32).unwrap();
     let tokens: Vec<i64> = (0..n_tokens as i64).map(|i| (i * 37) % 2048).collect();
     let positions: Vec<i64> = (0..n_tokens as i64).collect();

@@ -1,3 +1,36 @@
 //! Benchmarks for v3c. CPU benchmarks are criterion benches in this folder (`cargo bench -p
 //! v3c-benches`); GPU timing lives in `benches/device/` (one prepared script, see
 //! `shared/design/GPU-CHECKS.md`), never in timed tests.
+
+use v3c_models::ModelConfig;
+
+/// The CPU benchmarks' model (hidden 512, 2 layers, 8 heads, 16 experts of which 4 routed per token,
+/// head dims 64/32/64, vocabulary 2048), with `changes` (config.json keys) applied; tests that need
+/// the same shapes use it too.
+pub fn bench_config(changes: &[(&str, usize)]) -> ModelConfig {
+    let mut j: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_TINY_JSON).unwrap();
+    for (k, v) in [
+        ("hidden_size", 512),
+        ("intermediate_size", 1024),
+        ("moe_intermediate_size", 256),
+        ("num_hidden_layers", 2),
+        ("num_attention_heads", 8),
+        ("n_routed_experts", 16),
+        ("num_experts_per_tok", 4),
+        ("n_group", 4),
+        ("topk_group", 2),
+        ("q_lora_rank", 256),
+        ("kv_lora_rank", 128),
+        ("qk_nope_head_dim", 64),
+        ("qk_rope_head_dim", 32),
+        ("v_head_dim", 64),
+        ("vocab_size", 2048),
+        ("num_nextn_predict_layers", 0),
+    ] {
+        j[k] = v.into();
+    }
+    for &(k, v) in changes {
+        j[k] = v.into();
+    }
+    ModelConfig::from_json_str(&j.to_string(), "bench").unwrap()
+}

@@ -151,28 +151,7 @@ fn cpu_backend_handles_dims_of_one() {
 /// by 2.2e-3 x max|logit| from the 8th token on, with a different argmax. Now they agree to rounding.
 #[test]
 fn cpu_backend_fp8_sums_attention_in_the_reference_order() {
-    let mut j: serde_json::Value = serde_json::from_str(DEEPSEEK_V3_TINY_JSON).unwrap();
-    for (k, v) in [
-        ("hidden_size", 512),
-        ("intermediate_size", 1024),
-        ("moe_intermediate_size", 256),
-        ("num_hidden_layers", 2),
-        ("num_attention_heads", 8),
-        ("n_routed_experts", 16),
-        ("num_experts_per_tok", 4),
-        ("n_group", 4),
-        ("topk_group", 2),
-        ("q_lora_rank", 256),
-        ("kv_lora_rank", 128),
-        ("qk_nope_head_dim", 64),
-        ("qk_rope_head_dim", 32),
-        ("v_head_dim", 64),
-        ("vocab_size", 2048),
-        ("num_nextn_predict_layers", 0),
-    ] {
-        j[k] = v.into();
-    }
-    let c = v3c_models::init::with_fp8(&ModelConfig::from_json_str(&j.to_string(), "bench").unwrap());
+    let c = v3c_models::init::with_fp8(&v3c_benches::bench_config(&[]));
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
     write_random_checkpoint(&c, &ckpt, 0).unwrap();

@@ -665,25 +665,8 @@ unsafe fn launch(kernel: &CpuKernel, buffers: &[RawBuffer]) -> Result<(), CpuErr
             .collect()
     };
     let (first, second) = (part(0, half), part(half, rows - half));
-    /// Moves a borrowed kernel and raw buffers into the second thread.
-    struct Job<'a>(&'a CpuKernel, Vec<RawBuffer>);
-    // SAFETY: the JIT-compiled function is reentrant (no global state; its temporaries come from
-    // malloc), and the two jobs write disjoint row ranges of the outputs.
-    unsafe impl Send for Job<'_> {}
-    let job = Job(kernel, second);
-    std::thread::scope(|scope| {
-        let other = scope.spawn(move || {
-            let job = job;
-            // SAFETY: forwarded contract, on the second half of the rows.
-            unsafe { job.0.run_raw(&job.1) }
-        });
-        // SAFETY: forwarded contract, on the first half of the rows.
-        let mine = unsafe { kernel.run_raw(&first) };
-        let theirs = other.join().unwrap_or_else(|_| {
-            Err(CpuError::Run { kernel: kernel.name.clone(), problem: "worker thread panicked".into() })
-        });
-        mine.and(theirs)
-    })
+    // SAFETY: forwarded contract; the halves write disjoint row ranges of the outputs.
+    unsafe { run_two(kernel, (&first, 0, 1), (&second, 0, 1)) }
 }
 
 /// Runs the two shares of a partitioned kernel on two threads (disjoint output columns).
@@ -691,23 +674,37 @@ unsafe fn launch(kernel: &CpuKernel, buffers: &[RawBuffer]) -> Result<(), CpuErr
 /// # Safety
 /// As [`CpuKernel::run_part`].
 unsafe fn run_parts(kernel: &CpuKernel, buffers: &[RawBuffer]) -> Result<(), CpuError> {
+    // SAFETY: forwarded contract; the shares write disjoint columns.
+    unsafe { run_two(kernel, (buffers, 0, 2), (buffers, 1, 2)) }
+}
+
+/// Runs two jobs `(buffers, part, parts)` of `kernel` at once, the second on another thread.
+///
+/// # Safety
+/// As [`CpuKernel::run_part`] for each job, and the two jobs write disjoint elements (the
+/// JIT-compiled function is reentrant: no global state, temporaries from malloc).
+unsafe fn run_two(
+    kernel: &CpuKernel,
+    mine: (&[RawBuffer], usize, usize),
+    theirs: (&[RawBuffer], usize, usize),
+) -> Result<(), CpuError> {
     /// Moves a borrowed kernel and raw buffers into the second thread.
-    struct Job<'a>(&'a CpuKernel, &'a [RawBuffer]);
-    // SAFETY: the JIT-compiled function is reentrant, and the two shares write disjoint columns.
+    struct Job<'a>(&'a CpuKernel, &'a [RawBuffer], usize, usize);
+    // SAFETY: see the function's contract: the jobs touch disjoint outputs.
     unsafe impl Send for Job<'_> {}
-    let job = Job(kernel, buffers);
+    let job = Job(kernel, theirs.0, theirs.1, theirs.2);
     std::thread::scope(|scope| {
         let other = scope.spawn(move || {
             let job = job;
-            // SAFETY: forwarded contract, share 1 of 2.
-            unsafe { job.0.run_part(job.1, 1, 2) }
+            // SAFETY: forwarded contract.
+            unsafe { job.0.run_part(job.1, job.2, job.3) }
         });
-        // SAFETY: forwarded contract, share 0 of 2.
-        let mine = unsafe { kernel.run_part(buffers, 0, 2) };
-        let theirs = other.join().unwrap_or_else(|_| {
+        // SAFETY: forwarded contract.
+        let result = unsafe { kernel.run_part(mine.0, mine.1, mine.2) };
+        let other = other.join().unwrap_or_else(|_| {
             Err(CpuError::Run { kernel: kernel.name.clone(), problem: "worker thread panicked".into() })
         });
-        mine.and(theirs)
+        result.and(other)
     })
 }
 
