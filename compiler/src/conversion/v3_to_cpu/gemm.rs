@@ -112,47 +112,82 @@ impl Emitter {
     /// y = x @ w^T for x [M, K] f32 and a dense w [N, K] (f32 or bf16) into `dest` [M, N]: rows
     /// four at a time then one at a time, each row tile as tagged linalg on tensors for the
     /// module's transform script (see the module docs).
-    pub(super) fn gemm_vectorized(&mut self, x: &(String, Shape), w: &(String, Shape), dest: &str, out: &Shape) {
-        let k = x.1.dims[1].unwrap_or(0);
-        let n = w.1.dims[0].unwrap_or(0);
+    /// The tensor-level text of one GEMM tile, `ys[r, n] = xs[r, k] . w^T`, tagged for the transform
+    /// script: `xs` / `ys` are memref values with their types (static `r x k` / `r x n`), `w3` a
+    /// `tensor<n x k/L x L x el>` value (the weight viewed as K-outer x lanes), `%gz` an f32 zero.
+    /// SSA names end in `sfx` so that several tiles can share a region.
+    pub(super) fn gemm_tile(
+        &mut self,
+        (xs, xs_ty): (&str, &str),
+        (ys, ys_ty): (&str, &str),
+        w3: &str,
+        (r, n, k): (usize, usize, usize),
+        el: &str,
+        sfx: &str,
+    ) -> String {
         let (l, tn) = (lanes_for(k), column_tile(n));
         if !self.column_tiles.contains(&tn) {
             self.column_tiles.push(tn);
         }
         let ko = k / l;
+        let widen = if el == "f32" {
+            format!("%bf{sfx} = arith.addf %b{sfx}, %gz : f32")
+        } else {
+            format!("%bf{sfx} = arith.extf %b{sfx} : {el} to f32")
+        };
+        format!(
+            "%xt{sfx} = bufferization.to_tensor {xs} restrict : {xs_ty} to tensor<{r}x{k}xf32>
+%x3{sfx} = tensor.expand_shape %xt{sfx} [[0], [1, 2]] output_shape [{r}, {ko}, {l}] : tensor<{r}x{k}xf32> into tensor<{r}x{ko}x{l}xf32>
+%pe{sfx} = tensor.empty() : tensor<{r}x{n}x{l}xf32>
+%pz{sfx} = linalg.fill ins(%gz : f32) outs(%pe{sfx} : tensor<{r}x{n}x{l}xf32>) -> tensor<{r}x{n}x{l}xf32>
+%part{sfx} = linalg.generic {{indexing_maps = [affine_map<(m, n, ko, l) -> (m, ko, l)>, affine_map<(m, n, ko, l) -> (n, ko, l)>, affine_map<(m, n, ko, l) -> (m, n, l)>], iterator_types = [\"parallel\", \"parallel\", \"reduction\", \"parallel\"]}} ins(%x3{sfx}, {w3} : tensor<{r}x{ko}x{l}xf32>, tensor<{n}x{ko}x{l}x{el}>) outs(%pz{sfx} : tensor<{r}x{n}x{l}xf32>) attrs = {{v3c.gemm = \"partial\"}} {{
+^bb0(%a{sfx}: f32, %b{sfx}: {el}, %c{sfx}: f32):
+  {widen}
+  %pr{sfx} = arith.mulf %a{sfx}, %bf{sfx} : f32
+  %s{sfx} = arith.addf %c{sfx}, %pr{sfx} : f32
+  linalg.yield %s{sfx} : f32
+}} -> tensor<{r}x{n}x{l}xf32>
+%ye{sfx} = tensor.empty() : tensor<{r}x{n}xf32>
+%yz{sfx} = linalg.fill ins(%gz : f32) outs(%ye{sfx} : tensor<{r}x{n}xf32>) -> tensor<{r}x{n}xf32>
+%res{sfx} = linalg.generic {{indexing_maps = [affine_map<(m, n, l) -> (m, n, l)>, affine_map<(m, n, l) -> (m, n)>], iterator_types = [\"parallel\", \"parallel\", \"reduction\"]}} ins(%part{sfx} : tensor<{r}x{n}x{l}xf32>) outs(%yz{sfx} : tensor<{r}x{n}xf32>) attrs = {{v3c.gemm = \"reduce_n{tn}\"}} {{
+^bb0(%a{sfx}: f32, %c{sfx}: f32):
+  %s{sfx} = arith.addf %c{sfx}, %a{sfx} : f32
+  linalg.yield %s{sfx} : f32
+}} -> tensor<{r}x{n}xf32>
+bufferization.materialize_in_destination %res{sfx} in restrict writable {ys} : (tensor<{r}x{n}xf32>, {ys_ty}) -> ()"
+        )
+    }
+
+    /// The weight `w` ([n, k] memref value of type `w_ty`) as the `tensor<n x k/L x L x el>` value
+    /// `name` that [`Emitter::gemm_tile`] takes.
+    pub(super) fn gemm_weight(w: &str, w_ty: &str, (n, k): (usize, usize), el: &str, name: &str) -> String {
+        let (l, ko) = (lanes_for(k), k / lanes_for(k));
+        format!(
+            "{name}_t = bufferization.to_tensor {w} restrict : {w_ty} to tensor<{n}x{k}x{el}>
+{name} = tensor.expand_shape {name}_t [[0], [1, 2]] output_shape [{n}, {ko}, {l}] : tensor<{n}x{k}x{el}> into tensor<{n}x{ko}x{l}x{el}>"
+        )
+    }
+
+    /// y = x @ w^T for x [M, K] f32 and a dense w [N, K] (f32 or bf16) into `dest` [M, N]: rows
+    /// four at a time then one at a time, each row tile a [`Emitter::gemm_tile`].
+    pub(super) fn gemm_vectorized(&mut self, x: &(String, Shape), w: &(String, Shape), dest: &str, out: &Shape) {
+        let k = x.1.dims[1].unwrap_or(0);
+        let n = w.1.dims[0].unwrap_or(0);
         let el = storage(&w.1.element).to_string();
         let (x_ty, w_ty, o_ty) = (memref(&x.1), memref(&w.1), memref(out));
-        let widen = if el == "f32" {
-            "%bf = arith.addf %b, %gz : f32".to_string()
-        } else {
-            format!("%bf = arith.extf %b : {el} to f32")
-        };
-        let body = |r: usize| {
+        let mut body = |r: usize| {
+            let xs_ty = format!("memref<{r}x{k}xf32, strided<[{k}, 1], offset: ?>>");
+            let ys_ty = format!("memref<{r}x{n}xf32, strided<[{n}, 1], offset: ?>>");
             format!(
-                "%xs = memref.subview {xv}[%r, 0] [{r}, {k}] [1, 1] : {x_ty} to memref<{r}x{k}xf32, strided<[{k}, 1], offset: ?>>
-%ys = memref.subview {dest}[%r, 0] [{r}, {n}] [1, 1] : {o_ty} to memref<{r}x{n}xf32, strided<[{n}, 1], offset: ?>>
-%xt = bufferization.to_tensor %xs restrict : memref<{r}x{k}xf32, strided<[{k}, 1], offset: ?>> to tensor<{r}x{k}xf32>
-%x3 = tensor.expand_shape %xt [[0], [1, 2]] output_shape [{r}, {ko}, {l}] : tensor<{r}x{k}xf32> into tensor<{r}x{ko}x{l}xf32>
-%pe = tensor.empty() : tensor<{r}x{n}x{l}xf32>
-%pz = linalg.fill ins(%gz : f32) outs(%pe : tensor<{r}x{n}x{l}xf32>) -> tensor<{r}x{n}x{l}xf32>
-%part = linalg.generic {{indexing_maps = [affine_map<(m, n, ko, l) -> (m, ko, l)>, affine_map<(m, n, ko, l) -> (n, ko, l)>, affine_map<(m, n, ko, l) -> (m, n, l)>], iterator_types = [\"parallel\", \"parallel\", \"reduction\", \"parallel\"]}} ins(%x3, %w3 : tensor<{r}x{ko}x{l}xf32>, tensor<{n}x{ko}x{l}x{el}>) outs(%pz : tensor<{r}x{n}x{l}xf32>) attrs = {{v3c.gemm = \"partial\"}} {{
-^bb0(%a: f32, %b: {el}, %c: f32):
-  {widen}
-  %pr = arith.mulf %a, %bf : f32
-  %s = arith.addf %c, %pr : f32
-  linalg.yield %s : f32
-}} -> tensor<{r}x{n}x{l}xf32>
-%ye = tensor.empty() : tensor<{r}x{n}xf32>
-%yz = linalg.fill ins(%gz : f32) outs(%ye : tensor<{r}x{n}xf32>) -> tensor<{r}x{n}xf32>
-%res = linalg.generic {{indexing_maps = [affine_map<(m, n, l) -> (m, n, l)>, affine_map<(m, n, l) -> (m, n)>], iterator_types = [\"parallel\", \"parallel\", \"reduction\"]}} ins(%part : tensor<{r}x{n}x{l}xf32>) outs(%yz : tensor<{r}x{n}xf32>) attrs = {{v3c.gemm = \"reduce_n{tn}\"}} {{
-^bb0(%a: f32, %c: f32):
-  %s = arith.addf %c, %a : f32
-  linalg.yield %s : f32
-}} -> tensor<{r}x{n}xf32>
-bufferization.materialize_in_destination %res in restrict writable %ys : (tensor<{r}x{n}xf32>, memref<{r}x{n}xf32, strided<[{n}, 1], offset: ?>>) -> ()",
+                "%xs = memref.subview {xv}[%r, 0] [{r}, {k}] [1, 1] : {x_ty} to {xs_ty}
+%ys = memref.subview {dest}[%r, 0] [{r}, {n}] [1, 1] : {o_ty} to {ys_ty}
+{tile}",
                 xv = x.0,
+                tile = self.gemm_tile(("%xs", &xs_ty), ("%ys", &ys_ty), "%w3", (r, n, k), &el, ""),
             )
         };
+        let (body4, body1) = (body(4), body(1));
+        let weight = Self::gemm_weight(&w.0, &w_ty, (n, k), &el, "%w3");
         self.line(&format!(
             "scf.execute_region {{
       %c0 = arith.constant 0 : index
@@ -162,8 +197,7 @@ bufferization.materialize_in_destination %res in restrict writable %ys : (tensor
       %rows = memref.dim {xv}, %c0 : {x_ty}
       %rrem = arith.remui %rows, %c4 : index
       %rows4 = arith.subi %rows, %rrem : index
-      %wt = bufferization.to_tensor {wv} restrict : {w_ty} to tensor<{n}x{k}x{el}>
-      %w3 = tensor.expand_shape %wt [[0], [1, 2]] output_shape [{n}, {ko}, {l}] : tensor<{n}x{k}x{el}> into tensor<{n}x{ko}x{l}x{el}>
+{weight}
       scf.for %r = %c0 to %rows4 step %c4 {{
 {body4}
       }}
@@ -173,9 +207,9 @@ bufferization.materialize_in_destination %res in restrict writable %ys : (tensor
       scf.yield
     }}",
             xv = x.0,
-            wv = w.0,
-            body4 = indent(&body(4), 8),
-            body1 = indent(&body(1), 8),
+            weight = indent(&weight, 6),
+            body4 = indent(&body4, 8),
+            body1 = indent(&body1, 8),
         ));
     }
 }
