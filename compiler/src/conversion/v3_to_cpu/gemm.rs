@@ -64,6 +64,11 @@ pub(super) fn transform_script(column_tiles: &[usize]) -> String {
     format!(
         "module attributes {{transform.with_named_sequence}} {{
   transform.named_sequence @__transform_main(%root: !transform.any_op {{transform.consumed}}) {{
+    // First, every tile's result goes straight into its destination buffer: the empty tensors
+    // become those buffers before anything (CSE) could merge identical empties of different tiles
+    // into one buffer.
+    %f0 = transform.structured.match ops{{[\"func.func\"]}} in %root : (!transform.any_op) -> !transform.any_op
+    transform.bufferization.eliminate_empty_tensors %f0 : !transform.any_op
 {blocks}    %fv = transform.structured.match ops{{[\"func.func\"]}} in %root : (!transform.any_op) -> !transform.any_op
     transform.apply_patterns to %fv {{
       transform.apply_patterns.tensor.fold_tensor_subset_ops_into_vector_transfers
@@ -113,7 +118,8 @@ impl Emitter {
     /// four at a time then one at a time, each row tile as tagged linalg on tensors for the
     /// module's transform script (see the module docs).
     /// The tensor-level text of one GEMM tile, `ys[r, n] = xs[r, k] . w^T`, tagged for the transform
-    /// script: `xs` / `ys` are memref values with their types (static `r x k` / `r x n`), `w3` a
+    /// script: `xs` a memref or tensor value and `ys` a memref value, with their types (static
+    /// `r x k` / `r x n`), `w3` a
     /// `tensor<n x k/L x L x el>` value (the weight viewed as K-outer x lanes), `%gz` an f32 zero.
     /// SSA names end in `sfx` so that several tiles can share a region.
     pub(super) fn gemm_tile(
@@ -135,8 +141,15 @@ impl Emitter {
         } else {
             format!("%bf{sfx} = arith.extf %b{sfx} : {el} to f32")
         };
+        // A tensor operand is used as is (several tiles may read one gathered tile: one restrict
+        // to_tensor per buffer); a memref is brought in here.
+        let bring = if xs_ty.starts_with("tensor<") {
+            format!("%xt{sfx} = tensor.cast {xs} : {xs_ty} to tensor<{r}x{k}xf32>")
+        } else {
+            format!("%xt{sfx} = bufferization.to_tensor {xs} restrict : {xs_ty} to tensor<{r}x{k}xf32>")
+        };
         format!(
-            "%xt{sfx} = bufferization.to_tensor {xs} restrict : {xs_ty} to tensor<{r}x{k}xf32>
+            "{bring}
 %x3{sfx} = tensor.expand_shape %xt{sfx} [[0], [1, 2]] output_shape [{r}, {ko}, {l}] : tensor<{r}x{k}xf32> into tensor<{r}x{ko}x{l}xf32>
 %pe{sfx} = tensor.empty() : tensor<{r}x{n}x{l}xf32>
 %pz{sfx} = linalg.fill ins(%gz : f32) outs(%pe{sfx} : tensor<{r}x{n}x{l}xf32>) -> tensor<{r}x{n}x{l}xf32>

@@ -257,8 +257,10 @@ scf.for %e = %c0 to %ctot step %c1 {{
     }
 
     /// Grouped gate/up GEMM with SwiGLU, f32 activations and f32/bf16 weights: rows of an expert
-    /// four at a time (each weight vector loaded serves four rows), dot products over D `LANES`
-    /// wide, the partition's intermediate columns only.
+    /// four at a time (then one at a time) are gathered into a contiguous tile, and each half of the
+    /// intermediate columns (whole 128-column groups; half `h` belongs to share `h * parts / 2`) is a
+    /// pair of [`Emitter::gemm_tile`]s (gate, up) on the expert's weight rows, then SwiGLU into the
+    /// permuted output rows.
     pub(super) fn gate_up(
         &mut self,
         g: &Grouped,
@@ -272,8 +274,6 @@ scf.for %e = %c0 to %ctot step %c1 {{
         let width = out.dims[1].unwrap_or(0);
         let el = storage(&gate.1.element).to_string();
         let wty = format!("memref<?x{inter}x{d}x{el}>");
-        let vf = format!("vector<{LANES}xf32>");
-        let x_ty = memref(&x.1);
         let mut pre = Vec::new();
         let mut views = [None, None];
         if let Some(sh) = shared {
@@ -291,122 +291,98 @@ scf.for %e = %c0 to %ctot step %c1 {{
         let (pg, kg) = Self::select_weight(gate, views[0].as_deref(), &wty, "%wg");
         let (pu, ku) = Self::select_weight(up, views[1].as_deref(), &wty, "%wu");
         pre.extend([pg, pu]);
-        let gwiden = widen_vector(&gate.1.element, "%gv0", "%gvv");
-        let uwiden = widen_vector(&up.1.element, "%uv0", "%uvv");
-        let (gl, ul) = (load_f32(&gate.1.element, "%graw", "%gv"), load_f32(&up.1.element, "%uraw", "%uv"));
-        let rows4 = format!(
-            "{tok}
-scf.for %i = %ilo to %ihi step %c1 {{
-  %va:8 = scf.for %j = %c0 to %cdv step %cl iter_args({va_args}) -> ({vf8}) {{
-    %gv0 = vector.load %wg[%ex, %i, %j] : {wty}, vector<{LANES}x{el}>
-    {gwiden}
-    %uv0 = vector.load %wu[%ex, %i, %j] : {wty}, vector<{LANES}x{el}>
-    {uwiden}
-{xload}
-{fmas}
-    scf.yield {yields} : {vf8}
-  }}
-{reduce}
-  %sa:8 = scf.for %j = %cdv to %cd step %c1 iter_args({sa_args}) -> ({f8}) {{
-    %graw = memref.load %wg[%ex, %i, %j] : {wty}
-    {gl}
-    %uraw = memref.load %wu[%ex, %i, %j] : {wty}
-    {ul}
-{stail}
-    scf.yield {syields} : {f8}
-  }}
-{silu}
-}}",
-            tok = four(
-                |r| {
-                    format!(
-                    "%gi{r} = arith.addi %g, %c{r} : index\n%t{r}32 = memref.load %rflat[%gi{r}] : memref<?xi32>\n%t{r} = arith.index_cast %t{r}32 : i32 to index"
-                )
-                },
-                "\n"
-            ),
-            va_args = four(|r| format!("%ag{r} = %zv, %au{r} = %zv"), ", "),
-            vf8 = vec![vf.clone(); 8].join(", "),
-            f8 = ["f32"; 8].join(", "),
-            xload = four(|r| format!("    %x{r} = vector.load {}[%t{r}, %j] : {x_ty}, {vf}", x.0), "\n"),
-            fmas = four(
-                |r| {
-                    format!(
-                    "    %fg{r} = vector.fma %x{r}, %gvv, %ag{r} : {vf}\n    %fu{r} = vector.fma %x{r}, %uvv, %au{r} : {vf}"
-                )
-                },
-                "\n"
-            ),
-            yields = four(|r| format!("%fg{r}, %fu{r}"), ", "),
-            reduce = four(
-                |r| {
-                    format!(
-                    "  %rg{r} = vector.reduction <add>, %va#{} : {vf} into f32\n  %ru{r} = vector.reduction <add>, %va#{} : {vf} into f32",
-                    2 * r,
-                    2 * r + 1
-                )
-                },
-                "\n"
-            ),
-            sa_args = four(|r| format!("%sg{r} = %rg{r}, %su{r} = %ru{r}"), ", "),
-            stail = four(
-                |r| {
-                    format!(
-                    "    %xs{r} = memref.load {}[%t{r}, %j] : {x_ty}\n    %mg{r} = arith.mulf %xs{r}, %gv : f32\n    %mu{r} = arith.mulf %xs{r}, %uv : f32\n    %ng{r} = arith.addf %sg{r}, %mg{r} : f32\n    %nu{r} = arith.addf %su{r}, %mu{r} : f32",
-                    x.0
-                )
-                },
-                "\n"
-            ),
-            syields = four(|r| format!("%ng{r}, %nu{r}"), ", "),
-            silu = four(
-                |r| {
-                    format!(
-                    "  %neg{r} = arith.negf %sa#{g} : f32\n  %ex{r} = math.exp %neg{r} : f32\n  %dn{r} = arith.addf %one, %ex{r} : f32\n  %sl{r} = arith.divf %sa#{g}, %dn{r} : f32\n  %hv{r} = arith.mulf %sl{r}, %sa#{u} : f32\n  memref.store %hv{r}, %hflat[%gi{r}, %i] : memref<?x{inter}xf32>",
-                    g = 2 * r,
-                    u = 2 * r + 1
-                )
-                },
-                "\n"
-            ),
-        );
-        let rows1 = format!(
-            "%t32 = memref.load %rflat[%g] : memref<?xi32>
-%t = arith.index_cast %t32 : i32 to index
-scf.for %i = %ilo to %ihi step %c1 {{
-  %vacc:2 = scf.for %j = %c0 to %cdv step %cl iter_args(%vg = %zv, %vu = %zv) -> ({vf}, {vf}) {{
-    %xvv = vector.load {xv}[%t, %j] : {x_ty}, {vf}
-    %gv0 = vector.load %wg[%ex, %i, %j] : {wty}, vector<{LANES}x{el}>
-    {gwiden}
-    %uv0 = vector.load %wu[%ex, %i, %j] : {wty}, vector<{LANES}x{el}>
-    {uwiden}
-    %fg = vector.fma %xvv, %gvv, %vg : {vf}
-    %fu = vector.fma %xvv, %uvv, %vu : {vf}
-    scf.yield %fg, %fu : {vf}, {vf}
-  }}
-  %sg0 = vector.reduction <add>, %vacc#0 : {vf} into f32
-  %su0 = vector.reduction <add>, %vacc#1 : {vf} into f32
-  %acc:2 = scf.for %j = %cdv to %cd step %c1 iter_args(%ag = %sg0, %au = %su0) -> (f32, f32) {{
-    %xv = memref.load {xv}[%t, %j] : {x_ty}
-    %graw = memref.load %wg[%ex, %i, %j] : {wty}
-    {gl}
-    %uraw = memref.load %wu[%ex, %i, %j] : {wty}
-    {ul}
-    %mg = arith.mulf %xv, %gv : f32
-    %mu = arith.mulf %xv, %uv : f32
-    %ng = arith.addf %ag, %mg : f32
-    %nu = arith.addf %au, %mu : f32
-    scf.yield %ng, %nu : f32, f32
-  }}
-  %neg = arith.negf %acc#0 : f32
-  %exn = math.exp %neg : f32
-  %dn = arith.addf %one, %exn : f32
-  %sg = arith.divf %acc#0, %dn : f32
-  %hv = arith.mulf %sg, %acc#1 : f32
-  memref.store %hv, %hflat[%g, %i] : memref<?x{inter}xf32>
-}}",
-            xv = x.0,
-        );
+        let x_ty = memref(&x.1);
+        // Halves of the intermediate columns at 128-column group boundaries.
+        let first = (inter.div_ceil(GATE_UP_GRANULE).div_ceil(2) * GATE_UP_GRANULE).min(inter);
+        let halves: Vec<(usize, usize, usize)> =
+            [(0, 0, first), (1, first, inter - first)].into_iter().filter(|h| h.2 > 0).collect();
+        let mut temps = vec![
+            format!("%xg4 = memref.alloc() : memref<4x{d}xf32>"),
+            format!("%xg1 = memref.alloc() : memref<1x{d}xf32>"),
+        ];
+        for &(h, _, w) in &halves {
+            for r in [4, 1] {
+                temps.push(format!("%gt{r}_{h} = memref.alloc() : memref<{r}x{w}xf32>\n%ut{r}_{h} = memref.alloc() : memref<{r}x{w}xf32>"));
+            }
+        }
+        let frees: Vec<String> = temps
+            .iter()
+            .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+            .map(|l| {
+                let (name, ty) = l.split_once(" = memref.alloc() : ").unwrap_or_default();
+                format!("memref.dealloc {name} : {ty}")
+            })
+            .collect();
+        // Rows %g.. of one expert: gather r rows, then per owned half gate and up tiles and SwiGLU.
+        let mut group = |r: usize| {
+            let mut t = String::new();
+            for i in 0..r {
+                t.push_str(&format!(
+                    "%gi{i} = arith.addi %g, %c{i} : index\n%t{i}32 = memref.load %rflat[%gi{i}] : memref<?xi32>\n%t{i} = arith.index_cast %t{i}32 : i32 to index\n"
+                ));
+            }
+            let copies: String = (0..r)
+                .map(|i| format!("  %xv{i} = memref.load {xv}[%t{i}, %j] : {x_ty}\n  memref.store %xv{i}, %xg{r}[%c{i}, %j] : memref<{r}x{d}xf32>\n", xv = x.0))
+                .collect();
+            t.push_str(&format!(
+                "scf.for %j = %c0 to %cd step %c1 {{\n{copies}}}\n%xgt = bufferization.to_tensor %xg{r} restrict : memref<{r}x{d}xf32> to tensor<{r}x{d}xf32>\n"
+            ));
+            for &(h, c0, w) in &halves {
+                let sub = |wv: &str| {
+                    format!("memref.subview {wv}[%ex, {c0}, 0] [1, {w}, {d}] [1, 1, 1] : {wty} to memref<{w}x{d}x{el}, strided<[{d}, 1], offset: ?>>")
+                };
+                let wsub_ty = format!("memref<{w}x{d}x{el}, strided<[{d}, 1], offset: ?>>");
+                let tiles = [("%wg", "%gt", "g"), ("%wu", "%ut", "u")]
+                    .iter()
+                    .map(|(wv, dst, tag)| {
+                        let sfx = format!("{tag}{r}_{h}");
+                        format!(
+                            "%ws{sfx} = {}\n{}\n{}",
+                            sub(wv),
+                            Self::gemm_weight(&format!("%ws{sfx}"), &wsub_ty, (w, d), &el, &format!("%w3{sfx}")),
+                            self.gemm_tile(
+                                ("%xgt", &format!("tensor<{r}x{d}xf32>")),
+                                (&format!("{dst}{r}_{h}"), &format!("memref<{r}x{w}xf32>")),
+                                &format!("%w3{sfx}"),
+                                (r, w, d),
+                                &el,
+                                &sfx,
+                            )
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let silu: String = (0..r)
+                    .map(|i| {
+                        format!(
+                            "  %sg{i} = memref.load %gt{r}_{h}[%c{i}, %i] : memref<{r}x{w}xf32>\n  %su{i} = memref.load %ut{r}_{h}[%c{i}, %i] : memref<{r}x{w}xf32>\n  %sn{i} = arith.negf %sg{i} : f32\n  %se{i} = math.exp %sn{i} : f32\n  %sd{i} = arith.addf %one, %se{i} : f32\n  %ss{i} = arith.divf %sg{i}, %sd{i} : f32\n  %swi{i} = arith.mulf %ss{i}, %su{i} : f32\n  %col{i} = arith.addi %i, %c{c0}h : index\n  memref.store %swi{i}, %hflat[%gi{i}, %col{i}] : memref<?x{inter}xf32>\n"
+                        )
+                    })
+                    .collect();
+                t.push_str(&format!(
+                    "%own{h}a = arith.muli %parts, %c{h} : index\n%own{h}b = arith.divui %own{h}a, %c2 : index\n%own{h} = arith.cmpi eq, %own{h}b, %part : index\nscf.if %own{h} {{\n{}\nscf.for %i = %c0 to %c{w}w step %c1 {{\n{silu}}}\n}}\n",
+                    indent(&tiles, 2)
+                ));
+            }
+            t
+        };
+        let (rows4, rows1) = (group(4), group(1));
+        let mut consts = String::new();
+        for &(_, c0, w) in &halves {
+            consts.push_str(&format!("%c{c0}h = arith.constant {c0} : index\n%c{w}w = arith.constant {w} : index\n"));
+        }
+        let consts: String = {
+            let mut seen = Vec::new();
+            consts
+                .lines()
+                .filter(|l| {
+                    let keep = !seen.contains(l);
+                    seen.push(l);
+                    keep
+                })
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
         let body = Self::expert_loop(g, &format!("{kg}\n{ku}"), Some(&rows4), &rows1);
         self.line(&format!(
             "scf.execute_region {{
@@ -416,21 +392,20 @@ scf.for %i = %ilo to %ihi step %c1 {{
 %c3 = arith.constant 3 : index
 %c4 = arith.constant 4 : index
 %cd = arith.constant {d} : index
-%cdv = arith.constant {dv} : index
-%cl = arith.constant {LANES} : index
-%zv = arith.constant dense<0.0> : {vf}
-%hflat = memref.collapse_shape {dest} [[0, 1], [2]] : {o_ty} into memref<?x{inter}xf32>
+%gz = arith.constant 0.0 : f32
+{consts}%hflat = memref.collapse_shape {dest} [[0, 1], [2]] : {o_ty} into memref<?x{inter}xf32>
 %rflat = memref.collapse_shape {rv} [[0, 1]] : memref<?x{width}xi32> into memref<?xi32>
-{range}
+{temps}
 {pre}
 {body}
+{frees}
 scf.yield
 }}",
-            dv = d - d % LANES,
             o_ty = memref(out),
             rv = rows.0,
-            range = partition_range(inter, GATE_UP_GRANULE, "%ilo", "%ihi"),
+            temps = temps.join("\n"),
             pre = pre.join("\n"),
+            frees = frees.join("\n"),
         ));
     }
 
