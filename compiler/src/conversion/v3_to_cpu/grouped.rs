@@ -7,7 +7,6 @@
 //! of the same rows. Experts `0..E` read the stacked routed weights, experts `E..E+S` the shared
 //! expert's (row blocks of [S*I, D] for gate/up, column blocks of [D, S*I] for down, both views).
 
-use super::gemm::{widen_vector, LANES};
 use super::moe::RouteSpec;
 use super::*;
 
@@ -43,11 +42,6 @@ pub(super) struct Grouped<'a> {
     pub(super) rows: &'a (String, Shape),
     pub(super) experts: usize,
     pub(super) shared: usize,
-}
-
-/// Four names `{p}0..{p}3` joined, or lines.
-fn four(f: impl Fn(usize) -> String, sep: &str) -> String {
-    (0..4).map(f).collect::<Vec<_>>().join(sep)
 }
 
 impl Emitter {
@@ -410,7 +404,9 @@ scf.yield
     }
 
     /// Grouped down GEMM with the combine: out = 0 on the partition's columns, then per expert,
-    /// rows four at a time: out[token, o] += weight * (h[row] . down_e[o]); then + residual.
+    /// rows four at a time (then one at a time): per owned half of the output columns a
+    /// [`Emitter::gemm_tile`] of the permuted rows (contiguous) against the expert's weight rows,
+    /// scattered as out[token, o] += weight * tile[row, o]; then + residual.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn down(
         &mut self,
@@ -425,7 +421,6 @@ scf.yield
         let (d, inter) = (down.1.dims[1].unwrap_or(0), down.1.dims[2].unwrap_or(0));
         let el = storage(&down.1.element).to_string();
         let wty = format!("memref<?x{d}x{inter}x{el}, strided<[?, ?, 1], offset: ?>>");
-        let vf = format!("vector<{LANES}xf32>");
         let o_ty = memref(out);
         let mut pre = Vec::new();
         let view = shared.map(|sd| {
@@ -442,103 +437,87 @@ scf.yield
         });
         let (pd, kd) = Self::select_weight(down, view.as_deref(), &wty, "%wd");
         pre.push(pd);
-        let dwiden = widen_vector(&down.1.element, "%dv0", "%dvv");
-        let dl = load_f32(&down.1.element, "%draw", "%dv");
         let finish = Self::add_residual(residual, dest, &o_ty);
-        let rows4 = format!(
-            "{tok}
-scf.for %o = %olo to %ohi step %c1 {{
-  %vd:4 = scf.for %i = %c0 to %civ step %cl iter_args({vd_args}) -> ({vf4}) {{
-    %dv0 = vector.load %wd[%ex, %o, %i] : {wty}, vector<{LANES}x{el}>
-    {dwiden}
-{hload}
-    scf.yield {dyields} : {vf4}
-  }}
-{dreduce}
-  %sd:4 = scf.for %i = %civ to %ci step %c1 iter_args({sd_args}) -> (f32, f32, f32, f32) {{
-    %draw = memref.load %wd[%ex, %o, %i] : {wty}
-    {dl}
-{dtail}
-    scf.yield {dsyields} : f32, f32, f32, f32
-  }}
-{accumulate}
-}}",
-            tok = four(
-                |r| {
-                    format!(
-                    "%gi{r} = arith.addi %g, %c{r} : index\n%t{r}32 = memref.load %rflat[%gi{r}] : memref<?xi32>\n%t{r} = arith.index_cast %t{r}32 : i32 to index\n%w{r} = memref.load %wflat[%gi{r}] : memref<?xf32>"
-                )
-                },
-                "\n"
-            ),
-            vd_args = four(|r| format!("%ad{r} = %zv"), ", "),
-            vf4 = vec![vf.clone(); 4].join(", "),
-            hload = four(
-                |r| {
-                    format!(
-                    "    %hh{r} = vector.load %hflat[%gi{r}, %i] : memref<?x{inter}xf32>, {vf}\n    %fd{r} = vector.fma %hh{r}, %dvv, %ad{r} : {vf}"
-                )
-                },
-                "\n"
-            ),
-            dyields = four(|r| format!("%fd{r}"), ", "),
-            dreduce = four(|r| format!("  %rd{r} = vector.reduction <add>, %vd#{r} : {vf} into f32"), "\n"),
-            sd_args = four(|r| format!("%td{r} = %rd{r}"), ", "),
-            dtail = four(
-                |r| {
-                    format!(
-                    "    %hs{r} = memref.load %hflat[%gi{r}, %i] : memref<?x{inter}xf32>\n    %md{r} = arith.mulf %hs{r}, %dv : f32\n    %nd{r} = arith.addf %td{r}, %md{r} : f32"
-                )
-                },
-                "\n"
-            ),
-            dsyields = four(|r| format!("%nd{r}"), ", "),
-            accumulate = four(
-                |r| {
-                    format!(
-                    "  %cur{r} = memref.load {dest}[%t{r}, %o] : {o_ty}\n  %wa{r} = arith.mulf %w{r}, %sd#{r} : f32\n  %sum{r} = arith.addf %cur{r}, %wa{r} : f32\n  memref.store %sum{r}, {dest}[%t{r}, %o] : {o_ty}"
-                )
-                },
-                "\n"
-            ),
-        );
-        let rows1 = format!(
-            "%t32 = memref.load %rflat[%g] : memref<?xi32>
-%t = arith.index_cast %t32 : i32 to index
-%wt = memref.load %wflat[%g] : memref<?xf32>
-scf.for %o = %olo to %ohi step %c1 {{
-  %dacc = scf.for %i = %c0 to %civ step %cl iter_args(%vd = %zv) -> ({vf}) {{
-    %hvv = vector.load %hflat[%g, %i] : memref<?x{inter}xf32>, {vf}
-    %dv0 = vector.load %wd[%ex, %o, %i] : {wty}, vector<{LANES}x{el}>
-    {dwiden}
-    %fd = vector.fma %hvv, %dvv, %vd : {vf}
-    scf.yield %fd : {vf}
-  }}
-  %sd0 = vector.reduction <add>, %dacc : {vf} into f32
-  %acc = scf.for %i = %civ to %ci step %c1 iter_args(%a2 = %sd0) -> (f32) {{
-    %hv = memref.load %hflat[%g, %i] : memref<?x{inter}xf32>
-    %draw = memref.load %wd[%ex, %o, %i] : {wty}
-    {dl}
-    %m = arith.mulf %hv, %dv : f32
-    %n = arith.addf %a2, %m : f32
-    scf.yield %n : f32
-  }}
-  %cur = memref.load {dest}[%t, %o] : {o_ty}
-  %wa = arith.mulf %wt, %acc : f32
-  %sum = arith.addf %cur, %wa : f32
-  memref.store %sum, {dest}[%t, %o] : {o_ty}
-}}"
-        );
+        // Halves of the output columns, at the partition's boundaries (half h belongs to share h * parts / 2).
+        let first = (d.div_ceil(DOWN_GRANULE).div_ceil(2) * DOWN_GRANULE).min(d);
+        let halves: Vec<(usize, usize, usize)> =
+            [(0, 0, first), (1, first, d - first)].into_iter().filter(|h| h.2 > 0).collect();
+        let mut temps = Vec::new();
+        for &(h, _, w) in &halves {
+            for r in [4, 1] {
+                temps.push(format!("%dt{r}_{h} = memref.alloc() : memref<{r}x{w}xf32>"));
+            }
+        }
+        // Rows %g.. of one expert (contiguous in h): per owned half a GEMM tile on the expert's
+        // weight rows, then each row's result scattered into its token's row with its weight.
+        let mut group = |r: usize| {
+            let mut t = String::new();
+            for i in 0..r {
+                t.push_str(&format!(
+                    "%gi{i} = arith.addi %g, %c{i} : index\n%t{i}32 = memref.load %rflat[%gi{i}] : memref<?xi32>\n%t{i} = arith.index_cast %t{i}32 : i32 to index\n%w{i} = memref.load %wflat[%gi{i}] : memref<?xf32>\n"
+                ));
+            }
+            let hs_ty = format!("memref<{r}x{inter}xf32, strided<[{inter}, 1], offset: ?>>");
+            t.push_str(&format!(
+                "%hrows = memref.subview %hflat[%g, 0] [{r}, {inter}] [1, 1] : memref<?x{inter}xf32> to {hs_ty}\n%hrt = bufferization.to_tensor %hrows restrict : {hs_ty} to tensor<{r}x{inter}xf32>\n"
+            ));
+            for &(h, c0, w) in &halves {
+                let sfx = format!("d{r}_{h}");
+                let wsub_ty = format!("memref<{w}x{inter}x{el}, strided<[?, 1], offset: ?>>");
+                let tile = format!(
+                    "%ws{sfx} = memref.subview %wd[%ex, {c0}, 0] [1, {w}, {inter}] [1, 1, 1] : {wty} to {wsub_ty}\n{}\n{}",
+                    Self::gemm_weight(&format!("%ws{sfx}"), &wsub_ty, (w, inter), &el, &format!("%w3{sfx}")),
+                    self.gemm_tile(
+                        ("%hrt", &format!("tensor<{r}x{inter}xf32>")),
+                        (&format!("%dt{r}_{h}"), &format!("memref<{r}x{w}xf32>")),
+                        &format!("%w3{sfx}"),
+                        (r, w, inter),
+                        &el,
+                        &sfx,
+                    )
+                );
+                let scatter: String = (0..r)
+                    .map(|i| {
+                        format!(
+                            "  %dv{i} = memref.load %dt{r}_{h}[%c{i}, %q] : memref<{r}x{w}xf32>\n  %oc{i} = arith.addi %q, %c{c0}h : index\n  %cur{i} = memref.load {dest}[%t{i}, %oc{i}] : {o_ty}\n  %wa{i} = arith.mulf %w{i}, %dv{i} : f32\n  %sum{i} = arith.addf %cur{i}, %wa{i} : f32\n  memref.store %sum{i}, {dest}[%t{i}, %oc{i}] : {o_ty}\n"
+                        )
+                    })
+                    .collect();
+                t.push_str(&format!(
+                    "%own{h}a = arith.muli %parts, %c{h} : index\n%own{h}b = arith.divui %own{h}a, %c2 : index\n%own{h} = arith.cmpi eq, %own{h}b, %part : index\nscf.if %own{h} {{\n{}\nscf.for %q = %c0 to %c{w}w step %c1 {{\n{scatter}}}\n}}\n",
+                    indent(&tile, 2)
+                ));
+            }
+            t
+        };
+        let (rows4, rows1) = (group(4), group(1));
+        let mut consts = vec![
+            "%c2 = arith.constant 2 : index".to_string(),
+            "%c3 = arith.constant 3 : index".to_string(),
+            "%gz = arith.constant 0.0 : f32".to_string(),
+        ];
+        for &(_, c0, w) in &halves {
+            for line in
+                [format!("%c{c0}h = arith.constant {c0} : index"), format!("%c{w}w = arith.constant {w} : index")]
+            {
+                if !consts.contains(&line) {
+                    consts.push(line);
+                }
+            }
+        }
+        let frees: Vec<String> = temps
+            .iter()
+            .map(|l| {
+                let (name, ty) = l.split_once(" = memref.alloc() : ").unwrap_or_default();
+                format!("memref.dealloc {name} : {ty}")
+            })
+            .collect();
+        pre.splice(0..0, temps.iter().cloned());
+        let finish = format!("{finish}\n{}", frees.join("\n"));
         let body = Self::expert_loop(g, &kd, Some(&rows4), &rows1);
         let header = format!(
-            "%c2 = arith.constant 2 : index
-%c3 = arith.constant 3 : index
-%ci = arith.constant {inter} : index
-%civ = arith.constant {iv} : index
-%cl = arith.constant {LANES} : index
-%zv = arith.constant dense<0.0> : {vf}
-%hflat = memref.collapse_shape {hv} [[0, 1], [2]] : {h_ty} into memref<?x{inter}xf32>",
-            iv = inter - inter % LANES,
+            "{}\n%hflat = memref.collapse_shape {hv} [[0, 1], [2]] : {h_ty} into memref<?x{inter}xf32>",
+            consts.join("\n"),
             hv = g.act.0,
             h_ty = memref(&g.act.1),
         );
