@@ -306,28 +306,6 @@ fn reference(kernel: &OperationRef, inputs: &[HostBuffer]) -> Vec<(Vec<f32>, Vec
                     vec![(out, vec![n, heads, dims.v])]
                 }
             }
-            "v3.moe_route" => {
-                let attr = |n: &str| o.attribute(n).unwrap().to_string();
-                let num = |n: &str| attr(n).split(':').next().unwrap().trim().parse::<f32>().unwrap();
-                let r = v3c_models::graph::Routing {
-                    top_k: num("top_k") as usize,
-                    n_group: num("n_group") as usize,
-                    topk_group: num("topk_group") as usize,
-                    norm_topk_prob: attr("norm_topk_prob") == "true",
-                    routed_scaling_factor: num("routed_scaling_factor"),
-                };
-                let (x, gate, bias) = (&args[0], &args[1], &args[2]);
-                let (e, d) = (gate.1[0], gate.1[1]);
-                let t = x.1[0];
-                let logits = kernels::matmul_nt(&x.0, &gate.0, t, d, e);
-                let (mut idx, mut w) = (Vec::new(), Vec::new());
-                for row in logits.chunks(e) {
-                    let (i, ws) = kernels::route(row, &bias.0, &r);
-                    idx.extend(i.iter().map(|&v| v as f32));
-                    w.extend(ws);
-                }
-                vec![(idx, vec![t, r.top_k]), (w, vec![t, r.top_k])]
-            }
             "v3.moe_dispatch" => {
                 let attr = |n: &str| o.attribute(n).unwrap().to_string();
                 let num = |n: &str| attr(n).split(':').next().unwrap().trim().parse::<f32>().unwrap();

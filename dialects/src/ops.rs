@@ -246,14 +246,18 @@ pub fn moe_route<'c>(
     c: &'c Context,
     l: Location<'c>,
 ) -> Result<Operation<'c>, DialectError> {
-    let attrs = [
+    build("moe_route", &[x, gate, bias], &[indices, weights], &route_attrs(c, a), c, l)
+}
+
+/// The routing attributes `moe_route` and `moe_dispatch` share.
+fn route_attrs<'c>(c: &'c Context, a: &RouteAttributes) -> [(&'static str, Attribute<'c>); 5] {
+    [
         ("top_k", i64_attr(c, a.top_k as i64)),
         ("n_group", i64_attr(c, a.n_group as i64)),
         ("topk_group", i64_attr(c, a.topk_group as i64)),
         ("norm_topk_prob", bool_attr(c, a.norm_topk_prob)),
         ("routed_scaling_factor", f32_attr(c, a.routed_scaling_factor)),
-    ];
-    build("moe_route", &[x, gate, bias], &[indices, weights], &attrs, c, l)
+    ]
 }
 
 /// Expert weights stacked over experts, with block scales when fp8.
@@ -304,14 +308,8 @@ pub fn moe_dispatch<'c>(
     c: &'c Context,
     l: Location<'c>,
 ) -> Result<Operation<'c>, DialectError> {
-    let attrs = [
-        ("top_k", i64_attr(c, a.top_k as i64)),
-        ("n_group", i64_attr(c, a.n_group as i64)),
-        ("topk_group", i64_attr(c, a.topk_group as i64)),
-        ("norm_topk_prob", bool_attr(c, a.norm_topk_prob)),
-        ("routed_scaling_factor", f32_attr(c, a.routed_scaling_factor)),
-        ("num_shared", i64_attr(c, num_shared as i64)),
-    ];
+    let mut attrs = route_attrs(c, a).to_vec();
+    attrs.push(("num_shared", i64_attr(c, num_shared as i64)));
     build("moe_dispatch", &[x, gate, bias], &[offsets, rows, row_weights], &attrs, c, l)
 }
 
