@@ -11,9 +11,7 @@ use v3c_compiler::cpu_backend::CpuProgram;
 use v3c_models::interp::Interpreter;
 use v3c_models::reference::Model;
 use v3c_models::tensor::Tensor;
-use v3c_models::{build, BuildOptions, Entry, ModelConfig, Precision};
-
-/// The small bench config with `changes` applied.
+use v3c_models::{build, BuildOptions, Entry, Precision};
 
 fn prefill(c: &mut Criterion) {
     prefill_group(c, "prefill_64_tokens", 64, &[]);

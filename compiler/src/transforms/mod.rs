@@ -7,6 +7,7 @@
 //! - `fuse-epilogues` ([`fuse_epilogues`]): SwiGLU dual GEMMs, residual adds (and the MoE combine)
 //!   into GEMM epilogues, fp8 quantization into RMSNorm;
 //! - `form-kernels` ([`form_kernels`]): every op into exactly one kernel function, deduplicated.
+//!
 //! Fusion passes only tag groups (`{v3.fusion = ...}`, see [`op_graph`]); `form-kernels` outlines them.
 
 pub mod absorb_mla;

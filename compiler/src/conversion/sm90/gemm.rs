@@ -134,13 +134,13 @@ impl GemmConfig {
     /// registers), before any code is generated. The message names the limit.
     pub fn validate(&self, target: &GpuTarget) -> Result<(), String> {
         let name = self.kernel_name();
-        if self.block_m == 0 || self.block_m % 64 != 0 || self.block_m > 256 {
+        if self.block_m == 0 || !self.block_m.is_multiple_of(64) || self.block_m > 256 {
             return Err(format!("{name}: block_m {} is not a multiple of 64 in 64..=256", self.block_m));
         }
-        if self.block_n < 16 || self.block_n % 16 != 0 || self.block_n > 256 {
+        if self.block_n < 16 || !self.block_n.is_multiple_of(16) || self.block_n > 256 {
             return Err(format!("{name}: block_n {} is not a multiple of 16 in 16..=256", self.block_n));
         }
-        if self.input == GemmInput::Fp8 && 128 % self.block_n != 0 && self.block_n % 128 != 0 {
+        if self.input == GemmInput::Fp8 && !128usize.is_multiple_of(self.block_n) && !self.block_n.is_multiple_of(128) {
             return Err(format!(
                 "{name}: fp8 block_n {} must divide or be a multiple of the 128-wide weight scale block",
                 self.block_n
@@ -324,7 +324,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %col0], %bars[{st}] to %ld_b : !bmap, !bar -
         if ks > 0 {
             let _ = writeln!(t, "    %koff{ks} = arith.constant {} : i64", 2 * ks);
         }
-        for i in 0..m_tiles {
+        for (i, cur_i) in cur.iter_mut().enumerate() {
             let (da, db) = if ks == 0 {
                 (format!("%da{i}"), "%db".to_string())
             } else {
@@ -335,14 +335,14 @@ nvgpu.tma.async.load %b_map[%ld_k0, %col0], %bars[{st}] to %ld_b : !bmap, !bar -
                 (format!("%da{i}_{ks}"), format!("%db_{ks}"))
             };
             let (input, scale_out) =
-                if fp8 && ks == 0 { (format!("%frag{frag_n}"), "zero") } else { (cur[i].clone(), "one") };
+                if fp8 && ks == 0 { (format!("%frag{frag_n}"), "zero") } else { (cur_i.clone(), "one") };
             let out = format!("%w{i}_{ks}");
             let _ = writeln!(
                 t,
                 "    {out} = nvvm.wgmma.mma_async {da}, {db}, {input}, <m = 64, n = {bn}, k = {wk}>, D[<f32>, <{scale_out}>, <wrapped>], A[<{wgmma_el}>, <one>, <row>], B[<{wgmma_el}>, <one>, <col>] : {frag} -> {frag}",
                 wk = c.wgmma_k()
             );
-            cur[i] = out;
+            *cur_i = out;
         }
     }
     let _ = writeln!(t, "    nvvm.wgmma.commit.group.sync.aligned\n    nvvm.wgmma.wait.group.sync.aligned 0");
@@ -379,7 +379,8 @@ nvgpu.tma.async.load %b_map[%ld_k0, %col0], %bars[{st}] to %ld_b : !bmap, !bar -
                     i * 64 + off
                 );
             }
-            let mut prev = format!("{}_in", accs[i]);
+            let acc_in = format!("{}_in", accs[i]);
+            let mut prev = acc_in.clone();
             for e in 0..frag_n {
                 let h = (e % 4) / 2;
                 let _ = writeln!(
@@ -389,7 +390,6 @@ nvgpu.tma.async.load %b_map[%ld_k0, %col0], %bars[{st}] to %ld_b : !bmap, !bar -
     %pv{i}_{e} = llvm.intr.fma(%bv{i}_{e}, %s{i}_{h}, %mv{i}_{e}) : (f32, f32, f32) -> f32
     %p{i}_{e} = llvm.insertvalue %pv{i}_{e}, {prev}[{e}] : {frag}",
                     blk = cur[i],
-                    acc_in = format!("{}_in", accs[i]),
                 );
                 prev = format!("%p{i}_{e}");
             }

@@ -28,12 +28,12 @@ pub(super) const LANES: usize = 16;
 
 /// Lanes of the split-K dot products: the largest of 16, 8, 4, 2, 1 dividing `k`.
 fn lanes_for(k: usize) -> usize {
-    [16, 8, 4, 2, 1].into_iter().find(|l| k % l == 0).unwrap_or(1)
+    [16, 8, 4, 2, 1].into_iter().find(|l| k.is_multiple_of(*l)).unwrap_or(1)
 }
 
 /// Output columns per register tile: the largest of 4, 2, 1 dividing `n`.
 fn column_tile(n: usize) -> usize {
-    [4, 2, 1].into_iter().find(|t| n % t == 0).unwrap_or(1)
+    [4, 2, 1].into_iter().find(|t| n.is_multiple_of(*t)).unwrap_or(1)
 }
 
 /// The transform script for the GEMMs of one kernel module: one block per column tile in use
