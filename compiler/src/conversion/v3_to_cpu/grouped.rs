@@ -34,6 +34,43 @@ const DOWN_GRANULE: usize = 8;
 
 use super::fp8::FP8_BLOCK;
 
+/// A grouped GEMM's output columns in two halves at `granule` boundaries, the split the
+/// partitioned kernels use: (half, first column, width), empty halves left out. Half h belongs
+/// to share `h * parts / 2` (both halves to share 0 when the kernel runs whole).
+fn halves(n: usize, granule: usize) -> Vec<(usize, usize, usize)> {
+    let first = (n.div_ceil(granule).div_ceil(2) * granule).min(n);
+    [(0, 0, first), (1, first, n - first)].into_iter().filter(|h| h.2 > 0).collect()
+}
+
+/// The index constants `%c<first>h` and `%c<width>w` the halves' code uses, each once.
+fn half_constants(halves: &[(usize, usize, usize)]) -> Vec<String> {
+    let mut consts: Vec<String> = Vec::new();
+    for &(_, c0, w) in halves {
+        for line in [format!("%c{c0}h = arith.constant {c0} : index"), format!("%c{w}w = arith.constant {w} : index")] {
+            if !consts.contains(&line) {
+                consts.push(line);
+            }
+        }
+    }
+    consts
+}
+
+/// `body` (the half's tiles), then `epilogue` for each column `%{var}` of the half, run only by
+/// the share that owns half `h`.
+fn owned_half((h, _, w): (usize, usize, usize), body: &str, var: &str, epilogue: &str) -> String {
+    format!(
+        "%own{h}a = arith.muli %parts, %c{h} : index\n%own{h}b = arith.divui %own{h}a, %c2 : index\n%own{h} = arith.cmpi eq, %own{h}b, %part : index\nscf.if %own{h} {{\n{}\nscf.for {var} = %c0 to %c{w}w step %c1 {{\n{epilogue}}}\n}}\n",
+        indent(body, 2)
+    )
+}
+
+/// Allocations of the kernel's scratch buffers `(name, type)` and their deallocations.
+fn scratch(buffers: &[(String, String)]) -> (Vec<String>, Vec<String>) {
+    let allocs = buffers.iter().map(|(n, t)| format!("{n} = memref.alloc() : {t}")).collect();
+    let frees = buffers.iter().map(|(n, t)| format!("memref.dealloc {n} : {t}")).collect();
+    (allocs, frees)
+}
+
 /// Operands of a grouped GEMM, by role.
 pub(super) struct Grouped<'a> {
     pub(super) act: &'a (String, Shape),
@@ -287,26 +324,19 @@ scf.for %e = %c0 to %ctot step %c1 {{
         pre.extend([pg, pu]);
         let x_ty = memref(&x.1);
         // Halves of the intermediate columns at 128-column group boundaries.
-        let first = (inter.div_ceil(GATE_UP_GRANULE).div_ceil(2) * GATE_UP_GRANULE).min(inter);
-        let halves: Vec<(usize, usize, usize)> =
-            [(0, 0, first), (1, first, inter - first)].into_iter().filter(|h| h.2 > 0).collect();
-        let mut temps = vec![
-            format!("%xg4 = memref.alloc() : memref<4x{d}xf32>"),
-            format!("%xg1 = memref.alloc() : memref<1x{d}xf32>"),
+        let halves = halves(inter, GATE_UP_GRANULE);
+        let mut buffers = vec![
+            ("%xg4".to_string(), format!("memref<4x{d}xf32>")),
+            ("%xg1".to_string(), format!("memref<1x{d}xf32>")),
         ];
         for &(h, _, w) in &halves {
             for r in [4, 1] {
-                temps.push(format!("%gt{r}_{h} = memref.alloc() : memref<{r}x{w}xf32>\n%ut{r}_{h} = memref.alloc() : memref<{r}x{w}xf32>"));
+                for t in ["%gt", "%ut"] {
+                    buffers.push((format!("{t}{r}_{h}"), format!("memref<{r}x{w}xf32>")));
+                }
             }
         }
-        let frees: Vec<String> = temps
-            .iter()
-            .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
-            .map(|l| {
-                let (name, ty) = l.split_once(" = memref.alloc() : ").unwrap_or_default();
-                format!("memref.dealloc {name} : {ty}")
-            })
-            .collect();
+        let (temps, frees) = scratch(&buffers);
         // Rows %g.. of one expert: gather r rows, then per owned half gate and up tiles and SwiGLU.
         let mut group = |r: usize| {
             let mut t = String::new();
@@ -353,30 +383,12 @@ scf.for %e = %c0 to %ctot step %c1 {{
                         )
                     })
                     .collect();
-                t.push_str(&format!(
-                    "%own{h}a = arith.muli %parts, %c{h} : index\n%own{h}b = arith.divui %own{h}a, %c2 : index\n%own{h} = arith.cmpi eq, %own{h}b, %part : index\nscf.if %own{h} {{\n{}\nscf.for %i = %c0 to %c{w}w step %c1 {{\n{silu}}}\n}}\n",
-                    indent(&tiles, 2)
-                ));
+                t.push_str(&owned_half((h, c0, w), &tiles, "%i", &silu));
             }
             t
         };
         let (rows4, rows1) = (group(4), group(1));
-        let mut consts = String::new();
-        for &(_, c0, w) in &halves {
-            consts.push_str(&format!("%c{c0}h = arith.constant {c0} : index\n%c{w}w = arith.constant {w} : index\n"));
-        }
-        let consts: String = {
-            let mut seen = Vec::new();
-            consts
-                .lines()
-                .filter(|l| {
-                    let keep = !seen.contains(l);
-                    seen.push(l);
-                    keep
-                })
-                .map(|l| format!("{l}\n"))
-                .collect()
-        };
+        let consts: String = half_constants(&halves).iter().map(|l| format!("{l}\n")).collect();
         let body = Self::expert_loop(g, &format!("{kg}\n{ku}"), Some(&rows4), &rows1);
         self.line(&format!(
             "scf.execute_region {{
@@ -438,16 +450,13 @@ scf.yield
         let (pd, kd) = Self::select_weight(down, view.as_deref(), &wty, "%wd");
         pre.push(pd);
         let finish = Self::add_residual(residual, dest, &o_ty);
-        // Halves of the output columns, at the partition's boundaries (half h belongs to share h * parts / 2).
-        let first = (d.div_ceil(DOWN_GRANULE).div_ceil(2) * DOWN_GRANULE).min(d);
-        let halves: Vec<(usize, usize, usize)> =
-            [(0, 0, first), (1, first, d - first)].into_iter().filter(|h| h.2 > 0).collect();
-        let mut temps = Vec::new();
-        for &(h, _, w) in &halves {
-            for r in [4, 1] {
-                temps.push(format!("%dt{r}_{h} = memref.alloc() : memref<{r}x{w}xf32>"));
-            }
-        }
+        // Halves of the output columns, at the partition's boundaries.
+        let halves = halves(d, DOWN_GRANULE);
+        let buffers: Vec<(String, String)> = halves
+            .iter()
+            .flat_map(|&(h, _, w)| [4, 1].map(|r| (format!("%dt{r}_{h}"), format!("memref<{r}x{w}xf32>"))))
+            .collect();
+        let (temps, frees) = scratch(&buffers);
         // Rows %g.. of one expert (contiguous in h): per owned half a GEMM tile on the expert's
         // weight rows, then each row's result scattered into its token's row with its weight.
         let mut group = |r: usize| {
@@ -483,10 +492,7 @@ scf.yield
                         )
                     })
                     .collect();
-                t.push_str(&format!(
-                    "%own{h}a = arith.muli %parts, %c{h} : index\n%own{h}b = arith.divui %own{h}a, %c2 : index\n%own{h} = arith.cmpi eq, %own{h}b, %part : index\nscf.if %own{h} {{\n{}\nscf.for %q = %c0 to %c{w}w step %c1 {{\n{scatter}}}\n}}\n",
-                    indent(&tile, 2)
-                ));
+                t.push_str(&owned_half((h, c0, w), &tile, "%q", &scatter));
             }
             t
         };
@@ -496,22 +502,7 @@ scf.yield
             "%c3 = arith.constant 3 : index".to_string(),
             "%gz = arith.constant 0.0 : f32".to_string(),
         ];
-        for &(_, c0, w) in &halves {
-            for line in
-                [format!("%c{c0}h = arith.constant {c0} : index"), format!("%c{w}w = arith.constant {w} : index")]
-            {
-                if !consts.contains(&line) {
-                    consts.push(line);
-                }
-            }
-        }
-        let frees: Vec<String> = temps
-            .iter()
-            .map(|l| {
-                let (name, ty) = l.split_once(" = memref.alloc() : ").unwrap_or_default();
-                format!("memref.dealloc {name} : {ty}")
-            })
-            .collect();
+        consts.extend(half_constants(&halves));
         pre.splice(0..0, temps.iter().cloned());
         let finish = format!("{finish}\n{}", frees.join("\n"));
         let body = Self::expert_loop(g, &kd, Some(&rows4), &rows1);
