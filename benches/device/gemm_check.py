@@ -7,9 +7,12 @@ Kernels are launched through the driver API (ctypes on libcuda): module load, CU
 K innermost, 128-byte swizzle, out-of-bounds zero fill) copied to device memory, cuLaunchKernel with the
 kernel's dynamic shared memory.
 
-Kernel ABI (compiler/src/conversion/sm90/gemm.rs): (a_map*, b_map*, out memref [M, N] as 7 scalars
+Kernel ABI (compiler/src/conversion/sm90/gemm.rs, `emit`): (a_map*, b_map*, out memref [M, N] as 7 scalars
 (allocated, aligned, offset, size0, size1, stride0, stride1), fp8 only a_scale and b_scale memrefs [.., ..]
-as 7 scalars each, k). out = A[M, K] . B[N, K]^T.
+as 7 scalars each, `_res` the residual [M, N] (7), `_splitk` the f32 workspace [splits, M, N] (9), the i32
+tile counters [tiles] (5, zeroed once) and splits, then k). out = A[M, K] . B[N, K]^T (+ residual).
+Launch: 128 threads per consumer warpgroup (`_wg2`: two) plus 128 for the producer (`_ws`); a 1-D grid of
+one block per unit (tile x K split), `_persist`: min(units, SM count).
 
 Checks (shared/design/GPU-CHECKS.md): fresh random inputs, output poisoned with NaN and checked fully written,
 relative error ||out - ref|| / ||ref|| vs an f32 reference: bf16 <= 1e-2; fp8 vs an fp8-faithful reference
@@ -27,7 +30,7 @@ import sys
 
 import torch
 
-NAME = re.compile(r"^gemm_(bf16|fp8)_(f32|bf16)_(\d+)x(\d+)x(\d+)_s(\d+)$")
+NAME = re.compile(r"^gemm_(bf16|fp8)_(f32|bf16)_(\d+)x(\d+)x(\d+)_s(\d+)((?:_[a-z0-9]+)*)$")
 E4M3_MAX = 448.0
 
 
@@ -35,10 +38,14 @@ def parse(name):
     m = NAME.match(name)
     if not m:
         raise SystemExit(f"gemm_check: {name}: not a template kernel name")
-    inp, out, bm, bn, bk, stages = m.groups()
+    inp, out, bm, bn, bk, stages, rest = m.groups()
     bm, bn, bk, stages = int(bm), int(bn), int(bk), int(stages)
+    opts = rest.split("_")[1:]
+    consumers = next((int(o[2:]) for o in opts if o.startswith("wg")), 1)
+    ws = "ws" in opts
     return {"name": name, "input": inp, "output": out, "bm": bm, "bn": bn, "bk": bk, "stages": stages,
-            "smem": stages * (bm + bn) * 128}
+            "smem": stages * (bm + bn) * 128, "threads": 128 * (consumers + ws), "persistent": "persist" in opts,
+            "split_k": "splitk" in opts, "residual": "res" in opts}
 
 
 def quantize_rows(x, group=128):
@@ -136,22 +143,30 @@ class Driver:
         dev.copy_(torch.frombuffer(bytearray(tmap), dtype=torch.uint8))
         return dev
 
-    def launch(self, func, grid, smem, args, name):
+    def launch(self, func, grid, threads, smem, args, name):
         self.check(self.cu.cuFuncSetAttribute(func, 8, smem), f"{name}: max dynamic shared memory")  # attr 8
         params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        rc = self.cu.cuLaunchKernel(func, grid[0], grid[1], 1, 128, 1, 1, smem, stream, params, None)
+        rc = self.cu.cuLaunchKernel(func, grid, 1, 1, threads, 1, 1, smem, stream, params, None)
         self.check(rc, f"{name}: cuLaunchKernel")
 
 
 def memref_args(t):
-    rows, cols = t.shape
+    """A contiguous tensor as the lowered memref's scalars: pointers, offset, sizes, strides."""
     p = t.data_ptr()
-    return [ctypes.c_uint64(p), ctypes.c_uint64(p), ctypes.c_int64(0), ctypes.c_int64(rows), ctypes.c_int64(cols),
-            ctypes.c_int64(cols), ctypes.c_int64(1)]
+    return ([ctypes.c_uint64(p), ctypes.c_uint64(p), ctypes.c_int64(0)] + [ctypes.c_int64(d) for d in t.shape]
+            + [ctypes.c_int64(st) for st in t.stride()])
 
 
-def prepare(drv, cfg, m, n, k, inputs, out):
+def splits_for(cfg, m, n, k, sms):
+    """K splits for a split-K kernel: enough units to cover the SMs, at most one per K tile."""
+    if not cfg["split_k"]:
+        return 1
+    tiles = math.ceil(m / cfg["bm"]) * math.ceil(n / cfg["bn"])
+    return max(1, min(math.ceil(k / cfg["bk"]), sms // tiles))
+
+
+def prepare(drv, cfg, m, n, k, inputs, out, sms):
     """Kernel arguments for one problem (the tensor maps live in the returned list's tensors)."""
     bf16 = cfg["input"] == "bf16"
     code = 9 if bf16 else 0  # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 / UINT8
@@ -160,9 +175,24 @@ def prepare(drv, cfg, m, n, k, inputs, out):
     args = [ctypes.c_uint64(a_map.data_ptr()), ctypes.c_uint64(b_map.data_ptr())] + memref_args(out)
     if not bf16:
         args += memref_args(inputs["a_scale"]) + memref_args(inputs["b_scale"])
+    if cfg["residual"]:
+        args += memref_args(inputs["residual"])
+    tiles = math.ceil(m / cfg["bm"]) * math.ceil(n / cfg["bn"])
+    splits = splits_for(cfg, m, n, k, sms)
+    keep = [a_map, b_map]
+    if cfg["split_k"]:
+        ws = torch.empty(splits, m, n, device="cuda", dtype=torch.float32)
+        counters = torch.zeros(tiles, device="cuda", dtype=torch.int32)
+        args += memref_args(ws) + memref_args(counters) + [ctypes.c_int64(splits)]
+        keep += [ws, counters]
     args.append(ctypes.c_int64(k))
-    grid = (math.ceil(n / cfg["bn"]), math.ceil(m / cfg["bm"]))
-    return {"args": args, "grid": grid, "keep": (a_map, b_map)}
+    units = tiles * splits
+    grid = min(units, sms) if cfg["persistent"] else units
+    return {"args": args, "grid": grid, "splits": splits, "keep": keep}
+
+
+def run(drv, func, cfg, launch):
+    drv.launch(func, launch["grid"], cfg["threads"], cfg["smem"], launch["args"], cfg["name"])
 
 
 def make_inputs(cfg, m, n, k):
@@ -170,11 +200,18 @@ def make_inputs(cfg, m, n, k):
     w = torch.randn(n, k, device="cuda") * 0.05
     if cfg["input"] == "bf16":
         a16, w16 = a.to(torch.bfloat16), w.to(torch.bfloat16)
-        return {"a": a16, "b": w16}, a16.float() @ w16.float().T, 1e-2
-    aq, a_s = quantize_rows(a)
-    bq, b_s = quantize_blocks(w)
-    return ({"a": aq.view(torch.uint8), "b": bq.view(torch.uint8), "a_scale": a_s.contiguous(),
-             "b_scale": b_s.contiguous()}, fp8_reference(aq, a_s, bq, b_s), 1e-3)
+        inputs, ref, tol = {"a": a16, "b": w16}, a16.float() @ w16.float().T, 1e-2
+    else:
+        aq, a_s = quantize_rows(a)
+        bq, b_s = quantize_blocks(w)
+        inputs = {"a": aq.view(torch.uint8), "b": bq.view(torch.uint8), "a_scale": a_s.contiguous(),
+                  "b_scale": b_s.contiguous()}
+        ref, tol = fp8_reference(aq, a_s, bq, b_s), 1e-3
+    if cfg["residual"]:
+        out_dtype = torch.float32 if cfg["output"] == "f32" else torch.bfloat16
+        inputs["residual"] = torch.randn(m, n, device="cuda").to(out_dtype)
+        ref = ref + inputs["residual"].float()
+    return inputs, ref, tol
 
 
 def median_ms(fn, reps=20):
@@ -199,6 +236,7 @@ def main():
         self_test()
         return 0
     drv = Driver()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     torch.manual_seed(1234)
     results, failed = [], 0
     # K a multiple of 16 (TMA row pitch); 528 leaves a ragged last K block, 200 and 1 ragged M tiles.
@@ -213,28 +251,38 @@ def main():
         for m, n, k in shapes:
             inputs, ref, tol = make_inputs(cfg, m, n, k)
             out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
-            launch = prepare(drv, cfg, m, n, k, inputs, out)
-            drv.launch(func, launch["grid"], cfg["smem"], launch["args"], cfg["name"])
+            launch = prepare(drv, cfg, m, n, k, inputs, out, sms)
+            run(drv, func, cfg, launch)
             torch.cuda.synchronize()
             o = out.float()
             written = bool(torch.isfinite(o).all())
             rel = float((o - ref).norm() / ref.norm()) if written else float("nan")
             ok = written and rel <= tol
+            extra = ""
+            if cfg["split_k"] and written:
+                # The last unit of each tile resets its counter; a second launch gives the same bits.
+                first = out.clone()
+                run(drv, func, cfg, launch)
+                torch.cuda.synchronize()
+                counters_zero = bool((launch["keep"][3] == 0).all())
+                same = bool(torch.equal(first, out))
+                ok = ok and counters_zero and same
+                extra = f"  splits {launch['splits']}, counters reset {counters_zero}, deterministic {same}"
             failed += not ok
             results.append({"kernel": cfg["name"], "m": m, "n": n, "k": k, "rel_err": rel, "tolerance": tol,
-                            "fully_written": written, "ok": ok})
-            print(f"{cfg['name']:36s} {m:5d}x{n:5d}x{k:5d}  rel err {rel:.2e} (<= {tol:g})  {'ok' if ok else 'FAIL'}")
+                            "fully_written": written, "ok": ok, "splits": launch["splits"]})
+            print(f"{cfg['name']:44s} {m:5d}x{n:5d}x{k:5d}  rel err {rel:.2e} (<= {tol:g}){extra}  {'ok' if ok else 'FAIL'}")
         for m, n, k in timed:
             inputs, _, _ = make_inputs(cfg, m, n, k)
             out = torch.empty((m, n), device="cuda", dtype=out_dtype)
-            launch = prepare(drv, cfg, m, n, k, inputs, out)
-            ms = median_ms(lambda: drv.launch(func, launch["grid"], cfg["smem"], launch["args"], cfg["name"]))
+            launch = prepare(drv, cfg, m, n, k, inputs, out, sms)
+            ms = median_ms(lambda: run(drv, func, cfg, launch))
             a16, b16 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             torch_ms = median_ms(lambda: a16 @ b16.T)
             tf, torch_tf = 2 * m * n * k / (ms * 1e-3) / 1e12, 2 * m * n * k / (torch_ms * 1e-3) / 1e12
             results.append({"kernel": cfg["name"], "m": m, "n": n, "k": k, "ms": ms, "TFLOPs": tf,
-                            "torch_bf16_TFLOPs": torch_tf})
-            print(f"{cfg['name']:36s} {m:5d}x{n:5d}x{k:5d}  {tf:7.1f} TFLOP/s (torch bf16 {torch_tf:7.1f}, ratio {tf / torch_tf:.2f})")
+                            "torch_bf16_TFLOPs": torch_tf, "splits": launch["splits"], "grid": launch["grid"]})
+            print(f"{cfg['name']:44s} {m:5d}x{n:5d}x{k:5d}  {tf:7.1f} TFLOP/s (torch bf16 {torch_tf:7.1f}, ratio {tf / torch_tf:.2f})")
     json.dump(results, open(args.out, "w"), indent=1)
     print(f"gemm_check: {failed} failed of {sum(1 for r in results if 'ok' in r)} correctness runs")
     return 1 if failed else 0

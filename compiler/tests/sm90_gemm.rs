@@ -19,10 +19,27 @@ fn configs() -> Vec<GemmConfig> {
         (GemmInput::Fp8, 128, 64, 4),
     ] {
         for output in [GemmOutput::F32, GemmOutput::Bf16] {
-            v.push(GemmConfig { input, output, block_m, block_n, stages });
+            v.push(GemmConfig::new(input, output, block_m, block_n, stages));
         }
     }
+    v.extend(variants());
     v
+}
+
+/// The scheduling and epilogue variants: two consumer warpgroups, a producer warpgroup, persistent
+/// rasterized tile loops, split K with the workspace reduction, the residual epilogue.
+fn variants() -> Vec<GemmConfig> {
+    let bf16 = GemmConfig::new(GemmInput::Bf16, GemmOutput::Bf16, 128, 128, 4);
+    let fp8 = GemmConfig::new(GemmInput::Fp8, GemmOutput::Bf16, 128, 128, 6);
+    vec![
+        GemmConfig { consumers: 2, ..bf16 },
+        GemmConfig { consumers: 2, specialized: true, persistent: true, raster: 8, ..bf16 },
+        GemmConfig { block_m: 64, specialized: true, ..bf16 },
+        GemmConfig { consumers: 2, specialized: true, persistent: true, raster: 8, ..fp8 },
+        GemmConfig { consumers: 2, specialized: true, persistent: true, raster: 4, residual: true, ..fp8 },
+        GemmConfig { block_m: 64, stages: 8, specialized: true, split_k: true, residual: true, ..fp8 },
+        GemmConfig { output: GemmOutput::F32, block_m: 64, stages: 6, split_k: true, ..bf16 },
+    ]
 }
 
 /// SASS of a cubin through cuobjdump, or None without the tools.
@@ -59,6 +76,8 @@ fn gemm_configs_compile_to_sm90a_tensor_core_code_without_spills() {
         let cubin =
             target::assemble(&kernel.ptx, &kernel.name, &target::SM90A, ptxas).unwrap_or_else(|e| panic!("{e}"));
         let r = &cubin.kernels[0];
+        // ptxas says when it had to serialize wgmma (accumulators touched while in flight).
+        assert!(!cubin.log.contains("wgmma.mma_async instructions are serialized"), "{}: {}", kernel.name, cubin.log);
         eprintln!(
             "{}: {} registers, {} B smem (dynamic {}), spills {}/{}",
             kernel.name,
@@ -91,7 +110,7 @@ fn gemm_configs_compile_to_sm90a_tensor_core_code_without_spills() {
 
 #[test]
 fn configs_that_do_not_fit_are_rejected_before_codegen() {
-    let base = GemmConfig { input: GemmInput::Bf16, output: GemmOutput::F32, block_m: 128, block_n: 128, stages: 4 };
+    let base = GemmConfig::new(GemmInput::Bf16, GemmOutput::F32, 128, 128, 4);
     let t = &target::SM90A;
     let err = GemmConfig { stages: 8, block_n: 256, ..base }.validate(t).unwrap_err();
     assert!(err.contains("shared memory") && err.contains("sm_90a"), "{err}");
@@ -101,9 +120,34 @@ fn configs_that_do_not_fit_are_rejected_before_codegen() {
     assert!(err.contains("block_m 96"), "{err}");
     let err = GemmConfig { block_n: 100, ..base }.validate(t).unwrap_err();
     assert!(err.contains("block_n 100"), "{err}");
+    // Two consumer warpgroups need 64 rows each; with a producer they share what setmaxnreg leaves.
+    let err = GemmConfig { block_m: 64, consumers: 2, ..base }.validate(t).unwrap_err();
+    assert!(err.contains("block_m 64 is not a multiple of 128"), "{err}");
+    let wide = GemmConfig { block_m: 256, block_n: 176, stages: 2, consumers: 2, ..base };
+    wide.validate(t).unwrap();
+    let err = GemmConfig { specialized: true, ..wide }.validate(t).unwrap_err();
+    assert!(err.contains("exceed the 232 registers") && err.contains("384 threads"), "{err}");
+    let err = GemmConfig { consumers: 3, block_m: 192, ..base }.validate(t).unwrap_err();
+    assert!(err.contains("3 consumer warpgroups"), "{err}");
+    let err = GemmConfig { raster: 3, ..base }.validate(t).unwrap_err();
+    assert!(err.contains("raster 3"), "{err}");
+    let err = GemmConfig { cluster: 2, ..base }.validate(t).unwrap_err();
+    assert!(err.contains("cluster size 2") && err.contains("not generated yet"), "{err}");
     let context = v3c_compiler::mlir::new_context();
     let err = sm90::compile_gemm(&context, &GemmConfig { stages: 1, ..base }, t).unwrap_err().to_string();
     assert!(err.starts_with("gemm_bf16_f32_128x128x64_s1: "), "{err}");
+}
+
+#[test]
+fn launch_grids_cover_every_unit() {
+    let c = GemmConfig::new(GemmInput::Fp8, GemmOutput::Bf16, 64, 128, 6);
+    // Decode: 64 x 2112 is 17 tiles; a 4-way K split makes 68 units, one block each.
+    assert_eq!(c.tiles(64, 2112), 17);
+    assert_eq!(c.grid(64, 2112, 4, 132), 68);
+    let p = GemmConfig { persistent: true, consumers: 1, specialized: true, ..c };
+    assert_eq!(p.grid(4096, 7168, 1, 132), 132);
+    assert_eq!(p.grid(64, 256, 1, 132), 2);
+    assert_eq!(p.threads(), 256);
 }
 
 #[test]
@@ -111,8 +155,17 @@ fn kernel_names_round_trip_to_configs() {
     for config in configs() {
         assert_eq!(GemmConfig::from_name(&config.kernel_name()), Some(config));
     }
-    for bad in ["gemm_bf16_f32_128x128x128_s4", "gemm_f16_f32_128x128x64_s4", "gemm_bf16_f32_128x128x64", "attention_0"]
-    {
+    assert_eq!(variants()[4].kernel_name(), "gemm_fp8_bf16_128x128x128_s6_wg2_ws_persist_r4_res");
+    for bad in [
+        "gemm_bf16_f32_128x128x128_s4",
+        "gemm_f16_f32_128x128x64_s4",
+        "gemm_bf16_f32_128x128x64",
+        "attention_0",
+        "gemm_bf16_f32_128x128x64_s4_ws_wg2",
+        "gemm_bf16_f32_128x128x64_s4_wg1",
+        "gemm_bf16_f32_128x128x64_s4_res_res",
+        "gemm_bf16_f32_128x128x64_s4_fast",
+    ] {
         assert_eq!(GemmConfig::from_name(bad), None, "{bad}");
     }
 }
@@ -122,7 +175,7 @@ fn kernel_names_round_trip_to_configs() {
 #[test]
 fn ptx_of_a_small_gemm_is_stable() {
     let context = v3c_compiler::mlir::new_context();
-    let config = GemmConfig { input: GemmInput::Bf16, output: GemmOutput::F32, block_m: 64, block_n: 64, stages: 2 };
+    let config = GemmConfig::new(GemmInput::Bf16, GemmOutput::F32, 64, 64, 2);
     let kernel = sm90::compile_gemm(&context, &config, &target::SM90A).unwrap();
     let ptx: String = kernel
         .ptx

@@ -1,19 +1,33 @@
-//! The Hopper GEMM template: `out[M, N] = A[M, K] . B[N, K]^T` (both operands K-major, as the
-//! model's activations and `[out, in]` weights are), as one `gpu.func` in a `gpu.module`.
+//! The Hopper GEMM template: `out[M, N] = A[M, K] . B[N, K]^T (+ residual[M, N])` (both operands
+//! K-major, as the model's activations and `[out, in]` weights are), as one `gpu.func` in a `gpu.module`.
 //!
-//! Per thread block (one consumer warpgroup, 128 threads): a `block_m x block_n` output tile.
-//! Thread 0 streams `block_m x 128 B` tiles of A and `block_n x 128 B` tiles of B through TMA
-//! (`cp.async.bulk.tensor`, 128-byte swizzle) into a ring of `stages` shared-memory buffers, each
-//! with its mbarrier (`arrive.expect_tx`); the warpgroup waits on the barrier's phase, issues
-//! `wgmma.mma_async` (m64 x block_n x k16 for bf16, k32 for e4m3) from shared-memory descriptors,
-//! and refills the buffer it just consumed. fp8: each 128-wide K block accumulates into a fresh
-//! block accumulator that is promoted into the main f32 accumulator with the A row scale x the B
-//! block scale (1x128 activation, 128x128 weight scaling), as DeepSeek-V3 prescribes. The epilogue
-//! writes the accumulator fragments straight to global memory (bounds-checked: ragged M and N).
+//! Work is cut into units: an output tile of `block_m x block_n` and, with `split_k`, one of
+//! `splits` K ranges of it. Every block loops over units (`u = blockIdx.x; u += gridDim.x`): the
+//! host launches one block per unit, or, `persistent`, one per SM. With `raster = G`, consecutive
+//! tiles walk down G tile rows before moving to the next tile column, so blocks running together
+//! share B tiles in L2.
 //!
-//! What is not here yet (the config says so when asked): producer/consumer warp specialization,
-//! more than one consumer warpgroup, persistent tile scheduling, clusters, grouped (MoE) GEMMs.
+//! Per block: `consumers` warpgroups (1 or 2) each own `block_m / consumers` rows of the tile and
+//! issue `wgmma.mma_async` (m64 x block_n x k16 for bf16, k32 for e4m3) from shared-memory
+//! descriptors. `block_m x 128 B` tiles of A and `block_n x 128 B` tiles of B arrive through TMA
+//! (`cp.async.bulk.tensor`, 128-byte swizzle) in a ring of `stages` buffers, each with a "full"
+//! mbarrier (`arrive.expect_tx`). Without `specialized`, thread 0 issues the loads and refills a
+//! buffer after a block barrier; with it, a producer warpgroup (registers lowered by `setmaxnreg`,
+//! the consumers' raised) streams loads ahead, gated by per-buffer "empty" mbarriers the consumer
+//! threads arrive on, across tile boundaries. Phases follow a running count of K tiles.
+//!
+//! fp8: each 128-wide K block accumulates into a fresh block accumulator promoted into the main f32
+//! accumulator with the A row scale x the B block scale (1x128 activation, 128x128 weight scaling),
+//! as DeepSeek-V3 prescribes. The epilogue writes the fragments straight to global memory
+//! (bounds-checked: ragged M and N), adding the residual when asked. Split K: each unit writes its
+//! partial tile to a workspace; the last of a tile's units (an atomic counter) sums the partials in
+//! split order — deterministic whatever order the units finish in — applies the epilogue and resets
+//! the counter for the next launch.
+//!
+//! Not generated yet (rejected by [`GemmConfig::validate`]): clusters (TMA multicast), fp8 outputs,
+//! grouped (MoE) GEMMs.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use crate::target::GpuTarget;
@@ -26,35 +40,72 @@ pub enum GemmInput {
     Fp8,
 }
 
-/// Element type of the output.
+/// Element type of the output (and of the residual).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmOutput {
     F32,
     Bf16,
 }
 
-/// One GEMM kernel configuration.
+/// One GEMM kernel configuration. [`GemmConfig::new`] gives the plain form; the other fields are
+/// switched on one by one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemmConfig {
     pub input: GemmInput,
     pub output: GemmOutput,
-    /// Output tile rows: a multiple of 64 (one wgmma is 64 rows).
+    /// Output tile rows: a multiple of 64 per consumer warpgroup (one wgmma is 64 rows).
     pub block_m: usize,
     /// Output tile columns: a multiple of 16 from 16 to 256 (the wgmma N).
     pub block_n: usize,
     /// Shared-memory pipeline depth (buffers in flight).
     pub stages: usize,
+    /// Consumer warpgroups (1 or 2), each computing `block_m / consumers` rows.
+    pub consumers: usize,
+    /// Producer/consumer warp specialization: one more warpgroup that only issues TMA loads.
+    pub specialized: bool,
+    /// Launch one block per SM that loops over tiles (else one block per tile; same kernel code).
+    pub persistent: bool,
+    /// Tile rasterization: walk `raster` tile rows per tile column (0: row-major order).
+    pub raster: usize,
+    /// Thread-block cluster size (1: none).
+    pub cluster: usize,
+    /// K split over units with a workspace and a deterministic last-unit reduction (decode shapes).
+    pub split_k: bool,
+    /// Epilogue adds `residual[M, N]` (the output's type; it may alias the output).
+    pub residual: bool,
 }
 
 /// Bytes of K per pipeline stage: one 128-byte swizzle row per tile row.
 const ROW_BYTES: usize = 128;
 /// Registers a thread keeps for itself beyond the accumulators (addresses, loop state, epilogue).
 const REGISTER_HEADROOM: usize = 64;
-/// Static shared memory beside the dynamic ring: the mbarriers, padded so that the dynamic region
-/// starts 1024-byte aligned (what ptxas reports for these kernels).
+/// Registers per thread left to a producer warpgroup (`setmaxnreg.dec`).
+const PRODUCER_REGISTERS: usize = 40;
+/// Static shared memory beside the dynamic ring: the mbarriers (and the split-K flag), padded so
+/// that the dynamic region starts 1024-byte aligned (what ptxas reports for these kernels).
 pub const STATIC_SHARED_BYTES: usize = 1024;
+/// Named barrier the consumer warpgroups synchronize on without the producer (0 is `bar.sync 0`).
+const CONSUMER_BARRIER: usize = 1;
 
 impl GemmConfig {
+    /// The plain configuration: one consumer warpgroup, no specialization, one block per tile.
+    pub const fn new(input: GemmInput, output: GemmOutput, block_m: usize, block_n: usize, stages: usize) -> Self {
+        GemmConfig {
+            input,
+            output,
+            block_m,
+            block_n,
+            stages,
+            consumers: 1,
+            specialized: false,
+            persistent: false,
+            raster: 0,
+            cluster: 1,
+            split_k: false,
+            residual: false,
+        }
+    }
+
     fn element_bytes(&self) -> usize {
         match self.input {
             GemmInput::Bf16 => 2,
@@ -82,21 +133,53 @@ impl GemmConfig {
         self.stages * self.stage_bytes()
     }
 
-    /// f32 accumulator registers per thread: fp8 keeps a block and a main accumulator.
+    /// 64-row wgmma tiles each consumer warpgroup computes.
+    fn row_tiles(&self) -> usize {
+        self.block_m / 64 / self.consumers.max(1)
+    }
+
+    /// f32 accumulator registers per consumer thread: fp8 keeps a block and a main accumulator.
     pub fn accumulator_registers(&self) -> usize {
-        let one = (self.block_m / 64) * (self.block_n / 2);
+        let one = self.row_tiles() * (self.block_n / 2);
         match self.input {
             GemmInput::Bf16 => one,
             GemmInput::Fp8 => 2 * one,
         }
     }
 
-    /// Threads per block: one warpgroup.
+    /// Threads per block: the consumer warpgroups and, specialized, the producer's.
     pub fn threads(&self) -> usize {
-        128
+        128 * (self.consumers + usize::from(self.specialized))
     }
 
-    /// A stable name for the kernel of this configuration.
+    /// Registers a consumer thread may use: all a thread can address, or with a producer
+    /// warpgroup what `setmaxnreg` gives the consumers once the producer's are lowered.
+    pub fn consumer_register_limit(&self, target: &GpuTarget) -> usize {
+        let max = target.max_registers_per_thread as usize;
+        if !self.specialized {
+            return max.min(target.registers_per_sm as usize / self.threads());
+        }
+        let per_lane = target.registers_per_sm as usize / 128;
+        (((per_lane - PRODUCER_REGISTERS) / self.consumers.max(1)) / 8 * 8).min(240).min(max)
+    }
+
+    /// Output tiles of an `m x n` problem.
+    pub fn tiles(&self, m: usize, n: usize) -> usize {
+        m.div_ceil(self.block_m) * n.div_ceil(self.block_n)
+    }
+
+    /// Blocks to launch (grid x) for an `m x n` problem with `splits` K splits on `sm_count` SMs.
+    pub fn grid(&self, m: usize, n: usize, splits: usize, sm_count: usize) -> usize {
+        let units = self.tiles(m, n) * splits.max(1);
+        if self.persistent {
+            units.min(sm_count).max(1)
+        } else {
+            units.max(1)
+        }
+    }
+
+    /// A stable name for the kernel of this configuration:
+    /// `gemm_<in>_<out>_<M>x<N>x<K>_s<stages>[_wg<consumers>][_ws][_persist][_r<raster>][_cl<cluster>][_splitk][_res]`.
     pub fn kernel_name(&self) -> String {
         let input = match self.input {
             GemmInput::Bf16 => "bf16",
@@ -106,10 +189,33 @@ impl GemmConfig {
             GemmOutput::F32 => "f32",
             GemmOutput::Bf16 => "bf16",
         };
-        format!("gemm_{input}_{output}_{}x{}x{}_s{}", self.block_m, self.block_n, self.block_k(), self.stages)
+        let mut name =
+            format!("gemm_{input}_{output}_{}x{}x{}_s{}", self.block_m, self.block_n, self.block_k(), self.stages);
+        if self.consumers != 1 {
+            let _ = write!(name, "_wg{}", self.consumers);
+        }
+        if self.specialized {
+            name.push_str("_ws");
+        }
+        if self.persistent {
+            name.push_str("_persist");
+        }
+        if self.raster != 0 {
+            let _ = write!(name, "_r{}", self.raster);
+        }
+        if self.cluster != 1 {
+            let _ = write!(name, "_cl{}", self.cluster);
+        }
+        if self.split_k {
+            name.push_str("_splitk");
+        }
+        if self.residual {
+            name.push_str("_res");
+        }
+        name
     }
 
-    /// The configuration a [`GemmConfig::kernel_name`] names (`gemm_fp8_bf16_64x128x128_s6`).
+    /// The configuration a [`GemmConfig::kernel_name`] names (`gemm_fp8_bf16_64x128x128_s6_ws`).
     pub fn from_name(name: &str) -> Option<GemmConfig> {
         let rest = name.strip_prefix("gemm_")?;
         let mut parts = rest.split('_');
@@ -126,34 +232,80 @@ impl GemmConfig {
         let dims: Vec<usize> = parts.next()?.split('x').map(|d| d.parse().ok()).collect::<Option<_>>()?;
         let stages = parts.next()?.strip_prefix('s')?.parse().ok()?;
         let [block_m, block_n, block_k] = dims[..] else { return None };
-        let config = GemmConfig { input, output, block_m, block_n, stages };
-        (parts.next().is_none() && config.block_k() == block_k).then_some(config)
+        let mut config = GemmConfig::new(input, output, block_m, block_n, stages);
+        // Optional parts, in the order kernel_name writes them.
+        let mut order = 0;
+        for part in parts {
+            let (rank, ok) = if let Some(v) = part.strip_prefix("wg") {
+                config.consumers = v.parse().ok()?;
+                (1, config.consumers != 1)
+            } else if part == "ws" {
+                config.specialized = true;
+                (2, true)
+            } else if part == "persist" {
+                config.persistent = true;
+                (3, true)
+            } else if part == "res" {
+                config.residual = true;
+                (7, true)
+            } else if let Some(v) = part.strip_prefix('r') {
+                config.raster = v.parse().ok()?;
+                (4, config.raster != 0)
+            } else if let Some(v) = part.strip_prefix("cl") {
+                config.cluster = v.parse().ok()?;
+                (5, config.cluster != 1)
+            } else if part == "splitk" {
+                config.split_k = true;
+                (6, true)
+            } else {
+                return None;
+            };
+            if rank <= order || !ok {
+                return None;
+            }
+            order = rank;
+        }
+        (config.block_k() == block_k).then_some(config)
     }
 
     /// Rejects configurations that cannot be generated or would not fit `target` (shared memory,
     /// registers), before any code is generated. The message names the limit.
     pub fn validate(&self, target: &GpuTarget) -> Result<(), String> {
         let name = self.kernel_name();
-        if self.block_m == 0 || !self.block_m.is_multiple_of(64) || self.block_m > 256 {
-            return Err(format!("{name}: block_m {} is not a multiple of 64 in 64..=256", self.block_m));
+        if self.consumers == 0 || self.consumers > 2 {
+            return Err(format!("{name}: {} consumer warpgroups (1 or 2 supported)", self.consumers));
+        }
+        let rows = 64 * self.consumers;
+        if self.block_m == 0 || !self.block_m.is_multiple_of(rows) || self.block_m > 256 {
+            return Err(format!(
+                "{name}: block_m {} is not a multiple of {rows} (64 per consumer warpgroup) in {rows}..=256",
+                self.block_m
+            ));
         }
         if self.block_n < 16 || !self.block_n.is_multiple_of(16) || self.block_n > 256 {
             return Err(format!("{name}: block_n {} is not a multiple of 16 in 16..=256", self.block_n));
         }
-        if self.input == GemmInput::Fp8 && !128usize.is_multiple_of(self.block_n) && !self.block_n.is_multiple_of(128) {
+        if self.input == GemmInput::Fp8 && !128usize.is_multiple_of(self.block_n) {
             return Err(format!(
-                "{name}: fp8 block_n {} must divide or be a multiple of the 128-wide weight scale block",
-                self.block_n
-            ));
-        }
-        if self.input == GemmInput::Fp8 && self.block_n > 128 {
-            return Err(format!(
-                "{name}: fp8 block_n {} spans more than one weight scale block (not generated yet)",
+                "{name}: fp8 block_n {} must divide the 128-wide weight scale block (one B scale per tile)",
                 self.block_n
             ));
         }
         if self.stages < 2 || self.stages > 8 {
             return Err(format!("{name}: {} stages (2..=8 supported)", self.stages));
+        }
+        if self.raster != 0 && (!self.raster.is_power_of_two() || self.raster > 16 || self.raster < 2) {
+            return Err(format!("{name}: raster {} is not 0 or a power of two in 2..=16", self.raster));
+        }
+        if self.cluster != 1 {
+            return Err(format!(
+                "{name}: cluster size {}: TMA multicast across a thread-block cluster is not generated yet",
+                self.cluster
+            ));
+        }
+        let threads = self.threads();
+        if threads > target.max_threads_per_block as usize {
+            return Err(format!("{name}: {threads} threads exceed {}'s {}", target.name, target.max_threads_per_block));
         }
         let smem = self.shared_memory_bytes() + STATIC_SHARED_BYTES;
         if smem > target.max_shared_memory_per_block as usize {
@@ -163,12 +315,13 @@ impl GemmConfig {
             ));
         }
         let regs = self.accumulator_registers() + REGISTER_HEADROOM;
-        if regs > target.max_registers_per_thread as usize {
+        let limit = self.consumer_register_limit(target);
+        if regs > limit {
             return Err(format!(
-                "{name}: {} accumulator registers per thread (+{REGISTER_HEADROOM}) exceed {}'s {}",
+                "{name}: {} accumulator registers per thread (+{REGISTER_HEADROOM}) exceed the {limit} registers a \
+                 consumer thread has on {} with {threads} threads",
                 self.accumulator_registers(),
                 target.name,
-                target.max_registers_per_thread
             ));
         }
         Ok(())
@@ -180,215 +333,441 @@ fn fragment_type(n: usize) -> String {
     format!("!llvm.struct<({})>", vec!["f32"; n].join(", "))
 }
 
-/// The kernel's `gpu.module` text (one `gpu.func`, `kernel`): arguments `%a_map`, `%b_map`
-/// (CUtensorMap pointers: 2-D, K innermost, box `[128 B of K, block rows]`, 128-byte swizzle,
-/// out-of-bounds zero fill), `%out` (`memref<?x?xT>`, [M, N]), fp8 only `%a_scale`, `%b_scale`,
-/// then `%k` (K in elements).
+/// The kernel's `gpu.module` text (one `gpu.func`, `kernel`). Arguments, in order:
+/// `%a_ptr`, `%b_ptr` (CUtensorMap pointers: 2-D, K innermost, box `[128 B of K, block_m | block_n
+/// rows]`, 128-byte swizzle, out-of-bounds zero fill), `%out` (`memref<?x?xT>`, [M, N]); fp8:
+/// `%a_scale` [M, ceil(K/128)], `%b_scale` [ceil(N/128), ceil(K/128)] (f32); residual: `%residual`
+/// (`memref<?x?xT>`, [M, N]); split K: `%ws` (f32 [splits, M, N]), `%counters` (i32 [tiles],
+/// zero before the first launch; the kernel leaves them zero), `%splits`; then `%k` (K in elements).
+/// Launch: [`GemmConfig::threads`] threads, [`GemmConfig::shared_memory_bytes`] of dynamic shared
+/// memory, [`GemmConfig::grid`] blocks.
 pub fn emit(config: &GemmConfig, target: &GpuTarget) -> Result<String, String> {
     config.validate(target)?;
-    let c = config;
-    let name = c.kernel_name();
-    let (bm, bn, bk, stages) = (c.block_m, c.block_n, c.block_k(), c.stages);
-    let m_tiles = bm / 64;
-    let frag_n = bn / 2;
-    let frag = fragment_type(frag_n);
-    let (in_el, wgmma_el) = match c.input {
-        GemmInput::Bf16 => ("bf16", "bf16"),
-        GemmInput::Fp8 => ("f8E4M3FN", "e4m3"),
-    };
-    let out_el = match c.output {
-        GemmOutput::F32 => "f32",
-        GemmOutput::Bf16 => "bf16",
-    };
-    let fp8 = c.input == GemmInput::Fp8;
-    let a_bytes = bm * ROW_BYTES;
-    let tx = c.stage_bytes();
-    let k_steps = bk / c.wgmma_k();
-    let mut t = String::new();
-    let ws = "#gpu.address_space<workgroup>";
-    let _ = writeln!(t, "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {stages}>");
-    let _ = writeln!(t, "!amap = !nvgpu.tensormap.descriptor<tensor = memref<{bm}x{bk}x{in_el}, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>");
-    let _ = writeln!(t, "!bmap = !nvgpu.tensormap.descriptor<tensor = memref<{bn}x{bk}x{in_el}, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>");
-    let _ = writeln!(t, "module attributes {{gpu.container_module}} {{");
-    let _ = writeln!(t, "gpu.module @kernels {{");
-    let scale_args = if fp8 { ", %a_scale: memref<?x?xf32>, %b_scale: memref<?x?xf32>" } else { "" };
-    let _ = writeln!(
-        t,
-        "gpu.func @{name}(%a_ptr: !llvm.ptr, %b_ptr: !llvm.ptr, %out: memref<?x?x{out_el}>{scale_args}, %k: index) kernel attributes {{known_block_size = array<i32: 128, 1, 1>}} {{"
-    );
-    // Constants and indices.
-    let mut consts = vec![0usize, 1, 2, 4, 8, 16, 32, 64, 128, stages, bm, bn, bk, a_bytes, tx];
-    consts.sort();
-    consts.dedup();
-    for v in consts {
-        let _ = writeln!(t, "  %c{v} = arith.constant {v} : index");
+    Ok(Emitter::new(config, target).module())
+}
+
+/// Text generation for one configuration. Index constants are written as `%c<N>` (`%c<N>_i64`,
+/// `%c<N>_i32`) where used and declared once at the top of the function.
+struct Emitter {
+    c: GemmConfig,
+    /// Registers per consumer thread (`setmaxnreg.inc` with a producer warpgroup).
+    consumer_registers: usize,
+    frag: String,
+    in_el: &'static str,
+    wgmma_el: &'static str,
+    out_el: &'static str,
+}
+
+impl Emitter {
+    fn new(c: &GemmConfig, target: &GpuTarget) -> Emitter {
+        let (in_el, wgmma_el) = match c.input {
+            GemmInput::Bf16 => ("bf16", "bf16"),
+            GemmInput::Fp8 => ("f8E4M3FN", "e4m3"),
+        };
+        let out_el = match c.output {
+            GemmOutput::F32 => "f32",
+            GemmOutput::Bf16 => "bf16",
+        };
+        Emitter {
+            c: *c,
+            consumer_registers: c.consumer_register_limit(target),
+            frag: fragment_type(c.block_n / 2),
+            in_el,
+            wgmma_el,
+            out_el,
+        }
     }
-    let _ = writeln!(
-        t,
-        "  %ticks = arith.constant 10000000 : index
+
+    fn fp8(&self) -> bool {
+        self.c.input == GemmInput::Fp8
+    }
+
+    fn module(&self) -> String {
+        let c = &self.c;
+        let (bm, bn, bk, stages) = (c.block_m, c.block_n, c.block_k(), c.stages);
+        let in_el = self.in_el;
+        let ws = WORKGROUP;
+        let mut head = String::new();
+        let _ = writeln!(head, "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {stages}>");
+        for (map, rows) in [("amap", bm), ("bmap", bn)] {
+            let _ = writeln!(head, "!{map} = !nvgpu.tensormap.descriptor<tensor = memref<{rows}x{bk}x{in_el}, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>");
+        }
+        let _ = writeln!(head, "module attributes {{gpu.container_module}} {{\ngpu.module @kernels {{");
+        let out_ty = format!("memref<?x?x{}>", self.out_el);
+        let mut args = vec!["%a_ptr: !llvm.ptr".to_string(), "%b_ptr: !llvm.ptr".into(), format!("%out: {out_ty}")];
+        if self.fp8() {
+            args.push("%a_scale: memref<?x?xf32>".into());
+            args.push("%b_scale: memref<?x?xf32>".into());
+        }
+        if c.residual {
+            args.push(format!("%residual: {out_ty}"));
+        }
+        if c.split_k {
+            args.push("%ws: memref<?x?x?xf32>".into());
+            args.push("%counters: memref<?xi32>".into());
+            args.push("%splits: index".into());
+        }
+        args.push("%k: index".into());
+        let attribution = if c.split_k { format!(" workgroup(%flag: memref<1xi32, {ws}>)") } else { String::new() };
+        let _ = writeln!(
+            head,
+            "gpu.func @{}({}){attribution} kernel attributes {{known_block_size = array<i32: {}, 1, 1>}} {{",
+            c.kernel_name(),
+            args.join(", "),
+            c.threads()
+        );
+
+        let mut t = String::new();
+        self.prelude(&mut t);
+        if c.specialized {
+            let producers = 128 * c.consumers;
+            let _ = writeln!(
+                t,
+                "  %is_producer = arith.cmpi uge, %tid, %c{producers} : index
+  scf.if %is_producer {{
+    nvvm.setmaxregister decrease {PRODUCER_REGISTERS}
+    %p_leader = arith.cmpi eq, %tid, %c{producers} : index
+    scf.if %p_leader {{
+      %p_end = scf.for %u = %bx to %units step %gdx iter_args(%it = %c0) -> (index) {{
+{decode}
+        %it_next = scf.for %j = %c0 to %nkt step %c1 iter_args(%i = %it) -> (index) {{
+          %st = arith.remui %i, %c{stages} : index
+          %round = arith.divui %i, %c{stages} : index
+          %round1 = arith.addi %round, %c1 : index
+          %par = arith.remui %round1, %c2 : index
+          %parity = arith.index_cast %par : index to i1
+          nvgpu.mbarrier.try_wait.parity %empty[%st], %parity, %ticks : !bar
+          %kt = arith.addi %kt0, %j : index
+{load}
+          %i1 = arith.addi %i, %c1 : index
+          scf.yield %i1 : index
+        }}
+        scf.yield %it_next : index
+      }}
+    }}
+  }} else {{
+    nvvm.setmaxregister increase {regs}",
+                decode = indent(&self.decode(), 8),
+                load = indent(&self.load("%kt", "%st"), 10),
+                regs = self.consumer_registers,
+            );
+            t.push_str(&indent(&self.consumer(), 2));
+            t.push_str("\n  }\n");
+        } else {
+            t.push_str(&self.consumer());
+            t.push('\n');
+        }
+        t.push_str("  gpu.return\n}\n}\n}\n");
+        format!("{head}{}{t}", constants(&t))
+    }
+
+    /// Kernel-wide values: problem and tile counts, shared memory, barriers (initialized by thread 0).
+    fn prelude(&self, t: &mut String) {
+        let c = &self.c;
+        let (bm, bn, bk, stages) = (c.block_m, c.block_n, c.block_k(), c.stages);
+        let ws = WORKGROUP;
+        let splits = if c.split_k { "" } else { "  %splits = arith.constant 1 : index\n" };
+        let _ = writeln!(
+            t,
+            "  %ticks = arith.constant 10000000 : index
   %desc_hi = arith.constant {desc_hi} : i64
   %addr_mask = arith.constant 262143 : i64
-  %c4_i64 = arith.constant 4 : i64
   %zero = arith.constant 0.0 : f32
-  %a_map = builtin.unrealized_conversion_cast %a_ptr : !llvm.ptr to !amap
+{splits}  %a_map = builtin.unrealized_conversion_cast %a_ptr : !llvm.ptr to !amap
   %b_map = builtin.unrealized_conversion_cast %b_ptr : !llvm.ptr to !bmap
   %tid = gpu.thread_id x
   %bx = gpu.block_id x
-  %by = gpu.block_id y
-  %row0 = arith.muli %by, %c{bm} : index
-  %col0 = arith.muli %bx, %c{bn} : index
+  %gdx = gpu.grid_dim x
+  %m = memref.dim %out, %c0 : memref<?x?x{out}>
+  %n = memref.dim %out, %c1 : memref<?x?x{out}>
+  %m_tiles = arith.ceildivui %m, %c{bm} : index
+  %n_tiles = arith.ceildivui %n, %c{bn} : index
+  %tiles = arith.muli %m_tiles, %n_tiles : index
+  %units = arith.muli %tiles, %splits : index
   %k_tiles = arith.ceildivui %k, %c{bk} : index
+  %per = arith.ceildivui %k_tiles, %splits : index
   %smem = gpu.dynamic_shared_memory : memref<?xi8, {ws}>
   %smem_base_idx = memref.extract_aligned_pointer_as_index %smem : memref<?xi8, {ws}> -> index
   %smem_base = arith.index_cast %smem_base_idx : index to i64
-  %bars = nvgpu.mbarrier.create -> !bar
-  %leader = arith.cmpi eq, %tid, %c0 : index
+  %full = nvgpu.mbarrier.create -> !bar",
+            // 128-byte swizzle (mode 1 in bits 62-63), stride byte offset 1024 B (8 rows x 128 B) in
+            // bits 32-45 (16-byte units); the start address goes in bits 0-13 (16-byte units).
+            desc_hi = (1u64 << 62) | (64u64 << 32),
+            out = self.out_el,
+        );
+        let mut init = format!("      nvgpu.mbarrier.init %full[%s], %c1 : !bar\n");
+        if c.specialized {
+            let _ = writeln!(t, "  %empty = nvgpu.mbarrier.create -> !bar");
+            let _ = writeln!(init, "      nvgpu.mbarrier.init %empty[%s], %c{} : !bar", 128 * c.consumers);
+        }
+        let _ = writeln!(
+            t,
+            "  %leader = arith.cmpi eq, %tid, %c0 : index
   scf.if %leader {{
     scf.for %s = %c0 to %c{stages} step %c1 {{
-      nvgpu.mbarrier.init %bars[%s], %c1 : !bar
-    }}
+{init}    }}
     nvgpu.tma.prefetch.descriptor %a_map : !amap
     nvgpu.tma.prefetch.descriptor %b_map : !bmap
   }}
-  gpu.barrier",
-        // 128-byte swizzle (mode 1 in bits 62-63), stride byte offset 1024 B (8 rows x 128 B) in
-        // bits 32-45 (16-byte units); the start address goes in bits 0-13 (16-byte units).
-        desc_hi = (1u64 << 62) | (64u64 << 32),
-    );
-    // TMA issue of K tile %kt into stage %st (thread 0 only; the caller guards).
-    let load = |kt: &str, st: &str| {
+  gpu.barrier"
+        );
+    }
+
+    /// A consumer thread's place (from `%tid`) in the wgmma accumulator layout: its warpgroup
+    /// `%cw`, `%lane`, and the tile row `%trow` / column `%lcol` of its fragment element 0; element
+    /// e of row tile i sits [`fragment_offset`] further.
+    fn coordinates(&self) -> String {
+        format!(
+            "  %cw = arith.divui %tid, %c128 : index
+  %ctid = arith.remui %tid, %c128 : index
+  %lane = arith.remui %ctid, %c32 : index
+  %warp = arith.divui %ctid, %c32 : index
+  %wrow = arith.muli %warp, %c16 : index
+  %lrow = arith.divui %lane, %c4 : index
+  %trow0 = arith.addi %wrow, %lrow : index
+  %wg_row = arith.muli %cw, %c{rows_per_wg} : index
+  %trow = arith.addi %wg_row, %trow0 : index
+  %lcol0 = arith.remui %lane, %c4 : index
+  %lcol = arith.muli %lcol0, %c2 : index
+",
+            rows_per_wg = self.c.block_m / self.c.consumers
+        )
+    }
+
+    /// Unit `%u` -> its tile's first row and column (`%row0`, `%col0`), `%tile`, split `%z`, and
+    /// its K tiles `[%kt0, %kt0 + %nkt)`.
+    fn decode(&self) -> String {
+        let c = &self.c;
+        let order = if c.raster == 0 {
+            "%mt = arith.divui %tile, %n_tiles : index\n%nt = arith.remui %tile, %n_tiles : index".to_string()
+        } else {
+            let g = c.raster;
+            format!(
+                "%rw = arith.muli %n_tiles, %c{g} : index
+%grp = arith.divui %tile, %rw : index
+%first_m = arith.muli %grp, %c{g} : index
+%left_m = arith.subi %m_tiles, %first_m : index
+%gsz = arith.minui %left_m, %c{g} : index
+%in_grp = arith.remui %tile, %rw : index
+%mt_off = arith.remui %in_grp, %gsz : index
+%mt = arith.addi %first_m, %mt_off : index
+%nt = arith.divui %in_grp, %gsz : index"
+            )
+        };
+        format!(
+            "%tile = arith.divui %u, %splits : index
+%z = arith.remui %u, %splits : index
+{order}
+%row0 = arith.muli %mt, %c{bm} : index
+%col0 = arith.muli %nt, %c{bn} : index
+%kt0_raw = arith.muli %z, %per : index
+%kt0 = arith.minui %kt0_raw, %k_tiles : index
+%kt_end_raw = arith.addi %kt0_raw, %per : index
+%kt_end = arith.minui %kt_end_raw, %k_tiles : index
+%nkt = arith.subi %kt_end, %kt0 : index",
+            bm = c.block_m,
+            bn = c.block_n
+        )
+    }
+
+    /// TMA issue of K tile `kt` into ring buffer `st` (one thread; the caller guards).
+    fn load(&self, kt: &str, st: &str) -> String {
+        let c = &self.c;
+        let (bm, bn, bk) = (c.block_m, c.block_n, c.block_k());
+        let (tx, a_bytes, in_el, ws) = (c.stage_bytes(), bm * ROW_BYTES, self.in_el, WORKGROUP);
         format!(
             "%ld_a_off = arith.muli {st}, %c{tx} : index
 %ld_b_off = arith.addi %ld_a_off, %c{a_bytes} : index
 %ld_a = memref.view %smem[%ld_a_off][] : memref<?xi8, {ws}> to memref<{bm}x{bk}x{in_el}, {ws}>
 %ld_b = memref.view %smem[%ld_b_off][] : memref<?xi8, {ws}> to memref<{bn}x{bk}x{in_el}, {ws}>
 %ld_k0 = arith.muli {kt}, %c{bk} : index
-nvgpu.mbarrier.arrive.expect_tx %bars[{st}], %c{tx} : !bar
-nvgpu.tma.async.load %a_map[%ld_k0, %row0], %bars[{st}] to %ld_a : !amap, !bar -> memref<{bm}x{bk}x{in_el}, {ws}>
-nvgpu.tma.async.load %b_map[%ld_k0, %col0], %bars[{st}] to %ld_b : !bmap, !bar -> memref<{bn}x{bk}x{in_el}, {ws}>"
+nvgpu.mbarrier.arrive.expect_tx %full[{st}], %c{tx} : !bar
+nvgpu.tma.async.load %a_map[%ld_k0, %row0], %full[{st}] to %ld_a : !amap, !bar -> memref<{bm}x{bk}x{in_el}, {ws}>
+nvgpu.tma.async.load %b_map[%ld_k0, %col0], %full[{st}] to %ld_b : !bmap, !bar -> memref<{bn}x{bk}x{in_el}, {ws}>"
         )
-    };
-    let _ = writeln!(
-        t,
-        "  %prologue = arith.minui %k_tiles, %c{stages} : index
-  scf.if %leader {{
-    scf.for %s = %c0 to %prologue step %c1 {{
-{}
-    }}
-  }}",
-        indent(&load("%s", "%s"), 6)
-    );
-    // Accumulators: zero fragments.
-    let mut zero = String::from("  %frag0 = llvm.mlir.poison : FRAG\n");
-    for e in 0..frag_n {
-        let _ = writeln!(zero, "  %frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : FRAG", e + 1);
     }
-    t.push_str(&zero.replace("FRAG", &frag));
-    let accs: Vec<String> = (0..m_tiles).map(|i| format!("%acc{i}")).collect();
-    let iter_args: Vec<String> = accs.iter().map(|a| format!("{a}_in = %frag{frag_n}")).collect();
-    let types = vec![frag.clone(); m_tiles].join(", ");
-    let _ = writeln!(
-        t,
-        "  %res:{m_tiles} = scf.for %kt = %c0 to %k_tiles step %c1 iter_args({}) -> ({types}) {{",
-        iter_args.join(", ")
-    );
-    let _ = writeln!(
-        t,
-        "    %st = arith.remui %kt, %c{stages} : index
-    %round = arith.divui %kt, %c{stages} : index
-    %par = arith.remui %round, %c2 : index
-    %parity = arith.index_cast %par : index to i1
-    nvgpu.mbarrier.try_wait.parity %bars[%st], %parity, %ticks : !bar
-    %a_off = arith.muli %st, %c{tx} : index
-    %a_off64 = arith.index_cast %a_off : index to i64
-    %a_addr = arith.addi %smem_base, %a_off64 : i64
-    %b_addr = arith.addi %a_addr, %c{a_bytes}_i64 : i64"
-    );
-    // Descriptors: base per A row tile and for B; each k step adds 32 bytes (2 units).
-    let desc = |name: &str, addr: &str| {
-        format!(
-            "    %{name}_m = arith.andi {addr}, %addr_mask : i64\n    %{name}_s = arith.shrui %{name}_m, %c4_i64 : i64\n    %{name} = arith.ori %desc_hi, %{name}_s : i64"
-        )
-    };
-    for i in 0..m_tiles {
-        let _ = writeln!(t, "    %a_addr{i} = arith.addi %a_addr, %c{}_i64 : i64", i * 64 * ROW_BYTES);
-        let _ = writeln!(t, "{}", desc(&format!("da{i}"), &format!("%a_addr{i}")));
-    }
-    let _ = writeln!(t, "{}", desc("db", "%b_addr"));
-    let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
-    // The wgmma chain: bf16 accumulates into the running accumulators; fp8 starts a fresh block
-    // accumulator each K block (scale-out zero on the first step).
-    let mut cur: Vec<String> =
-        if fp8 { vec![String::new(); m_tiles] } else { accs.iter().map(|a| format!("{a}_in")).collect() };
-    for ks in 0..k_steps {
-        if ks > 0 {
-            let _ = writeln!(t, "    %koff{ks} = arith.constant {} : i64", 2 * ks);
-        }
-        for (i, cur_i) in cur.iter_mut().enumerate() {
-            let (da, db) = if ks == 0 {
-                (format!("%da{i}"), "%db".to_string())
-            } else {
-                let _ = writeln!(t, "    %da{i}_{ks} = arith.addi %da{i}, %koff{ks} : i64");
-                if i == 0 {
-                    let _ = writeln!(t, "    %db_{ks} = arith.addi %db, %koff{ks} : i64");
-                }
-                (format!("%da{i}_{ks}"), format!("%db_{ks}"))
-            };
-            let (input, scale_out) =
-                if fp8 && ks == 0 { (format!("%frag{frag_n}"), "zero") } else { (cur_i.clone(), "one") };
-            let out = format!("%w{i}_{ks}");
-            let _ = writeln!(
-                t,
-                "    {out} = nvvm.wgmma.mma_async {da}, {db}, {input}, <m = 64, n = {bn}, k = {wk}>, D[<f32>, <{scale_out}>, <wrapped>], A[<{wgmma_el}>, <one>, <row>], B[<{wgmma_el}>, <one>, <col>] : {frag} -> {frag}",
-                wk = c.wgmma_k()
-            );
-            *cur_i = out;
-        }
-    }
-    let _ = writeln!(t, "    nvvm.wgmma.commit.group.sync.aligned\n    nvvm.wgmma.wait.group.sync.aligned 0");
-    // fp8 promotion: main += block * a_scale[row, kt] * b_scale[col0 / 128, kt].
-    let results: Vec<String> = if fp8 {
+
+    /// The consumer warpgroups: the unit loop with the main loop and the epilogue.
+    fn consumer(&self) -> String {
+        let c = &self.c;
+        let (stages, tx, a_bytes) = (c.stages, c.stage_bytes(), c.block_m * ROW_BYTES);
+        let rows_per_wg = c.block_m / c.consumers;
+        let m_tiles = c.row_tiles();
+        let frag_n = c.block_n / 2;
+        let frag = &self.frag;
+        let mut t = String::new();
+        t.push_str(&self.coordinates());
         let _ = writeln!(
             t,
-            "    %lane = arith.remui %tid, %c32 : index
-    %warp = arith.divui %tid, %c32 : index
-    %wrow = arith.muli %warp, %c16 : index
-    %lrow = arith.divui %lane, %c4 : index
-    %trow = arith.addi %wrow, %lrow : index
-    %nb = arith.divui %col0, %c128 : index
-    %sb = memref.load %b_scale[%nb, %kt] : memref<?x?xf32>
-    %m_rows = memref.dim %a_scale, %c0 : memref<?x?xf32>"
+            "  %wg_a = arith.muli %cw, %c{wg_bytes} : index
+  %wg_a64 = arith.index_cast %wg_a : index to i64
+  %c_end = scf.for %u = %bx to %units step %gdx iter_args(%it = %c0) -> (index) {{
+{decode}",
+            wg_bytes = rows_per_wg * ROW_BYTES,
+            decode = indent(&self.decode(), 4),
+        );
+        if !c.specialized {
+            let _ = writeln!(
+                t,
+                "    %pro = arith.minui %nkt, %c{stages} : index
+    scf.if %leader {{
+      scf.for %j = %c0 to %pro step %c1 {{
+        %pi = arith.addi %it, %j : index
+        %pst = arith.remui %pi, %c{stages} : index
+        %pkt = arith.addi %kt0, %j : index
+{}
+      }}
+    }}",
+                indent(&self.load("%pkt", "%pst"), 8)
+            );
+        }
+        let _ = writeln!(t, "    %frag0 = llvm.mlir.poison : {frag}");
+        for e in 0..frag_n {
+            let _ = writeln!(t, "    %frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {frag}", e + 1);
+        }
+        let accs: Vec<String> = (0..m_tiles).map(|i| format!("%acc{i}")).collect();
+        let mut iter_args: Vec<String> = accs.iter().map(|a| format!("{a}_in = %frag{frag_n}")).collect();
+        iter_args.push("%i = %it".into());
+        let mut types = vec![frag.clone(); m_tiles];
+        types.push("index".into());
+        let _ = writeln!(
+            t,
+            "    %res:{} = scf.for %j = %c0 to %nkt step %c1 iter_args({}) -> ({}) {{
+      %st = arith.remui %i, %c{stages} : index
+      %round = arith.divui %i, %c{stages} : index
+      %par = arith.remui %round, %c2 : index
+      %parity = arith.index_cast %par : index to i1
+      nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
+      %kt = arith.addi %kt0, %j : index
+      %a_off = arith.muli %st, %c{tx} : index
+      %a_off64 = arith.index_cast %a_off : index to i64
+      %stage_addr = arith.addi %smem_base, %a_off64 : i64
+      %a_addr = arith.addi %stage_addr, %wg_a64 : i64
+      %b_addr = arith.addi %stage_addr, %c{a_bytes}_i64 : i64",
+            m_tiles + 1,
+            iter_args.join(", "),
+            types.join(", "),
+        );
+        let results = self.mainloop_body(&mut t, &accs);
+        if c.specialized {
+            let _ = writeln!(t, "      %released = nvgpu.mbarrier.arrive %empty[%st] : !bar -> !nvgpu.mbarrier.token");
+        } else {
+            // Refill the buffer just consumed once every warp's wgmma has read it (wgmma.wait_group
+            // covers the issuing warp only: the block barrier covers the warpgroups).
+            let _ = writeln!(
+                t,
+                "      gpu.barrier
+      %jn = arith.addi %j, %c{stages} : index
+      %more = arith.cmpi ult, %jn, %nkt : index
+      %refill = arith.andi %leader, %more : i1
+      scf.if %refill {{
+        %rkt = arith.addi %kt0, %jn : index
+{}
+      }}",
+                indent(&self.load("%rkt", "%st"), 8)
+            );
+        }
+        let _ = writeln!(
+            t,
+            "      %i_next = arith.addi %i, %c1 : index
+      scf.yield {}, %i_next : {}
+    }}",
+            results.join(", "),
+            types.join(", ")
+        );
+        t.push_str(&indent(&self.epilogue(), 4));
+        let _ = write!(t, "\n    scf.yield %res#{m_tiles} : index\n  }}");
+        t
+    }
+
+    /// One K tile: descriptors, the wgmma chain, and for fp8 the promotion. Returns the
+    /// accumulators after it.
+    fn mainloop_body(&self, t: &mut String, accs: &[String]) -> Vec<String> {
+        let c = &self.c;
+        let m_tiles = accs.len();
+        let frag_n = c.block_n / 2;
+        let frag = &self.frag;
+        let fp8 = self.fp8();
+        // Descriptors: base per A row tile and for B; each k step adds 32 bytes (2 units of 16).
+        let desc = |name: &str, addr: &str| {
+            format!(
+                "      %{name}_m = arith.andi {addr}, %addr_mask : i64\n      %{name}_s = arith.shrui %{name}_m, %c4_i64 : i64\n      %{name} = arith.ori %desc_hi, %{name}_s : i64"
+            )
+        };
+        for i in 0..m_tiles {
+            let _ = writeln!(t, "      %a_addr{i} = arith.addi %a_addr, %c{}_i64 : i64", i * 64 * ROW_BYTES);
+            let _ = writeln!(t, "{}", desc(&format!("da{i}"), &format!("%a_addr{i}")));
+        }
+        let _ = writeln!(t, "{}", desc("db", "%b_addr"));
+        let _ = writeln!(t, "      nvvm.wgmma.fence.aligned");
+        // bf16 accumulates into the running accumulators; fp8 starts a fresh block accumulator each
+        // K block (scale-out zero on the first step).
+        let mut cur: Vec<String> =
+            if fp8 { vec![String::new(); m_tiles] } else { accs.iter().map(|a| format!("{a}_in")).collect() };
+        for ks in 0..c.block_k() / c.wgmma_k() {
+            for (i, cur_i) in cur.iter_mut().enumerate() {
+                let (da, db) = if ks == 0 {
+                    (format!("%da{i}"), "%db".to_string())
+                } else {
+                    let _ = writeln!(t, "      %da{i}_{ks} = arith.addi %da{i}, %c{}_i64 : i64", 2 * ks);
+                    if i == 0 {
+                        let _ = writeln!(t, "      %db_{ks} = arith.addi %db, %c{}_i64 : i64", 2 * ks);
+                    }
+                    (format!("%da{i}_{ks}"), format!("%db_{ks}"))
+                };
+                let (input, scale_out) =
+                    if fp8 && ks == 0 { (format!("%frag{frag_n}"), "zero") } else { (cur_i.clone(), "one") };
+                let out = format!("%w{i}_{ks}");
+                let _ = writeln!(
+                    t,
+                    "      {out} = nvvm.wgmma.mma_async {da}, {db}, {input}, <m = 64, n = {bn}, k = {wk}>, D[<f32>, <{scale_out}>, <wrapped>], A[<{el}>, <one>, <row>], B[<{el}>, <one>, <col>] : {frag} -> {frag}",
+                    bn = c.block_n,
+                    wk = c.wgmma_k(),
+                    el = self.wgmma_el,
+                );
+                *cur_i = out;
+            }
+        }
+        let _ = writeln!(t, "      nvvm.wgmma.commit.group.sync.aligned\n      nvvm.wgmma.wait.group.sync.aligned 0");
+        if !fp8 {
+            return cur;
+        }
+        // fp8 promotion: main += block * a_scale[row, kt] * b_scale[col0 / 128, kt].
+        let _ = writeln!(
+            t,
+            "      %nb = arith.divui %col0, %c128 : index
+      %sb = memref.load %b_scale[%nb, %kt] : memref<?x?xf32>
+      %m_rows = memref.dim %a_scale, %c0 : memref<?x?xf32>
+      %srow = arith.addi %row0, %trow : index"
         );
         let mut out = Vec::new();
-        for i in 0..m_tiles {
+        for (i, acc) in accs.iter().enumerate() {
             // The two rows this thread holds in row tile i: trow and trow + 8.
-            for (h, off) in [(0, 0), (1, 8)] {
+            for h in 0..2 {
                 let _ = writeln!(
                     t,
-                    "    %r{i}_{h}a = arith.addi %row0, %trow : index
-    %r{i}_{h}o = arith.constant {} : index
-    %r{i}_{h} = arith.addi %r{i}_{h}a, %r{i}_{h}o : index
-    %r{i}_{h}_in = arith.cmpi ult, %r{i}_{h}, %m_rows : index
-    %sa{i}_{h} = scf.if %r{i}_{h}_in -> (f32) {{
-      %v = memref.load %a_scale[%r{i}_{h}, %kt] : memref<?x?xf32>
-      scf.yield %v : f32
-    }} else {{
-      scf.yield %zero : f32
-    }}
-    %s{i}_{h} = arith.mulf %sa{i}_{h}, %sb : f32",
-                    i * 64 + off
+                    "      %r{i}_{h} = arith.addi %srow, %c{off} : index
+      %r{i}_{h}_in = arith.cmpi ult, %r{i}_{h}, %m_rows : index
+      %sa{i}_{h} = scf.if %r{i}_{h}_in -> (f32) {{
+        %v = memref.load %a_scale[%r{i}_{h}, %kt] : memref<?x?xf32>
+        scf.yield %v : f32
+      }} else {{
+        scf.yield %zero : f32
+      }}
+      %s{i}_{h} = arith.mulf %sa{i}_{h}, %sb : f32",
+                    off = i * 64 + 8 * h
                 );
             }
-            let acc_in = format!("{}_in", accs[i]);
+            let acc_in = format!("{acc}_in");
             let mut prev = acc_in.clone();
             for e in 0..frag_n {
-                let h = (e % 4) / 2;
+                let h = (fragment_offset(i, e).0 - i * 64) / 8;
                 let _ = writeln!(
                     t,
-                    "    %bv{i}_{e} = llvm.extractvalue {blk}[{e}] : {frag}
-    %mv{i}_{e} = llvm.extractvalue {acc_in}[{e}] : {frag}
-    %pv{i}_{e} = llvm.intr.fma(%bv{i}_{e}, %s{i}_{h}, %mv{i}_{e}) : (f32, f32, f32) -> f32
-    %p{i}_{e} = llvm.insertvalue %pv{i}_{e}, {prev}[{e}] : {frag}",
+                    "      %bv{i}_{e} = llvm.extractvalue {blk}[{e}] : {frag}
+      %mv{i}_{e} = llvm.extractvalue {acc_in}[{e}] : {frag}
+      %pv{i}_{e} = llvm.intr.fma(%bv{i}_{e}, %s{i}_{h}, %mv{i}_{e}) : (f32, f32, f32) -> f32
+      %p{i}_{e} = llvm.insertvalue %pv{i}_{e}, {prev}[{e}] : {frag}",
                     blk = cur[i],
                 );
                 prev = format!("%p{i}_{e}");
@@ -396,83 +775,163 @@ nvgpu.tma.async.load %b_map[%ld_k0, %col0], %bars[{st}] to %ld_b : !bmap, !bar -
             out.push(prev);
         }
         out
-    } else {
-        cur.clone()
-    };
-    // Refill the stage just consumed with K tile kt + stages, once every warp's wgmma has read it
-    // (wgmma.wait_group covers the issuing warp only: the block barrier covers the warpgroup).
-    let _ = writeln!(
-        t,
-        "    gpu.barrier
-    %kn = arith.addi %kt, %c{stages} : index
-    %more = arith.cmpi ult, %kn, %k_tiles : index
-    %refill = arith.andi %leader, %more : i1
-    scf.if %refill {{
-{}
+    }
+
+    /// The tile's epilogue from `%res#i`: per fragment element its position, bounds, then the
+    /// output (+ residual) directly, or with split K through the workspace and the last unit.
+    fn epilogue(&self) -> String {
+        let c = &self.c;
+        let frag = &self.frag;
+        let out_ty = format!("memref<?x?x{}>", self.out_el);
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "%e_row_base = arith.addi %row0, %trow : index\n%e_col_base0 = arith.addi %col0, %lcol : index"
+        );
+        let mut elements = Vec::new();
+        for i in 0..c.row_tiles() {
+            for e in 0..c.block_n / 2 {
+                let (row_off, col_off) = fragment_offset(i, e);
+                let _ = writeln!(
+                    t,
+                    "%r{i}_{e} = arith.addi %e_row_base, %c{row_off} : index
+%q{i}_{e} = arith.addi %e_col_base0, %c{col_off} : index
+%ir{i}_{e} = arith.cmpi ult, %r{i}_{e}, %m : index
+%ic{i}_{e} = arith.cmpi ult, %q{i}_{e}, %n : index
+%in{i}_{e} = arith.andi %ir{i}_{e}, %ic{i}_{e} : i1
+%v{i}_{e} = llvm.extractvalue %res#{i}[{e}] : {frag}"
+                );
+                elements.push(format!("{i}_{e}"));
+            }
+        }
+        // The final write of f32 value `v` at element `x`.
+        let store = |v: &str, x: &str| -> String {
+            let mut s = String::new();
+            let mut v = v.to_string();
+            if c.residual {
+                let _ = writeln!(s, "%rv{x} = memref.load %residual[%r{x}, %q{x}] : {out_ty}");
+                let rv = if c.output == GemmOutput::Bf16 {
+                    let _ = writeln!(s, "%rvf{x} = arith.extf %rv{x} : bf16 to f32");
+                    format!("%rvf{x}")
+                } else {
+                    format!("%rv{x}")
+                };
+                let _ = writeln!(s, "%sum{x} = arith.addf {v}, {rv} : f32");
+                v = format!("%sum{x}");
+            }
+            if c.output == GemmOutput::Bf16 {
+                let _ = writeln!(s, "%h{x} = arith.truncf {v} : f32 to bf16");
+                v = format!("%h{x}");
+            }
+            let _ = write!(s, "memref.store {v}, %out[%r{x}, %q{x}] : {out_ty}");
+            s
+        };
+        let guarded = |x: &str, body: &str| format!("scf.if %in{x} {{\n{}\n}}\n", indent(body, 2));
+        let direct: String = elements.iter().map(|x| guarded(x, &store(&format!("%v{x}"), x))).collect();
+        if !c.split_k {
+            t.push_str(&direct);
+            return t;
+        }
+        let partial: String = elements
+            .iter()
+            .map(|x| guarded(x, &format!("memref.store %v{x}, %ws[%z, %r{x}, %q{x}] : memref<?x?x?xf32>")))
+            .collect();
+        let reduce: String = elements
+            .iter()
+            .map(|x| {
+                let sum = format!(
+                    "%fs{x} = scf.for %zz = %c0 to %splits step %c1 iter_args(%acc = %zero) -> (f32) {{
+  %part = memref.load %ws[%zz, %r{x}, %q{x}] : memref<?x?x?xf32>
+  %acc_next = arith.addf %acc, %part : f32
+  scf.yield %acc_next : f32
+}}
+{}",
+                    store(&format!("%fs{x}"), x)
+                );
+                guarded(x, &sum)
+            })
+            .collect();
+        let ws = WORKGROUP;
+        let _ = write!(
+            t,
+            "%single = arith.cmpi eq, %splits, %c1 : index
+scf.if %single {{
+{direct}}} else {{
+{partial}  nvvm.memory.barrier <gpu>
+  nvvm.barrier id = %c{bar}_i32 number_of_threads = %c{nthreads}_i32
+  %first = arith.cmpi eq, %tid, %c0 : index
+  scf.if %first {{
+    %old = memref.atomic_rmw addi %c1_i32, %counters[%tile] : (i32, memref<?xi32>) -> i32
+    %splits_i32 = arith.index_cast %splits : index to i32
+    %last_old = arith.subi %splits_i32, %c1_i32 : i32
+    %is_last = arith.cmpi eq, %old, %last_old : i32
+    %flag_v = arith.extui %is_last : i1 to i32
+    memref.store %flag_v, %flag[%c0] : memref<1xi32, {ws}>
+  }}
+  nvvm.barrier id = %c{bar}_i32 number_of_threads = %c{nthreads}_i32
+  %flag_r = memref.load %flag[%c0] : memref<1xi32, {ws}>
+  %last = arith.cmpi ne, %flag_r, %c0_i32 : i32
+  scf.if %last {{
+    nvvm.memory.barrier <gpu>
+{reduce}    scf.if %first {{
+      memref.store %c0_i32, %counters[%tile] : memref<?xi32>
     }}
-    scf.yield {} : {types}
-  }}",
-        indent(&load("%kn", "%st"), 6),
-        results.join(", ")
-    );
-    // Epilogue: fragment element e of row tile i sits at row 64 i + 16 warp + lane / 4 + 8 ((e % 4) / 2),
-    // column 8 (e / 4) + 2 (lane % 4) + e % 2.
-    let _ = writeln!(
-        t,
-        "  %m = memref.dim %out, %c0 : memref<?x?x{out_el}>
-  %n = memref.dim %out, %c1 : memref<?x?x{out_el}>
-  %e_lane = arith.remui %tid, %c32 : index
-  %e_warp = arith.divui %tid, %c32 : index
-  %e_wrow = arith.muli %e_warp, %c16 : index
-  %e_lrow = arith.divui %e_lane, %c4 : index
-  %e_trow = arith.addi %e_wrow, %e_lrow : index
-  %e_lcol0 = arith.remui %e_lane, %c4 : index
-  %e_lcol = arith.muli %e_lcol0, %c2 : index"
-    );
-    let _ = writeln!(
-        t,
-        "  %e_row_base = arith.addi %row0, %e_trow : index\n  %e_col_base = arith.addi %col0, %e_lcol : index"
-    );
-    for i in 0..m_tiles {
-        for e in 0..frag_n {
-            let row_off = i * 64 + 8 * ((e % 4) / 2);
-            let col_off = 8 * (e / 4) + e % 2;
-            let store = match c.output {
-                GemmOutput::F32 => format!("memref.store %v{i}_{e}, %out[%r{i}_{e}, %q{i}_{e}] : memref<?x?xf32>"),
-                GemmOutput::Bf16 => format!(
-                    "%h{i}_{e} = arith.truncf %v{i}_{e} : f32 to bf16\n    memref.store %h{i}_{e}, %out[%r{i}_{e}, %q{i}_{e}] : memref<?x?xbf16>"
-                ),
+  }}
+}}
+",
+            bar = CONSUMER_BARRIER,
+            nthreads = 128 * c.consumers,
+            reduce = indent(&reduce, 4) + "\n",
+        );
+        t
+    }
+}
+
+const WORKGROUP: &str = "#gpu.address_space<workgroup>";
+
+/// Where accumulator element `e` of row tile `i` sits relative to the thread's element 0 (rows,
+/// columns): the wgmma m64nNk* f32 D layout (a thread holds 2 adjacent columns of rows r and r + 8
+/// in each 8-column group).
+fn fragment_offset(i: usize, e: usize) -> (usize, usize) {
+    (i * 64 + 8 * ((e % 4) / 2), 8 * (e / 4) + e % 2)
+}
+
+/// Declarations of the `%c<N>` (index), `%c<N>_i64` and `%c<N>_i32` constants `body` uses.
+fn constants(body: &str) -> String {
+    let mut seen = BTreeSet::new();
+    let bytes = body.as_bytes();
+    let mut at = 0;
+    while let Some(pos) = body[at..].find("%c") {
+        let start = at + pos + 2;
+        let mut end = start;
+        while end < bytes.len() && bytes[end].is_ascii_digit() {
+            end += 1;
+        }
+        at = end.max(start);
+        if end == start {
+            continue;
+        }
+        let value: u64 = body[start..end].parse().expect("digits");
+        let suffix = ["_i64", "_i32"].into_iter().find(|s| body[end..].starts_with(s));
+        let next = body[end + suffix.map_or(0, str::len)..].chars().next();
+        if next.is_some_and(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
+            continue;
+        }
+        seen.insert((suffix.unwrap_or(""), value));
+    }
+    seen.into_iter()
+        .map(|(suffix, v)| {
+            let ty = match suffix {
+                "_i64" => "i64",
+                "_i32" => "i32",
+                _ => "index",
             };
-            let _ = writeln!(
-                t,
-                "  %ro{i}_{e} = arith.constant {row_off} : index
-  %co{i}_{e} = arith.constant {col_off} : index
-  %r{i}_{e} = arith.addi %e_row_base, %ro{i}_{e} : index
-  %q{i}_{e} = arith.addi %e_col_base, %co{i}_{e} : index
-  %ir{i}_{e} = arith.cmpi ult, %r{i}_{e}, %m : index
-  %ic{i}_{e} = arith.cmpi ult, %q{i}_{e}, %n : index
-  %in{i}_{e} = arith.andi %ir{i}_{e}, %ic{i}_{e} : i1
-  scf.if %in{i}_{e} {{
-    %v{i}_{e} = llvm.extractvalue %res#{i}[{e}] : {frag}
-    {store}
-  }}"
-            );
-        }
-    }
-    let _ = writeln!(t, "  gpu.return\n}}\n}}\n}}");
-    // i64 copies of index constants used with descriptor arithmetic.
-    let mut i64_consts = String::new();
-    for v in (0..m_tiles).map(|i| i * 64 * ROW_BYTES).chain([a_bytes]) {
-        let line = format!("  %c{v}_i64 = arith.constant {v} : i64\n");
-        if !i64_consts.contains(&line) {
-            i64_consts.push_str(&line);
-        }
-    }
-    let anchor = "  %ticks = arith.constant";
-    Ok(t.replacen(anchor, &format!("{i64_consts}{anchor}"), 1))
+            format!("  %c{v}{suffix} = arith.constant {v} : {ty}\n")
+        })
+        .collect()
 }
 
 fn indent(text: &str, n: usize) -> String {
     let pad = " ".repeat(n);
-    text.lines().map(|l| format!("{pad}{l}")).collect::<Vec<_>>().join("\n")
+    text.lines().map(|l| if l.is_empty() { String::new() } else { format!("{pad}{l}") }).collect::<Vec<_>>().join("\n")
 }
