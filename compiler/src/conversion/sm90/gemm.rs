@@ -935,3 +935,112 @@ fn indent(text: &str, n: usize) -> String {
     let pad = " ".repeat(n);
     text.lines().map(|l| if l.is_empty() { String::new() } else { format!("{pad}{l}") }).collect::<Vec<_>>().join("\n")
 }
+
+/// The scheduling and layout arithmetic of the kernels, run on the CPU: the exact MLIR text the
+/// template emits for unit decoding and thread coordinates, JIT-compiled through the CPU lowering
+/// and checked against what the GPU code relies on (every tile and K tile computed once, the
+/// rasterized order, every accumulator element of a tile owned by exactly one thread).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conversion::v3_to_cpu::lower_to_llvm;
+    use melior::ExecutionEngine;
+
+    /// JIT-compiles index functions `@<result>(<args>) -> index` whose body is `body`.
+    fn jit(context: &melior::Context, body: &str, args: &[&str], results: &[&str]) -> ExecutionEngine {
+        let params: Vec<String> = args.iter().map(|a| format!("%{a}: index")).collect();
+        let mut text = String::from("module {\n");
+        for r in results {
+            let _ =
+                writeln!(text, "func.func @{r}({}) -> index attributes {{llvm.emit_c_interface}} {{", params.join(", "));
+            let _ = writeln!(text, "{}{body}  return %{r} : index\n}}", constants(body));
+        }
+        text.push_str("}\n");
+        let module = lower_to_llvm(context, &text, "gemm_index_math").unwrap_or_else(|e| panic!("{e}\n{text}"));
+        ExecutionEngine::new(&module, 0, &[], false, false)
+    }
+
+    fn call(engine: &ExecutionEngine, name: &str, args: &[usize]) -> usize {
+        let mut values: Vec<i64> = args.iter().map(|&a| a as i64).collect();
+        let mut result = 0i64;
+        let mut ptrs: Vec<*mut ()> = values.iter_mut().map(|v| v as *mut i64 as *mut ()).collect();
+        ptrs.push(&mut result as *mut i64 as *mut ());
+        // SAFETY: `name` takes `args.len()` index (i64) arguments and returns an index; the
+        // pointers outlive the call.
+        unsafe { engine.invoke_packed(name, &mut ptrs) }.unwrap();
+        result as usize
+    }
+
+    #[test]
+    fn units_cover_every_tile_and_k_tile_once_in_raster_order() {
+        let context = crate::mlir::new_context();
+        for raster in [0, 2, 8] {
+            let config =
+                GemmConfig { raster, split_k: true, ..GemmConfig::new(GemmInput::Fp8, GemmOutput::Bf16, 128, 64, 4) };
+            let e = Emitter::new(&config, &crate::target::SM90A);
+            let body = format!("  %per = arith.ceildivui %k_tiles, %splits : index\n{}\n", indent(&e.decode(), 2));
+            let engine = jit(
+                &context,
+                &body,
+                &["u", "splits", "m_tiles", "n_tiles", "k_tiles"],
+                &["row0", "col0", "tile", "kt0", "nkt"],
+            );
+            for (m_tiles, n_tiles, k_tiles, splits) in [(1, 17, 56, 4), (5, 3, 7, 3), (33, 4, 2, 1), (9, 2, 5, 7)] {
+                let mut seen = vec![Vec::new(); m_tiles * n_tiles];
+                for u in 0..m_tiles * n_tiles * splits {
+                    let args = [u, splits, m_tiles, n_tiles, k_tiles];
+                    let [row0, col0, tile, kt0, nkt] =
+                        ["row0", "col0", "tile", "kt0", "nkt"].map(|f| call(&engine, f, &args));
+                    let (mt, nt) = (row0 / 128, col0 / 64);
+                    assert_eq!((row0 % 128, col0 % 64), (0, 0));
+                    assert!(mt < m_tiles && nt < n_tiles, "unit {u}: tile ({mt}, {nt})");
+                    assert_eq!(tile, u / splits, "unit {u}");
+                    seen[mt * n_tiles + nt].push((kt0, nkt));
+                    // Rasterized: within a group of `raster` tile rows, consecutive tiles go down a column.
+                    if raster > 0 && splits == 1 && m_tiles >= raster && u < raster * n_tiles {
+                        assert_eq!((mt, nt), (u % raster, u / raster), "raster {raster}, unit {u}");
+                    }
+                    if raster == 0 {
+                        assert_eq!((mt, nt), (tile / n_tiles, tile % n_tiles), "unit {u}");
+                    }
+                }
+                for (t, ranges) in seen.iter_mut().enumerate() {
+                    assert_eq!(ranges.len(), splits, "tile {t}: computed {} times", ranges.len());
+                    // The splits' K ranges tile [0, k_tiles) in split order.
+                    let mut next = 0;
+                    for &(kt0, nkt) in ranges.iter() {
+                        assert!(kt0 == next || nkt == 0, "tile {t}: K ranges {ranges:?}");
+                        next = kt0 + nkt;
+                    }
+                    assert_eq!(next.max(ranges.iter().map(|r| r.0 + r.1).max().unwrap()), k_tiles, "{ranges:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_accumulator_element_has_one_owner() {
+        let context = crate::mlir::new_context();
+        for (consumers, block_m, block_n) in [(1, 64, 64), (1, 128, 256), (2, 128, 128), (2, 256, 96)] {
+            let config =
+                GemmConfig { consumers, ..GemmConfig::new(GemmInput::Bf16, GemmOutput::F32, block_m, block_n, 4) };
+            let e = Emitter::new(&config, &crate::target::SM90A);
+            let engine = jit(&context, &e.coordinates(), &["tid"], &["trow", "lcol"]);
+            let mut owner = vec![None; block_m * block_n];
+            for tid in 0..128 * consumers {
+                let (trow, lcol) = (call(&engine, "trow", &[tid]), call(&engine, "lcol", &[tid]));
+                for i in 0..config.row_tiles() {
+                    for el in 0..block_n / 2 {
+                        let (dr, dc) = fragment_offset(i, el);
+                        let (r, c) = (trow + dr, lcol + dc);
+                        assert!(r < block_m && c < block_n, "thread {tid} element ({i}, {el}) at ({r}, {c})");
+                        let slot = &mut owner[r * block_n + c];
+                        assert_eq!(*slot, None, "({r}, {c}) owned twice");
+                        *slot = Some(tid);
+                    }
+                }
+            }
+            assert!(owner.iter().all(Option::is_some), "{}: elements nobody holds", config.kernel_name());
+        }
+    }
+}
