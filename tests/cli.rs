@@ -313,7 +313,8 @@ fn plan_stage_prints_json_and_reports_arena_peaks() {
     assert!(report.contains(" KiB peak (rows 2, context 9)"), "{report}");
 }
 
-/// `v3c compile` for sm_90a runs the pipeline and names every kernel that has no Hopper lowering
+/// `v3c compile` for sm_90a runs the pipeline, lowers the GEMM-shaped kernels onto the Hopper
+/// template (reporting the kernels it picked), and names every kernel that has no Hopper lowering
 /// yet, instead of producing anything partial.
 #[test]
 fn compile_names_the_kernels_without_a_gpu_lowering() {
@@ -326,13 +327,26 @@ fn compile_names_the_kernels_without_a_gpu_lowering() {
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(
-        err.starts_with(
-            "v3c: error: unsupported on sm_90a: 17 of 17 kernels have no sm_90a lowering yet: embed_0 (embed), "
+        err.contains(
+            "compile: gemm_residual_0 -> gemm_fp8_f32_64x128x128_s8_ws_splitk_res (decode), \
+             gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_res (prefill); N 7168 K 16384"
         ),
         "{err}"
     );
-    assert!(err.contains("attention_decode_0 (attention_decode)"), "{err}");
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.starts_with(
+            "v3c: error: unsupported on sm_90a: 16 of 19 kernels have no sm_90a lowering yet: embed_0 (embed), "
+        ),
+        "{err}"
+    );
+    assert!(last.contains("moe_down_0 (moe_down)") && !last.contains("gemm_residual_0"), "{err}");
     assert!(!out_dir.exists(), "no partial artifact");
+    // The f32 graph's GEMMs read f32 activations: nothing maps, and the message says why.
+    let f32 = run_binary("v3c", &["compile", "--model", "deepseek-v3", "--target", "sm_90a", "--precision", "f32"]);
+    assert_eq!(f32.status.code(), Some(1));
+    let err = text(&f32.stderr);
+    assert!(err.contains("17 of 17 kernels") && err.contains("gemm_residual_0 (linear on f32 activations"), "{err}");
 }
 
 /// `v3c compile --target cpu`: cold, every kernel is JIT-compiled and stored in the kernel cache;
@@ -415,4 +429,17 @@ fn gpu_stages_of_a_template_kernel() {
     let bad = run_binary("v3c", &["dump-ir", "--stage", "ptx", "--kernel", "gemm_bf16_f32_96x128x64_s4"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(text(&bad.stderr).contains("block_m 96 is not a multiple of 64"), "{}", text(&bad.stderr));
+    // A kernel of the model that is a GEMM: its fused function, then both template kernels it launches.
+    let args = ["dump-ir", "--stage", "nvvm", "--kernel", "gemm_residual_0", "--precision", "fp8", "--layers", "0..1"];
+    let model = run_binary("v3c", &args);
+    assert!(model.status.success(), "{}", text(&model.stderr));
+    let dump = text(&model.stdout);
+    assert!(dump.starts_with("// ----- stage fused: gemm_residual_0\n"), "{dump}");
+    for k in ["gemm_fp8_f32_64x128x128_s8_ws_splitk_res", "gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_res"] {
+        assert!(dump.contains(&format!("// ----- stage nvvm: {k}\n")), "{k}");
+    }
+    let typo =
+        run_binary("v3c", &["dump-ir", "--stage", "ptx", "--kernel", "gemm_bf16_f32_128x128x64", "--layers", "0..1"]);
+    assert_eq!(typo.status.code(), Some(1));
+    assert!(text(&typo.stderr).contains("not a template kernel (gemm_<bf16|fp8>_"), "{}", text(&typo.stderr));
 }

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use v3c_compiler::kernel_cache::KernelCache;
+use v3c_compiler::target::GpuTarget;
 use v3c_models::checkpoint::save_tensors;
 use v3c_models::config::ModelConfig;
 use v3c_models::init::{with_fp8, write_random_checkpoint};
@@ -248,10 +249,14 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
     use melior::ir::block::BlockLike;
     use melior::ir::operation::OperationLike;
     use v3c_compiler::pipeline::Driver;
-    if matches!(o.stage, "gpu" | "nvvm" | "ptx") {
-        return dump_gpu_kernel(o.stage, context, kernel);
+    let gpu = matches!(o.stage, "gpu" | "nvvm" | "ptx");
+    if gpu {
+        if let Some(config) = v3c_compiler::conversion::sm90::gemm::GemmConfig::from_name(kernel) {
+            write_stdout(&gpu_kernel_text(o.stage, context, &config)?);
+            return Ok(());
+        }
     }
-    if !matches!(o.stage, "fused" | "cpu") {
+    if !gpu && !matches!(o.stage, "fused" | "cpu") {
         return Err(format!("--kernel: kernels exist from stage fused on (asked for stage {})", o.stage));
     }
     if o.llvm && o.stage != "cpu" {
@@ -276,6 +281,23 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
             continue;
         }
         let mut text = format!("// ----- stage fused: {kernel}\n{f}\n");
+        if gpu {
+            use v3c_compiler::conversion::sm90::lower;
+            let g = lower::gemm_of_kernel(&f).map_err(|why| format!("unsupported on sm_90a: {kernel} ({why})"))?;
+            let [decode, prefill] = lower::configs(&g);
+            text.push_str(&format!(
+                "// {kernel}: a GEMM, N {} K {}, {} weight(s) concatenated along N; decode launches {}, prefill {}\n",
+                g.n,
+                g.k,
+                g.weights.len(),
+                decode.kernel_name(),
+                prefill.kernel_name()
+            ));
+            text.push_str(&gpu_kernel_text(o.stage, context, &decode)?);
+            text.push_str(&gpu_kernel_text(o.stage, context, &prefill)?);
+            write_stdout(&text);
+            return Ok(());
+        }
         if o.stage == "cpu" {
             let lowered = v3c_compiler::conversion::v3_to_cpu::lower_kernel(&f).map_err(|e| e.to_string())?;
             text.push_str(&format!("// ----- stage cpu: {kernel}\n{}", lowered.text));
@@ -292,22 +314,30 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
         write_stdout(&text);
         return Ok(());
     }
+    if gpu && kernel.starts_with("gemm_") {
+        // Likely a mistyped template kernel name: say what the names look like.
+        return Err(format!(
+            "no kernel '{kernel}': not a template kernel \
+             (gemm_<bf16|fp8>_<f32|bf16>_<M>x<N>x<K>_s<stages>[_wg2][_ws][_persist][_r<G>][_splitk][_res], e.g. \
+             gemm_fp8_bf16_64x128x128_s6, checked against the config rules) nor a kernel of the model (kernels: {})",
+            names.join(", ")
+        ));
+    }
     Err(format!("no kernel '{kernel}' (kernels: {})", names.join(", ")))
 }
 
-/// `dump-ir --stage gpu|nvvm|ptx --kernel NAME`: a Hopper template kernel (`gemm_<in>_<out>_<M>x<N>x<K>_s<stages>`)
-/// through its stages: the gpu/nvgpu/nvvm module, the LLVM + NVVM dialect after lowering, and the
-/// PTX for sm_90a, with ptxas's resource report when ptxas is present.
-fn dump_gpu_kernel(stage: &str, context: &melior::Context, kernel: &str) -> Result<(), String> {
-    use v3c_compiler::conversion::sm90::{self, gemm::GemmConfig};
-    let Some(config) = GemmConfig::from_name(kernel) else {
-        return Err(format!(
-            "unsupported on sm_90a: {kernel} (stages gpu/nvvm/ptx exist for template kernels so far, named like \
-             gemm_bf16_f32_128x128x64_s4 or gemm_fp8_bf16_64x128x128_s6)"
-        ));
-    };
+/// `dump-ir --stage gpu|nvvm|ptx`: a Hopper template kernel through its stages: the gpu/nvgpu/nvvm
+/// module, the LLVM + NVVM dialect after lowering, and the PTX for sm_90a, with ptxas's resource
+/// report when ptxas is present.
+fn gpu_kernel_text(
+    stage: &str,
+    context: &melior::Context,
+    config: &v3c_compiler::conversion::sm90::gemm::GemmConfig,
+) -> Result<String, String> {
+    use v3c_compiler::conversion::sm90;
     let target = v3c_compiler::target::SM90A;
-    let k = sm90::compile_gemm(context, &config, &target).map_err(|e| e.to_string())?;
+    let mut k = sm90::compile_gemm(context, config, &target).map_err(|e| e.to_string())?;
+    let kernel = &k.name;
     let mut text = format!("// ----- stage gpu: {kernel}\n{}", k.mlir);
     if stage != "gpu" {
         text.push_str(&format!("// ----- stage nvvm: {kernel}\n{}", k.llvm_dialect));
@@ -318,8 +348,8 @@ fn dump_gpu_kernel(stage: &str, context: &melior::Context, kernel: &str) -> Resu
             k.threads, k.shared_memory_bytes, k.ptx
         ));
         if let Ok(ptxas) = v3c_compiler::toolchain::find(v3c_compiler::toolchain::Tool::Ptxas) {
-            let cubin = v3c_compiler::target::assemble(&k.ptx, kernel, &target, &ptxas).map_err(|e| e.to_string())?;
-            for r in &cubin.kernels {
+            k.assemble(&target, &ptxas).map_err(|e| e.to_string())?;
+            if let Some(r) = &k.resources {
                 text.push_str(&format!(
                     "// ptxas: {}: {} registers, {} B spill stores, {} B spill loads, {} B static shared memory\n",
                     r.name, r.registers, r.spill_stores_bytes, r.spill_loads_bytes, r.shared_memory_bytes
@@ -327,8 +357,7 @@ fn dump_gpu_kernel(stage: &str, context: &melior::Context, kernel: &str) -> Resu
             }
         }
     }
-    write_stdout(&text);
-    Ok(())
+    Ok(text)
 }
 
 /// `dump-ir --stage plan`: the launch plan of every entry as JSON (stage `fused`, then planning).
@@ -381,33 +410,72 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// `v3c compile`: runs the pipeline as far as it exists for `target`; kernels without a lowering for
-/// the target are named (`unsupported on sm_90a: <kernel> (<root op>)`), never silently skipped.
-pub fn compile(model: &str, target: &str) -> Result<(), String> {
-    use melior::ir::block::BlockLike;
-    use melior::ir::operation::OperationLike;
+/// `v3c compile --target sm_90a`: both entry points through the `fused` stage, then every kernel
+/// onto the sm_90a templates (PTX, assembled by ptxas when present: registers and spills are
+/// printed). Kernels without an sm_90a lowering are all named (`unsupported on sm_90a: <kernel>
+/// (<op>)`), never skipped: then nothing is written and the exit code is 1. `precision`: the graph
+/// to compile (default: fp8 when the checkpoint's weights are fp8, the tensor-core path).
+pub fn compile(model: &str, target: &GpuTarget, precision: Option<v3c_models::Precision>) -> Result<(), String> {
+    use v3c_compiler::conversion::sm90;
     use v3c_compiler::pipeline::Driver;
     let config = ModelConfig::resolve(model).map_err(|e| e.to_string())?;
+    let precision = precision.unwrap_or(if config.quantization.is_some() {
+        v3c_models::Precision::Fp8
+    } else {
+        v3c_models::Precision::F32
+    });
     let context = v3c_compiler::mlir::new_context();
-    let options = v3c_models::BuildOptions::default();
+    let options = v3c_models::BuildOptions { precision, ..Default::default() };
     let module = Driver::from_env(model)
         .run_model(&context, &config, &v3c_models::Entry::ALL, &options, "fused")
         .map_err(|e| e.to_string())?;
-    let mut kernels = Vec::new();
-    let mut op = module.body().first_operation();
-    while let Some(f) = op {
-        op = f.next_in_block();
-        if let Ok(kind) = f.attribute(v3c_dialects::KERNEL_ATTR) {
-            let name = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
-            kernels.push(format!("{name} ({})", kind.to_string().trim_matches('"')));
+    let ptxas = v3c_compiler::toolchain::find(v3c_compiler::toolchain::Tool::Ptxas).ok();
+    // Progress on a terminal: one line rewritten per template kernel (each takes ~0.5 s).
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut done = 0;
+    let lowered = sm90::compile_model(&context, &module, target, ptxas.as_ref(), |name| {
+        done += 1;
+        if tty {
+            eprint!("\r\x1b[Kcompile: {} kernel {done}: {name}", target.name);
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    if tty && done > 0 {
+        eprint!("\r\x1b[K");
+    }
+    for (g, [decode, prefill]) in &lowered.gemms {
+        eprintln!("compile: {} -> {decode} (decode), {prefill} (prefill); N {} K {}", g.kernel, g.n, g.k);
+    }
+    for k in &lowered.kernels {
+        match &k.resources {
+            Some(r) => eprintln!(
+                "compile: {}: {} threads, {} B dynamic + {} B static shared memory, {} registers, spills {}/{} B",
+                k.name,
+                k.threads,
+                k.shared_memory_bytes,
+                r.shared_memory_bytes,
+                r.registers,
+                r.spill_stores_bytes,
+                r.spill_loads_bytes
+            ),
+            None => eprintln!("compile: {}: PTX only (no ptxas: run scripts/bootstrap.sh)", k.name),
         }
     }
-    // No kernel has an sm90 lowering yet (Hopper codegen issues): say which, all of them.
+    let total = lowered.gemms.len() + lowered.unsupported.len();
+    if !lowered.unsupported.is_empty() {
+        let names: Vec<String> = lowered.unsupported.iter().map(|(k, why)| format!("{k} ({why})")).collect();
+        return Err(format!(
+            "unsupported on {}: {} of {total} kernels have no {} lowering yet: {}",
+            target.name,
+            lowered.unsupported.len(),
+            target.name,
+            names.join(", ")
+        ));
+    }
+    // Every kernel lowers: the artifact format comes with the runtime (deployable artifacts issue).
     Err(format!(
-        "unsupported on {target}: {} of {} kernels have no {target} lowering yet: {}",
-        kernels.len(),
-        kernels.len(),
-        kernels.join(", ")
+        "{}: all {total} kernels lower, but writing a {} artifact is not implemented yet",
+        target.name, target.name
     ))
 }
 

@@ -144,6 +144,10 @@ struct CompileArgs {
     /// Replace an existing artifact directory.
     #[arg(long)]
     force: bool,
+    /// Graph to compile for a GPU (default: fp8 when the checkpoint's weights are fp8 — the
+    /// tensor-core path — else f32).
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
 }
 
 #[derive(Args)]
@@ -290,7 +294,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Doctor(a) => run_doctor(&a),
         Command::Compile(a) => match a.target {
-            CompileTarget::Gpu(t) => commands::compile(&a.model.model, t.name),
+            CompileTarget::Gpu(_) if a.tuning.is_some() => {
+                Err("--tuning: reading a tuning database is not implemented yet (it comes with `v3c tune`)".into())
+            }
+            CompileTarget::Gpu(t) => commands::compile(&a.model.model, &t, a.precision.map(Precision::model)),
             CompileTarget::Cpu if a.tuning.is_some() => {
                 Err("--tuning: CPU kernels have no tuned configurations (GPU targets only)".into())
             }

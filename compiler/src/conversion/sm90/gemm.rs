@@ -495,7 +495,7 @@ impl Emitter {
             desc_hi = (1u64 << 62) | (64u64 << 32),
             out = self.out_el,
         );
-        let mut init = format!("      nvgpu.mbarrier.init %full[%s], %c1 : !bar\n");
+        let mut init = String::from("      nvgpu.mbarrier.init %full[%s], %c1 : !bar\n");
         if c.specialized {
             let _ = writeln!(t, "  %empty = nvgpu.mbarrier.create -> !bar");
             let _ = writeln!(init, "      nvgpu.mbarrier.init %empty[%s], %c{} : !bar", 128 * c.consumers);
@@ -951,8 +951,11 @@ mod tests {
         let params: Vec<String> = args.iter().map(|a| format!("%{a}: index")).collect();
         let mut text = String::from("module {\n");
         for r in results {
-            let _ =
-                writeln!(text, "func.func @{r}({}) -> index attributes {{llvm.emit_c_interface}} {{", params.join(", "));
+            let _ = writeln!(
+                text,
+                "func.func @{r}({}) -> index attributes {{llvm.emit_c_interface}} {{",
+                params.join(", ")
+            );
             let _ = writeln!(text, "{}{body}  return %{r} : index\n}}", constants(body));
         }
         text.push_str("}\n");

@@ -3,10 +3,11 @@
 //! ([`crate::target::emit_ptx`]) and cubin ([`crate::target::assemble`], when ptxas is present).
 //!
 //! Templates so far: the dense GEMM ([`gemm`]: bf16 and fp8 block-scaled, TMA + mbarrier ring +
-//! wgmma). Kernels of the `fused` stage are not mapped onto templates yet: `v3c compile --target
-//! sm_90a` still names every kernel as unsupported.
+//! wgmma, warp-specialized, persistent, split K). [`lower`] maps GEMM-shaped kernels of the `fused`
+//! stage onto it ([`compile_model`]); the other kernel kinds are named as unsupported.
 
 pub mod gemm;
+pub mod lower;
 
 use melior::ir::block::BlockLike;
 use melior::ir::operation::OperationLike;
@@ -14,7 +15,8 @@ use melior::ir::{Module, RegionLike};
 use melior::pass::PassManager;
 use melior::Context;
 
-use crate::target::{self, GpuTarget};
+use crate::target::{self, GpuTarget, KernelResources};
+use crate::toolchain::FoundTool;
 
 /// The passes that lower a `gpu.module` (gpu, nvgpu, nvvm, scf, arith, memref) to LLVM + NVVM.
 pub const LOWER_GPU_MODULE: &str = "builtin.module(gpu.module(convert-nvgpu-to-nvvm, lower-affine, \
@@ -24,12 +26,16 @@ pub const LOWER_GPU_MODULE: &str = "builtin.module(gpu.module(convert-nvgpu-to-n
 /// Why a GPU kernel could not be produced.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Sm90Error {
-    #[error("{kernel}: {problem}")]
+    /// The configuration was rejected (`problem` names the kernel and the limit).
+    #[error("{problem}")]
     Config { kernel: String, problem: String },
     #[error("{kernel}: lowering to LLVM failed: {problem}")]
     Lowering { kernel: String, problem: String },
     #[error("{0}")]
     Ptx(#[from] target::PtxError),
+    /// ptxas rejected the PTX, or could not be run (its message).
+    #[error("{0}")]
+    Assemble(String),
 }
 
 /// One kernel on its way down: the MLIR it was written in, the LLVM dialect, LLVM IR and PTX.
@@ -43,6 +49,20 @@ pub struct GpuKernel {
     /// Dynamic shared memory the launch must request, in bytes.
     pub shared_memory_bytes: usize,
     pub threads: usize,
+    /// ptxas's cubin and resource report (registers, spills, static shared memory), when assembled.
+    pub cubin: Option<Vec<u8>>,
+    pub resources: Option<KernelResources>,
+}
+
+impl GpuKernel {
+    /// Assembles the PTX with `ptxas` and keeps the cubin and ptxas's report.
+    pub fn assemble(&mut self, target: &GpuTarget, ptxas: &FoundTool) -> Result<(), Sm90Error> {
+        let assembled =
+            target::assemble(&self.ptx, &self.name, target, ptxas).map_err(|e| Sm90Error::Assemble(e.to_string()))?;
+        self.resources = assembled.kernels.into_iter().find(|k| k.name == self.name);
+        self.cubin = Some(assembled.cubin);
+        Ok(())
+    }
 }
 
 /// Lowers `text` (a module holding one `gpu.module`) and returns the lowered gpu.module's body as a
@@ -103,5 +123,60 @@ pub fn compile_gemm(context: &Context, config: &gemm::GemmConfig, target: &GpuTa
         ptx,
         shared_memory_bytes: config.shared_memory_bytes(),
         threads: config.threads(),
+        cubin: None,
+        resources: None,
     })
+}
+
+/// The sm_90a lowering of a `fused`-stage module (the kernels of every entry point).
+#[derive(Debug, Default)]
+pub struct ModelKernels {
+    /// Per fused kernel mapped onto the GEMM template: its GEMM and its [decode, prefill] kernels.
+    pub gemms: Vec<(lower::GemmKernel, [String; 2])>,
+    /// The distinct template kernels, compiled (and assembled when ptxas was given).
+    pub kernels: Vec<GpuKernel>,
+    /// Fused kernels with no sm_90a lowering yet: (name, why).
+    pub unsupported: Vec<(String, String)>,
+}
+
+/// Maps every kernel of `module` (stage `fused`) onto the sm_90a templates, compiling each
+/// distinct template kernel once; `progress` is told each kernel name as it is compiled.
+pub fn compile_model(
+    context: &Context,
+    module: &Module,
+    target: &GpuTarget,
+    ptxas: Option<&FoundTool>,
+    mut progress: impl FnMut(&str),
+) -> Result<ModelKernels, Sm90Error> {
+    let mut out = ModelKernels::default();
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if f.attribute(v3c_dialects::KERNEL_ATTR).is_err() {
+            continue;
+        }
+        match lower::gemm_of_kernel(&f) {
+            Ok(g) => {
+                let configs = lower::configs(&g);
+                for config in &configs {
+                    let name = config.kernel_name();
+                    if out.kernels.iter().any(|k| k.name == name) {
+                        continue;
+                    }
+                    progress(&name);
+                    let mut kernel = compile_gemm(context, config, target)?;
+                    if let Some(ptxas) = ptxas {
+                        kernel.assemble(target, ptxas)?;
+                    }
+                    out.kernels.push(kernel);
+                }
+                out.gemms.push((g, configs.map(|c| c.kernel_name())));
+            }
+            Err(why) => {
+                let name = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string());
+                out.unsupported.push((name.unwrap_or_default(), why));
+            }
+        }
+    }
+    Ok(out)
 }

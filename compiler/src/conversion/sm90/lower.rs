@@ -1,0 +1,198 @@
+//! `fused`-stage kernels -> sm_90a template launches. A kernel maps onto the GEMM template when its
+//! body is GEMM-shaped, whatever the fusion passes named it:
+//! - one `v3.linear` (`linear`), optionally added to a kernel argument (`gemm_residual`: the
+//!   residual epilogue);
+//! - several `v3.linear` on the same activation whose results (or `v3.split` pieces of them) are the
+//!   kernel's results in column order (`mla_projections`: q_a and kv_a): ONE GEMM over the
+//!   weights concatenated along N, a re-layout done once at load ([`GemmKernel::weights`]); the
+//!   results are column ranges of its output.
+//!
+//! The activation must already be in a tensor-core type: e4m3 with its 1x128 scales, or bf16. A
+//! linear on f32 activations (the f32 oracle graph, or bf16 weights in the fp8 graph) has no
+//! sm_90a lowering: [`gemm_of_kernel`] says so, and so does every other kernel kind not mapped yet.
+
+use std::collections::HashMap;
+
+use melior::ir::block::BlockLike;
+use melior::ir::operation::{OperationLike, OperationRef};
+use melior::ir::{RegionLike, ValueLike};
+
+use super::gemm::{GemmConfig, GemmInput, GemmOutput};
+use crate::verify::Shape;
+
+/// A fused kernel as one GEMM launch: `out[M, N] = A[M, K] . W[N, K]^T (+ residual)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GemmKernel {
+    /// The fused kernel's name (`gemm_residual_0`).
+    pub kernel: String,
+    pub input: GemmInput,
+    pub output: GemmOutput,
+    pub n: usize,
+    pub k: usize,
+    /// Kernel arguments: the activation and, fp8, its scales.
+    pub a: usize,
+    pub a_scale: Option<usize>,
+    /// Weight arguments (and fp8 their scales), concatenated along N in this order.
+    pub weights: Vec<(usize, Option<usize>)>,
+    /// The argument the epilogue adds (the residual stream).
+    pub residual: Option<usize>,
+    /// Column range `[start, end)` of the GEMM output that each kernel result is.
+    pub results: Vec<(usize, usize)>,
+}
+
+/// The two configurations a GEMM kernel is compiled in: the small-M one decode launches (one
+/// 64-row tile, K split across the SMs so the weight stream runs on all of them) and the large-M one
+/// prefill launches (two consumer warpgroups, producer warpgroup, persistent rasterized tiles).
+pub fn configs(g: &GemmKernel) -> [GemmConfig; 2] {
+    let residual = g.residual.is_some();
+    let (block_n, decode_stages, prefill_stages) = match g.input {
+        GemmInput::Fp8 => (128, 8, 6),
+        GemmInput::Bf16 => (128, 8, 6),
+    };
+    let decode = GemmConfig {
+        specialized: true,
+        split_k: true,
+        residual,
+        ..GemmConfig::new(g.input, g.output, 64, block_n, decode_stages)
+    };
+    let prefill = GemmConfig {
+        consumers: 2,
+        specialized: true,
+        persistent: true,
+        raster: 8,
+        residual,
+        ..GemmConfig::new(g.input, g.output, 128, block_n, prefill_stages)
+    };
+    [decode, prefill]
+}
+
+/// The GEMM a fused kernel is, or why it has no sm_90a lowering (a phrase naming the op).
+pub fn gemm_of_kernel(kernel: &OperationRef) -> Result<GemmKernel, String> {
+    let name = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("a kernel without a body")?;
+    let mut args: HashMap<usize, (usize, Shape)> = HashMap::new();
+    for i in 0..block.argument_count() {
+        let arg = block.argument(i).map_err(|e| e.to_string())?;
+        let shape = Shape::parse(&arg.r#type().to_string()).ok_or("a non-tensor argument")?;
+        args.insert(arg.to_raw().ptr as usize, (i, shape));
+    }
+    let arg_of = |v: melior::ir::Value| args.get(&(v.to_raw().ptr as usize)).cloned();
+    // Column ranges of the GEMM output, per value: linear results and split pieces of them.
+    let mut columns: HashMap<usize, (usize, usize)> = HashMap::new();
+    let mut g = GemmKernel {
+        kernel: name,
+        input: GemmInput::Bf16,
+        output: GemmOutput::F32,
+        n: 0,
+        k: 0,
+        a: usize::MAX,
+        a_scale: None,
+        weights: Vec::new(),
+        residual: None,
+        results: Vec::new(),
+    };
+    let mut residual_sum: Option<usize> = None;
+    let mut op = block.first_operation();
+    while let Some(o) = op {
+        op = o.next_in_block();
+        let full = o.name().as_string_ref().as_str().unwrap_or_default().to_string();
+        let kind =
+            if full == "func.return" { "return".to_string() } else { full.trim_start_matches("v3.").to_string() };
+        let operand = |i: usize| o.operand(i).map_err(|e| e.to_string());
+        let result_shape = |i: usize| -> Result<Shape, String> {
+            let r = o.result(i).map_err(|e| e.to_string())?;
+            Shape::parse(&r.r#type().to_string()).ok_or_else(|| format!("{kind}: a non-tensor result"))
+        };
+        match kind.as_str() {
+            "linear" => {
+                let n_operands = o.operand_count();
+                let (a, a_shape) = arg_of(operand(0)?).ok_or("linear on a value computed in the kernel")?;
+                let (w, w_shape) = arg_of(operand(n_operands.min(4) / 2)?).ok_or("linear on a computed weight")?;
+                let (input, a_scale, w_scale) = match (n_operands, a_shape.element.as_str(), w_shape.element.as_str()) {
+                    (4, "f8E4M3FN", "f8E4M3FN") => {
+                        let sa = arg_of(operand(1)?).ok_or("linear with computed scales")?.0;
+                        let sw = arg_of(operand(3)?).ok_or("linear with computed scales")?.0;
+                        (GemmInput::Fp8, Some(sa), Some(sw))
+                    }
+                    (2, "bf16", "bf16") => (GemmInput::Bf16, None, None),
+                    (_, a_el, w_el) => {
+                        return Err(format!(
+                            "linear on {a_el} activations with {w_el} weights (the sm_90a GEMMs read e4m3 with \
+                             scales or bf16 activations)"
+                        ))
+                    }
+                };
+                let (Some(n), Some(k)) = (w_shape.dims[0], w_shape.dims[1]) else {
+                    return Err("linear with a dynamic weight shape".into());
+                };
+                if g.weights.is_empty() {
+                    (g.input, g.a, g.a_scale, g.k) = (input, a, a_scale, k);
+                } else if (input, a, a_scale, k) != (g.input, g.a, g.a_scale, g.k) {
+                    return Err("linears on different activations in one kernel".into());
+                }
+                if input == GemmInput::Fp8 && !g.n.is_multiple_of(128) {
+                    return Err(format!("fp8 weights concatenated at row {} (not a 128-row scale block)", g.n));
+                }
+                g.output = match result_shape(0)?.element.as_str() {
+                    "f32" => GemmOutput::F32,
+                    "bf16" => GemmOutput::Bf16,
+                    other => return Err(format!("linear with a {other} result")),
+                };
+                g.weights.push((w, w_scale));
+                columns.insert(o.result(0).map_err(|e| e.to_string())?.to_raw().ptr as usize, (g.n, g.n + n));
+                g.n += n;
+            }
+            "split" => {
+                let whole = operand(0)?.to_raw().ptr as usize;
+                let (start, _) = *columns.get(&whole).ok_or("split of a value that is not a GEMM output")?;
+                let mut at = start;
+                for r in 0..o.result_count() {
+                    let shape = result_shape(r)?;
+                    if shape.dims.len() != 2 {
+                        return Err("split of a GEMM output into non-matrices".into());
+                    }
+                    let width = shape.dims[1].ok_or("split with a dynamic width")?;
+                    columns.insert(o.result(r).map_err(|e| e.to_string())?.to_raw().ptr as usize, (at, at + width));
+                    at += width;
+                }
+            }
+            "add" if g.weights.len() == 1 && residual_sum.is_none() => {
+                let (x, y) = (operand(0)?, operand(1)?);
+                let (residual, sum) = match (arg_of(x), arg_of(y)) {
+                    (Some((i, _)), None) if columns.contains_key(&(y.to_raw().ptr as usize)) => (i, y),
+                    (None, Some((i, _))) if columns.contains_key(&(x.to_raw().ptr as usize)) => (i, x),
+                    _ => return Err("add that is not a residual epilogue".into()),
+                };
+                let _ = sum;
+                g.residual = Some(residual);
+                let out = o.result(0).map_err(|e| e.to_string())?.to_raw().ptr as usize;
+                columns.insert(out, (0, g.n));
+                residual_sum = Some(out);
+            }
+            "return" => {
+                for i in 0..o.operand_count() {
+                    let v = operand(i)?.to_raw().ptr as usize;
+                    let range = *columns.get(&v).ok_or("a result that is not a column range of the GEMM")?;
+                    g.results.push(range);
+                }
+            }
+            other => return Err(other.to_string()),
+        }
+    }
+    if g.weights.is_empty() {
+        return Err("no linear".into());
+    }
+    // The results must be the GEMM output's columns, in order, once each (the output buffer is
+    // carved into them); with a residual, the one result is the sum.
+    let mut at = 0;
+    for &(start, end) in &g.results {
+        if start != at {
+            return Err("results that are not the GEMM output's columns in order".into());
+        }
+        at = end;
+    }
+    if at != g.n || residual_sum.is_some_and(|_| g.results.len() != 1) {
+        return Err("results that do not cover the GEMM output".into());
+    }
+    Ok(g)
+}
