@@ -317,9 +317,9 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
     if gpu && kernel.starts_with("gemm_") {
         // Likely a mistyped template kernel name: say what the names look like.
         return Err(format!(
-            "no kernel '{kernel}': not a template kernel \
-             (gemm_<bf16|fp8>_<f32|bf16>_<M>x<N>x<K>_s<stages>[_wg2][_ws][_persist][_r<G>][_splitk][_res], e.g. \
-             gemm_fp8_bf16_64x128x128_s6, checked against the config rules) nor a kernel of the model (kernels: {})",
+            "no kernel '{kernel}': not a template kernel ({}, e.g. gemm_fp8_bf16_64x128x128_s6, checked against \
+             the config rules) nor a kernel of the model (kernels: {})",
+            v3c_compiler::conversion::sm90::gemm::GemmConfig::NAME_FORMAT,
             names.join(", ")
         ));
     }

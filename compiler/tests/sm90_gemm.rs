@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use v3c_compiler::conversion::sm90::gemm::{GemmConfig, GemmInput, GemmOutput};
+use v3c_compiler::conversion::sm90::gemm::{GemmConfig, GemmGrouping, GemmInput, GemmOutput};
 use v3c_compiler::conversion::sm90::{self};
 use v3c_compiler::{target, toolchain};
 
@@ -39,6 +39,29 @@ fn variants() -> Vec<GemmConfig> {
         GemmConfig { consumers: 2, specialized: true, persistent: true, raster: 4, residual: true, ..fp8 },
         GemmConfig { block_m: 64, stages: 8, specialized: true, split_k: true, residual: true, ..fp8 },
         GemmConfig { output: GemmOutput::F32, block_m: 64, stages: 6, split_k: true, ..bf16 },
+    ]
+    .into_iter()
+    .chain(grouped())
+    .collect()
+}
+
+/// The grouped (MoE) forms: gathered A rows (gate/up on the tokens, SwiGLU for bf16), contiguous
+/// group-sorted rows with the routing weight per row (down), decode's masked layout.
+fn grouped() -> Vec<GemmConfig> {
+    use GemmGrouping::*;
+    let g =
+        |grouping, input, output, block_m, stages| GemmConfig::grouped(grouping, input, output, block_m, 128, stages);
+    vec![
+        GemmConfig { consumers: 2, persistent: true, ..g(Gather, GemmInput::Fp8, GemmOutput::Bf16, 128, 6) },
+        GemmConfig { consumers: 2, swiglu: true, ..g(Gather, GemmInput::Bf16, GemmOutput::Bf16, 128, 6) },
+        GemmConfig {
+            consumers: 2,
+            persistent: true,
+            row_scale: true,
+            ..g(Contiguous, GemmInput::Fp8, GemmOutput::F32, 128, 6)
+        },
+        GemmConfig { row_scale: true, ..g(Masked, GemmInput::Fp8, GemmOutput::F32, 64, 8) },
+        GemmConfig { swiglu: true, ..g(Masked, GemmInput::Bf16, GemmOutput::Bf16, 64, 8) },
     ]
 }
 
@@ -131,6 +154,13 @@ fn configs_that_do_not_fit_are_rejected_before_codegen() {
     assert!(err.contains("3 consumer warpgroups"), "{err}");
     let err = GemmConfig { raster: 3, ..base }.validate(t).unwrap_err();
     assert!(err.contains("raster 3"), "{err}");
+    let grouped = GemmConfig::grouped(GemmGrouping::Gather, GemmInput::Fp8, GemmOutput::F32, 128, 128, 4);
+    let err = GemmConfig { specialized: false, ..grouped }.validate(t).unwrap_err();
+    assert!(err.contains("a grouped GEMM needs the producer warpgroup"), "{err}");
+    let err = GemmConfig { split_k: true, ..grouped }.validate(t).unwrap_err();
+    assert!(err.contains("a grouped GEMM cannot split K"), "{err}");
+    let err = GemmConfig { swiglu: true, ..grouped }.validate(t).unwrap_err();
+    assert!(err.contains("fp8 SwiGLU"), "{err}");
     let err = GemmConfig { cluster: 2, ..base }.validate(t).unwrap_err();
     assert!(err.contains("cluster size 2") && err.contains("not generated yet"), "{err}");
     let context = v3c_compiler::mlir::new_context();
@@ -148,6 +178,10 @@ fn launch_grids_cover_every_unit() {
     assert_eq!(p.grid(4096, 7168, 1, 132), 132);
     assert_eq!(p.grid(64, 256, 1, 132), 2);
     assert_eq!(p.threads(), 256);
+    // Grouped: 300 sorted rows over 9 groups can form at most ceil(300 / 128) + 9 row tiles.
+    let g = GemmConfig::grouped(GemmGrouping::Contiguous, GemmInput::Fp8, GemmOutput::F32, 128, 128, 6);
+    assert_eq!(g.grouped_grid(300, 9, 256, 132), (3 + 9) * 2);
+    assert_eq!(GemmConfig { persistent: true, ..g }.grouped_grid(300, 9, 7168, 132), 132);
 }
 
 #[test]
@@ -156,6 +190,7 @@ fn kernel_names_round_trip_to_configs() {
         assert_eq!(GemmConfig::from_name(&config.kernel_name()), Some(config));
     }
     assert_eq!(variants()[4].kernel_name(), "gemm_fp8_bf16_128x128x128_s6_wg2_ws_persist_r4_res");
+    assert_eq!(grouped()[2].kernel_name(), "gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale");
     for bad in [
         "gemm_bf16_f32_128x128x128_s4",
         "gemm_f16_f32_128x128x64_s4",
@@ -165,6 +200,8 @@ fn kernel_names_round_trip_to_configs() {
         "gemm_bf16_f32_128x128x64_s4_wg1",
         "gemm_bf16_f32_128x128x64_s4_res_res",
         "gemm_bf16_f32_128x128x64_s4_fast",
+        "gemm_bf16_f32_128x128x64_s4_ws_rowscale_swiglu",
+        "gemm_bf16_f32_128x128x64_s4_ws_gather_masked",
     ] {
         assert_eq!(GemmConfig::from_name(bad), None, "{bad}");
     }

@@ -47,6 +47,22 @@ pub enum GemmOutput {
     Bf16,
 }
 
+/// How the rows of A and of the output are organized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmGrouping {
+    /// One GEMM: `out[M, N] = A[M, K] . B[N, K]^T`.
+    Dense,
+    /// Grouped (MoE experts, one launch): rows sorted by group, group g owning rows
+    /// `[offsets[g], offsets[g + 1])` of A and of the output; B stacks the groups' weights
+    /// `[G * N, K]`.
+    Contiguous,
+    /// As `Contiguous`, but row p of the group-sorted order reads A row `perm[p]` (the token): the
+    /// gather is in the loads (one TMA row per A row, issued by the producer warp).
+    Gather,
+    /// Decode's layout: group g owns rows `[g * cap, g * cap + counts[g])` of A and of the output.
+    Masked,
+}
+
 /// One GEMM kernel configuration. [`GemmConfig::new`] gives the plain form; the other fields are
 /// switched on one by one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +89,12 @@ pub struct GemmConfig {
     pub split_k: bool,
     /// Epilogue adds `residual[M, N]` (the output's type; it may alias the output).
     pub residual: bool,
+    pub grouping: GemmGrouping,
+    /// Epilogue `silu(gate) * up`: each `block_n` columns of B are `block_n / 2` gate rows then the
+    /// matching up rows (weights interleaved so at load); the output has N / 2 columns.
+    pub swiglu: bool,
+    /// Epilogue multiplies row r by `row_scale[r]` (the routing weight of a permuted row).
+    pub row_scale: bool,
 }
 
 /// Bytes of K per pipeline stage: one 128-byte swizzle row per tile row.
@@ -103,7 +125,29 @@ impl GemmConfig {
             cluster: 1,
             split_k: false,
             residual: false,
+            grouping: GemmGrouping::Dense,
+            swiglu: false,
+            row_scale: false,
         }
+    }
+
+    /// A grouped (MoE) configuration: producer warpgroup (the gather needs its warp).
+    pub const fn grouped(
+        grouping: GemmGrouping,
+        input: GemmInput,
+        output: GemmOutput,
+        block_m: usize,
+        block_n: usize,
+        stages: usize,
+    ) -> Self {
+        let mut c = GemmConfig::new(input, output, block_m, block_n, stages);
+        c.grouping = grouping;
+        c.specialized = true;
+        c
+    }
+
+    pub fn is_grouped(&self) -> bool {
+        self.grouping != GemmGrouping::Dense
     }
 
     fn element_bytes(&self) -> usize {
@@ -178,8 +222,25 @@ impl GemmConfig {
         }
     }
 
+    /// How [`GemmConfig::kernel_name`] spells a configuration (optional parts in this order).
+    pub const NAME_FORMAT: &str = "gemm_<bf16|fp8>_<f32|bf16>_<M>x<N>x<K>_s<stages>[_wg2][_ws][_persist][_r<G>]\
+        [_contig|_gather|_masked][_splitk][_swiglu][_rowscale][_res]";
+
+    /// Blocks to launch for a grouped GEMM of `rows` group-sorted rows (masked: `groups * cap`)
+    /// over `groups` groups: enough for the most tiles the rows can form (each group's last tile
+    /// may be partial), or one per SM when persistent. Blocks beyond the device-side unit count
+    /// exit at once.
+    pub fn grouped_grid(&self, rows: usize, groups: usize, n: usize, sm_count: usize) -> usize {
+        let units = (rows.div_ceil(self.block_m) + groups) * n.div_ceil(self.block_n);
+        if self.persistent {
+            units.min(sm_count).max(1)
+        } else {
+            units.max(1)
+        }
+    }
+
     /// A stable name for the kernel of this configuration:
-    /// `gemm_<in>_<out>_<M>x<N>x<K>_s<stages>[_wg<consumers>][_ws][_persist][_r<raster>][_cl<cluster>][_splitk][_res]`.
+    /// [`GemmConfig::NAME_FORMAT`].
     pub fn kernel_name(&self) -> String {
         let input = match self.input {
             GemmInput::Bf16 => "bf16",
@@ -206,8 +267,20 @@ impl GemmConfig {
         if self.cluster != 1 {
             let _ = write!(name, "_cl{}", self.cluster);
         }
+        match self.grouping {
+            GemmGrouping::Dense => {}
+            GemmGrouping::Contiguous => name.push_str("_contig"),
+            GemmGrouping::Gather => name.push_str("_gather"),
+            GemmGrouping::Masked => name.push_str("_masked"),
+        }
         if self.split_k {
             name.push_str("_splitk");
+        }
+        if self.swiglu {
+            name.push_str("_swiglu");
+        }
+        if self.row_scale {
+            name.push_str("_rowscale");
         }
         if self.residual {
             name.push_str("_res");
@@ -236,27 +309,42 @@ impl GemmConfig {
         // Optional parts, in the order kernel_name writes them.
         let mut order = 0;
         for part in parts {
-            let (rank, ok) = if let Some(v) = part.strip_prefix("wg") {
-                config.consumers = v.parse().ok()?;
-                (1, config.consumers != 1)
+            let grouping = match part {
+                "contig" => Some(GemmGrouping::Contiguous),
+                "gather" => Some(GemmGrouping::Gather),
+                "masked" => Some(GemmGrouping::Masked),
+                _ => None,
+            };
+            let (rank, ok) = if let Some(grouping) = grouping {
+                config.grouping = grouping;
+                (6, true)
             } else if part == "ws" {
                 config.specialized = true;
                 (2, true)
             } else if part == "persist" {
                 config.persistent = true;
                 (3, true)
+            } else if part == "splitk" {
+                config.split_k = true;
+                (7, true)
+            } else if part == "swiglu" {
+                config.swiglu = true;
+                (8, true)
+            } else if part == "rowscale" {
+                config.row_scale = true;
+                (9, true)
             } else if part == "res" {
                 config.residual = true;
-                (7, true)
-            } else if let Some(v) = part.strip_prefix('r') {
-                config.raster = v.parse().ok()?;
-                (4, config.raster != 0)
+                (10, true)
+            } else if let Some(v) = part.strip_prefix("wg") {
+                config.consumers = v.parse().ok()?;
+                (1, config.consumers != 1)
             } else if let Some(v) = part.strip_prefix("cl") {
                 config.cluster = v.parse().ok()?;
                 (5, config.cluster != 1)
-            } else if part == "splitk" {
-                config.split_k = true;
-                (6, true)
+            } else if let Some(v) = part.strip_prefix('r') {
+                config.raster = v.parse().ok()?;
+                (4, config.raster != 0)
             } else {
                 return None;
             };
@@ -302,6 +390,33 @@ impl GemmConfig {
                 "{name}: cluster size {}: TMA multicast across a thread-block cluster is not generated yet",
                 self.cluster
             ));
+        }
+        if self.is_grouped() {
+            let why = if !self.specialized {
+                Some("needs the producer warpgroup (the gathered rows' loads are issued by its warp)")
+            } else if self.split_k {
+                Some("cannot split K")
+            } else if self.residual {
+                Some("has no residual epilogue (the combine adds it)")
+            } else if self.raster != 0 {
+                Some("walks each group's tiles in order (no rasterization)")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(format!("{name}: a grouped GEMM {why}"));
+            }
+        }
+        if self.swiglu {
+            if self.input == GemmInput::Fp8 {
+                return Err(format!(
+                    "{name}: fp8 SwiGLU would interleave gate and up rows inside a 128-row weight scale block \
+                     (not generated: the fp8 gate/up GEMM writes both halves)"
+                ));
+            }
+            if self.split_k || self.residual {
+                return Err(format!("{name}: the SwiGLU epilogue goes with neither split K nor a residual"));
+            }
         }
         let threads = self.threads();
         if threads > target.max_threads_per_block as usize {
@@ -389,7 +504,8 @@ impl Emitter {
         let ws = WORKGROUP;
         let mut head = String::new();
         let _ = writeln!(head, "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {stages}>");
-        for (map, rows) in [("amap", bm), ("bmap", bn)] {
+        let a_box = if c.grouping == GemmGrouping::Gather { 1 } else { bm };
+        for (map, rows) in [("amap", a_box), ("bmap", bn)] {
             let _ = writeln!(head, "!{map} = !nvgpu.tensormap.descriptor<tensor = memref<{rows}x{bk}x{in_el}, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>");
         }
         let _ = writeln!(head, "module attributes {{gpu.container_module}} {{\ngpu.module @kernels {{");
@@ -398,6 +514,21 @@ impl Emitter {
         if self.fp8() {
             args.push("%a_scale: memref<?x?xf32>".into());
             args.push("%b_scale: memref<?x?xf32>".into());
+        }
+        match c.grouping {
+            GemmGrouping::Dense => {}
+            GemmGrouping::Contiguous => args.push("%offsets: memref<?xi32>".into()),
+            GemmGrouping::Gather => {
+                args.push("%offsets: memref<?xi32>".into());
+                args.push("%perm: memref<?xi32>".into());
+            }
+            GemmGrouping::Masked => {
+                args.push("%counts: memref<?xi32>".into());
+                args.push("%cap: index".into());
+            }
+        }
+        if c.row_scale {
+            args.push("%row_scale: memref<?xf32>".into());
         }
         if c.residual {
             args.push(format!("%residual: {out_ty}"));
@@ -421,15 +552,50 @@ impl Emitter {
         self.prelude(&mut t);
         if c.specialized {
             let producers = 128 * c.consumers;
+            let gather = c.grouping == GemmGrouping::Gather;
+            // One thread issues the loads; a gather takes the producer's first warp, each lane
+            // loading every 32nd row (its rows' tokens looked up once per tile).
+            let active = if gather { "arith.cmpi ult, %plane, %c32" } else { "arith.cmpi eq, %plane, %c0" };
+            let mut tokens = String::new();
+            let mut rows = String::new();
+            if gather {
+                let _ = writeln!(tokens, "%row_last = arith.subi %row_end, %c1 : index");
+                for rr in 0..bm / 32 {
+                    let _ = writeln!(
+                        tokens,
+                        "%pr{rr}_l = arith.addi %plane, %c{off} : index
+%pr{rr}_a = arith.addi %row0, %pr{rr}_l : index
+%pr{rr} = arith.minui %pr{rr}_a, %row_last : index
+%tok{rr}_i = memref.load %perm[%pr{rr}] : memref<?xi32>
+%tok{rr} = arith.index_cast %tok{rr}_i : i32 to index",
+                        off = 32 * rr
+                    );
+                    let _ = writeln!(
+                        rows,
+                        "%ro{rr}_b = arith.muli %pr{rr}_l, %c{ROW_BYTES} : index
+%ro{rr} = arith.addi %ld_a_off, %ro{rr}_b : index
+%ld_row{rr} = memref.view %smem[%ro{rr}][] : memref<?xi8, {ws}> to memref<1x{bk}x{in_el}, {ws}>
+nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap, !bar -> memref<1x{bk}x{in_el}, {ws}>"
+                    );
+                }
+            }
+            let first = if gather {
+                self.expect_and_b("%st")
+            } else {
+                format!("{}\n{}", self.expect_and_b("%st"), self.a_tile("%st"))
+            };
             let _ = writeln!(
                 t,
                 "  %is_producer = arith.cmpi uge, %tid, %c{producers} : index
   scf.if %is_producer {{
     nvvm.setmaxregister decrease {PRODUCER_REGISTERS}
-    %p_leader = arith.cmpi eq, %tid, %c{producers} : index
-    scf.if %p_leader {{
+    %plane = arith.subi %tid, %c{producers} : index
+    %p_active = {active} : index
+    %p_first = arith.cmpi eq, %plane, %c0 : index
+    scf.if %p_active {{
       %p_end = scf.for %u = %bx to %units step %gdx iter_args(%it = %c0) -> (index) {{
 {decode}
+{tokens}
         %it_next = scf.for %j = %c0 to %nkt step %c1 iter_args(%i = %it) -> (index) {{
           %st = arith.remui %i, %c{stages} : index
           %round = arith.divui %i, %c{stages} : index
@@ -438,7 +604,11 @@ impl Emitter {
           %parity = arith.index_cast %par : index to i1
           nvgpu.mbarrier.try_wait.parity %empty[%st], %parity, %ticks : !bar
           %kt = arith.addi %kt0, %j : index
-{load}
+{views}
+          scf.if %p_first {{
+{first}
+          }}
+{rows}
           %i1 = arith.addi %i, %c1 : index
           scf.yield %i1 : index
         }}
@@ -448,7 +618,10 @@ impl Emitter {
   }} else {{
     nvvm.setmaxregister increase {regs}",
                 decode = indent(&self.decode(), 8),
-                load = indent(&self.load("%kt", "%st"), 10),
+                tokens = indent(&tokens, 8),
+                views = indent(&self.views("%kt", "%st"), 10),
+                first = indent(&first, 12),
+                rows = indent(&rows, 10),
                 regs = self.consumer_registers,
             );
             t.push_str(&indent(&self.consumer(), 2));
@@ -473,18 +646,18 @@ impl Emitter {
   %desc_hi = arith.constant {desc_hi} : i64
   %addr_mask = arith.constant 262143 : i64
   %zero = arith.constant 0.0 : f32
+  %one_f = arith.constant 1.0 : f32
+  %neg_log2e = arith.constant -1.44269504 : f32
 {splits}  %a_map = builtin.unrealized_conversion_cast %a_ptr : !llvm.ptr to !amap
   %b_map = builtin.unrealized_conversion_cast %b_ptr : !llvm.ptr to !bmap
   %tid = gpu.thread_id x
   %bx = gpu.block_id x
   %gdx = gpu.grid_dim x
   %m = memref.dim %out, %c0 : memref<?x?x{out}>
-  %n = memref.dim %out, %c1 : memref<?x?x{out}>
-  %m_tiles = arith.ceildivui %m, %c{bm} : index
+{n}  %m_tiles = arith.ceildivui %m, %c{bm} : index
   %n_tiles = arith.ceildivui %n, %c{bn} : index
   %tiles = arith.muli %m_tiles, %n_tiles : index
-  %units = arith.muli %tiles, %splits : index
-  %k_tiles = arith.ceildivui %k, %c{bk} : index
+{units}  %k_tiles = arith.ceildivui %k, %c{bk} : index
   %per = arith.ceildivui %k_tiles, %splits : index
   %smem = gpu.dynamic_shared_memory : memref<?xi8, {ws}>
   %smem_base_idx = memref.extract_aligned_pointer_as_index %smem : memref<?xi8, {ws}> -> index
@@ -494,6 +667,22 @@ impl Emitter {
             // bits 32-45 (16-byte units); the start address goes in bits 0-13 (16-byte units).
             desc_hi = (1u64 << 62) | (64u64 << 32),
             out = self.out_el,
+            n = if c.swiglu {
+                format!(
+                    "  %n_out = memref.dim %out, %c1 : memref<?x?x{}>\n  %n = arith.muli %n_out, %c2 : index\n",
+                    self.out_el
+                )
+            } else {
+                format!(
+                    "  %n = memref.dim %out, %c1 : memref<?x?x{}>\n  %n_out = arith.addi %n, %c0 : index\n",
+                    self.out_el
+                )
+            },
+            units = if c.is_grouped() {
+                self.group_units()
+            } else {
+                "  %units = arith.muli %tiles, %splits : index\n".into()
+            },
         );
         let mut init = String::from("      nvgpu.mbarrier.init %full[%s], %c1 : !bar\n");
         if c.specialized {
@@ -534,10 +723,96 @@ impl Emitter {
         )
     }
 
+    /// `%<p>start`, `%<p>rows`: the first row and the row count of group `g`.
+    fn group_bounds(&self, p: &str, g: &str) -> String {
+        match self.c.grouping {
+            GemmGrouping::Masked => format!(
+                "%{p}start = arith.muli {g}, %cap : index
+%{p}rows_i = memref.load %counts[{g}] : memref<?xi32>
+%{p}rows = arith.index_cast %{p}rows_i : i32 to index"
+            ),
+            _ => format!(
+                "%{p}start_i = memref.load %offsets[{g}] : memref<?xi32>
+%{p}start = arith.index_cast %{p}start_i : i32 to index
+%{p}g1 = arith.addi {g}, %c1 : index
+%{p}end_i = memref.load %offsets[%{p}g1] : memref<?xi32>
+%{p}end = arith.index_cast %{p}end_i : i32 to index
+%{p}rows = arith.subi %{p}end, %{p}start : index"
+            ),
+        }
+    }
+
+    /// Grouped: `%groups` and `%units`, the tiles of every group (a group of r rows has
+    /// ceil(r / block_m) x n_tiles).
+    fn group_units(&self) -> String {
+        let groups = match self.c.grouping {
+            GemmGrouping::Masked => "%groups = memref.dim %counts, %c0 : memref<?xi32>".to_string(),
+            _ => "%offsets_n = memref.dim %offsets, %c0 : memref<?xi32>\n%groups = arith.subi %offsets_n, %c1 : index"
+                .to_string(),
+        };
+        let body = format!(
+            "{}
+%s_mt = arith.ceildivui %s_rows, %c{bm} : index
+%s_t = arith.muli %s_mt, %n_tiles : index
+%s_next = arith.addi %s_acc, %s_t : index
+scf.yield %s_next : index",
+            self.group_bounds("s_", "%g"),
+            bm = self.c.block_m
+        );
+        format!(
+            "{}\n  %units = scf.for %g = %c0 to %groups step %c1 iter_args(%s_acc = %c0) -> (index) {{\n{}\n  }}\n",
+            indent(&groups, 2),
+            indent(&body, 4)
+        )
+    }
+
+    /// Grouped unit `%u` -> its group `%grp` (scanning the groups' tile counts), the tile's first
+    /// row `%row0` and the group's row end `%row_end`, `%col0`, and `%brow0`, the tile's first row of
+    /// the stacked B.
+    fn decode_grouped(&self) -> String {
+        let (bm, bn) = (self.c.block_m, self.c.block_n);
+        let scan = format!(
+            "{}
+%f_mt = arith.ceildivui %f_rows, %c{bm} : index
+%f_t = arith.muli %f_mt, %n_tiles : index
+%f_next = arith.addi %f_acc, %f_t : index
+%f_unset = arith.cmpi eq, %f_g, %groups : index
+%f_in = arith.cmpi ult, %u, %f_next : index
+%f_hit = arith.andi %f_unset, %f_in : i1
+%f_g2 = arith.select %f_hit, %g, %f_g : index
+%f_base2 = arith.select %f_hit, %f_acc, %f_base : index
+scf.yield %f_next, %f_g2, %f_base2 : index, index, index",
+            self.group_bounds("f_", "%g")
+        );
+        format!(
+            "%found:3 = scf.for %g = %c0 to %groups step %c1 iter_args(%f_acc = %c0, %f_g = %groups, %f_base = %c0) -> (index, index, index) {{
+{}
+}}
+{}
+%local = arith.subi %u, %found#2 : index
+%mt = arith.divui %local, %n_tiles : index
+%nt = arith.remui %local, %n_tiles : index
+%row_off = arith.muli %mt, %c{bm} : index
+%row0 = arith.addi %d_start, %row_off : index
+%row_end = arith.addi %d_start, %d_rows : index
+%col0 = arith.muli %nt, %c{bn} : index
+%gcol = arith.muli %found#1, %n : index
+%brow0 = arith.addi %gcol, %col0 : index
+%kt0 = arith.constant 0 : index
+%nkt = arith.addi %k_tiles, %c0 : index",
+            indent(&scan, 2),
+            self.group_bounds("d_", "%found#1"),
+        )
+    }
+
     /// Unit `%u` -> its tile's first row and column (`%row0`, `%col0`), `%tile`, split `%z`, and
-    /// its K tiles `[%kt0, %kt0 + %nkt)`.
+    /// its K tiles `[%kt0, %kt0 + %nkt)`; `%row_end` bounds the rows, `%brow0` is the tile's first B
+    /// row.
     fn decode(&self) -> String {
         let c = &self.c;
+        if c.is_grouped() {
+            return self.decode_grouped();
+        }
         let order = if c.raster == 0 {
             "%mt = arith.divui %tile, %n_tiles : index\n%nt = arith.remui %tile, %n_tiles : index".to_string()
         } else {
@@ -564,14 +839,16 @@ impl Emitter {
 %kt0 = arith.minui %kt0_raw, %k_tiles : index
 %kt_end_raw = arith.addi %kt0_raw, %per : index
 %kt_end = arith.minui %kt_end_raw, %k_tiles : index
-%nkt = arith.subi %kt_end, %kt0 : index",
+%nkt = arith.subi %kt_end, %kt0 : index
+%row_end = arith.addi %m, %c0 : index
+%brow0 = arith.addi %col0, %c0 : index",
             bm = c.block_m,
             bn = c.block_n
         )
     }
 
-    /// TMA issue of K tile `kt` into ring buffer `st` (one thread; the caller guards).
-    fn load(&self, kt: &str, st: &str) -> String {
+    /// The shared-memory views of ring buffer `st` and K tile `kt`'s first K (`%ld_*`).
+    fn views(&self, kt: &str, st: &str) -> String {
         let c = &self.c;
         let (bm, bn, bk) = (c.block_m, c.block_n, c.block_k());
         let (tx, a_bytes, in_el, ws) = (c.stage_bytes(), bm * ROW_BYTES, self.in_el, WORKGROUP);
@@ -580,11 +857,32 @@ impl Emitter {
 %ld_b_off = arith.addi %ld_a_off, %c{a_bytes} : index
 %ld_a = memref.view %smem[%ld_a_off][] : memref<?xi8, {ws}> to memref<{bm}x{bk}x{in_el}, {ws}>
 %ld_b = memref.view %smem[%ld_b_off][] : memref<?xi8, {ws}> to memref<{bn}x{bk}x{in_el}, {ws}>
-%ld_k0 = arith.muli {kt}, %c{bk} : index
-nvgpu.mbarrier.arrive.expect_tx %full[{st}], %c{tx} : !bar
-nvgpu.tma.async.load %a_map[%ld_k0, %row0], %full[{st}] to %ld_a : !amap, !bar -> memref<{bm}x{bk}x{in_el}, {ws}>
-nvgpu.tma.async.load %b_map[%ld_k0, %col0], %full[{st}] to %ld_b : !bmap, !bar -> memref<{bn}x{bk}x{in_el}, {ws}>"
+%ld_k0 = arith.muli {kt}, %c{bk} : index"
         )
+    }
+
+    /// The buffer's expected bytes (A and B tiles) on its full barrier, and the B tile's load.
+    fn expect_and_b(&self, st: &str) -> String {
+        let c = &self.c;
+        let (bn, bk, tx, in_el, ws) = (c.block_n, c.block_k(), c.stage_bytes(), self.in_el, WORKGROUP);
+        format!(
+            "nvgpu.mbarrier.arrive.expect_tx %full[{st}], %c{tx} : !bar
+nvgpu.tma.async.load %b_map[%ld_k0, %brow0], %full[{st}] to %ld_b : !bmap, !bar -> memref<{bn}x{bk}x{in_el}, {ws}>"
+        )
+    }
+
+    /// The A tile's load (rows `%row0..`; not for gathers).
+    fn a_tile(&self, st: &str) -> String {
+        let c = &self.c;
+        let (bm, bk, in_el, ws) = (c.block_m, c.block_k(), self.in_el, WORKGROUP);
+        format!(
+            "nvgpu.tma.async.load %a_map[%ld_k0, %row0], %full[{st}] to %ld_a : !amap, !bar -> memref<{bm}x{bk}x{in_el}, {ws}>"
+        )
+    }
+
+    /// TMA issue of K tile `kt` into ring buffer `st` (one thread; the caller guards).
+    fn load(&self, kt: &str, st: &str) -> String {
+        format!("{}\n{}\n{}", self.views(kt, st), self.expect_and_b(st), self.a_tile(st))
     }
 
     /// The consumer warpgroups: the unit loop with the main loop and the epilogue.
@@ -620,6 +918,24 @@ nvgpu.tma.async.load %b_map[%ld_k0, %col0], %full[{st}] to %ld_b : !bmap, !bar -
     }}",
                 indent(&self.load("%pkt", "%pst"), 8)
             );
+        }
+        if self.fp8() && c.grouping == GemmGrouping::Gather {
+            let _ = writeln!(
+                t,
+                "    %c_row_last = arith.subi %row_end, %c1 : index\n    %c_srow = arith.addi %row0, %trow : index"
+            );
+            for i in 0..m_tiles {
+                for h in 0..2 {
+                    let _ = writeln!(
+                        t,
+                        "    %ctr{i}_{h}_a = arith.addi %c_srow, %c{off} : index
+    %ctr{i}_{h} = arith.minui %ctr{i}_{h}_a, %c_row_last : index
+    %ctok{i}_{h}_i = memref.load %perm[%ctr{i}_{h}] : memref<?xi32>
+    %ctok{i}_{h} = arith.index_cast %ctok{i}_{h}_i : i32 to index",
+                        off = i * 64 + 8 * h
+                    );
+                }
+            }
         }
         let _ = writeln!(t, "    %frag0 = llvm.mlir.poison : {frag}");
         for e in 0..frag_n {
@@ -735,7 +1051,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %col0], %full[{st}] to %ld_b : !bmap, !bar -
         // fp8 promotion: main += block * a_scale[row, kt] * b_scale[col0 / 128, kt].
         let _ = writeln!(
             t,
-            "      %nb = arith.divui %col0, %c128 : index
+            "      %nb = arith.divui %brow0, %c128 : index
       %sb = memref.load %b_scale[%nb, %kt] : memref<?x?xf32>
       %m_rows = memref.dim %a_scale, %c0 : memref<?x?xf32>
       %srow = arith.addi %row0, %trow : index"
@@ -744,9 +1060,15 @@ nvgpu.tma.async.load %b_map[%ld_k0, %col0], %full[{st}] to %ld_b : !bmap, !bar -
         for (i, acc) in accs.iter().enumerate() {
             // The two rows this thread holds in row tile i: trow and trow + 8.
             for h in 0..2 {
+                // A gather's scales are its tokens' (looked up once per tile).
+                let row = if c.grouping == GemmGrouping::Gather {
+                    format!("arith.addi %ctok{i}_{h}, %c0 : index")
+                } else {
+                    format!("arith.addi %srow, %c{} : index", i * 64 + 8 * h)
+                };
                 let _ = writeln!(
                     t,
-                    "      %r{i}_{h} = arith.addi %srow, %c{off} : index
+                    "      %r{i}_{h} = {row}
       %r{i}_{h}_in = arith.cmpi ult, %r{i}_{h}, %m_rows : index
       %sa{i}_{h} = scf.if %r{i}_{h}_in -> (f32) {{
         %v = memref.load %a_scale[%r{i}_{h}, %kt] : memref<?x?xf32>
@@ -754,8 +1076,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %col0], %full[{st}] to %ld_b : !bmap, !bar -
       }} else {{
         scf.yield %zero : f32
       }}
-      %s{i}_{h} = arith.mulf %sa{i}_{h}, %sb : f32",
-                    off = i * 64 + 8 * h
+      %s{i}_{h} = arith.mulf %sa{i}_{h}, %sb : f32"
                 );
             }
             let acc_in = format!("{acc}_in");
@@ -784,23 +1105,44 @@ nvgpu.tma.async.load %b_map[%ld_k0, %col0], %full[{st}] to %ld_b : !bmap, !bar -
         let frag = &self.frag;
         let out_ty = format!("memref<?x?x{}>", self.out_el);
         let mut t = String::new();
-        let _ = writeln!(
-            t,
-            "%e_row_base = arith.addi %row0, %trow : index\n%e_col_base0 = arith.addi %col0, %lcol : index"
-        );
+        // SwiGLU: element e (gate column c of the tile) pairs with element e + block_n / 4 (up
+        // column c + block_n / 2, the same thread's); the output tile is block_n / 2 wide.
+        let (out_cols, col_base) = if c.swiglu {
+            (
+                c.block_n / 4,
+                "%col0_out = arith.divui %col0, %c2 : index\n%e_col_base0 = arith.addi %col0_out, %lcol : index",
+            )
+        } else {
+            (c.block_n / 2, "%e_col_base0 = arith.addi %col0, %lcol : index")
+        };
+        let _ = writeln!(t, "%e_row_base = arith.addi %row0, %trow : index\n{col_base}");
         let mut elements = Vec::new();
         for i in 0..c.row_tiles() {
-            for e in 0..c.block_n / 2 {
+            for e in 0..out_cols {
                 let (row_off, col_off) = fragment_offset(i, e);
                 let _ = writeln!(
                     t,
                     "%r{i}_{e} = arith.addi %e_row_base, %c{row_off} : index
 %q{i}_{e} = arith.addi %e_col_base0, %c{col_off} : index
-%ir{i}_{e} = arith.cmpi ult, %r{i}_{e}, %m : index
-%ic{i}_{e} = arith.cmpi ult, %q{i}_{e}, %n : index
-%in{i}_{e} = arith.andi %ir{i}_{e}, %ic{i}_{e} : i1
-%v{i}_{e} = llvm.extractvalue %res#{i}[{e}] : {frag}"
+%ir{i}_{e} = arith.cmpi ult, %r{i}_{e}, %row_end : index
+%ic{i}_{e} = arith.cmpi ult, %q{i}_{e}, %n_out : index
+%in{i}_{e} = arith.andi %ir{i}_{e}, %ic{i}_{e} : i1"
                 );
+                if c.swiglu {
+                    let _ = writeln!(
+                        t,
+                        "%g{i}_{e} = llvm.extractvalue %res#{i}[{e}] : {frag}
+%u{i}_{e} = llvm.extractvalue %res#{i}[{up}] : {frag}
+%sg_n{i}_{e} = arith.mulf %g{i}_{e}, %neg_log2e : f32
+%sg_e{i}_{e} = llvm.inline_asm \"ex2.approx.ftz.f32 $0, $1;\", \"=f,f\" %sg_n{i}_{e} : (f32) -> f32
+%sg_d{i}_{e} = arith.addf %sg_e{i}_{e}, %one_f : f32
+%sg_s{i}_{e} = arith.divf %g{i}_{e}, %sg_d{i}_{e} : f32
+%v{i}_{e} = arith.mulf %sg_s{i}_{e}, %u{i}_{e} : f32",
+                        up = e + c.block_n / 4
+                    );
+                } else {
+                    let _ = writeln!(t, "%v{i}_{e} = llvm.extractvalue %res#{i}[{e}] : {frag}");
+                }
                 elements.push(format!("{i}_{e}"));
             }
         }
@@ -808,6 +1150,11 @@ nvgpu.tma.async.load %b_map[%ld_k0, %col0], %full[{st}] to %ld_b : !bmap, !bar -
         let store = |v: &str, x: &str| -> String {
             let mut s = String::new();
             let mut v = v.to_string();
+            if c.row_scale {
+                let _ = writeln!(s, "%rsc{x} = memref.load %row_scale[%r{x}] : memref<?xf32>");
+                let _ = writeln!(s, "%scaled{x} = arith.mulf {v}, %rsc{x} : f32");
+                v = format!("%scaled{x}");
+            }
             if c.residual {
                 let _ = writeln!(s, "%rv{x} = memref.load %residual[%r{x}, %q{x}] : {out_ty}");
                 let rv = if c.output == GemmOutput::Bf16 {
@@ -946,14 +1293,22 @@ mod tests {
     use crate::conversion::v3_to_cpu::lower_to_llvm;
     use melior::ExecutionEngine;
 
-    /// JIT-compiles index functions `@<result>(<args>) -> index` whose body is `body`.
+    /// JIT-compiles index functions `@<result>(<args>) -> index` whose body is `body`. An argument
+    /// `name:memref` is a `memref<?xi32>` (passed as its 5 descriptor scalars), others are indices.
     fn jit(context: &melior::Context, body: &str, args: &[&str], results: &[&str]) -> ExecutionEngine {
-        let params: Vec<String> = args.iter().map(|a| format!("%{a}: index")).collect();
+        let params: Vec<String> = args
+            .iter()
+            .map(|a| match a.strip_suffix(":memref") {
+                Some(m) => format!("%{m}: memref<?xi32>"),
+                None => format!("%{a}: index"),
+            })
+            .collect();
         let mut text = String::from("module {\n");
         for r in results {
             let _ = writeln!(
                 text,
-                "func.func @{r}({}) -> index attributes {{llvm.emit_c_interface}} {{",
+                "func.func @{}({}) -> index attributes {{llvm.emit_c_interface}} {{",
+                r.replace('#', "_"),
                 params.join(", ")
             );
             let _ = writeln!(text, "{}{body}  return %{r} : index\n}}", constants(body));
@@ -963,7 +1318,10 @@ mod tests {
         ExecutionEngine::new(&module, 0, &[], false, false)
     }
 
+    /// Calls `@name` (`#` in result names spelled `_`).
     fn call(engine: &ExecutionEngine, name: &str, args: &[usize]) -> usize {
+        let name = name.replace('#', "_");
+        let name = name.as_str();
         let mut values: Vec<i64> = args.iter().map(|&a| a as i64).collect();
         let mut result = 0i64;
         let mut ptrs: Vec<*mut ()> = values.iter_mut().map(|v| v as *mut i64 as *mut ()).collect();
@@ -985,13 +1343,13 @@ mod tests {
             let engine = jit(
                 &context,
                 &body,
-                &["u", "splits", "m_tiles", "n_tiles", "k_tiles"],
+                &["u", "splits", "m", "m_tiles", "n_tiles", "k_tiles"],
                 &["row0", "col0", "tile", "kt0", "nkt"],
             );
             for (m_tiles, n_tiles, k_tiles, splits) in [(1, 17, 56, 4), (5, 3, 7, 3), (33, 4, 2, 1), (9, 2, 5, 7)] {
                 let mut seen = vec![Vec::new(); m_tiles * n_tiles];
                 for u in 0..m_tiles * n_tiles * splits {
-                    let args = [u, splits, m_tiles, n_tiles, k_tiles];
+                    let args = [u, splits, m_tiles * 128, m_tiles, n_tiles, k_tiles];
                     let [row0, col0, tile, kt0, nkt] =
                         ["row0", "col0", "tile", "kt0", "nkt"].map(|f| call(&engine, f, &args));
                     let (mt, nt) = (row0 / 128, col0 / 64);
@@ -1017,6 +1375,86 @@ mod tests {
                     }
                     assert_eq!(next.max(ranges.iter().map(|r| r.0 + r.1).max().unwrap()), k_tiles, "{ranges:?}");
                 }
+            }
+        }
+    }
+
+    /// A `memref<?xi32>` descriptor as the C interface takes it (by pointer).
+    #[repr(C)]
+    struct MemRef1 {
+        allocated: *const i32,
+        aligned: *const i32,
+        offset: i64,
+        size: i64,
+        stride: i64,
+    }
+
+    /// Calls `@name(table, scalars...)` (`#` spelled `_`).
+    fn call_with_table(engine: &ExecutionEngine, name: &str, table: &[i32], scalars: &[usize]) -> usize {
+        let desc = MemRef1 {
+            allocated: table.as_ptr(),
+            aligned: table.as_ptr(),
+            offset: 0,
+            size: table.len() as i64,
+            stride: 1,
+        };
+        let mut desc_ptr = &desc as *const MemRef1;
+        let mut values: Vec<i64> = scalars.iter().map(|&a| a as i64).collect();
+        let mut result = 0i64;
+        let mut ptrs: Vec<*mut ()> = vec![&mut desc_ptr as *mut *const MemRef1 as *mut ()];
+        ptrs.extend(values.iter_mut().map(|v| v as *mut i64 as *mut ()));
+        ptrs.push(&mut result as *mut i64 as *mut ());
+        // SAFETY: `name` takes a memref<?xi32> (by descriptor pointer) then `scalars.len()`
+        // indices and returns an index; everything pointed to outlives the call.
+        unsafe { engine.invoke_packed(&name.replace('#', "_"), &mut ptrs) }.unwrap();
+        result as usize
+    }
+
+    #[test]
+    fn grouped_units_cover_every_groups_tiles_once() {
+        let context = crate::mlir::new_context();
+        let counts = [5usize, 0, 130, 1, 0, 64, 300, 2, 9];
+        for grouping in [GemmGrouping::Contiguous, GemmGrouping::Masked] {
+            let config = GemmConfig::grouped(grouping, GemmInput::Fp8, GemmOutput::F32, 128, 128, 4);
+            let e = Emitter::new(&config, &crate::target::SM90A);
+            let body = format!("{}{}\n", e.group_units(), indent(&e.decode(), 2));
+            let (table, mut args, cap) = match grouping {
+                GemmGrouping::Masked => (counts.map(|c| c as i32).to_vec(), vec!["counts:memref", "cap"], 320),
+                _ => {
+                    let mut offsets = vec![0i32];
+                    for c in counts {
+                        offsets.push(offsets.last().unwrap() + c as i32);
+                    }
+                    (offsets, vec!["offsets:memref"], 0)
+                }
+            };
+            args.extend(["u", "n", "n_tiles", "k_tiles"]);
+            let engine = jit(&context, &body, &args, &["units", "found#1", "row0", "row_end", "col0", "brow0", "nkt"]);
+            let (n, n_tiles, k_tiles) = (384, 3, 7);
+            let call_all = |u: usize, name: &str| {
+                let mut a = Vec::new();
+                if grouping == GemmGrouping::Masked {
+                    a.push(cap);
+                }
+                a.extend([u, n, n_tiles, k_tiles]);
+                call_with_table(&engine, name, &table, &a)
+            };
+            let units = call_all(0, "units");
+            let expected: usize = counts.iter().map(|c| c.div_ceil(128) * n_tiles).sum();
+            assert_eq!(units, expected, "{grouping:?}");
+            let mut seen = std::collections::HashSet::new();
+            for u in 0..units {
+                let [g, row0, row_end, col0, brow0, nkt] =
+                    ["found#1", "row0", "row_end", "col0", "brow0", "nkt"].map(|f| call_all(u, f));
+                let start = match grouping {
+                    GemmGrouping::Masked => g * cap,
+                    _ => counts[..g].iter().sum(),
+                };
+                assert_eq!(row_end, start + counts[g], "{grouping:?} unit {u}");
+                assert!(row0 >= start && row0 < row_end && (row0 - start) % 128 == 0, "unit {u}: row {row0}");
+                assert_eq!(brow0, g * n + col0, "unit {u}");
+                assert_eq!(nkt, k_tiles);
+                assert!(seen.insert((g, row0, col0)), "unit {u}: tile computed twice");
             }
         }
     }
