@@ -45,7 +45,9 @@ def parse(name):
     ws = "ws" in opts
     return {"name": name, "input": inp, "output": out, "bm": bm, "bn": bn, "bk": bk, "stages": stages,
             "smem": stages * (bm + bn) * 128, "threads": 128 * (consumers + ws), "persistent": "persist" in opts,
-            "split_k": "splitk" in opts, "residual": "res" in opts}
+            "split_k": "splitk" in opts, "residual": "res" in opts, "swiglu": "swiglu" in opts,
+            "row_scale": "rowscale" in opts,
+            "grouping": next((o for o in opts if o in ("contig", "gather", "masked")), None)}
 
 
 def quantize_rows(x, group=128):
@@ -101,7 +103,33 @@ def self_test():
         assert rel < 1e-6, f"fp8 reference vs float64 dequantized product: {rel}"
         quant = ((a_deq - a.double()).norm() / a.double().norm()).item()
         assert quant < 0.05, f"1x128 quantization error {quant}"
-    print("gemm_check self-test: fp8-faithful reference == float64 dequantized product; quantizers sane")
+    # The grouped reference, row by row from the kernel's inputs: sorted row p of group g is its A row
+    # (gathered: token perm[p]; masked: slot g * cap + i) times group g's rows of the stacked B.
+    for name in ["gemm_fp8_f32_128x128x128_s6_wg2_ws_gather_rowscale", "gemm_bf16_bf16_64x128x64_s8_ws_masked_swiglu",
+                 "gemm_fp8_f32_128x128x128_s6_ws_contig"]:
+        cfg = parse(name)
+        inputs, ref, _, n = grouped_problem(cfg, 128, 256, "cpu")
+        offsets, fp8 = inputs["offsets"].tolist(), cfg["input"] == "fp8"
+        for grp in range(inputs["groups"]):
+            for p in range(offsets[grp], offsets[grp + 1]):
+                r = {"masked": grp * inputs["cap"] + p - offsets[grp], "gather": int(inputs["perm"][p])}.get(
+                    cfg["grouping"], p)
+                a = inputs["a"].view(torch.float8_e4m3fn)[r].float() if fp8 else inputs["a"][r].float()
+                w = inputs["b"].view(torch.float8_e4m3fn) if fp8 else inputs["b"]
+                w = w[grp * n:(grp + 1) * n].float()
+                if fp8:
+                    a = a * inputs["a_scale"][r].repeat_interleave(128)[:a.shape[0]]
+                    ws = inputs["b_scale"][grp * n // 128:(grp + 1) * n // 128]
+                    w = w * ws.repeat_interleave(128, 0).repeat_interleave(128, 1)[:, :w.shape[1]]
+                y = w @ a
+                if cfg["swiglu"]:
+                    y = y.view(-1, 2, cfg["bn"] // 2)
+                    y = (torch.nn.functional.silu(y[:, 0]) * y[:, 1]).reshape(-1)
+                if cfg["row_scale"]:
+                    y = y * (inputs["row_scale"][r] if cfg["grouping"] == "masked" else inputs["row_scale"][p])
+                assert torch.allclose(y, ref[p], rtol=1e-4, atol=1e-4), f"{name}: grouped reference row {p}"
+    print("gemm_check self-test: fp8-faithful reference == float64 dequantized product; quantizers sane; "
+          "grouped references agree row by row")
 
 
 class Driver:
@@ -191,6 +219,117 @@ def prepare(drv, cfg, m, n, k, inputs, out, sms):
     return {"args": args, "grid": grid, "splits": splits, "keep": keep}
 
 
+def grouped_problem(cfg, n_out, k, device, groups=9, tokens=37, cap=64, seed=0):
+    """A grouped (MoE) problem for a `_contig`, `_gather` or `_masked` kernel, its reference, and its
+    kernel arguments' tensors. Group g (expert) owns `counts[g]` rows (some zero); B stacks the groups'
+    [N, K] weights (SwiGLU: per block_n rows, block_n / 2 gate rows then the matching up rows)."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, cap + 1, (groups,), generator=g)
+    counts[1] = 0
+    rows = int(counts.sum())
+    n = 2 * n_out if cfg["swiglu"] else n_out
+    w = (torch.randn(groups * n, k, generator=g) * 0.05).to(device)
+    tok = torch.randint(0, tokens, (rows,), generator=g).to(device)  # gather: token of each sorted row
+    x = (torch.randn(tokens if cfg["grouping"] == "gather" else rows, k, generator=g) * 2).to(device)
+    row_w = torch.rand(rows, generator=g).to(device)
+    fp8 = cfg["input"] == "fp8"
+    if fp8:
+        xq, x_s = quantize_rows(x)
+        wq, w_s = quantize_blocks(w)
+        xf = xq.float() * x_s.repeat_interleave(128, dim=1)[:, :k]
+        wf = wq.float() * w_s.repeat_interleave(128, dim=0)[:w.shape[0]].repeat_interleave(128, dim=1)[:, :k]
+        a_dev, b_dev = xq.view(torch.uint8), wq.view(torch.uint8)
+    else:
+        xf, wf = x.to(torch.bfloat16).float(), w.to(torch.bfloat16).float()
+        a_dev, b_dev = x.to(torch.bfloat16), w.to(torch.bfloat16)
+    a_rows = xf[tok] if cfg["grouping"] == "gather" else xf  # [rows, k] in group-sorted order
+    ref = torch.empty(rows, n_out, device=device)
+    start = 0
+    for grp in range(groups):
+        c = int(counts[grp])
+        y = a_rows[start:start + c] @ wf[grp * n:(grp + 1) * n].T
+        if cfg["swiglu"]:
+            h = cfg["bn"] // 2
+            y = y.view(c, n // cfg["bn"], 2, h)
+            y = (torch.nn.functional.silu(y[:, :, 0]) * y[:, :, 1]).reshape(c, n_out)
+        ref[start:start + c] = y
+        start += c
+    if cfg["row_scale"]:
+        ref = ref * row_w[:, None]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32).to(device)
+    inputs = {"b": b_dev, "row_scale": row_w, "offsets": offsets, "perm": tok.to(torch.int32),
+              "counts": counts.to(torch.int32).to(device), "cap": cap, "groups": groups, "rows": rows}
+    if cfg["grouping"] == "masked":
+        # Group g's rows live at [g * cap, g * cap + counts[g]) of A and of the output.
+        slot = torch.cat([torch.arange(int(c)) + grp * cap for grp, c in enumerate(counts)]).to(device)
+        a_m = torch.zeros(groups * cap, k, device=device, dtype=a_dev.dtype)
+        a_m[slot] = a_dev
+        inputs["a"], inputs["slot"] = a_m, slot
+        if fp8:
+            s_m = torch.zeros(groups * cap, x_s.shape[1], device=device)
+            s_m[slot] = x_s
+            inputs["a_scale"] = s_m
+        inputs["row_scale"] = torch.zeros(groups * cap, device=device).index_copy(0, slot, row_w)
+    else:
+        inputs["a"] = a_dev
+        if fp8:
+            inputs["a_scale"] = x_s.contiguous()
+    if fp8:
+        inputs["b_scale"] = w_s.contiguous()
+    return inputs, ref, (1e-3 if fp8 else 1e-2), n
+
+
+def prepare_grouped(drv, cfg, inputs, out, n, k, sms):
+    code = 9 if cfg["input"] == "bf16" else 0
+    a_map = drv.tensor_map(inputs["a"], 1 if cfg["grouping"] == "gather" else cfg["bm"], cfg["bk"], code)
+    b_map = drv.tensor_map(inputs["b"], cfg["bn"], cfg["bk"], code)
+    args = [ctypes.c_uint64(a_map.data_ptr()), ctypes.c_uint64(b_map.data_ptr())] + memref_args(out)
+    if cfg["input"] == "fp8":
+        args += memref_args(inputs["a_scale"]) + memref_args(inputs["b_scale"])
+    if cfg["grouping"] == "masked":
+        args += memref_args(inputs["counts"]) + [ctypes.c_int64(inputs["cap"])]
+        rows = inputs["groups"] * inputs["cap"]
+    else:
+        args += memref_args(inputs["offsets"])
+        if cfg["grouping"] == "gather":
+            args += memref_args(inputs["perm"])
+        rows = inputs["rows"]
+    if cfg["row_scale"]:
+        args += memref_args(inputs["row_scale"])
+    args.append(ctypes.c_int64(k))
+    units = (math.ceil(rows / cfg["bm"]) + inputs["groups"]) * math.ceil(n / cfg["bn"])
+    grid = min(units, sms) if cfg["persistent"] else units
+    return {"args": args, "grid": grid, "splits": 1, "keep": [a_map, b_map]}
+
+
+def check_grouped(drv, func, cfg, sms):
+    """Correctness of a grouped kernel on two problem sizes; returns result records."""
+    results = []
+    out_dtype = torch.float32 if cfg["output"] == "f32" else torch.bfloat16
+    for n_out, k in [(256, 512), (384, 1040)]:
+        inputs, ref, tol, n = grouped_problem(cfg, n_out, k, "cuda")
+        rows = inputs["groups"] * inputs["cap"] if cfg["grouping"] == "masked" else inputs["rows"]
+        out = torch.full((rows, n_out), float("nan"), device="cuda", dtype=out_dtype)
+        launch = prepare_grouped(drv, cfg, inputs, out, n, k, sms)
+        run(drv, func, cfg, launch)
+        torch.cuda.synchronize()
+        o = out.float()
+        untouched = True
+        if cfg["grouping"] == "masked":
+            keep = torch.zeros(rows, dtype=torch.bool, device="cuda")
+            keep[inputs["slot"]] = True
+            untouched = bool(torch.isnan(o[~keep]).all())  # rows past a group's count are not written
+            o = o[inputs["slot"]]
+        written = bool(torch.isfinite(o).all())
+        rel = float((o - ref).norm() / ref.norm()) if written else float("nan")
+        ok = written and untouched and rel <= tol
+        results.append({"kernel": cfg["name"], "rows": inputs["rows"], "n": n_out, "k": k, "groups": inputs["groups"],
+                        "rel_err": rel, "tolerance": tol, "fully_written": written, "ok": ok})
+        print(f"{cfg['name']:52s} {inputs['rows']:5d} rows x{n_out:5d}x{k:5d} in {inputs['groups']} groups  "
+              f"rel err {rel:.2e} (<= {tol:g})  {'ok' if ok else 'FAIL'}")
+    return results
+
+
 def run(drv, func, cfg, launch):
     drv.launch(func, launch["grid"], cfg["threads"], cfg["smem"], launch["args"], cfg["name"])
 
@@ -247,6 +386,11 @@ def main():
             continue
         cfg = parse(path[:-4])
         func = drv.load(open(os.path.join(args.ptx_dir, path)).read(), cfg["name"])
+        if cfg["grouping"]:
+            recs = check_grouped(drv, func, cfg, sms)
+            failed += sum(not r["ok"] for r in recs)
+            results += recs
+            continue
         out_dtype = torch.float32 if cfg["output"] == "f32" else torch.bfloat16
         for m, n, k in shapes:
             inputs, ref, tol = make_inputs(cfg, m, n, k)
