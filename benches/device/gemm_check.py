@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-NAME = re.compile(r"^gemm_(bf16|fp8)_(f32|bf16)_(\d+)x(\d+)x(\d+)_s(\d+)((?:_[a-z0-9]+)*)$")
+NAME = re.compile(r"^gemm_(bf16|fp8)_(f32|bf16|fp8)_(\d+)x(\d+)x(\d+)_s(\d+)((?:_[a-z0-9]+)*)$")
 E4M3_MAX = 448.0
 
 
@@ -128,6 +128,12 @@ def self_test():
                 if cfg["row_scale"]:
                     y = y * (inputs["row_scale"][r] if cfg["grouping"] == "masked" else inputs["row_scale"][p])
                 assert torch.allclose(y, ref[p], rtol=1e-4, atol=1e-4), f"{name}: grouped reference row {p}"
+    # fp8 outputs are compared with the reference quantized 1x128: close to it, and exact on a grid value.
+    ref = torch.randn(5, 300)
+    deq, tol = expected(parse("gemm_bf16_fp8_128x128x64_s6_wg2_ws"), ref, 1e-2)
+    assert tol == 2e-2 and ((deq - ref).norm() / ref.norm()).item() < 0.05
+    grid = torch.tensor([[448.0, -224.0, 0.0, 1.0]])
+    assert torch.equal(expected(parse("gemm_bf16_fp8_128x128x64_s6"), grid, 1e-2)[0], grid)
     print("gemm_check self-test: fp8-faithful reference == float64 dequantized product; quantizers sane; "
           "grouped references agree row by row")
 
@@ -186,6 +192,39 @@ def memref_args(t):
             + [ctypes.c_int64(st) for st in t.stride()])
 
 
+class Output:
+    """A kernel's output buffer, poisoned (NaN; fp8: the e4m3 NaN byte 0x7f and NaN scales) so that
+    unwritten elements show; `value()` gives f32 values (fp8: dequantized with the 1x128 scales)."""
+
+    def __init__(self, cfg, rows, cols):
+        self.fp8 = cfg["output"] == "fp8"
+        if self.fp8:
+            self.data = torch.full((rows, cols), 0x7F, device="cuda", dtype=torch.uint8)
+            self.scale = torch.full((rows, math.ceil(cols / 128)), float("nan"), device="cuda")
+        else:
+            dtype = torch.float32 if cfg["output"] == "f32" else torch.bfloat16
+            self.data = torch.full((rows, cols), float("nan"), device="cuda", dtype=dtype)
+
+    def args(self):
+        return memref_args(self.data) + (memref_args(self.scale) if self.fp8 else [])
+
+    def value(self):
+        if not self.fp8:
+            return self.data.float()
+        scale = self.scale.repeat_interleave(128, dim=1)[:, :self.data.shape[1]]
+        return self.data.view(torch.float8_e4m3fn).float() * scale
+
+
+def expected(cfg, ref, tol):
+    """What a kernel's output is compared with: the reference, or for fp8 outputs the reference
+    quantized the same way (1x128, s = max(amax, 1e-4) / 448). An element whose f32 value sits on a
+    rounding boundary may round to its neighbour (one e4m3 step, ~6%): hence 2e-2 for fp8 outputs."""
+    if cfg["output"] != "fp8":
+        return ref, tol
+    q, s = quantize_rows(ref)
+    return q.float() * s.repeat_interleave(128, dim=1)[:, :ref.shape[1]], max(tol, 2e-2)
+
+
 def splits_for(cfg, m, n, k, sms):
     """K splits for a split-K kernel: enough units to cover the SMs, at most one per K tile."""
     if not cfg["split_k"]:
@@ -200,7 +239,7 @@ def prepare(drv, cfg, m, n, k, inputs, out, sms):
     code = 9 if bf16 else 0  # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 / UINT8
     a_map = drv.tensor_map(inputs["a"], cfg["bm"], cfg["bk"], code)
     b_map = drv.tensor_map(inputs["b"], cfg["bn"], cfg["bk"], code)
-    args = [ctypes.c_uint64(a_map.data_ptr()), ctypes.c_uint64(b_map.data_ptr())] + memref_args(out)
+    args = [ctypes.c_uint64(a_map.data_ptr()), ctypes.c_uint64(b_map.data_ptr())] + out.args()
     if not bf16:
         args += memref_args(inputs["a_scale"]) + memref_args(inputs["b_scale"])
     if cfg["residual"]:
@@ -283,7 +322,7 @@ def prepare_grouped(drv, cfg, inputs, out, n, k, sms):
     code = 9 if cfg["input"] == "bf16" else 0
     a_map = drv.tensor_map(inputs["a"], 1 if cfg["grouping"] == "gather" else cfg["bm"], cfg["bk"], code)
     b_map = drv.tensor_map(inputs["b"], cfg["bn"], cfg["bk"], code)
-    args = [ctypes.c_uint64(a_map.data_ptr()), ctypes.c_uint64(b_map.data_ptr())] + memref_args(out)
+    args = [ctypes.c_uint64(a_map.data_ptr()), ctypes.c_uint64(b_map.data_ptr())] + out.args()
     if cfg["input"] == "fp8":
         args += memref_args(inputs["a_scale"]) + memref_args(inputs["b_scale"])
     if cfg["grouping"] == "masked":
@@ -305,15 +344,15 @@ def prepare_grouped(drv, cfg, inputs, out, n, k, sms):
 def check_grouped(drv, func, cfg, sms):
     """Correctness of a grouped kernel on two problem sizes; returns result records."""
     results = []
-    out_dtype = torch.float32 if cfg["output"] == "f32" else torch.bfloat16
     for n_out, k in [(256, 512), (384, 1040)]:
         inputs, ref, tol, n = grouped_problem(cfg, n_out, k, "cuda")
+        ref, tol = expected(cfg, ref, tol)
         rows = inputs["groups"] * inputs["cap"] if cfg["grouping"] == "masked" else inputs["rows"]
-        out = torch.full((rows, n_out), float("nan"), device="cuda", dtype=out_dtype)
+        out = Output(cfg, rows, n_out)
         launch = prepare_grouped(drv, cfg, inputs, out, n, k, sms)
         run(drv, func, cfg, launch)
         torch.cuda.synchronize()
-        o = out.float()
+        o = out.value()
         untouched = True
         if cfg["grouping"] == "masked":
             keep = torch.zeros(rows, dtype=torch.bool, device="cuda")
@@ -347,7 +386,7 @@ def make_inputs(cfg, m, n, k):
                   "b_scale": b_s.contiguous()}
         ref, tol = fp8_reference(aq, a_s, bq, b_s), 1e-3
     if cfg["residual"]:
-        out_dtype = torch.float32 if cfg["output"] == "f32" else torch.bfloat16
+        out_dtype = torch.float32 if cfg["output"] == "f32" else torch.bfloat16  # fp8 outputs take no residual
         inputs["residual"] = torch.randn(m, n, device="cuda").to(out_dtype)
         ref = ref + inputs["residual"].float()
     return inputs, ref, tol
@@ -391,25 +430,25 @@ def main():
             failed += sum(not r["ok"] for r in recs)
             results += recs
             continue
-        out_dtype = torch.float32 if cfg["output"] == "f32" else torch.bfloat16
         for m, n, k in shapes:
             inputs, ref, tol = make_inputs(cfg, m, n, k)
-            out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
+            ref, tol = expected(cfg, ref, tol)
+            out = Output(cfg, m, n)
             launch = prepare(drv, cfg, m, n, k, inputs, out, sms)
             run(drv, func, cfg, launch)
             torch.cuda.synchronize()
-            o = out.float()
+            o = out.value()
             written = bool(torch.isfinite(o).all())
             rel = float((o - ref).norm() / ref.norm()) if written else float("nan")
             ok = written and rel <= tol
             extra = ""
             if cfg["split_k"] and written:
                 # The last unit of each tile resets its counter; a second launch gives the same bits.
-                first = out.clone()
+                first = out.data.clone()
                 run(drv, func, cfg, launch)
                 torch.cuda.synchronize()
                 counters_zero = bool((launch["keep"][3] == 0).all())
-                same = bool(torch.equal(first, out))
+                same = bool(torch.equal(first, out.data))
                 ok = ok and counters_zero and same
                 extra = f"  splits {launch['splits']}, counters reset {counters_zero}, deterministic {same}"
             failed += not ok
@@ -418,7 +457,7 @@ def main():
             print(f"{cfg['name']:44s} {m:5d}x{n:5d}x{k:5d}  rel err {rel:.2e} (<= {tol:g}){extra}  {'ok' if ok else 'FAIL'}")
         for m, n, k in timed:
             inputs, _, _ = make_inputs(cfg, m, n, k)
-            out = torch.empty((m, n), device="cuda", dtype=out_dtype)
+            out = Output(cfg, m, n)
             launch = prepare(drv, cfg, m, n, k, inputs, out, sms)
             ms = median_ms(lambda: run(drv, func, cfg, launch))
             a16, b16 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, k, device="cuda", dtype=torch.bfloat16)

@@ -62,6 +62,21 @@ fn grouped() -> Vec<GemmConfig> {
         },
         GemmConfig { row_scale: true, ..g(Masked, GemmInput::Fp8, GemmOutput::F32, 64, 8) },
         GemmConfig { swiglu: true, ..g(Masked, GemmInput::Bf16, GemmOutput::Bf16, 64, 8) },
+        // fp8 outputs with their 1x128 scales: a dense bf16 GEMM, the bf16 SwiGLU gate/up (256 wide:
+        // 128 output columns), an fp8 grouped GEMM.
+        GemmConfig {
+            consumers: 2,
+            specialized: true,
+            ..GemmConfig::new(GemmInput::Bf16, GemmOutput::Fp8, 128, 128, 6)
+        },
+        GemmConfig {
+            block_n: 256,
+            stages: 4,
+            swiglu: true,
+            row_scale: true,
+            ..g(Gather, GemmInput::Bf16, GemmOutput::Fp8, 64, 4)
+        },
+        GemmConfig { consumers: 2, persistent: true, ..g(Contiguous, GemmInput::Fp8, GemmOutput::Fp8, 128, 6) },
     ]
 }
 
@@ -161,6 +176,8 @@ fn configs_that_do_not_fit_are_rejected_before_codegen() {
     assert!(err.contains("a grouped GEMM cannot split K"), "{err}");
     let err = GemmConfig { swiglu: true, ..grouped }.validate(t).unwrap_err();
     assert!(err.contains("fp8 SwiGLU"), "{err}");
+    let err = GemmConfig { output: GemmOutput::Fp8, block_n: 64, ..base }.validate(t).unwrap_err();
+    assert!(err.contains("fp8 output tiles 64 columns wide"), "{err}");
     let err = GemmConfig { cluster: 2, ..base }.validate(t).unwrap_err();
     assert!(err.contains("cluster size 2") && err.contains("not generated yet"), "{err}");
     let context = v3c_compiler::mlir::new_context();

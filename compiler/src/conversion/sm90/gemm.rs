@@ -45,6 +45,9 @@ pub enum GemmInput {
 pub enum GemmOutput {
     F32,
     Bf16,
+    /// e4m3 with 1x128 scales `out_scale [M, ceil(N/128)]`, quantized as the reference does:
+    /// s = max(amax, 1e-4) / 448 over each row's 128 columns, q = e4m3(x / s).
+    Fp8,
 }
 
 /// How the rows of A and of the output are organized.
@@ -223,7 +226,7 @@ impl GemmConfig {
     }
 
     /// How [`GemmConfig::kernel_name`] spells a configuration (optional parts in this order).
-    pub const NAME_FORMAT: &str = "gemm_<bf16|fp8>_<f32|bf16>_<M>x<N>x<K>_s<stages>[_wg2][_ws][_persist][_r<G>]\
+    pub const NAME_FORMAT: &str = "gemm_<bf16|fp8>_<f32|bf16|fp8>_<M>x<N>x<K>_s<stages>[_wg2][_ws][_persist][_r<G>]\
         [_contig|_gather|_masked][_splitk][_swiglu][_rowscale][_res]";
 
     /// Blocks to launch for a grouped GEMM of `rows` group-sorted rows (masked: `groups * cap`)
@@ -249,6 +252,7 @@ impl GemmConfig {
         let output = match self.output {
             GemmOutput::F32 => "f32",
             GemmOutput::Bf16 => "bf16",
+            GemmOutput::Fp8 => "fp8",
         };
         let mut name =
             format!("gemm_{input}_{output}_{}x{}x{}_s{}", self.block_m, self.block_n, self.block_k(), self.stages);
@@ -300,6 +304,7 @@ impl GemmConfig {
         let output = match parts.next()? {
             "f32" => GemmOutput::F32,
             "bf16" => GemmOutput::Bf16,
+            "fp8" => GemmOutput::Fp8,
             _ => return None,
         };
         let dims: Vec<usize> = parts.next()?.split('x').map(|d| d.parse().ok()).collect::<Option<_>>()?;
@@ -418,6 +423,17 @@ impl GemmConfig {
                 return Err(format!("{name}: the SwiGLU epilogue goes with neither split K nor a residual"));
             }
         }
+        if self.output == GemmOutput::Fp8 {
+            let width = if self.swiglu { self.block_n / 2 } else { self.block_n };
+            if !width.is_multiple_of(128) {
+                return Err(format!(
+                    "{name}: fp8 output tiles {width} columns wide (a multiple of the 128-column scale group needed)"
+                ));
+            }
+            if self.split_k || self.residual {
+                return Err(format!("{name}: fp8 output goes with neither split K nor a residual"));
+            }
+        }
         let threads = self.threads();
         if threads > target.max_threads_per_block as usize {
             return Err(format!("{name}: {threads} threads exceed {}'s {}", target.name, target.max_threads_per_block));
@@ -482,6 +498,8 @@ impl Emitter {
         let out_el = match c.output {
             GemmOutput::F32 => "f32",
             GemmOutput::Bf16 => "bf16",
+            // The e4m3 bytes (packed in pairs by the conversion).
+            GemmOutput::Fp8 => "i8",
         };
         Emitter {
             c: *c,
@@ -511,6 +529,9 @@ impl Emitter {
         let _ = writeln!(head, "module attributes {{gpu.container_module}} {{\ngpu.module @kernels {{");
         let out_ty = format!("memref<?x?x{}>", self.out_el);
         let mut args = vec!["%a_ptr: !llvm.ptr".to_string(), "%b_ptr: !llvm.ptr".into(), format!("%out: {out_ty}")];
+        if c.output == GemmOutput::Fp8 {
+            args.push("%out_scale: memref<?x?xf32>".into());
+        }
         if self.fp8() {
             args.push("%a_scale: memref<?x?xf32>".into());
             args.push("%b_scale: memref<?x?xf32>".into());
@@ -648,6 +669,9 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
   %zero = arith.constant 0.0 : f32
   %one_f = arith.constant 1.0 : f32
   %neg_log2e = arith.constant -1.44269504 : f32
+  %min_amax = arith.constant 1.0e-4 : f32
+  %e4m3_max = arith.constant 448.0 : f32
+  %sh8 = arith.constant 8 : i16
 {splits}  %a_map = builtin.unrealized_conversion_cast %a_ptr : !llvm.ptr to !amap
   %b_map = builtin.unrealized_conversion_cast %b_ptr : !llvm.ptr to !bmap
   %tid = gpu.thread_id x
@@ -1146,6 +1170,10 @@ nvgpu.tma.async.load %b_map[%ld_k0, %brow0], %full[{st}] to %ld_b : !bmap, !bar 
                 elements.push(format!("{i}_{e}"));
             }
         }
+        if c.output == GemmOutput::Fp8 {
+            t.push_str(&self.quantized_store(out_cols));
+            return t;
+        }
         // The final write of f32 value `v` at element `x`.
         let store = |v: &str, x: &str| -> String {
             let mut s = String::new();
@@ -1230,6 +1258,106 @@ scf.if %single {{
             nthreads = 128 * c.consumers,
             reduce = indent(&reduce, 4) + "\n",
         );
+        t
+    }
+}
+
+impl Emitter {
+    /// fp8 output: per row (two per row tile per thread) and 128-column group, the amax over the
+    /// thread's values then across the 4 lanes that share the row (shuffles), the scale (stored by
+    /// the row's first lane), and the values' e4m3 bytes, two adjacent columns per conversion.
+    fn quantized_store(&self, out_cols: usize) -> String {
+        let c = &self.c;
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "%q_lane4 = arith.remui %lane, %c4 : index
+%q_first = arith.cmpi eq, %q_lane4, %c0 : index
+%q_col_base = arith.subi %e_col_base0, %lcol : index"
+        );
+        for i in 0..c.row_tiles() {
+            for h in 0..2 {
+                let row = format!("{i}_{h}");
+                let _ = writeln!(
+                    t,
+                    "%qr{row} = arith.addi %e_row_base, %c{} : index\n%qr_in{row} = arith.cmpi ult, %qr{row}, %row_end : index",
+                    i * 64 + 8 * h
+                );
+                if c.row_scale {
+                    let _ = writeln!(
+                        t,
+                        "%qrs{row} = scf.if %qr_in{row} -> (f32) {{
+  %w = memref.load %row_scale[%qr{row}] : memref<?xf32>
+  scf.yield %w : f32
+}} else {{
+  scf.yield %one_f : f32
+}}"
+                    );
+                }
+                for q in 0..out_cols.div_ceil(64) {
+                    let members: Vec<usize> = (q * 64..(q * 64 + 64).min(out_cols))
+                        .filter(|&e| (fragment_offset(i, e).0 - i * 64) / 8 == h)
+                        .collect();
+                    let g = format!("{row}_{q}");
+                    let mut am = "%zero".to_string();
+                    for &e in &members {
+                        let x = format!("{i}_{e}");
+                        let v = if c.row_scale {
+                            let _ = writeln!(t, "%vs{x} = arith.mulf %v{x}, %qrs{row} : f32");
+                            format!("%vs{x}")
+                        } else {
+                            format!("%v{x}")
+                        };
+                        let _ = writeln!(
+                            t,
+                            "%ng{x} = arith.negf {v} : f32\n%ab{x} = arith.maximumf {v}, %ng{x} : f32\n%am{x} = arith.maximumf {am}, %ab{x} : f32"
+                        );
+                        am = format!("%am{x}");
+                    }
+                    let _ = writeln!(
+                        t,
+                        "%s1_{g}, %s1ok_{g} = gpu.shuffle xor {am}, %c1_i32, %c32_i32 : f32
+%m1_{g} = arith.maximumf {am}, %s1_{g} : f32
+%s2_{g}, %s2ok_{g} = gpu.shuffle xor %m1_{g}, %c2_i32, %c32_i32 : f32
+%m2_{g} = arith.maximumf %m1_{g}, %s2_{g} : f32
+%mc_{g} = arith.maximumf %m2_{g}, %min_amax : f32
+%sc_{g} = arith.divf %mc_{g}, %e4m3_max : f32
+%gc_{g} = arith.addi %q_col_base, %c{gcol} : index
+%gi_{g} = arith.divui %gc_{g}, %c128 : index
+%gin_{g} = arith.cmpi ult, %gc_{g}, %n_out : index
+%gst0_{g} = arith.andi %q_first, %qr_in{row} : i1
+%gst_{g} = arith.andi %gst0_{g}, %gin_{g} : i1
+scf.if %gst_{g} {{
+  memref.store %sc_{g}, %out_scale[%qr{row}, %gi_{g}] : memref<?x?xf32>
+}}",
+                        gcol = q * 128
+                    );
+                    for pair in members.chunks(2) {
+                        let [e0, e1] = pair[..] else { unreachable!("a row's columns come in adjacent pairs") };
+                        let (x0, x1) = (format!("{i}_{e0}"), format!("{i}_{e1}"));
+                        let val = |x: &str| if c.row_scale { format!("%vs{x}") } else { format!("%v{x}") };
+                        // cvt packs its first operand into the high byte: column c + 1.
+                        let _ = writeln!(
+                            t,
+                            "%qa{x0} = arith.divf {}, %sc_{g} : f32
+%qb{x0} = arith.divf {}, %sc_{g} : f32
+%pk{x0} = nvvm.convert.f32x2.to.f8x2 %qb{x0}, %qa{x0} {{rnd = #nvvm.fp_rnd_mode<rn>, sat = #nvvm.sat_mode<satfinite>}} : i16 (f8E4M3FN)
+%lo{x0} = arith.trunci %pk{x0} : i16 to i8
+%hs{x0} = arith.shrui %pk{x0}, %sh8 : i16
+%hi{x0} = arith.trunci %hs{x0} : i16 to i8
+scf.if %in{x0} {{
+  memref.store %lo{x0}, %out[%r{x0}, %q{x0}] : memref<?x?xi8>
+}}
+scf.if %in{x1} {{
+  memref.store %hi{x0}, %out[%r{x1}, %q{x1}] : memref<?x?xi8>
+}}",
+                            val(&x0),
+                            val(&x1)
+                        );
+                    }
+                }
+            }
+        }
         t
     }
 }
