@@ -369,6 +369,54 @@ def check_grouped(drv, func, cfg, sms):
     return results
 
 
+def random_operand(rows, cols, fp8):
+    """Timing operands: random e4m3 bytes (no NaN encodings) or bf16 values."""
+    if fp8:
+        mag = torch.randint(0, 0x7E, (rows, cols), device="cuda", dtype=torch.uint8)
+        sign = torch.randint(0, 2, (rows, cols), device="cuda", dtype=torch.uint8) << 7
+        return mag | sign
+    return torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+
+
+def time_grouped(drv, func, cfg, sms, tokens=4096, experts=256, top_k=8):
+    """DeepSeek-V3's MoE shapes, 256 routed experts + the shared one as group 257: gate/up (gather: N
+    2 x 2048, K 7168), down (contiguous: N 7168, K 2048) over 4096 tokens x 9; decode (masked) 64 tokens.
+    Reports TFLOP/s and the bandwidth of the expert weights the launch reads."""
+    groups = experts + 1
+    decode = cfg["grouping"] == "masked"
+    if decode:
+        tokens = 64
+    choice = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=1).indices
+    counts = torch.bincount(choice.flatten(), minlength=experts).cpu()
+    counts = torch.cat([counts, torch.tensor([tokens])])  # the shared expert takes every token
+    n, k = (7168, 2048) if cfg["grouping"] == "contig" else (4096, 7168)
+    n_out = n // 2 if cfg["swiglu"] else n
+    fp8 = cfg["input"] == "fp8"
+    rows = int(counts.sum())
+    cap = 64
+    a_rows = groups * cap if decode else (tokens if cfg["grouping"] == "gather" else rows)
+    order = torch.argsort(choice.flatten(), stable=True)
+    perm = torch.cat([(order // top_k), torch.arange(tokens, device="cuda")]).to(torch.int32)
+    inputs = {"a": random_operand(a_rows, k, fp8), "b": random_operand(groups * n, k, fp8), "groups": groups,
+              "rows": rows, "cap": cap, "perm": perm, "counts": counts.to(torch.int32).cuda(),
+              "offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32).cuda()}
+    if fp8:
+        inputs["a_scale"] = torch.rand(a_rows, math.ceil(k / 128), device="cuda") * 1e-2
+        inputs["b_scale"] = torch.rand(groups * n // 128, math.ceil(k / 128), device="cuda") * 1e-2
+    inputs["row_scale"] = torch.rand(a_rows if decode else rows, device="cuda")
+    out = Output(cfg, a_rows if decode else rows, n_out)
+    launch = prepare_grouped(drv, cfg, inputs, out, n, k, sms)
+    ms = median_ms(lambda: run(drv, func, cfg, launch))
+    active = int((counts > 0).sum())
+    flops = 2 * rows * n * k
+    weight_bytes = active * n * k * (1 if fp8 else 2)
+    rec = {"kernel": cfg["name"], "rows": rows, "groups": groups, "active_groups": active, "n": n, "k": k, "ms": ms,
+           "TFLOPs": flops / (ms * 1e-3) / 1e12, "weight_GBps": weight_bytes / (ms * 1e-3) / 1e9, "grid": launch["grid"]}
+    print(f"{cfg['name']:52s} {rows:6d} rows in {active}/{groups} groups x{n:5d}x{k:5d}  {rec['TFLOPs']:7.1f} TFLOP/s, "
+          f"weights {rec['weight_GBps']:7.0f} GB/s")
+    return rec
+
+
 def run(drv, func, cfg, launch):
     drv.launch(func, launch["grid"], cfg["threads"], cfg["smem"], launch["args"], cfg["name"])
 
@@ -429,6 +477,7 @@ def main():
             recs = check_grouped(drv, func, cfg, sms)
             failed += sum(not r["ok"] for r in recs)
             results += recs
+            results.append(time_grouped(drv, func, cfg, sms))
             continue
         for m, n, k in shapes:
             inputs, ref, tol = make_inputs(cfg, m, n, k)
