@@ -455,6 +455,7 @@ def median_ms(fn, reps=20):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ptx-dir", help="directory of <kernel>.ptx files")
+    ap.add_argument("--kernel", help="check only this kernel (check.sh runs each in its own process, under a timeout)")
     ap.add_argument("--out", default="gemm_results.json")
     ap.add_argument("--self-test", action="store_true", help="check the references on the CPU and exit")
     args = ap.parse_args()
@@ -469,7 +470,7 @@ def main():
     shapes = [(64, 2112, 7168), (128, 576, 1536), (200, 384, 528), (1, 256, 256)]
     timed = [(4096, 7168, 16384), (64, 2112, 7168)]
     for path in sorted(os.listdir(args.ptx_dir)):
-        if not path.endswith(".ptx"):
+        if not path.endswith(".ptx") or (args.kernel and path != args.kernel + ".ptx"):
             continue
         cfg = parse(path[:-4])
         func = drv.load(open(os.path.join(args.ptx_dir, path)).read(), cfg["name"])
