@@ -12,7 +12,8 @@ Kernel ABI (compiler/src/conversion/sm90/gemm.rs, `emit`): (a_map*, b_map*, out 
 as 7 scalars each, `_res` the residual [M, N] (7), `_splitk` the f32 workspace [splits, M, N] (9), the i32
 tile counters [tiles] (5, zeroed once) and splits, then k). out = A[M, K] . B[N, K]^T (+ residual).
 Launch: 128 threads per consumer warpgroup (`_wg2`: two) plus 128 for the producer (`_ws`); a 1-D grid of
-one block per unit (tile x K split), `_persist`: min(units, SM count).
+one block per unit (tile x K split), `_persist`: min(units, SM count); `_cl2`: the kernel declares clusters of
+2 (two adjacent row tiles share the B tile; its tensor map's box is half the B tile), grid in whole clusters.
 
 Checks (shared/design/GPU-CHECKS.md): fresh random inputs, output poisoned with NaN and checked fully written,
 relative error ||out - ref|| / ||ref|| vs an f32 reference: bf16 <= 1e-2; fp8 vs an fp8-faithful reference
@@ -42,11 +43,12 @@ def parse(name):
     bm, bn, bk, stages = int(bm), int(bn), int(bk), int(stages)
     opts = rest.split("_")[1:]
     consumers = next((int(o[2:]) for o in opts if o.startswith("wg")), 1)
+    cluster = next((int(o[2:]) for o in opts if o.startswith("cl")), 1)
     ws = "ws" in opts
     return {"name": name, "input": inp, "output": out, "bm": bm, "bn": bn, "bk": bk, "stages": stages,
             "smem": stages * (bm + bn) * 128, "threads": 128 * (consumers + ws), "persistent": "persist" in opts,
             "split_k": "splitk" in opts, "residual": "res" in opts, "swiglu": "swiglu" in opts,
-            "row_scale": "rowscale" in opts,
+            "row_scale": "rowscale" in opts, "cluster": cluster,
             "grouping": next((o for o in opts if o in ("contig", "gather", "masked")), None)}
 
 
@@ -238,7 +240,8 @@ def prepare(drv, cfg, m, n, k, inputs, out, sms):
     bf16 = cfg["input"] == "bf16"
     code = 9 if bf16 else 0  # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 / UINT8
     a_map = drv.tensor_map(inputs["a"], cfg["bm"], cfg["bk"], code)
-    b_map = drv.tensor_map(inputs["b"], cfg["bn"], cfg["bk"], code)
+    # A cluster's blocks each load (and multicast) 1 / cluster of the B tile's rows.
+    b_map = drv.tensor_map(inputs["b"], cfg["bn"] // cfg["cluster"], cfg["bk"], code)
     args = [ctypes.c_uint64(a_map.data_ptr()), ctypes.c_uint64(b_map.data_ptr())] + out.args()
     if not bf16:
         args += memref_args(inputs["a_scale"]) + memref_args(inputs["b_scale"])
@@ -253,8 +256,10 @@ def prepare(drv, cfg, m, n, k, inputs, out, sms):
         args += memref_args(ws) + memref_args(counters) + [ctypes.c_int64(splits)]
         keep += [ws, counters]
     args.append(ctypes.c_int64(k))
-    units = tiles * splits
-    grid = min(units, sms) if cfg["persistent"] else units
+    # Units per cluster: `cluster` adjacent row tiles of one tile column (GemmConfig::grid).
+    cl = cfg["cluster"]
+    units = math.ceil(math.ceil(m / cfg["bm"]) / cl) * math.ceil(n / cfg["bn"]) * splits
+    grid = (min(units, sms // cl) if cfg["persistent"] else units) * cl
     return {"args": args, "grid": grid, "splits": splits, "keep": keep}
 
 

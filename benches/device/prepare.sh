@@ -12,14 +12,15 @@ cp target/release/v3r .device/
 # scheduling variants, then the four kernels `v3c compile --target sm_90a` picks for the full model
 # (decode: split K + producer warpgroup; prefill: two consumers, persistent, rasterized; +residual),
 # then the grouped (MoE) forms: gathered tokens, contiguous sorted rows with routing weights, masked;
-# then fp8 outputs (1x128 scales written by the epilogue).
+# then fp8 outputs (1x128 scales written by the epilogue), then a cluster of two (B multicast).
 for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_64x128x128_s6 gemm_fp8_f32_128x64x128_s4 \
   gemm_bf16_bf16_128x128x64_s4_wg2_ws_persist_r8 gemm_bf16_f32_64x128x64_s6_splitk \
   gemm_fp8_f32_64x128x128_s8_ws_splitk gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8 \
   gemm_fp8_f32_64x128x128_s8_ws_splitk_res gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_res \
   gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_gather gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale \
   gemm_fp8_f32_64x128x128_s8_ws_masked_rowscale gemm_bf16_bf16_128x128x64_s6_wg2_ws_gather_swiglu \
-  gemm_bf16_fp8_128x128x64_s6_wg2_ws gemm_fp8_fp8_128x128x128_s6_wg2_ws_persist_contig; do
+  gemm_bf16_fp8_128x128x64_s6_wg2_ws gemm_fp8_fp8_128x128x128_s6_wg2_ws_persist_contig \
+  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_cl2; do
   target/release/v3c dump-ir --stage ptx --kernel "$k" \
     | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/gemm/$k.ptx"
   grep -q "\.entry $k(" ".device/gemm/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }

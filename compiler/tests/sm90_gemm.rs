@@ -39,6 +39,8 @@ fn variants() -> Vec<GemmConfig> {
         GemmConfig { consumers: 2, specialized: true, persistent: true, raster: 4, residual: true, ..fp8 },
         GemmConfig { block_m: 64, stages: 8, specialized: true, split_k: true, residual: true, ..fp8 },
         GemmConfig { output: GemmOutput::F32, block_m: 64, stages: 6, split_k: true, ..bf16 },
+        // A cluster of two: B tiles multicast to both blocks.
+        GemmConfig { consumers: 2, specialized: true, persistent: true, raster: 8, cluster: 2, ..fp8 },
     ]
     .into_iter()
     .chain(grouped())
@@ -179,7 +181,9 @@ fn configs_that_do_not_fit_are_rejected_before_codegen() {
     let err = GemmConfig { output: GemmOutput::Fp8, block_n: 64, ..base }.validate(t).unwrap_err();
     assert!(err.contains("fp8 output tiles 64 columns wide"), "{err}");
     let err = GemmConfig { cluster: 2, ..base }.validate(t).unwrap_err();
-    assert!(err.contains("cluster size 2") && err.contains("not generated yet"), "{err}");
+    assert!(err.contains("cluster size 2: needs the producer warpgroup"), "{err}");
+    let err = GemmConfig { cluster: 4, specialized: true, ..base }.validate(t).unwrap_err();
+    assert!(err.contains("only clusters of 2"), "{err}");
     let context = v3c_compiler::mlir::new_context();
     let err = sm90::compile_gemm(&context, &GemmConfig { stages: 1, ..base }, t).unwrap_err().to_string();
     assert!(err.starts_with("gemm_bf16_f32_128x128x64_s1: "), "{err}");
@@ -195,6 +199,10 @@ fn launch_grids_cover_every_unit() {
     assert_eq!(p.grid(4096, 7168, 1, 132), 132);
     assert_eq!(p.grid(64, 256, 1, 132), 2);
     assert_eq!(p.threads(), 256);
+    // Clusters of two launch whole clusters: 5 row tiles make 3 pairs.
+    let cl = GemmConfig { cluster: 2, ..p };
+    assert_eq!(cl.grid(5 * 64, 256, 1, 132), 3 * 2 * 2);
+    assert_eq!(cl.grid(4096, 7168, 1, 132), 132);
     // Grouped: 300 sorted rows over 9 groups can form at most ceil(300 / 128) + 9 row tiles.
     let g = GemmConfig::grouped(GemmGrouping::Contiguous, GemmInput::Fp8, GemmOutput::F32, 128, 128, 6);
     assert_eq!(g.grouped_grid(300, 9, 256, 132), (3 + 9) * 2);

@@ -24,8 +24,9 @@
 //! split order — deterministic whatever order the units finish in — applies the epilogue and resets
 //! the counter for the next launch.
 //!
-//! Not generated yet (rejected by [`GemmConfig::validate`]): clusters (TMA multicast), fp8 outputs,
-//! grouped (MoE) GEMMs.
+//! Clusters of 2 along M: the two blocks take adjacent row tiles of one tile column; each producer
+//! loads half of the B tile and multicasts it into both blocks (whose consumers release a buffer on
+//! both blocks' empty barriers).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -86,7 +87,8 @@ pub struct GemmConfig {
     pub persistent: bool,
     /// Tile rasterization: walk `raster` tile rows per tile column (0: row-major order).
     pub raster: usize,
-    /// Thread-block cluster size (1: none).
+    /// Thread-block cluster size along M (1: none; 2: two blocks with adjacent row tiles share each
+    /// B tile, each loading half of it with TMA multicast into both).
     pub cluster: usize,
     /// K split over units with a workspace and a deterministic last-unit reduction (decode shapes).
     pub split_k: bool,
@@ -215,14 +217,14 @@ impl GemmConfig {
         m.div_ceil(self.block_m) * n.div_ceil(self.block_n)
     }
 
-    /// Blocks to launch (grid x) for an `m x n` problem with `splits` K splits on `sm_count` SMs.
+    /// Blocks to launch (grid x) for an `m x n` problem with `splits` K splits on `sm_count` SMs:
+    /// one per unit or, persistent, per SM; with clusters a multiple of the cluster size (a cluster
+    /// takes `cluster` row tiles of one tile column at a time).
     pub fn grid(&self, m: usize, n: usize, splits: usize, sm_count: usize) -> usize {
-        let units = self.tiles(m, n) * splits.max(1);
-        if self.persistent {
-            units.min(sm_count).max(1)
-        } else {
-            units.max(1)
-        }
+        let cl = self.cluster.max(1);
+        let units = m.div_ceil(self.block_m).div_ceil(cl) * n.div_ceil(self.block_n) * splits.max(1);
+        let clusters = if self.persistent { units.min(sm_count / cl) } else { units };
+        clusters.max(1) * cl
     }
 
     /// How [`GemmConfig::kernel_name`] spells a configuration (optional parts in this order).
@@ -391,10 +393,18 @@ impl GemmConfig {
             return Err(format!("{name}: raster {} is not 0 or a power of two in 2..=16", self.raster));
         }
         if self.cluster != 1 {
-            return Err(format!(
-                "{name}: cluster size {}: TMA multicast across a thread-block cluster is not generated yet",
-                self.cluster
-            ));
+            let why = if self.cluster != 2 {
+                Some("only clusters of 2 are generated")
+            } else if !self.specialized {
+                Some("needs the producer warpgroup")
+            } else if self.is_grouped() || self.split_k {
+                Some("goes with neither grouped GEMMs nor split K")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(format!("{name}: cluster size {}: {why}", self.cluster));
+            }
         }
         if self.is_grouped() {
             let why = if !self.specialized {
@@ -523,7 +533,7 @@ impl Emitter {
         let mut head = String::new();
         let _ = writeln!(head, "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {stages}>");
         let a_box = if c.grouping == GemmGrouping::Gather { 1 } else { bm };
-        for (map, rows) in [("amap", a_box), ("bmap", bn)] {
+        for (map, rows) in [("amap", a_box), ("bmap", bn / c.cluster)] {
             let _ = writeln!(head, "!{map} = !nvgpu.tensormap.descriptor<tensor = memref<{rows}x{bk}x{in_el}, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>");
         }
         let _ = writeln!(head, "module attributes {{gpu.container_module}} {{\ngpu.module @kernels {{");
@@ -563,10 +573,11 @@ impl Emitter {
         let attribution = if c.split_k { format!(" workgroup(%flag: memref<1xi32, {ws}>)") } else { String::new() };
         let _ = writeln!(
             head,
-            "gpu.func @{}({}){attribution} kernel attributes {{known_block_size = array<i32: {}, 1, 1>}} {{",
+            "gpu.func @{}({}){attribution} kernel attributes {{known_block_size = array<i32: {}, 1, 1>{}}} {{",
             c.kernel_name(),
             args.join(", "),
-            c.threads()
+            c.threads(),
+            if c.cluster > 1 { format!(", nvvm.cluster_dim = array<i32: {}, 1, 1>", c.cluster) } else { String::new() }
         );
 
         let mut t = String::new();
@@ -614,7 +625,7 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
     %p_active = {active} : index
     %p_first = arith.cmpi eq, %plane, %c0 : index
     scf.if %p_active {{
-      %p_end = scf.for %u = %bx to %units step %gdx iter_args(%it = %c0) -> (index) {{
+      %p_end = scf.for %u = %ubx to %units step %ugdx iter_args(%it = %c0) -> (index) {{
 {decode}
 {tokens}
         %it_next = scf.for %j = %c0 to %nkt step %c1 iter_args(%i = %it) -> (index) {{
@@ -651,6 +662,11 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
             t.push_str(&self.consumer());
             t.push('\n');
         }
+        if c.cluster > 1 {
+            // No block leaves while its peer may still multicast into its shared memory or arrive on
+            // its barriers.
+            t.push_str("  nvvm.cluster.arrive\n  nvvm.cluster.wait\n");
+        }
         t.push_str("  gpu.return\n}\n}\n}\n");
         format!("{head}{}{t}", constants(&t))
     }
@@ -680,7 +696,7 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
   %m = memref.dim %out, %c0 : memref<?x?x{out}>
 {n}  %m_tiles = arith.ceildivui %m, %c{bm} : index
   %n_tiles = arith.ceildivui %n, %c{bn} : index
-  %tiles = arith.muli %m_tiles, %n_tiles : index
+{cluster}  %tiles = arith.muli %m_units, %n_tiles : index
 {units}  %k_tiles = arith.ceildivui %k, %c{bk} : index
   %per = arith.ceildivui %k_tiles, %splits : index
   %smem = gpu.dynamic_shared_memory : memref<?xi8, {ws}>
@@ -707,22 +723,44 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
             } else {
                 "  %units = arith.muli %tiles, %splits : index\n".into()
             },
+            // Units are per cluster: `cluster` row tiles of one tile column, block `rank` taking one.
+            cluster = if c.cluster > 1 {
+                format!(
+                    "  %rank_i32 = nvvm.read.ptx.sreg.cluster.ctaid.x : i32
+  %rank = arith.index_cast %rank_i32 : i32 to index
+  %peer_i32 = arith.subi %c1_i32, %rank_i32 : i32
+  %mcast = arith.constant {mask} : i16
+  %m_units = arith.ceildivui %m_tiles, %c{cl} : index
+  %ubx = arith.divui %bx, %c{cl} : index
+  %ugdx = arith.divui %gdx, %c{cl} : index
+",
+                    cl = c.cluster,
+                    mask = (1u32 << c.cluster) - 1
+                )
+            } else {
+                "  %m_units = arith.addi %m_tiles, %c0 : index\n  %ubx = arith.addi %bx, %c0 : index\n  %ugdx = arith.addi %gdx, %c0 : index\n".into()
+            },
         );
         let mut init = String::from("      nvgpu.mbarrier.init %full[%s], %c1 : !bar\n");
         if c.specialized {
             let _ = writeln!(t, "  %empty = nvgpu.mbarrier.create -> !bar");
-            let _ = writeln!(init, "      nvgpu.mbarrier.init %empty[%s], %c{} : !bar", 128 * c.consumers);
+            // Every consumer thread of every block of the cluster releases a buffer (the cluster's
+            // blocks multicast into each other's).
+            let _ = writeln!(init, "      nvgpu.mbarrier.init %empty[%s], %c{} : !bar", 128 * c.consumers * c.cluster);
         }
+        // Barrier initialization made visible to the cluster's other block before it multicasts.
+        let fence = if c.cluster > 1 { "    nvvm.fence.mbarrier.init\n" } else { "" };
         let _ = writeln!(
             t,
             "  %leader = arith.cmpi eq, %tid, %c0 : index
   scf.if %leader {{
     scf.for %s = %c0 to %c{stages} step %c1 {{
 {init}    }}
-    nvgpu.tma.prefetch.descriptor %a_map : !amap
+{fence}    nvgpu.tma.prefetch.descriptor %a_map : !amap
     nvgpu.tma.prefetch.descriptor %b_map : !bmap
   }}
-  gpu.barrier"
+  gpu.barrier{}",
+            if c.cluster > 1 { "\n  nvvm.cluster.arrive\n  nvvm.cluster.wait" } else { "" }
         );
     }
 
@@ -838,25 +876,31 @@ scf.yield %f_next, %f_g2, %f_base2 : index, index, index",
             return self.decode_grouped();
         }
         let order = if c.raster == 0 {
-            "%mt = arith.divui %tile, %n_tiles : index\n%nt = arith.remui %tile, %n_tiles : index".to_string()
+            "%mtu = arith.divui %tile, %n_tiles : index\n%nt = arith.remui %tile, %n_tiles : index".to_string()
         } else {
             let g = c.raster;
             format!(
                 "%rw = arith.muli %n_tiles, %c{g} : index
 %grp = arith.divui %tile, %rw : index
 %first_m = arith.muli %grp, %c{g} : index
-%left_m = arith.subi %m_tiles, %first_m : index
+%left_m = arith.subi %m_units, %first_m : index
 %gsz = arith.minui %left_m, %c{g} : index
 %in_grp = arith.remui %tile, %rw : index
 %mt_off = arith.remui %in_grp, %gsz : index
-%mt = arith.addi %first_m, %mt_off : index
+%mtu = arith.addi %first_m, %mt_off : index
 %nt = arith.divui %in_grp, %gsz : index"
             )
+        };
+        let mt = if c.cluster > 1 {
+            format!("%mt_c = arith.muli %mtu, %c{} : index\n%mt = arith.addi %mt_c, %rank : index", c.cluster)
+        } else {
+            "%mt = arith.addi %mtu, %c0 : index".to_string()
         };
         format!(
             "%tile = arith.divui %u, %splits : index
 %z = arith.remui %u, %splits : index
 {order}
+{mt}
 %row0 = arith.muli %mt, %c{bm} : index
 %col0 = arith.muli %nt, %c{bn} : index
 %kt0_raw = arith.muli %z, %per : index
@@ -885,13 +929,27 @@ scf.yield %f_next, %f_g2, %f_base2 : index, index, index",
         )
     }
 
-    /// The buffer's expected bytes (A and B tiles) on its full barrier, and the B tile's load.
+    /// The buffer's expected bytes (A and B tiles) on its full barrier, and the B tile's load; in a
+    /// cluster, this block's share of B rows, multicast to the same place in every block.
     fn expect_and_b(&self, st: &str) -> String {
         let c = &self.c;
         let (bn, bk, tx, in_el, ws) = (c.block_n, c.block_k(), c.stage_bytes(), self.in_el, WORKGROUP);
-        format!(
-            "nvgpu.mbarrier.arrive.expect_tx %full[{st}], %c{tx} : !bar
+        let expect = format!("nvgpu.mbarrier.arrive.expect_tx %full[{st}], %c{tx} : !bar");
+        if c.cluster == 1 {
+            return format!(
+                "{expect}
 nvgpu.tma.async.load %b_map[%ld_k0, %brow0], %full[{st}] to %ld_b : !bmap, !bar -> memref<{bn}x{bk}x{in_el}, {ws}>"
+            );
+        }
+        let share = bn / c.cluster;
+        format!(
+            "{expect}
+%bh_rows = arith.muli %rank, %c{share} : index
+%bh_row0 = arith.addi %brow0, %bh_rows : index
+%bh_bytes = arith.muli %bh_rows, %c{ROW_BYTES} : index
+%bh_off = arith.addi %ld_b_off, %bh_bytes : index
+%ld_bh = memref.view %smem[%bh_off][] : memref<?xi8, {ws}> to memref<{share}x{bk}x{in_el}, {ws}>
+nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_mask = %mcast : !bmap, !bar -> memref<{share}x{bk}x{in_el}, {ws}>"
         )
     }
 
@@ -923,7 +981,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %brow0], %full[{st}] to %ld_b : !bmap, !bar 
             t,
             "  %wg_a = arith.muli %cw, %c{wg_bytes} : index
   %wg_a64 = arith.index_cast %wg_a : index to i64
-  %c_end = scf.for %u = %bx to %units step %gdx iter_args(%it = %c0) -> (index) {{
+  %c_end = scf.for %u = %ubx to %units step %ugdx iter_args(%it = %c0) -> (index) {{
 {decode}",
             wg_bytes = rows_per_wg * ROW_BYTES,
             decode = indent(&self.decode(), 4),
@@ -991,6 +1049,14 @@ nvgpu.tma.async.load %b_map[%ld_k0, %brow0], %full[{st}] to %ld_b : !bmap, !bar 
         let results = self.mainloop_body(&mut t, &accs);
         if c.specialized {
             let _ = writeln!(t, "      %released = nvgpu.mbarrier.arrive %empty[%st] : !bar -> !nvgpu.mbarrier.token");
+            if c.cluster > 1 {
+                // And on the peer's: it multicasts into this block's buffer too.
+                let _ = writeln!(
+                    t,
+                    "      %empty_addr = nvgpu.mbarrier.get %empty[%st] : !bar -> i32
+      llvm.inline_asm has_side_effects \"{{\\n.reg .b32 ra;\\nmapa.shared::cluster.u32 ra, $0, $1;\\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\\n}}\", \"r,r\" %empty_addr, %peer_i32 : (i32, i32) -> ()"
+                );
+            }
         } else {
             // Refill the buffer just consumed once every warp's wgmma has read it (wgmma.wait_group
             // covers the issuing warp only: the block barrier covers the warpgroups).
@@ -1471,13 +1537,13 @@ mod tests {
             let engine = jit(
                 &context,
                 &body,
-                &["u", "splits", "m", "m_tiles", "n_tiles", "k_tiles"],
+                &["u", "splits", "m", "m_tiles", "m_units", "n_tiles", "k_tiles"],
                 &["row0", "col0", "tile", "kt0", "nkt"],
             );
             for (m_tiles, n_tiles, k_tiles, splits) in [(1, 17, 56, 4), (5, 3, 7, 3), (33, 4, 2, 1), (9, 2, 5, 7)] {
                 let mut seen = vec![Vec::new(); m_tiles * n_tiles];
                 for u in 0..m_tiles * n_tiles * splits {
-                    let args = [u, splits, m_tiles * 128, m_tiles, n_tiles, k_tiles];
+                    let args = [u, splits, m_tiles * 128, m_tiles, m_tiles, n_tiles, k_tiles];
                     let [row0, col0, tile, kt0, nkt] =
                         ["row0", "col0", "tile", "kt0", "nkt"].map(|f| call(&engine, f, &args));
                     let (mt, nt) = (row0 / 128, col0 / 64);
@@ -1503,6 +1569,44 @@ mod tests {
                     }
                     assert_eq!(next.max(ranges.iter().map(|r| r.0 + r.1).max().unwrap()), k_tiles, "{ranges:?}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn cluster_units_give_each_block_of_a_cluster_its_row_tile() {
+        let context = crate::mlir::new_context();
+        for raster in [0, 4] {
+            let config = GemmConfig {
+                consumers: 2,
+                specialized: true,
+                persistent: true,
+                raster,
+                cluster: 2,
+                ..GemmConfig::new(GemmInput::Fp8, GemmOutput::F32, 128, 128, 6)
+            };
+            config.validate(&crate::target::SM90A).unwrap();
+            let e = Emitter::new(&config, &crate::target::SM90A);
+            let body = format!("  %per = arith.ceildivui %k_tiles, %splits : index\n{}\n", indent(&e.decode(), 2));
+            let args = ["u", "rank", "splits", "m", "m_tiles", "m_units", "n_tiles", "k_tiles"];
+            let engine = jit(&context, &body, &args, &["row0", "col0"]);
+            for (m_tiles, n_tiles) in [(5usize, 3usize), (8, 2), (1, 4)] {
+                let m_units = m_tiles.div_ceil(2);
+                let mut seen = vec![0; m_units * 2 * n_tiles];
+                for u in 0..m_units * n_tiles {
+                    let mut cols = Vec::new();
+                    for rank in 0..2 {
+                        let a = [u, rank, 1, m_tiles * 128, m_tiles, m_units, n_tiles, 9];
+                        let (row0, col0) = (call(&engine, "row0", &a), call(&engine, "col0", &a));
+                        // The pair's blocks take adjacent row tiles (the second may be past M: its
+                        // loads read zeros and its stores are masked) of one tile column.
+                        assert_eq!((row0 / 128) % 2, rank, "unit {u}");
+                        seen[(row0 / 128) * n_tiles + col0 / 128] += 1;
+                        cols.push(col0);
+                    }
+                    assert_eq!(cols[0], cols[1], "unit {u}: the cluster shares its B tile");
+                }
+                assert!(seen.iter().all(|&s| s == 1), "{seen:?}");
             }
         }
     }
