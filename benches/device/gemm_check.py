@@ -48,7 +48,7 @@ def parse(name):
     return {"name": name, "input": inp, "output": out, "bm": bm, "bn": bn, "bk": bk, "stages": stages,
             "smem": stages * (bm + bn) * 128, "threads": 128 * (consumers + ws), "persistent": "persist" in opts,
             "split_k": "splitk" in opts, "residual": "res" in opts, "swiglu": "swiglu" in opts,
-            "row_scale": "rowscale" in opts, "cluster": cluster,
+            "row_scale": "rowscale" in opts, "cluster": cluster, "scatter": "scatter" in opts,
             "grouping": next((o for o in opts if o in ("contig", "gather", "masked")), None)}
 
 
@@ -108,10 +108,11 @@ def self_test():
     # The grouped reference, row by row from the kernel's inputs: sorted row p of group g is its A row
     # (gathered: token perm[p]; masked: slot g * cap + i) times group g's rows of the stacked B.
     for name in ["gemm_fp8_f32_128x128x128_s6_wg2_ws_gather_rowscale", "gemm_bf16_bf16_64x128x64_s8_ws_masked_swiglu",
-                 "gemm_fp8_f32_128x128x128_s6_ws_contig"]:
+                 "gemm_fp8_f32_128x128x128_s6_ws_contig", "gemm_fp8_f32_128x128x128_s6_ws_contig_rowscale_scatter"]:
         cfg = parse(name)
         inputs, ref, _, n = grouped_problem(cfg, 128, 256, "cpu")
         offsets, fp8 = inputs["offsets"].tolist(), cfg["input"] == "fp8"
+        mine = torch.zeros(inputs["rows"], 128)
         for grp in range(inputs["groups"]):
             for p in range(offsets[grp], offsets[grp + 1]):
                 r = {"masked": grp * inputs["cap"] + p - offsets[grp], "gather": int(inputs["perm"][p])}.get(
@@ -129,7 +130,10 @@ def self_test():
                     y = (torch.nn.functional.silu(y[:, 0]) * y[:, 1]).reshape(-1)
                 if cfg["row_scale"]:
                     y = y * (inputs["row_scale"][r] if cfg["grouping"] == "masked" else inputs["row_scale"][p])
-                assert torch.allclose(y, ref[p], rtol=1e-4, atol=1e-4), f"{name}: grouped reference row {p}"
+                mine[p] = y
+        if cfg["scatter"]:
+            mine = torch.zeros(inputs["tokens"], 128).index_add_(0, inputs["perm"].long(), mine)
+        assert torch.allclose(mine, ref, rtol=1e-4, atol=1e-4), f"{name}: grouped reference"
     # fp8 outputs are compared with the reference quantized 1x128: close to it, and exact on a grid value.
     ref = torch.randn(5, 300)
     deq, tol = expected(parse("gemm_bf16_fp8_128x128x64_s6_wg2_ws"), ref, 1e-2)
@@ -302,7 +306,10 @@ def grouped_problem(cfg, n_out, k, device, groups=9, tokens=37, cap=64, seed=0):
         ref = ref * row_w[:, None]
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32).to(device)
     inputs = {"b": b_dev, "row_scale": row_w, "offsets": offsets, "perm": tok.to(torch.int32),
-              "counts": counts.to(torch.int32).to(device), "cap": cap, "groups": groups, "rows": rows}
+              "counts": counts.to(torch.int32).to(device), "cap": cap, "groups": groups, "rows": rows, "tokens": tokens}
+    if cfg["scatter"]:
+        # Each sorted row adds into its token's row (the MoE combine).
+        ref = torch.zeros(tokens, n_out, device=device).index_add_(0, tok, ref)
     if cfg["grouping"] == "masked":
         # Group g's rows live at [g * cap, g * cap + counts[g]) of A and of the output.
         slot = torch.cat([torch.arange(int(c)) + grp * cap for grp, c in enumerate(counts)]).to(device)
@@ -335,7 +342,7 @@ def prepare_grouped(drv, cfg, inputs, out, n, k, sms):
         rows = inputs["groups"] * inputs["cap"]
     else:
         args += memref_args(inputs["offsets"])
-        if cfg["grouping"] == "gather":
+        if cfg["grouping"] == "gather" or cfg["scatter"]:
             args += memref_args(inputs["perm"])
         rows = inputs["rows"]
     if cfg["row_scale"]:
@@ -353,7 +360,9 @@ def check_grouped(drv, func, cfg, sms):
         inputs, ref, tol, n = grouped_problem(cfg, n_out, k, "cuda")
         ref, tol = expected(cfg, ref, tol)
         rows = inputs["groups"] * inputs["cap"] if cfg["grouping"] == "masked" else inputs["rows"]
-        out = Output(cfg, rows, n_out)
+        out = Output(cfg, inputs["tokens"] if cfg["scatter"] else rows, n_out)
+        if cfg["scatter"]:
+            out.data.zero_()  # the kernel adds into it
         launch = prepare_grouped(drv, cfg, inputs, out, n, k, sms)
         run(drv, func, cfg, launch)
         torch.cuda.synchronize()
@@ -403,13 +412,13 @@ def time_grouped(drv, func, cfg, sms, tokens=4096, experts=256, top_k=8):
     order = torch.argsort(choice.flatten(), stable=True)
     perm = torch.cat([(order // top_k), torch.arange(tokens, device="cuda")]).to(torch.int32)
     inputs = {"a": random_operand(a_rows, k, fp8), "b": random_operand(groups * n, k, fp8), "groups": groups,
-              "rows": rows, "cap": cap, "perm": perm, "counts": counts.to(torch.int32).cuda(),
+              "rows": rows, "tokens": tokens, "cap": cap, "perm": perm, "counts": counts.to(torch.int32).cuda(),
               "offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32).cuda()}
     if fp8:
         inputs["a_scale"] = torch.rand(a_rows, math.ceil(k / 128), device="cuda") * 1e-2
         inputs["b_scale"] = torch.rand(groups * n // 128, math.ceil(k / 128), device="cuda") * 1e-2
     inputs["row_scale"] = torch.rand(a_rows if decode else rows, device="cuda")
-    out = Output(cfg, a_rows if decode else rows, n_out)
+    out = Output(cfg, tokens if cfg["scatter"] else (a_rows if decode else rows), n_out)
     launch = prepare_grouped(drv, cfg, inputs, out, n, k, sms)
     ms = median_ms(lambda: run(drv, func, cfg, launch))
     active = int((counts > 0).sum())

@@ -19,6 +19,7 @@ for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_6
   gemm_fp8_f32_64x128x128_s8_ws_splitk_res gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_res \
   gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_gather gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale \
   gemm_fp8_f32_64x128x128_s8_ws_masked_rowscale gemm_bf16_bf16_128x128x64_s6_wg2_ws_gather_swiglu \
+  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale_scatter \
   gemm_bf16_fp8_128x128x64_s6_wg2_ws gemm_fp8_fp8_128x128x128_s6_wg2_ws_persist_contig \
   gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_cl2; do
   target/release/v3c dump-ir --stage ptx --kernel "$k" \

@@ -63,6 +63,14 @@ fn grouped() -> Vec<GemmConfig> {
             ..g(Contiguous, GemmInput::Fp8, GemmOutput::F32, 128, 6)
         },
         GemmConfig { row_scale: true, ..g(Masked, GemmInput::Fp8, GemmOutput::F32, 64, 8) },
+        // The MoE down GEMM combining into token rows (atomics) with the routing weights.
+        GemmConfig {
+            consumers: 2,
+            persistent: true,
+            row_scale: true,
+            scatter: true,
+            ..g(Contiguous, GemmInput::Fp8, GemmOutput::F32, 128, 6)
+        },
         GemmConfig { swiglu: true, ..g(Masked, GemmInput::Bf16, GemmOutput::Bf16, 64, 8) },
         // fp8 outputs with their 1x128 scales: a dense bf16 GEMM, the bf16 SwiGLU gate/up (256 wide:
         // 128 output columns), an fp8 grouped GEMM.
@@ -176,6 +184,10 @@ fn configs_that_do_not_fit_are_rejected_before_codegen() {
     assert!(err.contains("a grouped GEMM needs the producer warpgroup"), "{err}");
     let err = GemmConfig { split_k: true, ..grouped }.validate(t).unwrap_err();
     assert!(err.contains("a grouped GEMM cannot split K"), "{err}");
+    let err = GemmConfig { scatter: true, ..base }.validate(t).unwrap_err();
+    assert!(err.contains("the scatter epilogue needs the sorted rows' tokens"), "{err}");
+    let err = GemmConfig { scatter: true, output: GemmOutput::Bf16, ..grouped }.validate(t).unwrap_err();
+    assert!(err.contains("f32 atomics"), "{err}");
     let err = GemmConfig { swiglu: true, ..grouped }.validate(t).unwrap_err();
     assert!(err.contains("fp8 SwiGLU"), "{err}");
     let err = GemmConfig { output: GemmOutput::Fp8, block_n: 64, ..base }.validate(t).unwrap_err();

@@ -100,6 +100,10 @@ pub struct GemmConfig {
     pub swiglu: bool,
     /// Epilogue multiplies row r by `row_scale[r]` (the routing weight of a permuted row).
     pub row_scale: bool,
+    /// Grouped: the epilogue adds row r into output row `perm[r]` (its token) with f32 atomics,
+    /// combining a token's experts in the launch (in no fixed order: f32 sums are not
+    /// bit-reproducible; the deterministic alternative writes rows in sorted order).
+    pub scatter: bool,
 }
 
 /// Bytes of K per pipeline stage: one 128-byte swizzle row per tile row.
@@ -133,6 +137,7 @@ impl GemmConfig {
             grouping: GemmGrouping::Dense,
             swiglu: false,
             row_scale: false,
+            scatter: false,
         }
     }
 
@@ -229,7 +234,7 @@ impl GemmConfig {
 
     /// How [`GemmConfig::kernel_name`] spells a configuration (optional parts in this order).
     pub const NAME_FORMAT: &str = "gemm_<bf16|fp8>_<f32|bf16|fp8>_<M>x<N>x<K>_s<stages>[_wg2][_ws][_persist][_r<G>]\
-        [_contig|_gather|_masked][_splitk][_swiglu][_rowscale][_res]";
+        [_contig|_gather|_masked][_splitk][_swiglu][_rowscale][_scatter][_res]";
 
     /// Blocks to launch for a grouped GEMM of `rows` group-sorted rows (masked: `groups * cap`)
     /// over `groups` groups: enough for the most tiles the rows can form (each group's last tile
@@ -288,6 +293,9 @@ impl GemmConfig {
         if self.row_scale {
             name.push_str("_rowscale");
         }
+        if self.scatter {
+            name.push_str("_scatter");
+        }
         if self.residual {
             name.push_str("_res");
         }
@@ -340,9 +348,12 @@ impl GemmConfig {
             } else if part == "rowscale" {
                 config.row_scale = true;
                 (9, true)
+            } else if part == "scatter" {
+                config.scatter = true;
+                (10, true)
             } else if part == "res" {
                 config.residual = true;
-                (10, true)
+                (11, true)
             } else if let Some(v) = part.strip_prefix("wg") {
                 config.consumers = v.parse().ok()?;
                 (1, config.consumers != 1)
@@ -420,6 +431,20 @@ impl GemmConfig {
             };
             if let Some(why) = why {
                 return Err(format!("{name}: a grouped GEMM {why}"));
+            }
+        }
+        if self.scatter {
+            let why = if !matches!(self.grouping, GemmGrouping::Contiguous | GemmGrouping::Gather) {
+                Some("needs the sorted rows' tokens (a contiguous or gathered grouped GEMM)")
+            } else if self.output != GemmOutput::F32 {
+                Some("adds with f32 atomics (f32 output)")
+            } else if self.swiglu {
+                Some("does not go with SwiGLU")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(format!("{name}: the scatter epilogue {why}"));
             }
         }
         if self.swiglu {
@@ -548,7 +573,12 @@ impl Emitter {
         }
         match c.grouping {
             GemmGrouping::Dense => {}
-            GemmGrouping::Contiguous => args.push("%offsets: memref<?xi32>".into()),
+            GemmGrouping::Contiguous => {
+                args.push("%offsets: memref<?xi32>".into());
+                if c.scatter {
+                    args.push("%perm: memref<?xi32>".into());
+                }
+            }
             GemmGrouping::Gather => {
                 args.push("%offsets: memref<?xi32>".into());
                 args.push("%perm: memref<?xi32>".into());
@@ -1264,7 +1294,15 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 let _ = writeln!(s, "%h{x} = arith.truncf {v} : f32 to bf16");
                 v = format!("%h{x}");
             }
-            let _ = write!(s, "memref.store {v}, %out[%r{x}, %q{x}] : {out_ty}");
+            if c.scatter {
+                let _ = writeln!(
+                    s,
+                    "%tk{x}_i = memref.load %perm[%r{x}] : memref<?xi32>\n%tk{x} = arith.index_cast %tk{x}_i : i32 to index"
+                );
+                let _ = write!(s, "%old{x} = memref.atomic_rmw addf {v}, %out[%tk{x}, %q{x}] : (f32, {out_ty}) -> f32");
+            } else {
+                let _ = write!(s, "memref.store {v}, %out[%r{x}, %q{x}] : {out_ty}");
+            }
             s
         };
         let guarded = |x: &str, body: &str| format!("scf.if %in{x} {{\n{}\n}}\n", indent(body, 2));
