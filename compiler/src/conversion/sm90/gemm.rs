@@ -27,6 +27,14 @@
 //! Clusters of 2 along M: the two blocks take adjacent row tiles of one tile column; each producer
 //! loads half of the B tile and multicasts it into both blocks (whose consumers release a buffer on
 //! both blocks' empty barriers).
+//!
+//! Grouped (MoE) GEMMs, all experts in one launch over B stacking the experts' weights
+//! ([`GemmGrouping`]): rows sorted by expert (`offsets`), optionally gathered from the tokens
+//! (`perm`: one TMA row load per A row, issued by the producer warp's 32 lanes), or decode's masked
+//! layout (`counts`, `cap`). Units are found by scanning the groups' tile counts. Epilogues: the
+//! routing weight per row, SwiGLU (bf16: B's tiles interleave gate and up rows), scatter-add into
+//! token rows (f32 atomics: the combine), and fp8 outputs quantized 1x128 in registers (row amax
+//! across the row's 4 lanes by shuffles).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
