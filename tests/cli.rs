@@ -1,6 +1,8 @@
 //! Behaviour of the `v3c` and `v3r` command lines: help that teaches, one-line usage errors with
 //! exit code 2, doctor reports that work with and without a GPU, clean errors for bad paths.
 
+use std::path::Path;
+
 use v3c_tests::{gpu_or_skip, run_binary, run_binary_env};
 
 fn text(bytes: &[u8]) -> String {
@@ -103,8 +105,124 @@ fn runtime_commands_reject_missing_artifacts_by_path() {
     std::fs::create_dir_all(&dir).unwrap();
     let out = run_binary("v3r", &["info", dir.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("not a v3c artifact (no manifest.json)"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("manifest.json: missing (not a v3c artifact)"), "{}", text(&out.stderr));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `v3r info` validates an artifact before anything runs: a byte flipped in any file, a missing file,
+/// corrupt JSON, another format version or a tampered model config is one line naming the file, exit 1;
+/// a GPU artifact on a machine without one is described, with why it cannot run here; `v3r run` of it
+/// exits 3.
+#[test]
+fn v3r_info_validates_artifacts_file_by_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let art = dir.path().join("art");
+    let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
+    let args = ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--out", art.to_str().unwrap()];
+    let out = run_binary_env("v3c", &args, &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info = run_binary("v3r", &["info", art.to_str().unwrap()]);
+    assert!(info.status.success(), "{}", text(&info.stderr));
+    let report = text(&info.stdout);
+    for want in ["model: deepseek-v3-tiny (f32 graph)", "target: cpu (", "kernels: 17 (every file's sha256 verified)", "runs here: yes"] {
+        assert!(report.contains(want), "{want}: {report}");
+    }
+    // Weights against the plan: a checkpoint of the model matches (fp8 too: dequantized at load); one of
+    // a model with wider experts is named by file and tensor.
+    let ckpt = dir.path().join("ckpt");
+    let out = run_binary("v3c", &["init-weights", "--model", "deepseek-v3-tiny", "--out", ckpt.to_str().unwrap(), "--fp8"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info = run_binary("v3r", &["info", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()]);
+    assert!(text(&info.stdout).contains("matches the plan (72 weight bindings"), "{}", text(&info.stderr));
+    let wide = dir.path().join("wide");
+    std::fs::create_dir_all(&wide).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    config["moe_intermediate_size"] = (config["moe_intermediate_size"].as_u64().unwrap() * 2).into();
+    std::fs::write(wide.join("config.json"), config.to_string()).unwrap();
+    let wide_ckpt = dir.path().join("wide_ckpt");
+    let out = run_binary("v3c", &["init-weights", "--model", wide.to_str().unwrap(), "--out", wide_ckpt.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info = run_binary("v3r", &["info", art.to_str().unwrap(), "--weights", wide_ckpt.to_str().unwrap()]);
+    assert_eq!(info.status.code(), Some(1));
+    let err = text(&info.stderr);
+    assert!(err.contains("model.safetensors: model.layers.") && err.contains("the artifact's plan expects"), "{err}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("manifest.json")).unwrap()).unwrap();
+    let kernel = manifest["kernels"][0]["file"].as_str().unwrap().to_string();
+    // Each case: a fresh copy, one change, the expected message.
+    let copy = |name: &str| {
+        let to = dir.path().join(name);
+        std::fs::create_dir_all(to.join("kernels")).unwrap();
+        for entry in walk(&art) {
+            let rel = entry.strip_prefix(&art).unwrap();
+            std::fs::copy(&entry, to.join(rel)).unwrap();
+        }
+        to
+    };
+    let check = |case: &Path, want: &str| {
+        let out = run_binary("v3r", &["info", case.to_str().unwrap()]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{want}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.starts_with("v3r: error: ") && err.contains(want), "{want}: {err}");
+    };
+    let flipped = copy("flipped");
+    let mut bytes = std::fs::read(flipped.join(&kernel)).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(flipped.join(&kernel), bytes).unwrap();
+    check(&flipped, &format!("{}: content hash mismatch", flipped.join(&kernel).display()));
+    let missing = copy("missing");
+    std::fs::remove_file(missing.join(&kernel)).unwrap();
+    check(&missing, &format!("{}: missing (listed in manifest.json)", missing.join(&kernel).display()));
+    let plan = copy("plan");
+    let p = std::fs::read_to_string(plan.join("plan.json")).unwrap().replacen("\"decode\"", "\"decodE\"", 1);
+    std::fs::write(plan.join("plan.json"), p).unwrap();
+    check(&plan, "plan.json: content hash mismatch");
+    let json = copy("json");
+    let m = std::fs::read_to_string(json.join("manifest.json")).unwrap();
+    std::fs::write(json.join("manifest.json"), &m[..m.len() / 2]).unwrap();
+    check(&json, "manifest.json: invalid JSON");
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let d = copy(name);
+        let mut v = manifest.clone();
+        f(&mut v);
+        std::fs::write(d.join("manifest.json"), serde_json::to_string_pretty(&v).unwrap()).unwrap();
+        d
+    };
+    check(&edit("version", &|v| v["format_version"] = 99.into()), "format_version 99, this v3r reads 1");
+    check(&edit("config", &|v| v["model"]["config"]["num_hidden_layers"] = 61.into()), "model.config does not match");
+    check(&edit("escape", &|v| v["kernels"][0]["file"] = "../outside.so".into()), "lies outside the artifact");
+    // A GPU artifact: described anywhere; running it needs the GPU (exit 3 without one).
+    let gpu = edit("gpu", &|v| {
+        v["target"] = serde_json::json!({ "name": "sm_90a", "compute_capability": [9, 0] });
+    });
+    let info = run_binary("v3r", &["info", gpu.to_str().unwrap()]);
+    assert!(info.status.success(), "{}", text(&info.stderr));
+    let report = text(&info.stdout);
+    assert!(report.contains("target: sm_90a (compute capability 9.0)"), "{report}");
+    let weights = ckpt.to_str().unwrap();
+    let run = run_binary("v3r", &["run", gpu.to_str().unwrap(), "--weights", weights, "--prompt-tokens", "1 2"]);
+    if gpu_or_skip("v3r_run_without_a_gpu_exits_3").is_none() {
+        assert!(report.contains("runs here: no ("), "{report}");
+        assert_eq!(run.status.code(), Some(3), "{}", text(&run.stderr));
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files.extend(walk(&p));
+        } else {
+            files.push(p);
+        }
+    }
+    files
 }
 
 #[test]

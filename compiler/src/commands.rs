@@ -549,29 +549,59 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
     std::fs::create_dir_all(&kernel_dir).map_err(|e| format!("{}: {e}", kernel_dir.display()))?;
     let mut names: Vec<&String> = compiled.kernels.keys().collect();
     names.sort();
-    let mut entries = Vec::new();
+    use v3c_runtime::artifact::{self, FileEntry, KernelEntry, Manifest};
+    let mut kernels = Vec::new();
     for name in names {
         let key = &compiled.kernels[name].key;
         let from = cache.path(key);
-        let to = kernel_dir.join(format!("{name}.so"));
+        let file = format!("kernels/{name}.so");
+        let to = staging.path().join(&file);
         std::fs::copy(&from, &to)
             .map_err(|e| format!("kernel {name}: no machine code in the kernel cache ({}: {e})", from.display()))?;
-        entries.push(serde_json::json!({ "name": name, "key": key, "file": format!("kernels/{name}.so") }));
+        let bytes = std::fs::read(&to).map_err(|e| format!("{}: {e}", to.display()))?;
+        kernels.push(KernelEntry {
+            name: name.clone(),
+            file,
+            sha256: artifact::sha256_hex(&bytes),
+            symbol: Some(format!("_mlir__mlir_ciface_{name}")),
+        });
     }
-    let manifest = serde_json::json!({
-        "format_version": 1,
-        "model": config.name,
-        "target": "cpu",
-        "compiler_version": env!("CARGO_PKG_VERSION"),
-        "plan": "plan.json",
-        "kernels": entries,
-    });
+    let plan_text = serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n";
+    let model_config = config.to_hf_json();
+    let manifest = Manifest {
+        format_version: artifact::ARTIFACT_FORMAT_VERSION,
+        compiler: artifact::CompilerInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            git_hash: env!("V3C_GIT_HASH").into(),
+        },
+        target: artifact::TargetInfo {
+            name: "cpu".into(),
+            arch: Some(std::env::consts::ARCH.into()),
+            cpu_features: artifact::host_cpu_features(),
+            compute_capability: None,
+        },
+        model: artifact::ModelInfo {
+            name: config.name.clone(),
+            precision: "f32".into(),
+            config_sha256: artifact::config_sha256(&model_config),
+            config: model_config,
+        },
+        entries: plan.entries.iter().map(|e| e.name.clone()).collect(),
+        plan: FileEntry { file: "plan.json".into(), sha256: artifact::sha256_hex(plan_text.as_bytes()) },
+        kernels,
+        tuning: artifact::TuningInfo {
+            source: "none".into(),
+            detail: "CPU kernels are fixed templates; nothing to tune".into(),
+        },
+    };
     let write = |file: &str, text: String| {
         let path = staging.path().join(file);
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
     };
+    write("plan.json", plan_text)?;
     write("manifest.json", serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n")?;
-    write("plan.json", serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n")?;
+    // What is written must read back: the runtime's validation, before the artifact is moved in place.
+    v3c_runtime::artifact::Artifact::open(staging.path()).map_err(|e| format!("the artifact does not validate: {e}"))?;
     let _ = std::fs::remove_dir_all(staging.path().join(".objects"));
     if out.exists() {
         std::fs::remove_dir_all(out).map_err(|e| format!("{}: cannot replace: {e}", out.display()))?;

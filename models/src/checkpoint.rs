@@ -180,6 +180,13 @@ impl Checkpoint {
         self.tensors.keys().map(String::as_str)
     }
 
+    /// The stored tensor `name` resolves to (itself or its fallback): its stored name, the file that
+    /// holds it, its shape and its safetensors dtype name (`BF16`, `F32`, `F8_E4M3`).
+    pub fn describe(&self, name: &str) -> Option<(String, String, Vec<usize>, String)> {
+        let (stored, e) = self.resolve(name)?;
+        Some((stored, self.file_of(e), e.shape.clone(), dtype_name(e.dtype)))
+    }
+
     /// Does the checkpoint hold any tensor of decoder layer `layer` (e.g. the MTP module)?
     pub fn has_layer(&self, layer: usize) -> bool {
         let prefix = format!("model.layers.{layer}.");

@@ -5,9 +5,10 @@
 //! the crate builds and runs on machines with no CUDA at all, and every entry point that needs a GPU
 //! returns a clean [`DeviceError`] instead of panicking.
 //!
-//! Today it holds device discovery ([`device`]); the artifact reader, memory arena, launches and
-//! sessions arrive with the artifact/runtime issue.
+//! Today it holds device discovery ([`device`]) and the artifact reader/validator ([`artifact`]);
+//! memory arena, launches and sessions arrive with the rest of the artifact/runtime issue.
 
+pub mod artifact;
 pub mod cli;
 pub mod device;
 pub mod plan;

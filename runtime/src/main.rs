@@ -1,6 +1,6 @@
 //! `v3r`: run v3c artifacts on a CUDA GPU. No compiler inside; see `v3r --help`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -45,6 +45,12 @@ struct DoctorArgs {
 struct InfoArgs {
     /// Artifact directory written by `v3c compile` (holds manifest.json).
     artifact: PathBuf,
+    /// CUDA device ordinal to check a GPU artifact against.
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
+    /// Also check this checkpoint (HF layout) against every weight the plan binds: names, shapes, dtypes.
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -69,17 +75,30 @@ fn main() -> ExitCode {
     let cli: Cli = v3c_runtime::cli::parse_or_exit("v3r");
     v3c_runtime::cli::init_logging(cli.verbose);
     let result = match cli.command {
-        Command::Doctor(a) => doctor(&a),
-        Command::Info(a) => info(&a),
+        Command::Doctor(a) => doctor(&a).map_err(Failure::Other),
+        Command::Info(a) => info(&a).map_err(Failure::Other),
         Command::Run(a) => run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
+        Err(Failure::Other(msg)) => {
             eprintln!("v3r: error: {msg}");
             ExitCode::FAILURE
         }
+        Err(Failure::NoDevice(msg)) => {
+            eprintln!("v3r: error: {msg}");
+            ExitCode::from(NO_DEVICE_EXIT)
+        }
     }
+}
+
+/// Exit code of a command that needs a GPU on a machine without one (no driver, no device).
+const NO_DEVICE_EXIT: u8 = 3;
+
+enum Failure {
+    /// No CUDA driver or device: exit 3.
+    NoDevice(String),
+    Other(String),
 }
 
 fn doctor(args: &DoctorArgs) -> Result<(), String> {
@@ -129,31 +148,70 @@ fn doctor(args: &DoctorArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn require_artifact_dir(path: &Path) -> Result<(), String> {
-    if !path.is_dir() {
-        return Err(format!("{}: no such artifact directory", path.display()));
+fn info(args: &InfoArgs) -> Result<(), String> {
+    use v3c_runtime::artifact::Artifact;
+    let a = Artifact::open(&args.artifact).map_err(|e| e.to_string())?;
+    let m = &a.manifest;
+    let mut out = String::new();
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    line(format!("artifact: {}", a.dir.display()));
+    line(format!(
+        "format: {} (compiled by v3c {}, git {})",
+        m.format_version, m.compiler.version, m.compiler.git_hash
+    ));
+    line(format!(
+        "model: {} ({} graph), config sha256 {}",
+        m.model.name,
+        m.model.precision,
+        &m.model.config_sha256[..16.min(m.model.config_sha256.len())]
+    ));
+    let target = match (&m.target.arch, m.target.compute_capability) {
+        (Some(arch), _) => format!("{} ({arch}; features {})", m.target.name, m.target.cpu_features.join(" ")),
+        (None, Some(cc)) => format!("{} (compute capability {}.{})", m.target.name, cc.0, cc.1),
+        _ => m.target.name.clone(),
+    };
+    line(format!("target: {target}"));
+    for e in &a.plan.entries {
+        let weights = e.buffers.iter().filter(|b| matches!(b.kind, v3c_runtime::plan::BufferKind::Weight { .. })).count();
+        line(format!(
+            "entry {}: {} launches, {} weights, arena {:.1} MiB",
+            e.name,
+            e.launches.len(),
+            weights,
+            e.arena_bytes as f64 / (1u64 << 20) as f64
+        ));
     }
-    let manifest = path.join("manifest.json");
-    if !manifest.is_file() {
-        return Err(format!("{}: not a v3c artifact (no manifest.json)", path.display()));
+    line(format!("kernels: {} (every file's sha256 verified)", m.kernels.len()));
+    line(format!("tuning: {}{}", m.tuning.source, if m.tuning.detail.is_empty() { String::new() } else { format!(" ({})", m.tuning.detail) }));
+    match a.runs_here(args.device) {
+        Ok(why) => line(format!("runs here: yes ({why})")),
+        Err(why) => line(format!("runs here: no ({why})")),
     }
+    if let Some(w) = &args.weights {
+        let n = a.check_weights(w)?;
+        line(format!("weights: {} matches the plan ({n} weight bindings: names, shapes, dtypes)", w.display()));
+    }
+    print!("{out}");
     Ok(())
 }
 
-fn info(args: &InfoArgs) -> Result<(), String> {
-    require_artifact_dir(&args.artifact)?;
-    Err(format!(
-        "{}: reading artifacts is not implemented yet (the artifact format lands with the artifact/runtime issue)",
-        args.artifact.display()
-    ))
-}
-
-fn run(args: &RunArgs) -> Result<(), String> {
-    require_artifact_dir(&args.artifact)?;
+fn run(args: &RunArgs) -> Result<(), Failure> {
+    let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
     if !args.weights.is_dir() {
-        return Err(format!("{}: no such checkpoint directory", args.weights.display()));
+        return Err(Failure::Other(format!("{}: no such checkpoint directory", args.weights.display())));
     }
-    v3c_runtime::cli::parse_token_ids(&args.prompt_tokens, "--prompt-tokens")?;
-    device::probe_device(args.device).map_err(|e| e.to_string())?;
-    Err("running artifacts is not implemented yet (it lands with the artifact/runtime issue)".into())
+    v3c_runtime::cli::parse_token_ids(&args.prompt_tokens, "--prompt-tokens").map_err(Failure::Other)?;
+    a.check_weights(&args.weights).map_err(Failure::Other)?;
+    if a.manifest.target.name == "cpu" {
+        return Err(Failure::Other(format!(
+            "{}: a cpu artifact: v3r runs GPU artifacts (run cpu artifacts with `v3c run --backend cpu`)",
+            args.artifact.display()
+        )));
+    }
+    device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
+    a.runs_here(args.device).map_err(Failure::Other)?;
+    Err(Failure::Other("running GPU artifacts is not implemented yet (it lands with the artifact/runtime issue)".into()))
 }
