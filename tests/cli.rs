@@ -125,13 +125,19 @@ fn v3r_info_validates_artifacts_file_by_file() {
     let info = run_binary("v3r", &["info", art.to_str().unwrap()]);
     assert!(info.status.success(), "{}", text(&info.stderr));
     let report = text(&info.stdout);
-    for want in ["model: deepseek-v3-tiny (f32 graph)", "target: cpu (", "kernels: 17 (every file's sha256 verified)", "runs here: yes"] {
+    for want in [
+        "model: deepseek-v3-tiny (f32 graph)",
+        "target: cpu (",
+        "kernels: 17 (every file's sha256 verified)",
+        "runs here: yes",
+    ] {
         assert!(report.contains(want), "{want}: {report}");
     }
     // Weights against the plan: a checkpoint of the model matches (fp8 too: dequantized at load); one of
     // a model with wider experts is named by file and tensor.
     let ckpt = dir.path().join("ckpt");
-    let out = run_binary("v3c", &["init-weights", "--model", "deepseek-v3-tiny", "--out", ckpt.to_str().unwrap(), "--fp8"]);
+    let out =
+        run_binary("v3c", &["init-weights", "--model", "deepseek-v3-tiny", "--out", ckpt.to_str().unwrap(), "--fp8"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let info = run_binary("v3r", &["info", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()]);
     assert!(text(&info.stdout).contains("matches the plan (72 weight bindings"), "{}", text(&info.stderr));
@@ -142,7 +148,8 @@ fn v3r_info_validates_artifacts_file_by_file() {
     config["moe_intermediate_size"] = (config["moe_intermediate_size"].as_u64().unwrap() * 2).into();
     std::fs::write(wide.join("config.json"), config.to_string()).unwrap();
     let wide_ckpt = dir.path().join("wide_ckpt");
-    let out = run_binary("v3c", &["init-weights", "--model", wide.to_str().unwrap(), "--out", wide_ckpt.to_str().unwrap()]);
+    let out =
+        run_binary("v3c", &["init-weights", "--model", wide.to_str().unwrap(), "--out", wide_ckpt.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let info = run_binary("v3r", &["info", art.to_str().unwrap(), "--weights", wide_ckpt.to_str().unwrap()]);
     assert_eq!(info.status.code(), Some(1));

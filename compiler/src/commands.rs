@@ -564,6 +564,7 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
             file,
             sha256: artifact::sha256_hex(&bytes),
             symbol: Some(format!("_mlir__mlir_ciface_{name}")),
+            partitioned: compiled.kernels[name].partitioned,
         });
     }
     let plan_text = serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n";
@@ -601,7 +602,8 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
     write("plan.json", plan_text)?;
     write("manifest.json", serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n")?;
     // What is written must read back: the runtime's validation, before the artifact is moved in place.
-    v3c_runtime::artifact::Artifact::open(staging.path()).map_err(|e| format!("the artifact does not validate: {e}"))?;
+    v3c_runtime::artifact::Artifact::open(staging.path())
+        .map_err(|e| format!("the artifact does not validate: {e}"))?;
     let _ = std::fs::remove_dir_all(staging.path().join(".objects"));
     if out.exists() {
         std::fs::remove_dir_all(out).map_err(|e| format!("{}: cannot replace: {e}", out.display()))?;

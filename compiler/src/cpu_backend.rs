@@ -18,8 +18,6 @@ use melior::ir::operation::OperationLike;
 use melior::ir::{Module, RegionLike, ValueLike};
 use melior::Context;
 use v3c_models::checkpoint::Checkpoint;
-use v3c_models::dtype::DType;
-use v3c_models::graph::{Dim, TensorType, WeightFormat};
 use v3c_models::{BuildOptions, Entry, ModelConfig};
 
 use crate::conversion::v3_to_cpu::{CpuError, CpuKernel, HostBuffer, HostData, RawBuffer};
@@ -220,15 +218,8 @@ impl<'c> CpuProgram<'c> {
                     HostBuffer { shape, data }
                 })
                 .collect();
-            let mut raw: Vec<RawBuffer> = ins
-                .iter()
-                .map(|b| RawBuffer { ptr: host_ptr_const(b), shape: b.shape.clone(), element: element_of(b).into() })
-                .collect();
-            raw.extend(outs.iter_mut().map(|b| RawBuffer {
-                ptr: host_ptr(b),
-                shape: b.shape.clone(),
-                element: element_of(b).into(),
-            }));
+            let mut raw: Vec<RawBuffer> = ins.iter().map(|b| b.raw_const()).collect();
+            raw.extend(outs.iter_mut().map(HostBuffer::raw));
             // SAFETY: output shapes come from the kernel's own shape rules; token ids and cache
             // positions were checked above, and every other index is produced by a kernel. Kernels
             // only read their inputs; the borrowed buffers live until the call returns.
@@ -258,143 +249,41 @@ impl<'c> CpuProgram<'c> {
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, CpuBackendError> {
-        use v3c_runtime::plan::BufferKind;
-        let invalid = |m: String| CpuBackendError::Invalid(m);
-        for (name, shape) in &plan.bounds {
-            let given = inputs.get(name).ok_or_else(|| invalid(format!("input '{name}' not given")))?;
-            if &given.shape != shape {
-                return Err(invalid(format!("input '{name}': planned for {shape:?}, given {:?}", given.shape)));
-            }
-        }
         self.check_inputs(inputs)?;
-        let mut owned: HashMap<String, HostBuffer> = inputs.clone();
-        let mut arena = vec![0u64; (plan.arena_bytes as usize).div_ceil(8)];
-        let base = arena.as_mut_ptr() as *mut u8;
-        let raw = |id: usize, owned: &mut HashMap<String, HostBuffer>| -> Result<RawBuffer, CpuBackendError> {
-            let b = &plan.buffers[id];
-            let ptr = match &b.kind {
-                BufferKind::Input { name } => {
-                    owned.get_mut(name).map(host_ptr).ok_or_else(|| invalid(format!("input {name}")))?
-                }
-                // Kernels never write weights (they are inputs of every launch that reads them).
-                BufferKind::Weight { name } => {
-                    self.weights.get(name).map(host_ptr_const).ok_or_else(|| invalid(format!("weight {name}")))?
-                }
-                // SAFETY: offsets come from the plan, within `arena_bytes`.
-                BufferKind::Arena { offset } => unsafe { base.add(*offset as usize) as *mut () },
-            };
-            Ok(RawBuffer { ptr, shape: b.shape.clone(), element: b.dtype.clone() })
-        };
-        for launch in &plan.launches {
-            let kernel =
-                self.kernels.get(&launch.kernel).ok_or_else(|| invalid(format!("kernel {} missing", launch.kernel)))?;
-            let buffers = launch
-                .args
-                .iter()
-                .chain(&launch.results)
-                .map(|&id| raw(id, &mut owned))
-                .collect::<Result<Vec<_>, _>>()?;
+        let mut failure = None;
+        let out = v3c_runtime::cpu::run_plan(plan, &self.weights, inputs, wanted, &mut |name, buffers| {
+            let kernel = self.kernels.get(name).ok_or_else(|| format!("kernel {name} missing"))?;
             // SAFETY: shapes come from the plan (the kernels' own shape rules at the planned
-            // sizes), inputs were checked against the plan's bounds, ids and positions above.
-            unsafe { kernel.run_raw(&buffers)? };
+            // sizes), inputs were checked against the plan's bounds and id ranges.
+            unsafe { kernel.run_raw(buffers) }.map_err(|e| {
+                let message = e.to_string();
+                failure = Some(e);
+                message
+            })
+        });
+        match (out, failure) {
+            (Ok(out), _) => Ok(out),
+            (Err(_), Some(kernel_error)) => Err(kernel_error.into()),
+            (Err(message), None) => Err(CpuBackendError::Invalid(message)),
         }
-        let mut out = HashMap::new();
-        for (name, id) in &plan.outputs {
-            if !wanted.contains(&name.as_str()) {
-                continue;
-            }
-            let b = &plan.buffers[*id];
-            let value = match &b.kind {
-                BufferKind::Input { name: input } => owned[input].clone(),
-                BufferKind::Arena { offset } => {
-                    let n: usize = b.shape.iter().product();
-                    // SAFETY: the buffer's bytes lie inside the arena.
-                    let data = unsafe {
-                        let p = base.add(*offset as usize);
-                        match b.dtype.as_str() {
-                            "f32" => HostData::F32(std::slice::from_raw_parts(p as *const f32, n).to_vec()),
-                            "i32" => HostData::I32(std::slice::from_raw_parts(p as *const i32, n).to_vec()),
-                            other => return Err(invalid(format!("output {name} of type {other}"))),
-                        }
-                    };
-                    HostBuffer { shape: b.shape.clone(), data }
-                }
-                BufferKind::Weight { name: w } => self.weights[w].clone(),
-            };
-            out.insert(name.clone(), value);
-        }
-        Ok(out)
     }
 
     fn check_inputs(&self, inputs: &HashMap<String, HostBuffer>) -> Result<(), CpuBackendError> {
-        for (name, buf) in inputs {
-            let HostData::I64(ids) = &buf.data else { continue };
-            if name == "tokens" || name == "mtp_tokens" {
-                if let Some(&t) = ids.iter().find(|&&t| t < 0 || t as usize >= self.vocab) {
-                    return Err(CpuBackendError::Invalid(format!(
-                        "token id {t} is outside the vocabulary (0..{})",
-                        self.vocab
-                    )));
-                }
-            }
-            if name == "positions" {
-                // Decode caches are [B, S, C]: positions must index rows of S.
-                for (cache_name, cache) in
-                    inputs.iter().filter(|(n, b)| n.starts_with("kv_cache.") && b.shape.len() == 3)
-                {
-                    if let Some(&p) = ids.iter().find(|&&p| p < 0 || p as usize >= cache.shape[1]) {
-                        return Err(CpuBackendError::Invalid(format!(
-                            "position {p} is outside {cache_name} ({} rows)",
-                            cache.shape[1]
-                        )));
-                    }
-                }
-            }
-        }
-        Ok(())
+        v3c_runtime::cpu::check_id_inputs(inputs, self.vocab).map_err(CpuBackendError::Invalid)
     }
 }
 
-/// Loads a weight as the kernels take it: fp8 bits, f32 block scales (`*_scale_inv`), or dense f32;
-/// `model.layers.N.mlp.experts.*.X` stacks the experts.
+/// Loads a weight as the kernels take it ([`v3c_runtime::cpu::load_weight`]).
 fn load_weight(
     checkpoint: &Checkpoint,
     name: &str,
     dims: &[usize],
     element: &str,
 ) -> Result<HostBuffer, CpuBackendError> {
-    let stacked = name.contains(".experts.*.");
-    let (count, shape) = if stacked { (dims[0], &dims[1..]) } else { (1, dims) };
-    let expert =
-        |e: usize| if stacked { name.replace(".experts.*.", &format!(".experts.{e}.")) } else { name.to_string() };
-    let data = if element == "f8E4M3FN" {
-        let mut bits = Vec::new();
-        for e in 0..count {
-            let ty = TensorType::new(shape.iter().map(|&d| Dim::Fixed(d)).collect(), DType::F8E4M3);
-            let t = checkpoint.load(&expert(e), &ty, WeightFormat::Fp8Block { block: [128, 128] })?;
-            let v3c_models::tensor::TensorData::F8Block { bits: b, .. } = t.data else {
-                return Err(CpuBackendError::Invalid(format!("{}: not an fp8 tensor", expert(e))));
-            };
-            bits.extend(b);
-        }
-        HostData::F8(bits)
-    } else if name.ends_with("_scale_inv") {
-        let mut all = Vec::new();
-        for e in 0..count {
-            let t = checkpoint.read(&expert(e))?;
-            all.extend_from_slice(t.as_f32().unwrap_or_default());
-        }
-        HostData::F32(all)
-    } else {
-        let mut all = Vec::new();
-        for e in 0..count {
-            let ty = TensorType::new(shape.iter().map(|&d| Dim::Fixed(d)).collect(), DType::F32);
-            let t = checkpoint.load(&expert(e), &ty, WeightFormat::Dense(DType::F32))?;
-            all.extend_from_slice(t.as_f32().unwrap_or_default());
-        }
-        HostData::F32(all)
-    };
-    Ok(HostBuffer { shape: dims.to_vec(), data })
+    v3c_runtime::cpu::load_weight(checkpoint, name, dims, element).map_err(|e| match e {
+        v3c_runtime::cpu::WeightError::Checkpoint(c) => CpuBackendError::Checkpoint(c),
+        v3c_runtime::cpu::WeightError::Invalid(m) => CpuBackendError::Invalid(m),
+    })
 }
 
 /// The `fused` module of a model and its kernels compiled for this CPU (no weights).
@@ -585,36 +474,6 @@ impl<'c> CpuSession<'c> {
         }
         self.position += 1;
         Ok(Self::last_row(&out["logits"]))
-    }
-}
-
-fn host_ptr(b: &mut HostBuffer) -> *mut () {
-    match &mut b.data {
-        HostData::F32(v) => v.as_mut_ptr() as *mut (),
-        HostData::Bf16(v) => v.as_mut_ptr() as *mut (),
-        HostData::I64(v) => v.as_mut_ptr() as *mut (),
-        HostData::I32(v) => v.as_mut_ptr() as *mut (),
-        HostData::F8(v) => v.as_mut_ptr() as *mut (),
-    }
-}
-
-fn host_ptr_const(b: &HostBuffer) -> *mut () {
-    match &b.data {
-        HostData::F32(v) => v.as_ptr() as *mut (),
-        HostData::Bf16(v) => v.as_ptr() as *mut (),
-        HostData::I64(v) => v.as_ptr() as *mut (),
-        HostData::I32(v) => v.as_ptr() as *mut (),
-        HostData::F8(v) => v.as_ptr() as *mut (),
-    }
-}
-
-fn element_of(b: &HostBuffer) -> &'static str {
-    match b.data {
-        HostData::F32(_) => "f32",
-        HostData::Bf16(_) => "bf16",
-        HostData::I64(_) => "i64",
-        HostData::I32(_) => "i32",
-        HostData::F8(_) => "f8E4M3FN",
     }
 }
 

@@ -85,6 +85,9 @@ pub struct KernelEntry {
     /// cpu: the entry symbol in the shared object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symbol: Option<String>,
+    /// cpu: the kernel takes `(part, parts)` after its buffers (one share of its output columns).
+    #[serde(default)]
+    pub partitioned: bool,
 }
 
 /// Where the kernels' configurations came from.
@@ -222,7 +225,13 @@ impl Artifact {
         if device.compute_capability != cc {
             return Err(format!(
                 "a {} artifact needs compute capability {}.{}; device {} is {} (compute capability {}.{})",
-                t.name, cc.0, cc.1, device.ordinal, device.name, device.compute_capability.0, device.compute_capability.1
+                t.name,
+                cc.0,
+                cc.1,
+                device.ordinal,
+                device.name,
+                device.compute_capability.0,
+                device.compute_capability.1
             ));
         }
         Ok(format!("device {}: {}", device.ordinal, device.name))
@@ -329,7 +338,10 @@ fn verified(dir: &Path, file: &str, sha256: &str) -> Result<Vec<u8>, ArtifactErr
     let path = dir.join(file);
     let relative = Path::new(file);
     if relative.is_absolute() || relative.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        return Err(ArtifactError::Invalid(dir.join("manifest.json"), format!("file {file:?} lies outside the artifact")));
+        return Err(ArtifactError::Invalid(
+            dir.join("manifest.json"),
+            format!("file {file:?} lies outside the artifact"),
+        ));
     }
     let bytes = read(&path, "listed in manifest.json")?;
     let found = sha256_hex(&bytes);

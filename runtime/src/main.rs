@@ -158,10 +158,7 @@ fn info(args: &InfoArgs) -> Result<(), String> {
         out.push('\n');
     };
     line(format!("artifact: {}", a.dir.display()));
-    line(format!(
-        "format: {} (compiled by v3c {}, git {})",
-        m.format_version, m.compiler.version, m.compiler.git_hash
-    ));
+    line(format!("format: {} (compiled by v3c {}, git {})", m.format_version, m.compiler.version, m.compiler.git_hash));
     line(format!(
         "model: {} ({} graph), config sha256 {}",
         m.model.name,
@@ -175,7 +172,8 @@ fn info(args: &InfoArgs) -> Result<(), String> {
     };
     line(format!("target: {target}"));
     for e in &a.plan.entries {
-        let weights = e.buffers.iter().filter(|b| matches!(b.kind, v3c_runtime::plan::BufferKind::Weight { .. })).count();
+        let weights =
+            e.buffers.iter().filter(|b| matches!(b.kind, v3c_runtime::plan::BufferKind::Weight { .. })).count();
         line(format!(
             "entry {}: {} launches, {} weights, arena {:.1} MiB",
             e.name,
@@ -185,7 +183,11 @@ fn info(args: &InfoArgs) -> Result<(), String> {
         ));
     }
     line(format!("kernels: {} (every file's sha256 verified)", m.kernels.len()));
-    line(format!("tuning: {}{}", m.tuning.source, if m.tuning.detail.is_empty() { String::new() } else { format!(" ({})", m.tuning.detail) }));
+    line(format!(
+        "tuning: {}{}",
+        m.tuning.source,
+        if m.tuning.detail.is_empty() { String::new() } else { format!(" ({})", m.tuning.detail) }
+    ));
     match a.runs_here(args.device) {
         Ok(why) => line(format!("runs here: yes ({why})")),
         Err(why) => line(format!("runs here: no ({why})")),
@@ -213,5 +215,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     }
     device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
     a.runs_here(args.device).map_err(Failure::Other)?;
-    Err(Failure::Other("running GPU artifacts is not implemented yet (it lands with the artifact/runtime issue)".into()))
+    Err(Failure::Other(
+        "running GPU artifacts is not implemented yet (it lands with the artifact/runtime issue)".into(),
+    ))
 }

@@ -587,49 +587,7 @@ pub const LOWER_TO_LLVM: &str =
     convert-math-to-llvm, expand-strided-metadata, lower-affine, finalize-memref-to-llvm, convert-arith-to-llvm, \
     convert-func-to-llvm, convert-cf-to-llvm, convert-index-to-llvm, convert-ub-to-llvm, reconcile-unrealized-casts)";
 
-/// A host buffer handed to a CPU kernel: element storage plus shape.
-#[derive(Debug, Clone, PartialEq)]
-pub enum HostData {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
-    I64(Vec<i64>),
-    I32(Vec<i32>),
-    /// e4m3 bits.
-    F8(Vec<u8>),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostBuffer {
-    pub shape: Vec<usize>,
-    pub data: HostData,
-}
-
-impl HostBuffer {
-    fn element(&self) -> &'static str {
-        match self.data {
-            HostData::F32(_) => "f32",
-            HostData::Bf16(_) => "bf16",
-            HostData::I64(_) => "i64",
-            HostData::I32(_) => "i32",
-            HostData::F8(_) => "f8E4M3FN",
-        }
-    }
-
-    /// This buffer by address (valid while the buffer lives and is not resized).
-    pub fn raw(&mut self) -> RawBuffer {
-        RawBuffer { ptr: self.ptr(), shape: self.shape.clone(), element: self.element().to_string() }
-    }
-
-    fn ptr(&mut self) -> *mut () {
-        match &mut self.data {
-            HostData::F32(v) => v.as_mut_ptr() as *mut (),
-            HostData::Bf16(v) => v.as_mut_ptr() as *mut (),
-            HostData::I64(v) => v.as_mut_ptr() as *mut (),
-            HostData::I32(v) => v.as_mut_ptr() as *mut (),
-            HostData::F8(v) => v.as_mut_ptr() as *mut (),
-        }
-    }
-}
+pub use v3c_runtime::host::{HostBuffer, HostData, RawBuffer};
 
 /// A JIT-compiled CPU kernel.
 pub struct CpuKernel {
@@ -840,11 +798,7 @@ impl CpuKernel {
                 problem: format!("expected {} inputs and {} outputs", self.inputs.len(), self.outputs.len()),
             });
         }
-        let views: Vec<RawBuffer> = inputs
-            .iter_mut()
-            .chain(outputs.iter_mut())
-            .map(|b| RawBuffer { ptr: b.ptr(), shape: b.shape.clone(), element: b.element().to_string() })
-            .collect();
+        let views: Vec<RawBuffer> = inputs.iter_mut().chain(outputs.iter_mut()).map(|b| b.raw()).collect();
         // SAFETY: forwarded contract; the host buffers outlive the call.
         unsafe { self.run_raw(&views) }
     }
@@ -869,7 +823,6 @@ impl CpuKernel {
             return Err(err(format!("expected {} buffers", self.inputs.len() + self.outputs.len())));
         }
         let declared = self.inputs.iter().chain(&self.outputs);
-        let mut descriptors: Vec<Vec<u64>> = Vec::new();
         for (i, (buf, shape)) in buffers.iter().zip(declared).enumerate() {
             let fits = buf.element == shape.element
                 && buf.shape.len() == shape.dims.len()
@@ -877,48 +830,22 @@ impl CpuKernel {
             if !fits {
                 return Err(err(format!("buffer {i}: {:?} {} does not fit {shape}", buf.shape, buf.element)));
             }
-            // memref descriptor: allocated ptr, aligned ptr, offset, sizes[rank], strides[rank].
-            let ptr = buf.ptr as u64;
-            let mut d = vec![ptr, ptr, 0];
-            d.extend(buf.shape.iter().map(|&s| s as u64));
-            let mut stride = 1u64;
-            let mut strides = vec![0u64; buf.shape.len()];
-            for (k, &s) in buf.shape.iter().enumerate().rev() {
-                strides[k] = stride;
-                stride *= s as u64;
-            }
-            d.extend(strides);
-            descriptors.push(d);
         }
-        let mut pointers: Vec<*mut u64> = descriptors.iter_mut().map(|d| d.as_mut_ptr()).collect();
-        let mut args: Vec<*mut ()> = pointers.iter_mut().map(|p| p as *mut *mut u64 as *mut ()).collect();
-        let mut share = [part as u64, parts as u64];
-        if self.partitioned {
-            args.extend(share.iter_mut().map(|v| v as *mut u64 as *mut ()));
-        } else if (part, parts) != (0, 1) {
+        if !self.partitioned && (part, parts) != (0, 1) {
             return Err(err(format!("not a partitioned kernel (asked for part {part} of {parts})")));
         }
-        // SAFETY: each argument points at a pointer to a descriptor matching the kernel's memref
-        // type (checked above); the buffers outlive the call.
-        match &self.code {
-            // SAFETY: as above.
-            KernelCode::Jit(engine) => {
-                unsafe { engine.invoke_packed(&self.name, &mut args) }.map_err(|e| err(e.to_string()))
-            }
-            KernelCode::Cached(k) => {
-                // SAFETY: as above; `entry` is the same packed wrapper the JIT would call.
-                unsafe { (k.entry)(args.as_mut_ptr()) };
-                Ok(())
-            }
-        }
+        let mut result = Ok(());
+        // SAFETY: every buffer matches the kernel's memref type at its position (checked above);
+        // the buffers outlive the call.
+        unsafe {
+            v3c_runtime::host::call_packed(buffers, self.partitioned, part, parts, |args| match &self.code {
+                KernelCode::Jit(engine) => {
+                    result = engine.invoke_packed(&self.name, args).map_err(|e| err(e.to_string()));
+                }
+                // `entry` is the same packed wrapper the JIT would call.
+                KernelCode::Cached(k) => (k.entry)(args.as_mut_ptr()),
+            })
+        };
+        result
     }
-}
-
-/// A buffer by address: element storage somewhere (a host vector, an arena slice) plus its shape.
-#[derive(Debug, Clone)]
-pub struct RawBuffer {
-    pub ptr: *mut (),
-    pub shape: Vec<usize>,
-    /// MLIR element type name (`f32`, `bf16`, `f8E4M3FN`, `i32`, `i64`).
-    pub element: String,
 }

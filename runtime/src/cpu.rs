@@ -1,0 +1,260 @@
+//! Running a `cpu` artifact: its kernels (`kernels/<name>.so`, loaded with `dlopen`) launched in the
+//! order of its plan over one arena, with the weights loaded from a checkpoint as the plan binds
+//! them. The compiler's CPU backend runs plans with the same [`run_plan`] (its kernels JIT-compiled
+//! or from its cache); this is the path with no compiler at all.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use v3c_models::checkpoint::{Checkpoint, CheckpointError};
+use v3c_models::dtype::DType;
+use v3c_models::graph::{Dim, TensorType, WeightFormat};
+
+use crate::artifact::Artifact;
+use crate::host::{call_packed, HostBuffer, HostData, PackedFn, RawBuffer};
+use crate::plan::{BufferKind, EntryPlan};
+
+/// Why a weight could not be loaded as a kernel takes it.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Loads a weight as the kernels take it: fp8 bits, f32 block scales (`*_scale_inv`), or dense f32
+/// (bf16 widened, fp8 dequantized); `model.layers.N.mlp.experts.*.X` stacks the experts.
+pub fn load_weight(
+    checkpoint: &Checkpoint,
+    name: &str,
+    dims: &[usize],
+    element: &str,
+) -> Result<HostBuffer, WeightError> {
+    let stacked = name.contains(".experts.*.");
+    let (count, shape) = if stacked && !dims.is_empty() { (dims[0], &dims[1..]) } else { (1, dims) };
+    let expert =
+        |e: usize| if stacked { name.replace(".experts.*.", &format!(".experts.{e}.")) } else { name.to_string() };
+    let fixed = || shape.iter().map(|&d| Dim::Fixed(d)).collect::<Vec<_>>();
+    let data = if element == "f8E4M3FN" {
+        let mut bits = Vec::new();
+        for e in 0..count {
+            let ty = TensorType::new(fixed(), DType::F8E4M3);
+            let t = checkpoint.load(&expert(e), &ty, WeightFormat::Fp8Block { block: [128, 128] })?;
+            let v3c_models::tensor::TensorData::F8Block { bits: b, .. } = t.data else {
+                return Err(WeightError::Invalid(format!("{}: not an fp8 tensor", expert(e))));
+            };
+            bits.extend(b);
+        }
+        HostData::F8(bits)
+    } else if name.ends_with("_scale_inv") {
+        let mut all = Vec::new();
+        for e in 0..count {
+            let t = checkpoint.read(&expert(e))?;
+            all.extend_from_slice(t.as_f32().unwrap_or_default());
+        }
+        HostData::F32(all)
+    } else {
+        let mut all = Vec::new();
+        for e in 0..count {
+            let ty = TensorType::new(fixed(), DType::F32);
+            let t = checkpoint.load(&expert(e), &ty, WeightFormat::Dense(DType::F32))?;
+            all.extend_from_slice(t.as_f32().unwrap_or_default());
+        }
+        HostData::F32(all)
+    };
+    Ok(HostBuffer { shape: dims.to_vec(), data })
+}
+
+/// Checks the id inputs a kernel indexes memory with: token ids inside the vocabulary, positions
+/// inside the decode caches (`[B, S, C]`).
+pub fn check_id_inputs(inputs: &HashMap<String, HostBuffer>, vocab: usize) -> Result<(), String> {
+    for (name, buf) in inputs {
+        let HostData::I64(ids) = &buf.data else { continue };
+        if name == "tokens" || name == "mtp_tokens" {
+            if let Some(&t) = ids.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+                return Err(format!("token id {t} is outside the vocabulary (0..{vocab})"));
+            }
+        }
+        if name == "positions" {
+            for (cache_name, cache) in inputs.iter().filter(|(n, b)| n.starts_with("kv_cache.") && b.shape.len() == 3) {
+                if let Some(&p) = ids.iter().find(|&&p| p < 0 || p as usize >= cache.shape[1]) {
+                    return Err(format!("position {p} is outside {cache_name} ({} rows)", cache.shape[1]));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one kernel of a plan on its arguments then results.
+pub type LaunchFn<'a> = dyn FnMut(&str, &[RawBuffer]) -> Result<(), String> + 'a;
+
+/// Runs one entry from its plan: every intermediate lives in one arena at the plan's offsets;
+/// caches updated in place are written into (copies of) the input buffers. `inputs` must have the
+/// shapes the plan was made for; `launch(kernel, buffers)` runs one kernel on its arguments then
+/// results. Returns the outputs named in `wanted`.
+pub fn run_plan(
+    plan: &EntryPlan,
+    weights: &HashMap<String, HostBuffer>,
+    inputs: &HashMap<String, HostBuffer>,
+    wanted: &[&str],
+    launch: &mut LaunchFn,
+) -> Result<HashMap<String, HostBuffer>, String> {
+    for (name, shape) in &plan.bounds {
+        let given = inputs.get(name).ok_or_else(|| format!("input '{name}' not given"))?;
+        if &given.shape != shape {
+            return Err(format!("input '{name}': planned for {shape:?}, given {:?}", given.shape));
+        }
+    }
+    let mut owned: HashMap<String, HostBuffer> = inputs.clone();
+    let mut arena = vec![0u64; (plan.arena_bytes as usize).div_ceil(8)];
+    let base = arena.as_mut_ptr() as *mut u8;
+    let raw = |id: usize, owned: &mut HashMap<String, HostBuffer>| -> Result<RawBuffer, String> {
+        let b = &plan.buffers[id];
+        let ptr = match &b.kind {
+            BufferKind::Input { name } => {
+                owned.get_mut(name).map(HostBuffer::ptr_mut).ok_or(format!("input {name}"))?
+            }
+            // Kernels never write weights (they are inputs of every launch that reads them).
+            BufferKind::Weight { name } => {
+                weights.get(name).map(HostBuffer::ptr_const).ok_or(format!("weight {name}"))?
+            }
+            // SAFETY: offsets come from the plan, within `arena_bytes`.
+            BufferKind::Arena { offset } => unsafe { base.add(*offset as usize) as *mut () },
+        };
+        Ok(RawBuffer { ptr, shape: b.shape.clone(), element: b.dtype.clone() })
+    };
+    for l in &plan.launches {
+        let buffers = l.args.iter().chain(&l.results).map(|&id| raw(id, &mut owned)).collect::<Result<Vec<_>, _>>()?;
+        launch(&l.kernel, &buffers)?;
+    }
+    let mut out = HashMap::new();
+    for (name, id) in &plan.outputs {
+        if !wanted.contains(&name.as_str()) {
+            continue;
+        }
+        let b = &plan.buffers[*id];
+        let value = match &b.kind {
+            BufferKind::Input { name: input } => owned[input].clone(),
+            BufferKind::Arena { offset } => {
+                let n: usize = b.shape.iter().product();
+                // SAFETY: the buffer's bytes lie inside the arena.
+                let data = unsafe {
+                    let p = base.add(*offset as usize);
+                    match b.dtype.as_str() {
+                        "f32" => HostData::F32(std::slice::from_raw_parts(p as *const f32, n).to_vec()),
+                        "i32" => HostData::I32(std::slice::from_raw_parts(p as *const i32, n).to_vec()),
+                        "i64" => HostData::I64(std::slice::from_raw_parts(p as *const i64, n).to_vec()),
+                        "bf16" => HostData::Bf16(std::slice::from_raw_parts(p as *const u16, n).to_vec()),
+                        "f8E4M3FN" => HostData::F8(std::slice::from_raw_parts(p, n).to_vec()),
+                        other => return Err(format!("output {name} of type {other}")),
+                    }
+                };
+                HostBuffer { shape: b.shape.clone(), data }
+            }
+            BufferKind::Weight { name: w } => weights[w].clone(),
+        };
+        out.insert(name.clone(), value);
+    }
+    Ok(out)
+}
+
+/// A kernel of a `cpu` artifact: its shared object, kept loaded.
+pub struct SharedObjectKernel {
+    pub name: String,
+    entry: PackedFn,
+    partitioned: bool,
+    _library: libloading::Library,
+}
+
+impl SharedObjectKernel {
+    /// Loads `path` and looks up `symbol` (the kernel's packed entry).
+    pub fn load(name: &str, path: &Path, symbol: &str, partitioned: bool) -> Result<SharedObjectKernel, String> {
+        // SAFETY: loading runs the object's initializers; v3c's kernel objects have none beyond
+        // relocation (they are MLIR-generated code and its runtime helpers).
+        let library = unsafe { libloading::Library::new(path) }.map_err(|e| format!("{}: {e}", path.display()))?;
+        // SAFETY: the symbol is the packed C-interface wrapper, `void(void**)`.
+        let entry = unsafe { library.get::<PackedFn>(symbol.as_bytes()) }
+            .map(|s| *s)
+            .map_err(|e| format!("{}: no entry {symbol}: {e}", path.display()))?;
+        Ok(SharedObjectKernel { name: name.to_string(), entry, partitioned, _library: library })
+    }
+
+    /// Runs the kernel on its arguments then results (a partitioned kernel as one share).
+    ///
+    /// # Safety
+    /// As [`call_packed`].
+    pub unsafe fn run(&self, buffers: &[RawBuffer]) {
+        let entry = self.entry;
+        // SAFETY: forwarded; the argument array outlives the call.
+        unsafe { call_packed(buffers, self.partitioned, 0, 1, |args| entry(args.as_mut_ptr())) }
+    }
+}
+
+/// A `cpu` artifact ready to run: kernels loaded, weights loaded as the plan binds them.
+pub struct CpuArtifact {
+    pub artifact: Artifact,
+    kernels: HashMap<String, SharedObjectKernel>,
+    weights: HashMap<String, HostBuffer>,
+    vocab: usize,
+}
+
+impl CpuArtifact {
+    /// Loads a validated artifact's kernels and the checkpoint in `weights` (checked against the plan
+    /// first). The artifact must be for `cpu` and this machine must run it.
+    pub fn load(artifact: Artifact, weights: &Path) -> Result<CpuArtifact, String> {
+        let dir = artifact.dir.display().to_string();
+        if artifact.manifest.target.name != "cpu" {
+            return Err(format!("{dir}: a {} artifact, not a cpu one", artifact.manifest.target.name));
+        }
+        artifact.runs_here(0).map_err(|why| format!("{dir}: cannot run here: {why}"))?;
+        artifact.check_weights(weights)?;
+        let mut kernels = HashMap::new();
+        for k in &artifact.manifest.kernels {
+            let symbol =
+                k.symbol.clone().ok_or_else(|| format!("{dir}/manifest.json: kernel {} has no symbol", k.name))?;
+            let loaded = SharedObjectKernel::load(&k.name, &artifact.path(&k.file), &symbol, k.partitioned)?;
+            kernels.insert(k.name.clone(), loaded);
+        }
+        let ckpt = Checkpoint::open(weights).map_err(|e| e.to_string())?;
+        let mut loaded = HashMap::new();
+        for e in &artifact.plan.entries {
+            for b in &e.buffers {
+                let BufferKind::Weight { name } = &b.kind else { continue };
+                if !loaded.contains_key(name) {
+                    let w = load_weight(&ckpt, name, &b.shape, &b.dtype).map_err(|e| e.to_string())?;
+                    loaded.insert(name.clone(), w);
+                }
+            }
+        }
+        let vocab = artifact.manifest.model.config["vocab_size"]
+            .as_u64()
+            .ok_or_else(|| format!("{dir}/manifest.json: model.config has no vocab_size"))?
+            as usize;
+        Ok(CpuArtifact { artifact, kernels, weights: loaded, vocab })
+    }
+
+    /// Runs entry `entry` on `inputs` (which must have the planned shapes) and returns the outputs
+    /// named in `wanted`.
+    pub fn run(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        let plan = self.artifact.plan.entries.iter().find(|e| e.name == entry).ok_or_else(|| {
+            let names: Vec<&str> = self.artifact.plan.entries.iter().map(|e| e.name.as_str()).collect();
+            format!("no entry '{entry}' (entries: {})", names.join(", "))
+        })?;
+        check_id_inputs(inputs, self.vocab)?;
+        run_plan(plan, &self.weights, inputs, wanted, &mut |name, buffers| {
+            let k = self.kernels.get(name).ok_or_else(|| format!("kernel {name} missing"))?;
+            // SAFETY: the artifact was validated (hashes, plan vs manifest): the plan's buffers have
+            // the shapes its kernels were compiled for at its sizes, the inputs were checked
+            // against the plan's bounds and their id ranges above.
+            unsafe { k.run(buffers) };
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,69 @@
+//! A `cpu` artifact runs with the runtime alone (kernels `dlopen`ed from the artifact, the plan's
+//! launches over one arena, weights loaded as the plan binds them) and gives the same logits and
+//! caches as the compiler's CPU backend on the same checkpoint.
+
+use std::collections::HashMap;
+
+use v3c_compiler::cpu_backend::CpuProgram;
+use v3c_models::{config::ModelConfig, Entry, Precision};
+use v3c_runtime::artifact::Artifact;
+use v3c_runtime::cpu::CpuArtifact;
+use v3c_runtime::host::{HostBuffer, HostData};
+use v3c_tests::run_binary_env;
+
+fn ids(v: Vec<i64>) -> HostBuffer {
+    HostBuffer { shape: vec![v.len()], data: HostData::I64(v) }
+}
+
+#[test]
+fn a_cpu_artifact_runs_without_the_compiler_and_matches_the_cpu_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let (art, ckpt, cache) = (dir.path().join("art"), dir.path().join("ckpt"), dir.path().join("cache"));
+    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, 5).unwrap();
+    // The plan is made for 5 prefill rows after 2 cached ones (prefill) and 5 sequences over
+    // 2-row caches (decode).
+    let args = ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--max-rows", "5", "--max-context", "2"];
+    let mut args: Vec<&str> = args.to_vec();
+    args.extend(["--out", art.to_str().unwrap()]);
+    let out = run_binary_env("v3c", &args, &[("V3C_KERNEL_CACHE", cache.to_str().unwrap())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let runtime = CpuArtifact::load(Artifact::open(&art).unwrap(), &ckpt).unwrap();
+    let model = v3c_models::reference::Model::open(&ckpt, Precision::F32).unwrap();
+    let context = v3c_compiler::mlir::new_context();
+    let program = CpuProgram::new(&context, &config, &Entry::ALL, false, Precision::F32, &model.checkpoint).unwrap();
+
+    let c = config.latent_dim();
+    let caches: Vec<String> =
+        (0..config.num_hidden_layers).map(|l| format!("kv_cache.{l}")).chain(["kv_cache.mtp".to_string()]).collect();
+    let mut inputs = HashMap::new();
+    inputs.insert("tokens".to_string(), ids(vec![3, 9, 27, 81, 243]));
+    inputs.insert("positions".to_string(), ids(vec![2, 3, 4, 5, 6]));
+    inputs.insert("mtp_tokens".to_string(), ids(vec![9, 27, 81, 243, 0]));
+    for (i, name) in caches.iter().enumerate() {
+        let data = (0..2 * c).map(|k| ((k * 7 + i * 3) % 23) as f32 / 23.0 - 0.5).collect();
+        inputs.insert(name.clone(), HostBuffer { shape: vec![2, c], data: HostData::F32(data) });
+    }
+    let mut wanted: Vec<&str> = vec!["logits", "mtp_logits"];
+    wanted.extend(caches.iter().map(String::as_str));
+    let from_artifact = runtime.run("prefill", &inputs, &wanted).unwrap();
+    let direct = program.run("prefill", &inputs, &wanted).unwrap();
+    for name in &wanted {
+        assert_eq!(from_artifact[*name], direct[*name], "prefill: {name}");
+    }
+    let HostData::F32(logits) = &from_artifact["logits"].data else { panic!("logits are f32") };
+    assert_eq!(logits.len(), 5 * config.vocab_size);
+    assert!(logits.iter().all(|v| v.is_finite()));
+
+    // Bad inputs are refused before any kernel runs.
+    let mut bad = inputs.clone();
+    bad.insert("tokens".to_string(), ids(vec![3, 9, 27, 81, config.vocab_size as i64]));
+    let err = runtime.run("prefill", &bad, &["logits"]).unwrap_err();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+    let mut short = inputs.clone();
+    short.insert("tokens".to_string(), ids(vec![3, 9]));
+    let err = runtime.run("prefill", &short, &["logits"]).unwrap_err();
+    assert!(err.contains("planned for [5], given [2]"), "{err}");
+    assert!(runtime.run("train", &inputs, &["logits"]).unwrap_err().starts_with("no entry 'train'"));
+}
