@@ -202,6 +202,20 @@ fn v3r_info_validates_artifacts_file_by_file() {
     check(&edit("version", &|v| v["format_version"] = 99.into()), "format_version 99, this v3r reads 1");
     check(&edit("config", &|v| v["model"]["config"]["num_hidden_layers"] = 61.into()), "model.config does not match");
     check(&edit("escape", &|v| v["kernels"][0]["file"] = "../outside.so".into()), "lies outside the artifact");
+    let unflagged = edit("unflagged", &|v| {
+        v["kernels"][0].as_object_mut().unwrap().remove("partitioned");
+    });
+    check(&unflagged, "a cpu kernel needs its symbol and partitioned flag");
+    // Kernel timings of the cpu artifact, as the tuner reads them.
+    let json = dir.path().join("bench.json");
+    let args = ["bench-kernels", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--reps", "2"];
+    let bench = run_binary("v3r", &[&args[..], &["--entry", "decode", "--out", json.to_str().unwrap()]].concat());
+    assert!(bench.status.success(), "{}", text(&bench.stderr));
+    assert!(text(&bench.stdout).starts_with("entry decode: "), "{}", text(&bench.stdout));
+    let timings: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let decode = timings["entries"]["decode"].as_array().unwrap();
+    assert_eq!(decode.len(), 15, "every kernel of decode");
+    assert!(decode.iter().all(|t| t["median_ms"].as_f64().unwrap() > 0.0 && t["launches"].as_u64().unwrap() > 0));
     // A GPU artifact: described anywhere; running it needs the GPU (exit 3 without one).
     let gpu = edit("gpu", &|v| {
         v["target"] = serde_json::json!({ "name": "sm_90a", "compute_capability": [9, 0] });

@@ -564,7 +564,7 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
             file,
             sha256: artifact::sha256_hex(&bytes),
             symbol: Some(format!("_mlir__mlir_ciface_{name}")),
-            partitioned: compiled.kernels[name].partitioned,
+            partitioned: Some(compiled.kernels[name].partitioned),
         });
     }
     let plan_text = serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n";

@@ -85,9 +85,10 @@ pub struct KernelEntry {
     /// cpu: the entry symbol in the shared object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symbol: Option<String>,
-    /// cpu: the kernel takes `(part, parts)` after its buffers (one share of its output columns).
-    #[serde(default)]
-    pub partitioned: bool,
+    /// cpu (required there): the kernel takes `(part, parts)` after its buffers (one share of its
+    /// output columns). Calling a kernel without knowing this would misread its arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitioned: Option<bool>,
 }
 
 /// Where the kernels' configurations came from.
@@ -189,6 +190,12 @@ impl Artifact {
             ));
         }
         for k in &manifest.kernels {
+            if manifest.target.name == "cpu" && (k.symbol.is_none() || k.partitioned.is_none()) {
+                return Err(ArtifactError::Invalid(
+                    manifest_path,
+                    format!("kernel {}: a cpu kernel needs its symbol and partitioned flag", k.name),
+                ));
+            }
             verified(dir, &k.file, &k.sha256)?;
         }
         for e in &plan.entries {

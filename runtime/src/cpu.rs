@@ -101,63 +101,108 @@ pub fn run_plan(
     wanted: &[&str],
     launch: &mut LaunchFn,
 ) -> Result<HashMap<String, HostBuffer>, String> {
-    for (name, shape) in &plan.bounds {
-        let given = inputs.get(name).ok_or_else(|| format!("input '{name}' not given"))?;
-        if &given.shape != shape {
-            return Err(format!("input '{name}': planned for {shape:?}, given {:?}", given.shape));
-        }
+    let mut bound = BoundPlan::new(plan, weights, inputs)?;
+    for i in 0..plan.launches.len() {
+        let buffers = bound.buffers(i)?;
+        launch(&plan.launches[i].kernel, &buffers)?;
     }
-    let mut owned: HashMap<String, HostBuffer> = inputs.clone();
-    let mut arena = vec![0u64; (plan.arena_bytes as usize).div_ceil(8)];
-    let base = arena.as_mut_ptr() as *mut u8;
-    let raw = |id: usize, owned: &mut HashMap<String, HostBuffer>| -> Result<RawBuffer, String> {
-        let b = &plan.buffers[id];
+    bound.outputs(wanted)
+}
+
+/// A plan's buffers bound to memory: the inputs (owned copies), the weights, one arena.
+pub struct BoundPlan<'p> {
+    plan: &'p EntryPlan,
+    weights: &'p HashMap<String, HostBuffer>,
+    owned: HashMap<String, HostBuffer>,
+    arena: Vec<u64>,
+}
+
+impl<'p> BoundPlan<'p> {
+    /// Checks `inputs` against the plan's bounds and allocates the arena.
+    pub fn new(
+        plan: &'p EntryPlan,
+        weights: &'p HashMap<String, HostBuffer>,
+        inputs: &HashMap<String, HostBuffer>,
+    ) -> Result<BoundPlan<'p>, String> {
+        for (name, shape) in &plan.bounds {
+            let given = inputs.get(name).ok_or_else(|| format!("input '{name}' not given"))?;
+            if &given.shape != shape {
+                return Err(format!("input '{name}': planned for {shape:?}, given {:?}", given.shape));
+            }
+        }
+        let arena = vec![0u64; (plan.arena_bytes as usize).div_ceil(8)];
+        Ok(BoundPlan { plan, weights, owned: inputs.clone(), arena })
+    }
+
+    fn raw(&mut self, id: usize) -> Result<RawBuffer, String> {
+        let b = &self.plan.buffers[id];
         let ptr = match &b.kind {
             BufferKind::Input { name } => {
-                owned.get_mut(name).map(HostBuffer::ptr_mut).ok_or(format!("input {name}"))?
+                self.owned.get_mut(name).map(HostBuffer::ptr_mut).ok_or(format!("input {name}"))?
             }
             // Kernels never write weights (they are inputs of every launch that reads them).
             BufferKind::Weight { name } => {
-                weights.get(name).map(HostBuffer::ptr_const).ok_or(format!("weight {name}"))?
+                self.weights.get(name).map(HostBuffer::ptr_const).ok_or(format!("weight {name}"))?
             }
             // SAFETY: offsets come from the plan, within `arena_bytes`.
-            BufferKind::Arena { offset } => unsafe { base.add(*offset as usize) as *mut () },
+            BufferKind::Arena { offset } => unsafe {
+                (self.arena.as_mut_ptr() as *mut u8).add(*offset as usize) as *mut ()
+            },
         };
         Ok(RawBuffer { ptr, shape: b.shape.clone(), element: b.dtype.clone() })
-    };
-    for l in &plan.launches {
-        let buffers = l.args.iter().chain(&l.results).map(|&id| raw(id, &mut owned)).collect::<Result<Vec<_>, _>>()?;
-        launch(&l.kernel, &buffers)?;
     }
-    let mut out = HashMap::new();
-    for (name, id) in &plan.outputs {
-        if !wanted.contains(&name.as_str()) {
-            continue;
-        }
-        let b = &plan.buffers[*id];
-        let value = match &b.kind {
-            BufferKind::Input { name: input } => owned[input].clone(),
-            BufferKind::Arena { offset } => {
-                let n: usize = b.shape.iter().product();
-                // SAFETY: the buffer's bytes lie inside the arena.
-                let data = unsafe {
-                    let p = base.add(*offset as usize);
-                    match b.dtype.as_str() {
-                        "f32" => HostData::F32(std::slice::from_raw_parts(p as *const f32, n).to_vec()),
-                        "i32" => HostData::I32(std::slice::from_raw_parts(p as *const i32, n).to_vec()),
-                        "i64" => HostData::I64(std::slice::from_raw_parts(p as *const i64, n).to_vec()),
-                        "bf16" => HostData::Bf16(std::slice::from_raw_parts(p as *const u16, n).to_vec()),
-                        "f8E4M3FN" => HostData::F8(std::slice::from_raw_parts(p, n).to_vec()),
-                        other => return Err(format!("output {name} of type {other}")),
-                    }
-                };
-                HostBuffer { shape: b.shape.clone(), data }
+
+    /// The buffers of launch `i`: its arguments then its results.
+    pub fn buffers(&mut self, i: usize) -> Result<Vec<RawBuffer>, String> {
+        let l = &self.plan.launches[i];
+        l.args.iter().chain(&l.results).map(|&id| self.raw(id)).collect()
+    }
+
+    /// The outputs named in `wanted`, copied out.
+    pub fn outputs(&self, wanted: &[&str]) -> Result<HashMap<String, HostBuffer>, String> {
+        let base = self.arena.as_ptr() as *const u8;
+        let mut out = HashMap::new();
+        for (name, id) in &self.plan.outputs {
+            if !wanted.contains(&name.as_str()) {
+                continue;
             }
-            BufferKind::Weight { name: w } => weights[w].clone(),
-        };
-        out.insert(name.clone(), value);
+            let b = &self.plan.buffers[*id];
+            let value = match &b.kind {
+                BufferKind::Input { name: input } => self.owned[input].clone(),
+                BufferKind::Arena { offset } => {
+                    let n: usize = b.shape.iter().product();
+                    // SAFETY: the buffer's bytes lie inside the arena.
+                    let data = unsafe {
+                        let p = base.add(*offset as usize);
+                        match b.dtype.as_str() {
+                            "f32" => HostData::F32(std::slice::from_raw_parts(p as *const f32, n).to_vec()),
+                            "i32" => HostData::I32(std::slice::from_raw_parts(p as *const i32, n).to_vec()),
+                            "i64" => HostData::I64(std::slice::from_raw_parts(p as *const i64, n).to_vec()),
+                            "bf16" => HostData::Bf16(std::slice::from_raw_parts(p as *const u16, n).to_vec()),
+                            "f8E4M3FN" => HostData::F8(std::slice::from_raw_parts(p, n).to_vec()),
+                            other => return Err(format!("output {name} of type {other}")),
+                        }
+                    };
+                    HostBuffer { shape: b.shape.clone(), data }
+                }
+                BufferKind::Weight { name: w } => self.weights[w].clone(),
+            };
+            out.insert(name.clone(), value);
+        }
+        Ok(out)
     }
-    Ok(out)
+}
+
+/// Time of one kernel over an entry's launches of it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelTiming {
+    pub kernel: String,
+    /// Launches of the kernel per run of the entry.
+    pub launches: usize,
+    /// Median over repetitions of one launch, averaged over the kernel's launches, in ms.
+    pub median_ms: f64,
+    /// `median_ms x launches`: the kernel's share of one run of the entry.
+    pub total_ms: f64,
 }
 
 /// A kernel of a `cpu` artifact: its shared object, kept loaded.
@@ -212,9 +257,10 @@ impl CpuArtifact {
         artifact.check_weights(weights)?;
         let mut kernels = HashMap::new();
         for k in &artifact.manifest.kernels {
-            let symbol =
-                k.symbol.clone().ok_or_else(|| format!("{dir}/manifest.json: kernel {} has no symbol", k.name))?;
-            let loaded = SharedObjectKernel::load(&k.name, &artifact.path(&k.file), &symbol, k.partitioned)?;
+            // Artifact::open checked that cpu kernels have both.
+            let symbol = k.symbol.clone().unwrap_or_default();
+            let partitioned = k.partitioned.unwrap_or(false);
+            let loaded = SharedObjectKernel::load(&k.name, &artifact.path(&k.file), &symbol, partitioned)?;
             kernels.insert(k.name.clone(), loaded);
         }
         let ckpt = Checkpoint::open(weights).map_err(|e| e.to_string())?;
@@ -235,6 +281,81 @@ impl CpuArtifact {
         Ok(CpuArtifact { artifact, kernels, weights: loaded, vocab })
     }
 
+    /// Times every kernel of `entry`: the entry runs once on planned-shape inputs (token 0,
+    /// positions 0.., zero caches) so every buffer holds what it would, then each launch is repeated
+    /// `reps` times after one warm-up; per kernel, the median of its launches.
+    pub fn bench_kernels(&self, entry: &str, reps: usize) -> Result<Vec<KernelTiming>, String> {
+        let plan = self.entry(entry)?;
+        let mut inputs = HashMap::new();
+        for (name, shape) in &plan.bounds {
+            let buffer = match name.as_str() {
+                "tokens" | "mtp_tokens" => {
+                    HostBuffer { shape: shape.clone(), data: HostData::I64(vec![0; shape.iter().product()]) }
+                }
+                "positions" => {
+                    let rows = *plan
+                        .bounds
+                        .iter()
+                        .find(|(n, _)| n.starts_with("kv_cache."))
+                        .map(|(_, s)| s)
+                        .and_then(|s| s.get(s.len().saturating_sub(2)))
+                        .unwrap_or(&1);
+                    let n: usize = shape.iter().product();
+                    HostBuffer {
+                        shape: shape.clone(),
+                        data: HostData::I64((0..n).map(|i| (i % rows.max(1)) as i64).collect()),
+                    }
+                }
+                _ => HostBuffer::zeros(shape.clone(), "f32").ok_or("zeros")?,
+            };
+            inputs.insert(name.clone(), buffer);
+        }
+        check_id_inputs(&inputs, self.vocab)?;
+        let mut bound = BoundPlan::new(plan, &self.weights, &inputs)?;
+        let mut per_launch = Vec::new();
+        for i in 0..plan.launches.len() {
+            let k = self.kernel(&plan.launches[i].kernel)?;
+            let buffers = bound.buffers(i)?;
+            let mut times = Vec::with_capacity(reps);
+            for rep in 0..=reps {
+                let start = std::time::Instant::now();
+                // SAFETY: as in `run`: the validated plan's buffers at their planned shapes.
+                unsafe { k.run(&buffers) };
+                if rep > 0 {
+                    times.push(start.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            per_launch.push((k.name.clone(), times.get(times.len() / 2).copied().unwrap_or(0.0)));
+        }
+        let mut timings: Vec<KernelTiming> = Vec::new();
+        for (kernel, ms) in per_launch {
+            match timings.iter_mut().find(|t| t.kernel == kernel) {
+                Some(t) => {
+                    t.launches += 1;
+                    t.total_ms += ms;
+                }
+                None => timings.push(KernelTiming { kernel, launches: 1, median_ms: 0.0, total_ms: ms }),
+            }
+        }
+        for t in &mut timings {
+            t.median_ms = t.total_ms / t.launches as f64;
+        }
+        timings.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
+        Ok(timings)
+    }
+
+    fn entry(&self, entry: &str) -> Result<&EntryPlan, String> {
+        self.artifact.plan.entries.iter().find(|e| e.name == entry).ok_or_else(|| {
+            let names: Vec<&str> = self.artifact.plan.entries.iter().map(|e| e.name.as_str()).collect();
+            format!("no entry '{entry}' (entries: {})", names.join(", "))
+        })
+    }
+
+    fn kernel(&self, name: &str) -> Result<&SharedObjectKernel, String> {
+        self.kernels.get(name).ok_or_else(|| format!("kernel {name} missing"))
+    }
+
     /// Runs entry `entry` on `inputs` (which must have the planned shapes) and returns the outputs
     /// named in `wanted`.
     pub fn run(
@@ -243,13 +364,10 @@ impl CpuArtifact {
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
-        let plan = self.artifact.plan.entries.iter().find(|e| e.name == entry).ok_or_else(|| {
-            let names: Vec<&str> = self.artifact.plan.entries.iter().map(|e| e.name.as_str()).collect();
-            format!("no entry '{entry}' (entries: {})", names.join(", "))
-        })?;
+        let plan = self.entry(entry)?;
         check_id_inputs(inputs, self.vocab)?;
         run_plan(plan, &self.weights, inputs, wanted, &mut |name, buffers| {
-            let k = self.kernels.get(name).ok_or_else(|| format!("kernel {name} missing"))?;
+            let k = self.kernel(name)?;
             // SAFETY: the artifact was validated (hashes, plan vs manifest): the plan's buffers have
             // the shapes its kernels were compiled for at its sizes, the inputs were checked
             // against the plan's bounds and their id ranges above.

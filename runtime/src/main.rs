@@ -32,6 +32,27 @@ enum Command {
     Info(InfoArgs),
     /// Generate tokens with an artifact and a checkpoint; prints token ids and tokens/s.
     Run(RunArgs),
+    /// Time every kernel of an artifact's entry points (warm-up, median of repetitions) and write
+    /// JSON, as the tuner reads it; cpu artifacts run here, GPU ones need their GPU.
+    BenchKernels(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Artifact directory written by `v3c compile`.
+    artifact: PathBuf,
+    /// Checkpoint directory in the Hugging Face layout (the kernels run on real weights).
+    #[arg(long, value_name = "DIR")]
+    weights: PathBuf,
+    /// Entry point to time (default: all).
+    #[arg(long, value_name = "NAME")]
+    entry: Option<String>,
+    /// Timed repetitions of each launch (after one warm-up).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    reps: usize,
+    /// Write the timings as JSON here.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -78,6 +99,7 @@ fn main() -> ExitCode {
         Command::Doctor(a) => doctor(&a).map_err(Failure::Other),
         Command::Info(a) => info(&a).map_err(Failure::Other),
         Command::Run(a) => run(&a),
+        Command::BenchKernels(a) => bench_kernels(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -197,6 +219,57 @@ fn info(args: &InfoArgs) -> Result<(), String> {
         line(format!("weights: {} matches the plan ({n} weight bindings: names, shapes, dtypes)", w.display()));
     }
     print!("{out}");
+    Ok(())
+}
+
+fn bench_kernels(args: &BenchArgs) -> Result<(), Failure> {
+    use v3c_runtime::artifact::Artifact;
+    let a = Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
+    if a.manifest.target.name != "cpu" {
+        device::probe_device(0).map_err(|e| Failure::NoDevice(e.to_string()))?;
+        return Err(Failure::Other(format!(
+            "{}: timing {} kernels is not implemented yet (GPU launches land with the artifact/runtime issue)",
+            args.artifact.display(),
+            a.manifest.target.name
+        )));
+    }
+    let names: Vec<String> = match &args.entry {
+        Some(e) => vec![e.clone()],
+        None => a.plan.entries.iter().map(|e| e.name.clone()).collect(),
+    };
+    let target = a.manifest.target.name.clone();
+    let program = v3c_runtime::cpu::CpuArtifact::load(a, &args.weights).map_err(Failure::Other)?;
+    let mut report = serde_json::Map::new();
+    for entry in &names {
+        let timings = program.bench_kernels(entry, args.reps.max(1)).map_err(Failure::Other)?;
+        let total: f64 = timings.iter().map(|t| t.total_ms).sum();
+        println!(
+            "entry {entry}: {total:.3} ms per run ({} kernels, median of {} repetitions)",
+            timings.len(),
+            args.reps
+        );
+        for t in &timings {
+            println!(
+                "  {:28} {:4} launches  {:9.4} ms each  {:9.3} ms  {:5.1}%",
+                t.kernel,
+                t.launches,
+                t.median_ms,
+                t.total_ms,
+                100.0 * t.total_ms / total.max(f64::MIN_POSITIVE)
+            );
+        }
+        report.insert(entry.clone(), serde_json::to_value(&timings).map_err(|e| Failure::Other(e.to_string()))?);
+    }
+    if let Some(out) = &args.out {
+        let json = serde_json::json!({
+            "artifact": args.artifact.display().to_string(),
+            "target": target,
+            "reps": args.reps,
+            "entries": report,
+        });
+        let text = serde_json::to_string_pretty(&json).map_err(|e| Failure::Other(e.to_string()))? + "\n";
+        std::fs::write(out, text).map_err(|e| Failure::Other(format!("{}: {e}", out.display())))?;
+    }
     Ok(())
 }
 
