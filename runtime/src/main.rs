@@ -14,7 +14,7 @@ use v3c_runtime::device;
 #[derive(Parser)]
 #[command(name = "v3r", version, propagate_version = true, max_term_width = 100)]
 #[command(
-    after_help = "Examples:\n  v3r doctor                 # driver, GPU, compute capability, memory\n  v3r info out/deepseek-v3   # what an artifact holds\n  v3r run out/deepseek-v3 --weights /models/DeepSeek-V3 --prompt-tokens \"0 3 17\" --max-new-tokens 32"
+    after_help = "Examples:\n  v3r doctor                 # driver, GPU, compute capability, memory\n  v3r info out/deepseek-v3   # what an artifact holds (every file's hash checked)\n  v3r info out/tiny-cpu --weights ckpt/   # and whether a checkpoint fits its plan\n  v3r bench-kernels out/tiny-cpu --weights ckpt/ --out timings.json\n  v3r run out/deepseek-v3 --weights /models/DeepSeek-V3 --prompt-tokens \"0 3 17\" --max-new-tokens 32"
 )]
 struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace); V3C_LOG=<filter> overrides.
