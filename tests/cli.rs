@@ -465,13 +465,8 @@ fn compile_names_the_kernels_without_a_gpu_lowering() {
     );
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(
-        err.contains(
-            "compile: gemm_residual_0 -> gemm_fp8_f32_64x128x128_s8_ws_splitk_res (decode), \
-             gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_res (prefill); N 7168 K 16384"
-        ),
-        "{err}"
-    );
+    assert!(err.contains("compile: gemm_residual_0 (N 7168 K 16384) decode -> gemm_fp8_f32_64x"), "{err}");
+    assert!(err.contains("_res [cost model: ") && err.contains("-bound]"), "{err}");
     let last = err.lines().last().unwrap();
     assert!(
         last.starts_with(
@@ -574,9 +569,8 @@ fn gpu_stages_of_a_template_kernel() {
     assert!(model.status.success(), "{}", text(&model.stderr));
     let dump = text(&model.stdout);
     assert!(dump.starts_with("// ----- stage fused: gemm_residual_0\n"), "{dump}");
-    for k in ["gemm_fp8_f32_64x128x128_s8_ws_splitk_res", "gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_res"] {
-        assert!(dump.contains(&format!("// ----- stage nvvm: {k}\n")), "{k}");
-    }
+    assert_eq!(dump.matches("// ----- stage nvvm: gemm_fp8_f32_").count(), 2, "decode and prefill kernels");
+    assert!(dump.contains("decode launches gemm_fp8_f32_64x") && dump.contains("(cost model: "), "{dump}");
     let typo =
         run_binary("v3c", &["dump-ir", "--stage", "ptx", "--kernel", "gemm_bf16_f32_128x128x64", "--layers", "0..1"]);
     assert_eq!(typo.status.code(), Some(1));

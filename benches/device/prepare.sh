@@ -9,14 +9,15 @@ cargo build --release -q -p v3c-runtime -p v3c-compiler
 mkdir -p .device/gemm
 cp target/release/v3r .device/
 # GEMM template kernels: bf16 and fp8 block-scaled, f32 and bf16 outputs (plain forms), then the
-# scheduling variants, then the four kernels `v3c compile --target sm_90a` picks for the full model
-# (decode: split K + producer warpgroup; prefill: two consumers, persistent, rasterized; +residual),
+# scheduling variants, then the four kernels `v3c compile --target sm_90a` picks for the full model with
+# the cost model (H200; decode: 64-row tiles, split K for the MLA projections; prefill: two consumers +
+# producer; +residual),
 # then the grouped (MoE) forms: gathered tokens, contiguous sorted rows with routing weights, masked;
 # then fp8 outputs (1x128 scales written by the epilogue), then a cluster of two (B multicast).
 for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_64x128x128_s6 gemm_fp8_f32_128x64x128_s4 \
   gemm_bf16_bf16_128x128x64_s4_wg2_ws_persist_r8 gemm_bf16_f32_64x128x64_s6_splitk \
-  gemm_fp8_f32_64x128x128_s8_ws_splitk gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8 \
-  gemm_fp8_f32_64x128x128_s8_ws_splitk_res gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_res \
+  gemm_fp8_f32_64x64x128_s5_splitk gemm_fp8_f32_256x64x128_s5_wg2_ws \
+  gemm_fp8_f32_64x64x128_s8_res gemm_fp8_f32_128x128x128_s5_wg2_ws_res \
   gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_gather gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale \
   gemm_fp8_f32_64x128x128_s8_ws_masked_rowscale gemm_bf16_bf16_128x128x64_s6_wg2_ws_gather_swiglu \
   gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale_scatter \

@@ -284,15 +284,24 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
         if gpu {
             use v3c_compiler::conversion::sm90::lower;
             let g = lower::gemm_of_kernel(&f).map_err(|why| format!("unsupported on sm_90a: {kernel} ({why})"))?;
-            let [decode, prefill] = lower::configs(&g);
+            let device = v3c_compiler::target::DeviceModel::by_name("H200")?;
+            let pick = |m| v3c_compiler::tune::choose(&g, m, &device, None);
+            let (decode, prefill) = (pick(v3c_compiler::tune::DECODE_M), pick(v3c_compiler::tune::PREFILL_M));
+            let first =
+                |c: &v3c_compiler::tune::Choice| c.preferences.first().copied().ok_or("no candidate configuration");
+            let (decode_config, prefill_config) = (first(&decode)?, first(&prefill)?);
             text.push_str(&format!(
-                "// {kernel}: a GEMM, N {} K {}, {} weight(s) concatenated along N; decode launches {}, prefill {}\n",
+                "// {kernel}: a GEMM, N {} K {}, {} weight(s) concatenated along N; on the H200, decode launches {} \
+                 ({}), prefill {} ({})\n",
                 g.n,
                 g.k,
                 g.weights.len(),
-                decode.kernel_name(),
-                prefill.kernel_name()
+                decode_config.kernel_name(),
+                decode.source,
+                prefill_config.kernel_name(),
+                prefill.source
             ));
+            let (decode, prefill) = (decode_config, prefill_config);
             text.push_str(&gpu_kernel_text(o.stage, context, &decode)?);
             text.push_str(&gpu_kernel_text(o.stage, context, &prefill)?);
             write_stdout(&text);
@@ -415,9 +424,24 @@ fn human_bytes(bytes: u64) -> String {
 /// printed). Kernels without an sm_90a lowering are all named (`unsupported on sm_90a: <kernel>
 /// (<op>)`), never skipped: then nothing is written and the exit code is 1. `precision`: the graph
 /// to compile (default: fp8 when the checkpoint's weights are fp8, the tensor-core path).
-pub fn compile(model: &str, target: &GpuTarget, precision: Option<v3c_models::Precision>) -> Result<(), String> {
+pub struct CompileGpuOptions<'a> {
+    pub model: &'a str,
+    pub target: GpuTarget,
+    pub precision: Option<v3c_models::Precision>,
+    /// The GPU the cost model and the tuning database are consulted for.
+    pub gpu: &'a str,
+    pub tuning: Option<&'a Path>,
+}
+
+pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     use v3c_compiler::conversion::sm90;
     use v3c_compiler::pipeline::Driver;
+    let (model, target, precision) = (o.model, &o.target, o.precision);
+    let device = v3c_compiler::target::DeviceModel::by_name(o.gpu)?;
+    if device.target != *target {
+        return Err(format!("--gpu {}: a {} device, not {}", o.gpu, device.target.name, target.name));
+    }
+    let db = o.tuning.map(v3c_compiler::tune::db::TuningDb::read).transpose()?;
     let config = ModelConfig::resolve(model).map_err(|e| e.to_string())?;
     let precision = precision.unwrap_or(if config.quantization.is_some() {
         v3c_models::Precision::Fp8
@@ -433,7 +457,16 @@ pub fn compile(model: &str, target: &GpuTarget, precision: Option<v3c_models::Pr
     // Progress on a terminal: one line rewritten per template kernel (each takes ~0.5 s).
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut done = 0;
-    let lowered = sm90::compile_model(&context, &module, target, ptxas.as_ref(), |name| {
+    let mut sources = Vec::new();
+    let mut choose = |g: &sm90::lower::GemmKernel, m: usize| {
+        let choice = v3c_compiler::tune::choose(g, m, &device, db.as_ref());
+        if let (Some(why), Some(path)) = (&choice.ignored, o.tuning) {
+            eprintln!("warning: {}: entry for {} at M {m} ignored: {why}", path.display(), g.kernel);
+        }
+        sources.push((g.kernel.clone(), m, choice.source.clone()));
+        choice.preferences
+    };
+    let lowered = sm90::compile_model(&context, &module, target, ptxas.as_ref(), &mut choose, |name| {
         done += 1;
         if tty {
             eprint!("\r\x1b[Kcompile: {} kernel {done}: {name}", target.name);
@@ -444,7 +477,25 @@ pub fn compile(model: &str, target: &GpuTarget, precision: Option<v3c_models::Pr
         eprint!("\r\x1b[K");
     }
     for (g, [decode, prefill]) in &lowered.gemms {
-        eprintln!("compile: {} -> {decode} (decode), {prefill} (prefill); N {} K {}", g.kernel, g.n, g.k);
+        let source =
+            |m: usize| sources.iter().find(|(k, mm, _)| *k == g.kernel && *mm == m).map_or("", |(_, _, s)| s.as_str());
+        eprintln!(
+            "compile: {} (N {} K {}) decode -> {decode} [{}]",
+            g.kernel,
+            g.n,
+            g.k,
+            source(v3c_compiler::tune::DECODE_M)
+        );
+        eprintln!(
+            "compile: {} (N {} K {}) prefill -> {prefill} [{}]",
+            g.kernel,
+            g.n,
+            g.k,
+            source(v3c_compiler::tune::PREFILL_M)
+        );
+    }
+    for name in &lowered.spilled {
+        eprintln!("compile: {name} passed over: ptxas reports spills");
     }
     for k in &lowered.kernels {
         match &k.resources {

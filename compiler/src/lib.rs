@@ -22,4 +22,5 @@ pub mod shapes;
 pub mod target;
 pub mod toolchain;
 pub mod transforms;
+pub mod tune;
 pub mod verify;

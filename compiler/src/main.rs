@@ -148,6 +148,10 @@ struct CompileArgs {
     /// tensor-core path — else f32).
     #[arg(long, value_enum)]
     precision: Option<Precision>,
+    /// The GPU to pick kernel configurations for (cost model figures, tuning database entries):
+    /// H200, H100, H800, H20.
+    #[arg(long, value_name = "NAME", default_value = "H200")]
+    gpu: String,
 }
 
 #[derive(Args)]
@@ -294,10 +298,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Doctor(a) => run_doctor(&a),
         Command::Compile(a) => match a.target {
-            CompileTarget::Gpu(_) if a.tuning.is_some() => {
-                Err("--tuning: reading a tuning database is not implemented yet (it comes with `v3c tune`)".into())
-            }
-            CompileTarget::Gpu(t) => commands::compile(&a.model.model, &t, a.precision.map(Precision::model)),
+            CompileTarget::Gpu(t) => commands::compile(&commands::CompileGpuOptions {
+                model: &a.model.model,
+                target: t,
+                precision: a.precision.map(Precision::model),
+                gpu: &a.gpu,
+                tuning: a.tuning.as_deref(),
+            }),
             CompileTarget::Cpu if a.tuning.is_some() => {
                 Err("--tuning: CPU kernels have no tuned configurations (GPU targets only)".into())
             }

@@ -55,6 +55,73 @@ pub const SM90A: GpuTarget = GpuTarget {
     max_portable_cluster_size: 8,
 };
 
+/// Published figures of one GPU model (dense tensor-core peaks, memory): what the tuning cost model
+/// ranks configurations with. Specification sheet numbers, not measurements.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceModel {
+    /// As `v3r doctor` / the CUDA driver names it, without the vendor prefix (`H200`).
+    pub name: &'static str,
+    pub target: GpuTarget,
+    pub sm_count: u32,
+    /// Dense tensor-core peaks, TFLOP/s.
+    pub bf16_tflops: f64,
+    pub fp8_tflops: f64,
+    /// DRAM bandwidth, TB/s, and L2 capacity, bytes.
+    pub dram_tbps: f64,
+    pub l2_bytes: u64,
+}
+
+/// The Hopper devices the cost model knows (SXM forms; H20 is the export part).
+pub const DEVICES: &[DeviceModel] = &[
+    DeviceModel {
+        name: "H200",
+        target: SM90A,
+        sm_count: 132,
+        bf16_tflops: 989.0,
+        fp8_tflops: 1979.0,
+        dram_tbps: 4.8,
+        l2_bytes: 50 << 20,
+    },
+    DeviceModel {
+        name: "H100",
+        target: SM90A,
+        sm_count: 132,
+        bf16_tflops: 989.0,
+        fp8_tflops: 1979.0,
+        dram_tbps: 3.35,
+        l2_bytes: 50 << 20,
+    },
+    DeviceModel {
+        name: "H800",
+        target: SM90A,
+        sm_count: 132,
+        bf16_tflops: 989.0,
+        fp8_tflops: 1979.0,
+        dram_tbps: 3.35,
+        l2_bytes: 50 << 20,
+    },
+    DeviceModel {
+        name: "H20",
+        target: SM90A,
+        sm_count: 78,
+        bf16_tflops: 148.0,
+        fp8_tflops: 296.0,
+        dram_tbps: 4.0,
+        l2_bytes: 60 << 20,
+    },
+];
+
+impl DeviceModel {
+    /// Looks a device up by name (case-insensitive; `NVIDIA H200` works too); the error lists them.
+    pub fn by_name(name: &str) -> Result<DeviceModel, String> {
+        let wanted = name.trim().trim_start_matches("NVIDIA ").to_ascii_uppercase();
+        DEVICES.iter().copied().find(|d| wanted.starts_with(d.name)).ok_or_else(|| {
+            let known: Vec<_> = DEVICES.iter().map(|d| d.name).collect();
+            format!("unknown GPU '{name}' (the cost model knows: {})", known.join(", "))
+        })
+    }
+}
+
 /// Every target the compiler can generate code for.
 pub const TARGETS: &[GpuTarget] = &[SM90A];
 

@@ -17,7 +17,7 @@ use melior::ir::block::BlockLike;
 use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::{RegionLike, ValueLike};
 
-use super::gemm::{GemmConfig, GemmInput, GemmOutput};
+use super::gemm::{GemmInput, GemmOutput};
 use crate::verify::Shape;
 
 /// A fused kernel as one GEMM launch: `out[M, N] = A[M, K] . W[N, K]^T (+ residual)`.
@@ -38,32 +38,6 @@ pub struct GemmKernel {
     pub residual: Option<usize>,
     /// Column range `[start, end)` of the GEMM output that each kernel result is.
     pub results: Vec<(usize, usize)>,
-}
-
-/// The two configurations a GEMM kernel is compiled in: the small-M one decode launches (one
-/// 64-row tile, K split across the SMs so the weight stream runs on all of them) and the large-M one
-/// prefill launches (two consumer warpgroups, producer warpgroup, persistent rasterized tiles).
-pub fn configs(g: &GemmKernel) -> [GemmConfig; 2] {
-    let residual = g.residual.is_some();
-    let (block_n, decode_stages, prefill_stages) = match g.input {
-        GemmInput::Fp8 => (128, 8, 6),
-        GemmInput::Bf16 => (128, 8, 6),
-    };
-    let decode = GemmConfig {
-        specialized: true,
-        split_k: true,
-        residual,
-        ..GemmConfig::new(g.input, g.output, 64, block_n, decode_stages)
-    };
-    let prefill = GemmConfig {
-        consumers: 2,
-        specialized: true,
-        persistent: true,
-        raster: 8,
-        residual,
-        ..GemmConfig::new(g.input, g.output, 128, block_n, prefill_stages)
-    };
-    [decode, prefill]
 }
 
 /// The GEMM a fused kernel is, or why it has no sm_90a lowering (a phrase naming the op).

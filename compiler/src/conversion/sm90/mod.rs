@@ -137,15 +137,21 @@ pub struct ModelKernels {
     pub kernels: Vec<GpuKernel>,
     /// Fused kernels with no sm_90a lowering yet: (name, why).
     pub unsupported: Vec<(String, String)>,
+    /// Configurations passed over because ptxas reported spills.
+    pub spilled: Vec<String>,
 }
 
 /// Maps every kernel of `module` (stage `fused`) onto the sm_90a templates, compiling each
-/// distinct template kernel once; `progress` is told each kernel name as it is compiled.
+/// distinct template kernel once. `choose(kernel, m)` orders the configurations to try for a GEMM
+/// kernel at `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`]); with
+/// ptxas the first that assembles without spilling is taken, without it the first. `progress` is
+/// told each kernel name as it is compiled.
 pub fn compile_model(
     context: &Context,
     module: &Module,
     target: &GpuTarget,
     ptxas: Option<&FoundTool>,
+    choose: &mut dyn FnMut(&lower::GemmKernel, usize) -> Vec<gemm::GemmConfig>,
     mut progress: impl FnMut(&str),
 ) -> Result<ModelKernels, Sm90Error> {
     let mut out = ModelKernels::default();
@@ -157,20 +163,45 @@ pub fn compile_model(
         }
         match lower::gemm_of_kernel(&f) {
             Ok(g) => {
-                let configs = lower::configs(&g);
-                for config in &configs {
-                    let name = config.kernel_name();
-                    if out.kernels.iter().any(|k| k.name == name) {
-                        continue;
+                let mut picked = Vec::new();
+                for m in [crate::tune::DECODE_M, crate::tune::PREFILL_M] {
+                    let preferences = choose(&g, m);
+                    let mut chosen = None;
+                    for config in &preferences {
+                        let name = config.kernel_name();
+                        if out.kernels.iter().any(|k| k.name == name) {
+                            chosen = Some(name);
+                            break;
+                        }
+                        progress(&name);
+                        let mut kernel = compile_gemm(context, config, target)?;
+                        if let Some(ptxas) = ptxas {
+                            kernel.assemble(target, ptxas)?;
+                            let spills = kernel
+                                .resources
+                                .as_ref()
+                                .is_some_and(|r| r.spill_stores_bytes + r.spill_loads_bytes > 0);
+                            if spills {
+                                out.spilled.push(name);
+                                continue;
+                            }
+                        }
+                        out.kernels.push(kernel);
+                        chosen = Some(name);
+                        break;
                     }
-                    progress(&name);
-                    let mut kernel = compile_gemm(context, config, target)?;
-                    if let Some(ptxas) = ptxas {
-                        kernel.assemble(target, ptxas)?;
-                    }
-                    out.kernels.push(kernel);
+                    let name = chosen.ok_or_else(|| Sm90Error::Config {
+                        kernel: g.kernel.clone(),
+                        problem: format!(
+                            "{}: none of the {} configurations tried assembles without spilling",
+                            g.kernel,
+                            preferences.len()
+                        ),
+                    })?;
+                    picked.push(name);
                 }
-                out.gemms.push((g, configs.map(|c| c.kernel_name())));
+                let [decode, prefill]: [String; 2] = picked.try_into().expect("two regimes");
+                out.gemms.push((g, [decode, prefill]));
             }
             Err(why) => {
                 let name = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string());
