@@ -3,7 +3,7 @@
 #   bash benches/device/check.sh
 # Prepare on the build machine (the GPU machine has no Rust): `bash benches/device/prepare.sh` puts v3r
 # and the PTX of the GEMM template kernels into .device/ (git-ignored); carry it. Results go to $OUT
-# (else ./device-out/): check.log, doctor.json, ceilings.json, gemm_<kernel>.json.
+# (else ./device-out/): check.log, doctor.json, ceilings.json, gemm_<kernel>.json, tuning.json.
 #
 # Steps, in order: 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
 # 2. the GEMM template kernels vs torch (benches/device/gemm_check.py: correctness, then TFLOP/s);
@@ -87,6 +87,18 @@ if [ -d "$root/.device/gemm" ] && python3 -c "import torch, sys; sys.exit(0 if t
 else
   note "no .device/gemm (run benches/device/prepare.sh on the build machine) or no torch+CUDA: skipped"
   row "2. GEMM kernels" "SKIPPED" "no .device/gemm or no GPU"
+fi
+
+note "== 2b. tuning: the full model's GEMM candidates measured (benches/device/tune_check.py)"
+if [ -f "$root/.device/tune/candidates.json" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
+  if timeout 240 python3 "$root/benches/device/tune_check.py" --dir "$root/.device/tune" --out "$out/tuning.json" 2>&1 | tee -a "$log"; then
+    row "2b. tuning" "ok" "tuning.json (copy to tuning/ and commit)"
+  else
+    row "2b. tuning" "FAILED" "see check.log"
+  fi
+else
+  note "no .device/tune (benches/device/prepare.sh) or no torch+CUDA: skipped"
+  row "2b. tuning" "SKIPPED" "no .device/tune or no GPU"
 fi
 
 for step in "3. end-to-end fixtures" "4. model kernels timing"; do

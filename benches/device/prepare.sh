@@ -6,7 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 cargo build --release -q -p v3c-runtime -p v3c-compiler
-mkdir -p .device/gemm
+rm -rf .device/gemm && mkdir -p .device/gemm
 cp target/release/v3r .device/
 # GEMM template kernels: bf16 and fp8 block-scaled, f32 and bf16 outputs (plain forms), then the
 # scheduling variants, then the four kernels `v3c compile --target sm_90a` picks for the full model with
@@ -27,4 +27,7 @@ for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_6
     | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/gemm/$k.ptx"
   grep -q "\.entry $k(" ".device/gemm/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }
 done
+# Tuning candidates for the full model's GEMM kernels (cost model's top 3 per problem, spill-free).
+rm -rf .device/tune
+target/release/v3c tune --model deepseek-v3 --emit-candidates .device/tune --top 3
 echo "prepare: .device/ holds v3r and $(ls .device/gemm | wc -l) kernels ($(du -sh .device | cut -f1)); carry it to the GPU machine"

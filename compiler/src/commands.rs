@@ -681,3 +681,237 @@ fn stage_artifact_dir(out: &Path, force: bool) -> Result<tempfile::TempDir, Stri
         .tempdir_in(parent)
         .map_err(|e| format!("{}: cannot create a staging directory: {e}", parent.display()))
 }
+
+pub struct TuneOptions<'a> {
+    pub model: &'a str,
+    pub precision: Option<v3c_models::Precision>,
+    pub gpu: &'a str,
+    pub emit_candidates: Option<&'a Path>,
+    pub top: usize,
+    pub report: bool,
+    pub tuning: Option<&'a Path>,
+    pub out: Option<&'a Path>,
+}
+
+/// The model's GEMM kernels (sm_90a mapping) with the graph `precision` picks, as `compile` sees them.
+fn model_gemms(
+    model: &str,
+    precision: Option<v3c_models::Precision>,
+) -> Result<Vec<v3c_compiler::conversion::sm90::lower::GemmKernel>, String> {
+    use melior::ir::block::BlockLike;
+    use melior::ir::operation::OperationLike;
+    let config = ModelConfig::resolve(model).map_err(|e| e.to_string())?;
+    let precision = precision.unwrap_or(if config.quantization.is_some() { Precision::Fp8 } else { Precision::F32 });
+    let context = v3c_compiler::mlir::new_context();
+    let options = v3c_models::BuildOptions { precision, ..Default::default() };
+    let module = v3c_compiler::pipeline::Driver::from_env(model)
+        .run_model(&context, &config, &v3c_models::Entry::ALL, &options, "fused")
+        .map_err(|e| e.to_string())?;
+    let mut gemms = Vec::new();
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
+            if let Ok(g) = v3c_compiler::conversion::sm90::lower::gemm_of_kernel(&f) {
+                gemms.push(g);
+            }
+        }
+    }
+    if gemms.is_empty() {
+        return Err(format!("{model}: no kernel maps onto the sm_90a GEMM template (try --precision fp8)"));
+    }
+    Ok(gemms)
+}
+
+/// `v3c tune`: `--emit-candidates DIR` compiles, for every GEMM problem of the model (kernel
+/// signature x decode/prefill M), the cost model's best candidates on all cores, drops those ptxas
+/// reports spilling, and writes their PTX and `candidates.json` for measurement on a GPU machine
+/// (`benches/device/tune_check.py` writes the tuning database); `--report --tuning FILE` prints,
+/// per kernel, default vs tuned time. Measuring on this machine needs its GPU runtime (not yet).
+pub fn tune(o: &TuneOptions) -> Result<(), String> {
+    use v3c_compiler::tune::{self, db::TuningDb, GemmShape};
+    let device = v3c_compiler::target::DeviceModel::by_name(o.gpu)?;
+    if o.report {
+        let path = o.tuning.ok_or("--report: name the database with --tuning FILE")?;
+        let db = TuningDb::read(path)?;
+        let gemms = model_gemms(o.model, o.precision)?;
+        println!(
+            "{:<20} {:>6} {:<44} {:>10} {:>10} {:>8}  winner",
+            "kernel", "M", "signature", "default ms", "tuned ms", "speedup"
+        );
+        for g in &gemms {
+            for m in [tune::DECODE_M, tune::PREFILL_M] {
+                let shape = GemmShape::of(g, m);
+                let sha = tune::candidates_sha256(&tune::candidates(&shape, &device.target));
+                match db.lookup(&shape.signature(), tune::m_bucket(m), &device, env!("CARGO_PKG_VERSION"), &sha) {
+                    tune::db::Lookup::Tuned { config, entry } => {
+                        let (_, ms) = entry.winner().unwrap_or(("", f64::NAN));
+                        let default = entry.default_ms().unwrap_or(f64::NAN);
+                        println!(
+                            "{:<20} {m:>6} {:<44} {default:>10.4} {ms:>10.4} {:>7.2}x  {}",
+                            g.kernel,
+                            shape.signature(),
+                            default / ms,
+                            config.kernel_name()
+                        );
+                    }
+                    tune::db::Lookup::Ignored(why) => {
+                        println!("{:<20} {m:>6} {:<44}  ignored: {why}", g.kernel, shape.signature())
+                    }
+                    tune::db::Lookup::Missing => {
+                        println!("{:<20} {m:>6} {:<44}  no entry", g.kernel, shape.signature())
+                    }
+                }
+            }
+        }
+        return Ok(());
+    }
+    let Some(dir) = o.emit_candidates else {
+        let _ = o.out;
+        return Err(format!(
+            "measuring candidates needs this machine's GPU runtime, which is not built yet; use the split flow: \
+             `v3c tune --model {} --emit-candidates DIR` here, `benches/device/tune_check.py` on the GPU machine, \
+             then `v3c compile --tuning tuning.json`",
+            o.model
+        ));
+    };
+    if dir.exists() {
+        return Err(format!("{}: already exists (candidates are written into a new directory)", dir.display()));
+    }
+    let gemms = model_gemms(o.model, o.precision)?;
+    // Distinct problems: several kernels of the model may share a signature.
+    let mut problems: Vec<(GemmShape, Vec<String>)> = Vec::new();
+    for g in &gemms {
+        for m in [tune::DECODE_M, tune::PREFILL_M] {
+            let shape = GemmShape::of(g, m);
+            match problems.iter_mut().find(|(s, _)| *s == shape) {
+                Some((_, kernels)) => kernels.push(g.kernel.clone()),
+                None => problems.push((shape, vec![g.kernel.clone()])),
+            }
+        }
+    }
+    let ptxas = v3c_compiler::toolchain::find(v3c_compiler::toolchain::Tool::Ptxas).ok();
+    // Per problem, the ranked candidates to compile until `top` assemble without spills.
+    let ranked: Vec<Vec<tune::Estimate>> =
+        problems.iter().map(|(s, _)| tune::diverse(&tune::rank(s, &device))).collect();
+    let staging = tempfile::Builder::new()
+        .prefix(".v3c-candidates-")
+        .tempdir_in(dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(staging.path().join("kernels")).map_err(|e| e.to_string())?;
+    let total: usize = ranked.iter().map(|r| r.len().min(o.top * 2)).sum();
+    let bar = indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} candidates {msg}")
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("compiling candidates for {}", device.name));
+    let mut problem_json = Vec::new();
+    let compiled: std::sync::Mutex<std::collections::BTreeMap<String, Option<serde_json::Value>>> = Default::default();
+    for ((shape, kernels), estimates) in problems.iter().zip(&ranked) {
+        // Compile in rounds of as many candidates as there are cores until `top` survive.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut survivors = Vec::new();
+        let mut next = 0;
+        while survivors.len() < o.top && next < estimates.len().min(o.top * 4) {
+            let round: Vec<&tune::Estimate> = estimates[next..].iter().take(threads).collect();
+            next += round.len();
+            std::thread::scope(|scope| {
+                for e in &round {
+                    let (compiled, bar, ptxas, staging) = (&compiled, &bar, &ptxas, staging.path());
+                    scope.spawn(move || {
+                        let name = e.config.kernel_name();
+                        if compiled.lock().unwrap().contains_key(&name) {
+                            return;
+                        }
+                        let context = v3c_compiler::mlir::new_context();
+                        let result = v3c_compiler::conversion::sm90::compile_gemm(&context, &e.config, &device.target)
+                            .and_then(|mut k| {
+                                if let Some(p) = ptxas {
+                                    k.assemble(&device.target, p)?;
+                                }
+                                Ok(k)
+                            });
+                        let entry = match result {
+                            Ok(k)
+                                if k.resources
+                                    .as_ref()
+                                    .is_some_and(|r| r.spill_stores_bytes + r.spill_loads_bytes > 0) =>
+                            {
+                                None
+                            }
+                            Ok(k) => {
+                                let ok =
+                                    std::fs::write(staging.join("kernels").join(format!("{name}.ptx")), &k.ptx).is_ok();
+                                ok.then(|| {
+                                    serde_json::json!({
+                                        "name": name,
+                                        "threads": k.threads,
+                                        "dynamic_shared_memory_bytes": k.shared_memory_bytes,
+                                        "registers": k.resources.as_ref().map(|r| r.registers),
+                                    })
+                                })
+                            }
+                            Err(_) => None,
+                        };
+                        compiled.lock().unwrap().insert(name.clone(), entry);
+                        bar.inc(1);
+                        bar.set_message(name);
+                    });
+                }
+            });
+            let done = compiled.lock().unwrap();
+            for e in &round {
+                if let Some(Some(info)) = done.get(&e.config.kernel_name()) {
+                    if survivors.len() < o.top {
+                        let mut info = info.clone();
+                        info["estimate_us"] = serde_json::json!(e.micros);
+                        info["splits"] = serde_json::json!(e.splits);
+                        survivors.push(info);
+                    }
+                }
+            }
+        }
+        if survivors.is_empty() {
+            return Err(format!("{}: no candidate assembles without spills", shape.signature()));
+        }
+        let default = survivors[0]["name"].clone();
+        problem_json.push(serde_json::json!({
+            "kernel": shape.signature(),
+            "model_kernels": kernels,
+            "m": shape.m,
+            "m_bucket": tune::m_bucket(shape.m),
+            "n": shape.n,
+            "k": shape.k,
+            "residual": shape.residual,
+            "candidates_sha256": tune::candidates_sha256(&tune::candidates(shape, &device.target)),
+            "default": default,
+            "candidates": survivors,
+        }));
+    }
+    bar.finish_and_clear();
+    let manifest = serde_json::json!({
+        "format_version": 1,
+        "compiler_version": env!("CARGO_PKG_VERSION"),
+        "git_hash": env!("V3C_GIT_HASH"),
+        "gpu": device.name,
+        "compute_capability": device.target.compute_capability,
+        "model": o.model,
+        "assembled": ptxas.is_some(),
+        "problems": problem_json,
+    });
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n";
+    std::fs::write(staging.path().join("candidates.json"), text).map_err(|e| e.to_string())?;
+    let n_kernels = std::fs::read_dir(staging.path().join("kernels")).map_err(|e| e.to_string())?.count();
+    let staged = staging.keep();
+    std::fs::rename(&staged, dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    eprintln!(
+        "wrote {}: {} problems, {n_kernels} candidate kernels (PTX{}); measure them on a {} with \
+         benches/device/tune_check.py, then `v3c compile --tuning tuning.json`",
+        dir.display(),
+        problems.len(),
+        if ptxas.is_some() { ", spilling ones dropped by ptxas" } else { "; no ptxas here: spills unchecked" },
+        device.name
+    );
+    Ok(())
+}

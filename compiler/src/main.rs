@@ -261,12 +261,28 @@ struct InitWeightsArgs {
 struct TuneArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// Tuning database to write (merged with an existing one).
+    /// Tuning database to write (merged with an existing one); measuring here needs the GPU runtime.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
-    /// Write compiled candidates for `v3r tune` on a GPU machine instead of measuring here.
+    /// Write the compiled candidates (PTX + candidates.json) into this new directory, for measuring
+    /// on a GPU machine (benches/device/tune_check.py writes the database).
     #[arg(long, value_name = "DIR")]
     emit_candidates: Option<PathBuf>,
+    /// Candidates per problem kept after the cost model's ranking and ptxas's spill check.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    top: usize,
+    /// Print, per GEMM kernel and M, the database's default vs tuned time and winner (with --tuning).
+    #[arg(long)]
+    report: bool,
+    /// Tuning database to report on.
+    #[arg(long, value_name = "FILE")]
+    tuning: Option<PathBuf>,
+    /// The GPU to tune for (cost model figures, database key): H200, H100, H800, H20.
+    #[arg(long, value_name = "NAME", default_value = "H200")]
+    gpu: String,
+    /// Graph whose kernels to tune (default: fp8 when the checkpoint's weights are fp8).
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
 }
 
 #[derive(Args)]
@@ -348,7 +364,16 @@ fn main() -> ExitCode {
             })
         }),
         Command::InitWeights(a) => commands::init_weights(&a.model, &a.out, a.fp8, a.seed),
-        Command::Tune(a) => not_yet("tune", &a.model.model, "the autotuning issue"),
+        Command::Tune(a) => commands::tune(&commands::TuneOptions {
+            model: &a.model.model,
+            precision: a.precision.map(Precision::model),
+            gpu: &a.gpu,
+            emit_candidates: a.emit_candidates.as_deref(),
+            top: a.top.max(1),
+            report: a.report,
+            tuning: a.tuning.as_deref(),
+            out: a.out.as_deref(),
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -371,9 +396,4 @@ fn run_doctor(args: &DoctorArgs) -> Result<(), String> {
     } else {
         Err("the compiler's own toolchain (LLVM/MLIR) is broken; see the lines marked --".into())
     }
-}
-
-/// A subcommand whose arguments are settled but whose stage has not landed: says so, exits 1.
-fn not_yet(command: &str, what: &str, lands_with: &str) -> Result<(), String> {
-    Err(format!("{command} ({what}): not implemented yet; it lands with {lands_with}"))
 }

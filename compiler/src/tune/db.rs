@@ -35,6 +35,9 @@ pub struct DbEntry {
     pub default_config: String,
     /// Every measured candidate: kernel name and median milliseconds.
     pub timings: Vec<(String, f64)>,
+    /// Candidates whose output differed from the default configuration's (never winners).
+    #[serde(default)]
+    pub rejected: Vec<String>,
     /// When (RFC 3339, UTC) and on what (device and driver as the measuring tool saw them).
     pub measured_at: String,
     pub measured_on: String,
@@ -181,6 +184,7 @@ mod tests {
                 ("gemm_fp8_f32_64x64x128_s8_ws_splitk".into(), 0.015),
                 ("gemm_fp8_f32_128x64x128_s6_ws_splitk".into(), 0.015),
             ],
+            rejected: vec![],
             measured_at: "2026-11-29T00:00:00Z".into(),
             measured_on: "NVIDIA H200, driver 13.0".into(),
         }

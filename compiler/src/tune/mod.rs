@@ -219,7 +219,8 @@ pub fn rank(shape: &GemmShape, device: &DeviceModel) -> Vec<Estimate> {
     let mut all: Vec<Estimate> = candidates(shape, &device.target).iter().map(|c| estimate(shape, c, device)).collect();
     let best_efficiency = all.iter().map(|e| e.wave_efficiency).fold(0.0, f64::max);
     let floor = MIN_WAVE_EFFICIENCY.min(best_efficiency);
-    all.retain(|e| e.wave_efficiency >= floor);
+    // A split-K configuration that would not split here is its plain twin with more work.
+    all.retain(|e| e.wave_efficiency >= floor && (!e.config.split_k || e.splits > 1));
     // Equal estimates: the less padded tiles at the edges, the simpler configuration (fewer
     // scheduling features), then the name.
     let padded = |e: &Estimate| e.units / e.splits * e.config.block_m * e.config.block_n;
@@ -239,6 +240,25 @@ pub fn rank(shape: &GemmShape, device: &DeviceModel) -> Vec<Estimate> {
             .then_with(|| a.config.kernel_name().cmp(&b.config.kernel_name()))
     });
     all
+}
+
+/// The order to compile and measure candidates in: the cost model's best of each tile shape (block
+/// M x N, consumer warpgroups, split K) first, in rank order, then the rest in rank order — so a
+/// few measured candidates cover different shapes rather than neighbours the model cannot tell
+/// apart.
+pub fn diverse(ranked: &[Estimate]) -> Vec<Estimate> {
+    let key = |e: &Estimate| (e.config.block_m, e.config.block_n, e.config.consumers, e.config.split_k);
+    let mut seen = std::collections::HashSet::new();
+    let (mut first, mut rest) = (Vec::new(), Vec::new());
+    for e in ranked {
+        if seen.insert(key(e)) {
+            first.push(e.clone());
+        } else {
+            rest.push(e.clone());
+        }
+    }
+    first.extend(rest);
+    first
 }
 
 /// The candidate set's checksum: a changed search space (or template naming) invalidates database
