@@ -312,3 +312,24 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     assert_eq!(why("moe_down_0").as_deref(), Some("moe_down"));
     assert!(why("linear_0").unwrap().starts_with("linear on f32 activations with bf16 weights"));
 }
+
+/// Static pruning by ptxas: a configuration that fits on paper (validate) but spills in the
+/// consumer loop is passed over for the next one.
+#[test]
+fn configurations_that_spill_are_pruned() {
+    let Some(ptxas) = toolchain::find(toolchain::Tool::Ptxas).ok() else {
+        eprintln!("skipped: no ptxas (run scripts/bootstrap.sh)");
+        return;
+    };
+    let context = v3c_compiler::mlir::new_context();
+    let wide = GemmConfig {
+        consumers: 2,
+        specialized: true,
+        ..GemmConfig::new(GemmInput::Bf16, GemmOutput::Bf16, 128, 256, 4)
+    };
+    wide.validate(&target::SM90A).unwrap();
+    assert!(sm90::compile_unspilled(&context, &wide, &target::SM90A, Some(&ptxas)).unwrap().is_none(), "it spills");
+    let narrow = GemmConfig { block_n: 128, ..wide };
+    let kernel = sm90::compile_unspilled(&context, &narrow, &target::SM90A, Some(&ptxas)).unwrap().unwrap();
+    assert_eq!(kernel.resources.unwrap().spill_stores_bytes, 0);
+}

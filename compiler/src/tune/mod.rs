@@ -293,6 +293,12 @@ pub fn choose(kernel: &GemmKernel, m: usize, device: &DeviceModel, db: Option<&d
     let Some(db) = db else { return Choice { preferences, source: model, ignored: None } };
     let sha = candidates_sha256(&candidates(&shape, &device.target));
     match db.lookup(&shape.signature(), m_bucket(m), device, env!("CARGO_PKG_VERSION"), &sha) {
+        db::Lookup::Tuned { config, .. }
+            if (config.input, config.output, config.residual) != (shape.input, shape.output, shape.residual) =>
+        {
+            let why = format!("its winner {} does not implement {}", config.kernel_name(), shape.signature());
+            Choice { preferences, source: model, ignored: Some(why) }
+        }
         db::Lookup::Tuned { config, entry } => {
             let (_, ms) = entry.winner().expect("a tuned entry has a winner");
             let default = entry.default_ms().map_or(String::new(), |d| format!(", default {d:.4} ms"));
@@ -358,6 +364,45 @@ mod tests {
             estimate(&shape(64, 133 * 64, 4096), &GemmConfig::new(GemmInput::Bf16, GemmOutput::F32, 64, 64, 8), &h200);
         assert_eq!(one_over.waves, 2);
         assert!(one_over.wave_efficiency < 0.51);
+    }
+
+    #[test]
+    fn a_database_winner_of_another_kernel_is_ignored() {
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let kernel = GemmKernel {
+            kernel: "gemm_residual_0".into(),
+            input: GemmInput::Fp8,
+            output: GemmOutput::F32,
+            n: 7168,
+            k: 16384,
+            a: 0,
+            a_scale: Some(1),
+            weights: vec![(2, Some(3))],
+            residual: Some(4),
+            results: vec![(0, 7168)],
+        };
+        let shape = GemmShape::of(&kernel, DECODE_M);
+        let entry = |winner: &str| db::DbEntry {
+            compiler_version: env!("CARGO_PKG_VERSION").into(),
+            gpu: "H200".into(),
+            compute_capability: (9, 0),
+            kernel: shape.signature(),
+            m_bucket: 64,
+            candidates_sha256: candidates_sha256(&candidates(&shape, &h200.target)),
+            default_config: "x".into(),
+            timings: vec![(winner.into(), 0.01)],
+            rejected: vec![],
+            measured_at: "now".into(),
+            measured_on: "test".into(),
+        };
+        let mut db = db::TuningDb::new();
+        db.insert(entry("gemm_bf16_f32_64x64x64_s4_res"));
+        let choice = choose(&kernel, DECODE_M, &h200, Some(&db));
+        assert!(choice.ignored.unwrap().contains("does not implement gemm fp8->f32 n7168 k16384 +residual"));
+        db.insert(entry("gemm_fp8_f32_64x128x128_s4_res"));
+        let choice = choose(&kernel, DECODE_M, &h200, Some(&db));
+        assert_eq!(choice.preferences[0].kernel_name(), "gemm_fp8_f32_64x128x128_s4_res");
+        assert!(choice.source.starts_with("tuning database: 0.0100 ms measured on H200"), "{}", choice.source);
     }
 
     #[test]

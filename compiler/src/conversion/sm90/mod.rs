@@ -128,6 +128,24 @@ pub fn compile_gemm(context: &Context, config: &gemm::GemmConfig, target: &GpuTa
     })
 }
 
+/// Compiles `config`; with ptxas, assembles it and returns None when ptxas reports spills (the
+/// static pruning of configurations that fit on paper but not in the registers).
+pub fn compile_unspilled(
+    context: &Context,
+    config: &gemm::GemmConfig,
+    target: &GpuTarget,
+    ptxas: Option<&FoundTool>,
+) -> Result<Option<GpuKernel>, Sm90Error> {
+    let mut kernel = compile_gemm(context, config, target)?;
+    if let Some(ptxas) = ptxas {
+        kernel.assemble(target, ptxas)?;
+        if kernel.resources.as_ref().is_some_and(|r| r.spill_stores_bytes + r.spill_loads_bytes > 0) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(kernel))
+}
+
 /// The sm_90a lowering of a `fused`-stage module (the kernels of every entry point).
 #[derive(Debug, Default)]
 pub struct ModelKernels {
@@ -174,21 +192,14 @@ pub fn compile_model(
                             break;
                         }
                         progress(&name);
-                        let mut kernel = compile_gemm(context, config, target)?;
-                        if let Some(ptxas) = ptxas {
-                            kernel.assemble(target, ptxas)?;
-                            let spills = kernel
-                                .resources
-                                .as_ref()
-                                .is_some_and(|r| r.spill_stores_bytes + r.spill_loads_bytes > 0);
-                            if spills {
-                                out.spilled.push(name);
-                                continue;
+                        match compile_unspilled(context, config, target, ptxas)? {
+                            Some(kernel) => {
+                                out.kernels.push(kernel);
+                                chosen = Some(name);
+                                break;
                             }
+                            None => out.spilled.push(name),
                         }
-                        out.kernels.push(kernel);
-                        chosen = Some(name);
-                        break;
                     }
                     let name = chosen.ok_or_else(|| Sm90Error::Config {
                         kernel: g.kernel.clone(),
