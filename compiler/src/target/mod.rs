@@ -71,6 +71,16 @@ pub struct DeviceModel {
     pub l2_bytes: u64,
 }
 
+const H100: DeviceModel = DeviceModel {
+    name: "H100",
+    target: SM90A,
+    sm_count: 132,
+    bf16_tflops: 989.0,
+    fp8_tflops: 1979.0,
+    dram_tbps: 3.35,
+    l2_bytes: 50 << 20,
+};
+
 /// The Hopper devices the cost model knows (SXM forms; H20 is the export part).
 pub const DEVICES: &[DeviceModel] = &[
     DeviceModel {
@@ -82,24 +92,8 @@ pub const DEVICES: &[DeviceModel] = &[
         dram_tbps: 4.8,
         l2_bytes: 50 << 20,
     },
-    DeviceModel {
-        name: "H100",
-        target: SM90A,
-        sm_count: 132,
-        bf16_tflops: 989.0,
-        fp8_tflops: 1979.0,
-        dram_tbps: 3.35,
-        l2_bytes: 50 << 20,
-    },
-    DeviceModel {
-        name: "H800",
-        target: SM90A,
-        sm_count: 132,
-        bf16_tflops: 989.0,
-        fp8_tflops: 1979.0,
-        dram_tbps: 3.35,
-        l2_bytes: 50 << 20,
-    },
+    H100,
+    DeviceModel { name: "H800", ..H100 },
     DeviceModel {
         name: "H20",
         target: SM90A,
