@@ -166,6 +166,32 @@ fn cpu_backend_fp8_sums_attention_in_the_reference_order() {
     assert!(diff <= 1e-5 * scale, "{diff} (scale {scale})");
 }
 
+/// The fp8 dense GEMMs are vectorized across 16 output columns (each lane keeps the reference's
+/// per-element order). Widths that are not multiples of 16 (masked stores: hidden 200, q_lora 40)
+/// and K blocks that are partial (intermediate 72) must still give the reference's logits.
+#[test]
+fn cpu_backend_fp8_gemms_at_awkward_widths_match_the_reference() {
+    let c = v3c_models::init::with_fp8(&v3c_benches::bench_config(&[
+        ("hidden_size", 200),
+        ("intermediate_size", 72),
+        ("moe_intermediate_size", 56),
+        ("q_lora_rank", 40),
+        ("kv_lora_rank", 24),
+        ("vocab_size", 300),
+    ]));
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    write_random_checkpoint(&c, &ckpt, 4).unwrap();
+    let model = Model::open(&ckpt, Precision::Fp8).unwrap();
+    let tokens: Vec<u32> = (1..=9).map(|t| t * 7).collect();
+    let want = model.logits(&tokens, 0).unwrap().logits;
+    let got = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap().logits;
+    let (want, got) = (want.as_f32().unwrap(), got.as_f32().unwrap());
+    let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+    let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(diff <= 1e-5 * scale, "{diff} (scale {scale})");
+}
+
 /// A shared expert that cannot join the grouped GEMMs (two experts wide with fp8 weights: its scale
 /// blocks would straddle) keeps its own kernels and becomes the down GEMM's residual: the CPU
 /// backend still computes what the reference computes, in fp8 and in f32.

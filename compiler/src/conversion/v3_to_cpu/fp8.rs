@@ -96,6 +96,8 @@ pub(super) fn fp8_helpers(prefix: &str) -> String {
 
 /// fp8 activation group and weight block edge (DeepSeek-V3: 1x128 activations, 128x128 weights).
 pub(super) const FP8_BLOCK: usize = 128;
+/// Output columns one vectorized fp8 GEMM step computes (one f32 lane each; divides FP8_BLOCK).
+const FP8_LANES: usize = 16;
 
 impl Emitter {
     pub(super) fn decode(&mut self) -> String {
@@ -226,6 +228,11 @@ impl Emitter {
     }
 
     /// y[m, n] = sum over K blocks kb of (sum_k xq[m,k] wq[n,k]) * xs[m,kb] * ws[n/128, kb].
+    /// `out = block-scaled x . w^T` in the reference's arithmetic order — per output element, per
+    /// K block, a sequential sum of products from zero, then `(partial * x_scale) * w_scale` added
+    /// to the accumulator — vectorized across 16 output columns (each lane one column, so every
+    /// element keeps that order). Operands are decoded once: the activations whole, the weights one
+    /// tile of 16 rows at a time, transposed so a K step loads the tile's 16 values contiguously.
     pub(super) fn linear_fp8(&mut self, a: &[(String, Shape)], dest: &str, out: &Shape) {
         let (x, xs, w, ws) = (&a[0], &a[1], &a[2], &a[3]);
         let k = x.1.dims[1].unwrap_or(0);
@@ -237,43 +244,78 @@ impl Emitter {
             "scf.execute_region {{
       %c0 = arith.constant 0 : index
       %c1 = arith.constant 1 : index
+      %c16 = arith.constant {LANES} : index
       %ck = arith.constant {k} : index
       %cn = arith.constant {n} : index
       %ckb = arith.constant {kb} : index
       %cblk = arith.constant {FP8_BLOCK} : index
+      %vzero = arith.constant dense<0.0> : vector<{LANES}xf32>
       %rows = memref.dim {xv}, %c0 : {x_ty}
+      %xf = memref.alloc(%rows) : memref<?x{k}xf32>
       scf.for %m = %c0 to %rows step %c1 {{
-        scf.for %j = %c0 to %cn step %c1 {{
-          %nb = arith.divui %j, %cblk : index
-          %acc = scf.for %b = %c0 to %ckb step %c1 iter_args(%a = %zero) -> (f32) {{
+        scf.for %i = %c0 to %ck step %c1 {{
+          %xb = memref.load {xv}[%m, %i] : {x_ty}
+          %xd = func.call {dec}(%xb) : (i8) -> f32
+          memref.store %xd, %xf[%m, %i] : memref<?x{k}xf32>
+        }}
+      }}
+      %wt = memref.alloc() : memref<{k}x{LANES}xf32>
+      %tiles = arith.ceildivui %cn, %c16 : index
+      scf.for %t = %c0 to %tiles step %c1 {{
+        %j0 = arith.muli %t, %c16 : index
+        %left = arith.subi %cn, %j0 : index
+        %jn = arith.minui %left, %c16 : index
+        scf.for %c = %c0 to %c16 step %c1 {{
+          %live = arith.cmpi ult, %c, %jn : index
+          %j = arith.addi %j0, %c : index
+          scf.for %i = %c0 to %ck step %c1 {{
+            %wd = scf.if %live -> (f32) {{
+              %wb = memref.load {wv}[%j, %i] : {w_ty}
+              %v = func.call {dec}(%wb) : (i8) -> f32
+              scf.yield %v : f32
+            }} else {{
+              scf.yield %zero : f32
+            }}
+            memref.store %wd, %wt[%i, %c] : memref<{k}x{LANES}xf32>
+          }}
+        }}
+        // The tile's 16 columns lie in one weight scale block (16 divides 128).
+        %nb = arith.divui %j0, %cblk : index
+        %mask = vector.create_mask %jn : vector<{LANES}xi1>
+        scf.for %m = %c0 to %rows step %c1 {{
+          %acc = scf.for %b = %c0 to %ckb step %c1 iter_args(%a = %vzero) -> (vector<{LANES}xf32>) {{
             %lo = arith.muli %b, %cblk : index
             %hi0 = arith.addi %lo, %cblk : index
             %hi = arith.minui %hi0, %ck : index
-            %part = scf.for %i = %lo to %hi step %c1 iter_args(%p = %zero) -> (f32) {{
-              %xb = memref.load {xv}[%m, %i] : {x_ty}
-              %wb = memref.load {wv}[%j, %i] : {w_ty}
-              %xf = func.call {dec}(%xb) : (i8) -> f32
-              %wf = func.call {dec}(%wb) : (i8) -> f32
-              %pr = arith.mulf %xf, %wf : f32
-              %np = arith.addf %p, %pr : f32
-              scf.yield %np : f32
+            %part = scf.for %i = %lo to %hi step %c1 iter_args(%p = %vzero) -> (vector<{LANES}xf32>) {{
+              %xs1 = memref.load %xf[%m, %i] : memref<?x{k}xf32>
+              %xv = vector.broadcast %xs1 : f32 to vector<{LANES}xf32>
+              %wv = vector.load %wt[%i, %c0] : memref<{k}x{LANES}xf32>, vector<{LANES}xf32>
+              %pr = arith.mulf %xv, %wv : vector<{LANES}xf32>
+              %np = arith.addf %p, %pr : vector<{LANES}xf32>
+              scf.yield %np : vector<{LANES}xf32>
             }}
             %sx = memref.load {xsv}[%m, %b] : {xs_ty}
             %sw = memref.load {wsv}[%nb, %b] : {ws_ty}
-            %t1 = arith.mulf %part, %sx : f32
-            %t2 = arith.mulf %t1, %sw : f32
-            %na = arith.addf %a, %t2 : f32
-            scf.yield %na : f32
+            %sxv = vector.broadcast %sx : f32 to vector<{LANES}xf32>
+            %swv = vector.broadcast %sw : f32 to vector<{LANES}xf32>
+            %t1 = arith.mulf %part, %sxv : vector<{LANES}xf32>
+            %t2 = arith.mulf %t1, %swv : vector<{LANES}xf32>
+            %na = arith.addf %a, %t2 : vector<{LANES}xf32>
+            scf.yield %na : vector<{LANES}xf32>
           }}
-          memref.store %acc, {dest}[%m, %j] : {o_ty}
+          vector.maskedstore {dest}[%m, %j0], %mask, %acc : {o_ty}, vector<{LANES}xi1>, vector<{LANES}xf32>
         }}
       }}
+      memref.dealloc %wt : memref<{k}x{LANES}xf32>
+      memref.dealloc %xf : memref<?x{k}xf32>
       scf.yield
     }}",
             xv = x.0,
             xsv = xs.0,
             wv = w.0,
-            wsv = ws.0
+            wsv = ws.0,
+            LANES = FP8_LANES,
         ));
     }
 }
