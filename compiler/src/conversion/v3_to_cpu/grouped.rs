@@ -29,8 +29,9 @@ pub(super) fn partition_range(n: usize, granule: usize, lo: &str, hi: &str) -> S
 /// Partition granule of the grouped gate/up GEMM: whole 1 x 128 groups, so that a quantization
 /// of its output in the same kernel stays inside each partition's columns.
 pub(super) const GATE_UP_GRANULE: usize = FP8_BLOCK;
-/// Partition granule of the grouped down GEMM's output columns.
-const DOWN_GRANULE: usize = 8;
+/// Partition granule of the grouped down GEMM's output columns (whole 16-column tiles of the fp8
+/// form, so that no tile straddles a 128-row weight scale block).
+const DOWN_GRANULE: usize = 16;
 
 use super::fp8::FP8_BLOCK;
 
@@ -526,67 +527,149 @@ scf.yield
         )
     }
 
-    /// One dot product against an fp8 weight row. With fp8 activations (`a_scale` given), block
-    /// scaled: `%{acc}` = sum over K blocks b of (sum_j a[j] w[j]) * a_scale[b] * w_scale[b] (the
-    /// GPU's per-K-block promotion), `a_at(j)` loading e4m3 bits. With f32 activations, the weight
-    /// dequantized as read: sum_j a[j] * (w[j] * w_scale[j / 128]) (what the reference computes on
-    /// dequantized weights). `$j` / `$b` in the loads stand for the K index / K block.
-    fn fp8_dot(
+    /// Fills `tile` (`memref<{k}x16xf32>`) with 16 rows of an expert's fp8 weight, transposed so a
+    /// K step reads the 16 values contiguously: row `c0 + c` (c < `jn`; the rest zero) decoded
+    /// from `w_load` (`$r` the row, `$j` the K index), times its block scale when `scale_load` is
+    /// given (`$b` the K block: the weight dequantized, for f32 activations).
+    fn fp8_weight_tile(
         &mut self,
+        tile: &str,
+        k: usize,
+        (c0, jn): (&str, &str),
+        w_load: &str,
+        scale_load: Option<&str>,
+    ) -> String {
+        let dec = self.decode();
+        let p = tile.trim_start_matches('%');
+        let value = match scale_load {
+            Some(sl) => format!(
+                "%{p}_q = func.call {dec}(%{p}_b) : (i8) -> f32
+      %{p}_kb = arith.divui %{p}_j, %cblk : index
+      %{p}_s = {}
+      %{p}_v = arith.mulf %{p}_q, %{p}_s : f32",
+                sl.replace("$b", &format!("%{p}_kb"))
+            ),
+            None => format!("%{p}_v = func.call {dec}(%{p}_b) : (i8) -> f32"),
+        };
+        format!(
+            "%{p}_k = arith.constant {k} : index
+scf.for %{p}_c = %c0 to %c16 step %c1 {{
+  %{p}_live = arith.cmpi ult, %{p}_c, {jn} : index
+  %{p}_r = arith.addi {c0}, %{p}_c : index
+  scf.for %{p}_j = %c0 to %{p}_k step %c1 {{
+    %{p}_w = scf.if %{p}_live -> (f32) {{
+      %{p}_b = {}
+      {value}
+      scf.yield %{p}_v : f32
+    }} else {{
+      scf.yield %zero : f32
+    }}
+    memref.store %{p}_w, {tile}[%{p}_j, %{p}_c] : memref<{k}x16xf32>
+  }}
+}}",
+            w_load.replace("$r", &format!("%{p}_r")).replace("$j", &format!("%{p}_j")),
+        )
+    }
+
+    /// 16 dot products at once (one per lane, each in the reference's order) of an activation row
+    /// (`a_at`, `$j` the K index) with a [`Emitter::fp8_weight_tile`]: with `scales` (activation,
+    /// weight; `$b` the K block), per K block a sequential sum from zero, then `(part * a_s) * w_s`
+    /// added; without, one sequential sum over the dequantized weights.
+    fn fp8_dot16(
         acc: &str,
         (len, blocks): (usize, usize),
         a_at: &str,
-        a_scale: Option<&str>,
-        w_at: &str,
-        w_scale: &str,
+        scales: Option<(&str, &str)>,
+        tile: &str,
     ) -> String {
-        let dec = self.decode();
-        let Some(a_scale) = a_scale else {
+        let v = "vector<16xf32>";
+        let step = |p: &str, j: &str| {
+            format!(
+                "%{acc}_x = {}
+%{acc}_xv = vector.broadcast %{acc}_x : f32 to {v}
+%{acc}_wv = vector.load {tile}[{j}, %c0] : memref<{len}x16xf32>, {v}
+%{acc}_pr = arith.mulf %{acc}_xv, %{acc}_wv : {v}
+%{acc}_np = arith.addf {p}, %{acc}_pr : {v}
+scf.yield %{acc}_np : {v}",
+                a_at.replace("$j", j)
+            )
+        };
+        let Some((sa_at, sw_at)) = scales else {
             return format!(
                 "%{acc}_len = arith.constant {len} : index
-%{acc} = scf.for %j = %c0 to %{acc}_len step %c1 iter_args(%a = %zero) -> (f32) {{
-  %av = {a_load}
-  %wb = {w_load}
-  %wdq = func.call {dec}(%wb) : (i8) -> f32
-  %jb = arith.divui %j, %cblk : index
-  %sw = {sw_load}
-  %wf = arith.mulf %wdq, %sw : f32
-  %pr = arith.mulf %av, %wf : f32
-  %na = arith.addf %a, %pr : f32
-  scf.yield %na : f32
+%{acc} = scf.for %{acc}_j = %c0 to %{acc}_len step %c1 iter_args(%{acc}_a = %vzero) -> ({v}) {{
+{}
 }}",
-                a_load = a_at.replace("$j", "%j"),
-                w_load = w_at.replace("$j", "%j"),
-                sw_load = w_scale.replace("$b", "%jb"),
+                indent(&step(&format!("%{acc}_a"), &format!("%{acc}_j")), 2)
             );
         };
         format!(
             "%{acc}_len = arith.constant {len} : index
 %{acc}_nb = arith.constant {blocks} : index
-%{acc} = scf.for %b = %c0 to %{acc}_nb step %c1 iter_args(%a = %zero) -> (f32) {{
-  %lo = arith.muli %b, %cblk : index
-  %hi0 = arith.addi %lo, %cblk : index
-  %hi = arith.minui %hi0, %{acc}_len : index
-  %bpart = scf.for %j = %lo to %hi step %c1 iter_args(%p = %zero) -> (f32) {{
-    %ab = {a_load}
-    %wb = {w_load}
-    %af = func.call {dec}(%ab) : (i8) -> f32
-    %wf = func.call {dec}(%wb) : (i8) -> f32
-    %pr = arith.mulf %af, %wf : f32
-    %np = arith.addf %p, %pr : f32
-    scf.yield %np : f32
+%{acc} = scf.for %{acc}_b = %c0 to %{acc}_nb step %c1 iter_args(%{acc}_a = %vzero) -> ({v}) {{
+  %{acc}_lo = arith.muli %{acc}_b, %cblk : index
+  %{acc}_hi0 = arith.addi %{acc}_lo, %cblk : index
+  %{acc}_hi = arith.minui %{acc}_hi0, %{acc}_len : index
+  %{acc}_part = scf.for %{acc}_j = %{acc}_lo to %{acc}_hi step %c1 iter_args(%{acc}_p = %vzero) -> ({v}) {{
+{}
   }}
-  %sa = {sa_load}
-  %sw = {sw_load}
-  %t1 = arith.mulf %bpart, %sa : f32
-  %t2 = arith.mulf %t1, %sw : f32
-  %na = arith.addf %a, %t2 : f32
-  scf.yield %na : f32
+  %{acc}_sa = {}
+  %{acc}_sw = {}
+  %{acc}_sav = vector.broadcast %{acc}_sa : f32 to {v}
+  %{acc}_swv = vector.broadcast %{acc}_sw : f32 to {v}
+  %{acc}_t1 = arith.mulf %{acc}_part, %{acc}_sav : {v}
+  %{acc}_t2 = arith.mulf %{acc}_t1, %{acc}_swv : {v}
+  %{acc}_na = arith.addf %{acc}_a, %{acc}_t2 : {v}
+  scf.yield %{acc}_na : {v}
 }}",
-            a_load = a_at.replace("$j", "%j"),
-            w_load = w_at.replace("$j", "%j"),
-            sa_load = a_scale.replace("$b", "%b"),
-            sw_load = w_scale.replace("$b", "%b"),
+            indent(&step(&format!("%{acc}_p"), &format!("%{acc}_j")), 4),
+            sa_at.replace("$b", &format!("%{acc}_b")),
+            sw_at.replace("$b", &format!("%{acc}_b")),
+        )
+    }
+
+    /// Per expert `%e` (`%ex` its weight index, `picks` selecting its weights): its permuted rows
+    /// `[%glo, %ghi)`, then `body`.
+    fn expert_ranges(g: &Grouped, picks: &str, body: &str) -> String {
+        format!(
+            "%ce = arith.constant {experts} : index
+%ctot = arith.constant {total} : index
+scf.for %e = %c0 to %ctot step %c1 {{
+  %is_shared = arith.cmpi uge, %e, %ce : index
+  %es = arith.subi %e, %ce : index
+  %ex = arith.select %is_shared, %es, %e : index
+{picks}
+  %e1 = arith.addi %e, %c1 : index
+  %glo32 = memref.load {off}[%e] : {off_ty}
+  %ghi32 = memref.load {off}[%e1] : {off_ty}
+  %glo = arith.index_cast %glo32 : i32 to index
+  %ghi = arith.index_cast %ghi32 : i32 to index
+{body}
+}}",
+            experts = g.experts,
+            total = g.experts + g.shared,
+            off = g.offsets.0,
+            off_ty = memref(&g.offsets.1),
+            picks = indent(picks, 2),
+            body = indent(body, 2),
+        )
+    }
+
+    /// Decodes `src` (`memref<?x{k}xi8>`, e4m3) into a new f32 buffer `dst` of the same shape.
+    fn decode_rows(&mut self, src: &str, src_ty: &str, dst: &str, k: usize) -> String {
+        let dec = self.decode();
+        let p = dst.trim_start_matches('%');
+        format!(
+            "%{p}_n = memref.dim {src}, %c0 : {src_ty}
+{dst} = memref.alloc(%{p}_n) : memref<?x{k}xf32>
+%{p}_k = arith.constant {k} : index
+scf.for %{p}_m = %c0 to %{p}_n step %c1 {{
+  scf.for %{p}_i = %c0 to %{p}_k step %c1 {{
+    %{p}_b = memref.load {src}[%{p}_m, %{p}_i] : {src_ty}
+    %{p}_v = func.call {dec}(%{p}_b) : (i8) -> f32
+    memref.store %{p}_v, {dst}[%{p}_m, %{p}_i] : memref<?x{k}xf32>
+  }}
+}}"
         )
     }
 
@@ -623,53 +706,85 @@ scf.yield
             pre.push(p);
             picks.push(pick);
         }
-        let x_at = format!("memref.load {}[%t, $j] : {}", x.0, memref(&x.1));
-        let xs_at = g.act_scale.map(|xs| format!("memref.load {}[%t, $b] : {}", xs.0, memref(&xs.1)));
-        let dot_g = self.fp8_dot(
-            "dg",
-            (d, db),
-            &x_at,
-            xs_at.as_deref(),
-            &format!("memref.load %wg[%ex, %i, $j] : {wty}"),
-            &format!("memref.load %wgs[%ex, %ib, $b] : {sty}"),
-        );
-        let dot_u = self.fp8_dot(
-            "du",
-            (d, db),
-            &x_at,
-            xs_at.as_deref(),
-            &format!("memref.load %wu[%ex, %i, $j] : {wty}"),
-            &format!("memref.load %wus[%ex, %ib, $b] : {sty}"),
-        );
-        let row = format!(
-            "%t32 = memref.load %rflat[%g] : memref<?xi32>
-%t = arith.index_cast %t32 : i32 to index
-scf.for %i = %ilo to %ihi step %c1 {{
-  %ib = arith.divui %i, %cblk : index
+        // Vectorized across 16 intermediate columns (one lane each, the reference's order per
+        // lane): per expert and column tile, the gate and up weight rows decoded once into
+        // transposed tiles; fp8 activations decoded once per launch.
+        let fp8_act = g.act_scale.is_some();
+        let (x_pre, x_at) = if fp8_act {
+            (self.decode_rows(&x.0, &memref(&x.1), "%xf", d), format!("memref.load %xf[%t, $j] : memref<?x{d}xf32>"))
+        } else {
+            (String::new(), format!("memref.load {}[%t, $j] : {}", x.0, memref(&x.1)))
+        };
+        // f32 activations read the weights dequantized; a tile's 16 rows share scale row block %ib.
+        let dequant = |scale: &str| (!fp8_act).then(|| format!("memref.load {scale}[%ex, %ib, $b] : {sty}"));
+        let (gate_scale, up_scale) = (dequant("%wgs"), dequant("%wus"));
+        let gate_w = format!("memref.load %wg[%ex, $r, $j] : {wty}");
+        let up_w = format!("memref.load %wu[%ex, $r, $j] : {wty}");
+        let gate_tile = self.fp8_weight_tile("%wgt", d, ("%i0", "%jn"), &gate_w, gate_scale.as_deref());
+        let up_tile = self.fp8_weight_tile("%wut", d, ("%i0", "%jn"), &up_w, up_scale.as_deref());
+        let scales = |w: &str| {
+            g.act_scale.map(|xs| {
+                (
+                    format!("memref.load {}[%t, $b] : {}", xs.0, memref(&xs.1)),
+                    format!("memref.load {w}[%ex, %ib, $b] : {sty}"),
+                )
+            })
+        };
+        let (sg, su) = (scales("%wgs"), scales("%wus"));
+        let dot_g = Self::fp8_dot16("dg", (d, db), &x_at, sg.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), "%wgt");
+        let dot_u = Self::fp8_dot16("du", (d, db), &x_at, su.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), "%wut");
+        let v = "vector<16xf32>";
+        let tiles = format!(
+            "%span = arith.subi %ihi, %ilo : index
+%ntiles = arith.ceildivui %span, %c16 : index
+scf.for %it = %c0 to %ntiles step %c1 {{
+  %i0o = arith.muli %it, %c16 : index
+  %i0 = arith.addi %ilo, %i0o : index
+  %left = arith.subi %ihi, %i0 : index
+  %jn = arith.minui %left, %c16 : index
+  %ib = arith.divui %i0, %cblk : index
+{gate_tile}
+{up_tile}
+  %mask = vector.create_mask %jn : vector<16xi1>
+  scf.for %g = %glo to %ghi step %c1 {{
+    %t32 = memref.load %rflat[%g] : memref<?xi32>
+    %t = arith.index_cast %t32 : i32 to index
 {dot_g}
 {dot_u}
-  %neg = arith.negf %dg : f32
-  %exn = math.exp %neg : f32
-  %dn = arith.addf %one, %exn : f32
-  %sg = arith.divf %dg, %dn : f32
-  %hv = arith.mulf %sg, %du : f32
-  memref.store %hv, %hflat[%g, %i] : memref<?x{inter}xf32>
+    %neg = arith.negf %dg : {v}
+    %exn = math.exp %neg : {v}
+    %dn = arith.addf %vone, %exn : {v}
+    %sg = arith.divf %dg, %dn : {v}
+    %hv = arith.mulf %sg, %du : {v}
+    vector.maskedstore %hflat[%g, %i0], %mask, %hv : memref<?x{inter}xf32>, vector<16xi1>, {v}
+  }}
 }}",
-            dot_g = indent(&dot_g, 2),
-            dot_u = indent(&dot_u, 2),
+            gate_tile = indent(&gate_tile, 2),
+            up_tile = indent(&up_tile, 2),
+            dot_g = indent(&dot_g, 4),
+            dot_u = indent(&dot_u, 4),
         );
-        let body = Self::expert_loop(g, &picks.join("\n"), None, &row);
+        let body = Self::expert_ranges(g, &picks.join("\n"), &tiles);
+        let free = if fp8_act { format!("memref.dealloc %xf : memref<?x{d}xf32>") } else { String::new() };
         self.line(&format!(
             "scf.execute_region {{
 %c0 = arith.constant 0 : index
 %c1 = arith.constant 1 : index
-%c4 = arith.constant 4 : index
+%c16 = arith.constant 16 : index
 %cblk = arith.constant {FP8_BLOCK} : index
+%vzero = arith.constant dense<0.0> : vector<16xf32>
+%vone = arith.constant dense<1.0> : vector<16xf32>
 %hflat = memref.collapse_shape {dest} [[0, 1], [2]] : {o_ty} into memref<?x{inter}xf32>
 %rflat = memref.collapse_shape {rv} [[0, 1]] : memref<?x{width}xi32> into memref<?xi32>
 {range}
 {pre}
+{x_pre}
+%wgt = memref.alloc() : memref<{d}x16xf32>
+%wut = memref.alloc() : memref<{d}x16xf32>
 {body}
+memref.dealloc %wgt : memref<{d}x16xf32>
+memref.dealloc %wut : memref<{d}x16xf32>
+{free}
 scf.yield
 }}",
             o_ty = memref(out),
@@ -714,33 +829,64 @@ scf.yield
             pre.push(p);
             picks.push(pick);
         }
+        // Vectorized across 16 output columns as the gate/up GEMM is: per expert and column tile
+        // (tiles of 16 inside one 128-row scale block), the down weight rows decoded once into a
+        // transposed tile; fp8 permuted rows decoded once per launch.
         let h_el = storage(&h.1.element).to_string();
-        let dot = self.fp8_dot(
-            "dd",
-            (inter, ib),
-            &format!("memref.load %hq[%g, $j] : memref<?x{inter}x{h_el}>"),
-            g.act_scale.map(|_| format!("memref.load %hs[%g, $b] : memref<?x{ib}xf32>")).as_deref(),
-            &format!("memref.load %wd[%ex, %o, $j] : {wty}"),
-            &format!("memref.load %wds[%ex, %ob, $b] : {sty}"),
-        );
+        let fp8_act = g.act_scale.is_some();
+        let (h_pre, h_at) = if fp8_act {
+            (
+                self.decode_rows("%hq", &format!("memref<?x{inter}x{h_el}>"), "%hf", inter),
+                format!("memref.load %hf[%g, $j] : memref<?x{inter}xf32>"),
+            )
+        } else {
+            (String::new(), format!("memref.load %hq[%g, $j] : memref<?x{inter}x{h_el}>"))
+        };
+        let scale = (!fp8_act).then(|| format!("memref.load %wds[%ex, %ob, $b] : {sty}"));
+        let down_w = format!("memref.load %wd[%ex, $r, $j] : {wty}");
+        let tile = self.fp8_weight_tile("%wdt", inter, ("%o0", "%jn"), &down_w, scale.as_deref());
+        let scales = g.act_scale.map(|_| {
+            (format!("memref.load %hs[%g, $b] : memref<?x{ib}xf32>"), format!("memref.load %wds[%ex, %ob, $b] : {sty}"))
+        });
+        let pair = scales.as_ref().map(|(a, b)| (a.as_str(), b.as_str()));
+        let dot = Self::fp8_dot16("dd", (inter, ib), &h_at, pair, "%wdt");
         let finish = Self::add_residual(residual, dest, &o_ty);
-        let row = format!(
-            "%t32 = memref.load %rflat[%g] : memref<?xi32>
-%t = arith.index_cast %t32 : i32 to index
-%wt = memref.load %wflat[%g] : memref<?xf32>
-scf.for %o = %olo to %ohi step %c1 {{
-  %ob = arith.divui %o, %cblk : index
+        let v = "vector<16xf32>";
+        let tiles = format!(
+            "%span = arith.subi %ohi, %olo : index
+%ntiles = arith.ceildivui %span, %c16 : index
+scf.for %it = %c0 to %ntiles step %c1 {{
+  %o0o = arith.muli %it, %c16 : index
+  %o0 = arith.addi %olo, %o0o : index
+  %left = arith.subi %ohi, %o0 : index
+  %jn = arith.minui %left, %c16 : index
+  %ob = arith.divui %o0, %cblk : index
+{tile}
+  %mask = vector.create_mask %jn : vector<16xi1>
+  scf.for %g = %glo to %ghi step %c1 {{
+    %t32 = memref.load %rflat[%g] : memref<?xi32>
+    %t = arith.index_cast %t32 : i32 to index
+    %wt = memref.load %wflat[%g] : memref<?xf32>
 {dot}
-  %cur = memref.load {dest}[%t, %o] : {o_ty}
-  %wa = arith.mulf %wt, %dd : f32
-  %sum = arith.addf %cur, %wa : f32
-  memref.store %sum, {dest}[%t, %o] : {o_ty}
+    %cur = vector.maskedload {dest}[%t, %o0], %mask, %vzero : {o_ty}, vector<16xi1>, {v} into {v}
+    %wtv = vector.broadcast %wt : f32 to {v}
+    %wa = arith.mulf %wtv, %dd : {v}
+    %sum = arith.addf %cur, %wa : {v}
+    vector.maskedstore {dest}[%t, %o0], %mask, %sum : {o_ty}, vector<16xi1>, {v}
+  }}
 }}",
-            dot = indent(&dot, 2),
+            tile = indent(&tile, 2),
+            dot = indent(&dot, 4),
         );
-        let body = Self::expert_loop(g, &picks.join("\n"), None, &row);
+        let free = if fp8_act { format!("memref.dealloc %hf : memref<?x{inter}xf32>") } else { String::new() };
+        let body = format!(
+            "{h_pre}\n%wdt = memref.alloc() : memref<{inter}x16xf32>\n{}\nmemref.dealloc %wdt : memref<{inter}x16xf32>\n{free}",
+            Self::expert_ranges(g, &picks.join("\n"), &tiles)
+        );
         let header = format!(
             "%cblk = arith.constant {FP8_BLOCK} : index
+%c16 = arith.constant 16 : index
+%vzero = arith.constant dense<0.0> : vector<16xf32>
 %hq = memref.collapse_shape {hv} [[0, 1], [2]] : {h_ty} into memref<?x{inter}x{h_el}>
 {hs_view}",
             hv = h.0,
