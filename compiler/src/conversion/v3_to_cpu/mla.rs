@@ -58,6 +58,19 @@ impl Emitter {
             }
         }
         };
+        // fp8 kv_b: dequantized once per launch (each value exactly as `kvb_load` computes it), so
+        // the sums below read f32 values instead of decoding per multiply.
+        let hp_all = h * per_head;
+        let dequantized = kvb_scale.map(|_| {
+            format!(
+                "%kvbf = memref.alloc() : memref<{hp_all}x{kv}xf32>\nscf.for %r = %c0 to %c{hp_all} step %c1 {{\n  scf.for %c = %c0 to %c{kv} step %c1 {{\n{}\n    memref.store %kf, %kvbf[%r, %c] : memref<{hp_all}x{kv}xf32>\n  }}\n}}",
+                indent(&kvb_load("%r", "%c", "%kf"), 4)
+            )
+        });
+        let kvb_load = |row: &str, col: &str, out: &str| match kvb_scale {
+            Some(_) => format!("{out} = memref.load %kvbf[{row}, {col}] : memref<{hp_all}x{kv}xf32>"),
+            None => kvb_load(row, col, out),
+        };
         // The latent row j of the current sequence.
         let lat_idx = |j: &str, c: &str| if decode { format!("%seq, {j}, {c}") } else { format!("{j}, {c}") };
         let mut t = String::new();
@@ -73,6 +86,9 @@ impl Emitter {
         w(&mut t, &format!("%c_rows = arith.constant {rows_dim} : index\n%srows = memref.dim {}, %c_rows : {lat_ty}\n%nq = memref.dim {}, %c0 : {qn_ty}", lat.0, qn.0));
         let _ = queries;
         w(&mut t, "%scores = memref.alloc(%srows) : memref<?xf32>");
+        if let Some(d) = &dequantized {
+            w(&mut t, d);
+        }
         if absorbed {
             w(&mut t, &format!("%qabs = memref.alloc() : memref<{kv}xf32>\n%olat = memref.alloc() : memref<{kv}xf32>"));
         } else {
@@ -187,6 +203,9 @@ impl Emitter {
         }
         w(&mut t, "  }\n}");
         w(&mut t, "memref.dealloc %scores : memref<?xf32>");
+        if dequantized.is_some() {
+            w(&mut t, &format!("memref.dealloc %kvbf : memref<{hp_all}x{kv}xf32>"));
+        }
         if absorbed {
             w(&mut t, &format!("memref.dealloc %qabs : memref<{kv}xf32>\nmemref.dealloc %olat : memref<{kv}xf32>"));
         } else {
@@ -194,7 +213,7 @@ impl Emitter {
         }
         // Constants used above.
         let mut consts = String::new();
-        for n in [h, dn, dr, dv, kv, per_head, h * per_head, 128] {
+        for n in [h, dn, dr, dv, kv, per_head, hp_all, 128] {
             // %c0 and %c1 are defined with the region's other constants (a dim of 1 is common).
             if n <= 1 {
                 continue;
