@@ -112,7 +112,10 @@ def measure(args):
             times.sort()
             timings[nm] = times[len(times) // 2]
             tf = 2 * m * n * k / (timings[nm] * 1e-3) / 1e12
-            print(f"{problem['kernel']:40s} M {m:5d}  {nm:52s} {timings[nm]:9.4f} ms  {tf:7.1f} TFLOP/s")
+            # The cost model's estimate next to the measurement: how far the ranking can be trusted.
+            est = next((c.get("estimate_us") for c in problem["candidates"] if c["name"] == nm), None)
+            model = f"  (cost model {est:.1f} us, measured/estimate {timings[nm] * 1e3 / est:.2f})" if est else ""
+            print(f"{problem['kernel']:40s} M {m:5d}  {nm:52s} {timings[nm]:9.4f} ms  {tf:7.1f} TFLOP/s{model}")
         entries.append(entry(candidates, problem, gpu, cc, timings, rejected, measured_on))
     db = merge(args.out, entries)
     print(f"tune_check: {len(entries)} entries written to {args.out} ({len(db['entries'])} in the database)")
