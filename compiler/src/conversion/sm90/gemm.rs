@@ -1737,6 +1737,38 @@ mod tests {
         }
     }
 
+    /// The SwiGLU epilogue pairs element e (gate column c) with e + block_n / 4 (up column
+    /// c + block_n / 2) of the same thread and row; the fp8 output's amax groups (elements
+    /// [64 q, 64 q + 64) of one row half, across the row's 4 lanes) are exactly 128 columns.
+    #[test]
+    fn swiglu_pairs_and_fp8_groups_follow_the_fragment_layout() {
+        for block_n in [64, 128, 256] {
+            let quarter = block_n / 4;
+            for i in 0..2 {
+                for e in 0..quarter {
+                    let (gate, up) = (fragment_offset(i, e), fragment_offset(i, e + quarter));
+                    assert_eq!((up.0, up.1), (gate.0, gate.1 + block_n / 2), "block_n {block_n}, element {e}");
+                }
+            }
+        }
+        let out_cols = 128; // a 256-wide tile: two 128-column groups per row
+        for q in 0..2 {
+            for h in 0..2 {
+                let mut columns = Vec::new();
+                for lane4 in 0..4 {
+                    for e in (q * 64..q * 64 + 64).filter(|&e| e < out_cols) {
+                        let (row, col) = fragment_offset(0, e);
+                        if row / 8 == h {
+                            columns.push(2 * lane4 + col);
+                        }
+                    }
+                }
+                columns.sort_unstable();
+                assert_eq!(columns, (q * 128..q * 128 + 128).collect::<Vec<_>>(), "group {q}, row half {h}");
+            }
+        }
+    }
+
     #[test]
     fn every_accumulator_element_has_one_owner() {
         let context = crate::mlir::new_context();
