@@ -187,6 +187,19 @@ pub enum Op {
     QuantizeFp8 { group: usize },
     /// (x [N, D], w [V, D]) -> logits [N, V] f32.
     LmHead,
+    // --- Training ([`crate::autodiff`]): losses and the vector-Jacobian products of the ops.
+    /// (logits [N, V], targets [N] i64) -> [1]: mean over rows of -log softmax(logits)[target].
+    CrossEntropy,
+    /// (logits [N, V], targets [N]) -> d mean-cross-entropy / d logits [N, V] (the loss's seed is 1).
+    CrossEntropyGrad,
+    /// (a, b) 2-D -> a' @ b' with ' the transposes asked for: the VJPs of linear layers.
+    MatMul { transpose_a: bool, transpose_b: bool },
+    /// (x [N, D], w [D], dy [N, D]) -> (dx [N, D], dw [D]).
+    RmsNormGrad { eps: f32 },
+    /// (gate, up, dy) -> (d gate, d up) of silu(gate) * up.
+    SiluMulGrad,
+    /// (ids [N], dy [N, D]) -> d table [vocab, D]: rows scattered and summed.
+    EmbedGrad { vocab: usize },
 }
 
 impl Op {
@@ -211,6 +224,12 @@ impl Op {
             Op::Reshape => "reshape",
             Op::QuantizeFp8 { .. } => "quantize_fp8",
             Op::LmHead => "lm_head",
+            Op::CrossEntropy => "cross_entropy",
+            Op::CrossEntropyGrad => "cross_entropy_grad",
+            Op::MatMul { .. } => "matmul",
+            Op::RmsNormGrad { .. } => "rms_norm_grad",
+            Op::SiluMulGrad => "silu_mul_grad",
+            Op::EmbedGrad { .. } => "embed_grad",
         }
     }
 }
@@ -712,6 +731,98 @@ impl Builder {
         }
         let ty = TensorType::new(vec![xt.shape[0].clone(), wt.shape[0].clone()], DType::F32);
         Ok(self.push1(Op::LmHead, vec![x, w], ty))
+    }
+
+    /// A builder continuing `graph` (training: the backward pass is appended to the forward one).
+    pub fn extend(graph: Graph) -> Builder {
+        let mut param_index = std::collections::HashMap::new();
+        for (name, _, _, v) in graph.params() {
+            param_index.insert(name.to_string(), v);
+        }
+        Builder { graph, param_index }
+    }
+
+    /// Mean cross-entropy of `logits` [N, V] against `targets` [N] (i64): a [1] f32 loss.
+    pub fn cross_entropy(&mut self, logits: ValueId, targets: ValueId) -> Result<ValueId, GraphError> {
+        self.check_logits_targets("cross_entropy", logits, targets)?;
+        Ok(self.push1(Op::CrossEntropy, vec![logits, targets], TensorType::new(vec![Dim::Fixed(1)], DType::F32)))
+    }
+
+    /// d mean-cross-entropy / d logits.
+    pub fn cross_entropy_grad(&mut self, logits: ValueId, targets: ValueId) -> Result<ValueId, GraphError> {
+        self.check_logits_targets("cross_entropy_grad", logits, targets)?;
+        let ty = TensorType::new(self.ty(logits).shape.clone(), DType::F32);
+        Ok(self.push1(Op::CrossEntropyGrad, vec![logits, targets], ty))
+    }
+
+    fn check_logits_targets(&self, op: &str, logits: ValueId, targets: ValueId) -> Result<(), GraphError> {
+        let (lt, tt) = (self.ty(logits), self.ty(targets));
+        if lt.rank() != 2 || tt.rank() != 1 || lt.shape[0] != tt.shape[0] || tt.dtype != DType::I64 {
+            return Self::err(op, format!("logits {lt} and targets {tt} (expected [N, V] and [N] i64)"));
+        }
+        Ok(())
+    }
+
+    /// `a' @ b'` for 2-D operands, ' the transposes asked for.
+    pub fn matmul(
+        &mut self,
+        a: ValueId,
+        b: ValueId,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> Result<ValueId, GraphError> {
+        let (at, bt) = (self.ty(a), self.ty(b));
+        if at.rank() != 2 || bt.rank() != 2 {
+            return Self::err("matmul", format!("operands {} must be matrices", shapes(&[at, bt])));
+        }
+        let (m, ka) = if transpose_a { (&at.shape[1], &at.shape[0]) } else { (&at.shape[0], &at.shape[1]) };
+        let (kb, n) = if transpose_b { (&bt.shape[1], &bt.shape[0]) } else { (&bt.shape[0], &bt.shape[1]) };
+        if ka != kb {
+            return Self::err("matmul", format!("inner dims differ: {}", shapes(&[at, bt])));
+        }
+        let ty = TensorType::new(vec![m.clone(), n.clone()], DType::F32);
+        Ok(self.push1(Op::MatMul { transpose_a, transpose_b }, vec![a, b], ty))
+    }
+
+    /// `(dx, dw)` of `rms_norm(x, w)` for the output gradient `dy`.
+    pub fn rms_norm_grad(
+        &mut self,
+        x: ValueId,
+        w: ValueId,
+        dy: ValueId,
+        eps: f32,
+    ) -> Result<(ValueId, ValueId), GraphError> {
+        let (xt, wt, dt) = (self.ty(x).clone(), self.ty(w).clone(), self.ty(dy).clone());
+        if xt.shape != dt.shape || wt.rank() != 1 || xt.last() != &wt.shape[0] {
+            return Self::err("rms_norm_grad", format!("x, w, dy: {}", shapes(&[&xt, &wt, &dt])));
+        }
+        let out = self.push(
+            Op::RmsNormGrad { eps },
+            vec![x, w, dy],
+            vec![TensorType::new(xt.shape, DType::F32), TensorType::new(wt.shape, DType::F32)],
+        );
+        Ok((out[0], out[1]))
+    }
+
+    /// `(d gate, d up)` of `silu(gate) * up` for the output gradient `dy`.
+    pub fn silu_mul_grad(&mut self, gate: ValueId, up: ValueId, dy: ValueId) -> Result<(ValueId, ValueId), GraphError> {
+        let (gt, ut, dt) = (self.ty(gate).clone(), self.ty(up).clone(), self.ty(dy).clone());
+        if gt.shape != ut.shape || gt.shape != dt.shape {
+            return Self::err("silu_mul_grad", format!("gate, up, dy: {}", shapes(&[&gt, &ut, &dt])));
+        }
+        let ty = TensorType::new(gt.shape, DType::F32);
+        let out = self.push(Op::SiluMulGrad, vec![gate, up, dy], vec![ty.clone(), ty]);
+        Ok((out[0], out[1]))
+    }
+
+    /// d table [vocab, D] of `embed(table, ids)` for the output gradient `dy` [N, D].
+    pub fn embed_grad(&mut self, ids: ValueId, dy: ValueId, vocab: usize) -> Result<ValueId, GraphError> {
+        let dt = self.ty(dy).clone();
+        if dt.rank() != 2 || self.ty(ids).rank() != 1 {
+            return Self::err("embed_grad", format!("ids {} and dy {dt}", self.ty(ids)));
+        }
+        let ty = TensorType::new(vec![Dim::Fixed(vocab), dt.shape[1].clone()], DType::F32);
+        Ok(self.push1(Op::EmbedGrad { vocab }, vec![ids, dy], ty))
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`checkpoint`]: safetensors checkpoints (single or sharded, memory-mapped);
 //! - [`interp`]: the reference interpreter; [`tensor`]: its host tensors.
 
+pub mod autodiff;
 pub mod checkpoint;
 pub mod config;
 pub mod deepseek_v3;

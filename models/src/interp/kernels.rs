@@ -98,6 +98,77 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     y
 }
 
+/// Mean cross-entropy of rows of `logits` (`v` columns) against `targets`, and its gradient
+/// `(softmax - onehot) / rows`; sums in f64.
+pub fn cross_entropy(logits: &[f32], targets: &[i64], v: usize) -> (f32, Vec<f32>) {
+    let rows = targets.len();
+    let mut loss = 0.0f64;
+    let mut grad = vec![0.0f32; logits.len()];
+    for (r, &t) in targets.iter().enumerate() {
+        let row = &logits[r * v..(r + 1) * v];
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+        let lse = max + sum.ln();
+        loss += lse - row[t as usize] as f64;
+        for (j, g) in grad[r * v..(r + 1) * v].iter_mut().enumerate() {
+            let p = ((row[j] as f64 - max).exp() / sum) - if j == t as usize { 1.0 } else { 0.0 };
+            *g = (p / rows as f64) as f32;
+        }
+    }
+    ((loss / rows as f64) as f32, grad)
+}
+
+/// `a' @ b'` of row-major matrices (`a` has `cols.0` columns as stored, `b` `cols.1`), ' the
+/// transposes in `t`; result [m, n] over the inner dim k.
+pub fn matmul_t(
+    a: &[f32],
+    b: &[f32],
+    (m, k, n): (usize, usize, usize),
+    t: (bool, bool),
+    cols: (usize, usize),
+) -> Vec<f32> {
+    let at = |i: usize, p: usize| if t.0 { a[p * cols.0 + i] } else { a[i * cols.0 + p] };
+    let bt = |p: usize, j: usize| if t.1 { b[j * cols.1 + p] } else { b[p * cols.1 + j] };
+    let mut out = vec![0.0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
+        }
+    }
+    out
+}
+
+/// Gradients of `y = w * (x / rms(x))` per row (as [`rms_norm`] computes it): with
+/// `r = 1 / sqrt(mean(x^2) + eps)`, `dw = sum_rows dy * x * r` and
+/// `dx = r * (dy * w) - x * r^3 / D * sum_d (dy * w * x)`.
+pub fn rms_norm_grad(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let d = w.len();
+    let (mut dx, mut dw) = (vec![0.0f32; x.len()], vec![0.0f32; d]);
+    for ((xr, gr), dxr) in x.chunks(d).zip(dy.chunks(d)).zip(dx.chunks_mut(d)) {
+        let mean = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (mean + eps).sqrt();
+        let dot: f32 = (0..d).map(|i| gr[i] * w[i] * xr[i]).sum();
+        for i in 0..d {
+            dw[i] += gr[i] * xr[i] * r;
+            dxr[i] = r * gr[i] * w[i] - xr[i] * r * r * r / d as f32 * dot;
+        }
+    }
+    (dx, dw)
+}
+
+/// Gradients of `silu(g) * u`: `dg = dy * u * s * (1 + g * (1 - s))` with `s = sigmoid(g)`,
+/// `du = dy * silu(g)`.
+pub fn silu_mul_grad(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0.0f32; g.len()];
+    let mut du = vec![0.0f32; g.len()];
+    for i in 0..g.len() {
+        let s = 1.0 / (1.0 + (-g[i]).exp());
+        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        du[i] = dy[i] * silu(g[i]);
+    }
+    (dg, du)
+}
+
 /// Rotates vectors of `dim` values in place: interleaved pairs (2i, 2i+1) or halves (i, i + dim/2).
 pub fn rotate(v: &mut [f32], cos: &[f32], sin: &[f32], interleave: bool) {
     let half = cos.len();

@@ -364,6 +364,52 @@ impl Interpreter {
                 let (v, d) = (a[1].shape[0], a[1].shape[1]);
                 one(Tensor::f32(vec![x.len() / d, v], kernels::matmul_nt(x, w, x.len() / d, d, v)))
             }
+            Op::CrossEntropy | Op::CrossEntropyGrad => {
+                let logits = f(0)?;
+                let v = a[0].shape[1];
+                let targets = a[1].as_ids().ok_or_else(|| op_err(node, "targets must be integers"))?;
+                if let Some(&t) = targets.iter().find(|&&t| t < 0 || t as usize >= v) {
+                    return Err(op_err(node, format!("target {t} is outside the vocabulary (0..{v})")));
+                }
+                let (loss, grad) = kernels::cross_entropy(logits, &targets, v);
+                match node.op {
+                    Op::CrossEntropy => one(Tensor::f32(vec![1], vec![loss])),
+                    _ => one(Tensor::f32(a[0].shape.clone(), grad)),
+                }
+            }
+            Op::MatMul { transpose_a, transpose_b } => {
+                let (x, y) = (f(0)?, f(1)?);
+                let (ar, ac, br, bc) = (a[0].shape[0], a[0].shape[1], a[1].shape[0], a[1].shape[1]);
+                let (m, k) = if *transpose_a { (ac, ar) } else { (ar, ac) };
+                let n = if *transpose_b { br } else { bc };
+                let out = kernels::matmul_t(x, y, (m, k, n), (*transpose_a, *transpose_b), (ac, bc));
+                one(Tensor::f32(vec![m, n], out))
+            }
+            Op::RmsNormGrad { eps } => {
+                let (dx, dw) = kernels::rms_norm_grad(f(0)?, f(1)?, f(2)?, *eps);
+                Ok(vec![Tensor::f32(a[0].shape.clone(), dx), Tensor::f32(a[1].shape.clone(), dw)])
+            }
+            Op::SiluMulGrad => {
+                let (dg, du) = kernels::silu_mul_grad(f(0)?, f(1)?, f(2)?);
+                Ok(vec![Tensor::f32(a[0].shape.clone(), dg), Tensor::f32(a[1].shape.clone(), du)])
+            }
+            Op::EmbedGrad { vocab } => {
+                let ids = a[0].as_ids().ok_or_else(|| op_err(node, "ids must be integers"))?;
+                let dy = f(1)?;
+                let d = a[1].shape[1];
+                let mut table = vec![0.0f32; vocab * d];
+                for (row, &id) in ids.iter().enumerate() {
+                    if id < 0 || id as usize >= *vocab {
+                        return Err(op_err(node, format!("token id {id} is outside the vocabulary (0..{vocab})")));
+                    }
+                    for (t, g) in
+                        table[id as usize * d..(id as usize + 1) * d].iter_mut().zip(&dy[row * d..(row + 1) * d])
+                    {
+                        *t += g;
+                    }
+                }
+                one(Tensor::f32(vec![*vocab, d], table))
+            }
         }
     }
 }
