@@ -272,7 +272,11 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             | Op::MatMul { .. }
             | Op::RmsNormGrad { .. }
             | Op::SiluMulGrad
-            | Op::EmbedGrad { .. } => {
+            | Op::EmbedGrad { .. }
+            | Op::RopeGrad(_)
+            | Op::AttentionGrad { .. }
+            | Op::ConcatGrad { .. }
+            | Op::SplitGrad { .. } => {
                 return Err(unsupported(format!(
                     "{}: training ops have no v3 dialect form yet (the reference interpreter runs them)",
                     node.op.name()

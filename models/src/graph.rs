@@ -200,6 +200,16 @@ pub enum Op {
     SiluMulGrad,
     /// (ids [N], dy [N, D]) -> d table [vocab, D]: rows scattered and summed.
     EmbedGrad { vocab: usize },
+    /// (dy, positions) -> dx of `rope`: the inverse rotation.
+    RopeGrad(RopeAttrs),
+    /// Naive-form MLA (one sequence, causal), (q_nope, q_pe, latent, kv_b, d out) ->
+    /// (d q_nope, d q_pe, d latent, d kv_b).
+    AttentionGrad { scale: f32, kv_lora_rank: usize },
+    /// (dy, x_0, ..., x_n) -> (dx_0, ..., dx_n) of `concat(x_i)` along `axis` (sizes taken at run time).
+    ConcatGrad { axis: usize },
+    /// (x, the output gradients that exist) -> dx of `split(x)` along `axis`; a piece without a
+    /// gradient (`present` false) contributes zeros.
+    SplitGrad { axis: usize, sizes: Vec<usize>, present: Vec<bool> },
 }
 
 impl Op {
@@ -230,6 +240,10 @@ impl Op {
             Op::RmsNormGrad { .. } => "rms_norm_grad",
             Op::SiluMulGrad => "silu_mul_grad",
             Op::EmbedGrad { .. } => "embed_grad",
+            Op::RopeGrad(_) => "rope_grad",
+            Op::AttentionGrad { .. } => "attention_grad",
+            Op::ConcatGrad { .. } => "concat_grad",
+            Op::SplitGrad { .. } => "split_grad",
         }
     }
 }
@@ -813,6 +827,53 @@ impl Builder {
         let ty = TensorType::new(gt.shape, DType::F32);
         let out = self.push(Op::SiluMulGrad, vec![gate, up, dy], vec![ty.clone(), ty]);
         Ok((out[0], out[1]))
+    }
+
+    /// dx of `rope(x, positions)` for the output gradient `dy`.
+    pub fn rope_grad(&mut self, dy: ValueId, positions: ValueId, attrs: &RopeAttrs) -> Result<ValueId, GraphError> {
+        let ty = TensorType::new(self.ty(dy).shape.clone(), DType::F32);
+        Ok(self.push1(Op::RopeGrad(attrs.clone()), vec![dy, positions], ty))
+    }
+
+    /// Gradients of naive-form `attention(q_nope, q_pe, latent, kv_b)` for `d_out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_grad(
+        &mut self,
+        q_nope: ValueId,
+        q_pe: ValueId,
+        latent: ValueId,
+        kv_b: ValueId,
+        d_out: ValueId,
+        scale: f32,
+        kv_lora_rank: usize,
+    ) -> Result<[ValueId; 4], GraphError> {
+        let tys = [q_nope, q_pe, latent, kv_b].map(|v| TensorType::new(self.ty(v).shape.clone(), DType::F32));
+        let out =
+            self.push(Op::AttentionGrad { scale, kv_lora_rank }, vec![q_nope, q_pe, latent, kv_b, d_out], tys.to_vec());
+        Ok([out[0], out[1], out[2], out[3]])
+    }
+
+    /// Gradients of `concat(xs)` along `axis` for `dy`.
+    pub fn concat_grad(&mut self, dy: ValueId, xs: &[ValueId], axis: usize) -> Result<Vec<ValueId>, GraphError> {
+        let tys = xs.iter().map(|&x| TensorType::new(self.ty(x).shape.clone(), DType::F32)).collect();
+        let mut inputs = vec![dy];
+        inputs.extend_from_slice(xs);
+        Ok(self.push(Op::ConcatGrad { axis }, inputs, tys))
+    }
+
+    /// dx of `split(x, axis, sizes)` for the piece gradients `dys` (None: zeros).
+    pub fn split_grad(
+        &mut self,
+        x: ValueId,
+        dys: &[Option<ValueId>],
+        axis: usize,
+        sizes: &[usize],
+    ) -> Result<ValueId, GraphError> {
+        let ty = TensorType::new(self.ty(x).shape.clone(), DType::F32);
+        let present = dys.iter().map(Option::is_some).collect();
+        let mut inputs = vec![x];
+        inputs.extend(dys.iter().flatten());
+        Ok(self.push1(Op::SplitGrad { axis, sizes: sizes.to_vec(), present }, inputs, ty))
     }
 
     /// d table [vocab, D] of `embed(table, ids)` for the output gradient `dy` [N, D].

@@ -138,6 +138,70 @@ pub fn matmul_t(
     out
 }
 
+/// Gradients of naive-form [`mla`] over one sequence (query i sees keys `0..=visible[i]`): the
+/// forward recomputed, then `(d q_nope, d q_pe, d latent, d kv_b)` for `d_out` [T, H, dv].
+#[allow(clippy::too_many_arguments)]
+pub fn mla_grad(
+    q_nope: &[f32],
+    q_pe: &[f32],
+    latent: &[f32],
+    kv_b: &[f32],
+    d_out: &[f32],
+    visible: &[usize],
+    s: usize,
+    dims: MlaDims,
+    scale: f32,
+) -> [Vec<f32>; 4] {
+    let MlaDims { heads: h, nope: dn, rope: dr, v: dv, kv_lora: kv } = dims;
+    let c = kv + dr;
+    let per_head = dn + dv;
+    let hp = h * per_head;
+    let ckv: Vec<f32> = (0..s).flat_map(|j| latent[j * c..j * c + kv].iter().copied()).collect();
+    let kvb = matmul_nt(&ckv, kv_b, s, kv, hp);
+    let (mut dqn, mut dqp) = (vec![0.0f32; q_nope.len()], vec![0.0f32; q_pe.len()]);
+    let mut dlat = vec![0.0f32; latent.len()];
+    let mut dkvb = vec![0.0f32; s * hp];
+    for head in 0..h {
+        for (i, &last) in visible.iter().enumerate() {
+            let qn = &q_nope[(i * h + head) * dn..(i * h + head + 1) * dn];
+            let qp = &q_pe[(i * h + head) * dr..(i * h + head + 1) * dr];
+            let g = &d_out[(i * h + head) * dv..(i * h + head + 1) * dv];
+            let n_keys = last + 1;
+            let row = |j: usize| &kvb[j * hp + head * per_head..j * hp + (head + 1) * per_head];
+            let mut p: Vec<f32> = (0..n_keys)
+                .map(|j| (dot(qn, &row(j)[..dn]) + dot(qp, &latent[j * c + kv..(j + 1) * c])) * scale)
+                .collect();
+            softmax_in_place(&mut p);
+            let dp: Vec<f32> = (0..n_keys).map(|j| dot(g, &row(j)[dn..])).collect();
+            let mean: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+            for j in 0..n_keys {
+                let ds = p[j] * (dp[j] - mean) * scale;
+                let base = j * hp + head * per_head;
+                for d in 0..dn {
+                    dqn[(i * h + head) * dn + d] += ds * kvb[base + d];
+                    dkvb[base + d] += ds * qn[d];
+                }
+                for r in 0..dr {
+                    dqp[(i * h + head) * dr + r] += ds * latent[j * c + kv + r];
+                    dlat[j * c + kv + r] += ds * qp[r];
+                }
+                for e in 0..dv {
+                    dkvb[base + dn + e] += p[j] * g[e];
+                }
+            }
+        }
+    }
+    // kvb = ckv . kv_b^T: d ckv = d kvb . kv_b, d kv_b = d kvb^T . ckv.
+    let dckv = matmul_t(&dkvb, kv_b, (s, hp, kv), (false, false), (hp, kv));
+    for j in 0..s {
+        for k in 0..kv {
+            dlat[j * c + k] += dckv[j * kv + k];
+        }
+    }
+    let dkv_b = matmul_t(&dkvb, &ckv, (hp, s, kv), (true, false), (hp, kv));
+    [dqn, dqp, dlat, dkv_b]
+}
+
 /// Gradients of `y = w * (x / rms(x))` per row (as [`rms_norm`] computes it): with
 /// `r = 1 / sqrt(mean(x^2) + eps)`, `dw = sum_rows dy * x * r` and
 /// `dx = r * (dy * w) - x * r^3 / D * sum_d (dy * w * x)`.

@@ -393,6 +393,75 @@ impl Interpreter {
                 let (dg, du) = kernels::silu_mul_grad(f(0)?, f(1)?, f(2)?);
                 Ok(vec![Tensor::f32(a[0].shape.clone(), dg), Tensor::f32(a[1].shape.clone(), du)])
             }
+            Op::RopeGrad(r) => {
+                // The inverse rotation: the same angles, sine negated.
+                let mut x = f(0)?.to_vec();
+                let positions = a[1].as_ids().ok_or_else(|| op_err(node, "positions must be integers"))?;
+                let inv = rope::inv_freq(&r.rope, r.dim);
+                let factor = rope::attention_factor(&r.rope);
+                let per_row = x.len() / positions.len().max(1);
+                for (row, &p) in positions.iter().enumerate() {
+                    let (cos, sin) = rope::cos_sin(&inv, factor, p);
+                    let neg: Vec<f32> = sin.iter().map(|v| -v).collect();
+                    for v in x[row * per_row..(row + 1) * per_row].chunks_mut(r.dim) {
+                        kernels::rotate(v, &cos, &neg, r.rope.interleave);
+                    }
+                }
+                one(Tensor::f32(a[0].shape.clone(), x))
+            }
+            Op::AttentionGrad { scale, kv_lora_rank } => {
+                let dims = mla_dims(a[0], a[1], a[3], *kv_lora_rank);
+                let (t, s) = (a[0].shape[0], a[2].shape[0]);
+                let visible: Vec<usize> = (0..t).map(|i| s - t + i).collect();
+                let grads = kernels::mla_grad(f(0)?, f(1)?, f(2)?, f(3)?, f(4)?, &visible, s, dims, *scale);
+                Ok(grads.into_iter().zip(0..4).map(|(g, k)| Tensor::f32(a[k].shape.clone(), g)).collect())
+            }
+            Op::ConcatGrad { axis } => {
+                let dy = f(0)?;
+                let shape = &a[0].shape;
+                let (outer, inner) =
+                    (shape[..*axis].iter().product::<usize>(), shape[axis + 1..].iter().product::<usize>());
+                let full = shape[*axis];
+                let mut start = 0;
+                let mut parts = Vec::new();
+                for x in &a[1..] {
+                    let size = x.shape[*axis];
+                    let mut v = Vec::with_capacity(outer * size * inner);
+                    for o in 0..outer {
+                        v.extend_from_slice(&dy[(o * full + start) * inner..(o * full + start + size) * inner]);
+                    }
+                    parts.push(Tensor::f32(x.shape.clone(), v));
+                    start += size;
+                }
+                Ok(parts)
+            }
+            Op::SplitGrad { axis, sizes, present } => {
+                let shape = &a[0].shape;
+                let (outer, inner) =
+                    (shape[..*axis].iter().product::<usize>(), shape[axis + 1..].iter().product::<usize>());
+                let mut v = Vec::with_capacity(a[0].len());
+                let mut given = 1;
+                let dys: Vec<Option<&[f32]>> = present
+                    .iter()
+                    .map(|&p| {
+                        if p {
+                            given += 1;
+                            f(given - 1).ok()
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
+                for o in 0..outer {
+                    for (k, &size) in sizes.iter().enumerate() {
+                        match dys[k] {
+                            Some(d) => v.extend_from_slice(&d[o * size * inner..(o + 1) * size * inner]),
+                            None => v.extend(std::iter::repeat_n(0.0, size * inner)),
+                        }
+                    }
+                }
+                one(Tensor::f32(shape.clone(), v))
+            }
             Op::EmbedGrad { vocab } => {
                 let ids = a[0].as_ids().ok_or_else(|| op_err(node, "ids must be integers"))?;
                 let dy = f(1)?;
