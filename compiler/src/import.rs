@@ -276,7 +276,9 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             | Op::RopeGrad(_)
             | Op::AttentionGrad { .. }
             | Op::ConcatGrad { .. }
-            | Op::SplitGrad { .. } => {
+            | Op::SplitGrad { .. }
+            | Op::MoeRouteGrad(_)
+            | Op::MoeExpertsGrad { .. } => {
                 return Err(unsupported(format!(
                     "{}: training ops have no v3 dialect form yet (the reference interpreter runs them)",
                     node.op.name()

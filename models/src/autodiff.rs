@@ -131,6 +131,23 @@ pub fn backward(graph: Graph, loss: ValueId) -> Result<Graph, GraphError> {
                 let d = b.rope_grad(g, inp(1), attrs)?;
                 add_grad(&mut grads, &mut b, inp(0), d)?;
             }
+            Op::MoeExperts { fp8_activations: false, .. } => {
+                let Some(g) = dy(0, &grads) else { continue };
+                let experts = node.inputs[3..].to_vec();
+                let d = b.moe_experts_grad([inp(0), inp(1), inp(2)], g, &experts)?;
+                add_grad(&mut grads, &mut b, inp(0), d[0])?;
+                add_grad(&mut grads, &mut b, inp(2), d[1])?;
+                for (v, dv) in experts.into_iter().zip(d[2..].iter().copied()) {
+                    add_grad(&mut grads, &mut b, v, dv)?;
+                }
+            }
+            Op::MoeRoute(routing) => {
+                // Only the weights carry a gradient (the indices are a selection).
+                let Some(g) = dy(1, &grads) else { continue };
+                let (dx, dgate) = b.moe_route_grad([inp(0), inp(1), inp(2), node.outputs[0]], g, routing)?;
+                add_grad(&mut grads, &mut b, inp(0), dx)?;
+                add_grad(&mut grads, &mut b, inp(1), dgate)?;
+            }
             Op::Attention { form: crate::graph::AttentionForm::Naive, scale, kv_lora_rank } => {
                 let Some(g) = dy(0, &grads) else { continue };
                 let d = b.attention_grad(inp(0), inp(1), inp(2), inp(3), g, *scale, *kv_lora_rank)?;
@@ -282,10 +299,22 @@ mod tests {
     /// head) differentiated end to end: every parameter's gradient against finite differences.
     #[test]
     fn deepseek_v3_dense_layers_differentiate() {
+        deepseek_v3_differentiates(true);
+    }
+
+    /// ... and with its MoE layers (routing with group-limited top-k, routed and shared experts).
+    #[test]
+    fn deepseek_v3_moe_layers_differentiate() {
+        deepseek_v3_differentiates(false);
+    }
+
+    fn deepseek_v3_differentiates(dense_only: bool) {
         use crate::config::ModelConfig;
         use crate::deepseek_v3::{build, BuildOptions, Entry};
         let mut j: serde_json::Value = serde_json::from_str(crate::config::DEEPSEEK_V3_TINY_JSON).unwrap();
-        j["first_k_dense_replace"] = j["num_hidden_layers"].clone();
+        if dense_only {
+            j["first_k_dense_replace"] = j["num_hidden_layers"].clone();
+        }
         j["num_nextn_predict_layers"] = 0.into();
         let config = ModelConfig::from_json_str(&j.to_string(), "tiny-dense").unwrap();
         let options = BuildOptions { dense_f32_weights: true, skip_mtp: true, ..Default::default() };
@@ -321,7 +350,13 @@ mod tests {
         for l in 0..config.num_hidden_layers {
             inputs.insert(format!("kv_cache.{l}"), Tensor::f32(vec![0, c], vec![]));
         }
-        let grad_names: Vec<String> = shapes.iter().map(|(n, _)| format!("grad.{n}")).collect();
+        // Every parameter gets a gradient but the routing bias (set by the balancing rule).
+        let trained: Vec<&(String, Vec<usize>)> =
+            shapes.iter().filter(|(n, _)| !n.ends_with("e_score_correction_bias")).collect();
+        for (n, _) in &shapes {
+            assert_eq!(graph.output(&format!("grad.{n}")).is_some(), trained.iter().any(|(t, _)| t == n), "{n}");
+        }
+        let grad_names: Vec<String> = trained.iter().map(|(n, _)| format!("grad.{n}")).collect();
         let mut wanted: Vec<&str> = grad_names.iter().map(String::as_str).collect();
         wanted.push("loss");
         let out = loss_and_grads(&graph, &params, &inputs, &wanted);
@@ -329,7 +364,7 @@ mod tests {
             loss_and_grads(&graph, p, &inputs, &["loss"])["loss"].as_f32().unwrap()[0] as f64
         };
         let mut checked = 0;
-        for (name, shape) in &shapes {
+        for (name, shape) in trained {
             let grad = out[&format!("grad.{name}")].as_f32().unwrap().to_vec();
             let n: usize = shape.iter().product();
             // The coordinate with the largest gradient and one more: a signal above f32 noise.
@@ -355,6 +390,9 @@ mod tests {
             }
         }
         assert!(checked >= 2 * 20, "{checked} coordinates over {} parameters", shapes.len());
+        if !dense_only {
+            assert!(shapes.iter().any(|(n, _)| n.contains(".experts.")), "the graph has routed experts");
+        }
     }
 
     #[test]

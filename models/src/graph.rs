@@ -210,6 +210,13 @@ pub enum Op {
     /// (x, the output gradients that exist) -> dx of `split(x)` along `axis`; a piece without a
     /// gradient (`present` false) contributes zeros.
     SplitGrad { axis: usize, sizes: Vec<usize>, present: Vec<bool> },
+    /// (x, gate, bias, indices, d weights) -> (dx, d gate) of `moe_route`: through the selected
+    /// experts' sigmoid scores and their normalization (the selection itself passes no gradient;
+    /// the bias is set by the load-balancing rule, not by gradients).
+    MoeRouteGrad(Routing),
+    /// (x, indices, weights, dy, then gate_e, up_e, down_e per expert) -> (dx, d weights, then
+    /// d gate_e, d up_e, d down_e per expert) of `moe_experts` (f32).
+    MoeExpertsGrad { num_experts: usize },
 }
 
 impl Op {
@@ -244,6 +251,8 @@ impl Op {
             Op::AttentionGrad { .. } => "attention_grad",
             Op::ConcatGrad { .. } => "concat_grad",
             Op::SplitGrad { .. } => "split_grad",
+            Op::MoeRouteGrad(_) => "moe_route_grad",
+            Op::MoeExpertsGrad { .. } => "moe_experts_grad",
         }
     }
 }
@@ -874,6 +883,35 @@ impl Builder {
         let mut inputs = vec![x];
         inputs.extend(dys.iter().flatten());
         Ok(self.push1(Op::SplitGrad { axis, sizes: sizes.to_vec(), present }, inputs, ty))
+    }
+
+    /// `(dx, d gate)` of `moe_route(x, gate, bias)` for the routing-weight gradient `d_weights`.
+    pub fn moe_route_grad(
+        &mut self,
+        [x, gate, bias, indices]: [ValueId; 4],
+        d_weights: ValueId,
+        routing: &Routing,
+    ) -> Result<(ValueId, ValueId), GraphError> {
+        let tys = [x, gate].map(|v| TensorType::new(self.ty(v).shape.clone(), DType::F32));
+        let out = self.push(Op::MoeRouteGrad(routing.clone()), vec![x, gate, bias, indices, d_weights], tys.to_vec());
+        Ok((out[0], out[1]))
+    }
+
+    /// `(dx, d weights, [d gate_e, d up_e, d down_e]...)` of `moe_experts` for `dy`.
+    pub fn moe_experts_grad(
+        &mut self,
+        [x, indices, weights]: [ValueId; 3],
+        dy: ValueId,
+        experts: &[ValueId],
+    ) -> Result<Vec<ValueId>, GraphError> {
+        let mut inputs = vec![x, indices, weights, dy];
+        inputs.extend_from_slice(experts);
+        let mut tys = vec![x, weights]
+            .into_iter()
+            .map(|v| TensorType::new(self.ty(v).shape.clone(), DType::F32))
+            .collect::<Vec<_>>();
+        tys.extend(experts.iter().map(|&v| TensorType::new(self.ty(v).shape.clone(), DType::F32)));
+        Ok(self.push(Op::MoeExpertsGrad { num_experts: experts.len() / 3 }, inputs, tys))
     }
 
     /// d table [vocab, D] of `embed(table, ids)` for the output gradient `dy` [N, D].

@@ -202,6 +202,27 @@ pub fn mla_grad(
     [dqn, dqp, dlat, dkv_b]
 }
 
+/// Gradients of [`route`] for one row: the d logits [E] for the routing-weight gradient `dw` of
+/// the selected experts `idx` (zero for the others: the selection passes no gradient).
+pub fn route_grad(logits: &[f32], idx: &[usize], dw: &[f32], r: &Routing) -> Vec<f32> {
+    let s: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+    let sel: Vec<f32> = idx.iter().map(|&i| s[i]).collect();
+    let f = r.routed_scaling_factor;
+    // d selected scores: w_k = f s_k / S (normalized) or f s_k.
+    let ds: Vec<f32> = if r.norm_topk_prob {
+        let sum: f32 = sel.iter().sum::<f32>() + 1e-20;
+        let cross: f32 = dw.iter().zip(&sel).map(|(g, v)| g * v).sum();
+        dw.iter().map(|g| f * (g / sum - cross / (sum * sum))).collect()
+    } else {
+        dw.iter().map(|g| f * g).collect()
+    };
+    let mut dl = vec![0.0f32; logits.len()];
+    for (k, &i) in idx.iter().enumerate() {
+        dl[i] += ds[k] * s[i] * (1.0 - s[i]);
+    }
+    dl
+}
+
 /// Gradients of `y = w * (x / rms(x))` per row (as [`rms_norm`] computes it): with
 /// `r = 1 / sqrt(mean(x^2) + eps)`, `dw = sum_rows dy * x * r` and
 /// `dx = r * (dy * w) - x * r^3 / D * sum_d (dy * w * x)`.

@@ -462,6 +462,76 @@ impl Interpreter {
                 }
                 one(Tensor::f32(shape.clone(), v))
             }
+            Op::MoeRouteGrad(r) => {
+                let (x, gate, dw) = (f(0)?, f(1)?, f(4)?);
+                let (e, d) = (a[1].shape[0], a[1].shape[1]);
+                let t = x.len() / d;
+                let TensorData::I32(idx) = &a[3].data else { return Err(op_err(node, "indices must be i32")) };
+                let k = a[3].shape[1];
+                let logits = kernels::matmul_nt(x, gate, t, d, e);
+                let mut dl = Vec::with_capacity(t * e);
+                for tok in 0..t {
+                    let sel: Vec<usize> = idx[tok * k..(tok + 1) * k].iter().map(|&i| i as usize).collect();
+                    dl.extend(kernels::route_grad(
+                        &logits[tok * e..(tok + 1) * e],
+                        &sel,
+                        &dw[tok * k..(tok + 1) * k],
+                        r,
+                    ));
+                }
+                // logits = x gate^T: dx = dl gate, d gate = dl^T x.
+                let dx = kernels::matmul_t(&dl, gate, (t, e, d), (false, false), (e, d));
+                let dgate = kernels::matmul_t(&dl, x, (e, t, d), (true, false), (e, d));
+                Ok(vec![Tensor::f32(a[0].shape.clone(), dx), Tensor::f32(a[1].shape.clone(), dgate)])
+            }
+            Op::MoeExpertsGrad { num_experts } => {
+                let (x, w, dy) = (f(0)?, f(2)?, f(3)?);
+                let d = a[0].shape[1];
+                let t = x.len() / d;
+                let TensorData::I32(idx) = &a[1].data else { return Err(op_err(node, "indices must be i32")) };
+                let k = a[1].shape[1];
+                let mut dx = vec![0.0f32; x.len()];
+                let mut dwts = vec![0.0f32; w.len()];
+                let mut dparams: Vec<Vec<f32>> = (0..3 * num_experts).map(|p| vec![0.0f32; a[4 + p].len()]).collect();
+                for tok in 0..t {
+                    let xr = &x[tok * d..(tok + 1) * d];
+                    let g_out = &dy[tok * d..(tok + 1) * d];
+                    for slot in 0..k {
+                        let e = idx[tok * k + slot];
+                        if e < 0 || e as usize >= *num_experts {
+                            return Err(op_err(node, format!("expert index {e} outside 0..{num_experts}")));
+                        }
+                        let base = 3 * e as usize;
+                        let (wg, wu, wd) = (f(4 + base)?, f(5 + base)?, f(6 + base)?);
+                        let inter = a[4 + base].shape[0];
+                        let gv = kernels::matmul_nt(xr, wg, 1, d, inter);
+                        let uv = kernels::matmul_nt(xr, wu, 1, d, inter);
+                        let h: Vec<f32> = gv.iter().zip(&uv).map(|(a, b)| kernels::silu(*a) * b).collect();
+                        let y = kernels::matmul_nt(&h, wd, 1, inter, d);
+                        let wt = w[tok * k + slot];
+                        dwts[tok * k + slot] = kernels::dot(g_out, &y);
+                        let dye: Vec<f32> = g_out.iter().map(|g| g * wt).collect();
+                        // y = h wd^T: d wd += dye (x) h, dh = dye wd.
+                        for o in 0..d {
+                            for (i, hv) in h.iter().enumerate() {
+                                dparams[base + 2][o * inter + i] += dye[o] * hv;
+                            }
+                        }
+                        let dh = kernels::matmul_t(&dye, wd, (1, d, inter), (false, false), (d, inter));
+                        let (dg, du) = kernels::silu_mul_grad(&gv, &uv, &dh);
+                        for (i, (gg, uu)) in dg.iter().zip(&du).enumerate() {
+                            for c in 0..d {
+                                dparams[base][i * d + c] += gg * xr[c];
+                                dparams[base + 1][i * d + c] += uu * xr[c];
+                                dx[tok * d + c] += gg * wg[i * d + c] + uu * wu[i * d + c];
+                            }
+                        }
+                    }
+                }
+                let mut out = vec![Tensor::f32(a[0].shape.clone(), dx), Tensor::f32(a[2].shape.clone(), dwts)];
+                out.extend(dparams.into_iter().enumerate().map(|(p, v)| Tensor::f32(a[4 + p].shape.clone(), v)));
+                Ok(out)
+            }
             Op::EmbedGrad { vocab } => {
                 let ids = a[0].as_ids().ok_or_else(|| op_err(node, "ids must be integers"))?;
                 let dy = f(1)?;
