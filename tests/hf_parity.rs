@@ -135,3 +135,64 @@ fn cpu_backend_fp8_matches_the_reference_fp8() {
     let f32_logits = Model::open(&dir, Precision::F32).unwrap().logits(&tokens, 0).unwrap().logits;
     assert!(max_abs_diff(f32_logits.as_f32().unwrap(), cpu.logits.as_f32().unwrap()) > 1e-4);
 }
+
+/// v3c's autodiff (the reference interpreter running the backward graph of the DeepSeek-V3 prefill
+/// entry with a mean cross-entropy loss) against torch autograd on transformers' model: the loss
+/// and every parameter's gradient (fixture `grads_f32`), relative error per parameter.
+#[test]
+fn autodiff_gradients_match_torch_autograd() {
+    use std::collections::HashMap;
+    use v3c_models::autodiff::backward;
+    use v3c_models::config::ModelConfig;
+    use v3c_models::deepseek_v3::{build, BuildOptions, Entry};
+    use v3c_models::graph::{Builder, Dim};
+    use v3c_models::interp::Interpreter;
+    use v3c_models::tensor::Tensor;
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf/grads_f32");
+    let (_, _, tokens, p0) = expectations(&dir);
+    let grads = Checkpoint::open_file(&dir.join("grads.safetensors")).unwrap();
+    let config = ModelConfig::from_path(&dir).unwrap();
+    let options = BuildOptions { dense_f32_weights: true, skip_mtp: true, ..Default::default() };
+    let forward = build(&config, Entry::Prefill, &options).unwrap();
+    let logits = forward.output("logits").unwrap();
+    let mut b = Builder::extend(forward);
+    let targets = b.input("targets", vec![Dim::dynamic("T")], v3c_models::dtype::DType::I64).unwrap();
+    let loss = b.cross_entropy(logits, targets).unwrap();
+    b.output("loss", loss).unwrap();
+    let graph = backward(b.finish(), loss).unwrap();
+    let names: Vec<String> = graph.outputs.iter().map(|(n, _)| n.clone()).filter(|n| n.starts_with("grad.")).collect();
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    let interp = Interpreter::new(graph, &checkpoint).unwrap();
+
+    let t = tokens.len();
+    let mut inputs = HashMap::new();
+    inputs.insert("tokens".to_string(), Tensor::i64(vec![t], tokens.iter().map(|&x| x as i64).collect()));
+    inputs.insert("positions".to_string(), Tensor::i64(vec![t], (0..t as i64).map(|i| i + p0).collect()));
+    inputs.insert("targets".to_string(), grads.read("targets").unwrap());
+    for l in 0..config.num_hidden_layers {
+        inputs.insert(format!("kv_cache.{l}"), Tensor::f32(vec![0, config.latent_dim()], vec![]));
+    }
+    let mut wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+    wanted.push("loss");
+    let out = interp.run(&inputs, &wanted).unwrap();
+    let (ours, theirs) = (out["loss"].as_f32().unwrap()[0], grads.read("loss").unwrap().as_f32().unwrap()[0]);
+    assert!((ours - theirs).abs() <= 1e-5 * theirs.abs(), "loss {ours} vs torch {theirs}");
+    let mut worst = (0.0f64, String::new());
+    for name in &names {
+        let want = grads.read(name).unwrap_or_else(|e| panic!("{name}: not in the fixture: {e}"));
+        let got = &out[name.as_str()];
+        assert_eq!(got.shape, want.shape, "{name}");
+        let (g, w) = (got.as_f32().unwrap(), want.as_f32().unwrap());
+        let diff: f64 = g.iter().zip(w).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
+        let rel = diff / norm.max(1e-30);
+        if rel > worst.0 {
+            worst = (rel, name.clone());
+        }
+        assert!(rel <= 1e-4, "{name}: relative error {rel:.2e} against torch autograd");
+    }
+    eprintln!("autodiff vs torch: {} gradients, worst relative error {:.2e} ({})", names.len(), worst.0, worst.1);
+    // Every trained parameter of the fixture has a gradient here.
+    assert!(names.len() >= 60, "{} gradients", names.len());
+}
