@@ -21,6 +21,7 @@ pub mod interp;
 pub mod reference;
 pub mod rope;
 pub mod tensor;
+pub mod train;
 
 pub use config::ModelConfig;
 pub use deepseek_v3::{build, build_block, Block, BuildOptions, Entry, Precision};
