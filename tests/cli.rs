@@ -317,6 +317,68 @@ fn tuning_database_steers_compile() {
     assert!(table.contains("ignored: measured on H100"), "{table}");
 }
 
+/// `v3c train` (reference backend) on a repeating pattern: the loss log falls, the run resumes where
+/// it stopped, the trained checkpoint (MTP module kept) loads for inference, and bad data or a backend
+/// without backward kernels are one-line errors.
+#[test]
+fn train_learns_resumes_and_writes_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, out, data) = (dir.path().join("ckpt"), dir.path().join("run"), dir.path().join("data.txt"));
+    let init = run_binary("v3c", &["init-weights", "--model", "deepseek-v3-tiny", "--out", ckpt.to_str().unwrap()]);
+    assert!(init.status.success(), "{}", text(&init.stderr));
+    let pattern = [5, 9, 2, 7, 11, 3, 42, 17];
+    let tokens: Vec<String> = (0..300).map(|i| pattern[i % 8].to_string()).collect();
+    std::fs::write(&data, tokens.join(" ")).unwrap();
+    let base = [
+        "train",
+        "--model-dir",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let args = [&base[..], &["--steps", "20", "--batch", "2", "--seq", "16", "--lr", "0.01"]].concat();
+    let run = run_binary("v3c", &args);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let log = std::fs::read_to_string(out.join("loss.csv")).unwrap();
+    let losses: Vec<f32> = log.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
+    assert_eq!(losses.len(), 20);
+    assert!(losses[19] < 0.2 * losses[0], "loss {} -> {}", losses[0], losses[19]);
+    for f in ["config.json", "model.safetensors", "optimizer/state.safetensors", "expert_load.csv"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let again = run_binary("v3c", &args);
+    assert!(text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
+    let resume = [&base[..], &["--steps", "3", "--batch", "2", "--seq", "16", "--resume"]].concat();
+    let resumed = run_binary("v3c", &resume);
+    assert!(text(&resumed.stderr).contains("(now at step 23)"), "{}", text(&resumed.stderr));
+    assert_eq!(std::fs::read_to_string(out.join("loss.csv")).unwrap().lines().count(), 1 + 23);
+    let logits = run_binary(
+        "v3c",
+        &[
+            "logits",
+            "--model-dir",
+            out.to_str().unwrap(),
+            "--tokens",
+            "5 9 2",
+            "--out",
+            dir.path().join("l.safetensors").to_str().unwrap(),
+        ],
+    );
+    assert!(text(&logits.stderr).contains("and mtp_logits"), "the MTP module is kept: {}", text(&logits.stderr));
+    std::fs::write(&data, "5 9 999999").unwrap();
+    let bad = run_binary("v3c", &[&base[..], &["--steps", "1", "--resume"]].concat());
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(text(&bad.stderr).contains("token 2 is 999999, outside the vocabulary"), "{}", text(&bad.stderr));
+    let cpu = run_binary("v3c", &[&base[..], &["--steps", "1", "--resume", "--backend", "cpu"]].concat());
+    assert!(
+        text(&cpu.stderr).contains("--backend cpu: training steps run on the reference interpreter so far"),
+        "{}",
+        text(&cpu.stderr)
+    );
+}
+
 #[test]
 fn subcommands_not_yet_built_say_so_and_fail() {
     let out = run_binary("v3c", &["tune", "--model", "deepseek-v3"]);

@@ -41,6 +41,8 @@ enum Command {
     Tune(TuneArgs),
     /// Write a random checkpoint (HF layout, optionally fp8) for tests and demos.
     InitWeights(InitWeightsArgs),
+    /// Train a checkpoint on a file of token ids (next-token loss, AdamW, loss-free balancing).
+    Train(TrainArgs),
     /// Report LLVM/MLIR, PTX and cubin generation, CUDA tools, driver and GPUs; works without a GPU.
     Doctor(DoctorArgs),
 }
@@ -243,6 +245,42 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+struct TrainArgs {
+    /// Checkpoint to start from (config.json + *.safetensors), or an earlier --out with --resume.
+    #[arg(long, value_name = "DIR")]
+    model_dir: PathBuf,
+    /// Training data: token ids, whitespace-separated text or little-endian u32 binary.
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Optimizer steps to take.
+    #[arg(long, value_name = "N")]
+    steps: usize,
+    /// Directory for the trained checkpoint (HF layout), optimizer state, loss log and expert loads;
+    /// created (must not exist) unless --resume.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Sequences per step (gradients accumulated over them).
+    #[arg(long, value_name = "B", default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, value_name = "T", default_value_t = 32)]
+    seq: usize,
+    /// Peak learning rate (linear warm-up over the first 10% of steps, then cosine to 10%).
+    #[arg(long, value_name = "LR", default_value_t = 3e-3)]
+    lr: f32,
+    /// Seed of the sampling of windows from the data.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue the run in --out (its checkpoint, optimizer state and step count; the log grows).
+    #[arg(long)]
+    resume: bool,
+    /// Where the steps run: `reference` (the interpreter); `cpu` and `cuda` need the backward
+    /// kernels' lowerings (not yet).
+    #[arg(long, value_name = "BACKEND", default_value = "reference")]
+    backend: String,
+}
+
+#[derive(Args)]
 struct InitWeightsArgs {
     /// Config source: a built-in model (e.g. deepseek-v3-tiny) or a directory with config.json.
     #[arg(long, value_name = "NAME|DIR", default_value = "deepseek-v3-tiny")]
@@ -364,6 +402,18 @@ fn main() -> ExitCode {
             })
         }),
         Command::InitWeights(a) => commands::init_weights(&a.model, &a.out, a.fp8, a.seed),
+        Command::Train(a) => commands::train(&commands::TrainOptions {
+            model_dir: &a.model_dir,
+            data: &a.data,
+            steps: a.steps,
+            out: &a.out,
+            batch: a.batch,
+            seq: a.seq,
+            lr: a.lr,
+            seed: a.seed,
+            resume: a.resume,
+            backend: &a.backend,
+        }),
         Command::Tune(a) => commands::tune(&commands::TuneOptions {
             model: &a.model.model,
             precision: a.precision.map(Precision::model),
