@@ -927,6 +927,7 @@ pub struct TrainOptions<'a> {
     pub seed: u64,
     pub resume: bool,
     pub backend: &'a str,
+    pub mtp_weight: f32,
 }
 
 /// Token ids from `path`: whitespace-separated integers, else little-endian u32; each checked
@@ -986,9 +987,6 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     let checkpoint = Checkpoint::open(source).map_err(|e| e.to_string())?;
     let params = load_params(&config, &checkpoint).map_err(|e| e.to_string())?;
     let data = read_token_file(o.data, config.vocab_size)?;
-    if data.len() < o.seq + 1 {
-        return Err(format!("{}: {} tokens, fewer than --seq {} + 1", o.data.display(), data.len(), o.seq));
-    }
     // Optimizer state of a resumed run.
     let (mut done, moments) = if o.resume {
         let state = Checkpoint::open_file(&o.out.join(OPTIMIZER_STATE)).map_err(|e| e.to_string())?;
@@ -1001,9 +999,14 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
         lr: o.lr,
         total_steps: done + o.steps,
         warmup_steps: ((done + o.steps) / 10).max(1),
+        mtp_weight: o.mtp_weight,
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(&config, params, train).map_err(|e| e.to_string())?;
+    let window = o.seq + trainer.window_extra();
+    if data.len() < window {
+        return Err(format!("{}: {} tokens, fewer than a window of {window}", o.data.display(), data.len()));
+    }
     if let Some(state) = &moments {
         trainer.step = done;
         for (name, m) in trainer.m.iter_mut() {
@@ -1031,13 +1034,13 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     let mut totals: Vec<(String, Vec<usize>)> = Vec::new();
     let started = Instant::now();
     for _ in 0..o.steps {
-        let batch: Vec<(Vec<i64>, Vec<i64>)> = (0..o.batch)
+        let batch: Vec<Vec<i64>> = (0..o.batch)
             .map(|_| {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
-                let start = (rng % (data.len() - o.seq) as u64) as usize;
-                (data[start..start + o.seq].to_vec(), data[start + 1..start + o.seq + 1].to_vec())
+                let start = (rng % (data.len() - window + 1) as u64) as usize;
+                data[start..start + window].to_vec()
             })
             .collect();
         let r = trainer.step(&batch).map_err(|e| e.to_string())?;

@@ -267,8 +267,8 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             Op::Reshape => ops::reshape(o(0), r, context, location)?,
             Op::QuantizeFp8 { group } => ops::quantize_fp8(o(0), *group, r, result_types[1], context, location)?,
             Op::LmHead => ops::lm_head(o(0), o(1), r, context, location)?,
-            Op::CrossEntropy
-            | Op::CrossEntropyGrad
+            Op::CrossEntropy { .. }
+            | Op::CrossEntropyGrad { .. }
             | Op::MatMul { .. }
             | Op::RmsNormGrad { .. }
             | Op::SiluMulGrad

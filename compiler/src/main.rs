@@ -278,6 +278,9 @@ struct TrainArgs {
     /// kernels' lowerings (not yet).
     #[arg(long, value_name = "BACKEND", default_value = "reference")]
     backend: String,
+    /// Weight (lambda) of the MTP loss when the checkpoint has an MTP module; 0 leaves it untrained.
+    #[arg(long, value_name = "LAMBDA", default_value_t = 0.3)]
+    mtp_weight: f32,
 }
 
 #[derive(Args)]
@@ -413,6 +416,7 @@ fn main() -> ExitCode {
             seed: a.seed,
             resume: a.resume,
             backend: &a.backend,
+            mtp_weight: a.mtp_weight,
         }),
         Command::Tune(a) => commands::tune(&commands::TuneOptions {
             model: &a.model.model,

@@ -188,10 +188,12 @@ pub enum Op {
     /// (x [N, D], w [V, D]) -> logits [N, V] f32.
     LmHead,
     // --- Training ([`crate::autodiff`]): losses and the vector-Jacobian products of the ops.
-    /// (logits [N, V], targets [N] i64) -> [1]: mean over rows of -log softmax(logits)[target].
-    CrossEntropy,
-    /// (logits [N, V], targets [N]) -> d mean-cross-entropy / d logits [N, V] (the loss's seed is 1).
-    CrossEntropyGrad,
+    /// (logits [N, V], targets [N] i64) -> [1]: `weight` x the mean over rows of
+    /// -log softmax(logits)[target].
+    CrossEntropy { weight: f32 },
+    /// (logits [N, V], targets [N]) -> d (weighted mean cross-entropy) / d logits [N, V] (the
+    /// loss's seed is 1).
+    CrossEntropyGrad { weight: f32 },
     /// (a, b) 2-D -> a' @ b' with ' the transposes asked for: the VJPs of linear layers.
     MatMul { transpose_a: bool, transpose_b: bool },
     /// (x [N, D], w [D], dy [N, D]) -> (dx [N, D], dw [D]).
@@ -241,8 +243,8 @@ impl Op {
             Op::Reshape => "reshape",
             Op::QuantizeFp8 { .. } => "quantize_fp8",
             Op::LmHead => "lm_head",
-            Op::CrossEntropy => "cross_entropy",
-            Op::CrossEntropyGrad => "cross_entropy_grad",
+            Op::CrossEntropy { .. } => "cross_entropy",
+            Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
             Op::MatMul { .. } => "matmul",
             Op::RmsNormGrad { .. } => "rms_norm_grad",
             Op::SiluMulGrad => "silu_mul_grad",
@@ -767,15 +769,31 @@ impl Builder {
 
     /// Mean cross-entropy of `logits` [N, V] against `targets` [N] (i64): a [1] f32 loss.
     pub fn cross_entropy(&mut self, logits: ValueId, targets: ValueId) -> Result<ValueId, GraphError> {
-        self.check_logits_targets("cross_entropy", logits, targets)?;
-        Ok(self.push1(Op::CrossEntropy, vec![logits, targets], TensorType::new(vec![Dim::Fixed(1)], DType::F32)))
+        self.cross_entropy_weighted(logits, targets, 1.0)
     }
 
-    /// d mean-cross-entropy / d logits.
-    pub fn cross_entropy_grad(&mut self, logits: ValueId, targets: ValueId) -> Result<ValueId, GraphError> {
+    /// `weight` x the mean cross-entropy (a term of a summed loss, e.g. the MTP loss with lambda).
+    pub fn cross_entropy_weighted(
+        &mut self,
+        logits: ValueId,
+        targets: ValueId,
+        weight: f32,
+    ) -> Result<ValueId, GraphError> {
+        self.check_logits_targets("cross_entropy", logits, targets)?;
+        let ty = TensorType::new(vec![Dim::Fixed(1)], DType::F32);
+        Ok(self.push1(Op::CrossEntropy { weight }, vec![logits, targets], ty))
+    }
+
+    /// d (weighted mean cross-entropy) / d logits.
+    pub fn cross_entropy_grad(
+        &mut self,
+        logits: ValueId,
+        targets: ValueId,
+        weight: f32,
+    ) -> Result<ValueId, GraphError> {
         self.check_logits_targets("cross_entropy_grad", logits, targets)?;
         let ty = TensorType::new(self.ty(logits).shape.clone(), DType::F32);
-        Ok(self.push1(Op::CrossEntropyGrad, vec![logits, targets], ty))
+        Ok(self.push1(Op::CrossEntropyGrad { weight }, vec![logits, targets], ty))
     }
 
     fn check_logits_targets(&self, op: &str, logits: ValueId, targets: ValueId) -> Result<(), GraphError> {

@@ -32,6 +32,8 @@ pub struct TrainConfig {
     pub clip_norm: f32,
     /// Bias update speed of the loss-free balancing.
     pub bias_update: f32,
+    /// Weight (lambda) of the MTP loss when the model has an MTP module (0: not trained).
+    pub mtp_weight: f32,
 }
 
 impl Default for TrainConfig {
@@ -47,6 +49,7 @@ impl Default for TrainConfig {
             weight_decay: 0.1,
             clip_norm: 1.0,
             bias_update: 1e-3,
+            mtp_weight: 0.3,
         }
     }
 }
@@ -113,6 +116,8 @@ pub struct Trainer {
     /// Per MoE layer: the routing bias parameter and the graph output of its expert indices.
     routes: Vec<(String, String)>,
     trained: Vec<String>,
+    /// The MTP module is trained (loss = next-token CE + mtp_weight x MTP CE).
+    pub mtp: bool,
 }
 
 fn bf16_round(x: f32) -> f32 {
@@ -126,9 +131,11 @@ impl Trainer {
         params: HashMap<String, Tensor>,
         train: TrainConfig,
     ) -> Result<Trainer, TrainError> {
-        let options = BuildOptions { dense_f32_weights: true, skip_mtp: true, ..Default::default() };
+        let mtp = config.num_nextn_predict_layers > 0 && train.mtp_weight > 0.0;
+        let options = BuildOptions { dense_f32_weights: true, skip_mtp: !mtp, ..Default::default() };
         let forward = build(config, Entry::Prefill, &options)?;
         let logits = forward.output("logits").ok_or_else(|| TrainError::Invalid("the graph has no logits".into()))?;
+        let mtp_logits = forward.output("mtp_logits");
         // The expert indices of every MoE layer, as outputs, for the balancing rule.
         let mut routes = Vec::new();
         for node in &forward.nodes {
@@ -140,7 +147,12 @@ impl Trainer {
         }
         let mut b = Builder::extend(forward);
         let targets = b.input("targets", vec![Dim::dynamic("T")], DType::I64)?;
-        let loss = b.cross_entropy(logits, targets)?;
+        let mut loss = b.cross_entropy(logits, targets)?;
+        if let (true, Some(ml)) = (mtp, mtp_logits) {
+            let mtp_targets = b.input("mtp_targets", vec![Dim::dynamic("T")], DType::I64)?;
+            let mtp_loss = b.cross_entropy_weighted(ml, mtp_targets, train.mtp_weight)?;
+            loss = b.add(loss, mtp_loss)?;
+        }
         b.output("loss", loss)?;
         let mut named_routes = Vec::new();
         for (i, (bias, v)) in routes.into_iter().enumerate() {
@@ -159,12 +171,19 @@ impl Trainer {
         let zeros = |name: &String| vec![0.0f32; params[name].len()];
         let m = trained.iter().map(|n| (n.clone(), zeros(n))).collect();
         let v = trained.iter().map(|n| (n.clone(), zeros(n))).collect();
-        Ok(Trainer { config: config.clone(), train, graph, params, m, v, step: 0, routes: named_routes, trained })
+        Ok(Trainer { config: config.clone(), train, graph, params, m, v, step: 0, routes: named_routes, trained, mtp })
     }
 
-    /// One optimizer step over `batch` (token ids, next-token targets per sequence): gradients
-    /// averaged over the sequences, clipped, AdamW, then the balancing bias update.
-    pub fn step(&mut self, batch: &[(Vec<i64>, Vec<i64>)]) -> Result<StepReport, TrainError> {
+    /// Tokens a training window holds beyond the sequence: its next-token targets need one, the
+    /// MTP targets (t + 2) one more.
+    pub fn window_extra(&self) -> usize {
+        1 + usize::from(self.mtp)
+    }
+
+    /// One optimizer step over `batch` (windows of a sequence's tokens plus
+    /// [`Trainer::window_extra`] more): gradients averaged over the sequences, clipped, AdamW, then
+    /// the balancing bias update.
+    pub fn step(&mut self, batch: &[Vec<i64>]) -> Result<StepReport, TrainError> {
         if batch.is_empty() {
             return Err(TrainError::Invalid("an empty batch".into()));
         }
@@ -177,17 +196,25 @@ impl Trainer {
         let mut wanted: Vec<&str> = grad_names.iter().map(String::as_str).collect();
         wanted.push("loss");
         wanted.extend(self.routes.iter().map(|(_, o)| o.as_str()));
-        for (tokens, targets) in batch {
-            if tokens.len() != targets.len() || tokens.is_empty() {
-                return Err(TrainError::Invalid("each sequence needs as many targets as tokens".into()));
+        let extra = self.window_extra();
+        for window in batch {
+            if window.len() <= extra {
+                return Err(TrainError::Invalid(format!("a window needs more than {extra} tokens")));
             }
-            let t = tokens.len();
+            let t = window.len() - extra;
+            let ids = |from: usize| Tensor::i64(vec![t], window[from..from + t].to_vec());
             let mut inputs = HashMap::new();
-            inputs.insert("tokens".to_string(), Tensor::i64(vec![t], tokens.clone()));
-            inputs.insert("targets".to_string(), Tensor::i64(vec![t], targets.clone()));
+            inputs.insert("tokens".to_string(), ids(0));
+            inputs.insert("targets".to_string(), ids(1));
             inputs.insert("positions".to_string(), Tensor::i64(vec![t], (0..t as i64).collect()));
+            let empty_cache = || Tensor::f32(vec![0, self.config.latent_dim()], vec![]);
             for l in 0..self.config.num_hidden_layers {
-                inputs.insert(format!("kv_cache.{l}"), Tensor::f32(vec![0, self.config.latent_dim()], vec![]));
+                inputs.insert(format!("kv_cache.{l}"), empty_cache());
+            }
+            if self.mtp {
+                inputs.insert("mtp_tokens".to_string(), ids(1));
+                inputs.insert("mtp_targets".to_string(), ids(2));
+                inputs.insert("kv_cache.mtp".to_string(), empty_cache());
             }
             let out = interp.run(&inputs, &wanted)?;
             loss += out["loss"].as_f32().unwrap_or(&[0.0])[0] as f64;
@@ -263,7 +290,7 @@ pub fn load_params(
     config: &ModelConfig,
     checkpoint: &crate::checkpoint::Checkpoint,
 ) -> Result<HashMap<String, Tensor>, TrainError> {
-    let options = BuildOptions { dense_f32_weights: true, skip_mtp: true, ..Default::default() };
+    let options = BuildOptions { dense_f32_weights: true, ..Default::default() };
     let graph = build(config, Entry::Prefill, &options)?;
     let mut params = HashMap::new();
     for (name, ty, format, _) in graph.params() {
@@ -292,10 +319,9 @@ mod tests {
         let train = TrainConfig { total_steps: 40, warmup_steps: 5, lr: 1e-2, bias_update: 1e-2, ..Default::default() };
         let mut trainer = Trainer::new(&config, params, train).unwrap();
         let pattern: Vec<i64> = vec![5, 9, 2, 7, 11, 3];
-        let seq = |offset: usize| -> (Vec<i64>, Vec<i64>) {
-            let w: Vec<i64> = (0..9).map(|i| pattern[(offset + i) % pattern.len()]).collect();
-            (w[..8].to_vec(), w[1..].to_vec())
-        };
+        let extra = trainer.window_extra();
+        let seq =
+            |offset: usize| -> Vec<i64> { (0..8 + extra).map(|i| pattern[(offset + i) % pattern.len()]).collect() };
         let mut reports = Vec::new();
         for step in 0..40 {
             reports.push(trainer.step(&[seq(step % 6), seq((step + 3) % 6)]).unwrap());

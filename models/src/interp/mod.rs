@@ -364,7 +364,7 @@ impl Interpreter {
                 let (v, d) = (a[1].shape[0], a[1].shape[1]);
                 one(Tensor::f32(vec![x.len() / d, v], kernels::matmul_nt(x, w, x.len() / d, d, v)))
             }
-            Op::CrossEntropy | Op::CrossEntropyGrad => {
+            Op::CrossEntropy { weight } | Op::CrossEntropyGrad { weight } => {
                 let logits = f(0)?;
                 let v = a[0].shape[1];
                 let targets = a[1].as_ids().ok_or_else(|| op_err(node, "targets must be integers"))?;
@@ -373,8 +373,8 @@ impl Interpreter {
                 }
                 let (loss, grad) = kernels::cross_entropy(logits, &targets, v);
                 match node.op {
-                    Op::CrossEntropy => one(Tensor::f32(vec![1], vec![loss])),
-                    _ => one(Tensor::f32(a[0].shape.clone(), grad)),
+                    Op::CrossEntropy { .. } => one(Tensor::f32(vec![1], vec![weight * loss])),
+                    _ => one(Tensor::f32(a[0].shape.clone(), grad.iter().map(|g| weight * g).collect())),
                 }
             }
             Op::MatMul { transpose_a, transpose_b } => {
