@@ -174,18 +174,8 @@ impl Interpreter {
             }
             Op::RmsNorm { eps } => one(Tensor::f32(a[0].shape.clone(), kernels::rms_norm(f(0)?, f(1)?, *eps))),
             Op::Rope(r) => {
-                let mut x = f(0)?.to_vec();
                 let positions = a[1].as_ids().ok_or_else(|| op_err(node, "positions must be integers"))?;
-                let inv = rope::inv_freq(&r.rope, r.dim);
-                let factor = rope::attention_factor(&r.rope);
-                let per_row = x.len() / positions.len().max(1);
-                for (row, &p) in positions.iter().enumerate() {
-                    let (cos, sin) = rope::cos_sin(&inv, factor, p);
-                    for v in x[row * per_row..(row + 1) * per_row].chunks_mut(r.dim) {
-                        kernels::rotate(v, &cos, &sin, r.rope.interleave);
-                    }
-                }
-                one(Tensor::f32(a[0].shape.clone(), x))
+                one(Tensor::f32(a[0].shape.clone(), rotate_rows(f(0)?, &positions, r, false)))
             }
             Op::Attention { form, scale, kv_lora_rank } => {
                 let dims = mla_dims(a[0], a[1], a[3], *kv_lora_rank);
@@ -395,19 +385,8 @@ impl Interpreter {
             }
             Op::RopeGrad(r) => {
                 // The inverse rotation: the same angles, sine negated.
-                let mut x = f(0)?.to_vec();
                 let positions = a[1].as_ids().ok_or_else(|| op_err(node, "positions must be integers"))?;
-                let inv = rope::inv_freq(&r.rope, r.dim);
-                let factor = rope::attention_factor(&r.rope);
-                let per_row = x.len() / positions.len().max(1);
-                for (row, &p) in positions.iter().enumerate() {
-                    let (cos, sin) = rope::cos_sin(&inv, factor, p);
-                    let neg: Vec<f32> = sin.iter().map(|v| -v).collect();
-                    for v in x[row * per_row..(row + 1) * per_row].chunks_mut(r.dim) {
-                        kernels::rotate(v, &cos, &neg, r.rope.interleave);
-                    }
-                }
-                one(Tensor::f32(a[0].shape.clone(), x))
+                one(Tensor::f32(a[0].shape.clone(), rotate_rows(f(0)?, &positions, r, true)))
             }
             Op::AttentionGrad { scale, kv_lora_rank } => {
                 let dims = mla_dims(a[0], a[1], a[3], *kv_lora_rank);
@@ -559,6 +538,24 @@ fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
         *l = last;
     }
     s
+}
+
+/// RoPE over rows of `x` (one position per row, `attrs.dim`-wide vectors), or its inverse.
+fn rotate_rows(x: &[f32], positions: &[i64], attrs: &crate::graph::RopeAttrs, inverse: bool) -> Vec<f32> {
+    let mut x = x.to_vec();
+    let inv = rope::inv_freq(&attrs.rope, attrs.dim);
+    let factor = rope::attention_factor(&attrs.rope);
+    let per_row = x.len() / positions.len().max(1);
+    for (row, &p) in positions.iter().enumerate() {
+        let (cos, mut sin) = rope::cos_sin(&inv, factor, p);
+        if inverse {
+            sin.iter_mut().for_each(|s| *s = -*s);
+        }
+        for v in x[row * per_row..(row + 1) * per_row].chunks_mut(attrs.dim) {
+            kernels::rotate(v, &cos, &sin, attrs.rope.interleave);
+        }
+    }
+    x
 }
 
 fn mla_dims(q_nope: &Tensor, q_pe: &Tensor, kv_b: &Tensor, kv_lora: usize) -> kernels::MlaDims {

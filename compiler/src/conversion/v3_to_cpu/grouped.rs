@@ -252,40 +252,24 @@ scf.yield
     /// `%is_shared`, `%ex` (index within its stack), `%glo..%ghi` its permuted rows, then `body4`
     /// on rows `%g..%g+3` and `body1` on leftover rows `%g`.
     fn expert_loop(g: &Grouped, picks: &str, body4: Option<&str>, body1: &str) -> String {
-        let (experts, total) = (g.experts, g.experts + g.shared);
         let (rem, body4) = match body4 {
             Some(b) => ("arith.remui %gcount, %c4 : index", b),
             None => ("arith.addi %c0, %gcount : index", ""),
         };
-        format!(
-            "%ce = arith.constant {experts} : index
-%ctot = arith.constant {total} : index
-scf.for %e = %c0 to %ctot step %c1 {{
-  %is_shared = arith.cmpi uge, %e, %ce : index
-  %es = arith.subi %e, %ce : index
-  %ex = arith.select %is_shared, %es, %e : index
-{picks}
-  %e1 = arith.addi %e, %c1 : index
-  %glo32 = memref.load {off}[%e] : {off_ty}
-  %ghi32 = memref.load {off}[%e1] : {off_ty}
-  %glo = arith.index_cast %glo32 : i32 to index
-  %ghi = arith.index_cast %ghi32 : i32 to index
-  %gcount = arith.subi %ghi, %glo : index
-  %grem = {rem}
-  %g4 = arith.subi %ghi, %grem : index
-  scf.for %g = %glo to %g4 step %c4 {{
-{body4}
-  }}
-  scf.for %g = %g4 to %ghi step %c1 {{
-{body1}
-  }}
+        let rows = format!(
+            "%gcount = arith.subi %ghi, %glo : index
+%grem = {rem}
+%g4 = arith.subi %ghi, %grem : index
+scf.for %g = %glo to %g4 step %c4 {{
+{}
+}}
+scf.for %g = %g4 to %ghi step %c1 {{
+{}
 }}",
-            off = g.offsets.0,
-            off_ty = memref(&g.offsets.1),
-            picks = indent(picks, 2),
-            body4 = indent(body4, 4),
-            body1 = indent(body1, 4),
-        )
+            indent(body4, 2),
+            indent(body1, 2),
+        );
+        Self::expert_ranges(g, picks, &rows)
     }
 
     /// Grouped gate/up GEMM with SwiGLU, f32 activations and f32/bf16 weights: rows of an expert
