@@ -371,6 +371,13 @@ fn train_learns_resumes_and_writes_a_checkpoint() {
     let bad = run_binary("v3c", &[&base[..], &["--steps", "1", "--resume"]].concat());
     assert_eq!(bad.status.code(), Some(1));
     assert!(text(&bad.stderr).contains("token 2 is 999999, outside the vocabulary"), "{}", text(&bad.stderr));
+    let negative = run_binary("v3c", &[&base[..], &["--steps", "1", "--resume", "--balance-alpha=-1"]].concat());
+    assert_eq!(negative.status.code(), Some(1));
+    assert!(
+        text(&negative.stderr).contains("--balance-alpha -1: must be a finite number >= 0"),
+        "{}",
+        text(&negative.stderr)
+    );
     let cpu = run_binary("v3c", &[&base[..], &["--steps", "1", "--resume", "--backend", "cpu"]].concat());
     assert!(
         text(&cpu.stderr).contains("--backend cpu: training steps run on the reference interpreter so far"),

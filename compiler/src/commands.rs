@@ -928,6 +928,7 @@ pub struct TrainOptions<'a> {
     pub resume: bool,
     pub backend: &'a str,
     pub mtp_weight: f32,
+    pub balance_alpha: f32,
 }
 
 /// Token ids from `path`: whitespace-separated integers, else little-endian u32; each checked
@@ -979,6 +980,11 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     if o.steps == 0 || o.batch == 0 || o.seq == 0 {
         return Err("--steps, --batch and --seq must be positive".into());
     }
+    for (flag, v) in [("--lr", o.lr), ("--mtp-weight", o.mtp_weight), ("--balance-alpha", o.balance_alpha)] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(format!("{flag} {v}: must be a finite number >= 0"));
+        }
+    }
     let source = if o.resume { o.out } else { o.model_dir };
     if !o.resume && o.out.exists() {
         return Err(format!("{}: already exists (choose a new directory, or --resume a run)", o.out.display()));
@@ -1000,6 +1006,7 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
         total_steps: done + o.steps,
         warmup_steps: ((done + o.steps) / 10).max(1),
         mtp_weight: o.mtp_weight,
+        balance_alpha: o.balance_alpha,
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(&config, params, train).map_err(|e| e.to_string())?;

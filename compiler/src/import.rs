@@ -278,7 +278,9 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             | Op::ConcatGrad { .. }
             | Op::SplitGrad { .. }
             | Op::MoeRouteGrad(_)
-            | Op::MoeExpertsGrad { .. } => {
+            | Op::MoeExpertsGrad { .. }
+            | Op::BalanceLoss { .. }
+            | Op::BalanceLossGrad { .. } => {
                 return Err(unsupported(format!(
                     "{}: training ops have no v3 dialect form yet (the reference interpreter runs them)",
                     node.op.name()

@@ -281,6 +281,10 @@ struct TrainArgs {
     /// Weight (lambda) of the MTP loss when the checkpoint has an MTP module; 0 leaves it untrained.
     #[arg(long, value_name = "LAMBDA", default_value_t = 0.3)]
     mtp_weight: f32,
+    /// Weight (alpha) of each MoE layer's sequence-wise balance loss over a window's tokens
+    /// (DeepSeek-V3: 1e-4); 0 turns it off, leaving the bias update as the only balancing.
+    #[arg(long, value_name = "ALPHA", default_value_t = 1e-4)]
+    balance_alpha: f32,
 }
 
 #[derive(Args)]
@@ -417,6 +421,7 @@ fn main() -> ExitCode {
             resume: a.resume,
             backend: &a.backend,
             mtp_weight: a.mtp_weight,
+            balance_alpha: a.balance_alpha,
         }),
         Command::Tune(a) => commands::tune(&commands::TuneOptions {
             model: &a.model.model,

@@ -22,13 +22,13 @@ pub fn backward(graph: Graph, loss: ValueId) -> Result<Graph, GraphError> {
     while let Some(v) = pending.pop() {
         let node = graph.producer(v);
         match node.op {
-            Op::CrossEntropy { .. } => seeded.push(v),
+            Op::CrossEntropy { .. } | Op::BalanceLoss { .. } => seeded.push(v),
             Op::Add => pending.extend(node.inputs.iter().copied()),
             _ => {
                 return Err(GraphError {
                     op: "backward".into(),
                     problem: format!(
-                        "the loss must be a cross_entropy output or a sum of them, not {}",
+                        "the loss must be a cross_entropy or balance_loss output or a sum of them, not {}",
                         node.op.name()
                     ),
                 })
@@ -82,6 +82,14 @@ pub fn backward(graph: Graph, loss: ValueId) -> Result<Graph, GraphError> {
                 }
                 let d = b.cross_entropy_grad(inp(0), inp(1), *weight)?;
                 add_grad(&mut grads, &mut b, inp(0), d)?;
+            }
+            Op::BalanceLoss { alpha } => {
+                if !seeded.contains(&node.outputs[0]) {
+                    return Err(unsupported());
+                }
+                let (dx, dgate) = b.balance_loss_grad(inp(0), inp(1), inp(2), *alpha)?;
+                add_grad(&mut grads, &mut b, inp(0), dx)?;
+                add_grad(&mut grads, &mut b, inp(1), dgate)?;
             }
             Op::Linear if node.inputs.len() == 2 => {
                 let Some(g) = dy(0, &grads) else { continue };
@@ -318,6 +326,13 @@ mod tests {
         deepseek_v3_differentiates(true, false);
     }
 
+    /// ... and with each MoE layer's sequence-wise balance loss (alpha 1, next-token prediction
+    /// weighted 0.01, so that the balance term dominates).
+    #[test]
+    fn deepseek_v3_with_the_balance_loss_differentiates() {
+        deepseek_v3_differentiates_with(false, false, 1.0);
+    }
+
     /// ... and with its MoE layers (routing with group-limited top-k, routed and shared experts).
     #[test]
     fn deepseek_v3_moe_layers_differentiate() {
@@ -331,6 +346,10 @@ mod tests {
     }
 
     fn deepseek_v3_differentiates(dense_only: bool, mtp: bool) {
+        deepseek_v3_differentiates_with(dense_only, mtp, 0.0);
+    }
+
+    fn deepseek_v3_differentiates_with(dense_only: bool, mtp: bool, balance: f32) {
         use crate::config::ModelConfig;
         use crate::deepseek_v3::{build, BuildOptions, Entry};
         let mut j: serde_json::Value = serde_json::from_str(crate::config::DEEPSEEK_V3_TINY_JSON).unwrap();
@@ -345,11 +364,28 @@ mod tests {
         let mtp_logits = forward.output("mtp_logits");
         let mut b = Builder::extend(forward);
         let targets = b.input("targets", vec![Dim::dynamic("T")], DType::I64).unwrap();
-        let mut loss = b.cross_entropy(logits, targets).unwrap();
+        // With the balance loss, next-token prediction is weighted down so that the balance term
+        // dominates the gradients of everything before the MoE layers (its path through x).
+        let ce_weight = if balance > 0.0 { 0.01 } else { 1.0 };
+        let mut loss = b.cross_entropy_weighted(logits, targets, ce_weight).unwrap();
         if let Some(ml) = mtp_logits {
             let mtp_targets = b.input("mtp_targets", vec![Dim::dynamic("T")], DType::I64).unwrap();
             let mtp_loss = b.cross_entropy_weighted(ml, mtp_targets, 0.3).unwrap();
             loss = b.add(loss, mtp_loss).unwrap();
+        }
+        if balance > 0.0 {
+            let routes: Vec<(ValueId, ValueId, ValueId)> = b
+                .graph()
+                .nodes
+                .iter()
+                .filter(|n| matches!(n.op, Op::MoeRoute(_)))
+                .map(|n| (n.inputs[0], n.inputs[1], n.outputs[0]))
+                .collect();
+            assert!(!routes.is_empty());
+            for (x, gate, idx) in routes {
+                let bal = b.balance_loss(x, gate, idx, balance).unwrap();
+                loss = b.add(loss, bal).unwrap();
+            }
         }
         b.output("loss", loss).unwrap();
         let graph = backward(b.finish(), loss).unwrap();
@@ -464,6 +500,6 @@ mod tests {
         let logits = b.lm_head(x, w).unwrap();
         let loss = b.linear(logits, w).unwrap();
         let err = backward(b.finish(), loss).unwrap_err();
-        assert!(err.problem.contains("must be a cross_entropy output or a sum of them"), "{err}");
+        assert!(err.problem.contains("must be a cross_entropy or balance_loss output or a sum of them"), "{err}");
     }
 }

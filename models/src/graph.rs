@@ -219,6 +219,12 @@ pub enum Op {
     /// (x, indices, weights, dy, then gate_e, up_e, down_e per expert) -> (dx, d weights, then
     /// d gate_e, d up_e, d down_e per expert) of `moe_experts` (f32).
     MoeExpertsGrad { num_experts: usize },
+    /// DeepSeek-V3's complementary sequence-wise balance loss of one MoE layer, (x [T, D], gate [E, D],
+    /// indices [T, K]) -> [1]: `alpha * sum_i f_i P_i` with `f_i = E / (K T) * (tokens routed to i)`
+    /// and `P_i = mean_t s_i,t / sum_j s_j,t` over the sigmoid affinities `s = sigmoid(x gate^T)`.
+    BalanceLoss { alpha: f32 },
+    /// (x, gate, indices) -> (dx, d gate) of `balance_loss` (through P; f is a count).
+    BalanceLossGrad { alpha: f32 },
 }
 
 impl Op {
@@ -255,6 +261,8 @@ impl Op {
             Op::SplitGrad { .. } => "split_grad",
             Op::MoeRouteGrad(_) => "moe_route_grad",
             Op::MoeExpertsGrad { .. } => "moe_experts_grad",
+            Op::BalanceLoss { .. } => "balance_loss",
+            Op::BalanceLossGrad { .. } => "balance_loss_grad",
         }
     }
 }
@@ -758,6 +766,11 @@ impl Builder {
         Ok(self.push1(Op::LmHead, vec![x, w], ty))
     }
 
+    /// The graph built so far.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
     /// A builder continuing `graph` (training: the backward pass is appended to the forward one).
     pub fn extend(graph: Graph) -> Builder {
         let mut param_index = std::collections::HashMap::new();
@@ -930,6 +943,44 @@ impl Builder {
             .collect::<Vec<_>>();
         tys.extend(experts.iter().map(|&v| TensorType::new(self.ty(v).shape.clone(), DType::F32)));
         Ok(self.push(Op::MoeExpertsGrad { num_experts: experts.len() / 3 }, inputs, tys))
+    }
+
+    /// The sequence-wise balance loss (`Op::BalanceLoss`) of the MoE layer whose `moe_route` takes
+    /// `x` and `gate` and selects `indices`; the tokens of `x` are one sequence.
+    pub fn balance_loss(
+        &mut self,
+        x: ValueId,
+        gate: ValueId,
+        indices: ValueId,
+        alpha: f32,
+    ) -> Result<ValueId, GraphError> {
+        let (xt, gt, it) = (self.ty(x), self.ty(gate), self.ty(indices));
+        if xt.rank() != 2
+            || gt.rank() != 2
+            || it.rank() != 2
+            || xt.shape[1] != gt.shape[1]
+            || it.shape[0] != xt.shape[0]
+        {
+            return Self::err("balance_loss", format!("x, gate, indices: {}", shapes(&[xt, gt, it])));
+        }
+        Ok(self.push1(
+            Op::BalanceLoss { alpha },
+            vec![x, gate, indices],
+            TensorType::new(vec![Dim::Fixed(1)], DType::F32),
+        ))
+    }
+
+    /// `(dx, d gate)` of `balance_loss`.
+    pub fn balance_loss_grad(
+        &mut self,
+        x: ValueId,
+        gate: ValueId,
+        indices: ValueId,
+        alpha: f32,
+    ) -> Result<(ValueId, ValueId), GraphError> {
+        let tys = [x, gate].map(|v| TensorType::new(self.ty(v).shape.clone(), DType::F32));
+        let out = self.push(Op::BalanceLossGrad { alpha }, vec![x, gate, indices], tys.to_vec());
+        Ok((out[0], out[1]))
     }
 
     /// d table [vocab, D] of `embed(table, ids)` for the output gradient `dy` [N, D].

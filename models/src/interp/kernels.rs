@@ -223,6 +223,30 @@ pub fn route_grad(logits: &[f32], idx: &[usize], dw: &[f32], r: &Routing) -> Vec
     dl
 }
 
+/// The sequence-wise balance loss over `t` tokens (see `Op::BalanceLoss`) from the router logits
+/// [T, E] and the selected experts [T, K], and its gradient with respect to the logits.
+pub fn balance_loss(logits: &[f32], idx: &[i32], e: usize, k: usize, alpha: f32) -> (f32, Vec<f32>) {
+    let t = logits.len() / e;
+    let mut f = vec![0.0f64; e];
+    for &i in idx {
+        f[i as usize] += e as f64 / (k * t) as f64;
+    }
+    let mut loss = 0.0f64;
+    let mut dl = vec![0.0f32; logits.len()];
+    for tok in 0..t {
+        let s: Vec<f64> = logits[tok * e..(tok + 1) * e].iter().map(|&l| 1.0 / (1.0 + (-l as f64).exp())).collect();
+        let sum: f64 = s.iter().sum();
+        // loss += alpha / T * sum_i f_i s_i / sum; d/ds_j = alpha / T * (f_j - sum_i f_i s_i / sum) / sum.
+        let weighted: f64 = f.iter().zip(&s).map(|(a, b)| a * b).sum::<f64>() / sum;
+        loss += alpha as f64 / t as f64 * weighted;
+        for j in 0..e {
+            let ds = alpha as f64 / t as f64 * (f[j] - weighted) / sum;
+            dl[tok * e + j] = (ds * s[j] * (1.0 - s[j])) as f32;
+        }
+    }
+    (loss as f32, dl)
+}
+
 /// Gradients of `y = w * (x / rms(x))` per row (as [`rms_norm`] computes it): with
 /// `r = 1 / sqrt(mean(x^2) + eps)`, `dw = sum_rows dy * x * r` and
 /// `dx = r * (dy * w) - x * r^3 / D * sum_d (dy * w * x)`.
@@ -457,6 +481,33 @@ mod tests {
             let a = mla(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, AttentionForm::Naive);
             let b = mla(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, AttentionForm::Absorbed);
             for (x, y) in a.iter().zip(&b) { prop_assert!((x - y).abs() < 1e-5, "{} vs {}", x, y); }
+        }
+    }
+
+    #[test]
+    fn balance_loss_is_alpha_when_routing_follows_uniform_affinities() {
+        // Equal logits: P_i = 1/E for all i, and sum_i f_i = E, so the loss is alpha whatever the routing.
+        let (loss, _) = balance_loss(&[0.3; 12], &[0, 1, 0, 2, 0, 3], 4, 2, 0.5);
+        assert!((loss - 0.5).abs() < 1e-6, "{loss}");
+    }
+
+    #[test]
+    fn balance_loss_gradient_matches_finite_differences() {
+        let (t, e, k, alpha) = (4, 8, 2, 1.0);
+        let logits: Vec<f32> = (0..t * e).map(|i| ((i * 37 % 23) as f32 / 23.0 - 0.5) * 4.0).collect();
+        let idx = [0, 3, 3, 5, 0, 3, 7, 1];
+        let (_, grad) = balance_loss(&logits, &idx, e, k, alpha);
+        let max = grad.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+        assert!(max > 1e-3, "{max}");
+        for i in 0..logits.len() {
+            let h = 1e-2;
+            let at = |d: f32| {
+                let mut l = logits.clone();
+                l[i] += d;
+                balance_loss(&l, &idx, e, k, alpha).0 as f64
+            };
+            let fd = ((at(h) - at(-h)) / (2.0 * h as f64)) as f32;
+            assert!((fd - grad[i]).abs() < 1e-3 * max + 1e-6, "logit {i}: {fd} vs {}", grad[i]);
         }
     }
 

@@ -458,10 +458,7 @@ impl Interpreter {
                         r,
                     ));
                 }
-                // logits = x gate^T: dx = dl gate, d gate = dl^T x.
-                let dx = kernels::matmul_t(&dl, gate, (t, e, d), (false, false), (e, d));
-                let dgate = kernels::matmul_t(&dl, x, (e, t, d), (true, false), (e, d));
-                Ok(vec![Tensor::f32(a[0].shape.clone(), dx), Tensor::f32(a[1].shape.clone(), dgate)])
+                Ok(router_logits_grad(&dl, x, gate, &a[0].shape, &a[1].shape))
             }
             Op::MoeExpertsGrad { num_experts } => {
                 let (x, w, dy) = (f(0)?, f(2)?, f(3)?);
@@ -511,6 +508,18 @@ impl Interpreter {
                 out.extend(dparams.into_iter().enumerate().map(|(p, v)| Tensor::f32(a[4 + p].shape.clone(), v)));
                 Ok(out)
             }
+            Op::BalanceLoss { alpha } | Op::BalanceLossGrad { alpha } => {
+                let (x, gate) = (f(0)?, f(1)?);
+                let (e, d) = (a[1].shape[0], a[1].shape[1]);
+                let t = x.len() / d;
+                let TensorData::I32(idx) = &a[2].data else { return Err(op_err(node, "indices must be i32")) };
+                let logits = kernels::matmul_nt(x, gate, t, d, e);
+                let (loss, dl) = kernels::balance_loss(&logits, idx, e, a[2].shape[1], *alpha);
+                match node.op {
+                    Op::BalanceLoss { .. } => one(Tensor::f32(vec![1], vec![loss])),
+                    _ => Ok(router_logits_grad(&dl, x, gate, &a[0].shape, &a[1].shape)),
+                }
+            }
             Op::EmbedGrad { vocab } => {
                 let ids = a[0].as_ids().ok_or_else(|| op_err(node, "ids must be integers"))?;
                 let dy = f(1)?;
@@ -530,6 +539,16 @@ impl Interpreter {
             }
         }
     }
+}
+
+/// (dx, d gate) from the gradient `dl` [T, E] of router logits `x gate^T`: `dx = dl gate`,
+/// `d gate = dl^T x`.
+fn router_logits_grad(dl: &[f32], x: &[f32], gate: &[f32], x_shape: &[usize], gate_shape: &[usize]) -> Vec<Tensor> {
+    let (e, d) = (gate_shape[0], gate_shape[1]);
+    let t = x.len() / d;
+    let dx = kernels::matmul_t(dl, gate, (t, e, d), (false, false), (e, d));
+    let dgate = kernels::matmul_t(dl, x, (e, t, d), (true, false), (e, d));
+    vec![Tensor::f32(x_shape.to_vec(), dx), Tensor::f32(gate_shape.to_vec(), dgate)]
 }
 
 fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
