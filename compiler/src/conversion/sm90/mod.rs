@@ -8,6 +8,7 @@
 
 pub mod gemm;
 pub mod lower;
+pub mod rows;
 
 use melior::ir::block::BlockLike;
 use melior::ir::operation::OperationLike;
@@ -123,6 +124,25 @@ pub fn compile_gemm(context: &Context, config: &gemm::GemmConfig, target: &GpuTa
         ptx,
         shared_memory_bytes: config.shared_memory_bytes(),
         threads: config.threads(),
+        cubin: None,
+        resources: None,
+    })
+}
+
+/// Generates, lowers and compiles to PTX the row kernel `kernel` for `target`.
+pub fn compile_rows(context: &Context, kernel: &rows::RowKernel, target: &GpuTarget) -> Result<GpuKernel, Sm90Error> {
+    let name = kernel.kernel_name();
+    let mlir = kernel.emit_gpu().map_err(|problem| Sm90Error::Config { kernel: name.clone(), problem })?;
+    let (llvm_dialect, llvm_ir) = lower_gpu_module(context, &mlir, &name)?;
+    let ptx = target::emit_ptx(&llvm_ir, &format!("{name}.ll"), target)?;
+    Ok(GpuKernel {
+        name,
+        mlir,
+        llvm_dialect,
+        llvm_ir,
+        ptx,
+        shared_memory_bytes: 0,
+        threads: kernel.threads,
         cubin: None,
         resources: None,
     })

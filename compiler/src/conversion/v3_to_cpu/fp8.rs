@@ -5,7 +5,7 @@ use super::*;
 /// Helper functions every fp8 kernel module carries (names prefixed by the kernel's): e4m3 bits
 /// to f32 and f32 to e4m3 bits, round to nearest even, |x| >= 464 -> NaN, exactly as
 /// `v3c_models::dtype` does.
-pub(super) fn fp8_helpers(prefix: &str) -> String {
+pub(crate) fn fp8_helpers(prefix: &str) -> String {
     format!(
         "func.func private @{prefix}_f8_decode(%b: i8) -> f32 {{
     %bi = arith.extui %b : i8 to i32

@@ -41,7 +41,7 @@ mod grouped;
 mod mla;
 mod moe;
 
-use fp8::fp8_helpers;
+pub(crate) use fp8::fp8_helpers;
 use mla::AttentionSpec;
 use moe::RouteSpec;
 

@@ -1,0 +1,610 @@
+//! Row kernels: one CTA per row of a `[rows, d]` activation, for the memory-bound ops between the
+//! GEMMs: the embedding gather, and RMSNorm with its 1x128 e4m3 quantization (and/or its f32
+//! output).
+//!
+//! One template, two lowerings. A row kernel is written as *phases*: per-thread bodies that use
+//! `%tid` (the thread) and `%row`, and that communicate only through memory (the row's arrays in
+//! shared memory, its results in global memory). On sm_90a ([`RowKernel::emit_gpu`]) the phases
+//! are one `gpu.func` with a `gpu.barrier` between them (the block is `threads` wide, the grid one
+//! block per row). On the CPU ([`RowKernel::emit_cpu`]) the same phase text runs inside
+//! `scf.for %row`, then per phase `scf.for %tid` over every thread in turn, with the shared arrays
+//! on the stack: because phases only exchange data through memory at the barriers, running the
+//! threads of a phase one after the other computes what the block computes. That CPU lowering is
+//! what the tests check against the reference interpreter.
+//!
+//! RMSNorm: phase 1 copies the row into shared memory and sums squares per thread (a strided
+//! share of the columns, so the global loads coalesce); a tree over the threads' sums (log2
+//! `threads` phases) gives the row's sum of squares; the next phase writes `w * (x * inv)` (the
+//! reference's order) to the f32 output and/or back into shared memory; with quantization, each
+//! group of 128 columns has its |max| taken in 4 parts by 4 threads, then one thread per group
+//! finishes it, stores `max(amax, 1e-4) / 448` as the group's scale, and the last phase writes
+//! every column's e4m3 byte (`x / scale`, round to nearest even, saturating).
+
+use std::fmt::Write;
+
+/// Columns per fp8 quantization group (the 1x128 activation scales).
+pub const GROUP: usize = 128;
+/// Threads that share one group's |max| (each scans `GROUP / AMAX_PARTS` columns).
+const AMAX_PARTS: usize = 4;
+/// The largest e4m3 magnitude.
+const E4M3_MAX: f32 = 448.0;
+/// Static shared memory a CTA may declare without opting in.
+const STATIC_SHARED_LIMIT: usize = 48 * 1024;
+
+/// What a row kernel computes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RowOp {
+    /// `out[r, :] = f32(table[ids[r], :])`. An id outside the table reads as a row of zeros
+    /// (the runtime checks token ids before launching; the kernel never reads out of bounds).
+    Embed,
+    /// `y = w * (x / sqrt(mean(x^2) + eps))` per row; `keep`: y is a result (f32), `quantize`: its
+    /// e4m3 bytes and 1x128 scales are results.
+    RmsNorm { eps: f32, keep: bool, quantize: bool },
+}
+
+/// A row kernel: its op, the row length and the element type of the table or weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowKernel {
+    pub op: RowOp,
+    /// Columns per row.
+    pub d: usize,
+    /// Element type of the embedding table or the norm weight: `bf16` or `f32`.
+    pub weight: String,
+    /// Threads per block (a power of two, 32..=1024).
+    pub threads: usize,
+}
+
+/// Where a row kernel's phases run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lowering {
+    Gpu,
+    Cpu,
+}
+
+impl RowKernel {
+    /// The row kernel for `op` on rows of `d` columns, with a block size suited to `d`
+    /// (enough threads for every column to be one load per thread per 8 columns, at most 256).
+    pub fn new(op: RowOp, d: usize, weight: &str) -> RowKernel {
+        let threads = (d / 8).next_power_of_two().clamp(32, 256);
+        RowKernel { op, d, weight: weight.to_string(), threads }
+    }
+
+    /// `rows_embed_bf16_d7168_t256`, `rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q` (`_y`: the f32
+    /// result, `_q`: the e4m3 one; PTX names allow no `-` or `.`, so eps is spelled with `m`, `p`).
+    pub fn kernel_name(&self) -> String {
+        let (d, t, w) = (self.d, self.threads, &self.weight);
+        match self.op {
+            RowOp::Embed => format!("rows_embed_{w}_d{d}_t{t}"),
+            RowOp::RmsNorm { eps, keep, quantize } => {
+                let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
+                let mut name = format!("rows_rmsnorm_{w}_d{d}_t{t}_eps{eps}");
+                if keep {
+                    name.push_str("_y");
+                }
+                if quantize {
+                    name.push_str("_q");
+                }
+                name
+            }
+        }
+    }
+
+    /// Scale groups per row.
+    fn groups(&self) -> usize {
+        self.d.div_ceil(GROUP)
+    }
+
+    /// The kernel's arguments in order (name, memref type): inputs, then results. Every memref is
+    /// dynamically shaped (a descriptor of 2 + 2 x rank scalars on sm_90a). Embed: `table [V, d]`,
+    /// `ids [rows]` (i64), `out [rows, d]` (f32). RMSNorm: `x [rows, d]` (f32), `w [d]`, then `y
+    /// [rows, d]` (f32) when kept, and `q [rows, d]` (e4m3 bytes as i8) with `scale [rows, d / 128]`
+    /// (f32) when quantized.
+    pub fn arguments(&self) -> Vec<(&'static str, String)> {
+        let w = &self.weight;
+        match self.op {
+            RowOp::Embed => vec![
+                ("table", format!("memref<?x?x{w}>")),
+                ("ids", "memref<?xi64>".into()),
+                ("out", "memref<?x?xf32>".into()),
+            ],
+            RowOp::RmsNorm { keep, quantize, .. } => {
+                let mut args = vec![("x", "memref<?x?xf32>".to_string()), ("w", format!("memref<?x{w}>"))];
+                if keep {
+                    args.push(("y", "memref<?x?xf32>".into()));
+                }
+                if quantize {
+                    args.push(("q", "memref<?x?xi8>".into()));
+                    args.push(("scale", "memref<?x?xf32>".into()));
+                }
+                args
+            }
+        }
+    }
+
+    /// The argument whose first dimension is the number of rows (the grid).
+    fn rows_argument(&self) -> &'static str {
+        match self.op {
+            RowOp::Embed => "ids",
+            RowOp::RmsNorm { .. } => "x",
+        }
+    }
+
+    /// Shared arrays (name, f32 elements).
+    fn shared(&self) -> Vec<(&'static str, usize)> {
+        match self.op {
+            RowOp::Embed => Vec::new(),
+            RowOp::RmsNorm { quantize, .. } => {
+                let mut s = vec![("sh_row", self.d), ("sh_sum", self.threads)];
+                if quantize {
+                    s.push(("sh_amax", self.groups() * AMAX_PARTS));
+                    s.push(("sh_scale", self.groups()));
+                }
+                s
+            }
+        }
+    }
+
+    /// Static shared memory, in bytes.
+    pub fn shared_memory_bytes(&self) -> usize {
+        self.shared().iter().map(|(_, n)| 4 * n).sum()
+    }
+
+    /// Why this kernel cannot be generated, if it cannot.
+    fn check(&self) -> Result<(), String> {
+        let name = self.kernel_name();
+        if !self.threads.is_power_of_two() || !(32..=1024).contains(&self.threads) {
+            return Err(format!("{name}: {} threads (a power of two from 32 to 1024)", self.threads));
+        }
+        if self.d == 0 {
+            return Err(format!("{name}: rows of 0 columns"));
+        }
+        if !matches!(self.weight.as_str(), "bf16" | "f32") {
+            return Err(format!("{name}: {} weights (bf16 or f32)", self.weight));
+        }
+        if self.shared_memory_bytes() > STATIC_SHARED_LIMIT {
+            return Err(format!(
+                "{name}: {} B of shared memory for rows of {} columns (at most {STATIC_SHARED_LIMIT} B)",
+                self.shared_memory_bytes(),
+                self.d
+            ));
+        }
+        Ok(())
+    }
+
+    /// Constants the phases use.
+    fn constants(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "%c0 = arith.constant 0 : index");
+        let _ = writeln!(s, "%c1 = arith.constant 1 : index");
+        let _ = writeln!(s, "%cT = arith.constant {} : index", self.threads);
+        let _ = writeln!(s, "%cD = arith.constant {} : index", self.d);
+        let _ = writeln!(s, "%zero = arith.constant 0.0 : f32");
+        if let RowOp::RmsNorm { eps, quantize, .. } = self.op {
+            let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+            // Hexadecimal bit patterns: exactly the f32 values, whatever their decimal spelling.
+            let _ = writeln!(s, "%fD = arith.constant 0x{:08X} : f32", (self.d as f32).to_bits());
+            let _ = writeln!(s, "%eps = arith.constant 0x{:08X} : f32", eps.to_bits());
+            if quantize {
+                let _ = writeln!(s, "%cG = arith.constant {} : index", self.groups());
+                let _ = writeln!(s, "%cGP = arith.constant {} : index", self.groups() * AMAX_PARTS);
+                let _ = writeln!(s, "%cP = arith.constant {AMAX_PARTS} : index");
+                let _ = writeln!(s, "%cGroup = arith.constant {GROUP} : index");
+                let _ = writeln!(s, "%cPart = arith.constant {} : index", GROUP / AMAX_PARTS);
+                let _ = writeln!(s, "%amax_floor = arith.constant 1.0e-04 : f32");
+                let _ = writeln!(s, "%abs_mask = arith.constant 2147483647 : i32");
+                let _ = writeln!(s, "%e4m3_max = arith.constant 0x{:08X} : f32", E4M3_MAX.to_bits());
+            }
+        }
+        s
+    }
+
+    /// The weight (or table) element at `index` as f32, into `%{out}`.
+    fn load_weight(&self, out: &str, memref: &str, index: &str) -> String {
+        let w = &self.weight;
+        let ty = if memref == "%w" { format!("memref<?x{w}>") } else { format!("memref<?x?x{w}>") };
+        if w == "f32" {
+            format!("%{out} = memref.load {memref}[{index}] : {ty}\n")
+        } else {
+            format!("%{out}_raw = memref.load {memref}[{index}] : {ty}\n%{out} = arith.extf %{out}_raw : {w} to f32\n")
+        }
+    }
+
+    /// The per-thread bodies, in order; a barrier separates consecutive phases.
+    fn phases(&self, lowering: Lowering) -> Vec<String> {
+        let space = match lowering {
+            Lowering::Gpu => ", #gpu.address_space<workgroup>",
+            Lowering::Cpu => "",
+        };
+        let sh = |name: &str| -> String {
+            let n = self.shared().iter().find(|(s, _)| *s == name).map(|(_, n)| *n).expect("a declared shared array");
+            format!("memref<{n}xf32{space}>")
+        };
+        match self.op {
+            RowOp::Embed => {
+                let p = format!(
+                    "%zero_i64 = arith.constant 0 : i64
+%id64 = memref.load %ids[%row] : memref<?xi64>
+%id = arith.index_cast %id64 : i64 to index
+%vocab = memref.dim %table, %c0 : memref<?x?x{w}>
+%id_lo = arith.cmpi sge, %id64, %zero_i64 : i64
+%id_hi = arith.cmpi slt, %id, %vocab : index
+%id_ok = arith.andi %id_lo, %id_hi : i1
+%id_safe = arith.select %id_ok, %id, %c0 : index
+scf.for %i = %tid to %cD step %cT {{
+{load}%v = arith.select %id_ok, %t, %zero : f32
+memref.store %v, %out[%row, %i] : memref<?x?xf32>
+}}
+",
+                    w = self.weight,
+                    load = self.load_weight("t", "%table", "%id_safe, %i"),
+                );
+                vec![p]
+            }
+            RowOp::RmsNorm { keep, quantize, .. } => {
+                let mut phases = Vec::new();
+                // 1: the row into shared memory, a strided share of the sum of squares per thread.
+                phases.push(format!(
+                    "%ss = scf.for %i = %tid to %cD step %cT iter_args(%a = %zero) -> (f32) {{
+  %v = memref.load %x[%row, %i] : memref<?x?xf32>
+  memref.store %v, %sh_row[%i] : {row}
+  %sq = arith.mulf %v, %v : f32
+  %a2 = arith.addf %a, %sq : f32
+  scf.yield %a2 : f32
+}}
+memref.store %ss, %sh_sum[%tid] : {sum}
+",
+                    row = sh("sh_row"),
+                    sum = sh("sh_sum")
+                ));
+                // 2..: a tree over the threads' sums.
+                let mut stride = self.threads / 2;
+                while stride >= 1 {
+                    phases.push(format!(
+                        "%stride = arith.constant {stride} : index
+%in = arith.cmpi ult, %tid, %stride : index
+scf.if %in {{
+  %other = arith.addi %tid, %stride : index
+  %a = memref.load %sh_sum[%tid] : {sum}
+  %b = memref.load %sh_sum[%other] : {sum}
+  %s = arith.addf %a, %b : f32
+  memref.store %s, %sh_sum[%tid] : {sum}
+}}
+",
+                        sum = sh("sh_sum")
+                    ));
+                    stride /= 2;
+                }
+                // y = w * (x * inv), inv = 1 / sqrt(sum / d + eps).
+                let mut store = String::new();
+                if keep {
+                    store.push_str("  memref.store %y_v, %y[%row, %i] : memref<?x?xf32>\n");
+                }
+                if quantize {
+                    let _ = writeln!(store, "  memref.store %y_v, %sh_row[%i] : {}", sh("sh_row"));
+                }
+                phases.push(format!(
+                    "%total = memref.load %sh_sum[%c0] : {sum}
+%mean = arith.divf %total, %fD : f32
+%mean_eps = arith.addf %mean, %eps : f32
+{sqrt}%inv = arith.divf %one, %root : f32
+scf.for %i = %tid to %cD step %cT {{
+  %x_v = memref.load %sh_row[%i] : {row}
+{load}  %xn = arith.mulf %x_v, %inv : f32
+  %y_v = arith.mulf %w_v, %xn : f32
+{store}}}
+",
+                    sum = sh("sh_sum"),
+                    row = sh("sh_row"),
+                    load = self.load_weight("w_v", "%w", "%i"),
+                    sqrt = sqrt(lowering, "%mean_eps", "%root"),
+                ));
+                if quantize {
+                    // |max| of each quarter group, then per group the scale.
+                    phases.push(format!(
+                        "scf.for %j = %tid to %cGP step %cT {{
+  %g = arith.divui %j, %cP : index
+  %part = arith.remui %j, %cP : index
+  %g0 = arith.muli %g, %cGroup : index
+  %p0 = arith.muli %part, %cPart : index
+  %lo0 = arith.addi %g0, %p0 : index
+  %hi0 = arith.addi %lo0, %cPart : index
+  %lo = arith.minui %lo0, %cD : index
+  %hi = arith.minui %hi0, %cD : index
+  %m = scf.for %c = %lo to %hi step %c1 iter_args(%mx = %zero) -> (f32) {{
+    %v = memref.load %sh_row[%c] : {row}
+    %vb = arith.bitcast %v : f32 to i32
+    %ab = arith.andi %vb, %abs_mask : i32
+    %av = arith.bitcast %ab : i32 to f32
+    %gt = arith.cmpf ogt, %av, %mx : f32
+    %mx2 = arith.select %gt, %av, %mx : f32
+    scf.yield %mx2 : f32
+  }}
+  memref.store %m, %sh_amax[%j] : {amax}
+}}
+",
+                        row = sh("sh_row"),
+                        amax = sh("sh_amax")
+                    ));
+                    phases.push(format!(
+                        "scf.for %g = %tid to %cG step %cT {{
+  %base = arith.muli %g, %cP : index
+  %m = scf.for %p = %c0 to %cP step %c1 iter_args(%mx = %zero) -> (f32) {{
+    %k = arith.addi %base, %p : index
+    %v = memref.load %sh_amax[%k] : {amax}
+    %gt = arith.cmpf ogt, %v, %mx : f32
+    %mx2 = arith.select %gt, %v, %mx : f32
+    scf.yield %mx2 : f32
+  }}
+  %small = arith.cmpf olt, %m, %amax_floor : f32
+  %floored = arith.select %small, %amax_floor, %m : f32
+  %s = arith.divf %floored, %e4m3_max : f32
+  memref.store %s, %scale[%row, %g] : memref<?x?xf32>
+  memref.store %s, %sh_scale[%g] : {scale}
+}}
+",
+                        amax = sh("sh_amax"),
+                        scale = sh("sh_scale")
+                    ));
+                    phases.push(format!(
+                        "scf.for %i = %tid to %cD step %cT {{
+  %g = arith.divui %i, %cGroup : index
+  %s = memref.load %sh_scale[%g] : {scale}
+  %v = memref.load %sh_row[%i] : {row}
+  %qv = arith.divf %v, %s : f32
+{encode}  memref.store %byte, %q[%row, %i] : memref<?x?xi8>
+}}
+",
+                        scale = sh("sh_scale"),
+                        row = sh("sh_row"),
+                        encode = encode_e4m3(lowering, "%qv", "%byte"),
+                    ));
+                }
+                phases
+            }
+        }
+    }
+
+    /// The kernel as a `gpu.module` holding one `gpu.func` (launch: `threads` x 1 x 1 per block,
+    /// one block per row; no dynamic shared memory).
+    pub fn emit_gpu(&self) -> Result<String, String> {
+        self.check()?;
+        let args: Vec<String> = self.arguments().iter().map(|(n, t)| format!("%{n}: {t}")).collect();
+        let shared: Vec<String> = self
+            .shared()
+            .iter()
+            .map(|(n, len)| format!("%{n}: memref<{len}xf32, #gpu.address_space<workgroup>>"))
+            .collect();
+        let attribution = if shared.is_empty() { String::new() } else { format!(" workgroup({})", shared.join(", ")) };
+        let mut s = String::from("module attributes {gpu.container_module} {\ngpu.module @kernels {\n");
+        let _ = writeln!(
+            s,
+            "gpu.func @{}({}){attribution} kernel attributes {{known_block_size = array<i32: {t}, 1, 1>}} {{",
+            self.kernel_name(),
+            args.join(", "),
+            t = self.threads
+        );
+        s.push_str("%tid = gpu.thread_id x\n%row = gpu.block_id x\n");
+        s.push_str(&self.constants());
+        for (k, phase) in self.phases(Lowering::Gpu).iter().enumerate() {
+            if k > 0 {
+                s.push_str("gpu.barrier\n");
+            }
+            // Every phase in its own region, so that phases may reuse value names.
+            let _ = write!(s, "scf.execute_region {{\n{phase}scf.yield\n}}\n");
+        }
+        s.push_str("gpu.return\n}\n}\n}\n");
+        Ok(s)
+    }
+
+    /// The same phases as a CPU function `@<name>(<arguments>)` (C interface), each phase run by
+    /// every thread in turn for every row.
+    pub fn emit_cpu(&self) -> Result<String, String> {
+        self.check()?;
+        let args: Vec<String> = self.arguments().iter().map(|(n, t)| format!("%{n}: {t}")).collect();
+        let mut s = String::from("module {\n");
+        if matches!(self.op, RowOp::RmsNorm { quantize: true, .. }) {
+            s.push_str(&crate::conversion::v3_to_cpu::fp8_helpers("rows"));
+            s.push('\n');
+        }
+        let _ = writeln!(
+            s,
+            "func.func @{}({}) attributes {{llvm.emit_c_interface}} {{",
+            self.kernel_name(),
+            args.join(", ")
+        );
+        s.push_str(&self.constants());
+        for (name, len) in self.shared() {
+            let _ = writeln!(s, "%{name} = memref.alloca() : memref<{len}xf32>");
+        }
+        let rows = self.rows_argument();
+        let rows_ty = &self.arguments().iter().find(|(n, _)| *n == rows).expect("the rows argument").1.clone();
+        let _ = writeln!(s, "%rows = memref.dim %{rows}, %c0 : {rows_ty}");
+        s.push_str("scf.for %row = %c0 to %rows step %c1 {\n");
+        for phase in self.phases(Lowering::Cpu) {
+            let _ = write!(s, "scf.for %tid = %c0 to %cT step %c1 {{\n{phase}}}\n");
+        }
+        s.push_str("}\nreturn\n}\n}\n");
+        Ok(s)
+    }
+}
+
+/// `{out} = sqrt(value)`, correctly rounded (as the reference's f32 sqrt): on sm_90a the PTX
+/// instruction itself (`math.sqrt` would become a libdevice call, and no libdevice is linked).
+fn sqrt(lowering: Lowering, value: &str, out: &str) -> String {
+    match lowering {
+        Lowering::Gpu => format!("{out} = llvm.inline_asm \"sqrt.rn.f32 $0, $1;\", \"=f,f\" {value} : (f32) -> f32\n"),
+        Lowering::Cpu => format!("{out} = math.sqrt {value} : f32\n"),
+    }
+}
+
+/// `%{byte}` (i8) = the e4m3 encoding of `value` (f32): round to nearest even, saturating on
+/// sm_90a (`cvt.rn.satfinite.e4m3x2.f32`), the CPU helper otherwise (the same bits for the
+/// |values| <= 448 that quantization produces).
+fn encode_e4m3(lowering: Lowering, value: &str, byte: &str) -> String {
+    match lowering {
+        Lowering::Gpu => format!(
+            "  %pair = nvvm.convert.f32x2.to.f8x2 %zero, {value} {{rnd = #nvvm.fp_rnd_mode<rn>, sat = \
+             #nvvm.sat_mode<satfinite>}} : i16 (f8E4M3FN)\n  {byte} = arith.trunci %pair : i16 to i8\n"
+        ),
+        Lowering::Cpu => format!("  {byte} = func.call @rows_f8_encode({value}) : (f32) -> i8\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conversion::v3_to_cpu::lower_to_llvm;
+    use melior::ExecutionEngine;
+    use v3c_models::dtype::{bf16_to_f32, f32_to_bf16, f8e4m3_to_f32};
+    use v3c_models::interp::kernels;
+    use v3c_runtime::host::{call_packed, RawBuffer};
+
+    /// Runs the CPU lowering of `kernel` on `buffers` (its arguments in order).
+    fn run_cpu(kernel: &RowKernel, buffers: &[RawBuffer]) {
+        let context = crate::mlir::new_context();
+        let text = kernel.emit_cpu().unwrap();
+        let module = lower_to_llvm(&context, &text, "rows").unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let engine = ExecutionEngine::new(&module, 2, &[], false, false);
+        // SAFETY: the buffers match the kernel's memref arguments (element type and rank) and
+        // address their shapes' elements; they outlive the call.
+        unsafe {
+            call_packed(buffers, false, 0, 1, |args| engine.invoke_packed(&kernel.kernel_name(), args).unwrap());
+        }
+    }
+
+    fn raw<T>(data: &mut [T], shape: &[usize], element: &str) -> RawBuffer {
+        assert_eq!(data.len(), shape.iter().product::<usize>());
+        RawBuffer { ptr: data.as_mut_ptr() as *mut (), shape: shape.to_vec(), element: element.into() }
+    }
+
+    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5) * scale
+            })
+            .collect()
+    }
+
+    /// RMSNorm (+ quantization) of `rows` rows of `d` columns through the CPU lowering of the row
+    /// template, against the reference interpreter's `rms_norm` and `quantize_fp8`.
+    fn check_rms_norm(rows: usize, d: usize, weight: &str, keep: bool, quantize: bool, threads: Option<usize>) {
+        let eps = 1e-6;
+        let mut kernel = RowKernel::new(RowOp::RmsNorm { eps, keep, quantize }, d, weight);
+        if let Some(t) = threads {
+            kernel.threads = t;
+        }
+        let mut x = values(rows * d, 1, 6.0);
+        // Rows of very different magnitudes, and one group that is all zeros (the 1e-4 floor).
+        for (r, row) in x.chunks_mut(d).enumerate() {
+            row.iter_mut().for_each(|v| *v *= 10f32.powi(r as i32 % 4 - 2));
+        }
+        if d > GROUP {
+            x[GROUP..2 * GROUP.min(d / 2)].iter_mut().for_each(|v| *v = 0.0);
+        }
+        let w32: Vec<f32> = values(d, 2, 1.0).iter().map(|v| v + 1.0).collect();
+        let mut w_bf16: Vec<u16> = w32.iter().map(|&v| f32_to_bf16(v)).collect();
+        let w_ref: Vec<f32> =
+            if weight == "bf16" { w_bf16.iter().map(|&b| bf16_to_f32(b)).collect() } else { w32.clone() };
+        let mut w_f32 = w_ref.clone();
+        let want = kernels::rms_norm(&x, &w_ref, eps);
+        let (want_q, want_s) = kernels::quantize_fp8(&want, d, GROUP);
+        let groups = d.div_ceil(GROUP);
+        let mut y = vec![f32::NAN; rows * d];
+        let mut q = vec![0u8; rows * d];
+        let mut s = vec![f32::NAN; rows * groups];
+        let mut buffers = vec![
+            raw(&mut x, &[rows, d], "f32"),
+            if weight == "bf16" { raw(&mut w_bf16, &[d], "bf16") } else { raw(&mut w_f32, &[d], "f32") },
+        ];
+        if keep {
+            buffers.push(raw(&mut y, &[rows, d], "f32"));
+        }
+        if quantize {
+            buffers.push(raw(&mut q, &[rows, d], "i8"));
+            buffers.push(raw(&mut s, &[rows, groups], "f32"));
+        }
+        run_cpu(&kernel, &buffers);
+        let name = kernel.kernel_name();
+        if keep {
+            // The sum of squares is a tree over threads, the reference's is sequential.
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * b.abs() + 1e-30, "{name}: y[{i}] = {a}, reference {b}");
+            }
+        }
+        if quantize {
+            for (i, (a, b)) in s.iter().zip(&want_s).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * b.abs(), "{name}: scale[{i}] = {a}, reference {b}");
+            }
+            // A value at a rounding tie of e4m3 may round the other way after the tree sum: one
+            // step of e4m3 at most, and rarely.
+            let mut differ = 0;
+            for (i, (&a, &b)) in q.iter().zip(&want_q).enumerate() {
+                if a != b {
+                    differ += 1;
+                    let (fa, fb) = (f8e4m3_to_f32(a), f8e4m3_to_f32(b));
+                    assert!((fa - fb).abs() <= 0.125 * fb.abs().max(fa.abs()), "{name}: q[{i}] = {fa}, reference {fb}");
+                }
+            }
+            assert!(differ * 100 <= q.len(), "{name}: {differ} of {} bytes differ", q.len());
+        }
+    }
+
+    #[test]
+    fn rms_norm_with_quantization_matches_the_reference() {
+        check_rms_norm(3, 7168, "bf16", false, true, None);
+    }
+
+    #[test]
+    fn rms_norm_keeping_y_and_quantizing_matches_the_reference() {
+        check_rms_norm(2, 1536, "bf16", true, true, None);
+    }
+
+    #[test]
+    fn rms_norm_of_ragged_widths_and_block_sizes_matches_the_reference() {
+        // Widths that are not multiples of the block or of 128 (a partial last group).
+        for (d, threads) in [(512, Some(32)), (200, None), (1000, Some(64)), (77, Some(128))] {
+            check_rms_norm(5, d, "f32", true, false, threads);
+            check_rms_norm(2, d, "bf16", false, true, threads);
+        }
+    }
+
+    #[test]
+    fn embedding_rows_are_gathered_and_ids_outside_the_table_read_zeros() {
+        let (vocab, d) = (11, 300);
+        let table32 = values(vocab * d, 3, 2.0);
+        let mut table: Vec<u16> = table32.iter().map(|&v| f32_to_bf16(v)).collect();
+        let mut ids: Vec<i64> = vec![3, 0, 10, 3, -1, 11];
+        let mut out = vec![f32::NAN; ids.len() * d];
+        let kernel = RowKernel::new(RowOp::Embed, d, "bf16");
+        let n = ids.len();
+        run_cpu(
+            &kernel,
+            &[raw(&mut table, &[vocab, d], "bf16"), raw(&mut ids, &[n], "i64"), raw(&mut out, &[n, d], "f32")],
+        );
+        for (r, &id) in ids.iter().enumerate() {
+            for c in 0..d {
+                let want = if (0..vocab as i64).contains(&id) { bf16_to_f32(table[id as usize * d + c]) } else { 0.0 };
+                assert_eq!(out[r * d + c], want, "row {r} (id {id}) column {c}");
+            }
+        }
+    }
+
+    #[test]
+    fn rows_too_wide_for_shared_memory_are_refused() {
+        let k = RowKernel::new(RowOp::RmsNorm { eps: 1e-6, keep: true, quantize: true }, 16384, "bf16");
+        let err = k.emit_gpu().unwrap_err();
+        assert!(err.contains("of shared memory for rows of 16384 columns"), "{err}");
+        let mut k = RowKernel::new(RowOp::Embed, 64, "bf16");
+        k.threads = 48;
+        assert!(k.emit_cpu().unwrap_err().contains("48 threads (a power of two"));
+    }
+
+    #[test]
+    fn names_spell_the_kernel() {
+        let k = RowKernel::new(RowOp::RmsNorm { eps: 1e-6, keep: true, quantize: true }, 7168, "bf16");
+        assert_eq!(k.kernel_name(), "rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q");
+        assert_eq!(RowKernel::new(RowOp::Embed, 512, "f32").kernel_name(), "rows_embed_f32_d512_t64");
+    }
+}
