@@ -494,6 +494,9 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             source(v3c_compiler::tune::PREFILL_M)
         );
     }
+    for (fused, row) in &lowered.rows {
+        eprintln!("compile: {fused} -> {} [row kernel, one block per row]", row.kernel_name());
+    }
     for name in &lowered.spilled {
         eprintln!("compile: {name} passed over: ptxas reports spills");
     }
@@ -512,7 +515,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             None => eprintln!("compile: {}: PTX only (no ptxas: run scripts/bootstrap.sh)", k.name),
         }
     }
-    let total = lowered.gemms.len() + lowered.unsupported.len();
+    let total = lowered.gemms.len() + lowered.rows.len() + lowered.unsupported.len();
     if !lowered.unsupported.is_empty() {
         let names: Vec<String> = lowered.unsupported.iter().map(|(k, why)| format!("{k} ({why})")).collect();
         return Err(format!(

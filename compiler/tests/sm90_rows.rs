@@ -49,3 +49,42 @@ fn row_kernels_compile_to_sm90a_without_spills() {
         assert_eq!(r.shared_memory_bytes as usize, k.shared_memory_bytes(), "{name}: shared memory");
     }
 }
+
+/// Fused kernels map onto row kernels only in the template's argument order; others are named.
+#[test]
+fn fused_kernels_map_onto_row_kernels_in_argument_order() {
+    use melior::ir::block::BlockLike;
+    use melior::ir::operation::OperationLike;
+    let context = v3c_compiler::mlir::new_context();
+    v3c_dialects::load(&context).unwrap();
+    let kernel = |results: &str, ret: &str| {
+        format!(
+            "module {{
+  func.func private @k(%arg0: tensor<?x256xf32>, %arg1: tensor<256xbf16>) -> ({results}) attributes {{v3.kernel = \"k\"}} {{
+    %0 = \"v3.rms_norm\"(%arg0, %arg1) {{eps = 1.0E-5 : f32}} : (tensor<?x256xf32>, tensor<256xbf16>) -> tensor<?x256xf32>
+    %1:2 = \"v3.quantize_fp8\"(%0) {{group = 128 : i64}} : (tensor<?x256xf32>) -> (tensor<?x256xf8E4M3FN>, tensor<?x2xf32>)
+    return {ret}
+  }}
+}}"
+        )
+    };
+    let map = |text: String| {
+        let module = v3c_compiler::mlir::parse_module(&context, &text, "k").unwrap();
+        let f = module.body().first_operation().unwrap();
+        assert!(f.attribute("v3.kernel").is_ok());
+        sm90::lower::row_of_kernel(&f).map(|k| k.kernel_name())
+    };
+    let (y, q, s) = ("tensor<?x256xf32>", "tensor<?x256xf8E4M3FN>", "tensor<?x2xf32>");
+    assert_eq!(
+        map(kernel(&format!("{y}, {q}, {s}"), &format!("%0, %1#0, %1#1 : {y}, {q}, {s}"))).as_deref(),
+        Ok("rows_rmsnorm_bf16_d256_t32_eps1em5_y_q")
+    );
+    assert_eq!(
+        map(kernel(&format!("{q}, {s}"), &format!("%1#0, %1#1 : {q}, {s}"))).as_deref(),
+        Ok("rows_rmsnorm_bf16_d256_t32_eps1em5_q")
+    );
+    let err = map(kernel(&format!("{q}, {s}, {y}"), &format!("%1#0, %1#1, %0 : {q}, {s}, {y}"))).unwrap_err();
+    assert_eq!(err, "rms_norm results other than (y), (q, scale) or (y, q, scale)");
+    let err = map(kernel(&format!("{s}, {q}"), &format!("%1#1, %1#0 : {s}, {q}"))).unwrap_err();
+    assert_eq!(err, "rms_norm results other than (y), (q, scale) or (y, q, scale)");
+}

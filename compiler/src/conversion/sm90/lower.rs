@@ -18,6 +18,7 @@ use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::{RegionLike, ValueLike};
 
 use super::gemm::{GemmInput, GemmOutput};
+use super::rows::{RowKernel, RowOp};
 use crate::verify::Shape;
 
 /// A fused kernel as one GEMM launch: `out[M, N] = A[M, K] . W[N, K]^T (+ residual)`.
@@ -169,4 +170,78 @@ pub fn gemm_of_kernel(kernel: &OperationRef) -> Result<GemmKernel, String> {
         return Err("results that do not cover the GEMM output".into());
     }
     Ok(g)
+}
+
+/// The row kernel a fused kernel is ([`super::rows`]): one `v3.embed` of (table, ids), or one
+/// `v3.rms_norm` of (x, w) optionally followed by its 1x128 `v3.quantize_fp8`, returning the norm's
+/// output and/or the quantized pair in that order (the template's argument order); or why not.
+pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowKernel, String> {
+    let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("a kernel without a body")?;
+    let mut ops = Vec::new();
+    let mut op = block.first_operation();
+    while let Some(o) = op {
+        op = o.next_in_block();
+        ops.push(o);
+    }
+    let kind =
+        |o: &OperationRef| o.name().as_string_ref().as_str().unwrap_or_default().trim_start_matches("v3.").to_string();
+    let raw = |v: melior::ir::Value| v.to_raw().ptr as usize;
+    let is_arg = |v: melior::ir::Value, i: usize| block.argument(i).is_ok_and(|a| raw(a.into()) == raw(v));
+    let shape = |v: melior::ir::Value| Shape::parse(&v.r#type().to_string()).ok_or("a non-tensor value");
+    let names: Vec<String> = ops.iter().map(kind).collect();
+    let first = ops.first().ok_or("an empty kernel")?;
+    fn operand<'c, 'a>(o: &OperationRef<'c, 'a>, i: usize) -> Result<melior::ir::Value<'c, 'a>, String> {
+        o.operand(i).map_err(|e| e.to_string())
+    }
+    match names.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["embed", "func.return"] => {
+            if !(is_arg(operand(first, 0)?, 0) && is_arg(operand(first, 1)?, 1)) {
+                return Err("embed of values other than the kernel's (table, ids) arguments".into());
+            }
+            let table = shape(operand(first, 0)?)?;
+            let d = table.dims.get(1).copied().flatten().ok_or("embed with a dynamic width")?;
+            Ok(RowKernel::new(RowOp::Embed, d, &table.element))
+        }
+        ["rms_norm", "func.return"] | ["rms_norm", "quantize_fp8", "func.return"] => {
+            let (x, w) = (operand(first, 0)?, operand(first, 1)?);
+            if !(is_arg(x, 0) && is_arg(w, 1)) {
+                return Err("rms_norm of values other than the kernel's (x, w) arguments".into());
+            }
+            let (xs, ws) = (shape(x)?, shape(w)?);
+            if xs.element != "f32" || xs.dims.len() != 2 {
+                return Err(format!("rms_norm of {} (the row kernels read f32 rows)", x.r#type()));
+            }
+            let d = ws.dims.first().copied().flatten().ok_or("rms_norm with a dynamic width")?;
+            let eps = first
+                .attribute("eps")
+                .ok()
+                .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<f32>().ok()))
+                .ok_or("rms_norm without an eps")?;
+            let normed = raw(first.result(0).map_err(|e| e.to_string())?.into());
+            let mut produced = vec![normed];
+            let quantize = ops.len() == 3;
+            if quantize {
+                let q = &ops[1];
+                let group = q.attribute("group").map(|a| a.to_string()).unwrap_or_default();
+                if raw(operand(q, 0)?) != normed || !group.starts_with(&format!("{} ", super::rows::GROUP)) {
+                    return Err(format!("quantize_fp8 (group {group}) of another value than the norm's"));
+                }
+                for r in 0..2 {
+                    produced.push(raw(q.result(r).map_err(|e| e.to_string())?.into()));
+                }
+            }
+            let ret = ops.last().expect("a return");
+            let returned: Vec<usize> =
+                (0..ret.operand_count()).map(|i| operand(ret, i).map(raw)).collect::<Result<_, _>>()?;
+            // The results: the norm's output (kept) and/or the quantized pair, in that order.
+            let keep = returned.first() == Some(&normed);
+            let expected: Vec<usize> = produced.iter().copied().skip(usize::from(!keep)).collect();
+            if returned != expected || (!keep && !quantize) {
+                return Err("rms_norm results other than (y), (q, scale) or (y, q, scale)".into());
+            }
+            Ok(RowKernel::new(RowOp::RmsNorm { eps, keep, quantize }, d, &ws.element))
+        }
+        // Named by its ops, as a GEMM kernel that does not map is by the op that stops it.
+        _ => Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + ")),
+    }
 }

@@ -3,8 +3,9 @@
 //! ([`crate::target::emit_ptx`]) and cubin ([`crate::target::assemble`], when ptxas is present).
 //!
 //! Templates so far: the dense GEMM ([`gemm`]: bf16 and fp8 block-scaled, TMA + mbarrier ring +
-//! wgmma, warp-specialized, persistent, split K). [`lower`] maps GEMM-shaped kernels of the `fused`
-//! stage onto it ([`compile_model`]); the other kernel kinds are named as unsupported.
+//! wgmma, warp-specialized, persistent, split K) and the row kernels ([`rows`]: embedding gather,
+//! RMSNorm with its quantization). [`lower`] maps the `fused` stage's kernels onto them
+//! ([`compile_model`]); the other kernel kinds are named as unsupported.
 
 pub mod gemm;
 pub mod lower;
@@ -173,6 +174,8 @@ pub struct ModelKernels {
     pub gemms: Vec<(lower::GemmKernel, [String; 2])>,
     /// The distinct template kernels, compiled (and assembled when ptxas was given).
     pub kernels: Vec<GpuKernel>,
+    /// Per fused kernel mapped onto a row kernel: (fused kernel, row kernel).
+    pub rows: Vec<(String, rows::RowKernel)>,
     /// Fused kernels with no sm_90a lowering yet: (name, why).
     pub unsupported: Vec<(String, String)>,
     /// Configurations passed over because ptxas reported spills.
@@ -197,6 +200,21 @@ pub fn compile_model(
     while let Some(f) = op {
         op = f.next_in_block();
         if f.attribute(v3c_dialects::KERNEL_ATTR).is_err() {
+            continue;
+        }
+        let fused = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let row = lower::row_of_kernel(&f);
+        if let Ok(row) = row {
+            let name = row.kernel_name();
+            if !out.kernels.iter().any(|k| k.name == name) {
+                progress(&name);
+                let mut kernel = compile_rows(context, &row, target)?;
+                if let Some(ptxas) = ptxas {
+                    kernel.assemble(target, ptxas)?;
+                }
+                out.kernels.push(kernel);
+            }
+            out.rows.push((fused, row));
             continue;
         }
         match lower::gemm_of_kernel(&f) {
@@ -234,9 +252,13 @@ pub fn compile_model(
                 let [decode, prefill]: [String; 2] = picked.try_into().expect("two regimes");
                 out.gemms.push((g, [decode, prefill]));
             }
+            // A kernel that starts like a row kernel is named by the row template's reason.
             Err(why) => {
-                let name = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string());
-                out.unsupported.push((name.unwrap_or_default(), why));
+                let why = match row {
+                    Err(row_why) if ["embed", "rms_norm"].iter().any(|k| row_why.starts_with(k)) => row_why,
+                    _ => why,
+                };
+                out.unsupported.push((fused, why));
             }
         }
     }
