@@ -251,8 +251,14 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
     use v3c_compiler::pipeline::Driver;
     let gpu = matches!(o.stage, "gpu" | "nvvm" | "ptx");
     if gpu {
-        if let Some(config) = v3c_compiler::conversion::sm90::gemm::GemmConfig::from_name(kernel) {
-            write_stdout(&gpu_kernel_text(o.stage, context, &config)?);
+        use v3c_compiler::conversion::sm90;
+        let target = v3c_compiler::target::SM90A;
+        if let Some(config) = sm90::gemm::GemmConfig::from_name(kernel) {
+            write_stdout(&gpu_kernel_text(o.stage, sm90::compile_gemm(context, &config, &target))?);
+            return Ok(());
+        }
+        if let Some(row) = sm90::rows::RowKernel::from_name(kernel) {
+            write_stdout(&gpu_kernel_text(o.stage, sm90::compile_rows(context, &row, &target))?);
             return Ok(());
         }
     }
@@ -282,7 +288,14 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
         }
         let mut text = format!("// ----- stage fused: {kernel}\n{f}\n");
         if gpu {
-            use v3c_compiler::conversion::sm90::lower;
+            use v3c_compiler::conversion::sm90::{self, lower};
+            let target = v3c_compiler::target::SM90A;
+            if let Ok(row) = lower::row_of_kernel(&f) {
+                text.push_str(&format!("// {kernel}: a row kernel, {} (one block per row)\n", row.kernel_name()));
+                text.push_str(&gpu_kernel_text(o.stage, sm90::compile_rows(context, &row, &target))?);
+                write_stdout(&text);
+                return Ok(());
+            }
             let g = lower::gemm_of_kernel(&f).map_err(|why| format!("unsupported on sm_90a: {kernel} ({why})"))?;
             let device = v3c_compiler::target::DeviceModel::by_name("H200")?;
             let pick = |m| v3c_compiler::tune::choose(&g, m, &device, None);
@@ -302,8 +315,8 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
                 prefill.source
             ));
             let (decode, prefill) = (decode_config, prefill_config);
-            text.push_str(&gpu_kernel_text(o.stage, context, &decode)?);
-            text.push_str(&gpu_kernel_text(o.stage, context, &prefill)?);
+            text.push_str(&gpu_kernel_text(o.stage, sm90::compile_gemm(context, &decode, &target))?);
+            text.push_str(&gpu_kernel_text(o.stage, sm90::compile_gemm(context, &prefill, &target))?);
             write_stdout(&text);
             return Ok(());
         }
@@ -340,12 +353,10 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
 /// report when ptxas is present.
 fn gpu_kernel_text(
     stage: &str,
-    context: &melior::Context,
-    config: &v3c_compiler::conversion::sm90::gemm::GemmConfig,
+    compiled: Result<v3c_compiler::conversion::sm90::GpuKernel, v3c_compiler::conversion::sm90::Sm90Error>,
 ) -> Result<String, String> {
-    use v3c_compiler::conversion::sm90;
     let target = v3c_compiler::target::SM90A;
-    let mut k = sm90::compile_gemm(context, config, &target).map_err(|e| e.to_string())?;
+    let mut k = compiled.map_err(|e| e.to_string())?;
     let kernel = &k.name;
     let mut text = format!("// ----- stage gpu: {kernel}\n{}", k.mlir);
     if stage != "gpu" {

@@ -89,6 +89,33 @@ impl RowKernel {
         }
     }
 
+    /// The kernel a [`RowKernel::kernel_name`] names (None: not a row kernel name, or one whose
+    /// block size is not valid).
+    pub fn from_name(name: &str) -> Option<RowKernel> {
+        let rest = name.strip_prefix("rows_")?;
+        let (op, rest) = rest.split_once('_')?;
+        let parts: Vec<&str> = rest.split('_').collect();
+        let [weight, d, t, tail @ ..] = &parts[..] else { return None };
+        let d: usize = d.strip_prefix('d')?.parse().ok()?;
+        let threads: usize = t.strip_prefix('t')?.parse().ok()?;
+        let op = match (op, tail) {
+            ("embed", []) => RowOp::Embed,
+            ("rmsnorm", [eps, flags @ ..]) => {
+                let eps: f32 = eps.strip_prefix("eps")?.replace('m', "-").replace('p', ".").parse().ok()?;
+                let (keep, quantize) = match flags {
+                    ["y"] => (true, false),
+                    ["q"] => (false, true),
+                    ["y", "q"] => (true, true),
+                    _ => return None,
+                };
+                RowOp::RmsNorm { eps, keep, quantize }
+            }
+            _ => return None,
+        };
+        let kernel = RowKernel { op, d, weight: weight.to_string(), threads };
+        (kernel.check().is_ok() && kernel.kernel_name() == name).then_some(kernel)
+    }
+
     /// Scale groups per row.
     fn groups(&self) -> usize {
         self.d.div_ceil(GROUP)
@@ -606,5 +633,16 @@ mod tests {
         let k = RowKernel::new(RowOp::RmsNorm { eps: 1e-6, keep: true, quantize: true }, 7168, "bf16");
         assert_eq!(k.kernel_name(), "rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q");
         assert_eq!(RowKernel::new(RowOp::Embed, 512, "f32").kernel_name(), "rows_embed_f32_d512_t64");
+        for k in [
+            k.clone(),
+            RowKernel::new(RowOp::RmsNorm { eps: 1e-5, keep: false, quantize: true }, 1000, "f32"),
+            RowKernel::new(RowOp::RmsNorm { eps: 2.5e-7, keep: true, quantize: false }, 77, "bf16"),
+            RowKernel::new(RowOp::Embed, 7168, "bf16"),
+        ] {
+            assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k.clone()), "{}", k.kernel_name());
+        }
+        for bad in ["rows_rmsnorm_bf16_d7168_t256_eps1em6", "rows_embed_bf16_d7168_t48", "rows_embed_f16_d64_t32", "gemm_x"] {
+            assert_eq!(RowKernel::from_name(bad), None, "{bad}");
+        }
     }
 }
