@@ -2,11 +2,13 @@
 # The one prepared GPU check (shared/design/GPU-CHECKS.md). Run on a machine with a Hopper GPU:
 #   bash benches/device/check.sh
 # Prepare on the build machine (the GPU machine has no Rust): `bash benches/device/prepare.sh` puts v3r
-# and the PTX of the GEMM template kernels into .device/ (git-ignored); carry it. Results go to $OUT
-# (else ./device-out/): check.log, doctor.json, ceilings.json, gemm_<kernel>.json, tuning.json.
+# and the PTX of the GEMM and row template kernels into .device/ (git-ignored); carry it. Results go to
+# $OUT (else ./device-out/): check.log, doctor.json, ceilings.json, gemm_<kernel>.json, rows_<kernel>.json,
+# tuning.json.
 #
 # Steps, in order: 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
 # 2. the GEMM template kernels vs torch (benches/device/gemm_check.py: correctness, then TFLOP/s);
+# 2c. the row kernels vs torch (benches/device/rows_check.py: correctness, then GB/s); 2b. tuning;
 # 3. end-to-end fixtures; 4. model kernels timing. Steps 3-4 need artifacts; until they exist the
 # script says so.
 # Never changes clocks, power, MIG, persistence or compute mode.
@@ -71,8 +73,8 @@ note "== 2. GEMM template kernels vs torch (correctness, then timing)"
 if [ -d "$root/.device/gemm" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
   # One process per kernel under its own timeout: a kernel that hangs (a pipeline deadlock) is killed
   # with its process and the others still run.
-  # The step stops starting kernels after 420 s (a device call has 600 s; the other steps need some).
-  bad=0; total=0; step_end=$((SECONDS + 420))
+  # The step stops starting kernels after 330 s (a device call has 600 s; the other steps need some).
+  bad=0; total=0; step_end=$((SECONDS + 330))
   for ptx in "$root"/.device/gemm/*.ptx; do
     k="$(basename "$ptx" .ptx)"; total=$((total + 1))
     if [ "$SECONDS" -ge "$step_end" ]; then
@@ -89,9 +91,30 @@ else
   row "2. GEMM kernels" "SKIPPED" "no .device/gemm or no GPU"
 fi
 
+note "== 2c. row kernels vs torch (benches/device/rows_check.py: correctness, then GB/s)"
+if [ -d "$root/.device/rows" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
+  bad=0; total=0; step_end=$((SECONDS + 60))
+  for ptx in "$root"/.device/rows/*.ptx; do
+    k="$(basename "$ptx" .ptx)"; total=$((total + 1))
+    if [ "$SECONDS" -ge "$step_end" ]; then
+      bad=$((bad + 1)); note "$k: SKIPPED (step 2c time budget spent)"; continue
+    fi
+    if ! timeout 30 python3 "$root/benches/device/rows_check.py" --ptx-dir "$root/.device/rows" --kernel "$k" \
+        --ceilings "$out/ceilings.json" --out "$out/rows_$k.json" 2>&1 | tee -a "$log"; then
+      bad=$((bad + 1)); note "$k: FAILED or timed out (30 s)"
+    fi
+  done
+  if [ "$bad" = 0 ]; then row "2c. row kernels" "ok" "$total kernels"; else row "2c. row kernels" "FAILED" "$bad of $total (check.log, rows_*.json)"; fi
+else
+  note "no .device/rows (run benches/device/prepare.sh on the build machine) or no torch+CUDA: skipped"
+  row "2c. row kernels" "SKIPPED" "no .device/rows or no GPU"
+fi
+
 note "== 2b. tuning: the full model's GEMM candidates measured (benches/device/tune_check.py)"
 if [ -f "$root/.device/tune/candidates.json" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
-  if timeout 240 python3 "$root/benches/device/tune_check.py" --dir "$root/.device/tune" --out "$out/tuning.json" 2>&1 | tee -a "$log"; then
+  # Whatever is left of a 570 s run (a device call has 600 s), at most 240 s.
+  left=$((570 - SECONDS)); [ "$left" -gt 240 ] && left=240; [ "$left" -lt 30 ] && left=30
+  if timeout "$left" python3 "$root/benches/device/tune_check.py" --dir "$root/.device/tune" --out "$out/tuning.json" 2>&1 | tee -a "$log"; then
     row "2b. tuning" "ok" "tuning.json (copy to tuning/ and commit)"
   else
     row "2b. tuning" "FAILED" "see check.log"

@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Correctness and speed of v3c's sm_90a row kernels on the device, against torch.
+
+Run by benches/device/check.sh (step 2c) on the GPU machine; the PTX comes from the build machine
+(benches/device/prepare.sh writes .device/rows/<kernel>.ptx) and the CUDA driver JIT-compiles it.
+
+Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each memref as its scalars
+(allocated, aligned, offset, sizes, strides):
+  rows_embed_<w>_d<D>_t<T>: table [V, D] (<w>), ids [rows] (i64), out [rows, D] (f32)
+  rows_rmsnorm_<w>_d<D>_t<T>_eps<E>[_y][_q]: x [rows, D] (f32), w [D] (<w>), then `_y`: y [rows, D] (f32),
+      `_q`: q [rows, D] (e4m3 bytes) and scale [rows, ceil(D / 128)] (f32)
+Launch: one block of T threads per row, no dynamic shared memory.
+
+Checks: outputs poisoned (NaN, 0x7F bytes) and fully written. y against torch in float64 within 1e-5
+relative per element (the kernel sums squares as a tree over threads); scales within 1e-5 relative; e4m3
+bytes equal to torch's conversion of the reference except at rare rounding ties (at most 1 %, each within
+one e4m3 step); embeddings exact, ids outside the table give rows of zeros.
+Timing: median of 50 launches at 64 rows (a decode batch) and 8192 rows (a prefill), as GB/s moved
+(bytes read + written) and, with --ceilings, as a fraction of the device's measured copy bandwidth.
+
+`--self-test` needs no GPU: it checks the name parser and the references on the CPU.
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import re
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gemm_check import E4M3_MAX, Driver, memref_args  # noqa: E402
+
+NAME = re.compile(r"^rows_(embed|rmsnorm)_(bf16|f32)_d(\d+)_t(\d+)(?:_eps([0-9a-z]+))?(_y)?(_q)?$")
+GROUP = 128
+
+
+def parse(name):
+    m = NAME.match(name)
+    if not m:
+        raise SystemExit(f"rows_check: {name}: not a row kernel name")
+    op, w, d, t, eps, y, q = m.groups()
+    if (op == "rmsnorm") != (eps is not None) or (op == "embed" and (y or q)) or (op == "rmsnorm" and not (y or q)):
+        raise SystemExit(f"rows_check: {name}: not a row kernel name")
+    eps = float(eps.replace("m", "-").replace("p", ".")) if eps else None
+    return {"name": name, "op": op, "weight": w, "d": int(d), "threads": int(t), "eps": eps, "keep": bool(y),
+            "quantize": bool(q)}
+
+
+def dtype(w):
+    return torch.bfloat16 if w == "bf16" else torch.float32
+
+
+def rms_norm_reference(x, w, eps):
+    """The reference interpreter's formula, in float64: w * (x * (1 / sqrt(mean(x^2) + eps)))."""
+    x64 = x.double()
+    inv = 1.0 / torch.sqrt((x64 * x64).mean(dim=1, keepdim=True) + eps)
+    return w.double()[None, :] * (x64 * inv)
+
+
+def quantize_reference(y):
+    """1 x 128 e4m3 quantization of f32 rows as the reference does it: (e4m3 bytes, scales)."""
+    rows, d = y.shape
+    groups = math.ceil(d / GROUP)
+    pad = torch.zeros(rows, groups * GROUP, dtype=torch.float32, device=y.device)
+    pad[:, :d] = y
+    g = pad.view(rows, groups, GROUP)
+    s = g.abs().amax(dim=2).clamp(min=1e-4) / E4M3_MAX
+    q = (g / s[:, :, None]).to(torch.float8_e4m3fn).view(rows, groups * GROUP)[:, :d]
+    return q.contiguous().view(torch.uint8), s
+
+
+def problem(cfg, rows, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    d = cfg["d"]
+    if cfg["op"] == "embed":
+        vocab = 1000
+        table = (torch.randn(vocab, d, generator=gen)).to(dtype(cfg["weight"]))
+        ids = torch.randint(0, vocab, (rows,), generator=gen, dtype=torch.int64)
+        ids[: min(rows, 2)] = torch.tensor([-1, vocab])[: min(rows, 2)]  # outside the table: zeros
+        return {"table": table.to(device), "ids": ids.to(device)}
+    x = torch.randn(rows, d, generator=gen) * (10.0 ** (torch.arange(rows) % 4 - 2)).float()[:, None]
+    if d > GROUP:
+        x[0, :GROUP] = 0.0  # a group of zeros: the 1e-4 floor of its scale
+    w = (torch.randn(d, generator=gen) * 0.2 + 1.0).to(dtype(cfg["weight"]))
+    return {"x": x.to(device), "w": w.to(device)}
+
+
+def outputs(cfg, rows, device):
+    d, out = cfg["d"], {}
+    if cfg["op"] == "embed":
+        out["out"] = torch.full((rows, d), float("nan"), device=device)
+    if cfg["keep"]:
+        out["y"] = torch.full((rows, d), float("nan"), device=device)
+    if cfg["quantize"]:
+        out["q"] = torch.full((rows, d), 0x7F, dtype=torch.uint8, device=device)
+        out["scale"] = torch.full((rows, math.ceil(d / GROUP)), float("nan"), device=device)
+    return out
+
+
+def arguments(cfg, inputs, outs):
+    order = ["table", "ids", "out"] if cfg["op"] == "embed" else ["x", "w", "y", "q", "scale"]
+    args = []
+    for name in order:
+        t = inputs.get(name, outs.get(name))
+        if t is not None:
+            args += memref_args(t)
+    return args
+
+
+def check(cfg, inputs, outs):
+    """Errors (strings) of the kernel's outputs against the references."""
+    errors = []
+    if cfg["op"] == "embed":
+        table, ids = inputs["table"].float(), inputs["ids"]
+        ok = (ids >= 0) & (ids < table.shape[0])
+        want = torch.where(ok[:, None], table[ids.clamp(0, table.shape[0] - 1)], torch.zeros_like(outs["out"]))
+        if not torch.equal(outs["out"], want):
+            errors.append(f"embed: {(outs['out'] != want).sum().item()} values differ")
+        return errors
+    y = rms_norm_reference(inputs["x"], inputs["w"].float(), cfg["eps"])
+    if cfg["keep"]:
+        got = outs["y"].double()
+        bad = ((got - y).abs() > 1e-5 * y.abs() + 1e-30) | got.isnan()
+        if bad.any():
+            errors.append(f"y: {bad.sum().item()} of {bad.numel()} values off by more than 1e-5 relative")
+    if cfg["quantize"]:
+        q, s = quantize_reference(y.float())
+        bad = ((outs["scale"] - s).abs() > 1e-5 * s) | outs["scale"].isnan()
+        if bad.any():
+            errors.append(f"scale: {bad.sum().item()} of {bad.numel()} off by more than 1e-5 relative")
+        differ = outs["q"] != q
+        if differ.sum().item() * 100 > differ.numel():
+            errors.append(f"q: {differ.sum().item()} of {differ.numel()} bytes differ (more than 1 %)")
+        a = outs["q"][differ].view(torch.float8_e4m3fn).float()
+        b = q[differ].view(torch.float8_e4m3fn).float()
+        if ((a - b).abs() > 0.125 * torch.maximum(a.abs(), b.abs())).any() or a.isnan().any():
+            errors.append("q: a byte more than one e4m3 step from the reference")
+    return errors
+
+
+def bytes_moved(cfg, rows):
+    d, wb = cfg["d"], 2 if cfg["weight"] == "bf16" else 4
+    if cfg["op"] == "embed":
+        return rows * d * (wb + 4) + rows * 8
+    total = rows * d * 4 + d * wb
+    if cfg["keep"]:
+        total += rows * d * 4
+    if cfg["quantize"]:
+        total += rows * d + rows * math.ceil(d / GROUP) * 4
+    return total
+
+
+def run(drv, func, cfg, rows):
+    inputs, outs = problem(cfg, rows, "cuda"), outputs(cfg, rows, "cuda")
+    args = arguments(cfg, inputs, outs)
+    drv.launch(func, rows, cfg["threads"], 0, args, cfg["name"])
+    torch.cuda.synchronize()
+    return inputs, outs, args
+
+
+def median_us(drv, func, cfg, rows, args, reps=50):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for i in range(reps + 5):
+        start.record()
+        drv.launch(func, rows, cfg["threads"], 0, args, cfg["name"])
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def self_test():
+    cfg = parse("rows_rmsnorm_bf16_d1000_t128_eps1em6_y_q")
+    assert cfg["eps"] == 1e-6 and cfg["keep"] and cfg["quantize"] and cfg["d"] == 1000
+    assert parse("rows_embed_bf16_d7168_t256")["op"] == "embed"
+    inputs = problem(cfg, 5, "cpu")
+    y = rms_norm_reference(inputs["x"], inputs["w"].float(), cfg["eps"])
+    ms = (y / inputs["w"].double()).pow(2).mean(dim=1)
+    x2 = inputs["x"].double().pow(2).mean(dim=1)
+    assert torch.allclose(ms, x2 / (x2 + cfg["eps"]), rtol=1e-9), "normalized rows: mean square x^2 / (x^2 + eps)"
+    q, s = quantize_reference(y.float())
+    assert abs(s[0, 0].item() - 1e-4 / E4M3_MAX) < 1e-12, "a group of zeros takes the floor scale"
+    deq = q.view(torch.float8_e4m3fn).float() * s.repeat_interleave(GROUP, dim=1)[:, :1000]
+    assert ((deq - y.float()).norm() / y.float().norm()).item() < 0.05
+    outs = {"y": y.float(), "q": q.clone(), "scale": s.clone()}
+    assert check(cfg, inputs, outs) == [], "the references pass their own check"
+    outs["q"][1, 3] ^= 0x40
+    assert check(cfg, inputs, outs), "a wrong byte is caught"
+    emb = parse("rows_embed_f32_d64_t32")
+    inputs = problem(emb, 4, "cpu")
+    table, ids = inputs["table"], inputs["ids"]
+    out = torch.stack([table[i] if 0 <= i < table.shape[0] else torch.zeros(64) for i in ids.tolist()])
+    assert check(emb, inputs, {"out": out}) == []
+    print("rows_check self-test: names parse; references normalize and quantize; the check catches a wrong byte")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ptx-dir", help="directory with <kernel>.ptx")
+    ap.add_argument("--kernel", help="kernel name (file stem in --ptx-dir)")
+    ap.add_argument("--out", help="JSON result file")
+    ap.add_argument("--ceilings", help="ceilings.json from check.sh step 1b (copy bandwidth)")
+    ap.add_argument("--self-test", action="store_true", help="check the references on the CPU (no GPU)")
+    a = ap.parse_args()
+    if a.self_test:
+        self_test()
+        return 0
+    if not (a.ptx_dir and a.kernel):
+        ap.error("--ptx-dir and --kernel are required (or --self-test)")
+    cfg = parse(a.kernel)
+    copy = None
+    if a.ceilings and os.path.exists(a.ceilings):
+        copy = json.load(open(a.ceilings)).get("copy_TBps")
+    drv = Driver()
+    ptx = open(os.path.join(a.ptx_dir, a.kernel + ".ptx")).read()
+    func = drv.load(ptx, a.kernel)
+    result = {"kernel": a.kernel, "errors": [], "timing": []}
+    for rows in (1, 3, 64):
+        inputs, outs, _ = run(drv, func, cfg, rows)
+        result["errors"] += [f"{rows} rows: {e}" for e in check(cfg, inputs, outs)]
+    for rows in (64, 8192):
+        _, _, args = run(drv, func, cfg, rows)
+        us = median_us(drv, func, cfg, rows, args)
+        gbps = bytes_moved(cfg, rows) / (us * 1e-6) / 1e9
+        entry = {"rows": rows, "median_us": round(us, 2), "GBps": round(gbps, 1)}
+        if copy:
+            entry["of_copy_bandwidth"] = round(gbps / (copy * 1e3), 3)
+        result["timing"].append(entry)
+    result["ok"] = not result["errors"]
+    if a.out:
+        json.dump(result, open(a.out, "w"), indent=1)
+    timing = ", ".join(f"{t['rows']} rows {t['median_us']} us ({t['GBps']} GB/s"
+                       + (f", {t['of_copy_bandwidth']:.0%} of copy" if "of_copy_bandwidth" in t else "") + ")"
+                       for t in result["timing"])
+    print(f"{a.kernel}: {'ok' if result['ok'] else 'FAILED: ' + '; '.join(result['errors'])}; {timing}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
