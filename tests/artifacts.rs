@@ -64,6 +64,40 @@ fn a_cpu_artifact_runs_without_the_compiler_and_matches_the_cpu_backend() {
     let mut short = inputs.clone();
     short.insert("tokens".to_string(), ids(vec![3, 9]));
     let err = runtime.run("prefill", &short, &["logits"]).unwrap_err();
-    assert!(err.contains("planned for [5], given [2]"), "{err}");
+    assert!(err.contains("input 'positions': shape [5] disagrees with the other inputs' sizes"), "{err}");
+    let mut long = inputs.clone();
+    for name in ["tokens", "positions", "mtp_tokens"] {
+        long.insert(name.to_string(), ids(vec![1; 6]));
+    }
+    let err = runtime.run("prefill", &long, &["logits"]).unwrap_err();
+    assert!(err.contains("6 rows and 2 cached rows given, the plan holds at most 5 and 2"), "{err}");
+
+    // The plan runs smaller sizes too: 3 rows after 1 cached row (prefill), 2 sequences over 1-row caches (decode).
+    let mut small = HashMap::new();
+    small.insert("tokens".to_string(), ids(vec![5, 6, 7]));
+    small.insert("positions".to_string(), ids(vec![1, 2, 3]));
+    small.insert("mtp_tokens".to_string(), ids(vec![6, 7, 0]));
+    for name in &caches {
+        small.insert(name.clone(), HostBuffer { shape: vec![1, c], data: HostData::F32(vec![0.25; c]) });
+    }
+    let from_artifact = runtime.run("prefill", &small, &wanted).unwrap();
+    let direct = program.run("prefill", &small, &wanted).unwrap();
+    for name in &wanted {
+        assert_eq!(from_artifact[*name], direct[*name], "prefill at smaller sizes: {name}");
+    }
+    assert_eq!(from_artifact["kv_cache.0"].shape, vec![4, c]);
+    let mut step = HashMap::new();
+    step.insert("tokens".to_string(), ids(vec![5, 8]));
+    step.insert("positions".to_string(), ids(vec![0, 0]));
+    step.insert("mtp_tokens".to_string(), ids(vec![8, 9]));
+    for name in &caches {
+        step.insert(name.clone(), HostBuffer { shape: vec![2, 1, c], data: HostData::F32(vec![0.0; 2 * c]) });
+    }
+    let decode_wanted: Vec<&str> = wanted.iter().copied().filter(|w| *w != "mtp_logits").collect();
+    let from_artifact = runtime.run("decode", &step, &decode_wanted).unwrap();
+    let direct = program.run("decode", &step, &decode_wanted).unwrap();
+    for name in &decode_wanted {
+        assert_eq!(from_artifact[*name], direct[*name], "decode at smaller sizes: {name}");
+    }
     assert!(runtime.run("train", &inputs, &["logits"]).unwrap_err().starts_with("no entry 'train'"));
 }

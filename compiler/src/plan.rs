@@ -1,16 +1,19 @@
 //! Stage `plan`: the launch list of every entry of a `fused` module, with buffers bound by name and
 //! intermediates placed in one arena by liveness (`v3c_runtime::plan`, which the backends execute).
 //!
-//! Dynamic dims are planned for concrete sizes ([`PlanSizes`]): `rows` (tokens of a prefill,
+//! Dynamic dims are planned for the largest sizes ([`PlanSizes`]): `rows` (tokens of a prefill,
 //! sequences of a decode) and `context` (tokens already cached before a prefill, cache rows of a
-//! decode). Kernel result shapes follow from their inputs by [`crate::shapes`].
+//! decode); every buffer's dims are affine in them, kernel result dims following from their
+//! inputs' by [`crate::shapes`], so the plan runs any smaller sizes too.
 
 use std::collections::{BTreeMap, HashMap};
 
 use melior::ir::block::BlockLike;
 use melior::ir::operation::OperationLike;
 use melior::ir::{Module, RegionLike, ValueLike};
-use v3c_runtime::plan::{element_bytes, place, Buffer, BufferKind, EntryPlan, Launch, Plan, PLAN_FORMAT_VERSION};
+use v3c_runtime::plan::{
+    element_bytes, place, shape_at, Buffer, BufferKind, Dim, EntryPlan, Launch, Plan, Sizes, PLAN_FORMAT_VERSION,
+};
 
 use crate::shapes::{kernel_in_place, kernel_shape_rules, DimRule};
 use crate::verify::Shape;
@@ -22,24 +25,25 @@ pub struct PlanSizes {
     pub context: usize,
 }
 
-/// Concrete shape of an entry input from its name and type.
-fn input_shape(name: &str, ty: &Shape, sizes: PlanSizes) -> Vec<usize> {
+/// Dims of an entry input from its name and type.
+fn input_dims(name: &str, ty: &Shape) -> Vec<Dim> {
     let cache = name.starts_with("kv_cache.");
     ty.dims
         .iter()
         .enumerate()
         .map(|(d, n)| match n {
-            Some(n) => *n,
+            Some(n) => Dim::fixed(*n),
             // Prefill caches [P, C]: P tokens already cached. Decode caches [B, S, C].
-            None if cache && ty.dims.len() == 2 => sizes.context,
-            None if cache && d == 1 => sizes.context,
-            None => sizes.rows,
+            None if cache && ty.dims.len() == 2 => Dim::CONTEXT,
+            None if cache && d == 1 => Dim::CONTEXT,
+            None => Dim::ROWS,
         })
         .collect()
 }
 
 /// Plans every entry function of `module` (stage `fused`).
 pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
+    let sizes = Sizes { rows: sizes.rows, context: sizes.context };
     let mut rules: HashMap<String, Vec<Vec<DimRule>>> = HashMap::new();
     let mut in_place: HashMap<String, Vec<Option<usize>>> = HashMap::new();
     let mut entries = Vec::new();
@@ -62,29 +66,30 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
         let mut by_value: HashMap<usize, usize> = HashMap::new();
         let mut bounds = BTreeMap::new();
         let new_buffer =
-            |buffers: &mut Vec<Buffer>, kind: BufferKind, shape: Vec<usize>, dtype: &str| -> Result<usize, String> {
+            |buffers: &mut Vec<Buffer>, kind: BufferKind, dims: Vec<Dim>, dtype: &str| -> Result<usize, String> {
                 let per = element_bytes(dtype).ok_or_else(|| format!("no size for element type {dtype}"))?;
                 let id = buffers.len();
+                let shape = shape_at(&dims, sizes);
                 let bytes = per * shape.iter().product::<usize>() as u64;
-                buffers.push(Buffer { id, kind, shape, dtype: dtype.to_string(), bytes });
+                buffers.push(Buffer { id, kind, dims, shape, dtype: dtype.to_string(), bytes });
                 Ok(id)
             };
         for i in 0..block.argument_count() {
             let arg = block.argument(i).map_err(|e| e.to_string())?;
             let ty = Shape::parse(&arg.r#type().to_string()).ok_or("entry argument is not a tensor")?;
             let attr = arg_attrs.get(i).copied().unwrap_or("");
-            let (kind, shape) = match (quoted(attr, v3c_dialects::INPUT_ATTR), quoted(attr, v3c_dialects::PARAM_ATTR)) {
+            let (kind, dims) = match (quoted(attr, v3c_dialects::INPUT_ATTR), quoted(attr, v3c_dialects::PARAM_ATTR)) {
                 (Some(input), _) => {
-                    let shape = input_shape(&input, &ty, sizes);
-                    bounds.insert(input.clone(), shape.clone());
-                    (BufferKind::Input { name: input }, shape)
+                    let dims = input_dims(&input, &ty);
+                    bounds.insert(input.clone(), shape_at(&dims, sizes));
+                    (BufferKind::Input { name: input }, dims)
                 }
                 (None, Some(param)) => {
-                    (BufferKind::Weight { name: param }, ty.dims.iter().map(|d| d.unwrap_or(0)).collect())
+                    (BufferKind::Weight { name: param }, ty.dims.iter().map(|d| Dim::fixed(d.unwrap_or(0))).collect())
                 }
                 _ => return Err(format!("{name}: argument {i} is neither an input nor a parameter")),
             };
-            let id = new_buffer(&mut buffers, kind, shape, &ty.element)?;
+            let id = new_buffer(&mut buffers, kind, dims, &ty.element)?;
             by_value.insert(arg.to_raw().ptr as usize, id);
         }
         let mut launches = Vec::new();
@@ -104,7 +109,7 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
                 break;
             };
             let kernel = callee.to_string().trim_start_matches('@').to_string();
-            let input_shapes: Vec<Vec<usize>> = operands.iter().map(|&b| buffers[b].shape.clone()).collect();
+            let input_dims: Vec<Vec<Dim>> = operands.iter().map(|&b| buffers[b].dims.clone()).collect();
             let kernel_rules = rules.get(&kernel).ok_or_else(|| format!("{name}: kernel {kernel} unknown"))?;
             let mut results = Vec::new();
             let updates = in_place.get(&kernel).cloned().unwrap_or_default();
@@ -116,14 +121,14 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
                     results.push(id);
                     continue;
                 }
-                let shape = rule
+                let dims = rule
                     .iter()
-                    .map(|r| r.eval(&input_shapes))
-                    .collect::<Option<Vec<usize>>>()
+                    .map(|r| r.eval_dims(&input_dims))
+                    .collect::<Option<Vec<Dim>>>()
                     .ok_or_else(|| format!("{kernel}: result {k} shape"))?;
                 let ty = Shape::parse(&c.result(k).map_err(|e| e.to_string())?.r#type().to_string())
                     .ok_or("result is not a tensor")?;
-                let id = new_buffer(&mut buffers, BufferKind::Arena { offset: 0 }, shape, &ty.element)?;
+                let id = new_buffer(&mut buffers, BufferKind::Arena { offset: 0 }, dims, &ty.element)?;
                 by_value.insert(c.result(k).map_err(|e| e.to_string())?.to_raw().ptr as usize, id);
                 results.push(id);
             }
@@ -155,7 +160,7 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
         for (id, offset) in ids.iter().zip(offsets) {
             buffers[*id].kind = BufferKind::Arena { offset };
         }
-        entries.push(EntryPlan { name, bounds, buffers, launches, outputs, arena_bytes });
+        entries.push(EntryPlan { name, sizes, bounds, buffers, launches, outputs, arena_bytes });
     }
     Ok(Plan { format_version: PLAN_FORMAT_VERSION, entries })
 }

@@ -36,6 +36,17 @@ impl DimRule {
     }
 }
 
+impl DimRule {
+    /// The dim, affine in an entry's sizes, for inputs with dims `inputs` (the plan's form).
+    pub fn eval_dims(&self, inputs: &[Vec<v3c_runtime::plan::Dim>]) -> Option<v3c_runtime::plan::Dim> {
+        match self {
+            DimRule::Const(n) => Some(v3c_runtime::plan::Dim::fixed(*n)),
+            DimRule::Input { input, dim } => inputs.get(*input)?.get(*dim).copied(),
+            DimRule::Sum(a, b) => Some(a.eval_dims(inputs)?.plus(&b.eval_dims(inputs)?)),
+        }
+    }
+}
+
 /// Per result of `kernel` (a kernel function), per dim, its rule.
 pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, String> {
     let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("kernel without a body")?;

@@ -12,7 +12,7 @@ use v3c_models::graph::{Dim, TensorType, WeightFormat};
 
 use crate::artifact::Artifact;
 use crate::host::{call_packed, HostBuffer, HostData, PackedFn, RawBuffer};
-use crate::plan::{BufferKind, EntryPlan};
+use crate::plan::{shape_at, BufferKind, EntryPlan, Sizes};
 
 /// Why a weight could not be loaded as a kernel takes it.
 #[derive(Debug, thiserror::Error)]
@@ -109,33 +109,37 @@ pub fn run_plan(
     bound.outputs(wanted)
 }
 
-/// A plan's buffers bound to memory: the inputs (owned copies), the weights, one arena.
+/// A plan's buffers bound to memory: the inputs (owned copies), the weights, one arena; every
+/// buffer at the sizes the inputs are at.
 pub struct BoundPlan<'p> {
     plan: &'p EntryPlan,
     weights: &'p HashMap<String, HostBuffer>,
     owned: HashMap<String, HostBuffer>,
     arena: Vec<u64>,
+    sizes: Sizes,
 }
 
 impl<'p> BoundPlan<'p> {
-    /// Checks `inputs` against the plan's bounds and allocates the arena.
+    /// Finds the sizes `inputs` are at (at most the planned ones) and allocates the arena.
     pub fn new(
         plan: &'p EntryPlan,
         weights: &'p HashMap<String, HostBuffer>,
         inputs: &HashMap<String, HostBuffer>,
     ) -> Result<BoundPlan<'p>, String> {
-        for (name, shape) in &plan.bounds {
-            let given = inputs.get(name).ok_or_else(|| format!("input '{name}' not given"))?;
-            if &given.shape != shape {
-                return Err(format!("input '{name}': planned for {shape:?}, given {:?}", given.shape));
-            }
-        }
+        let shapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
+        let sizes = plan.bind(&shapes)?;
         let arena = vec![0u64; (plan.arena_bytes as usize).div_ceil(8)];
-        Ok(BoundPlan { plan, weights, owned: inputs.clone(), arena })
+        Ok(BoundPlan { plan, weights, owned: inputs.clone(), arena, sizes })
+    }
+
+    /// The sizes the plan runs at.
+    pub fn sizes(&self) -> Sizes {
+        self.sizes
     }
 
     fn raw(&mut self, id: usize) -> Result<RawBuffer, String> {
         let b = &self.plan.buffers[id];
+        let shape = shape_at(&b.dims, self.sizes);
         let ptr = match &b.kind {
             BufferKind::Input { name } => {
                 self.owned.get_mut(name).map(HostBuffer::ptr_mut).ok_or(format!("input {name}"))?
@@ -149,7 +153,7 @@ impl<'p> BoundPlan<'p> {
                 (self.arena.as_mut_ptr() as *mut u8).add(*offset as usize) as *mut ()
             },
         };
-        Ok(RawBuffer { ptr, shape: b.shape.clone(), element: b.dtype.clone() })
+        Ok(RawBuffer { ptr, shape, element: b.dtype.clone() })
     }
 
     /// The buffers of launch `i`: its arguments then its results.
@@ -170,7 +174,8 @@ impl<'p> BoundPlan<'p> {
             let value = match &b.kind {
                 BufferKind::Input { name: input } => self.owned[input].clone(),
                 BufferKind::Arena { offset } => {
-                    let n: usize = b.shape.iter().product();
+                    let shape = shape_at(&b.dims, self.sizes);
+                    let n: usize = shape.iter().product();
                     // SAFETY: the buffer's bytes lie inside the arena.
                     let data = unsafe {
                         let p = base.add(*offset as usize);
@@ -183,7 +188,7 @@ impl<'p> BoundPlan<'p> {
                             other => return Err(format!("output {name} of type {other}")),
                         }
                     };
-                    HostBuffer { shape: b.shape.clone(), data }
+                    HostBuffer { shape, data }
                 }
                 BufferKind::Weight { name: w } => self.weights[w].clone(),
             };

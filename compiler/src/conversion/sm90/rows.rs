@@ -641,7 +641,9 @@ mod tests {
         ] {
             assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k.clone()), "{}", k.kernel_name());
         }
-        for bad in ["rows_rmsnorm_bf16_d7168_t256_eps1em6", "rows_embed_bf16_d7168_t48", "rows_embed_f16_d64_t32", "gemm_x"] {
+        for bad in
+            ["rows_rmsnorm_bf16_d7168_t256_eps1em6", "rows_embed_bf16_d7168_t48", "rows_embed_f16_d64_t32", "gemm_x"]
+        {
             assert_eq!(RowKernel::from_name(bad), None, "{bad}");
         }
     }
