@@ -101,3 +101,57 @@ fn a_cpu_artifact_runs_without_the_compiler_and_matches_the_cpu_backend() {
     }
     assert!(runtime.run("train", &inputs, &["logits"]).unwrap_err().starts_with("no entry 'train'"));
 }
+
+/// `v3r run` generates from a cpu artifact what `v3c run` generates from the checkpoint: a prompt
+/// longer than the prefill plan's rows is prefilled in chunks, the decode plan runs one sequence over
+/// caches smaller than planned; greedy and seeded sampling agree token for token.
+#[test]
+fn v3r_runs_a_cpu_artifact_like_v3c_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (art, ckpt, cache) = (dir.path().join("art"), dir.path().join("ckpt"), dir.path().join("cache"));
+    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, 9).unwrap();
+    let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
+    let compile =
+        ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--max-rows", "4", "--max-context", "24"];
+    let out = run_binary_env("v3c", &[&compile[..], &["--out", art.to_str().unwrap()]].concat(), &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let prompt = "3 17 4 29 11 5 8 2 40 1";
+    for sampling in [&[][..], &["--temperature", "0.9", "--top-p", "0.8", "--seed", "4"][..]] {
+        let common = [&["--prompt-tokens", prompt, "--max-new-tokens", "10", "--ignore-eos"][..], sampling].concat();
+        let v3r = run_binary_env(
+            "v3r",
+            &[&["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()][..], &common].concat(),
+            &env,
+        );
+        assert!(v3r.status.success(), "{}", text(&v3r.stderr));
+        assert!(text(&v3r.stderr).contains("generated 10 tokens: prefill 10 tokens in "), "{}", text(&v3r.stderr));
+        let v3c = run_binary_env("v3c", &[&["run", "--model-dir", ckpt.to_str().unwrap()][..], &common].concat(), &env);
+        assert!(v3c.status.success(), "{}", text(&v3c.stderr));
+        assert_eq!(text(&v3r.stdout), text(&v3c.stdout), "{sampling:?}");
+        assert_eq!(text(&v3r.stdout).split_whitespace().count(), 10);
+    }
+    // 10 + 20 tokens do not fit caches of 24 rows: said before anything runs.
+    let long = run_binary_env(
+        "v3r",
+        &[
+            "run",
+            art.to_str().unwrap(),
+            "--weights",
+            ckpt.to_str().unwrap(),
+            "--prompt-tokens",
+            prompt,
+            "--max-new-tokens",
+            "20",
+        ],
+        &env,
+    );
+    assert_eq!(long.status.code(), Some(1));
+    assert!(
+        text(&long.stderr)
+            .contains("30 tokens (prompt + new): the artifact's decode plan holds caches of at most 24 rows"),
+        "{}",
+        text(&long.stderr)
+    );
+}

@@ -70,7 +70,7 @@ enum AnySession<'m, 'c> {
     Cpu(v3c_compiler::cpu_backend::CpuSession<'c>),
 }
 
-impl AnySession<'_, '_> {
+impl v3c_runtime::session::Generator for AnySession<'_, '_> {
     fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
         match self {
             AnySession::Reference(s) => s.prefill(tokens).map_err(|e| e.to_string()),
@@ -106,33 +106,13 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
         AnySession::Reference(model.session(max_len).map_err(|e| e.to_string())?)
     };
     let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed);
-    let start = Instant::now();
-    let mut logits = session.prefill(&prompt)?;
-    let prefill_s = start.elapsed().as_secs_f64();
-    let mut generated = Vec::new();
-    let mut stopped = false;
-    while generated.len() < o.max_new_tokens {
-        let token = sampler.sample(&logits);
-        generated.push(token);
-        if !o.ignore_eos && Some(token) == model.config.eos_token_id {
-            stopped = true;
-            break;
-        }
-        if generated.len() < o.max_new_tokens {
-            logits = session.decode(token)?;
-        }
-    }
-    let total = start.elapsed().as_secs_f64();
-    let text: Vec<String> = generated.iter().map(u32::to_string).collect();
+    let eos = if o.ignore_eos { None } else { model.config.eos_token_id };
+    let generation = v3c_runtime::session::generate(&mut session, &prompt, o.max_new_tokens, &mut sampler, eos)?;
+    let text: Vec<String> = generation.tokens.iter().map(u32::to_string).collect();
     println!("{}", text.join(" "));
-    let decode_s = (total - prefill_s).max(1e-9);
     eprintln!(
-        "generated {} tokens{}: prefill {} tokens in {:.3} s, decode {:.2} tok/s ({} backend, {})",
-        generated.len(),
-        if stopped { " (stopped at eos)" } else { "" },
-        prompt.len(),
-        prefill_s,
-        generated.len().saturating_sub(1) as f64 / decode_s,
+        "{} ({} backend, {})",
+        generation.summary(prompt.len()),
         o.backend,
         if o.precision == Precision::Fp8 { "fp8" } else { "f32" }
     );

@@ -350,6 +350,11 @@ impl CpuArtifact {
         Ok(timings)
     }
 
+    /// The plan of entry `entry`.
+    pub fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String> {
+        self.entry(entry)
+    }
+
     fn entry(&self, entry: &str) -> Result<&EntryPlan, String> {
         self.artifact.plan.entries.iter().find(|e| e.name == entry).ok_or_else(|| {
             let names: Vec<&str> = self.artifact.plan.entries.iter().map(|e| e.name.as_str()).collect();

@@ -5,10 +5,10 @@
 //! the crate builds and runs on machines with no CUDA at all, and every entry point that needs a GPU
 //! returns a clean [`DeviceError`] instead of panicking.
 //!
-//! Today it holds device discovery ([`device`]), the artifact reader/validator ([`artifact`]) and
-//! the executor of `cpu` artifacts ([`cpu`]: kernels `dlopen`ed, the plan's launches over one arena,
-//! on [`host`] buffers); GPU memory, launches and sessions arrive with the rest of the
-//! artifact/runtime issue.
+//! Today it holds device discovery ([`device`]), the artifact reader/validator ([`artifact`]), the
+//! executor of `cpu` artifacts ([`cpu`]: kernels `dlopen`ed, the plan's launches over one arena,
+//! on [`host`] buffers) and generation on them ([`session`]); GPU memory, launches and sessions
+//! arrive with the rest of the artifact/runtime issue.
 
 pub mod artifact;
 pub mod cli;
@@ -16,5 +16,6 @@ pub mod cpu;
 pub mod device;
 pub mod host;
 pub mod plan;
+pub mod session;
 
 pub use device::{probe_devices, DeviceError, DeviceInfo, DriverInfo};

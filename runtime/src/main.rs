@@ -87,7 +87,19 @@ struct RunArgs {
     /// How many tokens to generate after the prompt.
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_new_tokens: usize,
-    /// CUDA device ordinal.
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
 }
@@ -274,21 +286,38 @@ fn bench_kernels(args: &BenchArgs) -> Result<(), Failure> {
 }
 
 fn run(args: &RunArgs) -> Result<(), Failure> {
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(Failure::Other(format!("--top-p {} must be in (0, 1]", args.top_p)));
+    }
+    if args.temperature < 0.0 || !args.temperature.is_finite() {
+        return Err(Failure::Other(format!("--temperature {} must be >= 0", args.temperature)));
+    }
     let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
     if !args.weights.is_dir() {
         return Err(Failure::Other(format!("{}: no such checkpoint directory", args.weights.display())));
     }
-    v3c_runtime::cli::parse_token_ids(&args.prompt_tokens, "--prompt-tokens").map_err(Failure::Other)?;
+    let prompt = v3c_runtime::cli::parse_token_ids(&args.prompt_tokens, "--prompt-tokens").map_err(Failure::Other)?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
-    if a.manifest.target.name == "cpu" {
-        return Err(Failure::Other(format!(
-            "{}: a cpu artifact: v3r runs GPU artifacts (run cpu artifacts with `v3c run --backend cpu`)",
-            args.artifact.display()
-        )));
+    if a.manifest.target.name != "cpu" {
+        device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
+        a.runs_here(args.device).map_err(Failure::Other)?;
+        return Err(Failure::Other(
+            "running GPU artifacts is not implemented yet (it lands with the artifact/runtime issue)".into(),
+        ));
     }
-    device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
-    a.runs_here(args.device).map_err(Failure::Other)?;
-    Err(Failure::Other(
-        "running GPU artifacts is not implemented yet (it lands with the artifact/runtime issue)".into(),
-    ))
+    let eos = if args.ignore_eos {
+        None
+    } else {
+        a.manifest.model.config.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32)
+    };
+    let program = v3c_runtime::cpu::CpuArtifact::load(a, &args.weights).map_err(Failure::Other)?;
+    let mut session = v3c_runtime::session::CpuSession::new(&program, prompt.len() + args.max_new_tokens)
+        .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
+    let mut sampler = v3c_models::reference::Sampler::new(args.temperature, args.top_p, args.seed);
+    let generation = v3c_runtime::session::generate(&mut session, &prompt, args.max_new_tokens, &mut sampler, eos)
+        .map_err(Failure::Other)?;
+    let text: Vec<String> = generation.tokens.iter().map(u32::to_string).collect();
+    println!("{}", text.join(" "));
+    eprintln!("{} (cpu artifact)", generation.summary(prompt.len()));
+    Ok(())
 }

@@ -1,0 +1,222 @@
+//! One generated sequence on a `cpu` artifact: the prompt prefilled in chunks of at most the
+//! prefill plan's rows (each chunk attends to the rows cached before it), then one decode step per
+//! token over caches of `max_len` rows. The plans run at these sizes because they were planned for
+//! larger ones ([`crate::plan::EntryPlan::bind`]).
+//!
+//! An artifact compiled with its MTP module has MTP inputs; plain generation feeds the MTP layer the
+//! next prompt token where it is known and token 0 otherwise, keeps its cache like the others, and
+//! does not read its logits (speculative decoding with it is not built yet).
+
+use std::collections::HashMap;
+
+use crate::cpu::CpuArtifact;
+use crate::host::{HostBuffer, HostData};
+use crate::plan::EntryPlan;
+
+/// A sequence being generated.
+pub struct CpuSession<'a> {
+    program: &'a CpuArtifact,
+    /// Cache inputs of the entries (`kv_cache.<layer>`, `kv_cache.mtp`).
+    caches: Vec<String>,
+    /// Width of a cache row (the latent plus the rope key).
+    width: usize,
+    /// The caches: `[position, width]` while prefilling, `[1, max_len, width]` once decoding.
+    state: HashMap<String, HostBuffer>,
+    decoding: bool,
+    position: usize,
+    max_len: usize,
+    has_mtp: bool,
+}
+
+fn ids(v: Vec<i64>) -> HostBuffer {
+    HostBuffer { shape: vec![v.len()], data: HostData::I64(v) }
+}
+
+impl<'a> CpuSession<'a> {
+    /// A session for sequences of at most `max_len` tokens (prompt and generated).
+    pub fn new(program: &'a CpuArtifact, max_len: usize) -> Result<CpuSession<'a>, String> {
+        let (prefill, decode) = (program.entry_plan("prefill")?, program.entry_plan("decode")?);
+        let caches: Vec<String> = prefill.bounds.keys().filter(|n| n.starts_with("kv_cache.")).cloned().collect();
+        let width =
+            caches.first().and_then(|c| prefill.bounds[c].last().copied()).ok_or("the prefill plan has no caches")?;
+        if max_len > decode.sizes.context {
+            return Err(format!(
+                "{max_len} tokens (prompt + new): the artifact's decode plan holds caches of at most {} rows \
+                 (compile with a larger --max-context)",
+                decode.sizes.context
+            ));
+        }
+        if decode.sizes.rows == 0 || prefill.sizes.rows == 0 {
+            return Err("the artifact's plans hold no rows (compiled with --max-rows 0)".into());
+        }
+        let state = caches
+            .iter()
+            .map(|c| (c.clone(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) }))
+            .collect();
+        let has_mtp = prefill.bounds.contains_key("mtp_tokens");
+        Ok(CpuSession { program, caches, width, state, decoding: false, position: 0, max_len, has_mtp })
+    }
+
+    fn last_row(out: &HashMap<String, HostBuffer>) -> Result<Vec<f32>, String> {
+        let logits = out.get("logits").ok_or("the entry has no logits")?;
+        match &logits.data {
+            HostData::F32(v) => Ok(v[v.len() - logits.shape[1]..].to_vec()),
+            _ => Err("logits are not f32".into()),
+        }
+    }
+
+    fn wanted(&self) -> Vec<&str> {
+        let mut w: Vec<&str> = self.caches.iter().map(String::as_str).collect();
+        w.push("logits");
+        w
+    }
+
+    /// Feeds the prompt (in chunks the prefill plan holds); returns the logits of its last token.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
+        if self.decoding {
+            return Err("prefill after decoding started".into());
+        }
+        if tokens.is_empty() || self.position + tokens.len() > self.max_len {
+            return Err(format!(
+                "prompt of {} tokens after {} (the session holds 1..={})",
+                tokens.len(),
+                self.position,
+                self.max_len
+            ));
+        }
+        let plan: &EntryPlan = self.program.entry_plan("prefill")?;
+        let (chunk, cached) = (plan.sizes.rows, plan.sizes.context);
+        let last_start = self.position + (tokens.len().div_ceil(chunk) - 1) * chunk;
+        if last_start > cached {
+            return Err(format!(
+                "prompt of {} tokens: its last chunk of {chunk} would follow {last_start} cached rows, the prefill \
+                 plan holds {cached} (compile with a larger --max-context)",
+                tokens.len()
+            ));
+        }
+        let mut logits = Vec::new();
+        for (k, piece) in tokens.chunks(chunk).enumerate() {
+            let start = self.position as i64;
+            let mut inputs = std::mem::take(&mut self.state);
+            inputs.insert("tokens".into(), ids(piece.iter().map(|&t| t as i64).collect()));
+            inputs.insert("positions".into(), ids((start..start + piece.len() as i64).collect()));
+            if self.has_mtp {
+                // The MTP layer at position i reads token i + 1: known inside the prompt.
+                let next = tokens.iter().skip(k * chunk + 1).map(|&t| t as i64).chain(std::iter::repeat(0));
+                inputs.insert("mtp_tokens".into(), ids(next.take(piece.len()).collect()));
+            }
+            let mut out = self.program.run("prefill", &inputs, &self.wanted())?;
+            logits = Self::last_row(&out)?;
+            for c in &self.caches {
+                let grown = out.remove(c).ok_or_else(|| format!("prefill gave no {c}"))?;
+                self.state.insert(c.clone(), grown);
+            }
+            self.position += piece.len();
+        }
+        Ok(logits)
+    }
+
+    /// Feeds one token at the next position; returns its logits.
+    pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, String> {
+        if self.position >= self.max_len {
+            return Err(format!("the session is full ({} tokens)", self.max_len));
+        }
+        if !self.decoding {
+            // The prefilled rows into caches of max_len rows (one sequence).
+            for c in &self.caches {
+                let HostData::F32(rows) = &self.state[c].data else { return Err(format!("{c} is not f32")) };
+                let mut full = vec![0.0f32; self.max_len * self.width];
+                full[..rows.len()].copy_from_slice(rows);
+                self.state.insert(
+                    c.clone(),
+                    HostBuffer { shape: vec![1, self.max_len, self.width], data: HostData::F32(full) },
+                );
+            }
+            self.decoding = true;
+        }
+        let mut inputs = std::mem::take(&mut self.state);
+        inputs.insert("tokens".into(), ids(vec![token as i64]));
+        inputs.insert("positions".into(), ids(vec![self.position as i64]));
+        if self.has_mtp {
+            inputs.insert("mtp_tokens".into(), ids(vec![0]));
+        }
+        let mut out = self.program.run("decode", &inputs, &self.wanted())?;
+        for c in &self.caches {
+            let updated = out.remove(c).ok_or_else(|| format!("decode gave no {c}"))?;
+            self.state.insert(c.clone(), updated);
+        }
+        self.position += 1;
+        Self::last_row(&out)
+    }
+}
+
+/// What generates a sequence: a prompt's logits, then one token's at a time.
+pub trait Generator {
+    fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String>;
+    fn decode(&mut self, token: u32) -> Result<Vec<f32>, String>;
+}
+
+impl Generator for CpuSession<'_> {
+    fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
+        CpuSession::prefill(self, tokens)
+    }
+    fn decode(&mut self, token: u32) -> Result<Vec<f32>, String> {
+        CpuSession::decode(self, token)
+    }
+}
+
+/// A generated sequence and how long it took.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    /// Stopped at the end-of-sequence token (which is the last of `tokens`).
+    pub stopped_at_eos: bool,
+    pub prefill_s: f64,
+    pub total_s: f64,
+}
+
+impl Generation {
+    /// Decode speed: tokens after the first (which the prefill's logits give) per second of decoding.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / (self.total_s - self.prefill_s).max(1e-9)
+    }
+
+    /// The one-line report both tools print: `generated N tokens: prefill P tokens in S s, decode R tok/s`.
+    pub fn summary(&self, prompt: usize) -> String {
+        format!(
+            "generated {} tokens{}: prefill {prompt} tokens in {:.3} s, decode {:.2} tok/s",
+            self.tokens.len(),
+            if self.stopped_at_eos { " (stopped at eos)" } else { "" },
+            self.prefill_s,
+            self.decode_tokens_per_s()
+        )
+    }
+}
+
+/// Generates up to `max_new` tokens after `prompt`, each picked by `sampler`, stopping after `eos`
+/// when given.
+pub fn generate(
+    session: &mut dyn Generator,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut v3c_models::reference::Sampler,
+    eos: Option<u32>,
+) -> Result<Generation, String> {
+    let start = std::time::Instant::now();
+    let mut logits = session.prefill(prompt)?;
+    let prefill_s = start.elapsed().as_secs_f64();
+    let mut tokens = Vec::new();
+    let mut stopped_at_eos = false;
+    while tokens.len() < max_new {
+        let token = sampler.sample(&logits);
+        tokens.push(token);
+        if Some(token) == eos {
+            stopped_at_eos = true;
+            break;
+        }
+        if tokens.len() < max_new {
+            logits = session.decode(token)?;
+        }
+    }
+    Ok(Generation { tokens, stopped_at_eos, prefill_s, total_s: start.elapsed().as_secs_f64() })
+}
