@@ -371,6 +371,30 @@ fn train_learns_resumes_and_writes_a_checkpoint() {
     let bad = run_binary("v3c", &[&base[..], &["--steps", "1", "--resume"]].concat());
     assert_eq!(bad.status.code(), Some(1));
     assert!(text(&bad.stderr).contains("token 2 is 999999, outside the vocabulary"), "{}", text(&bad.stderr));
+    // FP8 training: the recipe's e4m3 GEMMs, said in the report.
+    let fp8_out = dir.path().join("fp8");
+    let fp8_args = [
+        "train",
+        "--model-dir",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        fp8_out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--precision",
+        "fp8",
+    ];
+    std::fs::write(&data, tokens.join(" ")).unwrap();
+    let fp8 = run_binary("v3c", &fp8_args);
+    assert!(fp8.status.success(), "{}", text(&fp8.stderr));
+    assert!(text(&fp8.stderr).contains("on the reference backend (FP8 GEMMs)"), "{}", text(&fp8.stderr));
+    std::fs::write(&data, "5 9 999999").unwrap();
     let negative = run_binary("v3c", &[&base[..], &["--steps", "1", "--resume", "--balance-alpha=-1"]].concat());
     assert_eq!(negative.status.code(), Some(1));
     assert!(

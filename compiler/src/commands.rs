@@ -923,6 +923,7 @@ pub struct TrainOptions<'a> {
     pub backend: &'a str,
     pub mtp_weight: f32,
     pub balance_alpha: f32,
+    pub fp8: bool,
 }
 
 /// Token ids from `path`: whitespace-separated integers, else little-endian u32; each checked
@@ -1001,6 +1002,7 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
         warmup_steps: ((done + o.steps) / 10).max(1),
         mtp_weight: o.mtp_weight,
         balance_alpha: o.balance_alpha,
+        fp8: o.fp8,
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(&config, params, train).map_err(|e| e.to_string())?;
@@ -1100,9 +1102,10 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     }
     std::fs::write(o.out.join("expert_load.csv"), loads).map_err(|e| format!("{}: {e}", o.out.display()))?;
     eprintln!(
-        "trained {} steps (now at step {done}) in {:.1} s on the reference backend; wrote {}",
+        "trained {} steps (now at step {done}) in {:.1} s on the reference backend ({}); wrote {}",
         o.steps,
         started.elapsed().as_secs_f64(),
+        if o.fp8 { "FP8 GEMMs" } else { "f32" },
         o.out.display()
     );
     Ok(())

@@ -280,7 +280,10 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             | Op::MoeRouteGrad(_)
             | Op::MoeExpertsGrad { .. }
             | Op::BalanceLoss { .. }
-            | Op::BalanceLossGrad { .. } => {
+            | Op::BalanceLossGrad { .. }
+            | Op::Fp8Linear
+            | Op::Fp8LinearDgrad
+            | Op::Fp8LinearWgrad => {
                 return Err(unsupported(format!(
                     "{}: training ops have no v3 dialect form yet (the reference interpreter runs them)",
                     node.op.name()

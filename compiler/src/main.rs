@@ -89,7 +89,7 @@ enum Backend {
     Cuda,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum Precision {
     /// Weights dequantized to f32, activations in f32 (the oracle).
     F32,
@@ -285,6 +285,11 @@ struct TrainArgs {
     /// (DeepSeek-V3: 1e-4); 0 turns it off, leaving the bias update as the only balancing.
     #[arg(long, value_name = "ALPHA", default_value_t = 1e-4)]
     balance_alpha: f32,
+    /// `fp8`: DeepSeek-V3's FP8 training recipe — every projection GEMM in e4m3 (forward, Dgrad and
+    /// Wgrad; 1x128 activation tiles, 128x1 for Wgrad, 128x128 weight blocks from the f32 masters);
+    /// `f32`: everything in f32.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
 }
 
 #[derive(Args)]
@@ -422,6 +427,7 @@ fn main() -> ExitCode {
             backend: &a.backend,
             mtp_weight: a.mtp_weight,
             balance_alpha: a.balance_alpha,
+            fp8: a.precision == Precision::Fp8,
         }),
         Command::Tune(a) => commands::tune(&commands::TuneOptions {
             model: &a.model.model,

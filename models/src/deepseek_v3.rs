@@ -68,6 +68,11 @@ pub struct BuildOptions {
     /// precision keeps fp8 projections fp8): for backends that run on the loaded values, as the
     /// reference interpreter does.
     pub dense_f32_weights: bool,
+    /// FP8 training (with `dense_f32_weights`: f32 master weights): every projection GEMM is an
+    /// `fp8_linear` (activations 1x128, weights 128x128 in e4m3, quantized each step), so its
+    /// backward runs the recipe's FP8 Dgrad and Wgrad. Embedding, norms, router, attention core, head
+    /// and the routed experts stay f32.
+    pub fp8_training: bool,
 }
 
 /// Activation group of fp8 activation quantization (per token per 128 channels).
@@ -149,6 +154,7 @@ struct ModelBuilder<'a> {
     /// fp8 quantizations already built, by activation: one quantization serves every GEMM reading it.
     quantized: std::collections::HashMap<ValueId, (ValueId, ValueId)>,
     dense_f32_weights: bool,
+    fp8_training: bool,
 }
 
 /// Per-call inputs shared by all layers.
@@ -169,6 +175,7 @@ impl<'a> ModelBuilder<'a> {
             }),
             quantized: std::collections::HashMap::new(),
             dense_f32_weights: options.dense_f32_weights,
+            fp8_training: options.fp8_training,
         }
     }
 
@@ -206,6 +213,9 @@ impl<'a> ModelBuilder<'a> {
     /// `x @ W^T` for projection `name`, with fp8 activations when asked and the weight is fp8.
     fn linear(&mut self, x: ValueId, name: &str, out: usize, inp: usize) -> Result<ValueId, GraphError> {
         let w = self.proj(name, out, inp)?;
+        if self.fp8_training {
+            return self.b.fp8_linear(x, w);
+        }
         self.apply_linear(x, w)
     }
 

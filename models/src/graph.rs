@@ -225,6 +225,16 @@ pub enum Op {
     BalanceLoss { alpha: f32 },
     /// (x, gate, indices) -> (dx, d gate) of `balance_loss` (through P; f is a count).
     BalanceLossGrad { alpha: f32 },
+    /// The training Fprop of DeepSeek-V3's FP8 recipe, (x [.., K] f32, w [N, K] f32 master) -> y:
+    /// `x W^T` with x quantized 1x128 along K and W 128x128 (e4m3), f32 accumulation promoted per
+    /// 128-wide K block with both scales.
+    Fp8Linear,
+    /// Dgrad of `fp8_linear`, (dy [.., N], w [N, K]) -> dx [.., K] = `dy W`: dy quantized 1x128
+    /// along N, W with the same 128x128 blocks (transposed).
+    Fp8LinearDgrad,
+    /// Wgrad of `fp8_linear`, (dy [.., N], x [.., K]) -> dW [N, K] = `dy^T x`: both quantized in
+    /// 128x1 tiles (128 tokens of one channel), the contraction running over tokens.
+    Fp8LinearWgrad,
 }
 
 impl Op {
@@ -263,6 +273,9 @@ impl Op {
             Op::MoeExpertsGrad { .. } => "moe_experts_grad",
             Op::BalanceLoss { .. } => "balance_loss",
             Op::BalanceLossGrad { .. } => "balance_loss_grad",
+            Op::Fp8Linear => "fp8_linear",
+            Op::Fp8LinearDgrad => "fp8_linear_dgrad",
+            Op::Fp8LinearWgrad => "fp8_linear_wgrad",
         }
     }
 }
@@ -449,6 +462,31 @@ impl Builder {
         let mut shape = xt.shape.clone();
         *shape.last_mut().expect("rank >= 1") = wt.shape[0].clone();
         Ok(self.push1(Op::Linear, vec![x, w], TensorType::new(shape, DType::F32)))
+    }
+
+    /// `x W^T` as FP8 training runs it (see `Op::Fp8Linear`): f32 x and master weight, quantized
+    /// inside.
+    pub fn fp8_linear(&mut self, x: ValueId, w: ValueId) -> Result<ValueId, GraphError> {
+        self.expect_float("fp8_linear", x, "input")?;
+        let (xt, wt) = (self.ty(x), self.ty(w));
+        if xt.rank() < 1 || wt.rank() != 2 || xt.last() != &wt.shape[1] || wt.dtype != DType::F32 {
+            return Self::err("fp8_linear", format!("input {xt} does not fit f32 master weight {wt} ([out, in])"));
+        }
+        let mut shape = xt.shape.clone();
+        *shape.last_mut().expect("rank >= 1") = wt.shape[0].clone();
+        Ok(self.push1(Op::Fp8Linear, vec![x, w], TensorType::new(shape, DType::F32)))
+    }
+
+    /// dx of `fp8_linear(x, w)` for the output gradient `dy` (FP8 Dgrad).
+    pub fn fp8_linear_dgrad(&mut self, dy: ValueId, w: ValueId, x: ValueId) -> Result<ValueId, GraphError> {
+        let ty = TensorType::new(self.ty(x).shape.clone(), DType::F32);
+        Ok(self.push1(Op::Fp8LinearDgrad, vec![dy, w], ty))
+    }
+
+    /// dW of `fp8_linear(x, w)` for the output gradient `dy` (FP8 Wgrad).
+    pub fn fp8_linear_wgrad(&mut self, dy: ValueId, x: ValueId, w: ValueId) -> Result<ValueId, GraphError> {
+        let ty = TensorType::new(self.ty(w).shape.clone(), DType::F32);
+        Ok(self.push1(Op::Fp8LinearWgrad, vec![dy, x], ty))
     }
 
     /// Linear with fp8-quantized activations (from [`Builder::quantize_fp8`]) and an fp8 weight.

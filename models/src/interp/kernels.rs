@@ -64,6 +64,45 @@ pub fn matmul_fp8(
     y
 }
 
+/// The FP8 training block (DeepSeek-V3's recipe): 1x128 activation tiles, 128x128 weight blocks.
+pub const FP8_TILE: usize = 128;
+
+/// `[rows, cols]` -> `[cols, rows]`.
+pub fn transpose<T: Copy + Default>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut t = vec![T::default(); x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
+}
+
+/// Fprop: `y [m, n] = x [m, k] . w [n, k]^T`, x quantized 1x128 along k, w 128x128.
+pub fn fp8_fprop(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let (xq, xs) = quantize_fp8(x, k, FP8_TILE);
+    let (wq, ws) = crate::init::quantize_weight(w, n, k, [FP8_TILE, FP8_TILE]);
+    matmul_fp8(&xq, &xs, &wq, &ws, m, k, n, FP8_TILE, FP8_TILE, k.div_ceil(FP8_TILE))
+}
+
+/// Dgrad: `dx [m, k] = dy [m, n] . w [n, k]`, dy quantized 1x128 along n, w in the same 128x128
+/// blocks as the Fprop (read transposed: the same bits, the block scales transposed).
+pub fn fp8_dgrad(dy: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let (dq, ds) = quantize_fp8(dy, n, FP8_TILE);
+    let (wq, ws) = crate::init::quantize_weight(w, n, k, [FP8_TILE, FP8_TILE]);
+    let (wtq, wts) = (transpose(&wq, n, k), transpose(&ws, n.div_ceil(FP8_TILE), k.div_ceil(FP8_TILE)));
+    matmul_fp8(&dq, &ds, &wtq, &wts, m, n, k, FP8_TILE, FP8_TILE, n.div_ceil(FP8_TILE))
+}
+
+/// Wgrad: `dw [n, k] = dy [m, n]^T . x [m, k]`, the contraction over the m tokens: dy and x each
+/// quantized in 128x1 tiles (128 tokens of one channel; 1x128 rows of their transposes).
+pub fn fp8_wgrad(dy: &[f32], x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let (aq, a_s) = quantize_fp8(&transpose(dy, m, n), m, FP8_TILE);
+    let (bq, b_s) = quantize_fp8(&transpose(x, m, k), m, FP8_TILE);
+    // One scale per row of x^T and 128-token block: a "block" of one row.
+    matmul_fp8(&aq, &a_s, &bq, &b_s, n, m, k, FP8_TILE, 1, m.div_ceil(FP8_TILE))
+}
+
 /// 1 x `group` quantization of rows of length k: (bits, scales [rows, ceil(k / group)]).
 pub fn quantize_fp8(x: &[f32], k: usize, group: usize) -> (Vec<u8>, Vec<f32>) {
     let rows = x.len() / k;
@@ -509,6 +548,63 @@ mod tests {
             let fd = ((at(h) - at(-h)) / (2.0 * h as f64)) as f32;
             assert!((fd - grad[i]).abs() < 1e-3 * max + 1e-6, "logit {i}: {fd} vs {}", grad[i]);
         }
+    }
+
+    /// The FP8 training GEMMs equal the product of their dequantized operands (so the tiles are the
+    /// recipe's: 1x128 along the contraction for activations and gradients, 128x128 weight blocks,
+    /// 128x1 for Wgrad), and stay within a few percent of the f32 product.
+    #[test]
+    fn fp8_training_gemms_use_the_recipe_tiles() {
+        let (m, k, n) = (200, 300, 130);
+        let mut seed = 5u64;
+        let mut rnd = |len: usize, scale: f32| -> Vec<f32> {
+            (0..len)
+                .map(|i| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    // Rows and columns of very different magnitudes: the tiles matter.
+                    let v = ((seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * scale;
+                    v * if i % 7 == 0 { 30.0 } else { 1.0 }
+                })
+                .collect()
+        };
+        let (x, w, dy) = (rnd(m * k, 2.0), rnd(n * k, 0.1), rnd(m * n, 1.0));
+        fn deq(bits: &[u8], scale: impl Fn(usize, usize) -> f32, rows: usize, cols: usize) -> Vec<f64> {
+            (0..rows * cols).map(|i| f8e4m3_to_f32(bits[i]) as f64 * scale(i / cols, i % cols) as f64).collect()
+        }
+        let mm = |a: &[f64], b: &[f64], rows: usize, inner: usize, cols: usize| -> Vec<f64> {
+            // a [rows, inner] . b [cols, inner]^T
+            (0..rows * cols)
+                .map(|i| (0..inner).map(|t| a[(i / cols) * inner + t] * b[(i % cols) * inner + t]).sum())
+                .collect()
+        };
+        let close = |got: &[f32], want: &[f64], tol: f64, what: &str| {
+            let err: f64 = got.iter().zip(want).map(|(g, w)| (*g as f64 - w).powi(2)).sum::<f64>().sqrt();
+            let norm: f64 = want.iter().map(|w| w * w).sum::<f64>().sqrt();
+            assert!(err <= tol * norm, "{what}: relative error {}", err / norm);
+        };
+        let t = FP8_TILE;
+        let (xq, xs) = quantize_fp8(&x, k, t);
+        let (wq, ws) = crate::init::quantize_weight(&w, n, k, [t, t]);
+        let xd = deq(&xq, |r, c| xs[r * k.div_ceil(t) + c / t], m, k);
+        let wd = deq(&wq, |r, c| ws[(r / t) * k.div_ceil(t) + c / t], n, k);
+        close(&fp8_fprop(&x, &w, m, k, n), &mm(&xd, &wd, m, k, n), 1e-6, "fprop");
+        let (dq, ds) = quantize_fp8(&dy, n, t);
+        let dyd = deq(&dq, |r, c| ds[r * n.div_ceil(t) + c / t], m, n);
+        let wtd = transpose(&wd, n, k);
+        close(&fp8_dgrad(&dy, &w, m, k, n), &mm(&dyd, &wtd, m, n, k), 1e-6, "dgrad");
+        // Wgrad: dy^T and x^T quantized along the tokens.
+        let (dtq, dts) = quantize_fp8(&transpose(&dy, m, n), m, t);
+        let (xtq, xts) = quantize_fp8(&transpose(&x, m, k), m, t);
+        let dytd = deq(&dtq, |r, c| dts[r * m.div_ceil(t) + c / t], n, m);
+        let xtd = deq(&xtq, |r, c| xts[r * m.div_ceil(t) + c / t], k, m);
+        close(&fp8_wgrad(&dy, &x, m, k, n), &mm(&dytd, &xtd, n, m, k), 1e-6, "wgrad");
+        // Against the f32 products: e4m3's 3 mantissa bits, a few percent.
+        let f64s = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let (x64, w64, dy64) = (f64s(&x), f64s(&w), f64s(&dy));
+        close(&fp8_fprop(&x, &w, m, k, n), &mm(&x64, &w64, m, k, n), 0.05, "fprop vs f32");
+        close(&fp8_dgrad(&dy, &w, m, k, n), &mm(&dy64, &transpose(&w64, n, k), m, n, k), 0.05, "dgrad vs f32");
+        let wgrad32 = mm(&transpose(&dy64, m, n), &transpose(&x64, m, k), n, m, k);
+        close(&fp8_wgrad(&dy, &x, m, k, n), &wgrad32, 0.05, "wgrad vs f32");
     }
 
     #[test]

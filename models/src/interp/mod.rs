@@ -153,6 +153,24 @@ impl Interpreter {
                 let m = x.len() / k;
                 one(Tensor::f32(with_last(&a[0].shape, n), kernels::matmul_nt(x, w, m, k, n)))
             }
+            Op::Fp8Linear => {
+                let (x, w) = (f(0)?, f(1)?);
+                let (n, k) = (a[1].shape[0], a[1].shape[1]);
+                let m = x.len() / k;
+                one(Tensor::f32(with_last(&a[0].shape, n), kernels::fp8_fprop(x, w, m, k, n)))
+            }
+            Op::Fp8LinearDgrad => {
+                let (dy, w) = (f(0)?, f(1)?);
+                let (n, k) = (a[1].shape[0], a[1].shape[1]);
+                let m = dy.len() / n;
+                one(Tensor::f32(with_last(&a[0].shape, k), kernels::fp8_dgrad(dy, w, m, k, n)))
+            }
+            Op::Fp8LinearWgrad => {
+                let (dy, x) = (f(0)?, f(1)?);
+                let (n, k) = (*a[0].shape.last().unwrap_or(&0), *a[1].shape.last().unwrap_or(&0));
+                let m = x.len() / k.max(1);
+                one(Tensor::f32(vec![n, k], kernels::fp8_wgrad(dy, x, m, k, n)))
+            }
             Op::Linear => {
                 let (TensorData::F8(xq), Some(xs)) = (&a[0].data, a[1].as_f32()) else {
                     return Err(op_err(node, "fp8 linear needs quantized activations and scales"));
