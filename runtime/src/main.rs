@@ -30,7 +30,8 @@ enum Command {
     Doctor(DoctorArgs),
     /// Describe an artifact: target, model, entry points, kernels, and whether this machine can run it.
     Info(InfoArgs),
-    /// Generate tokens with an artifact and a checkpoint; prints token ids and tokens/s.
+    /// Generate tokens with an artifact and a checkpoint; prints token ids and tokens/s (cpu artifacts
+    /// run here; GPU artifacts wait for the GPU runtime).
     Run(RunArgs),
     /// Time every kernel of an artifact's entry points (warm-up, median of repetitions) and write
     /// JSON, as the tuner reads it; cpu artifacts run here, GPU ones need their GPU.
