@@ -9,13 +9,17 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
   rows_embed_<w>_d<D>_t<T>: table [V, D] (<w>), ids [rows] (i64), out [rows, D] (f32)
   rows_rmsnorm_<w>_d<D>_t<T>_eps<E>[_y][_q]: x [rows, D] (f32), w [D] (<w>), then `_y`: y [rows, D] (f32),
       `_q`: q [rows, D] (e4m3 bytes) and scale [rows, ceil(D / 128)] (f32)
+  rows_latent_<w>_d<D>_r<R>_t<T>_eps<E>[_il]_write: latent [B, D], w [D], k_pe [B, R], positions [B] (i64),
+      cache [B, S, D + R] (written in place at each position), rope [positions, R] (cos | sin); grid B
+  rows_latent_..._append: the same with cache [P, D + R], then out [P + T, D + R]; grid P + T
 Launch: one block of T threads per row, no dynamic shared memory.
 
 Checks: outputs poisoned (NaN, 0x7F bytes) and fully written. y against torch in float64 within 1e-5
 relative per element (the kernel sums squares as a tree over threads); scales within 1e-5 relative; e4m3
 bytes equal to torch's conversion of the reference except at rare rounding ties (at most 1 %, each within
 one e4m3 step); embeddings exact, ids outside the table give rows of zeros.
-Timing: median of 50 launches at 64 rows (a decode batch) and 8192 rows (a prefill), as GB/s moved
+Timing: median of 50 launches at 64 rows (a decode batch) and 8192 rows (a prefill; 1024 sequences for
+the latent decode write), as GB/s moved
 (bytes read + written) and, with --ceilings, as a fraction of the device's measured copy bandwidth.
 
 `--self-test` needs no GPU: it checks the name parser and the references on the CPU.
@@ -34,10 +38,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gemm_check import E4M3_MAX, Driver, memref_args  # noqa: E402
 
 NAME = re.compile(r"^rows_(embed|rmsnorm)_(bf16|f32)_d(\d+)_t(\d+)(?:_eps([0-9a-z]+))?(_y)?(_q)?$")
+LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)$")
 GROUP = 128
+SLOTS = 64  # cache rows per sequence of the decode (write) problems
 
 
 def parse(name):
+    m = LATENT.match(name)
+    if m:
+        w, d, r, t, eps, il, mode = m.groups()
+        return {"name": name, "op": "latent", "weight": w, "d": int(d), "rope": int(r), "threads": int(t),
+                "eps": float(eps.replace("m", "-").replace("p", ".")), "interleave": bool(il),
+                "append": mode == "append", "keep": False, "quantize": False}
     m = NAME.match(name)
     if not m:
         raise SystemExit(f"rows_check: {name}: not a row kernel name")
@@ -72,9 +84,48 @@ def quantize_reference(y):
     return q.contiguous().view(torch.uint8), s
 
 
+def rope_table(cfg, positions=256):
+    """cos then sin per position, as the runtime builds it (f32 of float64 cos/sin of f32 angles)."""
+    r = cfg["rope"]
+    inv = 1.0 / (10000.0 ** (torch.arange(0, r, 2, dtype=torch.float32) / r))
+    angle = (torch.arange(positions, dtype=torch.float32)[:, None] * inv[None, :]).double()
+    return torch.cat([angle.cos().float(), angle.sin().float()], dim=1).contiguous()
+
+
+def latent_reference(cfg, latent, w, k_pe, positions, table):
+    """Rows of concat(rms_norm(latent) * w, rope(k_pe)) in float64 from the f32 table."""
+    r, half = cfg["rope"], cfg["rope"] // 2
+    y = rms_norm_reference(latent, w.float(), cfg["eps"])
+    cos, sin = table[positions.long(), :half].double(), table[positions.long(), half:].double()
+    k = k_pe.double()
+    if cfg["interleave"]:
+        a, b = k[:, 0::2], k[:, 1::2]
+    else:
+        a, b = k[:, :half], k[:, half:]
+    ra, rb = a * cos - b * sin, b * cos + a * sin
+    rot = torch.empty_like(k)
+    if cfg["interleave"]:
+        rot[:, 0::2], rot[:, 1::2] = ra, rb
+    else:
+        rot[:, :half], rot[:, half:] = ra, rb
+    return torch.cat([y, rot], dim=1)
+
+
 def problem(cfg, rows, device, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     d = cfg["d"]
+    if cfg["op"] == "latent":
+        c = d + cfg["rope"]
+        new = rows if not cfg["append"] else max(1, rows // 2)
+        p = {"latent": torch.randn(new, d, generator=gen) * 3, "k_pe": torch.randn(new, cfg["rope"], generator=gen),
+             "w": (torch.randn(d, generator=gen) * 0.2 + 1.0).to(dtype(cfg["weight"])), "rope": rope_table(cfg)}
+        if cfg["append"]:
+            p["positions"] = torch.arange(rows - new, rows, dtype=torch.int64)
+            p["cache"] = torch.randn(rows - new, c, generator=gen)
+        else:
+            p["positions"] = torch.randint(0, SLOTS, (new,), generator=gen, dtype=torch.int64)
+            p["cache"] = torch.randn(new, SLOTS, c, generator=gen)
+        return {k: v.to(device) for k, v in p.items()}
     if cfg["op"] == "embed":
         vocab = 1000
         table = (torch.randn(vocab, d, generator=gen)).to(dtype(cfg["weight"]))
@@ -90,6 +141,10 @@ def problem(cfg, rows, device, seed=0):
 
 def outputs(cfg, rows, device):
     d, out = cfg["d"], {}
+    if cfg["op"] == "latent":
+        if cfg["append"]:
+            out["out"] = torch.full((rows, d + cfg["rope"]), float("nan"), device=device)
+        return out
     if cfg["op"] == "embed":
         out["out"] = torch.full((rows, d), float("nan"), device=device)
     if cfg["keep"]:
@@ -101,7 +156,8 @@ def outputs(cfg, rows, device):
 
 
 def arguments(cfg, inputs, outs):
-    order = ["table", "ids", "out"] if cfg["op"] == "embed" else ["x", "w", "y", "q", "scale"]
+    order = {"embed": ["table", "ids", "out"], "latent": ["latent", "w", "k_pe", "positions", "cache", "rope", "out"]}.get(
+        cfg["op"], ["x", "w", "y", "q", "scale"])
     args = []
     for name in order:
         t = inputs.get(name, outs.get(name))
@@ -113,6 +169,23 @@ def arguments(cfg, inputs, outs):
 def check(cfg, inputs, outs):
     """Errors (strings) of the kernel's outputs against the references."""
     errors = []
+    if cfg["op"] == "latent":
+        want = latent_reference(cfg, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
+        if cfg["append"]:
+            got = outs["out"].double()
+            cached = inputs["cache"].shape[0]
+            if not torch.equal(outs["out"][:cached], inputs["cache"]):
+                errors.append("the cached rows are not copied unchanged")
+            got = got[cached:]
+        else:
+            # The kernel writes the cache in place: `check` sees it after the launch.
+            b = torch.arange(want.shape[0], device=want.device)
+            got = inputs["cache"][b, inputs["positions"]].double()
+        # fma contraction on the GPU may round the rope's products once: 1e-5 relative, 1e-6 absolute.
+        bad = ((got - want).abs() > 1e-5 * want.abs() + 1e-6) | got.isnan()
+        if bad.any():
+            errors.append(f"latent rows: {bad.sum().item()} of {bad.numel()} values off")
+        return errors
     if cfg["op"] == "embed":
         table, ids = inputs["table"].float(), inputs["ids"]
         ok = (ids >= 0) & (ids < table.shape[0])
@@ -143,6 +216,11 @@ def check(cfg, inputs, outs):
 
 def bytes_moved(cfg, rows):
     d, wb = cfg["d"], 2 if cfg["weight"] == "bf16" else 4
+    if cfg["op"] == "latent":
+        c = d + cfg["rope"]
+        new = rows if not cfg["append"] else max(1, rows // 2)
+        moved = new * (d + cfg["rope"] + cfg["rope"]) * 4 + new * 8 + d * wb + new * c * 4
+        return moved + (2 * (rows - new) * c * 4 if cfg["append"] else 0)
     if cfg["op"] == "embed":
         return rows * d * (wb + 4) + rows * 8
     total = rows * d * 4 + d * wb
@@ -197,7 +275,23 @@ def self_test():
     table, ids = inputs["table"], inputs["ids"]
     out = torch.stack([table[i] if 0 <= i < table.shape[0] else torch.zeros(64) for i in ids.tolist()])
     assert check(emb, inputs, {"out": out}) == []
-    print("rows_check self-test: names parse; references normalize and quantize; the check catches a wrong byte")
+    lat = parse("rows_latent_bf16_d512_r64_t64_eps1em6_il_write")
+    assert lat["interleave"] and not lat["append"] and lat["rope"] == 64
+    inputs = problem(lat, 3, "cpu")
+    want = latent_reference(lat, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
+    k = inputs["k_pe"].double()
+    assert torch.allclose(want[:, 512:].norm(dim=1), k.norm(dim=1), rtol=1e-6), "rope rotates (norms kept)"
+    cache = inputs["cache"].clone()
+    cache[torch.arange(3), inputs["positions"]] = want.float()
+    assert check(lat, {**inputs, "cache": cache}, {}) == []
+    cache[1, inputs["positions"][1], 600 - 77] += 1.0
+    assert check(lat, {**inputs, "cache": cache}, {}), "a wrong cache value is caught"
+    app = parse("rows_latent_f32_d512_r64_t64_eps1em6_append")
+    inputs = problem(app, 6, "cpu")
+    want = latent_reference(app, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
+    assert check(app, inputs, {"out": torch.cat([inputs["cache"], want.float()])}) == []
+    print("rows_check self-test: names parse; references normalize, quantize and rotate; the check catches a wrong "
+          "byte and a wrong cache value")
 
 
 def main():
@@ -224,7 +318,8 @@ def main():
     for rows in (1, 3, 64):
         inputs, outs, _ = run(drv, func, cfg, rows)
         result["errors"] += [f"{rows} rows: {e}" for e in check(cfg, inputs, outs)]
-    for rows in (64, 8192):
+    # Decode's in-place write: caches of 64 slots per sequence, so at most 1024 sequences (151 MB).
+    for rows in (64, 1024 if cfg["op"] == "latent" and not cfg["append"] else 8192):
         _, _, args = run(drv, func, cfg, rows)
         us = median_us(drv, func, cfg, rows, args)
         gbps = bytes_moved(cfg, rows) / (us * 1e-6) / 1e9

@@ -271,8 +271,14 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
             use v3c_compiler::conversion::sm90::{self, lower};
             let target = v3c_compiler::target::SM90A;
             if let Ok(row) = lower::row_of_kernel(&f) {
-                text.push_str(&format!("// {kernel}: a row kernel, {} (one block per row)\n", row.kernel_name()));
-                text.push_str(&gpu_kernel_text(o.stage, sm90::compile_rows(context, &row, &target))?);
+                let table = row.rope_table.as_ref().map_or(String::new(), |t| {
+                    format!("; reads a RoPE table of {} columns (cos then sin, x{})", t.dim, t.attention_factor)
+                });
+                text.push_str(&format!(
+                    "// {kernel}: a row kernel, {} (one block per row){table}\n",
+                    row.kernel.kernel_name()
+                ));
+                text.push_str(&gpu_kernel_text(o.stage, sm90::compile_rows(context, &row.kernel, &target))?);
                 write_stdout(&text);
                 return Ok(());
             }
@@ -486,7 +492,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         );
     }
     for (fused, row) in &lowered.rows {
-        eprintln!("compile: {fused} -> {} [row kernel, one block per row]", row.kernel_name());
+        let table = if row.rope_table.is_some() { ", + a RoPE table built at load" } else { "" };
+        eprintln!("compile: {fused} -> {} [row kernel, one block per row{table}]", row.kernel.kernel_name());
     }
     for name in &lowered.spilled {
         eprintln!("compile: {name} passed over: ptxas reports spills");

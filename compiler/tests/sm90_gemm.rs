@@ -309,13 +309,18 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
         }
     }
     // The embedding, the norms and their quantization are row kernels.
-    let row = |name: &str| lowered.rows.iter().find(|(k, _)| k == name).map(|(_, r)| r.kernel_name());
+    let row = |name: &str| lowered.rows.iter().find(|(k, _)| k == name).map(|(_, r)| r.kernel.kernel_name());
     assert_eq!(row("embed_0").as_deref(), Some("rows_embed_bf16_d7168_t256"));
     assert_eq!(row("norm_quantize_0").as_deref(), Some("rows_rmsnorm_bf16_d7168_t256_eps1em6_q"));
     assert_eq!(row("norm_quantize_1").as_deref(), Some("rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q"));
     assert_eq!(row("rms_norm_0").as_deref(), Some("rows_rmsnorm_bf16_d7168_t256_eps1em6_y"));
     let why = |name: &str| lowered.unsupported.iter().find(|(k, _)| k == name).map(|(_, w)| w.clone());
-    assert_eq!(why("mla_latent_0").as_deref(), Some("rms_norm + rope + concat + concat"));
+    assert_eq!(row("mla_latent_0").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_append"));
+    assert_eq!(row("mla_latent_1").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_write"));
+    let (_, latent) = lowered.rows.iter().find(|(k, _)| k == "mla_latent_1").unwrap();
+    let table = latent.rope_table.as_ref().expect("the latent row reads a RoPE table");
+    assert_eq!((table.dim, table.inv_freq.len(), table.inv_freq[0]), (64, 32, 1.0));
+    assert_eq!(why("mla_q_up_0").as_deref(), Some("rms_norm + quantize_fp8 + linear + reshape + split + rope"));
     assert_eq!(why("moe_down_0").as_deref(), Some("moe_down"));
     assert!(why("linear_0").unwrap().starts_with("linear on f32 activations with bf16 weights"));
 }

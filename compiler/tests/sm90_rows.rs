@@ -14,6 +14,8 @@ fn kernels() -> Vec<RowKernel> {
         norm(true, false, 7168, "bf16"),
         norm(true, false, 1536, "f32"),
         norm(false, true, 1000, "bf16"),
+        RowKernel::new(RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false }, 512, "bf16"),
+        RowKernel::new(RowOp::Latent { eps: 1e-6, rope: 64, interleave: false, append: true }, 512, "f32"),
     ]
 }
 
@@ -30,6 +32,11 @@ fn row_kernels_compile_to_sm90a_without_spills() {
         assert!(kernel.ptx.contains(&format!(".maxntid {}, 1, 1", k.threads)), "{name}: block size");
         match k.op {
             RowOp::Embed => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase, no barrier"),
+            RowOp::Latent { .. } => {
+                let phases = 2 + k.threads.trailing_zeros() as usize;
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");
+                assert!(kernel.ptx.contains("sqrt.rn.f32"), "{name}: sqrt");
+            }
             RowOp::RmsNorm { quantize, .. } => {
                 // One barrier between consecutive phases: 1 + log2(threads) (+ 2 for quantization).
                 let phases = 2 + k.threads.trailing_zeros() as usize + if quantize { 3 } else { 0 };
@@ -72,7 +79,7 @@ fn fused_kernels_map_onto_row_kernels_in_argument_order() {
         let module = v3c_compiler::mlir::parse_module(&context, &text, "k").unwrap();
         let f = module.body().first_operation().unwrap();
         assert!(f.attribute("v3.kernel").is_ok());
-        sm90::lower::row_of_kernel(&f).map(|k| k.kernel_name())
+        sm90::lower::row_of_kernel(&f).map(|k| k.kernel.kernel_name())
     };
     let (y, q, s) = ("tensor<?x256xf32>", "tensor<?x256xf8E4M3FN>", "tensor<?x2xf32>");
     assert_eq!(

@@ -172,10 +172,36 @@ pub fn gemm_of_kernel(kernel: &OperationRef) -> Result<GemmKernel, String> {
     Ok(g)
 }
 
-/// The row kernel a fused kernel is ([`super::rows`]): one `v3.embed` of (table, ids), or one
-/// `v3.rms_norm` of (x, w) optionally followed by its 1x128 `v3.quantize_fp8`, returning the norm's
-/// output and/or the quantized pair in that order (the template's argument order); or why not.
-pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowKernel, String> {
+/// The RoPE cos/sin table a latent row kernel reads (its last input): row p holds
+/// `cos(p * inv_freq[i]) * attention_factor` for i < dim / 2, then the sines, as the reference
+/// computes them (`v3c_models::rope::cos_sin`). The runtime builds it once for the positions it serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeTable {
+    pub dim: usize,
+    pub inv_freq: Vec<f32>,
+    pub attention_factor: f32,
+}
+
+/// A fused kernel as one row-kernel launch: the kernel, and the table it reads when it has RoPE.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowLaunch {
+    pub kernel: RowKernel,
+    pub rope_table: Option<RopeTable>,
+}
+
+/// A float attribute's value (`1.000000e+00 : f32`).
+fn float_attr(o: &OperationRef, name: &str) -> Option<f32> {
+    o.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+}
+
+/// The row kernel a fused kernel is ([`super::rows`]), or why not:
+/// - one `v3.embed` of (table, ids);
+/// - one `v3.rms_norm` of (x, w) optionally followed by its 1x128 `v3.quantize_fp8`, returning the
+///   norm's output and/or the quantized pair in that order (the template's argument order);
+/// - MLA's latent row: `rms_norm(latent, w)`, `rope(k_pe, positions)`, their concatenation, then
+///   `cache_write(cache, row, positions)` (decode) or `concat(cache, row)` (prefill).
+pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
+    let plain = |k: RowKernel| RowLaunch { kernel: k, rope_table: None };
     let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("a kernel without a body")?;
     let mut ops = Vec::new();
     let mut op = block.first_operation();
@@ -200,7 +226,7 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowKernel, String> {
             }
             let table = shape(operand(first, 0)?)?;
             let d = table.dims.get(1).copied().flatten().ok_or("embed with a dynamic width")?;
-            Ok(RowKernel::new(RowOp::Embed, d, &table.element))
+            Ok(plain(RowKernel::new(RowOp::Embed, d, &table.element)))
         }
         ["rms_norm", "func.return"] | ["rms_norm", "quantize_fp8", "func.return"] => {
             let (x, w) = (operand(first, 0)?, operand(first, 1)?);
@@ -239,7 +265,55 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowKernel, String> {
             if returned != expected || (!keep && !quantize) {
                 return Err("rms_norm results other than (y), (q, scale) or (y, q, scale)".into());
             }
-            Ok(RowKernel::new(RowOp::RmsNorm { eps, keep, quantize }, d, &ws.element))
+            Ok(plain(RowKernel::new(RowOp::RmsNorm { eps, keep, quantize }, d, &ws.element)))
+        }
+        ["rms_norm", "rope", "concat", last @ ("cache_write" | "concat"), "func.return"] => {
+            let (rope, join, store) = (&ops[1], &ops[2], &ops[3]);
+            let append = last == "concat";
+            let arg = |o: &OperationRef, i: usize, a: usize| operand(o, i).map(|v| is_arg(v, a));
+            let result = |o: &OperationRef| o.result(0).map(|r| raw(r.into())).map_err(|e| e.to_string());
+            let wired = arg(first, 0, 0)?
+                && arg(first, 1, 1)?
+                && arg(rope, 0, 2)?
+                && arg(rope, 1, 3)?
+                && raw(operand(join, 0)?) == result(first)?
+                && raw(operand(join, 1)?) == result(rope)?
+                && if append {
+                    arg(store, 0, 4)? && raw(operand(store, 1)?) == result(join)?
+                } else {
+                    arg(store, 0, 4)? && raw(operand(store, 1)?) == result(join)? && arg(store, 2, 3)?
+                };
+            if !wired {
+                return Err(
+                    "rms_norm + rope + concat + cache store not in the latent row's (latent, w, k_pe, positions, \
+                            cache) order"
+                        .into(),
+                );
+            }
+            let (ls, ws, ks) = (shape(operand(first, 0)?)?, shape(operand(first, 1)?)?, shape(operand(rope, 0)?)?);
+            if ls.element != "f32" || ks.element != "f32" {
+                return Err("a latent row of non-f32 values".into());
+            }
+            let d = ws.dims.first().copied().flatten().ok_or("rms_norm with a dynamic width")?;
+            let dim = ks.dims.last().copied().flatten().ok_or("rope with a dynamic width")?;
+            let eps = float_attr(first, "eps").ok_or("rms_norm without an eps")?;
+            let interleave = rope.attribute("interleave").map(|a| a.to_string() == "true").unwrap_or(true);
+            let inv = rope.attribute("inv_freq").map(|a| a.to_string()).map_err(|_| "rope without inv_freq")?;
+            let inv_freq = inv
+                .trim_start_matches("array<f32:")
+                .trim_end_matches('>')
+                .split(',')
+                .map(|v| v.trim().parse::<f32>().map_err(|_| format!("rope inv_freq '{v}'")))
+                .collect::<Result<Vec<f32>, String>>()?;
+            if inv_freq.len() * 2 != dim {
+                return Err(format!("rope of width {dim} with {} frequencies", inv_freq.len()));
+            }
+            let attention_factor = float_attr(rope, "attention_factor").unwrap_or(1.0);
+            let op = RowOp::Latent { eps, rope: dim, interleave, append };
+            Ok(RowLaunch {
+                kernel: RowKernel::new(op, d, &ws.element),
+                rope_table: Some(RopeTable { dim, inv_freq, attention_factor }),
+            })
         }
         // Named by its ops, as a GEMM kernel that does not map is by the op that stops it.
         _ => Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + ")),

@@ -174,8 +174,8 @@ pub struct ModelKernels {
     pub gemms: Vec<(lower::GemmKernel, [String; 2])>,
     /// The distinct template kernels, compiled (and assembled when ptxas was given).
     pub kernels: Vec<GpuKernel>,
-    /// Per fused kernel mapped onto a row kernel: (fused kernel, row kernel).
-    pub rows: Vec<(String, rows::RowKernel)>,
+    /// Per fused kernel mapped onto a row kernel: (fused kernel, its launch).
+    pub rows: Vec<(String, lower::RowLaunch)>,
     /// Fused kernels with no sm_90a lowering yet: (name, why).
     pub unsupported: Vec<(String, String)>,
     /// Configurations passed over because ptxas reported spills.
@@ -204,17 +204,17 @@ pub fn compile_model(
         }
         let fused = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
         let row = lower::row_of_kernel(&f);
-        if let Ok(row) = row {
-            let name = row.kernel_name();
+        if let Ok(launch) = row {
+            let name = launch.kernel.kernel_name();
             if !out.kernels.iter().any(|k| k.name == name) {
                 progress(&name);
-                let mut kernel = compile_rows(context, &row, target)?;
+                let mut kernel = compile_rows(context, &launch.kernel, target)?;
                 if let Some(ptxas) = ptxas {
                     kernel.assemble(target, ptxas)?;
                 }
                 out.kernels.push(kernel);
             }
-            out.rows.push((fused, row));
+            out.rows.push((fused, launch));
             continue;
         }
         match lower::gemm_of_kernel(&f) {

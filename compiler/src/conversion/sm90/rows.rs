@@ -40,6 +40,14 @@ pub enum RowOp {
     /// `y = w * (x / sqrt(mean(x^2) + eps))` per row; `keep`: y is a result (f32), `quantize`: its
     /// e4m3 bytes and 1x128 scales are results.
     RmsNorm { eps: f32, keep: bool, quantize: bool },
+    /// MLA's latent-cache row: `concat(rms_norm(latent) * w, rope(k_pe))` (d + `rope` columns) at
+    /// the token's position, the rope's cos/sin read from a table `[positions, rope]` (cos in the
+    /// first half, sin in the second) that the runtime computes once, as the reference does.
+    /// `append` (prefill): the output is `concat(cache [P, C], new rows)`, one block per output row
+    /// (the first P copy); otherwise (decode) row b is written in place at `cache[b, position_b]`.
+    /// Positions outside the table (or the cache) leave the row unwritten: the runtime rejects
+    /// them before launching, as the CPU backend does.
+    Latent { eps: f32, rope: usize, interleave: bool, append: bool },
 }
 
 /// A row kernel: its op, the row length and the element type of the table or weight.
@@ -86,6 +94,12 @@ impl RowKernel {
                 }
                 name
             }
+            RowOp::Latent { eps, rope, interleave, append } => {
+                let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
+                let layout = if interleave { "_il" } else { "" };
+                let mode = if append { "append" } else { "write" };
+                format!("rows_latent_{w}_d{d}_r{rope}_t{t}_eps{eps}{layout}_{mode}")
+            }
         }
     }
 
@@ -95,13 +109,38 @@ impl RowKernel {
         let rest = name.strip_prefix("rows_")?;
         let (op, rest) = rest.split_once('_')?;
         let parts: Vec<&str> = rest.split('_').collect();
+        let eps_of =
+            |e: &str| -> Option<f32> { e.strip_prefix("eps")?.replace('m', "-").replace('p', ".").parse().ok() };
+        if op == "latent" {
+            // rows_latent_<w>_d<D>_r<R>_t<T>_eps<E>[_il]_(append|write)
+            let [weight, d, r, t, eps, rest @ ..] = &parts[..] else { return None };
+            let (interleave, mode) = match rest {
+                ["il", m] => (true, *m),
+                [m] => (false, *m),
+                _ => return None,
+            };
+            let op = RowOp::Latent {
+                eps: eps_of(eps)?,
+                rope: r.strip_prefix('r')?.parse().ok()?,
+                interleave,
+                append: match mode {
+                    "append" => true,
+                    "write" => false,
+                    _ => return None,
+                },
+            };
+            let d = d.strip_prefix('d')?.parse().ok()?;
+            let threads = t.strip_prefix('t')?.parse().ok()?;
+            let kernel = RowKernel { op, d, weight: weight.to_string(), threads };
+            return (kernel.check().is_ok() && kernel.kernel_name() == name).then_some(kernel);
+        }
         let [weight, d, t, tail @ ..] = &parts[..] else { return None };
         let d: usize = d.strip_prefix('d')?.parse().ok()?;
         let threads: usize = t.strip_prefix('t')?.parse().ok()?;
         let op = match (op, tail) {
             ("embed", []) => RowOp::Embed,
             ("rmsnorm", [eps, flags @ ..]) => {
-                let eps: f32 = eps.strip_prefix("eps")?.replace('m', "-").replace('p', ".").parse().ok()?;
+                let eps = eps_of(eps)?;
                 let (keep, quantize) = match flags {
                     ["y"] => (true, false),
                     ["q"] => (false, true),
@@ -145,6 +184,23 @@ impl RowKernel {
                 }
                 args
             }
+            RowOp::Latent { append, .. } => {
+                let mut args = vec![
+                    ("latent", "memref<?x?xf32>".to_string()),
+                    ("w", format!("memref<?x{w}>")),
+                    ("k_pe", "memref<?x?xf32>".into()),
+                    ("positions", "memref<?xi64>".into()),
+                ];
+                if append {
+                    args.push(("cache", "memref<?x?xf32>".into()));
+                    args.push(("rope", "memref<?x?xf32>".into()));
+                    args.push(("out", "memref<?x?xf32>".into()));
+                } else {
+                    args.push(("cache", "memref<?x?x?xf32>".into()));
+                    args.push(("rope", "memref<?x?xf32>".into()));
+                }
+                args
+            }
         }
     }
 
@@ -153,6 +209,9 @@ impl RowKernel {
         match self.op {
             RowOp::Embed => "ids",
             RowOp::RmsNorm { .. } => "x",
+            // Prefill: one block per output row (the cached ones copied); decode: per sequence.
+            RowOp::Latent { append: true, .. } => "out",
+            RowOp::Latent { append: false, .. } => "latent",
         }
     }
 
@@ -168,6 +227,7 @@ impl RowKernel {
                 }
                 s
             }
+            RowOp::Latent { .. } => vec![("sh_row", self.d), ("sh_sum", self.threads)],
         }
     }
 
@@ -184,6 +244,11 @@ impl RowKernel {
         }
         if self.d == 0 {
             return Err(format!("{name}: rows of 0 columns"));
+        }
+        if let RowOp::Latent { rope, .. } = self.op {
+            if rope == 0 || rope % 2 != 0 {
+                return Err(format!("{name}: a rope width of {rope} (a positive even number)"));
+            }
         }
         if !matches!(self.weight.as_str(), "bf16" | "f32") {
             return Err(format!("{name}: {} weights (bf16 or f32)", self.weight));
@@ -206,6 +271,13 @@ impl RowKernel {
         let _ = writeln!(s, "%cT = arith.constant {} : index", self.threads);
         let _ = writeln!(s, "%cD = arith.constant {} : index", self.d);
         let _ = writeln!(s, "%zero = arith.constant 0.0 : f32");
+        if let RowOp::Latent { eps, rope, .. } = self.op {
+            let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+            let _ = writeln!(s, "%fD = arith.constant 0x{:08X} : f32", (self.d as f32).to_bits());
+            let _ = writeln!(s, "%eps = arith.constant 0x{:08X} : f32", eps.to_bits());
+            let _ = writeln!(s, "%cHalf = arith.constant {} : index", rope / 2);
+            let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
+        }
         if let RowOp::RmsNorm { eps, quantize, .. } = self.op {
             let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
             // Hexadecimal bit patterns: exactly the f32 values, whatever their decimal spelling.
@@ -268,40 +340,7 @@ memref.store %v, %out[%row, %i] : memref<?x?xf32>
                 vec![p]
             }
             RowOp::RmsNorm { keep, quantize, .. } => {
-                let mut phases = Vec::new();
-                // 1: the row into shared memory, a strided share of the sum of squares per thread.
-                phases.push(format!(
-                    "%ss = scf.for %i = %tid to %cD step %cT iter_args(%a = %zero) -> (f32) {{
-  %v = memref.load %x[%row, %i] : memref<?x?xf32>
-  memref.store %v, %sh_row[%i] : {row}
-  %sq = arith.mulf %v, %v : f32
-  %a2 = arith.addf %a, %sq : f32
-  scf.yield %a2 : f32
-}}
-memref.store %ss, %sh_sum[%tid] : {sum}
-",
-                    row = sh("sh_row"),
-                    sum = sh("sh_sum")
-                ));
-                // 2..: a tree over the threads' sums.
-                let mut stride = self.threads / 2;
-                while stride >= 1 {
-                    phases.push(format!(
-                        "%stride = arith.constant {stride} : index
-%in = arith.cmpi ult, %tid, %stride : index
-scf.if %in {{
-  %other = arith.addi %tid, %stride : index
-  %a = memref.load %sh_sum[%tid] : {sum}
-  %b = memref.load %sh_sum[%other] : {sum}
-  %s = arith.addf %a, %b : f32
-  memref.store %s, %sh_sum[%tid] : {sum}
-}}
-",
-                        sum = sh("sh_sum")
-                    ));
-                    stride /= 2;
-                }
-                // y = w * (x * inv), inv = 1 / sqrt(sum / d + eps).
+                // y = w * (x * inv): kept, and/or into shared memory for the quantization.
                 let mut store = String::new();
                 if keep {
                     store.push_str("  memref.store %y_v, %y[%row, %i] : memref<?x?xf32>\n");
@@ -309,22 +348,7 @@ scf.if %in {{
                 if quantize {
                     let _ = writeln!(store, "  memref.store %y_v, %sh_row[%i] : {}", sh("sh_row"));
                 }
-                phases.push(format!(
-                    "%total = memref.load %sh_sum[%c0] : {sum}
-%mean = arith.divf %total, %fD : f32
-%mean_eps = arith.addf %mean, %eps : f32
-{sqrt}%inv = arith.divf %one, %root : f32
-scf.for %i = %tid to %cD step %cT {{
-  %x_v = memref.load %sh_row[%i] : {row}
-{load}  %xn = arith.mulf %x_v, %inv : f32
-  %y_v = arith.mulf %w_v, %xn : f32
-{store}}}
-",
-                    sum = sh("sh_sum"),
-                    row = sh("sh_row"),
-                    load = self.load_weight("w_v", "%w", "%i"),
-                    sqrt = sqrt(lowering, "%mean_eps", "%root"),
-                ));
+                let mut phases = self.norm_phases(lowering, "%x[%row, %i]", None, &store, "");
                 if quantize {
                     // |max| of each quarter group, then per group the scale.
                     phases.push(format!(
@@ -388,7 +412,197 @@ scf.for %i = %tid to %cD step %cT {{
                 }
                 phases
             }
+            RowOp::Latent { interleave, append, .. } => {
+                let d = self.d;
+                let dest = |v: &str, col: &str| -> String {
+                    if append {
+                        format!("memref.store {v}, %out[%row, {col}] : memref<?x?xf32>\n")
+                    } else {
+                        format!("memref.store {v}, %cache[%row, %p, {col}] : memref<?x?x?xf32>\n")
+                    }
+                };
+                // Rows of the old cache are copied (prefill); others have nothing to add.
+                let mut otherwise = format!("memref.store %zero, %sh_sum[%tid] : {}\n", sh("sh_sum"));
+                if append {
+                    otherwise.push_str(
+                        "%is_old = arith.xori %is_new, %true : i1
+scf.if %is_old {
+  %width = memref.dim %cache, %c1 : memref<?x?xf32>
+  scf.for %i = %tid to %width step %cT {
+    %old = memref.load %cache[%row, %i] : memref<?x?xf32>
+    memref.store %old, %out[%row, %i] : memref<?x?xf32>
+  }
+}
+",
+                    );
+                }
+                // The pair rotated by frequency i: (2i, 2i + 1) interleaved, else (i, i + rope / 2).
+                let pair = if interleave {
+                    "%two_i = arith.muli %i, %c2 : index\n  %ia = arith.addi %two_i, %c0 : index\n  %ib = arith.addi %two_i, %c1 : index\n"
+                } else {
+                    "%ia = arith.addi %i, %c0 : index\n  %ib = arith.addi %i, %cHalf : index\n"
+                };
+                // rope: v[a] = x cos - y sin, v[b] = y cos + x sin (the reference's order).
+                let rope_loop = format!(
+                    "%c2 = arith.constant 2 : index
+%cRopeBase = arith.constant {d} : index
+scf.for %i = %tid to %cHalf step %cT {{
+  {pair}  %x_r = memref.load %k_pe[%t, %ia] : memref<?x?xf32>
+  %y_r = memref.load %k_pe[%t, %ib] : memref<?x?xf32>
+  %sin_col = arith.addi %i, %cHalf : index
+  %cos_v = memref.load %rope[%p, %i] : memref<?x?xf32>
+  %sin_v = memref.load %rope[%p, %sin_col] : memref<?x?xf32>
+  %xc = arith.mulf %x_r, %cos_v : f32
+  %ys = arith.mulf %y_r, %sin_v : f32
+  %ra = arith.subf %xc, %ys : f32
+  %yc = arith.mulf %y_r, %cos_v : f32
+  %xs = arith.mulf %x_r, %sin_v : f32
+  %rb = arith.addf %yc, %xs : f32
+  %col_a = arith.addi %cRopeBase, %ia : index
+  %col_b = arith.addi %cRopeBase, %ib : index
+  {store_a}  {store_b}}}
+",
+                    store_a = dest("%ra", "%col_a"),
+                    store_b = dest("%rb", "%col_b"),
+                );
+                self.norm_phases(
+                    lowering,
+                    "%latent[%t, %i]",
+                    Some(("%ok", otherwise.as_str())),
+                    &format!("  {}", dest("%y_v", "%i")),
+                    &rope_loop,
+                )
+            }
         }
+    }
+
+    /// RMSNorm's phases over the row `x` (a load index expression with `%i` the column): the row
+    /// into shared memory with per-thread sums of squares, the tree over threads, then
+    /// `%y_v = w * (x * inv)` per column followed by `store` (which may use `%i`, `%y_v`), then
+    /// `after` in the same phase. With `guard = (cond, otherwise)`, rows where `cond` is false
+    /// run `otherwise` in the first phase and nothing in the last.
+    fn norm_phases(
+        &self,
+        lowering: Lowering,
+        x: &str,
+        guard: Option<(&str, &str)>,
+        store: &str,
+        after: &str,
+    ) -> Vec<String> {
+        let space = match lowering {
+            Lowering::Gpu => ", #gpu.address_space<workgroup>",
+            Lowering::Cpu => "",
+        };
+        let sh = |name: &str| -> String {
+            let n = self.shared().iter().find(|(s, _)| *s == name).map(|(_, n)| *n).expect("a declared shared array");
+            format!("memref<{n}xf32{space}>")
+        };
+        let guarded = |body: String, otherwise: Option<&str>| match guard {
+            None => body,
+            Some((cond, other)) => match otherwise.map(|_| other) {
+                Some(other) => format!("scf.if {cond} {{\n{body}}} else {{\n{other}}}\n"),
+                None => format!("scf.if {cond} {{\n{body}}}\n"),
+            },
+        };
+        let mut phases = Vec::new();
+        // 1: the row into shared memory, a strided share of the sum of squares per thread.
+        phases.push(guarded(
+            format!(
+                "%ss = scf.for %i = %tid to %cD step %cT iter_args(%a = %zero) -> (f32) {{
+  %v = memref.load {x} : memref<?x?xf32>
+  memref.store %v, %sh_row[%i] : {row}
+  %sq = arith.mulf %v, %v : f32
+  %a2 = arith.addf %a, %sq : f32
+  scf.yield %a2 : f32
+}}
+memref.store %ss, %sh_sum[%tid] : {sum}
+",
+                row = sh("sh_row"),
+                sum = sh("sh_sum")
+            ),
+            Some(""),
+        ));
+        // 2..: a tree over the threads' sums.
+        let mut stride = self.threads / 2;
+        while stride >= 1 {
+            phases.push(format!(
+                "%stride = arith.constant {stride} : index
+%in = arith.cmpi ult, %tid, %stride : index
+scf.if %in {{
+  %other = arith.addi %tid, %stride : index
+  %a = memref.load %sh_sum[%tid] : {sum}
+  %b = memref.load %sh_sum[%other] : {sum}
+  %s = arith.addf %a, %b : f32
+  memref.store %s, %sh_sum[%tid] : {sum}
+}}
+",
+                sum = sh("sh_sum")
+            ));
+            stride /= 2;
+        }
+        // y = w * (x * inv), inv = 1 / sqrt(sum / d + eps).
+        phases.push(guarded(
+            format!(
+                "%total = memref.load %sh_sum[%c0] : {sum}
+%mean = arith.divf %total, %fD : f32
+%mean_eps = arith.addf %mean, %eps : f32
+{sqrt}%inv = arith.divf %one, %root : f32
+scf.for %i = %tid to %cD step %cT {{
+  %x_v = memref.load %sh_row[%i] : {row}
+{load}  %xn = arith.mulf %x_v, %inv : f32
+  %y_v = arith.mulf %w_v, %xn : f32
+{store}}}
+{after}",
+                sum = sh("sh_sum"),
+                row = sh("sh_row"),
+                load = self.load_weight("w_v", "%w", "%i"),
+                sqrt = sqrt(lowering, "%mean_eps", "%root"),
+            ),
+            None,
+        ));
+        phases
+    }
+
+    /// Values every phase of a row uses, computed once per row (after `%row`).
+    fn prologue(&self) -> String {
+        let RowOp::Latent { append, .. } = self.op else { return String::new() };
+        let mut s = String::from("%true = arith.constant true\n");
+        if append {
+            s.push_str(
+                "%P = memref.dim %cache, %c0 : memref<?x?xf32>
+%is_new = arith.cmpi uge, %row, %P : index
+%t = arith.subi %row, %P : index
+",
+            );
+        } else {
+            s.push_str("%is_new = arith.constant true\n%t = arith.addi %row, %c0 : index\n");
+        }
+        s.push_str(
+            "%p64 = scf.if %is_new -> (i64) {
+  %v = memref.load %positions[%t] : memref<?xi64>
+  scf.yield %v : i64
+} else {
+  scf.yield %zero_i64 : i64
+}
+%p = arith.index_cast %p64 : i64 to index
+%npos = memref.dim %rope, %c0 : memref<?x?xf32>
+%p_lo = arith.cmpi sge, %p64, %zero_i64 : i64
+%p_hi = arith.cmpi slt, %p, %npos : index
+%p_ok0 = arith.andi %p_lo, %p_hi : i1
+",
+        );
+        if append {
+            s.push_str("%p_ok = arith.andi %p_ok0, %true : i1\n");
+        } else {
+            s.push_str(
+                "%slots = memref.dim %cache, %c1 : memref<?x?x?xf32>
+%p_in = arith.cmpi slt, %p, %slots : index
+%p_ok = arith.andi %p_ok0, %p_in : i1
+",
+            );
+        }
+        s.push_str("%ok = arith.andi %is_new, %p_ok : i1\n");
+        s
     }
 
     /// The kernel as a `gpu.module` holding one `gpu.func` (launch: `threads` x 1 x 1 per block,
@@ -412,6 +626,7 @@ scf.for %i = %tid to %cD step %cT {{
         );
         s.push_str("%tid = gpu.thread_id x\n%row = gpu.block_id x\n");
         s.push_str(&self.constants());
+        s.push_str(&self.prologue());
         for (k, phase) in self.phases(Lowering::Gpu).iter().enumerate() {
             if k > 0 {
                 s.push_str("gpu.barrier\n");
@@ -447,6 +662,7 @@ scf.for %i = %tid to %cD step %cT {{
         let rows_ty = &self.arguments().iter().find(|(n, _)| *n == rows).expect("the rows argument").1.clone();
         let _ = writeln!(s, "%rows = memref.dim %{rows}, %c0 : {rows_ty}");
         s.push_str("scf.for %row = %c0 to %rows step %c1 {\n");
+        s.push_str(&self.prologue());
         for phase in self.phases(Lowering::Cpu) {
             let _ = write!(s, "scf.for %tid = %c0 to %cT step %c1 {{\n{phase}}}\n");
         }
@@ -618,6 +834,115 @@ mod tests {
         }
     }
 
+    /// MLA's latent-cache rows through the CPU lowering against the reference: the norm (tree sum),
+    /// the rope (bit for bit: the same table, the same products), the in-place decode write at each
+    /// sequence's position (a position outside the cache leaves the row alone) and the prefill append
+    /// after the cached rows; interleaved and half-split rope layouts.
+    #[test]
+    fn latent_cache_rows_match_the_reference() {
+        let (d, r, eps) = (512, 64, 1e-6);
+        let c = d + r;
+        let inv: Vec<f32> = (0..r / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / r as f32)).collect();
+        let npos = 40;
+        let mut table = vec![0.0f32; npos * r];
+        for p in 0..npos {
+            let (cos, sin) = v3c_models::rope::cos_sin(&inv, 0.7, p as i64);
+            table[p * r..p * r + r / 2].copy_from_slice(&cos);
+            table[p * r + r / 2..(p + 1) * r].copy_from_slice(&sin);
+        }
+        let reference_row = |latent: &[f32], w: &[f32], k_pe: &[f32], p: i64, interleave: bool| -> Vec<f32> {
+            let mut row = kernels::rms_norm(latent, w, eps);
+            let (cos, sin) = v3c_models::rope::cos_sin(&inv, 0.7, p);
+            let mut k = k_pe.to_vec();
+            kernels::rotate(&mut k, &cos, &sin, interleave);
+            row.extend(k);
+            row
+        };
+        let w32: Vec<f32> = values(d, 4, 0.5).iter().map(|v| v + 1.0).collect();
+        let mut w: Vec<u16> = w32.iter().map(|&v| f32_to_bf16(v)).collect();
+        let w_ref: Vec<f32> = w.iter().map(|&b| bf16_to_f32(b)).collect();
+        for interleave in [true, false] {
+            // Decode: 3 sequences over 8-slot caches; the third position is outside the cache.
+            let (b, slots) = (3, 8);
+            let mut latent = values(b * d, 5, 4.0);
+            let mut k_pe = values(b * r, 6, 2.0);
+            let mut positions: Vec<i64> = vec![5, 0, 8];
+            let mut cache = values(b * slots * c, 7, 1.0);
+            let before = cache.clone();
+            let mut rope = table.clone();
+            let kernel = RowKernel::new(RowOp::Latent { eps, rope: r, interleave, append: false }, d, "bf16");
+            run_cpu(
+                &kernel,
+                &[
+                    raw(&mut latent, &[b, d], "f32"),
+                    raw(&mut w, &[d], "bf16"),
+                    raw(&mut k_pe, &[b, r], "f32"),
+                    raw(&mut positions, &[b], "i64"),
+                    raw(&mut cache, &[b, slots, c], "f32"),
+                    raw(&mut rope, &[npos, r], "f32"),
+                ],
+            );
+            let mut want = before.clone();
+            for seq in 0..2 {
+                let row = reference_row(
+                    &latent[seq * d..(seq + 1) * d],
+                    &w_ref,
+                    &k_pe[seq * r..(seq + 1) * r],
+                    positions[seq],
+                    interleave,
+                );
+                let at = (seq * slots + positions[seq] as usize) * c;
+                want[at..at + c].copy_from_slice(&row);
+            }
+            for (i, (got, want)) in cache.iter().zip(&want).enumerate() {
+                let col = i % c;
+                let tol = if col < d { 1e-5 * want.abs() } else { 0.0 };
+                assert!(
+                    (got - want).abs() <= tol,
+                    "decode (interleave {interleave}): element {i} = {got}, reference {want}"
+                );
+            }
+            // Prefill: 4 new rows after 3 cached ones.
+            let (cached, t) = (3, 4);
+            let mut latent = values(t * d, 8, 4.0);
+            let mut k_pe = values(t * r, 9, 2.0);
+            let mut positions: Vec<i64> = vec![3, 4, 5, 39];
+            let mut old = values(cached * c, 10, 1.0);
+            let mut out = vec![f32::NAN; (cached + t) * c];
+            let mut rope = table.clone();
+            let kernel = RowKernel::new(RowOp::Latent { eps, rope: r, interleave, append: true }, d, "bf16");
+            run_cpu(
+                &kernel,
+                &[
+                    raw(&mut latent, &[t, d], "f32"),
+                    raw(&mut w, &[d], "bf16"),
+                    raw(&mut k_pe, &[t, r], "f32"),
+                    raw(&mut positions, &[t], "i64"),
+                    raw(&mut old, &[cached, c], "f32"),
+                    raw(&mut rope, &[npos, r], "f32"),
+                    raw(&mut out, &[cached + t, c], "f32"),
+                ],
+            );
+            let mut want = old.clone();
+            for row in 0..t {
+                want.extend(reference_row(
+                    &latent[row * d..(row + 1) * d],
+                    &w_ref,
+                    &k_pe[row * r..(row + 1) * r],
+                    positions[row],
+                    interleave,
+                ));
+            }
+            for (i, (got, want)) in out.iter().zip(&want).enumerate() {
+                let tol = if i >= cached * c && i % c < d { 1e-5 * want.abs() } else { 0.0 };
+                assert!(
+                    (got - want).abs() <= tol,
+                    "prefill (interleave {interleave}): element {i} = {got}, reference {want}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn rows_too_wide_for_shared_memory_are_refused() {
         let k = RowKernel::new(RowOp::RmsNorm { eps: 1e-6, keep: true, quantize: true }, 16384, "bf16");
@@ -638,12 +963,19 @@ mod tests {
             RowKernel::new(RowOp::RmsNorm { eps: 1e-5, keep: false, quantize: true }, 1000, "f32"),
             RowKernel::new(RowOp::RmsNorm { eps: 2.5e-7, keep: true, quantize: false }, 77, "bf16"),
             RowKernel::new(RowOp::Embed, 7168, "bf16"),
+            RowKernel::new(RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false }, 512, "bf16"),
+            RowKernel::new(RowOp::Latent { eps: 1e-5, rope: 32, interleave: false, append: true }, 256, "f32"),
         ] {
             assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k.clone()), "{}", k.kernel_name());
         }
-        for bad in
-            ["rows_rmsnorm_bf16_d7168_t256_eps1em6", "rows_embed_bf16_d7168_t48", "rows_embed_f16_d64_t32", "gemm_x"]
-        {
+        for bad in [
+            "rows_rmsnorm_bf16_d7168_t256_eps1em6",
+            "rows_embed_bf16_d7168_t48",
+            "rows_embed_f16_d64_t32",
+            "rows_latent_bf16_d512_r63_t64_eps1em6_write",
+            "rows_latent_bf16_d512_r64_t64_eps1em6_il",
+            "gemm_x",
+        ] {
             assert_eq!(RowKernel::from_name(bad), None, "{bad}");
         }
     }
