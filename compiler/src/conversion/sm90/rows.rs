@@ -350,65 +350,7 @@ memref.store %v, %out[%row, %i] : memref<?x?xf32>
                 }
                 let mut phases = self.norm_phases(lowering, "%x[%row, %i]", None, &store, "");
                 if quantize {
-                    // |max| of each quarter group, then per group the scale.
-                    phases.push(format!(
-                        "scf.for %j = %tid to %cGP step %cT {{
-  %g = arith.divui %j, %cP : index
-  %part = arith.remui %j, %cP : index
-  %g0 = arith.muli %g, %cGroup : index
-  %p0 = arith.muli %part, %cPart : index
-  %lo0 = arith.addi %g0, %p0 : index
-  %hi0 = arith.addi %lo0, %cPart : index
-  %lo = arith.minui %lo0, %cD : index
-  %hi = arith.minui %hi0, %cD : index
-  %m = scf.for %c = %lo to %hi step %c1 iter_args(%mx = %zero) -> (f32) {{
-    %v = memref.load %sh_row[%c] : {row}
-    %vb = arith.bitcast %v : f32 to i32
-    %ab = arith.andi %vb, %abs_mask : i32
-    %av = arith.bitcast %ab : i32 to f32
-    %gt = arith.cmpf ogt, %av, %mx : f32
-    %mx2 = arith.select %gt, %av, %mx : f32
-    scf.yield %mx2 : f32
-  }}
-  memref.store %m, %sh_amax[%j] : {amax}
-}}
-",
-                        row = sh("sh_row"),
-                        amax = sh("sh_amax")
-                    ));
-                    phases.push(format!(
-                        "scf.for %g = %tid to %cG step %cT {{
-  %base = arith.muli %g, %cP : index
-  %m = scf.for %p = %c0 to %cP step %c1 iter_args(%mx = %zero) -> (f32) {{
-    %k = arith.addi %base, %p : index
-    %v = memref.load %sh_amax[%k] : {amax}
-    %gt = arith.cmpf ogt, %v, %mx : f32
-    %mx2 = arith.select %gt, %v, %mx : f32
-    scf.yield %mx2 : f32
-  }}
-  %small = arith.cmpf olt, %m, %amax_floor : f32
-  %floored = arith.select %small, %amax_floor, %m : f32
-  %s = arith.divf %floored, %e4m3_max : f32
-  memref.store %s, %scale[%row, %g] : memref<?x?xf32>
-  memref.store %s, %sh_scale[%g] : {scale}
-}}
-",
-                        amax = sh("sh_amax"),
-                        scale = sh("sh_scale")
-                    ));
-                    phases.push(format!(
-                        "scf.for %i = %tid to %cD step %cT {{
-  %g = arith.divui %i, %cGroup : index
-  %s = memref.load %sh_scale[%g] : {scale}
-  %v = memref.load %sh_row[%i] : {row}
-  %qv = arith.divf %v, %s : f32
-{encode}  memref.store %byte, %q[%row, %i] : memref<?x?xi8>
-}}
-",
-                        scale = sh("sh_scale"),
-                        row = sh("sh_row"),
-                        encode = encode_e4m3(lowering, "%qv", "%byte"),
-                    ));
+                    phases.extend(self.quant_phases(lowering));
                 }
                 phases
             }
@@ -436,34 +378,19 @@ scf.if %is_old {
 ",
                     );
                 }
-                // The pair rotated by frequency i: (2i, 2i + 1) interleaved, else (i, i + rope / 2).
-                let pair = if interleave {
-                    "%two_i = arith.muli %i, %c2 : index\n  %ia = arith.addi %two_i, %c0 : index\n  %ib = arith.addi %two_i, %c1 : index\n"
-                } else {
-                    "%ia = arith.addi %i, %c0 : index\n  %ib = arith.addi %i, %cHalf : index\n"
-                };
-                // rope: v[a] = x cos - y sin, v[b] = y cos + x sin (the reference's order).
                 let rope_loop = format!(
-                    "%c2 = arith.constant 2 : index
-%cRopeBase = arith.constant {d} : index
+                    "%cRopeBase = arith.constant {d} : index
 scf.for %i = %tid to %cHalf step %cT {{
-  {pair}  %x_r = memref.load %k_pe[%t, %ia] : memref<?x?xf32>
-  %y_r = memref.load %k_pe[%t, %ib] : memref<?x?xf32>
-  %sin_col = arith.addi %i, %cHalf : index
-  %cos_v = memref.load %rope[%p, %i] : memref<?x?xf32>
-  %sin_v = memref.load %rope[%p, %sin_col] : memref<?x?xf32>
-  %xc = arith.mulf %x_r, %cos_v : f32
-  %ys = arith.mulf %y_r, %sin_v : f32
-  %ra = arith.subf %xc, %ys : f32
-  %yc = arith.mulf %y_r, %cos_v : f32
-  %xs = arith.mulf %x_r, %sin_v : f32
-  %rb = arith.addf %yc, %xs : f32
-  %col_a = arith.addi %cRopeBase, %ia : index
-  %col_b = arith.addi %cRopeBase, %ib : index
-  {store_a}  {store_b}}}
+{}}}
 ",
-                    store_a = dest("%ra", "%col_a"),
-                    store_b = dest("%rb", "%col_b"),
+                    rope_rotation(
+                        interleave,
+                        |col| format!("memref.load %k_pe[%t, {col}] : memref<?x?xf32>"),
+                        |v, col, tag| format!(
+                            "  %col_{tag} = arith.addi %cRopeBase, {col} : index\n  {}",
+                            dest(v, &format!("%col_{tag}"))
+                        ),
+                    )
                 );
                 self.norm_phases(
                     lowering,
@@ -474,6 +401,79 @@ scf.for %i = %tid to %cHalf step %cT {{
                 )
             }
         }
+    }
+
+    /// The 1x128 e4m3 quantization of the row in `sh_row` into `%q` and `%scale`: the |max| of
+    /// each quarter group, then per group the scale `max(amax, 1e-4) / 448`, then every column's byte.
+    fn quant_phases(&self, lowering: Lowering) -> Vec<String> {
+        let space = match lowering {
+            Lowering::Gpu => ", #gpu.address_space<workgroup>",
+            Lowering::Cpu => "",
+        };
+        let sh = |name: &str| -> String {
+            let n = self.shared().iter().find(|(s, _)| *s == name).map(|(_, n)| *n).expect("a declared shared array");
+            format!("memref<{n}xf32{space}>")
+        };
+        let mut phases = Vec::new();
+        phases.push(format!(
+            "scf.for %j = %tid to %cGP step %cT {{
+  %g = arith.divui %j, %cP : index
+  %part = arith.remui %j, %cP : index
+  %g0 = arith.muli %g, %cGroup : index
+  %p0 = arith.muli %part, %cPart : index
+  %lo0 = arith.addi %g0, %p0 : index
+  %hi0 = arith.addi %lo0, %cPart : index
+  %lo = arith.minui %lo0, %cD : index
+  %hi = arith.minui %hi0, %cD : index
+  %m = scf.for %c = %lo to %hi step %c1 iter_args(%mx = %zero) -> (f32) {{
+    %v = memref.load %sh_row[%c] : {row}
+    %vb = arith.bitcast %v : f32 to i32
+    %ab = arith.andi %vb, %abs_mask : i32
+    %av = arith.bitcast %ab : i32 to f32
+    %gt = arith.cmpf ogt, %av, %mx : f32
+    %mx2 = arith.select %gt, %av, %mx : f32
+    scf.yield %mx2 : f32
+  }}
+  memref.store %m, %sh_amax[%j] : {amax}
+}}
+",
+            row = sh("sh_row"),
+            amax = sh("sh_amax")
+        ));
+        phases.push(format!(
+            "scf.for %g = %tid to %cG step %cT {{
+  %base = arith.muli %g, %cP : index
+  %m = scf.for %p = %c0 to %cP step %c1 iter_args(%mx = %zero) -> (f32) {{
+    %k = arith.addi %base, %p : index
+    %v = memref.load %sh_amax[%k] : {amax}
+    %gt = arith.cmpf ogt, %v, %mx : f32
+    %mx2 = arith.select %gt, %v, %mx : f32
+    scf.yield %mx2 : f32
+  }}
+  %small = arith.cmpf olt, %m, %amax_floor : f32
+  %floored = arith.select %small, %amax_floor, %m : f32
+  %s = arith.divf %floored, %e4m3_max : f32
+  memref.store %s, %scale[%row, %g] : memref<?x?xf32>
+  memref.store %s, %sh_scale[%g] : {scale}
+}}
+",
+            amax = sh("sh_amax"),
+            scale = sh("sh_scale")
+        ));
+        phases.push(format!(
+            "scf.for %i = %tid to %cD step %cT {{
+  %g = arith.divui %i, %cGroup : index
+  %s = memref.load %sh_scale[%g] : {scale}
+  %v = memref.load %sh_row[%i] : {row}
+  %qv = arith.divf %v, %s : f32
+{encode}  memref.store %byte, %q[%row, %i] : memref<?x?xi8>
+}}
+",
+            scale = sh("sh_scale"),
+            row = sh("sh_row"),
+            encode = encode_e4m3(lowering, "%qv", "%byte"),
+        ));
+        phases
     }
 
     /// RMSNorm's phases over the row `x` (a load index expression with `%i` the column): the row
@@ -669,6 +669,41 @@ scf.for %i = %tid to %cD step %cT {{
         s.push_str("}\nreturn\n}\n}\n");
         Ok(s)
     }
+}
+
+/// One RoPE rotation inside a loop over the frequency `%i` (of `%cHalf`) at the table row `%p`:
+/// the pair `(%ia, %ib)` — (2i, 2i + 1) interleaved, else (i, i + half) — read by `load(index)`
+/// (an expression), rotated as the reference does (`a' = a cos - b sin`, `b' = b cos + a sin`, the
+/// products rounded before the sum), and written by `store(value, index, tag)` (lines; `tag` keeps
+/// the two stores' value names apart).
+fn rope_rotation(
+    interleave: bool,
+    load: impl Fn(&str) -> String,
+    store: impl Fn(&str, &str, &str) -> String,
+) -> String {
+    let pair = if interleave {
+        "  %c2 = arith.constant 2 : index\n  %two_i = arith.muli %i, %c2 : index\n  %ia = arith.addi %two_i, %c0 : index\n  %ib = arith.addi %two_i, %c1 : index\n"
+    } else {
+        "  %ia = arith.addi %i, %c0 : index\n  %ib = arith.addi %i, %cHalf : index\n"
+    };
+    format!(
+        "{pair}  %x_r = {xa}
+  %y_r = {yb}
+  %sin_col = arith.addi %i, %cHalf : index
+  %cos_v = memref.load %rope[%p, %i] : memref<?x?xf32>
+  %sin_v = memref.load %rope[%p, %sin_col] : memref<?x?xf32>
+  %xc = arith.mulf %x_r, %cos_v : f32
+  %ys = arith.mulf %y_r, %sin_v : f32
+  %ra = arith.subf %xc, %ys : f32
+  %yc = arith.mulf %y_r, %cos_v : f32
+  %xs = arith.mulf %x_r, %sin_v : f32
+  %rb = arith.addf %yc, %xs : f32
+{sa}{sb}",
+        xa = load("%ia"),
+        yb = load("%ib"),
+        sa = store("%ra", "%ia", "a"),
+        sb = store("%rb", "%ib", "b"),
+    )
 }
 
 /// `{out} = sqrt(value)`, correctly rounded (as the reference's f32 sqrt): on sm_90a the PTX
