@@ -48,6 +48,13 @@ pub enum RowOp {
     /// Positions outside the table (or the cache) leave the row unwritten: the runtime rejects
     /// them before launching, as the CPU backend does.
     Latent { eps: f32, rope: usize, interleave: bool, append: bool },
+    /// MLA's query heads out of the q_b GEMM: `y [rows, heads * (nope + rope)]` split per head into
+    /// `q_nope [rows, heads, nope]` and `q_pe [rows, heads, rope]`, RoPE applied to q_pe at the
+    /// row's position from the same table as [`RowOp::Latent`]. `d` is `heads * (nope + rope)`.
+    SplitRope { heads: usize, nope: usize, rope: usize, interleave: bool },
+    /// SwiGLU of a gate|up GEMM output: `x [rows, 2d]` -> `silu(x[:, :d]) * x[:, d:]`, as f32 `y`
+    /// or (`quantize`) its 1x128 e4m3 bytes and scales.
+    SiluMul { quantize: bool },
 }
 
 /// A row kernel: its op, the row length and the element type of the table or weight.
@@ -94,6 +101,11 @@ impl RowKernel {
                 }
                 name
             }
+            RowOp::SplitRope { heads, nope, rope, interleave } => {
+                let layout = if interleave { "_il" } else { "" };
+                format!("rows_splitrope_h{heads}_n{nope}_r{rope}_t{t}{layout}")
+            }
+            RowOp::SiluMul { quantize } => format!("rows_silumul_d{d}_t{t}{}", if quantize { "_q" } else { "_y" }),
             RowOp::Latent { eps, rope, interleave, append } => {
                 let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
                 let layout = if interleave { "_il" } else { "" };
@@ -111,6 +123,32 @@ impl RowKernel {
         let parts: Vec<&str> = rest.split('_').collect();
         let eps_of =
             |e: &str| -> Option<f32> { e.strip_prefix("eps")?.replace('m', "-").replace('p', ".").parse().ok() };
+        let number = |part: &str, prefix: char| -> Option<usize> { part.strip_prefix(prefix)?.parse().ok() };
+        let kernel = match (op, &parts[..]) {
+            ("splitrope", [h, n, r, t, rest @ ..]) => {
+                let interleave = match rest {
+                    ["il"] => true,
+                    [] => false,
+                    _ => return None,
+                };
+                let (heads, nope, rope) = (number(h, 'h')?, number(n, 'n')?, number(r, 'r')?);
+                let op = RowOp::SplitRope { heads, nope, rope, interleave };
+                Some(RowKernel { op, d: heads * (nope + rope), weight: "f32".into(), threads: number(t, 't')? })
+            }
+            ("silumul", [d, t, mode]) => {
+                let quantize = match *mode {
+                    "q" => true,
+                    "y" => false,
+                    _ => return None,
+                };
+                let op = RowOp::SiluMul { quantize };
+                Some(RowKernel { op, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
+            }
+            _ => None,
+        };
+        if let Some(kernel) = kernel {
+            return (kernel.check().is_ok() && kernel.kernel_name() == name).then_some(kernel);
+        }
         if op == "latent" {
             // rows_latent_<w>_d<D>_r<R>_t<T>_eps<E>[_il]_(append|write)
             let [weight, d, r, t, eps, rest @ ..] = &parts[..] else { return None };
@@ -184,6 +222,23 @@ impl RowKernel {
                 }
                 args
             }
+            RowOp::SplitRope { .. } => vec![
+                ("y", "memref<?x?xf32>".to_string()),
+                ("positions", "memref<?xi64>".into()),
+                ("rope", "memref<?x?xf32>".into()),
+                ("q_nope", "memref<?x?x?xf32>".into()),
+                ("q_pe", "memref<?x?x?xf32>".into()),
+            ],
+            RowOp::SiluMul { quantize } => {
+                let mut args = vec![("x", "memref<?x?xf32>".to_string())];
+                if quantize {
+                    args.push(("q", "memref<?x?xi8>".into()));
+                    args.push(("scale", "memref<?x?xf32>".into()));
+                } else {
+                    args.push(("y", "memref<?x?xf32>".into()));
+                }
+                args
+            }
             RowOp::Latent { append, .. } => {
                 let mut args = vec![
                     ("latent", "memref<?x?xf32>".to_string()),
@@ -212,6 +267,8 @@ impl RowKernel {
             // Prefill: one block per output row (the cached ones copied); decode: per sequence.
             RowOp::Latent { append: true, .. } => "out",
             RowOp::Latent { append: false, .. } => "latent",
+            RowOp::SplitRope { .. } => "y",
+            RowOp::SiluMul { .. } => "x",
         }
     }
 
@@ -228,6 +285,10 @@ impl RowKernel {
                 s
             }
             RowOp::Latent { .. } => vec![("sh_row", self.d), ("sh_sum", self.threads)],
+            RowOp::SplitRope { .. } | RowOp::SiluMul { quantize: false } => Vec::new(),
+            RowOp::SiluMul { quantize: true } => {
+                vec![("sh_amax", self.groups() * AMAX_PARTS), ("sh_scale", self.groups())]
+            }
         }
     }
 
@@ -245,7 +306,7 @@ impl RowKernel {
         if self.d == 0 {
             return Err(format!("{name}: rows of 0 columns"));
         }
-        if let RowOp::Latent { rope, .. } = self.op {
+        if let RowOp::Latent { rope, .. } | RowOp::SplitRope { rope, .. } = self.op {
             if rope == 0 || rope % 2 != 0 {
                 return Err(format!("{name}: a rope width of {rope} (a positive even number)"));
             }
@@ -278,20 +339,27 @@ impl RowKernel {
             let _ = writeln!(s, "%cHalf = arith.constant {} : index", rope / 2);
             let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
         }
+        if let RowOp::SplitRope { heads, nope, rope, .. } = self.op {
+            let _ = writeln!(s, "%cHalf = arith.constant {} : index", rope / 2);
+            let _ = writeln!(s, "%cNope = arith.constant {nope} : index");
+            let _ = writeln!(s, "%cHead = arith.constant {} : index", nope + rope);
+            let _ = writeln!(s, "%cNopeAll = arith.constant {} : index", heads * nope);
+            let _ = writeln!(s, "%cHalfAll = arith.constant {} : index", heads * rope / 2);
+            let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
+        }
+        if let RowOp::SiluMul { quantize } = self.op {
+            let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+            if quantize {
+                s.push_str(&quant_constants(self.groups()));
+            }
+        }
         if let RowOp::RmsNorm { eps, quantize, .. } = self.op {
             let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
             // Hexadecimal bit patterns: exactly the f32 values, whatever their decimal spelling.
             let _ = writeln!(s, "%fD = arith.constant 0x{:08X} : f32", (self.d as f32).to_bits());
             let _ = writeln!(s, "%eps = arith.constant 0x{:08X} : f32", eps.to_bits());
             if quantize {
-                let _ = writeln!(s, "%cG = arith.constant {} : index", self.groups());
-                let _ = writeln!(s, "%cGP = arith.constant {} : index", self.groups() * AMAX_PARTS);
-                let _ = writeln!(s, "%cP = arith.constant {AMAX_PARTS} : index");
-                let _ = writeln!(s, "%cGroup = arith.constant {GROUP} : index");
-                let _ = writeln!(s, "%cPart = arith.constant {} : index", GROUP / AMAX_PARTS);
-                let _ = writeln!(s, "%amax_floor = arith.constant 1.0e-04 : f32");
-                let _ = writeln!(s, "%abs_mask = arith.constant 2147483647 : i32");
-                let _ = writeln!(s, "%e4m3_max = arith.constant 0x{:08X} : f32", E4M3_MAX.to_bits());
+                s.push_str(&quant_constants(self.groups()));
             }
         }
         s
@@ -350,9 +418,71 @@ memref.store %v, %out[%row, %i] : memref<?x?xf32>
                 }
                 let mut phases = self.norm_phases(lowering, "%x[%row, %i]", None, &store, "");
                 if quantize {
-                    phases.extend(self.quant_phases(lowering));
+                    let row = sh("sh_row");
+                    phases
+                        .extend(self.quant_phases(lowering, &|c| format!("  %v = memref.load %sh_row[{c}] : {row}\n")));
                 }
                 phases
+            }
+            RowOp::SplitRope { interleave, .. } => {
+                // Per row: every head's nope columns copied, its rope columns rotated.
+                vec![format!(
+                    "scf.if %ok {{
+scf.for %j = %tid to %cNopeAll step %cT {{
+  %h = arith.divui %j, %cNope : index
+  %c = arith.remui %j, %cNope : index
+  %base = arith.muli %h, %cHead : index
+  %col = arith.addi %base, %c : index
+  %v = memref.load %y[%row, %col] : memref<?x?xf32>
+  memref.store %v, %q_nope[%row, %h, %c] : memref<?x?x?xf32>
+}}
+scf.for %j = %tid to %cHalfAll step %cT {{
+  %h = arith.divui %j, %cHalf : index
+  %i = arith.remui %j, %cHalf : index
+  %head = arith.muli %h, %cHead : index
+  %rope_base = arith.addi %head, %cNope : index
+{}}}
+}}
+",
+                    rope_rotation(
+                        interleave,
+                        |c, out| {
+                            format!(
+                            "  {out}_col = arith.addi %rope_base, {c} : index\n  {out} = memref.load %y[%row, {out}_col] : \
+                             memref<?x?xf32>\n"
+                        )
+                        },
+                        |v, c, _| format!("  memref.store {v}, %q_pe[%row, %h, {c}] : memref<?x?x?xf32>\n"),
+                    )
+                )]
+            }
+            RowOp::SiluMul { quantize } => {
+                // silu(g) * u = g / (1 + exp(-g)) * u, the reference's order; quantized, it is
+                // computed where each phase reads it (no row buffer: rows of 18432 would not fit).
+                let silu = |c: &str| {
+                    format!(
+                        "  %up_col = arith.addi {c}, %cD : index
+  %g = memref.load %x[%row, {c}] : memref<?x?xf32>
+  %u = memref.load %x[%row, %up_col] : memref<?x?xf32>
+  %neg = arith.negf %g : f32
+{exp}  %den = arith.addf %one, %e : f32
+  %silu = arith.divf %g, %den : f32
+  %v = arith.mulf %silu, %u : f32
+",
+                        exp = exp(lowering, "%neg", "%e")
+                    )
+                };
+                if quantize {
+                    self.quant_phases(lowering, &silu)
+                } else {
+                    vec![format!(
+                        "scf.for %i = %tid to %cD step %cT {{
+{}  memref.store %v, %y[%row, %i] : memref<?x?xf32>
+}}
+",
+                        silu("%i")
+                    )]
+                }
             }
             RowOp::Latent { interleave, append, .. } => {
                 let d = self.d;
@@ -385,7 +515,7 @@ scf.for %i = %tid to %cHalf step %cT {{
 ",
                     rope_rotation(
                         interleave,
-                        |col| format!("memref.load %k_pe[%t, {col}] : memref<?x?xf32>"),
+                        |col, out| format!("  {out} = memref.load %k_pe[%t, {col}] : memref<?x?xf32>\n"),
                         |v, col, tag| format!(
                             "  %col_{tag} = arith.addi %cRopeBase, {col} : index\n  {}",
                             dest(v, &format!("%col_{tag}"))
@@ -403,9 +533,10 @@ scf.for %i = %tid to %cHalf step %cT {{
         }
     }
 
-    /// The 1x128 e4m3 quantization of the row in `sh_row` into `%q` and `%scale`: the |max| of
-    /// each quarter group, then per group the scale `max(amax, 1e-4) / 448`, then every column's byte.
-    fn quant_phases(&self, lowering: Lowering) -> Vec<String> {
+    /// The 1x128 e4m3 quantization of a row into `%q` and `%scale`: the |max| of each quarter
+    /// group, then per group the scale `max(amax, 1e-4) / 448`, then every column's byte. The row's
+    /// value at a column is `value(column)` (lines defining `%v`), read twice: it must be the same.
+    fn quant_phases(&self, lowering: Lowering, value: &dyn Fn(&str) -> String) -> Vec<String> {
         let space = match lowering {
             Lowering::Gpu => ", #gpu.address_space<workgroup>",
             Lowering::Cpu => "",
@@ -426,8 +557,7 @@ scf.for %i = %tid to %cHalf step %cT {{
   %lo = arith.minui %lo0, %cD : index
   %hi = arith.minui %hi0, %cD : index
   %m = scf.for %c = %lo to %hi step %c1 iter_args(%mx = %zero) -> (f32) {{
-    %v = memref.load %sh_row[%c] : {row}
-    %vb = arith.bitcast %v : f32 to i32
+{value_c}    %vb = arith.bitcast %v : f32 to i32
     %ab = arith.andi %vb, %abs_mask : i32
     %av = arith.bitcast %ab : i32 to f32
     %gt = arith.cmpf ogt, %av, %mx : f32
@@ -437,7 +567,7 @@ scf.for %i = %tid to %cHalf step %cT {{
   memref.store %m, %sh_amax[%j] : {amax}
 }}
 ",
-            row = sh("sh_row"),
+            value_c = value("%c"),
             amax = sh("sh_amax")
         ));
         phases.push(format!(
@@ -464,13 +594,12 @@ scf.for %i = %tid to %cHalf step %cT {{
             "scf.for %i = %tid to %cD step %cT {{
   %g = arith.divui %i, %cGroup : index
   %s = memref.load %sh_scale[%g] : {scale}
-  %v = memref.load %sh_row[%i] : {row}
-  %qv = arith.divf %v, %s : f32
+{value_i}  %qv = arith.divf %v, %s : f32
 {encode}  memref.store %byte, %q[%row, %i] : memref<?x?xi8>
 }}
 ",
             scale = sh("sh_scale"),
-            row = sh("sh_row"),
+            value_i = value("%i"),
             encode = encode_e4m3(lowering, "%qv", "%byte"),
         ));
         phases
@@ -565,6 +694,16 @@ scf.for %i = %tid to %cD step %cT {{
 
     /// Values every phase of a row uses, computed once per row (after `%row`).
     fn prologue(&self) -> String {
+        if let RowOp::SplitRope { .. } = self.op {
+            return "%p64 = memref.load %positions[%row] : memref<?xi64>
+%p = arith.index_cast %p64 : i64 to index
+%npos = memref.dim %rope, %c0 : memref<?x?xf32>
+%p_lo = arith.cmpi sge, %p64, %zero_i64 : i64
+%p_hi = arith.cmpi slt, %p, %npos : index
+%ok = arith.andi %p_lo, %p_hi : i1
+"
+            .into();
+        }
         let RowOp::Latent { append, .. } = self.op else { return String::new() };
         let mut s = String::from("%true = arith.constant true\n");
         if append {
@@ -644,7 +783,7 @@ scf.for %i = %tid to %cD step %cT {{
         self.check()?;
         let args: Vec<String> = self.arguments().iter().map(|(n, t)| format!("%{n}: {t}")).collect();
         let mut s = String::from("module {\n");
-        if matches!(self.op, RowOp::RmsNorm { quantize: true, .. }) {
+        if matches!(self.op, RowOp::RmsNorm { quantize: true, .. } | RowOp::SiluMul { quantize: true }) {
             s.push_str(&crate::conversion::v3_to_cpu::fp8_helpers("rows"));
             s.push('\n');
         }
@@ -671,14 +810,40 @@ scf.for %i = %tid to %cD step %cT {{
     }
 }
 
+/// The constants of [`RowKernel::quant_phases`] for rows of `groups` 128-column groups.
+fn quant_constants(groups: usize) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "%cG = arith.constant {groups} : index");
+    let _ = writeln!(s, "%cGP = arith.constant {} : index", groups * AMAX_PARTS);
+    let _ = writeln!(s, "%cP = arith.constant {AMAX_PARTS} : index");
+    let _ = writeln!(s, "%cGroup = arith.constant {GROUP} : index");
+    let _ = writeln!(s, "%cPart = arith.constant {} : index", GROUP / AMAX_PARTS);
+    let _ = writeln!(s, "%amax_floor = arith.constant 1.0e-04 : f32");
+    let _ = writeln!(s, "%abs_mask = arith.constant 2147483647 : i32");
+    let _ = writeln!(s, "%e4m3_max = arith.constant 0x{:08X} : f32", E4M3_MAX.to_bits());
+    s
+}
+
+/// `{out} = exp(value)`: on sm_90a `ex2.approx` of `value * log2(e)` (no libdevice is linked; a few
+/// ulp), on the CPU libm's (the reference's).
+fn exp(lowering: Lowering, value: &str, out: &str) -> String {
+    match lowering {
+        Lowering::Gpu => format!(
+            "{out}_log2e = arith.constant 1.44269502 : f32\n{out}_x = arith.mulf {value}, {out}_log2e : f32\n{out} = \
+             llvm.inline_asm \"ex2.approx.ftz.f32 $0, $1;\", \"=f,f\" {out}_x : (f32) -> f32\n"
+        ),
+        Lowering::Cpu => format!("{out} = math.exp {value} : f32\n"),
+    }
+}
+
 /// One RoPE rotation inside a loop over the frequency `%i` (of `%cHalf`) at the table row `%p`:
-/// the pair `(%ia, %ib)` — (2i, 2i + 1) interleaved, else (i, i + half) — read by `load(index)`
-/// (an expression), rotated as the reference does (`a' = a cos - b sin`, `b' = b cos + a sin`, the
+/// the pair `(%ia, %ib)` — (2i, 2i + 1) interleaved, else (i, i + half) — read by `load(index,
+/// value)` (lines defining `value`), rotated as the reference does (`a' = a cos - b sin`, `b' = b cos + a sin`, the
 /// products rounded before the sum), and written by `store(value, index, tag)` (lines; `tag` keeps
 /// the two stores' value names apart).
 fn rope_rotation(
     interleave: bool,
-    load: impl Fn(&str) -> String,
+    load: impl Fn(&str, &str) -> String,
     store: impl Fn(&str, &str, &str) -> String,
 ) -> String {
     let pair = if interleave {
@@ -687,9 +852,7 @@ fn rope_rotation(
         "  %ia = arith.addi %i, %c0 : index\n  %ib = arith.addi %i, %cHalf : index\n"
     };
     format!(
-        "{pair}  %x_r = {xa}
-  %y_r = {yb}
-  %sin_col = arith.addi %i, %cHalf : index
+        "{pair}{xa}{yb}  %sin_col = arith.addi %i, %cHalf : index
   %cos_v = memref.load %rope[%p, %i] : memref<?x?xf32>
   %sin_v = memref.load %rope[%p, %sin_col] : memref<?x?xf32>
   %xc = arith.mulf %x_r, %cos_v : f32
@@ -699,8 +862,8 @@ fn rope_rotation(
   %xs = arith.mulf %x_r, %sin_v : f32
   %rb = arith.addf %yc, %xs : f32
 {sa}{sb}",
-        xa = load("%ia"),
-        yb = load("%ib"),
+        xa = load("%ia", "%x_r"),
+        yb = load("%ib", "%y_r"),
         sa = store("%ra", "%ia", "a"),
         sb = store("%rb", "%ib", "b"),
     )
