@@ -16,6 +16,9 @@ fn kernels() -> Vec<RowKernel> {
         norm(false, true, 1000, "bf16"),
         RowKernel::new(RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false }, 512, "bf16"),
         RowKernel::new(RowOp::Latent { eps: 1e-6, rope: 64, interleave: false, append: true }, 512, "f32"),
+        RowKernel::new(RowOp::SplitRope { heads: 128, nope: 128, rope: 64, interleave: true }, 128 * 192, "f32"),
+        RowKernel::new(RowOp::SiluMul { quantize: true }, 18432, "f32"),
+        RowKernel::new(RowOp::SiluMul { quantize: false }, 2048, "f32"),
     ]
 }
 
@@ -32,6 +35,12 @@ fn row_kernels_compile_to_sm90a_without_spills() {
         assert!(kernel.ptx.contains(&format!(".maxntid {}, 1, 1", k.threads)), "{name}: block size");
         match k.op {
             RowOp::Embed => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase, no barrier"),
+            RowOp::SplitRope { .. } => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase"),
+            RowOp::SiluMul { quantize } => {
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), if quantize { 2 } else { 0 }, "{name}: barriers");
+                assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
+                assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), quantize, "{name}");
+            }
             RowOp::Latent { .. } => {
                 let phases = 2 + k.threads.trailing_zeros() as usize;
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");

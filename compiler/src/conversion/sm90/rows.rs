@@ -461,15 +461,15 @@ scf.for %j = %tid to %cHalfAll step %cT {{
                 // computed where each phase reads it (no row buffer: rows of 18432 would not fit).
                 let silu = |c: &str| {
                     format!(
-                        "  %up_col = arith.addi {c}, %cD : index
-  %g = memref.load %x[%row, {c}] : memref<?x?xf32>
-  %u = memref.load %x[%row, %up_col] : memref<?x?xf32>
-  %neg = arith.negf %g : f32
-{exp}  %den = arith.addf %one, %e : f32
-  %silu = arith.divf %g, %den : f32
-  %v = arith.mulf %silu, %u : f32
+                        "  %sw_up_col = arith.addi {c}, %cD : index
+  %sw_g = memref.load %x[%row, {c}] : memref<?x?xf32>
+  %sw_u = memref.load %x[%row, %sw_up_col] : memref<?x?xf32>
+  %sw_neg = arith.negf %sw_g : f32
+{exp}  %sw_den = arith.addf %one, %sw_e : f32
+  %sw_silu = arith.divf %sw_g, %sw_den : f32
+  %v = arith.mulf %sw_silu, %sw_u : f32
 ",
-                        exp = exp(lowering, "%neg", "%e")
+                        exp = exp(lowering, "%sw_neg", "%sw_e")
                     )
                 };
                 if quantize {
@@ -1141,6 +1141,94 @@ mod tests {
         }
     }
 
+    /// The query heads out of q_b: nope columns copied, rope columns rotated bit for bit as the
+    /// reference's `rope` op does (per head, at the row's position); both layouts; a position
+    /// outside the table leaves the row unwritten.
+    #[test]
+    fn query_split_and_rope_match_the_reference() {
+        let (heads, nope, r) = (3, 8, 6);
+        let w = nope + r;
+        let inv: Vec<f32> = (0..r / 2).map(|i| 1.0 / 500f32.powf(2.0 * i as f32 / r as f32)).collect();
+        let npos = 16;
+        let mut table = vec![0.0f32; npos * r];
+        for p in 0..npos {
+            let (cos, sin) = v3c_models::rope::cos_sin(&inv, 1.3, p as i64);
+            table[p * r..p * r + r / 2].copy_from_slice(&cos);
+            table[p * r + r / 2..(p + 1) * r].copy_from_slice(&sin);
+        }
+        for interleave in [true, false] {
+            let rows = 4;
+            let mut y = values(rows * heads * w, 12, 3.0);
+            let mut positions: Vec<i64> = vec![0, 7, 15, 16];
+            let mut q_nope = vec![f32::NAN; rows * heads * nope];
+            let mut q_pe = vec![f32::NAN; rows * heads * r];
+            let mut rope = table.clone();
+            let kernel = RowKernel::new(RowOp::SplitRope { heads, nope, rope: r, interleave }, heads * w, "f32");
+            run_cpu(
+                &kernel,
+                &[
+                    raw(&mut y, &[rows, heads * w], "f32"),
+                    raw(&mut positions, &[rows], "i64"),
+                    raw(&mut rope, &[npos, r], "f32"),
+                    raw(&mut q_nope, &[rows, heads, nope], "f32"),
+                    raw(&mut q_pe, &[rows, heads, r], "f32"),
+                ],
+            );
+            for row in 0..rows {
+                for h in 0..heads {
+                    let src = &y[(row * heads + h) * w..(row * heads + h + 1) * w];
+                    let got_nope = &q_nope[(row * heads + h) * nope..(row * heads + h + 1) * nope];
+                    let got_pe = &q_pe[(row * heads + h) * r..(row * heads + h + 1) * r];
+                    if positions[row] as usize >= npos {
+                        assert!(got_nope.iter().chain(got_pe).all(|v| v.is_nan()), "row {row}: written");
+                        continue;
+                    }
+                    assert_eq!(got_nope, &src[..nope], "row {row} head {h}: nope");
+                    let (cos, sin) = v3c_models::rope::cos_sin(&inv, 1.3, positions[row]);
+                    let mut want = src[nope..].to_vec();
+                    kernels::rotate(&mut want, &cos, &sin, interleave);
+                    assert_eq!(got_pe, &want[..], "row {row} head {h}: rope (interleave {interleave})");
+                }
+            }
+        }
+    }
+
+    /// SwiGLU of a gate|up row, as f32 (the reference's silu(g) * u exactly: the same libm exp) and
+    /// quantized 1x128 (the value recomputed in each phase must be the same), at the dense MLP's
+    /// width (18432: no row buffer fits in shared memory) and a ragged one.
+    #[test]
+    fn swiglu_rows_match_the_reference() {
+        for (d, rows) in [(18432, 2), (300, 5)] {
+            let x = values(rows * 2 * d, 13, 8.0);
+            let mut want = Vec::with_capacity(rows * d);
+            for row in x.chunks(2 * d) {
+                want.extend(row[..d].iter().zip(&row[d..]).map(|(g, u)| kernels::silu(*g) * u));
+            }
+            let (want_q, want_s) = kernels::quantize_fp8(&want, d, GROUP);
+            let mut input = x.clone();
+            let mut y = vec![f32::NAN; rows * d];
+            run_cpu(
+                &RowKernel::new(RowOp::SiluMul { quantize: false }, d, "f32"),
+                &[raw(&mut input, &[rows, 2 * d], "f32"), raw(&mut y, &[rows, d], "f32")],
+            );
+            assert_eq!(y, want, "d {d}: swiglu");
+            let groups = d.div_ceil(GROUP);
+            let (mut q, mut scale) = (vec![0u8; rows * d], vec![f32::NAN; rows * groups]);
+            let kernel = RowKernel::new(RowOp::SiluMul { quantize: true }, d, "f32");
+            assert!(kernel.shared_memory_bytes() < 4096, "{}", kernel.shared_memory_bytes());
+            run_cpu(
+                &kernel,
+                &[
+                    raw(&mut input, &[rows, 2 * d], "f32"),
+                    raw(&mut q, &[rows, d], "i8"),
+                    raw(&mut scale, &[rows, groups], "f32"),
+                ],
+            );
+            assert_eq!(scale, want_s, "d {d}: scales");
+            assert_eq!(q, want_q, "d {d}: e4m3 bytes");
+        }
+    }
+
     #[test]
     fn rows_too_wide_for_shared_memory_are_refused() {
         let k = RowKernel::new(RowOp::RmsNorm { eps: 1e-6, keep: true, quantize: true }, 16384, "bf16");
@@ -1163,6 +1251,10 @@ mod tests {
             RowKernel::new(RowOp::Embed, 7168, "bf16"),
             RowKernel::new(RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false }, 512, "bf16"),
             RowKernel::new(RowOp::Latent { eps: 1e-5, rope: 32, interleave: false, append: true }, 256, "f32"),
+            RowKernel::new(RowOp::SplitRope { heads: 128, nope: 128, rope: 64, interleave: true }, 128 * 192, "f32"),
+            RowKernel::new(RowOp::SplitRope { heads: 2, nope: 4, rope: 2, interleave: false }, 12, "f32"),
+            RowKernel::new(RowOp::SiluMul { quantize: true }, 18432, "f32"),
+            RowKernel::new(RowOp::SiluMul { quantize: false }, 300, "f32"),
         ] {
             assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k.clone()), "{}", k.kernel_name());
         }
