@@ -638,7 +638,7 @@ fn compile_names_the_kernels_without_a_gpu_lowering() {
     let last = err.lines().last().unwrap();
     assert!(
         last.starts_with(
-            "v3c: error: unsupported on sm_90a: 10 of 19 kernels have no sm_90a lowering yet: mla_q_up_0 (rms_norm + "
+            "v3c: error: unsupported on sm_90a: 8 of 19 kernels have no sm_90a lowering yet: attention_quantize_0 (attention), "
         ),
         "{err}"
     );
@@ -649,6 +649,7 @@ fn compile_names_the_kernels_without_a_gpu_lowering() {
         err.contains("compile: mla_latent_1 -> rows_latent_bf16_d512_r64_t64_eps1em6_il_write [row kernel"),
         "{err}"
     );
+    assert!(err.contains("compile: swiglu_0 -> 2 launches: GEMM N 36864 K 7168 (decode gemm_fp8_f32_"), "{err}");
     assert!(!out_dir.exists(), "no partial artifact");
     // The f32 graph's GEMMs read f32 activations: only the row kernels map, and the message says why.
     let f32 = run_binary("v3c", &["compile", "--model", "deepseek-v3", "--target", "sm_90a", "--precision", "f32"]);

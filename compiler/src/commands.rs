@@ -495,6 +495,23 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         let table = if row.rope_table.is_some() { ", + a RoPE table built at load" } else { "" };
         eprintln!("compile: {fused} -> {} [row kernel, one block per row{table}]", row.kernel.kernel_name());
     }
+    for (fused, steps, picked) in &lowered.compound {
+        use v3c_compiler::conversion::sm90::lower::StepKernel;
+        let launches: Vec<String> = steps
+            .steps
+            .iter()
+            .zip(picked)
+            .map(|(step, gemm)| match (&step.kernel, gemm) {
+                (StepKernel::Row(k), _) => k.kernel_name(),
+                (StepKernel::Gemm(g), Some([decode, prefill])) => {
+                    format!("GEMM N {} K {} (decode {decode}, prefill {prefill})", g.n, g.k)
+                }
+                (StepKernel::Gemm(g), None) => format!("GEMM N {} K {}", g.n, g.k),
+            })
+            .collect();
+        let table = if steps.rope_table.is_some() { ", + a RoPE table built at load" } else { "" };
+        eprintln!("compile: {fused} -> {} launches: {}{table}", launches.len(), launches.join(" -> "));
+    }
     for name in &lowered.spilled {
         eprintln!("compile: {name} passed over: ptxas reports spills");
     }
@@ -513,7 +530,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             None => eprintln!("compile: {}: PTX only (no ptxas: run scripts/bootstrap.sh)", k.name),
         }
     }
-    let total = lowered.gemms.len() + lowered.rows.len() + lowered.unsupported.len();
+    let total = lowered.gemms.len() + lowered.rows.len() + lowered.compound.len() + lowered.unsupported.len();
     if !lowered.unsupported.is_empty() {
         let names: Vec<String> = lowered.unsupported.iter().map(|(k, why)| format!("{k} ({why})")).collect();
         return Err(format!(

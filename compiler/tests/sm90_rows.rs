@@ -104,3 +104,191 @@ fn fused_kernels_map_onto_row_kernels_in_argument_order() {
     let err = map(kernel(&format!("{s}, {q}"), &format!("%1#1, %1#0 : {s}, {q}"))).unwrap_err();
     assert_eq!(err, "rms_norm results other than (y), (q, scale) or (y, q, scale)");
 }
+
+/// The multi-launch lowerings (MLA's query up-projection; the dense SwiGLU MLP) executed on the CPU
+/// — row steps through the row template's CPU lowering, GEMM steps by the reference's fp8 GEMM
+/// over the weights concatenated as the step says, temporaries and the RoPE table as the steps bind
+/// them — give what the CPU backend's fused kernels give on the same inputs: the steps' wiring is
+/// the one the GPU runtime will follow.
+#[test]
+fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
+    use melior::ir::block::BlockLike;
+    use melior::ir::operation::OperationLike;
+    use melior::ir::{RegionLike, ValueLike};
+    use v3c_compiler::conversion::sm90::lower::{self, Operand, StepKernel};
+    use v3c_models::dtype::{f32_to_bf16, f32_to_f8e4m3};
+    use v3c_runtime::host::{call_packed, RawBuffer};
+
+    let mut j: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_TINY_JSON).unwrap();
+    for (k, v) in [("hidden_size", 256), ("intermediate_size", 384), ("q_lora_rank", 256), ("num_attention_heads", 2)] {
+        j[k] = v.into();
+    }
+    let config =
+        v3c_models::init::with_fp8(&v3c_models::config::ModelConfig::from_json_str(&j.to_string(), "t").unwrap());
+    let context = v3c_compiler::mlir::new_context();
+    let options = v3c_models::BuildOptions { precision: v3c_models::Precision::Fp8, ..Default::default() };
+    let module = v3c_compiler::pipeline::Driver::quiet()
+        .run_model(&context, &config, &[v3c_models::Entry::Prefill], &options, "fused")
+        .unwrap();
+    let mut state = 17u64;
+    let mut rnd = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * scale
+            })
+            .collect()
+    };
+    let rows = 3;
+    let mut checked = Vec::new();
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        let name = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let Ok(steps) = lower::steps_of_kernel(&f) else { continue };
+        // Inputs by argument type: rows of activations, weights, scales, positions.
+        let block = f.region(0).unwrap().first_block().unwrap();
+        let mut args: Vec<(Vec<u8>, Vec<usize>, String)> = Vec::new();
+        for i in 0..block.argument_count() {
+            let ty = v3c_compiler::verify::Shape::parse(&block.argument(i).unwrap().r#type().to_string()).unwrap();
+            let shape: Vec<usize> = ty.dims.iter().map(|d| d.unwrap_or(rows)).collect();
+            let n: usize = shape.iter().product();
+            let bytes: Vec<u8> = match ty.element.as_str() {
+                "f32" if i > 0 && shape.len() == 2 && ty.dims[0].is_some() => {
+                    rnd(n, 0.02).iter().flat_map(|v| (v.abs() + 1e-3).to_le_bytes()).collect()
+                    // weight scales
+                }
+                "f32" if shape.len() == 2 && ty.dims[0].is_none() && ty.dims[1].is_some_and(|c| c < 64) => {
+                    rnd(n, 0.1).iter().flat_map(|v| (v.abs() + 0.01).to_le_bytes()).collect()
+                    // activation scales
+                }
+                "f32" => rnd(n, 4.0).iter().flat_map(|v| v.to_le_bytes()).collect(),
+                "bf16" => rnd(n, 1.0).iter().flat_map(|v| f32_to_bf16(v + 1.0).to_le_bytes()).collect(),
+                "f8E4M3FN" => rnd(n, 400.0).iter().map(|&v| f32_to_f8e4m3(v)).collect(),
+                "i64" => (0..n as i64).flat_map(|p| (p * 5).to_le_bytes()).collect(),
+                other => panic!("{name}: argument of {other}"),
+            };
+            args.push((bytes, shape, ty.element));
+        }
+        // The CPU backend's fused kernel.
+        let cpu = v3c_compiler::conversion::v3_to_cpu::CpuKernel::compile(&context, &f).unwrap();
+        let out_shapes = cpu.output_shapes(&args.iter().map(|a| a.1.clone()).collect::<Vec<_>>()).unwrap();
+        let width = |e: &str| v3c_runtime::plan::element_bytes(e).unwrap() as usize;
+        let mut fused_out: Vec<Vec<u8>> = out_shapes
+            .iter()
+            .zip(&cpu.outputs)
+            .map(|(s, o)| vec![0u8; s.iter().product::<usize>() * width(&o.element)])
+            .collect();
+        let raw = |b: &mut Vec<u8>, shape: &[usize], element: &str| RawBuffer {
+            ptr: b.as_mut_ptr() as *mut (),
+            shape: shape.to_vec(),
+            element: element.to_string(),
+        };
+        let mut buffers: Vec<RawBuffer> = args.iter_mut().map(|(b, s, e)| raw(b, s, e)).collect();
+        for (k, b) in fused_out.iter_mut().enumerate() {
+            buffers.push(raw(b, &out_shapes[k], &cpu.outputs[k].element));
+        }
+        // SAFETY: buffers sized by the kernel's own shape rules.
+        unsafe { cpu.run_raw(&buffers) }.unwrap();
+
+        // The steps.
+        let mut temps: Vec<(Vec<u8>, Vec<usize>, String)> = steps
+            .temps
+            .iter()
+            .map(|t| (vec![0u8; rows * t.cols * width(&t.element)], vec![rows, t.cols], t.element.clone()))
+            .collect();
+        let mut results: Vec<Vec<u8>> = fused_out.iter().map(|b| vec![0xAAu8; b.len()]).collect();
+        let table = steps.rope_table.as_ref().map(|t| {
+            let mut v = Vec::new();
+            for p in 0..64 {
+                let (cos, sin) = v3c_models::rope::cos_sin(&t.inv_freq, t.attention_factor, p);
+                v.extend(cos.iter().chain(&sin).flat_map(|x| x.to_le_bytes()));
+            }
+            (v, t.dim)
+        });
+        for step in &steps.steps {
+            // The step's operand buffers, in order.
+            let mut bufs: Vec<RawBuffer> = Vec::new();
+            for o in &step.operands {
+                bufs.push(match *o {
+                    Operand::Arg(i) => {
+                        let (b, shape, e) = &mut args[i];
+                        raw(b, shape, e)
+                    }
+                    Operand::Temp(i) => {
+                        let (b, shape, e) = &mut temps[i];
+                        raw(b, shape, e)
+                    }
+                    Operand::Result(i) => raw(&mut results[i], &out_shapes[i], &cpu.outputs[i].element),
+                    Operand::RopeTable => {
+                        let (v, dim) = table.as_ref().unwrap();
+                        RawBuffer { ptr: v.as_ptr() as *mut (), shape: vec![64, *dim], element: "f32".into() }
+                    }
+                });
+            }
+            match &step.kernel {
+                StepKernel::Row(k) => {
+                    let text = k.emit_cpu().unwrap();
+                    let m = v3c_compiler::conversion::v3_to_cpu::lower_to_llvm(&context, &text, "step").unwrap();
+                    let engine = melior::ExecutionEngine::new(&m, 2, &[], false, false);
+                    // SAFETY: operands bound as the step says, sized as the fused kernel's.
+                    unsafe { call_packed(&bufs, false, 0, 1, |a| engine.invoke_packed(&k.kernel_name(), a).unwrap()) };
+                }
+                StepKernel::Gemm(g) => {
+                    let read = |b: &RawBuffer, n: usize| -> Vec<u8> {
+                        // SAFETY: the buffer holds n bytes.
+                        unsafe { std::slice::from_raw_parts(b.ptr as *const u8, n).to_vec() }
+                    };
+                    let f32s = |b: &RawBuffer| -> Vec<f32> {
+                        let n: usize = b.shape.iter().product();
+                        read(b, 4 * n).chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+                    };
+                    let a = read(&bufs[g.a], rows * g.k);
+                    let a_scale = f32s(&bufs[g.a_scale.unwrap()]);
+                    let (mut w, mut ws) = (Vec::new(), Vec::new());
+                    for &(wi, si) in &g.weights {
+                        let n: usize = bufs[wi].shape.iter().product();
+                        w.extend(read(&bufs[wi], n));
+                        ws.extend(f32s(&bufs[si.unwrap()]));
+                    }
+                    let y = v3c_models::interp::kernels::matmul_fp8(
+                        &a,
+                        &a_scale,
+                        &w,
+                        &ws,
+                        rows,
+                        g.k,
+                        g.n,
+                        128,
+                        128,
+                        g.k.div_ceil(128),
+                    );
+                    let out = bufs.last().unwrap();
+                    // SAFETY: the output operand holds rows x n f32.
+                    unsafe { std::ptr::copy_nonoverlapping(y.as_ptr(), out.ptr as *mut f32, y.len()) };
+                }
+            }
+        }
+        for (k, (got, want)) in results.iter().zip(&fused_out).enumerate() {
+            match cpu.outputs[k].element.as_str() {
+                "f32" => {
+                    let f = |b: &[u8]| {
+                        b.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>()
+                    };
+                    let (g, w) = (f(got), f(want));
+                    let max = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+                        assert!((a - b).abs() <= 2e-3 * max, "{name}: result {k}[{i}] = {a}, fused kernel {b}");
+                    }
+                }
+                _ => {
+                    let differ = got.iter().zip(want).filter(|(a, b)| a != b).count();
+                    assert!(differ * 100 <= got.len(), "{name}: result {k}: {differ} of {} bytes differ", got.len());
+                }
+            }
+        }
+        checked.push(name);
+    }
+    checked.sort();
+    assert_eq!(checked, vec!["mla_q_up_0", "swiglu_0"]);
+}

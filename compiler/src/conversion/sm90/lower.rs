@@ -297,25 +297,256 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
             let d = ws.dims.first().copied().flatten().ok_or("rms_norm with a dynamic width")?;
             let dim = ks.dims.last().copied().flatten().ok_or("rope with a dynamic width")?;
             let eps = float_attr(first, "eps").ok_or("rms_norm without an eps")?;
-            let interleave = rope.attribute("interleave").map(|a| a.to_string() == "true").unwrap_or(true);
-            let inv = rope.attribute("inv_freq").map(|a| a.to_string()).map_err(|_| "rope without inv_freq")?;
-            let inv_freq = inv
-                .trim_start_matches("array<f32:")
-                .trim_end_matches('>')
-                .split(',')
-                .map(|v| v.trim().parse::<f32>().map_err(|_| format!("rope inv_freq '{v}'")))
-                .collect::<Result<Vec<f32>, String>>()?;
-            if inv_freq.len() * 2 != dim {
-                return Err(format!("rope of width {dim} with {} frequencies", inv_freq.len()));
+            let (table, interleave) = rope_table_of(rope)?;
+            if table.dim != dim {
+                return Err(format!("rope of width {} on k_pe of {dim}", table.dim));
             }
-            let attention_factor = float_attr(rope, "attention_factor").unwrap_or(1.0);
             let op = RowOp::Latent { eps, rope: dim, interleave, append };
-            Ok(RowLaunch {
-                kernel: RowKernel::new(op, d, &ws.element),
-                rope_table: Some(RopeTable { dim, inv_freq, attention_factor }),
-            })
+            Ok(RowLaunch { kernel: RowKernel::new(op, d, &ws.element), rope_table: Some(table) })
         }
         // Named by its ops, as a GEMM kernel that does not map is by the op that stops it.
         _ => Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + ")),
     }
+}
+
+/// A buffer one launch of a multi-launch lowering reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operand {
+    /// The fused kernel's argument.
+    Arg(usize),
+    /// The fused kernel's result.
+    Result(usize),
+    /// A temporary of the lowering ([`Steps::temps`]), live between its launches.
+    Temp(usize),
+    /// The RoPE table ([`Steps::rope_table`]).
+    RopeTable,
+}
+
+/// A temporary buffer: `[rows, cols]` where rows are the fused kernel's rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Temp {
+    pub cols: usize,
+    pub element: String,
+}
+
+/// What one launch runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepKernel {
+    /// A GEMM whose argument indices (`a`, `a_scale`, `weights`, `residual`) index the step's
+    /// operands; its output is the operand after them.
+    Gemm(GemmKernel),
+    Row(RowKernel),
+}
+
+/// One launch: its kernel and its operands in the kernel's argument order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub kernel: StepKernel,
+    pub operands: Vec<Operand>,
+}
+
+/// A fused kernel as several launches through temporaries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Steps {
+    pub steps: Vec<Step>,
+    pub temps: Vec<Temp>,
+    pub rope_table: Option<RopeTable>,
+}
+
+/// The launches of a fused kernel that no single template covers but a few do in sequence:
+/// - MLA's query up-projection (fp8): `rms_norm`, `quantize_fp8`, the q_b `linear`, `reshape`,
+///   `split` into nope and rope heads, `rope` -> row kernel (norm + 1x128 quantization), fp8 GEMM
+///   (f32 out), row kernel (split + RoPE from the table);
+/// - the dense SwiGLU MLP's first half (fp8): gate and up `linear`s on the same quantized
+///   activation, `silu_mul`, `quantize_fp8` -> one fp8 GEMM over the gate and up weights
+///   concatenated along N (f32 out), row kernel (SwiGLU + 1x128 quantization). (The GEMM template
+///   refuses fp8 SwiGLU epilogues: gate and up rows would share a 128-row weight scale block.)
+pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
+    let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("a kernel without a body")?;
+    let mut ops = Vec::new();
+    let mut op = block.first_operation();
+    while let Some(o) = op {
+        op = o.next_in_block();
+        ops.push(o);
+    }
+    let kind =
+        |o: &OperationRef| o.name().as_string_ref().as_str().unwrap_or_default().trim_start_matches("v3.").to_string();
+    let names: Vec<String> = ops.iter().map(kind).collect();
+    let raw = |v: melior::ir::Value| v.to_raw().ptr as usize;
+    let arg_shape = |i: usize| -> Result<Shape, String> {
+        let a = block.argument(i).map_err(|e| e.to_string())?;
+        Shape::parse(&a.r#type().to_string()).ok_or_else(|| "a non-tensor argument".to_string())
+    };
+    let is_arg = |v: melior::ir::Value, i: usize| block.argument(i).is_ok_and(|a| raw(a.into()) == raw(v));
+    fn operand<'c, 'a>(o: &OperationRef<'c, 'a>, i: usize) -> Result<melior::ir::Value<'c, 'a>, String> {
+        o.operand(i).map_err(|e| e.to_string())
+    }
+    let result = |o: &OperationRef, i: usize| o.result(i).map(|r| raw(r.into())).map_err(|e| e.to_string());
+    let fixed = |s: &Shape, d: usize| s.dims.get(d).copied().flatten().ok_or_else(|| "a dynamic width".to_string());
+    let fp8_gemm = |name: String, n: usize, k: usize, weights: Vec<(usize, Option<usize>)>| GemmKernel {
+        kernel: name,
+        input: GemmInput::Fp8,
+        output: GemmOutput::F32,
+        n,
+        k,
+        a: 0,
+        a_scale: Some(1),
+        weights,
+        residual: None,
+        results: vec![(0, n)],
+    };
+    let fused = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    match names.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["rms_norm", "quantize_fp8", "linear", "reshape", "split", "rope", "func.return"] => {
+            let (norm, quant, linear, reshape, split, rope, ret) =
+                (&ops[0], &ops[1], &ops[2], &ops[3], &ops[4], &ops[5], &ops[6]);
+            let wired = is_arg(operand(norm, 0)?, 0)
+                && is_arg(operand(norm, 1)?, 1)
+                && raw(operand(quant, 0)?) == result(norm, 0)?
+                && linear.operand_count() == 4
+                && raw(operand(linear, 0)?) == result(quant, 0)?
+                && raw(operand(linear, 1)?) == result(quant, 1)?
+                && is_arg(operand(linear, 2)?, 2)
+                && is_arg(operand(linear, 3)?, 3)
+                && raw(operand(reshape, 0)?) == result(linear, 0)?
+                && raw(operand(split, 0)?) == result(reshape, 0)?
+                && raw(operand(rope, 0)?) == result(split, 1)?
+                && is_arg(operand(rope, 1)?, 4)
+                && raw(operand(ret, 0)?) == result(split, 0)?
+                && raw(operand(ret, 1)?) == result(rope, 0)?;
+            if !wired {
+                return Err("the query up-projection's ops in another order".into());
+            }
+            let (x, w, wq) = (arg_shape(0)?, arg_shape(1)?, arg_shape(2)?);
+            if x.element != "f32" || wq.element != "f8E4M3FN" {
+                return Err(format!("a query up-projection of {} on {} weights", x.element, wq.element));
+            }
+            let (d, n) = (fixed(&w, 0)?, fixed(&wq, 0)?);
+            let heads_shape =
+                Shape::parse(&ops[3].result(0).map_err(|e| e.to_string())?.r#type().to_string()).ok_or("reshape")?;
+            let pe = Shape::parse(&ops[5].result(0).map_err(|e| e.to_string())?.r#type().to_string()).ok_or("rope")?;
+            let nope_shape =
+                Shape::parse(&ops[4].result(0).map_err(|e| e.to_string())?.r#type().to_string()).ok_or("split")?;
+            let (heads, nope, rope_dim) = (fixed(&heads_shape, 1)?, fixed(&nope_shape, 2)?, fixed(&pe, 2)?);
+            if heads * (nope + rope_dim) != n {
+                return Err(format!("{heads} heads of {nope} + {rope_dim} from {n} columns"));
+            }
+            let (table, interleave) = rope_table_of(rope)?;
+            let eps = float_attr(norm, "eps").ok_or("rms_norm without an eps")?;
+            let groups = d.div_ceil(super::rows::GROUP);
+            Ok(Steps {
+                temps: vec![
+                    Temp { cols: d, element: "f8E4M3FN".into() },
+                    Temp { cols: groups, element: "f32".into() },
+                    Temp { cols: n, element: "f32".into() },
+                ],
+                steps: vec![
+                    Step {
+                        kernel: StepKernel::Row(RowKernel::new(
+                            RowOp::RmsNorm { eps, keep: false, quantize: true },
+                            d,
+                            &w.element,
+                        )),
+                        operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Temp(0), Operand::Temp(1)],
+                    },
+                    Step {
+                        kernel: StepKernel::Gemm(fp8_gemm(format!("{fused}.gemm"), n, d, vec![(2, Some(3))])),
+                        operands: vec![
+                            Operand::Temp(0),
+                            Operand::Temp(1),
+                            Operand::Arg(2),
+                            Operand::Arg(3),
+                            Operand::Temp(2),
+                        ],
+                    },
+                    Step {
+                        kernel: StepKernel::Row(RowKernel::new(
+                            RowOp::SplitRope { heads, nope, rope: rope_dim, interleave },
+                            n,
+                            "f32",
+                        )),
+                        operands: vec![
+                            Operand::Temp(2),
+                            Operand::Arg(4),
+                            Operand::RopeTable,
+                            Operand::Result(0),
+                            Operand::Result(1),
+                        ],
+                    },
+                ],
+                rope_table: Some(table),
+            })
+        }
+        ["linear", "linear", "silu_mul", "quantize_fp8", "func.return"] => {
+            let (gate, up, silu, quant, ret) = (&ops[0], &ops[1], &ops[2], &ops[3], &ops[4]);
+            let wired = gate.operand_count() == 4
+                && up.operand_count() == 4
+                && is_arg(operand(gate, 0)?, 0)
+                && is_arg(operand(gate, 1)?, 1)
+                && is_arg(operand(gate, 2)?, 2)
+                && is_arg(operand(gate, 3)?, 3)
+                && is_arg(operand(up, 0)?, 0)
+                && is_arg(operand(up, 1)?, 1)
+                && is_arg(operand(up, 2)?, 4)
+                && is_arg(operand(up, 3)?, 5)
+                && raw(operand(silu, 0)?) == result(gate, 0)?
+                && raw(operand(silu, 1)?) == result(up, 0)?
+                && raw(operand(quant, 0)?) == result(silu, 0)?
+                && raw(operand(ret, 0)?) == result(quant, 0)?
+                && raw(operand(ret, 1)?) == result(quant, 1)?;
+            if !wired {
+                return Err("the SwiGLU MLP's ops in another order".into());
+            }
+            let (x, wg) = (arg_shape(0)?, arg_shape(2)?);
+            if x.element != "f8E4M3FN" || wg.element != "f8E4M3FN" {
+                return Err(format!("a SwiGLU MLP of {} on {} weights", x.element, wg.element));
+            }
+            let (inter, k) = (fixed(&wg, 0)?, fixed(&wg, 1)?);
+            if !inter.is_multiple_of(128) {
+                return Err(format!("gate and up weights of {inter} rows (not whole 128-row scale blocks)"));
+            }
+            Ok(Steps {
+                temps: vec![Temp { cols: 2 * inter, element: "f32".into() }],
+                steps: vec![
+                    Step {
+                        kernel: StepKernel::Gemm(fp8_gemm(
+                            format!("{fused}.gemm"),
+                            2 * inter,
+                            k,
+                            vec![(2, Some(3)), (4, Some(5))],
+                        )),
+                        operands: (0..6).map(Operand::Arg).chain([Operand::Temp(0)]).collect(),
+                    },
+                    Step {
+                        kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: true }, inter, "f32")),
+                        operands: vec![Operand::Temp(0), Operand::Result(0), Operand::Result(1)],
+                    },
+                ],
+                rope_table: None,
+            })
+        }
+        _ => Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + ")),
+    }
+}
+
+/// The table and pair layout of a `v3.rope` op.
+fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), String> {
+    let interleave = rope.attribute("interleave").map(|a| a.to_string() == "true").unwrap_or(true);
+    let dim = rope
+        .attribute("dim")
+        .ok()
+        .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<usize>().ok()))
+        .ok_or("rope without dim")?;
+    let inv = rope.attribute("inv_freq").map(|a| a.to_string()).map_err(|_| "rope without inv_freq")?;
+    let inv_freq = inv
+        .trim_start_matches("array<f32:")
+        .trim_end_matches('>')
+        .split(',')
+        .map(|v| v.trim().parse::<f32>().map_err(|_| format!("rope inv_freq '{v}'")))
+        .collect::<Result<Vec<f32>, String>>()?;
+    if inv_freq.len() * 2 != dim {
+        return Err(format!("rope of width {dim} with {} frequencies", inv_freq.len()));
+    }
+    let attention_factor = float_attr(rope, "attention_factor").unwrap_or(1.0);
+    Ok((RopeTable { dim, inv_freq, attention_factor }, interleave))
 }

@@ -176,10 +176,80 @@ pub struct ModelKernels {
     pub kernels: Vec<GpuKernel>,
     /// Per fused kernel mapped onto a row kernel: (fused kernel, its launch).
     pub rows: Vec<(String, lower::RowLaunch)>,
+    /// Per fused kernel lowered to several launches: (fused kernel, its steps, per step its
+    /// [decode, prefill] kernels when it is a GEMM).
+    pub compound: Vec<(String, lower::Steps, Vec<Option<[String; 2]>>)>,
     /// Fused kernels with no sm_90a lowering yet: (name, why).
     pub unsupported: Vec<(String, String)>,
     /// Configurations passed over because ptxas reported spills.
     pub spilled: Vec<String>,
+}
+
+impl ModelKernels {
+    /// Compiles row kernel `k` unless it is already compiled.
+    fn row_kernel(
+        &mut self,
+        context: &Context,
+        k: &rows::RowKernel,
+        target: &GpuTarget,
+        ptxas: Option<&FoundTool>,
+        progress: &mut impl FnMut(&str),
+    ) -> Result<(), Sm90Error> {
+        let name = k.kernel_name();
+        if !self.kernels.iter().any(|c| c.name == name) {
+            progress(&name);
+            let mut kernel = compile_rows(context, k, target)?;
+            if let Some(ptxas) = ptxas {
+                kernel.assemble(target, ptxas)?;
+            }
+            self.kernels.push(kernel);
+        }
+        Ok(())
+    }
+
+    /// The [decode, prefill] kernels of GEMM `g`: per regime the first of `choose`'s configurations
+    /// that compiles (with ptxas: without spilling), compiled once across the model.
+    fn gemm_kernels(
+        &mut self,
+        context: &Context,
+        g: &lower::GemmKernel,
+        target: &GpuTarget,
+        ptxas: Option<&FoundTool>,
+        choose: &mut dyn FnMut(&lower::GemmKernel, usize) -> Vec<gemm::GemmConfig>,
+        progress: &mut impl FnMut(&str),
+    ) -> Result<[String; 2], Sm90Error> {
+        let mut picked = Vec::new();
+        for m in [crate::tune::DECODE_M, crate::tune::PREFILL_M] {
+            let preferences = choose(g, m);
+            let mut chosen = None;
+            for config in &preferences {
+                let name = config.kernel_name();
+                if self.kernels.iter().any(|k| k.name == name) {
+                    chosen = Some(name);
+                    break;
+                }
+                progress(&name);
+                match compile_unspilled(context, config, target, ptxas)? {
+                    Some(kernel) => {
+                        self.kernels.push(kernel);
+                        chosen = Some(name);
+                        break;
+                    }
+                    None => self.spilled.push(name),
+                }
+            }
+            let name = chosen.ok_or_else(|| Sm90Error::Config {
+                kernel: g.kernel.clone(),
+                problem: format!(
+                    "{}: none of the {} configurations tried assembles without spilling",
+                    g.kernel,
+                    preferences.len()
+                ),
+            })?;
+            picked.push(name);
+        }
+        Ok(picked.try_into().expect("two regimes"))
+    }
 }
 
 /// Maps every kernel of `module` (stage `fused`) onto the sm_90a templates, compiling each
@@ -205,51 +275,29 @@ pub fn compile_model(
         let fused = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
         let row = lower::row_of_kernel(&f);
         if let Ok(launch) = row {
-            let name = launch.kernel.kernel_name();
-            if !out.kernels.iter().any(|k| k.name == name) {
-                progress(&name);
-                let mut kernel = compile_rows(context, &launch.kernel, target)?;
-                if let Some(ptxas) = ptxas {
-                    kernel.assemble(target, ptxas)?;
-                }
-                out.kernels.push(kernel);
-            }
+            out.row_kernel(context, &launch.kernel, target, ptxas, &mut progress)?;
             out.rows.push((fused, launch));
+            continue;
+        }
+        if let Ok(steps) = lower::steps_of_kernel(&f) {
+            let mut picked = Vec::new();
+            for step in &steps.steps {
+                match &step.kernel {
+                    lower::StepKernel::Row(k) => {
+                        out.row_kernel(context, k, target, ptxas, &mut progress)?;
+                        picked.push(None);
+                    }
+                    lower::StepKernel::Gemm(g) => {
+                        picked.push(Some(out.gemm_kernels(context, g, target, ptxas, choose, &mut progress)?))
+                    }
+                }
+            }
+            out.compound.push((fused, steps, picked));
             continue;
         }
         match lower::gemm_of_kernel(&f) {
             Ok(g) => {
-                let mut picked = Vec::new();
-                for m in [crate::tune::DECODE_M, crate::tune::PREFILL_M] {
-                    let preferences = choose(&g, m);
-                    let mut chosen = None;
-                    for config in &preferences {
-                        let name = config.kernel_name();
-                        if out.kernels.iter().any(|k| k.name == name) {
-                            chosen = Some(name);
-                            break;
-                        }
-                        progress(&name);
-                        match compile_unspilled(context, config, target, ptxas)? {
-                            Some(kernel) => {
-                                out.kernels.push(kernel);
-                                chosen = Some(name);
-                                break;
-                            }
-                            None => out.spilled.push(name),
-                        }
-                    }
-                    let name = chosen.ok_or_else(|| Sm90Error::Config {
-                        kernel: g.kernel.clone(),
-                        problem: format!(
-                            "{}: none of the {} configurations tried assembles without spilling",
-                            g.kernel,
-                            preferences.len()
-                        ),
-                    })?;
-                    picked.push(name);
-                }
-                let [decode, prefill]: [String; 2] = picked.try_into().expect("two regimes");
+                let [decode, prefill] = out.gemm_kernels(context, &g, target, ptxas, choose, &mut progress)?;
                 out.gemms.push((g, [decode, prefill]));
             }
             // A kernel that starts like a row kernel is named by the row template's reason.
