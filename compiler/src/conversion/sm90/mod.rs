@@ -167,6 +167,9 @@ pub fn compile_unspilled(
     Ok(Some(kernel))
 }
 
+/// The kernels of one GEMM for [decode, prefill].
+pub type RegimeKernels = [String; 2];
+
 /// The sm_90a lowering of a `fused`-stage module (the kernels of every entry point).
 #[derive(Debug, Default)]
 pub struct ModelKernels {
@@ -178,7 +181,7 @@ pub struct ModelKernels {
     pub rows: Vec<(String, lower::RowLaunch)>,
     /// Per fused kernel lowered to several launches: (fused kernel, its steps, per step its
     /// [decode, prefill] kernels when it is a GEMM).
-    pub compound: Vec<(String, lower::Steps, Vec<Option<[String; 2]>>)>,
+    pub compound: Vec<(String, lower::Steps, Vec<Option<RegimeKernels>>)>,
     /// Fused kernels with no sm_90a lowering yet: (name, why).
     pub unsupported: Vec<(String, String)>,
     /// Configurations passed over because ptxas reported spills.
