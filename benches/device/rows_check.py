@@ -12,6 +12,9 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
   rows_latent_<w>_d<D>_r<R>_t<T>_eps<E>[_il]_write: latent [B, D], w [D], k_pe [B, R], positions [B] (i64),
       cache [B, S, D + R] (written in place at each position), rope [positions, R] (cos | sin); grid B
   rows_latent_..._append: the same with cache [P, D + R], then out [P + T, D + R]; grid P + T
+  rows_splitrope_h<H>_n<N>_r<R>_t<T>[_il]: y [rows, H (N + R)], positions [rows], rope [positions, R],
+      q_nope [rows, H, N], q_pe [rows, H, R]
+  rows_silumul_d<D>_t<T>_(q|y): x [rows, 2D] (gate | up), then y [rows, D] or q, scale as above
 Launch: one block of T threads per row, no dynamic shared memory.
 
 Checks: outputs poisoned (NaN, 0x7F bytes) and fully written. y against torch in float64 within 1e-5
@@ -38,12 +41,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gemm_check import E4M3_MAX, Driver, memref_args  # noqa: E402
 
 NAME = re.compile(r"^rows_(embed|rmsnorm)_(bf16|f32)_d(\d+)_t(\d+)(?:_eps([0-9a-z]+))?(_y)?(_q)?$")
+SPLITROPE = re.compile(r"^rows_splitrope_h(\d+)_n(\d+)_r(\d+)_t(\d+)(_il)?$")
+SILUMUL = re.compile(r"^rows_silumul_d(\d+)_t(\d+)_(q|y)$")
 LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)$")
 GROUP = 128
 SLOTS = 64  # cache rows per sequence of the decode (write) problems
 
 
 def parse(name):
+    m = SPLITROPE.match(name)
+    if m:
+        h, n, r, t, il = m.groups()
+        h, n, r = int(h), int(n), int(r)
+        return {"name": name, "op": "splitrope", "heads": h, "nope": n, "rope": r, "d": h * (n + r), "threads": int(t),
+                "interleave": bool(il), "weight": "f32", "keep": False, "quantize": False}
+    m = SILUMUL.match(name)
+    if m:
+        d, t, mode = m.groups()
+        return {"name": name, "op": "silumul", "d": int(d), "threads": int(t), "weight": "f32",
+                "keep": mode == "y", "quantize": mode == "q"}
     m = LATENT.match(name)
     if m:
         w, d, r, t, eps, il, mode = m.groups()
@@ -92,6 +108,21 @@ def rope_table(cfg, positions=256):
     return torch.cat([angle.cos().float(), angle.sin().float()], dim=1).contiguous()
 
 
+def rotate(cfg, k, positions, table):
+    """RoPE of rows k [rows, r] at positions from the table, float64."""
+    half = cfg["rope"] // 2
+    cos, sin = table[positions.long(), :half].double(), table[positions.long(), half:].double()
+    k = k.double()
+    a, b = (k[:, 0::2], k[:, 1::2]) if cfg["interleave"] else (k[:, :half], k[:, half:])
+    rot = torch.empty_like(k)
+    ra, rb = a * cos - b * sin, b * cos + a * sin
+    if cfg["interleave"]:
+        rot[:, 0::2], rot[:, 1::2] = ra, rb
+    else:
+        rot[:, :half], rot[:, half:] = ra, rb
+    return rot
+
+
 def latent_reference(cfg, latent, w, k_pe, positions, table):
     """Rows of concat(rms_norm(latent) * w, rope(k_pe)) in float64 from the f32 table."""
     r, half = cfg["rope"], cfg["rope"] // 2
@@ -114,6 +145,11 @@ def latent_reference(cfg, latent, w, k_pe, positions, table):
 def problem(cfg, rows, device, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     d = cfg["d"]
+    if cfg["op"] == "splitrope":
+        return {"y": (torch.randn(rows, d, generator=gen) * 3).to(device), "rope": rope_table(cfg).to(device),
+                "positions": torch.randint(0, 256, (rows,), generator=gen, dtype=torch.int64).to(device)}
+    if cfg["op"] == "silumul":
+        return {"x": (torch.randn(rows, 2 * d, generator=gen) * 4).to(device)}
     if cfg["op"] == "latent":
         c = d + cfg["rope"]
         new = rows if not cfg["append"] else max(1, rows // 2)
@@ -141,6 +177,11 @@ def problem(cfg, rows, device, seed=0):
 
 def outputs(cfg, rows, device):
     d, out = cfg["d"], {}
+    if cfg["op"] == "splitrope":
+        h = cfg["heads"]
+        out["q_nope"] = torch.full((rows, h, cfg["nope"]), float("nan"), device=device)
+        out["q_pe"] = torch.full((rows, h, cfg["rope"]), float("nan"), device=device)
+        return out
     if cfg["op"] == "latent":
         if cfg["append"]:
             out["out"] = torch.full((rows, d + cfg["rope"]), float("nan"), device=device)
@@ -156,8 +197,8 @@ def outputs(cfg, rows, device):
 
 
 def arguments(cfg, inputs, outs):
-    order = {"embed": ["table", "ids", "out"], "latent": ["latent", "w", "k_pe", "positions", "cache", "rope", "out"]}.get(
-        cfg["op"], ["x", "w", "y", "q", "scale"])
+    order = {"embed": ["table", "ids", "out"], "latent": ["latent", "w", "k_pe", "positions", "cache", "rope", "out"],
+             "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"]}.get(cfg["op"], ["x", "w", "y", "q", "scale"])
     args = []
     for name in order:
         t = inputs.get(name, outs.get(name))
@@ -169,6 +210,29 @@ def arguments(cfg, inputs, outs):
 def check(cfg, inputs, outs):
     """Errors (strings) of the kernel's outputs against the references."""
     errors = []
+    if cfg["op"] == "splitrope":
+        rows, h, n, r = inputs["y"].shape[0], cfg["heads"], cfg["nope"], cfg["rope"]
+        heads = inputs["y"].view(rows, h, n + r)
+        if not torch.equal(outs["q_nope"], heads[:, :, :n]):
+            errors.append("q_nope: not the nope columns")
+        pos = inputs["positions"].repeat_interleave(h)
+        want = rotate(cfg, heads[:, :, n:].reshape(rows * h, r), pos, inputs["rope"]).view(rows, h, r)
+        bad = ((outs["q_pe"].double() - want).abs() > 1e-5 * want.abs() + 1e-6) | outs["q_pe"].isnan()
+        if bad.any():
+            errors.append(f"q_pe: {bad.sum().item()} of {bad.numel()} values off")
+        return errors
+    if cfg["op"] == "silumul":
+        d = cfg["d"]
+        x = inputs["x"].double()
+        y = torch.nn.functional.silu(x[:, :d]) * x[:, d:]
+        if cfg["keep"]:
+            # ex2.approx on the GPU: a few ulp.
+            bad = ((outs["y"].double() - y).abs() > 1e-5 * y.abs() + 1e-6) | outs["y"].isnan()
+            if bad.any():
+                errors.append(f"y: {bad.sum().item()} of {bad.numel()} values off")
+        if cfg["quantize"]:
+            errors += quantized_errors(y, outs)
+        return errors
     if cfg["op"] == "latent":
         want = latent_reference(cfg, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
         if cfg["append"]:
@@ -200,22 +264,34 @@ def check(cfg, inputs, outs):
         if bad.any():
             errors.append(f"y: {bad.sum().item()} of {bad.numel()} values off by more than 1e-5 relative")
     if cfg["quantize"]:
-        q, s = quantize_reference(y.float())
-        bad = ((outs["scale"] - s).abs() > 1e-5 * s) | outs["scale"].isnan()
-        if bad.any():
-            errors.append(f"scale: {bad.sum().item()} of {bad.numel()} off by more than 1e-5 relative")
-        differ = outs["q"] != q
-        if differ.sum().item() * 100 > differ.numel():
-            errors.append(f"q: {differ.sum().item()} of {differ.numel()} bytes differ (more than 1 %)")
-        a = outs["q"][differ].view(torch.float8_e4m3fn).float()
-        b = q[differ].view(torch.float8_e4m3fn).float()
-        if ((a - b).abs() > 0.125 * torch.maximum(a.abs(), b.abs())).any() or a.isnan().any():
-            errors.append("q: a byte more than one e4m3 step from the reference")
+        errors += quantized_errors(y, outs)
+    return errors
+
+
+def quantized_errors(y, outs):
+    """The kernel's 1x128 e4m3 bytes and scales against the reference quantization of y."""
+    errors = []
+    q, s = quantize_reference(y.float())
+    bad = ((outs["scale"] - s).abs() > 1e-5 * s) | outs["scale"].isnan()
+    if bad.any():
+        errors.append(f"scale: {bad.sum().item()} of {bad.numel()} off by more than 1e-5 relative")
+    differ = outs["q"] != q
+    if differ.sum().item() * 100 > differ.numel():
+        errors.append(f"q: {differ.sum().item()} of {differ.numel()} bytes differ (more than 1 %)")
+    a = outs["q"][differ].view(torch.float8_e4m3fn).float()
+    b = q[differ].view(torch.float8_e4m3fn).float()
+    if ((a - b).abs() > 0.125 * torch.maximum(a.abs(), b.abs())).any() or a.isnan().any():
+        errors.append("q: a byte more than one e4m3 step from the reference")
     return errors
 
 
 def bytes_moved(cfg, rows):
     d, wb = cfg["d"], 2 if cfg["weight"] == "bf16" else 4
+    if cfg["op"] == "splitrope":
+        return 2 * rows * d * 4 + rows * 8
+    if cfg["op"] == "silumul":
+        out = rows * d * 4 if cfg["keep"] else rows * d + rows * math.ceil(d / GROUP) * 4
+        return rows * 2 * d * 4 + out
     if cfg["op"] == "latent":
         c = d + cfg["rope"]
         new = rows if not cfg["append"] else max(1, rows // 2)
@@ -290,8 +366,21 @@ def self_test():
     inputs = problem(app, 6, "cpu")
     want = latent_reference(app, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
     assert check(app, inputs, {"out": torch.cat([inputs["cache"], want.float()])}) == []
+    sr = parse("rows_splitrope_h4_n8_r6_t32_il")
+    inputs = problem(sr, 3, "cpu")
+    heads = inputs["y"].view(3, 4, 14)
+    pe = rotate(sr, heads[:, :, 8:].reshape(12, 6), inputs["positions"].repeat_interleave(4), inputs["rope"])
+    outs = {"q_nope": heads[:, :, :8].clone(), "q_pe": pe.float().view(3, 4, 6)}
+    assert check(sr, inputs, outs) == []
+    outs["q_pe"][2, 3, 5] += 0.5
+    assert check(sr, inputs, outs), "a wrong rope value is caught"
+    sw = parse("rows_silumul_d300_t64_q")
+    inputs = problem(sw, 2, "cpu")
+    x = inputs["x"].double()
+    q, s = quantize_reference((torch.nn.functional.silu(x[:, :300]) * x[:, 300:]).float())
+    assert check(sw, inputs, {"q": q, "scale": s}) == []
     print("rows_check self-test: names parse; references normalize, quantize and rotate; the check catches a wrong "
-          "byte and a wrong cache value")
+          "byte, a wrong cache value and a wrong rope value")
 
 
 def main():
