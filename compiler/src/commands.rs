@@ -503,9 +503,13 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             .zip(picked)
             .map(|(step, gemm)| match (&step.kernel, gemm) {
                 (StepKernel::Row(k), _) => k.kernel_name(),
-                (StepKernel::Gemm(g), Some([decode, prefill])) => {
-                    format!("GEMM N {} K {} (decode {decode}, prefill {prefill})", g.n, g.k)
-                }
+                (StepKernel::Gemm(g), Some([decode, prefill])) => match &g.grouped {
+                    Some(gr) => format!(
+                        "grouped GEMM over {} experts, N {} K {} (decode {decode}, prefill {prefill}; fixed, not tuned)",
+                        gr.groups, g.n, g.k
+                    ),
+                    None => format!("GEMM N {} K {} (decode {decode}, prefill {prefill})", g.n, g.k),
+                },
                 (StepKernel::Gemm(g), None) => format!("GEMM N {} K {}", g.n, g.k),
             })
             .collect();

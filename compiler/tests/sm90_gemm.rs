@@ -327,9 +327,20 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     assert_eq!(q_up.steps.len(), 3);
     assert!(q_up_gemms[1].is_some() && q_up.rope_table.is_some());
     let (swiglu, _) = compound("swiglu_0").expect("swiglu_0 lowers to launches");
-    let v3c_compiler::conversion::sm90::lower::StepKernel::Gemm(g) = &swiglu.steps[0].kernel else { panic!("a GEMM") };
+    use v3c_compiler::conversion::sm90::lower::StepKernel;
+    let StepKernel::Gemm(g) = &swiglu.steps[0].kernel else { panic!("a GEMM") };
     assert_eq!((g.n, g.k, g.weights.len()), (2 * 18432, 7168, 2));
-    assert_eq!(why("moe_down_0").as_deref(), Some("moe_down"));
+    assert_eq!(why("moe_dispatch_0").as_deref(), Some("moe_dispatch"));
+    // The MoE grouped GEMMs: gathered gate|up over 257 groups (256 routed + 1 shared), then the
+    // down projection scattering into the residual.
+    let (gate_up, _) = compound("moe_gate_up_quantize_0").expect("the gate/up grouped GEMM");
+    let StepKernel::Gemm(g) = &gate_up.steps[0].kernel else { panic!("a GEMM") };
+    let gr = g.grouped.as_ref().unwrap();
+    assert_eq!((g.n, g.k, gr.groups, gr.routed, gr.weights.len()), (4096, 7168, 257, 256, 2));
+    let (down, picks) = compound("moe_down_0").expect("the down grouped GEMM");
+    let StepKernel::Gemm(g) = &down.steps[1].kernel else { panic!("a GEMM") };
+    assert!(g.grouped.as_ref().unwrap().scatter && g.grouped.as_ref().unwrap().row_scale.is_some());
+    assert!(picks[1].as_ref().unwrap()[0].ends_with("_contig_rowscale_scatter"), "{:?}", picks[1]);
     assert!(why("linear_0").unwrap().starts_with("linear on f32 activations with bf16 weights"));
 }
 

@@ -19,6 +19,7 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::SplitRope { heads: 128, nope: 128, rope: 64, interleave: true }, 128 * 192, "f32"),
         RowKernel::new(RowOp::SiluMul { quantize: true }, 18432, "f32"),
         RowKernel::new(RowOp::SiluMul { quantize: false }, 2048, "f32"),
+        RowKernel::new(RowOp::Copy, 7168, "f32"),
     ]
 }
 
@@ -35,7 +36,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
         assert!(kernel.ptx.contains(&format!(".maxntid {}, 1, 1", k.threads)), "{name}: block size");
         match k.op {
             RowOp::Embed => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase, no barrier"),
-            RowOp::SplitRope { .. } => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase"),
+            RowOp::SplitRope { .. } | RowOp::Copy => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase"),
             RowOp::SiluMul { quantize } => {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), if quantize { 2 } else { 0 }, "{name}: barriers");
                 assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
@@ -105,7 +106,8 @@ fn fused_kernels_map_onto_row_kernels_in_argument_order() {
     assert_eq!(err, "rms_norm results other than (y), (q, scale) or (y, q, scale)");
 }
 
-/// The multi-launch lowerings (MLA's query up-projection; the dense SwiGLU MLP) executed on the CPU
+/// The multi-launch lowerings (MLA's query up-projection; the dense SwiGLU MLP; the MoE gate/up and
+/// down grouped GEMMs) executed on the CPU
 /// — row steps through the row template's CPU lowering, GEMM steps by the reference's fp8 GEMM
 /// over the weights concatenated as the step says, temporaries and the RoPE table as the steps bind
 /// them — give what the CPU backend's fused kernels give on the same inputs: the steps' wiring is
@@ -120,7 +122,13 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
     use v3c_runtime::host::{call_packed, RawBuffer};
 
     let mut j: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_TINY_JSON).unwrap();
-    for (k, v) in [("hidden_size", 256), ("intermediate_size", 384), ("q_lora_rank", 256), ("num_attention_heads", 2)] {
+    for (k, v) in [
+        ("hidden_size", 256),
+        ("intermediate_size", 384),
+        ("moe_intermediate_size", 128),
+        ("q_lora_rank", 256),
+        ("num_attention_heads", 2),
+    ] {
         j[k] = v.into();
     }
     let config =
@@ -146,14 +154,41 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
         op = f.next_in_block();
         let name = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
         let Ok(steps) = lower::steps_of_kernel(&f) else { continue };
-        // Inputs by argument type: rows of activations, weights, scales, positions.
+        // Inputs by argument type: rows of activations, weights, scales, positions; a MoE kernel's
+        // routing (offsets, the token of each sorted row, weights) from a synthetic dispatch.
         let block = f.region(0).unwrap().first_block().unwrap();
+        let moe = name.starts_with("moe_");
+        let (experts, per_token) = (config.n_routed_experts, config.num_experts_per_tok + config.n_shared_experts);
+        let groups = experts + config.n_shared_experts;
+        let mut sorted: Vec<(usize, usize)> = Vec::new(); // (group, token)
+        for t in 0..rows {
+            let mut chosen: Vec<usize> = (0..experts).map(|e| (e * 5 + t * 3) % experts).collect();
+            chosen.dedup();
+            chosen.truncate(config.num_experts_per_tok);
+            sorted.extend(chosen.into_iter().map(|e| (e, t)));
+            sorted.extend((0..config.n_shared_experts).map(|s| (experts + s, t)));
+        }
+        sorted.sort();
+        let mut offsets = vec![0i32; groups + 1];
+        for &(g, _) in &sorted {
+            offsets[g + 1] += 1;
+        }
+        for g in 0..groups {
+            offsets[g + 1] += offsets[g];
+        }
+        let perm: Vec<i32> = sorted.iter().map(|&(_, t)| t as i32).collect();
         let mut args: Vec<(Vec<u8>, Vec<usize>, String)> = Vec::new();
         for i in 0..block.argument_count() {
             let ty = v3c_compiler::verify::Shape::parse(&block.argument(i).unwrap().r#type().to_string()).unwrap();
             let shape: Vec<usize> = ty.dims.iter().map(|d| d.unwrap_or(rows)).collect();
             let n: usize = shape.iter().product();
             let bytes: Vec<u8> = match ty.element.as_str() {
+                "i32" if moe && i == 2 => offsets.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                "i32" if moe && i == 3 => perm.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                "f32" if moe && i == 4 && name.starts_with("moe_down") => {
+                    rnd(n, 1.0).iter().flat_map(|v| (v.abs() + 0.1).to_le_bytes()).collect()
+                    // routing weights
+                }
                 "f32" if i > 0 && shape.len() == 2 && ty.dims[0].is_some() => {
                     rnd(n, 0.02).iter().flat_map(|v| (v.abs() + 1e-3).to_le_bytes()).collect()
                     // weight scales
@@ -195,8 +230,12 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
         let mut temps: Vec<(Vec<u8>, Vec<usize>, String)> = steps
             .temps
             .iter()
-            .map(|t| (vec![0u8; rows * t.cols * width(&t.element)], vec![rows, t.cols], t.element.clone()))
+            .map(|t| {
+                let r = rows * t.rows_factor;
+                (vec![0u8; r * t.cols * width(&t.element)], vec![r, t.cols], t.element.clone())
+            })
             .collect();
+        assert!(!moe || per_token == out_shapes.first().map_or(0, |s| if s.len() == 3 { s[1] } else { per_token }));
         let mut results: Vec<Vec<u8>> = fused_out.iter().map(|b| vec![0xAAu8; b.len()]).collect();
         let table = steps.rope_table.as_ref().map(|t| {
             let mut v = Vec::new();
@@ -233,6 +272,77 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                     let engine = melior::ExecutionEngine::new(&m, 2, &[], false, false);
                     // SAFETY: operands bound as the step says, sized as the fused kernel's.
                     unsafe { call_packed(&bufs, false, 0, 1, |a| engine.invoke_packed(&k.kernel_name(), a).unwrap()) };
+                }
+                StepKernel::Gemm(g) if g.grouped.is_some() => {
+                    let gr = g.grouped.as_ref().unwrap();
+                    let bytes = |b: &RawBuffer| -> Vec<u8> {
+                        let n: usize = b.shape.iter().product::<usize>() * width(&b.element);
+                        // SAFETY: the buffer holds its shape's elements.
+                        unsafe { std::slice::from_raw_parts(b.ptr as *const u8, n).to_vec() }
+                    };
+                    let f32s = |b: &RawBuffer| -> Vec<f32> {
+                        bytes(b).chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+                    };
+                    let i32s = |b: &RawBuffer| -> Vec<i32> {
+                        bytes(b).chunks(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+                    };
+                    let (a, a_scale) = (bytes(&bufs[g.a]), f32s(&bufs[g.a_scale.unwrap()]));
+                    let (offs, tokens) = (i32s(&bufs[gr.offsets]), i32s(&bufs[gr.perm]));
+                    let row_scale = gr.row_scale.map(|i| f32s(&bufs[i]));
+                    let kb = g.k.div_ceil(128);
+                    let out = bufs.last().unwrap();
+                    let mut result = f32s(out);
+                    for grp in 0..gr.groups {
+                        // Group grp's B rows: each weight's rows for it in turn (the load-time layout).
+                        let (mut wq, mut ws) = (Vec::new(), Vec::new());
+                        for part in &gr.weights {
+                            let (w, sc, index) = if grp < gr.routed {
+                                (bytes(&bufs[part.routed]), f32s(&bufs[part.routed_scale.unwrap()]), grp)
+                            } else {
+                                (
+                                    bytes(&bufs[part.shared.unwrap()]),
+                                    f32s(&bufs[part.shared_scale.unwrap()]),
+                                    grp - gr.routed,
+                                )
+                            };
+                            let sb = part.rows / 128 * kb;
+                            wq.extend_from_slice(&w[index * part.rows * g.k..(index + 1) * part.rows * g.k]);
+                            ws.extend_from_slice(&sc[index * sb..(index + 1) * sb]);
+                        }
+                        for p in offs[grp] as usize..offs[grp + 1] as usize {
+                            let token = tokens[p] as usize;
+                            let src = if gr.grouping == v3c_compiler::conversion::sm90::gemm::GemmGrouping::Gather {
+                                token
+                            } else {
+                                p
+                            };
+                            let mut y = v3c_models::interp::kernels::matmul_fp8(
+                                &a[src * g.k..(src + 1) * g.k],
+                                &a_scale[src * kb..(src + 1) * kb],
+                                &wq,
+                                &ws,
+                                1,
+                                g.k,
+                                g.n,
+                                128,
+                                128,
+                                kb,
+                            );
+                            if let Some(w) = &row_scale {
+                                y.iter_mut().for_each(|v| *v *= w[p]);
+                            }
+                            let dst = if gr.scatter { token } else { p };
+                            for (c, v) in y.iter().enumerate() {
+                                if gr.scatter {
+                                    result[dst * g.n + c] += v;
+                                } else {
+                                    result[dst * g.n + c] = *v;
+                                }
+                            }
+                        }
+                    }
+                    // SAFETY: the output operand holds its shape's f32.
+                    unsafe { std::ptr::copy_nonoverlapping(result.as_ptr(), out.ptr as *mut f32, result.len()) };
                 }
                 StepKernel::Gemm(g) => {
                     let read = |b: &RawBuffer, n: usize| -> Vec<u8> {
@@ -290,5 +400,5 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
         checked.push(name);
     }
     checked.sort();
-    assert_eq!(checked, vec!["mla_q_up_0", "swiglu_0"]);
+    assert_eq!(checked, vec!["mla_q_up_0", "moe_down_0", "moe_gate_up_quantize_0", "swiglu_0"]);
 }

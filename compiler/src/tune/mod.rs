@@ -380,6 +380,7 @@ mod tests {
             weights: vec![(2, Some(3))],
             residual: Some(4),
             results: vec![(0, 7168)],
+            grouped: None,
         };
         let shape = GemmShape::of(&kernel, DECODE_M);
         let entry = |winner: &str| db::DbEntry {

@@ -39,6 +39,40 @@ pub struct GemmKernel {
     pub residual: Option<usize>,
     /// Column range `[start, end)` of the GEMM output that each kernel result is.
     pub results: Vec<(usize, usize)>,
+    /// A grouped (MoE) GEMM: one launch over every expert.
+    pub grouped: Option<Grouped>,
+}
+
+/// One weight of a grouped GEMM: the routed experts' `[E, rows, K]` (and scales `[E, rows / 128,
+/// K / 128]`) and the shared experts' `[S * rows, K]` (and scales), by step operand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupedWeight {
+    pub routed: usize,
+    pub routed_scale: Option<usize>,
+    pub shared: Option<usize>,
+    pub shared_scale: Option<usize>,
+    /// Rows per expert.
+    pub rows: usize,
+}
+
+/// How a grouped GEMM's operands are organized (indices are step operands). B is re-laid out at
+/// load as `[groups * n, K]`: group g (expert g, then the shared experts one by one) holds each
+/// weight's rows for g in turn (gate then up: the SwiGLU step after it reads `[gate | up]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grouped {
+    pub grouping: super::gemm::GemmGrouping,
+    /// Routed experts plus shared experts.
+    pub groups: usize,
+    pub routed: usize,
+    /// Group boundaries `[groups + 1]` over the sorted rows.
+    pub offsets: usize,
+    /// The token of each sorted row (gathered from, or scattered into).
+    pub perm: usize,
+    /// The routing weight of each sorted row, multiplied in the epilogue.
+    pub row_scale: Option<usize>,
+    /// Rows added into their token's output row (f32 atomics: no fixed order).
+    pub scatter: bool,
+    pub weights: Vec<GroupedWeight>,
 }
 
 /// The GEMM a fused kernel is, or why it has no sm_90a lowering (a phrase naming the op).
@@ -65,6 +99,7 @@ pub fn gemm_of_kernel(kernel: &OperationRef) -> Result<GemmKernel, String> {
         weights: Vec::new(),
         residual: None,
         results: Vec::new(),
+        grouped: None,
     };
     let mut residual_sum: Option<usize> = None;
     let mut op = block.first_operation();
@@ -322,9 +357,11 @@ pub enum Operand {
     RopeTable,
 }
 
-/// A temporary buffer: `[rows, cols]` where rows are the fused kernel's rows.
+/// A temporary buffer: `[rows * rows_factor, cols]` where rows are the fused kernel's rows (a MoE
+/// temporary holds each token's routed and shared expert rows: `rows_factor` = top-k + shared).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Temp {
+    pub rows_factor: usize,
     pub cols: usize,
     pub element: String,
 }
@@ -338,7 +375,9 @@ pub enum StepKernel {
     Row(RowKernel),
 }
 
-/// One launch: its kernel and its operands in the kernel's argument order.
+/// One launch: its kernel and its operands in the kernel's argument order (buffers are contiguous:
+/// an argument of lower rank than its buffer sees the leading dims collapsed, e.g. a MoE result
+/// `[T, 9, 2048]` as `[T * 9, 2048]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     pub kernel: StepKernel,
@@ -394,6 +433,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         weights,
         residual: None,
         results: vec![(0, n)],
+        grouped: None,
     };
     let fused = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
     match names.iter().map(String::as_str).collect::<Vec<_>>()[..] {
@@ -436,9 +476,9 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             let groups = d.div_ceil(super::rows::GROUP);
             Ok(Steps {
                 temps: vec![
-                    Temp { cols: d, element: "f8E4M3FN".into() },
-                    Temp { cols: groups, element: "f32".into() },
-                    Temp { cols: n, element: "f32".into() },
+                    Temp { rows_factor: 1, cols: d, element: "f8E4M3FN".into() },
+                    Temp { rows_factor: 1, cols: groups, element: "f32".into() },
+                    Temp { rows_factor: 1, cols: n, element: "f32".into() },
                 ],
                 steps: vec![
                     Step {
@@ -506,7 +546,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 return Err(format!("gate and up weights of {inter} rows (not whole 128-row scale blocks)"));
             }
             Ok(Steps {
-                temps: vec![Temp { cols: 2 * inter, element: "f32".into() }],
+                temps: vec![Temp { rows_factor: 1, cols: 2 * inter, element: "f32".into() }],
                 steps: vec![
                     Step {
                         kernel: StepKernel::Gemm(fp8_gemm(
@@ -524,6 +564,128 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 ],
                 rope_table: None,
             })
+        }
+        ["moe_gate_up", "quantize_fp8", "func.return"] | ["moe_down", "func.return"] => {
+            let moe = &ops[0];
+            let gate_up = names[0] == "moe_gate_up";
+            let n_args = if gate_up { 12 } else { 10 };
+            let mut wired = moe.operand_count() == n_args;
+            for i in 0..moe.operand_count() {
+                wired &= is_arg(operand(moe, i)?, i);
+            }
+            if gate_up {
+                let (quant, ret) = (&ops[1], &ops[2]);
+                wired &= raw(operand(quant, 0)?) == result(moe, 0)?
+                    && raw(operand(ret, 0)?) == result(quant, 0)?
+                    && raw(operand(ret, 1)?) == result(quant, 1)?;
+            } else {
+                wired &= raw(operand(&ops[1], 0)?) == result(moe, 0)?;
+            }
+            if !wired {
+                return Err(format!("{} with its operands in another order", names[0]));
+            }
+            let int_attr = |name: &str| -> Option<usize> {
+                moe.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+            };
+            let (routed, shared) = (int_attr("num_experts").ok_or("num_experts")?, int_attr("num_shared").unwrap_or(0));
+            let x = arg_shape(0)?;
+            if x.element != "f8E4M3FN" {
+                return Err(format!("{} of {} activations (the grouped GEMMs here read e4m3)", names[0], x.element));
+            }
+            // Routed [E, rows, K]; the shared experts' rows follow them as groups.
+            let weight = |routed_arg: usize,
+                          scale_arg: usize,
+                          shared_arg: usize,
+                          shared_scale: usize|
+             -> Result<GroupedWeight, String> {
+                let w = arg_shape(routed_arg)?;
+                Ok(GroupedWeight {
+                    routed: routed_arg,
+                    routed_scale: Some(scale_arg),
+                    shared: (shared > 0).then_some(shared_arg),
+                    shared_scale: (shared > 0).then_some(shared_scale),
+                    rows: fixed(&w, 1)?,
+                })
+            };
+            let per_token = {
+                let out = Shape::parse(&moe.result(0).map_err(|e| e.to_string())?.r#type().to_string())
+                    .ok_or("moe result")?;
+                if gate_up {
+                    fixed(&out, 1)?
+                } else {
+                    fixed(&arg_shape(0)?, 1)?
+                }
+            };
+            let grouped = |grouping, weights: Vec<GroupedWeight>, row_scale, scatter| Grouped {
+                grouping,
+                groups: routed + shared,
+                routed,
+                offsets: 2,
+                perm: 3,
+                row_scale,
+                scatter,
+                weights,
+            };
+            let gemm = |n: usize, k: usize, g: Grouped| GemmKernel {
+                kernel: format!("{fused}.grouped"),
+                input: GemmInput::Fp8,
+                output: GemmOutput::F32,
+                n,
+                k,
+                a: 0,
+                a_scale: Some(1),
+                weights: Vec::new(),
+                residual: None,
+                results: vec![(0, n)],
+                grouped: Some(g),
+            };
+            use super::gemm::GemmGrouping;
+            if gate_up {
+                // Arguments: x, x scales, offsets, perm, gate, up, their scales, shared gate, up, scales.
+                let (g, u) = (weight(4, 6, 8, 10)?, weight(5, 7, 9, 11)?);
+                let (inter, k) = (g.rows, fixed(&arg_shape(4)?, 2)?);
+                Ok(Steps {
+                    temps: vec![Temp { rows_factor: per_token, cols: 2 * inter, element: "f32".into() }],
+                    steps: vec![
+                        Step {
+                            kernel: StepKernel::Gemm(gemm(
+                                2 * inter,
+                                k,
+                                grouped(GemmGrouping::Gather, vec![g, u], None, false),
+                            )),
+                            operands: (0..12).map(Operand::Arg).chain([Operand::Temp(0)]).collect(),
+                        },
+                        Step {
+                            kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: true }, inter, "f32")),
+                            operands: vec![Operand::Temp(0), Operand::Result(0), Operand::Result(1)],
+                        },
+                    ],
+                    rope_table: None,
+                })
+            } else {
+                // Arguments: h, h scales, offsets, perm, weights, down, scales, shared down, scales, residual.
+                let down = weight(5, 6, 7, 8)?;
+                let (d, k) = (down.rows, fixed(&arg_shape(5)?, 2)?);
+                Ok(Steps {
+                    temps: Vec::new(),
+                    steps: vec![
+                        // The residual first; the experts' rows are added onto it.
+                        Step {
+                            kernel: StepKernel::Row(RowKernel::new(RowOp::Copy, d, "f32")),
+                            operands: vec![Operand::Arg(9), Operand::Result(0)],
+                        },
+                        Step {
+                            kernel: StepKernel::Gemm(gemm(
+                                d,
+                                k,
+                                grouped(GemmGrouping::Contiguous, vec![down], Some(4), true),
+                            )),
+                            operands: (0..9).map(Operand::Arg).chain([Operand::Result(0)]).collect(),
+                        },
+                    ],
+                    rope_table: None,
+                })
+            }
         }
         _ => Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + ")),
     }
@@ -549,4 +711,36 @@ fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), String> {
     }
     let attention_factor = float_attr(rope, "attention_factor").unwrap_or(1.0);
     Ok((RopeTable { dim, inv_freq, attention_factor }, interleave))
+}
+
+/// Configurations for a grouped GEMM at `m` tokens, best first: fixed, not tuned yet (the cost
+/// model and the tuner know dense GEMMs only). Decode (few rows per expert): 64-row tiles, a
+/// producer warpgroup and a deep ring; prefill: two consumer warpgroups over 128-row tiles,
+/// persistent. Each list ends with shallower rings should the deeper ones not fit.
+pub fn grouped_preferences(
+    grouped: &Grouped,
+    g: &GemmKernel,
+    m: usize,
+    target: &crate::target::GpuTarget,
+) -> Vec<super::gemm::GemmConfig> {
+    use super::gemm::GemmConfig;
+    let mut out = Vec::new();
+    let decode = m <= crate::tune::DECODE_M;
+    let shapes: &[(usize, usize, bool)] =
+        if decode { &[(64, 128, false), (128, 128, false)] } else { &[(128, 128, true), (64, 128, false)] };
+    for &(block_m, block_n, wide) in shapes {
+        for stages in [8, 6, 5, 4, 3] {
+            let mut c = GemmConfig::grouped(grouped.grouping, g.input, g.output, block_m, block_n, stages);
+            if wide {
+                c.consumers = 2;
+                c.persistent = true;
+            }
+            c.row_scale = grouped.row_scale.is_some();
+            c.scatter = grouped.scatter;
+            if c.validate(target).is_ok() {
+                out.push(c);
+            }
+        }
+    }
+    out
 }

@@ -55,6 +55,8 @@ pub enum RowOp {
     /// SwiGLU of a gate|up GEMM output: `x [rows, 2d]` -> `silu(x[:, :d]) * x[:, d:]`, as f32 `y`
     /// or (`quantize`) its 1x128 e4m3 bytes and scales.
     SiluMul { quantize: bool },
+    /// `y = x` (f32 rows; e.g. the residual a scattering GEMM then adds into).
+    Copy,
 }
 
 /// A row kernel: its op, the row length and the element type of the table or weight.
@@ -106,6 +108,7 @@ impl RowKernel {
                 format!("rows_splitrope_h{heads}_n{nope}_r{rope}_t{t}{layout}")
             }
             RowOp::SiluMul { quantize } => format!("rows_silumul_d{d}_t{t}{}", if quantize { "_q" } else { "_y" }),
+            RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
             RowOp::Latent { eps, rope, interleave, append } => {
                 let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
                 let layout = if interleave { "_il" } else { "" };
@@ -143,6 +146,9 @@ impl RowKernel {
                 };
                 let op = RowOp::SiluMul { quantize };
                 Some(RowKernel { op, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
+            }
+            ("copy", [d, t]) => {
+                Some(RowKernel { op: RowOp::Copy, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
             }
             _ => None,
         };
@@ -222,6 +228,7 @@ impl RowKernel {
                 }
                 args
             }
+            RowOp::Copy => vec![("x", "memref<?x?xf32>".to_string()), ("y", "memref<?x?xf32>".into())],
             RowOp::SplitRope { .. } => vec![
                 ("y", "memref<?x?xf32>".to_string()),
                 ("positions", "memref<?xi64>".into()),
@@ -268,7 +275,7 @@ impl RowKernel {
             RowOp::Latent { append: true, .. } => "out",
             RowOp::Latent { append: false, .. } => "latent",
             RowOp::SplitRope { .. } => "y",
-            RowOp::SiluMul { .. } => "x",
+            RowOp::SiluMul { .. } | RowOp::Copy => "x",
         }
     }
 
@@ -285,7 +292,7 @@ impl RowKernel {
                 s
             }
             RowOp::Latent { .. } => vec![("sh_row", self.d), ("sh_sum", self.threads)],
-            RowOp::SplitRope { .. } | RowOp::SiluMul { quantize: false } => Vec::new(),
+            RowOp::SplitRope { .. } | RowOp::SiluMul { quantize: false } | RowOp::Copy => Vec::new(),
             RowOp::SiluMul { quantize: true } => {
                 vec![("sh_amax", self.groups() * AMAX_PARTS), ("sh_scale", self.groups())]
             }
@@ -456,6 +463,12 @@ scf.for %j = %tid to %cHalfAll step %cT {{
                     )
                 )]
             }
+            RowOp::Copy => vec!["scf.for %i = %tid to %cD step %cT {
+  %v = memref.load %x[%row, %i] : memref<?x?xf32>
+  memref.store %v, %y[%row, %i] : memref<?x?xf32>
+}
+"
+            .to_string()],
             RowOp::SiluMul { quantize } => {
                 // silu(g) * u = g / (1 + exp(-g)) * u, the reference's order; quantized, it is
                 // computed where each phase reads it (no row buffer: rows of 18432 would not fit).
