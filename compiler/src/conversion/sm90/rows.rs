@@ -57,6 +57,18 @@ pub enum RowOp {
     SiluMul { quantize: bool },
     /// `y = x` (f32 rows; e.g. the residual a scattering GEMM then adds into).
     Copy,
+    /// DeepSeek-V3's routing of one token (`d` = hidden): logits `x . gate^T` (a sequential sum per
+    /// expert, the reference's order), sigmoid scores `s`, selection on `s + bias` (groups scored by
+    /// their top two, the best `topk_group` groups kept, then the best `top_k` experts in them; ties
+    /// to the lower index), weights `s` of the chosen, normalized (`norm`) and scaled. Writes the
+    /// experts `idx [rows, top_k]` (i32) and weights `w [rows, top_k]`.
+    Route { experts: usize, top_k: usize, n_group: usize, topk_group: usize, norm: bool, scale: f32 },
+    /// The counting sort of the routed (token, expert) pairs by expert (one block: `experts +
+    /// shared` threads' worth of work): `offsets [experts + shared + 1]`, per sorted row its token
+    /// `sorted [tokens, top_k + shared]` and weight `rw`; tokens in order within an expert, the shared
+    /// experts taking every token with weight 1 after the routed ones (arguments `idx`, `w`,
+    /// `offsets`, `sorted`, `rw`). `d` = experts + shared.
+    Dispatch { experts: usize, shared: usize },
 }
 
 /// A row kernel: its op, the row length and the element type of the table or weight.
@@ -109,6 +121,12 @@ impl RowKernel {
             }
             RowOp::SiluMul { quantize } => format!("rows_silumul_d{d}_t{t}{}", if quantize { "_q" } else { "_y" }),
             RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
+            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale } => {
+                let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
+                let norm = if norm { "_norm" } else { "" };
+                format!("rows_route_{w}_d{d}_e{experts}_k{top_k}_g{n_group}_kg{topk_group}_s{scale}{norm}_t{t}")
+            }
+            RowOp::Dispatch { experts, shared } => format!("rows_dispatch_e{experts}_s{shared}_t{t}"),
             RowOp::Latent { eps, rope, interleave, append } => {
                 let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
                 let layout = if interleave { "_il" } else { "" };
@@ -146,6 +164,27 @@ impl RowKernel {
                 };
                 let op = RowOp::SiluMul { quantize };
                 Some(RowKernel { op, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
+            }
+            ("dispatch", [e, sh, t]) => {
+                let (experts, shared) = (number(e, 'e')?, number(sh, 's')?);
+                let op = RowOp::Dispatch { experts, shared };
+                Some(RowKernel { op, d: experts + shared, weight: "f32".into(), threads: number(t, 't')? })
+            }
+            ("route", [w, d, e, k, g, kg, sc, rest @ ..]) => {
+                let (norm, t) = match rest {
+                    ["norm", t] => (true, t),
+                    [t] => (false, t),
+                    _ => return None,
+                };
+                let op = RowOp::Route {
+                    experts: number(e, 'e')?,
+                    top_k: number(k, 'k')?,
+                    n_group: number(g, 'g')?,
+                    topk_group: kg.strip_prefix("kg")?.parse().ok()?,
+                    norm,
+                    scale: sc.strip_prefix('s')?.replace('m', "-").replace('p', ".").parse().ok()?,
+                };
+                Some(RowKernel { op, d: number(d, 'd')?, weight: w.to_string(), threads: number(t, 't')? })
             }
             ("copy", [d, t]) => {
                 Some(RowKernel { op: RowOp::Copy, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
@@ -229,6 +268,20 @@ impl RowKernel {
                 args
             }
             RowOp::Copy => vec![("x", "memref<?x?xf32>".to_string()), ("y", "memref<?x?xf32>".into())],
+            RowOp::Route { .. } => vec![
+                ("x", "memref<?x?xf32>".to_string()),
+                ("gate", format!("memref<?x?x{w}>")),
+                ("bias", "memref<?xf32>".into()),
+                ("idx", "memref<?x?xi32>".into()),
+                ("w", "memref<?x?xf32>".into()),
+            ],
+            RowOp::Dispatch { .. } => vec![
+                ("idx", "memref<?x?xi32>".to_string()),
+                ("w", "memref<?x?xf32>".into()),
+                ("offsets", "memref<?xi32>".into()),
+                ("sorted", "memref<?x?xi32>".into()),
+                ("rw", "memref<?x?xf32>".into()),
+            ],
             RowOp::SplitRope { .. } => vec![
                 ("y", "memref<?x?xf32>".to_string()),
                 ("positions", "memref<?xi64>".into()),
@@ -266,20 +319,21 @@ impl RowKernel {
         }
     }
 
-    /// The argument whose first dimension is the number of rows (the grid).
-    fn rows_argument(&self) -> &'static str {
-        match self.op {
+    /// The argument whose first dimension is the number of rows (the grid); None: one block.
+    pub fn rows_argument(&self) -> Option<&'static str> {
+        Some(match self.op {
             RowOp::Embed => "ids",
             RowOp::RmsNorm { .. } => "x",
             // Prefill: one block per output row (the cached ones copied); decode: per sequence.
             RowOp::Latent { append: true, .. } => "out",
             RowOp::Latent { append: false, .. } => "latent",
             RowOp::SplitRope { .. } => "y",
-            RowOp::SiluMul { .. } | RowOp::Copy => "x",
-        }
+            RowOp::SiluMul { .. } | RowOp::Copy | RowOp::Route { .. } => "x",
+            RowOp::Dispatch { .. } => return None,
+        })
     }
 
-    /// Shared arrays (name, f32 elements).
+    /// Shared arrays (name, elements of four bytes: see [`shared_element`]).
     fn shared(&self) -> Vec<(&'static str, usize)> {
         match self.op {
             RowOp::Embed => Vec::new(),
@@ -293,10 +347,30 @@ impl RowKernel {
             }
             RowOp::Latent { .. } => vec![("sh_row", self.d), ("sh_sum", self.threads)],
             RowOp::SplitRope { .. } | RowOp::SiluMul { quantize: false } | RowOp::Copy => Vec::new(),
+            RowOp::Route { experts, n_group, .. } => vec![
+                ("sh_row", self.d),
+                ("sh_s", experts),
+                ("sh_sb", experts),
+                ("sh_flag", experts),
+                ("sh_gscore", n_group),
+                ("sh_gflag", n_group),
+                ("sh_w", experts),
+            ],
+            RowOp::Dispatch { experts, shared } => vec![("sh_count", experts + shared), ("sh_off", experts + shared)],
             RowOp::SiluMul { quantize: true } => {
                 vec![("sh_amax", self.groups() * AMAX_PARTS), ("sh_scale", self.groups())]
             }
         }
+    }
+
+    /// The memref type of shared array `name` in `lowering` (workgroup memory on sm_90a).
+    fn shared_type(&self, name: &str, lowering: Lowering) -> String {
+        let n = self.shared().iter().find(|(s, _)| *s == name).map(|(_, n)| *n).expect("a declared shared array");
+        let space = match lowering {
+            Lowering::Gpu => ", #gpu.address_space<workgroup>",
+            Lowering::Cpu => "",
+        };
+        format!("memref<{n}x{}{space}>", shared_element(name))
     }
 
     /// Static shared memory, in bytes.
@@ -316,6 +390,21 @@ impl RowKernel {
         if let RowOp::Latent { rope, .. } | RowOp::SplitRope { rope, .. } = self.op {
             if rope == 0 || rope % 2 != 0 {
                 return Err(format!("{name}: a rope width of {rope} (a positive even number)"));
+            }
+        }
+        if let RowOp::Route { experts, top_k, n_group, topk_group, .. } = self.op {
+            let per = experts / n_group.max(1);
+            if n_group == 0
+                || experts % n_group != 0
+                || per < 2
+                || topk_group == 0
+                || topk_group > n_group
+                || top_k == 0
+                || top_k > topk_group * per
+            {
+                return Err(format!(
+                    "{name}: routing {experts} experts in {n_group} groups, keeping {topk_group} groups and {top_k} experts"
+                ));
             }
         }
         if !matches!(self.weight.as_str(), "bf16" | "f32") {
@@ -354,6 +443,9 @@ impl RowKernel {
             let _ = writeln!(s, "%cHalfAll = arith.constant {} : index", heads * rope / 2);
             let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
         }
+        if let RowOp::Route { .. } = self.op {
+            let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+        }
         if let RowOp::SiluMul { quantize } = self.op {
             let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
             if quantize {
@@ -385,14 +477,7 @@ impl RowKernel {
 
     /// The per-thread bodies, in order; a barrier separates consecutive phases.
     fn phases(&self, lowering: Lowering) -> Vec<String> {
-        let space = match lowering {
-            Lowering::Gpu => ", #gpu.address_space<workgroup>",
-            Lowering::Cpu => "",
-        };
-        let sh = |name: &str| -> String {
-            let n = self.shared().iter().find(|(s, _)| *s == name).map(|(_, n)| *n).expect("a declared shared array");
-            format!("memref<{n}xf32{space}>")
-        };
+        let sh = |name: &str| self.shared_type(name, lowering);
         match self.op {
             RowOp::Embed => {
                 let p = format!(
@@ -462,6 +547,244 @@ scf.for %j = %tid to %cHalfAll step %cT {{
                         |v, c, _| format!("  memref.store {v}, %q_pe[%row, %h, {c}] : memref<?x?x?xf32>\n"),
                     )
                 )]
+            }
+            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale } => {
+                let per = experts / n_group;
+                let (row, flag, gflag) = (sh("sh_row"), sh("sh_flag"), sh("sh_gflag"));
+                let (s_ty, sb, gscore, w_ty) = (sh("sh_s"), sh("sh_sb"), sh("sh_gscore"), sh("sh_w"));
+                // 1: the token into shared memory; the selection flags cleared.
+                let load = format!(
+                    "scf.for %i = %tid to %cD step %cT {{
+  %v = memref.load %x[%row, %i] : memref<?x?xf32>
+  memref.store %v, %sh_row[%i] : {row}
+}}
+%cE = arith.constant {experts} : index
+scf.for %e = %tid to %cE step %cT {{
+  memref.store %zero, %sh_flag[%e] : {flag}
+}}
+%cGr = arith.constant {n_group} : index
+scf.for %g = %tid to %cGr step %cT {{
+  memref.store %zero, %sh_gflag[%g] : {gflag}
+}}
+"
+                );
+                // 2: per expert its logit (a sequential sum, the reference's order), score, biased score.
+                let logits = format!(
+                    "%cE = arith.constant {experts} : index
+scf.for %e = %tid to %cE step %cT {{
+  %logit = scf.for %i = %c0 to %cD step %c1 iter_args(%a = %zero) -> (f32) {{
+    %xv = memref.load %sh_row[%i] : {row}
+{gate}    %p = arith.mulf %xv, %gv : f32
+    %a2 = arith.addf %a, %p : f32
+    scf.yield %a2 : f32
+  }}
+  %neg = arith.negf %logit : f32
+{exp}  %den = arith.addf %one, %ex : f32
+  %s = arith.divf %one, %den : f32
+  %b = memref.load %bias[%e] : memref<?xf32>
+  %sbv = arith.addf %s, %b : f32
+  memref.store %s, %sh_s[%e] : {s_ty}
+  memref.store %sbv, %sh_sb[%e] : {sb}
+}}
+",
+                    gate = self.load_weight("gv", "%gate", "%e, %i"),
+                    exp = exp(lowering, "%neg", "%ex"),
+                );
+                // 3: one thread selects, as the reference sorts: group scores (top two), the best
+                // groups, the best experts in them (strictly greater wins: ties to the lower index).
+                let weights = if norm {
+                    format!(
+                        "%sum = scf.for %j = %c0 to %cK step %c1 iter_args(%a = %zero) -> (f32) {{
+    %v = memref.load %sh_w[%j] : {w_ty}
+    %a2 = arith.addf %a, %v : f32
+    scf.yield %a2 : f32
+  }}
+  %tiny = arith.constant 1.0e-20 : f32
+  %total = arith.addf %sum, %tiny : f32
+  scf.for %j = %c0 to %cK step %c1 {{
+    %v = memref.load %sh_w[%j] : {w_ty}
+    %n = arith.divf %v, %total : f32
+    %sc = arith.mulf %n, %scale : f32
+    memref.store %sc, %w[%row, %j] : memref<?x?xf32>
+  }}
+"
+                    )
+                } else {
+                    format!(
+                        "scf.for %j = %c0 to %cK step %c1 {{
+    %v = memref.load %sh_w[%j] : {w_ty}
+    %sc = arith.mulf %v, %scale : f32
+    memref.store %sc, %w[%row, %j] : memref<?x?xf32>
+  }}
+"
+                    )
+                };
+                let select = format!(
+                    "%is0 = arith.cmpi eq, %tid, %c0 : index
+scf.if %is0 {{
+  %ninf = arith.constant 0xFF800000 : f32
+  %cE = arith.constant {experts} : index
+  %cGr = arith.constant {n_group} : index
+  %cPer = arith.constant {per} : index
+  %cKg = arith.constant {topk_group} : index
+  %cK = arith.constant {top_k} : index
+  %scale = arith.constant 0x{scale_bits:08X} : f32
+  scf.for %g = %c0 to %cGr step %c1 {{
+    %gb = arith.muli %g, %cPer : index
+    %ge = arith.addi %gb, %cPer : index
+    %top:2 = scf.for %i = %gb to %ge step %c1 iter_args(%a = %ninf, %b = %ninf) -> (f32, f32) {{
+      %v = memref.load %sh_sb[%i] : {sb}
+      %gta = arith.cmpf ogt, %v, %a : f32
+      %gtb = arith.cmpf ogt, %v, %b : f32
+      %na = arith.select %gta, %v, %a : f32
+      %nb0 = arith.select %gtb, %v, %b : f32
+      %nb = arith.select %gta, %a, %nb0 : f32
+      scf.yield %na, %nb : f32, f32
+    }}
+    %gs = arith.addf %top#0, %top#1 : f32
+    memref.store %gs, %sh_gscore[%g] : {gscore}
+  }}
+  scf.for %j = %c0 to %cKg step %c1 {{
+    %best:2 = scf.for %g = %c0 to %cGr step %c1 iter_args(%bv = %ninf, %bi = %cGr) -> (f32, index) {{
+      %kept = memref.load %sh_gflag[%g] : {gflag}
+      %free = arith.cmpf oeq, %kept, %zero : f32
+      %v = memref.load %sh_gscore[%g] : {gscore}
+      %gt = arith.cmpf ogt, %v, %bv : f32
+      %none = arith.cmpi eq, %bi, %cGr : index
+      %better = arith.ori %gt, %none : i1
+      %take = arith.andi %free, %better : i1
+      %nv = arith.select %take, %v, %bv : f32
+      %ni = arith.select %take, %g, %bi : index
+      scf.yield %nv, %ni : f32, index
+    }}
+    memref.store %one, %sh_gflag[%best#1] : {gflag}
+  }}
+  scf.for %j = %c0 to %cK step %c1 {{
+    %best:2 = scf.for %e = %c0 to %cE step %c1 iter_args(%bv = %ninf, %bi = %cE) -> (f32, index) {{
+      %g = arith.divui %e, %cPer : index
+      %gk = memref.load %sh_gflag[%g] : {gflag}
+      %ingroup = arith.cmpf oeq, %gk, %one : f32
+      %ch = memref.load %sh_flag[%e] : {flag}
+      %free = arith.cmpf oeq, %ch, %zero : f32
+      %ok = arith.andi %ingroup, %free : i1
+      %v = memref.load %sh_sb[%e] : {sb}
+      %gt = arith.cmpf ogt, %v, %bv : f32
+      %none = arith.cmpi eq, %bi, %cE : index
+      %better = arith.ori %gt, %none : i1
+      %take = arith.andi %ok, %better : i1
+      %nv = arith.select %take, %v, %bv : f32
+      %ni = arith.select %take, %e, %bi : index
+      scf.yield %nv, %ni : f32, index
+    }}
+    memref.store %one, %sh_flag[%best#1] : {flag}
+    %e32 = arith.index_cast %best#1 : index to i32
+    memref.store %e32, %idx[%row, %j] : memref<?x?xi32>
+    %sv = memref.load %sh_s[%best#1] : {s_ty}
+    memref.store %sv, %sh_w[%j] : {w_ty}
+  }}
+  {weights}}}
+",
+                    scale_bits = scale.to_bits(),
+                );
+                vec![load, logits, select]
+            }
+            RowOp::Dispatch { experts, shared } => {
+                let (count, off) = (sh("sh_count"), sh("sh_off"));
+                let header = format!(
+                    "%cE = arith.constant {experts} : index
+%cES = arith.constant {total} : index
+%nt = memref.dim %idx, %c0 : memref<?x?xi32>
+%nk = memref.dim %idx, %c1 : memref<?x?xi32>
+%width = memref.dim %sorted, %c1 : memref<?x?xi32>
+",
+                    total = experts + shared
+                );
+                // 1: per routed expert, its rows (one thread per expert scans every pair).
+                let counts = format!(
+                    "{header}%zero_i32 = arith.constant 0 : i32
+%one_i32 = arith.constant 1 : i32
+scf.for %e = %tid to %cE step %cT {{
+  %e32 = arith.index_cast %e : index to i32
+  %n = scf.for %t = %c0 to %nt step %c1 iter_args(%a = %zero_i32) -> (i32) {{
+    %nn = scf.for %k = %c0 to %nk step %c1 iter_args(%b = %a) -> (i32) {{
+      %v = memref.load %idx[%t, %k] : memref<?x?xi32>
+      %hit = arith.cmpi eq, %v, %e32 : i32
+      %inc = arith.select %hit, %one_i32, %zero_i32 : i32
+      %b2 = arith.addi %b, %inc : i32
+      scf.yield %b2 : i32
+    }}
+    scf.yield %nn : i32
+  }}
+  memref.store %n, %sh_count[%e] : {count}
+}}
+"
+                );
+                // 2: the offsets (the shared experts take every token).
+                let scan = format!(
+                    "{header}%is0 = arith.cmpi eq, %tid, %c0 : index
+scf.if %is0 {{
+  %zero_i32 = arith.constant 0 : i32
+  %nt32 = arith.index_cast %nt : index to i32
+  %end = scf.for %e = %c0 to %cES step %c1 iter_args(%start = %zero_i32) -> (i32) {{
+    %routed = arith.cmpi ult, %e, %cE : index
+    %n = scf.if %routed -> (i32) {{
+      %c = memref.load %sh_count[%e] : {count}
+      scf.yield %c : i32
+    }} else {{
+      scf.yield %nt32 : i32
+    }}
+    memref.store %start, %offsets[%e] : memref<?xi32>
+    memref.store %start, %sh_off[%e] : {off}
+    %next = arith.addi %start, %n : i32
+    scf.yield %next : i32
+  }}
+  memref.store %end, %offsets[%cES] : memref<?xi32>
+}}
+"
+                );
+                // 3: per expert its rows in token order.
+                let place = format!(
+                    "{header}%one_f = arith.constant 1.0 : f32
+scf.for %e = %tid to %cES step %cT {{
+  %e32 = arith.index_cast %e : index to i32
+  %o32 = memref.load %sh_off[%e] : {off}
+  %o = arith.index_cast %o32 : i32 to index
+  %routed = arith.cmpi ult, %e, %cE : index
+  scf.if %routed {{
+    %last = scf.for %t = %c0 to %nt step %c1 iter_args(%p = %o) -> (index) {{
+      %t32 = arith.index_cast %t : index to i32
+      %pp = scf.for %k = %c0 to %nk step %c1 iter_args(%q = %p) -> (index) {{
+        %v = memref.load %idx[%t, %k] : memref<?x?xi32>
+        %hit = arith.cmpi eq, %v, %e32 : i32
+        %q2 = scf.if %hit -> (index) {{
+          %r = arith.divui %q, %width : index
+          %c = arith.remui %q, %width : index
+          %wv = memref.load %w[%t, %k] : memref<?x?xf32>
+          memref.store %t32, %sorted[%r, %c] : memref<?x?xi32>
+          memref.store %wv, %rw[%r, %c] : memref<?x?xf32>
+          %q1 = arith.addi %q, %c1 : index
+          scf.yield %q1 : index
+        }} else {{
+          scf.yield %q : index
+        }}
+        scf.yield %q2 : index
+      }}
+      scf.yield %pp : index
+    }}
+  }} else {{
+    scf.for %t = %c0 to %nt step %c1 {{
+      %t32 = arith.index_cast %t : index to i32
+      %q = arith.addi %o, %t : index
+      %r = arith.divui %q, %width : index
+      %c = arith.remui %q, %width : index
+      memref.store %t32, %sorted[%r, %c] : memref<?x?xi32>
+      memref.store %one_f, %rw[%r, %c] : memref<?x?xf32>
+    }}
+  }}
+}}
+"
+                );
+                vec![counts, scan, place]
             }
             RowOp::Copy => vec!["scf.for %i = %tid to %cD step %cT {
   %v = memref.load %x[%row, %i] : memref<?x?xf32>
@@ -550,14 +873,7 @@ scf.for %i = %tid to %cHalf step %cT {{
     /// group, then per group the scale `max(amax, 1e-4) / 448`, then every column's byte. The row's
     /// value at a column is `value(column)` (lines defining `%v`), read twice: it must be the same.
     fn quant_phases(&self, lowering: Lowering, value: &dyn Fn(&str) -> String) -> Vec<String> {
-        let space = match lowering {
-            Lowering::Gpu => ", #gpu.address_space<workgroup>",
-            Lowering::Cpu => "",
-        };
-        let sh = |name: &str| -> String {
-            let n = self.shared().iter().find(|(s, _)| *s == name).map(|(_, n)| *n).expect("a declared shared array");
-            format!("memref<{n}xf32{space}>")
-        };
+        let sh = |name: &str| self.shared_type(name, lowering);
         let mut phases = Vec::new();
         phases.push(format!(
             "scf.for %j = %tid to %cGP step %cT {{
@@ -631,14 +947,7 @@ scf.for %i = %tid to %cHalf step %cT {{
         store: &str,
         after: &str,
     ) -> Vec<String> {
-        let space = match lowering {
-            Lowering::Gpu => ", #gpu.address_space<workgroup>",
-            Lowering::Cpu => "",
-        };
-        let sh = |name: &str| -> String {
-            let n = self.shared().iter().find(|(s, _)| *s == name).map(|(_, n)| *n).expect("a declared shared array");
-            format!("memref<{n}xf32{space}>")
-        };
+        let sh = |name: &str| self.shared_type(name, lowering);
         let guarded = |body: String, otherwise: Option<&str>| match guard {
             None => body,
             Some((cond, other)) => match otherwise.map(|_| other) {
@@ -762,11 +1071,8 @@ scf.for %i = %tid to %cD step %cT {{
     pub fn emit_gpu(&self) -> Result<String, String> {
         self.check()?;
         let args: Vec<String> = self.arguments().iter().map(|(n, t)| format!("%{n}: {t}")).collect();
-        let shared: Vec<String> = self
-            .shared()
-            .iter()
-            .map(|(n, len)| format!("%{n}: memref<{len}xf32, #gpu.address_space<workgroup>>"))
-            .collect();
+        let shared: Vec<String> =
+            self.shared().iter().map(|(n, _)| format!("%{n}: {}", self.shared_type(n, Lowering::Gpu))).collect();
         let attribution = if shared.is_empty() { String::new() } else { format!(" workgroup({})", shared.join(", ")) };
         let mut s = String::from("module attributes {gpu.container_module} {\ngpu.module @kernels {\n");
         let _ = writeln!(
@@ -807,12 +1113,16 @@ scf.for %i = %tid to %cD step %cT {{
             args.join(", ")
         );
         s.push_str(&self.constants());
-        for (name, len) in self.shared() {
-            let _ = writeln!(s, "%{name} = memref.alloca() : memref<{len}xf32>");
+        for (name, _) in self.shared() {
+            let _ = writeln!(s, "%{name} = memref.alloca() : {}", self.shared_type(name, Lowering::Cpu));
         }
-        let rows = self.rows_argument();
-        let rows_ty = &self.arguments().iter().find(|(n, _)| *n == rows).expect("the rows argument").1.clone();
-        let _ = writeln!(s, "%rows = memref.dim %{rows}, %c0 : {rows_ty}");
+        match self.rows_argument() {
+            Some(rows) => {
+                let rows_ty = &self.arguments().iter().find(|(n, _)| *n == rows).expect("the rows argument").1.clone();
+                let _ = writeln!(s, "%rows = memref.dim %{rows}, %c0 : {rows_ty}");
+            }
+            None => s.push_str("%rows = arith.constant 1 : index\n"),
+        }
         s.push_str("scf.for %row = %c0 to %rows step %c1 {\n");
         s.push_str(&self.prologue());
         for phase in self.phases(Lowering::Cpu) {
@@ -820,6 +1130,16 @@ scf.for %i = %tid to %cD step %cT {{
         }
         s.push_str("}\nreturn\n}\n}\n");
         Ok(s)
+    }
+}
+
+/// The element of a shared array: the dispatch's counts and offsets are i32, the rest f32 (all
+/// four bytes wide).
+fn shared_element(name: &str) -> &'static str {
+    if matches!(name, "sh_count" | "sh_off") {
+        "i32"
+    } else {
+        "f32"
     }
 }
 
@@ -1239,6 +1559,91 @@ mod tests {
             );
             assert_eq!(scale, want_s, "d {d}: scales");
             assert_eq!(q, want_q, "d {d}: e4m3 bytes");
+        }
+    }
+
+    /// Routing through the CPU lowering against the reference's `route` (bit for bit: the same
+    /// sequential logits, libm's exp, the same selection order), with and without normalization, on
+    /// near ties (equal logits for some experts), then the counting sort against the CPU
+    /// backend's layout (offsets, tokens in order per expert, the shared expert last).
+    #[test]
+    fn routing_and_dispatch_match_the_reference() {
+        let (d, experts, rows) = (96, 16, 7);
+        for (norm, top_k, n_group, topk_group) in [(true, 4, 4, 2), (false, 3, 8, 3)] {
+            let r = v3c_models::graph::Routing {
+                top_k,
+                n_group,
+                topk_group,
+                norm_topk_prob: norm,
+                routed_scaling_factor: 2.5,
+            };
+            let mut x = values(rows * d, 20, 2.0);
+            let gate32 = values(experts * d, 21, 0.5);
+            let mut gate: Vec<u16> = gate32.iter().map(|&v| f32_to_bf16(v)).collect();
+            // Experts 3 and 5 share a gate row: their scores tie ...
+            let (r3, r5) = (3 * d, 5 * d);
+            let copy: Vec<u16> = gate[r3..r3 + d].to_vec();
+            gate[r5..r5 + d].copy_from_slice(&copy);
+            let g_ref: Vec<f32> = gate.iter().map(|&b| bf16_to_f32(b)).collect();
+            let mut bias = values(experts, 22, 0.1);
+            // ... and their biases, large enough that both are chosen: the order says who won the tie.
+            (bias[3], bias[5]) = (1.0, 1.0);
+            let (mut idx, mut w) = (vec![-1i32; rows * top_k], vec![f32::NAN; rows * top_k]);
+            let op = RowOp::Route { experts, top_k, n_group, topk_group, norm, scale: 2.5 };
+            let kernel = RowKernel::new(op, d, "bf16");
+            assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
+            run_cpu(
+                &kernel,
+                &[
+                    raw(&mut x, &[rows, d], "f32"),
+                    raw(&mut gate, &[experts, d], "bf16"),
+                    raw(&mut bias, &[experts], "f32"),
+                    raw(&mut idx, &[rows, top_k], "i32"),
+                    raw(&mut w, &[rows, top_k], "f32"),
+                ],
+            );
+            let logits = kernels::matmul_nt(&x, &g_ref, rows, d, experts);
+            for t in 0..rows {
+                let (want_idx, want_w) = kernels::route(&logits[t * experts..(t + 1) * experts], &bias, &r);
+                let got: Vec<usize> = idx[t * top_k..(t + 1) * top_k].iter().map(|&i| i as usize).collect();
+                assert_eq!(got, want_idx, "token {t} (norm {norm}): experts");
+                assert_eq!(&w[t * top_k..(t + 1) * top_k], &want_w[..], "token {t} (norm {norm}): weights");
+            }
+            // The counting sort, with one shared expert.
+            let shared = 1;
+            let width = top_k + shared;
+            let mut offsets = vec![-1i32; experts + shared + 1];
+            let (mut tokens, mut rw) = (vec![-1i32; rows * width], vec![f32::NAN; rows * width]);
+            let dispatch = RowKernel::new(RowOp::Dispatch { experts, shared }, experts + shared, "f32");
+            run_cpu(
+                &dispatch,
+                &[
+                    raw(&mut idx, &[rows, top_k], "i32"),
+                    raw(&mut w, &[rows, top_k], "f32"),
+                    raw(&mut offsets, &[experts + shared + 1], "i32"),
+                    raw(&mut tokens, &[rows, width], "i32"),
+                    raw(&mut rw, &[rows, width], "f32"),
+                ],
+            );
+            let (mut want_tokens, mut want_w, mut want_off) = (Vec::new(), Vec::new(), vec![0i32]);
+            for e in 0..experts + shared {
+                for t in 0..rows {
+                    if e >= experts {
+                        want_tokens.push(t as i32);
+                        want_w.push(1.0);
+                    }
+                    for k in 0..top_k {
+                        if e < experts && idx[t * top_k + k] as usize == e {
+                            want_tokens.push(t as i32);
+                            want_w.push(w[t * top_k + k]);
+                        }
+                    }
+                }
+                want_off.push(want_tokens.len() as i32);
+            }
+            assert_eq!(offsets, want_off, "offsets");
+            assert_eq!(tokens, want_tokens, "tokens of the sorted rows");
+            assert_eq!(rw, want_w, "weights of the sorted rows");
         }
     }
 
