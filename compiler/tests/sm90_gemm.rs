@@ -330,7 +330,9 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     use v3c_compiler::conversion::sm90::lower::StepKernel;
     let StepKernel::Gemm(g) = &swiglu.steps[0].kernel else { panic!("a GEMM") };
     assert_eq!((g.n, g.k, g.weights.len()), (2 * 18432, 7168, 2));
-    assert_eq!(why("moe_dispatch_0").as_deref(), Some("moe_dispatch"));
+    assert_eq!(why("lm_head_0").as_deref(), Some("lm_head"));
+    let (dispatch, _) = compound("moe_dispatch_0").expect("routing lowers to launches");
+    assert_eq!(dispatch.steps.len(), 2);
     // The MoE grouped GEMMs: gathered gate|up over 257 groups (256 routed + 1 shared), then the
     // down projection scattering into the residual.
     let (gate_up, _) = compound("moe_gate_up_quantize_0").expect("the gate/up grouped GEMM");

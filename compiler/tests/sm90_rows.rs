@@ -20,6 +20,12 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::SiluMul { quantize: true }, 18432, "f32"),
         RowKernel::new(RowOp::SiluMul { quantize: false }, 2048, "f32"),
         RowKernel::new(RowOp::Copy, 7168, "f32"),
+        RowKernel::new(
+            RowOp::Route { experts: 256, top_k: 8, n_group: 8, topk_group: 4, norm: true, scale: 2.5 },
+            7168,
+            "bf16",
+        ),
+        RowKernel::new(RowOp::Dispatch { experts: 256, shared: 1 }, 257, "f32"),
     ]
 }
 
@@ -37,6 +43,9 @@ fn row_kernels_compile_to_sm90a_without_spills() {
         match k.op {
             RowOp::Embed => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase, no barrier"),
             RowOp::SplitRope { .. } | RowOp::Copy => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase"),
+            RowOp::Route { .. } | RowOp::Dispatch { .. } => {
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), 2, "{name}: three phases")
+            }
             RowOp::SiluMul { quantize } => {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), if quantize { 2 } else { 0 }, "{name}: barriers");
                 assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
@@ -391,6 +400,7 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                         assert!((a - b).abs() <= 2e-3 * max, "{name}: result {k}[{i}] = {a}, fused kernel {b}");
                     }
                 }
+                "i32" => assert_eq!(got, want, "{name}: result {k} (indices) differs"),
                 _ => {
                     let differ = got.iter().zip(want).filter(|(a, b)| a != b).count();
                     assert!(differ * 100 <= got.len(), "{name}: result {k}: {differ} of {} bytes differ", got.len());
@@ -400,5 +410,5 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
         checked.push(name);
     }
     checked.sort();
-    assert_eq!(checked, vec!["mla_q_up_0", "moe_down_0", "moe_gate_up_quantize_0", "swiglu_0"]);
+    assert_eq!(checked, vec!["mla_q_up_0", "moe_dispatch_0", "moe_down_0", "moe_gate_up_quantize_0", "swiglu_0"]);
 }

@@ -396,6 +396,10 @@ pub struct Steps {
 /// - MLA's query up-projection (fp8): `rms_norm`, `quantize_fp8`, the q_b `linear`, `reshape`,
 ///   `split` into nope and rope heads, `rope` -> row kernel (norm + 1x128 quantization), fp8 GEMM
 ///   (f32 out), row kernel (split + RoPE from the table);
+/// - MoE routing (`moe_dispatch`): a routing row per token (experts and weights), then one block
+///   sorting the pairs by expert (offsets, the token and weight of each sorted row);
+/// - the MoE grouped GEMMs (fp8): `moe_gate_up` + its quantization as a gathered grouped GEMM then
+///   the SwiGLU row; `moe_down` as a copy of the residual then a grouped GEMM scattering into it;
 /// - the dense SwiGLU MLP's first half (fp8): gate and up `linear`s on the same quantized
 ///   activation, `silu_mul`, `quantize_fp8` -> one fp8 GEMM over the gate and up weights
 ///   concatenated along N (f32 out), row kernel (SwiGLU + 1x128 quantization). (The GEMM template
@@ -560,6 +564,65 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                     Step {
                         kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: true }, inter, "f32")),
                         operands: vec![Operand::Temp(0), Operand::Result(0), Operand::Result(1)],
+                    },
+                ],
+                rope_table: None,
+            })
+        }
+        ["moe_dispatch", "func.return"] => {
+            let dispatch = &ops[0];
+            let wired = (0..3).all(|i| operand(dispatch, i).is_ok_and(|v| is_arg(v, i)))
+                && (0..3).all(|i| operand(&ops[1], i).is_ok_and(|v| result(dispatch, i).is_ok_and(|r| raw(v) == r)));
+            if !wired {
+                return Err("moe_dispatch with its operands in another order".into());
+            }
+            let int_attr = |name: &str| -> Option<usize> {
+                dispatch.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+            };
+            let (x, gate) = (arg_shape(0)?, arg_shape(1)?);
+            if x.element != "f32" {
+                return Err(format!("routing of {} activations", x.element));
+            }
+            let (experts, d) = (fixed(&gate, 0)?, fixed(&gate, 1)?);
+            let top_k = int_attr("top_k").ok_or("moe_dispatch without top_k")?;
+            let shared = int_attr("num_shared").unwrap_or(0);
+            let op = RowOp::Route {
+                experts,
+                top_k,
+                n_group: int_attr("n_group").ok_or("moe_dispatch without n_group")?,
+                topk_group: int_attr("topk_group").ok_or("moe_dispatch without topk_group")?,
+                norm: dispatch.attribute("norm_topk_prob").map(|a| a.to_string() == "true").unwrap_or(false),
+                scale: float_attr(dispatch, "routed_scaling_factor").unwrap_or(1.0),
+            };
+            Ok(Steps {
+                temps: vec![
+                    Temp { rows_factor: 1, cols: top_k, element: "i32".into() },
+                    Temp { rows_factor: 1, cols: top_k, element: "f32".into() },
+                ],
+                steps: vec![
+                    Step {
+                        kernel: StepKernel::Row(RowKernel::new(op, d, &gate.element)),
+                        operands: vec![
+                            Operand::Arg(0),
+                            Operand::Arg(1),
+                            Operand::Arg(2),
+                            Operand::Temp(0),
+                            Operand::Temp(1),
+                        ],
+                    },
+                    Step {
+                        kernel: StepKernel::Row(RowKernel::new(
+                            RowOp::Dispatch { experts, shared },
+                            experts + shared,
+                            "f32",
+                        )),
+                        operands: vec![
+                            Operand::Temp(0),
+                            Operand::Temp(1),
+                            Operand::Result(0),
+                            Operand::Result(1),
+                            Operand::Result(2),
+                        ],
                     },
                 ],
                 rope_table: None,

@@ -94,7 +94,11 @@ impl RowKernel {
     /// The row kernel for `op` on rows of `d` columns, with a block size suited to `d`
     /// (enough threads for every column to be one load per thread per 8 columns, at most 256).
     pub fn new(op: RowOp, d: usize, weight: &str) -> RowKernel {
-        let threads = (d / 8).next_power_of_two().clamp(32, 256);
+        let threads = match op {
+            // One thread per expert's scan of the pairs.
+            RowOp::Dispatch { .. } => d.next_power_of_two().clamp(32, 256),
+            _ => (d / 8).next_power_of_two().clamp(32, 256),
+        };
         RowKernel { op, d, weight: weight.to_string(), threads }
     }
 
