@@ -15,6 +15,8 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
   rows_splitrope_h<H>_n<N>_r<R>_t<T>[_il]: y [rows, H (N + R)], positions [rows], rope [positions, R],
       q_nope [rows, H, N], q_pe [rows, H, R]
   rows_silumul_d<D>_t<T>_(q|y): x [rows, 2D] (gate | up), then y [rows, D] or q, scale as above
+  rows_copy_d<D>_t<T>: x [rows, D], y [rows, D]
+(The routing rows, rows_route_* and rows_dispatch_*, are not checked on the device yet.)
 Launch: one block of T threads per row, no dynamic shared memory.
 
 Checks: outputs poisoned (NaN, 0x7F bytes) and fully written. y against torch in float64 within 1e-5
@@ -43,12 +45,17 @@ from gemm_check import E4M3_MAX, Driver, memref_args  # noqa: E402
 NAME = re.compile(r"^rows_(embed|rmsnorm)_(bf16|f32)_d(\d+)_t(\d+)(?:_eps([0-9a-z]+))?(_y)?(_q)?$")
 SPLITROPE = re.compile(r"^rows_splitrope_h(\d+)_n(\d+)_r(\d+)_t(\d+)(_il)?$")
 SILUMUL = re.compile(r"^rows_silumul_d(\d+)_t(\d+)_(q|y)$")
+COPY = re.compile(r"^rows_copy_d(\d+)_t(\d+)$")
 LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)$")
 GROUP = 128
 SLOTS = 64  # cache rows per sequence of the decode (write) problems
 
 
 def parse(name):
+    m = COPY.match(name)
+    if m:
+        return {"name": name, "op": "copy", "d": int(m.group(1)), "threads": int(m.group(2)), "weight": "f32",
+                "keep": False, "quantize": False}
     m = SPLITROPE.match(name)
     if m:
         h, n, r, t, il = m.groups()
@@ -150,6 +157,8 @@ def problem(cfg, rows, device, seed=0):
                 "positions": torch.randint(0, 256, (rows,), generator=gen, dtype=torch.int64).to(device)}
     if cfg["op"] == "silumul":
         return {"x": (torch.randn(rows, 2 * d, generator=gen) * 4).to(device)}
+    if cfg["op"] == "copy":
+        return {"x": torch.randn(rows, d, generator=gen).to(device)}
     if cfg["op"] == "latent":
         c = d + cfg["rope"]
         new = rows if not cfg["append"] else max(1, rows // 2)
@@ -177,6 +186,8 @@ def problem(cfg, rows, device, seed=0):
 
 def outputs(cfg, rows, device):
     d, out = cfg["d"], {}
+    if cfg["op"] == "copy":
+        return {"y": torch.full((rows, d), float("nan"), device=device)}
     if cfg["op"] == "splitrope":
         h = cfg["heads"]
         out["q_nope"] = torch.full((rows, h, cfg["nope"]), float("nan"), device=device)
@@ -198,7 +209,8 @@ def outputs(cfg, rows, device):
 
 def arguments(cfg, inputs, outs):
     order = {"embed": ["table", "ids", "out"], "latent": ["latent", "w", "k_pe", "positions", "cache", "rope", "out"],
-             "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"]}.get(cfg["op"], ["x", "w", "y", "q", "scale"])
+             "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"], "copy": ["x", "y"]}.get(
+        cfg["op"], ["x", "w", "y", "q", "scale"])
     args = []
     for name in order:
         t = inputs.get(name, outs.get(name))
@@ -210,6 +222,8 @@ def arguments(cfg, inputs, outs):
 def check(cfg, inputs, outs):
     """Errors (strings) of the kernel's outputs against the references."""
     errors = []
+    if cfg["op"] == "copy":
+        return [] if torch.equal(outs["y"], inputs["x"]) else ["copy: rows differ"]
     if cfg["op"] == "splitrope":
         rows, h, n, r = inputs["y"].shape[0], cfg["heads"], cfg["nope"], cfg["rope"]
         heads = inputs["y"].view(rows, h, n + r)
@@ -287,6 +301,8 @@ def quantized_errors(y, outs):
 
 def bytes_moved(cfg, rows):
     d, wb = cfg["d"], 2 if cfg["weight"] == "bf16" else 4
+    if cfg["op"] == "copy":
+        return 2 * rows * d * 4
     if cfg["op"] == "splitrope":
         return 2 * rows * d * 4 + rows * 8
     if cfg["op"] == "silumul":
@@ -379,6 +395,9 @@ def self_test():
     x = inputs["x"].double()
     q, s = quantize_reference((torch.nn.functional.silu(x[:, :300]) * x[:, 300:]).float())
     assert check(sw, inputs, {"q": q, "scale": s}) == []
+    cp = parse("rows_copy_d7168_t256")
+    inputs = problem(cp, 2, "cpu")
+    assert check(cp, inputs, {"y": inputs["x"].clone()}) == [] and check(cp, inputs, {"y": inputs["x"] + 1})
     print("rows_check self-test: names parse; references normalize, quantize and rotate; the check catches a wrong "
           "byte, a wrong cache value and a wrong rope value")
 
