@@ -16,6 +16,8 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
       q_nope [rows, H, N], q_pe [rows, H, R]
   rows_silumul_d<D>_t<T>_(q|y): x [rows, 2D] (gate | up), then y [rows, D] or q, scale as above
   rows_copy_d<D>_t<T>: x [rows, D], y [rows, D]
+  rows_splitbf16_d<D>_t<T>: x [rows, D] (f32), hi [rows, D], lo [rows, D] (bf16)
+  rows_concat_d<D>_b<B>_t<T>: x1 [rows, D], x2 [rows, B], y [rows, D + B]
 (The routing rows, rows_route_* and rows_dispatch_*, are not checked on the device yet.)
 Launch: one block of T threads per row, no dynamic shared memory.
 
@@ -46,12 +48,22 @@ NAME = re.compile(r"^rows_(embed|rmsnorm)_(bf16|f32)_d(\d+)_t(\d+)(?:_eps([0-9a-
 SPLITROPE = re.compile(r"^rows_splitrope_h(\d+)_n(\d+)_r(\d+)_t(\d+)(_il)?$")
 SILUMUL = re.compile(r"^rows_silumul_d(\d+)_t(\d+)_(q|y)$")
 COPY = re.compile(r"^rows_copy_d(\d+)_t(\d+)$")
+SPLIT = re.compile(r"^rows_splitbf16_d(\d+)_t(\d+)$")
+CONCAT = re.compile(r"^rows_concat_d(\d+)_b(\d+)_t(\d+)$")
 LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)$")
 GROUP = 128
 SLOTS = 64  # cache rows per sequence of the decode (write) problems
 
 
 def parse(name):
+    m = SPLIT.match(name)
+    if m:
+        return {"name": name, "op": "splitbf16", "d": int(m.group(1)), "threads": int(m.group(2)), "weight": "f32",
+                "keep": False, "quantize": False}
+    m = CONCAT.match(name)
+    if m:
+        return {"name": name, "op": "concat", "d": int(m.group(1)), "second": int(m.group(2)),
+                "threads": int(m.group(3)), "weight": "f32", "keep": False, "quantize": False}
     m = COPY.match(name)
     if m:
         return {"name": name, "op": "copy", "d": int(m.group(1)), "threads": int(m.group(2)), "weight": "f32",
@@ -157,8 +169,11 @@ def problem(cfg, rows, device, seed=0):
                 "positions": torch.randint(0, 256, (rows,), generator=gen, dtype=torch.int64).to(device)}
     if cfg["op"] == "silumul":
         return {"x": (torch.randn(rows, 2 * d, generator=gen) * 4).to(device)}
-    if cfg["op"] == "copy":
-        return {"x": torch.randn(rows, d, generator=gen).to(device)}
+    if cfg["op"] in ("copy", "splitbf16"):
+        return {"x": (torch.randn(rows, d, generator=gen) * 30).to(device)}
+    if cfg["op"] == "concat":
+        return {"x1": torch.randn(rows, d, generator=gen).to(device),
+                "x2": torch.randn(rows, cfg["second"], generator=gen).to(device)}
     if cfg["op"] == "latent":
         c = d + cfg["rope"]
         new = rows if not cfg["append"] else max(1, rows // 2)
@@ -188,6 +203,11 @@ def outputs(cfg, rows, device):
     d, out = cfg["d"], {}
     if cfg["op"] == "copy":
         return {"y": torch.full((rows, d), float("nan"), device=device)}
+    if cfg["op"] == "splitbf16":
+        return {"hi": torch.full((rows, d), float("nan"), dtype=torch.bfloat16, device=device),
+                "lo": torch.full((rows, d), float("nan"), dtype=torch.bfloat16, device=device)}
+    if cfg["op"] == "concat":
+        return {"y": torch.full((rows, d + cfg["second"]), float("nan"), device=device)}
     if cfg["op"] == "splitrope":
         h = cfg["heads"]
         out["q_nope"] = torch.full((rows, h, cfg["nope"]), float("nan"), device=device)
@@ -209,7 +229,8 @@ def outputs(cfg, rows, device):
 
 def arguments(cfg, inputs, outs):
     order = {"embed": ["table", "ids", "out"], "latent": ["latent", "w", "k_pe", "positions", "cache", "rope", "out"],
-             "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"], "copy": ["x", "y"]}.get(
+             "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"], "copy": ["x", "y"],
+             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"]}.get(
         cfg["op"], ["x", "w", "y", "q", "scale"])
     args = []
     for name in order:
@@ -224,6 +245,18 @@ def check(cfg, inputs, outs):
     errors = []
     if cfg["op"] == "copy":
         return [] if torch.equal(outs["y"], inputs["x"]) else ["copy: rows differ"]
+    if cfg["op"] == "concat":
+        want = torch.cat([inputs["x1"], inputs["x2"]], dim=1)
+        return [] if torch.equal(outs["y"], want) else ["concat: rows differ"]
+    if cfg["op"] == "splitbf16":
+        hi = inputs["x"].to(torch.bfloat16)  # round to nearest even, as the kernel
+        lo = (inputs["x"] - hi.float()).to(torch.bfloat16)
+        errors = []
+        if not torch.equal(outs["hi"], hi):
+            errors.append("hi: not x rounded to bf16")
+        if not torch.equal(outs["lo"], lo):
+            errors.append("lo: not the rest rounded to bf16")
+        return errors
     if cfg["op"] == "splitrope":
         rows, h, n, r = inputs["y"].shape[0], cfg["heads"], cfg["nope"], cfg["rope"]
         heads = inputs["y"].view(rows, h, n + r)
@@ -303,6 +336,10 @@ def bytes_moved(cfg, rows):
     d, wb = cfg["d"], 2 if cfg["weight"] == "bf16" else 4
     if cfg["op"] == "copy":
         return 2 * rows * d * 4
+    if cfg["op"] == "splitbf16":
+        return rows * d * (4 + 2 + 2)
+    if cfg["op"] == "concat":
+        return 2 * rows * (d + cfg["second"]) * 4
     if cfg["op"] == "splitrope":
         return 2 * rows * d * 4 + rows * 8
     if cfg["op"] == "silumul":
@@ -398,6 +435,12 @@ def self_test():
     cp = parse("rows_copy_d7168_t256")
     inputs = problem(cp, 2, "cpu")
     assert check(cp, inputs, {"y": inputs["x"].clone()}) == [] and check(cp, inputs, {"y": inputs["x"] + 1})
+    sp = parse("rows_splitbf16_d300_t64")
+    inputs = problem(sp, 2, "cpu")
+    hi = inputs["x"].to(torch.bfloat16)
+    lo = (inputs["x"] - hi.float()).to(torch.bfloat16)
+    assert ((hi.float() + lo.float() - inputs["x"]).abs() <= inputs["x"].abs() * 2 ** -16).all()
+    assert check(sp, inputs, {"hi": hi, "lo": lo}) == []
     print("rows_check self-test: names parse; references normalize, quantize and rotate; the check catches a wrong "
           "byte, a wrong cache value and a wrong rope value")
 

@@ -320,7 +320,8 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     let (_, latent) = lowered.rows.iter().find(|(k, _)| k == "mla_latent_1").unwrap();
     let table = latent.rope_table.as_ref().expect("the latent row reads a RoPE table");
     assert_eq!((table.dim, table.inv_freq.len(), table.inv_freq[0]), (64, 32, 1.0));
-    // MLA's query up-projection and the dense SwiGLU MLP are several launches.
+    // MLA's query up-projection, the dense SwiGLU MLP, routing, the MoE GEMMs, the head are several
+    // launches.
     let compound =
         |name: &str| lowered.compound.iter().find(|(k, _, _)| k == name).map(|(_, s, p)| (s.clone(), p.clone()));
     let (q_up, q_up_gemms) = compound("mla_q_up_0").expect("mla_q_up_0 lowers to launches");
@@ -330,7 +331,10 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     use v3c_compiler::conversion::sm90::lower::StepKernel;
     let StepKernel::Gemm(g) = &swiglu.steps[0].kernel else { panic!("a GEMM") };
     assert_eq!((g.n, g.k, g.weights.len()), (2 * 18432, 7168, 2));
-    assert_eq!(why("lm_head_0").as_deref(), Some("lm_head"));
+    assert_eq!(lowered.unsupported.len(), 2, "{:?}", lowered.unsupported);
+    assert_eq!(why("attention_decode_quantize_0").as_deref(), Some("attention_decode"));
+    let (head, _) = compound("lm_head_0").expect("the head: split into bf16 hi + lo, two GEMMs");
+    assert_eq!(head.steps.len(), 3);
     let (dispatch, _) = compound("moe_dispatch_0").expect("routing lowers to launches");
     assert_eq!(dispatch.steps.len(), 2);
     // The MoE grouped GEMMs: gathered gate|up over 257 groups (256 routed + 1 shared), then the
@@ -343,7 +347,8 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     let StepKernel::Gemm(g) = &down.steps[1].kernel else { panic!("a GEMM") };
     assert!(g.grouped.as_ref().unwrap().scatter && g.grouped.as_ref().unwrap().row_scale.is_some());
     assert!(picks[1].as_ref().unwrap()[0].ends_with("_contig_rowscale_scatter"), "{:?}", picks[1]);
-    assert!(why("linear_0").unwrap().starts_with("linear on f32 activations with bf16 weights"));
+    // The MTP's projection on f32 activations: split into bf16 hi + lo like the head.
+    assert_eq!(compound("linear_0").map(|(s, _)| s.steps.len()), Some(3));
 }
 
 /// Static pruning by ptxas: a configuration that fits on paper (validate) but spills in the

@@ -339,6 +339,17 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
             let op = RowOp::Latent { eps, rope: dim, interleave, append };
             Ok(RowLaunch { kernel: RowKernel::new(op, d, &ws.element), rope_table: Some(table) })
         }
+        ["concat", "func.return"] => {
+            let (a, b) = (shape(operand(first, 0)?)?, shape(operand(first, 1)?)?);
+            let wired = is_arg(operand(first, 0)?, 0) && is_arg(operand(first, 1)?, 1);
+            let axis = first.attribute("axis").map(|a| a.to_string()).unwrap_or_default();
+            if !wired || a.element != "f32" || a.dims.len() != 2 || b.dims.len() != 2 || !axis.starts_with("1 ") {
+                return Err("concat that is not of the kernel's two f32 row arguments along columns".into());
+            }
+            let (d, second) =
+                (a.dims[1].ok_or("concat with a dynamic width")?, b.dims[1].ok_or("concat with a dynamic width")?);
+            Ok(plain(RowKernel::new(RowOp::Concat { second }, d, "f32")))
+        }
         // Named by its ops, as a GEMM kernel that does not map is by the op that stops it.
         _ => Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + ")),
     }
@@ -400,6 +411,9 @@ pub struct Steps {
 ///   sorting the pairs by expert (offsets, the token and weight of each sorted row);
 /// - the MoE grouped GEMMs (fp8): `moe_gate_up` + its quantization as a gathered grouped GEMM then
 ///   the SwiGLU row; `moe_down` as a copy of the residual then a grouped GEMM scattering into it;
+/// - a GEMM on f32 activations with bf16 weights (`lm_head`, the MTP's `eh_proj` linear): the
+///   activations split into bf16 hi + lo by a row, then two bf16 GEMMs, the second adding onto the
+///   first's output (x W^T to ~2^-16, on the tensor cores);
 /// - the dense SwiGLU MLP's first half (fp8): gate and up `linear`s on the same quantized
 ///   activation, `silu_mul`, `quantize_fp8` -> one fp8 GEMM over the gate and up weights
 ///   concatenated along N (f32 out), row kernel (SwiGLU + 1x128 quantization). (The GEMM template
@@ -564,6 +578,54 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                     Step {
                         kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: true }, inter, "f32")),
                         operands: vec![Operand::Temp(0), Operand::Result(0), Operand::Result(1)],
+                    },
+                ],
+                rope_table: None,
+            })
+        }
+        [head @ ("lm_head" | "linear"), "func.return"] => {
+            let (gemm_op, ret) = (&ops[0], &ops[1]);
+            let wired = gemm_op.operand_count() == 2
+                && is_arg(operand(gemm_op, 0)?, 0)
+                && is_arg(operand(gemm_op, 1)?, 1)
+                && raw(operand(ret, 0)?) == result(gemm_op, 0)?;
+            let (x, w) = (arg_shape(0)?, arg_shape(1)?);
+            if !wired || x.element != "f32" || w.element != "bf16" || x.dims.len() != 2 {
+                return Err(format!("{head} on {} activations with {} weights", x.element, w.element));
+            }
+            let (n, k) = (fixed(&w, 0)?, fixed(&w, 1)?);
+            // f32 activations on the bf16 tensor cores: x = hi + lo (both bf16), two GEMMs into one
+            // f32 output, the second adding onto the first (its residual is the output).
+            let bf16_gemm = |suffix: &str, residual: Option<usize>| GemmKernel {
+                kernel: format!("{fused}.{suffix}"),
+                input: GemmInput::Bf16,
+                output: GemmOutput::F32,
+                n,
+                k,
+                a: 0,
+                a_scale: None,
+                weights: vec![(1, None)],
+                residual,
+                results: vec![(0, n)],
+                grouped: None,
+            };
+            Ok(Steps {
+                temps: vec![
+                    Temp { rows_factor: 1, cols: k, element: "bf16".into() },
+                    Temp { rows_factor: 1, cols: k, element: "bf16".into() },
+                ],
+                steps: vec![
+                    Step {
+                        kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
+                        operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
+                    },
+                    Step {
+                        kernel: StepKernel::Gemm(bf16_gemm("hi", None)),
+                        operands: vec![Operand::Temp(0), Operand::Arg(1), Operand::Result(0)],
+                    },
+                    Step {
+                        kernel: StepKernel::Gemm(bf16_gemm("lo", Some(2))),
+                        operands: vec![Operand::Temp(1), Operand::Arg(1), Operand::Result(0), Operand::Result(0)],
                     },
                 ],
                 rope_table: None,

@@ -69,6 +69,12 @@ pub enum RowOp {
     /// experts taking every token with weight 1 after the routed ones (arguments `idx`, `w`,
     /// `offsets`, `sorted`, `rw`). `d` = experts + shared.
     Dispatch { experts: usize, shared: usize },
+    /// f32 rows as two bf16 rows, `hi = bf16(x)` and `lo = bf16(x - hi)` (round to nearest even):
+    /// a bf16 GEMM of each, summed in f32, is x's GEMM to ~2^-16 — how GEMMs on f32 activations
+    /// (the head, the MTP projection) run on the bf16 tensor cores.
+    SplitBf16,
+    /// `y = [x1 | x2]` (f32 rows of `d` and `second` columns).
+    Concat { second: usize },
 }
 
 /// A row kernel: its op, the row length and the element type of the table or weight.
@@ -125,6 +131,8 @@ impl RowKernel {
             }
             RowOp::SiluMul { quantize } => format!("rows_silumul_d{d}_t{t}{}", if quantize { "_q" } else { "_y" }),
             RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
+            RowOp::SplitBf16 => format!("rows_splitbf16_d{d}_t{t}"),
+            RowOp::Concat { second } => format!("rows_concat_d{d}_b{second}_t{t}"),
             RowOp::Route { experts, top_k, n_group, topk_group, norm, scale } => {
                 let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
                 let norm = if norm { "_norm" } else { "" };
@@ -189,6 +197,16 @@ impl RowKernel {
                     scale: sc.strip_prefix('s')?.replace('m', "-").replace('p', ".").parse().ok()?,
                 };
                 Some(RowKernel { op, d: number(d, 'd')?, weight: w.to_string(), threads: number(t, 't')? })
+            }
+            ("splitbf16", [d, t]) => Some(RowKernel {
+                op: RowOp::SplitBf16,
+                d: number(d, 'd')?,
+                weight: "f32".into(),
+                threads: number(t, 't')?,
+            }),
+            ("concat", [d, b, t]) => {
+                let op = RowOp::Concat { second: number(b, 'b')? };
+                Some(RowKernel { op, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
             }
             ("copy", [d, t]) => {
                 Some(RowKernel { op: RowOp::Copy, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
@@ -272,6 +290,16 @@ impl RowKernel {
                 args
             }
             RowOp::Copy => vec![("x", "memref<?x?xf32>".to_string()), ("y", "memref<?x?xf32>".into())],
+            RowOp::SplitBf16 => vec![
+                ("x", "memref<?x?xf32>".to_string()),
+                ("hi", "memref<?x?xbf16>".into()),
+                ("lo", "memref<?x?xbf16>".into()),
+            ],
+            RowOp::Concat { .. } => vec![
+                ("x1", "memref<?x?xf32>".to_string()),
+                ("x2", "memref<?x?xf32>".into()),
+                ("y", "memref<?x?xf32>".into()),
+            ],
             RowOp::Route { .. } => vec![
                 ("x", "memref<?x?xf32>".to_string()),
                 ("gate", format!("memref<?x?x{w}>")),
@@ -332,7 +360,8 @@ impl RowKernel {
             RowOp::Latent { append: true, .. } => "out",
             RowOp::Latent { append: false, .. } => "latent",
             RowOp::SplitRope { .. } => "y",
-            RowOp::SiluMul { .. } | RowOp::Copy | RowOp::Route { .. } => "x",
+            RowOp::SiluMul { .. } | RowOp::Copy | RowOp::Route { .. } | RowOp::SplitBf16 => "x",
+            RowOp::Concat { .. } => "x1",
             RowOp::Dispatch { .. } => return None,
         })
     }
@@ -350,7 +379,11 @@ impl RowKernel {
                 s
             }
             RowOp::Latent { .. } => vec![("sh_row", self.d), ("sh_sum", self.threads)],
-            RowOp::SplitRope { .. } | RowOp::SiluMul { quantize: false } | RowOp::Copy => Vec::new(),
+            RowOp::SplitRope { .. }
+            | RowOp::SiluMul { quantize: false }
+            | RowOp::Copy
+            | RowOp::SplitBf16
+            | RowOp::Concat { .. } => Vec::new(),
             RowOp::Route { experts, n_group, .. } => vec![
                 ("sh_row", self.d),
                 ("sh_s", experts),
@@ -790,6 +823,51 @@ scf.for %e = %tid to %cES step %cT {{
                 );
                 vec![counts, scan, place]
             }
+            RowOp::SplitBf16 => {
+                // Round to nearest even by the bits (the same integer arithmetic in both lowerings).
+                let round = |x: &str, out: &str| {
+                    format!(
+                        "  {out}_bits = arith.bitcast {x} : f32 to i32
+  {out}_lsb0 = arith.shrui {out}_bits, %c16_i32 : i32
+  {out}_lsb = arith.andi {out}_lsb0, %c1_i32 : i32
+  {out}_bias = arith.addi {out}_lsb, %c7fff_i32 : i32
+  {out}_sum = arith.addi {out}_bits, {out}_bias : i32
+  {out}_top = arith.shrui {out}_sum, %c16_i32 : i32
+  {out}_i16 = arith.trunci {out}_top : i32 to i16
+  {out} = arith.bitcast {out}_i16 : i16 to bf16
+  {out}_back = arith.shli {out}_top, %c16_i32 : i32
+  {out}_f = arith.bitcast {out}_back : i32 to f32
+"
+                    )
+                };
+                vec![format!(
+                    "%c16_i32 = arith.constant 16 : i32
+%c1_i32 = arith.constant 1 : i32
+%c7fff_i32 = arith.constant 32767 : i32
+scf.for %i = %tid to %cD step %cT {{
+  %v = memref.load %x[%row, %i] : memref<?x?xf32>
+{}  %rest = arith.subf %v, %h_f : f32
+{}  memref.store %h, %hi[%row, %i] : memref<?x?xbf16>
+  memref.store %l, %lo[%row, %i] : memref<?x?xbf16>
+}}
+",
+                    round("%v", "%h"),
+                    round("%rest", "%l")
+                )]
+            }
+            RowOp::Concat { second } => vec![format!(
+                "scf.for %i = %tid to %cD step %cT {{
+  %v = memref.load %x1[%row, %i] : memref<?x?xf32>
+  memref.store %v, %y[%row, %i] : memref<?x?xf32>
+}}
+%cB = arith.constant {second} : index
+scf.for %i = %tid to %cB step %cT {{
+  %v = memref.load %x2[%row, %i] : memref<?x?xf32>
+  %col = arith.addi %i, %cD : index
+  memref.store %v, %y[%row, %col] : memref<?x?xf32>
+}}
+"
+            )],
             RowOp::Copy => vec!["scf.for %i = %tid to %cD step %cT {
   %v = memref.load %x[%row, %i] : memref<?x?xf32>
   memref.store %v, %y[%row, %i] : memref<?x?xf32>
@@ -1648,6 +1726,41 @@ mod tests {
             assert_eq!(offsets, want_off, "offsets");
             assert_eq!(tokens, want_tokens, "tokens of the sorted rows");
             assert_eq!(rw, want_w, "weights of the sorted rows");
+        }
+    }
+
+    /// f32 rows as bf16 hi + lo: hi is the reference's bf16 rounding of x, lo that of the rest, and
+    /// hi + lo is x to 2^-16; concatenation of two rows.
+    #[test]
+    fn split_bf16_and_concat_rows_are_exact() {
+        let (rows, d, second) = (3, 300, 77);
+        let mut x = values(rows * d, 30, 50.0);
+        x[5] = 1.0 + f32::EPSILON; // a rest below bf16's reach
+        let (mut hi, mut lo) = (vec![0u16; rows * d], vec![0u16; rows * d]);
+        run_cpu(
+            &RowKernel::new(RowOp::SplitBf16, d, "f32"),
+            &[raw(&mut x, &[rows, d], "f32"), raw(&mut hi, &[rows, d], "bf16"), raw(&mut lo, &[rows, d], "bf16")],
+        );
+        for i in 0..x.len() {
+            let want_hi = f32_to_bf16(x[i]);
+            assert_eq!(hi[i], want_hi, "hi[{i}] of {}", x[i]);
+            assert_eq!(lo[i], f32_to_bf16(x[i] - bf16_to_f32(want_hi)), "lo[{i}] of {}", x[i]);
+            let sum = bf16_to_f32(hi[i]) + bf16_to_f32(lo[i]);
+            assert!((sum - x[i]).abs() <= x[i].abs() * 2f32.powi(-16), "{} vs {}", sum, x[i]);
+        }
+        let (mut a, mut b) = (values(rows * d, 31, 1.0), values(rows * second, 32, 1.0));
+        let mut y = vec![f32::NAN; rows * (d + second)];
+        run_cpu(
+            &RowKernel::new(RowOp::Concat { second }, d, "f32"),
+            &[
+                raw(&mut a, &[rows, d], "f32"),
+                raw(&mut b, &[rows, second], "f32"),
+                raw(&mut y, &[rows, d + second], "f32"),
+            ],
+        );
+        for r in 0..rows {
+            assert_eq!(&y[r * (d + second)..r * (d + second) + d], &a[r * d..(r + 1) * d]);
+            assert_eq!(&y[r * (d + second) + d..(r + 1) * (d + second)], &b[r * second..(r + 1) * second]);
         }
     }
 
