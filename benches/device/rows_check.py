@@ -445,47 +445,62 @@ def self_test():
           "byte, a wrong cache value and a wrong rope value")
 
 
+def check_kernel(drv, ptx_dir, name, copy):
+    """Correctness at 1, 3 and 64 rows, then timing; the result as a dict (never raises for a kernel's own
+    failure: a launch error is reported as its error)."""
+    result = {"kernel": name, "errors": [], "timing": []}
+    try:
+        cfg = parse(name)
+        func = drv.load(open(os.path.join(ptx_dir, name + ".ptx")).read(), name)
+        for rows in (1, 3, 64):
+            inputs, outs, _ = run(drv, func, cfg, rows)
+            result["errors"] += [f"{rows} rows: {e}" for e in check(cfg, inputs, outs)]
+        # Decode's in-place write: caches of 64 slots per sequence, so at most 1024 sequences (151 MB).
+        for rows in (64, 1024 if cfg["op"] == "latent" and not cfg["append"] else 8192):
+            _, _, args = run(drv, func, cfg, rows)
+            us = median_us(drv, func, cfg, rows, args)
+            gbps = bytes_moved(cfg, rows) / (us * 1e-6) / 1e9
+            entry = {"rows": rows, "median_us": round(us, 2), "GBps": round(gbps, 1)}
+            if copy:
+                entry["of_copy_bandwidth"] = round(gbps / (copy * 1e3), 3)
+            result["timing"].append(entry)
+    except (RuntimeError, SystemExit, OSError) as e:
+        result["errors"].append(str(e))
+    result["ok"] = not result["errors"]
+    timing = ", ".join(f"{t['rows']} rows {t['median_us']} us ({t['GBps']} GB/s"
+                       + (f", {t['of_copy_bandwidth']:.0%} of copy" if "of_copy_bandwidth" in t else "") + ")"
+                       for t in result["timing"])
+    print(f"{name}: {'ok' if result['ok'] else 'FAILED: ' + '; '.join(result['errors'])}; {timing}", flush=True)
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ptx-dir", help="directory with <kernel>.ptx")
-    ap.add_argument("--kernel", help="kernel name (file stem in --ptx-dir)")
-    ap.add_argument("--out", help="JSON result file")
+    ap.add_argument("--kernel", action="append", help="kernel name (file stem in --ptx-dir); repeatable")
+    ap.add_argument("--all", action="store_true", help="every kernel in --ptx-dir, in one process")
+    ap.add_argument("--out-dir", help="write rows_<kernel>.json here")
     ap.add_argument("--ceilings", help="ceilings.json from check.sh step 1b (copy bandwidth)")
     ap.add_argument("--self-test", action="store_true", help="check the references on the CPU (no GPU)")
     a = ap.parse_args()
     if a.self_test:
         self_test()
         return 0
-    if not (a.ptx_dir and a.kernel):
-        ap.error("--ptx-dir and --kernel are required (or --self-test)")
-    cfg = parse(a.kernel)
+    if not a.ptx_dir or not (a.kernel or a.all):
+        ap.error("--ptx-dir and --kernel NAME (or --all) are required (or --self-test)")
+    names = sorted(f[:-4] for f in os.listdir(a.ptx_dir) if f.endswith(".ptx")) if a.all else a.kernel
     copy = None
     if a.ceilings and os.path.exists(a.ceilings):
         copy = json.load(open(a.ceilings)).get("copy_TBps")
     drv = Driver()
-    ptx = open(os.path.join(a.ptx_dir, a.kernel + ".ptx")).read()
-    func = drv.load(ptx, a.kernel)
-    result = {"kernel": a.kernel, "errors": [], "timing": []}
-    for rows in (1, 3, 64):
-        inputs, outs, _ = run(drv, func, cfg, rows)
-        result["errors"] += [f"{rows} rows: {e}" for e in check(cfg, inputs, outs)]
-    # Decode's in-place write: caches of 64 slots per sequence, so at most 1024 sequences (151 MB).
-    for rows in (64, 1024 if cfg["op"] == "latent" and not cfg["append"] else 8192):
-        _, _, args = run(drv, func, cfg, rows)
-        us = median_us(drv, func, cfg, rows, args)
-        gbps = bytes_moved(cfg, rows) / (us * 1e-6) / 1e9
-        entry = {"rows": rows, "median_us": round(us, 2), "GBps": round(gbps, 1)}
-        if copy:
-            entry["of_copy_bandwidth"] = round(gbps / (copy * 1e3), 3)
-        result["timing"].append(entry)
-    result["ok"] = not result["errors"]
-    if a.out:
-        json.dump(result, open(a.out, "w"), indent=1)
-    timing = ", ".join(f"{t['rows']} rows {t['median_us']} us ({t['GBps']} GB/s"
-                       + (f", {t['of_copy_bandwidth']:.0%} of copy" if "of_copy_bandwidth" in t else "") + ")"
-                       for t in result["timing"])
-    print(f"{a.kernel}: {'ok' if result['ok'] else 'FAILED: ' + '; '.join(result['errors'])}; {timing}")
-    return 0 if result["ok"] else 1
+    failed = 0
+    for name in names:
+        result = check_kernel(drv, a.ptx_dir, name, copy)
+        failed += not result["ok"]
+        if a.out_dir:
+            json.dump(result, open(os.path.join(a.out_dir, f"rows_{name}.json"), "w"), indent=1)
+    print(f"rows_check: {len(names) - failed} of {len(names)} row kernels ok")
+    return 0 if failed == 0 else 1
 
 
 if __name__ == "__main__":
