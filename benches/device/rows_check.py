@@ -18,7 +18,10 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
   rows_copy_d<D>_t<T>: x [rows, D], y [rows, D]
   rows_splitbf16_d<D>_t<T>: x [rows, D] (f32), hi [rows, D], lo [rows, D] (bf16)
   rows_concat_d<D>_b<B>_t<T>: x1 [rows, D], x2 [rows, B], y [rows, D + B]
-(The routing rows, rows_route_* and rows_dispatch_*, are not checked on the device yet.)
+  rows_route_<w>_d<D>_e<E>_k<K>_g<G>_kg<KG>_s<S>[_norm]_t<T>: x [rows, D], gate [E, D], bias [E], then
+      idx [rows, K] (i32), w [rows, K]
+  rows_dispatch_e<E>_s<S>_t<T>: idx [rows, K], w [rows, K], offsets [E + S + 1], sorted [rows, K + S] (i32),
+      rw [rows, K + S]; one block (grid 1)
 Launch: one block of T threads per row, no dynamic shared memory.
 
 Checks: outputs poisoned (NaN, 0x7F bytes) and fully written. y against torch in float64 within 1e-5
@@ -48,6 +51,8 @@ NAME = re.compile(r"^rows_(embed|rmsnorm)_(bf16|f32)_d(\d+)_t(\d+)(?:_eps([0-9a-
 SPLITROPE = re.compile(r"^rows_splitrope_h(\d+)_n(\d+)_r(\d+)_t(\d+)(_il)?$")
 SILUMUL = re.compile(r"^rows_silumul_d(\d+)_t(\d+)_(q|y)$")
 COPY = re.compile(r"^rows_copy_d(\d+)_t(\d+)$")
+ROUTE = re.compile(r"^rows_route_(bf16|f32)_d(\d+)_e(\d+)_k(\d+)_g(\d+)_kg(\d+)_s([0-9a-z]+?)(_norm)?_t(\d+)$")
+DISPATCH = re.compile(r"^rows_dispatch_e(\d+)_s(\d+)_t(\d+)$")
 SPLIT = re.compile(r"^rows_splitbf16_d(\d+)_t(\d+)$")
 CONCAT = re.compile(r"^rows_concat_d(\d+)_b(\d+)_t(\d+)$")
 LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)$")
@@ -56,6 +61,17 @@ SLOTS = 64  # cache rows per sequence of the decode (write) problems
 
 
 def parse(name):
+    m = ROUTE.match(name)
+    if m:
+        w, d, e, k, g, kg, sc, norm, t = m.groups()
+        return {"name": name, "op": "route", "weight": w, "d": int(d), "experts": int(e), "top_k": int(k),
+                "n_group": int(g), "topk_group": int(kg), "scale": float(sc.replace("m", "-").replace("p", ".")),
+                "norm": bool(norm), "threads": int(t), "keep": False, "quantize": False}
+    m = DISPATCH.match(name)
+    if m:
+        e, sh, t = map(int, m.groups())
+        return {"name": name, "op": "dispatch", "experts": e, "shared": sh, "d": e + sh, "threads": t,
+                "weight": "f32", "top_k": 8, "keep": False, "quantize": False}
     m = SPLIT.match(name)
     if m:
         return {"name": name, "op": "splitbf16", "d": int(m.group(1)), "threads": int(m.group(2)), "weight": "f32",
@@ -161,9 +177,49 @@ def latent_reference(cfg, latent, w, k_pe, positions, table):
     return torch.cat([y, rot], dim=1)
 
 
+def route_reference(cfg, x, gate, bias):
+    """DeepSeek-V3's routing in float64 (stable sorts: ties to the lower index): (experts, weights)."""
+    e, g, per = cfg["experts"], cfg["n_group"], cfg["experts"] // cfg["n_group"]
+    s = torch.sigmoid(x.double() @ gate.double().T)
+    sb = s + bias.double()[None, :]
+    top2 = sb.view(-1, g, per).sort(dim=2, descending=True, stable=True).values[:, :, :2].sum(dim=2)
+    groups = top2.sort(dim=1, descending=True, stable=True).indices[:, :cfg["topk_group"]]
+    keep = torch.zeros(x.shape[0], g, dtype=torch.bool, device=x.device).scatter_(1, groups, True)
+    masked = torch.where(keep.repeat_interleave(per, dim=1), sb, torch.full_like(sb, float("-inf")))
+    idx = masked.sort(dim=1, descending=True, stable=True).indices[:, :cfg["top_k"]]
+    w = s.gather(1, idx)
+    if cfg["norm"]:
+        w = w / (w.sum(dim=1, keepdim=True) + 1e-20)
+    return idx, w * cfg["scale"]
+
+
+def dispatch_reference(cfg, idx, w):
+    """The counting sort: offsets, token and weight per sorted row (tokens in order per expert)."""
+    rows, k = idx.shape
+    tokens, weights, offsets = [], [], [0]
+    idx_l, w_l = idx.tolist(), w.tolist()
+    for e in range(cfg["experts"] + cfg["shared"]):
+        for t in range(rows):
+            if e >= cfg["experts"]:
+                tokens.append(t), weights.append(1.0)
+            for j in range(k):
+                if e < cfg["experts"] and idx_l[t][j] == e:
+                    tokens.append(t), weights.append(w_l[t][j])
+        offsets.append(len(tokens))
+    return offsets, tokens, weights
+
+
 def problem(cfg, rows, device, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     d = cfg["d"]
+    if cfg["op"] == "route":
+        return {"x": torch.randn(rows, d, generator=gen).to(device),
+                "gate": (torch.randn(cfg["experts"], d, generator=gen) * 0.02).to(dtype(cfg["weight"])).to(device),
+                "bias": (torch.randn(cfg["experts"], generator=gen) * 0.01).to(device)}
+    if cfg["op"] == "dispatch":
+        k = cfg["top_k"]
+        idx = torch.stack([torch.randperm(cfg["experts"], generator=gen)[:k] for _ in range(rows)]).to(torch.int32)
+        return {"idx": idx.to(device), "w": torch.rand(rows, k, generator=gen).to(device)}
     if cfg["op"] == "splitrope":
         return {"y": (torch.randn(rows, d, generator=gen) * 3).to(device), "rope": rope_table(cfg).to(device),
                 "positions": torch.randint(0, 256, (rows,), generator=gen, dtype=torch.int64).to(device)}
@@ -201,6 +257,14 @@ def problem(cfg, rows, device, seed=0):
 
 def outputs(cfg, rows, device):
     d, out = cfg["d"], {}
+    if cfg["op"] == "route":
+        return {"idx": torch.full((rows, cfg["top_k"]), -1, dtype=torch.int32, device=device),
+                "w_out": torch.full((rows, cfg["top_k"]), float("nan"), device=device)}
+    if cfg["op"] == "dispatch":
+        width = cfg["top_k"] + cfg["shared"]
+        return {"offsets": torch.full((cfg["d"] + 1,), -1, dtype=torch.int32, device=device),
+                "sorted": torch.full((rows, width), -1, dtype=torch.int32, device=device),
+                "rw": torch.full((rows, width), float("nan"), device=device)}
     if cfg["op"] == "copy":
         return {"y": torch.full((rows, d), float("nan"), device=device)}
     if cfg["op"] == "splitbf16":
@@ -229,7 +293,8 @@ def outputs(cfg, rows, device):
 
 def arguments(cfg, inputs, outs):
     order = {"embed": ["table", "ids", "out"], "latent": ["latent", "w", "k_pe", "positions", "cache", "rope", "out"],
-             "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"], "copy": ["x", "y"],
+             "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"], "copy": ["x", "y"], "route": ["x", "gate", "bias", "idx", "w_out"],
+             "dispatch": ["idx", "w", "offsets", "sorted", "rw"],
              "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"]}.get(
         cfg["op"], ["x", "w", "y", "q", "scale"])
     args = []
@@ -243,6 +308,26 @@ def arguments(cfg, inputs, outs):
 def check(cfg, inputs, outs):
     """Errors (strings) of the kernel's outputs against the references."""
     errors = []
+    if cfg["op"] == "route":
+        want_idx, want_w = route_reference(cfg, inputs["x"], inputs["gate"].float(), inputs["bias"])
+        same = (outs["idx"].long() == want_idx).all(dim=1)
+        # ex2.approx in the sigmoid may reorder near ties: rarely, and never more than that.
+        if same.float().mean().item() < 0.99:
+            errors.append(f"route: {int((~same).sum())} of {same.numel()} tokens chose other experts")
+        if same.any():
+            got, want = outs["w_out"][same].double(), want_w[same]
+            if ((got - want).abs() > 1e-5 * want.abs() + 1e-7).any():
+                errors.append("route: weights off by more than 1e-5")
+        return errors
+    if cfg["op"] == "dispatch":
+        offsets, tokens, weights = dispatch_reference(cfg, inputs["idx"], inputs["w"])
+        if outs["offsets"].tolist() != offsets:
+            errors.append("dispatch: offsets differ")
+        if outs["sorted"].flatten().tolist() != tokens:
+            errors.append("dispatch: tokens of the sorted rows differ")
+        if outs["rw"].flatten().tolist() != weights:
+            errors.append("dispatch: weights of the sorted rows differ")
+        return errors
     if cfg["op"] == "copy":
         return [] if torch.equal(outs["y"], inputs["x"]) else ["copy: rows differ"]
     if cfg["op"] == "concat":
@@ -334,6 +419,10 @@ def quantized_errors(y, outs):
 
 def bytes_moved(cfg, rows):
     d, wb = cfg["d"], 2 if cfg["weight"] == "bf16" else 4
+    if cfg["op"] == "route":
+        return rows * d * 4 + cfg["experts"] * d * wb + rows * cfg["top_k"] * 8
+    if cfg["op"] == "dispatch":
+        return rows * cfg["top_k"] * 8 + rows * (cfg["top_k"] + cfg["shared"]) * 8
     if cfg["op"] == "copy":
         return 2 * rows * d * 4
     if cfg["op"] == "splitbf16":
@@ -363,9 +452,14 @@ def bytes_moved(cfg, rows):
 def run(drv, func, cfg, rows):
     inputs, outs = problem(cfg, rows, "cuda"), outputs(cfg, rows, "cuda")
     args = arguments(cfg, inputs, outs)
-    drv.launch(func, rows, cfg["threads"], 0, args, cfg["name"])
+    drv.launch(func, grid(cfg, rows), cfg["threads"], 0, args, cfg["name"])
     torch.cuda.synchronize()
     return inputs, outs, args
+
+
+def grid(cfg, rows):
+    """Blocks per launch: one per row, one for the dispatch's sort."""
+    return 1 if cfg["op"] == "dispatch" else rows
 
 
 def median_us(drv, func, cfg, rows, args, reps=50):
@@ -373,7 +467,7 @@ def median_us(drv, func, cfg, rows, args, reps=50):
     times = []
     for i in range(reps + 5):
         start.record()
-        drv.launch(func, rows, cfg["threads"], 0, args, cfg["name"])
+        drv.launch(func, grid(cfg, rows), cfg["threads"], 0, args, cfg["name"])
         end.record()
         torch.cuda.synchronize()
         if i >= 5:
@@ -435,6 +529,19 @@ def self_test():
     cp = parse("rows_copy_d7168_t256")
     inputs = problem(cp, 2, "cpu")
     assert check(cp, inputs, {"y": inputs["x"].clone()}) == [] and check(cp, inputs, {"y": inputs["x"] + 1})
+    rt = parse("rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256")
+    assert rt["scale"] == 2.5 and rt["norm"] and rt["top_k"] == 8
+    small = dict(rt, d=64, experts=16, n_group=4, topk_group=2, top_k=4)
+    inputs = problem(small, 5, "cpu")
+    idx, w = route_reference(small, inputs["x"], inputs["gate"].float(), inputs["bias"])
+    assert torch.allclose(w.sum(dim=1), torch.full((5,), 2.5, dtype=torch.float64)), "normalized and scaled"
+    groups = (idx // 4).tolist()
+    assert all(len(set(gs)) <= 2 for gs in groups), "at most topk_group groups"
+    assert check(small, inputs, {"idx": idx.int(), "w_out": w.float()}) == []
+    dp = dict(parse("rows_dispatch_e256_s1_t256"), experts=8, d=9, top_k=2)
+    inputs = problem(dp, 4, "cpu")
+    offsets, tokens, weights = dispatch_reference(dp, inputs["idx"], inputs["w"])
+    assert offsets[-1] == 4 * 3 and sorted(tokens) == sorted(list(range(4)) * 3)
     sp = parse("rows_splitbf16_d300_t64")
     inputs = problem(sp, 2, "cpu")
     hi = inputs["x"].to(torch.bfloat16)
