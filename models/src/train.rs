@@ -321,17 +321,24 @@ pub fn load_params(
 mod tests {
     use super::*;
 
-    /// A tiny DeepSeek-V3 (with MoE layers) trained on a repeating pattern: the loss falls well below
-    /// its start, and the balancing bias narrows the expert loads.
-    #[test]
-    fn a_tiny_model_learns_a_repeating_pattern() {
+    /// The tiny DeepSeek-V3 without MTP and a random checkpoint of it (seed `seed`), kept in the
+    /// returned directory.
+    fn tiny_checkpoint(seed: u64) -> (ModelConfig, crate::checkpoint::Checkpoint, tempfile::TempDir) {
         let mut j: serde_json::Value = serde_json::from_str(crate::config::DEEPSEEK_V3_TINY_JSON).unwrap();
         j["num_nextn_predict_layers"] = 0.into();
         let config = ModelConfig::from_json_str(&j.to_string(), "tiny").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("ckpt");
-        crate::init::write_random_checkpoint(&config, &ckpt, 3).unwrap();
+        crate::init::write_random_checkpoint(&config, &ckpt, seed).unwrap();
         let checkpoint = crate::checkpoint::Checkpoint::open(&ckpt).unwrap();
+        (config, checkpoint, dir)
+    }
+
+    /// A tiny DeepSeek-V3 (with MoE layers) trained on a repeating pattern: the loss falls well below
+    /// its start, and the balancing bias narrows the expert loads.
+    #[test]
+    fn a_tiny_model_learns_a_repeating_pattern() {
+        let (config, checkpoint, _dir) = tiny_checkpoint(3);
         let params = load_params(&config, &checkpoint).unwrap();
         let train = TrainConfig { total_steps: 40, warmup_steps: 5, lr: 1e-2, bias_update: 1e-2, ..Default::default() };
         let mut trainer = Trainer::new(&config, params, train).unwrap();
@@ -371,13 +378,7 @@ mod tests {
     /// as f32 training does.
     #[test]
     fn fp8_training_learns_a_repeating_pattern() {
-        let mut j: serde_json::Value = serde_json::from_str(crate::config::DEEPSEEK_V3_TINY_JSON).unwrap();
-        j["num_nextn_predict_layers"] = 0.into();
-        let config = ModelConfig::from_json_str(&j.to_string(), "tiny").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let ckpt = dir.path().join("ckpt");
-        crate::init::write_random_checkpoint(&config, &ckpt, 3).unwrap();
-        let checkpoint = crate::checkpoint::Checkpoint::open(&ckpt).unwrap();
+        let (config, checkpoint, _dir) = tiny_checkpoint(3);
         let pattern: Vec<i64> = vec![5, 9, 2, 7, 11, 3];
         let run = |fp8: bool| {
             let params = load_params(&config, &checkpoint).unwrap();
@@ -400,13 +401,7 @@ mod tests {
     /// alpha 0 keeps them more uneven.
     #[test]
     fn the_balance_loss_evens_the_expert_loads() {
-        let mut j: serde_json::Value = serde_json::from_str(crate::config::DEEPSEEK_V3_TINY_JSON).unwrap();
-        j["num_nextn_predict_layers"] = 0.into();
-        let config = ModelConfig::from_json_str(&j.to_string(), "tiny").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let ckpt = dir.path().join("ckpt");
-        crate::init::write_random_checkpoint(&config, &ckpt, 5).unwrap();
-        let checkpoint = crate::checkpoint::Checkpoint::open(&ckpt).unwrap();
+        let (config, checkpoint, _dir) = tiny_checkpoint(5);
         let pattern: Vec<i64> = vec![5, 9, 2, 7, 11, 3, 42, 17, 8, 1];
         let run = |alpha: f32| {
             let params = load_params(&config, &checkpoint).unwrap();

@@ -114,39 +114,28 @@ pub fn lower_gpu_module(context: &Context, text: &str, kernel: &str) -> Result<(
 /// Generates, lowers and compiles to PTX the GEMM kernel of `config` for `target`.
 pub fn compile_gemm(context: &Context, config: &gemm::GemmConfig, target: &GpuTarget) -> Result<GpuKernel, Sm90Error> {
     let name = config.kernel_name();
-    let mlir = gemm::emit(config, target).map_err(|problem| Sm90Error::Config { kernel: name.clone(), problem })?;
-    let (llvm_dialect, llvm_ir) = lower_gpu_module(context, &mlir, &name)?;
-    let ptx = target::emit_ptx(&llvm_ir, &format!("{name}.ll"), target)?;
-    Ok(GpuKernel {
-        name,
-        mlir,
-        llvm_dialect,
-        llvm_ir,
-        ptx,
-        shared_memory_bytes: config.shared_memory_bytes(),
-        threads: config.threads(),
-        cubin: None,
-        resources: None,
-    })
+    let mlir = gemm::emit(config, target);
+    compile_module(context, name, mlir, config.shared_memory_bytes(), config.threads(), target)
 }
 
 /// Generates, lowers and compiles to PTX the row kernel `kernel` for `target`.
 pub fn compile_rows(context: &Context, kernel: &rows::RowKernel, target: &GpuTarget) -> Result<GpuKernel, Sm90Error> {
-    let name = kernel.kernel_name();
-    let mlir = kernel.emit_gpu().map_err(|problem| Sm90Error::Config { kernel: name.clone(), problem })?;
+    compile_module(context, kernel.kernel_name(), kernel.emit_gpu(), 0, kernel.threads, target)
+}
+
+/// A template's `gpu.module` text (or why it was refused) down to PTX.
+fn compile_module(
+    context: &Context,
+    name: String,
+    mlir: Result<String, String>,
+    shared_memory_bytes: usize,
+    threads: usize,
+    target: &GpuTarget,
+) -> Result<GpuKernel, Sm90Error> {
+    let mlir = mlir.map_err(|problem| Sm90Error::Config { kernel: name.clone(), problem })?;
     let (llvm_dialect, llvm_ir) = lower_gpu_module(context, &mlir, &name)?;
     let ptx = target::emit_ptx(&llvm_ir, &format!("{name}.ll"), target)?;
-    Ok(GpuKernel {
-        name,
-        mlir,
-        llvm_dialect,
-        llvm_ir,
-        ptx,
-        shared_memory_bytes: 0,
-        threads: kernel.threads,
-        cubin: None,
-        resources: None,
-    })
+    Ok(GpuKernel { name, mlir, llvm_dialect, llvm_ir, ptx, shared_memory_bytes, threads, cubin: None, resources: None })
 }
 
 /// Compiles `config`; with ptxas, assembles it and returns None when ptxas reports spills (the
