@@ -22,6 +22,9 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
       idx [rows, K] (i32), w [rows, K]
   rows_dispatch_e<E>_s<S>_t<T>: idx [rows, K], w [rows, K], offsets [E + S + 1], sorted [rows, K + S] (i32),
       rw [rows, K + S]; one block (grid 1)
+  rows_mladecode_h<H>_n<N>_r<R>_v<V>_kv<KV>_c<C>_s<S>_t<T>: q_nope [B, H, N], q_pe [B, H, R], cache
+      [B, slots, KV + R], positions [B], kv_b [H (N + V), KV] (e4m3), kv_b_scale [.., ..], q [B, H V] (e4m3),
+      scale [B, H]; grid B x H. The CUDA-core baseline: timed at 64 sequences of 64 cache slots only.
 Launch: one block of T threads per row, no dynamic shared memory.
 
 Checks: outputs poisoned (NaN, 0x7F bytes) and fully written. y against torch in float64 within 1e-5
@@ -53,6 +56,7 @@ SILUMUL = re.compile(r"^rows_silumul_d(\d+)_t(\d+)_(q|y)$")
 COPY = re.compile(r"^rows_copy_d(\d+)_t(\d+)$")
 ROUTE = re.compile(r"^rows_route_(bf16|f32)_d(\d+)_e(\d+)_k(\d+)_g(\d+)_kg(\d+)_s([0-9a-z]+?)(_norm)?_t(\d+)$")
 DISPATCH = re.compile(r"^rows_dispatch_e(\d+)_s(\d+)_t(\d+)$")
+MLADECODE = re.compile(r"^rows_mladecode_h(\d+)_n(\d+)_r(\d+)_v(\d+)_kv(\d+)_c(\d+)_s([0-9a-z]+?)_t(\d+)$")
 SPLIT = re.compile(r"^rows_splitbf16_d(\d+)_t(\d+)$")
 CONCAT = re.compile(r"^rows_concat_d(\d+)_b(\d+)_t(\d+)$")
 LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)$")
@@ -61,6 +65,12 @@ SLOTS = 64  # cache rows per sequence of the decode (write) problems
 
 
 def parse(name):
+    m = MLADECODE.match(name)
+    if m:
+        h, n, r, v, kv, c, sc, t = m.groups()
+        return {"name": name, "op": "mladecode", "heads": int(h), "nope": int(n), "rope": int(r), "v": int(v),
+                "d": int(kv), "context": int(c), "scale": float(sc.replace("m", "-").replace("p", ".")),
+                "threads": int(t), "weight": "f8E4M3FN", "keep": False, "quantize": True}
     m = ROUTE.match(name)
     if m:
         w, d, e, k, g, kg, sc, norm, t = m.groups()
@@ -177,6 +187,18 @@ def latent_reference(cfg, latent, w, k_pe, positions, table):
     return torch.cat([y, rot], dim=1)
 
 
+def quantize_weight_blocks(w, block=128):
+    """128 x 128 e4m3 blocks: (bytes as uint8, scales)."""
+    rows, cols = w.shape
+    rb, cb = math.ceil(rows / block), math.ceil(cols / block)
+    pad = torch.zeros(rb * block, cb * block)
+    pad[:rows, :cols] = w
+    g = pad.view(rb, block, cb, block)
+    s = g.abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
+    q = (g / s[:, None, :, None]).to(torch.float8_e4m3fn).view(rb * block, cb * block)[:rows, :cols]
+    return q.contiguous().view(torch.uint8), s
+
+
 def route_reference(cfg, x, gate, bias):
     """DeepSeek-V3's routing in float64 (stable sorts: ties to the lower index): (experts, weights)."""
     e, g, per = cfg["experts"], cfg["n_group"], cfg["experts"] // cfg["n_group"]
@@ -209,9 +231,36 @@ def dispatch_reference(cfg, idx, w):
     return offsets, tokens, weights
 
 
+def mla_decode_reference(cfg, q_nope, q_pe, cache, positions, kv_b, kv_scale):
+    """Absorbed MLA decode in float64 from the dequantized kv_b: [B, H * v]."""
+    h, n, v, kv = cfg["heads"], cfg["nope"], cfg["v"], cfg["d"]
+    w = kv_b.view(torch.float8_e4m3fn).double() * kv_scale.double().repeat_interleave(128, 0)[: kv_b.shape[0]] \
+        .repeat_interleave(128, 1)[:, :kv]
+    w = w.view(h, n + v, kv)
+    out = []
+    for b in range(q_nope.shape[0]):
+        keys = int(positions[b]) + 1
+        lat = cache[b, :keys].double()
+        q_abs = torch.einsum("hn,hnc->hc", q_nope[b].double(), w[:, :n])
+        s = (q_abs @ lat[:, :kv].T + q_pe[b].double() @ lat[:, kv:].T) * cfg["scale"]
+        o = torch.softmax(s, dim=1) @ lat[:, :kv]
+        out.append(torch.einsum("hc,hvc->hv", o, w[:, n:]).reshape(-1))
+    return torch.stack(out)
+
+
 def problem(cfg, rows, device, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     d = cfg["d"]
+    if cfg["op"] == "mladecode":
+        h, n, r, v = cfg["heads"], cfg["nope"], cfg["rope"], cfg["v"]
+        slots = SLOTS
+        kv_rows = h * (n + v)
+        kv_b, kv_scale = quantize_weight_blocks(torch.randn(kv_rows, d, generator=gen) * 0.05)
+        return {"q_nope": torch.randn(rows, h, n, generator=gen).to(device),
+                "q_pe": torch.randn(rows, h, r, generator=gen).to(device),
+                "cache": torch.randn(rows, slots, d + r, generator=gen).to(device),
+                "positions": torch.randint(0, slots, (rows,), generator=gen, dtype=torch.int64).to(device),
+                "kv_b": kv_b.to(device), "kv_b_scale": kv_scale.to(device)}
     if cfg["op"] == "route":
         return {"x": torch.randn(rows, d, generator=gen).to(device),
                 "gate": (torch.randn(cfg["experts"], d, generator=gen) * 0.02).to(dtype(cfg["weight"])).to(device),
@@ -257,6 +306,10 @@ def problem(cfg, rows, device, seed=0):
 
 def outputs(cfg, rows, device):
     d, out = cfg["d"], {}
+    if cfg["op"] == "mladecode":
+        hv = cfg["heads"] * cfg["v"]
+        return {"q": torch.full((rows, hv), 0x7F, dtype=torch.uint8, device=device),
+                "scale": torch.full((rows, cfg["heads"]), float("nan"), device=device)}
     if cfg["op"] == "route":
         return {"idx": torch.full((rows, cfg["top_k"]), -1, dtype=torch.int32, device=device),
                 "w_out": torch.full((rows, cfg["top_k"]), float("nan"), device=device)}
@@ -294,6 +347,7 @@ def outputs(cfg, rows, device):
 def arguments(cfg, inputs, outs):
     order = {"embed": ["table", "ids", "out"], "latent": ["latent", "w", "k_pe", "positions", "cache", "rope", "out"],
              "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"], "copy": ["x", "y"], "route": ["x", "gate", "bias", "idx", "w_out"],
+             "mladecode": ["q_nope", "q_pe", "cache", "positions", "kv_b", "kv_b_scale", "q", "scale"],
              "dispatch": ["idx", "w", "offsets", "sorted", "rw"],
              "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"]}.get(
         cfg["op"], ["x", "w", "y", "q", "scale"])
@@ -308,6 +362,10 @@ def arguments(cfg, inputs, outs):
 def check(cfg, inputs, outs):
     """Errors (strings) of the kernel's outputs against the references."""
     errors = []
+    if cfg["op"] == "mladecode":
+        want = mla_decode_reference(cfg, inputs["q_nope"], inputs["q_pe"], inputs["cache"], inputs["positions"],
+                                    inputs["kv_b"], inputs["kv_b_scale"])
+        return quantized_errors(want, outs)
     if cfg["op"] == "route":
         want_idx, want_w = route_reference(cfg, inputs["x"], inputs["gate"].float(), inputs["bias"])
         same = (outs["idx"].long() == want_idx).all(dim=1)
@@ -419,6 +477,9 @@ def quantized_errors(y, outs):
 
 def bytes_moved(cfg, rows):
     d, wb = cfg["d"], 2 if cfg["weight"] == "bf16" else 4
+    if cfg["op"] == "mladecode":
+        # The visible cache rows (f32 here), read once per head block: what a sequence's cache costs.
+        return rows * (SLOTS // 2) * (d + cfg["rope"]) * 4
     if cfg["op"] == "route":
         return rows * d * 4 + cfg["experts"] * d * wb + rows * cfg["top_k"] * 8
     if cfg["op"] == "dispatch":
@@ -459,6 +520,8 @@ def run(drv, func, cfg, rows):
 
 def grid(cfg, rows):
     """Blocks per launch: one per row, one for the dispatch's sort."""
+    if cfg["op"] == "mladecode":
+        return rows * cfg["heads"]
     return 1 if cfg["op"] == "dispatch" else rows
 
 
@@ -542,6 +605,13 @@ def self_test():
     inputs = problem(dp, 4, "cpu")
     offsets, tokens, weights = dispatch_reference(dp, inputs["idx"], inputs["w"])
     assert offsets[-1] == 4 * 3 and sorted(tokens) == sorted(list(range(4)) * 3)
+    md = dict(parse("rows_mladecode_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128"), heads=2, nope=16, rope=8, d=64)
+    inputs = problem(md, 3, "cpu")
+    want = mla_decode_reference(md, inputs["q_nope"], inputs["q_pe"], inputs["cache"], inputs["positions"],
+                                inputs["kv_b"], inputs["kv_b_scale"])
+    assert want.shape == (3, 2 * 128) and torch.isfinite(want).all()
+    q, s = quantize_reference(want.float())
+    assert check(md, inputs, {"q": q, "scale": s}) == []
     sp = parse("rows_splitbf16_d300_t64")
     inputs = problem(sp, 2, "cpu")
     hi = inputs["x"].to(torch.bfloat16)
@@ -563,7 +633,8 @@ def check_kernel(drv, ptx_dir, name, copy):
             inputs, outs, _ = run(drv, func, cfg, rows)
             result["errors"] += [f"{rows} rows: {e}" for e in check(cfg, inputs, outs)]
         # Decode's in-place write: caches of 64 slots per sequence, so at most 1024 sequences (151 MB).
-        for rows in (64, 1024 if cfg["op"] == "latent" and not cfg["append"] else 8192):
+        for rows in (64,) if cfg["op"] == "mladecode" else (
+                64, 1024 if cfg["op"] == "latent" and not cfg["append"] else 8192):
             _, _, args = run(drv, func, cfg, rows)
             us = median_us(drv, func, cfg, rows, args)
             gbps = bytes_moved(cfg, rows) / (us * 1e-6) / 1e9

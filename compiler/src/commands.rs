@@ -493,7 +493,11 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     }
     for (fused, row) in &lowered.rows {
         let table = if row.rope_table.is_some() { ", + a RoPE table built at load" } else { "" };
-        eprintln!("compile: {fused} -> {} [row kernel, one block per row{table}]", row.kernel.kernel_name());
+        let blocks = match row.kernel.blocks_per_row() {
+            1 => "one block per row".to_string(),
+            n => format!("{n} blocks per row (CUDA cores: the tensor-core version is not built yet)"),
+        };
+        eprintln!("compile: {fused} -> {} [row kernel, {blocks}{table}]", row.kernel.kernel_name());
     }
     for (fused, steps, picked) in &lowered.compound {
         use v3c_compiler::conversion::sm90::lower::StepKernel;

@@ -28,6 +28,11 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::Dispatch { experts: 256, shared: 1 }, 257, "f32"),
         RowKernel::new(RowOp::SplitBf16, 7168, "f32"),
         RowKernel::new(RowOp::Concat { second: 7168 }, 7168, "f32"),
+        RowKernel::new(
+            RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352 },
+            512,
+            "f8E4M3FN",
+        ),
     ]
 }
 
@@ -46,6 +51,12 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             RowOp::Embed => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase, no barrier"),
             RowOp::SplitRope { .. } | RowOp::Copy | RowOp::SplitBf16 | RowOp::Concat { .. } => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase")
+            }
+            RowOp::MlaDecode { .. } => {
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), 10, "{name}: eleven phases");
+                assert!(
+                    kernel.ptx.contains("ex2.approx.ftz.f32") && kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32")
+                );
             }
             RowOp::Route { .. } | RowOp::Dispatch { .. } => {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), 2, "{name}: three phases")

@@ -75,6 +75,15 @@ pub enum RowOp {
     SplitBf16,
     /// `y = [x1 | x2]` (f32 rows of `d` and `second` columns).
     Concat { second: usize },
+    /// MLA decode attention in the absorbed form, one block per (sequence, head) — the CUDA-core
+    /// baseline (no tensor cores yet): `q_abs = q_nope W_UK`, scores over the latent cache rows
+    /// `0..=position` of `q_abs . latent + q_pe . k_pe` times `scale`, softmax, `o = sum p latent`,
+    /// `out = o W_UV`, then the head's 128 outputs quantized to e4m3 (one 1x128 group). The
+    /// reference's summation orders throughout (one thread per output element, sequential sums;
+    /// the softmax's max and sum by one thread). `kv_b [H (nope + v), kv]` is e4m3 with 128x128
+    /// block scales, decoded as read. At most `context` cache rows per sequence (shared memory);
+    /// a longer one gets NaN outputs. `d` is `kv`.
+    MlaDecode { heads: usize, nope: usize, rope: usize, v: usize, context: usize, scale: f32 },
 }
 
 /// A row kernel: its op, the row length and the element type of the table or weight.
@@ -103,6 +112,7 @@ impl RowKernel {
         let threads = match op {
             // One thread per expert's scan of the pairs.
             RowOp::Dispatch { .. } => d.next_power_of_two().clamp(32, 256),
+            RowOp::MlaDecode { .. } => 128,
             _ => (d / 8).next_power_of_two().clamp(32, 256),
         };
         RowKernel { op, d, weight: weight.to_string(), threads }
@@ -133,6 +143,10 @@ impl RowKernel {
             RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
             RowOp::SplitBf16 => format!("rows_splitbf16_d{d}_t{t}"),
             RowOp::Concat { second } => format!("rows_concat_d{d}_b{second}_t{t}"),
+            RowOp::MlaDecode { heads, nope, rope, v, context, scale } => {
+                let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
+                format!("rows_mladecode_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_c{context}_s{scale}_t{t}")
+            }
             RowOp::Route { experts, top_k, n_group, topk_group, norm, scale } => {
                 let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
                 let norm = if norm { "_norm" } else { "" };
@@ -204,6 +218,22 @@ impl RowKernel {
                 weight: "f32".into(),
                 threads: number(t, 't')?,
             }),
+            ("mladecode", [h, n, r, v, kv, c, sc, t]) => {
+                let op = RowOp::MlaDecode {
+                    heads: number(h, 'h')?,
+                    nope: number(n, 'n')?,
+                    rope: number(r, 'r')?,
+                    v: number(v, 'v')?,
+                    context: number(c, 'c')?,
+                    scale: sc.strip_prefix('s')?.replace('m', "-").replace('p', ".").parse().ok()?,
+                };
+                Some(RowKernel {
+                    op,
+                    d: kv.strip_prefix("kv")?.parse().ok()?,
+                    weight: "f8E4M3FN".into(),
+                    threads: number(t, 't')?,
+                })
+            }
             ("concat", [d, b, t]) => {
                 let op = RowOp::Concat { second: number(b, 'b')? };
                 Some(RowKernel { op, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
@@ -295,6 +325,16 @@ impl RowKernel {
                 ("hi", "memref<?x?xbf16>".into()),
                 ("lo", "memref<?x?xbf16>".into()),
             ],
+            RowOp::MlaDecode { .. } => vec![
+                ("q_nope", "memref<?x?x?xf32>".to_string()),
+                ("q_pe", "memref<?x?x?xf32>".into()),
+                ("cache", "memref<?x?x?xf32>".into()),
+                ("positions", "memref<?xi64>".into()),
+                ("kv_b", "memref<?x?xi8>".into()),
+                ("kv_b_scale", "memref<?x?xf32>".into()),
+                ("q", "memref<?x?xi8>".into()),
+                ("scale", "memref<?x?xf32>".into()),
+            ],
             RowOp::Concat { .. } => vec![
                 ("x1", "memref<?x?xf32>".to_string()),
                 ("x2", "memref<?x?xf32>".into()),
@@ -362,8 +402,18 @@ impl RowKernel {
             RowOp::SplitRope { .. } => "y",
             RowOp::SiluMul { .. } | RowOp::Copy | RowOp::Route { .. } | RowOp::SplitBf16 => "x",
             RowOp::Concat { .. } => "x1",
+            // One block per (sequence, head): see `blocks_per_row`.
+            RowOp::MlaDecode { .. } => "q_nope",
             RowOp::Dispatch { .. } => return None,
         })
+    }
+
+    /// Blocks per row of the rows argument: the grid is rows x this (attention: one per head).
+    pub fn blocks_per_row(&self) -> usize {
+        match self.op {
+            RowOp::MlaDecode { heads, .. } => heads,
+            _ => 1,
+        }
     }
 
     /// Shared arrays (name, elements of four bytes: see [`shared_element`]).
@@ -384,6 +434,15 @@ impl RowKernel {
             | RowOp::Copy
             | RowOp::SplitBf16
             | RowOp::Concat { .. } => Vec::new(),
+            RowOp::MlaDecode { nope, rope, v, context, .. } => vec![
+                ("sh_qn", nope),
+                ("sh_qpe", rope),
+                ("sh_qa", self.d),
+                ("sh_p", context),
+                ("sh_o", self.d),
+                ("sh_out", v),
+                ("sh_red", 4),
+            ],
             RowOp::Route { experts, n_group, .. } => vec![
                 ("sh_row", self.d),
                 ("sh_s", experts),
@@ -444,7 +503,12 @@ impl RowKernel {
                 ));
             }
         }
-        if !matches!(self.weight.as_str(), "bf16" | "f32") {
+        if let RowOp::MlaDecode { v, .. } = self.op {
+            if v != GROUP {
+                return Err(format!("{name}: v heads of {v} (one head is one 128-wide quantization group)"));
+            }
+        }
+        if !matches!(self.weight.as_str(), "bf16" | "f32" | "f8E4M3FN") {
             return Err(format!("{name}: {} weights (bf16 or f32)", self.weight));
         }
         if self.shared_memory_bytes() > STATIC_SHARED_LIMIT {
@@ -482,6 +546,18 @@ impl RowKernel {
         }
         if let RowOp::Route { .. } = self.op {
             let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+        }
+        if let RowOp::MlaDecode { heads, nope, rope, v, context, scale } = self.op {
+            let _ = writeln!(s, "%cH = arith.constant {heads} : index");
+            let _ = writeln!(s, "%cNope = arith.constant {nope} : index");
+            let _ = writeln!(s, "%cRope = arith.constant {rope} : index");
+            let _ = writeln!(s, "%cV = arith.constant {v} : index");
+            let _ = writeln!(s, "%cPerHead = arith.constant {} : index", nope + v);
+            let _ = writeln!(s, "%cCtx = arith.constant {context} : index");
+            let _ = writeln!(s, "%c128 = arith.constant 128 : index");
+            let _ = writeln!(s, "%softmax_scale = arith.constant 0x{:08X} : f32", scale.to_bits());
+            let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
+            s.push_str(&quant_constants(1));
         }
         if let RowOp::SiluMul { quantize } = self.op {
             let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
@@ -868,6 +944,196 @@ scf.for %i = %tid to %cB step %cT {{
 }}
 "
             )],
+            RowOp::MlaDecode { .. } => {
+                let t = |n: &str| sh(n);
+                // W(row, col) of kv_b, decoded and scaled as read.
+                let weight = |row: &str, col: &str, out: &str| {
+                    format!(
+                        "{out}_byte = memref.load %kv_b[{row}, {col}] : memref<?x?xi8>
+{dec}{out}_br = arith.divui {row}, %c128 : index
+{out}_bc = arith.divui {col}, %c128 : index
+{out}_s = memref.load %kv_b_scale[{out}_br, {out}_bc] : memref<?x?xf32>
+{out} = arith.mulf {out}_f, {out}_s : f32
+",
+                        dec = decode_e4m3(&format!("{out}_byte"), &format!("{out}_f")),
+                    )
+                };
+                let (qn, qpe, qa, pp, o, out, red) =
+                    (t("sh_qn"), t("sh_qpe"), t("sh_qa"), t("sh_p"), t("sh_o"), t("sh_out"), t("sh_red"));
+                let mut phases = vec![format!(
+                    "scf.for %i = %tid to %cNope step %cT {{
+  %v = memref.load %q_nope[%b, %h, %i] : memref<?x?x?xf32>
+  memref.store %v, %sh_qn[%i] : {qn}
+}}
+scf.for %i = %tid to %cRope step %cT {{
+  %v = memref.load %q_pe[%b, %h, %i] : memref<?x?x?xf32>
+  memref.store %v, %sh_qpe[%i] : {qpe}
+}}
+"
+                )];
+                // q_abs[a] = sum_d q_nope[d] W_UK[d, a].
+                phases.push(format!(
+                    "scf.for %a = %tid to %cD step %cT {{
+  %acc = scf.for %d = %c0 to %cNope step %c1 iter_args(%s = %zero) -> (f32) {{
+    %qv = memref.load %sh_qn[%d] : {qn}
+    %wrow = arith.addi %head_row, %d : index
+{w}    %m = arith.mulf %qv, %wv : f32
+    %s2 = arith.addf %s, %m : f32
+    scf.yield %s2 : f32
+  }}
+  memref.store %acc, %sh_qa[%a] : {qa}
+}}
+",
+                    w = weight("%wrow", "%a", "%wv")
+                ));
+                // Scores of the visible rows.
+                phases.push(format!(
+                    "scf.if %fits {{
+scf.for %j = %tid to %nkeys step %cT {{
+  %lat = scf.for %a = %c0 to %cD step %c1 iter_args(%s = %zero) -> (f32) {{
+    %qv = memref.load %sh_qa[%a] : {qa}
+    %cv = memref.load %cache[%b, %j, %a] : memref<?x?x?xf32>
+    %m = arith.mulf %qv, %cv : f32
+    %s2 = arith.addf %s, %m : f32
+    scf.yield %s2 : f32
+  }}
+  %pe = scf.for %r = %c0 to %cRope step %c1 iter_args(%s = %zero) -> (f32) {{
+    %qv = memref.load %sh_qpe[%r] : {qpe}
+    %col = arith.addi %cD, %r : index
+    %cv = memref.load %cache[%b, %j, %col] : memref<?x?x?xf32>
+    %m = arith.mulf %qv, %cv : f32
+    %s2 = arith.addf %s, %m : f32
+    scf.yield %s2 : f32
+  }}
+  %sum = arith.addf %lat, %pe : f32
+  %sc = arith.mulf %sum, %softmax_scale : f32
+  memref.store %sc, %sh_p[%j] : {pp}
+}}
+}}
+"
+                ));
+                // The max (one thread).
+                phases.push(format!(
+                    "%is0 = arith.cmpi eq, %tid, %c0 : index
+scf.if %is0 {{
+  %ninf = arith.constant 0xFF800000 : f32
+  %mx = scf.for %j = %c0 to %nkeys step %c1 iter_args(%m = %ninf) -> (f32) {{
+    %v = memref.load %sh_p[%j] : {pp}
+    %gt = arith.cmpf ogt, %v, %m : f32
+    %m2 = arith.select %gt, %v, %m : f32
+    scf.yield %m2 : f32
+  }}
+  memref.store %mx, %sh_red[%c0] : {red}
+}}
+"
+                ));
+                // exp(s - max) per key.
+                phases.push(format!(
+                    "scf.if %fits {{
+%mx = memref.load %sh_red[%c0] : {red}
+scf.for %j = %tid to %nkeys step %cT {{
+  %v = memref.load %sh_p[%j] : {pp}
+  %dv = arith.subf %v, %mx : f32
+{exp}  memref.store %ev, %sh_p[%j] : {pp}
+}}
+}}
+",
+                    exp = exp(lowering, "%dv", "%ev")
+                ));
+                // The sum, in key order (one thread).
+                phases.push(format!(
+                    "%is0 = arith.cmpi eq, %tid, %c0 : index
+scf.if %is0 {{
+  %sum = scf.for %j = %c0 to %nkeys step %c1 iter_args(%a = %zero) -> (f32) {{
+    %v = memref.load %sh_p[%j] : {pp}
+    %a2 = arith.addf %a, %v : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %sum, %sh_red[%c1] : {red}
+}}
+"
+                ));
+                // p = e / sum.
+                phases.push(format!(
+                    "scf.if %fits {{
+%sum = memref.load %sh_red[%c1] : {red}
+scf.for %j = %tid to %nkeys step %cT {{
+  %v = memref.load %sh_p[%j] : {pp}
+  %pv = arith.divf %v, %sum : f32
+  memref.store %pv, %sh_p[%j] : {pp}
+}}
+}}
+"
+                ));
+                // o[a] = sum_j p_j latent_j[a].
+                phases.push(format!(
+                    "scf.for %a = %tid to %cD step %cT {{
+  %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zero) -> (f32) {{
+    %pv = memref.load %sh_p[%j] : {pp}
+    %cv = memref.load %cache[%b, %j, %a] : memref<?x?x?xf32>
+    %m = arith.mulf %pv, %cv : f32
+    %s2 = arith.addf %s, %m : f32
+    scf.yield %s2 : f32
+  }}
+  memref.store %acc, %sh_o[%a] : {o}
+}}
+"
+                ));
+                // out[e] = sum_a o[a] W_UV[e, a].
+                phases.push(format!(
+                    "scf.for %e = %tid to %cV step %cT {{
+  %vrow0 = arith.addi %head_row, %cNope : index
+  %vrow = arith.addi %vrow0, %e : index
+  %acc = scf.for %a = %c0 to %cD step %c1 iter_args(%s = %zero) -> (f32) {{
+    %ov = memref.load %sh_o[%a] : {o}
+{w}    %m = arith.mulf %ov, %wv : f32
+    %s2 = arith.addf %s, %m : f32
+    scf.yield %s2 : f32
+  }}
+  memref.store %acc, %sh_out[%e] : {out}
+}}
+",
+                    w = weight("%vrow", "%a", "%wv")
+                ));
+                // The head's group: its scale (one thread), then its bytes; NaN when it did not fit.
+                phases.push(format!(
+                    "%is0 = arith.cmpi eq, %tid, %c0 : index
+scf.if %is0 {{
+  %m = scf.for %e = %c0 to %cV step %c1 iter_args(%mx = %zero) -> (f32) {{
+    %v = memref.load %sh_out[%e] : {out}
+    %vb = arith.bitcast %v : f32 to i32
+    %ab = arith.andi %vb, %abs_mask : i32
+    %av = arith.bitcast %ab : i32 to f32
+    %gt = arith.cmpf ogt, %av, %mx : f32
+    %mx2 = arith.select %gt, %av, %mx : f32
+    scf.yield %mx2 : f32
+  }}
+  %small = arith.cmpf olt, %m, %amax_floor : f32
+  %floored = arith.select %small, %amax_floor, %m : f32
+  %s0 = arith.divf %floored, %e4m3_max : f32
+  %nan = arith.constant 0x7FC00000 : f32
+  %s = arith.select %fits, %s0, %nan : f32
+  memref.store %s, %scale[%b, %h] : memref<?x?xf32>
+  memref.store %s, %sh_red[%c2] : {red}
+}}
+"
+                ));
+                phases.push(format!(
+                    "%s = memref.load %sh_red[%c2] : {red}
+%col0 = arith.muli %h, %cV : index
+scf.for %e = %tid to %cV step %cT {{
+  %v = memref.load %sh_out[%e] : {out}
+  %qv = arith.divf %v, %s : f32
+{encode}  %col = arith.addi %col0, %e : index
+  memref.store %byte, %q[%b, %col] : memref<?x?xi8>
+}}
+",
+                    encode = encode_e4m3(lowering, "%qv", "%byte"),
+                ));
+                // %c2 for the scale slot.
+                phases.iter_mut().for_each(|p| *p = format!("%c2 = arith.constant 2 : index\n{p}"));
+                phases
+            }
             RowOp::Copy => vec!["scf.for %i = %tid to %cD step %cT {
   %v = memref.load %x[%row, %i] : memref<?x?xf32>
   memref.store %v, %y[%row, %i] : memref<?x?xf32>
@@ -1098,6 +1364,22 @@ scf.for %i = %tid to %cD step %cT {{
 
     /// Values every phase of a row uses, computed once per row (after `%row`).
     fn prologue(&self) -> String {
+        if let RowOp::MlaDecode { .. } = self.op {
+            // Block (b, h); keys 0..=position, clamped to the cache; `fits`: within `context`.
+            return "%b = arith.divui %row, %cH : index
+%h = arith.remui %row, %cH : index
+%p64 = memref.load %positions[%b] : memref<?xi64>
+%p_neg = arith.cmpi slt, %p64, %zero_i64 : i64
+%p_idx = arith.index_cast %p64 : i64 to index
+%after = arith.addi %p_idx, %c1 : index
+%slots = memref.dim %cache, %c1 : memref<?x?x?xf32>
+%nk0 = arith.minui %after, %slots : index
+%nkeys = arith.select %p_neg, %c0, %nk0 : index
+%fits = arith.cmpi ule, %nkeys, %cCtx : index
+%head_row = arith.muli %h, %cPerHead : index
+"
+            .into();
+        }
         if let RowOp::SplitRope { .. } = self.op {
             return "%p64 = memref.load %positions[%row] : memref<?xi64>
 %p = arith.index_cast %p64 : i64 to index
@@ -1184,7 +1466,10 @@ scf.for %i = %tid to %cD step %cT {{
         self.check()?;
         let args: Vec<String> = self.arguments().iter().map(|(n, t)| format!("%{n}: {t}")).collect();
         let mut s = String::from("module {\n");
-        if matches!(self.op, RowOp::RmsNorm { quantize: true, .. } | RowOp::SiluMul { quantize: true }) {
+        if matches!(
+            self.op,
+            RowOp::RmsNorm { quantize: true, .. } | RowOp::SiluMul { quantize: true } | RowOp::MlaDecode { .. }
+        ) {
             s.push_str(&crate::conversion::v3_to_cpu::fp8_helpers("rows"));
             s.push('\n');
         }
@@ -1201,7 +1486,9 @@ scf.for %i = %tid to %cD step %cT {{
         match self.rows_argument() {
             Some(rows) => {
                 let rows_ty = &self.arguments().iter().find(|(n, _)| *n == rows).expect("the rows argument").1.clone();
-                let _ = writeln!(s, "%rows = memref.dim %{rows}, %c0 : {rows_ty}");
+                let _ = writeln!(s, "%rows_arg = memref.dim %{rows}, %c0 : {rows_ty}");
+                let _ = writeln!(s, "%blocks_per_row = arith.constant {} : index", self.blocks_per_row());
+                let _ = writeln!(s, "%rows = arith.muli %rows_arg, %blocks_per_row : index");
             }
             None => s.push_str("%rows = arith.constant 1 : index\n"),
         }
@@ -1223,6 +1510,48 @@ fn shared_element(name: &str) -> &'static str {
     } else {
         "f32"
     }
+}
+
+/// `{out}` (f32) = the e4m3 byte `{byte}` (i8) decoded, exactly (the same integer arithmetic in both
+/// lowerings; NaN for the NaN pattern).
+fn decode_e4m3(byte: &str, out: &str) -> String {
+    format!(
+        "{out}_bi = arith.extui {byte} : i8 to i32
+{out}_k3 = arith.constant 3 : i32
+{out}_k7 = arith.constant 7 : i32
+{out}_k15 = arith.constant 15 : i32
+{out}_k20 = arith.constant 20 : i32
+{out}_k23 = arith.constant 23 : i32
+{out}_k24 = arith.constant 24 : i32
+{out}_k120 = arith.constant 120 : i32
+{out}_k128 = arith.constant 128 : i32
+{out}_k0 = arith.constant 0 : i32
+{out}_sign = arith.andi {out}_bi, {out}_k128 : i32
+{out}_signbit = arith.shli {out}_sign, {out}_k24 : i32
+{out}_eraw = arith.shrui {out}_bi, {out}_k3 : i32
+{out}_e = arith.andi {out}_eraw, {out}_k15 : i32
+{out}_m = arith.andi {out}_bi, {out}_k7 : i32
+{out}_eb = arith.addi {out}_e, {out}_k120 : i32
+{out}_es = arith.shli {out}_eb, {out}_k23 : i32
+{out}_ms = arith.shli {out}_m, {out}_k20 : i32
+{out}_n0 = arith.ori {out}_es, {out}_ms : i32
+{out}_n1 = arith.ori {out}_n0, {out}_signbit : i32
+{out}_normal = arith.bitcast {out}_n1 : i32 to f32
+{out}_mf = arith.uitofp {out}_m : i32 to f32
+{out}_tiny = arith.constant 1.953125e-03 : f32
+{out}_subabs = arith.mulf {out}_mf, {out}_tiny : f32
+{out}_subneg = arith.negf {out}_subabs : f32
+{out}_isneg = arith.cmpi ne, {out}_sign, {out}_k0 : i32
+{out}_sub = arith.select {out}_isneg, {out}_subneg, {out}_subabs : f32
+{out}_issub = arith.cmpi eq, {out}_e, {out}_k0 : i32
+{out}_v = arith.select {out}_issub, {out}_sub, {out}_normal : f32
+{out}_emax = arith.cmpi eq, {out}_e, {out}_k15 : i32
+{out}_mmax = arith.cmpi eq, {out}_m, {out}_k7 : i32
+{out}_isnan = arith.andi {out}_emax, {out}_mmax : i1
+{out}_nan = arith.constant 0x7FC00000 : f32
+{out} = arith.select {out}_isnan, {out}_nan, {out}_v : f32
+"
+    )
 }
 
 /// The constants of [`RowKernel::quant_phases`] for rows of `groups` 128-column groups.
@@ -1761,6 +2090,76 @@ mod tests {
         for r in 0..rows {
             assert_eq!(&y[r * (d + second)..r * (d + second) + d], &a[r * d..(r + 1) * d]);
             assert_eq!(&y[r * (d + second) + d..(r + 1) * (d + second)], &b[r * second..(r + 1) * second]);
+        }
+    }
+
+    /// MLA decode attention (absorbed) through the CPU lowering against the reference's `mla`
+    /// (absorbed form, fp8 kv_b dequantized) and its 1x128 quantization: the same sums in the same
+    /// order, so scales and bytes equal; a context longer than the kernel's capacity gives NaN scales.
+    #[test]
+    fn mla_decode_attention_matches_the_reference() {
+        use v3c_models::dtype::f32_to_f8e4m3;
+        let (heads, nope, rope, v, kv) = (2, 16, 8, 128, 64);
+        let (b, slots) = (3, 20);
+        let scale = 0.3f32;
+        let per = nope + v;
+        let kvb_f: Vec<f32> = values(heads * per * kv, 40, 1.0);
+        let mut kv_b: Vec<u8> = kvb_f.iter().map(|&x| f32_to_f8e4m3(x * 300.0)).collect();
+        let (sr, sc) = ((heads * per).div_ceil(128), kv.div_ceil(128));
+        let mut kv_scale: Vec<f32> = (0..sr * sc).map(|i| 0.002 + 0.001 * i as f32).collect();
+        let kvb_deq: Vec<f32> = (0..heads * per * kv)
+            .map(|i| f8e4m3_to_f32(kv_b[i]) * kv_scale[(i / kv / 128) * sc + (i % kv) / 128])
+            .collect();
+        let mut q_nope = values(b * heads * nope, 41, 2.0);
+        let mut q_pe = values(b * heads * rope, 42, 2.0);
+        let mut cache = values(b * slots * (kv + rope), 43, 1.0);
+        let mut positions: Vec<i64> = vec![0, 7, 19];
+        let dims = kernels::MlaDims { heads, nope, rope, v, kv_lora: kv };
+        let mut want = Vec::new();
+        for seq in 0..b {
+            let lat = &cache[seq * slots * (kv + rope)..(seq + 1) * slots * (kv + rope)];
+            let qn = &q_nope[seq * heads * nope..(seq + 1) * heads * nope];
+            let qp = &q_pe[seq * heads * rope..(seq + 1) * heads * rope];
+            let visible = [positions[seq] as usize];
+            want.extend(kernels::mla(
+                qn,
+                qp,
+                lat,
+                &kvb_deq,
+                &visible,
+                slots,
+                dims,
+                scale,
+                v3c_models::graph::AttentionForm::Absorbed,
+            ));
+        }
+        let (want_q, want_s) = kernels::quantize_fp8(&want, heads * v, GROUP);
+        for context in [64, 8] {
+            let op = RowOp::MlaDecode { heads, nope, rope, v, context, scale };
+            let kernel = RowKernel::new(op, kv, "f8E4M3FN");
+            assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
+            let (mut q, mut qs) = (vec![0u8; b * heads * v], vec![f32::NAN; b * heads]);
+            run_cpu(
+                &kernel,
+                &[
+                    raw(&mut q_nope, &[b, heads, nope], "f32"),
+                    raw(&mut q_pe, &[b, heads, rope], "f32"),
+                    raw(&mut cache, &[b, slots, kv + rope], "f32"),
+                    raw(&mut positions, &[b], "i64"),
+                    raw(&mut kv_b, &[heads * per, kv], "i8"),
+                    raw(&mut kv_scale, &[sr, sc], "f32"),
+                    raw(&mut q, &[b, heads * v], "i8"),
+                    raw(&mut qs, &[b, heads], "f32"),
+                ],
+            );
+            if context == 64 {
+                assert_eq!(qs, want_s, "scales");
+                assert_eq!(q, want_q, "bytes");
+            } else {
+                // Sequences 0 and 1 (1 and 8 keys) fit 8 rows; sequence 2 (20 keys) does not.
+                assert_eq!(&qs[..2 * heads], &want_s[..2 * heads]);
+                assert!(qs[2 * heads..].iter().all(|s| s.is_nan()), "{qs:?}");
+            }
         }
     }
 
