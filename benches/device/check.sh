@@ -121,7 +121,7 @@ else
 fi
 
 for step in "3. end-to-end fixtures" "4. model kernels timing"; do
-  note "== $step: not available yet (not every fused kernel has an sm_90a lowering; no artifacts in this revision)"
+  note "== $step: not available yet (every fused kernel lowers for sm_90a, but GPU artifacts are not written in this revision)"
   row "$step" "N/A" "nothing to check yet"
 done
 

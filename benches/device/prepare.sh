@@ -39,7 +39,8 @@ for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_
   rows_splitrope_h128_n128_r64_t256_il rows_silumul_d18432_t256_q rows_silumul_d2048_t256_y \
   rows_copy_d7168_t256 rows_splitbf16_d7168_t256 rows_concat_d7168_b7168_t256 \
   rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256 rows_dispatch_e256_s1_t256 \
-  rows_mladecode_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128; do
+  rows_mladecode_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128 \
+  rows_mlaprefill_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128; do
   target/release/v3c dump-ir --stage ptx --kernel "$k" \
     | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/rows/$k.ptx"
   grep -q "\.entry $k(" ".device/rows/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }

@@ -56,7 +56,7 @@ SILUMUL = re.compile(r"^rows_silumul_d(\d+)_t(\d+)_(q|y)$")
 COPY = re.compile(r"^rows_copy_d(\d+)_t(\d+)$")
 ROUTE = re.compile(r"^rows_route_(bf16|f32)_d(\d+)_e(\d+)_k(\d+)_g(\d+)_kg(\d+)_s([0-9a-z]+?)(_norm)?_t(\d+)$")
 DISPATCH = re.compile(r"^rows_dispatch_e(\d+)_s(\d+)_t(\d+)$")
-MLADECODE = re.compile(r"^rows_mladecode_h(\d+)_n(\d+)_r(\d+)_v(\d+)_kv(\d+)_c(\d+)_s([0-9a-z]+?)_t(\d+)$")
+MLADECODE = re.compile(r"^rows_mla(decode|prefill)_h(\d+)_n(\d+)_r(\d+)_v(\d+)_kv(\d+)_c(\d+)_s([0-9a-z]+?)_t(\d+)$")
 SPLIT = re.compile(r"^rows_splitbf16_d(\d+)_t(\d+)$")
 CONCAT = re.compile(r"^rows_concat_d(\d+)_b(\d+)_t(\d+)$")
 LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)$")
@@ -67,8 +67,8 @@ SLOTS = 64  # cache rows per sequence of the decode (write) problems
 def parse(name):
     m = MLADECODE.match(name)
     if m:
-        h, n, r, v, kv, c, sc, t = m.groups()
-        return {"name": name, "op": "mladecode", "heads": int(h), "nope": int(n), "rope": int(r), "v": int(v),
+        kind, h, n, r, v, kv, c, sc, t = m.groups()
+        return {"name": name, "op": "mladecode", "prefill": kind == "prefill", "heads": int(h), "nope": int(n), "rope": int(r), "v": int(v),
                 "d": int(kv), "context": int(c), "scale": float(sc.replace("m", "-").replace("p", ".")),
                 "threads": int(t), "weight": "f8E4M3FN", "keep": False, "quantize": True}
     m = ROUTE.match(name)
@@ -232,15 +232,20 @@ def dispatch_reference(cfg, idx, w):
 
 
 def mla_decode_reference(cfg, q_nope, q_pe, cache, positions, kv_b, kv_scale):
-    """Absorbed MLA decode in float64 from the dequantized kv_b: [B, H * v]."""
+    """Absorbed MLA in float64 from the dequantized kv_b: [B, H * v]. Decode: sequence b sees its cache
+    rows 0..=positions[b]; prefill (cache is the latent [S, C], positions None): query b sees 0..=S - B + b."""
     h, n, v, kv = cfg["heads"], cfg["nope"], cfg["v"], cfg["d"]
     w = kv_b.view(torch.float8_e4m3fn).double() * kv_scale.double().repeat_interleave(128, 0)[: kv_b.shape[0]] \
         .repeat_interleave(128, 1)[:, :kv]
     w = w.view(h, n + v, kv)
     out = []
     for b in range(q_nope.shape[0]):
-        keys = int(positions[b]) + 1
-        lat = cache[b, :keys].double()
+        if positions is None:
+            keys = cache.shape[0] - q_nope.shape[0] + b + 1
+            lat = cache[:keys].double()
+        else:
+            keys = int(positions[b]) + 1
+            lat = cache[b, :keys].double()
         q_abs = torch.einsum("hn,hnc->hc", q_nope[b].double(), w[:, :n])
         s = (q_abs @ lat[:, :kv].T + q_pe[b].double() @ lat[:, kv:].T) * cfg["scale"]
         o = torch.softmax(s, dim=1) @ lat[:, :kv]
@@ -256,11 +261,15 @@ def problem(cfg, rows, device, seed=0):
         slots = SLOTS
         kv_rows = h * (n + v)
         kv_b, kv_scale = quantize_weight_blocks(torch.randn(kv_rows, d, generator=gen) * 0.05)
-        return {"q_nope": torch.randn(rows, h, n, generator=gen).to(device),
-                "q_pe": torch.randn(rows, h, r, generator=gen).to(device),
-                "cache": torch.randn(rows, slots, d + r, generator=gen).to(device),
-                "positions": torch.randint(0, slots, (rows,), generator=gen, dtype=torch.int64).to(device),
-                "kv_b": kv_b.to(device), "kv_b_scale": kv_scale.to(device)}
+        p = {"q_nope": torch.randn(rows, h, n, generator=gen).to(device),
+             "q_pe": torch.randn(rows, h, r, generator=gen).to(device),
+             "kv_b": kv_b.to(device), "kv_b_scale": kv_scale.to(device)}
+        if cfg["prefill"]:
+            p["cache"] = torch.randn(rows + 5, d + r, generator=gen).to(device)  # 5 rows cached before
+        else:
+            p["cache"] = torch.randn(rows, slots, d + r, generator=gen).to(device)
+            p["positions"] = torch.randint(0, slots, (rows,), generator=gen, dtype=torch.int64).to(device)
+        return p
     if cfg["op"] == "route":
         return {"x": torch.randn(rows, d, generator=gen).to(device),
                 "gate": (torch.randn(cfg["experts"], d, generator=gen) * 0.02).to(dtype(cfg["weight"])).to(device),
@@ -345,12 +354,14 @@ def outputs(cfg, rows, device):
 
 
 def arguments(cfg, inputs, outs):
+    key = "mlaprefill" if cfg["op"] == "mladecode" and cfg["prefill"] else cfg["op"]
     order = {"embed": ["table", "ids", "out"], "latent": ["latent", "w", "k_pe", "positions", "cache", "rope", "out"],
              "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"], "copy": ["x", "y"], "route": ["x", "gate", "bias", "idx", "w_out"],
              "mladecode": ["q_nope", "q_pe", "cache", "positions", "kv_b", "kv_b_scale", "q", "scale"],
+             "mlaprefill": ["q_nope", "q_pe", "cache", "kv_b", "kv_b_scale", "q", "scale"],
              "dispatch": ["idx", "w", "offsets", "sorted", "rw"],
              "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"]}.get(
-        cfg["op"], ["x", "w", "y", "q", "scale"])
+        key, ["x", "w", "y", "q", "scale"])
     args = []
     for name in order:
         t = inputs.get(name, outs.get(name))
@@ -363,7 +374,7 @@ def check(cfg, inputs, outs):
     """Errors (strings) of the kernel's outputs against the references."""
     errors = []
     if cfg["op"] == "mladecode":
-        want = mla_decode_reference(cfg, inputs["q_nope"], inputs["q_pe"], inputs["cache"], inputs["positions"],
+        want = mla_decode_reference(cfg, inputs["q_nope"], inputs["q_pe"], inputs["cache"], inputs.get("positions"),
                                     inputs["kv_b"], inputs["kv_b_scale"])
         return quantized_errors(want, outs)
     if cfg["op"] == "route":
@@ -605,6 +616,13 @@ def self_test():
     inputs = problem(dp, 4, "cpu")
     offsets, tokens, weights = dispatch_reference(dp, inputs["idx"], inputs["w"])
     assert offsets[-1] == 4 * 3 and sorted(tokens) == sorted(list(range(4)) * 3)
+    mp = dict(parse("rows_mlaprefill_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128"), heads=2, nope=16, rope=8, d=64)
+    assert mp["prefill"]
+    inputs = problem(mp, 3, "cpu")
+    want = mla_decode_reference(mp, inputs["q_nope"], inputs["q_pe"], inputs["cache"], None, inputs["kv_b"],
+                                inputs["kv_b_scale"])
+    q, s = quantize_reference(want.float())
+    assert check(mp, inputs, {"q": q, "scale": s}) == []
     md = dict(parse("rows_mladecode_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128"), heads=2, nope=16, rope=8, d=64)
     inputs = problem(md, 3, "cpu")
     want = mla_decode_reference(md, inputs["q_nope"], inputs["q_pe"], inputs["cache"], inputs["positions"],

@@ -314,7 +314,6 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     assert_eq!(row("norm_quantize_0").as_deref(), Some("rows_rmsnorm_bf16_d7168_t256_eps1em6_q"));
     assert_eq!(row("norm_quantize_1").as_deref(), Some("rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q"));
     assert_eq!(row("rms_norm_0").as_deref(), Some("rows_rmsnorm_bf16_d7168_t256_eps1em6_y"));
-    let why = |name: &str| lowered.unsupported.iter().find(|(k, _)| k == name).map(|(_, w)| w.clone());
     assert_eq!(row("mla_latent_0").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_append"));
     assert_eq!(row("mla_latent_1").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_write"));
     let (_, latent) = lowered.rows.iter().find(|(k, _)| k == "mla_latent_1").unwrap();
@@ -331,8 +330,8 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     use v3c_compiler::conversion::sm90::lower::StepKernel;
     let StepKernel::Gemm(g) = &swiglu.steps[0].kernel else { panic!("a GEMM") };
     assert_eq!((g.n, g.k, g.weights.len()), (2 * 18432, 7168, 2));
-    assert_eq!(lowered.unsupported.len(), 1, "{:?}", lowered.unsupported);
-    assert_eq!(why("attention_quantize_0").as_deref(), Some("attention"));
+    assert!(lowered.unsupported.is_empty(), "{:?}", lowered.unsupported);
+    assert!(row("attention_quantize_0").unwrap().starts_with("rows_mlaprefill_h128_n128_r64_v128_kv512_c8192_"));
     assert!(row("attention_decode_quantize_0").unwrap().starts_with("rows_mladecode_h128_n128_r64_v128_kv512_c8192_"));
     let (head, _) = compound("lm_head_0").expect("the head: split into bf16 hi + lo, two GEMMs");
     assert_eq!(head.steps.len(), 3);

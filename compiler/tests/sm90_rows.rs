@@ -29,7 +29,12 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::SplitBf16, 7168, "f32"),
         RowKernel::new(RowOp::Concat { second: 7168 }, 7168, "f32"),
         RowKernel::new(
-            RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352 },
+            RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352, prefill: false },
+            512,
+            "f8E4M3FN",
+        ),
+        RowKernel::new(
+            RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352, prefill: true },
             512,
             "f8E4M3FN",
         ),

@@ -339,10 +339,14 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
             let op = RowOp::Latent { eps, rope: dim, interleave, append };
             Ok(RowLaunch { kernel: RowKernel::new(op, d, &ws.element), rope_table: Some(table) })
         }
-        ["attention_decode", "reshape", "quantize_fp8", "func.return"] => {
+        [kind @ ("attention_decode" | "attention"), "reshape", "quantize_fp8", "func.return"] => {
+            let prefill = kind == "attention";
             let (att, reshape, quant, ret) = (&ops[0], &ops[1], &ops[2], &ops[3]);
             let form = att.attribute("form").map(|a| a.to_string()).unwrap_or_default();
-            let mut wired = att.operand_count() == 6 && form.contains("absorbed");
+            // Decode reads the absorbed form; prefill's naive form runs absorbed too (the same
+            // attention up to rounding, without the per-head keys and values).
+            let mut wired =
+                att.operand_count() == if prefill { 5 } else { 6 } && (prefill || form.contains("absorbed"));
             for i in 0..att.operand_count() {
                 wired &= is_arg(operand(att, i)?, i);
             }
@@ -353,21 +357,20 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
                 && raw(operand(ret, 0)?) == r(quant, 0)?
                 && raw(operand(ret, 1)?) == r(quant, 1)?;
             if !wired {
-                return Err(
-                    "attention_decode (absorbed) + reshape + quantize_fp8 not in the kernel's argument order".into()
-                );
+                return Err(format!("{kind} + reshape + quantize_fp8 not in the kernel's argument order"));
             }
-            let (qn, qp, kvb) = (shape(operand(att, 0)?)?, shape(operand(att, 1)?)?, shape(operand(att, 4)?)?);
+            let kv_arg = if prefill { 3 } else { 4 };
+            let (qn, qp, kvb) = (shape(operand(att, 0)?)?, shape(operand(att, 1)?)?, shape(operand(att, kv_arg)?)?);
             if kvb.element != "f8E4M3FN" {
-                return Err(format!("attention_decode with {} kv_b (the decode row reads e4m3)", kvb.element));
+                return Err(format!("{kind} with {} kv_b (the attention row reads e4m3)", kvb.element));
             }
             let dim = |s: &Shape, i: usize| s.dims.get(i).copied().flatten().ok_or("a dynamic attention dim");
             let (heads, nope, rope) = (dim(&qn, 1)?, dim(&qn, 2)?, dim(&qp, 2)?);
             let (rows, kv) = (dim(&kvb, 0)?, dim(&kvb, 1)?);
             let v = rows / heads - nope;
-            let scale = float_attr(att, "scale").ok_or("attention_decode without a scale")?;
+            let scale = float_attr(att, "scale").ok_or("attention without a scale")?;
             // Contexts up to 8192 rows: the scores live in shared memory (32 KB).
-            let op = RowOp::MlaDecode { heads, nope, rope, v, context: 8192, scale };
+            let op = RowOp::MlaDecode { heads, nope, rope, v, context: 8192, scale, prefill };
             Ok(plain(RowKernel::new(op, kv, "f8E4M3FN")))
         }
         ["concat", "func.return"] => {

@@ -83,7 +83,10 @@ pub enum RowOp {
     /// the softmax's max and sum by one thread). `kv_b [H (nope + v), kv]` is e4m3 with 128x128
     /// block scales, decoded as read. At most `context` cache rows per sequence (shared memory);
     /// a longer one gets NaN outputs. `d` is `kv`.
-    MlaDecode { heads: usize, nope: usize, rope: usize, v: usize, context: usize, scale: f32 },
+    /// `prefill`: the queries are the last T of the latent's S rows (causal: query i sees rows
+    /// `0..=S - T + i`; the cache argument is the latent `[S, kv + rope]`, no positions) — the
+    /// absorbed form for prefill too (the reference runs the naive one: equal up to rounding).
+    MlaDecode { heads: usize, nope: usize, rope: usize, v: usize, context: usize, scale: f32, prefill: bool },
 }
 
 /// A row kernel: its op, the row length and the element type of the table or weight.
@@ -143,9 +146,10 @@ impl RowKernel {
             RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
             RowOp::SplitBf16 => format!("rows_splitbf16_d{d}_t{t}"),
             RowOp::Concat { second } => format!("rows_concat_d{d}_b{second}_t{t}"),
-            RowOp::MlaDecode { heads, nope, rope, v, context, scale } => {
+            RowOp::MlaDecode { heads, nope, rope, v, context, scale, prefill } => {
                 let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
-                format!("rows_mladecode_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_c{context}_s{scale}_t{t}")
+                let kind = if prefill { "mlaprefill" } else { "mladecode" };
+                format!("rows_{kind}_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_c{context}_s{scale}_t{t}")
             }
             RowOp::Route { experts, top_k, n_group, topk_group, norm, scale } => {
                 let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
@@ -218,8 +222,9 @@ impl RowKernel {
                 weight: "f32".into(),
                 threads: number(t, 't')?,
             }),
-            ("mladecode", [h, n, r, v, kv, c, sc, t]) => {
+            (kind @ ("mladecode" | "mlaprefill"), [h, n, r, v, kv, c, sc, t]) => {
                 let op = RowOp::MlaDecode {
+                    prefill: kind == "mlaprefill",
                     heads: number(h, 'h')?,
                     nope: number(n, 'n')?,
                     rope: number(r, 'r')?,
@@ -325,16 +330,20 @@ impl RowKernel {
                 ("hi", "memref<?x?xbf16>".into()),
                 ("lo", "memref<?x?xbf16>".into()),
             ],
-            RowOp::MlaDecode { .. } => vec![
-                ("q_nope", "memref<?x?x?xf32>".to_string()),
-                ("q_pe", "memref<?x?x?xf32>".into()),
-                ("cache", "memref<?x?x?xf32>".into()),
-                ("positions", "memref<?xi64>".into()),
-                ("kv_b", "memref<?x?xi8>".into()),
-                ("kv_b_scale", "memref<?x?xf32>".into()),
-                ("q", "memref<?x?xi8>".into()),
-                ("scale", "memref<?x?xf32>".into()),
-            ],
+            RowOp::MlaDecode { prefill, .. } => {
+                let mut args = vec![("q_nope", "memref<?x?x?xf32>".to_string()), ("q_pe", "memref<?x?x?xf32>".into())];
+                if prefill {
+                    args.push(("cache", "memref<?x?xf32>".into()));
+                } else {
+                    args.push(("cache", "memref<?x?x?xf32>".into()));
+                    args.push(("positions", "memref<?xi64>".into()));
+                }
+                args.push(("kv_b", "memref<?x?xi8>".into()));
+                args.push(("kv_b_scale", "memref<?x?xf32>".into()));
+                args.push(("q", "memref<?x?xi8>".into()));
+                args.push(("scale", "memref<?x?xf32>".into()));
+                args
+            }
             RowOp::Concat { .. } => vec![
                 ("x1", "memref<?x?xf32>".to_string()),
                 ("x2", "memref<?x?xf32>".into()),
@@ -547,7 +556,7 @@ impl RowKernel {
         if let RowOp::Route { .. } = self.op {
             let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
         }
-        if let RowOp::MlaDecode { heads, nope, rope, v, context, scale } = self.op {
+        if let RowOp::MlaDecode { heads, nope, rope, v, context, scale, .. } = self.op {
             let _ = writeln!(s, "%cH = arith.constant {heads} : index");
             let _ = writeln!(s, "%cNope = arith.constant {nope} : index");
             let _ = writeln!(s, "%cRope = arith.constant {rope} : index");
@@ -944,8 +953,16 @@ scf.for %i = %tid to %cB step %cT {{
 }}
 "
             )],
-            RowOp::MlaDecode { .. } => {
+            RowOp::MlaDecode { prefill, .. } => {
                 let t = |n: &str| sh(n);
+                // A latent row's element: [b, j, col] of the decode caches, [j, col] of the prefill latent.
+                let lat = |col: &str| {
+                    if prefill {
+                        format!("%cache[%j, {col}] : memref<?x?xf32>")
+                    } else {
+                        format!("%cache[%b, %j, {col}] : memref<?x?x?xf32>")
+                    }
+                };
                 // W(row, col) of kv_b, decoded and scaled as read.
                 let weight = |row: &str, col: &str, out: &str| {
                     format!(
@@ -992,7 +1009,7 @@ scf.for %i = %tid to %cRope step %cT {{
 scf.for %j = %tid to %nkeys step %cT {{
   %lat = scf.for %a = %c0 to %cD step %c1 iter_args(%s = %zero) -> (f32) {{
     %qv = memref.load %sh_qa[%a] : {qa}
-    %cv = memref.load %cache[%b, %j, %a] : memref<?x?x?xf32>
+    %cv = memref.load {lat_a}
     %m = arith.mulf %qv, %cv : f32
     %s2 = arith.addf %s, %m : f32
     scf.yield %s2 : f32
@@ -1000,7 +1017,7 @@ scf.for %j = %tid to %nkeys step %cT {{
   %pe = scf.for %r = %c0 to %cRope step %c1 iter_args(%s = %zero) -> (f32) {{
     %qv = memref.load %sh_qpe[%r] : {qpe}
     %col = arith.addi %cD, %r : index
-    %cv = memref.load %cache[%b, %j, %col] : memref<?x?x?xf32>
+    %cv = memref.load {lat_col}
     %m = arith.mulf %qv, %cv : f32
     %s2 = arith.addf %s, %m : f32
     scf.yield %s2 : f32
@@ -1010,7 +1027,9 @@ scf.for %j = %tid to %nkeys step %cT {{
   memref.store %sc, %sh_p[%j] : {pp}
 }}
 }}
-"
+",
+                    lat_a = lat("%a"),
+                    lat_col = lat("%col"),
                 ));
                 // The max (one thread).
                 phases.push(format!(
@@ -1070,14 +1089,15 @@ scf.for %j = %tid to %nkeys step %cT {{
                     "scf.for %a = %tid to %cD step %cT {{
   %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zero) -> (f32) {{
     %pv = memref.load %sh_p[%j] : {pp}
-    %cv = memref.load %cache[%b, %j, %a] : memref<?x?x?xf32>
+    %cv = memref.load {lat_a}
     %m = arith.mulf %pv, %cv : f32
     %s2 = arith.addf %s, %m : f32
     scf.yield %s2 : f32
   }}
   memref.store %acc, %sh_o[%a] : {o}
 }}
-"
+",
+                    lat_a = lat("%a"),
                 ));
                 // out[e] = sum_a o[a] W_UV[e, a].
                 phases.push(format!(
@@ -1364,6 +1384,20 @@ scf.for %i = %tid to %cD step %cT {{
 
     /// Values every phase of a row uses, computed once per row (after `%row`).
     fn prologue(&self) -> String {
+        if let RowOp::MlaDecode { prefill: true, .. } = self.op {
+            // Block (query b, head h); keys 0..=S - T + b (the queries are the latent's last rows).
+            return "%b = arith.divui %row, %cH : index
+%h = arith.remui %row, %cH : index
+%n_lat = memref.dim %cache, %c0 : memref<?x?xf32>
+%n_q = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
+%first = arith.subi %n_lat, %n_q : index
+%last = arith.addi %first, %b : index
+%nkeys = arith.addi %last, %c1 : index
+%fits = arith.cmpi ule, %nkeys, %cCtx : index
+%head_row = arith.muli %h, %cPerHead : index
+"
+            .into();
+        }
         if let RowOp::MlaDecode { .. } = self.op {
             // Block (b, h); keys 0..=position, clamped to the cache; `fits`: within `context`.
             return "%b = arith.divui %row, %cH : index
@@ -2135,7 +2169,7 @@ mod tests {
         }
         let (want_q, want_s) = kernels::quantize_fp8(&want, heads * v, GROUP);
         for context in [64, 8] {
-            let op = RowOp::MlaDecode { heads, nope, rope, v, context, scale };
+            let op = RowOp::MlaDecode { heads, nope, rope, v, context, scale, prefill: false };
             let kernel = RowKernel::new(op, kv, "f8E4M3FN");
             assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
             let (mut q, mut qs) = (vec![0u8; b * heads * v], vec![f32::NAN; b * heads]);
@@ -2159,6 +2193,74 @@ mod tests {
                 // Sequences 0 and 1 (1 and 8 keys) fit 8 rows; sequence 2 (20 keys) does not.
                 assert_eq!(&qs[..2 * heads], &want_s[..2 * heads]);
                 assert!(qs[2 * heads..].iter().all(|s| s.is_nan()), "{qs:?}");
+            }
+        }
+    }
+
+    /// Prefill attention (the last T of S latent rows are the queries, causal) in the absorbed form
+    /// against the reference's naive form: the same attention up to rounding (scales within 1e-5,
+    /// bytes at most one e4m3 step apart and rarely), NaN past the kernel's capacity.
+    #[test]
+    fn mla_prefill_attention_matches_the_naive_reference() {
+        use v3c_models::dtype::f32_to_f8e4m3;
+        let (heads, nope, rope, v, kv) = (2, 16, 8, 128, 64);
+        let (t, s_rows) = (3, 7);
+        let per = nope + v;
+        let mut kv_b: Vec<u8> = values(heads * per * kv, 50, 300.0).iter().map(|&x| f32_to_f8e4m3(x)).collect();
+        let (sr, sc) = ((heads * per).div_ceil(128), kv.div_ceil(128));
+        let mut kv_scale: Vec<f32> = (0..sr * sc).map(|i| 0.002 + 0.001 * i as f32).collect();
+        let kvb_deq: Vec<f32> = (0..heads * per * kv)
+            .map(|i| f8e4m3_to_f32(kv_b[i]) * kv_scale[(i / kv / 128) * sc + (i % kv) / 128])
+            .collect();
+        let mut q_nope = values(t * heads * nope, 51, 2.0);
+        let mut q_pe = values(t * heads * rope, 52, 2.0);
+        let mut latent = values(s_rows * (kv + rope), 53, 1.0);
+        let dims = kernels::MlaDims { heads, nope, rope, v, kv_lora: kv };
+        let visible: Vec<usize> = (0..t).map(|i| s_rows - t + i).collect();
+        let want = kernels::mla(
+            &q_nope,
+            &q_pe,
+            &latent,
+            &kvb_deq,
+            &visible,
+            s_rows,
+            dims,
+            0.3,
+            v3c_models::graph::AttentionForm::Naive,
+        );
+        let (want_q, want_s) = kernels::quantize_fp8(&want, heads * v, GROUP);
+        for context in [16, 5] {
+            let op = RowOp::MlaDecode { heads, nope, rope, v, context, scale: 0.3, prefill: true };
+            let kernel = RowKernel::new(op, kv, "f8E4M3FN");
+            assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
+            let (mut q, mut qs) = (vec![0u8; t * heads * v], vec![f32::NAN; t * heads]);
+            run_cpu(
+                &kernel,
+                &[
+                    raw(&mut q_nope, &[t, heads, nope], "f32"),
+                    raw(&mut q_pe, &[t, heads, rope], "f32"),
+                    raw(&mut latent, &[s_rows, kv + rope], "f32"),
+                    raw(&mut kv_b, &[heads * per, kv], "i8"),
+                    raw(&mut kv_scale, &[sr, sc], "f32"),
+                    raw(&mut q, &[t, heads * v], "i8"),
+                    raw(&mut qs, &[t, heads], "f32"),
+                ],
+            );
+            // Query 0 sees 5 rows; 1 and 2 see 6 and 7.
+            let fits = if context == 16 { t } else { 1 };
+            for (i, (a, b)) in qs.iter().zip(&want_s).enumerate() {
+                if i / heads < fits {
+                    assert!((a - b).abs() <= 1e-5 * b, "scale {i}: {a} vs {b}");
+                } else {
+                    assert!(a.is_nan(), "scale {i} past the capacity: {a}");
+                }
+            }
+            let n = fits * heads * v;
+            let differ = q[..n].iter().zip(&want_q[..n]).filter(|(a, b)| a != b).count();
+            assert!(differ * 100 <= n, "{differ} of {n} bytes differ");
+            for (a, b) in q[..n].iter().zip(&want_q[..n]) {
+                let (fa, fb) = (f8e4m3_to_f32(*a), f8e4m3_to_f32(*b));
+                assert!((fa - fb).abs() <= 0.125 * fa.abs().max(fb.abs()), "{fa} vs {fb}");
             }
         }
     }
