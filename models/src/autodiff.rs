@@ -290,7 +290,9 @@ mod tests {
             let n: usize = shape.iter().product();
             for probe in 0..3 {
                 let i = (probe * 7919 + seed as usize * 31) % n;
-                let eps = 1e-2f32;
+                // Small enough for the curvature of a 2-wide RMSNorm (1e-2 was off by 10% there),
+                // large enough for the f32 loss's rounding.
+                let eps = 3e-3f32;
                 let mut plus = params.clone();
                 let mut minus = params.clone();
                 let bump = |p: &mut HashMap<String, Tensor>, delta: f32| {
