@@ -641,6 +641,7 @@ fn compile_names_the_kernels_without_a_gpu_lowering() {
         err.contains("compile: attention_decode_quantize_0 -> rows_mladecode_h128_n128_r64_v128_kv512_c8192_"),
         "{err}"
     );
+    assert!(err.contains("compile: decode: 937 sm_90a launches per run (627 fused kernels)"), "{err}");
     assert!(
         err.contains("compile: lm_head_0 -> 3 launches: rows_splitbf16_d7168_t256 -> GEMM N 129280 K 7168"),
         "{err}"

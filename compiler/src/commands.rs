@@ -539,6 +539,35 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         }
     }
     let total = lowered.gemms.len() + lowered.rows.len() + lowered.compound.len() + lowered.unsupported.len();
+    // Launches per entry run: each call of a fused kernel is one launch, or its steps.
+    {
+        use melior::ir::block::BlockLike;
+        use melior::ir::operation::OperationLike;
+        use melior::ir::RegionLike;
+        let launches_of = |fused: &str| {
+            lowered.compound.iter().find(|(k, _, _)| k == fused).map_or(1, |(_, steps, _)| steps.steps.len())
+        };
+        let mut op = module.body().first_operation();
+        while let Some(f) = op {
+            op = f.next_in_block();
+            if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
+                continue;
+            }
+            let Some(block) = f.region(0).ok().and_then(|r| r.first_block()) else { continue };
+            let entry =
+                f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+            let (mut calls, mut launches) = (0, 0);
+            let mut c = block.first_operation();
+            while let Some(call) = c {
+                c = call.next_in_block();
+                if let Ok(callee) = call.attribute("callee") {
+                    calls += 1;
+                    launches += launches_of(callee.to_string().trim_start_matches('@'));
+                }
+            }
+            eprintln!("compile: {entry}: {launches} sm_90a launches per run ({calls} fused kernels)");
+        }
+    }
     if !lowered.unsupported.is_empty() {
         let names: Vec<String> = lowered.unsupported.iter().map(|(k, why)| format!("{k} ({why})")).collect();
         return Err(format!(
