@@ -642,6 +642,15 @@ fn compile_names_the_kernels_without_a_gpu_lowering() {
         "{err}"
     );
     assert!(err.contains("compile: decode: 937 sm_90a launches per run (627 fused kernels)"), "{err}");
+    // A kernel of several launches dumps each of them.
+    let dump = run_binary(
+        "v3c",
+        &["dump-ir", "--stage", "gpu", "--precision", "fp8", "--kernel", "swiglu_0", "--layers", "0..1"],
+    );
+    let stdout = text(&dump.stdout);
+    assert!(dump.status.success(), "{}", text(&dump.stderr));
+    assert!(stdout.contains("// swiglu_0: 2 launches through 1 temporaries"), "{stdout}");
+    assert!(stdout.contains("// ----- stage gpu: rows_silumul_d18432_t256_q"), "{stdout}");
     assert!(
         err.contains("compile: lm_head_0 -> 3 launches: rows_splitbf16_d7168_t256 -> GEMM N 129280 K 7168"),
         "{err}"

@@ -282,6 +282,38 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
                 write_stdout(&text);
                 return Ok(());
             }
+            if let Ok(steps) = lower::steps_of_kernel(&f) {
+                // Each launch in turn: a row kernel, or a GEMM's decode and prefill kernels.
+                let device = v3c_compiler::target::DeviceModel::by_name("H200")?;
+                text.push_str(&format!(
+                    "// {kernel}: {} launches through {} temporaries\n",
+                    steps.steps.len(),
+                    steps.temps.len()
+                ));
+                for (i, step) in steps.steps.iter().enumerate() {
+                    text.push_str(&format!("// launch {i}: operands {:?}\n", step.operands));
+                    match &step.kernel {
+                        lower::StepKernel::Row(k) => {
+                            text.push_str(&gpu_kernel_text(o.stage, sm90::compile_rows(context, k, &target))?)
+                        }
+                        lower::StepKernel::Gemm(g) => {
+                            for m in [v3c_compiler::tune::DECODE_M, v3c_compiler::tune::PREFILL_M] {
+                                let configs = match &g.grouped {
+                                    Some(gr) => lower::grouped_preferences(gr, g, m, &target),
+                                    None => v3c_compiler::tune::choose(g, m, &device, None).preferences,
+                                };
+                                let config = configs.first().copied().ok_or("no candidate configuration")?;
+                                text.push_str(&gpu_kernel_text(
+                                    o.stage,
+                                    sm90::compile_gemm(context, &config, &target),
+                                )?);
+                            }
+                        }
+                    }
+                }
+                write_stdout(&text);
+                return Ok(());
+            }
             let g = lower::gemm_of_kernel(&f).map_err(|why| format!("unsupported on sm_90a: {kernel} ({why})"))?;
             let device = v3c_compiler::target::DeviceModel::by_name("H200")?;
             let pick = |m| v3c_compiler::tune::choose(&g, m, &device, None);
