@@ -621,27 +621,62 @@ fn plan_stage_prints_json_and_reports_arena_peaks() {
 }
 
 /// `v3c compile` for sm_90a runs the pipeline, lowers every kernel onto the Hopper templates
-/// (reporting the kernels it picked), and stops before writing an artifact (not built yet) instead of
-/// producing anything partial; the f32 graph's GEMMs on f32 activations are named as unsupported.
+/// (reporting the kernels it picked) and writes a whole artifact — PTX and cubins, the plan, the
+/// lowering of every fused kernel, the manifest — that `v3r info` validates; a flipped byte in a
+/// kernel is named; the f32 graph's GEMMs on f32 activations are named as unsupported.
 #[test]
-fn compile_names_the_kernels_without_a_gpu_lowering() {
+fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("artifact");
     let out = run_binary(
         "v3c",
         &["compile", "--model", "deepseek-v3", "--target", "sm_90a", "--out", out_dir.to_str().unwrap()],
     );
-    assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
     assert!(err.contains("compile: gemm_residual_0 (N 7168 K 16384) decode -> gemm_fp8_f32_64x"), "{err}");
     assert!(err.contains("_res [cost model: ") && err.contains("-bound]"), "{err}");
     let last = err.lines().last().unwrap();
-    assert_eq!(last, "v3c: error: sm_90a: all 19 kernels lower, but writing a sm_90a artifact is not implemented yet");
     assert!(
-        err.contains("compile: attention_decode_quantize_0 -> rows_mladecode_h128_n128_r64_v128_kv512_c8192_"),
+        last.starts_with(&format!("wrote {} (", out_dir.display())) && last.contains("lowering, manifest)"),
         "{err}"
     );
+    for (fused, kernel) in [
+        ("attention_decode_quantize_0", "rows_mladecode_h128_n128_r64_v128_kv512_c8192_"),
+        ("norm_quantize_0", "rows_rmsnorm_bf16_d7168_t256_eps1em6_q [row kernel"),
+        ("mla_latent_1", "rows_latent_bf16_d512_r64_t64_eps1em6_il_write [row kernel"),
+        ("lm_head_0", "3 launches: rows_splitbf16_d7168_t256 -> GEMM N 129280 K 7168"),
+        ("moe_dispatch_0", "2 launches: rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256"),
+        ("moe_down_0", "2 launches: rows_copy_d7168_t256 -> grouped GEMM over 257 experts"),
+        ("swiglu_0", "2 launches: GEMM N 36864 K 7168 (decode gemm_fp8_f32_"),
+    ] {
+        assert!(err.contains(&format!("compile: {fused} -> {kernel}")), "{fused}: {err}");
+    }
     assert!(err.contains("compile: decode: 937 sm_90a launches per run (627 fused kernels)"), "{err}");
+    // The runtime reads it back.
+    let info = run_binary("v3r", &["info", out_dir.to_str().unwrap()]);
+    let stdout = text(&info.stdout);
+    assert!(info.status.success(), "{}", text(&info.stderr));
+    assert!(stdout.contains("target: sm_90a (compute capability 9.0)"), "{stdout}");
+    assert!(stdout.contains("lowering: 19 fused kernels as 29 launches"), "{stdout}");
+    assert!(stdout.contains("entry decode: 627 launches"), "{stdout}");
+    // Not over an existing artifact without --force; a flipped byte in a kernel is named.
+    let again = run_binary(
+        "v3c",
+        &["compile", "--model", "deepseek-v3", "--target", "sm_90a", "--out", out_dir.to_str().unwrap()],
+    );
+    assert!(text(&again.stderr).contains("already exists (pass --force to replace it)"), "{}", text(&again.stderr));
+    let ptx = std::fs::read_dir(out_dir.join("kernels"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "ptx"))
+        .unwrap();
+    let mut bytes = std::fs::read(&ptx).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&ptx, bytes).unwrap();
+    let corrupt = run_binary("v3r", &["info", out_dir.to_str().unwrap()]);
+    assert_eq!(corrupt.status.code(), Some(1));
+    assert!(text(&corrupt.stderr).contains("content hash mismatch"), "{}", text(&corrupt.stderr));
     // A kernel of several launches dumps each of them.
     let dump = run_binary(
         "v3c",
@@ -651,31 +686,26 @@ fn compile_names_the_kernels_without_a_gpu_lowering() {
     assert!(dump.status.success(), "{}", text(&dump.stderr));
     assert!(stdout.contains("// swiglu_0: 2 launches through 1 temporaries"), "{stdout}");
     assert!(stdout.contains("// ----- stage gpu: rows_silumul_d18432_t256_q"), "{stdout}");
-    assert!(
-        err.contains("compile: lm_head_0 -> 3 launches: rows_splitbf16_d7168_t256 -> GEMM N 129280 K 7168"),
-        "{err}"
+    // The f32 graph's GEMMs read f32 activations: the message says why, and nothing is written.
+    let f32_dir = dir.path().join("f32");
+    let f32 = run_binary(
+        "v3c",
+        &[
+            "compile",
+            "--model",
+            "deepseek-v3",
+            "--target",
+            "sm_90a",
+            "--precision",
+            "f32",
+            "--out",
+            f32_dir.to_str().unwrap(),
+        ],
     );
-    assert!(
-        err.contains("compile: moe_dispatch_0 -> 2 launches: rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256"),
-        "{err}"
-    );
-    assert!(
-        err.contains("compile: moe_down_0 -> 2 launches: rows_copy_d7168_t256 -> grouped GEMM over 257 experts"),
-        "{err}"
-    );
-    assert!(err.contains("compile: norm_quantize_0 -> rows_rmsnorm_bf16_d7168_t256_eps1em6_q [row kernel"), "{err}");
-    assert!(!last.contains("embed_0") && !last.contains("rms_norm_0") && !last.contains("mla_latent"), "{err}");
-    assert!(
-        err.contains("compile: mla_latent_1 -> rows_latent_bf16_d512_r64_t64_eps1em6_il_write [row kernel"),
-        "{err}"
-    );
-    assert!(err.contains("compile: swiglu_0 -> 2 launches: GEMM N 36864 K 7168 (decode gemm_fp8_f32_"), "{err}");
-    assert!(!out_dir.exists(), "no partial artifact");
-    // The f32 graph's GEMMs read f32 activations: only the row kernels (and routing) map, and the message says why.
-    let f32 = run_binary("v3c", &["compile", "--model", "deepseek-v3", "--target", "sm_90a", "--precision", "f32"]);
     assert_eq!(f32.status.code(), Some(1));
     let err = text(&f32.stderr);
     assert!(err.contains("of 17 kernels") && err.contains("gemm_residual_0 (linear on f32 activations"), "{err}");
+    assert!(!f32_dir.exists(), "no partial artifact");
 }
 
 /// `v3c compile --target cpu`: cold, every kernel is JIT-compiled and stored in the kernel cache;

@@ -460,6 +460,10 @@ pub struct CompileGpuOptions<'a> {
     /// The GPU the cost model and the tuning database are consulted for.
     pub gpu: &'a str,
     pub tuning: Option<&'a Path>,
+    /// Where to write the artifact (none: compile and report only).
+    pub out: Option<&'a Path>,
+    pub force: bool,
+    pub sizes: v3c_compiler::plan::PlanSizes,
 }
 
 pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
@@ -610,11 +614,228 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             names.join(", ")
         ));
     }
-    // Every kernel lowers: the artifact format comes with the runtime (deployable artifacts issue).
-    Err(format!(
-        "{}: all {total} kernels lower, but writing a {} artifact is not implemented yet",
-        target.name, target.name
-    ))
+    let Some(out) = o.out else {
+        eprintln!("compile: all {total} kernels lower for {}; pass --out DIR to write the artifact", target.name);
+        return Ok(());
+    };
+    let tuning_source = if db.is_some() { "database" } else { "cost-model" };
+    write_gpu_artifact(out, o, &config, precision, &module, &lowered, tuning_source)
+}
+
+/// Writes the sm_90a artifact of `lowered` (whole or not at all): kernels (PTX, cubin when ptxas
+/// assembled it), the fused-level plan, the lowering of every fused kernel, the manifest.
+fn write_gpu_artifact(
+    out: &Path,
+    o: &CompileGpuOptions,
+    config: &ModelConfig,
+    precision: v3c_models::Precision,
+    module: &melior::ir::Module,
+    lowered: &v3c_compiler::conversion::sm90::ModelKernels,
+    tuning_source: &str,
+) -> Result<(), String> {
+    use v3c_compiler::conversion::sm90::lower::{GemmKernel, Operand, StepKernel};
+    use v3c_runtime::artifact::{self, FileEntry, KernelEntry, Manifest};
+    use v3c_runtime::lowering::{self as lw, Blocks, FusedLowering, KernelChoice, LaunchSpec, OperandSpec};
+    let staging = stage_artifact_dir(out, o.force)?;
+    let kernel_dir = staging.path().join("kernels");
+    std::fs::create_dir_all(&kernel_dir).map_err(|e| format!("{}: {e}", kernel_dir.display()))?;
+    let write = |file: &str, bytes: &[u8]| -> Result<FileEntry, String> {
+        let path = staging.path().join(file);
+        std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(FileEntry { file: file.to_string(), sha256: artifact::sha256_hex(bytes) })
+    };
+    let mut kernels = Vec::new();
+    for k in &lowered.kernels {
+        let ptx = write(&format!("kernels/{}.ptx", k.name), k.ptx.as_bytes())?;
+        let cubin = k.cubin.as_ref().map(|c| write(&format!("kernels/{}.cubin", k.name), c)).transpose()?;
+        kernels.push(KernelEntry {
+            name: k.name.clone(),
+            file: ptx.file,
+            sha256: ptx.sha256,
+            symbol: None,
+            partitioned: None,
+            cubin,
+            threads: Some(k.threads),
+            dynamic_shared_memory: Some(k.shared_memory_bytes),
+        });
+    }
+    let spec = |o: &Operand| match *o {
+        Operand::Arg(i) => OperandSpec::Arg(i),
+        Operand::Result(i) => OperandSpec::Result(i),
+        Operand::Temp(i) => OperandSpec::Temp(i),
+        Operand::RopeTable => OperandSpec::RopeTable,
+    };
+    let table = |t: &v3c_compiler::conversion::sm90::lower::RopeTable| lw::RopeTableSpec {
+        dim: t.dim,
+        inv_freq: t.inv_freq.clone(),
+        attention_factor: t.attention_factor,
+    };
+    let gemm_spec = |g: &GemmKernel, weights: Vec<(usize, Option<usize>)>, a: usize, a_scale, residual| lw::GemmSpec {
+        n: g.n,
+        k: g.k,
+        a,
+        a_scale,
+        weights,
+        residual,
+        results: if g.results.len() > 1 { g.results.clone() } else { Vec::new() },
+        grouped: g.grouped.as_ref().map(|gr| lw::GroupedSpec {
+            grouping: format!("{:?}", gr.grouping).to_lowercase(),
+            groups: gr.groups,
+            routed: gr.routed,
+            offsets: gr.offsets,
+            perm: gr.perm,
+            row_scale: gr.row_scale,
+            scatter: gr.scatter,
+            weights: gr.weights.iter().map(|w| (w.routed, w.routed_scale, w.shared, w.shared_scale, w.rows)).collect(),
+        }),
+    };
+    let mut fused = Vec::new();
+    // A single GEMM: its operands are the fused kernel's arguments in the GEMM's roles, then its
+    // output (the result, or a temporary whose column ranges are the results).
+    for (g, [decode, prefill]) in &lowered.gemms {
+        let mut operands = vec![OperandSpec::Arg(g.a)];
+        let a_scale = g.a_scale.map(|s| {
+            operands.push(OperandSpec::Arg(s));
+            1
+        });
+        let mut weights = Vec::new();
+        for &(w, s) in &g.weights {
+            operands.push(OperandSpec::Arg(w));
+            let wi = operands.len() - 1;
+            let si = s.map(|s| {
+                operands.push(OperandSpec::Arg(s));
+                operands.len() - 1
+            });
+            weights.push((wi, si));
+        }
+        let residual = g.residual.map(|r| {
+            operands.push(OperandSpec::Arg(r));
+            operands.len() - 1
+        });
+        let temps = if g.results.len() > 1 {
+            operands.push(OperandSpec::Temp(0));
+            vec![lw::TempSpec { rows_factor: 1, cols: g.n, dtype: "f32".into() }]
+        } else {
+            operands.push(OperandSpec::Result(0));
+            Vec::new()
+        };
+        fused.push(FusedLowering {
+            fused: g.kernel.clone(),
+            launches: vec![LaunchSpec {
+                kernel: KernelChoice::PerRegime { decode: decode.clone(), prefill: prefill.clone() },
+                operands,
+                blocks: Blocks::GemmUnits,
+                gemm: Some(gemm_spec(g, weights, 0, a_scale, residual)),
+            }],
+            temps,
+            rope_table: None,
+        });
+    }
+    for (name, launch) in &lowered.rows {
+        let k = &launch.kernel;
+        let blocks =
+            if k.rows_argument().is_none() { Blocks::One } else { Blocks::Rows { per_row: k.blocks_per_row() } };
+        fused.push(FusedLowering {
+            fused: name.clone(),
+            launches: vec![LaunchSpec {
+                kernel: KernelChoice::One(k.kernel_name()),
+                operands: launch.operands.iter().map(spec).collect(),
+                blocks,
+                gemm: None,
+            }],
+            temps: Vec::new(),
+            rope_table: launch.rope_table.as_ref().map(table),
+        });
+    }
+    for (name, steps, picks) in &lowered.compound {
+        let mut launches = Vec::new();
+        for (step, pick) in steps.steps.iter().zip(picks) {
+            let operands: Vec<OperandSpec> = step.operands.iter().map(spec).collect();
+            launches.push(match (&step.kernel, pick) {
+                (StepKernel::Row(k), _) => LaunchSpec {
+                    kernel: KernelChoice::One(k.kernel_name()),
+                    operands,
+                    blocks: if k.rows_argument().is_none() {
+                        Blocks::One
+                    } else {
+                        Blocks::Rows { per_row: k.blocks_per_row() }
+                    },
+                    gemm: None,
+                },
+                (StepKernel::Gemm(g), Some([decode, prefill])) => LaunchSpec {
+                    kernel: KernelChoice::PerRegime { decode: decode.clone(), prefill: prefill.clone() },
+                    operands,
+                    blocks: Blocks::GemmUnits,
+                    gemm: Some(gemm_spec(g, g.weights.clone(), g.a, g.a_scale, g.residual)),
+                },
+                (StepKernel::Gemm(g), None) => return Err(format!("{name}: GEMM {} without kernels", g.kernel)),
+            });
+        }
+        fused.push(FusedLowering {
+            fused: name.clone(),
+            launches,
+            temps: steps
+                .temps
+                .iter()
+                .map(|t| lw::TempSpec { rows_factor: t.rows_factor, cols: t.cols, dtype: t.element.clone() })
+                .collect(),
+            rope_table: steps.rope_table.as_ref().map(table),
+        });
+    }
+    fused.sort_by(|a, b| a.fused.cmp(&b.fused));
+    let lowering = lw::Lowering { format_version: lw::LOWERING_FORMAT_VERSION, kernels: fused };
+    let lowering_file = write(
+        "lowering.json",
+        (serde_json::to_string_pretty(&lowering).map_err(|e| e.to_string())? + "\n").as_bytes(),
+    )?;
+    let plan = v3c_compiler::plan::build_plan(module, o.sizes)?;
+    let plan_file =
+        write("plan.json", (serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n").as_bytes())?;
+    let model_config = config.to_hf_json();
+    let manifest = Manifest {
+        format_version: artifact::ARTIFACT_FORMAT_VERSION,
+        compiler: artifact::CompilerInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            git_hash: env!("V3C_GIT_HASH").into(),
+        },
+        target: artifact::TargetInfo {
+            name: o.target.name.to_string(),
+            arch: None,
+            cpu_features: Vec::new(),
+            compute_capability: Some((9, 0)),
+        },
+        model: artifact::ModelInfo {
+            name: config.name.clone(),
+            precision: if precision == v3c_models::Precision::Fp8 { "fp8".into() } else { "f32".into() },
+            config_sha256: artifact::config_sha256(&model_config),
+            config: model_config,
+        },
+        entries: plan.entries.iter().map(|e| e.name.clone()).collect(),
+        plan: plan_file,
+        lowering: Some(lowering_file),
+        kernels,
+        tuning: artifact::TuningInfo {
+            source: tuning_source.into(),
+            detail: format!("GEMM configurations for {} (grouped GEMMs: fixed, not tuned)", o.gpu),
+        },
+    };
+    write("manifest.json", (serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n").as_bytes())?;
+    // What is written must read back: the runtime's validation, before the artifact is moved in place.
+    v3c_runtime::artifact::Artifact::open(staging.path())
+        .map_err(|e| format!("the artifact does not validate: {e}"))?;
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| format!("{}: cannot replace: {e}", out.display()))?;
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, out).map_err(|e| format!("{}: {e}", out.display()))?;
+    eprintln!(
+        "wrote {} ({} kernels, plan for rows {} / context {}, lowering, manifest)",
+        out.display(),
+        lowered.kernels.len(),
+        o.sizes.rows,
+        o.sizes.context
+    );
+    Ok(())
 }
 
 pub struct CompileCpuOptions<'a> {
@@ -703,6 +924,9 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
             sha256: artifact::sha256_hex(&bytes),
             symbol: Some(format!("_mlir__mlir_ciface_{name}")),
             partitioned: Some(compiled.kernels[name].partitioned),
+            cubin: None,
+            threads: None,
+            dynamic_shared_memory: None,
         });
     }
     let plan_text = serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n";
@@ -727,6 +951,7 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
         },
         entries: plan.entries.iter().map(|e| e.name.clone()).collect(),
         plan: FileEntry { file: "plan.json".into(), sha256: artifact::sha256_hex(plan_text.as_bytes()) },
+        lowering: None,
         kernels,
         tuning: artifact::TuningInfo {
             source: "none".into(),

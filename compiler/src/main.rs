@@ -131,13 +131,14 @@ struct CompileArgs {
     /// code kept in the content-addressed kernel cache, V3C_KERNEL_CACHE=<dir>|off).
     #[arg(long, value_name = "TARGET", default_value = "sm_90a", value_parser = parse_compile_target)]
     target: CompileTarget,
-    /// Most rows (tokens of one launch) the `cpu` plan's arena is sized for.
+    /// Most rows (tokens of one launch) the plan's arena is sized for (smaller runs fit it).
     #[arg(long, value_name = "N", default_value_t = 64)]
     max_rows: usize,
-    /// Longest context (KV cache rows) the `cpu` plan's arena is sized for.
+    /// Longest context (KV cache rows) the plan's arena is sized for (shorter ones fit it).
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_context: usize,
-    /// Artifact directory to write (created; must not exist unless --force).
+    /// Artifact directory to write (created; must not exist unless --force): kernels (sm_90a: PTX
+    /// and cubins; cpu: shared objects), the launch plan, the manifest (sm_90a: and the lowering).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// Tuning database to take kernel configurations from (written by `v3c tune` / `v3r tune`).
@@ -370,6 +371,9 @@ fn main() -> ExitCode {
                 precision: a.precision.map(Precision::model),
                 gpu: &a.gpu,
                 tuning: a.tuning.as_deref(),
+                out: a.out.as_deref(),
+                force: a.force,
+                sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
             }),
             CompileTarget::Cpu if a.tuning.is_some() => {
                 Err("--tuning: CPU kernels have no tuned configurations (GPU targets only)".into())

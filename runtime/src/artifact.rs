@@ -5,7 +5,8 @@
 //!   manifest.json   format version, compiler version + git hash, target, model config (+ its hash),
 //!                   entry points, every file with its SHA-256, tuning provenance
 //!   plan.json       launches, buffers, arena layout, weight bindings (crate::plan::Plan)
-//!   kernels/        machine code: <kernel>.so (cpu), <kernel>.ptx / .cubin (GPU targets)
+//!   lowering.json   GPU targets: each fused kernel as template kernel launches (crate::lowering)
+//!   kernels/        machine code: <kernel>.so (cpu), <kernel>.ptx (+ .cubin) (GPU targets)
 //! ```
 //!
 //! [`Artifact::open`] validates everything before anything runs: the format version, every file's
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::lowering::{Lowering, LOWERING_FORMAT_VERSION};
 use crate::plan::{Plan, PLAN_FORMAT_VERSION};
 
 /// The artifact format this runtime reads and the compiler writes.
@@ -34,6 +36,9 @@ pub struct Manifest {
     /// Entry points, in the plan's order (`prefill`, `decode`).
     pub entries: Vec<String>,
     pub plan: FileEntry,
+    /// GPU targets: how each fused kernel runs as template kernels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lowering: Option<FileEntry>,
     pub kernels: Vec<KernelEntry>,
     pub tuning: TuningInfo,
 }
@@ -89,6 +94,15 @@ pub struct KernelEntry {
     /// output columns). Calling a kernel without knowing this would misread its arguments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitioned: Option<bool>,
+    /// GPU targets: the cubin ptxas assembled (the driver JIT-compiles the PTX when it is absent or
+    /// the device differs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cubin: Option<FileEntry>,
+    /// GPU targets: threads per block and the dynamic shared memory a launch requests (bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamic_shared_memory: Option<usize>,
 }
 
 /// Where the kernels' configurations came from.
@@ -134,6 +148,8 @@ pub struct Artifact {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub plan: Plan,
+    /// GPU targets: the fused kernels' launches.
+    pub lowering: Option<Lowering>,
 }
 
 impl Artifact {
@@ -197,16 +213,48 @@ impl Artifact {
                 ));
             }
             verified(dir, &k.file, &k.sha256)?;
+            if let Some(c) = &k.cubin {
+                verified(dir, &c.file, &c.sha256)?;
+            }
         }
+        let known = |name: &str| manifest.kernels.iter().any(|k| k.name == name);
+        let lowering = match &manifest.lowering {
+            None if manifest.target.name != "cpu" => {
+                return Err(ArtifactError::Invalid(manifest_path, "a GPU artifact without its lowering file".into()))
+            }
+            None => None,
+            Some(f) => {
+                let path = dir.join(&f.file);
+                let bytes = verified(dir, &f.file, &f.sha256)?;
+                let lowering: Lowering = serde_json::from_slice(&bytes)
+                    .map_err(|e| ArtifactError::Invalid(path.clone(), format!("invalid lowering: {e}")))?;
+                if lowering.format_version != LOWERING_FORMAT_VERSION {
+                    return Err(ArtifactError::Invalid(
+                        path,
+                        format!(
+                            "lowering format_version {}, this v3r reads {LOWERING_FORMAT_VERSION}",
+                            lowering.format_version
+                        ),
+                    ));
+                }
+                lowering.check(&known).map_err(|why| ArtifactError::Invalid(path.clone(), why))?;
+                Some(lowering)
+            }
+        };
+        // The plan launches fused kernels: machine code itself (cpu) or lowered (GPU targets).
+        let runs = |fused: &str| match &lowering {
+            Some(l) => l.kernels.iter().any(|k| k.fused == fused),
+            None => known(fused),
+        };
         for e in &plan.entries {
-            if let Some(l) = e.launches.iter().find(|l| !manifest.kernels.iter().any(|k| k.name == l.kernel)) {
+            if let Some(l) = e.launches.iter().find(|l| !runs(&l.kernel)) {
                 return Err(ArtifactError::Invalid(
                     plan_path,
                     format!("entry {} launches kernel {} that the manifest does not list", e.name, l.kernel),
                 ));
             }
         }
-        Ok(Artifact { dir: dir.to_path_buf(), manifest, plan })
+        Ok(Artifact { dir: dir.to_path_buf(), manifest, plan, lowering })
     }
 
     /// Whether this machine can run the artifact's code: `Err` says why not, naming both sides.

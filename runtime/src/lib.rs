@@ -15,6 +15,7 @@ pub mod cli;
 pub mod cpu;
 pub mod device;
 pub mod host;
+pub mod lowering;
 pub mod plan;
 pub mod session;
 

@@ -218,6 +218,15 @@ fn info(args: &InfoArgs) -> Result<(), String> {
         ));
     }
     line(format!("kernels: {} (every file's sha256 verified)", m.kernels.len()));
+    if let Some(l) = &a.lowering {
+        let launches: usize = l.kernels.iter().map(|k| k.launches.len()).sum();
+        let tables = l.kernels.iter().filter(|k| k.rope_table.is_some()).count();
+        line(format!(
+            "lowering: {} fused kernels as {launches} launches ({} with temporaries, {tables} reading a RoPE table)",
+            l.kernels.len(),
+            l.kernels.iter().filter(|k| !k.temps.is_empty()).count()
+        ));
+    }
     line(format!(
         "tuning: {}{}",
         m.tuning.source,

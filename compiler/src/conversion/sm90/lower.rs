@@ -217,11 +217,30 @@ pub struct RopeTable {
     pub attention_factor: f32,
 }
 
-/// A fused kernel as one row-kernel launch: the kernel, and the table it reads when it has RoPE.
+/// A fused kernel as one row-kernel launch: the kernel, the table it reads when it has RoPE, and
+/// its operands (the fused kernel's arguments, the table, then its results, in the kernel's order;
+/// a result updated in place, like the decode cache, is its argument).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowLaunch {
     pub kernel: RowKernel,
     pub rope_table: Option<RopeTable>,
+    pub operands: Vec<Operand>,
+}
+
+impl RowLaunch {
+    fn new(kernel: RowKernel, rope_table: Option<RopeTable>, fused_args: usize) -> RowLaunch {
+        let mut operands = Vec::new();
+        let mut next = 0;
+        for (name, _) in kernel.arguments() {
+            if name == "rope" {
+                operands.push(Operand::RopeTable);
+                continue;
+            }
+            operands.push(if next < fused_args { Operand::Arg(next) } else { Operand::Result(next - fused_args) });
+            next += 1;
+        }
+        RowLaunch { kernel, rope_table, operands }
+    }
 }
 
 /// A float attribute's value (`1.000000e+00 : f32`).
@@ -236,7 +255,8 @@ fn float_attr(o: &OperationRef, name: &str) -> Option<f32> {
 /// - MLA's latent row: `rms_norm(latent, w)`, `rope(k_pe, positions)`, their concatenation, then
 ///   `cache_write(cache, row, positions)` (decode) or `concat(cache, row)` (prefill).
 pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
-    let plain = |k: RowKernel| RowLaunch { kernel: k, rope_table: None };
+    let fused_args = kernel.region(0).ok().and_then(|r| r.first_block()).map_or(0, |b| b.argument_count());
+    let plain = |k: RowKernel| RowLaunch::new(k, None, fused_args);
     let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("a kernel without a body")?;
     let mut ops = Vec::new();
     let mut op = block.first_operation();
@@ -337,7 +357,7 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
                 return Err(format!("rope of width {} on k_pe of {dim}", table.dim));
             }
             let op = RowOp::Latent { eps, rope: dim, interleave, append };
-            Ok(RowLaunch { kernel: RowKernel::new(op, d, &ws.element), rope_table: Some(table) })
+            Ok(RowLaunch::new(RowKernel::new(op, d, &ws.element), Some(table), fused_args))
         }
         [kind @ ("attention_decode" | "attention"), "reshape", "quantize_fp8", "func.return"] => {
             let prefill = kind == "attention";

@@ -1,0 +1,202 @@
+//! `lowering.json` of a GPU artifact: how each fused kernel the plan launches runs as template
+//! kernel launches. The plan (`crate::plan`) binds the fused kernels' arguments and results to
+//! buffers; a fused kernel here becomes one or more launches over those buffers, temporaries sized
+//! by the fused kernel's rows, and tables the runtime builds once (RoPE cos/sin).
+//!
+//! Weights a GEMM reads are the fused kernel's weight arguments, concatenated along N in the listed
+//! order (one GEMM over q_a and kv_a, or gate and up) — or, grouped, laid out per expert: each
+//! listed weight's rows for the expert in turn, the routed experts then the shared ones. The runtime
+//! does these re-layouts once, at load.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever the format changes incompatibly.
+pub const LOWERING_FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lowering {
+    pub format_version: u32,
+    pub kernels: Vec<FusedLowering>,
+}
+
+/// One fused kernel's launches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FusedLowering {
+    pub fused: String,
+    pub launches: Vec<LaunchSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub temps: Vec<TempSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_table: Option<RopeTableSpec>,
+}
+
+/// What a launch runs: one kernel, or one per regime (decode's few rows, prefill's many).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum KernelChoice {
+    One(String),
+    PerRegime { decode: String, prefill: String },
+}
+
+impl KernelChoice {
+    /// Every kernel name it may launch.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            KernelChoice::One(k) => vec![k],
+            KernelChoice::PerRegime { decode, prefill } => vec![decode, prefill],
+        }
+    }
+}
+
+/// A buffer a launch reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperandSpec {
+    /// The fused kernel's argument (the plan's buffer for it).
+    Arg(usize),
+    /// The fused kernel's result.
+    Result(usize),
+    /// A temporary of this lowering.
+    Temp(usize),
+    /// The RoPE table.
+    RopeTable,
+}
+
+/// How many blocks a launch has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Blocks {
+    /// Rows of the first operand's leading dim times `per_row`.
+    Rows { per_row: usize },
+    /// One block.
+    One,
+    /// A GEMM's units: tiles (x K splits) from M, N and its configuration (in its name), or one
+    /// per SM when persistent.
+    GemmUnits,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    pub kernel: KernelChoice,
+    /// Operands in the kernel's argument order (contiguous buffers; a lower-rank argument sees the
+    /// leading dims collapsed).
+    pub operands: Vec<OperandSpec>,
+    pub blocks: Blocks,
+    /// For a GEMM: which operands are what.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemm: Option<GemmSpec>,
+}
+
+/// A GEMM launch's operands by role (indices into the launch's operands).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GemmSpec {
+    pub n: usize,
+    pub k: usize,
+    pub a: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub a_scale: Option<usize>,
+    /// Weights (and scales) concatenated along N, in order (dense GEMMs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<(usize, Option<usize>)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual: Option<usize>,
+    /// The output is the last operand; when the fused kernel has several results they are column
+    /// ranges `[start, end)` of it, copied into its result buffers in order (a strided device copy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<(usize, usize)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grouped: Option<GroupedSpec>,
+}
+
+/// A grouped (MoE) GEMM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupedSpec {
+    /// `gather` (A rows read by token) or `contiguous` (A rows in sorted order).
+    pub grouping: String,
+    pub groups: usize,
+    pub routed: usize,
+    pub offsets: usize,
+    pub perm: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_scale: Option<usize>,
+    pub scatter: bool,
+    /// Per weight: (routed, routed scales, shared, shared scales, rows per expert).
+    pub weights: Vec<(usize, Option<usize>, Option<usize>, Option<usize>, usize)>,
+}
+
+/// A temporary: `[rows * rows_factor, cols]` of `dtype`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TempSpec {
+    pub rows_factor: usize,
+    pub cols: usize,
+    pub dtype: String,
+}
+
+/// Row p of the table: `cos(p * inv_freq[i]) * attention_factor` for i < dim / 2, then the sines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeTableSpec {
+    pub dim: usize,
+    pub inv_freq: Vec<f32>,
+    pub attention_factor: f32,
+}
+
+impl Lowering {
+    /// Why these launches cannot run: an operand out of range, or a kernel the manifest does not
+    /// list (`known`).
+    pub fn check(&self, known: &dyn Fn(&str) -> bool) -> Result<(), String> {
+        for f in &self.kernels {
+            for (i, l) in f.launches.iter().enumerate() {
+                for name in l.kernel.names() {
+                    if !known(name) {
+                        return Err(format!("{} launch {i}: kernel {name} is not in the manifest", f.fused));
+                    }
+                }
+                for o in &l.operands {
+                    let ok = match *o {
+                        OperandSpec::Temp(t) => t < f.temps.len(),
+                        OperandSpec::RopeTable => f.rope_table.is_some(),
+                        OperandSpec::Arg(_) | OperandSpec::Result(_) => true,
+                    };
+                    if !ok {
+                        return Err(format!("{} launch {i}: operand {o:?} is not defined", f.fused));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launches_must_name_listed_kernels_and_defined_operands() {
+        let launch = |kernel: &str, operands: Vec<OperandSpec>| LaunchSpec {
+            kernel: KernelChoice::PerRegime { decode: kernel.into(), prefill: "gemm_b".into() },
+            operands,
+            blocks: Blocks::GemmUnits,
+            gemm: None,
+        };
+        let lowering = |l: LaunchSpec| Lowering {
+            format_version: LOWERING_FORMAT_VERSION,
+            kernels: vec![FusedLowering {
+                fused: "swiglu_0".into(),
+                launches: vec![l],
+                temps: vec![],
+                rope_table: None,
+            }],
+        };
+        let known = |k: &str| k.starts_with("gemm_");
+        assert_eq!(lowering(launch("gemm_a", vec![OperandSpec::Arg(0), OperandSpec::Result(0)])).check(&known), Ok(()));
+        assert_eq!(
+            lowering(launch("rows_x", vec![])).check(&known),
+            Err("swiglu_0 launch 0: kernel rows_x is not in the manifest".into())
+        );
+        assert_eq!(
+            lowering(launch("gemm_a", vec![OperandSpec::Temp(0)])).check(&known),
+            Err("swiglu_0 launch 0: operand Temp(0) is not defined".into())
+        );
+        let text = serde_json::to_string(&lowering(launch("gemm_a", vec![OperandSpec::RopeTable]))).unwrap();
+        let back: Lowering = serde_json::from_str(&text).unwrap();
+        assert!(back.check(&known).unwrap_err().contains("RopeTable is not defined"));
+    }
+}
