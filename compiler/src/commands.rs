@@ -686,7 +686,17 @@ fn write_gpu_artifact(
             perm: gr.perm,
             row_scale: gr.row_scale,
             scatter: gr.scatter,
-            weights: gr.weights.iter().map(|w| (w.routed, w.routed_scale, w.shared, w.shared_scale, w.rows)).collect(),
+            weights: gr
+                .weights
+                .iter()
+                .map(|w| lw::GroupedWeightSpec {
+                    routed: w.routed,
+                    routed_scale: w.routed_scale,
+                    shared: w.shared,
+                    shared_scale: w.shared_scale,
+                    rows: w.rows,
+                })
+                .collect(),
         }),
     };
     let mut fused = Vec::new();

@@ -117,8 +117,22 @@ pub struct GroupedSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub row_scale: Option<usize>,
     pub scatter: bool,
-    /// Per weight: (routed, routed scales, shared, shared scales, rows per expert).
-    pub weights: Vec<(usize, Option<usize>, Option<usize>, Option<usize>, usize)>,
+    pub weights: Vec<GroupedWeightSpec>,
+}
+
+/// One weight of a grouped GEMM (operand indices): the routed experts' `[E, rows, K]` and scales,
+/// the shared experts' `[S * rows, K]` and scales.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupedWeightSpec {
+    pub routed: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routed_scale: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_scale: Option<usize>,
+    /// Rows per expert.
+    pub rows: usize,
 }
 
 /// A temporary: `[rows * rows_factor, cols]` of `dtype`.
