@@ -812,7 +812,7 @@ fn write_gpu_artifact(
             name: o.target.name.to_string(),
             arch: None,
             cpu_features: Vec::new(),
-            compute_capability: Some((9, 0)),
+            compute_capability: Some(o.target.compute_capability),
         },
         model: artifact::ModelInfo {
             name: config.name.clone(),
