@@ -622,6 +622,15 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     write_gpu_artifact(out, o, &config, precision, &module, &lowered, tuning_source)
 }
 
+/// A row kernel's blocks: the rows of its rows argument (by position) times its blocks per row.
+fn row_blocks(k: &v3c_compiler::conversion::sm90::rows::RowKernel) -> v3c_runtime::lowering::Blocks {
+    let position = k.rows_argument().and_then(|rows| k.arguments().iter().position(|(n, _)| *n == rows));
+    match position {
+        Some(operand) => v3c_runtime::lowering::Blocks::Rows { operand, per_row: k.blocks_per_row() },
+        None => v3c_runtime::lowering::Blocks::One,
+    }
+}
+
 /// Writes the sm_90a artifact of `lowered` (whole or not at all): kernels (PTX, cubin when ptxas
 /// assembled it), the fused-level plan, the lowering of every fused kernel, the manifest.
 fn write_gpu_artifact(
@@ -743,8 +752,7 @@ fn write_gpu_artifact(
     }
     for (name, launch) in &lowered.rows {
         let k = &launch.kernel;
-        let blocks =
-            if k.rows_argument().is_none() { Blocks::One } else { Blocks::Rows { per_row: k.blocks_per_row() } };
+        let blocks = row_blocks(k);
         fused.push(FusedLowering {
             fused: name.clone(),
             launches: vec![LaunchSpec {
@@ -765,11 +773,7 @@ fn write_gpu_artifact(
                 (StepKernel::Row(k), _) => LaunchSpec {
                     kernel: KernelChoice::One(k.kernel_name()),
                     operands,
-                    blocks: if k.rows_argument().is_none() {
-                        Blocks::One
-                    } else {
-                        Blocks::Rows { per_row: k.blocks_per_row() }
-                    },
+                    blocks: row_blocks(k),
                     gemm: None,
                 },
                 (StepKernel::Gemm(g), Some([decode, prefill])) => LaunchSpec {

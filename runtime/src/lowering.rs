@@ -63,8 +63,8 @@ pub enum OperandSpec {
 /// How many blocks a launch has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Blocks {
-    /// Rows of the first operand's leading dim times `per_row`.
-    Rows { per_row: usize },
+    /// The leading dim of operand `operand` times `per_row`.
+    Rows { operand: usize, per_row: usize },
     /// One block.
     One,
     /// A GEMM's units: tiles (x K splits) from M, N and its configuration (in its name), or one
