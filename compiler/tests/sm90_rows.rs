@@ -266,12 +266,14 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
             .collect();
         assert!(!moe || per_token == out_shapes.first().map_or(0, |s| if s.len() == 3 { s[1] } else { per_token }));
         let mut results: Vec<Vec<u8>> = fused_out.iter().map(|b| vec![0xAAu8; b.len()]).collect();
+        // The RoPE table as the runtime prepares it.
         let table = steps.rope_table.as_ref().map(|t| {
-            let mut v = Vec::new();
-            for p in 0..64 {
-                let (cos, sin) = v3c_models::rope::cos_sin(&t.inv_freq, t.attention_factor, p);
-                v.extend(cos.iter().chain(&sin).flat_map(|x| x.to_le_bytes()));
-            }
+            let spec = v3c_runtime::lowering::RopeTableSpec {
+                dim: t.dim,
+                inv_freq: t.inv_freq.clone(),
+                attention_factor: t.attention_factor,
+            };
+            let v: Vec<u8> = v3c_runtime::prepare::rope_table(&spec, 64).iter().flat_map(|x| x.to_le_bytes()).collect();
             (v, t.dim)
         });
         for step in &steps.steps {
@@ -321,23 +323,47 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                     let kb = g.k.div_ceil(128);
                     let out = bufs.last().unwrap();
                     let mut result = f32s(out);
+                    // B laid out per group as the runtime prepares it at load.
+                    let parts: Vec<(Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>)> = gr
+                        .weights
+                        .iter()
+                        .map(|w| {
+                            let shared = |i: Option<usize>| i.map(|i| bytes(&bufs[i])).unwrap_or_default();
+                            let shared_f = |i: Option<usize>| i.map(|i| f32s(&bufs[i])).unwrap_or_default();
+                            (
+                                bytes(&bufs[w.routed]),
+                                f32s(&bufs[w.routed_scale.unwrap()]),
+                                shared(w.shared),
+                                shared_f(w.shared_scale),
+                            )
+                        })
+                        .collect();
+                    let weights: Vec<v3c_runtime::prepare::GroupedWeight> = parts
+                        .iter()
+                        .zip(&gr.weights)
+                        .map(|((r, rs, s, ss), w)| v3c_runtime::prepare::GroupedWeight {
+                            routed: r,
+                            routed_scale: rs,
+                            shared: w.shared.map(|_| &s[..]),
+                            shared_scale: w.shared_scale.map(|_| &ss[..]),
+                            rows: w.rows,
+                        })
+                        .collect();
+                    let spec = v3c_runtime::lowering::GroupedSpec {
+                        grouping: String::new(),
+                        groups: gr.groups,
+                        routed: gr.routed,
+                        offsets: gr.offsets,
+                        perm: gr.perm,
+                        row_scale: gr.row_scale,
+                        scatter: gr.scatter,
+                        weights: Vec::new(),
+                    };
+                    let (all_wq, all_ws) = v3c_runtime::prepare::grouped_b(&spec, g.k, &weights).unwrap();
+                    let per_group = g.n * g.k;
                     for grp in 0..gr.groups {
-                        // Group grp's B rows: each weight's rows for it in turn (the load-time layout).
-                        let (mut wq, mut ws) = (Vec::new(), Vec::new());
-                        for part in &gr.weights {
-                            let (w, sc, index) = if grp < gr.routed {
-                                (bytes(&bufs[part.routed]), f32s(&bufs[part.routed_scale.unwrap()]), grp)
-                            } else {
-                                (
-                                    bytes(&bufs[part.shared.unwrap()]),
-                                    f32s(&bufs[part.shared_scale.unwrap()]),
-                                    grp - gr.routed,
-                                )
-                            };
-                            let sb = part.rows / 128 * kb;
-                            wq.extend_from_slice(&w[index * part.rows * g.k..(index + 1) * part.rows * g.k]);
-                            ws.extend_from_slice(&sc[index * sb..(index + 1) * sb]);
-                        }
+                        let wq = &all_wq[grp * per_group..(grp + 1) * per_group];
+                        let ws = &all_ws[grp * g.n / 128 * kb..(grp + 1) * g.n / 128 * kb];
                         for p in offs[grp] as usize..offs[grp + 1] as usize {
                             let token = tokens[p] as usize;
                             let src = if gr.grouping == v3c_compiler::conversion::sm90::gemm::GemmGrouping::Gather {
@@ -348,8 +374,8 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                             let mut y = v3c_models::interp::kernels::matmul_fp8(
                                 &a[src * g.k..(src + 1) * g.k],
                                 &a_scale[src * kb..(src + 1) * kb],
-                                &wq,
-                                &ws,
+                                wq,
+                                ws,
                                 1,
                                 g.k,
                                 g.n,

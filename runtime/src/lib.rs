@@ -17,6 +17,7 @@ pub mod device;
 pub mod host;
 pub mod lowering;
 pub mod plan;
+pub mod prepare;
 pub mod session;
 
 pub use device::{probe_devices, DeviceError, DeviceInfo, DriverInfo};
