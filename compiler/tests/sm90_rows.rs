@@ -324,7 +324,9 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                     let out = bufs.last().unwrap();
                     let mut result = f32s(out);
                     // B laid out per group as the runtime prepares it at load.
-                    let parts: Vec<(Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>)> = gr
+                    // Per weight: routed bits, scales, shared bits, scales (owned copies to borrow from).
+                    type Parts = (Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>);
+                    let parts: Vec<Parts> = gr
                         .weights
                         .iter()
                         .map(|w| {
