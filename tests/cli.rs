@@ -110,9 +110,8 @@ fn runtime_commands_reject_missing_artifacts_by_path() {
 }
 
 /// `v3r info` validates an artifact before anything runs: a byte flipped in any file, a missing file,
-/// corrupt JSON, another format version or a tampered model config is one line naming the file, exit 1;
-/// a GPU artifact on a machine without one is described, with why it cannot run here; `v3r run` of it
-/// exits 3.
+/// corrupt JSON, another format version, a tampered model config or a GPU target without its lowering is
+/// one line naming the file, exit 1.
 #[test]
 fn v3r_info_validates_artifacts_file_by_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -216,20 +215,11 @@ fn v3r_info_validates_artifacts_file_by_file() {
     let decode = timings["entries"]["decode"].as_array().unwrap();
     assert_eq!(decode.len(), 15, "every kernel of decode");
     assert!(decode.iter().all(|t| t["median_ms"].as_f64().unwrap() > 0.0 && t["launches"].as_u64().unwrap() > 0));
-    // A GPU artifact: described anywhere; running it needs the GPU (exit 3 without one).
+    // A cpu artifact relabelled for a GPU lacks the lowering a GPU artifact carries.
     let gpu = edit("gpu", &|v| {
         v["target"] = serde_json::json!({ "name": "sm_90a", "compute_capability": [9, 0] });
     });
-    let info = run_binary("v3r", &["info", gpu.to_str().unwrap()]);
-    assert!(info.status.success(), "{}", text(&info.stderr));
-    let report = text(&info.stdout);
-    assert!(report.contains("target: sm_90a (compute capability 9.0)"), "{report}");
-    let weights = ckpt.to_str().unwrap();
-    let run = run_binary("v3r", &["run", gpu.to_str().unwrap(), "--weights", weights, "--prompt-tokens", "1 2"]);
-    if gpu_or_skip("v3r_run_without_a_gpu_exits_3").is_none() {
-        assert!(report.contains("runs here: no ("), "{report}");
-        assert_eq!(run.status.code(), Some(3), "{}", text(&run.stderr));
-    }
+    check(&gpu, "manifest.json: a GPU artifact without its lowering file");
 }
 
 /// Every file under `dir`, recursively.
@@ -623,7 +613,8 @@ fn plan_stage_prints_json_and_reports_arena_peaks() {
 /// `v3c compile` for sm_90a runs the pipeline, lowers every kernel onto the Hopper templates
 /// (reporting the kernels it picked) and writes a whole artifact — PTX and cubins, the plan, the
 /// lowering of every fused kernel, the manifest — that `v3r info` validates; a flipped byte in a
-/// kernel is named; the f32 graph's GEMMs on f32 activations are named as unsupported.
+/// kernel is named; `v3r run` of it needs the GPU (exit 3 without one); the f32 graph's GEMMs on f32
+/// activations are named as unsupported.
 #[test]
 fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     let dir = tempfile::tempdir().unwrap();
@@ -660,6 +651,14 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     assert!(stdout.contains("target: sm_90a (compute capability 9.0)"), "{stdout}");
     assert!(stdout.contains("lowering: 19 fused kernels as 29 launches"), "{stdout}");
     assert!(stdout.contains("entry decode: 627 launches"), "{stdout}");
+    // Running it needs the GPU, asked for before any checkpoint is read: exit 3 without one.
+    if gpu_or_skip("v3r_run_without_a_gpu_exits_3").is_none() {
+        assert!(stdout.contains("runs here: no ("), "{stdout}");
+        let weights = dir.path().to_str().unwrap();
+        let run =
+            run_binary("v3r", &["run", out_dir.to_str().unwrap(), "--weights", weights, "--prompt-tokens", "1 2"]);
+        assert_eq!(run.status.code(), Some(3), "{}", text(&run.stderr));
+    }
     // Not over an existing artifact without --force; a flipped byte in a kernel is named.
     let again = run_binary(
         "v3c",

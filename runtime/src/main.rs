@@ -303,14 +303,17 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         return Err(Failure::Other(format!("--temperature {} must be >= 0", args.temperature)));
     }
     let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
+    // A GPU artifact needs the GPU before anything reads a checkpoint (which may be hundreds of GiB).
+    if a.manifest.target.name != "cpu" {
+        device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
+        a.runs_here(args.device).map_err(Failure::Other)?;
+    }
     if !args.weights.is_dir() {
         return Err(Failure::Other(format!("{}: no such checkpoint directory", args.weights.display())));
     }
     let prompt = v3c_runtime::cli::parse_token_ids(&args.prompt_tokens, "--prompt-tokens").map_err(Failure::Other)?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
     if a.manifest.target.name != "cpu" {
-        device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
-        a.runs_here(args.device).map_err(Failure::Other)?;
         return Err(Failure::Other(
             "running GPU artifacts is not implemented yet (it lands with the artifact/runtime issue)".into(),
         ));
