@@ -156,6 +156,53 @@ fn gemm_configs_compile_to_sm90a_tensor_core_code_without_spills() {
     }
 }
 
+/// The tensor-core MLA decode kernel (DeepSeek-V3's 512 + 64 columns, and a narrower latent):
+/// assembles with no spills and no serialized wgmma; its SASS holds the 36 HGMMA of S = Q K^T (9
+/// chunks x 4 k16 steps) and the 16 of P V (4 steps x 4 accumulators, transposed B), and TMA loads.
+#[test]
+fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
+    use sm90::mla::MlaDecodeConfig;
+    let context = v3c_compiler::mlir::new_context();
+    let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
+    for config in [MlaDecodeConfig::DEEPSEEK_V3, MlaDecodeConfig { kv: 256, rope: 64, stages: 3 }] {
+        let kernel = sm90::compile_mla(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
+        let (s_steps, pv_steps) = (config.dim() / 16, 4 * config.kv / 128);
+        // The trailing immediates: scale-a, scale-b, transpose-a, transpose-b.
+        let wgmma = |transposed: u8| kernel.ptx.matches(&format!("p, 1,  1, 0,  {transposed};")).count();
+        assert_eq!(
+            kernel.ptx.matches("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16").count(),
+            s_steps + pv_steps
+        );
+        assert_eq!(wgmma(0), s_steps, "{}: S = Q K^T wgmma (K-major B)", kernel.name);
+        assert_eq!(wgmma(1), pv_steps, "{}: P V wgmma (transposed B)", kernel.name);
+        assert!(kernel.ptx.contains("fence.proxy.async.shared::cta"), "{}: P's generic-to-async fence", kernel.name);
+        let Some(ptxas) = &ptxas else {
+            eprintln!("{}: PTX only (no ptxas: run scripts/bootstrap.sh)", kernel.name);
+            continue;
+        };
+        let cubin =
+            target::assemble(&kernel.ptx, &kernel.name, &target::SM90A, ptxas).unwrap_or_else(|e| panic!("{e}"));
+        let r = &cubin.kernels[0];
+        assert!(!cubin.log.contains("wgmma.mma_async instructions are serialized"), "{}: {}", kernel.name, cubin.log);
+        eprintln!(
+            "{}: {} registers, spills {}/{}",
+            kernel.name, r.registers, r.spill_stores_bytes, r.spill_loads_bytes
+        );
+        assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", kernel.name);
+        assert!(r.shared_memory_bytes as usize <= sm90::gemm::STATIC_SHARED_BYTES, "{}: static smem", kernel.name);
+        if let Some(sass) = sass(&cubin.cubin) {
+            assert_eq!(sass.matches("HGMMA.64x64x16.F32.BF16").count(), s_steps + pv_steps, "{}", kernel.name);
+            assert!(sass.contains("UTMALDG.2D"), "{}: no TMA loads in SASS", kernel.name);
+            assert!(!sass.contains("LDL") && !sass.contains("STL"), "{}: local memory traffic", kernel.name);
+            eprintln!(
+                "  SASS: {} x HGMMA.64x64x16, {} x UTMALDG.2D",
+                s_steps + pv_steps,
+                sass.matches("UTMALDG.2D").count()
+            );
+        }
+    }
+}
+
 #[test]
 fn configs_that_do_not_fit_are_rejected_before_codegen() {
     let base = GemmConfig::new(GemmInput::Bf16, GemmOutput::F32, 128, 128, 4);

@@ -1474,17 +1474,17 @@ scf.if %in{x1} {{
     }
 }
 
-const WORKGROUP: &str = "#gpu.address_space<workgroup>";
+pub(super) const WORKGROUP: &str = "#gpu.address_space<workgroup>";
 
 /// Where accumulator element `e` of row tile `i` sits relative to the thread's element 0 (rows,
 /// columns): the wgmma m64nNk* f32 D layout (a thread holds 2 adjacent columns of rows r and r + 8
 /// in each 8-column group).
-fn fragment_offset(i: usize, e: usize) -> (usize, usize) {
+pub(super) fn fragment_offset(i: usize, e: usize) -> (usize, usize) {
     (i * 64 + 8 * ((e % 4) / 2), 8 * (e / 4) + e % 2)
 }
 
 /// Declarations of the `%c<N>` (index), `%c<N>_i64` and `%c<N>_i32` constants `body` uses.
-fn constants(body: &str) -> String {
+pub(super) fn constants(body: &str) -> String {
     let mut seen = BTreeSet::new();
     let bytes = body.as_bytes();
     let mut at = 0;
@@ -1518,7 +1518,7 @@ fn constants(body: &str) -> String {
         .collect()
 }
 
-fn indent(text: &str, n: usize) -> String {
+pub(super) fn indent(text: &str, n: usize) -> String {
     let pad = " ".repeat(n);
     text.lines().map(|l| if l.is_empty() { String::new() } else { format!("{pad}{l}") }).collect::<Vec<_>>().join("\n")
 }

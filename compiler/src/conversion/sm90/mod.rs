@@ -9,6 +9,7 @@
 
 pub mod gemm;
 pub mod lower;
+pub mod mla;
 pub mod rows;
 
 use melior::ir::block::BlockLike;
@@ -116,6 +117,16 @@ pub fn compile_gemm(context: &Context, config: &gemm::GemmConfig, target: &GpuTa
     let name = config.kernel_name();
     let mlir = gemm::emit(config, target);
     compile_module(context, name, mlir, config.shared_memory_bytes(), config.threads(), target)
+}
+
+/// Generates, lowers and compiles to PTX the MLA decode attention kernel of `config` for `target`.
+pub fn compile_mla(
+    context: &Context,
+    config: &mla::MlaDecodeConfig,
+    target: &GpuTarget,
+) -> Result<GpuKernel, Sm90Error> {
+    let mlir = mla::emit(config, target);
+    compile_module(context, config.kernel_name(), mlir, config.shared_memory_bytes(), config.threads(), target)
 }
 
 /// Generates, lowers and compiles to PTX the row kernel `kernel` for `target`.

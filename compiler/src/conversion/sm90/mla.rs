@@ -1,0 +1,662 @@
+//! MLA decode attention on the tensor cores (absorbed form, FlashMLA's problem): a paged bf16 latent
+//! cache, split K over long contexts, and the combine step.
+//!
+//! The attention kernel ([`MlaDecodeConfig`], [`emit`]): one block per (sequence, 64 query rows, K
+//! split). Query rows are the absorbed queries `[q_abs | q_pe]` (`kv + rope` wide, bf16), 64 per block
+//! (the wgmma M: all heads of a sequence in 1 or 2 blocks); the cache is `[pages * 64, kv + rope]`
+//! bf16, 64 rows per page, a sequence's pages named by its row of the block table (pages need not be
+//! contiguous or in order). Per block:
+//! - the query tile is loaded once (TMA, 128-byte swizzle, 64-column boxes), the split's pages stream
+//!   through a ring of `stages` page buffers (TMA into mbarrier-tracked buffers, refilled after a block
+//!   barrier);
+//! - two warpgroups each compute `S = Q K^T` for the page (wgmma m64n64k16 over the `kv + rope`
+//!   columns, both operands K-major from shared memory), mask the keys past the sequence, and run the
+//!   online softmax in f32 (exp2 of scores pre-scaled by `scale * log2 e`, row maxima across the 4
+//!   lanes sharing a row, per-thread partial row sums reduced at the end);
+//! - warpgroup 0 writes `P` (bf16, the 128-byte-swizzled K-major layout wgmma reads) to shared memory;
+//!   after a proxy fence and a block barrier both multiply it by the page's values — the first `kv`
+//!   columns of the same buffer, read MN-major (transposed B) — each into its half of the output
+//!   columns (`kv / 2` columns: `kv / 128` accumulators of m64n64);
+//! - the split's normalized output `o_part [splits, rows, kv]` (f32) and its log-sum-exp `lse
+//!   [splits, rows]` (natural log; `-inf` and zeros for a split without keys) are written.
+//!
+//! [`crate::conversion::sm90::rows::RowOp::MlaCombine`] then merges the splits:
+//! `out = sum_z exp(lse_z - max) o_z / sum_z exp(lse_z - max)`.
+//!
+//! Not yet: causal masking among several query tokens of one sequence (MTP speculative decoding: here
+//! every query row sees the whole cache of its sequence), the fp8 cache, warp specialization and
+//! overlapping `S` of the next page with `P V` of this one (FlashMLA's ping-pong).
+
+use std::fmt::Write;
+
+use super::gemm::{constants, fragment_offset, indent, STATIC_SHARED_BYTES, WORKGROUP};
+use crate::target::GpuTarget;
+
+/// Rows of a cache page (the block size of the paged cache), and query rows per block.
+pub const PAGE: usize = 64;
+/// Columns per TMA box and shared-memory chunk: 128 bytes of bf16 (one 128-byte swizzle row).
+const CHUNK: usize = 64;
+/// Bytes of one 64 x 64 bf16 chunk.
+const CHUNK_BYTES: usize = PAGE * CHUNK * 2;
+/// Threads: two consumer warpgroups.
+const THREADS: usize = 256;
+
+/// One MLA decode attention kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlaDecodeConfig {
+    /// Latent (value) width: a multiple of 128 up to 512 (each warpgroup owns `kv / 2` columns).
+    pub kv: usize,
+    /// RoPE key width after the latent: a positive multiple of 64.
+    pub rope: usize,
+    /// Page buffers in the ring (1 to 4, as shared memory allows).
+    pub stages: usize,
+}
+
+impl MlaDecodeConfig {
+    /// DeepSeek-V3's: 512 latent + 64 rope columns, two page buffers.
+    pub const DEEPSEEK_V3: MlaDecodeConfig = MlaDecodeConfig { kv: 512, rope: 64, stages: 2 };
+
+    /// `mla_decode_kv512_r64_p64_s2`.
+    pub fn kernel_name(&self) -> String {
+        format!("mla_decode_kv{}_r{}_p{PAGE}_s{}", self.kv, self.rope, self.stages)
+    }
+
+    /// The configuration a [`Self::kernel_name`] names.
+    pub fn from_name(name: &str) -> Option<MlaDecodeConfig> {
+        let rest = name.strip_prefix("mla_decode_kv")?;
+        let (kv, rest) = rest.split_once("_r")?;
+        let (rope, rest) = rest.split_once(&format!("_p{PAGE}_s"))?;
+        let number = |s: &str| s.parse::<usize>().ok().filter(|_| s.bytes().all(|b| b.is_ascii_digit()));
+        let config = MlaDecodeConfig { kv: number(kv)?, rope: number(rope)?, stages: number(rest)? };
+        (config.kernel_name() == name).then_some(config)
+    }
+
+    /// Columns of a query or cache row.
+    pub fn dim(&self) -> usize {
+        self.kv + self.rope
+    }
+
+    /// 64-column chunks of a row.
+    fn chunks(&self) -> usize {
+        self.dim() / CHUNK
+    }
+
+    /// Output columns per warpgroup, in 64-column accumulators.
+    fn accumulators(&self) -> usize {
+        self.kv / 2 / CHUNK
+    }
+
+    fn query_bytes(&self) -> usize {
+        self.chunks() * CHUNK_BYTES
+    }
+
+    fn stage_bytes(&self) -> usize {
+        self.chunks() * CHUNK_BYTES
+    }
+
+    /// Offset of `P` (64 x 64 bf16) in shared memory.
+    fn p_offset(&self) -> usize {
+        self.query_bytes() + self.stages * self.stage_bytes()
+    }
+
+    /// Dynamic shared memory: the query tile, the page ring and `P`.
+    pub fn shared_memory_bytes(&self) -> usize {
+        self.p_offset() + CHUNK_BYTES
+    }
+
+    pub fn threads(&self) -> usize {
+        THREADS
+    }
+
+    /// The launch grid: one block per (sequence, 64 query rows) along x, K splits along y.
+    pub fn grid(&self, sequences: usize, rows_per_sequence: usize, splits: usize) -> (usize, usize) {
+        (sequences * rows_per_sequence.div_ceil(PAGE), splits)
+    }
+
+    /// Why this configuration cannot be generated for `target`, if it cannot.
+    pub fn validate(&self, target: &GpuTarget) -> Result<(), String> {
+        let name = self.kernel_name();
+        if self.kv == 0 || !self.kv.is_multiple_of(2 * CHUNK) || self.kv > 512 {
+            return Err(format!(
+                "{name}: a latent width of {} (a multiple of 128 up to 512: each of the two warpgroups \
+                 accumulates kv / 2 columns in registers)",
+                self.kv
+            ));
+        }
+        if self.rope == 0 || !self.rope.is_multiple_of(CHUNK) {
+            return Err(format!("{name}: a rope width of {} (a positive multiple of 64)", self.rope));
+        }
+        if !(1..=4).contains(&self.stages) {
+            return Err(format!("{name}: {} page buffers (1 to 4)", self.stages));
+        }
+        let need = self.shared_memory_bytes() + STATIC_SHARED_BYTES;
+        if need > target.max_shared_memory_per_block as usize {
+            return Err(format!(
+                "{name}: needs {need} B of shared memory (query tile, {} page buffers of {} B, P, barriers), {} has {}",
+                self.stages,
+                self.stage_bytes(),
+                target.name,
+                target.max_shared_memory_per_block
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The kernel's `gpu.module` text. Arguments, in order: `%q_ptr`, `%kv_ptr` (CUtensorMap pointers:
+/// 2-D bf16 `[rows, kv + rope]`, box `[64 columns, 64 rows]`, 128-byte swizzle, out-of-bounds zero
+/// fill; the queries `[sequences * rows_per_sequence, ..]`, the cache `[pages * 64, ..]`),
+/// `%block_table` (i32 `[sequences, max_pages]`), `%seqlens` (i32 `[sequences]`), `%o_part` (f32
+/// `[splits, sequences * rows_per_sequence, kv]`), `%lse` (f32 `[splits, sequences *
+/// rows_per_sequence]`), `%rows_per_sequence` (index), `%scale` (f32, the softmax scale). Launch:
+/// [`MlaDecodeConfig::threads`] threads, [`MlaDecodeConfig::shared_memory_bytes`] of dynamic shared
+/// memory, [`MlaDecodeConfig::grid`] blocks.
+pub fn emit(config: &MlaDecodeConfig, target: &GpuTarget) -> Result<String, String> {
+    config.validate(target)?;
+    Ok(Emitter { c: *config }.module())
+}
+
+struct Emitter {
+    c: MlaDecodeConfig,
+}
+
+/// One m64n64 f32 accumulator fragment (32 values per thread).
+const FRAG: &str = "!llvm.struct<(f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, \
+                    f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32)>";
+
+/// Values of one fragment per thread.
+const FRAG_N: usize = 32;
+
+impl Emitter {
+    fn module(&self) -> String {
+        let c = &self.c;
+        let ws = WORKGROUP;
+        let stages = c.stages;
+        let mut head = String::new();
+        // Barriers 0..stages: the page buffers; barrier `stages`: the query tile.
+        let _ = writeln!(head, "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {}>", stages + 1);
+        let _ = writeln!(head, "!tmap = !nvgpu.tensormap.descriptor<tensor = memref<{PAGE}x{CHUNK}xbf16, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>");
+        let _ = writeln!(head, "module attributes {{gpu.container_module}} {{\ngpu.module @kernels {{");
+        let _ = writeln!(
+            head,
+            "gpu.func @{}(%q_ptr: !llvm.ptr, %kv_ptr: !llvm.ptr, %block_table: memref<?x?xi32>, %seqlens: memref<?xi32>, \
+             %o_part: memref<?x?x?xf32>, %lse: memref<?x?xf32>, %rows_per_sequence: index, %scale: f32) kernel attributes \
+             {{known_block_size = array<i32: {THREADS}, 1, 1>}} {{",
+            c.kernel_name()
+        );
+        let mut t = String::new();
+        t.push_str(&self.prelude());
+        t.push_str(&self.main_loop());
+        t.push_str(&self.epilogue());
+        t.push_str("  gpu.return\n}\n}\n}\n");
+        format!("{head}{}{t}", constants(&t))
+    }
+
+    /// Block coordinates, the split's pages, shared memory and barriers, the query tile's and the
+    /// first pages' loads, and the thread's place in the accumulator layout.
+    fn prelude(&self) -> String {
+        let c = &self.c;
+        let ws = WORKGROUP;
+        let (stages, chunks) = (c.stages, c.chunks());
+        let mut t = format!(
+            "  %ticks = arith.constant 10000000 : index
+  %parity0 = arith.constant false
+  %zero = arith.constant 0.0 : f32
+  %ninf = arith.constant 0xFF800000 : f32
+  %log2e = arith.constant 1.44269504 : f32
+  %ln2 = arith.constant 0.693147182 : f32
+  %scale_log2 = arith.mulf %scale, %log2e : f32
+  %desc_k = arith.constant {desc_k} : i64
+  %desc_mn = arith.constant {desc_mn} : i64
+  %addr_mask = arith.constant 262143 : i64
+  %q_map = builtin.unrealized_conversion_cast %q_ptr : !llvm.ptr to !tmap
+  %kv_map = builtin.unrealized_conversion_cast %kv_ptr : !llvm.ptr to !tmap
+  %tid = gpu.thread_id x
+  %bx = gpu.block_id x
+  %z = gpu.block_id y
+  %splits = gpu.grid_dim y
+  %row_blocks = arith.ceildivui %rows_per_sequence, %c{PAGE} : index
+  %seq = arith.divui %bx, %row_blocks : index
+  %rb = arith.remui %bx, %row_blocks : index
+  %r_first = arith.muli %rb, %c{PAGE} : index
+  %seq_row0 = arith.muli %seq, %rows_per_sequence : index
+  %row0 = arith.addi %seq_row0, %r_first : index
+  %len_i = memref.load %seqlens[%seq] : memref<?xi32>
+  %len = arith.index_cast %len_i : i32 to index
+  %pages = arith.ceildivui %len, %c{PAGE} : index
+  %per = arith.ceildivui %pages, %splits : index
+  %p0_raw = arith.muli %z, %per : index
+  %p0 = arith.minui %p0_raw, %pages : index
+  %p1_raw = arith.addi %p0_raw, %per : index
+  %p1 = arith.minui %p1_raw, %pages : index
+  %np = arith.subi %p1, %p0 : index
+  %smem = gpu.dynamic_shared_memory : memref<?xi8, {ws}>
+  %smem_base_idx = memref.extract_aligned_pointer_as_index %smem : memref<?xi8, {ws}> -> index
+  %smem_base = arith.index_cast %smem_base_idx : index to i64
+  %bars = nvgpu.mbarrier.create -> !bar
+  %leader = arith.cmpi eq, %tid, %c0 : index
+  scf.if %leader {{
+    scf.for %s = %c0 to %c{nbars} step %c1 {{
+      nvgpu.mbarrier.init %bars[%s], %c1 : !bar
+    }}
+    nvgpu.tma.prefetch.descriptor %q_map : !tmap
+    nvgpu.tma.prefetch.descriptor %kv_map : !tmap
+  }}
+  gpu.barrier
+  scf.if %leader {{
+    nvgpu.mbarrier.arrive.expect_tx %bars[%c{stages}], %c{q_bytes} : !bar
+",
+            // K-major operands (the query, the keys, P): 128-byte swizzle (mode 1, bits 62-63), stride
+            // byte offset 1024 B (8 rows of 128 B; bits 32-45, 16-byte units). MN-major (the values):
+            // the same swizzle, 1024 B between groups of 8 keys (stride), 8192 B between 64-column
+            // chunks (leading, bits 16-29; unused by the 64-wide instructions).
+            desc_k = (1u64 << 62) | (64u64 << 32),
+            desc_mn = (1u64 << 62) | (64u64 << 32) | ((CHUNK_BYTES as u64 / 16) << 16),
+            nbars = stages + 1,
+            q_bytes = c.query_bytes(),
+        );
+        for k in 0..chunks {
+            let _ = writeln!(
+                t,
+                "    %qv{k} = memref.view %smem[%c{off}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
+    nvgpu.tma.async.load %q_map[%c{col}, %row0], %bars[%c{stages}] to %qv{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
+                off = k * CHUNK_BYTES,
+                col = k * CHUNK
+            );
+        }
+        let _ = writeln!(
+            t,
+            "    %pro = arith.minui %np, %c{stages} : index
+    scf.for %j = %c0 to %pro step %c1 {{
+{}
+    }}
+  }}",
+            indent(&self.load_page("%j", "%j"), 6)
+        );
+        let _ = writeln!(
+            t,
+            "  %cw = arith.divui %tid, %c128 : index
+  %ctid = arith.remui %tid, %c128 : index
+  %lane = arith.remui %ctid, %c32 : index
+  %warp = arith.divui %ctid, %c32 : index
+  %wrow = arith.muli %warp, %c16 : index
+  %lrow = arith.divui %lane, %c4 : index
+  %trow = arith.addi %wrow, %lrow : index
+  %lcol0 = arith.remui %lane, %c4 : index
+  %lcol = arith.muli %lcol0, %c2 : index
+  %is_wg0 = arith.cmpi eq, %cw, %c0 : index
+  %cw_bytes = arith.muli %cw, %c{half} : index
+  %cw_bytes64 = arith.index_cast %cw_bytes : index to i64
+  %p_addr = arith.addi %smem_base, %c{p_off}_i64 : i64
+{dp}
+  %frag0 = llvm.mlir.poison : {FRAG}",
+            half = c.accumulators() * CHUNK_BYTES,
+            p_off = c.p_offset(),
+            dp = desc("%dp", "%p_addr", "%desc_k"),
+        );
+        for e in 0..FRAG_N {
+            let _ = writeln!(t, "  %frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {FRAG}", e + 1);
+        }
+        // Every thread waits for the query tile (the barrier's first phase).
+        let _ = writeln!(
+            t,
+            "  nvgpu.mbarrier.try_wait.parity %bars[%c{stages}], %parity0, %ticks : !bar",
+            stages = c.stages
+        );
+        t
+    }
+
+    /// TMA loads of the split's page `j` (its `j`-th page) into ring buffer `j mod stages` (one thread).
+    fn load_page(&self, j: &str, i: &str) -> String {
+        let c = &self.c;
+        let ws = WORKGROUP;
+        let mut t = format!(
+            "%lp_st = arith.remui {i}, %c{stages} : index
+%lp_page = arith.addi %p0, {j} : index
+%lp_blk_i = memref.load %block_table[%seq, %lp_page] : memref<?x?xi32>
+%lp_blk = arith.index_cast %lp_blk_i : i32 to index
+%lp_row = arith.muli %lp_blk, %c{PAGE} : index
+%lp_st_off = arith.muli %lp_st, %c{stage_bytes} : index
+%lp_base = arith.addi %lp_st_off, %c{q_bytes} : index
+nvgpu.mbarrier.arrive.expect_tx %bars[%lp_st], %c{stage_bytes} : !bar
+",
+            stages = c.stages,
+            stage_bytes = c.stage_bytes(),
+            q_bytes = c.query_bytes()
+        );
+        for k in 0..c.chunks() {
+            let _ = writeln!(
+                t,
+                "%lp_off{k} = arith.addi %lp_base, %c{off} : index
+%lp_v{k} = memref.view %smem[%lp_off{k}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
+nvgpu.tma.async.load %kv_map[%c{col}, %lp_row], %bars[%lp_st] to %lp_v{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
+                off = k * CHUNK_BYTES,
+                col = k * CHUNK
+            );
+        }
+        t
+    }
+
+    /// The page loop: per page, S, the online softmax, P, and P V; the ring buffer refilled after.
+    /// Carries the output accumulators, and per row half (rows `trow`, `trow + 8`) the running maximum
+    /// (log2 domain) and the thread's partial sum.
+    fn main_loop(&self) -> String {
+        let c = &self.c;
+        let (stages, accs, chunks) = (c.stages, c.accumulators(), c.chunks());
+        let mut iter: Vec<String> = (0..accs).map(|n| format!("%o{n}_in = %frag{FRAG_N}")).collect();
+        iter.extend(["%m0_in = %ninf", "%m1_in = %ninf", "%l0_in = %zero", "%l1_in = %zero"].map(String::from));
+        let mut types = vec![FRAG.to_string(); accs];
+        types.extend(["f32"; 4].map(String::from));
+        let mut t = format!(
+            "  %res:{n} = scf.for %j = %c0 to %np step %c1 iter_args({iter}) -> ({types}) {{
+    %st = arith.remui %j, %c{stages} : index
+    %round = arith.divui %j, %c{stages} : index
+    %par = arith.remui %round, %c2 : index
+    %parity = arith.index_cast %par : index to i1
+    nvgpu.mbarrier.try_wait.parity %bars[%st], %parity, %ticks : !bar
+    %st_off = arith.muli %st, %c{stage_bytes} : index
+    %st_off64 = arith.index_cast %st_off : index to i64
+    %st_rel = arith.addi %st_off64, %c{q_bytes}_i64 : i64
+    %stage_addr = arith.addi %smem_base, %st_rel : i64
+",
+            n = accs + 4,
+            iter = iter.join(", "),
+            types = types.join(", "),
+            stage_bytes = c.stage_bytes(),
+            q_bytes = c.query_bytes(),
+        );
+        // S = Q K^T over every chunk, 4 k16 steps per chunk.
+        for k in 0..chunks {
+            let _ = writeln!(t, "    %qa{k} = arith.addi %smem_base, %c{}_i64 : i64", k * CHUNK_BYTES);
+            let _ = writeln!(t, "{}", indent(&desc(&format!("%dq{k}"), &format!("%qa{k}"), "%desc_k"), 4));
+            let _ = writeln!(t, "    %ka{k} = arith.addi %stage_addr, %c{}_i64 : i64", k * CHUNK_BYTES);
+            let _ = writeln!(t, "{}", indent(&desc(&format!("%dk{k}"), &format!("%ka{k}"), "%desc_k"), 4));
+        }
+        let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
+        let mut s = format!("%frag{FRAG_N}");
+        for k in 0..chunks {
+            for ks in 0..4 {
+                let (da, db) = if ks == 0 {
+                    (format!("%dq{k}"), format!("%dk{k}"))
+                } else {
+                    let _ = writeln!(t, "    %dq{k}_{ks} = arith.addi %dq{k}, %c{}_i64 : i64", 2 * ks);
+                    let _ = writeln!(t, "    %dk{k}_{ks} = arith.addi %dk{k}, %c{}_i64 : i64", 2 * ks);
+                    (format!("%dq{k}_{ks}"), format!("%dk{k}_{ks}"))
+                };
+                let scale_out = if k == 0 && ks == 0 { "zero" } else { "one" };
+                let out = format!("%s{k}_{ks}");
+                let _ = writeln!(
+                    t,
+                    "    {out} = nvvm.wgmma.mma_async {da}, {db}, {s}, <m = 64, n = 64, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {FRAG} -> {FRAG}"
+                );
+                s = out;
+            }
+        }
+        let _ = writeln!(t, "    nvvm.wgmma.commit.group.sync.aligned\n    nvvm.wgmma.wait.group.sync.aligned 0");
+        let (softmax, mut o) = self.softmax(&s);
+        t.push_str(&indent(&softmax, 4));
+        t.push('\n');
+        // P V: each warpgroup's `accs` 64-column chunks of the values (MN-major), 4 k16 steps of keys.
+        let _ = writeln!(
+            t,
+            "    nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
+    gpu.barrier
+    %v_addr = arith.addi %stage_addr, %cw_bytes64 : i64"
+        );
+        for n in 0..accs {
+            let _ = writeln!(t, "    %va{n} = arith.addi %v_addr, %c{}_i64 : i64", n * CHUNK_BYTES);
+            let _ = writeln!(t, "{}", indent(&desc(&format!("%dv{n}"), &format!("%va{n}"), "%desc_mn"), 4));
+        }
+        let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
+        for ks in 0..4 {
+            let dp = if ks == 0 {
+                "%dp".to_string()
+            } else {
+                let _ = writeln!(t, "    %dp_{ks} = arith.addi %dp, %c{}_i64 : i64", 2 * ks);
+                format!("%dp_{ks}")
+            };
+            for (n, o_n) in o.iter_mut().enumerate() {
+                let dv = if ks == 0 {
+                    format!("%dv{n}")
+                } else {
+                    // 16 keys further: two 8-key groups of 1024 B (64 units of 16 B each).
+                    let _ = writeln!(t, "    %dv{n}_{ks} = arith.addi %dv{n}, %c{}_i64 : i64", 128 * ks);
+                    format!("%dv{n}_{ks}")
+                };
+                let out = format!("%pv{n}_{ks}");
+                let _ = writeln!(
+                    t,
+                    "    {out} = nvvm.wgmma.mma_async {dp}, {dv}, {o_n}, <m = 64, n = 64, k = 16>, D[<f32>, <one>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {FRAG} -> {FRAG}"
+                );
+                *o_n = out;
+            }
+        }
+        let _ = writeln!(
+            t,
+            "    nvvm.wgmma.commit.group.sync.aligned
+    nvvm.wgmma.wait.group.sync.aligned 0
+    gpu.barrier
+    %jn = arith.addi %j, %c{stages} : index
+    %more = arith.cmpi ult, %jn, %np : index
+    %refill = arith.andi %leader, %more : i1
+    scf.if %refill {{
+{load}
+    }}
+    scf.yield {o}, %m0, %m1, %l0, %l1 : {types}
+  }}",
+            load = indent(&self.load_page("%jn", "%jn"), 6),
+            o = o.join(", "),
+            types = types.join(", "),
+        );
+        t
+    }
+
+    /// The online softmax of the page's scores `s` (one fragment): masked, scaled into the log2
+    /// domain; the new row maxima `%m0`, `%m1`, partial sums `%l0`, `%l1`; the accumulators rescaled
+    /// (returned); warpgroup 0 stores P.
+    fn softmax(&self, s: &str) -> (String, Vec<String>) {
+        let c = &self.c;
+        let mut t = String::from(
+            "%page = arith.addi %p0, %j : index
+%page_key = arith.muli %page, %c64 : index
+%key_t = arith.addi %page_key, %lcol : index
+",
+        );
+        let half = |e: usize| fragment_offset(0, e).0 / 8;
+        for e in 0..FRAG_N {
+            let col = fragment_offset(0, e).1;
+            let _ = writeln!(
+                t,
+                "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}
+%key{e} = arith.addi %key_t, %c{col} : index
+%in{e} = arith.cmpi ult, %key{e}, %len : index
+%sl{e} = arith.mulf %sv{e}, %scale_log2 : f32
+%x{e} = arith.select %in{e}, %sl{e}, %ninf : f32"
+            );
+        }
+        for h in 0..2 {
+            let members: Vec<usize> = (0..FRAG_N).filter(|&e| half(e) == h).collect();
+            let mut acc = "%ninf".to_string();
+            for &e in &members {
+                let _ = writeln!(t, "%mx{h}_{e} = arith.maximumf {acc}, %x{e} : f32");
+                acc = format!("%mx{h}_{e}");
+            }
+            let _ = writeln!(
+                t,
+                "%sh{h}a, %sh{h}a_ok = gpu.shuffle xor {acc}, %c1_i32, %c32_i32 : f32
+%rm{h}a = arith.maximumf {acc}, %sh{h}a : f32
+%sh{h}b, %sh{h}b_ok = gpu.shuffle xor %rm{h}a, %c2_i32, %c32_i32 : f32
+%rm{h} = arith.maximumf %rm{h}a, %sh{h}b : f32
+%m{h} = arith.maximumf %m{h}_in, %rm{h} : f32
+%md{h} = arith.subf %m{h}_in, %m{h} : f32
+%alpha{h} = {ex2_md}",
+                ex2_md = ex2(&format!("%md{h}"))
+            );
+            let mut sum = "%zero".to_string();
+            for &e in &members {
+                let _ = writeln!(t, "%xd{e} = arith.subf %x{e}, %m{h} : f32\n%pe{e} = {}", ex2(&format!("%xd{e}")));
+                let _ = writeln!(t, "%ps{h}_{e} = arith.addf {sum}, %pe{e} : f32");
+                sum = format!("%ps{h}_{e}");
+            }
+            let _ =
+                writeln!(t, "%lr{h} = arith.mulf %l{h}_in, %alpha{h} : f32\n%l{h} = arith.addf %lr{h}, {sum} : f32");
+        }
+        // Rescale the accumulators by their row's alpha.
+        let mut scaled = Vec::new();
+        for n in 0..c.accumulators() {
+            let mut cur = format!("%o{n}_in");
+            for e in 0..FRAG_N {
+                let _ = writeln!(
+                    t,
+                    "%ov{n}_{e} = llvm.extractvalue %o{n}_in[{e}] : {FRAG}
+%oa{n}_{e} = arith.mulf %ov{n}_{e}, %alpha{h} : f32
+%oi{n}_{e} = llvm.insertvalue %oa{n}_{e}, {cur}[{e}] : {FRAG}",
+                    h = half(e)
+                );
+                cur = format!("%oi{n}_{e}");
+            }
+            scaled.push(cur);
+        }
+        // P (bf16) at [row, key] of a 64 x 64 tile, 128-byte swizzled: element (r, k) at
+        // r * 64 + ((k / 8) xor (r mod 8)) * 8 + k mod 8. A thread's pairs (k, k + 1) share a 16-byte unit.
+        let ws = WORKGROUP;
+        let _ = writeln!(
+            t,
+            "scf.if %is_wg0 {{
+  %pview = memref.view %smem[%c{p_off}][] : memref<?xi8, {ws}> to memref<{elems}xbf16, {ws}>",
+            p_off = c.p_offset(),
+            elems = PAGE * CHUNK
+        );
+        for e in 0..FRAG_N {
+            let (r, k) = fragment_offset(0, e);
+            let _ = writeln!(
+                t,
+                "  %pr{e} = arith.addi %trow, %c{r} : index
+  %pk{e} = arith.addi %lcol, %c{k} : index
+  %pu{e} = arith.divui %pk{e}, %c8 : index
+  %pm{e} = arith.remui %pr{e}, %c8 : index
+  %px{e} = arith.xori %pu{e}, %pm{e} : index
+  %pw{e} = arith.remui %pk{e}, %c8 : index
+  %prow{e} = arith.muli %pr{e}, %c64 : index
+  %punit{e} = arith.muli %px{e}, %c8 : index
+  %pi0_{e} = arith.addi %prow{e}, %punit{e} : index
+  %pi{e} = arith.addi %pi0_{e}, %pw{e} : index
+  %pb{e} = arith.truncf %pe{e} : f32 to bf16
+  memref.store %pb{e}, %pview[%pi{e}] : memref<{elems}xbf16, {ws}>",
+                elems = PAGE * CHUNK
+            );
+        }
+        t.push_str("}\n");
+        (t, scaled)
+    }
+
+    /// Row sums across the quad, normalization, and the split's output and log-sum-exp (natural log).
+    fn epilogue(&self) -> String {
+        let c = &self.c;
+        let accs = c.accumulators();
+        let mut t = String::new();
+        for h in 0..2 {
+            let (m, l) = (format!("%res#{}", accs + h), format!("%res#{}", accs + 2 + h));
+            let _ = writeln!(
+                t,
+                "  %ls{h}a, %ls{h}a_ok = gpu.shuffle xor {l}, %c1_i32, %c32_i32 : f32
+  %lt{h}a = arith.addf {l}, %ls{h}a : f32
+  %ls{h}b, %ls{h}b_ok = gpu.shuffle xor %lt{h}a, %c2_i32, %c32_i32 : f32
+  %lt{h} = arith.addf %lt{h}a, %ls{h}b : f32
+  %has{h} = arith.cmpf ogt, %lt{h}, %zero : f32
+  %one{h} = arith.constant 1.0 : f32
+  %safe{h} = arith.select %has{h}, %lt{h}, %one{h} : f32
+  %inv0_{h} = arith.divf %one{h}, %safe{h} : f32
+  %inv{h} = arith.select %has{h}, %inv0_{h}, %zero : f32
+  %lg{h} = {lg2}
+  %lsum{h} = arith.addf {m}, %lg{h} : f32
+  %lnat{h} = arith.mulf %lsum{h}, %ln2 : f32
+  %lse{h} = arith.select %has{h}, %lnat{h}, %ninf : f32
+  %orow{h} = arith.addi %trow, %c{off} : index
+  %orr{h} = arith.addi %r_first, %orow{h} : index
+  %oin{h} = arith.cmpi ult, %orr{h}, %rows_per_sequence : index
+  %og{h} = arith.addi %row0, %orow{h} : index",
+                lg2 = lg2(&format!("%safe{h}")),
+                off = 8 * h
+            );
+        }
+        let _ = writeln!(
+            t,
+            "  %first_lane = arith.cmpi eq, %lcol0, %c0 : index
+  %writes_lse = arith.andi %is_wg0, %first_lane : i1
+  %col_wg = arith.muli %cw, %c{half_cols} : index
+  %col_t = arith.addi %col_wg, %lcol : index",
+            half_cols = c.kv / 2
+        );
+        for h in 0..2 {
+            let _ = writeln!(
+                t,
+                "  %wl{h} = arith.andi %writes_lse, %oin{h} : i1
+  scf.if %wl{h} {{
+    memref.store %lse{h}, %lse[%z, %og{h}] : memref<?x?xf32>
+  }}"
+            );
+        }
+        for n in 0..accs {
+            for e in 0..FRAG_N {
+                let (r, k) = fragment_offset(0, e);
+                let h = r / 8;
+                let _ = writeln!(
+                    t,
+                    "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}
+  %fo{n}_{e} = arith.mulf %fv{n}_{e}, %inv{h} : f32
+  %fc{n}_{e} = arith.addi %col_t, %c{col} : index
+  scf.if %oin{h} {{
+    memref.store %fo{n}_{e}, %o_part[%z, %og{h}, %fc{n}_{e}] : memref<?x?x?xf32>
+  }}",
+                    col = n * CHUNK + k
+                );
+            }
+        }
+        t
+    }
+}
+
+/// `name = <wgmma descriptor of the shared-memory address addr>` (address bits 4-17 in bits 0-13).
+fn desc(name: &str, addr: &str, high: &str) -> String {
+    format!(
+        "{name}_m = arith.andi {addr}, %addr_mask : i64\n{name}_s = arith.shrui {name}_m, %c4_i64 : i64\n{name} = arith.ori {high}, {name}_s : i64"
+    )
+}
+
+/// `2^x` (the SFU's approximation; 2^-inf = 0).
+fn ex2(x: &str) -> String {
+    format!("llvm.inline_asm \"ex2.approx.ftz.f32 $0, $1;\", \"=f,f\" {x} : (f32) -> f32")
+}
+
+/// `log2(x)` (the SFU's approximation).
+fn lg2(x: &str) -> String {
+    format!("llvm.inline_asm \"lg2.approx.ftz.f32 $0, $1;\", \"=f,f\" {x} : (f32) -> f32")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::SM90A;
+
+    #[test]
+    fn names_round_trip_and_limits_are_named() {
+        let c = MlaDecodeConfig::DEEPSEEK_V3;
+        assert_eq!(c.kernel_name(), "mla_decode_kv512_r64_p64_s2");
+        assert_eq!(MlaDecodeConfig::from_name(&c.kernel_name()), Some(c));
+        for bad in ["mla_decode_kv512_r64_p32_s2", "mla_decode_kv512_r64_p64_s", "mla_decode_kv+512_r64_p64_s2"] {
+            assert_eq!(MlaDecodeConfig::from_name(bad), None, "{bad}");
+        }
+        // 3 x 72 KiB + 8 KiB fits the 227 KiB of an H100/H200 block; three page buffers do not.
+        assert_eq!(c.shared_memory_bytes(), 229_376);
+        assert!(c.validate(&SM90A).is_ok());
+        let err = MlaDecodeConfig { stages: 3, ..c }.validate(&SM90A).unwrap_err();
+        assert!(err.contains("needs 304128 B of shared memory"), "{err}");
+        let err = MlaDecodeConfig { kv: 448, ..c }.validate(&SM90A).unwrap_err();
+        assert!(err.contains("a latent width of 448"), "{err}");
+        let err = MlaDecodeConfig { rope: 32, ..c }.validate(&SM90A).unwrap_err();
+        assert!(err.contains("a rope width of 32"), "{err}");
+        assert_eq!(c.grid(5, 128, 3), (10, 3));
+        assert_eq!(c.grid(2, 16, 1), (2, 1));
+    }
+}
