@@ -87,6 +87,11 @@ pub enum RowOp {
     /// `0..=S - T + i`; the cache argument is the latent `[S, kv + rope]`, no positions) — the
     /// absorbed form for prefill too (the reference runs the naive one: equal up to rounding).
     MlaDecode { heads: usize, nope: usize, rope: usize, v: usize, context: usize, scale: f32, prefill: bool },
+    /// The combine step of split-K attention ([`super::mla`]): per row, the splits' normalized
+    /// outputs `o_part [splits, rows, d]` weighted by `exp(lse_z - max_z lse_z)` (`lse [splits,
+    /// rows]`, natural log, `-inf` for a split without keys) over the weights' sum, into `out
+    /// [rows, d]`; a row no split saw is zeros.
+    MlaCombine,
 }
 
 /// A row kernel: its op, the row length and the element type of the table or weight.
@@ -144,6 +149,7 @@ impl RowKernel {
             }
             RowOp::SiluMul { quantize } => format!("rows_silumul_d{d}_t{t}{}", if quantize { "_q" } else { "_y" }),
             RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
+            RowOp::MlaCombine => format!("rows_mlacombine_d{d}_t{t}"),
             RowOp::SplitBf16 => format!("rows_splitbf16_d{d}_t{t}"),
             RowOp::Concat { second } => format!("rows_concat_d{d}_b{second}_t{t}"),
             RowOp::MlaDecode { heads, nope, rope, v, context, scale, prefill } => {
@@ -243,6 +249,12 @@ impl RowKernel {
                 let op = RowOp::Concat { second: number(b, 'b')? };
                 Some(RowKernel { op, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
             }
+            ("mlacombine", [d, t]) => Some(RowKernel {
+                op: RowOp::MlaCombine,
+                d: number(d, 'd')?,
+                weight: "f32".into(),
+                threads: number(t, 't')?,
+            }),
             ("copy", [d, t]) => {
                 Some(RowKernel { op: RowOp::Copy, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
             }
@@ -325,6 +337,11 @@ impl RowKernel {
                 args
             }
             RowOp::Copy => vec![("x", "memref<?x?xf32>".to_string()), ("y", "memref<?x?xf32>".into())],
+            RowOp::MlaCombine => vec![
+                ("o_part", "memref<?x?x?xf32>".to_string()),
+                ("lse", "memref<?x?xf32>".into()),
+                ("out", "memref<?x?xf32>".into()),
+            ],
             RowOp::SplitBf16 => vec![
                 ("x", "memref<?x?xf32>".to_string()),
                 ("hi", "memref<?x?xbf16>".into()),
@@ -411,6 +428,7 @@ impl RowKernel {
             RowOp::SplitRope { .. } => "y",
             RowOp::SiluMul { .. } | RowOp::Copy | RowOp::Route { .. } | RowOp::SplitBf16 => "x",
             RowOp::Concat { .. } => "x1",
+            RowOp::MlaCombine => "out",
             // One block per (sequence, head): see `blocks_per_row`.
             RowOp::MlaDecode { .. } => "q_nope",
             RowOp::Dispatch { .. } => return None,
@@ -442,7 +460,8 @@ impl RowKernel {
             | RowOp::SiluMul { quantize: false }
             | RowOp::Copy
             | RowOp::SplitBf16
-            | RowOp::Concat { .. } => Vec::new(),
+            | RowOp::Concat { .. }
+            | RowOp::MlaCombine => Vec::new(),
             RowOp::MlaDecode { nope, rope, v, context, .. } => vec![
                 ("sh_qn", nope),
                 ("sh_qpe", rope),
@@ -1154,6 +1173,46 @@ scf.for %e = %tid to %cV step %cT {{
                 phases.iter_mut().for_each(|p| *p = format!("%c2 = arith.constant 2 : index\n{p}"));
                 phases
             }
+            RowOp::MlaCombine => {
+                // The splits' maximum and weight sum (every thread: splits are few), then per column
+                // the weighted sum in split order.
+                let weight = |out: &str| {
+                    format!(
+                        "  %l = memref.load %lse[%z, %row] : memref<?x?xf32>
+  %dl = arith.subf %l, %mx : f32
+{}",
+                        exp(lowering, "%dl", out)
+                    )
+                };
+                vec![format!(
+                    "%ninf = arith.constant 0xFF800000 : f32
+%splits = memref.dim %lse, %c0 : memref<?x?xf32>
+%mx = scf.for %z = %c0 to %splits step %c1 iter_args(%m = %ninf) -> (f32) {{
+  %l = memref.load %lse[%z, %row] : memref<?x?xf32>
+  %m2 = arith.maximumf %m, %l : f32
+  scf.yield %m2 : f32
+}}
+%seen = arith.cmpf ogt, %mx, %ninf : f32
+%wsum = scf.for %z = %c0 to %splits step %c1 iter_args(%s = %zero) -> (f32) {{
+{w_sum}  %s2 = arith.addf %s, %e : f32
+  scf.yield %s2 : f32
+}}
+scf.for %i = %tid to %cD step %cT {{
+  %acc = scf.for %z = %c0 to %splits step %c1 iter_args(%a = %zero) -> (f32) {{
+{w_col}    %o = memref.load %o_part[%z, %row, %i] : memref<?x?x?xf32>
+    %eo = arith.mulf %e, %o : f32
+    %a2 = arith.addf %a, %eo : f32
+    scf.yield %a2 : f32
+  }}
+  %y0 = arith.divf %acc, %wsum : f32
+  %y = arith.select %seen, %y0, %zero : f32
+  memref.store %y, %out[%row, %i] : memref<?x?xf32>
+}}
+",
+                    w_sum = weight("%e"),
+                    w_col = indent2(&weight("%e")),
+                )]
+            }
             RowOp::Copy => vec!["scf.for %i = %tid to %cD step %cT {
   %v = memref.load %x[%row, %i] : memref<?x?xf32>
   memref.store %v, %y[%row, %i] : memref<?x?xf32>
@@ -1604,6 +1663,11 @@ fn quant_constants(groups: usize) -> String {
 
 /// `{out} = exp(value)`: on sm_90a `ex2.approx` of `value * log2(e)` (no libdevice is linked; a few
 /// ulp), on the CPU libm's (the reference's).
+/// `text` indented by two more spaces.
+fn indent2(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
 fn exp(lowering: Lowering, value: &str, out: &str) -> String {
     match lowering {
         Lowering::Gpu => format!(
@@ -2090,6 +2154,61 @@ mod tests {
             assert_eq!(tokens, want_tokens, "tokens of the sorted rows");
             assert_eq!(rw, want_w, "weights of the sorted rows");
         }
+    }
+
+    /// The split-K combine: attention over keys cut into splits (empty ones included: lse -inf,
+    /// zeros), each split's softmax-normalized output and log-sum-exp, merged by the CPU lowering,
+    /// equals attention over all keys; a row no split saw is zeros.
+    #[test]
+    fn mla_combine_merges_split_attention() {
+        let (rows, d, keys) = (3, 40, 37);
+        let scores = values(rows * keys, 60, 8.0);
+        let vals = values(keys * d, 61, 2.0);
+        // Splits of keys [0, 10), [10, 10) (empty), [10, 30), [30, 37).
+        let bounds = [(0, 10), (10, 10), (10, 30), (30, 37)];
+        let splits = bounds.len();
+        let (mut o_part, mut lse) = (vec![0f32; splits * rows * d], vec![0f32; splits * rows]);
+        // Row `rows - 1` is seen by no split.
+        for (z, &(k0, k1)) in bounds.iter().enumerate() {
+            for r in 0..rows {
+                let at = z * rows + r;
+                if k0 == k1 || r == rows - 1 {
+                    lse[at] = f32::NEG_INFINITY;
+                    continue;
+                }
+                let s = &scores[r * keys..(r + 1) * keys];
+                let m = s[k0..k1].iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                let l: f64 = s[k0..k1].iter().map(|&v| (v as f64 - m).exp()).sum();
+                lse[at] = (m + l.ln()) as f32;
+                for c in 0..d {
+                    let o: f64 = (k0..k1).map(|k| (s[k] as f64 - m).exp() * vals[k * d + c] as f64).sum();
+                    o_part[at * d + c] = (o / l) as f32;
+                }
+            }
+        }
+        let mut out = vec![f32::NAN; rows * d];
+        run_cpu(
+            &RowKernel::new(RowOp::MlaCombine, d, "f32"),
+            &[
+                raw(&mut o_part, &[splits, rows, d], "f32"),
+                raw(&mut lse, &[splits, rows], "f32"),
+                raw(&mut out, &[rows, d], "f32"),
+            ],
+        );
+        for r in 0..rows - 1 {
+            let s = &scores[r * keys..(r + 1) * keys];
+            let m = s.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let l: f64 = s.iter().map(|&v| (v as f64 - m).exp()).sum();
+            for c in 0..d {
+                let want: f64 = (0..keys).map(|k| (s[k] as f64 - m).exp() * vals[k * d + c] as f64).sum::<f64>() / l;
+                let got = out[r * d + c] as f64;
+                assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "row {r} col {c}: {got} vs {want}");
+            }
+        }
+        assert!(out[(rows - 1) * d..].iter().all(|&v| v == 0.0), "the unseen row is zeros");
+        let k = RowKernel::new(RowOp::MlaCombine, 512, "f32");
+        assert_eq!(k.kernel_name(), "rows_mlacombine_d512_t64");
+        assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k));
     }
 
     /// f32 rows as bf16 hi + lo: hi is the reference's bf16 rounding of x, lo that of the rest, and
