@@ -8,7 +8,8 @@
 #
 # Steps, in order: 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
 # 2. the GEMM template kernels vs torch (benches/device/gemm_check.py: correctness, then TFLOP/s);
-# 2c. the row kernels vs torch (benches/device/rows_check.py: correctness, then GB/s); 2b. tuning;
+# 2c. the row kernels vs torch (benches/device/rows_check.py: correctness, then GB/s); 2d. MLA decode
+# attention on the tensor cores (benches/device/mla_check.py); 2b. tuning;
 # 3. end-to-end fixtures; 4. model kernels timing. Steps 3-4 need artifacts; until they exist the
 # script says so.
 # Never changes clocks, power, MIG, persistence or compute mode.
@@ -104,6 +105,19 @@ if [ -d "$root/.device/rows" ] && python3 -c "import torch, sys; sys.exit(0 if t
 else
   note "no .device/rows (run benches/device/prepare.sh on the build machine) or no torch+CUDA: skipped"
   row "2c. row kernels" "SKIPPED" "no .device/rows or no GPU"
+fi
+
+note "== 2d. MLA decode attention vs torch (benches/device/mla_check.py: paged, split K; then GB/s)"
+if [ -d "$root/.device/mla" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
+  if timeout 60 python3 "$root/benches/device/mla_check.py" --ptx-dir "$root/.device/mla" \
+      --ceilings "$out/ceilings.json" --out "$out/mla.json" 2>&1 | tee -a "$log"; then
+    row "2d. MLA attention" "ok" "mla.json"
+  else
+    row "2d. MLA attention" "FAILED" "see check.log, mla.json"
+  fi
+else
+  note "no .device/mla (run benches/device/prepare.sh on the build machine) or no torch+CUDA: skipped"
+  row "2d. MLA attention" "SKIPPED" "no .device/mla or no GPU"
 fi
 
 note "== 2b. tuning: the full model's GEMM candidates measured (benches/device/tune_check.py)"

@@ -45,7 +45,14 @@ for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_
     | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/rows/$k.ptx"
   grep -q "\.entry $k(" ".device/rows/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }
 done
+# MLA decode attention on the tensor cores (paged cache, split K) and its split combine.
+rm -rf .device/mla && mkdir -p .device/mla
+for k in mla_decode_kv512_r64_p64_s2 rows_mlacombine_d512_t64; do
+  target/release/v3c dump-ir --stage ptx --kernel "$k" \
+    | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/mla/$k.ptx"
+  grep -q "\.entry $k(" ".device/mla/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }
+done
 # Tuning candidates for the full model's GEMM kernels (cost model's top 3 per problem, spill-free).
 rm -rf .device/tune
 target/release/v3c tune --model deepseek-v3 --emit-candidates .device/tune --top 3
-echo "prepare: .device/ holds v3r and $(ls .device/gemm .device/rows | grep -c ptx) kernels ($(du -sh .device | cut -f1)); carry it to the GPU machine"
+echo "prepare: .device/ holds v3r and $(ls .device/gemm .device/rows .device/mla | grep -c ptx) kernels ($(du -sh .device | cut -f1)); carry it to the GPU machine"

@@ -28,6 +28,7 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::Dispatch { experts: 256, shared: 1 }, 257, "f32"),
         RowKernel::new(RowOp::SplitBf16, 7168, "f32"),
         RowKernel::new(RowOp::Concat { second: 7168 }, 7168, "f32"),
+        RowKernel::new(RowOp::MlaCombine, 512, "f32"),
         RowKernel::new(
             RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352, prefill: false },
             512,
@@ -56,6 +57,10 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             RowOp::Embed => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase, no barrier"),
             RowOp::SplitRope { .. } | RowOp::Copy | RowOp::SplitBf16 | RowOp::Concat { .. } => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase")
+            }
+            RowOp::MlaCombine => {
+                assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase");
+                assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
             }
             RowOp::MlaDecode { .. } => {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), 10, "{name}: eleven phases");

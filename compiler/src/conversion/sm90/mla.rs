@@ -358,8 +358,9 @@ nvgpu.tma.async.load %kv_map[%c{col}, %lp_row], %bars[%lp_st] to %lp_v{k} : !tma
     %st_off64 = arith.index_cast %st_off : index to i64
     %st_rel = arith.addi %st_off64, %c{q_bytes}_i64 : i64
     %stage_addr = arith.addi %smem_base, %st_rel : i64
-",
+{tail}",
             n = accs + 4,
+            tail = indent(&self.zero_tail(), 4),
             iter = iter.join(", "),
             types = types.join(", "),
             stage_bytes = c.stage_bytes(),
@@ -449,6 +450,41 @@ nvgpu.tma.async.load %kv_map[%c{col}, %lp_row], %bars[%lp_st] to %lp_v{k} : !tma
             types = types.join(", "),
         );
         t
+    }
+
+    /// On the sequence's last page, rows past its length are zeroed in the page buffer (whatever the
+    /// cache holds there, NaN included, must not reach `P V`, where a masked key's P of 0 would
+    /// still multiply it); then a proxy fence and a block barrier before the wgmma read it.
+    fn zero_tail(&self) -> String {
+        let c = &self.c;
+        let ws = WORKGROUP;
+        let words = c.stage_bytes() / 4;
+        format!(
+            "%pages_m1 = arith.subi %pages, %c1 : index
+%this_page = arith.addi %p0, %j : index
+%is_last = arith.cmpi eq, %this_page, %pages_m1 : index
+%tail = arith.remui %len, %c{PAGE} : index
+%has_tail = arith.cmpi ne, %tail, %c0 : index
+%zero_tail = arith.andi %is_last, %has_tail : i1
+scf.if %zero_tail {{
+  %zt_off = arith.addi %st_off, %c{q_bytes} : index
+  %zt = memref.view %smem[%zt_off][] : memref<?xi8, {ws}> to memref<{words}xi32, {ws}>
+  %zt_zero = arith.constant 0 : i32
+  scf.for %w = %tid to %c{words} step %c{THREADS} {{
+    %w_in_chunk = arith.remui %w, %c{chunk_words} : index
+    %w_row = arith.divui %w_in_chunk, %c32 : index
+    %w_past = arith.cmpi uge, %w_row, %tail : index
+    scf.if %w_past {{
+      memref.store %zt_zero, %zt[%w] : memref<{words}xi32, {ws}>
+    }}
+  }}
+  nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
+  gpu.barrier
+}}
+",
+            q_bytes = c.query_bytes(),
+            chunk_words = CHUNK_BYTES / 4,
+        )
     }
 
     /// The online softmax of the page's scores `s` (one fragment): masked, scaled into the log2

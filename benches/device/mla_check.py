@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Correctness and speed of v3c's tensor-core MLA decode attention (sm_90a) on the device, against torch.
+
+Run by benches/device/check.sh on the GPU machine (python3 + torch, no Rust). benches/device/prepare.sh writes
+the PTX of the attention kernel (`mla_decode_kv<KV>_r<R>_p64_s<S>`) and of the split combine
+(`rows_mlacombine_d<KV>_t<T>`) into .device/mla/.
+
+Kernel ABI (compiler/src/conversion/sm90/mla.rs, `emit`): (q_map*, kv_map*, block_table i32 [B, max_pages] (7
+scalars), seqlens i32 [B] (5), o_part f32 [splits, B * H, KV] (9), lse f32 [splits, B * H] (7),
+rows_per_sequence (i64), scale (f32)); 256 threads, grid (B * ceil(H / 64), splits); dynamic shared memory
+(1 + S) * 64 * (KV + R) * 2 + 8192 bytes. Tensor maps: 2-D bf16, box 64 columns x 64 rows, 128-byte swizzle,
+zero fill; the queries [B * H, KV + R], the cache [pages * 64, KV + R]. The combine is a row kernel:
+(o_part (9), lse (7), out f32 [B * H, KV] (7)), one block per row.
+
+Checks: paged caches whose pages are scattered over a pool with holes (unused pages poisoned with NaN, as is
+the last page past each sequence's length), sequence lengths 1..5000 (partial pages, one page, many), head
+counts 128 and 16 (a block's rows past the heads masked), 1..8 splits (some empty). Output vs a float64
+reference of softmax(q K^T * scale) K[:, :KV] on the same bf16 values: relative error (Frobenius) <= 1e-2
+(P is rounded to bf16 before P V), and every element finite. Timing: batch 64 x context 4096, 128 heads:
+median of 20 (attention + combine) vs torch (pages gathered, bmm, softmax, bmm), as GB/s of unique cache bytes
+against the copy bandwidth of step 1b.
+
+`--self-test` needs no GPU: it checks the split/combine arithmetic of the reference on the CPU.
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import re
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gemm_check import Driver, memref_args  # noqa: E402
+
+ATTN = re.compile(r"^mla_decode_kv(\d+)_r(\d+)_p64_s(\d+)$")
+COMBINE = re.compile(r"^rows_mlacombine_d(\d+)_t(\d+)$")
+PAGE = 64
+
+
+def reference(q, cache, table, lens, heads, kv, scale):
+    """float64 attention per sequence over its pages: [B * H, kv]."""
+    out = []
+    for b, n in enumerate(lens):
+        pages = table[b, :math.ceil(n / PAGE)].long()
+        rows = (pages[:, None] * PAGE + torch.arange(PAGE, device=pages.device)[None, :]).reshape(-1)[:n]
+        k = cache[rows].double()
+        qb = q[b * heads:(b + 1) * heads].double()
+        p = torch.softmax(qb @ k.T * scale, dim=-1)
+        out.append(p @ k[:, :kv])
+    return torch.cat(out)
+
+
+def split_reference(q, k, kv, scale, bounds):
+    """Each split's normalized output and natural-log lse, as the kernel writes them (CPU, float64)."""
+    parts, lses = [], []
+    for k0, k1 in bounds:
+        if k0 == k1:
+            parts.append(torch.zeros(q.shape[0], kv, dtype=torch.float64))
+            lses.append(torch.full((q.shape[0],), float("-inf"), dtype=torch.float64))
+            continue
+        s = q @ k[k0:k1].T * scale
+        m = s.max(dim=1).values
+        e = torch.exp(s - m[:, None])
+        l = e.sum(dim=1)
+        parts.append(e @ k[k0:k1, :kv] / l[:, None])
+        lses.append(m + torch.log(l))
+    return torch.stack(parts), torch.stack(lses)
+
+
+def combine(parts, lses):
+    m = lses.max(dim=0).values
+    w = torch.exp(lses - m[None, :])
+    return (w[:, :, None] * parts).sum(dim=0) / w.sum(dim=0)[:, None]
+
+
+def self_test():
+    torch.manual_seed(0)
+    q, k = torch.randn(5, 96, dtype=torch.float64), torch.randn(300, 96, dtype=torch.float64)
+    full = torch.softmax(q @ k.T * 0.1, dim=-1) @ k[:, :64]
+    per = math.ceil(math.ceil(300 / PAGE) / 3)
+    bounds = [(min(z * per * PAGE, 300), min((z + 1) * per * PAGE, 300)) for z in range(4)]
+    parts, lses = split_reference(q, k, 64, 0.1, bounds)
+    assert bounds[-1][0] == bounds[-1][1], "the last split is empty"
+    assert torch.allclose(combine(parts, lses), full, atol=1e-12)
+    # The paged problem: every sequence's pages distinct, the reference finite (it reads no NaN page or tail).
+    lens = [1, 64, 65, 300]
+    q, cache, table, _ = problem(4, 64, 64, lens, seed=1, device="cpu")
+    used = [p for b, n in enumerate(lens) for p in table[b, :math.ceil(n / PAGE)].tolist()]
+    assert len(used) == len(set(used)), "pages shared between sequences"
+    ref = reference(q, cache, table, lens, 4, 64, 0.1)
+    assert ref.shape == (16, 64) and bool(torch.isfinite(ref).all())
+    assert bool(torch.isnan(cache[table[2, 1].item() * PAGE + 1]).all()), "the tail past 65 rows is NaN"
+    assert bool(torch.isfinite(cache[table[2, 1].item() * PAGE]).all()), "row 64 of a 65-row sequence is set"
+    print("mla_check self-test: split partials + lse combine == attention over all keys (an empty split included); "
+          "paged problems read no NaN page or tail")
+
+
+def problem(heads, kv, rope, lens, seed, device="cuda"):
+    """q [B * H, kv + rope], a cache pool with holes, its block table; unused pages and tails are NaN."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dim = kv + rope
+    need = [math.ceil(n / PAGE) for n in lens]
+    pool = 2 * sum(need) + 3
+    cache = torch.full((pool * PAGE, dim), float("nan"), device=device, dtype=torch.bfloat16)
+    order = torch.randperm(pool, generator=g, device=device)
+    table = torch.full((len(lens), max(need)), pool - 1, dtype=torch.int32, device=device)
+    at = 0
+    for b, n in enumerate(lens):
+        pages = order[at:at + need[b]]
+        at += need[b]
+        table[b, :need[b]] = pages.int()
+        for i, p in enumerate(pages.tolist()):
+            valid = min(PAGE, n - i * PAGE)
+            cache[p * PAGE:p * PAGE + valid] = torch.randn(valid, dim, generator=g, device=device).bfloat16()
+    q = torch.randn(len(lens) * heads, dim, generator=g, device=device).bfloat16()
+    return q, cache, table, torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+class Mla:
+    def __init__(self, drv, ptx_dir, attn, comb):
+        self.drv = drv
+        m = ATTN.match(attn)
+        self.kv, self.rope, self.stages = int(m[1]), int(m[2]), int(m[3])
+        self.threads_c = int(COMBINE.match(comb)[2])
+        self.attn = drv.load(open(os.path.join(ptx_dir, attn + ".ptx")).read(), attn)
+        self.comb = drv.load(open(os.path.join(ptx_dir, comb + ".ptx")).read(), comb)
+        self.names = (attn, comb)
+        self.smem = (1 + self.stages) * PAGE * (self.kv + self.rope) * 2 + 8192
+        self.drv.check(self.drv.cu.cuFuncSetAttribute(self.attn, 8, self.smem), f"{attn}: max dynamic shared memory")
+
+    def launch(self, func, grid, threads, smem, args, name):
+        params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        rc = self.drv.cu.cuLaunchKernel(func, grid[0], grid[1], 1, threads, 1, 1, smem, stream, params, None)
+        self.drv.check(rc, f"{name}: cuLaunchKernel")
+
+    def prepare(self, q, cache, table, lens, heads, splits, scale):
+        """A callable running attention + combine; its output tensor (poisoned with NaN first)."""
+        rows = q.shape[0]
+        q_map = self.drv.tensor_map(q, PAGE, PAGE, 9)
+        kv_map = self.drv.tensor_map(cache, PAGE, PAGE, 9)
+        o_part = torch.full((splits, rows, self.kv), float("nan"), device="cuda")
+        lse = torch.full((splits, rows), float("nan"), device="cuda")
+        out = torch.full((rows, self.kv), float("nan"), device="cuda")
+        args = ([ctypes.c_uint64(q_map.data_ptr()), ctypes.c_uint64(kv_map.data_ptr())] + memref_args(table)
+                + memref_args(lens) + memref_args(o_part) + memref_args(lse)
+                + [ctypes.c_int64(heads), ctypes.c_float(scale)])
+        cargs = memref_args(o_part) + memref_args(lse) + memref_args(out)
+        grid = (len(lens) * math.ceil(heads / PAGE), splits)
+        keep = (q_map, kv_map, o_part, lse)
+
+        def run():
+            self.launch(self.attn, grid, 256, self.smem, args, self.names[0])
+            self.launch(self.comb, (rows, 1), self.threads_c, 0, cargs, self.names[1])
+        run.keep = keep
+        return run, out
+
+
+def median_ms(fn, reps=20):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ptx-dir", help="directory with the two kernels' .ptx")
+    ap.add_argument("--out", help="write mla.json here")
+    ap.add_argument("--ceilings", help="ceilings.json from check.sh step 1b (copy bandwidth)")
+    ap.add_argument("--self-test", action="store_true", help="check the reference's split arithmetic on the CPU")
+    a = ap.parse_args()
+    if a.self_test:
+        self_test()
+        return 0
+    if not a.ptx_dir:
+        ap.error("--ptx-dir is required (or --self-test)")
+    stems = [f[:-4] for f in os.listdir(a.ptx_dir) if f.endswith(".ptx")]
+    attn = next(s for s in stems if ATTN.match(s))
+    comb = next(s for s in stems if COMBINE.match(s))
+    drv = Driver()
+    mla = Mla(drv, a.ptx_dir, attn, comb)
+    result = {"kernels": [attn, comb], "cases": [], "ok": True}
+    scale = 1 / math.sqrt(192)
+    cases = [(128, [1, 63, 64, 65, 1000], 1), (128, [5000, 2, 300], 4), (16, [4096, 129], 8), (128, [700], 3),
+             (128, [64, 65], 8)]
+    for i, (heads, lens, splits) in enumerate(cases):
+        q, cache, table, lt = problem(heads, mla.kv, mla.rope, lens, seed=i)
+        run, out = mla.prepare(q, cache, table, lt, heads, splits, scale)
+        run()
+        torch.cuda.synchronize()
+        ref = reference(q, cache, table, lens, heads, mla.kv, scale)
+        finite = bool(torch.isfinite(out).all())
+        rel = ((out.double() - ref).norm() / ref.norm()).item() if finite else float("nan")
+        ok = finite and rel <= 1e-2
+        result["ok"] &= ok
+        result["cases"].append({"heads": heads, "lens": lens, "splits": splits, "rel_err": rel, "ok": ok})
+        print(f"{attn}: heads {heads} lens {lens} splits {splits}: rel err {rel:.2e} {'ok' if ok else 'FAILED'}")
+    if result["ok"]:
+        heads, batch, ctx = 128, 64, 4096
+        q, cache, table, lt = problem(heads, mla.kv, mla.rope, [ctx] * batch, seed=99)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        blocks = batch * math.ceil(heads / PAGE)
+        splits = max(1, min(ctx // PAGE, math.ceil(2 * sms / blocks)))
+        run, out = mla.prepare(q, cache, table, lt, heads, splits, scale)
+        ms = median_ms(run)
+        pages = table.long()
+        rows = (pages[:, :, None] * PAGE + torch.arange(PAGE, device="cuda")).reshape(batch, -1)
+
+        def torch_ref():
+            k = cache[rows]  # [B, ctx, dim]
+            s = torch.bmm(q.view(batch, heads, -1), k.transpose(1, 2)).float() * scale
+            return torch.bmm(torch.softmax(s, dim=-1).bfloat16(), k[:, :, :mla.kv])
+        torch_ms = median_ms(torch_ref)
+        unique = batch * ctx * (mla.kv + mla.rope) * 2 + q.numel() * 2 + out.numel() * 4
+        gbs = unique / (ms * 1e-3) / 1e9
+        copy = json.load(open(a.ceilings)).get("copy_TBps") if a.ceilings and os.path.exists(a.ceilings) else None
+        result["timing"] = {"batch": batch, "context": ctx, "heads": heads, "splits": splits, "median_ms": ms,
+                            "torch_ms": torch_ms, "GBps": gbs,
+                            "fraction_of_copy": gbs / (copy * 1e3) if copy else None}
+        frac = f", {100 * gbs / (copy * 1e3):.0f}% of copy" if copy else ""
+        print(f"{attn} + {comb}: batch {batch} x context {ctx}, {heads} heads, {splits} splits: {ms:.3f} ms "
+              f"({gbs:.0f} GB/s{frac}); torch gather+bmm {torch_ms:.3f} ms ({torch_ms / ms:.2f}x)")
+    if a.out:
+        json.dump(result, open(a.out, "w"), indent=1)
+    print(f"mla_check: {'ok' if result['ok'] else 'FAILED'}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
