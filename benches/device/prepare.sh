@@ -30,14 +30,15 @@ done
 # Row kernels: the four the full model's fp8 graph maps (embedding, the norms with their quantization),
 # then ragged forms (a width that is no multiple of 128 or of the block, f32 weights, a small block), then
 # MLA's latent-cache rows (decode write, prefill append; interleaved and half-split rope), then the
-# row steps of the multi-launch lowerings (MLA's query split + RoPE; SwiGLU, quantized and f32).
+# row steps of the multi-launch lowerings (MLA's query split + RoPE; SwiGLU, quantized and f32), greedy
+# sampling's argmax over the vocabulary.
 rm -rf .device/rows && mkdir -p .device/rows
 for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q \
   rows_rmsnorm_bf16_d7168_t256_eps1em6_y rows_rmsnorm_bf16_d1536_t256_eps1em6_y_q rows_rmsnorm_f32_d1000_t64_eps1em5_y_q \
   rows_rmsnorm_bf16_d512_t32_eps1em6_y rows_latent_bf16_d512_r64_t64_eps1em6_il_write \
   rows_latent_bf16_d512_r64_t64_eps1em6_il_append rows_latent_f32_d512_r64_t64_eps1em6_write \
   rows_splitrope_h128_n128_r64_t256_il rows_silumul_d18432_t256_q rows_silumul_d2048_t256_y \
-  rows_copy_d7168_t256 rows_splitbf16_d7168_t256 rows_concat_d7168_b7168_t256 \
+  rows_copy_d7168_t256 rows_splitbf16_d7168_t256 rows_concat_d7168_b7168_t256 rows_argmax_d129280_t256 \
   rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256 rows_dispatch_e256_s1_t256 \
   rows_mladecode_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128 \
   rows_mlaprefill_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128; do

@@ -18,6 +18,7 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
   rows_copy_d<D>_t<T>: x [rows, D], y [rows, D]
   rows_splitbf16_d<D>_t<T>: x [rows, D] (f32), hi [rows, D], lo [rows, D] (bf16)
   rows_concat_d<D>_b<B>_t<T>: x1 [rows, D], x2 [rows, B], y [rows, D + B]
+  rows_argmax_d<D>_t<T>: x [rows, D] (f32), idx [rows] (i32): f32 total order, ties to the lower index
   rows_route_<w>_d<D>_e<E>_k<K>_g<G>_kg<KG>_s<S>[_norm]_t<T>: x [rows, D], gate [E, D], bias [E], then
       idx [rows, K] (i32), w [rows, K]
   rows_dispatch_e<E>_s<S>_t<T>: idx [rows, K], w [rows, K], offsets [E + S + 1], sorted [rows, K + S] (i32),
@@ -59,6 +60,7 @@ DISPATCH = re.compile(r"^rows_dispatch_e(\d+)_s(\d+)_t(\d+)$")
 MLADECODE = re.compile(r"^rows_mla(decode|prefill)_h(\d+)_n(\d+)_r(\d+)_v(\d+)_kv(\d+)_c(\d+)_s([0-9a-z]+?)_t(\d+)$")
 SPLIT = re.compile(r"^rows_splitbf16_d(\d+)_t(\d+)$")
 CONCAT = re.compile(r"^rows_concat_d(\d+)_b(\d+)_t(\d+)$")
+ARGMAX = re.compile(r"^rows_argmax_d(\d+)_t(\d+)$")
 LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)$")
 GROUP = 128
 SLOTS = 64  # cache rows per sequence of the decode (write) problems
@@ -90,6 +92,10 @@ def parse(name):
     if m:
         return {"name": name, "op": "concat", "d": int(m.group(1)), "second": int(m.group(2)),
                 "threads": int(m.group(3)), "weight": "f32", "keep": False, "quantize": False}
+    m = ARGMAX.match(name)
+    if m:
+        return {"name": name, "op": "argmax", "d": int(m.group(1)), "threads": int(m.group(2)), "weight": "f32",
+                "keep": False, "quantize": False}
     m = COPY.match(name)
     if m:
         return {"name": name, "op": "copy", "d": int(m.group(1)), "threads": int(m.group(2)), "weight": "f32",
@@ -285,6 +291,14 @@ def problem(cfg, rows, device, seed=0):
         return {"x": (torch.randn(rows, 2 * d, generator=gen) * 4).to(device)}
     if cfg["op"] in ("copy", "splitbf16"):
         return {"x": (torch.randn(rows, d, generator=gen) * 30).to(device)}
+    if cfg["op"] == "argmax":
+        x = torch.randn(rows, d, generator=gen) * 30
+        x[0, 3] = x[0, d - 2] = 1e4  # a tie: the lower index
+        if rows > 1:
+            x[1, d // 2] = float("nan")  # NaN orders above every number
+        if rows > 2:
+            x[2] = float("-inf")
+        return {"x": x.to(device)}
     if cfg["op"] == "concat":
         return {"x1": torch.randn(rows, d, generator=gen).to(device),
                 "x2": torch.randn(rows, cfg["second"], generator=gen).to(device)}
@@ -329,6 +343,8 @@ def outputs(cfg, rows, device):
                 "rw": torch.full((rows, width), float("nan"), device=device)}
     if cfg["op"] == "copy":
         return {"y": torch.full((rows, d), float("nan"), device=device)}
+    if cfg["op"] == "argmax":
+        return {"idx": torch.full((rows,), -1, dtype=torch.int32, device=device)}
     if cfg["op"] == "splitbf16":
         return {"hi": torch.full((rows, d), float("nan"), dtype=torch.bfloat16, device=device),
                 "lo": torch.full((rows, d), float("nan"), dtype=torch.bfloat16, device=device)}
@@ -360,7 +376,7 @@ def arguments(cfg, inputs, outs):
              "mladecode": ["q_nope", "q_pe", "cache", "positions", "kv_b", "kv_b_scale", "q", "scale"],
              "mlaprefill": ["q_nope", "q_pe", "cache", "kv_b", "kv_b_scale", "q", "scale"],
              "dispatch": ["idx", "w", "offsets", "sorted", "rw"],
-             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"]}.get(
+             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"]}.get(
         key, ["x", "w", "y", "q", "scale"])
     args = []
     for name in order:
@@ -399,6 +415,10 @@ def check(cfg, inputs, outs):
         return errors
     if cfg["op"] == "copy":
         return [] if torch.equal(outs["y"], inputs["x"]) else ["copy: rows differ"]
+    if cfg["op"] == "argmax":
+        want = argmax_reference(inputs["x"])
+        bad = (outs["idx"].long() != want).sum().item()
+        return [f"argmax: {bad} rows differ"] if bad else []
     if cfg["op"] == "concat":
         want = torch.cat([inputs["x1"], inputs["x2"]], dim=1)
         return [] if torch.equal(outs["y"], want) else ["concat: rows differ"]
@@ -486,6 +506,14 @@ def quantized_errors(y, outs):
     return errors
 
 
+def argmax_reference(x):
+    """Per row, the index of the largest value in f32's total order (Rust's total_cmp: NaN above +inf,
+    -0 below +0), the first one on ties (torch.argmax over the integer keys returns the first maximum)."""
+    bits = x.contiguous().view(torch.int32).long()
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return key.argmax(dim=1)
+
+
 def bytes_moved(cfg, rows):
     d, wb = cfg["d"], 2 if cfg["weight"] == "bf16" else 4
     if cfg["op"] == "mladecode":
@@ -497,6 +525,8 @@ def bytes_moved(cfg, rows):
         return rows * cfg["top_k"] * 8 + rows * (cfg["top_k"] + cfg["shared"]) * 8
     if cfg["op"] == "copy":
         return 2 * rows * d * 4
+    if cfg["op"] == "argmax":
+        return rows * d * 4 + rows * 4
     if cfg["op"] == "splitbf16":
         return rows * d * (4 + 2 + 2)
     if cfg["op"] == "concat":
@@ -554,6 +584,10 @@ def self_test():
     cfg = parse("rows_rmsnorm_bf16_d1000_t128_eps1em6_y_q")
     assert cfg["eps"] == 1e-6 and cfg["keep"] and cfg["quantize"] and cfg["d"] == 1000
     assert parse("rows_embed_bf16_d7168_t256")["op"] == "embed"
+    x = torch.tensor([[1.0, 3.0, 3.0, -2.0], [float("nan"), 1e30, 0.0, 1.0], [-0.0, 0.0, -1.0, -0.0],
+                      [float("-inf")] * 4])
+    assert argmax_reference(x).tolist() == [1, 0, 1, 0], "total order, first maximum"
+    assert problem(parse("rows_argmax_d300_t64"), 3, "cpu")["x"].shape == (3, 300)
     inputs = problem(cfg, 5, "cpu")
     y = rms_norm_reference(inputs["x"], inputs["w"].float(), cfg["eps"])
     ms = (y / inputs["w"].double()).pow(2).mean(dim=1)

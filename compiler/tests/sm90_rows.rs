@@ -29,6 +29,7 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::SplitBf16, 7168, "f32"),
         RowKernel::new(RowOp::Concat { second: 7168 }, 7168, "f32"),
         RowKernel::new(RowOp::MlaCombine, 512, "f32"),
+        RowKernel::new(RowOp::Argmax, 129_280, "f32"),
         RowKernel::new(
             RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352, prefill: false },
             512,
@@ -57,6 +58,10 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             RowOp::Embed => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase, no barrier"),
             RowOp::SplitRope { .. } | RowOp::Copy | RowOp::SplitBf16 | RowOp::Concat { .. } => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase")
+            }
+            RowOp::Argmax => {
+                let phases = 2 + k.threads.trailing_zeros() as usize;
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: scan, tree, write");
             }
             RowOp::MlaCombine => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase");

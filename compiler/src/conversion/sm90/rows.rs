@@ -92,6 +92,10 @@ pub enum RowOp {
     /// rows]`, natural log, `-inf` for a split without keys) over the weights' sum, into `out
     /// [rows, d]`; a row no split saw is zeros.
     MlaCombine,
+    /// Greedy sampling's argmax of each f32 row (`x [rows, d]` -> `idx [rows]`, i32) in the
+    /// reference's order: `f32::total_cmp` (NaN and -0 < +0 ordered as Rust orders them), ties to
+    /// the lower index. Each thread scans a strided share, then a tree over the threads.
+    Argmax,
 }
 
 /// A row kernel: its op, the row length and the element type of the table or weight.
@@ -150,6 +154,7 @@ impl RowKernel {
             RowOp::SiluMul { quantize } => format!("rows_silumul_d{d}_t{t}{}", if quantize { "_q" } else { "_y" }),
             RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
             RowOp::MlaCombine => format!("rows_mlacombine_d{d}_t{t}"),
+            RowOp::Argmax => format!("rows_argmax_d{d}_t{t}"),
             RowOp::SplitBf16 => format!("rows_splitbf16_d{d}_t{t}"),
             RowOp::Concat { second } => format!("rows_concat_d{d}_b{second}_t{t}"),
             RowOp::MlaDecode { heads, nope, rope, v, context, scale, prefill } => {
@@ -249,6 +254,12 @@ impl RowKernel {
                 let op = RowOp::Concat { second: number(b, 'b')? };
                 Some(RowKernel { op, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
             }
+            ("argmax", [d, t]) => Some(RowKernel {
+                op: RowOp::Argmax,
+                d: number(d, 'd')?,
+                weight: "f32".into(),
+                threads: number(t, 't')?,
+            }),
             ("mlacombine", [d, t]) => Some(RowKernel {
                 op: RowOp::MlaCombine,
                 d: number(d, 'd')?,
@@ -337,6 +348,7 @@ impl RowKernel {
                 args
             }
             RowOp::Copy => vec![("x", "memref<?x?xf32>".to_string()), ("y", "memref<?x?xf32>".into())],
+            RowOp::Argmax => vec![("x", "memref<?x?xf32>".to_string()), ("idx", "memref<?xi32>".into())],
             RowOp::MlaCombine => vec![
                 ("o_part", "memref<?x?x?xf32>".to_string()),
                 ("lse", "memref<?x?xf32>".into()),
@@ -429,6 +441,7 @@ impl RowKernel {
             RowOp::SiluMul { .. } | RowOp::Copy | RowOp::Route { .. } | RowOp::SplitBf16 => "x",
             RowOp::Concat { .. } => "x1",
             RowOp::MlaCombine => "out",
+            RowOp::Argmax => "x",
             // One block per (sequence, head): see `blocks_per_row`.
             RowOp::MlaDecode { .. } => "q_nope",
             RowOp::Dispatch { .. } => return None,
@@ -456,6 +469,7 @@ impl RowKernel {
                 s
             }
             RowOp::Latent { .. } => vec![("sh_row", self.d), ("sh_sum", self.threads)],
+            RowOp::Argmax => vec![("sh_key", self.threads), ("sh_idx", self.threads)],
             RowOp::SplitRope { .. }
             | RowOp::SiluMul { quantize: false }
             | RowOp::Copy
@@ -1173,6 +1187,64 @@ scf.for %e = %tid to %cV step %cT {{
                 phases.iter_mut().for_each(|p| *p = format!("%c2 = arith.constant 2 : index\n{p}"));
                 phases
             }
+            RowOp::Argmax => {
+                let (key, idx) = (sh("sh_key"), sh("sh_idx"));
+                // (k, i) beats (bk, bi): a larger total-order key, or the same key at a lower index.
+                let better = "%gt = arith.cmpi sgt, %k, %bk : i32
+  %eq = arith.cmpi eq, %k, %bk : i32
+  %lt = arith.cmpi slt, %ix, %bi : i32
+  %tie = arith.andi %eq, %lt : i1
+  %win = arith.ori %gt, %tie : i1
+  %nk = arith.select %win, %k, %bk : i32
+  %ni = arith.select %win, %ix, %bi : i32";
+                let mut phases = vec![format!(
+                    "%kmin = arith.constant -2147483648 : i32
+%imax = arith.constant 2147483647 : i32
+%c31 = arith.constant 31 : i32
+%c1_i32 = arith.constant 1 : i32
+%best:2 = scf.for %i = %tid to %cD step %cT iter_args(%bk = %kmin, %bi = %imax) -> (i32, i32) {{
+  %v = memref.load %x[%row, %i] : memref<?x?xf32>
+  %bits = arith.bitcast %v : f32 to i32
+  %sign = arith.shrsi %bits, %c31 : i32
+  %flip = arith.shrui %sign, %c1_i32 : i32
+  %k = arith.xori %bits, %flip : i32
+  %ix = arith.index_cast %i : index to i32
+  {better}
+  scf.yield %nk, %ni : i32, i32
+}}
+memref.store %best#0, %sh_key[%tid] : {key}
+memref.store %best#1, %sh_idx[%tid] : {idx}
+"
+                )];
+                let mut stride = self.threads / 2;
+                while stride >= 1 {
+                    phases.push(format!(
+                        "%stride = arith.constant {stride} : index
+%in = arith.cmpi ult, %tid, %stride : index
+scf.if %in {{
+  %other = arith.addi %tid, %stride : index
+  %bk = memref.load %sh_key[%tid] : {key}
+  %bi = memref.load %sh_idx[%tid] : {idx}
+  %k = memref.load %sh_key[%other] : {key}
+  %ix = memref.load %sh_idx[%other] : {idx}
+  {better}
+  memref.store %nk, %sh_key[%tid] : {key}
+  memref.store %ni, %sh_idx[%tid] : {idx}
+}}
+"
+                    ));
+                    stride /= 2;
+                }
+                phases.push(format!(
+                    "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %w = memref.load %sh_idx[%c0] : {idx}
+  memref.store %w, %idx[%row] : memref<?xi32>
+}}
+"
+                ));
+                phases
+            }
             RowOp::MlaCombine => {
                 // The splits' maximum and weight sum (every thread: splits are few), then per column
                 // the weighted sum in split order.
@@ -1598,7 +1670,7 @@ scf.for %i = %tid to %cD step %cT {{
 /// The element of a shared array: the dispatch's counts and offsets are i32, the rest f32 (all
 /// four bytes wide).
 fn shared_element(name: &str) -> &'static str {
-    if matches!(name, "sh_count" | "sh_off") {
+    if matches!(name, "sh_count" | "sh_off" | "sh_key" | "sh_idx") {
         "i32"
     } else {
         "f32"
@@ -2153,6 +2225,41 @@ mod tests {
             assert_eq!(offsets, want_off, "offsets");
             assert_eq!(tokens, want_tokens, "tokens of the sorted rows");
             assert_eq!(rw, want_w, "weights of the sorted rows");
+        }
+    }
+
+    /// Greedy argmax per row through the CPU lowering equals the reference sampler's (temperature 0):
+    /// ties to the lower index, NaN, -0 < +0 and all -inf rows ordered as `total_cmp` orders them;
+    /// rows wider and narrower than the block.
+    #[test]
+    fn argmax_rows_equal_the_reference_sampler() {
+        use v3c_models::reference::Sampler;
+        for (d, threads) in [(1000, 32), (5, 32), (129_280 / 40, 256)] {
+            let rows = 7;
+            let mut x = values(rows * d, d as u64, 10.0);
+            let at = |r: usize, c: usize| r * d + c.min(d - 1);
+            // Row 1: the maximum twice; row 2: a NaN; row 3: -0 then +0 alone; row 4: all -inf;
+            // row 5: the maximum in the last column; row 6: a negative NaN is the smallest.
+            x[at(1, 3)] = 99.0;
+            x[at(1, d / 2)] = 99.0;
+            x[at(2, d / 3)] = f32::NAN;
+            x[at(3, 0)..at(3, 0) + d].iter_mut().for_each(|v| *v = -1.0);
+            x[at(3, 1)] = -0.0;
+            x[at(3, 2)] = 0.0;
+            x[at(4, 0)..at(4, 0) + d].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+            x[at(5, d - 1)] = 1e30;
+            x[at(6, 0)..at(6, 0) + d].iter_mut().for_each(|v| *v = -f32::NAN);
+            x[at(6, d - 1)] = -1e30;
+            let mut idx = vec![-1i32; rows];
+            let mut kernel = RowKernel::new(RowOp::Argmax, d, "f32");
+            kernel.threads = threads;
+            run_cpu(&kernel, &[raw(&mut x, &[rows, d], "f32"), raw(&mut idx, &[rows], "i32")]);
+            let mut sampler = Sampler::new(0.0, 1.0, 0);
+            for r in 0..rows {
+                let want = sampler.sample(&x[r * d..(r + 1) * d]) as i32;
+                assert_eq!(idx[r], want, "d {d} threads {threads} row {r}");
+            }
+            assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel));
         }
     }
 
