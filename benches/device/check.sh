@@ -107,9 +107,9 @@ else
   row "2c. row kernels" "SKIPPED" "no .device/rows or no GPU"
 fi
 
-note "== 2d. MLA decode attention vs torch (benches/device/mla_check.py: paged, split K; then GB/s)"
+note "== 2d. MLA attention vs torch (benches/device/mla_check.py: decode paged + split K, then GB/s; causal prefill, then TFLOP/s)"
 if [ -d "$root/.device/mla" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
-  if timeout 60 python3 "$root/benches/device/mla_check.py" --ptx-dir "$root/.device/mla" \
+  if timeout 90 python3 "$root/benches/device/mla_check.py" --ptx-dir "$root/.device/mla" \
       --ceilings "$out/ceilings.json" --out "$out/mla.json" 2>&1 | tee -a "$log"; then
     row "2d. MLA attention" "ok" "mla.json"
   else

@@ -20,6 +20,13 @@ reference of softmax(q K^T * scale) K[:, :KV] on the same bf16 values: relative 
 median of 20 (attention + combine) vs torch (pages gathered, bmm, softmax, bmm), as GB/s of unique cache bytes
 against the copy bandwidth of step 1b.
 
+The prefill kernel (`mla_prefill_qk<QK>_v<V>_s<S>`, flash attention, causal; ABI: q_map*, k_map*, v_map* (2-D
+bf16, head-major: q [H * T, QK], k [H * S, QK], v [H * S, V]), out f32 [H * T, V] (7 scalars), T, S (i64), scale
+(f32); 256 threads, grid (ceil(T / 128), H), dynamic shared memory 2 * QK * 128 + S * 64 * (QK + V) * 2 + 16384
+bytes): query t sees keys 0..=S - T + t. Checked against float64 causal attention for T = S and for T < S
+(a continuation), T not a multiple of 128, then timed at T = S = 4096 x 128 heads vs torch's
+scaled_dot_product_attention (causal) as TFLOP/s.
+
 `--self-test` needs no GPU: it checks the split/combine arithmetic of the reference on the CPU.
 """
 import argparse
@@ -36,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gemm_check import Driver, memref_args  # noqa: E402
 
 ATTN = re.compile(r"^mla_decode_kv(\d+)_r(\d+)_p64_s(\d+)$")
+PREFILL = re.compile(r"^mla_prefill_qk(\d+)_v(\d+)_s(\d+)$")
 COMBINE = re.compile(r"^rows_mlacombine_d(\d+)_t(\d+)$")
 PAGE = 64
 
@@ -93,6 +101,13 @@ def self_test():
     ref = reference(q, cache, table, lens, 4, 64, 0.1)
     assert ref.shape == (16, 64) and bool(torch.isfinite(ref).all())
     assert bool(torch.isnan(cache[table[2, 1].item() * PAGE + 1]).all()), "the tail past 65 rows is NaN"
+    # The causal prefill reference: a continuation's first query sees the past and itself only.
+    q, k, v = torch.randn(2 * 3, 8), torch.randn(2 * 5, 8), torch.randn(2 * 5, 4)
+    out = prefill_reference(q, k, v, 2, 3, 5, 0.5)
+    p = torch.softmax(q[0:1].double() @ k[0:3].double().T * 0.5, dim=-1)
+    assert torch.allclose(out[0:1], p @ v[0:3].double()), "query 0 of 3 after 2 past keys sees keys 0..=2"
+    assert torch.allclose(out[5:6], torch.softmax(q[5:6].double() @ k[5:10].double().T * 0.5, dim=-1)
+                          @ v[5:10].double()), "the last query sees every key of its head"
     assert bool(torch.isfinite(cache[table[2, 1].item() * PAGE]).all()), "row 64 of a 65-row sequence is set"
     print("mla_check self-test: split partials + lse combine == attention over all keys (an empty split included); "
           "paged problems read no NaN page or tail")
@@ -159,6 +174,81 @@ class Mla:
         return run, out
 
 
+def prefill_reference(q, k, v, heads, t, s, scale):
+    """float64 causal attention per head (query i at position s - t + i): [H * T, V]."""
+    out = []
+    for h in range(heads):
+        qh, kh, vh = q[h * t:(h + 1) * t].double(), k[h * s:(h + 1) * s].double(), v[h * s:(h + 1) * s].double()
+        sc = qh @ kh.T * scale
+        pos = torch.arange(t, device=q.device)[:, None] + (s - t)
+        sc = sc.masked_fill(torch.arange(s, device=q.device)[None, :] > pos, float("-inf"))
+        out.append(torch.softmax(sc, dim=-1) @ vh)
+    return torch.cat(out)
+
+
+class Prefill:
+    def __init__(self, drv, ptx_dir, name):
+        m = PREFILL.match(name)
+        self.qk, self.v, self.stages = int(m[1]), int(m[2]), int(m[3])
+        self.drv, self.name = drv, name
+        self.func = drv.load(open(os.path.join(ptx_dir, name + ".ptx")).read(), name)
+        self.smem = 2 * self.qk * 128 + self.stages * 64 * (self.qk + self.v) * 2 + 16384
+        drv.check(drv.cu.cuFuncSetAttribute(self.func, 8, self.smem), f"{name}: max dynamic shared memory")
+
+    def prepare(self, q, k, v, heads, t, s, scale):
+        maps = [self.drv.tensor_map(x, PAGE, PAGE, 9) for x in (q, k, v)]
+        out = torch.full((heads * t, self.v), float("nan"), device="cuda")
+        args = ([ctypes.c_uint64(m.data_ptr()) for m in maps] + memref_args(out)
+                + [ctypes.c_int64(t), ctypes.c_int64(s), ctypes.c_float(scale)])
+        params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+
+        def run():
+            stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+            rc = self.drv.cu.cuLaunchKernel(self.func, math.ceil(t / 128), heads, 1, 256, 1, 1, self.smem, stream,
+                                            params, None)
+            self.drv.check(rc, f"{self.name}: cuLaunchKernel")
+        run.keep = (maps, args, params)
+        return run, out
+
+
+def check_prefill(drv, ptx_dir, name, result):
+    pf = Prefill(drv, ptx_dir, name)
+    scale = 1 / math.sqrt(pf.qk)
+    for i, (heads, t, s) in enumerate([(2, 1, 1), (3, 37, 37), (2, 100, 300), (1, 200, 200), (1, 128, 5000),
+                                       (4, 300, 301)]):
+        g = torch.Generator(device="cuda").manual_seed(100 + i)
+        q = torch.randn(heads * t, pf.qk, generator=g, device="cuda").bfloat16()
+        k = torch.randn(heads * s, pf.qk, generator=g, device="cuda").bfloat16()
+        v = torch.randn(heads * s, pf.v, generator=g, device="cuda").bfloat16()
+        run, out = pf.prepare(q, k, v, heads, t, s, scale)
+        run()
+        torch.cuda.synchronize()
+        ref = prefill_reference(q, k, v, heads, t, s, scale)
+        finite = bool(torch.isfinite(out).all())
+        rel = ((out.double() - ref).norm() / ref.norm()).item() if finite else float("nan")
+        ok = finite and rel <= 1e-2
+        result["ok"] &= ok
+        result["prefill_cases"].append({"heads": heads, "t": t, "s": s, "rel_err": rel, "ok": ok})
+        print(f"{name}: heads {heads} T {t} S {s}: rel err {rel:.2e} {'ok' if ok else 'FAILED'}")
+    if not result["ok"]:
+        return
+    heads, t = 128, 4096
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(heads * t, pf.qk, generator=g, device="cuda").bfloat16()
+    k = torch.randn(heads * t, pf.qk, generator=g, device="cuda").bfloat16()
+    v = torch.randn(heads * t, pf.v, generator=g, device="cuda").bfloat16()
+    run, _ = pf.prepare(q, k, v, heads, t, t, scale)
+    ms = median_ms(run)
+    qs, ks, vs = (x.view(1, heads, t, -1) for x in (q, k, v))
+    sdpa_ms = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
+                                                                                  scale=scale))
+    flops = 2 * heads * t * (t + 1) / 2 * (pf.qk + pf.v)
+    result["prefill_timing"] = {"heads": heads, "t": t, "median_ms": ms, "sdpa_ms": sdpa_ms,
+                                "TFLOPs": flops / (ms * 1e-3) / 1e12}
+    print(f"{name}: T = S = {t} x {heads} heads causal: {ms:.3f} ms ({flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s); "
+          f"torch SDPA {sdpa_ms:.3f} ms ({sdpa_ms / ms:.2f}x)")
+
+
 def median_ms(fn, reps=20):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(3):
@@ -191,7 +281,7 @@ def main():
     comb = next(s for s in stems if COMBINE.match(s))
     drv = Driver()
     mla = Mla(drv, a.ptx_dir, attn, comb)
-    result = {"kernels": [attn, comb], "cases": [], "ok": True}
+    result = {"kernels": [attn, comb], "cases": [], "prefill_cases": [], "ok": True}
     scale = 1 / math.sqrt(192)
     cases = [(128, [1, 63, 64, 65, 1000], 1), (128, [5000, 2, 300], 4), (16, [4096, 129], 8), (128, [700], 3),
              (128, [64, 65], 8)]
@@ -232,6 +322,14 @@ def main():
         frac = f", {100 * gbs / (copy * 1e3):.0f}% of copy" if copy else ""
         print(f"{attn} + {comb}: batch {batch} x context {ctx}, {heads} heads, {splits} splits: {ms:.3f} ms "
               f"({gbs:.0f} GB/s{frac}); torch gather+bmm {torch_ms:.3f} ms ({torch_ms / ms:.2f}x)")
+    prefill = next((s for s in stems if PREFILL.match(s)), None)
+    if prefill:
+        result["kernels"].append(prefill)
+        try:
+            check_prefill(drv, a.ptx_dir, prefill, result)
+        except RuntimeError as e:
+            result["ok"] = False
+            print(f"{prefill}: FAILED: {e}")
     if a.out:
         json.dump(result, open(a.out, "w"), indent=1)
     print(f"mla_check: {'ok' if result['ok'] else 'FAILED'}")

@@ -241,6 +241,10 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
             write_stdout(&gpu_kernel_text(o.stage, sm90::compile_mla(context, &config, &target))?);
             return Ok(());
         }
+        if let Some(config) = sm90::mla::MlaPrefillConfig::from_name(kernel) {
+            write_stdout(&gpu_kernel_text(o.stage, sm90::compile_mla_prefill(context, &config, &target))?);
+            return Ok(());
+        }
         if let Some(row) = sm90::rows::RowKernel::from_name(kernel) {
             write_stdout(&gpu_kernel_text(o.stage, sm90::compile_rows(context, &row, &target))?);
             return Ok(());

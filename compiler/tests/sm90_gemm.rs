@@ -203,6 +203,52 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
     }
 }
 
+/// The tensor-core MLA prefill (flash attention, causal; DeepSeek-V3's 192/128 heads and a 3-stage
+/// ring of narrower ones): no spills, no serialized wgmma; HGMMA for S = Q K^T (qk / 16 steps) and
+/// P V (4 steps per 64 value columns), TMA loads.
+#[test]
+fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
+    use sm90::mla::MlaPrefillConfig;
+    let context = v3c_compiler::mlir::new_context();
+    let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
+    for config in [MlaPrefillConfig::DEEPSEEK_V3, MlaPrefillConfig { qk: 128, v: 64, stages: 3 }] {
+        assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
+        let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
+        let (s_steps, pv_steps) = (config.qk / 16, 4 * config.v / 64);
+        let wgmma = |transposed: u8| kernel.ptx.matches(&format!("p, 1,  1, 0,  {transposed};")).count();
+        assert_eq!(wgmma(0), s_steps, "{}: S = Q K^T", kernel.name);
+        assert_eq!(wgmma(1), pv_steps, "{}: P V (transposed B)", kernel.name);
+        let Some(ptxas) = &ptxas else {
+            eprintln!("{}: PTX only (no ptxas: run scripts/bootstrap.sh)", kernel.name);
+            continue;
+        };
+        let cubin =
+            target::assemble(&kernel.ptx, &kernel.name, &target::SM90A, ptxas).unwrap_or_else(|e| panic!("{e}"));
+        let r = &cubin.kernels[0];
+        assert!(!cubin.log.contains("wgmma.mma_async instructions are serialized"), "{}: {}", kernel.name, cubin.log);
+        eprintln!(
+            "{}: {} registers, spills {}/{}",
+            kernel.name, r.registers, r.spill_stores_bytes, r.spill_loads_bytes
+        );
+        assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", kernel.name);
+        if let Some(sass) = sass(&cubin.cubin) {
+            assert_eq!(sass.matches("HGMMA.64x64x16.F32.BF16").count(), s_steps + pv_steps, "{}", kernel.name);
+            assert!(sass.contains("UTMALDG.2D"), "{}: no TMA loads in SASS", kernel.name);
+            assert!(!sass.contains("LDL") && !sass.contains("STL"), "{}: local memory traffic", kernel.name);
+            eprintln!(
+                "  SASS: {} x HGMMA.64x64x16, {} x UTMALDG.2D",
+                s_steps + pv_steps,
+                sass.matches("UTMALDG.2D").count()
+            );
+        }
+    }
+    let err = MlaPrefillConfig { v: 320, ..MlaPrefillConfig::DEEPSEEK_V3 }.validate(&target::SM90A).unwrap_err();
+    assert!(err.contains("a value width of 320"), "{err}");
+    let err =
+        MlaPrefillConfig { qk: 512, stages: 4, ..MlaPrefillConfig::DEEPSEEK_V3 }.validate(&target::SM90A).unwrap_err();
+    assert!(err.contains("B of shared memory"), "{err}");
+}
+
 #[test]
 fn configs_that_do_not_fit_are_rejected_before_codegen() {
     let base = GemmConfig::new(GemmInput::Bf16, GemmOutput::F32, 128, 128, 4);

@@ -1,5 +1,6 @@
-//! MLA decode attention on the tensor cores (absorbed form, FlashMLA's problem): a paged bf16 latent
-//! cache, split K over long contexts, and the combine step.
+//! MLA attention on the tensor cores: decode (absorbed form, FlashMLA's problem) over a paged bf16
+//! latent cache with split K over long contexts and the combine step, and causal prefill as flash
+//! attention ([`MlaPrefillConfig`]).
 //!
 //! The attention kernel ([`MlaDecodeConfig`], [`emit`]): one block per (sequence, 64 query rows, K
 //! split). Query rows are the absorbed queries `[q_abs | q_pe]` (`kv + rope` wide, bf16), 64 per block
@@ -20,12 +21,16 @@
 //! - the split's normalized output `o_part [splits, rows, kv]` (f32) and its log-sum-exp `lse
 //!   [splits, rows]` (natural log; `-inf` and zeros for a split without keys) are written.
 //!
+//! On a sequence's last page the rows past its length are zeroed in shared memory first (a masked
+//! key's P of 0 would still multiply whatever the cache holds there).
+//!
 //! [`crate::conversion::sm90::rows::RowOp::MlaCombine`] then merges the splits:
 //! `out = sum_z exp(lse_z - max) o_z / sum_z exp(lse_z - max)`.
 //!
 //! Not yet: causal masking among several query tokens of one sequence (MTP speculative decoding: here
 //! every query row sees the whole cache of its sequence), the fp8 cache, warp specialization and
-//! overlapping `S` of the next page with `P V` of this one (FlashMLA's ping-pong).
+//! overlapping `S` of the next page with `P V` of this one (FlashMLA's ping-pong); and the model's
+//! lowering does not pick these kernels yet (its cache is the plan's f32 `[B, S, 576]`).
 
 use std::fmt::Write;
 
@@ -487,103 +492,17 @@ scf.if %zero_tail {{
         )
     }
 
-    /// The online softmax of the page's scores `s` (one fragment): masked, scaled into the log2
-    /// domain; the new row maxima `%m0`, `%m1`, partial sums `%l0`, `%l1`; the accumulators rescaled
-    /// (returned); warpgroup 0 stores P.
+    /// The online softmax of the page's scores `s`; warpgroup 0 stores P (see [`online_softmax`]).
     fn softmax(&self, s: &str) -> (String, Vec<String>) {
         let c = &self.c;
-        let mut t = String::from(
-            "%page = arith.addi %p0, %j : index
+        let prelude = "%page = arith.addi %p0, %j : index
 %page_key = arith.muli %page, %c64 : index
 %key_t = arith.addi %page_key, %lcol : index
-",
-        );
-        let half = |e: usize| fragment_offset(0, e).0 / 8;
-        for e in 0..FRAG_N {
-            let col = fragment_offset(0, e).1;
-            let _ = writeln!(
-                t,
-                "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}
-%key{e} = arith.addi %key_t, %c{col} : index
-%in{e} = arith.cmpi ult, %key{e}, %len : index
-%sl{e} = arith.mulf %sv{e}, %scale_log2 : f32
-%x{e} = arith.select %in{e}, %sl{e}, %ninf : f32"
-            );
-        }
-        for h in 0..2 {
-            let members: Vec<usize> = (0..FRAG_N).filter(|&e| half(e) == h).collect();
-            let mut acc = "%ninf".to_string();
-            for &e in &members {
-                let _ = writeln!(t, "%mx{h}_{e} = arith.maximumf {acc}, %x{e} : f32");
-                acc = format!("%mx{h}_{e}");
-            }
-            let _ = writeln!(
-                t,
-                "%sh{h}a, %sh{h}a_ok = gpu.shuffle xor {acc}, %c1_i32, %c32_i32 : f32
-%rm{h}a = arith.maximumf {acc}, %sh{h}a : f32
-%sh{h}b, %sh{h}b_ok = gpu.shuffle xor %rm{h}a, %c2_i32, %c32_i32 : f32
-%rm{h} = arith.maximumf %rm{h}a, %sh{h}b : f32
-%m{h} = arith.maximumf %m{h}_in, %rm{h} : f32
-%md{h} = arith.subf %m{h}_in, %m{h} : f32
-%alpha{h} = {ex2_md}",
-                ex2_md = ex2(&format!("%md{h}"))
-            );
-            let mut sum = "%zero".to_string();
-            for &e in &members {
-                let _ = writeln!(t, "%xd{e} = arith.subf %x{e}, %m{h} : f32\n%pe{e} = {}", ex2(&format!("%xd{e}")));
-                let _ = writeln!(t, "%ps{h}_{e} = arith.addf {sum}, %pe{e} : f32");
-                sum = format!("%ps{h}_{e}");
-            }
-            let _ =
-                writeln!(t, "%lr{h} = arith.mulf %l{h}_in, %alpha{h} : f32\n%l{h} = arith.addf %lr{h}, {sum} : f32");
-        }
-        // Rescale the accumulators by their row's alpha.
-        let mut scaled = Vec::new();
-        for n in 0..c.accumulators() {
-            let mut cur = format!("%o{n}_in");
-            for e in 0..FRAG_N {
-                let _ = writeln!(
-                    t,
-                    "%ov{n}_{e} = llvm.extractvalue %o{n}_in[{e}] : {FRAG}
-%oa{n}_{e} = arith.mulf %ov{n}_{e}, %alpha{h} : f32
-%oi{n}_{e} = llvm.insertvalue %oa{n}_{e}, {cur}[{e}] : {FRAG}",
-                    h = half(e)
-                );
-                cur = format!("%oi{n}_{e}");
-            }
-            scaled.push(cur);
-        }
-        // P (bf16) at [row, key] of a 64 x 64 tile, 128-byte swizzled: element (r, k) at
-        // r * 64 + ((k / 8) xor (r mod 8)) * 8 + k mod 8. A thread's pairs (k, k + 1) share a 16-byte unit.
-        let ws = WORKGROUP;
-        let _ = writeln!(
-            t,
-            "scf.if %is_wg0 {{
-  %pview = memref.view %smem[%c{p_off}][] : memref<?xi8, {ws}> to memref<{elems}xbf16, {ws}>",
-            p_off = c.p_offset(),
-            elems = PAGE * CHUNK
-        );
-        for e in 0..FRAG_N {
-            let (r, k) = fragment_offset(0, e);
-            let _ = writeln!(
-                t,
-                "  %pr{e} = arith.addi %trow, %c{r} : index
-  %pk{e} = arith.addi %lcol, %c{k} : index
-  %pu{e} = arith.divui %pk{e}, %c8 : index
-  %pm{e} = arith.remui %pr{e}, %c8 : index
-  %px{e} = arith.xori %pu{e}, %pm{e} : index
-  %pw{e} = arith.remui %pk{e}, %c8 : index
-  %prow{e} = arith.muli %pr{e}, %c64 : index
-  %punit{e} = arith.muli %px{e}, %c8 : index
-  %pi0_{e} = arith.addi %prow{e}, %punit{e} : index
-  %pi{e} = arith.addi %pi0_{e}, %pw{e} : index
-  %pb{e} = arith.truncf %pe{e} : f32 to bf16
-  memref.store %pb{e}, %pview[%pi{e}] : memref<{elems}xbf16, {ws}>",
-                elems = PAGE * CHUNK
-            );
-        }
-        t.push_str("}\n");
-        (t, scaled)
+";
+        let mask = |e: usize| format!("%in{e} = arith.cmpi ult, %key{e}, %len : index");
+        let (body, scaled) =
+            online_softmax(s, c.accumulators(), &mask, Some("%is_wg0"), &format!("%c{}", c.p_offset()));
+        (format!("{prelude}{body}"), scaled)
     }
 
     /// Row sums across the quad, normalization, and the split's output and log-sum-exp (natural log).
@@ -651,6 +570,531 @@ scf.if %zero_tail {{
         }
         t
     }
+}
+
+/// MLA prefill attention (the naive form: per head, queries and keys `qk` wide, values `v` wide),
+/// causal, as a flash-attention kernel on the tensor cores: one block per (128 queries, head), two
+/// warpgroups of 64 query rows each; the head's key and value tiles (64 keys) stream through a ring
+/// of `stages` buffers by TMA; per tile each warpgroup computes `S = Q K^T` (wgmma, K-major), the
+/// causal online softmax (query t at absolute position `S - T + t` sees keys `0..=S - T + t`), P into
+/// its own shared tile and `O += P V` (transposed B), then writes `O / l` (f32).
+///
+/// Layout (head-major, 2-D): `q [H * T, qk]`, `k [H * S, qk]`, `v [H * S, v]` bf16 (tensor maps: box 64
+/// columns x 64 rows, 128-byte swizzle, zero fill), `out [H * T, v]` f32; arguments `%q_ptr`, `%k_ptr`,
+/// `%v_ptr`, `%out`, `%t_len`, `%s_len` (index), `%scale` (f32). Grid `(ceil(T / 128), H)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlaPrefillConfig {
+    /// Query/key head width (DeepSeek-V3: 128 nope + 64 rope): a positive multiple of 64.
+    pub qk: usize,
+    /// Value head width: a positive multiple of 64, at most 256.
+    pub v: usize,
+    /// Key/value tile buffers in the ring (1 to 4, as shared memory allows).
+    pub stages: usize,
+}
+
+impl MlaPrefillConfig {
+    /// DeepSeek-V3's heads: 192-wide queries and keys, 128-wide values, two tile buffers.
+    pub const DEEPSEEK_V3: MlaPrefillConfig = MlaPrefillConfig { qk: 192, v: 128, stages: 2 };
+
+    /// `mla_prefill_qk192_v128_s2`.
+    pub fn kernel_name(&self) -> String {
+        format!("mla_prefill_qk{}_v{}_s{}", self.qk, self.v, self.stages)
+    }
+
+    pub fn from_name(name: &str) -> Option<MlaPrefillConfig> {
+        let rest = name.strip_prefix("mla_prefill_qk")?;
+        let (qk, rest) = rest.split_once("_v")?;
+        let (v, stages) = rest.split_once("_s")?;
+        let config = MlaPrefillConfig { qk: qk.parse().ok()?, v: v.parse().ok()?, stages: stages.parse().ok()? };
+        (config.kernel_name() == name).then_some(config)
+    }
+
+    fn qk_chunks(&self) -> usize {
+        self.qk / CHUNK
+    }
+
+    fn v_chunks(&self) -> usize {
+        self.v / CHUNK
+    }
+
+    /// Both warpgroups' query tiles.
+    fn query_bytes(&self) -> usize {
+        2 * self.qk_chunks() * CHUNK_BYTES
+    }
+
+    fn stage_bytes(&self) -> usize {
+        (self.qk_chunks() + self.v_chunks()) * CHUNK_BYTES
+    }
+
+    fn p_offset(&self) -> usize {
+        self.query_bytes() + self.stages * self.stage_bytes()
+    }
+
+    /// Dynamic shared memory: the query tiles, the key/value ring, a P tile per warpgroup.
+    pub fn shared_memory_bytes(&self) -> usize {
+        self.p_offset() + 2 * CHUNK_BYTES
+    }
+
+    pub fn threads(&self) -> usize {
+        THREADS
+    }
+
+    /// One block per 128 queries and head.
+    pub fn grid(&self, queries: usize, heads: usize) -> (usize, usize) {
+        (queries.div_ceil(2 * PAGE), heads)
+    }
+
+    pub fn validate(&self, target: &GpuTarget) -> Result<(), String> {
+        let name = self.kernel_name();
+        if self.qk == 0 || !self.qk.is_multiple_of(CHUNK) {
+            return Err(format!("{name}: a query/key width of {} (a positive multiple of 64)", self.qk));
+        }
+        if self.v == 0 || !self.v.is_multiple_of(CHUNK) || self.v > 256 {
+            return Err(format!("{name}: a value width of {} (a multiple of 64 up to 256)", self.v));
+        }
+        if !(1..=4).contains(&self.stages) {
+            return Err(format!("{name}: {} tile buffers (1 to 4)", self.stages));
+        }
+        let need = self.shared_memory_bytes() + STATIC_SHARED_BYTES;
+        if need > target.max_shared_memory_per_block as usize {
+            return Err(format!(
+                "{name}: needs {need} B of shared memory (query tiles, {} key/value buffers of {} B, P, barriers), {} has {}",
+                self.stages,
+                self.stage_bytes(),
+                target.name,
+                target.max_shared_memory_per_block
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The prefill kernel's `gpu.module` text (see [`MlaPrefillConfig`]).
+pub fn emit_prefill(config: &MlaPrefillConfig, target: &GpuTarget) -> Result<String, String> {
+    config.validate(target)?;
+    Ok(PrefillEmitter { c: *config }.module())
+}
+
+struct PrefillEmitter {
+    c: MlaPrefillConfig,
+}
+
+impl PrefillEmitter {
+    fn module(&self) -> String {
+        let c = &self.c;
+        let ws = WORKGROUP;
+        let (stages, qc) = (c.stages, c.qk_chunks());
+        let mut head = String::new();
+        let _ = writeln!(head, "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {}>", stages + 1);
+        let _ = writeln!(head, "!tmap = !nvgpu.tensormap.descriptor<tensor = memref<{PAGE}x{CHUNK}xbf16, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>");
+        let _ = writeln!(head, "module attributes {{gpu.container_module}} {{\ngpu.module @kernels {{");
+        let _ = writeln!(
+            head,
+            "gpu.func @{}(%q_ptr: !llvm.ptr, %k_ptr: !llvm.ptr, %v_ptr: !llvm.ptr, %out: memref<?x?xf32>, %t_len: index, \
+             %s_len: index, %scale: f32) kernel attributes {{known_block_size = array<i32: {THREADS}, 1, 1>}} {{",
+            c.kernel_name()
+        );
+        let mut t = format!(
+            "  %ticks = arith.constant 10000000 : index
+  %parity0 = arith.constant false
+  %true = arith.constant true
+  %zero = arith.constant 0.0 : f32
+  %ninf = arith.constant 0xFF800000 : f32
+  %log2e = arith.constant 1.44269504 : f32
+  %scale_log2 = arith.mulf %scale, %log2e : f32
+  %desc_k = arith.constant {desc_k} : i64
+  %desc_mn = arith.constant {desc_mn} : i64
+  %addr_mask = arith.constant 262143 : i64
+  %q_map = builtin.unrealized_conversion_cast %q_ptr : !llvm.ptr to !tmap
+  %k_map = builtin.unrealized_conversion_cast %k_ptr : !llvm.ptr to !tmap
+  %v_map = builtin.unrealized_conversion_cast %v_ptr : !llvm.ptr to !tmap
+  %tid = gpu.thread_id x
+  %bx = gpu.block_id x
+  %head = gpu.block_id y
+  %q_first = arith.muli %bx, %c128 : index
+  %q_head = arith.muli %head, %t_len : index
+  %q_row0 = arith.addi %q_head, %q_first : index
+  %k_row0 = arith.muli %head, %s_len : index
+  %past = arith.subi %s_len, %t_len : index
+  %q_end0 = arith.addi %q_first, %c128 : index
+  %q_end = arith.minui %q_end0, %t_len : index
+  %key_end0 = arith.addi %past, %q_end : index
+  %key_end = arith.minui %key_end0, %s_len : index
+  %nt = arith.ceildivui %key_end, %c{PAGE} : index
+  %smem = gpu.dynamic_shared_memory : memref<?xi8, {ws}>
+  %smem_base_idx = memref.extract_aligned_pointer_as_index %smem : memref<?xi8, {ws}> -> index
+  %smem_base = arith.index_cast %smem_base_idx : index to i64
+  %bars = nvgpu.mbarrier.create -> !bar
+  %leader = arith.cmpi eq, %tid, %c0 : index
+  scf.if %leader {{
+    scf.for %s = %c0 to %c{nbars} step %c1 {{
+      nvgpu.mbarrier.init %bars[%s], %c1 : !bar
+    }}
+    nvgpu.tma.prefetch.descriptor %q_map : !tmap
+    nvgpu.tma.prefetch.descriptor %k_map : !tmap
+    nvgpu.tma.prefetch.descriptor %v_map : !tmap
+  }}
+  gpu.barrier
+  scf.if %leader {{
+    nvgpu.mbarrier.arrive.expect_tx %bars[%c{stages}], %c{q_bytes} : !bar
+",
+            desc_k = (1u64 << 62) | (64u64 << 32),
+            desc_mn = (1u64 << 62) | (64u64 << 32) | ((CHUNK_BYTES as u64 / 16) << 16),
+            nbars = stages + 1,
+            q_bytes = c.query_bytes(),
+        );
+        for w in 0..2 {
+            for k in 0..qc {
+                let _ = writeln!(
+                    t,
+                    "    %qr{w}_{k} = arith.addi %q_row0, %c{row} : index
+    %qv{w}_{k} = memref.view %smem[%c{off}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
+    nvgpu.tma.async.load %q_map[%c{col}, %qr{w}_{k}], %bars[%c{stages}] to %qv{w}_{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
+                    row = w * PAGE,
+                    off = (w * qc + k) * CHUNK_BYTES,
+                    col = k * CHUNK
+                );
+            }
+        }
+        let _ = writeln!(
+            t,
+            "    %pro = arith.minui %nt, %c{stages} : index
+    scf.for %j = %c0 to %pro step %c1 {{
+{}
+    }}
+  }}",
+            indent(&self.load_tile("%j"), 6)
+        );
+        // Thread coordinates; this warpgroup's query rows and their absolute positions.
+        let _ = writeln!(
+            t,
+            "  %cw = arith.divui %tid, %c128 : index
+  %ctid = arith.remui %tid, %c128 : index
+  %lane = arith.remui %ctid, %c32 : index
+  %warp = arith.divui %ctid, %c32 : index
+  %wrow = arith.muli %warp, %c16 : index
+  %lrow = arith.divui %lane, %c4 : index
+  %trow = arith.addi %wrow, %lrow : index
+  %lcol0 = arith.remui %lane, %c4 : index
+  %lcol = arith.muli %lcol0, %c2 : index
+  %wq = arith.muli %cw, %c64 : index
+  %wq0 = arith.addi %q_first, %wq : index
+  %t0 = arith.addi %wq0, %trow : index
+  %t1 = arith.addi %t0, %c8 : index
+  %qpos0 = arith.addi %past, %t0 : index
+  %qpos1 = arith.addi %past, %t1 : index
+  %q_tile = arith.muli %cw, %c{q_tile} : index
+  %q_tile64 = arith.index_cast %q_tile : index to i64
+  %q_addr = arith.addi %smem_base, %q_tile64 : i64
+  %p_rel = arith.muli %cw, %c{CHUNK_BYTES} : index
+  %p_off = arith.addi %p_rel, %c{p_off} : index
+  %p_off64 = arith.index_cast %p_off : index to i64
+  %p_addr = arith.addi %smem_base, %p_off64 : i64
+{dp}
+  %frag0 = llvm.mlir.poison : {FRAG}",
+            q_tile = qc * CHUNK_BYTES,
+            p_off = c.p_offset(),
+            dp = desc("%dp", "%p_addr", "%desc_k"),
+        );
+        for e in 0..FRAG_N {
+            let _ = writeln!(t, "  %frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {FRAG}", e + 1);
+        }
+        let _ = writeln!(t, "  nvgpu.mbarrier.try_wait.parity %bars[%c{stages}], %parity0, %ticks : !bar");
+        t.push_str(&self.main_loop());
+        t.push_str(&self.epilogue());
+        t.push_str("  gpu.return\n}\n}\n}\n");
+        format!("{head}{}{t}", constants(&t))
+    }
+
+    /// TMA loads of key/value tile `j` into ring buffer `j mod stages` (one thread).
+    fn load_tile(&self, j: &str) -> String {
+        let c = &self.c;
+        let ws = WORKGROUP;
+        let qc = c.qk_chunks();
+        let mut t = format!(
+            "%lt_st = arith.remui {j}, %c{stages} : index
+%lt_key = arith.muli {j}, %c{PAGE} : index
+%lt_row = arith.addi %k_row0, %lt_key : index
+%lt_st_off = arith.muli %lt_st, %c{stage_bytes} : index
+%lt_base = arith.addi %lt_st_off, %c{q_bytes} : index
+nvgpu.mbarrier.arrive.expect_tx %bars[%lt_st], %c{stage_bytes} : !bar
+",
+            stages = c.stages,
+            stage_bytes = c.stage_bytes(),
+            q_bytes = c.query_bytes()
+        );
+        for k in 0..qc + c.v_chunks() {
+            let (map, col) = if k < qc { ("%k_map", k * CHUNK) } else { ("%v_map", (k - qc) * CHUNK) };
+            let _ = writeln!(
+                t,
+                "%lt_off{k} = arith.addi %lt_base, %c{off} : index
+%lt_v{k} = memref.view %smem[%lt_off{k}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
+nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
+                off = k * CHUNK_BYTES
+            );
+        }
+        t
+    }
+
+    fn main_loop(&self) -> String {
+        let c = &self.c;
+        let (stages, qc, accs) = (c.stages, c.qk_chunks(), c.v_chunks());
+        let mut iter: Vec<String> = (0..accs).map(|n| format!("%o{n}_in = %frag{FRAG_N}")).collect();
+        iter.extend(["%m0_in = %ninf", "%m1_in = %ninf", "%l0_in = %zero", "%l1_in = %zero"].map(String::from));
+        let mut types = vec![FRAG.to_string(); accs];
+        types.extend(["f32"; 4].map(String::from));
+        let mut t = format!(
+            "  %res:{n} = scf.for %j = %c0 to %nt step %c1 iter_args({iter}) -> ({types}) {{
+    %st = arith.remui %j, %c{stages} : index
+    %round = arith.divui %j, %c{stages} : index
+    %par = arith.remui %round, %c2 : index
+    %parity = arith.index_cast %par : index to i1
+    nvgpu.mbarrier.try_wait.parity %bars[%st], %parity, %ticks : !bar
+    %st_off = arith.muli %st, %c{stage_bytes} : index
+    %st_off64 = arith.index_cast %st_off : index to i64
+    %st_rel = arith.addi %st_off64, %c{q_bytes}_i64 : i64
+    %stage_addr = arith.addi %smem_base, %st_rel : i64
+",
+            n = accs + 4,
+            iter = iter.join(", "),
+            types = types.join(", "),
+            stage_bytes = c.stage_bytes(),
+            q_bytes = c.query_bytes(),
+        );
+        for k in 0..qc {
+            let _ = writeln!(t, "    %qa{k} = arith.addi %q_addr, %c{}_i64 : i64", k * CHUNK_BYTES);
+            let _ = writeln!(t, "{}", indent(&desc(&format!("%dq{k}"), &format!("%qa{k}"), "%desc_k"), 4));
+            let _ = writeln!(t, "    %ka{k} = arith.addi %stage_addr, %c{}_i64 : i64", k * CHUNK_BYTES);
+            let _ = writeln!(t, "{}", indent(&desc(&format!("%dk{k}"), &format!("%ka{k}"), "%desc_k"), 4));
+        }
+        let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
+        let mut s = format!("%frag{FRAG_N}");
+        for k in 0..qc {
+            for ks in 0..4 {
+                let (da, db) = if ks == 0 {
+                    (format!("%dq{k}"), format!("%dk{k}"))
+                } else {
+                    let _ = writeln!(t, "    %dq{k}_{ks} = arith.addi %dq{k}, %c{}_i64 : i64", 2 * ks);
+                    let _ = writeln!(t, "    %dk{k}_{ks} = arith.addi %dk{k}, %c{}_i64 : i64", 2 * ks);
+                    (format!("%dq{k}_{ks}"), format!("%dk{k}_{ks}"))
+                };
+                let scale_out = if k == 0 && ks == 0 { "zero" } else { "one" };
+                let out = format!("%s{k}_{ks}");
+                let _ = writeln!(
+                    t,
+                    "    {out} = nvvm.wgmma.mma_async {da}, {db}, {s}, <m = 64, n = 64, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {FRAG} -> {FRAG}"
+                );
+                s = out;
+            }
+        }
+        let _ = writeln!(t, "    nvvm.wgmma.commit.group.sync.aligned\n    nvvm.wgmma.wait.group.sync.aligned 0");
+        // Causal and length masks: key <= the row's position, key < S.
+        let mask = |e: usize| {
+            let h = fragment_offset(0, e).0 / 8;
+            format!(
+                "%vis{e} = arith.cmpi ule, %key{e}, %qpos{h} : index
+%inside{e} = arith.cmpi ult, %key{e}, %s_len : index
+%in{e} = arith.andi %vis{e}, %inside{e} : i1"
+            )
+        };
+        let (softmax, o) = online_softmax(&s, accs, &mask, None, "%p_off");
+        let _ = writeln!(
+            t,
+            "    %tile_key = arith.muli %j, %c{PAGE} : index
+    %key_t = arith.addi %tile_key, %lcol : index
+{}
+    nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
+    gpu.barrier",
+            indent(&softmax, 4)
+        );
+        for n in 0..accs {
+            let _ = writeln!(t, "    %va{n} = arith.addi %stage_addr, %c{}_i64 : i64", (qc + n) * CHUNK_BYTES);
+            let _ = writeln!(t, "{}", indent(&desc(&format!("%dv{n}"), &format!("%va{n}"), "%desc_mn"), 4));
+        }
+        let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
+        let mut o = o;
+        for ks in 0..4 {
+            let dp = if ks == 0 {
+                "%dp".to_string()
+            } else {
+                let _ = writeln!(t, "    %dp_{ks} = arith.addi %dp, %c{}_i64 : i64", 2 * ks);
+                format!("%dp_{ks}")
+            };
+            for (n, o_n) in o.iter_mut().enumerate() {
+                let dv = if ks == 0 {
+                    format!("%dv{n}")
+                } else {
+                    let _ = writeln!(t, "    %dv{n}_{ks} = arith.addi %dv{n}, %c{}_i64 : i64", 128 * ks);
+                    format!("%dv{n}_{ks}")
+                };
+                let out = format!("%pv{n}_{ks}");
+                let _ = writeln!(
+                    t,
+                    "    {out} = nvvm.wgmma.mma_async {dp}, {dv}, {o_n}, <m = 64, n = 64, k = 16>, D[<f32>, <one>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {FRAG} -> {FRAG}"
+                );
+                *o_n = out;
+            }
+        }
+        let _ = writeln!(
+            t,
+            "    nvvm.wgmma.commit.group.sync.aligned
+    nvvm.wgmma.wait.group.sync.aligned 0
+    gpu.barrier
+    %jn = arith.addi %j, %c{stages} : index
+    %more = arith.cmpi ult, %jn, %nt : index
+    %refill = arith.andi %leader, %more : i1
+    scf.if %refill {{
+{load}
+    }}
+    scf.yield {o}, %m0, %m1, %l0, %l1 : {types}
+  }}",
+            load = indent(&self.load_tile("%jn"), 6),
+            o = o.join(", "),
+            types = types.join(", "),
+        );
+        t
+    }
+
+    /// `out[row] = O / l` for the warpgroup's rows below T.
+    fn epilogue(&self) -> String {
+        let accs = self.c.v_chunks();
+        let mut t = String::new();
+        for h in 0..2 {
+            let l = format!("%res#{}", accs + 2 + h);
+            let _ = writeln!(
+                t,
+                "  %ls{h}a, %ls{h}a_ok = gpu.shuffle xor {l}, %c1_i32, %c32_i32 : f32
+  %lt{h}a = arith.addf {l}, %ls{h}a : f32
+  %ls{h}b, %ls{h}b_ok = gpu.shuffle xor %lt{h}a, %c2_i32, %c32_i32 : f32
+  %lt{h} = arith.addf %lt{h}a, %ls{h}b : f32
+  %one{h} = arith.constant 1.0 : f32
+  %inv{h} = arith.divf %one{h}, %lt{h} : f32
+  %oin{h} = arith.cmpi ult, %t{h}, %t_len : index
+  %og{h} = arith.addi %q_head, %t{h} : index"
+            );
+        }
+        for n in 0..accs {
+            for e in 0..FRAG_N {
+                let (r, k) = fragment_offset(0, e);
+                let h = r / 8;
+                let _ = writeln!(
+                    t,
+                    "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}
+  %fo{n}_{e} = arith.mulf %fv{n}_{e}, %inv{h} : f32
+  %fc{n}_{e} = arith.addi %lcol, %c{col} : index
+  scf.if %oin{h} {{
+    memref.store %fo{n}_{e}, %out[%og{h}, %fc{n}_{e}] : memref<?x?xf32>
+  }}",
+                    col = n * CHUNK + k
+                );
+            }
+        }
+        t
+    }
+}
+
+/// The online softmax of one 64 x 64 score fragment `s` in f32: each element's key `%key<e>` is
+/// `%key_t` plus its column, `mask(e)` defines `%in<e>` (the key is visible to the element's row;
+/// rows `%trow + 8 h` with h = [`fragment_offset`]'s row half), scores scaled into the log2 domain
+/// (`%scale_log2`); the row maxima across the 4 lanes sharing a row, the new maxima `%m0`, `%m1` from
+/// `%m<h>_in`, the thread's partial sums `%l0`, `%l1` from `%l<h>_in`, the `accs` accumulators
+/// `%o<n>_in` rescaled (their names returned), and P (bf16, the 128-byte-swizzled K-major 64 x 64
+/// layout wgmma reads) stored at byte `p_off` of `%smem` by the threads where `p_guard` holds (all
+/// without one).
+fn online_softmax(
+    s: &str,
+    accs: usize,
+    mask: &dyn Fn(usize) -> String,
+    p_guard: Option<&str>,
+    p_off: &str,
+) -> (String, Vec<String>) {
+    let mut t = String::new();
+    let half = |e: usize| fragment_offset(0, e).0 / 8;
+    for e in 0..FRAG_N {
+        let col = fragment_offset(0, e).1;
+        let _ = writeln!(
+            t,
+            "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}
+%key{e} = arith.addi %key_t, %c{col} : index
+{mask}
+%sl{e} = arith.mulf %sv{e}, %scale_log2 : f32
+%x{e} = arith.select %in{e}, %sl{e}, %ninf : f32",
+            mask = mask(e)
+        );
+    }
+    for h in 0..2 {
+        let members: Vec<usize> = (0..FRAG_N).filter(|&e| half(e) == h).collect();
+        let mut acc = "%ninf".to_string();
+        for &e in &members {
+            let _ = writeln!(t, "%mx{h}_{e} = arith.maximumf {acc}, %x{e} : f32");
+            acc = format!("%mx{h}_{e}");
+        }
+        let _ = writeln!(
+            t,
+            "%sh{h}a, %sh{h}a_ok = gpu.shuffle xor {acc}, %c1_i32, %c32_i32 : f32
+%rm{h}a = arith.maximumf {acc}, %sh{h}a : f32
+%sh{h}b, %sh{h}b_ok = gpu.shuffle xor %rm{h}a, %c2_i32, %c32_i32 : f32
+%rm{h} = arith.maximumf %rm{h}a, %sh{h}b : f32
+%m{h} = arith.maximumf %m{h}_in, %rm{h} : f32
+%md{h} = arith.subf %m{h}_in, %m{h} : f32
+%alpha{h} = {ex2_md}",
+            ex2_md = ex2(&format!("%md{h}"))
+        );
+        let mut sum = "%zero".to_string();
+        for &e in &members {
+            let _ = writeln!(t, "%xd{e} = arith.subf %x{e}, %m{h} : f32\n%pe{e} = {}", ex2(&format!("%xd{e}")));
+            let _ = writeln!(t, "%ps{h}_{e} = arith.addf {sum}, %pe{e} : f32");
+            sum = format!("%ps{h}_{e}");
+        }
+        let _ = writeln!(t, "%lr{h} = arith.mulf %l{h}_in, %alpha{h} : f32\n%l{h} = arith.addf %lr{h}, {sum} : f32");
+    }
+    // Rescale the accumulators by their row's alpha.
+    let mut scaled = Vec::new();
+    for n in 0..accs {
+        let mut cur = format!("%o{n}_in");
+        for e in 0..FRAG_N {
+            let _ = writeln!(
+                t,
+                "%ov{n}_{e} = llvm.extractvalue %o{n}_in[{e}] : {FRAG}
+%oa{n}_{e} = arith.mulf %ov{n}_{e}, %alpha{h} : f32
+%oi{n}_{e} = llvm.insertvalue %oa{n}_{e}, {cur}[{e}] : {FRAG}",
+                h = half(e)
+            );
+            cur = format!("%oi{n}_{e}");
+        }
+        scaled.push(cur);
+    }
+    // P (bf16) at [row, key] of a 64 x 64 tile, 128-byte swizzled: element (r, k) at
+    // r * 64 + ((k / 8) xor (r mod 8)) * 8 + k mod 8. A thread's pairs (k, k + 1) share a 16-byte unit.
+    let ws = WORKGROUP;
+    let _ = writeln!(
+        t,
+        "scf.if {guard} {{
+  %pview = memref.view %smem[{p_off}][] : memref<?xi8, {ws}> to memref<{elems}xbf16, {ws}>",
+        guard = p_guard.unwrap_or("%true"),
+        elems = PAGE * CHUNK
+    );
+    for e in 0..FRAG_N {
+        let (r, k) = fragment_offset(0, e);
+        let _ = writeln!(
+            t,
+            "  %pr{e} = arith.addi %trow, %c{r} : index
+  %pk{e} = arith.addi %lcol, %c{k} : index
+  %pu{e} = arith.divui %pk{e}, %c8 : index
+  %pm{e} = arith.remui %pr{e}, %c8 : index
+  %px{e} = arith.xori %pu{e}, %pm{e} : index
+  %pw{e} = arith.remui %pk{e}, %c8 : index
+  %prow{e} = arith.muli %pr{e}, %c64 : index
+  %punit{e} = arith.muli %px{e}, %c8 : index
+  %pi0_{e} = arith.addi %prow{e}, %punit{e} : index
+  %pi{e} = arith.addi %pi0_{e}, %pw{e} : index
+  %pb{e} = arith.truncf %pe{e} : f32 to bf16
+  memref.store %pb{e}, %pview[%pi{e}] : memref<{elems}xbf16, {ws}>",
+            elems = PAGE * CHUNK
+        );
+    }
+    t.push_str("}\n");
+    (t, scaled)
 }
 
 /// `name = <wgmma descriptor of the shared-memory address addr>` (address bits 4-17 in bits 0-13).

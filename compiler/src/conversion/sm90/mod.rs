@@ -129,6 +129,16 @@ pub fn compile_mla(
     compile_module(context, config.kernel_name(), mlir, config.shared_memory_bytes(), config.threads(), target)
 }
 
+/// Generates, lowers and compiles to PTX the MLA prefill attention kernel of `config` for `target`.
+pub fn compile_mla_prefill(
+    context: &Context,
+    config: &mla::MlaPrefillConfig,
+    target: &GpuTarget,
+) -> Result<GpuKernel, Sm90Error> {
+    let mlir = mla::emit_prefill(config, target);
+    compile_module(context, config.kernel_name(), mlir, config.shared_memory_bytes(), config.threads(), target)
+}
+
 /// Generates, lowers and compiles to PTX the row kernel `kernel` for `target`.
 pub fn compile_rows(context: &Context, kernel: &rows::RowKernel, target: &GpuTarget) -> Result<GpuKernel, Sm90Error> {
     compile_module(context, kernel.kernel_name(), kernel.emit_gpu(), 0, kernel.threads, target)
