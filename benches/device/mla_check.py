@@ -7,7 +7,7 @@ the PTX of the attention kernel (`mla_decode_kv<KV>_r<R>_p64_s<S>`) and of the s
 
 Kernel ABI (compiler/src/conversion/sm90/mla.rs, `emit`): (q_map*, kv_map*, block_table i32 [B, max_pages] (7
 scalars), seqlens i32 [B] (5), o_part f32 [splits, B * H, KV] (9), lse f32 [splits, B * H] (7),
-rows_per_sequence (i64), scale (f32)); 256 threads, grid (B * ceil(H / 64), splits); dynamic shared memory
+rows_per_sequence (i64: tokens x heads), heads (i64), scale (f32)); 256 threads, grid (B * ceil(H / 64), splits); dynamic shared memory
 (1 + S) * 64 * (KV + R) * 2 + 8192 bytes. Tensor maps: 2-D bf16, box 64 columns x 64 rows, 128-byte swizzle,
 zero fill; the queries [B * H, KV + R], the cache [pages * 64, KV + R]. The combine is a row kernel:
 (o_part (9), lse (7), out f32 [B * H, KV] (7)), one block per row.
@@ -48,16 +48,19 @@ COMBINE = re.compile(r"^rows_mlacombine_d(\d+)_t(\d+)$")
 PAGE = 64
 
 
-def reference(q, cache, table, lens, heads, kv, scale):
-    """float64 attention per sequence over its pages: [B * H, kv]."""
+def reference(q, cache, table, lens, heads, kv, scale, tokens=1):
+    """float64 attention per sequence over its pages, token t of T seeing keys < len - T + t + 1:
+    [B * T * H, kv]."""
     out = []
     for b, n in enumerate(lens):
         pages = table[b, :math.ceil(n / PAGE)].long()
         rows = (pages[:, None] * PAGE + torch.arange(PAGE, device=pages.device)[None, :]).reshape(-1)[:n]
         k = cache[rows].double()
-        qb = q[b * heads:(b + 1) * heads].double()
-        p = torch.softmax(qb @ k.T * scale, dim=-1)
-        out.append(p @ k[:, :kv])
+        for t in range(tokens):
+            first = (b * tokens + t) * heads
+            visible = n - tokens + t + 1
+            p = torch.softmax(q[first:first + heads].double() @ k[:visible].T * scale, dim=-1)
+            out.append(p @ k[:visible, :kv])
     return torch.cat(out)
 
 
@@ -100,6 +103,13 @@ def self_test():
     assert len(used) == len(set(used)), "pages shared between sequences"
     ref = reference(q, cache, table, lens, 4, 64, 0.1)
     assert ref.shape == (16, 64) and bool(torch.isfinite(ref).all())
+    # Two speculative tokens: the first sees one key fewer than the second, which sees them all.
+    q2, cache2, table2, _ = problem(2, 64, 64, [70], seed=2, device="cpu", tokens=2)
+    r2 = reference(q2, cache2, table2, [70], 2, 64, 0.1, tokens=2)
+    rows = (table2[0, :2].long()[:, None] * PAGE + torch.arange(PAGE)).reshape(-1)[:70]
+    k2 = cache2[rows].double()
+    assert torch.allclose(r2[0:2], torch.softmax(q2[0:2].double() @ k2[:69].T * 0.1, dim=-1) @ k2[:69, :64])
+    assert torch.allclose(r2[2:4], torch.softmax(q2[2:4].double() @ k2.T * 0.1, dim=-1) @ k2[:, :64])
     assert bool(torch.isnan(cache[table[2, 1].item() * PAGE + 1]).all()), "the tail past 65 rows is NaN"
     # The causal prefill reference: a continuation's first query sees the past and itself only.
     q, k, v = torch.randn(2 * 3, 8), torch.randn(2 * 5, 8), torch.randn(2 * 5, 4)
@@ -113,7 +123,7 @@ def self_test():
           "paged problems read no NaN page or tail")
 
 
-def problem(heads, kv, rope, lens, seed, device="cuda"):
+def problem(heads, kv, rope, lens, seed, device="cuda", tokens=1):
     """q [B * H, kv + rope], a cache pool with holes, its block table; unused pages and tails are NaN."""
     g = torch.Generator(device=device).manual_seed(seed)
     dim = kv + rope
@@ -130,7 +140,7 @@ def problem(heads, kv, rope, lens, seed, device="cuda"):
         for i, p in enumerate(pages.tolist()):
             valid = min(PAGE, n - i * PAGE)
             cache[p * PAGE:p * PAGE + valid] = torch.randn(valid, dim, generator=g, device=device).bfloat16()
-    q = torch.randn(len(lens) * heads, dim, generator=g, device=device).bfloat16()
+    q = torch.randn(len(lens) * tokens * heads, dim, generator=g, device=device).bfloat16()
     return q, cache, table, torch.tensor(lens, dtype=torch.int32, device=device)
 
 
@@ -152,7 +162,7 @@ class Mla:
         rc = self.drv.cu.cuLaunchKernel(func, grid[0], grid[1], 1, threads, 1, 1, smem, stream, params, None)
         self.drv.check(rc, f"{name}: cuLaunchKernel")
 
-    def prepare(self, q, cache, table, lens, heads, splits, scale):
+    def prepare(self, q, cache, table, lens, heads, splits, scale, tokens=1):
         """A callable running attention + combine; its output tensor (poisoned with NaN first)."""
         rows = q.shape[0]
         q_map = self.drv.tensor_map(q, PAGE, PAGE, 9)
@@ -162,9 +172,9 @@ class Mla:
         out = torch.full((rows, self.kv), float("nan"), device="cuda")
         args = ([ctypes.c_uint64(q_map.data_ptr()), ctypes.c_uint64(kv_map.data_ptr())] + memref_args(table)
                 + memref_args(lens) + memref_args(o_part) + memref_args(lse)
-                + [ctypes.c_int64(heads), ctypes.c_float(scale)])
+                + [ctypes.c_int64(tokens * heads), ctypes.c_int64(heads), ctypes.c_float(scale)])
         cargs = memref_args(o_part) + memref_args(lse) + memref_args(out)
-        grid = (len(lens) * math.ceil(heads / PAGE), splits)
+        grid = (len(lens) * math.ceil(tokens * heads / PAGE), splits)
         keep = (q_map, kv_map, o_part, lse)
 
         def run():
@@ -283,20 +293,23 @@ def main():
     mla = Mla(drv, a.ptx_dir, attn, comb)
     result = {"kernels": [attn, comb], "cases": [], "prefill_cases": [], "ok": True}
     scale = 1 / math.sqrt(192)
-    cases = [(128, [1, 63, 64, 65, 1000], 1), (128, [5000, 2, 300], 4), (16, [4096, 129], 8), (128, [700], 3),
-             (128, [64, 65], 8)]
-    for i, (heads, lens, splits) in enumerate(cases):
-        q, cache, table, lt = problem(heads, mla.kv, mla.rope, lens, seed=i)
-        run, out = mla.prepare(q, cache, table, lt, heads, splits, scale)
+    # (heads, lens, splits, tokens): tokens > 1 is MTP's speculative decoding (causal among the new tokens).
+    cases = [(128, [1, 63, 64, 65, 1000], 1, 1), (128, [5000, 2, 300], 4, 1), (16, [4096, 129], 8, 1),
+             (128, [700], 3, 1), (128, [64, 65], 8, 1), (16, [2, 65, 1000], 2, 2), (128, [130, 64], 3, 2)]
+    for i, (heads, lens, splits, tokens) in enumerate(cases):
+        q, cache, table, lt = problem(heads, mla.kv, mla.rope, lens, seed=i, tokens=tokens)
+        run, out = mla.prepare(q, cache, table, lt, heads, splits, scale, tokens)
         run()
         torch.cuda.synchronize()
-        ref = reference(q, cache, table, lens, heads, mla.kv, scale)
+        ref = reference(q, cache, table, lens, heads, mla.kv, scale, tokens)
         finite = bool(torch.isfinite(out).all())
         rel = ((out.double() - ref).norm() / ref.norm()).item() if finite else float("nan")
         ok = finite and rel <= 1e-2
         result["ok"] &= ok
-        result["cases"].append({"heads": heads, "lens": lens, "splits": splits, "rel_err": rel, "ok": ok})
-        print(f"{attn}: heads {heads} lens {lens} splits {splits}: rel err {rel:.2e} {'ok' if ok else 'FAILED'}")
+        result["cases"].append({"heads": heads, "lens": lens, "splits": splits, "tokens": tokens, "rel_err": rel,
+                                "ok": ok})
+        print(f"{attn}: heads {heads} lens {lens} splits {splits} tokens {tokens}: rel err {rel:.2e} "
+              f"{'ok' if ok else 'FAILED'}")
     if result["ok"]:
         heads, batch, ctx = 128, 64, 4096
         q, cache, table, lt = problem(heads, mla.kv, mla.rope, [ctx] * batch, seed=99)

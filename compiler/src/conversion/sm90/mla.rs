@@ -27,8 +27,10 @@
 //! [`crate::conversion::sm90::rows::RowOp::MlaCombine`] then merges the splits:
 //! `out = sum_z exp(lse_z - max) o_z / sum_z exp(lse_z - max)`.
 //!
-//! Not yet: causal masking among several query tokens of one sequence (MTP speculative decoding: here
-//! every query row sees the whole cache of its sequence), the fp8 cache, warp specialization and
+//! Several new tokens per sequence (MTP's speculative decoding) are causal among themselves: token t
+//! of T sees the keys before `len - T + t + 1`.
+//!
+//! Not yet: the fp8 cache, warp specialization and
 //! overlapping `S` of the next page with `P V` of this one (FlashMLA's ping-pong); and the model's
 //! lowering does not pick these kernels yet (its cache is the plan's f32 `[B, S, 576]`).
 
@@ -153,7 +155,10 @@ impl MlaDecodeConfig {
 /// fill; the queries `[sequences * rows_per_sequence, ..]`, the cache `[pages * 64, ..]`),
 /// `%block_table` (i32 `[sequences, max_pages]`), `%seqlens` (i32 `[sequences]`), `%o_part` (f32
 /// `[splits, sequences * rows_per_sequence, kv]`), `%lse` (f32 `[splits, sequences *
-/// rows_per_sequence]`), `%rows_per_sequence` (index), `%scale` (f32, the softmax scale). Launch:
+/// rows_per_sequence]`), `%rows_per_sequence` (index: tokens x heads), `%heads` (index: query rows
+/// per token), `%scale` (f32, the softmax scale). A sequence's rows are its new tokens' heads, token
+/// by token: token t of T sees the keys before position `len - T + t + 1` (T = 1: all of them; T > 1:
+/// MTP's speculative tokens, causal among themselves). Launch:
 /// [`MlaDecodeConfig::threads`] threads, [`MlaDecodeConfig::shared_memory_bytes`] of dynamic shared
 /// memory, [`MlaDecodeConfig::grid`] blocks.
 pub fn emit(config: &MlaDecodeConfig, target: &GpuTarget) -> Result<String, String> {
@@ -185,7 +190,7 @@ impl Emitter {
         let _ = writeln!(
             head,
             "gpu.func @{}(%q_ptr: !llvm.ptr, %kv_ptr: !llvm.ptr, %block_table: memref<?x?xi32>, %seqlens: memref<?xi32>, \
-             %o_part: memref<?x?x?xf32>, %lse: memref<?x?xf32>, %rows_per_sequence: index, %scale: f32) kernel attributes \
+             %o_part: memref<?x?x?xf32>, %lse: memref<?x?xf32>, %rows_per_sequence: index, %heads: index, %scale: f32) kernel attributes \
              {{known_block_size = array<i32: {THREADS}, 1, 1>}} {{",
             c.kernel_name()
         );
@@ -290,6 +295,18 @@ impl Emitter {
   %lcol0 = arith.remui %lane, %c4 : index
   %lcol = arith.muli %lcol0, %c2 : index
   %is_wg0 = arith.cmpi eq, %cw, %c0 : index
+  %tokens = arith.divui %rows_per_sequence, %heads : index
+  %len_t = arith.subi %len, %tokens : index
+  %mrow0 = arith.addi %r_first, %trow : index
+  %mrow1 = arith.addi %mrow0, %c8 : index
+  %tok0 = arith.divui %mrow0, %heads : index
+  %tok1 = arith.divui %mrow1, %heads : index
+  %lim0_a = arith.addi %len_t, %tok0 : index
+  %lim0_b = arith.addi %lim0_a, %c1 : index
+  %lim0 = arith.minui %lim0_b, %len : index
+  %lim1_a = arith.addi %len_t, %tok1 : index
+  %lim1_b = arith.addi %lim1_a, %c1 : index
+  %lim1 = arith.minui %lim1_b, %len : index
   %cw_bytes = arith.muli %cw, %c{half} : index
   %cw_bytes64 = arith.index_cast %cw_bytes : index to i64
   %p_addr = arith.addi %smem_base, %c{p_off}_i64 : i64
@@ -499,7 +516,10 @@ scf.if %zero_tail {{
 %page_key = arith.muli %page, %c64 : index
 %key_t = arith.addi %page_key, %lcol : index
 ";
-        let mask = |e: usize| format!("%in{e} = arith.cmpi ult, %key{e}, %len : index");
+        let mask = |e: usize| {
+            let h = fragment_offset(0, e).0 / 8;
+            format!("%in{e} = arith.cmpi ult, %key{e}, %lim{h} : index")
+        };
         let (body, scaled) =
             online_softmax(s, c.accumulators(), &mask, Some("%is_wg0"), &format!("%c{}", c.p_offset()));
         (format!("{prelude}{body}"), scaled)
