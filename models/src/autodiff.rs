@@ -3,10 +3,12 @@
 //! respect to every parameter, and names them as outputs `grad.<parameter name>`. The reference
 //! interpreter runs the result like any graph (the oracle for training).
 //!
-//! Each op declares its vector-Jacobian product below. Done: embedding, linear layers and the LM
-//! head (as matmuls), RMSNorm, SwiGLU's `silu(g) * u`, additions, reshapes, concatenation, and the
-//! cross-entropy loss. Not yet: attention (MLA), RoPE, MoE routing and experts, fp8 quantization —
-//! [`backward`] names the first such op it meets.
+//! Each op declares its vector-Jacobian product below: embedding, linear layers and the LM head (as
+//! matmuls; fp8 linears as the recipe's e4m3 Dgrad and Wgrad), RMSNorm, SwiGLU's `silu(g) * u`
+//! (its output recomputed for the weight gradient instead of kept), RoPE, MLA attention, MoE
+//! routing (no gradient through the top-k selection) and experts, additions, reshapes,
+//! concatenation and splits, and the losses (cross-entropy, the sequence-wise balance loss).
+//! [`backward`] names the first op it meets without one.
 
 use std::collections::HashMap;
 
@@ -46,6 +48,24 @@ pub fn backward(graph: Graph, loss: ValueId) -> Result<Graph, GraphError> {
         }
     }
     let nodes = graph.nodes.clone();
+    // SwiGLU outputs are recomputed where the backward pass needs them (the weight gradient of the
+    // projection they feed) rather than kept from the forward pass: the recipe's activation memory
+    // saving. Once per value, from the SwiGLU's own inputs (which the backward pass keeps anyway).
+    let swiglu_inputs: HashMap<ValueId, (ValueId, ValueId)> = nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::SiluMul))
+        .map(|n| (n.outputs[0], (n.inputs[0], n.inputs[1])))
+        .collect();
+    let mut recomputed: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut saved = |b: &mut Builder, v: ValueId| -> Result<ValueId, GraphError> {
+        let Some(&(gate, up)) = swiglu_inputs.get(&v) else { return Ok(v) };
+        if let Some(&r) = recomputed.get(&v) {
+            return Ok(r);
+        }
+        let r = b.silu_mul(gate, up)?;
+        recomputed.insert(v, r);
+        Ok(r)
+    };
     let params: Vec<(String, ValueId)> = graph.params().map(|(n, _, _, v)| (n.to_string(), v)).collect();
     let mut b = Builder::extend(graph);
     let mut grads: HashMap<ValueId, ValueId> = HashMap::new();
@@ -95,7 +115,8 @@ pub fn backward(graph: Graph, loss: ValueId) -> Result<Graph, GraphError> {
                 let Some(g) = dy(0, &grads) else { continue };
                 // y = x w^T: dx = dy w, dw = dy^T x (x as matrices [rows, K]).
                 let dx = b.matmul(g, inp(1), false, false)?;
-                let dw = b.matmul(g, inp(0), true, false)?;
+                let x = saved(&mut b, inp(0))?;
+                let dw = b.matmul(g, x, true, false)?;
                 add_grad(&mut grads, &mut b, inp(0), dx)?;
                 add_grad(&mut grads, &mut b, inp(1), dw)?;
             }
@@ -103,7 +124,8 @@ pub fn backward(graph: Graph, loss: ValueId) -> Result<Graph, GraphError> {
                 let Some(g) = dy(0, &grads) else { continue };
                 // The recipe's backward GEMMs: Dgrad and Wgrad in e4m3 too.
                 let dx = b.fp8_linear_dgrad(g, inp(1), inp(0))?;
-                let dw = b.fp8_linear_wgrad(g, inp(0), inp(1))?;
+                let x = saved(&mut b, inp(0))?;
+                let dw = b.fp8_linear_wgrad(g, x, inp(1))?;
                 add_grad(&mut grads, &mut b, inp(0), dx)?;
                 add_grad(&mut grads, &mut b, inp(1), dw)?;
             }
@@ -210,6 +232,12 @@ mod tests {
     /// A small language model of the differentiable ops: embed -> RMSNorm -> SwiGLU MLP with a
     /// residual -> RMSNorm -> head -> cross-entropy. Returns the training graph and its parameters.
     fn model(d: usize, ff: usize, vocab: usize) -> (Graph, Vec<(String, Vec<usize>)>) {
+        let (forward, loss, shapes) = forward_model(d, ff, vocab);
+        (backward(forward, loss).unwrap(), shapes)
+    }
+
+    /// The forward graph of [`model`], its loss and its parameters.
+    fn forward_model(d: usize, ff: usize, vocab: usize) -> (Graph, ValueId, Vec<(String, Vec<usize>)>) {
         let mut b = Builder::new("train_step");
         let dense = WeightFormat::Dense(DType::F32);
         let tokens = b.input("tokens", vec![Dim::dynamic("T")], DType::I64).unwrap();
@@ -235,7 +263,25 @@ mod tests {
         let logits = b.lm_head(n, p[6]).unwrap();
         let loss = b.cross_entropy(logits, targets).unwrap();
         b.output("loss", loss).unwrap();
-        (backward(b.finish(), loss).unwrap(), shapes)
+        (b.finish(), loss, shapes)
+    }
+
+    /// The backward pass recomputes the SwiGLU output for the down projection's weight gradient:
+    /// no backward op reads the forward SwiGLU output, one recomputation does, from the same inputs.
+    #[test]
+    fn swiglu_is_recomputed_in_backward() {
+        let (forward, loss, _) = forward_model(8, 16, 11);
+        let n_forward = forward.nodes.len();
+        let swiglu = forward.nodes.iter().find(|n| matches!(n.op, Op::SiluMul)).unwrap().clone();
+        let graph = backward(forward, loss).unwrap();
+        let backward_nodes = &graph.nodes[n_forward..];
+        assert!(
+            backward_nodes.iter().all(|n| !n.inputs.contains(&swiglu.outputs[0])),
+            "a backward op reads the stored SwiGLU output"
+        );
+        let again: Vec<_> = backward_nodes.iter().filter(|n| matches!(n.op, Op::SiluMul)).collect();
+        assert_eq!(again.len(), 1, "one recomputation");
+        assert_eq!(again[0].inputs, swiglu.inputs);
     }
 
     fn rand(n: usize, seed: &mut u64, scale: f32) -> Vec<f32> {
