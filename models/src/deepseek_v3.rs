@@ -407,7 +407,9 @@ impl<'a> ModelBuilder<'a> {
                 self.proj(&format!("{q}.down_proj"), d, inter)?,
             ));
         }
-        let fp8 = self.precision == Precision::Fp8 && self.c.quantization.is_some();
+        // fp8 training: the routed experts' GEMMs in e4m3 as the dense projections' (the shared
+        // expert is an `mlp` of `fp8_linear`s).
+        let fp8 = (self.precision == Precision::Fp8 && self.c.quantization.is_some()) || self.fp8_training;
         let routed = self.b.moe_experts(x, idx, w, &experts, fp8)?;
         if c.n_shared_experts == 0 {
             return Ok(routed);

@@ -218,7 +218,8 @@ pub enum Op {
     MoeRouteGrad(Routing),
     /// (x, indices, weights, dy, then gate_e, up_e, down_e per expert) -> (dx, d weights, then
     /// d gate_e, d up_e, d down_e per expert) of `moe_experts` (f32).
-    MoeExpertsGrad { num_experts: usize },
+    /// `fp8`: the recipe's e4m3 GEMMs (Fprop recomputed, Dgrad, Wgrad) on f32 master weights.
+    MoeExpertsGrad { num_experts: usize, fp8: bool },
     /// DeepSeek-V3's complementary sequence-wise balance loss of one MoE layer, (x [T, D], gate [E, D],
     /// indices [T, K]) -> [1]: `alpha * sum_i f_i P_i` with `f_i = E / (K T) * (tokens routed to i)`
     /// and `P_i = mean_t s_i,t / sum_j s_j,t` over the sigmoid affinities `s = sigmoid(x gate^T)`.
@@ -687,10 +688,11 @@ impl Builder {
                     format!("expert {e}: gate {gt}, up {ut}, down {dt} do not fit input {xt}"),
                 );
             }
-            if fp8_activations && gt.dtype != DType::F8E4M3 {
+            // fp8 activations read e4m3 weights, or (training) f32 masters quantized as read.
+            if fp8_activations && !matches!(gt.dtype, DType::F8E4M3 | DType::F32) {
                 return Self::err(
                     "moe_experts",
-                    format!("expert {e}: fp8 activations need fp8 weights, found gate {gt}"),
+                    format!("expert {e}: fp8 activations need fp8 weights or f32 masters, found gate {gt}"),
                 );
             }
             inputs.extend([g, u, dn]);
@@ -972,6 +974,7 @@ impl Builder {
         [x, indices, weights]: [ValueId; 3],
         dy: ValueId,
         experts: &[ValueId],
+        fp8: bool,
     ) -> Result<Vec<ValueId>, GraphError> {
         let mut inputs = vec![x, indices, weights, dy];
         inputs.extend_from_slice(experts);
@@ -980,7 +983,7 @@ impl Builder {
             .map(|v| TensorType::new(self.ty(v).shape.clone(), DType::F32))
             .collect::<Vec<_>>();
         tys.extend(experts.iter().map(|&v| TensorType::new(self.ty(v).shape.clone(), DType::F32)));
-        Ok(self.push(Op::MoeExpertsGrad { num_experts: experts.len() / 3 }, inputs, tys))
+        Ok(self.push(Op::MoeExpertsGrad { num_experts: experts.len() / 3, fp8 }, inputs, tys))
     }
 
     /// The sequence-wise balance loss (`Op::BalanceLoss`) of the MoE layer whose `moe_route` takes

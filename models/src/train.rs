@@ -385,6 +385,10 @@ mod tests {
             let train = TrainConfig { total_steps: 30, warmup_steps: 3, lr: 1e-2, fp8, ..Default::default() };
             let mut trainer = Trainer::new(&config, params, train).unwrap();
             assert_eq!(trainer.graph.nodes.iter().any(|n| n.op.name() == "fp8_linear_wgrad"), fp8);
+            // The routed experts train in fp8 too.
+            let fp8_experts =
+                |n: &crate::graph::Node| matches!(n.op, crate::graph::Op::MoeExpertsGrad { fp8: true, .. });
+            assert_eq!(trainer.graph.nodes.iter().any(fp8_experts), fp8);
             let seq = |o: usize| -> Vec<i64> { (0..9).map(|i| pattern[(o + i) % pattern.len()]).collect() };
             let losses: Vec<f32> =
                 (0..30).map(|s| trainer.step(&[seq(s % 6), seq((s + 3) % 6)]).unwrap().loss).collect();

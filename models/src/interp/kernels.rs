@@ -103,6 +103,68 @@ pub fn fp8_wgrad(dy: &[f32], x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32
     matmul_fp8(&aq, &a_s, &bq, &b_s, n, m, k, FP8_TILE, 1, m.div_ceil(FP8_TILE))
 }
 
+/// An f32 master weight `[n, k]` in the recipe's 128x128 e4m3 blocks: (bits, block scales).
+pub fn quantize_master(w: &[f32], n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+    crate::init::quantize_weight(w, n, k, [FP8_TILE, FP8_TILE])
+}
+
+/// The backward pass of fp8 routed experts (`moe_experts` with fp8 activations on f32 master
+/// weights), expert by expert over the tokens routed to it: the forward recomputed with Fprop
+/// (SwiGLU included), then Wgrad and Dgrad for the down projection, SwiGLU's gradient in f32, and
+/// Wgrad and Dgrad for gate and up. `routing` = (indices [t, k], weights [t, k], k); `params` the
+/// experts' gate, up, down weights in order, `shapes` theirs. Returns (dx, d weights, d params).
+pub fn moe_experts_grad_fp8(
+    x: &[f32],
+    (idx, w, k): (&[i32], &[f32], usize),
+    dy: &[f32],
+    params: &[&[f32]],
+    shapes: &[&[usize]],
+) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
+    let d = shapes[0][1];
+    let t = x.len() / d;
+    let mut dx = vec![0.0f32; x.len()];
+    let mut dwts = vec![0.0f32; w.len()];
+    let mut dparams: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0f32; p.len()]).collect();
+    for e in 0..params.len() / 3 {
+        // The (token, slot) pairs routed to expert e, in token order.
+        let pairs: Vec<(usize, usize)> = (0..t)
+            .flat_map(|tok| (0..k).map(move |s| (tok, s)))
+            .filter(|&(tok, s)| idx[tok * k + s] == e as i32)
+            .collect();
+        if pairs.is_empty() {
+            continue;
+        }
+        let m = pairs.len();
+        let (wg, wu, wd) = (params[3 * e], params[3 * e + 1], params[3 * e + 2]);
+        let inter = shapes[3 * e][0];
+        let xe: Vec<f32> = pairs.iter().flat_map(|&(tok, _)| x[tok * d..(tok + 1) * d].iter().copied()).collect();
+        let g = fp8_fprop(&xe, wg, m, d, inter);
+        let u = fp8_fprop(&xe, wu, m, d, inter);
+        let h: Vec<f32> = g.iter().zip(&u).map(|(a, b)| silu(*a) * b).collect();
+        let y = fp8_fprop(&h, wd, m, inter, d);
+        let mut dye = vec![0.0f32; m * d];
+        for (r, &(tok, s)) in pairs.iter().enumerate() {
+            let g_out = &dy[tok * d..(tok + 1) * d];
+            dwts[tok * k + s] = dot(g_out, &y[r * d..(r + 1) * d]);
+            let wt = w[tok * k + s];
+            dye[r * d..(r + 1) * d].iter_mut().zip(g_out).for_each(|(o, gv)| *o = gv * wt);
+        }
+        dparams[3 * e + 2] = fp8_wgrad(&dye, &h, m, inter, d);
+        let dh = fp8_dgrad(&dye, wd, m, inter, d);
+        let (dg, du) = silu_mul_grad(&g, &u, &dh);
+        dparams[3 * e] = fp8_wgrad(&dg, &xe, m, d, inter);
+        dparams[3 * e + 1] = fp8_wgrad(&du, &xe, m, d, inter);
+        let dxg = fp8_dgrad(&dg, wg, m, d, inter);
+        let dxu = fp8_dgrad(&du, wu, m, d, inter);
+        for (r, &(tok, _)) in pairs.iter().enumerate() {
+            for c in 0..d {
+                dx[tok * d + c] += dxg[r * d + c] + dxu[r * d + c];
+            }
+        }
+    }
+    (dx, dwts, dparams)
+}
+
 /// 1 x `group` quantization of rows of length k: (bits, scales [rows, ceil(k / group)]).
 pub fn quantize_fp8(x: &[f32], k: usize, group: usize) -> (Vec<u8>, Vec<f32>) {
     let rows = x.len() / k;

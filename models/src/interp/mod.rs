@@ -274,12 +274,37 @@ impl Interpreter {
                 let TensorData::I32(idx) = &a[1].data else { return Err(op_err(node, "indices must be i32")) };
                 let w = f(2)?;
                 let k = a[1].shape[1];
+                // fp8 training: f32 master weights quantized once (128x128 blocks), as Fprop reads them.
+                let masters: Vec<Option<(Vec<u8>, Vec<f32>)>> = a[3..]
+                    .iter()
+                    .map(|t| match (&t.data, *fp8_activations) {
+                        (TensorData::F32(w), true) => Some(kernels::quantize_master(w, t.shape[0], t.shape[1])),
+                        _ => None,
+                    })
+                    .collect();
                 // One expert projection of one row: f32, or fp8 activations x block-scaled fp8 weight.
-                let project = |row: &[f32], wt: &Tensor| -> Result<Vec<f32>, InterpError> {
+                let project = |row: &[f32], at: usize| -> Result<Vec<f32>, InterpError> {
+                    let wt = a[at];
                     let (n, kk) = (wt.shape[0], wt.shape[1]);
                     if !*fp8_activations {
                         let wv = wt.as_f32().ok_or_else(|| op_err(node, "expert weight is not float"))?;
                         return Ok(kernels::matmul_nt(row, wv, 1, kk, n));
+                    }
+                    if let Some((bits, scale)) = &masters[at - 3] {
+                        let (q, s) = kernels::quantize_fp8(row, kk, kernels::FP8_TILE);
+                        let cols = kk.div_ceil(kernels::FP8_TILE);
+                        return Ok(kernels::matmul_fp8(
+                            &q,
+                            &s,
+                            bits,
+                            scale,
+                            1,
+                            kk,
+                            n,
+                            kernels::FP8_TILE,
+                            kernels::FP8_TILE,
+                            cols,
+                        ));
                     }
                     let TensorData::F8Block { bits, scale, block, scale_cols, .. } = &wt.data else {
                         return Err(op_err(node, "fp8 experts need block-scaled fp8 weights"));
@@ -300,10 +325,10 @@ impl Interpreter {
                             return Err(op_err(node, format!("expert index {e} outside 0..{num_experts}")));
                         }
                         let base = 3 + 3 * e as usize;
-                        let gv = project(xr, a[base])?;
-                        let uv = project(xr, a[base + 1])?;
+                        let gv = project(xr, base)?;
+                        let uv = project(xr, base + 1)?;
                         let h: Vec<f32> = gv.iter().zip(&uv).map(|(a, b)| kernels::silu(*a) * b).collect();
-                        let out = project(&h, a[base + 2])?;
+                        let out = project(&h, base + 2)?;
                         for (yv, ov) in y[tok * d..(tok + 1) * d].iter_mut().zip(out) {
                             *yv += w[tok * k + slot] * ov;
                         }
@@ -478,7 +503,18 @@ impl Interpreter {
                 }
                 Ok(router_logits_grad(&dl, x, gate, &a[0].shape, &a[1].shape))
             }
-            Op::MoeExpertsGrad { num_experts } => {
+            Op::MoeExpertsGrad { num_experts, fp8: true } => {
+                let (x, w, dy) = (f(0)?, f(2)?, f(3)?);
+                let TensorData::I32(idx) = &a[1].data else { return Err(op_err(node, "indices must be i32")) };
+                let params: Vec<&[f32]> = (0..3 * num_experts).map(|p| f(4 + p)).collect::<Result<_, _>>()?;
+                let shapes: Vec<&[usize]> = (0..3 * num_experts).map(|p| a[4 + p].shape.as_slice()).collect();
+                let (dx, dwts, dparams) =
+                    kernels::moe_experts_grad_fp8(x, (idx, w, a[1].shape[1]), dy, &params, &shapes);
+                let mut out = vec![Tensor::f32(a[0].shape.clone(), dx), Tensor::f32(a[2].shape.clone(), dwts)];
+                out.extend(dparams.into_iter().enumerate().map(|(p, v)| Tensor::f32(a[4 + p].shape.clone(), v)));
+                Ok(out)
+            }
+            Op::MoeExpertsGrad { num_experts, fp8: false } => {
                 let (x, w, dy) = (f(0)?, f(2)?, f(3)?);
                 let d = a[0].shape[1];
                 let t = x.len() / d;
