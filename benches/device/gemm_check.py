@@ -165,9 +165,9 @@ class Driver:
         self.check(self.cu.cuModuleGetFunction(ctypes.byref(func), module, name.encode()), f"{name}: get function")
         return func
 
-    def tensor_map(self, t, box_rows, box_k, dtype_code):
+    def tensor_map(self, t, box_rows, box_k, dtype_code, swizzle=3):
         """A 2-D CUtensorMap for a row-major [rows, k] tensor, copied to device memory (returns the tensor
-        holding it; its data_ptr is the kernel argument)."""
+        holding it; its data_ptr is the kernel argument). `swizzle`: 3 = 128-byte, 0 = none."""
         rows, k = t.shape
         elem = t.element_size()
         tmap = (ctypes.c_uint8 * 128)()
@@ -175,9 +175,9 @@ class Driver:
         gstride = (ctypes.c_uint64 * 1)(k * elem)
         box = (ctypes.c_uint32 * 2)(box_k, box_rows)
         estride = (ctypes.c_uint32 * 2)(1, 1)
-        # interleave none (0), swizzle 128B (3), L2 promotion none (0), out-of-bounds fill zero (0).
+        # interleave none (0), the swizzle, L2 promotion none (0), out-of-bounds fill zero (0).
         rc = self.cu.cuTensorMapEncodeTiled(ctypes.byref(tmap), dtype_code, 2, ctypes.c_void_p(t.data_ptr()), gdim,
-                                            gstride, box, estride, 0, 3, 0, 0)
+                                            gstride, box, estride, 0, swizzle, 0, 0)
         self.check(rc, "cuTensorMapEncodeTiled")
         dev = torch.empty(128, dtype=torch.uint8, device="cuda")
         dev.copy_(torch.frombuffer(bytearray(tmap), dtype=torch.uint8))

@@ -42,7 +42,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gemm_check import Driver, memref_args  # noqa: E402
 
-ATTN = re.compile(r"^mla_decode_kv(\d+)_r(\d+)_p64_s(\d+)$")
+ATTN = re.compile(r"^mla_decode_kv(\d+)_r(\d+)_p64_s(\d+)(_fp8)?$")
+E4M3_MAX = 448.0
 PREFILL = re.compile(r"^mla_prefill_qk(\d+)_v(\d+)_s(\d+)$")
 COMBINE = re.compile(r"^rows_mlacombine_d(\d+)_t(\d+)$")
 PAGE = 64
@@ -111,6 +112,16 @@ def self_test():
     assert torch.allclose(r2[0:2], torch.softmax(q2[0:2].double() @ k2[:69].T * 0.1, dim=-1) @ k2[:69, :64])
     assert torch.allclose(r2[2:4], torch.softmax(q2[2:4].double() @ k2.T * 0.1, dim=-1) @ k2[:, :64])
     assert bool(torch.isnan(cache[table[2, 1].item() * PAGE + 1]).all()), "the tail past 65 rows is NaN"
+    # The fp8 cache: e4m3 latent with per-128 row scales stands for values within e4m3's step; a NaN row
+    # stays NaN (the kernel must not read it); the rope part passes through.
+    import types
+    c16 = torch.randn(6, 256 + 64).bfloat16()
+    c16[5] = float("nan")
+    lat8, sc, rope, deq = Mla.quantize_cache(types.SimpleNamespace(kv=256), c16)
+    assert lat8.dtype == torch.uint8 and lat8.shape == (6, 256) and sc.shape == (6, 2) and rope.shape == (6, 64)
+    err = (deq[:5, :256] - c16[:5, :256].float()).abs().max() / c16[:5, :256].float().abs().max()
+    assert err < 0.07, f"e4m3 round trip off by {err}"
+    assert torch.equal(deq[:5, 256:], c16[:5, 256:].float()) and bool(torch.isnan(deq[5]).all())
     # The causal prefill reference: a continuation's first query sees the past and itself only.
     q, k, v = torch.randn(2 * 3, 8), torch.randn(2 * 5, 8), torch.randn(2 * 5, 4)
     out = prefill_reference(q, k, v, 2, 3, 5, 0.5)
@@ -148,12 +159,17 @@ class Mla:
     def __init__(self, drv, ptx_dir, attn, comb):
         self.drv = drv
         m = ATTN.match(attn)
-        self.kv, self.rope, self.stages = int(m[1]), int(m[2]), int(m[3])
+        self.kv, self.rope, self.stages, self.fp8 = int(m[1]), int(m[2]), int(m[3]), bool(m[4])
         self.threads_c = int(COMBINE.match(comb)[2])
         self.attn = drv.load(open(os.path.join(ptx_dir, attn + ".ptx")).read(), attn)
         self.comb = drv.load(open(os.path.join(ptx_dir, comb + ".ptx")).read(), comb)
         self.names = (attn, comb)
-        self.smem = (1 + self.stages) * PAGE * (self.kv + self.rope) * 2 + 8192
+        dim = self.kv + self.rope
+        if self.fp8:
+            # Query tile, page ring (e4m3 latent + bf16 rope), the converted bf16 latent, P.
+            self.smem = PAGE * dim * 2 + self.stages * PAGE * (self.kv + 2 * self.rope) + PAGE * self.kv * 2 + 8192
+        else:
+            self.smem = (1 + self.stages) * PAGE * dim * 2 + 8192
         self.drv.check(self.drv.cu.cuFuncSetAttribute(self.attn, 8, self.smem), f"{attn}: max dynamic shared memory")
 
     def launch(self, func, grid, threads, smem, args, name):
@@ -162,20 +178,39 @@ class Mla:
         rc = self.drv.cu.cuLaunchKernel(func, grid[0], grid[1], 1, threads, 1, 1, smem, stream, params, None)
         self.drv.check(rc, f"{name}: cuLaunchKernel")
 
+    def quantize_cache(self, cache):
+        """The fp8 cache of a bf16 one: the latent as e4m3 with a scale per row and 128 columns (NaN
+        rows stay NaN), the rope part as is; and the float cache those values stand for."""
+        latent = cache[:, :self.kv].float().view(cache.shape[0], self.kv // 128, 128)
+        s = latent.abs().amax(dim=2).clamp(min=1e-4) / E4M3_MAX
+        s = torch.where(torch.isnan(latent).any(dim=2), torch.full_like(s, float("nan")), s)
+        q8 = (latent / s[:, :, None]).to(torch.float8_e4m3fn)
+        deq = torch.cat([(q8.float() * s[:, :, None]).view(cache.shape[0], self.kv), cache[:, self.kv:].float()], 1)
+        return q8.view(torch.uint8).view(cache.shape[0], self.kv).contiguous(), s.contiguous(), \
+            cache[:, self.kv:].contiguous(), deq
+
     def prepare(self, q, cache, table, lens, heads, splits, scale, tokens=1):
-        """A callable running attention + combine; its output tensor (poisoned with NaN first)."""
+        """A callable running attention + combine; its output tensor (poisoned with NaN first). With the
+        fp8 cache, `cache` is the (e4m3 latent, scales, bf16 rope) triple."""
         rows = q.shape[0]
         q_map = self.drv.tensor_map(q, PAGE, PAGE, 9)
-        kv_map = self.drv.tensor_map(cache, PAGE, PAGE, 9)
+        if self.fp8:
+            latent8, scales, rope = cache
+            kv_map = self.drv.tensor_map(latent8, PAGE, 128, 0, swizzle=0)  # UINT8, no swizzle
+            rope_map = self.drv.tensor_map(rope, PAGE, PAGE, 9)
+            extra = [ctypes.c_uint64(rope_map.data_ptr())] + memref_args(scales)
+        else:
+            kv_map = self.drv.tensor_map(cache, PAGE, PAGE, 9)
+            rope_map, extra = None, []
         o_part = torch.full((splits, rows, self.kv), float("nan"), device="cuda")
         lse = torch.full((splits, rows), float("nan"), device="cuda")
         out = torch.full((rows, self.kv), float("nan"), device="cuda")
-        args = ([ctypes.c_uint64(q_map.data_ptr()), ctypes.c_uint64(kv_map.data_ptr())] + memref_args(table)
+        args = ([ctypes.c_uint64(q_map.data_ptr()), ctypes.c_uint64(kv_map.data_ptr())] + extra + memref_args(table)
                 + memref_args(lens) + memref_args(o_part) + memref_args(lse)
                 + [ctypes.c_int64(tokens * heads), ctypes.c_int64(heads), ctypes.c_float(scale)])
         cargs = memref_args(o_part) + memref_args(lse) + memref_args(out)
         grid = (len(lens) * math.ceil(tokens * heads / PAGE), splits)
-        keep = (q_map, kv_map, o_part, lse)
+        keep = (q_map, kv_map, rope_map, cache, o_part, lse)
 
         def run():
             self.launch(self.attn, grid, 256, self.smem, args, self.names[0])
@@ -274,6 +309,65 @@ def median_ms(fn, reps=20):
     return times[len(times) // 2]
 
 
+def check_decode(mla, result, copy):
+    """The decode kernel (bf16 or fp8 cache) + combine on the paged problems, then its timing."""
+    attn, comb = mla.names
+    cases_of_this = []
+    scale = 1 / math.sqrt(192)
+    # (heads, lens, splits, tokens): tokens > 1 is MTP's speculative decoding (causal among the new tokens).
+    cases = [(128, [1, 63, 64, 65, 1000], 1, 1), (128, [5000, 2, 300], 4, 1), (16, [4096, 129], 8, 1),
+             (128, [700], 3, 1), (128, [64, 65], 8, 1), (16, [2, 65, 1000], 2, 2), (128, [130, 64], 3, 2)]
+    for i, (heads, lens, splits, tokens) in enumerate(cases):
+        q, cache, table, lt = problem(heads, mla.kv, mla.rope, lens, seed=i, tokens=tokens)
+        if mla.fp8:
+            *fp8_cache, cache = mla.quantize_cache(cache)
+            run, out = mla.prepare(q, fp8_cache, table, lt, heads, splits, scale, tokens)
+        else:
+            run, out = mla.prepare(q, cache, table, lt, heads, splits, scale, tokens)
+        run()
+        torch.cuda.synchronize()
+        ref = reference(q, cache, table, lens, heads, mla.kv, scale, tokens)
+        finite = bool(torch.isfinite(out).all())
+        rel = ((out.double() - ref).norm() / ref.norm()).item() if finite else float("nan")
+        ok = finite and rel <= 1e-2
+        cases_of_this.append({"kernel": attn, "heads": heads, "lens": lens, "splits": splits, "tokens": tokens,
+                              "rel_err": rel, "ok": ok})
+        print(f"{attn}: heads {heads} lens {lens} splits {splits} tokens {tokens}: rel err {rel:.2e} "
+              f"{'ok' if ok else 'FAILED'}")
+    result["cases"] += cases_of_this
+    result["ok"] &= all(c["ok"] for c in cases_of_this)
+    if all(c["ok"] for c in cases_of_this):
+        heads, batch, ctx = 128, 64, 4096
+        q, cache, table, lt = problem(heads, mla.kv, mla.rope, [ctx] * batch, seed=99)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        blocks = batch * math.ceil(heads / PAGE)
+        splits = max(1, min(ctx // PAGE, math.ceil(2 * sms / blocks)))
+        if mla.fp8:
+            # torch's baseline reads the bf16 cache: what the fp8 one halves.
+            *fp8_cache, _ = mla.quantize_cache(cache)
+            run, out = mla.prepare(q, fp8_cache, table, lt, heads, splits, scale)
+        else:
+            run, out = mla.prepare(q, cache, table, lt, heads, splits, scale)
+        ms = median_ms(run)
+        pages = table.long()
+        rows = (pages[:, :, None] * PAGE + torch.arange(PAGE, device="cuda")).reshape(batch, -1)
+
+        def torch_ref():
+            k = cache[rows]  # [B, ctx, dim]
+            s = torch.bmm(q.view(batch, heads, -1), k.transpose(1, 2)).float() * scale
+            return torch.bmm(torch.softmax(s, dim=-1).bfloat16(), k[:, :, :mla.kv])
+        torch_ms = median_ms(torch_ref)
+        row_bytes = mla.kv + mla.kv // 128 * 4 + mla.rope * 2 if mla.fp8 else (mla.kv + mla.rope) * 2
+        unique = batch * ctx * row_bytes + q.numel() * 2 + out.numel() * 4
+        gbs = unique / (ms * 1e-3) / 1e9
+        result.setdefault("timing", {})[attn] = {
+            "batch": batch, "context": ctx, "heads": heads, "splits": splits, "median_ms": ms, "torch_ms": torch_ms,
+            "GBps": gbs, "fraction_of_copy": gbs / (copy * 1e3) if copy else None}
+        frac = f", {100 * gbs / (copy * 1e3):.0f}% of copy" if copy else ""
+        print(f"{attn} + {comb}: batch {batch} x context {ctx}, {heads} heads, {splits} splits: {ms:.3f} ms "
+              f"({gbs:.0f} GB/s{frac}); torch gather+bmm {torch_ms:.3f} ms ({torch_ms / ms:.2f}x)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ptx-dir", help="directory with the two kernels' .ptx")
@@ -287,54 +381,17 @@ def main():
     if not a.ptx_dir:
         ap.error("--ptx-dir is required (or --self-test)")
     stems = [f[:-4] for f in os.listdir(a.ptx_dir) if f.endswith(".ptx")]
-    attn = next(s for s in stems if ATTN.match(s))
     comb = next(s for s in stems if COMBINE.match(s))
     drv = Driver()
-    mla = Mla(drv, a.ptx_dir, attn, comb)
-    result = {"kernels": [attn, comb], "cases": [], "prefill_cases": [], "ok": True}
-    scale = 1 / math.sqrt(192)
-    # (heads, lens, splits, tokens): tokens > 1 is MTP's speculative decoding (causal among the new tokens).
-    cases = [(128, [1, 63, 64, 65, 1000], 1, 1), (128, [5000, 2, 300], 4, 1), (16, [4096, 129], 8, 1),
-             (128, [700], 3, 1), (128, [64, 65], 8, 1), (16, [2, 65, 1000], 2, 2), (128, [130, 64], 3, 2)]
-    for i, (heads, lens, splits, tokens) in enumerate(cases):
-        q, cache, table, lt = problem(heads, mla.kv, mla.rope, lens, seed=i, tokens=tokens)
-        run, out = mla.prepare(q, cache, table, lt, heads, splits, scale, tokens)
-        run()
-        torch.cuda.synchronize()
-        ref = reference(q, cache, table, lens, heads, mla.kv, scale, tokens)
-        finite = bool(torch.isfinite(out).all())
-        rel = ((out.double() - ref).norm() / ref.norm()).item() if finite else float("nan")
-        ok = finite and rel <= 1e-2
-        result["ok"] &= ok
-        result["cases"].append({"heads": heads, "lens": lens, "splits": splits, "tokens": tokens, "rel_err": rel,
-                                "ok": ok})
-        print(f"{attn}: heads {heads} lens {lens} splits {splits} tokens {tokens}: rel err {rel:.2e} "
-              f"{'ok' if ok else 'FAILED'}")
-    if result["ok"]:
-        heads, batch, ctx = 128, 64, 4096
-        q, cache, table, lt = problem(heads, mla.kv, mla.rope, [ctx] * batch, seed=99)
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        blocks = batch * math.ceil(heads / PAGE)
-        splits = max(1, min(ctx // PAGE, math.ceil(2 * sms / blocks)))
-        run, out = mla.prepare(q, cache, table, lt, heads, splits, scale)
-        ms = median_ms(run)
-        pages = table.long()
-        rows = (pages[:, :, None] * PAGE + torch.arange(PAGE, device="cuda")).reshape(batch, -1)
-
-        def torch_ref():
-            k = cache[rows]  # [B, ctx, dim]
-            s = torch.bmm(q.view(batch, heads, -1), k.transpose(1, 2)).float() * scale
-            return torch.bmm(torch.softmax(s, dim=-1).bfloat16(), k[:, :, :mla.kv])
-        torch_ms = median_ms(torch_ref)
-        unique = batch * ctx * (mla.kv + mla.rope) * 2 + q.numel() * 2 + out.numel() * 4
-        gbs = unique / (ms * 1e-3) / 1e9
-        copy = json.load(open(a.ceilings)).get("copy_TBps") if a.ceilings and os.path.exists(a.ceilings) else None
-        result["timing"] = {"batch": batch, "context": ctx, "heads": heads, "splits": splits, "median_ms": ms,
-                            "torch_ms": torch_ms, "GBps": gbs,
-                            "fraction_of_copy": gbs / (copy * 1e3) if copy else None}
-        frac = f", {100 * gbs / (copy * 1e3):.0f}% of copy" if copy else ""
-        print(f"{attn} + {comb}: batch {batch} x context {ctx}, {heads} heads, {splits} splits: {ms:.3f} ms "
-              f"({gbs:.0f} GB/s{frac}); torch gather+bmm {torch_ms:.3f} ms ({torch_ms / ms:.2f}x)")
+    result = {"kernels": [comb], "cases": [], "prefill_cases": [], "ok": True}
+    copy = json.load(open(a.ceilings)).get("copy_TBps") if a.ceilings and os.path.exists(a.ceilings) else None
+    for attn in sorted(s for s in stems if ATTN.match(s)):
+        result["kernels"].append(attn)
+        try:
+            check_decode(Mla(drv, a.ptx_dir, attn, comb), result, copy)
+        except RuntimeError as e:
+            result["ok"] = False
+            print(f"{attn}: FAILED: {e}")
     prefill = next((s for s in stems if PREFILL.match(s)), None)
     if prefill:
         result["kernels"].append(prefill)

@@ -46,9 +46,10 @@ for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_
     | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/rows/$k.ptx"
   grep -q "\.entry $k(" ".device/rows/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }
 done
-# MLA attention on the tensor cores: decode (paged cache, split K) with its split combine, causal prefill.
+# MLA attention on the tensor cores: decode (paged bf16 or fp8 cache, split K) with its split combine, causal
+# prefill.
 rm -rf .device/mla && mkdir -p .device/mla
-for k in mla_decode_kv512_r64_p64_s2 rows_mlacombine_d512_t64 mla_prefill_qk192_v128_s2; do
+for k in mla_decode_kv512_r64_p64_s2 mla_decode_kv512_r64_p64_s2_fp8 rows_mlacombine_d512_t64 mla_prefill_qk192_v128_s2; do
   target/release/v3c dump-ir --stage ptx --kernel "$k" \
     | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/mla/$k.ptx"
   grep -q "\.entry $k(" ".device/mla/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }

@@ -164,7 +164,11 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::MlaDecodeConfig;
     let context = v3c_compiler::mlir::new_context();
     let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
-    for config in [MlaDecodeConfig::DEEPSEEK_V3, MlaDecodeConfig { kv: 256, rope: 64, stages: 3 }] {
+    let fp8 = MlaDecodeConfig { fp8_cache: true, ..MlaDecodeConfig::DEEPSEEK_V3 };
+    assert_eq!(MlaDecodeConfig::from_name(&fp8.kernel_name()), Some(fp8));
+    for config in
+        [MlaDecodeConfig::DEEPSEEK_V3, MlaDecodeConfig { kv: 256, rope: 64, stages: 3, fp8_cache: false }, fp8]
+    {
         let kernel = sm90::compile_mla(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
         let (s_steps, pv_steps) = (config.dim() / 16, 4 * config.kv / 128);
         // The trailing immediates: scale-a, scale-b, transpose-a, transpose-b.
@@ -176,6 +180,12 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         assert_eq!(wgmma(0), s_steps, "{}: S = Q K^T wgmma (K-major B)", kernel.name);
         assert_eq!(wgmma(1), pv_steps, "{}: P V wgmma (transposed B)", kernel.name);
         assert!(kernel.ptx.contains("fence.proxy.async.shared::cta"), "{}: P's generic-to-async fence", kernel.name);
+        assert_eq!(
+            kernel.ptx.contains("cvt.rn.f16x2.e4m3x2"),
+            config.fp8_cache,
+            "{}: the fp8 cache's conversion",
+            kernel.name
+        );
         let Some(ptxas) = &ptxas else {
             eprintln!("{}: PTX only (no ptxas: run scripts/bootstrap.sh)", kernel.name);
             continue;

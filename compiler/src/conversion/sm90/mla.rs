@@ -30,7 +30,12 @@
 //! Several new tokens per sequence (MTP's speculative decoding) are causal among themselves: token t
 //! of T sees the keys before `len - T + t + 1`.
 //!
-//! Not yet: the fp8 cache, warp specialization and
+//! The fp8 cache option (`fp8_cache`): the latent stored as e4m3 with one f32 scale per row and
+//! 128 columns (the rope part bf16) — 40% less cache traffic; each page is decoded (`cvt.rn.f16x2.e4m3x2`),
+//! scaled and rounded to bf16 into one shared buffer the tensor cores read (wgmma reads e4m3 only
+//! K-major, and `P V` needs the values transposed).
+//!
+//! Not yet: warp specialization and
 //! overlapping `S` of the next page with `P V` of this one (FlashMLA's ping-pong); and the model's
 //! lowering does not pick these kernels yet (its cache is the plan's f32 `[B, S, 576]`).
 
@@ -57,15 +62,19 @@ pub struct MlaDecodeConfig {
     pub rope: usize,
     /// Page buffers in the ring (1 to 4, as shared memory allows).
     pub stages: usize,
+    /// The fp8 cache: the latent as e4m3 with one f32 scale per row and 128 columns (the rope part
+    /// stays bf16), converted to bf16 in shared memory page by page before the tensor cores read it.
+    pub fp8_cache: bool,
 }
 
 impl MlaDecodeConfig {
-    /// DeepSeek-V3's: 512 latent + 64 rope columns, two page buffers.
-    pub const DEEPSEEK_V3: MlaDecodeConfig = MlaDecodeConfig { kv: 512, rope: 64, stages: 2 };
+    /// DeepSeek-V3's: 512 latent + 64 rope columns, two page buffers, a bf16 cache.
+    pub const DEEPSEEK_V3: MlaDecodeConfig = MlaDecodeConfig { kv: 512, rope: 64, stages: 2, fp8_cache: false };
 
-    /// `mla_decode_kv512_r64_p64_s2`.
+    /// `mla_decode_kv512_r64_p64_s2` (`_fp8`: the fp8 cache).
     pub fn kernel_name(&self) -> String {
-        format!("mla_decode_kv{}_r{}_p{PAGE}_s{}", self.kv, self.rope, self.stages)
+        let fp8 = if self.fp8_cache { "_fp8" } else { "" };
+        format!("mla_decode_kv{}_r{}_p{PAGE}_s{}{fp8}", self.kv, self.rope, self.stages)
     }
 
     /// The configuration a [`Self::kernel_name`] names.
@@ -73,8 +82,12 @@ impl MlaDecodeConfig {
         let rest = name.strip_prefix("mla_decode_kv")?;
         let (kv, rest) = rest.split_once("_r")?;
         let (rope, rest) = rest.split_once(&format!("_p{PAGE}_s"))?;
+        let (stages, fp8_cache) = match rest.strip_suffix("_fp8") {
+            Some(stages) => (stages, true),
+            None => (rest, false),
+        };
         let number = |s: &str| s.parse::<usize>().ok().filter(|_| s.bytes().all(|b| b.is_ascii_digit()));
-        let config = MlaDecodeConfig { kv: number(kv)?, rope: number(rope)?, stages: number(rest)? };
+        let config = MlaDecodeConfig { kv: number(kv)?, rope: number(rope)?, stages: number(stages)?, fp8_cache };
         (config.kernel_name() == name).then_some(config)
     }
 
@@ -97,16 +110,32 @@ impl MlaDecodeConfig {
         self.chunks() * CHUNK_BYTES
     }
 
+    /// A page buffer: the page's rows as bf16 chunks, or (fp8 cache) the e4m3 latent (`kv` bytes a
+    /// row, in 128-column boxes of 8 KiB) then the bf16 rope chunks.
     fn stage_bytes(&self) -> usize {
-        self.chunks() * CHUNK_BYTES
+        if self.fp8_cache {
+            PAGE * self.kv + (self.rope / CHUNK) * CHUNK_BYTES
+        } else {
+            self.chunks() * CHUNK_BYTES
+        }
+    }
+
+    /// Latent chunks (64 columns) of a row.
+    fn latent_chunks(&self) -> usize {
+        self.kv / CHUNK
+    }
+
+    /// Offset of the bf16 latent the fp8 cache's page converts into (one buffer, reused).
+    fn converted_offset(&self) -> usize {
+        self.query_bytes() + self.stages * self.stage_bytes()
     }
 
     /// Offset of `P` (64 x 64 bf16) in shared memory.
     fn p_offset(&self) -> usize {
-        self.query_bytes() + self.stages * self.stage_bytes()
+        self.converted_offset() + if self.fp8_cache { self.latent_chunks() * CHUNK_BYTES } else { 0 }
     }
 
-    /// Dynamic shared memory: the query tile, the page ring and `P`.
+    /// Dynamic shared memory: the query tile, the page ring, (fp8 cache) the converted latent, `P`.
     pub fn shared_memory_bytes(&self) -> usize {
         self.p_offset() + CHUNK_BYTES
     }
@@ -139,9 +168,10 @@ impl MlaDecodeConfig {
         let need = self.shared_memory_bytes() + STATIC_SHARED_BYTES;
         if need > target.max_shared_memory_per_block as usize {
             return Err(format!(
-                "{name}: needs {need} B of shared memory (query tile, {} page buffers of {} B, P, barriers), {} has {}",
+                "{name}: needs {need} B of shared memory (query tile, {} page buffers of {} B, {}P, barriers), {} has {}",
                 self.stages,
                 self.stage_bytes(),
+                if self.fp8_cache { "the converted latent, " } else { "" },
                 target.name,
                 target.max_shared_memory_per_block
             ));
@@ -161,6 +191,10 @@ impl MlaDecodeConfig {
 /// MTP's speculative tokens, causal among themselves). Launch:
 /// [`MlaDecodeConfig::threads`] threads, [`MlaDecodeConfig::shared_memory_bytes`] of dynamic shared
 /// memory, [`MlaDecodeConfig::grid`] blocks.
+///
+/// With the fp8 cache, `%kv_ptr` maps the e4m3 latent `[pages * 64, kv]` (bytes: box `[128, 64
+/// rows]`, no swizzle) and two arguments follow it: `%rope_ptr` (the bf16 rope part `[pages * 64,
+/// rope]`, mapped like the bf16 cache) and `%kv_scale` (f32 `[pages * 64, kv / 128]`).
 pub fn emit(config: &MlaDecodeConfig, target: &GpuTarget) -> Result<String, String> {
     config.validate(target)?;
     Ok(Emitter { c: *config }.module())
@@ -186,10 +220,14 @@ impl Emitter {
         // Barriers 0..stages: the page buffers; barrier `stages`: the query tile.
         let _ = writeln!(head, "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {}>", stages + 1);
         let _ = writeln!(head, "!tmap = !nvgpu.tensormap.descriptor<tensor = memref<{PAGE}x{CHUNK}xbf16, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>");
+        if c.fp8_cache {
+            let _ = writeln!(head, "!tmap8 = !nvgpu.tensormap.descriptor<tensor = memref<{PAGE}x128xi8, 3>, swizzle = none, l2promo = none, oob = zero, interleave = none>");
+        }
         let _ = writeln!(head, "module attributes {{gpu.container_module}} {{\ngpu.module @kernels {{");
+        let fp8_args = if c.fp8_cache { "%rope_ptr: !llvm.ptr, %kv_scale: memref<?x?xf32>, " } else { "" };
         let _ = writeln!(
             head,
-            "gpu.func @{}(%q_ptr: !llvm.ptr, %kv_ptr: !llvm.ptr, %block_table: memref<?x?xi32>, %seqlens: memref<?xi32>, \
+            "gpu.func @{}(%q_ptr: !llvm.ptr, %kv_ptr: !llvm.ptr, {fp8_args}%block_table: memref<?x?xi32>, %seqlens: memref<?xi32>, \
              %o_part: memref<?x?x?xf32>, %lse: memref<?x?xf32>, %rows_per_sequence: index, %heads: index, %scale: f32) kernel attributes \
              {{known_block_size = array<i32: {THREADS}, 1, 1>}} {{",
             c.kernel_name()
@@ -220,8 +258,7 @@ impl Emitter {
   %desc_mn = arith.constant {desc_mn} : i64
   %addr_mask = arith.constant 262143 : i64
   %q_map = builtin.unrealized_conversion_cast %q_ptr : !llvm.ptr to !tmap
-  %kv_map = builtin.unrealized_conversion_cast %kv_ptr : !llvm.ptr to !tmap
-  %tid = gpu.thread_id x
+{kv_maps}  %tid = gpu.thread_id x
   %bx = gpu.block_id x
   %z = gpu.block_id y
   %splits = gpu.grid_dim y
@@ -250,8 +287,7 @@ impl Emitter {
       nvgpu.mbarrier.init %bars[%s], %c1 : !bar
     }}
     nvgpu.tma.prefetch.descriptor %q_map : !tmap
-    nvgpu.tma.prefetch.descriptor %kv_map : !tmap
-  }}
+{prefetch}  }}
   gpu.barrier
   scf.if %leader {{
     nvgpu.mbarrier.arrive.expect_tx %bars[%c{stages}], %c{q_bytes} : !bar
@@ -264,6 +300,16 @@ impl Emitter {
             desc_mn = (1u64 << 62) | (64u64 << 32) | ((CHUNK_BYTES as u64 / 16) << 16),
             nbars = stages + 1,
             q_bytes = c.query_bytes(),
+            kv_maps = if c.fp8_cache {
+                "  %kv_map = builtin.unrealized_conversion_cast %kv_ptr : !llvm.ptr to !tmap8\n  %rope_map = builtin.unrealized_conversion_cast %rope_ptr : !llvm.ptr to !tmap\n"
+            } else {
+                "  %kv_map = builtin.unrealized_conversion_cast %kv_ptr : !llvm.ptr to !tmap\n"
+            },
+            prefetch = if c.fp8_cache {
+                "    nvgpu.tma.prefetch.descriptor %kv_map : !tmap8\n    nvgpu.tma.prefetch.descriptor %rope_map : !tmap\n"
+            } else {
+                "    nvgpu.tma.prefetch.descriptor %kv_map : !tmap\n"
+            },
         );
         for k in 0..chunks {
             let _ = writeln!(
@@ -346,6 +392,30 @@ nvgpu.mbarrier.arrive.expect_tx %bars[%lp_st], %c{stage_bytes} : !bar
             stage_bytes = c.stage_bytes(),
             q_bytes = c.query_bytes()
         );
+        if c.fp8_cache {
+            // The e4m3 latent in 128-byte boxes, then the bf16 rope chunks.
+            for b in 0..c.kv / 128 {
+                let _ = writeln!(
+                    t,
+                    "%lp_o8_{b} = arith.addi %lp_base, %c{off} : index
+%lp_b8_{b} = memref.view %smem[%lp_o8_{b}][] : memref<?xi8, {ws}> to memref<{PAGE}x128xi8, {ws}>
+nvgpu.tma.async.load %kv_map[%c{col}, %lp_row], %bars[%lp_st] to %lp_b8_{b} : !tmap8, !bar -> memref<{PAGE}x128xi8, {ws}>",
+                    off = b * PAGE * 128,
+                    col = b * 128
+                );
+            }
+            for r in 0..c.rope / CHUNK {
+                let _ = writeln!(
+                    t,
+                    "%lp_or{r} = arith.addi %lp_base, %c{off} : index
+%lp_r{r} = memref.view %smem[%lp_or{r}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
+nvgpu.tma.async.load %rope_map[%c{col}, %lp_row], %bars[%lp_st] to %lp_r{r} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
+                    off = PAGE * c.kv + r * CHUNK_BYTES,
+                    col = r * CHUNK
+                );
+            }
+            return t;
+        }
         for k in 0..c.chunks() {
             let _ = writeln!(
                 t,
@@ -356,6 +426,103 @@ nvgpu.tma.async.load %kv_map[%c{col}, %lp_row], %bars[%lp_st] to %lp_v{k} : !tma
                 col = k * CHUNK
             );
         }
+        t
+    }
+
+    /// fp8 cache: the page's e4m3 latent (ring buffer `%st`) decoded, scaled by its row's 1x128
+    /// scales and rounded to bf16 into the converted buffer, in the 128-byte-swizzled chunks the
+    /// tensor cores read (rows past the sequence's length as zeros); then a proxy fence and a block
+    /// barrier. Each thread converts 16-byte units: 8 pairs through `cvt.rn.f16x2.e4m3x2`.
+    fn convert_page(&self) -> String {
+        let c = &self.c;
+        let ws = WORKGROUP;
+        let units_per_row = c.kv / 16;
+        let elems = c.latent_chunks() * PAGE * CHUNK;
+        let mut t = format!(
+            "%cv_valid = arith.select %zero_tail, %tail, %c{PAGE} : index
+%cv_page = arith.addi %p0, %j : index
+%cv_blk_i = memref.load %block_table[%seq, %cv_page] : memref<?x?xi32>
+%cv_blk = arith.index_cast %cv_blk_i : i32 to index
+%cv_row0 = arith.muli %cv_blk, %c{PAGE} : index
+%cv_src_off = arith.addi %st_off, %c{q_bytes} : index
+%cv_src = memref.view %smem[%cv_src_off][] : memref<?xi8, {ws}> to memref<{half_words}xi16, {ws}>
+%cv_dst = memref.view %smem[%c{dst_off}][] : memref<?xi8, {ws}> to memref<{elems}xbf16, {ws}>
+%cv_zero_bf = arith.constant 0.0 : bf16
+scf.for %u = %tid to %c{units} step %c{THREADS} {{
+  %cv_r = arith.divui %u, %c{units_per_row} : index
+  %cv_uc = arith.remui %u, %c{units_per_row} : index
+  %cv_in = arith.cmpi ult, %cv_r, %cv_valid : index
+  %cv_grp = arith.divui %cv_uc, %c8 : index
+  %cv_sc = scf.if %cv_in -> (f32) {{
+    %g_row = arith.addi %cv_row0, %cv_r : index
+    %sv = memref.load %kv_scale[%g_row, %cv_grp] : memref<?x?xf32>
+    scf.yield %sv : f32
+  }} else {{
+    scf.yield %zero : f32
+  }}
+  %cv_u8 = arith.remui %cv_uc, %c8 : index
+  %cv_sb0 = arith.muli %cv_grp, %c{box_bytes} : index
+  %cv_sb1 = arith.muli %cv_r, %c128 : index
+  %cv_sb2 = arith.muli %cv_u8, %c16 : index
+  %cv_sba = arith.addi %cv_sb0, %cv_sb1 : index
+  %cv_sb = arith.addi %cv_sba, %cv_sb2 : index
+  %cv_sw = arith.divui %cv_sb, %c2 : index
+  %cv_col0 = arith.muli %cv_uc, %c16 : index
+  %cv_chunk = arith.divui %cv_col0, %c64 : index
+  %cv_ccol = arith.remui %cv_col0, %c64 : index
+  %cv_unit0 = arith.divui %cv_ccol, %c8 : index
+  %cv_rm8 = arith.remui %cv_r, %c8 : index
+  %cv_cbase = arith.muli %cv_chunk, %c{chunk_elems} : index
+  %cv_rbase = arith.muli %cv_r, %c64 : index
+  %cv_base = arith.addi %cv_cbase, %cv_rbase : index
+",
+            q_bytes = c.query_bytes(),
+            half_words = PAGE * c.kv / 2,
+            dst_off = c.converted_offset(),
+            units = PAGE * units_per_row,
+            box_bytes = PAGE * 128,
+            chunk_elems = PAGE * CHUNK,
+        );
+        for p in 0..8 {
+            // Pair p: bytes 2p, 2p + 1 of the unit -> columns col0 + 2p, + 1 (16-byte unit p / 4 of
+            // the destination's two).
+            let _ = writeln!(
+                t,
+                "  %cv_w{p} = arith.addi %cv_sw, %c{p} : index
+  %cv_h{p} = memref.load %cv_src[%cv_w{p}] : memref<{half_words}xi16, {ws}>
+  %cv_x{p} = llvm.inline_asm \"cvt.rn.f16x2.e4m3x2 $0, $1;\", \"=r,h\" %cv_h{p} : (i16) -> i32
+  %cv_lo{p} = arith.trunci %cv_x{p} : i32 to i16
+  %cv_hs{p} = arith.shrui %cv_x{p}, %c16_i32 : i32
+  %cv_hi{p} = arith.trunci %cv_hs{p} : i32 to i16
+  %cv_fl{p} = arith.bitcast %cv_lo{p} : i16 to f16
+  %cv_fh{p} = arith.bitcast %cv_hi{p} : i16 to f16
+  %cv_el{p} = arith.extf %cv_fl{p} : f16 to f32
+  %cv_eh{p} = arith.extf %cv_fh{p} : f16 to f32
+  %cv_vl{p} = arith.mulf %cv_el{p}, %cv_sc : f32
+  %cv_vh{p} = arith.mulf %cv_eh{p}, %cv_sc : f32
+  %cv_bl0_{p} = arith.truncf %cv_vl{p} : f32 to bf16
+  %cv_bh0_{p} = arith.truncf %cv_vh{p} : f32 to bf16
+  %cv_bl{p} = arith.select %cv_in, %cv_bl0_{p}, %cv_zero_bf : bf16
+  %cv_bh{p} = arith.select %cv_in, %cv_bh0_{p}, %cv_zero_bf : bf16
+  %cv_un{p} = arith.addi %cv_unit0, %c{unit} : index
+  %cv_sx{p} = arith.xori %cv_un{p}, %cv_rm8 : index
+  %cv_so{p} = arith.muli %cv_sx{p}, %c8 : index
+  %cv_d0_{p} = arith.addi %cv_base, %cv_so{p} : index
+  %cv_d{p} = arith.addi %cv_d0_{p}, %c{within} : index
+  %cv_d1_{p} = arith.addi %cv_d{p}, %c1 : index
+  memref.store %cv_bl{p}, %cv_dst[%cv_d{p}] : memref<{elems}xbf16, {ws}>
+  memref.store %cv_bh{p}, %cv_dst[%cv_d1_{p}] : memref<{elems}xbf16, {ws}>",
+                half_words = PAGE * c.kv / 2,
+                unit = p / 4,
+                within = 2 * (p % 4),
+            );
+        }
+        t.push_str(
+            "}
+nvvm.fence.proxy {kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}
+gpu.barrier
+",
+        );
         t
     }
 
@@ -380,19 +547,30 @@ nvgpu.tma.async.load %kv_map[%c{col}, %lp_row], %bars[%lp_st] to %lp_v{k} : !tma
     %st_off64 = arith.index_cast %st_off : index to i64
     %st_rel = arith.addi %st_off64, %c{q_bytes}_i64 : i64
     %stage_addr = arith.addi %smem_base, %st_rel : i64
-{tail}",
+{tail}{convert}",
             n = accs + 4,
             tail = indent(&self.zero_tail(), 4),
+            convert = if c.fp8_cache { indent(&self.convert_page(), 4) + "\n" } else { String::new() },
             iter = iter.join(", "),
             types = types.join(", "),
             stage_bytes = c.stage_bytes(),
             q_bytes = c.query_bytes(),
         );
         // S = Q K^T over every chunk, 4 k16 steps per chunk.
+        if c.fp8_cache {
+            let _ = writeln!(t, "    %conv_addr = arith.addi %smem_base, %c{}_i64 : i64", c.converted_offset());
+        }
         for k in 0..chunks {
             let _ = writeln!(t, "    %qa{k} = arith.addi %smem_base, %c{}_i64 : i64", k * CHUNK_BYTES);
             let _ = writeln!(t, "{}", indent(&desc(&format!("%dq{k}"), &format!("%qa{k}"), "%desc_k"), 4));
-            let _ = writeln!(t, "    %ka{k} = arith.addi %stage_addr, %c{}_i64 : i64", k * CHUNK_BYTES);
+            // The fp8 cache's latent chunks are the converted ones; its rope chunks follow the
+            // e4m3 latent in the page buffer.
+            let (base, off) = match (c.fp8_cache, k < c.latent_chunks()) {
+                (true, true) => ("%conv_addr", k * CHUNK_BYTES),
+                (true, false) => ("%stage_addr", PAGE * c.kv + (k - c.latent_chunks()) * CHUNK_BYTES),
+                (false, _) => ("%stage_addr", k * CHUNK_BYTES),
+            };
+            let _ = writeln!(t, "    %ka{k} = arith.addi {base}, %c{off}_i64 : i64");
             let _ = writeln!(t, "{}", indent(&desc(&format!("%dk{k}"), &format!("%ka{k}"), "%desc_k"), 4));
         }
         let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
@@ -424,7 +602,8 @@ nvgpu.tma.async.load %kv_map[%c{col}, %lp_row], %bars[%lp_st] to %lp_v{k} : !tma
             t,
             "    nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
     gpu.barrier
-    %v_addr = arith.addi %stage_addr, %cw_bytes64 : i64"
+    %v_addr = arith.addi {values}, %cw_bytes64 : i64",
+            values = if c.fp8_cache { "%conv_addr" } else { "%stage_addr" }
         );
         for n in 0..accs {
             let _ = writeln!(t, "    %va{n} = arith.addi %v_addr, %c{}_i64 : i64", n * CHUNK_BYTES);
