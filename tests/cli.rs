@@ -237,9 +237,10 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 /// The split tuning flow without a GPU: `v3c tune --emit-candidates` compiles the cost model's
-/// candidates (PTX + candidates.json); a database of their timings (written here as the GPU
-/// machine's tune_check.py would) steers `v3c compile --tuning`, which says per kernel which entry it
-/// used or why it ignored one; `v3c tune --report` shows default vs tuned.
+/// candidates (PTX + candidates.json) for every GEMM, the grouped MoE ones included; a database of
+/// their timings (written here as the GPU machine's tune_check.py would) steers `v3c compile
+/// --tuning`, which says per kernel which entry it used or why it ignored one; `v3c tune --report`
+/// shows default vs tuned.
 #[test]
 fn tuning_database_steers_compile() {
     let dir = tempfile::tempdir().unwrap();
@@ -252,7 +253,15 @@ fn tuning_database_steers_compile() {
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(cands.join("candidates.json")).unwrap()).unwrap();
     let problems = manifest["problems"].as_array().unwrap();
-    assert_eq!(problems.len(), 6, "3 GEMM signatures x decode and prefill");
+    // Every GEMM signature x decode and prefill: the fused GEMM kernels (3) and the GEMM steps of
+    // multi-launch kernels (the MLA query up-projection, the dense SwiGLU, the head's hi/lo pair, the
+    // MTP projection's, and the two grouped MoE GEMMs).
+    assert_eq!(problems.len(), 22, "11 GEMM signatures x decode and prefill");
+    let grouped = problems.iter().find(|p| p["kernel"] == "grouped gather fp8->f32 n4096 k7168 e256+1 top8").unwrap();
+    assert_eq!(grouped["grouped"], serde_json::json!({ "routed": 256, "shared": 1, "top_k": 8 }));
+    assert!(problems
+        .iter()
+        .any(|p| p["kernel"] == "grouped contig fp8->f32 n7168 k2048 e256+1 top8 +rowscale +scatter"));
     for p in problems {
         for c in p["candidates"].as_array().unwrap() {
             let name = c["name"].as_str().unwrap();
@@ -278,7 +287,15 @@ fn tuning_database_steers_compile() {
     let mut foreign = entry("H100");
     foreign["kernel"] = residual["kernel"].clone();
     foreign["candidates_sha256"] = residual["candidates_sha256"].clone();
-    let json = serde_json::json!({ "format_version": 1, "entries": [entry("H200"), foreign] });
+    // The MoE gate/up's decode problem: its second candidate measured faster too.
+    let moe = problems.iter().find(|p| p["kernel"] == grouped["kernel"] && p["m"] == 64).unwrap();
+    let (moe_default, moe_other) = (moe["default"].as_str().unwrap(), moe["candidates"][1]["name"].as_str().unwrap());
+    let mut moe_entry = entry("H200");
+    moe_entry["kernel"] = moe["kernel"].clone();
+    moe_entry["candidates_sha256"] = moe["candidates_sha256"].clone();
+    moe_entry["default_config"] = moe_default.into();
+    moe_entry["timings"] = serde_json::json!([[moe_default, 1.7], [moe_other, 1.6]]);
+    let json = serde_json::json!({ "format_version": 1, "entries": [entry("H200"), foreign, moe_entry] });
     std::fs::write(&db, json.to_string()).unwrap();
     let out = run_binary(
         "v3c",
@@ -292,6 +309,12 @@ fn tuning_database_steers_compile() {
         "{err}"
     );
     assert!(err.contains("default 0.0200 ms]"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "compile: moe_gate_up_quantize_0.grouped (N 4096 K 7168) decode -> {moe_other} [tuning database: 1.6000 ms"
+        )),
+        "{err}"
+    );
     assert!(
         err.contains("warning: ") && err.contains("entry for gemm_residual_0 at M 64 ignored: measured on H100 (compute capability 9.0), compiling for H200"),
         "{err}"

@@ -8,6 +8,9 @@ configuration's output as the reference, then each candidate: its output must ma
 (CUDA events, warm-up, L2 flushed before each) with the others. The database (compiler/src/tune/db.rs
 format) is merged into --out: entries keyed by compiler version, GPU, kernel signature and M bucket.
 
+Grouped (MoE) problems carry their routing (routed and shared experts, top-k): the tokens are routed at
+random, the shared experts take every token, as gemm_check.py's grouped timing does.
+
 `--self-test` needs no GPU: it writes a database from made-up timings and checks its layout.
 """
 import argparse
@@ -64,6 +67,35 @@ def gpu_short_name(device_name):
     return device_name.replace("NVIDIA ", "")
 
 
+def grouped_inputs(problem, cfg):
+    """Inputs of a grouped (MoE) problem: `m` tokens routed to `top_k` of `routed` experts at random
+    plus every token to each shared expert (their groups follow the routed ones); random e4m3 or bf16
+    operands and scales as gemm_check.time_grouped makes them. Returns (inputs, output rows)."""
+    import torch
+    g = problem["grouped"]
+    tokens, n, k = problem["m"], problem["n"], problem["k"]
+    routed, shared, top_k = g["routed"], g["shared"], g["top_k"]
+    if cfg["grouping"] not in ("gather", "contig"):
+        raise SystemExit(f"tune_check: {cfg['name']}: grouping {cfg['grouping']} is not measured here")
+    groups = routed + shared
+    choice = torch.rand(tokens, routed, device="cuda").topk(top_k, dim=1).indices
+    counts = torch.bincount(choice.flatten(), minlength=routed).cpu()
+    counts = torch.cat([counts, torch.full((shared,), tokens)])
+    rows = int(counts.sum())
+    order = torch.argsort(choice.flatten(), stable=True)
+    perm = torch.cat([order // top_k] + [torch.arange(tokens, device="cuda")] * shared).to(torch.int32)
+    fp8 = cfg["input"] == "fp8"
+    a_rows = tokens if cfg["grouping"] == "gather" else rows
+    inputs = {"a": gc.random_operand(a_rows, k, fp8), "b": gc.random_operand(groups * n, k, fp8), "groups": groups,
+              "rows": rows, "tokens": tokens, "cap": 0, "perm": perm, "counts": counts.to(torch.int32).cuda(),
+              "offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32).cuda(),
+              "row_scale": torch.rand(rows, device="cuda")}
+    if fp8:
+        inputs["a_scale"] = torch.rand(a_rows, math.ceil(k / 128), device="cuda") * 1e-2
+        inputs["b_scale"] = torch.rand(groups * n // 128, math.ceil(k / 128), device="cuda") * 1e-2
+    return inputs, (tokens if cfg["scatter"] else rows)
+
+
 def measure(args):
     import torch
     candidates = json.load(open(os.path.join(args.dir, "candidates.json")))
@@ -79,12 +111,23 @@ def measure(args):
         names = [c["name"] for c in problem["candidates"]]
         cfgs = {nm: gc.parse(nm) for nm in names}
         funcs = {nm: drv.load(open(os.path.join(args.dir, "kernels", nm + ".ptx")).read(), nm) for nm in names}
-        inputs, _, tol = gc.make_inputs(cfgs[problem["default"]], m, n, k)
+        grouped = problem.get("grouped")
+        if grouped:
+            inputs, out_rows = grouped_inputs(problem, cfgs[problem["default"]])
+            tol = 1e-3 if cfgs[problem["default"]]["input"] == "fp8" else 1e-2
+        else:
+            inputs, _, tol = gc.make_inputs(cfgs[problem["default"]], m, n, k)
+            out_rows = m
         outputs, timings, rejected = {}, {}, []
         for nm in [problem["default"]] + [x for x in names if x != problem["default"]]:
             cfg = cfgs[nm]
-            out = gc.Output(cfg, m, n)
-            launch = gc.prepare(drv, cfg, m, n, k, inputs, out, sms)
+            out = gc.Output(cfg, out_rows, n)
+            if cfg["scatter"]:
+                out.data.zero_()  # the kernel adds into it
+            if grouped:
+                launch = gc.prepare_grouped(drv, cfg, inputs, out, n, k, sms)
+            else:
+                launch = gc.prepare(drv, cfg, m, n, k, inputs, out, sms)
             gc.run(drv, funcs[nm], cfg, launch)
             torch.cuda.synchronize()
             value = out.value()
@@ -111,7 +154,8 @@ def measure(args):
                     times.append(start.elapsed_time(end))
             times.sort()
             timings[nm] = times[len(times) // 2]
-            tf = 2 * m * n * k / (timings[nm] * 1e-3) / 1e12
+            flop_rows = inputs["rows"] if grouped else m
+            tf = 2 * flop_rows * n * k / (timings[nm] * 1e-3) / 1e12
             # The cost model's estimate next to the measurement: how far the ranking can be trusted.
             est = next((c.get("estimate_us") for c in problem["candidates"] if c["name"] == nm), None)
             model = f"  (cost model {est:.1f} us, measured/estimate {timings[nm] * 1e3 / est:.2f})" if est else ""

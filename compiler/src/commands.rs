@@ -306,10 +306,7 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
                         }
                         lower::StepKernel::Gemm(g) => {
                             for m in [v3c_compiler::tune::DECODE_M, v3c_compiler::tune::PREFILL_M] {
-                                let configs = match &g.grouped {
-                                    Some(gr) => lower::grouped_preferences(gr, g, m, &target),
-                                    None => v3c_compiler::tune::choose(g, m, &device, None).preferences,
-                                };
+                                let configs = v3c_compiler::tune::choose(g, m, &device, None).preferences;
                                 let config = configs.first().copied().ok_or("no candidate configuration")?;
                                 text.push_str(&gpu_kernel_text(
                                     o.stage,
@@ -517,7 +514,19 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     if tty && done > 0 {
         eprint!("\r\x1b[K");
     }
-    for (g, [decode, prefill]) in &lowered.gemms {
+    // Every GEMM the kernels launch (whole fused kernels, and steps of multi-launch ones) with where
+    // its configurations came from.
+    let step_gemms = lowered.compound.iter().flat_map(|(_, steps, picked)| {
+        steps.steps.iter().zip(picked).filter_map(|(step, kernels)| match (&step.kernel, kernels) {
+            (sm90::lower::StepKernel::Gemm(g), Some(k)) => Some((g, k)),
+            _ => None,
+        })
+    });
+    let mut reported = std::collections::HashSet::new();
+    for (g, [decode, prefill]) in lowered.gemms.iter().map(|(g, k)| (g, k)).chain(step_gemms) {
+        if !reported.insert(&g.kernel) {
+            continue;
+        }
         let source =
             |m: usize| sources.iter().find(|(k, mm, _)| *k == g.kernel && *mm == m).map_or("", |(_, _, s)| s.as_str());
         eprintln!(
@@ -553,7 +562,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
                 (StepKernel::Row(k), _) => k.kernel_name(),
                 (StepKernel::Gemm(g), Some([decode, prefill])) => match &g.grouped {
                     Some(gr) => format!(
-                        "grouped GEMM over {} experts, N {} K {} (decode {decode}, prefill {prefill}; fixed, not tuned)",
+                        "grouped GEMM over {} experts, N {} K {} (decode {decode}, prefill {prefill})",
                         gr.groups, g.n, g.k
                     ),
                     None => format!("GEMM N {} K {} (decode {decode}, prefill {prefill})", g.n, g.k),
@@ -838,7 +847,7 @@ fn write_gpu_artifact(
         kernels,
         tuning: artifact::TuningInfo {
             source: tuning_source.into(),
-            detail: format!("GEMM configurations for {} (grouped GEMMs: fixed, not tuned)", o.gpu),
+            detail: format!("GEMM configurations, dense and grouped, for {}", o.gpu),
         },
     };
     write("manifest.json", (serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n").as_bytes())?;
@@ -1027,7 +1036,8 @@ pub struct TuneOptions<'a> {
     pub out: Option<&'a Path>,
 }
 
-/// The model's GEMM kernels (sm_90a mapping) with the graph `precision` picks, as `compile` sees them.
+/// The model's GEMMs (sm_90a mapping: whole fused kernels, and the GEMM steps of multi-launch ones,
+/// the grouped MoE GEMMs among them) with the graph `precision` picks, as `compile` sees them.
 fn model_gemms(
     model: &str,
     precision: Option<v3c_models::Precision>,
@@ -1046,8 +1056,14 @@ fn model_gemms(
     while let Some(f) = op {
         op = f.next_in_block();
         if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
-            if let Ok(g) = v3c_compiler::conversion::sm90::lower::gemm_of_kernel(&f) {
+            use v3c_compiler::conversion::sm90::lower;
+            if let Ok(g) = lower::gemm_of_kernel(&f) {
                 gemms.push(g);
+            } else if let Ok(steps) = lower::steps_of_kernel(&f) {
+                gemms.extend(steps.steps.into_iter().filter_map(|s| match s.kernel {
+                    lower::StepKernel::Gemm(g) => Some(g),
+                    lower::StepKernel::Row(_) => None,
+                }));
             }
         }
     }
@@ -1218,6 +1234,11 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
             "n": shape.n,
             "k": shape.k,
             "residual": shape.residual,
+            "grouped": shape.grouped.map(|g| serde_json::json!({
+                "routed": g.routed,
+                "shared": g.shared,
+                "top_k": g.top_k,
+            })),
             "candidates_sha256": tune::candidates_sha256(&tune::candidates(shape, &device.target)),
             "default": default,
             "candidates": survivors,

@@ -1,5 +1,5 @@
-//! Autotuning of the sm_90a GEMM template: the search space, static pruning, an analytic cost
-//! model that ranks what survives, and the tuning database ([`db`]).
+//! Autotuning of the sm_90a GEMM template, dense and grouped (MoE): the search space, static
+//! pruning, an analytic cost model that ranks what survives, and the tuning database ([`db`]).
 //!
 //! A GEMM kernel of the model (a [`GemmKernel`] from [`crate::conversion::sm90::lower`]) is tuned per
 //! regime: decode (M bucket [`DECODE_M`]) and prefill ([`PREFILL_M`]). The space is every field the
@@ -26,7 +26,8 @@ use crate::target::{DeviceModel, GpuTarget};
 pub const DECODE_M: usize = 64;
 pub const PREFILL_M: usize = 4096;
 
-/// A GEMM problem: `out[M, N] = A[M, K] . B[N, K]^T (+ residual)`.
+/// A GEMM problem: `out[M, N] = A[M, K] . B[N, K]^T (+ residual)`; grouped, M is tokens and each
+/// group (expert) multiplies its rows by its own `[N, K]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemmShape {
     pub m: usize,
@@ -35,10 +36,37 @@ pub struct GemmShape {
     pub input: GemmInput,
     pub output: GemmOutput,
     pub residual: bool,
+    pub grouped: Option<GroupedProblem>,
+}
+
+/// A grouped GEMM's routing: `routed` experts each token picks `top_k` of, `shared` experts every
+/// token goes to; rows reach the GEMM gathered by token or contiguous in expert order, with the
+/// routing weight per row and/or scattered back into token rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupedProblem {
+    pub grouping: GemmGrouping,
+    pub routed: usize,
+    pub shared: usize,
+    pub top_k: usize,
+    pub row_scale: bool,
+    pub scatter: bool,
+}
+
+impl GroupedProblem {
+    /// Rows per group for `tokens` tokens as the cost model assumes them: the routed rows spread
+    /// evenly over the routed experts (the balancing keeps loads near it), every token in each
+    /// shared expert.
+    pub fn group_rows(&self, tokens: usize) -> Vec<usize> {
+        let routed_rows = tokens * self.top_k;
+        let (base, extra) = (routed_rows / self.routed.max(1), routed_rows % self.routed.max(1));
+        let mut rows: Vec<usize> = (0..self.routed).map(|e| base + usize::from(e < extra)).collect();
+        rows.extend(std::iter::repeat_n(tokens, self.shared));
+        rows
+    }
 }
 
 impl GemmShape {
-    /// The shape of `kernel` at `m` rows.
+    /// The shape of `kernel` at `m` rows (grouped: `m` tokens).
     pub fn of(kernel: &GemmKernel, m: usize) -> GemmShape {
         GemmShape {
             m,
@@ -47,10 +75,19 @@ impl GemmShape {
             input: kernel.input,
             output: kernel.output,
             residual: kernel.residual.is_some(),
+            grouped: kernel.grouped.as_ref().map(|g| GroupedProblem {
+                grouping: g.grouping,
+                routed: g.routed,
+                shared: g.groups - g.routed,
+                top_k: g.per_token - (g.groups - g.routed),
+                row_scale: g.row_scale.is_some(),
+                scatter: g.scatter,
+            }),
         }
     }
 
-    /// What the tuning database keys a kernel by (with the M bucket): types, N, K, epilogue.
+    /// What the tuning database keys a kernel by (with the M bucket): types, N, K, epilogue; grouped,
+    /// the grouping and the routing too.
     pub fn signature(&self) -> String {
         let t = |i: GemmInput| if i == GemmInput::Fp8 { "fp8" } else { "bf16" };
         let o = match self.output {
@@ -58,7 +95,27 @@ impl GemmShape {
             GemmOutput::Bf16 => "bf16",
             GemmOutput::Fp8 => "fp8",
         };
-        format!("gemm {}->{o} n{} k{}{}", t(self.input), self.n, self.k, if self.residual { " +residual" } else { "" })
+        let Some(g) = &self.grouped else {
+            let residual = if self.residual { " +residual" } else { "" };
+            return format!("gemm {}->{o} n{} k{}{residual}", t(self.input), self.n, self.k);
+        };
+        let grouping = match g.grouping {
+            GemmGrouping::Gather => "gather",
+            GemmGrouping::Contiguous => "contig",
+            GemmGrouping::Masked => "masked",
+            GemmGrouping::Dense => "dense",
+        };
+        format!(
+            "grouped {grouping} {}->{o} n{} k{} e{}+{} top{}{}{}",
+            t(self.input),
+            self.n,
+            self.k,
+            g.routed,
+            g.shared,
+            g.top_k,
+            if g.row_scale { " +rowscale" } else { "" },
+            if g.scatter { " +scatter" } else { "" }
+        )
     }
 }
 
@@ -74,6 +131,30 @@ pub fn candidates(shape: &GemmShape, target: &GpuTarget) -> Vec<GemmConfig> {
         GemmInput::Bf16 => &[64, 128, 192, 256],
     };
     let mut out = Vec::new();
+    if let Some(g) = &shape.grouped {
+        // The grouped template: a producer warpgroup always, no split K, clusters or raster.
+        for &block_m in &[64, 128, 256] {
+            for &block_n in block_ns {
+                for stages in 2..=8 {
+                    for consumers in [1, 2] {
+                        for persistent in [false, true] {
+                            let c = GemmConfig {
+                                consumers,
+                                persistent,
+                                row_scale: g.row_scale,
+                                scatter: g.scatter,
+                                ..GemmConfig::grouped(g.grouping, shape.input, shape.output, block_m, block_n, stages)
+                            };
+                            if c.validate(target).is_ok() {
+                                out.push(c);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return out;
+    }
     for &block_m in &[64, 128, 256] {
         for &block_n in block_ns {
             for stages in 2..=8 {
@@ -133,6 +214,9 @@ const SM_BANDWIDTH_SHARE: f64 = 2.5;
 
 /// The cost model (see the module doc) for `config` on `shape` on `device`.
 pub fn estimate(shape: &GemmShape, config: &GemmConfig, device: &DeviceModel) -> Estimate {
+    if let Some(g) = &shape.grouped {
+        return estimate_grouped(shape, g, config, device);
+    }
     let c = config;
     let sms = device.sm_count as usize;
     let elt = if shape.input == GemmInput::Fp8 { 1.0 } else { 2.0 };
@@ -200,6 +284,72 @@ pub fn estimate(shape: &GemmShape, config: &GemmConfig, device: &DeviceModel) ->
     Estimate {
         config: *c,
         splits,
+        units,
+        waves,
+        wave_efficiency,
+        micros,
+        tflops: flops / (micros * 1e-6) / 1e12,
+        bound: if compute_us >= memory_us { "compute" } else { "memory" },
+    }
+}
+
+/// The cost model for a grouped GEMM: the dense model's per-unit compute over every group's tiles
+/// (a group of r rows takes ceil(r / block_m) tile rows: small groups pay for the padding), waves
+/// over the SM slots (a persistent launch keeps one block per slot and pays the unit start once per
+/// unit), and DRAM for the active groups' weights (each read once per tile row of its group unless
+/// L2 keeps it), the rows gathered per tile column, the output (scattered: read and written).
+fn estimate_grouped(shape: &GemmShape, g: &GroupedProblem, c: &GemmConfig, device: &DeviceModel) -> Estimate {
+    let sms = device.sm_count as usize;
+    let elt = if shape.input == GemmInput::Fp8 { 1.0 } else { 2.0 };
+    let out_elt = match shape.output {
+        GemmOutput::F32 => 4.0,
+        GemmOutput::Bf16 => 2.0,
+        GemmOutput::Fp8 => 1.0,
+    };
+    let rows = g.group_rows(shape.m);
+    let tiles_n = shape.n.div_ceil(c.block_n);
+    let tile_rows: Vec<usize> = rows.iter().map(|r| r.div_ceil(c.block_m)).collect();
+    let units: usize = tile_rows.iter().sum::<usize>() * tiles_n;
+    let smem = c.shared_memory_bytes() + crate::conversion::sm90::gemm::STATIC_SHARED_BYTES;
+    let per_sm = (device.target.shared_memory_per_sm as usize / smem).min(2048 / c.threads()).max(1);
+    let slots = sms * per_sm;
+    let waves = units.div_ceil(slots).max(1);
+    let wave_efficiency = units as f64 / (waves * slots) as f64;
+    let peak_per_sm = if shape.input == GemmInput::Fp8 { device.fp8_tflops } else { device.bf16_tflops } * 1e12
+        / sms as f64
+        / per_sm as f64;
+    let width = 1.0 - 12.8 / c.block_n as f64;
+    let hiding = if c.consumers == 2 { 1.0 } else { 0.9 };
+    let depth = (0.6 + 0.1 * (c.stages as f64 - 1.0)).min(1.0);
+    let promotion = match (shape.input, c.consumers) {
+        (GemmInput::Fp8, 1) => 1.0 / 1.25,
+        (GemmInput::Fp8, _) => 1.0 / 1.12,
+        _ => 1.0,
+    };
+    let k_padded = (shape.k.div_ceil(c.block_k()) * c.block_k()) as f64;
+    let unit_flops = 2.0 * (c.block_m * c.block_n) as f64 * k_padded;
+    let compute_us = waves as f64 * unit_flops / (peak_per_sm * width * hiding * depth * promotion) * 1e6;
+    let weight = (shape.n * shape.k) as f64 * elt;
+    let fits = weight < device.l2_bytes as f64 / 8.0;
+    let weights: f64 = tile_rows.iter().filter(|&&t| t > 0).map(|&t| weight * if fits { 1.0 } else { t as f64 }).sum();
+    // Each tile column loads its rows again (L2 catches the rest after the first two).
+    let total_rows: usize = rows.iter().sum();
+    let activations = (total_rows * shape.k) as f64 * elt * (tiles_n as f64).min(2.0);
+    // Scattered rows are added into their token's row: read and written.
+    let output = (total_rows * shape.n) as f64 * out_elt * if g.scatter { 2.0 } else { 1.0 };
+    let bytes = weights + activations + output;
+    let streaming = units.min(slots) as f64 / per_sm as f64;
+    let bandwidth = device.dram_tbps * 1e12 * (streaming * SM_BANDWIDTH_SHARE / sms as f64).min(1.0);
+    let memory_us = bytes / bandwidth * 1e6;
+    // A persistent launch starts each unit inside its loop (a cheaper start than a block's); either
+    // way every unit scans the group table once.
+    let unit_us = if c.persistent { 0.3 } else { UNIT_US };
+    let fixed = LAUNCH_US + unit_us * units.div_ceil(slots) as f64;
+    let micros = compute_us.max(memory_us) + fixed;
+    let flops = 2.0 * (total_rows * shape.n * shape.k) as f64;
+    Estimate {
+        config: *c,
+        splits: 1,
         units,
         waves,
         wave_efficiency,
@@ -294,7 +444,9 @@ pub fn choose(kernel: &GemmKernel, m: usize, device: &DeviceModel, db: Option<&d
     let sha = candidates_sha256(&candidates(&shape, &device.target));
     match db.lookup(&shape.signature(), m_bucket(m), device, env!("CARGO_PKG_VERSION"), &sha) {
         db::Lookup::Tuned { config, .. }
-            if (config.input, config.output, config.residual) != (shape.input, shape.output, shape.residual) =>
+            if (config.input, config.output, config.residual) != (shape.input, shape.output, shape.residual)
+                || config.grouping != shape.grouped.map_or(GemmGrouping::Dense, |g| g.grouping)
+                || shape.grouped.is_some_and(|g| (config.row_scale, config.scatter) != (g.row_scale, g.scatter)) =>
         {
             let why = format!("its winner {} does not implement {}", config.kernel_name(), shape.signature());
             Choice { preferences, source: model, ignored: Some(why) }
@@ -315,18 +467,13 @@ pub fn choose(kernel: &GemmKernel, m: usize, device: &DeviceModel, db: Option<&d
     }
 }
 
-/// The grouped template is tuned the same way; its shapes come with the MoE mapping (not yet).
-pub fn is_tunable(config: &GemmConfig) -> bool {
-    config.grouping == GemmGrouping::Dense
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::target::DeviceModel;
 
     fn shape(m: usize, n: usize, k: usize) -> GemmShape {
-        GemmShape { m, n, k, input: GemmInput::Fp8, output: GemmOutput::F32, residual: false }
+        GemmShape { m, n, k, input: GemmInput::Fp8, output: GemmOutput::F32, residual: false, grouped: None }
     }
 
     #[test]
@@ -404,6 +551,102 @@ mod tests {
         let choice = choose(&kernel, DECODE_M, &h200, Some(&db));
         assert_eq!(choice.preferences[0].kernel_name(), "gemm_fp8_f32_64x128x128_s4_res");
         assert!(choice.source.starts_with("tuning database: 0.0100 ms measured on H200"), "{}", choice.source);
+    }
+
+    /// DeepSeek-V3's MoE gate/up: 256 routed experts (8 per token) + 1 shared, gathered rows.
+    fn moe(m: usize) -> GemmShape {
+        let grouped = GroupedProblem {
+            grouping: GemmGrouping::Gather,
+            routed: 256,
+            shared: 1,
+            top_k: 8,
+            row_scale: false,
+            scatter: false,
+        };
+        GemmShape { grouped: Some(grouped), ..shape(m, 4096, 7168) }
+    }
+
+    #[test]
+    fn grouped_gemms_have_their_own_space_model_and_key() {
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let s = moe(64);
+        assert_eq!(s.signature(), "grouped gather fp8->f32 n4096 k7168 e256+1 top8");
+        let rows = s.grouped.unwrap().group_rows(64);
+        assert_eq!((rows.len(), rows.iter().sum::<usize>(), rows[0], rows[256]), (257, 64 * 9, 2, 64));
+        let all = candidates(&s, &h200.target);
+        assert!(all.len() > 20, "{}", all.len());
+        assert!(all.iter().all(|c| c.grouping == GemmGrouping::Gather && c.specialized && !c.split_k));
+        assert!(all.iter().any(|c| c.persistent) && all.iter().any(|c| !c.persistent));
+        // Decode: 2 rows per routed expert; every expert's weights are read: memory-bound on them,
+        // in 64-row tiles (less padding).
+        let decode = rank(&s, &h200);
+        assert_eq!(decode[0].bound, "memory", "{:?}", decode[0]);
+        assert_eq!(decode[0].config.block_m, 64, "{:?}", decode[0]);
+        let weight_bytes = 257.0 * 4096.0 * 7168.0;
+        assert!(decode[0].micros * 1e-6 * h200.dram_tbps * 1e12 >= weight_bytes, "faster than reading the weights");
+        // Prefill: 128 rows per routed expert fill 128-row tiles.
+        let prefill = rank(&moe(4096), &h200);
+        assert_eq!(prefill[0].config.block_m, 128, "{:?}", prefill[0]);
+        assert_eq!(rank(&moe(4096), &h200), prefill, "deterministic");
+        // The scatter epilogue's configurations carry it.
+        let g =
+            GroupedProblem { grouping: GemmGrouping::Contiguous, row_scale: true, scatter: true, ..s.grouped.unwrap() };
+        let down = GemmShape { grouped: Some(g), ..shape(64, 7168, 2048) };
+        assert!(candidates(&down, &h200.target).iter().all(|c| c.scatter && c.row_scale));
+        assert!(down.signature().ends_with("+rowscale +scatter"), "{}", down.signature());
+    }
+
+    /// A grouped GEMM takes its database winner, and not a dense GEMM's filed under its signature.
+    #[test]
+    fn grouped_gemms_follow_the_database() {
+        use crate::conversion::sm90::lower::Grouped;
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let kernel = GemmKernel {
+            kernel: "moe_gate_up_0.grouped".into(),
+            input: GemmInput::Fp8,
+            output: GemmOutput::F32,
+            n: 4096,
+            k: 7168,
+            a: 0,
+            a_scale: Some(1),
+            weights: vec![],
+            residual: None,
+            results: vec![(0, 4096)],
+            grouped: Some(Grouped {
+                grouping: GemmGrouping::Gather,
+                groups: 257,
+                routed: 256,
+                per_token: 9,
+                offsets: 2,
+                perm: 3,
+                row_scale: None,
+                scatter: false,
+                weights: vec![],
+            }),
+        };
+        let shape = GemmShape::of(&kernel, DECODE_M);
+        assert_eq!(shape, moe(DECODE_M));
+        let entry = |winner: &str| db::DbEntry {
+            compiler_version: env!("CARGO_PKG_VERSION").into(),
+            gpu: "H200".into(),
+            compute_capability: (9, 0),
+            kernel: shape.signature(),
+            m_bucket: 64,
+            candidates_sha256: candidates_sha256(&candidates(&shape, &h200.target)),
+            default_config: "x".into(),
+            timings: vec![(winner.into(), 0.5)],
+            rejected: vec![],
+            measured_at: "now".into(),
+            measured_on: "test".into(),
+        };
+        let mut db = db::TuningDb::new();
+        db.insert(entry("gemm_fp8_f32_64x128x128_s4"));
+        let choice = choose(&kernel, DECODE_M, &h200, Some(&db));
+        assert!(choice.ignored.unwrap().contains("does not implement grouped gather"), "a dense winner");
+        db.insert(entry("gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_gather"));
+        let choice = choose(&kernel, DECODE_M, &h200, Some(&db));
+        assert_eq!(choice.preferences[0].kernel_name(), "gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_gather");
+        assert!(choice.source.starts_with("tuning database"), "{}", choice.source);
     }
 
     #[test]

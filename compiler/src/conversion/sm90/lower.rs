@@ -64,6 +64,8 @@ pub struct Grouped {
     /// Routed experts plus shared experts.
     pub groups: usize,
     pub routed: usize,
+    /// Sorted rows per token: the routed experts it goes to plus the shared ones.
+    pub per_token: usize,
     /// Group boundaries `[groups + 1]` over the sorted rows.
     pub offsets: usize,
     /// The token of each sorted row (gathered from, or scattered into).
@@ -795,10 +797,12 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                     fixed(&arg_shape(0)?, 1)?
                 }
             };
+            let rows_per_token = fixed(&arg_shape(3)?, 1)?;
             let grouped = |grouping, weights: Vec<GroupedWeight>, row_scale, scatter| Grouped {
                 grouping,
                 groups: routed + shared,
                 routed,
+                per_token: rows_per_token,
                 offsets: 2,
                 perm: 3,
                 row_scale,
@@ -890,36 +894,4 @@ fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), String> {
     }
     let attention_factor = float_attr(rope, "attention_factor").unwrap_or(1.0);
     Ok((RopeTable { dim, inv_freq, attention_factor }, interleave))
-}
-
-/// Configurations for a grouped GEMM at `m` tokens, best first: fixed, not tuned yet (the cost
-/// model and the tuner know dense GEMMs only). Decode (few rows per expert): 64-row tiles, a
-/// producer warpgroup and a deep ring; prefill: two consumer warpgroups over 128-row tiles,
-/// persistent. Each list ends with shallower rings should the deeper ones not fit.
-pub fn grouped_preferences(
-    grouped: &Grouped,
-    g: &GemmKernel,
-    m: usize,
-    target: &crate::target::GpuTarget,
-) -> Vec<super::gemm::GemmConfig> {
-    use super::gemm::GemmConfig;
-    let mut out = Vec::new();
-    let decode = m <= crate::tune::DECODE_M;
-    let shapes: &[(usize, usize, bool)] =
-        if decode { &[(64, 128, false), (128, 128, false)] } else { &[(128, 128, true), (64, 128, false)] };
-    for &(block_m, block_n, wide) in shapes {
-        for stages in [8, 6, 5, 4, 3] {
-            let mut c = GemmConfig::grouped(grouped.grouping, g.input, g.output, block_m, block_n, stages);
-            if wide {
-                c.consumers = 2;
-                c.persistent = true;
-            }
-            c.row_scale = grouped.row_scale.is_some();
-            c.scatter = grouped.scatter;
-            if c.validate(target).is_ok() {
-                out.push(c);
-            }
-        }
-    }
-    out
 }

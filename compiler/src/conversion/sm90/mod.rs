@@ -233,10 +233,7 @@ impl ModelKernels {
     ) -> Result<[String; 2], Sm90Error> {
         let mut picked = Vec::new();
         for m in [crate::tune::DECODE_M, crate::tune::PREFILL_M] {
-            let preferences = match &g.grouped {
-                Some(grouped) => lower::grouped_preferences(grouped, g, m, target),
-                None => choose(g, m),
-            };
+            let preferences = choose(g, m);
             let mut chosen = None;
             for config in &preferences {
                 let name = config.kernel_name();
