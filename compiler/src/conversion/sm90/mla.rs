@@ -1195,7 +1195,9 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
 /// The online softmax of one 64 x 64 score fragment `s` in f32: each element's key `%key<e>` is
 /// `%key_t` plus its column, `mask(e)` defines `%in<e>` (the key is visible to the element's row;
 /// rows `%trow + 8 h` with h = [`fragment_offset`]'s row half), scores scaled into the log2 domain
-/// (`%scale_log2`); the row maxima across the 4 lanes sharing a row, the new maxima `%m0`, `%m1` from
+/// (`%scale_log2`); the row maxima across the 4 lanes sharing a row (a row that has seen no key yet
+/// keeps the maximum -inf and subtracts 0 instead: P of 0, not NaN — a decode split whose pages all
+/// lie past a speculative token's position, say), the new maxima `%m0`, `%m1` from
 /// `%m<h>_in`, the thread's partial sums `%l0`, `%l1` from `%l<h>_in`, the `accs` accumulators
 /// `%o<n>_in` rescaled (their names returned), and P (bf16, the 128-byte-swizzled K-major 64 x 64
 /// layout wgmma reads) stored at byte `p_off` of `%smem` by the threads where `p_guard` holds (all
@@ -1235,13 +1237,15 @@ fn online_softmax(
 %sh{h}b, %sh{h}b_ok = gpu.shuffle xor %rm{h}a, %c2_i32, %c32_i32 : f32
 %rm{h} = arith.maximumf %rm{h}a, %sh{h}b : f32
 %m{h} = arith.maximumf %m{h}_in, %rm{h} : f32
-%md{h} = arith.subf %m{h}_in, %m{h} : f32
+%none{h} = arith.cmpf oeq, %m{h}, %ninf : f32
+%mb{h} = arith.select %none{h}, %zero, %m{h} : f32
+%md{h} = arith.subf %m{h}_in, %mb{h} : f32
 %alpha{h} = {ex2_md}",
             ex2_md = ex2(&format!("%md{h}"))
         );
         let mut sum = "%zero".to_string();
         for &e in &members {
-            let _ = writeln!(t, "%xd{e} = arith.subf %x{e}, %m{h} : f32\n%pe{e} = {}", ex2(&format!("%xd{e}")));
+            let _ = writeln!(t, "%xd{e} = arith.subf %x{e}, %mb{h} : f32\n%pe{e} = {}", ex2(&format!("%xd{e}")));
             let _ = writeln!(t, "%ps{h}_{e} = arith.addf {sum}, %pe{e} : f32");
             sum = format!("%ps{h}_{e}");
         }
