@@ -40,7 +40,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gemm_check import Driver, memref_args  # noqa: E402
+from gemm_check import Driver, median_ms, memref_args  # noqa: E402
 
 ATTN = re.compile(r"^mla_decode_kv(\d+)_r(\d+)_p64_s(\d+)(_fp8)?$")
 E4M3_MAX = 448.0
@@ -292,21 +292,6 @@ def check_prefill(drv, ptx_dir, name, result):
                                 "TFLOPs": flops / (ms * 1e-3) / 1e12}
     print(f"{name}: T = S = {t} x {heads} heads causal: {ms:.3f} ms ({flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s); "
           f"torch SDPA {sdpa_ms:.3f} ms ({sdpa_ms / ms:.2f}x)")
-
-
-def median_ms(fn, reps=20):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def check_decode(mla, result, copy):

@@ -156,9 +156,46 @@ fn gemm_configs_compile_to_sm90a_tensor_core_code_without_spills() {
     }
 }
 
-/// The tensor-core MLA decode kernel (DeepSeek-V3's 512 + 64 columns, and a narrower latent):
-/// assembles with no spills and no serialized wgmma; its SASS holds the 36 HGMMA of S = Q K^T (9
-/// chunks x 4 k16 steps) and the 16 of P V (4 steps x 4 accumulators, transposed B), and TMA loads.
+/// An MLA attention kernel's tensor-core code: `s_steps` wgmma for S = Q K^T (K-major B) and
+/// `pv_steps` for P V (transposed B) in the PTX; with ptxas, no spills, no serialized wgmma, and as
+/// many HGMMA.64x64x16 in the SASS plus TMA loads and no local memory.
+fn assert_attention_tensor_core_code(
+    kernel: &sm90::GpuKernel,
+    s_steps: usize,
+    pv_steps: usize,
+    ptxas: Option<&toolchain::FoundTool>,
+) {
+    // The trailing immediates: scale-a, scale-b, transpose-a, transpose-b.
+    let wgmma = |transposed: u8| kernel.ptx.matches(&format!("p, 1,  1, 0,  {transposed};")).count();
+    assert_eq!(kernel.ptx.matches("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16").count(), s_steps + pv_steps);
+    assert_eq!(wgmma(0), s_steps, "{}: S = Q K^T wgmma (K-major B)", kernel.name);
+    assert_eq!(wgmma(1), pv_steps, "{}: P V wgmma (transposed B)", kernel.name);
+    assert!(kernel.ptx.contains("fence.proxy.async.shared::cta"), "{}: P's generic-to-async fence", kernel.name);
+    let Some(ptxas) = ptxas else {
+        eprintln!("{}: PTX only (no ptxas: run scripts/bootstrap.sh)", kernel.name);
+        return;
+    };
+    let cubin = target::assemble(&kernel.ptx, &kernel.name, &target::SM90A, ptxas).unwrap_or_else(|e| panic!("{e}"));
+    let r = &cubin.kernels[0];
+    assert!(!cubin.log.contains("wgmma.mma_async instructions are serialized"), "{}: {}", kernel.name, cubin.log);
+    eprintln!("{}: {} registers, spills {}/{}", kernel.name, r.registers, r.spill_stores_bytes, r.spill_loads_bytes);
+    assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", kernel.name);
+    assert!(r.shared_memory_bytes as usize <= sm90::gemm::STATIC_SHARED_BYTES, "{}: static smem", kernel.name);
+    if let Some(sass) = sass(&cubin.cubin) {
+        assert_eq!(sass.matches("HGMMA.64x64x16.F32.BF16").count(), s_steps + pv_steps, "{}", kernel.name);
+        assert!(sass.contains("UTMALDG.2D"), "{}: no TMA loads in SASS", kernel.name);
+        assert!(!sass.contains("LDL") && !sass.contains("STL"), "{}: local memory traffic", kernel.name);
+        eprintln!(
+            "  SASS: {} x HGMMA.64x64x16, {} x UTMALDG.2D",
+            s_steps + pv_steps,
+            sass.matches("UTMALDG.2D").count()
+        );
+    }
+}
+
+/// The tensor-core MLA decode kernel (DeepSeek-V3's 512 + 64 columns, its fp8-cache form, and a
+/// narrower latent): the 36 HGMMA of S = Q K^T (9 chunks x 4 k16 steps) and the 16 of P V (4 steps x
+/// 4 accumulators, transposed B), TMA loads, no spills; the fp8 cache's pages are converted.
 #[test]
 fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::MlaDecodeConfig;
@@ -170,52 +207,15 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         [MlaDecodeConfig::DEEPSEEK_V3, MlaDecodeConfig { kv: 256, rope: 64, stages: 3, fp8_cache: false }, fp8]
     {
         let kernel = sm90::compile_mla(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
-        let (s_steps, pv_steps) = (config.dim() / 16, 4 * config.kv / 128);
-        // The trailing immediates: scale-a, scale-b, transpose-a, transpose-b.
-        let wgmma = |transposed: u8| kernel.ptx.matches(&format!("p, 1,  1, 0,  {transposed};")).count();
-        assert_eq!(
-            kernel.ptx.matches("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16").count(),
-            s_steps + pv_steps
-        );
-        assert_eq!(wgmma(0), s_steps, "{}: S = Q K^T wgmma (K-major B)", kernel.name);
-        assert_eq!(wgmma(1), pv_steps, "{}: P V wgmma (transposed B)", kernel.name);
-        assert!(kernel.ptx.contains("fence.proxy.async.shared::cta"), "{}: P's generic-to-async fence", kernel.name);
-        assert_eq!(
-            kernel.ptx.contains("cvt.rn.f16x2.e4m3x2"),
-            config.fp8_cache,
-            "{}: the fp8 cache's conversion",
-            kernel.name
-        );
-        let Some(ptxas) = &ptxas else {
-            eprintln!("{}: PTX only (no ptxas: run scripts/bootstrap.sh)", kernel.name);
-            continue;
-        };
-        let cubin =
-            target::assemble(&kernel.ptx, &kernel.name, &target::SM90A, ptxas).unwrap_or_else(|e| panic!("{e}"));
-        let r = &cubin.kernels[0];
-        assert!(!cubin.log.contains("wgmma.mma_async instructions are serialized"), "{}: {}", kernel.name, cubin.log);
-        eprintln!(
-            "{}: {} registers, spills {}/{}",
-            kernel.name, r.registers, r.spill_stores_bytes, r.spill_loads_bytes
-        );
-        assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", kernel.name);
-        assert!(r.shared_memory_bytes as usize <= sm90::gemm::STATIC_SHARED_BYTES, "{}: static smem", kernel.name);
-        if let Some(sass) = sass(&cubin.cubin) {
-            assert_eq!(sass.matches("HGMMA.64x64x16.F32.BF16").count(), s_steps + pv_steps, "{}", kernel.name);
-            assert!(sass.contains("UTMALDG.2D"), "{}: no TMA loads in SASS", kernel.name);
-            assert!(!sass.contains("LDL") && !sass.contains("STL"), "{}: local memory traffic", kernel.name);
-            eprintln!(
-                "  SASS: {} x HGMMA.64x64x16, {} x UTMALDG.2D",
-                s_steps + pv_steps,
-                sass.matches("UTMALDG.2D").count()
-            );
-        }
+        let converts = kernel.ptx.contains("cvt.rn.f16x2.e4m3x2");
+        assert_eq!(converts, config.fp8_cache, "{}: the fp8 cache's conversion", kernel.name);
+        assert_attention_tensor_core_code(&kernel, config.dim() / 16, 4 * config.kv / 128, ptxas.as_ref());
     }
 }
 
 /// The tensor-core MLA prefill (flash attention, causal; DeepSeek-V3's 192/128 heads and a 3-stage
-/// ring of narrower ones): no spills, no serialized wgmma; HGMMA for S = Q K^T (qk / 16 steps) and
-/// P V (4 steps per 64 value columns), TMA loads.
+/// ring of narrower ones): HGMMA for S = Q K^T (qk / 16 steps) and P V (4 steps per 64 value
+/// columns), TMA loads, no spills.
 #[test]
 fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::MlaPrefillConfig;
@@ -224,33 +224,7 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
     for config in [MlaPrefillConfig::DEEPSEEK_V3, MlaPrefillConfig { qk: 128, v: 64, stages: 3 }] {
         assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
         let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
-        let (s_steps, pv_steps) = (config.qk / 16, 4 * config.v / 64);
-        let wgmma = |transposed: u8| kernel.ptx.matches(&format!("p, 1,  1, 0,  {transposed};")).count();
-        assert_eq!(wgmma(0), s_steps, "{}: S = Q K^T", kernel.name);
-        assert_eq!(wgmma(1), pv_steps, "{}: P V (transposed B)", kernel.name);
-        let Some(ptxas) = &ptxas else {
-            eprintln!("{}: PTX only (no ptxas: run scripts/bootstrap.sh)", kernel.name);
-            continue;
-        };
-        let cubin =
-            target::assemble(&kernel.ptx, &kernel.name, &target::SM90A, ptxas).unwrap_or_else(|e| panic!("{e}"));
-        let r = &cubin.kernels[0];
-        assert!(!cubin.log.contains("wgmma.mma_async instructions are serialized"), "{}: {}", kernel.name, cubin.log);
-        eprintln!(
-            "{}: {} registers, spills {}/{}",
-            kernel.name, r.registers, r.spill_stores_bytes, r.spill_loads_bytes
-        );
-        assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", kernel.name);
-        if let Some(sass) = sass(&cubin.cubin) {
-            assert_eq!(sass.matches("HGMMA.64x64x16.F32.BF16").count(), s_steps + pv_steps, "{}", kernel.name);
-            assert!(sass.contains("UTMALDG.2D"), "{}: no TMA loads in SASS", kernel.name);
-            assert!(!sass.contains("LDL") && !sass.contains("STL"), "{}: local memory traffic", kernel.name);
-            eprintln!(
-                "  SASS: {} x HGMMA.64x64x16, {} x UTMALDG.2D",
-                s_steps + pv_steps,
-                sass.matches("UTMALDG.2D").count()
-            );
-        }
+        assert_attention_tensor_core_code(&kernel, config.qk / 16, 4 * config.v / 64, ptxas.as_ref());
     }
     let err = MlaPrefillConfig { v: 320, ..MlaPrefillConfig::DEEPSEEK_V3 }.validate(&target::SM90A).unwrap_err();
     assert!(err.contains("a value width of 320"), "{err}");

@@ -513,6 +513,23 @@ mod tests {
         assert!(one_over.wave_efficiency < 0.51);
     }
 
+    /// A database entry for `shape` at decode M on `device` whose one timing is `winner`'s `ms`.
+    fn measured(shape: &GemmShape, device: &DeviceModel, winner: &str, ms: f64) -> db::DbEntry {
+        db::DbEntry {
+            compiler_version: env!("CARGO_PKG_VERSION").into(),
+            gpu: device.name.into(),
+            compute_capability: (9, 0),
+            kernel: shape.signature(),
+            m_bucket: 64,
+            candidates_sha256: candidates_sha256(&candidates(shape, &device.target)),
+            default_config: "x".into(),
+            timings: vec![(winner.into(), ms)],
+            rejected: vec![],
+            measured_at: "now".into(),
+            measured_on: "test".into(),
+        }
+    }
+
     #[test]
     fn a_database_winner_of_another_kernel_is_ignored() {
         let h200 = DeviceModel::by_name("H200").unwrap();
@@ -530,19 +547,7 @@ mod tests {
             grouped: None,
         };
         let shape = GemmShape::of(&kernel, DECODE_M);
-        let entry = |winner: &str| db::DbEntry {
-            compiler_version: env!("CARGO_PKG_VERSION").into(),
-            gpu: "H200".into(),
-            compute_capability: (9, 0),
-            kernel: shape.signature(),
-            m_bucket: 64,
-            candidates_sha256: candidates_sha256(&candidates(&shape, &h200.target)),
-            default_config: "x".into(),
-            timings: vec![(winner.into(), 0.01)],
-            rejected: vec![],
-            measured_at: "now".into(),
-            measured_on: "test".into(),
-        };
+        let entry = |winner: &str| measured(&shape, &h200, winner, 0.01);
         let mut db = db::TuningDb::new();
         db.insert(entry("gemm_bf16_f32_64x64x64_s4_res"));
         let choice = choose(&kernel, DECODE_M, &h200, Some(&db));
@@ -626,19 +631,7 @@ mod tests {
         };
         let shape = GemmShape::of(&kernel, DECODE_M);
         assert_eq!(shape, moe(DECODE_M));
-        let entry = |winner: &str| db::DbEntry {
-            compiler_version: env!("CARGO_PKG_VERSION").into(),
-            gpu: "H200".into(),
-            compute_capability: (9, 0),
-            kernel: shape.signature(),
-            m_bucket: 64,
-            candidates_sha256: candidates_sha256(&candidates(&shape, &h200.target)),
-            default_config: "x".into(),
-            timings: vec![(winner.into(), 0.5)],
-            rejected: vec![],
-            measured_at: "now".into(),
-            measured_on: "test".into(),
-        };
+        let entry = |winner: &str| measured(&shape, &h200, winner, 0.5);
         let mut db = db::TuningDb::new();
         db.insert(entry("gemm_fp8_f32_64x128x128_s4"));
         let choice = choose(&kernel, DECODE_M, &h200, Some(&db));

@@ -807,18 +807,10 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
     /// e of row tile i sits [`fragment_offset`] further.
     fn coordinates(&self) -> String {
         format!(
-            "  %cw = arith.divui %tid, %c128 : index
-  %ctid = arith.remui %tid, %c128 : index
-  %lane = arith.remui %ctid, %c32 : index
-  %warp = arith.divui %ctid, %c32 : index
-  %wrow = arith.muli %warp, %c16 : index
-  %lrow = arith.divui %lane, %c4 : index
-  %trow0 = arith.addi %wrow, %lrow : index
-  %wg_row = arith.muli %cw, %c{rows_per_wg} : index
+            "{}  %wg_row = arith.muli %cw, %c{rows_per_wg} : index
   %trow = arith.addi %wg_row, %trow0 : index
-  %lcol0 = arith.remui %lane, %c4 : index
-  %lcol = arith.muli %lcol0, %c2 : index
 ",
+            fragment_coordinates(),
             rows_per_wg = self.c.block_m / self.c.consumers
         )
     }
@@ -1475,6 +1467,22 @@ scf.if %in{x1} {{
 }
 
 pub(super) const WORKGROUP: &str = "#gpu.address_space<workgroup>";
+
+/// A thread's place (from `%tid`) in its warpgroup's wgmma accumulator layout: the warpgroup `%cw`,
+/// `%ctid` within it, `%lane`, `%warp`, `%trow0` (the row of its fragment element 0 within the
+/// warpgroup's 64) and `%lcol` (the column; `%lcol0` = lane mod 4).
+pub(super) fn fragment_coordinates() -> &'static str {
+    "  %cw = arith.divui %tid, %c128 : index
+  %ctid = arith.remui %tid, %c128 : index
+  %lane = arith.remui %ctid, %c32 : index
+  %warp = arith.divui %ctid, %c32 : index
+  %wrow = arith.muli %warp, %c16 : index
+  %lrow = arith.divui %lane, %c4 : index
+  %trow0 = arith.addi %wrow, %lrow : index
+  %lcol0 = arith.remui %lane, %c4 : index
+  %lcol = arith.muli %lcol0, %c2 : index
+"
+}
 
 /// Where accumulator element `e` of row tile `i` sits relative to the thread's element 0 (rows,
 /// columns): the wgmma m64nNk* f32 D layout (a thread holds 2 adjacent columns of rows r and r + 8

@@ -41,7 +41,7 @@
 
 use std::fmt::Write;
 
-use super::gemm::{constants, fragment_offset, indent, STATIC_SHARED_BYTES, WORKGROUP};
+use super::gemm::{constants, fragment_coordinates, fragment_offset, indent, STATIC_SHARED_BYTES, WORKGROUP};
 use crate::target::GpuTarget;
 
 /// Rows of a cache page (the block size of the paged cache), and query rows per block.
@@ -165,18 +165,13 @@ impl MlaDecodeConfig {
         if !(1..=4).contains(&self.stages) {
             return Err(format!("{name}: {} page buffers (1 to 4)", self.stages));
         }
-        let need = self.shared_memory_bytes() + STATIC_SHARED_BYTES;
-        if need > target.max_shared_memory_per_block as usize {
-            return Err(format!(
-                "{name}: needs {need} B of shared memory (query tile, {} page buffers of {} B, {}P, barriers), {} has {}",
-                self.stages,
-                self.stage_bytes(),
-                if self.fp8_cache { "the converted latent, " } else { "" },
-                target.name,
-                target.max_shared_memory_per_block
-            ));
-        }
-        Ok(())
+        let what = format!(
+            "query tile, {} page buffers of {} B, {}P, barriers",
+            self.stages,
+            self.stage_bytes(),
+            if self.fp8_cache { "the converted latent, " } else { "" }
+        );
+        check_shared_memory(&name, self.shared_memory_bytes(), &what, target)
     }
 }
 
@@ -214,30 +209,19 @@ const FRAG_N: usize = 32;
 impl Emitter {
     fn module(&self) -> String {
         let c = &self.c;
-        let ws = WORKGROUP;
-        let stages = c.stages;
-        let mut head = String::new();
-        // Barriers 0..stages: the page buffers; barrier `stages`: the query tile.
-        let _ = writeln!(head, "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {}>", stages + 1);
-        let _ = writeln!(head, "!tmap = !nvgpu.tensormap.descriptor<tensor = memref<{PAGE}x{CHUNK}xbf16, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>");
-        if c.fp8_cache {
-            let _ = writeln!(head, "!tmap8 = !nvgpu.tensormap.descriptor<tensor = memref<{PAGE}x128xi8, 3>, swizzle = none, l2promo = none, oob = zero, interleave = none>");
-        }
-        let _ = writeln!(head, "module attributes {{gpu.container_module}} {{\ngpu.module @kernels {{");
         let fp8_args = if c.fp8_cache { "%rope_ptr: !llvm.ptr, %kv_scale: memref<?x?xf32>, " } else { "" };
-        let _ = writeln!(
-            head,
-            "gpu.func @{}(%q_ptr: !llvm.ptr, %kv_ptr: !llvm.ptr, {fp8_args}%block_table: memref<?x?xi32>, %seqlens: memref<?xi32>, \
-             %o_part: memref<?x?x?xf32>, %lse: memref<?x?xf32>, %rows_per_sequence: index, %heads: index, %scale: f32) kernel attributes \
-             {{known_block_size = array<i32: {THREADS}, 1, 1>}} {{",
-            c.kernel_name()
+        let tmap8 = "!tmap8 = !nvgpu.tensormap.descriptor<tensor = memref<64x128xi8, 3>, swizzle = none, l2promo = none, oob = zero, interleave = none>\n";
+        let head = module_head(
+            &c.kernel_name(),
+            c.stages,
+            if c.fp8_cache { tmap8 } else { "" },
+            &format!(
+                "%q_ptr: !llvm.ptr, %kv_ptr: !llvm.ptr, {fp8_args}%block_table: memref<?x?xi32>, %seqlens: memref<?xi32>, \
+                 %o_part: memref<?x?x?xf32>, %lse: memref<?x?xf32>, %rows_per_sequence: index, %heads: index, %scale: f32"
+            ),
         );
-        let mut t = String::new();
-        t.push_str(&self.prelude());
-        t.push_str(&self.main_loop());
-        t.push_str(&self.epilogue());
-        t.push_str("  gpu.return\n}\n}\n}\n");
-        format!("{head}{}{t}", constants(&t))
+        let body = format!("{}{}{}", self.prelude(), self.main_loop(), self.epilogue());
+        module_text(&head, &body)
     }
 
     /// Block coordinates, the split's pages, shared memory and barriers, the query tile's and the
@@ -247,17 +231,7 @@ impl Emitter {
         let ws = WORKGROUP;
         let (stages, chunks) = (c.stages, c.chunks());
         let mut t = format!(
-            "  %ticks = arith.constant 10000000 : index
-  %parity0 = arith.constant false
-  %zero = arith.constant 0.0 : f32
-  %ninf = arith.constant 0xFF800000 : f32
-  %log2e = arith.constant 1.44269504 : f32
-  %ln2 = arith.constant 0.693147182 : f32
-  %scale_log2 = arith.mulf %scale, %log2e : f32
-  %desc_k = arith.constant {desc_k} : i64
-  %desc_mn = arith.constant {desc_mn} : i64
-  %addr_mask = arith.constant 262143 : i64
-  %q_map = builtin.unrealized_conversion_cast %q_ptr : !llvm.ptr to !tmap
+            "{consts}  %q_map = builtin.unrealized_conversion_cast %q_ptr : !llvm.ptr to !tmap
 {kv_maps}  %tid = gpu.thread_id x
   %bx = gpu.block_id x
   %z = gpu.block_id y
@@ -277,38 +251,21 @@ impl Emitter {
   %p1_raw = arith.addi %p0_raw, %per : index
   %p1 = arith.minui %p1_raw, %pages : index
   %np = arith.subi %p1, %p0 : index
-  %smem = gpu.dynamic_shared_memory : memref<?xi8, {ws}>
-  %smem_base_idx = memref.extract_aligned_pointer_as_index %smem : memref<?xi8, {ws}> -> index
-  %smem_base = arith.index_cast %smem_base_idx : index to i64
-  %bars = nvgpu.mbarrier.create -> !bar
-  %leader = arith.cmpi eq, %tid, %c0 : index
-  scf.if %leader {{
-    scf.for %s = %c0 to %c{nbars} step %c1 {{
-      nvgpu.mbarrier.init %bars[%s], %c1 : !bar
-    }}
-    nvgpu.tma.prefetch.descriptor %q_map : !tmap
-{prefetch}  }}
-  gpu.barrier
-  scf.if %leader {{
-    nvgpu.mbarrier.arrive.expect_tx %bars[%c{stages}], %c{q_bytes} : !bar
-",
-            // K-major operands (the query, the keys, P): 128-byte swizzle (mode 1, bits 62-63), stride
-            // byte offset 1024 B (8 rows of 128 B; bits 32-45, 16-byte units). MN-major (the values):
-            // the same swizzle, 1024 B between groups of 8 keys (stride), 8192 B between 64-column
-            // chunks (leading, bits 16-29; unused by the 64-wide instructions).
-            desc_k = (1u64 << 62) | (64u64 << 32),
-            desc_mn = (1u64 << 62) | (64u64 << 32) | ((CHUNK_BYTES as u64 / 16) << 16),
-            nbars = stages + 1,
-            q_bytes = c.query_bytes(),
+{barriers}",
+            consts = kernel_constants(),
+            barriers = shared_memory_and_barriers(
+                stages,
+                c.query_bytes(),
+                if c.fp8_cache {
+                    &[("%kv_map", "!tmap8"), ("%rope_map", "!tmap")][..]
+                } else {
+                    &[("%kv_map", "!tmap")][..]
+                }
+            ),
             kv_maps = if c.fp8_cache {
                 "  %kv_map = builtin.unrealized_conversion_cast %kv_ptr : !llvm.ptr to !tmap8\n  %rope_map = builtin.unrealized_conversion_cast %rope_ptr : !llvm.ptr to !tmap\n"
             } else {
                 "  %kv_map = builtin.unrealized_conversion_cast %kv_ptr : !llvm.ptr to !tmap\n"
-            },
-            prefetch = if c.fp8_cache {
-                "    nvgpu.tma.prefetch.descriptor %kv_map : !tmap8\n    nvgpu.tma.prefetch.descriptor %rope_map : !tmap\n"
-            } else {
-                "    nvgpu.tma.prefetch.descriptor %kv_map : !tmap\n"
             },
         );
         for k in 0..chunks {
@@ -331,15 +288,7 @@ impl Emitter {
         );
         let _ = writeln!(
             t,
-            "  %cw = arith.divui %tid, %c128 : index
-  %ctid = arith.remui %tid, %c128 : index
-  %lane = arith.remui %ctid, %c32 : index
-  %warp = arith.divui %ctid, %c32 : index
-  %wrow = arith.muli %warp, %c16 : index
-  %lrow = arith.divui %lane, %c4 : index
-  %trow = arith.addi %wrow, %lrow : index
-  %lcol0 = arith.remui %lane, %c4 : index
-  %lcol = arith.muli %lcol0, %c2 : index
+            "{coords}  %trow = arith.addi %trow0, %c0 : index
   %is_wg0 = arith.cmpi eq, %cw, %c0 : index
   %tokens = arith.divui %rows_per_sequence, %heads : index
   %len_t = arith.subi %len, %tokens : index
@@ -357,14 +306,13 @@ impl Emitter {
   %cw_bytes64 = arith.index_cast %cw_bytes : index to i64
   %p_addr = arith.addi %smem_base, %c{p_off}_i64 : i64
 {dp}
-  %frag0 = llvm.mlir.poison : {FRAG}",
+{zero}",
+            coords = fragment_coordinates(),
             half = c.accumulators() * CHUNK_BYTES,
             p_off = c.p_offset(),
             dp = desc("%dp", "%p_addr", "%desc_k"),
+            zero = zero_fragment(),
         );
-        for e in 0..FRAG_N {
-            let _ = writeln!(t, "  %frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {FRAG}", e + 1);
-        }
         // Every thread waits for the query tile (the barrier's first phase).
         let _ = writeln!(
             t,
@@ -531,73 +479,26 @@ gpu.barrier
     /// (log2 domain) and the thread's partial sum.
     fn main_loop(&self) -> String {
         let c = &self.c;
-        let (stages, accs, chunks) = (c.stages, c.accumulators(), c.chunks());
-        let mut iter: Vec<String> = (0..accs).map(|n| format!("%o{n}_in = %frag{FRAG_N}")).collect();
-        iter.extend(["%m0_in = %ninf", "%m1_in = %ninf", "%l0_in = %zero", "%l1_in = %zero"].map(String::from));
-        let mut types = vec![FRAG.to_string(); accs];
-        types.extend(["f32"; 4].map(String::from));
-        let mut t = format!(
-            "  %res:{n} = scf.for %j = %c0 to %np step %c1 iter_args({iter}) -> ({types}) {{
-    %st = arith.remui %j, %c{stages} : index
-    %round = arith.divui %j, %c{stages} : index
-    %par = arith.remui %round, %c2 : index
-    %parity = arith.index_cast %par : index to i1
-    nvgpu.mbarrier.try_wait.parity %bars[%st], %parity, %ticks : !bar
-    %st_off = arith.muli %st, %c{stage_bytes} : index
-    %st_off64 = arith.index_cast %st_off : index to i64
-    %st_rel = arith.addi %st_off64, %c{q_bytes}_i64 : i64
-    %stage_addr = arith.addi %smem_base, %st_rel : i64
-{tail}{convert}",
-            n = accs + 4,
-            tail = indent(&self.zero_tail(), 4),
-            convert = if c.fp8_cache { indent(&self.convert_page(), 4) + "\n" } else { String::new() },
-            iter = iter.join(", "),
-            types = types.join(", "),
-            stage_bytes = c.stage_bytes(),
-            q_bytes = c.query_bytes(),
-        );
-        // S = Q K^T over every chunk, 4 k16 steps per chunk.
+        let (accs, chunks) = (c.accumulators(), c.chunks());
+        let (iter, types) = loop_carried(accs);
+        let mut t = tile_loop_head("%np", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
+        t.push_str(&indent(&self.zero_tail(), 4));
         if c.fp8_cache {
-            let _ = writeln!(t, "    %conv_addr = arith.addi %smem_base, %c{}_i64 : i64", c.converted_offset());
+            t.push_str(&indent(&self.convert_page(), 4));
+            let _ = writeln!(t, "\n    %conv_addr = arith.addi %smem_base, %c{}_i64 : i64", c.converted_offset());
         }
-        for k in 0..chunks {
-            let _ = writeln!(t, "    %qa{k} = arith.addi %smem_base, %c{}_i64 : i64", k * CHUNK_BYTES);
-            let _ = writeln!(t, "{}", indent(&desc(&format!("%dq{k}"), &format!("%qa{k}"), "%desc_k"), 4));
-            // The fp8 cache's latent chunks are the converted ones; its rope chunks follow the
-            // e4m3 latent in the page buffer.
-            let (base, off) = match (c.fp8_cache, k < c.latent_chunks()) {
-                (true, true) => ("%conv_addr", k * CHUNK_BYTES),
-                (true, false) => ("%stage_addr", PAGE * c.kv + (k - c.latent_chunks()) * CHUNK_BYTES),
-                (false, _) => ("%stage_addr", k * CHUNK_BYTES),
-            };
-            let _ = writeln!(t, "    %ka{k} = arith.addi {base}, %c{off}_i64 : i64");
-            let _ = writeln!(t, "{}", indent(&desc(&format!("%dk{k}"), &format!("%ka{k}"), "%desc_k"), 4));
-        }
-        let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
-        let mut s = format!("%frag{FRAG_N}");
-        for k in 0..chunks {
-            for ks in 0..4 {
-                let (da, db) = if ks == 0 {
-                    (format!("%dq{k}"), format!("%dk{k}"))
-                } else {
-                    let _ = writeln!(t, "    %dq{k}_{ks} = arith.addi %dq{k}, %c{}_i64 : i64", 2 * ks);
-                    let _ = writeln!(t, "    %dk{k}_{ks} = arith.addi %dk{k}, %c{}_i64 : i64", 2 * ks);
-                    (format!("%dq{k}_{ks}"), format!("%dk{k}_{ks}"))
-                };
-                let scale_out = if k == 0 && ks == 0 { "zero" } else { "one" };
-                let out = format!("%s{k}_{ks}");
-                let _ = writeln!(
-                    t,
-                    "    {out} = nvvm.wgmma.mma_async {da}, {db}, {s}, <m = 64, n = 64, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {FRAG} -> {FRAG}"
-                );
-                s = out;
-            }
-        }
-        let _ = writeln!(t, "    nvvm.wgmma.commit.group.sync.aligned\n    nvvm.wgmma.wait.group.sync.aligned 0");
+        // S = Q K^T. The fp8 cache's latent chunks are the converted ones; its rope chunks follow
+        // the e4m3 latent in the page buffer.
+        let key = |k: usize| match (c.fp8_cache, k < c.latent_chunks()) {
+            (true, true) => ("%conv_addr", k * CHUNK_BYTES),
+            (true, false) => ("%stage_addr", PAGE * c.kv + (k - c.latent_chunks()) * CHUNK_BYTES),
+            (false, _) => ("%stage_addr", k * CHUNK_BYTES),
+        };
+        let s = qk_products(&mut t, chunks, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
         let (softmax, mut o) = self.softmax(&s);
         t.push_str(&indent(&softmax, 4));
         t.push('\n');
-        // P V: each warpgroup's `accs` 64-column chunks of the values (MN-major), 4 k16 steps of keys.
+        // P V: each warpgroup's `accs` 64-column chunks of the values.
         let _ = writeln!(
             t,
             "    nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
@@ -605,51 +506,8 @@ gpu.barrier
     %v_addr = arith.addi {values}, %cw_bytes64 : i64",
             values = if c.fp8_cache { "%conv_addr" } else { "%stage_addr" }
         );
-        for n in 0..accs {
-            let _ = writeln!(t, "    %va{n} = arith.addi %v_addr, %c{}_i64 : i64", n * CHUNK_BYTES);
-            let _ = writeln!(t, "{}", indent(&desc(&format!("%dv{n}"), &format!("%va{n}"), "%desc_mn"), 4));
-        }
-        let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
-        for ks in 0..4 {
-            let dp = if ks == 0 {
-                "%dp".to_string()
-            } else {
-                let _ = writeln!(t, "    %dp_{ks} = arith.addi %dp, %c{}_i64 : i64", 2 * ks);
-                format!("%dp_{ks}")
-            };
-            for (n, o_n) in o.iter_mut().enumerate() {
-                let dv = if ks == 0 {
-                    format!("%dv{n}")
-                } else {
-                    // 16 keys further: two 8-key groups of 1024 B (64 units of 16 B each).
-                    let _ = writeln!(t, "    %dv{n}_{ks} = arith.addi %dv{n}, %c{}_i64 : i64", 128 * ks);
-                    format!("%dv{n}_{ks}")
-                };
-                let out = format!("%pv{n}_{ks}");
-                let _ = writeln!(
-                    t,
-                    "    {out} = nvvm.wgmma.mma_async {dp}, {dv}, {o_n}, <m = 64, n = 64, k = 16>, D[<f32>, <one>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {FRAG} -> {FRAG}"
-                );
-                *o_n = out;
-            }
-        }
-        let _ = writeln!(
-            t,
-            "    nvvm.wgmma.commit.group.sync.aligned
-    nvvm.wgmma.wait.group.sync.aligned 0
-    gpu.barrier
-    %jn = arith.addi %j, %c{stages} : index
-    %more = arith.cmpi ult, %jn, %np : index
-    %refill = arith.andi %leader, %more : i1
-    scf.if %refill {{
-{load}
-    }}
-    scf.yield {o}, %m0, %m1, %l0, %l1 : {types}
-  }}",
-            load = indent(&self.load_page("%jn", "%jn"), 6),
-            o = o.join(", "),
-            types = types.join(", "),
-        );
+        pv_products(&mut t, "%v_addr", 0, &mut o);
+        t.push_str(&tile_loop_tail("%np", c.stages, &self.load_page("%jn", "%jn"), &o, &types));
         t
     }
 
@@ -854,17 +712,8 @@ impl MlaPrefillConfig {
         if !(1..=4).contains(&self.stages) {
             return Err(format!("{name}: {} tile buffers (1 to 4)", self.stages));
         }
-        let need = self.shared_memory_bytes() + STATIC_SHARED_BYTES;
-        if need > target.max_shared_memory_per_block as usize {
-            return Err(format!(
-                "{name}: needs {need} B of shared memory (query tiles, {} key/value buffers of {} B, P, barriers), {} has {}",
-                self.stages,
-                self.stage_bytes(),
-                target.name,
-                target.max_shared_memory_per_block
-            ));
-        }
-        Ok(())
+        let what = format!("query tiles, {} key/value buffers of {} B, P, barriers", self.stages, self.stage_bytes());
+        check_shared_memory(&name, self.shared_memory_bytes(), &what, target)
     }
 }
 
@@ -883,28 +732,15 @@ impl PrefillEmitter {
         let c = &self.c;
         let ws = WORKGROUP;
         let (stages, qc) = (c.stages, c.qk_chunks());
-        let mut head = String::new();
-        let _ = writeln!(head, "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {}>", stages + 1);
-        let _ = writeln!(head, "!tmap = !nvgpu.tensormap.descriptor<tensor = memref<{PAGE}x{CHUNK}xbf16, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>");
-        let _ = writeln!(head, "module attributes {{gpu.container_module}} {{\ngpu.module @kernels {{");
-        let _ = writeln!(
-            head,
-            "gpu.func @{}(%q_ptr: !llvm.ptr, %k_ptr: !llvm.ptr, %v_ptr: !llvm.ptr, %out: memref<?x?xf32>, %t_len: index, \
-             %s_len: index, %scale: f32) kernel attributes {{known_block_size = array<i32: {THREADS}, 1, 1>}} {{",
-            c.kernel_name()
+        let head = module_head(
+            &c.kernel_name(),
+            stages,
+            "",
+            "%q_ptr: !llvm.ptr, %k_ptr: !llvm.ptr, %v_ptr: !llvm.ptr, %out: memref<?x?xf32>, %t_len: index, %s_len: index, \
+             %scale: f32",
         );
         let mut t = format!(
-            "  %ticks = arith.constant 10000000 : index
-  %parity0 = arith.constant false
-  %true = arith.constant true
-  %zero = arith.constant 0.0 : f32
-  %ninf = arith.constant 0xFF800000 : f32
-  %log2e = arith.constant 1.44269504 : f32
-  %scale_log2 = arith.mulf %scale, %log2e : f32
-  %desc_k = arith.constant {desc_k} : i64
-  %desc_mn = arith.constant {desc_mn} : i64
-  %addr_mask = arith.constant 262143 : i64
-  %q_map = builtin.unrealized_conversion_cast %q_ptr : !llvm.ptr to !tmap
+            "{consts}  %q_map = builtin.unrealized_conversion_cast %q_ptr : !llvm.ptr to !tmap
   %k_map = builtin.unrealized_conversion_cast %k_ptr : !llvm.ptr to !tmap
   %v_map = builtin.unrealized_conversion_cast %v_ptr : !llvm.ptr to !tmap
   %tid = gpu.thread_id x
@@ -920,27 +756,9 @@ impl PrefillEmitter {
   %key_end0 = arith.addi %past, %q_end : index
   %key_end = arith.minui %key_end0, %s_len : index
   %nt = arith.ceildivui %key_end, %c{PAGE} : index
-  %smem = gpu.dynamic_shared_memory : memref<?xi8, {ws}>
-  %smem_base_idx = memref.extract_aligned_pointer_as_index %smem : memref<?xi8, {ws}> -> index
-  %smem_base = arith.index_cast %smem_base_idx : index to i64
-  %bars = nvgpu.mbarrier.create -> !bar
-  %leader = arith.cmpi eq, %tid, %c0 : index
-  scf.if %leader {{
-    scf.for %s = %c0 to %c{nbars} step %c1 {{
-      nvgpu.mbarrier.init %bars[%s], %c1 : !bar
-    }}
-    nvgpu.tma.prefetch.descriptor %q_map : !tmap
-    nvgpu.tma.prefetch.descriptor %k_map : !tmap
-    nvgpu.tma.prefetch.descriptor %v_map : !tmap
-  }}
-  gpu.barrier
-  scf.if %leader {{
-    nvgpu.mbarrier.arrive.expect_tx %bars[%c{stages}], %c{q_bytes} : !bar
-",
-            desc_k = (1u64 << 62) | (64u64 << 32),
-            desc_mn = (1u64 << 62) | (64u64 << 32) | ((CHUNK_BYTES as u64 / 16) << 16),
-            nbars = stages + 1,
-            q_bytes = c.query_bytes(),
+{barriers}",
+            consts = kernel_constants(),
+            barriers = shared_memory_and_barriers(stages, c.query_bytes(), &[("%k_map", "!tmap"), ("%v_map", "!tmap")]),
         );
         for w in 0..2 {
             for k in 0..qc {
@@ -967,15 +785,7 @@ impl PrefillEmitter {
         // Thread coordinates; this warpgroup's query rows and their absolute positions.
         let _ = writeln!(
             t,
-            "  %cw = arith.divui %tid, %c128 : index
-  %ctid = arith.remui %tid, %c128 : index
-  %lane = arith.remui %ctid, %c32 : index
-  %warp = arith.divui %ctid, %c32 : index
-  %wrow = arith.muli %warp, %c16 : index
-  %lrow = arith.divui %lane, %c4 : index
-  %trow = arith.addi %wrow, %lrow : index
-  %lcol0 = arith.remui %lane, %c4 : index
-  %lcol = arith.muli %lcol0, %c2 : index
+            "{coords}  %trow = arith.addi %trow0, %c0 : index
   %wq = arith.muli %cw, %c64 : index
   %wq0 = arith.addi %q_first, %wq : index
   %t0 = arith.addi %wq0, %trow : index
@@ -990,19 +800,17 @@ impl PrefillEmitter {
   %p_off64 = arith.index_cast %p_off : index to i64
   %p_addr = arith.addi %smem_base, %p_off64 : i64
 {dp}
-  %frag0 = llvm.mlir.poison : {FRAG}",
+{zero}",
+            coords = fragment_coordinates(),
             q_tile = qc * CHUNK_BYTES,
             p_off = c.p_offset(),
             dp = desc("%dp", "%p_addr", "%desc_k"),
+            zero = zero_fragment(),
         );
-        for e in 0..FRAG_N {
-            let _ = writeln!(t, "  %frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {FRAG}", e + 1);
-        }
         let _ = writeln!(t, "  nvgpu.mbarrier.try_wait.parity %bars[%c{stages}], %parity0, %ticks : !bar");
         t.push_str(&self.main_loop());
         t.push_str(&self.epilogue());
-        t.push_str("  gpu.return\n}\n}\n}\n");
-        format!("{head}{}{t}", constants(&t))
+        module_text(&head, &t)
     }
 
     /// TMA loads of key/value tile `j` into ring buffer `j mod stages` (one thread).
@@ -1037,56 +845,10 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
 
     fn main_loop(&self) -> String {
         let c = &self.c;
-        let (stages, qc, accs) = (c.stages, c.qk_chunks(), c.v_chunks());
-        let mut iter: Vec<String> = (0..accs).map(|n| format!("%o{n}_in = %frag{FRAG_N}")).collect();
-        iter.extend(["%m0_in = %ninf", "%m1_in = %ninf", "%l0_in = %zero", "%l1_in = %zero"].map(String::from));
-        let mut types = vec![FRAG.to_string(); accs];
-        types.extend(["f32"; 4].map(String::from));
-        let mut t = format!(
-            "  %res:{n} = scf.for %j = %c0 to %nt step %c1 iter_args({iter}) -> ({types}) {{
-    %st = arith.remui %j, %c{stages} : index
-    %round = arith.divui %j, %c{stages} : index
-    %par = arith.remui %round, %c2 : index
-    %parity = arith.index_cast %par : index to i1
-    nvgpu.mbarrier.try_wait.parity %bars[%st], %parity, %ticks : !bar
-    %st_off = arith.muli %st, %c{stage_bytes} : index
-    %st_off64 = arith.index_cast %st_off : index to i64
-    %st_rel = arith.addi %st_off64, %c{q_bytes}_i64 : i64
-    %stage_addr = arith.addi %smem_base, %st_rel : i64
-",
-            n = accs + 4,
-            iter = iter.join(", "),
-            types = types.join(", "),
-            stage_bytes = c.stage_bytes(),
-            q_bytes = c.query_bytes(),
-        );
-        for k in 0..qc {
-            let _ = writeln!(t, "    %qa{k} = arith.addi %q_addr, %c{}_i64 : i64", k * CHUNK_BYTES);
-            let _ = writeln!(t, "{}", indent(&desc(&format!("%dq{k}"), &format!("%qa{k}"), "%desc_k"), 4));
-            let _ = writeln!(t, "    %ka{k} = arith.addi %stage_addr, %c{}_i64 : i64", k * CHUNK_BYTES);
-            let _ = writeln!(t, "{}", indent(&desc(&format!("%dk{k}"), &format!("%ka{k}"), "%desc_k"), 4));
-        }
-        let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
-        let mut s = format!("%frag{FRAG_N}");
-        for k in 0..qc {
-            for ks in 0..4 {
-                let (da, db) = if ks == 0 {
-                    (format!("%dq{k}"), format!("%dk{k}"))
-                } else {
-                    let _ = writeln!(t, "    %dq{k}_{ks} = arith.addi %dq{k}, %c{}_i64 : i64", 2 * ks);
-                    let _ = writeln!(t, "    %dk{k}_{ks} = arith.addi %dk{k}, %c{}_i64 : i64", 2 * ks);
-                    (format!("%dq{k}_{ks}"), format!("%dk{k}_{ks}"))
-                };
-                let scale_out = if k == 0 && ks == 0 { "zero" } else { "one" };
-                let out = format!("%s{k}_{ks}");
-                let _ = writeln!(
-                    t,
-                    "    {out} = nvvm.wgmma.mma_async {da}, {db}, {s}, <m = 64, n = 64, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {FRAG} -> {FRAG}"
-                );
-                s = out;
-            }
-        }
-        let _ = writeln!(t, "    nvvm.wgmma.commit.group.sync.aligned\n    nvvm.wgmma.wait.group.sync.aligned 0");
+        let (qc, accs) = (c.qk_chunks(), c.v_chunks());
+        let (iter, types) = loop_carried(accs);
+        let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
+        let s = qk_products(&mut t, qc, &|k| ("%q_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
         // Causal and length masks: key <= the row's position, key < S.
         let mask = |e: usize| {
             let h = fragment_offset(0, e).0 / 8;
@@ -1096,7 +858,7 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
 %in{e} = arith.andi %vis{e}, %inside{e} : i1"
             )
         };
-        let (softmax, o) = online_softmax(&s, accs, &mask, None, "%p_off");
+        let (softmax, mut o) = online_softmax(&s, accs, &mask, None, "%p_off");
         let _ = writeln!(
             t,
             "    %tile_key = arith.muli %j, %c{PAGE} : index
@@ -1106,51 +868,8 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
     gpu.barrier",
             indent(&softmax, 4)
         );
-        for n in 0..accs {
-            let _ = writeln!(t, "    %va{n} = arith.addi %stage_addr, %c{}_i64 : i64", (qc + n) * CHUNK_BYTES);
-            let _ = writeln!(t, "{}", indent(&desc(&format!("%dv{n}"), &format!("%va{n}"), "%desc_mn"), 4));
-        }
-        let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
-        let mut o = o;
-        for ks in 0..4 {
-            let dp = if ks == 0 {
-                "%dp".to_string()
-            } else {
-                let _ = writeln!(t, "    %dp_{ks} = arith.addi %dp, %c{}_i64 : i64", 2 * ks);
-                format!("%dp_{ks}")
-            };
-            for (n, o_n) in o.iter_mut().enumerate() {
-                let dv = if ks == 0 {
-                    format!("%dv{n}")
-                } else {
-                    let _ = writeln!(t, "    %dv{n}_{ks} = arith.addi %dv{n}, %c{}_i64 : i64", 128 * ks);
-                    format!("%dv{n}_{ks}")
-                };
-                let out = format!("%pv{n}_{ks}");
-                let _ = writeln!(
-                    t,
-                    "    {out} = nvvm.wgmma.mma_async {dp}, {dv}, {o_n}, <m = 64, n = 64, k = 16>, D[<f32>, <one>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {FRAG} -> {FRAG}"
-                );
-                *o_n = out;
-            }
-        }
-        let _ = writeln!(
-            t,
-            "    nvvm.wgmma.commit.group.sync.aligned
-    nvvm.wgmma.wait.group.sync.aligned 0
-    gpu.barrier
-    %jn = arith.addi %j, %c{stages} : index
-    %more = arith.cmpi ult, %jn, %nt : index
-    %refill = arith.andi %leader, %more : i1
-    scf.if %refill {{
-{load}
-    }}
-    scf.yield {o}, %m0, %m1, %l0, %l1 : {types}
-  }}",
-            load = indent(&self.load_tile("%jn"), 6),
-            o = o.join(", "),
-            types = types.join(", "),
-        );
+        pv_products(&mut t, "%stage_addr", qc * CHUNK_BYTES, &mut o);
+        t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn"), &o, &types));
         t
     }
 
@@ -1190,6 +909,227 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
         }
         t
     }
+}
+
+/// Why `dynamic` bytes of shared memory (`what` they hold) and the static barriers do not fit a block
+/// on `target`, if they do not.
+fn check_shared_memory(name: &str, dynamic: usize, what: &str, target: &GpuTarget) -> Result<(), String> {
+    let need = dynamic + STATIC_SHARED_BYTES;
+    if need > target.max_shared_memory_per_block as usize {
+        return Err(format!(
+            "{name}: needs {need} B of shared memory ({what}), {} has {}",
+            target.name, target.max_shared_memory_per_block
+        ));
+    }
+    Ok(())
+}
+
+/// The module around an attention kernel: the barrier group (`stages` ring buffers + the query
+/// tile's), the bf16 tensor map type (`extra_types` after it), and the `gpu.func` head with `args`.
+fn module_head(name: &str, stages: usize, extra_types: &str, args: &str) -> String {
+    let ws = WORKGROUP;
+    format!(
+        "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {}>
+!tmap = !nvgpu.tensormap.descriptor<tensor = memref<{PAGE}x{CHUNK}xbf16, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>
+{extra_types}module attributes {{gpu.container_module}} {{
+gpu.module @kernels {{
+gpu.func @{name}({args}) kernel attributes {{known_block_size = array<i32: {THREADS}, 1, 1>}} {{
+",
+        stages + 1
+    )
+}
+
+/// The module text: the head, the constants the body uses, the body, the closing braces.
+fn module_text(head: &str, body: &str) -> String {
+    format!("{head}{}{body}  gpu.return\n}}\n}}\n}}\n", constants(body))
+}
+
+/// Constants every attention kernel uses: the barrier wait's tick budget, the first phase's parity,
+/// f32 0 / -inf / log2 e / ln 2, the scores' log2-domain scale, and the wgmma descriptors' high bits.
+fn kernel_constants() -> String {
+    format!(
+        "  %ticks = arith.constant 10000000 : index
+  %parity0 = arith.constant false
+  %true = arith.constant true
+  %zero = arith.constant 0.0 : f32
+  %ninf = arith.constant 0xFF800000 : f32
+  %log2e = arith.constant 1.44269504 : f32
+  %ln2 = arith.constant 0.693147182 : f32
+  %scale_log2 = arith.mulf %scale, %log2e : f32
+  %desc_k = arith.constant {desc_k} : i64
+  %desc_mn = arith.constant {desc_mn} : i64
+  %addr_mask = arith.constant 262143 : i64
+",
+        // K-major operands (the query, the keys, P): 128-byte swizzle (mode 1, bits 62-63), stride
+        // byte offset 1024 B (8 rows of 128 B; bits 32-45, 16-byte units). MN-major (the values):
+        // the same swizzle, 1024 B between groups of 8 keys (stride), 8192 B between 64-column
+        // chunks (leading, bits 16-29; unused by the 64-wide instructions).
+        desc_k = (1u64 << 62) | (64u64 << 32),
+        desc_mn = (1u64 << 62) | (64u64 << 32) | ((CHUNK_BYTES as u64 / 16) << 16),
+    )
+}
+
+/// Dynamic shared memory (`%smem`, its address `%smem_base`), the barriers initialized by the
+/// leader thread (which prefetches the query's and `maps`' tensor maps), a block barrier, then the
+/// leader's branch opened with the query tile's expected bytes on barrier `stages`.
+fn shared_memory_and_barriers(stages: usize, query_bytes: usize, maps: &[(&str, &str)]) -> String {
+    let ws = WORKGROUP;
+    let prefetch: String =
+        maps.iter().map(|(map, ty)| format!("    nvgpu.tma.prefetch.descriptor {map} : {ty}\n")).collect();
+    format!(
+        "  %smem = gpu.dynamic_shared_memory : memref<?xi8, {ws}>
+  %smem_base_idx = memref.extract_aligned_pointer_as_index %smem : memref<?xi8, {ws}> -> index
+  %smem_base = arith.index_cast %smem_base_idx : index to i64
+  %bars = nvgpu.mbarrier.create -> !bar
+  %leader = arith.cmpi eq, %tid, %c0 : index
+  scf.if %leader {{
+    scf.for %s = %c0 to %c{nbars} step %c1 {{
+      nvgpu.mbarrier.init %bars[%s], %c1 : !bar
+    }}
+    nvgpu.tma.prefetch.descriptor %q_map : !tmap
+{prefetch}  }}
+  gpu.barrier
+  scf.if %leader {{
+    nvgpu.mbarrier.arrive.expect_tx %bars[%c{stages}], %c{query_bytes} : !bar
+",
+        nbars = stages + 1
+    )
+}
+
+/// A zero m64n64 accumulator fragment, `%frag32` (built up from `%frag0`).
+fn zero_fragment() -> String {
+    let mut t = format!("  %frag0 = llvm.mlir.poison : {FRAG}\n");
+    for e in 0..FRAG_N {
+        let _ = writeln!(t, "  %frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {FRAG}", e + 1);
+    }
+    t
+}
+
+/// The tile loop's carried values: `accs` output accumulators (zero), the two row halves' maxima
+/// (-inf) and partial sums (0); (`iter_args` entries, their types).
+fn loop_carried(accs: usize) -> (Vec<String>, Vec<String>) {
+    let mut iter: Vec<String> = (0..accs).map(|n| format!("%o{n}_in = %frag{FRAG_N}")).collect();
+    iter.extend(["%m0_in = %ninf", "%m1_in = %ninf", "%l0_in = %zero", "%l1_in = %zero"].map(String::from));
+    let mut types = vec![FRAG.to_string(); accs];
+    types.extend(["f32"; 4].map(String::from));
+    (iter, types)
+}
+
+/// The tile loop's head: `count` tiles; tile `%j` waits for ring buffer `%st` (its barrier's phase
+/// parity), whose address is `%stage_addr` (`%st_off` from the ring's start, after the queries).
+fn tile_loop_head(count: &str, iter: &[String], types: &[String], stages: usize, stage: usize, query: usize) -> String {
+    format!(
+        "  %res:{n} = scf.for %j = %c0 to {count} step %c1 iter_args({iter}) -> ({types}) {{
+    %st = arith.remui %j, %c{stages} : index
+    %round = arith.divui %j, %c{stages} : index
+    %par = arith.remui %round, %c2 : index
+    %parity = arith.index_cast %par : index to i1
+    nvgpu.mbarrier.try_wait.parity %bars[%st], %parity, %ticks : !bar
+    %st_off = arith.muli %st, %c{stage} : index
+    %st_off64 = arith.index_cast %st_off : index to i64
+    %st_rel = arith.addi %st_off64, %c{query}_i64 : i64
+    %stage_addr = arith.addi %smem_base, %st_rel : i64
+",
+        n = types.len(),
+        iter = iter.join(", "),
+        types = types.join(", "),
+    )
+}
+
+/// `S = Q K^T` for one tile: per 64-column chunk k the query's at `q(k)` and the keys' at `key(k)`
+/// (a base address SSA value and a byte offset; both K-major, 128-byte swizzled), 4 k16 steps each.
+/// Returns the S fragment's name.
+fn qk_products(
+    t: &mut String,
+    chunks: usize,
+    q: &dyn Fn(usize) -> (&'static str, usize),
+    key: &dyn Fn(usize) -> (&'static str, usize),
+) -> String {
+    for k in 0..chunks {
+        for (name, (base, off)) in [("q", q(k)), ("k", key(k))] {
+            let _ = writeln!(t, "    %{name}a{k} = arith.addi {base}, %c{off}_i64 : i64");
+            let _ = writeln!(t, "{}", indent(&desc(&format!("%d{name}{k}"), &format!("%{name}a{k}"), "%desc_k"), 4));
+        }
+    }
+    let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
+    let mut s = format!("%frag{FRAG_N}");
+    for k in 0..chunks {
+        for ks in 0..4 {
+            let (da, db) = if ks == 0 {
+                (format!("%dq{k}"), format!("%dk{k}"))
+            } else {
+                let _ = writeln!(t, "    %dq{k}_{ks} = arith.addi %dq{k}, %c{}_i64 : i64", 2 * ks);
+                let _ = writeln!(t, "    %dk{k}_{ks} = arith.addi %dk{k}, %c{}_i64 : i64", 2 * ks);
+                (format!("%dq{k}_{ks}"), format!("%dk{k}_{ks}"))
+            };
+            let scale_out = if k == 0 && ks == 0 { "zero" } else { "one" };
+            let out = format!("%s{k}_{ks}");
+            let _ = writeln!(
+                t,
+                "    {out} = nvvm.wgmma.mma_async {da}, {db}, {s}, <m = 64, n = 64, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {FRAG} -> {FRAG}"
+            );
+            s = out;
+        }
+    }
+    let _ = writeln!(t, "    nvvm.wgmma.commit.group.sync.aligned\n    nvvm.wgmma.wait.group.sync.aligned 0");
+    s
+}
+
+/// `O += P V` for one tile: P (`%dp`, K-major) times the 64-column value chunks at `v_base +
+/// v_offset + n * 8 KiB` (MN-major: the transposed B), 4 k16 steps of keys; `o` are the
+/// accumulators (renamed to their results).
+fn pv_products(t: &mut String, v_base: &str, v_offset: usize, o: &mut [String]) {
+    for n in 0..o.len() {
+        let _ = writeln!(t, "    %va{n} = arith.addi {v_base}, %c{}_i64 : i64", v_offset + n * CHUNK_BYTES);
+        let _ = writeln!(t, "{}", indent(&desc(&format!("%dv{n}"), &format!("%va{n}"), "%desc_mn"), 4));
+    }
+    let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
+    for ks in 0..4 {
+        let dp = if ks == 0 {
+            "%dp".to_string()
+        } else {
+            let _ = writeln!(t, "    %dp_{ks} = arith.addi %dp, %c{}_i64 : i64", 2 * ks);
+            format!("%dp_{ks}")
+        };
+        for (n, o_n) in o.iter_mut().enumerate() {
+            let dv = if ks == 0 {
+                format!("%dv{n}")
+            } else {
+                // 16 keys further: two 8-key groups of 1024 B (64 units of 16 B each).
+                let _ = writeln!(t, "    %dv{n}_{ks} = arith.addi %dv{n}, %c{}_i64 : i64", 128 * ks);
+                format!("%dv{n}_{ks}")
+            };
+            let out = format!("%pv{n}_{ks}");
+            let _ = writeln!(
+                t,
+                "    {out} = nvvm.wgmma.mma_async {dp}, {dv}, {o_n}, <m = 64, n = 64, k = 16>, D[<f32>, <one>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {FRAG} -> {FRAG}"
+            );
+            *o_n = out;
+        }
+    }
+}
+
+/// The tile loop's end: the products done, a block barrier (every warp has read the buffer and
+/// P), the leader refills the buffer with tile `%j + stages` (`load`) when there is one, the
+/// carried values yielded.
+fn tile_loop_tail(count: &str, stages: usize, load: &str, o: &[String], types: &[String]) -> String {
+    format!(
+        "    nvvm.wgmma.commit.group.sync.aligned
+    nvvm.wgmma.wait.group.sync.aligned 0
+    gpu.barrier
+    %jn = arith.addi %j, %c{stages} : index
+    %more = arith.cmpi ult, %jn, {count} : index
+    %refill = arith.andi %leader, %more : i1
+    scf.if %refill {{
+{load}
+    }}
+    scf.yield {o}, %m0, %m1, %l0, %l1 : {types}
+  }}
+",
+        load = indent(load, 6),
+        o = o.join(", "),
+        types = types.join(", "),
+    )
 }
 
 /// The online softmax of one 64 x 64 score fragment `s` in f32: each element's key `%key<e>` is

@@ -1216,25 +1216,18 @@ memref.store %best#0, %sh_key[%tid] : {key}
 memref.store %best#1, %sh_idx[%tid] : {idx}
 "
                 )];
-                let mut stride = self.threads / 2;
-                while stride >= 1 {
-                    phases.push(format!(
-                        "%stride = arith.constant {stride} : index
-%in = arith.cmpi ult, %tid, %stride : index
-scf.if %in {{
-  %other = arith.addi %tid, %stride : index
-  %bk = memref.load %sh_key[%tid] : {key}
-  %bi = memref.load %sh_idx[%tid] : {idx}
-  %k = memref.load %sh_key[%other] : {key}
-  %ix = memref.load %sh_idx[%other] : {idx}
-  {better}
-  memref.store %nk, %sh_key[%tid] : {key}
-  memref.store %ni, %sh_idx[%tid] : {idx}
-}}
-"
-                    ));
-                    stride /= 2;
-                }
+                phases.extend(tree_phases(
+                    self.threads,
+                    &format!(
+                        "%bk = memref.load %sh_key[%tid] : {key}
+%bi = memref.load %sh_idx[%tid] : {idx}
+%k = memref.load %sh_key[%other] : {key}
+%ix = memref.load %sh_idx[%other] : {idx}
+{better}
+memref.store %nk, %sh_key[%tid] : {key}
+memref.store %ni, %sh_idx[%tid] : {idx}"
+                    ),
+                ));
                 phases.push(format!(
                     "%first = arith.cmpi eq, %tid, %c0 : index
 scf.if %first {{
@@ -1473,23 +1466,16 @@ memref.store %ss, %sh_sum[%tid] : {sum}
             Some(""),
         ));
         // 2..: a tree over the threads' sums.
-        let mut stride = self.threads / 2;
-        while stride >= 1 {
-            phases.push(format!(
-                "%stride = arith.constant {stride} : index
-%in = arith.cmpi ult, %tid, %stride : index
-scf.if %in {{
-  %other = arith.addi %tid, %stride : index
-  %a = memref.load %sh_sum[%tid] : {sum}
-  %b = memref.load %sh_sum[%other] : {sum}
-  %s = arith.addf %a, %b : f32
-  memref.store %s, %sh_sum[%tid] : {sum}
-}}
-",
+        phases.extend(tree_phases(
+            self.threads,
+            &format!(
+                "%a = memref.load %sh_sum[%tid] : {sum}
+%b = memref.load %sh_sum[%other] : {sum}
+%s = arith.addf %a, %b : f32
+memref.store %s, %sh_sum[%tid] : {sum}",
                 sum = sh("sh_sum")
-            ));
-            stride /= 2;
-        }
+            ),
+        ));
         // y = w * (x * inv), inv = 1 / sqrt(sum / d + eps).
         phases.push(guarded(
             format!(
@@ -1735,6 +1721,26 @@ fn quant_constants(groups: usize) -> String {
 
 /// `{out} = exp(value)`: on sm_90a `ex2.approx` of `value * log2(e)` (no libdevice is linked; a few
 /// ulp), on the CPU libm's (the reference's).
+/// A tree over the threads' shared values: one phase per stride (threads / 2 down to 1) in which
+/// each thread below the stride combines its slot with slot `%other` = tid + stride (`combine`).
+fn tree_phases(threads: usize, combine: &str) -> Vec<String> {
+    let mut phases = Vec::new();
+    let mut stride = threads / 2;
+    while stride >= 1 {
+        phases.push(format!(
+            "%stride = arith.constant {stride} : index
+%in = arith.cmpi ult, %tid, %stride : index
+scf.if %in {{
+  %other = arith.addi %tid, %stride : index
+{}}}
+",
+            indent2(combine)
+        ));
+        stride /= 2;
+    }
+    phases
+}
+
 /// `text` indented by two more spaces.
 fn indent2(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
