@@ -2362,11 +2362,24 @@ mod tests {
     /// MLA decode attention (absorbed) through the CPU lowering against the reference's `mla`
     /// (absorbed form, fp8 kv_b dequantized) and its 1x128 quantization: the same sums in the same
     /// order, so scales and bytes equal; a context longer than the kernel's capacity gives NaN scales.
+    /// 1, 2 and 5 heads; sequences seeing 1 to 5000 keys.
     #[test]
     fn mla_decode_attention_matches_the_reference() {
+        // Keys 1, 8 and 20: a capacity of 8 rows holds the first two sequences only.
+        check_mla_decode(2, 20, vec![0, 7, 19], &[64, 8]);
+        // Other head counts, contexts from one key to 5000.
+        check_mla_decode(5, 5000, vec![4999, 0, 2500, 63, 64], &[8192]);
+        check_mla_decode(1, 300, vec![299], &[512]);
+    }
+
+    /// [`RowOp::MlaDecode`] over `positions.len()` sequences of `slots` cache rows (sequence b sees
+    /// rows `0..=positions[b]`) with `heads` heads, through the CPU lowering, against the reference's
+    /// absorbed `mla` and its 1x128 quantization, bit for bit, per kernel capacity in `contexts`; a
+    /// sequence with more keys than the capacity gets NaN scales.
+    fn check_mla_decode(heads: usize, slots: usize, mut positions: Vec<i64>, contexts: &[usize]) {
         use v3c_models::dtype::f32_to_f8e4m3;
-        let (heads, nope, rope, v, kv) = (2, 16, 8, 128, 64);
-        let (b, slots) = (3, 20);
+        let (nope, rope, v, kv) = (16, 8, 128, 64);
+        let b = positions.len();
         let scale = 0.3f32;
         let per = nope + v;
         let kvb_f: Vec<f32> = values(heads * per * kv, 40, 1.0);
@@ -2379,7 +2392,6 @@ mod tests {
         let mut q_nope = values(b * heads * nope, 41, 2.0);
         let mut q_pe = values(b * heads * rope, 42, 2.0);
         let mut cache = values(b * slots * (kv + rope), 43, 1.0);
-        let mut positions: Vec<i64> = vec![0, 7, 19];
         let dims = kernels::MlaDims { heads, nope, rope, v, kv_lora: kv };
         let mut want = Vec::new();
         for seq in 0..b {
@@ -2400,7 +2412,7 @@ mod tests {
             ));
         }
         let (want_q, want_s) = kernels::quantize_fp8(&want, heads * v, GROUP);
-        for context in [64, 8] {
+        for &context in contexts {
             let op = RowOp::MlaDecode { heads, nope, rope, v, context, scale, prefill: false };
             let kernel = RowKernel::new(op, kv, "f8E4M3FN");
             assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
@@ -2418,13 +2430,14 @@ mod tests {
                     raw(&mut qs, &[b, heads], "f32"),
                 ],
             );
-            if context == 64 {
-                assert_eq!(qs, want_s, "scales");
-                assert_eq!(q, want_q, "bytes");
-            } else {
-                // Sequences 0 and 1 (1 and 8 keys) fit 8 rows; sequence 2 (20 keys) does not.
-                assert_eq!(&qs[..2 * heads], &want_s[..2 * heads]);
-                assert!(qs[2 * heads..].iter().all(|s| s.is_nan()), "{qs:?}");
+            for seq in 0..b {
+                let (s, bytes) = (seq * heads..(seq + 1) * heads, seq * heads * v..(seq + 1) * heads * v);
+                if positions[seq] as usize + 1 <= context {
+                    assert_eq!(qs[s.clone()], want_s[s], "scales of sequence {seq} ({heads} heads, context {context})");
+                    assert_eq!(q[bytes.clone()], want_q[bytes], "bytes of sequence {seq}");
+                } else {
+                    assert!(qs[s].iter().all(|x| x.is_nan()), "sequence {seq} past the capacity {context}");
+                }
             }
         }
     }
