@@ -166,6 +166,34 @@ fn cpu_backend_fp8_sums_attention_in_the_reference_order() {
     assert!(diff <= 1e-5 * scale, "{diff} (scale {scale})");
 }
 
+/// fp8 decode (absorbed MLA over the latent cache, vectorized across latent columns, keys and value
+/// columns with each lane in the reference's order) gives the reference's fp8 logits step after
+/// step, at the bench config's widths and at widths that are no multiple of 16 (the scalar path).
+#[test]
+fn cpu_backend_fp8_decode_sums_attention_in_the_reference_order() {
+    let awkward = [("kv_lora_rank", 24), ("v_head_dim", 40), ("qk_rope_head_dim", 8)];
+    for (seed, changes) in [(0u64, &[][..]), (5, &awkward[..])] {
+        let c = v3c_models::init::with_fp8(&v3c_benches::bench_config(changes));
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        write_random_checkpoint(&c, &ckpt, seed).unwrap();
+        let model = Model::open(&ckpt, Precision::Fp8).unwrap();
+        let prompt: Vec<u32> = (1..=20).map(|t| t * 3).collect();
+        let context = v3c_compiler::mlir::new_context();
+        let mut cpu = v3c_compiler::cpu_backend::CpuSession::new(&context, &model, 40, None).unwrap();
+        let mut reference = model.session(40).unwrap();
+        cpu.prefill(&prompt).unwrap();
+        reference.prefill(&prompt).unwrap();
+        for token in [7u32, 11, 2, 40, 9] {
+            let (a, b) = (cpu.decode(token).unwrap(), reference.decode(token).unwrap());
+            let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            eprintln!("{changes:?} token {token}: max diff {diff:e} (scale {scale})");
+            assert!(diff <= 1e-5 * scale, "{changes:?} token {token}: {diff} (scale {scale})");
+        }
+    }
+}
+
 /// The fp8 dense GEMMs are vectorized across 16 output columns (each lane keeps the reference's
 /// per-element order). Widths that are not multiples of 16 (masked stores: hidden 200, q_lora 40)
 /// and K blocks that are partial (intermediate 72) must still give the reference's logits.

@@ -73,6 +73,14 @@ impl Emitter {
         };
         // The latent row j of the current sequence.
         let lat_idx = |j: &str, c: &str| if decode { format!("%seq, {j}, {c}") } else { format!("{j}, {c}") };
+        // The exact absorbed form, vectorized so that every lane keeps the reference's order (mul then
+        // add, sequential over the reduced dimension): q_abs across latent columns, the scores across
+        // 16 keys at a time (over a transposed copy of the latent rows), P.V across latent columns,
+        // the output across value columns (over a transposed W_UV, made once per launch).
+        let vec_scores = exact && absorbed;
+        let vec_kv = vec_scores && kv % LANES == 0;
+        let vec_dv = vec_kv && dv % LANES == 0;
+        let width = kv + dr;
         let mut t = String::new();
         let w = |t: &mut String, s: &str| {
             for line in s.lines() {
@@ -85,9 +93,33 @@ impl Emitter {
         let (rows_dim, queries) = if decode { (1, "%nb") } else { (0, "%nt") };
         w(&mut t, &format!("%c_rows = arith.constant {rows_dim} : index\n%srows = memref.dim {}, %c_rows : {lat_ty}\n%nq = memref.dim {}, %c0 : {qn_ty}", lat.0, qn.0));
         let _ = queries;
-        w(&mut t, "%scores = memref.alloc(%srows) : memref<?xf32>");
+        if vec_scores {
+            // Scores and the transposed latent are padded to whole 16-key blocks.
+            w(&mut t, &format!("%c15 = arith.constant 15 : index\n%spad0 = arith.addi %srows, %c15 : index\n%spad1 = arith.divui %spad0, %cl : index\n%spad = arith.muli %spad1, %cl : index\n%scores = memref.alloc(%spad) : memref<?xf32>\n%latT = memref.alloc(%spad) : memref<{width}x?xf32>"));
+        } else {
+            w(&mut t, "%scores = memref.alloc(%srows) : memref<?xf32>");
+        }
         if let Some(d) = &dequantized {
             w(&mut t, d);
+        }
+        if vec_dv {
+            // W_UV transposed per head: wuvT[h, c, e] = W[h * (dn + dv) + dn + e, c].
+            w(&mut t, &format!(
+                "%wuvT = memref.alloc() : memref<{h}x{kv}x{dv}xf32>\nscf.for %th = %c0 to %c{h} step %c1 {{\n  %tb = arith.muli %th, %c{per_head} : index\n  %tv = arith.addi %tb, %c{dn} : index\n  scf.for %te = %c0 to %c{dv} step %c1 {{\n    %tr = arith.addi %tv, %te : index\n    scf.for %tc = %c0 to %c{kv} step %c1 {{\n{}\n      memref.store %kf, %wuvT[%th, %tc, %te] : memref<{h}x{kv}x{dv}xf32>\n    }}\n  }}\n}}",
+                indent(&kvb_load("%tr", "%tc", "%kf"), 6)
+            ));
+        }
+        // The latent rows `0..rows` transposed into %latT (columns x keys).
+        let transpose = |rows: &str| {
+            format!(
+                "scf.for %tj = %c0 to {rows} step %c1 {{\n  scf.for %tc = %c0 to %c{width} step %c1 {{\n    %tl = memref.load {}[{}] : {lat_ty}\n    memref.store %tl, %latT[%tc, %tj] : memref<{width}x?xf32>\n  }}\n}}",
+                lat.0,
+                lat_idx("%tj", "%tc")
+            )
+        };
+        if vec_scores && !decode {
+            // Prefill: one latent for every query.
+            w(&mut t, &transpose("%srows"));
         }
         if absorbed {
             w(&mut t, &format!("%qabs = memref.alloc() : memref<{kv}xf32>\n%olat = memref.alloc() : memref<{kv}xf32>"));
@@ -131,6 +163,9 @@ impl Emitter {
             w(&mut t, "  %tq = arith.subi %srows, %nq : index\n  %last = arith.addi %tq, %q : index");
         }
         w(&mut t, "  %nkeys = arith.addi %last, %c1 : index");
+        if vec_scores && decode {
+            w(&mut t, &indent(&transpose("%nkeys"), 2));
+        }
         if !absorbed && decode {
             // Decode (naive form): each sequence expands its own visible rows.
             w(&mut t, &expand("  ", "%nkeys"));
@@ -139,7 +174,13 @@ impl Emitter {
             &mut t,
             &format!("  scf.for %hh = %c0 to %c{h} step %c1 {{\n    %hbase = arith.muli %hh, %c{per_head} : index"),
         );
-        if absorbed {
+        if vec_kv {
+            // q_abs = q_nope[q, h] @ W_UK[h], 16 latent columns at a time.
+            w(&mut t, &format!(
+                "    scf.for %c = %c0 to %c{kv} step %cl {{\n      %acc = scf.for %d = %c0 to %c{dn} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %qv = memref.load {}[%q, %hh, %d] : {qn_ty}\n        %qb = vector.broadcast %qv : f32 to vector<{LANES}xf32>\n        %row = arith.addi %hbase, %d : index\n        %wv = vector.load %kvbf[%row, %c] : memref<{hp_all}x{kv}xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %qb, %wv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      vector.store %acc, %qabs[%c] : memref<{kv}xf32>, vector<{LANES}xf32>\n    }}",
+                qn.0
+            ));
+        } else if absorbed {
             // q_abs = q_nope[q, h] @ W_UK[h]  ([dn] x [dn, kv])
             w(&mut t, &format!(
                 "    scf.for %c = %c0 to %c{kv} step %c1 {{\n      %acc = scf.for %d = %c0 to %c{dn} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %qv = memref.load {}[%q, %hh, %d] : {qn_ty}\n        %row = arith.addi %hbase, %d : index\n{}\n        %m = arith.mulf %qv, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, %qabs[%c] : memref<{kv}xf32>\n    }}",
@@ -170,10 +211,19 @@ impl Emitter {
         } else {
             format!("%dr_acc = scf.for %r = %c0 to %c{dr} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %r] : {qp_ty}\n  %col = arith.addi %r, %c{kv} : index\n  %l = memref.load {}[{}] : {lat_ty}\n  %m = arith.mulf %qv, %l : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qp.0, lat.0, lat_idx("%j", "%col"))
         };
-        w(&mut t, &format!(
-            "    %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{\n{}\n{}\n      %sum_s = arith.addf %dn_acc, %dr_acc : f32\n      %sc = arith.mulf %sum_s, %scale : f32\n      memref.store %sc, %scores[%j] : memref<?xf32>\n      %nm = arith.maximumf %mx, %sc : f32\n      scf.yield %nm : f32\n    }}",
-            indent(&nope_dot, 6), indent(&rope_dot, 6)
-        ));
+        if vec_scores {
+            // 16 keys at a time: each lane's q_abs . latent then q_pe . k_pe sequentially, summed
+            // and scaled as the reference does; then the maximum over the visible keys.
+            w(&mut t, &format!(
+                "    %nblk0 = arith.addi %nkeys, %c15 : index\n    %nblk = arith.divui %nblk0, %cl : index\n    %scalev = vector.broadcast %scale : f32 to vector<{LANES}xf32>\n    scf.for %jb = %c0 to %nblk step %c1 {{\n      %j0 = arith.muli %jb, %cl : index\n      %an = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %qa = memref.load %qabs[%c] : memref<{kv}xf32>\n        %qb = vector.broadcast %qa : f32 to vector<{LANES}xf32>\n        %lv = vector.load %latT[%c, %j0] : memref<{width}x?xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %qb, %lv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      %ar = scf.for %r = %c0 to %c{dr} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %qv = memref.load {qp}[%q, %hh, %r] : {qp_ty}\n        %qb = vector.broadcast %qv : f32 to vector<{LANES}xf32>\n        %col = arith.addi %r, %c{kv} : index\n        %lv = vector.load %latT[%col, %j0] : memref<{width}x?xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %qb, %lv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      %sv = arith.addf %an, %ar : vector<{LANES}xf32>\n      %scv = arith.mulf %sv, %scalev : vector<{LANES}xf32>\n      vector.store %scv, %scores[%j0] : memref<?xf32>, vector<{LANES}xf32>\n    }}\n    %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{\n      %sc = memref.load %scores[%j] : memref<?xf32>\n      %nm = arith.maximumf %mx, %sc : f32\n      scf.yield %nm : f32\n    }}",
+                qp = qp.0
+            ));
+        } else {
+            w(&mut t, &format!(
+                "    %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{\n{}\n{}\n      %sum_s = arith.addf %dn_acc, %dr_acc : f32\n      %sc = arith.mulf %sum_s, %scale : f32\n      memref.store %sc, %scores[%j] : memref<?xf32>\n      %nm = arith.maximumf %mx, %sc : f32\n      scf.yield %nm : f32\n    }}",
+                indent(&nope_dot, 6), indent(&rope_dot, 6)
+            ));
+        }
         w(&mut t, "    %den = scf.for %j = %c0 to %nkeys step %c1 iter_args(%sm = %zero) -> (f32) {\n      %sc = memref.load %scores[%j] : memref<?xf32>\n      %z = arith.subf %sc, %max : f32\n      %ex = math.exp %z : f32\n      memref.store %ex, %scores[%j] : memref<?xf32>\n      %ns = arith.addf %sm, %ex : f32\n      scf.yield %ns : f32\n    }".replace("\\n", "\n").as_str());
         // Normalization: exact, the probabilities themselves (then P.V divides by 1); otherwise
         // once per output after P.V.
@@ -183,7 +233,25 @@ impl Emitter {
         } else {
             "%den"
         };
-        if absorbed {
+        if vec_kv {
+            // olat = P . latent, 16 latent columns at a time (each lane sequential over the keys).
+            w(&mut t, &format!(
+                "    %denv = vector.broadcast {den} : f32 to vector<{LANES}xf32>\n    scf.for %c = %c0 to %c{kv} step %cl {{\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %pb = vector.broadcast %pj : f32 to vector<{LANES}xf32>\n        %lv = vector.load {}[{}] : {lat_ty}, vector<{LANES}xf32>\n        %m = arith.mulf %pb, %lv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      %norm = arith.divf %acc, %denv : vector<{LANES}xf32>\n      vector.store %norm, %olat[%c] : memref<{kv}xf32>, vector<{LANES}xf32>\n    }}",
+                lat.0, lat_idx("%j", "%c")
+            ));
+        }
+        if vec_dv {
+            // out = olat . W_UV^T, 16 value columns at a time over the transposed W_UV.
+            w(&mut t, &format!(
+                "    scf.for %e = %c0 to %c{dv} step %cl {{\n      %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %ol = memref.load %olat[%c] : memref<{kv}xf32>\n        %ob = vector.broadcast %ol : f32 to vector<{LANES}xf32>\n        %wv = vector.load %wuvT[%hh, %c, %e] : memref<{h}x{kv}x{dv}xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %ob, %wv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      vector.store %acc, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}"
+            ));
+        } else if vec_kv {
+            // The scalar output over the vectorized olat.
+            w(&mut t, &format!(
+                "    scf.for %e = %c0 to %c{dv} step %c1 {{\n      %vrow0 = arith.addi %hbase, %c{dn} : index\n      %vrow = arith.addi %vrow0, %e : index\n      %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %ol = memref.load %olat[%c] : memref<{kv}xf32>\n{}\n        %m = arith.mulf %ol, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, {dest}[%q, %hh, %e] : {out_ty}\n    }}",
+                indent(&kvb_load("%vrow", "%c", "%kf"), 8)
+            ));
+        } else if absorbed {
             w(&mut t, &format!(
                 "    scf.for %c = %c0 to %c{kv} step %c1 {{\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zero) -> (f32) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %l = memref.load {}[{}] : {lat_ty}\n        %m = arith.mulf %pj, %l : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      %norm = arith.divf %acc, {den} : f32\n      memref.store %norm, %olat[%c] : memref<{kv}xf32>\n    }}\n    scf.for %e = %c0 to %c{dv} step %c1 {{\n      %vrow0 = arith.addi %hbase, %c{dn} : index\n      %vrow = arith.addi %vrow0, %e : index\n      %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %ol = memref.load %olat[%c] : memref<{kv}xf32>\n{}\n        %m = arith.mulf %ol, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, {dest}[%q, %hh, %e] : {out_ty}\n    }}",
                 lat.0, lat_idx("%j", "%c"), indent(&kvb_load("%vrow", "%c", "%kf"), 8)
@@ -203,6 +271,12 @@ impl Emitter {
         }
         w(&mut t, "  }\n}");
         w(&mut t, "memref.dealloc %scores : memref<?xf32>");
+        if vec_scores {
+            w(&mut t, &format!("memref.dealloc %latT : memref<{width}x?xf32>"));
+        }
+        if vec_dv {
+            w(&mut t, &format!("memref.dealloc %wuvT : memref<{h}x{kv}x{dv}xf32>"));
+        }
         if dequantized.is_some() {
             w(&mut t, &format!("memref.dealloc %kvbf : memref<{hp_all}x{kv}xf32>"));
         }
@@ -213,7 +287,7 @@ impl Emitter {
         }
         // Constants used above.
         let mut consts = String::new();
-        for n in [h, dn, dr, dv, kv, per_head, hp_all, 128] {
+        for n in [h, dn, dr, dv, kv, per_head, hp_all, 128, width] {
             // %c0 and %c1 are defined with the region's other constants (a dim of 1 is common).
             if n <= 1 {
                 continue;
