@@ -80,6 +80,10 @@ impl Emitter {
         let vec_scores = exact && absorbed;
         let vec_kv = vec_scores && kv % LANES == 0;
         let vec_dv = vec_kv && dv % LANES == 0;
+        // The exact naive form (fp8 prefill), vectorized the same way: the expansion of the latent
+        // rows across 16 of their K/V columns (a transposed W), the scores across 16 keys (the keys'
+        // nope parts and the latent's rope columns transposed), P.V across 16 value columns.
+        let vec_naive = exact && !absorbed && !decode && (h * per_head) % LANES == 0 && dv % LANES == 0;
         let width = kv + dr;
         let mut t = String::new();
         let w = |t: &mut String, s: &str| {
@@ -93,7 +97,9 @@ impl Emitter {
         let (rows_dim, queries) = if decode { (1, "%nb") } else { (0, "%nt") };
         w(&mut t, &format!("%c_rows = arith.constant {rows_dim} : index\n%srows = memref.dim {}, %c_rows : {lat_ty}\n%nq = memref.dim {}, %c0 : {qn_ty}", lat.0, qn.0));
         let _ = queries;
-        if vec_scores {
+        if vec_naive {
+            w(&mut t, &format!("%c15 = arith.constant 15 : index\n%spad0 = arith.addi %srows, %c15 : index\n%spad1 = arith.divui %spad0, %cl : index\n%spad = arith.muli %spad1, %cl : index\n%scores = memref.alloc(%spad) : memref<?xf32>\n%kT = memref.alloc(%spad) : memref<{hdn}x?xf32>\n%latR = memref.alloc(%spad) : memref<{dr}x?xf32>", hdn = h * dn));
+        } else if vec_scores {
             // Scores and the transposed latent are padded to whole 16-key blocks.
             w(&mut t, &format!("%c15 = arith.constant 15 : index\n%spad0 = arith.addi %srows, %c15 : index\n%spad1 = arith.divui %spad0, %cl : index\n%spad = arith.muli %spad1, %cl : index\n%scores = memref.alloc(%spad) : memref<?xf32>\n%latT = memref.alloc(%spad) : memref<{width}x?xf32>"));
         } else {
@@ -150,6 +156,18 @@ impl Emitter {
                 widen = widen_vector(&kvb.1.element, "%kv0", "%kvv"),
                 load = indent(&kvb_load("%r", "%c", "%kf"), 6),
                 hp = h * per_head
+            ));
+        } else if vec_naive {
+            // Prefill (naive form, fp8 kv_b): expanded once, before the queries, 16 columns at a
+            // time over W transposed; then the keys' nope parts and the rope columns transposed.
+            let hp = h * per_head;
+            w(&mut t, &format!(
+                "%wT = memref.alloc() : memref<{kv}x{hp}xf32>\nscf.for %tr = %c0 to %c{hp} step %c1 {{\n  scf.for %tc = %c0 to %c{kv} step %c1 {{\n{}\n    memref.store %kf, %wT[%tc, %tr] : memref<{kv}x{hp}xf32>\n  }}\n}}\nscf.for %j = %c0 to %srows step %c1 {{\n  scf.for %r = %c0 to %c{hp} step %cl {{\n    %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n      %l = memref.load {lat}[{li}] : {lat_ty}\n      %lb = vector.broadcast %l : f32 to vector<{LANES}xf32>\n      %wv = vector.load %wT[%c, %r] : memref<{kv}x{hp}xf32>, vector<{LANES}xf32>\n      %m = arith.mulf %lb, %wv : vector<{LANES}xf32>\n      %n = arith.addf %s, %m : vector<{LANES}xf32>\n      scf.yield %n : vector<{LANES}xf32>\n    }}\n    vector.store %acc, %kvb[%j, %r] : memref<?x{hp}xf32>, vector<{LANES}xf32>\n  }}\n  scf.for %th = %c0 to %c{h} step %c1 {{\n    %tb = arith.muli %th, %c{per_head} : index\n    %tk = arith.muli %th, %c{dn} : index\n    scf.for %td = %c0 to %c{dn} step %c1 {{\n      %col = arith.addi %tb, %td : index\n      %kval = memref.load %kvb[%j, %col] : memref<?x{hp}xf32>\n      %krow = arith.addi %tk, %td : index\n      memref.store %kval, %kT[%krow, %j] : memref<{hdn}x?xf32>\n    }}\n  }}\n  scf.for %tr = %c0 to %c{dr} step %c1 {{\n    %col = arith.addi %tr, %c{kv} : index\n    %rv = memref.load {lat}[{lr}] : {lat_ty}\n    memref.store %rv, %latR[%tr, %j] : memref<{dr}x?xf32>\n  }}\n}}\nmemref.dealloc %wT : memref<{kv}x{hp}xf32>",
+                indent(&kvb_load("%tr", "%tc", "%kf"), 4),
+                lat = lat.0,
+                li = lat_idx("%j", "%c"),
+                lr = lat_idx("%j", "%col"),
+                hdn = h * dn,
             ));
         } else if !absorbed && !decode {
             // Prefill (naive form, fp8 kv_b): expanded once, before the queries.
@@ -211,7 +229,16 @@ impl Emitter {
         } else {
             format!("%dr_acc = scf.for %r = %c0 to %c{dr} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %r] : {qp_ty}\n  %col = arith.addi %r, %c{kv} : index\n  %l = memref.load {}[{}] : {lat_ty}\n  %m = arith.mulf %qv, %l : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qp.0, lat.0, lat_idx("%j", "%col"))
         };
-        if vec_scores {
+        if vec_naive {
+            // 16 keys at a time: each lane's q_nope . k_nope then q_pe . k_pe sequentially, summed
+            // and scaled as the reference does; then the maximum over the visible keys.
+            w(&mut t, &format!(
+                "    %nblk0 = arith.addi %nkeys, %c15 : index\n    %nblk = arith.divui %nblk0, %cl : index\n    %scalev = vector.broadcast %scale : f32 to vector<{LANES}xf32>\n    %kbase = arith.muli %hh, %c{dn} : index\n    scf.for %jb = %c0 to %nblk step %c1 {{\n      %j0 = arith.muli %jb, %cl : index\n      %an = scf.for %d = %c0 to %c{dn} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %qv = memref.load {qn}[%q, %hh, %d] : {qn_ty}\n        %qb = vector.broadcast %qv : f32 to vector<{LANES}xf32>\n        %krow = arith.addi %kbase, %d : index\n        %kv = vector.load %kT[%krow, %j0] : memref<{hdn}x?xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %qb, %kv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      %ar = scf.for %r = %c0 to %c{dr} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %qv = memref.load {qp}[%q, %hh, %r] : {qp_ty}\n        %qb = vector.broadcast %qv : f32 to vector<{LANES}xf32>\n        %lv = vector.load %latR[%r, %j0] : memref<{dr}x?xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %qb, %lv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      %sv = arith.addf %an, %ar : vector<{LANES}xf32>\n      %scv = arith.mulf %sv, %scalev : vector<{LANES}xf32>\n      vector.store %scv, %scores[%j0] : memref<?xf32>, vector<{LANES}xf32>\n    }}\n    %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{\n      %sc = memref.load %scores[%j] : memref<?xf32>\n      %nm = arith.maximumf %mx, %sc : f32\n      scf.yield %nm : f32\n    }}",
+                qn = qn.0,
+                qp = qp.0,
+                hdn = h * dn
+            ));
+        } else if vec_scores {
             // 16 keys at a time: each lane's q_abs . latent then q_pe . k_pe sequentially, summed
             // and scaled as the reference does; then the maximum over the visible keys.
             w(&mut t, &format!(
@@ -240,7 +267,14 @@ impl Emitter {
                 lat.0, lat_idx("%j", "%c")
             ));
         }
-        if vec_dv {
+        if vec_naive {
+            // out[q, h, :] = sum_j p_j * v_j, 16 value columns at a time, each lane sequential over
+            // the keys (P already normalized), divided by 1 as the reference's order has it.
+            w(&mut t, &format!(
+                "    %vcol0 = arith.addi %hbase, %c{dn} : index\n    %denv = vector.broadcast {den} : f32 to vector<{LANES}xf32>\n    scf.for %e = %c0 to %c{dv} step %cl {{\n      %vcol = arith.addi %vcol0, %e : index\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %pb = vector.broadcast %pj : f32 to vector<{LANES}xf32>\n        %v = vector.load %kvb[%j, %vcol] : memref<?x{hp}xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %pb, %v : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      %norm = arith.divf %acc, %denv : vector<{LANES}xf32>\n      vector.store %norm, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}",
+                hp = h * per_head
+            ));
+        } else if vec_dv {
             // out = olat . W_UV^T, 16 value columns at a time over the transposed W_UV.
             w(&mut t, &format!(
                 "    scf.for %e = %c0 to %c{dv} step %cl {{\n      %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %ol = memref.load %olat[%c] : memref<{kv}xf32>\n        %ob = vector.broadcast %ol : f32 to vector<{LANES}xf32>\n        %wv = vector.load %wuvT[%hh, %c, %e] : memref<{h}x{kv}x{dv}xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %ob, %wv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      vector.store %acc, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}"
@@ -273,6 +307,12 @@ impl Emitter {
         w(&mut t, "memref.dealloc %scores : memref<?xf32>");
         if vec_scores {
             w(&mut t, &format!("memref.dealloc %latT : memref<{width}x?xf32>"));
+        }
+        if vec_naive {
+            w(
+                &mut t,
+                &format!("memref.dealloc %kT : memref<{}x?xf32>\nmemref.dealloc %latR : memref<{dr}x?xf32>", h * dn),
+            );
         }
         if vec_dv {
             w(&mut t, &format!("memref.dealloc %wuvT : memref<{h}x{kv}x{dv}xf32>"));
