@@ -104,7 +104,8 @@ fn a_cpu_artifact_runs_without_the_compiler_and_matches_the_cpu_backend() {
 
 /// `v3r run` generates from a cpu artifact what `v3c run` generates from the checkpoint: a prompt
 /// longer than the prefill plan's rows is prefilled in chunks, the decode plan runs one sequence over
-/// caches smaller than planned; greedy and seeded sampling agree token for token.
+/// caches smaller than planned; greedy and seeded sampling agree token for token. Several prompts
+/// run as one batch give each sequence its tokens alone.
 #[test]
 fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -132,6 +133,41 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         assert_eq!(text(&v3r.stdout), text(&v3c.stdout), "{sampling:?}");
         assert_eq!(text(&v3r.stdout).split_whitespace().count(), 10);
     }
+    // Several prompts of different lengths in one batch (one decode launch per step over all of
+    // them): each sequence's tokens are the ones it gets alone, greedy and seeded; a sequence that
+    // stops early (fewer new tokens than the others would not: all run to --max-new-tokens with
+    // --ignore-eos) keeps the others' rows.
+    let prompts = ["3 17 4 29 11 5 8 2 40 1", "7 7 2", "9"];
+    for sampling in [&[][..], &["--temperature", "0.9", "--top-p", "0.8", "--seed", "4"][..]] {
+        let mut batch = vec!["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()];
+        for p in prompts {
+            batch.extend(["--prompt-tokens", p]);
+        }
+        batch.extend(["--max-new-tokens", "8", "--ignore-eos"]);
+        batch.extend(sampling);
+        let together = run_binary_env("v3r", &batch, &env);
+        assert!(together.status.success(), "{}", text(&together.stderr));
+        assert!(text(&together.stderr).contains("generated 24 tokens for 3 sequences: prefill 14 tokens in "));
+        let lines: Vec<String> = text(&together.stdout).lines().map(str::to_string).collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        for (p, line) in prompts.iter().zip(&lines) {
+            let alone = [
+                &["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", p][..],
+                &["--max-new-tokens", "8", "--ignore-eos"][..],
+                sampling,
+            ]
+            .concat();
+            let alone = run_binary_env("v3r", &alone, &env);
+            assert_eq!(text(&alone.stdout).trim(), line, "prompt {p} {sampling:?}");
+        }
+    }
+    // More sequences than the decode plan's rows: said before anything runs.
+    let mut five = vec!["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()];
+    for _ in 0..5 {
+        five.extend(["--prompt-tokens", "1 2"]);
+    }
+    let err = text(&run_binary_env("v3r", &five, &env).stderr);
+    assert!(err.contains("5 sequences: the artifact's decode plan holds 1..=4"), "{err}");
     // 10 + 20 tokens do not fit caches of 24 rows: said before anything runs.
     let long = run_binary_env(
         "v3r",

@@ -82,9 +82,10 @@ struct RunArgs {
     /// Checkpoint directory in the Hugging Face layout (config.json + *.safetensors).
     #[arg(long, value_name = "DIR")]
     weights: PathBuf,
-    /// Prompt as token ids separated by spaces, e.g. "0 3 17 250".
-    #[arg(long, value_name = "IDS")]
-    prompt_tokens: String,
+    /// Prompt as token ids separated by spaces, e.g. "0 3 17 250". Repeat it to generate for several
+    /// prompts in one batch (one line of tokens each, in order).
+    #[arg(long, value_name = "IDS", required = true)]
+    prompt_tokens: Vec<String>,
     /// How many tokens to generate after the prompt.
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_new_tokens: usize,
@@ -311,7 +312,13 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     if !args.weights.is_dir() {
         return Err(Failure::Other(format!("{}: no such checkpoint directory", args.weights.display())));
     }
-    let prompt = v3c_runtime::cli::parse_token_ids(&args.prompt_tokens, "--prompt-tokens").map_err(Failure::Other)?;
+    let prompts: Vec<Vec<u32>> = args
+        .prompt_tokens
+        .iter()
+        .map(|p| v3c_runtime::cli::parse_token_ids(p, "--prompt-tokens"))
+        .collect::<Result<_, _>>()
+        .map_err(Failure::Other)?;
+    let prompt = prompts[0].clone();
     a.check_weights(&args.weights).map_err(Failure::Other)?;
     if a.manifest.target.name != "cpu" {
         return Err(Failure::Other(
@@ -324,6 +331,30 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         a.manifest.model.config.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32)
     };
     let program = v3c_runtime::cpu::CpuArtifact::load(a, &args.weights).map_err(Failure::Other)?;
+    if prompts.len() > 1 {
+        let mut samplers: Vec<_> = (0..prompts.len())
+            .map(|_| v3c_models::reference::Sampler::new(args.temperature, args.top_p, args.seed))
+            .collect();
+        let generations =
+            v3c_runtime::session::generate_batch(&program, &prompts, args.max_new_tokens, &mut samplers, eos)
+                .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
+        for g in &generations {
+            let text: Vec<String> = g.tokens.iter().map(u32::to_string).collect();
+            println!("{}", text.join(" "));
+        }
+        let new: usize = generations.iter().map(|g| g.tokens.len()).sum();
+        let total_s = generations.iter().map(|g| g.total_s).fold(0.0, f64::max);
+        let prefill_s = generations[0].prefill_s;
+        let decoded = new.saturating_sub(generations.len());
+        eprintln!(
+            "generated {new} tokens for {} sequences: prefill {} tokens in {prefill_s:.3} s, decode {:.2} tok/s \
+             over the batch (cpu artifact)",
+            generations.len(),
+            prompts.iter().map(Vec::len).sum::<usize>(),
+            decoded as f64 / (total_s - prefill_s).max(1e-9)
+        );
+        return Ok(());
+    }
     let mut session = v3c_runtime::session::CpuSession::new(&program, prompt.len() + args.max_new_tokens)
         .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
     let mut sampler = v3c_models::reference::Sampler::new(args.temperature, args.top_p, args.seed);

@@ -150,6 +150,144 @@ impl<'a> CpuSession<'a> {
     }
 }
 
+/// Several sequences generated together on a `cpu` artifact: each prompt prefilled on its own (in
+/// chunks, as [`CpuSession`] does), then one decode launch per step over all of them — each row its
+/// sequence's next token at its own position over its own cache rows. A sequence that has stopped
+/// stays in the batch (its row is computed and ignored) so that the others keep their rows.
+pub struct CpuBatch<'a> {
+    program: &'a CpuArtifact,
+    caches: Vec<String>,
+    /// Per cache input: `[sequences, max_len, width]`.
+    state: HashMap<String, HostBuffer>,
+    positions: Vec<usize>,
+    max_len: usize,
+    has_mtp: bool,
+}
+
+impl<'a> CpuBatch<'a> {
+    /// Prefills `prompts` (each on its own) for sequences of at most `max_len` tokens; returns the
+    /// batch and each prompt's last logits.
+    pub fn prefill(
+        program: &'a CpuArtifact,
+        prompts: &[Vec<u32>],
+        max_len: usize,
+    ) -> Result<(CpuBatch<'a>, Vec<Vec<f32>>), String> {
+        let rows = program.entry_plan("decode")?.sizes.rows;
+        if prompts.is_empty() || prompts.len() > rows {
+            return Err(format!(
+                "{} sequences: the artifact's decode plan holds 1..={rows} (compile with a larger --max-rows)",
+                prompts.len()
+            ));
+        }
+        let mut logits = Vec::new();
+        let mut state: HashMap<String, HostBuffer> = HashMap::new();
+        let (mut caches, mut has_mtp) = (Vec::new(), false);
+        for (i, prompt) in prompts.iter().enumerate() {
+            let mut one = CpuSession::new(program, max_len)?;
+            logits.push(one.prefill(prompt).map_err(|e| format!("sequence {i}: {e}"))?);
+            let width = one.width;
+            (caches, has_mtp) = (one.caches.clone(), one.has_mtp);
+            for c in &caches {
+                let HostData::F32(rows) = &one.state[c].data else { return Err(format!("{c} is not f32")) };
+                let all = state.entry(c.clone()).or_insert_with(|| HostBuffer {
+                    shape: vec![prompts.len(), max_len, width],
+                    data: HostData::F32(vec![0.0; prompts.len() * max_len * width]),
+                });
+                let HostData::F32(all) = &mut all.data else { unreachable!("made f32 above") };
+                all[i * max_len * width..i * max_len * width + rows.len()].copy_from_slice(rows);
+            }
+        }
+        let positions = prompts.iter().map(Vec::len).collect();
+        Ok((CpuBatch { program, caches, state, positions, max_len, has_mtp }, logits))
+    }
+
+    /// Feeds `tokens[i]` to sequence i at its next position, for the sequences where `active[i]`
+    /// (the others are fed again at their last position: computed, ignored); returns every
+    /// sequence's logits.
+    pub fn decode(&mut self, tokens: &[u32], active: &[bool]) -> Result<Vec<Vec<f32>>, String> {
+        let n = self.positions.len();
+        if tokens.len() != n || active.len() != n {
+            return Err(format!("{} tokens and {} flags for {n} sequences", tokens.len(), active.len()));
+        }
+        if let Some(i) = (0..n).find(|&i| active[i] && self.positions[i] >= self.max_len) {
+            return Err(format!("sequence {i} is full ({} tokens)", self.max_len));
+        }
+        let at: Vec<i64> = (0..n)
+            .map(|i| if active[i] { self.positions[i] } else { self.positions[i].saturating_sub(1) } as i64)
+            .collect();
+        let mut inputs = std::mem::take(&mut self.state);
+        inputs.insert("tokens".into(), ids(tokens.iter().map(|&t| t as i64).collect()));
+        inputs.insert("positions".into(), ids(at));
+        if self.has_mtp {
+            inputs.insert("mtp_tokens".into(), ids(vec![0; n]));
+        }
+        let mut wanted: Vec<&str> = self.caches.iter().map(String::as_str).collect();
+        wanted.push("logits");
+        let mut out = self.program.run("decode", &inputs, &wanted)?;
+        for c in &self.caches {
+            let updated = out.remove(c).ok_or_else(|| format!("decode gave no {c}"))?;
+            self.state.insert(c.clone(), updated);
+        }
+        for (i, p) in self.positions.iter_mut().enumerate() {
+            if active[i] {
+                *p += 1;
+            }
+        }
+        let logits = out.get("logits").ok_or("the entry has no logits")?;
+        let HostData::F32(v) = &logits.data else { return Err("logits are not f32".into()) };
+        let vocab = logits.shape[logits.shape.len() - 1];
+        Ok(v.chunks(vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// Generates up to `max_new` tokens after each of `prompts` in one batch, each sequence with its own
+/// sampler (`samplers[i]`), each stopping after `eos` when given. Returns each sequence's generation
+/// (its prefill time is the batch's).
+pub fn generate_batch(
+    program: &CpuArtifact,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    samplers: &mut [v3c_models::reference::Sampler],
+    eos: Option<u32>,
+) -> Result<Vec<Generation>, String> {
+    let start = std::time::Instant::now();
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
+    let (mut batch, mut logits) = CpuBatch::prefill(program, prompts, max_len)?;
+    let prefill_s = start.elapsed().as_secs_f64();
+    let n = prompts.len();
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut active = vec![max_new > 0; n];
+    let mut stopped = vec![false; n];
+    let mut done_at = vec![0.0; n];
+    while active.iter().any(|&a| a) {
+        let mut next = vec![0u32; n];
+        for i in 0..n {
+            if !active[i] {
+                next[i] = tokens[i].last().copied().unwrap_or(0);
+                continue;
+            }
+            let t = samplers[i].sample(&logits[i]);
+            tokens[i].push(t);
+            next[i] = t;
+            if Some(t) == eos || tokens[i].len() == max_new {
+                (active[i], stopped[i]) = (false, Some(t) == eos);
+                done_at[i] = start.elapsed().as_secs_f64();
+            }
+        }
+        if active.iter().any(|&a| a) {
+            logits = batch.decode(&next, &active)?;
+        }
+    }
+    Ok((0..n)
+        .map(|i| Generation {
+            tokens: std::mem::take(&mut tokens[i]),
+            stopped_at_eos: stopped[i],
+            prefill_s,
+            total_s: done_at[i].max(prefill_s),
+        })
+        .collect())
+}
+
 /// What generates a sequence: a prompt's logits, then one token's at a time.
 pub trait Generator {
     fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String>;
