@@ -98,10 +98,15 @@ impl Emitter {
         w(&mut t, &format!("%c_rows = arith.constant {rows_dim} : index\n%srows = memref.dim {}, %c_rows : {lat_ty}\n%nq = memref.dim {}, %c0 : {qn_ty}", lat.0, qn.0));
         let _ = queries;
         if vec_naive {
-            w(&mut t, &format!("%c15 = arith.constant 15 : index\n%spad0 = arith.addi %srows, %c15 : index\n%spad1 = arith.divui %spad0, %cl : index\n%spad = arith.muli %spad1, %cl : index\n%scores = memref.alloc(%spad) : memref<?xf32>\n%kT = memref.alloc(%spad) : memref<{hdn}x?xf32>\n%latR = memref.alloc(%spad) : memref<{dr}x?xf32>", hdn = h * dn));
+            let hdn = h * dn;
+            w(
+                &mut t,
+                &padded_scores(&format!(
+                    "%kT = memref.alloc(%spad) : memref<{hdn}x?xf32>\n%latR = memref.alloc(%spad) : memref<{dr}x?xf32>"
+                )),
+            );
         } else if vec_scores {
-            // Scores and the transposed latent are padded to whole 16-key blocks.
-            w(&mut t, &format!("%c15 = arith.constant 15 : index\n%spad0 = arith.addi %srows, %c15 : index\n%spad1 = arith.divui %spad0, %cl : index\n%spad = arith.muli %spad1, %cl : index\n%scores = memref.alloc(%spad) : memref<?xf32>\n%latT = memref.alloc(%spad) : memref<{width}x?xf32>"));
+            w(&mut t, &padded_scores(&format!("%latT = memref.alloc(%spad) : memref<{width}x?xf32>")));
         } else {
             w(&mut t, "%scores = memref.alloc(%srows) : memref<?xf32>");
         }
@@ -162,12 +167,21 @@ impl Emitter {
             // time over W transposed; then the keys' nope parts and the rope columns transposed.
             let hp = h * per_head;
             w(&mut t, &format!(
-                "%wT = memref.alloc() : memref<{kv}x{hp}xf32>\nscf.for %tr = %c0 to %c{hp} step %c1 {{\n  scf.for %tc = %c0 to %c{kv} step %c1 {{\n{}\n    memref.store %kf, %wT[%tc, %tr] : memref<{kv}x{hp}xf32>\n  }}\n}}\nscf.for %j = %c0 to %srows step %c1 {{\n  scf.for %r = %c0 to %c{hp} step %cl {{\n    %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n      %l = memref.load {lat}[{li}] : {lat_ty}\n      %lb = vector.broadcast %l : f32 to vector<{LANES}xf32>\n      %wv = vector.load %wT[%c, %r] : memref<{kv}x{hp}xf32>, vector<{LANES}xf32>\n      %m = arith.mulf %lb, %wv : vector<{LANES}xf32>\n      %n = arith.addf %s, %m : vector<{LANES}xf32>\n      scf.yield %n : vector<{LANES}xf32>\n    }}\n    vector.store %acc, %kvb[%j, %r] : memref<?x{hp}xf32>, vector<{LANES}xf32>\n  }}\n  scf.for %th = %c0 to %c{h} step %c1 {{\n    %tb = arith.muli %th, %c{per_head} : index\n    %tk = arith.muli %th, %c{dn} : index\n    scf.for %td = %c0 to %c{dn} step %c1 {{\n      %col = arith.addi %tb, %td : index\n      %kval = memref.load %kvb[%j, %col] : memref<?x{hp}xf32>\n      %krow = arith.addi %tk, %td : index\n      memref.store %kval, %kT[%krow, %j] : memref<{hdn}x?xf32>\n    }}\n  }}\n  scf.for %tr = %c0 to %c{dr} step %c1 {{\n    %col = arith.addi %tr, %c{kv} : index\n    %rv = memref.load {lat}[{lr}] : {lat_ty}\n    memref.store %rv, %latR[%tr, %j] : memref<{dr}x?xf32>\n  }}\n}}\nmemref.dealloc %wT : memref<{kv}x{hp}xf32>",
+                "%wT = memref.alloc() : memref<{kv}x{hp}xf32>\nscf.for %tr = %c0 to %c{hp} step %c1 {{\n  scf.for %tc = %c0 to %c{kv} step %c1 {{\n{}\n    memref.store %kf, %wT[%tc, %tr] : memref<{kv}x{hp}xf32>\n  }}\n}}\nscf.for %j = %c0 to %srows step %c1 {{\n  scf.for %r = %c0 to %c{hp} step %cl {{\n{expand}\n    vector.store %acc, %kvb[%j, %r] : memref<?x{hp}xf32>, vector<{LANES}xf32>\n  }}\n  scf.for %th = %c0 to %c{h} step %c1 {{\n    %tb = arith.muli %th, %c{per_head} : index\n    %tk = arith.muli %th, %c{dn} : index\n    scf.for %td = %c0 to %c{dn} step %c1 {{\n      %col = arith.addi %tb, %td : index\n      %kval = memref.load %kvb[%j, %col] : memref<?x{hp}xf32>\n      %krow = arith.addi %tk, %td : index\n      memref.store %kval, %kT[%krow, %j] : memref<{hdn}x?xf32>\n    }}\n  }}\n  scf.for %tr = %c0 to %c{dr} step %c1 {{\n    %col = arith.addi %tr, %c{kv} : index\n    %rv = memref.load {lat}[{lr}] : {lat_ty}\n    memref.store %rv, %latR[%tr, %j] : memref<{dr}x?xf32>\n  }}\n}}\nmemref.dealloc %wT : memref<{kv}x{hp}xf32>",
                 indent(&kvb_load("%tr", "%tc", "%kf"), 4),
                 lat = lat.0,
-                li = lat_idx("%j", "%c"),
                 lr = lat_idx("%j", "%col"),
                 hdn = h * dn,
+                expand = indent(
+                    &lane_sum(
+                        "%acc",
+                        "%c",
+                        &format!("%c{kv}"),
+                        &format!("%x = memref.load {}[{}] : {lat_ty}", lat.0, lat_idx("%j", "%c")),
+                        &format!("%y = vector.load %wT[%c, %r] : memref<{kv}x{hp}xf32>, vector<{LANES}xf32>")
+                    ),
+                    4
+                ),
             ));
         } else if !absorbed && !decode {
             // Prefill (naive form, fp8 kv_b): expanded once, before the queries.
@@ -194,9 +208,16 @@ impl Emitter {
         );
         if vec_kv {
             // q_abs = q_nope[q, h] @ W_UK[h], 16 latent columns at a time.
+            let sum = lane_sum(
+                "%acc",
+                "%d",
+                &format!("%c{dn}"),
+                &format!("%x = memref.load {}[%q, %hh, %d] : {qn_ty}", qn.0),
+                &format!("%row = arith.addi %hbase, %d : index\n%y = vector.load %kvbf[%row, %c] : memref<{hp_all}x{kv}xf32>, vector<{LANES}xf32>"),
+            );
             w(&mut t, &format!(
-                "    scf.for %c = %c0 to %c{kv} step %cl {{\n      %acc = scf.for %d = %c0 to %c{dn} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %qv = memref.load {}[%q, %hh, %d] : {qn_ty}\n        %qb = vector.broadcast %qv : f32 to vector<{LANES}xf32>\n        %row = arith.addi %hbase, %d : index\n        %wv = vector.load %kvbf[%row, %c] : memref<{hp_all}x{kv}xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %qb, %wv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      vector.store %acc, %qabs[%c] : memref<{kv}xf32>, vector<{LANES}xf32>\n    }}",
-                qn.0
+                "    scf.for %c = %c0 to %c{kv} step %cl {{\n{}\n      vector.store %acc, %qabs[%c] : memref<{kv}xf32>, vector<{LANES}xf32>\n    }}",
+                indent(&sum, 6)
             ));
         } else if absorbed {
             // q_abs = q_nope[q, h] @ W_UK[h]  ([dn] x [dn, kv])
@@ -229,22 +250,36 @@ impl Emitter {
         } else {
             format!("%dr_acc = scf.for %r = %c0 to %c{dr} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %r] : {qp_ty}\n  %col = arith.addi %r, %c{kv} : index\n  %l = memref.load {}[{}] : {lat_ty}\n  %m = arith.mulf %qv, %l : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qp.0, lat.0, lat_idx("%j", "%col"))
         };
+        let rope_part = |y: &str| {
+            lane_sum("%ar", "%r", &format!("%c{dr}"), &format!("%x = memref.load {}[%q, %hh, %r] : {qp_ty}", qp.0), y)
+        };
         if vec_naive {
-            // 16 keys at a time: each lane's q_nope . k_nope then q_pe . k_pe sequentially, summed
-            // and scaled as the reference does; then the maximum over the visible keys.
-            w(&mut t, &format!(
-                "    %nblk0 = arith.addi %nkeys, %c15 : index\n    %nblk = arith.divui %nblk0, %cl : index\n    %scalev = vector.broadcast %scale : f32 to vector<{LANES}xf32>\n    %kbase = arith.muli %hh, %c{dn} : index\n    scf.for %jb = %c0 to %nblk step %c1 {{\n      %j0 = arith.muli %jb, %cl : index\n      %an = scf.for %d = %c0 to %c{dn} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %qv = memref.load {qn}[%q, %hh, %d] : {qn_ty}\n        %qb = vector.broadcast %qv : f32 to vector<{LANES}xf32>\n        %krow = arith.addi %kbase, %d : index\n        %kv = vector.load %kT[%krow, %j0] : memref<{hdn}x?xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %qb, %kv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      %ar = scf.for %r = %c0 to %c{dr} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %qv = memref.load {qp}[%q, %hh, %r] : {qp_ty}\n        %qb = vector.broadcast %qv : f32 to vector<{LANES}xf32>\n        %lv = vector.load %latR[%r, %j0] : memref<{dr}x?xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %qb, %lv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      %sv = arith.addf %an, %ar : vector<{LANES}xf32>\n      %scv = arith.mulf %sv, %scalev : vector<{LANES}xf32>\n      vector.store %scv, %scores[%j0] : memref<?xf32>, vector<{LANES}xf32>\n    }}\n    %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{\n      %sc = memref.load %scores[%j] : memref<?xf32>\n      %nm = arith.maximumf %mx, %sc : f32\n      scf.yield %nm : f32\n    }}",
-                qn = qn.0,
-                qp = qp.0,
-                hdn = h * dn
-            ));
+            // 16 keys at a time: q_nope . k_nope over the transposed keys, q_pe . k_pe over the
+            // transposed rope columns.
+            let hdn = h * dn;
+            let an = lane_sum(
+                "%an",
+                "%d",
+                &format!("%c{dn}"),
+                &format!("%x = memref.load {}[%q, %hh, %d] : {qn_ty}", qn.0),
+                &format!("%krow = arith.addi %kbase, %d : index\n%y = vector.load %kT[%krow, %j0] : memref<{hdn}x?xf32>, vector<{LANES}xf32>"),
+            );
+            let ar = rope_part(&format!("%y = vector.load %latR[%r, %j0] : memref<{dr}x?xf32>, vector<{LANES}xf32>"));
+            w(
+                &mut t,
+                &format!("    %kbase = arith.muli %hh, %c{dn} : index\n{}", indent(&key_block_scores(&an, &ar), 4)),
+            );
         } else if vec_scores {
-            // 16 keys at a time: each lane's q_abs . latent then q_pe . k_pe sequentially, summed
-            // and scaled as the reference does; then the maximum over the visible keys.
-            w(&mut t, &format!(
-                "    %nblk0 = arith.addi %nkeys, %c15 : index\n    %nblk = arith.divui %nblk0, %cl : index\n    %scalev = vector.broadcast %scale : f32 to vector<{LANES}xf32>\n    scf.for %jb = %c0 to %nblk step %c1 {{\n      %j0 = arith.muli %jb, %cl : index\n      %an = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %qa = memref.load %qabs[%c] : memref<{kv}xf32>\n        %qb = vector.broadcast %qa : f32 to vector<{LANES}xf32>\n        %lv = vector.load %latT[%c, %j0] : memref<{width}x?xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %qb, %lv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      %ar = scf.for %r = %c0 to %c{dr} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %qv = memref.load {qp}[%q, %hh, %r] : {qp_ty}\n        %qb = vector.broadcast %qv : f32 to vector<{LANES}xf32>\n        %col = arith.addi %r, %c{kv} : index\n        %lv = vector.load %latT[%col, %j0] : memref<{width}x?xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %qb, %lv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      %sv = arith.addf %an, %ar : vector<{LANES}xf32>\n      %scv = arith.mulf %sv, %scalev : vector<{LANES}xf32>\n      vector.store %scv, %scores[%j0] : memref<?xf32>, vector<{LANES}xf32>\n    }}\n    %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{\n      %sc = memref.load %scores[%j] : memref<?xf32>\n      %nm = arith.maximumf %mx, %sc : f32\n      scf.yield %nm : f32\n    }}",
-                qp = qp.0
-            ));
+            // 16 keys at a time: q_abs . latent and q_pe . k_pe over the transposed latent rows.
+            let an = lane_sum(
+                "%an",
+                "%c",
+                &format!("%c{kv}"),
+                &format!("%x = memref.load %qabs[%c] : memref<{kv}xf32>"),
+                &format!("%y = vector.load %latT[%c, %j0] : memref<{width}x?xf32>, vector<{LANES}xf32>"),
+            );
+            let ar = rope_part(&format!("%col = arith.addi %r, %c{kv} : index\n%y = vector.load %latT[%col, %j0] : memref<{width}x?xf32>, vector<{LANES}xf32>"));
+            w(&mut t, &indent(&key_block_scores(&an, &ar), 4));
         } else {
             w(&mut t, &format!(
                 "    %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{\n{}\n{}\n      %sum_s = arith.addf %dn_acc, %dr_acc : f32\n      %sc = arith.mulf %sum_s, %scale : f32\n      memref.store %sc, %scores[%j] : memref<?xf32>\n      %nm = arith.maximumf %mx, %sc : f32\n      scf.yield %nm : f32\n    }}",
@@ -262,22 +297,44 @@ impl Emitter {
         };
         if vec_kv {
             // olat = P . latent, 16 latent columns at a time (each lane sequential over the keys).
+            let sum = lane_sum(
+                "%acc",
+                "%j",
+                "%nkeys",
+                "%x = memref.load %scores[%j] : memref<?xf32>",
+                &format!("%y = vector.load {}[{}] : {lat_ty}, vector<{LANES}xf32>", lat.0, lat_idx("%j", "%c")),
+            );
             w(&mut t, &format!(
-                "    %denv = vector.broadcast {den} : f32 to vector<{LANES}xf32>\n    scf.for %c = %c0 to %c{kv} step %cl {{\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %pb = vector.broadcast %pj : f32 to vector<{LANES}xf32>\n        %lv = vector.load {}[{}] : {lat_ty}, vector<{LANES}xf32>\n        %m = arith.mulf %pb, %lv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      %norm = arith.divf %acc, %denv : vector<{LANES}xf32>\n      vector.store %norm, %olat[%c] : memref<{kv}xf32>, vector<{LANES}xf32>\n    }}",
-                lat.0, lat_idx("%j", "%c")
+                "    %denv = vector.broadcast {den} : f32 to vector<{LANES}xf32>\n    scf.for %c = %c0 to %c{kv} step %cl {{\n{}\n      %norm = arith.divf %acc, %denv : vector<{LANES}xf32>\n      vector.store %norm, %olat[%c] : memref<{kv}xf32>, vector<{LANES}xf32>\n    }}",
+                indent(&sum, 6)
             ));
         }
         if vec_naive {
             // out[q, h, :] = sum_j p_j * v_j, 16 value columns at a time, each lane sequential over
             // the keys (P already normalized), divided by 1 as the reference's order has it.
+            let sum = lane_sum(
+                "%acc",
+                "%j",
+                "%nkeys",
+                "%x = memref.load %scores[%j] : memref<?xf32>",
+                &format!("%y = vector.load %kvb[%j, %vcol] : memref<?x{}xf32>, vector<{LANES}xf32>", h * per_head),
+            );
             w(&mut t, &format!(
-                "    %vcol0 = arith.addi %hbase, %c{dn} : index\n    %denv = vector.broadcast {den} : f32 to vector<{LANES}xf32>\n    scf.for %e = %c0 to %c{dv} step %cl {{\n      %vcol = arith.addi %vcol0, %e : index\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %pb = vector.broadcast %pj : f32 to vector<{LANES}xf32>\n        %v = vector.load %kvb[%j, %vcol] : memref<?x{hp}xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %pb, %v : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      %norm = arith.divf %acc, %denv : vector<{LANES}xf32>\n      vector.store %norm, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}",
-                hp = h * per_head
+                "    %vcol0 = arith.addi %hbase, %c{dn} : index\n    %denv = vector.broadcast {den} : f32 to vector<{LANES}xf32>\n    scf.for %e = %c0 to %c{dv} step %cl {{\n      %vcol = arith.addi %vcol0, %e : index\n{}\n      %norm = arith.divf %acc, %denv : vector<{LANES}xf32>\n      vector.store %norm, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}",
+                indent(&sum, 6)
             ));
         } else if vec_dv {
             // out = olat . W_UV^T, 16 value columns at a time over the transposed W_UV.
+            let sum = lane_sum(
+                "%acc",
+                "%c",
+                &format!("%c{kv}"),
+                &format!("%x = memref.load %olat[%c] : memref<{kv}xf32>"),
+                &format!("%y = vector.load %wuvT[%hh, %c, %e] : memref<{h}x{kv}x{dv}xf32>, vector<{LANES}xf32>"),
+            );
             w(&mut t, &format!(
-                "    scf.for %e = %c0 to %c{dv} step %cl {{\n      %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{\n        %ol = memref.load %olat[%c] : memref<{kv}xf32>\n        %ob = vector.broadcast %ol : f32 to vector<{LANES}xf32>\n        %wv = vector.load %wuvT[%hh, %c, %e] : memref<{h}x{kv}x{dv}xf32>, vector<{LANES}xf32>\n        %m = arith.mulf %ob, %wv : vector<{LANES}xf32>\n        %n = arith.addf %s, %m : vector<{LANES}xf32>\n        scf.yield %n : vector<{LANES}xf32>\n      }}\n      vector.store %acc, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}"
+                "    scf.for %e = %c0 to %c{dv} step %cl {{\n{}\n      vector.store %acc, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}",
+                indent(&sum, 6)
             ));
         } else if vec_kv {
             // The scalar output over the vectorized olat.
@@ -340,4 +397,60 @@ impl Emitter {
         // Each MLA op gets its own region so the fixed names above never clash with other ops.
         self.line(&format!("scf.execute_region {{\n{consts}{t}    scf.yield\n    }}"));
     }
+}
+
+/// `acc` = the 16-lane sum over `iv` in `0..count` of broadcast(`%x`) * `%y`, each lane in order from
+/// zero, a multiply then an add (the reference's summation): `x` defines the f32 `%x`, `y` the
+/// vector `%y` (both may read `iv`).
+fn lane_sum(acc: &str, iv: &str, count: &str, x: &str, y: &str) -> String {
+    format!(
+        "{acc} = scf.for {iv} = %c0 to {count} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{
+{x}
+  %xb = vector.broadcast %x : f32 to vector<{LANES}xf32>
+{y}
+  %m = arith.mulf %xb, %y : vector<{LANES}xf32>
+  %n = arith.addf %s, %m : vector<{LANES}xf32>
+  scf.yield %n : vector<{LANES}xf32>
+}}",
+        x = indent(x, 2),
+        y = indent(y, 2)
+    )
+}
+
+/// Scores of 16 keys at a time (`%scores` padded to whole blocks): the nope part `an` then the rope
+/// part `ar` (each a [`lane_sum`] over the block at `%j0`), summed and scaled as the reference
+/// does; then the maximum `%max` over the visible keys.
+fn key_block_scores(an: &str, ar: &str) -> String {
+    format!(
+        "%nblk0 = arith.addi %nkeys, %c15 : index
+%nblk = arith.divui %nblk0, %cl : index
+%scalev = vector.broadcast %scale : f32 to vector<{LANES}xf32>
+scf.for %jb = %c0 to %nblk step %c1 {{
+  %j0 = arith.muli %jb, %cl : index
+{an}
+{ar}
+  %sv = arith.addf %an, %ar : vector<{LANES}xf32>
+  %scv = arith.mulf %sv, %scalev : vector<{LANES}xf32>
+  vector.store %scv, %scores[%j0] : memref<?xf32>, vector<{LANES}xf32>
+}}
+%max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{
+  %sc = memref.load %scores[%j] : memref<?xf32>
+  %nm = arith.maximumf %mx, %sc : f32
+  scf.yield %nm : f32
+}}",
+        an = indent(an, 2),
+        ar = indent(ar, 2)
+    )
+}
+
+/// Scores padded to whole 16-key blocks (`%spad` of them), and `extra` buffers of that many keys.
+fn padded_scores(extra: &str) -> String {
+    format!(
+        "%c15 = arith.constant 15 : index
+%spad0 = arith.addi %srows, %c15 : index
+%spad1 = arith.divui %spad0, %cl : index
+%spad = arith.muli %spad1, %cl : index
+%scores = memref.alloc(%spad) : memref<?xf32>
+{extra}"
+    )
 }
