@@ -197,6 +197,24 @@ fn cpu_backend_fp8_decode_sums_attention_in_the_reference_order() {
     }
 }
 
+/// f32 prefill at the bench widths (naive attention vectorized across keys and columns, as in fp8)
+/// gives the reference's logits for every prompt row.
+#[test]
+fn cpu_backend_f32_prefill_at_the_bench_widths_matches_the_reference() {
+    let c = v3c_benches::bench_config(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    write_random_checkpoint(&c, &ckpt, 2).unwrap();
+    let model = Model::open(&ckpt, Precision::F32).unwrap();
+    let tokens: Vec<u32> = (0..37).map(|i| (i * 13 + 5) % 2000).collect();
+    let want = model.logits(&tokens, 0).unwrap().logits;
+    let got = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap().logits;
+    let (want, got) = (want.as_f32().unwrap(), got.as_f32().unwrap());
+    let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+    let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(diff <= 1e-5 * scale, "{diff} (scale {scale})");
+}
+
 /// The fp8 dense GEMMs are vectorized across 16 output columns (each lane keeps the reference's
 /// per-element order). Widths that are not multiples of 16 (masked stores: hidden 200, q_lora 40)
 /// and K blocks that are partial (intermediate 72) must still give the reference's logits.

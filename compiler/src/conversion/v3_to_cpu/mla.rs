@@ -82,7 +82,8 @@ impl Emitter {
         let vec_dv = vec_kv && dv % LANES == 0;
         // The exact naive form (fp8 prefill), vectorized the same way: the expansion of the latent
         // rows across 16 of their K/V columns (a transposed W), the scores across 16 keys (the keys'
-        // nope parts and the latent's rope columns transposed), P.V across 16 value columns.
+        // nope parts and the latent's rope columns transposed), P.V across 16 value columns. (f32
+        // keeps its fused multiply-adds over the reduced dimension: faster, and no order to keep.)
         let vec_naive = exact && !absorbed && !decode && (h * per_head) % LANES == 0 && dv % LANES == 0;
         let width = kv + dr;
         let mut t = String::new();
@@ -149,7 +150,39 @@ impl Emitter {
                 hp = h * per_head
             )
         };
-        if !absorbed && !decode && kvb_scale.is_none() {
+        if vec_naive {
+            // Prefill (naive form): expanded once, before the queries, 16 columns at a time over W
+            // transposed; then the keys' nope parts and the rope columns transposed.
+            let hp = h * per_head;
+            let g_hp = lane_group(hp);
+            w(&mut t, &format!(
+                "%wT = memref.alloc() : memref<{kv}x{hp}xf32>\nscf.for %tr = %c0 to %c{hp} step %c1 {{\n  scf.for %tc = %c0 to %c{kv} step %c1 {{\n{}\n    memref.store %kf, %wT[%tc, %tr] : memref<{kv}x{hp}xf32>\n  }}\n}}\nscf.for %j = %c0 to %srows step %c1 {{\n  scf.for %r = %c0 to %c{hp} step %c{rstep} {{\n{expand}\n  }}\n  scf.for %th = %c0 to %c{h} step %c1 {{\n    %tb = arith.muli %th, %c{per_head} : index\n    %tk = arith.muli %th, %c{dn} : index\n    scf.for %td = %c0 to %c{dn} step %c1 {{\n      %col = arith.addi %tb, %td : index\n      %kval = memref.load %kvb[%j, %col] : memref<?x{hp}xf32>\n      %krow = arith.addi %tk, %td : index\n      memref.store %kval, %kT[%krow, %j] : memref<{hdn}x?xf32>\n    }}\n  }}\n  scf.for %tr = %c0 to %c{dr} step %c1 {{\n    %col = arith.addi %tr, %c{kv} : index\n    %rv = memref.load {lat}[{lr}] : {lat_ty}\n    memref.store %rv, %latR[%tr, %j] : memref<{dr}x?xf32>\n  }}\n}}\nmemref.dealloc %wT : memref<{kv}x{hp}xf32>",
+                indent(&kvb_load("%tr", "%tc", "%kf"), 4),
+                lat = lat.0,
+                lr = lat_idx("%j", "%col"),
+                hdn = h * dn,
+                rstep = LANES * g_hp,
+                expand = indent(
+                    &format!(
+                        "{}{}\n{}",
+                        block_offsets("%r", g_hp),
+                        lane_sums(
+                            "%acc",
+                            g_hp,
+                            "%c",
+                            &format!("%c{kv}"),
+                            &format!("%x = memref.load {}[{}] : {lat_ty}", lat.0, lat_idx("%j", "%c")),
+                            &|k| format!("%y{k} = vector.load %wT[%c, %bo{k}] : memref<{kv}x{hp}xf32>, vector<{LANES}xf32>"),
+                        ),
+                        (0..g_hp)
+                            .map(|k| format!("vector.store %acc#{k}, %kvb[%j, %bo{k}] : memref<?x{hp}xf32>, vector<{LANES}xf32>"))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    ),
+                    4
+                ),
+            ));
+        } else if !absorbed && !decode && kvb_scale.is_none() {
             // Prefill (naive form, dense kv_b): every latent row is expanded once, before the
             // queries, with vectorized dot products over the latent.
             let kvv = kv - kv % LANES;
@@ -161,27 +194,6 @@ impl Emitter {
                 widen = widen_vector(&kvb.1.element, "%kv0", "%kvv"),
                 load = indent(&kvb_load("%r", "%c", "%kf"), 6),
                 hp = h * per_head
-            ));
-        } else if vec_naive {
-            // Prefill (naive form, fp8 kv_b): expanded once, before the queries, 16 columns at a
-            // time over W transposed; then the keys' nope parts and the rope columns transposed.
-            let hp = h * per_head;
-            w(&mut t, &format!(
-                "%wT = memref.alloc() : memref<{kv}x{hp}xf32>\nscf.for %tr = %c0 to %c{hp} step %c1 {{\n  scf.for %tc = %c0 to %c{kv} step %c1 {{\n{}\n    memref.store %kf, %wT[%tc, %tr] : memref<{kv}x{hp}xf32>\n  }}\n}}\nscf.for %j = %c0 to %srows step %c1 {{\n  scf.for %r = %c0 to %c{hp} step %cl {{\n{expand}\n    vector.store %acc, %kvb[%j, %r] : memref<?x{hp}xf32>, vector<{LANES}xf32>\n  }}\n  scf.for %th = %c0 to %c{h} step %c1 {{\n    %tb = arith.muli %th, %c{per_head} : index\n    %tk = arith.muli %th, %c{dn} : index\n    scf.for %td = %c0 to %c{dn} step %c1 {{\n      %col = arith.addi %tb, %td : index\n      %kval = memref.load %kvb[%j, %col] : memref<?x{hp}xf32>\n      %krow = arith.addi %tk, %td : index\n      memref.store %kval, %kT[%krow, %j] : memref<{hdn}x?xf32>\n    }}\n  }}\n  scf.for %tr = %c0 to %c{dr} step %c1 {{\n    %col = arith.addi %tr, %c{kv} : index\n    %rv = memref.load {lat}[{lr}] : {lat_ty}\n    memref.store %rv, %latR[%tr, %j] : memref<{dr}x?xf32>\n  }}\n}}\nmemref.dealloc %wT : memref<{kv}x{hp}xf32>",
-                indent(&kvb_load("%tr", "%tc", "%kf"), 4),
-                lat = lat.0,
-                lr = lat_idx("%j", "%col"),
-                hdn = h * dn,
-                expand = indent(
-                    &lane_sum(
-                        "%acc",
-                        "%c",
-                        &format!("%c{kv}"),
-                        &format!("%x = memref.load {}[{}] : {lat_ty}", lat.0, lat_idx("%j", "%c")),
-                        &format!("%y = vector.load %wT[%c, %r] : memref<{kv}x{hp}xf32>, vector<{LANES}xf32>")
-                    ),
-                    4
-                ),
             ));
         } else if !absorbed && !decode {
             // Prefill (naive form, fp8 kv_b): expanded once, before the queries.
@@ -208,17 +220,30 @@ impl Emitter {
         );
         if vec_kv {
             // q_abs = q_nope[q, h] @ W_UK[h], 16 latent columns at a time.
-            let sum = lane_sum(
+            let g = lane_group(kv);
+            let sum = lane_sums(
                 "%acc",
+                g,
                 "%d",
                 &format!("%c{dn}"),
-                &format!("%x = memref.load {}[%q, %hh, %d] : {qn_ty}", qn.0),
-                &format!("%row = arith.addi %hbase, %d : index\n%y = vector.load %kvbf[%row, %c] : memref<{hp_all}x{kv}xf32>, vector<{LANES}xf32>"),
+                &format!("%x = memref.load {}[%q, %hh, %d] : {qn_ty}\n%row = arith.addi %hbase, %d : index", qn.0),
+                &|k| {
+                    format!("%y{k} = vector.load %kvbf[%row, %bo{k}] : memref<{hp_all}x{kv}xf32>, vector<{LANES}xf32>")
+                },
             );
-            w(&mut t, &format!(
-                "    scf.for %c = %c0 to %c{kv} step %cl {{\n{}\n      vector.store %acc, %qabs[%c] : memref<{kv}xf32>, vector<{LANES}xf32>\n    }}",
-                indent(&sum, 6)
-            ));
+            let stores: String = (0..g)
+                .map(|k| format!("vector.store %acc#{k}, %qabs[%bo{k}] : memref<{kv}xf32>, vector<{LANES}xf32>\n"))
+                .collect();
+            w(
+                &mut t,
+                &format!(
+                    "    scf.for %c = %c0 to %c{kv} step %c{} {{\n{}\n{}\n{}    }}",
+                    LANES * g,
+                    indent(&block_offsets("%c", g), 6),
+                    indent(&sum, 6),
+                    indent(&stores, 6)
+                ),
+            );
         } else if absorbed {
             // q_abs = q_nope[q, h] @ W_UK[h]  ([dn] x [dn, kv])
             w(&mut t, &format!(
@@ -250,35 +275,42 @@ impl Emitter {
         } else {
             format!("%dr_acc = scf.for %r = %c0 to %c{dr} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %r] : {qp_ty}\n  %col = arith.addi %r, %c{kv} : index\n  %l = memref.load {}[{}] : {lat_ty}\n  %m = arith.mulf %qv, %l : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qp.0, lat.0, lat_idx("%j", "%col"))
         };
-        let rope_part = |y: &str| {
-            lane_sum("%ar", "%r", &format!("%c{dr}"), &format!("%x = memref.load {}[%q, %hh, %r] : {qp_ty}", qp.0), y)
+        let rope_part = |x_more: &str, y: &dyn Fn(usize) -> String| {
+            let x = format!("%x = memref.load {}[%q, %hh, %r] : {qp_ty}{x_more}", qp.0);
+            lane_sums("%ar", 4, "%r", &format!("%c{dr}"), &x, y)
         };
         if vec_naive {
             // 16 keys at a time: q_nope . k_nope over the transposed keys, q_pe . k_pe over the
             // transposed rope columns.
             let hdn = h * dn;
-            let an = lane_sum(
+            let an = lane_sums(
                 "%an",
+                4,
                 "%d",
                 &format!("%c{dn}"),
-                &format!("%x = memref.load {}[%q, %hh, %d] : {qn_ty}", qn.0),
-                &format!("%krow = arith.addi %kbase, %d : index\n%y = vector.load %kT[%krow, %j0] : memref<{hdn}x?xf32>, vector<{LANES}xf32>"),
+                &format!("%x = memref.load {}[%q, %hh, %d] : {qn_ty}\n%krow = arith.addi %kbase, %d : index", qn.0),
+                &|k| format!("%y{k} = vector.load %kT[%krow, %bo{k}] : memref<{hdn}x?xf32>, vector<{LANES}xf32>"),
             );
-            let ar = rope_part(&format!("%y = vector.load %latR[%r, %j0] : memref<{dr}x?xf32>, vector<{LANES}xf32>"));
+            let ar = rope_part("", &|k| {
+                format!("%y{k} = vector.load %latR[%r, %bo{k}] : memref<{dr}x?xf32>, vector<{LANES}xf32>")
+            });
             w(
                 &mut t,
                 &format!("    %kbase = arith.muli %hh, %c{dn} : index\n{}", indent(&key_block_scores(&an, &ar), 4)),
             );
         } else if vec_scores {
             // 16 keys at a time: q_abs . latent and q_pe . k_pe over the transposed latent rows.
-            let an = lane_sum(
+            let an = lane_sums(
                 "%an",
+                4,
                 "%c",
                 &format!("%c{kv}"),
                 &format!("%x = memref.load %qabs[%c] : memref<{kv}xf32>"),
-                &format!("%y = vector.load %latT[%c, %j0] : memref<{width}x?xf32>, vector<{LANES}xf32>"),
+                &|k| format!("%y{k} = vector.load %latT[%c, %bo{k}] : memref<{width}x?xf32>, vector<{LANES}xf32>"),
             );
-            let ar = rope_part(&format!("%col = arith.addi %r, %c{kv} : index\n%y = vector.load %latT[%col, %j0] : memref<{width}x?xf32>, vector<{LANES}xf32>"));
+            let ar = rope_part(&format!("\n%col = arith.addi %r, %c{kv} : index"), &|k| {
+                format!("%y{k} = vector.load %latT[%col, %bo{k}] : memref<{width}x?xf32>, vector<{LANES}xf32>")
+            });
             w(&mut t, &indent(&key_block_scores(&an, &ar), 4));
         } else {
             w(&mut t, &format!(
@@ -297,45 +329,72 @@ impl Emitter {
         };
         if vec_kv {
             // olat = P . latent, 16 latent columns at a time (each lane sequential over the keys).
-            let sum = lane_sum(
-                "%acc",
-                "%j",
-                "%nkeys",
-                "%x = memref.load %scores[%j] : memref<?xf32>",
-                &format!("%y = vector.load {}[{}] : {lat_ty}, vector<{LANES}xf32>", lat.0, lat_idx("%j", "%c")),
-            );
+            let g = lane_group(kv);
+            let sum = lane_sums("%acc", g, "%j", "%nkeys", "%x = memref.load %scores[%j] : memref<?xf32>", &|k| {
+                format!(
+                    "%y{k} = vector.load {}[{}] : {lat_ty}, vector<{LANES}xf32>",
+                    lat.0,
+                    lat_idx("%j", &format!("%bo{k}"))
+                )
+            });
+            let stores: String = (0..g)
+                .map(|k| format!("%norm{k} = arith.divf %acc#{k}, %denv : vector<{LANES}xf32>\nvector.store %norm{k}, %olat[%bo{k}] : memref<{kv}xf32>, vector<{LANES}xf32>\n"))
+                .collect();
             w(&mut t, &format!(
-                "    %denv = vector.broadcast {den} : f32 to vector<{LANES}xf32>\n    scf.for %c = %c0 to %c{kv} step %cl {{\n{}\n      %norm = arith.divf %acc, %denv : vector<{LANES}xf32>\n      vector.store %norm, %olat[%c] : memref<{kv}xf32>, vector<{LANES}xf32>\n    }}",
-                indent(&sum, 6)
+                "    %denv = vector.broadcast {den} : f32 to vector<{LANES}xf32>\n    scf.for %c = %c0 to %c{kv} step %c{} {{\n{}\n{}\n{}    }}",
+                LANES * g,
+                indent(&block_offsets("%c", g), 6),
+                indent(&sum, 6),
+                indent(&stores, 6)
             ));
         }
         if vec_naive {
             // out[q, h, :] = sum_j p_j * v_j, 16 value columns at a time, each lane sequential over
             // the keys (P already normalized), divided by 1 as the reference's order has it.
-            let sum = lane_sum(
-                "%acc",
-                "%j",
-                "%nkeys",
-                "%x = memref.load %scores[%j] : memref<?xf32>",
-                &format!("%y = vector.load %kvb[%j, %vcol] : memref<?x{}xf32>, vector<{LANES}xf32>", h * per_head),
-            );
+            let (g, hp) = (lane_group(dv), h * per_head);
+            let sum = lane_sums("%acc", g, "%j", "%nkeys", "%x = memref.load %scores[%j] : memref<?xf32>", &|k| {
+                format!("%y{k} = vector.load %kvb[%j, %vc{k}] : memref<?x{hp}xf32>, vector<{LANES}xf32>")
+            });
+            let cols: String = (0..g).map(|k| format!("%vc{k} = arith.addi %vcol0, %bo{k} : index\n")).collect();
+            let stores: String = (0..g)
+                .map(|k| format!("%norm{k} = arith.divf %acc#{k}, %denv : vector<{LANES}xf32>\nvector.store %norm{k}, {dest}[%q, %hh, %bo{k}] : {out_ty}, vector<{LANES}xf32>\n"))
+                .collect();
             w(&mut t, &format!(
-                "    %vcol0 = arith.addi %hbase, %c{dn} : index\n    %denv = vector.broadcast {den} : f32 to vector<{LANES}xf32>\n    scf.for %e = %c0 to %c{dv} step %cl {{\n      %vcol = arith.addi %vcol0, %e : index\n{}\n      %norm = arith.divf %acc, %denv : vector<{LANES}xf32>\n      vector.store %norm, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}",
-                indent(&sum, 6)
+                "    %vcol0 = arith.addi %hbase, %c{dn} : index\n    %denv = vector.broadcast {den} : f32 to vector<{LANES}xf32>\n    scf.for %e = %c0 to %c{dv} step %c{} {{\n{}{}\n{}\n{}    }}",
+                LANES * g,
+                indent(&block_offsets("%e", g), 6),
+                indent(&cols, 6),
+                indent(&sum, 6),
+                indent(&stores, 6)
             ));
         } else if vec_dv {
             // out = olat . W_UV^T, 16 value columns at a time over the transposed W_UV.
-            let sum = lane_sum(
+            let g = lane_group(dv);
+            let sum = lane_sums(
                 "%acc",
+                g,
                 "%c",
                 &format!("%c{kv}"),
                 &format!("%x = memref.load %olat[%c] : memref<{kv}xf32>"),
-                &format!("%y = vector.load %wuvT[%hh, %c, %e] : memref<{h}x{kv}x{dv}xf32>, vector<{LANES}xf32>"),
+                &|k| {
+                    format!(
+                        "%y{k} = vector.load %wuvT[%hh, %c, %bo{k}] : memref<{h}x{kv}x{dv}xf32>, vector<{LANES}xf32>"
+                    )
+                },
             );
-            w(&mut t, &format!(
-                "    scf.for %e = %c0 to %c{dv} step %cl {{\n{}\n      vector.store %acc, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}",
-                indent(&sum, 6)
-            ));
+            let stores: String = (0..g)
+                .map(|k| format!("vector.store %acc#{k}, {dest}[%q, %hh, %bo{k}] : {out_ty}, vector<{LANES}xf32>\n"))
+                .collect();
+            w(
+                &mut t,
+                &format!(
+                    "    scf.for %e = %c0 to %c{dv} step %c{} {{\n{}\n{}\n{}    }}",
+                    LANES * g,
+                    indent(&block_offsets("%e", g), 6),
+                    indent(&sum, 6),
+                    indent(&stores, 6)
+                ),
+            );
         } else if vec_kv {
             // The scalar output over the vectorized olat.
             w(&mut t, &format!(
@@ -384,7 +443,8 @@ impl Emitter {
         }
         // Constants used above.
         let mut consts = String::new();
-        for n in [h, dn, dr, dv, kv, per_head, hp_all, 128, width] {
+        // (16 * k: the offsets of side-by-side 16-lane blocks; 63 and 64: whole groups of them.)
+        for n in [h, dn, dr, dv, kv, per_head, hp_all, 128, width, 16, 32, 48, 63, 64] {
             // %c0 and %c1 are defined with the region's other constants (a dim of 1 is common).
             if n <= 1 {
                 continue;
@@ -399,57 +459,81 @@ impl Emitter {
     }
 }
 
-/// `acc` = the 16-lane sum over `iv` in `0..count` of broadcast(`%x`) * `%y`, each lane in order from
-/// zero, a multiply then an add (the reference's summation): `x` defines the f32 `%x`, `y` the
-/// vector `%y` (both may read `iv`).
-fn lane_sum(acc: &str, iv: &str, count: &str, x: &str, y: &str) -> String {
+/// `g` independent 16-lane sums (instruction-level parallelism across column or key blocks), as
+/// `name#0..g`: each the sum over `iv` in `0..count` of broadcast(`%x`) * `%y<k>`, every lane in
+/// order from zero, a multiply then an add (the reference's summation). `x` defines the f32 `%x`
+/// (and anything the loads share), `y(k)` the vector `%y<k>` (both may read `iv`).
+fn lane_sums(name: &str, g: usize, iv: &str, count: &str, x: &str, y: &dyn Fn(usize) -> String) -> String {
+    let v = format!("vector<{LANES}xf32>");
+    let inits: Vec<String> = (0..g).map(|k| format!("%ls{k} = %zv")).collect();
+    let mut body = format!("{}\n  %xb = vector.broadcast %x : f32 to {v}\n", indent(x, 2));
+    for k in 0..g {
+        body.push_str(&format!(
+            "{}\n  %lm{k} = arith.mulf %xb, %y{k} : {v}\n  %ln{k} = arith.addf %ls{k}, %lm{k} : {v}\n",
+            indent(&y(k), 2)
+        ));
+    }
+    let yields: Vec<String> = (0..g).map(|k| format!("%ln{k}")).collect();
     format!(
-        "{acc} = scf.for {iv} = %c0 to {count} step %c1 iter_args(%s = %zv) -> (vector<{LANES}xf32>) {{
-{x}
-  %xb = vector.broadcast %x : f32 to vector<{LANES}xf32>
-{y}
-  %m = arith.mulf %xb, %y : vector<{LANES}xf32>
-  %n = arith.addf %s, %m : vector<{LANES}xf32>
-  scf.yield %n : vector<{LANES}xf32>
-}}",
-        x = indent(x, 2),
-        y = indent(y, 2)
+        "{name}:{g} = scf.for {iv} = %c0 to {count} step %c1 iter_args({}) -> ({}) {{\n{body}  scf.yield {} : {}\n}}",
+        inits.join(", "),
+        vec![v.clone(); g].join(", "),
+        yields.join(", "),
+        vec![v.clone(); g].join(", ")
     )
 }
 
-/// Scores of 16 keys at a time (`%scores` padded to whole blocks): the nope part `an` then the rope
-/// part `ar` (each a [`lane_sum`] over the block at `%j0`), summed and scaled as the reference
-/// does; then the maximum `%max` over the visible keys.
+/// How many 16-lane sums run side by side over `n` columns: 4 when `n` holds whole groups of 64.
+fn lane_group(n: usize) -> usize {
+    if n.is_multiple_of(4 * LANES) {
+        4
+    } else {
+        1
+    }
+}
+
+/// `%bo<k>` = `base` + 16 k for the `g` blocks of one step.
+fn block_offsets(base: &str, g: usize) -> String {
+    (0..g).map(|k| format!("%bo{k} = arith.addi {base}, %c{} : index\n", k * LANES)).collect()
+}
+
+/// Scores of 64 keys at a time (`%scores` padded to whole 64-key groups), four 16-key blocks side by
+/// side: the nope sums `an` then the rope sums `ar` (each [`lane_sums`] `%an` / `%ar` of 4 over the
+/// blocks at `%bo<k>`), summed and scaled as the reference does; then the maximum `%max` over the
+/// visible keys.
 fn key_block_scores(an: &str, ar: &str) -> String {
+    let mut store = String::new();
+    for k in 0..4 {
+        store.push_str(&format!(
+            "  %sv{k} = arith.addf %an#{k}, %ar#{k} : vector<{LANES}xf32>\n  %scv{k} = arith.mulf %sv{k}, %scalev : vector<{LANES}xf32>\n  vector.store %scv{k}, %scores[%bo{k}] : memref<?xf32>, vector<{LANES}xf32>\n"
+        ));
+    }
     format!(
-        "%nblk0 = arith.addi %nkeys, %c15 : index
-%nblk = arith.divui %nblk0, %cl : index
+        "%nblk0 = arith.addi %nkeys, %c63 : index
+%nblk = arith.divui %nblk0, %c64 : index
 %scalev = vector.broadcast %scale : f32 to vector<{LANES}xf32>
 scf.for %jb = %c0 to %nblk step %c1 {{
-  %j0 = arith.muli %jb, %cl : index
-{an}
+  %j0 = arith.muli %jb, %c64 : index
+{offsets}{an}
 {ar}
-  %sv = arith.addf %an, %ar : vector<{LANES}xf32>
-  %scv = arith.mulf %sv, %scalev : vector<{LANES}xf32>
-  vector.store %scv, %scores[%j0] : memref<?xf32>, vector<{LANES}xf32>
-}}
+{store}}}
 %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{
   %sc = memref.load %scores[%j] : memref<?xf32>
   %nm = arith.maximumf %mx, %sc : f32
   scf.yield %nm : f32
 }}",
+        offsets = indent(&block_offsets("%j0", 4), 2) + "\n",
         an = indent(an, 2),
         ar = indent(ar, 2)
     )
 }
 
-/// Scores padded to whole 16-key blocks (`%spad` of them), and `extra` buffers of that many keys.
+/// Scores padded to whole 64-key groups (`%spad` of them), and `extra` buffers of that many keys.
 fn padded_scores(extra: &str) -> String {
     format!(
-        "%c15 = arith.constant 15 : index
-%spad0 = arith.addi %srows, %c15 : index
-%spad1 = arith.divui %spad0, %cl : index
-%spad = arith.muli %spad1, %cl : index
+        "%spad0 = arith.addi %srows, %c63 : index
+%spad1 = arith.divui %spad0, %c64 : index
+%spad = arith.muli %spad1, %c64 : index
 %scores = memref.alloc(%spad) : memref<?xf32>
 {extra}"
     )
