@@ -152,16 +152,9 @@ fn cpu_backend_handles_dims_of_one() {
 #[test]
 fn cpu_backend_fp8_sums_attention_in_the_reference_order() {
     let c = v3c_models::init::with_fp8(&v3c_benches::bench_config(&[]));
-    let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("ckpt");
-    write_random_checkpoint(&c, &ckpt, 0).unwrap();
-    let model = Model::open(&ckpt, Precision::Fp8).unwrap();
+    let (model, _dir) = random_model(&c, 0, Precision::Fp8);
     let tokens: Vec<u32> = (1..=8).collect();
-    let want = model.logits(&tokens, 0).unwrap().logits;
-    let got = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap().logits;
-    let (want, got) = (want.as_f32().unwrap(), got.as_f32().unwrap());
-    let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
-    let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let (diff, scale) = prefill_vs_reference(&model, &tokens);
     eprintln!("fp8 cpu vs reference: max |diff| {diff:.2e}, max |logit| {scale:.2}");
     assert!(diff <= 1e-5 * scale, "{diff} (scale {scale})");
 }
@@ -174,45 +167,51 @@ fn cpu_backend_fp8_decode_sums_attention_in_the_reference_order() {
     let awkward = [("kv_lora_rank", 24), ("v_head_dim", 40), ("qk_rope_head_dim", 8)];
     for (seed, changes) in [(0u64, &[][..]), (5, &awkward[..])] {
         let c = v3c_models::init::with_fp8(&v3c_benches::bench_config(changes));
-        let dir = tempfile::tempdir().unwrap();
-        let ckpt = dir.path().join("ckpt");
-        write_random_checkpoint(&c, &ckpt, seed).unwrap();
-        let model = Model::open(&ckpt, Precision::Fp8).unwrap();
+        let (model, _dir) = random_model(&c, seed, Precision::Fp8);
         let prompt: Vec<u32> = (1..=20).map(|t| t * 3).collect();
         let context = v3c_compiler::mlir::new_context();
         let mut cpu = v3c_compiler::cpu_backend::CpuSession::new(&context, &model, 40, None).unwrap();
         let mut reference = model.session(40).unwrap();
         // The prompt's last logits too (prefill attention: vectorized at the bench widths, scalar
         // where the value width is no multiple of 16).
-        let (a, b) = (cpu.prefill(&prompt).unwrap(), reference.prefill(&prompt).unwrap());
-        let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        let (diff, scale) = max_diff(&cpu.prefill(&prompt).unwrap(), &reference.prefill(&prompt).unwrap());
         assert!(diff <= 1e-5 * scale, "{changes:?} prompt: {diff} (scale {scale})");
         for token in [7u32, 11, 2, 40, 9] {
-            let (a, b) = (cpu.decode(token).unwrap(), reference.decode(token).unwrap());
-            let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            let (diff, scale) = max_diff(&cpu.decode(token).unwrap(), &reference.decode(token).unwrap());
             assert!(diff <= 1e-5 * scale, "{changes:?} token {token}: {diff} (scale {scale})");
         }
     }
 }
 
-/// f32 prefill at the bench widths (naive attention vectorized across keys and columns, as in fp8)
-/// gives the reference's logits for every prompt row.
+/// f32 prefill at the bench widths (naive attention with fused multiply-adds over the reduced
+/// dimension) gives the reference's logits for every prompt row to 1e-5 x max|logit|.
 #[test]
 fn cpu_backend_f32_prefill_at_the_bench_widths_matches_the_reference() {
-    let c = v3c_benches::bench_config(&[]);
+    let (model, _dir) = random_model(&v3c_benches::bench_config(&[]), 2, Precision::F32);
+    let tokens: Vec<u32> = (0..37).map(|i| (i * 13 + 5) % 2000).collect();
+    let (diff, scale) = prefill_vs_reference(&model, &tokens);
+    assert!(diff <= 1e-5 * scale, "{diff} (scale {scale})");
+}
+
+/// A random checkpoint of `c` (from `seed`) opened at `precision`, and the directory holding it.
+fn random_model(c: &ModelConfig, seed: u64, precision: Precision) -> (Model, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
-    write_random_checkpoint(&c, &ckpt, 2).unwrap();
-    let model = Model::open(&ckpt, Precision::F32).unwrap();
-    let tokens: Vec<u32> = (0..37).map(|i| (i * 13 + 5) % 2000).collect();
-    let want = model.logits(&tokens, 0).unwrap().logits;
-    let got = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap().logits;
-    let (want, got) = (want.as_f32().unwrap(), got.as_f32().unwrap());
+    write_random_checkpoint(c, &ckpt, seed).unwrap();
+    (Model::open(&ckpt, precision).unwrap(), dir)
+}
+
+/// (max |got - want|, max |want|).
+fn max_diff(got: &[f32], want: &[f32]) -> (f32, f32) {
     let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
-    let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    assert!(diff <= 1e-5 * scale, "{diff} (scale {scale})");
+    (got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max), scale)
+}
+
+/// The CPU backend's prefill logits against the reference's for `tokens`: (max |diff|, max |logit|).
+fn prefill_vs_reference(model: &Model, tokens: &[u32]) -> (f32, f32) {
+    let want = model.logits(tokens, 0).unwrap().logits;
+    let got = v3c_compiler::cpu_backend::logits(model, tokens, 0, None).unwrap().logits;
+    max_diff(got.as_f32().unwrap(), want.as_f32().unwrap())
 }
 
 /// The fp8 dense GEMMs are vectorized across 16 output columns (each lane keeps the reference's
@@ -228,16 +227,9 @@ fn cpu_backend_fp8_gemms_at_awkward_widths_match_the_reference() {
         ("kv_lora_rank", 24),
         ("vocab_size", 300),
     ]));
-    let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("ckpt");
-    write_random_checkpoint(&c, &ckpt, 4).unwrap();
-    let model = Model::open(&ckpt, Precision::Fp8).unwrap();
+    let (model, _dir) = random_model(&c, 4, Precision::Fp8);
     let tokens: Vec<u32> = (1..=9).map(|t| t * 7).collect();
-    let want = model.logits(&tokens, 0).unwrap().logits;
-    let got = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap().logits;
-    let (want, got) = (want.as_f32().unwrap(), got.as_f32().unwrap());
-    let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
-    let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let (diff, scale) = prefill_vs_reference(&model, &tokens);
     assert!(diff <= 1e-5 * scale, "{diff} (scale {scale})");
 }
 
