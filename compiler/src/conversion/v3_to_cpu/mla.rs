@@ -59,25 +59,27 @@ impl Emitter {
         }
         };
         // fp8 kv_b: dequantized once per launch (each value exactly as `kvb_load` computes it), so
-        // the sums below read f32 values instead of decoding per multiply.
+        // the sums below read f32 values instead of decoding per multiply; the absorbed form reads
+        // a bf16 or f32 kv_b as f32 the same way (vector loads of its rows).
         let hp_all = h * per_head;
-        let dequantized = kvb_scale.map(|_| {
+        let dequantized = (kvb_scale.is_some() || absorbed).then(|| {
             format!(
                 "%kvbf = memref.alloc() : memref<{hp_all}x{kv}xf32>\nscf.for %r = %c0 to %c{hp_all} step %c1 {{\n  scf.for %c = %c0 to %c{kv} step %c1 {{\n{}\n    memref.store %kf, %kvbf[%r, %c] : memref<{hp_all}x{kv}xf32>\n  }}\n}}",
                 indent(&kvb_load("%r", "%c", "%kf"), 4)
             )
         });
-        let kvb_load = |row: &str, col: &str, out: &str| match kvb_scale {
+        let kvb_load = |row: &str, col: &str, out: &str| match &dequantized {
             Some(_) => format!("{out} = memref.load %kvbf[{row}, {col}] : memref<{hp_all}x{kv}xf32>"),
             None => kvb_load(row, col, out),
         };
         // The latent row j of the current sequence.
         let lat_idx = |j: &str, c: &str| if decode { format!("%seq, {j}, {c}") } else { format!("{j}, {c}") };
-        // The exact absorbed form, vectorized so that every lane keeps the reference's order (mul then
-        // add, sequential over the reduced dimension): q_abs across latent columns, the scores across
-        // 16 keys at a time (over a transposed copy of the latent rows), P.V across latent columns,
-        // the output across value columns (over a transposed W_UV, made once per launch).
-        let vec_scores = exact && absorbed;
+        // The absorbed form, vectorized so that every lane keeps the reference's order (mul then
+        // add, sequential over the reduced dimension; fp8 needs it, f32 gains from it too): q_abs
+        // across latent columns, the scores across 16 keys at a time (over a transposed copy of the
+        // latent rows), P.V across latent columns, the output across value columns (over a
+        // transposed W_UV, made once per launch).
+        let vec_scores = absorbed;
         let vec_kv = vec_scores && kv % LANES == 0;
         let vec_dv = vec_kv && dv % LANES == 0;
         // The exact naive form (fp8 prefill), vectorized the same way: the expansion of the latent
