@@ -1,7 +1,8 @@
 //! One generated sequence on a `cpu` artifact: the prompt prefilled in chunks of at most the
 //! prefill plan's rows (each chunk attends to the rows cached before it), then one decode step per
 //! token over caches of `max_len` rows. The plans run at these sizes because they were planned for
-//! larger ones ([`crate::plan::EntryPlan::bind`]).
+//! larger ones ([`crate::plan::EntryPlan::bind`]). Several sequences run as one batch
+//! ([`CpuBatch`], [`generate_batch`]): each prefilled alone, then one decode launch per step over all.
 //!
 //! An artifact compiled with its MTP module has MTP inputs; plain generation feeds the MTP layer the
 //! next prompt token where it is known and token 0 otherwise, keeps its cache like the others, and
