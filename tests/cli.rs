@@ -674,6 +674,14 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     assert!(stdout.contains("target: sm_90a (compute capability 9.0)"), "{stdout}");
     assert!(stdout.contains("lowering: 19 fused kernels as 29 launches"), "{stdout}");
     assert!(stdout.contains("entry decode: 627 launches"), "{stdout}");
+    // Every launch the GPU executor would make matches its kernel's PTX, at the planned sizes and
+    // at a one-sequence decode and a short prefill.
+    let sizes = [
+        ("decode", v3c_runtime::plan::Sizes { rows: 1, context: 100 }),
+        ("prefill", v3c_runtime::plan::Sizes { rows: 3, context: 0 }),
+    ];
+    let (launches, kernels) = v3c_tests::check_gpu_launches(&out_dir, &sizes);
+    assert!(launches > 3000 && kernels > 30, "{launches} launches of {kernels} kernels");
     // Running it needs the GPU, asked for before any checkpoint is read: exit 3 without one.
     if gpu_or_skip("v3r_run_without_a_gpu_exits_3").is_none() {
         assert!(stdout.contains("runs here: no ("), "{stdout}");

@@ -670,6 +670,27 @@ fn write_gpu_artifact(
         std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(FileEntry { file: file.to_string(), sha256: artifact::sha256_hex(bytes) })
     };
+    // How each kernel takes its arguments: GEMMs from their configuration, row kernels from theirs.
+    let mut row_ranks: std::collections::HashMap<String, Vec<usize>> = std::collections::HashMap::new();
+    let row_kernels =
+        lowered.rows.iter().map(|(_, l)| &l.kernel).chain(lowered.compound.iter().flat_map(|(_, s, _)| {
+            s.steps.iter().filter_map(|st| match &st.kernel {
+                StepKernel::Row(k) => Some(k),
+                StepKernel::Gemm(_) => None,
+            })
+        }));
+    for k in row_kernels {
+        row_ranks.insert(k.kernel_name(), k.argument_ranks());
+    }
+    let abi_of = |name: &str| -> Result<v3c_runtime::abi::KernelAbi, String> {
+        if let Some(config) = v3c_compiler::conversion::sm90::gemm::GemmConfig::from_name(name) {
+            return Ok(v3c_runtime::abi::KernelAbi::Gemm(config.host_abi()));
+        }
+        row_ranks
+            .get(name)
+            .map(|ranks| v3c_runtime::abi::KernelAbi::Memrefs { ranks: ranks.clone() })
+            .ok_or_else(|| format!("{name}: a kernel of no known template"))
+    };
     let mut kernels = Vec::new();
     for k in &lowered.kernels {
         let ptx = write(&format!("kernels/{}.ptx", k.name), k.ptx.as_bytes())?;
@@ -683,6 +704,7 @@ fn write_gpu_artifact(
             cubin,
             threads: Some(k.threads),
             dynamic_shared_memory: Some(k.shared_memory_bytes),
+            abi: Some(abi_of(&k.name)?),
         });
     }
     let spec = |o: &Operand| match *o {
@@ -958,6 +980,7 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
             cubin: None,
             threads: None,
             dynamic_shared_memory: None,
+            abi: None,
         });
     }
     let plan_text = serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n";

@@ -103,6 +103,9 @@ pub struct KernelEntry {
     pub threads: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dynamic_shared_memory: Option<usize>,
+    /// GPU targets: how the kernel takes its arguments (what the runtime launches it with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abi: Option<crate::abi::KernelAbi>,
 }
 
 /// Where the kernels' configurations came from.

@@ -10,10 +10,13 @@
 //! on [`host`] buffers) and generation on them ([`session`]); GPU memory, launches and sessions
 //! arrive with the rest of the artifact/runtime issue.
 
+pub mod abi;
 pub mod artifact;
 pub mod cli;
 pub mod cpu;
+pub mod cuda;
 pub mod device;
+pub mod gpu;
 pub mod host;
 pub mod lowering;
 pub mod plan;

@@ -310,6 +310,32 @@ impl GemmConfig {
         name
     }
 
+    /// What the runtime needs to launch this kernel (recorded in the artifact's manifest).
+    pub fn host_abi(&self) -> v3c_runtime::abi::GemmAbi {
+        let el = |o: GemmOutput| match o {
+            GemmOutput::F32 => "f32",
+            GemmOutput::Bf16 => "bf16",
+            GemmOutput::Fp8 => "fp8",
+        };
+        v3c_runtime::abi::GemmAbi {
+            input: if self.input == GemmInput::Fp8 { "fp8" } else { "bf16" }.into(),
+            output: el(self.output).into(),
+            block_m: self.block_m,
+            block_n: self.block_n,
+            block_k: self.block_k(),
+            cluster: self.cluster,
+            persistent: self.persistent,
+            split_k: self.split_k,
+            residual: self.residual,
+            grouping: format!("{:?}", self.grouping).to_lowercase(),
+            swiglu: self.swiglu,
+            row_scale: self.row_scale,
+            scatter: self.scatter,
+            a_box_rows: if self.grouping == GemmGrouping::Gather { 1 } else { self.block_m },
+            b_box_rows: self.block_n / self.cluster,
+        }
+    }
+
     /// The configuration a [`GemmConfig::kernel_name`] names (`gemm_fp8_bf16_64x128x128_s6_ws`).
     pub fn from_name(name: &str) -> Option<GemmConfig> {
         let rest = name.strip_prefix("gemm_")?;

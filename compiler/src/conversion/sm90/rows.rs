@@ -429,6 +429,11 @@ impl RowKernel {
         }
     }
 
+    /// The rank of each argument's memref, in order (how the runtime passes its buffers).
+    pub fn argument_ranks(&self) -> Vec<usize> {
+        self.arguments().iter().map(|(_, ty)| ty.matches('?').count()).collect()
+    }
+
     /// The argument whose first dimension is the number of rows (the grid); None: one block.
     pub fn rows_argument(&self) -> Option<&'static str> {
         Some(match self.op {

@@ -1,0 +1,489 @@
+//! How a GPU kernel of an artifact takes its arguments and how many blocks it runs: what the
+//! compiler records per kernel in the manifest ([`KernelAbi`]) and the host-side arithmetic the
+//! runtime does from it — kernel parameters, grid, the TMA descriptors a GEMM reads, its split-K
+//! workspace. Pure functions over addresses: the GPU executor ([`crate::gpu`]) feeds them device
+//! addresses, the tests check them against the kernels' PTX on machines without a GPU.
+//!
+//! Every sm_90a kernel parameter is 8 bytes: a memref argument is lowered to its descriptor's
+//! scalars — allocated pointer, aligned pointer, offset, sizes, strides (`3 + 2 x rank` values) — and
+//! an `index` argument to one i64. A GEMM's first two parameters are device pointers to 128-byte
+//! `CUtensorMap`s (A's and B's), which the executor encodes and uploads.
+
+use serde::{Deserialize, Serialize};
+
+/// A kernel's calling convention, recorded by the compiler in the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum KernelAbi {
+    /// Row kernels: one memref per operand, of these ranks, in order; one block per row of the
+    /// launch's rows operand (`crate::lowering::Blocks`).
+    Memrefs { ranks: Vec<usize> },
+    /// The GEMM template (`compiler/src/conversion/sm90/gemm.rs`, `emit`).
+    Gemm(GemmAbi),
+}
+
+/// The fields of a GEMM configuration the host needs to launch it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GemmAbi {
+    /// `bf16` or `fp8` (A and B).
+    pub input: String,
+    /// `f32`, `bf16` or `fp8`.
+    pub output: String,
+    pub block_m: usize,
+    pub block_n: usize,
+    /// K elements per pipeline stage (128 bytes of K).
+    pub block_k: usize,
+    /// Blocks per cluster along M (1: none).
+    pub cluster: usize,
+    pub persistent: bool,
+    pub split_k: bool,
+    pub residual: bool,
+    /// `dense`, `contiguous`, `gather` or `masked`.
+    pub grouping: String,
+    pub swiglu: bool,
+    pub row_scale: bool,
+    pub scatter: bool,
+    /// Rows of the TMA boxes: A's (1 for a gather: one token row per load) and B's (a cluster's
+    /// blocks each load their share of the B tile).
+    pub a_box_rows: usize,
+    pub b_box_rows: usize,
+}
+
+/// A buffer at a (device) address, row-major and contiguous.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Buf {
+    pub addr: u64,
+    pub shape: Vec<usize>,
+    /// MLIR element type name (`f32`, `bf16`, `f8E4M3FN`, `i32`, `i64`).
+    pub element: String,
+}
+
+impl Buf {
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Its shape seen at `rank`: leading dims collapsed (a `[T, 9, 2048]` result as `[T * 9, 2048]`).
+    pub fn shape_at_rank(&self, rank: usize) -> Result<Vec<usize>, String> {
+        if rank == 0 || self.shape.len() < rank {
+            return Err(format!("a buffer of shape {:?} cannot be seen as rank {rank}", self.shape));
+        }
+        let cut = self.shape.len() - rank;
+        let mut shape = vec![self.shape[..=cut].iter().product()];
+        shape.extend_from_slice(&self.shape[cut + 1..]);
+        Ok(shape)
+    }
+}
+
+/// One 8-byte kernel parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    Value(u64),
+    /// The device address of the launch's tensor map number `i` (filled in by the executor).
+    TensorMap(usize),
+}
+
+/// The descriptor scalars of a memref of `rank` over `buf`.
+pub fn memref(buf: &Buf, rank: usize) -> Result<Vec<Param>, String> {
+    let shape = buf.shape_at_rank(rank)?;
+    let mut p = vec![Param::Value(buf.addr), Param::Value(buf.addr), Param::Value(0)];
+    p.extend(shape.iter().map(|&d| Param::Value(d as u64)));
+    let mut strides = vec![0u64; rank];
+    let mut s = 1u64;
+    for k in (0..rank).rev() {
+        strides[k] = s;
+        s *= shape[k] as u64;
+    }
+    p.extend(strides.into_iter().map(Param::Value));
+    Ok(p)
+}
+
+/// A 2-D tiled TMA descriptor over a row-major `[rows, cols]` tensor: boxes of `box_rows x
+/// box_cols`, 128-byte swizzle, zero fill out of bounds (what the GEMM template's
+/// `!nvgpu.tensormap.descriptor` types say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorMapSpec {
+    pub addr: u64,
+    pub rows: usize,
+    pub cols: usize,
+    /// `bf16` or `f8E4M3FN` (encoded as 8-bit unsigned: TMA copies bytes).
+    pub element: String,
+    pub box_rows: usize,
+    pub box_cols: usize,
+}
+
+impl TensorMapSpec {
+    pub fn element_bytes(&self) -> usize {
+        if self.element == "bf16" {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// What `cuTensorMapEncodeTiled` would refuse, said before calling it: a global address not
+    /// 16-byte aligned, a row pitch not a multiple of 16 bytes, box dims outside 1..=256, a box
+    /// row wider than the 128-byte swizzle.
+    pub fn check(&self) -> Result<(), String> {
+        let pitch = self.cols * self.element_bytes();
+        if !self.addr.is_multiple_of(16) {
+            return Err(format!("tensor map: address {:#x} is not 16-byte aligned", self.addr));
+        }
+        if !pitch.is_multiple_of(16) {
+            return Err(format!(
+                "tensor map: rows of {} {} ({pitch} B) are not a multiple of 16 bytes",
+                self.cols, self.element
+            ));
+        }
+        if !(1..=256).contains(&self.box_rows) || !(1..=256).contains(&self.box_cols) {
+            return Err(format!("tensor map: box {}x{} outside 1..=256", self.box_rows, self.box_cols));
+        }
+        if self.box_cols * self.element_bytes() > 128 {
+            return Err(format!(
+                "tensor map: a box row of {} B exceeds the 128-byte swizzle",
+                self.box_cols * self.element_bytes()
+            ));
+        }
+        if self.rows == 0 || self.cols == 0 {
+            return Err(format!("tensor map: an empty [{}, {}] tensor", self.rows, self.cols));
+        }
+        Ok(())
+    }
+}
+
+/// One kernel launch, ready for the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelLaunch {
+    pub kernel: String,
+    pub grid: usize,
+    pub params: Vec<Param>,
+    pub tensor_maps: Vec<TensorMapSpec>,
+}
+
+/// The split-K scratch a GEMM launch uses: `[splits, M, N]` f32 partials and one i32 counter per
+/// output tile (zero before the first launch; the kernel leaves them zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SplitScratch {
+    pub workspace_bytes: usize,
+    pub counters: usize,
+}
+
+/// Where a GEMM's operands are, by role (see `crate::lowering::GemmSpec`). `b` and `b_scale` are
+/// the weights as the kernel reads them (concatenated along N, or grouped per expert).
+#[derive(Debug, Clone)]
+pub struct GemmOperands<'a> {
+    pub a: &'a Buf,
+    pub a_scale: Option<&'a Buf>,
+    pub b: &'a Buf,
+    pub b_scale: Option<&'a Buf>,
+    pub out: &'a Buf,
+    pub residual: Option<&'a Buf>,
+    /// Grouped: group boundaries `[groups + 1]`, the token of each sorted row, its weight.
+    pub offsets: Option<&'a Buf>,
+    pub perm: Option<&'a Buf>,
+    pub row_scale: Option<&'a Buf>,
+    /// Split K: the workspace and counters (as large as [`gemm_scratch`] says).
+    pub workspace: Option<u64>,
+    pub counters: Option<u64>,
+}
+
+/// Problem sizes of a GEMM launch: `m` rows of A (grouped: sorted rows), `n` columns of B per
+/// group, `k`, and the groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmProblem {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub groups: usize,
+}
+
+impl GemmAbi {
+    fn grouped(&self) -> bool {
+        self.grouping != "dense"
+    }
+
+    /// K splits on `sms` SMs: enough units to cover the SMs, at most one per K tile (the rule the
+    /// cost model assumes, `compiler/src/tune`).
+    pub fn splits(&self, p: GemmProblem, sms: usize) -> usize {
+        if !self.split_k {
+            return 1;
+        }
+        let tiles = p.m.div_ceil(self.block_m) * p.n.div_ceil(self.block_n);
+        sms.div_ceil(tiles.max(1)).clamp(1, p.k.div_ceil(self.block_k).max(1))
+    }
+
+    /// Blocks to launch (the compiler's `GemmConfig::grid` / `grouped_grid`).
+    pub fn grid(&self, p: GemmProblem, sms: usize) -> usize {
+        if self.grouped() {
+            let units = (p.m.div_ceil(self.block_m) + p.groups) * p.n.div_ceil(self.block_n);
+            return if self.persistent { units.min(sms).max(1) } else { units.max(1) };
+        }
+        let cl = self.cluster.max(1);
+        let units = p.m.div_ceil(self.block_m).div_ceil(cl) * p.n.div_ceil(self.block_n) * self.splits(p, sms);
+        let clusters = if self.persistent { units.min(sms / cl) } else { units };
+        clusters.max(1) * cl
+    }
+
+    /// The split-K scratch of problem `p`.
+    pub fn scratch(&self, p: GemmProblem, sms: usize) -> SplitScratch {
+        if !self.split_k {
+            return SplitScratch::default();
+        }
+        let splits = self.splits(p, sms);
+        SplitScratch {
+            workspace_bytes: splits * p.m * p.n * 4,
+            counters: p.m.div_ceil(self.block_m) * p.n.div_ceil(self.block_n),
+        }
+    }
+
+    /// The launch of this GEMM over `ops`: parameters in the template's order, tensor maps, grid.
+    pub fn launch(&self, kernel: &str, ops: &GemmOperands, sms: usize) -> Result<KernelLaunch, String> {
+        let fail = |what: String| format!("{kernel}: {what}");
+        let in_el = if self.input == "fp8" { "f8E4M3FN" } else { "bf16" };
+        let a = ops.a.shape_at_rank(2).map_err(fail)?;
+        let b = ops.b.shape_at_rank(2).map_err(fail)?;
+        let out = ops.out.shape_at_rank(2).map_err(fail)?;
+        for (name, buf) in [("A", ops.a), ("B", ops.b)] {
+            if buf.element != in_el {
+                return Err(fail(format!("{name} is {}, the kernel reads {in_el}", buf.element)));
+            }
+        }
+        let k = a[1];
+        if b[1] != k {
+            return Err(fail(format!("A is [{}, {k}] but B is {:?}", a[0], b)));
+        }
+        let (m, groups) = if self.grouped() {
+            let offsets = ops.offsets.ok_or_else(|| fail("a grouped GEMM without offsets".into()))?;
+            let groups = offsets.elements().saturating_sub(1);
+            // Sorted rows: the gathered GEMM's permutation, else A's rows.
+            let m = match (self.grouping.as_str(), ops.perm) {
+                ("gather", Some(perm)) => perm.elements(),
+                ("gather", None) => return Err(fail("a gathering GEMM without its permutation".into())),
+                _ => a[0],
+            };
+            (m, groups.max(1))
+        } else {
+            (a[0], 1)
+        };
+        if b[0] % groups != 0 {
+            return Err(fail(format!("B has {} rows, not a multiple of its {groups} groups", b[0])));
+        }
+        let n = b[0] / groups;
+        let n_out = if self.swiglu { n / 2 } else { n };
+        let p = GemmProblem { m, n, k, groups };
+        let out_rows = if self.scatter { out[0] } else { m };
+        if out != [out_rows, n_out] {
+            return Err(fail(format!("the output is {out:?}, expected [{out_rows}, {n_out}]")));
+        }
+        let maps = vec![
+            TensorMapSpec {
+                addr: ops.a.addr,
+                rows: a[0],
+                cols: k,
+                element: in_el.into(),
+                box_rows: self.a_box_rows,
+                box_cols: self.block_k,
+            },
+            TensorMapSpec {
+                addr: ops.b.addr,
+                rows: b[0],
+                cols: k,
+                element: in_el.into(),
+                box_rows: self.b_box_rows,
+                box_cols: self.block_k,
+            },
+        ];
+        for t in &maps {
+            t.check().map_err(fail)?;
+        }
+        let mut params = vec![Param::TensorMap(0), Param::TensorMap(1)];
+        params.extend(memref(ops.out, 2).map_err(fail)?);
+        if self.output == "fp8" {
+            return Err(fail("fp8 outputs (with their scales) are not launched by the runtime yet".into()));
+        }
+        if self.input == "fp8" {
+            let a_scale = ops.a_scale.ok_or_else(|| fail("an fp8 GEMM without A's scales".into()))?;
+            let b_scale = ops.b_scale.ok_or_else(|| fail("an fp8 GEMM without B's scales".into()))?;
+            params.extend(memref(a_scale, 2).map_err(fail)?);
+            params.extend(memref(b_scale, 2).map_err(fail)?);
+        }
+        fn need<'b>(b: Option<&'b Buf>, kernel: &str, what: &str) -> Result<&'b Buf, String> {
+            b.ok_or_else(|| format!("{kernel}: no {what} operand"))
+        }
+        match self.grouping.as_str() {
+            "dense" => {}
+            "contiguous" => {
+                params.extend(memref(need(ops.offsets, kernel, "offsets")?, 1).map_err(fail)?);
+                if self.scatter {
+                    params.extend(memref(need(ops.perm, kernel, "permutation")?, 1).map_err(fail)?);
+                }
+            }
+            "gather" => {
+                params.extend(memref(need(ops.offsets, kernel, "offsets")?, 1).map_err(fail)?);
+                params.extend(memref(need(ops.perm, kernel, "permutation")?, 1).map_err(fail)?);
+            }
+            other => return Err(fail(format!("{other} grouping is not launched by the runtime yet"))),
+        }
+        if self.row_scale {
+            params.extend(memref(need(ops.row_scale, kernel, "row scale")?, 1).map_err(fail)?);
+        }
+        if self.residual {
+            params.extend(memref(need(ops.residual, kernel, "residual")?, 2).map_err(fail)?);
+        }
+        if self.split_k {
+            let splits = self.splits(p, sms);
+            let s = self.scratch(p, sms);
+            let ws = Buf {
+                addr: ops.workspace.ok_or_else(|| fail("no split-K workspace".into()))?,
+                shape: vec![splits, m, n_out],
+                element: "f32".into(),
+            };
+            let counters = Buf {
+                addr: ops.counters.ok_or_else(|| fail("no split-K counters".into()))?,
+                shape: vec![s.counters],
+                element: "i32".into(),
+            };
+            params.extend(memref(&ws, 3).map_err(fail)?);
+            params.extend(memref(&counters, 1).map_err(fail)?);
+            params.push(Param::Value(splits as u64));
+        }
+        params.push(Param::Value(k as u64));
+        Ok(KernelLaunch { kernel: kernel.to_string(), grid: self.grid(p, sms), params, tensor_maps: maps })
+    }
+}
+
+/// The 8-byte parameters an sm_90a PTX entry declares, or why they are not all 8 bytes: how the
+/// tests hold the runtime's parameter lists against what the compiler emitted.
+pub fn ptx_entry_params(ptx: &str, kernel: &str) -> Result<usize, String> {
+    let start = ptx.find(&format!(".entry {kernel}(")).ok_or_else(|| format!("{kernel}: no .entry in the PTX"))?;
+    let rest = &ptx[start..];
+    let end = rest.find(')').ok_or_else(|| format!("{kernel}: unterminated parameter list"))?;
+    let mut count = 0;
+    for line in rest[..end].lines().filter(|l| l.contains(".param")) {
+        if !(line.contains(".u64") || line.contains(".b64") || line.contains(".s64")) {
+            return Err(format!("{kernel}: a parameter that is not 8 bytes: {}", line.trim()));
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf(addr: u64, shape: &[usize], element: &str) -> Buf {
+        Buf { addr, shape: shape.to_vec(), element: element.into() }
+    }
+
+    #[test]
+    fn memrefs_collapse_leading_dims() {
+        let b = buf(0x1000, &[3, 9, 16], "f32");
+        assert_eq!(b.shape_at_rank(2).unwrap(), vec![27, 16]);
+        assert_eq!(b.shape_at_rank(3).unwrap(), vec![3, 9, 16]);
+        assert!(b.shape_at_rank(4).unwrap_err().contains("cannot be seen as rank 4"));
+        let p: Vec<u64> = memref(&b, 2)
+            .unwrap()
+            .into_iter()
+            .map(|p| match p {
+                Param::Value(v) => v,
+                Param::TensorMap(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(p, vec![0x1000, 0x1000, 0, 27, 16, 16, 1]);
+    }
+
+    fn abi(name_opts: &[&str]) -> GemmAbi {
+        GemmAbi {
+            input: "fp8".into(),
+            output: "f32".into(),
+            block_m: 128,
+            block_n: 64,
+            block_k: 128,
+            cluster: 1,
+            persistent: name_opts.contains(&"persist"),
+            split_k: name_opts.contains(&"splitk"),
+            residual: name_opts.contains(&"res"),
+            grouping: ["contiguous", "gather"].iter().find(|g| name_opts.contains(g)).unwrap_or(&"dense").to_string(),
+            swiglu: false,
+            row_scale: name_opts.contains(&"rowscale"),
+            scatter: name_opts.contains(&"scatter"),
+            a_box_rows: if name_opts.contains(&"gather") { 1 } else { 128 },
+            b_box_rows: 64,
+        }
+    }
+
+    #[test]
+    fn dense_split_k_gemm_parameters_follow_the_template_order() {
+        let g = abi(&["splitk", "res"]);
+        let (a, s) = (buf(0x10000, &[3, 256], "f8E4M3FN"), buf(0x20000, &[3, 2], "f32"));
+        let (b, bs) = (buf(0x30000, &[320, 256], "f8E4M3FN"), buf(0x40000, &[3, 2], "f32"));
+        let (out, res) = (buf(0x50000, &[3, 320], "f32"), buf(0x60000, &[3, 320], "f32"));
+        let ops = GemmOperands {
+            a: &a,
+            a_scale: Some(&s),
+            b: &b,
+            b_scale: Some(&bs),
+            out: &out,
+            residual: Some(&res),
+            offsets: None,
+            perm: None,
+            row_scale: None,
+            workspace: Some(0x70000),
+            counters: Some(0x80000),
+        };
+        let l = g.launch("k", &ops, 132).unwrap();
+        // maps, out (7), a_scale (7), b_scale (7), residual (7), ws (9), counters (5), splits, k.
+        assert_eq!(l.params.len(), 2 + 7 * 4 + 9 + 5 + 2);
+        // 1 x 5 tiles; 132 SMs want 27 splits, K has 2 tiles.
+        assert_eq!(g.splits(GemmProblem { m: 3, n: 320, k: 256, groups: 1 }, 132), 2);
+        assert_eq!(l.grid, 10);
+        assert_eq!(*l.params.last().unwrap(), Param::Value(256));
+        assert_eq!(l.tensor_maps[1].rows, 320);
+        let wrong = buf(0x50000, &[3, 300], "f32");
+        let bad = GemmOperands { out: &wrong, ..ops.clone() };
+        assert!(g.launch("k", &bad, 132).unwrap_err().contains("expected [3, 320]"));
+        let misaligned = buf(0x30008, &[320, 256], "f8E4M3FN");
+        let bad = GemmOperands { b: &misaligned, ..ops };
+        assert!(g.launch("k", &bad, 132).unwrap_err().contains("not 16-byte aligned"));
+    }
+
+    #[test]
+    fn grouped_gemms_count_sorted_rows_and_groups() {
+        let g = abi(&["persist", "gather"]);
+        let a = buf(0x10000, &[5, 256], "f8E4M3FN");
+        let s = buf(0x20000, &[5, 2], "f32");
+        // 8 routed experts + 1 shared, gate and up: 256 rows each.
+        let b = buf(0x30000, &[9 * 256, 256], "f8E4M3FN");
+        let bs = buf(0x40000, &[18, 2], "f32");
+        let offsets = buf(0x50000, &[10], "i32");
+        let perm = buf(0x60000, &[20], "i32");
+        let out = buf(0x70000, &[20, 256], "f32");
+        let ops = GemmOperands {
+            a: &a,
+            a_scale: Some(&s),
+            b: &b,
+            b_scale: Some(&bs),
+            out: &out,
+            residual: None,
+            offsets: Some(&offsets),
+            perm: Some(&perm),
+            row_scale: None,
+            workspace: None,
+            counters: None,
+        };
+        let l = g.launch("k", &ops, 132).unwrap();
+        assert_eq!(l.params.len(), 2 + 7 * 3 + 5 * 2 + 1);
+        // (ceil(20 / 128) + 9 groups) x 4 column tiles, under the 132 SMs.
+        assert_eq!(l.grid, 40);
+        assert_eq!(l.tensor_maps[0].box_rows, 1);
+    }
+
+    #[test]
+    fn ptx_parameter_lists_are_counted() {
+        let ptx = ".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u64 k_param_1\n)\n{";
+        assert_eq!(ptx_entry_params(ptx, "k"), Ok(2));
+        let odd = ".visible .entry k(\n\t.param .u32 k_param_0\n)\n{";
+        assert!(ptx_entry_params(odd, "k").unwrap_err().contains("not 8 bytes"));
+        assert!(ptx_entry_params(ptx, "j").is_err());
+    }
+}

@@ -1,0 +1,480 @@
+//! Running a GPU artifact on a CUDA device: the driver calls around [`crate::gpu`]'s expansion.
+//!
+//! Load: the device's primary context and one stream; every kernel's module (its cubin when the
+//! artifact has one — the artifact's compute capability was checked against the device — else
+//! its PTX, JIT-compiled by the driver), with the dynamic shared memory it asks for allowed; the
+//! checkpoint's weights in the plan's element types (bf16 norms and tables, e4m3 bits, f32 scales),
+//! the prepared weights (concatenated, grouped per expert) and the RoPE tables, uploaded once; one
+//! arena for the largest entry, the inputs at their planned sizes, the temporaries region.
+//! Run: inputs uploaded, tensor maps encoded (`cuTensorMapEncodeTiled`) into one upload, every
+//! action launched on the stream, one synchronization, the wanted outputs read back.
+//!
+//! `V3R_SYNC_EACH=1` synchronizes after every launch, so that a faulting kernel is named.
+//!
+//! Not here yet: caches kept on the device between steps (a run uploads its inputs and reads its
+//! outputs back, caches included), the paged KV pool, CUDA graphs, weights streamed instead of held
+//! on the host while they upload.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::path::Path;
+
+use cudarc::driver::{result, sys};
+use v3c_models::checkpoint::Checkpoint;
+
+use crate::abi::{Param, SplitScratch, TensorMapSpec};
+use crate::artifact::Artifact;
+use crate::gpu::{prepare_weight, rope_key, Action, Bindings, Expander};
+use crate::host::{HostBuffer, HostData};
+use crate::plan::{shape_at, BufferKind, EntryPlan};
+
+fn cuda(what: &str) -> impl Fn(result::DriverError) -> String + '_ {
+    move |e| format!("{what}: {e} ({:?})", e.0)
+}
+
+/// A device allocation, freed when dropped.
+struct DeviceBuffer {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+}
+
+impl DeviceBuffer {
+    fn new(bytes: usize, what: &str) -> Result<DeviceBuffer, String> {
+        // SAFETY: a plain allocation in the current context (at least one byte).
+        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.map_err(cuda(what))?;
+        Ok(DeviceBuffer { ptr, bytes })
+    }
+
+    fn upload(bytes: &[u8], what: &str) -> Result<DeviceBuffer, String> {
+        let b = DeviceBuffer::new(bytes.len(), what)?;
+        if !bytes.is_empty() {
+            // SAFETY: the allocation holds `bytes.len()` bytes.
+            unsafe { result::memcpy_htod_sync(b.ptr, bytes) }.map_err(cuda(what))?;
+        }
+        Ok(b)
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_sync and freed once.
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
+}
+
+struct Function {
+    handle: sys::CUfunction,
+    threads: u32,
+    shared: u32,
+}
+
+/// Bytes of a host buffer as the plan's element type, and the reverse.
+fn host_bytes(b: &HostBuffer, element: &str) -> Result<Vec<u8>, String> {
+    Ok(match (&b.data, element) {
+        (HostData::F32(v), "f32") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (HostData::F32(v), "bf16") => v.iter().flat_map(|&x| v3c_models::dtype::f32_to_bf16(x).to_le_bytes()).collect(),
+        (HostData::Bf16(v), "bf16") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (HostData::I64(v), "i64") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (HostData::I32(v), "i32") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (HostData::F8(v), "f8E4M3FN") => v.clone(),
+        (_, other) => return Err(format!("a {} buffer where the plan has {other}", b.element())),
+    })
+}
+
+fn from_bytes(bytes: &[u8], shape: Vec<usize>, element: &str) -> Result<HostBuffer, String> {
+    let w4 = |c: &[u8]| [c[0], c[1], c[2], c[3]];
+    let data = match element {
+        "f32" => HostData::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(w4(c))).collect()),
+        "i32" => HostData::I32(bytes.chunks_exact(4).map(|c| i32::from_le_bytes(w4(c))).collect()),
+        "i64" => {
+            HostData::I64(bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+        }
+        "bf16" => HostData::Bf16(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()),
+        "f8E4M3FN" => HostData::F8(bytes.to_vec()),
+        other => return Err(format!("an output of {other}")),
+    };
+    Ok(HostBuffer { shape, data })
+}
+
+/// Encodes a tensor map (128 bytes) for `t`.
+fn encode(t: &TensorMapSpec) -> Result<[u8; 128], String> {
+    t.check()?;
+    let data_type = if t.element == "bf16" {
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    } else {
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8
+    };
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    let dims = [t.cols as u64, t.rows as u64];
+    let strides = [(t.cols * t.element_bytes()) as u64];
+    let boxes = [t.box_cols as u32, t.box_rows as u32];
+    let element_strides = [1u32, 1];
+    // SAFETY: every pointer addresses a local array of the length the rank (2) implies.
+    let status = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            data_type,
+            2,
+            t.addr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        return Err(format!("cuTensorMapEncodeTiled for {t:?}: {status:?}"));
+    }
+    let mut out = [0u8; 128];
+    for (i, w) in map.opaque.iter().enumerate() {
+        out[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    Ok(out)
+}
+
+/// A GPU artifact loaded on a device, ready to run its entries.
+pub struct GpuArtifact {
+    pub artifact: Artifact,
+    device: sys::CUdevice,
+    stream: sys::CUstream,
+    _modules: Vec<sys::CUmodule>,
+    functions: HashMap<String, Function>,
+    sms: usize,
+    vocab: usize,
+    // Memory: weights, prepared weights, tables (kept alive), and the run's regions.
+    _held: Vec<DeviceBuffer>,
+    arena: DeviceBuffer,
+    temps: DeviceBuffer,
+    inputs: HashMap<String, DeviceBuffer>,
+    bindings: Bindings,
+    scratch: std::cell::RefCell<Option<(DeviceBuffer, DeviceBuffer, SplitScratch)>>,
+    maps: std::cell::RefCell<Option<DeviceBuffer>>,
+}
+
+impl GpuArtifact {
+    /// Loads a validated GPU artifact on device `ordinal` with the checkpoint in `weights`
+    /// (checked against the plan first).
+    pub fn load(
+        artifact: Artifact,
+        weights: &Path,
+        ordinal: usize,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<GpuArtifact, String> {
+        let dir = artifact.dir.display().to_string();
+        if artifact.manifest.target.name == "cpu" {
+            return Err(format!("{dir}: a cpu artifact (`v3r run` runs it on the CPU)"));
+        }
+        let info = crate::device::probe_device(ordinal).map_err(|e| e.to_string())?;
+        artifact.runs_here(ordinal).map_err(|why| format!("{dir}: cannot run here: {why}"))?;
+        artifact.check_weights(weights)?;
+        let expander = Expander::new(&artifact)?;
+        let device = result::device::get(ordinal as i32).map_err(cuda("cuDeviceGet"))?;
+        // SAFETY: `device` comes from cuDeviceGet; the primary context is retained for the process.
+        let ctx = unsafe { result::primary_ctx::retain(device) }.map_err(cuda("cuDevicePrimaryCtxRetain"))?;
+        // SAFETY: a context just retained.
+        unsafe { result::ctx::set_current(ctx) }.map_err(cuda("cuCtxSetCurrent"))?;
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(cuda("cuStreamCreate"))?;
+
+        // Kernels.
+        let mut modules = Vec::new();
+        let mut functions = HashMap::new();
+        for k in &artifact.manifest.kernels {
+            progress(&format!("loading kernel {}", k.name));
+            let image = match &k.cubin {
+                Some(c) => std::fs::read(artifact.path(&c.file)).map_err(|e| format!("{}: {e}", c.file))?,
+                None => {
+                    let mut ptx = std::fs::read(artifact.path(&k.file)).map_err(|e| format!("{}: {e}", k.file))?;
+                    ptx.push(0);
+                    ptx
+                }
+            };
+            // SAFETY: a cubin, or PTX text NUL-terminated, that outlives the call.
+            let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
+                .map_err(cuda(&format!("{dir}: kernel {}: cuModuleLoadData", k.name)))?;
+            modules.push(module);
+            let name = CString::new(k.name.clone()).map_err(|_| format!("kernel name {}", k.name))?;
+            // SAFETY: a module just loaded.
+            let handle = unsafe { result::module::get_function(module, name) }
+                .map_err(cuda(&format!("kernel {}: cuModuleGetFunction", k.name)))?;
+            let shared = k.dynamic_shared_memory.unwrap_or(0) as u32;
+            if shared > 48 * 1024 {
+                // SAFETY: a valid function handle.
+                unsafe {
+                    result::function::set_function_attribute(
+                        handle,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        shared as i32,
+                    )
+                }
+                .map_err(cuda(&format!("kernel {}: {shared} B of dynamic shared memory", k.name)))?;
+            }
+            let threads =
+                k.threads.ok_or_else(|| format!("{dir}/manifest.json: kernel {} has no thread count", k.name))? as u32;
+            functions.insert(k.name.clone(), Function { handle, threads, shared });
+        }
+
+        // Weights as the plan binds them, in its element types.
+        let ckpt = Checkpoint::open(weights).map_err(|e| e.to_string())?;
+        let mut host: HashMap<String, (Vec<u8>, String)> = HashMap::new();
+        for e in &artifact.plan.entries {
+            for b in &e.buffers {
+                let BufferKind::Weight { name } = &b.kind else { continue };
+                if !host.contains_key(name) {
+                    progress(&format!("reading {name}"));
+                    let w = crate::cpu::load_weight(&ckpt, name, &b.shape, &b.dtype).map_err(|e| e.to_string())?;
+                    host.insert(
+                        name.clone(),
+                        (host_bytes(&w, &b.dtype).map_err(|e| format!("{name}: {e}"))?, b.dtype.clone()),
+                    );
+                }
+            }
+        }
+        let mut bindings = Bindings::default();
+        let mut held = Vec::new();
+        for (name, (bytes, _)) in &host {
+            let b = DeviceBuffer::upload(bytes, &format!("uploading {name}"))?;
+            bindings.weights.insert(name.clone(), b.ptr);
+            held.push(b);
+        }
+        let source = |n: &str| host.get(n).map(|(b, _)| b.clone()).ok_or_else(|| format!("weight {n} was not read"));
+        for p in expander.prepared_weights()? {
+            progress(&format!("preparing {}", p.key));
+            let (b, s) = prepare_weight(&p, &source)?;
+            let bd = DeviceBuffer::upload(&b, &p.key)?;
+            let sd = s.map(|s| DeviceBuffer::upload(&s, &p.key)).transpose()?;
+            bindings.prepared.insert(p.key.clone(), (bd.ptr, sd.as_ref().map(|s| s.ptr)));
+            held.push(bd);
+            held.extend(sd);
+        }
+        drop(host);
+        for (spec, rows) in expander.rope_tables() {
+            let table: Vec<u8> = crate::prepare::rope_table(&spec, rows).iter().flat_map(|x| x.to_le_bytes()).collect();
+            let t = DeviceBuffer::upload(&table, "RoPE table")?;
+            bindings.rope.insert(rope_key(&spec), t.ptr);
+            held.push(t);
+        }
+
+        // The run's regions, sized for the largest entry.
+        let arena_bytes = artifact.plan.entries.iter().map(|e| e.arena_bytes as usize).max().unwrap_or(0);
+        let arena = DeviceBuffer::new(arena_bytes, "the arena")?;
+        let temps = DeviceBuffer::new(expander.temp_bytes()?, "the temporaries")?;
+        let mut inputs: HashMap<String, DeviceBuffer> = HashMap::new();
+        let mut input_bytes: HashMap<String, usize> = HashMap::new();
+        for e in &artifact.plan.entries {
+            for b in &e.buffers {
+                if let BufferKind::Input { name } = &b.kind {
+                    let v = input_bytes.entry(name.clone()).or_default();
+                    *v = (*v).max(b.bytes as usize);
+                }
+            }
+        }
+        for (name, bytes) in input_bytes {
+            let b = DeviceBuffer::new(bytes, &format!("input {name}"))?;
+            bindings.inputs.insert(name.clone(), b.ptr);
+            inputs.insert(name, b);
+        }
+        bindings.arena = arena.ptr;
+        bindings.temps = temps.ptr;
+        let vocab = artifact.manifest.model.config["vocab_size"].as_u64().unwrap_or(0) as usize;
+        Ok(GpuArtifact {
+            artifact,
+            device,
+            stream,
+            _modules: modules,
+            functions,
+            sms: info.multiprocessors as usize,
+            vocab,
+            _held: held,
+            arena,
+            temps,
+            inputs,
+            bindings,
+            scratch: std::cell::RefCell::new(None),
+            maps: std::cell::RefCell::new(None),
+        })
+    }
+
+    /// The plan of entry `entry`.
+    pub fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String> {
+        self.artifact.plan.entries.iter().find(|e| e.name == entry).ok_or_else(|| format!("no entry '{entry}'"))
+    }
+
+    /// Expands `entry` at the sizes of `inputs` into actions with every address bound (split-K
+    /// scratch grown to what they need).
+    fn actions(&self, plan: &EntryPlan, inputs: &HashMap<String, HostBuffer>) -> Result<Vec<Action>, String> {
+        let shapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
+        let sizes = plan.bind(&shapes)?;
+        let expander = Expander::new(&self.artifact)?;
+        let mut bindings = self.bindings.clone();
+        loop {
+            if let Some((ws, counters, _)) = self.scratch.borrow().as_ref() {
+                bindings.workspace = ws.ptr;
+                bindings.counters = counters.ptr;
+            }
+            let (actions, need) = expander.expand(plan, sizes, &bindings, self.sms)?;
+            let have = self.scratch.borrow().as_ref().map(|s| s.2).unwrap_or_default();
+            if need.workspace_bytes <= have.workspace_bytes && need.counters <= have.counters {
+                return Ok(actions);
+            }
+            let grown = SplitScratch {
+                workspace_bytes: need.workspace_bytes.max(have.workspace_bytes),
+                counters: need.counters.max(have.counters),
+            };
+            let ws = DeviceBuffer::new(grown.workspace_bytes, "the split-K workspace")?;
+            let counters = DeviceBuffer::new(grown.counters * 4, "the split-K counters")?;
+            // SAFETY: the allocation just made; the kernels expect zero counters.
+            unsafe { result::memset_d8_sync(counters.ptr, 0, counters.bytes) }.map_err(cuda("zeroing counters"))?;
+            *self.scratch.borrow_mut() = Some((ws, counters, grown));
+        }
+    }
+
+    /// Runs entry `entry` on `inputs` (shapes within the plan's) and returns the outputs named in
+    /// `wanted`, read back from the device.
+    pub fn run(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        let plan = self.entry_plan(entry)?;
+        crate::cpu::check_id_inputs(inputs, self.vocab)?;
+        let actions = self.actions(plan, inputs)?;
+        for (name, b) in inputs {
+            let Some(planned) =
+                plan.buffers.iter().find(|p| matches!(&p.kind, BufferKind::Input { name: n } if n == name))
+            else {
+                continue;
+            };
+            let bytes = host_bytes(b, &planned.dtype).map_err(|e| format!("input {name}: {e}"))?;
+            let dst = &self.inputs[name];
+            if bytes.len() > dst.bytes {
+                return Err(format!("input {name}: {} bytes, the plan holds {}", bytes.len(), dst.bytes));
+            }
+            // SAFETY: within the allocation (checked above).
+            unsafe { result::memcpy_htod_sync(dst.ptr, &bytes) }.map_err(cuda(&format!("uploading input {name}")))?;
+        }
+        // Tensor maps: all of the run's in one upload.
+        let mut encoded = Vec::new();
+        let mut first_map = Vec::new();
+        for a in &actions {
+            first_map.push(encoded.len() / 128);
+            if let Action::Kernel(k) = a {
+                for t in &k.tensor_maps {
+                    encoded.extend(encode(t).map_err(|e| format!("{}: {e}", k.kernel))?);
+                }
+            }
+        }
+        let maps_base = {
+            let mut maps = self.maps.borrow_mut();
+            if maps.as_ref().is_none_or(|m| m.bytes < encoded.len()) {
+                *maps = Some(DeviceBuffer::new(encoded.len().max(128), "tensor maps")?);
+            }
+            let m = maps.as_ref().map(|m| m.ptr).unwrap_or(0);
+            if !encoded.is_empty() {
+                // SAFETY: the region holds at least `encoded.len()` bytes.
+                unsafe { result::memcpy_htod_sync(m, &encoded) }.map_err(cuda("uploading tensor maps"))?;
+            }
+            m
+        };
+        let sync_each = std::env::var("V3R_SYNC_EACH").is_ok_and(|v| v == "1");
+        for (i, a) in actions.iter().enumerate() {
+            match a {
+                Action::Kernel(k) => {
+                    let f = self.functions.get(&k.kernel).ok_or_else(|| format!("kernel {} not loaded", k.kernel))?;
+                    let mut values: Vec<u64> = k
+                        .params
+                        .iter()
+                        .map(|p| match *p {
+                            Param::Value(v) => v,
+                            Param::TensorMap(t) => maps_base + 128 * (first_map[i] + t) as u64,
+                        })
+                        .collect();
+                    let mut pointers: Vec<*mut c_void> =
+                        values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
+                    // SAFETY: parameters as the kernel's PTX declares them (checked by the tests
+                    // against every kernel), buffers sized by the plan, grid from the problem.
+                    unsafe {
+                        result::launch_kernel(
+                            f.handle,
+                            (k.grid as u32, 1, 1),
+                            (f.threads, 1, 1),
+                            f.shared,
+                            self.stream,
+                            &mut pointers,
+                        )
+                    }
+                    .map_err(cuda(&format!("{entry}: launching {}", k.kernel)))?;
+                }
+                Action::Copy2D { src, src_pitch, dst, dst_pitch, width, rows } => {
+                    let copy = sys::CUDA_MEMCPY2D {
+                        srcXInBytes: 0,
+                        srcY: 0,
+                        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                        srcHost: std::ptr::null(),
+                        srcDevice: *src,
+                        srcArray: std::ptr::null_mut(),
+                        srcPitch: *src_pitch,
+                        dstXInBytes: 0,
+                        dstY: 0,
+                        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                        dstHost: std::ptr::null_mut(),
+                        dstDevice: *dst,
+                        dstArray: std::ptr::null_mut(),
+                        dstPitch: *dst_pitch,
+                        WidthInBytes: *width,
+                        Height: *rows,
+                    };
+                    if *rows > 0 {
+                        // SAFETY: both sides lie in buffers the plan sized for these rows.
+                        let status = unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.stream) };
+                        if status != sys::CUresult::CUDA_SUCCESS {
+                            return Err(format!("{entry}: a strided copy of {rows} rows: {status:?}"));
+                        }
+                    }
+                }
+            }
+            if sync_each {
+                // SAFETY: our stream.
+                unsafe { result::stream::synchronize(self.stream) }
+                    .map_err(cuda(&format!("{entry}: action {i} ({a:?})")))?;
+            }
+        }
+        // SAFETY: our stream.
+        unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(&format!("{entry}: running the launches")))?;
+        let shapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
+        let sizes = plan.bind(&shapes)?;
+        let mut out = HashMap::new();
+        for (name, id) in &plan.outputs {
+            if !wanted.contains(&name.as_str()) {
+                continue;
+            }
+            let b = &plan.buffers[*id];
+            let shape = shape_at(&b.dims, sizes);
+            let bytes = shape.iter().product::<usize>() * crate::plan::element_bytes(&b.dtype).unwrap_or(4) as usize;
+            let src = match &b.kind {
+                BufferKind::Arena { offset } => self.arena.ptr + offset,
+                BufferKind::Input { name } => self.inputs[name].ptr,
+                BufferKind::Weight { name } => self.bindings.weights[name],
+            };
+            let mut host = vec![0u8; bytes];
+            // SAFETY: the buffer lies in device memory sized for the planned shapes.
+            unsafe { result::memcpy_dtoh_sync(&mut host, src) }.map_err(cuda(&format!("reading output {name}")))?;
+            out.insert(name.clone(), from_bytes(&host, shape, &b.dtype)?);
+        }
+        Ok(out)
+    }
+
+    /// The device this artifact runs on.
+    pub fn device(&self) -> sys::CUdevice {
+        self.device
+    }
+
+    /// Bytes of the run's regions (arena, temporaries).
+    pub fn region_bytes(&self) -> (usize, usize) {
+        (self.arena.bytes, self.temps.bytes)
+    }
+}

@@ -1,0 +1,507 @@
+//! Running a GPU artifact, device-independent part: the plan's fused-kernel launches expanded
+//! through `lowering.json` into template kernel launches (parameters, grids, tensor maps) and
+//! device copies, over addresses the executor ([`crate::cuda`]) allocated. Nothing here touches a
+//! device, so the whole expansion is checked on machines without one (every launch's parameters
+//! against its kernel's PTX, tensor maps against TMA's rules, grids against the problem).
+//!
+//! Memory an entry needs beyond the plan's arena and the checkpoint's weights:
+//! - prepared weights ([`PreparedWeight`]): a dense GEMM over several weights reads them
+//!   concatenated along N (their 128-row scale blocks too); a grouped GEMM reads the experts'
+//!   weights stacked per group (`crate::prepare::grouped_b`). Made once at load.
+//! - RoPE cos/sin tables, one per distinct table spec, rows for every position the plan reaches.
+//! - a temporaries region: the fused kernel being run lays its temporaries out there (fused kernels
+//!   run one after the other on one stream, so they share it).
+//! - split-K scratch: one workspace and one counter array shared by the split-K GEMMs (run in
+//!   order; each leaves its counters zero).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::abi::{memref, Buf, GemmOperands, KernelAbi, KernelLaunch, SplitScratch};
+use crate::artifact::Artifact;
+use crate::lowering::{Blocks, FusedLowering, KernelChoice, LaunchSpec, OperandSpec, RopeTableSpec};
+use crate::plan::{shape_at, BufferKind, EntryPlan, Sizes, ARENA_ALIGN};
+
+fn align(bytes: usize) -> usize {
+    bytes.div_ceil(ARENA_ALIGN as usize) * ARENA_ALIGN as usize
+}
+
+fn element_bytes(element: &str) -> Result<usize, String> {
+    crate::plan::element_bytes(element).map(|b| b as usize).ok_or_else(|| format!("element type {element}"))
+}
+
+/// A weight re-laid out at load for the kernels that read it (see the module doc).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedWeight {
+    /// The name it is bound under: the source weights' names joined (`a+b`, `grouped:a+b+..`).
+    pub key: String,
+    pub kind: PreparedKind,
+    /// The prepared B: `[rows, k]` of `element`, and its scales `[rows / 128 (ragged up), k / 128]`.
+    pub rows: usize,
+    pub k: usize,
+    pub element: String,
+    pub scaled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PreparedKind {
+    /// Weights (and their scales) concatenated along N, in order.
+    Concat(Vec<(String, Option<String>)>),
+    /// Grouped per expert: the grouped GEMM's spec with its weights by name.
+    Grouped { spec: crate::lowering::GroupedSpec, weights: Vec<GroupedNames> },
+}
+
+/// One weight of a grouped GEMM, by checkpoint name (routed experts stacked, shared ones).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupedNames {
+    pub routed: String,
+    pub routed_scale: Option<String>,
+    pub shared: Option<String>,
+    pub shared_scale: Option<String>,
+    pub rows: usize,
+}
+
+/// The device addresses of everything an entry's launches touch.
+#[derive(Debug, Clone, Default)]
+pub struct Bindings {
+    pub inputs: HashMap<String, u64>,
+    pub weights: HashMap<String, u64>,
+    /// Prepared weights by key: (B, its scales).
+    pub prepared: HashMap<String, (u64, Option<u64>)>,
+    /// RoPE tables by [`rope_key`].
+    pub rope: HashMap<String, u64>,
+    pub arena: u64,
+    pub temps: u64,
+    pub workspace: u64,
+    pub counters: u64,
+}
+
+/// What the executor does, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Kernel(KernelLaunch),
+    /// `rows` rows of `width` bytes from `src` (rows `src_pitch` apart) to `dst` (`dst_pitch`).
+    Copy2D {
+        src: u64,
+        src_pitch: usize,
+        dst: u64,
+        dst_pitch: usize,
+        width: usize,
+        rows: usize,
+    },
+}
+
+/// The key a RoPE table is bound under (its spec, exactly).
+pub fn rope_key(spec: &RopeTableSpec) -> String {
+    serde_json::to_string(spec).unwrap_or_default()
+}
+
+/// A GPU artifact's launches, ready to expand per entry and sizes.
+pub struct Expander<'a> {
+    pub artifact: &'a Artifact,
+    abis: HashMap<&'a str, &'a KernelAbi>,
+    fused: HashMap<&'a str, &'a FusedLowering>,
+}
+
+impl<'a> Expander<'a> {
+    pub fn new(artifact: &'a Artifact) -> Result<Expander<'a>, String> {
+        let dir = artifact.dir.display();
+        let lowering = artifact.lowering.as_ref().ok_or_else(|| format!("{dir}: not a GPU artifact (no lowering)"))?;
+        let mut abis = HashMap::new();
+        for k in &artifact.manifest.kernels {
+            let abi = k.abi.as_ref().ok_or_else(|| {
+                format!(
+                    "{dir}/manifest.json: kernel {} has no abi (an artifact from an older v3c: compile it again)",
+                    k.name
+                )
+            })?;
+            abis.insert(k.name.as_str(), abi);
+        }
+        let fused = lowering.kernels.iter().map(|f| (f.fused.as_str(), f)).collect();
+        Ok(Expander { artifact, abis, fused })
+    }
+
+    pub fn entry(&self, name: &str) -> Result<&'a EntryPlan, String> {
+        self.artifact.plan.entries.iter().find(|e| e.name == name).ok_or_else(|| format!("no entry '{name}'"))
+    }
+
+    fn lowering_of(&self, fused: &str) -> Result<&'a FusedLowering, String> {
+        self.fused.get(fused).copied().ok_or_else(|| format!("fused kernel {fused} has no lowering"))
+    }
+
+    /// Every prepared weight the entries' GEMMs read, once each.
+    pub fn prepared_weights(&self) -> Result<Vec<PreparedWeight>, String> {
+        let mut out: Vec<PreparedWeight> = Vec::new();
+        for entry in &self.artifact.plan.entries {
+            for l in &entry.launches {
+                let f = self.lowering_of(&l.kernel)?;
+                for spec in &f.launches {
+                    if let Some(p) = prepared_of(entry, l, spec)? {
+                        if !out.iter().any(|o| o.key == p.key) {
+                            out.push(p);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every RoPE table the entries read (spec, rows: every position the plans reach).
+    pub fn rope_tables(&self) -> Vec<(RopeTableSpec, usize)> {
+        let mut out: Vec<(RopeTableSpec, usize)> = Vec::new();
+        let positions =
+            self.artifact.plan.entries.iter().map(|e| e.sizes.context + e.sizes.rows).max().unwrap_or(0).max(1);
+        for f in self.fused.values() {
+            if let Some(t) = &f.rope_table {
+                if !out.iter().any(|(o, _)| rope_key(o) == rope_key(t)) {
+                    out.push((t.clone(), positions));
+                }
+            }
+        }
+        out.sort_by_key(|(t, _)| rope_key(t));
+        out
+    }
+
+    /// Bytes of the temporaries region: the most any fused kernel lays out at the planned rows.
+    pub fn temp_bytes(&self) -> Result<usize, String> {
+        let mut most = 0;
+        for entry in &self.artifact.plan.entries {
+            for l in &entry.launches {
+                let f = self.lowering_of(&l.kernel)?;
+                let mut bytes = 0;
+                for t in &f.temps {
+                    bytes += align(entry.sizes.rows * t.rows_factor * t.cols * element_bytes(&t.dtype)?);
+                }
+                most = most.max(bytes);
+            }
+        }
+        Ok(most)
+    }
+
+    /// The actions of entry `entry` at `sizes` over `bindings` on a device with `sms` SMs, and
+    /// the split-K scratch they need (the caller provides at least that much at `bindings`).
+    pub fn expand(
+        &self,
+        entry: &EntryPlan,
+        sizes: Sizes,
+        bindings: &Bindings,
+        sms: usize,
+    ) -> Result<(Vec<Action>, SplitScratch), String> {
+        let mut actions = Vec::new();
+        let mut scratch = SplitScratch::default();
+        let decode = entry.name == "decode";
+        for (li, l) in entry.launches.iter().enumerate() {
+            let f = self.lowering_of(&l.kernel)?;
+            let at = |what: String| format!("{} launch {li} ({}): {what}", entry.name, l.kernel);
+            let buffer = |id: usize| -> Result<Buf, String> {
+                let b = entry.buffers.get(id).ok_or_else(|| at(format!("buffer {id} is not in the plan")))?;
+                let addr = match &b.kind {
+                    BufferKind::Input { name } => {
+                        *bindings.inputs.get(name).ok_or_else(|| at(format!("input {name} is not bound")))?
+                    }
+                    BufferKind::Weight { name } => {
+                        *bindings.weights.get(name).ok_or_else(|| at(format!("weight {name} is not bound")))?
+                    }
+                    BufferKind::Arena { offset } => bindings.arena + offset,
+                };
+                Ok(Buf { addr, shape: shape_at(&b.dims, sizes), element: b.dtype.clone() })
+            };
+            // The fused kernel's temporaries, laid out in the shared region.
+            let mut temps = Vec::new();
+            let mut offset = 0usize;
+            for t in &f.temps {
+                let rows = sizes.rows * t.rows_factor;
+                temps.push(Buf {
+                    addr: bindings.temps + offset as u64,
+                    shape: vec![rows, t.cols],
+                    element: t.dtype.clone(),
+                });
+                offset += align(rows * t.cols * element_bytes(&t.dtype)?);
+            }
+            for (si, spec) in f.launches.iter().enumerate() {
+                let at = |what: String| at(format!("step {si}: {what}"));
+                let mut ops = Vec::new();
+                for o in &spec.operands {
+                    ops.push(match *o {
+                        OperandSpec::Arg(i) => {
+                            buffer(*l.args.get(i).ok_or_else(|| at(format!("argument {i} missing")))?)?
+                        }
+                        OperandSpec::Result(i) => {
+                            buffer(*l.results.get(i).ok_or_else(|| at(format!("result {i} missing")))?)?
+                        }
+                        OperandSpec::Temp(i) => {
+                            temps.get(i).cloned().ok_or_else(|| at(format!("temporary {i} missing")))?
+                        }
+                        OperandSpec::RopeTable => {
+                            let t = f.rope_table.as_ref().ok_or_else(|| at("no RoPE table".into()))?;
+                            let addr = *bindings
+                                .rope
+                                .get(&rope_key(t))
+                                .ok_or_else(|| at("the RoPE table is not bound".into()))?;
+                            let rows = self.rope_tables().iter().find(|(s, _)| s == t).map(|(_, r)| *r).unwrap_or(0);
+                            Buf { addr, shape: vec![rows, t.dim], element: "f32".into() }
+                        }
+                    });
+                }
+                let kernel = match &spec.kernel {
+                    KernelChoice::One(k) => k.as_str(),
+                    KernelChoice::PerRegime { decode: d, prefill: p } => {
+                        if decode {
+                            d.as_str()
+                        } else {
+                            p.as_str()
+                        }
+                    }
+                };
+                let abi = self.abis.get(kernel).ok_or_else(|| at(format!("kernel {kernel} is not in the manifest")))?;
+                match abi {
+                    KernelAbi::Memrefs { ranks } => {
+                        if ranks.len() != ops.len() {
+                            return Err(at(format!(
+                                "{kernel} takes {} operands, the lowering gives {}",
+                                ranks.len(),
+                                ops.len()
+                            )));
+                        }
+                        let mut params = Vec::new();
+                        for (b, &r) in ops.iter().zip(ranks) {
+                            params.extend(memref(b, r).map_err(|e| at(format!("{kernel}: {e}")))?);
+                        }
+                        let grid = match spec.blocks {
+                            Blocks::One => 1,
+                            Blocks::Rows { operand, per_row } => {
+                                let b =
+                                    ops.get(operand).ok_or_else(|| at(format!("rows operand {operand} missing")))?;
+                                b.shape_at_rank(ranks[operand]).map_err(at)?[0] * per_row
+                            }
+                            Blocks::GemmUnits => return Err(at(format!("{kernel}: a row kernel with GEMM units"))),
+                        };
+                        if grid > 0 {
+                            actions.push(Action::Kernel(KernelLaunch {
+                                kernel: kernel.to_string(),
+                                grid,
+                                params,
+                                tensor_maps: Vec::new(),
+                            }));
+                        }
+                    }
+                    KernelAbi::Gemm(g) => {
+                        let gs = spec
+                            .gemm
+                            .as_ref()
+                            .ok_or_else(|| at(format!("{kernel}: a GEMM launch without its roles")))?;
+                        let op = |i: usize| ops.get(i).ok_or_else(|| at(format!("GEMM operand {i} missing")));
+                        let a = op(gs.a)?;
+                        if a.elements() == 0 {
+                            continue;
+                        }
+                        let a_scale = gs.a_scale.map(op).transpose()?;
+                        // B: the one weight itself, or the prepared one.
+                        let (b, b_scale) = match prepared_of(entry, l, spec).map_err(at)? {
+                            None => {
+                                let (w, s) = gs.weights.first().ok_or_else(|| at("a GEMM without weights".into()))?;
+                                (op(*w)?.clone(), s.map(op).transpose()?.cloned())
+                            }
+                            Some(p) => {
+                                let (addr, scale) = *bindings
+                                    .prepared
+                                    .get(&p.key)
+                                    .ok_or_else(|| at(format!("prepared weight {} is not bound", p.key)))?;
+                                let b = Buf { addr, shape: vec![p.rows, p.k], element: p.element.clone() };
+                                let s = match (p.scaled, scale) {
+                                    (true, Some(addr)) => Some(Buf {
+                                        addr,
+                                        shape: vec![p.rows.div_ceil(128), p.k.div_ceil(128)],
+                                        element: "f32".into(),
+                                    }),
+                                    _ => None,
+                                };
+                                (b, s)
+                            }
+                        };
+                        let out = ops.last().ok_or_else(|| at("a GEMM without output".into()))?;
+                        let grouped = gs.grouped.as_ref();
+                        let operands = GemmOperands {
+                            a,
+                            a_scale,
+                            b: &b,
+                            b_scale: b_scale.as_ref(),
+                            out,
+                            residual: gs.residual.map(op).transpose()?,
+                            offsets: grouped.map(|gr| op(gr.offsets)).transpose()?,
+                            perm: grouped.map(|gr| op(gr.perm)).transpose()?,
+                            row_scale: grouped.and_then(|gr| gr.row_scale).map(op).transpose()?,
+                            workspace: Some(bindings.workspace),
+                            counters: Some(bindings.counters),
+                        };
+                        let launch = g.launch(kernel, &operands, sms).map_err(at)?;
+                        let p = crate::abi::GemmProblem {
+                            m: if g.grouping == "gather" {
+                                operands.perm.map_or(0, Buf::elements)
+                            } else {
+                                a.shape_at_rank(2).map_err(at)?[0]
+                            },
+                            n: b.shape[0] / grouped.map_or(1, |gr| gr.groups.max(1)),
+                            k: gs.k,
+                            groups: grouped.map_or(1, |gr| gr.groups),
+                        };
+                        let need = g.scratch(p, sms);
+                        scratch.workspace_bytes = scratch.workspace_bytes.max(need.workspace_bytes);
+                        scratch.counters = scratch.counters.max(need.counters);
+                        actions.push(Action::Kernel(launch));
+                        // Several results: column ranges of the output, copied out.
+                        if !gs.results.is_empty() {
+                            let o = out.shape_at_rank(2).map_err(at)?;
+                            let width = element_bytes(&out.element)?;
+                            for (ri, &(start, end)) in gs.results.iter().enumerate() {
+                                let dst =
+                                    buffer(*l.results.get(ri).ok_or_else(|| at(format!("result {ri} missing")))?)?;
+                                let d = dst.shape_at_rank(2).map_err(at)?;
+                                if d != [o[0], end - start] || dst.element != out.element {
+                                    return Err(at(format!(
+                                        "result {ri} is {d:?} {}, columns {start}..{end} of {o:?}",
+                                        dst.element
+                                    )));
+                                }
+                                actions.push(Action::Copy2D {
+                                    src: out.addr + (start * width) as u64,
+                                    src_pitch: o[1] * width,
+                                    dst: dst.addr,
+                                    dst_pitch: d[1] * width,
+                                    width: d[1] * width,
+                                    rows: o[0],
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok((actions, scratch))
+    }
+}
+
+/// The prepared weight a GEMM step reads, if it needs one (several dense weights, or grouped).
+fn prepared_of(
+    entry: &EntryPlan,
+    l: &crate::plan::Launch,
+    spec: &LaunchSpec,
+) -> Result<Option<PreparedWeight>, String> {
+    let Some(gs) = &spec.gemm else { return Ok(None) };
+    let name = |operand: usize| -> Result<(String, Vec<usize>, String), String> {
+        let OperandSpec::Arg(i) = spec.operands.get(operand).copied().ok_or("a weight operand out of range")? else {
+            return Err(format!("GEMM weight operand {operand} is not a kernel argument"));
+        };
+        let id = *l.args.get(i).ok_or("a weight argument out of range")?;
+        let b = &entry.buffers[id];
+        match &b.kind {
+            BufferKind::Weight { name } => Ok((name.clone(), b.shape.clone(), b.dtype.clone())),
+            _ => Err(format!("GEMM weight operand {operand} is not a weight")),
+        }
+    };
+    if let Some(gr) = &gs.grouped {
+        let mut names = Vec::new();
+        let mut element = String::new();
+        for w in &gr.weights {
+            let (routed, _, el) = name(w.routed)?;
+            element = el;
+            names.push(GroupedNames {
+                routed,
+                routed_scale: w.routed_scale.map(|s| name(s).map(|n| n.0)).transpose()?,
+                shared: w.shared.map(|s| name(s).map(|n| n.0)).transpose()?,
+                shared_scale: w.shared_scale.map(|s| name(s).map(|n| n.0)).transpose()?,
+                rows: w.rows,
+            });
+        }
+        let n: usize = gr.weights.iter().map(|w| w.rows).sum();
+        let key = format!("grouped:{}", names.iter().map(|w| w.routed.as_str()).collect::<Vec<_>>().join("+"));
+        let scaled = names.iter().all(|w| w.routed_scale.is_some());
+        return Ok(Some(PreparedWeight {
+            key,
+            rows: gr.groups * n,
+            k: gs.k,
+            element,
+            scaled,
+            kind: PreparedKind::Grouped { spec: gr.clone(), weights: names },
+        }));
+    }
+    if gs.weights.len() < 2 {
+        return Ok(None);
+    }
+    let mut parts = Vec::new();
+    let (mut rows, mut element) = (0, String::new());
+    for (i, &(w, s)) in gs.weights.iter().enumerate() {
+        let (wn, shape, el) = name(w)?;
+        let scale = s.map(|s| name(s).map(|n| n.0)).transpose()?;
+        if scale.is_some() && i + 1 < gs.weights.len() && shape[0] % 128 != 0 {
+            return Err(format!(
+                "{wn}: {} rows, not whole 128-row scale blocks (it is concatenated before others)",
+                shape[0]
+            ));
+        }
+        rows += shape[0];
+        element = el;
+        parts.push((wn, scale));
+    }
+    let key = parts.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>().join("+");
+    let scaled = parts.iter().all(|(_, s)| s.is_some());
+    Ok(Some(PreparedWeight { key, kind: PreparedKind::Concat(parts), rows, k: gs.k, element, scaled }))
+}
+
+/// A prepared weight's bytes from the source weights' bytes (`source(name)`: the plan's element
+/// type, little-endian): B and, scaled, its f32 scales.
+pub fn prepare_weight(
+    p: &PreparedWeight,
+    source: &dyn Fn(&str) -> Result<Vec<u8>, String>,
+) -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
+    let f32s =
+        |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
+    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    match &p.kind {
+        PreparedKind::Concat(parts) => {
+            let mut b = Vec::new();
+            let mut s = Vec::new();
+            for (w, scale) in parts {
+                b.extend(source(w)?);
+                if let Some(scale) = scale {
+                    s.extend(source(scale)?);
+                }
+            }
+            let expected = p.rows * p.k * element_bytes(&p.element)?;
+            if b.len() != expected {
+                return Err(format!("{}: {} bytes concatenated, expected {expected}", p.key, b.len()));
+            }
+            Ok((b, p.scaled.then_some(s)))
+        }
+        PreparedKind::Grouped { spec, weights } => {
+            if p.element != "f8E4M3FN" || !p.scaled {
+                return Err(format!(
+                    "{}: grouped weights of {} (only block-scaled e4m3 is laid out per expert)",
+                    p.key, p.element
+                ));
+            }
+            let mut held: BTreeMap<String, (Vec<u8>, Vec<f32>)> = BTreeMap::new();
+            for w in weights {
+                let get = |n: &Option<String>| -> Result<Vec<f32>, String> {
+                    n.as_ref().map(|n| source(n).map(f32s)).transpose().map(Option::unwrap_or_default)
+                };
+                held.insert(w.routed.clone(), (source(&w.routed)?, get(&w.routed_scale)?));
+                if let Some(sh) = &w.shared {
+                    held.insert(sh.clone(), (source(sh)?, get(&w.shared_scale)?));
+                }
+            }
+            let views: Vec<crate::prepare::GroupedWeight> = weights
+                .iter()
+                .map(|w| crate::prepare::GroupedWeight {
+                    routed: &held[&w.routed].0,
+                    routed_scale: &held[&w.routed].1,
+                    shared: w.shared.as_ref().map(|s| held[s].0.as_slice()),
+                    shared_scale: w.shared.as_ref().map(|s| held[s].1.as_slice()),
+                    rows: w.rows,
+                })
+                .collect();
+            let (b, s) = crate::prepare::grouped_b(spec, p.k, &views)?;
+            Ok((b, Some(bytes(&s))))
+        }
+    }
+}
