@@ -94,3 +94,321 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
         assert_eq!(s.len(), 4 * p.rows.div_ceil(128) * p.k.div_ceil(128), "{}", p.key);
     }
 }
+
+/// Host memory standing in for the device: 256-byte aligned allocations kept alive.
+#[derive(Default)]
+struct HostMemory(Vec<Vec<u64>>);
+
+impl HostMemory {
+    fn alloc_zeroed(&mut self, bytes: usize) -> u64 {
+        v3c_runtime::gpu::Memory::alloc(self, bytes, "scratch").unwrap()
+    }
+}
+
+impl v3c_runtime::gpu::Memory for HostMemory {
+    fn alloc(&mut self, bytes: usize, _: &str) -> Result<u64, String> {
+        let mut v = vec![0u64; bytes.div_ceil(8) + 32];
+        let addr = (v.as_mut_ptr() as u64).next_multiple_of(256);
+        self.0.push(v);
+        Ok(addr)
+    }
+
+    fn upload(&mut self, bytes: &[u8], what: &str) -> Result<u64, String> {
+        let addr = self.alloc(bytes.len(), what)?;
+        // SAFETY: the allocation holds `bytes.len()` bytes past its aligned address.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        Ok(addr)
+    }
+}
+
+/// What a GEMM template launch computes, read from its parameters the way the kernel reads them
+/// (tensor maps for A and B, then the memrefs in the template's order): `out = A . B^T` per
+/// 128-wide K block with the 1x128 / 128x128 scales (fp8), grouped rows by offsets (gathered
+/// through the permutation, weighted by the row scale, scattered into token rows), plus residual.
+fn emulate_gemm(abi: &v3c_runtime::abi::GemmAbi, l: &v3c_runtime::abi::KernelLaunch) {
+    use v3c_models::dtype::{bf16_to_f32, f8e4m3_to_f32};
+    use v3c_runtime::abi::Param;
+    let v: Vec<u64> =
+        l.params[2..].iter().map(|p| if let Param::Value(v) = p { *v } else { panic!("{p:?}") }).collect();
+    let mut at = 0;
+    let mut memref = |rank: usize| {
+        let (ptr, sizes) = (v[at + 1], v[at + 3..at + 3 + rank].iter().map(|&d| d as usize).collect::<Vec<usize>>());
+        at += 3 + 2 * rank;
+        (ptr, sizes)
+    };
+    let out = memref(2);
+    let fp8 = abi.input == "fp8";
+    let (a_scale, b_scale) = if fp8 { (Some(memref(2)), Some(memref(2))) } else { (None, None) };
+    let (mut offsets, mut perm) = (None, None);
+    match abi.grouping.as_str() {
+        "dense" => {}
+        "contiguous" => {
+            offsets = Some(memref(1));
+            if abi.scatter {
+                perm = Some(memref(1));
+            }
+        }
+        "gather" => {
+            offsets = Some(memref(1));
+            perm = Some(memref(1));
+        }
+        other => panic!("{other}"),
+    }
+    let row_scale = abi.row_scale.then(|| memref(1));
+    let residual = abi.residual.then(|| memref(2));
+    let k = *v.last().unwrap() as usize;
+    let (a, b) = (&l.tensor_maps[0], &l.tensor_maps[1]);
+    // SAFETY: every address is a live host allocation of the sizes the launch names.
+    let f32_at = |ptr: u64, i: usize| unsafe { *(ptr as *const f32).add(i) };
+    let i32_at = |ptr: u64, i: usize| unsafe { *(ptr as *const i32).add(i) };
+    let el = |t: &v3c_runtime::abi::TensorMapSpec, row: usize, col: usize| unsafe {
+        if fp8 {
+            f8e4m3_to_f32(*(t.addr as *const u8).add(row * t.cols + col))
+        } else {
+            bf16_to_f32(*(t.addr as *const u16).add(row * t.cols + col))
+        }
+    };
+    let kb = k.div_ceil(128);
+    let dot = |arow: usize, brow: usize| -> f32 {
+        let mut acc = 0f32;
+        for blk in 0..kb {
+            let mut part = 0f32;
+            for c in blk * 128..((blk + 1) * 128).min(k) {
+                part += el(a, arow, c) * el(b, brow, c);
+            }
+            let scale = match (&a_scale, &b_scale) {
+                (Some((sa, sas)), Some((sb, sbs))) => {
+                    f32_at(*sa, arow * sas[1] + blk) * f32_at(*sb, brow / 128 * sbs[1] + blk)
+                }
+                _ => 1.0,
+            };
+            acc += part * scale;
+        }
+        acc
+    };
+    let (optr, n_out) = (out.0, out.1[1]);
+    let write = |row: usize, col: usize, value: f32, add: bool| unsafe {
+        let p = (optr as *mut f32).add(row * n_out + col);
+        *p = if add { *p + value } else { value };
+    };
+    match offsets {
+        None => {
+            for m in 0..out.1[0] {
+                for n in 0..n_out {
+                    let r = residual.as_ref().map_or(0.0, |(p, _)| f32_at(*p, m * n_out + n));
+                    write(m, n, dot(m, n) + r, false);
+                }
+            }
+        }
+        Some((optr_offsets, osizes)) => {
+            let groups = osizes[0] - 1;
+            let n = b.rows / groups;
+            for g in 0..groups {
+                for p in i32_at(optr_offsets, g) as usize..i32_at(optr_offsets, g + 1) as usize {
+                    let token = perm.as_ref().map(|(pp, _)| i32_at(*pp, p) as usize);
+                    let arow = if abi.grouping == "gather" { token.unwrap() } else { p };
+                    let w = row_scale.as_ref().map_or(1.0, |(rp, _)| f32_at(*rp, p));
+                    for col in 0..n {
+                        let value = dot(arow, g * n + col) * w;
+                        if abi.scatter {
+                            write(token.unwrap(), col, value, true);
+                        } else {
+                            write(p, col, value, false);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The GPU executor's whole walk — weights prepared and bound, inputs, temporaries, RoPE tables,
+/// every template launch with its parameters, the strided result copies — run on the host: row
+/// kernels through their CPU lowering (the same template, JIT-compiled), GEMMs by [`emulate_gemm`]
+/// from their parameters. Prefill and a decode step give the CPU backend's logits: what is left
+/// for the GPU to prove is the kernels themselves.
+#[test]
+fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
+    use std::collections::HashMap;
+    use v3c_runtime::abi::KernelAbi;
+    use v3c_runtime::gpu::{Action, Expander};
+    use v3c_runtime::host::{call_packed, HostBuffer, HostData, RawBuffer};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = small_checkpoint(dir.path());
+    let out = dir.path().join("artifact");
+    let compile = [
+        "compile",
+        "--model",
+        ckpt.to_str().unwrap(),
+        "--target",
+        "sm_90a",
+        "--max-rows",
+        "8",
+        "--max-context",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let compiled = run_binary("v3c", &compile);
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
+    let expander = Expander::new(&artifact).unwrap();
+    let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
+    let mut memory = HostMemory::default();
+    let (mut bindings, input_bytes) = v3c_runtime::gpu::bind(&expander, &checkpoint, &mut memory, &mut |_| {}).unwrap();
+    let abis: HashMap<&str, &KernelAbi> =
+        artifact.manifest.kernels.iter().map(|k| (k.name.as_str(), k.abi.as_ref().unwrap())).collect();
+    let context = v3c_compiler::mlir::new_context();
+    let mut engines: HashMap<String, melior::ExecutionEngine> = HashMap::new();
+
+    let mut run = |entry: &str, inputs: &HashMap<String, HostBuffer>, wanted: &[&str]| {
+        let plan = expander.entry(entry).unwrap();
+        let sizes = plan.bind(&inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect()).unwrap();
+        let (_, need) = expander.expand(plan, sizes, &bindings, 132).unwrap();
+        bindings.workspace = memory.alloc_zeroed(need.workspace_bytes);
+        bindings.counters = memory.alloc_zeroed(need.counters * 4);
+        let (actions, _) = expander.expand(plan, sizes, &bindings, 132).unwrap();
+        for (name, b) in inputs {
+            let dtype = &plan
+                .buffers
+                .iter()
+                .find(|p| matches!(&p.kind, v3c_runtime::plan::BufferKind::Input { name: n } if n == name))
+                .unwrap()
+                .dtype;
+            let bytes = v3c_runtime::gpu::plan_bytes(b, dtype).unwrap();
+            assert!(bytes.len() <= input_bytes[name]);
+            // SAFETY: within the input's allocation (checked).
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), bindings.inputs[name] as *mut u8, bytes.len()) };
+        }
+        for a in &actions {
+            match a {
+                Action::Kernel(k) => match abis[k.kernel.as_str()] {
+                    KernelAbi::Gemm(g) => emulate_gemm(g, k),
+                    KernelAbi::Memrefs { ranks } => {
+                        let row = v3c_compiler::conversion::sm90::rows::RowKernel::from_name(&k.kernel).unwrap();
+                        let engine = engines.entry(k.kernel.clone()).or_insert_with(|| {
+                            let text = row.emit_cpu().unwrap();
+                            let m =
+                                v3c_compiler::conversion::v3_to_cpu::lower_to_llvm(&context, &text, "step").unwrap();
+                            melior::ExecutionEngine::new(&m, 2, &[], false, false)
+                        });
+                        let values: Vec<u64> = k
+                            .params
+                            .iter()
+                            .map(|p| match p {
+                                v3c_runtime::abi::Param::Value(v) => *v,
+                                other => panic!("{other:?}"),
+                            })
+                            .collect();
+                        let mut at = 0;
+                        let bufs: Vec<RawBuffer> = ranks
+                            .iter()
+                            .map(|&r| {
+                                let b = RawBuffer {
+                                    ptr: values[at + 1] as *mut (),
+                                    shape: values[at + 3..at + 3 + r].iter().map(|&d| d as usize).collect(),
+                                    element: String::new(),
+                                };
+                                at += 3 + 2 * r;
+                                b
+                            })
+                            .collect();
+                        // SAFETY: buffers bound by the expansion, sized by the plan.
+                        unsafe {
+                            call_packed(&bufs, false, 0, 1, |args| {
+                                engine.invoke_packed(&row.kernel_name(), args).unwrap()
+                            })
+                        };
+                    }
+                },
+                Action::Copy2D { src, src_pitch, dst, dst_pitch, width, rows } => {
+                    for r in 0..*rows {
+                        // SAFETY: rows inside the buffers the expansion named.
+                        unsafe {
+                            std::ptr::copy(
+                                (*src as usize + r * src_pitch) as *const u8,
+                                (*dst as usize + r * dst_pitch) as *mut u8,
+                                *width,
+                            )
+                        };
+                    }
+                }
+            }
+        }
+        let mut outs = HashMap::new();
+        for (name, id) in &plan.outputs {
+            if !wanted.contains(&name.as_str()) {
+                continue;
+            }
+            let b = &plan.buffers[*id];
+            let shape = v3c_runtime::plan::shape_at(&b.dims, sizes);
+            let bytes = shape.iter().product::<usize>() * v3c_runtime::plan::element_bytes(&b.dtype).unwrap() as usize;
+            let addr = match &b.kind {
+                v3c_runtime::plan::BufferKind::Arena { offset } => bindings.arena + offset,
+                v3c_runtime::plan::BufferKind::Input { name } => bindings.inputs[name],
+                v3c_runtime::plan::BufferKind::Weight { name } => bindings.weights[name],
+            };
+            // SAFETY: the output lies in memory the plan sized.
+            let host = unsafe { std::slice::from_raw_parts(addr as *const u8, bytes) };
+            outs.insert(name.clone(), v3c_runtime::gpu::host_buffer(host, shape, &b.dtype).unwrap());
+        }
+        outs
+    };
+
+    // The CPU backend on the same checkpoint, fp8.
+    let config = v3c_models::config::ModelConfig::from_json_str(
+        &std::fs::read_to_string(ckpt.join("config.json")).unwrap(),
+        "small",
+    )
+    .unwrap();
+    let cpu_context = v3c_compiler::mlir::new_context();
+    let program = v3c_compiler::cpu_backend::CpuProgram::new(
+        &cpu_context,
+        &config,
+        &v3c_models::Entry::ALL,
+        false,
+        v3c_models::Precision::Fp8,
+        &checkpoint,
+    )
+    .unwrap();
+    let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
+    let width = config.latent_dim();
+    let caches = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
+    let mut inputs = HashMap::new();
+    inputs.insert("tokens".to_string(), ids(vec![3, 90, 27, 311, 243, 7]));
+    inputs.insert("positions".to_string(), ids((0..6).collect()));
+    inputs.insert("mtp_tokens".to_string(), ids(vec![90, 27, 311, 243, 7, 0]));
+    for c in caches {
+        inputs.insert(c.to_string(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) });
+    }
+    let wanted = ["logits", "mtp_logits", "kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
+    let compare = |what: &str, got: &HostBuffer, want: &HostBuffer| {
+        let (HostData::F32(g), HostData::F32(w)) = (&got.data, &want.data) else { panic!("{what}: not f32") };
+        assert_eq!(got.shape, want.shape, "{what}");
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("{what}: max |diff| {diff:.3e}, max |value| {scale:.3e}");
+        assert!(diff <= 1e-3 * scale.max(1e-6), "{what}: max |diff| {diff} vs max |value| {scale}");
+    };
+    let gpu = run("prefill", &inputs, &wanted);
+    let cpu = program.run("prefill", &inputs, &wanted).unwrap();
+    for name in wanted {
+        compare(&format!("prefill {name}"), &gpu[name], &cpu[name]);
+    }
+    // A decode step over caches of 9 rows (the prefill's 6 then zeros) at position 6.
+    let mut step = HashMap::new();
+    step.insert("tokens".to_string(), ids(vec![5]));
+    step.insert("positions".to_string(), ids(vec![6]));
+    step.insert("mtp_tokens".to_string(), ids(vec![0]));
+    for c in caches {
+        let HostData::F32(rows) = &cpu[c].data else { panic!() };
+        let mut data = rows.clone();
+        data.resize(9 * width, 0.0);
+        step.insert(c.to_string(), HostBuffer { shape: vec![1, 9, width], data: HostData::F32(data) });
+    }
+    let gpu = run("decode", &step, &wanted);
+    let cpu = program.run("decode", &step, &wanted).unwrap();
+    for name in wanted {
+        compare(&format!("decode {name}"), &gpu[name], &cpu[name]);
+    }
+}

@@ -24,8 +24,8 @@ use v3c_models::checkpoint::Checkpoint;
 
 use crate::abi::{Param, SplitScratch, TensorMapSpec};
 use crate::artifact::Artifact;
-use crate::gpu::{prepare_weight, rope_key, Action, Bindings, Expander};
-use crate::host::{HostBuffer, HostData};
+use crate::gpu::{Action, Bindings, Expander};
+use crate::host::HostBuffer;
 use crate::plan::{shape_at, BufferKind, EntryPlan};
 
 fn cuda(what: &str) -> impl Fn(result::DriverError) -> String + '_ {
@@ -62,38 +62,30 @@ impl Drop for DeviceBuffer {
     }
 }
 
+/// Device memory for [`crate::gpu::bind`], held until the artifact is dropped.
+#[derive(Default)]
+struct DeviceMemory(Vec<DeviceBuffer>);
+
+impl crate::gpu::Memory for DeviceMemory {
+    fn alloc(&mut self, bytes: usize, what: &str) -> Result<u64, String> {
+        let b = DeviceBuffer::new(bytes, what)?;
+        let ptr = b.ptr;
+        self.0.push(b);
+        Ok(ptr)
+    }
+
+    fn upload(&mut self, bytes: &[u8], what: &str) -> Result<u64, String> {
+        let b = DeviceBuffer::upload(bytes, &format!("uploading {what}"))?;
+        let ptr = b.ptr;
+        self.0.push(b);
+        Ok(ptr)
+    }
+}
+
 struct Function {
     handle: sys::CUfunction,
     threads: u32,
     shared: u32,
-}
-
-/// Bytes of a host buffer as the plan's element type, and the reverse.
-fn host_bytes(b: &HostBuffer, element: &str) -> Result<Vec<u8>, String> {
-    Ok(match (&b.data, element) {
-        (HostData::F32(v), "f32") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        (HostData::F32(v), "bf16") => v.iter().flat_map(|&x| v3c_models::dtype::f32_to_bf16(x).to_le_bytes()).collect(),
-        (HostData::Bf16(v), "bf16") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        (HostData::I64(v), "i64") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        (HostData::I32(v), "i32") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        (HostData::F8(v), "f8E4M3FN") => v.clone(),
-        (_, other) => return Err(format!("a {} buffer where the plan has {other}", b.element())),
-    })
-}
-
-fn from_bytes(bytes: &[u8], shape: Vec<usize>, element: &str) -> Result<HostBuffer, String> {
-    let w4 = |c: &[u8]| [c[0], c[1], c[2], c[3]];
-    let data = match element {
-        "f32" => HostData::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(w4(c))).collect()),
-        "i32" => HostData::I32(bytes.chunks_exact(4).map(|c| i32::from_le_bytes(w4(c))).collect()),
-        "i64" => {
-            HostData::I64(bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
-        }
-        "bf16" => HostData::Bf16(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()),
-        "f8E4M3FN" => HostData::F8(bytes.to_vec()),
-        other => return Err(format!("an output of {other}")),
-    };
-    Ok(HostBuffer { shape, data })
 }
 
 /// Encodes a tensor map (128 bytes) for `t`.
@@ -147,9 +139,7 @@ pub struct GpuArtifact {
     vocab: usize,
     // Memory: weights, prepared weights, tables (kept alive), and the run's regions.
     _held: Vec<DeviceBuffer>,
-    arena: DeviceBuffer,
-    temps: DeviceBuffer,
-    inputs: HashMap<String, DeviceBuffer>,
+    input_bytes: HashMap<String, usize>,
     bindings: Bindings,
     scratch: std::cell::RefCell<Option<(DeviceBuffer, DeviceBuffer, SplitScratch)>>,
     maps: std::cell::RefCell<Option<DeviceBuffer>>,
@@ -217,68 +207,10 @@ impl GpuArtifact {
             functions.insert(k.name.clone(), Function { handle, threads, shared });
         }
 
-        // Weights as the plan binds them, in its element types.
+        // Weights, prepared weights, tables and the run's regions, in device memory.
         let ckpt = Checkpoint::open(weights).map_err(|e| e.to_string())?;
-        let mut host: HashMap<String, (Vec<u8>, String)> = HashMap::new();
-        for e in &artifact.plan.entries {
-            for b in &e.buffers {
-                let BufferKind::Weight { name } = &b.kind else { continue };
-                if !host.contains_key(name) {
-                    progress(&format!("reading {name}"));
-                    let w = crate::cpu::load_weight(&ckpt, name, &b.shape, &b.dtype).map_err(|e| e.to_string())?;
-                    host.insert(
-                        name.clone(),
-                        (host_bytes(&w, &b.dtype).map_err(|e| format!("{name}: {e}"))?, b.dtype.clone()),
-                    );
-                }
-            }
-        }
-        let mut bindings = Bindings::default();
-        let mut held = Vec::new();
-        for (name, (bytes, _)) in &host {
-            let b = DeviceBuffer::upload(bytes, &format!("uploading {name}"))?;
-            bindings.weights.insert(name.clone(), b.ptr);
-            held.push(b);
-        }
-        let source = |n: &str| host.get(n).map(|(b, _)| b.clone()).ok_or_else(|| format!("weight {n} was not read"));
-        for p in expander.prepared_weights()? {
-            progress(&format!("preparing {}", p.key));
-            let (b, s) = prepare_weight(&p, &source)?;
-            let bd = DeviceBuffer::upload(&b, &p.key)?;
-            let sd = s.map(|s| DeviceBuffer::upload(&s, &p.key)).transpose()?;
-            bindings.prepared.insert(p.key.clone(), (bd.ptr, sd.as_ref().map(|s| s.ptr)));
-            held.push(bd);
-            held.extend(sd);
-        }
-        drop(host);
-        for (spec, rows) in expander.rope_tables() {
-            let table: Vec<u8> = crate::prepare::rope_table(&spec, rows).iter().flat_map(|x| x.to_le_bytes()).collect();
-            let t = DeviceBuffer::upload(&table, "RoPE table")?;
-            bindings.rope.insert(rope_key(&spec), t.ptr);
-            held.push(t);
-        }
-
-        // The run's regions, sized for the largest entry.
-        let arena_bytes = artifact.plan.entries.iter().map(|e| e.arena_bytes as usize).max().unwrap_or(0);
-        let arena = DeviceBuffer::new(arena_bytes, "the arena")?;
-        let temps = DeviceBuffer::new(expander.temp_bytes()?, "the temporaries")?;
-        let mut inputs: HashMap<String, DeviceBuffer> = HashMap::new();
-        let mut input_bytes: HashMap<String, usize> = HashMap::new();
-        for e in &artifact.plan.entries {
-            for b in &e.buffers {
-                if let BufferKind::Input { name } = &b.kind {
-                    let v = input_bytes.entry(name.clone()).or_default();
-                    *v = (*v).max(b.bytes as usize);
-                }
-            }
-        }
-        for (name, bytes) in input_bytes {
-            let b = DeviceBuffer::new(bytes, &format!("input {name}"))?;
-            bindings.inputs.insert(name.clone(), b.ptr);
-            inputs.insert(name, b);
-        }
-        bindings.arena = arena.ptr;
-        bindings.temps = temps.ptr;
+        let mut memory = DeviceMemory::default();
+        let (bindings, input_bytes) = crate::gpu::bind(&expander, &ckpt, &mut memory, progress)?;
         let vocab = artifact.manifest.model.config["vocab_size"].as_u64().unwrap_or(0) as usize;
         Ok(GpuArtifact {
             artifact,
@@ -288,10 +220,8 @@ impl GpuArtifact {
             functions,
             sms: info.multiprocessors as usize,
             vocab,
-            _held: held,
-            arena,
-            temps,
-            inputs,
+            _held: memory.0,
+            input_bytes,
             bindings,
             scratch: std::cell::RefCell::new(None),
             maps: std::cell::RefCell::new(None),
@@ -349,13 +279,13 @@ impl GpuArtifact {
             else {
                 continue;
             };
-            let bytes = host_bytes(b, &planned.dtype).map_err(|e| format!("input {name}: {e}"))?;
-            let dst = &self.inputs[name];
-            if bytes.len() > dst.bytes {
-                return Err(format!("input {name}: {} bytes, the plan holds {}", bytes.len(), dst.bytes));
+            let bytes = crate::gpu::plan_bytes(b, &planned.dtype).map_err(|e| format!("input {name}: {e}"))?;
+            let (dst, room) = (self.bindings.inputs[name], self.input_bytes[name]);
+            if bytes.len() > room {
+                return Err(format!("input {name}: {} bytes, the plan holds {room}", bytes.len()));
             }
             // SAFETY: within the allocation (checked above).
-            unsafe { result::memcpy_htod_sync(dst.ptr, &bytes) }.map_err(cuda(&format!("uploading input {name}")))?;
+            unsafe { result::memcpy_htod_sync(dst, &bytes) }.map_err(cuda(&format!("uploading input {name}")))?;
         }
         // Tensor maps: all of the run's in one upload.
         let mut encoded = Vec::new();
@@ -456,14 +386,14 @@ impl GpuArtifact {
             let shape = shape_at(&b.dims, sizes);
             let bytes = shape.iter().product::<usize>() * crate::plan::element_bytes(&b.dtype).unwrap_or(4) as usize;
             let src = match &b.kind {
-                BufferKind::Arena { offset } => self.arena.ptr + offset,
-                BufferKind::Input { name } => self.inputs[name].ptr,
+                BufferKind::Arena { offset } => self.bindings.arena + offset,
+                BufferKind::Input { name } => self.bindings.inputs[name],
                 BufferKind::Weight { name } => self.bindings.weights[name],
             };
             let mut host = vec![0u8; bytes];
             // SAFETY: the buffer lies in device memory sized for the planned shapes.
             unsafe { result::memcpy_dtoh_sync(&mut host, src) }.map_err(cuda(&format!("reading output {name}")))?;
-            out.insert(name.clone(), from_bytes(&host, shape, &b.dtype)?);
+            out.insert(name.clone(), crate::gpu::host_buffer(&host, shape, &b.dtype)?);
         }
         Ok(out)
     }
@@ -471,10 +401,5 @@ impl GpuArtifact {
     /// The device this artifact runs on.
     pub fn device(&self) -> sys::CUdevice {
         self.device
-    }
-
-    /// Bytes of the run's regions (arena, temporaries).
-    pub fn region_bytes(&self) -> (usize, usize) {
-        (self.arena.bytes, self.temps.bytes)
     }
 }

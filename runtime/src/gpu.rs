@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::abi::{memref, Buf, GemmOperands, KernelAbi, KernelLaunch, SplitScratch};
 use crate::artifact::Artifact;
+use crate::host::{HostBuffer, HostData};
 use crate::lowering::{Blocks, FusedLowering, KernelChoice, LaunchSpec, OperandSpec, RopeTableSpec};
 use crate::plan::{shape_at, BufferKind, EntryPlan, Sizes, ARENA_ALIGN};
 
@@ -504,4 +505,102 @@ pub fn prepare_weight(
             Ok((b, Some(bytes(&s))))
         }
     }
+}
+
+/// Bytes of a host buffer as the plan's element type, and the reverse.
+pub fn plan_bytes(b: &HostBuffer, element: &str) -> Result<Vec<u8>, String> {
+    Ok(match (&b.data, element) {
+        (HostData::F32(v), "f32") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (HostData::F32(v), "bf16") => v.iter().flat_map(|&x| v3c_models::dtype::f32_to_bf16(x).to_le_bytes()).collect(),
+        (HostData::Bf16(v), "bf16") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (HostData::I64(v), "i64") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (HostData::I32(v), "i32") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (HostData::F8(v), "f8E4M3FN") => v.clone(),
+        (_, other) => return Err(format!("a {} buffer where the plan has {other}", b.element())),
+    })
+}
+
+pub fn host_buffer(bytes: &[u8], shape: Vec<usize>, element: &str) -> Result<HostBuffer, String> {
+    let w4 = |c: &[u8]| [c[0], c[1], c[2], c[3]];
+    let data = match element {
+        "f32" => HostData::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(w4(c))).collect()),
+        "i32" => HostData::I32(bytes.chunks_exact(4).map(|c| i32::from_le_bytes(w4(c))).collect()),
+        "i64" => {
+            HostData::I64(bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+        }
+        "bf16" => HostData::Bf16(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()),
+        "f8E4M3FN" => HostData::F8(bytes.to_vec()),
+        other => return Err(format!("an output of {other}")),
+    };
+    Ok(HostBuffer { shape, data })
+}
+
+/// Where [`bind`] puts what it loads: device memory (the CUDA executor), or host memory (the
+/// tests' emulation of the launches). Addresses must be 256-byte aligned and stay valid.
+pub trait Memory {
+    /// `bytes` of memory (contents undefined).
+    fn alloc(&mut self, bytes: usize, what: &str) -> Result<u64, String>;
+    /// A copy of `bytes`.
+    fn upload(&mut self, bytes: &[u8], what: &str) -> Result<u64, String>;
+}
+
+/// Loads everything an artifact's entries touch into `mem`: the checkpoint's weights in the plan's
+/// element types, the prepared weights, the RoPE tables, one arena for the largest entry, the
+/// inputs at their largest planned sizes, the temporaries region. Returns the bindings (no split-K
+/// scratch yet: [`Expander::expand`] says how much a run needs) and each input's bytes.
+pub fn bind(
+    expander: &Expander,
+    checkpoint: &v3c_models::checkpoint::Checkpoint,
+    mem: &mut dyn Memory,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Bindings, HashMap<String, usize>), String> {
+    let artifact = expander.artifact;
+    let mut host: HashMap<String, Vec<u8>> = HashMap::new();
+    for e in &artifact.plan.entries {
+        for b in &e.buffers {
+            let BufferKind::Weight { name } = &b.kind else { continue };
+            if !host.contains_key(name) {
+                progress(&format!("reading {name}"));
+                let w = crate::cpu::load_weight(checkpoint, name, &b.shape, &b.dtype).map_err(|e| e.to_string())?;
+                host.insert(name.clone(), plan_bytes(&w, &b.dtype).map_err(|e| format!("{name}: {e}"))?);
+            }
+        }
+    }
+    let mut bindings = Bindings::default();
+    let mut names: Vec<&String> = host.keys().collect();
+    names.sort();
+    for name in names {
+        bindings.weights.insert(name.clone(), mem.upload(&host[name], name)?);
+    }
+    let source = |n: &str| host.get(n).cloned().ok_or_else(|| format!("weight {n} was not read"));
+    for p in expander.prepared_weights()? {
+        progress(&format!("preparing {}", p.key));
+        let (b, s) = prepare_weight(&p, &source)?;
+        let b = mem.upload(&b, &p.key)?;
+        let s = s.map(|s| mem.upload(&s, &p.key)).transpose()?;
+        bindings.prepared.insert(p.key.clone(), (b, s));
+    }
+    drop(host);
+    for (spec, rows) in expander.rope_tables() {
+        let table: Vec<u8> = crate::prepare::rope_table(&spec, rows).iter().flat_map(|x| x.to_le_bytes()).collect();
+        bindings.rope.insert(rope_key(&spec), mem.upload(&table, "a RoPE table")?);
+    }
+    let arena_bytes = artifact.plan.entries.iter().map(|e| e.arena_bytes as usize).max().unwrap_or(0);
+    bindings.arena = mem.alloc(arena_bytes, "the arena")?;
+    bindings.temps = mem.alloc(expander.temp_bytes()?, "the temporaries")?;
+    let mut input_bytes: HashMap<String, usize> = HashMap::new();
+    for e in &artifact.plan.entries {
+        for b in &e.buffers {
+            if let BufferKind::Input { name } = &b.kind {
+                let v = input_bytes.entry(name.clone()).or_default();
+                *v = (*v).max(b.bytes as usize);
+            }
+        }
+    }
+    let mut inputs: Vec<(&String, &usize)> = input_bytes.iter().collect();
+    inputs.sort();
+    for (name, &bytes) in inputs {
+        bindings.inputs.insert(name.clone(), mem.alloc(bytes, &format!("input {name}"))?);
+    }
+    Ok((bindings, input_bytes))
 }
