@@ -191,3 +191,56 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         text(&long.stderr)
     );
 }
+
+/// An fp8 checkpoint compiles (by default, and with `--precision fp8`) to an fp8 cpu artifact —
+/// once silently an f32 one — whose logits `v3r logits` writes equal to `v3c logits --backend cpu
+/// --precision fp8`'s; `--precision f32` gives the f32 graph's.
+#[test]
+fn an_fp8_checkpoint_gives_an_fp8_cpu_artifact_with_the_cpu_backends_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, cache) = (dir.path().join("ckpt"), dir.path().join("cache"));
+    let config = v3c_models::init::with_fp8(&ModelConfig::preset("deepseek-v3-tiny").unwrap());
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, 11).unwrap();
+    let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
+    let tokens = "3 17 4 29 11 5";
+    let read = |path: &std::path::Path| -> Vec<f32> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("logits").unwrap();
+        t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    };
+    for (precision, flag) in [("fp8", None), ("fp8", Some("fp8")), ("f32", Some("f32"))] {
+        let art = dir.path().join(format!("art-{precision}-{}", flag.is_some()));
+        let mut compile = vec!["compile", "--model", ckpt.to_str().unwrap(), "--target", "cpu", "--max-rows", "8"];
+        compile.extend(["--max-context", "16", "--out", art.to_str().unwrap()]);
+        if let Some(f) = flag {
+            compile.extend(["--precision", f]);
+        }
+        let out = run_binary_env("v3c", &compile, &env);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let manifest = Artifact::open(&art).unwrap().manifest;
+        assert_eq!(manifest.model.precision, precision, "{flag:?}");
+        let (from_artifact, direct) = (dir.path().join("a.safetensors"), dir.path().join("d.safetensors"));
+        let v3r = run_binary_env(
+            "v3r",
+            &["logits", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--tokens", tokens, "--out"]
+                .iter()
+                .copied()
+                .chain([from_artifact.to_str().unwrap()])
+                .collect::<Vec<_>>(),
+            &env,
+        );
+        assert!(v3r.status.success(), "{}", String::from_utf8_lossy(&v3r.stderr));
+        let v3c = run_binary_env(
+            "v3c",
+            &["logits", "--model-dir", ckpt.to_str().unwrap(), "--tokens", tokens, "--backend", "cpu", "--precision"]
+                .iter()
+                .copied()
+                .chain([precision, "--out", direct.to_str().unwrap()])
+                .collect::<Vec<_>>(),
+            &env,
+        );
+        assert!(v3c.status.success(), "{}", String::from_utf8_lossy(&v3c.stderr));
+        assert_eq!(read(&from_artifact), read(&direct), "{precision} {flag:?}");
+    }
+}

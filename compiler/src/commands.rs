@@ -893,6 +893,8 @@ fn write_gpu_artifact(
 
 pub struct CompileCpuOptions<'a> {
     pub model: &'a str,
+    /// The graph (default: fp8 when the checkpoint's weights are, else f32).
+    pub precision: Option<Precision>,
     pub out: Option<&'a Path>,
     pub force: bool,
     pub sizes: v3c_compiler::plan::PlanSizes,
@@ -904,6 +906,7 @@ pub struct CompileCpuOptions<'a> {
 pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
     let start = Instant::now();
     let config = ModelConfig::resolve(o.model).map_err(|e| e.to_string())?;
+    let precision = o.precision.unwrap_or(if config.quantization.is_some() { Precision::Fp8 } else { Precision::F32 });
     let staging = match o.out {
         Some(out) => Some(stage_artifact_dir(out, o.force)?),
         None => None,
@@ -924,7 +927,7 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
         &config,
         &v3c_models::Entry::ALL,
         false,
-        Precision::F32,
+        precision,
         cache.as_ref(),
         &mut |done, total, k| {
             if k.from_cache {
@@ -999,7 +1002,7 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
         },
         model: artifact::ModelInfo {
             name: config.name.clone(),
-            precision: "f32".into(),
+            precision: if precision == Precision::Fp8 { "fp8" } else { "f32" }.into(),
             config_sha256: artifact::config_sha256(&model_config),
             config: model_config,
         },

@@ -147,8 +147,8 @@ struct CompileArgs {
     /// Replace an existing artifact directory.
     #[arg(long)]
     force: bool,
-    /// Graph to compile for a GPU (default: fp8 when the checkpoint's weights are fp8 — the
-    /// tensor-core path — else f32).
+    /// Graph to compile (default: fp8 when the checkpoint's weights are fp8 — the tensor-core
+    /// path — else f32).
     #[arg(long, value_enum)]
     precision: Option<Precision>,
     /// The GPU to pick kernel configurations for (cost model figures, tuning database entries):
@@ -380,6 +380,7 @@ fn main() -> ExitCode {
             }
             CompileTarget::Cpu => commands::compile_cpu(&commands::CompileCpuOptions {
                 model: &a.model.model,
+                precision: a.precision.map(Precision::model),
                 out: a.out.as_deref(),
                 force: a.force,
                 sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },

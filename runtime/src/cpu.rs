@@ -198,6 +198,56 @@ impl<'p> BoundPlan<'p> {
     }
 }
 
+/// Inputs at an entry's planned shapes for timing its kernels: token 0, positions 0.. (within the
+/// caches), zero caches.
+pub fn bench_inputs(plan: &EntryPlan) -> Result<HashMap<String, HostBuffer>, String> {
+    let mut inputs = HashMap::new();
+    for (name, shape) in &plan.bounds {
+        let buffer = match name.as_str() {
+            "tokens" | "mtp_tokens" => {
+                HostBuffer { shape: shape.clone(), data: HostData::I64(vec![0; shape.iter().product()]) }
+            }
+            "positions" => {
+                let rows = *plan
+                    .bounds
+                    .iter()
+                    .find(|(n, _)| n.starts_with("kv_cache."))
+                    .map(|(_, s)| s)
+                    .and_then(|s| s.get(s.len().saturating_sub(2)))
+                    .unwrap_or(&1);
+                let n: usize = shape.iter().product();
+                HostBuffer {
+                    shape: shape.clone(),
+                    data: HostData::I64((0..n).map(|i| (i % rows.max(1)) as i64).collect()),
+                }
+            }
+            _ => HostBuffer::zeros(shape.clone(), "f32").ok_or("zeros")?,
+        };
+        inputs.insert(name.clone(), buffer);
+    }
+    Ok(inputs)
+}
+
+/// Per kernel, the median times of its launches in one run of an entry, summed (`per_launch`:
+/// kernel name and median ms of each launch, in order), slowest first.
+pub fn kernel_timings(per_launch: Vec<(String, f64)>) -> Vec<KernelTiming> {
+    let mut timings: Vec<KernelTiming> = Vec::new();
+    for (kernel, ms) in per_launch {
+        match timings.iter_mut().find(|t| t.kernel == kernel) {
+            Some(t) => {
+                t.launches += 1;
+                t.total_ms += ms;
+            }
+            None => timings.push(KernelTiming { kernel, launches: 1, median_ms: 0.0, total_ms: ms }),
+        }
+    }
+    for t in &mut timings {
+        t.median_ms = t.total_ms / t.launches as f64;
+    }
+    timings.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
+    timings
+}
+
 /// Time of one kernel over an entry's launches of it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KernelTiming {
@@ -291,30 +341,7 @@ impl CpuArtifact {
     /// `reps` times after one warm-up; per kernel, the median of its launches.
     pub fn bench_kernels(&self, entry: &str, reps: usize) -> Result<Vec<KernelTiming>, String> {
         let plan = self.entry(entry)?;
-        let mut inputs = HashMap::new();
-        for (name, shape) in &plan.bounds {
-            let buffer = match name.as_str() {
-                "tokens" | "mtp_tokens" => {
-                    HostBuffer { shape: shape.clone(), data: HostData::I64(vec![0; shape.iter().product()]) }
-                }
-                "positions" => {
-                    let rows = *plan
-                        .bounds
-                        .iter()
-                        .find(|(n, _)| n.starts_with("kv_cache."))
-                        .map(|(_, s)| s)
-                        .and_then(|s| s.get(s.len().saturating_sub(2)))
-                        .unwrap_or(&1);
-                    let n: usize = shape.iter().product();
-                    HostBuffer {
-                        shape: shape.clone(),
-                        data: HostData::I64((0..n).map(|i| (i % rows.max(1)) as i64).collect()),
-                    }
-                }
-                _ => HostBuffer::zeros(shape.clone(), "f32").ok_or("zeros")?,
-            };
-            inputs.insert(name.clone(), buffer);
-        }
+        let inputs = bench_inputs(plan)?;
         check_id_inputs(&inputs, self.vocab)?;
         let mut bound = BoundPlan::new(plan, &self.weights, &inputs)?;
         let mut per_launch = Vec::new();
@@ -333,20 +360,7 @@ impl CpuArtifact {
             times.sort_by(f64::total_cmp);
             per_launch.push((k.name.clone(), times.get(times.len() / 2).copied().unwrap_or(0.0)));
         }
-        let mut timings: Vec<KernelTiming> = Vec::new();
-        for (kernel, ms) in per_launch {
-            match timings.iter_mut().find(|t| t.kernel == kernel) {
-                Some(t) => {
-                    t.launches += 1;
-                    t.total_ms += ms;
-                }
-                None => timings.push(KernelTiming { kernel, launches: 1, median_ms: 0.0, total_ms: ms }),
-            }
-        }
-        for t in &mut timings {
-            t.median_ms = t.total_ms / t.launches as f64;
-        }
-        timings.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
+        let timings = kernel_timings(per_launch);
         Ok(timings)
     }
 

@@ -128,6 +128,14 @@ fn encode(t: &TensorMapSpec) -> Result<[u8; 128], String> {
     Ok(out)
 }
 
+/// A run ready to launch: its actions and where their tensor maps are.
+struct Staged {
+    actions: Vec<Action>,
+    maps_base: u64,
+    /// Per action, the index of its first tensor map in the uploaded ones.
+    first_map: Vec<usize>,
+}
+
 /// A GPU artifact loaded on a device, ready to run its entries.
 pub struct GpuArtifact {
     pub artifact: Artifact,
@@ -271,6 +279,43 @@ impl GpuArtifact {
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
         let plan = self.entry_plan(entry)?;
+        let staged = self.stage(plan, inputs)?;
+        let sync_each = std::env::var("V3R_SYNC_EACH").is_ok_and(|v| v == "1");
+        for i in 0..staged.actions.len() {
+            self.launch(entry, &staged, i)?;
+            if sync_each {
+                // SAFETY: our stream.
+                unsafe { result::stream::synchronize(self.stream) }
+                    .map_err(cuda(&format!("{entry}: action {i} ({:?})", staged.actions[i])))?;
+            }
+        }
+        // SAFETY: our stream.
+        unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(&format!("{entry}: running the launches")))?;
+        let shapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
+        let sizes = plan.bind(&shapes)?;
+        let mut out = HashMap::new();
+        for (name, id) in &plan.outputs {
+            if !wanted.contains(&name.as_str()) {
+                continue;
+            }
+            let b = &plan.buffers[*id];
+            let shape = shape_at(&b.dims, sizes);
+            let bytes = shape.iter().product::<usize>() * crate::plan::element_bytes(&b.dtype).unwrap_or(4) as usize;
+            let src = match &b.kind {
+                BufferKind::Arena { offset } => self.bindings.arena + offset,
+                BufferKind::Input { name } => self.bindings.inputs[name],
+                BufferKind::Weight { name } => self.bindings.weights[name],
+            };
+            let mut host = vec![0u8; bytes];
+            // SAFETY: the buffer lies in device memory sized for the planned shapes.
+            unsafe { result::memcpy_dtoh_sync(&mut host, src) }.map_err(cuda(&format!("reading output {name}")))?;
+            out.insert(name.clone(), crate::gpu::host_buffer(&host, shape, &b.dtype)?);
+        }
+        Ok(out)
+    }
+
+    /// Checks and uploads `inputs`, expands the entry at their sizes and uploads its tensor maps.
+    fn stage(&self, plan: &EntryPlan, inputs: &HashMap<String, HostBuffer>) -> Result<Staged, String> {
         crate::cpu::check_id_inputs(inputs, self.vocab)?;
         let actions = self.actions(plan, inputs)?;
         for (name, b) in inputs {
@@ -310,92 +355,106 @@ impl GpuArtifact {
             }
             m
         };
-        let sync_each = std::env::var("V3R_SYNC_EACH").is_ok_and(|v| v == "1");
-        for (i, a) in actions.iter().enumerate() {
-            match a {
-                Action::Kernel(k) => {
-                    let f = self.functions.get(&k.kernel).ok_or_else(|| format!("kernel {} not loaded", k.kernel))?;
-                    let mut values: Vec<u64> = k
-                        .params
-                        .iter()
-                        .map(|p| match *p {
-                            Param::Value(v) => v,
-                            Param::TensorMap(t) => maps_base + 128 * (first_map[i] + t) as u64,
-                        })
-                        .collect();
-                    let mut pointers: Vec<*mut c_void> =
-                        values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
-                    // SAFETY: parameters as the kernel's PTX declares them (checked by the tests
-                    // against every kernel), buffers sized by the plan, grid from the problem.
-                    unsafe {
-                        result::launch_kernel(
-                            f.handle,
-                            (k.grid as u32, 1, 1),
-                            (f.threads, 1, 1),
-                            f.shared,
-                            self.stream,
-                            &mut pointers,
-                        )
-                    }
-                    .map_err(cuda(&format!("{entry}: launching {}", k.kernel)))?;
+        Ok(Staged { actions, maps_base, first_map })
+    }
+
+    /// Enqueues action `i` of a staged run on the stream.
+    fn launch(&self, entry: &str, staged: &Staged, i: usize) -> Result<(), String> {
+        let (maps_base, first_map) = (staged.maps_base, &staged.first_map);
+        match &staged.actions[i] {
+            Action::Kernel(k) => {
+                let f = self.functions.get(&k.kernel).ok_or_else(|| format!("kernel {} not loaded", k.kernel))?;
+                let mut values: Vec<u64> = k
+                    .params
+                    .iter()
+                    .map(|p| match *p {
+                        Param::Value(v) => v,
+                        Param::TensorMap(t) => maps_base + 128 * (first_map[i] + t) as u64,
+                    })
+                    .collect();
+                let mut pointers: Vec<*mut c_void> = values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
+                // SAFETY: parameters as the kernel's PTX declares them (checked by the tests
+                // against every kernel), buffers sized by the plan, grid from the problem.
+                unsafe {
+                    result::launch_kernel(
+                        f.handle,
+                        (k.grid as u32, 1, 1),
+                        (f.threads, 1, 1),
+                        f.shared,
+                        self.stream,
+                        &mut pointers,
+                    )
                 }
-                Action::Copy2D { src, src_pitch, dst, dst_pitch, width, rows } => {
-                    let copy = sys::CUDA_MEMCPY2D {
-                        srcXInBytes: 0,
-                        srcY: 0,
-                        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-                        srcHost: std::ptr::null(),
-                        srcDevice: *src,
-                        srcArray: std::ptr::null_mut(),
-                        srcPitch: *src_pitch,
-                        dstXInBytes: 0,
-                        dstY: 0,
-                        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-                        dstHost: std::ptr::null_mut(),
-                        dstDevice: *dst,
-                        dstArray: std::ptr::null_mut(),
-                        dstPitch: *dst_pitch,
-                        WidthInBytes: *width,
-                        Height: *rows,
-                    };
-                    if *rows > 0 {
-                        // SAFETY: both sides lie in buffers the plan sized for these rows.
-                        let status = unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.stream) };
-                        if status != sys::CUresult::CUDA_SUCCESS {
-                            return Err(format!("{entry}: a strided copy of {rows} rows: {status:?}"));
-                        }
-                    }
-                }
+                .map_err(cuda(&format!("{entry}: launching {}", k.kernel)))?;
             }
-            if sync_each {
-                // SAFETY: our stream.
-                unsafe { result::stream::synchronize(self.stream) }
-                    .map_err(cuda(&format!("{entry}: action {i} ({a:?})")))?;
+            Action::Copy2D { src, src_pitch, dst, dst_pitch, width, rows } => {
+                let copy = sys::CUDA_MEMCPY2D {
+                    srcXInBytes: 0,
+                    srcY: 0,
+                    srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                    srcHost: std::ptr::null(),
+                    srcDevice: *src,
+                    srcArray: std::ptr::null_mut(),
+                    srcPitch: *src_pitch,
+                    dstXInBytes: 0,
+                    dstY: 0,
+                    dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                    dstHost: std::ptr::null_mut(),
+                    dstDevice: *dst,
+                    dstArray: std::ptr::null_mut(),
+                    dstPitch: *dst_pitch,
+                    WidthInBytes: *width,
+                    Height: *rows,
+                };
+                if *rows > 0 {
+                    // SAFETY: both sides lie in buffers the plan sized for these rows.
+                    let status = unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.stream) };
+                    if status != sys::CUresult::CUDA_SUCCESS {
+                        return Err(format!("{entry}: a strided copy of {rows} rows: {status:?}"));
+                    }
+                }
             }
         }
-        // SAFETY: our stream.
-        unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(&format!("{entry}: running the launches")))?;
-        let shapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
-        let sizes = plan.bind(&shapes)?;
-        let mut out = HashMap::new();
-        for (name, id) in &plan.outputs {
-            if !wanted.contains(&name.as_str()) {
-                continue;
+        Ok(())
+    }
+
+    /// Times every kernel launch of `entry` at its planned sizes (inputs from
+    /// [`crate::cpu::bench_inputs`]): one run first so every buffer holds what it would, then each
+    /// launch `reps` times after one warm-up, timed by CUDA events; per kernel, the medians summed.
+    pub fn bench_kernels(&self, entry: &str, reps: usize) -> Result<Vec<crate::cpu::KernelTiming>, String> {
+        let plan = self.entry_plan(entry)?;
+        let inputs = crate::cpu::bench_inputs(plan)?;
+        self.run(entry, &inputs, &[])?;
+        let staged = self.stage(plan, &inputs)?;
+        let event = |what: &str| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda(what));
+        let (start, end) = (event("cuEventCreate")?, event("cuEventCreate")?);
+        let mut per_launch = Vec::new();
+        for (i, a) in staged.actions.iter().enumerate() {
+            let Action::Kernel(k) = a else { continue };
+            let mut times = Vec::with_capacity(reps);
+            for rep in 0..=reps {
+                // SAFETY: events and stream of this context.
+                unsafe { result::event::record(start, self.stream) }.map_err(cuda("cuEventRecord"))?;
+                self.launch(entry, &staged, i)?;
+                // SAFETY: as above.
+                let ms = unsafe {
+                    result::event::record(end, self.stream).map_err(cuda("cuEventRecord"))?;
+                    result::event::synchronize(end).map_err(cuda(&format!("{entry}: {}", k.kernel)))?;
+                    result::event::elapsed(start, end).map_err(cuda("cuEventElapsedTime"))?
+                };
+                if rep > 0 {
+                    times.push(ms as f64);
+                }
             }
-            let b = &plan.buffers[*id];
-            let shape = shape_at(&b.dims, sizes);
-            let bytes = shape.iter().product::<usize>() * crate::plan::element_bytes(&b.dtype).unwrap_or(4) as usize;
-            let src = match &b.kind {
-                BufferKind::Arena { offset } => self.bindings.arena + offset,
-                BufferKind::Input { name } => self.bindings.inputs[name],
-                BufferKind::Weight { name } => self.bindings.weights[name],
-            };
-            let mut host = vec![0u8; bytes];
-            // SAFETY: the buffer lies in device memory sized for the planned shapes.
-            unsafe { result::memcpy_dtoh_sync(&mut host, src) }.map_err(cuda(&format!("reading output {name}")))?;
-            out.insert(name.clone(), crate::gpu::host_buffer(&host, shape, &b.dtype)?);
+            times.sort_by(f64::total_cmp);
+            per_launch.push((k.kernel.clone(), times.get(times.len() / 2).copied().unwrap_or(0.0)));
         }
-        Ok(out)
+        // SAFETY: events created above, not used after.
+        unsafe {
+            let _ = result::event::destroy(start);
+            let _ = result::event::destroy(end);
+        }
+        Ok(crate::cpu::kernel_timings(per_launch))
     }
 
     /// The device this artifact runs on.

@@ -31,8 +31,11 @@ enum Command {
     /// Describe an artifact: target, model, entry points, kernels, and whether this machine can run it.
     Info(InfoArgs),
     /// Generate tokens with an artifact and a checkpoint; prints token ids and tokens/s (cpu artifacts
-    /// run here; GPU artifacts wait for the GPU runtime).
+    /// run here, sm_90a ones on a Hopper GPU: V3R_SYNC_EACH=1 names a faulting kernel).
     Run(RunArgs),
+    /// Logits of every token of a prompt (the prefill entry, from position 0) written as safetensors
+    /// (`logits` F32 [tokens, vocab]): how an artifact is checked against `v3c logits`.
+    Logits(LogitsArgs),
     /// Time every kernel of an artifact's entry points (warm-up, median of repetitions) and write
     /// JSON, as the tuner reads it; cpu artifacts run here, GPU ones need their GPU.
     BenchKernels(BenchArgs),
@@ -54,6 +57,9 @@ struct BenchArgs {
     /// Write the timings as JSON here.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// CUDA device ordinal (GPU artifacts).
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
 }
 
 #[derive(Args)]
@@ -73,6 +79,24 @@ struct InfoArgs {
     /// Also check this checkpoint (HF layout) against every weight the plan binds: names, shapes, dtypes.
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    /// Artifact directory written by `v3c compile`.
+    artifact: PathBuf,
+    /// Checkpoint directory in the Hugging Face layout.
+    #[arg(long, value_name = "DIR")]
+    weights: PathBuf,
+    /// Token ids separated by spaces, e.g. "0 3 17 250".
+    #[arg(long, value_name = "IDS")]
+    tokens: String,
+    /// Output safetensors file.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// CUDA device ordinal (GPU artifacts).
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
 }
 
 #[derive(Args)]
@@ -113,6 +137,7 @@ fn main() -> ExitCode {
         Command::Doctor(a) => doctor(&a).map_err(Failure::Other),
         Command::Info(a) => info(&a).map_err(Failure::Other),
         Command::Run(a) => run(&a),
+        Command::Logits(a) => logits(&a),
         Command::BenchKernels(a) => bench_kernels(&a),
     };
     match result {
@@ -248,23 +273,26 @@ fn info(args: &InfoArgs) -> Result<(), String> {
 fn bench_kernels(args: &BenchArgs) -> Result<(), Failure> {
     use v3c_runtime::artifact::Artifact;
     let a = Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
-    if a.manifest.target.name != "cpu" {
-        device::probe_device(0).map_err(|e| Failure::NoDevice(e.to_string()))?;
-        return Err(Failure::Other(format!(
-            "{}: timing {} kernels is not implemented yet (GPU launches land with the artifact/runtime issue)",
-            args.artifact.display(),
-            a.manifest.target.name
-        )));
-    }
     let names: Vec<String> = match &args.entry {
         Some(e) => vec![e.clone()],
         None => a.plan.entries.iter().map(|e| e.name.clone()).collect(),
     };
     let target = a.manifest.target.name.clone();
-    let program = v3c_runtime::cpu::CpuArtifact::load(a, &args.weights).map_err(Failure::Other)?;
+    type Bench = Box<dyn Fn(&str, usize) -> Result<Vec<v3c_runtime::cpu::KernelTiming>, String>>;
+    let bench: Bench = if target == "cpu" {
+        let program = v3c_runtime::cpu::CpuArtifact::load(a, &args.weights).map_err(Failure::Other)?;
+        Box::new(move |entry, reps| program.bench_kernels(entry, reps))
+    } else {
+        device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
+        let program = v3c_runtime::cuda::GpuArtifact::load(a, &args.weights, args.device, &mut |what| {
+            tracing::debug!("{what}");
+        })
+        .map_err(Failure::Other)?;
+        Box::new(move |entry, reps| program.bench_kernels(entry, reps))
+    };
     let mut report = serde_json::Map::new();
     for entry in &names {
-        let timings = program.bench_kernels(entry, args.reps.max(1)).map_err(Failure::Other)?;
+        let timings = bench(entry, args.reps.max(1)).map_err(Failure::Other)?;
         let total: f64 = timings.iter().map(|t| t.total_ms).sum();
         println!(
             "entry {entry}: {total:.3} ms per run ({} kernels, median of {} repetitions)",
@@ -320,23 +348,19 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         .map_err(Failure::Other)?;
     let prompt = prompts[0].clone();
     a.check_weights(&args.weights).map_err(Failure::Other)?;
-    if a.manifest.target.name != "cpu" {
-        return Err(Failure::Other(
-            "running GPU artifacts is not implemented yet (it lands with the artifact/runtime issue)".into(),
-        ));
-    }
     let eos = if args.ignore_eos {
         None
     } else {
         a.manifest.model.config.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32)
     };
-    let program = v3c_runtime::cpu::CpuArtifact::load(a, &args.weights).map_err(Failure::Other)?;
+    let (program, kind) = load_program(a, &args.weights, args.device)?;
+    let program = program.as_ref();
     if prompts.len() > 1 {
         let mut samplers: Vec<_> = (0..prompts.len())
             .map(|_| v3c_models::reference::Sampler::new(args.temperature, args.top_p, args.seed))
             .collect();
         let generations =
-            v3c_runtime::session::generate_batch(&program, &prompts, args.max_new_tokens, &mut samplers, eos)
+            v3c_runtime::session::generate_batch(program, &prompts, args.max_new_tokens, &mut samplers, eos)
                 .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
         for g in &generations {
             let text: Vec<String> = g.tokens.iter().map(u32::to_string).collect();
@@ -348,20 +372,63 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         let decoded = new.saturating_sub(generations.len());
         eprintln!(
             "generated {new} tokens for {} sequences: prefill {} tokens in {prefill_s:.3} s, decode {:.2} tok/s \
-             over the batch (cpu artifact)",
+             over the batch ({kind})",
             generations.len(),
             prompts.iter().map(Vec::len).sum::<usize>(),
             decoded as f64 / (total_s - prefill_s).max(1e-9)
         );
         return Ok(());
     }
-    let mut session = v3c_runtime::session::CpuSession::new(&program, prompt.len() + args.max_new_tokens)
+    let mut session = v3c_runtime::session::ArtifactSession::new(program, prompt.len() + args.max_new_tokens)
         .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
     let mut sampler = v3c_models::reference::Sampler::new(args.temperature, args.top_p, args.seed);
     let generation = v3c_runtime::session::generate(&mut session, &prompt, args.max_new_tokens, &mut sampler, eos)
         .map_err(Failure::Other)?;
     let text: Vec<String> = generation.tokens.iter().map(u32::to_string).collect();
     println!("{}", text.join(" "));
-    eprintln!("{} (cpu artifact)", generation.summary(prompt.len()));
+    eprintln!("{} ({kind})", generation.summary(prompt.len()));
+    Ok(())
+}
+
+/// Loads an artifact to run it: a cpu one here, a GPU one on device `ordinal` (exit 3 without a
+/// GPU). Returns it and how reports name it.
+fn load_program(
+    a: v3c_runtime::artifact::Artifact,
+    weights: &std::path::Path,
+    ordinal: usize,
+) -> Result<(Box<dyn v3c_runtime::session::Program>, String), Failure> {
+    let target = a.manifest.target.name.clone();
+    if target == "cpu" {
+        let program = v3c_runtime::cpu::CpuArtifact::load(a, weights).map_err(Failure::Other)?;
+        return Ok((Box::new(program), "cpu artifact".into()));
+    }
+    device::probe_device(ordinal).map_err(|e| Failure::NoDevice(e.to_string()))?;
+    let start = std::time::Instant::now();
+    let mut steps = 0usize;
+    let gpu = v3c_runtime::cuda::GpuArtifact::load(a, weights, ordinal, &mut |what| {
+        steps += 1;
+        tracing::debug!("{what}");
+    })
+    .map_err(Failure::Other)?;
+    eprintln!("loaded on cuda:{ordinal} in {:.2} s ({steps} kernels and weights)", start.elapsed().as_secs_f64());
+    Ok((Box::new(gpu), format!("{target} artifact on cuda:{ordinal}")))
+}
+
+fn logits(args: &LogitsArgs) -> Result<(), Failure> {
+    let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
+    // A GPU artifact needs the GPU before anything reads a checkpoint.
+    if a.manifest.target.name != "cpu" {
+        device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
+    }
+    let tokens = v3c_runtime::cli::parse_token_ids(&args.tokens, "--tokens").map_err(Failure::Other)?;
+    a.check_weights(&args.weights).map_err(Failure::Other)?;
+    let (program, kind) = load_program(a, &args.weights, args.device)?;
+    let mut session = v3c_runtime::session::ArtifactSession::new(program.as_ref(), tokens.len())
+        .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
+    let (rows, vocab) = session.prefill_rows(&tokens).map_err(Failure::Other)?;
+    let tensor = v3c_models::tensor::Tensor::f32(vec![tokens.len(), vocab], rows);
+    v3c_models::checkpoint::save_tensors(&args.out, &[("logits", &tensor)])
+        .map_err(|e| Failure::Other(format!("{}: {e}", args.out.display())))?;
+    eprintln!("wrote logits [{}, {vocab}] to {} ({kind})", tokens.len(), args.out.display());
     Ok(())
 }

@@ -1,8 +1,8 @@
-//! One generated sequence on a `cpu` artifact: the prompt prefilled in chunks of at most the
+//! One generated sequence on an artifact (`cpu`, or GPU: [`Program`]): the prompt prefilled in chunks of at most the
 //! prefill plan's rows (each chunk attends to the rows cached before it), then one decode step per
 //! token over caches of `max_len` rows. The plans run at these sizes because they were planned for
 //! larger ones ([`crate::plan::EntryPlan::bind`]). Several sequences run as one batch
-//! ([`CpuBatch`], [`generate_batch`]): each prefilled alone, then one decode launch per step over all.
+//! ([`ArtifactBatch`], [`generate_batch`]): each prefilled alone, then one decode launch per step over all.
 //!
 //! An artifact compiled with its MTP module has MTP inputs; plain generation feeds the MTP layer the
 //! next prompt token where it is known and token 0 otherwise, keeps its cache like the others, and
@@ -10,13 +10,54 @@
 
 use std::collections::HashMap;
 
-use crate::cpu::CpuArtifact;
 use crate::host::{HostBuffer, HostData};
 use crate::plan::EntryPlan;
 
+/// What a session runs its entries on: a `cpu` artifact ([`crate::cpu::CpuArtifact`]) or a GPU
+/// one ([`crate::cuda::GpuArtifact`]).
+pub trait Program {
+    /// The plan of entry `entry`.
+    fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String>;
+    /// Runs entry `entry` on `inputs` (shapes within its plan's) and returns the outputs in `wanted`.
+    fn run(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String>;
+}
+
+impl Program for crate::cpu::CpuArtifact {
+    fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String> {
+        crate::cpu::CpuArtifact::entry_plan(self, entry)
+    }
+    fn run(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        crate::cpu::CpuArtifact::run(self, entry, inputs, wanted)
+    }
+}
+
+impl Program for crate::cuda::GpuArtifact {
+    fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String> {
+        crate::cuda::GpuArtifact::entry_plan(self, entry)
+    }
+    fn run(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        crate::cuda::GpuArtifact::run(self, entry, inputs, wanted)
+    }
+}
+
 /// A sequence being generated.
-pub struct CpuSession<'a> {
-    program: &'a CpuArtifact,
+pub struct ArtifactSession<'a> {
+    program: &'a dyn Program,
     /// Cache inputs of the entries (`kv_cache.<layer>`, `kv_cache.mtp`).
     caches: Vec<String>,
     /// Width of a cache row (the latent plus the rope key).
@@ -33,9 +74,9 @@ fn ids(v: Vec<i64>) -> HostBuffer {
     HostBuffer { shape: vec![v.len()], data: HostData::I64(v) }
 }
 
-impl<'a> CpuSession<'a> {
+impl<'a> ArtifactSession<'a> {
     /// A session for sequences of at most `max_len` tokens (prompt and generated).
-    pub fn new(program: &'a CpuArtifact, max_len: usize) -> Result<CpuSession<'a>, String> {
+    pub fn new(program: &'a dyn Program, max_len: usize) -> Result<ArtifactSession<'a>, String> {
         let (prefill, decode) = (program.entry_plan("prefill")?, program.entry_plan("decode")?);
         let caches: Vec<String> = prefill.bounds.keys().filter(|n| n.starts_with("kv_cache.")).cloned().collect();
         let width =
@@ -55,7 +96,7 @@ impl<'a> CpuSession<'a> {
             .map(|c| (c.clone(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) }))
             .collect();
         let has_mtp = prefill.bounds.contains_key("mtp_tokens");
-        Ok(CpuSession { program, caches, width, state, decoding: false, position: 0, max_len, has_mtp })
+        Ok(ArtifactSession { program, caches, width, state, decoding: false, position: 0, max_len, has_mtp })
     }
 
     fn last_row(out: &HashMap<String, HostBuffer>) -> Result<Vec<f32>, String> {
@@ -74,6 +115,13 @@ impl<'a> CpuSession<'a> {
 
     /// Feeds the prompt (in chunks the prefill plan holds); returns the logits of its last token.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
+        let (rows, vocab) = self.prefill_rows(tokens)?;
+        Ok(rows[rows.len() - vocab..].to_vec())
+    }
+
+    /// As [`ArtifactSession::prefill`], returning the logits of every prompt token (`[tokens,
+    /// vocab]` row-major) and the vocabulary size.
+    pub fn prefill_rows(&mut self, tokens: &[u32]) -> Result<(Vec<f32>, usize), String> {
         if self.decoding {
             return Err("prefill after decoding started".into());
         }
@@ -95,7 +143,7 @@ impl<'a> CpuSession<'a> {
                 tokens.len()
             ));
         }
-        let mut logits = Vec::new();
+        let (mut logits, mut vocab) = (Vec::new(), 0);
         for (k, piece) in tokens.chunks(chunk).enumerate() {
             let start = self.position as i64;
             let mut inputs = std::mem::take(&mut self.state);
@@ -107,14 +155,19 @@ impl<'a> CpuSession<'a> {
                 inputs.insert("mtp_tokens".into(), ids(next.take(piece.len()).collect()));
             }
             let mut out = self.program.run("prefill", &inputs, &self.wanted())?;
-            logits = Self::last_row(&out)?;
+            let rows = out.get("logits").ok_or("the entry has no logits")?;
+            let (HostData::F32(v), &[_, v_size]) = (&rows.data, &rows.shape[..]) else {
+                return Err("logits are not f32 [tokens, vocab]".into());
+            };
+            vocab = v_size;
+            logits.extend_from_slice(v);
             for c in &self.caches {
                 let grown = out.remove(c).ok_or_else(|| format!("prefill gave no {c}"))?;
                 self.state.insert(c.clone(), grown);
             }
             self.position += piece.len();
         }
-        Ok(logits)
+        Ok((logits, vocab))
     }
 
     /// Feeds one token at the next position; returns its logits.
@@ -152,11 +205,11 @@ impl<'a> CpuSession<'a> {
 }
 
 /// Several sequences generated together on a `cpu` artifact: each prompt prefilled on its own (in
-/// chunks, as [`CpuSession`] does), then one decode launch per step over all of them — each row its
+/// chunks, as [`ArtifactSession`] does), then one decode launch per step over all of them — each row its
 /// sequence's next token at its own position over its own cache rows. A sequence that has stopped
 /// stays in the batch (its row is computed and ignored) so that the others keep their rows.
-pub struct CpuBatch<'a> {
-    program: &'a CpuArtifact,
+pub struct ArtifactBatch<'a> {
+    program: &'a dyn Program,
     caches: Vec<String>,
     /// Per cache input: `[sequences, max_len, width]`.
     state: HashMap<String, HostBuffer>,
@@ -165,14 +218,14 @@ pub struct CpuBatch<'a> {
     has_mtp: bool,
 }
 
-impl<'a> CpuBatch<'a> {
+impl<'a> ArtifactBatch<'a> {
     /// Prefills `prompts` (each on its own) for sequences of at most `max_len` tokens; returns the
     /// batch and each prompt's last logits.
     pub fn prefill(
-        program: &'a CpuArtifact,
+        program: &'a dyn Program,
         prompts: &[Vec<u32>],
         max_len: usize,
-    ) -> Result<(CpuBatch<'a>, Vec<Vec<f32>>), String> {
+    ) -> Result<(ArtifactBatch<'a>, Vec<Vec<f32>>), String> {
         let rows = program.entry_plan("decode")?.sizes.rows;
         if prompts.is_empty() || prompts.len() > rows {
             return Err(format!(
@@ -184,7 +237,7 @@ impl<'a> CpuBatch<'a> {
         let mut state: HashMap<String, HostBuffer> = HashMap::new();
         let (mut caches, mut has_mtp) = (Vec::new(), false);
         for (i, prompt) in prompts.iter().enumerate() {
-            let mut one = CpuSession::new(program, max_len)?;
+            let mut one = ArtifactSession::new(program, max_len)?;
             logits.push(one.prefill(prompt).map_err(|e| format!("sequence {i}: {e}"))?);
             let width = one.width;
             (caches, has_mtp) = (one.caches.clone(), one.has_mtp);
@@ -199,7 +252,7 @@ impl<'a> CpuBatch<'a> {
             }
         }
         let positions = prompts.iter().map(Vec::len).collect();
-        Ok((CpuBatch { program, caches, state, positions, max_len, has_mtp }, logits))
+        Ok((ArtifactBatch { program, caches, state, positions, max_len, has_mtp }, logits))
     }
 
     /// Feeds `tokens[i]` to sequence i at its next position, for the sequences where `active[i]`
@@ -245,7 +298,7 @@ impl<'a> CpuBatch<'a> {
 /// sampler (`samplers[i]`), each stopping after `eos` when given. Returns each sequence's generation
 /// (its prefill time is the batch's).
 pub fn generate_batch(
-    program: &CpuArtifact,
+    program: &dyn Program,
     prompts: &[Vec<u32>],
     max_new: usize,
     samplers: &mut [v3c_models::reference::Sampler],
@@ -253,7 +306,7 @@ pub fn generate_batch(
 ) -> Result<Vec<Generation>, String> {
     let start = std::time::Instant::now();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
-    let (mut batch, mut logits) = CpuBatch::prefill(program, prompts, max_len)?;
+    let (mut batch, mut logits) = ArtifactBatch::prefill(program, prompts, max_len)?;
     let prefill_s = start.elapsed().as_secs_f64();
     let n = prompts.len();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
@@ -295,12 +348,12 @@ pub trait Generator {
     fn decode(&mut self, token: u32) -> Result<Vec<f32>, String>;
 }
 
-impl Generator for CpuSession<'_> {
+impl Generator for ArtifactSession<'_> {
     fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
-        CpuSession::prefill(self, tokens)
+        ArtifactSession::prefill(self, tokens)
     }
     fn decode(&mut self, token: u32) -> Result<Vec<f32>, String> {
-        CpuSession::decode(self, token)
+        ArtifactSession::decode(self, token)
     }
 }
 
