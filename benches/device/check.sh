@@ -9,9 +9,9 @@
 # Steps, in order: 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
 # 2. the GEMM template kernels vs torch (benches/device/gemm_check.py: correctness, then TFLOP/s);
 # 2c. the row kernels vs torch (benches/device/rows_check.py: correctness, then GB/s); 2d. MLA decode
-# attention on the tensor cores (benches/device/mla_check.py); 2b. tuning;
-# 3. end-to-end fixtures; 4. model kernels timing. Steps 3-4 need artifacts; until they exist the
-# script says so.
+# attention on the tensor cores (benches/device/mla_check.py); 2b. tuning; and right after step 1:
+# 3. end to end (a small fp8 model's sm_90a artifact: `v3r logits` and `v3r run` against the CPU
+# backend's results computed by prepare.sh) and 4. its kernels timed by `v3r bench-kernels`.
 # Never changes clocks, power, MIG, persistence or compute mode.
 set -uo pipefail
 
@@ -68,6 +68,53 @@ PY
 else
   note "torch with CUDA not available: ceilings skipped"
   row "ceilings" "SKIPPED" "no torch+CUDA"
+fi
+
+note "== 3. end to end: a small fp8 model's sm_90a artifact run by v3r, against the CPU backend"
+e2e="$root/.device/e2e"
+if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
+  # Logits of a 12-token prompt (one prefill), every launch synchronized so a faulting kernel is named.
+  if V3R_SYNC_EACH=1 timeout 120 "$v3r" logits "$e2e/sm90" --weights "$e2e/ckpt" --tokens "$(cat "$e2e/prompt1.txt")" \
+      --out "$out/e2e_logits.safetensors" 2>&1 | tee -a "$log"; then
+    if python3 - "$out/e2e_logits.safetensors" "$e2e/expected_logits.safetensors" "$out/e2e.json" <<'PY' 2>&1 | tee -a "$log"
+import array, json, struct, sys
+def logits(path):
+    b = open(path, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
+    t = h["logits"]; s, e = t["data_offsets"]; a = array.array("f"); a.frombytes(b[8 + n + s:8 + n + e])
+    return t["shape"], a
+(shape, got), (_, want) = logits(sys.argv[1]), logits(sys.argv[2])
+rows, vocab = shape
+diff = max(abs(x - y) for x, y in zip(got, want)); scale = max(abs(y) for y in want)
+argmax = lambda a, r: max(range(vocab), key=lambda i: a[r * vocab + i])
+same = sum(argmax(got, r) == argmax(want, r) for r in range(rows))
+res = {"rows": rows, "max_abs_diff": diff, "max_abs_expected": scale, "rel": diff / scale, "argmax_equal_rows": same}
+json.dump(res, open(sys.argv[3], "w"), indent=1)
+print(f"e2e logits: max |diff| {diff:.3e} ({diff / scale:.2e} of max |logit|), argmax equal on {same}/{rows} rows")
+sys.exit(0 if same == rows and diff / scale <= 5e-2 else 1)
+PY
+    then row "3. end to end logits" "ok" "$(python3 -c "import json;d=json.load(open('$out/e2e.json'));print(f\"rel {d['rel']:.1e}, argmax {d['argmax_equal_rows']}/{d['rows']}\")")"
+    else row "3. end to end logits" "FAILED" "see e2e.json, check.log"; fi
+  else
+    row "3. end to end logits" "FAILED" "v3r logits failed (check.log names the kernel)"
+  fi
+  # Greedy generation: two prompts as one batch (the second prefilled in two chunks), 16 tokens each.
+  if timeout 120 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
+      --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 --ignore-eos > "$out/e2e_tokens.txt" 2>>"$log"; then
+    same=$(paste -d' ' "$out/e2e_tokens.txt" "$e2e/expected_tokens.txt" | awk '{n = NF / 2; for (i = 1; i <= n; i++) if ($i == $(i + n)) s++} END {print s + 0}')
+    note "e2e tokens: $same of 32 equal to the CPU backend's"; tail -1 "$log"
+    if [ "$same" = 32 ]; then row "3. end to end tokens" "ok" "32/32 greedy tokens"; else row "3. end to end tokens" "DIFFERS" "$same/32 (e2e_tokens.txt)"; fi
+  else
+    row "3. end to end tokens" "FAILED" "v3r run failed (check.log)"
+  fi
+  note "== 4. the small model's kernels timed (v3r bench-kernels)"
+  if timeout 90 "$v3r" bench-kernels "$e2e/sm90" --weights "$e2e/ckpt" --reps 10 --out "$out/e2e_kernels.json" 2>&1 | tee -a "$log"; then
+    row "4. kernel timing" "ok" "e2e_kernels.json"
+  else
+    row "4. kernel timing" "FAILED" "see check.log"
+  fi
+else
+  note "no .device/e2e (benches/device/prepare.sh), no v3r or no Hopper GPU: skipped"
+  row "3. end to end" "SKIPPED" "no .device/e2e, v3r or Hopper"
 fi
 
 note "== 2. GEMM template kernels vs torch (correctness, then timing)"
@@ -133,11 +180,6 @@ else
   note "no .device/tune (benches/device/prepare.sh) or no torch+CUDA: skipped"
   row "2b. tuning" "SKIPPED" "no .device/tune or no GPU"
 fi
-
-for step in "3. end-to-end fixtures" "4. model kernels timing"; do
-  note "== $step: not available yet (every fused kernel lowers for sm_90a, but GPU artifacts are not written in this revision)"
-  row "$step" "N/A" "nothing to check yet"
-done
 
 note ""
 note "== summary ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown))"

@@ -57,4 +57,30 @@ done
 # Tuning candidates for the full model's GEMM kernels (cost model's top 3 per problem, spill-free).
 rm -rf .device/tune
 target/release/v3c tune --model deepseek-v3 --emit-candidates .device/tune --top 3
+# End to end: a small fp8 model with DeepSeek-V3's head dims (2 heads, hidden 256, 2 layers of which 1 MoE
+# with 8 experts, an MTP module; random weights) compiled for sm_90a, and what the CPU backend (equal to the
+# reference interpreter) gives for it: the logits of a prompt, and greedy tokens for two prompts (one
+# prefilled in two chunks).
+rm -rf .device/e2e && mkdir -p .device/e2e/config
+target/release/v3c init-weights --model deepseek-v3-tiny --out .device/e2e/tiny >/dev/null 2>&1
+python3 - .device/e2e/tiny/config.json .device/e2e/config/config.json <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c.update(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, kv_lora_rank=128, q_lora_rank=128,
+         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, num_attention_heads=2, num_key_value_heads=2,
+         vocab_size=512, num_hidden_layers=2)
+json.dump(c, open(sys.argv[2], "w"), indent=1)
+PY
+rm -rf .device/e2e/tiny
+target/release/v3c init-weights --model .device/e2e/config --out .device/e2e/ckpt --fp8 --seed 3 >/dev/null 2>&1
+target/release/v3c compile --model .device/e2e/ckpt --target sm_90a --max-rows 16 --max-context 128 \
+  --out .device/e2e/sm90 --force 2>/dev/null
+echo "3 90 27 311 243 7 100 5 64 2 19 400" > .device/e2e/prompt1.txt
+echo "8 1 77 500 23 42 9 9 13 250 31 6 17 88 120 3 55 71 2 10" > .device/e2e/prompt2.txt
+target/release/v3c logits --model-dir .device/e2e/ckpt --tokens "$(cat .device/e2e/prompt1.txt)" --backend cpu \
+  --precision fp8 --out .device/e2e/expected_logits.safetensors 2>/dev/null
+for p in 1 2; do
+  target/release/v3c run --model-dir .device/e2e/ckpt --prompt-tokens "$(cat .device/e2e/prompt$p.txt)" \
+    --max-new-tokens 16 --backend cpu --precision fp8 --ignore-eos 2>/dev/null
+done > .device/e2e/expected_tokens.txt
 echo "prepare: .device/ holds v3r and $(ls .device/gemm .device/rows .device/mla | grep -c ptx) kernels ($(du -sh .device | cut -f1)); carry it to the GPU machine"
