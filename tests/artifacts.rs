@@ -190,6 +190,28 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         "{}",
         text(&long.stderr)
     );
+    // Whole decode steps timed, with the checkpoint or made-up weights; sizes outside the plan refused.
+    let timings = dir.path().join("decode.json");
+    for source in [["--weights", ckpt.to_str().unwrap()], ["--random-weights", "3"]] {
+        let mut bench = vec!["bench-decode", art.to_str().unwrap(), "--batch", "1,4", "--context", "20", "--reps", "3"];
+        bench.extend(source);
+        bench.extend(["--out", timings.to_str().unwrap()]);
+        let out = run_binary_env("v3r", &bench, &env);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let lines = text(&out.stdout);
+        assert!(lines.contains("decode batch   4 context 20: ") && lines.contains(" tokens/s"), "{lines}");
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&timings).unwrap()).unwrap();
+        assert_eq!(json["steps"].as_array().unwrap().len(), 2);
+        assert!(json["steps"][1]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    for (flag, value, said) in
+        [("--batch", "5", "--batch 5: the decode plan holds 1..=4"), ("--context", "25", "--context 25")]
+    {
+        let bench = ["bench-decode", art.to_str().unwrap(), "--random-weights", "1", "--batch", "1", flag, value];
+        let out = run_binary_env("v3r", &bench, &env);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out.stderr).contains(said), "{}", text(&out.stderr));
+    }
 }
 
 /// An fp8 checkpoint compiles (by default, and with `--precision fp8`) to an fp8 cpu artifact —

@@ -255,7 +255,13 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
     let expander = Expander::new(&artifact).unwrap();
     let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
     let mut memory = HostMemory::default();
-    let (mut bindings, input_bytes) = v3c_runtime::gpu::bind(&expander, &checkpoint, &mut memory, &mut |_| {}).unwrap();
+    let (mut bindings, input_bytes) = v3c_runtime::gpu::bind(
+        &expander,
+        &v3c_runtime::gpu::Weights::Checkpoint(&checkpoint),
+        &mut memory,
+        &mut |_| {},
+    )
+    .unwrap();
     let abis: HashMap<&str, &KernelAbi> =
         artifact.manifest.kernels.iter().map(|k| (k.name.as_str(), k.abi.as_ref().unwrap())).collect();
     let context = v3c_compiler::mlir::new_context();

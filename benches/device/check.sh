@@ -11,7 +11,9 @@
 # 2c. the row kernels vs torch (benches/device/rows_check.py: correctness, then GB/s); 2d. MLA decode
 # attention on the tensor cores (benches/device/mla_check.py); 2b. tuning; and right after step 1:
 # 3. end to end (a small fp8 model's sm_90a artifact: `v3r logits` and `v3r run` against the CPU
-# backend's results computed by prepare.sh) and 4. its kernels timed by `v3r bench-kernels`.
+# backend's results computed by prepare.sh) and 4. its kernels timed by `v3r bench-kernels`; before
+# 2b: 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, and
+# transformers' on the same device (benches/device/hf_decode.py).
 # Never changes clocks, power, MIG, persistence or compute mode.
 set -uo pipefail
 
@@ -165,6 +167,29 @@ if [ -d "$root/.device/mla" ] && python3 -c "import torch, sys; sys.exit(0 if to
 else
   note "no .device/mla (run benches/device/prepare.sh on the build machine) or no torch+CUDA: skipped"
   row "2d. MLA attention" "SKIPPED" "no .device/mla or no GPU"
+fi
+
+note "== 5. decode: a 4-layer full-width slice (random fp8 weights) by v3r, and transformers on the same device"
+slice="$root/.device/slice"
+left=$((570 - SECONDS))
+if [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
+  if timeout 150 "$v3r" bench-decode "$slice/sm90" --random-weights 1 --batch 1,64 --context 4096 --reps 10 \
+      --out "$out/decode_slice.json" 2>&1 | tee -a "$log"; then
+    row "5. decode (v3r)" "ok" "$(grep -o 'batch *64[^,]*' "$log" | tail -1)"
+  else
+    row "5. decode (v3r)" "FAILED" "see check.log"
+  fi
+  left=$((570 - SECONDS))
+  if [ "$left" -ge 120 ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
+    timeout 120 python3 "$root/benches/device/hf_decode.py" --config "$slice/config/config.json" --points 1x4096,64x512 \
+      --out "$out/decode_slice_hf.json" 2>&1 | tee -a "$log"
+    row "5. decode (transformers)" "done" "decode_slice_hf.json"
+  else
+    row "5. decode (transformers)" "SKIPPED" "no time left or no torch+CUDA"
+  fi
+else
+  note "no .device/slice, no v3r, no Hopper or under 150 s left: skipped"
+  row "5. decode" "SKIPPED" "no .device/slice, Hopper or time"
 fi
 
 note "== 2b. tuning: the full model's GEMM candidates measured (benches/device/tune_check.py)"

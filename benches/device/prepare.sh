@@ -83,4 +83,18 @@ for p in 1 2; do
   target/release/v3c run --model-dir .device/e2e/ckpt --prompt-tokens "$(cat .device/e2e/prompt$p.txt)" \
     --max-new-tokens 16 --backend cpu --precision fp8 --ignore-eos 2>/dev/null
 done > .device/e2e/expected_tokens.txt
+# Decode benchmark: a 4-layer full-width slice of DeepSeek-V3 (3 dense layers, 1 MoE layer with 256
+# experts; no MTP) compiled for sm_90a at 64 sequences x 4096 cache rows. No checkpoint travels (tens of
+# GiB): `v3r bench-decode --random-weights` makes weights up on the device; hf_decode.py builds the same
+# slice in transformers.
+rm -rf .device/slice && mkdir -p .device/slice/config
+python3 - models/src/config.rs .device/slice/config/config.json <<'PY'
+import json, re, sys
+text = open(sys.argv[1]).read()
+c = json.loads(re.search(r'pub const DEEPSEEK_V3_JSON: &str = r#"(.*?)"#;', text, re.S).group(1))
+c.update(num_hidden_layers=4, num_nextn_predict_layers=0)
+json.dump(c, open(sys.argv[2], "w"), indent=1)
+PY
+target/release/v3c compile --model .device/slice/config --target sm_90a --max-rows 64 --max-context 4096 \
+  --out .device/slice/sm90 --force 2>/dev/null
 echo "prepare: .device/ holds v3r and $(ls .device/gemm .device/rows .device/mla | grep -c ptx) kernels ($(du -sh .device | cut -f1)); carry it to the GPU machine"

@@ -304,12 +304,19 @@ impl CpuArtifact {
     /// Loads a validated artifact's kernels and the checkpoint in `weights` (checked against the plan
     /// first). The artifact must be for `cpu` and this machine must run it.
     pub fn load(artifact: Artifact, weights: &Path) -> Result<CpuArtifact, String> {
+        artifact.check_weights(weights)?;
+        let ckpt = Checkpoint::open(weights).map_err(|e| e.to_string())?;
+        CpuArtifact::load_weights(artifact, &crate::gpu::Weights::Checkpoint(&ckpt))
+    }
+
+    /// As [`CpuArtifact::load`], the weights from `weights` (a checkpoint already checked against
+    /// the plan, or made-up ones for timing).
+    pub fn load_weights(artifact: Artifact, weights: &crate::gpu::Weights) -> Result<CpuArtifact, String> {
         let dir = artifact.dir.display().to_string();
         if artifact.manifest.target.name != "cpu" {
             return Err(format!("{dir}: a {} artifact, not a cpu one", artifact.manifest.target.name));
         }
         artifact.runs_here(0).map_err(|why| format!("{dir}: cannot run here: {why}"))?;
-        artifact.check_weights(weights)?;
         let mut kernels = HashMap::new();
         for k in &artifact.manifest.kernels {
             // Artifact::open checked that cpu kernels have both.
@@ -318,13 +325,20 @@ impl CpuArtifact {
             let loaded = SharedObjectKernel::load(&k.name, &artifact.path(&k.file), &symbol, partitioned)?;
             kernels.insert(k.name.clone(), loaded);
         }
-        let ckpt = Checkpoint::open(weights).map_err(|e| e.to_string())?;
         let mut loaded = HashMap::new();
         for e in &artifact.plan.entries {
             for b in &e.buffers {
                 let BufferKind::Weight { name } = &b.kind else { continue };
                 if !loaded.contains_key(name) {
-                    let w = load_weight(&ckpt, name, &b.shape, &b.dtype).map_err(|e| e.to_string())?;
+                    let w = match weights {
+                        crate::gpu::Weights::Checkpoint(ckpt) => {
+                            load_weight(ckpt, name, &b.shape, &b.dtype).map_err(|e| e.to_string())?
+                        }
+                        random => {
+                            let bytes = random.bytes(name, &b.shape, &b.dtype)?;
+                            crate::gpu::host_buffer(&bytes, b.shape.clone(), &b.dtype)?
+                        }
+                    };
                     loaded.insert(name.clone(), w);
                 }
             }

@@ -162,13 +162,25 @@ impl GpuArtifact {
         ordinal: usize,
         progress: &mut dyn FnMut(&str),
     ) -> Result<GpuArtifact, String> {
+        artifact.check_weights(weights)?;
+        let ckpt = Checkpoint::open(weights).map_err(|e| e.to_string())?;
+        GpuArtifact::load_weights(artifact, &crate::gpu::Weights::Checkpoint(&ckpt), ordinal, progress)
+    }
+
+    /// As [`GpuArtifact::load`], the weights from `weights` (a checkpoint already checked against
+    /// the plan, or made-up ones for timing).
+    pub fn load_weights(
+        artifact: Artifact,
+        weights: &crate::gpu::Weights,
+        ordinal: usize,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<GpuArtifact, String> {
         let dir = artifact.dir.display().to_string();
         if artifact.manifest.target.name == "cpu" {
             return Err(format!("{dir}: a cpu artifact (`v3r run` runs it on the CPU)"));
         }
         let info = crate::device::probe_device(ordinal).map_err(|e| e.to_string())?;
         artifact.runs_here(ordinal).map_err(|why| format!("{dir}: cannot run here: {why}"))?;
-        artifact.check_weights(weights)?;
         let expander = Expander::new(&artifact)?;
         let device = result::device::get(ordinal as i32).map_err(cuda("cuDeviceGet"))?;
         // SAFETY: `device` comes from cuDeviceGet; the primary context is retained for the process.
@@ -216,9 +228,8 @@ impl GpuArtifact {
         }
 
         // Weights, prepared weights, tables and the run's regions, in device memory.
-        let ckpt = Checkpoint::open(weights).map_err(|e| e.to_string())?;
         let mut memory = DeviceMemory::default();
-        let (bindings, input_bytes) = crate::gpu::bind(&expander, &ckpt, &mut memory, progress)?;
+        let (bindings, input_bytes) = crate::gpu::bind(&expander, weights, &mut memory, progress)?;
         let vocab = artifact.manifest.model.config["vocab_size"].as_u64().unwrap_or(0) as usize;
         Ok(GpuArtifact {
             artifact,
@@ -416,6 +427,47 @@ impl GpuArtifact {
             }
         }
         Ok(())
+    }
+
+    /// Milliseconds of each of `reps` runs of `entry` on `inputs` (uploaded once) after one
+    /// warm-up: every launch of a run enqueued between two CUDA events.
+    pub fn time_entry(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        reps: usize,
+    ) -> Result<Vec<f64>, String> {
+        let plan = self.entry_plan(entry)?;
+        let staged = self.stage(plan, inputs)?;
+        let event = |what: &str| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda(what));
+        let (start, end) = (event("cuEventCreate")?, event("cuEventCreate")?);
+        let mut times = Vec::with_capacity(reps);
+        let mut timed = || -> Result<(), String> {
+            for rep in 0..=reps {
+                // SAFETY: events and stream of this context.
+                unsafe { result::event::record(start, self.stream) }.map_err(cuda("cuEventRecord"))?;
+                for i in 0..staged.actions.len() {
+                    self.launch(entry, &staged, i)?;
+                }
+                // SAFETY: as above.
+                let ms = unsafe {
+                    result::event::record(end, self.stream).map_err(cuda("cuEventRecord"))?;
+                    result::event::synchronize(end).map_err(cuda(&format!("{entry}: running the launches")))?;
+                    result::event::elapsed(start, end).map_err(cuda("cuEventElapsedTime"))?
+                };
+                if rep > 0 {
+                    times.push(f64::from(ms));
+                }
+            }
+            Ok(())
+        };
+        let outcome = timed();
+        // SAFETY: events created above, not used after.
+        unsafe {
+            let _ = result::event::destroy(start);
+            let _ = result::event::destroy(end);
+        }
+        outcome.map(|()| times)
     }
 
     /// Times every kernel launch of `entry` at its planned sizes (inputs from

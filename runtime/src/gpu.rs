@@ -544,13 +544,13 @@ pub trait Memory {
     fn upload(&mut self, bytes: &[u8], what: &str) -> Result<u64, String>;
 }
 
-/// Loads everything an artifact's entries touch into `mem`: the checkpoint's weights in the plan's
+/// Loads everything an artifact's entries touch into `mem`: the weights in the plan's
 /// element types, the prepared weights, the RoPE tables, one arena for the largest entry, the
 /// inputs at their largest planned sizes, the temporaries region. Returns the bindings (no split-K
 /// scratch yet: [`Expander::expand`] says how much a run needs) and each input's bytes.
 pub fn bind(
     expander: &Expander,
-    checkpoint: &v3c_models::checkpoint::Checkpoint,
+    weights: &Weights,
     mem: &mut dyn Memory,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(Bindings, HashMap<String, usize>), String> {
@@ -561,8 +561,7 @@ pub fn bind(
             let BufferKind::Weight { name } = &b.kind else { continue };
             if !host.contains_key(name) {
                 progress(&format!("reading {name}"));
-                let w = crate::cpu::load_weight(checkpoint, name, &b.shape, &b.dtype).map_err(|e| e.to_string())?;
-                host.insert(name.clone(), plan_bytes(&w, &b.dtype).map_err(|e| format!("{name}: {e}"))?);
+                host.insert(name.clone(), weights.bytes(name, &b.shape, &b.dtype)?);
             }
         }
     }
@@ -603,4 +602,59 @@ pub fn bind(
         bindings.inputs.insert(name.clone(), mem.alloc(bytes, &format!("input {name}"))?);
     }
     Ok((bindings, input_bytes))
+}
+
+/// Where an artifact's weights come from.
+pub enum Weights<'a> {
+    /// A checkpoint in the Hugging Face layout (checked against the plan by the caller).
+    Checkpoint(&'a v3c_models::checkpoint::Checkpoint),
+    /// Made-up values of the right shapes and types, from a seed: for timing without a
+    /// checkpoint (a full-width slice of DeepSeek-V3 is tens of GiB). The outputs mean nothing.
+    Random(u64),
+}
+
+impl Weights<'_> {
+    /// Weight `name` of `shape` as the plan's element type `dtype`, little-endian.
+    pub fn bytes(&self, name: &str, shape: &[usize], dtype: &str) -> Result<Vec<u8>, String> {
+        match self {
+            Weights::Checkpoint(ckpt) => {
+                let w = crate::cpu::load_weight(ckpt, name, shape, dtype).map_err(|e| e.to_string())?;
+                plan_bytes(&w, dtype).map_err(|e| format!("{name}: {e}"))
+            }
+            Weights::Random(seed) => Ok(random_weight(name, shape.iter().product(), dtype, *seed)),
+        }
+    }
+}
+
+/// `n` made-up elements of `dtype` for weight `name`: e4m3 bytes of magnitude below 2 (never NaN),
+/// block scales of 1e-3, norm weights of 1, other floats uniform in +-0.02 (biases 0).
+pub fn random_weight(name: &str, n: usize, dtype: &str, seed: u64) -> Vec<u8> {
+    let mut state =
+        name.bytes().fold(seed ^ 0x9E37_79B9_7F4A_7C15, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3));
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let uniform = |r: u64| ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04;
+    let is_norm = name.ends_with("norm.weight");
+    match dtype {
+        "f8E4M3FN" => {
+            let mut out = Vec::with_capacity(n + 8);
+            while out.len() < n {
+                // Clearing the exponent's top bit keeps |x| < 2 and away from NaN (S.1111.111).
+                out.extend((next() & 0xBFBF_BFBF_BFBF_BFBF).to_le_bytes());
+            }
+            out.truncate(n);
+            out
+        }
+        "f32" if name.ends_with("_scale_inv") => (0..n).flat_map(|_| 1e-3f32.to_le_bytes()).collect(),
+        "f32" if name.ends_with("bias") => vec![0; 4 * n],
+        "f32" => (0..n).flat_map(|_| if is_norm { 1.0 } else { uniform(next()) }.to_le_bytes()).collect(),
+        "bf16" => (0..n)
+            .flat_map(|_| v3c_models::dtype::f32_to_bf16(if is_norm { 1.0 } else { uniform(next()) }).to_le_bytes())
+            .collect(),
+        other => vec![0; n * crate::plan::element_bytes(other).unwrap_or(4) as usize],
+    }
 }

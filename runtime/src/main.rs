@@ -36,6 +36,10 @@ enum Command {
     /// Logits of every token of a prompt (the prefill entry, from position 0) written as safetensors
     /// (`logits` F32 [tokens, vocab]): how an artifact is checked against `v3c logits`.
     Logits(LogitsArgs),
+    /// Time whole decode steps (every launch of the decode entry) at batch sizes and a context length,
+    /// as tokens/s; with a checkpoint or with made-up weights (`--random-weights`, for full-width
+    /// slices no checkpoint is at hand for).
+    BenchDecode(BenchDecodeArgs),
     /// Time every kernel of an artifact's entry points (warm-up, median of repetitions) and write
     /// JSON, as the tuner reads it; cpu artifacts run here, GPU ones need their GPU.
     BenchKernels(BenchArgs),
@@ -100,6 +104,34 @@ struct LogitsArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["weights", "random_weights"])))]
+struct BenchDecodeArgs {
+    /// Artifact directory written by `v3c compile`.
+    artifact: PathBuf,
+    /// Checkpoint directory in the Hugging Face layout.
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// Made-up weights from this seed instead of a checkpoint (timing only: the tokens mean nothing).
+    #[arg(long, value_name = "SEED")]
+    random_weights: Option<u64>,
+    /// Sequences per decode step, comma-separated (each at most the plan's rows).
+    #[arg(long, value_name = "B,..", value_delimiter = ',', default_values_t = [1usize, 64])]
+    batch: Vec<usize>,
+    /// Cache rows each sequence attends to (at most the plan's context).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    context: usize,
+    /// Timed steps per batch size (after one warm-up); the median is reported.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    reps: usize,
+    /// Write the figures as JSON here.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// CUDA device ordinal (GPU artifacts).
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(Args)]
 struct RunArgs {
     /// Artifact directory written by `v3c compile`.
     artifact: PathBuf,
@@ -138,6 +170,7 @@ fn main() -> ExitCode {
         Command::Info(a) => info(&a).map_err(Failure::Other),
         Command::Run(a) => run(&a),
         Command::Logits(a) => logits(&a),
+        Command::BenchDecode(a) => bench_decode(&a),
         Command::BenchKernels(a) => bench_kernels(&a),
     };
     match result {
@@ -430,5 +463,102 @@ fn logits(args: &LogitsArgs) -> Result<(), Failure> {
     v3c_models::checkpoint::save_tensors(&args.out, &[("logits", &tensor)])
         .map_err(|e| Failure::Other(format!("{}: {e}", args.out.display())))?;
     eprintln!("wrote logits [{}, {vocab}] to {} ({kind})", tokens.len(), args.out.display());
+    Ok(())
+}
+
+fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
+    use v3c_runtime::host::{HostBuffer, HostData};
+    let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
+    let gpu = a.manifest.target.name != "cpu";
+    if gpu {
+        device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
+    }
+    let plan = a
+        .plan
+        .entries
+        .iter()
+        .find(|e| e.name == "decode")
+        .ok_or(Failure::Other(format!("{}: no decode entry", args.artifact.display())))?;
+    let (rows, context) = (plan.sizes.rows, plan.sizes.context);
+    if let Some(&b) = args.batch.iter().find(|&&b| b == 0 || b > rows) {
+        return Err(Failure::Other(format!("--batch {b}: the decode plan holds 1..={rows} sequences")));
+    }
+    if args.context == 0 || args.context > context {
+        return Err(Failure::Other(format!("--context {}: the decode plan holds 1..={context} rows", args.context)));
+    }
+    let bounds = plan.bounds.clone();
+    let kind = format!(
+        "{} artifact{}",
+        a.manifest.target.name,
+        if gpu { format!(" on cuda:{}", args.device) } else { String::new() }
+    );
+    let ckpt;
+    let weights = match (&args.weights, args.random_weights) {
+        (Some(dir), _) => {
+            a.check_weights(dir).map_err(Failure::Other)?;
+            ckpt = v3c_models::checkpoint::Checkpoint::open(dir).map_err(|e| Failure::Other(e.to_string()))?;
+            v3c_runtime::gpu::Weights::Checkpoint(&ckpt)
+        }
+        (None, Some(seed)) => v3c_runtime::gpu::Weights::Random(seed),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let start = std::time::Instant::now();
+    let program: Box<dyn v3c_runtime::session::Program> = if gpu {
+        Box::new(
+            v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, args.device, &mut |w| tracing::debug!("{w}"))
+                .map_err(Failure::Other)?,
+        )
+    } else {
+        Box::new(v3c_runtime::cpu::CpuArtifact::load_weights(a, &weights).map_err(Failure::Other)?)
+    };
+    eprintln!("loaded in {:.2} s ({kind})", start.elapsed().as_secs_f64());
+    let mut report = Vec::new();
+    for &b in &args.batch {
+        let mut inputs = std::collections::HashMap::new();
+        for (name, shape) in &bounds {
+            let buffer = match name.as_str() {
+                "tokens" | "mtp_tokens" => HostBuffer { shape: vec![b], data: HostData::I64(vec![1; b]) },
+                "positions" => HostBuffer { shape: vec![b], data: HostData::I64(vec![args.context as i64 - 1; b]) },
+                cache if cache.starts_with("kv_cache.") => {
+                    let width = *shape.last().unwrap_or(&0);
+                    HostBuffer {
+                        shape: vec![b, args.context, width],
+                        data: HostData::F32(vec![0.0; b * args.context * width]),
+                    }
+                }
+                other => {
+                    return Err(Failure::Other(format!(
+                        "the decode entry has an input {other} this bench does not fill"
+                    )))
+                }
+            };
+            inputs.insert(name.clone(), buffer);
+        }
+        let mut times = program.time_entry("decode", &inputs, args.reps.max(1)).map_err(Failure::Other)?;
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let tokens_per_s = b as f64 / (median * 1e-3);
+        println!(
+            "decode batch {b:3} context {}: {median:8.3} ms per step (median of {}; {:.3}..{:.3}), {tokens_per_s:9.1} tokens/s",
+            args.context,
+            times.len(),
+            times[0],
+            times[times.len() - 1]
+        );
+        report.push(serde_json::json!({
+            "batch": b, "context": args.context, "median_ms": median, "min_ms": times[0],
+            "max_ms": times[times.len() - 1], "reps": times.len(), "tokens_per_s": tokens_per_s,
+        }));
+    }
+    if let Some(out) = &args.out {
+        let json = serde_json::json!({
+            "artifact": args.artifact.display().to_string(),
+            "target": kind,
+            "weights": if args.random_weights.is_some() { "random" } else { "checkpoint" },
+            "steps": report,
+        });
+        let text = serde_json::to_string_pretty(&json).map_err(|e| Failure::Other(e.to_string()))? + "\n";
+        std::fs::write(out, text).map_err(|e| Failure::Other(format!("{}: {e}", out.display())))?;
+    }
     Ok(())
 }

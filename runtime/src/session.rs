@@ -25,6 +25,19 @@ pub trait Program {
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String>;
+    /// Milliseconds of each of `reps` runs of `entry` on `inputs` after one warm-up, outputs left
+    /// where they are (the GPU times its launches with CUDA events, inputs uploaded once).
+    fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
+        let mut times = Vec::with_capacity(reps);
+        for rep in 0..=reps {
+            let start = std::time::Instant::now();
+            self.run(entry, inputs, &[])?;
+            if rep > 0 {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Ok(times)
+    }
 }
 
 impl Program for crate::cpu::CpuArtifact {
@@ -52,6 +65,9 @@ impl Program for crate::cuda::GpuArtifact {
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
         crate::cuda::GpuArtifact::run(self, entry, inputs, wanted)
+    }
+    fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
+        crate::cuda::GpuArtifact::time_entry(self, entry, inputs, reps)
     }
 }
 
