@@ -25,6 +25,25 @@ pub trait Program {
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String>;
+    /// Whether [`Program::run_keeping`] keeps inputs on a device between runs (GPU artifacts).
+    fn keeps_inputs(&self) -> bool {
+        false
+    }
+    /// As [`Program::run`], the inputs named in `resident` as the previous run of `entry` (same
+    /// shapes) left them where the program keeps them — decode's caches, updated in place — rather
+    /// than as given. Only where [`Program::keeps_inputs`].
+    fn run_keeping(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        if !resident.is_empty() {
+            return Err(format!("this program keeps no inputs between runs ({} given as kept)", resident.join(", ")));
+        }
+        self.run(entry, inputs, wanted)
+    }
     /// Milliseconds of each of `reps` runs of `entry` on `inputs` after one warm-up, outputs left
     /// where they are (the GPU times its launches with CUDA events, inputs uploaded once).
     fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
@@ -69,6 +88,59 @@ impl Program for crate::cuda::GpuArtifact {
     fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
         crate::cuda::GpuArtifact::time_entry(self, entry, inputs, reps)
     }
+    fn keeps_inputs(&self) -> bool {
+        true
+    }
+    fn run_keeping(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        crate::cuda::GpuArtifact::run_keeping(self, entry, inputs, wanted, resident)
+    }
+}
+
+/// One decode step: the caches uploaded and read back — or, on a program that keeps inputs, left
+/// on the device after the first step (`resident` says whether they are there): only the logits
+/// come back (the session's host copies of the caches go stale).
+fn step(
+    program: &dyn Program,
+    inputs: &HashMap<String, HostBuffer>,
+    caches: &[&str],
+    resident: &mut bool,
+) -> Result<HashMap<String, HostBuffer>, String> {
+    if !program.keeps_inputs() {
+        let wanted: Vec<&str> = caches.iter().copied().chain(["logits"]).collect();
+        return program.run("decode", inputs, &wanted);
+    }
+    let kept: &[&str] = if *resident { caches } else { &[] };
+    // A failed step leaves the device caches in no known state: the next one uploads them.
+    *resident = false;
+    let out = program.run_keeping("decode", inputs, &["logits"], kept)?;
+    *resident = true;
+    Ok(out)
+}
+
+/// A cache the device holds is kept on the host by its shape only (its values there would be stale;
+/// a full model's caches are tens of GiB): a later upload of it is refused by the program (no
+/// data for its shape) rather than sending zeros.
+fn kept_shape(cache: HostBuffer, resident: bool) -> HostBuffer {
+    match (resident, cache.data) {
+        (true, HostData::F32(_)) => HostBuffer { shape: cache.shape, data: HostData::F32(Vec::new()) },
+        (_, data) => HostBuffer { shape: cache.shape, data },
+    }
+}
+
+/// Puts the caches of a step's inputs back into the state after a failed step (the state is
+/// moved into the inputs for the step).
+fn restore(state: &mut HashMap<String, HostBuffer>, inputs: &mut HashMap<String, HostBuffer>, caches: &[String]) {
+    for c in caches {
+        if let Some(b) = inputs.remove(c) {
+            state.insert(c.clone(), b);
+        }
+    }
 }
 
 /// A sequence being generated.
@@ -84,6 +156,8 @@ pub struct ArtifactSession<'a> {
     position: usize,
     max_len: usize,
     has_mtp: bool,
+    /// The caches are on the program's device as the last decode step left them.
+    resident: bool,
 }
 
 fn ids(v: Vec<i64>) -> HostBuffer {
@@ -112,7 +186,17 @@ impl<'a> ArtifactSession<'a> {
             .map(|c| (c.clone(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) }))
             .collect();
         let has_mtp = prefill.bounds.contains_key("mtp_tokens");
-        Ok(ArtifactSession { program, caches, width, state, decoding: false, position: 0, max_len, has_mtp })
+        Ok(ArtifactSession {
+            program,
+            caches,
+            width,
+            state,
+            decoding: false,
+            position: 0,
+            max_len,
+            has_mtp,
+            resident: false,
+        })
     }
 
     fn last_row(out: &HashMap<String, HostBuffer>) -> Result<Vec<f32>, String> {
@@ -170,7 +254,8 @@ impl<'a> ArtifactSession<'a> {
                 let next = tokens.iter().skip(k * chunk + 1).map(|&t| t as i64).chain(std::iter::repeat(0));
                 inputs.insert("mtp_tokens".into(), ids(next.take(piece.len()).collect()));
             }
-            let mut out = self.program.run("prefill", &inputs, &self.wanted())?;
+            let ran = self.program.run("prefill", &inputs, &self.wanted());
+            let mut out = ran.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
             let rows = out.get("logits").ok_or("the entry has no logits")?;
             let (HostData::F32(v), &[_, v_size]) = (&rows.data, &rows.shape[..]) else {
                 return Err("logits are not f32 [tokens, vocab]".into());
@@ -210,10 +295,12 @@ impl<'a> ArtifactSession<'a> {
         if self.has_mtp {
             inputs.insert("mtp_tokens".into(), ids(vec![0]));
         }
-        let mut out = self.program.run("decode", &inputs, &self.wanted())?;
+        let caches: Vec<&str> = self.caches.iter().map(String::as_str).collect();
+        let stepped = step(self.program, &inputs, &caches, &mut self.resident);
+        let mut out = stepped.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
         for c in &self.caches {
-            let updated = out.remove(c).ok_or_else(|| format!("decode gave no {c}"))?;
-            self.state.insert(c.clone(), updated);
+            let cache = out.remove(c).or_else(|| inputs.remove(c)).ok_or_else(|| format!("decode gave no {c}"))?;
+            self.state.insert(c.clone(), kept_shape(cache, self.resident));
         }
         self.position += 1;
         Self::last_row(&out)
@@ -232,6 +319,8 @@ pub struct ArtifactBatch<'a> {
     positions: Vec<usize>,
     max_len: usize,
     has_mtp: bool,
+    /// The caches are on the program's device as the last decode step left them.
+    resident: bool,
 }
 
 impl<'a> ArtifactBatch<'a> {
@@ -268,7 +357,7 @@ impl<'a> ArtifactBatch<'a> {
             }
         }
         let positions = prompts.iter().map(Vec::len).collect();
-        Ok((ArtifactBatch { program, caches, state, positions, max_len, has_mtp }, logits))
+        Ok((ArtifactBatch { program, caches, state, positions, max_len, has_mtp, resident: false }, logits))
     }
 
     /// Feeds `tokens[i]` to sequence i at its next position, for the sequences where `active[i]`
@@ -291,12 +380,12 @@ impl<'a> ArtifactBatch<'a> {
         if self.has_mtp {
             inputs.insert("mtp_tokens".into(), ids(vec![0; n]));
         }
-        let mut wanted: Vec<&str> = self.caches.iter().map(String::as_str).collect();
-        wanted.push("logits");
-        let mut out = self.program.run("decode", &inputs, &wanted)?;
+        let caches: Vec<&str> = self.caches.iter().map(String::as_str).collect();
+        let stepped = step(self.program, &inputs, &caches, &mut self.resident);
+        let mut out = stepped.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
         for c in &self.caches {
-            let updated = out.remove(c).ok_or_else(|| format!("decode gave no {c}"))?;
-            self.state.insert(c.clone(), updated);
+            let cache = out.remove(c).or_else(|| inputs.remove(c)).ok_or_else(|| format!("decode gave no {c}"))?;
+            self.state.insert(c.clone(), kept_shape(cache, self.resident));
         }
         for (i, p) in self.positions.iter_mut().enumerate() {
             if active[i] {
@@ -427,4 +516,175 @@ pub fn generate(
         }
     }
     Ok(Generation { tokens, stopped_at_eos, prefill_s, total_s: start.elapsed().as_secs_f64() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Sizes;
+    use std::cell::RefCell;
+
+    const VOCAB: usize = 11;
+    const WIDTH: usize = 3;
+
+    fn plan(name: &str, rows: usize, context: usize, cache: Vec<usize>) -> EntryPlan {
+        EntryPlan {
+            name: name.into(),
+            sizes: Sizes { rows, context },
+            bounds: [
+                ("tokens".to_string(), vec![rows]),
+                ("positions".to_string(), vec![rows]),
+                ("kv_cache.0".to_string(), cache),
+            ]
+            .into(),
+            buffers: Vec::new(),
+            launches: Vec::new(),
+            outputs: Vec::new(),
+            arena_bytes: 0,
+        }
+    }
+
+    /// A model small enough to write down: the cache row of a token is the token; the logits at a
+    /// position peak at (sum of the sequence's cache rows so far) mod VOCAB — wrong caches, wrong
+    /// tokens. `keeps` makes it keep decode caches between runs, as a GPU does, counting uploads.
+    struct Toy {
+        prefill: EntryPlan,
+        decode: EntryPlan,
+        keeps: bool,
+        device: RefCell<Option<HostBuffer>>,
+        uploads: RefCell<usize>,
+    }
+
+    impl Toy {
+        fn new(keeps: bool) -> Toy {
+            Toy {
+                prefill: plan("prefill", 4, 32, vec![32, WIDTH]),
+                decode: plan("decode", 2, 32, vec![2, 32, WIDTH]),
+                keeps,
+                device: RefCell::new(None),
+                uploads: RefCell::new(0),
+            }
+        }
+    }
+
+    fn f32s(b: &HostBuffer) -> &Vec<f32> {
+        let HostData::F32(v) = &b.data else { panic!("not f32") };
+        v
+    }
+
+    fn i64s(b: &HostBuffer) -> &Vec<i64> {
+        let HostData::I64(v) = &b.data else { panic!("not i64") };
+        v
+    }
+
+    fn logits_row(sum: f32) -> Vec<f32> {
+        let peak = (sum as usize) % VOCAB;
+        (0..VOCAB).map(|j| -((j as f32) - peak as f32).abs()).collect()
+    }
+
+    impl Program for Toy {
+        fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String> {
+            Ok(if entry == "prefill" { &self.prefill } else { &self.decode })
+        }
+
+        fn run(
+            &self,
+            entry: &str,
+            inputs: &HashMap<String, HostBuffer>,
+            wanted: &[&str],
+        ) -> Result<HashMap<String, HostBuffer>, String> {
+            self.run_keeping(entry, inputs, wanted, &[])
+        }
+
+        fn keeps_inputs(&self) -> bool {
+            self.keeps
+        }
+
+        fn run_keeping(
+            &self,
+            entry: &str,
+            inputs: &HashMap<String, HostBuffer>,
+            wanted: &[&str],
+            resident: &[&str],
+        ) -> Result<HashMap<String, HostBuffer>, String> {
+            let (tokens, positions) = (i64s(&inputs["tokens"]), i64s(&inputs["positions"]));
+            let mut out = HashMap::new();
+            if entry == "prefill" {
+                let mut cache = f32s(&inputs["kv_cache.0"]).clone();
+                let mut logits = Vec::new();
+                for &t in tokens {
+                    cache.extend([t as f32; WIDTH]);
+                    logits.extend(logits_row(cache.iter().step_by(WIDTH).sum()));
+                }
+                let rows = cache.len() / WIDTH;
+                out.insert("kv_cache.0".into(), HostBuffer { shape: vec![rows, WIDTH], data: HostData::F32(cache) });
+                out.insert(
+                    "logits".into(),
+                    HostBuffer { shape: vec![tokens.len(), VOCAB], data: HostData::F32(logits) },
+                );
+                return Ok(out);
+            }
+            let given = &inputs["kv_cache.0"];
+            let mut cache = if resident.contains(&"kv_cache.0") {
+                assert!(self.keeps, "resident inputs on a program that keeps none");
+                self.device.borrow().clone().ok_or("nothing resident")?
+            } else {
+                if f32s(given).len() != given.shape.iter().product::<usize>() {
+                    return Err("kv_cache.0: no data for its shape".into());
+                }
+                *self.uploads.borrow_mut() += 1;
+                given.clone()
+            };
+            let slots = cache.shape[1];
+            let HostData::F32(rows) = &mut cache.data else { unreachable!() };
+            let mut logits = Vec::new();
+            for (b, (&t, &p)) in tokens.iter().zip(positions).enumerate() {
+                let seq = &mut rows[b * slots * WIDTH..(b + 1) * slots * WIDTH];
+                seq[p as usize * WIDTH..(p as usize + 1) * WIDTH].fill(t as f32);
+                logits.extend(logits_row(seq[..(p as usize + 1) * WIDTH].iter().step_by(WIDTH).sum()));
+            }
+            if self.keeps {
+                *self.device.borrow_mut() = Some(cache.clone());
+            }
+            if wanted.contains(&"kv_cache.0") {
+                out.insert("kv_cache.0".into(), cache);
+            }
+            out.insert("logits".into(), HostBuffer { shape: vec![tokens.len(), VOCAB], data: HostData::F32(logits) });
+            Ok(out)
+        }
+    }
+
+    #[test]
+    fn caches_kept_on_the_device_give_the_tokens_of_caches_sent_each_step() {
+        let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+        let (host, device) = (Toy::new(false), Toy::new(true));
+        let prompt = [3, 5, 1, 7, 2, 9];
+        let mut a = ArtifactSession::new(&host, 20).unwrap();
+        let mut b = ArtifactSession::new(&device, 20).unwrap();
+        let one = generate(&mut a, &prompt, 10, &mut greedy(), None).unwrap();
+        let kept = generate(&mut b, &prompt, 10, &mut greedy(), None).unwrap();
+        assert_eq!(one.tokens, kept.tokens);
+        assert_eq!(*host.uploads.borrow(), 9, "every step sends the caches");
+        assert_eq!(*device.uploads.borrow(), 1, "only the first decode step sends them");
+        // A batch: the same tokens per sequence, one upload.
+        let prompts = vec![vec![3, 5, 1], vec![8, 8, 2, 4, 4]];
+        let (host, device) = (Toy::new(false), Toy::new(true));
+        let mut samplers = vec![greedy(), greedy()];
+        let sent = generate_batch(&host, &prompts, 6, &mut samplers, None).unwrap();
+        let mut samplers = vec![greedy(), greedy()];
+        let kept = generate_batch(&device, &prompts, 6, &mut samplers, None).unwrap();
+        for (x, y) in sent.iter().zip(&kept) {
+            assert_eq!(x.tokens, y.tokens);
+        }
+        assert_eq!(*device.uploads.borrow(), 1);
+        // A failed step is not taken for kept caches: with nothing on the device, the session's
+        // shape-only copy is refused instead of sent as zeros.
+        let device = Toy::new(true);
+        let mut s = ArtifactSession::new(&device, 20).unwrap();
+        s.prefill(&prompt).unwrap();
+        s.decode(4).unwrap();
+        *device.device.borrow_mut() = None;
+        assert_eq!(s.decode(4).unwrap_err(), "nothing resident");
+        assert_eq!(s.decode(4).unwrap_err(), "kv_cache.0: no data for its shape");
+    }
 }
