@@ -221,17 +221,28 @@ impl GpuArtifact {
         let mut functions = HashMap::new();
         for k in &artifact.manifest.kernels {
             progress(&format!("loading kernel {}", k.name));
-            let image = match &k.cubin {
-                Some(c) => std::fs::read(artifact.path(&c.file)).map_err(|e| format!("{}: {e}", c.file))?,
-                None => {
-                    let mut ptx = std::fs::read(artifact.path(&k.file)).map_err(|e| format!("{}: {e}", k.file))?;
-                    ptx.push(0);
-                    ptx
-                }
+            // The cubin when there is one; the PTX (JIT-compiled by the driver) when there is none or
+            // the driver refuses the cubin (an older driver than the ptxas that made it).
+            let load = |image: &[u8]| {
+                // SAFETY: a cubin, or PTX text NUL-terminated, that outlives the call.
+                unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
+                    .map_err(cuda(&format!("{dir}: kernel {}: cuModuleLoadData", k.name)))
             };
-            // SAFETY: a cubin, or PTX text NUL-terminated, that outlives the call.
-            let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
-                .map_err(cuda(&format!("{dir}: kernel {}: cuModuleLoadData", k.name)))?;
+            let ptx = || -> Result<Vec<u8>, String> {
+                let mut ptx = std::fs::read(artifact.path(&k.file)).map_err(|e| format!("{}: {e}", k.file))?;
+                ptx.push(0);
+                Ok(ptx)
+            };
+            let module = match &k.cubin {
+                Some(c) => {
+                    let cubin = std::fs::read(artifact.path(&c.file)).map_err(|e| format!("{}: {e}", c.file))?;
+                    match load(&cubin) {
+                        Ok(m) => m,
+                        Err(cubin_error) => load(&ptx()?).map_err(|e| format!("{e} (the cubin: {cubin_error})"))?,
+                    }
+                }
+                None => load(&ptx()?)?,
+            };
             modules.push(module);
             let name = CString::new(k.name.clone()).map_err(|_| format!("kernel name {}", k.name))?;
             // SAFETY: a module just loaded.
