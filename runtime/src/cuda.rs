@@ -358,7 +358,7 @@ impl GpuArtifact {
         *self.last_inputs.borrow_mut() = None;
         let staged = self.stage(plan, inputs, resident)?;
         let sync_each = std::env::var("V3R_SYNC_EACH").is_ok_and(|v| v == "1");
-        let graphs = entry == "decode" && !sync_each && std::env::var("V3R_GRAPHS").map_or(true, |v| v != "0");
+        let graphs = self.graphs(entry);
         if graphs {
             self.launch_graph(entry, &staged)?;
         } else {
@@ -552,8 +552,17 @@ impl GpuArtifact {
         Ok(())
     }
 
+    /// Whether runs of `entry` go through a CUDA graph: decode steps, unless `V3R_GRAPHS=0` or
+    /// `V3R_SYNC_EACH=1`.
+    pub fn graphs(&self, entry: &str) -> bool {
+        entry == "decode"
+            && std::env::var("V3R_SYNC_EACH").map_or(true, |v| v != "1")
+            && std::env::var("V3R_GRAPHS").map_or(true, |v| v != "0")
+    }
+
     /// Milliseconds of each of `reps` runs of `entry` on `inputs` (uploaded once) after one
-    /// warm-up: every launch of a run enqueued between two CUDA events.
+    /// warm-up: a run (its CUDA graph for decode, see [`GpuArtifact::graphs`]) between two CUDA
+    /// events.
     pub fn time_entry(
         &self,
         entry: &str,
@@ -563,6 +572,7 @@ impl GpuArtifact {
         *self.last_inputs.borrow_mut() = None;
         let plan = self.entry_plan(entry)?;
         let staged = self.stage(plan, inputs, &[])?;
+        let graphs = self.graphs(entry);
         let event = |what: &str| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda(what));
         let (start, end) = (event("cuEventCreate")?, event("cuEventCreate")?);
         let mut times = Vec::with_capacity(reps);
@@ -570,8 +580,12 @@ impl GpuArtifact {
             for rep in 0..=reps {
                 // SAFETY: events and stream of this context.
                 unsafe { result::event::record(start, self.stream) }.map_err(cuda("cuEventRecord"))?;
-                for i in 0..staged.actions.len() {
-                    self.launch(entry, &staged, i)?;
+                if graphs {
+                    self.launch_graph(entry, &staged)?;
+                } else {
+                    for i in 0..staged.actions.len() {
+                        self.launch(entry, &staged, i)?;
+                    }
                 }
                 // SAFETY: as above.
                 let ms = unsafe {
