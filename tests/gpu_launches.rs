@@ -262,6 +262,9 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
         &mut |_| {},
     )
     .unwrap();
+    // The routed experts' stacks feed the grouped weights only: they get no memory of their own.
+    assert!(bindings.weights.keys().all(|w| !w.contains(".experts.*.")), "{:?}", bindings.weights.keys());
+    assert!(bindings.weights.contains_key("model.layers.1.mlp.gate.weight"));
     let abis: HashMap<&str, &KernelAbi> =
         artifact.manifest.kernels.iter().map(|k| (k.name.as_str(), k.abi.as_ref().unwrap())).collect();
     let context = v3c_compiler::mlir::new_context();

@@ -43,6 +43,25 @@ pub struct PreparedWeight {
     pub scaled: bool,
 }
 
+impl PreparedWeight {
+    /// The weights it is made from (and their scales).
+    pub fn sources(&self) -> Vec<String> {
+        match &self.kind {
+            PreparedKind::Concat(parts) => {
+                parts.iter().flat_map(|(w, s)| std::iter::once(w.clone()).chain(s.clone())).collect()
+            }
+            PreparedKind::Grouped { weights, .. } => weights
+                .iter()
+                .flat_map(|w| {
+                    [Some(w.routed.clone()), w.routed_scale.clone(), w.shared.clone(), w.shared_scale.clone()]
+                        .into_iter()
+                        .flatten()
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum PreparedKind {
     /// Weights (and their scales) concatenated along N, in order.
@@ -147,6 +166,46 @@ impl<'a> Expander<'a> {
         Ok(out)
     }
 
+    /// The weights some kernel reads as the checkpoint has them (row kernels' operands, a GEMM's
+    /// single weight); the others only feed prepared weights and need no device memory of their own.
+    pub fn direct_weights(&self) -> Result<std::collections::BTreeSet<String>, String> {
+        let mut direct = std::collections::BTreeSet::new();
+        for entry in &self.artifact.plan.entries {
+            for l in &entry.launches {
+                let f = self.lowering_of(&l.kernel)?;
+                for spec in &f.launches {
+                    // Operand positions that reach their kernel through a prepared weight.
+                    let mut through_prepared = Vec::new();
+                    if let (Some(gs), Some(_)) = (&spec.gemm, prepared_of(entry, l, spec)?) {
+                        match &gs.grouped {
+                            Some(gr) => {
+                                for w in &gr.weights {
+                                    through_prepared.extend(
+                                        [Some(w.routed), w.routed_scale, w.shared, w.shared_scale]
+                                            .into_iter()
+                                            .flatten(),
+                                    );
+                                }
+                            }
+                            None => through_prepared
+                                .extend(gs.weights.iter().flat_map(|&(w, s)| std::iter::once(w).chain(s))),
+                        }
+                    }
+                    for (i, o) in spec.operands.iter().enumerate() {
+                        let OperandSpec::Arg(a) = *o else { continue };
+                        let Some(&id) = l.args.get(a) else { continue };
+                        if let BufferKind::Weight { name } = &entry.buffers[id].kind {
+                            if !through_prepared.contains(&i) {
+                                direct.insert(name.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(direct)
+    }
+
     /// Every RoPE table the entries read (spec, rows: every position the plans reach).
     pub fn rope_tables(&self) -> Vec<(RopeTableSpec, usize)> {
         let mut out: Vec<(RopeTableSpec, usize)> = Vec::new();
@@ -200,9 +259,9 @@ impl<'a> Expander<'a> {
                     BufferKind::Input { name } => {
                         *bindings.inputs.get(name).ok_or_else(|| at(format!("input {name} is not bound")))?
                     }
-                    BufferKind::Weight { name } => {
-                        *bindings.weights.get(name).ok_or_else(|| at(format!("weight {name} is not bound")))?
-                    }
+                    // Weights that only feed prepared ones have no memory of their own (0): no
+                    // kernel may be handed one (checked below).
+                    BufferKind::Weight { name } => bindings.weights.get(name).copied().unwrap_or(0),
                     BufferKind::Arena { offset } => bindings.arena + offset,
                 };
                 Ok(Buf { addr, shape: shape_at(&b.dims, sizes), element: b.dtype.clone() })
@@ -277,6 +336,9 @@ impl<'a> Expander<'a> {
                             }
                             Blocks::GemmUnits => return Err(at(format!("{kernel}: a row kernel with GEMM units"))),
                         };
+                        if let Some(i) = ops.iter().position(|b| b.addr == 0) {
+                            return Err(at(format!("{kernel}: operand {i} has no memory (a weight left unbound)")));
+                        }
                         if grid > 0 {
                             actions.push(Action::Kernel(KernelLaunch {
                                 kernel: kernel.to_string(),
@@ -335,6 +397,17 @@ impl<'a> Expander<'a> {
                             workspace: Some(bindings.workspace),
                             counters: Some(bindings.counters),
                         };
+                        let used = [
+                            Some(operands.a),
+                            operands.a_scale,
+                            Some(operands.b),
+                            operands.b_scale,
+                            Some(operands.out),
+                        ];
+                        let more = [operands.residual, operands.offsets, operands.perm, operands.row_scale];
+                        if used.iter().chain(&more).flatten().any(|b| b.addr == 0) {
+                            return Err(at(format!("{kernel}: an operand has no memory (a weight left unbound)")));
+                        }
                         let launch = g.launch(kernel, &operands, sms).map_err(at)?;
                         let p = crate::abi::GemmProblem {
                             m: if g.grouping == "gather" {
@@ -555,24 +628,36 @@ pub fn bind(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(Bindings, HashMap<String, usize>), String> {
     let artifact = expander.artifact;
-    let mut host: HashMap<String, Vec<u8>> = HashMap::new();
+    // Weights stream through: uploaded as read when a kernel reads them as they are, held on the
+    // host only while a prepared weight (concatenated, grouped per expert) needs them as a source.
+    let direct = expander.direct_weights()?;
+    let prepared = expander.prepared_weights()?;
+    let sources: std::collections::BTreeSet<String> = prepared.iter().flat_map(PreparedWeight::sources).collect();
+    let mut planned: BTreeMap<&String, (&Vec<usize>, &String)> = BTreeMap::new();
     for e in &artifact.plan.entries {
         for b in &e.buffers {
-            let BufferKind::Weight { name } = &b.kind else { continue };
-            if !host.contains_key(name) {
-                progress(&format!("reading {name}"));
-                host.insert(name.clone(), weights.bytes(name, &b.shape, &b.dtype)?);
+            if let BufferKind::Weight { name } = &b.kind {
+                planned.entry(name).or_insert((&b.shape, &b.dtype));
             }
         }
     }
     let mut bindings = Bindings::default();
-    let mut names: Vec<&String> = host.keys().collect();
-    names.sort();
-    for name in names {
-        bindings.weights.insert(name.clone(), mem.upload(&host[name], name)?);
+    let mut host: HashMap<String, Vec<u8>> = HashMap::new();
+    for (name, (shape, dtype)) in planned {
+        if !direct.contains(name) && !sources.contains(name) {
+            continue;
+        }
+        progress(&format!("reading {name}"));
+        let bytes = weights.bytes(name, shape, dtype)?;
+        if direct.contains(name) {
+            bindings.weights.insert(name.clone(), mem.upload(&bytes, name)?);
+        }
+        if sources.contains(name) {
+            host.insert(name.clone(), bytes);
+        }
     }
     let source = |n: &str| host.get(n).cloned().ok_or_else(|| format!("weight {n} was not read"));
-    for p in expander.prepared_weights()? {
+    for p in prepared {
         progress(&format!("preparing {}", p.key));
         let (b, s) = prepare_weight(&p, &source)?;
         let b = mem.upload(&b, &p.key)?;
