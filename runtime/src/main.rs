@@ -437,13 +437,14 @@ fn load_program(
     }
     device::probe_device(ordinal).map_err(|e| Failure::NoDevice(e.to_string()))?;
     let start = std::time::Instant::now();
-    let mut steps = 0usize;
-    let gpu = v3c_runtime::cuda::GpuArtifact::load(a, weights, ordinal, &mut |what| {
-        steps += 1;
-        tracing::debug!("{what}");
-    })
-    .map_err(Failure::Other)?;
-    eprintln!("loaded on cuda:{ordinal} in {:.2} s ({steps} kernels and weights)", start.elapsed().as_secs_f64());
+    let (bar, mut tick) = load_progress(&a);
+    let gpu = v3c_runtime::cuda::GpuArtifact::load(a, weights, ordinal, &mut tick).map_err(Failure::Other)?;
+    bar.finish_and_clear();
+    eprintln!(
+        "loaded on cuda:{ordinal} in {:.2} s ({} kernels and weights)",
+        start.elapsed().as_secs_f64(),
+        bar.position()
+    );
     Ok((Box::new(gpu), format!("{target} artifact on cuda:{ordinal}")))
 }
 
@@ -504,10 +505,10 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
     };
     let start = std::time::Instant::now();
     let program: Box<dyn v3c_runtime::session::Program> = if gpu {
-        Box::new(
-            v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, args.device, &mut |w| tracing::debug!("{w}"))
-                .map_err(Failure::Other)?,
-        )
+        let (bar, mut tick) = load_progress(&a);
+        let loaded = v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, args.device, &mut tick);
+        bar.finish_and_clear();
+        Box::new(loaded.map_err(Failure::Other)?)
     } else {
         Box::new(v3c_runtime::cpu::CpuArtifact::load_weights(a, &weights).map_err(Failure::Other)?)
     };
@@ -561,4 +562,29 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
         std::fs::write(out, text).map_err(|e| Failure::Other(format!("{}: {e}", out.display())))?;
     }
     Ok(())
+}
+
+/// A progress line for loading a GPU artifact (kernels, weights read, prepared weights): drawn on a
+/// terminal only; each step is also logged at debug level.
+fn load_progress(a: &v3c_runtime::artifact::Artifact) -> (indicatif::ProgressBar, impl FnMut(&str)) {
+    let weights: std::collections::BTreeSet<&str> = a
+        .plan
+        .entries
+        .iter()
+        .flat_map(|e| &e.buffers)
+        .filter_map(|b| match &b.kind {
+            v3c_runtime::plan::BufferKind::Weight { name } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    let bar = indicatif::ProgressBar::new((a.manifest.kernels.len() + weights.len()) as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("loading [{bar:30}] {pos}/~{len} {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let b = bar.clone();
+    (bar, move |what: &str| {
+        tracing::debug!("{what}");
+        b.inc(1);
+        b.set_message(what.to_string());
+    })
 }
