@@ -266,3 +266,88 @@ fn an_fp8_checkpoint_gives_an_fp8_cpu_artifact_with_the_cpu_backends_logits() {
         assert_eq!(read(&from_artifact), read(&direct), "{precision} {flag:?}");
     }
 }
+
+/// Speculative decoding with the MTP module: a tiny model (fp8 at init) trained on a repeating
+/// pattern — its checkpoint no longer claims fp8 block scaling for f32 weights — compiled with
+/// `--speculative` generates with `v3r run --speculative` exactly the greedy tokens of `v3r run`,
+/// with most MTP drafts accepted (the MTP head has learned the pattern too).
+#[test]
+fn speculative_decoding_with_the_mtp_module_gives_the_greedy_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let (init, trained, art, cache) =
+        (dir.path().join("init"), dir.path().join("trained"), dir.path().join("art"), dir.path().join("cache"));
+    let config = v3c_models::init::with_fp8(&ModelConfig::preset("deepseek-v3-tiny").unwrap());
+    v3c_models::init::write_random_checkpoint(&config, &init, 4).unwrap();
+    let pattern = [5, 9, 12, 30, 7, 44];
+    let data = dir.path().join("data.txt");
+    let text: Vec<String> = (0..2000).map(|i| pattern[i % pattern.len()].to_string()).collect();
+    std::fs::write(&data, text.join(" ")).unwrap();
+    let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let train = [
+        "train",
+        "--model-dir",
+        &s(&init),
+        "--data",
+        &s(&data),
+        "--steps",
+        "30",
+        "--batch",
+        "2",
+        "--seq",
+        "24",
+        "--lr",
+        "0.003",
+        "--out",
+        &s(&trained),
+    ];
+    let out = run_binary_env("v3c", &train, &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(trained.join("config.json")).unwrap()).unwrap();
+    assert!(written.get("quantization_config").is_none(), "f32 weights under an fp8 config");
+    let compile = [
+        "compile",
+        "--model",
+        &s(&trained),
+        "--target",
+        "cpu",
+        "--speculative",
+        "--max-rows",
+        "8",
+        "--max-context",
+        "64",
+        "--out",
+        &s(&art),
+    ];
+    let out = run_binary_env("v3c", &compile, &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let entries = Artifact::open(&art).unwrap().manifest.entries;
+    assert_eq!(entries, ["prefill", "decode", "draft"]);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let run = ["run", &s(&art), "--weights", &s(&trained), "--prompt-tokens", "5 9 12 30 7 44 5 9", "--max-new-tokens"];
+    let run: Vec<&str> = run.iter().map(|x| x.as_ref()).chain(["30", "--ignore-eos"]).collect();
+    let plain = run_binary_env("v3r", &run, &env);
+    assert!(plain.status.success(), "{}", text(&plain.stderr));
+    let spec = run_binary_env("v3r", &[&run[..], &["--speculative"]].concat(), &env);
+    assert!(spec.status.success(), "{}", text(&spec.stderr));
+    assert_eq!(text(&spec.stdout), text(&plain.stdout));
+    assert_eq!(text(&plain.stdout).split_whitespace().count(), 30);
+    // "speculative: A of D MTP drafts accepted"
+    let err = text(&spec.stderr);
+    let said = err.split("speculative: ").nth(1).expect(&err);
+    let nums: Vec<usize> = said.split_whitespace().filter_map(|w| w.parse().ok()).take(2).collect();
+    assert!(nums[1] > 0 && 2 * nums[0] >= nums[1], "{err}");
+    // Sampling or several prompts: refused with the reason.
+    let hot = run_binary_env("v3r", &[&run[..], &["--speculative", "--temperature", "0.7"]].concat(), &env);
+    assert!(text(&hot.stderr).contains("--speculative generates greedily for one prompt"), "{}", text(&hot.stderr));
+    // An artifact without a draft entry says how to get one.
+    let plain_art = dir.path().join("plain");
+    let compile = ["compile", "--model", &s(&trained), "--target", "cpu", "--max-rows", "8", "--max-context", "64"];
+    let out = run_binary_env("v3c", &[&compile[..], &["--out", &s(&plain_art)]].concat(), &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut no_draft = run.clone();
+    no_draft[1] = plain_art.to_str().unwrap();
+    let out = run_binary_env("v3r", &[&no_draft[..], &["--speculative"]].concat(), &env);
+    assert!(text(&out.stderr).contains("compile it with `v3c compile --speculative`"), "{}", text(&out.stderr));
+}

@@ -469,6 +469,19 @@ pub struct CompileGpuOptions<'a> {
     pub out: Option<&'a Path>,
     pub force: bool,
     pub sizes: v3c_compiler::plan::PlanSizes,
+    /// The MTP module as an entry of its own (`draft`).
+    pub speculative: bool,
+}
+
+/// The entry points to compile: speculative adds the MTP module's own (`draft`), which needs one.
+fn entries_for(config: &ModelConfig, speculative: bool) -> Result<&'static [v3c_models::Entry], String> {
+    if !speculative {
+        return Ok(&v3c_models::Entry::ALL);
+    }
+    if config.num_nextn_predict_layers == 0 {
+        return Err(format!("--speculative: {} has no MTP module to draft with", config.name));
+    }
+    Ok(&v3c_models::Entry::SPECULATIVE)
 }
 
 pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
@@ -487,10 +500,10 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         v3c_models::Precision::F32
     });
     let context = v3c_compiler::mlir::new_context();
-    let options = v3c_models::BuildOptions { precision, ..Default::default() };
-    let module = Driver::from_env(model)
-        .run_model(&context, &config, &v3c_models::Entry::ALL, &options, "fused")
-        .map_err(|e| e.to_string())?;
+    let entries = entries_for(&config, o.speculative)?;
+    let options = v3c_models::BuildOptions { precision, mtp_draft: o.speculative, ..Default::default() };
+    let module =
+        Driver::from_env(model).run_model(&context, &config, entries, &options, "fused").map_err(|e| e.to_string())?;
     let ptxas = v3c_compiler::toolchain::find(v3c_compiler::toolchain::Tool::Ptxas).ok();
     // Progress on a terminal: one line rewritten per template kernel (each takes ~0.5 s).
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -898,6 +911,8 @@ pub struct CompileCpuOptions<'a> {
     pub out: Option<&'a Path>,
     pub force: bool,
     pub sizes: v3c_compiler::plan::PlanSizes,
+    /// The MTP module as an entry of its own (`draft`).
+    pub speculative: bool,
 }
 
 /// `v3c compile --target cpu`: both entry points to machine code for this CPU, kernels taken from
@@ -922,10 +937,11 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
     );
     bar.set_prefix("compiling for cpu");
     let (mut hits, mut built) = (0usize, 0usize);
+    let entries = entries_for(&config, o.speculative)?;
     let compiled = v3c_compiler::cpu_backend::compile_model(
         &context,
         &config,
-        &v3c_models::Entry::ALL,
+        entries,
         false,
         precision,
         cache.as_ref(),
@@ -1448,8 +1464,14 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
         bar.set_message(format!("loss {:.4}", r.loss));
     }
     bar.finish_and_clear();
-    // The checkpoint: config.json and every parameter, f32, under its checkpoint name.
-    let config_text = serde_json::to_string_pretty(&config.to_hf_json()).map_err(|e| e.to_string())? + "\n";
+    // The checkpoint: config.json and every parameter, f32, under its checkpoint name. The weights
+    // are no longer block-scaled fp8, so the config no longer says so (a compiler would otherwise
+    // pick the fp8 graph for f32 tensors).
+    let mut hf = config.to_hf_json();
+    if let Some(m) = hf.as_object_mut() {
+        m.remove("quantization_config");
+    }
+    let config_text = serde_json::to_string_pretty(&hf).map_err(|e| e.to_string())? + "\n";
     std::fs::write(o.out.join("config.json"), config_text).map_err(|e| format!("{}: {e}", o.out.display()))?;
     // Tensors the training graph does not use (the MTP module) are kept as they were; fp8 weights
     // were trained dequantized, so their block scales are dropped with them.

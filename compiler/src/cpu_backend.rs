@@ -303,7 +303,9 @@ pub fn compile_model<'c>(
     cache: Option<&KernelCache>,
     progress: &mut dyn FnMut(usize, usize, &CpuKernel),
 ) -> Result<CompiledModel<'c>, CpuBackendError> {
-    let options = BuildOptions { dense_f32_weights: true, skip_mtp, precision, ..Default::default() };
+    // A draft entry among them: the MTP module apart, the main entries output their hidden state.
+    let mtp_draft = entries.contains(&Entry::Draft);
+    let options = BuildOptions { dense_f32_weights: true, skip_mtp, precision, mtp_draft, ..Default::default() };
     let module = Driver::from_env(&config.name).run_model(context, config, entries, &options, "fused")?;
     let mut functions = Vec::new();
     let mut op = module.body().first_operation();

@@ -155,6 +155,10 @@ struct CompileArgs {
     /// H200, H100, H800, H20.
     #[arg(long, value_name = "NAME", default_value = "H200")]
     gpu: String,
+    /// Also compile the MTP module as an entry of its own (`draft`), for speculative decoding
+    /// (`v3r run --speculative`): the main entries then leave it out and output their hidden state.
+    #[arg(long)]
+    speculative: bool,
 }
 
 #[derive(Args)]
@@ -374,6 +378,7 @@ fn main() -> ExitCode {
                 out: a.out.as_deref(),
                 force: a.force,
                 sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
+                speculative: a.speculative,
             }),
             CompileTarget::Cpu if a.tuning.is_some() => {
                 Err("--tuning: CPU kernels have no tuned configurations (GPU targets only)".into())
@@ -384,6 +389,7 @@ fn main() -> ExitCode {
                 out: a.out.as_deref(),
                 force: a.force,
                 sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
+                speculative: a.speculative,
             }),
         },
         Command::DumpIr(a) => commands::dump_ir(&commands::DumpIrOptions {

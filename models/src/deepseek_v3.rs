@@ -26,20 +26,29 @@ use crate::dtype::DType;
 use crate::graph::{AttentionForm, Builder, Dim, Graph, GraphError, Routing, ValueId, WeightFormat};
 use crate::rope;
 
-/// The two inference entry points.
+/// The inference entry points: the two of every model, and the MTP module on its own for
+/// speculative decoding ([`BuildOptions::mtp_draft`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Entry {
     Prefill,
     Decode,
+    /// The MTP module alone, prefill-shaped: `hidden` [T, hidden] (the main model's final-normed
+    /// hidden state at `positions` [T]), `mtp_tokens` [T] (the token following each position) and
+    /// `kv_cache.mtp` [P, 576] in; `mtp_logits` [T, vocab] (row i drafts the token after
+    /// `mtp_tokens[i]`) and `kv_cache.mtp` [P+T, 576] out.
+    Draft,
 }
 
 impl Entry {
     pub const ALL: [Entry; 2] = [Entry::Prefill, Entry::Decode];
+    /// The entries of a model compiled for speculative decoding with its MTP module.
+    pub const SPECULATIVE: [Entry; 3] = [Entry::Prefill, Entry::Decode, Entry::Draft];
 
     pub fn name(self) -> &'static str {
         match self {
             Entry::Prefill => "prefill",
             Entry::Decode => "decode",
+            Entry::Draft => "draft",
         }
     }
 }
@@ -64,6 +73,9 @@ pub struct BuildOptions {
     pub attention_form: Option<AttentionForm>,
     /// Leave out the MTP module even when the config has one.
     pub skip_mtp: bool,
+    /// The MTP module as its own entry ([`Entry::Draft`]) for speculative decoding: the main entries
+    /// leave it out and output `hidden` (the final-normed hidden state it reads) instead.
+    pub mtp_draft: bool,
     /// Declare every weight as dense f32 (bf16 widened, fp8 dequantized at load, except that fp8
     /// precision keeps fp8 projections fp8): for backends that run on the loaded values, as the
     /// reference interpreter does.
@@ -87,8 +99,22 @@ pub fn build(config: &ModelConfig, entry: Entry, options: &BuildOptions) -> Resu
             problem: format!("layers {}..{} outside 0..{}", layers.start, layers.end, config.num_hidden_layers),
         });
     }
+    let has_mtp = config.num_nextn_predict_layers > 0 && !options.skip_mtp;
     let mut m = ModelBuilder::new(config, entry, options, &format!("{}.{}", config.name, entry.name()));
-    m.model(layers, config.num_nextn_predict_layers > 0 && !options.skip_mtp)?;
+    if entry == Entry::Draft {
+        if !has_mtp {
+            return Err(GraphError {
+                op: "build".into(),
+                problem: "a draft entry needs the model's MTP module".into(),
+            });
+        }
+        let rows = m.rows();
+        let hidden = m.b.input("hidden", vec![rows.clone(), config.hidden_size.into()], DType::F32)?;
+        let positions = m.b.input("positions", vec![rows], DType::I64)?;
+        m.mtp(hidden, &Tokens { positions })?;
+        return Ok(m.b.finish());
+    }
+    m.model(layers, has_mtp, options.mtp_draft)?;
     Ok(m.b.finish())
 }
 
@@ -170,7 +196,7 @@ impl<'a> ModelBuilder<'a> {
             entry,
             precision: options.precision,
             form: options.attention_form.unwrap_or(match entry {
-                Entry::Prefill => AttentionForm::Naive,
+                Entry::Prefill | Entry::Draft => AttentionForm::Naive,
                 Entry::Decode => AttentionForm::Absorbed,
             }),
             quantized: std::collections::HashMap::new(),
@@ -237,12 +263,12 @@ impl<'a> ModelBuilder<'a> {
 
     fn rows(&self) -> Dim {
         match self.entry {
-            Entry::Prefill => Dim::dynamic("T"),
+            Entry::Prefill | Entry::Draft => Dim::dynamic("T"),
             Entry::Decode => Dim::dynamic("B"),
         }
     }
 
-    fn model(&mut self, layers: Range<usize>, mtp: bool) -> Result<(), GraphError> {
+    fn model(&mut self, layers: Range<usize>, mtp: bool, draft_apart: bool) -> Result<(), GraphError> {
         let c = self.c;
         let rows = self.rows();
         let tokens = self.b.input("tokens", vec![rows.clone()], DType::I64)?;
@@ -264,7 +290,9 @@ impl<'a> ModelBuilder<'a> {
         for (name, v) in caches {
             self.b.output(&name, v)?;
         }
-        if mtp {
+        if mtp && draft_apart {
+            self.b.output("hidden", h)?;
+        } else if mtp {
             self.mtp(h, &t)?;
         }
         Ok(())
@@ -282,7 +310,7 @@ impl<'a> ModelBuilder<'a> {
     fn cache_input(&mut self, name: &str) -> Result<ValueId, GraphError> {
         let width = Dim::Fixed(self.c.latent_dim());
         let shape = match self.entry {
-            Entry::Prefill => vec![Dim::dynamic("P"), width],
+            Entry::Prefill | Entry::Draft => vec![Dim::dynamic("P"), width],
             Entry::Decode => vec![Dim::dynamic("B"), Dim::dynamic("S"), width],
         };
         self.b.input(name, shape, DType::F32)
@@ -360,7 +388,7 @@ impl<'a> ModelBuilder<'a> {
         let kv_b = self.proj(&format!("{p}.kv_b_proj"), h * (dn + dv), kv)?;
         let scale = rope::softmax_scale(c);
         let (o, new_cache) = match self.entry {
-            Entry::Prefill => {
+            Entry::Prefill | Entry::Draft => {
                 let all = self.b.concat(&[cache, entry], 0)?;
                 (self.b.attention(qs[0], q_pe, all, kv_b, self.form, scale, kv)?, all)
             }
@@ -461,6 +489,29 @@ mod tests {
         // eh_proj and the heads stay bf16.
         let eh = g.params().find(|(n, ..)| n.ends_with("eh_proj.weight")).unwrap();
         assert_eq!(eh.2, WeightFormat::Dense(DType::BF16));
+    }
+
+    #[test]
+    fn the_mtp_module_can_be_an_entry_of_its_own() {
+        let c = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+        let options = BuildOptions { mtp_draft: true, ..Default::default() };
+        for entry in [Entry::Prefill, Entry::Decode] {
+            let g = build(&c, entry, &options).unwrap();
+            let names: Vec<_> = g.outputs.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, ["logits", "kv_cache.0", "kv_cache.1", "kv_cache.2", "hidden"], "{entry:?}");
+            assert_eq!(g.nodes.iter().filter(|n| n.op.name() == "lm_head").count(), 1);
+        }
+        let g = build(&c, Entry::Draft, &options).unwrap();
+        let inputs: Vec<String> = g.inputs.iter().map(|(n, v)| format!("{n} {}", g.ty(*v))).collect();
+        assert_eq!(
+            inputs,
+            ["hidden [T, 96] f32", "positions [T] i64", "mtp_tokens [T] i64", "kv_cache.mtp [P, 48] f32"]
+        );
+        let names: Vec<_> = g.outputs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["mtp_logits", "kv_cache.mtp"]);
+        assert_eq!(g.ty(g.output("kv_cache.mtp").unwrap()).to_string(), "[P+T, 48] f32");
+        let no_mtp = BuildOptions { skip_mtp: true, ..options };
+        assert!(build(&c, Entry::Draft, &no_mtp).unwrap_err().to_string().contains("needs the model's MTP module"));
     }
 
     #[test]

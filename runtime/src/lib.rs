@@ -22,5 +22,6 @@ pub mod lowering;
 pub mod plan;
 pub mod prepare;
 pub mod session;
+pub mod speculative;
 
 pub use device::{probe_devices, DeviceError, DeviceInfo, DriverInfo};

@@ -157,6 +157,11 @@ struct RunArgs {
     /// Keep generating after the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Speculative decoding with the MTP module: each pass of the main model verifies the MTP
+    /// module's draft of the next token and, when it agrees, yields two tokens (greedy only; one
+    /// prompt; an artifact compiled with `v3c compile --speculative`). Prints the drafts' acceptance.
+    #[arg(long)]
+    speculative: bool,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -388,6 +393,25 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     };
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let program = program.as_ref();
+    if args.speculative {
+        if prompts.len() > 1 || args.temperature != 0.0 {
+            return Err(Failure::Other(
+                "--speculative generates greedily for one prompt (no --temperature, one --prompt-tokens)".into(),
+            ));
+        }
+        let s = v3c_runtime::speculative::generate_speculative(program, &prompt, args.max_new_tokens, eos)
+            .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
+        let text: Vec<String> = s.generation.tokens.iter().map(u32::to_string).collect();
+        println!("{}", text.join(" "));
+        eprintln!(
+            "{} ({kind}, speculative: {} of {} MTP drafts accepted, {:.2} tokens per main-model pass)",
+            s.generation.summary(prompt.len()),
+            s.accepted,
+            s.drafted,
+            s.generation.tokens.len().saturating_sub(1) as f64 / s.drafted.max(1) as f64
+        );
+        return Ok(());
+    }
     if prompts.len() > 1 {
         let mut samplers: Vec<_> = (0..prompts.len())
             .map(|_| v3c_models::reference::Sampler::new(args.temperature, args.top_p, args.seed))
