@@ -674,6 +674,11 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     assert!(stdout.contains("target: sm_90a (compute capability 9.0)"), "{stdout}");
     assert!(stdout.contains("lowering: 19 fused kernels as 29 launches"), "{stdout}");
     assert!(stdout.contains("entry decode: 627 launches"), "{stdout}");
+    assert!(
+        stdout.contains("template launches of 37 kernels at the planned sizes, each as its PTX declares"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("device memory: 17.60 GiB weights + 623.68 GiB re-laid out"), "{stdout}");
     // Every launch the GPU executor would make matches its kernel's PTX, at the planned sizes and
     // at a one-sequence decode and a short prefill.
     let sizes = [

@@ -455,6 +455,96 @@ impl<'a> Expander<'a> {
     }
 }
 
+/// What [`Expander::check`] found: template launches checked, distinct kernels among them, and the
+/// device memory the artifact needs (bytes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExpansionCheck {
+    pub launches: usize,
+    pub kernels: usize,
+    pub weight_bytes: usize,
+    pub prepared_bytes: usize,
+    pub arena_bytes: usize,
+    pub input_bytes: usize,
+}
+
+impl Expander<'_> {
+    /// Expands every entry — at its planned sizes and at `more` — over made-up addresses (as the
+    /// executor binds them: only weights kernels read directly), and holds every kernel launch
+    /// against its kernel's PTX: as many 8-byte parameters as the `.entry` declares, a non-empty
+    /// grid; tensor maps are checked against TMA's rules by the expansion itself. Needs no device.
+    pub fn check(&self, more: &[(&str, Sizes)]) -> Result<ExpansionCheck, String> {
+        let artifact = self.artifact;
+        let direct = self.direct_weights()?;
+        let mut next = 0x7f00_0000_0000u64;
+        let mut addr = || {
+            next += 1 << 32;
+            next
+        };
+        let mut b = Bindings::default();
+        let mut report = ExpansionCheck::default();
+        let mut inputs: HashMap<&str, u64> = HashMap::new();
+        for e in &artifact.plan.entries {
+            report.arena_bytes = report.arena_bytes.max(e.arena_bytes as usize);
+            for buf in &e.buffers {
+                match &buf.kind {
+                    BufferKind::Input { name } => {
+                        b.inputs.entry(name.clone()).or_insert_with(&mut addr);
+                        let v = inputs.entry(name).or_default();
+                        *v = (*v).max(buf.bytes);
+                    }
+                    BufferKind::Weight { name } if direct.contains(name) => {
+                        if !b.weights.contains_key(name) {
+                            report.weight_bytes += buf.bytes as usize;
+                            b.weights.insert(name.clone(), addr());
+                        }
+                    }
+                    BufferKind::Weight { .. } | BufferKind::Arena { .. } => {}
+                }
+            }
+        }
+        report.input_bytes = inputs.values().sum::<u64>() as usize;
+        for p in self.prepared_weights()? {
+            report.prepared_bytes += p.rows * p.k * element_bytes(&p.element)?;
+            if p.scaled {
+                report.prepared_bytes += 4 * p.rows.div_ceil(128) * p.k.div_ceil(128);
+            }
+            b.prepared.insert(p.key.clone(), (addr(), Some(addr())));
+        }
+        for (t, _) in self.rope_tables() {
+            b.rope.insert(rope_key(&t), addr());
+        }
+        (b.arena, b.temps, b.workspace, b.counters) = (addr(), addr(), addr(), addr());
+        let mut declared: HashMap<&str, usize> = HashMap::new();
+        for k in &artifact.manifest.kernels {
+            let path = artifact.path(&k.file);
+            let ptx = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            declared.insert(&k.name, crate::abi::ptx_entry_params(&ptx, &k.name)?);
+        }
+        let planned: Vec<(&str, Sizes)> = artifact.plan.entries.iter().map(|e| (e.name.as_str(), e.sizes)).collect();
+        let mut kernels = std::collections::BTreeSet::new();
+        for &(entry, at) in planned.iter().chain(more) {
+            let plan = self.entry(entry)?;
+            let (actions, _) = self.expand(plan, at, &b, 132).map_err(|e| format!("{entry} at {at:?}: {e}"))?;
+            for a in actions {
+                let Action::Kernel(k) = a else { continue };
+                let want = declared.get(k.kernel.as_str()).copied().unwrap_or(0);
+                if k.params.len() != want || k.grid == 0 {
+                    return Err(format!(
+                        "{entry} at {at:?}: {} launched with {} parameters on {} blocks; its PTX declares {want}",
+                        k.kernel,
+                        k.params.len(),
+                        k.grid
+                    ));
+                }
+                report.launches += 1;
+                kernels.insert(k.kernel);
+            }
+        }
+        report.kernels = kernels.len();
+        Ok(report)
+    }
+}
+
 /// The prepared weight a GEMM step reads, if it needs one (several dense weights, or grouped).
 fn prepared_of(
     entry: &EntryPlan,

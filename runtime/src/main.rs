@@ -291,6 +291,27 @@ fn info(args: &InfoArgs) -> Result<(), String> {
             l.kernels.iter().filter(|k| !k.temps.is_empty()).count()
         ));
     }
+    if a.lowering.is_some() {
+        // Every launch the executor would make, checked without a device.
+        match v3c_runtime::gpu::Expander::new(&a) {
+            Err(why) => line(format!("launches: not checked ({why})")),
+            Ok(expander) => {
+                let c = expander.check(&[])?;
+                let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                line(format!(
+                    "launches: {} template launches of {} kernels at the planned sizes, each as its PTX declares",
+                    c.launches, c.kernels
+                ));
+                line(format!(
+                    "device memory: {:.2} GiB weights + {:.2} GiB re-laid out, arena {:.1} MiB, inputs {:.1} MiB",
+                    gib(c.weight_bytes),
+                    gib(c.prepared_bytes),
+                    c.arena_bytes as f64 / (1u64 << 20) as f64,
+                    c.input_bytes as f64 / (1u64 << 20) as f64
+                ));
+            }
+        }
+    }
     line(format!(
         "tuning: {}{}",
         m.tuning.source,
