@@ -404,16 +404,35 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
     for name in wanted {
         compare(&format!("prefill {name}"), &gpu[name], &cpu[name]);
     }
-    // A decode step over caches of 9 rows (the prefill's 6 then zeros) at position 6.
-    let mut step = HashMap::new();
-    step.insert("tokens".to_string(), ids(vec![5]));
-    step.insert("positions".to_string(), ids(vec![6]));
-    step.insert("mtp_tokens".to_string(), ids(vec![0]));
+    // A second prefill chunk after the 6 cached rows (the latent rows appended, attention over
+    // cached and new keys).
+    let mut more = HashMap::new();
+    more.insert("tokens".to_string(), ids(vec![44, 2, 19]));
+    more.insert("positions".to_string(), ids(vec![6, 7, 8]));
+    more.insert("mtp_tokens".to_string(), ids(vec![2, 19, 0]));
     for c in caches {
-        let HostData::F32(rows) = &cpu[c].data else { panic!() };
-        let mut data = rows.clone();
-        data.resize(9 * width, 0.0);
-        step.insert(c.to_string(), HostBuffer { shape: vec![1, 9, width], data: HostData::F32(data) });
+        more.insert(c.to_string(), cpu[c].clone());
+    }
+    let gpu = run("prefill", &more, &wanted);
+    let chunk = program.run("prefill", &more, &wanted).unwrap();
+    for name in wanted {
+        compare(&format!("prefill after 6 {name}"), &gpu[name], &chunk[name]);
+    }
+    // A decode step of two sequences over caches of 11 rows: the first at position 6 after the
+    // first prefill, the second at position 9 after both (then zeros).
+    let mut step = HashMap::new();
+    step.insert("tokens".to_string(), ids(vec![5, 77]));
+    step.insert("positions".to_string(), ids(vec![6, 9]));
+    step.insert("mtp_tokens".to_string(), ids(vec![0, 0]));
+    for c in caches {
+        let mut data = Vec::new();
+        for seq in [&cpu[c], &chunk[c]] {
+            let HostData::F32(rows) = &seq.data else { panic!() };
+            let mut rows = rows.clone();
+            rows.resize(11 * width, 0.0);
+            data.extend(rows);
+        }
+        step.insert(c.to_string(), HostBuffer { shape: vec![2, 11, width], data: HostData::F32(data) });
     }
     let gpu = run("decode", &step, &wanted);
     let cpu = program.run("decode", &step, &wanted).unwrap();
