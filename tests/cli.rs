@@ -268,6 +268,48 @@ fn tuning_database_steers_compile() {
             assert!(cands.join("kernels").join(format!("{name}.ptx")).is_file(), "{name}");
         }
     }
+    // What `v3r tune` reads: every candidate with its launch convention, which launches the
+    // problem's operands as its kernel's PTX declares.
+    let set = v3c_runtime::tuning::Candidates::read(&cands).unwrap();
+    for p in &set.problems {
+        for c in &p.candidates {
+            let abi = c.abi.as_ref().unwrap();
+            assert_eq!(abi.split_k, c.name.contains("_splitk"), "{}", c.name);
+            let ptx = std::fs::read_to_string(cands.join("kernels").join(format!("{}.ptx", c.name))).unwrap();
+            let declared = v3c_runtime::abi::ptx_entry_params(&ptx, &c.name).unwrap();
+            // The launch `v3r tune` makes for the problem, over made-up addresses.
+            use v3c_runtime::abi::{Buf, GemmOperands};
+            let el = if abi.input == "fp8" { "f8E4M3FN" } else { "bf16" };
+            let buf = |shape: Vec<usize>, element: &str| Buf { addr: 1 << 40, shape, element: element.into() };
+            let (offsets, perm) = match p.grouped {
+                Some(r) => v3c_runtime::tuning::route(p.m, r, 1),
+                None => (vec![0, p.m as i32], Vec::new()),
+            };
+            let (groups, rows) = (offsets.len() - 1, if p.grouped.is_some() { perm.len() } else { p.m });
+            let a_rows = if abi.grouping == "gather" { p.m } else { rows };
+            let kb = p.k.div_ceil(128);
+            let (a, b) = (buf(vec![a_rows, p.k], el), buf(vec![groups * p.n, p.k], el));
+            let (sa, sb) = (buf(vec![a_rows, kb], "f32"), buf(vec![(groups * p.n).div_ceil(128), kb], "f32"));
+            let out = buf(vec![if abi.scatter { p.m } else { rows }, p.n], "f32");
+            let (res, offs) = (buf(vec![p.m, p.n], "f32"), buf(vec![groups + 1], "i32"));
+            let (perm_buf, scale) = (buf(vec![rows], "i32"), buf(vec![rows], "f32"));
+            let ops = GemmOperands {
+                a: &a,
+                a_scale: Some(&sa),
+                b: &b,
+                b_scale: Some(&sb),
+                out: &out,
+                residual: Some(&res),
+                offsets: p.grouped.is_some().then_some(&offs),
+                perm: p.grouped.is_some().then_some(&perm_buf),
+                row_scale: Some(&scale),
+                workspace: Some(1 << 41),
+                counters: Some(1 << 42),
+            };
+            let launch = abi.launch(&c.name, &ops, 132).unwrap();
+            assert_eq!(launch.params.len(), declared, "{}", c.name);
+        }
+    }
     let again = run_binary("v3c", &["tune", "--model", "deepseek-v3", "--emit-candidates", cands.to_str().unwrap()]);
     assert!(text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
     // The decode problem of the MLA projections: its second candidate measured faster than the default.
@@ -423,15 +465,30 @@ fn train_learns_resumes_and_writes_a_checkpoint() {
     );
 }
 
+/// `v3c tune` measures on this machine's GPU only with somewhere to write (`--out`), and without a
+/// GPU says so and names the split flow, before compiling any candidate; `v3r tune` without a GPU
+/// exits 3, and refuses a directory that holds no candidate set.
 #[test]
-fn subcommands_not_yet_built_say_so_and_fail() {
+fn tuning_without_a_gpu_names_the_split_flow() {
     let out = run_binary("v3c", &["tune", "--model", "deepseek-v3"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("measuring candidates needs this machine's GPU runtime"),
+        text(&out.stderr).contains("give --out tuning.json to measure on this machine's GPU"),
         "{}",
         text(&out.stderr)
     );
+    if gpu_or_skip("tuning_without_a_gpu_names_the_split_flow").is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tuning.json");
+        let out = run_binary("v3c", &["tune", "--model", "deepseek-v3", "--out", db.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = text(&out.stderr);
+        assert!(err.contains("measuring needs this machine's GPU: no CUDA") && err.contains("`v3r tune DIR"), "{err}");
+        assert!(!db.exists());
+        let out = run_binary("v3r", &["tune", dir.path().to_str().unwrap(), "--out", db.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("candidates.json"), "{}", text(&out.stderr));
+    }
 }
 
 /// The help texts are part of the interface: flags are stable, so a change shows up here for review.

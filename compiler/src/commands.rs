@@ -1121,7 +1121,7 @@ fn model_gemms(
 /// (`benches/device/tune_check.py` writes the tuning database); `--report --tuning FILE` prints,
 /// per kernel, default vs tuned time. Measuring on this machine needs its GPU runtime (not yet).
 pub fn tune(o: &TuneOptions) -> Result<(), String> {
-    use v3c_compiler::tune::{self, db::TuningDb, GemmShape};
+    use v3c_compiler::tune::{self, db::DbLookup as _, db::TuningDb, GemmShape};
     let device = v3c_compiler::target::DeviceModel::by_name(o.gpu)?;
     if o.report {
         let path = o.tuning.ok_or("--report: name the database with --tuning FILE")?;
@@ -1159,13 +1159,23 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
         return Ok(());
     }
     let Some(dir) = o.emit_candidates else {
-        let _ = o.out;
-        return Err(format!(
-            "measuring candidates needs this machine's GPU runtime, which is not built yet; use the split flow: \
-             `v3c tune --model {} --emit-candidates DIR` here, `benches/device/tune_check.py` on the GPU machine, \
-             then `v3c compile --tuning tuning.json`",
-            o.model
-        ));
+        // One machine with a GPU: the candidates compiled into a scratch directory, measured here.
+        let out = o.out.ok_or_else(|| {
+            format!(
+                "give --out tuning.json to measure on this machine's GPU, or --emit-candidates DIR to measure on \
+                 another (`v3r tune DIR --out tuning.json` there; model {})",
+                o.model
+            )
+        })?;
+        let device = v3c_runtime::device::probe_device(0).map_err(|e| {
+            format!("measuring needs this machine's GPU: {e}; use the split flow: `v3c tune --emit-candidates DIR` here, `v3r tune DIR --out tuning.json` on the GPU machine")
+        })?;
+        let scratch = tempfile::tempdir().map_err(|e| format!("a scratch directory: {e}"))?;
+        let candidates = scratch.path().join("candidates");
+        tune(&TuneOptions { emit_candidates: Some(&candidates), ..*o })?;
+        let written = v3c_runtime::measure::tune(&candidates, out, 20, device.ordinal, &mut |line| println!("{line}"))?;
+        eprintln!("tune: {written} entries measured on {} written to {}", device.name, out.display());
+        return Ok(());
     };
     if dir.exists() {
         return Err(format!("{}: already exists (candidates are written into a new directory)", dir.display()));
@@ -1241,6 +1251,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
                                         "threads": k.threads,
                                         "dynamic_shared_memory_bytes": k.shared_memory_bytes,
                                         "registers": k.resources.as_ref().map(|r| r.registers),
+                                        "abi": e.config.host_abi(),
                                     })
                                 })
                             }
@@ -1304,11 +1315,13 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     std::fs::rename(&staged, dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     eprintln!(
         "wrote {}: {} problems, {n_kernels} candidate kernels (PTX{}); measure them on a {} with \
-         benches/device/tune_check.py, then `v3c compile --tuning tuning.json`",
+         `v3r tune {} --out tuning.json` (or benches/device/tune_check.py), then `v3c compile --tuning \
+         tuning.json`",
         dir.display(),
         problems.len(),
         if ptxas.is_some() { ", spilling ones dropped by ptxas" } else { "; no ptxas here: spills unchecked" },
-        device.name
+        device.name,
+        dir.display()
     );
     Ok(())
 }

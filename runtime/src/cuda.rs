@@ -28,24 +28,24 @@ use crate::gpu::{Action, Bindings, Expander};
 use crate::host::HostBuffer;
 use crate::plan::{shape_at, BufferKind, EntryPlan};
 
-fn cuda(what: &str) -> impl Fn(result::DriverError) -> String + '_ {
+pub(crate) fn cuda(what: &str) -> impl Fn(result::DriverError) -> String + '_ {
     move |e| format!("{what}: {e} ({:?})", e.0)
 }
 
 /// A device allocation, freed when dropped.
-struct DeviceBuffer {
-    ptr: sys::CUdeviceptr,
-    bytes: usize,
+pub(crate) struct DeviceBuffer {
+    pub(crate) ptr: sys::CUdeviceptr,
+    pub(crate) bytes: usize,
 }
 
 impl DeviceBuffer {
-    fn new(bytes: usize, what: &str) -> Result<DeviceBuffer, String> {
+    pub(crate) fn new(bytes: usize, what: &str) -> Result<DeviceBuffer, String> {
         // SAFETY: a plain allocation in the current context (at least one byte).
         let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.map_err(cuda(what))?;
         Ok(DeviceBuffer { ptr, bytes })
     }
 
-    fn upload(bytes: &[u8], what: &str) -> Result<DeviceBuffer, String> {
+    pub(crate) fn upload(bytes: &[u8], what: &str) -> Result<DeviceBuffer, String> {
         let b = DeviceBuffer::new(bytes.len(), what)?;
         if !bytes.is_empty() {
             // SAFETY: the allocation holds `bytes.len()` bytes.
@@ -88,8 +88,19 @@ struct Function {
     shared: u32,
 }
 
+/// Device `ordinal`'s primary context made current (retained for the process) and a new stream.
+pub(crate) fn open_device(ordinal: usize) -> Result<(sys::CUdevice, sys::CUstream), String> {
+    let device = result::device::get(ordinal as i32).map_err(cuda("cuDeviceGet"))?;
+    // SAFETY: `device` comes from cuDeviceGet; the primary context is retained for the process.
+    let ctx = unsafe { result::primary_ctx::retain(device) }.map_err(cuda("cuDevicePrimaryCtxRetain"))?;
+    // SAFETY: a context just retained.
+    unsafe { result::ctx::set_current(ctx) }.map_err(cuda("cuCtxSetCurrent"))?;
+    let stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(cuda("cuStreamCreate"))?;
+    Ok((device, stream))
+}
+
 /// Encodes a tensor map (128 bytes) for `t`.
-fn encode(t: &TensorMapSpec) -> Result<[u8; 128], String> {
+pub(crate) fn encode(t: &TensorMapSpec) -> Result<[u8; 128], String> {
     t.check()?;
     let data_type = if t.element == "bf16" {
         sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
@@ -209,12 +220,7 @@ impl GpuArtifact {
         let info = crate::device::probe_device(ordinal).map_err(|e| e.to_string())?;
         artifact.runs_here(ordinal).map_err(|why| format!("{dir}: cannot run here: {why}"))?;
         let expander = Expander::new(&artifact)?;
-        let device = result::device::get(ordinal as i32).map_err(cuda("cuDeviceGet"))?;
-        // SAFETY: `device` comes from cuDeviceGet; the primary context is retained for the process.
-        let ctx = unsafe { result::primary_ctx::retain(device) }.map_err(cuda("cuDevicePrimaryCtxRetain"))?;
-        // SAFETY: a context just retained.
-        unsafe { result::ctx::set_current(ctx) }.map_err(cuda("cuCtxSetCurrent"))?;
-        let stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(cuda("cuStreamCreate"))?;
+        let (device, stream) = open_device(ordinal)?;
 
         // Kernels.
         let mut modules = Vec::new();

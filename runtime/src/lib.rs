@@ -19,9 +19,11 @@ pub mod device;
 pub mod gpu;
 pub mod host;
 pub mod lowering;
+pub mod measure;
 pub mod plan;
 pub mod prepare;
 pub mod session;
 pub mod speculative;
+pub mod tuning;
 
 pub use device::{probe_devices, DeviceError, DeviceInfo, DriverInfo};

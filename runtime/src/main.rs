@@ -40,6 +40,10 @@ enum Command {
     /// as tokens/s; with a checkpoint or with made-up weights (`--random-weights`, for full-width
     /// slices no checkpoint is at hand for).
     BenchDecode(BenchDecodeArgs),
+    /// Measure the GEMM candidates `v3c tune --emit-candidates DIR` compiled (each checked against
+    /// the default configuration, the default against the host's product) and merge the timings into
+    /// a tuning database for `v3c compile --tuning`.
+    Tune(TuneArgs),
     /// Time every kernel of an artifact's entry points (warm-up, median of repetitions) and write
     /// JSON, as the tuner reads it; cpu artifacts run here, GPU ones need their GPU.
     BenchKernels(BenchArgs),
@@ -132,6 +136,21 @@ struct BenchDecodeArgs {
 }
 
 #[derive(Args)]
+struct TuneArgs {
+    /// Directory written by `v3c tune --emit-candidates` (candidates.json + kernels/).
+    dir: PathBuf,
+    /// Tuning database to write (entries of the same kernel, bucket, GPU and compiler replaced).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Timed launches per candidate (after two warm-ups); the median is recorded.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    reps: usize,
+    /// CUDA device ordinal.
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(Args)]
 struct RunArgs {
     /// Artifact directory written by `v3c compile`.
     artifact: PathBuf,
@@ -176,6 +195,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(&a),
         Command::Logits(a) => logits(&a),
         Command::BenchDecode(a) => bench_decode(&a),
+        Command::Tune(a) => tune(&a),
         Command::BenchKernels(a) => bench_kernels(&a),
     };
     match result {
@@ -632,4 +652,15 @@ fn load_progress(a: &v3c_runtime::artifact::Artifact) -> (indicatif::ProgressBar
         b.inc(1);
         b.set_message(what.to_string());
     })
+}
+
+fn tune(args: &TuneArgs) -> Result<(), Failure> {
+    // The candidate set first (a wrong directory is said as such on any machine), then the GPU.
+    v3c_runtime::tuning::Candidates::read(&args.dir).map_err(Failure::Other)?;
+    device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
+    let written =
+        v3c_runtime::measure::tune(&args.dir, &args.out, args.reps.max(1), args.device, &mut |line| println!("{line}"))
+            .map_err(Failure::Other)?;
+    eprintln!("tune: {written} entries written to {}", args.out.display());
+    Ok(())
 }

@@ -7,57 +7,9 @@
 //! deterministic: the fastest median, ties broken by kernel name. [`TuningDb::lookup`] says why an
 //! entry does not apply (another GPU, another compiler, a changed search space, missing).
 
-use std::path::Path;
-
-use serde::{Deserialize, Serialize};
-
 use crate::conversion::sm90::gemm::GemmConfig;
 use crate::target::DeviceModel;
-
-pub const DB_FORMAT_VERSION: u32 = 1;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TuningDb {
-    pub format_version: u32,
-    pub entries: Vec<DbEntry>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DbEntry {
-    pub compiler_version: String,
-    pub gpu: String,
-    pub compute_capability: (i32, i32),
-    /// `gemm fp8->f32 n7168 k16384 +residual`.
-    pub kernel: String,
-    pub m_bucket: usize,
-    pub candidates_sha256: String,
-    /// The configuration compile would use without the entry (the cost model's pick).
-    pub default_config: String,
-    /// Every measured candidate: kernel name and median milliseconds.
-    pub timings: Vec<(String, f64)>,
-    /// Candidates whose output differed from the default configuration's (never winners).
-    #[serde(default)]
-    pub rejected: Vec<String>,
-    /// When (RFC 3339, UTC) and on what (device and driver as the measuring tool saw them).
-    pub measured_at: String,
-    pub measured_on: String,
-}
-
-impl DbEntry {
-    /// The fastest measured candidate (ties: the first name in order).
-    pub fn winner(&self) -> Option<(&str, f64)> {
-        self.timings
-            .iter()
-            .filter(|(_, ms)| ms.is_finite() && *ms > 0.0)
-            .min_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(&b.0)))
-            .map(|(n, ms)| (n.as_str(), *ms))
-    }
-
-    /// The default configuration's measured time, if it was measured.
-    pub fn default_ms(&self) -> Option<f64> {
-        self.timings.iter().find(|(n, _)| *n == self.default_config).map(|(_, ms)| *ms)
-    }
-}
+pub use v3c_runtime::tuning::{DbEntry, TuningDb, DB_FORMAT_VERSION};
 
 /// What the database holds for one kernel and bucket.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,57 +23,22 @@ pub enum Lookup<'a> {
     Missing,
 }
 
-impl TuningDb {
-    pub fn new() -> TuningDb {
-        TuningDb { format_version: DB_FORMAT_VERSION, entries: Vec::new() }
-    }
-
-    /// Reads a database; one-line errors name the file.
-    pub fn read(path: &Path) -> Result<TuningDb, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let raw: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
-        match raw.get("format_version").and_then(serde_json::Value::as_u64) {
-            Some(v) if v == u64::from(DB_FORMAT_VERSION) => {}
-            Some(v) => {
-                return Err(format!(
-                    "{}: tuning database format_version {v}, this v3c reads {DB_FORMAT_VERSION}",
-                    path.display()
-                ))
-            }
-            None => return Err(format!("{}: not a tuning database (no format_version)", path.display())),
-        }
-        serde_json::from_value(raw).map_err(|e| format!("{}: unexpected layout: {e}", path.display()))
-    }
-
-    /// Writes the database (entries sorted by key: the file diffs cleanly), atomically.
-    pub fn write(&self, path: &Path) -> Result<(), String> {
-        let mut sorted = self.clone();
-        sorted.entries.sort_by(|a, b| {
-            (&a.gpu, &a.kernel, a.m_bucket, &a.compiler_version).cmp(&(
-                &b.gpu,
-                &b.kernel,
-                b.m_bucket,
-                &b.compiler_version,
-            ))
-        });
-        let text = serde_json::to_string_pretty(&sorted).map_err(|e| e.to_string())? + "\n";
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
-    }
-
-    /// Adds `entry`, replacing one with the same key (re-tuning what changed).
-    pub fn insert(&mut self, entry: DbEntry) {
-        self.entries.retain(|e| {
-            (&e.gpu, &e.kernel, e.m_bucket, &e.compiler_version)
-                != (&entry.gpu, &entry.kernel, entry.m_bucket, &entry.compiler_version)
-        });
-        self.entries.push(entry);
-    }
-
+/// Whether a database entry applies to a kernel being compiled.
+pub trait DbLookup {
     /// The entry for `kernel` at `m_bucket` on `device` for this compiler and candidate set.
-    pub fn lookup(
+    fn lookup(
+        &self,
+        kernel: &str,
+        m_bucket: usize,
+        device: &DeviceModel,
+        compiler_version: &str,
+        candidates_sha256: &str,
+    ) -> Lookup<'_>;
+}
+
+impl DbLookup for TuningDb {
+    /// The entry for `kernel` at `m_bucket` on `device` for this compiler and candidate set.
+    fn lookup(
         &self,
         kernel: &str,
         m_bucket: usize,
@@ -157,12 +74,6 @@ impl TuningDb {
             };
         }
         Lookup::Ignored(why)
-    }
-}
-
-impl Default for TuningDb {
-    fn default() -> Self {
-        TuningDb::new()
     }
 }
 
@@ -234,7 +145,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.json");
         std::fs::write(&path, "{\"format_version\": 7, \"entries\": []}").unwrap();
-        assert!(TuningDb::read(&path).unwrap_err().contains("format_version 7, this v3c reads 1"));
+        assert!(TuningDb::read(&path).unwrap_err().contains("format_version 7, this version reads 1"));
         std::fs::write(&path, "{not json").unwrap();
         assert!(TuningDb::read(&path).unwrap_err().contains("invalid JSON"));
     }

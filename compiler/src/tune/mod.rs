@@ -21,6 +21,7 @@ pub mod db;
 use crate::conversion::sm90::gemm::{GemmConfig, GemmGrouping, GemmInput, GemmOutput};
 use crate::conversion::sm90::lower::GemmKernel;
 use crate::target::{DeviceModel, GpuTarget};
+use db::DbLookup as _;
 
 /// The M a kernel is tuned at for decode (a batch of up to 64 sequences) and for prefill.
 pub const DECODE_M: usize = 64;
