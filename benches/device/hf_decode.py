@@ -31,11 +31,16 @@ def main():
         return 0
     cfg = json.load(open(args.config))
     cfg.pop("quantization_config", None)  # random bf16 weights: no fp8 checkpoint to dequantize
-    config = DeepseekV3Config(**cfg)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = DeepseekV3ForCausalLM(config).eval()
+    try:
+        config = DeepseekV3Config(**cfg)
+        torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            model = DeepseekV3ForCausalLM(config).eval()
+    except Exception as e:  # noqa: BLE001 - a baseline that cannot be built is reported, not fatal
+        json.dump({"skipped": f"building the model failed: {e}"[:500]}, open(args.out, "w"))
+        print(f"hf_decode: skipped: building the model failed ({e})")
+        return 0
     results = {"transformers": transformers.__version__, "torch": torch.__version__,
                "device": torch.cuda.get_device_name(), "points": []}
     for point in args.points.split(","):
@@ -67,6 +72,9 @@ def main():
         except torch.cuda.OutOfMemoryError as e:
             results["points"].append({"batch": batch, "context": context, "skipped": f"out of memory: {e}"[:200]})
             print(f"hf decode batch {batch} context {context}: skipped (out of memory)")
+        except Exception as e:  # noqa: BLE001 - one point failing leaves the others
+            results["points"].append({"batch": batch, "context": context, "failed": str(e)[:500]})
+            print(f"hf decode batch {batch} context {context}: failed ({e})")
         torch.cuda.empty_cache()
     json.dump(results, open(args.out, "w"), indent=1)
     return 0
