@@ -106,7 +106,16 @@ PY
     note "e2e tokens: $same of 32 equal to the CPU backend's"; tail -1 "$log"
     if [ "$same" = 32 ]; then row "3. end to end tokens" "ok" "32/32 greedy tokens"; else row "3. end to end tokens" "DIFFERS" "$same/32 (e2e_tokens.txt)"; fi
   else
-    row "3. end to end tokens" "FAILED" "v3r run failed (check.log)"
+    # Again launch by launch (no CUDA graph), synchronized: tells a graph problem from a kernel's, and
+    # names the kernel.
+    note "v3r run failed; again with V3R_GRAPHS=0 V3R_SYNC_EACH=1"
+    if V3R_GRAPHS=0 V3R_SYNC_EACH=1 timeout 120 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" \
+        --prompt-tokens "$(cat "$e2e/prompt1.txt")" --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 \
+        --ignore-eos > "$out/e2e_tokens_nograph.txt" 2>>"$log"; then
+      row "3. end to end tokens" "FAILED" "with graphs only (e2e_tokens_nograph.txt has the tokens without)"
+    else
+      row "3. end to end tokens" "FAILED" "v3r run failed, graphs or not (check.log)"
+    fi
   fi
   note "== 4. the small model's kernels timed (v3r bench-kernels)"
   if timeout 90 "$v3r" bench-kernels "$e2e/sm90" --weights "$e2e/ckpt" --reps 10 --out "$out/e2e_kernels.json" 2>&1 | tee -a "$log"; then
