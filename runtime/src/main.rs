@@ -527,7 +527,7 @@ fn logits(args: &LogitsArgs) -> Result<(), Failure> {
     let (rows, vocab) = session.prefill_rows(&tokens).map_err(Failure::Other)?;
     let tensor = v3c_models::tensor::Tensor::f32(vec![tokens.len(), vocab], rows);
     v3c_models::checkpoint::save_tensors(&args.out, &[("logits", &tensor)])
-        .map_err(|e| Failure::Other(format!("{}: {e}", args.out.display())))?;
+        .map_err(|e| Failure::Other(e.to_string()))?;
     eprintln!("wrote logits [{}, {vocab}] to {} ({kind})", tokens.len(), args.out.display());
     Ok(())
 }
