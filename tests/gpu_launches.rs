@@ -270,6 +270,39 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
     let context = v3c_compiler::mlir::new_context();
     let mut engines: HashMap<String, melior::ExecutionEngine> = HashMap::new();
 
+    // A row kernel's launch run through its CPU lowering (the same template), on host memory.
+    let mut exec_row = |k: &v3c_runtime::abi::KernelLaunch, ranks: &[usize]| {
+        let row = v3c_compiler::conversion::sm90::rows::RowKernel::from_name(&k.kernel).unwrap();
+        let engine = engines.entry(k.kernel.clone()).or_insert_with(|| {
+            let text = row.emit_cpu().unwrap();
+            let m = v3c_compiler::conversion::v3_to_cpu::lower_to_llvm(&context, &text, "step").unwrap();
+            melior::ExecutionEngine::new(&m, 2, &[], false, false)
+        });
+        let values: Vec<u64> = k
+            .params
+            .iter()
+            .map(|p| match p {
+                v3c_runtime::abi::Param::Value(v) => *v,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let mut at = 0;
+        let bufs: Vec<RawBuffer> = ranks
+            .iter()
+            .map(|&r| {
+                let b = RawBuffer {
+                    ptr: values[at + 1] as *mut (),
+                    shape: values[at + 3..at + 3 + r].iter().map(|&d| d as usize).collect(),
+                    element: String::new(),
+                };
+                at += 3 + 2 * r;
+                b
+            })
+            .collect();
+        // SAFETY: buffers bound by the expansion, sized by the plan.
+        unsafe { call_packed(&bufs, false, 0, 1, |args| engine.invoke_packed(&row.kernel_name(), args).unwrap()) };
+    };
+
     let mut run = |entry: &str, inputs: &HashMap<String, HostBuffer>, wanted: &[&str]| {
         let plan = expander.entry(entry).unwrap();
         let sizes = plan.bind(&inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect()).unwrap();
@@ -293,42 +326,7 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
             match a {
                 Action::Kernel(k) => match abis[k.kernel.as_str()] {
                     KernelAbi::Gemm(g) => emulate_gemm(g, k),
-                    KernelAbi::Memrefs { ranks } => {
-                        let row = v3c_compiler::conversion::sm90::rows::RowKernel::from_name(&k.kernel).unwrap();
-                        let engine = engines.entry(k.kernel.clone()).or_insert_with(|| {
-                            let text = row.emit_cpu().unwrap();
-                            let m =
-                                v3c_compiler::conversion::v3_to_cpu::lower_to_llvm(&context, &text, "step").unwrap();
-                            melior::ExecutionEngine::new(&m, 2, &[], false, false)
-                        });
-                        let values: Vec<u64> = k
-                            .params
-                            .iter()
-                            .map(|p| match p {
-                                v3c_runtime::abi::Param::Value(v) => *v,
-                                other => panic!("{other:?}"),
-                            })
-                            .collect();
-                        let mut at = 0;
-                        let bufs: Vec<RawBuffer> = ranks
-                            .iter()
-                            .map(|&r| {
-                                let b = RawBuffer {
-                                    ptr: values[at + 1] as *mut (),
-                                    shape: values[at + 3..at + 3 + r].iter().map(|&d| d as usize).collect(),
-                                    element: String::new(),
-                                };
-                                at += 3 + 2 * r;
-                                b
-                            })
-                            .collect();
-                        // SAFETY: buffers bound by the expansion, sized by the plan.
-                        unsafe {
-                            call_packed(&bufs, false, 0, 1, |args| {
-                                engine.invoke_packed(&row.kernel_name(), args).unwrap()
-                            })
-                        };
-                    }
+                    KernelAbi::Memrefs { ranks } => exec_row(k, ranks),
                 },
                 Action::Copy2D { src, src_pitch, dst, dst_pitch, width, rows } => {
                     for r in 0..*rows {
@@ -439,4 +437,18 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
     for name in wanted {
         compare(&format!("decode {name}"), &gpu[name], &cpu[name]);
     }
+    // Greedy sampling on the device: the artifact's argmax kernel over the decode logits picks what
+    // the host sampler picks.
+    let mut logits = gpu["logits"].clone();
+    let mut idx = vec![-1i32; logits.shape[0]];
+    let buf =
+        v3c_runtime::abi::Buf { addr: logits.ptr_mut() as u64, shape: logits.shape.clone(), element: "f32".into() };
+    let launch = expander.argmax_launch(&buf, idx.as_mut_ptr() as u64).unwrap().expect("an argmax kernel");
+    let KernelAbi::Memrefs { ranks } = abis[launch.kernel.as_str()] else { panic!("not a row kernel") };
+    exec_row(&launch, ranks);
+    let HostData::F32(rows) = &logits.data else { panic!() };
+    let vocab = logits.shape[1];
+    let host: Vec<i32> =
+        rows.chunks(vocab).map(|r| v3c_models::reference::Sampler::new(0.0, 1.0, 0).sample(r) as i32).collect();
+    assert_eq!(idx, host);
 }

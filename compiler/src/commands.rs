@@ -527,6 +527,17 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     if tty && done > 0 {
         eprint!("\r\x1b[K");
     }
+    // Greedy sampling on the device: each row's argmax over the vocabulary (the runtime launches it
+    // on the logits instead of reading them back).
+    let mut lowered = lowered;
+    let argmax = sm90::rows::RowKernel::new(sm90::rows::RowOp::Argmax, config.vocab_size, "f32");
+    if !lowered.kernels.iter().any(|k| k.name == argmax.kernel_name()) {
+        let mut k = sm90::compile_rows(&context, &argmax, target).map_err(|e| e.to_string())?;
+        if let Some(p) = &ptxas {
+            k.assemble(target, p).map_err(|e| e.to_string())?;
+        }
+        lowered.kernels.push(k);
+    }
     // Every GEMM the kernels launch (whole fused kernels, and steps of multi-launch ones) with where
     // its configurations came from.
     let step_gemms = lowered.compound.iter().flat_map(|(_, steps, picked)| {
@@ -649,7 +660,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         return Ok(());
     };
     let tuning_source = if db.is_some() { "database" } else { "cost-model" };
-    write_gpu_artifact(out, o, &config, precision, &module, &lowered, tuning_source)
+    write_gpu_artifact(out, o, &config, precision, &module, &lowered, &argmax, tuning_source)
 }
 
 /// A row kernel's blocks: the rows of its rows argument (by position) times its blocks per row.
@@ -670,6 +681,7 @@ fn write_gpu_artifact(
     precision: v3c_models::Precision,
     module: &melior::ir::Module,
     lowered: &v3c_compiler::conversion::sm90::ModelKernels,
+    argmax: &v3c_compiler::conversion::sm90::rows::RowKernel,
     tuning_source: &str,
 ) -> Result<(), String> {
     use v3c_compiler::conversion::sm90::lower::{GemmKernel, Operand, StepKernel};
@@ -692,7 +704,7 @@ fn write_gpu_artifact(
                 StepKernel::Gemm(_) => None,
             })
         }));
-    for k in row_kernels {
+    for k in row_kernels.chain([argmax]) {
         row_ranks.insert(k.kernel_name(), k.argument_ranks());
     }
     let abi_of = |name: &str| -> Result<v3c_runtime::abi::KernelAbi, String> {
@@ -849,7 +861,11 @@ fn write_gpu_artifact(
         });
     }
     fused.sort_by(|a, b| a.fused.cmp(&b.fused));
-    let lowering = lw::Lowering { format_version: lw::LOWERING_FORMAT_VERSION, kernels: fused };
+    let lowering = lw::Lowering {
+        format_version: lw::LOWERING_FORMAT_VERSION,
+        kernels: fused,
+        argmax: Some(argmax.kernel_name()),
+    };
     let lowering_file = write(
         "lowering.json",
         (serde_json::to_string_pretty(&lowering).map_err(|e| e.to_string())? + "\n").as_bytes(),

@@ -177,6 +177,7 @@ pub struct GpuArtifact {
     /// The entry and input shapes of the last completed run (what resident inputs hold).
     last_inputs: std::cell::RefCell<Option<(String, InputShapes)>>,
     graph: std::cell::RefCell<Option<CapturedGraph>>,
+    argmax_out: std::cell::RefCell<Option<DeviceBuffer>>,
 }
 
 impl Drop for GpuArtifact {
@@ -290,6 +291,7 @@ impl GpuArtifact {
             maps: std::cell::RefCell::new(None),
             last_inputs: std::cell::RefCell::new(None),
             graph: std::cell::RefCell::new(None),
+            argmax_out: std::cell::RefCell::new(None),
         })
     }
 
@@ -498,35 +500,76 @@ impl GpuArtifact {
         unsafe { result::graph::launch(exec, self.stream) }.map_err(cuda(&format!("{entry}: cuGraphLaunch")))
     }
 
+    /// Enqueues kernel launch `k` on the stream, its tensor maps at `maps` (128 bytes each).
+    fn enqueue(&self, entry: &str, k: &crate::abi::KernelLaunch, maps: u64) -> Result<(), String> {
+        let f = self.functions.get(&k.kernel).ok_or_else(|| format!("kernel {} not loaded", k.kernel))?;
+        let mut values: Vec<u64> = k
+            .params
+            .iter()
+            .map(|p| match *p {
+                Param::Value(v) => v,
+                Param::TensorMap(t) => maps + 128 * t as u64,
+            })
+            .collect();
+        let mut pointers: Vec<*mut c_void> = values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
+        // SAFETY: parameters as the kernel's PTX declares them (checked by the tests against every
+        // kernel), buffers sized by the plan, grid from the problem.
+        unsafe {
+            result::launch_kernel(
+                f.handle,
+                (k.grid as u32, 1, 1),
+                (f.threads, 1, 1),
+                f.shared,
+                self.stream,
+                &mut pointers,
+            )
+        }
+        .map_err(cuda(&format!("{entry}: launching {}", k.kernel)))
+    }
+
+    /// Greedy tokens of the last run of `entry`: the rows of its `logits` output reduced on the
+    /// device by the artifact's argmax kernel, only the indices read back. None when the artifact
+    /// has no argmax kernel.
+    pub fn argmax_last(&self, entry: &str) -> Result<Option<Vec<u32>>, String> {
+        let plan = self.entry_plan(entry)?;
+        let sizes = match self.last_inputs.borrow().as_ref() {
+            Some((e, shapes)) if e == entry => plan.bind(shapes)?,
+            _ => return Err(format!("{entry}: no completed run to take the argmax of")),
+        };
+        let (_, id) =
+            plan.outputs.iter().find(|(n, _)| n == "logits").ok_or_else(|| format!("{entry} has no logits"))?;
+        let b = &plan.buffers[*id];
+        let BufferKind::Arena { offset } = b.kind else { return Err("logits outside the arena".into()) };
+        let logits = crate::abi::Buf {
+            addr: self.bindings.arena + offset,
+            shape: shape_at(&b.dims, sizes),
+            element: b.dtype.clone(),
+        };
+        let rows = logits.shape.first().copied().unwrap_or(0);
+        let mut idx = self.argmax_out.borrow_mut();
+        if idx.as_ref().is_none_or(|d| d.bytes < 4 * rows) {
+            *idx = Some(DeviceBuffer::new(4 * rows.max(1), "argmax indices")?);
+        }
+        let idx_ptr = idx.as_ref().map_or(0, |d| d.ptr);
+        let Some(launch) = Expander::new(&self.artifact)?.argmax_launch(&logits, idx_ptr)? else { return Ok(None) };
+        if rows > 0 {
+            self.enqueue(entry, &launch, 0)?;
+        }
+        // SAFETY: our stream.
+        unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(&format!("{entry}: argmax")))?;
+        let mut bytes = vec![0u8; 4 * rows];
+        if rows > 0 {
+            // SAFETY: the buffer holds `rows` i32.
+            unsafe { result::memcpy_dtoh_sync(&mut bytes, idx_ptr) }.map_err(cuda("reading argmax indices"))?;
+        }
+        Ok(Some(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+    }
+
     /// Enqueues action `i` of a staged run on the stream.
     fn launch(&self, entry: &str, staged: &Staged, i: usize) -> Result<(), String> {
         let (maps_base, first_map) = (staged.maps_base, &staged.first_map);
         match &staged.actions[i] {
-            Action::Kernel(k) => {
-                let f = self.functions.get(&k.kernel).ok_or_else(|| format!("kernel {} not loaded", k.kernel))?;
-                let mut values: Vec<u64> = k
-                    .params
-                    .iter()
-                    .map(|p| match *p {
-                        Param::Value(v) => v,
-                        Param::TensorMap(t) => maps_base + 128 * (first_map[i] + t) as u64,
-                    })
-                    .collect();
-                let mut pointers: Vec<*mut c_void> = values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
-                // SAFETY: parameters as the kernel's PTX declares them (checked by the tests
-                // against every kernel), buffers sized by the plan, grid from the problem.
-                unsafe {
-                    result::launch_kernel(
-                        f.handle,
-                        (k.grid as u32, 1, 1),
-                        (f.threads, 1, 1),
-                        f.shared,
-                        self.stream,
-                        &mut pointers,
-                    )
-                }
-                .map_err(cuda(&format!("{entry}: launching {}", k.kernel)))?;
-            }
+            Action::Kernel(k) => self.enqueue(entry, k, maps_base + 128 * first_map[i] as u64)?,
             Action::Copy2D { src, src_pitch, dst, dst_pitch, width, rows } => {
                 let copy = sys::CUDA_MEMCPY2D {
                     srcXInBytes: 0,

@@ -148,6 +148,22 @@ impl<'a> Expander<'a> {
         self.fused.get(fused).copied().ok_or_else(|| format!("fused kernel {fused} has no lowering"))
     }
 
+    /// The launch of the artifact's argmax kernel over `logits` (`[rows, vocab]` f32) into `idx`
+    /// (`rows` i32), or None when the artifact has none.
+    pub fn argmax_launch(&self, logits: &Buf, idx: u64) -> Result<Option<KernelLaunch>, String> {
+        let Some(kernel) = self.artifact.lowering.as_ref().and_then(|l| l.argmax.as_ref()) else { return Ok(None) };
+        let Some(KernelAbi::Memrefs { ranks }) = self.abis.get(kernel.as_str()) else {
+            return Err(format!("argmax kernel {kernel}: not a row kernel"));
+        };
+        if ranks[..] != [2, 1] {
+            return Err(format!("argmax kernel {kernel}: takes memrefs of ranks {ranks:?}"));
+        }
+        let rows = logits.shape_at_rank(2)?[0];
+        let mut params = memref(logits, 2)?;
+        params.extend(memref(&Buf { addr: idx, shape: vec![rows], element: "i32".into() }, 1)?);
+        Ok(Some(KernelLaunch { kernel: kernel.clone(), grid: rows, params, tensor_maps: Vec::new() }))
+    }
+
     /// Every prepared weight the entries' GEMMs read, once each.
     pub fn prepared_weights(&self) -> Result<Vec<PreparedWeight>, String> {
         let mut out: Vec<PreparedWeight> = Vec::new();
@@ -539,6 +555,22 @@ impl Expander<'_> {
                 report.launches += 1;
                 kernels.insert(k.kernel);
             }
+        }
+        // The argmax kernel on the decode logits at the planned rows.
+        let vocab = artifact.manifest.model.config["vocab_size"].as_u64().unwrap_or(0) as usize;
+        let rows = artifact.plan.entries.iter().map(|e| e.sizes.rows).max().unwrap_or(1).max(1);
+        let logits = Buf { addr: addr(), shape: vec![rows, vocab], element: "f32".into() };
+        if let Some(k) = self.argmax_launch(&logits, addr())? {
+            let want = declared.get(k.kernel.as_str()).copied().unwrap_or(0);
+            if k.params.len() != want {
+                return Err(format!(
+                    "{}: launched with {} parameters; its PTX declares {want}",
+                    k.kernel,
+                    k.params.len()
+                ));
+            }
+            report.launches += 1;
+            kernels.insert(k.kernel);
         }
         report.kernels = kernels.len();
         Ok(report)

@@ -17,6 +17,10 @@ pub const LOWERING_FORMAT_VERSION: u32 = 1;
 pub struct Lowering {
     pub format_version: u32,
     pub kernels: Vec<FusedLowering>,
+    /// Greedy sampling on the device: a row kernel taking logits `[rows, vocab]` (f32) to each row's
+    /// argmax `[rows]` (i32; f32 total order, ties to the lower index, as the host sampler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argmax: Option<String>,
 }
 
 /// One fused kernel's launches.
@@ -155,6 +159,9 @@ impl Lowering {
     /// Why these launches cannot run: an operand out of range, or a kernel the manifest does not
     /// list (`known`).
     pub fn check(&self, known: &dyn Fn(&str) -> bool) -> Result<(), String> {
+        if let Some(k) = self.argmax.as_ref().filter(|k| !known(k)) {
+            return Err(format!("argmax kernel {k} is not in the manifest"));
+        }
         for f in &self.kernels {
             for (i, l) in f.launches.iter().enumerate() {
                 for name in l.kernel.names() {
@@ -198,6 +205,7 @@ mod tests {
                 temps: vec![],
                 rope_table: None,
             }],
+            argmax: None,
         };
         let known = |k: &str| k.starts_with("gemm_");
         assert_eq!(lowering(launch("gemm_a", vec![OperandSpec::Arg(0), OperandSpec::Result(0)])).check(&known), Ok(()));

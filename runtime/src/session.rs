@@ -44,6 +44,16 @@ pub trait Program {
         }
         self.run(entry, inputs, wanted)
     }
+    /// Whether [`Program::argmax_last`] picks greedy tokens where the program runs (GPU artifacts
+    /// with an argmax kernel: the logits are then not read back).
+    fn device_argmax(&self) -> bool {
+        false
+    }
+    /// The greedy token of each `logits` row of the last run of `entry`, picked where the program
+    /// keeps them (f32 total order, ties to the lower index: the host sampler's choice).
+    fn argmax_last(&self, entry: &str) -> Result<Vec<u32>, String> {
+        Err(format!("{entry}: this program picks no tokens itself"))
+    }
     /// Milliseconds of each of `reps` runs of `entry` on `inputs` after one warm-up, outputs left
     /// where they are (the GPU times its launches with CUDA events, inputs uploaded once).
     fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
@@ -100,6 +110,12 @@ impl Program for crate::cuda::GpuArtifact {
     ) -> Result<HashMap<String, HostBuffer>, String> {
         crate::cuda::GpuArtifact::run_keeping(self, entry, inputs, wanted, resident)
     }
+    fn device_argmax(&self) -> bool {
+        self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some())
+    }
+    fn argmax_last(&self, entry: &str) -> Result<Vec<u32>, String> {
+        crate::cuda::GpuArtifact::argmax_last(self, entry)?.ok_or_else(|| format!("{entry}: no argmax kernel"))
+    }
 }
 
 /// One decode step: the caches uploaded and read back — or, on a program that keeps inputs, left
@@ -110,17 +126,48 @@ fn step(
     inputs: &HashMap<String, HostBuffer>,
     caches: &[&str],
     resident: &mut bool,
-) -> Result<HashMap<String, HostBuffer>, String> {
+    greedy: bool,
+) -> Result<(HashMap<String, HostBuffer>, Next), String> {
     if !program.keeps_inputs() {
         let wanted: Vec<&str> = caches.iter().copied().chain(["logits"]).collect();
-        return program.run("decode", inputs, &wanted);
+        let out = program.run("decode", inputs, &wanted)?;
+        let next = Next::logits_of(&out)?;
+        return Ok((out, next));
     }
     let kept: &[&str] = if *resident { caches } else { &[] };
     // A failed step leaves the device caches in no known state: the next one uploads them.
     *resident = false;
-    let out = program.run_keeping("decode", inputs, &["logits"], kept)?;
+    // Greedy on a program that picks tokens itself: the logits stay where they are.
+    let on_device = greedy && program.device_argmax();
+    let wanted: &[&str] = if on_device { &[] } else { &["logits"] };
+    let out = program.run_keeping("decode", inputs, wanted, kept)?;
     *resident = true;
-    Ok(out)
+    let next = if on_device { Next::Tokens(program.argmax_last("decode")?) } else { Next::logits_of(&out)? };
+    Ok((out, next))
+}
+
+/// What a decode step gives per sequence: its logits, or (greedy, picked on the device) its token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    Logits(Vec<Vec<f32>>),
+    Tokens(Vec<u32>),
+}
+
+impl Next {
+    fn logits_of(out: &HashMap<String, HostBuffer>) -> Result<Next, String> {
+        let logits = out.get("logits").ok_or("the entry has no logits")?;
+        let HostData::F32(v) = &logits.data else { return Err("logits are not f32".into()) };
+        let vocab = logits.shape[logits.shape.len() - 1];
+        Ok(Next::Logits(v.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect()))
+    }
+
+    /// Sequence `i`'s next token: picked on the device, or by `sampler` from its logits.
+    pub fn pick(&self, i: usize, sampler: &mut v3c_models::reference::Sampler) -> u32 {
+        match self {
+            Next::Tokens(t) => t[i],
+            Next::Logits(l) => sampler.sample(&l[i]),
+        }
+    }
 }
 
 /// A cache the device holds is kept on the host by its shape only (its values there would be stale;
@@ -199,14 +246,6 @@ impl<'a> ArtifactSession<'a> {
         })
     }
 
-    fn last_row(out: &HashMap<String, HostBuffer>) -> Result<Vec<f32>, String> {
-        let logits = out.get("logits").ok_or("the entry has no logits")?;
-        match &logits.data {
-            HostData::F32(v) => Ok(v[v.len() - logits.shape[1]..].to_vec()),
-            _ => Err("logits are not f32".into()),
-        }
-    }
-
     fn wanted(&self) -> Vec<&str> {
         let mut w: Vec<&str> = self.caches.iter().map(String::as_str).collect();
         w.push("logits");
@@ -273,6 +312,15 @@ impl<'a> ArtifactSession<'a> {
 
     /// Feeds one token at the next position; returns its logits.
     pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, String> {
+        match self.decode_next(token, false)? {
+            Next::Logits(mut l) => l.pop().ok_or_else(|| "decode gave no logits".into()),
+            Next::Tokens(_) => Err("decode gave a token for logits".into()),
+        }
+    }
+
+    /// As [`ArtifactSession::decode`]; `greedy` lets a program that picks tokens itself return the
+    /// next token instead of the logits.
+    pub fn decode_next(&mut self, token: u32, greedy: bool) -> Result<Next, String> {
         if self.position >= self.max_len {
             return Err(format!("the session is full ({} tokens)", self.max_len));
         }
@@ -296,14 +344,14 @@ impl<'a> ArtifactSession<'a> {
             inputs.insert("mtp_tokens".into(), ids(vec![0]));
         }
         let caches: Vec<&str> = self.caches.iter().map(String::as_str).collect();
-        let stepped = step(self.program, &inputs, &caches, &mut self.resident);
-        let mut out = stepped.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
+        let stepped = step(self.program, &inputs, &caches, &mut self.resident, greedy);
+        let (mut out, next) = stepped.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
         for c in &self.caches {
             let cache = out.remove(c).or_else(|| inputs.remove(c)).ok_or_else(|| format!("decode gave no {c}"))?;
             self.state.insert(c.clone(), kept_shape(cache, self.resident));
         }
         self.position += 1;
-        Self::last_row(&out)
+        Ok(next)
     }
 }
 
@@ -363,7 +411,7 @@ impl<'a> ArtifactBatch<'a> {
     /// Feeds `tokens[i]` to sequence i at its next position, for the sequences where `active[i]`
     /// (the others are fed again at their last position: computed, ignored); returns every
     /// sequence's logits.
-    pub fn decode(&mut self, tokens: &[u32], active: &[bool]) -> Result<Vec<Vec<f32>>, String> {
+    pub fn decode(&mut self, tokens: &[u32], active: &[bool], greedy: bool) -> Result<Next, String> {
         let n = self.positions.len();
         if tokens.len() != n || active.len() != n {
             return Err(format!("{} tokens and {} flags for {n} sequences", tokens.len(), active.len()));
@@ -381,8 +429,8 @@ impl<'a> ArtifactBatch<'a> {
             inputs.insert("mtp_tokens".into(), ids(vec![0; n]));
         }
         let caches: Vec<&str> = self.caches.iter().map(String::as_str).collect();
-        let stepped = step(self.program, &inputs, &caches, &mut self.resident);
-        let mut out = stepped.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
+        let stepped = step(self.program, &inputs, &caches, &mut self.resident, greedy);
+        let (mut out, next) = stepped.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
         for c in &self.caches {
             let cache = out.remove(c).or_else(|| inputs.remove(c)).ok_or_else(|| format!("decode gave no {c}"))?;
             self.state.insert(c.clone(), kept_shape(cache, self.resident));
@@ -392,10 +440,7 @@ impl<'a> ArtifactBatch<'a> {
                 *p += 1;
             }
         }
-        let logits = out.get("logits").ok_or("the entry has no logits")?;
-        let HostData::F32(v) = &logits.data else { return Err("logits are not f32".into()) };
-        let vocab = logits.shape[logits.shape.len() - 1];
-        Ok(v.chunks(vocab).map(<[f32]>::to_vec).collect())
+        Ok(next)
     }
 }
 
@@ -411,7 +456,10 @@ pub fn generate_batch(
 ) -> Result<Vec<Generation>, String> {
     let start = std::time::Instant::now();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
-    let (mut batch, mut logits) = ArtifactBatch::prefill(program, prompts, max_len)?;
+    let (mut batch, logits) = ArtifactBatch::prefill(program, prompts, max_len)?;
+    let mut logits = Next::Logits(logits);
+    // Every sequence greedy: a program that picks tokens itself does (the logits stay there).
+    let greedy = samplers.iter().all(|s| s.temperature <= 0.0);
     let prefill_s = start.elapsed().as_secs_f64();
     let n = prompts.len();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
@@ -425,7 +473,7 @@ pub fn generate_batch(
                 next[i] = tokens[i].last().copied().unwrap_or(0);
                 continue;
             }
-            let t = samplers[i].sample(&logits[i]);
+            let t = logits.pick(i, &mut samplers[i]);
             tokens[i].push(t);
             next[i] = t;
             if Some(t) == eos || tokens[i].len() == max_new {
@@ -434,7 +482,7 @@ pub fn generate_batch(
             }
         }
         if active.iter().any(|&a| a) {
-            logits = batch.decode(&next, &active)?;
+            logits = batch.decode(&next, &active, greedy)?;
         }
     }
     Ok((0..n)
@@ -451,6 +499,11 @@ pub fn generate_batch(
 pub trait Generator {
     fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String>;
     fn decode(&mut self, token: u32) -> Result<Vec<f32>, String>;
+    /// As `decode`; with `greedy`, a session whose program picks tokens itself may give the token.
+    fn decode_next(&mut self, token: u32, greedy: bool) -> Result<Next, String> {
+        let _ = greedy;
+        Ok(Next::Logits(vec![self.decode(token)?]))
+    }
 }
 
 impl Generator for ArtifactSession<'_> {
@@ -459,6 +512,9 @@ impl Generator for ArtifactSession<'_> {
     }
     fn decode(&mut self, token: u32) -> Result<Vec<f32>, String> {
         ArtifactSession::decode(self, token)
+    }
+    fn decode_next(&mut self, token: u32, greedy: bool) -> Result<Next, String> {
+        ArtifactSession::decode_next(self, token, greedy)
     }
 }
 
@@ -500,19 +556,20 @@ pub fn generate(
     eos: Option<u32>,
 ) -> Result<Generation, String> {
     let start = std::time::Instant::now();
-    let mut logits = session.prefill(prompt)?;
+    let mut next = Next::Logits(vec![session.prefill(prompt)?]);
     let prefill_s = start.elapsed().as_secs_f64();
+    let greedy = sampler.temperature <= 0.0;
     let mut tokens = Vec::new();
     let mut stopped_at_eos = false;
     while tokens.len() < max_new {
-        let token = sampler.sample(&logits);
+        let token = next.pick(0, sampler);
         tokens.push(token);
         if Some(token) == eos {
             stopped_at_eos = true;
             break;
         }
         if tokens.len() < max_new {
-            logits = session.decode(token)?;
+            next = session.decode_next(token, greedy)?;
         }
     }
     Ok(Generation { tokens, stopped_at_eos, prefill_s, total_s: start.elapsed().as_secs_f64() })
@@ -553,6 +610,10 @@ mod tests {
         keeps: bool,
         device: RefCell<Option<HostBuffer>>,
         uploads: RefCell<usize>,
+        /// Picks greedy tokens itself (from the last decode's logits, kept here).
+        argmax: bool,
+        last_logits: RefCell<Vec<Vec<f32>>>,
+        logits_read: RefCell<usize>,
     }
 
     impl Toy {
@@ -563,6 +624,9 @@ mod tests {
                 keeps,
                 device: RefCell::new(None),
                 uploads: RefCell::new(0),
+                argmax: false,
+                last_logits: RefCell::new(Vec::new()),
+                logits_read: RefCell::new(0),
             }
         }
     }
@@ -598,6 +662,15 @@ mod tests {
 
         fn keeps_inputs(&self) -> bool {
             self.keeps
+        }
+
+        fn device_argmax(&self) -> bool {
+            self.argmax
+        }
+
+        fn argmax_last(&self, _: &str) -> Result<Vec<u32>, String> {
+            let mut greedy = v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+            Ok(self.last_logits.borrow().iter().map(|l| greedy.sample(l)).collect())
         }
 
         fn run_keeping(
@@ -649,6 +722,10 @@ mod tests {
             if wanted.contains(&"kv_cache.0") {
                 out.insert("kv_cache.0".into(), cache);
             }
+            *self.last_logits.borrow_mut() = logits.chunks(VOCAB).map(<[f32]>::to_vec).collect();
+            if wanted.contains(&"logits") {
+                *self.logits_read.borrow_mut() += 1;
+            }
             out.insert("logits".into(), HostBuffer { shape: vec![tokens.len(), VOCAB], data: HostData::F32(logits) });
             Ok(out)
         }
@@ -677,6 +754,24 @@ mod tests {
             assert_eq!(x.tokens, y.tokens);
         }
         assert_eq!(*device.uploads.borrow(), 1);
+        // Greedy on a program that picks tokens itself: the same tokens, no logits read back after
+        // the prefill; sampling with a temperature still reads them.
+        let mut picker = Toy::new(true);
+        picker.argmax = true;
+        let mut s = ArtifactSession::new(&picker, 20).unwrap();
+        let picked = generate(&mut s, &prompt, 10, &mut greedy(), None).unwrap();
+        assert_eq!(picked.tokens, one.tokens);
+        assert_eq!(*picker.logits_read.borrow(), 0);
+        let mut samplers = vec![greedy(), greedy()];
+        let both = generate_batch(&picker, &prompts, 6, &mut samplers, None).unwrap();
+        assert_eq!(
+            both.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(),
+            sent.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>()
+        );
+        assert_eq!(*picker.logits_read.borrow(), 0);
+        let mut s = ArtifactSession::new(&picker, 20).unwrap();
+        generate(&mut s, &prompt, 4, &mut v3c_models::reference::Sampler::new(0.8, 0.9, 3), None).unwrap();
+        assert_eq!(*picker.logits_read.borrow(), 3);
         // A failed step is not taken for kept caches: with nothing on the device, the session's
         // shape-only copy is refused instead of sent as zeros.
         let device = Toy::new(true);
