@@ -386,7 +386,7 @@ fn measure(
                     norm += w * w;
                 }
                 let rel = (diff / norm.max(1e-30)).sqrt();
-                if !(rel <= tolerance) {
+                if rel.is_nan() || rel > tolerance {
                     return Err(format!(
                         "{name} (the default) differs from the host's product on row {row} by {rel:.2e}"
                     ));
@@ -400,7 +400,7 @@ fn measure(
                 norm += f64::from(*r).powi(2);
             }
             let rel = (diff / norm.max(1e-30)).sqrt();
-            if !(rel <= tolerance) {
+            if rel.is_nan() || rel > tolerance {
                 report(&format!(
                     "{:40} M {m:5}  {name:52} REJECTED (differs from the default by {rel:.2e})",
                     problem.kernel
