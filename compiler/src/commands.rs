@@ -1189,7 +1189,8 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
         let scratch = tempfile::tempdir().map_err(|e| format!("a scratch directory: {e}"))?;
         let candidates = scratch.path().join("candidates");
         tune(&TuneOptions { emit_candidates: Some(&candidates), ..*o })?;
-        let written = v3c_runtime::measure::tune(&candidates, out, 20, device.ordinal, &mut |line| println!("{line}"))?;
+        let written =
+            v3c_runtime::measure::tune(&candidates, out, 20, device.ordinal, false, &mut |line| println!("{line}"))?;
         eprintln!("tune: {written} entries measured on {} written to {}", device.name, out.display());
         return Ok(());
     };

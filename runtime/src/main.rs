@@ -148,6 +148,9 @@ struct TuneArgs {
     /// CUDA device ordinal.
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
+    /// Measure problems the database already holds for this GPU, compiler and candidate set too.
+    #[arg(long)]
+    again: bool,
 }
 
 #[derive(Args)]
@@ -659,8 +662,10 @@ fn tune(args: &TuneArgs) -> Result<(), Failure> {
     v3c_runtime::tuning::Candidates::read(&args.dir).map_err(Failure::Other)?;
     device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
     let written =
-        v3c_runtime::measure::tune(&args.dir, &args.out, args.reps.max(1), args.device, &mut |line| println!("{line}"))
-            .map_err(Failure::Other)?;
+        v3c_runtime::measure::tune(&args.dir, &args.out, args.reps.max(1), args.device, args.again, &mut |line| {
+            println!("{line}")
+        })
+        .map_err(Failure::Other)?;
     eprintln!("tune: {written} entries written to {}", args.out.display());
     Ok(())
 }

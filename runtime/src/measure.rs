@@ -141,13 +141,15 @@ fn download(ptr: u64, n: usize, what: &str) -> Result<Vec<f32>, String> {
 }
 
 /// Measures every problem of `dir`'s candidate set on device `ordinal` and merges the entries into
-/// the database at `out` (created when absent). `report` gets one line per candidate. Returns the
+/// the database at `out` (created when absent), skipping problems it already holds for this GPU,
+/// compiler and candidate set unless `again`. `report` gets one line per candidate. Returns the
 /// entries written.
 pub fn tune(
     dir: &Path,
     out: &Path,
     reps: usize,
     ordinal: usize,
+    again: bool,
     report: &mut dyn FnMut(&str),
 ) -> Result<usize, String> {
     let candidates = Candidates::read(dir)?;
@@ -171,12 +173,28 @@ pub fn tune(
     let measured_on = format!("{}, CUDA driver {driver}, v3r {}", info.name, env!("CARGO_PKG_VERSION"));
     let flush = DeviceBuffer::new(256 << 20, "the L2 flush buffer")?;
     let mut written = 0;
+    let gpu = crate::tuning::gpu_short_name(&info.name);
     for (i, problem) in candidates.problems.iter().enumerate() {
+        // Re-tuning only what changed: an entry for this GPU, compiler and candidate set stands.
+        let measured = db.entries.iter().any(|e| {
+            e.gpu == gpu
+                && e.compiler_version == candidates.compiler_version
+                && e.kernel == problem.kernel
+                && e.m_bucket == problem.m_bucket
+                && e.candidates_sha256 == problem.candidates_sha256
+        });
+        if measured && !again {
+            report(&format!(
+                "{} M {}: measured already (same GPU, compiler and candidates; --again to redo)",
+                problem.kernel, problem.m
+            ));
+            continue;
+        }
         match measure(dir, problem, i as u64, reps, info.multiprocessors as usize, stream, &flush, report) {
             Ok((timings, rejected)) => {
                 db.insert(DbEntry {
                     compiler_version: candidates.compiler_version.clone(),
-                    gpu: crate::tuning::gpu_short_name(&info.name),
+                    gpu: gpu.clone(),
                     compute_capability: info.compute_capability,
                     kernel: problem.kernel.clone(),
                     m_bucket: problem.m_bucket,
