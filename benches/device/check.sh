@@ -117,6 +117,18 @@ PY
       row "3. end to end tokens" "FAILED" "v3r run failed, graphs or not (check.log)"
     fi
   fi
+  # Speculative decoding (MTP drafts verified two tokens at a time): the first prompt's greedy tokens.
+  if timeout 120 "$v3r" run "$e2e/sm90spec" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
+      --max-new-tokens 16 --ignore-eos --speculative > "$out/e2e_speculative.txt" 2>>"$log"; then
+    tail -1 "$log"
+    if [ "$(cat "$out/e2e_speculative.txt")" = "$(head -1 "$e2e/expected_tokens.txt")" ]; then
+      row "3. speculative tokens" "ok" "16/16 greedy tokens (acceptance in check.log)"
+    else
+      row "3. speculative tokens" "DIFFERS" "e2e_speculative.txt vs the CPU backend's"
+    fi
+  else
+    row "3. speculative tokens" "FAILED" "v3r run --speculative failed (check.log)"
+  fi
   note "== 4. the small model's kernels timed (v3r bench-kernels)"
   if timeout 90 "$v3r" bench-kernels "$e2e/sm90" --weights "$e2e/ckpt" --reps 10 --out "$out/e2e_kernels.json" 2>&1 | tee -a "$log"; then
     row "4. kernel timing" "ok" "e2e_kernels.json"

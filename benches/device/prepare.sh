@@ -75,6 +75,10 @@ rm -rf .device/e2e/tiny
 target/release/v3c init-weights --model .device/e2e/config --out .device/e2e/ckpt --fp8 --seed 3 >/dev/null 2>&1
 target/release/v3c compile --model .device/e2e/ckpt --target sm_90a --max-rows 16 --max-context 128 \
   --out .device/e2e/sm90 --force 2>/dev/null
+# The same model with its MTP module as a draft entry, for `v3r run --speculative` (greedy: the tokens
+# must be the plain greedy ones).
+target/release/v3c compile --model .device/e2e/ckpt --target sm_90a --max-rows 16 --max-context 128 --speculative \
+  --out .device/e2e/sm90spec --force 2>/dev/null
 echo "3 90 27 311 243 7 100 5 64 2 19 400" > .device/e2e/prompt1.txt
 echo "8 1 77 500 23 42 9 9 13 250 31 6 17 88 120 3 55 71 2 10" > .device/e2e/prompt2.txt
 target/release/v3c logits --model-dir .device/e2e/ckpt --tokens "$(cat .device/e2e/prompt1.txt)" --backend cpu \
