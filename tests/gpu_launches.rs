@@ -87,6 +87,13 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
             other => panic!("{name}: {other:?}"),
         })
     };
+    // Weights the GPU takes as stored (e4m3 bits, f32 scales, bf16) are the loader's values exactly.
+    let weights = v3c_runtime::gpu::Weights::Checkpoint(&ck);
+    for (name, (shape, dtype)) in &shapes {
+        let planned = v3c_runtime::cpu::load_weight(&ck, name, shape, dtype).unwrap();
+        let loaded = v3c_runtime::gpu::plan_bytes(&planned, dtype).unwrap();
+        assert_eq!(weights.bytes(name, shape, dtype).unwrap(), loaded, "{name}");
+    }
     for p in &prepared {
         let (b, s) = v3c_runtime::gpu::prepare_weight(p, &source).unwrap();
         assert_eq!(b.len(), p.rows * p.k, "{}", p.key);

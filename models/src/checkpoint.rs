@@ -206,6 +206,14 @@ impl Checkpoint {
         &self.files[e.file].1[e.start..e.end]
     }
 
+    /// A tensor's bytes as stored (the MTP module's fallbacks resolved), with its safetensors dtype
+    /// (`F8_E4M3`, `BF16`, `F32`, ...) and shape: for loaders that take data as it is stored (the GPU
+    /// runtime uploads e4m3 bits, their scales and bf16 tensors without converting them).
+    pub fn raw(&self, name: &str) -> Option<(&[u8], String, &[usize])> {
+        let (_, e) = self.resolve(name)?;
+        Some((self.bytes(e), dtype_name(e.dtype), &e.shape))
+    }
+
     fn file_of(&self, e: &TensorEntry) -> String {
         self.files[e.file].0.display().to_string()
     }

@@ -825,12 +825,44 @@ impl Weights<'_> {
     pub fn bytes(&self, name: &str, shape: &[usize], dtype: &str) -> Result<Vec<u8>, String> {
         match self {
             Weights::Checkpoint(ckpt) => {
+                if let Some(bytes) = stored_as_planned(ckpt, name, shape, dtype) {
+                    return Ok(bytes);
+                }
                 let w = crate::cpu::load_weight(ckpt, name, shape, dtype).map_err(|e| e.to_string())?;
                 plan_bytes(&w, dtype).map_err(|e| format!("{name}: {e}"))
             }
             Weights::Random(seed) => Ok(random_weight(name, shape.iter().product(), dtype, *seed)),
         }
     }
+}
+
+/// A weight's bytes straight from the checkpoint when it stores them in the plan's type (e4m3 bits,
+/// f32 block scales, bf16 tensors; stacked experts one after the other) — no conversion, no dequantized
+/// copy; None when a conversion is needed (the loader's path then).
+fn stored_as_planned(
+    ckpt: &v3c_models::checkpoint::Checkpoint,
+    name: &str,
+    shape: &[usize],
+    dtype: &str,
+) -> Option<Vec<u8>> {
+    let want = match dtype {
+        "f8E4M3FN" => "F8_E4M3",
+        "bf16" => "BF16",
+        "f32" => "F32",
+        _ => return None,
+    };
+    let stacked = name.contains(".experts.*.");
+    let (count, each) = if stacked { (*shape.first()?, &shape[1..]) } else { (1, shape) };
+    let mut out = Vec::new();
+    for e in 0..count {
+        let one = if stacked { name.replace(".experts.*.", &format!(".experts.{e}.")) } else { name.to_string() };
+        let (bytes, stored, stored_shape) = ckpt.raw(&one)?;
+        if stored != want || stored_shape.iter().product::<usize>() != each.iter().product::<usize>() {
+            return None;
+        }
+        out.extend_from_slice(bytes);
+    }
+    Some(out)
 }
 
 /// `n` made-up elements of `dtype` for weight `name`: e4m3 bytes of magnitude below 2 (never NaN),
