@@ -102,133 +102,6 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
     }
 }
 
-/// Host memory standing in for the device: 256-byte aligned allocations kept alive.
-#[derive(Default)]
-struct HostMemory(Vec<Vec<u64>>);
-
-impl HostMemory {
-    fn alloc_zeroed(&mut self, bytes: usize) -> u64 {
-        v3c_runtime::gpu::Memory::alloc(self, bytes, "scratch").unwrap()
-    }
-}
-
-impl v3c_runtime::gpu::Memory for HostMemory {
-    fn alloc(&mut self, bytes: usize, _: &str) -> Result<u64, String> {
-        let mut v = vec![0u64; bytes.div_ceil(8) + 32];
-        let addr = (v.as_mut_ptr() as u64).next_multiple_of(256);
-        self.0.push(v);
-        Ok(addr)
-    }
-
-    fn upload(&mut self, bytes: &[u8], what: &str) -> Result<u64, String> {
-        let addr = self.alloc(bytes.len(), what)?;
-        // SAFETY: the allocation holds `bytes.len()` bytes past its aligned address.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
-        Ok(addr)
-    }
-}
-
-/// What a GEMM template launch computes, read from its parameters the way the kernel reads them
-/// (tensor maps for A and B, then the memrefs in the template's order): `out = A . B^T` per
-/// 128-wide K block with the 1x128 / 128x128 scales (fp8), grouped rows by offsets (gathered
-/// through the permutation, weighted by the row scale, scattered into token rows), plus residual.
-fn emulate_gemm(abi: &v3c_runtime::abi::GemmAbi, l: &v3c_runtime::abi::KernelLaunch) {
-    use v3c_models::dtype::{bf16_to_f32, f8e4m3_to_f32};
-    use v3c_runtime::abi::Param;
-    let v: Vec<u64> =
-        l.params[2..].iter().map(|p| if let Param::Value(v) = p { *v } else { panic!("{p:?}") }).collect();
-    let mut at = 0;
-    let mut memref = |rank: usize| {
-        let (ptr, sizes) = (v[at + 1], v[at + 3..at + 3 + rank].iter().map(|&d| d as usize).collect::<Vec<usize>>());
-        at += 3 + 2 * rank;
-        (ptr, sizes)
-    };
-    let out = memref(2);
-    let fp8 = abi.input == "fp8";
-    let (a_scale, b_scale) = if fp8 { (Some(memref(2)), Some(memref(2))) } else { (None, None) };
-    let (mut offsets, mut perm) = (None, None);
-    match abi.grouping.as_str() {
-        "dense" => {}
-        "contiguous" => {
-            offsets = Some(memref(1));
-            if abi.scatter {
-                perm = Some(memref(1));
-            }
-        }
-        "gather" => {
-            offsets = Some(memref(1));
-            perm = Some(memref(1));
-        }
-        other => panic!("{other}"),
-    }
-    let row_scale = abi.row_scale.then(|| memref(1));
-    let residual = abi.residual.then(|| memref(2));
-    let k = *v.last().unwrap() as usize;
-    let (a, b) = (&l.tensor_maps[0], &l.tensor_maps[1]);
-    // SAFETY: every address is a live host allocation of the sizes the launch names.
-    let f32_at = |ptr: u64, i: usize| unsafe { *(ptr as *const f32).add(i) };
-    let i32_at = |ptr: u64, i: usize| unsafe { *(ptr as *const i32).add(i) };
-    let el = |t: &v3c_runtime::abi::TensorMapSpec, row: usize, col: usize| unsafe {
-        if fp8 {
-            f8e4m3_to_f32(*(t.addr as *const u8).add(row * t.cols + col))
-        } else {
-            bf16_to_f32(*(t.addr as *const u16).add(row * t.cols + col))
-        }
-    };
-    let kb = k.div_ceil(128);
-    let dot = |arow: usize, brow: usize| -> f32 {
-        let mut acc = 0f32;
-        for blk in 0..kb {
-            let mut part = 0f32;
-            for c in blk * 128..((blk + 1) * 128).min(k) {
-                part += el(a, arow, c) * el(b, brow, c);
-            }
-            let scale = match (&a_scale, &b_scale) {
-                (Some((sa, sas)), Some((sb, sbs))) => {
-                    f32_at(*sa, arow * sas[1] + blk) * f32_at(*sb, brow / 128 * sbs[1] + blk)
-                }
-                _ => 1.0,
-            };
-            acc += part * scale;
-        }
-        acc
-    };
-    let (optr, n_out) = (out.0, out.1[1]);
-    let write = |row: usize, col: usize, value: f32, add: bool| unsafe {
-        let p = (optr as *mut f32).add(row * n_out + col);
-        *p = if add { *p + value } else { value };
-    };
-    match offsets {
-        None => {
-            for m in 0..out.1[0] {
-                for n in 0..n_out {
-                    let r = residual.as_ref().map_or(0.0, |(p, _)| f32_at(*p, m * n_out + n));
-                    write(m, n, dot(m, n) + r, false);
-                }
-            }
-        }
-        Some((optr_offsets, osizes)) => {
-            let groups = osizes[0] - 1;
-            let n = b.rows / groups;
-            for g in 0..groups {
-                for p in i32_at(optr_offsets, g) as usize..i32_at(optr_offsets, g + 1) as usize {
-                    let token = perm.as_ref().map(|(pp, _)| i32_at(*pp, p) as usize);
-                    let arow = if abi.grouping == "gather" { token.unwrap() } else { p };
-                    let w = row_scale.as_ref().map_or(1.0, |(rp, _)| f32_at(*rp, p));
-                    for col in 0..n {
-                        let value = dot(arow, g * n + col) * w;
-                        if abi.scatter {
-                            write(token.unwrap(), col, value, true);
-                        } else {
-                            write(p, col, value, false);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// The GPU executor's whole walk — weights prepared and bound, inputs, temporaries, RoPE tables,
 /// every template launch with its parameters, the strided result copies — run on the host: row
 /// kernels through their CPU lowering (the same template, JIT-compiled), GEMMs by [`emulate_gemm`]
@@ -237,9 +110,7 @@ fn emulate_gemm(abi: &v3c_runtime::abi::GemmAbi, l: &v3c_runtime::abi::KernelLau
 #[test]
 fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
     use std::collections::HashMap;
-    use v3c_runtime::abi::KernelAbi;
-    use v3c_runtime::gpu::{Action, Expander};
-    use v3c_runtime::host::{call_packed, HostBuffer, HostData, RawBuffer};
+    use v3c_runtime::host::{HostBuffer, HostData};
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint(dir.path());
     let out = dir.path().join("artifact");
@@ -259,114 +130,21 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
     let compiled = run_binary("v3c", &compile);
     assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
     let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
-    let expander = Expander::new(&artifact).unwrap();
     let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
-    let mut memory = HostMemory::default();
-    let (mut bindings, input_bytes) = v3c_runtime::gpu::bind(
-        &expander,
-        &v3c_runtime::gpu::Weights::Checkpoint(&checkpoint),
-        &mut memory,
-        &mut |_| {},
-    )
-    .unwrap();
-    // The routed experts' stacks feed the grouped weights only: they get no memory of their own.
-    assert!(bindings.weights.keys().all(|w| !w.contains(".experts.*.")), "{:?}", bindings.weights.keys());
-    assert!(bindings.weights.contains_key("model.layers.1.mlp.gate.weight"));
-    let abis: HashMap<&str, &KernelAbi> =
-        artifact.manifest.kernels.iter().map(|k| (k.name.as_str(), k.abi.as_ref().unwrap())).collect();
     let context = v3c_compiler::mlir::new_context();
-    let mut engines: HashMap<String, melior::ExecutionEngine> = HashMap::new();
-
-    // A row kernel's launch run through its CPU lowering (the same template), on host memory.
-    let mut exec_row = |k: &v3c_runtime::abi::KernelLaunch, ranks: &[usize]| {
-        let row = v3c_compiler::conversion::sm90::rows::RowKernel::from_name(&k.kernel).unwrap();
-        let engine = engines.entry(k.kernel.clone()).or_insert_with(|| {
-            let text = row.emit_cpu().unwrap();
-            let m = v3c_compiler::conversion::v3_to_cpu::lower_to_llvm(&context, &text, "step").unwrap();
-            melior::ExecutionEngine::new(&m, 2, &[], false, false)
-        });
-        let values: Vec<u64> = k
-            .params
-            .iter()
-            .map(|p| match p {
-                v3c_runtime::abi::Param::Value(v) => *v,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        let mut at = 0;
-        let bufs: Vec<RawBuffer> = ranks
-            .iter()
-            .map(|&r| {
-                let b = RawBuffer {
-                    ptr: values[at + 1] as *mut (),
-                    shape: values[at + 3..at + 3 + r].iter().map(|&d| d as usize).collect(),
-                    element: String::new(),
-                };
-                at += 3 + 2 * r;
-                b
-            })
-            .collect();
-        // SAFETY: buffers bound by the expansion, sized by the plan.
-        unsafe { call_packed(&bufs, false, 0, 1, |args| engine.invoke_packed(&row.kernel_name(), args).unwrap()) };
-    };
-
+    let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
+    let mut emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
+    // The routed experts' stacks feed the grouped weights only: they get no memory of their own.
+    let bound = &emulator.bindings().weights;
+    assert!(bound.keys().all(|w| !w.contains(".experts.*.")), "{:?}", bound.keys());
+    assert!(bound.contains_key("model.layers.1.mlp.gate.weight"));
+    let dumps = dir.path().join("dump");
+    let mut dumped = false;
     let mut run = |entry: &str, inputs: &HashMap<String, HostBuffer>, wanted: &[&str]| {
-        let plan = expander.entry(entry).unwrap();
-        let sizes = plan.bind(&inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect()).unwrap();
-        let (_, need) = expander.expand(plan, sizes, &bindings, 132).unwrap();
-        bindings.workspace = memory.alloc_zeroed(need.workspace_bytes);
-        bindings.counters = memory.alloc_zeroed(need.counters * 4);
-        let (actions, _) = expander.expand(plan, sizes, &bindings, 132).unwrap();
-        for (name, b) in inputs {
-            let dtype = &plan
-                .buffers
-                .iter()
-                .find(|p| matches!(&p.kind, v3c_runtime::plan::BufferKind::Input { name: n } if n == name))
-                .unwrap()
-                .dtype;
-            let bytes = v3c_runtime::gpu::plan_bytes(b, dtype).unwrap();
-            assert!(bytes.len() <= input_bytes[name]);
-            // SAFETY: within the input's allocation (checked).
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), bindings.inputs[name] as *mut u8, bytes.len()) };
-        }
-        for a in &actions {
-            match a {
-                Action::Kernel(k) => match abis[k.kernel.as_str()] {
-                    KernelAbi::Gemm(g) => emulate_gemm(g, k),
-                    KernelAbi::Memrefs { ranks } => exec_row(k, ranks),
-                },
-                Action::Copy2D { src, src_pitch, dst, dst_pitch, width, rows } => {
-                    for r in 0..*rows {
-                        // SAFETY: rows inside the buffers the expansion named.
-                        unsafe {
-                            std::ptr::copy(
-                                (*src as usize + r * src_pitch) as *const u8,
-                                (*dst as usize + r * dst_pitch) as *mut u8,
-                                *width,
-                            )
-                        };
-                    }
-                }
-            }
-        }
-        let mut outs = HashMap::new();
-        for (name, id) in &plan.outputs {
-            if !wanted.contains(&name.as_str()) {
-                continue;
-            }
-            let b = &plan.buffers[*id];
-            let shape = v3c_runtime::plan::shape_at(&b.dims, sizes);
-            let bytes = shape.iter().product::<usize>() * v3c_runtime::plan::element_bytes(&b.dtype).unwrap() as usize;
-            let addr = match &b.kind {
-                v3c_runtime::plan::BufferKind::Arena { offset } => bindings.arena + offset,
-                v3c_runtime::plan::BufferKind::Input { name } => bindings.inputs[name],
-                v3c_runtime::plan::BufferKind::Weight { name } => bindings.weights[name],
-            };
-            // SAFETY: the output lies in memory the plan sized.
-            let host = unsafe { std::slice::from_raw_parts(addr as *const u8, bytes) };
-            outs.insert(name.clone(), v3c_runtime::gpu::host_buffer(host, shape, &b.dtype).unwrap());
-        }
-        outs
+        // The first run writes every launch's buffers (as `v3r` under V3R_DUMP_DIR would).
+        let dump = (!dumped).then_some(dumps.as_path());
+        dumped = true;
+        emulator.run(entry, inputs, wanted, dump).unwrap()
     };
 
     // The CPU backend on the same checkpoint, fp8.
@@ -450,12 +228,22 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
     let mut idx = vec![-1i32; logits.shape[0]];
     let buf =
         v3c_runtime::abi::Buf { addr: logits.ptr_mut() as u64, shape: logits.shape.clone(), element: "f32".into() };
-    let launch = expander.argmax_launch(&buf, idx.as_mut_ptr() as u64).unwrap().expect("an argmax kernel");
-    let KernelAbi::Memrefs { ranks } = abis[launch.kernel.as_str()] else { panic!("not a row kernel") };
-    exec_row(&launch, ranks);
+    let launch = emulator.expander().argmax_launch(&buf, idx.as_mut_ptr() as u64).unwrap().expect("an argmax kernel");
+    // SAFETY: both buffers are live host memory of the launch's sizes.
+    unsafe { emulator.run_row(&launch, &[2, 1]).unwrap() };
     let HostData::F32(rows) = &logits.data else { panic!() };
     let vocab = logits.shape[1];
     let host: Vec<i32> =
         rows.chunks(vocab).map(|r| v3c_models::reference::Sampler::new(0.0, 1.0, 0).sample(r) as i32).collect();
     assert_eq!(idx, host);
+    // The dump of the first run: a line per non-weight buffer of every launch, each file its shape's bytes.
+    let index = std::fs::read_to_string(dumps.join("index.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = index.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.len() > 40, "{} dumped buffers", lines.len());
+    for l in &lines {
+        let shape: Vec<usize> = serde_json::from_value(l["shape"].clone()).unwrap();
+        let width = v3c_runtime::plan::element_bytes(l["element"].as_str().unwrap()).unwrap() as usize;
+        let len = std::fs::metadata(dumps.join(l["file"].as_str().unwrap())).unwrap().len() as usize;
+        assert_eq!(len, shape.iter().product::<usize>() * width, "{l}");
+    }
 }

@@ -99,6 +99,20 @@ PY
   else
     row "3. end to end logits" "FAILED" "v3r logits failed (check.log names the kernel)"
   fi
+  # Launch by launch: every launch's buffers on the GPU against the host emulation's (prepare.sh).
+  rm -rf "$out/dump"
+  if [ -d "$e2e/dump" ] && V3R_DUMP_DIR="$out/dump" timeout 120 "$v3r" logits "$e2e/sm90" --weights "$e2e/ckpt" \
+      --tokens "$(cat "$e2e/prompt1.txt")" --out "$out/e2e_logits_dumped.safetensors" >>"$log" 2>&1; then
+    if python3 "$root/benches/device/dump_compare.py" "$out/dump" "$e2e/dump" --out "$out/dump_compare.json" 2>&1 | tee -a "$log"; then
+      row "3. launch by launch" "ok" "every buffer as emulated (dump_compare.json)"
+      rm -rf "$out/dump"  # nothing to look at: only the comparison comes back
+    else
+      # The GPU's buffers come back (2 MB) next to the comparison.
+      row "3. launch by launch" "DIFFERS" "$(tail -1 "$log" | sed 's/.*first difference: //')"
+    fi
+  else
+    row "3. launch by launch" "FAILED" "no dump (check.log)"
+  fi
   # Greedy generation: two prompts as one batch (the second prefilled in two chunks), 16 tokens each.
   if timeout 120 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
       --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 --ignore-eos > "$out/e2e_tokens.txt" 2>>"$log"; then

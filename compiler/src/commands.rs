@@ -673,7 +673,9 @@ fn row_blocks(k: &v3c_compiler::conversion::sm90::rows::RowKernel) -> v3c_runtim
 }
 
 /// Writes the sm_90a artifact of `lowered` (whole or not at all): kernels (PTX, cubin when ptxas
-/// assembled it), the fused-level plan, the lowering of every fused kernel, the manifest.
+/// assembled it), the fused-level plan, the lowering of every fused kernel (and `argmax`, the
+/// sampling kernel), the manifest.
+#[allow(clippy::too_many_arguments)]
 fn write_gpu_artifact(
     out: &Path,
     o: &CompileGpuOptions,
@@ -1546,6 +1548,68 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
         started.elapsed().as_secs_f64(),
         if o.fp8 { "FP8 GEMMs" } else { "f32" },
         o.out.display()
+    );
+    Ok(())
+}
+
+/// `v3c emulate`: a GPU artifact's prefill of `tokens` from position 0 run on this CPU
+/// ([`v3c_compiler::emulate`]), its logits written to `out`, every launch's buffers to `dump`.
+pub fn emulate(artifact: &Path, weights: &Path, tokens: &str, out: &Path, dump: Option<&Path>) -> Result<(), String> {
+    use v3c_runtime::host::{HostBuffer, HostData};
+    let tokens = v3c_runtime::cli::parse_token_ids(tokens, "--tokens")?;
+    let a = v3c_runtime::artifact::Artifact::open(artifact).map_err(|e| e.to_string())?;
+    if a.lowering.is_none() {
+        return Err(format!(
+            "{}: a {} artifact: emulation runs GPU artifacts",
+            artifact.display(),
+            a.manifest.target.name
+        ));
+    }
+    a.check_weights(weights)?;
+    if let Some(d) = dump.filter(|d| d.exists()) {
+        return Err(format!("{}: already exists (dumps go into a new directory)", d.display()));
+    }
+    let ckpt = v3c_models::checkpoint::Checkpoint::open(weights).map_err(|e| e.to_string())?;
+    let plan = a.plan.entries.iter().find(|e| e.name == "prefill").ok_or("the artifact has no prefill entry")?;
+    if tokens.is_empty() || tokens.len() > plan.sizes.rows {
+        return Err(format!(
+            "{} tokens: the prefill plan holds 1..={} (one prefill is emulated)",
+            tokens.len(),
+            plan.sizes.rows
+        ));
+    }
+    let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
+    let mut inputs = std::collections::HashMap::new();
+    for (name, shape) in &plan.bounds {
+        let value = match name.as_str() {
+            "tokens" => ids(tokens.iter().map(|&t| i64::from(t)).collect()),
+            "positions" => ids((0..tokens.len() as i64).collect()),
+            // The MTP layer at position i reads token i + 1 (0 past the prompt), as v3r's sessions feed it.
+            "mtp_tokens" => ids(tokens.iter().skip(1).map(|&t| i64::from(t)).chain([0]).collect()),
+            cache if cache.starts_with("kv_cache.") => {
+                HostBuffer { shape: vec![0, *shape.last().unwrap_or(&0)], data: HostData::F32(Vec::new()) }
+            }
+            other => return Err(format!("the prefill entry has an input {other} emulate does not fill")),
+        };
+        inputs.insert(name.clone(), value);
+    }
+    let context = v3c_compiler::mlir::new_context();
+    let mut emulator =
+        v3c_compiler::emulate::Emulator::new(&context, &a, &v3c_runtime::gpu::Weights::Checkpoint(&ckpt))?;
+    let start = Instant::now();
+    let outs = emulator.run("prefill", &inputs, &["logits"], dump)?;
+    let logits = outs.get("logits").ok_or("the prefill entry has no logits")?;
+    let HostData::F32(values) = &logits.data else { return Err("logits are not f32".into()) };
+    let tensor = v3c_models::tensor::Tensor::f32(logits.shape.clone(), values.clone());
+    save_tensors(out, &[("logits", &tensor)]).map_err(|e| e.to_string())?;
+    eprintln!(
+        "emulated the prefill ({} fused launches) of {} tokens in {:.2} s; wrote logits {:?} to {}{}",
+        plan.launches.len(),
+        tokens.len(),
+        start.elapsed().as_secs_f64(),
+        logits.shape,
+        out.display(),
+        dump.map_or(String::new(), |d| format!(", every launch's buffers to {}", d.display()))
     );
     Ok(())
 }

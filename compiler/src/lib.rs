@@ -13,6 +13,7 @@
 pub mod conversion;
 pub mod cpu_backend;
 pub mod doctor;
+pub mod emulate;
 pub mod import;
 pub mod kernel_cache;
 pub mod mlir;

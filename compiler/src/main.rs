@@ -45,6 +45,28 @@ enum Command {
     Train(TrainArgs),
     /// Report LLVM/MLIR, PTX and cubin generation, CUDA tools, driver and GPUs; works without a GPU.
     Doctor(DoctorArgs),
+    /// Run a GPU artifact's launches on this CPU (row kernels through their CPU lowering, GEMMs from
+    /// their parameters): the logits a GPU must give, and with --dump every launch's buffers, for
+    /// `benches/device/dump_compare.py` against `V3R_DUMP_DIR=... v3r logits` on the GPU.
+    Emulate(EmulateArgs),
+}
+
+#[derive(Args)]
+struct EmulateArgs {
+    /// GPU artifact directory (`v3c compile --target sm_90a --out`).
+    artifact: PathBuf,
+    /// Checkpoint directory (config.json + safetensors).
+    #[arg(long, value_name = "DIR")]
+    weights: PathBuf,
+    /// Token ids separated by spaces: one prefill from position 0 (at most the plan's rows).
+    #[arg(long, value_name = "IDS")]
+    tokens: String,
+    /// Output safetensors file (`logits` F32 [tokens, vocab]).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Write every launch's buffers (but weights) here, with an index.jsonl.
+    #[arg(long, value_name = "DIR")]
+    dump: Option<PathBuf>,
 }
 
 /// Pipeline stages, in order; the names are stable (dump folders and snapshots use them).
@@ -408,6 +430,7 @@ fn main() -> ExitCode {
             llvm: a.llvm,
             plan_sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
         }),
+        Command::Emulate(a) => commands::emulate(&a.artifact, &a.weights, &a.tokens, &a.out, a.dump.as_deref()),
         Command::Logits(a) => commands::require_backend(a.backend.name()).and_then(|_| {
             commands::logits(&a.model_dir, &a.tokens, a.first_position, a.precision.model(), a.backend.name(), &a.out)
         }),

@@ -157,6 +157,9 @@ pub struct KernelLaunch {
     pub grid: usize,
     pub params: Vec<Param>,
     pub tensor_maps: Vec<TensorMapSpec>,
+    /// The buffers the launch reads and writes, in the lowering's operand order (for dumps: what
+    /// `V3R_DUMP_DIR` writes after each launch).
+    pub operands: Vec<Buf>,
 }
 
 /// The split-K scratch a GEMM launch uses: `[splits, M, N]` f32 partials and one i32 counter per
@@ -347,7 +350,22 @@ impl GemmAbi {
             params.push(Param::Value(splits as u64));
         }
         params.push(Param::Value(k as u64));
-        Ok(KernelLaunch { kernel: kernel.to_string(), grid: self.grid(p, sms), params, tensor_maps: maps })
+        let operands = [
+            Some(ops.a),
+            ops.a_scale,
+            Some(ops.b),
+            ops.b_scale,
+            ops.residual,
+            ops.offsets,
+            ops.perm,
+            ops.row_scale,
+            Some(ops.out),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+        Ok(KernelLaunch { kernel: kernel.to_string(), grid: self.grid(p, sms), params, tensor_maps: maps, operands })
     }
 }
 

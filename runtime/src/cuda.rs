@@ -389,7 +389,29 @@ impl GpuArtifact {
         let staged = self.stage(plan, inputs, resident)?;
         let sync_each = std::env::var("V3R_SYNC_EACH").is_ok_and(|v| v == "1");
         let graphs = self.graphs(entry);
-        if graphs {
+        if let Some(dir) = std::env::var_os("V3R_DUMP_DIR") {
+            // Launch by launch, each one's buffers read back and written as `v3c emulate --dump` does.
+            let dir = std::path::PathBuf::from(dir);
+            for (i, a) in staged.actions.iter().enumerate() {
+                self.launch(entry, &staged, i)?;
+                // SAFETY: our stream.
+                unsafe { result::stream::synchronize(self.stream) }
+                    .map_err(cuda(&format!("{entry}: action {i} ({a:?})")))?;
+                if let Action::Kernel(k) = a {
+                    let read = |b: &crate::abi::Buf| -> Result<Vec<u8>, String> {
+                        let mut bytes =
+                            vec![0u8; b.elements() * crate::plan::element_bytes(&b.element).unwrap_or(4) as usize];
+                        if !bytes.is_empty() {
+                            // SAFETY: the buffer lies in device memory of its shape.
+                            unsafe { result::memcpy_dtoh_sync(&mut bytes, b.addr) }
+                                .map_err(cuda("reading a dumped buffer"))?;
+                        }
+                        Ok(bytes)
+                    };
+                    crate::gpu::dump_launch(&dir, entry, i, k, &self.bindings, &read)?;
+                }
+            }
+        } else if graphs {
             self.launch_graph(entry, &staged)?;
         } else {
             for i in 0..staged.actions.len() {

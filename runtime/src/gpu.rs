@@ -161,7 +161,14 @@ impl<'a> Expander<'a> {
         let rows = logits.shape_at_rank(2)?[0];
         let mut params = memref(logits, 2)?;
         params.extend(memref(&Buf { addr: idx, shape: vec![rows], element: "i32".into() }, 1)?);
-        Ok(Some(KernelLaunch { kernel: kernel.clone(), grid: rows, params, tensor_maps: Vec::new() }))
+        let idx = Buf { addr: idx, shape: vec![rows], element: "i32".into() };
+        Ok(Some(KernelLaunch {
+            kernel: kernel.clone(),
+            grid: rows,
+            params,
+            tensor_maps: Vec::new(),
+            operands: vec![logits.clone(), idx],
+        }))
     }
 
     /// Every prepared weight the entries' GEMMs read, once each.
@@ -361,6 +368,7 @@ impl<'a> Expander<'a> {
                                 grid,
                                 params,
                                 tensor_maps: Vec::new(),
+                                operands: ops.clone(),
                             }));
                         }
                     }
@@ -896,4 +904,49 @@ pub fn random_weight(name: &str, n: usize, dtype: &str, seed: u64) -> Vec<u8> {
             .collect(),
         other => vec![0; n * crate::plan::element_bytes(other).unwrap_or(4) as usize],
     }
+}
+
+impl Bindings {
+    /// Whether `addr` is where a weight (as stored or re-laid out) lives.
+    pub fn is_weight(&self, addr: u64) -> bool {
+        self.weights.values().any(|&a| a == addr) || self.prepared.values().any(|&(b, s)| b == addr || s == Some(addr))
+    }
+}
+
+/// Writes the buffers of launch `seq` of `entry` (all but weights) into `dir`, as `read` gives
+/// their bytes, one file each (`{entry}-{seq:04}-{kernel}-{operand}.bin`), and appends a line per
+/// file to `dir/index.jsonl` (entry, seq, kernel, operand, file, shape, element). `v3r` does it on
+/// the GPU under `V3R_DUMP_DIR`, `v3c emulate --dump` on the host: `benches/device/dump_compare.py`
+/// finds the first launch where the two part.
+pub fn dump_launch(
+    dir: &std::path::Path,
+    entry: &str,
+    seq: usize,
+    k: &KernelLaunch,
+    bindings: &Bindings,
+    read: &dyn Fn(&Buf) -> Result<Vec<u8>, String>,
+) -> Result<(), String> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let index = dir.join("index.jsonl");
+    let mut lines = String::new();
+    for (i, b) in k.operands.iter().enumerate() {
+        if bindings.is_weight(b.addr) {
+            continue;
+        }
+        let file = format!("{entry}-{seq:04}-{}-{i}.bin", k.kernel);
+        let path = dir.join(&file);
+        std::fs::write(&path, read(b)?).map_err(|e| format!("{}: {e}", path.display()))?;
+        let line = serde_json::json!({
+            "entry": entry, "seq": seq, "kernel": k.kernel, "operand": i, "file": file,
+            "shape": b.shape, "element": b.element,
+        });
+        lines.push_str(&format!("{line}\n"));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&index)
+        .map_err(|e| format!("{}: {e}", index.display()))?;
+    f.write_all(lines.as_bytes()).map_err(|e| format!("{}: {e}", index.display()))
 }

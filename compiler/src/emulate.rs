@@ -1,0 +1,302 @@
+//! A GPU artifact run on the host: the runtime's whole walk ([`v3c_runtime::gpu`]: weights bound
+//! and re-laid out, inputs, temporaries, RoPE tables, every template launch with its parameters, the
+//! strided result copies) over host memory, with row kernels run through their CPU lowering (the
+//! same template, JIT-compiled) and GEMMs computed from their launch parameters the way the kernel
+//! reads them. What it gives is what the GPU must give, launch by launch: `v3c emulate --dump DIR`
+//! writes each launch's buffers as `V3R_DUMP_DIR` makes `v3r` write them on the GPU, and
+//! `benches/device/dump_compare.py` finds the first launch where the two part.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use melior::{Context, ExecutionEngine};
+use v3c_runtime::abi::{GemmAbi, KernelAbi, KernelLaunch, Param, TensorMapSpec};
+use v3c_runtime::artifact::Artifact;
+use v3c_runtime::gpu::{bind, host_buffer, plan_bytes, Action, Bindings, Expander, Memory, Weights};
+use v3c_runtime::host::{call_packed, HostBuffer, RawBuffer};
+use v3c_runtime::plan::{element_bytes, shape_at, BufferKind};
+
+/// Host memory standing in for the device: 256-byte aligned, zeroed allocations kept alive.
+#[derive(Default)]
+pub struct HostMemory(Vec<Vec<u64>>);
+
+impl Memory for HostMemory {
+    fn alloc(&mut self, bytes: usize, _: &str) -> Result<u64, String> {
+        let mut v = vec![0u64; bytes.div_ceil(8) + 32];
+        let addr = (v.as_mut_ptr() as u64).next_multiple_of(256);
+        self.0.push(v);
+        Ok(addr)
+    }
+
+    fn upload(&mut self, bytes: &[u8], what: &str) -> Result<u64, String> {
+        let addr = self.alloc(bytes.len(), what)?;
+        // SAFETY: the allocation holds `bytes.len()` bytes past its aligned address.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        Ok(addr)
+    }
+}
+
+/// What a GEMM template launch computes, read from its parameters as the kernel reads them (tensor
+/// maps for A and B, then the memrefs in the template's order): `out = A . B^T` per 128-wide K
+/// block with the 1x128 / 128x128 scales (fp8), grouped rows by offsets (gathered through the
+/// permutation, weighted by the row scale, scattered into token rows), plus the residual.
+///
+/// # Safety
+/// Every address in the launch must be live host memory of the sizes it names.
+pub unsafe fn emulate_gemm(abi: &GemmAbi, l: &KernelLaunch) -> Result<(), String> {
+    use v3c_models::dtype::{bf16_to_f32, f8e4m3_to_f32};
+    let v: Vec<u64> = l.params[2..]
+        .iter()
+        .map(|p| match p {
+            Param::Value(v) => Ok(*v),
+            Param::TensorMap(_) => Err(format!("{}: a tensor map past the first two parameters", l.kernel)),
+        })
+        .collect::<Result<_, _>>()?;
+    let mut at = 0;
+    let mut memref = |rank: usize| {
+        let (ptr, sizes) = (v[at + 1], v[at + 3..at + 3 + rank].iter().map(|&d| d as usize).collect::<Vec<usize>>());
+        at += 3 + 2 * rank;
+        (ptr, sizes)
+    };
+    let out = memref(2);
+    let fp8 = abi.input == "fp8";
+    let (a_scale, b_scale) = if fp8 { (Some(memref(2)), Some(memref(2))) } else { (None, None) };
+    let (mut offsets, mut perm) = (None, None);
+    match abi.grouping.as_str() {
+        "dense" => {}
+        "contiguous" => {
+            offsets = Some(memref(1));
+            if abi.scatter {
+                perm = Some(memref(1));
+            }
+        }
+        "gather" => {
+            offsets = Some(memref(1));
+            perm = Some(memref(1));
+        }
+        other => return Err(format!("{}: {other} grouping is not emulated", l.kernel)),
+    }
+    let row_scale = abi.row_scale.then(|| memref(1));
+    let residual = abi.residual.then(|| memref(2));
+    let k = *v.last().ok_or("no parameters")? as usize;
+    let (a, b) = (&l.tensor_maps[0], &l.tensor_maps[1]);
+    // SAFETY (all accesses below): the caller's promise.
+    let f32_at = |ptr: u64, i: usize| unsafe { *(ptr as *const f32).add(i) };
+    let i32_at = |ptr: u64, i: usize| unsafe { *(ptr as *const i32).add(i) };
+    let el = |t: &TensorMapSpec, row: usize, col: usize| unsafe {
+        if fp8 {
+            f8e4m3_to_f32(*(t.addr as *const u8).add(row * t.cols + col))
+        } else {
+            bf16_to_f32(*(t.addr as *const u16).add(row * t.cols + col))
+        }
+    };
+    let kb = k.div_ceil(128);
+    let dot = |arow: usize, brow: usize| -> f32 {
+        let mut acc = 0f32;
+        for blk in 0..kb {
+            let mut part = 0f32;
+            for c in blk * 128..((blk + 1) * 128).min(k) {
+                part += el(a, arow, c) * el(b, brow, c);
+            }
+            let scale = match (&a_scale, &b_scale) {
+                (Some((sa, sas)), Some((sb, sbs))) => {
+                    f32_at(*sa, arow * sas[1] + blk) * f32_at(*sb, brow / 128 * sbs[1] + blk)
+                }
+                _ => 1.0,
+            };
+            acc += part * scale;
+        }
+        acc
+    };
+    let (optr, n_out) = (out.0, out.1[1]);
+    let write = |row: usize, col: usize, value: f32, add: bool| unsafe {
+        let p = (optr as *mut f32).add(row * n_out + col);
+        *p = if add { *p + value } else { value };
+    };
+    match offsets {
+        None => {
+            for m in 0..out.1[0] {
+                for n in 0..n_out {
+                    let r = residual.as_ref().map_or(0.0, |(p, _)| f32_at(*p, m * n_out + n));
+                    write(m, n, dot(m, n) + r, false);
+                }
+            }
+        }
+        Some((offsets, sizes)) => {
+            let groups = sizes[0] - 1;
+            let n = b.rows / groups;
+            for g in 0..groups {
+                for p in i32_at(offsets, g) as usize..i32_at(offsets, g + 1) as usize {
+                    let token = perm.as_ref().map(|(pp, _)| i32_at(*pp, p) as usize);
+                    let arow = if abi.grouping == "gather" { token.unwrap_or(p) } else { p };
+                    let w = row_scale.as_ref().map_or(1.0, |(rp, _)| f32_at(*rp, p));
+                    for col in 0..n {
+                        let value = dot(arow, g * n + col) * w;
+                        match (abi.scatter, token) {
+                            (true, Some(t)) => write(t, col, value, true),
+                            _ => write(p, col, value, false),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A GPU artifact loaded into host memory, run launch by launch.
+pub struct Emulator<'a, 'c> {
+    artifact: &'a Artifact,
+    expander: Expander<'a>,
+    bindings: Bindings,
+    input_bytes: HashMap<String, usize>,
+    memory: HostMemory,
+    context: &'c Context,
+    engines: HashMap<String, ExecutionEngine>,
+}
+
+impl<'a, 'c> Emulator<'a, 'c> {
+    /// Binds `artifact`'s weights (from `weights`) and regions in host memory.
+    pub fn new(context: &'c Context, artifact: &'a Artifact, weights: &Weights) -> Result<Emulator<'a, 'c>, String> {
+        let expander = Expander::new(artifact)?;
+        let mut memory = HostMemory::default();
+        let (bindings, input_bytes) = bind(&expander, weights, &mut memory, &mut |_| {})?;
+        Ok(Emulator { artifact, expander, bindings, input_bytes, memory, context, engines: HashMap::new() })
+    }
+
+    pub fn bindings(&self) -> &Bindings {
+        &self.bindings
+    }
+
+    pub fn expander(&self) -> &Expander<'a> {
+        &self.expander
+    }
+
+    /// Runs a row kernel's launch through its CPU lowering.
+    ///
+    /// # Safety
+    /// The launch's buffers must be live host memory of the sizes its parameters name.
+    pub unsafe fn run_row(&mut self, k: &KernelLaunch, ranks: &[usize]) -> Result<(), String> {
+        let row = crate::conversion::sm90::rows::RowKernel::from_name(&k.kernel)
+            .ok_or_else(|| format!("{}: not a row kernel name", k.kernel))?;
+        if !self.engines.contains_key(&k.kernel) {
+            let text = row.emit_cpu()?;
+            let m = crate::conversion::v3_to_cpu::lower_to_llvm(self.context, &text, "step")?;
+            self.engines.insert(k.kernel.clone(), ExecutionEngine::new(&m, 2, &[], false, false));
+        }
+        let engine = &self.engines[&k.kernel];
+        let values: Vec<u64> = k
+            .params
+            .iter()
+            .map(|p| match p {
+                Param::Value(v) => Ok(*v),
+                Param::TensorMap(_) => Err(format!("{}: a row kernel with a tensor map", k.kernel)),
+            })
+            .collect::<Result<_, _>>()?;
+        let mut at = 0;
+        let mut bufs = Vec::new();
+        for &r in ranks {
+            bufs.push(RawBuffer {
+                ptr: values[at + 1] as *mut (),
+                shape: values[at + 3..at + 3 + r].iter().map(|&d| d as usize).collect(),
+                element: String::new(),
+            });
+            at += 3 + 2 * r;
+        }
+        let name = row.kernel_name();
+        let mut failed = None;
+        // SAFETY: the caller's promise; the buffers are the kernel's arguments in order.
+        unsafe {
+            call_packed(&bufs, false, 0, 1, |args| {
+                failed = engine.invoke_packed(&name, args).err().map(|e| e.to_string());
+            })
+        };
+        failed.map_or(Ok(()), |e| Err(format!("{name}: {e}")))
+    }
+
+    /// Runs `entry` on `inputs` and returns the outputs named in `wanted`; with `dump`, writes
+    /// every launch's buffers there after it runs (see [`v3c_runtime::gpu::dump_launch`]).
+    pub fn run(
+        &mut self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        dump: Option<&Path>,
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        let plan = self.expander.entry(entry)?;
+        let shapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
+        let sizes = plan.bind(&shapes)?;
+        let (_, need) = self.expander.expand(plan, sizes, &self.bindings, 132)?;
+        self.bindings.workspace = self.memory.alloc(need.workspace_bytes, "workspace")?;
+        self.bindings.counters = self.memory.alloc(need.counters * 4, "counters")?;
+        let (actions, _) = self.expander.expand(plan, sizes, &self.bindings, 132)?;
+        for (name, b) in inputs {
+            let Some(planned) =
+                plan.buffers.iter().find(|p| matches!(&p.kind, BufferKind::Input { name: n } if n == name))
+            else {
+                continue;
+            };
+            let bytes = plan_bytes(b, &planned.dtype)?;
+            if bytes.len() > self.input_bytes[name] {
+                return Err(format!("input {name}: larger than planned"));
+            }
+            // SAFETY: within the input's allocation (checked).
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.bindings.inputs[name] as *mut u8, bytes.len())
+            };
+        }
+        let abis: HashMap<&str, &KernelAbi> =
+            self.artifact.manifest.kernels.iter().filter_map(|k| Some((k.name.as_str(), k.abi.as_ref()?))).collect();
+        for (seq, a) in actions.iter().enumerate() {
+            match a {
+                Action::Kernel(k) => {
+                    match abis.get(k.kernel.as_str()) {
+                        // SAFETY: the expansion's addresses are this emulator's host allocations.
+                        Some(KernelAbi::Gemm(g)) => unsafe { emulate_gemm(g, k)? },
+                        Some(KernelAbi::Memrefs { ranks }) => unsafe { self.run_row(k, ranks)? },
+                        None => return Err(format!("kernel {} has no abi", k.kernel)),
+                    }
+                    if let Some(dir) = dump {
+                        let bindings = &self.bindings;
+                        // SAFETY: as above.
+                        let read = |b: &v3c_runtime::abi::Buf| -> Result<Vec<u8>, String> {
+                            let n = b.elements() * element_bytes(&b.element).unwrap_or(4) as usize;
+                            Ok(unsafe { std::slice::from_raw_parts(b.addr as *const u8, n) }.to_vec())
+                        };
+                        v3c_runtime::gpu::dump_launch(dir, entry, seq, k, bindings, &read)?;
+                    }
+                }
+                Action::Copy2D { src, src_pitch, dst, dst_pitch, width, rows } => {
+                    for r in 0..*rows {
+                        // SAFETY: rows inside the buffers the expansion named.
+                        unsafe {
+                            std::ptr::copy(
+                                (*src as usize + r * src_pitch) as *const u8,
+                                (*dst as usize + r * dst_pitch) as *mut u8,
+                                *width,
+                            )
+                        };
+                    }
+                }
+            }
+        }
+        let mut outs = HashMap::new();
+        for (name, id) in &plan.outputs {
+            if !wanted.contains(&name.as_str()) {
+                continue;
+            }
+            let b = &plan.buffers[*id];
+            let shape = shape_at(&b.dims, sizes);
+            let bytes = shape.iter().product::<usize>() * element_bytes(&b.dtype).unwrap_or(4) as usize;
+            let addr = match &b.kind {
+                BufferKind::Arena { offset } => self.bindings.arena + offset,
+                BufferKind::Input { name } => self.bindings.inputs[name],
+                BufferKind::Weight { name } => self.bindings.weights[name],
+            };
+            // SAFETY: the output lies in memory the plan sized.
+            let host = unsafe { std::slice::from_raw_parts(addr as *const u8, bytes) };
+            outs.insert(name.clone(), host_buffer(host, shape, &b.dtype)?);
+        }
+        Ok(outs)
+    }
+}
