@@ -183,6 +183,7 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
         assert!(diff <= 1e-3 * scale.max(1e-6), "{what}: max |diff| {diff} vs max |value| {scale}");
     };
     let gpu = run("prefill", &inputs, &wanted);
+    let first_prefill = gpu.clone();
     let cpu = program.run("prefill", &inputs, &wanted).unwrap();
     for name in wanted {
         compare(&format!("prefill {name}"), &gpu[name], &cpu[name]);
@@ -236,6 +237,50 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
     let host: Vec<i32> =
         rows.chunks(vocab).map(|r| v3c_models::reference::Sampler::new(0.0, 1.0, 0).sample(r) as i32).collect();
     assert_eq!(idx, host);
+    // `v3c emulate` from the command line: the same prefill's logits as the CPU backend's, a dump
+    // `dump_compare.py` finds identical to itself (the script's comparison, with the standard library only).
+    let (emulated, cli_dump) = (dir.path().join("emulated.safetensors"), dir.path().join("cli-dump"));
+    let args = [
+        "emulate",
+        out.to_str().unwrap(),
+        "--weights",
+        ckpt.to_str().unwrap(),
+        "--tokens",
+        "3 90 27 311 243 7",
+        "--out",
+        emulated.to_str().unwrap(),
+        "--dump",
+        cli_dump.to_str().unwrap(),
+    ];
+    let ran = run_binary("v3c", &args);
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    let bytes = std::fs::read(&emulated).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let values: Vec<f32> = st
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let HostData::F32(first) = &first_prefill["logits"].data else { panic!() };
+    assert_eq!(&values, first, "the CLI's emulation is the library's");
+    let again = run_binary("v3c", &args);
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/device/dump_compare.py");
+    if let Ok(py) = std::process::Command::new("python3").arg(&script).arg("--self-test").output() {
+        assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+        let same = std::process::Command::new("python3").arg(&script).arg(&cli_dump).arg(&dumps).output().unwrap();
+        assert!(
+            String::from_utf8_lossy(&same.stdout).contains("0 differ; every buffer matches"),
+            "{}",
+            String::from_utf8_lossy(&same.stdout)
+        );
+    }
     // The dump of the first run: a line per non-weight buffer of every launch, each file its shape's bytes.
     let index = std::fs::read_to_string(dumps.join("index.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = index.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
