@@ -101,8 +101,9 @@ PY
   fi
   # Launch by launch: every launch's buffers on the GPU against the host emulation's (prepare.sh).
   rm -rf "$out/dump"
-  if [ -d "$e2e/dump" ] && V3R_DUMP_DIR="$out/dump" timeout 120 "$v3r" logits "$e2e/sm90" --weights "$e2e/ckpt" \
-      --tokens "$(cat "$e2e/prompt1.txt")" --out "$out/e2e_logits_dumped.safetensors" >>"$log" 2>&1; then
+  # The prefill and two decode steps (prepare.sh emulated the same: `v3c emulate --decode-steps 2`).
+  if [ -d "$e2e/dump" ] && V3R_DUMP_DIR="$out/dump" timeout 120 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" \
+      --prompt-tokens "$(cat "$e2e/prompt1.txt")" --max-new-tokens 3 --ignore-eos >>"$log" 2>&1; then
     if python3 "$root/benches/device/dump_compare.py" "$out/dump" "$e2e/dump" --out "$out/dump_compare.json" 2>&1 | tee -a "$log"; then
       row "3. launch by launch" "ok" "every buffer as emulated (dump_compare.json)"
       rm -rf "$out/dump"  # nothing to look at: only the comparison comes back

@@ -83,10 +83,11 @@ echo "3 90 27 311 243 7 100 5 64 2 19 400" > .device/e2e/prompt1.txt
 echo "8 1 77 500 23 42 9 9 13 250 31 6 17 88 120 3 55 71 2 10" > .device/e2e/prompt2.txt
 target/release/v3c logits --model-dir .device/e2e/ckpt --tokens "$(cat .device/e2e/prompt1.txt)" --backend cpu \
   --precision fp8 --out .device/e2e/expected_logits.safetensors 2>/dev/null
-# The host emulation of the artifact's launches on the first prompt, every launch's buffers dumped: on the
-# GPU, `V3R_DUMP_DIR` makes v3r dump the same and dump_compare.py names the first launch that differs.
+# The host emulation of the artifact's launches on the first prompt — its prefill and two greedy decode
+# steps, as `v3r run --max-new-tokens 3` takes them — every launch's buffers dumped: on the GPU,
+# `V3R_DUMP_DIR` makes v3r dump the same and dump_compare.py names the first launch that differs.
 target/release/v3c emulate .device/e2e/sm90 --weights .device/e2e/ckpt --tokens "$(cat .device/e2e/prompt1.txt)" \
-  --out .device/e2e/emulated_logits.safetensors --dump .device/e2e/dump 2>/dev/null
+  --decode-steps 2 --out .device/e2e/emulated_logits.safetensors --dump .device/e2e/dump 2>/dev/null
 for p in 1 2; do
   target/release/v3c run --model-dir .device/e2e/ckpt --prompt-tokens "$(cat .device/e2e/prompt$p.txt)" \
     --max-new-tokens 16 --backend cpu --precision fp8 --ignore-eos 2>/dev/null

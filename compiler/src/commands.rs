@@ -1554,7 +1554,14 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
 
 /// `v3c emulate`: a GPU artifact's prefill of `tokens` from position 0 run on this CPU
 /// ([`v3c_compiler::emulate`]), its logits written to `out`, every launch's buffers to `dump`.
-pub fn emulate(artifact: &Path, weights: &Path, tokens: &str, out: &Path, dump: Option<&Path>) -> Result<(), String> {
+pub fn emulate(
+    artifact: &Path,
+    weights: &Path,
+    tokens: &str,
+    out: &Path,
+    dump: Option<&Path>,
+    decode_steps: usize,
+) -> Result<(), String> {
     use v3c_runtime::host::{HostBuffer, HostData};
     let tokens = v3c_runtime::cli::parse_token_ids(tokens, "--tokens")?;
     let a = v3c_runtime::artifact::Artifact::open(artifact).map_err(|e| e.to_string())?;
@@ -1597,9 +1604,53 @@ pub fn emulate(artifact: &Path, weights: &Path, tokens: &str, out: &Path, dump: 
     let mut emulator =
         v3c_compiler::emulate::Emulator::new(&context, &a, &v3c_runtime::gpu::Weights::Checkpoint(&ckpt))?;
     let start = Instant::now();
-    let outs = emulator.run("prefill", &inputs, &["logits"], dump)?;
+    let mut wanted: Vec<&str> = plan.bounds.keys().filter(|n| n.starts_with("kv_cache.")).map(String::as_str).collect();
+    wanted.push("logits");
+    let outs = emulator.run("prefill", &inputs, &wanted, dump)?;
     let logits = outs.get("logits").ok_or("the prefill entry has no logits")?;
     let HostData::F32(values) = &logits.data else { return Err("logits are not f32".into()) };
+    // Decode steps as `v3r run --max-new-tokens {decode_steps + 1}` takes them: greedy tokens, one
+    // sequence over caches of prompt + new rows, MTP tokens 0.
+    if decode_steps > 0 {
+        let decode = a.plan.entries.iter().find(|e| e.name == "decode").ok_or("the artifact has no decode entry")?;
+        let max_len = tokens.len() + decode_steps + 1;
+        if max_len > decode.sizes.context {
+            return Err(format!("{max_len} rows: the decode plan holds {}", decode.sizes.context));
+        }
+        let mut state: std::collections::HashMap<String, HostBuffer> = std::collections::HashMap::new();
+        for (name, b) in &outs {
+            let HostData::F32(rows) = &b.data else { continue };
+            if !name.starts_with("kv_cache.") {
+                continue;
+            }
+            let width = b.shape[1];
+            let mut full = rows.clone();
+            full.resize(max_len * width, 0.0);
+            state.insert(name.clone(), HostBuffer { shape: vec![1, max_len, width], data: HostData::F32(full) });
+        }
+        let mut last: Vec<f32> = values[values.len() - logits.shape[1]..].to_vec();
+        let mut greedy = v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+        for step in 0..decode_steps {
+            let token = greedy.sample(&last);
+            let mut inputs = state.clone();
+            inputs.insert("tokens".into(), ids(vec![i64::from(token)]));
+            inputs.insert("positions".into(), ids(vec![(tokens.len() + step) as i64]));
+            if decode.bounds.contains_key("mtp_tokens") {
+                inputs.insert("mtp_tokens".into(), ids(vec![0]));
+            }
+            let mut want: Vec<&str> = state.keys().map(String::as_str).collect();
+            want.push("logits");
+            let mut step_out = emulator.run("decode", &inputs, &want, dump)?;
+            let HostData::F32(l) = &step_out["logits"].data else { return Err("decode logits are not f32".into()) };
+            last = l.clone();
+            for name in state.clone().keys() {
+                if let Some(b) = step_out.remove(name) {
+                    state.insert(name.clone(), b);
+                }
+            }
+            eprintln!("emulated decode step {step}: token {token} at position {}", tokens.len() + step);
+        }
+    }
     let tensor = v3c_models::tensor::Tensor::f32(logits.shape.clone(), values.clone());
     save_tensors(out, &[("logits", &tensor)]).map_err(|e| e.to_string())?;
     eprintln!(

@@ -153,6 +153,8 @@ pub struct Emulator<'a, 'c> {
     memory: HostMemory,
     context: &'c Context,
     engines: HashMap<String, ExecutionEngine>,
+    /// Runs dumped per entry.
+    dumped: HashMap<String, usize>,
 }
 
 impl<'a, 'c> Emulator<'a, 'c> {
@@ -161,7 +163,16 @@ impl<'a, 'c> Emulator<'a, 'c> {
         let expander = Expander::new(artifact)?;
         let mut memory = HostMemory::default();
         let (bindings, input_bytes) = bind(&expander, weights, &mut memory, &mut |_| {})?;
-        Ok(Emulator { artifact, expander, bindings, input_bytes, memory, context, engines: HashMap::new() })
+        Ok(Emulator {
+            artifact,
+            expander,
+            bindings,
+            input_bytes,
+            memory,
+            context,
+            engines: HashMap::new(),
+            dumped: HashMap::new(),
+        })
     }
 
     pub fn bindings(&self) -> &Bindings {
@@ -245,6 +256,11 @@ impl<'a, 'c> Emulator<'a, 'c> {
                 std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.bindings.inputs[name] as *mut u8, bytes.len())
             };
         }
+        let label = dump.map(|_| {
+            let n = self.dumped.entry(entry.to_string()).or_insert(0);
+            *n += 1;
+            v3c_runtime::gpu::dump_label(entry, *n - 1)
+        });
         let abis: HashMap<&str, &KernelAbi> =
             self.artifact.manifest.kernels.iter().filter_map(|k| Some((k.name.as_str(), k.abi.as_ref()?))).collect();
         for (seq, a) in actions.iter().enumerate() {
@@ -263,7 +279,7 @@ impl<'a, 'c> Emulator<'a, 'c> {
                             let n = b.elements() * element_bytes(&b.element).unwrap_or(4) as usize;
                             Ok(unsafe { std::slice::from_raw_parts(b.addr as *const u8, n) }.to_vec())
                         };
-                        v3c_runtime::gpu::dump_launch(dir, entry, seq, k, bindings, &read)?;
+                        v3c_runtime::gpu::dump_launch(dir, label.as_deref().unwrap_or(entry), seq, k, bindings, &read)?;
                     }
                 }
                 Action::Copy2D { src, src_pitch, dst, dst_pitch, width, rows } => {

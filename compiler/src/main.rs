@@ -67,6 +67,9 @@ struct EmulateArgs {
     /// Write every launch's buffers (but weights) here, with an index.jsonl.
     #[arg(long, value_name = "DIR")]
     dump: Option<PathBuf>,
+    /// Then this many greedy decode steps, as `v3r run --max-new-tokens N+1` takes them (dumped too).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    decode_steps: usize,
 }
 
 /// Pipeline stages, in order; the names are stable (dump folders and snapshots use them).
@@ -430,7 +433,9 @@ fn main() -> ExitCode {
             llvm: a.llvm,
             plan_sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
         }),
-        Command::Emulate(a) => commands::emulate(&a.artifact, &a.weights, &a.tokens, &a.out, a.dump.as_deref()),
+        Command::Emulate(a) => {
+            commands::emulate(&a.artifact, &a.weights, &a.tokens, &a.out, a.dump.as_deref(), a.decode_steps)
+        }
         Command::Logits(a) => commands::require_backend(a.backend.name()).and_then(|_| {
             commands::logits(&a.model_dir, &a.tokens, a.first_position, a.precision.model(), a.backend.name(), &a.out)
         }),

@@ -178,6 +178,8 @@ pub struct GpuArtifact {
     last_inputs: std::cell::RefCell<Option<(String, InputShapes)>>,
     graph: std::cell::RefCell<Option<CapturedGraph>>,
     argmax_out: std::cell::RefCell<Option<DeviceBuffer>>,
+    /// Runs dumped per entry (`V3R_DUMP_DIR`).
+    dumped_runs: std::cell::RefCell<HashMap<String, usize>>,
 }
 
 impl Drop for GpuArtifact {
@@ -314,6 +316,7 @@ impl GpuArtifact {
             last_inputs: std::cell::RefCell::new(None),
             graph: std::cell::RefCell::new(None),
             argmax_out: std::cell::RefCell::new(None),
+            dumped_runs: std::cell::RefCell::new(HashMap::new()),
         })
     }
 
@@ -392,6 +395,12 @@ impl GpuArtifact {
         if let Some(dir) = std::env::var_os("V3R_DUMP_DIR") {
             // Launch by launch, each one's buffers read back and written as `v3c emulate --dump` does.
             let dir = std::path::PathBuf::from(dir);
+            let label = {
+                let mut runs = self.dumped_runs.borrow_mut();
+                let n = runs.entry(entry.to_string()).or_insert(0);
+                *n += 1;
+                crate::gpu::dump_label(entry, *n - 1)
+            };
             for (i, a) in staged.actions.iter().enumerate() {
                 self.launch(entry, &staged, i)?;
                 // SAFETY: our stream.
@@ -408,7 +417,7 @@ impl GpuArtifact {
                         }
                         Ok(bytes)
                     };
-                    crate::gpu::dump_launch(&dir, entry, i, k, &self.bindings, &read)?;
+                    crate::gpu::dump_launch(&dir, &label, i, k, &self.bindings, &read)?;
                 }
             }
         } else if graphs {

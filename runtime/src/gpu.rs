@@ -913,6 +913,12 @@ impl Bindings {
     }
 }
 
+/// The label of the `n`-th dumped run of `entry` (`prefill0`, `decode0`, `decode1`, ...): a session's
+/// runs, numbered per entry, name the same dumps on the GPU and in the emulation.
+pub fn dump_label(entry: &str, n: usize) -> String {
+    format!("{entry}{n}")
+}
+
 /// Writes the buffers of launch `seq` of `entry` (all but weights) into `dir`, as `read` gives
 /// their bytes, one file each (`{entry}-{seq:04}-{kernel}-{operand}.bin`), and appends a line per
 /// file to `dir/index.jsonl` (entry, seq, kernel, operand, file, shape, element). `v3r` does it on
