@@ -24,6 +24,8 @@ log="$out/check.log"
 : > "$log"
 table=()
 note() { echo "$*" | tee -a "$log"; }
+# Seconds a step may take: at most $1, and never past 570 s into the run (a device call has 600 s).
+budget() { local left=$((570 - SECONDS)); [ "$left" -lt "$1" ] && echo "$left" || echo "$1"; }
 row() { table+=("$(printf '%-28s %-10s %s' "$1" "$2" "$3")"); }
 
 v3r="${V3R:-}"
@@ -76,7 +78,7 @@ note "== 3. end to end: a small fp8 model's sm_90a artifact run by v3r, against 
 e2e="$root/.device/e2e"
 if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
   # Logits of a 12-token prompt (one prefill), every launch synchronized so a faulting kernel is named.
-  if V3R_SYNC_EACH=1 timeout 120 "$v3r" logits "$e2e/sm90" --weights "$e2e/ckpt" --tokens "$(cat "$e2e/prompt1.txt")" \
+  if V3R_SYNC_EACH=1 timeout 60 "$v3r" logits "$e2e/sm90" --weights "$e2e/ckpt" --tokens "$(cat "$e2e/prompt1.txt")" \
       --out "$out/e2e_logits.safetensors" 2>&1 | tee -a "$log"; then
     if python3 - "$out/e2e_logits.safetensors" "$e2e/expected_logits.safetensors" "$out/e2e.json" <<'PY' 2>&1 | tee -a "$log"
 import array, json, struct, sys
@@ -102,7 +104,7 @@ PY
   # Launch by launch: every launch's buffers on the GPU against the host emulation's (prepare.sh).
   rm -rf "$out/dump"
   # The prefill and two decode steps (prepare.sh emulated the same: `v3c emulate --decode-steps 2`).
-  if [ -d "$e2e/dump" ] && V3R_DUMP_DIR="$out/dump" timeout 120 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" \
+  if [ -d "$e2e/dump" ] && V3R_DUMP_DIR="$out/dump" timeout 60 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" \
       --prompt-tokens "$(cat "$e2e/prompt1.txt")" --max-new-tokens 3 --ignore-eos >>"$log" 2>&1; then
     if python3 "$root/benches/device/dump_compare.py" "$out/dump" "$e2e/dump" --out "$out/dump_compare.json" 2>&1 | tee -a "$log"; then
       row "3. launch by launch" "ok" "every buffer as emulated (dump_compare.json)"
@@ -115,7 +117,7 @@ PY
     row "3. launch by launch" "FAILED" "no dump (check.log)"
   fi
   # Greedy generation: two prompts as one batch (the second prefilled in two chunks), 16 tokens each.
-  if timeout 120 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
+  if timeout 60 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
       --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 --ignore-eos > "$out/e2e_tokens.txt" 2>>"$log"; then
     same=$(paste -d' ' "$out/e2e_tokens.txt" "$e2e/expected_tokens.txt" | awk '{n = NF / 2; for (i = 1; i <= n; i++) if ($i == $(i + n)) s++} END {print s + 0}')
     note "e2e tokens: $same of 32 equal to the CPU backend's"; tail -1 "$log"
@@ -124,7 +126,7 @@ PY
     # Again launch by launch (no CUDA graph), synchronized: tells a graph problem from a kernel's, and
     # names the kernel.
     note "v3r run failed; again with V3R_GRAPHS=0 V3R_SYNC_EACH=1"
-    if V3R_GRAPHS=0 V3R_SYNC_EACH=1 timeout 120 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" \
+    if V3R_GRAPHS=0 V3R_SYNC_EACH=1 timeout 60 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" \
         --prompt-tokens "$(cat "$e2e/prompt1.txt")" --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 \
         --ignore-eos > "$out/e2e_tokens_nograph.txt" 2>>"$log"; then
       row "3. end to end tokens" "FAILED" "with graphs only (e2e_tokens_nograph.txt has the tokens without)"
@@ -133,7 +135,7 @@ PY
     fi
   fi
   # Speculative decoding (MTP drafts verified two tokens at a time): the first prompt's greedy tokens.
-  if timeout 120 "$v3r" run "$e2e/sm90spec" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
+  if timeout 60 "$v3r" run "$e2e/sm90spec" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
       --max-new-tokens 16 --ignore-eos --speculative > "$out/e2e_speculative.txt" 2>>"$log"; then
     tail -1 "$log"
     if [ "$(cat "$out/e2e_speculative.txt")" = "$(head -1 "$e2e/expected_tokens.txt")" ]; then
@@ -145,7 +147,7 @@ PY
     row "3. speculative tokens" "FAILED" "v3r run --speculative failed (check.log)"
   fi
   note "== 4. the small model's kernels timed (v3r bench-kernels)"
-  if timeout 90 "$v3r" bench-kernels "$e2e/sm90" --weights "$e2e/ckpt" --reps 10 --out "$out/e2e_kernels.json" 2>&1 | tee -a "$log"; then
+  if timeout 60 "$v3r" bench-kernels "$e2e/sm90" --weights "$e2e/ckpt" --reps 10 --out "$out/e2e_kernels.json" 2>&1 | tee -a "$log"; then
     row "4. kernel timing" "ok" "e2e_kernels.json"
   else
     row "4. kernel timing" "FAILED" "see check.log"
@@ -159,14 +161,14 @@ note "== 2. GEMM template kernels vs torch (correctness, then timing)"
 if [ -d "$root/.device/gemm" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
   # One process per kernel under its own timeout: a kernel that hangs (a pipeline deadlock) is killed
   # with its process and the others still run.
-  # The step stops starting kernels after 300 s (a device call has 600 s; the other steps need some).
-  bad=0; total=0; step_end=$((SECONDS + 300))
+  # The step stops starting kernels after 240 s (a device call has 600 s; the other steps need some).
+  bad=0; total=0; step_end=$((SECONDS + $(budget 240)))
   for ptx in "$root"/.device/gemm/*.ptx; do
     k="$(basename "$ptx" .ptx)"; total=$((total + 1))
     if [ "$SECONDS" -ge "$step_end" ]; then
       bad=$((bad + 1)); note "$k: SKIPPED (step 2 time budget spent)"; continue
     fi
-    if ! timeout 90 python3 "$root/benches/device/gemm_check.py" --ptx-dir "$root/.device/gemm" --kernel "$k" \
+    if ! timeout "$(budget 90)" python3 "$root/benches/device/gemm_check.py" --ptx-dir "$root/.device/gemm" --kernel "$k" \
         --out "$out/gemm_$k.json" 2>&1 | tee -a "$log"; then
       bad=$((bad + 1)); note "$k: FAILED or timed out (90 s)"
     fi
@@ -181,7 +183,7 @@ note "== 2c. row kernels vs torch (benches/device/rows_check.py: correctness, th
 if [ -d "$root/.device/rows" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
   # One process for every row kernel (they hold no pipeline that could hang), 120 s at most.
   total=$(ls "$root"/.device/rows/*.ptx | wc -l)
-  if timeout 120 python3 "$root/benches/device/rows_check.py" --ptx-dir "$root/.device/rows" --all \
+  if [ "$(budget 100)" -gt 10 ] && timeout "$(budget 100)" python3 "$root/benches/device/rows_check.py" --ptx-dir "$root/.device/rows" --all \
       --ceilings "$out/ceilings.json" --out-dir "$out" 2>&1 | tee -a "$log"; then
     row "2c. row kernels" "ok" "$total kernels"
   else
@@ -194,7 +196,7 @@ fi
 
 note "== 2d. MLA attention vs torch (benches/device/mla_check.py: decode paged + split K, then GB/s; causal prefill, then TFLOP/s)"
 if [ -d "$root/.device/mla" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
-  if timeout 90 python3 "$root/benches/device/mla_check.py" --ptx-dir "$root/.device/mla" \
+  if [ "$(budget 80)" -gt 10 ] && timeout "$(budget 80)" python3 "$root/benches/device/mla_check.py" --ptx-dir "$root/.device/mla" \
       --ceilings "$out/ceilings.json" --out "$out/mla.json" 2>&1 | tee -a "$log"; then
     row "2d. MLA attention" "ok" "mla.json"
   else
@@ -209,7 +211,7 @@ note "== 5. decode: a 4-layer full-width slice (random fp8 weights) by v3r, and 
 slice="$root/.device/slice"
 left=$((570 - SECONDS))
 if [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
-  if timeout 150 "$v3r" bench-decode "$slice/sm90" --random-weights 1 --batch 1,64 --context 4096 --reps 10 \
+  if timeout "$(budget 150)" "$v3r" bench-decode "$slice/sm90" --random-weights 1 --batch 1,64 --context 4096 --reps 10 \
       --out "$out/decode_slice.json" 2>&1 | tee -a "$log"; then
     row "5. decode (v3r)" "ok" "$(grep -o 'batch *64[^,]*' "$log" | tail -1)"
   else
@@ -230,15 +232,16 @@ fi
 
 note "== 2b. tuning: the full model's GEMM candidates measured (v3r tune; tune_check.py if it fails)"
 if [ -f "$root/.device/tune/candidates.json" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
-  # Whatever is left of a 570 s run (a device call has 600 s), at most 240 s.
-  left=$((570 - SECONDS)); [ "$left" -gt 240 ] && left=240; [ "$left" -lt 30 ] && left=30
+  # Whatever is left of a 570 s run (a device call has 600 s), at most 240 s; under 40 s, nothing.
+  left=$(budget 240)
+  [ "$left" -lt 40 ] && { note "under 40 s left: tuning skipped"; left=0; }
   # v3r launches through the runtime's own GEMM parameter code and checks each problem's default
   # configuration against the host's product first.
-  if timeout "$left" "$v3r" tune "$root/.device/tune" --out "$out/tuning.json" 2>&1 | tee -a "$log"; then
+  if [ "$left" -gt 0 ] && timeout "$left" "$v3r" tune "$root/.device/tune" --out "$out/tuning.json" 2>&1 | tee -a "$log"; then
     row "2b. tuning" "ok" "tuning.json by v3r tune (copy to tuning/ and commit)"
   else
-    left=$((570 - SECONDS)); [ "$left" -lt 30 ] && left=30
-    if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log" && \
+    left=$(budget 240)
+    if [ "$left" -ge 40 ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log" && \
         timeout "$left" python3 "$root/benches/device/tune_check.py" --dir "$root/.device/tune" --out "$out/tuning.json" 2>&1 | tee -a "$log"; then
       row "2b. tuning" "PARTIAL" "v3r tune failed (check.log); tuning.json by tune_check.py"
     else
