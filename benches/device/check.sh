@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (shared/design/GPU-CHECKS.md). Run on a machine with a Hopper GPU:
 #   bash benches/device/check.sh
-# Prepare on the build machine (the GPU machine has no Rust): `bash benches/device/prepare.sh` puts v3r
-# and the PTX of the GEMM and row template kernels into .device/ (git-ignored); carry it. Results go to
-# $OUT (else ./device-out/): check.log, doctor.json, ceilings.json, gemm_<kernel>.json, rows_<kernel>.json,
-# tuning.json.
+# Prepare on the build machine (the GPU machine has no Rust): `bash benches/device/prepare.sh` puts v3r,
+# the PTX of the template kernels, a small fp8 model with its sm_90a artifacts and the CPU backend's and the
+# host emulation's results for it, a 4-layer full-width slice's artifact and the tuning candidates into
+# .device/ (git-ignored, ~23 MB); carry it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
+# ceilings.json, e2e*.json/txt, dump_compare.json, gemm_<kernel>.json, rows_<kernel>.json, mla.json,
+# decode_slice*.json, tuning.json.
 #
-# Steps, in order: 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
-# 2. the GEMM template kernels vs torch (benches/device/gemm_check.py: correctness, then TFLOP/s);
-# 2c. the row kernels vs torch (benches/device/rows_check.py: correctness, then GB/s); 2d. MLA decode
-# attention on the tensor cores (benches/device/mla_check.py); 2b. tuning; and right after step 1:
-# 3. end to end (a small fp8 model's sm_90a artifact: `v3r logits` and `v3r run` against the CPU
-# backend's results computed by prepare.sh) and 4. its kernels timed by `v3r bench-kernels`; before
-# 2b: 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, and
-# transformers' on the same device (benches/device/hf_decode.py).
+# Steps, in this order (correctness first; every step bounded by what is left of 570 s):
+# 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
+# 3. end to end on the small model: `v3r logits` against the CPU backend's (argmax per row, 5e-2), the
+#    prefill and two decode steps dumped launch by launch against the host emulation (dump_compare.py
+#    names the first launch that differs), `v3r run` of two prompts as a batch and `v3r run
+#    --speculative` against the CPU backend's greedy tokens; 4. its kernels timed (`v3r bench-kernels`);
+# 2. the GEMM template kernels vs torch (gemm_check.py: correctness, then TFLOP/s); 2c. the row kernels
+#    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py);
+# 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, and transformers'
+#    on the same device (hf_decode.py); 2b. tuning (`v3r tune`, tune_check.py if it fails).
 # Never changes clocks, power, MIG, persistence or compute mode.
 set -uo pipefail
 
