@@ -215,7 +215,7 @@ note "== 5. decode: a 4-layer full-width slice (random fp8 weights) by v3r, and 
 slice="$root/.device/slice"
 left=$((570 - SECONDS))
 if [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
-  if timeout "$(budget 150)" "$v3r" bench-decode "$slice/sm90" --random-weights 1 --batch 1,64 --context 4096 --reps 10 \
+  if timeout "$(budget 150)" "$v3r" bench-decode "$slice/sm90" --random-weights 1 --batch 1,64 --context 512,4096 --reps 10 \
       --out "$out/decode_slice.json" 2>&1 | tee -a "$log"; then
     row "5. decode (v3r)" "ok" "$(grep -o 'batch *64[^,]*' "$log" | tail -1)"
   else
@@ -225,7 +225,18 @@ if [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"com
   if [ "$left" -ge 120 ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
     timeout 120 python3 "$root/benches/device/hf_decode.py" --config "$slice/config/config.json" --points 1x4096,64x512 \
       --out "$out/decode_slice_hf.json" 2>&1 | tee -a "$log"
-    row "5. decode (transformers)" "done" "decode_slice_hf.json"
+    # Ours over theirs at the points both measured.
+    ratio=$(python3 - "$out/decode_slice.json" "$out/decode_slice_hf.json" <<'PY' 2>>"$log"
+import json, sys
+ours = {(p["batch"], p["context"]): p["tokens_per_s"] for p in json.load(open(sys.argv[1]))["steps"]}
+hf = json.load(open(sys.argv[2]))
+pairs = [(p["batch"], p["context"], ours[(p["batch"], p["context"])] / p["tokens_per_s"])
+         for p in hf.get("points", []) if "tokens_per_s" in p and (p["batch"], p["context"]) in ours]
+print(", ".join(f"{b}x{c}: {r:.2f}x" for b, c, r in pairs) or hf.get("skipped", "no common point"))
+PY
+)
+    note "decode tokens/s, v3r over transformers: $ratio"
+    row "5. decode (transformers)" "done" "v3r/transformers $ratio"
   else
     row "5. decode (transformers)" "SKIPPED" "no time left or no torch+CUDA"
   fi

@@ -121,9 +121,10 @@ struct BenchDecodeArgs {
     /// Sequences per decode step, comma-separated (each at most the plan's rows).
     #[arg(long, value_name = "B,..", value_delimiter = ',', default_values_t = [1usize, 64])]
     batch: Vec<usize>,
-    /// Cache rows each sequence attends to (at most the plan's context).
-    #[arg(long, value_name = "N", default_value_t = 4096)]
-    context: usize,
+    /// Cache rows each sequence attends to, comma-separated (each at most the plan's context); every
+    /// batch size is timed at every context.
+    #[arg(long, value_name = "N,..", value_delimiter = ',', default_values_t = [4096usize])]
+    context: Vec<usize>,
     /// Timed steps per batch size (after one warm-up); the median is reported.
     #[arg(long, value_name = "N", default_value_t = 20)]
     reps: usize,
@@ -552,8 +553,8 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
     if let Some(&b) = args.batch.iter().find(|&&b| b == 0 || b > rows) {
         return Err(Failure::Other(format!("--batch {b}: the decode plan holds 1..={rows} sequences")));
     }
-    if args.context == 0 || args.context > context {
-        return Err(Failure::Other(format!("--context {}: the decode plan holds 1..={context} rows", args.context)));
+    if let Some(&c) = args.context.iter().find(|&&c| c == 0 || c > context) {
+        return Err(Failure::Other(format!("--context {c}: the decode plan holds 1..={context} rows")));
     }
     let bounds = plan.bounds.clone();
     let kind = format!(
@@ -582,18 +583,17 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
     };
     eprintln!("loaded in {:.2} s ({kind})", start.elapsed().as_secs_f64());
     let mut report = Vec::new();
-    for &b in &args.batch {
+    let points: Vec<(usize, usize)> =
+        args.context.iter().flat_map(|&c| args.batch.iter().map(move |&b| (b, c))).collect();
+    for (b, context) in points {
         let mut inputs = std::collections::HashMap::new();
         for (name, shape) in &bounds {
             let buffer = match name.as_str() {
                 "tokens" | "mtp_tokens" => HostBuffer { shape: vec![b], data: HostData::I64(vec![1; b]) },
-                "positions" => HostBuffer { shape: vec![b], data: HostData::I64(vec![args.context as i64 - 1; b]) },
+                "positions" => HostBuffer { shape: vec![b], data: HostData::I64(vec![context as i64 - 1; b]) },
                 cache if cache.starts_with("kv_cache.") => {
                     let width = *shape.last().unwrap_or(&0);
-                    HostBuffer {
-                        shape: vec![b, args.context, width],
-                        data: HostData::F32(vec![0.0; b * args.context * width]),
-                    }
+                    HostBuffer { shape: vec![b, context, width], data: HostData::F32(vec![0.0; b * context * width]) }
                 }
                 other => {
                     return Err(Failure::Other(format!(
@@ -609,13 +609,13 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
         let tokens_per_s = b as f64 / (median * 1e-3);
         println!(
             "decode batch {b:3} context {}: {median:8.3} ms per step (median of {}; {:.3}..{:.3}), {tokens_per_s:9.1} tokens/s",
-            args.context,
+            context,
             times.len(),
             times[0],
             times[times.len() - 1]
         );
         report.push(serde_json::json!({
-            "batch": b, "context": args.context, "median_ms": median, "min_ms": times[0],
+            "batch": b, "context": context, "median_ms": median, "min_ms": times[0],
             "max_ms": times[times.len() - 1], "reps": times.len(), "tokens_per_s": tokens_per_s,
         }));
     }
