@@ -273,6 +273,8 @@ impl<'a> Expander<'a> {
         let mut actions = Vec::new();
         let mut scratch = SplitScratch::default();
         let decode = entry.name == "decode";
+        // Every RoPE table has the rows of every position the plans reach (see `rope_tables`).
+        let rope_rows = self.rope_tables().first().map_or(0, |(_, rows)| *rows);
         for (li, l) in entry.launches.iter().enumerate() {
             let f = self.lowering_of(&l.kernel)?;
             let at = |what: String| format!("{} launch {li} ({}): {what}", entry.name, l.kernel);
@@ -321,8 +323,7 @@ impl<'a> Expander<'a> {
                                 .rope
                                 .get(&rope_key(t))
                                 .ok_or_else(|| at("the RoPE table is not bound".into()))?;
-                            let rows = self.rope_tables().iter().find(|(s, _)| s == t).map(|(_, r)| *r).unwrap_or(0);
-                            Buf { addr, shape: vec![rows, t.dim], element: "f32".into() }
+                            Buf { addr, shape: vec![rope_rows, t.dim], element: "f32".into() }
                         }
                     });
                 }
