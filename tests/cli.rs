@@ -769,6 +769,28 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     let corrupt = run_binary("v3r", &["info", out_dir.to_str().unwrap()]);
     assert_eq!(corrupt.status.code(), Some(1));
     assert!(text(&corrupt.stderr).contains("content hash mismatch"), "{}", text(&corrupt.stderr));
+    let mut bytes = std::fs::read(&ptx).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&ptx, bytes).unwrap();
+    // A calling convention that disagrees with its kernel's PTX is named before any device is asked.
+    let manifest_path = out_dir.join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let row = manifest["kernels"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|k| k["name"].as_str().unwrap().starts_with("rows_rmsnorm"))
+        .unwrap();
+    row["abi"]["Memrefs"]["ranks"][0] = serde_json::json!(3);
+    let name = row["name"].as_str().unwrap().to_string();
+    std::fs::write(&manifest_path, serde_json::to_string(&manifest).unwrap()).unwrap();
+    let wrong = run_binary("v3r", &["info", out_dir.to_str().unwrap()]);
+    assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong.stdout));
+    let err = text(&wrong.stderr);
+    assert!(
+        err.contains(&name) && (err.contains("its PTX declares") || err.contains("cannot be seen as rank 3")),
+        "{err}"
+    );
     // A kernel of several launches dumps each of them.
     let dump = run_binary(
         "v3c",
