@@ -1,19 +1,25 @@
 //! Running a GPU artifact on a CUDA device: the driver calls around [`crate::gpu`]'s expansion.
 //!
-//! Load: the device's primary context and one stream; every kernel's module (its cubin when the
-//! artifact has one — the artifact's compute capability was checked against the device — else
-//! its PTX, JIT-compiled by the driver), with the dynamic shared memory it asks for allowed; the
-//! checkpoint's weights in the plan's element types (bf16 norms and tables, e4m3 bits, f32 scales),
-//! the prepared weights (concatenated, grouped per expert) and the RoPE tables, uploaded once; one
-//! arena for the largest entry, the inputs at their planned sizes, the temporaries region.
-//! Run: inputs uploaded, tensor maps encoded (`cuTensorMapEncodeTiled`) into one upload, every
-//! action launched on the stream, one synchronization, the wanted outputs read back.
+//! Load: every launch checked against its kernel's PTX and the memory the artifact needs against the
+//! device's, before anything is allocated; the device's primary context and one stream; every
+//! kernel's module (its cubin when the artifact has one — the artifact's compute capability was
+//! checked against the device — else, or when the driver refuses the cubin, its PTX, JIT-compiled by
+//! the driver), with the dynamic shared memory it asks for allowed; the weights in the plan's element
+//! types (bf16 norms and tables, e4m3 bits, f32 scales; taken as stored where the checkpoint stores
+//! them so), the prepared weights (concatenated, grouped per expert) and the RoPE tables, uploaded
+//! once ([`crate::gpu::bind`]); one arena for the largest entry, the inputs at their planned sizes,
+//! the temporaries region.
+//! Run: inputs uploaded (but those kept on the device from the previous run of the entry: decode's
+//! caches), tensor maps encoded (`cuTensorMapEncodeTiled`) into one upload, every action launched on
+//! the stream — decode steps replayed from a CUDA graph — one synchronization, the wanted outputs
+//! read back; greedy tokens picked on the device by the artifact's argmax kernel.
 //!
-//! `V3R_SYNC_EACH=1` synchronizes after every launch, so that a faulting kernel is named.
+//! `V3R_SYNC_EACH=1` synchronizes after every launch, so that a faulting kernel is named;
+//! `V3R_GRAPHS=0` launches decode steps one by one; `V3R_DUMP_DIR=DIR` writes every launch's
+//! buffers (as `v3c emulate --dump` does on the host).
 //!
-//! Not here yet: caches kept on the device between steps (a run uploads its inputs and reads its
-//! outputs back, caches included), the paged KV pool, CUDA graphs, weights streamed instead of held
-//! on the host while they upload.
+//! Not here yet: the paged KV pool (caches are the plan's dense inputs), weights streamed from the
+//! checkpoint's mapping to the device without a host copy.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};

@@ -5,10 +5,12 @@
 //! the crate builds and runs on machines with no CUDA at all, and every entry point that needs a GPU
 //! returns a clean [`DeviceError`] instead of panicking.
 //!
-//! Today it holds device discovery ([`device`]), the artifact reader/validator ([`artifact`]), the
+//! It holds device discovery ([`device`]), the artifact reader/validator ([`artifact`]), the
 //! executor of `cpu` artifacts ([`cpu`]: kernels `dlopen`ed, the plan's launches over one arena,
-//! on [`host`] buffers) and generation on them ([`session`]); GPU memory, launches and sessions
-//! arrive with the rest of the artifact/runtime issue.
+//! on [`host`] buffers), kernel calling conventions ([`abi`]), a GPU artifact's launches expanded
+//! from its plan and lowering ([`gpu`]) and run on the device ([`cuda`]), generation on either
+//! ([`session`], with MTP drafts: [`speculative`]), and the tuning database with its GPU
+//! measurement ([`tuning`], [`measure`]).
 
 pub mod abi;
 pub mod artifact;
