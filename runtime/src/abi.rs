@@ -184,7 +184,7 @@ pub struct GemmOperands<'a> {
     pub offsets: Option<&'a Buf>,
     pub perm: Option<&'a Buf>,
     pub row_scale: Option<&'a Buf>,
-    /// Split K: the workspace and counters (as large as [`gemm_scratch`] says).
+    /// Split K: the workspace and counters (as large as [`GemmAbi::scratch`] says).
     pub workspace: Option<u64>,
     pub counters: Option<u64>,
 }
