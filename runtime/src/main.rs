@@ -14,7 +14,7 @@ use v3c_runtime::device;
 #[derive(Parser)]
 #[command(name = "v3r", version, propagate_version = true, max_term_width = 100)]
 #[command(
-    after_help = "Examples:\n  v3r doctor                 # driver, GPU, compute capability, memory\n  v3r info out/deepseek-v3   # what an artifact holds (every file's hash checked)\n  v3r info out/tiny-cpu --weights ckpt/   # and whether a checkpoint fits its plan\n  v3r bench-kernels out/tiny-cpu --weights ckpt/ --out timings.json\n  v3r run out/deepseek-v3 --weights /models/DeepSeek-V3 --prompt-tokens \"0 3 17\" --max-new-tokens 32"
+    after_help = "Examples:\n  v3r doctor                 # driver, GPU, compute capability, memory\n  v3r info out/deepseek-v3   # what an artifact holds (every file's hash checked)\n  v3r info out/tiny-cpu --weights ckpt/   # and whether a checkpoint fits its plan\n  v3r bench-kernels out/tiny-cpu --weights ckpt/ --out timings.json\n  v3r run out/deepseek-v3 --weights /models/DeepSeek-V3 --prompt-tokens \"0 3 17\" --max-new-tokens 32\n  v3r run out/spec --weights ckpt/ --prompt-tokens \"0 3 17\" --speculative   # MTP drafts\n  v3r logits out/small --weights ckpt/ --tokens \"0 3 17\" --out logits.safetensors\n  v3r bench-decode out/slice --random-weights 1 --batch 1,64   # decode tokens/s, no checkpoint\n  v3r tune cands/ --out tuning.json   # measure `v3c tune --emit-candidates cands/`\n  V3R_DUMP_DIR=dump v3r logits out/small --weights ckpt/ --tokens \"0 3\" --out l.safetensors"
 )]
 struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace); V3C_LOG=<filter> overrides.
