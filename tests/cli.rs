@@ -736,6 +736,11 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         "{stdout}"
     );
     assert!(stdout.contains("device memory: 17.60 GiB weights + 623.68 GiB re-laid out"), "{stdout}");
+    let json = run_binary("v3r", &["info", out_dir.to_str().unwrap(), "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["launch_check"]["launches"], 1875, "{report}");
+    assert_eq!(report["entries"][1]["name"], "decode");
+    assert_eq!(report["target"]["name"], "sm_90a");
     // Every launch the GPU executor would make matches its kernel's PTX, at the planned sizes and
     // at a one-sequence decode and a short prefill.
     let sizes = [

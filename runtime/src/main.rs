@@ -87,6 +87,9 @@ struct InfoArgs {
     /// Also check this checkpoint (HF layout) against every weight the plan binds: names, shapes, dtypes.
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
+    /// Print the report as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -276,6 +279,20 @@ fn info(args: &InfoArgs) -> Result<(), String> {
     let a = Artifact::open(&args.artifact).map_err(|e| e.to_string())?;
     let m = &a.manifest;
     let mut out = String::new();
+    let mut j = serde_json::Map::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        j.insert(k.to_string(), v);
+    };
+    put("artifact", a.dir.display().to_string().into());
+    put("format_version", m.format_version.into());
+    put("compiler", serde_json::json!({ "version": m.compiler.version, "git_hash": m.compiler.git_hash }));
+    put(
+        "model",
+        serde_json::json!({ "name": m.model.name, "precision": m.model.precision, "config_sha256": m.model.config_sha256 }),
+    );
+    put("target", serde_json::to_value(&m.target).unwrap_or_default());
+    put("tuning", serde_json::to_value(&m.tuning).unwrap_or_default());
+    put("kernels", m.kernels.len().into());
     let mut line = |s: String| {
         out.push_str(&s);
         out.push('\n');
@@ -294,9 +311,14 @@ fn info(args: &InfoArgs) -> Result<(), String> {
         _ => m.target.name.clone(),
     };
     line(format!("target: {target}"));
+    let mut entries = Vec::new();
     for e in &a.plan.entries {
         let weights =
             e.buffers.iter().filter(|b| matches!(b.kind, v3c_runtime::plan::BufferKind::Weight { .. })).count();
+        entries.push(serde_json::json!({
+            "name": e.name, "launches": e.launches.len(), "weights": weights, "arena_bytes": e.arena_bytes,
+            "rows": e.sizes.rows, "context": e.sizes.context,
+        }));
         line(format!(
             "entry {}: {} launches, {} weights, arena {:.1} MiB",
             e.name,
@@ -305,6 +327,7 @@ fn info(args: &InfoArgs) -> Result<(), String> {
             e.arena_bytes as f64 / (1u64 << 20) as f64
         ));
     }
+    put("entries", entries.into());
     line(format!("kernels: {} (every file's sha256 verified)", m.kernels.len()));
     if let Some(l) = &a.lowering {
         let launches: usize = l.kernels.iter().map(|k| k.launches.len()).sum();
@@ -318,9 +341,20 @@ fn info(args: &InfoArgs) -> Result<(), String> {
     if a.lowering.is_some() {
         // Every launch the executor would make, checked without a device.
         match v3c_runtime::gpu::Expander::new(&a) {
-            Err(why) => line(format!("launches: not checked ({why})")),
+            Err(why) => {
+                put("launch_check", serde_json::json!({ "checked": false, "why": why }));
+                line(format!("launches: not checked ({why})"))
+            }
             Ok(expander) => {
                 let c = expander.check(&[])?;
+                put(
+                    "launch_check",
+                    serde_json::json!({
+                        "checked": true, "launches": c.launches, "kernels": c.kernels,
+                        "device_bytes": { "weights": c.weight_bytes, "relaid": c.prepared_bytes,
+                                          "arena": c.arena_bytes, "inputs": c.input_bytes },
+                    }),
+                );
                 let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
                 line(format!(
                     "launches: {} template launches of {} kernels at the planned sizes, each as its PTX declares",
@@ -342,14 +376,25 @@ fn info(args: &InfoArgs) -> Result<(), String> {
         if m.tuning.detail.is_empty() { String::new() } else { format!(" ({})", m.tuning.detail) }
     ));
     match a.runs_here(args.device) {
-        Ok(why) => line(format!("runs here: yes ({why})")),
-        Err(why) => line(format!("runs here: no ({why})")),
+        Ok(why) => {
+            put("runs_here", serde_json::json!({ "yes": true, "why": why }));
+            line(format!("runs here: yes ({why})"))
+        }
+        Err(why) => {
+            put("runs_here", serde_json::json!({ "yes": false, "why": why }));
+            line(format!("runs here: no ({why})"))
+        }
     }
     if let Some(w) = &args.weights {
         let n = a.check_weights(w)?;
+        put("weights", serde_json::json!({ "checkpoint": w.display().to_string(), "bindings": n }));
         line(format!("weights: {} matches the plan ({n} weight bindings: names, shapes, dtypes)", w.display()));
     }
-    print!("{out}");
+    if args.json {
+        println!("{}", serde_json::Value::Object(j));
+    } else {
+        print!("{out}");
+    }
     Ok(())
 }
 
