@@ -1099,3 +1099,90 @@ fn gemm_tiles_are_placed_not_transposed() {
         let _ = f.name();
     }
 }
+
+/// The row templates (RMSNorm, RoPE both ways, the embedding gather, reshapes, split, concat, add,
+/// silu_mul) tiled and vectorized by the transform script: no tagged op is left after it, the
+/// norm's sum of squares is an ordered `vector.reduction` (no fused multiply-add), and the kernels
+/// compute the reference's values — bit for bit for the norm (its sum is the reference's
+/// sequential one) and the copies, at widths with 16, 8 and 1 lanes. Caught on the way: a buffer
+/// inside a kernel took its dynamic rows from its op's first operand, and for an embedding that is
+/// the table (50 rows, static): the kernel's later ops ran 50 rows past 5-row buffers.
+#[test]
+fn row_templates_are_vectorized_and_match_the_reference() {
+    let context = v3c_compiler::mlir::new_context();
+    v3c_dialects::load(&context).unwrap();
+    let inv: Vec<String> = (0..16).map(|i| format!("{:.9e}", 1.0f32 / 10000f32.powf(i as f32 / 16.0))).collect();
+    let mut texts = Vec::new();
+    for w in [7168usize, 200, 3] {
+        texts.push(format!(
+            "func.func private @norm_{w}(%x: tensor<?x{w}xf32>, %w: tensor<{w}xbf16>) -> tensor<?x{w}xf32> attributes {{v3.kernel = \"rms_norm\"}} {{
+  %y = \"v3.rms_norm\"(%x, %w) {{eps = 9.99999997E-7 : f32}} : (tensor<?x{w}xf32>, tensor<{w}xbf16>) -> tensor<?x{w}xf32>
+  return %y : tensor<?x{w}xf32>
+}}"
+        ));
+    }
+    for interleave in [true, false] {
+        texts.push(format!(
+            "func.func private @views_{interleave}(%t: tensor<50x128xbf16>, %ids: tensor<?xi64>, %p: tensor<?xi64>, %g: tensor<?x64xf32>) -> (tensor<?x128xf32>, tensor<?x64xf32>) attributes {{v3.kernel = \"views\"}} {{
+  %x = \"v3.embed\"(%t, %ids) : (tensor<50x128xbf16>, tensor<?xi64>) -> tensor<?x128xf32>
+  %r = \"v3.reshape\"(%x) : (tensor<?x128xf32>) -> tensor<?x4x32xf32>
+  %ro = \"v3.rope\"(%r, %p) {{attention_factor = 1.250000e+00 : f32, dim = 32 : i64, interleave = {interleave}, inv_freq = array<f32: {}>, theta = 1.000000e+04 : f64}} : (tensor<?x4x32xf32>, tensor<?xi64>) -> tensor<?x4x32xf32>
+  %f = \"v3.reshape\"(%ro) : (tensor<?x4x32xf32>) -> tensor<?x128xf32>
+  %s:2 = \"v3.split\"(%f) {{axis = 1 : i64, sizes = array<i64: 72, 56>}} : (tensor<?x128xf32>) -> (tensor<?x72xf32>, tensor<?x56xf32>)
+  %c = \"v3.concat\"(%s#1, %s#0) {{axis = 1 : i64}} : (tensor<?x56xf32>, tensor<?x72xf32>) -> tensor<?x128xf32>
+  %a = \"v3.add\"(%c, %x) : (tensor<?x128xf32>, tensor<?x128xf32>) -> tensor<?x128xf32>
+  %h:2 = \"v3.split\"(%a) {{axis = 1 : i64, sizes = array<i64: 64, 64>}} : (tensor<?x128xf32>) -> (tensor<?x64xf32>, tensor<?x64xf32>)
+  %m = \"v3.silu_mul\"(%h#1, %g) : (tensor<?x64xf32>, tensor<?x64xf32>) -> tensor<?x64xf32>
+  return %a, %m : tensor<?x128xf32>, tensor<?x64xf32>
+}}",
+            inv.join(", ")
+        ));
+    }
+    let mut rng = Rng(11);
+    for text in &texts {
+        let module = v3c_compiler::mlir::parse_module(&context, text, "rows.mlir").unwrap();
+        let f = module.body().first_operation().unwrap();
+        let lowered = v3c_compiler::conversion::v3_to_cpu::lower_kernel(&f).unwrap();
+        let name = f.attribute("sym_name").unwrap().to_string();
+        let after = v3c_compiler::conversion::v3_to_cpu::transformed(&context, &lowered.text, &name)
+            .unwrap()
+            .as_operation()
+            .to_string();
+        assert!(!after.contains("v3c.rows") && !after.contains("linalg."), "{name}: row ops left untiled:\n{after}");
+        assert!(after.contains("vector.transfer_read") || after.contains("vector.load"), "{name}: not vectorized");
+        if name.contains("norm") && !name.contains("norm_3") {
+            assert!(after.contains("vector.reduction <add>"), "{name}: the sum of squares is no vector reduction");
+        }
+        if name.contains("norm") {
+            assert!(!after.contains("fma"), "{name}: fused multiply-adds change the reference's sums");
+        }
+        let kernel = CpuKernel::compile(&context, &f).unwrap();
+        for rows in [1usize, 5] {
+            let mut inputs: Vec<HostBuffer> = kernel.inputs.iter().map(|s| buffer(s, rows, &mut rng, 50, 1)).collect();
+            if name.contains("views") {
+                // Positions far from zero: large angles.
+                inputs[2] = HostBuffer {
+                    shape: vec![rows],
+                    data: HostData::I64((0..rows as i64).map(|r| 4000 + 37 * r).collect()),
+                };
+            }
+            let want = reference(&f, &inputs);
+            let mut outputs: Vec<HostBuffer> = want
+                .iter()
+                .map(|(v, shape)| HostBuffer { shape: shape.clone(), data: HostData::F32(vec![f32::NAN; v.len()]) })
+                .collect();
+            // SAFETY: the outputs have the shapes the reference computes.
+            unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
+            for (got, (want, _)) in outputs.iter().zip(&want) {
+                let got = floats(got);
+                let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                if name.contains("norm") {
+                    assert_eq!(&got, want, "{name} rows={rows}: not the reference's bits");
+                } else {
+                    let scale = want.iter().fold(1.0f32, |a, b| a.max(b.abs()));
+                    assert!(diff <= 1e-5 * scale, "{name} rows={rows}: max |diff| {diff} (scale {scale})");
+                }
+            }
+        }
+    }
+}

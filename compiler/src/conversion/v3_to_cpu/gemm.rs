@@ -36,9 +36,12 @@ fn column_tile(n: usize) -> usize {
     [4, 2, 1].into_iter().find(|t| n.is_multiple_of(*t)).unwrap_or(1)
 }
 
-/// The transform script for the GEMMs of one kernel module: one block per column tile in use
-/// (`reduce_n4`, ...). Runs as `transform-interpreter` before the lowering to LLVM.
-pub(super) fn transform_script(column_tiles: &[usize]) -> String {
+/// The transform script of one kernel module: one block per GEMM column tile in use (`reduce_n4`,
+/// ...), then `row_blocks` (the row templates' tiling and vectorization, [`super::rows`]), both before
+/// any canonicalization (which would fold a row template's identity copy into a plain buffer
+/// copy). Runs as `transform-interpreter`
+/// before the lowering to LLVM.
+pub(super) fn transform_script(column_tiles: &[usize], row_blocks: &str) -> String {
     let mut blocks = String::new();
     for tn in column_tiles {
         blocks.push_str(&format!(
@@ -57,6 +60,13 @@ pub(super) fn transform_script(column_tiles: &[usize]) -> String {
       transform.structured.vectorize %tred : !transform.any_op
       transform.structured.vectorize %ffill : !transform.any_op
       transform.structured.vectorize %tyfill : !transform.any_op
+      // Products summed over a vector dim become contractions (lowered to fused multiply-adds
+      // below): only inside the GEMM's loops, never in a row template's reduction.
+      transform.apply_patterns to %l2 {{
+        transform.apply_patterns.tensor.fold_tensor_subset_ops_into_vector_transfers
+        transform.apply_patterns.vector.reduction_to_contract
+        transform.apply_patterns.canonicalization
+      }} : !transform.any_op
     }}
 "
         ));
@@ -67,12 +77,11 @@ pub(super) fn transform_script(column_tiles: &[usize]) -> String {
     // First, every tile's result goes straight into its destination buffer: the empty tensors
     // become those buffers before anything (CSE) could merge identical empties of different tiles
     // into one buffer.
-    %f0 = transform.structured.match ops{{[\"func.func\"]}} in %root : (!transform.any_op) -> !transform.any_op
+    %f0 = transform.structured.match ops{{[\"func.func\"]}} attributes {{llvm.emit_c_interface}} in %root : (!transform.any_op) -> !transform.any_op
     transform.bufferization.eliminate_empty_tensors %f0 : !transform.any_op
-{blocks}    %fv = transform.structured.match ops{{[\"func.func\"]}} in %root : (!transform.any_op) -> !transform.any_op
+{blocks}{row_blocks}    %fv = transform.structured.match ops{{[\"func.func\"]}} attributes {{llvm.emit_c_interface}} in %root : (!transform.any_op) -> !transform.any_op
     transform.apply_patterns to %fv {{
       transform.apply_patterns.tensor.fold_tensor_subset_ops_into_vector_transfers
-      transform.apply_patterns.vector.reduction_to_contract
       transform.apply_patterns.canonicalization
     }} : !transform.any_op
     transform.apply_cse to %fv : !transform.any_op
@@ -88,7 +97,7 @@ pub(super) fn transform_script(column_tiles: &[usize]) -> String {
     // transposed off-diagonal tiles (MLIR 22; test gemm_tiles_are_placed_not_transposed).
     transform.bufferization.eliminate_empty_tensors %fv : !transform.any_op
     %b = transform.bufferization.one_shot_bufferize %root : (!transform.any_op) -> !transform.any_op
-    %fb = transform.structured.match ops{{[\"func.func\"]}} in %b : (!transform.any_op) -> !transform.any_op
+    %fb = transform.structured.match ops{{[\"func.func\"]}} attributes {{llvm.emit_c_interface}} in %b : (!transform.any_op) -> !transform.any_op
     transform.apply_patterns to %fb {{
       transform.apply_patterns.vector.drop_unit_dims_with_shape_cast
       transform.apply_patterns.vector.cast_away_vector_leading_one_dim
@@ -99,6 +108,7 @@ pub(super) fn transform_script(column_tiles: &[usize]) -> String {
       transform.apply_patterns.vector.lower_multi_reduction lowering_strategy = \"innerreduction\"
       transform.apply_patterns.vector.lower_transfer max_transfer_rank = 1
       transform.apply_patterns.vector.lower_broadcast
+      transform.apply_patterns.vector.lower_gather
       transform.apply_patterns.canonicalization
     }} : !transform.any_op
     // Apart from canonicalization: with unit dims (one lane, one column) the two undo each

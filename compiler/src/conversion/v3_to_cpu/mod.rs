@@ -8,9 +8,10 @@
 //! dispatch and the grouped gate/up and down GEMMs (`moe`, `grouped`: scf/vector, rows of an expert
 //! four at a time, partitioned over threads by output columns); fp8 quantization and block-scaled GEMMs
 //! (`fp8`: scalar, in the reference interpreter's summation order, because a last-bit difference
-//! before a quantization moves values across e4m3 rounding boundaries); norms, RoPE, views and
-//! elementwise ops as `linalg.generic`. An op without a template is `unsupported on cpu: v3.<op>`,
-//! never run some other way.
+//! before a quantization moves values across e4m3 rounding boundaries); norms, RoPE, the
+//! embedding gather, views and elementwise ops as `linalg.generic` on tensors that the same
+//! transform script tiles and vectorizes (`rows`). An op without a template is
+//! `unsupported on cpu: v3.<op>`, never run some other way.
 
 use std::collections::HashMap;
 
@@ -40,6 +41,7 @@ mod gemm;
 mod grouped;
 mod mla;
 mod moe;
+mod rows;
 
 pub(crate) use fp8::fp8_helpers;
 use mla::AttentionSpec;
@@ -80,31 +82,13 @@ struct Emitter {
     partitioned: bool,
     /// Column tiles of the transform-dialect GEMMs emitted (their script blocks).
     column_tiles: Vec<usize>,
+    /// Tiles of the row ops emitted (their script blocks).
+    row_tiles: Vec<rows::RowTile>,
+    /// Buffer -> its tensor (`bufferization.to_tensor`, one per buffer).
+    tensors: HashMap<String, String>,
 }
 
 impl Emitter {
-    /// `dest[i] = src[f(i)]` over every index `i` of `dest`, `f` given as one affine expression per
-    /// source dim over `d0..`. The loops run over `dest` only, so bounds never come from `src`.
-    fn gather_copy(&mut self, src: &(String, Shape), dest: &str, dest_shape: &Shape, exprs: &[String]) {
-        let rank = dest_shape.dims.len();
-        let dims: Vec<String> = (0..rank).map(|i| format!("d{i}")).collect();
-        let idx: Vec<String> = (0..rank).map(|i| format!("%i{i}")).collect();
-        let mut body: String = (0..rank).map(|i| format!("      %i{i} = linalg.index {i} : index\n")).collect();
-        let mut src_idx = Vec::new();
-        for (j, expr) in exprs.iter().enumerate() {
-            body.push_str(&format!(
-                "      %s{j} = affine.apply affine_map<({}) -> ({expr})>({})\n",
-                dims.join(", "),
-                idx.join(", ")
-            ));
-            src_idx.push(format!("%s{j}"));
-        }
-        self.line(&format!(
-            "linalg.generic {{indexing_maps = [{}], iterator_types = [{}]}} outs({dest} : {}) {{\n    ^bb0(%c: f32):\n{body}      %v = memref.load {}[{}] : {}\n      linalg.yield %v : f32\n    }}",
-            identity(rank), vec!["\"parallel\""; rank].join(", "), memref(dest_shape), src.0, src_idx.join(", "), memref(&src.1)
-        ));
-    }
-
     fn fresh(&mut self) -> String {
         self.next += 1;
         format!("%v{}", self.next)
@@ -166,40 +150,6 @@ fn int_attr(op: &OperationRef, name: &str) -> Option<i64> {
     op.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
 }
 
-/// For a reshape: the input index of every input dim as an affine expression of the output indices
-/// `d0..` (row-major, same element count; a dynamic leading dim must stay the leading dim).
-fn reshape_exprs(input: &Shape, output: &Shape) -> Option<Vec<String>> {
-    let out_rank = output.dims.len();
-    let names: Vec<String> = (0..out_rank).map(|i| format!("d{i}")).collect();
-    let keep_leading = input.dims.first()?.is_none();
-    if keep_leading != output.dims.first()?.is_none() {
-        return None;
-    }
-    let start = usize::from(keep_leading);
-    // Linear offset over the output's (static) trailing dims.
-    let mut terms = Vec::new();
-    let mut stride = 1usize;
-    for i in (start..out_rank).rev() {
-        terms.push(format!("{} * {stride}", names[i]));
-        stride *= output.dims[i]?;
-    }
-    let linear = if terms.is_empty() { "0".to_string() } else { terms.join(" + ") };
-    let mut exprs = Vec::new();
-    if keep_leading {
-        exprs.push("d0".to_string());
-    }
-    let mut in_strides = vec![1usize; input.dims.len()];
-    for j in (start..input.dims.len()).rev() {
-        if j + 1 < input.dims.len() {
-            in_strides[j] = in_strides[j + 1] * input.dims[j + 1]?;
-        }
-    }
-    for j in start..input.dims.len() {
-        exprs.push(format!("(({linear}) floordiv {}) mod {}", in_strides[j], input.dims[j]?));
-    }
-    Some(exprs)
-}
-
 /// Lowers the kernel function `kernel` to CPU MLIR text: `func.func @<name>` on memrefs.
 pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
     let name = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
@@ -215,6 +165,8 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         uses_fp8: false,
         partitioned: false,
         column_tiles: Vec::new(),
+        row_tiles: Vec::new(),
+        tensors: HashMap::new(),
     };
     let mut inputs = Vec::new();
     for i in 0..block.argument_count() {
@@ -261,29 +213,24 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
             let key = result.to_raw().ptr as usize;
             let dest = match output_of.get(&key) {
                 Some(out) => out.clone(),
-                None => e.alloc(&shape, &args[0]),
+                // Dynamic sizes come from an operand dynamic at the same dims (the ids of an
+                // embedding, not its table: a static table size once sized a kernel's rows).
+                None => {
+                    let dynamic: Vec<usize> = (0..shape.dims.len()).filter(|&i| shape.dims[i].is_none()).collect();
+                    let like = args
+                        .iter()
+                        .find(|a| dynamic.iter().all(|&i| a.1.dims.get(i) == Some(&None)))
+                        .unwrap_or(&args[0])
+                        .clone();
+                    e.alloc(&shape, &like)
+                }
             };
             dests.push((key, dest, shape));
         }
         let (key, dest, rshape) = dests[0].clone();
         let out_ty = memref(&rshape);
         match kind.as_str() {
-            "add" | "silu_mul" => {
-                let rank = rshape.dims.len();
-                let dims: Vec<String> = (0..rank).map(|i| format!("d{i}")).collect();
-                let d: Vec<&str> = dims.iter().map(String::as_str).collect();
-                let id = affine(&d, &d);
-                let iters = vec!["\"parallel\""; rank].join(", ");
-                let body = if kind == "add" {
-                    "%r = arith.addf %a, %b : f32".to_string()
-                } else {
-                    "%n = arith.negf %a : f32\n      %x = math.exp %n : f32\n      %den = arith.addf %one, %x : f32\n      %s = arith.divf %a, %den : f32\n      %r = arith.mulf %s, %b : f32".to_string()
-                };
-                e.line(&format!(
-                    "linalg.generic {{indexing_maps = [{id}, {id}, {id}], iterator_types = [{iters}]}} ins({}, {} : {}, {}) outs({dest} : {out_ty}) {{\n    ^bb0(%a: f32, %b: f32, %c: f32):\n      {body}\n      linalg.yield %r : f32\n    }}",
-                    args[0].0, args[1].0, memref(&args[0].1), memref(&args[1].1)
-                ));
-            }
+            "add" | "silu_mul" => e.elementwise(&kind, &args[0], &args[1], &dest, &rshape),
             "linear" if args.len() == 4 => {
                 e.linear_fp8(&args, &dest, &rshape);
             }
@@ -308,81 +255,23 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
             }
             "rms_norm" => {
                 let (x, w) = (&args[0], &args[1]);
-                if x.1.dims.len() != 2 {
-                    return Err(CpuError::Unsupported(format!("{full} of rank {}", x.1.dims.len())));
+                if x.1.dims.len() != 2 || x.1.dims[1].is_none() {
+                    return Err(CpuError::Unsupported(format!("{full} of {}", x.1)));
                 }
-                let d = x.1.dims[1].ok_or_else(|| lowering("rms_norm needs a static width".into()))?;
                 let eps = o.attribute("eps").map_err(|_| lowering("rms_norm without eps".into()))?.to_string();
                 let eps = eps.split(':').next().unwrap_or("1.0e-6").trim().to_string();
-                let sums = e.alloc(&Shape { dims: vec![x.1.dims[0]], element: "f32".into() }, x);
-                e.line(&format!(
-                    "linalg.fill ins(%zero : f32) outs({sums} : {})",
-                    memref(&Shape { dims: vec![x.1.dims[0]], element: "f32".into() })
-                ));
-                let sum_ty = memref(&Shape { dims: vec![x.1.dims[0]], element: "f32".into() });
-                e.line(&format!(
-                    "linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"reduction\"]}} ins({} : {}) outs({sums} : {sum_ty}) {{\n    ^bb0(%a: f32, %c: f32):\n      %sq = arith.mulf %a, %a : f32\n      %r = arith.addf %c, %sq : f32\n      linalg.yield %r : f32\n    }}",
-                    affine(&["m", "d"], &["m", "d"]), affine(&["m", "d"], &["m"]), x.0, memref(&x.1)
-                ));
-                e.line(&format!(
-                    "linalg.generic {{indexing_maps = [{}, {}, {}, {}], iterator_types = [\"parallel\", \"parallel\"]}} ins({}, {sums}, {} : {}, {sum_ty}, {}) outs({dest} : {out_ty}) {{\n    ^bb0(%a: f32, %s: f32, %wv: {}, %c: f32):\n      %width = arith.constant {d}.0 : f32\n      %eps = arith.constant {eps} : f32\n      %mean = arith.divf %s, %width : f32\n      %me = arith.addf %mean, %eps : f32\n      %root = math.sqrt %me : f32\n      %inv = arith.divf %one, %root : f32\n      %xn = arith.mulf %a, %inv : f32\n      {}\n      %r = arith.mulf %wf, %xn : f32\n      linalg.yield %r : f32\n    }}",
-                    affine(&["m", "d"], &["m", "d"]), affine(&["m", "d"], &["m"]), affine(&["m", "d"], &["d"]), affine(&["m", "d"], &["m", "d"]),
-                    x.0, w.0, memref(&x.1), memref(&w.1), w.1.element, load_f32(&w.1.element, "%wv", "%wf")
-                ));
+                e.rms_norm(x, w, &eps, &dest, &rshape);
             }
-            "embed" => {
-                let (table, ids) = (&args[0], &args[1]);
-                e.line(&format!(
-                    "linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"parallel\"]}} ins({} : {}) outs({dest} : {out_ty}) {{\n    ^bb0(%id: {}, %c: f32):\n      %row = arith.index_cast %id : {} to index\n      %col = linalg.index 1 : index\n      %t = memref.load {}[%row, %col] : {}\n      {}\n      linalg.yield %r : f32\n    }}",
-                    affine(&["n", "d"], &["n"]), affine(&["n", "d"], &["n", "d"]), ids.0, memref(&ids.1), ids.1.element, ids.1.element,
-                    table.0, memref(&table.1), load_f32(&table.1.element, "%t", "%r")
-                ));
-            }
-            "reshape" => {
-                let (src, out) = (&args[0], &rshape);
-                let exprs =
-                    reshape_exprs(&src.1, out).ok_or_else(|| lowering(format!("reshape {} -> {out}", src.1)))?;
-                e.gather_copy(src, &dest, out, &exprs);
-            }
+            "embed" => e.embed(&args[0], &args[1], &dest, &rshape),
+            "reshape" => e.reshape(&args[0], &dest, &rshape).map_err(lowering)?,
             "split" => {
                 let axis = int_attr(&o, "axis").ok_or_else(|| lowering("split without axis".into()))? as usize;
-                let src = &args[0];
-                let mut offset = 0;
-                for (_, part_dest, part_shape) in &dests {
-                    let exprs: Vec<String> = (0..part_shape.dims.len())
-                        .map(|i| if i == axis { format!("d{i} + {offset}") } else { format!("d{i}") })
-                        .collect();
-                    e.gather_copy(src, part_dest, part_shape, &exprs);
-                    offset += part_shape.dims[axis].ok_or_else(|| lowering("split along a dynamic axis".into()))?;
-                }
+                let parts: Vec<(String, Shape)> = dests.iter().map(|(_, d, s)| (d.clone(), s.clone())).collect();
+                e.split_rows(&args[0], axis, &parts).map_err(lowering)?;
             }
             "concat" => {
                 let axis = int_attr(&o, "axis").ok_or_else(|| lowering("concat without axis".into()))? as usize;
-                let (lhs, rhs) = (&args[0], &args[1]);
-                let rank = rshape.dims.len();
-                let split_at = match lhs.1.dims[axis] {
-                    Some(n) => {
-                        let c = e.fresh();
-                        e.line(&format!("{c} = arith.constant {n} : index"));
-                        c
-                    }
-                    None => {
-                        let a = e.constant_index(axis);
-                        let d = e.fresh();
-                        e.line(&format!("{d} = memref.dim {}, {a} : {}", lhs.0, memref(&lhs.1)));
-                        d
-                    }
-                };
-                let idx: Vec<String> = (0..rank).map(|i| format!("%i{i}")).collect();
-                let index_lines: String =
-                    (0..rank).map(|i| format!("      %i{i} = linalg.index {i} : index\n")).collect();
-                let mut shifted = idx.clone();
-                shifted[axis] = "%shifted".into();
-                e.line(&format!(
-                    "linalg.generic {{indexing_maps = [{}], iterator_types = [{}]}} outs({dest} : {out_ty}) {{\n    ^bb0(%c: f32):\n{index_lines}      %in_lhs = arith.cmpi ult, %i{axis}, {split_at} : index\n      %r = scf.if %in_lhs -> (f32) {{\n        %l = memref.load {}[{}] : {}\n        scf.yield %l : f32\n      }} else {{\n        %shifted = arith.subi %i{axis}, {split_at} : index\n        %v = memref.load {}[{}] : {}\n        scf.yield %v : f32\n      }}\n      linalg.yield %r : f32\n    }}",
-                    identity(rank), vec!["\"parallel\""; rank].join(", "),
-                    lhs.0, idx.join(", "), memref(&lhs.1), rhs.0, shifted.join(", "), memref(&rhs.1)
-                ));
+                e.concat_rows((&args[0], &args[1]), axis, &dest, &rshape);
             }
             "cache_write" => {
                 let (cache, entries, positions) = (&args[0], &args[1], &args[2]);
@@ -416,24 +305,8 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 ));
                 let table = e.fresh();
                 e.line(&format!("{table} = memref.get_global @{global} : memref<{}xf32>", dim / 2));
-                let rank = rshape.dims.len();
-                let last = rank - 1;
-                let idx: Vec<String> = (0..rank).map(|i| format!("%i{i}")).collect();
-                let index_lines: String =
-                    (0..rank).map(|i| format!("      %i{i} = linalg.index {i} : index\n")).collect();
-                let mut partner = idx.clone();
-                partner[last] = "%partner".into();
-                let half = dim / 2;
-                let pair = if interleave {
-                    format!("      %c2 = arith.constant 2 : index\n      %c1 = arith.constant 1 : index\n      %f = arith.divui %i{last}, %c2 : index\n      %odd = arith.remui %i{last}, %c2 : index\n      %first = arith.cmpi eq, %odd, %zero_i : index\n      %up = arith.addi %i{last}, %c1 : index\n      %down = arith.subi %i{last}, %c1 : index\n      %partner = arith.select %first, %up, %down : index\n")
-                } else {
-                    format!("      %h = arith.constant {half} : index\n      %first = arith.cmpi ult, %i{last}, %h : index\n      %f = arith.remui %i{last}, %h : index\n      %up = arith.addi %i{last}, %h : index\n      %down = arith.subi %i{last}, %h : index\n      %partner = arith.select %first, %up, %down : index\n")
-                };
-                e.line(&format!(
-                    "linalg.generic {{indexing_maps = [{}, {}], iterator_types = [{}]}} ins({} : {}) outs({dest} : {out_ty}) {{\n    ^bb0(%a: f32, %c: f32):\n{index_lines}      %zero_i = arith.constant 0 : index\n{pair}      %pos64 = memref.load {}[%i0] : {}\n      %pos = arith.sitofp %pos64 : i64 to f32\n      %freq = memref.load {table}[%f] : memref<{half}xf32>\n      %angle = arith.mulf %pos, %freq : f32\n      %cos0 = math.cos %angle : f32\n      %sin0 = math.sin %angle : f32\n      %af = arith.constant {factor} : f32\n      %cos = arith.mulf %cos0, %af : f32\n      %sin = arith.mulf %sin0, %af : f32\n      %b = memref.load {}[{}] : {}\n      %ac = arith.mulf %a, %cos : f32\n      %bs = arith.mulf %b, %sin : f32\n      %minus = arith.subf %ac, %bs : f32\n      %plus = arith.addf %ac, %bs : f32\n      %r = arith.select %first, %minus, %plus : f32\n      linalg.yield %r : f32\n    }}",
-                    identity(rank), identity(rank), vec!["\"parallel\""; rank].join(", "), x.0, memref(&x.1),
-                    positions.0, memref(&positions.1), x.0, partner.join(", "), memref(&x.1)
-                ));
+                let table = (table, Shape { dims: vec![Some(dim / 2)], element: "f32".into() });
+                e.rope_rows(x, positions, &table, (interleave, &factor), &dest, &rshape);
             }
             "attention" | "attention_decode" => {
                 let decode = kind == "attention_decode";
@@ -535,8 +408,9 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
     if e.uses_fp8 {
         globals.push_str(&fp8_helpers(&name));
     }
-    if !e.column_tiles.is_empty() {
-        globals.push_str(&gemm::transform_script(&e.column_tiles));
+    if !e.column_tiles.is_empty() || !e.row_tiles.is_empty() {
+        let rows: String = e.row_tiles.iter().map(rows::RowTile::script).collect();
+        globals.push_str(&gemm::transform_script(&e.column_tiles, &rows));
     }
     let text = format!(
         "{globals}func.func @{name}({}) attributes {{llvm.emit_c_interface}} {{\n{}{deallocs}    return\n  }}\n",
@@ -623,20 +497,7 @@ fn jit(context: &Context, text: &str, name: &str, for_object: bool) -> Result<Ex
 /// Lowers a kernel's `cpu`-stage `text` to the LLVM dialect ([`LOWER_TO_LLVM`]), checking that
 /// nothing else is left (the JIT would not say).
 pub fn lower_to_llvm<'c>(context: &'c Context, text: &str, name: &str) -> Result<melior::ir::Module<'c>, String> {
-    let mut module = crate::mlir::parse_module(context, text, &format!("{name} (cpu)")).map_err(|e| e.to_string())?;
-    melior::utility::register_all_passes();
-    if text.contains(TRANSFORM_ENTRY) {
-        // The kernel's transform script tiles, vectorizes and bufferizes its GEMMs; then the script
-        // itself leaves the module.
-        let interpreter = PassManager::new(context);
-        melior::utility::parse_pass_pipeline(
-            interpreter.as_operation_pass_manager(),
-            "builtin.module(transform-interpreter)",
-        )
-        .map_err(|e| format!("pass pipeline: {e}"))?;
-        interpreter.run(&mut module).map_err(|e| format!("transform script failed: {e}"))?;
-        remove_transform_modules(&module);
-    }
+    let mut module = transformed(context, text, name)?;
     let manager = PassManager::new(context);
     melior::utility::parse_pass_pipeline(manager.as_operation_pass_manager(), LOWER_TO_LLVM)
         .map_err(|e| format!("pass pipeline: {e}"))?;
@@ -647,6 +508,24 @@ pub fn lower_to_llvm<'c>(context: &'c Context, text: &str, name: &str) -> Result
         llvm.lines().find(|l| l.contains(" = ") && !l.contains("llvm.") && !l.trim_start().starts_with('^'))
     {
         return Err(format!("non-LLVM op left after lowering: {}", line.trim()));
+    }
+    Ok(module)
+}
+
+/// A kernel's `cpu`-stage `text` after its transform script (tiling, vectorization and
+/// bufferization of its GEMMs and row templates), the script itself removed: memrefs, vector, scf.
+pub fn transformed<'c>(context: &'c Context, text: &str, name: &str) -> Result<melior::ir::Module<'c>, String> {
+    let mut module = crate::mlir::parse_module(context, text, &format!("{name} (cpu)")).map_err(|e| e.to_string())?;
+    melior::utility::register_all_passes();
+    if text.contains(TRANSFORM_ENTRY) {
+        let interpreter = PassManager::new(context);
+        melior::utility::parse_pass_pipeline(
+            interpreter.as_operation_pass_manager(),
+            "builtin.module(transform-interpreter)",
+        )
+        .map_err(|e| format!("pass pipeline: {e}"))?;
+        interpreter.run(&mut module).map_err(|e| format!("transform script failed: {e}"))?;
+        remove_transform_modules(&module);
     }
     Ok(module)
 }
