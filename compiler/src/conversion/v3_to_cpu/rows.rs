@@ -256,7 +256,9 @@ impl Emitter {
     }
 
     /// RoPE over the last `dim` entries of x [N, (H,) dim] at `positions` [N]: pairs interleaved
-    /// (2i, 2i+1) or in halves (i, i + dim/2), frequencies from the module constant `table`.
+    /// (2i, 2i+1) or in halves (i, i + dim/2), frequencies from the module constant `table`. The
+    /// cosines and sines are computed once per token and frequency (two [N, dim/2] tables, as the
+    /// reference does), then every head's pairs rotated with them.
     pub(super) fn rope_rows(
         &mut self,
         x: &(String, Shape),
@@ -269,8 +271,21 @@ impl Emitter {
         let rank = out.dims.len();
         let last = rank - 1;
         let half = table.1.dims[0].unwrap_or(0);
-        let (xt, ft) = (self.tensor_of(x), self.tensor_of(table));
-        let ins = [self.same_index(x), self.indexed_by(positions, rank, &[0])];
+        let trig_shape = Shape { dims: vec![x.1.dims[0], Some(half)], element: "f32".into() };
+        let mut trig = Vec::new();
+        for f in ["cos", "sin"] {
+            let buf = self.alloc(&trig_shape, x);
+            let ins = [self.indexed_by(positions, 2, &[0]), self.indexed_by(table, 2, &[1])];
+            let body = format!(
+                "%pos = arith.sitofp %pos64 : {} to f32\n%angle = arith.mulf %pos, %freq : f32\n%t = math.{f} %angle : f32\n%af = arith.constant {factor} : f32\n%r = arith.mulf %t, %af : f32",
+                positions.1.element
+            );
+            let args = format!("%pos64: {}, %freq: f32", positions.1.element);
+            self.row_generic((&buf, &memref(&trig_shape)), &trig_shape, &ins, (&args, &body, "%r"));
+            trig.push(self.tensor_of(&(buf, trig_shape.clone())));
+        }
+        let xt = self.tensor_of(x);
+        let ins = [self.same_index(x)];
         let index_lines: String = (0..rank).map(|i| format!("%i{i} = linalg.index {i} : index\n")).collect();
         let mut partner: Vec<String> = (0..rank).map(|i| format!("%i{i}")).collect();
         partner[last] = "%partner".into();
@@ -280,13 +295,14 @@ impl Emitter {
             format!("%h = arith.constant {half} : index\n%first = arith.cmpi ult, %i{last}, %h : index\n%f = arith.remui %i{last}, %h : index\n%up = arith.addi %i{last}, %h : index\n%down = arith.subi %i{last}, %h : index\n%partner = arith.select %first, %up, %down : index\n")
         };
         let body = format!(
-            "{index_lines}{pair}%pos = arith.sitofp %pos64 : {pel} to f32\n%freq = tensor.extract {ft}[%f] : tensor<{half}xf32>\n%angle = arith.mulf %pos, %freq : f32\n%cos0 = math.cos %angle : f32\n%sin0 = math.sin %angle : f32\n%af = arith.constant {factor} : f32\n%cos = arith.mulf %cos0, %af : f32\n%sin = arith.mulf %sin0, %af : f32\n%b = tensor.extract {xt}[{partner}] : {xty}\n%ac = arith.mulf %a, %cos : f32\n%bs = arith.mulf %b, %sin : f32\n%minus = arith.subf %ac, %bs : f32\n%plus = arith.addf %ac, %bs : f32\n%r = arith.select %first, %minus, %plus : f32",
-            pel = positions.1.element,
+            "{index_lines}{pair}%cos = tensor.extract {cos}[%i0, %f] : {tty}\n%sin = tensor.extract {sin}[%i0, %f] : {tty}\n%b = tensor.extract {xt}[{partner}] : {xty}\n%ac = arith.mulf %a, %cos : f32\n%bs = arith.mulf %b, %sin : f32\n%minus = arith.subf %ac, %bs : f32\n%plus = arith.addf %ac, %bs : f32\n%r = arith.select %first, %minus, %plus : f32",
+            cos = trig[0],
+            sin = trig[1],
+            tty = tensor_type(&trig_shape),
             partner = partner.join(", "),
             xty = tensor_type(&x.1),
         );
-        let args = format!("%a: f32, %pos64: {}", positions.1.element);
-        self.row_generic((dest, &memref(out)), out, &ins, (&args, &body, "%r"));
+        self.row_generic((dest, &memref(out)), out, &ins, ("%a: f32", &body, "%r"));
     }
 
     /// `dest := src` element for element, `src` a tensor value of type `src_ty` with `dest`'s
