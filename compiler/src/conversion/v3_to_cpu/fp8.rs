@@ -2,46 +2,53 @@
 
 use super::*;
 
+/// e4m3 bits `%b` (i8) -> `%r` (f32), as scalar arith ops: the body of the decode helper, and
+/// what the transform-dialect templates inline into their generics (a call would not vectorize).
+/// Defines `%bi`, `%c*`, `%sign`, `%e*`, `%m*`, `%n0`, `%n1`, `%normal`, `%sub*`, `%tiny`,
+/// `%zero_i`, `%neg`, `%issub`, `%v`, `%isnan`, `%nan`.
+pub(super) const DECODE_BODY: &str = "%bi = arith.extui %b : i8 to i32\n\
+    %c3 = arith.constant 3 : i32\n\
+    %c7 = arith.constant 7 : i32\n\
+    %c15 = arith.constant 15 : i32\n\
+    %c20 = arith.constant 20 : i32\n\
+    %c23 = arith.constant 23 : i32\n\
+    %c24 = arith.constant 24 : i32\n\
+    %c120 = arith.constant 120 : i32\n\
+    %c128 = arith.constant 128 : i32\n\
+    %sign = arith.andi %bi, %c128 : i32\n\
+    %signbit = arith.shli %sign, %c24 : i32\n\
+    %eraw = arith.shrui %bi, %c3 : i32\n\
+    %e = arith.andi %eraw, %c15 : i32\n\
+    %m = arith.andi %bi, %c7 : i32\n\
+    %eb = arith.addi %e, %c120 : i32\n\
+    %es = arith.shli %eb, %c23 : i32\n\
+    %ms = arith.shli %m, %c20 : i32\n\
+    %n0 = arith.ori %es, %ms : i32\n\
+    %n1 = arith.ori %n0, %signbit : i32\n\
+    %normal = arith.bitcast %n1 : i32 to f32\n\
+    %mf = arith.uitofp %m : i32 to f32\n\
+    %tiny = arith.constant 1.953125e-03 : f32\n\
+    %subabs = arith.mulf %mf, %tiny : f32\n\
+    %subneg = arith.negf %subabs : f32\n\
+    %zero_i = arith.constant 0 : i32\n\
+    %neg = arith.cmpi ne, %sign, %zero_i : i32\n\
+    %sub = arith.select %neg, %subneg, %subabs : f32\n\
+    %issub = arith.cmpi eq, %e, %zero_i : i32\n\
+    %v = arith.select %issub, %sub, %normal : f32\n\
+    %emax = arith.cmpi eq, %e, %c15 : i32\n\
+    %mmax = arith.cmpi eq, %m, %c7 : i32\n\
+    %isnan = arith.andi %emax, %mmax : i1\n\
+    %nan = arith.constant 0x7FC00000 : f32\n\
+    %r = arith.select %isnan, %nan, %v : f32";
+
 /// Helper functions every fp8 kernel module carries (names prefixed by the kernel's): e4m3 bits
 /// to f32 and f32 to e4m3 bits, round to nearest even, |x| >= 464 -> NaN, exactly as
 /// `v3c_models::dtype` does.
 pub(crate) fn fp8_helpers(prefix: &str) -> String {
+    let decode = indent(DECODE_BODY, 4);
     format!(
         "func.func private @{prefix}_f8_decode(%b: i8) -> f32 {{
-    %bi = arith.extui %b : i8 to i32
-    %c3 = arith.constant 3 : i32
-    %c7 = arith.constant 7 : i32
-    %c15 = arith.constant 15 : i32
-    %c20 = arith.constant 20 : i32
-    %c23 = arith.constant 23 : i32
-    %c24 = arith.constant 24 : i32
-    %c120 = arith.constant 120 : i32
-    %c128 = arith.constant 128 : i32
-    %sign = arith.andi %bi, %c128 : i32
-    %signbit = arith.shli %sign, %c24 : i32
-    %eraw = arith.shrui %bi, %c3 : i32
-    %e = arith.andi %eraw, %c15 : i32
-    %m = arith.andi %bi, %c7 : i32
-    %eb = arith.addi %e, %c120 : i32
-    %es = arith.shli %eb, %c23 : i32
-    %ms = arith.shli %m, %c20 : i32
-    %n0 = arith.ori %es, %ms : i32
-    %n1 = arith.ori %n0, %signbit : i32
-    %normal = arith.bitcast %n1 : i32 to f32
-    %mf = arith.uitofp %m : i32 to f32
-    %tiny = arith.constant 1.953125e-03 : f32
-    %subabs = arith.mulf %mf, %tiny : f32
-    %subneg = arith.negf %subabs : f32
-    %zero_i = arith.constant 0 : i32
-    %neg = arith.cmpi ne, %sign, %zero_i : i32
-    %sub = arith.select %neg, %subneg, %subabs : f32
-    %issub = arith.cmpi eq, %e, %zero_i : i32
-    %v = arith.select %issub, %sub, %normal : f32
-    %emax = arith.cmpi eq, %e, %c15 : i32
-    %mmax = arith.cmpi eq, %m, %c7 : i32
-    %isnan = arith.andi %emax, %mmax : i1
-    %nan = arith.constant 0x7FC00000 : f32
-    %r = arith.select %isnan, %nan, %v : f32
+{decode}
     return %r : f32
   }}
   func.func private @{prefix}_f8_encode(%x: f32) -> i8 {{
@@ -96,8 +103,6 @@ pub(crate) fn fp8_helpers(prefix: &str) -> String {
 
 /// fp8 activation group and weight block edge (DeepSeek-V3: 1x128 activations, 128x128 weights).
 pub(super) const FP8_BLOCK: usize = 128;
-/// Output columns one vectorized fp8 GEMM step computes (one f32 lane each; divides FP8_BLOCK).
-const FP8_LANES: usize = 16;
 
 impl Emitter {
     pub(super) fn decode(&mut self) -> String {
@@ -224,98 +229,6 @@ impl Emitter {
             xv = x.0,
             wv = w.0,
             wsv = ws.0
-        ));
-    }
-
-    /// y[m, n] = sum over K blocks kb of (sum_k xq[m,k] wq[n,k]) * xs[m,kb] * ws[n/128, kb].
-    /// `out = block-scaled x . w^T` in the reference's arithmetic order — per output element, per
-    /// K block, a sequential sum of products from zero, then `(partial * x_scale) * w_scale` added
-    /// to the accumulator — vectorized across 16 output columns (each lane one column, so every
-    /// element keeps that order). Operands are decoded once: the activations whole, the weights one
-    /// tile of 16 rows at a time, transposed so a K step loads the tile's 16 values contiguously.
-    pub(super) fn linear_fp8(&mut self, a: &[(String, Shape)], dest: &str, out: &Shape) {
-        let (x, xs, w, ws) = (&a[0], &a[1], &a[2], &a[3]);
-        let k = x.1.dims[1].unwrap_or(0);
-        let n = w.1.dims[0].unwrap_or(0);
-        let kb = k.div_ceil(FP8_BLOCK);
-        let dec = self.decode();
-        let (x_ty, xs_ty, w_ty, ws_ty, o_ty) = (memref(&x.1), memref(&xs.1), memref(&w.1), memref(&ws.1), memref(out));
-        self.line(&format!(
-            "scf.execute_region {{
-      %c0 = arith.constant 0 : index
-      %c1 = arith.constant 1 : index
-      %c16 = arith.constant {LANES} : index
-      %ck = arith.constant {k} : index
-      %cn = arith.constant {n} : index
-      %ckb = arith.constant {kb} : index
-      %cblk = arith.constant {FP8_BLOCK} : index
-      %vzero = arith.constant dense<0.0> : vector<{LANES}xf32>
-      %rows = memref.dim {xv}, %c0 : {x_ty}
-      %xf = memref.alloc(%rows) : memref<?x{k}xf32>
-      scf.for %m = %c0 to %rows step %c1 {{
-        scf.for %i = %c0 to %ck step %c1 {{
-          %xb = memref.load {xv}[%m, %i] : {x_ty}
-          %xd = func.call {dec}(%xb) : (i8) -> f32
-          memref.store %xd, %xf[%m, %i] : memref<?x{k}xf32>
-        }}
-      }}
-      %wt = memref.alloc() : memref<{k}x{LANES}xf32>
-      %tiles = arith.ceildivui %cn, %c16 : index
-      scf.for %t = %c0 to %tiles step %c1 {{
-        %j0 = arith.muli %t, %c16 : index
-        %left = arith.subi %cn, %j0 : index
-        %jn = arith.minui %left, %c16 : index
-        scf.for %c = %c0 to %c16 step %c1 {{
-          %live = arith.cmpi ult, %c, %jn : index
-          %j = arith.addi %j0, %c : index
-          scf.for %i = %c0 to %ck step %c1 {{
-            %wd = scf.if %live -> (f32) {{
-              %wb = memref.load {wv}[%j, %i] : {w_ty}
-              %v = func.call {dec}(%wb) : (i8) -> f32
-              scf.yield %v : f32
-            }} else {{
-              scf.yield %zero : f32
-            }}
-            memref.store %wd, %wt[%i, %c] : memref<{k}x{LANES}xf32>
-          }}
-        }}
-        // The tile's 16 columns lie in one weight scale block (16 divides 128).
-        %nb = arith.divui %j0, %cblk : index
-        %mask = vector.create_mask %jn : vector<{LANES}xi1>
-        scf.for %m = %c0 to %rows step %c1 {{
-          %acc = scf.for %b = %c0 to %ckb step %c1 iter_args(%a = %vzero) -> (vector<{LANES}xf32>) {{
-            %lo = arith.muli %b, %cblk : index
-            %hi0 = arith.addi %lo, %cblk : index
-            %hi = arith.minui %hi0, %ck : index
-            %part = scf.for %i = %lo to %hi step %c1 iter_args(%p = %vzero) -> (vector<{LANES}xf32>) {{
-              %xs1 = memref.load %xf[%m, %i] : memref<?x{k}xf32>
-              %xv = vector.broadcast %xs1 : f32 to vector<{LANES}xf32>
-              %wv = vector.load %wt[%i, %c0] : memref<{k}x{LANES}xf32>, vector<{LANES}xf32>
-              %pr = arith.mulf %xv, %wv : vector<{LANES}xf32>
-              %np = arith.addf %p, %pr : vector<{LANES}xf32>
-              scf.yield %np : vector<{LANES}xf32>
-            }}
-            %sx = memref.load {xsv}[%m, %b] : {xs_ty}
-            %sw = memref.load {wsv}[%nb, %b] : {ws_ty}
-            %sxv = vector.broadcast %sx : f32 to vector<{LANES}xf32>
-            %swv = vector.broadcast %sw : f32 to vector<{LANES}xf32>
-            %t1 = arith.mulf %part, %sxv : vector<{LANES}xf32>
-            %t2 = arith.mulf %t1, %swv : vector<{LANES}xf32>
-            %na = arith.addf %a, %t2 : vector<{LANES}xf32>
-            scf.yield %na : vector<{LANES}xf32>
-          }}
-          vector.maskedstore {dest}[%m, %j0], %mask, %acc : {o_ty}, vector<{LANES}xi1>, vector<{LANES}xf32>
-        }}
-      }}
-      memref.dealloc %wt : memref<{k}x{LANES}xf32>
-      memref.dealloc %xf : memref<?x{k}xf32>
-      scf.yield
-    }}",
-            xv = x.0,
-            xsv = xs.0,
-            wv = w.0,
-            wsv = ws.0,
-            LANES = FP8_LANES,
         ));
     }
 }

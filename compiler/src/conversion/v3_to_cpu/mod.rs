@@ -2,16 +2,16 @@
 //! memrefs in destination-passing style (its inputs, then one caller-allocated buffer per result),
 //! lowered to LLVM and JIT-compiled by MLIR's ExecutionEngine (or loaded from the kernel cache).
 //!
-//! Every op of the dialect has a template here: dense GEMMs (`linear`, `lm_head`, and the GEMMs inside
-//! the fused MLA, SwiGLU and residual kernels) as linalg on tensors that the kernel's transform script
-//! tiles, fuses, vectorizes and bufferizes (`gemm`); MLA attention (`mla`); routing, the fuse-moe
-//! dispatch and the grouped gate/up and down GEMMs (`moe`, `grouped`: scf/vector, rows of an expert
-//! four at a time, partitioned over threads by output columns); fp8 quantization and block-scaled GEMMs
-//! (`fp8`: scalar, in the reference interpreter's summation order, because a last-bit difference
-//! before a quantization moves values across e4m3 rounding boundaries); norms, RoPE, the
-//! embedding gather, views and elementwise ops as `linalg.generic` on tensors that the same
-//! transform script tiles and vectorizes (`rows`). An op without a template is
-//! `unsupported on cpu: v3.<op>`, never run some other way.
+//! Every op of the dialect has a template here. Through linalg on tensors and the kernel's
+//! transform script (tiled, fused, vectorized, bufferized): dense GEMMs (`linear`, `lm_head`, and
+//! the GEMMs inside the fused MLA, SwiGLU and residual kernels; `gemm`), the block-scaled fp8 GEMM
+//! (`fp8_gemm`: in the reference interpreter's summation order, because a last-bit difference
+//! before a quantization moves values across e4m3 rounding boundaries), norms, RoPE, the embedding
+//! gather, views and elementwise ops (`rows`). Written directly in scf/vector: MLA attention
+//! (`mla`); routing, the fuse-moe dispatch and the grouped gate/up and down GEMMs (`moe`,
+//! `grouped`: rows of an expert four at a time, partitioned over threads by output columns);
+//! 1x128 quantization and GEMMs of f32 activations with fp8 weights (`fp8`); cache writes. An op
+//! without a template is `unsupported on cpu: v3.<op>`, never run some other way.
 
 use std::collections::HashMap;
 
@@ -37,6 +37,7 @@ pub enum CpuError {
 }
 
 mod fp8;
+mod fp8_gemm;
 mod gemm;
 mod grouped;
 mod mla;
@@ -86,6 +87,8 @@ struct Emitter {
     row_tiles: Vec<rows::RowTile>,
     /// Buffer -> its tensor (`bufferization.to_tensor`, one per buffer).
     tensors: HashMap<String, String>,
+    /// Column-tile widths of the fp8 GEMMs emitted (their script blocks).
+    fp8_widths: Vec<usize>,
 }
 
 impl Emitter {
@@ -167,6 +170,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         column_tiles: Vec::new(),
         row_tiles: Vec::new(),
         tensors: HashMap::new(),
+        fp8_widths: Vec::new(),
     };
     let mut inputs = Vec::new();
     for i in 0..block.argument_count() {
@@ -408,9 +412,10 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
     if e.uses_fp8 {
         globals.push_str(&fp8_helpers(&name));
     }
-    if !e.column_tiles.is_empty() || !e.row_tiles.is_empty() {
-        let rows: String = e.row_tiles.iter().map(rows::RowTile::script).collect();
-        globals.push_str(&gemm::transform_script(&e.column_tiles, &rows));
+    if !e.column_tiles.is_empty() || !e.row_tiles.is_empty() || !e.fp8_widths.is_empty() {
+        let mut blocks: String = e.fp8_widths.iter().map(|&w| fp8_gemm::script(w)).collect();
+        blocks.extend(e.row_tiles.iter().map(rows::RowTile::script));
+        globals.push_str(&gemm::transform_script(&e.column_tiles, &blocks));
     }
     let text = format!(
         "{globals}func.func @{name}({}) attributes {{llvm.emit_c_interface}} {{\n{}{deallocs}    return\n  }}\n",

@@ -69,18 +69,18 @@ impl RowTile {
 
 /// Lanes along the last dim of a row op: the largest of 16, 8, 4, 2 dividing it (1 when none
 /// does or it is dynamic).
-fn lanes(last: Option<usize>) -> usize {
+pub(super) fn lanes(last: Option<usize>) -> usize {
     last.and_then(|n| [16, 8, 4, 2].into_iter().find(|l| n.is_multiple_of(*l))).unwrap_or(1)
 }
 
 /// The tensor type of the values a buffer of `shape` holds.
-fn tensor_type(shape: &Shape) -> String {
+pub(super) fn tensor_type(shape: &Shape) -> String {
     memref(shape).replacen("memref", "tensor", 1)
 }
 
 /// The type of a subview of sizes `sizes` (None: dynamic) at a dynamic offset of an identity-layout
 /// buffer of `shape`.
-fn subview_type(shape: &Shape, sizes: &[Option<usize>]) -> String {
+pub(super) fn subview_type(shape: &Shape, sizes: &[Option<usize>]) -> String {
     let strides: Vec<String> = (0..shape.dims.len())
         .map(|i| {
             shape.dims[i + 1..]
@@ -137,7 +137,7 @@ impl Emitter {
     /// `ins` (block arguments `args`, then the output's `%c`), whose `body` leaves the element in
     /// `result`; tagged for the transform script (`reduce`: the output starts from zero and the
     /// last dim of `over` is reduced into it).
-    fn row_generic(
+    pub(super) fn row_generic(
         &mut self,
         (dest, dest_ty): (&str, &str),
         shape: &Shape,
@@ -167,13 +167,16 @@ impl Emitter {
         let types: Vec<&str> = ins.iter().map(|i| i.ty.as_str()).collect();
         let sep = if args.is_empty() { "" } else { ", " };
         self.line(&format!(
-            "{res} = linalg.generic {{indexing_maps = [{maps}{msep}{out}], iterator_types = [{iters}]}} ins({tensors} : {types}) outs({empty} : {ty}) attrs = {{v3c.rows = \"{tag}\"}} {{\n    ^bb0({args}{sep}%c: {el}):\n{body}      linalg.yield {result} : {el}\n    }} -> {ty}",
+            "{res} = linalg.generic {{indexing_maps = [{maps}{msep}{out}], iterator_types = [{iters}]}} {ins}outs({empty} : {ty}) attrs = {{v3c.rows = \"{tag}\"}} {{\n    ^bb0({args}{sep}%c: {el}):\n{body}      linalg.yield {result} : {el}\n    }} -> {ty}",
             maps = maps.join(", "),
             msep = if maps.is_empty() { "" } else { ", " },
             out = identity(rank),
             iters = vec!["\"parallel\""; rank].join(", "),
-            tensors = tensors.join(", "),
-            types = types.join(", "),
+            ins = if ins.is_empty() {
+                String::new()
+            } else {
+                format!("ins({} : {}) ", tensors.join(", "), types.join(", "))
+            },
             tag = tile.tag(),
             body = indent_body(body),
         ));

@@ -1,6 +1,8 @@
-//! The CPU backend's row templates at DeepSeek-V3's widths, one kernel each, 256 tokens: RMSNorm
-//! over 7168 (bf16 weight), RoPE over q_pe (128 heads x 64, interleaved), SwiGLU's silu_mul over
-//! 2048, and the residual add over 7168. Throughput in bytes read + written per run.
+//! CPU backend templates at DeepSeek-V3's widths, one kernel each. `cpu_row_kernels_256_tokens`:
+//! RMSNorm over 7168 (bf16 weight), RoPE over q_pe (128 heads x 64, interleaved), SwiGLU's
+//! silu_mul over 2048 and the residual add over 7168, throughput in bytes read + written.
+//! `cpu_fp8_gemm`: the block-scaled e4m3 GEMM of q_a_proj + kv_a_proj (7168 -> 2112) for one
+//! decode token and for 64 prefill tokens, throughput in multiply-adds.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use melior::ir::block::BlockLike;
@@ -91,5 +93,43 @@ fn rows(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, rows);
+/// e4m3 bits of a pseudo-random pattern (no NaN codes).
+fn fp8(shape: Vec<usize>) -> HostBuffer {
+    let n = shape.iter().product::<usize>();
+    HostBuffer { shape, data: HostData::F8((0..n).map(|i| ((i * 7919 + 11) % 251) as u8 & 0xfe).collect()) }
+}
+
+fn fp8_gemm(c: &mut Criterion) {
+    let context = v3c_compiler::mlir::new_context();
+    v3c_dialects::load(&context).unwrap();
+    let (k, n) = (7168usize, 2112usize);
+    let (kb, nb) = (k / 128, n.div_ceil(128));
+    let text = format!(
+        "func.func private @fp8_gemm(%x: tensor<?x{k}xf8E4M3FN>, %xs: tensor<?x{kb}xf32>, %w: tensor<{n}x{k}xf8E4M3FN>, %ws: tensor<{nb}x{kb}xf32>) -> tensor<?x{n}xf32> attributes {{v3.kernel = \"linear\"}} {{
+  %y = \"v3.linear\"(%x, %xs, %w, %ws) {{operandSegmentSizes = array<i32: 1, 1, 1, 1>}} : (tensor<?x{k}xf8E4M3FN>, tensor<?x{kb}xf32>, tensor<{n}x{k}xf8E4M3FN>, tensor<{nb}x{kb}xf32>) -> tensor<?x{n}xf32>
+  return %y : tensor<?x{n}xf32>
+}}"
+    );
+    let module = v3c_compiler::mlir::parse_module(&context, &text, "fp8_gemm").unwrap();
+    let f = module.body().first_operation().unwrap();
+    let kernel = CpuKernel::compile(&context, &f).unwrap();
+    let mut group = c.benchmark_group("cpu_fp8_gemm_7168x2112");
+    group.sample_size(10);
+    for m in [1usize, 64] {
+        let scales = |shape: Vec<usize>| {
+            let count = shape.iter().product::<usize>();
+            HostBuffer { shape, data: HostData::F32(vec![0.01; count]) }
+        };
+        let mut inputs = vec![fp8(vec![m, k]), scales(vec![m, kb]), fp8(vec![n, k]), scales(vec![nb, kb])];
+        let mut outputs = vec![HostBuffer { shape: vec![m, n], data: HostData::F32(vec![0.0; m * n]) }];
+        group.throughput(Throughput::Elements((m * n * k) as u64));
+        // SAFETY: the output has the shape the kernel computes.
+        group.bench_function(format!("tokens_{m}"), |b| {
+            b.iter(|| unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, rows, fp8_gemm);
 criterion_main!(benches);

@@ -1,0 +1,206 @@
+//! The block-scaled fp8 GEMM (`linear` with e4m3 activations and weights, their 1x128 and 128x128
+//! scales) as linalg on tensors that the kernel's transform script tiles and vectorizes, in the
+//! reference's arithmetic order: per output element and K block, a sequential sum of products from
+//! zero, then `(partial * x_scale) * w_scale` added to the accumulator, block after block
+//! (`v3c_models::interp::kernels::matmul_fp8`). A last-bit difference here moves the next
+//! quantization across e4m3 rounding boundaries, so no reassociation and no fused multiply-add.
+//!
+//! The emitted IR: the activations decoded once into a scratch `[M, KB, 128]` (zero past K); then,
+//! per tile of 16 output columns (and one narrower tail tile), the tile's weights decoded into a
+//! scratch `[KB, 128, 16]` (transposed, so that a K step reads the tile's 16 values contiguously)
+//! and the tile's outputs as two tagged generics: the per-block partial sums `[M, KB, 16]` and
+//! their scaled sum over blocks `[M, 16]`, written into the output's columns. The script
+//! ([`script`]) tiles the scaled sum by one row and one block, fuses the partial sums of that
+//! block into it and tiles their reduction by one K step, then vectorizes: each lane is one output
+//! column, each step one multiply and one add, and the block's partial sums and the accumulator
+//! stay in registers (loop-invariant subsets hoisted).
+
+use super::fp8::{DECODE_BODY, FP8_BLOCK};
+use super::rows::{subview_type, tensor_type};
+use super::*;
+
+/// A buffer: its SSA name and shape.
+type Buffer = (String, Shape);
+
+/// Output columns of a full tile (one f32 lane each; divides [`FP8_BLOCK`]).
+const TILE: usize = 16;
+
+/// The transform-script block for the fp8 GEMM tiles `width` columns wide.
+pub(super) fn script(width: usize) -> String {
+    format!(
+        "    %fp8_{width} = transform.structured.match ops{{[\"linalg.generic\"]}} attributes {{v3c.fp8 = \"reduce_w{width}\"}} in %root : (!transform.any_op) -> !transform.any_op
+    transform.foreach %fp8_{width} : !transform.any_op {{
+    ^bb0(%red: !transform.any_op):
+      %part = transform.get_producer_of_operand %red[0] : (!transform.any_op) -> !transform.any_op
+      %pfill = transform.get_producer_of_operand %part[2] : (!transform.any_op) -> !transform.any_op
+      %yfill = transform.get_producer_of_operand %red[3] : (!transform.any_op) -> !transform.any_op
+      %tred, %lm, %lb = transform.structured.tile_using_for %red tile_sizes [1, 1, 0] : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op)
+      %fpart, %l1 = transform.structured.fuse_into_containing_op %part into %lb : (!transform.any_op, !transform.any_op) -> (!transform.any_op, !transform.any_op)
+      %ffill, %l2 = transform.structured.fuse_into_containing_op %pfill into %l1 : (!transform.any_op, !transform.any_op) -> (!transform.any_op, !transform.any_op)
+      %tyfill, %yl = transform.structured.tile_using_for %yfill tile_sizes [1, 0] : (!transform.any_op) -> (!transform.any_op, !transform.any_op)
+      %tpart, %kl = transform.structured.tile_using_for %fpart tile_sizes [0, 0, 1, 0] : (!transform.any_op) -> (!transform.any_op, !transform.any_op)
+      // Tiling over the dynamic rows left a whole-tensor copy of the partial sums' fill in the
+      // loops, only sizing them; folded away before anything is vectorized.
+      transform.apply_patterns to %lm {{
+        transform.apply_patterns.canonicalization
+      }} : !transform.any_op
+      transform.structured.vectorize %tpart : !transform.any_op
+      transform.structured.vectorize %tred : !transform.any_op
+      transform.structured.vectorize %ffill : !transform.any_op
+      transform.structured.vectorize %tyfill : !transform.any_op
+    }}
+"
+    )
+}
+
+/// A generic body (indices `%i0..%i2` defined before it) that decodes `src[row, k]` (e4m3 bits)
+/// for `k = kb * 128 + kk`, zero at `k >= k_len` (a partial last block): (body, its result).
+fn decode_at(src: &str, src_ty: &str, row: &str, (kb, kk): (&str, &str), k_len: usize) -> (String, &'static str) {
+    let mut body = format!(
+        "%blk = arith.constant {FP8_BLOCK} : index\n%kbase = arith.muli {kb}, %blk : index\n%k = arith.addi %kbase, {kk} : index\n"
+    );
+    let ragged = !k_len.is_multiple_of(FP8_BLOCK);
+    if ragged {
+        body.push_str(&format!(
+            "%klen = arith.constant {k_len} : index\n%kin = arith.cmpi ult, %k, %klen : index\n%k0 = arith.constant 0 : index\n%kc = arith.select %kin, %k, %k0 : index\n"
+        ));
+    }
+    let k = if ragged { "%kc" } else { "%k" };
+    body.push_str(&format!("%b = tensor.extract {src}[{row}, {k}] : {src_ty}\n{DECODE_BODY}\n"));
+    if ragged {
+        body.push_str("%y = arith.select %kin, %r, %zero : f32");
+        (body, "%y")
+    } else {
+        (body, "%r")
+    }
+}
+
+fn indices(rank: usize) -> String {
+    (0..rank).map(|i| format!("%i{i} = linalg.index {i} : index\n")).collect()
+}
+
+impl Emitter {
+    /// `out = block-scaled x . w^T` for e4m3 `x` [M, K] with scales [M, KB] and e4m3 `w` [N, K]
+    /// with scales [N/128, KB] (see the module docs).
+    pub(super) fn linear_fp8(&mut self, a: &[(String, Shape)], dest: &str, out: &Shape) {
+        let (x, xs, w, ws) = (&a[0], &a[1], &a[2], &a[3]);
+        let k = x.1.dims[1].unwrap_or(0);
+        let n = w.1.dims[0].unwrap_or(0);
+        let kb = k.div_ceil(FP8_BLOCK);
+        // The activations, decoded once.
+        let xf_shape = Shape { dims: vec![x.1.dims[0], Some(kb), Some(FP8_BLOCK)], element: "f32".into() };
+        let xf = self.alloc(&xf_shape, x);
+        let xq = self.tensor_of(x);
+        let (decode, result) = decode_at(&xq, &tensor_type(&x.1), "%i0", ("%i1", "%i2"), k);
+        self.row_generic((&xf, &memref(&xf_shape)), &xf_shape, &[], ("", &format!("{}{decode}", indices(3)), result));
+        let xft = self.tensor_of(&(xf, xf_shape.clone()));
+        let (xst, wq, wst) = (self.tensor_of(xs), self.tensor_of(w), self.tensor_of(ws));
+        let c0 = self.constant_index(0);
+        let rows = self.fresh();
+        self.line(&format!("{rows} = memref.dim {}, {c0} : {}", x.0, memref(&x.1)));
+        let full = n / TILE;
+        let tail = n % TILE;
+        let names = FpNames { xft, xst, wq, wst, rows };
+        // Weight tiles: scratch buffers allocated before the loop over tiles.
+        let scratch = |e: &mut Emitter, width: usize| {
+            let shape = Shape { dims: vec![Some(kb), Some(FP8_BLOCK), Some(width)], element: "f32".into() };
+            (e.alloc(&shape, w), shape)
+        };
+        if full > 0 {
+            let wt = scratch(self, TILE);
+            let (lo, hi, step) = (self.constant_index(0), self.constant_index(full * TILE), self.constant_index(TILE));
+            let j0 = self.fresh();
+            self.line(&format!("scf.for {j0} = {lo} to {hi} step {step} {{"));
+            self.fp8_tile(&names, (w, ws, &wt, k), (dest, out), &j0);
+            self.line("}");
+        }
+        if tail > 0 {
+            let wt = scratch(self, tail);
+            let j0 = self.constant_index(full * TILE);
+            self.fp8_tile(&names, (w, ws, &wt, k), (dest, out), &j0);
+        }
+    }
+
+    /// Output columns `j0 .. j0 + width` of the fp8 GEMM: the weight tile decoded (transposed) into
+    /// a scratch buffer, then the tagged partial sums and their scaled sum over K blocks.
+    fn fp8_tile(
+        &mut self,
+        names: &FpNames,
+        (w, ws, (wt, wt_shape), k): (&Buffer, &Buffer, &Buffer, usize),
+        (dest, out): (&str, &Shape),
+        j0: &str,
+    ) {
+        let (kb, width) = (wt_shape.dims[0].unwrap_or(0), wt_shape.dims[2].unwrap_or(0));
+        let wt_ty = memref(wt_shape);
+        // wt[b, kk, c] = w[j0 + c, b * 128 + kk]: one decode per weight per call.
+        let (decode, result) = decode_at(&names.wq, &tensor_type(&w.1), "%col", ("%i0", "%i1"), k);
+        let body = format!("{}%col = arith.addi {j0}, %i2 : index\n{decode}", indices(3));
+        self.row_generic((wt, &wt_ty), wt_shape, &[], ("", &body, result));
+        self.use_fp8_width(width);
+        let (wtt, ysub, nb, blk, c0, wsr) =
+            (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
+        let (pe, pz, part, ye, yz, y) =
+            (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
+        let ysub_ty = subview_type(out, &[None, Some(width)]);
+        let (rows, xft, xst, wst) = (&names.rows, &names.xft, &names.xst, &names.wst);
+        let xf_ty = format!("tensor<?x{kb}x{FP8_BLOCK}xf32>");
+        let xs_ty = tensor_type(&Shape { dims: vec![None, Some(kb)], element: "f32".into() });
+        let ws_ty = tensor_type(&ws.1);
+        let p_ty = format!("tensor<?x{kb}x{width}xf32>");
+        let y_ty = format!("tensor<?x{width}xf32>");
+        let wtt_ty = tensor_type(wt_shape);
+        let map = |d: &[&str], r: &[&str]| affine(d, r);
+        // Output columns innermost: the vector lanes.
+        let pd = ["m", "b", "kk", "n"];
+        let yd = ["m", "b", "n"];
+        self.line(&format!(
+            "{wtt} = bufferization.to_tensor {wt} restrict : {wt_ty} to {wtt_ty}
+    {c0} = arith.constant 0 : index
+    {blk} = arith.constant {FP8_BLOCK} : index
+    {nb} = arith.divui {j0}, {blk} : index
+    {wsr} = tensor.extract_slice {wst}[{nb}, 0] [1, {kb}] [1, 1] : {ws_ty} to tensor<{kb}xf32>
+    {pe} = tensor.empty({rows}) : {p_ty}
+    {pz} = linalg.fill ins(%zero : f32) outs({pe} : {p_ty}) -> {p_ty}
+    {part} = linalg.generic {{indexing_maps = [{}, {}, {}], iterator_types = [\"parallel\", \"parallel\", \"reduction\", \"parallel\"]}} ins({xft}, {wtt} : {xf_ty}, {wtt_ty}) outs({pz} : {p_ty}) attrs = {{v3c.fp8 = \"partial\"}} {{
+    ^bb0(%a: f32, %b: f32, %c: f32):
+      %p = arith.mulf %a, %b : f32
+      %s = arith.addf %c, %p : f32
+      linalg.yield %s : f32
+    }} -> {p_ty}
+    {ye} = tensor.empty({rows}) : {y_ty}
+    {yz} = linalg.fill ins(%zero : f32) outs({ye} : {y_ty}) -> {y_ty}
+    {y} = linalg.generic {{indexing_maps = [{}, {}, {}, {}], iterator_types = [\"parallel\", \"reduction\", \"parallel\"]}} ins({part}, {xst}, {wsr} : {p_ty}, {xs_ty}, tensor<{kb}xf32>) outs({yz} : {y_ty}) attrs = {{v3c.fp8 = \"reduce_w{width}\"}} {{
+    ^bb0(%p: f32, %sx: f32, %sw: f32, %c: f32):
+      %t1 = arith.mulf %p, %sx : f32
+      %t2 = arith.mulf %t1, %sw : f32
+      %s = arith.addf %c, %t2 : f32
+      linalg.yield %s : f32
+    }} -> {y_ty}
+    {ysub} = memref.subview {dest}[{c0}, {j0}] [{rows}, {width}] [1, 1] : {o_ty} to {ysub_ty}
+    bufferization.materialize_in_destination {y} in restrict writable {ysub} : ({y_ty}, {ysub_ty}) -> ()",
+            map(&pd, &["m", "b", "kk"]),
+            map(&pd, &["b", "kk", "n"]),
+            map(&pd, &["m", "b", "n"]),
+            map(&yd, &["m", "b", "n"]),
+            map(&yd, &["m", "b"]),
+            map(&yd, &["b"]),
+            map(&yd, &["m", "n"]),
+            o_ty = memref(out),
+        ));
+    }
+
+    fn use_fp8_width(&mut self, width: usize) {
+        if !self.fp8_widths.contains(&width) {
+            self.fp8_widths.push(width);
+        }
+    }
+}
+
+/// Tensors and sizes every tile of one fp8 GEMM shares.
+struct FpNames {
+    xft: String,
+    xst: String,
+    wq: String,
+    wst: String,
+    rows: String,
+}
