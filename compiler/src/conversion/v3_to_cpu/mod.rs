@@ -232,7 +232,6 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
             dests.push((key, dest, shape));
         }
         let (key, dest, rshape) = dests[0].clone();
-        let out_ty = memref(&rshape);
         match kind.as_str() {
             "add" | "silu_mul" => e.elementwise(&kind, &args[0], &args[1], &dest, &rshape),
             "linear" if args.len() == 4 => {
@@ -277,20 +276,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 let axis = int_attr(&o, "axis").ok_or_else(|| lowering("concat without axis".into()))? as usize;
                 e.concat_rows((&args[0], &args[1]), axis, &dest, &rshape);
             }
-            "cache_write" => {
-                let (cache, entries, positions) = (&args[0], &args[1], &args[2]);
-                e.line(&format!("memref.copy {}, {dest} : {} to {out_ty}", cache.0, memref(&cache.1)));
-                let (c0, c1, c2) = (e.constant_index(0), e.constant_index(1), e.constant_index(2));
-                let (b, s, w) = (e.fresh(), e.fresh(), e.fresh());
-                e.line(&format!("{b} = memref.dim {dest}, {c0} : {out_ty}"));
-                e.line(&format!("{s} = memref.dim {dest}, {c1} : {out_ty}"));
-                e.line(&format!("{w} = memref.dim {dest}, {c2} : {out_ty}"));
-                // Rows outside the cache are skipped here; the executor rejects them before launch.
-                e.line(&format!(
-                    "scf.for %b = {c0} to {b} step {c1} {{\n      %p64 = memref.load {}[%b] : {}\n      %p = arith.index_cast %p64 : i64 to index\n      %inside = arith.cmpi ult, %p, {s} : index\n      scf.if %inside {{\n        scf.for %c = {c0} to {w} step {c1} {{\n          %v = memref.load {}[%b, %c] : {}\n          memref.store %v, {dest}[%b, %p, %c] : {out_ty}\n        }}\n      }}\n    }}",
-                    positions.0, memref(&positions.1), entries.0, memref(&entries.1)
-                ));
-            }
+            "cache_write" => e.cache_write(&args[0], &args[1], &args[2], &dest, &rshape),
             "rope" => {
                 let (x, positions) = (&args[0], &args[1]);
                 let dim = int_attr(&o, "dim").ok_or_else(|| lowering("rope without dim".into()))? as usize;

@@ -308,6 +308,64 @@ impl Emitter {
         self.row_generic((dest, &memref(out)), out, &ins, ("%a: f32", &body, "%r"));
     }
 
+    /// `dest := cache` with row `positions[b]` of sequence `b` replaced by `entries[b]`. The plan
+    /// binds a decode cache and its update to one buffer: then nothing is copied (the pointers are
+    /// compared at run time) and only the new rows are written, each a tagged row copy. Rows outside
+    /// the cache are skipped here; the executor rejects them before launch.
+    pub(super) fn cache_write(
+        &mut self,
+        cache: &(String, Shape),
+        entries: &(String, Shape),
+        positions: &(String, Shape),
+        dest: &str,
+        out: &Shape,
+    ) {
+        let out_ty = memref(out);
+        let cache_ty = memref(&cache.1);
+        let (src_ptr, dst_ptr, distinct) = (self.fresh(), self.fresh(), self.fresh());
+        self.line(&format!("{src_ptr} = memref.extract_aligned_pointer_as_index {} : {cache_ty} -> index", cache.0));
+        self.line(&format!("{dst_ptr} = memref.extract_aligned_pointer_as_index {dest} : {out_ty} -> index"));
+        self.line(&format!("{distinct} = arith.cmpi ne, {src_ptr}, {dst_ptr} : index"));
+        self.line(&format!(
+            "scf.if {distinct} {{
+      memref.copy {}, {dest} : {cache_ty} to {out_ty}
+    }}",
+            cache.0
+        ));
+        let et = self.tensor_of(entries);
+        let width = out.dims[2];
+        let row = Shape { dims: vec![width], element: out.element.clone() };
+        let (c0, c1, c2) = (self.constant_index(0), self.constant_index(1), self.constant_index(2));
+        let (b, s, w) = (self.fresh(), self.fresh(), self.fresh());
+        self.line(&format!("{b} = memref.dim {dest}, {c0} : {out_ty}"));
+        self.line(&format!("{s} = memref.dim {dest}, {c1} : {out_ty}"));
+        self.line(&format!("{w} = memref.dim {dest}, {c2} : {out_ty}"));
+        let (seq, p64, p, inside, piece, view) =
+            (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
+        let w_size = width.map_or(w.clone(), |n| n.to_string());
+        let row_ty = tensor_type(&row);
+        // One row of the cache, rank-reduced: contiguous at a dynamic offset.
+        let view_ty = subview_type(&row, &[width]);
+        self.line(&format!(
+            "scf.for {seq} = {c0} to {b} step {c1} {{
+    {p64} = memref.load {}[{seq}] : {}
+    {p} = arith.index_cast {p64} : {} to index
+    {inside} = arith.cmpi ult, {p}, {s} : index
+    scf.if {inside} {{
+    {piece} = tensor.extract_slice {et}[{seq}, 0] [1, {w_size}] [1, 1] : {} to {row_ty}
+    {view} = memref.subview {dest}[{seq}, {p}, 0] [1, 1, {w_size}] [1, 1, 1] : {out_ty} to {view_ty}",
+            positions.0,
+            memref(&positions.1),
+            positions.1.element,
+            tensor_type(&entries.1),
+        ));
+        self.copy_rows((&piece, &row_ty), (&view, &view_ty), &row);
+        self.line(
+            "}
+    }",
+        );
+    }
+
     /// `dest := src` element for element, `src` a tensor value of type `src_ty` with `dest`'s
     /// shape, `dest` a buffer (name, memref type).
     fn copy_rows(&mut self, (src, src_ty): (&str, &str), dest: (&str, &str), shape: &Shape) {
