@@ -2,7 +2,8 @@
 //! RMSNorm over 7168 (bf16 weight), RoPE over q_pe (128 heads x 64, interleaved), SwiGLU's
 //! silu_mul over 2048 and the residual add over 7168, throughput in bytes read + written.
 //! `cpu_fp8_gemm`: the block-scaled e4m3 GEMM of q_a_proj + kv_a_proj (7168 -> 2112) for one
-//! decode token and for 64 prefill tokens, throughput in multiply-adds.
+//! decode token and for 64 prefill tokens, throughput in multiply-adds; `cpu_fp8_weight_gemm`:
+//! the same weights with f32 activations (f32 precision of an fp8 checkpoint).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use melior::ir::block::BlockLike;
@@ -113,6 +114,30 @@ fn fp8_gemm(c: &mut Criterion) {
     let module = v3c_compiler::mlir::parse_module(&context, &text, "fp8_gemm").unwrap();
     let f = module.body().first_operation().unwrap();
     let kernel = CpuKernel::compile(&context, &f).unwrap();
+    let dequant_text = format!(
+        "func.func private @dequant_gemm(%x: tensor<?x{k}xf32>, %w: tensor<{n}x{k}xf8E4M3FN>, %ws: tensor<{nb}x{kb}xf32>) -> tensor<?x{n}xf32> attributes {{v3.kernel = \"linear\"}} {{
+  %y = \"v3.linear\"(%x, %w, %ws) {{operandSegmentSizes = array<i32: 1, 0, 1, 1>}} : (tensor<?x{k}xf32>, tensor<{n}x{k}xf8E4M3FN>, tensor<{nb}x{kb}xf32>) -> tensor<?x{n}xf32>
+  return %y : tensor<?x{n}xf32>
+}}"
+    );
+    let dequant_module = v3c_compiler::mlir::parse_module(&context, &dequant_text, "dequant_gemm").unwrap();
+    let dequant = CpuKernel::compile(&context, &dequant_module.body().first_operation().unwrap()).unwrap();
+    let mut group = c.benchmark_group("cpu_fp8_weight_gemm_7168x2112");
+    group.sample_size(10);
+    for m in [1usize, 64] {
+        let mut inputs = vec![
+            HostBuffer { shape: vec![m, k], data: HostData::F32(vec![0.5; m * k]) },
+            fp8(vec![n, k]),
+            HostBuffer { shape: vec![nb, kb], data: HostData::F32(vec![0.01; nb * kb]) },
+        ];
+        let mut outputs = vec![HostBuffer { shape: vec![m, n], data: HostData::F32(vec![0.0; m * n]) }];
+        group.throughput(Throughput::Elements((m * n * k) as u64));
+        // SAFETY: the output has the shape the kernel computes.
+        group.bench_function(format!("tokens_{m}"), |b| {
+            b.iter(|| unsafe { dequant.run(&mut inputs, &mut outputs) }.unwrap())
+        });
+    }
+    group.finish();
     let mut group = c.benchmark_group("cpu_fp8_gemm_7168x2112");
     group.sample_size(10);
     for m in [1usize, 64] {

@@ -190,45 +190,4 @@ impl Emitter {
             qd = q.0
         ));
     }
-
-    /// f32 activations with an fp8 weight: y[m, n] = sum_k x[m,k] * (e4m3(w[n,k]) * ws[n/128, k/128]),
-    /// the weight dequantized as it is read (what the reference computes on dequantized weights).
-    pub(super) fn linear_dequant(&mut self, a: &[(String, Shape)], dest: &str, out: &Shape) {
-        let (x, w, ws) = (&a[0], &a[1], &a[2]);
-        let k = x.1.dims[1].unwrap_or(0);
-        let n = w.1.dims[0].unwrap_or(0);
-        let dec = self.decode();
-        let (x_ty, w_ty, ws_ty, o_ty) = (memref(&x.1), memref(&w.1), memref(&ws.1), memref(out));
-        self.line(&format!(
-            "scf.execute_region {{
-      %c0 = arith.constant 0 : index
-      %c1 = arith.constant 1 : index
-      %ck = arith.constant {k} : index
-      %cn = arith.constant {n} : index
-      %cblk = arith.constant {FP8_BLOCK} : index
-      %rows = memref.dim {xv}, %c0 : {x_ty}
-      scf.for %m = %c0 to %rows step %c1 {{
-        scf.for %j = %c0 to %cn step %c1 {{
-          %nb = arith.divui %j, %cblk : index
-          %acc = scf.for %i = %c0 to %ck step %c1 iter_args(%a = %zero) -> (f32) {{
-            %kb = arith.divui %i, %cblk : index
-            %xf = memref.load {xv}[%m, %i] : {x_ty}
-            %wb = memref.load {wv}[%j, %i] : {w_ty}
-            %wd = func.call {dec}(%wb) : (i8) -> f32
-            %sw = memref.load {wsv}[%nb, %kb] : {ws_ty}
-            %wf = arith.mulf %wd, %sw : f32
-            %pr = arith.mulf %xf, %wf : f32
-            %na = arith.addf %a, %pr : f32
-            scf.yield %na : f32
-          }}
-          memref.store %acc, {dest}[%m, %j] : {o_ty}
-        }}
-      }}
-      scf.yield
-    }}",
-            xv = x.0,
-            wv = w.0,
-            wsv = ws.0
-        ));
-    }
 }

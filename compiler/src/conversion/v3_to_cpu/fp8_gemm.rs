@@ -189,6 +189,75 @@ impl Emitter {
         ));
     }
 
+    /// f32 activations with an fp8 weight: `out = x . (e4m3(w) * ws)^T`, the weight dequantized as
+    /// the reference does (each value times its 128 x 128 block's scale). Per chunk of 128 output
+    /// columns (one scale block; a narrower tail chunk), the chunk's weights are dequantized into a
+    /// scratch `[128, K]` by a tagged row template and multiplied by the dense f32 GEMM template
+    /// ([`Emitter::gemm_vectorized`]) into a scratch `[M, 128]`, then copied into the output's
+    /// columns: the dequantization is paid once per weight and call, never a whole f32 copy of it.
+    pub(super) fn linear_dequant(&mut self, a: &[(String, Shape)], dest: &str, out: &Shape) {
+        let (x, w, ws) = (&a[0], &a[1], &a[2]);
+        let k = x.1.dims[1].unwrap_or(0);
+        let n = w.1.dims[0].unwrap_or(0);
+        let (wq, wst) = (self.tensor_of(w), self.tensor_of(ws));
+        let (full, tail) = (n / FP8_BLOCK, n % FP8_BLOCK);
+        let scratch = |e: &mut Emitter, width: usize| {
+            let wd = Shape { dims: vec![Some(width), Some(k)], element: "f32".into() };
+            let y = Shape { dims: vec![x.1.dims[0], Some(width)], element: "f32".into() };
+            ((e.alloc(&wd, w), wd), (e.alloc(&y, x), y))
+        };
+        let names = (wq, wst);
+        if full > 0 {
+            let bufs = scratch(self, FP8_BLOCK);
+            let (lo, hi, step) =
+                (self.constant_index(0), self.constant_index(full * FP8_BLOCK), self.constant_index(FP8_BLOCK));
+            let j0 = self.fresh();
+            self.line(&format!("scf.for {j0} = {lo} to {hi} step {step} {{"));
+            self.dequant_chunk(x, (w, ws), &names, &bufs, (dest, out), &j0);
+            self.line("}");
+        }
+        if tail > 0 {
+            let bufs = scratch(self, tail);
+            let j0 = self.constant_index(full * FP8_BLOCK);
+            self.dequant_chunk(x, (w, ws), &names, &bufs, (dest, out), &j0);
+        }
+    }
+
+    /// Output columns `j0 ..` of [`Emitter::linear_dequant`], as wide as the scratch buffers.
+    fn dequant_chunk(
+        &mut self,
+        x: &Buffer,
+        (w, ws): (&Buffer, &Buffer),
+        (wq, wst): &(String, String),
+        ((wd, wd_shape), (y, y_shape)): &(Buffer, Buffer),
+        (dest, out): (&str, &Shape),
+        j0: &str,
+    ) {
+        let width = wd_shape.dims[0].unwrap_or(0);
+        let body = format!(
+            "{}%row = arith.addi {j0}, %i0 : index\n%b = tensor.extract {wq}[%row, %i1] : {}\n{DECODE_BODY}\n%blk = arith.constant {FP8_BLOCK} : index\n%nb = arith.divui %row, %blk : index\n%kb = arith.divui %i1, %blk : index\n%sc = tensor.extract {wst}[%nb, %kb] : {}\n%y = arith.mulf %r, %sc : f32",
+            indices(2),
+            tensor_type(&w.1),
+            tensor_type(&ws.1)
+        );
+        self.row_generic((wd, &memref(wd_shape)), wd_shape, &[], ("", &body, "%y"));
+        self.gemm_vectorized(x, &(wd.clone(), wd_shape.clone()), y, y_shape);
+        let (yt, c0, view) = (self.fresh(), self.fresh(), self.fresh());
+        let view_ty = subview_type(out, &[None, Some(width)]);
+        let rows = self.fresh();
+        self.line(&format!(
+            "{yt} = bufferization.to_tensor {y} restrict : {} to {}
+    {c0} = arith.constant 0 : index
+    {rows} = memref.dim {y}, {c0} : {}
+    {view} = memref.subview {dest}[{c0}, {j0}] [{rows}, {width}] [1, 1] : {} to {view_ty}",
+            memref(y_shape),
+            tensor_type(y_shape),
+            memref(y_shape),
+            memref(out)
+        ));
+        self.copy_rows((&yt, &tensor_type(y_shape)), (&view, &view_ty), y_shape);
+    }
+
     fn use_fp8_width(&mut self, width: usize) {
         if !self.fp8_widths.contains(&width) {
             self.fp8_widths.push(width);

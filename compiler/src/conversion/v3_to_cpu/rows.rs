@@ -368,7 +368,7 @@ impl Emitter {
 
     /// `dest := src` element for element, `src` a tensor value of type `src_ty` with `dest`'s
     /// shape, `dest` a buffer (name, memref type).
-    fn copy_rows(&mut self, (src, src_ty): (&str, &str), dest: (&str, &str), shape: &Shape) {
+    pub(super) fn copy_rows(&mut self, (src, src_ty): (&str, &str), dest: (&str, &str), shape: &Shape) {
         let ins = [RowInput { tensor: src.to_string(), ty: src_ty.to_string(), map: identity(shape.dims.len()) }];
         let el = storage(&shape.element).to_string();
         self.row_generic(dest, shape, &ins, (&format!("%a: {el}"), "", "%a"));
