@@ -1,6 +1,7 @@
 //! CPU backend templates at DeepSeek-V3's widths, one kernel each. `cpu_row_kernels_256_tokens`:
 //! RMSNorm over 7168 (bf16 weight), RoPE over q_pe (128 heads x 64, interleaved), SwiGLU's
-//! silu_mul over 2048 and the residual add over 7168, throughput in bytes read + written.
+//! silu_mul over 2048, the residual add over 7168 and the 1x128 fp8 quantization of 7168-wide
+//! rows, throughput in bytes read + written.
 //! `cpu_fp8_gemm`: the block-scaled e4m3 GEMM of q_a_proj + kv_a_proj (7168 -> 2112) for one
 //! decode token and for 64 prefill tokens, throughput in multiply-adds; `cpu_fp8_weight_gemm`:
 //! the same weights with f32 activations (f32 precision of an fp8 checkpoint).
@@ -54,6 +55,19 @@ fn cases() -> Vec<(&'static str, String, Vec<HostBuffer>, Vec<HostBuffer>)> {
             .to_string(),
             vec![f32s(vec![TOKENS, 2048]), f32s(vec![TOKENS, 2048])],
             vec![f32s(vec![TOKENS, 2048])],
+        ),
+        (
+            "quantize_fp8_7168",
+            "func.func private @quantize(%x: tensor<?x7168xf32>) -> (tensor<?x7168xf8E4M3FN>, tensor<?x56xf32>) attributes {v3.kernel = \"quantize_fp8\"} {
+  %q:2 = \"v3.quantize_fp8\"(%x) {group = 128 : i64} : (tensor<?x7168xf32>) -> (tensor<?x7168xf8E4M3FN>, tensor<?x56xf32>)
+  return %q#0, %q#1 : tensor<?x7168xf8E4M3FN>, tensor<?x56xf32>
+}"
+            .to_string(),
+            vec![f32s(vec![TOKENS, 7168])],
+            vec![
+                HostBuffer { shape: vec![TOKENS, 7168], data: HostData::F8(vec![0; TOKENS * 7168]) },
+                f32s(vec![TOKENS, 56]),
+            ],
         ),
         (
             "add_7168",

@@ -41,60 +41,69 @@ pub(super) const DECODE_BODY: &str = "%bi = arith.extui %b : i8 to i32\n\
     %nan = arith.constant 0x7FC00000 : f32\n\
     %r = arith.select %isnan, %nan, %v : f32";
 
+/// f32 `%x` -> its e4m3 bits `%r` (i8), round to nearest even, |x| >= 464 and NaN -> NaN code, as
+/// scalar arith ops: the body of the encode helper, and what the transform-dialect templates
+/// inline into their generics. Defines `%bits`, `%c*`, `%sh`, `%sign`, `%a`, `%ab`, `%mask23`,
+/// `%half`, `%e*`, `%mant`, `%lsb*`, `%inc`, `%rounded`, `%m3`, `%carry`, `%mm`, `%eb`,
+/// `%normal`, `%scaled`, `%q`, `%qr`, `%sub`, `%minnormal`, `%issub`, `%code*`, `%limit`,
+/// `%over`, `%isnan`, `%bad`, `%withsign`.
+pub(super) const ENCODE_BODY: &str = "%bits = arith.bitcast %x : f32 to i32\n\
+    %c24 = arith.constant 24 : i32\n\
+    %c128 = arith.constant 128 : i32\n\
+    %sh = arith.shrui %bits, %c24 : i32\n\
+    %sign = arith.andi %sh, %c128 : i32\n\
+    %a = math.absf %x : f32\n\
+    %ab = arith.bitcast %a : f32 to i32\n\
+    %c23 = arith.constant 23 : i32\n\
+    %c20 = arith.constant 20 : i32\n\
+    %c1 = arith.constant 1 : i32\n\
+    %c3 = arith.constant 3 : i32\n\
+    %c7 = arith.constant 7 : i32\n\
+    %c120 = arith.constant 120 : i32\n\
+    %mask23 = arith.constant 8388607 : i32\n\
+    %half = arith.constant 524287 : i32\n\
+    %e = arith.shrui %ab, %c23 : i32\n\
+    %mant = arith.andi %ab, %mask23 : i32\n\
+    %lsb0 = arith.shrui %mant, %c20 : i32\n\
+    %lsb = arith.andi %lsb0, %c1 : i32\n\
+    %inc = arith.addi %half, %lsb : i32\n\
+    %rounded = arith.addi %mant, %inc : i32\n\
+    %m3 = arith.shrui %rounded, %c20 : i32\n\
+    %carry = arith.shrui %m3, %c3 : i32\n\
+    %mm = arith.andi %m3, %c7 : i32\n\
+    %e8a = arith.subi %e, %c120 : i32\n\
+    %e8 = arith.addi %e8a, %carry : i32\n\
+    %eb = arith.shli %e8, %c3 : i32\n\
+    %normal = arith.ori %eb, %mm : i32\n\
+    %scaled = arith.constant 512.0 : f32\n\
+    %q = arith.mulf %a, %scaled : f32\n\
+    %qr = math.roundeven %q : f32\n\
+    %sub = arith.fptoui %qr : f32 to i32\n\
+    %minnormal = arith.constant 0.015625 : f32\n\
+    %issub = arith.cmpf olt, %a, %minnormal : f32\n\
+    %code0 = arith.select %issub, %sub, %normal : i32\n\
+    %limit = arith.constant 464.0 : f32\n\
+    %over = arith.cmpf oge, %a, %limit : f32\n\
+    %isnan = arith.cmpf uno, %x, %x : f32\n\
+    %bad = arith.ori %over, %isnan : i1\n\
+    %c127 = arith.constant 127 : i32\n\
+    %code = arith.select %bad, %c127, %code0 : i32\n\
+    %withsign = arith.ori %code, %sign : i32\n\
+    %r = arith.trunci %withsign : i32 to i8";
+
 /// Helper functions every fp8 kernel module carries (names prefixed by the kernel's): e4m3 bits
 /// to f32 and f32 to e4m3 bits, round to nearest even, |x| >= 464 -> NaN, exactly as
 /// `v3c_models::dtype` does.
 pub(crate) fn fp8_helpers(prefix: &str) -> String {
     let decode = indent(DECODE_BODY, 4);
+    let encode = indent(ENCODE_BODY, 4);
     format!(
         "func.func private @{prefix}_f8_decode(%b: i8) -> f32 {{
 {decode}
     return %r : f32
   }}
   func.func private @{prefix}_f8_encode(%x: f32) -> i8 {{
-    %bits = arith.bitcast %x : f32 to i32
-    %c24 = arith.constant 24 : i32
-    %c128 = arith.constant 128 : i32
-    %sh = arith.shrui %bits, %c24 : i32
-    %sign = arith.andi %sh, %c128 : i32
-    %a = math.absf %x : f32
-    %ab = arith.bitcast %a : f32 to i32
-    %c23 = arith.constant 23 : i32
-    %c20 = arith.constant 20 : i32
-    %c1 = arith.constant 1 : i32
-    %c3 = arith.constant 3 : i32
-    %c7 = arith.constant 7 : i32
-    %c120 = arith.constant 120 : i32
-    %mask23 = arith.constant 8388607 : i32
-    %half = arith.constant 524287 : i32
-    %e = arith.shrui %ab, %c23 : i32
-    %mant = arith.andi %ab, %mask23 : i32
-    %lsb0 = arith.shrui %mant, %c20 : i32
-    %lsb = arith.andi %lsb0, %c1 : i32
-    %inc = arith.addi %half, %lsb : i32
-    %rounded = arith.addi %mant, %inc : i32
-    %m3 = arith.shrui %rounded, %c20 : i32
-    %carry = arith.shrui %m3, %c3 : i32
-    %mm = arith.andi %m3, %c7 : i32
-    %e8a = arith.subi %e, %c120 : i32
-    %e8 = arith.addi %e8a, %carry : i32
-    %eb = arith.shli %e8, %c3 : i32
-    %normal = arith.ori %eb, %mm : i32
-    %scaled = arith.constant 512.0 : f32
-    %q = arith.mulf %a, %scaled : f32
-    %qr = math.roundeven %q : f32
-    %sub = arith.fptoui %qr : f32 to i32
-    %minnormal = arith.constant 0.015625 : f32
-    %issub = arith.cmpf olt, %a, %minnormal : f32
-    %code0 = arith.select %issub, %sub, %normal : i32
-    %limit = arith.constant 464.0 : f32
-    %over = arith.cmpf oge, %a, %limit : f32
-    %isnan = arith.cmpf uno, %x, %x : f32
-    %bad = arith.ori %over, %isnan : i1
-    %c127 = arith.constant 127 : i32
-    %code = arith.select %bad, %c127, %code0 : i32
-    %withsign = arith.ori %code, %sign : i32
-    %r = arith.trunci %withsign : i32 to i8
+{encode}
     return %r : i8
   }}
 "
@@ -141,8 +150,15 @@ impl Emitter {
         let (qv, qs) = flat(q.0, q.1);
         let (sv, ss) = flat(scales.0, scales.1);
         let (x, q, scales) = (&(xv, xs), (qv.as_str(), &qs), (sv.as_str(), &ss));
+        let partitioned = self.partitioned && group == super::grouped::GATE_UP_GRANULE;
+        if !partitioned {
+            // Whole rows: the tiled templates (`fp8_tiled`); a grouped kernel's share of columns
+            // stays in the loops below.
+            self.quantize_rows(x, group, q, scales);
+            return;
+        }
         let (x_ty, q_ty, s_ty) = (memref(&x.1), memref(q.1), memref(scales.1));
-        let blocks = if self.partitioned && group == super::grouped::GATE_UP_GRANULE {
+        let blocks = if partitioned {
             format!(
                 "{}\n      %blo = arith.ceildivui %qclo, %cg : index\n      %bhi = arith.ceildivui %qchi, %cg : index",
                 super::grouped::partition_range(k, group, "%qclo", "%qchi").replace('\n', "\n      ")

@@ -5,7 +5,7 @@
 //! Every op of the dialect has a template here. Through linalg on tensors and the kernel's
 //! transform script (tiled, fused, vectorized, bufferized): dense GEMMs (`linear`, `lm_head`, and
 //! the GEMMs inside the fused MLA, SwiGLU and residual kernels; `gemm`), the block-scaled fp8 GEMM
-//! (`fp8_gemm`: in the reference interpreter's summation order, because a last-bit difference
+//! (`fp8_tiled`: in the reference interpreter's summation order, because a last-bit difference
 //! before a quantization moves values across e4m3 rounding boundaries), norms, RoPE, the embedding
 //! gather, views and elementwise ops (`rows`). Written directly in scf/vector: MLA attention
 //! (`mla`); routing, the fuse-moe dispatch and the grouped gate/up and down GEMMs (`moe`,
@@ -37,7 +37,7 @@ pub enum CpuError {
 }
 
 mod fp8;
-mod fp8_gemm;
+mod fp8_tiled;
 mod gemm;
 mod grouped;
 mod mla;
@@ -399,7 +399,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         globals.push_str(&fp8_helpers(&name));
     }
     if !e.column_tiles.is_empty() || !e.row_tiles.is_empty() || !e.fp8_widths.is_empty() {
-        let mut blocks: String = e.fp8_widths.iter().map(|&w| fp8_gemm::script(w)).collect();
+        let mut blocks: String = e.fp8_widths.iter().map(|&w| fp8_tiled::script(w)).collect();
         blocks.extend(e.row_tiles.iter().map(rows::RowTile::script));
         globals.push_str(&gemm::transform_script(&e.column_tiles, &blocks));
     }

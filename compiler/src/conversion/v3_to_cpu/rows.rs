@@ -20,9 +20,9 @@ use super::*;
 pub(super) struct RowTile {
     /// Tile size per loop dim (every one tiled: the tile is static, so vectorizable as is).
     pub sizes: Vec<usize>,
-    /// A reduction into a rank-1 result whose initial value is a `linalg.fill`, operand
+    /// A reduction over the last dim whose initial value is a `linalg.fill`, operand
     /// `fill_operand` of the op (it is the reduction loops' carried value, so it cannot be fused
-    /// into them: it is tiled row by row on its own).
+    /// into them: it is tiled element by element on its own).
     pub fill_operand: Option<usize>,
 }
 
@@ -42,15 +42,21 @@ impl RowTile {
         let handles = vec!["!transform.any_op"; self.sizes.len() + 1].join(", ");
         let loops: Vec<String> = (0..self.sizes.len()).map(|i| format!("%l{i}")).collect();
         let sizes: Vec<String> = self.sizes.iter().map(ToString::to_string).collect();
+        // A reduction runs over the last dim: its result (and initial value) has the others.
+        let fill_rank = self.sizes.len().saturating_sub(1).max(1);
         let (fill, fuse) = match self.fill_operand {
             None => (String::new(), String::new()),
             Some(i) => (
                 format!(
                     "      %fill = transform.get_producer_of_operand %op[{i}] : (!transform.any_op) -> !transform.any_op\n"
                 ),
-                "      %tfill, %fl = transform.structured.tile_using_for %fill tile_sizes [1] : (!transform.any_op) -> (!transform.any_op, !transform.any_op)
-      transform.structured.vectorize %tfill : !transform.any_op\n"
-                    .to_string(),
+                format!(
+                    "      %tfill, {fill_loops} = transform.structured.tile_using_for %fill tile_sizes [{fill_sizes}] : (!transform.any_op) -> ({fill_handles})
+      transform.structured.vectorize %tfill : !transform.any_op\n",
+                    fill_loops = (0..fill_rank).map(|i| format!("%fl{i}")).collect::<Vec<_>>().join(", "),
+                    fill_sizes = vec!["1"; fill_rank].join(", "),
+                    fill_handles = vec!["!transform.any_op"; fill_rank + 1].join(", "),
+                ),
             ),
         };
         format!(
@@ -119,13 +125,13 @@ impl Emitter {
     }
 
     /// An input read at the same index as the output (identity map over `rank` dims).
-    fn same_index(&mut self, v: &(String, Shape)) -> RowInput {
+    pub(super) fn same_index(&mut self, v: &(String, Shape)) -> RowInput {
         let tensor = self.tensor_of(v);
         RowInput { tensor, ty: tensor_type(&v.1), map: identity(v.1.dims.len()) }
     }
 
     /// An input of rank `v`'s rank indexed by the listed dims of the op's `rank` loop dims.
-    fn indexed_by(&mut self, v: &(String, Shape), rank: usize, dims: &[usize]) -> RowInput {
+    pub(super) fn indexed_by(&mut self, v: &(String, Shape), rank: usize, dims: &[usize]) -> RowInput {
         let tensor = self.tensor_of(v);
         let names: Vec<String> = (0..rank).map(|i| format!("d{i}")).collect();
         let all: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -186,7 +192,7 @@ impl Emitter {
         ));
     }
 
-    fn use_tile(&mut self, tile: RowTile) {
+    pub(super) fn use_tile(&mut self, tile: RowTile) {
         if !self.row_tiles.contains(&tile) {
             self.row_tiles.push(tile);
         }

@@ -1,12 +1,15 @@
-//! The block-scaled fp8 GEMM (`linear` with e4m3 activations and weights, their 1x128 and 128x128
-//! scales) as linalg on tensors that the kernel's transform script tiles and vectorizes, in the
-//! reference's arithmetic order: per output element and K block, a sequential sum of products from
-//! zero, then `(partial * x_scale) * w_scale` added to the accumulator, block after block
-//! (`v3c_models::interp::kernels::matmul_fp8`). A last-bit difference here moves the next
-//! quantization across e4m3 rounding boundaries, so no reassociation and no fused multiply-add.
+//! fp8 templates through the transform dialect: the block-scaled e4m3 GEMM, the GEMM of f32
+//! activations with e4m3 weights, and 1 x 128 quantization of whole rows.
 //!
-//! The emitted IR: the activations decoded once into a scratch `[M, KB, 128]` (zero past K); then,
-//! per tile of 16 output columns (and one narrower tail tile), the tile's weights decoded into a
+//! The block-scaled GEMM (`linear` with e4m3 activations and weights, their 1x128 and 128x128
+//! scales) runs in the reference's arithmetic order: per output element and K block, a sequential
+//! sum of products from zero, then `(partial * x_scale) * w_scale` added to the accumulator, block
+//! after block (`v3c_models::interp::kernels::matmul_fp8`). A last-bit difference here moves the
+//! next quantization across e4m3 rounding boundaries, so no reassociation and no fused
+//! multiply-add.
+//!
+//! Its IR: the activations decoded once into a scratch `[M, KB, 128]` (zero past K); then, per
+//! tile of 16 output columns (and one narrower tail tile), the tile's weights decoded into a
 //! scratch `[KB, 128, 16]` (transposed, so that a K step reads the tile's 16 values contiguously)
 //! and the tile's outputs as two tagged generics: the per-block partial sums `[M, KB, 16]` and
 //! their scaled sum over blocks `[M, 16]`, written into the output's columns. The script
@@ -15,8 +18,8 @@
 //! column, each step one multiply and one add, and the block's partial sums and the accumulator
 //! stay in registers (loop-invariant subsets hoisted).
 
-use super::fp8::{DECODE_BODY, FP8_BLOCK};
-use super::rows::{subview_type, tensor_type};
+use super::fp8::{DECODE_BODY, ENCODE_BODY, FP8_BLOCK};
+use super::rows::{lanes, subview_type, tensor_type, RowTile};
 use super::*;
 
 /// A buffer: its SSA name and shape.
@@ -256,6 +259,105 @@ impl Emitter {
             memref(out)
         ));
         self.copy_rows((&yt, &tensor_type(y_shape)), (&view, &view_ty), y_shape);
+    }
+
+    /// 1 x `group` quantization of rows x [M, K] into e4m3 bits q [M, K] and scales [M, G]
+    /// (`kernels::quantize_fp8`): per row and group, `amax` (a max: exact in any order) of |x|, then
+    /// `s = max(amax, 1e-4) / 448` and `q = e4m3(x / s)`; three tagged row templates. When groups
+    /// tile K, x and q are viewed as [M, G, group] (every read a plain vector load); otherwise the
+    /// templates index x by `g * group + kk` and read past-K magnitudes as 0 (no change to a max).
+    pub(super) fn quantize_rows(&mut self, x: &Buffer, group: usize, q: (&str, &Shape), scales: (&str, &Shape)) {
+        let k = x.1.dims[1].unwrap_or(0);
+        let groups = k.div_ceil(group);
+        let amax_shape = Shape { dims: vec![x.1.dims[0], Some(groups)], element: "f32".into() };
+        let amax = self.alloc(&amax_shape, x);
+        let amax_ty = memref(&amax_shape);
+        let (c0, rows, empty, zeros, res) =
+            (self.constant_index(0), self.fresh(), self.fresh(), self.fresh(), self.fresh());
+        self.line(&format!("{rows} = memref.dim {}, {c0} : {}", x.0, memref(&x.1)));
+        let at = tensor_type(&amax_shape);
+        let grouped = |shape: &Shape| Shape {
+            dims: vec![shape.dims[0], Some(groups), Some(group)],
+            element: shape.element.clone(),
+        };
+        let exact = k.is_multiple_of(group);
+        // The reduction's one input: x viewed as [M, G, group], or (partial last group) a constant
+        // of the group's extent that the body does not read, x then read by index.
+        let (input, input_ty, read) = if exact {
+            let view = self.fresh();
+            self.line(&format!(
+                "{view} = memref.expand_shape {} [[0], [1, 2]] output_shape [{rows}, {groups}, {group}] : {} into {}",
+                x.0,
+                memref(&x.1),
+                memref(&grouped(&x.1))
+            ));
+            let t = self.tensor_of(&(view, grouped(&x.1)));
+            (t, tensor_type(&grouped(&x.1)), "%v = math.absf %in : f32".to_string())
+        } else {
+            let extent = format!("{}_group_{}", self.prefix, self.next);
+            self.globals
+                .push(format!("memref.global \"private\" constant @{extent} : memref<{group}xf32> = dense<0.0>"));
+            let (g, gt) = (self.fresh(), self.fresh());
+            self.line(&format!("{g} = memref.get_global @{extent} : memref<{group}xf32>"));
+            self.line(&format!(
+                "{gt} = bufferization.to_tensor {g} restrict : memref<{group}xf32> to tensor<{group}xf32>"
+            ));
+            let xt = self.tensor_of(x);
+            let read = format!(
+                "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%grp = arith.constant {group} : index\n%kbase = arith.muli %i1, %grp : index\n%k = arith.addi %kbase, %i2 : index\n%klen = arith.constant {k} : index\n%kin = arith.cmpi ult, %k, %klen : index\n%k0 = arith.constant 0 : index\n%kc = arith.select %kin, %k, %k0 : index\n%xv = tensor.extract {xt}[%i0, %kc] : {}\n%xa = math.absf %xv : f32\n%v = arith.select %kin, %xa, %zero : f32",
+                tensor_type(&x.1)
+            );
+            (gt, format!("tensor<{group}xf32>"), read)
+        };
+        let input_map =
+            if exact { affine(&["m", "g", "kk"], &["m", "g", "kk"]) } else { affine(&["m", "g", "kk"], &["kk"]) };
+        self.line(&format!("{empty} = tensor.empty({rows}) : {at}"));
+        self.line(&format!("{zeros} = linalg.fill ins(%zero : f32) outs({empty} : {at}) -> {at}"));
+        // A whole group a step (a max needs no order: one wide vector, one horizontal max).
+        let tile =
+            RowTile { sizes: vec![1, 1, if group <= 256 { group } else { lanes(Some(group)) }], fill_operand: Some(1) };
+        self.line(&format!(
+            "{res} = linalg.generic {{indexing_maps = [{input_map}, {}], iterator_types = [\"parallel\", \"parallel\", \"reduction\"]}} ins({input} : {input_ty}) outs({zeros} : {at}) attrs = {{v3c.rows = \"{}\"}} {{
+    ^bb0(%in: f32, %c: f32):
+{}
+      %r = arith.maxnumf %c, %v : f32
+      linalg.yield %r : f32
+    }} -> {at}",
+            affine(&["m", "g", "kk"], &["m", "g"]),
+            tile.tag(),
+            indent(&read, 6),
+        ));
+        self.use_tile(tile);
+        self.line(&format!(
+            "bufferization.materialize_in_destination {res} in restrict writable {amax} : ({at}, {amax_ty}) -> ()"
+        ));
+        let amax = (amax, amax_shape);
+        let ins = [self.same_index(&amax)];
+        let body = "%floor = arith.constant 1.0e-04 : f32\n%fmax = arith.constant 448.0 : f32\n%am = arith.maxnumf %a, %floor : f32\n%s = arith.divf %am, %fmax : f32";
+        self.row_generic((scales.0, &memref(scales.1)), scales.1, &ins, ("%a: f32", body, "%s"));
+        let scales = (scales.0.to_string(), scales.1.clone());
+        if exact {
+            let (xv, qv) = (self.fresh(), self.fresh());
+            let (x3, q3) = (grouped(&x.1), grouped(q.1));
+            for (view, src, shape, view_shape) in [(&xv, &x.0, &x.1, &x3), (&qv, &q.0.to_string(), q.1, &q3)] {
+                self.line(&format!(
+                    "{view} = memref.expand_shape {src} [[0], [1, 2]] output_shape [{rows}, {groups}, {group}] : {} into {}",
+                    memref(shape),
+                    memref(view_shape)
+                ));
+            }
+            let ins = [self.same_index(&(xv, x3)), self.indexed_by(&scales, 3, &[0, 1])];
+            let body = format!("%x = arith.divf %xin, %sc : f32\n{ENCODE_BODY}");
+            self.row_generic((&qv, &memref(&q3)), &q3, &ins, ("%xin: f32, %sc: f32", &body, "%r"));
+        } else {
+            let st = self.tensor_of(&scales);
+            let ins = [self.same_index(x)];
+            let body = format!(
+                "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%grp = arith.constant {group} : index\n%g = arith.divui %i1, %grp : index\n%sc = tensor.extract {st}[%i0, %g] : {}\n%x = arith.divf %xin, %sc : f32\n{ENCODE_BODY}",
+                tensor_type(&scales.1)
+            );
+            self.row_generic((q.0, &memref(q.1)), q.1, &ins, ("%xin: f32", &body, "%r"));
+        }
     }
 
     fn use_fp8_width(&mut self, width: usize) {
