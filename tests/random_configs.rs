@@ -183,6 +183,26 @@ fn cpu_backend_fp8_decode_sums_attention_in_the_reference_order() {
     }
 }
 
+/// fp8 decode over more keys than one 64-key block of the transposed latent (two whole blocks and
+/// a partial one) gives the reference's logits (every sum in the reference's order).
+#[test]
+fn cpu_backend_decode_over_several_key_blocks_matches_the_reference() {
+    for (precision, seed) in [(Precision::Fp8, 3u64)] {
+        let c = v3c_models::init::with_fp8(&v3c_benches::bench_config(&[]));
+        let (model, _dir) = random_model(&c, seed, precision);
+        let prompt: Vec<u32> = (0..130).map(|t| (t * 7 + 3) % 1000).collect();
+        let context = v3c_compiler::mlir::new_context();
+        let mut cpu = v3c_compiler::cpu_backend::CpuSession::new(&context, &model, 134, None).unwrap();
+        let mut reference = model.session(134).unwrap();
+        let (diff, scale) = max_diff(&cpu.prefill(&prompt).unwrap(), &reference.prefill(&prompt).unwrap());
+        assert!(diff <= 1e-5 * scale, "{precision:?} prompt: {diff} (scale {scale})");
+        for token in [5u32, 77] {
+            let (diff, scale) = max_diff(&cpu.decode(token).unwrap(), &reference.decode(token).unwrap());
+            assert!(diff <= 1e-5 * scale, "{precision:?} token {token}: {diff} (scale {scale})");
+        }
+    }
+}
+
 /// f32 prefill at the bench widths (naive attention with fused multiply-adds over the reduced
 /// dimension) gives the reference's logits for every prompt row to 1e-5 x max|logit|.
 #[test]

@@ -123,10 +123,12 @@ impl Emitter {
                 indent(&kvb_load("%tr", "%tc", "%kf"), 6)
             ));
         }
-        // The latent rows `0..rows` transposed into %latT (columns x keys).
+        // The latent rows `0..rows` transposed into %latT (columns x keys), 64 keys at a time, each
+        // column of the block written contiguously (the block's rows stay in L1 while its columns
+        // are read): a row-by-row copy wrote every element to another cache line of %latT.
         let transpose = |rows: &str| {
             format!(
-                "scf.for %tj = %c0 to {rows} step %c1 {{\n  scf.for %tc = %c0 to %c{width} step %c1 {{\n    %tl = memref.load {}[{}] : {lat_ty}\n    memref.store %tl, %latT[%tc, %tj] : memref<{width}x?xf32>\n  }}\n}}",
+                "scf.for %tb = %c0 to {rows} step %c64 {{\n  %te0 = arith.addi %tb, %c64 : index\n  %te = arith.minui %te0, {rows} : index\n  scf.for %tc = %c0 to %c{width} step %c1 {{\n    scf.for %tj = %tb to %te step %c1 {{\n      %tl = memref.load {}[{}] : {lat_ty}\n      memref.store %tl, %latT[%tc, %tj] : memref<{width}x?xf32>\n    }}\n  }}\n}}",
                 lat.0,
                 lat_idx("%tj", "%tc")
             )
