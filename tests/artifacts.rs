@@ -100,6 +100,38 @@ fn a_cpu_artifact_runs_without_the_compiler_and_matches_the_cpu_backend() {
         assert_eq!(from_artifact[*name], direct[*name], "decode at smaller sizes: {name}");
     }
     assert!(runtime.run("train", &inputs, &["logits"]).unwrap_err().starts_with("no entry 'train'"));
+
+    // Decode as a session runs it: the first step keeps its caches (updated in place) in the
+    // runtime; the next one takes them as they are, the session passing their shapes only.
+    let first = runtime.run_keeping("decode", &step, &decode_wanted, &[]).unwrap();
+    for name in &decode_wanted {
+        assert_eq!(first[*name], from_artifact[*name], "kept decode step: {name}");
+    }
+    let mut next = step.clone();
+    next.insert("tokens".to_string(), ids(vec![11, 4]));
+    let mut shapes_only = next.clone();
+    for name in &caches {
+        next.insert(name.clone(), first[name].clone());
+        shapes_only.insert(name.clone(), HostBuffer { shape: vec![2, 1, c], data: HostData::F32(Vec::new()) });
+    }
+    let resident: Vec<&str> = caches.iter().map(String::as_str).collect();
+    let kept = runtime.run_keeping("decode", &shapes_only, &decode_wanted, &resident).unwrap();
+    let direct = program.run("decode", &next, &decode_wanted).unwrap();
+    for name in &decode_wanted {
+        assert_eq!(kept[*name], direct[*name], "decode on kept caches: {name}");
+    }
+    // Shapes without values are refused unless kept; kept caches only serve the same shapes.
+    let err = runtime.run("decode", &shapes_only, &["logits"]).unwrap_err();
+    assert!(err.contains("input kv_cache.") && err.contains("0 values for shape [2, 1, "), "{err}");
+    let mut other = shapes_only.clone();
+    for name in ["tokens", "positions", "mtp_tokens"] {
+        other.insert(name.to_string(), ids(vec![0]));
+    }
+    for name in &caches {
+        other.insert(name.clone(), HostBuffer { shape: vec![1, 1, c], data: HostData::F32(Vec::new()) });
+    }
+    let err = runtime.run_keeping("decode", &other, &["logits"], &resident).unwrap_err();
+    assert!(err.contains("are not kept from a previous decode run of these shapes"), "{err}");
 }
 
 /// `v3r run` generates from a cpu artifact what `v3c run` generates from the checkpoint: a prompt

@@ -126,10 +126,29 @@ impl<'p> BoundPlan<'p> {
         weights: &'p HashMap<String, HostBuffer>,
         inputs: &HashMap<String, HostBuffer>,
     ) -> Result<BoundPlan<'p>, String> {
-        let shapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
+        BoundPlan::with_parts(plan, weights, inputs.clone(), Vec::new())
+    }
+
+    /// As [`BoundPlan::new`] on inputs it owns, in `arena` (grown to the plan's size; its old
+    /// contents are overwritten before anything reads them: every arena buffer is a kernel result).
+    pub fn with_parts(
+        plan: &'p EntryPlan,
+        weights: &'p HashMap<String, HostBuffer>,
+        owned: HashMap<String, HostBuffer>,
+        mut arena: Vec<u64>,
+    ) -> Result<BoundPlan<'p>, String> {
+        let shapes = owned.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
         let sizes = plan.bind(&shapes)?;
-        let arena = vec![0u64; (plan.arena_bytes as usize).div_ceil(8)];
-        Ok(BoundPlan { plan, weights, owned: inputs.clone(), arena, sizes })
+        let words = (plan.arena_bytes as usize).div_ceil(8);
+        if arena.len() < words {
+            arena.resize(words, 0);
+        }
+        Ok(BoundPlan { plan, weights, owned, arena, sizes })
+    }
+
+    /// The inputs (as the run left them: caches updated in place) and the arena, for another run.
+    pub fn into_parts(self) -> (HashMap<String, HostBuffer>, Vec<u64>) {
+        (self.owned, self.arena)
     }
 
     /// The sizes the plan runs at.
@@ -298,6 +317,32 @@ pub struct CpuArtifact {
     kernels: HashMap<String, SharedObjectKernel>,
     weights: HashMap<String, HostBuffer>,
     vocab: usize,
+    kept: std::sync::Mutex<Kept>,
+}
+
+/// What a cpu artifact keeps between runs: the inputs the last run updated in place (decode's
+/// caches), which the next run of the same entry and shapes may take as they are instead of new
+/// copies, and the arena (allocated and faulted in once, not every step).
+#[derive(Default)]
+struct Kept {
+    /// The entry and input shapes (sorted by name) of the run that left `buffers`.
+    run: Option<(String, InputShapes)>,
+    buffers: HashMap<String, HostBuffer>,
+    arena: Vec<u64>,
+}
+
+/// Input names and shapes, sorted by name.
+type InputShapes = Vec<(String, Vec<usize>)>;
+
+/// The number of values `b` holds.
+fn values(b: &HostBuffer) -> usize {
+    match &b.data {
+        HostData::F32(v) => v.len(),
+        HostData::Bf16(v) => v.len(),
+        HostData::I64(v) => v.len(),
+        HostData::I32(v) => v.len(),
+        HostData::F8(v) => v.len(),
+    }
 }
 
 impl CpuArtifact {
@@ -347,7 +392,7 @@ impl CpuArtifact {
             .as_u64()
             .ok_or_else(|| format!("{dir}/manifest.json: model.config has no vocab_size"))?
             as usize;
-        Ok(CpuArtifact { artifact, kernels, weights: loaded, vocab })
+        Ok(CpuArtifact { artifact, kernels, weights: loaded, vocab, kept: Default::default() })
     }
 
     /// Times every kernel of `entry`: the entry runs once on planned-shape inputs (token 0,
@@ -402,15 +447,97 @@ impl CpuArtifact {
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
+        self.run_with(entry, inputs, wanted, &[], false)
+    }
+
+    /// As [`CpuArtifact::run`]; the inputs named in `resident` are taken as the previous run of
+    /// `entry` (with inputs of the same shapes) left them — decode's caches, updated in place — and
+    /// not copied from `inputs` (there they may be shapes without values). The inputs this run
+    /// updates in place stay here for the next one.
+    pub fn run_keeping(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        self.run_with(entry, inputs, wanted, resident, true)
+    }
+
+    /// The names of the inputs kept from the last [`CpuArtifact::run_keeping`].
+    pub fn kept_inputs(&self) -> Vec<String> {
+        self.kept.lock().map(|k| k.buffers.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    fn run_with(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+        keep: bool,
+    ) -> Result<HashMap<String, HostBuffer>, String> {
         let plan = self.entry(entry)?;
         check_id_inputs(inputs, self.vocab)?;
-        run_plan(plan, &self.weights, inputs, wanted, &mut |name, buffers| {
-            let k = self.kernel(name)?;
+        let mut kept = self.kept.lock().map_err(|_| "a previous run panicked".to_string())?;
+        let mut shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
+        shapes.sort();
+        if !resident.is_empty() {
+            let same = kept.run.as_ref().is_some_and(|(e, s)| e == entry && *s == shapes);
+            if !same || resident.iter().any(|r| !kept.buffers.contains_key(*r)) {
+                return Err(format!(
+                    "{entry}: inputs {} are not kept from a previous {entry} run of these shapes",
+                    resident.join(", ")
+                ));
+            }
+        }
+        let mut owned = HashMap::new();
+        for (name, b) in inputs {
+            let taken = if resident.contains(&name.as_str()) { kept.buffers.remove(name) } else { None };
+            match taken {
+                Some(k) => owned.insert(name.clone(), k),
+                None => {
+                    if values(b) != b.shape.iter().product::<usize>() {
+                        return Err(format!(
+                            "{entry}: input {name} has {} values for shape {:?} (a cache kept by the program cannot be given back without its values)",
+                            values(b),
+                            b.shape
+                        ));
+                    }
+                    owned.insert(name.clone(), b.clone())
+                }
+            };
+        }
+        if keep {
+            // Until this run succeeds nothing is kept: a failed run leaves its inputs in no known
+            // state. (A plain run leaves what a keeping run kept alone.)
+            kept.run = None;
+            kept.buffers.clear();
+        }
+        let arena = std::mem::take(&mut kept.arena);
+        let mut bound = BoundPlan::with_parts(plan, &self.weights, owned, arena)?;
+        for i in 0..plan.launches.len() {
+            let buffers = bound.buffers(i)?;
+            let k = self.kernel(&plan.launches[i].kernel)?;
             // SAFETY: the artifact was validated (hashes, plan vs manifest): the plan's buffers have
             // the shapes its kernels were compiled for at its sizes, the inputs were checked
-            // against the plan's bounds and their id ranges above.
-            unsafe { k.run(buffers) };
-            Ok(())
-        })
+            // against the plan's bounds, their values' counts and their id ranges above.
+            unsafe { k.run(&buffers) };
+        }
+        let out = bound.outputs(wanted)?;
+        let (mut owned, arena) = bound.into_parts();
+        kept.arena = arena;
+        if keep {
+            // Outputs bound to input buffers: the inputs updated in place.
+            for id in plan.outputs.iter().map(|(_, id)| *id) {
+                if let BufferKind::Input { name } = &plan.buffers[id].kind {
+                    if let Some(b) = owned.remove(name) {
+                        kept.buffers.insert(name.clone(), b);
+                    }
+                }
+            }
+            kept.run = Some((entry.to_string(), shapes));
+        }
+        Ok(out)
     }
 }

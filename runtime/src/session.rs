@@ -81,6 +81,32 @@ impl Program for crate::cpu::CpuArtifact {
     ) -> Result<HashMap<String, HostBuffer>, String> {
         crate::cpu::CpuArtifact::run(self, entry, inputs, wanted)
     }
+    fn keeps_inputs(&self) -> bool {
+        true
+    }
+    fn run_keeping(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, wanted, resident)
+    }
+    /// Steps as a session runs them: the first with the given caches, the others on the caches the
+    /// previous step left in place (no copies of them).
+    fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
+        crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, &[], &[])?;
+        let kept = self.kept_inputs();
+        let kept: Vec<&str> = kept.iter().map(String::as_str).collect();
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let start = std::time::Instant::now();
+            crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, &[], &kept)?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(times)
+    }
 }
 
 impl Program for crate::cuda::GpuArtifact {
