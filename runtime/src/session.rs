@@ -57,16 +57,20 @@ pub trait Program {
     /// Milliseconds of each of `reps` runs of `entry` on `inputs` after one warm-up, outputs left
     /// where they are (the GPU times its launches with CUDA events, inputs uploaded once).
     fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
-        let mut times = Vec::with_capacity(reps);
-        for rep in 0..=reps {
-            let start = std::time::Instant::now();
-            self.run(entry, inputs, &[])?;
-            if rep > 0 {
-                times.push(start.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        Ok(times)
+        time_runs(reps, || self.run(entry, inputs, &[]).map(drop))
     }
+}
+
+/// Milliseconds of each of `reps` calls of `run` after one warm-up call.
+fn time_runs(reps: usize, mut run: impl FnMut() -> Result<(), String>) -> Result<Vec<f64>, String> {
+    run()?;
+    (0..reps)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            run()?;
+            Ok(start.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect()
 }
 
 impl Program for crate::cpu::CpuArtifact {
@@ -99,13 +103,7 @@ impl Program for crate::cpu::CpuArtifact {
         crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, &[], &[])?;
         let kept = self.kept_inputs();
         let kept: Vec<&str> = kept.iter().map(String::as_str).collect();
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            let start = std::time::Instant::now();
-            crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, &[], &kept)?;
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-        }
-        Ok(times)
+        time_runs(reps, || crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, &[], &kept).map(drop))
     }
 }
 

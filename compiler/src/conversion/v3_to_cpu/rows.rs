@@ -107,8 +107,9 @@ pub(super) struct RowInput {
 }
 
 impl Emitter {
-    /// The buffer `v` as a tensor: one `to_tensor` per buffer, emitted at its first use (every
-    /// row op is emitted at the top level of the kernel, after the buffer's producer).
+    /// The buffer `v` as a tensor: one `to_tensor` per buffer, emitted at its first use. Only for
+    /// uses at the kernel's top level (after the buffer's producer); inside a loop a template
+    /// writes its own `to_tensor`.
     pub(super) fn tensor_of(&mut self, v: &(String, Shape)) -> String {
         if let Some(t) = self.tensors.get(&v.0) {
             return t.clone();
@@ -141,8 +142,8 @@ impl Emitter {
 
     /// `dest` (name, memref type) of `shape` := the generic over `shape`'s index space reading
     /// `ins` (block arguments `args`, then the output's `%c`), whose `body` leaves the element in
-    /// `result`; tagged for the transform script (`reduce`: the output starts from zero and the
-    /// last dim of `over` is reduced into it).
+    /// `result`; tagged for the transform script to tile by 1 along the leading dims and by
+    /// [`lanes`] along the last one, and vectorize.
     pub(super) fn row_generic(
         &mut self,
         (dest, dest_ty): (&str, &str),
