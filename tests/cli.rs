@@ -536,7 +536,7 @@ fn logits_and_run_work_on_a_committed_fixture() {
         let (a, b) = (got.read(name).unwrap(), expected.read(name).unwrap());
         assert_eq!(a.shape, b.shape);
         let diff =
-            a.as_f32().unwrap().iter().zip(b.as_f32().unwrap()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            a.as_f32().unwrap().iter().zip(b.as_f32().unwrap()).map(|(x, y)| (x - y).abs()).fold(0.0f32, max_or_nan);
         assert!(diff <= 1e-3, "{name}: {diff}");
     }
     let run = |extra: &[&str]| {
@@ -919,4 +919,15 @@ fn gpu_stages_of_a_template_kernel() {
         run_binary("v3c", &["dump-ir", "--stage", "ptx", "--kernel", "gemm_bf16_f32_128x128x64", "--layers", "0..1"]);
     assert_eq!(typo.status.code(), Some(1));
     assert!(text(&typo.stderr).contains("not a template kernel (gemm_<bf16|fp8>_"), "{}", text(&typo.stderr));
+}
+
+/// The larger of a running max of differences and the next one, NaN once either is NaN (an
+/// unwritten output poisoned with NaN, or a NaN result, must fail a tolerance check, which
+/// `f32::max` would hide by ignoring NaN).
+fn max_or_nan(m: f32, d: f32) -> f32 {
+    if m.is_nan() || d.is_nan() {
+        f32::NAN
+    } else {
+        m.max(d)
+    }
 }

@@ -483,7 +483,7 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
                 let got = floats(got);
                 assert_eq!(got.len(), want.len());
                 let scale = want.iter().fold(1.0f32, |a, b| a.max(b.abs()));
-                let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, max_or_nan);
                 eprintln!("DEBUG {} rows={rows} out len {} diff {diff}", kernel.name, got.len());
                 assert!(diff <= 1e-5 * scale, "{} rows={rows}: max |diff| {diff} (scale {scale})", kernel.name);
             }
@@ -511,7 +511,7 @@ fn cpu_incremental_decode_matches_full_prefill() {
     let reference = model.logits(&tokens, 0).unwrap().logits;
     let v = config.vocab_size;
     let (full, reference) = (full.as_f32().unwrap(), reference.as_f32().unwrap());
-    let diff = full.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let diff = full.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, max_or_nan);
     assert!(diff < 1e-4, "cpu vs reference prefill: {diff}");
     let context = v3c_compiler::mlir::new_context();
     let mut session = v3c_compiler::cpu_backend::CpuSession::new(&context, &model, tokens.len(), None).unwrap();
@@ -522,7 +522,7 @@ fn cpu_incremental_decode_matches_full_prefill() {
     }
     for (r, row) in rows.iter().enumerate() {
         let want = &full[(split - 1 + r) * v..(split + r) * v];
-        let diff = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let diff = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, max_or_nan);
         assert!(diff < 1e-4, "position {}: decode vs prefill differ by {diff}", split - 1 + r);
     }
     assert!(session.decode(1).unwrap_err().to_string().contains("session is full"));
@@ -595,7 +595,7 @@ fn cpu_batched_decode_of_different_lengths_equals_each_alone() {
     let logits = floats(&out["logits"]);
     let v = config.vocab_size;
     for (b, want) in alone.iter().enumerate() {
-        let diff = logits[b * v..(b + 1) * v].iter().zip(want).map(|(a, w)| (a - w).abs()).fold(0.0f32, f32::max);
+        let diff = logits[b * v..(b + 1) * v].iter().zip(want).map(|(a, w)| (a - w).abs()).fold(0.0f32, max_or_nan);
         assert!(diff < 1e-5, "sequence {b}: batched vs alone differ by {diff}");
     }
     // A position outside the cache is refused before any kernel runs.
@@ -655,7 +655,7 @@ fn fp8_weight_kernels_match_the_dequantized_reference() {
             unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
             let got = floats(&outputs[0]);
             let scale = want.iter().fold(1e-6f32, |a, b| a.max(b.abs()));
-            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, max_or_nan);
             assert!(diff <= 1e-5 * scale, "{} rows={rows}: {diff}", kernel.name);
         }
         checked += 1;
@@ -979,7 +979,7 @@ fn gemm_template_matches_the_reference_on_awkward_shapes() {
             // SAFETY: the output has the shape the kernel computes.
             unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
             let got = floats(&outputs[0]);
-            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, max_or_nan);
             // Lanes sum in a different order than the reference: allow rounding of a k-term sum.
             assert!(diff <= 1e-6 * (k as f32).sqrt() * 8.0, "m={m} k={k} n={n} {element}: {diff}");
             let _ = f.name();
@@ -1000,10 +1000,10 @@ fn row_split_launches_match_the_reference() {
     let cpu = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap();
     let reference = model.logits(&tokens, 0).unwrap();
     let (a, b) = (cpu.logits.as_f32().unwrap(), reference.logits.as_f32().unwrap());
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, max_or_nan);
     assert!(diff < 1e-4, "{diff}");
     let (a, b) = (cpu.mtp_logits.unwrap(), reference.mtp_logits.unwrap());
-    let diff = a.as_f32().unwrap().iter().zip(b.as_f32().unwrap()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let diff = a.as_f32().unwrap().iter().zip(b.as_f32().unwrap()).map(|(x, y)| (x - y).abs()).fold(0.0f32, max_or_nan);
     assert!(diff < 1e-4, "mtp {diff}");
 }
 
@@ -1175,7 +1175,7 @@ fn row_templates_are_vectorized_and_match_the_reference() {
             unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
             for (got, (want, _)) in outputs.iter().zip(&want) {
                 let got = floats(got);
-                let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, max_or_nan);
                 if name.contains("norm") {
                     assert_eq!(&got, want, "{name} rows={rows}: not the reference's bits");
                 } else {
@@ -1279,5 +1279,16 @@ fn quantize_template_matches_the_reference_bit_for_bit() {
             assert_eq!(outputs[0].data, HostData::F8(want_bits), "k={k} rows={rows}: bits");
             assert_eq!(outputs[1].data, HostData::F32(want_scales), "k={k} rows={rows}: scales");
         }
+    }
+}
+
+/// The larger of a running max of differences and the next one, NaN once either is NaN (an
+/// unwritten output poisoned with NaN, or a NaN result, must fail a tolerance check, which
+/// `f32::max` would hide by ignoring NaN).
+fn max_or_nan(m: f32, d: f32) -> f32 {
+    if m.is_nan() || d.is_nan() {
+        f32::NAN
+    } else {
+        m.max(d)
     }
 }
