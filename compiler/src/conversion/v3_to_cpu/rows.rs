@@ -252,17 +252,19 @@ impl Emitter {
         self.row_generic((dest, &memref(out)), out, &ins, (&args, &body, "%r"));
     }
 
-    /// `dest[n, :] = table[ids[n], :]` (as f32).
+    /// `dest[n, :] = table[ids[n], :]` (as f32). The id is read by the row's index, not as a
+    /// block argument: per tile it is one value then, and the table row a contiguous vector read
+    /// (as an argument it was a lane value, and every element a gather).
     pub(super) fn embed(&mut self, table: &(String, Shape), ids: &(String, Shape), dest: &str, out: &Shape) {
-        let tt = self.tensor_of(table);
-        let ins = [self.indexed_by(ids, 2, &[0])];
+        let (tt, it) = (self.tensor_of(table), self.tensor_of(ids));
         let body = format!(
-            "%row = arith.index_cast %id : {id} to index\n%col = linalg.index 1 : index\n%t = tensor.extract {tt}[%row, %col] : {}\n{}",
+            "%i0 = linalg.index 0 : index\n%id = tensor.extract {it}[%i0] : {}\n%row = arith.index_cast %id : {id} to index\n%col = linalg.index 1 : index\n%t = tensor.extract {tt}[%row, %col] : {}\n{}",
+            tensor_type(&ids.1),
             tensor_type(&table.1),
             load_f32(&table.1.element, "%t", "%r"),
             id = ids.1.element,
         );
-        self.row_generic((dest, &memref(out)), out, &ins, (&format!("%id: {}", ids.1.element), &body, "%r"));
+        self.row_generic((dest, &memref(out)), out, &[], ("", &body, "%r"));
     }
 
     /// RoPE over the last `dim` entries of x [N, (H,) dim] at `positions` [N]: pairs interleaved
