@@ -14,15 +14,6 @@
 
 use super::*;
 
-/// `out = f32 lanes of v` for a vector of `element`s.
-pub(super) fn widen_vector(element: &str, v: &str, out: &str) -> String {
-    if element == "f32" {
-        format!("{out} = arith.addf {v}, %zv : vector<{LANES}xf32>")
-    } else {
-        format!("{out} = arith.extf {v} : vector<{LANES}x{}> to vector<{LANES}xf32>", storage(element))
-    }
-}
-
 /// Lanes of the vectorized dot products of dense GEMMs.
 pub(super) const LANES: usize = 16;
 

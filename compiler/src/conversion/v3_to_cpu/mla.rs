@@ -1,6 +1,6 @@
 //! MLA attention (naive and absorbed; one sequence or batched decode) as scf loops.
 
-use super::gemm::{widen_vector, LANES};
+use super::gemm::LANES;
 use super::*;
 
 /// Static facts of one MLA op.
@@ -31,6 +31,26 @@ impl Emitter {
         out_shape: &Shape,
     ) {
         let AttentionSpec { h, dn, dr, dv, kv, absorbed, decode, .. } = *a;
+        // Prefill (naive form, dense kv_b): the latent rows' expansion to per-head keys and values
+        // is a dense GEMM, kvb = latent[:, :kv] . kv_b^T: the transform-dialect GEMM template, run
+        // before the attention loops into a buffer they read.
+        let expanded = (!absorbed && !decode && kvb_scale.is_none()).then(|| {
+            let f32_shape = |cols: usize| Shape { dims: vec![lat.1.dims[0], Some(cols)], element: "f32".into() };
+            let (ckv_shape, kvb_shape) = (f32_shape(kv), f32_shape(h * (dn + dv)));
+            let ckv = self.alloc(&ckv_shape, lat);
+            let lt = self.tensor_of(lat);
+            let (c0, keys, piece) = (self.constant_index(0), self.fresh(), self.fresh());
+            self.line(&format!("{keys} = memref.dim {}, {c0} : {}", lat.0, memref(&lat.1)));
+            self.line(&format!(
+                "{piece} = tensor.extract_slice {lt}[0, 0] [{keys}, {kv}] [1, 1] : {} to {}",
+                rows::tensor_type(&lat.1),
+                rows::tensor_type(&ckv_shape)
+            ));
+            self.copy_rows((&piece, &rows::tensor_type(&ckv_shape)), (&ckv, &memref(&ckv_shape)), &ckv_shape);
+            let expanded = self.alloc(&kvb_shape, lat);
+            self.gemm_vectorized(&(ckv, ckv_shape), kvb, &expanded, &kvb_shape);
+            expanded
+        });
         let dec = if kvb_scale.is_some() { self.decode() } else { String::new() };
         // With an fp8 kv_b (fp8 precision, whose attention output is quantized next), every sum
         // runs in the reference's order (sequential products, probabilities normalized before P.V):
@@ -141,7 +161,11 @@ impl Emitter {
             w(&mut t, &format!("%qabs = memref.alloc() : memref<{kv}xf32>\n%olat = memref.alloc() : memref<{kv}xf32>"));
         } else {
             // kvb[j, r] = sum_c latent[j, c] * kv_b[r, c] over the kv_lora_rank latent columns.
-            w(&mut t, &format!("%kvb = memref.alloc(%srows) : memref<?x{}xf32>", h * per_head));
+            let kvb_ty = format!("memref<?x{}xf32>", h * per_head);
+            match &expanded {
+                Some(e) => w(&mut t, &format!("%kvb = memref.cast {e} : {kvb_ty} to {kvb_ty}")),
+                None => w(&mut t, &format!("%kvb = memref.alloc(%srows) : {kvb_ty}")),
+            }
         }
         // Loop over queries (decode: one per sequence).
         // kvb[j, r] = sum_c latent[j, c] * kv_b[r, c] for the rows a query may see.
@@ -186,20 +210,7 @@ impl Emitter {
                     4
                 ),
             ));
-        } else if !absorbed && !decode && kvb_scale.is_none() {
-            // Prefill (naive form, dense kv_b): every latent row is expanded once, before the
-            // queries, with vectorized dot products over the latent.
-            let kvv = kv - kv % LANES;
-            let el = storage(&kvb.1.element).to_string();
-            w(&mut t, &format!(
-                "%ckvv = arith.constant {kvv} : index\nscf.for %j = %c0 to %srows step %c1 {{\n  scf.for %r = %c0 to %c{hp} step %c1 {{\n    %vacc = scf.for %c = %c0 to %ckvv step %cl iter_args(%va = %zv) -> (vector<{LANES}xf32>) {{\n      %lv = vector.load {lat}[%j, %c] : {lat_ty}, vector<{LANES}xf32>\n      %kv0 = vector.load {kw}[%r, %c] : {kvb_ty}, vector<{LANES}x{el}>\n      {widen}\n      %f = vector.fma %lv, %kvv, %va : vector<{LANES}xf32>\n      scf.yield %f : vector<{LANES}xf32>\n    }}\n    %s0 = vector.reduction <add>, %vacc : vector<{LANES}xf32> into f32\n    %acc = scf.for %c = %ckvv to %c{kv} step %c1 iter_args(%s = %s0) -> (f32) {{\n      %l = memref.load {lat}[%j, %c] : {lat_ty}\n{load}\n      %m = arith.mulf %l, %kf : f32\n      %n = arith.addf %s, %m : f32\n      scf.yield %n : f32\n    }}\n    memref.store %acc, %kvb[%j, %r] : memref<?x{hp}xf32>\n  }}\n}}",
-                lat = lat.0,
-                kw = kvb.0,
-                widen = widen_vector(&kvb.1.element, "%kv0", "%kvv"),
-                load = indent(&kvb_load("%r", "%c", "%kf"), 6),
-                hp = h * per_head
-            ));
-        } else if !absorbed && !decode {
+        } else if !absorbed && !decode && expanded.is_none() {
             // Prefill (naive form, fp8 kv_b): expanded once, before the queries.
             w(&mut t, &expand("", "%srows"));
         }
@@ -442,7 +453,7 @@ impl Emitter {
         }
         if absorbed {
             w(&mut t, &format!("memref.dealloc %qabs : memref<{kv}xf32>\nmemref.dealloc %olat : memref<{kv}xf32>"));
-        } else {
+        } else if expanded.is_none() {
             w(&mut t, &format!("memref.dealloc %kvb : memref<?x{}xf32>", h * per_head));
         }
         // Constants used above.
