@@ -102,10 +102,7 @@ pub fn run_plan(
     launch: &mut LaunchFn,
 ) -> Result<HashMap<String, HostBuffer>, String> {
     let mut bound = BoundPlan::new(plan, weights, inputs)?;
-    for i in 0..plan.launches.len() {
-        let buffers = bound.buffers(i)?;
-        launch(&plan.launches[i].kernel, &buffers)?;
-    }
+    bound.launch_all(launch)?;
     bound.outputs(wanted)
 }
 
@@ -173,6 +170,15 @@ impl<'p> BoundPlan<'p> {
             },
         };
         Ok(RawBuffer { ptr, shape, element: b.dtype.clone() })
+    }
+
+    /// Runs every launch of the plan in order: `launch(kernel, buffers)`.
+    pub fn launch_all(&mut self, launch: &mut LaunchFn) -> Result<(), String> {
+        for i in 0..self.plan.launches.len() {
+            let buffers = self.buffers(i)?;
+            launch(&self.plan.launches[i].kernel, &buffers)?;
+        }
+        Ok(())
     }
 
     /// The buffers of launch `i`: its arguments then its results.
@@ -516,14 +522,14 @@ impl CpuArtifact {
         }
         let arena = std::mem::take(&mut kept.arena);
         let mut bound = BoundPlan::with_parts(plan, &self.weights, owned, arena)?;
-        for i in 0..plan.launches.len() {
-            let buffers = bound.buffers(i)?;
-            let k = self.kernel(&plan.launches[i].kernel)?;
+        bound.launch_all(&mut |name, buffers| {
+            let k = self.kernel(name)?;
             // SAFETY: the artifact was validated (hashes, plan vs manifest): the plan's buffers have
             // the shapes its kernels were compiled for at its sizes, the inputs were checked
             // against the plan's bounds, their values' counts and their id ranges above.
-            unsafe { k.run(&buffers) };
-        }
+            unsafe { k.run(buffers) };
+            Ok(())
+        })?;
         let out = bound.outputs(wanted)?;
         let (mut owned, arena) = bound.into_parts();
         kept.arena = arena;
