@@ -1,4 +1,7 @@
-//! MoE routing (sigmoid, bias, group-limited top-k) as scf loops; `moe_dispatch` builds on it.
+//! MoE routing: the gate GEMM (the dense GEMM template), the sigmoid and the bias (row templates),
+//! then the group-limited top-k selection as scf loops over each token's experts (a selection is
+//! a sequence of data-dependent picks, not a tensor computation to tile); `moe_dispatch` builds on
+//! it.
 
 use super::*;
 
@@ -12,8 +15,9 @@ pub(super) struct RouteSpec {
 }
 
 impl Emitter {
-    /// Group-limited top-k routing (spec section 4), one token at a time with scf loops. Ties go to
-    /// the lower index, as in the reference.
+    /// Group-limited top-k routing (spec section 4): the affinities of all tokens through the
+    /// transform-dialect templates, then the selection one token at a time. Ties go to the lower
+    /// index, as in the reference.
     pub(super) fn route(
         &mut self,
         r: &RouteSpec,
@@ -24,12 +28,24 @@ impl Emitter {
         w_out: (&str, &Shape),
     ) {
         let e_count = gate.1.dims[0].unwrap_or(0);
-        let d = gate.1.dims[1].unwrap_or(0);
         let per_group = e_count / r.n_group.max(1);
-        let (x_ty, g_ty, b_ty) = (memref(&x.1), memref(&gate.1), memref(&bias.1));
+        // The affinities of every token at once: the gate GEMM through the dense GEMM template,
+        // then the sigmoid and the biased copy that the selection masks, as row templates.
+        let scores_shape = Shape { dims: vec![None, Some(e_count)], element: "f32".into() };
+        let s_ty = memref(&scores_shape);
+        let logits = (self.alloc(&scores_shape, x), scores_shape.clone());
+        self.gemm_vectorized(x, gate, &logits.0, &scores_shape);
+        let scores = self.alloc(&scores_shape, x);
+        let ins = [self.same_index(&logits)];
+        let sigmoid = "%n = arith.negf %a : f32\n%e = math.exp %n : f32\n%den = arith.addf %one, %e : f32\n%r = arith.divf %one, %den : f32";
+        self.row_generic((&scores, &s_ty), &scores_shape, &ins, ("%a: f32", sigmoid, "%r"));
+        let cand = self.alloc(&scores_shape, x);
+        let ins = [self.same_index(&(scores.clone(), scores_shape.clone())), self.indexed_by(bias, 2, &[1])];
+        let biased = format!("{}\n%r = arith.addf %a, %bf : f32", load_f32(&bias.1.element, "%bv", "%bf"));
+        let args = format!("%a: f32, %bv: {}", bias.1.element);
+        self.row_generic((&cand, &s_ty), &scores_shape, &ins, (&args, &biased, "%r"));
+        let x_ty = memref(&x.1);
         let (i_ty, w_ty) = (memref(idx_out.1), memref(w_out.1));
-        let gl = load_f32(&gate.1.element, "%graw", "%gv");
-        let bl = load_f32(&bias.1.element, "%braw", "%bv");
         let norm = if r.norm {
             "      %wsum = scf.for %k = %c0 to %ck step %c1 iter_args(%a = %zero) -> (f32) {\n        %wv = memref.load WOUT[%t, %k] : WTY\n        %n = arith.addf %a, %wv : f32\n        scf.yield %n : f32\n      }\n      %tiny = arith.constant 1.0e-20 : f32\n      %den = arith.addf %wsum, %tiny : f32\n".to_string()
         } else {
@@ -40,7 +56,6 @@ impl Emitter {
       %c0 = arith.constant 0 : index
       %c1 = arith.constant 1 : index
       %ce = arith.constant {e_count} : index
-      %cd = arith.constant {d} : index
       %cg = arith.constant {ng} : index
       %cpg = arith.constant {per_group} : index
       %ck = arith.constant {top_k} : index
@@ -48,34 +63,13 @@ impl Emitter {
       %ninf = arith.constant 0xFF800000 : f32
       %factor = arith.constant {factor} : f32
       %nt = memref.dim {x}, %c0 : {x_ty}
-      %s = memref.alloc() : memref<{e_count}xf32>
-      %cand = memref.alloc() : memref<{e_count}xf32>
       %gs = memref.alloc() : memref<{ng}xf32>
       scf.for %t = %c0 to %nt step %c1 {{
-        scf.for %e = %c0 to %ce step %c1 {{
-          %logit = scf.for %k = %c0 to %cd step %c1 iter_args(%a = %zero) -> (f32) {{
-            %xv = memref.load {x}[%t, %k] : {x_ty}
-            %graw = memref.load {gate}[%e, %k] : {g_ty}
-            {gl}
-            %m = arith.mulf %xv, %gv : f32
-            %n = arith.addf %a, %m : f32
-            scf.yield %n : f32
-          }}
-          %neg = arith.negf %logit : f32
-          %ex = math.exp %neg : f32
-          %dn = arith.addf %one, %ex : f32
-          %sig = arith.divf %one, %dn : f32
-          memref.store %sig, %s[%e] : memref<{e_count}xf32>
-          %braw = memref.load {bias}[%e] : {b_ty}
-          {bl}
-          %sb = arith.addf %sig, %bv : f32
-          memref.store %sb, %cand[%e] : memref<{e_count}xf32>
-        }}
         scf.for %g = %c0 to %cg step %c1 {{
           %base = arith.muli %g, %cpg : index
           %top:2 = scf.for %i = %c0 to %cpg step %c1 iter_args(%m1 = %ninf, %m2 = %ninf) -> (f32, f32) {{
             %ei = arith.addi %base, %i : index
-            %v = memref.load %cand[%ei] : memref<{e_count}xf32>
+            %v = memref.load {cand}[%t, %ei] : {s_ty}
             %gt1 = arith.cmpf ogt, %v, %m1 : f32
             %gt2 = arith.cmpf ogt, %v, %m2 : f32
             %n2a = arith.select %gt2, %v, %m2 : f32
@@ -118,22 +112,22 @@ impl Emitter {
           %k = memref.load %kept[%g] : memref<{ng}xi1>
           scf.if %k {{
           }} else {{
-            memref.store %ninf, %cand[%e] : memref<{e_count}xf32>
+            memref.store %ninf, {cand}[%t, %e] : {s_ty}
           }}
         }}
         memref.dealloc %kept : memref<{ng}xi1>
         scf.for %k = %c0 to %ck step %c1 {{
           %best:2 = scf.for %e = %c0 to %ce step %c1 iter_args(%bv2 = %ninf, %bi = %c0) -> (f32, index) {{
-            %v = memref.load %cand[%e] : memref<{e_count}xf32>
+            %v = memref.load {cand}[%t, %e] : {s_ty}
             %better = arith.cmpf ogt, %v, %bv2 : f32
             %nv = arith.select %better, %v, %bv2 : f32
             %ni = arith.select %better, %e, %bi : index
             scf.yield %nv, %ni : f32, index
           }}
-          memref.store %ninf, %cand[%best#1] : memref<{e_count}xf32>
+          memref.store %ninf, {cand}[%t, %best#1] : {s_ty}
           %i32 = arith.index_cast %best#1 : index to i32
           memref.store %i32, {idx}[%t, %k] : {i_ty}
-          %sv = memref.load %s[%best#1] : memref<{e_count}xf32>
+          %sv = memref.load {scores}[%t, %best#1] : {s_ty}
           memref.store %sv, {wout}[%t, %k] : {w_ty}
         }}
 {norm}        scf.for %k = %c0 to %ck step %c1 {{
@@ -143,8 +137,6 @@ impl Emitter {
           memref.store %ws, {wout}[%t, %k] : {w_ty}
         }}
       }}
-      memref.dealloc %s : memref<{e_count}xf32>
-      memref.dealloc %cand : memref<{e_count}xf32>
       memref.dealloc %gs : memref<{ng}xf32>
       scf.yield
     }}",
@@ -153,8 +145,6 @@ impl Emitter {
             topk_group = r.topk_group,
             factor = r.factor,
             x = x.0,
-            gate = gate.0,
-            bias = bias.0,
             idx = idx_out.0,
             wout = w_out.0,
             norm = norm.replace("WOUT", w_out.0).replace("WTY", &w_ty),
