@@ -28,15 +28,28 @@ type Buffer = (String, Shape);
 /// Output columns of a full tile (one f32 lane each; divides [`FP8_BLOCK`]).
 const TILE: usize = 16;
 
-/// The transform-script block for the fp8 GEMM tiles `width` columns wide.
-pub(super) fn script(width: usize) -> String {
+/// The tag of the sums over K blocks of fp8 GEMM tiles `width` columns wide: scaled (block-scaled
+/// operands) or not (f32 activations on dequantized weights, one block spanning K).
+fn reduce_tag(width: usize, scaled: bool) -> String {
+    if scaled {
+        format!("reduce_w{width}")
+    } else {
+        format!("sum_w{width}")
+    }
+}
+
+/// The transform-script block for the fp8 GEMM tiles `width` columns wide, scaled or not.
+pub(super) fn script((width, scaled): (usize, bool)) -> String {
+    let tag = reduce_tag(width, scaled);
+    // The sum's output operand follows its inputs: partial sums, then (scaled) the two scales.
+    let out = if scaled { 3 } else { 1 };
     format!(
-        "    %fp8_{width} = transform.structured.match ops{{[\"linalg.generic\"]}} attributes {{v3c.fp8 = \"reduce_w{width}\"}} in %root : (!transform.any_op) -> !transform.any_op
-    transform.foreach %fp8_{width} : !transform.any_op {{
+        "    %fp8_{tag} = transform.structured.match ops{{[\"linalg.generic\"]}} attributes {{v3c.fp8 = \"{tag}\"}} in %root : (!transform.any_op) -> !transform.any_op
+    transform.foreach %fp8_{tag} : !transform.any_op {{
     ^bb0(%red: !transform.any_op):
       %part = transform.get_producer_of_operand %red[0] : (!transform.any_op) -> !transform.any_op
       %pfill = transform.get_producer_of_operand %part[2] : (!transform.any_op) -> !transform.any_op
-      %yfill = transform.get_producer_of_operand %red[3] : (!transform.any_op) -> !transform.any_op
+      %yfill = transform.get_producer_of_operand %red[{out}] : (!transform.any_op) -> !transform.any_op
       %tred, %lm, %lb = transform.structured.tile_using_for %red tile_sizes [1, 1, 0] : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op)
       %fpart, %l1 = transform.structured.fuse_into_containing_op %part into %lb : (!transform.any_op, !transform.any_op) -> (!transform.any_op, !transform.any_op)
       %ffill, %l2 = transform.structured.fuse_into_containing_op %pfill into %l1 : (!transform.any_op, !transform.any_op) -> (!transform.any_op, !transform.any_op)
@@ -139,57 +152,95 @@ impl Emitter {
         let (decode, result) = decode_at(&names.wq, &tensor_type(&w.1), "%col", ("%i0", "%i1"), k);
         let body = format!("{}%col = arith.addi {j0}, %i2 : index\n{decode}", indices(3));
         self.row_generic((wt, &wt_ty), wt_shape, &[], ("", &body, result));
-        self.use_fp8_width(width);
         let (wtt, ysub, nb, blk, c0, wsr) =
-            (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
-        let (pe, pz, part, ye, yz, y) =
             (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
         let ysub_ty = subview_type(out, &[None, Some(width)]);
         let (rows, xft, xst, wst) = (&names.rows, &names.xft, &names.xst, &names.wst);
-        let xf_ty = format!("tensor<?x{kb}x{FP8_BLOCK}xf32>");
         let xs_ty = tensor_type(&Shape { dims: vec![None, Some(kb)], element: "f32".into() });
         let ws_ty = tensor_type(&ws.1);
-        let p_ty = format!("tensor<?x{kb}x{width}xf32>");
-        let y_ty = format!("tensor<?x{width}xf32>");
         let wtt_ty = tensor_type(wt_shape);
-        let map = |d: &[&str], r: &[&str]| affine(d, r);
-        // Output columns innermost: the vector lanes.
-        let pd = ["m", "b", "kk", "n"];
-        let yd = ["m", "b", "n"];
         self.line(&format!(
             "{wtt} = bufferization.to_tensor {wt} restrict : {wt_ty} to {wtt_ty}
     {c0} = arith.constant 0 : index
     {blk} = arith.constant {FP8_BLOCK} : index
     {nb} = arith.divui {j0}, {blk} : index
     {wsr} = tensor.extract_slice {wst}[{nb}, 0] [1, {kb}] [1, 1] : {ws_ty} to tensor<{kb}xf32>
-    {pe} = tensor.empty({rows}) : {p_ty}
-    {pz} = linalg.fill ins(%zero : f32) outs({pe} : {p_ty}) -> {p_ty}
-    {part} = linalg.generic {{indexing_maps = [{}, {}, {}], iterator_types = [\"parallel\", \"parallel\", \"reduction\", \"parallel\"]}} ins({xft}, {wtt} : {xf_ty}, {wtt_ty}) outs({pz} : {p_ty}) attrs = {{v3c.fp8 = \"partial\"}} {{
+    {ysub} = memref.subview {dest}[{c0}, {j0}] [{rows}, {width}] [1, 1] : {o_ty} to {ysub_ty}",
+            o_ty = memref(out),
+        ));
+        let sfx = format!("_f{}", self.next);
+        let text = self.tile_generics(
+            &sfx,
+            rows,
+            (xft, &format!("tensor<?x{kb}x{FP8_BLOCK}xf32>")),
+            &wtt,
+            Some((xst, &xs_ty, &wsr)),
+            (kb, FP8_BLOCK, width),
+            (&ysub, &ysub_ty),
+        );
+        self.line(&text);
+    }
+
+    /// The text of one fp8 GEMM tile (SSA names ending in `sfx`): the tagged per-block partial
+    /// sums of `x` [R, KB, BL] (`rows` = R, an index value) and the tile's weights `wt`
+    /// [KB, BL, W] (decoded, transposed), then their sum over blocks — each block's sum times its
+    /// activation and weight scales when `scales` (x scales [R, KB] with their type, the tile's
+    /// weight scales [KB]) are given — materialized into `dest` ([R, W], a memref of `dest_ty`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn tile_generics(
+        &mut self,
+        sfx: &str,
+        rows: &str,
+        (x, x_ty): (&str, &str),
+        wt: &str,
+        scales: Option<(&str, &str, &str)>,
+        (kb, bl, width): (usize, usize, usize),
+        (dest, dest_ty): (&str, &str),
+    ) -> String {
+        self.use_fp8_width((width, scales.is_some()));
+        let p_ty = format!("tensor<?x{kb}x{width}xf32>");
+        let y_ty = format!("tensor<?x{width}xf32>");
+        let wt_ty = format!("tensor<{kb}x{bl}x{width}xf32>");
+        let map = |d: &[&str], r: &[&str]| affine(d, r);
+        // Output columns innermost: the vector lanes.
+        let pd = ["m", "b", "kk", "n"];
+        let yd = ["m", "b", "n"];
+        let tag = reduce_tag(width, scales.is_some());
+        let (ins, maps, args, scaled) = match scales {
+            Some((xs, xs_ty, ws)) => (
+                format!("%part{sfx}, {xs}, {ws} : {p_ty}, {xs_ty}, tensor<{kb}xf32>"),
+                [map(&yd, &["m", "b", "n"]), map(&yd, &["m", "b"]), map(&yd, &["b"]), map(&yd, &["m", "n"])].join(", "),
+                "%p: f32, %sx: f32, %sw: f32, %c: f32",
+                "%t1 = arith.mulf %p, %sx : f32\n      %t2 = arith.mulf %t1, %sw : f32\n      %s = arith.addf %c, %t2 : f32",
+            ),
+            None => (
+                format!("%part{sfx} : {p_ty}"),
+                [map(&yd, &["m", "b", "n"]), map(&yd, &["m", "n"])].join(", "),
+                "%p: f32, %c: f32",
+                "%s = arith.addf %c, %p : f32",
+            ),
+        };
+        format!(
+            "%pe{sfx} = tensor.empty({rows}) : {p_ty}
+    %pz{sfx} = linalg.fill ins(%zero : f32) outs(%pe{sfx} : {p_ty}) -> {p_ty}
+    %part{sfx} = linalg.generic {{indexing_maps = [{}, {}, {}], iterator_types = [\"parallel\", \"parallel\", \"reduction\", \"parallel\"]}} ins({x}, {wt} : {x_ty}, {wt_ty}) outs(%pz{sfx} : {p_ty}) attrs = {{v3c.fp8 = \"partial\"}} {{
     ^bb0(%a: f32, %b: f32, %c: f32):
       %p = arith.mulf %a, %b : f32
       %s = arith.addf %c, %p : f32
       linalg.yield %s : f32
     }} -> {p_ty}
-    {ye} = tensor.empty({rows}) : {y_ty}
-    {yz} = linalg.fill ins(%zero : f32) outs({ye} : {y_ty}) -> {y_ty}
-    {y} = linalg.generic {{indexing_maps = [{}, {}, {}, {}], iterator_types = [\"parallel\", \"reduction\", \"parallel\"]}} ins({part}, {xst}, {wsr} : {p_ty}, {xs_ty}, tensor<{kb}xf32>) outs({yz} : {y_ty}) attrs = {{v3c.fp8 = \"reduce_w{width}\"}} {{
-    ^bb0(%p: f32, %sx: f32, %sw: f32, %c: f32):
-      %t1 = arith.mulf %p, %sx : f32
-      %t2 = arith.mulf %t1, %sw : f32
-      %s = arith.addf %c, %t2 : f32
+    %ye{sfx} = tensor.empty({rows}) : {y_ty}
+    %yz{sfx} = linalg.fill ins(%zero : f32) outs(%ye{sfx} : {y_ty}) -> {y_ty}
+    %y{sfx} = linalg.generic {{indexing_maps = [{maps}], iterator_types = [\"parallel\", \"reduction\", \"parallel\"]}} ins({ins}) outs(%yz{sfx} : {y_ty}) attrs = {{v3c.fp8 = \"{tag}\"}} {{
+    ^bb0({args}):
+      {scaled}
       linalg.yield %s : f32
     }} -> {y_ty}
-    {ysub} = memref.subview {dest}[{c0}, {j0}] [{rows}, {width}] [1, 1] : {o_ty} to {ysub_ty}
-    bufferization.materialize_in_destination {y} in restrict writable {ysub} : ({y_ty}, {ysub_ty}) -> ()",
+    bufferization.materialize_in_destination %y{sfx} in restrict writable {dest} : ({y_ty}, {dest_ty}) -> ()",
             map(&pd, &["m", "b", "kk"]),
             map(&pd, &["b", "kk", "n"]),
             map(&pd, &["m", "b", "n"]),
-            map(&yd, &["m", "b", "n"]),
-            map(&yd, &["m", "b"]),
-            map(&yd, &["b"]),
-            map(&yd, &["m", "n"]),
-            o_ty = memref(out),
-        ));
+        )
     }
 
     /// f32 activations with an fp8 weight: `out = x . (e4m3(w) * ws)^T`, the weight dequantized as
@@ -360,9 +411,9 @@ impl Emitter {
         }
     }
 
-    fn use_fp8_width(&mut self, width: usize) {
-        if !self.fp8_widths.contains(&width) {
-            self.fp8_widths.push(width);
+    fn use_fp8_width(&mut self, tile: (usize, bool)) {
+        if !self.fp8_widths.contains(&tile) {
+            self.fp8_widths.push(tile);
         }
     }
 }

@@ -87,8 +87,8 @@ struct Emitter {
     row_tiles: Vec<rows::RowTile>,
     /// Buffer -> its tensor (`bufferization.to_tensor`, one per buffer).
     tensors: HashMap<String, String>,
-    /// Column-tile widths of the fp8 GEMMs emitted (their script blocks).
-    fp8_widths: Vec<usize>,
+    /// Column-tile widths of the fp8 GEMMs emitted, scaled or not (their script blocks).
+    fp8_widths: Vec<(usize, bool)>,
 }
 
 impl Emitter {
