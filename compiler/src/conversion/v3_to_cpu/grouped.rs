@@ -33,7 +33,8 @@ pub(super) const GATE_UP_GRANULE: usize = FP8_BLOCK;
 /// form, so that no tile straddles a 128-row weight scale block).
 const DOWN_GRANULE: usize = 16;
 
-use super::fp8::FP8_BLOCK;
+use super::fp8::{DECODE_BODY, FP8_BLOCK};
+use super::rows::{lanes, RowTile};
 
 /// A grouped GEMM's output columns in two halves at `granule` boundaries, the split the
 /// partitioned kernels use: (half, first column, width), empty halves left out. Half h belongs
@@ -235,7 +236,7 @@ scf.yield
         )
     }
 
-    /// Per expert `%e` inside the expert loop: `{name}` = the shared view `shared` for shared
+    /// Per expert `%expert` inside the expert loop: `{name}` = the shared view `shared` for shared
     /// experts, else the routed weight; `pre` (before the loop) casts the routed weight to `ty`.
     fn select_weight(routed: &(String, Shape), shared: Option<&str>, ty: &str, name: &str) -> (String, String) {
         let pre = format!("{name}_r = memref.cast {} : {} to {ty}", routed.0, memref(&routed.1));
@@ -248,7 +249,7 @@ scf.yield
         (pre, pick)
     }
 
-    /// The expert loop shared by both grouped GEMMs: for each expert `%e` (routed then shared),
+    /// The expert loop shared by both grouped GEMMs: for each expert `%expert` (routed then shared),
     /// `%is_shared`, `%ex` (index within its stack), `%glo..%ghi` its permuted rows, then `body4`
     /// on rows `%g..%g+3` and `body1` on leftover rows `%g`.
     fn expert_loop(g: &Grouped, picks: &str, body4: Option<&str>, body1: &str) -> String {
@@ -511,121 +512,206 @@ scf.yield
         )
     }
 
-    /// Fills `tile` (`memref<{k}x16xf32>`) with 16 rows of an expert's fp8 weight, transposed so a
-    /// K step reads the 16 values contiguously: row `c0 + c` (c < `jn`; the rest zero) decoded
-    /// from `w_load` (`$r` the row, `$j` the K index), times its block scale when `scale_load` is
-    /// given (`$b` the K block: the weight dequantized, for f32 activations).
-    fn fp8_weight_tile(
+    /// The decoded weights of output columns `j0 .. j0 + width` of an expert's e4m3 `stack`
+    /// (`[E, N, K]`, a tensor value of `stack_ty`; `%ex` the expert), transposed as the fp8 GEMM
+    /// template reads them: `[KB, BL, width]` with `k = b * BL + kk` (zero past K), written by a
+    /// tagged row template into the scratch buffer `buf` and returned as the tensor `%wt{sfx}`.
+    /// With `scales` (the stack's block scales, a tensor value and type) each weight is
+    /// dequantized (times its 128 x 128 block's scale), as f32 activations read them.
+    fn expert_weight_tile(
         &mut self,
-        tile: &str,
-        k: usize,
-        (c0, jn): (&str, &str),
-        w_load: &str,
-        scale_load: Option<&str>,
-    ) -> String {
-        let dec = self.decode();
-        let p = tile.trim_start_matches('%');
-        let value = match scale_load {
-            Some(sl) => format!(
-                "%{p}_q = func.call {dec}(%{p}_b) : (i8) -> f32
-      %{p}_kb = arith.divui %{p}_j, %cblk : index
-      %{p}_s = {}
-      %{p}_v = arith.mulf %{p}_q, %{p}_s : f32",
-                sl.replace("$b", &format!("%{p}_kb"))
-            ),
-            None => format!("%{p}_v = func.call {dec}(%{p}_b) : (i8) -> f32"),
-        };
-        format!(
-            "%{p}_k = arith.constant {k} : index
-scf.for %{p}_c = %c0 to %c16 step %c1 {{
-  %{p}_live = arith.cmpi ult, %{p}_c, {jn} : index
-  %{p}_r = arith.addi {c0}, %{p}_c : index
-  scf.for %{p}_j = %c0 to %{p}_k step %c1 {{
-    %{p}_w = scf.if %{p}_live -> (f32) {{
-      %{p}_b = {}
-      {value}
-      scf.yield %{p}_v : f32
-    }} else {{
-      scf.yield %zero : f32
-    }}
-    memref.store %{p}_w, {tile}[%{p}_j, %{p}_c] : memref<{k}x16xf32>
-  }}
-}}",
-            w_load.replace("$r", &format!("%{p}_r")).replace("$j", &format!("%{p}_j")),
-        )
-    }
-
-    /// 16 dot products at once (one per lane, each in the reference's order) of an activation row
-    /// (`a_at`, `$j` the K index) with a [`Emitter::fp8_weight_tile`]: with `scales` (activation,
-    /// weight; `$b` the K block), per K block a sequential sum from zero, then `(part * a_s) * w_s`
-    /// added; without, one sequential sum over the dequantized weights.
-    fn fp8_dot16(
-        acc: &str,
-        (len, blocks): (usize, usize),
-        a_at: &str,
+        (stack, stack_ty): (&str, &str),
         scales: Option<(&str, &str)>,
-        tile: &str,
+        (j0, width, k): (&str, usize, usize),
+        (kb, bl): (usize, usize),
+        (buf, sfx): (&str, &str),
     ) -> String {
-        let v = "vector<16xf32>";
-        let step = |p: &str, j: &str| {
-            format!(
-                "%{acc}_x = {}
-%{acc}_xv = vector.broadcast %{acc}_x : f32 to {v}
-%{acc}_wv = vector.load {tile}[{j}, %c0] : memref<{len}x16xf32>, {v}
-%{acc}_pr = arith.mulf %{acc}_xv, %{acc}_wv : {v}
-%{acc}_np = arith.addf {p}, %{acc}_pr : {v}
-scf.yield %{acc}_np : {v}",
-                a_at.replace("$j", j)
-            )
-        };
-        let Some((sa_at, sw_at)) = scales else {
-            return format!(
-                "%{acc}_len = arith.constant {len} : index
-%{acc} = scf.for %{acc}_j = %c0 to %{acc}_len step %c1 iter_args(%{acc}_a = %vzero) -> ({v}) {{
-{}
-}}",
-                indent(&step(&format!("%{acc}_a"), &format!("%{acc}_j")), 2)
-            );
-        };
+        let tile_ty = format!("tensor<{kb}x{bl}x{width}xf32>");
+        let buf_ty = format!("memref<{kb}x{bl}x{width}xf32>");
+        let mut body = format!(
+            "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%col = arith.addi {j0}, %i2 : index\n%blk = arith.constant {FP8_BLOCK} : index\n%kbase = arith.muli %i0, %cbl : index\n%k = arith.addi %kbase, %i1 : index\n"
+        );
+        let ragged = kb * bl != k;
+        if ragged {
+            body.push_str(&format!(
+                "%klen = arith.constant {k} : index\n%kin = arith.cmpi ult, %k, %klen : index\n%k0 = arith.constant 0 : index\n%kc = arith.select %kin, %k, %k0 : index\n"
+            ));
+        }
+        let kk = if ragged { "%kc" } else { "%k" };
+        body.push_str(&format!("%b = tensor.extract {stack}[%ex, %col, {kk}] : {stack_ty}\n{DECODE_BODY}\n"));
+        let mut result = "%r";
+        if let Some((st, st_ty)) = scales {
+            body.push_str(&format!(
+                "%nb = arith.divui %col, %blk : index\n%sb = arith.divui {kk}, %blk : index\n%sc = tensor.extract {st}[%ex, %nb, %sb] : {st_ty}\n%dq = arith.mulf %r, %sc : f32\n"
+            ));
+            result = "%dq";
+        }
+        if ragged {
+            body.push_str(&format!("%y = arith.select %kin, {result}, %zero : f32\n"));
+            result = "%y";
+        }
+        let tile = RowTile { sizes: vec![1, 1, lanes(Some(width))], fill_operand: None };
+        self.use_tile(tile.clone());
         format!(
-            "%{acc}_len = arith.constant {len} : index
-%{acc}_nb = arith.constant {blocks} : index
-%{acc} = scf.for %{acc}_b = %c0 to %{acc}_nb step %c1 iter_args(%{acc}_a = %vzero) -> ({v}) {{
-  %{acc}_lo = arith.muli %{acc}_b, %cblk : index
-  %{acc}_hi0 = arith.addi %{acc}_lo, %cblk : index
-  %{acc}_hi = arith.minui %{acc}_hi0, %{acc}_len : index
-  %{acc}_part = scf.for %{acc}_j = %{acc}_lo to %{acc}_hi step %c1 iter_args(%{acc}_p = %vzero) -> ({v}) {{
-{}
-  }}
-  %{acc}_sa = {}
-  %{acc}_sw = {}
-  %{acc}_sav = vector.broadcast %{acc}_sa : f32 to {v}
-  %{acc}_swv = vector.broadcast %{acc}_sw : f32 to {v}
-  %{acc}_t1 = arith.mulf %{acc}_part, %{acc}_sav : {v}
-  %{acc}_t2 = arith.mulf %{acc}_t1, %{acc}_swv : {v}
-  %{acc}_na = arith.addf %{acc}_a, %{acc}_t2 : {v}
-  scf.yield %{acc}_na : {v}
-}}",
-            indent(&step(&format!("%{acc}_p"), &format!("%{acc}_j")), 4),
-            sa_at.replace("$b", &format!("%{acc}_b")),
-            sw_at.replace("$b", &format!("%{acc}_b")),
+            "%cbl{sfx} = arith.constant {bl} : index
+%we{sfx} = tensor.empty() : {tile_ty}
+%wd{sfx} = linalg.generic {{indexing_maps = [{out}], iterator_types = [\"parallel\", \"parallel\", \"parallel\"]}} outs(%we{sfx} : {tile_ty}) attrs = {{v3c.rows = \"{tag}\"}} {{
+^bb0(%c: f32):
+{body}  linalg.yield {result} : f32
+}} -> {tile_ty}
+bufferization.materialize_in_destination %wd{sfx} in restrict writable {buf} : ({tile_ty}, {buf_ty}) -> ()
+%wt{sfx} = bufferization.to_tensor {buf} restrict : {buf_ty} to {tile_ty}",
+            out = identity(3),
+            tag = tile.tag(),
+            body = indent(&body.replace("%cbl", &format!("%cbl{sfx}")), 2),
         )
     }
 
-    /// Per expert `%e` (`%ex` its weight index, `picks` selecting its weights): its permuted rows
+    /// Output columns `[lo, hi)` of a partition of an `n`-column grouped fp8 GEMM in tiles of 16
+    /// (the partition bounds are multiples of 16 or `n`), then the narrower last tile when
+    /// `n % 16 != 0` and the partition ends at `n`: `tile(j0, width)` gives a tile's code.
+    fn column_tiles(n: usize, (lo, hi): (&str, &str), tile: &mut dyn FnMut(&str, usize) -> String) -> String {
+        let (full, tail) = (n - n % 16, n % 16);
+        let mut text = format!(
+            "%cfull = arith.constant {full} : index
+%fhi = arith.minui {hi}, %cfull : index
+scf.for %j0 = {lo} to %fhi step %c16 {{
+{}
+}}
+",
+            indent(&tile("%j0", 16), 2)
+        );
+        if tail > 0 {
+            text.push_str(&format!(
+                "%cn = arith.constant {n} : index
+%owns_tail = arith.cmpi eq, {hi}, %cn : index
+scf.if %owns_tail {{
+  %jt = arith.constant {full} : index
+{}
+}}
+",
+                indent(&tile("%jt", tail), 2)
+            ));
+        }
+        text
+    }
+
+    /// The activations of a grouped fp8 GEMM, decoded once per launch as the template reads them:
+    /// `%xp` [P, KB, BL] f32 (P = the permuted rows, `k = b * BL + kk`, zero past K) and, with
+    /// block-scaled activations, `%xsp` [P, KB]; `token` gathers row p from row `rflat[p]` of
+    /// `x` (the gate/up GEMM), else row p itself (the down GEMM). Returns the text, the buffers
+    /// to free, and the tensors (`%xpt`, `%xspt` or the given scales tensor).
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_activations(
+        &mut self,
+        (x, x_el): (&str, &str),
+        scales: Option<(&str, usize)>,
+        (k, kb, bl): (usize, usize, usize),
+        token: bool,
+    ) -> (String, Vec<String>) {
+        let x_ty = format!("memref<?x{k}x{}>", storage(x_el));
+        let xt_ty = format!("tensor<?x{k}x{}>", storage(x_el));
+        let row = if token { "%tok" } else { "%i0" };
+        let gather = if token {
+            "%tok32 = tensor.extract %rflatt[%i0] : tensor<?xi32>\n%tok = arith.index_cast %tok32 : i32 to index\n"
+        } else {
+            ""
+        };
+        let mut text = format!(
+            "%np = memref.dim %rflat, %c0 : memref<?xi32>
+%rflatt = bufferization.to_tensor %rflat restrict : memref<?xi32> to tensor<?xi32>
+%xin = bufferization.to_tensor {x} restrict : {x_ty} to {xt_ty}
+%xp = memref.alloc(%np) : memref<?x{kb}x{bl}xf32>
+"
+        );
+        let mut frees = vec![format!("memref.dealloc %xp : memref<?x{kb}x{bl}xf32>")];
+        let value = if x_el == "f8E4M3FN" || x_el == "i8" {
+            let ragged = kb * bl != k;
+            let mut v = format!(
+                "%blk = arith.constant {bl} : index\n%kbase = arith.muli %i1, %blk : index\n%k = arith.addi %kbase, %i2 : index\n"
+            );
+            if ragged {
+                v.push_str(&format!("%klen = arith.constant {k} : index\n%kin = arith.cmpi ult, %k, %klen : index\n%k0 = arith.constant 0 : index\n%kc = arith.select %kin, %k, %k0 : index\n"));
+            }
+            let kk = if ragged { "%kc" } else { "%k" };
+            v.push_str(&format!("%b = tensor.extract %xin[{row}, {kk}] : {xt_ty}\n{DECODE_BODY}\n"));
+            if ragged {
+                v.push_str("%y = arith.select %kin, %r, %zero : f32\n");
+                (v, "%y")
+            } else {
+                (v, "%r")
+            }
+        } else {
+            (format!("%b = tensor.extract %xin[{row}, %i2] : {xt_ty}\n"), "%b")
+        };
+        let tile = RowTile { sizes: vec![1, 1, lanes(Some(bl))], fill_operand: None };
+        self.use_tile(tile.clone());
+        let ty = format!("tensor<?x{kb}x{bl}xf32>");
+        text.push_str(&format!(
+            "%xpe = tensor.empty(%np) : {ty}
+%xpd = linalg.generic {{indexing_maps = [{out}], iterator_types = [\"parallel\", \"parallel\", \"parallel\"]}} outs(%xpe : {ty}) attrs = {{v3c.rows = \"{tag}\"}} {{
+^bb0(%c: f32):
+  %i0 = linalg.index 0 : index
+  %i1 = linalg.index 1 : index
+  %i2 = linalg.index 2 : index
+{gather}{body}  linalg.yield {result} : f32
+}} -> {ty}
+bufferization.materialize_in_destination %xpd in restrict writable %xp : ({ty}, memref<?x{kb}x{bl}xf32>) -> ()
+%xpt = bufferization.to_tensor %xp restrict : memref<?x{kb}x{bl}xf32> to {ty}
+",
+            out = identity(3),
+            tag = tile.tag(),
+            gather = indent(gather, 2),
+            body = indent(&value.0, 2),
+            result = value.1,
+        ));
+        if let Some((xs, cols)) = scales {
+            let s_ty = format!("memref<?x{cols}xf32>");
+            let st_ty = format!("tensor<?x{cols}xf32>");
+            if token {
+                let tile = RowTile { sizes: vec![1, lanes(Some(kb))], fill_operand: None };
+                self.use_tile(tile.clone());
+                text.push_str(&format!(
+                    "%xsin = bufferization.to_tensor {xs} restrict : {s_ty} to {st_ty}
+%xsp = memref.alloc(%np) : memref<?x{kb}xf32>
+%xspe = tensor.empty(%np) : tensor<?x{kb}xf32>
+%xspd = linalg.generic {{indexing_maps = [{out}], iterator_types = [\"parallel\", \"parallel\"]}} outs(%xspe : tensor<?x{kb}xf32>) attrs = {{v3c.rows = \"{tag}\"}} {{
+^bb0(%c: f32):
+  %i0 = linalg.index 0 : index
+  %i1 = linalg.index 1 : index
+  %tok32 = tensor.extract %rflatt[%i0] : tensor<?xi32>
+  %tok = arith.index_cast %tok32 : i32 to index
+  %sv = tensor.extract %xsin[%tok, %i1] : {st_ty}
+  linalg.yield %sv : f32
+}} -> tensor<?x{kb}xf32>
+bufferization.materialize_in_destination %xspd in restrict writable %xsp : (tensor<?x{kb}xf32>, memref<?x{kb}xf32>) -> ()
+%xspt = bufferization.to_tensor %xsp restrict : memref<?x{kb}xf32> to tensor<?x{kb}xf32>
+",
+                    out = identity(2),
+                    tag = tile.tag(),
+                ));
+                frees.push(format!("memref.dealloc %xsp : memref<?x{kb}xf32>"));
+            } else {
+                text.push_str(&format!("%xspt = bufferization.to_tensor {xs} restrict : {s_ty} to {st_ty}\n"));
+            }
+        }
+        (text, frees)
+    }
+
+    /// Per expert `%expert` (`%ex` its weight index, `picks` selecting its weights): its permuted rows
     /// `[%glo, %ghi)`, then `body`.
     fn expert_ranges(g: &Grouped, picks: &str, body: &str) -> String {
         format!(
             "%ce = arith.constant {experts} : index
 %ctot = arith.constant {total} : index
-scf.for %e = %c0 to %ctot step %c1 {{
-  %is_shared = arith.cmpi uge, %e, %ce : index
-  %es = arith.subi %e, %ce : index
-  %ex = arith.select %is_shared, %es, %e : index
+scf.for %expert = %c0 to %ctot step %c1 {{
+  %is_shared = arith.cmpi uge, %expert, %ce : index
+  %eshared = arith.subi %expert, %ce : index
+  %ex = arith.select %is_shared, %eshared, %expert : index
 {picks}
-  %e1 = arith.addi %e, %c1 : index
-  %glo32 = memref.load {off}[%e] : {off_ty}
-  %ghi32 = memref.load {off}[%e1] : {off_ty}
+  %enext = arith.addi %expert, %c1 : index
+  %glo32 = memref.load {off}[%expert] : {off_ty}
+  %ghi32 = memref.load {off}[%enext] : {off_ty}
   %glo = arith.index_cast %glo32 : i32 to index
   %ghi = arith.index_cast %ghi32 : i32 to index
 {body}
@@ -639,27 +725,109 @@ scf.for %e = %c0 to %ctot step %c1 {{
         )
     }
 
-    /// Decodes `src` (`memref<?x{k}xi8>`, e4m3) into a new f32 buffer `dst` of the same shape.
-    fn decode_rows(&mut self, src: &str, src_ty: &str, dst: &str, k: usize) -> String {
-        let dec = self.decode();
-        let p = dst.trim_start_matches('%');
+    /// The per-expert frame of a grouped fp8 GEMM: for an expert with rows (`%gn` of them from
+    /// `%glo`), the tensors of its weight stacks (`(memref, its type, tensor name)`), its rows of
+    /// the activations (`%xe`, and `%xse` the scales), then `tiles`.
+    fn fp8_expert(stacks: &[(&str, &str, &str)], (kb, bl): (usize, usize), scaled: bool, tiles: &str) -> String {
+        let tensors: String = stacks
+            .iter()
+            .map(|(m, ty, t)| {
+                format!("{t} = bufferization.to_tensor {m} restrict : {ty} to {}\n", ty.replacen("memref", "tensor", 1))
+            })
+            .collect();
+        let xse = if scaled {
+            format!("%xse = tensor.extract_slice %xspt[%glo, 0] [%gn, {kb}] [1, 1] : tensor<?x{kb}xf32> to tensor<?x{kb}xf32>\n")
+        } else {
+            String::new()
+        };
         format!(
-            "%{p}_n = memref.dim {src}, %c0 : {src_ty}
-{dst} = memref.alloc(%{p}_n) : memref<?x{k}xf32>
-%{p}_k = arith.constant {k} : index
-scf.for %{p}_m = %c0 to %{p}_n step %c1 {{
-  scf.for %{p}_i = %c0 to %{p}_k step %c1 {{
-    %{p}_b = memref.load {src}[%{p}_m, %{p}_i] : {src_ty}
-    %{p}_v = func.call {dec}(%{p}_b) : (i8) -> f32
-    memref.store %{p}_v, {dst}[%{p}_m, %{p}_i] : memref<?x{k}xf32>
-  }}
-}}"
+            "%gn = arith.subi %ghi, %glo : index
+%some = arith.cmpi ugt, %gn, %c0 : index
+scf.if %some {{
+{}
+}}",
+            indent(
+                &format!(
+                    "{tensors}%xe = tensor.extract_slice %xpt[%glo, 0, 0] [%gn, {kb}, {bl}] [1, 1, 1] : tensor<?x{kb}x{bl}xf32> to tensor<?x{kb}x{bl}xf32>\n{xse}{tiles}"
+                ),
+                2
+            )
         )
     }
 
-    /// Grouped gate/up on fp8 expert weights: gathered rows of the quantized activations (e4m3 +
-    /// 1 x 128 scales) in block-scaled dot products, or (no activation scales) f32 rows against the
-    /// weights dequantized as read; f32 SwiGLU output (fp8: quantized by the kernel's epilogue).
+    /// One column tile of a grouped fp8 GEMM for the expert `%ex`: the stack's weights for
+    /// columns `j0 ..` decoded (dequantized for f32 activations) into the scratch `%wb{name}{w}`,
+    /// the tile's product with the expert's rows `%xe` through the fp8 GEMM template (block-scaled
+    /// with `%xse` and the weights' scales for fp8 activations) into rows `%glo ..` of the scratch
+    /// `%y{name}b` ([P, 16]); returns the text and the subview of the result.
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_expert_tile(
+        &mut self,
+        name: &str,
+        (stack, scales): (&str, &str),
+        (n, k): (usize, usize),
+        (kb, bl): (usize, usize),
+        scaled: bool,
+        (j0, w): (&str, usize),
+    ) -> (String, String) {
+        let (nb, kbs) = (n.div_ceil(FP8_BLOCK), k.div_ceil(FP8_BLOCK));
+        let stack_ty = format!("tensor<?x{n}x{k}xi8>");
+        let scales_ty = format!("tensor<?x{nb}x{kbs}xf32>");
+        let sfx = format!("{name}{w}");
+        let decode = self.expert_weight_tile(
+            (stack, &stack_ty),
+            (!scaled).then_some((scales, scales_ty.as_str())),
+            (j0, w, k),
+            (kb, bl),
+            (&format!("%wb{sfx}"), &sfx),
+        );
+        let ys_ty = format!("memref<?x{w}xf32, strided<[16, 1], offset: ?>>");
+        let mut text = format!(
+            "{decode}\n%ys{sfx} = memref.subview %y{name}b[%glo, 0] [%gn, {w}] [1, 1] : memref<?x16xf32> to {ys_ty}\n"
+        );
+        let ws = format!("%ws{sfx}");
+        if scaled {
+            text.push_str(&format!(
+                "%nb{sfx} = arith.divui {j0}, %cblk : index\n{ws} = tensor.extract_slice {scales}[%ex, %nb{sfx}, 0] [1, 1, {kbs}] [1, 1, 1] : {scales_ty} to tensor<{kbs}xf32>\n"
+            ));
+        }
+        let xs_ty = format!("tensor<?x{kb}xf32>");
+        let generics = self.tile_generics(
+            &sfx,
+            "%gn",
+            ("%xe", &format!("tensor<?x{kb}x{bl}xf32>")),
+            &format!("%wt{sfx}"),
+            scaled.then_some(("%xse", xs_ty.as_str(), ws.as_str())),
+            (kb, bl, w),
+            (&format!("%ys{sfx}"), &ys_ty),
+        );
+        text.push_str(&generics);
+        (text, format!("%ys{sfx}"))
+    }
+
+    /// Scratch buffers of the grouped fp8 GEMMs: per named stack the weight tiles (full and, when
+    /// `n % 16 != 0`, the narrower last one) and the [P, 16] tile results (`%np` rows).
+    fn fp8_scratch(names: &[&str], n: usize, (kb, bl): (usize, usize)) -> (String, String) {
+        let mut buffers = Vec::new();
+        for name in names {
+            for w in [16, n % 16].into_iter().filter(|w| *w > 0) {
+                buffers.push((format!("%wb{name}{w}"), format!("memref<{kb}x{bl}x{w}xf32>")));
+            }
+        }
+        let (mut allocs, mut frees) = scratch(&buffers);
+        for name in names {
+            allocs.push(format!("%y{name}b = memref.alloc(%np) : memref<?x16xf32>"));
+            frees.push(format!("memref.dealloc %y{name}b : memref<?x16xf32>"));
+        }
+        (allocs.join("\n"), frees.join("\n"))
+    }
+
+    /// Grouped gate/up on fp8 expert weights through the fp8 GEMM template: the gathered rows of
+    /// the activations decoded once per launch (e4m3 with 1 x 128 scales: block-scaled in the
+    /// reference's order; f32: one block spanning K against dequantized weights, the reference's
+    /// sequential sum), per expert and tile of 16 intermediate columns of the partition the gate
+    /// and up products, then SwiGLU (a row template) into the permuted output rows (fp8: quantized
+    /// by the kernel's epilogue).
     pub(super) fn gate_up_fp8(
         &mut self,
         g: &Grouped,
@@ -690,97 +858,79 @@ scf.for %{p}_m = %c0 to %{p}_n step %c1 {{
             pre.push(p);
             picks.push(pick);
         }
-        // Vectorized across 16 intermediate columns (one lane each, the reference's order per
-        // lane): per expert and column tile, the gate and up weight rows decoded once into
-        // transposed tiles; fp8 activations decoded once per launch.
-        let fp8_act = g.act_scale.is_some();
-        let (x_pre, x_at) = if fp8_act {
-            (self.decode_rows(&x.0, &memref(&x.1), "%xf", d), format!("memref.load %xf[%t, $j] : memref<?x{d}xf32>"))
-        } else {
-            (String::new(), format!("memref.load {}[%t, $j] : {}", x.0, memref(&x.1)))
-        };
-        // f32 activations read the weights dequantized; a tile's 16 rows share scale row block %ib.
-        let dequant = |scale: &str| (!fp8_act).then(|| format!("memref.load {scale}[%ex, %ib, $b] : {sty}"));
-        let (gate_scale, up_scale) = (dequant("%wgs"), dequant("%wus"));
-        let gate_w = format!("memref.load %wg[%ex, $r, $j] : {wty}");
-        let up_w = format!("memref.load %wu[%ex, $r, $j] : {wty}");
-        let gate_tile = self.fp8_weight_tile("%wgt", d, ("%i0", "%jn"), &gate_w, gate_scale.as_deref());
-        let up_tile = self.fp8_weight_tile("%wut", d, ("%i0", "%jn"), &up_w, up_scale.as_deref());
-        let scales = |w: &str| {
-            g.act_scale.map(|xs| {
-                (
-                    format!("memref.load {}[%t, $b] : {}", xs.0, memref(&xs.1)),
-                    format!("memref.load {w}[%ex, %ib, $b] : {sty}"),
-                )
-            })
-        };
-        let (sg, su) = (scales("%wgs"), scales("%wus"));
-        let dot_g = Self::fp8_dot16("dg", (d, db), &x_at, sg.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), "%wgt");
-        let dot_u = Self::fp8_dot16("du", (d, db), &x_at, su.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), "%wut");
-        let v = "vector<16xf32>";
-        let tiles = format!(
-            "%span = arith.subi %ihi, %ilo : index
-%ntiles = arith.ceildivui %span, %c16 : index
-scf.for %it = %c0 to %ntiles step %c1 {{
-  %i0o = arith.muli %it, %c16 : index
-  %i0 = arith.addi %ilo, %i0o : index
-  %left = arith.subi %ihi, %i0 : index
-  %jn = arith.minui %left, %c16 : index
-  %ib = arith.divui %i0, %cblk : index
-{gate_tile}
-{up_tile}
-  %mask = vector.create_mask %jn : vector<16xi1>
-  scf.for %g = %glo to %ghi step %c1 {{
-    %t32 = memref.load %rflat[%g] : memref<?xi32>
-    %t = arith.index_cast %t32 : i32 to index
-{dot_g}
-{dot_u}
-    %neg = arith.negf %dg : {v}
-    %exn = math.exp %neg : {v}
-    %dn = arith.addf %vone, %exn : {v}
-    %sg = arith.divf %dg, %dn : {v}
-    %hv = arith.mulf %sg, %du : {v}
-    vector.maskedstore %hflat[%g, %i0], %mask, %hv : memref<?x{inter}xf32>, vector<16xi1>, {v}
-  }}
-}}",
-            gate_tile = indent(&gate_tile, 2),
-            up_tile = indent(&up_tile, 2),
-            dot_g = indent(&dot_g, 4),
-            dot_u = indent(&dot_u, 4),
+        let scaled = g.act_scale.is_some();
+        let blocks = if scaled { (db, FP8_BLOCK) } else { (1, d) };
+        let (act, act_frees) = self.grouped_activations(
+            (&x.0, &x.1.element),
+            g.act_scale.map(|xs| (xs.0.as_str(), db)),
+            (d, blocks.0, blocks.1),
+            true,
         );
-        let body = Self::expert_ranges(g, &picks.join("\n"), &tiles);
-        let free = if fp8_act { format!("memref.dealloc %xf : memref<?x{d}xf32>") } else { String::new() };
+        let (allocs, frees) = Self::fp8_scratch(&["g", "u"], inter, blocks);
+        let silu_tile = |e: &mut Emitter, w: usize| {
+            let tile = RowTile { sizes: vec![1, lanes(Some(w))], fill_operand: None };
+            e.use_tile(tile.clone());
+            tile.tag()
+        };
+        let mut tile = |j0: &str, w: usize| {
+            let (gtext, gsub) = self.fp8_expert_tile("g", ("%wgT", "%wgsT"), (inter, d), blocks, scaled, (j0, w));
+            let (utext, usub) = self.fp8_expert_tile("u", ("%wuT", "%wusT"), (inter, d), blocks, scaled, (j0, w));
+            let tag = silu_tile(self, w);
+            let t = format!("tensor<?x{w}xf32>");
+            let ys_ty = format!("memref<?x{w}xf32, strided<[16, 1], offset: ?>>");
+            let hs_ty = format!("memref<?x{w}xf32, strided<[{inter}, 1], offset: ?>>");
+            format!(
+                "{gtext}
+{utext}
+%gt{w} = bufferization.to_tensor {gsub} restrict : {ys_ty} to {t}
+%ut{w} = bufferization.to_tensor {usub} restrict : {ys_ty} to {t}
+%hs{w} = memref.subview %hflat[%glo, {j0}] [%gn, {w}] [1, 1] : memref<?x{inter}xf32> to {hs_ty}
+%he{w} = tensor.empty(%gn) : {t}
+%hv{w} = linalg.generic {{indexing_maps = [{id}, {id}, {id}], iterator_types = [\"parallel\", \"parallel\"]}} ins(%gt{w}, %ut{w} : {t}, {t}) outs(%he{w} : {t}) attrs = {{v3c.rows = \"{tag}\"}} {{
+^bb0(%a: f32, %b: f32, %c: f32):
+  %n = arith.negf %a : f32
+  %x = math.exp %n : f32
+  %den = arith.addf %one, %x : f32
+  %s = arith.divf %a, %den : f32
+  %r = arith.mulf %s, %b : f32
+  linalg.yield %r : f32
+}} -> {t}
+bufferization.materialize_in_destination %hv{w} in restrict writable %hs{w} : ({t}, {hs_ty}) -> ()",
+                id = identity(2),
+            )
+        };
+        let tiles = Self::column_tiles(inter, ("%ilo", "%ihi"), &mut tile);
+        let stacks = [("%wg", wty.as_str(), "%wgT"), ("%wu", &wty, "%wuT"), ("%wgs", &sty, "%wgsT"), ("%wus", &sty, "%wusT")];
+        let body = Self::expert_ranges(g, &picks.join("\n"), &Self::fp8_expert(&stacks, blocks, scaled, &tiles));
         self.line(&format!(
             "scf.execute_region {{
 %c0 = arith.constant 0 : index
 %c1 = arith.constant 1 : index
 %c16 = arith.constant 16 : index
 %cblk = arith.constant {FP8_BLOCK} : index
-%vzero = arith.constant dense<0.0> : vector<16xf32>
-%vone = arith.constant dense<1.0> : vector<16xf32>
 %hflat = memref.collapse_shape {dest} [[0, 1], [2]] : {o_ty} into memref<?x{inter}xf32>
 %rflat = memref.collapse_shape {rv} [[0, 1]] : memref<?x{width}xi32> into memref<?xi32>
 {range}
 {pre}
-{x_pre}
-%wgt = memref.alloc() : memref<{d}x16xf32>
-%wut = memref.alloc() : memref<{d}x16xf32>
+{act}
+{allocs}
 {body}
-memref.dealloc %wgt : memref<{d}x16xf32>
-memref.dealloc %wut : memref<{d}x16xf32>
-{free}
+{frees}
+{act_frees}
 scf.yield
 }}",
             o_ty = memref(out),
             rv = g.rows.0,
             range = partition_range(inter, GATE_UP_GRANULE, "%ilo", "%ihi"),
             pre = pre.join("\n"),
+            act_frees = act_frees.join("\n"),
         ));
     }
 
-    /// Grouped down GEMM with the combine on fp8 expert weights: quantized permuted rows (e4m3 +
-    /// 1 x 128 scales) block-scaled, or f32 rows against dequantized weights; scattered with the
-    /// row weights, then the residual added.
+    /// Grouped down GEMM with the combine on fp8 expert weights through the fp8 GEMM template (as
+    /// [`Emitter::gate_up_fp8`]: the permuted rows decoded once, block-scaled or f32 against
+    /// dequantized weights), per expert and tile of 16 output columns the product, scattered into
+    /// the tokens' rows with the row weights; then the residual added.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn down_fp8(
         &mut self,
@@ -813,64 +963,41 @@ scf.yield
             pre.push(p);
             picks.push(pick);
         }
-        // Vectorized across 16 output columns as the gate/up GEMM is: per expert and column tile
-        // (tiles of 16 inside one 128-row scale block), the down weight rows decoded once into a
-        // transposed tile; fp8 permuted rows decoded once per launch.
         let h_el = storage(&h.1.element).to_string();
-        let fp8_act = g.act_scale.is_some();
-        let (h_pre, h_at) = if fp8_act {
-            (
-                self.decode_rows("%hq", &format!("memref<?x{inter}x{h_el}>"), "%hf", inter),
-                format!("memref.load %hf[%g, $j] : memref<?x{inter}xf32>"),
+        let scaled = g.act_scale.is_some();
+        let blocks = if scaled { (ib, FP8_BLOCK) } else { (1, inter) };
+        let (act, act_frees) =
+            self.grouped_activations(("%hq", &h.1.element), scaled.then_some(("%hs", ib)), (inter, blocks.0, blocks.1), false);
+        let (allocs, frees) = Self::fp8_scratch(&["d"], d, blocks);
+        let mut tile = |j0: &str, w: usize| {
+            let (text, _) = self.fp8_expert_tile("d", ("%wdT", "%wdsT"), (d, inter), blocks, scaled, (j0, w));
+            let v = format!("vector<{w}xf32>");
+            format!(
+                "{text}
+scf.for %g = %glo to %ghi step %c1 {{
+  %t32 = memref.load %rflat[%g] : memref<?xi32>
+  %t = arith.index_cast %t32 : i32 to index
+  %wt = memref.load %wflat[%g] : memref<?xf32>
+  %yv = vector.load %ydb[%g, %c0] : memref<?x16xf32>, {v}
+  %cur = vector.load {dest}[%t, {j0}] : {o_ty}, {v}
+  %wtv = vector.broadcast %wt : f32 to {v}
+  %wa = arith.mulf %wtv, %yv : {v}
+  %sum = arith.addf %cur, %wa : {v}
+  vector.store %sum, {dest}[%t, {j0}] : {o_ty}, {v}
+}}"
             )
-        } else {
-            (String::new(), format!("memref.load %hq[%g, $j] : memref<?x{inter}x{h_el}>"))
         };
-        let scale = (!fp8_act).then(|| format!("memref.load %wds[%ex, %ob, $b] : {sty}"));
-        let down_w = format!("memref.load %wd[%ex, $r, $j] : {wty}");
-        let tile = self.fp8_weight_tile("%wdt", inter, ("%o0", "%jn"), &down_w, scale.as_deref());
-        let scales = g.act_scale.map(|_| {
-            (format!("memref.load %hs[%g, $b] : memref<?x{ib}xf32>"), format!("memref.load %wds[%ex, %ob, $b] : {sty}"))
-        });
-        let pair = scales.as_ref().map(|(a, b)| (a.as_str(), b.as_str()));
-        let dot = Self::fp8_dot16("dd", (inter, ib), &h_at, pair, "%wdt");
+        let tiles = Self::column_tiles(d, ("%olo", "%ohi"), &mut tile);
+        let stacks = [("%wd", wty.as_str(), "%wdT"), ("%wds", &sty, "%wdsT")];
         let finish = Self::add_residual(residual, dest, &o_ty);
-        let v = "vector<16xf32>";
-        let tiles = format!(
-            "%span = arith.subi %ohi, %olo : index
-%ntiles = arith.ceildivui %span, %c16 : index
-scf.for %it = %c0 to %ntiles step %c1 {{
-  %o0o = arith.muli %it, %c16 : index
-  %o0 = arith.addi %olo, %o0o : index
-  %left = arith.subi %ohi, %o0 : index
-  %jn = arith.minui %left, %c16 : index
-  %ob = arith.divui %o0, %cblk : index
-{tile}
-  %mask = vector.create_mask %jn : vector<16xi1>
-  scf.for %g = %glo to %ghi step %c1 {{
-    %t32 = memref.load %rflat[%g] : memref<?xi32>
-    %t = arith.index_cast %t32 : i32 to index
-    %wt = memref.load %wflat[%g] : memref<?xf32>
-{dot}
-    %cur = vector.maskedload {dest}[%t, %o0], %mask, %vzero : {o_ty}, vector<16xi1>, {v} into {v}
-    %wtv = vector.broadcast %wt : f32 to {v}
-    %wa = arith.mulf %wtv, %dd : {v}
-    %sum = arith.addf %cur, %wa : {v}
-    vector.maskedstore {dest}[%t, %o0], %mask, %sum : {o_ty}, vector<16xi1>, {v}
-  }}
-}}",
-            tile = indent(&tile, 2),
-            dot = indent(&dot, 4),
-        );
-        let free = if fp8_act { format!("memref.dealloc %hf : memref<?x{inter}xf32>") } else { String::new() };
         let body = format!(
-            "{h_pre}\n%wdt = memref.alloc() : memref<{inter}x16xf32>\n{}\nmemref.dealloc %wdt : memref<{inter}x16xf32>\n{free}",
-            Self::expert_ranges(g, &picks.join("\n"), &tiles)
+            "{act}\n{allocs}\n{}\n{frees}\n{}",
+            Self::expert_ranges(g, &picks.join("\n"), &Self::fp8_expert(&stacks, blocks, scaled, &tiles)),
+            act_frees.join("\n")
         );
         let header = format!(
             "%cblk = arith.constant {FP8_BLOCK} : index
 %c16 = arith.constant 16 : index
-%vzero = arith.constant dense<0.0> : vector<16xf32>
 %hq = memref.collapse_shape {hv} [[0, 1], [2]] : {h_ty} into memref<?x{inter}x{h_el}>
 {hs_view}",
             hv = h.0,
