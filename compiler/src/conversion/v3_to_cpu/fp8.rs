@@ -114,11 +114,6 @@ pub(crate) fn fp8_helpers(prefix: &str) -> String {
 pub(super) const FP8_BLOCK: usize = 128;
 
 impl Emitter {
-    pub(super) fn decode(&mut self) -> String {
-        self.uses_fp8 = true;
-        format!("@{}_f8_decode", self.prefix)
-    }
-
     pub(super) fn encode(&mut self) -> String {
         self.uses_fp8 = true;
         format!("@{}_f8_encode", self.prefix)

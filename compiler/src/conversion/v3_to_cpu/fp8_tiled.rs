@@ -175,7 +175,7 @@ impl Emitter {
             (xft, &format!("tensor<?x{kb}x{FP8_BLOCK}xf32>")),
             &wtt,
             Some((xst, &xs_ty, &wsr)),
-            (kb, FP8_BLOCK, width),
+            (kb, Some(FP8_BLOCK), width),
             (&ysub, &ysub_ty),
         );
         self.line(&text);
@@ -183,7 +183,7 @@ impl Emitter {
 
     /// The text of one fp8 GEMM tile (SSA names ending in `sfx`): the tagged per-block partial
     /// sums of `x` [R, KB, BL] (`rows` = R, an index value) and the tile's weights `wt`
-    /// [KB, BL, W] (decoded, transposed), then their sum over blocks — each block's sum times its
+    /// [KB, BL, W] (decoded, transposed; BL None: dynamic), then their sum over blocks — each block's sum times its
     /// activation and weight scales when `scales` (x scales [R, KB] with their type, the tile's
     /// weight scales [KB]) are given — materialized into `dest` ([R, W], a memref of `dest_ty`).
     #[allow(clippy::too_many_arguments)]
@@ -194,9 +194,10 @@ impl Emitter {
         (x, x_ty): (&str, &str),
         wt: &str,
         scales: Option<(&str, &str, &str)>,
-        (kb, bl, width): (usize, usize, usize),
+        (kb, bl, width): (usize, Option<usize>, usize),
         (dest, dest_ty): (&str, &str),
     ) -> String {
+        let bl = bl.map_or("?".to_string(), |b| b.to_string());
         self.use_fp8_width((width, scales.is_some()));
         let p_ty = format!("tensor<?x{kb}x{width}xf32>");
         let y_ty = format!("tensor<?x{width}xf32>");
@@ -366,7 +367,7 @@ impl Emitter {
         self.line(&format!("{zeros} = linalg.fill ins(%zero : f32) outs({empty} : {at}) -> {at}"));
         // A whole group a step (a max needs no order: one wide vector, one horizontal max).
         let tile =
-            RowTile { sizes: vec![1, 1, if group <= 256 { group } else { lanes(Some(group)) }], fill_operand: Some(1) };
+            RowTile { sizes: vec![1, 1, if group <= 256 { group } else { lanes(Some(group)) }], fill_operand: Some(1), interchange: false, reduced: 1 };
         self.line(&format!(
             "{res} = linalg.generic {{indexing_maps = [{input_map}, {}], iterator_types = [\"parallel\", \"parallel\", \"reduction\"]}} ins({input} : {input_ty}) outs({zeros} : {at}) attrs = {{v3c.rows = \"{}\"}} {{
     ^bb0(%in: f32, %c: f32):

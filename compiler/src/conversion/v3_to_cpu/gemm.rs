@@ -14,9 +14,6 @@
 
 use super::*;
 
-/// Lanes of the vectorized dot products of dense GEMMs.
-pub(super) const LANES: usize = 16;
-
 /// Lanes of the split-K dot products: the largest of 16, 8, 4, 2, 1 dividing `k`.
 fn lanes_for(k: usize) -> usize {
     [16, 8, 4, 2, 1].into_iter().find(|l| k.is_multiple_of(*l)).unwrap_or(1)

@@ -550,7 +550,7 @@ scf.yield
             body.push_str(&format!("%y = arith.select %kin, {result}, %zero : f32\n"));
             result = "%y";
         }
-        let tile = RowTile { sizes: vec![1, 1, lanes(Some(width))], fill_operand: None };
+        let tile = RowTile { sizes: vec![1, 1, lanes(Some(width))], fill_operand: None, interchange: false, reduced: 1 };
         self.use_tile(tile.clone());
         format!(
             "%cbl{sfx} = arith.constant {bl} : index
@@ -644,7 +644,7 @@ scf.if %owns_tail {{
         } else {
             (format!("%b = tensor.extract %xin[{row}, %i2] : {xt_ty}\n"), "%b")
         };
-        let tile = RowTile { sizes: vec![1, 1, lanes(Some(bl))], fill_operand: None };
+        let tile = RowTile { sizes: vec![1, 1, lanes(Some(bl))], fill_operand: None, interchange: false, reduced: 1 };
         self.use_tile(tile.clone());
         let ty = format!("tensor<?x{kb}x{bl}xf32>");
         text.push_str(&format!(
@@ -669,7 +669,7 @@ bufferization.materialize_in_destination %xpd in restrict writable %xp : ({ty}, 
             let s_ty = format!("memref<?x{cols}xf32>");
             let st_ty = format!("tensor<?x{cols}xf32>");
             if token {
-                let tile = RowTile { sizes: vec![1, lanes(Some(kb))], fill_operand: None };
+                let tile = RowTile { sizes: vec![1, lanes(Some(kb))], fill_operand: None, interchange: false, reduced: 1 };
                 self.use_tile(tile.clone());
                 text.push_str(&format!(
                     "%xsin = bufferization.to_tensor {xs} restrict : {s_ty} to {st_ty}
@@ -798,7 +798,7 @@ scf.if %some {{
             ("%xe", &format!("tensor<?x{kb}x{bl}xf32>")),
             &format!("%wt{sfx}"),
             scaled.then_some(("%xse", xs_ty.as_str(), ws.as_str())),
-            (kb, bl, w),
+            (kb, Some(bl), w),
             (&format!("%ys{sfx}"), &ys_ty),
         );
         text.push_str(&generics);
@@ -868,7 +868,7 @@ scf.if %some {{
         );
         let (allocs, frees) = Self::fp8_scratch(&["g", "u"], inter, blocks);
         let silu_tile = |e: &mut Emitter, w: usize| {
-            let tile = RowTile { sizes: vec![1, lanes(Some(w))], fill_operand: None };
+            let tile = RowTile { sizes: vec![1, lanes(Some(w))], fill_operand: None, interchange: false, reduced: 1 };
             e.use_tile(tile.clone());
             tile.tag()
         };

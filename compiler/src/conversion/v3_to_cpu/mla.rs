@@ -1,7 +1,28 @@
-//! MLA attention (naive and absorbed; one sequence or batched decode) as scf loops.
+//! MLA attention (spec section 3), naive and absorbed forms, one sequence's prefill or a batch's
+//! decode, through the transform dialect.
+//!
+//! Every product is the order-preserving GEMM of [`super::fp8_tiled`]
+//! ([`Emitter::tile_generics`], unscaled: one vector lane per output column, each a sequential
+//! sum of products from zero, a multiply then an add): the reference interpreter's order, so
+//! attention gives the reference's bits in both precisions (fp8 quantizes its output next, where
+//! a last-bit difference moves values across e4m3 rounding boundaries). Such a GEMM reads its
+//! right operand K-major; operands that are not are transposed first by row templates (`kv_b` for
+//! the naive expansion and W_UV, once per launch; per sequence, its latent rows and, naive, its
+//! keys, 16 keys at a time over all columns). The softmax is five row templates over the scores
+//! kept as `[queries, key tiles, 16]` (every tile static, so vectorizable): the masked and scaled
+//! scores, their max, the exponentials, their sum in key order, the division.
+//!
+//! Per sequence (prefill: the one sequence and its T queries; decode: each of B sequences and its
+//! one query), per chunk of at most [`QUERY_CHUNK`] queries (keys no query of the chunk sees are
+//! not computed), per head: scores = q_nope . keys + q_pe . k_pe (absorbed: q_nope . W_UK first,
+//! keys the latent rows), softmax, then naive P . V, or absorbed (P . latent) . W_UV^T.
 
-use super::gemm::LANES;
+use super::fp8::{DECODE_BODY, FP8_BLOCK};
+use super::rows::{tensor_type, RowTile};
 use super::*;
+
+/// Queries per chunk: bounds the score buffers to `5 x chunk x keys` floats.
+const QUERY_CHUNK: usize = 256;
 
 /// Static facts of one MLA op.
 pub(super) struct AttentionSpec {
@@ -15,9 +36,169 @@ pub(super) struct AttentionSpec {
     pub(super) decode: bool,
 }
 
+/// The output columns of an order-preserving GEMM.
+enum Columns<'a> {
+    /// A static count: tiles of 16 (the loop variable the column), then a narrower last one.
+    Static(usize),
+    /// A dynamic count of 16-column tiles (the loop variable the tile's index).
+    Tiles(&'a str),
+}
+
+/// The tile shape of the row templates over `[rows, tiles, 16]` (and of the transposes, key tiles
+/// outermost).
+fn key_tiles(interchange: bool, reduced: usize) -> RowTile {
+    RowTile { sizes: vec![1, 1, 16], fill_operand: (reduced > 1).then_some(1), interchange, reduced }
+}
+
+/// `(n + 15) / 16` as `{name}` (with `%m_c15`, `%m_c16` defined).
+fn tiles_of(name: &str, n: &str) -> String {
+    format!("{name}0 = arith.addi {n}, %m_c15 : index\n{name} = arith.divui {name}0, %m_c16 : index\n")
+}
+
 impl Emitter {
-    /// MLA with scf loops (spec section 3). Single sequence: query t sees latent rows 0..=S-T+t.
-    /// Decode: sequence b's one query sees rows 0..=positions[b] of its own cache.
+    /// Text of a tagged row template inside a region: the buffer `buf` (`buf_ty`) := the generic
+    /// over the index space of tensor type `ty` (dynamic sizes `sizes`, `rank` dims) reading `ins`
+    /// (tensor, type, indexing map), block arguments `args` then `%c`, its element `result`.
+    #[allow(clippy::too_many_arguments)]
+    fn generic_into(
+        &mut self,
+        name: &str,
+        (buf, buf_ty): (&str, &str),
+        (ty, sizes, rank): (&str, &str, usize),
+        ins: &[(&str, &str, String)],
+        (args, body, result): (&str, &str, &str),
+        tile: RowTile,
+    ) -> String {
+        let tag = tile.tag();
+        self.use_tile(tile);
+        let maps: Vec<String> = ins.iter().map(|i| i.2.clone()).chain([identity(rank)]).collect();
+        let operands = if ins.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<&str> = ins.iter().map(|i| i.0).collect();
+            let types: Vec<&str> = ins.iter().map(|i| i.1).collect();
+            format!("ins({} : {}) ", names.join(", "), types.join(", "))
+        };
+        let sep = if args.is_empty() { "" } else { ", " };
+        format!(
+            "{name}_e = tensor.empty({sizes}) : {ty}
+{name}_g = linalg.generic {{indexing_maps = [{maps}], iterator_types = [{iters}]}} {operands}outs({name}_e : {ty}) attrs = {{v3c.rows = \"{tag}\"}} {{
+^bb0({args}{sep}%c: f32):
+{body}
+  linalg.yield {result} : f32
+}} -> {ty}
+bufferization.materialize_in_destination {name}_g in restrict writable {buf} : ({ty}, {buf_ty}) -> ()
+",
+            maps = maps.join(", "),
+            iters = vec!["\"parallel\""; rank].join(", "),
+            body = indent(body, 2),
+        )
+    }
+
+    /// Text of the reduction of `x` (`[rows, tiles, 16]`, tensor `x`) over its keys into the
+    /// buffer `buf` (`[rows]`): from `init`, `combine` (`%a` the element, `%c` the running value)
+    /// in key order.
+    fn key_reduction(&mut self, name: &str, buf: &str, x: &str, init: &str, combine: &str) -> String {
+        let tile = key_tiles(false, 2);
+        let tag = tile.tag();
+        self.use_tile(tile);
+        format!(
+            "{name}_e = tensor.empty(%m_rows) : tensor<?xf32>
+{name}_f = linalg.fill ins({init} : f32) outs({name}_e : tensor<?xf32>) -> tensor<?xf32>
+{name}_g = linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"reduction\", \"reduction\"]}} ins({x} : tensor<?x?x16xf32>) outs({name}_f : tensor<?xf32>) attrs = {{v3c.rows = \"{tag}\"}} {{
+^bb0(%a: f32, %c: f32):
+  {combine}
+  linalg.yield %r : f32
+}} -> tensor<?xf32>
+bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (tensor<?xf32>, memref<?xf32>) -> ()
+",
+            identity(3),
+            affine(&["d0", "d1", "d2"], &["d0"]),
+        )
+    }
+
+    /// Text of `dest = x . w` in the reference's order: `x` a tensor `[R, 1, K]` (`rows` = R; K
+    /// static, or dynamic when `None`), per 16-column tile of `n` the text `w_tile(v, width)`
+    /// defining the tensor `%{name}w{width}` `[1, K, width]` and `dest(v, width)` defining the
+    /// memref `%{name}d{width}` `[R, width]` (returning its type), `v` the loop variable.
+    fn exact_gemm(
+        &mut self,
+        name: &str,
+        (x, rows, k): (&str, &str, Option<usize>),
+        n: Columns,
+        w_tile: &dyn Fn(&str, usize) -> String,
+        dest: &dyn Fn(&str, usize) -> (String, String),
+    ) -> String {
+        let ks = k.map_or("?".to_string(), |k| k.to_string());
+        let x_ty = format!("tensor<?x1x{ks}xf32>");
+        let mut tile = |v: &str, w: usize| {
+            let (d, d_ty) = dest(v, w);
+            let generics = self.tile_generics(
+                &format!("{name}{w}"),
+                rows,
+                (x, &x_ty),
+                &format!("%{name}w{w}"),
+                None,
+                (1, k, w),
+                (&format!("%{name}d{w}"), &d_ty),
+            );
+            format!("{}\n{d}\n{generics}", w_tile(v, w))
+        };
+        match n {
+            Columns::Tiles(count) => format!(
+                "scf.for %{name}_t = %m_c0 to {count} step %m_c1 {{\n{}\n}}\n",
+                indent(&tile(&format!("%{name}_t"), 16), 2)
+            ),
+            Columns::Static(n) => {
+                let (full, tail) = (n - n % 16, n % 16);
+                let mut text = String::new();
+                if full > 0 {
+                    text.push_str(&format!(
+                        "%{name}_n = arith.constant {full} : index\nscf.for %{name}_j = %m_c0 to %{name}_n step %m_c16 {{\n{}\n}}\n",
+                        indent(&tile(&format!("%{name}_j"), 16), 2)
+                    ));
+                }
+                if tail > 0 {
+                    text.push_str(&format!(
+                        "%{name}_jt = arith.constant {full} : index\n{}\n",
+                        tile(&format!("%{name}_jt"), tail)
+                    ));
+                }
+                text
+            }
+        }
+    }
+
+    /// `kv_b` [H (dn + dv), kv] as f32: itself, or decoded (fp8, times its 128 x 128 block's
+    /// scale) or widened (bf16) once per launch by a row template.
+    fn kv_b_f32(&mut self, kvb: &(String, Shape), scale: Option<&(String, Shape)>) -> (String, Shape) {
+        if kvb.1.element == "f32" && scale.is_none() {
+            return kvb.clone();
+        }
+        let shape = Shape { dims: kvb.1.dims.clone(), element: "f32".into() };
+        let buf = self.alloc(&shape, kvb);
+        let (body, args, ins) = match scale {
+            Some(s) => {
+                let (wt, st) = (self.tensor_of(kvb), self.tensor_of(s));
+                let body = format!(
+                    "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%b = tensor.extract {wt}[%i0, %i1] : {}\n{DECODE_BODY}\n%blk = arith.constant {FP8_BLOCK} : index\n%rb = arith.divui %i0, %blk : index\n%cb = arith.divui %i1, %blk : index\n%sc = tensor.extract {st}[%rb, %cb] : {}\n%y = arith.mulf %r, %sc : f32",
+                    tensor_type(&kvb.1),
+                    tensor_type(&s.1)
+                );
+                (body, String::new(), Vec::new())
+            }
+            None => (
+                load_f32(&kvb.1.element, "%a", "%y"),
+                format!("%a: {}", kvb.1.element),
+                vec![self.same_index(kvb)],
+            ),
+        };
+        self.row_generic((&buf, &memref(&shape)), &shape, &ins, (&args, &body, "%y"));
+        (buf, shape)
+    }
+
+    /// MLA (see the module docs). Single sequence: query t sees latent rows 0..=S-T+t. Decode:
+    /// sequence b's one query sees rows 0..=positions[b] of its own cache.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention(
         &mut self,
@@ -31,525 +212,367 @@ impl Emitter {
         out_shape: &Shape,
     ) {
         let AttentionSpec { h, dn, dr, dv, kv, absorbed, decode, .. } = *a;
-        // Prefill (naive form, dense kv_b): the latent rows' expansion to per-head keys and values
-        // is a dense GEMM, kvb = latent[:, :kv] . kv_b^T: the transform-dialect GEMM template, run
-        // before the attention loops into a buffer they read.
-        let expanded = (!absorbed && !decode && kvb_scale.is_none()).then(|| {
-            let f32_shape = |cols: usize| Shape { dims: vec![lat.1.dims[0], Some(cols)], element: "f32".into() };
-            let (ckv_shape, kvb_shape) = (f32_shape(kv), f32_shape(h * (dn + dv)));
-            let ckv = self.alloc(&ckv_shape, lat);
-            let lt = self.tensor_of(lat);
-            let (c0, keys, piece) = (self.constant_index(0), self.fresh(), self.fresh());
-            self.line(&format!("{keys} = memref.dim {}, {c0} : {}", lat.0, memref(&lat.1)));
-            self.line(&format!(
-                "{piece} = tensor.extract_slice {lt}[0, 0] [{keys}, {kv}] [1, 1] : {} to {}",
-                rows::tensor_type(&lat.1),
-                rows::tensor_type(&ckv_shape)
-            ));
-            self.copy_rows((&piece, &rows::tensor_type(&ckv_shape)), (&ckv, &memref(&ckv_shape)), &ckv_shape);
-            let expanded = self.alloc(&kvb_shape, lat);
-            self.gemm_vectorized(&(ckv, ckv_shape), kvb, &expanded, &kvb_shape);
-            expanded
-        });
-        let dec = if kvb_scale.is_some() { self.decode() } else { String::new() };
-        // With an fp8 kv_b (fp8 precision, whose attention output is quantized next), every sum
-        // runs in the reference's order (sequential products, probabilities normalized before P.V):
-        // a difference in the last bit would move some values across an e4m3 rounding boundary.
-        let exact = kvb_scale.is_some();
-        let per_head = dn + dv;
-        let (qn_ty, qp_ty, lat_ty, kvb_ty, out_ty) =
-            (memref(&qn.1), memref(&qp.1), memref(&lat.1), memref(&kvb.1), memref(out_shape));
-        let kvb_load = |row: &str, col: &str, out: &str| {
-            match kvb_scale {
-            // fp8 kv_b_proj: bits decoded and scaled by their 128 x 128 block's scale.
-            Some(scale) => format!(
-                "%kraw = memref.load {}[{row}, {col}] : {kvb_ty}\n%kdec = func.call {dec}(%kraw) : (i8) -> f32\n%krb = arith.divui {row}, %c128 : index\n%kcb = arith.divui {col}, %c128 : index\n%ksc = memref.load {}[%krb, %kcb] : {}\n{out} = arith.mulf %kdec, %ksc : f32",
-                kvb.0,
-                scale.0,
-                memref(&scale.1)
-            ),
-            None => {
-                let conv = if kvb.1.element == "f32" {
-                    format!("{out} = arith.addf %kraw, %zero : f32")
-                } else {
-                    format!("{out} = arith.extf %kraw : {} to f32", kvb.1.element)
-                };
-                format!("%kraw = memref.load {}[{row}, {col}] : {kvb_ty}\n{conv}", kvb.0)
-            }
-        }
-        };
-        // fp8 kv_b: dequantized once per launch (each value exactly as `kvb_load` computes it), so
-        // the sums below read f32 values instead of decoding per multiply; the absorbed form reads
-        // a bf16 or f32 kv_b as f32 the same way (vector loads of its rows).
-        let hp_all = h * per_head;
-        let dequantized = (kvb_scale.is_some() || absorbed).then(|| {
-            format!(
-                "%kvbf = memref.alloc() : memref<{hp_all}x{kv}xf32>\nscf.for %r = %c0 to %c{hp_all} step %c1 {{\n  scf.for %c = %c0 to %c{kv} step %c1 {{\n{}\n    memref.store %kf, %kvbf[%r, %c] : memref<{hp_all}x{kv}xf32>\n  }}\n}}",
-                indent(&kvb_load("%r", "%c", "%kf"), 4)
-            )
-        });
-        let kvb_load = |row: &str, col: &str, out: &str| match &dequantized {
-            Some(_) => format!("{out} = memref.load %kvbf[{row}, {col}] : memref<{hp_all}x{kv}xf32>"),
-            None => kvb_load(row, col, out),
-        };
-        // The latent row j of the current sequence.
-        let lat_idx = |j: &str, c: &str| if decode { format!("%seq, {j}, {c}") } else { format!("{j}, {c}") };
-        // The absorbed form, vectorized so that every lane keeps the reference's order (mul then
-        // add, sequential over the reduced dimension; fp8 needs it, f32 gains from it too): q_abs
-        // across latent columns, the scores across 16 keys at a time (over a transposed copy of the
-        // latent rows), P.V across latent columns, the output across value columns (over a
-        // transposed W_UV, made once per launch).
-        let vec_scores = absorbed;
-        let vec_kv = vec_scores && kv % LANES == 0;
-        let vec_dv = vec_kv && dv % LANES == 0;
-        // The exact naive form (fp8 prefill), vectorized the same way: the expansion of the latent
-        // rows across 16 of their K/V columns (a transposed W), the scores across 16 keys (the keys'
-        // nope parts and the latent's rope columns transposed), P.V across 16 value columns. (f32
-        // keeps its fused multiply-adds over the reduced dimension: faster, and no order to keep.)
-        let vec_naive = exact && !absorbed && !decode && (h * per_head) % LANES == 0 && dv % LANES == 0;
-        let width = kv + dr;
-        let mut t = String::new();
-        let w = |t: &mut String, s: &str| {
-            for line in s.lines() {
-                t.push_str("    ");
-                t.push_str(line);
-                t.push('\n');
-            }
-        };
-        w(&mut t, &format!("%c0 = arith.constant 0 : index\n%c1 = arith.constant 1 : index\n%ninf = arith.constant 0xFF800000 : f32\n%scale = arith.constant {} : f32\n%zv = arith.constant dense<0.0> : vector<{LANES}xf32>\n%cl = arith.constant {LANES} : index", a.scale));
-        let (rows_dim, queries) = if decode { (1, "%nb") } else { (0, "%nt") };
-        w(&mut t, &format!("%c_rows = arith.constant {rows_dim} : index\n%srows = memref.dim {}, %c_rows : {lat_ty}\n%nq = memref.dim {}, %c0 : {qn_ty}", lat.0, qn.0));
-        let _ = queries;
-        if vec_naive {
-            let hdn = h * dn;
-            w(
-                &mut t,
-                &padded_scores(&format!(
-                    "%kT = memref.alloc(%spad) : memref<{hdn}x?xf32>\n%latR = memref.alloc(%spad) : memref<{dr}x?xf32>"
-                )),
+        let (per, c) = (dn + dv, kv + dr);
+        let hp = h * per;
+        let kvbf = self.kv_b_f32(kvb, kvb_scale);
+        let kvbf_ty = format!("tensor<{hp}x{kv}xf32>");
+        // K-major weights, once per launch: naive, kv_b^T [kv, hp] for the latent's expansion;
+        // absorbed, W_UV^T per head [H, kv, dv].
+        let weights = if absorbed {
+            let shape = Shape { dims: vec![Some(h), Some(kv), Some(dv)], element: "f32".into() };
+            let buf = self.alloc(&shape, &kvbf);
+            let kt = self.tensor_of(&kvbf);
+            let body = format!(
+                "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%per = arith.constant {per} : index\n%dn = arith.constant {dn} : index\n%hb = arith.muli %i0, %per : index\n%vb = arith.addi %hb, %dn : index\n%row = arith.addi %vb, %i2 : index\n%v = tensor.extract {kt}[%row, %i1] : {kvbf_ty}"
             );
-        } else if vec_scores {
-            w(&mut t, &padded_scores(&format!("%latT = memref.alloc(%spad) : memref<{width}x?xf32>")));
+            self.row_generic((&buf, &memref(&shape)), &shape, &[], ("", &body, "%v"));
+            self.tensor_of(&(buf, shape))
         } else {
-            w(&mut t, "%scores = memref.alloc(%srows) : memref<?xf32>");
-        }
-        if let Some(d) = &dequantized {
-            w(&mut t, d);
-        }
-        if vec_dv {
-            // W_UV transposed per head: wuvT[h, c, e] = W[h * (dn + dv) + dn + e, c].
-            w(&mut t, &format!(
-                "%wuvT = memref.alloc() : memref<{h}x{kv}x{dv}xf32>\nscf.for %th = %c0 to %c{h} step %c1 {{\n  %tb = arith.muli %th, %c{per_head} : index\n  %tv = arith.addi %tb, %c{dn} : index\n  scf.for %te = %c0 to %c{dv} step %c1 {{\n    %tr = arith.addi %tv, %te : index\n    scf.for %tc = %c0 to %c{kv} step %c1 {{\n{}\n      memref.store %kf, %wuvT[%th, %tc, %te] : memref<{h}x{kv}x{dv}xf32>\n    }}\n  }}\n}}",
-                indent(&kvb_load("%tr", "%tc", "%kf"), 6)
-            ));
-        }
-        // The latent rows `0..rows` transposed into %latT (columns x keys), 64 keys at a time, each
-        // column of the block written contiguously (the block's rows stay in L1 while its columns
-        // are read): a row-by-row copy wrote every element to another cache line of %latT.
-        let transpose = |rows: &str| {
-            format!(
-                "scf.for %tb = %c0 to {rows} step %c64 {{\n  %te0 = arith.addi %tb, %c64 : index\n  %te = arith.minui %te0, {rows} : index\n  scf.for %tc = %c0 to %c{width} step %c1 {{\n    scf.for %tj = %tb to %te step %c1 {{\n      %tl = memref.load {}[{}] : {lat_ty}\n      memref.store %tl, %latT[%tc, %tj] : memref<{width}x?xf32>\n    }}\n  }}\n}}",
-                lat.0,
-                lat_idx("%tj", "%tc")
-            )
+            let shape = Shape { dims: vec![Some(kv), Some(hp)], element: "f32".into() };
+            let buf = self.alloc(&shape, &kvbf);
+            let ins = [self.indexed_by(&kvbf, 2, &[1, 0])];
+            self.row_generic((&buf, &memref(&shape)), &shape, &ins, ("%a: f32", "", "%a"));
+            self.tensor_of(&(buf, shape))
         };
-        if vec_scores && !decode {
-            // Prefill: one latent for every query.
-            w(&mut t, &transpose("%srows"));
-        }
-        if absorbed {
-            w(&mut t, &format!("%qabs = memref.alloc() : memref<{kv}xf32>\n%olat = memref.alloc() : memref<{kv}xf32>"));
-        } else {
-            // kvb[j, r] = sum_c latent[j, c] * kv_b[r, c] over the kv_lora_rank latent columns.
-            let kvb_ty = format!("memref<?x{}xf32>", h * per_head);
-            match &expanded {
-                Some(e) => w(&mut t, &format!("%kvb = memref.cast {e} : {kvb_ty} to {kvb_ty}")),
-                None => w(&mut t, &format!("%kvb = memref.alloc(%srows) : {kvb_ty}")),
-            }
-        }
-        // Loop over queries (decode: one per sequence).
-        // kvb[j, r] = sum_c latent[j, c] * kv_b[r, c] for the rows a query may see.
-        let expand = |pad: &str, rows: &str| {
-            format!(
-                "{pad}scf.for %j = %c0 to {rows} step %c1 {{\n{pad}  scf.for %r = %c0 to %c{hp} step %c1 {{\n{pad}    %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %l = memref.load {}[{}] : {lat_ty}\n{}\n        %m = arith.mulf %l, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, %kvb[%j, %r] : memref<?x{hp}xf32>\n    }}\n  }}",
-                lat.0,
-                lat_idx("%j", "%c"),
-                indent(&kvb_load("%r", "%c", "%kf"), 8),
-                hp = h * per_head
-            )
-        };
-        if vec_naive {
-            // Prefill (naive form): expanded once, before the queries, 16 columns at a time over W
-            // transposed; then the keys' nope parts and the rope columns transposed.
-            let hp = h * per_head;
-            let g_hp = lane_group(hp);
-            w(&mut t, &format!(
-                "%wT = memref.alloc() : memref<{kv}x{hp}xf32>\nscf.for %tr = %c0 to %c{hp} step %c1 {{\n  scf.for %tc = %c0 to %c{kv} step %c1 {{\n{}\n    memref.store %kf, %wT[%tc, %tr] : memref<{kv}x{hp}xf32>\n  }}\n}}\nscf.for %j = %c0 to %srows step %c1 {{\n  scf.for %r = %c0 to %c{hp} step %c{rstep} {{\n{expand}\n  }}\n  scf.for %th = %c0 to %c{h} step %c1 {{\n    %tb = arith.muli %th, %c{per_head} : index\n    %tk = arith.muli %th, %c{dn} : index\n    scf.for %td = %c0 to %c{dn} step %c1 {{\n      %col = arith.addi %tb, %td : index\n      %kval = memref.load %kvb[%j, %col] : memref<?x{hp}xf32>\n      %krow = arith.addi %tk, %td : index\n      memref.store %kval, %kT[%krow, %j] : memref<{hdn}x?xf32>\n    }}\n  }}\n  scf.for %tr = %c0 to %c{dr} step %c1 {{\n    %col = arith.addi %tr, %c{kv} : index\n    %rv = memref.load {lat}[{lr}] : {lat_ty}\n    memref.store %rv, %latR[%tr, %j] : memref<{dr}x?xf32>\n  }}\n}}\nmemref.dealloc %wT : memref<{kv}x{hp}xf32>",
-                indent(&kvb_load("%tr", "%tc", "%kf"), 4),
-                lat = lat.0,
-                lr = lat_idx("%j", "%col"),
-                hdn = h * dn,
-                rstep = LANES * g_hp,
-                expand = indent(
-                    &format!(
-                        "{}{}\n{}",
-                        block_offsets("%r", g_hp),
-                        lane_sums(
-                            "%acc",
-                            g_hp,
-                            "%c",
-                            &format!("%c{kv}"),
-                            &format!("%x = memref.load {}[{}] : {lat_ty}", lat.0, lat_idx("%j", "%c")),
-                            &|k| format!("%y{k} = vector.load %wT[%c, %bo{k}] : memref<{kv}x{hp}xf32>, vector<{LANES}xf32>"),
-                        ),
-                        (0..g_hp)
-                            .map(|k| format!("vector.store %acc#{k}, %kvb[%j, %bo{k}] : memref<?x{hp}xf32>, vector<{LANES}xf32>"))
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    ),
-                    4
-                ),
-            ));
-        } else if !absorbed && !decode && expanded.is_none() {
-            // Prefill (naive form, fp8 kv_b): expanded once, before the queries.
-            w(&mut t, &expand("", "%srows"));
-        }
-        w(&mut t, "scf.for %q = %c0 to %nq step %c1 {");
-        if decode {
-            let p = positions.expect("decode has positions");
-            w(&mut t, &format!("  %seq = arith.addi %q, %c0 : index\n  %p64 = memref.load {}[%q] : {}\n  %last = arith.index_cast %p64 : i64 to index", p.0, memref(&p.1)));
-        } else {
-            w(&mut t, "  %tq = arith.subi %srows, %nq : index\n  %last = arith.addi %tq, %q : index");
-        }
-        w(&mut t, "  %nkeys = arith.addi %last, %c1 : index");
-        if vec_scores && decode {
-            w(&mut t, &indent(&transpose("%nkeys"), 2));
-        }
-        if !absorbed && decode {
-            // Decode (naive form): each sequence expands its own visible rows.
-            w(&mut t, &expand("  ", "%nkeys"));
-        }
-        w(
-            &mut t,
-            &format!("  scf.for %hh = %c0 to %c{h} step %c1 {{\n    %hbase = arith.muli %hh, %c{per_head} : index"),
+        let kvbf_t = self.tensor_of(&kvbf);
+        let (lat_t, qn_t, qp_t) = (self.tensor_of(lat), self.tensor_of(qn), self.tensor_of(qp));
+        let (qn_tty, qp_tty, lat_tty) = (tensor_type(&qn.1), tensor_type(&qp.1), tensor_type(&lat.1));
+        let out_ty = memref(out_shape);
+        let mut t = format!(
+            "%m_c0 = arith.constant 0 : index
+%m_c1 = arith.constant 1 : index
+%m_c15 = arith.constant 15 : index
+%m_c16 = arith.constant 16 : index
+%m_qc = arith.constant {QUERY_CHUNK} : index
+%m_ninf = arith.constant 0xFF800000 : f32
+%m_scale = arith.constant {scale} : f32
+%m_nq = memref.dim {qn}, %m_c0 : {qn_mty}
+",
+            scale = a.scale,
+            qn = qn.0,
+            qn_mty = memref(&qn.1),
         );
-        if vec_kv {
-            // q_abs = q_nope[q, h] @ W_UK[h], 16 latent columns at a time.
-            let g = lane_group(kv);
-            let sum = lane_sums(
-                "%acc",
-                g,
-                "%d",
-                &format!("%c{dn}"),
-                &format!("%x = memref.load {}[%q, %hh, %d] : {qn_ty}\n%row = arith.addi %hbase, %d : index", qn.0),
-                &|k| {
-                    format!("%y{k} = vector.load %kvbf[%row, %bo{k}] : memref<{hp_all}x{kv}xf32>, vector<{LANES}xf32>")
-                },
-            );
-            let stores: String = (0..g)
-                .map(|k| format!("vector.store %acc#{k}, %qabs[%bo{k}] : memref<{kv}xf32>, vector<{LANES}xf32>\n"))
-                .collect();
-            w(
-                &mut t,
-                &format!(
-                    "    scf.for %c = %c0 to %c{kv} step %c{} {{\n{}\n{}\n{}    }}",
-                    LANES * g,
-                    indent(&block_offsets("%c", g), 6),
-                    indent(&sum, 6),
-                    indent(&stores, 6)
-                ),
-            );
-        } else if absorbed {
-            // q_abs = q_nope[q, h] @ W_UK[h]  ([dn] x [dn, kv])
-            w(&mut t, &format!(
-                "    scf.for %c = %c0 to %c{kv} step %c1 {{\n      %acc = scf.for %d = %c0 to %c{dn} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %qv = memref.load {}[%q, %hh, %d] : {qn_ty}\n        %row = arith.addi %hbase, %d : index\n{}\n        %m = arith.mulf %qv, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, %qabs[%c] : memref<{kv}xf32>\n    }}",
-                qn.0, indent(&kvb_load("%row", "%c", "%kf"), 8)
-            ));
-        }
-        // Scores and their max.
-        let nope_dot = if absorbed {
-            format!("%dn_acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qa = memref.load %qabs[%c] : memref<{kv}xf32>\n  %l = memref.load {}[{}] : {lat_ty}\n  %m = arith.mulf %qa, %l : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", lat.0, lat_idx("%j", "%c"))
-        } else if !decode && kvb_scale.is_none() && dn % LANES == 0 {
-            // Prefill with dense kv_b: q_nope . k_nope over dn, LANES at a time.
+        // Per sequence: its keys `%m_nk`, queries `%m_T` from row `%m_qb`, latent rows `%m_lat`.
+        let sequence = if decode {
+            let p = positions.expect("decode has positions");
             format!(
-                "%dvacc = scf.for %d = %c0 to %c{dn} step %cl iter_args(%va = %zv) -> (vector<{LANES}xf32>) {{\n  %qvv = vector.load {}[%q, %hh, %d] : {qn_ty}, vector<{LANES}xf32>\n  %col = arith.addi %hbase, %d : index\n  %kvv = vector.load %kvb[%j, %col] : memref<?x{}xf32>, vector<{LANES}xf32>\n  %f = vector.fma %qvv, %kvv, %va : vector<{LANES}xf32>\n  scf.yield %f : vector<{LANES}xf32>\n}}\n%dn_acc = vector.reduction <add>, %dvacc : vector<{LANES}xf32> into f32",
-                qn.0,
-                h * per_head
+                "%m_srows = memref.dim {lat}, %m_c1 : {lat_mty}
+%m_p64 = memref.load {pos}[%m_b] : {pos_ty}
+%m_pi = arith.index_cast %m_p64 : i64 to index
+%m_nk = arith.addi %m_pi, %m_c1 : index
+%m_T = arith.addi %m_c1, %m_c0 : index
+%m_qb = arith.addi %m_b, %m_c0 : index
+%m_lat = tensor.extract_slice {lat_t}[%m_b, 0, 0] [1, %m_srows, {c}] [1, 1, 1] : {lat_tty} to tensor<?x{c}xf32>
+",
+                lat = lat.0,
+                lat_mty = memref(&lat.1),
+                pos = p.0,
+                pos_ty = memref(&p.1),
             )
         } else {
-            format!("%dn_acc = scf.for %d = %c0 to %c{dn} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %d] : {qn_ty}\n  %col = arith.addi %hbase, %d : index\n  %k = memref.load %kvb[%j, %col] : memref<?x{}xf32>\n  %m = arith.mulf %qv, %k : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qn.0, h * per_head)
-        };
-        let rope_dot = if !exact && dr % LANES == 0 && qp.1.element == "f32" && lat.1.element == "f32" {
-            // q_pe . k_pe over dr, LANES at a time (k_pe: the latent row's last dr columns).
             format!(
-                "%rvacc = scf.for %r = %c0 to %c{dr} step %cl iter_args(%va = %zv) -> (vector<{LANES}xf32>) {{\n  %qvv = vector.load {}[%q, %hh, %r] : {qp_ty}, vector<{LANES}xf32>\n  %col = arith.addi %r, %c{kv} : index\n  %lvv = vector.load {}[{}] : {lat_ty}, vector<{LANES}xf32>\n  %f = vector.fma %qvv, %lvv, %va : vector<{LANES}xf32>\n  scf.yield %f : vector<{LANES}xf32>\n}}\n%dr_acc = vector.reduction <add>, %rvacc : vector<{LANES}xf32> into f32",
-                qp.0,
-                lat.0,
-                lat_idx("%j", "%col")
+                "%m_srows = memref.dim {lat}, %m_c0 : {lat_mty}
+%m_nk = arith.addi %m_srows, %m_c0 : index
+%m_T = arith.addi %m_nq, %m_c0 : index
+%m_qb = arith.addi %m_c0, %m_c0 : index
+%m_lat = tensor.cast {lat_t} : {lat_tty} to tensor<?x{c}xf32>
+",
+                lat = lat.0,
+                lat_mty = memref(&lat.1),
             )
-        } else {
-            format!("%dr_acc = scf.for %r = %c0 to %c{dr} step %c1 iter_args(%s = %zero) -> (f32) {{\n  %qv = memref.load {}[%q, %hh, %r] : {qp_ty}\n  %col = arith.addi %r, %c{kv} : index\n  %l = memref.load {}[{}] : {lat_ty}\n  %m = arith.mulf %qv, %l : f32\n  %n = arith.addf %s, %m : f32\n  scf.yield %n : f32\n}}", qp.0, lat.0, lat_idx("%j", "%col"))
         };
-        let rope_part = |x_more: &str, y: &dyn Fn(usize) -> String| {
-            let x = format!("%x = memref.load {}[%q, %hh, %r] : {qp_ty}{x_more}", qp.0);
-            lane_sums("%ar", 4, "%r", &format!("%c{dr}"), &x, y)
-        };
-        if vec_naive {
-            // 16 keys at a time: q_nope . k_nope over the transposed keys, q_pe . k_pe over the
-            // transposed rope columns.
-            let hdn = h * dn;
-            let an = lane_sums(
-                "%an",
-                4,
-                "%d",
-                &format!("%c{dn}"),
-                &format!("%x = memref.load {}[%q, %hh, %d] : {qn_ty}\n%krow = arith.addi %kbase, %d : index", qn.0),
-                &|k| format!("%y{k} = vector.load %kT[%krow, %bo{k}] : memref<{hdn}x?xf32>, vector<{LANES}xf32>"),
-            );
-            let ar = rope_part("", &|k| {
-                format!("%y{k} = vector.load %latR[%r, %bo{k}] : memref<{dr}x?xf32>, vector<{LANES}xf32>")
-            });
-            w(
-                &mut t,
-                &format!("    %kbase = arith.muli %hh, %c{dn} : index\n{}", indent(&key_block_scores(&an, &ar), 4)),
-            );
-        } else if vec_scores {
-            // 16 keys at a time: q_abs . latent and q_pe . k_pe over the transposed latent rows.
-            let an = lane_sums(
-                "%an",
-                4,
-                "%c",
-                &format!("%c{kv}"),
-                &format!("%x = memref.load %qabs[%c] : memref<{kv}xf32>"),
-                &|k| format!("%y{k} = vector.load %latT[%c, %bo{k}] : memref<{width}x?xf32>, vector<{LANES}xf32>"),
-            );
-            let ar = rope_part(&format!("\n%col = arith.addi %r, %c{kv} : index"), &|k| {
-                format!("%y{k} = vector.load %latT[%col, %bo{k}] : memref<{width}x?xf32>, vector<{LANES}xf32>")
-            });
-            w(&mut t, &indent(&key_block_scores(&an, &ar), 4));
-        } else {
-            w(&mut t, &format!(
-                "    %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{\n{}\n{}\n      %sum_s = arith.addf %dn_acc, %dr_acc : f32\n      %sc = arith.mulf %sum_s, %scale : f32\n      memref.store %sc, %scores[%j] : memref<?xf32>\n      %nm = arith.maximumf %mx, %sc : f32\n      scf.yield %nm : f32\n    }}",
-                indent(&nope_dot, 6), indent(&rope_dot, 6)
+        let mut s = sequence;
+        s.push_str(&tiles_of("%m_kt", "%m_nk"));
+        s.push_str("%m_nk1 = arith.subi %m_nk, %m_c1 : index\n");
+        // The latent rows transposed, [columns, key tiles, 16] (absorbed: every column; naive: the
+        // rope columns), rows past the keys read as the last key (masked later).
+        let (lt_rows, lt_col0) = if absorbed { (c, 0) } else { (dr, kv) };
+        let lt_ty = format!("memref<{lt_rows}x?x16xf32>");
+        s.push_str(&format!("%m_lt = memref.alloc(%m_kt) : {lt_ty}\n"));
+        let key = format!("%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%k16 = arith.constant 16 : index\n%jb = arith.muli %i1, %k16 : index\n%j = arith.addi %jb, %i2 : index\n%jc = arith.minui %j, %m_nk1 : index\n");
+        let lt_body = format!(
+            "{key}%c0f = arith.constant {lt_col0} : index\n%col = arith.addi %i0, %c0f : index\n%v = tensor.extract %m_lat[%jc, %col] : tensor<?x{c}xf32>"
+        );
+        let text = self.generic_into(
+            "%m_ltx",
+            ("%m_lt", &lt_ty),
+            (&format!("tensor<{lt_rows}x?x16xf32>"), "%m_kt", 3),
+            &[],
+            ("", &lt_body, "%v"),
+            key_tiles(true, 1),
+        );
+        s.push_str(&text);
+        s.push_str(&format!("%m_ltt = bufferization.to_tensor %m_lt restrict : {lt_ty} to tensor<{lt_rows}x?x16xf32>\n"));
+        if !absorbed {
+            // The latent rows expanded to keys and values [nk, hp], then the keys transposed
+            // [H dn, key tiles, 16].
+            s.push_str(&format!(
+                "%m_kvx = memref.alloc(%m_nk) : memref<?x{hp}xf32>
+%m_ckv = tensor.extract_slice %m_lat[0, 0] [%m_nk, {kv}] [1, 1] : tensor<?x{c}xf32> to tensor<?x{kv}xf32>
+%m_xl = tensor.expand_shape %m_ckv [[0], [1, 2]] output_shape [%m_nk, 1, {kv}] : tensor<?x{kv}xf32> into tensor<?x1x{kv}xf32>
+"
             ));
-        }
-        w(&mut t, "    %den = scf.for %j = %c0 to %nkeys step %c1 iter_args(%sm = %zero) -> (f32) {\n      %sc = memref.load %scores[%j] : memref<?xf32>\n      %z = arith.subf %sc, %max : f32\n      %ex = math.exp %z : f32\n      memref.store %ex, %scores[%j] : memref<?xf32>\n      %ns = arith.addf %sm, %ex : f32\n      scf.yield %ns : f32\n    }".replace("\\n", "\n").as_str());
-        // Normalization: exact, the probabilities themselves (then P.V divides by 1); otherwise
-        // once per output after P.V.
-        let den = if exact {
-            w(&mut t, "    scf.for %j = %c0 to %nkeys step %c1 {\n      %ex = memref.load %scores[%j] : memref<?xf32>\n      %pn = arith.divf %ex, %den : f32\n      memref.store %pn, %scores[%j] : memref<?xf32>\n    }\n    %unit = arith.constant 1.0 : f32");
-            "%unit"
-        } else {
-            "%den"
-        };
-        if vec_kv {
-            // olat = P . latent, 16 latent columns at a time (each lane sequential over the keys).
-            let g = lane_group(kv);
-            let sum = lane_sums("%acc", g, "%j", "%nkeys", "%x = memref.load %scores[%j] : memref<?xf32>", &|k| {
-                format!(
-                    "%y{k} = vector.load {}[{}] : {lat_ty}, vector<{LANES}xf32>",
-                    lat.0,
-                    lat_idx("%j", &format!("%bo{k}"))
-                )
-            });
-            let stores: String = (0..g)
-                .map(|k| format!("%norm{k} = arith.divf %acc#{k}, %denv : vector<{LANES}xf32>\nvector.store %norm{k}, %olat[%bo{k}] : memref<{kv}xf32>, vector<{LANES}xf32>\n"))
-                .collect();
-            w(&mut t, &format!(
-                "    %denv = vector.broadcast {den} : f32 to vector<{LANES}xf32>\n    scf.for %c = %c0 to %c{kv} step %c{} {{\n{}\n{}\n{}    }}",
-                LANES * g,
-                indent(&block_offsets("%c", g), 6),
-                indent(&sum, 6),
-                indent(&stores, 6)
-            ));
-        }
-        if vec_naive {
-            // out[q, h, :] = sum_j p_j * v_j, 16 value columns at a time, each lane sequential over
-            // the keys (P already normalized), divided by 1 as the reference's order has it.
-            let (g, hp) = (lane_group(dv), h * per_head);
-            let sum = lane_sums("%acc", g, "%j", "%nkeys", "%x = memref.load %scores[%j] : memref<?xf32>", &|k| {
-                format!("%y{k} = vector.load %kvb[%j, %vc{k}] : memref<?x{hp}xf32>, vector<{LANES}xf32>")
-            });
-            let cols: String = (0..g).map(|k| format!("%vc{k} = arith.addi %vcol0, %bo{k} : index\n")).collect();
-            let stores: String = (0..g)
-                .map(|k| format!("%norm{k} = arith.divf %acc#{k}, %denv : vector<{LANES}xf32>\nvector.store %norm{k}, {dest}[%q, %hh, %bo{k}] : {out_ty}, vector<{LANES}xf32>\n"))
-                .collect();
-            w(&mut t, &format!(
-                "    %vcol0 = arith.addi %hbase, %c{dn} : index\n    %denv = vector.broadcast {den} : f32 to vector<{LANES}xf32>\n    scf.for %e = %c0 to %c{dv} step %c{} {{\n{}{}\n{}\n{}    }}",
-                LANES * g,
-                indent(&block_offsets("%e", g), 6),
-                indent(&cols, 6),
-                indent(&sum, 6),
-                indent(&stores, 6)
-            ));
-        } else if vec_dv {
-            // out = olat . W_UV^T, 16 value columns at a time over the transposed W_UV.
-            let g = lane_group(dv);
-            let sum = lane_sums(
-                "%acc",
-                g,
-                "%c",
-                &format!("%c{kv}"),
-                &format!("%x = memref.load %olat[%c] : memref<{kv}xf32>"),
-                &|k| {
-                    format!(
-                        "%y{k} = vector.load %wuvT[%hh, %c, %bo{k}] : memref<{h}x{kv}x{dv}xf32>, vector<{LANES}xf32>"
-                    )
+            let text = self.exact_gemm(
+                "kx",
+                ("%m_xl", "%m_nk", Some(kv)),
+                Columns::Static(hp),
+                &|j, w| {
+                    format!("%kxw{w}s = tensor.extract_slice {weights}[0, {j}] [{kv}, {w}] [1, 1] : tensor<{kv}x{hp}xf32> to tensor<{kv}x{w}xf32>\n%kxw{w} = tensor.expand_shape %kxw{w}s [[0, 1], [2]] output_shape [1, {kv}, {w}] : tensor<{kv}x{w}xf32> into tensor<1x{kv}x{w}xf32>")
+                },
+                &|j, w| {
+                    let ty = format!("memref<?x{w}xf32, strided<[{hp}, 1], offset: ?>>");
+                    (format!("%kxd{w} = memref.subview %m_kvx[0, {j}] [%m_nk, {w}] [1, 1] : memref<?x{hp}xf32> to {ty}"), ty)
                 },
             );
-            let stores: String = (0..g)
-                .map(|k| format!("vector.store %acc#{k}, {dest}[%q, %hh, %bo{k}] : {out_ty}, vector<{LANES}xf32>\n"))
-                .collect();
-            w(
-                &mut t,
-                &format!(
-                    "    scf.for %e = %c0 to %c{dv} step %c{} {{\n{}\n{}\n{}    }}",
-                    LANES * g,
-                    indent(&block_offsets("%e", g), 6),
-                    indent(&sum, 6),
-                    indent(&stores, 6)
-                ),
+            s.push_str(&text);
+            s.push_str(&format!(
+                "%m_kvxt = bufferization.to_tensor %m_kvx restrict : memref<?x{hp}xf32> to tensor<?x{hp}xf32>
+%m_kT = memref.alloc(%m_kt) : memref<{hdn}x?x16xf32>
+",
+                hdn = h * dn
+            ));
+            let kt_body = format!(
+                "{key}%dn = arith.constant {dn} : index\n%per = arith.constant {per} : index\n%hh = arith.divui %i0, %dn : index\n%d = arith.remui %i0, %dn : index\n%hb = arith.muli %hh, %per : index\n%col = arith.addi %hb, %d : index\n%v = tensor.extract %m_kvxt[%jc, %col] : tensor<?x{hp}xf32>"
             );
-        } else if vec_kv {
-            // The scalar output over the vectorized olat.
-            w(&mut t, &format!(
-                "    scf.for %e = %c0 to %c{dv} step %c1 {{\n      %vrow0 = arith.addi %hbase, %c{dn} : index\n      %vrow = arith.addi %vrow0, %e : index\n      %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %ol = memref.load %olat[%c] : memref<{kv}xf32>\n{}\n        %m = arith.mulf %ol, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, {dest}[%q, %hh, %e] : {out_ty}\n    }}",
-                indent(&kvb_load("%vrow", "%c", "%kf"), 8)
-            ));
-        } else if absorbed {
-            w(&mut t, &format!(
-                "    scf.for %c = %c0 to %c{kv} step %c1 {{\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zero) -> (f32) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %l = memref.load {}[{}] : {lat_ty}\n        %m = arith.mulf %pj, %l : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      %norm = arith.divf %acc, {den} : f32\n      memref.store %norm, %olat[%c] : memref<{kv}xf32>\n    }}\n    scf.for %e = %c0 to %c{dv} step %c1 {{\n      %vrow0 = arith.addi %hbase, %c{dn} : index\n      %vrow = arith.addi %vrow0, %e : index\n      %acc = scf.for %c = %c0 to %c{kv} step %c1 iter_args(%s = %zero) -> (f32) {{\n        %ol = memref.load %olat[%c] : memref<{kv}xf32>\n{}\n        %m = arith.mulf %ol, %kf : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      memref.store %acc, {dest}[%q, %hh, %e] : {out_ty}\n    }}",
-                lat.0, lat_idx("%j", "%c"), indent(&kvb_load("%vrow", "%c", "%kf"), 8)
-            ));
-        } else if !exact && dv % LANES == 0 && out_shape.element == "f32" {
-            // out[q, h, :] = sum_j p_j * v_j, LANES columns at a time over contiguous value rows
-            // (accumulated in the output row), then normalized.
-            w(&mut t, &format!(
-                "    %vcol0 = arith.addi %hbase, %c{dn} : index\n    scf.for %e = %c0 to %c{dv} step %cl {{\n      vector.store %zv, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}\n    scf.for %j = %c0 to %nkeys step %c1 {{\n      %pj = memref.load %scores[%j] : memref<?xf32>\n      %pjv = vector.broadcast %pj : f32 to vector<{LANES}xf32>\n      scf.for %e = %c0 to %c{dv} step %cl {{\n        %vcol = arith.addi %vcol0, %e : index\n        %v = vector.load %kvb[%j, %vcol] : memref<?x{hp}xf32>, vector<{LANES}xf32>\n        %o = vector.load {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n        %f = vector.fma %pjv, %v, %o : vector<{LANES}xf32>\n        vector.store %f, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n      }}\n    }}\n    %denv = vector.broadcast %den : f32 to vector<{LANES}xf32>\n    scf.for %e = %c0 to %c{dv} step %cl {{\n      %o = vector.load {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n      %nv = arith.divf %o, %denv : vector<{LANES}xf32>\n      vector.store %nv, {dest}[%q, %hh, %e] : {out_ty}, vector<{LANES}xf32>\n    }}",
-                hp = h * per_head
-            ));
-        } else {
-            w(&mut t, &format!(
-                "    scf.for %e = %c0 to %c{dv} step %c1 {{\n      %vcol0 = arith.addi %hbase, %c{dn} : index\n      %vcol = arith.addi %vcol0, %e : index\n      %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%s = %zero) -> (f32) {{\n        %pj = memref.load %scores[%j] : memref<?xf32>\n        %v = memref.load %kvb[%j, %vcol] : memref<?x{}xf32>\n        %m = arith.mulf %pj, %v : f32\n        %n = arith.addf %s, %m : f32\n        scf.yield %n : f32\n      }}\n      %norm = arith.divf %acc, {den} : f32\n      memref.store %norm, {dest}[%q, %hh, %e] : {out_ty}\n    }}",
-                h * per_head
-            ));
-        }
-        w(&mut t, "  }\n}");
-        w(&mut t, "memref.dealloc %scores : memref<?xf32>");
-        if vec_scores {
-            w(&mut t, &format!("memref.dealloc %latT : memref<{width}x?xf32>"));
-        }
-        if vec_naive {
-            w(
-                &mut t,
-                &format!("memref.dealloc %kT : memref<{}x?xf32>\nmemref.dealloc %latR : memref<{dr}x?xf32>", h * dn),
+            let text = self.generic_into(
+                "%m_ktx",
+                ("%m_kT", &format!("memref<{}x?x16xf32>", h * dn)),
+                (&format!("tensor<{}x?x16xf32>", h * dn), "%m_kt", 3),
+                &[],
+                ("", &kt_body, "%v"),
+                key_tiles(true, 1),
             );
+            s.push_str(&text);
+            s.push_str(&format!(
+                "%m_kTt = bufferization.to_tensor %m_kT restrict : memref<{hdn}x?x16xf32> to tensor<{hdn}x?x16xf32>\n",
+                hdn = h * dn
+            ));
         }
-        if vec_dv {
-            w(&mut t, &format!("memref.dealloc %wuvT : memref<{h}x{kv}x{dv}xf32>"));
+        // Per chunk of queries: `%m_rows` of them from `%m_qr`; the first sees keys 0..=%m_first,
+        // the chunk keys 0..%m_vis (`%m_ct` tiles of 16).
+        let mut q = String::from(
+            "%m_left = arith.subi %m_T, %m_q0 : index
+%m_rows = arith.minui %m_left, %m_qc : index
+%m_first0 = arith.subi %m_nk, %m_T : index
+%m_first = arith.addi %m_first0, %m_q0 : index
+%m_vis = arith.addi %m_first, %m_rows : index
+%m_qr = arith.addi %m_qb, %m_q0 : index
+",
+        );
+        q.push_str(&tiles_of("%m_ct", "%m_vis"));
+        let scores = ["%m_an", "%m_ar", "%m_sc", "%m_ex", "%m_pr"];
+        let per_q = if absorbed { vec!["%m_qa", "%m_ol"] } else { Vec::new() };
+        for b in scores {
+            q.push_str(&format!("{b} = memref.alloc(%m_rows, %m_ct) : memref<?x?x16xf32>\n"));
         }
-        if dequantized.is_some() {
-            w(&mut t, &format!("memref.dealloc %kvbf : memref<{hp_all}x{kv}xf32>"));
+        for b in ["%m_mx", "%m_sm"] {
+            q.push_str(&format!("{b} = memref.alloc(%m_rows) : memref<?xf32>\n"));
         }
+        for b in &per_q {
+            q.push_str(&format!("{b} = memref.alloc(%m_rows) : memref<?x{kv}xf32>\n"));
+        }
+        // Per head.
+        let mut hd = format!(
+            "%m_xn = tensor.extract_slice {qn_t}[%m_qr, %m_h, 0] [%m_rows, 1, {dn}] [1, 1, 1] : {qn_tty} to tensor<?x1x{dn}xf32>
+%m_xp = tensor.extract_slice {qp_t}[%m_qr, %m_h, 0] [%m_rows, 1, {dr}] [1, 1, 1] : {qp_tty} to tensor<?x1x{dr}xf32>
+%m_per = arith.constant {per} : index
+%m_hb = arith.muli %m_h, %m_per : index
+"
+        );
+        // Score tiles: `src` rows `r0 ..` of `len` columns of a transposed `[rows, tiles, 16]`.
+        let key_tile = |src: &str, src_rows: usize, r0: &str, len: usize, name: &str| {
+            let w_name = name.to_string();
+            let src = src.to_string();
+            let r0 = r0.to_string();
+            move |v: &str, w: usize| {
+                format!("%{w_name}w{w}s = tensor.extract_slice {src}[{r0}, {v}, 0] [{len}, 1, 16] [1, 1, 1] : tensor<{src_rows}x?x16xf32> to tensor<{len}x16xf32>\n%{w_name}w{w} = tensor.expand_shape %{w_name}w{w}s [[0, 1], [2]] output_shape [1, {len}, 16] : tensor<{len}x16xf32> into tensor<1x{len}x16xf32>")
+            }
+        };
+        let score_dest = |buf: &'static str, name: &'static str| {
+            move |v: &str, w: usize| {
+                let ty = format!("memref<?x{w}xf32, strided<[?, 1], offset: ?>>");
+                (format!("%{name}d{w} = memref.subview {buf}[0, {v}, 0] [%m_rows, 1, {w}] [1, 1, 1] : memref<?x?x16xf32> to {ty}"), ty)
+            }
+        };
         if absorbed {
-            w(&mut t, &format!("memref.dealloc %qabs : memref<{kv}xf32>\nmemref.dealloc %olat : memref<{kv}xf32>"));
-        } else if expanded.is_none() {
-            w(&mut t, &format!("memref.dealloc %kvb : memref<?x{}xf32>", h * per_head));
+            // q_abs = q_nope . W_UK (the head's rows of kv_b, K-major as they are).
+            let text = self.exact_gemm(
+                "qa",
+                ("%m_xn", "%m_rows", Some(dn)),
+                Columns::Static(kv),
+                &|j, w| {
+                    format!("%qaw{w}s = tensor.extract_slice {kvbf_t}[%m_hb, {j}] [{dn}, {w}] [1, 1] : {kvbf_ty} to tensor<{dn}x{w}xf32>\n%qaw{w} = tensor.expand_shape %qaw{w}s [[0, 1], [2]] output_shape [1, {dn}, {w}] : tensor<{dn}x{w}xf32> into tensor<1x{dn}x{w}xf32>")
+                },
+                &|j, w| {
+                    let ty = format!("memref<?x{w}xf32, strided<[{kv}, 1], offset: ?>>");
+                    (format!("%qad{w} = memref.subview %m_qa[0, {j}] [%m_rows, {w}] [1, 1] : memref<?x{kv}xf32> to {ty}"), ty)
+                },
+            );
+            hd.push_str(&text);
+            hd.push_str(&format!(
+                "%m_qat = bufferization.to_tensor %m_qa restrict : memref<?x{kv}xf32> to tensor<?x{kv}xf32>\n%m_xq = tensor.expand_shape %m_qat [[0], [1, 2]] output_shape [%m_rows, 1, {kv}] : tensor<?x{kv}xf32> into tensor<?x1x{kv}xf32>\n"
+            ));
+            let an = self.exact_gemm(
+                "an",
+                ("%m_xq", "%m_rows", Some(kv)),
+                Columns::Tiles("%m_ct"),
+                &key_tile("%m_ltt", c, "0", kv, "an"),
+                &score_dest("%m_an", "an"),
+            );
+            let ar = self.exact_gemm(
+                "ar",
+                ("%m_xp", "%m_rows", Some(dr)),
+                Columns::Tiles("%m_ct"),
+                &key_tile("%m_ltt", c, &kv.to_string(), dr, "ar"),
+                &score_dest("%m_ar", "ar"),
+            );
+            hd.push_str(&an);
+            hd.push_str(&ar);
+        } else {
+            hd.push_str(&format!("%m_dnc = arith.constant {dn} : index\n%m_kr = arith.muli %m_h, %m_dnc : index\n"));
+            let an = self.exact_gemm(
+                "an",
+                ("%m_xn", "%m_rows", Some(dn)),
+                Columns::Tiles("%m_ct"),
+                &key_tile("%m_kTt", h * dn, "%m_kr", dn, "an"),
+                &score_dest("%m_an", "an"),
+            );
+            let ar = self.exact_gemm(
+                "ar",
+                ("%m_xp", "%m_rows", Some(dr)),
+                Columns::Tiles("%m_ct"),
+                &key_tile("%m_ltt", dr, "0", dr, "ar"),
+                &score_dest("%m_ar", "ar"),
+            );
+            hd.push_str(&an);
+            hd.push_str(&ar);
         }
-        // Constants used above.
-        let mut consts = String::new();
-        // (16 * k: the offsets of side-by-side 16-lane blocks; 63 and 64: whole groups of them.)
-        for n in [h, dn, dr, dv, kv, per_head, hp_all, 128, width, 16, 32, 48, 63, 64] {
-            // %c0 and %c1 are defined with the region's other constants (a dim of 1 is common).
-            if n <= 1 {
-                continue;
+        // Softmax over the visible keys, in the reference's order.
+        let st = "tensor<?x?x16xf32>";
+        let sbuf = "memref<?x?x16xf32>";
+        let to_t = |b: &str| format!("{b}t = bufferization.to_tensor {b} restrict : {sbuf} to {st}\n");
+        hd.push_str(&to_t("%m_an"));
+        hd.push_str(&to_t("%m_ar"));
+        let masked = format!("{key}%lim = arith.addi %m_first, %i0 : index\n%seen = arith.cmpi ule, %j, %lim : index\n%sum = arith.addf %a, %b : f32\n%sv = arith.mulf %sum, %m_scale : f32\n%r = arith.select %seen, %sv, %m_ninf : f32");
+        let same = identity(3);
+        let text = self.generic_into(
+            "%m_scx",
+            ("%m_sc", sbuf),
+            (st, "%m_rows, %m_ct", 3),
+            &[("%m_ant", st, same.clone()), ("%m_art", st, same.clone())],
+            ("%a: f32, %b: f32", &masked, "%r"),
+            key_tiles(false, 1),
+        );
+        hd.push_str(&text);
+        hd.push_str(&to_t("%m_sc"));
+        let text = self.key_reduction("%m_mxx", "%m_mx", "%m_sct", "%m_ninf", "%r = arith.maximumf %c, %a : f32");
+        hd.push_str(&text);
+        hd.push_str("%m_mxt = bufferization.to_tensor %m_mx restrict : memref<?xf32> to tensor<?xf32>\n");
+        let row = affine(&["d0", "d1", "d2"], &["d0"]);
+        let text = self.generic_into(
+            "%m_exx",
+            ("%m_ex", sbuf),
+            (st, "%m_rows, %m_ct", 3),
+            &[("%m_sct", st, same.clone()), ("%m_mxt", "tensor<?xf32>", row.clone())],
+            ("%a: f32, %b: f32", "%d = arith.subf %a, %b : f32\n%r = math.exp %d : f32", "%r"),
+            key_tiles(false, 1),
+        );
+        hd.push_str(&text);
+        hd.push_str(&to_t("%m_ex"));
+        let text = self.key_reduction("%m_smx", "%m_sm", "%m_ext", "%zero", "%r = arith.addf %c, %a : f32");
+        hd.push_str(&text);
+        hd.push_str("%m_smt = bufferization.to_tensor %m_sm restrict : memref<?xf32> to tensor<?xf32>\n");
+        let text = self.generic_into(
+            "%m_prx",
+            ("%m_pr", sbuf),
+            (st, "%m_rows, %m_ct", 3),
+            &[("%m_ext", st, same), ("%m_smt", "tensor<?xf32>", row)],
+            ("%a: f32, %b: f32", "%r = arith.divf %a, %b : f32", "%r"),
+            key_tiles(false, 1),
+        );
+        hd.push_str(&text);
+        hd.push_str(&format!(
+            "%m_prt = bufferization.to_tensor %m_pr restrict : {sbuf} to {st}
+%m_prf = tensor.collapse_shape %m_prt [[0], [1, 2]] : {st} into tensor<?x?xf32>
+%m_prv = tensor.extract_slice %m_prf[0, 0] [%m_rows, %m_vis] [1, 1] : tensor<?x?xf32> to tensor<?x?xf32>
+%m_xv = tensor.expand_shape %m_prv [[0], [1, 2]] output_shape [%m_rows, 1, %m_vis] : tensor<?x?xf32> into tensor<?x1x?xf32>
+"
+        ));
+        // The head's output rows: out[%m_qr.., %m_h, columns].
+        let out_dest = |name: &'static str| {
+            let out_ty = out_ty.clone();
+            let dest = dest.to_string();
+            move |v: &str, w: usize| {
+                let ty = format!("memref<?x{w}xf32, strided<[{}, 1], offset: ?>>", h * dv);
+                (format!("%{name}d{w} = memref.subview {dest}[%m_qr, %m_h, {v}] [%m_rows, 1, {w}] [1, 1, 1] : {out_ty} to {ty}"), ty)
             }
-            let line = format!("    %c{n} = arith.constant {n} : index\n");
-            if !consts.contains(&line) {
-                consts.push_str(&line);
+        };
+        // Value rows `0..%m_vis`, columns `col0 + v ..` of a `[?, cols]` tensor, as `[1, vis, w]`.
+        let value_tile = |src: &'static str, cols: usize, col0: &'static str, name: &'static str| {
+            move |v: &str, w: usize| {
+                format!("%{name}c{w} = arith.addi {col0}, {v} : index\n%{name}w{w}s = tensor.extract_slice {src}[0, %{name}c{w}] [%m_vis, {w}] [1, 1] : tensor<?x{cols}xf32> to tensor<?x{w}xf32>\n%{name}w{w} = tensor.expand_shape %{name}w{w}s [[0, 1], [2]] output_shape [1, %m_vis, {w}] : tensor<?x{w}xf32> into tensor<1x?x{w}xf32>")
             }
+        };
+        if absorbed {
+            let text = self.exact_gemm(
+                "ol",
+                ("%m_xv", "%m_rows", None),
+                Columns::Static(kv),
+                &value_tile("%m_lat", c, "%m_c0", "ol"),
+                &|j, w| {
+                    let ty = format!("memref<?x{w}xf32, strided<[{kv}, 1], offset: ?>>");
+                    (format!("%old{w} = memref.subview %m_ol[0, {j}] [%m_rows, {w}] [1, 1] : memref<?x{kv}xf32> to {ty}"), ty)
+                },
+            );
+            hd.push_str(&text);
+            hd.push_str(&format!(
+                "%m_olt = bufferization.to_tensor %m_ol restrict : memref<?x{kv}xf32> to tensor<?x{kv}xf32>\n%m_xo = tensor.expand_shape %m_olt [[0], [1, 2]] output_shape [%m_rows, 1, {kv}] : tensor<?x{kv}xf32> into tensor<?x1x{kv}xf32>\n"
+            ));
+            let wuv = weights.clone();
+            let text = self.exact_gemm(
+                "ou",
+                ("%m_xo", "%m_rows", Some(kv)),
+                Columns::Static(dv),
+                &move |j, w| {
+                    format!("%ouw{w} = tensor.extract_slice {wuv}[%m_h, 0, {j}] [1, {kv}, {w}] [1, 1, 1] : tensor<{h}x{kv}x{dv}xf32> to tensor<1x{kv}x{w}xf32>")
+                },
+                &out_dest("ou"),
+            );
+            hd.push_str(&text);
+        } else {
+            hd.push_str(&format!("%m_dn = arith.constant {dn} : index\n%m_vb = arith.addi %m_hb, %m_dn : index\n"));
+            let text = self.exact_gemm(
+                "pv",
+                ("%m_xv", "%m_rows", None),
+                Columns::Static(dv),
+                &value_tile("%m_kvxt", hp, "%m_vb", "pv"),
+                &out_dest("pv"),
+            );
+            hd.push_str(&text);
         }
-        // Each MLA op gets its own region so the fixed names above never clash with other ops.
-        self.line(&format!("scf.execute_region {{\n{consts}{t}    scf.yield\n    }}"));
-    }
-}
-
-/// `g` independent 16-lane sums (instruction-level parallelism across column or key blocks), as
-/// `name#0..g`: each the sum over `iv` in `0..count` of broadcast(`%x`) * `%y<k>`, every lane in
-/// order from zero, a multiply then an add (the reference's summation). `x` defines the f32 `%x`
-/// (and anything the loads share), `y(k)` the vector `%y<k>` (both may read `iv`).
-fn lane_sums(name: &str, g: usize, iv: &str, count: &str, x: &str, y: &dyn Fn(usize) -> String) -> String {
-    let v = format!("vector<{LANES}xf32>");
-    let inits: Vec<String> = (0..g).map(|k| format!("%ls{k} = %zv")).collect();
-    let mut body = format!("{}\n  %xb = vector.broadcast %x : f32 to {v}\n", indent(x, 2));
-    for k in 0..g {
-        body.push_str(&format!(
-            "{}\n  %lm{k} = arith.mulf %xb, %y{k} : {v}\n  %ln{k} = arith.addf %ls{k}, %lm{k} : {v}\n",
-            indent(&y(k), 2)
+        q.push_str(&format!(
+            "%m_heads = arith.constant {h} : index\nscf.for %m_h = %m_c0 to %m_heads step %m_c1 {{\n{}\n}}\n",
+            indent(&hd, 2)
         ));
+        for b in scores {
+            q.push_str(&format!("memref.dealloc {b} : memref<?x?x16xf32>\n"));
+        }
+        for b in ["%m_mx", "%m_sm"] {
+            q.push_str(&format!("memref.dealloc {b} : memref<?xf32>\n"));
+        }
+        for b in &per_q {
+            q.push_str(&format!("memref.dealloc {b} : memref<?x{kv}xf32>\n"));
+        }
+        s.push_str(&format!("scf.for %m_q0 = %m_c0 to %m_T step %m_qc {{\n{}\n}}\n", indent(&q, 2)));
+        s.push_str(&format!("memref.dealloc %m_lt : {lt_ty}\n"));
+        if !absorbed {
+            s.push_str(&format!(
+                "memref.dealloc %m_kvx : memref<?x{hp}xf32>\nmemref.dealloc %m_kT : memref<{}x?x16xf32>\n",
+                h * dn
+            ));
+        }
+        let nseq = if decode { "%m_nq" } else { "%m_c1" };
+        t.push_str(&format!("scf.for %m_b = %m_c0 to {nseq} step %m_c1 {{\n{}\n}}\n", indent(&s, 2)));
+        self.line(&format!("scf.execute_region {{\n{}\n  scf.yield\n}}", indent(&t, 2)));
     }
-    let yields: Vec<String> = (0..g).map(|k| format!("%ln{k}")).collect();
-    format!(
-        "{name}:{g} = scf.for {iv} = %c0 to {count} step %c1 iter_args({}) -> ({}) {{\n{body}  scf.yield {} : {}\n}}",
-        inits.join(", "),
-        vec![v.clone(); g].join(", "),
-        yields.join(", "),
-        vec![v.clone(); g].join(", ")
-    )
-}
-
-/// How many 16-lane sums run side by side over `n` columns: 4 when `n` holds whole groups of 64.
-fn lane_group(n: usize) -> usize {
-    if n.is_multiple_of(4 * LANES) {
-        4
-    } else {
-        1
-    }
-}
-
-/// `%bo<k>` = `base` + 16 k for the `g` blocks of one step.
-fn block_offsets(base: &str, g: usize) -> String {
-    (0..g).map(|k| format!("%bo{k} = arith.addi {base}, %c{} : index\n", k * LANES)).collect()
-}
-
-/// Scores of 64 keys at a time (`%scores` padded to whole 64-key groups), four 16-key blocks side by
-/// side: the nope sums `an` then the rope sums `ar` (each [`lane_sums`] `%an` / `%ar` of 4 over the
-/// blocks at `%bo<k>`), summed and scaled as the reference does; then the maximum `%max` over the
-/// visible keys.
-fn key_block_scores(an: &str, ar: &str) -> String {
-    let mut store = String::new();
-    for k in 0..4 {
-        store.push_str(&format!(
-            "  %sv{k} = arith.addf %an#{k}, %ar#{k} : vector<{LANES}xf32>\n  %scv{k} = arith.mulf %sv{k}, %scalev : vector<{LANES}xf32>\n  vector.store %scv{k}, %scores[%bo{k}] : memref<?xf32>, vector<{LANES}xf32>\n"
-        ));
-    }
-    format!(
-        "%nblk0 = arith.addi %nkeys, %c63 : index
-%nblk = arith.divui %nblk0, %c64 : index
-%scalev = vector.broadcast %scale : f32 to vector<{LANES}xf32>
-scf.for %jb = %c0 to %nblk step %c1 {{
-  %j0 = arith.muli %jb, %c64 : index
-{offsets}{an}
-{ar}
-{store}}}
-%max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%mx = %ninf) -> (f32) {{
-  %sc = memref.load %scores[%j] : memref<?xf32>
-  %nm = arith.maximumf %mx, %sc : f32
-  scf.yield %nm : f32
-}}",
-        offsets = indent(&block_offsets("%j0", 4), 2) + "\n",
-        an = indent(an, 2),
-        ar = indent(ar, 2)
-    )
-}
-
-/// Scores padded to whole 64-key groups (`%spad` of them), and `extra` buffers of that many keys.
-fn padded_scores(extra: &str) -> String {
-    format!(
-        "%spad0 = arith.addi %srows, %c63 : index
-%spad1 = arith.divui %spad0, %c64 : index
-%spad = arith.muli %spad1, %c64 : index
-%scores = memref.alloc(%spad) : memref<?xf32>
-{extra}"
-    )
 }

@@ -24,15 +24,25 @@ pub(super) struct RowTile {
     /// `fill_operand` of the op (it is the reduction loops' carried value, so it cannot be fused
     /// into them: it is tiled element by element on its own).
     pub fill_operand: Option<usize>,
+    /// Tile the (two) loops in the other order: the last dim's tiles outside (a transpose's
+    /// reads then walk a few source rows at a time instead of one source column).
+    pub interchange: bool,
+    /// Trailing loop dims a reduction reduces (1 but for a row kept as `[tiles, 16]`).
+    pub reduced: usize,
 }
 
 impl RowTile {
     /// The op's tag: `map_1x16`, `reduce1_1x16`, ...
     pub(super) fn tag(&self) -> String {
         let sizes: Vec<String> = self.sizes.iter().map(ToString::to_string).collect();
+        let order = match (self.interchange, self.reduced) {
+            (false, 1) => String::new(),
+            (true, 1) => "_t".to_string(),
+            (t, r) => format!("{}_r{r}", if t { "_t" } else { "" }),
+        };
         match self.fill_operand {
-            None => format!("map_{}", sizes.join("x")),
-            Some(i) => format!("reduce{i}_{}", sizes.join("x")),
+            None => format!("map_{}{order}", sizes.join("x")),
+            Some(i) => format!("reduce{i}_{}{order}", sizes.join("x")),
         }
     }
 
@@ -43,7 +53,7 @@ impl RowTile {
         let loops: Vec<String> = (0..self.sizes.len()).map(|i| format!("%l{i}")).collect();
         let sizes: Vec<String> = self.sizes.iter().map(ToString::to_string).collect();
         // A reduction runs over the last dim: its result (and initial value) has the others.
-        let fill_rank = self.sizes.len().saturating_sub(1).max(1);
+        let fill_rank = self.sizes.len().saturating_sub(self.reduced).max(1);
         let (fill, fuse) = match self.fill_operand {
             None => (String::new(), String::new()),
             Some(i) => (
@@ -63,12 +73,19 @@ impl RowTile {
             "    %rows_{tag} = transform.structured.match ops{{[\"linalg.generic\"]}} attributes {{v3c.rows = \"{tag}\"}} in %root : (!transform.any_op) -> !transform.any_op
     transform.foreach %rows_{tag} : !transform.any_op {{
     ^bb0(%op: !transform.any_op):
-{fill}      %tiled, {loops} = transform.structured.tile_using_for %op tile_sizes [{sizes}] : (!transform.any_op) -> ({handles})
+{fill}      %tiled, {loops} = transform.structured.tile_using_for %op tile_sizes [{sizes}]{order} : (!transform.any_op) -> ({handles})
 {fuse}      transform.structured.vectorize %tiled {{vectorize_nd_extract}} : !transform.any_op
     }}
 ",
             loops = loops.join(", "),
             sizes = sizes.join(", "),
+            // The first two loops swapped.
+            order = if self.interchange {
+                let rest: Vec<String> = (2..self.sizes.len()).map(|i| i.to_string()).collect();
+                format!(" interchange = [{}]", [vec!["1".to_string(), "0".to_string()], rest].concat().join(", "))
+            } else {
+                String::new()
+            },
         )
     }
 }
@@ -168,6 +185,8 @@ impl Emitter {
         let tile = RowTile {
             sizes: [vec![1; rank.saturating_sub(1)], vec![lanes(shape.dims.last().copied().flatten())]].concat(),
             fill_operand: None,
+            interchange: false,
+            reduced: 1,
         };
         let maps: Vec<&str> = ins.iter().map(|i| i.map.as_str()).collect();
         let tensors: Vec<&str> = ins.iter().map(|i| i.tensor.as_str()).collect();
@@ -230,7 +249,7 @@ impl Emitter {
         self.line(&format!("{rows} = memref.dim {sums}, {c0} : {sums_ty}"));
         self.line(&format!("{empty} = tensor.empty({rows}) : tensor<?xf32>"));
         self.line(&format!("{zeros} = linalg.fill ins(%zero : f32) outs({empty} : tensor<?xf32>) -> tensor<?xf32>"));
-        let tile = RowTile { sizes: vec![1, lanes(Some(d))], fill_operand: Some(1) };
+        let tile = RowTile { sizes: vec![1, lanes(Some(d))], fill_operand: Some(1), interchange: false, reduced: 1 };
         self.line(&format!(
             "{res} = linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"reduction\"]}} ins({xt} : {}) outs({zeros} : tensor<?xf32>) attrs = {{v3c.rows = \"{}\"}} {{\n    ^bb0(%a: f32, %c: f32):\n      %sq = arith.mulf %a, %a : f32\n      %r = arith.addf %c, %sq : f32\n      linalg.yield %r : f32\n    }} -> tensor<?xf32>",
             affine(&["m", "d"], &["m", "d"]),
