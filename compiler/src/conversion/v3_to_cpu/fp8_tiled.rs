@@ -11,12 +11,15 @@
 //! Its IR: the activations decoded once into a scratch `[M, KB, 128]` (zero past K); then, per
 //! tile of 16 output columns (and one narrower tail tile), the tile's weights decoded into a
 //! scratch `[KB, 128, 16]` (transposed, so that a K step reads the tile's 16 values contiguously)
-//! and the tile's outputs as two tagged generics: the per-block partial sums `[M, KB, 16]` and
-//! their scaled sum over blocks `[M, 16]`, written into the output's columns. The script
-//! ([`script`]) tiles the scaled sum by one row and one block, fuses the partial sums of that
-//! block into it and tiles their reduction by one K step, then vectorizes: each lane is one output
-//! column, each step one multiply and one add, and the block's partial sums and the accumulator
-//! stay in registers (loop-invariant subsets hoisted).
+//! and the tile's outputs as two tagged generics ([`Emitter::tile_generics`]): the per-block
+//! partial sums `[M, KB, 16]` and their scaled sum over blocks `[M, 16]`, written into the
+//! output's columns — for the rows in groups of [`ROW_GROUP`] (`[M/8, 8, ...]`), then for the
+//! rest one row at a time. The script ([`script`]) tiles the scaled sum by one row group and one
+//! block, fuses the partial sums of that block into it and tiles their reduction by one K step,
+//! then vectorizes: each lane is one output column, each step one weight load, then per row one
+//! multiply and one add, and the block's partial sums and the accumulator stay in registers
+//! (loop-invariant subsets hoisted). The same generics without scales and with one block spanning
+//! K are the order-preserving GEMM the grouped fp8 GEMMs (f32 activations) and MLA attention use.
 
 use super::fp8::{DECODE_BODY, ENCODE_BODY, FP8_BLOCK};
 use super::rows::{lanes, subview_type, tensor_type, RowTile};
@@ -25,22 +28,30 @@ use super::*;
 /// A buffer: its SSA name and shape.
 type Buffer = (String, Shape);
 
+/// Rows of the order-preserving GEMM tiles computed together (that many accumulator vectors share
+/// each weight load).
+const ROW_GROUP: usize = 8;
+
 /// Output columns of a full tile (one f32 lane each; divides [`FP8_BLOCK`]).
 const TILE: usize = 16;
 
 /// The tag of the sums over K blocks of fp8 GEMM tiles `width` columns wide: scaled (block-scaled
 /// operands) or not (f32 activations on dequantized weights, one block spanning K).
-fn reduce_tag(width: usize, scaled: bool) -> String {
-    if scaled {
-        format!("reduce_w{width}")
+fn reduce_tag(width: usize, scaled: bool, group: usize) -> String {
+    let kind = if scaled { "reduce" } else { "sum" };
+    if group == 1 {
+        format!("{kind}_w{width}")
     } else {
-        format!("sum_w{width}")
+        format!("{kind}_w{width}_g{group}")
     }
 }
 
-/// The transform-script block for the fp8 GEMM tiles `width` columns wide, scaled or not.
-pub(super) fn script((width, scaled): (usize, bool)) -> String {
-    let tag = reduce_tag(width, scaled);
+/// The transform-script block for the fp8 GEMM tiles `width` columns wide, scaled or not, over
+/// rows one at a time (`group` 1) or in groups (`[row groups, group, ...]`, each group whole).
+pub(super) fn script((width, scaled, group): (usize, bool, usize)) -> String {
+    let tag = reduce_tag(width, scaled, group);
+    // A row group is one more (untiled) dim after the rows.
+    let g = if group == 1 { "" } else { "0, " };
     // The sum's output operand follows its inputs: partial sums, then (scaled) the two scales.
     let out = if scaled { 3 } else { 1 };
     format!(
@@ -50,11 +61,11 @@ pub(super) fn script((width, scaled): (usize, bool)) -> String {
       %part = transform.get_producer_of_operand %red[0] : (!transform.any_op) -> !transform.any_op
       %pfill = transform.get_producer_of_operand %part[2] : (!transform.any_op) -> !transform.any_op
       %yfill = transform.get_producer_of_operand %red[{out}] : (!transform.any_op) -> !transform.any_op
-      %tred, %lm, %lb = transform.structured.tile_using_for %red tile_sizes [1, 1, 0] : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op)
+      %tred, %lm, %lb = transform.structured.tile_using_for %red tile_sizes [1, {g}1, 0] : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op)
       %fpart, %l1 = transform.structured.fuse_into_containing_op %part into %lb : (!transform.any_op, !transform.any_op) -> (!transform.any_op, !transform.any_op)
       %ffill, %l2 = transform.structured.fuse_into_containing_op %pfill into %l1 : (!transform.any_op, !transform.any_op) -> (!transform.any_op, !transform.any_op)
-      %tyfill, %yl = transform.structured.tile_using_for %yfill tile_sizes [1, 0] : (!transform.any_op) -> (!transform.any_op, !transform.any_op)
-      %tpart, %kl = transform.structured.tile_using_for %fpart tile_sizes [0, 0, 1, 0] : (!transform.any_op) -> (!transform.any_op, !transform.any_op)
+      %tyfill, %yl = transform.structured.tile_using_for %yfill tile_sizes [1, {g}0] : (!transform.any_op) -> (!transform.any_op, !transform.any_op)
+      %tpart, %kl = transform.structured.tile_using_for %fpart tile_sizes [0, {g}0, 1, 0] : (!transform.any_op) -> (!transform.any_op, !transform.any_op)
       // Tiling over the dynamic rows left a whole-tensor copy of the partial sums' fill in the
       // loops, only sizing them; folded away before anything is vectorized.
       transform.apply_patterns to %lm {{
@@ -183,9 +194,11 @@ impl Emitter {
 
     /// The text of one fp8 GEMM tile (SSA names ending in `sfx`): the tagged per-block partial
     /// sums of `x` [R, KB, BL] (`rows` = R, an index value) and the tile's weights `wt`
-    /// [KB, BL, W] (decoded, transposed; BL None: dynamic), then their sum over blocks — each block's sum times its
-    /// activation and weight scales when `scales` (x scales [R, KB] with their type, the tile's
-    /// weight scales [KB]) are given — materialized into `dest` ([R, W], a memref of `dest_ty`).
+    /// [KB, BL, W] (decoded, transposed; BL None: dynamic), then their sum over blocks — each
+    /// block's sum times its activation and weight scales when `scales` (x scales [R, KB] with
+    /// their type, the tile's weight scales [KB]) are given — materialized into `dest` ([R, W], a
+    /// memref of `dest_ty`, a strided layout with a dynamic offset). Rows [`ROW_GROUP`] at a time
+    /// (as many accumulator vectors per weight load), then the rest one at a time.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn tile_generics(
         &mut self,
@@ -197,50 +210,140 @@ impl Emitter {
         (kb, bl, width): (usize, Option<usize>, usize),
         (dest, dest_ty): (&str, &str),
     ) -> String {
-        let bl = bl.map_or("?".to_string(), |b| b.to_string());
-        self.use_fp8_width((width, scales.is_some()));
-        let p_ty = format!("tensor<?x{kb}x{width}xf32>");
-        let y_ty = format!("tensor<?x{width}xf32>");
-        let wt_ty = format!("tensor<{kb}x{bl}x{width}xf32>");
+        let bls = bl.map_or("?".to_string(), |b| b.to_string());
+        let blv = bl.map_or(format!("%tgbl{sfx}"), |b| b.to_string());
+        let mut text = format!(
+            "%tggc{sfx} = arith.constant {ROW_GROUP} : index
+%tgrr{sfx} = arith.remui {rows}, %tggc{sfx} : index
+%tgrg{sfx} = arith.subi {rows}, %tgrr{sfx} : index
+%tgnb{sfx} = arith.divui %tgrg{sfx}, %tggc{sfx} : index
+"
+        );
+        if bl.is_none() {
+            text.push_str(&format!(
+                "%tgc2{sfx} = arith.constant 2 : index\n%tgbl{sfx} = tensor.dim {x}, %tgc2{sfx} : {x_ty}\n"
+            ));
+        }
+        let slice_ty = format!("tensor<?x{kb}x{bls}xf32>");
+        let stride = dest_ty
+            .split("strided<[")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .map_or(width.to_string(), |s| s.trim().to_string());
+        let stride4 = stride.parse::<usize>().map_or("?".to_string(), |s| (ROW_GROUP * s).to_string());
+        let d4_ty = format!("memref<?x{ROW_GROUP}x{width}xf32, strided<[{stride4}, {stride}, 1], offset: ?>>");
+        text.push_str(&format!(
+            "%tgxg{sfx}s = tensor.extract_slice {x}[0, 0, 0] [%tgrg{sfx}, {kb}, {blv}] [1, 1, 1] : {x_ty} to {slice_ty}
+%tgxg{sfx} = tensor.expand_shape %tgxg{sfx}s [[0, 1], [2], [3]] output_shape [%tgnb{sfx}, {ROW_GROUP}, {kb}, {blv}] : {slice_ty} into tensor<?x{ROW_GROUP}x{kb}x{bls}xf32>
+%tgx1{sfx} = tensor.extract_slice {x}[%tgrg{sfx}, 0, 0] [%tgrr{sfx}, {kb}, {blv}] [1, 1, 1] : {x_ty} to {slice_ty}
+%tgdg{sfx}s = memref.subview {dest}[0, 0] [%tgrg{sfx}, {width}] [1, 1] : {dest_ty} to {dest_ty}
+%tgdg{sfx} = memref.expand_shape %tgdg{sfx}s [[0, 1], [2]] output_shape [%tgnb{sfx}, {ROW_GROUP}, {width}] : {dest_ty} into {d4_ty}
+%tgd1{sfx} = memref.subview {dest}[%tgrg{sfx}, 0] [%tgrr{sfx}, {width}] [1, 1] : {dest_ty} to {dest_ty}
+"
+        ));
+        let (s4, s1) = match scales {
+            Some((xs, xs_ty, ws)) => {
+                let st = format!("tensor<?x{kb}xf32>");
+                text.push_str(&format!(
+                    "%tgsg{sfx}s = tensor.extract_slice {xs}[0, 0] [%tgrg{sfx}, {kb}] [1, 1] : {xs_ty} to {st}
+%tgsg{sfx} = tensor.expand_shape %tgsg{sfx}s [[0, 1], [2]] output_shape [%tgnb{sfx}, {ROW_GROUP}, {kb}] : {st} into tensor<?x{ROW_GROUP}x{kb}xf32>
+%tgs1{sfx} = tensor.extract_slice {xs}[%tgrg{sfx}, 0] [%tgrr{sfx}, {kb}] [1, 1] : {xs_ty} to {st}
+"
+                ));
+                (
+                    Some((format!("%tgsg{sfx}"), format!("tensor<?x{ROW_GROUP}x{kb}xf32>"), ws.to_string())),
+                    Some((format!("%tgs1{sfx}"), st, ws.to_string())),
+                )
+            }
+            None => (None, None),
+        };
+        let group4 = self.row_group(
+            &format!("{sfx}_g"),
+            ROW_GROUP,
+            &format!("%tgnb{sfx}"),
+            (&format!("%tgxg{sfx}"), &format!("tensor<?x{ROW_GROUP}x{kb}x{bls}xf32>")),
+            (wt, &format!("tensor<{kb}x{bls}x{width}xf32>")),
+            s4.as_ref().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
+            (kb, width),
+            (&format!("%tgdg{sfx}"), &d4_ty),
+        );
+        let group1 = self.row_group(
+            &format!("{sfx}_1"),
+            1,
+            &format!("%tgrr{sfx}"),
+            (&format!("%tgx1{sfx}"), &slice_ty),
+            (wt, &format!("tensor<{kb}x{bls}x{width}xf32>")),
+            s1.as_ref().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
+            (kb, width),
+            (&format!("%tgd1{sfx}"), dest_ty),
+        );
+        text.push_str(&group4);
+        text.push('\n');
+        text.push_str(&group1);
+        text
+    }
+
+    /// The two tagged generics of [`Emitter::tile_generics`] for rows one at a time (`group` 1:
+    /// `x` [R, KB, BL], `dest` [R, W]) or `group` at a time (`x` [R/g, g, KB, BL], `dest`
+    /// [R/g, g, W]); `count` the leading dim.
+    #[allow(clippy::too_many_arguments)]
+    fn row_group(
+        &mut self,
+        sfx: &str,
+        group: usize,
+        count: &str,
+        (x, x_ty): (&str, &str),
+        (wt, wt_ty): (&str, &str),
+        scales: Option<(&str, &str, &str)>,
+        (kb, width): (usize, usize),
+        (dest, dest_ty): (&str, &str),
+    ) -> String {
+        self.use_fp8_width((width, scales.is_some(), group));
+        let g = if group == 1 { String::new() } else { format!("{group}x") };
+        let p_ty = format!("tensor<?x{g}{kb}x{width}xf32>");
+        let y_ty = format!("tensor<?x{g}{width}xf32>");
         let map = |d: &[&str], r: &[&str]| affine(d, r);
-        // Output columns innermost: the vector lanes.
-        let pd = ["m", "b", "kk", "n"];
-        let yd = ["m", "b", "n"];
-        let tag = reduce_tag(width, scales.is_some());
+        // Output columns innermost: the vector lanes; a row group's rows next to them.
+        let rows: &[&str] = if group == 1 { &["m"] } else { &["m", "mi"] };
+        let dims = |rest: &[&'static str]| [rows, rest].concat();
+        let (pd, yd) = (dims(&["b", "kk", "n"]), dims(&["b", "n"]));
+        let row_par = if group == 1 { "\"parallel\"" } else { "\"parallel\", \"parallel\"" };
+        let tag = reduce_tag(width, scales.is_some(), group);
         let (ins, maps, args, scaled) = match scales {
             Some((xs, xs_ty, ws)) => (
                 format!("%part{sfx}, {xs}, {ws} : {p_ty}, {xs_ty}, tensor<{kb}xf32>"),
-                [map(&yd, &["m", "b", "n"]), map(&yd, &["m", "b"]), map(&yd, &["b"]), map(&yd, &["m", "n"])].join(", "),
+                [map(&yd, &dims(&["b", "n"])), map(&yd, &dims(&["b"])), map(&yd, &["b"]), map(&yd, &dims(&["n"]))]
+                    .join(", "),
                 "%p: f32, %sx: f32, %sw: f32, %c: f32",
-                "%t1 = arith.mulf %p, %sx : f32\n      %t2 = arith.mulf %t1, %sw : f32\n      %s = arith.addf %c, %t2 : f32",
+                "%t1 = arith.mulf %p, %sx : f32\n  %t2 = arith.mulf %t1, %sw : f32\n  %s = arith.addf %c, %t2 : f32",
             ),
             None => (
                 format!("%part{sfx} : {p_ty}"),
-                [map(&yd, &["m", "b", "n"]), map(&yd, &["m", "n"])].join(", "),
+                [map(&yd, &dims(&["b", "n"])), map(&yd, &dims(&["n"]))].join(", "),
                 "%p: f32, %c: f32",
                 "%s = arith.addf %c, %p : f32",
             ),
         };
         format!(
-            "%pe{sfx} = tensor.empty({rows}) : {p_ty}
-    %pz{sfx} = linalg.fill ins(%zero : f32) outs(%pe{sfx} : {p_ty}) -> {p_ty}
-    %part{sfx} = linalg.generic {{indexing_maps = [{}, {}, {}], iterator_types = [\"parallel\", \"parallel\", \"reduction\", \"parallel\"]}} ins({x}, {wt} : {x_ty}, {wt_ty}) outs(%pz{sfx} : {p_ty}) attrs = {{v3c.fp8 = \"partial\"}} {{
-    ^bb0(%a: f32, %b: f32, %c: f32):
-      %p = arith.mulf %a, %b : f32
-      %s = arith.addf %c, %p : f32
-      linalg.yield %s : f32
-    }} -> {p_ty}
-    %ye{sfx} = tensor.empty({rows}) : {y_ty}
-    %yz{sfx} = linalg.fill ins(%zero : f32) outs(%ye{sfx} : {y_ty}) -> {y_ty}
-    %y{sfx} = linalg.generic {{indexing_maps = [{maps}], iterator_types = [\"parallel\", \"reduction\", \"parallel\"]}} ins({ins}) outs(%yz{sfx} : {y_ty}) attrs = {{v3c.fp8 = \"{tag}\"}} {{
-    ^bb0({args}):
-      {scaled}
-      linalg.yield %s : f32
-    }} -> {y_ty}
-    bufferization.materialize_in_destination %y{sfx} in restrict writable {dest} : ({y_ty}, {dest_ty}) -> ()",
-            map(&pd, &["m", "b", "kk"]),
+            "%pe{sfx} = tensor.empty({count}) : {p_ty}
+%pz{sfx} = linalg.fill ins(%zero : f32) outs(%pe{sfx} : {p_ty}) -> {p_ty}
+%part{sfx} = linalg.generic {{indexing_maps = [{}, {}, {}], iterator_types = [{row_par}, \"parallel\", \"reduction\", \"parallel\"]}} ins({x}, {wt} : {x_ty}, {wt_ty}) outs(%pz{sfx} : {p_ty}) attrs = {{v3c.fp8 = \"partial\"}} {{
+^bb0(%a: f32, %b: f32, %c: f32):
+  %p = arith.mulf %a, %b : f32
+  %s = arith.addf %c, %p : f32
+  linalg.yield %s : f32
+}} -> {p_ty}
+%ye{sfx} = tensor.empty({count}) : {y_ty}
+%yz{sfx} = linalg.fill ins(%zero : f32) outs(%ye{sfx} : {y_ty}) -> {y_ty}
+%y{sfx} = linalg.generic {{indexing_maps = [{maps}], iterator_types = [{row_par}, \"reduction\", \"parallel\"]}} ins({ins}) outs(%yz{sfx} : {y_ty}) attrs = {{v3c.fp8 = \"{tag}\"}} {{
+^bb0({args}):
+  {scaled}
+  linalg.yield %s : f32
+}} -> {y_ty}
+bufferization.materialize_in_destination %y{sfx} in restrict writable {dest} : ({y_ty}, {dest_ty}) -> ()",
+            map(&pd, &dims(&["b", "kk"])),
             map(&pd, &["b", "kk", "n"]),
-            map(&pd, &["m", "b", "n"]),
+            map(&pd, &dims(&["b", "n"])),
         )
     }
 
@@ -366,8 +469,12 @@ impl Emitter {
         self.line(&format!("{empty} = tensor.empty({rows}) : {at}"));
         self.line(&format!("{zeros} = linalg.fill ins(%zero : f32) outs({empty} : {at}) -> {at}"));
         // A whole group a step (a max needs no order: one wide vector, one horizontal max).
-        let tile =
-            RowTile { sizes: vec![1, 1, if group <= 256 { group } else { lanes(Some(group)) }], fill_operand: Some(1), interchange: false, reduced: 1 };
+        let tile = RowTile {
+            sizes: vec![1, 1, if group <= 256 { group } else { lanes(Some(group)) }],
+            fill_operand: Some(1),
+            interchange: false,
+            reduced: 1,
+        };
         self.line(&format!(
             "{res} = linalg.generic {{indexing_maps = [{input_map}, {}], iterator_types = [\"parallel\", \"parallel\", \"reduction\"]}} ins({input} : {input_ty}) outs({zeros} : {at}) attrs = {{v3c.rows = \"{}\"}} {{
     ^bb0(%in: f32, %c: f32):
@@ -412,7 +519,7 @@ impl Emitter {
         }
     }
 
-    fn use_fp8_width(&mut self, tile: (usize, bool)) {
+    fn use_fp8_width(&mut self, tile: (usize, bool, usize)) {
         if !self.fp8_widths.contains(&tile) {
             self.fp8_widths.push(tile);
         }

@@ -550,7 +550,8 @@ scf.yield
             body.push_str(&format!("%y = arith.select %kin, {result}, %zero : f32\n"));
             result = "%y";
         }
-        let tile = RowTile { sizes: vec![1, 1, lanes(Some(width))], fill_operand: None, interchange: false, reduced: 1 };
+        let tile =
+            RowTile { sizes: vec![1, 1, lanes(Some(width))], fill_operand: None, interchange: false, reduced: 1 };
         self.use_tile(tile.clone());
         format!(
             "%cbl{sfx} = arith.constant {bl} : index
@@ -669,7 +670,8 @@ bufferization.materialize_in_destination %xpd in restrict writable %xp : ({ty}, 
             let s_ty = format!("memref<?x{cols}xf32>");
             let st_ty = format!("tensor<?x{cols}xf32>");
             if token {
-                let tile = RowTile { sizes: vec![1, lanes(Some(kb))], fill_operand: None, interchange: false, reduced: 1 };
+                let tile =
+                    RowTile { sizes: vec![1, lanes(Some(kb))], fill_operand: None, interchange: false, reduced: 1 };
                 self.use_tile(tile.clone());
                 text.push_str(&format!(
                     "%xsin = bufferization.to_tensor {xs} restrict : {s_ty} to {st_ty}
@@ -900,7 +902,8 @@ bufferization.materialize_in_destination %hv{w} in restrict writable %hs{w} : ({
             )
         };
         let tiles = Self::column_tiles(inter, ("%ilo", "%ihi"), &mut tile);
-        let stacks = [("%wg", wty.as_str(), "%wgT"), ("%wu", &wty, "%wuT"), ("%wgs", &sty, "%wgsT"), ("%wus", &sty, "%wusT")];
+        let stacks =
+            [("%wg", wty.as_str(), "%wgT"), ("%wu", &wty, "%wuT"), ("%wgs", &sty, "%wgsT"), ("%wus", &sty, "%wusT")];
         let body = Self::expert_ranges(g, &picks.join("\n"), &Self::fp8_expert(&stacks, blocks, scaled, &tiles));
         self.line(&format!(
             "scf.execute_region {{
@@ -966,8 +969,12 @@ scf.yield
         let h_el = storage(&h.1.element).to_string();
         let scaled = g.act_scale.is_some();
         let blocks = if scaled { (ib, FP8_BLOCK) } else { (1, inter) };
-        let (act, act_frees) =
-            self.grouped_activations(("%hq", &h.1.element), scaled.then_some(("%hs", ib)), (inter, blocks.0, blocks.1), false);
+        let (act, act_frees) = self.grouped_activations(
+            ("%hq", &h.1.element),
+            scaled.then_some(("%hs", ib)),
+            (inter, blocks.0, blocks.1),
+            false,
+        );
         let (allocs, frees) = Self::fp8_scratch(&["d"], d, blocks);
         let mut tile = |j0: &str, w: usize| {
             let (text, _) = self.fp8_expert_tile("d", ("%wdT", "%wdsT"), (d, inter), blocks, scaled, (j0, w));

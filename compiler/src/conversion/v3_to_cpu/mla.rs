@@ -187,11 +187,9 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
                 );
                 (body, String::new(), Vec::new())
             }
-            None => (
-                load_f32(&kvb.1.element, "%a", "%y"),
-                format!("%a: {}", kvb.1.element),
-                vec![self.same_index(kvb)],
-            ),
+            None => {
+                (load_f32(&kvb.1.element, "%a", "%y"), format!("%a: {}", kvb.1.element), vec![self.same_index(kvb)])
+            }
         };
         self.row_generic((&buf, &memref(&shape)), &shape, &ins, (&args, &body, "%y"));
         (buf, shape)
@@ -302,7 +300,9 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
             key_tiles(true, 1),
         );
         s.push_str(&text);
-        s.push_str(&format!("%m_ltt = bufferization.to_tensor %m_lt restrict : {lt_ty} to tensor<{lt_rows}x?x16xf32>\n"));
+        s.push_str(&format!(
+            "%m_ltt = bufferization.to_tensor %m_lt restrict : {lt_ty} to tensor<{lt_rows}x?x16xf32>\n"
+        ));
         if !absorbed {
             // The latent rows expanded to keys and values [nk, hp], then the keys transposed
             // [H dn, key tiles, 16].
@@ -521,7 +521,12 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
                 &value_tile("%m_lat", c, "%m_c0", "ol"),
                 &|j, w| {
                     let ty = format!("memref<?x{w}xf32, strided<[{kv}, 1], offset: ?>>");
-                    (format!("%old{w} = memref.subview %m_ol[0, {j}] [%m_rows, {w}] [1, 1] : memref<?x{kv}xf32> to {ty}"), ty)
+                    (
+                        format!(
+                            "%old{w} = memref.subview %m_ol[0, {j}] [%m_rows, {w}] [1, 1] : memref<?x{kv}xf32> to {ty}"
+                        ),
+                        ty,
+                    )
                 },
             );
             hd.push_str(&text);

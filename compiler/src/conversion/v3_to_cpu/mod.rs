@@ -3,15 +3,19 @@
 //! lowered to LLVM and JIT-compiled by MLIR's ExecutionEngine (or loaded from the kernel cache).
 //!
 //! Every op of the dialect has a template here. Through linalg on tensors and the kernel's
-//! transform script (tiled, fused, vectorized, bufferized): dense GEMMs (`linear`, `lm_head`, and
-//! the GEMMs inside the fused MLA, SwiGLU and residual kernels; `gemm`), the block-scaled fp8 GEMM
-//! (`fp8_tiled`: in the reference interpreter's summation order, because a last-bit difference
-//! before a quantization moves values across e4m3 rounding boundaries), norms, RoPE, the embedding
-//! gather, views and elementwise ops (`rows`). Written directly in scf/vector: MLA attention
-//! (`mla`); routing, the fuse-moe dispatch and the grouped gate/up and down GEMMs (`moe`,
-//! `grouped`: rows of an expert four at a time, partitioned over threads by output columns);
-//! 1x128 quantization and GEMMs of f32 activations with fp8 weights (`fp8`); cache writes. An op
-//! without a template is `unsupported on cpu: v3.<op>`, never run some other way.
+//! transform script (tiled, fused, vectorized, bufferized): dense GEMMs (`linear`, `lm_head`, the
+//! GEMMs inside the fused MLA, SwiGLU and residual kernels, the routing's gate GEMM and the f32
+//! grouped GEMMs' tiles; `gemm`), the order-preserving GEMM (`fp8_tiled`: one lane per output
+//! column, each a sequential sum in the reference interpreter's order, rows eight at a time,
+//! because a last-bit difference before a quantization moves values across e4m3 rounding
+//! boundaries) behind the block-scaled fp8 GEMM, the fp8 grouped GEMMs and every product of MLA
+//! attention (`mla`, with its softmax and transposes as row templates), norms, RoPE, the embedding
+//! gather, views, elementwise ops, the routing's sigmoid and bias, cache writes and the
+//! quantization of whole rows (`rows`, `fp8_tiled`). Left in scf loops, because they are
+//! data-dependent picks or data movement rather than tensor computations: the routing's top-k
+//! selection and the dispatch's counting sort (`moe`, `grouped`), the grouped kernels' row
+//! gathers, scatters and epilogues, and the partitioned kernels' column shares of a quantization
+//! (`fp8`). An op without a template is `unsupported on cpu: v3.<op>`, never run some other way.
 
 use std::collections::HashMap;
 
@@ -87,8 +91,9 @@ struct Emitter {
     row_tiles: Vec<rows::RowTile>,
     /// Buffer -> its tensor (`bufferization.to_tensor`, one per buffer).
     tensors: HashMap<String, String>,
-    /// Column-tile widths of the fp8 GEMMs emitted, scaled or not (their script blocks).
-    fp8_widths: Vec<(usize, bool)>,
+    /// Column-tile widths of the fp8 GEMMs emitted, scaled or not, and their row groups (their
+    /// script blocks).
+    fp8_widths: Vec<(usize, bool, usize)>,
 }
 
 impl Emitter {
