@@ -21,7 +21,8 @@ use super::fp8::{DECODE_BODY, FP8_BLOCK};
 use super::rows::{tensor_type, RowTile};
 use super::*;
 
-/// Queries per chunk: bounds the score buffers to `5 x chunk x keys` floats.
+/// Score rows per chunk (a row per query, absorbed a row per query and head): bounds the score
+/// buffers to `5 x chunk x keys` floats.
 const QUERY_CHUNK: usize = 256;
 
 /// Static facts of one MLA op.
@@ -95,15 +96,15 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
         )
     }
 
-    /// Text of the reduction of `x` (`[rows, tiles, 16]`, tensor `x`) over its keys into the
-    /// buffer `buf` (`[rows]`): from `init`, `combine` (`%a` the element, `%c` the running value)
+    /// Text of the reduction of `x` (`[%m_sr, tiles, 16]`, tensor `x`) over its keys into the
+    /// buffer `buf` (`[%m_sr]`): from `init`, `combine` (`%a` the element, `%c` the running value)
     /// in key order.
     fn key_reduction(&mut self, name: &str, buf: &str, x: &str, init: &str, combine: &str) -> String {
         let tile = key_tiles(false, 2);
         let tag = tile.tag();
         self.use_tile(tile);
         format!(
-            "{name}_e = tensor.empty(%m_rows) : tensor<?xf32>
+            "{name}_e = tensor.empty(%m_sr) : tensor<?xf32>
 {name}_f = linalg.fill ins({init} : f32) outs({name}_e : tensor<?xf32>) -> tensor<?xf32>
 {name}_g = linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"reduction\", \"reduction\"]}} ins({x} : tensor<?x?x16xf32>) outs({name}_f : tensor<?xf32>) attrs = {{v3c.rows = \"{tag}\"}} {{
 ^bb0(%a: f32, %c: f32):
@@ -115,6 +116,60 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
             identity(3),
             affine(&["d0", "d1", "d2"], &["d0"]),
         )
+    }
+
+    /// Text of the softmax over the visible keys of the scores `%m_an + %m_ar` (`[%m_sr, %m_ct,
+    /// 16]`, a row per query and `%m_hr` heads, query-major), in the reference's order: scaled and
+    /// masked (row r's query sees keys 0..=%m_first + r / %m_hr), the max, the exponentials,
+    /// their sum in key order, the division into `%m_pr`; then `%m_xv`, the probabilities of the
+    /// keys `0..%m_vis` as `[%m_sr, 1, %m_vis]`.
+    fn softmax_text(&mut self) -> String {
+        let st = "tensor<?x?x16xf32>";
+        let sbuf = "memref<?x?x16xf32>";
+        let to_t = |b: &str| format!("{b}t = bufferization.to_tensor {b} restrict : {sbuf} to {st}\n");
+        let mut t = to_t("%m_an") + &to_t("%m_ar");
+        let masked = "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%k16 = arith.constant 16 : index\n%jb = arith.muli %i1, %k16 : index\n%j = arith.addi %jb, %i2 : index\n%q = arith.divui %i0, %m_hr : index\n%lim = arith.addi %m_first, %q : index\n%seen = arith.cmpi ule, %j, %lim : index\n%sum = arith.addf %a, %b : f32\n%sv = arith.mulf %sum, %m_scale : f32\n%r = arith.select %seen, %sv, %m_ninf : f32";
+        let same = identity(3);
+        let sizes = (st, "%m_sr, %m_ct", 3);
+        t.push_str(&self.generic_into(
+            "%m_scx",
+            ("%m_sc", sbuf),
+            sizes,
+            &[("%m_ant", st, same.clone()), ("%m_art", st, same.clone())],
+            ("%a: f32, %b: f32", masked, "%r"),
+            key_tiles(false, 1),
+        ));
+        t.push_str(&to_t("%m_sc"));
+        t.push_str(&self.key_reduction("%m_mxx", "%m_mx", "%m_sct", "%m_ninf", "%r = arith.maximumf %c, %a : f32"));
+        t.push_str("%m_mxt = bufferization.to_tensor %m_mx restrict : memref<?xf32> to tensor<?xf32>\n");
+        let row = affine(&["d0", "d1", "d2"], &["d0"]);
+        t.push_str(&self.generic_into(
+            "%m_exx",
+            ("%m_ex", sbuf),
+            sizes,
+            &[("%m_sct", st, same.clone()), ("%m_mxt", "tensor<?xf32>", row.clone())],
+            ("%a: f32, %b: f32", "%d = arith.subf %a, %b : f32\n%r = math.exp %d : f32", "%r"),
+            key_tiles(false, 1),
+        ));
+        t.push_str(&to_t("%m_ex"));
+        t.push_str(&self.key_reduction("%m_smx", "%m_sm", "%m_ext", "%zero", "%r = arith.addf %c, %a : f32"));
+        t.push_str("%m_smt = bufferization.to_tensor %m_sm restrict : memref<?xf32> to tensor<?xf32>\n");
+        t.push_str(&self.generic_into(
+            "%m_prx",
+            ("%m_pr", sbuf),
+            sizes,
+            &[("%m_ext", st, same), ("%m_smt", "tensor<?xf32>", row)],
+            ("%a: f32, %b: f32", "%r = arith.divf %a, %b : f32", "%r"),
+            key_tiles(false, 1),
+        ));
+        t.push_str(&format!(
+            "%m_prt = bufferization.to_tensor %m_pr restrict : {sbuf} to {st}
+%m_prf = tensor.collapse_shape %m_prt [[0], [1, 2]] : {st} into tensor<?x?xf32>
+%m_prv = tensor.extract_slice %m_prf[0, 0] [%m_sr, %m_vis] [1, 1] : tensor<?x?xf32> to tensor<?x?xf32>
+%m_xv = tensor.expand_shape %m_prv [[0], [1, 2]] output_shape [%m_sr, 1, %m_vis] : tensor<?x?xf32> into tensor<?x1x?xf32>
+"
+        ));
+        t
     }
 
     /// Text of `dest = x . w` in the reference's order: `x` a tensor `[R, 1, K]` (`rows` = R; K
@@ -241,12 +296,13 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
 %m_c1 = arith.constant 1 : index
 %m_c15 = arith.constant 15 : index
 %m_c16 = arith.constant 16 : index
-%m_qc = arith.constant {QUERY_CHUNK} : index
+%m_qc = arith.constant {chunk} : index
 %m_ninf = arith.constant 0xFF800000 : f32
 %m_scale = arith.constant {scale} : f32
 %m_nq = memref.dim {qn}, %m_c0 : {qn_mty}
 ",
             scale = a.scale,
+            chunk = if absorbed { (QUERY_CHUNK / h).max(1) } else { QUERY_CHUNK },
             qn = qn.0,
             qn_mty = memref(&qn.1),
         );
@@ -349,7 +405,9 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
             ));
         }
         // Per chunk of queries: `%m_rows` of them from `%m_qr`; the first sees keys 0..=%m_first,
-        // the chunk keys 0..%m_vis (`%m_ct` tiles of 16).
+        // the chunk keys 0..%m_vis (`%m_ct` tiles of 16). Scores have a row per query and head
+        // (`%m_sr` rows, query-major): absorbed, every head at once (keys and values are the
+        // latent rows all heads share); naive, one head at a time.
         let mut q = String::from(
             "%m_left = arith.subi %m_T, %m_q0 : index
 %m_rows = arith.minui %m_left, %m_qc : index
@@ -360,24 +418,37 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
 ",
         );
         q.push_str(&tiles_of("%m_ct", "%m_vis"));
+        let heads_per_row = if absorbed { h } else { 1 };
+        q.push_str(&format!(
+            "%m_hr = arith.constant {heads_per_row} : index\n%m_sr = arith.muli %m_rows, %m_hr : index\n"
+        ));
         let scores = ["%m_an", "%m_ar", "%m_sc", "%m_ex", "%m_pr"];
-        let per_q = if absorbed { vec!["%m_qa", "%m_ol"] } else { Vec::new() };
         for b in scores {
-            q.push_str(&format!("{b} = memref.alloc(%m_rows, %m_ct) : memref<?x?x16xf32>\n"));
+            q.push_str(&format!("{b} = memref.alloc(%m_sr, %m_ct) : memref<?x?x16xf32>\n"));
         }
         for b in ["%m_mx", "%m_sm"] {
-            q.push_str(&format!("{b} = memref.alloc(%m_rows) : memref<?xf32>\n"));
+            q.push_str(&format!("{b} = memref.alloc(%m_sr) : memref<?xf32>\n"));
         }
-        for b in &per_q {
-            q.push_str(&format!("{b} = memref.alloc(%m_rows) : memref<?x{kv}xf32>\n"));
+        let per_q: Vec<(&str, String)> = if absorbed {
+            vec![("%m_qa", format!("memref<?x{h}x{kv}xf32>")), ("%m_ol", format!("memref<?x{h}x{kv}xf32>"))]
+        } else {
+            Vec::new()
+        };
+        for (b, ty) in &per_q {
+            q.push_str(&format!("{b} = memref.alloc(%m_rows) : {ty}\n"));
         }
-        // Per head.
-        let mut hd = format!(
+        q.push_str(&format!("%m_heads = arith.constant {h} : index\n"));
+        let head_loop =
+            |body: &str| format!("scf.for %m_h = %m_c0 to %m_heads step %m_c1 {{\n{}\n}}\n", indent(body, 2));
+        // A head's rows of q_nope (and q_pe), [rows, 1, d].
+        let head_rows = format!(
             "%m_xn = tensor.extract_slice {qn_t}[%m_qr, %m_h, 0] [%m_rows, 1, {dn}] [1, 1, 1] : {qn_tty} to tensor<?x1x{dn}xf32>
-%m_xp = tensor.extract_slice {qp_t}[%m_qr, %m_h, 0] [%m_rows, 1, {dr}] [1, 1, 1] : {qp_tty} to tensor<?x1x{dr}xf32>
 %m_per = arith.constant {per} : index
 %m_hb = arith.muli %m_h, %m_per : index
 "
+        );
+        let head_pe = format!(
+            "%m_xp = tensor.extract_slice {qp_t}[%m_qr, %m_h, 0] [%m_rows, 1, {dr}] [1, 1, 1] : {qp_tty} to tensor<?x1x{dr}xf32>\n"
         );
         // Score tiles: `src` rows `r0 ..` of `len` columns of a transposed `[rows, tiles, 16]`.
         let key_tile = |src: &str, src_rows: usize, r0: &str, len: usize, name: &str| {
@@ -391,113 +462,9 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
         let score_dest = |buf: &'static str, name: &'static str| {
             move |v: &str, w: usize| {
                 let ty = format!("memref<?x{w}xf32, strided<[?, 1], offset: ?>>");
-                (format!("%{name}d{w} = memref.subview {buf}[0, {v}, 0] [%m_rows, 1, {w}] [1, 1, 1] : memref<?x?x16xf32> to {ty}"), ty)
+                (format!("%{name}d{w} = memref.subview {buf}[0, {v}, 0] [%m_sr, 1, {w}] [1, 1, 1] : memref<?x?x16xf32> to {ty}"), ty)
             }
         };
-        if absorbed {
-            // q_abs = q_nope . W_UK (the head's rows of kv_b, K-major as they are).
-            let text = self.exact_gemm(
-                "qa",
-                ("%m_xn", "%m_rows", Some(dn)),
-                Columns::Static(kv),
-                &|j, w| {
-                    format!("%qaw{w}s = tensor.extract_slice {kvbf_t}[%m_hb, {j}] [{dn}, {w}] [1, 1] : {kvbf_ty} to tensor<{dn}x{w}xf32>\n%qaw{w} = tensor.expand_shape %qaw{w}s [[0, 1], [2]] output_shape [1, {dn}, {w}] : tensor<{dn}x{w}xf32> into tensor<1x{dn}x{w}xf32>")
-                },
-                &|j, w| {
-                    let ty = format!("memref<?x{w}xf32, strided<[{kv}, 1], offset: ?>>");
-                    (format!("%qad{w} = memref.subview %m_qa[0, {j}] [%m_rows, {w}] [1, 1] : memref<?x{kv}xf32> to {ty}"), ty)
-                },
-            );
-            hd.push_str(&text);
-            hd.push_str(&format!(
-                "%m_qat = bufferization.to_tensor %m_qa restrict : memref<?x{kv}xf32> to tensor<?x{kv}xf32>\n%m_xq = tensor.expand_shape %m_qat [[0], [1, 2]] output_shape [%m_rows, 1, {kv}] : tensor<?x{kv}xf32> into tensor<?x1x{kv}xf32>\n"
-            ));
-            let an = self.exact_gemm(
-                "an",
-                ("%m_xq", "%m_rows", Some(kv)),
-                Columns::Tiles("%m_ct"),
-                &key_tile("%m_ltt", c, "0", kv, "an"),
-                &score_dest("%m_an", "an"),
-            );
-            let ar = self.exact_gemm(
-                "ar",
-                ("%m_xp", "%m_rows", Some(dr)),
-                Columns::Tiles("%m_ct"),
-                &key_tile("%m_ltt", c, &kv.to_string(), dr, "ar"),
-                &score_dest("%m_ar", "ar"),
-            );
-            hd.push_str(&an);
-            hd.push_str(&ar);
-        } else {
-            hd.push_str(&format!("%m_dnc = arith.constant {dn} : index\n%m_kr = arith.muli %m_h, %m_dnc : index\n"));
-            let an = self.exact_gemm(
-                "an",
-                ("%m_xn", "%m_rows", Some(dn)),
-                Columns::Tiles("%m_ct"),
-                &key_tile("%m_kTt", h * dn, "%m_kr", dn, "an"),
-                &score_dest("%m_an", "an"),
-            );
-            let ar = self.exact_gemm(
-                "ar",
-                ("%m_xp", "%m_rows", Some(dr)),
-                Columns::Tiles("%m_ct"),
-                &key_tile("%m_ltt", dr, "0", dr, "ar"),
-                &score_dest("%m_ar", "ar"),
-            );
-            hd.push_str(&an);
-            hd.push_str(&ar);
-        }
-        // Softmax over the visible keys, in the reference's order.
-        let st = "tensor<?x?x16xf32>";
-        let sbuf = "memref<?x?x16xf32>";
-        let to_t = |b: &str| format!("{b}t = bufferization.to_tensor {b} restrict : {sbuf} to {st}\n");
-        hd.push_str(&to_t("%m_an"));
-        hd.push_str(&to_t("%m_ar"));
-        let masked = format!("{key}%lim = arith.addi %m_first, %i0 : index\n%seen = arith.cmpi ule, %j, %lim : index\n%sum = arith.addf %a, %b : f32\n%sv = arith.mulf %sum, %m_scale : f32\n%r = arith.select %seen, %sv, %m_ninf : f32");
-        let same = identity(3);
-        let text = self.generic_into(
-            "%m_scx",
-            ("%m_sc", sbuf),
-            (st, "%m_rows, %m_ct", 3),
-            &[("%m_ant", st, same.clone()), ("%m_art", st, same.clone())],
-            ("%a: f32, %b: f32", &masked, "%r"),
-            key_tiles(false, 1),
-        );
-        hd.push_str(&text);
-        hd.push_str(&to_t("%m_sc"));
-        let text = self.key_reduction("%m_mxx", "%m_mx", "%m_sct", "%m_ninf", "%r = arith.maximumf %c, %a : f32");
-        hd.push_str(&text);
-        hd.push_str("%m_mxt = bufferization.to_tensor %m_mx restrict : memref<?xf32> to tensor<?xf32>\n");
-        let row = affine(&["d0", "d1", "d2"], &["d0"]);
-        let text = self.generic_into(
-            "%m_exx",
-            ("%m_ex", sbuf),
-            (st, "%m_rows, %m_ct", 3),
-            &[("%m_sct", st, same.clone()), ("%m_mxt", "tensor<?xf32>", row.clone())],
-            ("%a: f32, %b: f32", "%d = arith.subf %a, %b : f32\n%r = math.exp %d : f32", "%r"),
-            key_tiles(false, 1),
-        );
-        hd.push_str(&text);
-        hd.push_str(&to_t("%m_ex"));
-        let text = self.key_reduction("%m_smx", "%m_sm", "%m_ext", "%zero", "%r = arith.addf %c, %a : f32");
-        hd.push_str(&text);
-        hd.push_str("%m_smt = bufferization.to_tensor %m_sm restrict : memref<?xf32> to tensor<?xf32>\n");
-        let text = self.generic_into(
-            "%m_prx",
-            ("%m_pr", sbuf),
-            (st, "%m_rows, %m_ct", 3),
-            &[("%m_ext", st, same), ("%m_smt", "tensor<?xf32>", row)],
-            ("%a: f32, %b: f32", "%r = arith.divf %a, %b : f32", "%r"),
-            key_tiles(false, 1),
-        );
-        hd.push_str(&text);
-        hd.push_str(&format!(
-            "%m_prt = bufferization.to_tensor %m_pr restrict : {sbuf} to {st}
-%m_prf = tensor.collapse_shape %m_prt [[0], [1, 2]] : {st} into tensor<?x?xf32>
-%m_prv = tensor.extract_slice %m_prf[0, 0] [%m_rows, %m_vis] [1, 1] : tensor<?x?xf32> to tensor<?x?xf32>
-%m_xv = tensor.expand_shape %m_prv [[0], [1, 2]] output_shape [%m_rows, 1, %m_vis] : tensor<?x?xf32> into tensor<?x1x?xf32>
-"
-        ));
         // The head's output rows: out[%m_qr.., %m_h, columns].
         let out_dest = |name: &'static str| {
             let out_ty = out_ty.clone();
@@ -514,24 +481,67 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
             }
         };
         if absorbed {
+            // q_abs = q_nope . W_UK per head (the head's rows of kv_b, K-major as they are) into
+            // [rows, H, kv]; then the scores of every head at once: [rows H, kv] against the
+            // transposed latent rows, q_pe [rows H, dr] against their rope columns.
+            let text = self.exact_gemm(
+                "qa",
+                ("%m_xn", "%m_rows", Some(dn)),
+                Columns::Static(kv),
+                &|j, w| {
+                    format!("%qaw{w}s = tensor.extract_slice {kvbf_t}[%m_hb, {j}] [{dn}, {w}] [1, 1] : {kvbf_ty} to tensor<{dn}x{w}xf32>\n%qaw{w} = tensor.expand_shape %qaw{w}s [[0, 1], [2]] output_shape [1, {dn}, {w}] : tensor<{dn}x{w}xf32> into tensor<1x{dn}x{w}xf32>")
+                },
+                &|j, w| {
+                    let ty = format!("memref<?x{w}xf32, strided<[{}, 1], offset: ?>>", h * kv);
+                    (format!("%qad{w} = memref.subview %m_qa[0, %m_h, {j}] [%m_rows, 1, {w}] [1, 1, 1] : memref<?x{h}x{kv}xf32> to {ty}"), ty)
+                },
+            );
+            q.push_str(&head_loop(&format!("{head_rows}{text}")));
+            q.push_str(&format!(
+                "%m_qat = bufferization.to_tensor %m_qa restrict : memref<?x{h}x{kv}xf32> to tensor<?x{h}x{kv}xf32>
+%m_qaf = tensor.collapse_shape %m_qat [[0, 1], [2]] : tensor<?x{h}x{kv}xf32> into tensor<?x{kv}xf32>
+%m_xq = tensor.expand_shape %m_qaf [[0], [1, 2]] output_shape [%m_sr, 1, {kv}] : tensor<?x{kv}xf32> into tensor<?x1x{kv}xf32>
+%m_pes = tensor.extract_slice {qp_t}[%m_qr, 0, 0] [%m_rows, {h}, {dr}] [1, 1, 1] : {qp_tty} to tensor<?x{h}x{dr}xf32>
+%m_pef = tensor.collapse_shape %m_pes [[0, 1], [2]] : tensor<?x{h}x{dr}xf32> into tensor<?x{dr}xf32>
+%m_xp = tensor.expand_shape %m_pef [[0], [1, 2]] output_shape [%m_sr, 1, {dr}] : tensor<?x{dr}xf32> into tensor<?x1x{dr}xf32>
+"
+            ));
+            let an = self.exact_gemm(
+                "an",
+                ("%m_xq", "%m_sr", Some(kv)),
+                Columns::Tiles("%m_ct"),
+                &key_tile("%m_ltt", c, "0", kv, "an"),
+                &score_dest("%m_an", "an"),
+            );
+            let ar = self.exact_gemm(
+                "ar",
+                ("%m_xp", "%m_sr", Some(dr)),
+                Columns::Tiles("%m_ct"),
+                &key_tile("%m_ltt", c, &kv.to_string(), dr, "ar"),
+                &score_dest("%m_ar", "ar"),
+            );
+            q.push_str(&an);
+            q.push_str(&ar);
+            let text = self.softmax_text();
+            q.push_str(&text);
+            // o_lat = P . latent rows for every head at once, then per head o_lat . W_UV^T.
             let text = self.exact_gemm(
                 "ol",
-                ("%m_xv", "%m_rows", None),
+                ("%m_xv", "%m_sr", None),
                 Columns::Static(kv),
                 &value_tile("%m_lat", c, "%m_c0", "ol"),
                 &|j, w| {
                     let ty = format!("memref<?x{w}xf32, strided<[{kv}, 1], offset: ?>>");
                     (
                         format!(
-                            "%old{w} = memref.subview %m_ol[0, {j}] [%m_rows, {w}] [1, 1] : memref<?x{kv}xf32> to {ty}"
+                            "%old{w} = memref.subview %m_olf[0, {j}] [%m_sr, {w}] [1, 1] : memref<?x{kv}xf32> to {ty}"
                         ),
                         ty,
                     )
                 },
             );
-            hd.push_str(&text);
-            hd.push_str(&format!(
-                "%m_olt = bufferization.to_tensor %m_ol restrict : memref<?x{kv}xf32> to tensor<?x{kv}xf32>\n%m_xo = tensor.expand_shape %m_olt [[0], [1, 2]] output_shape [%m_rows, 1, {kv}] : tensor<?x{kv}xf32> into tensor<?x1x{kv}xf32>\n"
+            q.push_str(&format!(
+                "%m_olf = memref.collapse_shape %m_ol [[0, 1], [2]] : memref<?x{h}x{kv}xf32> into memref<?x{kv}xf32>\n{text}%m_olt = bufferization.to_tensor %m_ol restrict : memref<?x{h}x{kv}xf32> to tensor<?x{h}x{kv}xf32>\n"
             ));
             let wuv = weights.clone();
             let text = self.exact_gemm(
@@ -543,8 +553,33 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
                 },
                 &out_dest("ou"),
             );
-            hd.push_str(&text);
+            q.push_str(&head_loop(&format!(
+                "%m_xo = tensor.extract_slice %m_olt[0, %m_h, 0] [%m_rows, 1, {kv}] [1, 1, 1] : tensor<?x{h}x{kv}xf32> to tensor<?x1x{kv}xf32>\n{text}"
+            )));
         } else {
+            // Per head: scores against the head's transposed keys and the rope columns, softmax,
+            // then P . V over the head's value columns of the expansion.
+            let mut hd = format!(
+                "{head_rows}{head_pe}%m_dnc = arith.constant {dn} : index\n%m_kr = arith.muli %m_h, %m_dnc : index\n"
+            );
+            let an = self.exact_gemm(
+                "an",
+                ("%m_xn", "%m_sr", Some(dn)),
+                Columns::Tiles("%m_ct"),
+                &key_tile("%m_kTt", h * dn, "%m_kr", dn, "an"),
+                &score_dest("%m_an", "an"),
+            );
+            let ar = self.exact_gemm(
+                "ar",
+                ("%m_xp", "%m_sr", Some(dr)),
+                Columns::Tiles("%m_ct"),
+                &key_tile("%m_ltt", dr, "0", dr, "ar"),
+                &score_dest("%m_ar", "ar"),
+            );
+            hd.push_str(&an);
+            hd.push_str(&ar);
+            let text = self.softmax_text();
+            hd.push_str(&text);
             hd.push_str(&format!("%m_dn = arith.constant {dn} : index\n%m_vb = arith.addi %m_hb, %m_dn : index\n"));
             let text = self.exact_gemm(
                 "pv",
@@ -554,19 +589,16 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
                 &out_dest("pv"),
             );
             hd.push_str(&text);
+            q.push_str(&head_loop(&hd));
         }
-        q.push_str(&format!(
-            "%m_heads = arith.constant {h} : index\nscf.for %m_h = %m_c0 to %m_heads step %m_c1 {{\n{}\n}}\n",
-            indent(&hd, 2)
-        ));
         for b in scores {
             q.push_str(&format!("memref.dealloc {b} : memref<?x?x16xf32>\n"));
         }
         for b in ["%m_mx", "%m_sm"] {
             q.push_str(&format!("memref.dealloc {b} : memref<?xf32>\n"));
         }
-        for b in &per_q {
-            q.push_str(&format!("memref.dealloc {b} : memref<?x{kv}xf32>\n"));
+        for (b, ty) in &per_q {
+            q.push_str(&format!("memref.dealloc {b} : {ty}\n"));
         }
         s.push_str(&format!("scf.for %m_q0 = %m_c0 to %m_T step %m_qc {{\n{}\n}}\n", indent(&q, 2)));
         s.push_str(&format!("memref.dealloc %m_lt : {lt_ty}\n"));
