@@ -479,9 +479,6 @@ impl<'c> CpuSession<'c> {
     }
 }
 
-/// Rows per thread below which splitting a launch costs more than it saves.
-const MIN_ROWS_PER_THREAD: usize = 8;
-
 fn element_bytes(element: &str) -> usize {
     v3c_runtime::plan::element_bytes(element).unwrap_or(4) as usize
 }
@@ -497,7 +494,7 @@ unsafe fn launch(kernel: &CpuKernel, buffers: &[RawBuffer]) -> Result<(), CpuErr
         let is_row: Vec<bool> = ins.iter().chain(outs).copied().collect();
         let rows = buffers.iter().zip(&is_row).find(|(_, &r)| r).map(|(b, _)| b.shape[0])?;
         let all_same = buffers.iter().zip(&is_row).all(|(b, &r)| !r || b.shape[0] == rows);
-        (threads > 1 && all_same && rows >= threads * MIN_ROWS_PER_THREAD).then_some((rows, is_row))
+        (threads > 1 && all_same && rows >= threads * kernel.split_min_rows).then_some((rows, is_row))
     });
     if kernel.partitioned && threads > 1 {
         // SAFETY: forwarded contract.

@@ -473,6 +473,9 @@ pub struct CpuKernel {
     /// Rows (dim 0 of the inputs and outputs marked true) are independent: the kernel may run on
     /// disjoint row ranges concurrently. Weights (false) are shared whole.
     pub row_split: Option<(Vec<bool>, Vec<bool>)>,
+    /// Fewest rows per thread worth a split (below, splitting costs more than it saves): 8, but 1
+    /// for decode attention (a row is a whole sequence's attention over its cache).
+    pub split_min_rows: usize,
     /// Takes `(part, parts)`: [`CpuKernel::run_part`] computes one share of the outputs (disjoint
     /// columns), so shares can run on different threads.
     pub partitioned: bool,
@@ -575,6 +578,10 @@ const ROW_INDEPENDENT: &[&str] = &[
     "moe_route",
     "mla_projections",
     "mla_q_up",
+    // Decode attention: a row is one sequence (its query, cache rows and position); the output's
+    // reshape and 1x128 quantization are per row too.
+    "attention_decode",
+    "attention_decode_quantize",
 ];
 
 impl CpuKernel {
@@ -643,6 +650,7 @@ impl CpuKernel {
             outputs,
             output_rules,
             row_split,
+            split_min_rows: if kind.starts_with("attention_decode") { 1 } else { 8 },
             partitioned,
         })
     }
