@@ -479,91 +479,20 @@ impl<'c> CpuSession<'c> {
     }
 }
 
-fn element_bytes(element: &str) -> usize {
-    v3c_runtime::plan::element_bytes(element).unwrap_or(4) as usize
-}
-
-/// Launches `kernel` on `buffers`; a row-independent kernel with enough rows runs on the halves of
-/// its rows on two threads (the machine's cores).
+/// Launches `kernel` on `buffers` over the machine's cores (two at most): a partitioned kernel as
+/// its two shares, a row-independent kernel with enough rows on the halves of its rows
+/// ([`v3c_runtime::host::run_spread`], which the runtime's cpu artifacts use too).
 ///
 /// # Safety
 /// As [`CpuKernel::run_raw`].
 unsafe fn launch(kernel: &CpuKernel, buffers: &[RawBuffer]) -> Result<(), CpuError> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(2);
-    let split = kernel.row_split.as_ref().and_then(|(ins, outs)| {
-        let is_row: Vec<bool> = ins.iter().chain(outs).copied().collect();
-        let rows = buffers.iter().zip(&is_row).find(|(_, &r)| r).map(|(b, _)| b.shape[0])?;
-        let all_same = buffers.iter().zip(&is_row).all(|(b, &r)| !r || b.shape[0] == rows);
-        (threads > 1 && all_same && rows >= threads * kernel.split_min_rows).then_some((rows, is_row))
-    });
-    if kernel.partitioned && threads > 1 {
-        // SAFETY: forwarded contract.
-        return unsafe { run_parts(kernel, buffers) };
+    // SAFETY: forwarded contract; JIT-compiled kernels are reentrant (no global state,
+    // temporaries from malloc) and their shares and halves write disjoint elements.
+    unsafe {
+        v3c_runtime::host::run_spread(buffers, kernel.partitioned, kernel.row_split.as_ref(), &|b, part, parts| {
+            kernel.run_part(b, part, parts)
+        })
     }
-    let Some((rows, is_row)) = split else {
-        // SAFETY: forwarded contract.
-        return unsafe { kernel.run_raw(buffers) };
-    };
-    let half = rows / 2;
-    let part = |start: usize, count: usize| -> Vec<RawBuffer> {
-        buffers
-            .iter()
-            .zip(&is_row)
-            .map(|(b, &r)| {
-                if !r {
-                    return b.clone();
-                }
-                let row_elems: usize = b.shape[1..].iter().product();
-                let mut shape = b.shape.clone();
-                shape[0] = count;
-                // SAFETY: `start + count <= rows`: the slice stays inside the buffer.
-                let ptr = unsafe { (b.ptr as *mut u8).add(start * row_elems * element_bytes(&b.element)) as *mut () };
-                RawBuffer { ptr, shape, element: b.element.clone() }
-            })
-            .collect()
-    };
-    let (first, second) = (part(0, half), part(half, rows - half));
-    // SAFETY: forwarded contract; the halves write disjoint row ranges of the outputs.
-    unsafe { run_two(kernel, (&first, 0, 1), (&second, 0, 1)) }
-}
-
-/// Runs the two shares of a partitioned kernel on two threads (disjoint output columns).
-///
-/// # Safety
-/// As [`CpuKernel::run_part`].
-unsafe fn run_parts(kernel: &CpuKernel, buffers: &[RawBuffer]) -> Result<(), CpuError> {
-    // SAFETY: forwarded contract; the shares write disjoint columns.
-    unsafe { run_two(kernel, (buffers, 0, 2), (buffers, 1, 2)) }
-}
-
-/// Runs two jobs `(buffers, part, parts)` of `kernel` at once, the second on another thread.
-///
-/// # Safety
-/// As [`CpuKernel::run_part`] for each job, and the two jobs write disjoint elements (the
-/// JIT-compiled function is reentrant: no global state, temporaries from malloc).
-unsafe fn run_two(
-    kernel: &CpuKernel,
-    mine: (&[RawBuffer], usize, usize),
-    theirs: (&[RawBuffer], usize, usize),
-) -> Result<(), CpuError> {
-    /// Moves a borrowed kernel and raw buffers into the second thread.
-    struct Job<'a>(&'a CpuKernel, &'a [RawBuffer], usize, usize);
-    // SAFETY: see the function's contract: the jobs touch disjoint outputs.
-    unsafe impl Send for Job<'_> {}
-    let job = Job(kernel, theirs.0, theirs.1, theirs.2);
-    std::thread::scope(|scope| {
-        let other = scope.spawn(move || {
-            let job = job;
-            // SAFETY: forwarded contract.
-            unsafe { job.0.run_part(job.1, job.2, job.3) }
-        });
-        // SAFETY: forwarded contract.
-        let result = unsafe { kernel.run_part(mine.0, mine.1, mine.2) };
-        let other = other.join().unwrap_or_else(|_| {
-            Err(CpuError::Run { kernel: kernel.name.clone(), problem: "worker thread panicked".into() })
-        });
-        result.and(other)
-    })
 }
 
 /// `V3C_PROFILE_KERNELS=1`: time per kernel of one entry run, largest first, on stderr.

@@ -94,6 +94,10 @@ pub struct KernelEntry {
     /// output columns). Calling a kernel without knowing this would misread its arguments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitioned: Option<bool>,
+    /// cpu: the kernel's rows are independent (which arguments' dim 0 are rows, and from how many
+    /// rows per thread a launch is split over two threads). Absent: never split by rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_split: Option<crate::host::RowSplit>,
     /// GPU targets: the cubin ptxas assembled (the driver JIT-compiles the PTX when it is absent or
     /// the device differs).
     #[serde(default, skip_serializing_if = "Option::is_none")]

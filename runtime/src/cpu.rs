@@ -11,7 +11,7 @@ use v3c_models::dtype::DType;
 use v3c_models::graph::{Dim, TensorType, WeightFormat};
 
 use crate::artifact::Artifact;
-use crate::host::{call_packed, HostBuffer, HostData, PackedFn, RawBuffer};
+use crate::host::{call_packed, run_spread, HostBuffer, HostData, PackedFn, RawBuffer, RowSplit};
 use crate::plan::{shape_at, BufferKind, EntryPlan, Sizes};
 
 /// Why a weight could not be loaded as a kernel takes it.
@@ -290,12 +290,18 @@ pub struct SharedObjectKernel {
     pub name: String,
     entry: PackedFn,
     partitioned: bool,
+    row_split: Option<RowSplit>,
     _library: libloading::Library,
 }
 
 impl SharedObjectKernel {
     /// Loads `path` and looks up `symbol` (the kernel's packed entry).
-    pub fn load(name: &str, path: &Path, symbol: &str, partitioned: bool) -> Result<SharedObjectKernel, String> {
+    pub fn load(
+        name: &str,
+        path: &Path,
+        symbol: &str,
+        (partitioned, row_split): (bool, Option<RowSplit>),
+    ) -> Result<SharedObjectKernel, String> {
         // SAFETY: loading runs the object's initializers; v3c's kernel objects have none beyond
         // relocation (they are MLIR-generated code and its runtime helpers).
         let library = unsafe { libloading::Library::new(path) }.map_err(|e| format!("{}: {e}", path.display()))?;
@@ -303,17 +309,25 @@ impl SharedObjectKernel {
         let entry = unsafe { library.get::<PackedFn>(symbol.as_bytes()) }
             .map(|s| *s)
             .map_err(|e| format!("{}: no entry {symbol}: {e}", path.display()))?;
-        Ok(SharedObjectKernel { name: name.to_string(), entry, partitioned, _library: library })
+        Ok(SharedObjectKernel { name: name.to_string(), entry, partitioned, row_split, _library: library })
     }
 
-    /// Runs the kernel on its arguments then results (a partitioned kernel as one share).
+    /// Runs the kernel on its arguments then results, over the machine's cores as the compiler's
+    /// CPU backend does ([`run_spread`]: a partitioned kernel as two shares, a row-split one on
+    /// the halves of its rows).
     ///
     /// # Safety
     /// As [`call_packed`].
     pub unsafe fn run(&self, buffers: &[RawBuffer]) {
         let entry = self.entry;
-        // SAFETY: forwarded; the argument array outlives the call.
-        unsafe { call_packed(buffers, self.partitioned, 0, 1, |args| entry(args.as_mut_ptr())) }
+        let job = |b: &[RawBuffer], part: usize, parts: usize| -> Result<(), ()> {
+            // SAFETY: forwarded; the argument array outlives the call; shares and halves write
+            // disjoint elements, and the kernels keep no global state.
+            unsafe { call_packed(b, self.partitioned, part, parts, |args| entry(args.as_mut_ptr())) };
+            Ok(())
+        };
+        // SAFETY: as above.
+        let _ = unsafe { run_spread(buffers, self.partitioned, self.row_split.as_ref(), &job) };
     }
 }
 
@@ -372,8 +386,8 @@ impl CpuArtifact {
         for k in &artifact.manifest.kernels {
             // Artifact::open checked that cpu kernels have both.
             let symbol = k.symbol.clone().unwrap_or_default();
-            let partitioned = k.partitioned.unwrap_or(false);
-            let loaded = SharedObjectKernel::load(&k.name, &artifact.path(&k.file), &symbol, partitioned)?;
+            let spread = (k.partitioned.unwrap_or(false), k.row_split.clone());
+            let loaded = SharedObjectKernel::load(&k.name, &artifact.path(&k.file), &symbol, spread)?;
             kernels.insert(k.name.clone(), loaded);
         }
         let mut loaded = HashMap::new();

@@ -132,3 +132,167 @@ pub unsafe fn call_packed(
     }
     call(&mut args);
 }
+
+/// How a row-independent CPU kernel splits over threads (a cpu artifact records it per kernel).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RowSplit {
+    /// Per argument (inputs, then results): whether its dim 0 is the rows (else shared whole).
+    pub rows: Vec<bool>,
+    /// Fewest rows per thread worth a split (below, splitting costs more than it saves).
+    pub min_rows: usize,
+}
+
+/// Runs one kernel launch on up to two threads (this machine's cores, at most two): a partitioned
+/// kernel as its two shares, a row-split one (`split`) on the halves of its rows when each gets
+/// `min_rows`, anything else — and any launch on less than [`MIN_SPREAD_BYTES`] — whole. `run(buffers, part, parts)` runs one job.
+///
+/// # Safety
+/// Each job as `run` requires; the jobs write disjoint elements (shares: disjoint columns; halves:
+/// disjoint rows), and `run` is reentrant (the kernels keep no global state).
+pub unsafe fn run_spread<E: Send>(
+    buffers: &[RawBuffer],
+    partitioned: bool,
+    split: Option<&RowSplit>,
+    run: &dyn Fn(&[RawBuffer], usize, usize) -> Result<(), E>,
+) -> Result<(), E> {
+    let threads = cores();
+    let bytes: usize = buffers
+        .iter()
+        .map(|b| b.shape.iter().product::<usize>() * crate::plan::element_bytes(&b.element).unwrap_or(4) as usize)
+        .sum();
+    if threads < 2 || bytes < MIN_SPREAD_BYTES {
+        return run(buffers, 0, 1);
+    }
+    if partitioned {
+        // SAFETY: forwarded contract; the shares write disjoint columns.
+        return unsafe { run_two(run, (buffers, 0, 2), (buffers, 1, 2)) };
+    }
+    let halves = split.and_then(|s| {
+        let rows = buffers.iter().zip(&s.rows).find(|(_, &r)| r).map(|(b, _)| b.shape[0])?;
+        let all_same = buffers.iter().zip(&s.rows).all(|(b, &r)| !r || b.shape[0] == rows);
+        (all_same && s.rows.len() == buffers.len() && rows >= threads * s.min_rows).then_some((rows, &s.rows))
+    });
+    let Some((rows, is_row)) = halves else { return run(buffers, 0, 1) };
+    let part = |start: usize, count: usize| -> Vec<RawBuffer> {
+        buffers
+            .iter()
+            .zip(is_row)
+            .map(|(b, &r)| {
+                if !r {
+                    return b.clone();
+                }
+                let row_bytes = b.shape[1..].iter().product::<usize>()
+                    * crate::plan::element_bytes(&b.element).unwrap_or(4) as usize;
+                let mut shape = b.shape.clone();
+                shape[0] = count;
+                // SAFETY: `start + count <= rows`: the slice stays inside the buffer.
+                let ptr = unsafe { (b.ptr as *mut u8).add(start * row_bytes) as *mut () };
+                RawBuffer { ptr, shape, element: b.element.clone() }
+            })
+            .collect()
+    };
+    let half = rows / 2;
+    let (first, second) = (part(0, half), part(half, rows - half));
+    // SAFETY: forwarded contract; the halves write disjoint row ranges of the outputs.
+    unsafe { run_two(run, (&first, 0, 1), (&second, 0, 1)) }
+}
+
+/// Launches touching fewer bytes (all their buffers) run on one thread: a second thread's start
+/// and join cost more than such a launch (tiny-model decode: 1.07 -> 1.40 ms a step when every
+/// partitioned launch spread).
+const MIN_SPREAD_BYTES: usize = 1 << 20;
+
+/// This machine's cores a launch may use (two at most), asked once: `available_parallelism` reads
+/// cgroup files, too slow for every launch.
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(2))
+}
+
+/// Runs two jobs `(buffers, part, parts)` at once, the second on another thread.
+///
+/// # Safety
+/// As [`run_spread`].
+unsafe fn run_two<E: Send>(
+    run: &dyn Fn(&[RawBuffer], usize, usize) -> Result<(), E>,
+    mine: (&[RawBuffer], usize, usize),
+    theirs: (&[RawBuffer], usize, usize),
+) -> Result<(), E> {
+    /// Moves the borrowed job into the second thread.
+    struct Job<'a, E>(&'a dyn Fn(&[RawBuffer], usize, usize) -> Result<(), E>, &'a [RawBuffer], usize, usize);
+    // SAFETY: see the function's contract: the jobs touch disjoint outputs, `run` is reentrant.
+    unsafe impl<E> Send for Job<'_, E> {}
+    let job = Job(run, theirs.0, theirs.1, theirs.2);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(move || {
+            let job = job;
+            (job.0)(job.1, job.2, job.3)
+        });
+        let result = run(mine.0, mine.1, mine.2);
+        match other.join() {
+            Ok(theirs) => result.and(theirs),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A launch's jobs as `run_spread` makes them: (rows of the first buffer, part, parts).
+    fn jobs(
+        rows: usize,
+        cols: usize,
+        partitioned: bool,
+        split: Option<&RowSplit>,
+    ) -> (Vec<(usize, usize, usize)>, Vec<f32>) {
+        let mut data = vec![0.0f32; rows * cols];
+        let shared = vec![1.0f32; 4];
+        let buffers = [
+            RawBuffer { ptr: data.as_mut_ptr() as *mut (), shape: vec![rows, cols], element: "f32".into() },
+            RawBuffer { ptr: shared.as_ptr() as *mut (), shape: vec![4], element: "f32".into() },
+        ];
+        let seen = Mutex::new(Vec::new());
+        let job = |b: &[RawBuffer], part: usize, parts: usize| -> Result<(), ()> {
+            assert_eq!(b[1].ptr, shared.as_ptr() as *mut (), "a shared buffer is passed whole");
+            seen.lock().unwrap().push((b[0].shape[0], part, parts));
+            if parts > 1 {
+                return Ok(()); // a share of a partitioned kernel: (its columns) not written here
+            }
+            let n = b[0].shape.iter().product::<usize>();
+            // SAFETY: the job's rows of `data` (a half or all of it).
+            let rows = unsafe { std::slice::from_raw_parts_mut(b[0].ptr as *mut f32, n) };
+            for v in rows.iter_mut() {
+                *v += 1.0;
+            }
+            Ok(())
+        };
+        // SAFETY: jobs write their own rows (shares of a partitioned launch write nothing).
+        unsafe { run_spread(&buffers, partitioned, split, &job) }.unwrap();
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        (seen, data)
+    }
+
+    #[test]
+    fn launches_spread_over_rows_or_shares_only_when_worth_it() {
+        if cores() < 2 {
+            return;
+        }
+        let split = RowSplit { rows: vec![true, false], min_rows: 8 };
+        // 4 MiB of rows: halves of the rows, every row written once.
+        let (seen, data) = jobs(1024, 1024, false, Some(&split));
+        assert_eq!(seen, vec![(512, 0, 1), (512, 0, 1)]);
+        assert!(data.iter().all(|&v| v == 1.0));
+        // Too few rows per thread, or too few bytes: whole.
+        assert_eq!(jobs(15, 1 << 17, false, Some(&split)).0, vec![(15, 0, 1)]);
+        assert_eq!(jobs(64, 16, false, Some(&split)).0, vec![(64, 0, 1)]);
+        // No row split: whole.
+        assert_eq!(jobs(1024, 1024, false, None).0, vec![(1024, 0, 1)]);
+        // Partitioned: both shares on all rows; small, whole.
+        assert_eq!(jobs(1024, 1024, true, None).0, vec![(1024, 0, 2), (1024, 1, 2)]);
+        assert_eq!(jobs(64, 16, true, None).0, vec![(64, 0, 1)]);
+    }
+}

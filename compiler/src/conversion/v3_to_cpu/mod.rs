@@ -457,7 +457,7 @@ pub const LOWER_TO_LLVM: &str =
     convert-math-to-llvm, expand-strided-metadata, lower-affine, finalize-memref-to-llvm, convert-arith-to-llvm, \
     convert-func-to-llvm, convert-cf-to-llvm, convert-index-to-llvm, convert-ub-to-llvm, reconcile-unrealized-casts)";
 
-pub use v3c_runtime::host::{HostBuffer, HostData, RawBuffer};
+pub use v3c_runtime::host::{HostBuffer, HostData, RawBuffer, RowSplit};
 
 /// A JIT-compiled CPU kernel.
 pub struct CpuKernel {
@@ -470,12 +470,10 @@ pub struct CpuKernel {
     pub inputs: Vec<Shape>,
     pub outputs: Vec<Shape>,
     output_rules: Vec<Vec<DimRule>>,
-    /// Rows (dim 0 of the inputs and outputs marked true) are independent: the kernel may run on
-    /// disjoint row ranges concurrently. Weights (false) are shared whole.
-    pub row_split: Option<(Vec<bool>, Vec<bool>)>,
-    /// Fewest rows per thread worth a split (below, splitting costs more than it saves): 8, but 1
-    /// for decode attention (a row is a whole sequence's attention over its cache).
-    pub split_min_rows: usize,
+    /// Rows (dim 0 of the arguments marked true) are independent: the kernel may run on disjoint
+    /// row ranges concurrently, from `min_rows` per thread (8, but 1 for decode attention: a row
+    /// is a whole sequence's attention over its cache). Weights (false) are shared whole.
+    pub row_split: Option<RowSplit>,
     /// Takes `(part, parts)`: [`CpuKernel::run_part`] computes one share of the outputs (disjoint
     /// columns), so shares can run on different threads.
     pub partitioned: bool,
@@ -640,7 +638,10 @@ impl CpuKernel {
             && rows_follow
             && row_outputs.iter().all(|&r| r)
             && row_inputs.iter().any(|&r| r))
-        .then_some((row_inputs, row_outputs));
+        .then(|| RowSplit {
+            rows: row_inputs.into_iter().chain(row_outputs).collect(),
+            min_rows: if kind.starts_with("attention_decode") { 1 } else { 8 },
+        });
         Ok(CpuKernel {
             code,
             name,
@@ -650,7 +651,6 @@ impl CpuKernel {
             outputs,
             output_rules,
             row_split,
-            split_min_rows: if kind.starts_with("attention_decode") { 1 } else { 8 },
             partitioned,
         })
     }
