@@ -39,6 +39,17 @@ fn buffer(shape: &Shape, rows: usize, rng: &mut Rng, vocab: usize, experts: usiz
     HostBuffer { shape: dims, data }
 }
 
+/// Runs `kernel` on `inputs` into f32 outputs poisoned with NaN, shaped as the reference's `want`.
+fn run_on_nan(kernel: &CpuKernel, inputs: &mut [HostBuffer], want: &[(Vec<f32>, Vec<usize>)]) -> Vec<HostBuffer> {
+    let mut outputs: Vec<HostBuffer> = want
+        .iter()
+        .map(|(v, shape)| HostBuffer { shape: shape.clone(), data: HostData::F32(vec![f32::NAN; v.len()]) })
+        .collect();
+    // SAFETY: the outputs have exactly the shapes the kernel computes (the reference's).
+    unsafe { kernel.run(inputs, &mut outputs) }.unwrap();
+    outputs
+}
+
 fn floats(b: &HostBuffer) -> Vec<f32> {
     match &b.data {
         HostData::F32(v) => v.clone(),
@@ -523,12 +534,7 @@ fn attention_kernels_match_the_reference_bit_for_bit() {
                 let mut inputs: Vec<HostBuffer> =
                     kernel.inputs.iter().map(|s| buffer(s, rows, &mut rng, config.vocab_size, 1)).collect();
                 let want = reference(&f, &inputs);
-                let mut outputs: Vec<HostBuffer> = want
-                    .iter()
-                    .map(|(v, shape)| HostBuffer { shape: shape.clone(), data: HostData::F32(vec![f32::NAN; v.len()]) })
-                    .collect();
-                // SAFETY: output buffers have exactly the shapes the kernel computes (the reference's).
-                unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
+                let outputs = run_on_nan(&kernel, &mut inputs, &want);
                 for (got, (want, _)) in outputs.iter().zip(&want) {
                     let got = floats(got);
                     let differ = got.iter().zip(want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
@@ -1217,12 +1223,7 @@ fn row_templates_are_vectorized_and_match_the_reference() {
                 };
             }
             let want = reference(&f, &inputs);
-            let mut outputs: Vec<HostBuffer> = want
-                .iter()
-                .map(|(v, shape)| HostBuffer { shape: shape.clone(), data: HostData::F32(vec![f32::NAN; v.len()]) })
-                .collect();
-            // SAFETY: the outputs have the shapes the reference computes.
-            unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
+            let outputs = run_on_nan(&kernel, &mut inputs, &want);
             for (got, (want, _)) in outputs.iter().zip(&want) {
                 let got = floats(got);
                 let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, max_or_nan);

@@ -82,7 +82,13 @@ pub(super) fn script((width, scaled, group): (usize, bool, usize)) -> String {
 
 /// A generic body (indices `%i0..%i2` defined before it) that decodes `src[row, k]` (e4m3 bits)
 /// for `k = kb * 128 + kk`, zero at `k >= k_len` (a partial last block): (body, its result).
-fn decode_at(src: &str, src_ty: &str, row: &str, (kb, kk): (&str, &str), k_len: usize) -> (String, &'static str) {
+pub(super) fn decode_at(
+    src: &str,
+    src_ty: &str,
+    row: &str,
+    (kb, kk): (&str, &str),
+    k_len: usize,
+) -> (String, &'static str) {
     let mut body = format!(
         "%blk = arith.constant {FP8_BLOCK} : index\n%kbase = arith.muli {kb}, %blk : index\n%k = arith.addi %kbase, {kk} : index\n"
     );

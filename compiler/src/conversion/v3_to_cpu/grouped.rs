@@ -626,22 +626,10 @@ scf.if %owns_tail {{
 "
         );
         let mut frees = vec![format!("memref.dealloc %xp : memref<?x{kb}x{bl}xf32>")];
+        // e4m3 activations are block-scaled: `bl` is the 128-wide block `decode_at` reads in.
         let value = if x_el == "f8E4M3FN" || x_el == "i8" {
-            let ragged = kb * bl != k;
-            let mut v = format!(
-                "%blk = arith.constant {bl} : index\n%kbase = arith.muli %i1, %blk : index\n%k = arith.addi %kbase, %i2 : index\n"
-            );
-            if ragged {
-                v.push_str(&format!("%klen = arith.constant {k} : index\n%kin = arith.cmpi ult, %k, %klen : index\n%k0 = arith.constant 0 : index\n%kc = arith.select %kin, %k, %k0 : index\n"));
-            }
-            let kk = if ragged { "%kc" } else { "%k" };
-            v.push_str(&format!("%b = tensor.extract %xin[{row}, {kk}] : {xt_ty}\n{DECODE_BODY}\n"));
-            if ragged {
-                v.push_str("%y = arith.select %kin, %r, %zero : f32\n");
-                (v, "%y")
-            } else {
-                (v, "%r")
-            }
+            let (body, result) = super::fp8_tiled::decode_at("%xin", &xt_ty, row, ("%i1", "%i2"), k);
+            (body + "\n", result)
         } else {
             (format!("%b = tensor.extract %xin[{row}, %i2] : {xt_ty}\n"), "%b")
         };

@@ -56,6 +56,16 @@ fn tiles_of(name: &str, n: &str) -> String {
     format!("{name}0 = arith.addi {n}, %m_c15 : index\n{name} = arith.divui {name}0, %m_c16 : index\n")
 }
 
+/// `%{name}w{w}`: columns `j ..` (`w` of them) of rows `r0 .. r0 + k` of the 2-D tensor `src`
+/// (`src_ty`), as the `[1, k, w]` weight tile of an order-preserving GEMM (`k` a count, or an
+/// index value for a dynamic one).
+fn k_major_tile(name: &str, (src, src_ty): (&str, &str), (r0, k): (&str, &str), j: &str, w: usize) -> String {
+    let ks = if k.starts_with('%') { "?" } else { k };
+    format!(
+        "%{name}w{w}s = tensor.extract_slice {src}[{r0}, {j}] [{k}, {w}] [1, 1] : {src_ty} to tensor<{ks}x{w}xf32>\n%{name}w{w} = tensor.expand_shape %{name}w{w}s [[0, 1], [2]] output_shape [1, {k}, {w}] : tensor<{ks}x{w}xf32> into tensor<1x{ks}x{w}xf32>"
+    )
+}
+
 impl Emitter {
     /// Text of a tagged row template inside a region: the buffer `buf` (`buf_ty`) := the generic
     /// over the index space of tensor type `ty` (dynamic sizes `sizes`, `rank` dims) reading `ins`
@@ -372,12 +382,15 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
                 "kx",
                 ("%m_xl", "%m_nk", Some(kv)),
                 Columns::Static(hp),
-                &|j, w| {
-                    format!("%kxw{w}s = tensor.extract_slice {weights}[0, {j}] [{kv}, {w}] [1, 1] : tensor<{kv}x{hp}xf32> to tensor<{kv}x{w}xf32>\n%kxw{w} = tensor.expand_shape %kxw{w}s [[0, 1], [2]] output_shape [1, {kv}, {w}] : tensor<{kv}x{w}xf32> into tensor<1x{kv}x{w}xf32>")
-                },
+                &|j, w| k_major_tile("kx", (&weights, &format!("tensor<{kv}x{hp}xf32>")), ("0", &kv.to_string()), j, w),
                 &|j, w| {
                     let ty = format!("memref<?x{w}xf32, strided<[{hp}, 1], offset: ?>>");
-                    (format!("%kxd{w} = memref.subview %m_kvx[0, {j}] [%m_nk, {w}] [1, 1] : memref<?x{hp}xf32> to {ty}"), ty)
+                    (
+                        format!(
+                            "%kxd{w} = memref.subview %m_kvx[0, {j}] [%m_nk, {w}] [1, 1] : memref<?x{hp}xf32> to {ty}"
+                        ),
+                        ty,
+                    )
                 },
             );
             s.push_str(&text);
@@ -477,7 +490,9 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
         // Value rows `0..%m_vis`, columns `col0 + v ..` of a `[?, cols]` tensor, as `[1, vis, w]`.
         let value_tile = |src: &'static str, cols: usize, col0: &'static str, name: &'static str| {
             move |v: &str, w: usize| {
-                format!("%{name}c{w} = arith.addi {col0}, {v} : index\n%{name}w{w}s = tensor.extract_slice {src}[0, %{name}c{w}] [%m_vis, {w}] [1, 1] : tensor<?x{cols}xf32> to tensor<?x{w}xf32>\n%{name}w{w} = tensor.expand_shape %{name}w{w}s [[0, 1], [2]] output_shape [1, %m_vis, {w}] : tensor<?x{w}xf32> into tensor<1x?x{w}xf32>")
+                let col = format!("%{name}c{w}");
+                let tile = k_major_tile(name, (src, &format!("tensor<?x{cols}xf32>")), ("0", "%m_vis"), &col, w);
+                format!("{col} = arith.addi {col0}, {v} : index\n{tile}")
             }
         };
         if absorbed {
@@ -488,9 +503,7 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
                 "qa",
                 ("%m_xn", "%m_rows", Some(dn)),
                 Columns::Static(kv),
-                &|j, w| {
-                    format!("%qaw{w}s = tensor.extract_slice {kvbf_t}[%m_hb, {j}] [{dn}, {w}] [1, 1] : {kvbf_ty} to tensor<{dn}x{w}xf32>\n%qaw{w} = tensor.expand_shape %qaw{w}s [[0, 1], [2]] output_shape [1, {dn}, {w}] : tensor<{dn}x{w}xf32> into tensor<1x{dn}x{w}xf32>")
-                },
+                &|j, w| k_major_tile("qa", (&kvbf_t, &kvbf_ty), ("%m_hb", &dn.to_string()), j, w),
                 &|j, w| {
                     let ty = format!("memref<?x{w}xf32, strided<[{}, 1], offset: ?>>", h * kv);
                     (format!("%qad{w} = memref.subview %m_qa[0, %m_h, {j}] [%m_rows, 1, {w}] [1, 1, 1] : memref<?x{h}x{kv}xf32> to {ty}"), ty)
