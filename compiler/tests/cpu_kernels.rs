@@ -726,7 +726,8 @@ fn fp8_weight_kernels_match_the_dequantized_reference() {
 #[test]
 fn fp8_grouped_moe_kernels_match_the_reference() {
     // 176: two partitions and a ragged last group; 48: one group, the second partition empty.
-    for (hidden, inter) in [(160, 176), (96, 48)] {
+    // 256 x 256: whole 128-blocks of K (the transposed weight decode), two partitions.
+    for (hidden, inter) in [(160, 176), (96, 48), (256, 256)] {
         fp8_grouped_moe_case(hidden, inter, true);
     }
     // f32 activations on fp8 weights (the f32 oracle precision): weights dequantized as read.
@@ -1246,7 +1247,7 @@ fn fp8_gemm_template_matches_the_reference_bit_for_bit() {
     let context = v3c_compiler::mlir::new_context();
     v3c_dialects::load(&context).unwrap();
     let mut rng = Rng(5);
-    for (m, k, n) in [(1usize, 128usize, 16usize), (3, 200, 40), (50, 384, 160), (5, 64, 7)] {
+    for (m, k, n) in [(1usize, 128usize, 16usize), (3, 200, 40), (50, 384, 160), (5, 64, 7), (9, 256, 23)] {
         let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
         let text = format!(
             "func.func private @fp8_gemm(%x: tensor<?x{k}xf8E4M3FN>, %xs: tensor<?x{kb}xf32>, %w: tensor<{n}x{k}xf8E4M3FN>, %ws: tensor<{nb}x{kb}xf32>) -> tensor<?x{n}xf32> attributes {{v3.kernel = \"linear\"}} {{
@@ -1265,6 +1266,9 @@ fn fp8_gemm_template_matches_the_reference_bit_for_bit() {
             !after.contains("linalg.") && !after.contains("fma"),
             "{m}x{k}x{n}: untiled ops or fused multiply-adds"
         );
+        // Whole 128-blocks of K: the weights' transposed decode reads rows and transposes them
+        // in registers, no gathers.
+        assert!(!k.is_multiple_of(128) || !after.contains("vector.gather"), "{m}x{k}x{n}: gathers left");
         let kernel = CpuKernel::compile(&context, &f).unwrap();
         // e4m3 bits without the NaN codes; positive scales.
         let mut bits = |count: usize| -> Vec<u8> {

@@ -10,7 +10,9 @@
 //!
 //! Its IR: the activations decoded once into a scratch `[M, KB, 128]` (zero past K); then, per
 //! tile of 16 output columns (and one narrower tail tile), the tile's weights decoded into a
-//! scratch `[KB, 128, 16]` (transposed, so that a K step reads the tile's 16 values contiguously)
+//! scratch `[KB, 128, 16]` (transposed, so that a K step reads the tile's 16 values contiguously;
+//! with whole 128-blocks of K read as contiguous 16-byte rows and transposed in registers,
+//! [`Emitter::transposed_decode`], else gathered)
 //! and the tile's outputs as two tagged generics ([`Emitter::tile_generics`]): the per-block
 //! partial sums `[M, KB, 16]` and their scaled sum over blocks `[M, 16]`, written into the
 //! output's columns — for the rows in groups of [`ROW_GROUP`] (`[M/8, 8, ...]`), then for the
@@ -75,6 +77,26 @@ pub(super) fn script((width, scaled, group): (usize, bool, usize)) -> String {
       transform.structured.vectorize %tred : !transform.any_op
       transform.structured.vectorize %ffill : !transform.any_op
       transform.structured.vectorize %tyfill : !transform.any_op
+    }}
+"
+    )
+}
+
+/// The transform-script block of the transposed e4m3 decodes `width` columns wide
+/// ([`Emitter::transposed_decode`]): tiles of 16 K steps by the width, vectorized, and their
+/// transposed reads made contiguous 16-byte row loads and a register transpose
+/// (`transfer_permutation_patterns`, here only; the lowering's `lower_transpose` shuffles) instead
+/// of one strided gather per element.
+pub(super) fn decode_script(width: usize) -> String {
+    format!(
+        "    %dec_{width} = transform.structured.match ops{{[\"linalg.generic\"]}} attributes {{v3c.fp8 = \"decode_w{width}\"}} in %root : (!transform.any_op) -> !transform.any_op
+    transform.foreach %dec_{width} : !transform.any_op {{
+    ^bb0(%op: !transform.any_op):
+      %t, %l0, %l1, %l2 = transform.structured.tile_using_for %op tile_sizes [1, 16, {width}] : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op, !transform.any_op)
+      transform.structured.vectorize %t : !transform.any_op
+      transform.apply_patterns to %l0 {{
+        transform.apply_patterns.vector.transfer_permutation_patterns
+      }} : !transform.any_op
     }}
 "
     )
@@ -166,9 +188,20 @@ impl Emitter {
         let (kb, width) = (wt_shape.dims[0].unwrap_or(0), wt_shape.dims[2].unwrap_or(0));
         let wt_ty = memref(wt_shape);
         // wt[b, kk, c] = w[j0 + c, b * 128 + kk]: one decode per weight per call.
-        let (decode, result) = decode_at(&names.wq, &tensor_type(&w.1), "%col", ("%i0", "%i1"), k);
-        let body = format!("{}%col = arith.addi {j0}, %i2 : index\n{decode}", indices(3));
-        self.row_generic((wt, &wt_ty), wt_shape, &[], ("", &body, result));
+        if k.is_multiple_of(FP8_BLOCK) {
+            let (slice, sfx) = (self.fresh(), format!("_d{}", self.next));
+            self.line(&format!(
+                "{slice} = tensor.extract_slice {}[{j0}, 0] [{width}, {k}] [1, 1] : {} to tensor<{width}x{k}xi8>",
+                names.wq,
+                tensor_type(&w.1)
+            ));
+            let text = self.transposed_decode(&sfx, &slice, (k, width), (wt, &wt_ty));
+            self.line(&text);
+        } else {
+            let (decode, result) = decode_at(&names.wq, &tensor_type(&w.1), "%col", ("%i0", "%i1"), k);
+            let body = format!("{}%col = arith.addi {j0}, %i2 : index\n{decode}", indices(3));
+            self.row_generic((wt, &wt_ty), wt_shape, &[], ("", &body, result));
+        }
         let (wtt, ysub, nb, blk, c0, wsr) =
             (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
         let ysub_ty = subview_type(out, &[None, Some(width)]);
@@ -196,6 +229,39 @@ impl Emitter {
             (&ysub, &ysub_ty),
         );
         self.line(&text);
+    }
+
+    /// Text decoding the e4m3 rows `src` (a tensor `[width, K]` of bits, K a multiple of 128) into
+    /// the transposed tile `buf` (`[K/128, 128, width]` f32, a memref of `buf_ty`) as the fp8 GEMM
+    /// template reads its weights: a generic reading `src` as `[width, K/128, 128]` through a
+    /// transposed map, which [`decode_script`] vectorizes into contiguous row reads and register
+    /// transposes. SSA names end in `sfx`.
+    pub(super) fn transposed_decode(
+        &mut self,
+        sfx: &str,
+        src: &str,
+        (k, width): (usize, usize),
+        (buf, buf_ty): (&str, &str),
+    ) -> String {
+        if !self.fp8_decodes.contains(&width) {
+            self.fp8_decodes.push(width);
+        }
+        let kb = k / FP8_BLOCK;
+        let (w3_ty, t_ty) =
+            (format!("tensor<{width}x{kb}x{FP8_BLOCK}xi8>"), format!("tensor<{kb}x{FP8_BLOCK}x{width}xf32>"));
+        format!(
+            "%dw3{sfx} = tensor.expand_shape {src} [[0], [1, 2]] output_shape [{width}, {kb}, {FP8_BLOCK}] : tensor<{width}x{k}xi8> into {w3_ty}
+%dwe{sfx} = tensor.empty() : {t_ty}
+%dwd{sfx} = linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"parallel\", \"parallel\"]}} ins(%dw3{sfx} : {w3_ty}) outs(%dwe{sfx} : {t_ty}) attrs = {{v3c.fp8 = \"decode_w{width}\"}} {{
+^bb0(%b: i8, %c: f32):
+{}
+  linalg.yield %r : f32
+}} -> {t_ty}
+bufferization.materialize_in_destination %dwd{sfx} in restrict writable {buf} : ({t_ty}, {buf_ty}) -> ()",
+            affine(&["b", "kk", "n"], &["n", "b", "kk"]),
+            identity(3),
+            indent(DECODE_BODY, 2),
+        )
     }
 
     /// The text of one fp8 GEMM tile (SSA names ending in `sfx`): the tagged per-block partial

@@ -92,6 +92,7 @@ pub(super) fn transform_script(column_tiles: &[usize], row_blocks: &str) -> Stri
       transform.apply_patterns.canonicalization
     }} : !transform.any_op
     transform.apply_patterns to %fb {{
+      transform.apply_patterns.vector.lower_transpose lowering_strategy = \"shuffle_16x16\"
       transform.apply_patterns.vector.lower_contraction lowering_strategy = \"parallelarith\"
       transform.apply_patterns.vector.lower_multi_reduction lowering_strategy = \"innerreduction\"
       transform.apply_patterns.vector.lower_transfer max_transfer_rank = 1

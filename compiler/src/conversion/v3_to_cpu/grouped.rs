@@ -528,6 +528,16 @@ scf.yield
     ) -> String {
         let tile_ty = format!("tensor<{kb}x{bl}x{width}xf32>");
         let buf_ty = format!("memref<{kb}x{bl}x{width}xf32>");
+        if scales.is_none() && bl == FP8_BLOCK && k.is_multiple_of(FP8_BLOCK) {
+            // Contiguous rows read and transposed in registers (`fp8_tiled::decode_script`).
+            let slice = format!(
+                "%ws{sfx}r = tensor.extract_slice {stack}[%ex, {j0}, 0] [1, {width}, {k}] [1, 1, 1] : {stack_ty} to tensor<{width}x{k}xi8>"
+            );
+            let decode = self.transposed_decode(sfx, &format!("%ws{sfx}r"), (k, width), (buf, &buf_ty));
+            return format!(
+                "{slice}\n{decode}\n%wt{sfx} = bufferization.to_tensor {buf} restrict : {buf_ty} to {tile_ty}"
+            );
+        }
         let mut body = format!(
             "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%col = arith.addi {j0}, %i2 : index\n%blk = arith.constant {FP8_BLOCK} : index\n%kbase = arith.muli %i0, %cbl : index\n%k = arith.addi %kbase, %i1 : index\n"
         );
