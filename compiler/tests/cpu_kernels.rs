@@ -517,8 +517,11 @@ fn attention_kernels_match_the_reference_bit_for_bit() {
     let mut awkward = tiny.clone();
     (awkward.num_attention_heads, awkward.kv_lora_rank, awkward.qk_nope_head_dim) = (3, 40, 24);
     (awkward.qk_rope_head_dim, awkward.v_head_dim) = (8, 20);
+    // Value and latent widths of whole 16-lane tiles: W_UV transposed in registers.
+    let mut even = tiny.clone();
+    (even.num_attention_heads, even.kv_lora_rank, even.v_head_dim) = (2, 32, 32);
     let mut checked = Vec::new();
-    for (config, form) in [(&tiny, None), (&tiny, Some(AttentionForm::Absorbed)), (&awkward, None)] {
+    for (config, form) in [(&tiny, None), (&tiny, Some(AttentionForm::Absorbed)), (&awkward, None), (&even, None)] {
         let options = BuildOptions { attention_form: form, ..Default::default() };
         let module = Driver::quiet().run_model(&context, config, &Entry::ALL, &options, "fused").unwrap();
         let mut op = module.body().first_operation();
@@ -550,7 +553,7 @@ fn attention_kernels_match_the_reference_bit_for_bit() {
             checked.push(format!("{}/{form:?}", kernel.name));
         }
     }
-    assert_eq!(checked.len(), 6, "{checked:?}");
+    assert_eq!(checked.len(), 8, "{checked:?}");
 }
 
 /// On the CPU backend, prefill of T tokens then decode of k more (absorbed MLA over the latent cache)

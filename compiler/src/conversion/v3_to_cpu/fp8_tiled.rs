@@ -82,15 +82,15 @@ pub(super) fn script((width, scaled, group): (usize, bool, usize)) -> String {
     )
 }
 
-/// The transform-script block of the transposed e4m3 decodes `width` columns wide
-/// ([`Emitter::transposed_decode`]): tiles of 16 K steps by the width, vectorized, and their
-/// transposed reads made contiguous 16-byte row loads and a register transpose
-/// (`transfer_permutation_patterns`, here only; the lowering's `lower_transpose` shuffles) instead
-/// of one strided gather per element.
-pub(super) fn decode_script(width: usize) -> String {
+/// The transform-script block of the transposing generics `width` lanes wide
+/// ([`Emitter::transposed_generic`]: the e4m3 weights' decodes, the attention's weight
+/// transposes): tiles of 16 x the width, vectorized, and their transposed reads made contiguous row
+/// loads and a register transpose (`transfer_permutation_patterns`, here only; the lowering's
+/// `lower_transpose` shuffles) instead of one strided gather per element.
+pub(super) fn transpose_script(width: usize) -> String {
     format!(
-        "    %dec_{width} = transform.structured.match ops{{[\"linalg.generic\"]}} attributes {{v3c.fp8 = \"decode_w{width}\"}} in %root : (!transform.any_op) -> !transform.any_op
-    transform.foreach %dec_{width} : !transform.any_op {{
+        "    %tr_{width} = transform.structured.match ops{{[\"linalg.generic\"]}} attributes {{v3c.fp8 = \"transpose_w{width}\"}} in %root : (!transform.any_op) -> !transform.any_op
+    transform.foreach %tr_{width} : !transform.any_op {{
     ^bb0(%op: !transform.any_op):
       %t, %l0, %l1, %l2 = transform.structured.tile_using_for %op tile_sizes [1, 16, {width}] : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op, !transform.any_op)
       transform.structured.vectorize %t : !transform.any_op
@@ -233,9 +233,7 @@ impl Emitter {
 
     /// Text decoding the e4m3 rows `src` (a tensor `[width, K]` of bits, K a multiple of 128) into
     /// the transposed tile `buf` (`[K/128, 128, width]` f32, a memref of `buf_ty`) as the fp8 GEMM
-    /// template reads its weights: a generic reading `src` as `[width, K/128, 128]` through a
-    /// transposed map, which [`decode_script`] vectorizes into contiguous row reads and register
-    /// transposes. SSA names end in `sfx`.
+    /// template reads its weights. SSA names end in `sfx`.
     pub(super) fn transposed_decode(
         &mut self,
         sfx: &str,
@@ -243,24 +241,53 @@ impl Emitter {
         (k, width): (usize, usize),
         (buf, buf_ty): (&str, &str),
     ) -> String {
-        if !self.fp8_decodes.contains(&width) {
-            self.fp8_decodes.push(width);
-        }
         let kb = k / FP8_BLOCK;
-        let (w3_ty, t_ty) =
-            (format!("tensor<{width}x{kb}x{FP8_BLOCK}xi8>"), format!("tensor<{kb}x{FP8_BLOCK}x{width}xf32>"));
+        let w3_ty = format!("tensor<{width}x{kb}x{FP8_BLOCK}xi8>");
+        let view = format!(
+            "%dw3{sfx} = tensor.expand_shape {src} [[0], [1, 2]] output_shape [{width}, {kb}, {FP8_BLOCK}] : tensor<{width}x{k}xi8> into {w3_ty}\n"
+        );
+        let generic = self.transposed_generic(
+            sfx,
+            (&format!("%dw3{sfx}"), &w3_ty, "i8"),
+            ["c", "a", "b"],
+            [kb, FP8_BLOCK, width],
+            (DECODE_BODY, "%r"),
+            (buf, buf_ty),
+        );
+        view + &generic
+    }
+
+    /// Text of `buf[a, b, c] = f(src[read])` (`read` the source's indices in terms of the output's
+    /// `a, b, c`, a permutation with `c` not last; `src` a tensor of `src_ty` with elements `el`,
+    /// `dims` the output's, `f` the `body` on `%b` leaving `result`), tagged for
+    /// [`transpose_script`]: contiguous row reads transposed in registers. The output's middle dim
+    /// must be a multiple of 16, its last one at most 16 or a multiple of 16. SSA names end in
+    /// `sfx`.
+    pub(super) fn transposed_generic(
+        &mut self,
+        sfx: &str,
+        (src, src_ty, el): (&str, &str, &str),
+        read: [&str; 3],
+        [d0, d1, d2]: [usize; 3],
+        (body, result): (&str, &str),
+        (buf, buf_ty): (&str, &str),
+    ) -> String {
+        let width = d2.min(16);
+        if !self.transposes.contains(&width) {
+            self.transposes.push(width);
+        }
+        let t_ty = format!("tensor<{d0}x{d1}x{d2}xf32>");
         format!(
-            "%dw3{sfx} = tensor.expand_shape {src} [[0], [1, 2]] output_shape [{width}, {kb}, {FP8_BLOCK}] : tensor<{width}x{k}xi8> into {w3_ty}
-%dwe{sfx} = tensor.empty() : {t_ty}
-%dwd{sfx} = linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"parallel\", \"parallel\"]}} ins(%dw3{sfx} : {w3_ty}) outs(%dwe{sfx} : {t_ty}) attrs = {{v3c.fp8 = \"decode_w{width}\"}} {{
-^bb0(%b: i8, %c: f32):
+            "%dwe{sfx} = tensor.empty() : {t_ty}
+%dwd{sfx} = linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"parallel\", \"parallel\"]}} ins({src} : {src_ty}) outs(%dwe{sfx} : {t_ty}) attrs = {{v3c.fp8 = \"transpose_w{width}\"}} {{
+^bb0(%b: {el}, %c: f32):
 {}
-  linalg.yield %r : f32
+  linalg.yield {result} : f32
 }} -> {t_ty}
 bufferization.materialize_in_destination %dwd{sfx} in restrict writable {buf} : ({t_ty}, {buf_ty}) -> ()",
-            affine(&["b", "kk", "n"], &["n", "b", "kk"]),
+            affine(&["a", "b", "c"], &read),
             identity(3),
-            indent(DECODE_BODY, 2),
+            indent(body, 2),
         )
     }
 

@@ -529,7 +529,7 @@ scf.yield
         let tile_ty = format!("tensor<{kb}x{bl}x{width}xf32>");
         let buf_ty = format!("memref<{kb}x{bl}x{width}xf32>");
         if scales.is_none() && bl == FP8_BLOCK && k.is_multiple_of(FP8_BLOCK) {
-            // Contiguous rows read and transposed in registers (`fp8_tiled::decode_script`).
+            // Contiguous rows read and transposed in registers (`fp8_tiled::transpose_script`).
             let slice = format!(
                 "%ws{sfx}r = tensor.extract_slice {stack}[%ex, {j0}, 0] [1, {width}, {k}] [1, 1, 1] : {stack_ty} to tensor<{width}x{k}xi8>"
             );

@@ -285,16 +285,56 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
             let shape = Shape { dims: vec![Some(h), Some(kv), Some(dv)], element: "f32".into() };
             let buf = self.alloc(&shape, &kvbf);
             let kt = self.tensor_of(&kvbf);
-            let body = format!(
-                "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%per = arith.constant {per} : index\n%dn = arith.constant {dn} : index\n%hb = arith.muli %i0, %per : index\n%vb = arith.addi %hb, %dn : index\n%row = arith.addi %vb, %i2 : index\n%v = tensor.extract {kt}[%row, %i1] : {kvbf_ty}"
-            );
-            self.row_generic((&buf, &memref(&shape)), &shape, &[], ("", &body, "%v"));
+            if kv % 16 == 0 && dv % 16 == 0 {
+                // W_UV^T[h, c, e] = kv_b[h (dn + dv) + dn + e, c]: rows read, transposed in registers.
+                let (v3, uv) = (self.fresh(), self.fresh());
+                self.line(&format!(
+                    "{v3} = tensor.expand_shape {kt} [[0, 1], [2]] output_shape [{h}, {per}, {kv}] : {kvbf_ty} into tensor<{h}x{per}x{kv}xf32>
+    {uv} = tensor.extract_slice {v3}[0, {dn}, 0] [{h}, {dv}, {kv}] [1, 1, 1] : tensor<{h}x{per}x{kv}xf32> to tensor<{h}x{dv}x{kv}xf32>"
+                ));
+                let sfx = format!("_u{}", self.next);
+                let text = self.transposed_generic(
+                    &sfx,
+                    (&uv, &format!("tensor<{h}x{dv}x{kv}xf32>"), "f32"),
+                    ["a", "c", "b"],
+                    [h, kv, dv],
+                    ("", "%b"),
+                    (&buf, &memref(&shape)),
+                );
+                self.line(&text);
+            } else {
+                let body = format!(
+                    "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%per = arith.constant {per} : index\n%dn = arith.constant {dn} : index\n%hb = arith.muli %i0, %per : index\n%vb = arith.addi %hb, %dn : index\n%row = arith.addi %vb, %i2 : index\n%v = tensor.extract {kt}[%row, %i1] : {kvbf_ty}"
+                );
+                self.row_generic((&buf, &memref(&shape)), &shape, &[], ("", &body, "%v"));
+            }
             self.tensor_of(&(buf, shape))
         } else {
             let shape = Shape { dims: vec![Some(kv), Some(hp)], element: "f32".into() };
             let buf = self.alloc(&shape, &kvbf);
-            let ins = [self.indexed_by(&kvbf, 2, &[1, 0])];
-            self.row_generic((&buf, &memref(&shape)), &shape, &ins, ("%a: f32", "", "%a"));
+            if kv % 16 == 0 && hp % 16 == 0 {
+                // kv_b^T: rows read, transposed in registers (as [1, kv, hp]).
+                let kt = self.tensor_of(&kvbf);
+                let (v3, b3) = (self.fresh(), self.fresh());
+                self.line(&format!(
+                    "{v3} = tensor.expand_shape {kt} [[0, 1], [2]] output_shape [1, {hp}, {kv}] : {kvbf_ty} into tensor<1x{hp}x{kv}xf32>
+    {b3} = memref.expand_shape {buf} [[0, 1], [2]] output_shape [1, {kv}, {hp}] : {} into memref<1x{kv}x{hp}xf32>",
+                    memref(&shape)
+                ));
+                let sfx = format!("_w{}", self.next);
+                let text = self.transposed_generic(
+                    &sfx,
+                    (&v3, &format!("tensor<1x{hp}x{kv}xf32>"), "f32"),
+                    ["a", "c", "b"],
+                    [1, kv, hp],
+                    ("", "%b"),
+                    (&b3, &format!("memref<1x{kv}x{hp}xf32>")),
+                );
+                self.line(&text);
+            } else {
+                let ins = [self.indexed_by(&kvbf, 2, &[1, 0])];
+                self.row_generic((&buf, &memref(&shape)), &shape, &ins, ("%a: f32", "", "%a"));
+            }
             self.tensor_of(&(buf, shape))
         };
         let kvbf_t = self.tensor_of(&kvbf);

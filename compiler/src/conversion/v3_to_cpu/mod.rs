@@ -94,8 +94,8 @@ struct Emitter {
     /// Column-tile widths of the fp8 GEMMs emitted, scaled or not, and their row groups (their
     /// script blocks).
     fp8_widths: Vec<(usize, bool, usize)>,
-    /// Widths of the transposed e4m3 weight decodes emitted (their script blocks).
-    fp8_decodes: Vec<usize>,
+    /// Lane widths of the transposing generics emitted (their script blocks).
+    transposes: Vec<usize>,
 }
 
 impl Emitter {
@@ -178,7 +178,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         row_tiles: Vec::new(),
         tensors: HashMap::new(),
         fp8_widths: Vec::new(),
-        fp8_decodes: Vec::new(),
+        transposes: Vec::new(),
     };
     let mut inputs = Vec::new();
     for i in 0..block.argument_count() {
@@ -407,7 +407,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         globals.push_str(&fp8_helpers(&name));
     }
     if !e.column_tiles.is_empty() || !e.row_tiles.is_empty() || !e.fp8_widths.is_empty() {
-        let mut blocks: String = e.fp8_decodes.iter().map(|&w| fp8_tiled::decode_script(w)).collect();
+        let mut blocks: String = e.transposes.iter().map(|&w| fp8_tiled::transpose_script(w)).collect();
         blocks.extend(e.fp8_widths.iter().map(|&w| fp8_tiled::script(w)));
         blocks.extend(e.row_tiles.iter().map(rows::RowTile::script));
         globals.push_str(&gemm::transform_script(&e.column_tiles, &blocks));
