@@ -87,12 +87,17 @@ pub(super) fn script((width, scaled, group): (usize, bool, usize)) -> String {
 /// transposes): tiles of 16 x the width, vectorized, and their transposed reads made contiguous row
 /// loads and a register transpose (`transfer_permutation_patterns`, here only; the lowering's
 /// `lower_transpose` shuffles) instead of one strided gather per element.
+///
+/// `width` 0 is the other shape, for an output `[columns, key tiles, 16]` read from rows of
+/// columns: tiles of 16 columns x one key tile x 16 keys, key tiles outermost.
 pub(super) fn transpose_script(width: usize) -> String {
+    let (sizes, order) = if width == 0 { ("16, 1, 16", " interchange = [1, 0, 2]") } else { ("1, 16, {width}", "") };
+    let sizes = sizes.replace("{width}", &width.to_string());
     format!(
         "    %tr_{width} = transform.structured.match ops{{[\"linalg.generic\"]}} attributes {{v3c.fp8 = \"transpose_w{width}\"}} in %root : (!transform.any_op) -> !transform.any_op
     transform.foreach %tr_{width} : !transform.any_op {{
     ^bb0(%op: !transform.any_op):
-      %t, %l0, %l1, %l2 = transform.structured.tile_using_for %op tile_sizes [1, 16, {width}] : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op, !transform.any_op)
+      %t, %l0, %l1, %l2 = transform.structured.tile_using_for %op tile_sizes [{sizes}]{order} : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op, !transform.any_op)
       transform.structured.vectorize %t : !transform.any_op
       transform.apply_patterns to %l0 {{
         transform.apply_patterns.vector.transfer_permutation_patterns
@@ -257,6 +262,14 @@ impl Emitter {
         view + &generic
     }
 
+    /// Registers the [`transpose_script`] block of `width` lanes; returns the tag it matches.
+    pub(super) fn use_transpose(&mut self, width: usize) -> String {
+        if !self.transposes.contains(&width) {
+            self.transposes.push(width);
+        }
+        format!("transpose_w{width}")
+    }
+
     /// Text of `buf[a, b, c] = f(src[read])` (`read` the source's indices in terms of the output's
     /// `a, b, c`, a permutation with `c` not last; `src` a tensor of `src_ty` with elements `el`,
     /// `dims` the output's, `f` the `body` on `%b` leaving `result`), tagged for
@@ -273,13 +286,11 @@ impl Emitter {
         (buf, buf_ty): (&str, &str),
     ) -> String {
         let width = d2.min(16);
-        if !self.transposes.contains(&width) {
-            self.transposes.push(width);
-        }
+        let tag = self.use_transpose(width);
         let t_ty = format!("tensor<{d0}x{d1}x{d2}xf32>");
         format!(
             "%dwe{sfx} = tensor.empty() : {t_ty}
-%dwd{sfx} = linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"parallel\", \"parallel\"]}} ins({src} : {src_ty}) outs(%dwe{sfx} : {t_ty}) attrs = {{v3c.fp8 = \"transpose_w{width}\"}} {{
+%dwd{sfx} = linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"parallel\", \"parallel\"]}} ins({src} : {src_ty}) outs(%dwe{sfx} : {t_ty}) attrs = {{v3c.fp8 = \"{tag}\"}} {{
 ^bb0(%b: {el}, %c: f32):
 {}
   linalg.yield {result} : f32

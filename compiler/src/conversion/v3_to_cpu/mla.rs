@@ -394,13 +394,46 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
         let lt_ty = format!("memref<{lt_rows}x?x16xf32>");
         s.push_str(&format!("%m_lt = memref.alloc(%m_kt) : {lt_ty}\n"));
         let key = format!("%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%k16 = arith.constant 16 : index\n%jb = arith.muli %i1, %k16 : index\n%j = arith.addi %jb, %i2 : index\n%jc = arith.minui %j, %m_nk1 : index\n");
+        // Whole key tiles (and whole 16-column tiles): contiguous row reads transposed in
+        // registers (`fp8_tiled::transpose_script`); the last partial key tile by the clamped
+        // gather below. Otherwise every tile by the clamped gather.
+        let (first_tile, tiles) = if lt_rows % 16 == 0 {
+            let (src_ty, st_ty) = (format!("tensor<?x16x{lt_rows}xf32>"), format!("tensor<{lt_rows}x?x16xf32>"));
+            let view_ty = format!("memref<{lt_rows}x?x16xf32, strided<[?, 16, 1]>>");
+            let tag = self.use_transpose(0);
+            s.push_str(&format!(
+                "%m_kf = arith.divui %m_nk, %m_c16 : index
+%m_nkf = arith.muli %m_kf, %m_c16 : index
+%m_latf = tensor.extract_slice %m_lat[0, {lt_col0}] [%m_nkf, {lt_rows}] [1, 1] : tensor<?x{c}xf32> to tensor<?x{lt_rows}xf32>
+%m_lat3 = tensor.expand_shape %m_latf [[0, 1], [2]] output_shape [%m_kf, 16, {lt_rows}] : tensor<?x{lt_rows}xf32> into {src_ty}
+%m_ltfv = memref.subview %m_lt[0, 0, 0] [{lt_rows}, %m_kf, 16] [1, 1, 1] : {lt_ty} to {view_ty}
+%m_ltfe = tensor.empty(%m_kf) : {st_ty}
+%m_ltfg = linalg.generic {{indexing_maps = [{}, {}], iterator_types = [\"parallel\", \"parallel\", \"parallel\"]}} ins(%m_lat3 : {src_ty}) outs(%m_ltfe : {st_ty}) attrs = {{v3c.fp8 = \"{tag}\"}} {{
+^bb0(%a: f32, %c: f32):
+  linalg.yield %a : f32
+}} -> {st_ty}
+bufferization.materialize_in_destination %m_ltfg in restrict writable %m_ltfv : ({st_ty}, {view_ty}) -> ()
+%m_ktl = arith.subi %m_kt, %m_kf : index
+",
+                affine(&["c", "t", "l"], &["t", "l", "c"]),
+                identity(3),
+            ));
+            ("%m_kf", "%m_ktl")
+        } else {
+            ("%m_c0", "%m_kt")
+        };
+        let tiles_ty = format!("memref<{lt_rows}x?x16xf32, strided<[?, 16, 1], offset: ?>>");
+        s.push_str(&format!(
+            "%m_ltv = memref.subview %m_lt[0, {first_tile}, 0] [{lt_rows}, {tiles}, 16] [1, 1, 1] : {lt_ty} to {tiles_ty}\n"
+        ));
         let lt_body = format!(
-            "{key}%c0f = arith.constant {lt_col0} : index\n%col = arith.addi %i0, %c0f : index\n%v = tensor.extract %m_lat[%jc, %col] : tensor<?x{c}xf32>"
+            "{}%c0f = arith.constant {lt_col0} : index\n%col = arith.addi %i0, %c0f : index\n%v = tensor.extract %m_lat[%jc, %col] : tensor<?x{c}xf32>",
+            key.replace("%jb = arith.muli %i1, %k16", &format!("%t = arith.addi %i1, {first_tile} : index\n%jb = arith.muli %t, %k16"))
         );
         let text = self.generic_into(
             "%m_ltx",
-            ("%m_lt", &lt_ty),
-            (&format!("tensor<{lt_rows}x?x16xf32>"), "%m_kt", 3),
+            ("%m_ltv", &tiles_ty),
+            (&format!("tensor<{lt_rows}x?x16xf32>"), tiles, 3),
             &[],
             ("", &lt_body, "%v"),
             key_tiles(true, 1),
