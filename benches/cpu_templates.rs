@@ -5,6 +5,10 @@
 //! `cpu_fp8_gemm`: the block-scaled e4m3 GEMM of q_a_proj + kv_a_proj (7168 -> 2112) for one
 //! decode token and for 64 prefill tokens, throughput in multiply-adds; `cpu_fp8_weight_gemm`:
 //! the same weights with f32 activations (f32 precision of an fp8 checkpoint).
+//! `cpu_mla_attention`: MLA at DeepSeek-V3's head widths (nope 128, rope 64, v 128, latent 512,
+//! bf16 kv_b), absorbed decode of one sequence with all 128 heads over 1024 cached rows (W_UV's
+//! per-launch transpose included), and naive causal prefill of 256 tokens with 16 heads (the
+//! latent's expansion included), throughput in queries.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use melior::ir::block::BlockLike;
@@ -170,5 +174,64 @@ fn fp8_gemm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, rows, fp8_gemm);
+fn attention(c: &mut Criterion) {
+    let context = v3c_compiler::mlir::new_context();
+    v3c_dialects::load(&context).unwrap();
+    let f32s = |shape: Vec<usize>| {
+        let n = shape.iter().product::<usize>();
+        HostBuffer { shape, data: HostData::F32((0..n).map(|i| ((i * 7919) % 1000) as f32 / 2000.0 - 0.25).collect()) }
+    };
+    let bf16s = |shape: Vec<usize>| {
+        let n = shape.iter().product::<usize>();
+        let v = (0..n).map(|i| v3c_models::dtype::f32_to_bf16(((i * 104729) % 1000) as f32 / 20000.0 - 0.025));
+        HostBuffer { shape, data: HostData::Bf16(v.collect()) }
+    };
+    let mut group = c.benchmark_group("cpu_mla_attention");
+    group.sample_size(10);
+    // Absorbed decode: 128 heads, one sequence at position 1023.
+    let (h, s) = (128usize, 1024usize);
+    let text = format!(
+        "func.func private @decode(%qn: tensor<?x{h}x128xf32>, %qp: tensor<?x{h}x64xf32>, %lat: tensor<?x?x576xf32>, %pos: tensor<?xi64>, %kvb: tensor<{hp}x512xbf16>) -> tensor<?x{h}x128xf32> attributes {{v3.kernel = \"attention_decode\"}} {{
+  %o = \"v3.attention_decode\"(%qn, %qp, %lat, %pos, %kvb) {{form = \"absorbed\", kv_lora_rank = 512 : i64, scale = 0.135233775 : f32}} : (tensor<?x{h}x128xf32>, tensor<?x{h}x64xf32>, tensor<?x?x576xf32>, tensor<?xi64>, tensor<{hp}x512xbf16>) -> tensor<?x{h}x128xf32>
+  return %o : tensor<?x{h}x128xf32>
+}}",
+        hp = h * 256
+    );
+    let module = v3c_compiler::mlir::parse_module(&context, &text, "decode").unwrap();
+    let kernel = CpuKernel::compile(&context, &module.body().first_operation().unwrap()).unwrap();
+    let mut inputs = vec![
+        f32s(vec![1, h, 128]),
+        f32s(vec![1, h, 64]),
+        f32s(vec![1, s, 576]),
+        HostBuffer { shape: vec![1], data: HostData::I64(vec![s as i64 - 1]) },
+        bf16s(vec![h * 256, 512]),
+    ];
+    let mut outputs = vec![f32s(vec![1, h, 128])];
+    group.throughput(Throughput::Elements(1));
+    // SAFETY: the output has the shape the kernel computes.
+    group.bench_function("decode_absorbed_h128_ctx1024", |b| {
+        b.iter(|| unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap())
+    });
+    // Naive causal prefill: 16 heads, 256 tokens.
+    let (h, t) = (16usize, 256usize);
+    let text = format!(
+        "func.func private @prefill(%qn: tensor<?x{h}x128xf32>, %qp: tensor<?x{h}x64xf32>, %lat: tensor<?x576xf32>, %kvb: tensor<{hp}x512xbf16>) -> tensor<?x{h}x128xf32> attributes {{v3.kernel = \"attention\"}} {{
+  %o = \"v3.attention\"(%qn, %qp, %lat, %kvb) {{form = \"naive\", kv_lora_rank = 512 : i64, scale = 0.135233775 : f32}} : (tensor<?x{h}x128xf32>, tensor<?x{h}x64xf32>, tensor<?x576xf32>, tensor<{hp}x512xbf16>) -> tensor<?x{h}x128xf32>
+  return %o : tensor<?x{h}x128xf32>
+}}",
+        hp = h * 256
+    );
+    let module = v3c_compiler::mlir::parse_module(&context, &text, "prefill").unwrap();
+    let kernel = CpuKernel::compile(&context, &module.body().first_operation().unwrap()).unwrap();
+    let mut inputs = vec![f32s(vec![t, h, 128]), f32s(vec![t, h, 64]), f32s(vec![t, 576]), bf16s(vec![h * 256, 512])];
+    let mut outputs = vec![f32s(vec![t, h, 128])];
+    group.throughput(Throughput::Elements(t as u64));
+    // SAFETY: the output has the shape the kernel computes.
+    group.bench_function("prefill_naive_h16_256", |b| {
+        b.iter(|| unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, rows, fp8_gemm, attention);
 criterion_main!(benches);
