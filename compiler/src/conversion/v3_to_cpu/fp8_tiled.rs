@@ -228,7 +228,7 @@ impl Emitter {
             &sfx,
             rows,
             (xft, &format!("tensor<?x{kb}x{FP8_BLOCK}xf32>")),
-            &wtt,
+            (&wtt, "f32"),
             Some((xst, &xs_ty, &wsr)),
             (kb, Some(FP8_BLOCK), width),
             (&ysub, &ysub_ty),
@@ -315,7 +315,7 @@ bufferization.materialize_in_destination %dwd{sfx} in restrict writable {buf} : 
         sfx: &str,
         rows: &str,
         (x, x_ty): (&str, &str),
-        wt: &str,
+        (wt, wt_el): (&str, &str),
         scales: Option<(&str, &str, &str)>,
         (kb, bl, width): (usize, Option<usize>, usize),
         (dest, dest_ty): (&str, &str),
@@ -372,7 +372,7 @@ bufferization.materialize_in_destination %dwd{sfx} in restrict writable {buf} : 
             ROW_GROUP,
             &format!("%tgnb{sfx}"),
             (&format!("%tgxg{sfx}"), &format!("tensor<?x{ROW_GROUP}x{kb}x{bls}xf32>")),
-            (wt, &format!("tensor<{kb}x{bls}x{width}xf32>")),
+            (wt, &format!("tensor<{kb}x{bls}x{width}x{wt_el}>")),
             s4.as_ref().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
             (kb, width),
             (&format!("%tgdg{sfx}"), &d4_ty),
@@ -382,7 +382,7 @@ bufferization.materialize_in_destination %dwd{sfx} in restrict writable {buf} : 
             1,
             &format!("%tgrr{sfx}"),
             (&format!("%tgx1{sfx}"), &slice_ty),
-            (wt, &format!("tensor<{kb}x{bls}x{width}xf32>")),
+            (wt, &format!("tensor<{kb}x{bls}x{width}x{wt_el}>")),
             s1.as_ref().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
             (kb, width),
             (&format!("%tgd1{sfx}"), dest_ty),
@@ -409,6 +409,13 @@ bufferization.materialize_in_destination %dwd{sfx} in restrict writable {buf} : 
         (dest, dest_ty): (&str, &str),
     ) -> String {
         self.use_fp8_width((width, scales.is_some(), group));
+        // A weight tile of bf16 (MLA's kv_b read as stored) is widened as read: exact.
+        let wt_el = wt_ty.rsplit('x').next().unwrap_or("f32>").trim_end_matches('>');
+        let (widen, bw) = if wt_el == "f32" {
+            (String::new(), "%b")
+        } else {
+            (format!("%bw = arith.extf %b : {wt_el} to f32"), "%bw")
+        };
         let g = if group == 1 { String::new() } else { format!("{group}x") };
         let p_ty = format!("tensor<?x{g}{kb}x{width}xf32>");
         let y_ty = format!("tensor<?x{g}{width}xf32>");
@@ -438,8 +445,9 @@ bufferization.materialize_in_destination %dwd{sfx} in restrict writable {buf} : 
             "%pe{sfx} = tensor.empty({count}) : {p_ty}
 %pz{sfx} = linalg.fill ins(%zero : f32) outs(%pe{sfx} : {p_ty}) -> {p_ty}
 %part{sfx} = linalg.generic {{indexing_maps = [{}, {}, {}], iterator_types = [{row_par}, \"parallel\", \"reduction\", \"parallel\"]}} ins({x}, {wt} : {x_ty}, {wt_ty}) outs(%pz{sfx} : {p_ty}) attrs = {{v3c.fp8 = \"partial\"}} {{
-^bb0(%a: f32, %b: f32, %c: f32):
-  %p = arith.mulf %a, %b : f32
+^bb0(%a: f32, %b: {wt_el}, %c: f32):
+  {widen}
+  %p = arith.mulf %a, {bw} : f32
   %s = arith.addf %c, %p : f32
   linalg.yield %s : f32
 }} -> {p_ty}

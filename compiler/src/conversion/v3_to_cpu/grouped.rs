@@ -796,7 +796,7 @@ scf.if %some {{
             &sfx,
             "%gn",
             ("%xe", &format!("tensor<?x{kb}x{bl}xf32>")),
-            &format!("%wt{sfx}"),
+            (&format!("%wt{sfx}"), "f32"),
             scaled.then_some(("%xse", xs_ty.as_str(), ws.as_str())),
             (kb, Some(bl), w),
             (&format!("%ys{sfx}"), &ys_ty),

@@ -61,8 +61,9 @@ fn tiles_of(name: &str, n: &str) -> String {
 /// index value for a dynamic one).
 fn k_major_tile(name: &str, (src, src_ty): (&str, &str), (r0, k): (&str, &str), j: &str, w: usize) -> String {
     let ks = if k.starts_with('%') { "?" } else { k };
+    let el = src_ty.rsplit('x').next().unwrap_or("f32>").trim_end_matches('>');
     format!(
-        "%{name}w{w}s = tensor.extract_slice {src}[{r0}, {j}] [{k}, {w}] [1, 1] : {src_ty} to tensor<{ks}x{w}xf32>\n%{name}w{w} = tensor.expand_shape %{name}w{w}s [[0, 1], [2]] output_shape [1, {k}, {w}] : tensor<{ks}x{w}xf32> into tensor<1x{ks}x{w}xf32>"
+        "%{name}w{w}s = tensor.extract_slice {src}[{r0}, {j}] [{k}, {w}] [1, 1] : {src_ty} to tensor<{ks}x{w}x{el}>\n%{name}w{w} = tensor.expand_shape %{name}w{w}s [[0, 1], [2]] output_shape [1, {k}, {w}] : tensor<{ks}x{w}x{el}> into tensor<1x{ks}x{w}x{el}>"
     )
 }
 
@@ -184,13 +185,13 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
 
     /// Text of `dest = x . w` in the reference's order: `x` a tensor `[R, 1, K]` (`rows` = R; K
     /// static, or dynamic when `None`), per 16-column tile of `n` the text `w_tile(v, width)`
-    /// defining the tensor `%{name}w{width}` `[1, K, width]` and `dest(v, width)` defining the
+    /// defining the tensor `%{name}w{width}` `[1, K, width]` of `w_el` (f32, or bf16 widened as read) and `dest(v, width)` defining the
     /// memref `%{name}d{width}` `[R, width]` (returning its type), `v` the loop variable.
     fn exact_gemm(
         &mut self,
         name: &str,
         (x, rows, k): (&str, &str, Option<usize>),
-        n: Columns,
+        (n, w_el): (Columns, &str),
         w_tile: &dyn Fn(&str, usize) -> String,
         dest: &dyn Fn(&str, usize) -> (String, String),
     ) -> String {
@@ -202,7 +203,7 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
                 &format!("{name}{w}"),
                 rows,
                 (x, &x_ty),
-                &format!("%{name}w{w}"),
+                (&format!("%{name}w{w}"), w_el),
                 None,
                 (1, k, w),
                 (&format!("%{name}d{w}"), &d_ty),
@@ -234,29 +235,18 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
         }
     }
 
-    /// `kv_b` [H (dn + dv), kv] as f32: itself, or decoded (fp8, times its 128 x 128 block's
-    /// scale) or widened (bf16) once per launch by a row template.
-    fn kv_b_f32(&mut self, kvb: &(String, Shape), scale: Option<&(String, Shape)>) -> (String, Shape) {
-        if kvb.1.element == "f32" && scale.is_none() {
-            return kvb.clone();
-        }
+    /// An e4m3 `kv_b` [H (dn + dv), kv] dequantized (each value times its 128 x 128 block's
+    /// `scale`) into f32 once per launch by a row template.
+    fn kv_b_dequantized(&mut self, kvb: &(String, Shape), scale: &(String, Shape)) -> (String, Shape) {
         let shape = Shape { dims: kvb.1.dims.clone(), element: "f32".into() };
         let buf = self.alloc(&shape, kvb);
-        let (body, args, ins) = match scale {
-            Some(s) => {
-                let (wt, st) = (self.tensor_of(kvb), self.tensor_of(s));
-                let body = format!(
-                    "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%b = tensor.extract {wt}[%i0, %i1] : {}\n{DECODE_BODY}\n%blk = arith.constant {FP8_BLOCK} : index\n%rb = arith.divui %i0, %blk : index\n%cb = arith.divui %i1, %blk : index\n%sc = tensor.extract {st}[%rb, %cb] : {}\n%y = arith.mulf %r, %sc : f32",
-                    tensor_type(&kvb.1),
-                    tensor_type(&s.1)
-                );
-                (body, String::new(), Vec::new())
-            }
-            None => {
-                (load_f32(&kvb.1.element, "%a", "%y"), format!("%a: {}", kvb.1.element), vec![self.same_index(kvb)])
-            }
-        };
-        self.row_generic((&buf, &memref(&shape)), &shape, &ins, (&args, &body, "%y"));
+        let (wt, st) = (self.tensor_of(kvb), self.tensor_of(scale));
+        let body = format!(
+            "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%b = tensor.extract {wt}[%i0, %i1] : {}\n{DECODE_BODY}\n%blk = arith.constant {FP8_BLOCK} : index\n%rb = arith.divui %i0, %blk : index\n%cb = arith.divui %i1, %blk : index\n%sc = tensor.extract {st}[%rb, %cb] : {}\n%y = arith.mulf %r, %sc : f32",
+            tensor_type(&kvb.1),
+            tensor_type(&scale.1)
+        );
+        self.row_generic((&buf, &memref(&shape)), &shape, &[], ("", &body, "%y"));
         (buf, shape)
     }
 
@@ -277,8 +267,16 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
         let AttentionSpec { h, dn, dr, dv, kv, absorbed, decode, .. } = *a;
         let (per, c) = (dn + dv, kv + dr);
         let hp = h * per;
-        let kvbf = self.kv_b_f32(kvb, kvb_scale);
-        let kvbf_ty = format!("tensor<{hp}x{kv}xf32>");
+        // kv_b as the products read it: f32 or bf16 as stored (bf16 widened as read, exact), fp8
+        // dequantized once per launch.
+        let kvbf = match kvb_scale {
+            Some(scale) => self.kv_b_dequantized(kvb, scale),
+            None => kvb.clone(),
+        };
+        let kel = storage(&kvbf.1.element).to_string();
+        let kvbf_ty = format!("tensor<{hp}x{kv}x{kel}>");
+        let widen = if kel == "f32" { String::new() } else { format!("%r = arith.extf %b : {kel} to f32") };
+        let widened = if kel == "f32" { "%b" } else { "%r" };
         // K-major weights, once per launch: naive, kv_b^T [kv, hp] for the latent's expansion;
         // absorbed, W_UV^T per head [H, kv, dv].
         let weights = if absorbed {
@@ -289,24 +287,25 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
                 // W_UV^T[h, c, e] = kv_b[h (dn + dv) + dn + e, c]: rows read, transposed in registers.
                 let (v3, uv) = (self.fresh(), self.fresh());
                 self.line(&format!(
-                    "{v3} = tensor.expand_shape {kt} [[0, 1], [2]] output_shape [{h}, {per}, {kv}] : {kvbf_ty} into tensor<{h}x{per}x{kv}xf32>
-    {uv} = tensor.extract_slice {v3}[0, {dn}, 0] [{h}, {dv}, {kv}] [1, 1, 1] : tensor<{h}x{per}x{kv}xf32> to tensor<{h}x{dv}x{kv}xf32>"
+                    "{v3} = tensor.expand_shape {kt} [[0, 1], [2]] output_shape [{h}, {per}, {kv}] : {kvbf_ty} into tensor<{h}x{per}x{kv}x{kel}>
+    {uv} = tensor.extract_slice {v3}[0, {dn}, 0] [{h}, {dv}, {kv}] [1, 1, 1] : tensor<{h}x{per}x{kv}x{kel}> to tensor<{h}x{dv}x{kv}x{kel}>"
                 ));
                 let sfx = format!("_u{}", self.next);
                 let text = self.transposed_generic(
                     &sfx,
-                    (&uv, &format!("tensor<{h}x{dv}x{kv}xf32>"), "f32"),
+                    (&uv, &format!("tensor<{h}x{dv}x{kv}x{kel}>"), &kel),
                     ["a", "c", "b"],
                     [h, kv, dv],
-                    ("", "%b"),
+                    (&widen, widened),
                     (&buf, &memref(&shape)),
                 );
                 self.line(&text);
             } else {
                 let body = format!(
-                    "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%per = arith.constant {per} : index\n%dn = arith.constant {dn} : index\n%hb = arith.muli %i0, %per : index\n%vb = arith.addi %hb, %dn : index\n%row = arith.addi %vb, %i2 : index\n%v = tensor.extract {kt}[%row, %i1] : {kvbf_ty}"
+                    "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%per = arith.constant {per} : index\n%dn = arith.constant {dn} : index\n%hb = arith.muli %i0, %per : index\n%vb = arith.addi %hb, %dn : index\n%row = arith.addi %vb, %i2 : index\n%v = tensor.extract {kt}[%row, %i1] : {kvbf_ty}\n{}",
+                    load_f32(&kel, "%v", "%vf")
                 );
-                self.row_generic((&buf, &memref(&shape)), &shape, &[], ("", &body, "%v"));
+                self.row_generic((&buf, &memref(&shape)), &shape, &[], ("", &body, "%vf"));
             }
             self.tensor_of(&(buf, shape))
         } else {
@@ -317,23 +316,25 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
                 let kt = self.tensor_of(&kvbf);
                 let (v3, b3) = (self.fresh(), self.fresh());
                 self.line(&format!(
-                    "{v3} = tensor.expand_shape {kt} [[0, 1], [2]] output_shape [1, {hp}, {kv}] : {kvbf_ty} into tensor<1x{hp}x{kv}xf32>
+                    "{v3} = tensor.expand_shape {kt} [[0, 1], [2]] output_shape [1, {hp}, {kv}] : {kvbf_ty} into tensor<1x{hp}x{kv}x{kel}>
     {b3} = memref.expand_shape {buf} [[0, 1], [2]] output_shape [1, {kv}, {hp}] : {} into memref<1x{kv}x{hp}xf32>",
                     memref(&shape)
                 ));
                 let sfx = format!("_w{}", self.next);
                 let text = self.transposed_generic(
                     &sfx,
-                    (&v3, &format!("tensor<1x{hp}x{kv}xf32>"), "f32"),
+                    (&v3, &format!("tensor<1x{hp}x{kv}x{kel}>"), &kel),
                     ["a", "c", "b"],
                     [1, kv, hp],
-                    ("", "%b"),
+                    (&widen, widened),
                     (&b3, &format!("memref<1x{kv}x{hp}xf32>")),
                 );
                 self.line(&text);
             } else {
                 let ins = [self.indexed_by(&kvbf, 2, &[1, 0])];
-                self.row_generic((&buf, &memref(&shape)), &shape, &ins, ("%a: f32", "", "%a"));
+                let args = format!("%a: {kel}");
+                let body = load_f32(&kel, "%a", "%af");
+                self.row_generic((&buf, &memref(&shape)), &shape, &ins, (&args, &body, "%af"));
             }
             self.tensor_of(&(buf, shape))
         };
@@ -454,7 +455,7 @@ bufferization.materialize_in_destination %m_ltfg in restrict writable %m_ltfv : 
             let text = self.exact_gemm(
                 "kx",
                 ("%m_xl", "%m_nk", Some(kv)),
-                Columns::Static(hp),
+                (Columns::Static(hp), "f32"),
                 &|j, w| k_major_tile("kx", (&weights, &format!("tensor<{kv}x{hp}xf32>")), ("0", &kv.to_string()), j, w),
                 &|j, w| {
                     let ty = format!("memref<?x{w}xf32, strided<[{hp}, 1], offset: ?>>");
@@ -575,7 +576,7 @@ bufferization.materialize_in_destination %m_ltfg in restrict writable %m_ltfv : 
             let text = self.exact_gemm(
                 "qa",
                 ("%m_xn", "%m_rows", Some(dn)),
-                Columns::Static(kv),
+                (Columns::Static(kv), &kel),
                 &|j, w| k_major_tile("qa", (&kvbf_t, &kvbf_ty), ("%m_hb", &dn.to_string()), j, w),
                 &|j, w| {
                     let ty = format!("memref<?x{w}xf32, strided<[{}, 1], offset: ?>>", h * kv);
@@ -595,14 +596,14 @@ bufferization.materialize_in_destination %m_ltfg in restrict writable %m_ltfv : 
             let an = self.exact_gemm(
                 "an",
                 ("%m_xq", "%m_sr", Some(kv)),
-                Columns::Tiles("%m_ct"),
+                (Columns::Tiles("%m_ct"), "f32"),
                 &key_tile("%m_ltt", c, "0", kv, "an"),
                 &score_dest("%m_an", "an"),
             );
             let ar = self.exact_gemm(
                 "ar",
                 ("%m_xp", "%m_sr", Some(dr)),
-                Columns::Tiles("%m_ct"),
+                (Columns::Tiles("%m_ct"), "f32"),
                 &key_tile("%m_ltt", c, &kv.to_string(), dr, "ar"),
                 &score_dest("%m_ar", "ar"),
             );
@@ -614,7 +615,7 @@ bufferization.materialize_in_destination %m_ltfg in restrict writable %m_ltfv : 
             let text = self.exact_gemm(
                 "ol",
                 ("%m_xv", "%m_sr", None),
-                Columns::Static(kv),
+                (Columns::Static(kv), "f32"),
                 &value_tile("%m_lat", c, "%m_c0", "ol"),
                 &|j, w| {
                     let ty = format!("memref<?x{w}xf32, strided<[{kv}, 1], offset: ?>>");
@@ -633,7 +634,7 @@ bufferization.materialize_in_destination %m_ltfg in restrict writable %m_ltfv : 
             let text = self.exact_gemm(
                 "ou",
                 ("%m_xo", "%m_rows", Some(kv)),
-                Columns::Static(dv),
+                (Columns::Static(dv), "f32"),
                 &move |j, w| {
                     format!("%ouw{w} = tensor.extract_slice {wuv}[%m_h, 0, {j}] [1, {kv}, {w}] [1, 1, 1] : tensor<{h}x{kv}x{dv}xf32> to tensor<1x{kv}x{w}xf32>")
                 },
@@ -651,14 +652,14 @@ bufferization.materialize_in_destination %m_ltfg in restrict writable %m_ltfv : 
             let an = self.exact_gemm(
                 "an",
                 ("%m_xn", "%m_sr", Some(dn)),
-                Columns::Tiles("%m_ct"),
+                (Columns::Tiles("%m_ct"), "f32"),
                 &key_tile("%m_kTt", h * dn, "%m_kr", dn, "an"),
                 &score_dest("%m_an", "an"),
             );
             let ar = self.exact_gemm(
                 "ar",
                 ("%m_xp", "%m_sr", Some(dr)),
-                Columns::Tiles("%m_ct"),
+                (Columns::Tiles("%m_ct"), "f32"),
                 &key_tile("%m_ltt", dr, "0", dr, "ar"),
                 &score_dest("%m_ar", "ar"),
             );
@@ -670,7 +671,7 @@ bufferization.materialize_in_destination %m_ltfg in restrict writable %m_ltfv : 
             let text = self.exact_gemm(
                 "pv",
                 ("%m_xv", "%m_rows", None),
-                Columns::Static(dv),
+                (Columns::Static(dv), "f32"),
                 &value_tile("%m_kvxt", hp, "%m_vb", "pv"),
                 &out_dest("pv"),
             );
