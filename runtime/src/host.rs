@@ -133,6 +133,9 @@ pub unsafe fn call_packed(
     call(&mut args);
 }
 
+/// One job of a launch spread over threads: `(buffers, part, parts)`.
+pub type Job<'a, E> = &'a dyn Fn(&[RawBuffer], usize, usize) -> Result<(), E>;
+
 /// How a row-independent CPU kernel splits over threads (a cpu artifact records it per kernel).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RowSplit {
@@ -153,7 +156,7 @@ pub unsafe fn run_spread<E: Send>(
     buffers: &[RawBuffer],
     partitioned: bool,
     split: Option<&RowSplit>,
-    run: &dyn Fn(&[RawBuffer], usize, usize) -> Result<(), E>,
+    run: Job<'_, E>,
 ) -> Result<(), E> {
     let threads = cores();
     let bytes: usize = buffers
@@ -214,15 +217,15 @@ fn cores() -> usize {
 /// # Safety
 /// As [`run_spread`].
 unsafe fn run_two<E: Send>(
-    run: &dyn Fn(&[RawBuffer], usize, usize) -> Result<(), E>,
+    run: Job<'_, E>,
     mine: (&[RawBuffer], usize, usize),
     theirs: (&[RawBuffer], usize, usize),
 ) -> Result<(), E> {
     /// Moves the borrowed job into the second thread.
-    struct Job<'a, E>(&'a dyn Fn(&[RawBuffer], usize, usize) -> Result<(), E>, &'a [RawBuffer], usize, usize);
+    struct Theirs<'a, E>(Job<'a, E>, &'a [RawBuffer], usize, usize);
     // SAFETY: see the function's contract: the jobs touch disjoint outputs, `run` is reentrant.
-    unsafe impl<E> Send for Job<'_, E> {}
-    let job = Job(run, theirs.0, theirs.1, theirs.2);
+    unsafe impl<E> Send for Theirs<'_, E> {}
+    let job = Theirs(run, theirs.0, theirs.1, theirs.2);
     std::thread::scope(|scope| {
         let other = scope.spawn(move || {
             let job = job;
@@ -249,7 +252,7 @@ mod tests {
         split: Option<&RowSplit>,
     ) -> (Vec<(usize, usize, usize)>, Vec<f32>) {
         let mut data = vec![0.0f32; rows * cols];
-        let shared = vec![1.0f32; 4];
+        let shared = [1.0f32; 4];
         let buffers = [
             RawBuffer { ptr: data.as_mut_ptr() as *mut (), shape: vec![rows, cols], element: "f32".into() },
             RawBuffer { ptr: shared.as_ptr() as *mut (), shape: vec![4], element: "f32".into() },

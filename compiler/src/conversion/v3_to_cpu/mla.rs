@@ -394,7 +394,7 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
         let (lt_rows, lt_col0) = if absorbed { (c, 0) } else { (dr, kv) };
         let lt_ty = format!("memref<{lt_rows}x?x16xf32>");
         s.push_str(&format!("%m_lt = memref.alloc(%m_kt) : {lt_ty}\n"));
-        let key = format!("%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%k16 = arith.constant 16 : index\n%jb = arith.muli %i1, %k16 : index\n%j = arith.addi %jb, %i2 : index\n%jc = arith.minui %j, %m_nk1 : index\n");
+        let key = "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%k16 = arith.constant 16 : index\n%jb = arith.muli %i1, %k16 : index\n%j = arith.addi %jb, %i2 : index\n%jc = arith.minui %j, %m_nk1 : index\n".to_string();
         // Whole key tiles (and whole 16-column tiles): contiguous row reads transposed in
         // registers (`fp8_tiled::transpose_script`); the last partial key tile by the clamped
         // gather below. Otherwise every tile by the clamped gather.
