@@ -7,8 +7,9 @@
 //! the same weights with f32 activations (f32 precision of an fp8 checkpoint).
 //! `cpu_mla_attention`: MLA at DeepSeek-V3's head widths (nope 128, rope 64, v 128, latent 512,
 //! bf16 kv_b), absorbed decode of one sequence with all 128 heads over 1024 cached rows (W_UV's
-//! per-launch transpose included), and naive causal prefill of 256 tokens with 16 heads (the
-//! latent's expansion included), throughput in queries.
+//! per-launch transpose included; again with an e4m3 kv_b, dequantized per launch), and naive
+//! causal prefill of 256 tokens with 16 heads (the latent's expansion included), throughput in
+//! queries.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use melior::ir::block::BlockLike;
@@ -210,6 +211,23 @@ fn attention(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     // SAFETY: the output has the shape the kernel computes.
     group.bench_function("decode_absorbed_h128_ctx1024", |b| {
+        b.iter(|| unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap())
+    });
+    // The same with an e4m3 kv_b and its 128x128 scales (fp8 precision): dequantized per launch.
+    let text = format!(
+        "func.func private @decode8(%qn: tensor<?x{h}x128xf32>, %qp: tensor<?x{h}x64xf32>, %lat: tensor<?x?x576xf32>, %pos: tensor<?xi64>, %kvb: tensor<{hp}x512xf8E4M3FN>, %kvs: tensor<{nb}x4xf32>) -> tensor<?x{h}x128xf32> attributes {{v3.kernel = \"attention_decode\"}} {{
+  %o = \"v3.attention_decode\"(%qn, %qp, %lat, %pos, %kvb, %kvs) {{form = \"absorbed\", kv_lora_rank = 512 : i64, scale = 0.135233775 : f32}} : (tensor<?x{h}x128xf32>, tensor<?x{h}x64xf32>, tensor<?x?x576xf32>, tensor<?xi64>, tensor<{hp}x512xf8E4M3FN>, tensor<{nb}x4xf32>) -> tensor<?x{h}x128xf32>
+  return %o : tensor<?x{h}x128xf32>
+}}",
+        hp = h * 256,
+        nb = h * 256 / 128
+    );
+    let module = v3c_compiler::mlir::parse_module(&context, &text, "decode8").unwrap();
+    let kernel = CpuKernel::compile(&context, &module.body().first_operation().unwrap()).unwrap();
+    inputs[4] = fp8(vec![h * 256, 512]);
+    inputs.push(HostBuffer { shape: vec![h * 2, 4], data: HostData::F32(vec![0.01; h * 8]) });
+    // SAFETY: the output has the shape the kernel computes.
+    group.bench_function("decode_absorbed_fp8_kv_b_h128_ctx1024", |b| {
         b.iter(|| unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap())
     });
     // Naive causal prefill: 16 heads, 256 tokens.
