@@ -6,16 +6,21 @@
 //! sum of products from zero, a multiply then an add): the reference interpreter's order, so
 //! attention gives the reference's bits in both precisions (fp8 quantizes its output next, where
 //! a last-bit difference moves values across e4m3 rounding boundaries). Such a GEMM reads its
-//! right operand K-major; operands that are not are transposed first by row templates (`kv_b` for
-//! the naive expansion and W_UV, once per launch; per sequence, its latent rows and, naive, its
-//! keys, 16 keys at a time over all columns). The softmax is five row templates over the scores
-//! kept as `[queries, key tiles, 16]` (every tile static, so vectorizable): the masked and scaled
-//! scores, their max, the exponentials, their sum in key order, the division.
+//! right operand K-major; operands that are not are transposed first (`kv_b` for the naive
+//! expansion and W_UV, once per launch; per sequence, its latent rows and, naive, its keys), whole
+//! 16 x 16 tiles read as rows and transposed in registers where the widths allow
+//! ([`Emitter::transposed_generic`]), the rest by gathering row templates. A bf16 `kv_b` is read as
+//! stored (widened as read); an e4m3 one is dequantized once per launch. The softmax is five row
+//! templates over the scores kept as `[rows, key tiles, 16]` (every tile static, so
+//! vectorizable): the masked and scaled scores, their max, the exponentials, their sum in key
+//! order, the division.
 //!
 //! Per sequence (prefill: the one sequence and its T queries; decode: each of B sequences and its
-//! one query), per chunk of at most [`QUERY_CHUNK`] queries (keys no query of the chunk sees are
-//! not computed), per head: scores = q_nope . keys + q_pe . k_pe (absorbed: q_nope . W_UK first,
-//! keys the latent rows), softmax, then naive P . V, or absorbed (P . latent) . W_UV^T.
+//! one query), per chunk of queries (keys no query of the chunk sees are not computed): naive, per
+//! head, scores = q_nope . keys + q_pe . k_pe over the latent's expansion, softmax, P . V;
+//! absorbed, q_abs = q_nope . W_UK per head, then for every head at once (a score row per query and
+//! head: keys and values are the latent rows all heads share) scores = q_abs . latent + q_pe .
+//! k_pe, softmax, o_lat = P . latent, and per head o_lat . W_UV^T.
 
 use super::fp8::{DECODE_BODY, FP8_BLOCK};
 use super::rows::{tensor_type, RowTile};
