@@ -284,35 +284,46 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
         let widened = if kel == "f32" { "%b" } else { "%r" };
         // K-major weights, once per launch: naive, kv_b^T [kv, hp] for the latent's expansion;
         // absorbed, W_UV^T per head [H, kv, dv].
+        // Absorbed with whole 16-lane tiles: the text making one head's W_UV^T (`%m_wuvt`).
+        let mut per_head_wuv = None;
         let weights = if absorbed {
             let shape = Shape { dims: vec![Some(h), Some(kv), Some(dv)], element: "f32".into() };
-            let buf = self.alloc(&shape, &kvbf);
             let kt = self.tensor_of(&kvbf);
             if kv % 16 == 0 && dv % 16 == 0 {
-                // W_UV^T[h, c, e] = kv_b[h (dn + dv) + dn + e, c]: rows read, transposed in registers.
-                let (v3, uv) = (self.fresh(), self.fresh());
+                // W_UV^T per head, made in the output's head loop into a [1, kv, dv] scratch (rows
+                // read, transposed in registers): a whole [H, kv, dv] copy every launch (33 MB at
+                // V3's widths) was mapped and page-faulted in anew by each launch.
+                let v3 = self.fresh();
                 self.line(&format!(
-                    "{v3} = tensor.expand_shape {kt} [[0, 1], [2]] output_shape [{h}, {per}, {kv}] : {kvbf_ty} into tensor<{h}x{per}x{kv}x{kel}>
-    {uv} = tensor.extract_slice {v3}[0, {dn}, 0] [{h}, {dv}, {kv}] [1, 1, 1] : tensor<{h}x{per}x{kv}x{kel}> to tensor<{h}x{dv}x{kv}x{kel}>"
+                    "{v3} = tensor.expand_shape {kt} [[0, 1], [2]] output_shape [{h}, {per}, {kv}] : {kvbf_ty} into tensor<{h}x{per}x{kv}x{kel}>"
                 ));
-                let sfx = format!("_u{}", self.next);
-                let text = self.transposed_generic(
-                    &sfx,
-                    (&uv, &format!("tensor<{h}x{dv}x{kv}x{kel}>"), &kel),
-                    ["a", "c", "b"],
-                    [h, kv, dv],
-                    (&widen, widened),
-                    (&buf, &memref(&shape)),
+                let head_buf = self.fresh();
+                self.line(&format!("{head_buf} = memref.alloc() : memref<1x{kv}x{dv}xf32>"));
+                self.allocs.push(format!("memref.dealloc {head_buf} : memref<1x{kv}x{dv}xf32>"));
+                let slice = format!(
+                    "%m_uvs = tensor.extract_slice {v3}[%m_h, {dn}, 0] [1, {dv}, {kv}] [1, 1, 1] : tensor<{h}x{per}x{kv}x{kel}> to tensor<1x{dv}x{kv}x{kel}>\n"
                 );
-                self.line(&text);
+                let text = self.transposed_generic(
+                    "_uvh",
+                    ("%m_uvs", &format!("tensor<1x{dv}x{kv}x{kel}>"), &kel),
+                    ["a", "c", "b"],
+                    [1, kv, dv],
+                    (&widen, widened),
+                    (&head_buf, &format!("memref<1x{kv}x{dv}xf32>")),
+                );
+                per_head_wuv = Some(format!(
+                    "{slice}{text}\n%m_wuvt = bufferization.to_tensor {head_buf} restrict : memref<1x{kv}x{dv}xf32> to tensor<1x{kv}x{dv}xf32>\n"
+                ));
+                String::new()
             } else {
+                let buf = self.alloc(&shape, &kvbf);
                 let body = format!(
                     "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%i2 = linalg.index 2 : index\n%per = arith.constant {per} : index\n%dn = arith.constant {dn} : index\n%hb = arith.muli %i0, %per : index\n%vb = arith.addi %hb, %dn : index\n%row = arith.addi %vb, %i2 : index\n%v = tensor.extract {kt}[%row, %i1] : {kvbf_ty}\n{}",
                     load_f32(&kel, "%v", "%vf")
                 );
                 self.row_generic((&buf, &memref(&shape)), &shape, &[], ("", &body, "%vf"));
+                self.tensor_of(&(buf, shape))
             }
-            self.tensor_of(&(buf, shape))
         } else {
             let shape = Shape { dims: vec![Some(kv), Some(hp)], element: "f32".into() };
             let buf = self.alloc(&shape, &kvbf);
@@ -635,18 +646,21 @@ bufferization.materialize_in_destination %m_ltfg in restrict writable %m_ltfv : 
             q.push_str(&format!(
                 "%m_olf = memref.collapse_shape %m_ol [[0, 1], [2]] : memref<?x{h}x{kv}xf32> into memref<?x{kv}xf32>\n{text}%m_olt = bufferization.to_tensor %m_ol restrict : memref<?x{h}x{kv}xf32> to tensor<?x{h}x{kv}xf32>\n"
             ));
-            let wuv = weights.clone();
+            let (wuv, wuv_ty, wuv_h, make) = match &per_head_wuv {
+                Some(make) => ("%m_wuvt".to_string(), format!("tensor<1x{kv}x{dv}xf32>"), "0", make.clone()),
+                None => (weights.clone(), format!("tensor<{h}x{kv}x{dv}xf32>"), "%m_h", String::new()),
+            };
             let text = self.exact_gemm(
                 "ou",
                 ("%m_xo", "%m_rows", Some(kv)),
                 (Columns::Static(dv), "f32"),
                 &move |j, w| {
-                    format!("%ouw{w} = tensor.extract_slice {wuv}[%m_h, 0, {j}] [1, {kv}, {w}] [1, 1, 1] : tensor<{h}x{kv}x{dv}xf32> to tensor<1x{kv}x{w}xf32>")
+                    format!("%ouw{w} = tensor.extract_slice {wuv}[{wuv_h}, 0, {j}] [1, {kv}, {w}] [1, 1, 1] : {wuv_ty} to tensor<1x{kv}x{w}xf32>")
                 },
                 &out_dest("ou"),
             );
             q.push_str(&head_loop(&format!(
-                "%m_xo = tensor.extract_slice %m_olt[0, %m_h, 0] [%m_rows, 1, {kv}] [1, 1, 1] : tensor<?x{h}x{kv}xf32> to tensor<?x1x{kv}xf32>\n{text}"
+                "{make}%m_xo = tensor.extract_slice %m_olt[0, %m_h, 0] [%m_rows, 1, {kv}] [1, 1, 1] : tensor<?x{h}x{kv}xf32> to tensor<?x1x{kv}xf32>\n{text}"
             )));
         } else {
             // Per head: scores against the head's transposed keys and the rope columns, softmax,
