@@ -34,16 +34,26 @@ fn buffer(shape: &Shape, rows: usize, rng: &mut Rng, vocab: usize, experts: usiz
         // ids and positions: in the vocabulary and inside caches whose dynamic dims are `rows`.
         "i64" => HostData::I64((0..n).map(|i| ((i * 7919 + 13) % rows.min(vocab)) as i64).collect()),
         "i32" => HostData::I32((0..n).map(|i| ((i * 5 + (i / 3)) % experts) as i32).collect()),
+        // e4m3 bits without the NaN codes.
+        "f8E4M3FN" => HostData::F8((0..n).map(|_| ((rng.next() + 0.5) * 255.0) as u8 & 0xfe).collect()),
         other => panic!("no test data for {other}"),
     };
     HostBuffer { shape: dims, data }
 }
 
-/// Runs `kernel` on `inputs` into f32 outputs poisoned with NaN, shaped as the reference's `want`.
+/// Runs `kernel` on `inputs` into outputs poisoned with NaN (f32, or e4m3's NaN code), shaped as
+/// the reference's `want`.
 fn run_on_nan(kernel: &CpuKernel, inputs: &mut [HostBuffer], want: &[(Vec<f32>, Vec<usize>)]) -> Vec<HostBuffer> {
     let mut outputs: Vec<HostBuffer> = want
         .iter()
-        .map(|(v, shape)| HostBuffer { shape: shape.clone(), data: HostData::F32(vec![f32::NAN; v.len()]) })
+        .zip(&kernel.outputs)
+        .map(|((v, shape), declared)| HostBuffer {
+            shape: shape.clone(),
+            data: match declared.element.as_str() {
+                "f8E4M3FN" => HostData::F8(vec![0x7f; v.len()]),
+                _ => HostData::F32(vec![f32::NAN; v.len()]),
+            },
+        })
         .collect();
     // SAFETY: the outputs have exactly the shapes the kernel computes (the reference's).
     unsafe { kernel.run(inputs, &mut outputs) }.unwrap();
@@ -212,6 +222,16 @@ fn reference(kernel: &OperationRef, inputs: &[HostBuffer]) -> Vec<(Vec<f32>, Vec
                 vec![(rows, vec![args[1].1[0], d])]
             }
             "v3.reshape" => vec![(args[0].0.clone(), result_shape(0))],
+            "v3.quantize_fp8" => {
+                let group: usize =
+                    o.attribute("group").unwrap().to_string().split(':').next().unwrap().trim().parse().unwrap();
+                let k = *args[0].1.last().unwrap();
+                let (q, scales) = kernels::quantize_fp8(&args[0].0, k, group);
+                let mut scale_shape = args[0].1.clone();
+                *scale_shape.last_mut().unwrap() = k.div_ceil(group);
+                let decoded = q.iter().map(|&b| v3c_models::dtype::f8e4m3_to_f32(b)).collect();
+                vec![(decoded, args[0].1.clone()), (scales, scale_shape)]
+            }
             "v3.split" => {
                 let axis: usize =
                     o.attribute("axis").unwrap().to_string().split(':').next().unwrap().trim().parse().unwrap();
@@ -287,7 +307,17 @@ fn reference(kernel: &OperationRef, inputs: &[HostBuffer]) -> Vec<(Vec<f32>, Vec
                 let form =
                     if attr("form").contains("absorbed") { AttentionForm::Absorbed } else { AttentionForm::Naive };
                 let (qn, qp, lat) = (&args[0], &args[1], &args[2]);
-                let kvb = &args[if name == "v3.attention" { 3 } else { 4 }];
+                let kvb_at = if name == "v3.attention" { 3 } else { 4 };
+                // An e4m3 kv_b: each value times its 128 x 128 block's scale.
+                let dequantized = args.get(kvb_at + 1).map(|(scales, sshape)| {
+                    let (kvb, cols) = (&args[kvb_at].0, args[kvb_at].1[1]);
+                    let values = kvb
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| v * scales[(i / cols / 128) * sshape[1] + (i % cols) / 128]);
+                    (values.collect::<Vec<f32>>(), args[kvb_at].1.clone())
+                });
+                let kvb = dequantized.as_ref().unwrap_or(&args[kvb_at]);
                 let (heads, nope, rope) = (qn.1[1], qn.1[2], qp.1[2]);
                 let dims = kernels::MlaDims { heads, nope, rope, v: kvb.1[0] / heads - nope, kv_lora: kv };
                 let n = qn.1[0];
@@ -520,9 +550,19 @@ fn attention_kernels_match_the_reference_bit_for_bit() {
     // Value and latent widths of whole 16-lane tiles: W_UV transposed in registers.
     let mut even = tiny.clone();
     (even.num_attention_heads, even.kv_lora_rank, even.v_head_dim) = (2, 32, 32);
+    // The same in fp8 precision (an e4m3 kv_b, the output quantized): absorbed, dequantized per head.
+    let mut even8 = even.clone();
+    even8.quantization = Some(v3c_models::config::Fp8Quantization { weight_block: [128, 128] });
+    let f32p = v3c_models::Precision::F32;
     let mut checked = Vec::new();
-    for (config, form) in [(&tiny, None), (&tiny, Some(AttentionForm::Absorbed)), (&awkward, None), (&even, None)] {
-        let options = BuildOptions { attention_form: form, ..Default::default() };
+    for (config, form, precision) in [
+        (&tiny, None, f32p),
+        (&tiny, Some(AttentionForm::Absorbed), f32p),
+        (&awkward, None, f32p),
+        (&even, None, f32p),
+        (&even8, None, v3c_models::Precision::Fp8),
+    ] {
+        let options = BuildOptions { attention_form: form, precision, ..Default::default() };
         let module = Driver::quiet().run_model(&context, config, &Entry::ALL, &options, "fused").unwrap();
         let mut op = module.body().first_operation();
         let mut rng = Rng(7);
@@ -553,7 +593,7 @@ fn attention_kernels_match_the_reference_bit_for_bit() {
             checked.push(format!("{}/{form:?}", kernel.name));
         }
     }
-    assert_eq!(checked.len(), 8, "{checked:?}");
+    assert_eq!(checked.len(), 10, "{checked:?}");
 }
 
 /// On the CPU backend, prefill of T tokens then decode of k more (absorbed MLA over the latent cache)

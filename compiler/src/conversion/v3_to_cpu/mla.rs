@@ -274,11 +274,46 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
         let hp = h * per;
         // kv_b as the products read it: f32 or bf16 as stored (bf16 widened as read, exact), fp8
         // dequantized once per launch.
-        let kvbf = match kvb_scale {
-            Some(scale) => self.kv_b_dequantized(kvb, scale),
-            None => kvb.clone(),
+        // Absorbed with whole 16-lane tiles and an e4m3 kv_b: each head's W_UK and W_UV rows are
+        // dequantized in its head loops into small scratches (`%m_dq`), never all of kv_b at once.
+        let head_dequant = absorbed && kv % 16 == 0 && dv % 16 == 0 && kvb_scale.is_some();
+        let (kvbf, dequant) = match kvb_scale {
+            Some(scale) if head_dequant => (kvb.clone(), Some(scale)),
+            Some(scale) => (self.kv_b_dequantized(kvb, scale), None),
+            None => (kvb.clone(), None),
         };
-        let kel = storage(&kvbf.1.element).to_string();
+        // Text dequantizing kv_b rows `row0 .. row0 + n` into the scratch `%m_dq{n}` ([n, kv] f32),
+        // then its tensor `%m_dq{n}t`.
+        let dequant_rows = |e: &mut Emitter, row0: &str, n: usize| -> String {
+            let Some(scale) = dequant else { return String::new() };
+            let (wt, st) = (e.tensor_of(kvb), e.tensor_of(scale));
+            let ty = format!("memref<{n}x{kv}xf32>");
+            let body = format!(
+                "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%row = arith.addi {row0}, %i0 : index\n%b = tensor.extract {wt}[%row, %i1] : {}\n{DECODE_BODY}\n%blk = arith.constant {FP8_BLOCK} : index\n%rb = arith.divui %row, %blk : index\n%cb = arith.divui %i1, %blk : index\n%sc = tensor.extract {st}[%rb, %cb] : {}\n%y = arith.mulf %r, %sc : f32",
+                tensor_type(&kvb.1),
+                tensor_type(&scale.1)
+            );
+            let tile = RowTile { sizes: vec![1, 16], fill_operand: None, interchange: false, reduced: 1 };
+            let text = e.generic_into(
+                &format!("%m_dqx{n}"),
+                (&format!("%m_dq{n}"), &ty),
+                (&format!("tensor<{n}x{kv}xf32>"), "", 2),
+                &[],
+                ("", &body, "%y"),
+                tile,
+            );
+            format!("{text}%m_dq{n}t = bufferization.to_tensor %m_dq{n} restrict : {ty} to tensor<{n}x{kv}xf32>\n")
+        };
+        if head_dequant {
+            for n in [dn, dv] {
+                let line = format!("%m_dq{n} = memref.alloc() : memref<{n}x{kv}xf32>");
+                if !self.allocs.iter().any(|a| a.contains(&format!("%m_dq{n} "))) {
+                    self.line(&line);
+                    self.allocs.push(format!("memref.dealloc %m_dq{n} : memref<{n}x{kv}xf32>"));
+                }
+            }
+        }
+        let kel = if head_dequant { "f32".to_string() } else { storage(&kvbf.1.element).to_string() };
         let kvbf_ty = format!("tensor<{hp}x{kv}x{kel}>");
         let widen = if kel == "f32" { String::new() } else { format!("%r = arith.extf %b : {kel} to f32") };
         let widened = if kel == "f32" { "%b" } else { "%r" };
@@ -293,16 +328,23 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
                 // W_UV^T per head, made in the output's head loop into a [1, kv, dv] scratch (rows
                 // read, transposed in registers): a whole [H, kv, dv] copy every launch (33 MB at
                 // V3's widths) was mapped and page-faulted in anew by each launch.
-                let v3 = self.fresh();
-                self.line(&format!(
-                    "{v3} = tensor.expand_shape {kt} [[0, 1], [2]] output_shape [{h}, {per}, {kv}] : {kvbf_ty} into tensor<{h}x{per}x{kv}x{kel}>"
-                ));
                 let head_buf = self.fresh();
                 self.line(&format!("{head_buf} = memref.alloc() : memref<1x{kv}x{dv}xf32>"));
                 self.allocs.push(format!("memref.dealloc {head_buf} : memref<1x{kv}x{dv}xf32>"));
-                let slice = format!(
-                    "%m_uvs = tensor.extract_slice {v3}[%m_h, {dn}, 0] [1, {dv}, {kv}] [1, 1, 1] : tensor<{h}x{per}x{kv}x{kel}> to tensor<1x{dv}x{kv}x{kel}>\n"
-                );
+                let slice = if head_dequant {
+                    let rows = dequant_rows(self, "%m_uvr", dv);
+                    format!(
+                        "%m_perv = arith.constant {per} : index\n%m_uvr0 = arith.muli %m_h, %m_perv : index\n%m_dnv = arith.constant {dn} : index\n%m_uvr = arith.addi %m_uvr0, %m_dnv : index\n{rows}%m_uvs = tensor.expand_shape %m_dq{dv}t [[0, 1], [2]] output_shape [1, {dv}, {kv}] : tensor<{dv}x{kv}xf32> into tensor<1x{dv}x{kv}xf32>\n"
+                    )
+                } else {
+                    let v3 = self.fresh();
+                    self.line(&format!(
+                        "{v3} = tensor.expand_shape {kt} [[0, 1], [2]] output_shape [{h}, {per}, {kv}] : {kvbf_ty} into tensor<{h}x{per}x{kv}x{kel}>"
+                    ));
+                    format!(
+                        "%m_uvs = tensor.extract_slice {v3}[%m_h, {dn}, 0] [1, {dv}, {kv}] [1, 1, 1] : tensor<{h}x{per}x{kv}x{kel}> to tensor<1x{dv}x{kv}x{kel}>\n"
+                    )
+                };
                 let text = self.transposed_generic(
                     "_uvh",
                     ("%m_uvs", &format!("tensor<1x{dv}x{kv}x{kel}>"), &kel),
@@ -589,17 +631,23 @@ bufferization.materialize_in_destination %m_ltfg in restrict writable %m_ltfv : 
             // q_abs = q_nope . W_UK per head (the head's rows of kv_b, K-major as they are) into
             // [rows, H, kv]; then the scores of every head at once: [rows H, kv] against the
             // transposed latent rows, q_pe [rows H, dr] against their rope columns.
+            let (wuk, wuk_ty, wuk_row) = if head_dequant {
+                (format!("%m_dq{dn}t"), format!("tensor<{dn}x{kv}xf32>"), "0")
+            } else {
+                (kvbf_t.clone(), kvbf_ty.clone(), "%m_hb")
+            };
+            let wuk_rows = dequant_rows(self, "%m_hb", dn);
             let text = self.exact_gemm(
                 "qa",
                 ("%m_xn", "%m_rows", Some(dn)),
                 (Columns::Static(kv), &kel),
-                &|j, w| k_major_tile("qa", (&kvbf_t, &kvbf_ty), ("%m_hb", &dn.to_string()), j, w),
+                &|j, w| k_major_tile("qa", (&wuk, &wuk_ty), (wuk_row, &dn.to_string()), j, w),
                 &|j, w| {
                     let ty = format!("memref<?x{w}xf32, strided<[{}, 1], offset: ?>>", h * kv);
                     (format!("%qad{w} = memref.subview %m_qa[0, %m_h, {j}] [%m_rows, 1, {w}] [1, 1, 1] : memref<?x{h}x{kv}xf32> to {ty}"), ty)
                 },
             );
-            q.push_str(&head_loop(&format!("{head_rows}{text}")));
+            q.push_str(&head_loop(&format!("{head_rows}{wuk_rows}{text}")));
             q.push_str(&format!(
                 "%m_qat = bufferization.to_tensor %m_qa restrict : memref<?x{h}x{kv}xf32> to tensor<?x{h}x{kv}xf32>
 %m_qaf = tensor.collapse_shape %m_qat [[0, 1], [2]] : tensor<?x{h}x{kv}xf32> into tensor<?x{kv}xf32>
