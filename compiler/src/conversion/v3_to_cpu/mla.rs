@@ -61,6 +61,15 @@ fn tiles_of(name: &str, n: &str) -> String {
     format!("{name}0 = arith.addi {n}, %m_c15 : index\n{name} = arith.divui {name}0, %m_c16 : index\n")
 }
 
+/// A generic body dequantizing e4m3 `kv_b` (tensor `wt` of `w_ty`, scales `st` of `s_ty`) at row
+/// `row0 + %i0`, column `%i1` (indices defined here): the bits decoded, times their 128 x 128
+/// block's scale, into `%y`.
+fn dequant_body((wt, w_ty): (&str, &str), (st, s_ty): (&str, &str), row0: &str) -> String {
+    format!(
+        "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%row = arith.addi {row0}, %i0 : index\n%b = tensor.extract {wt}[%row, %i1] : {w_ty}\n{DECODE_BODY}\n%blk = arith.constant {FP8_BLOCK} : index\n%rb = arith.divui %row, %blk : index\n%cb = arith.divui %i1, %blk : index\n%sc = tensor.extract {st}[%rb, %cb] : {s_ty}\n%y = arith.mulf %r, %sc : f32"
+    )
+}
+
 /// `%{name}w{w}`: columns `j ..` (`w` of them) of rows `r0 .. r0 + k` of the 2-D tensor `src`
 /// (`src_ty`), as the `[1, k, w]` weight tile of an order-preserving GEMM (`k` a count, or an
 /// index value for a dynamic one).
@@ -246,11 +255,8 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
         let shape = Shape { dims: kvb.1.dims.clone(), element: "f32".into() };
         let buf = self.alloc(&shape, kvb);
         let (wt, st) = (self.tensor_of(kvb), self.tensor_of(scale));
-        let body = format!(
-            "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%b = tensor.extract {wt}[%i0, %i1] : {}\n{DECODE_BODY}\n%blk = arith.constant {FP8_BLOCK} : index\n%rb = arith.divui %i0, %blk : index\n%cb = arith.divui %i1, %blk : index\n%sc = tensor.extract {st}[%rb, %cb] : {}\n%y = arith.mulf %r, %sc : f32",
-            tensor_type(&kvb.1),
-            tensor_type(&scale.1)
-        );
+        let c0 = self.constant_index(0);
+        let body = dequant_body((&wt, &tensor_type(&kvb.1)), (&st, &tensor_type(&scale.1)), &c0);
         self.row_generic((&buf, &memref(&shape)), &shape, &[], ("", &body, "%y"));
         (buf, shape)
     }
@@ -288,11 +294,7 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
             let Some(scale) = dequant else { return String::new() };
             let (wt, st) = (e.tensor_of(kvb), e.tensor_of(scale));
             let ty = format!("memref<{n}x{kv}xf32>");
-            let body = format!(
-                "%i0 = linalg.index 0 : index\n%i1 = linalg.index 1 : index\n%row = arith.addi {row0}, %i0 : index\n%b = tensor.extract {wt}[%row, %i1] : {}\n{DECODE_BODY}\n%blk = arith.constant {FP8_BLOCK} : index\n%rb = arith.divui %row, %blk : index\n%cb = arith.divui %i1, %blk : index\n%sc = tensor.extract {st}[%rb, %cb] : {}\n%y = arith.mulf %r, %sc : f32",
-                tensor_type(&kvb.1),
-                tensor_type(&scale.1)
-            );
+            let body = dequant_body((&wt, &tensor_type(&kvb.1)), (&st, &tensor_type(&scale.1)), row0);
             let tile = RowTile { sizes: vec![1, 16], fill_operand: None, interchange: false, reduced: 1 };
             let text = e.generic_into(
                 &format!("%m_dqx{n}"),
@@ -305,12 +307,11 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
             format!("{text}%m_dq{n}t = bufferization.to_tensor %m_dq{n} restrict : {ty} to tensor<{n}x{kv}xf32>\n")
         };
         if head_dequant {
-            for n in [dn, dv] {
-                let line = format!("%m_dq{n} = memref.alloc() : memref<{n}x{kv}xf32>");
-                if !self.allocs.iter().any(|a| a.contains(&format!("%m_dq{n} "))) {
-                    self.line(&line);
-                    self.allocs.push(format!("memref.dealloc %m_dq{n} : memref<{n}x{kv}xf32>"));
-                }
+            // One scratch per row count (W_UK's dn rows, W_UV's dv; one when they are equal).
+            let counts = if dn == dv { vec![dn] } else { vec![dn, dv] };
+            for n in counts {
+                self.line(&format!("%m_dq{n} = memref.alloc() : memref<{n}x{kv}xf32>"));
+                self.allocs.push(format!("memref.dealloc %m_dq{n} : memref<{n}x{kv}xf32>"));
             }
         }
         let kel = if head_dequant { "f32".to_string() } else { storage(&kvbf.1.element).to_string() };
