@@ -120,6 +120,26 @@ impl<'c> CpuProgram<'c> {
         Ok(CpuProgram { module, kernels, weights, vocab: config.vocab_size })
     }
 
+    /// Compiles `graphs` (built already, e.g. a training step; see [`Driver::run_graphs`]) with no
+    /// weights loaded: give them with [`CpuProgram::set_weight`] before running. `vocab` bounds
+    /// the token ids (and targets) inputs may hold.
+    pub fn from_graphs(
+        context: &'c Context,
+        label: &str,
+        graphs: &[(&str, &v3c_models::Graph)],
+        vocab: usize,
+        cache: Option<&KernelCache>,
+    ) -> Result<CpuProgram<'c>, CpuBackendError> {
+        let module = Driver::from_env(label).run_graphs(context, graphs, "fused")?;
+        let kernels = compile_kernels(context, &module, cache, &mut |_, _, _| {})?;
+        Ok(CpuProgram { module, kernels, weights: HashMap::new(), vocab })
+    }
+
+    /// Sets (or replaces) the weight bound to parameter `name`.
+    pub fn set_weight(&mut self, name: &str, weight: HostBuffer) {
+        self.weights.insert(name.to_string(), weight);
+    }
+
     /// Runs `entry` on `inputs` (by `v3.input` name) and returns the outputs named in `wanted`.
     pub fn run(
         &self,
@@ -154,7 +174,8 @@ impl<'c> CpuProgram<'c> {
                     env.insert(value, buf);
                 }
                 Binding::Param(name) => {
-                    weight_of.insert(value, &self.weights[name]);
+                    let w = self.weights.get(name).ok_or_else(|| invalid(format!("weight '{name}' not loaded")))?;
+                    weight_of.insert(value, w);
                 }
             }
         }
@@ -307,6 +328,18 @@ pub fn compile_model<'c>(
     let mtp_draft = entries.contains(&Entry::Draft);
     let options = BuildOptions { dense_f32_weights: true, skip_mtp, precision, mtp_draft, ..Default::default() };
     let module = Driver::from_env(&config.name).run_model(context, config, entries, &options, "fused")?;
+    let kernels = compile_kernels(context, &module, cache, progress)?;
+    Ok(CompiledModel { module, kernels })
+}
+
+/// Compiles every kernel function of the `fused` `module`, taking machine code from `cache` where
+/// it holds it; `progress(done, total, kernel)` after each.
+fn compile_kernels(
+    context: &Context,
+    module: &Module,
+    cache: Option<&KernelCache>,
+    progress: &mut dyn FnMut(usize, usize, &CpuKernel),
+) -> Result<HashMap<String, CpuKernel>, CpuBackendError> {
     let mut functions = Vec::new();
     let mut op = module.body().first_operation();
     while let Some(f) = op {
@@ -321,7 +354,7 @@ pub fn compile_model<'c>(
         progress(i + 1, functions.len(), &k);
         kernels.insert(k.name.clone(), k);
     }
-    Ok(CompiledModel { module, kernels })
+    Ok(kernels)
 }
 
 /// Logits of one sequence through the CPU backend: the CPU twin of
@@ -509,5 +542,83 @@ fn print_profile(entry: &str, times: &[(String, f64)]) {
     eprintln!("profile {entry}: {} launches, {total:.3} ms in kernels", times.len());
     for (name, (count, ms)) in rows {
         eprintln!("  {ms:9.3} ms {:5.1}%  {count:4}x  {name}", 100.0 * ms / total.max(1e-9));
+    }
+}
+
+/// The CPU backend as the [`StepBackend`] of a [`Trainer`]: its training graph (forward, loss,
+/// backward) compiled once, the parameters handed over at each optimizer step.
+///
+/// [`StepBackend`]: v3c_models::train::StepBackend
+/// [`Trainer`]: v3c_models::train::Trainer
+pub struct CpuTrainStep<'c> {
+    program: CpuProgram<'c>,
+}
+
+/// The entry point name of a compiled training step.
+pub const TRAIN_ENTRY: &str = "train_step";
+
+impl<'c> CpuTrainStep<'c> {
+    /// Compiles `trainer`'s training graph (kernels from `cache` where it holds them).
+    pub fn new(
+        context: &'c Context,
+        trainer: &v3c_models::train::Trainer,
+        cache: Option<&KernelCache>,
+    ) -> Result<CpuTrainStep<'c>, CpuBackendError> {
+        let config = &trainer.config;
+        let program = CpuProgram::from_graphs(
+            context,
+            &config.name,
+            &[(TRAIN_ENTRY, trainer.graph())],
+            config.vocab_size,
+            cache,
+        )?;
+        Ok(CpuTrainStep { program })
+    }
+}
+
+impl v3c_models::train::StepBackend for CpuTrainStep<'_> {
+    fn load(
+        &mut self,
+        _graph: &v3c_models::Graph,
+        params: &HashMap<String, v3c_models::tensor::Tensor>,
+    ) -> Result<(), v3c_models::train::TrainError> {
+        for (name, t) in params {
+            let values = t.as_f32().ok_or_else(|| {
+                v3c_models::train::TrainError::Backend(format!("{name}: trained parameters must be f32"))
+            })?;
+            self.program.set_weight(name, HostBuffer { shape: t.shape.clone(), data: HostData::F32(values.to_vec()) });
+        }
+        Ok(())
+    }
+
+    fn run(
+        &mut self,
+        inputs: &HashMap<String, v3c_models::tensor::Tensor>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, v3c_models::tensor::Tensor>, v3c_models::train::TrainError> {
+        use v3c_models::tensor::{Tensor, TensorData};
+        let backend = |m: String| v3c_models::train::TrainError::Backend(m);
+        let mut host = HashMap::new();
+        for (name, t) in inputs {
+            let data = match &t.data {
+                TensorData::F32(v) => HostData::F32(v.clone()),
+                TensorData::I64(v) => HostData::I64(v.clone()),
+                TensorData::I32(v) => HostData::I32(v.clone()),
+                _ => return Err(backend(format!("input {name}: {} is not a host tensor", t.describe()))),
+            };
+            host.insert(name.clone(), HostBuffer { shape: t.shape.clone(), data });
+        }
+        let out = self.program.run(TRAIN_ENTRY, &host, wanted).map_err(|e| backend(e.to_string()))?;
+        let mut tensors = HashMap::new();
+        for (name, b) in out {
+            let t = match b.data {
+                HostData::F32(v) => Tensor::f32(b.shape, v),
+                HostData::I64(v) => Tensor::i64(b.shape, v),
+                HostData::I32(v) => Tensor::i64(b.shape, v.into_iter().map(i64::from).collect()),
+                _ => return Err(backend(format!("output {name}: not f32 or integers"))),
+            };
+            tensors.insert(name, t);
+        }
+        Ok(tensors)
     }
 }

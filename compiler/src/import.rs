@@ -177,14 +177,7 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             Op::RmsNorm { eps } => ops::rms_norm(o(0), o(1), *eps, r, context, location)?,
             Op::Rope(a) => {
                 let inv_freq = rope::inv_freq(&a.rope, a.dim);
-                let attrs = ops::RopeAttributes {
-                    dim: a.dim,
-                    theta: a.rope.theta,
-                    interleave: a.rope.interleave,
-                    inv_freq: &inv_freq,
-                    attention_factor: rope::attention_factor(&a.rope),
-                };
-                ops::rope(o(0), o(1), &attrs, r, context, location)?
+                ops::rope(o(0), o(1), &rope_attributes(a, &inv_freq), r, context, location)?
             }
             Op::Attention { form, scale, kv_lora_rank } => {
                 let (kv_b, kv_b_scale) = ws(3);
@@ -267,17 +260,47 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             Op::Reshape => ops::reshape(o(0), r, context, location)?,
             Op::QuantizeFp8 { group } => ops::quantize_fp8(o(0), *group, r, result_types[1], context, location)?,
             Op::LmHead => ops::lm_head(o(0), o(1), r, context, location)?,
-            Op::CrossEntropy { .. }
-            | Op::CrossEntropyGrad { .. }
-            | Op::MatMul { .. }
-            | Op::RmsNormGrad { .. }
-            | Op::SiluMulGrad
-            | Op::EmbedGrad { .. }
-            | Op::RopeGrad(_)
-            | Op::AttentionGrad { .. }
-            | Op::ConcatGrad { .. }
-            | Op::SplitGrad { .. }
-            | Op::MoeRouteGrad(_)
+            Op::CrossEntropy { weight } => ops::cross_entropy(o(0), o(1), *weight, false, r, context, location)?,
+            Op::CrossEntropyGrad { weight } => ops::cross_entropy(o(0), o(1), *weight, true, r, context, location)?,
+            Op::MatMul { transpose_a, transpose_b } => {
+                ops::matmul(o(0), o(1), (*transpose_a, *transpose_b), r, context, location)?
+            }
+            Op::RmsNormGrad { eps } => {
+                ops::rms_norm_grad([o(0), o(1), o(2)], *eps, [r, result_types[1]], context, location)?
+            }
+            Op::SiluMulGrad => ops::silu_mul_grad([o(0), o(1), o(2)], [r, result_types[1]], context, location)?,
+            Op::EmbedGrad { vocab } => ops::embed_grad(o(0), o(1), *vocab, r, context, location)?,
+            Op::RopeGrad(a) => {
+                let inv_freq = rope::inv_freq(&a.rope, a.dim);
+                let attrs = rope_attributes(a, &inv_freq);
+                ops::rope_grad(o(0), o(1), &attrs, r, context, location)?
+            }
+            Op::AttentionGrad { scale, kv_lora_rank } => {
+                let results = [r, result_types[1], result_types[2], result_types[3]];
+                ops::attention_grad([o(0), o(1), o(2), o(3), o(4)], *scale, *kv_lora_rank, results, context, location)?
+            }
+            Op::ConcatGrad { axis } => {
+                if node.inputs.len() != 3 {
+                    return Err(unsupported(format!(
+                        "concat_grad of {} pieces (the dialect's concat_grad is binary)",
+                        node.inputs.len() - 1
+                    )));
+                }
+                ops::concat_grad([o(0), o(1), o(2)], *axis, [r, result_types[1]], context, location)?
+            }
+            Op::SplitGrad { axis, sizes, present } => {
+                if sizes.len() != 2 {
+                    return Err(unsupported(format!(
+                        "split_grad of {} pieces (the dialect's split_grad is binary)",
+                        sizes.len()
+                    )));
+                }
+                let mut given = (1..node.inputs.len()).map(o);
+                let dhead = if present[0] { given.next() } else { None };
+                let dtail = if present[1] { given.next() } else { None };
+                ops::split_grad(o(0), (dhead, dtail), *axis, [sizes[0], sizes[1]], r, context, location)?
+            }
+            Op::MoeRouteGrad(_)
             | Op::MoeExpertsGrad { .. }
             | Op::BalanceLoss { .. }
             | Op::BalanceLossGrad { .. }
@@ -285,7 +308,7 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             | Op::Fp8LinearDgrad
             | Op::Fp8LinearWgrad => {
                 return Err(unsupported(format!(
-                    "{}: training ops have no v3 dialect form yet (the reference interpreter runs them)",
+                    "{}: this training op has no v3 dialect form yet (the reference interpreter runs it)",
                     node.op.name()
                 )))
             }
@@ -322,6 +345,16 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
         &attributes,
         location,
     ))
+}
+
+fn rope_attributes<'a>(a: &v3c_models::graph::RopeAttrs, inv_freq: &'a [f32]) -> ops::RopeAttributes<'a> {
+    ops::RopeAttributes {
+        dim: a.dim,
+        theta: a.rope.theta,
+        interleave: a.rope.interleave,
+        inv_freq,
+        attention_factor: rope::attention_factor(&a.rope),
+    }
 }
 
 fn arg<'c, 'a>(block: &'a Block<'c>, index: usize) -> Value<'c, 'a> {

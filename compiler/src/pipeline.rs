@@ -157,7 +157,25 @@ impl Driver {
         let mut module = import(context, &refs)?;
         self.finish_stage(context, &module, 0, started, None)?;
         drop(_enter);
-        self.run_stages(context, &mut module, 1, last)?;
+        self.run_stages(context, &mut module, 1, last, crate::transforms::FUSED_STAGE)?;
+        Ok(module)
+    }
+
+    /// Imports graphs already built (a training step: the forward graph, its loss and backward
+    /// pass, see `v3c_models::train`) and runs the pipeline up to `until`. Their `fused` stage only
+    /// forms kernels: the fusion passes assume inference graphs, where a fused group's
+    /// intermediates have no other users (the backward pass reads forward activations).
+    pub fn run_graphs<'c>(
+        &self,
+        context: &'c Context,
+        graphs: &[(&str, &v3c_models::Graph)],
+        until: &str,
+    ) -> Result<Module<'c>, PipelineError> {
+        let last = stage_index(until)?;
+        let started = Instant::now();
+        let mut module = import(context, graphs)?;
+        self.finish_stage(context, &module, 0, started, None)?;
+        self.run_stages(context, &mut module, 1, last, &["form-kernels"])?;
         Ok(module)
     }
 
@@ -177,24 +195,25 @@ impl Driver {
         let started = Instant::now();
         let mut module = parse_module(context, text, source_name)?;
         self.finish_stage(context, &module, first, started, Some(source_name))?;
-        self.run_stages(context, &mut module, first + 1, last)?;
+        self.run_stages(context, &mut module, first + 1, last, crate::transforms::FUSED_STAGE)?;
         Ok(module)
     }
 
-    /// Runs stages `from..=to` (by index) on `module`.
+    /// Runs stages `from..=to` (by index) on `module`, `fused` as the passes `fusion`.
     fn run_stages<'c>(
         &self,
         context: &'c Context,
         module: &mut Module<'c>,
         from: usize,
         to: usize,
+        fusion: &[&str],
     ) -> Result<(), PipelineError> {
         for index in from..=to {
             let span = tracing::info_span!("stage", name = STAGES[index].name);
             let _enter = span.enter();
             let started = Instant::now();
             match STAGES[index].name {
-                "fused" => crate::transforms::run_passes(context, module, crate::transforms::FUSED_STAGE)?,
+                "fused" => crate::transforms::run_passes(context, module, fusion)?,
                 "cpu" => *module = cpu_stage(context, module)?,
                 other => return Err(PipelineError::NotYet(other.into())),
             }

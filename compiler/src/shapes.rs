@@ -3,8 +3,9 @@
 //! CPU backend allocates outputs with it, and the plan sizes buffers with it.
 //!
 //! Rules: a concatenation along a dynamic axis sums its operands' sizes; an embedding has as many
-//! rows as ids; any other dynamic result dim follows the first operand with a dynamic dim at the same
-//! position (rows of activations, batch of caches).
+//! rows as ids; a training op's result follows the operand it is the gradient of (a matmul's the
+//! rows of `a'` and columns of `b'`); any other dynamic result dim follows the first operand with a
+//! dynamic dim at the same position (rows of activations, batch of caches).
 
 use std::collections::HashMap;
 
@@ -73,6 +74,8 @@ pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, St
         if name == "func.return" {
             return Ok(operand_rules);
         }
+        let transposes = |key: &str| o.attribute(key).map(|a| a.to_string() == "true").unwrap_or(false);
+        let matmul_t = (transposes("transpose_a"), transposes("transpose_b"));
         let concat_axis = (name == "v3.concat")
             .then(|| o.attribute("axis").ok()?.to_string().split(':').next()?.trim().parse::<usize>().ok())
             .flatten();
@@ -89,6 +92,14 @@ pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, St
                         Ok(DimRule::Sum(Box::new(operand_rules[0][d].clone()), Box::new(operand_rules[1][d].clone())))
                     }
                     None if name == "v3.embed" => Ok(operand_rules[1][0].clone()),
+                    None if follows(&name, r, d, matmul_t).is_some() => {
+                        let (k, dim) = follows(&name, r, d, matmul_t).unwrap_or_default();
+                        operand_rules
+                            .get(k)
+                            .and_then(|rule| rule.get(dim))
+                            .cloned()
+                            .ok_or_else(|| format!("{name}: operand {k} has no dim {dim}"))
+                    }
                     None => operand_rules
                         .iter()
                         .find_map(|r| r.get(d).filter(|x| !matches!(x, DimRule::Const(_))).cloned())
@@ -99,6 +110,27 @@ pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, St
         }
     }
     Err("kernel without a return".into())
+}
+
+/// The operand and dim that dim `d` of result `r` of a training op copies: a gradient is shaped
+/// like what it is the gradient of; `a' @ b'` has the rows of `a'` and the columns of `b'`.
+fn follows(name: &str, r: usize, d: usize, (ta, tb): (bool, bool)) -> Option<(usize, usize)> {
+    match name {
+        "v3.matmul" => Some(match d {
+            0 => (0, usize::from(ta)),
+            _ => (1, usize::from(!tb)),
+        }),
+        _ => shaped_like(name, r).map(|k| (k, d)),
+    }
+}
+
+/// The operand result `r` of a training op is shaped like (the value it is the gradient of).
+pub fn shaped_like(name: &str, r: usize) -> Option<usize> {
+    match name {
+        "v3.rms_norm_grad" | "v3.silu_mul_grad" | "v3.attention_grad" => Some(r),
+        "v3.concat_grad" => Some(r + 1),
+        _ => None,
+    }
 }
 
 /// For each result of `kernel`: the input it updates in place, if any. A `cache_write` result whose

@@ -204,6 +204,65 @@ fn check_op(op: &OperationRef) -> Result<(), String> {
                 ));
             }
         }
+        "matmul" => {
+            let (a, b) = (&operands[0], &operands[1]);
+            let flag = |n: &str| op.attribute(n).map(|v| v.to_string() == "true").unwrap_or(false);
+            let (ta, tb) = (usize::from(flag("transpose_a")), usize::from(flag("transpose_b")));
+            let ok = a.rank() == 2
+                && b.rank() == 2
+                && r0.rank() == 2
+                && agree(a.dim(1 - ta), b.dim(tb))
+                && agree(r0.dim(0), a.dim(ta))
+                && agree(r0.dim(1), b.dim(1 - tb));
+            if !ok {
+                return fail(format!("a {a}, b {b} (transposed: {}, {}), result {r0} do not fit", ta == 1, tb == 1));
+            }
+        }
+        "cross_entropy" | "cross_entropy_grad" => {
+            let (logits, targets) = (&operands[0], &operands[1]);
+            let result_ok = if kind == "cross_entropy" { r0.dims == [Some(1)] } else { same_shape(logits, r0) };
+            if logits.rank() != 2 || targets.rank() != 1 || !agree(logits.dim(0), targets.dim(0)) || !result_ok {
+                return fail(format!("logits {logits}, targets {targets}, result {r0} do not fit"));
+            }
+        }
+        "rms_norm_grad" | "silu_mul_grad" => {
+            // (x, w, dy) -> (dx, dw) / (gate, up, dy) -> (d gate, d up): each result shaped like
+            // its operand; dy like the first.
+            let fits = same_shape(&operands[2], &operands[0])
+                && results.len() == 2
+                && same_shape(&results[0], &operands[0])
+                && same_shape(&results[1], &operands[1]);
+            if !fits {
+                return fail(format!(
+                    "operands {}, {}, {} with results do not fit",
+                    operands[0], operands[1], operands[2]
+                ));
+            }
+        }
+        "embed_grad" => {
+            let (ids, dy) = (&operands[0], &operands[1]);
+            let vocab = int_attr("vocab").ok_or("missing integer attribute 'vocab'")? as usize;
+            if ids.rank() != 1 || dy.rank() != 2 || r0.dims != [Some(vocab), dy.dim(1)] || !agree(ids.dim(0), dy.dim(0))
+            {
+                return fail(format!("ids {ids}, dy {dy}, result {r0} do not fit (vocab {vocab})"));
+            }
+        }
+        "attention_grad" | "concat_grad" => {
+            // Each gradient shaped like the operand it is the gradient of.
+            let first = usize::from(kind == "concat_grad");
+            for (k, res) in results.iter().enumerate() {
+                if !same_shape(res, &operands[k + first]) {
+                    return fail(format!(
+                        "result {k} {res} is not shaped like operand {} {}",
+                        k + first,
+                        operands[k + first]
+                    ));
+                }
+            }
+        }
+        "split_grad" | "rope_grad" if !same_shape(&operands[0], r0) => {
+            return fail(format!("result {r0} is not shaped like {}", operands[0]));
+        }
         _ => {}
     }
     Ok(())

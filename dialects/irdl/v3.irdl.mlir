@@ -271,4 +271,138 @@ irdl.dialect @v3 {
     irdl.operands(x: %x, w: %w)
     irdl.results(out: %out)
   }
+
+  // --- Training: losses and the vector-Jacobian products of autodiff (models/src/autodiff.rs).
+
+  // (logits [N, V] f32, targets [N] i64) -> [1]: `weight` x the mean over rows of
+  // -log softmax(logits)[target] (sums in f64).
+  irdl.operation @cross_entropy {
+    %logits = irdl.base "!builtin.tensor"
+    %targets = irdl.base "!builtin.tensor"
+    %loss = irdl.base "!builtin.tensor"
+    %weight = irdl.base "#builtin.float"
+    irdl.operands(logits: %logits, targets: %targets)
+    irdl.results(loss: %loss)
+    irdl.attributes { "weight" = %weight }
+  }
+
+  // d (weighted mean cross-entropy) / d logits [N, V]: weight x (softmax - onehot) / N.
+  irdl.operation @cross_entropy_grad {
+    %logits = irdl.base "!builtin.tensor"
+    %targets = irdl.base "!builtin.tensor"
+    %grad = irdl.base "!builtin.tensor"
+    %weight = irdl.base "#builtin.float"
+    irdl.operands(logits: %logits, targets: %targets)
+    irdl.results(grad: %grad)
+    irdl.attributes { "weight" = %weight }
+  }
+
+  // a' @ b' of 2-D tensors, ' the transposes asked for (the VJPs of linear layers and the head).
+  irdl.operation @matmul {
+    %a = irdl.base "!builtin.tensor"
+    %b = irdl.base "!builtin.tensor"
+    %out = irdl.base "!builtin.tensor"
+    %transpose_a = irdl.base "#builtin.integer"
+    %transpose_b = irdl.base "#builtin.integer"
+    irdl.operands(a: %a, b: %b)
+    irdl.results(out: %out)
+    irdl.attributes { "transpose_a" = %transpose_a, "transpose_b" = %transpose_b }
+  }
+
+  // (x [N, D], w [D], dy [N, D]) -> (dx [N, D], dw [D]) of rms_norm.
+  irdl.operation @rms_norm_grad {
+    %x = irdl.base "!builtin.tensor"
+    %w = irdl.base "!builtin.tensor"
+    %dy = irdl.base "!builtin.tensor"
+    %dx = irdl.base "!builtin.tensor"
+    %dw = irdl.base "!builtin.tensor"
+    %eps = irdl.base "#builtin.float"
+    irdl.operands(x: %x, w: %w, dy: %dy)
+    irdl.results(dx: %dx, dw: %dw)
+    irdl.attributes { "eps" = %eps }
+  }
+
+  // (gate, up, dy) -> (d gate, d up) of silu(gate) * up.
+  irdl.operation @silu_mul_grad {
+    %gate = irdl.base "!builtin.tensor"
+    %up = irdl.base "!builtin.tensor"
+    %dy = irdl.base "!builtin.tensor"
+    %dgate = irdl.base "!builtin.tensor"
+    %dup = irdl.base "!builtin.tensor"
+    irdl.operands(gate: %gate, up: %up, dy: %dy)
+    irdl.results(dgate: %dgate, dup: %dup)
+  }
+
+  // (ids [N], dy [N, D]) -> d table [vocab, D]: the rows of dy summed into their ids' rows.
+  irdl.operation @embed_grad {
+    %ids = irdl.base "!builtin.tensor"
+    %dy = irdl.base "!builtin.tensor"
+    %dtable = irdl.base "!builtin.tensor"
+    %vocab = irdl.base "#builtin.integer"
+    irdl.operands(ids: %ids, dy: %dy)
+    irdl.results(dtable: %dtable)
+    irdl.attributes { "vocab" = %vocab }
+  }
+
+  // dx of rope: the inverse rotation (the same angles, sine negated); attributes as rope's.
+  irdl.operation @rope_grad {
+    %dy = irdl.base "!builtin.tensor"
+    %positions = irdl.base "!builtin.tensor"
+    %dx = irdl.base "!builtin.tensor"
+    %dim = irdl.base "#builtin.integer"
+    %theta = irdl.base "#builtin.float"
+    %interleave = irdl.base "#builtin.integer"
+    %inv_freq = irdl.base "#builtin.dense_array"
+    %attention_factor = irdl.base "#builtin.float"
+    irdl.operands(dy: %dy, positions: %positions)
+    irdl.results(dx: %dx)
+    irdl.attributes { "dim" = %dim, "theta" = %theta, "interleave" = %interleave, "inv_freq" = %inv_freq, "attention_factor" = %attention_factor }
+  }
+
+  // Naive-form causal MLA over one sequence, forward recomputed: (q_nope, q_pe, latent, kv_b,
+  // d out) -> (d q_nope, d q_pe, d latent, d kv_b).
+  irdl.operation @attention_grad {
+    %q_nope = irdl.base "!builtin.tensor"
+    %q_pe = irdl.base "!builtin.tensor"
+    %latent = irdl.base "!builtin.tensor"
+    %kv_b = irdl.base "!builtin.tensor"
+    %dout = irdl.base "!builtin.tensor"
+    %dq_nope = irdl.base "!builtin.tensor"
+    %dq_pe = irdl.base "!builtin.tensor"
+    %dlatent = irdl.base "!builtin.tensor"
+    %dkv_b = irdl.base "!builtin.tensor"
+    %scale = irdl.base "#builtin.float"
+    %kv_lora_rank = irdl.base "#builtin.integer"
+    irdl.operands(q_nope: %q_nope, q_pe: %q_pe, latent: %latent, kv_b: %kv_b, dout: %dout)
+    irdl.results(dq_nope: %dq_nope, dq_pe: %dq_pe, dlatent: %dlatent, dkv_b: %dkv_b)
+    irdl.attributes { "scale" = %scale, "kv_lora_rank" = %kv_lora_rank }
+  }
+
+  // (dy, lhs, rhs) -> (d lhs, d rhs) of concat(lhs, rhs) along `axis`: dy's two pieces, sizes
+  // taken from lhs and rhs at run time.
+  irdl.operation @concat_grad {
+    %dy = irdl.base "!builtin.tensor"
+    %lhs = irdl.base "!builtin.tensor"
+    %rhs = irdl.base "!builtin.tensor"
+    %dlhs = irdl.base "!builtin.tensor"
+    %drhs = irdl.base "!builtin.tensor"
+    %axis = irdl.base "#builtin.integer"
+    irdl.operands(dy: %dy, lhs: %lhs, rhs: %rhs)
+    irdl.results(dlhs: %dlhs, drhs: %drhs)
+    irdl.attributes { "axis" = %axis }
+  }
+
+  // dx [x's shape] of split(x) = [head, tail] (`sizes`) along `axis`: the pieces' gradients that
+  // exist, zeros for a piece without one.
+  irdl.operation @split_grad {
+    %x = irdl.base "!builtin.tensor"
+    %dhead = irdl.base "!builtin.tensor"
+    %dtail = irdl.base "!builtin.tensor"
+    %dx = irdl.base "!builtin.tensor"
+    %axis = irdl.base "#builtin.integer"
+    %sizes = irdl.base "#builtin.dense_array"
+    irdl.operands(x: %x, dhead: optional %dhead, dtail: optional %dtail)
+    irdl.results(dx: %dx)
+    irdl.attributes { "axis" = %axis, "sizes" = %sizes }
+  }
 }

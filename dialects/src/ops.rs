@@ -32,6 +32,16 @@ pub const OP_NAMES: &[&str] = &[
     "reshape",
     "quantize_fp8",
     "lm_head",
+    "cross_entropy",
+    "cross_entropy_grad",
+    "matmul",
+    "rms_norm_grad",
+    "silu_mul_grad",
+    "embed_grad",
+    "rope_grad",
+    "attention_grad",
+    "concat_grad",
+    "split_grad",
 ];
 
 /// The full op name (`v3.<op>`) of a bare op name from [`OP_NAMES`].
@@ -150,14 +160,17 @@ pub fn rope<'c>(
     c: &'c Context,
     l: Location<'c>,
 ) -> Result<Operation<'c>, DialectError> {
-    let attrs = [
+    build("rope", &[x, positions], &[y], &rope_attrs(c, a)?, c, l)
+}
+
+fn rope_attrs<'c>(c: &'c Context, a: &RopeAttributes) -> Result<[(&'static str, Attribute<'c>); 5], DialectError> {
+    Ok([
         ("dim", i64_attr(c, a.dim as i64)),
         ("theta", f64_attr(c, a.theta)),
         ("interleave", bool_attr(c, a.interleave)),
         ("inv_freq", f32_array_attr(c, a.inv_freq)?),
         ("attention_factor", f32_attr(c, a.attention_factor)),
-    ];
-    build("rope", &[x, positions], &[y], &attrs, c, l)
+    ])
 }
 
 /// Attributes of the MLA ops.
@@ -495,4 +508,127 @@ pub fn lm_head<'c>(
     l: Location<'c>,
 ) -> Result<Operation<'c>, DialectError> {
     build("lm_head", &[x, w], &[out], &[], c, l)
+}
+
+// --- Training ops (losses and vector-Jacobian products).
+
+/// Creates `v3.cross_entropy` (`grad` false: the `[1]` loss) or `v3.cross_entropy_grad` (`grad`
+/// true: d loss / d logits), both weighted by `weight`.
+pub fn cross_entropy<'c>(
+    logits: Value<'c, '_>,
+    targets: Value<'c, '_>,
+    weight: f32,
+    grad: bool,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let name = if grad { "cross_entropy_grad" } else { "cross_entropy" };
+    build(name, &[logits, targets], &[out], &[("weight", f32_attr(c, weight))], c, l)
+}
+
+/// Creates `v3.matmul`: `a' @ b'` with the transposes asked for.
+pub fn matmul<'c>(
+    a: Value<'c, '_>,
+    b: Value<'c, '_>,
+    (transpose_a, transpose_b): (bool, bool),
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let attrs = [("transpose_a", bool_attr(c, transpose_a)), ("transpose_b", bool_attr(c, transpose_b))];
+    build("matmul", &[a, b], &[out], &attrs, c, l)
+}
+
+/// Creates `v3.rms_norm_grad`: `(dx, dw)`.
+pub fn rms_norm_grad<'c>(
+    [x, w, dy]: [Value<'c, '_>; 3],
+    eps: f32,
+    results: [Type<'c>; 2],
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("rms_norm_grad", &[x, w, dy], &results, &[("eps", f32_attr(c, eps))], c, l)
+}
+
+/// Creates `v3.silu_mul_grad`: `(d gate, d up)`.
+pub fn silu_mul_grad<'c>(
+    [gate, up, dy]: [Value<'c, '_>; 3],
+    results: [Type<'c>; 2],
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("silu_mul_grad", &[gate, up, dy], &results, &[], c, l)
+}
+
+/// Creates `v3.embed_grad`: the `[vocab, D]` table gradient.
+pub fn embed_grad<'c>(
+    ids: Value<'c, '_>,
+    dy: Value<'c, '_>,
+    vocab: usize,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("embed_grad", &[ids, dy], &[out], &[("vocab", i64_attr(c, vocab as i64))], c, l)
+}
+
+/// Creates `v3.rope_grad`: the inverse rotation of `rope` with attributes `a`.
+pub fn rope_grad<'c>(
+    dy: Value<'c, '_>,
+    positions: Value<'c, '_>,
+    a: &RopeAttributes,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("rope_grad", &[dy, positions], &[out], &rope_attrs(c, a)?, c, l)
+}
+
+/// Creates `v3.attention_grad` (naive form): operands `[q_nope, q_pe, latent, kv_b, d out]`,
+/// results their gradients but d out's.
+pub fn attention_grad<'c>(
+    operands: [Value<'c, '_>; 5],
+    scale: f32,
+    kv_lora_rank: usize,
+    results: [Type<'c>; 4],
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let attrs = [("scale", f32_attr(c, scale)), ("kv_lora_rank", i64_attr(c, kv_lora_rank as i64))];
+    build("attention_grad", &operands, &results, &attrs, c, l)
+}
+
+/// Creates `v3.concat_grad`: `(d lhs, d rhs)` of `concat(lhs, rhs)` along `axis`.
+pub fn concat_grad<'c>(
+    [dy, lhs, rhs]: [Value<'c, '_>; 3],
+    axis: usize,
+    results: [Type<'c>; 2],
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("concat_grad", &[dy, lhs, rhs], &results, &[("axis", i64_attr(c, axis as i64))], c, l)
+}
+
+/// Creates `v3.split_grad`: dx of a binary split of `x` (`sizes` along `axis`) from the pieces'
+/// gradients that exist.
+pub fn split_grad<'c, 'a>(
+    x: Value<'c, 'a>,
+    (dhead, dtail): (Option<Value<'c, 'a>>, Option<Value<'c, 'a>>),
+    axis: usize,
+    sizes: [usize; 2],
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let mut operands = vec![x];
+    operands.extend(dhead);
+    operands.extend(dtail);
+    let sizes = [sizes[0] as i64, sizes[1] as i64];
+    let attrs = [
+        ("axis", i64_attr(c, axis as i64)),
+        ("sizes", DenseI64ArrayAttribute::new(c, &sizes).into()),
+        ("operandSegmentSizes", segments(c, &[1, dhead.is_some() as i32, dtail.is_some() as i32])),
+    ];
+    build("split_grad", &operands, &[out], &attrs, c, l)
 }

@@ -109,6 +109,45 @@ pub enum TrainError {
     Interp(#[from] InterpError),
     #[error("{0}")]
     Invalid(String),
+    /// A compiled backend failed to run the training graph.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// What runs the training graph of a [`Trainer`]: the reference interpreter ([`Reference`]) or a
+/// compiled backend (the compiler's CPU backend implements it). Per optimizer step, [`load`] gets
+/// the current parameters once, then [`run`] runs one window.
+///
+/// [`load`]: StepBackend::load
+/// [`run`]: StepBackend::run
+pub trait StepBackend {
+    /// Takes the parameters (checkpoint names, f32) the next windows run with.
+    fn load(&mut self, graph: &Graph, params: &HashMap<String, Tensor>) -> Result<(), TrainError>;
+    /// Runs the training graph on `inputs` (by input name) and returns the outputs in `wanted`.
+    fn run(&mut self, inputs: &HashMap<String, Tensor>, wanted: &[&str])
+        -> Result<HashMap<String, Tensor>, TrainError>;
+}
+
+/// The reference interpreter as a [`StepBackend`]: the oracle of training.
+#[derive(Default)]
+pub struct Reference {
+    interp: Option<Interpreter>,
+}
+
+impl StepBackend for Reference {
+    fn load(&mut self, graph: &Graph, params: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+        self.interp = Some(Interpreter::with_params(graph.clone(), params.clone())?);
+        Ok(())
+    }
+
+    fn run(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, Tensor>, TrainError> {
+        let interp = self.interp.as_ref().ok_or_else(|| TrainError::Invalid("no parameters loaded".into()))?;
+        Ok(interp.run(inputs, wanted)?)
+    }
 }
 
 /// A model being trained: parameters, optimizer state, the training graph.
@@ -197,14 +236,49 @@ impl Trainer {
         1 + usize::from(self.mtp)
     }
 
-    /// One optimizer step over `batch` (windows of a sequence's tokens plus
-    /// [`Trainer::window_extra`] more): gradients averaged over the sequences, clipped, AdamW, then
-    /// the balancing bias update.
+    /// The training graph: the forward pass, the loss, and `grad.<parameter>` outputs (what a
+    /// compiled [`StepBackend`] compiles).
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// One optimizer step over `batch` on the reference interpreter (see [`Trainer::step_on`]).
     pub fn step(&mut self, batch: &[Vec<i64>]) -> Result<StepReport, TrainError> {
+        self.step_on(&mut Reference::default(), batch)
+    }
+
+    /// The inputs of the training graph for one window of tokens.
+    pub fn window_inputs(&self, window: &[i64]) -> Result<HashMap<String, Tensor>, TrainError> {
+        let extra = self.window_extra();
+        if window.len() <= extra {
+            return Err(TrainError::Invalid(format!("a window needs more than {extra} tokens")));
+        }
+        let t = window.len() - extra;
+        let ids = |from: usize| Tensor::i64(vec![t], window[from..from + t].to_vec());
+        let mut inputs = HashMap::new();
+        inputs.insert("tokens".to_string(), ids(0));
+        inputs.insert("targets".to_string(), ids(1));
+        inputs.insert("positions".to_string(), Tensor::i64(vec![t], (0..t as i64).collect()));
+        let empty_cache = || Tensor::f32(vec![0, self.config.latent_dim()], vec![]);
+        for l in 0..self.config.num_hidden_layers {
+            inputs.insert(format!("kv_cache.{l}"), empty_cache());
+        }
+        if self.mtp {
+            inputs.insert("mtp_tokens".to_string(), ids(1));
+            inputs.insert("mtp_targets".to_string(), ids(2));
+            inputs.insert("kv_cache.mtp".to_string(), empty_cache());
+        }
+        Ok(inputs)
+    }
+
+    /// One optimizer step over `batch` (windows of a sequence's tokens plus
+    /// [`Trainer::window_extra`] more), the training graph run by `backend`: gradients averaged
+    /// over the sequences, clipped, AdamW, then the balancing bias update.
+    pub fn step_on(&mut self, backend: &mut dyn StepBackend, batch: &[Vec<i64>]) -> Result<StepReport, TrainError> {
         if batch.is_empty() {
             return Err(TrainError::Invalid("an empty batch".into()));
         }
-        let interp = Interpreter::with_params(self.graph.clone(), self.params.clone())?;
+        backend.load(&self.graph, &self.params)?;
         let mut grads: HashMap<String, Vec<f64>> = HashMap::new();
         let mut loss = 0.0f64;
         let experts = self.config.n_routed_experts;
@@ -213,37 +287,21 @@ impl Trainer {
         let mut wanted: Vec<&str> = grad_names.iter().map(String::as_str).collect();
         wanted.push("loss");
         wanted.extend(self.routes.iter().map(|(_, o)| o.as_str()));
-        let extra = self.window_extra();
         for window in batch {
-            if window.len() <= extra {
-                return Err(TrainError::Invalid(format!("a window needs more than {extra} tokens")));
-            }
-            let t = window.len() - extra;
-            let ids = |from: usize| Tensor::i64(vec![t], window[from..from + t].to_vec());
-            let mut inputs = HashMap::new();
-            inputs.insert("tokens".to_string(), ids(0));
-            inputs.insert("targets".to_string(), ids(1));
-            inputs.insert("positions".to_string(), Tensor::i64(vec![t], (0..t as i64).collect()));
-            let empty_cache = || Tensor::f32(vec![0, self.config.latent_dim()], vec![]);
-            for l in 0..self.config.num_hidden_layers {
-                inputs.insert(format!("kv_cache.{l}"), empty_cache());
-            }
-            if self.mtp {
-                inputs.insert("mtp_tokens".to_string(), ids(1));
-                inputs.insert("mtp_targets".to_string(), ids(2));
-                inputs.insert("kv_cache.mtp".to_string(), empty_cache());
-            }
-            let out = interp.run(&inputs, &wanted)?;
-            loss += out["loss"].as_f32().unwrap_or(&[0.0])[0] as f64;
+            let inputs = self.window_inputs(window)?;
+            let out = backend.run(&inputs, &wanted)?;
+            let missing = |name: &str| TrainError::Backend(format!("the training graph returned no '{name}'"));
+            loss += out.get("loss").ok_or_else(|| missing("loss"))?.as_f32().unwrap_or(&[0.0])[0] as f64;
             for name in &self.trained {
-                let g = out[&format!("grad.{name}")].as_f32().unwrap_or(&[]);
+                let key = format!("grad.{name}");
+                let g = out.get(&key).ok_or_else(|| missing(&key))?.as_f32().unwrap_or(&[]);
                 let acc = grads.entry(name.clone()).or_insert_with(|| vec![0.0; g.len()]);
                 for (a, x) in acc.iter_mut().zip(g) {
                     *a += *x as f64;
                 }
             }
             for (layer, (_, o)) in self.routes.iter().enumerate() {
-                for e in out[o.as_str()].as_ids().unwrap_or_default() {
+                for e in out.get(o.as_str()).ok_or_else(|| missing(o))?.as_ids().unwrap_or_default() {
                     if (e as usize) < experts {
                         loads[layer][e as usize] += 1;
                     }

@@ -71,9 +71,9 @@ pub fn load_weight(
 pub fn check_id_inputs(inputs: &HashMap<String, HostBuffer>, vocab: usize) -> Result<(), String> {
     for (name, buf) in inputs {
         let HostData::I64(ids) = &buf.data else { continue };
-        if name == "tokens" || name == "mtp_tokens" {
+        if ["tokens", "mtp_tokens", "targets", "mtp_targets"].contains(&name.as_str()) {
             if let Some(&t) = ids.iter().find(|&&t| t < 0 || t as usize >= vocab) {
-                return Err(format!("token id {t} is outside the vocabulary (0..{vocab})"));
+                return Err(format!("{name}: token id {t} is outside the vocabulary (0..{vocab})"));
             }
         }
         if name == "positions" {

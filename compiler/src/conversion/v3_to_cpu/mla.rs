@@ -43,7 +43,7 @@ pub(super) struct AttentionSpec {
 }
 
 /// The output columns of an order-preserving GEMM.
-enum Columns<'a> {
+pub(super) enum Columns<'a> {
     /// A static count: tiles of 16 (the loop variable the column), then a narrower last one.
     Static(usize),
     /// A dynamic count of 16-column tiles (the loop variable the tile's index).
@@ -73,7 +73,13 @@ fn dequant_body((wt, w_ty): (&str, &str), (st, s_ty): (&str, &str), row0: &str) 
 /// `%{name}w{w}`: columns `j ..` (`w` of them) of rows `r0 .. r0 + k` of the 2-D tensor `src`
 /// (`src_ty`), as the `[1, k, w]` weight tile of an order-preserving GEMM (`k` a count, or an
 /// index value for a dynamic one).
-fn k_major_tile(name: &str, (src, src_ty): (&str, &str), (r0, k): (&str, &str), j: &str, w: usize) -> String {
+pub(super) fn k_major_tile(
+    name: &str,
+    (src, src_ty): (&str, &str),
+    (r0, k): (&str, &str),
+    j: &str,
+    w: usize,
+) -> String {
     let ks = if k.starts_with('%') { "?" } else { k };
     let el = src_ty.rsplit('x').next().unwrap_or("f32>").trim_end_matches('>');
     format!(
@@ -201,7 +207,7 @@ bufferization.materialize_in_destination {name}_g in restrict writable {buf} : (
     /// static, or dynamic when `None`), per 16-column tile of `n` the text `w_tile(v, width)`
     /// defining the tensor `%{name}w{width}` `[1, K, width]` of `w_el` (f32, or bf16 widened as read) and `dest(v, width)` defining the
     /// memref `%{name}d{width}` `[R, width]` (returning its type), `v` the loop variable.
-    fn exact_gemm(
+    pub(super) fn exact_gemm(
         &mut self,
         name: &str,
         (x, rows, k): (&str, &str, Option<usize>),

@@ -47,6 +47,7 @@ mod grouped;
 mod mla;
 mod moe;
 mod rows;
+mod train;
 
 pub(crate) use fp8::fp8_helpers;
 use mla::AttentionSpec;
@@ -227,11 +228,12 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 Some(out) => out.clone(),
                 // Dynamic sizes come from an operand dynamic at the same dims (the ids of an
                 // embedding, not its table: a static table size once sized a kernel's rows).
+                // A training op's gradient takes them from what it is the gradient of.
                 None => {
                     let dynamic: Vec<usize> = (0..shape.dims.len()).filter(|&i| shape.dims[i].is_none()).collect();
-                    let like = args
-                        .iter()
-                        .find(|a| dynamic.iter().all(|&i| a.1.dims.get(i) == Some(&None)))
+                    let like = crate::shapes::shaped_like(&full, r)
+                        .and_then(|k| args.get(k))
+                        .or_else(|| args.iter().find(|a| dynamic.iter().all(|&i| a.1.dims.get(i) == Some(&None))))
                         .unwrap_or(&args[0])
                         .clone();
                     e.alloc(&shape, &like)
@@ -285,7 +287,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 e.concat_rows((&args[0], &args[1]), axis, &dest, &rshape);
             }
             "cache_write" => e.cache_write(&args[0], &args[1], &args[2], &dest, &rshape),
-            "rope" => {
+            "rope" | "rope_grad" => {
                 let (x, positions) = (&args[0], &args[1]);
                 let dim = int_attr(&o, "dim").ok_or_else(|| lowering("rope without dim".into()))? as usize;
                 let interleave = o.attribute("interleave").map(|a| a.to_string() == "true").unwrap_or(true);
@@ -304,7 +306,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 let table = e.fresh();
                 e.line(&format!("{table} = memref.get_global @{global} : memref<{}xf32>", dim / 2));
                 let table = (table, Shape { dims: vec![Some(dim / 2)], element: "f32".into() });
-                e.rope_rows(x, positions, &table, (interleave, &factor), &dest, &rshape);
+                e.rope_rows(x, positions, &table, (interleave, &factor, kind == "rope_grad"), &dest, &rshape);
             }
             "attention" | "attention_decode" => {
                 let decode = kind == "attention_decode";
@@ -388,6 +390,78 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                         e.down_fp8(&g, &rest[0], [&rest[1], &rest[2]], sh, rest.get(n), &dest, &rshape);
                     }
                 }
+            }
+            "matmul" => {
+                let flag = |n: &str| o.attribute(n).map(|a| a.to_string() == "true").unwrap_or(false);
+                let (a, b) = (&args[0], &args[1]);
+                if a.1.element != "f32" || b.1.element != "f32" {
+                    return Err(CpuError::Unsupported(format!("{full} of {} and {}", a.1, b.1)));
+                }
+                e.matmul((a, b), (flag("transpose_a"), flag("transpose_b")), &dest, &rshape).map_err(lowering)?;
+            }
+            "cross_entropy" | "cross_entropy_grad" => {
+                let weight =
+                    train::float_attr(&o, "weight").ok_or_else(|| lowering(format!("{full} without weight")))?;
+                e.cross_entropy((&args[0], &args[1]), &weight, kind == "cross_entropy_grad", &dest, &rshape);
+            }
+            "embed_grad" => e.embed_grad(&args[0], &args[1], &dest, &rshape),
+            "rms_norm_grad" | "silu_mul_grad" => {
+                let outs = [(dests[0].1.as_str(), &dests[0].2), (dests[1].1.as_str(), &dests[1].2)];
+                if kind == "silu_mul_grad" {
+                    e.silu_mul_grad([&args[0], &args[1], &args[2]], outs);
+                } else {
+                    if args[0].1.dims.len() != 2 {
+                        return Err(CpuError::Unsupported(format!("{full} of {}", args[0].1)));
+                    }
+                    let eps = train::float_attr(&o, "eps").ok_or_else(|| lowering(format!("{full} without eps")))?;
+                    e.rms_norm_grad([&args[0], &args[1], &args[2]], &eps, outs);
+                }
+            }
+            "concat_grad" => {
+                let axis = int_attr(&o, "axis").ok_or_else(|| lowering("concat_grad without axis".into()))? as usize;
+                let outs = [(dests[0].1.as_str(), &dests[0].2), (dests[1].1.as_str(), &dests[1].2)];
+                e.concat_grad(&args[0], (axis, [&args[1], &args[2]]), outs);
+            }
+            "split_grad" => {
+                let axis = int_attr(&o, "axis").ok_or_else(|| lowering("split_grad without axis".into()))? as usize;
+                let sizes = o.attribute("sizes").map(|a| a.to_string()).unwrap_or_default();
+                let sizes: Vec<usize> = sizes
+                    .trim_start_matches("array<i64:")
+                    .trim_end_matches('>')
+                    .split(',')
+                    .filter_map(|v| v.trim().parse().ok())
+                    .collect();
+                let [head, tail] = sizes[..] else {
+                    return Err(lowering(format!("split_grad sizes {sizes:?}")));
+                };
+                // operandSegmentSizes = [x, dhead, dtail]
+                let segments = o.attribute("operandSegmentSizes").map(|a| a.to_string()).unwrap_or_default();
+                let present: Vec<bool> = segments
+                    .trim_start_matches("array<i32:")
+                    .trim_end_matches('>')
+                    .split(',')
+                    .map(|v| v.trim() == "1")
+                    .collect();
+                let mut given = args[1..].iter();
+                let mut piece = |k: usize| if present.get(k + 1) == Some(&true) { given.next() } else { None };
+                let pieces = [piece(0), piece(1)];
+                e.split_grad(pieces, (axis, [head, tail]), &dest, &rshape);
+            }
+            "attention_grad" => {
+                let scale =
+                    train::float_attr(&o, "scale").ok_or_else(|| lowering("attention_grad without scale".into()))?;
+                let kv = int_attr(&o, "kv_lora_rank")
+                    .ok_or_else(|| lowering("attention_grad without kv_lora_rank".into()))?
+                    as usize;
+                let (qn, qp) = (&args[0], &args[1]);
+                let dims = (qn.1.dims[1], qn.1.dims[2], qp.1.dims[2], args[4].1.dims[2]);
+                let (Some(h), Some(dn), Some(dr), Some(dv)) = dims else {
+                    return Err(CpuError::Unsupported(format!("{full} with dynamic head dims")));
+                };
+                let spec = AttentionSpec { h, dn, dr, dv, kv, scale, absorbed: false, decode: false };
+                let outs: Vec<(&str, &Shape)> = dests.iter().map(|(_, d, s)| (d.as_str(), s)).collect();
+                let [a, b, c, d] = outs[..] else { return Err(lowering("attention_grad: four results".into())) };
+                e.attention_grad(&spec, [&args[0], &args[1], &args[2], &args[3], &args[4]], [a, b, c, d]);
             }
             _ => return Err(CpuError::Unsupported(full)),
         }

@@ -289,13 +289,14 @@ impl Emitter {
     /// RoPE over the last `dim` entries of x [N, (H,) dim] at `positions` [N]: pairs interleaved
     /// (2i, 2i+1) or in halves (i, i + dim/2), frequencies from the module constant `table`. The
     /// cosines and sines are computed once per token and frequency (two [N, dim/2] tables, as the
-    /// reference does), then every head's pairs rotated with them.
+    /// reference does), then every head's pairs rotated with them. `inverse`: the sines negated
+    /// (the inverse rotation, RoPE's gradient).
     pub(super) fn rope_rows(
         &mut self,
         x: &(String, Shape),
         positions: &(String, Shape),
         table: &(String, Shape),
-        (interleave, factor): (bool, &str),
+        (interleave, factor, inverse): (bool, &str, bool),
         dest: &str,
         out: &Shape,
     ) {
@@ -307,8 +308,10 @@ impl Emitter {
         for f in ["cos", "sin"] {
             let buf = self.alloc(&trig_shape, x);
             let ins = [self.indexed_by(positions, 2, &[0]), self.indexed_by(table, 2, &[1])];
+            let negate = if inverse && f == "sin" { "\n%r = arith.negf %r0 : f32" } else { "" };
+            let scaled = if negate.is_empty() { "%r" } else { "%r0" };
             let body = format!(
-                "%pos = arith.sitofp %pos64 : {} to f32\n%angle = arith.mulf %pos, %freq : f32\n%t = math.{f} %angle : f32\n%af = arith.constant {factor} : f32\n%r = arith.mulf %t, %af : f32",
+                "%pos = arith.sitofp %pos64 : {} to f32\n%angle = arith.mulf %pos, %freq : f32\n%t = math.{f} %angle : f32\n%af = arith.constant {factor} : f32\n{scaled} = arith.mulf %t, %af : f32{negate}",
                 positions.1.element
             );
             let args = format!("%pos64: {}, %freq: f32", positions.1.element);

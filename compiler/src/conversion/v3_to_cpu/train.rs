@@ -1,0 +1,627 @@
+//! The training ops (losses and the vector-Jacobian products autodiff emits, see
+//! `models/src/autodiff.rs`) on the CPU.
+//!
+//! Through the transform dialect: `matmul` (the order-preserving GEMM of [`super::fp8_tiled`]
+//! behind [`Emitter::exact_gemm`]: each output a sequential sum in the reference interpreter's
+//! order; a transposed operand copied transposed first by a row template), the SwiGLU gradient, the
+//! inverse RoPE rotation and the pieces of `concat_grad` / `split_grad` as row templates. In scf
+//! loops, each in the reference's order of operations (its bits, not only its values, are the
+//! target): the cross-entropy and its gradient (sums in f64, as the reference), the RMSNorm
+//! gradient (its weight gradient a sum over rows), the embedding gradient (a scatter-add of rows
+//! in token order) and the naive-form MLA gradient (forward recomputed per head and query, then
+//! the two products back to the latent and `kv_b`). The last three are data-dependent
+//! scatters or per-query loops over a causal prefix; vectorizing them is future work.
+
+use super::mla::Columns;
+use super::rows::{subview_type, tensor_type};
+use super::*;
+
+/// A float attribute's value as MLIR text (`1.0e-06 : f32` -> `1.0e-06`).
+pub(super) fn float_attr(op: &OperationRef, name: &str) -> Option<String> {
+    let text = op.attribute(name).ok()?.to_string();
+    Some(text.split(':').next()?.trim().to_string())
+}
+
+impl Emitter {
+    /// `dest = a' @ b'` (2-D; ' the transposes asked for): operands not in the GEMM's layout
+    /// (a' row-major [M, K], b' K-major [K, N]) are first copied transposed.
+    pub(super) fn matmul(
+        &mut self,
+        (a, b): (&(String, Shape), &(String, Shape)),
+        (ta, tb): (bool, bool),
+        dest: &str,
+        out: &Shape,
+    ) -> Result<(), String> {
+        let n = out.dims[1].ok_or("matmul with a dynamic column count")?;
+        let x = if ta { self.transposed(a) } else { a.clone() };
+        let w = if tb { self.transposed(b) } else { b.clone() };
+        let k = x.1.dims[1];
+        let xt = self.tensor_of(&x);
+        let wt = self.tensor_of(&w);
+        let ks = k.map_or("?".to_string(), |k| k.to_string());
+        let (x_tty, w_tty, o_ty) = (tensor_type(&x.1), tensor_type(&w.1), memref(out));
+        let k_count = k.map_or("%mm_k".to_string(), |k| k.to_string());
+        let text = self.exact_gemm(
+            "mm",
+            ("%mm_x3", "%mm_rows", k),
+            (Columns::Static(n), "f32"),
+            &|j, width| super::mla::k_major_tile("mm", (&wt, &w_tty), ("0", &k_count), j, width),
+            &|j, width| {
+                let ty = format!("memref<?x{width}xf32, strided<[{n}, 1], offset: ?>>");
+                (format!("%mmd{width} = memref.subview {dest}[0, {j}] [%mm_rows, {width}] [1, 1] : {o_ty} to {ty}"), ty)
+            },
+        );
+        self.line(&format!(
+            "scf.execute_region {{
+      %m_c0 = arith.constant 0 : index
+      %m_c1 = arith.constant 1 : index
+      %m_c16 = arith.constant 16 : index
+      %mm_rows = tensor.dim {xt}, %m_c0 : {x_tty}
+      %mm_k = tensor.dim {xt}, %m_c1 : {x_tty}
+      %mm_x2 = tensor.cast {xt} : {x_tty} to tensor<?x{ks}xf32>
+      %mm_x3 = tensor.expand_shape %mm_x2 [[0], [1, 2]] output_shape [%mm_rows, 1, {k_count}] : tensor<?x{ks}xf32> into tensor<?x1x{ks}xf32>
+{}
+      scf.yield
+    }}",
+            indent(&text, 6)
+        ));
+        Ok(())
+    }
+
+    /// A new buffer holding the transpose of the 2-D `v` (a row template reading it transposed).
+    fn transposed(&mut self, v: &(String, Shape)) -> (String, Shape) {
+        let shape = Shape { dims: vec![v.1.dims[1], v.1.dims[0]], element: v.1.element.clone() };
+        let mut dyn_sizes = Vec::new();
+        for (i, d) in shape.dims.iter().enumerate() {
+            if d.is_none() {
+                let c = self.constant_index(1 - i);
+                let s = self.fresh();
+                self.line(&format!("{s} = memref.dim {}, {c} : {}", v.0, memref(&v.1)));
+                dyn_sizes.push(s);
+            }
+        }
+        let buf = self.fresh();
+        self.line(&format!("{buf} = memref.alloc({}) : {}", dyn_sizes.join(", "), memref(&shape)));
+        self.allocs.push(format!("memref.dealloc {buf} : {}", memref(&shape)));
+        let ins = [self.indexed_by(v, 2, &[1, 0])];
+        let el = storage(&v.1.element).to_string();
+        self.row_generic((&buf, &memref(&shape)), &shape, &ins, (&format!("%a: {el}"), "", "%a"));
+        (buf, shape)
+    }
+
+    /// `(d gate, d up)` of `silu(gate) * up`: `dy * up * s * (1 + gate * (1 - s))` with
+    /// `s = sigmoid(gate)`, and `dy * silu(gate)`, as the reference writes them.
+    pub(super) fn silu_mul_grad(
+        &mut self,
+        [g, u, dy]: [&(String, Shape); 3],
+        [(dg, dg_shape), (du, du_shape)]: [(&str, &Shape); 2],
+    ) {
+        let sigmoid = "%n = arith.negf %g : f32\n%x = math.exp %n : f32\n%den = arith.addf %one, %x : f32\n";
+        let ins = [self.same_index(g), self.same_index(u), self.same_index(dy)];
+        let body = format!(
+            "{sigmoid}%s = arith.divf %one, %den : f32\n%t0 = arith.mulf %d, %u : f32\n%t1 = arith.mulf %t0, %s : f32\n%oms = arith.subf %one, %s : f32\n%gm = arith.mulf %g, %oms : f32\n%f = arith.addf %one, %gm : f32\n%r = arith.mulf %t1, %f : f32"
+        );
+        self.row_generic((dg, &memref(dg_shape)), dg_shape, &ins, ("%g: f32, %u: f32, %d: f32", &body, "%r"));
+        let ins = [self.same_index(g), self.same_index(dy)];
+        let body = format!("{sigmoid}%silu = arith.divf %g, %den : f32\n%r = arith.mulf %d, %silu : f32");
+        self.row_generic((du, &memref(du_shape)), du_shape, &ins, ("%g: f32, %d: f32", &body, "%r"));
+    }
+
+    /// `(d lhs, d rhs)` of `concat(lhs, rhs)` along `axis`: the two pieces of `dy`, the second
+    /// starting where the first ends (sizes as `lhs` and `rhs` have them, at run time).
+    pub(super) fn concat_grad(
+        &mut self,
+        dy: &(String, Shape),
+        (axis, operands): (usize, [&(String, Shape); 2]),
+        parts: [(&str, &Shape); 2],
+    ) {
+        let dt = self.tensor_of(dy);
+        let mut offset = self.constant_index(0);
+        for (k, (dest, shape)) in parts.into_iter().enumerate() {
+            let sizes = self.buffer_sizes(&operands[k].0, &operands[k].1);
+            let offsets: Vec<String> =
+                (0..shape.dims.len()).map(|i| if i == axis { offset.clone() } else { "0".into() }).collect();
+            let piece = self.fresh();
+            let ty = tensor_type(shape);
+            self.line(&format!(
+                "{piece} = tensor.extract_slice {dt}[{}] [{}] [{}] : {} to {ty}",
+                offsets.join(", "),
+                sizes.join(", "),
+                vec!["1"; shape.dims.len()].join(", "),
+                tensor_type(&dy.1),
+            ));
+            self.copy_rows((&piece, &ty), (dest, &memref(shape)), shape);
+            if k == 0 {
+                let next = self.fresh();
+                let size = self.index_value(&sizes[axis]);
+                self.line(&format!("{next} = arith.addi {offset}, {size} : index"));
+                offset = next;
+            }
+        }
+    }
+
+    /// `dest` (the shape of a split's input) := the pieces' gradients at their places along
+    /// `axis`, zeros where a piece has none.
+    pub(super) fn split_grad(
+        &mut self,
+        pieces: [Option<&(String, Shape)>; 2],
+        (axis, sizes): (usize, [usize; 2]),
+        dest: &str,
+        out: &Shape,
+    ) {
+        let rank = out.dims.len();
+        let out_ty = memref(out);
+        let full = self.buffer_sizes(dest, out);
+        let mut start = 0;
+        for (piece, size) in pieces.into_iter().zip(sizes) {
+            let mut dims = out.dims.clone();
+            dims[axis] = Some(size);
+            let shape = Shape { dims: dims.clone(), element: out.element.clone() };
+            let mut view_sizes = full.clone();
+            view_sizes[axis] = size.to_string();
+            // SSA offsets: the views' type has a dynamic offset.
+            let (zero, at) = (self.constant_index(0), self.constant_index(start));
+            let offsets: Vec<String> = (0..rank).map(|i| if i == axis { at.clone() } else { zero.clone() }).collect();
+            let (view, view_ty) = (self.fresh(), subview_type(out, &dims));
+            self.line(&format!(
+                "{view} = memref.subview {dest}[{}] [{}] [{}] : {out_ty} to {view_ty}",
+                offsets.join(", "),
+                view_sizes.join(", "),
+                vec!["1"; rank].join(", ")
+            ));
+            match piece {
+                Some(p) => {
+                    let t = self.tensor_of(p);
+                    self.copy_rows((&t, &tensor_type(&p.1)), (&view, &view_ty), &shape);
+                }
+                None => self.row_generic((&view, &view_ty), &shape, &[], ("", "", "%zero")),
+            }
+            start += size;
+        }
+    }
+
+    /// The sizes of buffer `buf` of `shape`: static ones as numbers, dynamic ones read.
+    fn buffer_sizes(&mut self, buf: &str, shape: &Shape) -> Vec<String> {
+        let mut sizes = Vec::new();
+        for (i, d) in shape.dims.iter().enumerate() {
+            sizes.push(match d {
+                Some(n) => n.to_string(),
+                None => {
+                    let c = self.constant_index(i);
+                    let s = self.fresh();
+                    self.line(&format!("{s} = memref.dim {buf}, {c} : {}", memref(shape)));
+                    s
+                }
+            });
+        }
+        sizes
+    }
+
+    /// An index SSA value for a size that may be a number.
+    fn index_value(&mut self, size: &str) -> String {
+        match size.parse::<usize>() {
+            Ok(n) => self.constant_index(n),
+            Err(_) => size.to_string(),
+        }
+    }
+
+    /// The weighted mean cross-entropy of `logits` [N, V] against `targets` [N] (`grad` false:
+    /// into `dest` [1]) or its gradient `weight * (softmax - onehot) / N` (`grad` true: into
+    /// `dest` [N, V]); per row the max in f32, the sum of exponentials, the log-sum-exp and the
+    /// probabilities in f64, as the reference computes them.
+    pub(super) fn cross_entropy(
+        &mut self,
+        (logits, targets): (&(String, Shape), &(String, Shape)),
+        weight: &str,
+        grad: bool,
+        dest: &str,
+        out: &Shape,
+    ) {
+        let (l, l_ty) = (&logits.0, memref(&logits.1));
+        let (t, t_ty, t_el) = (&targets.0, memref(&targets.1), &targets.1.element);
+        let o_ty = memref(out);
+        let row_stats = format!(
+            "%ce_max = scf.for %ce_j = %ce_c0 to %ce_v step %ce_c1 iter_args(%ce_m = %ce_ninf) -> (f32) {{
+  %ce_x = memref.load {l}[%ce_r, %ce_j] : {l_ty}
+  %ce_m2 = arith.maxnumf %ce_m, %ce_x : f32
+  scf.yield %ce_m2 : f32
+}}
+%ce_maxd = arith.extf %ce_max : f32 to f64
+%ce_sum = scf.for %ce_j = %ce_c0 to %ce_v step %ce_c1 iter_args(%ce_s = %ce_zd) -> (f64) {{
+  %ce_x = memref.load {l}[%ce_r, %ce_j] : {l_ty}
+  %ce_xd = arith.extf %ce_x : f32 to f64
+  %ce_d = arith.subf %ce_xd, %ce_maxd : f64
+  %ce_e = math.exp %ce_d : f64
+  %ce_s2 = arith.addf %ce_s, %ce_e : f64
+  scf.yield %ce_s2 : f64
+}}
+%ce_t64 = memref.load {t}[%ce_r] : {t_ty}
+%ce_t = arith.index_cast %ce_t64 : {t_el} to index"
+        );
+        let per_row = if grad {
+            format!(
+                "scf.for %ce_r = %ce_c0 to %ce_n step %ce_c1 {{
+{}
+  scf.for %ce_j = %ce_c0 to %ce_v step %ce_c1 {{
+    %ce_x = memref.load {l}[%ce_r, %ce_j] : {l_ty}
+    %ce_xd = arith.extf %ce_x : f32 to f64
+    %ce_d = arith.subf %ce_xd, %ce_maxd : f64
+    %ce_e = math.exp %ce_d : f64
+    %ce_p = arith.divf %ce_e, %ce_sum : f64
+    %ce_hit = arith.cmpi eq, %ce_j, %ce_t : index
+    %ce_oh = arith.select %ce_hit, %ce_od, %ce_zd : f64
+    %ce_g = arith.subf %ce_p, %ce_oh : f64
+    %ce_gn = arith.divf %ce_g, %ce_nd : f64
+    %ce_g32 = arith.truncf %ce_gn : f64 to f32
+    %ce_w = arith.mulf %ce_weight, %ce_g32 : f32
+    memref.store %ce_w, {dest}[%ce_r, %ce_j] : {o_ty}
+  }}
+}}",
+                indent(&row_stats, 2)
+            )
+        } else {
+            format!(
+                "%ce_total = scf.for %ce_r = %ce_c0 to %ce_n step %ce_c1 iter_args(%ce_acc = %ce_zd) -> (f64) {{
+{}
+  %ce_lg = math.log %ce_sum : f64
+  %ce_lse = arith.addf %ce_maxd, %ce_lg : f64
+  %ce_xt = memref.load {l}[%ce_r, %ce_t] : {l_ty}
+  %ce_xtd = arith.extf %ce_xt : f32 to f64
+  %ce_li = arith.subf %ce_lse, %ce_xtd : f64
+  %ce_acc2 = arith.addf %ce_acc, %ce_li : f64
+  scf.yield %ce_acc2 : f64
+}}
+%ce_mean = arith.divf %ce_total, %ce_nd : f64
+%ce_m32 = arith.truncf %ce_mean : f64 to f32
+%ce_loss = arith.mulf %ce_weight, %ce_m32 : f32
+memref.store %ce_loss, {dest}[%ce_c0] : {o_ty}",
+                indent(&row_stats, 2)
+            )
+        };
+        self.line(&format!(
+            "scf.execute_region {{
+      %ce_c0 = arith.constant 0 : index
+      %ce_c1 = arith.constant 1 : index
+      %ce_zd = arith.constant 0.0 : f64
+      %ce_od = arith.constant 1.0 : f64
+      %ce_ninf = arith.constant 0xFF800000 : f32
+      %ce_weight = arith.constant {weight} : f32
+      %ce_n = memref.dim {l}, %ce_c0 : {l_ty}
+      %ce_v = memref.dim {l}, %ce_c1 : {l_ty}
+      %ce_n64 = arith.index_cast %ce_n : index to i64
+      %ce_nd = arith.sitofp %ce_n64 : i64 to f64
+{}
+      scf.yield
+    }}",
+            indent(&per_row, 6)
+        ));
+    }
+
+    /// `dest` [vocab, D] := zeros, then each row of `dy` added to its id's row, in token order
+    /// (ids outside the table are skipped; the executor rejects them before launch).
+    pub(super) fn embed_grad(&mut self, ids: &(String, Shape), dy: &(String, Shape), dest: &str, out: &Shape) {
+        let (i_ty, i_el, d_ty, o_ty) = (memref(&ids.1), &ids.1.element, memref(&dy.1), memref(out));
+        self.line(&format!("linalg.fill ins(%zero : f32) outs({dest} : {o_ty})"));
+        self.line(&format!(
+            "scf.execute_region {{
+      %eg_c0 = arith.constant 0 : index
+      %eg_c1 = arith.constant 1 : index
+      %eg_n = memref.dim {dy}, %eg_c0 : {d_ty}
+      %eg_d = memref.dim {dy}, %eg_c1 : {d_ty}
+      %eg_vocab = memref.dim {dest}, %eg_c0 : {o_ty}
+      scf.for %eg_r = %eg_c0 to %eg_n step %eg_c1 {{
+        %eg_id64 = memref.load {ids}[%eg_r] : {i_ty}
+        %eg_id = arith.index_cast %eg_id64 : {i_el} to index
+        %eg_in = arith.cmpi ult, %eg_id, %eg_vocab : index
+        scf.if %eg_in {{
+          scf.for %eg_j = %eg_c0 to %eg_d step %eg_c1 {{
+            %eg_t = memref.load {dest}[%eg_id, %eg_j] : {o_ty}
+            %eg_g = memref.load {dy}[%eg_r, %eg_j] : {d_ty}
+            %eg_s = arith.addf %eg_t, %eg_g : f32
+            memref.store %eg_s, {dest}[%eg_id, %eg_j] : {o_ty}
+          }}
+        }}
+      }}
+      scf.yield
+    }}",
+            ids = ids.0,
+            dy = dy.0,
+        ));
+    }
+
+    /// `(dx, dw)` of RMSNorm over rows of x [N, D] (see `rms_norm_grad` of the reference): with
+    /// `r = 1 / sqrt(mean(x^2) + eps)`, `dw = sum_rows dy * x * r` (rows in order) and
+    /// `dx = r * dy * w - x * r^3 / D * sum(dy * w * x)`.
+    pub(super) fn rms_norm_grad(
+        &mut self,
+        [x, w, dy]: [&(String, Shape); 3],
+        eps: &str,
+        [(dx, dx_shape), (dw, dw_shape)]: [(&str, &Shape); 2],
+    ) {
+        let (x_ty, w_ty, g_ty, dx_ty, dw_ty) =
+            (memref(&x.1), memref(&w.1), memref(&dy.1), memref(dx_shape), memref(dw_shape));
+        let d = x.1.dims[1].map_or("0".to_string(), |d| d.to_string());
+        let load_w = load_f32(&w.1.element, "%rg_wv", "%rg_w");
+        self.line(&format!("linalg.fill ins(%zero : f32) outs({dw} : {dw_ty})"));
+        self.line(&format!(
+            "scf.execute_region {{
+      %rg_c0 = arith.constant 0 : index
+      %rg_c1 = arith.constant 1 : index
+      %rg_nz = arith.constant -0.0 : f32
+      %rg_eps = arith.constant {eps} : f32
+      %rg_width = arith.constant {d}.0 : f32
+      %rg_n = memref.dim {x}, %rg_c0 : {x_ty}
+      %rg_d = memref.dim {x}, %rg_c1 : {x_ty}
+      scf.for %rg_r = %rg_c0 to %rg_n step %rg_c1 {{
+        %rg_ss = scf.for %rg_i = %rg_c0 to %rg_d step %rg_c1 iter_args(%rg_a = %rg_nz) -> (f32) {{
+          %rg_x = memref.load {x}[%rg_r, %rg_i] : {x_ty}
+          %rg_sq = arith.mulf %rg_x, %rg_x : f32
+          %rg_a2 = arith.addf %rg_a, %rg_sq : f32
+          scf.yield %rg_a2 : f32
+        }}
+        %rg_mean = arith.divf %rg_ss, %rg_width : f32
+        %rg_me = arith.addf %rg_mean, %rg_eps : f32
+        %rg_root = math.sqrt %rg_me : f32
+        %rg_inv = arith.divf %one, %rg_root : f32
+        %rg_dot = scf.for %rg_i = %rg_c0 to %rg_d step %rg_c1 iter_args(%rg_a = %rg_nz) -> (f32) {{
+          %rg_x = memref.load {x}[%rg_r, %rg_i] : {x_ty}
+          %rg_g = memref.load {dy}[%rg_r, %rg_i] : {g_ty}
+          %rg_wv = memref.load {w}[%rg_i] : {w_ty}
+          {load_w}
+          %rg_gw = arith.mulf %rg_g, %rg_w : f32
+          %rg_p = arith.mulf %rg_gw, %rg_x : f32
+          %rg_a2 = arith.addf %rg_a, %rg_p : f32
+          scf.yield %rg_a2 : f32
+        }}
+        scf.for %rg_i = %rg_c0 to %rg_d step %rg_c1 {{
+          %rg_x = memref.load {x}[%rg_r, %rg_i] : {x_ty}
+          %rg_g = memref.load {dy}[%rg_r, %rg_i] : {g_ty}
+          %rg_wv = memref.load {w}[%rg_i] : {w_ty}
+          {load_w}
+          %rg_gx = arith.mulf %rg_g, %rg_x : f32
+          %rg_gxr = arith.mulf %rg_gx, %rg_inv : f32
+          %rg_dw0 = memref.load {dw}[%rg_i] : {dw_ty}
+          %rg_dw1 = arith.addf %rg_dw0, %rg_gxr : f32
+          memref.store %rg_dw1, {dw}[%rg_i] : {dw_ty}
+          %rg_rg = arith.mulf %rg_inv, %rg_g : f32
+          %rg_a = arith.mulf %rg_rg, %rg_w : f32
+          %rg_x1 = arith.mulf %rg_x, %rg_inv : f32
+          %rg_x2 = arith.mulf %rg_x1, %rg_inv : f32
+          %rg_x3 = arith.mulf %rg_x2, %rg_inv : f32
+          %rg_x4 = arith.divf %rg_x3, %rg_width : f32
+          %rg_b = arith.mulf %rg_x4, %rg_dot : f32
+          %rg_dx = arith.subf %rg_a, %rg_b : f32
+          memref.store %rg_dx, {dx}[%rg_r, %rg_i] : {dx_ty}
+        }}
+      }}
+      scf.yield
+    }}",
+            x = x.0,
+            w = w.0,
+            dy = dy.0,
+        ));
+    }
+
+    /// The naive-form MLA gradient over one sequence (see `mla_grad` of the reference): keys and
+    /// values `latent . kv_b^T` recomputed into a scratch, then per head and query the causal
+    /// scores, softmax and their gradient, accumulated into d q_nope, d q_pe, the keys' and values'
+    /// gradient (a scratch) and the rotary half of d latent; finally that scratch times `kv_b`
+    /// into d latent's first `kv` columns and, transposed, times the latent into d kv_b.
+    pub(super) fn attention_grad(
+        &mut self,
+        spec: &AttentionSpec,
+        [qn, qp, lat, kvb, dout]: [&(String, Shape); 5],
+        dests: [(&str, &Shape); 4],
+    ) {
+        let AttentionSpec { h, dn, dr, dv, kv, ref scale, .. } = *spec;
+        let (per, hp) = (dn + dv, h * (dn + dv));
+        let [(dqn, dqn_s), (dqp, dqp_s), (dlat, dlat_s), (dkvb, dkvb_s)] = dests;
+        for (d, s) in dests {
+            self.line(&format!("linalg.fill ins(%zero : f32) outs({d} : {})", memref(s)));
+        }
+        let (qn_ty, qp_ty, lat_ty, kvb_ty, g_ty) =
+            (memref(&qn.1), memref(&qp.1), memref(&lat.1), memref(&kvb.1), memref(&dout.1));
+        let (dqn_ty, dqp_ty, dlat_ty, dkvb_ty) = (memref(dqn_s), memref(dqp_s), memref(dlat_s), memref(dkvb_s));
+        let (qn, qp, lat, kvb, g) = (&qn.0, &qp.0, &lat.0, &kvb.0, &dout.0);
+        let x_ty = format!("memref<?x{hp}xf32>");
+        // A sequential dot product `name` of `n` terms `a(i) * b(i)` (loads text per index `i`).
+        let dot = |name: &str, n: &str, a: &str, b: &str| {
+            format!(
+                "%{name} = scf.for %{name}_i = %ag_c0 to {n} step %ag_c1 iter_args(%{name}_a = %ag_nz) -> (f32) {{
+  {}
+  {}
+  %{name}_p = arith.mulf %{name}_x, %{name}_y : f32
+  %{name}_s = arith.addf %{name}_a, %{name}_p : f32
+  scf.yield %{name}_s : f32
+}}",
+                a.replace("$i", &format!("%{name}_i")).replace("$v", &format!("%{name}_x")),
+                b.replace("$i", &format!("%{name}_i")).replace("$v", &format!("%{name}_y")),
+            )
+        };
+        let add_into = |name: &str, buf: &str, ty: &str, idx: &str, v: &str| {
+            format!(
+                "%{name}_o = memref.load {buf}[{idx}] : {ty}\n%{name}_n = arith.addf %{name}_o, {v} : f32\nmemref.store %{name}_n, {buf}[{idx}] : {ty}"
+            )
+        };
+        let expand = dot(
+            "ag_kx",
+            "%ag_kvn",
+            &format!("$v = memref.load {lat}[%ag_j, $i] : {lat_ty}"),
+            &format!("$v = memref.load {kvb}[%ag_col, $i] : {kvb_ty}"),
+        );
+        let s_nope = dot(
+            "ag_sn",
+            "%ag_dnn",
+            &format!("$v = memref.load {qn}[%ag_i, %ag_h, $i] : {qn_ty}"),
+            &format!("%ag_sn_c = arith.addi %ag_hb, $i : index\n  $v = memref.load %ag_kvx[%ag_j, %ag_sn_c] : {x_ty}"),
+        );
+        let s_rope = dot(
+            "ag_sr",
+            "%ag_drn",
+            &format!("$v = memref.load {qp}[%ag_i, %ag_h, $i] : {qp_ty}"),
+            &format!("%ag_sr_c = arith.addi %ag_kv, $i : index\n  $v = memref.load {lat}[%ag_j, %ag_sr_c] : {lat_ty}"),
+        );
+        let d_p = dot(
+            "ag_dv",
+            "%ag_dvn",
+            &format!("$v = memref.load {g}[%ag_i, %ag_h, $i] : {g_ty}"),
+            &format!("%ag_dv_c = arith.addi %ag_hv, $i : index\n  $v = memref.load %ag_kvx[%ag_j, %ag_dv_c] : {x_ty}"),
+        );
+        let mean = dot(
+            "ag_mn",
+            "%ag_nk",
+            "$v = memref.load %ag_p[$i] : memref<?xf32>",
+            "$v = memref.load %ag_dp[$i] : memref<?xf32>",
+        );
+        let d_ckv = dot(
+            "ag_dc",
+            "%ag_hpn",
+            &format!("$v = memref.load %ag_dkx[%ag_j, $i] : {x_ty}"),
+            &format!("$v = memref.load {kvb}[$i, %ag_k] : {kvb_ty}"),
+        );
+        let d_kvb = dot(
+            "ag_dw",
+            "%ag_S",
+            &format!("$v = memref.load %ag_dkx[$i, %ag_row] : {x_ty}"),
+            &format!("$v = memref.load {lat}[$i, %ag_k] : {lat_ty}"),
+        );
+        let update_nope = [
+            "%ag_un_c = arith.addi %ag_hb, %ag_d : index".to_string(),
+            format!("%ag_un_k = memref.load %ag_kvx[%ag_j, %ag_un_c] : {x_ty}"),
+            format!("%ag_un_q = memref.load {qn}[%ag_i, %ag_h, %ag_d] : {qn_ty}"),
+            "%ag_un_a = arith.mulf %ag_ds, %ag_un_k : f32".into(),
+            add_into("ag_un1", dqn, &dqn_ty, "%ag_i, %ag_h, %ag_d", "%ag_un_a"),
+            "%ag_un_b = arith.mulf %ag_ds, %ag_un_q : f32".into(),
+            add_into("ag_un2", "%ag_dkx", &x_ty, "%ag_j, %ag_un_c", "%ag_un_b"),
+        ]
+        .join("\n");
+        let update_rope = [
+            "%ag_ur_c = arith.addi %ag_kv, %ag_r : index".to_string(),
+            format!("%ag_ur_k = memref.load {lat}[%ag_j, %ag_ur_c] : {lat_ty}"),
+            format!("%ag_ur_q = memref.load {qp}[%ag_i, %ag_h, %ag_r] : {qp_ty}"),
+            "%ag_ur_a = arith.mulf %ag_ds, %ag_ur_k : f32".into(),
+            add_into("ag_ur1", dqp, &dqp_ty, "%ag_i, %ag_h, %ag_r", "%ag_ur_a"),
+            "%ag_ur_b = arith.mulf %ag_ds, %ag_ur_q : f32".into(),
+            add_into("ag_ur2", dlat, &dlat_ty, "%ag_j, %ag_ur_c", "%ag_ur_b"),
+        ]
+        .join("\n");
+        let update_v = [
+            "%ag_uv_c = arith.addi %ag_hv, %ag_e : index".to_string(),
+            format!("%ag_uv_g = memref.load {g}[%ag_i, %ag_h, %ag_e] : {g_ty}"),
+            "%ag_uv_a = arith.mulf %ag_pj, %ag_uv_g : f32".into(),
+            add_into("ag_uv1", "%ag_dkx", &x_ty, "%ag_j, %ag_uv_c", "%ag_uv_a"),
+        ]
+        .join("\n");
+        let text = format!(
+            "%ag_c0 = arith.constant 0 : index
+%ag_c1 = arith.constant 1 : index
+%ag_nz = arith.constant -0.0 : f32
+%ag_ninf = arith.constant 0xFF800000 : f32
+%ag_scale = arith.constant {scale} : f32
+%ag_kv = arith.constant {kv} : index
+%ag_kvn = arith.constant {kv} : index
+%ag_hpn = arith.constant {hp} : index
+%ag_per = arith.constant {per} : index
+%ag_dnc = arith.constant {dn} : index
+%ag_dnn = arith.constant {dn} : index
+%ag_drn = arith.constant {dr} : index
+%ag_dvn = arith.constant {dv} : index
+%ag_hn = arith.constant {h} : index
+%ag_T = memref.dim {qn}, %ag_c0 : {qn_ty}
+%ag_S = memref.dim {lat}, %ag_c0 : {lat_ty}
+%ag_off = arith.subi %ag_S, %ag_T : index
+%ag_kvx = memref.alloc(%ag_S) : {x_ty}
+%ag_dkx = memref.alloc(%ag_S) : {x_ty}
+%ag_p = memref.alloc(%ag_S) : memref<?xf32>
+%ag_dp = memref.alloc(%ag_S) : memref<?xf32>
+linalg.fill ins(%zero : f32) outs(%ag_dkx : {x_ty})
+scf.for %ag_j = %ag_c0 to %ag_S step %ag_c1 {{
+  scf.for %ag_col = %ag_c0 to %ag_hpn step %ag_c1 {{
+{expand}
+    memref.store %ag_kx, %ag_kvx[%ag_j, %ag_col] : {x_ty}
+  }}
+}}
+scf.for %ag_h = %ag_c0 to %ag_hn step %ag_c1 {{
+  %ag_hb = arith.muli %ag_h, %ag_per : index
+  %ag_hv = arith.addi %ag_hb, %ag_dnc : index
+  scf.for %ag_i = %ag_c0 to %ag_T step %ag_c1 {{
+    %ag_last = arith.addi %ag_off, %ag_i : index
+    %ag_nk = arith.addi %ag_last, %ag_c1 : index
+    scf.for %ag_j = %ag_c0 to %ag_nk step %ag_c1 {{
+{s_nope}
+{s_rope}
+      %ag_sum = arith.addf %ag_sn, %ag_sr : f32
+      %ag_sc = arith.mulf %ag_sum, %ag_scale : f32
+      memref.store %ag_sc, %ag_p[%ag_j] : memref<?xf32>
+    }}
+    %ag_max = scf.for %ag_j = %ag_c0 to %ag_nk step %ag_c1 iter_args(%ag_m = %ag_ninf) -> (f32) {{
+      %ag_v = memref.load %ag_p[%ag_j] : memref<?xf32>
+      %ag_m2 = arith.maxnumf %ag_m, %ag_v : f32
+      scf.yield %ag_m2 : f32
+    }}
+    %ag_den = scf.for %ag_j = %ag_c0 to %ag_nk step %ag_c1 iter_args(%ag_a = %zero) -> (f32) {{
+      %ag_v = memref.load %ag_p[%ag_j] : memref<?xf32>
+      %ag_d0 = arith.subf %ag_v, %ag_max : f32
+      %ag_e = math.exp %ag_d0 : f32
+      memref.store %ag_e, %ag_p[%ag_j] : memref<?xf32>
+      %ag_a2 = arith.addf %ag_a, %ag_e : f32
+      scf.yield %ag_a2 : f32
+    }}
+    scf.for %ag_j = %ag_c0 to %ag_nk step %ag_c1 {{
+      %ag_v = memref.load %ag_p[%ag_j] : memref<?xf32>
+      %ag_q = arith.divf %ag_v, %ag_den : f32
+      memref.store %ag_q, %ag_p[%ag_j] : memref<?xf32>
+{d_p}
+      memref.store %ag_dv, %ag_dp[%ag_j] : memref<?xf32>
+    }}
+{mean}
+    scf.for %ag_j = %ag_c0 to %ag_nk step %ag_c1 {{
+      %ag_pj = memref.load %ag_p[%ag_j] : memref<?xf32>
+      %ag_dpj = memref.load %ag_dp[%ag_j] : memref<?xf32>
+      %ag_dm = arith.subf %ag_dpj, %ag_mn : f32
+      %ag_pd = arith.mulf %ag_pj, %ag_dm : f32
+      %ag_ds = arith.mulf %ag_pd, %ag_scale : f32
+      scf.for %ag_d = %ag_c0 to %ag_dnn step %ag_c1 {{
+{update_nope}
+      }}
+      scf.for %ag_r = %ag_c0 to %ag_drn step %ag_c1 {{
+{update_rope}
+      }}
+      scf.for %ag_e = %ag_c0 to %ag_dvn step %ag_c1 {{
+{update_v}
+      }}
+    }}
+  }}
+}}
+scf.for %ag_j = %ag_c0 to %ag_S step %ag_c1 {{
+  scf.for %ag_k = %ag_c0 to %ag_kvn step %ag_c1 {{
+{d_ckv}
+{add_ckv}
+  }}
+}}
+scf.for %ag_row = %ag_c0 to %ag_hpn step %ag_c1 {{
+  scf.for %ag_k = %ag_c0 to %ag_kvn step %ag_c1 {{
+{d_kvb}
+    memref.store %ag_dw, {dkvb}[%ag_row, %ag_k] : {dkvb_ty}
+  }}
+}}
+memref.dealloc %ag_kvx : {x_ty}
+memref.dealloc %ag_dkx : {x_ty}
+memref.dealloc %ag_p : memref<?xf32>
+memref.dealloc %ag_dp : memref<?xf32>
+scf.yield",
+            expand = indent(&expand, 4),
+            s_nope = indent(&s_nope, 6),
+            s_rope = indent(&s_rope, 6),
+            d_p = indent(&d_p, 6),
+            mean = indent(&mean, 4),
+            update_nope = indent(&update_nope, 8),
+            update_rope = indent(&update_rope, 8),
+            update_v = indent(&update_v, 8),
+            d_ckv = indent(&d_ckv, 4),
+            add_ckv = indent(&add_into("ag_ac", dlat, &dlat_ty, "%ag_j, %ag_k", "%ag_dc"), 4),
+            d_kvb = indent(&d_kvb, 4),
+        );
+        self.line(&format!("scf.execute_region {{\n{}\n    }}", indent(&text, 6)));
+    }
+}

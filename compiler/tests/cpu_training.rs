@@ -1,0 +1,150 @@
+//! The CPU backend's training step (the training graph of `v3c_models::train` compiled: forward,
+//! loss, backward) against the reference interpreter's, the oracle of training.
+
+use std::collections::HashMap;
+
+use v3c_compiler::cpu_backend::CpuTrainStep;
+use v3c_models::checkpoint::Checkpoint;
+use v3c_models::tensor::Tensor;
+use v3c_models::train::{load_params, Reference, StepBackend, TrainConfig, Trainer};
+use v3c_models::ModelConfig;
+
+/// The tiny DeepSeek-V3 with dense layers only (no MoE, no MTP) and a random checkpoint of it.
+fn dense_tiny(seed: u64) -> (ModelConfig, Checkpoint, tempfile::TempDir) {
+    let mut j: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_TINY_JSON).unwrap();
+    j["num_nextn_predict_layers"] = 0.into();
+    j["first_k_dense_replace"] = j["num_hidden_layers"].clone();
+    let config = ModelConfig::from_json_str(&j.to_string(), "tiny-dense").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, seed).unwrap();
+    let checkpoint = Checkpoint::open(&ckpt).unwrap();
+    (config, checkpoint, dir)
+}
+
+fn trainer(config: &ModelConfig, checkpoint: &Checkpoint) -> Trainer {
+    let params = load_params(config, checkpoint).unwrap();
+    let train = TrainConfig { balance_alpha: 0.0, mtp_weight: 0.0, ..Default::default() };
+    Trainer::new(config, params, train).unwrap()
+}
+
+/// Largest |a - b| over the largest |b| (1 when b is all zeros).
+fn relative_error(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(f32::MIN_POSITIVE);
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn window(len: usize, vocab: usize, seed: usize) -> Vec<i64> {
+    (0..len).map(|i| ((i * 37 + seed * 11 + 5) % vocab) as i64).collect()
+}
+
+#[test]
+fn the_cpu_train_step_computes_the_reference_loss_and_gradients() {
+    let (config, checkpoint, _dir) = dense_tiny(3);
+    let trainer = trainer(&config, &checkpoint);
+    let context = v3c_compiler::mlir::new_context();
+    let mut cpu = CpuTrainStep::new(&context, &trainer, None).unwrap();
+    let mut reference = Reference::default();
+    let grads: Vec<String> =
+        trainer.graph().outputs.iter().map(|(n, _)| n.clone()).filter(|n| n.starts_with("grad.")).collect();
+    assert!(grads.len() > 10, "{grads:?}");
+    let mut wanted: Vec<&str> = grads.iter().map(String::as_str).collect();
+    wanted.push("loss");
+    // 1 token (a single attention row), 17 (uneven), 40.
+    for (k, len) in [2, 18, 41].into_iter().enumerate() {
+        let inputs = trainer.window_inputs(&window(len, config.vocab_size, k)).unwrap();
+        let run = |b: &mut dyn StepBackend| -> HashMap<String, Tensor> {
+            b.load(trainer.graph(), &trainer.params).unwrap();
+            b.run(&inputs, &wanted).unwrap()
+        };
+        let (want, got) = (run(&mut reference), run(&mut cpu));
+        let mut bad = Vec::new();
+        for name in &wanted {
+            let (w, g) = (want[*name].as_f32().unwrap(), got[*name].as_f32().unwrap());
+            let err = relative_error(g, w);
+            if err.is_nan() || err >= 2e-5 {
+                bad.push(format!("{name}: {err:e}"));
+            }
+        }
+        assert!(bad.is_empty(), "{len} tokens, relative errors:\n{}", bad.join("\n"));
+    }
+}
+
+#[test]
+fn cpu_training_steps_follow_the_reference_trainer() {
+    let (config, checkpoint, _dir) = dense_tiny(5);
+    let (mut on_cpu, mut on_reference) = (trainer(&config, &checkpoint), trainer(&config, &checkpoint));
+    let context = v3c_compiler::mlir::new_context();
+    let mut cpu = CpuTrainStep::new(&context, &on_cpu, None).unwrap();
+    for step in 0..3 {
+        let batch: Vec<Vec<i64>> = (0..2).map(|b| window(12, config.vocab_size, step * 2 + b)).collect();
+        let r = on_reference.step(&batch).unwrap();
+        let c = on_cpu.step_on(&mut cpu, &batch).unwrap();
+        assert!((c.loss - r.loss).abs() <= 1e-5 * r.loss.abs(), "step {step}: loss {} vs {}", c.loss, r.loss);
+        assert!((c.grad_norm - r.grad_norm).abs() <= 1e-4 * r.grad_norm, "step {step}: grad norm");
+    }
+    for (name, p) in &on_reference.params {
+        let err = relative_error(on_cpu.params[name].as_f32().unwrap(), p.as_f32().unwrap());
+        assert!(err < 1e-4, "{name} after 3 steps: relative error {err:e}");
+    }
+}
+
+/// Every f32 value of the training graph, CPU vs reference, in node order: names the first op
+/// whose results differ (the training test's debugging aid, and a check of every intermediate).
+#[test]
+fn every_value_of_the_training_graph_matches_the_reference() {
+    use v3c_compiler::conversion::v3_to_cpu::{HostBuffer, HostData};
+    let (config, checkpoint, _dir) = dense_tiny(3);
+    let trainer = trainer(&config, &checkpoint);
+    let mut graph = trainer.graph().clone();
+    let mut names = Vec::new();
+    for node in graph.nodes.clone() {
+        for v in &node.outputs {
+            if graph.ty(*v).dtype == v3c_models::dtype::DType::F32
+                && !matches!(node.op, v3c_models::graph::Op::Param { .. } | v3c_models::graph::Op::Input { .. })
+            {
+                let name = format!("v{}.{}", v.0, node.op.name());
+                graph.outputs.push((name.clone(), *v));
+                names.push(name);
+            }
+        }
+    }
+    let context = v3c_compiler::mlir::new_context();
+    let mut program = v3c_compiler::cpu_backend::CpuProgram::from_graphs(
+        &context,
+        "t",
+        &[("train_step", &graph)],
+        config.vocab_size,
+        None,
+    )
+    .unwrap();
+    for (name, t) in &trainer.params {
+        program
+            .set_weight(name, HostBuffer { shape: t.shape.clone(), data: HostData::F32(t.as_f32().unwrap().to_vec()) });
+    }
+    let inputs = trainer.window_inputs(&window(7, config.vocab_size, 1)).unwrap();
+    let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+    let interp = v3c_models::interp::Interpreter::with_params(graph.clone(), trainer.params.clone()).unwrap();
+    let want = interp.run(&inputs, &wanted).unwrap();
+    let host: HashMap<String, HostBuffer> = inputs
+        .iter()
+        .map(|(n, t)| {
+            let data = match t.as_ids() {
+                Some(ids) if t.dtype() != v3c_models::dtype::DType::F32 => HostData::I64(ids),
+                _ => HostData::F32(t.as_f32().unwrap().to_vec()),
+            };
+            (n.clone(), HostBuffer { shape: t.shape.clone(), data })
+        })
+        .collect();
+    let got = program.run("train_step", &host, &wanted).unwrap();
+    let mut bad = Vec::new();
+    for name in &names {
+        let HostData::F32(g) = &got[name].data else { panic!() };
+        let err = relative_error(g, want[name].as_f32().unwrap());
+        if err.is_nan() || err >= 2e-5 {
+            bad.push(format!("{name}: {err:e}"));
+        }
+    }
+    assert!(bad.is_empty(), "{} of {} values differ:\n{}", bad.len(), names.len(), bad[..bad.len().min(12)].join("\n"));
+}
