@@ -1393,8 +1393,8 @@ fn read_token_file(path: &Path, vocab: usize) -> Result<Vec<i64>, String> {
 /// Where a training run keeps its optimizer state (beside, not among, the checkpoint's files).
 const OPTIMIZER_STATE: &str = "optimizer/state.safetensors";
 
-/// `v3c train` on the reference backend: windows of `seq + 1` tokens sampled from the data, one
-/// optimizer step per `batch` of them (see `v3c_models::train`); writes `loss.csv` as it goes and,
+/// `v3c train` on the reference or cpu backend: windows of `seq + 1` tokens sampled from the data,
+/// one optimizer step per `batch` of them (see `v3c_models::train`); writes `loss.csv` as it goes and,
 /// at the end, the checkpoint (`config.json` + `model.safetensors`, f32, checkpoint names),
 /// the optimizer state ([`OPTIMIZER_STATE`]: moments and step) and `expert_load.csv` (tokens per
 /// expert per layer).
@@ -1402,12 +1402,14 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     use v3c_models::checkpoint::Checkpoint;
     use v3c_models::tensor::Tensor;
     use v3c_models::train::{load_params, TrainConfig, Trainer};
-    if o.backend != "reference" {
-        return Err(format!(
-            "--backend {}: training steps run on the reference interpreter so far (the backward ops have no cpu or \
-             sm_90a lowering yet); use --backend reference",
-            o.backend
-        ));
+    match o.backend {
+        "reference" | "cpu" => {}
+        "cuda" => {
+            return Err("--backend cuda: unsupported on sm_90a: the training ops (cross_entropy, matmul, \
+                 attention_grad, ...) have no sm_90a lowering yet; use --backend cpu or reference"
+                .into())
+        }
+        other => return Err(format!("--backend {other}: unknown (reference, cpu, cuda)")),
     }
     if o.steps == 0 || o.batch == 0 || o.seq == 0 {
         return Err("--steps, --batch and --seq must be positive".into());
@@ -1443,6 +1445,15 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(&config, params, train).map_err(|e| e.to_string())?;
+    // The cpu backend compiles the training graph before anything is written.
+    let context = v3c_compiler::mlir::new_context();
+    let mut compiled = match o.backend {
+        "cpu" => Some(
+            v3c_compiler::cpu_backend::CpuTrainStep::new(&context, &trainer, KernelCache::from_env().as_ref())
+                .map_err(|e| format!("--backend cpu: {e}"))?,
+        ),
+        _ => None,
+    };
     let window = o.seq + trainer.window_extra();
     if data.len() < window {
         return Err(format!("{}: {} tokens, fewer than a window of {window}", o.data.display(), data.len()));
@@ -1483,7 +1494,11 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
                 data[start..start + window].to_vec()
             })
             .collect();
-        let r = trainer.step(&batch).map_err(|e| e.to_string())?;
+        let r = match compiled.as_mut() {
+            Some(step) => trainer.step_on(step, &batch),
+            None => trainer.step(&batch),
+        }
+        .map_err(|e| e.to_string())?;
         done = r.step;
         use std::io::Write as _;
         writeln!(log, "{},{},{},{},{}", r.step, r.loss, r.grad_norm, r.lr, r.max_mean_load())
@@ -1545,9 +1560,10 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     }
     std::fs::write(o.out.join("expert_load.csv"), loads).map_err(|e| format!("{}: {e}", o.out.display()))?;
     eprintln!(
-        "trained {} steps (now at step {done}) in {:.1} s on the reference backend ({}); wrote {}",
+        "trained {} steps (now at step {done}) in {:.1} s on the {} backend ({}); wrote {}",
         o.steps,
         started.elapsed().as_secs_f64(),
+        o.backend,
         if o.fp8 { "FP8 GEMMs" } else { "f32" },
         o.out.display()
     );

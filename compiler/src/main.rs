@@ -304,8 +304,10 @@ struct TrainArgs {
     /// Continue the run in --out (its checkpoint, optimizer state and step count; the log grows).
     #[arg(long)]
     resume: bool,
-    /// Where the steps run: `reference` (the interpreter); `cpu` and `cuda` need the backward
-    /// kernels' lowerings (not yet).
+    /// Where the steps run: `reference` (the interpreter, the oracle) or `cpu` (the training graph
+    /// compiled: forward, loss and backward kernels JIT-compiled for this machine; models whose
+    /// training ops have no CPU lowering yet — MoE layers, the fp8 recipe — are refused with the
+    /// op named). `cuda`: not yet (the backward kernels have no sm_90a lowering).
     #[arg(long, value_name = "BACKEND", default_value = "reference")]
     backend: String,
     /// Weight (lambda) of the MTP loss when the checkpoint has an MTP module; 0 leaves it untrained.
