@@ -135,6 +135,25 @@ impl<'c> CpuProgram<'c> {
         Ok(CpuProgram { module, kernels, weights: HashMap::new(), vocab })
     }
 
+    /// The parameter names the entries bind (stacked experts as `...experts.*...`), sorted.
+    pub fn param_names(&self) -> Vec<String> {
+        let mut names = std::collections::BTreeSet::new();
+        let mut op = self.module.body().first_operation();
+        while let Some(f) = op {
+            op = f.next_in_block();
+            if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
+                continue;
+            }
+            let Ok(attrs) = f.attribute("arg_attrs") else { continue };
+            for b in bindings(&attrs.to_string()) {
+                if let Binding::Param(name) = b {
+                    names.insert(name);
+                }
+            }
+        }
+        names.into_iter().collect()
+    }
+
     /// Sets (or replaces) the weight bound to parameter `name`.
     pub fn set_weight(&mut self, name: &str, weight: HostBuffer) {
         self.weights.insert(name.to_string(), weight);
@@ -582,11 +601,34 @@ impl v3c_models::train::StepBackend for CpuTrainStep<'_> {
         _graph: &v3c_models::Graph,
         params: &HashMap<String, v3c_models::tensor::Tensor>,
     ) -> Result<(), v3c_models::train::TrainError> {
-        for (name, t) in params {
-            let values = t.as_f32().ok_or_else(|| {
-                v3c_models::train::TrainError::Backend(format!("{name}: trained parameters must be f32"))
-            })?;
-            self.program.set_weight(name, HostBuffer { shape: t.shape.clone(), data: HostData::F32(values.to_vec()) });
+        use v3c_models::train::TrainError;
+        let f32s = |name: &str| -> Result<(&[usize], &[f32]), TrainError> {
+            let t = params.get(name).ok_or_else(|| TrainError::Backend(format!("parameter {name} not given")))?;
+            let values =
+                t.as_f32().ok_or_else(|| TrainError::Backend(format!("{name}: trained parameters must be f32")))?;
+            Ok((&t.shape, values))
+        };
+        for name in self.program.param_names() {
+            // Experts stacked per layer and projection, as the kernels take them.
+            let buffer = if name.contains(".experts.*.") {
+                let mut shape = Vec::new();
+                let mut data = Vec::new();
+                let mut e = 0;
+                while let Some(expert) =
+                    Some(name.replace(".experts.*.", &format!(".experts.{e}."))).filter(|n| params.contains_key(n))
+                {
+                    let (s, v) = f32s(&expert)?;
+                    shape = s.to_vec();
+                    data.extend_from_slice(v);
+                    e += 1;
+                }
+                shape.insert(0, e);
+                HostBuffer { shape, data: HostData::F32(data) }
+            } else {
+                let (shape, values) = f32s(&name)?;
+                HostBuffer { shape: shape.to_vec(), data: HostData::F32(values.to_vec()) }
+            };
+            self.program.set_weight(&name, buffer);
         }
         Ok(())
     }

@@ -193,14 +193,7 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             }
             Op::CacheWrite => ops::cache_write(o(0), o(1), o(2), r, context, location)?,
             Op::MoeRoute(rt) => {
-                let a = ops::RouteAttributes {
-                    top_k: rt.top_k,
-                    n_group: rt.n_group,
-                    topk_group: rt.topk_group,
-                    norm_topk_prob: rt.norm_topk_prob,
-                    routed_scaling_factor: rt.routed_scaling_factor,
-                };
-                ops::moe_route(o(0), o(1), o(2), &a, r, result_types[1], context, location)?
+                ops::moe_route(o(0), o(1), o(2), &route_attributes(rt), r, result_types[1], context, location)?
             }
             Op::MoeExperts { num_experts, fp8_activations } => {
                 let [g_b, u_b, d_b] = stacked[&i];
@@ -300,13 +293,109 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
                 let dtail = if present[1] { given.next() } else { None };
                 ops::split_grad(o(0), (dhead, dtail), *axis, [sizes[0], sizes[1]], r, context, location)?
             }
-            Op::MoeRouteGrad(_)
-            | Op::MoeExpertsGrad { .. }
-            | Op::BalanceLoss { .. }
-            | Op::BalanceLossGrad { .. }
-            | Op::Fp8Linear
-            | Op::Fp8LinearDgrad
-            | Op::Fp8LinearWgrad => {
+            // The router's gradients as the gradient to its logits `x gate^T` (recomputed by a
+            // matmul) and the two matmuls back to x and the gate.
+            Op::MoeRouteGrad(_) | Op::BalanceLoss { .. } | Op::BalanceLossGrad { .. } => {
+                let (x, gate) = (o(0), o(1));
+                let logits_ty = TensorType::new(
+                    vec![g.ty(node.inputs[0]).shape[0].clone(), g.ty(node.inputs[1]).shape[0].clone()],
+                    v3c_models::dtype::DType::F32,
+                );
+                let logits_ty = parse_type(&mlir_type_text(&logits_ty))?;
+                let err = |e: melior::Error| unsupported(format!("{}: {e}", node.op.name()));
+                let logits = block.append_operation(ops::matmul(x, gate, (false, true), logits_ty, context, location)?);
+                let logits: Value = logits.result(0).map_err(err)?.into();
+                let dl = match &node.op {
+                    Op::MoeRouteGrad(rt) => {
+                        let a = route_attributes(rt);
+                        ops::route_logits_grad([logits, o(3), o(4)], &a, logits_ty, context, location)?
+                    }
+                    Op::BalanceLoss { alpha } => ops::balance_loss(logits, o(2), *alpha, false, r, context, location)?,
+                    Op::BalanceLossGrad { alpha } => {
+                        ops::balance_loss(logits, o(2), *alpha, true, logits_ty, context, location)?
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                let dl: Value = block.append_operation(dl).result(0).map_err(err)?.into();
+                if matches!(node.op, Op::BalanceLoss { .. }) {
+                    values.insert(node.outputs[0], dl);
+                    continue;
+                }
+                let dx = block.append_operation(ops::matmul(dl, gate, (false, false), r, context, location)?);
+                values.insert(node.outputs[0], dx.result(0).map_err(err)?.into());
+                let dgate =
+                    block.append_operation(ops::matmul(dl, x, (true, false), result_types[1], context, location)?);
+                values.insert(node.outputs[1], dgate.result(0).map_err(err)?.into());
+                continue;
+            }
+            // The stacked experts of the forward op; the stacked weight gradients unstacked into
+            // each expert's (a chain of splits along the expert axis, each piece reshaped).
+            Op::MoeExpertsGrad { num_experts, fp8: false } => {
+                let forward = g
+                    .nodes
+                    .iter()
+                    .position(|n| matches!(n.op, Op::MoeExperts { .. }) && n.inputs.get(3) == node.inputs.get(4));
+                let bindings = forward
+                    .and_then(|f| stacked.get(&f))
+                    .ok_or_else(|| unsupported("moe_experts_grad: no moe_experts of the same experts".into()))?;
+                let stacked_values: Vec<Value> = bindings
+                    .iter()
+                    .map(|b| match b {
+                        Binding::Value { index, .. } => arg_value(*index),
+                    })
+                    .collect();
+                let err = |e: melior::Error| unsupported(format!("moe_experts_grad: {e}"));
+                let stacked_ty = |k: usize| -> Result<Type, ImportError> {
+                    let ty = g.ty(node.inputs[4 + k]);
+                    let mut shape = vec![Dim::Fixed(*num_experts)];
+                    shape.extend(ty.shape.iter().cloned());
+                    parse_type(&mlir_type_text(&TensorType::new(shape, ty.dtype)))
+                };
+                let results = [r, result_types[1], stacked_ty(0)?, stacked_ty(1)?, stacked_ty(2)?];
+                let op = ops::moe_experts_grad(
+                    [o(0), o(1), o(2), o(3)],
+                    [stacked_values[0], stacked_values[1], stacked_values[2]],
+                    *num_experts,
+                    results,
+                    context,
+                    location,
+                )?;
+                let op = block.append_operation(op);
+                values.insert(node.outputs[0], op.result(0).map_err(err)?.into());
+                values.insert(node.outputs[1], op.result(1).map_err(err)?.into());
+                for k in 0..3 {
+                    let one = g.ty(node.inputs[4 + k]);
+                    let piece_ty = |count: usize| {
+                        let mut shape = vec![Dim::Fixed(count)];
+                        shape.extend(one.shape.iter().cloned());
+                        parse_type(&mlir_type_text(&TensorType::new(shape, one.dtype)))
+                    };
+                    let mut rest: Value = op.result(2 + k).map_err(err)?.into();
+                    for e in 0..*num_experts {
+                        let remaining = num_experts - e - 1;
+                        let head = if remaining == 0 {
+                            rest
+                        } else {
+                            let split = ops::split(
+                                rest,
+                                0,
+                                [1, remaining],
+                                [piece_ty(1)?, piece_ty(remaining)?],
+                                context,
+                                location,
+                            )?;
+                            let split = block.append_operation(split);
+                            rest = split.result(1).map_err(err)?.into();
+                            split.result(0).map_err(err)?.into()
+                        };
+                        let out_ty = result_types[2 + 3 * e + k];
+                        let reshaped = block.append_operation(ops::reshape(head, out_ty, context, location)?);
+                        values.insert(node.outputs[2 + 3 * e + k], reshaped.result(0).map_err(err)?.into());
+                    }
+                }
+                continue;
+            }
+            Op::MoeExpertsGrad { fp8: true, .. } | Op::Fp8Linear | Op::Fp8LinearDgrad | Op::Fp8LinearWgrad => {
                 return Err(unsupported(format!(
                     "{}: this training op has no v3 dialect form yet (the reference interpreter runs it)",
                     node.op.name()
@@ -345,6 +434,16 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
         &attributes,
         location,
     ))
+}
+
+fn route_attributes(rt: &v3c_models::graph::Routing) -> ops::RouteAttributes {
+    ops::RouteAttributes {
+        top_k: rt.top_k,
+        n_group: rt.n_group,
+        topk_group: rt.topk_group,
+        norm_topk_prob: rt.norm_topk_prob,
+        routed_scaling_factor: rt.routed_scaling_factor,
+    }
 }
 
 fn rope_attributes<'a>(a: &v3c_models::graph::RopeAttrs, inv_freq: &'a [f32]) -> ops::RopeAttributes<'a> {

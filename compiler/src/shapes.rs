@@ -129,6 +129,8 @@ pub fn shaped_like(name: &str, r: usize) -> Option<usize> {
     match name {
         "v3.rms_norm_grad" | "v3.silu_mul_grad" | "v3.attention_grad" => Some(r),
         "v3.concat_grad" => Some(r + 1),
+        // (dx, d weights) of (x, indices, weights, ...); the stacked weight gradients are static.
+        "v3.moe_experts_grad" => [0, 2].get(r).copied(),
         _ => None,
     }
 }

@@ -9,12 +9,17 @@ use v3c_models::tensor::Tensor;
 use v3c_models::train::{load_params, Reference, StepBackend, TrainConfig, Trainer};
 use v3c_models::ModelConfig;
 
-/// The tiny DeepSeek-V3 with dense layers only (no MoE, no MTP) and a random checkpoint of it.
-fn dense_tiny(seed: u64) -> (ModelConfig, Checkpoint, tempfile::TempDir) {
+/// The tiny DeepSeek-V3 (3 layers, the last two MoE; with its MTP module when `mtp`), or with
+/// dense layers only (no MoE, no MTP), and a random checkpoint of it.
+fn tiny(seed: u64, dense: bool, mtp: bool) -> (ModelConfig, Checkpoint, tempfile::TempDir) {
     let mut j: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_TINY_JSON).unwrap();
-    j["num_nextn_predict_layers"] = 0.into();
-    j["first_k_dense_replace"] = j["num_hidden_layers"].clone();
-    let config = ModelConfig::from_json_str(&j.to_string(), "tiny-dense").unwrap();
+    if !mtp {
+        j["num_nextn_predict_layers"] = 0.into();
+    }
+    if dense {
+        j["first_k_dense_replace"] = j["num_hidden_layers"].clone();
+    }
+    let config = ModelConfig::from_json_str(&j.to_string(), "tiny-train").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
     v3c_models::init::write_random_checkpoint(&config, &ckpt, seed).unwrap();
@@ -22,10 +27,16 @@ fn dense_tiny(seed: u64) -> (ModelConfig, Checkpoint, tempfile::TempDir) {
     (config, checkpoint, dir)
 }
 
+fn dense_tiny(seed: u64) -> (ModelConfig, Checkpoint, tempfile::TempDir) {
+    tiny(seed, true, false)
+}
+
+fn trainer_with(config: &ModelConfig, checkpoint: &Checkpoint, train: TrainConfig) -> Trainer {
+    Trainer::new(config, load_params(config, checkpoint).unwrap(), train).unwrap()
+}
+
 fn trainer(config: &ModelConfig, checkpoint: &Checkpoint) -> Trainer {
-    let params = load_params(config, checkpoint).unwrap();
-    let train = TrainConfig { balance_alpha: 0.0, mtp_weight: 0.0, ..Default::default() };
-    Trainer::new(config, params, train).unwrap()
+    trainer_with(config, checkpoint, TrainConfig { balance_alpha: 0.0, mtp_weight: 0.0, ..Default::default() })
 }
 
 /// Largest |a - b| over the largest |b| (1 when b is all zeros).
@@ -42,17 +53,36 @@ fn window(len: usize, vocab: usize, seed: usize) -> Vec<i64> {
 #[test]
 fn the_cpu_train_step_computes_the_reference_loss_and_gradients() {
     let (config, checkpoint, _dir) = dense_tiny(3);
-    let trainer = trainer(&config, &checkpoint);
+    same_loss_and_gradients(&trainer(&config, &checkpoint), &[2, 18, 41]);
+}
+
+/// MoE layers (routing, experts, the balance loss weighted up so that it matters) and the MTP
+/// module's loss.
+#[test]
+fn the_cpu_train_step_of_moe_layers_and_mtp_computes_the_reference_gradients() {
+    let (config, checkpoint, _dir) = tiny(4, false, true);
+    let train = TrainConfig { balance_alpha: 0.3, mtp_weight: 0.3, ..Default::default() };
+    let trainer = trainer_with(&config, &checkpoint, train);
+    let outputs: Vec<&str> = trainer.graph().outputs.iter().map(|(n, _)| n.as_str()).collect();
+    for part in [".mlp.experts.7.down_proj.", ".mlp.gate.weight", ".mlp.shared_experts.", "layers.3.eh_proj"] {
+        assert!(outputs.iter().any(|n| n.starts_with("grad.") && n.contains(part)), "no gradient of *{part}*");
+    }
+    same_loss_and_gradients(&trainer, &[3, 19]);
+}
+
+/// The training graph's loss and every gradient, the CPU backend's and the reference's, on windows
+/// of `lengths` tokens.
+fn same_loss_and_gradients(trainer: &Trainer, lengths: &[usize]) {
+    let config = &trainer.config;
     let context = v3c_compiler::mlir::new_context();
-    let mut cpu = CpuTrainStep::new(&context, &trainer, None).unwrap();
+    let mut cpu = CpuTrainStep::new(&context, trainer, None).unwrap();
     let mut reference = Reference::default();
     let grads: Vec<String> =
         trainer.graph().outputs.iter().map(|(n, _)| n.clone()).filter(|n| n.starts_with("grad.")).collect();
     assert!(grads.len() > 10, "{grads:?}");
     let mut wanted: Vec<&str> = grads.iter().map(String::as_str).collect();
     wanted.push("loss");
-    // 1 token (a single attention row), 17 (uneven), 40.
-    for (k, len) in [2, 18, 41].into_iter().enumerate() {
+    for (k, &len) in lengths.iter().enumerate() {
         let inputs = trainer.window_inputs(&window(len, config.vocab_size, k)).unwrap();
         let run = |b: &mut dyn StepBackend| -> HashMap<String, Tensor> {
             b.load(trainer.graph(), &trainer.params).unwrap();

@@ -405,4 +405,67 @@ irdl.dialect @v3 {
     irdl.results(dx: %dx)
     irdl.attributes { "axis" = %axis, "sizes" = %sizes }
   }
+
+  // The routing's gradient to its logits (x gate^T) [T, E] from the routing weights' gradient
+  // d weights [T, K]: through the selected experts' sigmoid scores and their normalization (the
+  // selection passes none). Routing attributes as moe_route's.
+  irdl.operation @route_logits_grad {
+    %logits = irdl.base "!builtin.tensor"
+    %indices = irdl.base "!builtin.tensor"
+    %dweights = irdl.base "!builtin.tensor"
+    %dlogits = irdl.base "!builtin.tensor"
+    %top_k = irdl.base "#builtin.integer"
+    %n_group = irdl.base "#builtin.integer"
+    %topk_group = irdl.base "#builtin.integer"
+    %norm_topk_prob = irdl.base "#builtin.integer"
+    %routed_scaling_factor = irdl.base "#builtin.float"
+    irdl.operands(logits: %logits, indices: %indices, dweights: %dweights)
+    irdl.results(dlogits: %dlogits)
+    irdl.attributes { "top_k" = %top_k, "n_group" = %n_group, "topk_group" = %topk_group, "norm_topk_prob" = %norm_topk_prob, "routed_scaling_factor" = %routed_scaling_factor }
+  }
+
+  // DeepSeek-V3's sequence-wise balance loss of one MoE layer from its router logits [T, E] and
+  // expert indices [T, K] -> [1] (alpha * sum_i f_i P_i; sums in f64).
+  irdl.operation @balance_loss {
+    %logits = irdl.base "!builtin.tensor"
+    %indices = irdl.base "!builtin.tensor"
+    %loss = irdl.base "!builtin.tensor"
+    %alpha = irdl.base "#builtin.float"
+    irdl.operands(logits: %logits, indices: %indices)
+    irdl.results(loss: %loss)
+    irdl.attributes { "alpha" = %alpha }
+  }
+
+  // The balance loss's gradient to the router logits [T, E] (through P; f is a count).
+  irdl.operation @balance_loss_grad {
+    %logits = irdl.base "!builtin.tensor"
+    %indices = irdl.base "!builtin.tensor"
+    %dlogits = irdl.base "!builtin.tensor"
+    %alpha = irdl.base "#builtin.float"
+    irdl.operands(logits: %logits, indices: %indices)
+    irdl.results(dlogits: %dlogits)
+    irdl.attributes { "alpha" = %alpha }
+  }
+
+  // The routed SwiGLU experts' gradient (f32), forward recomputed per token and slot: (x, indices,
+  // weights, dy, gate [E, I, D], up [E, I, D], down [E, D, I]) -> (dx, d weights, d gate, d up,
+  // d down), the weight gradients stacked like the weights.
+  irdl.operation @moe_experts_grad {
+    %x = irdl.base "!builtin.tensor"
+    %indices = irdl.base "!builtin.tensor"
+    %weights = irdl.base "!builtin.tensor"
+    %dy = irdl.base "!builtin.tensor"
+    %gate = irdl.base "!builtin.tensor"
+    %up = irdl.base "!builtin.tensor"
+    %down = irdl.base "!builtin.tensor"
+    %dx = irdl.base "!builtin.tensor"
+    %dweights = irdl.base "!builtin.tensor"
+    %dgate = irdl.base "!builtin.tensor"
+    %dup = irdl.base "!builtin.tensor"
+    %ddown = irdl.base "!builtin.tensor"
+    %num_experts = irdl.base "#builtin.integer"
+    irdl.operands(x: %x, indices: %indices, weights: %weights, dy: %dy, gate: %gate, up: %up, down: %down)
+    irdl.results(dx: %dx, dweights: %dweights, dgate: %dgate, dup: %dup, ddown: %ddown)
+    irdl.attributes { "num_experts" = %num_experts }
+  }
 }

@@ -42,6 +42,10 @@ pub const OP_NAMES: &[&str] = &[
     "attention_grad",
     "concat_grad",
     "split_grad",
+    "route_logits_grad",
+    "balance_loss",
+    "balance_loss_grad",
+    "moe_experts_grad",
 ];
 
 /// The full op name (`v3.<op>`) of a bare op name from [`OP_NAMES`].
@@ -631,4 +635,45 @@ pub fn split_grad<'c, 'a>(
         ("operandSegmentSizes", segments(c, &[1, dhead.is_some() as i32, dtail.is_some() as i32])),
     ];
     build("split_grad", &operands, &[out], &attrs, c, l)
+}
+
+/// Creates `v3.route_logits_grad`: d router logits from d routing weights.
+pub fn route_logits_grad<'c>(
+    [logits, indices, dweights]: [Value<'c, '_>; 3],
+    a: &RouteAttributes,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("route_logits_grad", &[logits, indices, dweights], &[out], &route_attrs(c, a), c, l)
+}
+
+/// Creates `v3.balance_loss` (`grad` false: the `[1]` loss) or `v3.balance_loss_grad` (`grad`
+/// true: d loss / d router logits).
+pub fn balance_loss<'c>(
+    logits: Value<'c, '_>,
+    indices: Value<'c, '_>,
+    alpha: f32,
+    grad: bool,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let name = if grad { "balance_loss_grad" } else { "balance_loss" };
+    build(name, &[logits, indices], &[out], &[("alpha", f32_attr(c, alpha))], c, l)
+}
+
+/// Creates `v3.moe_experts_grad` (f32): operands `[x, indices, weights, dy]` and the stacked
+/// expert weights; results `[dx, d weights, d gate, d up, d down]`.
+pub fn moe_experts_grad<'c, 'a>(
+    operands: [Value<'c, 'a>; 4],
+    [gate, up, down]: [Value<'c, 'a>; 3],
+    num_experts: usize,
+    results: [Type<'c>; 5],
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let mut all = operands.to_vec();
+    all.extend([gate, up, down]);
+    build("moe_experts_grad", &all, &results, &[("num_experts", i64_attr(c, num_experts as i64))], c, l)
 }

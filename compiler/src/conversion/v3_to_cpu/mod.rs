@@ -463,6 +463,33 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 let [a, b, c, d] = outs[..] else { return Err(lowering("attention_grad: four results".into())) };
                 e.attention_grad(&spec, [&args[0], &args[1], &args[2], &args[3], &args[4]], [a, b, c, d]);
             }
+            "moe_experts" => {
+                let fp8 = o.attribute("fp8_activations").map(|a| a.to_string() == "true").unwrap_or(false);
+                if fp8 || args.len() != 6 || args[3..].iter().any(|a| a.1.element != "f32") {
+                    return Err(CpuError::Unsupported(format!("{full} unfused with fp8 activations or weights")));
+                }
+                e.moe_experts([&args[0], &args[1], &args[2], &args[3], &args[4], &args[5]], &dest, &rshape);
+            }
+            "moe_experts_grad" => {
+                if args[4..].iter().any(|a| a.1.element != "f32") {
+                    return Err(CpuError::Unsupported(format!("{full} of fp8 experts")));
+                }
+                let a: Vec<&(String, Shape)> = args.iter().collect();
+                let [x, idx, w, dy, gate, up, down] = a[..] else {
+                    return Err(lowering(format!("{full}: {} operands", args.len())));
+                };
+                let outs: Vec<(&str, &Shape)> = dests.iter().map(|(_, d, s)| (d.as_str(), s)).collect();
+                let [r0, r1, r2, r3, r4] = outs[..] else { return Err(lowering(format!("{full}: five results"))) };
+                e.moe_experts_grad([x, idx, w, dy, gate, up, down], [r0, r1, r2, r3, r4]);
+            }
+            "route_logits_grad" => {
+                let r = route_spec(&o).map_err(lowering)?;
+                e.route_logits_grad([&args[0], &args[1], &args[2]], (r.norm, &r.factor), &dest, &rshape);
+            }
+            "balance_loss" | "balance_loss_grad" => {
+                let alpha = train::float_attr(&o, "alpha").ok_or_else(|| lowering(format!("{full} without alpha")))?;
+                e.balance_loss((&args[0], &args[1]), &alpha, kind == "balance_loss_grad", &dest, &rshape);
+            }
             _ => return Err(CpuError::Unsupported(full)),
         }
         for (key, dest, shape) in dests {

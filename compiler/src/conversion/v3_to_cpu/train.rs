@@ -624,4 +624,416 @@ scf.yield",
         );
         self.line(&format!("scf.execute_region {{\n{}\n    }}", indent(&text, 6)));
     }
+
+    /// The routed SwiGLU experts (f32, unfused: the training graph's forward op): per token its
+    /// slots in expert order (as the reference, after Hugging Face, sums them), each expert's gate
+    /// and up rows, SwiGLU, the down rows, added times the slot's weight; sequential dot products.
+    pub(super) fn moe_experts(&mut self, [x, idx, w, gate, up, down]: [&(String, Shape); 6], dest: &str, out: &Shape) {
+        let (experts, inter) = (gate.1.dims[0].unwrap_or(0), gate.1.dims[1].unwrap_or(0));
+        let (x_ty, i_ty, w_ty, g_ty, u_ty, d_ty, o_ty) =
+            (memref(&x.1), memref(&idx.1), memref(&w.1), memref(&gate.1), memref(&up.1), memref(&down.1), memref(out));
+        let (x, idx, w, gate, up, down) = (&x.0, &idx.0, &w.0, &gate.0, &up.0, &down.0);
+        let text = format!(
+            "%me_c0 = arith.constant 0 : index
+%me_c1 = arith.constant 1 : index
+%me_nz = arith.constant -0.0 : f32
+%me_E = arith.constant {experts} : index
+%me_I = arith.constant {inter} : index
+%me_T = memref.dim {x}, %me_c0 : {x_ty}
+%me_D = memref.dim {x}, %me_c1 : {x_ty}
+%me_K = memref.dim {idx}, %me_c1 : {i_ty}
+%me_h = memref.alloc() : memref<{inter}xf32>
+linalg.fill ins(%zero : f32) outs({dest} : {o_ty})
+scf.for %me_t = %me_c0 to %me_T step %me_c1 {{
+  scf.for %me_e = %me_c0 to %me_E step %me_c1 {{
+    scf.for %me_k = %me_c0 to %me_K step %me_c1 {{
+      %me_e32 = memref.load {idx}[%me_t, %me_k] : {i_ty}
+      %me_ei = arith.index_cast %me_e32 : i32 to index
+      %me_mine = arith.cmpi eq, %me_ei, %me_e : index
+      scf.if %me_mine {{
+        scf.for %me_i = %me_c0 to %me_I step %me_c1 {{
+          %me_gu:2 = scf.for %me_d = %me_c0 to %me_D step %me_c1 iter_args(%me_ga = %me_nz, %me_ua = %me_nz) -> (f32, f32) {{
+            %me_xv = memref.load {x}[%me_t, %me_d] : {x_ty}
+            %me_gw = memref.load {gate}[%me_e, %me_i, %me_d] : {g_ty}
+            %me_uw = memref.load {up}[%me_e, %me_i, %me_d] : {u_ty}
+            %me_gp = arith.mulf %me_xv, %me_gw : f32
+            %me_up = arith.mulf %me_xv, %me_uw : f32
+            %me_ga2 = arith.addf %me_ga, %me_gp : f32
+            %me_ua2 = arith.addf %me_ua, %me_up : f32
+            scf.yield %me_ga2, %me_ua2 : f32, f32
+          }}
+          %me_n = arith.negf %me_gu#0 : f32
+          %me_x = math.exp %me_n : f32
+          %me_den = arith.addf %one, %me_x : f32
+          %me_silu = arith.divf %me_gu#0, %me_den : f32
+          %me_hv = arith.mulf %me_silu, %me_gu#1 : f32
+          memref.store %me_hv, %me_h[%me_i] : memref<{inter}xf32>
+        }}
+        %me_wt = memref.load {w}[%me_t, %me_k] : {w_ty}
+        scf.for %me_o = %me_c0 to %me_D step %me_c1 {{
+          %me_y = scf.for %me_i = %me_c0 to %me_I step %me_c1 iter_args(%me_a = %me_nz) -> (f32) {{
+            %me_hv = memref.load %me_h[%me_i] : memref<{inter}xf32>
+            %me_dw = memref.load {down}[%me_e, %me_o, %me_i] : {d_ty}
+            %me_p = arith.mulf %me_hv, %me_dw : f32
+            %me_a2 = arith.addf %me_a, %me_p : f32
+            scf.yield %me_a2 : f32
+          }}
+          %me_wy = arith.mulf %me_wt, %me_y : f32
+          %me_old = memref.load {dest}[%me_t, %me_o] : {o_ty}
+          %me_new = arith.addf %me_old, %me_wy : f32
+          memref.store %me_new, {dest}[%me_t, %me_o] : {o_ty}
+        }}
+      }}
+    }}
+  }}
+}}
+memref.dealloc %me_h : memref<{inter}xf32>
+scf.yield"
+        );
+        self.line(&format!("scf.execute_region {{\n{}\n    }}", indent(&text, 6)));
+    }
+
+    /// The gradient of [`Emitter::moe_experts`] (see the reference's f32 `moe_experts_grad`): per
+    /// token and slot (in slot order) the expert's forward recomputed, d weight = dy . y, then
+    /// d down, d h = (w dy) . down, SwiGLU's gradient, d gate, d up and dx.
+    pub(super) fn moe_experts_grad(
+        &mut self,
+        [x, idx, w, dy, gate, up, down]: [&(String, Shape); 7],
+        dests: [(&str, &Shape); 5],
+    ) {
+        let (experts, inter) = (gate.1.dims[0].unwrap_or(0), gate.1.dims[1].unwrap_or(0));
+        for (d, s) in dests {
+            self.line(&format!("linalg.fill ins(%zero : f32) outs({d} : {})", memref(s)));
+        }
+        let [(dx, dx_s), (dwt, dwt_s), (dg, dg_s), (du, du_s), (dd, dd_s)] = dests;
+        let (dx_ty, dwt_ty, dg_ty, du_ty, dd_ty) =
+            (memref(dx_s), memref(dwt_s), memref(dg_s), memref(du_s), memref(dd_s));
+        let (x_ty, i_ty, w_ty, y_ty, g_ty, u_ty, d_ty) = (
+            memref(&x.1),
+            memref(&idx.1),
+            memref(&w.1),
+            memref(&dy.1),
+            memref(&gate.1),
+            memref(&up.1),
+            memref(&down.1),
+        );
+        let (x, idx, w, dy, gate, up, down) = (&x.0, &idx.0, &w.0, &dy.0, &gate.0, &up.0, &down.0);
+        let v = format!("memref<{inter}xf32>");
+        let dv = "memref<?xf32>";
+        let text = format!(
+            "%mg_c0 = arith.constant 0 : index
+%mg_c1 = arith.constant 1 : index
+%mg_nz = arith.constant -0.0 : f32
+%mg_E = arith.constant {experts} : index
+%mg_I = arith.constant {inter} : index
+%mg_T = memref.dim {x}, %mg_c0 : {x_ty}
+%mg_D = memref.dim {x}, %mg_c1 : {x_ty}
+%mg_K = memref.dim {idx}, %mg_c1 : {i_ty}
+%mg_g = memref.alloc() : {v}
+%mg_u = memref.alloc() : {v}
+%mg_h = memref.alloc() : {v}
+%mg_y = memref.alloc(%mg_D) : {dv}
+scf.for %mg_t = %mg_c0 to %mg_T step %mg_c1 {{
+  scf.for %mg_k = %mg_c0 to %mg_K step %mg_c1 {{
+    %mg_e32 = memref.load {idx}[%mg_t, %mg_k] : {i_ty}
+    %mg_e = arith.index_cast %mg_e32 : i32 to index
+    %mg_in = arith.cmpi ult, %mg_e, %mg_E : index
+    scf.if %mg_in {{
+      scf.for %mg_i = %mg_c0 to %mg_I step %mg_c1 {{
+        %mg_gu:2 = scf.for %mg_d = %mg_c0 to %mg_D step %mg_c1 iter_args(%mg_ga = %mg_nz, %mg_ua = %mg_nz) -> (f32, f32) {{
+          %mg_xv = memref.load {x}[%mg_t, %mg_d] : {x_ty}
+          %mg_gw = memref.load {gate}[%mg_e, %mg_i, %mg_d] : {g_ty}
+          %mg_uw = memref.load {up}[%mg_e, %mg_i, %mg_d] : {u_ty}
+          %mg_gp = arith.mulf %mg_xv, %mg_gw : f32
+          %mg_up = arith.mulf %mg_xv, %mg_uw : f32
+          %mg_ga2 = arith.addf %mg_ga, %mg_gp : f32
+          %mg_ua2 = arith.addf %mg_ua, %mg_up : f32
+          scf.yield %mg_ga2, %mg_ua2 : f32, f32
+        }}
+        memref.store %mg_gu#0, %mg_g[%mg_i] : {v}
+        memref.store %mg_gu#1, %mg_u[%mg_i] : {v}
+        %mg_n = arith.negf %mg_gu#0 : f32
+        %mg_x = math.exp %mg_n : f32
+        %mg_den = arith.addf %one, %mg_x : f32
+        %mg_silu = arith.divf %mg_gu#0, %mg_den : f32
+        %mg_hv = arith.mulf %mg_silu, %mg_gu#1 : f32
+        memref.store %mg_hv, %mg_h[%mg_i] : {v}
+      }}
+      scf.for %mg_o = %mg_c0 to %mg_D step %mg_c1 {{
+        %mg_yo = scf.for %mg_i = %mg_c0 to %mg_I step %mg_c1 iter_args(%mg_a = %mg_nz) -> (f32) {{
+          %mg_hv = memref.load %mg_h[%mg_i] : {v}
+          %mg_dw = memref.load {down}[%mg_e, %mg_o, %mg_i] : {d_ty}
+          %mg_p = arith.mulf %mg_hv, %mg_dw : f32
+          %mg_a2 = arith.addf %mg_a, %mg_p : f32
+          scf.yield %mg_a2 : f32
+        }}
+        memref.store %mg_yo, %mg_y[%mg_o] : {dv}
+      }}
+      %mg_wt = memref.load {w}[%mg_t, %mg_k] : {w_ty}
+      %mg_dwt = scf.for %mg_o = %mg_c0 to %mg_D step %mg_c1 iter_args(%mg_a = %mg_nz) -> (f32) {{
+        %mg_gv = memref.load {dy}[%mg_t, %mg_o] : {y_ty}
+        %mg_yv = memref.load %mg_y[%mg_o] : {dv}
+        %mg_p = arith.mulf %mg_gv, %mg_yv : f32
+        %mg_a2 = arith.addf %mg_a, %mg_p : f32
+        scf.yield %mg_a2 : f32
+      }}
+      memref.store %mg_dwt, {dwt}[%mg_t, %mg_k] : {dwt_ty}
+      scf.for %mg_o = %mg_c0 to %mg_D step %mg_c1 {{
+        %mg_gv = memref.load {dy}[%mg_t, %mg_o] : {y_ty}
+        %mg_dye = arith.mulf %mg_gv, %mg_wt : f32
+        scf.for %mg_i = %mg_c0 to %mg_I step %mg_c1 {{
+          %mg_hv = memref.load %mg_h[%mg_i] : {v}
+          %mg_p = arith.mulf %mg_dye, %mg_hv : f32
+          %mg_old = memref.load {dd}[%mg_e, %mg_o, %mg_i] : {dd_ty}
+          %mg_new = arith.addf %mg_old, %mg_p : f32
+          memref.store %mg_new, {dd}[%mg_e, %mg_o, %mg_i] : {dd_ty}
+        }}
+      }}
+      scf.for %mg_i = %mg_c0 to %mg_I step %mg_c1 {{
+        %mg_dh = scf.for %mg_o = %mg_c0 to %mg_D step %mg_c1 iter_args(%mg_a = %mg_nz) -> (f32) {{
+          %mg_gv = memref.load {dy}[%mg_t, %mg_o] : {y_ty}
+          %mg_dye = arith.mulf %mg_gv, %mg_wt : f32
+          %mg_dw = memref.load {down}[%mg_e, %mg_o, %mg_i] : {d_ty}
+          %mg_p = arith.mulf %mg_dye, %mg_dw : f32
+          %mg_a2 = arith.addf %mg_a, %mg_p : f32
+          scf.yield %mg_a2 : f32
+        }}
+        %mg_gi = memref.load %mg_g[%mg_i] : {v}
+        %mg_ui = memref.load %mg_u[%mg_i] : {v}
+        %mg_n = arith.negf %mg_gi : f32
+        %mg_x = math.exp %mg_n : f32
+        %mg_den = arith.addf %one, %mg_x : f32
+        %mg_s = arith.divf %one, %mg_den : f32
+        %mg_t0 = arith.mulf %mg_dh, %mg_ui : f32
+        %mg_t1 = arith.mulf %mg_t0, %mg_s : f32
+        %mg_oms = arith.subf %one, %mg_s : f32
+        %mg_gm = arith.mulf %mg_gi, %mg_oms : f32
+        %mg_f = arith.addf %one, %mg_gm : f32
+        %mg_dgi = arith.mulf %mg_t1, %mg_f : f32
+        %mg_silu = arith.divf %mg_gi, %mg_den : f32
+        %mg_dui = arith.mulf %mg_dh, %mg_silu : f32
+        scf.for %mg_c = %mg_c0 to %mg_D step %mg_c1 {{
+          %mg_xc = memref.load {x}[%mg_t, %mg_c] : {x_ty}
+          %mg_a = arith.mulf %mg_dgi, %mg_xc : f32
+          %mg_go = memref.load {dg}[%mg_e, %mg_i, %mg_c] : {dg_ty}
+          %mg_gn = arith.addf %mg_go, %mg_a : f32
+          memref.store %mg_gn, {dg}[%mg_e, %mg_i, %mg_c] : {dg_ty}
+          %mg_b = arith.mulf %mg_dui, %mg_xc : f32
+          %mg_uo = memref.load {du}[%mg_e, %mg_i, %mg_c] : {du_ty}
+          %mg_un = arith.addf %mg_uo, %mg_b : f32
+          memref.store %mg_un, {du}[%mg_e, %mg_i, %mg_c] : {du_ty}
+          %mg_wg = memref.load {gate}[%mg_e, %mg_i, %mg_c] : {g_ty}
+          %mg_wu = memref.load {up}[%mg_e, %mg_i, %mg_c] : {u_ty}
+          %mg_pg = arith.mulf %mg_dgi, %mg_wg : f32
+          %mg_pu = arith.mulf %mg_dui, %mg_wu : f32
+          %mg_ps = arith.addf %mg_pg, %mg_pu : f32
+          %mg_xo = memref.load {dx}[%mg_t, %mg_c] : {dx_ty}
+          %mg_xn = arith.addf %mg_xo, %mg_ps : f32
+          memref.store %mg_xn, {dx}[%mg_t, %mg_c] : {dx_ty}
+        }}
+      }}
+    }}
+  }}
+}}
+memref.dealloc %mg_g : {v}
+memref.dealloc %mg_u : {v}
+memref.dealloc %mg_h : {v}
+memref.dealloc %mg_y : {dv}
+scf.yield"
+        );
+        self.line(&format!("scf.execute_region {{\n{}\n    }}", indent(&text, 6)));
+    }
+
+    /// The routing's gradient to its logits, per row as the reference's `route_grad`: sigmoid
+    /// scores, the selected ones' gradient through their normalization (when normalized) and the
+    /// routed scaling factor, then through the sigmoid into the selected logits.
+    pub(super) fn route_logits_grad(
+        &mut self,
+        [logits, idx, dw]: [&(String, Shape); 3],
+        (norm, factor): (bool, &str),
+        dest: &str,
+        out: &Shape,
+    ) {
+        let (l_ty, i_ty, w_ty, o_ty) = (memref(&logits.1), memref(&idx.1), memref(&dw.1), memref(out));
+        let (l, idx, dw) = (&logits.0, &idx.0, &dw.0);
+        let ds = if norm {
+            format!(
+                "%rl_ss = scf.for %rl_k = %rl_c0 to %rl_K step %rl_c1 iter_args(%rl_a = %rl_nz) -> (f32) {{
+  %rl_sv = memref.load %rl_sel[%rl_k] : memref<?xf32>
+  %rl_a2 = arith.addf %rl_a, %rl_sv : f32
+  scf.yield %rl_a2 : f32
+}}
+%rl_tiny = arith.constant 1.0e-20 : f32
+%rl_sum = arith.addf %rl_ss, %rl_tiny : f32
+%rl_cross = scf.for %rl_k = %rl_c0 to %rl_K step %rl_c1 iter_args(%rl_a = %rl_nz) -> (f32) {{
+  %rl_gv = memref.load {dw}[%rl_t, %rl_k] : {w_ty}
+  %rl_sv = memref.load %rl_sel[%rl_k] : memref<?xf32>
+  %rl_p = arith.mulf %rl_gv, %rl_sv : f32
+  %rl_a2 = arith.addf %rl_a, %rl_p : f32
+  scf.yield %rl_a2 : f32
+}}
+%rl_sq = arith.mulf %rl_sum, %rl_sum : f32
+%rl_cq = arith.divf %rl_cross, %rl_sq : f32
+scf.for %rl_k = %rl_c0 to %rl_K step %rl_c1 {{
+  %rl_gv = memref.load {dw}[%rl_t, %rl_k] : {w_ty}
+  %rl_gs = arith.divf %rl_gv, %rl_sum : f32
+  %rl_df = arith.subf %rl_gs, %rl_cq : f32
+  %rl_d = arith.mulf %rl_f, %rl_df : f32
+  memref.store %rl_d, %rl_ds[%rl_k] : memref<?xf32>
+}}"
+            )
+        } else {
+            format!(
+                "scf.for %rl_k = %rl_c0 to %rl_K step %rl_c1 {{
+  %rl_gv = memref.load {dw}[%rl_t, %rl_k] : {w_ty}
+  %rl_d = arith.mulf %rl_f, %rl_gv : f32
+  memref.store %rl_d, %rl_ds[%rl_k] : memref<?xf32>
+}}"
+            )
+        };
+        let text = format!(
+            "%rl_c0 = arith.constant 0 : index
+%rl_c1 = arith.constant 1 : index
+%rl_nz = arith.constant -0.0 : f32
+%rl_f = arith.constant {factor} : f32
+%rl_T = memref.dim {l}, %rl_c0 : {l_ty}
+%rl_K = memref.dim {idx}, %rl_c1 : {i_ty}
+%rl_sel = memref.alloc(%rl_K) : memref<?xf32>
+%rl_ds = memref.alloc(%rl_K) : memref<?xf32>
+linalg.fill ins(%zero : f32) outs({dest} : {o_ty})
+scf.for %rl_t = %rl_c0 to %rl_T step %rl_c1 {{
+  scf.for %rl_k = %rl_c0 to %rl_K step %rl_c1 {{
+    %rl_e32 = memref.load {idx}[%rl_t, %rl_k] : {i_ty}
+    %rl_e = arith.index_cast %rl_e32 : i32 to index
+    %rl_lv = memref.load {l}[%rl_t, %rl_e] : {l_ty}
+    %rl_n = arith.negf %rl_lv : f32
+    %rl_x = math.exp %rl_n : f32
+    %rl_den = arith.addf %one, %rl_x : f32
+    %rl_s = arith.divf %one, %rl_den : f32
+    memref.store %rl_s, %rl_sel[%rl_k] : memref<?xf32>
+  }}
+{ds}
+  scf.for %rl_k = %rl_c0 to %rl_K step %rl_c1 {{
+    %rl_e32 = memref.load {idx}[%rl_t, %rl_k] : {i_ty}
+    %rl_e = arith.index_cast %rl_e32 : i32 to index
+    %rl_s = memref.load %rl_sel[%rl_k] : memref<?xf32>
+    %rl_d = memref.load %rl_ds[%rl_k] : memref<?xf32>
+    %rl_p = arith.mulf %rl_d, %rl_s : f32
+    %rl_oms = arith.subf %one, %rl_s : f32
+    %rl_q = arith.mulf %rl_p, %rl_oms : f32
+    %rl_old = memref.load {dest}[%rl_t, %rl_e] : {o_ty}
+    %rl_new = arith.addf %rl_old, %rl_q : f32
+    memref.store %rl_new, {dest}[%rl_t, %rl_e] : {o_ty}
+  }}
+}}
+memref.dealloc %rl_sel : memref<?xf32>
+memref.dealloc %rl_ds : memref<?xf32>
+scf.yield",
+            ds = indent(&ds, 2)
+        );
+        self.line(&format!("scf.execute_region {{\n{}\n    }}", indent(&text, 6)));
+    }
+
+    /// The sequence-wise balance loss of router `logits` [T, E] and expert `indices` [T, K] (`grad`
+    /// false: into `dest` [1]) or its gradient to the logits (`grad` true: into `dest` [T, E]), in
+    /// f64 as the reference's `balance_loss`: f_i accumulated per routed slot, per token the
+    /// sigmoid scores, their sum and the f-weighted mean.
+    pub(super) fn balance_loss(
+        &mut self,
+        (logits, idx): (&(String, Shape), &(String, Shape)),
+        alpha: &str,
+        grad: bool,
+        dest: &str,
+        out: &Shape,
+    ) {
+        let (l_ty, i_ty, o_ty) = (memref(&logits.1), memref(&idx.1), memref(out));
+        let (l, idx) = (&logits.0, &idx.0);
+        let scores = "%bl_sg = memref.load %bl_s[%bl_j] : memref<?xf64>".to_string();
+        let per_token = if grad {
+            format!(
+                "scf.for %bl_j = %bl_c0 to %bl_E step %bl_c1 {{
+  {scores}
+  %bl_fj = memref.load %bl_f[%bl_j] : memref<?xf64>
+  %bl_fw = arith.subf %bl_fj, %bl_wtd : f64
+  %bl_a = arith.mulf %bl_at, %bl_fw : f64
+  %bl_ds = arith.divf %bl_a, %bl_sum : f64
+  %bl_p = arith.mulf %bl_ds, %bl_sg : f64
+  %bl_oms = arith.subf %bl_od, %bl_sg : f64
+  %bl_q = arith.mulf %bl_p, %bl_oms : f64
+  %bl_q32 = arith.truncf %bl_q : f64 to f32
+  memref.store %bl_q32, {dest}[%bl_t, %bl_j] : {o_ty}
+}}
+scf.yield %bl_acc : f64"
+            )
+        } else {
+            "%bl_term = arith.mulf %bl_at, %bl_wtd : f64\n%bl_acc2 = arith.addf %bl_acc, %bl_term : f64\nscf.yield %bl_acc2 : f64"
+                .to_string()
+        };
+        let finish = if grad {
+            String::new()
+        } else {
+            format!("%bl_l32 = arith.truncf %bl_loss : f64 to f32\nmemref.store %bl_l32, {dest}[%bl_c0] : {o_ty}")
+        };
+        let text = format!(
+            "%bl_c0 = arith.constant 0 : index
+%bl_c1 = arith.constant 1 : index
+%bl_zd = arith.constant 0.0 : f64
+%bl_nzd = arith.constant -0.0 : f64
+%bl_od = arith.constant 1.0 : f64
+%bl_alpha32 = arith.constant {alpha} : f32
+%bl_alpha = arith.extf %bl_alpha32 : f32 to f64
+%bl_T = memref.dim {l}, %bl_c0 : {l_ty}
+%bl_E = memref.dim {l}, %bl_c1 : {l_ty}
+%bl_K = memref.dim {idx}, %bl_c1 : {i_ty}
+%bl_T64 = arith.index_cast %bl_T : index to i64
+%bl_Td = arith.sitofp %bl_T64 : i64 to f64
+%bl_E64 = arith.index_cast %bl_E : index to i64
+%bl_Ed = arith.sitofp %bl_E64 : i64 to f64
+%bl_KT = arith.muli %bl_K, %bl_T : index
+%bl_KT64 = arith.index_cast %bl_KT : index to i64
+%bl_KTd = arith.sitofp %bl_KT64 : i64 to f64
+%bl_inc = arith.divf %bl_Ed, %bl_KTd : f64
+%bl_at = arith.divf %bl_alpha, %bl_Td : f64
+%bl_f = memref.alloc(%bl_E) : memref<?xf64>
+%bl_s = memref.alloc(%bl_E) : memref<?xf64>
+linalg.fill ins(%bl_zd : f64) outs(%bl_f : memref<?xf64>)
+scf.for %bl_t = %bl_c0 to %bl_T step %bl_c1 {{
+  scf.for %bl_k = %bl_c0 to %bl_K step %bl_c1 {{
+    %bl_e32 = memref.load {idx}[%bl_t, %bl_k] : {i_ty}
+    %bl_e = arith.index_cast %bl_e32 : i32 to index
+    %bl_fo = memref.load %bl_f[%bl_e] : memref<?xf64>
+    %bl_fn = arith.addf %bl_fo, %bl_inc : f64
+    memref.store %bl_fn, %bl_f[%bl_e] : memref<?xf64>
+  }}
+}}
+%bl_loss = scf.for %bl_t = %bl_c0 to %bl_T step %bl_c1 iter_args(%bl_acc = %bl_zd) -> (f64) {{
+  %bl_sum = scf.for %bl_j = %bl_c0 to %bl_E step %bl_c1 iter_args(%bl_a = %bl_nzd) -> (f64) {{
+    %bl_lv = memref.load {l}[%bl_t, %bl_j] : {l_ty}
+    %bl_n32 = arith.negf %bl_lv : f32
+    %bl_n = arith.extf %bl_n32 : f32 to f64
+    %bl_x = math.exp %bl_n : f64
+    %bl_den = arith.addf %bl_od, %bl_x : f64
+    %bl_sv = arith.divf %bl_od, %bl_den : f64
+    memref.store %bl_sv, %bl_s[%bl_j] : memref<?xf64>
+    %bl_a2 = arith.addf %bl_a, %bl_sv : f64
+    scf.yield %bl_a2 : f64
+  }}
+  %bl_fs = scf.for %bl_j = %bl_c0 to %bl_E step %bl_c1 iter_args(%bl_a = %bl_nzd) -> (f64) {{
+    %bl_fj = memref.load %bl_f[%bl_j] : memref<?xf64>
+    {scores}
+    %bl_p = arith.mulf %bl_fj, %bl_sg : f64
+    %bl_a2 = arith.addf %bl_a, %bl_p : f64
+    scf.yield %bl_a2 : f64
+  }}
+  %bl_wtd = arith.divf %bl_fs, %bl_sum : f64
+{per_token}
+}}
+{finish}
+memref.dealloc %bl_f : memref<?xf64>
+memref.dealloc %bl_s : memref<?xf64>
+scf.yield",
+            per_token = indent(&per_token, 2),
+        );
+        self.line(&format!("scf.execute_region {{\n{}\n    }}", indent(&text, 6)));
+    }
 }
