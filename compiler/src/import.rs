@@ -395,7 +395,10 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
                 }
                 continue;
             }
-            Op::MoeExpertsGrad { fp8: true, .. } | Op::Fp8Linear | Op::Fp8LinearDgrad | Op::Fp8LinearWgrad => {
+            Op::Fp8Linear | Op::Fp8LinearDgrad | Op::Fp8LinearWgrad => {
+                ops::fp8_training_gemm(node.op.name(), o(0), o(1), r, context, location)?
+            }
+            Op::MoeExpertsGrad { fp8: true, .. } => {
                 return Err(unsupported(format!(
                     "{}: this training op has no v3 dialect form yet (the reference interpreter runs it)",
                     node.op.name()

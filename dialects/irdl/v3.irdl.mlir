@@ -468,4 +468,32 @@ irdl.dialect @v3 {
     irdl.results(dx: %dx, dweights: %dweights, dgate: %dgate, dup: %dup, ddown: %ddown)
     irdl.attributes { "num_experts" = %num_experts }
   }
+
+  // DeepSeek-V3's FP8 training GEMMs on f32 operands (quantized inside, as the recipe says):
+  // fp8_linear (x [M, K], w [N, K] master) -> x w^T, x 1x128 and w 128x128;
+  // fp8_linear_dgrad (dy [M, N], w [N, K]) -> dy w, dy 1x128 along N, w's blocks transposed;
+  // fp8_linear_wgrad (dy [M, N], x [M, K]) -> dy^T x [N, K], both 128x1 over the M tokens.
+  irdl.operation @fp8_linear {
+    %x = irdl.base "!builtin.tensor"
+    %w = irdl.base "!builtin.tensor"
+    %y = irdl.base "!builtin.tensor"
+    irdl.operands(x: %x, w: %w)
+    irdl.results(y: %y)
+  }
+
+  irdl.operation @fp8_linear_dgrad {
+    %dy = irdl.base "!builtin.tensor"
+    %w = irdl.base "!builtin.tensor"
+    %dx = irdl.base "!builtin.tensor"
+    irdl.operands(dy: %dy, w: %w)
+    irdl.results(dx: %dx)
+  }
+
+  irdl.operation @fp8_linear_wgrad {
+    %dy = irdl.base "!builtin.tensor"
+    %x = irdl.base "!builtin.tensor"
+    %dw = irdl.base "!builtin.tensor"
+    irdl.operands(dy: %dy, x: %x)
+    irdl.results(dw: %dw)
+  }
 }

@@ -46,6 +46,9 @@ pub const OP_NAMES: &[&str] = &[
     "balance_loss",
     "balance_loss_grad",
     "moe_experts_grad",
+    "fp8_linear",
+    "fp8_linear_dgrad",
+    "fp8_linear_wgrad",
 ];
 
 /// The full op name (`v3.<op>`) of a bare op name from [`OP_NAMES`].
@@ -676,4 +679,20 @@ pub fn moe_experts_grad<'c, 'a>(
     let mut all = operands.to_vec();
     all.extend([gate, up, down]);
     build("moe_experts_grad", &all, &results, &[("num_experts", i64_attr(c, num_experts as i64))], c, l)
+}
+
+/// Creates one of DeepSeek-V3's FP8 training GEMMs on f32 operands: `fp8_linear` (x, w),
+/// `fp8_linear_dgrad` (dy, w) or `fp8_linear_wgrad` (dy, x).
+pub fn fp8_training_gemm<'c>(
+    name: &str,
+    a: Value<'c, '_>,
+    b: Value<'c, '_>,
+    out: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    if !["fp8_linear", "fp8_linear_dgrad", "fp8_linear_wgrad"].contains(&name) {
+        return Err(DialectError::Build { op: format!("v3.{name}"), reason: "not an fp8 training GEMM".into() });
+    }
+    build(name, &[a, b], &[out], &[], c, l)
 }

@@ -48,6 +48,7 @@ mod mla;
 mod moe;
 mod rows;
 mod train;
+mod train_fp8;
 
 pub(crate) use fp8::fp8_helpers;
 use mla::AttentionSpec;
@@ -481,6 +482,9 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 let outs: Vec<(&str, &Shape)> = dests.iter().map(|(_, d, s)| (d.as_str(), s)).collect();
                 let [r0, r1, r2, r3, r4] = outs[..] else { return Err(lowering(format!("{full}: five results"))) };
                 e.moe_experts_grad([x, idx, w, dy, gate, up, down], [r0, r1, r2, r3, r4]);
+            }
+            "fp8_linear" | "fp8_linear_dgrad" | "fp8_linear_wgrad" => {
+                e.fp8_training_gemm(&kind, (&args[0], &args[1]), &dest, &rshape).map_err(lowering)?;
             }
             "route_logits_grad" => {
                 let r = route_spec(&o).map_err(lowering)?;
