@@ -583,14 +583,19 @@ impl<'c> CpuTrainStep<'c> {
         trainer: &v3c_models::train::Trainer,
         cache: Option<&KernelCache>,
     ) -> Result<CpuTrainStep<'c>, CpuBackendError> {
-        let config = &trainer.config;
-        let program = CpuProgram::from_graphs(
-            context,
-            &config.name,
-            &[(TRAIN_ENTRY, trainer.graph())],
-            config.vocab_size,
-            cache,
-        )?;
+        CpuTrainStep::for_graph(context, trainer.graph(), &trainer.config, cache)
+    }
+
+    /// Compiles `graph`, a training graph of `config` (or one with more outputs, e.g. every
+    /// intermediate value for debugging).
+    pub fn for_graph(
+        context: &'c Context,
+        graph: &v3c_models::Graph,
+        config: &ModelConfig,
+        cache: Option<&KernelCache>,
+    ) -> Result<CpuTrainStep<'c>, CpuBackendError> {
+        let program =
+            CpuProgram::from_graphs(context, &config.name, &[(TRAIN_ENTRY, graph)], config.vocab_size, cache)?;
         Ok(CpuTrainStep { program })
     }
 }

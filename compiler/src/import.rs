@@ -330,7 +330,7 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             }
             // The stacked experts of the forward op; the stacked weight gradients unstacked into
             // each expert's (a chain of splits along the expert axis, each piece reshaped).
-            Op::MoeExpertsGrad { num_experts, fp8: false } => {
+            Op::MoeExpertsGrad { num_experts, fp8 } => {
                 let forward = g
                     .nodes
                     .iter()
@@ -355,7 +355,7 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
                 let op = ops::moe_experts_grad(
                     [o(0), o(1), o(2), o(3)],
                     [stacked_values[0], stacked_values[1], stacked_values[2]],
-                    *num_experts,
+                    (*num_experts, *fp8),
                     results,
                     context,
                     location,
@@ -397,12 +397,6 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             }
             Op::Fp8Linear | Op::Fp8LinearDgrad | Op::Fp8LinearWgrad => {
                 ops::fp8_training_gemm(node.op.name(), o(0), o(1), r, context, location)?
-            }
-            Op::MoeExpertsGrad { fp8: true, .. } => {
-                return Err(unsupported(format!(
-                    "{}: this training op has no v3 dialect form yet (the reference interpreter runs it)",
-                    node.op.name()
-                )))
             }
         };
         let op = block.append_operation(op);

@@ -53,7 +53,7 @@ fn window(len: usize, vocab: usize, seed: usize) -> Vec<i64> {
 #[test]
 fn the_cpu_train_step_computes_the_reference_loss_and_gradients() {
     let (config, checkpoint, _dir) = dense_tiny(3);
-    same_loss_and_gradients(&trainer(&config, &checkpoint), &[2, 18, 41], 2e-5);
+    same_loss_and_gradients(&trainer(&config, &checkpoint), &[2, 18, 41], (2e-5, 2e-5, 0));
 }
 
 /// DeepSeek-V3's FP8 recipe (e4m3 Fprop, Dgrad and Wgrad of every projection on f32 masters).
@@ -61,7 +61,7 @@ fn the_cpu_train_step_computes_the_reference_loss_and_gradients() {
 fn the_cpu_fp8_train_step_computes_the_fp8_reference_gradients() {
     let (config, checkpoint, _dir) = dense_tiny(6);
     let train = TrainConfig { balance_alpha: 0.0, mtp_weight: 0.0, fp8: true, ..Default::default() };
-    same_loss_and_gradients(&trainer_with(&config, &checkpoint, train), &[3, 19], 2e-5);
+    same_loss_and_gradients(&trainer_with(&config, &checkpoint, train), &[3, 19], (2e-5, 2e-5, 0));
 }
 
 /// MoE layers (routing, experts, the balance loss weighted up so that it matters) and the MTP
@@ -75,12 +75,31 @@ fn the_cpu_train_step_of_moe_layers_and_mtp_computes_the_reference_gradients() {
     for part in [".mlp.experts.7.down_proj.", ".mlp.gate.weight", ".mlp.shared_experts.", "layers.3.eh_proj"] {
         assert!(outputs.iter().any(|n| n.starts_with("grad.") && n.contains(part)), "no gradient of *{part}*");
     }
-    same_loss_and_gradients(&trainer, &[3, 19], 2e-5);
+    same_loss_and_gradients(&trainer, &[3, 19], (2e-5, 2e-5, 0));
+}
+
+/// The FP8 recipe with MoE layers: the routed experts' e4m3 Fprop, Dgrad and Wgrad per expert.
+#[test]
+fn the_cpu_fp8_train_step_of_moe_layers_computes_the_fp8_reference_gradients() {
+    let (config, checkpoint, _dir) = tiny(7, false, false);
+    let train = TrainConfig { balance_alpha: 0.01, mtp_weight: 0.0, fp8: true, ..Default::default() };
+    let trainer = trainer_with(&config, &checkpoint, train);
+    assert!(trainer
+        .graph()
+        .nodes
+        .iter()
+        .any(|n| matches!(n.op, v3c_models::graph::Op::MoeExpertsGrad { fp8: true, .. })));
+    // The router's gate GEMM (shared with inference) sums in another order than the reference:
+    // its last-bit differences reach the e4m3 quantizations, and a value that crosses a rounding
+    // boundary moves by up to 1/16 (seen: the shared expert's down Wgrad 5.8e-3 off, its inputs
+    // 1.3e-7). One such gradient per window is allowed, within 2e-2.
+    same_loss_and_gradients(&trainer, &[3, 19], (2e-5, 2e-2, 1));
 }
 
 /// The training graph's loss and every gradient, the CPU backend's and the reference's, on windows
-/// of `lengths` tokens.
-fn same_loss_and_gradients(trainer: &Trainer, lengths: &[usize], bound: f32) {
+/// of `lengths` tokens: each within `tight` relative error, but for `allowed` per window within
+/// `loose`.
+fn same_loss_and_gradients(trainer: &Trainer, lengths: &[usize], (tight, loose, allowed): (f32, f32, usize)) {
     let config = &trainer.config;
     let context = v3c_compiler::mlir::new_context();
     let mut cpu = CpuTrainStep::new(&context, trainer, None).unwrap();
@@ -101,11 +120,12 @@ fn same_loss_and_gradients(trainer: &Trainer, lengths: &[usize], bound: f32) {
         for name in &wanted {
             let (w, g) = (want[*name].as_f32().unwrap(), got[*name].as_f32().unwrap());
             let err = relative_error(g, w);
-            if err.is_nan() || err >= bound {
+            if err.is_nan() || err >= tight {
                 bad.push(format!("{name}: {err:e}"));
+                assert!(err < loose, "{len} tokens, {name}: relative error {err:e}");
             }
         }
-        assert!(bad.is_empty(), "{len} tokens, relative errors:\n{}", bad.join("\n"));
+        assert!(bad.len() <= allowed, "{len} tokens, relative errors:\n{}", bad.join("\n"));
     }
 }
 
@@ -128,13 +148,14 @@ fn cpu_training_steps_follow_the_reference_trainer() {
     }
 }
 
-/// Every f32 value of the training graph, CPU vs reference, in node order: names the first op
-/// whose results differ (the training test's debugging aid, and a check of every intermediate).
+/// Every f32 value of the training graph (MoE layers, balance and MTP losses), CPU vs reference,
+/// in node order: names the first op whose results differ (the training tests' debugging aid, and
+/// a check of every intermediate).
 #[test]
 fn every_value_of_the_training_graph_matches_the_reference() {
-    use v3c_compiler::conversion::v3_to_cpu::{HostBuffer, HostData};
-    let (config, checkpoint, _dir) = dense_tiny(3);
-    let trainer = trainer(&config, &checkpoint);
+    let (config, checkpoint, _dir) = tiny(3, false, true);
+    let train = TrainConfig { balance_alpha: 0.3, mtp_weight: 0.3, ..Default::default() };
+    let trainer = trainer_with(&config, &checkpoint, train);
     let mut graph = trainer.graph().clone();
     let mut names = Vec::new();
     for node in graph.nodes.clone() {
@@ -149,37 +170,17 @@ fn every_value_of_the_training_graph_matches_the_reference() {
         }
     }
     let context = v3c_compiler::mlir::new_context();
-    let mut program = v3c_compiler::cpu_backend::CpuProgram::from_graphs(
-        &context,
-        "t",
-        &[("train_step", &graph)],
-        config.vocab_size,
-        None,
-    )
-    .unwrap();
-    for (name, t) in &trainer.params {
-        program
-            .set_weight(name, HostBuffer { shape: t.shape.clone(), data: HostData::F32(t.as_f32().unwrap().to_vec()) });
-    }
-    let inputs = trainer.window_inputs(&window(7, config.vocab_size, 1)).unwrap();
+    let mut cpu = CpuTrainStep::for_graph(&context, &graph, &config, None).unwrap();
+    let inputs = trainer.window_inputs(&window(9, config.vocab_size, 1)).unwrap();
     let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
-    let interp = v3c_models::interp::Interpreter::with_params(graph.clone(), trainer.params.clone()).unwrap();
-    let want = interp.run(&inputs, &wanted).unwrap();
-    let host: HashMap<String, HostBuffer> = inputs
-        .iter()
-        .map(|(n, t)| {
-            let data = match t.as_ids() {
-                Some(ids) if t.dtype() != v3c_models::dtype::DType::F32 => HostData::I64(ids),
-                _ => HostData::F32(t.as_f32().unwrap().to_vec()),
-            };
-            (n.clone(), HostBuffer { shape: t.shape.clone(), data })
-        })
-        .collect();
-    let got = program.run("train_step", &host, &wanted).unwrap();
+    let run = |b: &mut dyn StepBackend| {
+        b.load(&graph, &trainer.params).unwrap();
+        b.run(&inputs, &wanted).unwrap()
+    };
+    let (want, got) = (run(&mut Reference::default()), run(&mut cpu));
     let mut bad = Vec::new();
     for name in &names {
-        let HostData::F32(g) = &got[name].data else { panic!() };
-        let err = relative_error(g, want[name].as_f32().unwrap());
+        let err = relative_error(got[name].as_f32().unwrap(), want[name].as_f32().unwrap());
         if err.is_nan() || err >= 2e-5 {
             bad.push(format!("{name}: {err:e}"));
         }

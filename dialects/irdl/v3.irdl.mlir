@@ -447,9 +447,10 @@ irdl.dialect @v3 {
     irdl.attributes { "alpha" = %alpha }
   }
 
-  // The routed SwiGLU experts' gradient (f32), forward recomputed per token and slot: (x, indices,
-  // weights, dy, gate [E, I, D], up [E, I, D], down [E, D, I]) -> (dx, d weights, d gate, d up,
-  // d down), the weight gradients stacked like the weights.
+  // The routed SwiGLU experts' gradient, forward recomputed: (x, indices, weights, dy, gate
+  // [E, I, D], up [E, I, D], down [E, D, I]) -> (dx, d weights, d gate, d up, d down), the weight
+  // gradients stacked like the weights. fp8: the recipe's e4m3 GEMMs on the f32 masters (Fprop,
+  // Dgrad and Wgrad per expert over its tokens); else f32.
   irdl.operation @moe_experts_grad {
     %x = irdl.base "!builtin.tensor"
     %indices = irdl.base "!builtin.tensor"
@@ -464,9 +465,10 @@ irdl.dialect @v3 {
     %dup = irdl.base "!builtin.tensor"
     %ddown = irdl.base "!builtin.tensor"
     %num_experts = irdl.base "#builtin.integer"
+    %fp8 = irdl.base "#builtin.integer"
     irdl.operands(x: %x, indices: %indices, weights: %weights, dy: %dy, gate: %gate, up: %up, down: %down)
     irdl.results(dx: %dx, dweights: %dweights, dgate: %dgate, dup: %dup, ddown: %ddown)
-    irdl.attributes { "num_experts" = %num_experts }
+    irdl.attributes { "num_experts" = %num_experts, "fp8" = %fp8 }
   }
 
   // DeepSeek-V3's FP8 training GEMMs on f32 operands (quantized inside, as the recipe says):

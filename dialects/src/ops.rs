@@ -666,19 +666,21 @@ pub fn balance_loss<'c>(
     build(name, &[logits, indices], &[out], &[("alpha", f32_attr(c, alpha))], c, l)
 }
 
-/// Creates `v3.moe_experts_grad` (f32): operands `[x, indices, weights, dy]` and the stacked
-/// expert weights; results `[dx, d weights, d gate, d up, d down]`.
+/// Creates `v3.moe_experts_grad` (f32, or `fp8`: the recipe's e4m3 GEMMs on f32 masters):
+/// operands `[x, indices, weights, dy]` and the stacked expert weights; results `[dx, d weights,
+/// d gate, d up, d down]`.
 pub fn moe_experts_grad<'c, 'a>(
     operands: [Value<'c, 'a>; 4],
     [gate, up, down]: [Value<'c, 'a>; 3],
-    num_experts: usize,
+    (num_experts, fp8): (usize, bool),
     results: [Type<'c>; 5],
     c: &'c Context,
     l: Location<'c>,
 ) -> Result<Operation<'c>, DialectError> {
     let mut all = operands.to_vec();
     all.extend([gate, up, down]);
-    build("moe_experts_grad", &all, &results, &[("num_experts", i64_attr(c, num_experts as i64))], c, l)
+    let attrs = [("num_experts", i64_attr(c, num_experts as i64)), ("fp8", bool_attr(c, fp8))];
+    build("moe_experts_grad", &all, &results, &attrs, c, l)
 }
 
 /// Creates one of DeepSeek-V3's FP8 training GEMMs on f32 operands: `fp8_linear` (x, w),

@@ -465,23 +465,34 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 e.attention_grad(&spec, [&args[0], &args[1], &args[2], &args[3], &args[4]], [a, b, c, d]);
             }
             "moe_experts" => {
+                // Unfused (a training graph): f32 experts, or the fp8 recipe on f32 masters.
                 let fp8 = o.attribute("fp8_activations").map(|a| a.to_string() == "true").unwrap_or(false);
-                if fp8 || args.len() != 6 || args[3..].iter().any(|a| a.1.element != "f32") {
-                    return Err(CpuError::Unsupported(format!("{full} unfused with fp8 activations or weights")));
+                if args.len() != 6 || args[3..].iter().any(|a| a.1.element != "f32") {
+                    return Err(CpuError::Unsupported(format!("{full} unfused with fp8 weights")));
                 }
-                e.moe_experts([&args[0], &args[1], &args[2], &args[3], &args[4], &args[5]], &dest, &rshape);
+                let operands = [&args[0], &args[1], &args[2], &args[3], &args[4], &args[5]];
+                if fp8 {
+                    e.moe_experts_fp8(operands, &dest, &rshape);
+                } else {
+                    e.moe_experts(operands, &dest, &rshape);
+                }
             }
             "moe_experts_grad" => {
                 if args[4..].iter().any(|a| a.1.element != "f32") {
                     return Err(CpuError::Unsupported(format!("{full} of fp8 experts")));
                 }
+                let fp8 = o.attribute("fp8").map(|a| a.to_string() == "true").unwrap_or(false);
                 let a: Vec<&(String, Shape)> = args.iter().collect();
                 let [x, idx, w, dy, gate, up, down] = a[..] else {
                     return Err(lowering(format!("{full}: {} operands", args.len())));
                 };
                 let outs: Vec<(&str, &Shape)> = dests.iter().map(|(_, d, s)| (d.as_str(), s)).collect();
                 let [r0, r1, r2, r3, r4] = outs[..] else { return Err(lowering(format!("{full}: five results"))) };
-                e.moe_experts_grad([x, idx, w, dy, gate, up, down], [r0, r1, r2, r3, r4]);
+                if fp8 {
+                    e.moe_experts_grad_fp8([x, idx, w, dy, gate, up, down], [r0, r1, r2, r3, r4]);
+                } else {
+                    e.moe_experts_grad([x, idx, w, dy, gate, up, down], [r0, r1, r2, r3, r4]);
+                }
             }
             "fp8_linear" | "fp8_linear_dgrad" | "fp8_linear_wgrad" => {
                 e.fp8_training_gemm(&kind, (&args[0], &args[1]), &dest, &rshape).map_err(lowering)?;

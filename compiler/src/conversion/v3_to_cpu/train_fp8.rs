@@ -90,11 +90,15 @@ scf.for %{p}_r = %{p}_c0 to {rows} step %{p}_c1 {{
 
     /// An f32 master weight `w` [n, k] in 128 x 128 blocks: decoded e4m3 values into `q` [n, k],
     /// block scales `max(amax, 1e-12) / 448` into `s` [ceil(n / 128), ceil(k / 128)].
-    fn quantize_blocks(&mut self, w: &(String, Shape), (q, s): (&(String, String), &(String, String))) {
+    fn quantize_blocks(
+        &mut self,
+        (wb, wt): (&str, &str),
+        (n, k): (usize, usize),
+        (q, s): (&(String, String), &(String, String)),
+        lead: &str,
+    ) {
         let (dec, enc) = self.fp8_codec();
         let p = self.fresh().replace('%', "");
-        let (n, k) = (w.1.dims[0].unwrap_or(0), w.1.dims[1].unwrap_or(0));
-        let (wb, wt) = (&w.0, memref(&w.1));
         let text = format!(
             "%{p}_c0 = arith.constant 0 : index
 %{p}_c1 = arith.constant 1 : index
@@ -103,38 +107,44 @@ scf.for %{p}_r = %{p}_c0 to {rows} step %{p}_c1 {{
 %{p}_g = arith.constant {FP8_BLOCK} : index
 %{p}_floor = arith.constant 1.0e-12 : f32
 %{p}_fmax = arith.constant 448.0 : f32
-linalg.fill ins(%zero : f32) outs({sb} : {st})
+%{p}_nb0 = arith.ceildivui %{p}_n, %{p}_g : index
+%{p}_kb0 = arith.ceildivui %{p}_k, %{p}_g : index
+scf.for %{p}_a = %{p}_c0 to %{p}_nb0 step %{p}_c1 {{
+  scf.for %{p}_b = %{p}_c0 to %{p}_kb0 step %{p}_c1 {{
+    memref.store %zero, {sb}[{lead}%{p}_a, %{p}_b] : {st}
+  }}
+}}
 scf.for %{p}_r = %{p}_c0 to %{p}_n step %{p}_c1 {{
   %{p}_rb = arith.divui %{p}_r, %{p}_g : index
   scf.for %{p}_i = %{p}_c0 to %{p}_k step %{p}_c1 {{
     %{p}_cb = arith.divui %{p}_i, %{p}_g : index
-    %{p}_v = memref.load {wb}[%{p}_r, %{p}_i] : {wt}
+    %{p}_v = memref.load {wb}[{lead}%{p}_r, %{p}_i] : {wt}
     %{p}_av = math.absf %{p}_v : f32
-    %{p}_so = memref.load {sb}[%{p}_rb, %{p}_cb] : {st}
+    %{p}_so = memref.load {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
     %{p}_sn = arith.maxnumf %{p}_so, %{p}_av : f32
-    memref.store %{p}_sn, {sb}[%{p}_rb, %{p}_cb] : {st}
+    memref.store %{p}_sn, {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
   }}
 }}
 %{p}_nb = arith.ceildivui %{p}_n, %{p}_g : index
 %{p}_kb = arith.ceildivui %{p}_k, %{p}_g : index
 scf.for %{p}_a = %{p}_c0 to %{p}_nb step %{p}_c1 {{
   scf.for %{p}_b = %{p}_c0 to %{p}_kb step %{p}_c1 {{
-    %{p}_m = memref.load {sb}[%{p}_a, %{p}_b] : {st}
+    %{p}_m = memref.load {sb}[{lead}%{p}_a, %{p}_b] : {st}
     %{p}_mf = arith.maxnumf %{p}_m, %{p}_floor : f32
     %{p}_s = arith.divf %{p}_mf, %{p}_fmax : f32
-    memref.store %{p}_s, {sb}[%{p}_a, %{p}_b] : {st}
+    memref.store %{p}_s, {sb}[{lead}%{p}_a, %{p}_b] : {st}
   }}
 }}
 scf.for %{p}_r = %{p}_c0 to %{p}_n step %{p}_c1 {{
   %{p}_rb = arith.divui %{p}_r, %{p}_g : index
   scf.for %{p}_i = %{p}_c0 to %{p}_k step %{p}_c1 {{
     %{p}_cb = arith.divui %{p}_i, %{p}_g : index
-    %{p}_v = memref.load {wb}[%{p}_r, %{p}_i] : {wt}
-    %{p}_s = memref.load {sb}[%{p}_rb, %{p}_cb] : {st}
+    %{p}_v = memref.load {wb}[{lead}%{p}_r, %{p}_i] : {wt}
+    %{p}_s = memref.load {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
     %{p}_d = arith.divf %{p}_v, %{p}_s : f32
     %{p}_bits = func.call {enc}(%{p}_d) : (f32) -> i8
     %{p}_f = func.call {dec}(%{p}_bits) : (i8) -> f32
-    memref.store %{p}_f, {qb}[%{p}_r, %{p}_i] : {qt}
+    memref.store %{p}_f, {qb}[{lead}%{p}_r, %{p}_i] : {qt}
   }}
 }}",
             sb = s.0,
@@ -155,7 +165,7 @@ scf.for %{p}_r = %{p}_c0 to %{p}_n step %{p}_c1 {{
         (a, a_s): (&(String, String), &(String, String)),
         b_load: &dyn Fn(&str, &str) -> String,
         b_scale: &dyn Fn(&str, &str) -> String,
-        (dest, dest_ty): (&str, &str),
+        (dest, dest_ty, lead): (&str, &str, &str),
     ) {
         let p = self.fresh().replace('%', "");
         let text = format!(
@@ -184,7 +194,7 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
       %{p}_y2 = arith.addf %{p}_y, %{p}_t1 : f32
       scf.yield %{p}_y2 : f32
     }}
-    memref.store %{p}_acc, {dest}[%{p}_i, %{p}_j] : {dest_ty}
+    memref.store %{p}_acc, {dest}[{lead}%{p}_i, %{p}_j] : {dest_ty}
   }}
 }}",
             ab = a.0,
@@ -237,7 +247,8 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
                 let wq = scratch(self, &wn, &wk);
                 let (wnb, wkb) = (blocks(self, &wn), blocks(self, &wk));
                 let ws = scratch(self, &wnb, &wkb);
-                self.quantize_blocks(b, (&wq, &ws));
+                let (n, k) = (b.1.dims[0].unwrap_or(0), b.1.dims[1].unwrap_or(0));
+                self.quantize_blocks((&b.0, &memref(&b.1)), (n, k), (&wq, &ws), "");
                 let (wqb, ws_b) = (wq.0.clone(), ws.0.clone());
                 if kind == "fp8_linear" {
                     let b_load = |j: &str, c: &str| format!("%bv = memref.load {wqb}[{j}, {c}] : memref<?x?xf32>");
@@ -247,7 +258,7 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
                             kb_ = kb.replace('%', "")
                         )
                     };
-                    self.block_scaled_gemm((&m, &wn, &ka), (&aq, &a_s), &b_load, &b_scale, (dest, &dest_ty));
+                    self.block_scaled_gemm((&m, &wn, &ka), (&aq, &a_s), &b_load, &b_scale, (dest, &dest_ty, ""));
                 } else {
                     // dx [M, K]: the contraction over N, W read as W^T [K, N].
                     let b_load = |j: &str, c: &str| format!("%bv = memref.load {wqb}[{c}, {j}] : memref<?x?xf32>");
@@ -257,7 +268,7 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
                             nb_ = nb.replace('%', "")
                         )
                     };
-                    self.block_scaled_gemm((&m, &wk, &ka), (&aq, &a_s), &b_load, &b_scale, (dest, &dest_ty));
+                    self.block_scaled_gemm((&m, &wk, &ka), (&aq, &a_s), &b_load, &b_scale, (dest, &dest_ty, ""));
                 }
             }
             "fp8_linear_wgrad" => {
@@ -271,10 +282,393 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
                 let (bqb, bsb) = (bq.0.clone(), b_s.0.clone());
                 let b_load = |j: &str, c: &str| format!("%bv = memref.load {bqb}[{j}, {c}] : memref<?x?xf32>");
                 let b_scale = |j: &str, kb: &str| format!("%bs = memref.load {bsb}[{j}, {kb}] : memref<?x?xf32>");
-                self.block_scaled_gemm((&n, &k, &m), (&aq, &a_s), &b_load, &b_scale, (dest, &dest_ty));
+                self.block_scaled_gemm((&n, &k, &m), (&aq, &a_s), &b_load, &b_scale, (dest, &dest_ty, ""));
             }
             other => return Err(format!("{other} is not an fp8 training GEMM")),
         }
         Ok(())
+    }
+
+    /// A static f32 scratch of `dims`, freed with the kernel.
+    fn static_scratch(&mut self, dims: &[usize]) -> (String, String) {
+        let d: Vec<String> = dims.iter().map(ToString::to_string).collect();
+        let (buf, ty) = (self.fresh(), format!("memref<{}xf32>", d.join("x")));
+        self.line(&format!("{buf} = memref.alloc() : {ty}"));
+        self.allocs.push(format!("memref.dealloc {buf} : {ty}"));
+        (buf, ty)
+    }
+
+    /// Every expert's three f32 master weights (gate/up [E, I, D], down [E, D, I]) quantized in
+    /// 128 x 128 blocks: (decoded values, scales) per projection, stacked like the weights.
+    #[allow(clippy::type_complexity)]
+    fn quantized_experts(&mut self, weights: [&(String, Shape); 3]) -> [((String, String), (String, String)); 3] {
+        let e = weights[0].1.dims[0].unwrap_or(0);
+        let ex = self.fresh();
+        let quantized = weights.map(|w| {
+            let (n, k) = (w.1.dims[1].unwrap_or(0), w.1.dims[2].unwrap_or(0));
+            let q = self.static_scratch(&[e, n, k]);
+            let s = self.static_scratch(&[e, n.div_ceil(FP8_BLOCK), k.div_ceil(FP8_BLOCK)]);
+            (q, s)
+        });
+        let (c0, c1, ce) = (self.constant_index(0), self.constant_index(1), self.constant_index(e));
+        self.line(&format!("scf.for {ex} = {c0} to {ce} step {c1} {{"));
+        for (w, (q, s)) in weights.iter().zip(&quantized) {
+            let (n, k) = (w.1.dims[1].unwrap_or(0), w.1.dims[2].unwrap_or(0));
+            self.quantize_blocks((&w.0, &memref(&w.1)), (n, k), (q, s), &format!("{ex}, "));
+        }
+        self.line("}");
+        quantized
+    }
+
+    /// `moe_experts` with fp8 activations on f32 master weights (the recipe's Fprop of the routed
+    /// experts, see the reference interpreter): the masters quantized once, then per token its slots
+    /// in expert order, each projection of a 1x128-quantized row block-scaled.
+    pub(super) fn moe_experts_fp8(
+        &mut self,
+        [x, idx, w, gate, up, down]: [&(String, Shape); 6],
+        dest: &str,
+        out: &Shape,
+    ) {
+        let (experts, inter, d) =
+            (gate.1.dims[0].unwrap_or(0), gate.1.dims[1].unwrap_or(0), gate.1.dims[2].unwrap_or(0));
+        let [(gq, gs), (uq, us), (dq, ds)] = self.quantized_experts([gate, up, down]);
+        let (db, ib) = (d.div_ceil(FP8_BLOCK), inter.div_ceil(FP8_BLOCK));
+        let (xq, xs) = (self.static_scratch(&[1, d]), self.static_scratch(&[1, db]));
+        let (g, u) = (self.static_scratch(&[1, inter]), self.static_scratch(&[1, inter]));
+        let (hq, hs) = (self.static_scratch(&[1, inter]), self.static_scratch(&[1, ib]));
+        let o = self.static_scratch(&[1, d]);
+        let h = self.static_scratch(&[1, inter]);
+        let o_ty = memref(out);
+        self.line(&format!("linalg.fill ins(%zero : f32) outs({dest} : {o_ty})"));
+        let (c0, c1) = (self.constant_index(0), self.constant_index(1));
+        let (ce, ci, cd) = (self.constant_index(experts), self.constant_index(inter), self.constant_index(d));
+        let (t, ex, k) = (self.fresh(), self.fresh(), self.fresh());
+        let rows = self.dim_of(x, 0);
+        let slots = self.dim_of(idx, 1);
+        let one_i = self.constant_index(1);
+        let (x_ty, i_ty, w_ty) = (memref(&x.1), memref(&idx.1), memref(&w.1));
+        let (e32, ei, mine) = (self.fresh(), self.fresh(), self.fresh());
+        self.line(&format!(
+            "scf.for {t} = {c0} to {rows} step {c1} {{
+    scf.for {ex} = {c0} to {ce} step {c1} {{
+    scf.for {k} = {c0} to {slots} step {c1} {{
+    {e32} = memref.load {}[{t}, {k}] : {i_ty}
+    {ei} = arith.index_cast {e32} : i32 to index
+    {mine} = arith.cmpi eq, {ei}, {ex} : index
+    scf.if {mine} {{",
+            idx.0
+        ));
+        let xb = x.0.clone();
+        self.quantize_tiles((&one_i, &cd), &|_, c| format!("%ld = memref.load {xb}[{t}, {c}] : {x_ty}"), (&xq, &xs));
+        for (wq, wsc, dst) in [(&gq, &gs, &g), (&uq, &us, &u)] {
+            let (qb, qt, sb, st) = (wq.0.clone(), wq.1.clone(), wsc.0.clone(), wsc.1.clone());
+            let exc = ex.clone();
+            self.block_scaled_gemm(
+                (&one_i, &ci, &cd),
+                (&xq, &xs),
+                &|j, c| format!("%bv = memref.load {qb}[{exc}, {j}, {c}] : {qt}"),
+                &|j, kb| format!("%jg = arith.constant {FP8_BLOCK} : index\n%jb = arith.divui {j}, %jg : index\n%bs = memref.load {sb}[{exc}, %jb, {kb}] : {st}"),
+                (&dst.0, &dst.1, ""),
+            );
+        }
+        let (hb, ht, gb, gt, ub) = (h.0.clone(), h.1.clone(), g.0.clone(), g.1.clone(), u.0.clone());
+        let si = self.fresh();
+        self.line(&format!(
+            "scf.for {si} = {c0} to {ci} step {c1} {{
+      %sg = memref.load {gb}[{c0}, {si}] : {gt}
+      %su = memref.load {ub}[{c0}, {si}] : {gt}
+      %sn = arith.negf %sg : f32
+      %sx = math.exp %sn : f32
+      %sden = arith.addf %one, %sx : f32
+      %ssilu = arith.divf %sg, %sden : f32
+      %sh = arith.mulf %ssilu, %su : f32
+      memref.store %sh, {hb}[{c0}, {si}] : {ht}
+    }}"
+        ));
+        self.quantize_tiles((&one_i, &ci), &|_, c| format!("%ld = memref.load {hb}[{c0}, {c}] : {ht}"), (&hq, &hs));
+        let (qb, qt, sb, st) = (dq.0.clone(), dq.1.clone(), ds.0.clone(), ds.1.clone());
+        let exc = ex.clone();
+        self.block_scaled_gemm(
+            (&one_i, &cd, &ci),
+            (&hq, &hs),
+            &|j, c| format!("%bv = memref.load {qb}[{exc}, {j}, {c}] : {qt}"),
+            &|j, kb| format!("%jg = arith.constant {FP8_BLOCK} : index\n%jb = arith.divui {j}, %jg : index\n%bs = memref.load {sb}[{exc}, %jb, {kb}] : {st}"),
+            (&o.0, &o.1, ""),
+        );
+        let (wt, so) = (self.fresh(), self.fresh());
+        self.line(&format!(
+            "{wt} = memref.load {}[{t}, {k}] : {w_ty}
+    scf.for {so} = {c0} to {cd} step {c1} {{
+      %ov = memref.load {}[{c0}, {so}] : {}
+      %wy = arith.mulf {wt}, %ov : f32
+      %old = memref.load {dest}[{t}, {so}] : {o_ty}
+      %new = arith.addf %old, %wy : f32
+      memref.store %new, {dest}[{t}, {so}] : {o_ty}
+    }}
+    }}
+    }}
+    }}
+    }}",
+            w.0, o.0, o.1
+        ));
+    }
+
+    /// The fp8 routed experts' gradient (the reference's `moe_experts_grad_fp8`): expert by
+    /// expert over its (token, slot) pairs in token order, gathered into scratch rows, the forward
+    /// recomputed with Fprop, then Wgrad and Dgrad of the down projection, SwiGLU's gradient in
+    /// f32, Wgrad and Dgrad of gate and up, dx scattered back; every GEMM as the recipe quantizes.
+    pub(super) fn moe_experts_grad_fp8(
+        &mut self,
+        [x, idx, w, dy, gate, up, down]: [&(String, Shape); 7],
+        dests: [(&str, &Shape); 5],
+    ) {
+        let (experts, inter, d) =
+            (gate.1.dims[0].unwrap_or(0), gate.1.dims[1].unwrap_or(0), gate.1.dims[2].unwrap_or(0));
+        for (buf, shape) in dests {
+            self.line(&format!("linalg.fill ins(%zero : f32) outs({buf} : {})", memref(shape)));
+        }
+        let [(dx, dx_s), (dwt, dwt_s), (dgate, dgate_s), (dup, dup_s), (ddown, ddown_s)] = dests;
+        let [(gq, gs), (uq, us), (dq, ds)] = self.quantized_experts([gate, up, down]);
+        let (c0, c1) = (self.constant_index(0), self.constant_index(1));
+        let (ce, ci, cd) = (self.constant_index(experts), self.constant_index(inter), self.constant_index(d));
+        let (t_rows, slots) = (self.dim_of(x, 0), self.dim_of(idx, 1));
+        let cap = self.fresh();
+        self.line(&format!("{cap} = arith.muli {t_rows}, {slots} : index"));
+        let g128 = self.constant_index(FP8_BLOCK);
+        let cap_b = self.fresh();
+        self.line(&format!("{cap_b} = arith.ceildivui {cap}, {g128} : index"));
+        let (db, ib) = (self.constant_index(d.div_ceil(FP8_BLOCK)), self.constant_index(inter.div_ceil(FP8_BLOCK)));
+        // Pairs and per-pair rows (capacity T x K).
+        let pairs_ty = "memref<?xindex>";
+        let (pt, pk) = (self.fresh(), self.fresh());
+        for p in [&pt, &pk] {
+            self.line(&format!("{p} = memref.alloc({cap}) : {pairs_ty}"));
+            self.allocs.push(format!("memref.dealloc {p} : {pairs_ty}"));
+        }
+        let rows = |e: &mut Emitter, cols: &str| scratch(e, &cap, cols);
+        let (xe, g, u, h, y, dye) =
+            (rows(self, &cd), rows(self, &ci), rows(self, &ci), rows(self, &ci), rows(self, &cd), rows(self, &cd));
+        let (dh, dg, du, dxg, dxu) =
+            (rows(self, &ci), rows(self, &ci), rows(self, &ci), rows(self, &cd), rows(self, &cd));
+        // Quantized operands.
+        let (xq, xs, hq, hs) = (rows(self, &cd), rows(self, &db), rows(self, &ci), rows(self, &ib));
+        let (yq, ys, gq2, gs2) = (rows(self, &cd), rows(self, &db), rows(self, &ci), rows(self, &ib));
+        let (aq_d, as_d) = (scratch(self, &cd, &cap), scratch(self, &cd, &cap_b));
+        let (aq_i, as_i) = (scratch(self, &ci, &cap), scratch(self, &ci, &cap_b));
+        let (bq_d, bs_d) = (scratch(self, &cd, &cap), scratch(self, &cd, &cap_b));
+        let (bq_i, bs_i) = (scratch(self, &ci, &cap), scratch(self, &ci, &cap_b));
+        let (x_ty, i_ty, w_ty, y_ty) = (memref(&x.1), memref(&idx.1), memref(&w.1), memref(&dy.1));
+        let (ex, m) = (self.fresh(), self.fresh());
+        let (tt, kk, cnt, e32, ei, mine, cnt2, any) = (
+            self.fresh(),
+            self.fresh(),
+            self.fresh(),
+            self.fresh(),
+            self.fresh(),
+            self.fresh(),
+            self.fresh(),
+            self.fresh(),
+        );
+        self.line(&format!(
+            "scf.for {ex} = {c0} to {ce} step {c1} {{
+    {m} = scf.for {tt} = {c0} to {t_rows} step {c1} iter_args({cnt} = {c0}) -> (index) {{
+      %pm_in = scf.for {kk} = {c0} to {slots} step {c1} iter_args({cnt2} = {cnt}) -> (index) {{
+        {e32} = memref.load {idxb}[{tt}, {kk}] : {i_ty}
+        {ei} = arith.index_cast {e32} : i32 to index
+        {mine} = arith.cmpi eq, {ei}, {ex} : index
+        %pm_next = scf.if {mine} -> (index) {{
+          memref.store {tt}, {pt}[{cnt2}] : {pairs_ty}
+          memref.store {kk}, {pk}[{cnt2}] : {pairs_ty}
+          %pm_n = arith.addi {cnt2}, {c1} : index
+          scf.yield %pm_n : index
+        }} else {{
+          scf.yield {cnt2} : index
+        }}
+        scf.yield %pm_next : index
+      }}
+      scf.yield %pm_in : index
+    }}
+    {any} = arith.cmpi ugt, {m}, {c0} : index
+    scf.if {any} {{
+    scf.for %gx_r = {c0} to {m} step {c1} {{
+      %gx_t = memref.load {pt}[%gx_r] : {pairs_ty}
+      scf.for %gx_c = {c0} to {cd} step {c1} {{
+        %gx_v = memref.load {xb}[%gx_t, %gx_c] : {x_ty}
+        memref.store %gx_v, {xeb}[%gx_r, %gx_c] : {ft}
+      }}
+    }}",
+            idxb = idx.0,
+            xb = x.0,
+            xeb = xe.0,
+            ft = xe.1,
+        ));
+        let ld = |buf: &(String, String), transposed: bool| {
+            let (b, t) = (buf.0.clone(), buf.1.clone());
+            move |r: &str, c: &str| {
+                let (i, j) = if transposed { (c, r) } else { (r, c) };
+                format!("%ld = memref.load {b}[{i}, {j}] : {t}")
+            }
+        };
+        // Stacked master blocks of expert `ex`: rows j, columns c (or transposed).
+        let stacked = |q: &(String, String), s: &(String, String), transposed: bool| {
+            let (qb, qt, sb, st, exc) = (q.0.clone(), q.1.clone(), s.0.clone(), s.1.clone(), ex.clone());
+            let load = move |j: &str, c: &str| {
+                let (a, b) = if transposed { (c, j) } else { (j, c) };
+                format!("%bv = memref.load {qb}[{exc}, {a}, {b}] : {qt}")
+            };
+            let (exc2, st2) = (ex.clone(), st);
+            let scale = move |j: &str, kb: &str| {
+                let (a, b) =
+                    if transposed { (kb.to_string(), "%jb".to_string()) } else { ("%jb".to_string(), kb.to_string()) };
+                format!(
+                    "%jg = arith.constant {FP8_BLOCK} : index\n%jb = arith.divui {j}, %jg : index\n%bs = memref.load {sb}[{exc2}, {a}, {b}] : {st2}"
+                )
+            };
+            (load, scale)
+        };
+        // Fprop: g, u = x_e W^T (x_e 1x128 along D), y = h W_down^T.
+        self.quantize_tiles((&m, &cd), &ld(&xe, false), (&xq, &xs));
+        for (q, s, dst) in [(&gq, &gs, &g), (&uq, &us, &u)] {
+            let (load, scale) = stacked(q, s, false);
+            self.block_scaled_gemm((&m, &ci, &cd), (&xq, &xs), &load, &scale, (&dst.0, &dst.1, ""));
+        }
+        self.line(&format!(
+            "scf.for %sh_r = {c0} to {m} step {c1} {{
+      scf.for %sh_i = {c0} to {ci} step {c1} {{
+        %sh_g = memref.load {gb}[%sh_r, %sh_i] : {ft}
+        %sh_u = memref.load {ub}[%sh_r, %sh_i] : {ft}
+        %sh_n = arith.negf %sh_g : f32
+        %sh_x = math.exp %sh_n : f32
+        %sh_den = arith.addf %one, %sh_x : f32
+        %sh_silu = arith.divf %sh_g, %sh_den : f32
+        %sh_h = arith.mulf %sh_silu, %sh_u : f32
+        memref.store %sh_h, {hb}[%sh_r, %sh_i] : {ft}
+      }}
+    }}",
+            gb = g.0,
+            ub = u.0,
+            hb = h.0,
+            ft = g.1
+        ));
+        self.quantize_tiles((&m, &ci), &ld(&h, false), (&hq, &hs));
+        let (load, scale) = stacked(&dq, &ds, false);
+        self.block_scaled_gemm((&m, &cd, &ci), (&hq, &hs), &load, &scale, (&y.0, &y.1, ""));
+        // d weights and dy_e = w dy per pair.
+        self.line(&format!(
+            "scf.for %dw_r = {c0} to {m} step {c1} {{
+      %dw_t = memref.load {pt}[%dw_r] : {pairs_ty}
+      %dw_k = memref.load {pk}[%dw_r] : {pairs_ty}
+      %dw_nz = arith.constant -0.0 : f32
+      %dw_dot = scf.for %dw_c = {c0} to {cd} step {c1} iter_args(%dw_a = %dw_nz) -> (f32) {{
+        %dw_g = memref.load {dyb}[%dw_t, %dw_c] : {y_ty}
+        %dw_y = memref.load {yb}[%dw_r, %dw_c] : {ft}
+        %dw_p = arith.mulf %dw_g, %dw_y : f32
+        %dw_a2 = arith.addf %dw_a, %dw_p : f32
+        scf.yield %dw_a2 : f32
+      }}
+      memref.store %dw_dot, {dwtb}[%dw_t, %dw_k] : {dwt_ty}
+      %dw_w = memref.load {wb}[%dw_t, %dw_k] : {w_ty}
+      scf.for %dw_c = {c0} to {cd} step {c1} {{
+        %dw_g = memref.load {dyb}[%dw_t, %dw_c] : {y_ty}
+        %dw_e = arith.mulf %dw_g, %dw_w : f32
+        memref.store %dw_e, {dyeb}[%dw_r, %dw_c] : {ft}
+      }}
+    }}",
+            dyb = dy.0,
+            yb = y.0,
+            ft = y.1,
+            dwtb = dwt,
+            dwt_ty = memref(dwt_s),
+            wb = w.0,
+            dyeb = dye.0,
+        ));
+        // d down [D, I] = Wgrad(dy_e, h): both transposed, 1x128 over the pairs.
+        let exs = format!("{ex}, ");
+        self.quantize_tiles((&cd, &m), &ld(&dye, true), (&aq_d, &as_d));
+        self.quantize_tiles((&ci, &m), &ld(&h, true), (&bq_i, &bs_i));
+        self.wgrad_into((&cd, &ci, &m), (&aq_d, &as_d), (&bq_i, &bs_i), (ddown, &memref(ddown_s), &exs));
+        // dh = Dgrad(dy_e, W_down): dy_e 1x128 along D, W_down's blocks transposed.
+        self.quantize_tiles((&m, &cd), &ld(&dye, false), (&yq, &ys));
+        let (load, scale) = stacked(&dq, &ds, true);
+        self.block_scaled_gemm((&m, &ci, &cd), (&yq, &ys), &load, &scale, (&dh.0, &dh.1, ""));
+        // SwiGLU's gradient in f32.
+        self.line(&format!(
+            "scf.for %sg_r = {c0} to {m} step {c1} {{
+      scf.for %sg_i = {c0} to {ci} step {c1} {{
+        %sg_g = memref.load {gb}[%sg_r, %sg_i] : {ft}
+        %sg_u = memref.load {ub}[%sg_r, %sg_i] : {ft}
+        %sg_d = memref.load {dhb}[%sg_r, %sg_i] : {ft}
+        %sg_n = arith.negf %sg_g : f32
+        %sg_x = math.exp %sg_n : f32
+        %sg_den = arith.addf %one, %sg_x : f32
+        %sg_s = arith.divf %one, %sg_den : f32
+        %sg_t0 = arith.mulf %sg_d, %sg_u : f32
+        %sg_t1 = arith.mulf %sg_t0, %sg_s : f32
+        %sg_oms = arith.subf %one, %sg_s : f32
+        %sg_gm = arith.mulf %sg_g, %sg_oms : f32
+        %sg_f = arith.addf %one, %sg_gm : f32
+        %sg_dg = arith.mulf %sg_t1, %sg_f : f32
+        %sg_silu = arith.divf %sg_g, %sg_den : f32
+        %sg_du = arith.mulf %sg_d, %sg_silu : f32
+        memref.store %sg_dg, {dgb}[%sg_r, %sg_i] : {ft}
+        memref.store %sg_du, {dub}[%sg_r, %sg_i] : {ft}
+      }}
+    }}",
+            gb = g.0,
+            ub = u.0,
+            dhb = dh.0,
+            dgb = dg.0,
+            dub = du.0,
+            ft = g.1
+        ));
+        // d gate, d up [I, D] = Wgrad(dg | du, x_e); dx_e = Dgrad(dg, W_gate) + Dgrad(du, W_up).
+        self.quantize_tiles((&cd, &m), &ld(&xe, true), (&bq_d, &bs_d));
+        for (grad, dest, dest_s, q, s, dxp) in
+            [(&dg, dgate, dgate_s, &gq, &gs, &dxg), (&du, dup, dup_s, &uq, &us, &dxu)]
+        {
+            self.quantize_tiles((&ci, &m), &ld(grad, true), (&aq_i, &as_i));
+            self.wgrad_into((&ci, &cd, &m), (&aq_i, &as_i), (&bq_d, &bs_d), (dest, &memref(dest_s), &exs));
+            self.quantize_tiles((&m, &ci), &ld(grad, false), (&gq2, &gs2));
+            let (load, scale) = stacked(q, s, true);
+            self.block_scaled_gemm((&m, &cd, &ci), (&gq2, &gs2), &load, &scale, (&dxp.0, &dxp.1, ""));
+        }
+        self.line(&format!(
+            "scf.for %sx_r = {c0} to {m} step {c1} {{
+      %sx_t = memref.load {pt}[%sx_r] : {pairs_ty}
+      scf.for %sx_c = {c0} to {cd} step {c1} {{
+        %sx_g = memref.load {dxgb}[%sx_r, %sx_c] : {ft}
+        %sx_u = memref.load {dxub}[%sx_r, %sx_c] : {ft}
+        %sx_s = arith.addf %sx_g, %sx_u : f32
+        %sx_o = memref.load {dx}[%sx_t, %sx_c] : {dx_ty}
+        %sx_n = arith.addf %sx_o, %sx_s : f32
+        memref.store %sx_n, {dx}[%sx_t, %sx_c] : {dx_ty}
+      }}
+    }}
+    }}
+    }}",
+            dxgb = dxg.0,
+            dxub = dxu.0,
+            ft = dxg.1,
+            dx_ty = memref(dx_s),
+        ));
+    }
+
+    /// `dest[lead.., i, j] = sum over 128-blocks of the pairs of dot(a[i], b[j]) * a_s[i, b] * b_s[j, b]`
+    /// (a Wgrad: both operands quantized 1x128 along the contraction, per row).
+    fn wgrad_into(
+        &mut self,
+        sizes: (&str, &str, &str),
+        a: (&(String, String), &(String, String)),
+        (bq, bs): (&(String, String), &(String, String)),
+        dest: (&str, &str, &str),
+    ) {
+        let (qb, qt, sb, st) = (bq.0.clone(), bq.1.clone(), bs.0.clone(), bs.1.clone());
+        self.block_scaled_gemm(
+            sizes,
+            a,
+            &|j, c| format!("%bv = memref.load {qb}[{j}, {c}] : {qt}"),
+            &|j, kb| format!("%bs = memref.load {sb}[{j}, {kb}] : {st}"),
+            dest,
+        );
     }
 }
