@@ -629,6 +629,28 @@ fn logits_and_run_work_on_a_committed_fixture() {
     assert_eq!(sampled, run(&["--temperature", "1.0", "--top-p", "0.9", "--seed", "7"]));
 }
 
+/// `dump-ir --entry train-step`: the training graph in the v3 dialect (its VJPs as dialect ops),
+/// its kernels and their CPU lowering; not planned into an arena yet.
+#[test]
+fn dump_ir_prints_the_training_step() {
+    let dump = |extra: &[&str]| {
+        run_binary("v3c", &[&["dump-ir", "--model", "deepseek-v3-tiny", "--entry", "train-step"], extra].concat())
+    };
+    let v3 = dump(&["--stage", "v3"]);
+    assert!(v3.status.success(), "{}", text(&v3.stderr));
+    for op in ["v3.cross_entropy_grad", "v3.attention_grad", "v3.moe_experts_grad", "v3.balance_loss_grad", "v3.matmul"]
+    {
+        assert!(text(&v3.stdout).contains(op), "no {op}");
+    }
+    let fp8 = dump(&["--stage", "v3", "--precision", "fp8"]);
+    assert!(text(&fp8.stdout).contains("v3.fp8_linear_wgrad"), "{}", text(&fp8.stderr));
+    let kernel = dump(&["--stage", "cpu", "--kernel", "rms_norm_grad_0"]);
+    assert!(text(&kernel.stdout).contains("func.func @rms_norm_grad_0("), "{}", text(&kernel.stderr));
+    let plan = dump(&["--stage", "plan"]);
+    assert_eq!(plan.status.code(), Some(1));
+    assert!(text(&plan.stderr).contains("training steps are not planned"), "{}", text(&plan.stderr));
+}
+
 /// `dump-ir` prints a stage, dumps every stage under V3C_DUMP_DIR/<model>/NN-<stage>.mlir, restarts
 /// from a dump with `--from`, and names stages that do not exist yet.
 #[test]

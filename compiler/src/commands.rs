@@ -146,6 +146,8 @@ pub struct DumpIrOptions<'a> {
     pub model: &'a str,
     pub stage: &'a str,
     pub entries: Vec<v3c_models::Entry>,
+    /// The training step (`--entry train-step`) instead of `entries`.
+    pub train_step: bool,
     pub layers: Option<&'a str>,
     pub from: Option<&'a Path>,
     pub precision: Precision,
@@ -177,6 +179,9 @@ pub fn dump_ir(o: &DumpIrOptions) -> Result<(), String> {
         return dump_kernel(o, &context, kernel);
     }
     if o.stage == v3c_compiler::pipeline::PLAN_STAGE {
+        if o.train_step {
+            return Err("--stage plan: training steps are not planned into an arena yet (stages v3, fused, cpu)".into());
+        }
         return dump_plan(o, &context);
     }
     let module = match o.from {
@@ -184,22 +189,7 @@ pub fn dump_ir(o: &DumpIrOptions) -> Result<(), String> {
             let label = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             Driver::from_env(&label).run_file(&context, path, o.stage, o.stage).map_err(|e| e.to_string())?
         }
-        None => {
-            let config = ModelConfig::resolve(o.model).map_err(|e| e.to_string())?;
-            let layers = o.layers.map(parse_layers).transpose()?;
-            if let Some(r) = &layers {
-                if r.end > config.num_hidden_layers {
-                    return Err(format!(
-                        "--layers {}..{}: the model has {} layers",
-                        r.start, r.end, config.num_hidden_layers
-                    ));
-                }
-            }
-            let options = v3c_models::BuildOptions { precision: o.precision, layers, ..Default::default() };
-            Driver::from_env(o.model)
-                .run_model(&context, &config, &o.entries, &options, o.stage)
-                .map_err(|e| e.to_string())?
-        }
+        None => model_module(o, &context, o.stage)?,
     };
     if o.report {
         let (entries, kernels) = v3c_compiler::transforms::form_kernels::launch_report(&module.as_operation());
@@ -216,6 +206,37 @@ pub fn dump_ir(o: &DumpIrOptions) -> Result<(), String> {
     Ok(())
 }
 
+/// The model's module at `stage`: its entries (and layers) as asked, or with `train_step` its
+/// training graph (forward, losses, backward; see `v3c_models::train`), f32 or the FP8 recipe.
+fn model_module<'c>(
+    o: &DumpIrOptions,
+    context: &'c melior::Context,
+    stage: &str,
+) -> Result<melior::ir::Module<'c>, String> {
+    use v3c_compiler::pipeline::Driver;
+    let config = ModelConfig::resolve(o.model).map_err(|e| e.to_string())?;
+    if o.train_step {
+        if o.layers.is_some() {
+            return Err("--layers: a training step has every layer".into());
+        }
+        let train = v3c_models::train::TrainConfig {
+            fp8: o.precision == Precision::Fp8,
+            ..v3c_models::train::TrainConfig::default()
+        };
+        let graph = v3c_models::train::training_graph(&config, &train).map_err(|e| e.to_string())?.graph;
+        let entry = v3c_compiler::cpu_backend::TRAIN_ENTRY;
+        return Driver::from_env(o.model).run_graphs(context, &[(entry, &graph)], stage).map_err(|e| e.to_string());
+    }
+    let layers = o.layers.map(parse_layers).transpose()?;
+    if let Some(r) = &layers {
+        if r.end > config.num_hidden_layers {
+            return Err(format!("--layers {}..{}: the model has {} layers", r.start, r.end, config.num_hidden_layers));
+        }
+    }
+    let options = v3c_models::BuildOptions { precision: o.precision, layers, ..Default::default() };
+    Driver::from_env(o.model).run_model(context, &config, &o.entries, &options, stage).map_err(|e| e.to_string())
+}
+
 /// Writes to stdout; a closed pipe (e.g. `| head`) is not an error worth reporting.
 fn write_stdout(text: &str) {
     use std::io::Write;
@@ -228,7 +249,6 @@ fn write_stdout(text: &str) {
 fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Result<(), String> {
     use melior::ir::block::BlockLike;
     use melior::ir::operation::OperationLike;
-    use v3c_compiler::pipeline::Driver;
     let gpu = matches!(o.stage, "gpu" | "nvvm" | "ptx");
     if gpu {
         use v3c_compiler::conversion::sm90;
@@ -256,12 +276,7 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
     if o.llvm && o.stage != "cpu" {
         return Err(format!("--llvm: the LLVM dialect is below stage cpu (asked for stage {})", o.stage));
     }
-    let config = ModelConfig::resolve(o.model).map_err(|e| e.to_string())?;
-    let layers = o.layers.map(parse_layers).transpose()?;
-    let options = v3c_models::BuildOptions { precision: o.precision, layers, ..Default::default() };
-    let module = Driver::from_env(o.model)
-        .run_model(context, &config, &o.entries, &options, "fused")
-        .map_err(|e| e.to_string())?;
+    let module = model_module(o, context, "fused")?;
     let mut names = Vec::new();
     let mut op = module.body().first_operation();
     while let Some(f) = op {

@@ -102,6 +102,8 @@ impl Stage {
 enum Entry {
     Prefill,
     Decode,
+    /// The training step: forward, losses (next-token, MTP, balance) and every gradient.
+    TrainStep,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -425,8 +427,10 @@ fn main() -> ExitCode {
             entries: match a.entry {
                 Some(Entry::Prefill) => vec![v3c_models::Entry::Prefill],
                 Some(Entry::Decode) => vec![v3c_models::Entry::Decode],
+                Some(Entry::TrainStep) => Vec::new(),
                 None => v3c_models::Entry::ALL.to_vec(),
             },
+            train_step: matches!(a.entry, Some(Entry::TrainStep)),
             layers: a.layers.as_deref(),
             from: a.from.as_deref(),
             precision: a.precision.model(),

@@ -178,47 +178,7 @@ impl Trainer {
         params: HashMap<String, Tensor>,
         train: TrainConfig,
     ) -> Result<Trainer, TrainError> {
-        let mtp = config.num_nextn_predict_layers > 0 && train.mtp_weight > 0.0;
-        let options =
-            BuildOptions { dense_f32_weights: true, skip_mtp: !mtp, fp8_training: train.fp8, ..Default::default() };
-        let forward = build(config, Entry::Prefill, &options)?;
-        let logits = forward.output("logits").ok_or_else(|| TrainError::Invalid("the graph has no logits".into()))?;
-        let mtp_logits = forward.output("mtp_logits");
-        // The expert indices of every MoE layer, as outputs, for the balancing rule.
-        let mut routes = Vec::new();
-        let mut routed = Vec::new();
-        for node in &forward.nodes {
-            if let Op::MoeRoute(_) = node.op {
-                if let Op::Param { name, .. } = &forward.producer(node.inputs[2]).op {
-                    routes.push((name.clone(), node.outputs[0]));
-                }
-                routed.push((node.inputs[0], node.inputs[1], node.outputs[0]));
-            }
-        }
-        let mut b = Builder::extend(forward);
-        let targets = b.input("targets", vec![Dim::dynamic("T")], DType::I64)?;
-        let mut loss = b.cross_entropy(logits, targets)?;
-        if let (true, Some(ml)) = (mtp, mtp_logits) {
-            let mtp_targets = b.input("mtp_targets", vec![Dim::dynamic("T")], DType::I64)?;
-            let mtp_loss = b.cross_entropy_weighted(ml, mtp_targets, train.mtp_weight)?;
-            loss = b.add(loss, mtp_loss)?;
-        }
-        if train.balance_alpha > 0.0 {
-            for (x, gate, indices) in routed {
-                let balance = b.balance_loss(x, gate, indices, train.balance_alpha)?;
-                loss = b.add(loss, balance)?;
-            }
-        }
-        b.output("loss", loss)?;
-        let mut named_routes = Vec::new();
-        for (i, (bias, v)) in routes.into_iter().enumerate() {
-            let out = format!("route.{i}");
-            b.output(&out, v)?;
-            named_routes.push((bias, out));
-        }
-        let graph = backward(b.finish(), loss)?;
-        let trained: Vec<String> =
-            graph.outputs.iter().filter_map(|(n, _)| n.strip_prefix("grad.").map(str::to_string)).collect();
+        let TrainingGraph { graph, routes, trained, mtp } = training_graph(config, &train)?;
         for (name, _, _, _) in graph.params() {
             if !params.contains_key(name) {
                 return Err(TrainError::Invalid(format!("parameter {name} not given")));
@@ -227,7 +187,7 @@ impl Trainer {
         let zeros = |name: &String| vec![0.0f32; params[name].len()];
         let m = trained.iter().map(|n| (n.clone(), zeros(n))).collect();
         let v = trained.iter().map(|n| (n.clone(), zeros(n))).collect();
-        Ok(Trainer { config: config.clone(), train, graph, params, m, v, step: 0, routes: named_routes, trained, mtp })
+        Ok(Trainer { config: config.clone(), train, graph, params, m, v, step: 0, routes, trained, mtp })
     }
 
     /// Tokens a training window holds beyond the sequence: its next-token targets need one, the
@@ -341,6 +301,67 @@ impl Trainer {
         let expert_load = self.routes.iter().map(|(b, _)| b.clone()).zip(loads).collect();
         Ok(StepReport { step: self.step, loss: (loss / n) as f32, grad_norm: norm as f32, lr, expert_load })
     }
+}
+
+/// A training graph and what a trainer needs to know about it.
+pub struct TrainingGraph {
+    /// Forward pass, loss (output `loss`), expert indices of each MoE layer (`route.<i>`) and the
+    /// backward pass (`grad.<parameter>`).
+    pub graph: Graph,
+    /// Per MoE layer: the routing bias parameter and the graph output of its expert indices.
+    pub routes: Vec<(String, String)>,
+    /// The parameters that get gradients.
+    pub trained: Vec<String>,
+    /// The MTP module is trained (loss = next-token CE + mtp_weight x MTP CE).
+    pub mtp: bool,
+}
+
+/// The training graph of `config` under `train` (its loss weights and precision): the prefill
+/// graph with f32 weights, the next-token (and MTP) cross-entropy, the balance losses, and
+/// [`backward`].
+pub fn training_graph(config: &ModelConfig, train: &TrainConfig) -> Result<TrainingGraph, TrainError> {
+    let mtp = config.num_nextn_predict_layers > 0 && train.mtp_weight > 0.0;
+    let options =
+        BuildOptions { dense_f32_weights: true, skip_mtp: !mtp, fp8_training: train.fp8, ..Default::default() };
+    let forward = build(config, Entry::Prefill, &options)?;
+    let logits = forward.output("logits").ok_or_else(|| TrainError::Invalid("the graph has no logits".into()))?;
+    let mtp_logits = forward.output("mtp_logits");
+    // The expert indices of every MoE layer, as outputs, for the balancing rule.
+    let mut routes = Vec::new();
+    let mut routed = Vec::new();
+    for node in &forward.nodes {
+        if let Op::MoeRoute(_) = node.op {
+            if let Op::Param { name, .. } = &forward.producer(node.inputs[2]).op {
+                routes.push((name.clone(), node.outputs[0]));
+            }
+            routed.push((node.inputs[0], node.inputs[1], node.outputs[0]));
+        }
+    }
+    let mut b = Builder::extend(forward);
+    let targets = b.input("targets", vec![Dim::dynamic("T")], DType::I64)?;
+    let mut loss = b.cross_entropy(logits, targets)?;
+    if let (true, Some(ml)) = (mtp, mtp_logits) {
+        let mtp_targets = b.input("mtp_targets", vec![Dim::dynamic("T")], DType::I64)?;
+        let mtp_loss = b.cross_entropy_weighted(ml, mtp_targets, train.mtp_weight)?;
+        loss = b.add(loss, mtp_loss)?;
+    }
+    if train.balance_alpha > 0.0 {
+        for (x, gate, indices) in routed {
+            let balance = b.balance_loss(x, gate, indices, train.balance_alpha)?;
+            loss = b.add(loss, balance)?;
+        }
+    }
+    b.output("loss", loss)?;
+    let mut named_routes = Vec::new();
+    for (i, (bias, v)) in routes.into_iter().enumerate() {
+        let out = format!("route.{i}");
+        b.output(&out, v)?;
+        named_routes.push((bias, out));
+    }
+    let graph = backward(b.finish(), loss)?;
+    let trained: Vec<String> =
+        graph.outputs.iter().filter_map(|(n, _)| n.strip_prefix("grad.").map(str::to_string)).collect();
+    Ok(TrainingGraph { graph, routes: named_routes, trained, mtp })
 }
 
 /// Auxiliary-loss-free balancing: `b_e += gamma * sign(mean(c) - c_e)` — overloaded experts'
