@@ -49,6 +49,7 @@ mod moe;
 mod rows;
 mod train;
 mod train_fp8;
+mod train_moe;
 
 pub(crate) use fp8::fp8_helpers;
 use mla::AttentionSpec;
