@@ -443,12 +443,6 @@ memref.store %ce_loss, {dest}[%ce_c0] : {o_ty}",
                 "%{name}_o = memref.load {buf}[{idx}] : {ty}\n%{name}_n = arith.addf %{name}_o, {v} : f32\nmemref.store %{name}_n, {buf}[{idx}] : {ty}"
             )
         };
-        let expand = dot(
-            "ag_kx",
-            "%ag_kvn",
-            &format!("$v = memref.load {lat}[%ag_j, $i] : {lat_ty}"),
-            &format!("$v = memref.load {kvb}[%ag_col, $i] : {kvb_ty}"),
-        );
         let s_nope = dot(
             "ag_sn",
             "%ag_dnn",
@@ -472,18 +466,6 @@ memref.store %ce_loss, {dest}[%ce_c0] : {o_ty}",
             "%ag_nk",
             "$v = memref.load %ag_p[$i] : memref<?xf32>",
             "$v = memref.load %ag_dp[$i] : memref<?xf32>",
-        );
-        let d_ckv = dot(
-            "ag_dc",
-            "%ag_hpn",
-            &format!("$v = memref.load %ag_dkx[%ag_j, $i] : {x_ty}"),
-            &format!("$v = memref.load {kvb}[$i, %ag_k] : {kvb_ty}"),
-        );
-        let d_kvb = dot(
-            "ag_dw",
-            "%ag_S",
-            &format!("$v = memref.load %ag_dkx[$i, %ag_row] : {x_ty}"),
-            &format!("$v = memref.load {lat}[$i, %ag_k] : {lat_ty}"),
         );
         let update_nope = [
             "%ag_un_c = arith.addi %ag_hb, %ag_d : index".to_string(),
@@ -535,12 +517,31 @@ memref.store %ce_loss, {dest}[%ce_c0] : {o_ty}",
 %ag_p = memref.alloc(%ag_S) : memref<?xf32>
 %ag_dp = memref.alloc(%ag_S) : memref<?xf32>
 linalg.fill ins(%zero : f32) outs(%ag_dkx : {x_ty})
-scf.for %ag_j = %ag_c0 to %ag_S step %ag_c1 {{
-  scf.for %ag_col = %ag_c0 to %ag_hpn step %ag_c1 {{
-{expand}
-    memref.store %ag_kx, %ag_kvx[%ag_j, %ag_col] : {x_ty}
+%ag_kbT = memref.alloc() : memref<{kv}x{hp}xf32>
+scf.for %ag_col = %ag_c0 to %ag_hpn step %ag_c1 {{
+  scf.for %ag_k = %ag_c0 to %ag_kvn step %ag_c1 {{
+    %ag_tv = memref.load {kvb}[%ag_col, %ag_k] : {kvb_ty}
+    memref.store %ag_tv, %ag_kbT[%ag_k, %ag_col] : memref<{kv}x{hp}xf32>
   }}
 }}
+%ag_Lh = arith.constant {lh} : index
+%ag_Lk = arith.constant {lk} : index
+%ag_zh = arith.constant dense<-0.0> : vector<{lh}xf32>
+%ag_zk = arith.constant dense<-0.0> : vector<{lk}xf32>
+scf.for %ag_j = %ag_c0 to %ag_S step %ag_c1 {{
+  scf.for %ag_cb = %ag_c0 to %ag_hpn step %ag_Lh {{
+    %ag_kx = scf.for %ag_k = %ag_c0 to %ag_kvn step %ag_c1 iter_args(%ag_a = %ag_zh) -> (vector<{lh}xf32>) {{
+      %ag_ls = memref.load {lat}[%ag_j, %ag_k] : {lat_ty}
+      %ag_lb = vector.broadcast %ag_ls : f32 to vector<{lh}xf32>
+      %ag_w = vector.load %ag_kbT[%ag_k, %ag_cb] : memref<{kv}x{hp}xf32>, vector<{lh}xf32>
+      %ag_pr = arith.mulf %ag_lb, %ag_w : vector<{lh}xf32>
+      %ag_a2 = arith.addf %ag_a, %ag_pr : vector<{lh}xf32>
+      scf.yield %ag_a2 : vector<{lh}xf32>
+    }}
+    vector.store %ag_kx, %ag_kvx[%ag_j, %ag_cb] : {x_ty}, vector<{lh}xf32>
+  }}
+}}
+memref.dealloc %ag_kbT : memref<{kv}x{hp}xf32>
 scf.for %ag_h = %ag_c0 to %ag_hn step %ag_c1 {{
   %ag_hb = arith.muli %ag_h, %ag_per : index
   %ag_hv = arith.addi %ag_hb, %ag_dnc : index
@@ -594,15 +595,31 @@ scf.for %ag_h = %ag_c0 to %ag_hn step %ag_c1 {{
   }}
 }}
 scf.for %ag_j = %ag_c0 to %ag_S step %ag_c1 {{
-  scf.for %ag_k = %ag_c0 to %ag_kvn step %ag_c1 {{
-{d_ckv}
-{add_ckv}
+  scf.for %ag_kb = %ag_c0 to %ag_kvn step %ag_Lk {{
+    %ag_dc = scf.for %ag_q = %ag_c0 to %ag_hpn step %ag_c1 iter_args(%ag_a = %ag_zk) -> (vector<{lk}xf32>) {{
+      %ag_ds0 = memref.load %ag_dkx[%ag_j, %ag_q] : {x_ty}
+      %ag_db = vector.broadcast %ag_ds0 : f32 to vector<{lk}xf32>
+      %ag_w = vector.load {kvb}[%ag_q, %ag_kb] : {kvb_ty}, vector<{lk}xf32>
+      %ag_pr = arith.mulf %ag_db, %ag_w : vector<{lk}xf32>
+      %ag_a2 = arith.addf %ag_a, %ag_pr : vector<{lk}xf32>
+      scf.yield %ag_a2 : vector<{lk}xf32>
+    }}
+    %ag_lo = vector.load {dlat}[%ag_j, %ag_kb] : {dlat_ty}, vector<{lk}xf32>
+    %ag_ln = arith.addf %ag_lo, %ag_dc : vector<{lk}xf32>
+    vector.store %ag_ln, {dlat}[%ag_j, %ag_kb] : {dlat_ty}, vector<{lk}xf32>
   }}
 }}
 scf.for %ag_row = %ag_c0 to %ag_hpn step %ag_c1 {{
-  scf.for %ag_k = %ag_c0 to %ag_kvn step %ag_c1 {{
-{d_kvb}
-    memref.store %ag_dw, {dkvb}[%ag_row, %ag_k] : {dkvb_ty}
+  scf.for %ag_kb = %ag_c0 to %ag_kvn step %ag_Lk {{
+    %ag_dw = scf.for %ag_j = %ag_c0 to %ag_S step %ag_c1 iter_args(%ag_a = %ag_zk) -> (vector<{lk}xf32>) {{
+      %ag_ds0 = memref.load %ag_dkx[%ag_j, %ag_row] : {x_ty}
+      %ag_db = vector.broadcast %ag_ds0 : f32 to vector<{lk}xf32>
+      %ag_l = vector.load {lat}[%ag_j, %ag_kb] : {lat_ty}, vector<{lk}xf32>
+      %ag_pr = arith.mulf %ag_db, %ag_l : vector<{lk}xf32>
+      %ag_a2 = arith.addf %ag_a, %ag_pr : vector<{lk}xf32>
+      scf.yield %ag_a2 : vector<{lk}xf32>
+    }}
+    vector.store %ag_dw, {dkvb}[%ag_row, %ag_kb] : {dkvb_ty}, vector<{lk}xf32>
   }}
 }}
 memref.dealloc %ag_kvx : {x_ty}
@@ -610,7 +627,6 @@ memref.dealloc %ag_dkx : {x_ty}
 memref.dealloc %ag_p : memref<?xf32>
 memref.dealloc %ag_dp : memref<?xf32>
 scf.yield",
-            expand = indent(&expand, 4),
             s_nope = indent(&s_nope, 6),
             s_rope = indent(&s_rope, 6),
             d_p = indent(&d_p, 6),
@@ -618,9 +634,8 @@ scf.yield",
             update_nope = indent(&update_nope, 8),
             update_rope = indent(&update_rope, 8),
             update_v = indent(&update_v, 8),
-            d_ckv = indent(&d_ckv, 4),
-            add_ckv = indent(&add_into("ag_ac", dlat, &dlat_ty, "%ag_j, %ag_k", "%ag_dc"), 4),
-            d_kvb = indent(&d_kvb, 4),
+            lh = super::rows::lanes(Some(hp)),
+            lk = super::rows::lanes(Some(kv)),
         );
         self.line(&format!("scf.execute_region {{\n{}\n    }}", indent(&text, 6)));
     }
