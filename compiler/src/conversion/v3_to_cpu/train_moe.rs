@@ -161,9 +161,12 @@ scf.for %mx_t = %mx_c0 to %mx_T step %mx_c1 {{
         )
     }
 
-    /// The gradient of [`Emitter::moe_experts`] (the reference's f32 `moe_experts_grad`): per
-    /// token and slot (in slot order) the expert's forward recomputed, d weight = dy . y, then
-    /// d down += (w dy) h^T, dh = (w dy) . down, SwiGLU's gradient, d gate, d up and dx.
+    /// The gradient of [`Emitter::moe_experts`] (the reference's f32 `moe_experts_grad`), expert
+    /// by expert over its (token, slot) pairs in token order: per pair the forward recomputed,
+    /// d weight = dy . y, dy_e = w dy, dh = dy_e . down, SwiGLU's gradient and dx; then the
+    /// expert's weight gradients as products over its pairs (d down = dy_e^T h, d gate = dg^T x,
+    /// d up = du^T x), each element summed over the pairs in token order — the reference's order —
+    /// in registers and written once.
     pub(super) fn moe_experts_grad(
         &mut self,
         [x, idx, w, dy, gate, up, down]: [&(String, Shape); 7],
@@ -174,109 +177,146 @@ scf.for %mx_t = %mx_c0 to %mx_T step %mx_c1 {{
             self.line(&format!("linalg.fill ins(%zero : f32) outs({d} : {})", memref(s)));
         }
         let [(dx, dx_s), (dwt, dwt_s), (dg, dg_s), (du, du_s), (dd, dd_s)] = dests;
-        let (gt, ut, dt) = ((gate.0.clone(), memref(&gate.1)), (up.0.clone(), memref(&up.1)), (down.0.clone(), memref(&down.1)));
         let (x_ty, i_ty, w_ty, y_ty) = (memref(&x.1), memref(&idx.1), memref(&w.1), memref(&dy.1));
         let (dx_ty, dwt_ty, dg_ty, du_ty, dd_ty) =
             (memref(dx_s), memref(dwt_s), memref(dg_s), memref(du_s), memref(dd_s));
         let (li, ld, i, d) = (dims.li, dims.ld, dims.i, dims.d);
         let (vi, vd) = (format!("vector<{li}xf32>"), format!("vector<{ld}xf32>"));
+        let (gate_ty, up_ty, down_ty) = (memref(&gate.1), memref(&up.1), memref(&down.1));
         let text = format!(
             "{prelude}%mx_T = memref.dim {xb}, %mx_c0 : {x_ty}
 %mx_K = memref.dim {ib}, %mx_c1 : {i_ty}
-%mx_dye = memref.alloc() : memref<{d}xf32>
-%mx_dgs = memref.alloc() : memref<{i}xf32>
-%mx_dus = memref.alloc() : memref<{i}xf32>
-scf.for %mx_t = %mx_c0 to %mx_T step %mx_c1 {{
-  scf.for %mx_k = %mx_c0 to %mx_K step %mx_c1 {{
-    %mx_e32 = memref.load {ib}[%mx_t, %mx_k] : {i_ty}
-    %mx_e = arith.index_cast %mx_e32 : i32 to index
-    %mx_in = arith.cmpi ult, %mx_e, %mx_E : index
-    scf.if %mx_in {{
+%mx_cap = arith.muli %mx_T, %mx_K : index
+%mx_pt = memref.alloc(%mx_cap) : memref<?xindex>
+%mx_pk = memref.alloc(%mx_cap) : memref<?xindex>
+%mx_H = memref.alloc(%mx_cap) : memref<?x{i}xf32>
+%mx_DYE = memref.alloc(%mx_cap) : memref<?x{d}xf32>
+%mx_DG = memref.alloc(%mx_cap) : memref<?x{i}xf32>
+%mx_DU = memref.alloc(%mx_cap) : memref<?x{i}xf32>
+%mx_pzi = arith.constant dense<0.0> : {vi}
+%mx_pzd = arith.constant dense<0.0> : {vd}
+scf.for %mx_e = %mx_c0 to %mx_E step %mx_c1 {{
+  %mx_m = scf.for %mx_st = %mx_c0 to %mx_T step %mx_c1 iter_args(%mx_n0 = %mx_c0) -> (index) {{
+    %mx_n1 = scf.for %mx_sk = %mx_c0 to %mx_K step %mx_c1 iter_args(%mx_n2 = %mx_n0) -> (index) {{
+      %mx_e32 = memref.load {ib}[%mx_st, %mx_sk] : {i_ty}
+      %mx_ei = arith.index_cast %mx_e32 : i32 to index
+      %mx_mine = arith.cmpi eq, %mx_ei, %mx_e : index
+      %mx_n3 = scf.if %mx_mine -> (index) {{
+        memref.store %mx_st, %mx_pt[%mx_n2] : memref<?xindex>
+        memref.store %mx_sk, %mx_pk[%mx_n2] : memref<?xindex>
+        %mx_n4 = arith.addi %mx_n2, %mx_c1 : index
+        scf.yield %mx_n4 : index
+      }} else {{
+        scf.yield %mx_n2 : index
+      }}
+      scf.yield %mx_n3 : index
+    }}
+    scf.yield %mx_n1 : index
+  }}
+  scf.for %mx_r = %mx_c0 to %mx_m step %mx_c1 {{
+    %mx_t = memref.load %mx_pt[%mx_r] : memref<?xindex>
+    %mx_k = memref.load %mx_pk[%mx_r] : memref<?xindex>
 {swiglu}
 {down}
-      %mx_wt = memref.load {wb}[%mx_t, %mx_k] : {w_ty}
-      %mx_dwt = scf.for %mx_o = %mx_c0 to %mx_D step %mx_c1 iter_args(%mx_a = %mx_nz) -> (f32) {{
-        %mx_gv = memref.load {dyb}[%mx_t, %mx_o] : {y_ty}
-        %mx_yv = memref.load %mx_y[%mx_o] : memref<{d}xf32>
-        %mx_p = arith.mulf %mx_gv, %mx_yv : f32
-        %mx_a2 = arith.addf %mx_a, %mx_p : f32
-        scf.yield %mx_a2 : f32
-      }}
-      memref.store %mx_dwt, {dwtb}[%mx_t, %mx_k] : {dwt_ty}
-      %mx_wtv = vector.broadcast %mx_wt : f32 to {vd}
-      scf.for %mx_ob = %mx_c0 to %mx_D step %mx_Ld {{
-        %mx_gv = vector.load {dyb}[%mx_t, %mx_ob] : {y_ty}, {vd}
-        %mx_ev = arith.mulf %mx_gv, %mx_wtv : {vd}
-        vector.store %mx_ev, %mx_dye[%mx_ob] : memref<{d}xf32>, {vd}
-      }}
-      scf.for %mx_o = %mx_c0 to %mx_D step %mx_c1 {{
-        %mx_es = memref.load %mx_dye[%mx_o] : memref<{d}xf32>
+    %mx_wt = memref.load {wb}[%mx_t, %mx_k] : {w_ty}
+    %mx_dwt = scf.for %mx_o = %mx_c0 to %mx_D step %mx_c1 iter_args(%mx_a = %mx_nz) -> (f32) {{
+      %mx_gv = memref.load {dyb}[%mx_t, %mx_o] : {y_ty}
+      %mx_yv = memref.load %mx_y[%mx_o] : memref<{d}xf32>
+      %mx_p = arith.mulf %mx_gv, %mx_yv : f32
+      %mx_a2 = arith.addf %mx_a, %mx_p : f32
+      scf.yield %mx_a2 : f32
+    }}
+    memref.store %mx_dwt, {dwtb}[%mx_t, %mx_k] : {dwt_ty}
+    %mx_wtv = vector.broadcast %mx_wt : f32 to {vd}
+    scf.for %mx_ob = %mx_c0 to %mx_D step %mx_Ld {{
+      %mx_gv = vector.load {dyb}[%mx_t, %mx_ob] : {y_ty}, {vd}
+      %mx_ev = arith.mulf %mx_gv, %mx_wtv : {vd}
+      vector.store %mx_ev, %mx_DYE[%mx_r, %mx_ob] : memref<?x{d}xf32>, {vd}
+    }}
+    scf.for %mx_ib = %mx_c0 to %mx_I step %mx_Li {{
+      %mx_hv = vector.load %mx_h[%mx_ib] : memref<{i}xf32>, {vi}
+      vector.store %mx_hv, %mx_H[%mx_r, %mx_ib] : memref<?x{i}xf32>, {vi}
+      %mx_dha = scf.for %mx_o = %mx_c0 to %mx_D step %mx_c1 iter_args(%mx_a = %mx_zv) -> ({vi}) {{
+        %mx_es = memref.load %mx_DYE[%mx_r, %mx_o] : memref<?x{d}xf32>
         %mx_eb = vector.broadcast %mx_es : f32 to {vi}
-        scf.for %mx_ib = %mx_c0 to %mx_I step %mx_Li {{
-          %mx_hv = vector.load %mx_h[%mx_ib] : memref<{i}xf32>, {vi}
-          %mx_p = arith.mulf %mx_eb, %mx_hv : {vi}
-          %mx_old = vector.load {ddb}[%mx_e, %mx_o, %mx_ib] : {dd_ty}, {vi}
-          %mx_new = arith.addf %mx_old, %mx_p : {vi}
-          vector.store %mx_new, {ddb}[%mx_e, %mx_o, %mx_ib] : {dd_ty}, {vi}
-        }}
+        %mx_dw = vector.load {downb}[%mx_e, %mx_o, %mx_ib] : {down_ty}, {vi}
+        %mx_p = arith.mulf %mx_eb, %mx_dw : {vi}
+        %mx_a2 = arith.addf %mx_a, %mx_p : {vi}
+        scf.yield %mx_a2 : {vi}
       }}
-      scf.for %mx_ib = %mx_c0 to %mx_I step %mx_Li {{
-        %mx_dha = scf.for %mx_o = %mx_c0 to %mx_D step %mx_c1 iter_args(%mx_a = %mx_zv) -> ({vi}) {{
-          %mx_es = memref.load %mx_dye[%mx_o] : memref<{d}xf32>
-          %mx_eb = vector.broadcast %mx_es : f32 to {vi}
-          %mx_dw = vector.load {downb}[%mx_e, %mx_o, %mx_ib] : {down_ty}, {vi}
-          %mx_p = arith.mulf %mx_eb, %mx_dw : {vi}
-          %mx_a2 = arith.addf %mx_a, %mx_p : {vi}
-          scf.yield %mx_a2 : {vi}
-        }}
-        %mx_gi = vector.load %mx_g[%mx_ib] : memref<{i}xf32>, {vi}
-        %mx_ui = vector.load %mx_u[%mx_ib] : memref<{i}xf32>, {vi}
-        %mx_n = arith.negf %mx_gi : {vi}
-        %mx_ex = math.exp %mx_n : {vi}
-        %mx_den = arith.addf %mx_onev, %mx_ex : {vi}
-        %mx_s = arith.divf %mx_onev, %mx_den : {vi}
-        %mx_t0 = arith.mulf %mx_dha, %mx_ui : {vi}
-        %mx_t1 = arith.mulf %mx_t0, %mx_s : {vi}
-        %mx_oms = arith.subf %mx_onev, %mx_s : {vi}
-        %mx_gm = arith.mulf %mx_gi, %mx_oms : {vi}
-        %mx_f = arith.addf %mx_onev, %mx_gm : {vi}
-        %mx_dgv = arith.mulf %mx_t1, %mx_f : {vi}
-        %mx_silu = arith.divf %mx_gi, %mx_den : {vi}
-        %mx_duv = arith.mulf %mx_dha, %mx_silu : {vi}
-        vector.store %mx_dgv, %mx_dgs[%mx_ib] : memref<{i}xf32>, {vi}
-        vector.store %mx_duv, %mx_dus[%mx_ib] : memref<{i}xf32>, {vi}
-      }}
-      scf.for %mx_i = %mx_c0 to %mx_I step %mx_c1 {{
-        %mx_gs = memref.load %mx_dgs[%mx_i] : memref<{i}xf32>
-        %mx_us = memref.load %mx_dus[%mx_i] : memref<{i}xf32>
-        %mx_gb = vector.broadcast %mx_gs : f32 to {vd}
-        %mx_ub = vector.broadcast %mx_us : f32 to {vd}
-        scf.for %mx_cb = %mx_c0 to %mx_D step %mx_Ld {{
-          %mx_xv = vector.load {xb}[%mx_t, %mx_cb] : {x_ty}, {vd}
-          %mx_a = arith.mulf %mx_gb, %mx_xv : {vd}
-          %mx_go = vector.load {dgb}[%mx_e, %mx_i, %mx_cb] : {dg_ty}, {vd}
-          %mx_gn = arith.addf %mx_go, %mx_a : {vd}
-          vector.store %mx_gn, {dgb}[%mx_e, %mx_i, %mx_cb] : {dg_ty}, {vd}
-          %mx_b = arith.mulf %mx_ub, %mx_xv : {vd}
-          %mx_uo = vector.load {dub}[%mx_e, %mx_i, %mx_cb] : {du_ty}, {vd}
-          %mx_un = arith.addf %mx_uo, %mx_b : {vd}
-          vector.store %mx_un, {dub}[%mx_e, %mx_i, %mx_cb] : {du_ty}, {vd}
-          %mx_wg = vector.load {gateb}[%mx_e, %mx_i, %mx_cb] : {gate_ty}, {vd}
-          %mx_wu = vector.load {upb}[%mx_e, %mx_i, %mx_cb] : {up_ty}, {vd}
-          %mx_pg = arith.mulf %mx_gb, %mx_wg : {vd}
-          %mx_pu = arith.mulf %mx_ub, %mx_wu : {vd}
-          %mx_ps = arith.addf %mx_pg, %mx_pu : {vd}
-          %mx_xo = vector.load {dxb}[%mx_t, %mx_cb] : {dx_ty}, {vd}
-          %mx_xn = arith.addf %mx_xo, %mx_ps : {vd}
-          vector.store %mx_xn, {dxb}[%mx_t, %mx_cb] : {dx_ty}, {vd}
-        }}
+      %mx_gi = vector.load %mx_g[%mx_ib] : memref<{i}xf32>, {vi}
+      %mx_ui = vector.load %mx_u[%mx_ib] : memref<{i}xf32>, {vi}
+      %mx_n = arith.negf %mx_gi : {vi}
+      %mx_ex = math.exp %mx_n : {vi}
+      %mx_den = arith.addf %mx_onev, %mx_ex : {vi}
+      %mx_s = arith.divf %mx_onev, %mx_den : {vi}
+      %mx_t0 = arith.mulf %mx_dha, %mx_ui : {vi}
+      %mx_t1 = arith.mulf %mx_t0, %mx_s : {vi}
+      %mx_oms = arith.subf %mx_onev, %mx_s : {vi}
+      %mx_gm = arith.mulf %mx_gi, %mx_oms : {vi}
+      %mx_f = arith.addf %mx_onev, %mx_gm : {vi}
+      %mx_dgv = arith.mulf %mx_t1, %mx_f : {vi}
+      %mx_silu = arith.divf %mx_gi, %mx_den : {vi}
+      %mx_duv = arith.mulf %mx_dha, %mx_silu : {vi}
+      vector.store %mx_dgv, %mx_DG[%mx_r, %mx_ib] : memref<?x{i}xf32>, {vi}
+      vector.store %mx_duv, %mx_DU[%mx_r, %mx_ib] : memref<?x{i}xf32>, {vi}
+    }}
+    scf.for %mx_i = %mx_c0 to %mx_I step %mx_c1 {{
+      %mx_gs2 = memref.load %mx_DG[%mx_r, %mx_i] : memref<?x{i}xf32>
+      %mx_us2 = memref.load %mx_DU[%mx_r, %mx_i] : memref<?x{i}xf32>
+      %mx_gb = vector.broadcast %mx_gs2 : f32 to {vd}
+      %mx_ub = vector.broadcast %mx_us2 : f32 to {vd}
+      scf.for %mx_cb = %mx_c0 to %mx_D step %mx_Ld {{
+        %mx_wg = vector.load {gateb}[%mx_e, %mx_i, %mx_cb] : {gate_ty}, {vd}
+        %mx_wu = vector.load {upb}[%mx_e, %mx_i, %mx_cb] : {up_ty}, {vd}
+        %mx_pg = arith.mulf %mx_gb, %mx_wg : {vd}
+        %mx_pu = arith.mulf %mx_ub, %mx_wu : {vd}
+        %mx_ps = arith.addf %mx_pg, %mx_pu : {vd}
+        %mx_xo = vector.load {dxb}[%mx_t, %mx_cb] : {dx_ty}, {vd}
+        %mx_xn = arith.addf %mx_xo, %mx_ps : {vd}
+        vector.store %mx_xn, {dxb}[%mx_t, %mx_cb] : {dx_ty}, {vd}
       }}
     }}
   }}
+  scf.for %mx_o = %mx_c0 to %mx_D step %mx_c1 {{
+    scf.for %mx_ib = %mx_c0 to %mx_I step %mx_Li {{
+      %mx_acc = scf.for %mx_r = %mx_c0 to %mx_m step %mx_c1 iter_args(%mx_a = %mx_pzi) -> ({vi}) {{
+        %mx_es = memref.load %mx_DYE[%mx_r, %mx_o] : memref<?x{d}xf32>
+        %mx_eb = vector.broadcast %mx_es : f32 to {vi}
+        %mx_hv = vector.load %mx_H[%mx_r, %mx_ib] : memref<?x{i}xf32>, {vi}
+        %mx_p = arith.mulf %mx_eb, %mx_hv : {vi}
+        %mx_a2 = arith.addf %mx_a, %mx_p : {vi}
+        scf.yield %mx_a2 : {vi}
+      }}
+      vector.store %mx_acc, {ddb}[%mx_e, %mx_o, %mx_ib] : {dd_ty}, {vi}
+    }}
+  }}
+  scf.for %mx_i = %mx_c0 to %mx_I step %mx_c1 {{
+    scf.for %mx_cb = %mx_c0 to %mx_D step %mx_Ld {{
+      %mx_gu2:2 = scf.for %mx_r = %mx_c0 to %mx_m step %mx_c1 iter_args(%mx_ag = %mx_pzd, %mx_au = %mx_pzd) -> ({vd}, {vd}) {{
+        %mx_t = memref.load %mx_pt[%mx_r] : memref<?xindex>
+        %mx_xv = vector.load {xb}[%mx_t, %mx_cb] : {x_ty}, {vd}
+        %mx_gs2 = memref.load %mx_DG[%mx_r, %mx_i] : memref<?x{i}xf32>
+        %mx_us2 = memref.load %mx_DU[%mx_r, %mx_i] : memref<?x{i}xf32>
+        %mx_gb = vector.broadcast %mx_gs2 : f32 to {vd}
+        %mx_ub = vector.broadcast %mx_us2 : f32 to {vd}
+        %mx_pa = arith.mulf %mx_gb, %mx_xv : {vd}
+        %mx_pb = arith.mulf %mx_ub, %mx_xv : {vd}
+        %mx_ag2 = arith.addf %mx_ag, %mx_pa : {vd}
+        %mx_au2 = arith.addf %mx_au, %mx_pb : {vd}
+        scf.yield %mx_ag2, %mx_au2 : {vd}, {vd}
+      }}
+      vector.store %mx_gu2#0, {dgb}[%mx_e, %mx_i, %mx_cb] : {dg_ty}, {vd}
+      vector.store %mx_gu2#1, {dub}[%mx_e, %mx_i, %mx_cb] : {du_ty}, {vd}
+    }}
+  }}
 }}
-memref.dealloc %mx_dye : memref<{d}xf32>
-memref.dealloc %mx_dgs : memref<{i}xf32>
-memref.dealloc %mx_dus : memref<{i}xf32>
+memref.dealloc %mx_pt : memref<?xindex>
+memref.dealloc %mx_pk : memref<?xindex>
+memref.dealloc %mx_H : memref<?x{i}xf32>
+memref.dealloc %mx_DYE : memref<?x{d}xf32>
+memref.dealloc %mx_DG : memref<?x{i}xf32>
+memref.dealloc %mx_DU : memref<?x{i}xf32>
 {frees}scf.yield",
             prelude = Self::expert_prelude(&dims),
             xb = x.0,
@@ -289,13 +329,10 @@ memref.dealloc %mx_dus : memref<{i}xf32>
             dub = du,
             dxb = dx,
             downb = down.0,
-            down_ty = memref(&down.1),
             gateb = gate.0,
-            gate_ty = memref(&gate.1),
             upb = up.0,
-            up_ty = memref(&up.1),
-            swiglu = indent(&Self::swiglu_rows(&dims, (&x.0, &x_ty), (&gt.0, &gt.1), (&ut.0, &ut.1)), 6),
-            down = indent(&Self::down_rows(&dims, (&dt.0, &dt.1)), 6),
+            swiglu = indent(&Self::swiglu_rows(&dims, (&x.0, &x_ty), (&gate.0, &gate_ty), (&up.0, &up_ty)), 4),
+            down = indent(&Self::down_rows(&dims, (&down.0, &down_ty)), 4),
             frees = Self::expert_frees(&dims),
         );
         self.line(&format!("scf.execute_region {{\n{}\n    }}", indent(&text, 6)));
