@@ -96,8 +96,13 @@ scf.for %{p}_r = %{p}_c0 to {rows} step %{p}_c1 {{
         (n, k): (usize, usize),
         (q, s): (&(String, String), &(String, String)),
         lead: &str,
+        transposed: Option<&(String, String)>,
     ) {
         let (dec, enc) = self.fp8_codec();
+        // The decoded values also stored transposed ([k, n]): what Dgrad reads row by row.
+        let store_t = transposed.map_or(String::new(), |(tb, tt)| {
+            format!("\n    memref.store %{{p}}_f, {tb}[{{lead}}%{{p}}_i, %{{p}}_r] : {tt}")
+        });
         let p = self.fresh().replace('%', "");
         let text = format!(
             "%{p}_c0 = arith.constant 0 : index
@@ -144,9 +149,10 @@ scf.for %{p}_r = %{p}_c0 to %{p}_n step %{p}_c1 {{
     %{p}_d = arith.divf %{p}_v, %{p}_s : f32
     %{p}_bits = func.call {enc}(%{p}_d) : (f32) -> i8
     %{p}_f = func.call {dec}(%{p}_bits) : (i8) -> f32
-    memref.store %{p}_f, {qb}[{lead}%{p}_r, %{p}_i] : {qt}
+    memref.store %{p}_f, {qb}[{lead}%{p}_r, %{p}_i] : {qt}{store_t}
   }}
 }}",
+            store_t = store_t.replace("{p}", &p).replace("{lead}", lead),
             sb = s.0,
             st = s.1,
             qb = q.0,
@@ -248,8 +254,10 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
                 let (wnb, wkb) = (blocks(self, &wn), blocks(self, &wk));
                 let ws = scratch(self, &wnb, &wkb);
                 let (n, k) = (b.1.dims[0].unwrap_or(0), b.1.dims[1].unwrap_or(0));
-                self.quantize_blocks((&b.0, &memref(&b.1)), (n, k), (&wq, &ws), "");
-                let (wqb, ws_b) = (wq.0.clone(), ws.0.clone());
+                // Dgrad reads W^T [K, N] by rows.
+                let wqt = (kind == "fp8_linear_dgrad").then(|| scratch(self, &wk, &wn));
+                self.quantize_blocks((&b.0, &memref(&b.1)), (n, k), (&wq, &ws), "", wqt.as_ref());
+                let (wqb, ws_b) = (wqt.map_or(wq.0.clone(), |t| t.0), ws.0.clone());
                 if kind == "fp8_linear" {
                     let b_load = |j: &str, c: &str| format!("%bv = memref.load {wqb}[{j}, {c}] : memref<?x?xf32>");
                     let b_scale = |j: &str, kb: &str| {
@@ -261,7 +269,7 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
                     self.block_scaled_gemm((&m, &wn, &ka), (&aq, &a_s), &b_load, &b_scale, (dest, &dest_ty, ""));
                 } else {
                     // dx [M, K]: the contraction over N, W read as W^T [K, N].
-                    let b_load = |j: &str, c: &str| format!("%bv = memref.load {wqb}[{c}, {j}] : memref<?x?xf32>");
+                    let b_load = |j: &str, c: &str| format!("%bv = memref.load {wqb}[{j}, {c}] : memref<?x?xf32>");
                     let b_scale = |j: &str, nb: &str| {
                         format!(
                             "%jb_{nb_} = arith.divui {j}, {g} : index\n%bs = memref.load {ws_b}[{nb}, %jb_{nb_}] : memref<?x?xf32>",
@@ -300,21 +308,27 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
 
     /// Every expert's three f32 master weights (gate/up [E, I, D], down [E, D, I]) quantized in
     /// 128 x 128 blocks: (decoded values, scales) per projection, stacked like the weights.
+    /// With `transposed`, the decoded values also as `[E, k, n]` (what Dgrad reads by rows).
     #[allow(clippy::type_complexity)]
-    fn quantized_experts(&mut self, weights: [&(String, Shape); 3]) -> [((String, String), (String, String)); 3] {
+    fn quantized_experts(
+        &mut self,
+        weights: [&(String, Shape); 3],
+        transposed: bool,
+    ) -> [((String, String), (String, String), Option<(String, String)>); 3] {
         let e = weights[0].1.dims[0].unwrap_or(0);
         let ex = self.fresh();
         let quantized = weights.map(|w| {
             let (n, k) = (w.1.dims[1].unwrap_or(0), w.1.dims[2].unwrap_or(0));
             let q = self.static_scratch(&[e, n, k]);
             let s = self.static_scratch(&[e, n.div_ceil(FP8_BLOCK), k.div_ceil(FP8_BLOCK)]);
-            (q, s)
+            let t = transposed.then(|| self.static_scratch(&[e, k, n]));
+            (q, s, t)
         });
         let (c0, c1, ce) = (self.constant_index(0), self.constant_index(1), self.constant_index(e));
         self.line(&format!("scf.for {ex} = {c0} to {ce} step {c1} {{"));
-        for (w, (q, s)) in weights.iter().zip(&quantized) {
+        for (w, (q, s, t)) in weights.iter().zip(&quantized) {
             let (n, k) = (w.1.dims[1].unwrap_or(0), w.1.dims[2].unwrap_or(0));
-            self.quantize_blocks((&w.0, &memref(&w.1)), (n, k), (q, s), &format!("{ex}, "));
+            self.quantize_blocks((&w.0, &memref(&w.1)), (n, k), (q, s), &format!("{ex}, "), t.as_ref());
         }
         self.line("}");
         quantized
@@ -331,7 +345,7 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
     ) {
         let (experts, inter, d) =
             (gate.1.dims[0].unwrap_or(0), gate.1.dims[1].unwrap_or(0), gate.1.dims[2].unwrap_or(0));
-        let [(gq, gs), (uq, us), (dq, ds)] = self.quantized_experts([gate, up, down]);
+        let [(gq, gs, _), (uq, us, _), (dq, ds, _)] = self.quantized_experts([gate, up, down], false);
         let (db, ib) = (d.div_ceil(FP8_BLOCK), inter.div_ceil(FP8_BLOCK));
         let (xq, xs) = (self.static_scratch(&[1, d]), self.static_scratch(&[1, db]));
         let (g, u) = (self.static_scratch(&[1, inter]), self.static_scratch(&[1, inter]));
@@ -428,7 +442,8 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
             self.line(&format!("linalg.fill ins(%zero : f32) outs({buf} : {})", memref(shape)));
         }
         let [(dx, dx_s), (dwt, dwt_s), (dgate, dgate_s), (dup, dup_s), (ddown, ddown_s)] = dests;
-        let [(gq, gs), (uq, us), (dq, ds)] = self.quantized_experts([gate, up, down]);
+        let [(gq, gs, gqt), (uq, us, uqt), (dq, ds, dqt)] = self.quantized_experts([gate, up, down], true);
+        let (gqt, uqt, dqt) = (gqt.unwrap_or_default(), uqt.unwrap_or_default(), dqt.unwrap_or_default());
         let (c0, c1) = (self.constant_index(0), self.constant_index(1));
         let (ce, ci, cd) = (self.constant_index(experts), self.constant_index(inter), self.constant_index(d));
         let (t_rows, slots) = (self.dim_of(x, 0), self.dim_of(idx, 1));
@@ -512,10 +527,8 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
         // Stacked master blocks of expert `ex`: rows j, columns c (or transposed).
         let stacked = |q: &(String, String), s: &(String, String), transposed: bool| {
             let (qb, qt, sb, st, exc) = (q.0.clone(), q.1.clone(), s.0.clone(), s.1.clone(), ex.clone());
-            let load = move |j: &str, c: &str| {
-                let (a, b) = if transposed { (c, j) } else { (j, c) };
-                format!("%bv = memref.load {qb}[{exc}, {a}, {b}] : {qt}")
-            };
+            // (`q` is the transposed copy when `transposed`: read by rows either way.)
+            let load = move |j: &str, c: &str| format!("%bv = memref.load {qb}[{exc}, {j}, {c}] : {qt}");
             let (exc2, st2) = (ex.clone(), st);
             let scale = move |j: &str, kb: &str| {
                 let (a, b) =
@@ -589,7 +602,7 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
         self.wgrad_into((&cd, &ci, &m), (&aq_d, &as_d), (&bq_i, &bs_i), (ddown, &memref(ddown_s), &exs));
         // dh = Dgrad(dy_e, W_down): dy_e 1x128 along D, W_down's blocks transposed.
         self.quantize_tiles((&m, &cd), &ld(&dye, false), (&yq, &ys));
-        let (load, scale) = stacked(&dq, &ds, true);
+        let (load, scale) = stacked(&dqt, &ds, true);
         self.block_scaled_gemm((&m, &ci, &cd), (&yq, &ys), &load, &scale, (&dh.0, &dh.1, ""));
         // SwiGLU's gradient in f32.
         self.line(&format!(
@@ -624,7 +637,7 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
         // d gate, d up [I, D] = Wgrad(dg | du, x_e); dx_e = Dgrad(dg, W_gate) + Dgrad(du, W_up).
         self.quantize_tiles((&cd, &m), &ld(&xe, true), (&bq_d, &bs_d));
         for (grad, dest, dest_s, q, s, dxp) in
-            [(&dg, dgate, dgate_s, &gq, &gs, &dxg), (&du, dup, dup_s, &uq, &us, &dxu)]
+            [(&dg, dgate, dgate_s, &gqt, &gs, &dxg), (&du, dup, dup_s, &uqt, &us, &dxu)]
         {
             self.quantize_tiles((&ci, &m), &ld(grad, true), (&aq_i, &as_i));
             self.wgrad_into((&ci, &cd, &m), (&aq_i, &as_i), (&bq_d, &bs_d), (dest, &memref(dest_s), &exs));
