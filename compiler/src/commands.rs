@@ -1463,10 +1463,29 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     // The cpu backend compiles the training graph before anything is written.
     let context = v3c_compiler::mlir::new_context();
     let mut compiled = match o.backend {
-        "cpu" => Some(
-            v3c_compiler::cpu_backend::CpuTrainStep::new(&context, &trainer, KernelCache::from_env().as_ref())
-                .map_err(|e| format!("--backend cpu: {e}"))?,
-        ),
+        "cpu" => {
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "compiling the training step [{bar:30}] {pos}/{len} kernels {msg}",
+                )
+                .map_err(|e| e.to_string())?
+                .progress_chars("=> "),
+            );
+            let step = v3c_compiler::cpu_backend::CpuTrainStep::for_graph(
+                &context,
+                trainer.graph(),
+                &config,
+                KernelCache::from_env().as_ref(),
+                &mut |done, total, k| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                    bar.set_message(k.name.clone());
+                },
+            )
+            .map_err(|e| format!("--backend cpu: {e}"))?;
+            bar.finish_and_clear();
+            Some(step)
+        }
         _ => None,
     };
     let window = o.seq + trainer.window_extra();

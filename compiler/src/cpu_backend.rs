@@ -129,9 +129,10 @@ impl<'c> CpuProgram<'c> {
         graphs: &[(&str, &v3c_models::Graph)],
         vocab: usize,
         cache: Option<&KernelCache>,
+        progress: &mut dyn FnMut(usize, usize, &CpuKernel),
     ) -> Result<CpuProgram<'c>, CpuBackendError> {
         let module = Driver::from_env(label).run_graphs(context, graphs, "fused")?;
-        let kernels = compile_kernels(context, &module, cache, &mut |_, _, _| {})?;
+        let kernels = compile_kernels(context, &module, cache, progress)?;
         Ok(CpuProgram { module, kernels, weights: HashMap::new(), vocab })
     }
 
@@ -583,19 +584,20 @@ impl<'c> CpuTrainStep<'c> {
         trainer: &v3c_models::train::Trainer,
         cache: Option<&KernelCache>,
     ) -> Result<CpuTrainStep<'c>, CpuBackendError> {
-        CpuTrainStep::for_graph(context, trainer.graph(), &trainer.config, cache)
+        CpuTrainStep::for_graph(context, trainer.graph(), &trainer.config, cache, &mut |_, _, _| {})
     }
 
     /// Compiles `graph`, a training graph of `config` (or one with more outputs, e.g. every
-    /// intermediate value for debugging).
+    /// intermediate value for debugging); `progress(done, total, kernel)` after each kernel.
     pub fn for_graph(
         context: &'c Context,
         graph: &v3c_models::Graph,
         config: &ModelConfig,
         cache: Option<&KernelCache>,
+        progress: &mut dyn FnMut(usize, usize, &CpuKernel),
     ) -> Result<CpuTrainStep<'c>, CpuBackendError> {
-        let program =
-            CpuProgram::from_graphs(context, &config.name, &[(TRAIN_ENTRY, graph)], config.vocab_size, cache)?;
+        let graphs = [(TRAIN_ENTRY, graph)];
+        let program = CpuProgram::from_graphs(context, &config.name, &graphs, config.vocab_size, cache, progress)?;
         Ok(CpuTrainStep { program })
     }
 }

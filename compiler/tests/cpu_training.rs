@@ -170,7 +170,7 @@ fn every_value_of_the_training_graph_matches_the_reference() {
         }
     }
     let context = v3c_compiler::mlir::new_context();
-    let mut cpu = CpuTrainStep::for_graph(&context, &graph, &config, None).unwrap();
+    let mut cpu = CpuTrainStep::for_graph(&context, &graph, &config, None, &mut |_, _, _| {}).unwrap();
     let inputs = trainer.window_inputs(&window(9, config.vocab_size, 1)).unwrap();
     let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
     let run = |b: &mut dyn StepBackend| {

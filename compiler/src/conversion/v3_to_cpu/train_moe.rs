@@ -112,7 +112,8 @@ impl Emitter {
     /// rows, SwiGLU, the down rows, added times the slot's weight.
     pub(super) fn moe_experts(&mut self, [x, idx, w, gate, up, down]: [&(String, Shape); 6], dest: &str, out: &Shape) {
         let dims = Self::expert_dims(gate);
-        let (gt, ut, dt) = ((gate.0.clone(), memref(&gate.1)), (up.0.clone(), memref(&up.1)), (down.0.clone(), memref(&down.1)));
+        let (gt, ut, dt) =
+            ((gate.0.clone(), memref(&gate.1)), (up.0.clone(), memref(&up.1)), (down.0.clone(), memref(&down.1)));
         let (x_ty, i_ty, w_ty, o_ty) = (memref(&x.1), memref(&idx.1), memref(&w.1), memref(out));
         let v = format!("vector<{}xf32>", dims.ld);
         self.line(&format!("linalg.fill ins(%zero : f32) outs({dest} : {o_ty})"));
