@@ -222,15 +222,22 @@ impl<'c> CpuProgram<'c> {
                             .to_string()
                     })
                     .collect();
-                let mut out = HashMap::new();
+                // Results move out of the environment (a value returned under two names, or a
+                // weight, is copied).
+                let mut out: HashMap<String, HostBuffer> = HashMap::new();
+                let mut moved: HashMap<usize, String> = HashMap::new();
                 for (k, name) in names.iter().enumerate() {
                     if wanted.contains(&name.as_str()) {
                         let v = call.operand(k).map_err(|e| invalid(e.to_string()))?.to_raw().ptr as usize;
-                        let buf = env
-                            .get(&v)
-                            .or_else(|| weight_of.get(&v).copied())
-                            .ok_or_else(|| invalid(format!("output {name}")))?;
-                        out.insert(name.clone(), buf.clone());
+                        let buf = match (env.remove(&v), moved.get(&v)) {
+                            (Some(b), _) => b,
+                            (None, Some(first)) => out[first].clone(),
+                            (None, None) => {
+                                weight_of.get(&v).map(|w| (*w).clone()).ok_or_else(|| invalid(format!("output {name}")))?
+                            }
+                        };
+                        moved.insert(v, name.clone());
+                        out.insert(name.clone(), buf);
                     }
                 }
                 return Ok(out);
