@@ -40,15 +40,22 @@ impl Emitter {
 
     /// Rows `0..rows` of the matrix `load(r, c)` (text defining `%ld`) quantized 1 x 128 along its
     /// `cols`: decoded e4m3 values into `q` [rows, cols], scales `max(amax, 1e-4) / 448` into `s`
-    /// [rows, ceil(cols / 128)].
+    /// [rows, ceil(cols / 128)] (`transposed_out`: `q` [cols, rows], `s` [ceil(cols / 128), rows]).
     fn quantize_tiles(
         &mut self,
         (rows, cols): (&str, &str),
         load: &dyn Fn(&str, &str) -> String,
         (q, s): (&(String, String), &(String, String)),
+        transposed_out: bool,
     ) {
         let (dec, enc) = self.fp8_codec();
         let p = self.fresh().replace('%', "");
+        // Stored as [cols, rows] (and the scales [blocks, rows]) for a GEMM that reads them K-major.
+        let (s_at, q_at) = if transposed_out {
+            (format!("%{p}_b, %{p}_r"), format!("%{p}_i, %{p}_r"))
+        } else {
+            (format!("%{p}_r, %{p}_b"), format!("%{p}_r, %{p}_i"))
+        };
         let text = format!(
             "%{p}_c0 = arith.constant 0 : index
 %{p}_c1 = arith.constant 1 : index
@@ -69,13 +76,13 @@ scf.for %{p}_r = %{p}_c0 to {rows} step %{p}_c1 {{
     }}
     %{p}_am = arith.maxnumf %{p}_amax, %{p}_floor : f32
     %{p}_s = arith.divf %{p}_am, %{p}_fmax : f32
-    memref.store %{p}_s, {sb}[%{p}_r, %{p}_b] : {st}
+    memref.store %{p}_s, {sb}[{s_at}] : {st}
     scf.for %{p}_i = %{p}_lo to %{p}_hi step %{p}_c1 {{
 {load_a}
       %{p}_d = arith.divf %ld, %{p}_s : f32
       %{p}_bits = func.call {enc}(%{p}_d) : (f32) -> i8
       %{p}_f = func.call {dec}(%{p}_bits) : (i8) -> f32
-      memref.store %{p}_f, {qb}[%{p}_r, %{p}_i] : {qt}
+      memref.store %{p}_f, {qb}[{q_at}] : {qt}
     }}
   }}
 }}",
@@ -162,53 +169,61 @@ scf.for %{p}_r = %{p}_c0 to %{p}_n step %{p}_c1 {{
     }
 
     /// `dest[i, j] = sum over 128-blocks b of the contraction (length `len`) of
-    /// dot(a[i, b], B[j, b]) * a_s[i, b] * B_s(j, b)`, the dot sequential, the sum from zero:
-    /// `b_load(j, c)` and `b_scale(j, b)` are texts defining `%bv` and `%bs`.
-    #[allow(clippy::too_many_arguments)]
+    /// dot(a[i, b], B[j, b]) * a_s[i, b] * B_s(j, b)`, the dot sequential, the sum from zero (the
+    /// reference's order), vectors of output columns at a time: `b_load(jb, c, vty)` defines
+    /// `%bv`, the vector of B[jb.., c] (B read K-major), `b_scale(jb, b, vty)` defines `%bs`, the
+    /// vector of the columns' scales of block `b`. `n` (columns) is static.
     fn block_scaled_gemm(
         &mut self,
-        (m, n, len): (&str, &str, &str),
+        (m, n, len): (&str, usize, &str),
         (a, a_s): (&(String, String), &(String, String)),
-        b_load: &dyn Fn(&str, &str) -> String,
-        b_scale: &dyn Fn(&str, &str) -> String,
+        b_load: &dyn Fn(&str, &str, &str) -> String,
+        b_scale: &dyn Fn(&str, &str, &str) -> String,
         (dest, dest_ty, lead): (&str, &str, &str),
     ) {
         let p = self.fresh().replace('%', "");
+        let lanes = super::rows::lanes(Some(n));
+        let v = format!("vector<{lanes}xf32>");
         let text = format!(
             "%{p}_c0 = arith.constant 0 : index
 %{p}_c1 = arith.constant 1 : index
+%{p}_n = arith.constant {n} : index
+%{p}_L = arith.constant {lanes} : index
 %{p}_g = arith.constant {FP8_BLOCK} : index
-%{p}_nz = arith.constant -0.0 : f32
+%{p}_zv = arith.constant dense<0.0> : {v}
+%{p}_nzv = arith.constant dense<-0.0> : {v}
 %{p}_nb = arith.ceildivui {len}, %{p}_g : index
 scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
-  scf.for %{p}_j = %{p}_c0 to {n} step %{p}_c1 {{
-    %{p}_acc = scf.for %{p}_b = %{p}_c0 to %{p}_nb step %{p}_c1 iter_args(%{p}_y = %zero) -> (f32) {{
+  scf.for %{p}_jb = %{p}_c0 to %{p}_n step %{p}_L {{
+    %{p}_acc = scf.for %{p}_b = %{p}_c0 to %{p}_nb step %{p}_c1 iter_args(%{p}_y = %{p}_zv) -> ({v}) {{
       %{p}_lo = arith.muli %{p}_b, %{p}_g : index
       %{p}_hi0 = arith.addi %{p}_lo, %{p}_g : index
       %{p}_hi = arith.minui %{p}_hi0, {len} : index
-      %{p}_dot = scf.for %{p}_c = %{p}_lo to %{p}_hi step %{p}_c1 iter_args(%{p}_s = %{p}_nz) -> (f32) {{
-        %{p}_av = memref.load {ab}[%{p}_i, %{p}_c] : {at}
+      %{p}_dot = scf.for %{p}_c = %{p}_lo to %{p}_hi step %{p}_c1 iter_args(%{p}_s = %{p}_nzv) -> ({v}) {{
+        %{p}_a = memref.load {ab}[%{p}_i, %{p}_c] : {at}
+        %{p}_av = vector.broadcast %{p}_a : f32 to {v}
 {load_b}
-        %{p}_pr = arith.mulf %{p}_av, %bv : f32
-        %{p}_s2 = arith.addf %{p}_s, %{p}_pr : f32
-        scf.yield %{p}_s2 : f32
+        %{p}_pr = arith.mulf %{p}_av, %bv : {v}
+        %{p}_s2 = arith.addf %{p}_s, %{p}_pr : {v}
+        scf.yield %{p}_s2 : {v}
       }}
       %{p}_as = memref.load {asb}[%{p}_i, %{p}_b] : {ast}
+      %{p}_asv = vector.broadcast %{p}_as : f32 to {v}
 {scale_b}
-      %{p}_t0 = arith.mulf %{p}_dot, %{p}_as : f32
-      %{p}_t1 = arith.mulf %{p}_t0, %bs : f32
-      %{p}_y2 = arith.addf %{p}_y, %{p}_t1 : f32
-      scf.yield %{p}_y2 : f32
+      %{p}_t0 = arith.mulf %{p}_dot, %{p}_asv : {v}
+      %{p}_t1 = arith.mulf %{p}_t0, %bs : {v}
+      %{p}_y2 = arith.addf %{p}_y, %{p}_t1 : {v}
+      scf.yield %{p}_y2 : {v}
     }}
-    memref.store %{p}_acc, {dest}[{lead}%{p}_i, %{p}_j] : {dest_ty}
+    vector.store %{p}_acc, {dest}[{lead}%{p}_i, %{p}_jb] : {dest_ty}, {v}
   }}
 }}",
             ab = a.0,
             at = a.1,
             asb = a_s.0,
             ast = a_s.1,
-            load_b = indent(&b_load(&format!("%{p}_j"), &format!("%{p}_c")), 8),
-            scale_b = indent(&b_scale(&format!("%{p}_j"), &format!("%{p}_b")), 6),
+            load_b = indent(&b_load(&format!("%{p}_jb"), &format!("%{p}_c"), &v), 8),
+            scale_b = indent(&b_scale(&format!("%{p}_jb"), &format!("%{p}_b"), &v), 6),
         );
         self.line(&format!("scf.execute_region {{\n{}\n      scf.yield\n    }}", indent(&text, 6)));
     }
@@ -240,6 +255,18 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
                 format!("%ld = memref.load {name}[{i}, {j}] : {ty}")
             }
         };
+        // The scale of a 128-block of columns: `ws[jb / 128, b]`, or `ws[b, jb / 128]` transposed.
+        let block_scale = |ws: String, transposed: bool| {
+            move |jb: &str, b: &str, v: &str| {
+                let at = if transposed { format!("{b}, %sj") } else { format!("%sj, {b}") };
+                format!(
+                    "%sg = arith.constant {FP8_BLOCK} : index\n%sj = arith.divui {jb}, %sg : index\n%ss = memref.load {ws}[{at}] : memref<?x?xf32>\n%bs = vector.broadcast %ss : f32 to {v}"
+                )
+            }
+        };
+        let rows_of = |buf: String| {
+            move |jb: &str, c: &str, v: &str| format!("%bv = vector.load {buf}[{c}, {jb}] : memref<?x?xf32>, {v}")
+        };
         match kind {
             "fp8_linear" | "fp8_linear_dgrad" => {
                 // a: x [M, K] (Fprop) or dy [M, N] (Dgrad); b: the master W [N, K].
@@ -249,48 +276,38 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
                     let nb = blocks(self, &ka);
                     scratch(self, &m, &nb)
                 });
-                self.quantize_tiles((&m, &ka), &load(a, false), (&aq, &a_s));
+                self.quantize_tiles((&m, &ka), &load(a, false), (&aq, &a_s), false);
                 let wq = scratch(self, &wn, &wk);
                 let (wnb, wkb) = (blocks(self, &wn), blocks(self, &wk));
                 let ws = scratch(self, &wnb, &wkb);
                 let (n, k) = (b.1.dims[0].unwrap_or(0), b.1.dims[1].unwrap_or(0));
-                // Dgrad reads W^T [K, N] by rows.
-                let wqt = (kind == "fp8_linear_dgrad").then(|| scratch(self, &wk, &wn));
+                // Both read W K-major: Fprop as W^T [K, N] (a transposed copy), Dgrad as W itself.
+                let wqt = (kind == "fp8_linear").then(|| scratch(self, &wk, &wn));
                 self.quantize_blocks((&b.0, &memref(&b.1)), (n, k), (&wq, &ws), "", wqt.as_ref());
-                let (wqb, ws_b) = (wqt.map_or(wq.0.clone(), |t| t.0), ws.0.clone());
-                if kind == "fp8_linear" {
-                    let b_load = |j: &str, c: &str| format!("%bv = memref.load {wqb}[{j}, {c}] : memref<?x?xf32>");
-                    let b_scale = |j: &str, kb: &str| {
-                        format!(
-                            "%jb_{kb_} = arith.divui {j}, {g} : index\n%bs = memref.load {ws_b}[%jb_{kb_}, {kb}] : memref<?x?xf32>",
-                            kb_ = kb.replace('%', "")
-                        )
-                    };
-                    self.block_scaled_gemm((&m, &wn, &ka), (&aq, &a_s), &b_load, &b_scale, (dest, &dest_ty, ""));
-                } else {
-                    // dx [M, K]: the contraction over N, W read as W^T [K, N].
-                    let b_load = |j: &str, c: &str| format!("%bv = memref.load {wqb}[{j}, {c}] : memref<?x?xf32>");
-                    let b_scale = |j: &str, nb: &str| {
-                        format!(
-                            "%jb_{nb_} = arith.divui {j}, {g} : index\n%bs = memref.load {ws_b}[{nb}, %jb_{nb_}] : memref<?x?xf32>",
-                            nb_ = nb.replace('%', "")
-                        )
-                    };
-                    self.block_scaled_gemm((&m, &wk, &ka), (&aq, &a_s), &b_load, &b_scale, (dest, &dest_ty, ""));
-                }
+                let fprop = kind == "fp8_linear";
+                let (wkm, cols) = (wqt.map_or(wq.0.clone(), |t| t.0), if fprop { n } else { k });
+                self.block_scaled_gemm(
+                    (&m, cols, &ka),
+                    (&aq, &a_s),
+                    &rows_of(wkm),
+                    &block_scale(ws.0.clone(), !fprop),
+                    (dest, &dest_ty, ""),
+                );
             }
             "fp8_linear_wgrad" => {
-                // a: dy [M, N], b: x [M, K] -> dW [N, K]; both transposed and quantized 1x128 over M.
+                // a: dy [M, N], b: x [M, K] -> dW [N, K]; both transposed and quantized 1x128 over
+                // M, x^T stored K-major ([M, K], its scales [M / 128, K]).
                 let (m, n, k) = (self.dim_of(a, 0), self.dim_of(a, 1), self.dim_of(b, 1));
                 let mb = blocks(self, &m);
                 let (aq, a_s) = (scratch(self, &n, &m), scratch(self, &n, &mb));
-                self.quantize_tiles((&n, &m), &load(a, true), (&aq, &a_s));
-                let (bq, b_s) = (scratch(self, &k, &m), scratch(self, &k, &mb));
-                self.quantize_tiles((&k, &m), &load(b, true), (&bq, &b_s));
-                let (bqb, bsb) = (bq.0.clone(), b_s.0.clone());
-                let b_load = |j: &str, c: &str| format!("%bv = memref.load {bqb}[{j}, {c}] : memref<?x?xf32>");
-                let b_scale = |j: &str, kb: &str| format!("%bs = memref.load {bsb}[{j}, {kb}] : memref<?x?xf32>");
-                self.block_scaled_gemm((&n, &k, &m), (&aq, &a_s), &b_load, &b_scale, (dest, &dest_ty, ""));
+                self.quantize_tiles((&n, &m), &load(a, true), (&aq, &a_s), false);
+                let (bq, b_s) = (scratch(self, &m, &k), scratch(self, &mb, &k));
+                self.quantize_tiles((&k, &m), &load(b, true), (&bq, &b_s), true);
+                let bsb = b_s.0.clone();
+                let column_scales =
+                    |jb: &str, blk: &str, v: &str| format!("%bs = vector.load {bsb}[{blk}, {jb}] : memref<?x?xf32>, {v}");
+                let kc = b.1.dims[1].unwrap_or(0);
+                self.block_scaled_gemm((&n, kc, &m), (&aq, &a_s), &rows_of(bq.0.clone()), &column_scales, (dest, &dest_ty, ""));
             }
             other => return Err(format!("{other} is not an fp8 training GEMM")),
         }
@@ -345,7 +362,9 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
     ) {
         let (experts, inter, d) =
             (gate.1.dims[0].unwrap_or(0), gate.1.dims[1].unwrap_or(0), gate.1.dims[2].unwrap_or(0));
-        let [(gq, gs, _), (uq, us, _), (dq, ds, _)] = self.quantized_experts([gate, up, down], false);
+        // Fprop reads the masters K-major: their transposed copies.
+        let [(_, gs, gqt), (_, us, uqt), (_, ds, dqt)] = self.quantized_experts([gate, up, down], true);
+        let (gq, uq, dq) = (gqt.unwrap_or_default(), uqt.unwrap_or_default(), dqt.unwrap_or_default());
         let (db, ib) = (d.div_ceil(FP8_BLOCK), inter.div_ceil(FP8_BLOCK));
         let (xq, xs) = (self.static_scratch(&[1, d]), self.static_scratch(&[1, db]));
         let (g, u) = (self.static_scratch(&[1, inter]), self.static_scratch(&[1, inter]));
@@ -373,15 +392,15 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
             idx.0
         ));
         let xb = x.0.clone();
-        self.quantize_tiles((&one_i, &cd), &|_, c| format!("%ld = memref.load {xb}[{t}, {c}] : {x_ty}"), (&xq, &xs));
+        self.quantize_tiles((&one_i, &cd), &|_, c| format!("%ld = memref.load {xb}[{t}, {c}] : {x_ty}"), (&xq, &xs), false);
         for (wq, wsc, dst) in [(&gq, &gs, &g), (&uq, &us, &u)] {
             let (qb, qt, sb, st) = (wq.0.clone(), wq.1.clone(), wsc.0.clone(), wsc.1.clone());
             let exc = ex.clone();
             self.block_scaled_gemm(
-                (&one_i, &ci, &cd),
+                (&one_i, inter, &cd),
                 (&xq, &xs),
-                &|j, c| format!("%bv = memref.load {qb}[{exc}, {j}, {c}] : {qt}"),
-                &|j, kb| format!("%jg = arith.constant {FP8_BLOCK} : index\n%jb = arith.divui {j}, %jg : index\n%bs = memref.load {sb}[{exc}, %jb, {kb}] : {st}"),
+                &|jb, c, v| format!("%bv = vector.load {qb}[{exc}, {c}, {jb}] : {qt}, {v}"),
+                &|jb, b, v| format!("%sg = arith.constant {FP8_BLOCK} : index\n%sj = arith.divui {jb}, %sg : index\n%ss = memref.load {sb}[{exc}, %sj, {b}] : {st}\n%bs = vector.broadcast %ss : f32 to {v}"),
                 (&dst.0, &dst.1, ""),
             );
         }
@@ -399,14 +418,14 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
       memref.store %sh, {hb}[{c0}, {si}] : {ht}
     }}"
         ));
-        self.quantize_tiles((&one_i, &ci), &|_, c| format!("%ld = memref.load {hb}[{c0}, {c}] : {ht}"), (&hq, &hs));
+        self.quantize_tiles((&one_i, &ci), &|_, c| format!("%ld = memref.load {hb}[{c0}, {c}] : {ht}"), (&hq, &hs), false);
         let (qb, qt, sb, st) = (dq.0.clone(), dq.1.clone(), ds.0.clone(), ds.1.clone());
         let exc = ex.clone();
         self.block_scaled_gemm(
-            (&one_i, &cd, &ci),
+            (&one_i, d, &ci),
             (&hq, &hs),
-            &|j, c| format!("%bv = memref.load {qb}[{exc}, {j}, {c}] : {qt}"),
-            &|j, kb| format!("%jg = arith.constant {FP8_BLOCK} : index\n%jb = arith.divui {j}, %jg : index\n%bs = memref.load {sb}[{exc}, %jb, {kb}] : {st}"),
+            &|jb, c, v| format!("%bv = vector.load {qb}[{exc}, {c}, {jb}] : {qt}, {v}"),
+            &|jb, b, v| format!("%sg = arith.constant {FP8_BLOCK} : index\n%sj = arith.divui {jb}, %sg : index\n%ss = memref.load {sb}[{exc}, %sj, {b}] : {st}\n%bs = vector.broadcast %ss : f32 to {v}"),
             (&o.0, &o.1, ""),
         );
         let (wt, so) = (self.fresh(), self.fresh());
@@ -470,8 +489,8 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
         let (yq, ys, gq2, gs2) = (rows(self, &cd), rows(self, &db), rows(self, &ci), rows(self, &ib));
         let (aq_d, as_d) = (scratch(self, &cd, &cap), scratch(self, &cd, &cap_b));
         let (aq_i, as_i) = (scratch(self, &ci, &cap), scratch(self, &ci, &cap_b));
-        let (bq_d, bs_d) = (scratch(self, &cd, &cap), scratch(self, &cd, &cap_b));
-        let (bq_i, bs_i) = (scratch(self, &ci, &cap), scratch(self, &ci, &cap_b));
+        let (bq_d, bs_d) = (scratch(self, &cap, &cd), scratch(self, &cap_b, &cd));
+        let (bq_i, bs_i) = (scratch(self, &cap, &ci), scratch(self, &cap_b, &ci));
         let (x_ty, i_ty, w_ty, y_ty) = (memref(&x.1), memref(&idx.1), memref(&w.1), memref(&dy.1));
         let (ex, m) = (self.fresh(), self.fresh());
         let (tt, kk, cnt, e32, ei, mine, cnt2, any) = (
@@ -524,26 +543,26 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
                 format!("%ld = memref.load {b}[{i}, {j}] : {t}")
             }
         };
-        // Stacked master blocks of expert `ex`: rows j, columns c (or transposed).
-        let stacked = |q: &(String, String), s: &(String, String), transposed: bool| {
+        // Stacked master blocks of expert `ex` read K-major (`q` [E, c, j]: the transposed copy
+        // for Fprop, the master's own layout for Dgrad, whose block scales are then transposed).
+        let stacked = |q: &(String, String), s: &(String, String), scale_transposed: bool| {
             let (qb, qt, sb, st, exc) = (q.0.clone(), q.1.clone(), s.0.clone(), s.1.clone(), ex.clone());
-            // (`q` is the transposed copy when `transposed`: read by rows either way.)
-            let load = move |j: &str, c: &str| format!("%bv = memref.load {qb}[{exc}, {j}, {c}] : {qt}");
+            let load =
+                move |jb: &str, c: &str, v: &str| format!("%bv = vector.load {qb}[{exc}, {c}, {jb}] : {qt}, {v}");
             let (exc2, st2) = (ex.clone(), st);
-            let scale = move |j: &str, kb: &str| {
-                let (a, b) =
-                    if transposed { (kb.to_string(), "%jb".to_string()) } else { ("%jb".to_string(), kb.to_string()) };
+            let scale = move |jb: &str, b: &str, v: &str| {
+                let at = if scale_transposed { format!("{b}, %sj") } else { format!("%sj, {b}") };
                 format!(
-                    "%jg = arith.constant {FP8_BLOCK} : index\n%jb = arith.divui {j}, %jg : index\n%bs = memref.load {sb}[{exc2}, {a}, {b}] : {st2}"
+                    "%sg = arith.constant {FP8_BLOCK} : index\n%sj = arith.divui {jb}, %sg : index\n%ss = memref.load {sb}[{exc2}, {at}] : {st2}\n%bs = vector.broadcast %ss : f32 to {v}"
                 )
             };
             (load, scale)
         };
         // Fprop: g, u = x_e W^T (x_e 1x128 along D), y = h W_down^T.
-        self.quantize_tiles((&m, &cd), &ld(&xe, false), (&xq, &xs));
-        for (q, s, dst) in [(&gq, &gs, &g), (&uq, &us, &u)] {
+        self.quantize_tiles((&m, &cd), &ld(&xe, false), (&xq, &xs), false);
+        for (q, s, dst) in [(&gqt, &gs, &g), (&uqt, &us, &u)] {
             let (load, scale) = stacked(q, s, false);
-            self.block_scaled_gemm((&m, &ci, &cd), (&xq, &xs), &load, &scale, (&dst.0, &dst.1, ""));
+            self.block_scaled_gemm((&m, inter, &cd), (&xq, &xs), &load, &scale, (&dst.0, &dst.1, ""));
         }
         self.line(&format!(
             "scf.for %sh_r = {c0} to {m} step {c1} {{
@@ -563,9 +582,9 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
             hb = h.0,
             ft = g.1
         ));
-        self.quantize_tiles((&m, &ci), &ld(&h, false), (&hq, &hs));
-        let (load, scale) = stacked(&dq, &ds, false);
-        self.block_scaled_gemm((&m, &cd, &ci), (&hq, &hs), &load, &scale, (&y.0, &y.1, ""));
+        self.quantize_tiles((&m, &ci), &ld(&h, false), (&hq, &hs), false);
+        let (load, scale) = stacked(&dqt, &ds, false);
+        self.block_scaled_gemm((&m, d, &ci), (&hq, &hs), &load, &scale, (&y.0, &y.1, ""));
         // d weights and dy_e = w dy per pair.
         self.line(&format!(
             "scf.for %dw_r = {c0} to {m} step {c1} {{
@@ -597,13 +616,13 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
         ));
         // d down [D, I] = Wgrad(dy_e, h): both transposed, 1x128 over the pairs.
         let exs = format!("{ex}, ");
-        self.quantize_tiles((&cd, &m), &ld(&dye, true), (&aq_d, &as_d));
-        self.quantize_tiles((&ci, &m), &ld(&h, true), (&bq_i, &bs_i));
-        self.wgrad_into((&cd, &ci, &m), (&aq_d, &as_d), (&bq_i, &bs_i), (ddown, &memref(ddown_s), &exs));
+        self.quantize_tiles((&cd, &m), &ld(&dye, true), (&aq_d, &as_d), false);
+        self.quantize_tiles((&ci, &m), &ld(&h, true), (&bq_i, &bs_i), true);
+        self.wgrad_into((&cd, inter, &m), (&aq_d, &as_d), (&bq_i, &bs_i), (ddown, &memref(ddown_s), &exs));
         // dh = Dgrad(dy_e, W_down): dy_e 1x128 along D, W_down's blocks transposed.
-        self.quantize_tiles((&m, &cd), &ld(&dye, false), (&yq, &ys));
-        let (load, scale) = stacked(&dqt, &ds, true);
-        self.block_scaled_gemm((&m, &ci, &cd), (&yq, &ys), &load, &scale, (&dh.0, &dh.1, ""));
+        self.quantize_tiles((&m, &cd), &ld(&dye, false), (&yq, &ys), false);
+        let (load, scale) = stacked(&dq, &ds, true);
+        self.block_scaled_gemm((&m, inter, &cd), (&yq, &ys), &load, &scale, (&dh.0, &dh.1, ""));
         // SwiGLU's gradient in f32.
         self.line(&format!(
             "scf.for %sg_r = {c0} to {m} step {c1} {{
@@ -635,15 +654,15 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
             ft = g.1
         ));
         // d gate, d up [I, D] = Wgrad(dg | du, x_e); dx_e = Dgrad(dg, W_gate) + Dgrad(du, W_up).
-        self.quantize_tiles((&cd, &m), &ld(&xe, true), (&bq_d, &bs_d));
+        self.quantize_tiles((&cd, &m), &ld(&xe, true), (&bq_d, &bs_d), true);
         for (grad, dest, dest_s, q, s, dxp) in
-            [(&dg, dgate, dgate_s, &gqt, &gs, &dxg), (&du, dup, dup_s, &uqt, &us, &dxu)]
+            [(&dg, dgate, dgate_s, &gq, &gs, &dxg), (&du, dup, dup_s, &uq, &us, &dxu)]
         {
-            self.quantize_tiles((&ci, &m), &ld(grad, true), (&aq_i, &as_i));
-            self.wgrad_into((&ci, &cd, &m), (&aq_i, &as_i), (&bq_d, &bs_d), (dest, &memref(dest_s), &exs));
-            self.quantize_tiles((&m, &ci), &ld(grad, false), (&gq2, &gs2));
+            self.quantize_tiles((&ci, &m), &ld(grad, true), (&aq_i, &as_i), false);
+            self.wgrad_into((&ci, d, &m), (&aq_i, &as_i), (&bq_d, &bs_d), (dest, &memref(dest_s), &exs));
+            self.quantize_tiles((&m, &ci), &ld(grad, false), (&gq2, &gs2), false);
             let (load, scale) = stacked(q, s, true);
-            self.block_scaled_gemm((&m, &cd, &ci), (&gq2, &gs2), &load, &scale, (&dxp.0, &dxp.1, ""));
+            self.block_scaled_gemm((&m, d, &ci), (&gq2, &gs2), &load, &scale, (&dxp.0, &dxp.1, ""));
         }
         self.line(&format!(
             "scf.for %sx_r = {c0} to {m} step {c1} {{
@@ -666,11 +685,12 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
         ));
     }
 
-    /// `dest[lead.., i, j] = sum over 128-blocks of the pairs of dot(a[i], b[j]) * a_s[i, b] * b_s[j, b]`
-    /// (a Wgrad: both operands quantized 1x128 along the contraction, per row).
+    /// `dest[lead.., i, j] = sum over 128-blocks b of the pairs of dot(a[i], B[j]) * a_s[i, b] *
+    /// b_s[b, j]` (a Wgrad: both operands quantized 1x128 along the contraction; B and its scales
+    /// stored K-major, `[pairs, j]` and `[blocks, j]`).
     fn wgrad_into(
         &mut self,
-        sizes: (&str, &str, &str),
+        sizes: (&str, usize, &str),
         a: (&(String, String), &(String, String)),
         (bq, bs): (&(String, String), &(String, String)),
         dest: (&str, &str, &str),
@@ -679,8 +699,8 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
         self.block_scaled_gemm(
             sizes,
             a,
-            &|j, c| format!("%bv = memref.load {qb}[{j}, {c}] : {qt}"),
-            &|j, kb| format!("%bs = memref.load {sb}[{j}, {kb}] : {st}"),
+            &|jb, c, v| format!("%bv = vector.load {qb}[{c}, {jb}] : {qt}, {v}"),
+            &|jb, b, v| format!("%bs = vector.load {sb}[{b}, {jb}] : {st}, {v}"),
             dest,
         );
     }
