@@ -95,8 +95,9 @@ scf.for %{p}_r = %{p}_c0 to {rows} step %{p}_c1 {{
         self.line(&format!("scf.execute_region {{\n{}\n      scf.yield\n    }}", indent(&text, 6)));
     }
 
-    /// An f32 master weight `w` [n, k] in 128 x 128 blocks: decoded e4m3 values into `q` [n, k],
-    /// block scales `max(amax, 1e-12) / 448` into `s` [ceil(n / 128), ceil(k / 128)].
+    /// An f32 master weight `w` [n, k] in 128 x 128 blocks: decoded e4m3 values into `q` [n, k]
+    /// (and `transposed`, [k, n]; written in 16 x 16 tiles so that the transposed rows stay in
+    /// cache), block scales `max(amax, 1e-12) / 448` into `s` [ceil(n / 128), ceil(k / 128)].
     fn quantize_blocks(
         &mut self,
         (wb, wt): (&str, &str),
@@ -108,7 +109,7 @@ scf.for %{p}_r = %{p}_c0 to {rows} step %{p}_c1 {{
         let (dec, enc) = self.fp8_codec();
         // The decoded values also stored transposed ([k, n]): what Dgrad reads row by row.
         let store_t = transposed.map_or(String::new(), |(tb, tt)| {
-            format!("\n    memref.store %{{p}}_f, {tb}[{{lead}}%{{p}}_i, %{{p}}_r] : {tt}")
+            format!("\n        memref.store %{{p}}_f, {tb}[{{lead}}%{{p}}_i, %{{p}}_r] : {tt}")
         });
         let p = self.fresh().replace('%', "");
         let text = format!(
@@ -147,16 +148,25 @@ scf.for %{p}_a = %{p}_c0 to %{p}_nb step %{p}_c1 {{
     memref.store %{p}_s, {sb}[{lead}%{p}_a, %{p}_b] : {st}
   }}
 }}
-scf.for %{p}_r = %{p}_c0 to %{p}_n step %{p}_c1 {{
-  %{p}_rb = arith.divui %{p}_r, %{p}_g : index
-  scf.for %{p}_i = %{p}_c0 to %{p}_k step %{p}_c1 {{
-    %{p}_cb = arith.divui %{p}_i, %{p}_g : index
-    %{p}_v = memref.load {wb}[{lead}%{p}_r, %{p}_i] : {wt}
-    %{p}_s = memref.load {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
-    %{p}_d = arith.divf %{p}_v, %{p}_s : f32
-    %{p}_bits = func.call {enc}(%{p}_d) : (f32) -> i8
-    %{p}_f = func.call {dec}(%{p}_bits) : (i8) -> f32
-    memref.store %{p}_f, {qb}[{lead}%{p}_r, %{p}_i] : {qt}{store_t}
+%{p}_t = arith.constant 16 : index
+scf.for %{p}_r0 = %{p}_c0 to %{p}_n step %{p}_t {{
+  %{p}_r1a = arith.addi %{p}_r0, %{p}_t : index
+  %{p}_r1 = arith.minui %{p}_r1a, %{p}_n : index
+  scf.for %{p}_i0 = %{p}_c0 to %{p}_k step %{p}_t {{
+    %{p}_i1a = arith.addi %{p}_i0, %{p}_t : index
+    %{p}_i1 = arith.minui %{p}_i1a, %{p}_k : index
+    scf.for %{p}_r = %{p}_r0 to %{p}_r1 step %{p}_c1 {{
+      %{p}_rb = arith.divui %{p}_r, %{p}_g : index
+      scf.for %{p}_i = %{p}_i0 to %{p}_i1 step %{p}_c1 {{
+        %{p}_cb = arith.divui %{p}_i, %{p}_g : index
+        %{p}_v = memref.load {wb}[{lead}%{p}_r, %{p}_i] : {wt}
+        %{p}_s = memref.load {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
+        %{p}_d = arith.divf %{p}_v, %{p}_s : f32
+        %{p}_bits = func.call {enc}(%{p}_d) : (f32) -> i8
+        %{p}_f = func.call {dec}(%{p}_bits) : (i8) -> f32
+        memref.store %{p}_f, {qb}[{lead}%{p}_r, %{p}_i] : {qt}{store_t}
+      }}
+    }}
   }}
 }}",
             store_t = store_t.replace("{p}", &p).replace("{lead}", lead),
