@@ -232,9 +232,10 @@ impl<'c> CpuProgram<'c> {
                         let buf = match (env.remove(&v), moved.get(&v)) {
                             (Some(b), _) => b,
                             (None, Some(first)) => out[first].clone(),
-                            (None, None) => {
-                                weight_of.get(&v).map(|w| (*w).clone()).ok_or_else(|| invalid(format!("output {name}")))?
-                            }
+                            (None, None) => weight_of
+                                .get(&v)
+                                .map(|w| (*w).clone())
+                                .ok_or_else(|| invalid(format!("output {name}")))?,
                         };
                         moved.insert(v, name.clone());
                         out.insert(name.clone(), buf);

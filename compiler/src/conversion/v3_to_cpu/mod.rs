@@ -15,7 +15,11 @@
 //! data-dependent picks or data movement rather than tensor computations: the routing's top-k
 //! selection and the dispatch's counting sort (`moe`, `grouped`), the grouped kernels' row
 //! gathers, scatters and epilogues, and the partitioned kernels' column shares of a quantization
-//! (`fp8`). An op without a template is `unsupported on cpu: v3.<op>`, never run some other way.
+//! (`fp8`). The training ops (losses and vector-Jacobian products, a training graph's kernels)
+//! are in `train` (the matmuls through the order-preserving GEMM, the row-wise ones as row
+//! templates, the rest in vectorized scf loops in the reference's order), `train_moe` (the
+//! unfused routed experts and their gradient) and `train_fp8` (DeepSeek-V3's FP8 recipe on f32
+//! masters). An op without a template is `unsupported on cpu: v3.<op>`, never run some other way.
 
 use std::collections::HashMap;
 

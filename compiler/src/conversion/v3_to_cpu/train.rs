@@ -8,9 +8,11 @@
 //! loops, each in the reference's order of operations (its bits, not only its values, are the
 //! target): the cross-entropy and its gradient (sums in f64, as the reference), the RMSNorm
 //! gradient (its weight gradient a sum over rows), the embedding gradient (a scatter-add of rows
-//! in token order) and the naive-form MLA gradient (forward recomputed per head and query, then
-//! the two products back to the latent and `kv_b`). The last three are data-dependent
-//! scatters or per-query loops over a causal prefix; vectorizing them is future work.
+//! in token order), the router's and the balance loss's gradients to the router logits, and the
+//! naive-form MLA gradient (forward recomputed per head and query; its three large products —
+//! the latent's expansion, d latent's and d kv_b's — vectorized across output lanes, each lane
+//! the reference's sequential sum). The routed experts are in [`super::train_moe`] and the FP8
+//! recipe's GEMMs in [`super::train_fp8`].
 
 use super::mla::Columns;
 use super::rows::{subview_type, tensor_type};

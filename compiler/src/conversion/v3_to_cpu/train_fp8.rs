@@ -314,10 +314,17 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
                 let (bq, b_s) = (scratch(self, &m, &k), scratch(self, &mb, &k));
                 self.quantize_tiles((&k, &m), &load(b, true), (&bq, &b_s), true);
                 let bsb = b_s.0.clone();
-                let column_scales =
-                    |jb: &str, blk: &str, v: &str| format!("%bs = vector.load {bsb}[{blk}, {jb}] : memref<?x?xf32>, {v}");
+                let column_scales = |jb: &str, blk: &str, v: &str| {
+                    format!("%bs = vector.load {bsb}[{blk}, {jb}] : memref<?x?xf32>, {v}")
+                };
                 let kc = b.1.dims[1].unwrap_or(0);
-                self.block_scaled_gemm((&n, kc, &m), (&aq, &a_s), &rows_of(bq.0.clone()), &column_scales, (dest, &dest_ty, ""));
+                self.block_scaled_gemm(
+                    (&n, kc, &m),
+                    (&aq, &a_s),
+                    &rows_of(bq.0.clone()),
+                    &column_scales,
+                    (dest, &dest_ty, ""),
+                );
             }
             other => return Err(format!("{other} is not an fp8 training GEMM")),
         }
@@ -402,7 +409,12 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
             idx.0
         ));
         let xb = x.0.clone();
-        self.quantize_tiles((&one_i, &cd), &|_, c| format!("%ld = memref.load {xb}[{t}, {c}] : {x_ty}"), (&xq, &xs), false);
+        self.quantize_tiles(
+            (&one_i, &cd),
+            &|_, c| format!("%ld = memref.load {xb}[{t}, {c}] : {x_ty}"),
+            (&xq, &xs),
+            false,
+        );
         for (wq, wsc, dst) in [(&gq, &gs, &g), (&uq, &us, &u)] {
             let (qb, qt, sb, st) = (wq.0.clone(), wq.1.clone(), wsc.0.clone(), wsc.1.clone());
             let exc = ex.clone();
@@ -428,7 +440,12 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
       memref.store %sh, {hb}[{c0}, {si}] : {ht}
     }}"
         ));
-        self.quantize_tiles((&one_i, &ci), &|_, c| format!("%ld = memref.load {hb}[{c0}, {c}] : {ht}"), (&hq, &hs), false);
+        self.quantize_tiles(
+            (&one_i, &ci),
+            &|_, c| format!("%ld = memref.load {hb}[{c0}, {c}] : {ht}"),
+            (&hq, &hs),
+            false,
+        );
         let (qb, qt, sb, st) = (dq.0.clone(), dq.1.clone(), ds.0.clone(), ds.1.clone());
         let exc = ex.clone();
         self.block_scaled_gemm(
