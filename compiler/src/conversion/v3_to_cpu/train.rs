@@ -18,6 +18,27 @@ use super::mla::Columns;
 use super::rows::{subview_type, tensor_type};
 use super::*;
 
+/// The gradient of `silu(g) * u` for the output gradient `d` (SSA values of type `ty`, `one` a
+/// 1.0 of it): defines `{p}_dg = d * u * s * (1 + g * (1 - s))` with `s = sigmoid(g)` and
+/// `{p}_du = d * silu(g)`, in the reference's order of operations. Shared by the row template, the
+/// routed experts' vector loops and the fp8 experts' scalar loops.
+pub(super) fn swiglu_grad_text(p: &str, (g, u, d): (&str, &str, &str), (one, ty): (&str, &str)) -> String {
+    format!(
+        "{p}_n = arith.negf {g} : {ty}
+{p}_x = math.exp {p}_n : {ty}
+{p}_den = arith.addf {one}, {p}_x : {ty}
+{p}_s = arith.divf {one}, {p}_den : {ty}
+{p}_t0 = arith.mulf {d}, {u} : {ty}
+{p}_t1 = arith.mulf {p}_t0, {p}_s : {ty}
+{p}_oms = arith.subf {one}, {p}_s : {ty}
+{p}_gm = arith.mulf {g}, {p}_oms : {ty}
+{p}_f = arith.addf {one}, {p}_gm : {ty}
+{p}_dg = arith.mulf {p}_t1, {p}_f : {ty}
+{p}_silu = arith.divf {g}, {p}_den : {ty}
+{p}_du = arith.mulf {d}, {p}_silu : {ty}"
+    )
+}
+
 /// A float attribute's value as MLIR text (`1.0e-06 : f32` -> `1.0e-06`).
 pub(super) fn float_attr(op: &OperationRef, name: &str) -> Option<String> {
     let text = op.attribute(name).ok()?.to_string();
@@ -91,22 +112,17 @@ impl Emitter {
         (buf, shape)
     }
 
-    /// `(d gate, d up)` of `silu(gate) * up`: `dy * up * s * (1 + gate * (1 - s))` with
-    /// `s = sigmoid(gate)`, and `dy * silu(gate)`, as the reference writes them.
+    /// `(d gate, d up)` of `silu(gate) * up` ([`swiglu_grad_text`]), one row template each.
     pub(super) fn silu_mul_grad(
         &mut self,
         [g, u, dy]: [&(String, Shape); 3],
         [(dg, dg_shape), (du, du_shape)]: [(&str, &Shape); 2],
     ) {
-        let sigmoid = "%n = arith.negf %g : f32\n%x = math.exp %n : f32\n%den = arith.addf %one, %x : f32\n";
+        let body = swiglu_grad_text("%sw", ("%g", "%u", "%d"), ("%one", "f32"));
         let ins = [self.same_index(g), self.same_index(u), self.same_index(dy)];
-        let body = format!(
-            "{sigmoid}%s = arith.divf %one, %den : f32\n%t0 = arith.mulf %d, %u : f32\n%t1 = arith.mulf %t0, %s : f32\n%oms = arith.subf %one, %s : f32\n%gm = arith.mulf %g, %oms : f32\n%f = arith.addf %one, %gm : f32\n%r = arith.mulf %t1, %f : f32"
-        );
-        self.row_generic((dg, &memref(dg_shape)), dg_shape, &ins, ("%g: f32, %u: f32, %d: f32", &body, "%r"));
-        let ins = [self.same_index(g), self.same_index(dy)];
-        let body = format!("{sigmoid}%silu = arith.divf %g, %den : f32\n%r = arith.mulf %d, %silu : f32");
-        self.row_generic((du, &memref(du_shape)), du_shape, &ins, ("%g: f32, %d: f32", &body, "%r"));
+        self.row_generic((dg, &memref(dg_shape)), dg_shape, &ins, ("%g: f32, %u: f32, %d: f32", &body, "%sw_dg"));
+        let ins = [self.same_index(g), self.same_index(u), self.same_index(dy)];
+        self.row_generic((du, &memref(du_shape)), du_shape, &ins, ("%g: f32, %u: f32, %d: f32", &body, "%sw_du"));
     }
 
     /// `(d lhs, d rhs)` of `concat(lhs, rhs)` along `axis`: the two pieces of `dy`, the second

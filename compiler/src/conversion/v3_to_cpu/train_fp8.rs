@@ -657,20 +657,9 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
         %sg_g = memref.load {gb}[%sg_r, %sg_i] : {ft}
         %sg_u = memref.load {ub}[%sg_r, %sg_i] : {ft}
         %sg_d = memref.load {dhb}[%sg_r, %sg_i] : {ft}
-        %sg_n = arith.negf %sg_g : f32
-        %sg_x = math.exp %sg_n : f32
-        %sg_den = arith.addf %one, %sg_x : f32
-        %sg_s = arith.divf %one, %sg_den : f32
-        %sg_t0 = arith.mulf %sg_d, %sg_u : f32
-        %sg_t1 = arith.mulf %sg_t0, %sg_s : f32
-        %sg_oms = arith.subf %one, %sg_s : f32
-        %sg_gm = arith.mulf %sg_g, %sg_oms : f32
-        %sg_f = arith.addf %one, %sg_gm : f32
-        %sg_dg = arith.mulf %sg_t1, %sg_f : f32
-        %sg_silu = arith.divf %sg_g, %sg_den : f32
-        %sg_du = arith.mulf %sg_d, %sg_silu : f32
-        memref.store %sg_dg, {dgb}[%sg_r, %sg_i] : {ft}
-        memref.store %sg_du, {dub}[%sg_r, %sg_i] : {ft}
+{grad}
+        memref.store %sg_g_dg, {dgb}[%sg_r, %sg_i] : {ft}
+        memref.store %sg_g_du, {dub}[%sg_r, %sg_i] : {ft}
       }}
     }}",
             gb = g.0,
@@ -678,7 +667,8 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
             dhb = dh.0,
             dgb = dg.0,
             dub = du.0,
-            ft = g.1
+            ft = g.1,
+            grad = indent(&super::train::swiglu_grad_text("%sg_g", ("%sg_g", "%sg_u", "%sg_d"), ("%one", "f32")), 8),
         ));
         // d gate, d up [I, D] = Wgrad(dg | du, x_e); dx_e = Dgrad(dg, W_gate) + Dgrad(du, W_up).
         self.quantize_tiles((&cd, &m), &ld(&xe, true), (&bq_d, &bs_d), true);

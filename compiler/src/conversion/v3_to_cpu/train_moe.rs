@@ -7,6 +7,7 @@
 //! weight is copied or transposed.
 
 use super::rows::lanes;
+use super::train::swiglu_grad_text;
 use super::*;
 
 /// SSA names and sizes shared by the expert templates.
@@ -247,20 +248,9 @@ scf.for %mx_e = %mx_c0 to %mx_E step %mx_c1 {{
       }}
       %mx_gi = vector.load %mx_g[%mx_ib] : memref<{i}xf32>, {vi}
       %mx_ui = vector.load %mx_u[%mx_ib] : memref<{i}xf32>, {vi}
-      %mx_n = arith.negf %mx_gi : {vi}
-      %mx_ex = math.exp %mx_n : {vi}
-      %mx_den = arith.addf %mx_onev, %mx_ex : {vi}
-      %mx_s = arith.divf %mx_onev, %mx_den : {vi}
-      %mx_t0 = arith.mulf %mx_dha, %mx_ui : {vi}
-      %mx_t1 = arith.mulf %mx_t0, %mx_s : {vi}
-      %mx_oms = arith.subf %mx_onev, %mx_s : {vi}
-      %mx_gm = arith.mulf %mx_gi, %mx_oms : {vi}
-      %mx_f = arith.addf %mx_onev, %mx_gm : {vi}
-      %mx_dgv = arith.mulf %mx_t1, %mx_f : {vi}
-      %mx_silu = arith.divf %mx_gi, %mx_den : {vi}
-      %mx_duv = arith.mulf %mx_dha, %mx_silu : {vi}
-      vector.store %mx_dgv, %mx_DG[%mx_r, %mx_ib] : memref<?x{i}xf32>, {vi}
-      vector.store %mx_duv, %mx_DU[%mx_r, %mx_ib] : memref<?x{i}xf32>, {vi}
+{swiglu_grad}
+      vector.store %mx_sg_dg, %mx_DG[%mx_r, %mx_ib] : memref<?x{i}xf32>, {vi}
+      vector.store %mx_sg_du, %mx_DU[%mx_r, %mx_ib] : memref<?x{i}xf32>, {vi}
     }}
     scf.for %mx_i = %mx_c0 to %mx_I step %mx_c1 {{
       %mx_gs2 = memref.load %mx_DG[%mx_r, %mx_i] : memref<?x{i}xf32>
@@ -333,6 +323,7 @@ memref.dealloc %mx_DU : memref<?x{i}xf32>
             gateb = gate.0,
             upb = up.0,
             swiglu = indent(&Self::swiglu_rows(&dims, (&x.0, &x_ty), (&gate.0, &gate_ty), (&up.0, &up_ty)), 4),
+            swiglu_grad = indent(&swiglu_grad_text("%mx_sg", ("%mx_gi", "%mx_ui", "%mx_dha"), ("%mx_onev", &vi)), 6),
             down = indent(&Self::down_rows(&dims, (&down.0, &down_ty)), 4),
             frees = Self::expert_frees(&dims),
         );
