@@ -136,17 +136,24 @@ fn cpu_backend_fp8_matches_the_reference_fp8() {
     assert!(max_abs_diff(f32_logits.as_f32().unwrap(), cpu.logits.as_f32().unwrap()) > 1e-4);
 }
 
-/// v3c's autodiff (the reference interpreter running the backward graph of the DeepSeek-V3 prefill
-/// entry with a mean cross-entropy loss) against torch autograd on transformers' model: the loss
-/// and every parameter's gradient (fixture `grads_f32`), relative error per parameter.
-#[test]
-fn autodiff_gradients_match_torch_autograd() {
+/// The `grads_f32` fixture's case: the DeepSeek-V3 prefill graph with a mean cross-entropy loss and
+/// its backward graph, its gradient output names, inputs, the fixture's gradients, and the
+/// checkpoint with its config.
+struct TorchGradCase {
+    graph: v3c_models::Graph,
+    names: Vec<String>,
+    inputs: std::collections::HashMap<String, v3c_models::tensor::Tensor>,
+    grads: Checkpoint,
+    checkpoint: Checkpoint,
+    config: v3c_models::config::ModelConfig,
+}
+
+fn torch_grad_case() -> TorchGradCase {
     use std::collections::HashMap;
     use v3c_models::autodiff::backward;
     use v3c_models::config::ModelConfig;
     use v3c_models::deepseek_v3::{build, BuildOptions, Entry};
     use v3c_models::graph::{Builder, Dim};
-    use v3c_models::interp::Interpreter;
     use v3c_models::tensor::Tensor;
 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf/grads_f32");
@@ -163,8 +170,6 @@ fn autodiff_gradients_match_torch_autograd() {
     let graph = backward(b.finish(), loss).unwrap();
     let names: Vec<String> = graph.outputs.iter().map(|(n, _)| n.clone()).filter(|n| n.starts_with("grad.")).collect();
     let checkpoint = Checkpoint::open(&dir).unwrap();
-    let interp = Interpreter::new(graph, &checkpoint).unwrap();
-
     let t = tokens.len();
     let mut inputs = HashMap::new();
     inputs.insert("tokens".to_string(), Tensor::i64(vec![t], tokens.iter().map(|&x| x as i64).collect()));
@@ -173,16 +178,24 @@ fn autodiff_gradients_match_torch_autograd() {
     for l in 0..config.num_hidden_layers {
         inputs.insert(format!("kv_cache.{l}"), Tensor::f32(vec![0, config.latent_dim()], vec![]));
     }
-    let mut wanted: Vec<&str> = names.iter().map(String::as_str).collect();
-    wanted.push("loss");
-    let out = interp.run(&inputs, &wanted).unwrap();
-    let (ours, theirs) = (out["loss"].as_f32().unwrap()[0], grads.read("loss").unwrap().as_f32().unwrap()[0]);
-    assert!((ours - theirs).abs() <= 1e-5 * theirs.abs(), "loss {ours} vs torch {theirs}");
+    TorchGradCase { graph, names, inputs, grads, checkpoint, config }
+}
+
+/// The loss and every gradient of `out` against torch autograd's (the fixture): each parameter's
+/// relative error (norm of the difference over the norm) within 1e-4; returns the worst.
+fn check_against_torch(
+    case: &TorchGradCase,
+    out: &std::collections::HashMap<String, v3c_models::tensor::Tensor>,
+    who: &str,
+) -> (f64, String) {
+    let theirs = case.grads.read("loss").unwrap().as_f32().unwrap()[0];
+    let ours = out["loss"].as_f32().unwrap()[0];
+    assert!((ours - theirs).abs() <= 1e-5 * theirs.abs(), "{who}: loss {ours} vs torch {theirs}");
     let mut worst = (0.0f64, String::new());
-    for name in &names {
-        let want = grads.read(name).unwrap_or_else(|e| panic!("{name}: not in the fixture: {e}"));
+    for name in &case.names {
+        let want = case.grads.read(name).unwrap_or_else(|e| panic!("{name}: not in the fixture: {e}"));
         let got = &out[name.as_str()];
-        assert_eq!(got.shape, want.shape, "{name}");
+        assert_eq!(got.shape, want.shape, "{who}: {name}");
         let (g, w) = (got.as_f32().unwrap(), want.as_f32().unwrap());
         let diff: f64 = g.iter().zip(w).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
         let norm: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
@@ -190,9 +203,52 @@ fn autodiff_gradients_match_torch_autograd() {
         if rel > worst.0 {
             worst = (rel, name.clone());
         }
-        assert!(rel <= 1e-4, "{name}: relative error {rel:.2e} against torch autograd");
+        assert!(rel <= 1e-4, "{who}: {name}: relative error {rel:.2e} against torch autograd");
     }
-    eprintln!("autodiff vs torch: {} gradients, worst relative error {:.2e} ({})", names.len(), worst.0, worst.1);
     // Every trained parameter of the fixture has a gradient here.
-    assert!(names.len() >= 60, "{} gradients", names.len());
+    assert!(case.names.len() >= 60, "{} gradients", case.names.len());
+    worst
+}
+
+/// v3c's autodiff (the reference interpreter running the backward graph of the DeepSeek-V3 prefill
+/// entry with a mean cross-entropy loss) against torch autograd on transformers' model: the loss
+/// and every parameter's gradient (fixture `grads_f32`), relative error per parameter.
+#[test]
+fn autodiff_gradients_match_torch_autograd() {
+    let case = torch_grad_case();
+    let interp = v3c_models::interp::Interpreter::new(case.graph.clone(), &case.checkpoint).unwrap();
+    let mut wanted: Vec<&str> = case.names.iter().map(String::as_str).collect();
+    wanted.push("loss");
+    let out = interp.run(&case.inputs, &wanted).unwrap();
+    let worst = check_against_torch(&case, &out, "reference");
+    eprintln!("autodiff vs torch: {} gradients, worst relative error {:.2e} ({})", case.names.len(), worst.0, worst.1);
+}
+
+/// The next link of the chain: the same backward graph compiled by the CPU backend (the training
+/// ops' CPU lowerings) against torch autograd directly.
+#[test]
+fn cpu_backend_gradients_match_torch_autograd() {
+    use v3c_models::train::StepBackend;
+    let case = torch_grad_case();
+    let context = v3c_compiler::mlir::new_context();
+    let mut cpu = v3c_compiler::cpu_backend::CpuTrainStep::for_graph(
+        &context,
+        &case.graph,
+        &case.config,
+        None,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let params = v3c_models::train::load_params(&case.config, &case.checkpoint).unwrap();
+    cpu.load(&case.graph, &params).unwrap();
+    let mut wanted: Vec<&str> = case.names.iter().map(String::as_str).collect();
+    wanted.push("loss");
+    let out = cpu.run(&case.inputs, &wanted).unwrap();
+    let worst = check_against_torch(&case, &out, "cpu backend");
+    eprintln!(
+        "cpu backend vs torch: {} gradients, worst relative error {:.2e} ({})",
+        case.names.len(),
+        worst.0,
+        worst.1
+    );
 }
