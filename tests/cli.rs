@@ -630,7 +630,7 @@ fn logits_and_run_work_on_a_committed_fixture() {
 }
 
 /// `dump-ir --entry train-step`: the training graph in the v3 dialect (its VJPs as dialect ops),
-/// its kernels and their CPU lowering; not planned into an arena yet.
+/// its kernels, their CPU lowering and its plan.
 #[test]
 fn dump_ir_prints_the_training_step() {
     let dump = |extra: &[&str]| {
@@ -646,9 +646,10 @@ fn dump_ir_prints_the_training_step() {
     assert!(text(&fp8.stdout).contains("v3.fp8_linear_wgrad"), "{}", text(&fp8.stderr));
     let kernel = dump(&["--stage", "cpu", "--kernel", "rms_norm_grad_0"]);
     assert!(text(&kernel.stdout).contains("func.func @rms_norm_grad_0("), "{}", text(&kernel.stderr));
-    let plan = dump(&["--stage", "plan"]);
-    assert_eq!(plan.status.code(), Some(1));
-    assert!(text(&plan.stderr).contains("training steps are not planned"), "{}", text(&plan.stderr));
+    let plan = dump(&["--stage", "plan", "--report", "--max-rows", "16"]);
+    assert!(plan.status.success(), "{}", text(&plan.stderr));
+    assert!(text(&plan.stderr).contains("report: train_step: "), "{}", text(&plan.stderr));
+    assert!(text(&plan.stdout).contains("\"name\": \"train_step\""), "{}", text(&plan.stdout));
 }
 
 /// `dump-ir` prints a stage, dumps every stage under V3C_DUMP_DIR/<model>/NN-<stage>.mlir, restarts

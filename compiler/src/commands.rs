@@ -179,9 +179,6 @@ pub fn dump_ir(o: &DumpIrOptions) -> Result<(), String> {
         return dump_kernel(o, &context, kernel);
     }
     if o.stage == v3c_compiler::pipeline::PLAN_STAGE {
-        if o.train_step {
-            return Err("--stage plan: training steps are not planned into an arena yet (stages v3, fused, cpu)".into());
-        }
         return dump_plan(o, &context);
     }
     let module = match o.from {
@@ -424,12 +421,7 @@ fn dump_plan(o: &DumpIrOptions, context: &melior::Context) -> Result<(), String>
     let driver = Driver::from_env(o.model);
     let module = match o.from {
         Some(path) => driver.run_file(context, path, "fused", "fused").map_err(|e| e.to_string())?,
-        None => {
-            let config = ModelConfig::resolve(o.model).map_err(|e| e.to_string())?;
-            let layers = o.layers.map(parse_layers).transpose()?;
-            let options = v3c_models::BuildOptions { precision: o.precision, layers, ..Default::default() };
-            driver.run_model(context, &config, &o.entries, &options, "fused").map_err(|e| e.to_string())?
-        }
+        None => model_module(o, context, "fused")?,
     };
     let plan = v3c_compiler::plan::build_plan(&module, o.plan_sizes)?;
     let text = serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n";

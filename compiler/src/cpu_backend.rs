@@ -653,6 +653,41 @@ impl v3c_models::train::StepBackend for CpuTrainStep<'_> {
         inputs: &HashMap<String, v3c_models::tensor::Tensor>,
         wanted: &[&str],
     ) -> Result<HashMap<String, v3c_models::tensor::Tensor>, v3c_models::train::TrainError> {
+        self.run_with(inputs, |program, host| program.run(TRAIN_ENTRY, host, wanted))
+    }
+}
+
+impl CpuTrainStep<'_> {
+    /// The training step's launch plan for windows of up to `rows` tokens (an arena for every
+    /// intermediate, see [`crate::plan`]).
+    pub fn plan(&self, rows: usize) -> Result<v3c_runtime::plan::EntryPlan, CpuBackendError> {
+        let plan = self.program.plan(crate::plan::PlanSizes { rows, context: 0 })?;
+        plan.entries
+            .into_iter()
+            .find(|e| e.name == TRAIN_ENTRY)
+            .ok_or_else(|| CpuBackendError::Invalid("no training entry in the plan".into()))
+    }
+
+    /// As [`v3c_models::train::StepBackend::run`], executing `plan` (its arena) instead of the
+    /// launch list.
+    pub fn run_planned(
+        &mut self,
+        plan: &v3c_runtime::plan::EntryPlan,
+        inputs: &HashMap<String, v3c_models::tensor::Tensor>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, v3c_models::tensor::Tensor>, v3c_models::train::TrainError> {
+        self.run_with(inputs, |program, host| program.run_plan(plan, host, wanted))
+    }
+
+    /// Inputs as host buffers, `execute` on them, outputs back as tensors.
+    fn run_with(
+        &mut self,
+        inputs: &HashMap<String, v3c_models::tensor::Tensor>,
+        execute: impl FnOnce(
+            &CpuProgram,
+            &HashMap<String, HostBuffer>,
+        ) -> Result<HashMap<String, HostBuffer>, CpuBackendError>,
+    ) -> Result<HashMap<String, v3c_models::tensor::Tensor>, v3c_models::train::TrainError> {
         use v3c_models::tensor::{Tensor, TensorData};
         let backend = |m: String| v3c_models::train::TrainError::Backend(m);
         let mut host = HashMap::new();
@@ -665,7 +700,7 @@ impl v3c_models::train::StepBackend for CpuTrainStep<'_> {
             };
             host.insert(name.clone(), HostBuffer { shape: t.shape.clone(), data });
         }
-        let out = self.program.run(TRAIN_ENTRY, &host, wanted).map_err(|e| backend(e.to_string()))?;
+        let out = execute(&self.program, &host).map_err(|e| backend(e.to_string()))?;
         let mut tensors = HashMap::new();
         for (name, b) in out {
             let t = match b.data {

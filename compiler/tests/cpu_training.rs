@@ -187,3 +187,27 @@ fn every_value_of_the_training_graph_matches_the_reference() {
     }
     assert!(bad.is_empty(), "{} of {} values differ:\n{}", bad.len(), names.len(), bad[..bad.len().min(12)].join("\n"));
 }
+
+/// The training step executed from its plan (every intermediate in one arena, windows shorter than
+/// planned too) gives what walking its launch list gives, bit for bit.
+#[test]
+fn the_planned_training_step_equals_the_launch_list() {
+    let (config, checkpoint, _dir) = tiny(8, false, true);
+    let train = TrainConfig { balance_alpha: 0.3, mtp_weight: 0.3, ..Default::default() };
+    let trainer = trainer_with(&config, &checkpoint, train);
+    let context = v3c_compiler::mlir::new_context();
+    let mut cpu = CpuTrainStep::new(&context, &trainer, None).unwrap();
+    cpu.load(trainer.graph(), &trainer.params).unwrap();
+    let plan = cpu.plan(24).unwrap();
+    assert!(plan.arena_bytes > 0);
+    let names: Vec<String> = trainer.graph().outputs.iter().map(|(n, _)| n.clone()).collect();
+    let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+    for len in [26, 11] {
+        let inputs = trainer.window_inputs(&window(len, config.vocab_size, len)).unwrap();
+        let walked = cpu.run(&inputs, &wanted).unwrap();
+        let planned = cpu.run_planned(&plan, &inputs, &wanted).unwrap();
+        for name in &wanted {
+            assert_eq!(walked[*name], planned[*name], "{len} tokens: {name}");
+        }
+    }
+}
