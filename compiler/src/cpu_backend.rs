@@ -303,8 +303,9 @@ impl<'c> CpuProgram<'c> {
         let out = v3c_runtime::cpu::run_plan(plan, &self.weights, inputs, wanted, &mut |name, buffers| {
             let kernel = self.kernels.get(name).ok_or_else(|| format!("kernel {name} missing"))?;
             // SAFETY: shapes come from the plan (the kernels' own shape rules at the planned
-            // sizes), inputs were checked against the plan's bounds and id ranges.
-            unsafe { kernel.run_raw(buffers) }.map_err(|e| {
+            // sizes), inputs were checked against the plan's bounds and id ranges. Spread over
+            // the cores as the launch-list walk does.
+            unsafe { launch(kernel, buffers) }.map_err(|e| {
                 let message = e.to_string();
                 failure = Some(e);
                 message
