@@ -86,21 +86,18 @@ pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, St
                 .dims
                 .iter()
                 .enumerate()
-                .map(|(d, n)| match n {
-                    Some(n) => Ok(DimRule::Const(*n)),
-                    None if concat_axis == Some(d) => {
+                .map(|(d, n)| match (n, follows(&name, r, d, matmul_t)) {
+                    (Some(n), _) => Ok(DimRule::Const(*n)),
+                    (None, _) if concat_axis == Some(d) => {
                         Ok(DimRule::Sum(Box::new(operand_rules[0][d].clone()), Box::new(operand_rules[1][d].clone())))
                     }
-                    None if name == "v3.embed" => Ok(operand_rules[1][0].clone()),
-                    None if follows(&name, r, d, matmul_t).is_some() => {
-                        let (k, dim) = follows(&name, r, d, matmul_t).unwrap_or_default();
-                        operand_rules
-                            .get(k)
-                            .and_then(|rule| rule.get(dim))
-                            .cloned()
-                            .ok_or_else(|| format!("{name}: operand {k} has no dim {dim}"))
-                    }
-                    None => operand_rules
+                    (None, _) if name == "v3.embed" => Ok(operand_rules[1][0].clone()),
+                    (None, Some((k, dim))) => operand_rules
+                        .get(k)
+                        .and_then(|rule| rule.get(dim))
+                        .cloned()
+                        .ok_or_else(|| format!("{name}: operand {k} has no dim {dim}")),
+                    (None, None) => operand_rules
                         .iter()
                         .find_map(|r| r.get(d).filter(|x| !matches!(x, DimRule::Const(_))).cloned())
                         .ok_or_else(|| format!("{name}: no rule for dynamic result dim {d}")),

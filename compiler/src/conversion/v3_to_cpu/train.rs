@@ -471,7 +471,7 @@ memref.store %ce_loss, {dest}[%ce_c0] : {o_ty}",
             "ag_sr",
             "%ag_drn",
             &format!("$v = memref.load {qp}[%ag_i, %ag_h, $i] : {qp_ty}"),
-            &format!("%ag_sr_c = arith.addi %ag_kv, $i : index\n  $v = memref.load {lat}[%ag_j, %ag_sr_c] : {lat_ty}"),
+            &format!("%ag_sr_c = arith.addi %ag_kvn, $i : index\n  $v = memref.load {lat}[%ag_j, %ag_sr_c] : {lat_ty}"),
         );
         let d_p = dot(
             "ag_dv",
@@ -496,7 +496,7 @@ memref.store %ce_loss, {dest}[%ce_c0] : {o_ty}",
         ]
         .join("\n");
         let update_rope = [
-            "%ag_ur_c = arith.addi %ag_kv, %ag_r : index".to_string(),
+            "%ag_ur_c = arith.addi %ag_kvn, %ag_r : index".to_string(),
             format!("%ag_ur_k = memref.load {lat}[%ag_j, %ag_ur_c] : {lat_ty}"),
             format!("%ag_ur_q = memref.load {qp}[%ag_i, %ag_h, %ag_r] : {qp_ty}"),
             "%ag_ur_a = arith.mulf %ag_ds, %ag_ur_k : f32".into(),
@@ -518,11 +518,9 @@ memref.store %ce_loss, {dest}[%ce_c0] : {o_ty}",
 %ag_nz = arith.constant -0.0 : f32
 %ag_ninf = arith.constant 0xFF800000 : f32
 %ag_scale = arith.constant {scale} : f32
-%ag_kv = arith.constant {kv} : index
 %ag_kvn = arith.constant {kv} : index
 %ag_hpn = arith.constant {hp} : index
 %ag_per = arith.constant {per} : index
-%ag_dnc = arith.constant {dn} : index
 %ag_dnn = arith.constant {dn} : index
 %ag_drn = arith.constant {dr} : index
 %ag_dvn = arith.constant {dv} : index
@@ -562,7 +560,7 @@ scf.for %ag_j = %ag_c0 to %ag_S step %ag_c1 {{
 memref.dealloc %ag_kbT : memref<{kv}x{hp}xf32>
 scf.for %ag_h = %ag_c0 to %ag_hn step %ag_c1 {{
   %ag_hb = arith.muli %ag_h, %ag_per : index
-  %ag_hv = arith.addi %ag_hb, %ag_dnc : index
+  %ag_hv = arith.addi %ag_hb, %ag_dnn : index
   scf.for %ag_i = %ag_c0 to %ag_T step %ag_c1 {{
     %ag_last = arith.addi %ag_off, %ag_i : index
     %ag_nk = arith.addi %ag_last, %ag_c1 : index
