@@ -1539,6 +1539,7 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
         bar.set_message(format!("loss {:.4}", r.loss));
     }
     bar.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
     // The checkpoint: config.json and every parameter, f32, under its checkpoint name. The weights
     // are no longer block-scaled fp8, so the config no longer says so (a compiler would otherwise
     // pick the fp8 graph for f32 tensors).
@@ -1586,11 +1587,12 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     }
     std::fs::write(o.out.join("expert_load.csv"), loads).map_err(|e| format!("{}: {e}", o.out.display()))?;
     eprintln!(
-        "trained {} steps (now at step {done}) in {:.1} s on the {} backend ({}); wrote {}",
+        "trained {} steps (now at step {done}) in {:.1} s on the {} backend ({}, {:.0} tokens/s); wrote {}",
         o.steps,
-        started.elapsed().as_secs_f64(),
+        elapsed,
         o.backend,
         if o.fp8 { "FP8 GEMMs" } else { "f32" },
+        (o.steps * o.batch * o.seq) as f64 / elapsed.max(1e-9),
         o.out.display()
     );
     Ok(())
