@@ -1355,60 +1355,13 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
 }
 
 pub struct TrainOptions<'a> {
-    pub model_dir: &'a Path,
-    pub data: &'a Path,
-    pub steps: usize,
-    pub out: &'a Path,
-    pub batch: usize,
-    pub seq: usize,
-    pub lr: f32,
-    pub seed: u64,
-    pub resume: bool,
+    pub run: v3c_runtime::training::RunOptions<'a>,
     pub backend: &'a str,
-    pub mtp_weight: f32,
-    pub balance_alpha: f32,
-    pub fp8: bool,
 }
 
-/// Token ids from `path`: whitespace-separated integers, else little-endian u32; each checked
-/// against the vocabulary (the message names the file and the position).
-fn read_token_file(path: &Path, vocab: usize) -> Result<Vec<i64>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let ids: Vec<i64> = match std::str::from_utf8(&bytes) {
-        Ok(text) if text.chars().all(|c| c.is_ascii_digit() || c.is_whitespace()) => text
-            .split_whitespace()
-            .enumerate()
-            .map(|(i, w)| w.parse::<i64>().map_err(|e| format!("{}: token {i} '{w}': {e}", path.display())))
-            .collect::<Result<_, _>>()?,
-        _ if bytes.len() % 4 == 0 => {
-            bytes.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()
-        }
-        _ => {
-            return Err(format!(
-                "{}: neither whitespace-separated token ids nor little-endian u32 ({} bytes)",
-                path.display(),
-                bytes.len()
-            ))
-        }
-    };
-    if let Some((i, t)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= vocab) {
-        return Err(format!("{}: token {i} is {t}, outside the vocabulary (0..{vocab})", path.display()));
-    }
-    Ok(ids)
-}
-
-/// Where a training run keeps its optimizer state (beside, not among, the checkpoint's files).
-const OPTIMIZER_STATE: &str = "optimizer/state.safetensors";
-
-/// `v3c train` on the reference or cpu backend: windows of `seq + 1` tokens sampled from the data,
-/// one optimizer step per `batch` of them (see `v3c_models::train`); writes `loss.csv` as it goes and,
-/// at the end, the checkpoint (`config.json` + `model.safetensors`, f32, checkpoint names),
-/// the optimizer state ([`OPTIMIZER_STATE`]: moments and step) and `expert_load.csv` (tokens per
-/// expert per layer).
+/// `v3c train` on the reference or cpu backend ([`v3c_runtime::training`]): the cpu backend
+/// compiles the training graph before anything is written.
 pub fn train(o: &TrainOptions) -> Result<(), String> {
-    use v3c_models::checkpoint::Checkpoint;
-    use v3c_models::tensor::Tensor;
-    use v3c_models::train::{load_params, TrainConfig, Trainer};
     match o.backend {
         "reference" | "cpu" => {}
         "cuda" => {
@@ -1418,184 +1371,30 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
         }
         other => return Err(format!("--backend {other}: unknown (reference, cpu, cuda)")),
     }
-    if o.steps == 0 || o.batch == 0 || o.seq == 0 {
-        return Err("--steps, --batch and --seq must be positive".into());
+    let run = v3c_runtime::training::Run::prepare(&o.run)?;
+    if o.backend == "reference" {
+        return run.execute(&o.run, &mut v3c_models::train::Reference::default(), o.backend);
     }
-    for (flag, v) in [("--lr", o.lr), ("--mtp-weight", o.mtp_weight), ("--balance-alpha", o.balance_alpha)] {
-        if !(v.is_finite() && v >= 0.0) {
-            return Err(format!("{flag} {v}: must be a finite number >= 0"));
-        }
-    }
-    let source = if o.resume { o.out } else { o.model_dir };
-    if !o.resume && o.out.exists() {
-        return Err(format!("{}: already exists (choose a new directory, or --resume a run)", o.out.display()));
-    }
-    let config = ModelConfig::from_path(source).map_err(|e| e.to_string())?;
-    let checkpoint = Checkpoint::open(source).map_err(|e| e.to_string())?;
-    let params = load_params(&config, &checkpoint).map_err(|e| e.to_string())?;
-    let data = read_token_file(o.data, config.vocab_size)?;
-    // Optimizer state of a resumed run.
-    let (mut done, moments) = if o.resume {
-        let state = Checkpoint::open_file(&o.out.join(OPTIMIZER_STATE)).map_err(|e| e.to_string())?;
-        let step = state.read("step").map_err(|e| e.to_string())?.as_ids().unwrap_or_default()[0] as usize;
-        (step, Some(state))
-    } else {
-        (0, None)
-    };
-    let train = TrainConfig {
-        lr: o.lr,
-        total_steps: done + o.steps,
-        warmup_steps: ((done + o.steps) / 10).max(1),
-        mtp_weight: o.mtp_weight,
-        balance_alpha: o.balance_alpha,
-        fp8: o.fp8,
-        ..TrainConfig::default()
-    };
-    let mut trainer = Trainer::new(&config, params, train).map_err(|e| e.to_string())?;
-    // The cpu backend compiles the training graph before anything is written.
     let context = v3c_compiler::mlir::new_context();
-    let mut compiled = match o.backend {
-        "cpu" => {
-            let bar = indicatif::ProgressBar::new(0).with_style(
-                indicatif::ProgressStyle::with_template(
-                    "compiling the training step [{bar:30}] {pos}/{len} kernels {msg}",
-                )
-                .map_err(|e| e.to_string())?
-                .progress_chars("=> "),
-            );
-            let step = v3c_compiler::cpu_backend::CpuTrainStep::for_graph(
-                &context,
-                trainer.graph(),
-                &config,
-                KernelCache::from_env().as_ref(),
-                &mut |done, total, k| {
-                    bar.set_length(total as u64);
-                    bar.set_position(done as u64);
-                    bar.set_message(k.name.clone());
-                },
-            )
-            .map_err(|e| format!("--backend cpu: {e}"))?;
-            bar.finish_and_clear();
-            Some(step)
-        }
-        _ => None,
-    };
-    let window = o.seq + trainer.window_extra();
-    if data.len() < window {
-        return Err(format!("{}: {} tokens, fewer than a window of {window}", o.data.display(), data.len()));
-    }
-    if let Some(state) = &moments {
-        trainer.step = done;
-        for (name, m) in trainer.m.iter_mut() {
-            *m = state.read(&format!("m.{name}")).map_err(|e| e.to_string())?.as_f32().unwrap_or(&[]).to_vec();
-        }
-        for (name, v) in trainer.v.iter_mut() {
-            *v = state.read(&format!("v.{name}")).map_err(|e| e.to_string())?.as_f32().unwrap_or(&[]).to_vec();
-        }
-    }
-    if !o.resume {
-        std::fs::create_dir_all(o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
-        std::fs::write(o.out.join("loss.csv"), "step,loss,grad_norm,lr,max_mean_expert_load\n")
-            .map_err(|e| format!("{}: {e}", o.out.display()))?;
-    }
-    let mut log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(o.out.join("loss.csv"))
-        .map_err(|e| format!("{}/loss.csv: {e}", o.out.display()))?;
-    let bar = indicatif::ProgressBar::new(o.steps as u64).with_style(
-        indicatif::ProgressStyle::with_template("training [{bar:30}] {pos}/{len} steps {msg}")
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("compiling the training step [{bar:30}] {pos}/{len} kernels {msg}")
             .map_err(|e| e.to_string())?
             .progress_chars("=> "),
     );
-    let mut rng = o.seed ^ 0x9E37_79B9_7F4A_7C15 ^ (done as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
-    let mut totals: Vec<(String, Vec<usize>)> = Vec::new();
-    let started = Instant::now();
-    for _ in 0..o.steps {
-        let batch: Vec<Vec<i64>> = (0..o.batch)
-            .map(|_| {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                let start = (rng % (data.len() - window + 1) as u64) as usize;
-                data[start..start + window].to_vec()
-            })
-            .collect();
-        let r = match compiled.as_mut() {
-            Some(step) => trainer.step_on(step, &batch),
-            None => trainer.step(&batch),
-        }
-        .map_err(|e| e.to_string())?;
-        done = r.step;
-        use std::io::Write as _;
-        writeln!(log, "{},{},{},{},{}", r.step, r.loss, r.grad_norm, r.lr, r.max_mean_load())
-            .map_err(|e| format!("{}/loss.csv: {e}", o.out.display()))?;
-        for (layer, loads) in &r.expert_load {
-            match totals.iter_mut().find(|(l, _)| l == layer) {
-                Some((_, t)) => t.iter_mut().zip(loads).for_each(|(a, b)| *a += b),
-                None => totals.push((layer.clone(), loads.clone())),
-            }
-        }
-        bar.inc(1);
-        bar.set_message(format!("loss {:.4}", r.loss));
-    }
+    let mut step = v3c_compiler::cpu_backend::CpuTrainStep::for_graph(
+        &context,
+        run.trainer.graph(),
+        &run.config,
+        KernelCache::from_env().as_ref(),
+        &mut |done, total, k| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(k.name.clone());
+        },
+    )
+    .map_err(|e| format!("--backend cpu: {e}"))?;
     bar.finish_and_clear();
-    let elapsed = started.elapsed().as_secs_f64();
-    // The checkpoint: config.json and every parameter, f32, under its checkpoint name. The weights
-    // are no longer block-scaled fp8, so the config no longer says so (a compiler would otherwise
-    // pick the fp8 graph for f32 tensors).
-    let mut hf = config.to_hf_json();
-    if let Some(m) = hf.as_object_mut() {
-        m.remove("quantization_config");
-    }
-    let config_text = serde_json::to_string_pretty(&hf).map_err(|e| e.to_string())? + "\n";
-    std::fs::write(o.out.join("config.json"), config_text).map_err(|e| format!("{}: {e}", o.out.display()))?;
-    // Tensors the training graph does not use (the MTP module) are kept as they were; fp8 weights
-    // were trained dequantized, so their block scales are dropped with them.
-    let mut kept: Vec<(String, Tensor)> = Vec::new();
-    for name in checkpoint.tensor_names() {
-        let scale_of_trained = name.strip_suffix("_scale_inv").is_some_and(|w| trainer.params.contains_key(w));
-        if trainer.params.contains_key(name) || scale_of_trained {
-            continue;
-        }
-        match checkpoint.read(name) {
-            Ok(t) => kept.push((name.to_string(), t)),
-            Err(e) => eprintln!("warning: {name} is not copied to the trained checkpoint: {e}"),
-        }
-    }
-    let mut names: Vec<&String> = trainer.params.keys().collect();
-    names.sort();
-    let mut tensors: Vec<(&str, &Tensor)> = names.iter().map(|n| (n.as_str(), &trainer.params[*n])).collect();
-    tensors.extend(kept.iter().map(|(n, t)| (n.as_str(), t)));
-    save_tensors(&o.out.join("model.safetensors"), &tensors).map_err(|e| e.to_string())?;
-    let mut state: Vec<(String, Tensor)> = vec![("step".into(), Tensor::i64(vec![1], vec![done as i64]))];
-    for (prefix, moments) in [("m", &trainer.m), ("v", &trainer.v)] {
-        for (name, values) in moments {
-            state.push((format!("{prefix}.{name}"), Tensor::f32(trainer.params[name].shape.clone(), values.clone())));
-        }
-    }
-    let state_refs: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let state_path = o.out.join(OPTIMIZER_STATE);
-    if let Some(parent) = state_path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-    }
-    save_tensors(&state_path, &state_refs).map_err(|e| e.to_string())?;
-    let mut loads = String::from("layer_bias,expert,tokens\n");
-    for (layer, counts) in &totals {
-        for (e, c) in counts.iter().enumerate() {
-            loads.push_str(&format!("{layer},{e},{c}\n"));
-        }
-    }
-    std::fs::write(o.out.join("expert_load.csv"), loads).map_err(|e| format!("{}: {e}", o.out.display()))?;
-    eprintln!(
-        "trained {} steps (now at step {done}) in {:.1} s on the {} backend ({}, {:.0} tokens/s); wrote {}",
-        o.steps,
-        elapsed,
-        o.backend,
-        if o.fp8 { "FP8 GEMMs" } else { "f32" },
-        (o.steps * o.batch * o.seq) as f64 / elapsed.max(1e-9),
-        o.out.display()
-    );
-    Ok(())
+    run.execute(&o.run, &mut step, o.backend)
 }
 
 /// `v3c emulate`: a GPU artifact's prefill of `tokens` from position 0 run on this CPU

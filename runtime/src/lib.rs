@@ -26,6 +26,7 @@ pub mod plan;
 pub mod prepare;
 pub mod session;
 pub mod speculative;
+pub mod training;
 pub mod tuning;
 
 pub use device::{probe_devices, DeviceError, DeviceInfo, DriverInfo};
