@@ -910,6 +910,7 @@ fn write_gpu_artifact(
             source: tuning_source.into(),
             detail: format!("GEMM configurations, dense and grouped, for {}", o.gpu),
         },
+        training: None,
     };
     write("manifest.json", (serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n").as_bytes())?;
     // What is written must read back: the runtime's validation, before the artifact is moved in place.
@@ -939,6 +940,8 @@ pub struct CompileCpuOptions<'a> {
     pub sizes: v3c_compiler::plan::PlanSizes,
     /// The MTP module as an entry of its own (`draft`).
     pub speculative: bool,
+    /// The training step instead of the inference entries.
+    pub train: Option<v3c_models::train::TrainConfig>,
 }
 
 /// `v3c compile --target cpu`: both entry points to machine code for this CPU, kernels taken from
@@ -963,28 +966,36 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
     );
     bar.set_prefix("compiling for cpu");
     let (mut hits, mut built) = (0usize, 0usize);
-    let entries = entries_for(&config, o.speculative)?;
-    let compiled = v3c_compiler::cpu_backend::compile_model(
-        &context,
-        &config,
-        entries,
-        false,
-        precision,
-        cache.as_ref(),
-        &mut |done, total, k| {
-            if k.from_cache {
-                hits += 1;
-            } else {
-                built += 1;
-            }
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-            bar.set_message(k.name.clone());
-        },
-    )
+    let mut progress = |done: usize, total: usize, k: &v3c_compiler::conversion::v3_to_cpu::CpuKernel| {
+        if k.from_cache {
+            hits += 1;
+        } else {
+            built += 1;
+        }
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(k.name.clone());
+    };
+    let compiled = match &o.train {
+        // The training step: its caches are empty (every window is a prefill from position 0).
+        Some(train) => {
+            let graph = v3c_models::train::training_graph(&config, train).map_err(|e| e.to_string())?.graph;
+            let graphs = [(v3c_compiler::cpu_backend::TRAIN_ENTRY, &graph)];
+            v3c_compiler::cpu_backend::compile_graphs(&context, o.model, &graphs, cache.as_ref(), &mut progress)
+        }
+        None => {
+            let entries = entries_for(&config, o.speculative)?;
+            let compile = v3c_compiler::cpu_backend::compile_model;
+            compile(&context, &config, entries, false, precision, cache.as_ref(), &mut progress)
+        }
+    }
     .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
-    let plan = v3c_compiler::plan::build_plan(&compiled.module, o.sizes)?;
+    let sizes = match o.train {
+        Some(_) => v3c_compiler::plan::PlanSizes { context: 0, ..o.sizes },
+        None => o.sizes,
+    };
+    let plan = v3c_compiler::plan::build_plan(&compiled.module, sizes)?;
     let arenas: Vec<String> =
         plan.entries.iter().map(|e| format!("{} {:.1} MiB", e.name, e.arena_bytes as f64 / (1 << 20) as f64)).collect();
     eprintln!(
@@ -993,8 +1004,8 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
         config.name,
         compiled.kernels.len(),
         start.elapsed().as_secs_f64(),
-        o.sizes.rows,
-        o.sizes.context,
+        sizes.rows,
+        sizes.context,
         arenas.join(", ")
     );
     match &cache {
@@ -1057,6 +1068,11 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
             source: "none".into(),
             detail: "CPU kernels are fixed templates; nothing to tune".into(),
         },
+        training: o.train.as_ref().map(|t| artifact::TrainingInfo {
+            mtp_weight: t.mtp_weight,
+            balance_alpha: t.balance_alpha,
+            fp8: t.fp8,
+        }),
     };
     let write = |file: &str, text: String| {
         let path = staging.path().join(file);

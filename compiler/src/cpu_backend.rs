@@ -131,8 +131,7 @@ impl<'c> CpuProgram<'c> {
         cache: Option<&KernelCache>,
         progress: &mut dyn FnMut(usize, usize, &CpuKernel),
     ) -> Result<CpuProgram<'c>, CpuBackendError> {
-        let module = Driver::from_env(label).run_graphs(context, graphs, "fused")?;
-        let kernels = compile_kernels(context, &module, cache, progress)?;
+        let CompiledModel { module, kernels } = compile_graphs(context, label, graphs, cache, progress)?;
         Ok(CpuProgram { module, kernels, weights: HashMap::new(), vocab })
     }
 
@@ -357,6 +356,20 @@ pub fn compile_model<'c>(
     let mtp_draft = entries.contains(&Entry::Draft);
     let options = BuildOptions { dense_f32_weights: true, skip_mtp, precision, mtp_draft, ..Default::default() };
     let module = Driver::from_env(&config.name).run_model(context, config, entries, &options, "fused")?;
+    let kernels = compile_kernels(context, &module, cache, progress)?;
+    Ok(CompiledModel { module, kernels })
+}
+
+/// Graphs built already (a training step) to the `fused` stage ([`Driver::run_graphs`]) and every
+/// kernel compiled, as [`compile_model`] does for a model's entries.
+pub fn compile_graphs<'c>(
+    context: &'c Context,
+    label: &str,
+    graphs: &[(&str, &v3c_models::Graph)],
+    cache: Option<&KernelCache>,
+    progress: &mut dyn FnMut(usize, usize, &CpuKernel),
+) -> Result<CompiledModel<'c>, CpuBackendError> {
+    let module = Driver::from_env(label).run_graphs(context, graphs, "fused")?;
     let kernels = compile_kernels(context, &module, cache, progress)?;
     Ok(CompiledModel { module, kernels })
 }

@@ -186,6 +186,17 @@ struct CompileArgs {
     /// (`v3r run --speculative`): the main entries then leave it out and output their hidden state.
     #[arg(long)]
     speculative: bool,
+    /// Compile the training step (forward, losses, every gradient) instead of the inference
+    /// entries, planned for windows of up to --max-rows tokens: an artifact `v3r train` runs (cpu
+    /// target). `--precision fp8`: DeepSeek-V3's FP8 recipe.
+    #[arg(long)]
+    train: bool,
+    /// With --train: weight (lambda) of the MTP loss (0 leaves the MTP module out).
+    #[arg(long, value_name = "LAMBDA", default_value_t = 0.3, requires = "train")]
+    mtp_weight: f32,
+    /// With --train: weight (alpha) of each MoE layer's sequence-wise balance loss (0: off).
+    #[arg(long, value_name = "ALPHA", default_value_t = 1e-4, requires = "train")]
+    balance_alpha: f32,
 }
 
 #[derive(Args)]
@@ -398,6 +409,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Doctor(a) => run_doctor(&a),
         Command::Compile(a) => match a.target {
+            CompileTarget::Gpu(_) if a.train => Err("--train: unsupported on sm_90a: the training ops have no \
+                 sm_90a lowering yet; compile the training step with --target cpu"
+                .into()),
             CompileTarget::Gpu(t) => commands::compile(&commands::CompileGpuOptions {
                 model: &a.model.model,
                 target: t,
@@ -419,6 +433,12 @@ fn main() -> ExitCode {
                 force: a.force,
                 sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
                 speculative: a.speculative,
+                train: a.train.then(|| v3c_models::train::TrainConfig {
+                    mtp_weight: a.mtp_weight,
+                    balance_alpha: a.balance_alpha,
+                    fp8: a.precision == Some(Precision::Fp8),
+                    ..Default::default()
+                }),
             }),
         },
         Command::DumpIr(a) => commands::dump_ir(&commands::DumpIrOptions {

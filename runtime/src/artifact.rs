@@ -41,6 +41,19 @@ pub struct Manifest {
     pub lowering: Option<FileEntry>,
     pub kernels: Vec<KernelEntry>,
     pub tuning: TuningInfo,
+    /// An artifact of a training step (entry `train_step`): the settings its graph was built with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingInfo>,
+}
+
+/// The loss weights and precision a compiled training step implements (what `v3r train` trains
+/// with; see `v3c_models::train::TrainConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingInfo {
+    pub mtp_weight: f32,
+    pub balance_alpha: f32,
+    /// DeepSeek-V3's FP8 recipe (e4m3 GEMMs on f32 masters).
+    pub fp8: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
