@@ -597,7 +597,7 @@ pub struct CpuTrainStep<'c> {
 }
 
 /// The entry point name of a compiled training step.
-pub const TRAIN_ENTRY: &str = "train_step";
+pub use v3c_runtime::training::TRAIN_ENTRY;
 
 impl<'c> CpuTrainStep<'c> {
     /// Compiles `trainer`'s training graph (kernels from `cache` where it holds them).
@@ -630,34 +630,9 @@ impl v3c_models::train::StepBackend for CpuTrainStep<'_> {
         _graph: &v3c_models::Graph,
         params: &HashMap<String, v3c_models::tensor::Tensor>,
     ) -> Result<(), v3c_models::train::TrainError> {
-        use v3c_models::train::TrainError;
-        let f32s = |name: &str| -> Result<(&[usize], &[f32]), TrainError> {
-            let t = params.get(name).ok_or_else(|| TrainError::Backend(format!("parameter {name} not given")))?;
-            let values =
-                t.as_f32().ok_or_else(|| TrainError::Backend(format!("{name}: trained parameters must be f32")))?;
-            Ok((&t.shape, values))
-        };
         for name in self.program.param_names() {
-            // Experts stacked per layer and projection, as the kernels take them.
-            let buffer = if name.contains(".experts.*.") {
-                let mut shape = Vec::new();
-                let mut data = Vec::new();
-                let mut e = 0;
-                while let Some(expert) =
-                    Some(name.replace(".experts.*.", &format!(".experts.{e}."))).filter(|n| params.contains_key(n))
-                {
-                    let (s, v) = f32s(&expert)?;
-                    shape = s.to_vec();
-                    data.extend_from_slice(v);
-                    e += 1;
-                }
-                shape.insert(0, e);
-                HostBuffer { shape, data: HostData::F32(data) }
-            } else {
-                let (shape, values) = f32s(&name)?;
-                HostBuffer { shape: shape.to_vec(), data: HostData::F32(values.to_vec()) }
-            };
-            self.program.set_weight(&name, buffer);
+            let w = v3c_runtime::training::bound_weight(&name, params)?;
+            self.program.set_weight(&name, w);
         }
         Ok(())
     }
@@ -702,29 +677,9 @@ impl CpuTrainStep<'_> {
             &HashMap<String, HostBuffer>,
         ) -> Result<HashMap<String, HostBuffer>, CpuBackendError>,
     ) -> Result<HashMap<String, v3c_models::tensor::Tensor>, v3c_models::train::TrainError> {
-        use v3c_models::tensor::{Tensor, TensorData};
-        let backend = |m: String| v3c_models::train::TrainError::Backend(m);
-        let mut host = HashMap::new();
-        for (name, t) in inputs {
-            let data = match &t.data {
-                TensorData::F32(v) => HostData::F32(v.clone()),
-                TensorData::I64(v) => HostData::I64(v.clone()),
-                TensorData::I32(v) => HostData::I32(v.clone()),
-                _ => return Err(backend(format!("input {name}: {} is not a host tensor", t.describe()))),
-            };
-            host.insert(name.clone(), HostBuffer { shape: t.shape.clone(), data });
-        }
-        let out = execute(&self.program, &host).map_err(|e| backend(e.to_string()))?;
-        let mut tensors = HashMap::new();
-        for (name, b) in out {
-            let t = match b.data {
-                HostData::F32(v) => Tensor::f32(b.shape, v),
-                HostData::I64(v) => Tensor::i64(b.shape, v),
-                HostData::I32(v) => Tensor::i64(b.shape, v.into_iter().map(i64::from).collect()),
-                _ => return Err(backend(format!("output {name}: not f32 or integers"))),
-            };
-            tensors.insert(name, t);
-        }
-        Ok(tensors)
+        use v3c_runtime::training::{host_inputs, output_tensors};
+        let out = execute(&self.program, &host_inputs(inputs)?)
+            .map_err(|e| v3c_models::train::TrainError::Backend(e.to_string()))?;
+        output_tensors(out)
     }
 }

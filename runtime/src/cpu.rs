@@ -443,6 +443,30 @@ impl CpuArtifact {
         Ok(timings)
     }
 
+    /// The names of the weights the plan binds (stacked experts as `...experts.*...`), sorted.
+    pub fn weight_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.weights.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Replaces the weight bound to `name` (a trained parameter) with `weight` of the same shape
+    /// and element type.
+    pub fn set_weight(&mut self, name: &str, weight: HostBuffer) -> Result<(), String> {
+        let old = self.weights.get(name).ok_or_else(|| format!("the plan binds no weight '{name}'"))?;
+        if old.shape != weight.shape || old.element() != weight.element() {
+            return Err(format!(
+                "{name}: {:?} {} does not replace {:?} {}",
+                weight.shape,
+                weight.element(),
+                old.shape,
+                old.element()
+            ));
+        }
+        self.weights.insert(name.to_string(), weight);
+        Ok(())
+    }
+
     /// The plan of entry `entry`.
     pub fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String> {
         self.entry(entry)

@@ -9,10 +9,14 @@
 use std::path::Path;
 use std::time::Instant;
 
+use std::collections::HashMap;
+
 use v3c_models::checkpoint::{save_tensors, Checkpoint};
 use v3c_models::config::ModelConfig;
-use v3c_models::tensor::Tensor;
-use v3c_models::train::{load_params, StepBackend, TrainConfig, Trainer};
+use v3c_models::tensor::{Tensor, TensorData};
+use v3c_models::train::{load_params, StepBackend, TrainConfig, TrainError, Trainer};
+
+use crate::host::{HostBuffer, HostData};
 
 /// What a run trains on, how long, and where it writes.
 pub struct RunOptions<'a> {
@@ -231,5 +235,111 @@ impl Run {
             o.out.display()
         );
         Ok(())
+    }
+}
+
+/// The training step's entry point name in plans and artifacts.
+pub const TRAIN_ENTRY: &str = "train_step";
+
+/// A training window's inputs as host buffers.
+pub fn host_inputs(inputs: &HashMap<String, Tensor>) -> Result<HashMap<String, HostBuffer>, TrainError> {
+    let mut host = HashMap::new();
+    for (name, t) in inputs {
+        let data = match &t.data {
+            TensorData::F32(v) => HostData::F32(v.clone()),
+            TensorData::I64(v) => HostData::I64(v.clone()),
+            TensorData::I32(v) => HostData::I32(v.clone()),
+            _ => return Err(TrainError::Backend(format!("input {name}: {} is not a host tensor", t.describe()))),
+        };
+        host.insert(name.clone(), HostBuffer { shape: t.shape.clone(), data });
+    }
+    Ok(host)
+}
+
+/// A training step's outputs (loss, gradients, expert indices) as tensors.
+pub fn output_tensors(out: HashMap<String, HostBuffer>) -> Result<HashMap<String, Tensor>, TrainError> {
+    let mut tensors = HashMap::new();
+    for (name, b) in out {
+        let t = match b.data {
+            HostData::F32(v) => Tensor::f32(b.shape, v),
+            HostData::I64(v) => Tensor::i64(b.shape, v),
+            HostData::I32(v) => Tensor::i64(b.shape, v.into_iter().map(i64::from).collect()),
+            _ => return Err(TrainError::Backend(format!("output {name}: not f32 or integers"))),
+        };
+        tensors.insert(name, t);
+    }
+    Ok(tensors)
+}
+
+/// The weight a compiled step binds to `name`, from the trainer's parameters: the parameter itself,
+/// or for `...experts.*...` every expert's stacked in order.
+pub fn bound_weight(name: &str, params: &HashMap<String, Tensor>) -> Result<HostBuffer, TrainError> {
+    let f32s = |name: &str| -> Result<(&[usize], &[f32]), TrainError> {
+        let t = params.get(name).ok_or_else(|| TrainError::Backend(format!("parameter {name} not given")))?;
+        let values =
+            t.as_f32().ok_or_else(|| TrainError::Backend(format!("{name}: trained parameters must be f32")))?;
+        Ok((&t.shape, values))
+    };
+    if !name.contains(".experts.*.") {
+        let (shape, values) = f32s(name)?;
+        return Ok(HostBuffer { shape: shape.to_vec(), data: HostData::F32(values.to_vec()) });
+    }
+    let (mut shape, mut data, mut e) = (Vec::new(), Vec::new(), 0);
+    while let Some(expert) =
+        Some(name.replace(".experts.*.", &format!(".experts.{e}."))).filter(|n| params.contains_key(n))
+    {
+        let (s, v) = f32s(&expert)?;
+        shape = s.to_vec();
+        data.extend_from_slice(v);
+        e += 1;
+    }
+    shape.insert(0, e);
+    Ok(HostBuffer { shape, data: HostData::F32(data) })
+}
+
+/// A cpu artifact of a training step (`v3c compile --target cpu --train`) as the trainer's
+/// [`StepBackend`]: each window runs the plan; the parameters are bound as its weights at every
+/// optimizer step.
+pub struct ArtifactStep {
+    artifact: crate::cpu::CpuArtifact,
+}
+
+impl ArtifactStep {
+    /// Checks that `artifact` computes what `trainer` asks for (its loss and every gradient) and
+    /// holds windows of `seq` tokens.
+    pub fn new(artifact: crate::cpu::CpuArtifact, trainer: &Trainer, seq: usize) -> Result<ArtifactStep, String> {
+        let dir = artifact.artifact.dir.display().to_string();
+        let plan = artifact.entry_plan(TRAIN_ENTRY).map_err(|e| format!("{dir}: {e} (compile with --train)"))?;
+        for (name, _) in &trainer.graph().outputs {
+            if !plan.outputs.iter().any(|(n, _)| n == name) {
+                return Err(format!("{dir}: the training step has no output '{name}' (compiled for other settings?)"));
+            }
+        }
+        // A window's graph has `seq` token rows (its targets and MTP tokens are shifted copies).
+        let planned = plan.sizes.rows;
+        if seq > planned {
+            return Err(format!("--seq {seq}: {dir} is planned for windows of up to {planned} tokens (--max-rows)"));
+        }
+        Ok(ArtifactStep { artifact })
+    }
+}
+
+impl StepBackend for ArtifactStep {
+    fn load(&mut self, _graph: &v3c_models::Graph, params: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+        for name in self.artifact.weight_names() {
+            let w = bound_weight(&name, params)?;
+            self.artifact.set_weight(&name, w).map_err(TrainError::Backend)?;
+        }
+        Ok(())
+    }
+
+    fn run(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, Tensor>, TrainError> {
+        let host = host_inputs(inputs)?;
+        let out = self.artifact.run(TRAIN_ENTRY, &host, wanted).map_err(TrainError::Backend)?;
+        output_tensors(out)
     }
 }
