@@ -629,6 +629,70 @@ fn logits_and_run_work_on_a_committed_fixture() {
     assert_eq!(sampled, run(&["--temperature", "1.0", "--top-p", "0.9", "--seed", "7"]));
 }
 
+/// `v3r train` on a training-step artifact (`v3c compile --target cpu --train`) is `v3c train
+/// --backend cpu` without the compiler: the same loss log and a byte-identical checkpoint (the MoE +
+/// MTP tiny model); it resumes, and refuses an inference artifact and windows longer than planned.
+#[test]
+fn v3r_trains_from_a_training_artifact_like_v3c_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let init = run_binary("v3c", &["init-weights", "--model", "deepseek-v3-tiny", "--out", &p("ckpt")]);
+    assert!(init.status.success(), "{}", text(&init.stderr));
+    let pattern = [5, 9, 2, 7, 11, 3, 42, 17];
+    let tokens: Vec<String> = (0..300).map(|i| pattern[i % 8].to_string()).collect();
+    std::fs::write(p("data.txt"), tokens.join(" ")).unwrap();
+    let compile = run_binary(
+        "v3c",
+        &["compile", "--model", &p("ckpt"), "--target", "cpu", "--train", "--max-rows", "16", "--out", &p("art")],
+    );
+    assert!(compile.status.success(), "{}", text(&compile.stderr));
+    let common = ["--data", &p("data.txt"), "--steps", "4", "--batch", "2"];
+    let v3r =
+        run_binary("v3r", &[&["train", &p("art"), "--weights", &p("ckpt"), "--out", &p("v3r")], &common[..]].concat());
+    assert!(v3r.status.success(), "{}", text(&v3r.stderr));
+    assert!(text(&v3r.stderr).contains("on the cpu artifact backend"), "{}", text(&v3r.stderr));
+    let v3c = run_binary(
+        "v3c",
+        &[&["train", "--model-dir", &p("ckpt"), "--out", &p("v3c"), "--seq", "16", "--backend", "cpu"], &common[..]]
+            .concat(),
+    );
+    assert!(v3c.status.success(), "{}", text(&v3c.stderr));
+    let log = |run: &str| std::fs::read_to_string(dir.path().join(run).join("loss.csv")).unwrap();
+    assert_eq!(log("v3r"), log("v3c"));
+    let weights = |run: &str| std::fs::read(dir.path().join(run).join("model.safetensors")).unwrap();
+    assert!(weights("v3r") == weights("v3c"), "the checkpoints differ");
+    let resumed = run_binary(
+        "v3r",
+        &[
+            "train",
+            &p("art"),
+            "--weights",
+            &p("ckpt"),
+            "--out",
+            &p("v3r"),
+            "--data",
+            &p("data.txt"),
+            "--steps",
+            "1",
+            "--resume",
+        ],
+    );
+    assert!(text(&resumed.stderr).contains("(now at step 5)"), "{}", text(&resumed.stderr));
+    let long = run_binary(
+        "v3r",
+        &[&["train", &p("art"), "--weights", &p("ckpt"), "--out", &p("long"), "--seq", "17"], &common[..]].concat(),
+    );
+    assert_eq!(long.status.code(), Some(1));
+    assert!(text(&long.stderr).contains("planned for windows of up to 16 tokens"), "{}", text(&long.stderr));
+    let inference = run_binary("v3c", &["compile", "--model", &p("ckpt"), "--target", "cpu", "--out", &p("inf")]);
+    assert!(inference.status.success(), "{}", text(&inference.stderr));
+    let refused =
+        run_binary("v3r", &[&["train", &p("inf"), "--weights", &p("ckpt"), "--out", &p("x")], &common[..]].concat());
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stderr).contains("not a training-step artifact"), "{}", text(&refused.stderr));
+    assert!(!dir.path().join("x").exists() && !dir.path().join("long").exists(), "nothing written");
+}
+
 /// `dump-ir --entry train-step`: the training graph in the v3 dialect (its VJPs as dialect ops),
 /// its kernels, their CPU lowering and its plan.
 #[test]

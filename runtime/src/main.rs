@@ -47,6 +47,44 @@ enum Command {
     /// Time every kernel of an artifact's entry points (warm-up, median of repetitions) and write
     /// JSON, as the tuner reads it; cpu artifacts run here, GPU ones need their GPU.
     BenchKernels(BenchArgs),
+    /// Train with a training-step artifact (`v3c compile --target cpu --train`): windows sampled
+    /// from a token file, AdamW with the loss-free balancing, as `v3c train` does; writes the
+    /// checkpoint (HF layout), optimizer state (resumable), loss log and expert loads.
+    Train(TrainArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Artifact directory written by `v3c compile --target cpu --train`.
+    artifact: PathBuf,
+    /// Checkpoint to start from (HF layout); with --resume, the run's --out is read instead.
+    #[arg(long, value_name = "DIR")]
+    weights: PathBuf,
+    /// Training data: token ids, whitespace-separated text or little-endian u32 binary.
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Optimizer steps to take.
+    #[arg(long, value_name = "N")]
+    steps: usize,
+    /// Directory for the trained checkpoint, optimizer state, loss log and expert loads; created
+    /// (must not exist) unless --resume.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Sequences per step (gradients accumulated over them).
+    #[arg(long, value_name = "B", default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence (default: the artifact's planned window, --max-rows at compile time).
+    #[arg(long, value_name = "T")]
+    seq: Option<usize>,
+    /// Peak learning rate (linear warm-up over the first 10% of steps, then cosine to 10%).
+    #[arg(long, value_name = "LR", default_value_t = 3e-3)]
+    lr: f32,
+    /// Seed of the sampling of windows from the data.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue the run in --out (its checkpoint, optimizer state and step count).
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args)]
@@ -204,6 +242,7 @@ fn main() -> ExitCode {
         Command::BenchDecode(a) => bench_decode(&a),
         Command::Tune(a) => tune(&a),
         Command::BenchKernels(a) => bench_kernels(&a),
+        Command::Train(a) => train(&a).map_err(Failure::Other),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -375,6 +414,15 @@ fn info(args: &InfoArgs) -> Result<(), String> {
         m.tuning.source,
         if m.tuning.detail.is_empty() { String::new() } else { format!(" ({})", m.tuning.detail) }
     ));
+    if let Some(t) = &m.training {
+        put("training", serde_json::to_value(t).unwrap_or_default());
+        line(format!(
+            "training: MTP loss weight {}, balance loss alpha {}, {} (run it with `v3r train`)",
+            t.mtp_weight,
+            t.balance_alpha,
+            if t.fp8 { "FP8 recipe" } else { "f32" }
+        ));
+    }
     match a.runs_here(args.device) {
         Ok(why) => {
             put("runs_here", serde_json::json!({ "yes": true, "why": why }));
@@ -713,4 +761,38 @@ fn tune(args: &TuneArgs) -> Result<(), Failure> {
         .map_err(Failure::Other)?;
     eprintln!("tune: {written} entries written to {}", args.out.display());
     Ok(())
+}
+
+/// `v3r train`: the training run of `v3c train` on a cpu training-step artifact; the loss weights
+/// and precision are the artifact's (its manifest's `training`).
+fn train(args: &TrainArgs) -> Result<(), String> {
+    use v3c_runtime::training::{ArtifactStep, Run, RunOptions, TRAIN_ENTRY};
+    let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| e.to_string())?;
+    let dir = args.artifact.display();
+    let info = a.manifest.training.clone().ok_or_else(|| {
+        format!("{dir}: not a training-step artifact (compile one with `v3c compile --target cpu --train`)")
+    })?;
+    if a.manifest.target.name != "cpu" {
+        return Err(format!("{dir}: a {} artifact; training steps run from cpu artifacts", a.manifest.target.name));
+    }
+    let planned = a.plan.entries.iter().find(|e| e.name == TRAIN_ENTRY).map(|e| e.sizes.rows).unwrap_or(0);
+    let options = RunOptions {
+        model_dir: &args.weights,
+        data: &args.data,
+        steps: args.steps,
+        out: &args.out,
+        batch: args.batch,
+        seq: args.seq.unwrap_or(planned),
+        lr: args.lr,
+        seed: args.seed,
+        resume: args.resume,
+        mtp_weight: info.mtp_weight,
+        balance_alpha: info.balance_alpha,
+        fp8: info.fp8,
+    };
+    let run = Run::prepare(&options)?;
+    let source = if args.resume { args.out.as_path() } else { args.weights.as_path() };
+    let artifact = v3c_runtime::cpu::CpuArtifact::load(a, source)?;
+    let mut step = ArtifactStep::new(artifact, &run.trainer, options.seq)?;
+    run.execute(&options, &mut step, "cpu artifact")
 }
