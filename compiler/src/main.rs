@@ -292,35 +292,14 @@ struct TrainArgs {
     /// Checkpoint to start from (config.json + *.safetensors), or an earlier --out with --resume.
     #[arg(long, value_name = "DIR")]
     model_dir: PathBuf,
-    /// Training data: token ids, whitespace-separated text or little-endian u32 binary.
-    #[arg(long, value_name = "FILE")]
-    data: PathBuf,
-    /// Optimizer steps to take.
-    #[arg(long, value_name = "N")]
-    steps: usize,
-    /// Directory for the trained checkpoint (HF layout), optimizer state, loss log and expert loads;
-    /// created (must not exist) unless --resume.
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
-    /// Sequences per step (gradients accumulated over them).
-    #[arg(long, value_name = "B", default_value_t = 4)]
-    batch: usize,
+    #[command(flatten)]
+    run: v3c_runtime::cli::TrainRunArgs,
     /// Tokens per sequence.
     #[arg(long, value_name = "T", default_value_t = 32)]
     seq: usize,
-    /// Peak learning rate (linear warm-up over the first 10% of steps, then cosine to 10%).
-    #[arg(long, value_name = "LR", default_value_t = 3e-3)]
-    lr: f32,
-    /// Seed of the sampling of windows from the data.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Continue the run in --out (its checkpoint, optimizer state and step count; the log grows).
-    #[arg(long)]
-    resume: bool,
     /// Where the steps run: `reference` (the interpreter, the oracle) or `cpu` (the training graph
-    /// compiled: forward, loss and backward kernels JIT-compiled for this machine; models whose
-    /// training ops have no CPU lowering yet — MoE layers, the fp8 recipe — are refused with the
-    /// op named). `cuda`: not yet (the backward kernels have no sm_90a lowering).
+    /// compiled: forward, losses and backward kernels JIT-compiled for this machine, the FP8 recipe
+    /// and MoE layers included). `cuda`: not yet (the training ops have no sm_90a lowering).
     #[arg(long, value_name = "BACKEND", default_value = "reference")]
     backend: String,
     /// Weight (lambda) of the MTP loss when the checkpoint has an MTP module; 0 leaves it untrained.
@@ -482,14 +461,14 @@ fn main() -> ExitCode {
         Command::Train(a) => commands::train(&commands::TrainOptions {
             run: v3c_runtime::training::RunOptions {
                 model_dir: &a.model_dir,
-                data: &a.data,
-                steps: a.steps,
-                out: &a.out,
-                batch: a.batch,
+                data: &a.run.data,
+                steps: a.run.steps,
+                out: &a.run.out,
+                batch: a.run.batch,
                 seq: a.seq,
-                lr: a.lr,
-                seed: a.seed,
-                resume: a.resume,
+                lr: a.run.lr,
+                seed: a.run.seed,
+                resume: a.run.resume,
                 mtp_weight: a.mtp_weight,
                 balance_alpha: a.balance_alpha,
                 fp8: a.precision == Precision::Fp8,

@@ -99,3 +99,30 @@ mod tests {
         assert!(parse_token_ids("1 4294967296", "--tokens").unwrap_err().contains("'4294967296'"));
     }
 }
+
+/// The options of a training run that `v3c train` and `v3r train` share ([`crate::training`]).
+#[derive(clap::Args, Debug)]
+pub struct TrainRunArgs {
+    /// Training data: token ids, whitespace-separated text or little-endian u32 binary.
+    #[arg(long, value_name = "FILE")]
+    pub data: std::path::PathBuf,
+    /// Optimizer steps to take.
+    #[arg(long, value_name = "N")]
+    pub steps: usize,
+    /// Directory for the trained checkpoint (HF layout), optimizer state, loss log and expert loads;
+    /// created (must not exist) unless --resume.
+    #[arg(long, value_name = "DIR")]
+    pub out: std::path::PathBuf,
+    /// Sequences per step (gradients accumulated over them).
+    #[arg(long, value_name = "B", default_value_t = 4)]
+    pub batch: usize,
+    /// Peak learning rate (linear warm-up over the first 10% of steps, then cosine to 10%).
+    #[arg(long, value_name = "LR", default_value_t = 3e-3)]
+    pub lr: f32,
+    /// Seed of the sampling of windows from the data.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue the run in --out (its checkpoint, optimizer state and step count; the log grows).
+    #[arg(long)]
+    pub resume: bool,
+}

@@ -60,31 +60,11 @@ struct TrainArgs {
     /// Checkpoint to start from (HF layout); with --resume, the run's --out is read instead.
     #[arg(long, value_name = "DIR")]
     weights: PathBuf,
-    /// Training data: token ids, whitespace-separated text or little-endian u32 binary.
-    #[arg(long, value_name = "FILE")]
-    data: PathBuf,
-    /// Optimizer steps to take.
-    #[arg(long, value_name = "N")]
-    steps: usize,
-    /// Directory for the trained checkpoint, optimizer state, loss log and expert loads; created
-    /// (must not exist) unless --resume.
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
-    /// Sequences per step (gradients accumulated over them).
-    #[arg(long, value_name = "B", default_value_t = 4)]
-    batch: usize,
+    #[command(flatten)]
+    run: v3c_runtime::cli::TrainRunArgs,
     /// Tokens per sequence (default: the artifact's planned window, --max-rows at compile time).
     #[arg(long, value_name = "T")]
     seq: Option<usize>,
-    /// Peak learning rate (linear warm-up over the first 10% of steps, then cosine to 10%).
-    #[arg(long, value_name = "LR", default_value_t = 3e-3)]
-    lr: f32,
-    /// Seed of the sampling of windows from the data.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Continue the run in --out (its checkpoint, optimizer state and step count).
-    #[arg(long)]
-    resume: bool,
 }
 
 #[derive(Args)]
@@ -778,20 +758,20 @@ fn train(args: &TrainArgs) -> Result<(), String> {
     let planned = a.plan.entries.iter().find(|e| e.name == TRAIN_ENTRY).map(|e| e.sizes.rows).unwrap_or(0);
     let options = RunOptions {
         model_dir: &args.weights,
-        data: &args.data,
-        steps: args.steps,
-        out: &args.out,
-        batch: args.batch,
+        data: &args.run.data,
+        steps: args.run.steps,
+        out: &args.run.out,
+        batch: args.run.batch,
         seq: args.seq.unwrap_or(planned),
-        lr: args.lr,
-        seed: args.seed,
-        resume: args.resume,
+        lr: args.run.lr,
+        seed: args.run.seed,
+        resume: args.run.resume,
         mtp_weight: info.mtp_weight,
         balance_alpha: info.balance_alpha,
         fp8: info.fp8,
     };
     let run = Run::prepare(&options)?;
-    let source = if args.resume { args.out.as_path() } else { args.weights.as_path() };
+    let source = if args.run.resume { args.run.out.as_path() } else { args.weights.as_path() };
     let artifact = v3c_runtime::cpu::CpuArtifact::load(a, source)?;
     let mut step = ArtifactStep::new(artifact, &run.trainer, options.seq)?;
     run.execute(&options, &mut step, "cpu artifact")
