@@ -594,6 +594,8 @@ fn print_profile(entry: &str, times: &[(String, f64)]) {
 /// [`Trainer`]: v3c_models::train::Trainer
 pub struct CpuTrainStep<'c> {
     program: CpuProgram<'c>,
+    /// The weights the step binds (read from its module once, bound at every optimizer step).
+    params: Vec<String>,
 }
 
 /// The entry point name of a compiled training step.
@@ -620,7 +622,8 @@ impl<'c> CpuTrainStep<'c> {
     ) -> Result<CpuTrainStep<'c>, CpuBackendError> {
         let graphs = [(TRAIN_ENTRY, graph)];
         let program = CpuProgram::from_graphs(context, &config.name, &graphs, config.vocab_size, cache, progress)?;
-        Ok(CpuTrainStep { program })
+        let params = program.param_names();
+        Ok(CpuTrainStep { program, params })
     }
 }
 
@@ -630,9 +633,9 @@ impl v3c_models::train::StepBackend for CpuTrainStep<'_> {
         _graph: &v3c_models::Graph,
         params: &HashMap<String, v3c_models::tensor::Tensor>,
     ) -> Result<(), v3c_models::train::TrainError> {
-        for name in self.program.param_names() {
-            let w = v3c_runtime::training::bound_weight(&name, params)?;
-            self.program.set_weight(&name, w);
+        for name in &self.params {
+            let w = v3c_runtime::training::bound_weight(name, params)?;
+            self.program.set_weight(name, w);
         }
         Ok(())
     }

@@ -151,7 +151,7 @@ impl Emitter {
             self.copy_rows((&piece, &ty), (dest, &memref(shape)), shape);
             if k == 0 {
                 let next = self.fresh();
-                let size = self.index_value(&sizes[axis]);
+                let size = self.dim_of(operands[0], axis);
                 self.line(&format!("{next} = arith.addi {offset}, {size} : index"));
                 offset = next;
             }
@@ -215,12 +215,15 @@ impl Emitter {
         sizes
     }
 
-    /// An index SSA value for a size that may be a number.
-    fn index_value(&mut self, size: &str) -> String {
-        match size.parse::<usize>() {
-            Ok(n) => self.constant_index(n),
-            Err(_) => size.to_string(),
+    /// The SSA index of dim `d` of buffer `v` (a constant when static).
+    pub(super) fn dim_of(&mut self, v: &(String, Shape), d: usize) -> String {
+        if let Some(n) = v.1.dims[d] {
+            return self.constant_index(n);
         }
+        let c = self.constant_index(d);
+        let s = self.fresh();
+        self.line(&format!("{s} = memref.dim {}, {c} : {}", v.0, memref(&v.1)));
+        s
     }
 
     /// The weighted mean cross-entropy of `logits` [N, V] against `targets` [N] (`grad` false:

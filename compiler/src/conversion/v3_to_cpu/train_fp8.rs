@@ -21,17 +21,6 @@ fn scratch(e: &mut Emitter, rows: &str, cols: &str) -> (String, String) {
 }
 
 impl Emitter {
-    /// The SSA index of dim `d` of buffer `v`.
-    fn dim_of(&mut self, v: &(String, Shape), d: usize) -> String {
-        if let Some(n) = v.1.dims[d] {
-            return self.constant_index(n);
-        }
-        let c = self.constant_index(d);
-        let s = self.fresh();
-        self.line(&format!("{s} = memref.dim {}, {c} : {}", v.0, memref(&v.1)));
-        s
-    }
-
     /// `(decode, encode)` helper names (the kernel then carries them).
     fn fp8_codec(&mut self) -> (String, String) {
         let enc = self.encode();
