@@ -478,6 +478,9 @@ pub struct CompileGpuOptions<'a> {
     pub sizes: v3c_compiler::plan::PlanSizes,
     /// The MTP module as an entry of its own (`draft`).
     pub speculative: bool,
+    /// The training step instead of the inference entries (reported, not written: the runtime
+    /// launches training steps from cpu artifacts only).
+    pub train: Option<v3c_models::train::TrainConfig>,
 }
 
 /// The entry points to compile: speculative adds the MTP module's own (`draft`), which needs one.
@@ -501,16 +504,35 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     }
     let db = o.tuning.map(v3c_compiler::tune::db::TuningDb::read).transpose()?;
     let config = ModelConfig::resolve(model).map_err(|e| e.to_string())?;
-    let precision = precision.unwrap_or(if config.quantization.is_some() {
+    let precision = precision.unwrap_or(if config.quantization.is_some() && o.train.is_none() {
         v3c_models::Precision::Fp8
     } else {
         v3c_models::Precision::F32
     });
     let context = v3c_compiler::mlir::new_context();
-    let entries = entries_for(&config, o.speculative)?;
-    let options = v3c_models::BuildOptions { precision, mtp_draft: o.speculative, ..Default::default() };
-    let module =
-        Driver::from_env(model).run_model(&context, &config, entries, &options, "fused").map_err(|e| e.to_string())?;
+    let module = match &o.train {
+        Some(train) => {
+            if o.out.is_some() || o.speculative {
+                return Err(format!(
+                    "--train: {} with --{}: training artifacts are written for --target cpu only (the runtime \
+                     launches training steps on the CPU); without it, compile reports each kernel's {} lowering",
+                    target.name,
+                    if o.out.is_some() { "out" } else { "speculative" },
+                    target.name
+                ));
+            }
+            let graph = v3c_models::train::training_graph(&config, train).map_err(|e| e.to_string())?.graph;
+            let entry = v3c_compiler::cpu_backend::TRAIN_ENTRY;
+            Driver::from_env(model).run_graphs(&context, &[(entry, &graph)], "fused").map_err(|e| e.to_string())?
+        }
+        None => {
+            let entries = entries_for(&config, o.speculative)?;
+            let options = v3c_models::BuildOptions { precision, mtp_draft: o.speculative, ..Default::default() };
+            Driver::from_env(model)
+                .run_model(&context, &config, entries, &options, "fused")
+                .map_err(|e| e.to_string())?
+        }
+    };
     let ptxas = v3c_compiler::toolchain::find(v3c_compiler::toolchain::Tool::Ptxas).ok();
     // Progress on a terminal: one line rewritten per template kernel (each takes ~0.5 s).
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -538,7 +560,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     // on the logits instead of reading them back).
     let mut lowered = lowered;
     let argmax = sm90::rows::RowKernel::new(sm90::rows::RowOp::Argmax, config.vocab_size, "f32");
-    if !lowered.kernels.iter().any(|k| k.name == argmax.kernel_name()) {
+    if o.train.is_none() && !lowered.kernels.iter().any(|k| k.name == argmax.kernel_name()) {
         let mut k = sm90::compile_rows(&context, &argmax, target).map_err(|e| e.to_string())?;
         if let Some(p) = &ptxas {
             k.assemble(target, p).map_err(|e| e.to_string())?;

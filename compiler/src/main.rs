@@ -382,15 +382,22 @@ fn parse_compile_target(s: &str) -> Result<CompileTarget, String> {
     })
 }
 
+/// `compile --train`'s loss settings and precision.
+fn train_config(a: &CompileArgs) -> v3c_models::train::TrainConfig {
+    v3c_models::train::TrainConfig {
+        mtp_weight: a.mtp_weight,
+        balance_alpha: a.balance_alpha,
+        fp8: a.precision == Some(Precision::Fp8),
+        ..Default::default()
+    }
+}
+
 fn main() -> ExitCode {
     let cli: Cli = v3c_runtime::cli::parse_or_exit("v3c");
     v3c_runtime::cli::init_logging(cli.verbose);
     let result = match cli.command {
         Command::Doctor(a) => run_doctor(&a),
         Command::Compile(a) => match a.target {
-            CompileTarget::Gpu(_) if a.train => Err("--train: unsupported on sm_90a: the training ops have no \
-                 sm_90a lowering yet; compile the training step with --target cpu"
-                .into()),
             CompileTarget::Gpu(t) => commands::compile(&commands::CompileGpuOptions {
                 model: &a.model.model,
                 target: t,
@@ -401,6 +408,7 @@ fn main() -> ExitCode {
                 force: a.force,
                 sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
                 speculative: a.speculative,
+                train: a.train.then(|| train_config(&a)),
             }),
             CompileTarget::Cpu if a.tuning.is_some() => {
                 Err("--tuning: CPU kernels have no tuned configurations (GPU targets only)".into())
@@ -412,12 +420,7 @@ fn main() -> ExitCode {
                 force: a.force,
                 sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
                 speculative: a.speculative,
-                train: a.train.then(|| v3c_models::train::TrainConfig {
-                    mtp_weight: a.mtp_weight,
-                    balance_alpha: a.balance_alpha,
-                    fp8: a.precision == Some(Precision::Fp8),
-                    ..Default::default()
-                }),
+                train: a.train.then(|| train_config(&a)),
             }),
         },
         Command::DumpIr(a) => commands::dump_ir(&commands::DumpIrOptions {
