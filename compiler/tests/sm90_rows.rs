@@ -2,7 +2,7 @@
 //! spills or local memory. Their numerics are checked through the CPU lowering of the same
 //! template (unit tests of `conversion::sm90::rows`) and on the device by benches/device/rows_check.py.
 
-use v3c_compiler::conversion::sm90::{self, rows::RowKernel, rows::RowOp};
+use v3c_compiler::conversion::sm90::{self, rows::RowKernel, rows::RowOp, rows::TrainRow};
 use v3c_compiler::{target, toolchain};
 
 fn kernels() -> Vec<RowKernel> {
@@ -41,6 +41,31 @@ fn kernels() -> Vec<RowKernel> {
             "f8E4M3FN",
         ),
     ]
+    .into_iter()
+    .chain(training_kernels())
+    .collect()
+}
+
+/// The training step's row kernels at DeepSeek-V3's widths.
+fn training_kernels() -> Vec<RowKernel> {
+    let train = |op, d, w| RowKernel::new(RowOp::Train(op), d, w);
+    let mut kernels: Vec<RowKernel> = [(false, false), (false, true), (true, false), (true, true)]
+        .into_iter()
+        .map(|(transpose_a, transpose_b)| train(TrainRow::Matmul { transpose_a, transpose_b }, 7168, "f32"))
+        .collect();
+    kernels.extend([
+        train(TrainRow::Add, 7168, "f32"),
+        train(TrainRow::SiluMul, 18432, "f32"),
+        train(TrainRow::SiluMulGrad, 18432, "f32"),
+        train(TrainRow::Columns { start: 1536 }, 512, "f32"),
+        train(TrainRow::Rope { heads: 128, interleave: true, inverse: false }, 64, "f32"),
+        train(TrainRow::Rope { heads: 1, interleave: false, inverse: true }, 64, "f32"),
+        train(TrainRow::RmsNormGrad { eps: 1e-6 }, 7168, "bf16"),
+        train(TrainRow::RmsNormGrad { eps: 1e-6 }, 1536, "f32"),
+        train(TrainRow::RmsNormDw, 7168, "f32"),
+        train(TrainRow::EmbedGrad, 7168, "f32"),
+    ]);
+    kernels
 }
 
 #[test]
@@ -85,6 +110,14 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 let phases = 2 + k.threads.trailing_zeros() as usize;
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");
                 assert!(kernel.ptx.contains("sqrt.rn.f32"), "{name}: sqrt");
+            }
+            RowOp::Train(op) => {
+                let tree = k.threads.trailing_zeros() as usize;
+                let barriers = if let TrainRow::RmsNormGrad { .. } = op { 1 + tree } else { 0 };
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), barriers, "{name}: barriers");
+                if let TrainRow::SiluMul | TrainRow::SiluMulGrad = op {
+                    assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
+                }
             }
             RowOp::RmsNorm { quantize, .. } => {
                 // One barrier between consecutive phases: 1 + log2(threads) (+ 2 for quantization).

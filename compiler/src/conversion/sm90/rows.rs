@@ -22,6 +22,9 @@
 
 use std::fmt::Write;
 
+mod train;
+pub use train::TrainRow;
+
 /// Columns per fp8 quantization group (the 1x128 activation scales).
 pub const GROUP: usize = 128;
 /// Threads that share one group's |max| (each scans `GROUP / AMAX_PARTS` columns).
@@ -96,6 +99,8 @@ pub enum RowOp {
     /// reference's order: `f32::total_cmp` (NaN and -0 < +0 ordered as Rust orders them), ties to
     /// the lower index. Each thread scans a strided share, then a tree over the threads.
     Argmax,
+    /// A kernel of the training step ([`TrainRow`]).
+    Train(TrainRow),
 }
 
 /// A row kernel: its op, the row length and the element type of the table or weight.
@@ -125,6 +130,7 @@ impl RowKernel {
             // One thread per expert's scan of the pairs.
             RowOp::Dispatch { .. } => d.next_power_of_two().clamp(32, 256),
             RowOp::MlaDecode { .. } => 128,
+            RowOp::Train(op) => op.threads(d),
             _ => (d / 8).next_power_of_two().clamp(32, 256),
         };
         RowKernel { op, d, weight: weight.to_string(), threads }
@@ -136,6 +142,7 @@ impl RowKernel {
         let (d, t, w) = (self.d, self.threads, &self.weight);
         match self.op {
             RowOp::Embed => format!("rows_embed_{w}_d{d}_t{t}"),
+            RowOp::Train(op) => op.kernel_name(d, w, t),
             RowOp::RmsNorm { eps, keep, quantize } => {
                 let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
                 let mut name = format!("rows_rmsnorm_{w}_d{d}_t{t}_eps{eps}");
@@ -180,6 +187,9 @@ impl RowKernel {
     /// The kernel a [`RowKernel::kernel_name`] names (None: not a row kernel name, or one whose
     /// block size is not valid).
     pub fn from_name(name: &str) -> Option<RowKernel> {
+        if let Some(kernel) = TrainRow::from_name(name) {
+            return (kernel.check().is_ok() && kernel.kernel_name() == name).then_some(kernel);
+        }
         let rest = name.strip_prefix("rows_")?;
         let (op, rest) = rest.split_once('_')?;
         let parts: Vec<&str> = rest.split('_').collect();
@@ -331,6 +341,7 @@ impl RowKernel {
     pub fn arguments(&self) -> Vec<(&'static str, String)> {
         let w = &self.weight;
         match self.op {
+            RowOp::Train(op) => op.arguments(w),
             RowOp::Embed => vec![
                 ("table", format!("memref<?x?x{w}>")),
                 ("ids", "memref<?xi64>".into()),
@@ -450,6 +461,7 @@ impl RowKernel {
             // One block per (sequence, head): see `blocks_per_row`.
             RowOp::MlaDecode { .. } => "q_nope",
             RowOp::Dispatch { .. } => return None,
+            RowOp::Train(op) => op.rows_argument(),
         })
     }
 
@@ -465,6 +477,7 @@ impl RowKernel {
     fn shared(&self) -> Vec<(&'static str, usize)> {
         match self.op {
             RowOp::Embed => Vec::new(),
+            RowOp::Train(op) => op.shared(self.d, self.threads),
             RowOp::RmsNorm { quantize, .. } => {
                 let mut s = vec![("sh_row", self.d), ("sh_sum", self.threads)];
                 if quantize {
@@ -530,6 +543,9 @@ impl RowKernel {
         if self.d == 0 {
             return Err(format!("{name}: rows of 0 columns"));
         }
+        if let RowOp::Train(op) = self.op {
+            op.check(&name)?;
+        }
         if let RowOp::Latent { rope, .. } | RowOp::SplitRope { rope, .. } = self.op {
             if rope == 0 || rope % 2 != 0 {
                 return Err(format!("{name}: a rope width of {rope} (a positive even number)"));
@@ -594,6 +610,9 @@ impl RowKernel {
         if let RowOp::Route { .. } = self.op {
             let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
         }
+        if let RowOp::Train(op) = self.op {
+            s.push_str(&op.constants(self.d));
+        }
         if let RowOp::MlaDecode { heads, nope, rope, v, context, scale, .. } = self.op {
             let _ = writeln!(s, "%cH = arith.constant {heads} : index");
             let _ = writeln!(s, "%cNope = arith.constant {nope} : index");
@@ -639,6 +658,7 @@ impl RowKernel {
     fn phases(&self, lowering: Lowering) -> Vec<String> {
         let sh = |name: &str| self.shared_type(name, lowering);
         match self.op {
+            RowOp::Train(op) => op.phases(self, lowering),
             RowOp::Embed => {
                 let p = format!(
                     "%zero_i64 = arith.constant 0 : i64
@@ -698,6 +718,7 @@ scf.for %j = %tid to %cHalfAll step %cT {{
 ",
                     rope_rotation(
                         interleave,
+                        false,
                         |c, out| {
                             format!(
                             "  {out}_col = arith.addi %rope_base, {c} : index\n  {out} = memref.load %y[%row, {out}_col] : \
@@ -1348,6 +1369,7 @@ scf.for %i = %tid to %cHalf step %cT {{
 ",
                     rope_rotation(
                         interleave,
+                        false,
                         |col, out| format!("  {out} = memref.load %k_pe[%t, {col}] : memref<?x?xf32>\n"),
                         |v, col, tag| format!(
                             "  %col_{tag} = arith.addi %cRopeBase, {col} : index\n  {}",
@@ -1506,6 +1528,9 @@ scf.for %i = %tid to %cD step %cT {{
 
     /// Values every phase of a row uses, computed once per row (after `%row`).
     fn prologue(&self) -> String {
+        if let RowOp::Train(op) = self.op {
+            return op.prologue();
+        }
         if let RowOp::MlaDecode { prefill: true, .. } = self.op {
             // Block (query b, head h); keys 0..=S - T + b (the queries are the latent's last rows).
             return "%b = arith.divui %row, %cH : index
@@ -1761,13 +1786,15 @@ fn exp(lowering: Lowering, value: &str, out: &str) -> String {
     }
 }
 
-/// One RoPE rotation inside a loop over the frequency `%i` (of `%cHalf`) at the table row `%p`:
+/// One RoPE rotation inside a loop over the frequency `%i` (of `%cHalf`) at the table row `%p`
+/// (`inverse`: with the sine negated, the rotation back, as RoPE's gradient):
 /// the pair `(%ia, %ib)` — (2i, 2i + 1) interleaved, else (i, i + half) — read by `load(index,
 /// value)` (lines defining `value`), rotated as the reference does (`a' = a cos - b sin`, `b' = b cos + a sin`, the
 /// products rounded before the sum), and written by `store(value, index, tag)` (lines; `tag` keeps
 /// the two stores' value names apart).
 fn rope_rotation(
     interleave: bool,
+    inverse: bool,
     load: impl Fn(&str, &str) -> String,
     store: impl Fn(&str, &str, &str) -> String,
 ) -> String {
@@ -1779,14 +1806,18 @@ fn rope_rotation(
     format!(
         "{pair}{xa}{yb}  %sin_col = arith.addi %i, %cHalf : index
   %cos_v = memref.load %rope[%p, %i] : memref<?x?xf32>
-  %sin_v = memref.load %rope[%p, %sin_col] : memref<?x?xf32>
-  %xc = arith.mulf %x_r, %cos_v : f32
+{sin}  %xc = arith.mulf %x_r, %cos_v : f32
   %ys = arith.mulf %y_r, %sin_v : f32
   %ra = arith.subf %xc, %ys : f32
   %yc = arith.mulf %y_r, %cos_v : f32
   %xs = arith.mulf %x_r, %sin_v : f32
   %rb = arith.addf %yc, %xs : f32
 {sa}{sb}",
+        sin = if inverse {
+            "  %sin_raw = memref.load %rope[%p, %sin_col] : memref<?x?xf32>\n  %sin_v = arith.negf %sin_raw : f32\n"
+        } else {
+            "  %sin_v = memref.load %rope[%p, %sin_col] : memref<?x?xf32>\n"
+        },
         xa = load("%ia", "%x_r"),
         yb = load("%ib", "%y_r"),
         sa = store("%ra", "%ia", "a"),
@@ -1826,7 +1857,7 @@ mod tests {
     use v3c_runtime::host::{call_packed, RawBuffer};
 
     /// Runs the CPU lowering of `kernel` on `buffers` (its arguments in order).
-    fn run_cpu(kernel: &RowKernel, buffers: &[RawBuffer]) {
+    pub(super) fn run_cpu(kernel: &RowKernel, buffers: &[RawBuffer]) {
         let context = crate::mlir::new_context();
         let text = kernel.emit_cpu().unwrap();
         let module = lower_to_llvm(&context, &text, "rows").unwrap_or_else(|e| panic!("{e}\n{text}"));
@@ -1838,12 +1869,12 @@ mod tests {
         }
     }
 
-    fn raw<T>(data: &mut [T], shape: &[usize], element: &str) -> RawBuffer {
+    pub(super) fn raw<T>(data: &mut [T], shape: &[usize], element: &str) -> RawBuffer {
         assert_eq!(data.len(), shape.iter().product::<usize>());
         RawBuffer { ptr: data.as_mut_ptr() as *mut (), shape: shape.to_vec(), element: element.into() }
     }
 
-    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    pub(super) fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {

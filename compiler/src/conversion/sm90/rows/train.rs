@@ -1,0 +1,629 @@
+//! Row kernels of the training step ([`TrainRow`]): the backward pass's elementwise and per-row
+//! ops, and CUDA-core baselines for what has no tensor-core template yet (the f32 GEMMs of the
+//! training graph). Same template as the other row kernels ([`super`]): phases that exchange data
+//! only through memory, one `gpu.func` on sm_90a and a CPU function running each phase's threads in
+//! turn, which the tests check against the reference interpreter's kernels.
+//!
+//! Orders of operations follow the reference (`v3c_models::interp::kernels`) wherever one thread
+//! computes a value: sequential sums in its order, products rounded as it rounds them. Where the
+//! block shares a sum (RMSNorm's gradient: the row's sum of squares and `dy . w . x`), a tree over
+//! the threads' strided partial sums (not the reference's order: equal up to rounding).
+
+use std::fmt::Write;
+
+use super::{exp, indent2, rope_rotation, sqrt, tree_phases, Lowering, RowKernel};
+
+/// A training row kernel. `d` (the [`RowKernel`]'s row length) is given per op.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TrainRow {
+    /// `out [M, d] = a' . b'` in f32, one block per output row, one thread per output column, the
+    /// inner dimension summed sequentially (the reference's `matmul_t` order): `a` is `[M, K]`, or
+    /// `[K, M]` when `transpose_a`; `b` is `[K, d]`, or `[d, K]` when `transpose_b`. K is read from
+    /// `a`. The CUDA-core baseline for the training graph's f32 GEMMs (and its f32 linears and
+    /// head): no tensor cores.
+    Matmul { transpose_a: bool, transpose_b: bool },
+    /// `y = x1 + x2` (f32 rows).
+    Add,
+    /// `y = silu(gate) * up` of two f32 inputs, `silu(g) = g / (1 + exp(-g))`.
+    SiluMul,
+    /// The gradients of [`TrainRow::SiluMul`]: `d gate = dy * up * s * (1 + g * (1 - s))` with
+    /// `s = sigmoid(g)`, `d up = dy * silu(g)`.
+    SiluMulGrad,
+    /// `y [rows, d] = x[:, start .. start + d]`: a column range (the pieces of a split, or of a
+    /// concatenation's gradient).
+    Columns { start: usize },
+    /// RoPE (or, `inverse`, its gradient: the same angles with the sine negated) of `x [T * heads,
+    /// d]` (heads of `d` columns; row r is token r / heads) at each token's position, cos/sin from
+    /// the table [`super::RowOp::Latent`] reads. Positions outside the table leave the row unwritten.
+    Rope { heads: usize, interleave: bool, inverse: bool },
+    /// RMSNorm's input gradient per row: with `r = 1 / sqrt(mean(x^2) + eps)`, `dx = r * dy * w -
+    /// x * r^3 / d * sum(dy * w * x)`; also writes `r` per row for [`TrainRow::RmsNormDw`].
+    RmsNormGrad { eps: f32 },
+    /// RMSNorm's weight gradient `dw[i] = sum_rows dy * x * r` in row order (one block per
+    /// column; its first thread sums).
+    RmsNormDw,
+    /// The embedding table's gradient: row v of `out [V, d]` sums the `dy` rows of the tokens
+    /// whose id is v, in token order (one block per table row, the columns accumulated in shared
+    /// memory; no atomics: deterministic).
+    EmbedGrad,
+}
+
+impl TrainRow {
+    /// The name's op part and its parameters after `_d<d>` (without the block size).
+    pub(super) fn kernel_name(&self, d: usize, weight: &str, threads: usize) -> String {
+        let t = threads;
+        match *self {
+            TrainRow::Matmul { transpose_a, transpose_b } => {
+                let layout = |t: bool| if t { 't' } else { 'n' };
+                format!("rows_matmul_d{d}_{}{}_t{t}", layout(transpose_a), layout(transpose_b))
+            }
+            TrainRow::Add => format!("rows_add_d{d}_t{t}"),
+            TrainRow::SiluMul => format!("rows_silumulpair_d{d}_t{t}"),
+            TrainRow::SiluMulGrad => format!("rows_silumulgrad_d{d}_t{t}"),
+            TrainRow::Columns { start } => format!("rows_columns_d{d}_o{start}_t{t}"),
+            TrainRow::Rope { heads, interleave, inverse } => {
+                let layout = if interleave { "_il" } else { "" };
+                let inverse = if inverse { "_inv" } else { "" };
+                format!("rows_rope_d{d}_h{heads}_t{t}{layout}{inverse}")
+            }
+            TrainRow::RmsNormGrad { eps } => {
+                let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
+                format!("rows_rmsnormgrad_{weight}_d{d}_t{t}_eps{eps}")
+            }
+            TrainRow::RmsNormDw => format!("rows_rmsnormdw_d{d}_t{t}"),
+            TrainRow::EmbedGrad => format!("rows_embedgrad_d{d}_t{t}"),
+        }
+    }
+
+    /// The kernel a [`TrainRow::kernel_name`] names (checked by the caller: the name must round-trip).
+    pub(super) fn from_name(name: &str) -> Option<RowKernel> {
+        let rest = name.strip_prefix("rows_")?;
+        let parts: Vec<&str> = rest.split('_').collect();
+        let number = |part: &str, prefix: &str| -> Option<usize> { part.strip_prefix(prefix)?.parse().ok() };
+        let kernel = |op: TrainRow, d: &str, weight: &str, t: &str| -> Option<RowKernel> {
+            Some(RowKernel {
+                op: super::RowOp::Train(op),
+                d: number(d, "d")?,
+                weight: weight.to_string(),
+                threads: number(t, "t")?,
+            })
+        };
+        match &parts[..] {
+            ["matmul", d, layout, t] => {
+                let (transpose_a, transpose_b) = match *layout {
+                    "nn" => (false, false),
+                    "nt" => (false, true),
+                    "tn" => (true, false),
+                    "tt" => (true, true),
+                    _ => return None,
+                };
+                kernel(TrainRow::Matmul { transpose_a, transpose_b }, d, "f32", t)
+            }
+            ["add", d, t] => kernel(TrainRow::Add, d, "f32", t),
+            ["silumulpair", d, t] => kernel(TrainRow::SiluMul, d, "f32", t),
+            ["silumulgrad", d, t] => kernel(TrainRow::SiluMulGrad, d, "f32", t),
+            ["columns", d, o, t] => kernel(TrainRow::Columns { start: number(o, "o")? }, d, "f32", t),
+            ["rope", d, h, t, flags @ ..] => {
+                let (interleave, inverse) = match flags {
+                    [] => (false, false),
+                    ["il"] => (true, false),
+                    ["inv"] => (false, true),
+                    ["il", "inv"] => (true, true),
+                    _ => return None,
+                };
+                kernel(TrainRow::Rope { heads: number(h, "h")?, interleave, inverse }, d, "f32", t)
+            }
+            ["rmsnormgrad", w, d, t, eps] => {
+                let eps = eps.strip_prefix("eps")?.replace('m', "-").replace('p', ".").parse().ok()?;
+                kernel(TrainRow::RmsNormGrad { eps }, d, w, t)
+            }
+            ["rmsnormdw", d, t] => kernel(TrainRow::RmsNormDw, d, "f32", t),
+            ["embedgrad", d, t] => kernel(TrainRow::EmbedGrad, d, "f32", t),
+            _ => None,
+        }
+    }
+
+    /// The kernel's arguments in order (name, memref type): inputs, then results.
+    pub(super) fn arguments(&self, weight: &str) -> Vec<(&'static str, String)> {
+        let rows = || "memref<?x?xf32>".to_string();
+        match self {
+            TrainRow::Matmul { .. } => vec![("a", rows()), ("b", rows()), ("out", rows())],
+            TrainRow::Add => vec![("x1", rows()), ("x2", rows()), ("y", rows())],
+            TrainRow::SiluMul => vec![("gate", rows()), ("up", rows()), ("y", rows())],
+            TrainRow::SiluMulGrad => {
+                vec![("gate", rows()), ("up", rows()), ("dy", rows()), ("dgate", rows()), ("dup", rows())]
+            }
+            TrainRow::Columns { .. } => vec![("x", rows()), ("y", rows())],
+            TrainRow::Rope { .. } => {
+                vec![("x", rows()), ("positions", "memref<?xi64>".into()), ("rope", rows()), ("y", rows())]
+            }
+            TrainRow::RmsNormGrad { .. } => vec![
+                ("x", rows()),
+                ("w", format!("memref<?x{weight}>")),
+                ("dy", rows()),
+                ("dx", rows()),
+                ("r", "memref<?xf32>".into()),
+            ],
+            TrainRow::RmsNormDw => {
+                vec![("x", rows()), ("dy", rows()), ("r", "memref<?xf32>".into()), ("dw", "memref<?xf32>".into())]
+            }
+            TrainRow::EmbedGrad => vec![("ids", "memref<?xi64>".into()), ("dy", rows()), ("out", rows())],
+        }
+    }
+
+    /// The argument whose first dimension is the grid.
+    pub(super) fn rows_argument(&self) -> &'static str {
+        match self {
+            TrainRow::Matmul { .. } | TrainRow::EmbedGrad => "out",
+            TrainRow::Add => "x1",
+            TrainRow::SiluMul | TrainRow::SiluMulGrad => "gate",
+            TrainRow::Columns { .. } => "y",
+            TrainRow::Rope { .. } | TrainRow::RmsNormGrad { .. } => "x",
+            TrainRow::RmsNormDw => "dw",
+        }
+    }
+
+    /// Shared arrays (name, f32 elements).
+    pub(super) fn shared(&self, d: usize, threads: usize) -> Vec<(&'static str, usize)> {
+        match self {
+            TrainRow::RmsNormGrad { .. } => vec![("sh_sum", threads), ("sh_dot", threads)],
+            TrainRow::EmbedGrad => vec![("sh_acc", d)],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Threads per block for rows of `d` columns.
+    pub(super) fn threads(&self, d: usize) -> usize {
+        match self {
+            // One thread sums a column.
+            TrainRow::RmsNormDw => 32,
+            _ => (d / 8).next_power_of_two().clamp(32, 256),
+        }
+    }
+
+    /// Why the kernel cannot be generated, if it cannot.
+    pub(super) fn check(&self, name: &str) -> Result<(), String> {
+        if let TrainRow::Rope { heads, .. } = self {
+            if *heads == 0 {
+                return Err(format!("{name}: rows of 0 heads"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Constants the phases use (beyond `%c0`, `%c1`, `%cT`, `%cD`, `%zero`).
+    pub(super) fn constants(&self, d: usize) -> String {
+        let mut s = String::new();
+        match *self {
+            TrainRow::SiluMul | TrainRow::SiluMulGrad => {
+                let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+            }
+            TrainRow::Columns { start } => {
+                let _ = writeln!(s, "%cStart = arith.constant {start} : index");
+            }
+            TrainRow::Rope { heads, .. } => {
+                let _ = writeln!(s, "%cHeads = arith.constant {heads} : index");
+                let _ = writeln!(s, "%cHalf = arith.constant {} : index", d / 2);
+                let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
+            }
+            TrainRow::RmsNormGrad { eps } => {
+                let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+                let _ = writeln!(s, "%fD = arith.constant 0x{:08X} : f32", (d as f32).to_bits());
+                let _ = writeln!(s, "%eps = arith.constant 0x{:08X} : f32", eps.to_bits());
+            }
+            _ => {}
+        }
+        s
+    }
+
+    /// Values every phase of a block uses.
+    pub(super) fn prologue(&self) -> String {
+        match self {
+            TrainRow::Rope { .. } => "%tok = arith.divui %row, %cHeads : index
+%p64 = memref.load %positions[%tok] : memref<?xi64>
+%p = arith.index_cast %p64 : i64 to index
+%npos = memref.dim %rope, %c0 : memref<?x?xf32>
+%p_lo = arith.cmpi sge, %p64, %zero_i64 : i64
+%p_hi = arith.cmpi slt, %p, %npos : index
+%ok = arith.andi %p_lo, %p_hi : i1
+"
+            .into(),
+            _ => String::new(),
+        }
+    }
+
+    /// The per-thread bodies, in order (a barrier between consecutive ones).
+    pub(super) fn phases(&self, kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
+        let sh = |name: &str| kernel.shared_type(name, lowering);
+        let m = "memref<?x?xf32>";
+        match *self {
+            TrainRow::Matmul { transpose_a, transpose_b } => {
+                let (k_dim, a_at) = if transpose_a { (0, "%p, %row") } else { (1, "%row, %p") };
+                let b_at = if transpose_b { "%j, %p" } else { "%p, %j" };
+                vec![format!(
+                    "%cK_dim = arith.constant {k_dim} : index
+%K = memref.dim %a, %cK_dim : {m}
+scf.for %j = %tid to %cD step %cT {{
+  %acc = scf.for %p = %c0 to %K step %c1 iter_args(%s = %zero) -> (f32) {{
+    %av = memref.load %a[{a_at}] : {m}
+    %bv = memref.load %b[{b_at}] : {m}
+    %prod = arith.mulf %av, %bv : f32
+    %s2 = arith.addf %s, %prod : f32
+    scf.yield %s2 : f32
+  }}
+  memref.store %acc, %out[%row, %j] : {m}
+}}
+"
+                )]
+            }
+            TrainRow::Add => vec![format!(
+                "scf.for %i = %tid to %cD step %cT {{
+  %a = memref.load %x1[%row, %i] : {m}
+  %b = memref.load %x2[%row, %i] : {m}
+  %v = arith.addf %a, %b : f32
+  memref.store %v, %y[%row, %i] : {m}
+}}
+"
+            )],
+            TrainRow::SiluMul => vec![format!(
+                "scf.for %i = %tid to %cD step %cT {{
+  %g = memref.load %gate[%row, %i] : {m}
+  %u = memref.load %up[%row, %i] : {m}
+  %neg = arith.negf %g : f32
+{exp}  %den = arith.addf %one, %e : f32
+  %silu = arith.divf %g, %den : f32
+  %v = arith.mulf %silu, %u : f32
+  memref.store %v, %y[%row, %i] : {m}
+}}
+",
+                exp = indent2(&exp(lowering, "%neg", "%e"))
+            )],
+            TrainRow::SiluMulGrad => vec![format!(
+                "scf.for %i = %tid to %cD step %cT {{
+  %g = memref.load %gate[%row, %i] : {m}
+  %u = memref.load %up[%row, %i] : {m}
+  %dy_v = memref.load %dy[%row, %i] : {m}
+  %neg = arith.negf %g : f32
+{exp}  %den = arith.addf %one, %e : f32
+  %s = arith.divf %one, %den : f32
+  %dyu = arith.mulf %dy_v, %u : f32
+  %dyus = arith.mulf %dyu, %s : f32
+  %oms = arith.subf %one, %s : f32
+  %goms = arith.mulf %g, %oms : f32
+  %f = arith.addf %one, %goms : f32
+  %dg = arith.mulf %dyus, %f : f32
+  %silu = arith.divf %g, %den : f32
+  %du = arith.mulf %dy_v, %silu : f32
+  memref.store %dg, %dgate[%row, %i] : {m}
+  memref.store %du, %dup[%row, %i] : {m}
+}}
+",
+                exp = indent2(&exp(lowering, "%neg", "%e"))
+            )],
+            TrainRow::Columns { .. } => vec![format!(
+                "scf.for %i = %tid to %cD step %cT {{
+  %c = arith.addi %i, %cStart : index
+  %v = memref.load %x[%row, %c] : {m}
+  memref.store %v, %y[%row, %i] : {m}
+}}
+"
+            )],
+            TrainRow::Rope { interleave, inverse, .. } => vec![format!(
+                "scf.if %ok {{
+scf.for %i = %tid to %cHalf step %cT {{
+{}}}
+}}
+",
+                rope_rotation(
+                    interleave,
+                    inverse,
+                    |c, out| format!("  {out} = memref.load %x[%row, {c}] : {m}\n"),
+                    |v, c, _| format!("  memref.store {v}, %y[%row, {c}] : {m}\n"),
+                )
+            )],
+            TrainRow::RmsNormGrad { .. } => {
+                let (sum, dot) = (sh("sh_sum"), sh("sh_dot"));
+                let w = kernel.load_weight("wv", "%w", "%i");
+                let mut phases = vec![format!(
+                    "%ss:2 = scf.for %i = %tid to %cD step %cT iter_args(%a = %zero, %b = %zero) -> (f32, f32) {{
+  %xv = memref.load %x[%row, %i] : {m}
+  %gv = memref.load %dy[%row, %i] : {m}
+{w}  %sq = arith.mulf %xv, %xv : f32
+  %a2 = arith.addf %a, %sq : f32
+  %gw = arith.mulf %gv, %wv : f32
+  %gwx = arith.mulf %gw, %xv : f32
+  %b2 = arith.addf %b, %gwx : f32
+  scf.yield %a2, %b2 : f32, f32
+}}
+memref.store %ss#0, %sh_sum[%tid] : {sum}
+memref.store %ss#1, %sh_dot[%tid] : {dot}
+",
+                    w = indent2(&w)
+                )];
+                phases.extend(tree_phases(
+                    kernel.threads,
+                    &format!(
+                        "%a = memref.load %sh_sum[%tid] : {sum}
+%b = memref.load %sh_sum[%other] : {sum}
+%s = arith.addf %a, %b : f32
+memref.store %s, %sh_sum[%tid] : {sum}
+%da = memref.load %sh_dot[%tid] : {dot}
+%db = memref.load %sh_dot[%other] : {dot}
+%ds = arith.addf %da, %db : f32
+memref.store %ds, %sh_dot[%tid] : {dot}"
+                    ),
+                ));
+                phases.push(format!(
+                    "%total = memref.load %sh_sum[%c0] : {sum}
+%dot = memref.load %sh_dot[%c0] : {dot}
+%mean = arith.divf %total, %fD : f32
+%mean_eps = arith.addf %mean, %eps : f32
+{sqrt}%r_v = arith.divf %one, %root : f32
+%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  memref.store %r_v, %r[%row] : memref<?xf32>
+}}
+scf.for %i = %tid to %cD step %cT {{
+  %xv = memref.load %x[%row, %i] : {m}
+  %gv = memref.load %dy[%row, %i] : {m}
+{w}  %rg = arith.mulf %r_v, %gv : f32
+  %rgw = arith.mulf %rg, %wv : f32
+  %xr = arith.mulf %xv, %r_v : f32
+  %xrr = arith.mulf %xr, %r_v : f32
+  %xrrr = arith.mulf %xrr, %r_v : f32
+  %xd = arith.divf %xrrr, %fD : f32
+  %xdd = arith.mulf %xd, %dot : f32
+  %dx_v = arith.subf %rgw, %xdd : f32
+  memref.store %dx_v, %dx[%row, %i] : {m}
+}}
+",
+                    sqrt = sqrt(lowering, "%mean_eps", "%root"),
+                    w = indent2(&w)
+                ));
+                phases
+            }
+            TrainRow::RmsNormDw => vec![format!(
+                "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %R = memref.dim %x, %c0 : {m}
+  %acc = scf.for %t = %c0 to %R step %c1 iter_args(%s = %zero) -> (f32) {{
+    %xv = memref.load %x[%t, %row] : {m}
+    %gv = memref.load %dy[%t, %row] : {m}
+    %rv = memref.load %r[%t] : memref<?xf32>
+    %gx = arith.mulf %gv, %xv : f32
+    %gxr = arith.mulf %gx, %rv : f32
+    %s2 = arith.addf %s, %gxr : f32
+    scf.yield %s2 : f32
+  }}
+  memref.store %acc, %dw[%row] : memref<?xf32>
+}}
+"
+            )],
+            TrainRow::EmbedGrad => {
+                let acc = sh("sh_acc");
+                // Each thread owns its strided columns of the accumulator: no barrier needed.
+                vec![format!(
+                    "scf.for %i = %tid to %cD step %cT {{
+  memref.store %zero, %sh_acc[%i] : {acc}
+}}
+%T = memref.dim %ids, %c0 : memref<?xi64>
+%row_i64 = arith.index_cast %row : index to i64
+scf.for %t = %c0 to %T step %c1 {{
+  %id = memref.load %ids[%t] : memref<?xi64>
+  %hit = arith.cmpi eq, %id, %row_i64 : i64
+  scf.if %hit {{
+    scf.for %i = %tid to %cD step %cT {{
+      %a = memref.load %sh_acc[%i] : {acc}
+      %g = memref.load %dy[%t, %i] : {m}
+      %s = arith.addf %a, %g : f32
+      memref.store %s, %sh_acc[%i] : {acc}
+    }}
+  }}
+}}
+scf.for %i = %tid to %cD step %cT {{
+  %v = memref.load %sh_acc[%i] : {acc}
+  memref.store %v, %out[%row, %i] : {m}
+}}
+"
+                )]
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{raw, run_cpu, values};
+    use super::super::RowOp;
+    use super::*;
+    use v3c_models::interp::kernels;
+
+    fn kernel(op: TrainRow, d: usize) -> RowKernel {
+        let k = RowKernel::new(RowOp::Train(op), d, "f32");
+        assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k.clone()), "{} round-trips", k.kernel_name());
+        k
+    }
+
+    /// Every layout of the CUDA-core matmul equals the reference's `matmul_t` bit for bit (one
+    /// thread per output, the inner dimension summed in the reference's order), for inner
+    /// dimensions of 1 (a one-token window's weight gradient) and more columns than threads.
+    #[test]
+    fn matmul_rows_equal_the_reference_in_every_layout() {
+        for (m, k, n) in [(3, 1, 5), (7, 40, 300), (1, 129, 64)] {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                let kern = kernel(TrainRow::Matmul { transpose_a: ta, transpose_b: tb }, n);
+                let (a_shape, b_shape) = (if ta { [k, m] } else { [m, k] }, if tb { [n, k] } else { [k, n] });
+                let (mut a, mut b) = (values(m * k, 3, 4.0), values(k * n, 4, 2.0));
+                let want = kernels::matmul_t(&a, &b, (m, k, n), (ta, tb), (a_shape[1], b_shape[1]));
+                let mut out = vec![f32::NAN; m * n];
+                run_cpu(
+                    &kern,
+                    &[raw(&mut a, &a_shape, "f32"), raw(&mut b, &b_shape, "f32"), raw(&mut out, &[m, n], "f32")],
+                );
+                assert_eq!(out, want, "{} on {m}x{k}x{n}", kern.kernel_name());
+            }
+        }
+    }
+
+    /// Add, SwiGLU of two inputs and its gradient, and column ranges: exactly the reference's.
+    #[test]
+    fn elementwise_rows_equal_the_reference() {
+        let (rows, d) = (5, 300);
+        let (mut g, mut u, mut dy) = (values(rows * d, 5, 12.0), values(rows * d, 6, 3.0), values(rows * d, 7, 1.0));
+        let mut y = vec![f32::NAN; rows * d];
+        let add = kernel(TrainRow::Add, d);
+        run_cpu(
+            &add,
+            &[raw(&mut g, &[rows, d], "f32"), raw(&mut u, &[rows, d], "f32"), raw(&mut y, &[rows, d], "f32")],
+        );
+        assert!(y.iter().zip(g.iter().zip(&u)).all(|(y, (a, b))| *y == a + b), "add");
+        let silu = kernel(TrainRow::SiluMul, d);
+        run_cpu(
+            &silu,
+            &[raw(&mut g, &[rows, d], "f32"), raw(&mut u, &[rows, d], "f32"), raw(&mut y, &[rows, d], "f32")],
+        );
+        let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| kernels::silu(*g) * u).collect();
+        assert_eq!(y, want, "silu_mul");
+        let grad = kernel(TrainRow::SiluMulGrad, d);
+        let (mut dg, mut du) = (vec![f32::NAN; rows * d], vec![f32::NAN; rows * d]);
+        run_cpu(
+            &grad,
+            &[
+                raw(&mut g, &[rows, d], "f32"),
+                raw(&mut u, &[rows, d], "f32"),
+                raw(&mut dy, &[rows, d], "f32"),
+                raw(&mut dg, &[rows, d], "f32"),
+                raw(&mut du, &[rows, d], "f32"),
+            ],
+        );
+        let (want_dg, want_du) = kernels::silu_mul_grad(&g, &u, &dy);
+        assert_eq!((dg, du), (want_dg, want_du), "silu_mul_grad");
+        let (start, width) = (37, 200);
+        let columns = kernel(TrainRow::Columns { start }, width);
+        let mut piece = vec![f32::NAN; rows * width];
+        run_cpu(&columns, &[raw(&mut g, &[rows, d], "f32"), raw(&mut piece, &[rows, width], "f32")]);
+        let want: Vec<f32> = g.chunks(d).flat_map(|r| r[start..start + width].to_vec()).collect();
+        assert_eq!(piece, want, "columns");
+    }
+
+    /// RoPE and its gradient (the inverse rotation) on heads of tokens, both pair layouts, from the
+    /// table the runtime builds, equal the reference's rotation; a position outside the table
+    /// leaves its rows unwritten; the gradient undoes the rotation.
+    #[test]
+    fn rope_rows_rotate_as_the_reference() {
+        let (tokens, heads, dim, table_rows) = (4, 3, 16, 10);
+        let inv: Vec<f32> = (0..dim / 2).map(|i| 10000f32.powf(-((2 * i) as f32) / dim as f32)).collect();
+        let mut table: Vec<f32> = (0..table_rows as i64)
+            .flat_map(|p| {
+                let (cos, sin) = v3c_models::rope::cos_sin(&inv, 1.0, p);
+                cos.into_iter().chain(sin)
+            })
+            .collect();
+        for interleave in [true, false] {
+            for inverse in [false, true] {
+                let k = kernel(TrainRow::Rope { heads, interleave, inverse }, dim);
+                let mut x = values(tokens * heads * dim, 8, 4.0);
+                let mut positions: Vec<i64> = vec![0, 7, 3, 12];
+                let mut y = vec![f32::NAN; x.len()];
+                run_cpu(
+                    &k,
+                    &[
+                        raw(&mut x, &[tokens * heads, dim], "f32"),
+                        raw(&mut positions, &[tokens], "i64"),
+                        raw(&mut table, &[table_rows, dim], "f32"),
+                        raw(&mut y, &[tokens * heads, dim], "f32"),
+                    ],
+                );
+                for (t, &p) in positions.iter().enumerate() {
+                    let rows = t * heads * dim..(t + 1) * heads * dim;
+                    if p as usize >= table_rows {
+                        assert!(y[rows].iter().all(|v| v.is_nan()), "{}: row {t} written", k.kernel_name());
+                        continue;
+                    }
+                    let (cos, mut sin) = v3c_models::rope::cos_sin(&inv, 1.0, p);
+                    if inverse {
+                        sin.iter_mut().for_each(|s| *s = -*s);
+                    }
+                    let mut want = x[rows.clone()].to_vec();
+                    want.chunks_mut(dim).for_each(|v| kernels::rotate(v, &cos, &sin, interleave));
+                    assert_eq!(y[rows].to_vec(), want, "{}: token {t}", k.kernel_name());
+                }
+            }
+        }
+    }
+
+    /// RMSNorm's gradient (dx per row, then dw over the rows) against the reference's: dx within
+    /// 1e-5 relative (the block's sums are trees over its threads), dw likewise (it reads the rows'
+    /// r); rows of very different magnitudes, bf16 and f32 weights, one row and many.
+    #[test]
+    fn rms_norm_grad_rows_match_the_reference() {
+        for (rows, d, weight) in [(1, 96, "f32"), (9, 700, "f32"), (4, 512, "bf16")] {
+            let eps = 1e-6;
+            let grad = RowKernel::new(RowOp::Train(TrainRow::RmsNormGrad { eps }), d, weight);
+            assert_eq!(RowKernel::from_name(&grad.kernel_name()), Some(grad.clone()));
+            let dw_kernel = kernel(TrainRow::RmsNormDw, d);
+            let mut x = values(rows * d, 9, 6.0);
+            for (r, row) in x.chunks_mut(d).enumerate() {
+                row.iter_mut().for_each(|v| *v *= 10f32.powi(r as i32 % 3 - 1));
+            }
+            let mut dy = values(rows * d, 10, 2.0);
+            let w32: Vec<f32> = values(d, 11, 1.0).iter().map(|v| v + 1.0).collect();
+            let mut w_bf16: Vec<u16> = w32.iter().map(|&v| v3c_models::dtype::f32_to_bf16(v)).collect();
+            let mut w_f32: Vec<f32> = if weight == "bf16" {
+                w_bf16.iter().map(|&b| v3c_models::dtype::bf16_to_f32(b)).collect()
+            } else {
+                w32
+            };
+            let (want_dx, want_dw) = kernels::rms_norm_grad(&x, &w_f32, &dy, eps);
+            let (mut dx, mut r, mut dw) = (vec![f32::NAN; rows * d], vec![f32::NAN; rows], vec![f32::NAN; d]);
+            let w_buffer = if weight == "bf16" { raw(&mut w_bf16, &[d], "bf16") } else { raw(&mut w_f32, &[d], "f32") };
+            run_cpu(
+                &grad,
+                &[
+                    raw(&mut x, &[rows, d], "f32"),
+                    w_buffer,
+                    raw(&mut dy, &[rows, d], "f32"),
+                    raw(&mut dx, &[rows, d], "f32"),
+                    raw(&mut r, &[rows], "f32"),
+                ],
+            );
+            run_cpu(
+                &dw_kernel,
+                &[
+                    raw(&mut x, &[rows, d], "f32"),
+                    raw(&mut dy, &[rows, d], "f32"),
+                    raw(&mut r, &[rows], "f32"),
+                    raw(&mut dw, &[d], "f32"),
+                ],
+            );
+            let scale = |v: &[f32]| v.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+            for (what, got, want) in [("dx", &dx, &want_dx), ("dw", &dw, &want_dw)] {
+                let tolerance = 1e-5 * scale(want);
+                for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+                    assert!((a - b).abs() <= tolerance, "{}: {what}[{i}] = {a}, reference {b}", grad.kernel_name());
+                }
+            }
+        }
+    }
+
+    /// The embedding gradient sums each id's rows in token order — exactly the reference's — with
+    /// repeated ids, ids never seen (zero rows) and a one-token window.
+    #[test]
+    fn embed_grad_rows_equal_the_reference() {
+        let (vocab, d) = (11, 300);
+        for ids in [vec![3i64, 0, 3, 10, 3, 7], vec![5]] {
+            let t = ids.len();
+            let mut dy = values(t * d, 12, 3.0);
+            let mut want = vec![0.0f32; vocab * d];
+            for (row, &id) in ids.iter().enumerate() {
+                for i in 0..d {
+                    want[id as usize * d + i] += dy[row * d + i];
+                }
+            }
+            let k = kernel(TrainRow::EmbedGrad, d);
+            let (mut ids, mut out) = (ids.clone(), vec![f32::NAN; vocab * d]);
+            run_cpu(&k, &[raw(&mut ids, &[t], "i64"), raw(&mut dy, &[t, d], "f32"), raw(&mut out, &[vocab, d], "f32")]);
+            assert_eq!(out, want, "{}", k.kernel_name());
+        }
+    }
+}
