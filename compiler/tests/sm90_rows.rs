@@ -57,7 +57,7 @@ fn training_kernels() -> Vec<RowKernel> {
         train(TrainRow::Add, 7168, "f32"),
         train(TrainRow::SiluMul, 18432, "f32"),
         train(TrainRow::SiluMulGrad, 18432, "f32"),
-        train(TrainRow::Columns { start: 1536 }, 512, "f32"),
+        train(TrainRow::Columns { start: 1536, stride: 2112 }, 512, "f32"),
         train(TrainRow::Rope { heads: 128, interleave: true, inverse: false }, 64, "f32"),
         train(TrainRow::Rope { heads: 1, interleave: false, inverse: true }, 64, "f32"),
         train(TrainRow::RmsNormGrad { eps: 1e-6 }, 7168, "bf16"),

@@ -406,8 +406,11 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
                 (a.dims[1].ok_or("concat with a dynamic width")?, b.dims[1].ok_or("concat with a dynamic width")?);
             Ok(plain(RowKernel::new(RowOp::Concat { second }, d, "f32")))
         }
-        // Named by its ops, as a GEMM kernel that does not map is by the op that stops it.
-        _ => Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + ")),
+        // The training step's kernels; others named by their ops, as a GEMM kernel that does not
+        // map is by the op that stops it.
+        _ => super::lower_train::row_of_train_kernel(kernel).unwrap_or_else(|| {
+            Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + "))
+        }),
     }
 }
 
@@ -704,14 +707,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             let (experts, d) = (fixed(&gate, 0)?, fixed(&gate, 1)?);
             let top_k = int_attr("top_k").ok_or("moe_dispatch without top_k")?;
             let shared = int_attr("num_shared").unwrap_or(0);
-            let op = RowOp::Route {
-                experts,
-                top_k,
-                n_group: int_attr("n_group").ok_or("moe_dispatch without n_group")?,
-                topk_group: int_attr("topk_group").ok_or("moe_dispatch without topk_group")?,
-                norm: dispatch.attribute("norm_topk_prob").map(|a| a.to_string() == "true").unwrap_or(false),
-                scale: float_attr(dispatch, "routed_scaling_factor").unwrap_or(1.0),
-            };
+            let op = route_op(dispatch, experts)?;
             Ok(Steps {
                 temps: vec![
                     Temp { rows_factor: 1, cols: top_k, element: "i32".into() },
@@ -870,12 +866,28 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 })
             }
         }
-        _ => Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + ")),
+        _ => super::lower_train::steps_of_train_kernel(kernel).unwrap_or_else(|| {
+            Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + "))
+        }),
     }
 }
 
+/// The routing row of a `v3.moe_dispatch` or `v3.moe_route` op over `experts` experts.
+pub(super) fn route_op(o: &OperationRef, experts: usize) -> Result<RowOp, String> {
+    let int_attr =
+        |name: &str| -> Option<usize> { o.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok() };
+    Ok(RowOp::Route {
+        experts,
+        top_k: int_attr("top_k").ok_or("routing without top_k")?,
+        n_group: int_attr("n_group").ok_or("routing without n_group")?,
+        topk_group: int_attr("topk_group").ok_or("routing without topk_group")?,
+        norm: o.attribute("norm_topk_prob").map(|a| a.to_string() == "true").unwrap_or(false),
+        scale: float_attr(o, "routed_scaling_factor").unwrap_or(1.0),
+    })
+}
+
 /// The table and pair layout of a `v3.rope` op.
-fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), String> {
+pub(super) fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), String> {
     let interleave = rope.attribute("interleave").map(|a| a.to_string() == "true").unwrap_or(true);
     let dim = rope
         .attribute("dim")

@@ -9,6 +9,7 @@
 
 pub mod gemm;
 pub mod lower;
+pub mod lower_train;
 pub mod mla;
 pub mod rows;
 

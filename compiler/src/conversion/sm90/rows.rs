@@ -544,7 +544,7 @@ impl RowKernel {
             return Err(format!("{name}: rows of 0 columns"));
         }
         if let RowOp::Train(op) = self.op {
-            op.check(&name)?;
+            op.check(&name, self.d)?;
         }
         if let RowOp::Latent { rope, .. } | RowOp::SplitRope { rope, .. } = self.op {
             if rope == 0 || rope % 2 != 0 {

@@ -29,9 +29,11 @@ pub enum TrainRow {
     /// The gradients of [`TrainRow::SiluMul`]: `d gate = dy * up * s * (1 + g * (1 - s))` with
     /// `s = sigmoid(g)`, `d up = dy * silu(g)`.
     SiluMulGrad,
-    /// `y [rows, d] = x[:, start .. start + d]`: a column range (the pieces of a split, or of a
-    /// concatenation's gradient).
-    Columns { start: usize },
+    /// `y [rows, d]`: row r is `x[r * stride + start ..][..d]` of x read flat (all its dims
+    /// collapsed): a column range of rows `stride` wide — the pieces of a split (also of a
+    /// reshaped output: heads of a `[T, heads * stride]` matrix are rows of its `[T * heads,
+    /// stride]` view), or of a concatenation's gradient.
+    Columns { start: usize, stride: usize },
     /// RoPE (or, `inverse`, its gradient: the same angles with the sine negated) of `x [T * heads,
     /// d]` (heads of `d` columns; row r is token r / heads) at each token's position, cos/sin from
     /// the table [`super::RowOp::Latent`] reads. Positions outside the table leave the row unwritten.
@@ -60,7 +62,7 @@ impl TrainRow {
             TrainRow::Add => format!("rows_add_d{d}_t{t}"),
             TrainRow::SiluMul => format!("rows_silumulpair_d{d}_t{t}"),
             TrainRow::SiluMulGrad => format!("rows_silumulgrad_d{d}_t{t}"),
-            TrainRow::Columns { start } => format!("rows_columns_d{d}_o{start}_t{t}"),
+            TrainRow::Columns { start, stride } => format!("rows_columns_d{d}_o{start}_s{stride}_t{t}"),
             TrainRow::Rope { heads, interleave, inverse } => {
                 let layout = if interleave { "_il" } else { "" };
                 let inverse = if inverse { "_inv" } else { "" };
@@ -102,7 +104,9 @@ impl TrainRow {
             ["add", d, t] => kernel(TrainRow::Add, d, "f32", t),
             ["silumulpair", d, t] => kernel(TrainRow::SiluMul, d, "f32", t),
             ["silumulgrad", d, t] => kernel(TrainRow::SiluMulGrad, d, "f32", t),
-            ["columns", d, o, t] => kernel(TrainRow::Columns { start: number(o, "o")? }, d, "f32", t),
+            ["columns", d, o, st, t] => {
+                kernel(TrainRow::Columns { start: number(o, "o")?, stride: number(st, "s")? }, d, "f32", t)
+            }
             ["rope", d, h, t, flags @ ..] => {
                 let (interleave, inverse) = match flags {
                     [] => (false, false),
@@ -133,7 +137,7 @@ impl TrainRow {
             TrainRow::SiluMulGrad => {
                 vec![("gate", rows()), ("up", rows()), ("dy", rows()), ("dgate", rows()), ("dup", rows())]
             }
-            TrainRow::Columns { .. } => vec![("x", rows()), ("y", rows())],
+            TrainRow::Columns { .. } => vec![("x", "memref<?xf32>".into()), ("y", rows())],
             TrainRow::Rope { .. } => {
                 vec![("x", rows()), ("positions", "memref<?xi64>".into()), ("rope", rows()), ("y", rows())]
             }
@@ -182,7 +186,12 @@ impl TrainRow {
     }
 
     /// Why the kernel cannot be generated, if it cannot.
-    pub(super) fn check(&self, name: &str) -> Result<(), String> {
+    pub(super) fn check(&self, name: &str, d: usize) -> Result<(), String> {
+        if let TrainRow::Columns { start, stride } = self {
+            if start + d > *stride {
+                return Err(format!("{name}: columns {start}..{} of rows {stride} wide", start + d));
+            }
+        }
         if let TrainRow::Rope { heads, .. } = self {
             if *heads == 0 {
                 return Err(format!("{name}: rows of 0 heads"));
@@ -198,8 +207,9 @@ impl TrainRow {
             TrainRow::SiluMul | TrainRow::SiluMulGrad => {
                 let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
             }
-            TrainRow::Columns { start } => {
+            TrainRow::Columns { start, stride } => {
                 let _ = writeln!(s, "%cStart = arith.constant {start} : index");
+                let _ = writeln!(s, "%cStride = arith.constant {stride} : index");
             }
             TrainRow::Rope { heads, .. } => {
                 let _ = writeln!(s, "%cHeads = arith.constant {heads} : index");
@@ -301,9 +311,11 @@ scf.for %j = %tid to %cD step %cT {{
                 exp = indent2(&exp(lowering, "%neg", "%e"))
             )],
             TrainRow::Columns { .. } => vec![format!(
-                "scf.for %i = %tid to %cD step %cT {{
-  %c = arith.addi %i, %cStart : index
-  %v = memref.load %x[%row, %c] : {m}
+                "%row_base = arith.muli %row, %cStride : index
+%base = arith.addi %row_base, %cStart : index
+scf.for %i = %tid to %cD step %cT {{
+  %c = arith.addi %base, %i : index
+  %v = memref.load %x[%c] : memref<?xf32>
   memref.store %v, %y[%row, %i] : {m}
 }}
 "
@@ -499,11 +511,20 @@ mod tests {
         let (want_dg, want_du) = kernels::silu_mul_grad(&g, &u, &dy);
         assert_eq!((dg, du), (want_dg, want_du), "silu_mul_grad");
         let (start, width) = (37, 200);
-        let columns = kernel(TrainRow::Columns { start }, width);
+        let columns = kernel(TrainRow::Columns { start, stride: d }, width);
         let mut piece = vec![f32::NAN; rows * width];
-        run_cpu(&columns, &[raw(&mut g, &[rows, d], "f32"), raw(&mut piece, &[rows, width], "f32")]);
+        run_cpu(&columns, &[raw(&mut g, &[rows * d], "f32"), raw(&mut piece, &[rows, width], "f32")]);
         let want: Vec<f32> = g.chunks(d).flat_map(|r| r[start..start + width].to_vec()).collect();
         assert_eq!(piece, want, "columns");
+        // Heads of 60 columns (5 per row of 300): the 20 columns at 40 of every head.
+        let heads = kernel(TrainRow::Columns { start: 40, stride: 60 }, 20);
+        let mut piece = vec![f32::NAN; rows * 5 * 20];
+        run_cpu(&heads, &[raw(&mut g, &[rows * d], "f32"), raw(&mut piece, &[rows * 5, 20], "f32")]);
+        let want: Vec<f32> = g.chunks(60).flat_map(|h| h[40..60].to_vec()).collect();
+        assert_eq!(piece, want, "columns of heads");
+        assert!(RowKernel::new(RowOp::Train(TrainRow::Columns { start: 50, stride: 60 }), 20, "f32")
+            .emit_cpu()
+            .is_err_and(|e| e.contains("columns 50..70 of rows 60 wide")));
     }
 
     /// RoPE and its gradient (the inverse rotation) on heads of tokens, both pair layouts, from the

@@ -1,0 +1,327 @@
+//! The training step's `fused`-stage kernels -> sm_90a launches ([`super::rows::TrainRow`], and the
+//! inference templates where one fits). The training graph's kernels are single ops (its fused
+//! stage only forms kernels), some with view tails (a linear's output reshaped and split into
+//! heads). Called by [`super::lower::row_of_kernel`] and [`super::lower::steps_of_kernel`] for
+//! the ops they do not know; `None`: not a training kernel (their own reason stands).
+
+use melior::ir::block::BlockLike;
+use melior::ir::operation::{OperationLike, OperationRef};
+use melior::ir::{RegionLike, Value, ValueLike};
+
+use super::lower::{rope_table_of, route_op, Operand, RowLaunch, Step, StepKernel, Steps, Temp};
+use super::rows::{RowKernel, RowOp, TrainRow};
+use crate::verify::Shape;
+
+/// A kernel's body: its ops (without the return), the returned values and the arguments.
+struct Body<'c, 'a> {
+    ops: Vec<OperationRef<'c, 'a>>,
+    names: Vec<String>,
+    returned: Vec<Value<'c, 'a>>,
+    args: Vec<Value<'c, 'a>>,
+}
+
+impl<'c, 'a> Body<'c, 'a> {
+    fn of(kernel: &OperationRef<'c, 'a>) -> Option<Body<'c, 'a>> {
+        let block = kernel.region(0).ok()?.first_block()?;
+        let args = (0..block.argument_count()).filter_map(|i| block.argument(i).ok().map(Value::from)).collect();
+        let (mut ops, mut returned) = (Vec::new(), Vec::new());
+        let mut op = block.first_operation();
+        while let Some(o) = op {
+            op = o.next_in_block();
+            if o.name().as_string_ref().as_str() == Ok("func.return") {
+                returned = (0..o.operand_count()).filter_map(|i| o.operand(i).ok()).collect();
+            } else {
+                ops.push(o);
+            }
+        }
+        let names = ops
+            .iter()
+            .map(|o| o.name().as_string_ref().as_str().unwrap_or_default().trim_start_matches("v3.").into())
+            .collect();
+        Some(Body { ops, names, returned, args })
+    }
+
+    /// The argument index `v` is.
+    fn arg(&self, v: Value) -> Option<usize> {
+        self.args.iter().position(|a| raw(*a) == raw(v))
+    }
+
+    /// Whether op `o`'s operands are the kernel's arguments in order.
+    fn operands_are_args(&self, o: &OperationRef) -> bool {
+        (0..o.operand_count()).all(|i| o.operand(i).ok().and_then(|v| self.arg(v)) == Some(i))
+    }
+
+    /// Whether the kernel returns exactly op `o`'s results, in order.
+    fn returns_results_of(&self, o: &OperationRef) -> bool {
+        self.returned.len() == o.result_count()
+            && self.returned.iter().enumerate().all(|(i, v)| o.result(i).is_ok_and(|r| raw(r.into()) == raw(*v)))
+    }
+}
+
+fn raw(v: Value) -> usize {
+    v.to_raw().ptr as usize
+}
+
+fn shape(v: Value) -> Result<Shape, String> {
+    Shape::parse(&v.r#type().to_string()).ok_or_else(|| "a non-tensor value".to_string())
+}
+
+fn operand_shape(o: &OperationRef, i: usize) -> Result<Shape, String> {
+    shape(o.operand(i).map_err(|e| e.to_string())?)
+}
+
+fn result_shape(o: &OperationRef, i: usize) -> Result<Shape, String> {
+    shape(o.result(i).map_err(|e| e.to_string())?.into())
+}
+
+/// The static last dimension of a shape (the row width of its 2-D view).
+fn width(s: &Shape) -> Result<usize, String> {
+    s.dims.last().copied().flatten().ok_or_else(|| format!("{s} has a dynamic width"))
+}
+
+fn flag(o: &OperationRef, name: &str) -> bool {
+    o.attribute(name).map(|a| a.to_string() == "true").unwrap_or(false)
+}
+
+fn int_attr(o: &OperationRef, name: &str) -> Option<i64> {
+    o.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+}
+
+/// Every operand and result f32.
+fn all_f32(o: &OperationRef) -> bool {
+    let f32 = |s: Result<Shape, String>| s.is_ok_and(|s| s.element == "f32");
+    (0..o.operand_count()).all(|i| f32(operand_shape(o, i))) && (0..o.result_count()).all(|i| f32(result_shape(o, i)))
+}
+
+fn train_kernel(op: TrainRow, d: usize, weight: &str) -> RowKernel {
+    RowKernel::new(RowOp::Train(op), d, weight)
+}
+
+/// The training kernel `kernel` as one row-kernel launch (`None`: not one of these ops).
+pub fn row_of_train_kernel(kernel: &OperationRef) -> Option<Result<RowLaunch, String>> {
+    let body = Body::of(kernel)?;
+    let [name] = &body.names[..] else { return None };
+    let o = &body.ops[0];
+    let launch = |k: RowKernel, operands: Vec<Operand>| RowLaunch { kernel: k, rope_table: None, operands };
+    let in_order = || (0..o.operand_count()).map(Operand::Arg).chain((0..o.result_count()).map(Operand::Result));
+    let wired = body.operands_are_args(o) && body.returns_results_of(o);
+    let row = || -> Result<RowLaunch, String> {
+        if !wired {
+            return Err(format!("{name} with its operands or results in another order"));
+        }
+        let out = result_shape(o, 0)?;
+        match name.as_str() {
+            "add" | "silu_mul" | "silu_mul_grad" => {
+                if !all_f32(o) {
+                    return Err(format!("{name} of non-f32 values"));
+                }
+                let op = match name.as_str() {
+                    "add" => TrainRow::Add,
+                    "silu_mul" => TrainRow::SiluMul,
+                    _ => TrainRow::SiluMulGrad,
+                };
+                Ok(launch(train_kernel(op, width(&out)?, "f32"), in_order().collect()))
+            }
+            "matmul" | "linear" | "lm_head" => {
+                // The f32 GEMMs of the training graph (master weights: f32 x f32) on CUDA cores.
+                if o.operand_count() != 2 || !all_f32(o) || out.dims.len() != 2 {
+                    return Err(format!("{name} that is not of two f32 matrices"));
+                }
+                let (ta, tb) =
+                    if name == "matmul" { (flag(o, "transpose_a"), flag(o, "transpose_b")) } else { (false, true) };
+                let op = TrainRow::Matmul { transpose_a: ta, transpose_b: tb };
+                Ok(launch(train_kernel(op, width(&out)?, "f32"), in_order().collect()))
+            }
+            "rope" | "rope_grad" => {
+                let x = operand_shape(o, 0)?;
+                if x.element != "f32" || x.dims.len() < 2 {
+                    return Err(format!("{name} of {x}"));
+                }
+                let heads: usize =
+                    x.dims[1..x.dims.len() - 1].iter().map(|d| d.ok_or("dynamic heads")).product::<Result<_, _>>()?;
+                let (table, interleave) = rope_table_of(o)?;
+                if table.dim != width(&x)? {
+                    return Err(format!("{name} of width {} on rows of {}", table.dim, width(&x)?));
+                }
+                let op = TrainRow::Rope { heads, interleave, inverse: name == "rope_grad" };
+                let kernel = train_kernel(op, table.dim, "f32");
+                let operands = vec![Operand::Arg(0), Operand::Arg(1), Operand::RopeTable, Operand::Result(0)];
+                Ok(RowLaunch { kernel, rope_table: Some(table), operands })
+            }
+            "embed_grad" => {
+                let dy = operand_shape(o, 1)?;
+                if dy.element != "f32" {
+                    return Err(format!("embed_grad of {dy}"));
+                }
+                Ok(launch(train_kernel(TrainRow::EmbedGrad, width(&dy)?, "f32"), in_order().collect()))
+            }
+            "moe_route" => {
+                let (x, gate) = (operand_shape(o, 0)?, operand_shape(o, 1)?);
+                if x.element != "f32" {
+                    return Err(format!("routing of {} activations", x.element));
+                }
+                let op = route_op(o, gate.dims.first().copied().flatten().ok_or("a dynamic expert count")?)?;
+                Ok(launch(RowKernel::new(op, width(&x)?, &gate.element), in_order().collect()))
+            }
+            "split_grad" => {
+                // Both pieces' gradients: their concatenation (x, the first operand, only shapes it).
+                let segments = o.attribute("operandSegmentSizes").map(|a| a.to_string()).unwrap_or_default();
+                let axis = int_attr(o, "axis").ok_or("split_grad without axis")?;
+                let (head, tail) = (operand_shape(o, 1)?, operand_shape(o, 2).ok());
+                if !segments.contains("1, 1, 1") || axis as usize + 1 != out.dims.len() || !all_f32(o) {
+                    return Err("split_grad of one piece, or not along the last axis".into());
+                }
+                let second = width(&tail.ok_or("split_grad without its second piece")?)?;
+                let kernel = RowKernel::new(RowOp::Concat { second }, width(&head)?, "f32");
+                Ok(launch(kernel, vec![Operand::Arg(1), Operand::Arg(2), Operand::Result(0)]))
+            }
+            _ => Err(name.clone()),
+        }
+    };
+    match name.as_str() {
+        "add" | "silu_mul" | "silu_mul_grad" | "matmul" | "linear" | "lm_head" | "rope" | "rope_grad"
+        | "embed_grad" | "moe_route" | "split_grad" => Some(row()),
+        _ => None,
+    }
+}
+
+/// The training kernel `kernel` as several launches (`None`: not one of these kernels):
+/// - `rms_norm_grad`: dx per row (writing each row's r to a temporary), then dw over the rows;
+/// - `concat_grad` along the last axis: each returned piece a column range of dy;
+/// - an f32 `linear` whose output is returned whole and/or reshaped and split into column
+///   pieces: the CUDA-core matmul, then each piece copied out of it.
+pub fn steps_of_train_kernel(kernel: &OperationRef) -> Option<Result<Steps, String>> {
+    let body = Body::of(kernel)?;
+    let names: Vec<&str> = body.names.iter().map(String::as_str).collect();
+    match names[..] {
+        ["rms_norm_grad"] => Some(rms_norm_grad(&body)),
+        ["concat_grad"] => Some(concat_grad(&body)),
+        ["linear", "split"] | ["linear", "reshape", "split"] => Some(linear_pieces(&body)),
+        _ => None,
+    }
+}
+
+/// Where the kernel returns value `v` (as which result), if it does.
+fn returned_as(body: &Body, v: Value) -> Option<usize> {
+    body.returned.iter().position(|r| raw(*r) == raw(v))
+}
+
+fn rms_norm_grad(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    if !body.operands_are_args(o) {
+        return Err("rms_norm_grad with its operands in another order".into());
+    }
+    let (x, w, dy) = (operand_shape(o, 0)?, operand_shape(o, 1)?, operand_shape(o, 2)?);
+    if x.element != "f32" || dy.element != "f32" || x.dims.len() != 2 {
+        return Err(format!("rms_norm_grad of {x} and {dy}"));
+    }
+    let d = width(&x)?;
+    let eps = o
+        .attribute("eps")
+        .ok()
+        .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<f32>().ok()))
+        .ok_or("rms_norm_grad without an eps")?;
+    let result = |i: usize| o.result(i).map(|r| returned_as(body, r.into())).map_err(|e| e.to_string());
+    let (dx, dw) = (result(0)?, result(1)?);
+    if body.returned.len() != usize::from(dx.is_some()) + usize::from(dw.is_some()) {
+        return Err("rms_norm_grad returning other values".into());
+    }
+    // Temporaries: each row's r, then dx when it is not returned.
+    let mut temps = vec![Temp { rows_factor: 1, cols: 1, element: "f32".into() }];
+    let dx_operand = match dx {
+        Some(i) => Operand::Result(i),
+        None => {
+            temps.push(Temp { rows_factor: 1, cols: d, element: "f32".into() });
+            Operand::Temp(1)
+        }
+    };
+    let mut steps = vec![Step {
+        kernel: StepKernel::Row(train_kernel(TrainRow::RmsNormGrad { eps }, d, &w.element)),
+        operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Arg(2), dx_operand, Operand::Temp(0)],
+    }];
+    if let Some(i) = dw {
+        steps.push(Step {
+            kernel: StepKernel::Row(train_kernel(TrainRow::RmsNormDw, d, "f32")),
+            operands: vec![Operand::Arg(0), Operand::Arg(2), Operand::Temp(0), Operand::Result(i)],
+        });
+    }
+    Ok(Steps { steps, temps, rope_table: None })
+}
+
+fn concat_grad(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    let dy = operand_shape(o, 0)?;
+    let axis = int_attr(o, "axis").ok_or("concat_grad without axis")? as usize;
+    if !body.operands_are_args(o) || !all_f32(o) || axis + 1 != dy.dims.len() {
+        return Err(format!("concat_grad along axis {axis} of {dy} (column pieces only)"));
+    }
+    let (lhs, stride) = (width(&operand_shape(o, 1)?)?, width(&dy)?);
+    let mut steps = Vec::new();
+    for (piece, start) in [(0, 0), (1, lhs)] {
+        let r = o.result(piece).map_err(|e| e.to_string())?;
+        if let Some(i) = returned_as(body, r.into()) {
+            let kernel = train_kernel(TrainRow::Columns { start, stride }, width(&result_shape(o, piece)?)?, "f32");
+            steps.push(Step { kernel: StepKernel::Row(kernel), operands: vec![Operand::Arg(0), Operand::Result(i)] });
+        }
+    }
+    if steps.len() != body.returned.len() {
+        return Err("concat_grad returning other values".into());
+    }
+    Ok(Steps { steps, temps: Vec::new(), rope_table: None })
+}
+
+fn linear_pieces(body: &Body) -> Result<Steps, String> {
+    let (linear, split) = (&body.ops[0], body.ops.last().expect("a split"));
+    if linear.operand_count() != 2 || !all_f32(linear) || !body.operands_are_args(linear) {
+        return Err("a linear with pieces that is not of two f32 matrices".into());
+    }
+    let whole =
+        if body.ops.len() == 3 { body.ops[1].result(0) } else { linear.result(0) }.map_err(|e| e.to_string())?;
+    let split_input = split.operand(0).map_err(|e| e.to_string())?;
+    let whole_shape = shape(whole.into())?;
+    let axis = int_attr(split, "axis").ok_or("split without axis")? as usize;
+    let chained = body.ops.len() == 2
+        || body.ops[1].operand(0).is_ok_and(|v| linear.result(0).is_ok_and(|r| raw(r.into()) == raw(v)));
+    if raw(split_input) != raw(whole.into()) || !chained || axis + 1 != whole_shape.dims.len() {
+        return Err("a linear's pieces that are not column ranges of its output".into());
+    }
+    let n = width(&result_shape(linear, 0)?)?;
+    // Rows of the split's input: the linear's output, or its heads when it was reshaped.
+    let stride = width(&whole_shape)?;
+    let (mut temps, mut steps) = (Vec::new(), Vec::new());
+    let returned_whole = returned_as(body, whole.into());
+    // The matmul writes the output as [T, n]: straight into the result when that is its shape.
+    let target = match returned_whole {
+        Some(i) if whole_shape.dims.len() == 2 => Operand::Result(i),
+        _ => {
+            temps.push(Temp { rows_factor: 1, cols: n, element: "f32".into() });
+            Operand::Temp(0)
+        }
+    };
+    let op = TrainRow::Matmul { transpose_a: false, transpose_b: true };
+    let matmul = StepKernel::Row(train_kernel(op, n, "f32"));
+    steps.push(Step { kernel: matmul, operands: vec![Operand::Arg(0), Operand::Arg(1), target] });
+    let copy = |start: usize, w: usize, to: usize| Step {
+        kernel: StepKernel::Row(train_kernel(TrainRow::Columns { start, stride }, w, "f32")),
+        operands: vec![target, Operand::Result(to)],
+    };
+    let mut covered = usize::from(returned_whole.is_some());
+    if let (Some(i), Operand::Temp(_)) = (returned_whole, target) {
+        // The reshaped output returned whole: the temporary copied into it as heads.
+        steps.push(copy(0, stride, i));
+    }
+    let mut start = 0;
+    for piece in 0..split.result_count() {
+        let r = split.result(piece).map_err(|e| e.to_string())?;
+        let w = width(&result_shape(split, piece)?)?;
+        if let Some(i) = returned_as(body, r.into()) {
+            steps.push(copy(start, w, i));
+            covered += 1;
+        }
+        start += w;
+    }
+    if covered != body.returned.len() {
+        return Err("a linear returning values other than its output and its pieces".into());
+    }
+    Ok(Steps { steps, temps, rope_table: None })
+}
