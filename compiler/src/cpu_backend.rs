@@ -166,6 +166,25 @@ impl<'c> CpuProgram<'c> {
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, CpuBackendError> {
+        self.run_with(entry, inputs, wanted, &mut |_, _, _| Ok(false))
+    }
+
+    /// The fused-stage module the kernels were compiled from.
+    pub fn module(&self) -> &Module<'c> {
+        &self.module
+    }
+
+    /// As [`CpuProgram::run`], offering every kernel call to `instead(kernel, inputs, outputs)`
+    /// first (outputs allocated, zeroed, shaped by the kernel's rules): when it returns true it
+    /// has computed the outputs and the CPU kernel is not launched. How another lowering of the
+    /// same kernels (e.g. sm_90a's, run through its CPU form) is checked inside a whole entry.
+    pub fn run_with(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        instead: &mut dyn FnMut(&str, &[&HostBuffer], &mut [HostBuffer]) -> Result<bool, String>,
+    ) -> Result<HashMap<String, HostBuffer>, CpuBackendError> {
         let invalid = |m: String| CpuBackendError::Invalid(m);
         let mut op = self.module.body().first_operation();
         let function = loop {
@@ -266,13 +285,15 @@ impl<'c> CpuProgram<'c> {
                     HostBuffer { shape, data }
                 })
                 .collect();
-            let mut raw: Vec<RawBuffer> = ins.iter().map(|b| b.raw_const()).collect();
-            raw.extend(outs.iter_mut().map(HostBuffer::raw));
-            // SAFETY: output shapes come from the kernel's own shape rules; token ids and cache
-            // positions were checked above, and every other index is produced by a kernel. Kernels
-            // only read their inputs; the borrowed buffers live until the call returns.
             let started = std::time::Instant::now();
-            unsafe { launch(kernel, &raw)? };
+            if !instead(&name, &ins, &mut outs).map_err(|e| invalid(format!("{name}: {e}")))? {
+                let mut raw: Vec<RawBuffer> = ins.iter().map(|b| b.raw_const()).collect();
+                raw.extend(outs.iter_mut().map(HostBuffer::raw));
+                // SAFETY: output shapes come from the kernel's own shape rules; token ids and cache
+                // positions were checked above, and every other index is produced by a kernel.
+                // Kernels only read their inputs; the borrowed buffers live until the call returns.
+                unsafe { launch(kernel, &raw)? };
+            }
             if profile {
                 times.push((name.clone(), started.elapsed().as_secs_f64() * 1e3));
             }
@@ -669,6 +690,21 @@ impl CpuTrainStep<'_> {
         wanted: &[&str],
     ) -> Result<HashMap<String, v3c_models::tensor::Tensor>, v3c_models::train::TrainError> {
         self.run_with(inputs, |program, host| program.run_plan(plan, host, wanted))
+    }
+
+    /// As [`v3c_models::train::StepBackend::run`], offering each kernel call to `instead` first
+    /// (see [`CpuProgram::run_with`]); the program gives it the fused kernels' module.
+    pub fn run_instead(
+        &mut self,
+        inputs: &HashMap<String, v3c_models::tensor::Tensor>,
+        wanted: &[&str],
+        instead: &mut dyn FnMut(&Module, &str, &[&HostBuffer], &mut [HostBuffer]) -> Result<bool, String>,
+    ) -> Result<HashMap<String, v3c_models::tensor::Tensor>, v3c_models::train::TrainError> {
+        self.run_with(inputs, |program, host| {
+            program.run_with(TRAIN_ENTRY, host, wanted, &mut |kernel, ins, outs| {
+                instead(program.module(), kernel, ins, outs)
+            })
+        })
     }
 
     /// Inputs as host buffers, `execute` on them, outputs back as tensors.

@@ -8,6 +8,7 @@
 //! ([`compile_model`]); the other kernel kinds are named as unsupported.
 
 pub mod gemm;
+pub mod host;
 pub mod lower;
 pub mod lower_train;
 pub mod mla;

@@ -1,0 +1,121 @@
+//! A fused kernel's sm_90a row-kernel launches run on the host: each launch's row kernels through
+//! their CPU lowering (the same template, JIT-compiled), its operands viewed as the runtime views
+//! them (an argument of lower rank than its buffer sees the leading dims collapsed), temporaries
+//! and the RoPE table allocated as the runtime allocates them. How the lowering of whole entries
+//! (e.g. the training step, which has no sm_90a artifact yet) is checked against the CPU backend
+//! without a GPU. Launches of the GEMM template are not run here (see [`crate::emulate`]).
+
+use std::collections::HashMap;
+
+use melior::ir::operation::OperationRef;
+use melior::{Context, ExecutionEngine};
+use v3c_runtime::host::{call_packed, HostBuffer, HostData, RawBuffer};
+
+use super::lower::{self, Operand, RopeTable, StepKernel, Steps};
+use super::rows::RowKernel;
+
+/// Row kernels JIT-compiled for the host, by name.
+pub struct HostRows<'c> {
+    context: &'c Context,
+    engines: HashMap<String, ExecutionEngine>,
+}
+
+impl<'c> HostRows<'c> {
+    pub fn new(context: &'c Context) -> HostRows<'c> {
+        HostRows { context, engines: HashMap::new() }
+    }
+
+    /// Runs `fused` (a `fused`-stage kernel) through its sm_90a lowering on `ins`, writing `outs`
+    /// (allocated by the caller in the kernel's result shapes); `rows` sizes the temporaries (the
+    /// runtime's rows) and the RoPE table covers positions `0..rows`. `Ok(false)`: the kernel has
+    /// no sm_90a lowering made only of row kernels.
+    pub fn run_fused(
+        &mut self,
+        fused: &OperationRef,
+        rows: usize,
+        ins: &[&HostBuffer],
+        outs: &mut [HostBuffer],
+    ) -> Result<bool, String> {
+        let steps = match (lower::row_of_kernel(fused), lower::steps_of_kernel(fused)) {
+            (Ok(row), _) => Steps {
+                steps: vec![lower::Step { kernel: StepKernel::Row(row.kernel), operands: row.operands }],
+                temps: Vec::new(),
+                rope_table: row.rope_table,
+            },
+            (_, Ok(steps)) => steps,
+            _ => return Ok(false),
+        };
+        if steps.steps.iter().any(|s| matches!(s.kernel, StepKernel::Gemm(_))) {
+            return Ok(false);
+        }
+        let mut temps: Vec<HostBuffer> = steps
+            .temps
+            .iter()
+            .map(|t| {
+                let n = rows * t.rows_factor * t.cols;
+                let data = match t.element.as_str() {
+                    "f32" => Ok(HostData::F32(vec![0.0; n])),
+                    "i32" => Ok(HostData::I32(vec![0; n])),
+                    "f8E4M3FN" => Ok(HostData::F8(vec![0; n])),
+                    other => Err(format!("a temporary of {other}")),
+                }?;
+                Ok(HostBuffer { shape: vec![rows * t.rows_factor, t.cols], data })
+            })
+            .collect::<Result<_, String>>()?;
+        let mut table = steps.rope_table.as_ref().map(|t| rope_table(t, rows));
+        for step in &steps.steps {
+            let StepKernel::Row(kernel) = &step.kernel else { unreachable!("GEMM steps were refused") };
+            let ranks = kernel.argument_ranks();
+            let mut raw = Vec::new();
+            for (operand, rank) in step.operands.iter().zip(ranks) {
+                let buffer = match *operand {
+                    Operand::Arg(i) => ins[i].raw_const(),
+                    Operand::Result(i) => outs[i].raw(),
+                    Operand::Temp(i) => temps[i].raw(),
+                    Operand::RopeTable => table.as_mut().ok_or("a RoPE operand without a table")?.raw(),
+                };
+                raw.push(RawBuffer { shape: view(&buffer.shape, rank), ..buffer });
+            }
+            self.launch(kernel, &raw)?;
+        }
+        Ok(true)
+    }
+
+    fn launch(&mut self, kernel: &RowKernel, buffers: &[RawBuffer]) -> Result<(), String> {
+        let name = kernel.kernel_name();
+        if !self.engines.contains_key(&name) {
+            let text = kernel.emit_cpu()?;
+            let module = crate::conversion::v3_to_cpu::lower_to_llvm(self.context, &text, &name)?;
+            self.engines.insert(name.clone(), ExecutionEngine::new(&module, 2, &[], false, false));
+        }
+        let engine = &self.engines[&name];
+        let mut failed = None;
+        // SAFETY: the buffers are viewed in the shapes the lowering gives the kernel's arguments
+        // (contiguous, leading dims collapsed) and outlive the call; row kernels index within the
+        // dims they are passed.
+        unsafe {
+            call_packed(buffers, false, 0, 1, |args| failed = engine.invoke_packed(&name, args).err());
+        }
+        failed.map_or(Ok(()), |e| Err(format!("{name}: {e}")))
+    }
+}
+
+/// `shape` as a memref of `rank` dims: leading dims collapsed (or ones prepended).
+fn view(shape: &[usize], rank: usize) -> Vec<usize> {
+    if shape.len() <= rank {
+        return std::iter::repeat_n(1, rank - shape.len()).chain(shape.iter().copied()).collect();
+    }
+    let split = shape.len() - rank + 1;
+    std::iter::once(shape[..split].iter().product()).chain(shape[split..].iter().copied()).collect()
+}
+
+/// The RoPE table the runtime builds for positions `0..positions`: cos then sin per row.
+fn rope_table(t: &RopeTable, positions: usize) -> HostBuffer {
+    let data: Vec<f32> = (0..positions as i64)
+        .flat_map(|p| {
+            let (cos, sin) = v3c_models::rope::cos_sin(&t.inv_freq, t.attention_factor, p);
+            cos.into_iter().chain(sin)
+        })
+        .collect();
+    HostBuffer { shape: vec![positions, t.dim], data: HostData::F32(data) }
+}
