@@ -476,6 +476,35 @@ fn train_learns_resumes_and_writes_a_checkpoint() {
     assert!(text(&fp8_run.stderr).contains("on the cpu backend (FP8 GEMMs, "), "{}", text(&fp8_run.stderr));
 }
 
+/// `v3c compile --target sm_90a --train` reports each training kernel's sm_90a lowering (CUDA-core
+/// matmuls, the gradients' row kernels, multi-launch ones) and names those without one (exit 1);
+/// it writes no artifact.
+#[test]
+fn compile_for_sm90a_reports_the_training_steps_lowering() {
+    let out = run_binary("v3c", &["compile", "--model", "deepseek-v3-tiny", "--target", "sm_90a", "--train"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for line in [
+        "compile: matmul_0 -> rows_matmul_d8_nt_t32 [row kernel",
+        "compile: embed_grad_0 -> rows_embedgrad_d96_t32 [row kernel",
+        "compile: rope_grad_1 -> rows_rope_d16_h4_t32_il_inv [row kernel",
+        "compile: rms_norm_grad_0 -> 2 launches: rows_rmsnormgrad_f32_d96_t32_eps1em6 -> rows_rmsnormdw_d96_t32",
+        "compile: linear_1 -> 4 launches: rows_matmul_d160_nt_t32 -> rows_columns_d40_o0_s40_t32",
+    ] {
+        assert!(err.contains(line), "{line}: {err}");
+    }
+    let last = err.lines().last().unwrap();
+    assert!(last.starts_with("v3c: error: unsupported on sm_90a: 15 of 67 kernels"), "{last}");
+    assert!(last.contains("attention_grad_0 (attention_grad)") && last.contains("cross_entropy_0"), "{last}");
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("a");
+    let args = ["compile", "--model", "deepseek-v3-tiny", "--target", "sm_90a", "--train", "--out"];
+    let refused = run_binary("v3c", &[&args[..], &[out_dir.to_str().unwrap()]].concat());
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stderr).contains("training artifacts are written for --target cpu only"));
+    assert!(!out_dir.exists());
+}
+
 /// `v3c train --backend cpu`: the training graph compiled for this CPU trains a dense tiny model on
 /// a repeating pattern like the reference backend does (the same loss log to 1e-4), and the
 /// trained checkpoint loads.

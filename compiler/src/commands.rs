@@ -1403,8 +1403,10 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     match o.backend {
         "reference" | "cpu" => {}
         "cuda" => {
-            return Err("--backend cuda: unsupported on sm_90a: the training ops (cross_entropy, matmul, \
-                 attention_grad, ...) have no sm_90a lowering yet; use --backend cpu or reference"
+            return Err("--backend cuda: unsupported on sm_90a: part of the training ops (cross_entropy, \
+                 attention_grad, moe_experts_grad, ...) have no sm_90a lowering yet, and the runtime launches \
+                 training steps on the CPU only (`v3c compile --target sm_90a --train` lists what lowers); use \
+                 --backend cpu or reference"
                 .into())
         }
         other => return Err(format!("--backend {other}: unknown (reference, cpu, cuda)")),

@@ -59,6 +59,14 @@ fn bindings(attr_text: &str) -> Vec<Binding> {
         .collect()
 }
 
+/// Computes a kernel call's outputs instead of its CPU kernel: `(kernel, inputs, outputs)` ->
+/// whether it did ([`CpuProgram::run_with`]).
+pub type KernelOverride<'a> = dyn FnMut(&str, &[&HostBuffer], &mut [HostBuffer]) -> Result<bool, String> + 'a;
+
+/// A [`KernelOverride`] that is also given the fused kernels' module.
+pub type ModuleKernelOverride<'a> =
+    dyn FnMut(&Module, &str, &[&HostBuffer], &mut [HostBuffer]) -> Result<bool, String> + 'a;
+
 /// A model compiled for the CPU, with its weights loaded.
 pub struct CpuProgram<'c> {
     module: Module<'c>,
@@ -183,7 +191,7 @@ impl<'c> CpuProgram<'c> {
         entry: &str,
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
-        instead: &mut dyn FnMut(&str, &[&HostBuffer], &mut [HostBuffer]) -> Result<bool, String>,
+        instead: &mut KernelOverride,
     ) -> Result<HashMap<String, HostBuffer>, CpuBackendError> {
         let invalid = |m: String| CpuBackendError::Invalid(m);
         let mut op = self.module.body().first_operation();
@@ -698,7 +706,7 @@ impl CpuTrainStep<'_> {
         &mut self,
         inputs: &HashMap<String, v3c_models::tensor::Tensor>,
         wanted: &[&str],
-        instead: &mut dyn FnMut(&Module, &str, &[&HostBuffer], &mut [HostBuffer]) -> Result<bool, String>,
+        instead: &mut ModuleKernelOverride,
     ) -> Result<HashMap<String, v3c_models::tensor::Tensor>, v3c_models::train::TrainError> {
         self.run_with(inputs, |program, host| {
             program.run_with(TRAIN_ENTRY, host, wanted, &mut |kernel, ins, outs| {
