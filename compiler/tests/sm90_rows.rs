@@ -64,6 +64,15 @@ fn training_kernels() -> Vec<RowKernel> {
         train(TrainRow::RmsNormGrad { eps: 1e-6 }, 1536, "f32"),
         train(TrainRow::RmsNormDw, 7168, "f32"),
         train(TrainRow::EmbedGrad, 7168, "f32"),
+        train(TrainRow::RowRange { into: true, shifted: true }, 576, "f32"),
+        train(TrainRow::RowRange { into: false, shifted: false }, 576, "f32"),
+        train(TrainRow::CrossEntropy { grad: true, weight: 0.3 }, 129_280, "f32"),
+        train(TrainRow::CrossEntropy { grad: false, weight: 1.0 }, 129_280, "f32"),
+        train(TrainRow::LossMean { weight: 1e-4 }, 1, "f32"),
+        train(TrainRow::ExpertFreq, 256, "f32"),
+        train(TrainRow::BalanceRows { grad: true, alpha: 1e-4 }, 256, "f32"),
+        train(TrainRow::BalanceRows { grad: false, alpha: 1e-4 }, 256, "f32"),
+        train(TrainRow::RouteGrad { norm: true, scale: 2.5 }, 256, "f32"),
     ]);
     kernels
 }
@@ -113,9 +122,20 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             }
             RowOp::Train(op) => {
                 let tree = k.threads.trailing_zeros() as usize;
-                let barriers = if let TrainRow::RmsNormGrad { .. } = op { 1 + tree } else { 0 };
+                let barriers = match op {
+                    TrainRow::RmsNormGrad { .. } => 1 + tree,
+                    // Max, then the sum: each a strided pass and a tree, then the last phase.
+                    TrainRow::CrossEntropy { .. } => 2 * (1 + tree),
+                    TrainRow::RouteGrad { .. } => 1,
+                    _ => 0,
+                };
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), barriers, "{name}: barriers");
-                if let TrainRow::SiluMul | TrainRow::SiluMulGrad = op {
+                if let TrainRow::SiluMul
+                | TrainRow::SiluMulGrad
+                | TrainRow::CrossEntropy { .. }
+                | TrainRow::BalanceRows { .. }
+                | TrainRow::RouteGrad { .. } = op
+                {
                     assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
                 }
             }

@@ -93,13 +93,18 @@ fn the_training_step_through_its_sm90a_row_kernels_equals_the_cpu_backend() {
             "silu_mul_grad_",
             "rope_grad_",
             "embed_grad_",
+            "concat_",
             "concat_grad_",
             "split_grad_",
+            "cross_entropy_",
+            "cross_entropy_grad_",
         ] {
             assert!(lowered.iter().any(|k| k.starts_with(kind)), "no {kind}* kernel lowered: {lowered:?}");
         }
         if !dense {
-            assert!(lowered.contains("moe_route_0"), "{lowered:?}");
+            for kernel in ["moe_route_0", "balance_loss_0", "balance_loss_grad_0", "route_logits_grad_0"] {
+                assert!(lowered.contains(kernel), "{kernel}: {lowered:?}");
+            }
         }
     }
 }

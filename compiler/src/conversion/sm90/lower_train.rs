@@ -102,12 +102,22 @@ pub fn row_of_train_kernel(kernel: &OperationRef) -> Option<Result<RowLaunch, St
     let body = Body::of(kernel)?;
     let [name] = &body.names[..] else { return None };
     let o = &body.ops[0];
+    let launch = row_of_op(&body, o, name)?;
+    if !body.returns_results_of(o) {
+        return Some(Err(format!("{name} with its results in another order")));
+    }
+    Some(launch)
+}
+
+/// Op `o` (named `name`) of a kernel as one row-kernel launch writing its results as the kernel's
+/// results in order (`None`: not one of these ops).
+fn row_of_op(body: &Body, o: &OperationRef, name: &str) -> Option<Result<RowLaunch, String>> {
     let launch = |k: RowKernel, operands: Vec<Operand>| RowLaunch { kernel: k, rope_table: None, operands };
     let in_order = || (0..o.operand_count()).map(Operand::Arg).chain((0..o.result_count()).map(Operand::Result));
-    let wired = body.operands_are_args(o) && body.returns_results_of(o);
+    let name = name.to_string();
     let row = || -> Result<RowLaunch, String> {
-        if !wired {
-            return Err(format!("{name} with its operands or results in another order"));
+        if !body.operands_are_args(o) {
+            return Err(format!("{name} with its operands in another order"));
         }
         let out = result_shape(o, 0)?;
         match name.as_str() {
@@ -148,6 +158,27 @@ pub fn row_of_train_kernel(kernel: &OperationRef) -> Option<Result<RowLaunch, St
                 let operands = vec![Operand::Arg(0), Operand::Arg(1), Operand::RopeTable, Operand::Result(0)];
                 Ok(RowLaunch { kernel, rope_table: Some(table), operands })
             }
+            "cross_entropy_grad" => {
+                let weight = weight_attr(o)?;
+                if operand_shape(o, 0)?.element != "f32" {
+                    return Err("cross_entropy_grad of non-f32 logits".into());
+                }
+                let op = TrainRow::CrossEntropy { grad: true, weight };
+                Ok(launch(train_kernel(op, width(&operand_shape(o, 0)?)?, "f32"), in_order().collect()))
+            }
+            "route_logits_grad" => {
+                let (logits, idx) = (operand_shape(o, 0)?, operand_shape(o, 1)?);
+                if logits.element != "f32" || idx.element != "i32" {
+                    return Err(format!("route_logits_grad of {logits} and {idx}"));
+                }
+                let scale = o
+                    .attribute("routed_scaling_factor")
+                    .ok()
+                    .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<f32>().ok()))
+                    .unwrap_or(1.0);
+                let op = TrainRow::RouteGrad { norm: flag(o, "norm_topk_prob"), scale };
+                Ok(launch(train_kernel(op, width(&logits)?, "f32"), in_order().collect()))
+            }
             "embed_grad" => {
                 let dy = operand_shape(o, 1)?;
                 if dy.element != "f32" {
@@ -180,7 +211,7 @@ pub fn row_of_train_kernel(kernel: &OperationRef) -> Option<Result<RowLaunch, St
     };
     match name.as_str() {
         "add" | "silu_mul" | "silu_mul_grad" | "matmul" | "linear" | "lm_head" | "rope" | "rope_grad"
-        | "embed_grad" | "moe_route" | "split_grad" => Some(row()),
+        | "embed_grad" | "moe_route" | "split_grad" | "cross_entropy_grad" | "route_logits_grad" => Some(row()),
         _ => None,
     }
 }
@@ -197,8 +228,135 @@ pub fn steps_of_train_kernel(kernel: &OperationRef) -> Option<Result<Steps, Stri
         ["rms_norm_grad"] => Some(rms_norm_grad(&body)),
         ["concat_grad"] => Some(concat_grad(&body)),
         ["linear", "split"] | ["linear", "reshape", "split"] => Some(linear_pieces(&body)),
+        ["concat"] => Some(concat_rows(&body)),
+        ["cross_entropy"] => Some(cross_entropy(&body)),
+        ["balance_loss"] | ["balance_loss_grad"] => Some(balance_loss(&body)),
+        [name, "reshape"] => row_of_op(&body, &body.ops[0], name).map(|launch| reshaped(&body, launch?)),
         _ => None,
     }
+}
+
+/// A one-op kernel whose result is returned reshaped: the op's launch writes a temporary in its
+/// result's shape, copied flat into the reshaped result (its rows as the runtime views them).
+fn reshaped(body: &Body, launch: RowLaunch) -> Result<Steps, String> {
+    let (o, reshape) = (&body.ops[0], &body.ops[1]);
+    let chained = o.result_count() == 1
+        && reshape.operand(0).is_ok_and(|v| o.result(0).is_ok_and(|r| raw(r.into()) == raw(v)))
+        && body.returns_results_of(reshape);
+    if !chained {
+        return Err("a reshape of another value than the op's one result".into());
+    }
+    let (inner, outer) = (result_shape(o, 0)?, result_shape(reshape, 0)?);
+    if inner.dims.len() < 2 || inner.dims[0].is_some() || outer.dims.first() != Some(&None) || inner.element != "f32" {
+        return Err(format!("a reshape of {inner} to {outer} (token rows of f32 only)"));
+    }
+    let rows_factor = inner.dims[1..inner.dims.len() - 1]
+        .iter()
+        .map(|d| d.ok_or("a dynamic inner dim"))
+        .product::<Result<usize, _>>()?;
+    let temp = Temp { rows_factor, cols: width(&inner)?, element: "f32".into() };
+    let operands =
+        launch.operands.iter().map(|&op| if op == Operand::Result(0) { Operand::Temp(0) } else { op }).collect();
+    let w = width(&outer)?;
+    let copy = train_kernel(TrainRow::Columns { start: 0, stride: w }, w, "f32");
+    Ok(Steps {
+        steps: vec![
+            Step { kernel: StepKernel::Row(launch.kernel), operands },
+            Step { kernel: StepKernel::Row(copy), operands: vec![Operand::Temp(0), Operand::Result(0)] },
+        ],
+        temps: vec![temp],
+        rope_table: launch.rope_table,
+    })
+}
+
+/// The loss weight of a `cross_entropy(_grad)`.
+fn weight_attr(o: &OperationRef) -> Result<f32, String> {
+    o.attribute("weight")
+        .ok()
+        .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<f32>().ok()))
+        .ok_or_else(|| "cross-entropy without a weight".to_string())
+}
+
+/// The mean cross-entropy: each row's loss into a temporary, then their weighted mean.
+fn cross_entropy(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    let logits = operand_shape(o, 0)?;
+    if !body.operands_are_args(o) || !body.returns_results_of(o) || logits.element != "f32" {
+        return Err("cross_entropy with its operands in another order".into());
+    }
+    let weight = weight_attr(o)?;
+    let per_row = train_kernel(TrainRow::CrossEntropy { grad: false, weight: 1.0 }, width(&logits)?, "f32");
+    Ok(Steps {
+        steps: vec![
+            Step {
+                kernel: StepKernel::Row(per_row),
+                operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Temp(0)],
+            },
+            Step {
+                kernel: StepKernel::Row(train_kernel(TrainRow::LossMean { weight }, 1, "f32")),
+                operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Result(0)],
+            },
+        ],
+        temps: vec![Temp { rows_factor: 1, cols: 1, element: "f32".into() }],
+        rope_table: None,
+    })
+}
+
+/// The balance loss (or its gradient): the experts' frequencies into a temporary, then per token
+/// its term (into a temporary, then the mean) or its logits' gradient.
+fn balance_loss(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    let (logits, idx) = (operand_shape(o, 0)?, operand_shape(o, 1)?);
+    if !body.operands_are_args(o) || !body.returns_results_of(o) || logits.element != "f32" || idx.element != "i32" {
+        return Err(format!("{} of {logits} and {idx}", body.names[0]));
+    }
+    let alpha = o
+        .attribute("alpha")
+        .ok()
+        .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<f32>().ok()))
+        .ok_or("balance loss without alpha")?;
+    let experts = width(&logits)?;
+    let grad = body.names[0] == "balance_loss_grad";
+    let row = |op| StepKernel::Row(train_kernel(op, experts, "f32"));
+    let mut steps = vec![Step { kernel: row(TrainRow::ExpertFreq), operands: vec![Operand::Arg(1), Operand::Temp(0)] }];
+    let mut temps = vec![Temp { rows_factor: 1, cols: experts, element: "f32".into() }];
+    if grad {
+        steps.push(Step {
+            kernel: row(TrainRow::BalanceRows { grad: true, alpha }),
+            operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Result(0)],
+        });
+    } else {
+        temps.push(Temp { rows_factor: 1, cols: 1, element: "f32".into() });
+        steps.push(Step {
+            kernel: row(TrainRow::BalanceRows { grad: false, alpha }),
+            operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
+        });
+        steps.push(Step {
+            kernel: StepKernel::Row(train_kernel(TrainRow::LossMean { weight: alpha }, 1, "f32")),
+            operands: vec![Operand::Arg(0), Operand::Temp(1), Operand::Result(0)],
+        });
+    }
+    Ok(Steps { steps, temps, rope_table: None })
+}
+
+/// A concatenation along rows (the latent after the cache's rows): each part copied into its rows.
+fn concat_rows(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    let axis = int_attr(o, "axis").ok_or("concat without axis")?;
+    let out = result_shape(o, 0)?;
+    if axis != 0 || !body.operands_are_args(o) || !body.returns_results_of(o) || !all_f32(o) || out.dims.len() != 2 {
+        return Err("concat (of other than two f32 matrices' rows)".into());
+    }
+    let d = width(&out)?;
+    let copy = |shifted: bool| StepKernel::Row(train_kernel(TrainRow::RowRange { into: true, shifted }, d, "f32"));
+    Ok(Steps {
+        steps: vec![
+            Step { kernel: copy(false), operands: vec![Operand::Arg(0), Operand::Result(0)] },
+            Step { kernel: copy(true), operands: vec![Operand::Arg(1), Operand::Arg(0), Operand::Result(0)] },
+        ],
+        temps: Vec::new(),
+        rope_table: None,
+    })
 }
 
 /// Where the kernel returns value `v` (as which result), if it does.
@@ -252,8 +410,32 @@ fn concat_grad(body: &Body) -> Result<Steps, String> {
     let o = &body.ops[0];
     let dy = operand_shape(o, 0)?;
     let axis = int_attr(o, "axis").ok_or("concat_grad without axis")? as usize;
-    if !body.operands_are_args(o) || !all_f32(o) || axis + 1 != dy.dims.len() {
-        return Err(format!("concat_grad along axis {axis} of {dy} (column pieces only)"));
+    if !body.operands_are_args(o) || !all_f32(o) {
+        return Err(format!("concat_grad of {dy} with its operands in another order"));
+    }
+    if axis == 0 && dy.dims.len() == 2 {
+        // Row pieces: d lhs the first rows of dy, d rhs the rows after lhs's.
+        let d = width(&dy)?;
+        let mut steps = Vec::new();
+        for (piece, shifted) in [(0, false), (1, true)] {
+            let r = o.result(piece).map_err(|e| e.to_string())?;
+            if let Some(i) = returned_as(body, r.into()) {
+                let kernel = train_kernel(TrainRow::RowRange { into: false, shifted }, d, "f32");
+                let mut operands = vec![Operand::Arg(0)];
+                if shifted {
+                    operands.push(Operand::Arg(1));
+                }
+                operands.push(Operand::Result(i));
+                steps.push(Step { kernel: StepKernel::Row(kernel), operands });
+            }
+        }
+        if steps.len() != body.returned.len() {
+            return Err("concat_grad returning other values".into());
+        }
+        return Ok(Steps { steps, temps: Vec::new(), rope_table: None });
+    }
+    if axis + 1 != dy.dims.len() {
+        return Err(format!("concat_grad along axis {axis} of {dy} (rows of matrices or columns only)"));
     }
     let (lhs, stride) = (width(&operand_shape(o, 1)?)?, width(&dy)?);
     let mut steps = Vec::new();

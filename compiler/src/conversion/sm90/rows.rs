@@ -461,7 +461,7 @@ impl RowKernel {
             // One block per (sequence, head): see `blocks_per_row`.
             RowOp::MlaDecode { .. } => "q_nope",
             RowOp::Dispatch { .. } => return None,
-            RowOp::Train(op) => op.rows_argument(),
+            RowOp::Train(op) => return op.rows_argument(),
         })
     }
 

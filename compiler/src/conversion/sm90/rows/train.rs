@@ -13,6 +13,26 @@ use std::fmt::Write;
 
 use super::{exp, indent2, rope_rotation, sqrt, tree_phases, Lowering, RowKernel};
 
+/// `{out} = ln(value)`: on sm_90a `lg2.approx` times ln 2 (no libdevice), on the CPU libm's.
+fn ln(lowering: Lowering, value: &str, out: &str) -> String {
+    match lowering {
+        Lowering::Gpu => format!(
+            "{out}_l2 = llvm.inline_asm \"lg2.approx.f32 $0, $1;\", \"=f,f\" {value} : (f32) -> f32\n{out}_ln2 = \
+             arith.constant 0.693147182 : f32\n{out} = arith.mulf {out}_l2, {out}_ln2 : f32\n"
+        ),
+        Lowering::Cpu => format!("{out} = math.log {value} : f32\n"),
+    }
+}
+
+/// A float as kernel names spell it (`1e-6` -> `1em6`: PTX names allow no `-` or `.`).
+fn spelled(v: f32) -> String {
+    format!("{v:e}").replace('-', "m").replace('.', "p")
+}
+
+fn unspelled(s: &str) -> Option<f32> {
+    s.replace('m', "-").replace('p', ".").parse().ok()
+}
+
 /// A training row kernel. `d` (the [`RowKernel`]'s row length) is given per op.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum TrainRow {
@@ -34,10 +54,38 @@ pub enum TrainRow {
     /// reshaped output: heads of a `[T, heads * stride]` matrix are rows of its `[T * heads,
     /// stride]` view), or of a concatenation's gradient.
     Columns { start: usize, stride: usize },
+    /// Row copies between matrices of `d` columns: `into`, row r of `x` into row `r + shift` of
+    /// `y` (one block per row of x); otherwise row `r + shift` of `x` into row r of `y` (one per
+    /// row of y). `shift` is the row count of `off` when `shifted` (the rows before a
+    /// concatenation's second part), else 0. A concatenation along rows and its gradient.
+    RowRange { into: bool, shifted: bool },
     /// RoPE (or, `inverse`, its gradient: the same angles with the sine negated) of `x [T * heads,
     /// d]` (heads of `d` columns; row r is token r / heads) at each token's position, cos/sin from
     /// the table [`super::RowOp::Latent`] reads. Positions outside the table leave the row unwritten.
     Rope { heads: usize, interleave: bool, inverse: bool },
+    /// Cross-entropy of each row of logits `[rows, d]` against its target (`targets [rows]`, i64):
+    /// the row's max (NaN ignored, as `f32::max` does) and `sum exp(x - max)` as trees over the threads (f32; the reference sums in
+    /// f64), then `grad`: `weight * ((softmax - onehot) / rows)` per column (`rows` from the
+    /// targets); else `lse - x[target]` into `loss_rows [rows]` (for [`TrainRow::LossMean`]). A
+    /// target outside the row reads column 0 (the runtime checks targets before launching).
+    CrossEntropy { grad: bool, weight: f32 },
+    /// `loss [1] = weight * (sum loss_rows / rows)`, the sum sequential in f64 (one block; `rows`
+    /// from the first dim of `x` (the rows the losses are of), which may be fewer than the rows
+    /// `loss_rows` holds).
+    LossMean { weight: f32 },
+    /// The experts' load frequencies of the balance loss: `freq[e] = count(idx == e) * E / (K *
+    /// T)` over the selected experts `idx [T, K]` (i32; `d` = E), one thread per expert.
+    ExpertFreq,
+    /// The sequence-wise balance loss per token (`d` = E): `s = sigmoid(logits)`, `weighted =
+    /// sum(freq * s) / sum(s)` (sums sequential in the reference's order, by one thread), then
+    /// `grad`: `dl = alpha / T * (freq - weighted) / sum(s) * s * (1 - s)`; else `weighted`
+    /// into `loss_rows` (their mean times alpha is the loss: [`TrainRow::LossMean`]).
+    BalanceRows { grad: bool, alpha: f32 },
+    /// The router logits' gradient per token (`d` = E) from the routing weights' gradient
+    /// `dw [T, K]` of the selected experts `idx [T, K]`: zero but at the selected experts, where
+    /// `scale * (dw / S - sum(dw * s) / S^2) * s * (1 - s)` (`norm`: normalized weights, `S` the
+    /// selected scores' sum + 1e-20; else `scale * dw * s * (1 - s)`), by one thread per token.
+    RouteGrad { norm: bool, scale: f32 },
     /// RMSNorm's input gradient per row: with `r = 1 / sqrt(mean(x^2) + eps)`, `dx = r * dy * w -
     /// x * r^3 / d * sum(dy * w * x)`; also writes `r` per row for [`TrainRow::RmsNormDw`].
     RmsNormGrad { eps: f32 },
@@ -60,6 +108,11 @@ impl TrainRow {
                 format!("rows_matmul_d{d}_{}{}_t{t}", layout(transpose_a), layout(transpose_b))
             }
             TrainRow::Add => format!("rows_add_d{d}_t{t}"),
+            TrainRow::RowRange { into, shifted } => {
+                let dir = if into { "into" } else { "from" };
+                let shifted = if shifted { "_shifted" } else { "" };
+                format!("rows_rowrange_d{d}_{dir}{shifted}_t{t}")
+            }
             TrainRow::SiluMul => format!("rows_silumulpair_d{d}_t{t}"),
             TrainRow::SiluMulGrad => format!("rows_silumulgrad_d{d}_t{t}"),
             TrainRow::Columns { start, stride } => format!("rows_columns_d{d}_o{start}_s{stride}_t{t}"),
@@ -73,6 +126,17 @@ impl TrainRow {
                 format!("rows_rmsnormgrad_{weight}_d{d}_t{t}_eps{eps}")
             }
             TrainRow::RmsNormDw => format!("rows_rmsnormdw_d{d}_t{t}"),
+            TrainRow::CrossEntropy { grad, weight } => {
+                format!("rows_xent_d{d}_w{}_t{t}_{}", spelled(weight), if grad { "grad" } else { "loss" })
+            }
+            TrainRow::LossMean { weight } => format!("rows_lossmean_d{d}_w{}_t{t}", spelled(weight)),
+            TrainRow::ExpertFreq => format!("rows_expertfreq_d{d}_t{t}"),
+            TrainRow::BalanceRows { grad, alpha } => {
+                format!("rows_balance_d{d}_a{}_t{t}_{}", spelled(alpha), if grad { "grad" } else { "loss" })
+            }
+            TrainRow::RouteGrad { norm, scale } => {
+                format!("rows_routegrad_d{d}_s{}_t{t}{}", spelled(scale), if norm { "_norm" } else { "" })
+            }
             TrainRow::EmbedGrad => format!("rows_embedgrad_d{d}_t{t}"),
         }
     }
@@ -102,6 +166,19 @@ impl TrainRow {
                 kernel(TrainRow::Matmul { transpose_a, transpose_b }, d, "f32", t)
             }
             ["add", d, t] => kernel(TrainRow::Add, d, "f32", t),
+            ["rowrange", d, dir, rest @ ..] => {
+                let into = match *dir {
+                    "into" => true,
+                    "from" => false,
+                    _ => return None,
+                };
+                let (shifted, t) = match rest {
+                    ["shifted", t] => (true, t),
+                    [t] => (false, t),
+                    _ => return None,
+                };
+                kernel(TrainRow::RowRange { into, shifted }, d, "f32", t)
+            }
             ["silumulpair", d, t] => kernel(TrainRow::SiluMul, d, "f32", t),
             ["silumulgrad", d, t] => kernel(TrainRow::SiluMulGrad, d, "f32", t),
             ["columns", d, o, st, t] => {
@@ -122,6 +199,34 @@ impl TrainRow {
                 kernel(TrainRow::RmsNormGrad { eps }, d, w, t)
             }
             ["rmsnormdw", d, t] => kernel(TrainRow::RmsNormDw, d, "f32", t),
+            ["xent", d, w, t, mode] => {
+                let grad = match *mode {
+                    "grad" => true,
+                    "loss" => false,
+                    _ => return None,
+                };
+                kernel(TrainRow::CrossEntropy { grad, weight: unspelled(w.strip_prefix('w')?)? }, d, "f32", t)
+            }
+            ["lossmean", d, w, t] => {
+                kernel(TrainRow::LossMean { weight: unspelled(w.strip_prefix('w')?)? }, d, "f32", t)
+            }
+            ["expertfreq", d, t] => kernel(TrainRow::ExpertFreq, d, "f32", t),
+            ["balance", d, a, t, mode] => {
+                let grad = match *mode {
+                    "grad" => true,
+                    "loss" => false,
+                    _ => return None,
+                };
+                kernel(TrainRow::BalanceRows { grad, alpha: unspelled(a.strip_prefix('a')?)? }, d, "f32", t)
+            }
+            ["routegrad", d, sc, t, rest @ ..] => {
+                let norm = match rest {
+                    ["norm"] => true,
+                    [] => false,
+                    _ => return None,
+                };
+                kernel(TrainRow::RouteGrad { norm, scale: unspelled(sc.strip_prefix('s')?)? }, d, "f32", t)
+            }
             ["embedgrad", d, t] => kernel(TrainRow::EmbedGrad, d, "f32", t),
             _ => None,
         }
@@ -133,6 +238,8 @@ impl TrainRow {
         match self {
             TrainRow::Matmul { .. } => vec![("a", rows()), ("b", rows()), ("out", rows())],
             TrainRow::Add => vec![("x1", rows()), ("x2", rows()), ("y", rows())],
+            TrainRow::RowRange { shifted: true, .. } => vec![("x", rows()), ("off", rows()), ("y", rows())],
+            TrainRow::RowRange { shifted: false, .. } => vec![("x", rows()), ("y", rows())],
             TrainRow::SiluMul => vec![("gate", rows()), ("up", rows()), ("y", rows())],
             TrainRow::SiluMulGrad => {
                 vec![("gate", rows()), ("up", rows()), ("dy", rows()), ("dgate", rows()), ("dup", rows())]
@@ -152,19 +259,42 @@ impl TrainRow {
                 vec![("x", rows()), ("dy", rows()), ("r", "memref<?xf32>".into()), ("dw", "memref<?xf32>".into())]
             }
             TrainRow::EmbedGrad => vec![("ids", "memref<?xi64>".into()), ("dy", rows()), ("out", rows())],
+            TrainRow::CrossEntropy { grad: true, .. } => {
+                vec![("logits", rows()), ("targets", "memref<?xi64>".into()), ("dlogits", rows())]
+            }
+            TrainRow::CrossEntropy { grad: false, .. } => {
+                vec![("logits", rows()), ("targets", "memref<?xi64>".into()), ("loss_rows", "memref<?xf32>".into())]
+            }
+            TrainRow::ExpertFreq => vec![("idx", "memref<?x?xi32>".into()), ("freq", "memref<?xf32>".into())],
+            TrainRow::BalanceRows { grad, .. } => vec![
+                ("logits", rows()),
+                ("freq", "memref<?xf32>".into()),
+                if *grad { ("dl", rows()) } else { ("loss_rows", "memref<?xf32>".into()) },
+            ],
+            TrainRow::RouteGrad { .. } => {
+                vec![("logits", rows()), ("idx", "memref<?x?xi32>".into()), ("dw", rows()), ("dl", rows())]
+            }
+            TrainRow::LossMean { .. } => {
+                vec![("x", rows()), ("loss_rows", "memref<?xf32>".into()), ("loss", "memref<?xf32>".into())]
+            }
         }
     }
 
-    /// The argument whose first dimension is the grid.
-    pub(super) fn rows_argument(&self) -> &'static str {
-        match self {
+    /// The argument whose first dimension is the grid (None: one block).
+    pub(super) fn rows_argument(&self) -> Option<&'static str> {
+        Some(match self {
+            TrainRow::CrossEntropy { .. } => "logits",
+            TrainRow::LossMean { .. } | TrainRow::ExpertFreq => return None,
+            TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => "logits",
             TrainRow::Matmul { .. } | TrainRow::EmbedGrad => "out",
             TrainRow::Add => "x1",
+            TrainRow::RowRange { into: true, .. } => "x",
+            TrainRow::RowRange { into: false, .. } => "y",
             TrainRow::SiluMul | TrainRow::SiluMulGrad => "gate",
             TrainRow::Columns { .. } => "y",
             TrainRow::Rope { .. } | TrainRow::RmsNormGrad { .. } => "x",
             TrainRow::RmsNormDw => "dw",
-        }
+        })
     }
 
     /// Shared arrays (name, f32 elements).
@@ -172,6 +302,7 @@ impl TrainRow {
         match self {
             TrainRow::RmsNormGrad { .. } => vec![("sh_sum", threads), ("sh_dot", threads)],
             TrainRow::EmbedGrad => vec![("sh_acc", d)],
+            TrainRow::CrossEntropy { .. } => vec![("sh_max", threads), ("sh_sum", threads)],
             _ => Vec::new(),
         }
     }
@@ -180,7 +311,11 @@ impl TrainRow {
     pub(super) fn threads(&self, d: usize) -> usize {
         match self {
             // One thread sums a column.
-            TrainRow::RmsNormDw => 32,
+            TrainRow::RmsNormDw | TrainRow::LossMean { .. } => 32,
+            // One thread per expert; one thread per token does the rest.
+            TrainRow::ExpertFreq | TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => {
+                d.next_power_of_two().clamp(32, 256)
+            }
             _ => (d / 8).next_power_of_two().clamp(32, 256),
         }
     }
@@ -216,6 +351,21 @@ impl TrainRow {
                 let _ = writeln!(s, "%cHalf = arith.constant {} : index", d / 2);
                 let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
             }
+            TrainRow::BalanceRows { alpha, .. } => {
+                let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+                let _ = writeln!(s, "%fAlpha = arith.constant 0x{:08X} : f32", alpha.to_bits());
+            }
+            TrainRow::RouteGrad { scale, .. } => {
+                let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+                let _ = writeln!(s, "%fScale = arith.constant 0x{:08X} : f32", scale.to_bits());
+                let _ = writeln!(s, "%tiny = arith.constant 1.0e-20 : f32");
+            }
+            TrainRow::CrossEntropy { weight, .. } | TrainRow::LossMean { weight } => {
+                let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+                let _ = writeln!(s, "%ninf = arith.constant 0xFF800000 : f32");
+                let _ = writeln!(s, "%fW = arith.constant 0x{:08X} : f32", weight.to_bits());
+                let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
+            }
             TrainRow::RmsNormGrad { eps } => {
                 let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
                 let _ = writeln!(s, "%fD = arith.constant 0x{:08X} : f32", (d as f32).to_bits());
@@ -236,6 +386,17 @@ impl TrainRow {
 %p_lo = arith.cmpi sge, %p64, %zero_i64 : i64
 %p_hi = arith.cmpi slt, %p, %npos : index
 %ok = arith.andi %p_lo, %p_hi : i1
+"
+            .into(),
+            TrainRow::CrossEntropy { .. } => "%t64 = memref.load %targets[%row] : memref<?xi64>
+%t_idx = arith.index_cast %t64 : i64 to index
+%t_lo = arith.cmpi sge, %t64, %zero_i64 : i64
+%t_hi = arith.cmpi slt, %t_idx, %cD : index
+%t_ok = arith.andi %t_lo, %t_hi : i1
+%t_safe = arith.select %t_ok, %t_idx, %c0 : index
+%nrows = memref.dim %targets, %c0 : memref<?xi64>
+%nrows_i64 = arith.index_cast %nrows : index to i64
+%fR = arith.uitofp %nrows_i64 : i64 to f32
 "
             .into(),
             _ => String::new(),
@@ -262,6 +423,23 @@ scf.for %j = %tid to %cD step %cT {{
     scf.yield %s2 : f32
   }}
   memref.store %acc, %out[%row, %j] : {m}
+}}
+"
+                )]
+            }
+            TrainRow::RowRange { into, shifted } => {
+                let shift = if shifted {
+                    format!("%shift = memref.dim %off, %c0 : {m}")
+                } else {
+                    "%shift = arith.constant 0 : index".into()
+                };
+                let (src, dst) = if into { ("%row", "%moved") } else { ("%moved", "%row") };
+                vec![format!(
+                    "{shift}
+%moved = arith.addi %row, %shift : index
+scf.for %i = %tid to %cD step %cT {{
+  %v = memref.load %x[{src}, %i] : {m}
+  memref.store %v, %y[{dst}, %i] : {m}
 }}
 "
                 )]
@@ -411,6 +589,238 @@ scf.if %first {{
 }}
 "
             )],
+            TrainRow::CrossEntropy { grad, .. } => {
+                let (mx, sum) = (sh("sh_max"), sh("sh_sum"));
+                let mut phases = vec![format!(
+                    "%m = scf.for %i = %tid to %cD step %cT iter_args(%a = %ninf) -> (f32) {{
+  %v = memref.load %logits[%row, %i] : {m}
+  %gt = arith.cmpf ogt, %v, %a : f32
+  %a2 = arith.select %gt, %v, %a : f32
+  scf.yield %a2 : f32
+}}
+memref.store %m, %sh_max[%tid] : {mx}
+"
+                )];
+                phases.extend(tree_phases(
+                    kernel.threads,
+                    &format!(
+                        "%a = memref.load %sh_max[%tid] : {mx}
+%b = memref.load %sh_max[%other] : {mx}
+%gt = arith.cmpf ogt, %b, %a : f32
+%c = arith.select %gt, %b, %a : f32
+memref.store %c, %sh_max[%tid] : {mx}"
+                    ),
+                ));
+                let e = indent2(&exp(lowering, "%xm", "%e"));
+                phases.push(format!(
+                    "%max = memref.load %sh_max[%c0] : {mx}
+%s = scf.for %i = %tid to %cD step %cT iter_args(%a = %zero) -> (f32) {{
+  %v = memref.load %logits[%row, %i] : {m}
+  %xm = arith.subf %v, %max : f32
+{e}  %a2 = arith.addf %a, %e : f32
+  scf.yield %a2 : f32
+}}
+memref.store %s, %sh_sum[%tid] : {sum}
+"
+                ));
+                phases.extend(tree_phases(
+                    kernel.threads,
+                    &format!(
+                        "%a = memref.load %sh_sum[%tid] : {sum}
+%b = memref.load %sh_sum[%other] : {sum}
+%c = arith.addf %a, %b : f32
+memref.store %c, %sh_sum[%tid] : {sum}"
+                    ),
+                ));
+                let last = if grad {
+                    format!(
+                        "scf.for %i = %tid to %cD step %cT {{
+  %v = memref.load %logits[%row, %i] : {m}
+  %xm = arith.subf %v, %max : f32
+{e}  %p = arith.divf %e, %total : f32
+  %is_t = arith.cmpi eq, %i, %t_safe : index
+  %hot = arith.andi %is_t, %t_ok : i1
+  %onehot = arith.select %hot, %one, %zero : f32
+  %p1 = arith.subf %p, %onehot : f32
+  %pr = arith.divf %p1, %fR : f32
+  %g = arith.mulf %fW, %pr : f32
+  memref.store %g, %dlogits[%row, %i] : {m}
+}}
+"
+                    )
+                } else {
+                    format!(
+                        "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+{ln}  %lse = arith.addf %max, %log_sum : f32
+  %xt = memref.load %logits[%row, %t_safe] : {m}
+  %l = arith.subf %lse, %xt : f32
+  memref.store %l, %loss_rows[%row] : memref<?xf32>
+}}
+",
+                        ln = indent2(&ln(lowering, "%total", "%log_sum"))
+                    )
+                };
+                phases.push(format!(
+                    "%max = memref.load %sh_max[%c0] : {mx}
+%total = memref.load %sh_sum[%c0] : {sum}
+{last}"
+                ));
+                phases
+            }
+            TrainRow::LossMean { .. } => vec![format!(
+                "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %R = memref.dim %x, %c0 : {m}
+  %zero_f64 = arith.constant 0.0 : f64
+  %acc = scf.for %r = %c0 to %R step %c1 iter_args(%s = %zero_f64) -> (f64) {{
+    %l = memref.load %loss_rows[%r] : memref<?xf32>
+    %l64 = arith.extf %l : f32 to f64
+    %s2 = arith.addf %s, %l64 : f64
+    scf.yield %s2 : f64
+  }}
+  %R_i64 = arith.index_cast %R : index to i64
+  %fR = arith.uitofp %R_i64 : i64 to f64
+  %mean = arith.divf %acc, %fR : f64
+  %mean32 = arith.truncf %mean : f64 to f32
+  %loss_v = arith.mulf %fW, %mean32 : f32
+  memref.store %loss_v, %loss[%c0] : memref<?xf32>
+}}
+"
+            )],
+            TrainRow::ExpertFreq => vec![format!(
+                "%T = memref.dim %idx, %c0 : memref<?x?xi32>
+%K = memref.dim %idx, %c1 : memref<?x?xi32>
+%TK = arith.muli %T, %K : index
+%TK_i64 = arith.index_cast %TK : index to i64
+%fTK = arith.uitofp %TK_i64 : i64 to f32
+%fE = arith.constant 0x{:08X} : f32
+%unit = arith.divf %fE, %fTK : f32
+scf.for %e = %tid to %cD step %cT {{
+  %e_i32 = arith.index_cast %e : index to i32
+  %count = scf.for %j = %c0 to %TK step %c1 iter_args(%a = %zero) -> (f32) {{
+    %r = arith.divui %j, %K : index
+    %k = arith.remui %j, %K : index
+    %v = memref.load %idx[%r, %k] : memref<?x?xi32>
+    %hit = arith.cmpi eq, %v, %e_i32 : i32
+    %a1 = arith.addf %a, %unit : f32
+    %a2 = arith.select %hit, %a1, %a : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %count, %freq[%e] : memref<?xf32>
+}}
+",
+                (kernel.d as f32).to_bits()
+            )],
+            TrainRow::BalanceRows { grad, .. } => {
+                let e = indent2(&exp(lowering, "%neg", "%ex"));
+                let sigmoid = format!(
+                    "  %l = memref.load %logits[%row, %j] : {m}
+  %neg = arith.negf %l : f32
+{e}  %den = arith.addf %one, %ex : f32
+  %s = arith.divf %one, %den : f32
+"
+                );
+                let sums = format!(
+                    "%sums:2 = scf.for %j = %c0 to %cD step %c1 iter_args(%a = %zero, %b = %zero) -> (f32, f32) {{
+{sigmoid}  %f = memref.load %freq[%j] : memref<?xf32>
+  %fs = arith.mulf %f, %s : f32
+  %a2 = arith.addf %a, %s : f32
+  %b2 = arith.addf %b, %fs : f32
+  scf.yield %a2, %b2 : f32, f32
+}}
+%weighted = arith.divf %sums#1, %sums#0 : f32
+"
+                );
+                if grad {
+                    // Every thread recomputes the row's sums (E is small), then writes its columns.
+                    vec![format!(
+                        "{sums}%T = memref.dim %logits, %c0 : {m}
+%T_i64 = arith.index_cast %T : index to i64
+%fT = arith.uitofp %T_i64 : i64 to f32
+%at = arith.divf %fAlpha, %fT : f32
+scf.for %j = %tid to %cD step %cT {{
+{sigmoid}  %f = memref.load %freq[%j] : memref<?xf32>
+  %fw = arith.subf %f, %weighted : f32
+  %atf = arith.mulf %at, %fw : f32
+  %ds = arith.divf %atf, %sums#0 : f32
+  %oms = arith.subf %one, %s : f32
+  %dss = arith.mulf %ds, %s : f32
+  %g = arith.mulf %dss, %oms : f32
+  memref.store %g, %dl[%row, %j] : {m}
+}}
+"
+                    )]
+                } else {
+                    vec![format!(
+                        "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+{}  memref.store %weighted, %loss_rows[%row] : memref<?xf32>
+}}
+",
+                        indent2(&sums)
+                    )]
+                }
+            }
+            TrainRow::RouteGrad { norm, .. } => {
+                let e = indent2(&indent2(&exp(lowering, "%neg", "%ex")));
+                let score = |v: &str| {
+                    format!(
+                        "    %e_i32 = memref.load %idx[%row, {v}] : memref<?x?xi32>
+    %e = arith.index_cast %e_i32 : i32 to index
+    %l = memref.load %logits[%row, %e] : {m}
+    %neg = arith.negf %l : f32
+{e}    %den = arith.addf %one, %ex : f32
+    %s = arith.divf %one, %den : f32
+"
+                    )
+                };
+                let ds = if norm {
+                    "    %gs = arith.divf %g, %S : f32
+    %cs = arith.divf %cross, %S2 : f32
+    %inner = arith.subf %gs, %cs : f32
+    %ds = arith.mulf %fScale, %inner : f32
+"
+                } else {
+                    "    %ds = arith.mulf %fScale, %g : f32
+"
+                };
+                vec![
+                    format!(
+                        "scf.for %j = %tid to %cD step %cT {{
+  memref.store %zero, %dl[%row, %j] : {m}
+}}
+"
+                    ),
+                    format!(
+                        "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %K = memref.dim %idx, %c1 : memref<?x?xi32>
+  %sums:2 = scf.for %k = %c0 to %K step %c1 iter_args(%a = %zero, %b = %zero) -> (f32, f32) {{
+{sk}    %g = memref.load %dw[%row, %k] : {m}
+    %gv = arith.mulf %g, %s : f32
+    %a2 = arith.addf %a, %s : f32
+    %b2 = arith.addf %b, %gv : f32
+    scf.yield %a2, %b2 : f32, f32
+  }}
+  %S = arith.addf %sums#0, %tiny : f32
+  %S2 = arith.mulf %S, %S : f32
+  %cross = arith.addf %sums#1, %zero : f32
+  scf.for %k = %c0 to %K step %c1 {{
+{sk}    %g = memref.load %dw[%row, %k] : {m}
+{ds}    %oms = arith.subf %one, %s : f32
+    %dss = arith.mulf %ds, %s : f32
+    %v = arith.mulf %dss, %oms : f32
+    %old = memref.load %dl[%row, %e] : {m}
+    %new = arith.addf %old, %v : f32
+    memref.store %new, %dl[%row, %e] : {m}
+  }}
+}}
+",
+                        sk = score("%k"),
+                    ),
+                ]
+            }
             TrainRow::EmbedGrad => {
                 let acc = sh("sh_acc");
                 // Each thread owns its strided columns of the accumulator: no barrier needed.
@@ -527,6 +937,29 @@ mod tests {
             .is_err_and(|e| e.contains("columns 50..70 of rows 60 wide")));
     }
 
+    /// Row ranges: two matrices concatenated along rows (into, at 0 and shifted by the first's
+    /// rows) and split back (from), exactly.
+    #[test]
+    fn row_ranges_concatenate_and_split_rows() {
+        let (p, t, d) = (3, 5, 70);
+        let (mut a, mut b) = (values(p * d, 13, 2.0), values(t * d, 14, 2.0));
+        let mut both = vec![f32::NAN; (p + t) * d];
+        let range = |into, shifted| kernel(TrainRow::RowRange { into, shifted }, d);
+        run_cpu(&range(true, false), &[raw(&mut a, &[p, d], "f32"), raw(&mut both, &[p + t, d], "f32")]);
+        run_cpu(
+            &range(true, true),
+            &[raw(&mut b, &[t, d], "f32"), raw(&mut a, &[p, d], "f32"), raw(&mut both, &[p + t, d], "f32")],
+        );
+        assert_eq!(both, [a.clone(), b.clone()].concat(), "concatenated");
+        let (mut first, mut second) = (vec![f32::NAN; p * d], vec![f32::NAN; t * d]);
+        run_cpu(&range(false, false), &[raw(&mut both, &[p + t, d], "f32"), raw(&mut first, &[p, d], "f32")]);
+        run_cpu(
+            &range(false, true),
+            &[raw(&mut both, &[p + t, d], "f32"), raw(&mut a, &[p, d], "f32"), raw(&mut second, &[t, d], "f32")],
+        );
+        assert_eq!((first, second), (a, b), "split back");
+    }
+
     /// RoPE and its gradient (the inverse rotation) on heads of tokens, both pair layouts, from the
     /// table the runtime builds, equal the reference's rotation; a position outside the table
     /// leaves its rows unwritten; the gradient undoes the rotation.
@@ -624,6 +1057,117 @@ mod tests {
                     assert!((a - b).abs() <= tolerance, "{}: {what}[{i}] = {a}, reference {b}", grad.kernel_name());
                 }
             }
+        }
+    }
+
+    /// Cross-entropy rows (loss per row, then the mean; and the gradient) against the reference's
+    /// f64 computation: within 1e-6 relative (the rows' sums are f32 trees here), for rows of more
+    /// columns than threads, a one-row window, and mean rows fewer than the rows buffer holds.
+    #[test]
+    fn cross_entropy_rows_match_the_reference() {
+        for (rows, v) in [(1, 50), (6, 1000)] {
+            let weight = 0.3f32;
+            let mut logits = values(rows * v, 15, 16.0);
+            let mut targets: Vec<i64> = (0..rows).map(|r| ((r * 7 + 3) % v) as i64).collect();
+            let (want_loss, want_grad) = kernels::cross_entropy(&logits, &targets, v);
+            let grad = kernel(TrainRow::CrossEntropy { grad: true, weight }, v);
+            let mut g = vec![f32::NAN; rows * v];
+            run_cpu(
+                &grad,
+                &[
+                    raw(&mut logits, &[rows, v], "f32"),
+                    raw(&mut targets, &[rows], "i64"),
+                    raw(&mut g, &[rows, v], "f32"),
+                ],
+            );
+            let scale = want_grad.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            for (i, (a, b)) in g.iter().zip(&want_grad).enumerate() {
+                assert!((a - weight * b).abs() <= 1e-6 * scale, "{}: [{i}] {a} vs {}", grad.kernel_name(), weight * b);
+            }
+            let rows_kernel = kernel(TrainRow::CrossEntropy { grad: false, weight }, v);
+            // The per-row losses in a buffer of more rows than the window (as the runtime's temporary).
+            let mut per_row = vec![f32::NAN; rows + 3];
+            run_cpu(
+                &rows_kernel,
+                &[
+                    raw(&mut logits, &[rows, v], "f32"),
+                    raw(&mut targets, &[rows], "i64"),
+                    raw(&mut per_row, &[rows + 3], "f32"),
+                ],
+            );
+            let mean = kernel(TrainRow::LossMean { weight }, 1);
+            let mut loss = vec![f32::NAN];
+            run_cpu(
+                &mean,
+                &[
+                    raw(&mut logits, &[rows, v], "f32"),
+                    raw(&mut per_row, &[rows + 3], "f32"),
+                    raw(&mut loss, &[1], "f32"),
+                ],
+            );
+            let want = weight * want_loss;
+            assert!((loss[0] - want).abs() <= 1e-6 * want.abs(), "loss {} vs {want}", loss[0]);
+        }
+    }
+
+    /// The balance loss (frequencies, per-token terms, their mean) and its gradient against the
+    /// reference's f64 computation, and the router logits' gradient against its `route_grad`.
+    #[test]
+    fn balance_and_routing_gradient_rows_match_the_reference() {
+        let (t, e, k, alpha) = (7, 16, 3, 0.3f32);
+        let mut logits = values(t * e, 16, 6.0);
+        let mut idx: Vec<i32> = (0..t * k).map(|i| ((i * 5 + i / k) % e) as i32).collect();
+        let (want_loss, want_dl) = kernels::balance_loss(&logits, &idx, e, k, alpha);
+        let mut freq = vec![f32::NAN; e + 5];
+        run_cpu(&kernel(TrainRow::ExpertFreq, e), &[raw(&mut idx, &[t, k], "i32"), raw(&mut freq, &[e + 5], "f32")]);
+        let mut dl = vec![f32::NAN; t * e];
+        let grad = kernel(TrainRow::BalanceRows { grad: true, alpha }, e);
+        run_cpu(
+            &grad,
+            &[raw(&mut logits, &[t, e], "f32"), raw(&mut freq, &[e + 5], "f32"), raw(&mut dl, &[t, e], "f32")],
+        );
+        let scale = want_dl.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        for (i, (a, b)) in dl.iter().zip(&want_dl).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * scale, "balance dl[{i}] {a} vs {b}");
+        }
+        let mut per_token = vec![f32::NAN; t];
+        let rows_kernel = kernel(TrainRow::BalanceRows { grad: false, alpha }, e);
+        run_cpu(
+            &rows_kernel,
+            &[raw(&mut logits, &[t, e], "f32"), raw(&mut freq, &[e + 5], "f32"), raw(&mut per_token, &[t], "f32")],
+        );
+        let mut loss = vec![f32::NAN];
+        run_cpu(
+            &kernel(TrainRow::LossMean { weight: alpha }, 1),
+            &[raw(&mut logits, &[t, e], "f32"), raw(&mut per_token, &[t], "f32"), raw(&mut loss, &[1], "f32")],
+        );
+        assert!((loss[0] - want_loss).abs() <= 1e-5 * want_loss.abs(), "balance loss {} vs {want_loss}", loss[0]);
+        for norm in [true, false] {
+            let routing = v3c_models::graph::Routing {
+                top_k: k,
+                n_group: 1,
+                topk_group: 1,
+                norm_topk_prob: norm,
+                routed_scaling_factor: 2.5,
+            };
+            let mut dw = values(t * k, 17, 1.0);
+            let mut want = Vec::new();
+            for r in 0..t {
+                let sel: Vec<usize> = idx[r * k..(r + 1) * k].iter().map(|&i| i as usize).collect();
+                want.extend(kernels::route_grad(&logits[r * e..(r + 1) * e], &sel, &dw[r * k..(r + 1) * k], &routing));
+            }
+            let route = kernel(TrainRow::RouteGrad { norm, scale: 2.5 }, e);
+            let mut got = vec![f32::NAN; t * e];
+            run_cpu(
+                &route,
+                &[
+                    raw(&mut logits, &[t, e], "f32"),
+                    raw(&mut idx, &[t, k], "i32"),
+                    raw(&mut dw, &[t, k], "f32"),
+                    raw(&mut got, &[t, e], "f32"),
+                ],
+            );
+            assert_eq!(got, want, "{}", route.kernel_name());
         }
     }
 
