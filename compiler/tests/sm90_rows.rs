@@ -2,7 +2,7 @@
 //! spills or local memory. Their numerics are checked through the CPU lowering of the same
 //! template (unit tests of `conversion::sm90::rows`) and on the device by benches/device/rows_check.py.
 
-use v3c_compiler::conversion::sm90::{self, rows::RowKernel, rows::RowOp, rows::TrainRow};
+use v3c_compiler::conversion::sm90::{self, rows::Mla, rows::RowKernel, rows::RowOp, rows::TrainRow};
 use v3c_compiler::{target, toolchain};
 
 fn kernels() -> Vec<RowKernel> {
@@ -73,7 +73,14 @@ fn training_kernels() -> Vec<RowKernel> {
         train(TrainRow::BalanceRows { grad: true, alpha: 1e-4 }, 256, "f32"),
         train(TrainRow::BalanceRows { grad: false, alpha: 1e-4 }, 256, "f32"),
         train(TrainRow::RouteGrad { norm: true, scale: 2.5 }, 256, "f32"),
+        train(TrainRow::Slice { start: 0 }, 512, "f32"),
+        train(TrainRow::Join { second: 64 }, 512, "f32"),
+        train(TrainRow::SumHeads { heads: 128 }, 64, "f32"),
     ]);
+    let mla = Mla { heads: 128, nope: 128, rope: 64, v: 128, kv: 512, context: 4096, scale: 0.1352 };
+    kernels.extend(
+        [TrainRow::MlaForward(mla), TrainRow::MlaGradQ(mla), TrainRow::MlaGradKv(mla)].map(|op| train(op, 512, "f32")),
+    );
     kernels
 }
 
@@ -126,7 +133,9 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     TrainRow::RmsNormGrad { .. } => 1 + tree,
                     // Max, then the sum: each a strided pass and a tree, then the last phase.
                     TrainRow::CrossEntropy { .. } => 2 * (1 + tree),
-                    TrainRow::RouteGrad { .. } => 1,
+                    TrainRow::RouteGrad { .. } | TrainRow::MlaGradKv(_) => 1,
+                    TrainRow::MlaForward(_) => 3,
+                    TrainRow::MlaGradQ(_) => 5,
                     _ => 0,
                 };
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), barriers, "{name}: barriers");
@@ -134,7 +143,10 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 | TrainRow::SiluMulGrad
                 | TrainRow::CrossEntropy { .. }
                 | TrainRow::BalanceRows { .. }
-                | TrainRow::RouteGrad { .. } = op
+                | TrainRow::RouteGrad { .. }
+                | TrainRow::MlaForward(_)
+                | TrainRow::MlaGradQ(_)
+                | TrainRow::MlaGradKv(_) = op
                 {
                     assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
                 }

@@ -76,6 +76,13 @@ impl<'c> HostRows<'c> {
                 };
                 raw.push(RawBuffer { shape: view(&buffer.shape, rank), ..buffer });
             }
+            if std::env::var_os("V3C_HOST_TRACE").is_some() {
+                eprintln!(
+                    "host: {} {:?}",
+                    kernel.kernel_name(),
+                    raw.iter().map(|b| b.shape.clone()).collect::<Vec<_>>()
+                );
+            }
             self.launch(kernel, &raw)?;
         }
         Ok(true)

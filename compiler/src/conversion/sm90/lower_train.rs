@@ -9,7 +9,7 @@ use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::{RegionLike, Value, ValueLike};
 
 use super::lower::{rope_table_of, route_op, Operand, RowLaunch, Step, StepKernel, Steps, Temp};
-use super::rows::{RowKernel, RowOp, TrainRow};
+use super::rows::{Mla, RowKernel, RowOp, TrainRow};
 use crate::verify::Shape;
 
 /// A kernel's body: its ops (without the return), the returned values and the arguments.
@@ -229,6 +229,7 @@ pub fn steps_of_train_kernel(kernel: &OperationRef) -> Option<Result<Steps, Stri
         ["concat_grad"] => Some(concat_grad(&body)),
         ["linear", "split"] | ["linear", "reshape", "split"] => Some(linear_pieces(&body)),
         ["concat"] => Some(concat_rows(&body)),
+        ["attention", "reshape"] | ["attention_grad"] => Some(attention(&body)),
         ["cross_entropy"] => Some(cross_entropy(&body)),
         ["balance_loss"] | ["balance_loss_grad"] => Some(balance_loss(&body)),
         [name, "reshape"] => row_of_op(&body, &body.ops[0], name).map(|launch| reshaped(&body, launch?)),
@@ -267,6 +268,88 @@ fn reshaped(body: &Body, launch: RowLaunch) -> Result<Steps, String> {
         temps: vec![temp],
         rope_table: launch.rope_table,
     })
+}
+
+/// Keys (and queries) the attention blocks keep in shared memory: longer windows get NaN.
+const ATTENTION_CONTEXT: usize = 4096;
+
+/// Naive-form MLA and its gradient on CUDA cores (temporaries have the run's rows, at least the
+/// latent's: per-key temporaries past the latent's rows are zeros, and no launch takes its row
+/// count from a temporary when it writes a result):
+/// the latent's first `kv` columns copied out and expanded through kv_b (the CUDA-core matmul) into
+/// per-head keys and values, then one block per (query, head) — forward, or the queries'
+/// gradients and the softmax statistics — and for the gradient one block per (key, head) for the
+/// keys' and values' gradients, the heads' rope parts summed, and the matmuls back to the latent
+/// and kv_b.
+fn attention(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    let grad = body.names[0] == "attention_grad";
+    let form = o.attribute("form").map(|a| a.to_string()).unwrap_or_default();
+    if !body.operands_are_args(o) || (!grad && !form.contains("naive")) || !all_f32(o) {
+        return Err(format!("{} (the naive form's f32 operands in order)", body.names[0]));
+    }
+    let returns = if grad { body.returns_results_of(o) } else { body.returns_results_of(&body.ops[1]) };
+    if !returns {
+        return Err(format!("{} returning other values", body.names[0]));
+    }
+    let dim = |v: &Shape, i: usize| v.dims.get(i).copied().flatten().ok_or_else(|| format!("{v}: a dynamic dim {i}"));
+    let (qn, qp, kv_b) = (operand_shape(o, 0)?, operand_shape(o, 1)?, operand_shape(o, 3)?);
+    let (heads, nope, rope) = (dim(&qn, 1)?, dim(&qn, 2)?, dim(&qp, 2)?);
+    let (hp, kv) = (dim(&kv_b, 0)?, dim(&kv_b, 1)?);
+    let scale = o
+        .attribute("scale")
+        .ok()
+        .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<f32>().ok()))
+        .ok_or("attention without a scale")?;
+    if hp % heads != 0 || hp / heads <= nope {
+        return Err(format!("kv_b of {hp} rows for {heads} heads of {nope} key columns"));
+    }
+    let v = hp / heads - nope;
+    let m = Mla { heads, nope, rope, v, kv, context: ATTENTION_CONTEXT, scale };
+    let row = |op| StepKernel::Row(train_kernel(op, kv, "f32"));
+    let matmul =
+        |ta, tb, d| StepKernel::Row(train_kernel(TrainRow::Matmul { transpose_a: ta, transpose_b: tb }, d, "f32"));
+    let f32_temp = |rows_factor, cols| Temp { rows_factor, cols, element: "f32".into() };
+    use Operand::{Arg, Result as Res, Temp as Tmp};
+    // ckv = latent[:, :kv]; kvb = ckv kv_b^T.
+    let mut steps = vec![
+        Step {
+            kernel: StepKernel::Row(train_kernel(TrainRow::Slice { start: 0 }, kv, "f32")),
+            operands: vec![Arg(2), Tmp(0)],
+        },
+        Step { kernel: matmul(false, true, hp), operands: vec![Tmp(0), Arg(3), Tmp(1)] },
+    ];
+    let mut temps = vec![f32_temp(1, kv), f32_temp(1, hp)];
+    if !grad {
+        steps.push(Step {
+            kernel: row(TrainRow::MlaForward(m)),
+            operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), Res(0)],
+        });
+        return Ok(Steps { steps, temps, rope_table: None });
+    }
+    // Temporaries 2..: stats [T * H, 3], dkvb [S, hp], part [S * H, rope], d pe [S, rope], d ckv [S, kv].
+    temps.extend([f32_temp(heads, 3), f32_temp(1, hp), f32_temp(heads, rope), f32_temp(1, rope), f32_temp(1, kv)]);
+    steps.extend([
+        Step {
+            kernel: row(TrainRow::MlaGradQ(m)),
+            operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), Arg(4), Res(0), Res(1), Tmp(2)],
+        },
+        Step {
+            kernel: row(TrainRow::MlaGradKv(m)),
+            operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), Arg(4), Tmp(2), Tmp(3), Tmp(4)],
+        },
+        Step {
+            kernel: StepKernel::Row(train_kernel(TrainRow::SumHeads { heads }, rope, "f32")),
+            operands: vec![Tmp(4), Tmp(5)],
+        },
+        Step { kernel: matmul(false, false, kv), operands: vec![Tmp(3), Arg(3), Tmp(6)] },
+        Step {
+            kernel: StepKernel::Row(train_kernel(TrainRow::Join { second: rope }, kv, "f32")),
+            operands: vec![Tmp(6), Tmp(5), Res(2)],
+        },
+        Step { kernel: matmul(true, false, kv), operands: vec![Tmp(3), Tmp(0), Res(3)] },
+    ]);
+    Ok(Steps { steps, temps, rope_table: None })
 }
 
 /// The loss weight of a `cross_entropy(_grad)`.

@@ -23,7 +23,7 @@
 use std::fmt::Write;
 
 mod train;
-pub use train::TrainRow;
+pub use train::{Mla, TrainRow};
 
 /// Columns per fp8 quantization group (the 1x128 activation scales).
 pub const GROUP: usize = 128;
@@ -469,6 +469,7 @@ impl RowKernel {
     pub fn blocks_per_row(&self) -> usize {
         match self.op {
             RowOp::MlaDecode { heads, .. } => heads,
+            RowOp::Train(op) => op.blocks_per_row(),
             _ => 1,
         }
     }

@@ -24,6 +24,47 @@ fn ln(lowering: Lowering, value: &str, out: &str) -> String {
     }
 }
 
+/// `%s` = the score of query `{q}` and key `{k}` in head `%h` (`(q_nope . k_nope + q_pe . k_pe) *
+/// scale`, each dot a sequential sum, the query's element first: the reference's `dot`).
+fn mla_score(q: &str, k: &str) -> String {
+    format!(
+        "  %sn = scf.for %d = %c0 to %cNope step %c1 iter_args(%a = %zero) -> (f32) {{
+    %qv = memref.load %q_nope[{q}, %h, %d] : memref<?x?x?xf32>
+    %col = arith.addi %hbase, %d : index
+    %kv_v = memref.load %kvb[{k}, %col] : memref<?x?xf32>
+    %x = arith.mulf %qv, %kv_v : f32
+    %a2 = arith.addf %a, %x : f32
+    scf.yield %a2 : f32
+  }}
+  %sp = scf.for %d = %c0 to %cRope step %c1 iter_args(%a = %zero) -> (f32) {{
+    %qv = memref.load %q_pe[{q}, %h, %d] : memref<?x?x?xf32>
+    %col = arith.addi %cKv, %d : index
+    %pe = memref.load %latent[{k}, %col] : memref<?x?xf32>
+    %x = arith.mulf %qv, %pe : f32
+    %a2 = arith.addf %a, %x : f32
+    scf.yield %a2 : f32
+  }}
+  %snp = arith.addf %sn, %sp : f32
+  %s = arith.mulf %snp, %softmax_scale : f32
+"
+    )
+}
+
+/// `%dpv` = `dout[{q}, %h, :] . v` of key `{k}` in head `%h` (sequential, dout first).
+fn mla_dp(q: &str, k: &str) -> String {
+    format!(
+        "%dpv = scf.for %d = %c0 to %cV step %c1 iter_args(%a = %zero) -> (f32) {{
+  %g = memref.load %dout[{q}, %h, %d] : memref<?x?x?xf32>
+  %col = arith.addi %vbase, %d : index
+  %vv = memref.load %kvb[{k}, %col] : memref<?x?xf32>
+  %x = arith.mulf %g, %vv : f32
+  %a2 = arith.addf %a, %x : f32
+  scf.yield %a2 : f32
+}}
+"
+    )
+}
+
 /// A float as kernel names spell it (`1e-6` -> `1em6`: PTX names allow no `-` or `.`).
 fn spelled(v: f32) -> String {
     format!("{v:e}").replace('-', "m").replace('.', "p")
@@ -33,10 +74,46 @@ fn unspelled(s: &str) -> Option<f32> {
     s.replace('m', "-").replace('p', ".").parse().ok()
 }
 
+/// Multi-head latent attention's shape in the naive form (per head: `nope` + `rope` query/key
+/// columns, `v` value columns; the latent of `kv` columns + `rope`), the scale, and `context`: the
+/// most keys (or queries) a block keeps in shared memory (a longer window gets NaN outputs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mla {
+    pub heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
+    pub kv: usize,
+    pub context: usize,
+    pub scale: f32,
+}
+
+impl Mla {
+    fn name(&self) -> String {
+        let Mla { heads, nope, rope, v, kv, context, scale } = *self;
+        format!("h{heads}_n{nope}_r{rope}_v{v}_kv{kv}_c{context}_s{}", spelled(scale))
+    }
+
+    fn parse(parts: &[&str]) -> Option<Mla> {
+        let number = |part: &str, prefix: &str| -> Option<usize> { part.strip_prefix(prefix)?.parse().ok() };
+        let [h, n, r, v, kv, c, s] = parts else { return None };
+        Some(Mla {
+            heads: number(h, "h")?,
+            nope: number(n, "n")?,
+            rope: number(r, "r")?,
+            v: number(v, "v")?,
+            kv: number(kv, "kv")?,
+            context: number(c, "c")?,
+            scale: unspelled(s.strip_prefix('s')?)?,
+        })
+    }
+}
+
 /// A training row kernel. `d` (the [`RowKernel`]'s row length) is given per op.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum TrainRow {
-    /// `out [M, d] = a' . b'` in f32, one block per output row, one thread per output column, the
+    /// `out [M, d] = a' . b'` in f32, one block per output row (the rows of `a`, or of `out` when
+    /// `a` is transposed: a temporary output may have more rows), one thread per output column, the
     /// inner dimension summed sequentially (the reference's `matmul_t` order): `a` is `[M, K]`, or
     /// `[K, M]` when `transpose_a`; `b` is `[K, d]`, or `[d, K]` when `transpose_b`. K is read from
     /// `a`. The CUDA-core baseline for the training graph's f32 GEMMs (and its f32 linears and
@@ -54,6 +131,12 @@ pub enum TrainRow {
     /// reshaped output: heads of a `[T, heads * stride]` matrix are rows of its `[T * heads,
     /// stride]` view), or of a concatenation's gradient.
     Columns { start: usize, stride: usize },
+    /// `y[r, :] = x[r, start .. start + d]` for the rows of `x`, zeros for the rows of `y` past
+    /// them (a temporary sized for the run's rows, longer than x: its tail then sums as zeros).
+    Slice { start: usize },
+    /// `y = [x1 | x2]` (`d` and `second` columns) over the rows of `y` (the parts may be
+    /// temporaries with more rows).
+    Join { second: usize },
     /// Row copies between matrices of `d` columns: `into`, row r of `x` into row `r + shift` of
     /// `y` (one block per row of x); otherwise row `r + shift` of `x` into row r of `y` (one per
     /// row of y). `shift` is the row count of `off` when `shifted` (the rows before a
@@ -86,6 +169,25 @@ pub enum TrainRow {
     /// `scale * (dw / S - sum(dw * s) / S^2) * s * (1 - s)` (`norm`: normalized weights, `S` the
     /// selected scores' sum + 1e-20; else `scale * dw * s * (1 - s)`), by one thread per token.
     RouteGrad { norm: bool, scale: f32 },
+    /// Naive-form MLA attention, one block per (query, head) — the CUDA-core baseline: scores
+    /// over keys `0..=S - T + query` of `q_nope . k_nope + q_pe . k_pe` times the scale (`k_nope`
+    /// from `kvb [S, heads * (nope + v)]`, the latent times kv_b^T computed before; `k_pe` the
+    /// latent's last `rope` columns), softmax (one thread, the reference's order), `out [T, heads
+    /// * v]` the probabilities times the values, each output a sequential sum over the keys.
+    MlaForward(Mla),
+    /// MLA's backward, per (query, head): the forward's probabilities recomputed, `dp = dout .
+    /// v`, `ds = p * (dp - sum(p * dp)) * scale`, then `d q_nope = ds . k_nope` and `d q_pe = ds .
+    /// k_pe` (sums over the keys in order); the row's softmax max, sum and `sum(p * dp)` into
+    /// `stats [T * heads, 3]` for [`TrainRow::MlaGradKv`].
+    MlaGradQ(Mla),
+    /// MLA's backward, per (key, head) of `dkvb`'s rows (a temporary: rows past the latent's are
+    /// written as zeros): each query that sees the key has its `p` and `ds`
+    /// recomputed from `stats`; then `dkvb` (the gradient of kvb: `ds . q_nope` for the key's
+    /// columns, `p . dout` for its values) summed over the queries in order, and the head's part of
+    /// the latent's rope columns' gradient (`ds . q_pe`) into `part [S * heads, rope]`.
+    MlaGradKv(Mla),
+    /// `y [rows, d]`: row r the sum over its `heads` rows of `part [rows * heads, d]`, in order.
+    SumHeads { heads: usize },
     /// RMSNorm's input gradient per row: with `r = 1 / sqrt(mean(x^2) + eps)`, `dx = r * dy * w -
     /// x * r^3 / d * sum(dy * w * x)`; also writes `r` per row for [`TrainRow::RmsNormDw`].
     RmsNormGrad { eps: f32 },
@@ -108,6 +210,8 @@ impl TrainRow {
                 format!("rows_matmul_d{d}_{}{}_t{t}", layout(transpose_a), layout(transpose_b))
             }
             TrainRow::Add => format!("rows_add_d{d}_t{t}"),
+            TrainRow::Slice { start } => format!("rows_slice_d{d}_o{start}_t{t}"),
+            TrainRow::Join { second } => format!("rows_join_d{d}_b{second}_t{t}"),
             TrainRow::RowRange { into, shifted } => {
                 let dir = if into { "into" } else { "from" };
                 let shifted = if shifted { "_shifted" } else { "" };
@@ -126,6 +230,10 @@ impl TrainRow {
                 format!("rows_rmsnormgrad_{weight}_d{d}_t{t}_eps{eps}")
             }
             TrainRow::RmsNormDw => format!("rows_rmsnormdw_d{d}_t{t}"),
+            TrainRow::MlaForward(m) => format!("rows_mlafwd_{}_t{t}", m.name()),
+            TrainRow::MlaGradQ(m) => format!("rows_mlagradq_{}_t{t}", m.name()),
+            TrainRow::MlaGradKv(m) => format!("rows_mlagradkv_{}_t{t}", m.name()),
+            TrainRow::SumHeads { heads } => format!("rows_sumheads_d{d}_h{heads}_t{t}"),
             TrainRow::CrossEntropy { grad, weight } => {
                 format!("rows_xent_d{d}_w{}_t{t}_{}", spelled(weight), if grad { "grad" } else { "loss" })
             }
@@ -166,6 +274,8 @@ impl TrainRow {
                 kernel(TrainRow::Matmul { transpose_a, transpose_b }, d, "f32", t)
             }
             ["add", d, t] => kernel(TrainRow::Add, d, "f32", t),
+            ["slice", d, o, t] => kernel(TrainRow::Slice { start: number(o, "o")? }, d, "f32", t),
+            ["join", d, b, t] => kernel(TrainRow::Join { second: number(b, "b")? }, d, "f32", t),
             ["rowrange", d, dir, rest @ ..] => {
                 let into = match *dir {
                     "into" => true,
@@ -199,6 +309,16 @@ impl TrainRow {
                 kernel(TrainRow::RmsNormGrad { eps }, d, w, t)
             }
             ["rmsnormdw", d, t] => kernel(TrainRow::RmsNormDw, d, "f32", t),
+            [kind @ ("mlafwd" | "mlagradq" | "mlagradkv"), rest @ .., t] => {
+                let m = Mla::parse(rest)?;
+                let op = match *kind {
+                    "mlafwd" => TrainRow::MlaForward(m),
+                    "mlagradq" => TrainRow::MlaGradQ(m),
+                    _ => TrainRow::MlaGradKv(m),
+                };
+                kernel(op, &format!("d{}", m.kv), "f32", t)
+            }
+            ["sumheads", d, h, t] => kernel(TrainRow::SumHeads { heads: number(h, "h")? }, d, "f32", t),
             ["xent", d, w, t, mode] => {
                 let grad = match *mode {
                     "grad" => true,
@@ -237,7 +357,8 @@ impl TrainRow {
         let rows = || "memref<?x?xf32>".to_string();
         match self {
             TrainRow::Matmul { .. } => vec![("a", rows()), ("b", rows()), ("out", rows())],
-            TrainRow::Add => vec![("x1", rows()), ("x2", rows()), ("y", rows())],
+            TrainRow::Add | TrainRow::Join { .. } => vec![("x1", rows()), ("x2", rows()), ("y", rows())],
+            TrainRow::Slice { .. } => vec![("x", rows()), ("y", rows())],
             TrainRow::RowRange { shifted: true, .. } => vec![("x", rows()), ("off", rows()), ("y", rows())],
             TrainRow::RowRange { shifted: false, .. } => vec![("x", rows()), ("y", rows())],
             TrainRow::SiluMul => vec![("gate", rows()), ("up", rows()), ("y", rows())],
@@ -259,6 +380,19 @@ impl TrainRow {
                 vec![("x", rows()), ("dy", rows()), ("r", "memref<?xf32>".into()), ("dw", "memref<?xf32>".into())]
             }
             TrainRow::EmbedGrad => vec![("ids", "memref<?xi64>".into()), ("dy", rows()), ("out", rows())],
+            TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_) => {
+                let heads = || "memref<?x?x?xf32>".to_string();
+                let mut args = vec![("q_nope", heads()), ("q_pe", heads()), ("latent", rows()), ("kvb", rows())];
+                match self {
+                    TrainRow::MlaForward(_) => args.push(("out", rows())),
+                    TrainRow::MlaGradQ(_) => {
+                        args.extend([("dout", heads()), ("dq_nope", heads()), ("dq_pe", heads()), ("stats", rows())])
+                    }
+                    _ => args.extend([("dout", heads()), ("stats", rows()), ("dkvb", rows()), ("part", rows())]),
+                }
+                args
+            }
+            TrainRow::SumHeads { .. } => vec![("part", rows()), ("y", rows())],
             TrainRow::CrossEntropy { grad: true, .. } => {
                 vec![("logits", rows()), ("targets", "memref<?xi64>".into()), ("dlogits", rows())]
             }
@@ -284,14 +418,18 @@ impl TrainRow {
     pub(super) fn rows_argument(&self) -> Option<&'static str> {
         Some(match self {
             TrainRow::CrossEntropy { .. } => "logits",
+            TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => "q_nope",
+            TrainRow::MlaGradKv(_) => "dkvb",
+            TrainRow::SumHeads { .. } => "y",
             TrainRow::LossMean { .. } | TrainRow::ExpertFreq => return None,
             TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => "logits",
-            TrainRow::Matmul { .. } | TrainRow::EmbedGrad => "out",
+            TrainRow::Matmul { transpose_a: false, .. } => "a",
+            TrainRow::Matmul { transpose_a: true, .. } | TrainRow::EmbedGrad => "out",
             TrainRow::Add => "x1",
             TrainRow::RowRange { into: true, .. } => "x",
             TrainRow::RowRange { into: false, .. } => "y",
             TrainRow::SiluMul | TrainRow::SiluMulGrad => "gate",
-            TrainRow::Columns { .. } => "y",
+            TrainRow::Columns { .. } | TrainRow::Slice { .. } | TrainRow::Join { .. } => "y",
             TrainRow::Rope { .. } | TrainRow::RmsNormGrad { .. } => "x",
             TrainRow::RmsNormDw => "dw",
         })
@@ -303,6 +441,9 @@ impl TrainRow {
             TrainRow::RmsNormGrad { .. } => vec![("sh_sum", threads), ("sh_dot", threads)],
             TrainRow::EmbedGrad => vec![("sh_acc", d)],
             TrainRow::CrossEntropy { .. } => vec![("sh_max", threads), ("sh_sum", threads)],
+            TrainRow::MlaForward(m) => vec![("sh_p", m.context), ("sh_red", 2)],
+            TrainRow::MlaGradQ(m) => vec![("sh_p", m.context), ("sh_dp", m.context), ("sh_red", 4)],
+            TrainRow::MlaGradKv(m) => vec![("sh_pi", m.context), ("sh_dsi", m.context)],
             _ => Vec::new(),
         }
     }
@@ -312,11 +453,20 @@ impl TrainRow {
         match self {
             // One thread sums a column.
             TrainRow::RmsNormDw | TrainRow::LossMean { .. } => 32,
+            TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_) => 128,
             // One thread per expert; one thread per token does the rest.
             TrainRow::ExpertFreq | TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => {
                 d.next_power_of_two().clamp(32, 256)
             }
             _ => (d / 8).next_power_of_two().clamp(32, 256),
+        }
+    }
+
+    /// Blocks per row of the rows argument (attention: one per head).
+    pub(super) fn blocks_per_row(&self) -> usize {
+        match self {
+            TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => m.heads,
+            _ => 1,
         }
     }
 
@@ -342,6 +492,12 @@ impl TrainRow {
             TrainRow::SiluMul | TrainRow::SiluMulGrad => {
                 let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
             }
+            TrainRow::Slice { start } => {
+                let _ = writeln!(s, "%cStart = arith.constant {start} : index");
+            }
+            TrainRow::Join { second } => {
+                let _ = writeln!(s, "%cSecond = arith.constant {second} : index");
+            }
             TrainRow::Columns { start, stride } => {
                 let _ = writeln!(s, "%cStart = arith.constant {start} : index");
                 let _ = writeln!(s, "%cStride = arith.constant {stride} : index");
@@ -350,6 +506,22 @@ impl TrainRow {
                 let _ = writeln!(s, "%cHeads = arith.constant {heads} : index");
                 let _ = writeln!(s, "%cHalf = arith.constant {} : index", d / 2);
                 let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
+            }
+            TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => {
+                let _ = writeln!(s, "%cH = arith.constant {} : index", m.heads);
+                let _ = writeln!(s, "%cNope = arith.constant {} : index", m.nope);
+                let _ = writeln!(s, "%cRope = arith.constant {} : index", m.rope);
+                let _ = writeln!(s, "%cV = arith.constant {} : index", m.v);
+                let _ = writeln!(s, "%cKv = arith.constant {} : index", m.kv);
+                let _ = writeln!(s, "%cPerHead = arith.constant {} : index", m.nope + m.v);
+                let _ = writeln!(s, "%cCtx = arith.constant {} : index", m.context);
+                let _ = writeln!(s, "%softmax_scale = arith.constant 0x{:08X} : f32", m.scale.to_bits());
+                let _ = writeln!(s, "%ninf = arith.constant 0xFF800000 : f32");
+                let _ = writeln!(s, "%nan = arith.constant 0x7FC00000 : f32");
+                let _ = writeln!(s, "%c2 = arith.constant 2 : index");
+            }
+            TrainRow::SumHeads { heads } => {
+                let _ = writeln!(s, "%cH = arith.constant {heads} : index");
             }
             TrainRow::BalanceRows { alpha, .. } => {
                 let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
@@ -386,6 +558,33 @@ impl TrainRow {
 %p_lo = arith.cmpi sge, %p64, %zero_i64 : i64
 %p_hi = arith.cmpi slt, %p, %npos : index
 %ok = arith.andi %p_lo, %p_hi : i1
+"
+            .into(),
+            TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => "%b = arith.divui %row, %cH : index
+%h = arith.remui %row, %cH : index
+%T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
+%S = memref.dim %latent, %c0 : memref<?x?xf32>
+%first_key = arith.subi %S, %T : index
+%last = arith.addi %first_key, %b : index
+%nkeys = arith.addi %last, %c1 : index
+%fits = arith.cmpi ule, %nkeys, %cCtx : index
+%hbase = arith.muli %h, %cPerHead : index
+%vbase = arith.addi %hbase, %cNope : index
+"
+            .into(),
+            TrainRow::MlaGradKv(_) => "%j = arith.divui %row, %cH : index
+%h = arith.remui %row, %cH : index
+%T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
+%S = memref.dim %latent, %c0 : memref<?x?xf32>
+%first_key = arith.subi %S, %T : index
+%late = arith.cmpi ugt, %j, %first_key : index
+%j_off = arith.subi %j, %first_key : index
+%i0 = arith.select %late, %j_off, %c0 : index
+%short = arith.cmpi ule, %T, %cCtx : index
+%key = arith.cmpi ult, %j, %S : index
+%fits = arith.andi %short, %key : i1
+%hbase = arith.muli %h, %cPerHead : index
+%vbase = arith.addi %hbase, %cNope : index
 "
             .into(),
             TrainRow::CrossEntropy { .. } => "%t64 = memref.load %targets[%row] : memref<?xi64>
@@ -444,6 +643,33 @@ scf.for %i = %tid to %cD step %cT {{
 "
                 )]
             }
+            TrainRow::Slice { .. } => vec![format!(
+                "%xr = memref.dim %x, %c0 : {m}
+%inside = arith.cmpi ult, %row, %xr : index
+scf.for %i = %tid to %cD step %cT {{
+  %v = scf.if %inside -> (f32) {{
+    %c = arith.addi %i, %cStart : index
+    %xv = memref.load %x[%row, %c] : {m}
+    scf.yield %xv : f32
+  }} else {{
+    scf.yield %zero : f32
+  }}
+  memref.store %v, %y[%row, %i] : {m}
+}}
+"
+            )],
+            TrainRow::Join { .. } => vec![format!(
+                "scf.for %i = %tid to %cD step %cT {{
+  %v = memref.load %x1[%row, %i] : {m}
+  memref.store %v, %y[%row, %i] : {m}
+}}
+scf.for %i = %tid to %cSecond step %cT {{
+  %v = memref.load %x2[%row, %i] : {m}
+  %c = arith.addi %i, %cD : index
+  memref.store %v, %y[%row, %c] : {m}
+}}
+"
+            )],
             TrainRow::Add => vec![format!(
                 "scf.for %i = %tid to %cD step %cT {{
   %a = memref.load %x1[%row, %i] : {m}
@@ -821,6 +1047,235 @@ scf.if %first {{
                     ),
                 ]
             }
+            TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => {
+                let (p, red) = (sh("sh_p"), sh("sh_red"));
+                let score = mla_score("%b", "%j");
+                let e = indent2(&indent2(&exp(lowering, "%xm", "%e")));
+                let mut phases = vec![
+                    // Scores of the visible keys.
+                    format!(
+                        "scf.if %fits {{
+scf.for %j = %tid to %nkeys step %cT {{
+{score}  memref.store %s, %sh_p[%j] : {p}
+}}
+}}
+"
+                    ),
+                    // Softmax by one thread: max, exp(s - max) and their sum.
+                    format!(
+                        "%first = arith.cmpi eq, %tid, %c0 : index
+%go = arith.andi %first, %fits : i1
+scf.if %go {{
+  %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%a = %ninf) -> (f32) {{
+    %v = memref.load %sh_p[%j] : {p}
+    %gt = arith.cmpf ogt, %v, %a : f32
+    %a2 = arith.select %gt, %v, %a : f32
+    scf.yield %a2 : f32
+  }}
+  %sum = scf.for %j = %c0 to %nkeys step %c1 iter_args(%a = %zero) -> (f32) {{
+    %v = memref.load %sh_p[%j] : {p}
+    %xm = arith.subf %v, %max : f32
+{e}    memref.store %e, %sh_p[%j] : {p}
+    %a2 = arith.addf %a, %e : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %max, %sh_red[%c0] : {red}
+  memref.store %sum, %sh_red[%c1] : {red}
+}}
+"
+                    ),
+                ];
+                let normalize = "%sum = memref.load %sh_red[%c1] : RED
+scf.if %fits {
+scf.for %j = %tid to %nkeys step %cT {
+  %e = memref.load %sh_p[%j] : P
+  %pv = arith.divf %e, %sum : f32
+  memref.store %pv, %sh_p[%j] : P
+DP}
+}
+"
+                .replace("RED", &red)
+                .replace("P\n", &format!("{p}\n"));
+                if let TrainRow::MlaForward(_) = self {
+                    phases.push(normalize.replace("DP", ""));
+                    phases.push(format!(
+                        "scf.for %e = %tid to %cV step %cT {{
+  %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%a = %zero) -> (f32) {{
+    %pv = memref.load %sh_p[%j] : {p}
+    %col = arith.addi %vbase, %e : index
+    %vv = memref.load %kvb[%j, %col] : {m}
+    %pvv = arith.mulf %pv, %vv : f32
+    %a2 = arith.addf %a, %pvv : f32
+    scf.yield %a2 : f32
+  }}
+  %o = arith.select %fits, %acc, %nan : f32
+  %hv = arith.muli %h, %cV : index
+  %ocol = arith.addi %hv, %e : index
+  memref.store %o, %out[%b, %ocol] : {m}
+}}
+"
+                    ));
+                    return phases;
+                }
+                let dp = sh("sh_dp");
+                // dp_j = dout . v_j, with the probabilities.
+                phases.push(
+                    normalize.replace(
+                        "DP",
+                        &indent2(&format!("{}memref.store %dpv, %sh_dp[%j] : {dp}\n", mla_dp("%b", "%j"))),
+                    ),
+                );
+                phases.push(format!(
+                    "%first = arith.cmpi eq, %tid, %c0 : index
+%go = arith.andi %first, %fits : i1
+scf.if %go {{
+  %mean = scf.for %j = %c0 to %nkeys step %c1 iter_args(%a = %zero) -> (f32) {{
+    %pv = memref.load %sh_p[%j] : {p}
+    %dpv = memref.load %sh_dp[%j] : {dp}
+    %x = arith.mulf %pv, %dpv : f32
+    %a2 = arith.addf %a, %x : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %mean, %sh_red[%c2] : {red}
+  %max = memref.load %sh_red[%c0] : {red}
+  %sum = memref.load %sh_red[%c1] : {red}
+  memref.store %max, %stats[%row, %c0] : {m}
+  memref.store %sum, %stats[%row, %c1] : {m}
+  memref.store %mean, %stats[%row, %c2] : {m}
+}}
+"
+                ));
+                phases.push(format!(
+                    "%mean = memref.load %sh_red[%c2] : {red}
+scf.if %fits {{
+scf.for %j = %tid to %nkeys step %cT {{
+  %pv = memref.load %sh_p[%j] : {p}
+  %dpv = memref.load %sh_dp[%j] : {dp}
+  %dm = arith.subf %dpv, %mean : f32
+  %pdm = arith.mulf %pv, %dm : f32
+  %ds = arith.mulf %pdm, %softmax_scale : f32
+  memref.store %ds, %sh_dp[%j] : {dp}
+}}
+}}
+"
+                ));
+                phases.push(format!(
+                    "%cOut = arith.addi %cNope, %cRope : index
+scf.for %o = %tid to %cOut step %cT {{
+  %is_nope = arith.cmpi ult, %o, %cNope : index
+  %r = arith.subi %o, %cNope : index
+  %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%a = %zero) -> (f32) {{
+    %ds = memref.load %sh_dp[%j] : {dp}
+    %k = scf.if %is_nope -> (f32) {{
+      %col = arith.addi %hbase, %o : index
+      %kv_v = memref.load %kvb[%j, %col] : {m}
+      scf.yield %kv_v : f32
+    }} else {{
+      %col = arith.addi %cKv, %r : index
+      %pe = memref.load %latent[%j, %col] : {m}
+      scf.yield %pe : f32
+    }}
+    %x = arith.mulf %ds, %k : f32
+    %a2 = arith.addf %a, %x : f32
+    scf.yield %a2 : f32
+  }}
+  %g = arith.select %fits, %acc, %nan : f32
+  scf.if %is_nope {{
+    memref.store %g, %dq_nope[%b, %h, %o] : memref<?x?x?xf32>
+  }} else {{
+    memref.store %g, %dq_pe[%b, %h, %r] : memref<?x?x?xf32>
+  }}
+}}
+"
+                ));
+                phases
+            }
+            TrainRow::MlaGradKv(_) => {
+                let (pi, dsi) = (sh("sh_pi"), sh("sh_dsi"));
+                let score = indent2(&mla_score("%i", "%j"));
+                let e = indent2(&exp(lowering, "%xm", "%e"));
+                let dp = indent2(&mla_dp("%i", "%j"));
+                vec![
+                    // Per query that sees the key: p and ds, as the query's block computed them.
+                    format!(
+                        "scf.if %fits {{
+scf.for %i = %i0 to %T step %c1 {{
+  %mine_off = arith.subi %i, %i0 : index
+  %mine_rem = arith.remui %mine_off, %cT : index
+  %mine = arith.cmpi eq, %mine_rem, %tid : index
+  scf.if %mine {{
+{score}    %hq = arith.muli %i, %cH : index
+    %qrow = arith.addi %hq, %h : index
+    %max = memref.load %stats[%qrow, %c0] : {m}
+    %sum = memref.load %stats[%qrow, %c1] : {m}
+    %mean = memref.load %stats[%qrow, %c2] : {m}
+    %xm = arith.subf %s, %max : f32
+{e}    %pv = arith.divf %e, %sum : f32
+{dp}    %dm = arith.subf %dpv, %mean : f32
+    %pdm = arith.mulf %pv, %dm : f32
+    %ds = arith.mulf %pdm, %softmax_scale : f32
+    memref.store %pv, %sh_pi[%i] : {pi}
+    memref.store %ds, %sh_dsi[%i] : {dsi}
+  }}
+}}
+}}
+"
+                    ),
+                    format!(
+                        "%cKeyCols = arith.addi %cPerHead, %cRope : index
+scf.for %o = %tid to %cKeyCols step %cT {{
+  %is_key = arith.cmpi ult, %o, %cNope : index
+  %is_pe = arith.cmpi uge, %o, %cPerHead : index
+  %e_col = arith.subi %o, %cNope : index
+  %r = arith.subi %o, %cPerHead : index
+  %acc = scf.for %i = %i0 to %T step %c1 iter_args(%a = %zero) -> (f32) {{
+    %ds = memref.load %sh_dsi[%i] : {dsi}
+    %pv = memref.load %sh_pi[%i] : {pi}
+    %x = scf.if %is_key -> (f32) {{
+      %qn = memref.load %q_nope[%i, %h, %o] : memref<?x?x?xf32>
+      %v = arith.mulf %ds, %qn : f32
+      scf.yield %v : f32
+    }} else {{
+      %y = scf.if %is_pe -> (f32) {{
+        %qp = memref.load %q_pe[%i, %h, %r] : memref<?x?x?xf32>
+        %v = arith.mulf %ds, %qp : f32
+        scf.yield %v : f32
+      }} else {{
+        %g = memref.load %dout[%i, %h, %e_col] : memref<?x?x?xf32>
+        %v = arith.mulf %pv, %g : f32
+        scf.yield %v : f32
+      }}
+      scf.yield %y : f32
+    }}
+    %a2 = arith.addf %a, %x : f32
+    scf.yield %a2 : f32
+  }}
+  %kept = arith.select %short, %acc, %nan : f32
+  %out = arith.select %key, %kept, %zero : f32
+  scf.if %is_pe {{
+    memref.store %out, %part[%row, %r] : {m}
+  }} else {{
+    %col = arith.addi %hbase, %o : index
+    memref.store %out, %dkvb[%j, %col] : {m}
+  }}
+}}
+"
+                    ),
+                ]
+            }
+            TrainRow::SumHeads { .. } => vec![format!(
+                "%base = arith.muli %row, %cH : index
+scf.for %i = %tid to %cD step %cT {{
+  %acc = scf.for %hh = %c0 to %cH step %c1 iter_args(%a = %zero) -> (f32) {{
+    %r = arith.addi %base, %hh : index
+    %v = memref.load %part[%r, %i] : {m}
+    %a2 = arith.addf %a, %v : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %acc, %y[%row, %i] : {m}
+}}
+"
+            )],
             TrainRow::EmbedGrad => {
                 let acc = sh("sh_acc");
                 // Each thread owns its strided columns of the accumulator: no barrier needed.
@@ -932,6 +1387,27 @@ mod tests {
         run_cpu(&heads, &[raw(&mut g, &[rows * d], "f32"), raw(&mut piece, &[rows * 5, 20], "f32")]);
         let want: Vec<f32> = g.chunks(60).flat_map(|h| h[40..60].to_vec()).collect();
         assert_eq!(piece, want, "columns of heads");
+        // A slice into a longer buffer: zeros past x's rows; joined back over the rows of y.
+        let mut sliced = vec![f32::NAN; (rows + 2) * width];
+        run_cpu(
+            &kernel(TrainRow::Slice { start }, width),
+            &[raw(&mut g, &[rows, d], "f32"), raw(&mut sliced, &[rows + 2, width], "f32")],
+        );
+        let want: Vec<f32> = g.chunks(d).flat_map(|r| r[start..start + width].to_vec()).collect();
+        assert!(sliced[..rows * width] == want[..], "slice");
+        assert!(sliced[rows * width..].iter().all(|v| *v == 0.0), "slice: zeros past x");
+        let mut joined = vec![f32::NAN; rows * (width + d)];
+        run_cpu(
+            &kernel(TrainRow::Join { second: d }, width),
+            &[
+                raw(&mut sliced, &[rows + 2, width], "f32"),
+                raw(&mut u, &[rows, d], "f32"),
+                raw(&mut joined, &[rows, width + d], "f32"),
+            ],
+        );
+        let want: Vec<f32> =
+            (0..rows).flat_map(|r| [&want[r * width..(r + 1) * width], &u[r * d..(r + 1) * d]].concat()).collect();
+        assert!(joined == want, "join");
         assert!(RowKernel::new(RowOp::Train(TrainRow::Columns { start: 50, stride: 60 }), 20, "f32")
             .emit_cpu()
             .is_err_and(|e| e.contains("columns 50..70 of rows 60 wide")));
@@ -1168,6 +1644,78 @@ mod tests {
                 ],
             );
             assert_eq!(got, want, "{}", route.kernel_name());
+        }
+    }
+
+    /// Naive MLA (forward and backward rows) against the reference's `mla` and `mla_grad`, with
+    /// more keys than queries (continuations) and as many: forward and the queries' gradients
+    /// equal bit for bit; the latent's and kv_b's gradients within 1e-5 relative (the latent's
+    /// rope columns sum per head first, then over the heads).
+    #[test]
+    fn mla_rows_match_the_reference() {
+        use v3c_models::graph::AttentionForm;
+        let (h, dn, dr, dv, kv) = (3, 8, 4, 6, 16);
+        let dims = kernels::MlaDims { heads: h, nope: dn, rope: dr, v: dv, kv_lora: kv };
+        let m = Mla { heads: h, nope: dn, rope: dr, v: dv, kv, context: 64, scale: 0.37 };
+        let (hp, c) = (h * (dn + dv), kv + dr);
+        for (t, s_len) in [(5, 5), (3, 7), (1, 1)] {
+            let visible: Vec<usize> = (0..t).map(|i| s_len - t + i).collect();
+            let (mut qn, mut qp) = (values(t * h * dn, 20, 2.0), values(t * h * dr, 21, 2.0));
+            let (mut latent, kv_b) = (values(s_len * c, 22, 2.0), values(hp * kv, 23, 0.5));
+            let mut g = values(t * h * dv, 24, 1.0);
+            let ckv: Vec<f32> = (0..s_len).flat_map(|j| latent[j * c..j * c + kv].to_vec()).collect();
+            let mut kvb = kernels::matmul_nt(&ckv, &kv_b, s_len, kv, hp);
+            let want = kernels::mla(&qn, &qp, &latent, &kv_b, &visible, s_len, dims, m.scale, AttentionForm::Naive);
+            let bufs = |qn: &mut Vec<f32>, qp: &mut Vec<f32>, latent: &mut Vec<f32>, kvb: &mut Vec<f32>| {
+                vec![
+                    raw(qn, &[t, h, dn], "f32"),
+                    raw(qp, &[t, h, dr], "f32"),
+                    raw(latent, &[s_len, c], "f32"),
+                    raw(kvb, &[s_len, hp], "f32"),
+                ]
+            };
+            let mut out = vec![f32::NAN; t * h * dv];
+            let mut args = bufs(&mut qn, &mut qp, &mut latent, &mut kvb);
+            args.push(raw(&mut out, &[t, h * dv], "f32"));
+            run_cpu(&kernel(TrainRow::MlaForward(m), kv), &args);
+            assert_eq!(out, want, "forward, {t} queries over {s_len} keys");
+            let [want_dqn, want_dqp, want_dlat, want_dkv_b] =
+                kernels::mla_grad(&qn, &qp, &latent, &kv_b, &g, &visible, s_len, dims, m.scale);
+            let (mut dqn, mut dqp, mut stats) =
+                (vec![f32::NAN; t * h * dn], vec![f32::NAN; t * h * dr], vec![f32::NAN; t * h * 3]);
+            let mut args = bufs(&mut qn, &mut qp, &mut latent, &mut kvb);
+            args.extend([
+                raw(&mut g, &[t, h, dv], "f32"),
+                raw(&mut dqn, &[t, h, dn], "f32"),
+                raw(&mut dqp, &[t, h, dr], "f32"),
+                raw(&mut stats, &[t * h, 3], "f32"),
+            ]);
+            run_cpu(&kernel(TrainRow::MlaGradQ(m), kv), &args);
+            assert_eq!((&dqn, &dqp), (&want_dqn, &want_dqp), "d q, {t} queries over {s_len} keys");
+            let (mut dkvb, mut part) = (vec![f32::NAN; s_len * hp], vec![f32::NAN; s_len * h * dr]);
+            let mut args = bufs(&mut qn, &mut qp, &mut latent, &mut kvb);
+            args.extend([
+                raw(&mut g, &[t, h, dv], "f32"),
+                raw(&mut stats, &[t * h, 3], "f32"),
+                raw(&mut dkvb, &[s_len, hp], "f32"),
+                raw(&mut part, &[s_len * h, dr], "f32"),
+            ]);
+            run_cpu(&kernel(TrainRow::MlaGradKv(m), kv), &args);
+            let mut dpe = vec![f32::NAN; s_len * dr];
+            run_cpu(
+                &kernel(TrainRow::SumHeads { heads: h }, dr),
+                &[raw(&mut part, &[s_len * h, dr], "f32"), raw(&mut dpe, &[s_len, dr], "f32")],
+            );
+            let dckv = kernels::matmul_t(&dkvb, &kv_b, (s_len, hp, kv), (false, false), (hp, kv));
+            let dlat: Vec<f32> =
+                (0..s_len).flat_map(|j| [&dckv[j * kv..(j + 1) * kv], &dpe[j * dr..(j + 1) * dr]].concat()).collect();
+            let dkv_b = kernels::matmul_t(&dkvb, &ckv, (hp, s_len, kv), (true, false), (hp, kv));
+            for (what, got, want) in [("d latent", &dlat, &want_dlat), ("d kv_b", &dkv_b, &want_dkv_b)] {
+                let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+                for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * scale, "{what}[{i}] = {a}, reference {b} ({t} over {s_len})");
+                }
+            }
         }
     }
 
