@@ -684,6 +684,14 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             names.join(", ")
         ));
     }
+    if o.train.is_some() {
+        eprintln!(
+            "compile: all {total} kernels of the training step lower for {} (no {} training artifact is written \
+             yet: the runtime trains from cpu artifacts)",
+            target.name, target.name
+        );
+        return Ok(());
+    }
     let Some(out) = o.out else {
         eprintln!("compile: all {total} kernels lower for {}; pass --out DIR to write the artifact", target.name);
         return Ok(());
@@ -769,6 +777,7 @@ fn write_gpu_artifact(
         Operand::Result(i) => OperandSpec::Result(i),
         Operand::Temp(i) => OperandSpec::Temp(i),
         Operand::RopeTable => OperandSpec::RopeTable,
+        Operand::TempRows { temp, first, rows } => OperandSpec::TempRows { temp, first, rows },
     };
     let table = |t: &v3c_compiler::conversion::sm90::lower::RopeTable| lw::RopeTableSpec {
         dim: t.dim,
@@ -829,7 +838,7 @@ fn write_gpu_artifact(
         });
         let temps = if g.results.len() > 1 {
             operands.push(OperandSpec::Temp(0));
-            vec![lw::TempSpec { rows_factor: 1, cols: g.n, dtype: "f32".into() }]
+            vec![lw::TempSpec { rows_factor: 1, cols: g.n, dtype: "f32".into(), fixed_rows: None }]
         } else {
             operands.push(OperandSpec::Result(0));
             Vec::new()
@@ -887,7 +896,12 @@ fn write_gpu_artifact(
             temps: steps
                 .temps
                 .iter()
-                .map(|t| lw::TempSpec { rows_factor: t.rows_factor, cols: t.cols, dtype: t.element.clone() })
+                .map(|t| lw::TempSpec {
+                    rows_factor: t.rows_factor,
+                    cols: t.cols,
+                    dtype: t.element.clone(),
+                    fixed_rows: t.fixed_rows,
+                })
                 .collect(),
             rope_table: steps.rope_table.as_ref().map(table),
         });
@@ -1403,10 +1417,10 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     match o.backend {
         "reference" | "cpu" => {}
         "cuda" => {
-            return Err("--backend cuda: unsupported on sm_90a: part of the training ops (cross_entropy, \
-                 attention_grad, moe_experts_grad, ...) have no sm_90a lowering yet, and the runtime launches \
-                 training steps on the CPU only (`v3c compile --target sm_90a --train` lists what lowers); use \
-                 --backend cpu or reference"
+            return Err("--backend cuda: unsupported on sm_90a: the f32 training step's kernels lower for \
+                 sm_90a (`v3c compile --target sm_90a --train`), but the runtime launches training steps on \
+                 the CPU only, and the FP8 recipe's GEMMs have no sm_90a lowering yet; use --backend cpu or \
+                 reference"
                 .into())
         }
         other => return Err(format!("--backend {other}: unknown (reference, cpu, cuda)")),

@@ -189,7 +189,7 @@ struct CompileArgs {
     /// Compile the training step (forward, losses, every gradient) instead of the inference
     /// entries, planned for windows of up to --max-rows tokens: an artifact `v3r train` runs (cpu
     /// target). `--precision fp8`: DeepSeek-V3's FP8 recipe. With --target sm_90a: each kernel's
-    /// sm_90a lowering is reported (no artifact yet), those without one named.
+    /// sm_90a lowering is reported (no artifact yet), any without one named.
     #[arg(long)]
     train: bool,
     /// With --train: weight (lambda) of the MTP loss (0 leaves the MTP module out).
@@ -300,8 +300,8 @@ struct TrainArgs {
     seq: usize,
     /// Where the steps run: `reference` (the interpreter, the oracle) or `cpu` (the training graph
     /// compiled: forward, losses and backward kernels JIT-compiled for this machine, the FP8 recipe
-    /// and MoE layers included). `cuda`: not yet (part of the training ops have no sm_90a
-    /// lowering; see `v3c compile --target sm_90a --train`).
+    /// and MoE layers included). `cuda`: not yet (the runtime launches training steps on the CPU
+    /// only; `v3c compile --target sm_90a --train` shows the step's sm_90a kernels).
     #[arg(long, value_name = "BACKEND", default_value = "reference")]
     backend: String,
     /// Weight (lambda) of the MTP loss when the checkpoint has an MTP module; 0 leaves it untrained.

@@ -81,6 +81,17 @@ fn training_kernels() -> Vec<RowKernel> {
     kernels.extend(
         [TrainRow::MlaForward(mla), TrainRow::MlaGradQ(mla), TrainRow::MlaGradKv(mla)].map(|op| train(op, 512, "f32")),
     );
+    // DeepSeek-V3's routed experts: 8 of 256, intermediate 2048, hidden 7168.
+    kernels.extend([
+        train(TrainRow::MoeHidden { k: 8, keep: false }, 2048, "f32"),
+        train(TrainRow::MoeHidden { k: 8, keep: true }, 2048, "f32"),
+        train(TrainRow::MoeCombine { k: 8 }, 7168, "f32"),
+        train(TrainRow::MoeGradToken { k: 8 }, 2048, "f32"),
+        train(TrainRow::MoeGradX { k: 8 }, 7168, "f32"),
+        train(TrainRow::PairSort, 256, "f32"),
+        train(TrainRow::MoeGradW { down: true }, 2048, "f32"),
+        train(TrainRow::MoeGradW { down: false }, 7168, "f32"),
+    ]);
     kernels
 }
 
@@ -133,7 +144,11 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     TrainRow::RmsNormGrad { .. } => 1 + tree,
                     // Max, then the sum: each a strided pass and a tree, then the last phase.
                     TrainRow::CrossEntropy { .. } => 2 * (1 + tree),
-                    TrainRow::RouteGrad { .. } | TrainRow::MlaGradKv(_) => 1,
+                    TrainRow::RouteGrad { .. }
+                    | TrainRow::MlaGradKv(_)
+                    | TrainRow::MoeCombine { .. }
+                    | TrainRow::MoeGradToken { .. } => 1,
+                    TrainRow::PairSort => 2,
                     TrainRow::MlaForward(_) => 3,
                     TrainRow::MlaGradQ(_) => 5,
                     _ => 0,
@@ -146,7 +161,9 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 | TrainRow::RouteGrad { .. }
                 | TrainRow::MlaForward(_)
                 | TrainRow::MlaGradQ(_)
-                | TrainRow::MlaGradKv(_) = op
+                | TrainRow::MlaGradKv(_)
+                | TrainRow::MoeHidden { .. }
+                | TrainRow::MoeGradToken { .. } = op
                 {
                     assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
                 }
@@ -365,6 +382,7 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                         raw(b, shape, e)
                     }
                     Operand::Result(i) => raw(&mut results[i], &out_shapes[i], &cpu.outputs[i].element),
+                    Operand::TempRows { .. } => panic!("inference lowerings view no temporaries' rows"),
                     Operand::RopeTable => {
                         let (v, dim) = table.as_ref().unwrap();
                         RawBuffer { ptr: v.as_ptr() as *mut (), shape: vec![64, *dim], element: "f32".into() }

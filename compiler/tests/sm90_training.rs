@@ -85,6 +85,7 @@ fn the_training_step_through_its_sm90a_row_kernels_equals_the_cpu_backend() {
             kept.len(),
             kept.iter().cloned().collect::<Vec<_>>().join(", ")
         );
+        assert!(kept.is_empty(), "kernels without an sm_90a lowering: {kept:?}");
         // Every kind the lowering maps took part.
         for kind in [
             "matmul_",
@@ -104,7 +105,14 @@ fn the_training_step_through_its_sm90a_row_kernels_equals_the_cpu_backend() {
             assert!(lowered.iter().any(|k| k.starts_with(kind)), "no {kind}* kernel lowered: {lowered:?}");
         }
         if !dense {
-            for kernel in ["moe_route_0", "balance_loss_0", "balance_loss_grad_0", "route_logits_grad_0"] {
+            for kernel in [
+                "moe_route_0",
+                "balance_loss_0",
+                "balance_loss_grad_0",
+                "route_logits_grad_0",
+                "moe_experts_0",
+                "moe_experts_grad_0",
+            ] {
                 assert!(lowered.contains(kernel), "{kernel}: {lowered:?}");
             }
         }

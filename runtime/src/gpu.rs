@@ -253,7 +253,7 @@ impl<'a> Expander<'a> {
                 let f = self.lowering_of(&l.kernel)?;
                 let mut bytes = 0;
                 for t in &f.temps {
-                    bytes += align(entry.sizes.rows * t.rows_factor * t.cols * element_bytes(&t.dtype)?);
+                    bytes += align(t.rows(entry.sizes.rows) * t.cols * element_bytes(&t.dtype)?);
                 }
                 most = most.max(bytes);
             }
@@ -295,7 +295,7 @@ impl<'a> Expander<'a> {
             let mut temps = Vec::new();
             let mut offset = 0usize;
             for t in &f.temps {
-                let rows = sizes.rows * t.rows_factor;
+                let rows = t.rows(sizes.rows);
                 temps.push(Buf {
                     addr: bindings.temps + offset as u64,
                     shape: vec![rows, t.cols],
@@ -316,6 +316,15 @@ impl<'a> Expander<'a> {
                         }
                         OperandSpec::Temp(i) => {
                             temps.get(i).cloned().ok_or_else(|| at(format!("temporary {i} missing")))?
+                        }
+                        OperandSpec::TempRows { temp, first, rows } => {
+                            let t: &Buf = temps.get(temp).ok_or_else(|| at(format!("temporary {temp} missing")))?;
+                            let (all, cols) = (t.shape[0], t.shape[1]);
+                            if first + rows > all {
+                                return Err(at(format!("rows {first}..{} of a temporary of {all}", first + rows)));
+                            }
+                            let offset = (first * cols * element_bytes(&t.element)?) as u64;
+                            Buf { addr: t.addr + offset, shape: vec![rows, cols], element: t.element.clone() }
                         }
                         OperandSpec::RopeTable => {
                             let t = f.rope_table.as_ref().ok_or_else(|| at("no RoPE table".into()))?;

@@ -62,6 +62,8 @@ pub enum OperandSpec {
     Temp(usize),
     /// The RoPE table.
     RopeTable,
+    /// Rows `first .. first + rows` of a temporary (viewed as `[rows, cols]`).
+    TempRows { temp: usize, first: usize, rows: usize },
 }
 
 /// How many blocks a launch has.
@@ -139,12 +141,21 @@ pub struct GroupedWeightSpec {
     pub rows: usize,
 }
 
-/// A temporary: `[rows * rows_factor, cols]` of `dtype`.
+/// A temporary: `[rows * rows_factor, cols]` of `dtype` (rows: the run's), or `[fixed_rows, cols]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TempSpec {
     pub rows_factor: usize,
     pub cols: usize,
     pub dtype: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed_rows: Option<usize>,
+}
+
+impl TempSpec {
+    /// Its rows for a run of `rows` rows.
+    pub fn rows(&self, rows: usize) -> usize {
+        self.fixed_rows.unwrap_or(rows * self.rows_factor)
+    }
 }
 
 /// Row p of the table: `cos(p * inv_freq[i]) * attention_factor` for i < dim / 2, then the sines.
@@ -172,6 +183,9 @@ impl Lowering {
                 for o in &l.operands {
                     let ok = match *o {
                         OperandSpec::Temp(t) => t < f.temps.len(),
+                        OperandSpec::TempRows { temp, first, rows } => {
+                            f.temps.get(temp).is_some_and(|t| t.fixed_rows.is_some_and(|fixed| first + rows <= fixed))
+                        }
                         OperandSpec::RopeTable => f.rope_table.is_some(),
                         OperandSpec::Arg(_) | OperandSpec::Result(_) => true,
                     };

@@ -52,14 +52,14 @@ impl<'c> HostRows<'c> {
             .temps
             .iter()
             .map(|t| {
-                let n = rows * t.rows_factor * t.cols;
+                let n = t.rows(rows) * t.cols;
                 let data = match t.element.as_str() {
                     "f32" => Ok(HostData::F32(vec![0.0; n])),
                     "i32" => Ok(HostData::I32(vec![0; n])),
                     "f8E4M3FN" => Ok(HostData::F8(vec![0; n])),
                     other => Err(format!("a temporary of {other}")),
                 }?;
-                Ok(HostBuffer { shape: vec![rows * t.rows_factor, t.cols], data })
+                Ok(HostBuffer { shape: vec![t.rows(rows), t.cols], data })
             })
             .collect::<Result<_, String>>()?;
         let mut table = steps.rope_table.as_ref().map(|t| rope_table(t, rows));
@@ -72,6 +72,19 @@ impl<'c> HostRows<'c> {
                     Operand::Arg(i) => ins[i].raw_const(),
                     Operand::Result(i) => outs[i].raw(),
                     Operand::Temp(i) => temps[i].raw(),
+                    Operand::TempRows { temp, first, rows } => {
+                        let t = temps[temp].raw();
+                        let (all, cols) = (t.shape[0], t.shape[1]);
+                        if first + rows > all {
+                            return Err(format!("rows {first}..{} of a temporary of {all}", first + rows));
+                        }
+                        let bytes = v3c_runtime::plan::element_bytes(&t.element)
+                            .ok_or_else(|| format!("a temporary of {}", t.element))?
+                            as usize;
+                        // SAFETY: the rows are inside the temporary (checked above).
+                        let ptr = unsafe { (t.ptr as *mut u8).add(first * cols * bytes) } as *mut ();
+                        RawBuffer { ptr, shape: vec![rows, cols], element: t.element }
+                    }
                     Operand::RopeTable => table.as_mut().ok_or("a RoPE operand without a table")?.raw(),
                 };
                 raw.push(RawBuffer { shape: view(&buffer.shape, rank), ..buffer });
@@ -116,13 +129,13 @@ fn view(shape: &[usize], rank: usize) -> Vec<usize> {
     std::iter::once(shape[..split].iter().product()).chain(shape[split..].iter().copied()).collect()
 }
 
-/// The RoPE table the runtime builds for positions `0..positions`: cos then sin per row.
+/// The RoPE table the runtime builds for positions `0..positions` (its own function).
 fn rope_table(t: &RopeTable, positions: usize) -> HostBuffer {
-    let data: Vec<f32> = (0..positions as i64)
-        .flat_map(|p| {
-            let (cos, sin) = v3c_models::rope::cos_sin(&t.inv_freq, t.attention_factor, p);
-            cos.into_iter().chain(sin)
-        })
-        .collect();
+    let spec = v3c_runtime::lowering::RopeTableSpec {
+        dim: t.dim,
+        inv_freq: t.inv_freq.clone(),
+        attention_factor: t.attention_factor,
+    };
+    let data = v3c_runtime::prepare::rope_table(&spec, positions);
     HostBuffer { shape: vec![positions, t.dim], data: HostData::F32(data) }
 }

@@ -425,15 +425,31 @@ pub enum Operand {
     Temp(usize),
     /// The RoPE table ([`Steps::rope_table`]).
     RopeTable,
+    /// Rows `first .. first + rows` of a temporary (e.g. one expert's entries of a per-expert table).
+    TempRows { temp: usize, first: usize, rows: usize },
 }
 
 /// A temporary buffer: `[rows * rows_factor, cols]` where rows are the fused kernel's rows (a MoE
-/// temporary holds each token's routed and shared expert rows: `rows_factor` = top-k + shared).
+/// temporary holds each token's routed and shared expert rows: `rows_factor` = top-k + shared), or
+/// `[fixed_rows, cols]` when its rows do not depend on the run's (e.g. one per expert).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Temp {
     pub rows_factor: usize,
     pub cols: usize,
     pub element: String,
+    pub fixed_rows: Option<usize>,
+}
+
+impl Temp {
+    /// `[rows * rows_factor, cols]` of `element`.
+    pub fn per_row(rows_factor: usize, cols: usize, element: &str) -> Temp {
+        Temp { rows_factor, cols, element: element.into(), fixed_rows: None }
+    }
+
+    /// Its rows for a run of `rows` rows.
+    pub fn rows(&self, rows: usize) -> usize {
+        self.fixed_rows.unwrap_or(rows * self.rows_factor)
+    }
 }
 
 /// What one launch runs.
@@ -553,9 +569,9 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             let groups = d.div_ceil(super::rows::GROUP);
             Ok(Steps {
                 temps: vec![
-                    Temp { rows_factor: 1, cols: d, element: "f8E4M3FN".into() },
-                    Temp { rows_factor: 1, cols: groups, element: "f32".into() },
-                    Temp { rows_factor: 1, cols: n, element: "f32".into() },
+                    Temp::per_row(1, d, "f8E4M3FN"),
+                    Temp::per_row(1, groups, "f32"),
+                    Temp::per_row(1, n, "f32"),
                 ],
                 steps: vec![
                     Step {
@@ -623,7 +639,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 return Err(format!("gate and up weights of {inter} rows (not whole 128-row scale blocks)"));
             }
             Ok(Steps {
-                temps: vec![Temp { rows_factor: 1, cols: 2 * inter, element: "f32".into() }],
+                temps: vec![Temp::per_row(1, 2 * inter, "f32")],
                 steps: vec![
                     Step {
                         kernel: StepKernel::Gemm(fp8_gemm(
@@ -669,10 +685,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 grouped: None,
             };
             Ok(Steps {
-                temps: vec![
-                    Temp { rows_factor: 1, cols: k, element: "bf16".into() },
-                    Temp { rows_factor: 1, cols: k, element: "bf16".into() },
-                ],
+                temps: vec![Temp::per_row(1, k, "bf16"), Temp::per_row(1, k, "bf16")],
                 steps: vec![
                     Step {
                         kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
@@ -709,10 +722,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             let shared = int_attr("num_shared").unwrap_or(0);
             let op = route_op(dispatch, experts)?;
             Ok(Steps {
-                temps: vec![
-                    Temp { rows_factor: 1, cols: top_k, element: "i32".into() },
-                    Temp { rows_factor: 1, cols: top_k, element: "f32".into() },
-                ],
+                temps: vec![Temp::per_row(1, top_k, "i32"), Temp::per_row(1, top_k, "f32")],
                 steps: vec![
                     Step {
                         kernel: StepKernel::Row(RowKernel::new(op, d, &gate.element)),
@@ -824,7 +834,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 let (g, u) = (weight(4, 6, 8, 10)?, weight(5, 7, 9, 11)?);
                 let (inter, k) = (g.rows, fixed(&arg_shape(4)?, 2)?);
                 Ok(Steps {
-                    temps: vec![Temp { rows_factor: per_token, cols: 2 * inter, element: "f32".into() }],
+                    temps: vec![Temp::per_row(per_token, 2 * inter, "f32")],
                     steps: vec![
                         Step {
                             kernel: StepKernel::Gemm(gemm(

@@ -230,6 +230,8 @@ pub fn steps_of_train_kernel(kernel: &OperationRef) -> Option<Result<Steps, Stri
         ["linear", "split"] | ["linear", "reshape", "split"] => Some(linear_pieces(&body)),
         ["concat"] => Some(concat_rows(&body)),
         ["attention", "reshape"] | ["attention_grad"] => Some(attention(&body)),
+        ["moe_experts"] => Some(moe_experts(&body)),
+        ["moe_experts_grad", ..] => Some(moe_experts_grad(&body)),
         ["cross_entropy"] => Some(cross_entropy(&body)),
         ["balance_loss"] | ["balance_loss_grad"] => Some(balance_loss(&body)),
         [name, "reshape"] => row_of_op(&body, &body.ops[0], name).map(|launch| reshaped(&body, launch?)),
@@ -255,7 +257,7 @@ fn reshaped(body: &Body, launch: RowLaunch) -> Result<Steps, String> {
         .iter()
         .map(|d| d.ok_or("a dynamic inner dim"))
         .product::<Result<usize, _>>()?;
-    let temp = Temp { rows_factor, cols: width(&inner)?, element: "f32".into() };
+    let temp = Temp::per_row(rows_factor, width(&inner)?, "f32");
     let operands =
         launch.operands.iter().map(|&op| if op == Operand::Result(0) { Operand::Temp(0) } else { op }).collect();
     let w = width(&outer)?;
@@ -309,7 +311,7 @@ fn attention(body: &Body) -> Result<Steps, String> {
     let row = |op| StepKernel::Row(train_kernel(op, kv, "f32"));
     let matmul =
         |ta, tb, d| StepKernel::Row(train_kernel(TrainRow::Matmul { transpose_a: ta, transpose_b: tb }, d, "f32"));
-    let f32_temp = |rows_factor, cols| Temp { rows_factor, cols, element: "f32".into() };
+    let f32_temp = |rows_factor, cols| Temp::per_row(rows_factor, cols, "f32");
     use Operand::{Arg, Result as Res, Temp as Tmp};
     // ckv = latent[:, :kv]; kvb = ckv kv_b^T.
     let mut steps = vec![
@@ -352,6 +354,138 @@ fn attention(body: &Body) -> Result<Steps, String> {
     Ok(Steps { steps, temps, rope_table: None })
 }
 
+/// The routed experts (f32, no shared experts in the op) on CUDA cores: each (token, slot)'s
+/// hidden row, then each token's output over its slots in expert order.
+fn moe_experts(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    let segments = o.attribute("operandSegmentSizes").map(|a| a.to_string()).unwrap_or_default();
+    if !body.operands_are_args(o) || !body.returns_results_of(o) || flag(o, "fp8_activations") || !all_f32_but_idx(o) {
+        return Err("moe_experts (f32, its operands in order)".into());
+    }
+    if !segments.contains("1, 1, 1, 1, 1, 1, 0, 0, 0") {
+        return Err("moe_experts with shared experts in the op".into());
+    }
+    let (idx, gate, x) = (operand_shape(o, 1)?, operand_shape(o, 3)?, operand_shape(o, 0)?);
+    let (k, inter, d) = (width(&idx)?, stacked_rows(&gate)?, width(&x)?);
+    use Operand::{Arg, Result as Res, Temp as Tmp};
+    let row = |op, d| StepKernel::Row(train_kernel(op, d, "f32"));
+    Ok(Steps {
+        steps: vec![
+            Step {
+                kernel: row(TrainRow::MoeHidden { k, keep: false }, inter),
+                operands: vec![Arg(0), Arg(1), Arg(3), Arg(4), Tmp(0)],
+            },
+            Step { kernel: row(TrainRow::MoeCombine { k }, d), operands: vec![Tmp(0), Arg(1), Arg(2), Arg(5), Res(0)] },
+        ],
+        temps: vec![Temp::per_row(k, inter, "f32")],
+        rope_table: None,
+    })
+}
+
+/// The rows per expert of stacked expert weights `[E, rows, cols]`.
+fn stacked_rows(s: &Shape) -> Result<usize, String> {
+    match s.dims[..] {
+        [Some(_), Some(rows), Some(_)] => Ok(rows),
+        _ => Err(format!("expert weights of {s} (not [E, rows, cols])")),
+    }
+}
+
+/// Every operand f32 but the experts' indices (i32, the second).
+fn all_f32_but_idx(o: &OperationRef) -> bool {
+    (0..o.operand_count()).all(|i| operand_shape(o, i).is_ok_and(|s| s.element == if i == 1 { "i32" } else { "f32" }))
+}
+
+/// The routed experts' gradients (f32) on CUDA cores: the forward's hidden rows kept, per (token,
+/// slot) the expert's output, SwiGLU's gradient and the routing weight's; per token the input
+/// gradient; the pairs sorted by expert; then per expert one launch per weight gradient, written
+/// straight into the kernel's per-expert results (the stacked gradients' split and reshape chain).
+fn moe_experts_grad(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    if !body.operands_are_args(o) || flag(o, "fp8") || !all_f32_but_idx(o) || o.result_count() != 5 {
+        return Err("moe_experts_grad (f32, its operands in order)".into());
+    }
+    let (x, idx, gate, down) = (operand_shape(o, 0)?, operand_shape(o, 1)?, operand_shape(o, 4)?, operand_shape(o, 6)?);
+    let (k, inter, d) = (width(&idx)?, stacked_rows(&gate)?, width(&x)?);
+    let experts = gate.dims[0].ok_or("a dynamic expert count")?;
+    if stacked_rows(&down)? != d {
+        return Err(format!("down weights of {down} for rows of {d}"));
+    }
+    // Which stacked gradient (0 gate, 1 up, 2 down) and experts each value of the chain is.
+    let mut traced: std::collections::HashMap<usize, (usize, usize, usize)> = std::collections::HashMap::new();
+    for which in 0..3 {
+        traced.insert(raw(o.result(2 + which).map_err(|e| e.to_string())?.into()), (which, 0, experts));
+    }
+    for (op, name) in body.ops.iter().zip(&body.names).skip(1) {
+        let source = op.operand(0).map_err(|e| e.to_string())?;
+        let &(which, first, count) = traced.get(&raw(source)).ok_or("a split of another value than the gradients")?;
+        match name.as_str() {
+            "split" if int_attr(op, "axis") == Some(0) => {
+                let mut at = first;
+                for piece in 0..op.result_count() {
+                    let n = result_shape(op, piece)?.dims[0].ok_or("a dynamic piece")?;
+                    traced.insert(raw(op.result(piece).map_err(|e| e.to_string())?.into()), (which, at, n));
+                    at += n;
+                }
+            }
+            "reshape" if count == 1 => {
+                traced.insert(raw(op.result(0).map_err(|e| e.to_string())?.into()), (which, first, 1));
+            }
+            other => return Err(format!("moe_experts_grad followed by {other}")),
+        }
+    }
+    let returned_is = |i: usize, r: usize| o.result(r).is_ok_and(|v| raw(v.into()) == raw(body.returned[i]));
+    if body.returned.len() < 2 || !returned_is(0, 0) || !returned_is(1, 1) {
+        return Err("moe_experts_grad returning other values first than dx and the weights' gradient".into());
+    }
+    use Operand::{Arg, Result as Res, Temp as Tmp};
+    let row = |op, d| StepKernel::Row(train_kernel(op, d, "f32"));
+    let mut steps = vec![
+        Step {
+            kernel: row(TrainRow::MoeHidden { k, keep: true }, inter),
+            operands: vec![Arg(0), Arg(1), Arg(4), Arg(5), Tmp(2), Tmp(0), Tmp(1)],
+        },
+        Step {
+            kernel: row(TrainRow::MoeGradToken { k }, inter),
+            operands: vec![Arg(3), Arg(1), Arg(2), Arg(6), Tmp(0), Tmp(1), Tmp(2), Tmp(3), Tmp(4), Tmp(5), Res(1)],
+        },
+        Step {
+            kernel: row(TrainRow::MoeGradX { k }, d),
+            operands: vec![Tmp(4), Tmp(5), Arg(1), Arg(4), Arg(5), Res(0)],
+        },
+        Step { kernel: row(TrainRow::PairSort, experts), operands: vec![Arg(1), Tmp(6), Tmp(7)] },
+    ];
+    for (i, v) in body.returned.iter().enumerate().skip(2) {
+        let &(which, e, count) = traced.get(&raw(*v)).ok_or("a result that is not an expert's gradient")?;
+        if count != 1 || shape(*v)?.dims.len() != 2 {
+            return Err("a result that is not one expert's gradient".into());
+        }
+        let offsets = Operand::TempRows { temp: 6, first: e, rows: 2 };
+        steps.push(match which {
+            2 => Step {
+                kernel: row(TrainRow::MoeGradW { down: true }, inter),
+                operands: vec![offsets, Tmp(7), Arg(2), Tmp(2), Arg(3), Res(i)],
+            },
+            _ => Step {
+                kernel: row(TrainRow::MoeGradW { down: false }, d),
+                operands: vec![offsets, Tmp(7), Arg(2), Tmp(4 + which), Arg(0), Res(i)],
+            },
+        });
+    }
+    let mut offsets = Temp::per_row(1, 1, "i32");
+    offsets.fixed_rows = Some(experts + 1);
+    let temps = vec![
+        Temp::per_row(k, inter, "f32"),
+        Temp::per_row(k, inter, "f32"),
+        Temp::per_row(k, inter, "f32"),
+        Temp::per_row(k, d, "f32"),
+        Temp::per_row(k, inter, "f32"),
+        Temp::per_row(k, inter, "f32"),
+        offsets,
+        Temp::per_row(k, 1, "i32"),
+    ];
+    Ok(Steps { steps, temps, rope_table: None })
+}
+
 /// The loss weight of a `cross_entropy(_grad)`.
 fn weight_attr(o: &OperationRef) -> Result<f32, String> {
     o.attribute("weight")
@@ -380,7 +514,7 @@ fn cross_entropy(body: &Body) -> Result<Steps, String> {
                 operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Result(0)],
             },
         ],
-        temps: vec![Temp { rows_factor: 1, cols: 1, element: "f32".into() }],
+        temps: vec![Temp::per_row(1, 1, "f32")],
         rope_table: None,
     })
 }
@@ -402,14 +536,14 @@ fn balance_loss(body: &Body) -> Result<Steps, String> {
     let grad = body.names[0] == "balance_loss_grad";
     let row = |op| StepKernel::Row(train_kernel(op, experts, "f32"));
     let mut steps = vec![Step { kernel: row(TrainRow::ExpertFreq), operands: vec![Operand::Arg(1), Operand::Temp(0)] }];
-    let mut temps = vec![Temp { rows_factor: 1, cols: experts, element: "f32".into() }];
+    let mut temps = vec![Temp::per_row(1, experts, "f32")];
     if grad {
         steps.push(Step {
             kernel: row(TrainRow::BalanceRows { grad: true, alpha }),
             operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Result(0)],
         });
     } else {
-        temps.push(Temp { rows_factor: 1, cols: 1, element: "f32".into() });
+        temps.push(Temp::per_row(1, 1, "f32"));
         steps.push(Step {
             kernel: row(TrainRow::BalanceRows { grad: false, alpha }),
             operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
@@ -468,11 +602,11 @@ fn rms_norm_grad(body: &Body) -> Result<Steps, String> {
         return Err("rms_norm_grad returning other values".into());
     }
     // Temporaries: each row's r, then dx when it is not returned.
-    let mut temps = vec![Temp { rows_factor: 1, cols: 1, element: "f32".into() }];
+    let mut temps = vec![Temp::per_row(1, 1, "f32")];
     let dx_operand = match dx {
         Some(i) => Operand::Result(i),
         None => {
-            temps.push(Temp { rows_factor: 1, cols: d, element: "f32".into() });
+            temps.push(Temp::per_row(1, d, "f32"));
             Operand::Temp(1)
         }
     };
@@ -559,7 +693,7 @@ fn linear_pieces(body: &Body) -> Result<Steps, String> {
     let target = match returned_whole {
         Some(i) if whole_shape.dims.len() == 2 => Operand::Result(i),
         _ => {
-            temps.push(Temp { rows_factor: 1, cols: n, element: "f32".into() });
+            temps.push(Temp::per_row(1, n, "f32"));
             Operand::Temp(0)
         }
     };

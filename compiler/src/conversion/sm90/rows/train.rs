@@ -65,6 +65,24 @@ fn mla_dp(q: &str, k: &str) -> String {
     )
 }
 
+/// `%ebase` = the first row of expert `idx[{t}, {s}]` in stacked weights `{weights}` of `{rows}`
+/// rows per expert (an expert outside them reads expert 0: the runtime checks the routing).
+fn expert_base(t: &str, s: &str, weights: &str, rows: &str) -> String {
+    format!(
+        "%e_i32 = memref.load %idx[{t}, {s}] : memref<?x?xi32>
+%e_raw = arith.index_cast %e_i32 : i32 to index
+%w_rows = memref.dim {weights}, %c0 : memref<?x?xf32>
+%experts = arith.divui %w_rows, {rows} : index
+%e_zero = arith.constant 0 : i32
+%e_lo = arith.cmpi sge, %e_i32, %e_zero : i32
+%e_hi = arith.cmpi ult, %e_raw, %experts : index
+%e_ok = arith.andi %e_lo, %e_hi : i1
+%e = arith.select %e_ok, %e_raw, %c0 : index
+%ebase = arith.muli %e, {rows} : index
+"
+    )
+}
+
 /// A float as kernel names spell it (`1e-6` -> `1em6`: PTX names allow no `-` or `.`).
 fn spelled(v: f32) -> String {
     format!("{v:e}").replace('-', "m").replace('.', "p")
@@ -188,6 +206,29 @@ pub enum TrainRow {
     MlaGradKv(Mla),
     /// `y [rows, d]`: row r the sum over its `heads` rows of `part [rows * heads, d]`, in order.
     SumHeads { heads: usize },
+    /// The routed experts' hidden rows (f32 MoE, CUDA cores), one block per (token, slot) of
+    /// `idx [T, k]`: `h = silu(x . gate_e^T) * (x . up_e^T)` (`d` = the experts' intermediate width;
+    /// the stacked weights `[E * d, D]`), each product a sequential sum, into `h [T * k, d]`;
+    /// `keep`: also the gate and up products into `g`, `u` (for the gradient).
+    MoeHidden { k: usize, keep: bool },
+    /// The routed experts' output per token (`d` = D): the token's slots in expert order (as the
+    /// reference adds them), each `w * (h . down_e^T)`, summed into `y [T, D]`.
+    MoeCombine { k: usize },
+    /// The experts' backward per (token, slot) (`d` = the intermediate width): the expert's output
+    /// `y = h . down_e^T` into a temporary, then `dh = (dy * w) . down_e` and SwiGLU's gradient into
+    /// `gg`, `uu`; the routing weight's gradient `dy . y` by one thread.
+    MoeGradToken { k: usize },
+    /// The experts' input gradient per token (`d` = D): over its slots and the intermediate
+    /// columns in order, `gg * gate_e + uu * up_e`.
+    MoeGradX { k: usize },
+    /// The (token, slot) pairs sorted by expert (one block, `d` = E): `offsets [E + 1]`, then each
+    /// expert's pairs (`t * k + slot`) in token order into `pairs`.
+    PairSort,
+    /// One expert's weight gradient (launched per expert with its two `offsets` and the sorted
+    /// `pairs`), one block per row of the gradient: `Down`: `d down [D, I]` row o sums `(dy[t, o] *
+    /// w) * h`; else `d gate` / `d up` `[I, D]` row i sums `gg[i] * x[t]` (or `uu`), over the
+    /// expert's pairs in order.
+    MoeGradW { down: bool },
     /// RMSNorm's input gradient per row: with `r = 1 / sqrt(mean(x^2) + eps)`, `dx = r * dy * w -
     /// x * r^3 / d * sum(dy * w * x)`; also writes `r` per row for [`TrainRow::RmsNormDw`].
     RmsNormGrad { eps: f32 },
@@ -230,6 +271,14 @@ impl TrainRow {
                 format!("rows_rmsnormgrad_{weight}_d{d}_t{t}_eps{eps}")
             }
             TrainRow::RmsNormDw => format!("rows_rmsnormdw_d{d}_t{t}"),
+            TrainRow::MoeHidden { k, keep } => {
+                format!("rows_moehidden_d{d}_k{k}_t{t}{}", if keep { "_keep" } else { "" })
+            }
+            TrainRow::MoeCombine { k } => format!("rows_moecombine_d{d}_k{k}_t{t}"),
+            TrainRow::MoeGradToken { k } => format!("rows_moegradtoken_d{d}_k{k}_t{t}"),
+            TrainRow::MoeGradX { k } => format!("rows_moegradx_d{d}_k{k}_t{t}"),
+            TrainRow::PairSort => format!("rows_pairsort_d{d}_t{t}"),
+            TrainRow::MoeGradW { down } => format!("rows_moegradw_d{d}_t{t}_{}", if down { "down" } else { "in" }),
             TrainRow::MlaForward(m) => format!("rows_mlafwd_{}_t{t}", m.name()),
             TrainRow::MlaGradQ(m) => format!("rows_mlagradq_{}_t{t}", m.name()),
             TrainRow::MlaGradKv(m) => format!("rows_mlagradkv_{}_t{t}", m.name()),
@@ -319,6 +368,26 @@ impl TrainRow {
                 kernel(op, &format!("d{}", m.kv), "f32", t)
             }
             ["sumheads", d, h, t] => kernel(TrainRow::SumHeads { heads: number(h, "h")? }, d, "f32", t),
+            ["moehidden", d, k, t, rest @ ..] => {
+                let keep = match rest {
+                    ["keep"] => true,
+                    [] => false,
+                    _ => return None,
+                };
+                kernel(TrainRow::MoeHidden { k: number(k, "k")?, keep }, d, "f32", t)
+            }
+            ["moecombine", d, k, t] => kernel(TrainRow::MoeCombine { k: number(k, "k")? }, d, "f32", t),
+            ["moegradtoken", d, k, t] => kernel(TrainRow::MoeGradToken { k: number(k, "k")? }, d, "f32", t),
+            ["moegradx", d, k, t] => kernel(TrainRow::MoeGradX { k: number(k, "k")? }, d, "f32", t),
+            ["pairsort", d, t] => kernel(TrainRow::PairSort, d, "f32", t),
+            ["moegradw", d, t, kind] => {
+                let down = match *kind {
+                    "down" => true,
+                    "in" => false,
+                    _ => return None,
+                };
+                kernel(TrainRow::MoeGradW { down }, d, "f32", t)
+            }
             ["xent", d, w, t, mode] => {
                 let grad = match *mode {
                     "grad" => true,
@@ -393,6 +462,56 @@ impl TrainRow {
                 args
             }
             TrainRow::SumHeads { .. } => vec![("part", rows()), ("y", rows())],
+            TrainRow::MoeHidden { keep, .. } => {
+                let mut args = vec![
+                    ("x", rows()),
+                    ("idx", "memref<?x?xi32>".into()),
+                    ("gate", rows()),
+                    ("up", rows()),
+                    ("h", rows()),
+                ];
+                if *keep {
+                    args.extend([("g", rows()), ("u", rows())]);
+                }
+                args
+            }
+            TrainRow::MoeCombine { .. } => {
+                vec![("h", rows()), ("idx", "memref<?x?xi32>".into()), ("w", rows()), ("down", rows()), ("y", rows())]
+            }
+            TrainRow::MoeGradToken { .. } => vec![
+                ("dy", rows()),
+                ("idx", "memref<?x?xi32>".into()),
+                ("w", rows()),
+                ("down", rows()),
+                ("g", rows()),
+                ("u", rows()),
+                ("h", rows()),
+                ("y", rows()),
+                ("gg", rows()),
+                ("uu", rows()),
+                ("dw", rows()),
+            ],
+            TrainRow::MoeGradX { .. } => vec![
+                ("gg", rows()),
+                ("uu", rows()),
+                ("idx", "memref<?x?xi32>".into()),
+                ("gate", rows()),
+                ("up", rows()),
+                ("dx", rows()),
+            ],
+            TrainRow::PairSort => vec![
+                ("idx", "memref<?x?xi32>".into()),
+                ("offsets", "memref<?xi32>".into()),
+                ("pairs", "memref<?xi32>".into()),
+            ],
+            TrainRow::MoeGradW { down } => vec![
+                ("offsets", "memref<?xi32>".into()),
+                ("pairs", "memref<?xi32>".into()),
+                ("w", rows()),
+                (if *down { "h" } else { "src" }, rows()),
+                (if *down { "dy" } else { "x" }, rows()),
+                ("out", rows()),
+            ],
             TrainRow::CrossEntropy { grad: true, .. } => {
                 vec![("logits", rows()), ("targets", "memref<?xi64>".into()), ("dlogits", rows())]
             }
@@ -421,6 +540,12 @@ impl TrainRow {
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => "q_nope",
             TrainRow::MlaGradKv(_) => "dkvb",
             TrainRow::SumHeads { .. } => "y",
+            TrainRow::MoeHidden { .. } => "x",
+            TrainRow::MoeCombine { .. } => "y",
+            TrainRow::MoeGradToken { .. } => "dy",
+            TrainRow::MoeGradX { .. } => "dx",
+            TrainRow::PairSort => return None,
+            TrainRow::MoeGradW { .. } => "out",
             TrainRow::LossMean { .. } | TrainRow::ExpertFreq => return None,
             TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => "logits",
             TrainRow::Matmul { transpose_a: false, .. } => "a",
@@ -444,6 +569,8 @@ impl TrainRow {
             TrainRow::MlaForward(m) => vec![("sh_p", m.context), ("sh_red", 2)],
             TrainRow::MlaGradQ(m) => vec![("sh_p", m.context), ("sh_dp", m.context), ("sh_red", 4)],
             TrainRow::MlaGradKv(m) => vec![("sh_pi", m.context), ("sh_dsi", m.context)],
+            TrainRow::MoeCombine { k } => vec![("sh_order", *k)],
+            TrainRow::PairSort => vec![("sh_count", d), ("sh_off", d)],
             _ => Vec::new(),
         }
     }
@@ -455,7 +582,7 @@ impl TrainRow {
             TrainRow::RmsNormDw | TrainRow::LossMean { .. } => 32,
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_) => 128,
             // One thread per expert; one thread per token does the rest.
-            TrainRow::ExpertFreq | TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => {
+            TrainRow::ExpertFreq | TrainRow::PairSort | TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => {
                 d.next_power_of_two().clamp(32, 256)
             }
             _ => (d / 8).next_power_of_two().clamp(32, 256),
@@ -466,6 +593,7 @@ impl TrainRow {
     pub(super) fn blocks_per_row(&self) -> usize {
         match self {
             TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => m.heads,
+            TrainRow::MoeHidden { k, .. } | TrainRow::MoeGradToken { k } => *k,
             _ => 1,
         }
     }
@@ -523,6 +651,13 @@ impl TrainRow {
             TrainRow::SumHeads { heads } => {
                 let _ = writeln!(s, "%cH = arith.constant {heads} : index");
             }
+            TrainRow::MoeHidden { k, .. }
+            | TrainRow::MoeCombine { k }
+            | TrainRow::MoeGradToken { k }
+            | TrainRow::MoeGradX { k } => {
+                let _ = writeln!(s, "%cK = arith.constant {k} : index");
+                let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+            }
             TrainRow::BalanceRows { alpha, .. } => {
                 let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
                 let _ = writeln!(s, "%fAlpha = arith.constant 0x{:08X} : f32", alpha.to_bits());
@@ -558,6 +693,10 @@ impl TrainRow {
 %p_lo = arith.cmpi sge, %p64, %zero_i64 : i64
 %p_hi = arith.cmpi slt, %p, %npos : index
 %ok = arith.andi %p_lo, %p_hi : i1
+"
+            .into(),
+            TrainRow::MoeHidden { .. } | TrainRow::MoeGradToken { .. } => "%t = arith.divui %row, %cK : index
+%s = arith.remui %row, %cK : index
 "
             .into(),
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => "%b = arith.divui %row, %cH : index
@@ -1262,6 +1401,276 @@ scf.for %o = %tid to %cKeyCols step %cT {{
 "
                     ),
                 ]
+            }
+            TrainRow::MoeHidden { keep, .. } => {
+                let keep = if keep {
+                    "  memref.store %gv, %g[%row, %i] : MEM\n  memref.store %uv, %u[%row, %i] : MEM\n".replace("MEM", m)
+                } else {
+                    String::new()
+                };
+                vec![format!(
+                    "{e}%D = memref.dim %x, %c1 : {m}
+scf.for %i = %tid to %cD step %cT {{
+  %wrow = arith.addi %ebase, %i : index
+  %gu:2 = scf.for %c = %c0 to %D step %c1 iter_args(%a = %zero, %b = %zero) -> (f32, f32) {{
+    %xv = memref.load %x[%t, %c] : {m}
+    %gw = memref.load %gate[%wrow, %c] : {m}
+    %uw = memref.load %up[%wrow, %c] : {m}
+    %xg = arith.mulf %xv, %gw : f32
+    %xu = arith.mulf %xv, %uw : f32
+    %a2 = arith.addf %a, %xg : f32
+    %b2 = arith.addf %b, %xu : f32
+    scf.yield %a2, %b2 : f32, f32
+  }}
+  %gv = arith.addf %gu#0, %zero : f32
+  %uv = arith.addf %gu#1, %zero : f32
+  %neg = arith.negf %gv : f32
+{exp}  %den = arith.addf %one, %ex : f32
+  %silu = arith.divf %gv, %den : f32
+  %hv = arith.mulf %silu, %uv : f32
+  memref.store %hv, %h[%row, %i] : {m}
+{keep}}}
+",
+                    e = expert_base("%t", "%s", "%gate", "%cD"),
+                    exp = indent2(&exp(lowering, "%neg", "%ex")),
+                )]
+            }
+            TrainRow::MoeCombine { .. } => {
+                let order = sh("sh_order");
+                vec![
+                    // Slot s's place: the slots with a lower expert (or the same, earlier) before it.
+                    format!(
+                        "%t = arith.addi %row, %c0 : index
+scf.for %s = %tid to %cK step %cT {{
+  %es = memref.load %idx[%t, %s] : memref<?x?xi32>
+  %rank = scf.for %s2 = %c0 to %cK step %c1 iter_args(%a = %c0) -> (index) {{
+    %e2 = memref.load %idx[%t, %s2] : memref<?x?xi32>
+    %lower = arith.cmpi slt, %e2, %es : i32
+    %same = arith.cmpi eq, %e2, %es : i32
+    %earlier = arith.cmpi ult, %s2, %s : index
+    %tie = arith.andi %same, %earlier : i1
+    %before = arith.ori %lower, %tie : i1
+    %a1 = arith.addi %a, %c1 : index
+    %a2 = arith.select %before, %a1, %a : index
+    scf.yield %a2 : index
+  }}
+  %s_i = arith.index_cast %s : index to i32
+  %s_f = arith.sitofp %s_i : i32 to f32
+  memref.store %s_f, %sh_order[%rank] : {order}
+}}
+"
+                    ),
+                    format!(
+                        "%t = arith.addi %row, %c0 : index
+%I = memref.dim %h, %c1 : {m}
+scf.for %o = %tid to %cD step %cT {{
+  %acc = scf.for %r = %c0 to %cK step %c1 iter_args(%a = %zero) -> (f32) {{
+    %s_f = memref.load %sh_order[%r] : {order}
+    %s_i = arith.fptosi %s_f : f32 to i32
+    %s = arith.index_cast %s_i : i32 to index
+{e}    %wrow = arith.addi %ebase, %o : index
+    %hrow0 = arith.muli %t, %cK : index
+    %hrow = arith.addi %hrow0, %s : index
+    %ov = scf.for %i = %c0 to %I step %c1 iter_args(%b = %zero) -> (f32) {{
+      %hv = memref.load %h[%hrow, %i] : {m}
+      %dv = memref.load %down[%wrow, %i] : {m}
+      %x = arith.mulf %hv, %dv : f32
+      %b2 = arith.addf %b, %x : f32
+      scf.yield %b2 : f32
+    }}
+    %wv = memref.load %w[%t, %s] : {m}
+    %wo = arith.mulf %wv, %ov : f32
+    %a2 = arith.addf %a, %wo : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %acc, %y[%t, %o] : {m}
+}}
+",
+                        e = indent2(&indent2(&expert_base("%t", "%s", "%down", "%cD")))
+                    ),
+                ]
+            }
+            TrainRow::MoeGradToken { .. } => vec![
+                format!(
+                    "%D = memref.dim %dy, %c1 : {m}
+{e}%wt = memref.load %w[%t, %s] : {m}
+scf.for %o = %tid to %D step %cT {{
+  %wrow = arith.addi %ebase, %o : index
+  %yv = scf.for %i = %c0 to %cD step %c1 iter_args(%a = %zero) -> (f32) {{
+    %hv = memref.load %h[%row, %i] : {m}
+    %dv = memref.load %down[%wrow, %i] : {m}
+    %x = arith.mulf %hv, %dv : f32
+    %a2 = arith.addf %a, %x : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %yv, %y[%row, %o] : {m}
+}}
+scf.for %i = %tid to %cD step %cT {{
+  %dh = scf.for %o = %c0 to %D step %c1 iter_args(%a = %zero) -> (f32) {{
+    %gv = memref.load %dy[%t, %o] : {m}
+    %dye = arith.mulf %gv, %wt : f32
+    %wrow = arith.addi %ebase, %o : index
+    %dv = memref.load %down[%wrow, %i] : {m}
+    %x = arith.mulf %dye, %dv : f32
+    %a2 = arith.addf %a, %x : f32
+    scf.yield %a2 : f32
+  }}
+  %gv = memref.load %g[%row, %i] : {m}
+  %uv = memref.load %u[%row, %i] : {m}
+  %neg = arith.negf %gv : f32
+{exp}  %den = arith.addf %one, %ex : f32
+  %sg = arith.divf %one, %den : f32
+  %dhu = arith.mulf %dh, %uv : f32
+  %dhus = arith.mulf %dhu, %sg : f32
+  %oms = arith.subf %one, %sg : f32
+  %goms = arith.mulf %gv, %oms : f32
+  %f = arith.addf %one, %goms : f32
+  %ggv = arith.mulf %dhus, %f : f32
+  %silu = arith.divf %gv, %den : f32
+  %uuv = arith.mulf %dh, %silu : f32
+  memref.store %ggv, %gg[%row, %i] : {m}
+  memref.store %uuv, %uu[%row, %i] : {m}
+}}
+",
+                    e = expert_base("%t", "%s", "%down", "%D"),
+                    exp = indent2(&exp(lowering, "%neg", "%ex")),
+                ),
+                format!(
+                    "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %D = memref.dim %dy, %c1 : {m}
+  %dot = scf.for %o = %c0 to %D step %c1 iter_args(%a = %zero) -> (f32) {{
+    %gv = memref.load %dy[%t, %o] : {m}
+    %yv = memref.load %y[%row, %o] : {m}
+    %x = arith.mulf %gv, %yv : f32
+    %a2 = arith.addf %a, %x : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %dot, %dw[%t, %s] : {m}
+}}
+"
+                ),
+            ],
+            TrainRow::MoeGradX { .. } => vec![format!(
+                "%t = arith.addi %row, %c0 : index
+%I = memref.dim %gg, %c1 : {m}
+scf.for %c = %tid to %cD step %cT {{
+  %acc = scf.for %s = %c0 to %cK step %c1 iter_args(%a = %zero) -> (f32) {{
+{e}    %hrow0 = arith.muli %t, %cK : index
+    %hrow = arith.addi %hrow0, %s : index
+    %a3 = scf.for %i = %c0 to %I step %c1 iter_args(%b = %a) -> (f32) {{
+      %ggv = memref.load %gg[%hrow, %i] : {m}
+      %uuv = memref.load %uu[%hrow, %i] : {m}
+      %wrow = arith.addi %ebase, %i : index
+      %gw = memref.load %gate[%wrow, %c] : {m}
+      %uw = memref.load %up[%wrow, %c] : {m}
+      %x1 = arith.mulf %ggv, %gw : f32
+      %x2 = arith.mulf %uuv, %uw : f32
+      %x = arith.addf %x1, %x2 : f32
+      %b2 = arith.addf %b, %x : f32
+      scf.yield %b2 : f32
+    }}
+    scf.yield %a3 : f32
+  }}
+  memref.store %acc, %dx[%t, %c] : {m}
+}}
+",
+                e = indent2(&indent2(&expert_base("%t", "%s", "%gate", "%I")))
+            )],
+            TrainRow::PairSort => {
+                let (count, off) = (sh("sh_count"), sh("sh_off"));
+                let scan = |body: &str| {
+                    format!(
+                        "%T = memref.dim %idx, %c0 : memref<?x?xi32>
+%K = memref.dim %idx, %c1 : memref<?x?xi32>
+%TK = arith.muli %T, %K : index
+scf.for %e = %tid to %cD step %cT {{
+  %e_i32 = arith.index_cast %e : index to i32
+{body}}}
+"
+                    )
+                };
+                vec![
+                    scan(&format!(
+                        "  %n = scf.for %p = %c0 to %TK step %c1 iter_args(%a = %c0) -> (index) {{
+    %pt = arith.divui %p, %K : index
+    %ps = arith.remui %p, %K : index
+    %v = memref.load %idx[%pt, %ps] : memref<?x?xi32>
+    %hit = arith.cmpi eq, %v, %e_i32 : i32
+    %a1 = arith.addi %a, %c1 : index
+    %a2 = arith.select %hit, %a1, %a : index
+    scf.yield %a2 : index
+  }}
+  %n_i32 = arith.index_cast %n : index to i32
+  memref.store %n_i32, %sh_count[%e] : {count}
+"
+                    )),
+                    format!(
+                        "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %zero_i32 = arith.constant 0 : i32
+  %total = scf.for %e = %c0 to %cD step %c1 iter_args(%a = %zero_i32) -> (i32) {{
+    memref.store %a, %sh_off[%e] : {off}
+    memref.store %a, %offsets[%e] : memref<?xi32>
+    %n = memref.load %sh_count[%e] : {count}
+    %a2 = arith.addi %a, %n : i32
+    scf.yield %a2 : i32
+  }}
+  memref.store %total, %offsets[%cD] : memref<?xi32>
+}}
+"
+                    ),
+                    scan(&format!(
+                        "  %start_i32 = memref.load %sh_off[%e] : {off}
+  %start = arith.index_cast %start_i32 : i32 to index
+  %end = scf.for %p = %c0 to %TK step %c1 iter_args(%a = %start) -> (index) {{
+    %pt = arith.divui %p, %K : index
+    %ps = arith.remui %p, %K : index
+    %v = memref.load %idx[%pt, %ps] : memref<?x?xi32>
+    %hit = arith.cmpi eq, %v, %e_i32 : i32
+    %a2 = scf.if %hit -> (index) {{
+      %p_i32 = arith.index_cast %p : index to i32
+      memref.store %p_i32, %pairs[%a] : memref<?xi32>
+      %a1 = arith.addi %a, %c1 : index
+      scf.yield %a1 : index
+    }} else {{
+      scf.yield %a : index
+    }}
+    scf.yield %a2 : index
+  }}
+"
+                    )),
+                ]
+            }
+            TrainRow::MoeGradW { down } => {
+                // Pair p is token p / k, slot p % k (k: the routing weights' columns).
+                let term = if down {
+                    // out[o, i] += (dy[t, o] * w) * h[p, i]
+                    "  %gv = memref.load %dy[%pt, %row] : MEM\n  %wv = memref.load %w[%pt, %ps] : MEM\n  %coef = arith.mulf %gv, %wv : f32\n  %sv = memref.load %h[%p, %i] : MEM\n  %prod = arith.mulf %coef, %sv : f32\n"
+                } else {
+                    // out[i, c] += src[p, i] * x[t, c]
+                    "  %sv = memref.load %src[%p, %row] : MEM\n  %xv = memref.load %x[%pt, %i] : MEM\n  %prod = arith.mulf %sv, %xv : f32\n"
+                };
+                vec![format!(
+                    "%K = memref.dim %w, %c1 : {m}
+%first_i32 = memref.load %offsets[%c0] : memref<?xi32>
+%last_i32 = memref.load %offsets[%c1] : memref<?xi32>
+%from = arith.index_cast %first_i32 : i32 to index
+%to = arith.index_cast %last_i32 : i32 to index
+scf.for %i = %tid to %cD step %cT {{
+  %acc = scf.for %r = %from to %to step %c1 iter_args(%a = %zero) -> (f32) {{
+    %p_i32 = memref.load %pairs[%r] : memref<?xi32>
+    %p = arith.index_cast %p_i32 : i32 to index
+    %pt = arith.divui %p, %K : index
+    %ps = arith.remui %p, %K : index
+{term}    %a2 = arith.addf %a, %prod : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %acc, %out[%row, %i] : {m}
+}}
+",
+                    term = indent2(&term.replace("MEM", m))
+                )]
             }
             TrainRow::SumHeads { .. } => vec![format!(
                 "%base = arith.muli %row, %cH : index
