@@ -512,14 +512,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     let context = v3c_compiler::mlir::new_context();
     let module = match &o.train {
         Some(train) => {
-            if o.out.is_some() || o.speculative {
-                return Err(format!(
-                    "--train: {} with --{}: training artifacts are written for --target cpu only (the runtime \
-                     launches training steps on the CPU); without it, compile reports each kernel's {} lowering",
-                    target.name,
-                    if o.out.is_some() { "out" } else { "speculative" },
-                    target.name
-                ));
+            if o.speculative {
+                return Err("--train with --speculative: a training step has no draft entry".into());
             }
             let graph = v3c_models::train::training_graph(&config, train).map_err(|e| e.to_string())?.graph;
             let entry = v3c_compiler::cpu_backend::TRAIN_ENTRY;
@@ -684,20 +678,14 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             names.join(", ")
         ));
     }
-    if o.train.is_some() {
-        eprintln!(
-            "compile: all {total} kernels of the training step lower for {} (no {} training artifact is written \
-             yet: the runtime trains from cpu artifacts)",
-            target.name, target.name
-        );
-        return Ok(());
-    }
     let Some(out) = o.out else {
         eprintln!("compile: all {total} kernels lower for {}; pass --out DIR to write the artifact", target.name);
         return Ok(());
     };
     let tuning_source = if db.is_some() { "database" } else { "cost-model" };
-    write_gpu_artifact(out, o, &config, precision, &module, &lowered, &argmax, tuning_source)
+    // Training runs sample nothing: no argmax kernel.
+    let argmax = o.train.is_none().then_some(&argmax);
+    write_gpu_artifact(out, o, &config, precision, &module, &lowered, argmax, tuning_source)
 }
 
 /// A row kernel's blocks: the rows of its rows argument (by position) times its blocks per row.
@@ -720,7 +708,7 @@ fn write_gpu_artifact(
     precision: v3c_models::Precision,
     module: &melior::ir::Module,
     lowered: &v3c_compiler::conversion::sm90::ModelKernels,
-    argmax: &v3c_compiler::conversion::sm90::rows::RowKernel,
+    argmax: Option<&v3c_compiler::conversion::sm90::rows::RowKernel>,
     tuning_source: &str,
 ) -> Result<(), String> {
     use v3c_compiler::conversion::sm90::lower::{GemmKernel, Operand, StepKernel};
@@ -743,7 +731,7 @@ fn write_gpu_artifact(
                 StepKernel::Gemm(_) => None,
             })
         }));
-    for k in row_kernels.chain([argmax]) {
+    for k in row_kernels.chain(argmax) {
         row_ranks.insert(k.kernel_name(), k.argument_ranks());
     }
     let abi_of = |name: &str| -> Result<v3c_runtime::abi::KernelAbi, String> {
@@ -910,13 +898,18 @@ fn write_gpu_artifact(
     let lowering = lw::Lowering {
         format_version: lw::LOWERING_FORMAT_VERSION,
         kernels: fused,
-        argmax: Some(argmax.kernel_name()),
+        argmax: argmax.map(|k| k.kernel_name()),
     };
     let lowering_file = write(
         "lowering.json",
         (serde_json::to_string_pretty(&lowering).map_err(|e| e.to_string())? + "\n").as_bytes(),
     )?;
-    let plan = v3c_compiler::plan::build_plan(module, o.sizes)?;
+    // A training step's caches are empty: every window is a prefill from position 0.
+    let sizes = match o.train {
+        Some(_) => v3c_compiler::plan::PlanSizes { context: 0, ..o.sizes },
+        None => o.sizes,
+    };
+    let plan = v3c_compiler::plan::build_plan(module, sizes)?;
     let plan_file =
         write("plan.json", (serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n").as_bytes())?;
     let model_config = config.to_hf_json();
@@ -946,7 +939,11 @@ fn write_gpu_artifact(
             source: tuning_source.into(),
             detail: format!("GEMM configurations, dense and grouped, for {}", o.gpu),
         },
-        training: None,
+        training: o.train.as_ref().map(|t| artifact::TrainingInfo {
+            mtp_weight: t.mtp_weight,
+            balance_alpha: t.balance_alpha,
+            fp8: t.fp8,
+        }),
     };
     write("manifest.json", (serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n").as_bytes())?;
     // What is written must read back: the runtime's validation, before the artifact is moved in place.
@@ -961,8 +958,8 @@ fn write_gpu_artifact(
         "wrote {} ({} kernels, plan for rows {} / context {}, lowering, manifest)",
         out.display(),
         lowered.kernels.len(),
-        o.sizes.rows,
-        o.sizes.context
+        sizes.rows,
+        sizes.context
     );
     Ok(())
 }

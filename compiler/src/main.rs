@@ -188,8 +188,9 @@ struct CompileArgs {
     speculative: bool,
     /// Compile the training step (forward, losses, every gradient) instead of the inference
     /// entries, planned for windows of up to --max-rows tokens: an artifact `v3r train` runs (cpu
-    /// target). `--precision fp8`: DeepSeek-V3's FP8 recipe. With --target sm_90a: each kernel's
-    /// sm_90a lowering is reported (no artifact yet), any without one named.
+    /// target). `--precision fp8`: DeepSeek-V3's FP8 recipe. With --target sm_90a: the step's
+    /// kernels as sm_90a launches (`v3r info` checks them; `v3r train` runs cpu artifacts only so
+    /// far), any without a lowering named.
     #[arg(long)]
     train: bool,
     /// With --train: weight (lambda) of the MTP loss (0 leaves the MTP module out).

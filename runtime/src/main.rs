@@ -396,8 +396,13 @@ fn info(args: &InfoArgs) -> Result<(), String> {
     ));
     if let Some(t) = &m.training {
         put("training", serde_json::to_value(t).unwrap_or_default());
+        let how = if m.target.name == "cpu" {
+            "run it with `v3r train`"
+        } else {
+            "its launches are validated; `v3r train` runs cpu artifacts only so far"
+        };
         line(format!(
-            "training: MTP loss weight {}, balance loss alpha {}, {} (run it with `v3r train`)",
+            "training: MTP loss weight {}, balance loss alpha {}, {} ({how})",
             t.mtp_weight,
             t.balance_alpha,
             if t.fp8 { "FP8 recipe" } else { "f32" }
@@ -753,7 +758,11 @@ fn train(args: &TrainArgs) -> Result<(), String> {
         format!("{dir}: not a training-step artifact (compile one with `v3c compile --target cpu --train`)")
     })?;
     if a.manifest.target.name != "cpu" {
-        return Err(format!("{dir}: a {} artifact; training steps run from cpu artifacts", a.manifest.target.name));
+        return Err(format!(
+            "{dir}: a {} artifact; training steps run from cpu artifacts so far (the runtime does not launch \
+             them on a GPU yet)",
+            a.manifest.target.name
+        ));
     }
     let planned = a.plan.entries.iter().find(|e| e.name == TRAIN_ENTRY).map(|e| e.sizes.rows).unwrap_or(0);
     let options = RunOptions {

@@ -87,7 +87,11 @@ impl<'c> HostRows<'c> {
                     }
                     Operand::RopeTable => table.as_mut().ok_or("a RoPE operand without a table")?.raw(),
                 };
-                raw.push(RawBuffer { shape: view(&buffer.shape, rank), ..buffer });
+                // Seen at the argument's rank as the runtime sees it (its own rule).
+                let seen = v3c_runtime::abi::Buf { addr: 0, shape: buffer.shape.clone(), element: String::new() }
+                    .shape_at_rank(rank)
+                    .map_err(|e| format!("{}: {e}", kernel.kernel_name()))?;
+                raw.push(RawBuffer { shape: seen, ..buffer });
             }
             if std::env::var_os("V3C_HOST_TRACE").is_some() {
                 eprintln!(
@@ -118,15 +122,6 @@ impl<'c> HostRows<'c> {
         }
         failed.map_or(Ok(()), |e| Err(format!("{name}: {e}")))
     }
-}
-
-/// `shape` as a memref of `rank` dims: leading dims collapsed (or ones prepended).
-fn view(shape: &[usize], rank: usize) -> Vec<usize> {
-    if shape.len() <= rank {
-        return std::iter::repeat_n(1, rank - shape.len()).chain(shape.iter().copied()).collect();
-    }
-    let split = shape.len() - rank + 1;
-    std::iter::once(shape[..split].iter().product()).chain(shape[split..].iter().copied()).collect()
 }
 
 /// The RoPE table the runtime builds for positions `0..positions` (its own function).

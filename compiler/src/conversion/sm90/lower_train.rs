@@ -126,6 +126,7 @@ fn row_of_op(body: &Body, o: &OperationRef, name: &str) -> Option<Result<RowLaun
                     return Err(format!("{name} of non-f32 values"));
                 }
                 let op = match name.as_str() {
+                    "add" if out.dims.len() == 1 => TrainRow::AddFlat,
                     "add" => TrainRow::Add,
                     "silu_mul" => TrainRow::SiluMul,
                     _ => TrainRow::SiluMulGrad,

@@ -139,6 +139,8 @@ pub enum TrainRow {
     Matmul { transpose_a: bool, transpose_b: bool },
     /// `y = x1 + x2` (f32 rows).
     Add,
+    /// `y = x1 + x2` of vectors (`d` elements; one block): the losses' sum.
+    AddFlat,
     /// `y = silu(gate) * up` of two f32 inputs, `silu(g) = g / (1 + exp(-g))`.
     SiluMul,
     /// The gradients of [`TrainRow::SiluMul`]: `d gate = dy * up * s * (1 + g * (1 - s))` with
@@ -251,6 +253,7 @@ impl TrainRow {
                 format!("rows_matmul_d{d}_{}{}_t{t}", layout(transpose_a), layout(transpose_b))
             }
             TrainRow::Add => format!("rows_add_d{d}_t{t}"),
+            TrainRow::AddFlat => format!("rows_addflat_d{d}_t{t}"),
             TrainRow::Slice { start } => format!("rows_slice_d{d}_o{start}_t{t}"),
             TrainRow::Join { second } => format!("rows_join_d{d}_b{second}_t{t}"),
             TrainRow::RowRange { into, shifted } => {
@@ -323,6 +326,7 @@ impl TrainRow {
                 kernel(TrainRow::Matmul { transpose_a, transpose_b }, d, "f32", t)
             }
             ["add", d, t] => kernel(TrainRow::Add, d, "f32", t),
+            ["addflat", d, t] => kernel(TrainRow::AddFlat, d, "f32", t),
             ["slice", d, o, t] => kernel(TrainRow::Slice { start: number(o, "o")? }, d, "f32", t),
             ["join", d, b, t] => kernel(TrainRow::Join { second: number(b, "b")? }, d, "f32", t),
             ["rowrange", d, dir, rest @ ..] => {
@@ -428,6 +432,10 @@ impl TrainRow {
             TrainRow::Matmul { .. } => vec![("a", rows()), ("b", rows()), ("out", rows())],
             TrainRow::Add | TrainRow::Join { .. } => vec![("x1", rows()), ("x2", rows()), ("y", rows())],
             TrainRow::Slice { .. } => vec![("x", rows()), ("y", rows())],
+            TrainRow::AddFlat => {
+                let v = || "memref<?xf32>".to_string();
+                vec![("x1", v()), ("x2", v()), ("y", v())]
+            }
             TrainRow::RowRange { shifted: true, .. } => vec![("x", rows()), ("off", rows()), ("y", rows())],
             TrainRow::RowRange { shifted: false, .. } => vec![("x", rows()), ("y", rows())],
             TrainRow::SiluMul => vec![("gate", rows()), ("up", rows()), ("y", rows())],
@@ -546,7 +554,7 @@ impl TrainRow {
             TrainRow::MoeGradX { .. } => "dx",
             TrainRow::PairSort => return None,
             TrainRow::MoeGradW { .. } => "out",
-            TrainRow::LossMean { .. } | TrainRow::ExpertFreq => return None,
+            TrainRow::LossMean { .. } | TrainRow::ExpertFreq | TrainRow::AddFlat => return None,
             TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => "logits",
             TrainRow::Matmul { transpose_a: false, .. } => "a",
             TrainRow::Matmul { transpose_a: true, .. } | TrainRow::EmbedGrad => "out",
@@ -809,6 +817,14 @@ scf.for %i = %tid to %cSecond step %cT {{
 }}
 "
             )],
+            TrainRow::AddFlat => vec!["scf.for %i = %tid to %cD step %cT {
+  %a = memref.load %x1[%i] : memref<?xf32>
+  %b = memref.load %x2[%i] : memref<?xf32>
+  %v = arith.addf %a, %b : f32
+  memref.store %v, %y[%i] : memref<?xf32>
+}
+"
+            .into()],
             TrainRow::Add => vec![format!(
                 "scf.for %i = %tid to %cD step %cT {{
   %a = memref.load %x1[%row, %i] : {m}
