@@ -478,8 +478,8 @@ fn train_learns_resumes_and_writes_a_checkpoint() {
 
 /// `v3c compile --target sm_90a --train` lowers every kernel of the f32 training step (CUDA-core
 /// matmuls, the gradients' row kernels, multi-launch ones) and writes an artifact whose every
-/// launch `v3r info` checks against its kernel's PTX; the FP8 recipe's GEMMs are named as
-/// unsupported (exit 1).
+/// launch `v3r info` checks against its kernel's PTX; of the FP8 recipe's step the fp8 experts are
+/// named as unsupported (exit 1).
 #[test]
 fn compile_for_sm90a_lowers_the_training_step() {
     let out = run_binary("v3c", &["compile", "--model", "deepseek-v3-tiny", "--target", "sm_90a", "--train"]);
@@ -497,14 +497,15 @@ fn compile_for_sm90a_lowers_the_training_step() {
     let last = err.lines().last().unwrap();
     assert!(last.starts_with("compile: all 67 kernels lower for sm_90a"), "{last}");
     assert!(err.contains("compile: moe_experts_grad_0 -> 28 launches: rows_moehidden_d48_k3_t32_keep"), "{err}");
-    // The FP8 recipe's GEMMs are named.
+    // The FP8 recipe's fp8 experts are named (its projections lower: quantizers, the fp8 GEMM).
     let fp8 = run_binary(
         "v3c",
         &["compile", "--model", "deepseek-v3-tiny", "--target", "sm_90a", "--train", "--precision", "fp8"],
     );
     assert_eq!(fp8.status.code(), Some(1));
     let last = text(&fp8.stderr).lines().last().unwrap().to_string();
-    assert!(last.starts_with("v3c: error: unsupported on sm_90a: ") && last.contains("fp8_linear_wgrad"), "{last}");
+    assert!(last.starts_with("v3c: error: unsupported on sm_90a: 2 of 67 kernels"), "{last}");
+    assert!(last.contains("moe_experts_grad_0 (moe_experts_grad)") && !last.contains("fp8_linear"), "{last}");
     // The artifact: every launch of the step checked against its kernel's PTX by `v3r info`;
     // `v3r train` runs cpu artifacts only.
     let dir = tempfile::tempdir().unwrap();
@@ -524,6 +525,45 @@ fn compile_for_sm90a_lowers_the_training_step() {
     );
     assert_ne!(train.status.code(), Some(0));
     assert!(text(&train.stderr).contains("training steps run from cpu artifacts so far"), "{}", text(&train.stderr));
+    // The FP8 recipe with dense layers lowers whole: its fp8 GEMM launches (B a temporary: the
+    // master weight quantized in the step) check against the template's PTX too.
+    let dense = dir.path().join("dense");
+    std::fs::create_dir(&dense).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_TINY_JSON).unwrap();
+    config["first_k_dense_replace"] = config["num_hidden_layers"].clone();
+    config["num_nextn_predict_layers"] = 0.into();
+    std::fs::write(dense.join("config.json"), config.to_string()).unwrap();
+    let fp8_art = dir.path().join("fp8");
+    let wrote = run_binary(
+        "v3c",
+        &[
+            "compile",
+            "--model",
+            dense.to_str().unwrap(),
+            "--target",
+            "sm_90a",
+            "--train",
+            "--precision",
+            "fp8",
+            "--max-rows",
+            "256",
+            "--out",
+            fp8_art.to_str().unwrap(),
+        ],
+    );
+    let err = text(&wrote.stderr);
+    assert!(wrote.status.success(), "{err}");
+    let fprop =
+        "compile: fp8_linear_0 -> 4 launches: rows_quantize_d96_t32 -> rows_qblocks_d128_b1_t256 -> GEMM N 48 K 96";
+    assert!(err.contains(fprop), "{err}");
+    assert!(
+        err.contains("compile: fp8_linear_wgrad_0 -> 3 launches: rows_qcols_d96_t32 -> rows_qcols_d160_t32"),
+        "{err}"
+    );
+    let info = run_binary("v3r", &["info", fp8_art.to_str().unwrap()]);
+    let shown = text(&info.stdout);
+    assert!(info.status.success() && shown.contains("each as its PTX declares"), "{shown}{}", text(&info.stderr));
+    assert!(shown.contains("FP8 recipe"), "{shown}");
 }
 
 /// `v3c train --backend cpu`: the training graph compiled for this CPU trains a dense tiny model on

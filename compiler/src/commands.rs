@@ -1414,10 +1414,9 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     match o.backend {
         "reference" | "cpu" => {}
         "cuda" => {
-            return Err("--backend cuda: unsupported on sm_90a: the f32 training step's kernels lower for \
-                 sm_90a (`v3c compile --target sm_90a --train`), but the runtime launches training steps on \
-                 the CPU only, and the FP8 recipe's GEMMs have no sm_90a lowering yet; use --backend cpu or \
-                 reference"
+            return Err("--backend cuda: unsupported on sm_90a: the training step's kernels lower for sm_90a \
+                 (`v3c compile --target sm_90a --train`; the FP8 recipe's experts not yet), but the runtime \
+                 launches training steps on the CPU only; use --backend cpu or reference"
                 .into())
         }
         other => return Err(format!("--backend {other}: unknown (reference, cpu, cuda)")),

@@ -59,13 +59,18 @@ fn bindings(attr_text: &str) -> Vec<Binding> {
         .collect()
 }
 
-/// Computes a kernel call's outputs instead of its CPU kernel: `(kernel, inputs, outputs)` ->
-/// whether it did ([`CpuProgram::run_with`]).
-pub type KernelOverride<'a> = dyn FnMut(&str, &[&HostBuffer], &mut [HostBuffer]) -> Result<bool, String> + 'a;
+/// Runs the CPU kernel of the call being offered on other buffers (inputs, outputs shaped like
+/// the call's).
+pub type CpuLaunch<'a> = dyn Fn(&[&HostBuffer], &mut [HostBuffer]) -> Result<(), String> + 'a;
+
+/// Computes a kernel call's outputs instead of its CPU kernel: `(kernel, inputs, outputs, the CPU
+/// kernel)` -> whether it did ([`CpuProgram::run_with`]).
+pub type KernelOverride<'a> =
+    dyn FnMut(&str, &[&HostBuffer], &mut [HostBuffer], &CpuLaunch) -> Result<bool, String> + 'a;
 
 /// A [`KernelOverride`] that is also given the fused kernels' module.
 pub type ModuleKernelOverride<'a> =
-    dyn FnMut(&Module, &str, &[&HostBuffer], &mut [HostBuffer]) -> Result<bool, String> + 'a;
+    dyn FnMut(&Module, &str, &[&HostBuffer], &mut [HostBuffer], &CpuLaunch) -> Result<bool, String> + 'a;
 
 /// A model compiled for the CPU, with its weights loaded.
 pub struct CpuProgram<'c> {
@@ -174,7 +179,7 @@ impl<'c> CpuProgram<'c> {
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, CpuBackendError> {
-        self.run_with(entry, inputs, wanted, &mut |_, _, _| Ok(false))
+        self.run_with(entry, inputs, wanted, &mut |_, _, _, _| Ok(false))
     }
 
     /// The fused-stage module the kernels were compiled from.
@@ -182,9 +187,10 @@ impl<'c> CpuProgram<'c> {
         &self.module
     }
 
-    /// As [`CpuProgram::run`], offering every kernel call to `instead(kernel, inputs, outputs)`
-    /// first (outputs allocated, zeroed, shaped by the kernel's rules): when it returns true it
-    /// has computed the outputs and the CPU kernel is not launched. How another lowering of the
+    /// As [`CpuProgram::run`], offering every kernel call to `instead(kernel, inputs, outputs,
+    /// cpu)` first (outputs allocated, zeroed, shaped by the kernel's rules; `cpu` runs the call's
+    /// CPU kernel on buffers of its choosing): when it returns true it has computed the outputs
+    /// and the CPU kernel is not launched. How another lowering of the
     /// same kernels (e.g. sm_90a's, run through its CPU form) is checked inside a whole entry.
     pub fn run_with(
         &self,
@@ -294,7 +300,13 @@ impl<'c> CpuProgram<'c> {
                 })
                 .collect();
             let started = std::time::Instant::now();
-            if !instead(&name, &ins, &mut outs).map_err(|e| invalid(format!("{name}: {e}")))? {
+            let cpu = |ins: &[&HostBuffer], outs: &mut [HostBuffer]| -> Result<(), String> {
+                let mut raw: Vec<RawBuffer> = ins.iter().map(|b| b.raw_const()).collect();
+                raw.extend(outs.iter_mut().map(HostBuffer::raw));
+                // SAFETY: as below; the caller gives buffers shaped like this call's.
+                unsafe { launch(kernel, &raw) }.map_err(|e| e.to_string())
+            };
+            if !instead(&name, &ins, &mut outs, &cpu).map_err(|e| invalid(format!("{name}: {e}")))? {
                 let mut raw: Vec<RawBuffer> = ins.iter().map(|b| b.raw_const()).collect();
                 raw.extend(outs.iter_mut().map(HostBuffer::raw));
                 // SAFETY: output shapes come from the kernel's own shape rules; token ids and cache
@@ -709,8 +721,8 @@ impl CpuTrainStep<'_> {
         instead: &mut ModuleKernelOverride,
     ) -> Result<HashMap<String, v3c_models::tensor::Tensor>, v3c_models::train::TrainError> {
         self.run_with(inputs, |program, host| {
-            program.run_with(TRAIN_ENTRY, host, wanted, &mut |kernel, ins, outs| {
-                instead(program.module(), kernel, ins, outs)
+            program.run_with(TRAIN_ENTRY, host, wanted, &mut |kernel, ins, outs, cpu| {
+                instead(program.module(), kernel, ins, outs, cpu)
             })
         })
     }

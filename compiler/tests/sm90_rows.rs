@@ -91,6 +91,13 @@ fn training_kernels() -> Vec<RowKernel> {
         train(TrainRow::PairSort, 256, "f32"),
         train(TrainRow::MoeGradW { down: true }, 2048, "f32"),
         train(TrainRow::MoeGradW { down: false }, 7168, "f32"),
+        // The FP8 recipe: q_b's 1536-wide input rows, a [24576, 1536] master's blocks both ways,
+        // 128x1 tiles of 7168 columns, Wgrad into 7168 columns.
+        train(TrainRow::Quantize, 1536, "f32"),
+        train(TrainRow::QuantizeBlocks { tiles: 12, transposed: false }, 128, "f32"),
+        train(TrainRow::QuantizeBlocks { tiles: 192, transposed: true }, 128, "f32"),
+        train(TrainRow::QuantizeCols, 7168, "f32"),
+        train(TrainRow::Fp8Wgrad, 7168, "f32"),
     ]);
     kernels
 }
@@ -149,6 +156,9 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     | TrainRow::MoeCombine { .. }
                     | TrainRow::MoeGradToken { .. } => 1,
                     TrainRow::PairSort => 2,
+                    // The 1x128 quantization: group |max| parts, scales, bytes.
+                    TrainRow::Quantize => 2,
+                    TrainRow::QuantizeBlocks { .. } => 1 + tree,
                     TrainRow::MlaForward(_) => 3,
                     TrainRow::MlaGradQ(_) => 5,
                     _ => 0,

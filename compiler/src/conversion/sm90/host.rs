@@ -2,8 +2,10 @@
 //! their CPU lowering (the same template, JIT-compiled), its operands viewed as the runtime views
 //! them (an argument of lower rank than its buffer sees the leading dims collapsed), temporaries
 //! and the RoPE table allocated as the runtime allocates them. How the lowering of whole entries
-//! (e.g. the training step, which has no sm_90a artifact yet) is checked against the CPU backend
-//! without a GPU. Launches of the GEMM template are not run here (see [`crate::emulate`]).
+//! (e.g. the training step) is checked against the CPU backend without a GPU. A GEMM template
+//! launch (dense fp8, no grouping) is computed from its operands as its semantics say (the
+//! reference's block-scaled order), not as the kernel's instructions would: [`crate::emulate`]
+//! and the device checks cover the template itself.
 
 use std::collections::HashMap;
 
@@ -11,6 +13,7 @@ use melior::ir::operation::OperationRef;
 use melior::{Context, ExecutionEngine};
 use v3c_runtime::host::{call_packed, HostBuffer, HostData, RawBuffer};
 
+use super::gemm::GemmInput;
 use super::lower::{self, Operand, RopeTable, StepKernel, Steps};
 use super::rows::RowKernel;
 
@@ -45,7 +48,8 @@ impl<'c> HostRows<'c> {
             (_, Ok(steps)) => steps,
             _ => return Ok(false),
         };
-        if steps.steps.iter().any(|s| matches!(s.kernel, StepKernel::Gemm(_))) {
+        let emulated = |g: &lower::GemmKernel| g.input == GemmInput::Fp8 && g.grouped.is_none() && g.weights.len() == 1;
+        if steps.steps.iter().any(|s| matches!(&s.kernel, StepKernel::Gemm(g) if !emulated(g))) {
             return Ok(false);
         }
         let mut temps: Vec<HostBuffer> = steps
@@ -64,8 +68,11 @@ impl<'c> HostRows<'c> {
             .collect::<Result<_, String>>()?;
         let mut table = steps.rope_table.as_ref().map(|t| rope_table(t, rows));
         for step in &steps.steps {
-            let StepKernel::Row(kernel) = &step.kernel else { unreachable!("GEMM steps were refused") };
-            let ranks = kernel.argument_ranks();
+            let ranks = match &step.kernel {
+                StepKernel::Row(kernel) => kernel.argument_ranks(),
+                // A, its scales, B, its scales, (the residual,) the output: matrices.
+                StepKernel::Gemm(_) => vec![2; step.operands.len()],
+            };
             let mut raw = Vec::new();
             for (operand, rank) in step.operands.iter().zip(ranks) {
                 let buffer = match *operand {
@@ -90,17 +97,14 @@ impl<'c> HostRows<'c> {
                 // Seen at the argument's rank as the runtime sees it (its own rule).
                 let seen = v3c_runtime::abi::Buf { addr: 0, shape: buffer.shape.clone(), element: String::new() }
                     .shape_at_rank(rank)
-                    .map_err(|e| format!("{}: {e}", kernel.kernel_name()))?;
+                    .map_err(|e| format!("step {:?}: {e}", step.operands))?;
                 raw.push(RawBuffer { shape: seen, ..buffer });
             }
-            if std::env::var_os("V3C_HOST_TRACE").is_some() {
-                eprintln!(
-                    "host: {} {:?}",
-                    kernel.kernel_name(),
-                    raw.iter().map(|b| b.shape.clone()).collect::<Vec<_>>()
-                );
+            match &step.kernel {
+                StepKernel::Row(kernel) => self.launch(kernel, &raw)?,
+                // SAFETY: the views are the buffers' own shapes (checked by shape_at_rank).
+                StepKernel::Gemm(g) => unsafe { fp8_gemm(g, &raw)? },
             }
-            self.launch(kernel, &raw)?;
         }
         Ok(true)
     }
@@ -122,6 +126,45 @@ impl<'c> HostRows<'c> {
         }
         failed.map_or(Ok(()), |e| Err(format!("{name}: {e}")))
     }
+}
+
+/// `out = A . B^T` of an fp8 GEMM step (A `[M, K]` e4m3 with 1x128 scales, B `[N, K]` with
+/// 128x128 block scales, f32 out, plus the residual when it has one): per 128-wide K block the
+/// e4m3 products summed in order, then scaled by A's and B's scales, as the reference's
+/// `matmul_fp8`.
+///
+/// # Safety
+/// The buffers address their shapes' elements.
+unsafe fn fp8_gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), String> {
+    use v3c_models::dtype::f8e4m3_to_f32;
+    let at = |i: usize| bufs.get(i).ok_or_else(|| format!("{}: operand {i} missing", g.kernel));
+    let (a, sa) = (at(g.a)?, at(g.a_scale.ok_or("an fp8 GEMM without A scales")?)?);
+    let (b, sb) = (at(g.weights[0].0)?, at(g.weights[0].1.ok_or("an fp8 GEMM without B scales")?)?);
+    let out = bufs.last().ok_or("a GEMM without output")?;
+    let (m, k, n) = (a.shape[0], a.shape[1], b.shape[0]);
+    if b.shape[1] != k || out.shape != [m, n] {
+        return Err(format!("{}: A {:?}, B {:?}, out {:?}", g.kernel, a.shape, b.shape, out.shape));
+    }
+    let slice = |buf: &RawBuffer| std::slice::from_raw_parts(buf.ptr as *const u8, buf.shape.iter().product());
+    let floats = |buf: &RawBuffer| std::slice::from_raw_parts(buf.ptr as *const f32, buf.shape.iter().product());
+    let (a, b, sa, sb) = (slice(a), slice(b), floats(sa), floats(sb));
+    let residual = g.residual.map(|r| at(r).map(|r| floats(r).to_vec())).transpose()?;
+    let (kb, a_cols, b_cols) =
+        (k.div_ceil(128), bufs[g.a_scale.unwrap_or(0)].shape[1], bufs[g.weights[0].1.unwrap_or(0)].shape[1]);
+    let o = std::slice::from_raw_parts_mut(out.ptr as *mut f32, m * n);
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0.0f32;
+            for block in 0..kb {
+                let partial: f32 = (block * 128..((block + 1) * 128).min(k))
+                    .map(|c| f8e4m3_to_f32(a[i * k + c]) * f8e4m3_to_f32(b[j * k + c]))
+                    .sum();
+                acc += partial * sa[i * a_cols + block] * sb[(j / 128) * b_cols + block];
+            }
+            o[i * n + j] = residual.as_ref().map_or(acc, |r| r[i * n + j] + acc);
+        }
+    }
+    Ok(())
 }
 
 /// The RoPE table the runtime builds for positions `0..positions` (its own function).

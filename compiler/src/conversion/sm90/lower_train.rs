@@ -8,12 +8,15 @@ use melior::ir::block::BlockLike;
 use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::{RegionLike, Value, ValueLike};
 
-use super::lower::{rope_table_of, route_op, Operand, RowLaunch, Step, StepKernel, Steps, Temp};
+use super::gemm::{GemmInput, GemmOutput};
+use super::lower::{rope_table_of, route_op, GemmKernel, Operand, RowLaunch, Step, StepKernel, Steps, Temp};
 use super::rows::{Mla, RowKernel, RowOp, TrainRow};
 use crate::verify::Shape;
 
 /// A kernel's body: its ops (without the return), the returned values and the arguments.
 struct Body<'c, 'a> {
+    /// The fused kernel's name.
+    name: String,
     ops: Vec<OperationRef<'c, 'a>>,
     names: Vec<String>,
     returned: Vec<Value<'c, 'a>>,
@@ -38,7 +41,9 @@ impl<'c, 'a> Body<'c, 'a> {
             .iter()
             .map(|o| o.name().as_string_ref().as_str().unwrap_or_default().trim_start_matches("v3.").into())
             .collect();
-        Some(Body { ops, names, returned, args })
+        let name =
+            kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        Some(Body { name, ops, names, returned, args })
     }
 
     /// The argument index `v` is.
@@ -232,6 +237,8 @@ pub fn steps_of_train_kernel(kernel: &OperationRef) -> Option<Result<Steps, Stri
         ["concat"] => Some(concat_rows(&body)),
         ["attention", "reshape"] | ["attention_grad"] => Some(attention(&body)),
         ["moe_experts"] => Some(moe_experts(&body)),
+        ["fp8_linear" | "fp8_linear_dgrad", ..] => Some(fp8_projection(&body)),
+        ["fp8_linear_wgrad"] => Some(fp8_wgrad(&body)),
         ["moe_experts_grad", ..] => Some(moe_experts_grad(&body)),
         ["cross_entropy"] => Some(cross_entropy(&body)),
         ["balance_loss"] | ["balance_loss_grad"] => Some(balance_loss(&body)),
@@ -485,6 +492,134 @@ fn moe_experts_grad(body: &Body) -> Result<Steps, String> {
         Temp::per_row(k, 1, "i32"),
     ];
     Ok(Steps { steps, temps, rope_table: None })
+}
+
+/// The FP8 recipe's Fprop (`fp8_linear`: `x [T, K]`, master `w [N, K]`) or Dgrad
+/// (`fp8_linear_dgrad`: `dy [T, N]`, `w` -> `[T, K]`) on the tensor cores: the activation rows
+/// quantized 1x128, the master weight in 128x128 blocks (transposed for Dgrad), the fp8 GEMM
+/// template into a temporary of the run's rows, then copied into the results (the output whole,
+/// reshaped into heads, and/or its column pieces).
+fn fp8_projection(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    let dgrad = body.names[0] == "fp8_linear_dgrad";
+    if !body.operands_are_args(o) || !all_f32(o) || o.operand_count() != 2 {
+        return Err(format!("{} (two f32 operands in order)", body.names[0]));
+    }
+    let (act, w) = (operand_shape(o, 0)?, operand_shape(o, 1)?);
+    let dim = |s: &Shape, i: usize| s.dims.get(i).copied().flatten().ok_or_else(|| format!("{s}: a dynamic dim"));
+    let (rows, cols) = (dim(&w, 0)?, dim(&w, 1)?);
+    // The GEMM's N (output columns) and K (the contraction).
+    let (n, k) = if dgrad { (cols, rows) } else { (rows, cols) };
+    if width(&act)? != k {
+        return Err(format!("{} of {act} with weights {w}", body.names[0]));
+    }
+    let group = super::rows::GROUP;
+    let mut blocks = Temp::per_row(1, k, "f8E4M3FN");
+    blocks.fixed_rows = Some(n);
+    let mut block_scales = Temp::per_row(1, k.div_ceil(group), "f32");
+    block_scales.fixed_rows = Some(n.div_ceil(group));
+    let temps = vec![
+        Temp::per_row(1, n, "f32"),
+        Temp::per_row(1, k, "f8E4M3FN"),
+        Temp::per_row(1, k.div_ceil(group), "f32"),
+        blocks,
+        block_scales,
+    ];
+    use Operand::{Arg, Temp as Tmp};
+    let quantize_blocks = TrainRow::QuantizeBlocks { tiles: k.div_ceil(group), transposed: dgrad };
+    let gemm = GemmKernel {
+        kernel: format!("{}.gemm", body.name),
+        input: GemmInput::Fp8,
+        output: GemmOutput::F32,
+        n,
+        k,
+        a: 0,
+        a_scale: Some(1),
+        weights: vec![(2, Some(3))],
+        residual: None,
+        results: vec![(0, n)],
+        grouped: None,
+    };
+    let mut steps = vec![
+        Step {
+            kernel: StepKernel::Row(train_kernel(TrainRow::Quantize, k, "f32")),
+            operands: vec![Arg(0), Tmp(1), Tmp(2)],
+        },
+        Step {
+            kernel: StepKernel::Row(train_kernel(quantize_blocks, group, "f32")),
+            operands: vec![Arg(1), Tmp(3), Tmp(4)],
+        },
+        Step { kernel: StepKernel::Gemm(gemm), operands: vec![Tmp(1), Tmp(2), Tmp(3), Tmp(4), Tmp(0)] },
+    ];
+    steps.extend(copies_from(body, 0, n)?);
+    Ok(Steps { steps, temps, rope_table: None })
+}
+
+/// The copies of temporary `temp` (the first op's `[T, n]` output) into the kernel's results:
+/// each returned value is the output, its reshape into heads, or a column piece of either.
+fn copies_from(body: &Body, temp: usize, n: usize) -> Result<Vec<Step>, String> {
+    // Per value: (row stride, first column, columns) in the temporary's flat rows.
+    let mut traced: std::collections::HashMap<usize, (usize, usize, usize)> = std::collections::HashMap::new();
+    traced.insert(raw(body.ops[0].result(0).map_err(|e| e.to_string())?.into()), (n, 0, n));
+    for (op, name) in body.ops.iter().zip(&body.names).skip(1) {
+        let source = op.operand(0).map_err(|e| e.to_string())?;
+        let &(stride, start, cols) = traced.get(&raw(source)).ok_or("a view of another value than the output")?;
+        let last_axis = shape(source)?.dims.len() - 1;
+        match name.as_str() {
+            "reshape" if start == 0 && cols == stride => {
+                let w = width(&result_shape(op, 0)?)?;
+                traced.insert(raw(op.result(0).map_err(|e| e.to_string())?.into()), (w, 0, w));
+            }
+            "split" if int_attr(op, "axis") == Some(last_axis as i64) => {
+                let mut at = start;
+                for piece in 0..op.result_count() {
+                    let w = width(&result_shape(op, piece)?)?;
+                    traced.insert(raw(op.result(piece).map_err(|e| e.to_string())?.into()), (stride, at, w));
+                    at += w;
+                }
+            }
+            other => return Err(format!("{} followed by {other}", body.names[0])),
+        }
+    }
+    body.returned
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let &(stride, start, cols) = traced.get(&raw(*v)).ok_or("a result that is not a view of the output")?;
+            let kernel = train_kernel(TrainRow::Columns { start, stride }, cols, "f32");
+            Ok(Step { kernel: StepKernel::Row(kernel), operands: vec![Operand::Temp(temp), Operand::Result(i)] })
+        })
+        .collect()
+}
+
+/// The FP8 recipe's Wgrad (`dy [T, N]`, `x [T, K]` -> `[N, K]`): both quantized in 128x1 token
+/// tiles, then the block-scaled product on CUDA cores (the GEMM template's B scales are 128-row
+/// blocks; Wgrad's are per row).
+fn fp8_wgrad(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    if !body.operands_are_args(o) || !body.returns_results_of(o) || !all_f32(o) {
+        return Err("fp8_linear_wgrad (f32 operands in order)".into());
+    }
+    let (n, k) = (width(&operand_shape(o, 0)?)?, width(&operand_shape(o, 1)?)?);
+    use Operand::{Arg, Result as Res, Temp as Tmp};
+    let cols = |c| StepKernel::Row(train_kernel(TrainRow::QuantizeCols, c, "f32"));
+    Ok(Steps {
+        steps: vec![
+            Step { kernel: cols(n), operands: vec![Arg(0), Tmp(0), Tmp(1)] },
+            Step { kernel: cols(k), operands: vec![Arg(1), Tmp(2), Tmp(3)] },
+            Step {
+                kernel: StepKernel::Row(train_kernel(TrainRow::Fp8Wgrad, k, "f32")),
+                operands: vec![Arg(0), Tmp(0), Tmp(1), Tmp(2), Tmp(3), Res(0)],
+            },
+        ],
+        temps: vec![
+            Temp::per_row(1, n, "f8E4M3FN"),
+            Temp::per_row(1, n, "f32"),
+            Temp::per_row(1, k, "f8E4M3FN"),
+            Temp::per_row(1, k, "f32"),
+        ],
+        rope_table: None,
+    })
 }
 
 /// The loss weight of a `cross_entropy(_grad)`.

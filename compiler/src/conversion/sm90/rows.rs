@@ -1651,7 +1651,8 @@ scf.for %i = %tid to %cD step %cT {{
         if matches!(
             self.op,
             RowOp::RmsNorm { quantize: true, .. } | RowOp::SiluMul { quantize: true } | RowOp::MlaDecode { .. }
-        ) {
+        ) || matches!(self.op, RowOp::Train(op) if op.encodes_fp8())
+        {
             s.push_str(&crate::conversion::v3_to_cpu::fp8_helpers("rows"));
             s.push('\n');
         }

@@ -11,7 +11,10 @@
 
 use std::fmt::Write;
 
-use super::{exp, indent2, rope_rotation, sqrt, tree_phases, Lowering, RowKernel};
+use super::{
+    decode_e4m3, encode_e4m3, exp, indent2, quant_constants, rope_rotation, sqrt, tree_phases, Lowering, RowKernel,
+    AMAX_PARTS, E4M3_MAX,
+};
 
 /// `{out} = ln(value)`: on sm_90a `lg2.approx` times ln 2 (no libdevice), on the CPU libm's.
 fn ln(lowering: Lowering, value: &str, out: &str) -> String {
@@ -231,6 +234,21 @@ pub enum TrainRow {
     /// w) * h`; else `d gate` / `d up` `[I, D]` row i sums `gg[i] * x[t]` (or `uu`), over the
     /// expert's pairs in order.
     MoeGradW { down: bool },
+    /// DeepSeek-V3's FP8 recipe: f32 rows (`d` columns) as e4m3 bytes `q` with 1x128 `scale`s
+    /// (`max(|max|, 1e-4) / 448` per group), as the inference quantization does.
+    Quantize,
+    /// The recipe's f32 master weight `w [N, K]` in 128x128 e4m3 blocks (`scale = max(|max|,
+    /// 1e-12) / 448` per block): one block per tile (the grid: `scale`'s rows times `tiles`, its
+    /// columns); `transposed`: `q [K, N]` and `scale [K / 128, N / 128]` (what Dgrad reads).
+    QuantizeBlocks { tiles: usize, transposed: bool },
+    /// 128x1 tiles (128 tokens of one column) of `x [T, d]`: `q [T, d]` and `scale`, whose row g
+    /// holds token group g's scales (Wgrad's operands: 1x128 rows of `x^T`). One block per row of
+    /// `scale` (a temporary of the run's rows: those past the groups do nothing).
+    QuantizeCols,
+    /// Wgrad on CUDA cores: `out [N, d] = a^T . b` over the tokens in 128-token groups, each group's
+    /// e4m3 products summed in order then scaled by both groups' scales (`a`, `b`: [`TrainRow::QuantizeCols`]
+    /// of dy and x; the tokens counted from `dy`).
+    Fp8Wgrad,
     /// RMSNorm's input gradient per row: with `r = 1 / sqrt(mean(x^2) + eps)`, `dx = r * dy * w -
     /// x * r^3 / d * sum(dy * w * x)`; also writes `r` per row for [`TrainRow::RmsNormDw`].
     RmsNormGrad { eps: f32 },
@@ -274,6 +292,12 @@ impl TrainRow {
                 format!("rows_rmsnormgrad_{weight}_d{d}_t{t}_eps{eps}")
             }
             TrainRow::RmsNormDw => format!("rows_rmsnormdw_d{d}_t{t}"),
+            TrainRow::Quantize => format!("rows_quantize_d{d}_t{t}"),
+            TrainRow::QuantizeBlocks { tiles, transposed } => {
+                format!("rows_qblocks_d{d}_b{tiles}_t{t}{}", if transposed { "_tr" } else { "" })
+            }
+            TrainRow::QuantizeCols => format!("rows_qcols_d{d}_t{t}"),
+            TrainRow::Fp8Wgrad => format!("rows_fp8wgrad_d{d}_t{t}"),
             TrainRow::MoeHidden { k, keep } => {
                 format!("rows_moehidden_d{d}_k{k}_t{t}{}", if keep { "_keep" } else { "" })
             }
@@ -362,6 +386,17 @@ impl TrainRow {
                 kernel(TrainRow::RmsNormGrad { eps }, d, w, t)
             }
             ["rmsnormdw", d, t] => kernel(TrainRow::RmsNormDw, d, "f32", t),
+            ["quantize", d, t] => kernel(TrainRow::Quantize, d, "f32", t),
+            ["qblocks", d, b, t, rest @ ..] => {
+                let transposed = match rest {
+                    ["tr"] => true,
+                    [] => false,
+                    _ => return None,
+                };
+                kernel(TrainRow::QuantizeBlocks { tiles: number(b, "b")?, transposed }, d, "f32", t)
+            }
+            ["qcols", d, t] => kernel(TrainRow::QuantizeCols, d, "f32", t),
+            ["fp8wgrad", d, t] => kernel(TrainRow::Fp8Wgrad, d, "f32", t),
             [kind @ ("mlafwd" | "mlagradq" | "mlagradkv"), rest @ .., t] => {
                 let m = Mla::parse(rest)?;
                 let op = match *kind {
@@ -470,6 +505,18 @@ impl TrainRow {
                 args
             }
             TrainRow::SumHeads { .. } => vec![("part", rows()), ("y", rows())],
+            TrainRow::Quantize | TrainRow::QuantizeCols => {
+                vec![("x", rows()), ("q", "memref<?x?xi8>".into()), ("scale", rows())]
+            }
+            TrainRow::QuantizeBlocks { .. } => vec![("w", rows()), ("q", "memref<?x?xi8>".into()), ("scale", rows())],
+            TrainRow::Fp8Wgrad => vec![
+                ("dy", rows()),
+                ("aq", "memref<?x?xi8>".into()),
+                ("as", rows()),
+                ("bq", "memref<?x?xi8>".into()),
+                ("bs", rows()),
+                ("out", rows()),
+            ],
             TrainRow::MoeHidden { keep, .. } => {
                 let mut args = vec![
                     ("x", rows()),
@@ -548,6 +595,9 @@ impl TrainRow {
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => "q_nope",
             TrainRow::MlaGradKv(_) => "dkvb",
             TrainRow::SumHeads { .. } => "y",
+            TrainRow::Quantize => "x",
+            TrainRow::QuantizeBlocks { .. } | TrainRow::QuantizeCols => "scale",
+            TrainRow::Fp8Wgrad => "out",
             TrainRow::MoeHidden { .. } => "x",
             TrainRow::MoeCombine { .. } => "y",
             TrainRow::MoeGradToken { .. } => "dy",
@@ -578,6 +628,11 @@ impl TrainRow {
             TrainRow::MlaGradQ(m) => vec![("sh_p", m.context), ("sh_dp", m.context), ("sh_red", 4)],
             TrainRow::MlaGradKv(m) => vec![("sh_pi", m.context), ("sh_dsi", m.context)],
             TrainRow::MoeCombine { k } => vec![("sh_order", *k)],
+            TrainRow::Quantize => {
+                let groups = d.div_ceil(super::GROUP);
+                vec![("sh_amax", groups * AMAX_PARTS), ("sh_scale", groups)]
+            }
+            TrainRow::QuantizeBlocks { .. } => vec![("sh_amax", threads)],
             TrainRow::PairSort => vec![("sh_count", d), ("sh_off", d)],
             _ => Vec::new(),
         }
@@ -589,6 +644,8 @@ impl TrainRow {
             // One thread sums a column.
             TrainRow::RmsNormDw | TrainRow::LossMean { .. } => 32,
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_) => 128,
+            // A 128x128 tile per block.
+            TrainRow::QuantizeBlocks { .. } => 256,
             // One thread per expert; one thread per token does the rest.
             TrainRow::ExpertFreq | TrainRow::PairSort | TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => {
                 d.next_power_of_two().clamp(32, 256)
@@ -597,11 +654,17 @@ impl TrainRow {
         }
     }
 
+    /// Whether the CPU lowering needs the e4m3 helpers.
+    pub(super) fn encodes_fp8(&self) -> bool {
+        matches!(self, TrainRow::Quantize | TrainRow::QuantizeBlocks { .. } | TrainRow::QuantizeCols)
+    }
+
     /// Blocks per row of the rows argument (attention: one per head).
     pub(super) fn blocks_per_row(&self) -> usize {
         match self {
             TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => m.heads,
             TrainRow::MoeHidden { k, .. } | TrainRow::MoeGradToken { k } => *k,
+            TrainRow::QuantizeBlocks { tiles, .. } => *tiles,
             _ => 1,
         }
     }
@@ -659,6 +722,24 @@ impl TrainRow {
             TrainRow::SumHeads { heads } => {
                 let _ = writeln!(s, "%cH = arith.constant {heads} : index");
             }
+            TrainRow::Quantize => s.push_str(&quant_constants(d.div_ceil(super::GROUP))),
+            TrainRow::QuantizeBlocks { tiles, .. } => {
+                let _ = writeln!(s, "%cTiles = arith.constant {tiles} : index");
+                let _ = writeln!(s, "%c128 = arith.constant 128 : index");
+                let _ = writeln!(s, "%cTile = arith.constant 16384 : index");
+                let _ = writeln!(s, "%abs_mask = arith.constant 2147483647 : i32");
+                let _ = writeln!(s, "%e4m3_max = arith.constant 0x{:08X} : f32", E4M3_MAX.to_bits());
+                let _ = writeln!(s, "%amax_floor = arith.constant 1.0e-12 : f32");
+            }
+            TrainRow::QuantizeCols => {
+                let _ = writeln!(s, "%c128 = arith.constant 128 : index");
+                let _ = writeln!(s, "%abs_mask = arith.constant 2147483647 : i32");
+                let _ = writeln!(s, "%e4m3_max = arith.constant 0x{:08X} : f32", E4M3_MAX.to_bits());
+                let _ = writeln!(s, "%amax_floor = arith.constant 1.0e-04 : f32");
+            }
+            TrainRow::Fp8Wgrad => {
+                let _ = writeln!(s, "%c128 = arith.constant 128 : index");
+            }
             TrainRow::MoeHidden { k, .. }
             | TrainRow::MoeCombine { k }
             | TrainRow::MoeGradToken { k }
@@ -703,6 +784,18 @@ impl TrainRow {
 %ok = arith.andi %p_lo, %p_hi : i1
 "
             .into(),
+            TrainRow::QuantizeBlocks { transposed, .. } => {
+                let (n_tile, k_tile) = if *transposed { ("%sc", "%sr") } else { ("%sr", "%sc") };
+                format!(
+                    "%sr = arith.divui %row, %cTiles : index
+%sc = arith.remui %row, %cTiles : index
+%N = memref.dim %w, %c0 : memref<?x?xf32>
+%K = memref.dim %w, %c1 : memref<?x?xf32>
+%r_first = arith.muli {n_tile}, %c128 : index
+%c_first = arith.muli {k_tile}, %c128 : index
+"
+                )
+            }
             TrainRow::MoeHidden { .. } | TrainRow::MoeGradToken { .. } => "%t = arith.divui %row, %cK : index
 %s = arith.remui %row, %cK : index
 "
@@ -1688,6 +1781,131 @@ scf.for %i = %tid to %cD step %cT {{
                     term = indent2(&term.replace("MEM", m))
                 )]
             }
+            TrainRow::Quantize => {
+                kernel.quant_phases(lowering, &|c| format!("  %v = memref.load %x[%row, {c}] : {m}\n"))
+            }
+            TrainRow::QuantizeBlocks { transposed, .. } => {
+                let amax = sh("sh_amax");
+                // Element i of the tile: row r_first + i / 128, column c_first + i % 128.
+                let at = "  %tr = arith.divui %i, %c128 : index
+  %tc = arith.remui %i, %c128 : index
+  %r = arith.addi %r_first, %tr : index
+  %c = arith.addi %c_first, %tc : index
+  %r_in = arith.cmpi ult, %r, %N : index
+  %c_in = arith.cmpi ult, %c, %K : index
+  %inside = arith.andi %r_in, %c_in : i1
+";
+                let q_at = if transposed { "%c, %r" } else { "%r, %c" };
+                let mut phases = vec![format!(
+                    "%m = scf.for %i = %tid to %cTile step %cT iter_args(%mx = %zero) -> (f32) {{
+{at}  %mx2 = scf.if %inside -> (f32) {{
+    %v = memref.load %w[%r, %c] : {m}
+    %vb = arith.bitcast %v : f32 to i32
+    %ab = arith.andi %vb, %abs_mask : i32
+    %av = arith.bitcast %ab : i32 to f32
+    %gt = arith.cmpf ogt, %av, %mx : f32
+    %mx3 = arith.select %gt, %av, %mx : f32
+    scf.yield %mx3 : f32
+  }} else {{
+    scf.yield %mx : f32
+  }}
+  scf.yield %mx2 : f32
+}}
+memref.store %m, %sh_amax[%tid] : {amax}
+"
+                )];
+                phases.extend(tree_phases(
+                    kernel.threads,
+                    &format!(
+                        "%a = memref.load %sh_amax[%tid] : {amax}
+%b = memref.load %sh_amax[%other] : {amax}
+%gt = arith.cmpf ogt, %b, %a : f32
+%c = arith.select %gt, %b, %a : f32
+memref.store %c, %sh_amax[%tid] : {amax}"
+                    ),
+                ));
+                phases.push(format!(
+                    "%amax = memref.load %sh_amax[%c0] : {amax}
+%small = arith.cmpf olt, %amax, %amax_floor : f32
+%floored = arith.select %small, %amax_floor, %amax : f32
+%s = arith.divf %floored, %e4m3_max : f32
+%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  memref.store %s, %scale[%sr, %sc] : {m}
+}}
+scf.for %i = %tid to %cTile step %cT {{
+{at}  scf.if %inside {{
+    %v = memref.load %w[%r, %c] : {m}
+    %qv = arith.divf %v, %s : f32
+{enc}    memref.store %byte, %q[{q_at}] : memref<?x?xi8>
+  }}
+}}
+",
+                    enc = indent2(&encode_e4m3(lowering, "%qv", "%byte"))
+                ));
+                phases
+            }
+            TrainRow::QuantizeCols => vec![format!(
+                "%T = memref.dim %x, %c0 : {m}
+%t_first = arith.muli %row, %c128 : index
+%active = arith.cmpi ult, %t_first, %T : index
+%t_end0 = arith.addi %t_first, %c128 : index
+%t_end = arith.minui %t_end0, %T : index
+scf.if %active {{
+scf.for %c = %tid to %cD step %cT {{
+  %m = scf.for %t = %t_first to %t_end step %c1 iter_args(%mx = %zero) -> (f32) {{
+    %v = memref.load %x[%t, %c] : {m}
+    %vb = arith.bitcast %v : f32 to i32
+    %ab = arith.andi %vb, %abs_mask : i32
+    %av = arith.bitcast %ab : i32 to f32
+    %gt = arith.cmpf ogt, %av, %mx : f32
+    %mx2 = arith.select %gt, %av, %mx : f32
+    scf.yield %mx2 : f32
+  }}
+  %small = arith.cmpf olt, %m, %amax_floor : f32
+  %floored = arith.select %small, %amax_floor, %m : f32
+  %s = arith.divf %floored, %e4m3_max : f32
+  memref.store %s, %scale[%row, %c] : {m}
+  scf.for %t = %t_first to %t_end step %c1 {{
+    %v = memref.load %x[%t, %c] : {m}
+    %qv = arith.divf %v, %s : f32
+{enc}    memref.store %byte, %q[%t, %c] : memref<?x?xi8>
+  }}
+}}
+}}
+",
+                enc = indent2(&encode_e4m3(lowering, "%qv", "%byte"))
+            )],
+            TrainRow::Fp8Wgrad => vec![format!(
+                "%T = memref.dim %dy, %c0 : {m}
+%groups0 = arith.addi %T, %c128 : index
+%groups1 = arith.subi %groups0, %c1 : index
+%groups = arith.divui %groups1, %c128 : index
+scf.for %k = %tid to %cD step %cT {{
+  %acc = scf.for %g = %c0 to %groups step %c1 iter_args(%a = %zero) -> (f32) {{
+    %t_first = arith.muli %g, %c128 : index
+    %t_end0 = arith.addi %t_first, %c128 : index
+    %t_end = arith.minui %t_end0, %T : index
+    %partial = scf.for %t = %t_first to %t_end step %c1 iter_args(%p = %zero) -> (f32) {{
+      %ab = memref.load %aq[%t, %row] : memref<?x?xi8>
+      %bb = memref.load %bq[%t, %k] : memref<?x?xi8>
+{da}{db}      %x = arith.mulf %av, %bv : f32
+      %p2 = arith.addf %p, %x : f32
+      scf.yield %p2 : f32
+    }}
+    %sa = memref.load %as[%g, %row] : {m}
+    %sb = memref.load %bs[%g, %k] : {m}
+    %ps = arith.mulf %partial, %sa : f32
+    %pss = arith.mulf %ps, %sb : f32
+    %a2 = arith.addf %a, %pss : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %acc, %out[%row, %k] : {m}
+}}
+",
+                da = indent2(&indent2(&indent2(&decode_e4m3("%ab", "%av")))),
+                db = indent2(&indent2(&indent2(&decode_e4m3("%bb", "%bv")))),
+            )],
             TrainRow::SumHeads { .. } => vec![format!(
                 "%base = arith.muli %row, %cH : index
 scf.for %i = %tid to %cD step %cT {{
@@ -2142,6 +2360,67 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The FP8 recipe's quantizers (1x128 rows, 128x128 blocks and their transpose, 128x1 token
+    /// tiles) give the reference's bits and scales, and Wgrad on them its product exactly, with
+    /// edge tiles (dims not multiples of 128) and more than one token group.
+    #[test]
+    fn fp8_recipe_rows_equal_the_reference() {
+        let (t, n, k) = (150, 200, 136);
+        let mut x = values(t * k, 30, 8.0);
+        let mut dy = values(t * n, 31, 0.01);
+        let mut w = values(n * k, 32, 0.2);
+        // Rows: the 1x128 quantization of x.
+        let (want_q, want_s) = kernels::quantize_fp8(&x, k, 128);
+        let (mut q, mut sc) = (vec![0u8; t * k], vec![f32::NAN; t * 2]);
+        run_cpu(
+            &kernel(TrainRow::Quantize, k),
+            &[raw(&mut x, &[t, k], "f32"), raw(&mut q, &[t, k], "i8"), raw(&mut sc, &[t, 2], "f32")],
+        );
+        assert!(q == want_q && sc == want_s, "1x128 rows");
+        // Blocks, and blocks transposed.
+        let (want_q, want_s) = kernels::quantize_master(&w, n, k);
+        let (nb, kb) = (n.div_ceil(128), k.div_ceil(128));
+        let (mut q, mut sc) = (vec![0u8; n * k], vec![f32::NAN; nb * kb]);
+        run_cpu(
+            &kernel(TrainRow::QuantizeBlocks { tiles: kb, transposed: false }, 128),
+            &[raw(&mut w, &[n, k], "f32"), raw(&mut q, &[n, k], "i8"), raw(&mut sc, &[nb, kb], "f32")],
+        );
+        assert!(q == want_q && sc == want_s, "128x128 blocks");
+        let (mut qt, mut sct) = (vec![0u8; n * k], vec![f32::NAN; nb * kb]);
+        run_cpu(
+            &kernel(TrainRow::QuantizeBlocks { tiles: nb, transposed: true }, 128),
+            &[raw(&mut w, &[n, k], "f32"), raw(&mut qt, &[k, n], "i8"), raw(&mut sct, &[kb, nb], "f32")],
+        );
+        assert!(qt == kernels::transpose(&want_q, n, k) && sct == kernels::transpose(&want_s, nb, kb), "transposed");
+        // 128x1 token tiles of dy and x (scales in a buffer of the run's rows), then Wgrad.
+        let cols = |m: &mut Vec<f32>, c: usize| {
+            let (mut q, mut sc) = (vec![0u8; t * c], vec![f32::NAN; t * c]);
+            run_cpu(
+                &kernel(TrainRow::QuantizeCols, c),
+                &[raw(m, &[t, c], "f32"), raw(&mut q, &[t, c], "i8"), raw(&mut sc, &[t, c], "f32")],
+            );
+            let (want_q, want_s) = kernels::quantize_fp8(&kernels::transpose(m, t, c), t, 128);
+            assert!(kernels::transpose(&q, t, c) == want_q, "128x1 bits");
+            let groups = t.div_ceil(128);
+            assert!(kernels::transpose(&sc[..groups * c], groups, c) == want_s, "128x1 scales");
+            (q, sc)
+        };
+        let ((mut aq, mut a_s), (mut bq, mut b_s)) = (cols(&mut dy, n), cols(&mut x, k));
+        let mut out = vec![f32::NAN; n * k];
+        run_cpu(
+            &kernel(TrainRow::Fp8Wgrad, k),
+            &[
+                raw(&mut dy, &[t, n], "f32"),
+                raw(&mut aq, &[t, n], "i8"),
+                raw(&mut a_s, &[t, n], "f32"),
+                raw(&mut bq, &[t, k], "i8"),
+                raw(&mut b_s, &[t, k], "f32"),
+                raw(&mut out, &[n, k], "f32"),
+            ],
+        );
+        assert!(out == kernels::fp8_wgrad(&dy, &x, t, k, n), "wgrad");
     }
 
     /// The embedding gradient sums each id's rows in token order — exactly the reference's — with
