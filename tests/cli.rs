@@ -478,8 +478,8 @@ fn train_learns_resumes_and_writes_a_checkpoint() {
 
 /// `v3c compile --target sm_90a --train` lowers every kernel of the f32 training step (CUDA-core
 /// matmuls, the gradients' row kernels, multi-launch ones) and writes an artifact whose every
-/// launch `v3r info` checks against its kernel's PTX; of the FP8 recipe's step the fp8 experts are
-/// named as unsupported (exit 1).
+/// launch `v3r info` checks against its kernel's PTX (`v3r train` runs it on a GPU: exit 3 here);
+/// of the FP8 recipe's step the fp8 experts are named as unsupported (exit 1).
 #[test]
 fn compile_for_sm90a_lowers_the_training_step() {
     let out = run_binary("v3c", &["compile", "--model", "deepseek-v3-tiny", "--target", "sm_90a", "--train"]);
@@ -523,8 +523,10 @@ fn compile_for_sm90a_lowers_the_training_step() {
         "v3r",
         &["train", art.to_str().unwrap(), "--weights", "w", "--data", "d", "--steps", "1", "--out", "o"],
     );
-    assert_ne!(train.status.code(), Some(0));
-    assert!(text(&train.stderr).contains("training steps run from cpu artifacts so far"), "{}", text(&train.stderr));
+    // No GPU here: exit 3, nothing written.
+    assert_eq!(train.status.code(), Some(3), "{}", text(&train.stderr));
+    assert!(text(&train.stderr).starts_with("v3r: error: no CUDA"), "{}", text(&train.stderr));
+    assert!(!std::path::Path::new("o").exists());
     // The FP8 recipe with dense layers lowers whole: its fp8 GEMM launches (B a temporary: the
     // master weight quantized in the step) check against the template's PTX too.
     let dense = dir.path().join("dense");

@@ -1414,9 +1414,9 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     match o.backend {
         "reference" | "cpu" => {}
         "cuda" => {
-            return Err("--backend cuda: unsupported on sm_90a: the training step's kernels lower for sm_90a \
-                 (`v3c compile --target sm_90a --train`; the FP8 recipe's experts not yet), but the runtime \
-                 launches training steps on the CPU only; use --backend cpu or reference"
+            return Err("--backend cuda: unsupported on sm_90a in v3c: compile the training step with `v3c \
+                 compile --target sm_90a --train --out DIR` (the FP8 recipe's experts do not lower yet) and run it \
+                 with `v3r train DIR` on the GPU; or use --backend cpu or reference"
                 .into())
         }
         other => return Err(format!("--backend {other}: unknown (reference, cpu, cuda)")),

@@ -316,3 +316,40 @@ impl<'a, 'c> Emulator<'a, 'c> {
         Ok(outs)
     }
 }
+
+impl v3c_runtime::training::EntryRunner for Emulator<'_, '_> {
+    fn dir(&self) -> String {
+        format!("{} (emulated)", self.artifact.dir.display())
+    }
+
+    fn entry_plan(&self, entry: &str) -> Result<&v3c_runtime::plan::EntryPlan, String> {
+        self.expander.entry(entry)
+    }
+
+    fn weight_names(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.bindings.weights.iter().filter(|(_, &addr)| addr != 0).map(|(n, _)| n.clone()).collect();
+        names.sort();
+        names
+    }
+
+    fn set_weight(&mut self, name: &str, weight: HostBuffer) -> Result<(), String> {
+        let addr = *self.bindings.weights.get(name).ok_or_else(|| format!("the plan binds no weight '{name}'"))?;
+        if addr == 0 {
+            return Err(format!("weight {name} is only read re-laid out (prepared at load): it cannot be rebound"));
+        }
+        let bytes = v3c_runtime::gpu::planned_weight_bytes(self.artifact, name, &weight)?;
+        // SAFETY: the weight's own host allocation, sized by the plan for these bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        Ok(())
+    }
+
+    fn run(
+        &mut self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        Emulator::run(self, entry, inputs, wanted, None)
+    }
+}

@@ -188,9 +188,8 @@ struct CompileArgs {
     speculative: bool,
     /// Compile the training step (forward, losses, every gradient) instead of the inference
     /// entries, planned for windows of up to --max-rows tokens: an artifact `v3r train` runs (cpu
-    /// target). `--precision fp8`: DeepSeek-V3's FP8 recipe. With --target sm_90a: the step's
-    /// kernels as sm_90a launches (`v3r info` checks them; `v3r train` runs cpu artifacts only so
-    /// far), any without a lowering named.
+    /// target; with --target sm_90a, `v3r train` runs it on the GPU). `--precision fp8`:
+    /// DeepSeek-V3's FP8 recipe. Kernels without an sm_90a lowering are named.
     #[arg(long)]
     train: bool,
     /// With --train: weight (lambda) of the MTP loss (0 leaves the MTP module out).
@@ -301,8 +300,8 @@ struct TrainArgs {
     seq: usize,
     /// Where the steps run: `reference` (the interpreter, the oracle) or `cpu` (the training graph
     /// compiled: forward, losses and backward kernels JIT-compiled for this machine, the FP8 recipe
-    /// and MoE layers included). `cuda`: not yet (the runtime launches training steps on the CPU
-    /// only; `v3c compile --target sm_90a --train` shows the step's sm_90a kernels).
+    /// and MoE layers included). `cuda`: not here (compile the step with `v3c compile --target
+    /// sm_90a --train --out DIR` and run it with `v3r train DIR`).
     #[arg(long, value_name = "BACKEND", default_value = "reference")]
     backend: String,
     /// Weight (lambda) of the MTP loss when the checkpoint has an MTP module; 0 leaves it untrained.

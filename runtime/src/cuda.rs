@@ -761,3 +761,44 @@ impl GpuArtifact {
         self.device
     }
 }
+
+/// Bound weights (device addresses) rebound with new values: trained parameters between steps.
+fn rebind(bindings: &Bindings, artifact: &Artifact, name: &str, weight: &HostBuffer) -> Result<(u64, Vec<u8>), String> {
+    let addr = *bindings.weights.get(name).ok_or_else(|| format!("the plan binds no weight '{name}'"))?;
+    if addr == 0 {
+        return Err(format!("weight {name} is only read re-laid out (prepared at load): it cannot be rebound"));
+    }
+    Ok((addr, crate::gpu::planned_weight_bytes(artifact, name, weight)?))
+}
+
+impl crate::training::EntryRunner for GpuArtifact {
+    fn dir(&self) -> String {
+        self.artifact.dir.display().to_string()
+    }
+
+    fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String> {
+        GpuArtifact::entry_plan(self, entry)
+    }
+
+    fn weight_names(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.bindings.weights.iter().filter(|(_, &addr)| addr != 0).map(|(n, _)| n.clone()).collect();
+        names.sort();
+        names
+    }
+
+    fn set_weight(&mut self, name: &str, weight: HostBuffer) -> Result<(), String> {
+        let (addr, bytes) = rebind(&self.bindings, &self.artifact, name, &weight)?;
+        // SAFETY: the weight's own allocation, sized by the plan for these bytes (shape checked).
+        unsafe { result::memcpy_htod_sync(addr, &bytes) }.map_err(cuda(&format!("uploading weight {name}")))
+    }
+
+    fn run(
+        &mut self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        GpuArtifact::run(self, entry, inputs, wanted)
+    }
+}

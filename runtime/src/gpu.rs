@@ -721,6 +721,22 @@ pub fn prepare_weight(
 }
 
 /// Bytes of a host buffer as the plan's element type, and the reverse.
+/// Weight `name` of `artifact`'s plan as the bytes its buffer holds (shape checked against the
+/// plan's): how a GPU step rebinds trained parameters.
+pub fn planned_weight_bytes(artifact: &Artifact, name: &str, w: &HostBuffer) -> Result<Vec<u8>, String> {
+    let planned = artifact
+        .plan
+        .entries
+        .iter()
+        .flat_map(|e| &e.buffers)
+        .find(|b| matches!(&b.kind, BufferKind::Weight { name: n } if n == name))
+        .ok_or_else(|| format!("the plan binds no weight '{name}'"))?;
+    if planned.shape != w.shape {
+        return Err(format!("weight {name}: shape {:?}, the plan's is {:?}", w.shape, planned.shape));
+    }
+    plan_bytes(w, &planned.dtype).map_err(|e| format!("weight {name}: {e}"))
+}
+
 pub fn plan_bytes(b: &HostBuffer, element: &str) -> Result<Vec<u8>, String> {
     Ok(match (&b.data, element) {
         (HostData::F32(v), "f32") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),

@@ -55,7 +55,7 @@ enum Command {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Artifact directory written by `v3c compile --target cpu --train`.
+    /// Artifact directory written by `v3c compile --train` (cpu: runs here; sm_90a: on the GPU).
     artifact: PathBuf,
     /// Checkpoint to start from (HF layout); with --resume, the run's --out is read instead.
     #[arg(long, value_name = "DIR")]
@@ -65,6 +65,9 @@ struct TrainArgs {
     /// Tokens per sequence (default: the artifact's planned window, --max-rows at compile time).
     #[arg(long, value_name = "T")]
     seq: Option<usize>,
+    /// CUDA device ordinal (GPU artifacts).
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
 }
 
 #[derive(Args)]
@@ -222,7 +225,7 @@ fn main() -> ExitCode {
         Command::BenchDecode(a) => bench_decode(&a),
         Command::Tune(a) => tune(&a),
         Command::BenchKernels(a) => bench_kernels(&a),
-        Command::Train(a) => train(&a).map_err(Failure::Other),
+        Command::Train(a) => train(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -396,11 +399,7 @@ fn info(args: &InfoArgs) -> Result<(), String> {
     ));
     if let Some(t) = &m.training {
         put("training", serde_json::to_value(t).unwrap_or_default());
-        let how = if m.target.name == "cpu" {
-            "run it with `v3r train`"
-        } else {
-            "its launches are validated; `v3r train` runs cpu artifacts only so far"
-        };
+        let how = if m.target.name == "cpu" { "run it with `v3r train`" } else { "run it with `v3r train` on the GPU" };
         line(format!(
             "training: MTP loss weight {}, balance loss alpha {}, {} ({how})",
             t.mtp_weight,
@@ -748,21 +747,20 @@ fn tune(args: &TuneArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `v3r train`: the training run of `v3c train` on a cpu training-step artifact; the loss weights
-/// and precision are the artifact's (its manifest's `training`).
-fn train(args: &TrainArgs) -> Result<(), String> {
+/// `v3r train`: the training run of `v3c train` on a training-step artifact — a cpu one here, a
+/// GPU one on device `--device` (exit 3 without a GPU); the loss weights and precision are the
+/// artifact's (its manifest's `training`).
+fn train(args: &TrainArgs) -> Result<(), Failure> {
     use v3c_runtime::training::{ArtifactStep, Run, RunOptions, TRAIN_ENTRY};
-    let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| e.to_string())?;
+    let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
     let dir = args.artifact.display();
     let info = a.manifest.training.clone().ok_or_else(|| {
-        format!("{dir}: not a training-step artifact (compile one with `v3c compile --target cpu --train`)")
+        Failure::Other(format!("{dir}: not a training-step artifact (compile one with `v3c compile --train`)"))
     })?;
-    if a.manifest.target.name != "cpu" {
-        return Err(format!(
-            "{dir}: a {} artifact; training steps run from cpu artifacts so far (the runtime does not launch \
-             them on a GPU yet)",
-            a.manifest.target.name
-        ));
+    let on_gpu = a.manifest.target.name != "cpu";
+    if on_gpu {
+        // Before anything is read or written: a GPU artifact needs the GPU.
+        device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
     }
     let planned = a.plan.entries.iter().find(|e| e.name == TRAIN_ENTRY).map(|e| e.sizes.rows).unwrap_or(0);
     let options = RunOptions {
@@ -779,9 +777,19 @@ fn train(args: &TrainArgs) -> Result<(), String> {
         balance_alpha: info.balance_alpha,
         fp8: info.fp8,
     };
-    let run = Run::prepare(&options)?;
+    let run = Run::prepare(&options).map_err(Failure::Other)?;
     let source = if args.run.resume { args.run.out.as_path() } else { args.weights.as_path() };
-    let artifact = v3c_runtime::cpu::CpuArtifact::load(a, source)?;
-    let mut step = ArtifactStep::new(artifact, &run.trainer, options.seq)?;
-    run.execute(&options, &mut step, "cpu artifact")
+    if !on_gpu {
+        let artifact = v3c_runtime::cpu::CpuArtifact::load(a, source).map_err(Failure::Other)?;
+        let mut step = ArtifactStep::new(artifact, &run.trainer, options.seq).map_err(Failure::Other)?;
+        return run.execute(&options, &mut step, "cpu artifact").map_err(Failure::Other);
+    }
+    // On the GPU: the step's launches on the device, the optimizer on the host (parameters uploaded
+    // into the bound weights at every step, gradients read back).
+    let ordinal = args.device;
+    let (bar, mut tick) = load_progress(&a);
+    let gpu = v3c_runtime::cuda::GpuArtifact::load(a, source, ordinal, &mut tick).map_err(Failure::Other)?;
+    bar.finish_and_clear();
+    let mut step = ArtifactStep::new(gpu, &run.trainer, options.seq).map_err(Failure::Other)?;
+    run.execute(&options, &mut step, &format!("sm_90a artifact on cuda:{ordinal}")).map_err(Failure::Other)
 }

@@ -297,18 +297,62 @@ pub fn bound_weight(name: &str, params: &HashMap<String, Tensor>) -> Result<Host
     Ok(HostBuffer { shape, data: HostData::F32(data) })
 }
 
-/// A cpu artifact of a training step (`v3c compile --target cpu --train`) as the trainer's
-/// [`StepBackend`]: each window runs the plan; the parameters are bound as its weights at every
-/// optimizer step.
-pub struct ArtifactStep {
-    artifact: crate::cpu::CpuArtifact,
+/// A loaded artifact that runs entries on weights it can rebind: the cpu artifact, a GPU artifact
+/// on its device, or that artifact's host emulation (`v3c_compiler::emulate`).
+pub trait EntryRunner {
+    /// The artifact's directory (for messages).
+    fn dir(&self) -> String;
+    fn entry_plan(&self, entry: &str) -> Result<&crate::plan::EntryPlan, String>;
+    /// The weights its plan binds.
+    fn weight_names(&self) -> Vec<String>;
+    /// Replaces weight `name` (of the shape the plan binds).
+    fn set_weight(&mut self, name: &str, weight: HostBuffer) -> Result<(), String>;
+    fn run(
+        &mut self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String>;
 }
 
-impl ArtifactStep {
+impl EntryRunner for crate::cpu::CpuArtifact {
+    fn dir(&self) -> String {
+        self.artifact.dir.display().to_string()
+    }
+
+    fn entry_plan(&self, entry: &str) -> Result<&crate::plan::EntryPlan, String> {
+        crate::cpu::CpuArtifact::entry_plan(self, entry)
+    }
+
+    fn weight_names(&self) -> Vec<String> {
+        crate::cpu::CpuArtifact::weight_names(self)
+    }
+
+    fn set_weight(&mut self, name: &str, weight: HostBuffer) -> Result<(), String> {
+        crate::cpu::CpuArtifact::set_weight(self, name, weight)
+    }
+
+    fn run(
+        &mut self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        crate::cpu::CpuArtifact::run(self, entry, inputs, wanted)
+    }
+}
+
+/// A training-step artifact (`v3c compile --train`) as the trainer's [`StepBackend`]: each window
+/// runs the plan; the parameters are bound as its weights at every optimizer step.
+pub struct ArtifactStep<R: EntryRunner = crate::cpu::CpuArtifact> {
+    artifact: R,
+}
+
+impl<R: EntryRunner> ArtifactStep<R> {
     /// Checks that `artifact` computes what `trainer` asks for (its loss and every gradient) and
     /// holds windows of `seq` tokens.
-    pub fn new(artifact: crate::cpu::CpuArtifact, trainer: &Trainer, seq: usize) -> Result<ArtifactStep, String> {
-        let dir = artifact.artifact.dir.display().to_string();
+    pub fn new(artifact: R, trainer: &Trainer, seq: usize) -> Result<ArtifactStep<R>, String> {
+        let dir = artifact.dir();
         let plan = artifact.entry_plan(TRAIN_ENTRY).map_err(|e| format!("{dir}: {e} (compile with --train)"))?;
         for (name, _) in &trainer.graph().outputs {
             if !plan.outputs.iter().any(|(n, _)| n == name) {
@@ -324,7 +368,7 @@ impl ArtifactStep {
     }
 }
 
-impl StepBackend for ArtifactStep {
+impl<R: EntryRunner> StepBackend for ArtifactStep<R> {
     fn load(&mut self, _graph: &v3c_models::Graph, params: &HashMap<String, Tensor>) -> Result<(), TrainError> {
         for name in self.artifact.weight_names() {
             let w = bound_weight(&name, params)?;
