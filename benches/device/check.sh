@@ -13,7 +13,9 @@
 # 3. end to end on the small model: `v3r logits` against the CPU backend's (argmax per row, 5e-2), the
 #    prefill and two decode steps dumped launch by launch against the host emulation (dump_compare.py
 #    names the first launch that differs), `v3r run` of two prompts as a batch and `v3r run
-#    --speculative` against the CPU backend's greedy tokens; 4. its kernels timed (`v3r bench-kernels`);
+#    --speculative` against the CPU backend's greedy tokens; 3b. `v3r train` of the tiny model's sm_90a
+#    training-step artifacts (f32 MoE + MTP; FP8 dense) against the cpu artifacts' loss logs, tokens/s;
+#    4. its kernels timed (`v3r bench-kernels`);
 # 2. the GEMM template kernels vs torch (gemm_check.py: correctness, then TFLOP/s); 2c. the row kernels
 #    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py);
 # 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, and transformers'
@@ -150,6 +152,28 @@ PY
   else
     row "3. speculative tokens" "FAILED" "v3r run --speculative failed (check.log)"
   fi
+    note "== 3b. training: v3r train of the tiny model's sm_90a training-step artifacts against the cpu artifact's"
+  for m in ckpt dense_ckpt; do
+    exp="$root/.device/train/${m}_expected/loss.csv"
+    if [ -f "$exp" ] && timeout "$(budget 60)" "$v3r" train "$root/.device/train/${m}_sm_90a" --weights "$root/.device/train/$m" \
+        --data "$root/.device/train/data.txt" --steps 4 --batch 2 --seq 32 --out "$out/train_$m" 2>&1 | tee -a "$log"; then
+      # Losses step by step within 1e-3 relative (f32 on CUDA cores vs the CPU's order; the FP8 recipe's
+      # e4m3 roundings may flip on last-bit differences: 2e-2).
+      tol=1e-3; [ "$m" = dense_ckpt ] && tol=2e-2
+      if python3 - "$out/train_$m/loss.csv" "$exp" "$tol" <<'PY' 2>&1 | tee -a "$log"
+import csv, sys
+got = [float(r["loss"]) for r in csv.DictReader(open(sys.argv[1]))]
+want = [float(r["loss"]) for r in csv.DictReader(open(sys.argv[2]))]
+worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
+print(f"training losses {['%.5f' % x for x in got]} vs cpu {['%.5f' % x for x in want]}: worst {worst:.1e}")
+sys.exit(0 if len(got) == len(want) and worst <= float(sys.argv[3]) else 1)
+PY
+      then row "3b. training $m" "ok" "$(grep -o '[0-9]* tokens/s' "$log" | tail -1), losses as the cpu artifact's"
+      else row "3b. training $m" "DIFFERS" "train_$m/loss.csv vs the cpu artifact's (check.log)"; fi
+    else
+      row "3b. training $m" "FAILED" "v3r train failed or no .device/train (check.log)"
+    fi
+  done
   note "== 4. the small model's kernels timed (v3r bench-kernels)"
   if timeout 60 "$v3r" bench-kernels "$e2e/sm90" --weights "$e2e/ckpt" --reps 10 --out "$out/e2e_kernels.json" 2>&1 | tee -a "$log"; then
     row "4. kernel timing" "ok" "e2e_kernels.json"
