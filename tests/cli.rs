@@ -523,6 +523,59 @@ fn compile_for_sm90a_lowers_the_training_step() {
         "v3r",
         &["train", art.to_str().unwrap(), "--weights", "w", "--data", "d", "--steps", "1", "--out", "o"],
     );
+    // Its host emulation on one window (the runtime's launch expansion; `--dump` is what a GPU run
+    // with V3R_DUMP_DIR is compared against) has the loss `v3c train --backend cpu` logs for it.
+    let ckpt = dir.path().join("ckpt");
+    let init = run_binary("v3c", &["init-weights", "--model", "deepseek-v3-tiny", "--out", ckpt.to_str().unwrap()]);
+    assert!(init.status.success(), "{}", text(&init.stderr));
+    let window: Vec<String> = (0..34).map(|i| ((i * 7) % 97 + 3).to_string()).collect();
+    let data = dir.path().join("window.txt");
+    std::fs::write(&data, window.join(" ")).unwrap();
+    let emulated = dir.path().join("emulated.safetensors");
+    let emulate = run_binary(
+        "v3c",
+        &[
+            "emulate",
+            art.to_str().unwrap(),
+            "--weights",
+            ckpt.to_str().unwrap(),
+            "--tokens",
+            &window.join(" "),
+            "--out",
+            emulated.to_str().unwrap(),
+        ],
+    );
+    let err = text(&emulate.stderr);
+    assert!(emulate.status.success(), "{err}");
+    let loss_of =
+        |s: &str| s.split("loss ").nth(1).and_then(|l| l.split(';').next()).map(|l| l.parse::<f32>().unwrap());
+    let emulated_loss = loss_of(&err).unwrap_or_else(|| panic!("{err}"));
+    assert!(err.contains("on a window of 32 tokens") && emulated.exists(), "{err}");
+    let run = dir.path().join("run");
+    let cpu = run_binary(
+        "v3c",
+        &[
+            "train",
+            "--model-dir",
+            ckpt.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--batch",
+            "1",
+            "--seq",
+            "32",
+            "--backend",
+            "cpu",
+            "--out",
+            run.to_str().unwrap(),
+        ],
+    );
+    assert!(cpu.status.success(), "{}", text(&cpu.stderr));
+    let log = std::fs::read_to_string(run.join("loss.csv")).unwrap();
+    let cpu_loss: f32 = log.lines().nth(1).unwrap().split(',').nth(1).unwrap().parse().unwrap();
+    assert!((emulated_loss - cpu_loss).abs() <= 1e-5 * cpu_loss.abs(), "emulated {emulated_loss} vs cpu {cpu_loss}");
     // No GPU here: exit 3, nothing written.
     assert_eq!(train.status.code(), Some(3), "{}", text(&train.stderr));
     assert!(text(&train.stderr).starts_with("v3r: error: no CUDA"), "{}", text(&train.stderr));

@@ -169,7 +169,15 @@ print(f"training losses {['%.5f' % x for x in got]} vs cpu {['%.5f' % x for x in
 sys.exit(0 if len(got) == len(want) and worst <= float(sys.argv[3]) else 1)
 PY
       then row "3b. training $m" "ok" "$(grep -o '[0-9]* tokens/s' "$log" | tail -1), losses as the cpu artifact's"
-      else row "3b. training $m" "DIFFERS" "train_$m/loss.csv vs the cpu artifact's (check.log)"; fi
+      else
+        row "3b. training $m" "DIFFERS" "train_$m/loss.csv vs the cpu artifact's; train_dump_$m (check.log)"
+        # One step on one window with every launch's buffers dumped; on the build machine:
+        #   v3c emulate .device/train/${m}_sm_90a --weights .device/train/$m --tokens "$(cat .device/train/${m}_window.txt)" \
+        #     --out /tmp/e.safetensors --dump /tmp/d && python3 benches/device/dump_compare.py $OUT/train_dump_$m /tmp/d
+        V3R_DUMP_DIR="$out/train_dump_$m" timeout "$(budget 60)" "$v3r" train "$root/.device/train/${m}_sm_90a" \
+          --weights "$root/.device/train/$m" --data "$root/.device/train/${m}_window.txt" --steps 1 --batch 1 --seq 32 \
+          --out "$out/train1_$m" >>"$log" 2>&1 || note "the dumped training step failed too (check.log)"
+      fi
     else
       row "3b. training $m" "FAILED" "v3r train failed or no .device/train (check.log)"
     fi

@@ -106,6 +106,11 @@ json.dump(c, open(sys.argv[2], "w"), indent=1)
 PY
 target/release/v3c init-weights --model .device/train/dense --out .device/train/dense_ckpt --seed 6 >/dev/null 2>&1
 python3 -c "print(' '.join(str((i * 7) % 97 + 3) for i in range(4096)))" > .device/train/data.txt
+# One window each (32 tokens + targets: 2 more with the MTP module, 1 without): what check.sh trains
+# on with V3R_DUMP_DIR when the losses differ; `v3c emulate --dump` of the same on this machine is
+# what dump_compare.py compares that against.
+cut -d' ' -f1-34 .device/train/data.txt > .device/train/ckpt_window.txt
+cut -d' ' -f1-33 .device/train/data.txt > .device/train/dense_ckpt_window.txt
 for m in ckpt dense_ckpt; do
   p=""; [ "$m" = dense_ckpt ] && p="--precision fp8"
   for t in sm_90a cpu; do

@@ -1449,6 +1449,67 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
 
 /// `v3c emulate`: a GPU artifact's prefill of `tokens` from position 0 run on this CPU
 /// ([`v3c_compiler::emulate`]), its logits written to `out`, every launch's buffers to `dump`.
+/// `v3c emulate` of a training-step artifact: one window (`tokens`: the inputs and their targets,
+/// as `v3r train` cuts them from its data) through the step, its loss and every gradient written to
+/// `out` (safetensors), every launch's buffers to `dump` — what `V3R_DUMP_DIR` makes `v3r train`
+/// write on the GPU for the same window (a data file of exactly one window).
+fn emulate_train_step(
+    a: &v3c_runtime::artifact::Artifact,
+    weights: &Path,
+    ckpt: &v3c_models::checkpoint::Checkpoint,
+    info: &v3c_runtime::artifact::TrainingInfo,
+    tokens: &[u32],
+    out: &Path,
+    dump: Option<&Path>,
+) -> Result<(), String> {
+    use v3c_models::train::{load_params, TrainConfig, Trainer};
+    let config = ModelConfig::resolve(&weights.display().to_string()).map_err(|e| e.to_string())?;
+    let params = load_params(&config, ckpt).map_err(|e| e.to_string())?;
+    let train = TrainConfig {
+        mtp_weight: info.mtp_weight,
+        balance_alpha: info.balance_alpha,
+        fp8: info.fp8,
+        ..Default::default()
+    };
+    let trainer = Trainer::new(&config, params, train).map_err(|e| e.to_string())?;
+    let entry = v3c_runtime::training::TRAIN_ENTRY;
+    let plan = a.plan.entries.iter().find(|e| e.name == entry).ok_or("the artifact has no training step")?;
+    let rows = tokens.len().saturating_sub(trainer.window_extra());
+    if rows == 0 || rows > plan.sizes.rows {
+        return Err(format!(
+            "{} tokens: a window is 1..={} tokens plus {} (the targets), as the plan holds",
+            tokens.len(),
+            plan.sizes.rows,
+            trainer.window_extra()
+        ));
+    }
+    let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+    let inputs = trainer.window_inputs(&ids).map_err(|e| e.to_string())?;
+    let host = v3c_runtime::training::host_inputs(&inputs).map_err(|e| e.to_string())?;
+    let context = v3c_compiler::mlir::new_context();
+    let mut emulator = v3c_compiler::emulate::Emulator::new(&context, a, &v3c_runtime::gpu::Weights::Checkpoint(ckpt))?;
+    let names: Vec<String> = trainer.graph().outputs.iter().map(|(n, _)| n.clone()).collect();
+    let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+    let start = Instant::now();
+    let outs = emulator.run(entry, &host, &wanted, dump)?;
+    let tensors = v3c_runtime::training::output_tensors(outs).map_err(|e| e.to_string())?;
+    let mut named: Vec<(&str, &v3c_models::tensor::Tensor)> =
+        names.iter().filter_map(|n| tensors.get(n).filter(|t| t.as_f32().is_some()).map(|t| (n.as_str(), t))).collect();
+    named.sort_by(|x, y| x.0.cmp(y.0));
+    save_tensors(out, &named).map_err(|e| e.to_string())?;
+    let loss = tensors.get("loss").and_then(|t| t.as_f32()).and_then(|v| v.first().copied()).unwrap_or(f32::NAN);
+    eprintln!(
+        "emulated the training step ({} fused launches) on a window of {rows} tokens in {:.2} s: loss {loss}; wrote \
+         the loss and {} gradients to {}{}",
+        plan.launches.len(),
+        start.elapsed().as_secs_f64(),
+        named.len() - 1,
+        out.display(),
+        dump.map_or(String::new(), |d| format!(", every launch's buffers to {}", d.display()))
+    );
+    Ok(())
+}
+
 pub fn emulate(
     artifact: &Path,
     weights: &Path,
@@ -1472,6 +1533,9 @@ pub fn emulate(
         return Err(format!("{}: already exists (dumps go into a new directory)", d.display()));
     }
     let ckpt = v3c_models::checkpoint::Checkpoint::open(weights).map_err(|e| e.to_string())?;
+    if let Some(info) = a.manifest.training.clone() {
+        return emulate_train_step(&a, weights, &ckpt, &info, &tokens, out, dump);
+    }
     let plan = a.plan.entries.iter().find(|e| e.name == "prefill").ok_or("the artifact has no prefill entry")?;
     if tokens.is_empty() || tokens.len() > plan.sizes.rows {
         return Err(format!(

@@ -58,10 +58,12 @@ struct EmulateArgs {
     /// Checkpoint directory (config.json + safetensors).
     #[arg(long, value_name = "DIR")]
     weights: PathBuf,
-    /// Token ids separated by spaces: one prefill from position 0 (at most the plan's rows).
+    /// Token ids separated by spaces: one prefill from position 0 (at most the plan's rows); for a
+    /// training-step artifact, one window: its tokens and their targets (as `v3r train` cuts them).
     #[arg(long, value_name = "IDS")]
     tokens: String,
-    /// Output safetensors file (`logits` F32 [tokens, vocab]).
+    /// Output safetensors file (`logits` F32 [tokens, vocab]; a training step: `loss` and every
+    /// `grad.*`).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
     /// Write every launch's buffers (but weights) here, with an index.jsonl.
