@@ -327,18 +327,11 @@ impl v3c_runtime::training::EntryRunner for Emulator<'_, '_> {
     }
 
     fn weight_names(&self) -> Vec<String> {
-        let mut names: Vec<String> =
-            self.bindings.weights.iter().filter(|(_, &addr)| addr != 0).map(|(n, _)| n.clone()).collect();
-        names.sort();
-        names
+        v3c_runtime::gpu::rebindable_weights(&self.bindings)
     }
 
     fn set_weight(&mut self, name: &str, weight: HostBuffer) -> Result<(), String> {
-        let addr = *self.bindings.weights.get(name).ok_or_else(|| format!("the plan binds no weight '{name}'"))?;
-        if addr == 0 {
-            return Err(format!("weight {name} is only read re-laid out (prepared at load): it cannot be rebound"));
-        }
-        let bytes = v3c_runtime::gpu::planned_weight_bytes(self.artifact, name, &weight)?;
+        let (addr, bytes) = v3c_runtime::gpu::rebind(&self.bindings, self.artifact, name, &weight)?;
         // SAFETY: the weight's own host allocation, sized by the plan for these bytes.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
         Ok(())

@@ -762,15 +762,6 @@ impl GpuArtifact {
     }
 }
 
-/// Bound weights (device addresses) rebound with new values: trained parameters between steps.
-fn rebind(bindings: &Bindings, artifact: &Artifact, name: &str, weight: &HostBuffer) -> Result<(u64, Vec<u8>), String> {
-    let addr = *bindings.weights.get(name).ok_or_else(|| format!("the plan binds no weight '{name}'"))?;
-    if addr == 0 {
-        return Err(format!("weight {name} is only read re-laid out (prepared at load): it cannot be rebound"));
-    }
-    Ok((addr, crate::gpu::planned_weight_bytes(artifact, name, weight)?))
-}
-
 impl crate::training::EntryRunner for GpuArtifact {
     fn dir(&self) -> String {
         self.artifact.dir.display().to_string()
@@ -781,14 +772,11 @@ impl crate::training::EntryRunner for GpuArtifact {
     }
 
     fn weight_names(&self) -> Vec<String> {
-        let mut names: Vec<String> =
-            self.bindings.weights.iter().filter(|(_, &addr)| addr != 0).map(|(n, _)| n.clone()).collect();
-        names.sort();
-        names
+        crate::gpu::rebindable_weights(&self.bindings)
     }
 
     fn set_weight(&mut self, name: &str, weight: HostBuffer) -> Result<(), String> {
-        let (addr, bytes) = rebind(&self.bindings, &self.artifact, name, &weight)?;
+        let (addr, bytes) = crate::gpu::rebind(&self.bindings, &self.artifact, name, &weight)?;
         // SAFETY: the weight's own allocation, sized by the plan for these bytes (shape checked).
         unsafe { result::memcpy_htod_sync(addr, &bytes) }.map_err(cuda(&format!("uploading weight {name}")))
     }

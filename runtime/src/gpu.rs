@@ -721,6 +721,29 @@ pub fn prepare_weight(
 }
 
 /// Bytes of a host buffer as the plan's element type, and the reverse.
+/// The weights bound to memory of their own (those only read re-laid out have none), sorted.
+pub fn rebindable_weights(bindings: &Bindings) -> Vec<String> {
+    let mut names: Vec<String> =
+        bindings.weights.iter().filter(|(_, &addr)| addr != 0).map(|(n, _)| n.clone()).collect();
+    names.sort();
+    names
+}
+
+/// Where weight `name` is bound and its new value `weight` as the bytes to write there: how a
+/// training run rebinds trained parameters between steps.
+pub fn rebind(
+    bindings: &Bindings,
+    artifact: &Artifact,
+    name: &str,
+    weight: &HostBuffer,
+) -> Result<(u64, Vec<u8>), String> {
+    let addr = *bindings.weights.get(name).ok_or_else(|| format!("the plan binds no weight '{name}'"))?;
+    if addr == 0 {
+        return Err(format!("weight {name} is only read re-laid out (prepared at load): it cannot be rebound"));
+    }
+    Ok((addr, planned_weight_bytes(artifact, name, weight)?))
+}
+
 /// Weight `name` of `artifact`'s plan as the bytes its buffer holds (shape checked against the
 /// plan's): how a GPU step rebinds trained parameters.
 pub fn planned_weight_bytes(artifact: &Artifact, name: &str, w: &HostBuffer) -> Result<Vec<u8>, String> {

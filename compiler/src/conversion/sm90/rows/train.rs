@@ -68,6 +68,39 @@ fn mla_dp(q: &str, k: &str) -> String {
     )
 }
 
+/// SwiGLU's gradient at one element (the reference's `silu_mul_grad`): `%dg = dy * u * s * (1 + g
+/// * (1 - s))` with `s = sigmoid(g)`, `%du = dy * silu(g)`, from the values `g`, `u`, `dy`.
+fn swiglu_grad(lowering: Lowering, g: &str, u: &str, dy: &str) -> String {
+    format!(
+        "%swg_neg = arith.negf {g} : f32
+{exp}%swg_den = arith.addf %one, %swg_e : f32
+%swg_s = arith.divf %one, %swg_den : f32
+%swg_dyu = arith.mulf {dy}, {u} : f32
+%swg_dyus = arith.mulf %swg_dyu, %swg_s : f32
+%swg_oms = arith.subf %one, %swg_s : f32
+%swg_goms = arith.mulf {g}, %swg_oms : f32
+%swg_f = arith.addf %one, %swg_goms : f32
+%dg = arith.mulf %swg_dyus, %swg_f : f32
+%swg_silu = arith.divf {g}, %swg_den : f32
+%du = arith.mulf {dy}, %swg_silu : f32
+",
+        exp = exp(lowering, "%swg_neg", "%swg_e")
+    )
+}
+
+/// `{out}` = the larger of `{acc}` and |`{value}`| (a bit mask, as the inference quantization
+/// takes it).
+fn amax_step(value: &str, acc: &str, out: &str) -> String {
+    format!(
+        "{out}_bits = arith.bitcast {value} : f32 to i32
+{out}_abs_bits = arith.andi {out}_bits, %abs_mask : i32
+{out}_abs = arith.bitcast {out}_abs_bits : i32 to f32
+{out}_gt = arith.cmpf ogt, {out}_abs, {acc} : f32
+{out} = arith.select {out}_gt, {out}_abs, {acc} : f32
+"
+    )
+}
+
 /// `%ebase` = the first row of expert `idx[{t}, {s}]` in stacked weights `{weights}` of `{rows}`
 /// rows per expert (an expert outside them reads expert 0: the runtime checks the routing).
 fn expert_base(t: &str, s: &str, weights: &str, rows: &str) -> String {
@@ -945,22 +978,11 @@ scf.for %i = %tid to %cSecond step %cT {{
   %g = memref.load %gate[%row, %i] : {m}
   %u = memref.load %up[%row, %i] : {m}
   %dy_v = memref.load %dy[%row, %i] : {m}
-  %neg = arith.negf %g : f32
-{exp}  %den = arith.addf %one, %e : f32
-  %s = arith.divf %one, %den : f32
-  %dyu = arith.mulf %dy_v, %u : f32
-  %dyus = arith.mulf %dyu, %s : f32
-  %oms = arith.subf %one, %s : f32
-  %goms = arith.mulf %g, %oms : f32
-  %f = arith.addf %one, %goms : f32
-  %dg = arith.mulf %dyus, %f : f32
-  %silu = arith.divf %g, %den : f32
-  %du = arith.mulf %dy_v, %silu : f32
-  memref.store %dg, %dgate[%row, %i] : {m}
+{grad}  memref.store %dg, %dgate[%row, %i] : {m}
   memref.store %du, %dup[%row, %i] : {m}
 }}
 ",
-                exp = indent2(&exp(lowering, "%neg", "%e"))
+                grad = indent2(&swiglu_grad(lowering, "%g", "%u", "%dy_v"))
             )],
             TrainRow::Columns { .. } => vec![format!(
                 "%row_base = arith.muli %row, %cStride : index
@@ -1626,23 +1648,12 @@ scf.for %i = %tid to %cD step %cT {{
   }}
   %gv = memref.load %g[%row, %i] : {m}
   %uv = memref.load %u[%row, %i] : {m}
-  %neg = arith.negf %gv : f32
-{exp}  %den = arith.addf %one, %ex : f32
-  %sg = arith.divf %one, %den : f32
-  %dhu = arith.mulf %dh, %uv : f32
-  %dhus = arith.mulf %dhu, %sg : f32
-  %oms = arith.subf %one, %sg : f32
-  %goms = arith.mulf %gv, %oms : f32
-  %f = arith.addf %one, %goms : f32
-  %ggv = arith.mulf %dhus, %f : f32
-  %silu = arith.divf %gv, %den : f32
-  %uuv = arith.mulf %dh, %silu : f32
-  memref.store %ggv, %gg[%row, %i] : {m}
-  memref.store %uuv, %uu[%row, %i] : {m}
+{grad}  memref.store %dg, %gg[%row, %i] : {m}
+  memref.store %du, %uu[%row, %i] : {m}
 }}
 ",
                     e = expert_base("%t", "%s", "%down", "%D"),
-                    exp = indent2(&exp(lowering, "%neg", "%ex")),
+                    grad = indent2(&swiglu_grad(lowering, "%gv", "%uv", "%dh")),
                 ),
                 format!(
                     "%first = arith.cmpi eq, %tid, %c0 : index
@@ -1800,19 +1811,16 @@ scf.for %i = %tid to %cD step %cT {{
                     "%m = scf.for %i = %tid to %cTile step %cT iter_args(%mx = %zero) -> (f32) {{
 {at}  %mx2 = scf.if %inside -> (f32) {{
     %v = memref.load %w[%r, %c] : {m}
-    %vb = arith.bitcast %v : f32 to i32
-    %ab = arith.andi %vb, %abs_mask : i32
-    %av = arith.bitcast %ab : i32 to f32
-    %gt = arith.cmpf ogt, %av, %mx : f32
-    %mx3 = arith.select %gt, %av, %mx : f32
-    scf.yield %mx3 : f32
+{amax}    scf.yield %mx3 : f32
   }} else {{
     scf.yield %mx : f32
   }}
   scf.yield %mx2 : f32
 }}
-memref.store %m, %sh_amax[%tid] : {amax}
-"
+memref.store %m, %sh_amax[%tid] : {amax_ty}
+",
+                    amax = indent2(&indent2(&amax_step("%v", "%mx", "%mx3"))),
+                    amax_ty = amax
                 )];
                 phases.extend(tree_phases(
                     kernel.threads,
@@ -1855,12 +1863,7 @@ scf.if %active {{
 scf.for %c = %tid to %cD step %cT {{
   %m = scf.for %t = %t_first to %t_end step %c1 iter_args(%mx = %zero) -> (f32) {{
     %v = memref.load %x[%t, %c] : {m}
-    %vb = arith.bitcast %v : f32 to i32
-    %ab = arith.andi %vb, %abs_mask : i32
-    %av = arith.bitcast %ab : i32 to f32
-    %gt = arith.cmpf ogt, %av, %mx : f32
-    %mx2 = arith.select %gt, %av, %mx : f32
-    scf.yield %mx2 : f32
+{amax}    scf.yield %mx2 : f32
   }}
   %small = arith.cmpf olt, %m, %amax_floor : f32
   %floored = arith.select %small, %amax_floor, %m : f32
@@ -1874,7 +1877,8 @@ scf.for %c = %tid to %cD step %cT {{
 }}
 }}
 ",
-                enc = indent2(&encode_e4m3(lowering, "%qv", "%byte"))
+                enc = indent2(&encode_e4m3(lowering, "%qv", "%byte")),
+                amax = indent2(&indent2(&amax_step("%v", "%mx", "%mx2"))),
             )],
             TrainRow::Fp8Wgrad => vec![format!(
                 "%T = memref.dim %dy, %c0 : {m}
