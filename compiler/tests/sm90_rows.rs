@@ -94,10 +94,14 @@ fn training_kernels() -> Vec<RowKernel> {
         // The FP8 recipe: q_b's 1536-wide input rows, a [24576, 1536] master's blocks both ways,
         // 128x1 tiles of 7168 columns, Wgrad into 7168 columns.
         train(TrainRow::Quantize, 1536, "f32"),
-        train(TrainRow::QuantizeBlocks { tiles: 12, transposed: false }, 128, "f32"),
-        train(TrainRow::QuantizeBlocks { tiles: 192, transposed: true }, 128, "f32"),
+        train(TrainRow::QuantizeBlocks { tiles: 12, transposed: false, matrix_rows: 0 }, 128, "f32"),
+        train(TrainRow::QuantizeBlocks { tiles: 192, transposed: true, matrix_rows: 0 }, 128, "f32"),
         train(TrainRow::QuantizeCols, 7168, "f32"),
         train(TrainRow::Fp8Wgrad, 7168, "f32"),
+        // The FP8 recipe's routed experts: each expert's master in blocks of its own, its products.
+        train(TrainRow::QuantizeBlocks { tiles: 56, transposed: false, matrix_rows: 2048 }, 128, "f32"),
+        train(TrainRow::MoeHiddenFp8 { k: 8 }, 2048, "f32"),
+        train(TrainRow::MoeCombineFp8 { k: 8 }, 7168, "f32"),
     ]);
     kernels
 }
@@ -153,6 +157,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     TrainRow::CrossEntropy { .. } => 2 * (1 + tree),
                     TrainRow::RouteGrad { .. }
                     | TrainRow::MlaGradKv(_)
+                    | TrainRow::MoeCombineFp8 { .. }
                     | TrainRow::MoeCombine { .. }
                     | TrainRow::MoeGradToken { .. } => 1,
                     TrainRow::PairSort => 2,
@@ -173,6 +178,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 | TrainRow::MlaGradQ(_)
                 | TrainRow::MlaGradKv(_)
                 | TrainRow::MoeHidden { .. }
+                | TrainRow::MoeHiddenFp8 { .. }
                 | TrainRow::MoeGradToken { .. } = op
                 {
                     assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");

@@ -98,22 +98,25 @@ fn whole_step(dense: bool, fp8: bool, tokens: usize, tolerance: f32) -> (BTreeSe
 }
 
 /// Every kernel call of one window run both ways on the same inputs (the CPU backend's outputs go
-/// on): the worst relative error over every output of every call, and the calls compared.
-fn per_kernel(dense: bool, fp8: bool, tokens: usize) -> (f32, String, usize) {
+/// on): the worst relative error over every output of every call, the calls compared, and the
+/// kernels without an sm_90a lowering (run on the CPU backend only).
+fn per_kernel(dense: bool, fp8: bool, tokens: usize) -> (f32, String, usize, BTreeSet<String>) {
     let (config, trainer, _dir) = trainer(dense, fp8);
     let context = v3c_compiler::mlir::new_context();
     let mut cpu = CpuTrainStep::new(&context, &trainer, None).unwrap();
     cpu.load(trainer.graph(), &trainer.params).unwrap();
     let inputs = trainer.window_inputs(&window(&config, tokens)).unwrap();
     let mut rows = HostRows::new(&context);
-    let (mut worst, mut at, mut calls) = (0.0f32, String::new(), 0);
+    let (mut worst, mut at, mut calls, mut kept) = (0.0f32, String::new(), 0, BTreeSet::new());
     let _: std::collections::HashMap<String, Tensor> = cpu
         .run_instead(&inputs, &["loss"], &mut |module, kernel, ins, outs, launch| {
             let mut theirs: Vec<HostBuffer> = outs.to_vec();
             launch(ins, &mut theirs)?;
             let f = fused(module, kernel).ok_or_else(|| format!("no kernel {kernel}"))?;
             if !rows.run_fused(&f, tokens, ins, outs)? {
-                return Err(format!("{kernel}: no sm_90a lowering"));
+                kept.insert(kernel.to_string());
+                outs.clone_from_slice(&theirs);
+                return Ok(true);
             }
             calls += 1;
             for (i, (ours, cpu_out)) in outs.iter().zip(&theirs).enumerate() {
@@ -126,7 +129,7 @@ fn per_kernel(dense: bool, fp8: bool, tokens: usize) -> (f32, String, usize) {
             Ok(true)
         })
         .unwrap();
-    (worst, at, calls)
+    (worst, at, calls, kept)
 }
 
 /// The f32 step: every kernel lowers (67 of the tiny MoE + MTP model's, 44 of the dense one's) and
@@ -183,18 +186,26 @@ fn the_fp8_training_step_through_its_sm90a_launches_equals_the_cpu_backend() {
     for kind in ["fp8_linear_", "fp8_linear_dgrad_", "fp8_linear_wgrad_"] {
         assert!(lowered.iter().any(|k| k.starts_with(kind)), "no {kind}* kernel lowered: {lowered:?}");
     }
-    let (worst, at, calls) = per_kernel(true, true, 130);
+    let (worst, at, calls, kept) = per_kernel(true, true, 130);
     eprintln!("fp8, 130 tokens, kernel by kernel: {calls} calls; worst {worst:e} ({at})");
+    assert!(worst < 1e-5 && kept.is_empty(), "{at}: relative error {worst:e}; not lowered: {kept:?}");
+    // MoE layers: the fp8 experts' forward lowers (quantizers, block-scaled products per expert);
+    // their gradient does not yet.
+    let (worst, at, calls, kept) = per_kernel(false, true, 40);
+    eprintln!(
+        "fp8 MoE + MTP, 40 tokens, kernel by kernel: {calls} calls; worst {worst:e} ({at}); not lowered {kept:?}"
+    );
     assert!(worst < 1e-5, "{at}: relative error {worst:e}");
+    assert_eq!(kept.into_iter().collect::<Vec<_>>(), ["moe_experts_grad_0"]);
 }
 
 /// Kernel by kernel, the MoE + MTP model's f32 step at a window longer than the attention blocks'
 /// threads and than one token group.
 #[test]
 fn every_sm90a_training_kernel_equals_the_cpu_kernel_on_its_inputs() {
-    let (worst, at, calls) = per_kernel(false, false, 150);
+    let (worst, at, calls, kept) = per_kernel(false, false, 150);
     eprintln!("f32 MoE + MTP, 150 tokens, kernel by kernel: {calls} calls; worst {worst:e} ({at})");
-    assert!(worst < 1e-5, "{at}: relative error {worst:e}");
+    assert!(worst < 1e-5 && kept.is_empty(), "{at}: relative error {worst:e}; not lowered: {kept:?}");
 }
 
 /// The artifact `v3c compile --target sm_90a --train` writes, run by the runtime's own launch

@@ -367,8 +367,8 @@ fn attention(body: &Body) -> Result<Steps, String> {
 fn moe_experts(body: &Body) -> Result<Steps, String> {
     let o = &body.ops[0];
     let segments = o.attribute("operandSegmentSizes").map(|a| a.to_string()).unwrap_or_default();
-    if !body.operands_are_args(o) || !body.returns_results_of(o) || flag(o, "fp8_activations") || !all_f32_but_idx(o) {
-        return Err("moe_experts (f32, its operands in order)".into());
+    if !body.operands_are_args(o) || !body.returns_results_of(o) || !all_f32_but_idx(o) {
+        return Err("moe_experts (f32 masters, its operands in order)".into());
     }
     if !segments.contains("1, 1, 1, 1, 1, 1, 0, 0, 0") {
         return Err("moe_experts with shared experts in the op".into());
@@ -377,6 +377,9 @@ fn moe_experts(body: &Body) -> Result<Steps, String> {
     let (k, inter, d) = (width(&idx)?, stacked_rows(&gate)?, width(&x)?);
     use Operand::{Arg, Result as Res, Temp as Tmp};
     let row = |op, d| StepKernel::Row(train_kernel(op, d, "f32"));
+    if flag(o, "fp8_activations") {
+        return moe_experts_fp8(gate.dims[0].ok_or("a dynamic expert count")?, k, inter, d);
+    }
     Ok(Steps {
         steps: vec![
             Step {
@@ -386,6 +389,56 @@ fn moe_experts(body: &Body) -> Result<Steps, String> {
             Step { kernel: row(TrainRow::MoeCombine { k }, d), operands: vec![Tmp(0), Arg(1), Arg(2), Arg(5), Res(0)] },
         ],
         temps: vec![Temp::per_row(k, inter, "f32")],
+        rope_table: None,
+    })
+}
+
+/// The FP8 recipe's routed experts (forward): the tokens' rows quantized 1x128, each expert's
+/// master weights in 128x128 blocks of its own, the hidden rows from block-scaled products
+/// (SwiGLU in f32), quantized 1x128 in turn, and each token's output over its slots in expert
+/// order (CUDA cores).
+fn moe_experts_fp8(experts: usize, k: usize, inter: usize, d: usize) -> Result<Steps, String> {
+    use Operand::{Arg, Result as Res, Temp as Tmp};
+    let group = super::rows::GROUP;
+    let row = |op, d| StepKernel::Row(train_kernel(op, d, "f32"));
+    let fixed = |rows: usize, cols: usize, element: &str| {
+        let mut t = Temp::per_row(1, cols, element);
+        t.fixed_rows = Some(rows);
+        t
+    };
+    let blocks = |rows: usize, cols: usize| (experts * rows.div_ceil(group), cols.div_ceil(group));
+    let (gs, ds) = (blocks(inter, d), blocks(d, inter));
+    let temps = vec![
+        Temp::per_row(1, d, "f8E4M3FN"),
+        Temp::per_row(1, d.div_ceil(group), "f32"),
+        fixed(experts * inter, d, "f8E4M3FN"),
+        fixed(gs.0, gs.1, "f32"),
+        fixed(experts * inter, d, "f8E4M3FN"),
+        fixed(gs.0, gs.1, "f32"),
+        fixed(experts * d, inter, "f8E4M3FN"),
+        fixed(ds.0, ds.1, "f32"),
+        Temp::per_row(k, inter, "f32"),
+        Temp::per_row(k, inter, "f8E4M3FN"),
+        Temp::per_row(k, inter.div_ceil(group), "f32"),
+    ];
+    let master = |tiles, matrix_rows| TrainRow::QuantizeBlocks { tiles, transposed: false, matrix_rows };
+    Ok(Steps {
+        steps: vec![
+            Step { kernel: row(TrainRow::Quantize, d), operands: vec![Arg(0), Tmp(0), Tmp(1)] },
+            Step { kernel: row(master(gs.1, inter), group), operands: vec![Arg(3), Tmp(2), Tmp(3)] },
+            Step { kernel: row(master(gs.1, inter), group), operands: vec![Arg(4), Tmp(4), Tmp(5)] },
+            Step { kernel: row(master(ds.1, d), group), operands: vec![Arg(5), Tmp(6), Tmp(7)] },
+            Step {
+                kernel: row(TrainRow::MoeHiddenFp8 { k }, inter),
+                operands: vec![Tmp(0), Tmp(1), Arg(1), Tmp(2), Tmp(3), Tmp(4), Tmp(5), Tmp(8)],
+            },
+            Step { kernel: row(TrainRow::Quantize, inter), operands: vec![Tmp(8), Tmp(9), Tmp(10)] },
+            Step {
+                kernel: row(TrainRow::MoeCombineFp8 { k }, d),
+                operands: vec![Tmp(9), Tmp(10), Arg(1), Arg(2), Tmp(6), Tmp(7), Res(0)],
+            },
+        ],
+        temps,
         rope_table: None,
     })
 }
@@ -526,7 +579,7 @@ fn fp8_projection(body: &Body) -> Result<Steps, String> {
         block_scales,
     ];
     use Operand::{Arg, Temp as Tmp};
-    let quantize_blocks = TrainRow::QuantizeBlocks { tiles: k.div_ceil(group), transposed: dgrad };
+    let quantize_blocks = TrainRow::QuantizeBlocks { tiles: k.div_ceil(group), transposed: dgrad, matrix_rows: 0 };
     let gemm = GemmKernel {
         kernel: format!("{}.gemm", body.name),
         input: GemmInput::Fp8,

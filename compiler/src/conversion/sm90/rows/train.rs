@@ -68,6 +68,69 @@ fn mla_dp(q: &str, k: &str) -> String {
     )
 }
 
+/// `%{p}` = the block-scaled product of e4m3 rows `{a}[{ar}, :]` and `{b}[{br}, :]` over `{k}`
+/// columns (the reference's `matmul_fp8` order): per 128-column block the decoded products summed in
+/// order, times A's scale `{a_s}[{ar}, kb]`, times B's `{b_s}[{bsr}, kb]`, added up. Names prefixed by `p`.
+#[allow(clippy::too_many_arguments)]
+fn fp8_dot(p: &str, a: &str, ar: &str, a_s: &str, b: &str, br: &str, b_s: &str, bsr: &str, k: &str) -> String {
+    let (da, db) =
+        (decode_e4m3(&format!("%{p}_ab"), &format!("%{p}_av")), decode_e4m3(&format!("%{p}_bb"), &format!("%{p}_bv")));
+    format!(
+        "%{p}_c128 = arith.constant 128 : index
+%{p}_c127 = arith.constant 127 : index
+%{p}_k127 = arith.addi {k}, %{p}_c127 : index
+%{p}_nkb = arith.divui %{p}_k127, %{p}_c128 : index
+%{p} = scf.for %{p}_kb = %c0 to %{p}_nkb step %c1 iter_args(%{p}_acc = %zero) -> (f32) {{
+  %{p}_lo = arith.muli %{p}_kb, %{p}_c128 : index
+  %{p}_hi0 = arith.addi %{p}_lo, %{p}_c128 : index
+  %{p}_hi = arith.minui %{p}_hi0, {k} : index
+  %{p}_partial = scf.for %{p}_c = %{p}_lo to %{p}_hi step %c1 iter_args(%{p}_s = %zero) -> (f32) {{
+    %{p}_ab = memref.load {a}[{ar}, %{p}_c] : memref<?x?xi8>
+    %{p}_bb = memref.load {b}[{br}, %{p}_c] : memref<?x?xi8>
+{da}{db}    %{p}_x = arith.mulf %{p}_av, %{p}_bv : f32
+    %{p}_s2 = arith.addf %{p}_s, %{p}_x : f32
+    scf.yield %{p}_s2 : f32
+  }}
+  %{p}_sa = memref.load {a_s}[{ar}, %{p}_kb] : memref<?x?xf32>
+  %{p}_sb = memref.load {b_s}[{bsr}, %{p}_kb] : memref<?x?xf32>
+  %{p}_ps = arith.mulf %{p}_partial, %{p}_sa : f32
+  %{p}_pss = arith.mulf %{p}_ps, %{p}_sb : f32
+  %{p}_acc2 = arith.addf %{p}_acc, %{p}_pss : f32
+  scf.yield %{p}_acc2 : f32
+}}
+",
+        da = indent2(&indent2(&da)),
+        db = indent2(&indent2(&db)),
+    )
+}
+
+/// The routed slots of token `%row` in expert order into `%sh_order` (of type `order`): slot s's
+/// place is how many slots have a lower expert, or the same one and come earlier (as the
+/// reference sorts them, stably).
+fn slot_order(order: &str) -> String {
+    format!(
+        "%t = arith.addi %row, %c0 : index
+scf.for %s = %tid to %cK step %cT {{
+  %es = memref.load %idx[%t, %s] : memref<?x?xi32>
+  %rank = scf.for %s2 = %c0 to %cK step %c1 iter_args(%a = %c0) -> (index) {{
+    %e2 = memref.load %idx[%t, %s2] : memref<?x?xi32>
+    %lower = arith.cmpi slt, %e2, %es : i32
+    %same = arith.cmpi eq, %e2, %es : i32
+    %earlier = arith.cmpi ult, %s2, %s : index
+    %tie = arith.andi %same, %earlier : i1
+    %before = arith.ori %lower, %tie : i1
+    %a1 = arith.addi %a, %c1 : index
+    %a2 = arith.select %before, %a1, %a : index
+    scf.yield %a2 : index
+  }}
+  %s_i = arith.index_cast %s : index to i32
+  %s_f = arith.sitofp %s_i : i32 to f32
+  memref.store %s_f, %sh_order[%rank] : {order}
+}}
+"
+    )
+}
+
 /// SwiGLU's gradient at one element (the reference's `silu_mul_grad`): `%dg = dy * u * s * (1 + g
 /// * (1 - s))` with `s = sigmoid(g)`, `%du = dy * silu(g)`, from the values `g`, `u`, `dy`.
 fn swiglu_grad(lowering: Lowering, g: &str, u: &str, dy: &str) -> String {
@@ -104,10 +167,15 @@ fn amax_step(value: &str, acc: &str, out: &str) -> String {
 /// `%ebase` = the first row of expert `idx[{t}, {s}]` in stacked weights `{weights}` of `{rows}`
 /// rows per expert (an expert outside them reads expert 0: the runtime checks the routing).
 fn expert_base(t: &str, s: &str, weights: &str, rows: &str) -> String {
+    expert_base_of(t, s, weights, "memref<?x?xf32>", rows)
+}
+
+/// [`expert_base`] for stacked weights of memref type `ty` (e4m3 bytes: `memref<?x?xi8>`).
+fn expert_base_of(t: &str, s: &str, weights: &str, ty: &str, rows: &str) -> String {
     format!(
         "%e_i32 = memref.load %idx[{t}, {s}] : memref<?x?xi32>
 %e_raw = arith.index_cast %e_i32 : i32 to index
-%w_rows = memref.dim {weights}, %c0 : memref<?x?xf32>
+%w_rows = memref.dim {weights}, %c0 : {ty}
 %experts = arith.divui %w_rows, {rows} : index
 %e_zero = arith.constant 0 : i32
 %e_lo = arith.cmpi sge, %e_i32, %e_zero : i32
@@ -252,6 +320,13 @@ pub enum TrainRow {
     /// The routed experts' output per token (`d` = D): the token's slots in expert order (as the
     /// reference adds them), each `w * (h . down_e^T)`, summed into `y [T, D]`.
     MoeCombine { k: usize },
+    /// The FP8 recipe's [`TrainRow::MoeHidden`]: the token's 1x128 e4m3 row (`xq`, `xs`) times each
+    /// expert's 128x128 e4m3 blocks (`gq`/`gs`, `uq`/`us`: [`TrainRow::QuantizeBlocks`] stacked per
+    /// expert), block-scaled products in the reference's order, then SwiGLU in f32.
+    MoeHiddenFp8 { k: usize },
+    /// The FP8 recipe's [`TrainRow::MoeCombine`]: the hidden rows quantized 1x128 (`hq`, `hs`) times
+    /// the down blocks (`dq`, `ds`).
+    MoeCombineFp8 { k: usize },
     /// The experts' backward per (token, slot) (`d` = the intermediate width): the expert's output
     /// `y = h . down_e^T` into a temporary, then `dh = (dy * w) . down_e` and SwiGLU's gradient into
     /// `gg`, `uu`; the routing weight's gradient `dy . y` by one thread.
@@ -273,7 +348,9 @@ pub enum TrainRow {
     /// The recipe's f32 master weight `w [N, K]` in 128x128 e4m3 blocks (`scale = max(|max|,
     /// 1e-12) / 448` per block): one block per tile (the grid: `scale`'s rows times `tiles`, its
     /// columns); `transposed`: `q [K, N]` and `scale [K / 128, N / 128]` (what Dgrad reads).
-    QuantizeBlocks { tiles: usize, transposed: bool },
+    /// `matrix_rows` (0: N): w stacks matrices of that many rows (experts), each in blocks of its
+    /// own (`scale` stacks theirs; transposed, each matrix is transposed in place in the stack).
+    QuantizeBlocks { tiles: usize, transposed: bool, matrix_rows: usize },
     /// 128x1 tiles (128 tokens of one column) of `x [T, d]`: `q [T, d]` and `scale`, whose row g
     /// holds token group g's scales (Wgrad's operands: 1x128 rows of `x^T`). One block per row of
     /// `scale` (a temporary of the run's rows: those past the groups do nothing).
@@ -326,8 +403,9 @@ impl TrainRow {
             }
             TrainRow::RmsNormDw => format!("rows_rmsnormdw_d{d}_t{t}"),
             TrainRow::Quantize => format!("rows_quantize_d{d}_t{t}"),
-            TrainRow::QuantizeBlocks { tiles, transposed } => {
-                format!("rows_qblocks_d{d}_b{tiles}_t{t}{}", if transposed { "_tr" } else { "" })
+            TrainRow::QuantizeBlocks { tiles, transposed, matrix_rows } => {
+                let stacked = if matrix_rows > 0 { format!("_m{matrix_rows}") } else { String::new() };
+                format!("rows_qblocks_d{d}_b{tiles}_t{t}{}{stacked}", if transposed { "_tr" } else { "" })
             }
             TrainRow::QuantizeCols => format!("rows_qcols_d{d}_t{t}"),
             TrainRow::Fp8Wgrad => format!("rows_fp8wgrad_d{d}_t{t}"),
@@ -335,6 +413,8 @@ impl TrainRow {
                 format!("rows_moehidden_d{d}_k{k}_t{t}{}", if keep { "_keep" } else { "" })
             }
             TrainRow::MoeCombine { k } => format!("rows_moecombine_d{d}_k{k}_t{t}"),
+            TrainRow::MoeHiddenFp8 { k } => format!("rows_moehiddenfp8_d{d}_k{k}_t{t}"),
+            TrainRow::MoeCombineFp8 { k } => format!("rows_moecombinefp8_d{d}_k{k}_t{t}"),
             TrainRow::MoeGradToken { k } => format!("rows_moegradtoken_d{d}_k{k}_t{t}"),
             TrainRow::MoeGradX { k } => format!("rows_moegradx_d{d}_k{k}_t{t}"),
             TrainRow::PairSort => format!("rows_pairsort_d{d}_t{t}"),
@@ -421,12 +501,16 @@ impl TrainRow {
             ["rmsnormdw", d, t] => kernel(TrainRow::RmsNormDw, d, "f32", t),
             ["quantize", d, t] => kernel(TrainRow::Quantize, d, "f32", t),
             ["qblocks", d, b, t, rest @ ..] => {
-                let transposed = match rest {
-                    ["tr"] => true,
-                    [] => false,
+                let (transposed, rest) = match rest {
+                    ["tr", rest @ ..] => (true, rest),
+                    rest => (false, rest),
+                };
+                let matrix_rows = match rest {
+                    [m] => number(m, "m")?,
+                    [] => 0,
                     _ => return None,
                 };
-                kernel(TrainRow::QuantizeBlocks { tiles: number(b, "b")?, transposed }, d, "f32", t)
+                kernel(TrainRow::QuantizeBlocks { tiles: number(b, "b")?, transposed, matrix_rows }, d, "f32", t)
             }
             ["qcols", d, t] => kernel(TrainRow::QuantizeCols, d, "f32", t),
             ["fp8wgrad", d, t] => kernel(TrainRow::Fp8Wgrad, d, "f32", t),
@@ -449,6 +533,8 @@ impl TrainRow {
                 kernel(TrainRow::MoeHidden { k: number(k, "k")?, keep }, d, "f32", t)
             }
             ["moecombine", d, k, t] => kernel(TrainRow::MoeCombine { k: number(k, "k")? }, d, "f32", t),
+            ["moehiddenfp8", d, k, t] => kernel(TrainRow::MoeHiddenFp8 { k: number(k, "k")? }, d, "f32", t),
+            ["moecombinefp8", d, k, t] => kernel(TrainRow::MoeCombineFp8 { k: number(k, "k")? }, d, "f32", t),
             ["moegradtoken", d, k, t] => kernel(TrainRow::MoeGradToken { k: number(k, "k")? }, d, "f32", t),
             ["moegradx", d, k, t] => kernel(TrainRow::MoeGradX { k: number(k, "k")? }, d, "f32", t),
             ["pairsort", d, t] => kernel(TrainRow::PairSort, d, "f32", t),
@@ -566,6 +652,28 @@ impl TrainRow {
             TrainRow::MoeCombine { .. } => {
                 vec![("h", rows()), ("idx", "memref<?x?xi32>".into()), ("w", rows()), ("down", rows()), ("y", rows())]
             }
+            TrainRow::MoeHiddenFp8 { .. } => {
+                let q = || "memref<?x?xi8>".to_string();
+                vec![
+                    ("xq", q()),
+                    ("xs", rows()),
+                    ("idx", "memref<?x?xi32>".into()),
+                    ("gq", q()),
+                    ("gs", rows()),
+                    ("uq", q()),
+                    ("us", rows()),
+                    ("h", rows()),
+                ]
+            }
+            TrainRow::MoeCombineFp8 { .. } => vec![
+                ("hq", "memref<?x?xi8>".into()),
+                ("hs", rows()),
+                ("idx", "memref<?x?xi32>".into()),
+                ("w", rows()),
+                ("dq", "memref<?x?xi8>".into()),
+                ("ds", rows()),
+                ("y", rows()),
+            ],
             TrainRow::MoeGradToken { .. } => vec![
                 ("dy", rows()),
                 ("idx", "memref<?x?xi32>".into()),
@@ -632,7 +740,9 @@ impl TrainRow {
             TrainRow::QuantizeBlocks { .. } | TrainRow::QuantizeCols => "scale",
             TrainRow::Fp8Wgrad => "out",
             TrainRow::MoeHidden { .. } => "x",
-            TrainRow::MoeCombine { .. } => "y",
+            TrainRow::MoeCombine { .. } | TrainRow::MoeCombineFp8 { .. } => "y",
+            // The routed slots (the e4m3 rows are temporaries of the run's rows).
+            TrainRow::MoeHiddenFp8 { .. } => "idx",
             TrainRow::MoeGradToken { .. } => "dy",
             TrainRow::MoeGradX { .. } => "dx",
             TrainRow::PairSort => return None,
@@ -660,7 +770,7 @@ impl TrainRow {
             TrainRow::MlaForward(m) => vec![("sh_p", m.context), ("sh_red", 2)],
             TrainRow::MlaGradQ(m) => vec![("sh_p", m.context), ("sh_dp", m.context), ("sh_red", 4)],
             TrainRow::MlaGradKv(m) => vec![("sh_pi", m.context), ("sh_dsi", m.context)],
-            TrainRow::MoeCombine { k } => vec![("sh_order", *k)],
+            TrainRow::MoeCombine { k } | TrainRow::MoeCombineFp8 { k } => vec![("sh_order", *k)],
             TrainRow::Quantize => {
                 let groups = d.div_ceil(super::GROUP);
                 vec![("sh_amax", groups * AMAX_PARTS), ("sh_scale", groups)]
@@ -696,7 +806,7 @@ impl TrainRow {
     pub(super) fn blocks_per_row(&self) -> usize {
         match self {
             TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => m.heads,
-            TrainRow::MoeHidden { k, .. } | TrainRow::MoeGradToken { k } => *k,
+            TrainRow::MoeHidden { k, .. } | TrainRow::MoeGradToken { k } | TrainRow::MoeHiddenFp8 { k } => *k,
             TrainRow::QuantizeBlocks { tiles, .. } => *tiles,
             _ => 1,
         }
@@ -774,6 +884,8 @@ impl TrainRow {
                 let _ = writeln!(s, "%c128 = arith.constant 128 : index");
             }
             TrainRow::MoeHidden { k, .. }
+            | TrainRow::MoeHiddenFp8 { k }
+            | TrainRow::MoeCombineFp8 { k }
             | TrainRow::MoeCombine { k }
             | TrainRow::MoeGradToken { k }
             | TrainRow::MoeGradX { k } => {
@@ -817,22 +929,46 @@ impl TrainRow {
 %ok = arith.andi %p_lo, %p_hi : i1
 "
             .into(),
-            TrainRow::QuantizeBlocks { transposed, .. } => {
-                let (n_tile, k_tile) = if *transposed { ("%sc", "%sr") } else { ("%sr", "%sc") };
+            TrainRow::QuantizeBlocks { transposed, matrix_rows, .. } => {
+                // Scale row sr, column sc: (matrix, its row tile) and the column tile, or transposed
+                // (matrix, its column tile) and the row tile.
+                let mr = if *matrix_rows > 0 {
+                    format!("arith.constant {matrix_rows} : index")
+                } else {
+                    "memref.dim %w, %c0 : memref<?x?xf32>".into()
+                };
+                let (per, rt, kt) = if *transposed { ("%k_tiles", "%sc", "%sub") } else { ("%r_tiles", "%sub", "%sc") };
                 format!(
                     "%sr = arith.divui %row, %cTiles : index
 %sc = arith.remui %row, %cTiles : index
 %N = memref.dim %w, %c0 : memref<?x?xf32>
 %K = memref.dim %w, %c1 : memref<?x?xf32>
-%r_first = arith.muli {n_tile}, %c128 : index
-%c_first = arith.muli {k_tile}, %c128 : index
+%MR = {mr}
+%c127 = arith.constant 127 : index
+%mr127 = arith.addi %MR, %c127 : index
+%r_tiles = arith.divui %mr127, %c128 : index
+%k127 = arith.addi %K, %c127 : index
+%k_tiles = arith.divui %k127, %c128 : index
+%mat = arith.divui %sr, {per} : index
+%sub = arith.remui %sr, {per} : index
+%mat_first = arith.muli %mat, %MR : index
+%r_tile_first = arith.muli {rt}, %c128 : index
+%r_first = arith.addi %mat_first, %r_tile_first : index
+%mat_end = arith.addi %mat_first, %MR : index
+%r_end0 = arith.addi %r_first, %c128 : index
+%r_end1 = arith.minui %r_end0, %mat_end : index
+%r_end = arith.minui %r_end1, %N : index
+%c_first = arith.muli {kt}, %c128 : index
+%mat_out = arith.muli %mat, %K : index
 "
                 )
             }
-            TrainRow::MoeHidden { .. } | TrainRow::MoeGradToken { .. } => "%t = arith.divui %row, %cK : index
+            TrainRow::MoeHidden { .. } | TrainRow::MoeGradToken { .. } | TrainRow::MoeHiddenFp8 { .. } => {
+                "%t = arith.divui %row, %cK : index
 %s = arith.remui %row, %cK : index
 "
-            .into(),
+                .into()
+            }
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => "%b = arith.divui %row, %cH : index
 %h = arith.remui %row, %cH : index
 %T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
@@ -1566,31 +1702,66 @@ scf.for %i = %tid to %cD step %cT {{
                     exp = indent2(&exp(lowering, "%neg", "%ex")),
                 )]
             }
+            TrainRow::MoeHiddenFp8 { .. } => vec![format!(
+                "%D = memref.dim %xq, %c1 : memref<?x?xi8>
+{e}%c128 = arith.constant 128 : index
+%c127 = arith.constant 127 : index
+%i127 = arith.addi %cD, %c127 : index
+%blocks_per_expert = arith.divui %i127, %c128 : index
+%eblock = arith.muli %e, %blocks_per_expert : index
+scf.for %i = %tid to %cD step %cT {{
+  %wrow = arith.addi %ebase, %i : index
+  %iblock = arith.divui %i, %c128 : index
+  %srow = arith.addi %eblock, %iblock : index
+{gate}{up}  %neg = arith.negf %gv : f32
+{exp}  %den = arith.addf %one, %ex : f32
+  %silu = arith.divf %gv, %den : f32
+  %hv = arith.mulf %silu, %uv : f32
+  memref.store %hv, %h[%row, %i] : {m}
+}}
+",
+                e = expert_base_of("%t", "%s", "%gq", "memref<?x?xi8>", "%cD"),
+                gate = indent2(&fp8_dot("gv", "%xq", "%t", "%xs", "%gq", "%wrow", "%gs", "%srow", "%D")),
+                up = indent2(&fp8_dot("uv", "%xq", "%t", "%xs", "%uq", "%wrow", "%us", "%srow", "%D")),
+                exp = indent2(&exp(lowering, "%neg", "%ex")),
+            )],
+            TrainRow::MoeCombineFp8 { .. } => vec![
+                slot_order(&sh("sh_order")),
+                format!(
+                    "%t = arith.addi %row, %c0 : index
+%I = memref.dim %hq, %c1 : memref<?x?xi8>
+%c128 = arith.constant 128 : index
+%c127 = arith.constant 127 : index
+%d127 = arith.addi %cD, %c127 : index
+%blocks_per_expert = arith.divui %d127, %c128 : index
+scf.for %o = %tid to %cD step %cT {{
+  %acc = scf.for %r = %c0 to %cK step %c1 iter_args(%a = %zero) -> (f32) {{
+    %s_f = memref.load %sh_order[%r] : {order}
+    %s_i = arith.fptosi %s_f : f32 to i32
+    %s = arith.index_cast %s_i : i32 to index
+{e}    %wrow = arith.addi %ebase, %o : index
+    %eblock = arith.muli %e, %blocks_per_expert : index
+    %oblock = arith.divui %o, %c128 : index
+    %srow = arith.addi %eblock, %oblock : index
+    %hrow0 = arith.muli %t, %cK : index
+    %hrow = arith.addi %hrow0, %s : index
+{ov}    %wv = memref.load %w[%t, %s] : {m}
+    %wo = arith.mulf %wv, %ov : f32
+    %a2 = arith.addf %a, %wo : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %acc, %y[%t, %o] : {m}
+}}
+",
+                    order = sh("sh_order"),
+                    e = indent2(&indent2(&expert_base_of("%t", "%s", "%dq", "memref<?x?xi8>", "%cD"))),
+                    ov = indent2(&indent2(&fp8_dot("ov", "%hq", "%hrow", "%hs", "%dq", "%wrow", "%ds", "%srow", "%I"))),
+                ),
+            ],
             TrainRow::MoeCombine { .. } => {
                 let order = sh("sh_order");
                 vec![
-                    // Slot s's place: the slots with a lower expert (or the same, earlier) before it.
-                    format!(
-                        "%t = arith.addi %row, %c0 : index
-scf.for %s = %tid to %cK step %cT {{
-  %es = memref.load %idx[%t, %s] : memref<?x?xi32>
-  %rank = scf.for %s2 = %c0 to %cK step %c1 iter_args(%a = %c0) -> (index) {{
-    %e2 = memref.load %idx[%t, %s2] : memref<?x?xi32>
-    %lower = arith.cmpi slt, %e2, %es : i32
-    %same = arith.cmpi eq, %e2, %es : i32
-    %earlier = arith.cmpi ult, %s2, %s : index
-    %tie = arith.andi %same, %earlier : i1
-    %before = arith.ori %lower, %tie : i1
-    %a1 = arith.addi %a, %c1 : index
-    %a2 = arith.select %before, %a1, %a : index
-    scf.yield %a2 : index
-  }}
-  %s_i = arith.index_cast %s : index to i32
-  %s_f = arith.sitofp %s_i : i32 to f32
-  memref.store %s_f, %sh_order[%rank] : {order}
-}}
-"
-                    ),
+                    slot_order(&order),
                     format!(
                         "%t = arith.addi %row, %c0 : index
 %I = memref.dim %h, %c1 : {m}
@@ -1802,11 +1973,17 @@ scf.for %i = %tid to %cD step %cT {{
   %tc = arith.remui %i, %c128 : index
   %r = arith.addi %r_first, %tr : index
   %c = arith.addi %c_first, %tc : index
-  %r_in = arith.cmpi ult, %r, %N : index
+  %r_in = arith.cmpi ult, %r, %r_end : index
   %c_in = arith.cmpi ult, %c, %K : index
   %inside = arith.andi %r_in, %c_in : i1
 ";
-                let q_at = if transposed { "%c, %r" } else { "%r, %c" };
+                // Transposed: row c of the matrix's block of K rows, column r within the matrix.
+                let q_at = if transposed { "%qr, %qc" } else { "%r, %c" };
+                let q_index = if transposed {
+                    "    %qr = arith.addi %mat_out, %c : index\n    %qc = arith.subi %r, %mat_first : index\n"
+                } else {
+                    ""
+                };
                 let mut phases = vec![format!(
                     "%m = scf.for %i = %tid to %cTile step %cT iter_args(%mx = %zero) -> (f32) {{
 {at}  %mx2 = scf.if %inside -> (f32) {{
@@ -1845,7 +2022,7 @@ scf.for %i = %tid to %cTile step %cT {{
 {at}  scf.if %inside {{
     %v = memref.load %w[%r, %c] : {m}
     %qv = arith.divf %v, %s : f32
-{enc}    memref.store %byte, %q[{q_at}] : memref<?x?xi8>
+{enc}{q_index}    memref.store %byte, %q[{q_at}] : memref<?x?xi8>
   }}
 }}
 ",
@@ -2388,16 +2565,51 @@ mod tests {
         let (nb, kb) = (n.div_ceil(128), k.div_ceil(128));
         let (mut q, mut sc) = (vec![0u8; n * k], vec![f32::NAN; nb * kb]);
         run_cpu(
-            &kernel(TrainRow::QuantizeBlocks { tiles: kb, transposed: false }, 128),
+            &kernel(TrainRow::QuantizeBlocks { tiles: kb, transposed: false, matrix_rows: 0 }, 128),
             &[raw(&mut w, &[n, k], "f32"), raw(&mut q, &[n, k], "i8"), raw(&mut sc, &[nb, kb], "f32")],
         );
         assert!(q == want_q && sc == want_s, "128x128 blocks");
         let (mut qt, mut sct) = (vec![0u8; n * k], vec![f32::NAN; nb * kb]);
         run_cpu(
-            &kernel(TrainRow::QuantizeBlocks { tiles: nb, transposed: true }, 128),
+            &kernel(TrainRow::QuantizeBlocks { tiles: nb, transposed: true, matrix_rows: 0 }, 128),
             &[raw(&mut w, &[n, k], "f32"), raw(&mut qt, &[k, n], "i8"), raw(&mut sct, &[kb, nb], "f32")],
         );
         assert!(qt == kernels::transpose(&want_q, n, k) && sct == kernels::transpose(&want_s, nb, kb), "transposed");
+        // Stacked matrices (experts of 200 rows, not a multiple of 128): each in blocks of its own.
+        let (e, mr) = (3, 200);
+        let mut stacked = values(e * mr * k, 33, 0.3);
+        let rb = mr.div_ceil(128);
+        let (mut q, mut sc) = (vec![0u8; e * mr * k], vec![f32::NAN; e * rb * kb]);
+        run_cpu(
+            &kernel(TrainRow::QuantizeBlocks { tiles: kb, transposed: false, matrix_rows: mr }, 128),
+            &[
+                raw(&mut stacked, &[e * mr, k], "f32"),
+                raw(&mut q, &[e * mr, k], "i8"),
+                raw(&mut sc, &[e * rb, kb], "f32"),
+            ],
+        );
+        let (mut qt, mut sct) = (vec![0u8; e * mr * k], vec![f32::NAN; e * rb * kb]);
+        run_cpu(
+            &kernel(TrainRow::QuantizeBlocks { tiles: rb, transposed: true, matrix_rows: mr }, 128),
+            &[
+                raw(&mut stacked, &[e * mr, k], "f32"),
+                raw(&mut qt, &[e * k, mr], "i8"),
+                raw(&mut sct, &[e * kb, rb], "f32"),
+            ],
+        );
+        for m in 0..e {
+            let (want_q, want_s) = kernels::quantize_master(&stacked[m * mr * k..(m + 1) * mr * k], mr, k);
+            assert!(q[m * mr * k..(m + 1) * mr * k] == want_q[..], "stacked bits {m}");
+            assert!(sc[m * rb * kb..(m + 1) * rb * kb] == want_s[..], "stacked scales {m}");
+            assert!(
+                qt[m * mr * k..(m + 1) * mr * k] == kernels::transpose(&want_q, mr, k)[..],
+                "stacked transposed {m}"
+            );
+            assert!(
+                sct[m * rb * kb..(m + 1) * rb * kb] == kernels::transpose(&want_s, rb, kb)[..],
+                "scales transposed {m}"
+            );
+        }
         // 128x1 token tiles of dy and x (scales in a buffer of the run's rows), then Wgrad.
         let cols = |m: &mut Vec<f32>, c: usize| {
             let (mut q, mut sc) = (vec![0u8; t * c], vec![f32::NAN; t * c]);
