@@ -14,7 +14,7 @@
 #    prefill and two decode steps dumped launch by launch against the host emulation (dump_compare.py
 #    names the first launch that differs), `v3r run` of two prompts as a batch and `v3r run
 #    --speculative` against the CPU backend's greedy tokens; 3b. `v3r train` of the tiny model's sm_90a
-#    training-step artifacts (f32 MoE + MTP; FP8 dense) against the cpu artifacts' loss logs, tokens/s;
+#    training-step artifacts (f32 and the FP8 recipe) against the cpu artifacts' loss logs, tokens/s;
 #    4. its kernels timed (`v3r bench-kernels`);
 # 2. the GEMM template kernels vs torch (gemm_check.py: correctness, then TFLOP/s); 2c. the row kernels
 #    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py);
@@ -153,13 +153,13 @@ PY
     row "3. speculative tokens" "FAILED" "v3r run --speculative failed (check.log)"
   fi
     note "== 3b. training: v3r train of the tiny model's sm_90a training-step artifacts against the cpu artifact's"
-  for m in ckpt dense_ckpt; do
+  for m in f32 fp8; do
     exp="$root/.device/train/${m}_expected/loss.csv"
-    if [ -f "$exp" ] && timeout "$(budget 60)" "$v3r" train "$root/.device/train/${m}_sm_90a" --weights "$root/.device/train/$m" \
+    if [ -f "$exp" ] && timeout "$(budget 60)" "$v3r" train "$root/.device/train/${m}_sm_90a" --weights "$root/.device/train/ckpt" \
         --data "$root/.device/train/data.txt" --steps 4 --batch 2 --seq 32 --out "$out/train_$m" 2>&1 | tee -a "$log"; then
       # Losses step by step within 1e-3 relative (f32 on CUDA cores vs the CPU's order; the FP8 recipe's
       # e4m3 roundings may flip on last-bit differences: 2e-2).
-      tol=1e-3; [ "$m" = dense_ckpt ] && tol=2e-2
+      tol=1e-3; [ "$m" = fp8 ] && tol=2e-2
       if python3 - "$out/train_$m/loss.csv" "$exp" "$tol" <<'PY' 2>&1 | tee -a "$log"
 import csv, sys
 got = [float(r["loss"]) for r in csv.DictReader(open(sys.argv[1]))]
@@ -172,10 +172,10 @@ PY
       else
         row "3b. training $m" "DIFFERS" "train_$m/loss.csv vs the cpu artifact's; train_dump_$m (check.log)"
         # One step on one window with every launch's buffers dumped; on the build machine:
-        #   v3c emulate .device/train/${m}_sm_90a --weights .device/train/$m --tokens "$(cat .device/train/${m}_window.txt)" \
+        #   v3c emulate .device/train/${m}_sm_90a --weights .device/train/ckpt --tokens "$(cat .device/train/window.txt)" \
         #     --out /tmp/e.safetensors --dump /tmp/d && python3 benches/device/dump_compare.py $OUT/train_dump_$m /tmp/d
         V3R_DUMP_DIR="$out/train_dump_$m" timeout "$(budget 60)" "$v3r" train "$root/.device/train/${m}_sm_90a" \
-          --weights "$root/.device/train/$m" --data "$root/.device/train/${m}_window.txt" --steps 1 --batch 1 --seq 32 \
+          --weights "$root/.device/train/ckpt" --data "$root/.device/train/window.txt" --steps 1 --batch 1 --seq 32 \
           --out "$out/train1_$m" >>"$log" 2>&1 || note "the dumped training step failed too (check.log)"
       fi
     else

@@ -92,34 +92,24 @@ for p in 1 2; do
   target/release/v3c run --model-dir .device/e2e/ckpt --prompt-tokens "$(cat .device/e2e/prompt$p.txt)" \
     --max-new-tokens 16 --backend cpu --precision fp8 --ignore-eos 2>/dev/null
 done > .device/e2e/expected_tokens.txt
-# Training: the tiny model (f32, MoE layers + MTP) as an sm_90a training-step artifact and as a cpu one,
-# and the cpu artifact's loss log for 4 steps of 2 x 32 tokens on a repeating-pattern corpus (the
-# reference for `v3r train` on the GPU); and the FP8 recipe with dense layers (the fp8 experts do not
-# lower yet) the same way.
-rm -rf .device/train && mkdir -p .device/train/dense
+# Training: the tiny model (MoE layers + MTP) as sm_90a training-step artifacts, f32 (every kernel on CUDA
+# cores) and the FP8 recipe (projections on the fp8 GEMM template), and as cpu ones, with the cpu
+# artifacts' loss logs for 4 steps of 2 x 32 tokens on a repeating-pattern corpus (the reference for `v3r
+# train` on the GPU).
+rm -rf .device/train && mkdir -p .device/train
 target/release/v3c init-weights --model deepseek-v3-tiny --out .device/train/ckpt --seed 5 >/dev/null 2>&1
-python3 - .device/train/ckpt/config.json .device/train/dense/config.json <<'PY'
-import json, sys
-c = json.load(open(sys.argv[1]))
-c.update(first_k_dense_replace=c["num_hidden_layers"], num_nextn_predict_layers=0)
-json.dump(c, open(sys.argv[2], "w"), indent=1)
-PY
-target/release/v3c init-weights --model .device/train/dense --out .device/train/dense_ckpt --seed 6 >/dev/null 2>&1
 python3 -c "print(' '.join(str((i * 7) % 97 + 3) for i in range(4096)))" > .device/train/data.txt
-# One window each (32 tokens + targets: 2 more with the MTP module, 1 without): what check.sh trains
-# on with V3R_DUMP_DIR when the losses differ; `v3c emulate --dump` of the same on this machine is
-# what dump_compare.py compares that against.
-cut -d' ' -f1-34 .device/train/data.txt > .device/train/ckpt_window.txt
-cut -d' ' -f1-33 .device/train/data.txt > .device/train/dense_ckpt_window.txt
-for m in ckpt dense_ckpt; do
-  p=""; [ "$m" = dense_ckpt ] && p="--precision fp8"
+# One window (32 tokens + the targets and the MTP's: 34): what check.sh trains on with V3R_DUMP_DIR
+# when the losses differ; `v3c emulate --dump` of the same on this machine is what dump_compare.py
+# compares that against.
+cut -d' ' -f1-34 .device/train/data.txt > .device/train/window.txt
+for precision in f32 fp8; do
   for t in sm_90a cpu; do
-    # shellcheck disable=SC2086
-    target/release/v3c compile --model ".device/train/$m" --target "$t" --train --max-rows 32 $p \
-      --out ".device/train/${m}_$t" --force 2>/dev/null
+    target/release/v3c compile --model .device/train/ckpt --target "$t" --train --max-rows 32 --precision "$precision" \
+      --out ".device/train/${precision}_$t" --force 2>/dev/null
   done
-  target/release/v3r train ".device/train/${m}_cpu" --weights ".device/train/$m" --data .device/train/data.txt \
-    --steps 4 --batch 2 --seq 32 --out ".device/train/${m}_expected" 2>/dev/null
+  target/release/v3r train ".device/train/${precision}_cpu" --weights .device/train/ckpt --data .device/train/data.txt \
+    --steps 4 --batch 2 --seq 32 --out ".device/train/${precision}_expected" 2>/dev/null
 done
 # Decode benchmark: a 4-layer full-width slice of DeepSeek-V3 (3 dense layers, 1 MoE layer with 256
 # experts; no MTP) compiled for sm_90a at 64 sequences x 4096 cache rows. No checkpoint travels (tens of

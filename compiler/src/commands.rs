@@ -1415,8 +1415,8 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
         "reference" | "cpu" => {}
         "cuda" => {
             return Err("--backend cuda: unsupported on sm_90a in v3c: compile the training step with `v3c \
-                 compile --target sm_90a --train --out DIR` (the FP8 recipe's experts do not lower yet) and run it \
-                 with `v3r train DIR` on the GPU; or use --backend cpu or reference"
+                 compile --target sm_90a --train --out DIR` and run it with `v3r train DIR` on the GPU; or use \
+                 --backend cpu or reference"
                 .into())
         }
         other => return Err(format!("--backend {other}: unknown (reference, cpu, cuda)")),

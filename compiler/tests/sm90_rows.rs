@@ -100,8 +100,15 @@ fn training_kernels() -> Vec<RowKernel> {
         train(TrainRow::Fp8Wgrad, 7168, "f32"),
         // The FP8 recipe's routed experts: each expert's master in blocks of its own, its products.
         train(TrainRow::QuantizeBlocks { tiles: 56, transposed: false, matrix_rows: 2048 }, 128, "f32"),
-        train(TrainRow::MoeHiddenFp8 { k: 8 }, 2048, "f32"),
+        train(TrainRow::MoeHiddenFp8 { k: 8, keep: false }, 2048, "f32"),
         train(TrainRow::MoeCombineFp8 { k: 8 }, 7168, "f32"),
+        train(TrainRow::QuantizeBlocks { tiles: 56, transposed: true, matrix_rows: 7168 }, 128, "f32"),
+        train(TrainRow::MoeHiddenFp8 { k: 8, keep: true }, 2048, "f32"),
+        train(TrainRow::MoeGradTokenFp8 { k: 8 }, 7168, "f32"),
+        train(TrainRow::MoeDgradFp8 { k: 8 }, 2048, "f32"),
+        train(TrainRow::MoeGradXFp8 { k: 8 }, 7168, "f32"),
+        train(TrainRow::QuantizePairs { by_token: true }, 7168, "f32"),
+        train(TrainRow::Fp8WgradExpert, 2048, "f32"),
     ]);
     kernels
 }
@@ -158,6 +165,8 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     TrainRow::RouteGrad { .. }
                     | TrainRow::MlaGradKv(_)
                     | TrainRow::MoeCombineFp8 { .. }
+                    | TrainRow::MoeGradXFp8 { .. }
+                    | TrainRow::MoeGradTokenFp8 { .. }
                     | TrainRow::MoeCombine { .. }
                     | TrainRow::MoeGradToken { .. } => 1,
                     TrainRow::PairSort => 2,
@@ -179,6 +188,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 | TrainRow::MlaGradKv(_)
                 | TrainRow::MoeHidden { .. }
                 | TrainRow::MoeHiddenFp8 { .. }
+                | TrainRow::MoeDgradFp8 { .. }
                 | TrainRow::MoeGradToken { .. } = op
                 {
                     assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");

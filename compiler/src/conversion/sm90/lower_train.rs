@@ -429,7 +429,7 @@ fn moe_experts_fp8(experts: usize, k: usize, inter: usize, d: usize) -> Result<S
             Step { kernel: row(master(gs.1, inter), group), operands: vec![Arg(4), Tmp(4), Tmp(5)] },
             Step { kernel: row(master(ds.1, d), group), operands: vec![Arg(5), Tmp(6), Tmp(7)] },
             Step {
-                kernel: row(TrainRow::MoeHiddenFp8 { k }, inter),
+                kernel: row(TrainRow::MoeHiddenFp8 { k, keep: false }, inter),
                 operands: vec![Tmp(0), Tmp(1), Arg(1), Tmp(2), Tmp(3), Tmp(4), Tmp(5), Tmp(8)],
             },
             Step { kernel: row(TrainRow::Quantize, inter), operands: vec![Tmp(8), Tmp(9), Tmp(10)] },
@@ -462,8 +462,8 @@ fn all_f32_but_idx(o: &OperationRef) -> bool {
 /// straight into the kernel's per-expert results (the stacked gradients' split and reshape chain).
 fn moe_experts_grad(body: &Body) -> Result<Steps, String> {
     let o = &body.ops[0];
-    if !body.operands_are_args(o) || flag(o, "fp8") || !all_f32_but_idx(o) || o.result_count() != 5 {
-        return Err("moe_experts_grad (f32, its operands in order)".into());
+    if !body.operands_are_args(o) || !all_f32_but_idx(o) || o.result_count() != 5 {
+        return Err("moe_experts_grad (f32 masters, its operands in order)".into());
     }
     let (x, idx, gate, down) = (operand_shape(o, 0)?, operand_shape(o, 1)?, operand_shape(o, 4)?, operand_shape(o, 6)?);
     let (k, inter, d) = (width(&idx)?, stacked_rows(&gate)?, width(&x)?);
@@ -498,6 +498,18 @@ fn moe_experts_grad(body: &Body) -> Result<Steps, String> {
     if body.returned.len() < 2 || !returned_is(0, 0) || !returned_is(1, 1) {
         return Err("moe_experts_grad returning other values first than dx and the weights' gradient".into());
     }
+    // Per result after dx and dw: which gradient (0 gate, 1 up, 2 down) of which expert.
+    let mut pieces = Vec::new();
+    for (i, v) in body.returned.iter().enumerate().skip(2) {
+        let &(which, e, count) = traced.get(&raw(*v)).ok_or("a result that is not an expert's gradient")?;
+        if count != 1 || shape(*v)?.dims.len() != 2 {
+            return Err("a result that is not one expert's gradient".into());
+        }
+        pieces.push((i, which, e));
+    }
+    if flag(o, "fp8") {
+        return moe_experts_grad_fp8(experts, k, inter, d, &pieces);
+    }
     use Operand::{Arg, Result as Res, Temp as Tmp};
     let row = |op, d| StepKernel::Row(train_kernel(op, d, "f32"));
     let mut steps = vec![
@@ -515,11 +527,7 @@ fn moe_experts_grad(body: &Body) -> Result<Steps, String> {
         },
         Step { kernel: row(TrainRow::PairSort, experts), operands: vec![Arg(1), Tmp(6), Tmp(7)] },
     ];
-    for (i, v) in body.returned.iter().enumerate().skip(2) {
-        let &(which, e, count) = traced.get(&raw(*v)).ok_or("a result that is not an expert's gradient")?;
-        if count != 1 || shape(*v)?.dims.len() != 2 {
-            return Err("a result that is not one expert's gradient".into());
-        }
+    for &(i, which, e) in &pieces {
         let offsets = Operand::TempRows { temp: 6, first: e, rows: 2 };
         steps.push(match which {
             2 => Step {
@@ -673,6 +681,105 @@ fn fp8_wgrad(body: &Body) -> Result<Steps, String> {
         ],
         rope_table: None,
     })
+}
+
+/// The FP8 recipe's routed experts' gradients (the reference's `moe_experts_grad_fp8`), on CUDA
+/// cores: the forward recomputed (Fprop of gate, up, down from 1x128 rows and per-expert blocks), the
+/// routing weights' gradient, Dgrad through down (its blocks transposed per expert) and SwiGLU's
+/// gradient, the input gradient through gate and up (transposed blocks), then per expert Wgrad
+/// from 128-pair tiles of its sorted pairs, launched per expert into its results.
+fn moe_experts_grad_fp8(
+    experts: usize,
+    k: usize,
+    inter: usize,
+    d: usize,
+    pieces: &[(usize, usize, usize)],
+) -> Result<Steps, String> {
+    use Operand::{Arg, Result as Res, Temp as Tmp};
+    let group = super::rows::GROUP;
+    let row = |op, d| StepKernel::Row(train_kernel(op, d, "f32"));
+    let fixed = |rows: usize, cols: usize, element: &str| {
+        let mut t = Temp::per_row(1, cols, element);
+        t.fixed_rows = Some(rows);
+        t
+    };
+    let (kd, ki) = (d.div_ceil(group), inter.div_ceil(group));
+    let (bi, bd) = (experts * ki, experts * kd);
+    let mut temps = Vec::new();
+    let mut temp = |t: Temp| {
+        temps.push(t);
+        Tmp(temps.len() - 1)
+    };
+    let f8 = "f8E4M3FN";
+    // Fprop operands.
+    let (xq, xs) = (temp(Temp::per_row(1, d, f8)), temp(Temp::per_row(1, kd, "f32")));
+    let (gq, gs) = (temp(fixed(experts * inter, d, f8)), temp(fixed(bi, kd, "f32")));
+    let (uq, us) = (temp(fixed(experts * inter, d, f8)), temp(fixed(bi, kd, "f32")));
+    let (dq, ds) = (temp(fixed(experts * d, inter, f8)), temp(fixed(bd, ki, "f32")));
+    let (g, u, h) = (
+        temp(Temp::per_row(k, inter, "f32")),
+        temp(Temp::per_row(k, inter, "f32")),
+        temp(Temp::per_row(k, inter, "f32")),
+    );
+    let (hq, hs) = (temp(Temp::per_row(k, inter, f8)), temp(Temp::per_row(k, ki, "f32")));
+    // The expert's output, dye, Dgrad through down.
+    let (y, dye) = (temp(Temp::per_row(k, d, "f32")), temp(Temp::per_row(k, d, "f32")));
+    let (dyeq, dyes) = (temp(Temp::per_row(k, d, f8)), temp(Temp::per_row(k, kd, "f32")));
+    let (dtq, dts) = (temp(fixed(experts * inter, d, f8)), temp(fixed(bi, kd, "f32")));
+    let (gg, uu) = (temp(Temp::per_row(k, inter, "f32")), temp(Temp::per_row(k, inter, "f32")));
+    let (ggq, ggs) = (temp(Temp::per_row(k, inter, f8)), temp(Temp::per_row(k, ki, "f32")));
+    let (uuq, uus) = (temp(Temp::per_row(k, inter, f8)), temp(Temp::per_row(k, ki, "f32")));
+    let (gtq, gts) = (temp(fixed(experts * d, inter, f8)), temp(fixed(bd, ki, "f32")));
+    let (utq, uts) = (temp(fixed(experts * d, inter, f8)), temp(fixed(bd, ki, "f32")));
+    // Pairs sorted by expert, and the 128-pair tiles Wgrad reads.
+    let offsets = temp(fixed(experts + 1, 1, "i32"));
+    let pairs = temp(Temp::per_row(k, 1, "i32"));
+    let mut tiles = |cols: usize| (temp(Temp::per_row(k, cols, f8)), temp(Temp::per_row(k, cols, "f32")));
+    let (dye_t, h_t, gg_t, uu_t, x_t) = (tiles(d), tiles(inter), tiles(inter), tiles(inter), tiles(d));
+    let offsets_index = match offsets {
+        Tmp(i) => i,
+        _ => unreachable!("a temporary"),
+    };
+    let blocks = |tiles, transposed, matrix_rows| TrainRow::QuantizeBlocks { tiles, transposed, matrix_rows };
+    let step = |kernel, operands: Vec<Operand>| Step { kernel, operands };
+    let mut steps = vec![
+        step(row(TrainRow::Quantize, d), vec![Arg(0), xq, xs]),
+        step(row(blocks(kd, false, inter), group), vec![Arg(4), gq, gs]),
+        step(row(blocks(kd, false, inter), group), vec![Arg(5), uq, us]),
+        step(row(blocks(ki, false, d), group), vec![Arg(6), dq, ds]),
+        step(row(TrainRow::MoeHiddenFp8 { k, keep: true }, inter), vec![xq, xs, Arg(1), gq, gs, uq, us, h, g, u]),
+        step(row(TrainRow::Quantize, inter), vec![h, hq, hs]),
+        step(row(TrainRow::MoeGradTokenFp8 { k }, d), vec![Arg(3), Arg(1), Arg(2), hq, hs, dq, ds, y, dye, Res(1)]),
+        step(row(TrainRow::Quantize, d), vec![dye, dyeq, dyes]),
+        step(row(blocks(kd, true, d), group), vec![Arg(6), dtq, dts]),
+        step(row(TrainRow::MoeDgradFp8 { k }, inter), vec![dyeq, dyes, Arg(1), dtq, dts, g, u, gg, uu]),
+        step(row(TrainRow::Quantize, inter), vec![gg, ggq, ggs]),
+        step(row(TrainRow::Quantize, inter), vec![uu, uuq, uus]),
+        step(row(blocks(ki, true, inter), group), vec![Arg(4), gtq, gts]),
+        step(row(blocks(ki, true, inter), group), vec![Arg(5), utq, uts]),
+        step(row(TrainRow::MoeGradXFp8 { k }, d), vec![ggq, ggs, uuq, uus, Arg(1), gtq, gts, utq, uts, Res(0)]),
+        step(row(TrainRow::PairSort, experts), vec![Arg(1), offsets, pairs]),
+    ];
+    for (src, (q, s), by_token, cols) in [
+        (dye, dye_t, false, d),
+        (h, h_t, false, inter),
+        (gg, gg_t, false, inter),
+        (uu, uu_t, false, inter),
+        (Arg(0), x_t, true, d),
+    ] {
+        steps.push(step(row(TrainRow::QuantizePairs { by_token }, cols), vec![offsets, pairs, Arg(2), src, q, s]));
+    }
+    for &(i, which, e) in pieces {
+        let view = Operand::TempRows { temp: offsets_index, first: e, rows: 2 };
+        // d down [D, I] = dye^T h; d gate [I, D] = gg^T x; d up = uu^T x.
+        let (a, b, cols) = match which {
+            2 => (dye_t, h_t, inter),
+            0 => (gg_t, x_t, d),
+            _ => (uu_t, x_t, d),
+        };
+        steps.push(step(row(TrainRow::Fp8WgradExpert, cols), vec![view, a.0, a.1, b.0, b.1, Res(i)]));
+    }
+    Ok(Steps { steps, temps, rope_table: None })
 }
 
 /// The loss weight of a `cross_entropy(_grad)`.

@@ -322,8 +322,29 @@ pub enum TrainRow {
     MoeCombine { k: usize },
     /// The FP8 recipe's [`TrainRow::MoeHidden`]: the token's 1x128 e4m3 row (`xq`, `xs`) times each
     /// expert's 128x128 e4m3 blocks (`gq`/`gs`, `uq`/`us`: [`TrainRow::QuantizeBlocks`] stacked per
-    /// expert), block-scaled products in the reference's order, then SwiGLU in f32.
-    MoeHiddenFp8 { k: usize },
+    /// expert), block-scaled products in the reference's order, then SwiGLU in f32; `keep`: also
+    /// the gate and up products into `g`, `u` (for the gradient).
+    MoeHiddenFp8 { k: usize, keep: bool },
+    /// The FP8 experts' backward per (token, slot) (`d` = D): the expert's output `y` from the
+    /// quantized hidden row and down blocks, the routing weight's gradient `dy . y`, and `dye = dy *
+    /// w` (f32) for Dgrad and Wgrad.
+    MoeGradTokenFp8 { k: usize },
+    /// The FP8 experts' Dgrad through down per (token, slot) (`d` = the intermediate width): `dh`
+    /// from `dye`'s 1x128 row and the down blocks transposed per expert, then SwiGLU's gradient in
+    /// f32 into `gg`, `uu`.
+    MoeDgradFp8 { k: usize },
+    /// The FP8 experts' input gradient per token (`d` = D): over its slots in expert order, the
+    /// Dgrad of `gg` through gate plus that of `uu` through up (blocks transposed per expert).
+    MoeGradXFp8 { k: usize },
+    /// 128x1 tiles over each expert's sorted pairs (`d` = columns): row r of `q` is the source row
+    /// of sorted pair r (the pair's own row, or `by_token` its token's), each expert's pairs cut in
+    /// groups of 128 from its first; a group's scales are in `scale`'s row of its first pair. One
+    /// block per sorted row (those that start no group do nothing).
+    QuantizePairs { by_token: bool },
+    /// One expert's Wgrad (launched per expert with its two offsets): `out [N, d]` row o sums, per
+    /// 128-pair group of the expert, the group's e4m3 products of `a[:, o]` and `b[:, i]` times both
+    /// groups' scales ([`TrainRow::QuantizePairs`] operands).
+    Fp8WgradExpert,
     /// The FP8 recipe's [`TrainRow::MoeCombine`]: the hidden rows quantized 1x128 (`hq`, `hs`) times
     /// the down blocks (`dq`, `ds`).
     MoeCombineFp8 { k: usize },
@@ -413,7 +434,16 @@ impl TrainRow {
                 format!("rows_moehidden_d{d}_k{k}_t{t}{}", if keep { "_keep" } else { "" })
             }
             TrainRow::MoeCombine { k } => format!("rows_moecombine_d{d}_k{k}_t{t}"),
-            TrainRow::MoeHiddenFp8 { k } => format!("rows_moehiddenfp8_d{d}_k{k}_t{t}"),
+            TrainRow::MoeHiddenFp8 { k, keep } => {
+                format!("rows_moehiddenfp8_d{d}_k{k}_t{t}{}", if keep { "_keep" } else { "" })
+            }
+            TrainRow::MoeGradTokenFp8 { k } => format!("rows_moegradtokenfp8_d{d}_k{k}_t{t}"),
+            TrainRow::MoeDgradFp8 { k } => format!("rows_moedgradfp8_d{d}_k{k}_t{t}"),
+            TrainRow::MoeGradXFp8 { k } => format!("rows_moegradxfp8_d{d}_k{k}_t{t}"),
+            TrainRow::QuantizePairs { by_token } => {
+                format!("rows_qpairs_d{d}_t{t}{}", if by_token { "_tokens" } else { "" })
+            }
+            TrainRow::Fp8WgradExpert => format!("rows_fp8wgradexpert_d{d}_t{t}"),
             TrainRow::MoeCombineFp8 { k } => format!("rows_moecombinefp8_d{d}_k{k}_t{t}"),
             TrainRow::MoeGradToken { k } => format!("rows_moegradtoken_d{d}_k{k}_t{t}"),
             TrainRow::MoeGradX { k } => format!("rows_moegradx_d{d}_k{k}_t{t}"),
@@ -533,7 +563,26 @@ impl TrainRow {
                 kernel(TrainRow::MoeHidden { k: number(k, "k")?, keep }, d, "f32", t)
             }
             ["moecombine", d, k, t] => kernel(TrainRow::MoeCombine { k: number(k, "k")? }, d, "f32", t),
-            ["moehiddenfp8", d, k, t] => kernel(TrainRow::MoeHiddenFp8 { k: number(k, "k")? }, d, "f32", t),
+            ["moehiddenfp8", d, k, t, rest @ ..] => {
+                let keep = match rest {
+                    ["keep"] => true,
+                    [] => false,
+                    _ => return None,
+                };
+                kernel(TrainRow::MoeHiddenFp8 { k: number(k, "k")?, keep }, d, "f32", t)
+            }
+            ["moegradtokenfp8", d, k, t] => kernel(TrainRow::MoeGradTokenFp8 { k: number(k, "k")? }, d, "f32", t),
+            ["moedgradfp8", d, k, t] => kernel(TrainRow::MoeDgradFp8 { k: number(k, "k")? }, d, "f32", t),
+            ["moegradxfp8", d, k, t] => kernel(TrainRow::MoeGradXFp8 { k: number(k, "k")? }, d, "f32", t),
+            ["qpairs", d, t, rest @ ..] => {
+                let by_token = match rest {
+                    ["tokens"] => true,
+                    [] => false,
+                    _ => return None,
+                };
+                kernel(TrainRow::QuantizePairs { by_token }, d, "f32", t)
+            }
+            ["fp8wgradexpert", d, t] => kernel(TrainRow::Fp8WgradExpert, d, "f32", t),
             ["moecombinefp8", d, k, t] => kernel(TrainRow::MoeCombineFp8 { k: number(k, "k")? }, d, "f32", t),
             ["moegradtoken", d, k, t] => kernel(TrainRow::MoeGradToken { k: number(k, "k")? }, d, "f32", t),
             ["moegradx", d, k, t] => kernel(TrainRow::MoeGradX { k: number(k, "k")? }, d, "f32", t),
@@ -652,9 +701,9 @@ impl TrainRow {
             TrainRow::MoeCombine { .. } => {
                 vec![("h", rows()), ("idx", "memref<?x?xi32>".into()), ("w", rows()), ("down", rows()), ("y", rows())]
             }
-            TrainRow::MoeHiddenFp8 { .. } => {
+            TrainRow::MoeHiddenFp8 { keep, .. } => {
                 let q = || "memref<?x?xi8>".to_string();
-                vec![
+                let mut args = vec![
                     ("xq", q()),
                     ("xs", rows()),
                     ("idx", "memref<?x?xi32>".into()),
@@ -663,8 +712,63 @@ impl TrainRow {
                     ("uq", q()),
                     ("us", rows()),
                     ("h", rows()),
-                ]
+                ];
+                if *keep {
+                    args.extend([("g", rows()), ("u", rows())]);
+                }
+                args
             }
+            TrainRow::MoeGradTokenFp8 { .. } => vec![
+                ("dy", rows()),
+                ("idx", "memref<?x?xi32>".into()),
+                ("w", rows()),
+                ("hq", "memref<?x?xi8>".into()),
+                ("hs", rows()),
+                ("dq", "memref<?x?xi8>".into()),
+                ("ds", rows()),
+                ("y", rows()),
+                ("dye", rows()),
+                ("dw", rows()),
+            ],
+            TrainRow::MoeDgradFp8 { .. } => vec![
+                ("dyeq", "memref<?x?xi8>".into()),
+                ("dyes", rows()),
+                ("idx", "memref<?x?xi32>".into()),
+                ("dtq", "memref<?x?xi8>".into()),
+                ("dts", rows()),
+                ("g", rows()),
+                ("u", rows()),
+                ("gg", rows()),
+                ("uu", rows()),
+            ],
+            TrainRow::MoeGradXFp8 { .. } => vec![
+                ("ggq", "memref<?x?xi8>".into()),
+                ("ggs", rows()),
+                ("uuq", "memref<?x?xi8>".into()),
+                ("uus", rows()),
+                ("idx", "memref<?x?xi32>".into()),
+                ("gtq", "memref<?x?xi8>".into()),
+                ("gts", rows()),
+                ("utq", "memref<?x?xi8>".into()),
+                ("uts", rows()),
+                ("dx", rows()),
+            ],
+            TrainRow::QuantizePairs { .. } => vec![
+                ("offsets", "memref<?xi32>".into()),
+                ("pairs", "memref<?xi32>".into()),
+                ("w", rows()),
+                ("src", rows()),
+                ("q", "memref<?x?xi8>".into()),
+                ("scale", rows()),
+            ],
+            TrainRow::Fp8WgradExpert => vec![
+                ("offsets", "memref<?xi32>".into()),
+                ("aq", "memref<?x?xi8>".into()),
+                ("as", rows()),
+                ("bq", "memref<?x?xi8>".into()),
+                ("bs", rows()),
+                ("out", rows()),
+            ],
             TrainRow::MoeCombineFp8 { .. } => vec![
                 ("hq", "memref<?x?xi8>".into()),
                 ("hs", rows()),
@@ -742,7 +846,11 @@ impl TrainRow {
             TrainRow::MoeHidden { .. } => "x",
             TrainRow::MoeCombine { .. } | TrainRow::MoeCombineFp8 { .. } => "y",
             // The routed slots (the e4m3 rows are temporaries of the run's rows).
-            TrainRow::MoeHiddenFp8 { .. } => "idx",
+            TrainRow::MoeHiddenFp8 { .. } | TrainRow::MoeDgradFp8 { .. } => "idx",
+            TrainRow::MoeGradTokenFp8 { .. } => "dy",
+            TrainRow::MoeGradXFp8 { .. } => "dx",
+            TrainRow::QuantizePairs { .. } => "scale",
+            TrainRow::Fp8WgradExpert => "out",
             TrainRow::MoeGradToken { .. } => "dy",
             TrainRow::MoeGradX { .. } => "dx",
             TrainRow::PairSort => return None,
@@ -770,7 +878,9 @@ impl TrainRow {
             TrainRow::MlaForward(m) => vec![("sh_p", m.context), ("sh_red", 2)],
             TrainRow::MlaGradQ(m) => vec![("sh_p", m.context), ("sh_dp", m.context), ("sh_red", 4)],
             TrainRow::MlaGradKv(m) => vec![("sh_pi", m.context), ("sh_dsi", m.context)],
-            TrainRow::MoeCombine { k } | TrainRow::MoeCombineFp8 { k } => vec![("sh_order", *k)],
+            TrainRow::MoeCombine { k } | TrainRow::MoeCombineFp8 { k } | TrainRow::MoeGradXFp8 { k } => {
+                vec![("sh_order", *k)]
+            }
             TrainRow::Quantize => {
                 let groups = d.div_ceil(super::GROUP);
                 vec![("sh_amax", groups * AMAX_PARTS), ("sh_scale", groups)]
@@ -799,14 +909,24 @@ impl TrainRow {
 
     /// Whether the CPU lowering needs the e4m3 helpers.
     pub(super) fn encodes_fp8(&self) -> bool {
-        matches!(self, TrainRow::Quantize | TrainRow::QuantizeBlocks { .. } | TrainRow::QuantizeCols)
+        matches!(
+            self,
+            TrainRow::Quantize
+                | TrainRow::QuantizeBlocks { .. }
+                | TrainRow::QuantizeCols
+                | TrainRow::QuantizePairs { .. }
+        )
     }
 
     /// Blocks per row of the rows argument (attention: one per head).
     pub(super) fn blocks_per_row(&self) -> usize {
         match self {
             TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => m.heads,
-            TrainRow::MoeHidden { k, .. } | TrainRow::MoeGradToken { k } | TrainRow::MoeHiddenFp8 { k } => *k,
+            TrainRow::MoeHidden { k, .. }
+            | TrainRow::MoeGradToken { k }
+            | TrainRow::MoeHiddenFp8 { k, .. }
+            | TrainRow::MoeGradTokenFp8 { k }
+            | TrainRow::MoeDgradFp8 { k } => *k,
             TrainRow::QuantizeBlocks { tiles, .. } => *tiles,
             _ => 1,
         }
@@ -874,7 +994,7 @@ impl TrainRow {
                 let _ = writeln!(s, "%e4m3_max = arith.constant 0x{:08X} : f32", E4M3_MAX.to_bits());
                 let _ = writeln!(s, "%amax_floor = arith.constant 1.0e-12 : f32");
             }
-            TrainRow::QuantizeCols => {
+            TrainRow::QuantizeCols | TrainRow::QuantizePairs { .. } => {
                 let _ = writeln!(s, "%c128 = arith.constant 128 : index");
                 let _ = writeln!(s, "%abs_mask = arith.constant 2147483647 : i32");
                 let _ = writeln!(s, "%e4m3_max = arith.constant 0x{:08X} : f32", E4M3_MAX.to_bits());
@@ -884,7 +1004,10 @@ impl TrainRow {
                 let _ = writeln!(s, "%c128 = arith.constant 128 : index");
             }
             TrainRow::MoeHidden { k, .. }
-            | TrainRow::MoeHiddenFp8 { k }
+            | TrainRow::MoeHiddenFp8 { k, .. }
+            | TrainRow::MoeGradTokenFp8 { k }
+            | TrainRow::MoeDgradFp8 { k }
+            | TrainRow::MoeGradXFp8 { k }
             | TrainRow::MoeCombineFp8 { k }
             | TrainRow::MoeCombine { k }
             | TrainRow::MoeGradToken { k }
@@ -963,12 +1086,14 @@ impl TrainRow {
 "
                 )
             }
-            TrainRow::MoeHidden { .. } | TrainRow::MoeGradToken { .. } | TrainRow::MoeHiddenFp8 { .. } => {
-                "%t = arith.divui %row, %cK : index
+            TrainRow::MoeHidden { .. }
+            | TrainRow::MoeGradToken { .. }
+            | TrainRow::MoeHiddenFp8 { .. }
+            | TrainRow::MoeGradTokenFp8 { .. }
+            | TrainRow::MoeDgradFp8 { .. } => "%t = arith.divui %row, %cK : index
 %s = arith.remui %row, %cK : index
 "
-                .into()
-            }
+            .into(),
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => "%b = arith.divui %row, %cH : index
 %h = arith.remui %row, %cH : index
 %T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
@@ -1702,7 +1827,187 @@ scf.for %i = %tid to %cD step %cT {{
                     exp = indent2(&exp(lowering, "%neg", "%ex")),
                 )]
             }
-            TrainRow::MoeHiddenFp8 { .. } => vec![format!(
+            TrainRow::MoeGradTokenFp8 { .. } => vec![
+                format!(
+                    "%D = memref.dim %dy, %c1 : {m}
+%I = memref.dim %hq, %c1 : memref<?x?xi8>
+{e}%c128 = arith.constant 128 : index
+%c127 = arith.constant 127 : index
+%d127 = arith.addi %cD, %c127 : index
+%blocks_per_expert = arith.divui %d127, %c128 : index
+%eblock = arith.muli %e, %blocks_per_expert : index
+%wt = memref.load %w[%t, %s] : {m}
+scf.for %o = %tid to %cD step %cT {{
+  %wrow = arith.addi %ebase, %o : index
+  %oblock = arith.divui %o, %c128 : index
+  %srow = arith.addi %eblock, %oblock : index
+{yv}  memref.store %yv, %y[%row, %o] : {m}
+  %gv = memref.load %dy[%t, %o] : {m}
+  %dye_v = arith.mulf %gv, %wt : f32
+  memref.store %dye_v, %dye[%row, %o] : {m}
+}}
+",
+                    e = expert_base_of("%t", "%s", "%dq", "memref<?x?xi8>", "%cD"),
+                    yv = indent2(&fp8_dot("yv", "%hq", "%row", "%hs", "%dq", "%wrow", "%ds", "%srow", "%I")),
+                ),
+                format!(
+                    "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %dot = scf.for %o = %c0 to %cD step %c1 iter_args(%a = %zero) -> (f32) {{
+    %gv = memref.load %dy[%t, %o] : {m}
+    %yv = memref.load %y[%row, %o] : {m}
+    %x = arith.mulf %gv, %yv : f32
+    %a2 = arith.addf %a, %x : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %dot, %dw[%t, %s] : {m}
+}}
+"
+                ),
+            ],
+            TrainRow::MoeDgradFp8 { .. } => vec![format!(
+                "%D = memref.dim %dyeq, %c1 : memref<?x?xi8>
+{e}%c128 = arith.constant 128 : index
+%c127 = arith.constant 127 : index
+%i127 = arith.addi %cD, %c127 : index
+%blocks_per_expert = arith.divui %i127, %c128 : index
+%eblock = arith.muli %e, %blocks_per_expert : index
+scf.for %i = %tid to %cD step %cT {{
+  %wrow = arith.addi %ebase, %i : index
+  %iblock = arith.divui %i, %c128 : index
+  %srow = arith.addi %eblock, %iblock : index
+{dh}  %gv = memref.load %g[%row, %i] : {m}
+  %uv = memref.load %u[%row, %i] : {m}
+{grad}  memref.store %dg, %gg[%row, %i] : {m}
+  memref.store %du, %uu[%row, %i] : {m}
+}}
+",
+                e = expert_base_of("%t", "%s", "%dtq", "memref<?x?xi8>", "%cD"),
+                dh = indent2(&fp8_dot("dh", "%dyeq", "%row", "%dyes", "%dtq", "%wrow", "%dts", "%srow", "%D")),
+                grad = indent2(&swiglu_grad(lowering, "%gv", "%uv", "%dh")),
+            )],
+            TrainRow::MoeGradXFp8 { .. } => vec![
+                slot_order(&sh("sh_order")),
+                format!(
+                    "%t = arith.addi %row, %c0 : index
+%I = memref.dim %ggq, %c1 : memref<?x?xi8>
+%c128 = arith.constant 128 : index
+%c127 = arith.constant 127 : index
+%d127 = arith.addi %cD, %c127 : index
+%blocks_per_expert = arith.divui %d127, %c128 : index
+scf.for %c = %tid to %cD step %cT {{
+  %acc = scf.for %r = %c0 to %cK step %c1 iter_args(%a = %zero) -> (f32) {{
+    %s_f = memref.load %sh_order[%r] : {order}
+    %s_i = arith.fptosi %s_f : f32 to i32
+    %s = arith.index_cast %s_i : i32 to index
+{e}    %wrow = arith.addi %ebase, %c : index
+    %eblock = arith.muli %e, %blocks_per_expert : index
+    %cblock = arith.divui %c, %c128 : index
+    %srow = arith.addi %eblock, %cblock : index
+    %prow0 = arith.muli %t, %cK : index
+    %prow = arith.addi %prow0, %s : index
+{dxg}{dxu}    %both = arith.addf %dxg, %dxu : f32
+    %a2 = arith.addf %a, %both : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %acc, %dx[%t, %c] : {m}
+}}
+",
+                    order = sh("sh_order"),
+                    e = indent2(&indent2(&expert_base_of("%t", "%s", "%gtq", "memref<?x?xi8>", "%cD"))),
+                    dxg = indent2(&indent2(&fp8_dot(
+                        "dxg", "%ggq", "%prow", "%ggs", "%gtq", "%wrow", "%gts", "%srow", "%I"
+                    ))),
+                    dxu = indent2(&indent2(&fp8_dot(
+                        "dxu", "%uuq", "%prow", "%uus", "%utq", "%wrow", "%uts", "%srow", "%I"
+                    ))),
+                ),
+            ],
+            TrainRow::QuantizePairs { by_token } => {
+                let src_row = if by_token { "%tok" } else { "%p" };
+                vec![format!(
+                    "%K = memref.dim %w, %c1 : {m}
+%E1 = memref.dim %offsets, %c0 : memref<?xi32>
+%E = arith.subi %E1, %c1 : index
+%row_i32 = arith.index_cast %row : index to i32
+// The expert of sorted row %row: the last e with offsets[e] <= row (e < E).
+%ex = scf.for %e = %c0 to %E step %c1 iter_args(%a = %c0) -> (index) {{
+  %o_i32 = memref.load %offsets[%e] : memref<?xi32>
+  %at_or_after = arith.cmpi sle, %o_i32, %row_i32 : i32
+  %a2 = arith.select %at_or_after, %e, %a : index
+  scf.yield %a2 : index
+}}
+%start_i32 = memref.load %offsets[%ex] : memref<?xi32>
+%ex1 = arith.addi %ex, %c1 : index
+%end_i32 = memref.load %offsets[%ex1] : memref<?xi32>
+%start = arith.index_cast %start_i32 : i32 to index
+%end = arith.index_cast %end_i32 : i32 to index
+%local = arith.subi %row, %start : index
+%in_group = arith.remui %local, %c128 : index
+%leads = arith.cmpi eq, %in_group, %c0 : index
+%inside = arith.cmpi ult, %row, %end : index
+%active = arith.andi %leads, %inside : i1
+%g_end0 = arith.addi %row, %c128 : index
+%g_end = arith.minui %g_end0, %end : index
+scf.if %active {{
+scf.for %c = %tid to %cD step %cT {{
+  %m = scf.for %r = %row to %g_end step %c1 iter_args(%mx = %zero) -> (f32) {{
+    %p_i32 = memref.load %pairs[%r] : memref<?xi32>
+    %p = arith.index_cast %p_i32 : i32 to index
+    %tok = arith.divui %p, %K : index
+    %v = memref.load %src[{src_row}, %c] : {m}
+{amax}    scf.yield %mx2 : f32
+  }}
+  %small = arith.cmpf olt, %m, %amax_floor : f32
+  %floored = arith.select %small, %amax_floor, %m : f32
+  %sv = arith.divf %floored, %e4m3_max : f32
+  memref.store %sv, %scale[%row, %c] : {m}
+  scf.for %r = %row to %g_end step %c1 {{
+    %p_i32 = memref.load %pairs[%r] : memref<?xi32>
+    %p = arith.index_cast %p_i32 : i32 to index
+    %tok = arith.divui %p, %K : index
+    %v = memref.load %src[{src_row}, %c] : {m}
+    %qv = arith.divf %v, %sv : f32
+{enc}    memref.store %byte, %q[%r, %c] : memref<?x?xi8>
+  }}
+}}
+}}
+",
+                    amax = indent2(&indent2(&amax_step("%v", "%mx", "%mx2"))),
+                    enc = indent2(&encode_e4m3(lowering, "%qv", "%byte")),
+                )]
+            }
+            TrainRow::Fp8WgradExpert => vec![format!(
+                "%first_i32 = memref.load %offsets[%c0] : memref<?xi32>
+%last_i32 = memref.load %offsets[%c1] : memref<?xi32>
+%from = arith.index_cast %first_i32 : i32 to index
+%to = arith.index_cast %last_i32 : i32 to index
+%c128 = arith.constant 128 : index
+scf.for %i = %tid to %cD step %cT {{
+  %acc = scf.for %g = %from to %to step %c128 iter_args(%a = %zero) -> (f32) {{
+    %g_end0 = arith.addi %g, %c128 : index
+    %g_end = arith.minui %g_end0, %to : index
+    %partial = scf.for %r = %g to %g_end step %c1 iter_args(%p = %zero) -> (f32) {{
+      %ab = memref.load %aq[%r, %row] : memref<?x?xi8>
+      %bb = memref.load %bq[%r, %i] : memref<?x?xi8>
+{da}{db}      %x = arith.mulf %av, %bv : f32
+      %p2 = arith.addf %p, %x : f32
+      scf.yield %p2 : f32
+    }}
+    %sa = memref.load %as[%g, %row] : {m}
+    %sb = memref.load %bs[%g, %i] : {m}
+    %ps = arith.mulf %partial, %sa : f32
+    %pss = arith.mulf %ps, %sb : f32
+    %a2 = arith.addf %a, %pss : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %acc, %out[%row, %i] : {m}
+}}
+",
+                da = indent2(&indent2(&indent2(&decode_e4m3("%ab", "%av")))),
+                db = indent2(&indent2(&indent2(&decode_e4m3("%bb", "%bv")))),
+            )],
+            TrainRow::MoeHiddenFp8 { keep, .. } => vec![format!(
                 "%D = memref.dim %xq, %c1 : memref<?x?xi8>
 {e}%c128 = arith.constant 128 : index
 %c127 = arith.constant 127 : index
@@ -1718,8 +2023,13 @@ scf.for %i = %tid to %cD step %cT {{
   %silu = arith.divf %gv, %den : f32
   %hv = arith.mulf %silu, %uv : f32
   memref.store %hv, %h[%row, %i] : {m}
-}}
+{keep}}}
 ",
+                keep = if keep {
+                    format!("  memref.store %gv, %g[%row, %i] : {m}\n  memref.store %uv, %u[%row, %i] : {m}\n")
+                } else {
+                    String::new()
+                },
                 e = expert_base_of("%t", "%s", "%gq", "memref<?x?xi8>", "%cD"),
                 gate = indent2(&fp8_dot("gv", "%xq", "%t", "%xs", "%gq", "%wrow", "%gs", "%srow", "%D")),
                 up = indent2(&fp8_dot("uv", "%xq", "%t", "%xs", "%uq", "%wrow", "%us", "%srow", "%D")),
