@@ -1,8 +1,14 @@
 //! The training step's `fused`-stage kernels -> sm_90a launches ([`super::rows::TrainRow`], and the
-//! inference templates where one fits). The training graph's kernels are single ops (its fused
-//! stage only forms kernels), some with view tails (a linear's output reshaped and split into
-//! heads). Called by [`super::lower::row_of_kernel`] and [`super::lower::steps_of_kernel`] for
-//! the ops they do not know; `None`: not a training kernel (their own reason stands).
+//! inference templates where one fits: the fp8 GEMM for the FP8 recipe's Fprop and Dgrad, the
+//! routing and concatenation rows). The training graph's kernels are single ops (its fused stage
+//! only forms kernels), some with view tails (a linear's output reshaped and split into heads, the
+//! experts' stacked gradients split per expert). Called by [`super::lower::row_of_kernel`] and
+//! [`super::lower::steps_of_kernel`] for the ops they do not know; `None`: not a training kernel
+//! (their own reason stands).
+//!
+//! Temporaries have the run's rows (`Temp::per_row`) or fixed ones (quantized master weights,
+//! per-expert offsets); a launch that writes a kernel result takes its grid from a real operand,
+//! never from a temporary (the MTP module's tensors have one row fewer than the run's).
 
 use melior::ir::block::BlockLike;
 use melior::ir::operation::{OperationLike, OperationRef};

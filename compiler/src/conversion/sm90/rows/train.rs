@@ -1,13 +1,16 @@
 //! Row kernels of the training step ([`TrainRow`]): the backward pass's elementwise and per-row
-//! ops, and CUDA-core baselines for what has no tensor-core template yet (the f32 GEMMs of the
-//! training graph). Same template as the other row kernels ([`super`]): phases that exchange data
-//! only through memory, one `gpu.func` on sm_90a and a CPU function running each phase's threads in
-//! turn, which the tests check against the reference interpreter's kernels.
+//! ops, the losses, MLA's forward and backward, the routed experts and their gradients, the FP8
+//! recipe's quantizers, and CUDA-core baselines for what has no tensor-core template yet (the f32
+//! GEMMs, the FP8 Wgrad, the FP8 experts' block-scaled products). Same template as the other row
+//! kernels ([`super`]): phases that exchange data only through memory, one `gpu.func` on sm_90a and
+//! a CPU function running each phase's threads in turn, which the tests check against the
+//! reference interpreter's kernels.
 //!
 //! Orders of operations follow the reference (`v3c_models::interp::kernels`) wherever one thread
 //! computes a value: sequential sums in its order, products rounded as it rounds them. Where the
-//! block shares a sum (RMSNorm's gradient: the row's sum of squares and `dy . w . x`), a tree over
-//! the threads' strided partial sums (not the reference's order: equal up to rounding).
+//! block shares a sum (RMSNorm's gradient: the row's sum of squares and `dy . w . x`; the
+//! cross-entropy's max and sum), a tree over the threads' strided partial sums (not the reference's
+//! order: equal up to rounding).
 
 use std::fmt::Write;
 
