@@ -134,6 +134,41 @@ scf.for %s = %tid to %cK step %cT {{
     )
 }
 
+/// Wgrad over 128-row tiles of the rows `%from..%to` of `aq`/`bq` (e4m3, one column each per
+/// output row and column: `out[%row, i]`), each tile's products summed in order, times both tiles'
+/// scales — in `as`/`bs` at the tile's first row (`at_start`) or at its index (tile g's row g).
+fn tile_wgrad(at_start: bool) -> String {
+    let m = "memref<?x?xf32>";
+    let scale_row = if at_start { "%g" } else { "%g_index" };
+    format!(
+        "scf.for %i = %tid to %cD step %cT {{
+  %acc = scf.for %g = %from to %to step %c128 iter_args(%a = %zero) -> (f32) {{
+    %g_rel = arith.subi %g, %from : index
+    %g_index = arith.divui %g_rel, %c128 : index
+    %g_end0 = arith.addi %g, %c128 : index
+    %g_end = arith.minui %g_end0, %to : index
+    %partial = scf.for %r = %g to %g_end step %c1 iter_args(%p = %zero) -> (f32) {{
+      %ab = memref.load %aq[%r, %row] : memref<?x?xi8>
+      %bb = memref.load %bq[%r, %i] : memref<?x?xi8>
+{da}{db}      %x = arith.mulf %av, %bv : f32
+      %p2 = arith.addf %p, %x : f32
+      scf.yield %p2 : f32
+    }}
+    %sa = memref.load %as[{scale_row}, %row] : {m}
+    %sb = memref.load %bs[{scale_row}, %i] : {m}
+    %ps = arith.mulf %partial, %sa : f32
+    %pss = arith.mulf %ps, %sb : f32
+    %a2 = arith.addf %a, %pss : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %acc, %out[%row, %i] : {m}
+}}
+",
+        da = indent2(&indent2(&indent2(&decode_e4m3("%ab", "%av")))),
+        db = indent2(&indent2(&indent2(&decode_e4m3("%bb", "%bv")))),
+    )
+}
+
 /// SwiGLU's gradient at one element (the reference's `silu_mul_grad`): `%dg = dy * u * s * (1 + g
 /// * (1 - s))` with `s = sigmoid(g)`, `%du = dy * silu(g)`, from the values `g`, `u`, `dy`.
 fn swiglu_grad(lowering: Lowering, g: &str, u: &str, dy: &str) -> String {
@@ -1986,29 +2021,8 @@ scf.for %c = %tid to %cD step %cT {{
 %from = arith.index_cast %first_i32 : i32 to index
 %to = arith.index_cast %last_i32 : i32 to index
 %c128 = arith.constant 128 : index
-scf.for %i = %tid to %cD step %cT {{
-  %acc = scf.for %g = %from to %to step %c128 iter_args(%a = %zero) -> (f32) {{
-    %g_end0 = arith.addi %g, %c128 : index
-    %g_end = arith.minui %g_end0, %to : index
-    %partial = scf.for %r = %g to %g_end step %c1 iter_args(%p = %zero) -> (f32) {{
-      %ab = memref.load %aq[%r, %row] : memref<?x?xi8>
-      %bb = memref.load %bq[%r, %i] : memref<?x?xi8>
-{da}{db}      %x = arith.mulf %av, %bv : f32
-      %p2 = arith.addf %p, %x : f32
-      scf.yield %p2 : f32
-    }}
-    %sa = memref.load %as[%g, %row] : {m}
-    %sb = memref.load %bs[%g, %i] : {m}
-    %ps = arith.mulf %partial, %sa : f32
-    %pss = arith.mulf %ps, %sb : f32
-    %a2 = arith.addf %a, %pss : f32
-    scf.yield %a2 : f32
-  }}
-  memref.store %acc, %out[%row, %i] : {m}
-}}
-",
-                da = indent2(&indent2(&indent2(&decode_e4m3("%ab", "%av")))),
-                db = indent2(&indent2(&indent2(&decode_e4m3("%bb", "%bv")))),
+{}",
+                tile_wgrad(true)
             )],
             TrainRow::MoeHiddenFp8 { keep, .. } => vec![format!(
                 "%D = memref.dim %xq, %c1 : memref<?x?xi8>
@@ -2372,33 +2386,10 @@ scf.for %c = %tid to %cD step %cT {{
             )],
             TrainRow::Fp8Wgrad => vec![format!(
                 "%T = memref.dim %dy, %c0 : {m}
-%groups0 = arith.addi %T, %c128 : index
-%groups1 = arith.subi %groups0, %c1 : index
-%groups = arith.divui %groups1, %c128 : index
-scf.for %k = %tid to %cD step %cT {{
-  %acc = scf.for %g = %c0 to %groups step %c1 iter_args(%a = %zero) -> (f32) {{
-    %t_first = arith.muli %g, %c128 : index
-    %t_end0 = arith.addi %t_first, %c128 : index
-    %t_end = arith.minui %t_end0, %T : index
-    %partial = scf.for %t = %t_first to %t_end step %c1 iter_args(%p = %zero) -> (f32) {{
-      %ab = memref.load %aq[%t, %row] : memref<?x?xi8>
-      %bb = memref.load %bq[%t, %k] : memref<?x?xi8>
-{da}{db}      %x = arith.mulf %av, %bv : f32
-      %p2 = arith.addf %p, %x : f32
-      scf.yield %p2 : f32
-    }}
-    %sa = memref.load %as[%g, %row] : {m}
-    %sb = memref.load %bs[%g, %k] : {m}
-    %ps = arith.mulf %partial, %sa : f32
-    %pss = arith.mulf %ps, %sb : f32
-    %a2 = arith.addf %a, %pss : f32
-    scf.yield %a2 : f32
-  }}
-  memref.store %acc, %out[%row, %k] : {m}
-}}
-",
-                da = indent2(&indent2(&indent2(&decode_e4m3("%ab", "%av")))),
-                db = indent2(&indent2(&indent2(&decode_e4m3("%bb", "%bv")))),
+%from = arith.addi %c0, %c0 : index
+%to = arith.addi %T, %c0 : index
+{}",
+                tile_wgrad(false)
             )],
             TrainRow::SumHeads { .. } => vec![format!(
                 "%base = arith.muli %row, %cH : index
