@@ -169,6 +169,41 @@ fn tile_wgrad(at_start: bool) -> String {
     )
 }
 
+/// The FP8 experts' per-token sum over the token's slots in expert order (`%sh_order`, of type
+/// `order`): for each output column `col` (a thread's strided share of `%cD`), per slot `%s` its
+/// expert's weight row `%wrow` in `weights` (e4m3, `%cD` rows per expert), that row's block-scale
+/// row `%srow`, and the slot's pair row `%prow`; `body` adds the slot's term to `%a` as `%a2` (the
+/// pair rows are `%I` wide: `rows`'s columns); the sum is stored into `out[t, col]`.
+fn over_sorted_slots(order: &str, (col, weights, rows): (&str, &str, &str), body: &str, out: &str) -> String {
+    let m = "memref<?x?xf32>";
+    format!(
+        "%t = arith.addi %row, %c0 : index
+%I = memref.dim {rows}, %c1 : memref<?x?xi8>
+%c128 = arith.constant 128 : index
+%c127 = arith.constant 127 : index
+%d127 = arith.addi %cD, %c127 : index
+%blocks_per_expert = arith.divui %d127, %c128 : index
+scf.for {col} = %tid to %cD step %cT {{
+  %acc = scf.for %r = %c0 to %cK step %c1 iter_args(%a = %zero) -> (f32) {{
+    %s_f = memref.load %sh_order[%r] : {order}
+    %s_i = arith.fptosi %s_f : f32 to i32
+    %s = arith.index_cast %s_i : i32 to index
+{e}    %wrow = arith.addi %ebase, {col} : index
+    %eblock = arith.muli %e, %blocks_per_expert : index
+    %cblock = arith.divui {col}, %c128 : index
+    %srow = arith.addi %eblock, %cblock : index
+    %prow0 = arith.muli %t, %cK : index
+    %prow = arith.addi %prow0, %s : index
+{body}    scf.yield %a2 : f32
+  }}
+  memref.store %acc, {out}[%t, {col}] : {m}
+}}
+",
+        e = indent2(&indent2(&expert_base_of("%t", "%s", weights, "memref<?x?xi8>", "%cD"))),
+        body = indent2(&indent2(body)),
+    )
+}
+
 /// SwiGLU's gradient at one element (the reference's `silu_mul_grad`): `%dg = dy * u * s * (1 + g
 /// * (1 - s))` with `s = sigmoid(g)`, `%du = dy * silu(g)`, from the values `g`, `u`, `dy`.
 fn swiglu_grad(lowering: Lowering, g: &str, u: &str, dy: &str) -> String {
@@ -1926,39 +1961,15 @@ scf.for %i = %tid to %cD step %cT {{
             )],
             TrainRow::MoeGradXFp8 { .. } => vec![
                 slot_order(&sh("sh_order")),
-                format!(
-                    "%t = arith.addi %row, %c0 : index
-%I = memref.dim %ggq, %c1 : memref<?x?xi8>
-%c128 = arith.constant 128 : index
-%c127 = arith.constant 127 : index
-%d127 = arith.addi %cD, %c127 : index
-%blocks_per_expert = arith.divui %d127, %c128 : index
-scf.for %c = %tid to %cD step %cT {{
-  %acc = scf.for %r = %c0 to %cK step %c1 iter_args(%a = %zero) -> (f32) {{
-    %s_f = memref.load %sh_order[%r] : {order}
-    %s_i = arith.fptosi %s_f : f32 to i32
-    %s = arith.index_cast %s_i : i32 to index
-{e}    %wrow = arith.addi %ebase, %c : index
-    %eblock = arith.muli %e, %blocks_per_expert : index
-    %cblock = arith.divui %c, %c128 : index
-    %srow = arith.addi %eblock, %cblock : index
-    %prow0 = arith.muli %t, %cK : index
-    %prow = arith.addi %prow0, %s : index
-{dxg}{dxu}    %both = arith.addf %dxg, %dxu : f32
-    %a2 = arith.addf %a, %both : f32
-    scf.yield %a2 : f32
-  }}
-  memref.store %acc, %dx[%t, %c] : {m}
-}}
-",
-                    order = sh("sh_order"),
-                    e = indent2(&indent2(&expert_base_of("%t", "%s", "%gtq", "memref<?x?xi8>", "%cD"))),
-                    dxg = indent2(&indent2(&fp8_dot(
-                        "dxg", "%ggq", "%prow", "%ggs", "%gtq", "%wrow", "%gts", "%srow", "%I"
-                    ))),
-                    dxu = indent2(&indent2(&fp8_dot(
-                        "dxu", "%uuq", "%prow", "%uus", "%utq", "%wrow", "%uts", "%srow", "%I"
-                    ))),
+                over_sorted_slots(
+                    &sh("sh_order"),
+                    ("%c", "%gtq", "%ggq"),
+                    &format!(
+                        "{}{}%both = arith.addf %dxg, %dxu : f32\n%a2 = arith.addf %a, %both : f32\n",
+                        fp8_dot("dxg", "%ggq", "%prow", "%ggs", "%gtq", "%wrow", "%gts", "%srow", "%I"),
+                        fp8_dot("dxu", "%uuq", "%prow", "%uus", "%utq", "%wrow", "%uts", "%srow", "%I"),
+                    ),
+                    "%dx",
                 ),
             ],
             TrainRow::QuantizePairs { by_token } => {
@@ -2054,35 +2065,15 @@ scf.for %i = %tid to %cD step %cT {{
             )],
             TrainRow::MoeCombineFp8 { .. } => vec![
                 slot_order(&sh("sh_order")),
-                format!(
-                    "%t = arith.addi %row, %c0 : index
-%I = memref.dim %hq, %c1 : memref<?x?xi8>
-%c128 = arith.constant 128 : index
-%c127 = arith.constant 127 : index
-%d127 = arith.addi %cD, %c127 : index
-%blocks_per_expert = arith.divui %d127, %c128 : index
-scf.for %o = %tid to %cD step %cT {{
-  %acc = scf.for %r = %c0 to %cK step %c1 iter_args(%a = %zero) -> (f32) {{
-    %s_f = memref.load %sh_order[%r] : {order}
-    %s_i = arith.fptosi %s_f : f32 to i32
-    %s = arith.index_cast %s_i : i32 to index
-{e}    %wrow = arith.addi %ebase, %o : index
-    %eblock = arith.muli %e, %blocks_per_expert : index
-    %oblock = arith.divui %o, %c128 : index
-    %srow = arith.addi %eblock, %oblock : index
-    %hrow0 = arith.muli %t, %cK : index
-    %hrow = arith.addi %hrow0, %s : index
-{ov}    %wv = memref.load %w[%t, %s] : {m}
-    %wo = arith.mulf %wv, %ov : f32
-    %a2 = arith.addf %a, %wo : f32
-    scf.yield %a2 : f32
-  }}
-  memref.store %acc, %y[%t, %o] : {m}
-}}
-",
-                    order = sh("sh_order"),
-                    e = indent2(&indent2(&expert_base_of("%t", "%s", "%dq", "memref<?x?xi8>", "%cD"))),
-                    ov = indent2(&indent2(&fp8_dot("ov", "%hq", "%hrow", "%hs", "%dq", "%wrow", "%ds", "%srow", "%I"))),
+                over_sorted_slots(
+                    &sh("sh_order"),
+                    ("%o", "%dq", "%hq"),
+                    &format!(
+                        "{}%wv = memref.load %w[%t, %s] : {m}\n%wo = arith.mulf %wv, %ov : f32\n%a2 = arith.addf %a, \
+                         %wo : f32\n",
+                        fp8_dot("ov", "%hq", "%prow", "%hs", "%dq", "%wrow", "%ds", "%srow", "%I"),
+                    ),
+                    "%y",
                 ),
             ],
             TrainRow::MoeCombine { .. } => {
