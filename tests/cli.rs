@@ -580,6 +580,9 @@ fn compile_for_sm90a_lowers_the_training_step() {
     assert_eq!(train.status.code(), Some(3), "{}", text(&train.stderr));
     assert!(text(&train.stderr).starts_with("v3r: error: no CUDA"), "{}", text(&train.stderr));
     assert!(!std::path::Path::new("o").exists());
+    let bench = run_binary("v3r", &["bench-train", art.to_str().unwrap(), "--random-weights", "1", "--out", "b.json"]);
+    assert_eq!(bench.status.code(), Some(3), "{}", text(&bench.stderr));
+    assert!(!std::path::Path::new("b.json").exists());
     // The FP8 recipe with dense layers lowers whole: its fp8 GEMM launches (B a temporary: the
     // master weight quantized in the step) check against the template's PTX too.
     let dense = dir.path().join("dense");
@@ -836,6 +839,38 @@ fn v3r_trains_from_a_training_artifact_like_v3c_train() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(text(&refused.stderr).contains("not a training-step artifact"), "{}", text(&refused.stderr));
     assert!(!dir.path().join("x").exists() && !dir.path().join("long").exists(), "nothing written");
+    // `v3r bench-train` times whole optimizer steps: with made-up near-zero parameters the first
+    // loss is that of uniform logits, (1 + MTP weight) ln(vocab); with the checkpoint's it trains.
+    let bench = run_binary(
+        "v3r",
+        &["bench-train", &p("art"), "--random-weights", "3", "--steps", "3", "--batch", "2", "--out", &p("b.json")],
+    );
+    let shown = text(&bench.stdout);
+    assert!(bench.status.success(), "{}", text(&bench.stderr));
+    assert!(
+        shown.starts_with("train step of 2 x 16 tokens: ") && shown.contains(" tokens/s (cpu artifact, f32)"),
+        "{shown}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p("b.json")).unwrap()).unwrap();
+    let steps = json["steps"].as_array().unwrap();
+    assert_eq!((steps.len(), json["batch"].as_u64(), json["seq"].as_u64()), (3, Some(2), Some(16)), "{json}");
+    let vocab = v3c_models::config::ModelConfig::from_path(std::path::Path::new(&p("ckpt"))).unwrap().vocab_size;
+    let uniform = 1.3 * (vocab as f64).ln();
+    let first = steps[0]["loss"].as_f64().unwrap();
+    assert!((first - uniform).abs() < 0.05, "first loss {first} vs uniform logits' {uniform}");
+    for s in steps {
+        let parts = ["bind_ms", "run_ms", "optimizer_ms"].map(|k| s[k].as_f64().unwrap());
+        assert!(parts.iter().all(|&v| v >= 0.0), "{s}");
+        assert!(parts.iter().sum::<f64>() <= s["step_ms"].as_f64().unwrap() * 1.001 + 1e-3, "{s}");
+    }
+    assert!(json["tokens_per_s"].as_f64().unwrap() > 0.0, "{json}");
+    let trained = run_binary("v3r", &["bench-train", &p("art"), "--weights", &p("ckpt"), "--steps", "2"]);
+    assert!(trained.status.success(), "{}", text(&trained.stderr));
+    let neither = run_binary("v3r", &["bench-train", &p("art")]);
+    assert_eq!(neither.status.code(), Some(2), "{}", text(&neither.stderr));
+    let not_training = run_binary("v3r", &["bench-train", &p("inf"), "--random-weights", "1"]);
+    assert_eq!(not_training.status.code(), Some(1));
+    assert!(text(&not_training.stderr).contains("not a training-step artifact"), "{}", text(&not_training.stderr));
 }
 
 /// `dump-ir --entry train-step`: the training graph in the v3 dialect (its VJPs as dialect ops),

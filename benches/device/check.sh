@@ -6,7 +6,7 @@
 # host emulation's results for it, a 4-layer full-width slice's artifact and the tuning candidates into
 # .device/ (git-ignored, ~23 MB); carry it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
 # ceilings.json, e2e*.json/txt, dump_compare.json, gemm_<kernel>.json, rows_<kernel>.json, mla.json,
-# decode_slice*.json, tuning.json.
+# decode_slice*.json, train_slice_*.json, tuning.json.
 #
 # Steps, in this order (correctness first; every step bounded by what is left of 570 s):
 # 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
@@ -19,7 +19,8 @@
 # 2. the GEMM template kernels vs torch (gemm_check.py: correctness, then TFLOP/s); 2c. the row kernels
 #    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py);
 # 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, and transformers'
-#    on the same device (hf_decode.py); 2b. tuning (`v3r tune`, tune_check.py if it fails).
+#    on the same device (hf_decode.py); 5b. training steps of a 2-layer full-width slice (`v3r
+#    bench-train`, FP8 recipe and f32); 2b. tuning (`v3r tune`, tune_check.py if it fails).
 # Never changes clocks, power, MIG, persistence or compute mode.
 set -uo pipefail
 
@@ -276,6 +277,24 @@ else
   note "no .device/slice, no v3r, no Hopper or under 150 s left: skipped"
   row "5. decode" "SKIPPED" "no .device/slice, Hopper or time"
 fi
+
+note "== 5b. training: a 2-layer full-width slice (random f32 masters) by v3r bench-train"
+# Whole optimizer steps (parameters uploaded, the step's launches, gradients read back, AdamW on the
+# host) of DeepSeek-V3's first two layers (dense) at 1 x 256 tokens: FP8 recipe first, then f32; each
+# only while the tuning after it keeps 200 s.
+for m in fp8 f32; do
+  art="$root/.device/train_slice/$m"
+  if [ -d "$art" ] && [ -n "$v3r" ] && [ $((570 - SECONDS)) -ge 200 ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
+    if timeout "$(budget 100)" "$v3r" bench-train "$art" --random-weights 1 --batch 1 --seq 256 --steps 3 \
+        --out "$out/train_slice_$m.json" 2>&1 | tee -a "$log"; then
+      row "5b. training slice $m" "ok" "$(grep -o '[0-9.]* tokens/s' "$log" | tail -1) (train_slice_$m.json)"
+    else
+      row "5b. training slice $m" "FAILED" "see check.log"
+    fi
+  else
+    row "5b. training slice $m" "SKIPPED" "no .device/train_slice, Hopper or time"
+  fi
+done
 
 note "== 2b. tuning: the full model's GEMM candidates measured (v3r tune; tune_check.py if it fails)"
 if [ -f "$root/.device/tune/candidates.json" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then

@@ -125,4 +125,19 @@ json.dump(c, open(sys.argv[2], "w"), indent=1)
 PY
 target/release/v3c compile --model .device/slice/config --target sm_90a --max-rows 64 --max-context 4096 \
   --out .device/slice/sm90 --force 2>/dev/null
+# Training benchmark: DeepSeek-V3's first two layers (both dense: first_k_dense_replace 2 here) at full
+# width, no MTP, as sm_90a training-step artifacts for windows of 256 tokens (the FP8 recipe and f32);
+# `v3r bench-train --random-weights` makes up the f32 masters on the GPU machine (12 GiB).
+rm -rf .device/train_slice && mkdir -p .device/train_slice/config
+python3 - models/src/config.rs .device/train_slice/config/config.json <<'PY'
+import json, re, sys
+text = open(sys.argv[1]).read()
+c = json.loads(re.search(r'pub const DEEPSEEK_V3_JSON: &str = r#"(.*?)"#;', text, re.S).group(1))
+c.update(num_hidden_layers=2, first_k_dense_replace=2, num_nextn_predict_layers=0)
+json.dump(c, open(sys.argv[2], "w"), indent=1)
+PY
+for precision in fp8 f32; do
+  target/release/v3c compile --model .device/train_slice/config --target sm_90a --train --max-rows 256 \
+    --precision "$precision" --out ".device/train_slice/$precision" --force 2>/dev/null
+done
 echo "prepare: .device/ holds v3r and $(ls .device/gemm .device/rows .device/mla | grep -c ptx) kernels ($(du -sh .device | cut -f1)); carry it to the GPU machine"

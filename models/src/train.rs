@@ -256,9 +256,19 @@ impl Trainer {
                 let key = format!("grad.{name}");
                 let g = out.get(&key).ok_or_else(|| missing(&key))?.as_f32().unwrap_or(&[]);
                 let acc = grads.entry(name.clone()).or_insert_with(|| vec![0.0; g.len()]);
-                for (a, x) in acc.iter_mut().zip(g) {
-                    *a += *x as f64;
-                }
+                let each = per_thread(acc.len());
+                run_jobs(
+                    acc.chunks_mut(each)
+                        .zip(g.chunks(each))
+                        .map(|(acc, g)| {
+                            move || {
+                                for (a, x) in acc.iter_mut().zip(g) {
+                                    *a += *x as f64;
+                                }
+                            }
+                        })
+                        .collect(),
+                );
             }
             for (layer, (_, o)) in self.routes.iter().enumerate() {
                 for e in out.get(o.as_str()).ok_or_else(|| missing(o))?.as_ids().unwrap_or_default() {
@@ -269,7 +279,32 @@ impl Trainer {
             }
         }
         let n = batch.len() as f64;
-        let norm = grads.values().flat_map(|g| g.iter()).map(|x| (x / n).powi(2)).sum::<f64>().sqrt();
+        // Squares summed in fixed chunks of each gradient, then those sums in the trainer's order:
+        // the same bits on every run and machine.
+        let norm = self
+            .trained
+            .iter()
+            .map(|name| {
+                let g = &grads[name];
+                let mut partial = vec![0.0f64; g.len().div_ceil(SUM_CHUNK)];
+                let each = per_thread(partial.len() * SUM_CHUNK) / SUM_CHUNK + 1;
+                run_jobs(
+                    partial
+                        .chunks_mut(each)
+                        .zip(g.chunks(each * SUM_CHUNK))
+                        .map(|(sums, g)| {
+                            move || {
+                                for (s, g) in sums.iter_mut().zip(g.chunks(SUM_CHUNK)) {
+                                    *s = g.iter().map(|x| (x / n).powi(2)).sum::<f64>();
+                                }
+                            }
+                        })
+                        .collect(),
+                );
+                partial.iter().sum::<f64>()
+            })
+            .sum::<f64>()
+            .sqrt();
         let clip = if norm > self.train.clip_norm as f64 { self.train.clip_norm as f64 / norm } else { 1.0 };
         let lr = self.train.lr_at(self.step);
         self.step += 1;
@@ -282,13 +317,24 @@ impl Trainer {
             let decay = if shape.len() >= 2 { self.train.weight_decay } else { 0.0 };
             let mut w = p.as_f32().unwrap_or(&[]).to_vec();
             let (m, v) = (self.m.get_mut(name).expect("moments"), self.v.get_mut(name).expect("moments"));
-            for i in 0..w.len() {
-                let gi = (g[i] / n * clip) as f32;
-                m[i] = bf16_round(b1 * m[i] + (1.0 - b1) * gi);
-                v[i] = bf16_round(b2 * v[i] + (1.0 - b2) * gi * gi);
-                let update = (m[i] / c1) / ((v[i] / c2).sqrt() + self.train.eps);
-                w[i] -= lr * (update + decay * w[i]);
-            }
+            let (eps, each) = (self.train.eps, per_thread(w.len()));
+            // Element by element (threads take disjoint ranges: the same bits as one thread).
+            let ranges = w.chunks_mut(each).zip(m.chunks_mut(each)).zip(v.chunks_mut(each)).zip(g.chunks(each));
+            run_jobs(
+                ranges
+                    .map(|(((w, m), v), g)| {
+                        move || {
+                            for i in 0..w.len() {
+                                let gi = (g[i] / n * clip) as f32;
+                                m[i] = bf16_round(b1 * m[i] + (1.0 - b1) * gi);
+                                v[i] = bf16_round(b2 * v[i] + (1.0 - b2) * gi * gi);
+                                let update = (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
+                                w[i] -= lr * (update + decay * w[i]);
+                            }
+                        }
+                    })
+                    .collect(),
+            );
             *p = Tensor::f32(shape, w);
         }
         for ((bias, _), c) in self.routes.iter().zip(&loads) {
@@ -386,14 +432,62 @@ pub fn load_params(
     config: &ModelConfig,
     checkpoint: &crate::checkpoint::Checkpoint,
 ) -> Result<HashMap<String, Tensor>, TrainError> {
-    let options = BuildOptions { dense_f32_weights: true, ..Default::default() };
-    let graph = build(config, Entry::Prefill, &options)?;
     let mut params = HashMap::new();
-    for (name, ty, format, _) in graph.params() {
+    for (name, ty, format, _) in params_graph(config)?.params() {
         let t = checkpoint.load(name, ty, format).map_err(|e| TrainError::Invalid(e.to_string()))?;
         params.insert(name.to_string(), t);
     }
     Ok(params)
+}
+
+/// The parameters `config`'s training graph needs, each made by `values(name, element count)`: f32
+/// tensors of the checkpoint's shapes without a checkpoint (made-up weights for timing a step).
+pub fn params_from(
+    config: &ModelConfig,
+    values: &mut dyn FnMut(&str, usize) -> Vec<f32>,
+) -> Result<HashMap<String, Tensor>, TrainError> {
+    let mut params = HashMap::new();
+    for (name, ty, _, _) in params_graph(config)?.params() {
+        let shape: Vec<usize> = ty
+            .shape
+            .iter()
+            .map(|d| d.clone().fixed().ok_or_else(|| TrainError::Invalid(format!("parameter {name}: a dynamic dim"))))
+            .collect::<Result<_, _>>()?;
+        let data = values(name, shape.iter().product());
+        params.insert(name.to_string(), Tensor::f32(shape, data));
+    }
+    Ok(params)
+}
+
+/// The graph whose parameters a trainer holds (f32 masters, checkpoint names).
+fn params_graph(config: &ModelConfig) -> Result<Graph, TrainError> {
+    let options = BuildOptions { dense_f32_weights: true, ..Default::default() };
+    Ok(build(config, Entry::Prefill, &options)?)
+}
+
+/// Elements per partial sum of the gradient norm: fixed, so the sum's bits do not depend on the
+/// machine's threads.
+const SUM_CHUNK: usize = 1 << 16;
+
+/// How many of `n` elements each thread takes (all of them below a size not worth threads).
+fn per_thread(n: usize) -> usize {
+    if n < 4 * SUM_CHUNK {
+        return n.max(1);
+    }
+    n.div_ceil(std::thread::available_parallelism().map_or(1, |t| t.get()))
+}
+
+/// Runs `jobs`, on threads of their own when there are several.
+fn run_jobs<F: FnOnce() + Send>(jobs: Vec<F>) {
+    if jobs.len() <= 1 {
+        jobs.into_iter().for_each(|job| job());
+        return;
+    }
+    std::thread::scope(|s| {
+        for job in jobs {
+            s.spawn(job);
+        }
+    });
 }
 
 #[cfg(test)]

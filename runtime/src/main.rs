@@ -14,7 +14,7 @@ use v3c_runtime::device;
 #[derive(Parser)]
 #[command(name = "v3r", version, propagate_version = true, max_term_width = 100)]
 #[command(
-    after_help = "Examples:\n  v3r doctor                 # driver, GPU, compute capability, memory\n  v3r info out/deepseek-v3   # what an artifact holds (every file's hash checked)\n  v3r info out/tiny-cpu --weights ckpt/   # and whether a checkpoint fits its plan\n  v3r bench-kernels out/tiny-cpu --weights ckpt/ --out timings.json\n  v3r run out/deepseek-v3 --weights /models/DeepSeek-V3 --prompt-tokens \"0 3 17\" --max-new-tokens 32\n  v3r run out/spec --weights ckpt/ --prompt-tokens \"0 3 17\" --speculative   # MTP drafts\n  v3r logits out/small --weights ckpt/ --tokens \"0 3 17\" --out logits.safetensors\n  v3r bench-decode out/slice --random-weights 1 --batch 1,64   # decode tokens/s, no checkpoint\n  v3r tune cands/ --out tuning.json   # measure `v3c tune --emit-candidates cands/`\n  V3R_DUMP_DIR=dump v3r logits out/small --weights ckpt/ --tokens \"0 3\" --out l.safetensors"
+    after_help = "Examples:\n  v3r doctor                 # driver, GPU, compute capability, memory\n  v3r info out/deepseek-v3   # what an artifact holds (every file's hash checked)\n  v3r info out/tiny-cpu --weights ckpt/   # and whether a checkpoint fits its plan\n  v3r bench-kernels out/tiny-cpu --weights ckpt/ --out timings.json\n  v3r run out/deepseek-v3 --weights /models/DeepSeek-V3 --prompt-tokens \"0 3 17\" --max-new-tokens 32\n  v3r run out/spec --weights ckpt/ --prompt-tokens \"0 3 17\" --speculative   # MTP drafts\n  v3r logits out/small --weights ckpt/ --tokens \"0 3 17\" --out logits.safetensors\n  v3r bench-decode out/slice --random-weights 1 --batch 1,64   # decode tokens/s, no checkpoint\n  v3r bench-train out/slice-train --random-weights 1 --steps 4   # training tokens/s\n  v3r tune cands/ --out tuning.json   # measure `v3c tune --emit-candidates cands/`\n  V3R_DUMP_DIR=dump v3r logits out/small --weights ckpt/ --tokens \"0 3\" --out l.safetensors"
 )]
 struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace); V3C_LOG=<filter> overrides.
@@ -47,6 +47,10 @@ enum Command {
     /// Time every kernel of an artifact's entry points (warm-up, median of repetitions) and write
     /// JSON, as the tuner reads it; cpu artifacts run here, GPU ones need their GPU.
     BenchKernels(BenchArgs),
+    /// Time whole training steps of a training-step artifact (`v3c compile --train`): parameters
+    /// bound, the step run, AdamW on the host — medians and tokens/s; with a checkpoint or made-up
+    /// weights (`--random-weights`), on random tokens. Nothing is written but `--out`.
+    BenchTrain(BenchTrainArgs),
     /// Train with a training-step artifact (`v3c compile --target cpu --train`): windows sampled
     /// from a token file, AdamW with the loss-free balancing, as `v3c train` does; writes the
     /// checkpoint (HF layout), optimizer state (resumable), loss log and expert loads.
@@ -161,6 +165,35 @@ struct BenchDecodeArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["weights", "random_weights"])))]
+struct BenchTrainArgs {
+    /// Artifact directory written by `v3c compile --train` (cpu: runs here; sm_90a: on the GPU).
+    artifact: PathBuf,
+    /// Checkpoint to take the parameters from (HF layout).
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// Made-up f32 parameters from this seed instead of a checkpoint (for full-width slices no
+    /// checkpoint is at hand for).
+    #[arg(long, value_name = "SEED")]
+    random_weights: Option<u64>,
+    /// Windows (sequences) per optimizer step.
+    #[arg(long, value_name = "B", default_value_t = 1)]
+    batch: usize,
+    /// Tokens per window (default: the artifact's planned window, --max-rows at compile time).
+    #[arg(long, value_name = "T")]
+    seq: Option<usize>,
+    /// Optimizer steps; the first is a warm-up, the medians are of the others.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    steps: usize,
+    /// Write every step's timings and the medians as JSON here.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// CUDA device ordinal (GPU artifacts).
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(Args)]
 struct TuneArgs {
     /// Directory written by `v3c tune --emit-candidates` (candidates.json + kernels/).
     dir: PathBuf,
@@ -225,6 +258,7 @@ fn main() -> ExitCode {
         Command::BenchDecode(a) => bench_decode(&a),
         Command::Tune(a) => tune(&a),
         Command::BenchKernels(a) => bench_kernels(&a),
+        Command::BenchTrain(a) => bench_train(&a),
         Command::Train(a) => train(&a),
     };
     match result {
@@ -792,4 +826,107 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
     bar.finish_and_clear();
     let mut step = ArtifactStep::new(gpu, &run.trainer, options.seq).map_err(Failure::Other)?;
     run.execute(&options, &mut step, &format!("sm_90a artifact on cuda:{ordinal}")).map_err(Failure::Other)
+}
+
+/// `v3r bench-train`: whole optimizer steps of a training-step artifact timed part by part.
+fn bench_train(args: &BenchTrainArgs) -> Result<(), Failure> {
+    use v3c_runtime::training::{bench_steps, random_params, ArtifactStep, StepTiming, TRAIN_ENTRY};
+    let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
+    let dir = args.artifact.display().to_string();
+    let info = a.manifest.training.clone().ok_or_else(|| {
+        Failure::Other(format!("{dir}: not a training-step artifact (compile one with `v3c compile --train`)"))
+    })?;
+    let gpu = a.manifest.target.name != "cpu";
+    if gpu {
+        device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
+    }
+    let config = v3c_models::config::ModelConfig::from_json_str(&a.manifest.model.config.to_string(), &dir)
+        .map_err(|e| Failure::Other(format!("{dir}/manifest.json: model config: {e}")))?;
+    let planned = a.plan.entries.iter().find(|e| e.name == TRAIN_ENTRY).map(|e| e.sizes.rows).unwrap_or(0);
+    let seq = args.seq.unwrap_or(planned);
+    let ckpt;
+    let (params, weights) = match (&args.weights, args.random_weights) {
+        (Some(path), _) => {
+            a.check_weights(path).map_err(Failure::Other)?;
+            ckpt = v3c_models::checkpoint::Checkpoint::open(path).map_err(|e| Failure::Other(e.to_string()))?;
+            let params = v3c_models::train::load_params(&config, &ckpt).map_err(|e| Failure::Other(e.to_string()))?;
+            (params, v3c_runtime::gpu::Weights::Checkpoint(&ckpt))
+        }
+        (None, Some(seed)) => {
+            (random_params(&config, seed).map_err(Failure::Other)?, v3c_runtime::gpu::Weights::Random(seed))
+        }
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let train = v3c_models::train::TrainConfig {
+        total_steps: args.steps.max(1),
+        warmup_steps: 1,
+        mtp_weight: info.mtp_weight,
+        balance_alpha: info.balance_alpha,
+        fp8: info.fp8,
+        ..Default::default()
+    };
+    let mut trainer =
+        v3c_models::train::Trainer::new(&config, params, train).map_err(|e| Failure::Other(format!("{dir}: {e}")))?;
+    let start = std::time::Instant::now();
+    let mut report = |t: &StepTiming| {
+        eprintln!(
+            "step {}: {:.1} ms (parameters bound {:.1}, step run {:.1}, optimizer {:.1}), loss {:.4}",
+            t.step, t.step_ms, t.bind_ms, t.run_ms, t.optimizer_ms, t.loss
+        )
+    };
+    let (kind, timings) = if gpu {
+        let (bar, mut tick) = load_progress(&a);
+        let loaded = v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, args.device, &mut tick);
+        bar.finish_and_clear();
+        eprintln!("loaded in {:.2} s", start.elapsed().as_secs_f64());
+        let mut step = ArtifactStep::new(loaded.map_err(Failure::Other)?, &trainer, seq).map_err(Failure::Other)?;
+        let seed = args.random_weights.unwrap_or(0);
+        let timings = bench_steps(&mut trainer, &mut step, args.batch, seq, args.steps, seed, &mut report);
+        (format!("sm_90a artifact on cuda:{}", args.device), timings)
+    } else {
+        let loaded = v3c_runtime::cpu::CpuArtifact::load_weights(a, &weights).map_err(Failure::Other)?;
+        eprintln!("loaded in {:.2} s", start.elapsed().as_secs_f64());
+        let mut step = ArtifactStep::new(loaded, &trainer, seq).map_err(Failure::Other)?;
+        let seed = args.random_weights.unwrap_or(0);
+        let timings = bench_steps(&mut trainer, &mut step, args.batch, seq, args.steps, seed, &mut report);
+        ("cpu artifact".to_string(), timings)
+    };
+    let timings = timings.map_err(|e| Failure::Other(format!("{dir}: {e}")))?;
+    // The first step loads kernels and warms caches: the medians are of the others (when any).
+    let timed = if timings.len() > 1 { &timings[1..] } else { &timings[..] };
+    let median = |f: &dyn Fn(&StepTiming) -> f64| {
+        let mut v: Vec<f64> = timed.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (step_ms, bind_ms, run_ms, optimizer_ms) =
+        (median(&|t| t.step_ms), median(&|t| t.bind_ms), median(&|t| t.run_ms), median(&|t| t.optimizer_ms));
+    let tokens = args.batch * seq;
+    let tokens_per_s = tokens as f64 / (step_ms * 1e-3);
+    println!(
+        "train step of {} x {seq} tokens: {step_ms:.1} ms (median of {}; parameters bound {bind_ms:.1}, step run \
+         {run_ms:.1}, optimizer {optimizer_ms:.1}), {tokens_per_s:.1} tokens/s ({kind}, {})",
+        args.batch,
+        timed.len(),
+        if info.fp8 { "FP8 GEMMs" } else { "f32" }
+    );
+    if let Some(out) = &args.out {
+        let json = serde_json::json!({
+            "artifact": dir,
+            "target": kind,
+            "precision": if info.fp8 { "fp8" } else { "f32" },
+            "weights": if args.random_weights.is_some() { "random" } else { "checkpoint" },
+            "batch": args.batch,
+            "seq": seq,
+            "median_step_ms": step_ms,
+            "median_bind_ms": bind_ms,
+            "median_run_ms": run_ms,
+            "median_optimizer_ms": optimizer_ms,
+            "tokens_per_s": tokens_per_s,
+            "steps": timings,
+        });
+        let text = serde_json::to_string_pretty(&json).map_err(|e| Failure::Other(e.to_string()))? + "\n";
+        std::fs::write(out, text).map_err(|e| Failure::Other(format!("{}: {e}", out.display())))?;
+    }
+    Ok(())
 }

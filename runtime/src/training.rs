@@ -387,3 +387,104 @@ impl<R: EntryRunner> StepBackend for ArtifactStep<R> {
         output_tensors(out)
     }
 }
+
+/// Made-up f32 parameters for `config`'s training step from `seed` (the values
+/// [`crate::gpu::random_weight`] gives the weights of `v3r bench-decode --random-weights`): for
+/// timing a step without a checkpoint; what it learns means nothing.
+pub fn random_params(config: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>, String> {
+    let mut values = |name: &str, n: usize| -> Vec<f32> {
+        let bytes = crate::gpu::random_weight(name, n, "f32", seed);
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    };
+    v3c_models::train::params_from(config, &mut values).map_err(|e| e.to_string())
+}
+
+/// One timed optimizer step of [`bench_steps`], in milliseconds.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StepTiming {
+    pub step: usize,
+    pub loss: f32,
+    /// The whole optimizer step.
+    pub step_ms: f64,
+    /// Binding the parameters as the artifact's weights (for a GPU artifact: their upload).
+    pub bind_ms: f64,
+    /// The artifact's runs of the training step (every window; a GPU artifact's gradients read back).
+    pub run_ms: f64,
+    /// The rest: averaging and clipping the gradients, AdamW and the balancing bias on the host.
+    pub optimizer_ms: f64,
+}
+
+/// A [`StepBackend`] that times what it delegates.
+struct Timed<'a> {
+    inner: &'a mut dyn StepBackend,
+    bind: f64,
+    run: f64,
+}
+
+impl StepBackend for Timed<'_> {
+    fn load(&mut self, graph: &v3c_models::Graph, params: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+        let start = Instant::now();
+        let r = self.inner.load(graph, params);
+        self.bind += start.elapsed().as_secs_f64() * 1e3;
+        r
+    }
+
+    fn run(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, Tensor>, TrainError> {
+        let start = Instant::now();
+        let r = self.inner.run(inputs, wanted);
+        self.run += start.elapsed().as_secs_f64() * 1e3;
+        r
+    }
+}
+
+/// `steps` optimizer steps of `trainer` on `backend`, each over `batch` windows of `seq` tokens
+/// (plus the targets') drawn uniformly from the vocabulary by `seed`, timed part by part.
+pub fn bench_steps(
+    trainer: &mut Trainer,
+    backend: &mut dyn StepBackend,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    seed: u64,
+    progress: &mut dyn FnMut(&StepTiming),
+) -> Result<Vec<StepTiming>, String> {
+    if batch == 0 || seq == 0 || steps == 0 {
+        return Err("--batch, --seq and --steps must be positive".into());
+    }
+    let (window, vocab) = (seq + trainer.window_extra(), trainer.config.vocab_size as u64);
+    let mut rng = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut timings = Vec::new();
+    for _ in 0..steps {
+        let windows: Vec<Vec<i64>> = (0..batch)
+            .map(|_| {
+                (0..window)
+                    .map(|_| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        ((rng >> 11) % vocab) as i64
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut timed = Timed { inner: &mut *backend, bind: 0.0, run: 0.0 };
+        let start = Instant::now();
+        let r = trainer.step_on(&mut timed, &windows).map_err(|e| e.to_string())?;
+        let step_ms = start.elapsed().as_secs_f64() * 1e3;
+        let t = StepTiming {
+            step: r.step,
+            loss: r.loss,
+            step_ms,
+            bind_ms: timed.bind,
+            run_ms: timed.run,
+            optimizer_ms: (step_ms - timed.bind - timed.run).max(0.0),
+        };
+        progress(&t);
+        timings.push(t);
+    }
+    Ok(timings)
+}
