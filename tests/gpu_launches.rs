@@ -30,6 +30,51 @@ fn small_checkpoint(dir: &std::path::Path) -> std::path::PathBuf {
     ckpt
 }
 
+/// Sizes whose attention the kernels cannot hold (a block's scores live in shared memory) are
+/// refused at compile time, naming the kernel and the flags, and nothing is written: on the GPU they
+/// would give NaN.
+#[test]
+fn sizes_past_the_attention_kernels_capacity_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = small_checkpoint(dir.path());
+    let out = dir.path().join("artifact");
+    for (sizes, keys, hint) in [
+        (["--max-rows", "16", "--max-context", "16384"], "16400 keys (--max-rows 16 + --max-context 16384)", "8192"),
+        (["--max-rows", "9000", "--max-context", "0"], "9000 keys (--max-rows 9000 + --max-context 0)", "8192"),
+    ] {
+        let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--out", out.to_str().unwrap()];
+        let r = run_binary("v3c", &[&args[..], &sizes[..]].concat());
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{err}");
+        let line = err.lines().last().unwrap();
+        assert!(
+            line.starts_with("v3c: error: unsupported on sm_90a: attention_quantize_0 (rows_mlaprefill_"),
+            "{line}"
+        );
+        assert!(
+            line.contains(keys) && line.ends_with(&format!("keep --max-rows + --max-context within {hint}")),
+            "{line}"
+        );
+        assert!(!out.exists(), "nothing written");
+    }
+    // At the capacity it compiles.
+    let r = run_binary(
+        "v3c",
+        &[
+            "compile",
+            "--model",
+            ckpt.to_str().unwrap(),
+            "--target",
+            "sm_90a",
+            "--max-rows",
+            "64",
+            "--max-context",
+            "8128",
+        ],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
 #[test]
 fn every_launch_of_a_small_model_matches_its_kernel() {
     let dir = tempfile::tempdir().unwrap();

@@ -465,6 +465,21 @@ impl RowKernel {
         })
     }
 
+    /// Attention kernels keep a block's scores in shared memory: the most keys one block holds
+    /// (past it the block's outputs are NaN), and whether its keys are a prefill's or a training
+    /// window's (cached rows + new rows) rather than a decode's (the cache's rows). None for other
+    /// kernels.
+    pub fn key_capacity(&self) -> Option<(usize, bool)> {
+        use train::TrainRow;
+        match self.op {
+            RowOp::MlaDecode { context, prefill, .. } => Some((context, prefill)),
+            RowOp::Train(TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m)) => {
+                Some((m.context, true))
+            }
+            _ => None,
+        }
+    }
+
     /// Blocks per row of the rows argument: the grid is rows x this (attention: one per head).
     pub fn blocks_per_row(&self) -> usize {
         match self.op {
