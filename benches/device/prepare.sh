@@ -31,7 +31,8 @@ done
 # then ragged forms (a width that is no multiple of 128 or of the block, f32 weights, a small block), then
 # MLA's latent-cache rows (decode write, prefill append; interleaved and half-split rope), then the
 # row steps of the multi-launch lowerings (MLA's query split + RoPE; SwiGLU, quantized and f32), greedy
-# sampling's argmax over the vocabulary.
+# sampling's argmax over the vocabulary; MLA attention (decode, prefill), and decode with a 16-key capacity
+# (the 64-row caches go through shared memory in up to 4 chunks).
 rm -rf .device/rows && mkdir -p .device/rows
 for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q \
   rows_rmsnorm_bf16_d7168_t256_eps1em6_y rows_rmsnorm_bf16_d1536_t256_eps1em6_y_q rows_rmsnorm_f32_d1000_t64_eps1em5_y_q \
@@ -41,7 +42,8 @@ for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_
   rows_copy_d7168_t256 rows_splitbf16_d7168_t256 rows_concat_d7168_b7168_t256 rows_argmax_d129280_t256 \
   rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256 rows_dispatch_e256_s1_t256 \
   rows_mladecode_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128 \
-  rows_mlaprefill_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128; do
+  rows_mlaprefill_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128 \
+  rows_mladecode_h16_n128_r64_v128_kv512_c16_s1p3523377em1_t128; do
   target/release/v3c dump-ir --stage ptx --kernel "$k" \
     | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/rows/$k.ptx"
   grep -q "\.entry $k(" ".device/rows/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }

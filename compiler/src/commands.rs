@@ -678,8 +678,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             names.join(", ")
         ));
     }
-    // Attention rows hold a block's scores in shared memory: sizes they cannot hold would give NaN
-    // on the GPU, so they are refused here.
+    // Training's attention rows hold a block's scores in shared memory: sizes they cannot hold would
+    // give NaN on the GPU, so they are refused here.
     let context = if o.train.is_some() { 0 } else { o.sizes.context };
     let row_kernels = lowered.rows.iter().map(|(fused, r)| (fused, &r.kernel)).chain(lowered.compound.iter().flat_map(
         |(fused, steps, _)| {
@@ -702,8 +702,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             };
             return Err(format!(
                 "unsupported on {}: {fused} ({}) attends over up to {keys} keys ({sizes}), its blocks hold \
-                 {capacity} (scores in shared memory; attention with split K is not in the model's lowering \
-                 yet): keep {bound} within {capacity}",
+                 {capacity} (every score in shared memory): keep {bound} within {capacity}",
                 target.name,
                 k.kernel_name()
             ));
