@@ -30,12 +30,10 @@ fn small_checkpoint(dir: &std::path::Path) -> std::path::PathBuf {
     ckpt
 }
 
-/// Inference attention takes keys through shared memory in chunks: contexts past a chunk compile
-/// (and the launches check) at any size. Training's MLA rows hold every score at once: windows past
-/// them are refused at compile time, naming the kernel and the flag, and nothing is written (on the
-/// GPU they would give NaN).
+/// Attention takes keys through shared memory in chunks: contexts and training windows past a
+/// chunk compile (and the launches check) at any size.
 #[test]
-fn long_contexts_compile_and_oversized_training_windows_are_refused() {
+fn long_contexts_and_training_windows_compile() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint(dir.path());
     let out = dir.path().join("artifact");
@@ -45,28 +43,13 @@ fn long_contexts_compile_and_oversized_training_windows_are_refused() {
     let sizes = [("prefill", Sizes { rows: 16, context: 20000 }), ("decode", Sizes { rows: 2, context: 20000 })];
     let (launches, _) = check_gpu_launches(&out, &sizes);
     assert!(launches > 50, "{launches} launches");
-    let train = dir.path().join("train");
-    let r = run_binary(
+    let train = run_binary(
         "v3c",
-        &[
-            "compile",
-            "--model",
-            "deepseek-v3-tiny",
-            "--target",
-            "sm_90a",
-            "--train",
-            "--max-rows",
-            "5000",
-            "--out",
-            train.to_str().unwrap(),
-        ],
+        &["compile", "--model", "deepseek-v3-tiny", "--target", "sm_90a", "--train", "--max-rows", "10000"],
     );
-    let err = String::from_utf8_lossy(&r.stderr);
-    assert_eq!(r.status.code(), Some(1), "{err}");
-    let line = err.lines().last().unwrap();
-    assert!(line.starts_with("v3c: error: unsupported on sm_90a: attention_0 (rows_mlafwd_"), "{line}");
-    assert!(line.contains("5000 keys (--max-rows 5000)") && line.ends_with("keep --max-rows within 4096"), "{line}");
-    assert!(!train.exists(), "nothing written");
+    let err = String::from_utf8_lossy(&train.stderr);
+    assert!(train.status.success(), "{err}");
+    assert!(err.contains("compile: attention_0 -> 3 launches: ") && err.contains("rows_mlafwd_h4_"), "{err}");
 }
 
 #[test]

@@ -466,20 +466,6 @@ impl RowKernel {
         })
     }
 
-    /// Kernels that keep a block's keys' scores in shared memory all at once (training's MLA rows;
-    /// inference attention takes them in chunks): the most keys one block holds (past it the
-    /// block's outputs are NaN), and whether its keys are a prefill's or a training window's
-    /// (cached rows + new rows) rather than a decode's (the cache's rows). None for other kernels.
-    pub fn key_capacity(&self) -> Option<(usize, bool)> {
-        use train::TrainRow;
-        match self.op {
-            RowOp::Train(TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m)) => {
-                Some((m.context, true))
-            }
-            _ => None,
-        }
-    }
-
     /// Blocks per row of the rows argument: the grid is rows x this (attention: one per head).
     pub fn blocks_per_row(&self) -> usize {
         match self.op {
@@ -1770,7 +1756,7 @@ scf.for %i = %tid to %cD step %cT {{
 
 /// MLA attention's chunks of keys (`%cCtx` at a time through shared memory) and whether there are
 /// several (then scores are recomputed per pass).
-const MLA_CHUNKS: &str = "%ctx_m1 = arith.subi %cCtx, %c1 : index
+pub(super) const MLA_CHUNKS: &str = "%ctx_m1 = arith.subi %cCtx, %c1 : index
 %nchunks_up = arith.addi %nkeys, %ctx_m1 : index
 %nchunks = arith.divui %nchunks_up, %cCtx : index
 %several = arith.cmpi ugt, %nchunks, %c1 : index
@@ -1779,11 +1765,11 @@ const MLA_CHUNKS: &str = "%ctx_m1 = arith.subi %cCtx, %c1 : index
 /// A phase list item that opens a loop around the phases up to the matching [`LOOP_END`]: the rest
 /// is the loop's `scf.for` header (its bounds defined in the prologue). On the GPU every iteration
 /// ends with a barrier; on the CPU each phase in it still runs for every thread in turn.
-const LOOP_BEGIN: &str = "//loop ";
-const LOOP_END: &str = "//end loop";
+pub(super) const LOOP_BEGIN: &str = "//loop ";
+pub(super) const LOOP_END: &str = "//end loop";
 
 /// `body` as a loop over `%{var}` from 0 to `%{count}` (phases: see [`LOOP_BEGIN`]).
-fn loop_phases(var: &str, count: &str, body: Vec<String>) -> Vec<String> {
+pub(super) fn loop_phases(var: &str, count: &str, body: Vec<String>) -> Vec<String> {
     let mut phases = vec![format!("{LOOP_BEGIN}scf.for %{var} = %c0 to %{count} step %c1")];
     phases.extend(body);
     phases.push(LOOP_END.to_string());

@@ -15,8 +15,8 @@
 use std::fmt::Write;
 
 use super::{
-    decode_e4m3, encode_e4m3, exp, indent2, quant_constants, rope_rotation, sqrt, tree_phases, Lowering, RowKernel,
-    AMAX_PARTS, E4M3_MAX,
+    decode_e4m3, encode_e4m3, exp, indent2, loop_phases, quant_constants, rope_rotation, sqrt, tree_phases, Lowering,
+    RowKernel, AMAX_PARTS, E4M3_MAX, MLA_CHUNKS,
 };
 
 /// `{out} = ln(value)`: on sm_90a `lg2.approx` times ln 2 (no libdevice), on the CPU libm's.
@@ -271,7 +271,8 @@ fn unspelled(s: &str) -> Option<f32> {
 
 /// Multi-head latent attention's shape in the naive form (per head: `nope` + `rope` query/key
 /// columns, `v` value columns; the latent of `kv` columns + `rope`), the scale, and `context`: the
-/// most keys (or queries) a block keeps in shared memory (a longer window gets NaN outputs).
+/// keys (or queries) a block takes through shared memory at a time — longer windows go in chunks,
+/// each pass recomputing a chunk's scores, every sum continuing in order (the same bits).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Mla {
     pub heads: usize,
@@ -948,7 +949,7 @@ impl TrainRow {
             TrainRow::RmsNormGrad { .. } => vec![("sh_sum", threads), ("sh_dot", threads)],
             TrainRow::EmbedGrad => vec![("sh_acc", d)],
             TrainRow::CrossEntropy { .. } => vec![("sh_max", threads), ("sh_sum", threads)],
-            TrainRow::MlaForward(m) => vec![("sh_p", m.context), ("sh_red", 2)],
+            TrainRow::MlaForward(m) => vec![("sh_p", m.context), ("sh_red", 4)],
             TrainRow::MlaGradQ(m) => vec![("sh_p", m.context), ("sh_dp", m.context), ("sh_red", 4)],
             TrainRow::MlaGradKv(m) => vec![("sh_pi", m.context), ("sh_dsi", m.context)],
             TrainRow::MoeCombine { k } | TrainRow::MoeCombineFp8 { k } | TrainRow::MoeGradXFp8 { k } => {
@@ -1167,18 +1168,20 @@ impl TrainRow {
 %s = arith.remui %row, %cK : index
 "
             .into(),
-            TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => "%b = arith.divui %row, %cH : index
+            TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => {
+                "%b = arith.divui %row, %cH : index
 %h = arith.remui %row, %cH : index
 %T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
 %S = memref.dim %latent, %c0 : memref<?x?xf32>
 %first_key = arith.subi %S, %T : index
 %last = arith.addi %first_key, %b : index
 %nkeys = arith.addi %last, %c1 : index
-%fits = arith.cmpi ule, %nkeys, %cCtx : index
 %hbase = arith.muli %h, %cPerHead : index
 %vbase = arith.addi %hbase, %cNope : index
 "
-            .into(),
+                .to_string()
+                    + MLA_CHUNKS
+            }
             TrainRow::MlaGradKv(_) => "%j = arith.divui %row, %cH : index
 %h = arith.remui %row, %cH : index
 %T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
@@ -1187,9 +1190,12 @@ impl TrainRow {
 %late = arith.cmpi ugt, %j, %first_key : index
 %j_off = arith.subi %j, %first_key : index
 %i0 = arith.select %late, %j_off, %c0 : index
-%short = arith.cmpi ule, %T, %cCtx : index
 %key = arith.cmpi ult, %j, %S : index
-%fits = arith.andi %short, %key : i1
+%nq = arith.subi %T, %i0 : index
+%ctx_m1 = arith.subi %cCtx, %c1 : index
+%nq_up = arith.addi %nq, %ctx_m1 : index
+%nchunks_all = arith.divui %nq_up, %cCtx : index
+%nchunks = arith.select %key, %nchunks_all, %c0 : index
 %hbase = arith.muli %h, %cPerHead : index
 %vbase = arith.addi %hbase, %cNope : index
 "
@@ -1652,124 +1658,229 @@ scf.if %first {{
                 ]
             }
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => {
+                // Keys through shared memory `context` at a time (as the inference attention's
+                // chunks): the max, then exp(s - max) and their sum by one thread in key order,
+                // then p (and for the gradient dp and their mean) — each chunk's scores recomputed
+                // when there are several; outputs accumulated in place in key order.
+                let grad = matches!(self, TrainRow::MlaGradQ(_));
                 let (p, red) = (sh("sh_p"), sh("sh_red"));
+                let chunk = "%k0 = arith.muli %chunk, %cCtx : index
+%k_end0 = arith.addi %k0, %cCtx : index
+%k1 = arith.minui %k_end0, %nkeys : index
+%j_first = arith.addi %k0, %tid : index
+";
                 let score = mla_score("%b", "%j");
-                let e = indent2(&indent2(&exp(lowering, "%xm", "%e")));
-                let mut phases = vec![
-                    // Scores of the visible keys.
-                    format!(
-                        "scf.if %fits {{
-scf.for %j = %tid to %nkeys step %cT {{
-{score}  memref.store %s, %sh_p[%j] : {p}
-}}
+                let scores = format!(
+                    "scf.for %j = %j_first to %k1 step %cT {{
+  %slot = arith.subi %j, %k0 : index
+{score}  memref.store %s, %sh_p[%slot] : {p}
 }}
 "
-                    ),
-                    // Softmax by one thread: max, exp(s - max) and their sum.
+                );
+                let recompute = format!("scf.if %several {{\n{scores}}}\n");
+                let e1 = indent2(&exp(lowering, "%xm", "%e"));
+                // exp(s - max) of every key of the chunk in place (any thread: the same bits).
+                let exps = format!(
+                    "%max = memref.load %sh_red[%c0] : {red}
+scf.for %j = %j_first to %k1 step %cT {{
+  %slot = arith.subi %j, %k0 : index
+  %v = memref.load %sh_p[%slot] : {p}
+  %xm = arith.subf %v, %max : f32
+{e1}  memref.store %e, %sh_p[%slot] : {p}
+}}
+"
+                );
+                let dp = if grad { sh("sh_dp") } else { String::new() };
+                // p = e / sum; the gradient's dp_j = dout . v_j beside it.
+                let dp_store = if grad {
+                    indent2(&format!("{}memref.store %dpv, %sh_dp[%slot] : {dp}\n", mla_dp("%b", "%j")))
+                } else {
+                    String::new()
+                };
+                let normalize = format!(
+                    "%sum = memref.load %sh_red[%c1] : {red}
+scf.for %j = %j_first to %k1 step %cT {{
+  %slot = arith.subi %j, %k0 : index
+  %e = memref.load %sh_p[%slot] : {p}
+  %pv = arith.divf %e, %sum : f32
+  memref.store %pv, %sh_p[%slot] : {p}
+{dp_store}}}
+"
+                );
+                let outputs = if grad {
+                    "%cOut = arith.addi %cNope, %cRope : index
+scf.for %o = %tid to %cOut step %cT {
+  %is_nope = arith.cmpi ult, %o, %cNope : index
+  %r = arith.subi %o, %cNope : index
+  scf.if %is_nope {
+    memref.store %zero, %dq_nope[%b, %h, %o] : memref<?x?x?xf32>
+  } else {
+    memref.store %zero, %dq_pe[%b, %h, %r] : memref<?x?x?xf32>
+  }
+}
+"
+                    .to_string()
+                } else {
                     format!(
-                        "%first = arith.cmpi eq, %tid, %c0 : index
-%go = arith.andi %first, %fits : i1
-scf.if %go {{
-  %max = scf.for %j = %c0 to %nkeys step %c1 iter_args(%a = %ninf) -> (f32) {{
-    %v = memref.load %sh_p[%j] : {p}
+                        "%hv = arith.muli %h, %cV : index
+scf.for %e = %tid to %cV step %cT {{
+  %ocol = arith.addi %hv, %e : index
+  memref.store %zero, %out[%b, %ocol] : {m}
+}}
+"
+                    )
+                };
+                let mut phases = vec![format!(
+                    "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  memref.store %ninf, %sh_red[%c0] : {red}
+  memref.store %zero, %sh_red[%c1] : {red}
+  memref.store %zero, %sh_red[%c2] : {red}
+}}
+{outputs}"
+                )];
+                let e0 = indent2(&indent2(&exp(lowering, "%xm", "%e")));
+                phases.extend(loop_phases(
+                    "chunk",
+                    "nchunks",
+                    vec![
+                        format!("{chunk}{scores}"),
+                        format!(
+                            "{chunk}%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %m0 = memref.load %sh_red[%c0] : {red}
+  %max = scf.for %j = %k0 to %k1 step %c1 iter_args(%a = %m0) -> (f32) {{
+    %slot = arith.subi %j, %k0 : index
+    %v = memref.load %sh_p[%slot] : {p}
     %gt = arith.cmpf ogt, %v, %a : f32
     %a2 = arith.select %gt, %v, %a : f32
     scf.yield %a2 : f32
   }}
-  %sum = scf.for %j = %c0 to %nkeys step %c1 iter_args(%a = %zero) -> (f32) {{
-    %v = memref.load %sh_p[%j] : {p}
+  memref.store %max, %sh_red[%c0] : {red}
+}}
+"
+                        ),
+                    ],
+                ));
+                phases.extend(loop_phases(
+                    "chunk",
+                    "nchunks",
+                    vec![
+                        format!("{chunk}{recompute}"),
+                        format!(
+                            "{chunk}%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %max = memref.load %sh_red[%c0] : {red}
+  %s0 = memref.load %sh_red[%c1] : {red}
+  %sum = scf.for %j = %k0 to %k1 step %c1 iter_args(%a = %s0) -> (f32) {{
+    %slot = arith.subi %j, %k0 : index
+    %v = memref.load %sh_p[%slot] : {p}
     %xm = arith.subf %v, %max : f32
-{e}    memref.store %e, %sh_p[%j] : {p}
+{e0}    memref.store %e, %sh_p[%slot] : {p}
     %a2 = arith.addf %a, %e : f32
     scf.yield %a2 : f32
   }}
-  memref.store %max, %sh_red[%c0] : {red}
   memref.store %sum, %sh_red[%c1] : {red}
 }}
 "
-                    ),
+                        ),
+                    ],
+                ));
+                // The chunk's p (and dp) from its scores: kept from the passes above when there is
+                // one chunk, recomputed when there are several.
+                let probabilities = vec![
+                    format!("{chunk}{recompute}"),
+                    format!("{chunk}scf.if %several {{\n{exps}}}\n"),
+                    format!("{chunk}{normalize}"),
                 ];
-                let normalize = "%sum = memref.load %sh_red[%c1] : RED
-scf.if %fits {
-scf.for %j = %tid to %nkeys step %cT {
-  %e = memref.load %sh_p[%j] : P
-  %pv = arith.divf %e, %sum : f32
-  memref.store %pv, %sh_p[%j] : P
-DP}
-}
-"
-                .replace("RED", &red)
-                .replace("P\n", &format!("{p}\n"));
-                if let TrainRow::MlaForward(_) = self {
-                    phases.push(normalize.replace("DP", ""));
-                    phases.push(format!(
-                        "scf.for %e = %tid to %cV step %cT {{
-  %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%a = %zero) -> (f32) {{
-    %pv = memref.load %sh_p[%j] : {p}
+                if !grad {
+                    let mut body = probabilities;
+                    body.push(format!(
+                        "{chunk}%hv = arith.muli %h, %cV : index
+scf.for %e = %tid to %cV step %cT {{
+  %ocol = arith.addi %hv, %e : index
+  %o0 = memref.load %out[%b, %ocol] : {m}
+  %acc = scf.for %j = %k0 to %k1 step %c1 iter_args(%a = %o0) -> (f32) {{
+    %slot = arith.subi %j, %k0 : index
+    %pv = memref.load %sh_p[%slot] : {p}
     %col = arith.addi %vbase, %e : index
     %vv = memref.load %kvb[%j, %col] : {m}
     %pvv = arith.mulf %pv, %vv : f32
     %a2 = arith.addf %a, %pvv : f32
     scf.yield %a2 : f32
   }}
-  %o = arith.select %fits, %acc, %nan : f32
-  %hv = arith.muli %h, %cV : index
-  %ocol = arith.addi %hv, %e : index
-  memref.store %o, %out[%b, %ocol] : {m}
+  memref.store %acc, %out[%b, %ocol] : {m}
 }}
 "
                     ));
+                    phases.extend(loop_phases("chunk", "nchunks", body));
                     return phases;
                 }
-                let dp = sh("sh_dp");
-                // dp_j = dout . v_j, with the probabilities.
-                phases.push(
-                    normalize.replace(
-                        "DP",
-                        &indent2(&format!("{}memref.store %dpv, %sh_dp[%j] : {dp}\n", mla_dp("%b", "%j"))),
-                    ),
-                );
-                phases.push(format!(
-                    "%first = arith.cmpi eq, %tid, %c0 : index
-%go = arith.andi %first, %fits : i1
-scf.if %go {{
-  %mean = scf.for %j = %c0 to %nkeys step %c1 iter_args(%a = %zero) -> (f32) {{
-    %pv = memref.load %sh_p[%j] : {p}
-    %dpv = memref.load %sh_dp[%j] : {dp}
+                // The mean of p dp in key order (one thread).
+                let mut body = probabilities.clone();
+                body.push(format!(
+                    "{chunk}%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %m0 = memref.load %sh_red[%c2] : {red}
+  %mean = scf.for %j = %k0 to %k1 step %c1 iter_args(%a = %m0) -> (f32) {{
+    %slot = arith.subi %j, %k0 : index
+    %pv = memref.load %sh_p[%slot] : {p}
+    %dpv = memref.load %sh_dp[%slot] : {dp}
     %x = arith.mulf %pv, %dpv : f32
     %a2 = arith.addf %a, %x : f32
     scf.yield %a2 : f32
   }}
   memref.store %mean, %sh_red[%c2] : {red}
+}}
+"
+                ));
+                phases.extend(loop_phases("chunk", "nchunks", body));
+                phases.push(format!(
+                    "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
   %max = memref.load %sh_red[%c0] : {red}
   %sum = memref.load %sh_red[%c1] : {red}
+  %mean = memref.load %sh_red[%c2] : {red}
   memref.store %max, %stats[%row, %c0] : {m}
   memref.store %sum, %stats[%row, %c1] : {m}
   memref.store %mean, %stats[%row, %c2] : {m}
 }}
 "
                 ));
-                phases.push(format!(
-                    "%mean = memref.load %sh_red[%c2] : {red}
-scf.if %fits {{
-scf.for %j = %tid to %nkeys step %cT {{
-  %pv = memref.load %sh_p[%j] : {p}
-  %dpv = memref.load %sh_dp[%j] : {dp}
+                // ds = p (dp - mean) scale, then dq accumulated in key order (a single chunk's p
+                // and dp kept from above).
+                let mut body: Vec<String> = probabilities
+                    .iter()
+                    .map(|ph| format!("{}scf.if %several {{\n{}}}\n", chunk, &ph[chunk.len()..]))
+                    .collect();
+                body.push(format!(
+                    "{chunk}%mean = memref.load %sh_red[%c2] : {red}
+scf.for %j = %j_first to %k1 step %cT {{
+  %slot = arith.subi %j, %k0 : index
+  %pv = memref.load %sh_p[%slot] : {p}
+  %dpv = memref.load %sh_dp[%slot] : {dp}
   %dm = arith.subf %dpv, %mean : f32
   %pdm = arith.mulf %pv, %dm : f32
   %ds = arith.mulf %pdm, %softmax_scale : f32
-  memref.store %ds, %sh_dp[%j] : {dp}
-}}
+  memref.store %ds, %sh_dp[%slot] : {dp}
 }}
 "
                 ));
-                phases.push(format!(
-                    "%cOut = arith.addi %cNope, %cRope : index
+                body.push(format!(
+                    "{chunk}%cOut = arith.addi %cNope, %cRope : index
 scf.for %o = %tid to %cOut step %cT {{
   %is_nope = arith.cmpi ult, %o, %cNope : index
   %r = arith.subi %o, %cNope : index
-  %acc = scf.for %j = %c0 to %nkeys step %c1 iter_args(%a = %zero) -> (f32) {{
-    %ds = memref.load %sh_dp[%j] : {dp}
+  %g0 = scf.if %is_nope -> (f32) {{
+    %v = memref.load %dq_nope[%b, %h, %o] : memref<?x?x?xf32>
+    scf.yield %v : f32
+  }} else {{
+    %v = memref.load %dq_pe[%b, %h, %r] : memref<?x?x?xf32>
+    scf.yield %v : f32
+  }}
+  %acc = scf.for %j = %k0 to %k1 step %c1 iter_args(%a = %g0) -> (f32) {{
+    %slot = arith.subi %j, %k0 : index
+    %ds = memref.load %sh_dp[%slot] : {dp}
     %k = scf.if %is_nope -> (f32) {{
       %col = arith.addi %hbase, %o : index
       %kv_v = memref.load %kvb[%j, %col] : {m}
@@ -1783,28 +1894,51 @@ scf.for %o = %tid to %cOut step %cT {{
     %a2 = arith.addf %a, %x : f32
     scf.yield %a2 : f32
   }}
-  %g = arith.select %fits, %acc, %nan : f32
   scf.if %is_nope {{
-    memref.store %g, %dq_nope[%b, %h, %o] : memref<?x?x?xf32>
+    memref.store %acc, %dq_nope[%b, %h, %o] : memref<?x?x?xf32>
   }} else {{
-    memref.store %g, %dq_pe[%b, %h, %r] : memref<?x?x?xf32>
+    memref.store %acc, %dq_pe[%b, %h, %r] : memref<?x?x?xf32>
   }}
 }}
 "
                 ));
+                phases.extend(loop_phases("chunk", "nchunks", body));
                 phases
             }
             TrainRow::MlaGradKv(_) => {
+                // Per query that sees the key (from %i0), `context` queries at a time: p and ds
+                // from the query block's statistics, then the key's and value's gradients
+                // accumulated in place in query order.
                 let (pi, dsi) = (sh("sh_pi"), sh("sh_dsi"));
                 let score = indent2(&mla_score("%i", "%j"));
                 let e = indent2(&exp(lowering, "%xm", "%e"));
                 let dp = indent2(&mla_dp("%i", "%j"));
-                vec![
-                    // Per query that sees the key: p and ds, as the query's block computed them.
-                    format!(
-                        "scf.if %fits {{
-scf.for %i = %i0 to %T step %c1 {{
-  %mine_off = arith.subi %i, %i0 : index
+                let chunk = "%q0 = arith.muli %chunk, %cCtx : index
+%i_lo = arith.addi %i0, %q0 : index
+%i_hi0 = arith.addi %i_lo, %cCtx : index
+%i_hi = arith.minui %i_hi0, %T : index
+";
+                let mut phases = vec![format!(
+                    "%cKeyCols = arith.addi %cPerHead, %cRope : index
+scf.for %o = %tid to %cKeyCols step %cT {{
+  %is_pe = arith.cmpi uge, %o, %cPerHead : index
+  %r = arith.subi %o, %cPerHead : index
+  scf.if %is_pe {{
+    memref.store %zero, %part[%row, %r] : {m}
+  }} else {{
+    %col = arith.addi %hbase, %o : index
+    memref.store %zero, %dkvb[%j, %col] : {m}
+  }}
+}}
+"
+                )];
+                phases.extend(loop_phases(
+                    "chunk",
+                    "nchunks",
+                    vec![
+                        format!(
+                            "{chunk}scf.for %i = %i_lo to %i_hi step %c1 {{
+  %mine_off = arith.subi %i, %i_lo : index
   %mine_rem = arith.remui %mine_off, %cT : index
   %mine = arith.cmpi eq, %mine_rem, %tid : index
   scf.if %mine {{
@@ -1818,23 +1952,32 @@ scf.for %i = %i0 to %T step %c1 {{
 {dp}    %dm = arith.subf %dpv, %mean : f32
     %pdm = arith.mulf %pv, %dm : f32
     %ds = arith.mulf %pdm, %softmax_scale : f32
-    memref.store %pv, %sh_pi[%i] : {pi}
-    memref.store %ds, %sh_dsi[%i] : {dsi}
+    %slot = arith.subi %i, %i_lo : index
+    memref.store %pv, %sh_pi[%slot] : {pi}
+    memref.store %ds, %sh_dsi[%slot] : {dsi}
   }}
 }}
-}}
 "
-                    ),
-                    format!(
-                        "%cKeyCols = arith.addi %cPerHead, %cRope : index
+                        ),
+                        format!(
+                            "{chunk}%cKeyCols = arith.addi %cPerHead, %cRope : index
 scf.for %o = %tid to %cKeyCols step %cT {{
   %is_key = arith.cmpi ult, %o, %cNope : index
   %is_pe = arith.cmpi uge, %o, %cPerHead : index
   %e_col = arith.subi %o, %cNope : index
   %r = arith.subi %o, %cPerHead : index
-  %acc = scf.for %i = %i0 to %T step %c1 iter_args(%a = %zero) -> (f32) {{
-    %ds = memref.load %sh_dsi[%i] : {dsi}
-    %pv = memref.load %sh_pi[%i] : {pi}
+  %col = arith.addi %hbase, %o : index
+  %a0 = scf.if %is_pe -> (f32) {{
+    %v = memref.load %part[%row, %r] : {m}
+    scf.yield %v : f32
+  }} else {{
+    %v = memref.load %dkvb[%j, %col] : {m}
+    scf.yield %v : f32
+  }}
+  %acc = scf.for %i = %i_lo to %i_hi step %c1 iter_args(%a = %a0) -> (f32) {{
+    %slot = arith.subi %i, %i_lo : index
+    %ds = memref.load %sh_dsi[%slot] : {dsi}
+    %pv = memref.load %sh_pi[%slot] : {pi}
     %x = scf.if %is_key -> (f32) {{
       %qn = memref.load %q_nope[%i, %h, %o] : memref<?x?x?xf32>
       %v = arith.mulf %ds, %qn : f32
@@ -1854,18 +1997,17 @@ scf.for %o = %tid to %cKeyCols step %cT {{
     %a2 = arith.addf %a, %x : f32
     scf.yield %a2 : f32
   }}
-  %kept = arith.select %short, %acc, %nan : f32
-  %out = arith.select %key, %kept, %zero : f32
   scf.if %is_pe {{
-    memref.store %out, %part[%row, %r] : {m}
+    memref.store %acc, %part[%row, %r] : {m}
   }} else {{
-    %col = arith.addi %hbase, %o : index
-    memref.store %out, %dkvb[%j, %col] : {m}
+    memref.store %acc, %dkvb[%j, %col] : {m}
   }}
 }}
 "
-                    ),
-                ]
+                        ),
+                    ],
+                ));
+                phases
             }
             TrainRow::MoeHidden { keep, .. } => {
                 let keep = if keep {
@@ -2775,9 +2917,10 @@ mod tests {
         use v3c_models::graph::AttentionForm;
         let (h, dn, dr, dv, kv) = (3, 8, 4, 6, 16);
         let dims = kernels::MlaDims { heads: h, nope: dn, rope: dr, v: dv, kv_lora: kv };
-        let m = Mla { heads: h, nope: dn, rope: dr, v: dv, kv, context: 64, scale: 0.37 };
         let (hp, c) = (h * (dn + dv), kv + dr);
-        for (t, s_len) in [(5, 5), (3, 7), (1, 1)] {
+        // Capacities holding every key, and chunks of 3 and of 1 key (query) through shared memory.
+        for (context, (t, s_len)) in [64, 3, 1].into_iter().flat_map(|c| [(c, (5, 5)), (c, (3, 7)), (c, (1, 1))]) {
+            let m = Mla { heads: h, nope: dn, rope: dr, v: dv, kv, context, scale: 0.37 };
             let visible: Vec<usize> = (0..t).map(|i| s_len - t + i).collect();
             let (mut qn, mut qp) = (values(t * h * dn, 20, 2.0), values(t * h * dr, 21, 2.0));
             let (mut latent, kv_b) = (values(s_len * c, 22, 2.0), values(hp * kv, 23, 0.5));
@@ -2797,7 +2940,7 @@ mod tests {
             let mut args = bufs(&mut qn, &mut qp, &mut latent, &mut kvb);
             args.push(raw(&mut out, &[t, h * dv], "f32"));
             run_cpu(&kernel(TrainRow::MlaForward(m), kv), &args);
-            assert_eq!(out, want, "forward, {t} queries over {s_len} keys");
+            assert_eq!(out, want, "forward, {t} queries over {s_len} keys, capacity {context}");
             let [want_dqn, want_dqp, want_dlat, want_dkv_b] =
                 kernels::mla_grad(&qn, &qp, &latent, &kv_b, &g, &visible, s_len, dims, m.scale);
             let (mut dqn, mut dqp, mut stats) =
@@ -2810,7 +2953,7 @@ mod tests {
                 raw(&mut stats, &[t * h, 3], "f32"),
             ]);
             run_cpu(&kernel(TrainRow::MlaGradQ(m), kv), &args);
-            assert_eq!((&dqn, &dqp), (&want_dqn, &want_dqp), "d q, {t} queries over {s_len} keys");
+            assert_eq!((&dqn, &dqp), (&want_dqn, &want_dqp), "d q, {t} queries over {s_len} keys, capacity {context}");
             let (mut dkvb, mut part) = (vec![f32::NAN; s_len * hp], vec![f32::NAN; s_len * h * dr]);
             let mut args = bufs(&mut qn, &mut qp, &mut latent, &mut kvb);
             args.extend([
@@ -2832,7 +2975,10 @@ mod tests {
             for (what, got, want) in [("d latent", &dlat, &want_dlat), ("d kv_b", &dkv_b, &want_dkv_b)] {
                 let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
                 for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
-                    assert!((a - b).abs() <= 1e-5 * scale, "{what}[{i}] = {a}, reference {b} ({t} over {s_len})");
+                    assert!(
+                        (a - b).abs() <= 1e-5 * scale,
+                        "{what}[{i}] = {a}, reference {b} ({t} over {s_len}, capacity {context})"
+                    );
                 }
             }
         }
