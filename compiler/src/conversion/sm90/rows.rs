@@ -1069,11 +1069,7 @@ scf.for %i = %tid to %cRope step %cT {{
                 // `sh_o` in key order — each chunk's scores recomputed (the same bits) when there
                 // are several, kept in `sh_p` when there is one. Every sum runs in the reference's
                 // order across chunks, so the result does not depend on the chunking.
-                let chunk = "%k0 = arith.muli %chunk, %cCtx : index
-%k_end0 = arith.addi %k0, %cCtx : index
-%k1 = arith.minui %k_end0, %nkeys : index
-%j_first = arith.addi %k0, %tid : index
-";
+                let chunk = MLA_CHUNK;
                 let scores = format!(
                     "scf.for %j = %j_first to %k1 step %cT {{
   %lat = scf.for %a = %c0 to %cD step %c1 iter_args(%s = %zero) -> (f32) {{
@@ -1100,17 +1096,7 @@ scf.for %i = %tid to %cRope step %cT {{
                     lat_a = lat("%a"),
                     lat_col = lat("%col"),
                 );
-                let exps = format!(
-                    "%mx = memref.load %sh_red[%c0] : {red}
-scf.for %j = %j_first to %k1 step %cT {{
-  %slot = arith.subi %j, %k0 : index
-  %v = memref.load %sh_p[%slot] : {pp}
-  %dv = arith.subf %v, %mx : f32
-{exp}  memref.store %ev, %sh_p[%slot] : {pp}
-}}
-",
-                    exp = exp(lowering, "%dv", "%ev")
-                );
+                let exps = chunk_exps(lowering, &red, &pp);
                 // The running max and sum (one thread), and o, start empty.
                 phases.push(format!(
                     "%is0 = arith.cmpi eq, %tid, %c0 : index
@@ -1127,24 +1113,7 @@ scf.for %a = %tid to %cD step %cT {{
                 phases.extend(loop_phases(
                     "chunk",
                     "nchunks",
-                    vec![
-                        format!("{chunk}{scores}"),
-                        format!(
-                            "{chunk}%is0 = arith.cmpi eq, %tid, %c0 : index
-scf.if %is0 {{
-  %m0 = memref.load %sh_red[%c0] : {red}
-  %mx = scf.for %j = %k0 to %k1 step %c1 iter_args(%m = %m0) -> (f32) {{
-    %slot = arith.subi %j, %k0 : index
-    %v = memref.load %sh_p[%slot] : {pp}
-    %gt = arith.cmpf ogt, %v, %m : f32
-    %m2 = arith.select %gt, %v, %m : f32
-    scf.yield %m2 : f32
-  }}
-  memref.store %mx, %sh_red[%c0] : {red}
-}}
-"
-                        ),
-                    ],
+                    vec![format!("{chunk}{scores}"), format!("{chunk}{}", chunk_max(&red, &pp))],
                 ));
                 // exp(s - max) per key; their sum in key order (one thread).
                 let recompute = format!("scf.if %several {{\n{scores}}}\n");
@@ -1756,20 +1725,64 @@ scf.for %i = %tid to %cD step %cT {{
 
 /// MLA attention's chunks of keys (`%cCtx` at a time through shared memory) and whether there are
 /// several (then scores are recomputed per pass).
-pub(super) const MLA_CHUNKS: &str = "%ctx_m1 = arith.subi %cCtx, %c1 : index
+const MLA_CHUNKS: &str = "%ctx_m1 = arith.subi %cCtx, %c1 : index
 %nchunks_up = arith.addi %nkeys, %ctx_m1 : index
 %nchunks = arith.divui %nchunks_up, %cCtx : index
 %several = arith.cmpi ugt, %nchunks, %c1 : index
 ";
 
+/// An attention chunk's keys inside a `chunk` loop (see [`MLA_CHUNKS`]): `%k0..%k1` of `%nkeys`,
+/// this thread's first `%j_first`.
+const MLA_CHUNK: &str = "%k0 = arith.muli %chunk, %cCtx : index
+%k_end0 = arith.addi %k0, %cCtx : index
+%k1 = arith.minui %k_end0, %nkeys : index
+%j_first = arith.addi %k0, %tid : index
+";
+
+/// One thread folds the chunk's scores (`sh_p`, of type `p`) into the running max `sh_red[0]`
+/// (of type `red`), in key order.
+fn chunk_max(red: &str, p: &str) -> String {
+    format!(
+        "%max_thread = arith.cmpi eq, %tid, %c0 : index
+scf.if %max_thread {{
+  %m0 = memref.load %sh_red[%c0] : {red}
+  %max = scf.for %j = %k0 to %k1 step %c1 iter_args(%a = %m0) -> (f32) {{
+    %slot = arith.subi %j, %k0 : index
+    %v = memref.load %sh_p[%slot] : {p}
+    %gt = arith.cmpf ogt, %v, %a : f32
+    %a2 = arith.select %gt, %v, %a : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %max, %sh_red[%c0] : {red}
+}}
+"
+    )
+}
+
+/// Every key of the chunk: `sh_p` = exp(score - max `sh_red[0]`) in place (any thread: the same
+/// bits as the one that summed them).
+fn chunk_exps(lowering: Lowering, red: &str, p: &str) -> String {
+    format!(
+        "%max = memref.load %sh_red[%c0] : {red}
+scf.for %j = %j_first to %k1 step %cT {{
+  %slot = arith.subi %j, %k0 : index
+  %v = memref.load %sh_p[%slot] : {p}
+  %xm = arith.subf %v, %max : f32
+{e}  memref.store %e, %sh_p[%slot] : {p}
+}}
+",
+        e = exp(lowering, "%xm", "%e")
+    )
+}
+
 /// A phase list item that opens a loop around the phases up to the matching [`LOOP_END`]: the rest
 /// is the loop's `scf.for` header (its bounds defined in the prologue). On the GPU every iteration
 /// ends with a barrier; on the CPU each phase in it still runs for every thread in turn.
-pub(super) const LOOP_BEGIN: &str = "//loop ";
-pub(super) const LOOP_END: &str = "//end loop";
+const LOOP_BEGIN: &str = "//loop ";
+const LOOP_END: &str = "//end loop";
 
 /// `body` as a loop over `%{var}` from 0 to `%{count}` (phases: see [`LOOP_BEGIN`]).
-pub(super) fn loop_phases(var: &str, count: &str, body: Vec<String>) -> Vec<String> {
+fn loop_phases(var: &str, count: &str, body: Vec<String>) -> Vec<String> {
     let mut phases = vec![format!("{LOOP_BEGIN}scf.for %{var} = %c0 to %{count} step %c1")];
     phases.extend(body);
     phases.push(LOOP_END.to_string());

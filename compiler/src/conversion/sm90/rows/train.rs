@@ -15,8 +15,8 @@
 use std::fmt::Write;
 
 use super::{
-    decode_e4m3, encode_e4m3, exp, indent2, loop_phases, quant_constants, rope_rotation, sqrt, tree_phases, Lowering,
-    RowKernel, AMAX_PARTS, E4M3_MAX, MLA_CHUNKS,
+    chunk_exps, chunk_max, decode_e4m3, encode_e4m3, exp, indent2, loop_phases, quant_constants, rope_rotation, sqrt,
+    tree_phases, Lowering, RowKernel, AMAX_PARTS, E4M3_MAX, MLA_CHUNK, MLA_CHUNKS,
 };
 
 /// `{out} = ln(value)`: on sm_90a `lg2.approx` times ln 2 (no libdevice), on the CPU libm's.
@@ -1664,11 +1664,7 @@ scf.if %first {{
                 // when there are several; outputs accumulated in place in key order.
                 let grad = matches!(self, TrainRow::MlaGradQ(_));
                 let (p, red) = (sh("sh_p"), sh("sh_red"));
-                let chunk = "%k0 = arith.muli %chunk, %cCtx : index
-%k_end0 = arith.addi %k0, %cCtx : index
-%k1 = arith.minui %k_end0, %nkeys : index
-%j_first = arith.addi %k0, %tid : index
-";
+                let chunk = MLA_CHUNK;
                 let score = mla_score("%b", "%j");
                 let scores = format!(
                     "scf.for %j = %j_first to %k1 step %cT {{
@@ -1678,18 +1674,7 @@ scf.if %first {{
 "
                 );
                 let recompute = format!("scf.if %several {{\n{scores}}}\n");
-                let e1 = indent2(&exp(lowering, "%xm", "%e"));
-                // exp(s - max) of every key of the chunk in place (any thread: the same bits).
-                let exps = format!(
-                    "%max = memref.load %sh_red[%c0] : {red}
-scf.for %j = %j_first to %k1 step %cT {{
-  %slot = arith.subi %j, %k0 : index
-  %v = memref.load %sh_p[%slot] : {p}
-  %xm = arith.subf %v, %max : f32
-{e1}  memref.store %e, %sh_p[%slot] : {p}
-}}
-"
-                );
+                let exps = chunk_exps(lowering, &red, &p);
                 let dp = if grad { sh("sh_dp") } else { String::new() };
                 // p = e / sum; the gradient's dp_j = dout . v_j beside it.
                 let dp_store = if grad {
@@ -1743,24 +1728,7 @@ scf.if %first {{
                 phases.extend(loop_phases(
                     "chunk",
                     "nchunks",
-                    vec![
-                        format!("{chunk}{scores}"),
-                        format!(
-                            "{chunk}%first = arith.cmpi eq, %tid, %c0 : index
-scf.if %first {{
-  %m0 = memref.load %sh_red[%c0] : {red}
-  %max = scf.for %j = %k0 to %k1 step %c1 iter_args(%a = %m0) -> (f32) {{
-    %slot = arith.subi %j, %k0 : index
-    %v = memref.load %sh_p[%slot] : {p}
-    %gt = arith.cmpf ogt, %v, %a : f32
-    %a2 = arith.select %gt, %v, %a : f32
-    scf.yield %a2 : f32
-  }}
-  memref.store %max, %sh_red[%c0] : {red}
-}}
-"
-                        ),
-                    ],
+                    vec![format!("{chunk}{scores}"), format!("{chunk}{}", chunk_max(&red, &p))],
                 ));
                 phases.extend(loop_phases(
                     "chunk",
