@@ -79,6 +79,12 @@ pub struct Grouped {
 
 /// The GEMM a fused kernel is, or why it has no sm_90a lowering (a phrase naming the op).
 pub fn gemm_of_kernel(kernel: &OperationRef) -> Result<GemmKernel, String> {
+    gemm_of(kernel, false)
+}
+
+/// [`gemm_of_kernel`]; `f32_on_bf16`: linears on f32 activations with bf16 weights are taken too
+/// (as bf16 GEMMs: the caller splits the activations, see [`split_bf16_steps`]).
+fn gemm_of(kernel: &OperationRef, f32_on_bf16: bool) -> Result<GemmKernel, String> {
     let name = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
     let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("a kernel without a body")?;
     let mut args: HashMap<usize, (usize, Shape)> = HashMap::new();
@@ -127,6 +133,7 @@ pub fn gemm_of_kernel(kernel: &OperationRef) -> Result<GemmKernel, String> {
                         (GemmInput::Fp8, Some(sa), Some(sw))
                     }
                     (2, "bf16", "bf16") => (GemmInput::Bf16, None, None),
+                    (2, "f32", "bf16") if f32_on_bf16 => (GemmInput::Bf16, None, None),
                     (_, a_el, w_el) => {
                         return Err(format!(
                             "linear on {a_el} activations with {w_el} weights (the sm_90a GEMMs read e4m3 with \
@@ -395,6 +402,34 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
             let op = RowOp::MlaDecode { heads, nope, rope, v, context: 8192, scale, prefill };
             Ok(plain(RowKernel::new(op, kv, "f8E4M3FN")))
         }
+        [kind @ ("attention_decode" | "attention"), "reshape", "func.return"] => {
+            // The f32 graph's attention (bf16 kv_b): the same row, its outputs in f32.
+            let prefill = kind == "attention";
+            let (att, reshape, ret) = (&ops[0], &ops[1], &ops[2]);
+            let form = att.attribute("form").map(|a| a.to_string()).unwrap_or_default();
+            let mut wired =
+                att.operand_count() == if prefill { 4 } else { 5 } && (prefill || form.contains("absorbed"));
+            for i in 0..att.operand_count() {
+                wired &= is_arg(operand(att, i)?, i);
+            }
+            let r = |o: &OperationRef, i: usize| o.result(i).map(|v| raw(v.into())).map_err(|e| e.to_string());
+            wired = wired && raw(operand(reshape, 0)?) == r(att, 0)? && raw(operand(ret, 0)?) == r(reshape, 0)?;
+            if !wired {
+                return Err(format!("{kind} + reshape not in the kernel's argument order"));
+            }
+            let kv_arg = if prefill { 3 } else { 4 };
+            let (qn, qp, kvb) = (shape(operand(att, 0)?)?, shape(operand(att, 1)?)?, shape(operand(att, kv_arg)?)?);
+            if kvb.element != "bf16" || qn.element != "f32" {
+                return Err(format!("{kind} of {} queries with {} kv_b", qn.element, kvb.element));
+            }
+            let dim = |s: &Shape, i: usize| s.dims.get(i).copied().flatten().ok_or("a dynamic attention dim");
+            let (heads, nope, rope) = (dim(&qn, 1)?, dim(&qn, 2)?, dim(&qp, 2)?);
+            let (rows, kv) = (dim(&kvb, 0)?, dim(&kvb, 1)?);
+            let v = rows / heads - nope;
+            let scale = float_attr(att, "scale").ok_or("attention without a scale")?;
+            let op = RowOp::MlaDecode { heads, nope, rope, v, context: 8192, scale, prefill };
+            Ok(plain(RowKernel::new(op, kv, "bf16")))
+        }
         ["concat", "func.return"] => {
             let (a, b) = (shape(operand(first, 0)?)?, shape(operand(first, 1)?)?);
             let wired = is_arg(operand(first, 0)?, 0) && is_arg(operand(first, 1)?, 1);
@@ -528,6 +563,19 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         results: vec![(0, n)],
         grouped: None,
     };
+    let bf16_gemm = |name: String, n: usize, k: usize, weights: Vec<(usize, Option<usize>)>| GemmKernel {
+        kernel: name,
+        input: GemmInput::Bf16,
+        output: GemmOutput::F32,
+        n,
+        k,
+        a: 0,
+        a_scale: None,
+        weights,
+        residual: None,
+        results: vec![(0, n)],
+        grouped: None,
+    };
     let fused = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
     match names.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["rms_norm", "quantize_fp8", "linear", "reshape", "split", "rope", "func.return"] => {
@@ -609,6 +657,99 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 ],
                 rope_table: Some(table),
             })
+        }
+        ["rms_norm", "linear", "reshape", "split", "rope", "func.return"] => {
+            // The f32 graph's query up-projection (bf16 weights): the norm's f32 rows, split into
+            // bf16 hi + lo for two GEMMs, then the split + RoPE row.
+            let (norm, linear, reshape, split, rope, ret) = (&ops[0], &ops[1], &ops[2], &ops[3], &ops[4], &ops[5]);
+            let wired = is_arg(operand(norm, 0)?, 0)
+                && is_arg(operand(norm, 1)?, 1)
+                && linear.operand_count() == 2
+                && raw(operand(linear, 0)?) == result(norm, 0)?
+                && is_arg(operand(linear, 1)?, 2)
+                && raw(operand(reshape, 0)?) == result(linear, 0)?
+                && raw(operand(split, 0)?) == result(reshape, 0)?
+                && raw(operand(rope, 0)?) == result(split, 1)?
+                && is_arg(operand(rope, 1)?, 3)
+                && raw(operand(ret, 0)?) == result(split, 0)?
+                && raw(operand(ret, 1)?) == result(rope, 0)?;
+            if !wired {
+                return Err("the query up-projection's ops in another order".into());
+            }
+            let (x, w, wq) = (arg_shape(0)?, arg_shape(1)?, arg_shape(2)?);
+            if x.element != "f32" || wq.element != "bf16" {
+                return Err(format!("a query up-projection of {} on {} weights", x.element, wq.element));
+            }
+            let (d, n) = (fixed(&w, 0)?, fixed(&wq, 0)?);
+            let shape_of = |o: &OperationRef, i: usize| -> Result<Shape, String> {
+                Shape::parse(&o.result(i).map_err(|e| e.to_string())?.r#type().to_string())
+                    .ok_or_else(|| "a result".into())
+            };
+            let (heads, nope, rope_dim) =
+                (fixed(&shape_of(reshape, 0)?, 1)?, fixed(&shape_of(split, 0)?, 2)?, fixed(&shape_of(rope, 0)?, 2)?);
+            if heads * (nope + rope_dim) != n {
+                return Err(format!("{heads} heads of {nope} + {rope_dim} from {n} columns"));
+            }
+            let (table, interleave) = rope_table_of(rope)?;
+            let eps = float_attr(norm, "eps").ok_or("rms_norm without an eps")?;
+            let g = bf16_gemm(format!("{fused}.gemm"), n, d, vec![(2, None)]);
+            let normed = Step {
+                kernel: StepKernel::Row(RowKernel::new(
+                    RowOp::RmsNorm { eps, keep: true, quantize: false },
+                    d,
+                    &w.element,
+                )),
+                operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Temp(2)],
+            };
+            let mut steps =
+                split_bf16_steps(&g, &fused, vec![(normed, Temp::per_row(1, d, "f32"))], Some(Operand::Temp(3)));
+            steps.temps.push(Temp::per_row(1, n, "f32"));
+            steps.steps.push(Step {
+                kernel: StepKernel::Row(RowKernel::new(
+                    RowOp::SplitRope { heads, nope, rope: rope_dim, interleave },
+                    n,
+                    "f32",
+                )),
+                operands: vec![
+                    Operand::Temp(3),
+                    Operand::Arg(3),
+                    Operand::RopeTable,
+                    Operand::Result(0),
+                    Operand::Result(1),
+                ],
+            });
+            steps.rope_table = Some(table);
+            Ok(steps)
+        }
+        ["linear", "linear", "silu_mul", "func.return"] => {
+            // The f32 graph's SwiGLU MLP (bf16 weights): gate and up as one GEMM (weights
+            // concatenated along N) on the split activations into `[gate | up]`, then the SwiGLU row.
+            let (gate, up, silu, ret) = (&ops[0], &ops[1], &ops[2], &ops[3]);
+            let wired = gate.operand_count() == 2
+                && up.operand_count() == 2
+                && is_arg(operand(gate, 0)?, 0)
+                && is_arg(operand(gate, 1)?, 1)
+                && is_arg(operand(up, 0)?, 0)
+                && is_arg(operand(up, 1)?, 2)
+                && raw(operand(silu, 0)?) == result(gate, 0)?
+                && raw(operand(silu, 1)?) == result(up, 0)?
+                && raw(operand(ret, 0)?) == result(silu, 0)?;
+            if !wired {
+                return Err("the SwiGLU MLP's ops in another order".into());
+            }
+            let (x, wg, wu) = (arg_shape(0)?, arg_shape(1)?, arg_shape(2)?);
+            if x.element != "f32" || wg.element != "bf16" || wu.element != "bf16" {
+                return Err(format!("a SwiGLU MLP of {} activations on {} weights", x.element, wg.element));
+            }
+            let (inter, k) = (fixed(&wg, 0)?, fixed(&wg, 1)?);
+            let g = bf16_gemm(fused.clone(), 2 * inter, k, vec![(1, None), (2, None)]);
+            let mut steps = split_bf16_steps(&g, &fused, Vec::new(), Some(Operand::Temp(2)));
+            steps.temps.push(Temp::per_row(1, 2 * inter, "f32"));
+            steps.steps.push(Step {
+                kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: false }, inter, "f32")),
+                operands: vec![Operand::Temp(2), Operand::Result(0)],
+            });
+            Ok(steps)
         }
         ["linear", "linear", "silu_mul", "quantize_fp8", "func.return"] => {
             let (gate, up, silu, quant, ret) = (&ops[0], &ops[1], &ops[2], &ops[3], &ops[4]);
@@ -876,10 +1017,88 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 })
             }
         }
-        _ => super::lower_train::steps_of_train_kernel(kernel).unwrap_or_else(|| {
-            Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + "))
-        }),
+        _ => match gemm_of(kernel, true) {
+            // A GEMM on f32 activations with bf16 weights (the f32 graph of a bf16 checkpoint).
+            Ok(g) if arg_shape(g.a)?.element == "f32" => Ok(split_bf16_steps(&g, &fused, Vec::new(), None)),
+            _ => super::lower_train::steps_of_train_kernel(kernel).unwrap_or_else(|| {
+                Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + "))
+            }),
+        },
     }
+}
+
+/// `g` (a bf16 GEMM whose activation argument `g.a` is f32) on the tensor cores to ~2^-16: the
+/// activations split into bf16 hi + lo by a row (`x = hi + lo`), two bf16 GEMMs into one f32
+/// output, the second adding onto the first (its residual is the output); the first adds `g`'s
+/// residual. `before`: steps that come first (`g.a` then names one of their temporaries, numbered
+/// after the split's); the output is `into` (a step operand), else the kernel's one result, else a
+/// temporary whose column ranges are copied into the results.
+fn split_bf16_steps(g: &GemmKernel, fused: &str, before: Vec<(Step, Temp)>, into: Option<Operand>) -> Steps {
+    let (n, k) = (g.n, g.k);
+    let mut temps = vec![Temp::per_row(1, k, "bf16"), Temp::per_row(1, k, "bf16")];
+    let mut steps = Vec::new();
+    let mut source = Operand::Arg(g.a);
+    for (step, temp) in before {
+        steps.push(step);
+        temps.push(temp);
+        source = Operand::Temp(temps.len() - 1);
+    }
+    let single = g.results.len() == 1 && g.results[0] == (0, n);
+    let out = into.unwrap_or_else(|| {
+        if single {
+            Operand::Result(0)
+        } else {
+            temps.push(Temp::per_row(1, n, "f32"));
+            Operand::Temp(temps.len() - 1)
+        }
+    });
+    steps.push(Step {
+        kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
+        operands: vec![source, Operand::Temp(0), Operand::Temp(1)],
+    });
+    for (half, part) in [("hi", 0), ("lo", 1)] {
+        let mut operands = vec![Operand::Temp(part)];
+        let weights: Vec<(usize, Option<usize>)> = g
+            .weights
+            .iter()
+            .map(|&(w, _)| {
+                operands.push(Operand::Arg(w));
+                (operands.len() - 1, None)
+            })
+            .collect();
+        let residual = match (half, g.residual) {
+            ("hi", Some(r)) => Some(Operand::Arg(r)),
+            ("hi", None) => None,
+            _ => Some(out),
+        };
+        let residual = residual.map(|r| {
+            operands.push(r);
+            operands.len() - 1
+        });
+        operands.push(out);
+        let kernel = GemmKernel {
+            kernel: format!("{fused}.{half}"),
+            input: GemmInput::Bf16,
+            output: GemmOutput::F32,
+            n,
+            k,
+            a: 0,
+            a_scale: None,
+            weights,
+            residual,
+            results: vec![(0, n)],
+            grouped: None,
+        };
+        steps.push(Step { kernel: StepKernel::Gemm(kernel), operands });
+    }
+    if !single && into.is_none() {
+        for (i, &(start, end)) in g.results.iter().enumerate() {
+            let copy =
+                RowKernel::new(RowOp::Train(super::rows::TrainRow::Columns { start, stride: n }), end - start, "f32");
+            steps.push(Step { kernel: StepKernel::Row(copy), operands: vec![out, Operand::Result(i)] });
+        }
+    }
+    Steps { steps, temps, rope_table: None }
 }
 
 /// The routing row of a `v3.moe_dispatch` or `v3.moe_route` op over `experts` experts.

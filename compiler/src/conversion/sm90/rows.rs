@@ -168,7 +168,9 @@ impl RowKernel {
             RowOp::MlaDecode { heads, nope, rope, v, context, scale, prefill } => {
                 let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
                 let kind = if prefill { "mlaprefill" } else { "mladecode" };
-                format!("rows_{kind}_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_c{context}_s{scale}_t{t}")
+                // bf16 kv_b: the f32 graph's (f32 output, no quantization).
+                let f32_graph = if w == "bf16" { "_bf16" } else { "" };
+                format!("rows_{kind}_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_c{context}_s{scale}_t{t}{f32_graph}")
             }
             RowOp::Route { experts, top_k, n_group, topk_group, norm, scale } => {
                 let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
@@ -244,7 +246,9 @@ impl RowKernel {
                 weight: "f32".into(),
                 threads: number(t, 't')?,
             }),
-            (kind @ ("mladecode" | "mlaprefill"), [h, n, r, v, kv, c, sc, t]) => {
+            (kind @ ("mladecode" | "mlaprefill"), [h, n, r, v, kv, c, sc, t, f32_graph @ ..])
+                if f32_graph.is_empty() || f32_graph == ["bf16"] =>
+            {
                 let op = RowOp::MlaDecode {
                     prefill: kind == "mlaprefill",
                     heads: number(h, 'h')?,
@@ -257,7 +261,7 @@ impl RowKernel {
                 Some(RowKernel {
                     op,
                     d: kv.strip_prefix("kv")?.parse().ok()?,
-                    weight: "f8E4M3FN".into(),
+                    weight: if f32_graph.is_empty() { "f8E4M3FN" } else { "bf16" }.into(),
                     threads: number(t, 't')?,
                 })
             }
@@ -379,10 +383,15 @@ impl RowKernel {
                     args.push(("cache", "memref<?x?x?xf32>".into()));
                     args.push(("positions", "memref<?xi64>".into()));
                 }
-                args.push(("kv_b", "memref<?x?xi8>".into()));
-                args.push(("kv_b_scale", "memref<?x?xf32>".into()));
-                args.push(("q", "memref<?x?xi8>".into()));
-                args.push(("scale", "memref<?x?xf32>".into()));
+                if self.weight == "bf16" {
+                    args.push(("kv_b", "memref<?x?xbf16>".into()));
+                    args.push(("out", "memref<?x?xf32>".into()));
+                } else {
+                    args.push(("kv_b", "memref<?x?xi8>".into()));
+                    args.push(("kv_b_scale", "memref<?x?xf32>".into()));
+                    args.push(("q", "memref<?x?xi8>".into()));
+                    args.push(("scale", "memref<?x?xf32>".into()));
+                }
                 args
             }
             RowOp::Concat { .. } => vec![
@@ -569,7 +578,10 @@ impl RowKernel {
             }
         }
         if let RowOp::MlaDecode { v, .. } = self.op {
-            if v != GROUP {
+            if !["f8E4M3FN", "bf16"].contains(&self.weight.as_str()) {
+                return Err(format!("{name}: {} kv_b (e4m3 with block scales, or bf16)", self.weight));
+            }
+            if v != GROUP && self.weight != "bf16" {
                 return Err(format!("{name}: v heads of {v} (one head is one 128-wide quantization group)"));
             }
         }
@@ -1024,8 +1036,16 @@ scf.for %i = %tid to %cB step %cT {{
                         format!("%cache[%b, %j, {col}] : memref<?x?x?xf32>")
                     }
                 };
-                // W(row, col) of kv_b, decoded and scaled as read.
+                // W(row, col) of kv_b, decoded and scaled as read (bf16: widened).
+                let bf16 = self.weight == "bf16";
                 let weight = |row: &str, col: &str, out: &str| {
+                    if bf16 {
+                        return format!(
+                            "{out}_raw = memref.load %kv_b[{row}, {col}] : memref<?x?xbf16>
+{out} = arith.extf {out}_raw : bf16 to f32
+"
+                        );
+                    }
                     format!(
                         "{out}_byte = memref.load %kv_b[{row}, {col}] : memref<?x?xi8>
 {dec}{out}_br = arith.divui {row}, %c128 : index
@@ -1190,7 +1210,20 @@ scf.for %j = %j_first to %k1 step %cT {{
 ",
                     w = weight("%vrow", "%a", "%wv")
                 ));
-                // The head's group: its scale (one thread), then its bytes; NaN when it did not fit.
+                if bf16 {
+                    // The f32 graph's: the head's outputs as they are.
+                    phases.push(format!(
+                        "%col0 = arith.muli %h, %cV : index
+scf.for %e = %tid to %cV step %cT {{
+  %v = memref.load %sh_out[%e] : {out}
+  %col = arith.addi %col0, %e : index
+  memref.store %v, %out[%b, %col] : memref<?x?xf32>
+}}
+"
+                    ));
+                    return phases;
+                }
+                // The head's group: its scale (one thread), then its bytes.
                 phases.push(format!(
                     "%is0 = arith.cmpi eq, %tid, %c0 : index
 scf.if %is0 {{
@@ -2513,6 +2546,88 @@ mod tests {
         // Other head counts, contexts from one key to 5000.
         check_mla_decode(5, 5000, vec![4999, 0, 2500, 63, 64], &[8192, 8, 64]);
         check_mla_decode(1, 300, vec![299], &[512, 7]);
+    }
+
+    /// The f32 graph's attention rows (bf16 kv_b, f32 outputs, any value width): decode equals the
+    /// reference's absorbed `mla` bit for bit, prefill its naive form up to rounding — in one chunk
+    /// of keys or several.
+    #[test]
+    fn mla_attention_of_the_f32_graph_matches_the_reference() {
+        use v3c_models::graph::AttentionForm;
+        let (heads, nope, rope, v, kv) = (3, 16, 8, 24, 40);
+        let per = nope + v;
+        let mut kv_b: Vec<u16> = values(heads * per * kv, 60, 0.3).iter().map(|&x| f32_to_bf16(x)).collect();
+        let kvb: Vec<f32> = kv_b.iter().map(|&b| bf16_to_f32(b)).collect();
+        let dims = kernels::MlaDims { heads, nope, rope, v, kv_lora: kv };
+        let (b, slots) = (3, 31);
+        let mut positions: Vec<i64> = vec![0, 9, 30];
+        let mut q_nope = values(b * heads * nope, 61, 2.0);
+        let mut q_pe = values(b * heads * rope, 62, 2.0);
+        let mut cache = values(b * slots * (kv + rope), 63, 1.0);
+        let mut want = Vec::new();
+        for seq in 0..b {
+            let c = kv + rope;
+            want.extend(kernels::mla(
+                &q_nope[seq * heads * nope..(seq + 1) * heads * nope],
+                &q_pe[seq * heads * rope..(seq + 1) * heads * rope],
+                &cache[seq * slots * c..(seq + 1) * slots * c],
+                &kvb,
+                &[positions[seq] as usize],
+                slots,
+                dims,
+                0.3,
+                AttentionForm::Absorbed,
+            ));
+        }
+        for context in [64, 5] {
+            let kernel = RowKernel::new(
+                RowOp::MlaDecode { heads, nope, rope, v, context, scale: 0.3, prefill: false },
+                kv,
+                "bf16",
+            );
+            assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
+            let mut out = vec![f32::NAN; b * heads * v];
+            run_cpu(
+                &kernel,
+                &[
+                    raw(&mut q_nope, &[b, heads, nope], "f32"),
+                    raw(&mut q_pe, &[b, heads, rope], "f32"),
+                    raw(&mut cache, &[b, slots, kv + rope], "f32"),
+                    raw(&mut positions, &[b], "i64"),
+                    raw(&mut kv_b, &[heads * per, kv], "bf16"),
+                    raw(&mut out, &[b, heads * v], "f32"),
+                ],
+            );
+            assert_eq!(out, want, "decode, capacity {context}");
+        }
+        // Prefill: the last 3 of 7 latent rows are the queries.
+        let (t, s_rows) = (3, 7);
+        let mut latent = values(s_rows * (kv + rope), 64, 1.0);
+        let (mut qn, mut qp) = (values(t * heads * nope, 65, 2.0), values(t * heads * rope, 66, 2.0));
+        let visible: Vec<usize> = (0..t).map(|i| s_rows - t + i).collect();
+        let want = kernels::mla(&qn, &qp, &latent, &kvb, &visible, s_rows, dims, 0.3, AttentionForm::Naive);
+        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        for context in [64, 2] {
+            let kernel = RowKernel::new(
+                RowOp::MlaDecode { heads, nope, rope, v, context, scale: 0.3, prefill: true },
+                kv,
+                "bf16",
+            );
+            let mut out = vec![f32::NAN; t * heads * v];
+            run_cpu(
+                &kernel,
+                &[
+                    raw(&mut qn, &[t, heads, nope], "f32"),
+                    raw(&mut qp, &[t, heads, rope], "f32"),
+                    raw(&mut latent, &[s_rows, kv + rope], "f32"),
+                    raw(&mut kv_b, &[heads * per, kv], "bf16"),
+                    raw(&mut out, &[t, heads * v], "f32"),
+                ],
+            );
+            for (i, (a, w)) in out.iter().zip(&want).enumerate() {
+                assert!((a - w).abs() <= 1e-5 * scale, "prefill [{i}]: {a} vs {w} (capacity {context})");
+            }
+        }
     }
 
     /// [`RowOp::MlaDecode`] over `positions.len()` sequences of `slots` cache rows (sequence b sees
