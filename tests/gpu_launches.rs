@@ -314,3 +314,70 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
         assert_eq!(len, shape.iter().product::<usize>() * width, "{l}");
     }
 }
+
+/// The f32 graph of a bf16 checkpoint (the built-in tiny model: MoE layers, MTP) lowers for sm_90a
+/// too — GEMMs on f32 activations as bf16 hi + lo tensor-core GEMMs, the experts' grouped GEMMs
+/// likewise, attention rows on bf16 kv_b with f32 outputs — and its launches emulated on the host
+/// give the CPU backend's logits (within 1e-5 of the largest) and its greedy tokens.
+#[test]
+fn a_bf16_checkpoint_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let init = run_binary("v3c", &["init-weights", "--model", "deepseek-v3-tiny", "--out", &p("ckpt"), "--seed", "8"]);
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let args =
+        ["compile", "--model", &p("ckpt"), "--target", "sm_90a", "--max-rows", "16", "--max-context", "64", "--out"];
+    let compiled = run_binary("v3c", &[&args[..], &[&p("art")]].concat());
+    let err = String::from_utf8_lossy(&compiled.stderr);
+    assert!(compiled.status.success(), "{err}");
+    assert!(err.contains("compile: swiglu_0 -> 4 launches: rows_splitbf16_d96_t32 -> GEMM N 320 K 96"), "{err}");
+    assert!(err.contains("compile: moe_down_0 -> 4 launches: rows_copy_d96_t32 -> rows_splitbf16_d48_t32"), "{err}");
+    assert!(err.contains("attention_decode_0 -> rows_mladecode_h4_n24_r16_v24_kv32_c8192_"), "{err}");
+    let tokens = "3 17 42 5 9 11 2 250 31";
+    let emulated = run_binary(
+        "v3c",
+        &["emulate", &p("art"), "--weights", &p("ckpt"), "--tokens", tokens, "--decode-steps", "3", "--out", &p("e")],
+    );
+    let err = String::from_utf8_lossy(&emulated.stderr).to_string();
+    assert!(emulated.status.success(), "{err}");
+    let cpu = run_binary(
+        "v3c",
+        &["logits", "--model-dir", &p("ckpt"), "--tokens", tokens, "--backend", "cpu", "--out", &p("c")],
+    );
+    assert!(cpu.status.success(), "{}", String::from_utf8_lossy(&cpu.stderr));
+    let logits = |file: &str| -> Vec<f32> {
+        let bytes = std::fs::read(p(file)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("logits").unwrap();
+        t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    };
+    let (got, want) = (logits("e"), logits("c"));
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-5 * scale, "max |diff| {diff} vs max |value| {scale}");
+    let greedy = run_binary(
+        "v3c",
+        &[
+            "run",
+            "--model-dir",
+            &p("ckpt"),
+            "--prompt-tokens",
+            tokens,
+            "--max-new-tokens",
+            "3",
+            "--backend",
+            "cpu",
+            "--ignore-eos",
+        ],
+    );
+    let want_tokens: Vec<String> =
+        String::from_utf8_lossy(&greedy.stdout).split_whitespace().map(String::from).collect();
+    let got_tokens: Vec<String> = err
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("emulated decode step ")?.split("token ").nth(1)?.split(' ').next().map(String::from)
+        })
+        .collect();
+    assert_eq!(got_tokens, want_tokens, "{err}");
+}

@@ -484,7 +484,7 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                         scatter: gr.scatter,
                         weights: Vec::new(),
                     };
-                    let (all_wq, all_ws) = v3c_runtime::prepare::grouped_b(&spec, g.k, &weights).unwrap();
+                    let (all_wq, all_ws) = v3c_runtime::prepare::grouped_b(&spec, g.k, 1, &weights).unwrap();
                     let per_group = g.n * g.k;
                     for grp in 0..gr.groups {
                         let wq = &all_wq[grp * per_group..(grp + 1) * per_group];

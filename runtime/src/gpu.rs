@@ -688,10 +688,12 @@ pub fn prepare_weight(
             Ok((b, p.scaled.then_some(s)))
         }
         PreparedKind::Grouped { spec, weights } => {
-            if p.element != "f8E4M3FN" || !p.scaled {
+            if !(p.element == "f8E4M3FN" && p.scaled || p.element == "bf16" && !p.scaled) {
                 return Err(format!(
-                    "{}: grouped weights of {} (only block-scaled e4m3 is laid out per expert)",
-                    p.key, p.element
+                    "{}: grouped weights of {}{} (block-scaled e4m3 or bf16 are laid out per expert)",
+                    p.key,
+                    p.element,
+                    if p.scaled { " with scales" } else { "" }
                 ));
             }
             let mut held: BTreeMap<String, (Vec<u8>, Vec<f32>)> = BTreeMap::new();
@@ -714,8 +716,8 @@ pub fn prepare_weight(
                     rows: w.rows,
                 })
                 .collect();
-            let (b, s) = crate::prepare::grouped_b(spec, p.k, &views)?;
-            Ok((b, Some(bytes(&s))))
+            let (b, s) = crate::prepare::grouped_b(spec, p.k, element_bytes(&p.element)?, &views)?;
+            Ok((b, p.scaled.then(|| bytes(&s))))
         }
     }
 }

@@ -30,13 +30,20 @@ pub struct GroupedWeight<'a> {
 
 /// A grouped GEMM's B `[groups * n, K]` and its scales: group g (routed expert g, then the shared
 /// experts one by one) holds each weight's rows for g in turn (gate then up for the MoE gate/up
-/// GEMM). Weights are e4m3 in 128-row scale blocks.
-pub fn grouped_b(spec: &GroupedSpec, k: usize, weights: &[GroupedWeight]) -> Result<(Vec<u8>, Vec<f32>), String> {
+/// GEMM). Weights of `element_bytes` per element: e4m3 in 128-row scale blocks, or unscaled (bf16:
+/// empty scales).
+pub fn grouped_b(
+    spec: &GroupedSpec,
+    k: usize,
+    element_bytes: usize,
+    weights: &[GroupedWeight],
+) -> Result<(Vec<u8>, Vec<f32>), String> {
     let kb = k.div_ceil(128);
     let (mut bits, mut scales) = (Vec::new(), Vec::new());
     for g in 0..spec.groups {
         for (i, w) in weights.iter().enumerate() {
-            if w.rows % 128 != 0 {
+            let scaled = !w.routed_scale.is_empty();
+            if scaled && w.rows % 128 != 0 {
                 return Err(format!("grouped weight {i}: {} rows per expert (not whole 128-row scale blocks)", w.rows));
             }
             let (src, src_scale, index) = if g < spec.routed {
@@ -47,7 +54,7 @@ pub fn grouped_b(spec: &GroupedSpec, k: usize, weights: &[GroupedWeight]) -> Res
                 };
                 (s, ss, g - spec.routed)
             };
-            let (n, blocks) = (w.rows * k, w.rows / 128 * kb);
+            let (n, blocks) = (w.rows * k * element_bytes, if scaled { w.rows / 128 * kb } else { 0 });
             let (b, s) = (src.get(index * n..(index + 1) * n), src_scale.get(index * blocks..(index + 1) * blocks));
             let (Some(b), Some(s)) = (b, s) else {
                 return Err(format!("grouped weight {i}: expert {index} of group {g} is outside the weight"));
@@ -104,11 +111,11 @@ mod tests {
                 rows: 128,
             },
         ];
-        let (bits, scales) = grouped_b(&spec, 1, &weights).unwrap();
+        let (bits, scales) = grouped_b(&spec, 1, 1, &weights).unwrap();
         let firsts: Vec<u8> = bits.chunks(128).map(|c| c[0]).collect();
         assert_eq!(firsts, vec![10, 20, 11, 21, 30, 40], "expert 0 gate|up, expert 1 gate|up, shared gate|up");
         assert_eq!(scales, vec![1.0, 5.0, 2.0, 6.0, 3.0, 7.0]);
         let bad = GroupedWeight { routed: &gate, routed_scale: &gate_s, shared: None, shared_scale: None, rows: 128 };
-        assert!(grouped_b(&spec, 1, &[bad]).unwrap_err().contains("group 2 is a shared expert"));
+        assert!(grouped_b(&spec, 1, 1, &[bad]).unwrap_err().contains("group 2 is a shared expert"));
     }
 }

@@ -893,6 +893,133 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 rope_table: None,
             })
         }
+        [kind @ ("moe_gate_up" | "moe_down"), "func.return"] if ops[0].operand_count() == 7 => {
+            // The f32 graph's routed + shared experts (bf16 weights): the activations split into
+            // bf16 hi + lo, each through the grouped GEMM (gate/up: gathered by token, the two
+            // products added, then SwiGLU; down: sorted rows weighted and scattered onto a copy of
+            // the residual, hi and lo both).
+            let moe = &ops[0];
+            let gate_up = kind == "moe_gate_up";
+            let mut wired = moe.operand_count() == 7 && raw(operand(&ops[1], 0)?) == result(moe, 0)?;
+            for i in 0..moe.operand_count() {
+                wired &= is_arg(operand(moe, i)?, i);
+            }
+            if !wired {
+                return Err(format!("{kind} with its operands in another order"));
+            }
+            let int_attr = |name: &str| -> Option<usize> {
+                moe.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+            };
+            let (routed, shared) = (int_attr("num_experts").ok_or("num_experts")?, int_attr("num_shared").unwrap_or(0));
+            let (x, w) = (arg_shape(0)?, arg_shape(if gate_up { 3 } else { 4 })?);
+            if x.element != "f32" || w.element != "bf16" || shared != 1 {
+                return Err(format!(
+                    "{kind} of {} activations on {} weights, {shared} shared experts",
+                    x.element, w.element
+                ));
+            }
+            let per_token = fixed(&arg_shape(2)?, 1)?;
+            let (rows, k) = (fixed(&w, 1)?, fixed(&w, 2)?);
+            use super::gemm::GemmGrouping;
+            let grouped_gemm = |half: &str, grouping, weights: Vec<GroupedWeight>, row_scale, scatter| GemmKernel {
+                kernel: format!("{fused}.{half}"),
+                input: GemmInput::Bf16,
+                output: GemmOutput::F32,
+                n: weights.iter().map(|w: &GroupedWeight| w.rows).sum(),
+                k,
+                a: 0,
+                a_scale: None,
+                weights: Vec::new(),
+                residual: None,
+                results: vec![(0, weights.iter().map(|w| w.rows).sum())],
+                grouped: Some(Grouped {
+                    grouping,
+                    groups: routed + shared,
+                    routed,
+                    per_token,
+                    offsets: 1,
+                    perm: 2,
+                    row_scale,
+                    scatter,
+                    weights,
+                }),
+            };
+            let weight = |routed: usize, shared: usize| GroupedWeight {
+                routed,
+                routed_scale: None,
+                shared: Some(shared),
+                shared_scale: None,
+                rows,
+            };
+            if gate_up {
+                // Arguments: x, offsets, perm, gate, up, shared gate, shared up.
+                let both = || vec![weight(3, 5), weight(4, 6)];
+                let mut steps = vec![Step {
+                    kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
+                    operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
+                }];
+                for (half, part) in [("hi", 0), ("lo", 1)] {
+                    steps.push(Step {
+                        kernel: StepKernel::Gemm(grouped_gemm(half, GemmGrouping::Gather, both(), None, false)),
+                        operands: [Operand::Temp(part)]
+                            .into_iter()
+                            .chain((1..7).map(Operand::Arg))
+                            .chain([Operand::Temp(2 + part)])
+                            .collect(),
+                    });
+                }
+                let add = RowKernel::new(RowOp::Train(super::rows::TrainRow::Add), 2 * rows, "f32");
+                steps.push(Step {
+                    kernel: StepKernel::Row(add),
+                    operands: vec![Operand::Temp(2), Operand::Temp(3), Operand::Temp(4)],
+                });
+                steps.push(Step {
+                    kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: false }, rows, "f32")),
+                    operands: vec![Operand::Temp(4), Operand::Result(0)],
+                });
+                let sorted = |cols: usize, element: &str| Temp::per_row(per_token, cols, element);
+                Ok(Steps {
+                    temps: vec![
+                        Temp::per_row(1, k, "bf16"),
+                        Temp::per_row(1, k, "bf16"),
+                        sorted(2 * rows, "f32"),
+                        sorted(2 * rows, "f32"),
+                        sorted(2 * rows, "f32"),
+                    ],
+                    steps,
+                    rope_table: None,
+                })
+            } else {
+                // Arguments: h (sorted rows), offsets, perm, routing weights, down, shared down, residual.
+                let mut steps = vec![
+                    // The residual first; the experts' rows are added onto it.
+                    Step {
+                        kernel: StepKernel::Row(RowKernel::new(RowOp::Copy, rows, "f32")),
+                        operands: vec![Operand::Arg(6), Operand::Result(0)],
+                    },
+                    Step {
+                        kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
+                        operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
+                    },
+                ];
+                for (half, part) in [("hi", 0), ("lo", 1)] {
+                    let g = grouped_gemm(half, GemmGrouping::Contiguous, vec![weight(4, 5)], Some(3), true);
+                    steps.push(Step {
+                        kernel: StepKernel::Gemm(g),
+                        operands: [Operand::Temp(part)]
+                            .into_iter()
+                            .chain((1..6).map(Operand::Arg))
+                            .chain([Operand::Result(0)])
+                            .collect(),
+                    });
+                }
+                Ok(Steps {
+                    temps: vec![Temp::per_row(per_token, k, "bf16"), Temp::per_row(per_token, k, "bf16")],
+                    steps,
+                    rope_table: None,
+                })
+            }
+        }
         ["moe_gate_up", "quantize_fp8", "func.return"] | ["moe_down", "func.return"] => {
             let moe = &ops[0];
             let gate_up = names[0] == "moe_gate_up";
