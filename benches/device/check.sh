@@ -5,7 +5,7 @@
 # the PTX of the template kernels, a small fp8 model with its sm_90a artifacts and the CPU backend's and the
 # host emulation's results for it, a 4-layer full-width slice's artifact and the tuning candidates into
 # .device/ (git-ignored, ~23 MB); carry it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
-# ceilings.json, e2e*.json/txt, dump_compare.json, gemm_<kernel>.json, rows_<kernel>.json, mla.json,
+# ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, gemm_<kernel>.json, rows_<kernel>.json, mla.json,
 # decode_slice*.json, train_slice_*.json, tuning.json.
 #
 # Steps, in this order (correctness first; every step bounded by what is left of 570 s):
@@ -34,6 +34,27 @@ note() { echo "$*" | tee -a "$log"; }
 # Seconds a step may take: at most $1, and never past 570 s into the run (a device call has 600 s).
 budget() { local left=$((570 - SECONDS)); [ "$left" -lt "$1" ] && echo "$left" || echo "$1"; }
 row() { table+=("$(printf '%-28s %-10s %s' "$1" "$2" "$3")"); }
+
+# Logits (safetensors `logits` [rows, vocab]) against expected ones: argmax equal on every row and
+# max |diff| within $4 of the largest expected |logit|; the figures into the JSON file $3.
+compare_logits() {
+  python3 - "$@" <<'PY' 2>&1 | tee -a "$log"; return "${PIPESTATUS[0]}"
+import array, json, struct, sys
+def logits(path):
+    b = open(path, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
+    t = h["logits"]; s, e = t["data_offsets"]; a = array.array("f"); a.frombytes(b[8 + n + s:8 + n + e])
+    return t["shape"], a
+(shape, got), (_, want) = logits(sys.argv[1]), logits(sys.argv[2])
+rows, vocab = shape
+diff = max(abs(x - y) for x, y in zip(got, want)); scale = max(abs(y) for y in want)
+argmax = lambda a, r: max(range(vocab), key=lambda i: a[r * vocab + i])
+same = sum(argmax(got, r) == argmax(want, r) for r in range(rows))
+res = {"rows": rows, "max_abs_diff": diff, "max_abs_expected": scale, "rel": diff / scale, "argmax_equal_rows": same}
+json.dump(res, open(sys.argv[3], "w"), indent=1)
+print(f"logits: max |diff| {diff:.3e} ({diff / scale:.2e} of max |logit|), argmax equal on {same}/{rows} rows")
+sys.exit(0 if same == rows and diff / scale <= float(sys.argv[4]) else 1)
+PY
+}
 
 v3r="${V3R:-}"
 for c in "$root/.device/v3r" "$root/target/release/v3r"; do
@@ -87,26 +108,21 @@ if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]'
   # Logits of a 12-token prompt (one prefill), every launch synchronized so a faulting kernel is named.
   if V3R_SYNC_EACH=1 timeout 60 "$v3r" logits "$e2e/sm90" --weights "$e2e/ckpt" --tokens "$(cat "$e2e/prompt1.txt")" \
       --out "$out/e2e_logits.safetensors" 2>&1 | tee -a "$log"; then
-    if python3 - "$out/e2e_logits.safetensors" "$e2e/expected_logits.safetensors" "$out/e2e.json" <<'PY' 2>&1 | tee -a "$log"
-import array, json, struct, sys
-def logits(path):
-    b = open(path, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
-    t = h["logits"]; s, e = t["data_offsets"]; a = array.array("f"); a.frombytes(b[8 + n + s:8 + n + e])
-    return t["shape"], a
-(shape, got), (_, want) = logits(sys.argv[1]), logits(sys.argv[2])
-rows, vocab = shape
-diff = max(abs(x - y) for x, y in zip(got, want)); scale = max(abs(y) for y in want)
-argmax = lambda a, r: max(range(vocab), key=lambda i: a[r * vocab + i])
-same = sum(argmax(got, r) == argmax(want, r) for r in range(rows))
-res = {"rows": rows, "max_abs_diff": diff, "max_abs_expected": scale, "rel": diff / scale, "argmax_equal_rows": same}
-json.dump(res, open(sys.argv[3], "w"), indent=1)
-print(f"e2e logits: max |diff| {diff:.3e} ({diff / scale:.2e} of max |logit|), argmax equal on {same}/{rows} rows")
-sys.exit(0 if same == rows and diff / scale <= 5e-2 else 1)
-PY
+    if compare_logits "$out/e2e_logits.safetensors" "$e2e/expected_logits.safetensors" "$out/e2e.json" 5e-2
     then row "3. end to end logits" "ok" "$(python3 -c "import json;d=json.load(open('$out/e2e.json'));print(f\"rel {d['rel']:.1e}, argmax {d['argmax_equal_rows']}/{d['rows']}\")")"
     else row "3. end to end logits" "FAILED" "see e2e.json, check.log"; fi
   else
     row "3. end to end logits" "FAILED" "v3r logits failed (check.log names the kernel)"
+  fi
+  # The f32 graph of a bf16 checkpoint (the built-in tiny model: GEMMs as bf16 hi + lo, grouped too):
+  # within 1e-3 of the CPU backend's logits (the host emulation: 3.8e-6).
+  if [ -d "$e2e/bf16/sm90" ] && V3R_SYNC_EACH=1 timeout 60 "$v3r" logits "$e2e/bf16/sm90" --weights "$e2e/bf16/ckpt" \
+      --tokens "$(cat "$e2e/bf16/prompt.txt")" --out "$out/e2e_bf16_logits.safetensors" 2>&1 | tee -a "$log"; then
+    if compare_logits "$out/e2e_bf16_logits.safetensors" "$e2e/bf16/expected_logits.safetensors" "$out/e2e_bf16.json" 1e-3
+    then row "3. bf16 checkpoint logits" "ok" "$(python3 -c "import json;d=json.load(open('$out/e2e_bf16.json'));print(f\"rel {d['rel']:.1e}, argmax {d['argmax_equal_rows']}/{d['rows']}\")")"
+    else row "3. bf16 checkpoint logits" "FAILED" "see e2e_bf16.json, check.log"; fi
+  else
+    row "3. bf16 checkpoint logits" "FAILED" "v3r logits failed or no .device/e2e/bf16 (check.log)"
   fi
   # Launch by launch: every launch's buffers on the GPU against the host emulation's (prepare.sh).
   rm -rf "$out/dump"

@@ -77,6 +77,15 @@ rm -rf .device/e2e/tiny
 target/release/v3c init-weights --model .device/e2e/config --out .device/e2e/ckpt --fp8 --seed 3 >/dev/null 2>&1
 target/release/v3c compile --model .device/e2e/ckpt --target sm_90a --max-rows 16 --max-context 128 \
   --out .device/e2e/sm90 --force 2>/dev/null
+# The built-in tiny model's bf16 checkpoint (MoE layers, MTP): the f32 graph on sm_90a (bf16 hi + lo
+# GEMMs, grouped too) and the CPU backend's logits for a prompt.
+mkdir -p .device/e2e/bf16
+target/release/v3c init-weights --model deepseek-v3-tiny --out .device/e2e/bf16/ckpt --seed 8 >/dev/null 2>&1
+target/release/v3c compile --model .device/e2e/bf16/ckpt --target sm_90a --max-rows 16 --max-context 64 \
+  --out .device/e2e/bf16/sm90 --force 2>/dev/null
+echo "3 17 42 5 9 11 2 250 31" > .device/e2e/bf16/prompt.txt
+target/release/v3c logits --model-dir .device/e2e/bf16/ckpt --tokens "$(cat .device/e2e/bf16/prompt.txt)" --backend cpu \
+  --out .device/e2e/bf16/expected_logits.safetensors 2>/dev/null
 # The same model with its MTP module as a draft entry, for `v3r run --speculative` (greedy: the tokens
 # must be the plain greedy ones).
 target/release/v3c compile --model .device/e2e/ckpt --target sm_90a --max-rows 16 --max-context 128 --speculative \
