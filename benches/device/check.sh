@@ -4,7 +4,7 @@
 # Prepare on the build machine (the GPU machine has no Rust): `bash benches/device/prepare.sh` puts v3r,
 # the PTX of the template kernels, a small fp8 model with its sm_90a artifacts and the CPU backend's and the
 # host emulation's results for it, a 4-layer full-width slice's artifact and the tuning candidates into
-# .device/ (git-ignored, ~23 MB); carry it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
+# .device/ (git-ignored, ~35 MB); carry it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
 # ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, gemm_<kernel>.json, rows_<kernel>.json, mla.json,
 # decode_slice*.json, train_slice_*.json, tuning.json.
 #

@@ -121,6 +121,9 @@ for precision in f32 fp8; do
   done
   target/release/v3r train ".device/train/${precision}_cpu" --weights .device/train/ckpt --data .device/train/data.txt \
     --steps 4 --batch 2 --seq 32 --out ".device/train/${precision}_expected" 2>/dev/null
+  # Only the loss log travels (the run's checkpoint and optimizer state, and the cpu artifact, stay).
+  find ".device/train/${precision}_expected" -mindepth 1 ! -name loss.csv -delete
+  rm -rf ".device/train/${precision}_cpu"
 done
 # Decode benchmark: a 4-layer full-width slice of DeepSeek-V3 (3 dense layers, 1 MoE layer with 256
 # experts; no MTP) compiled for sm_90a at 64 sequences x 4096 cache rows. No checkpoint travels (tens of
