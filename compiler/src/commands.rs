@@ -1413,12 +1413,7 @@ pub struct TrainOptions<'a> {
 pub fn train(o: &TrainOptions) -> Result<(), String> {
     match o.backend {
         "reference" | "cpu" => {}
-        "cuda" => {
-            return Err("--backend cuda: unsupported on sm_90a in v3c: compile the training step with `v3c \
-                 compile --target sm_90a --train --out DIR` and run it with `v3r train DIR` on the GPU; or use \
-                 --backend cpu or reference"
-                .into())
-        }
+        "cuda" => return train_on_gpu(o),
         other => return Err(format!("--backend {other}: unknown (reference, cpu, cuda)")),
     }
     let run = v3c_runtime::training::Run::prepare(&o.run)?;
@@ -1445,6 +1440,42 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
     .map_err(|e| format!("--backend cpu: {e}"))?;
     bar.finish_and_clear();
     run.execute(&o.run, &mut step, o.backend)
+}
+
+/// `v3c train --backend cuda`: the training step compiled for sm_90a into a scratch artifact, then
+/// run on this machine's GPU as `v3r train` runs one (the step's launches on the device, AdamW on
+/// the host). Without a GPU it stops before anything is compiled or written.
+fn train_on_gpu(o: &TrainOptions) -> Result<(), String> {
+    let device = v3c_runtime::device::probe_device(0).map_err(|e| {
+        format!(
+            "--backend cuda needs this machine's GPU: {e}; elsewhere compile the step with `v3c compile --target \
+             sm_90a --train --out DIR` and run `v3r train DIR` on the GPU machine"
+        )
+    })?;
+    let run = v3c_runtime::training::Run::prepare(&o.run)?;
+    let source = if o.run.resume { o.run.out } else { o.run.model_dir };
+    let scratch = tempfile::tempdir().map_err(|e| format!("a scratch directory: {e}"))?;
+    let artifact = scratch.path().join("train_step");
+    let model = source.display().to_string();
+    let gpu = v3c_compiler::target::DeviceModel::by_name(&device.name).map_or("H200", |d| d.name);
+    let precision = if o.run.fp8 { v3c_models::Precision::Fp8 } else { v3c_models::Precision::F32 };
+    compile(&CompileGpuOptions {
+        model: &model,
+        target: v3c_compiler::target::SM90A,
+        precision: Some(precision),
+        gpu,
+        tuning: None,
+        out: Some(&artifact),
+        force: false,
+        sizes: v3c_compiler::plan::PlanSizes { rows: o.run.seq, context: 0 },
+        speculative: false,
+        train: Some(run.trainer.train.clone()),
+    })?;
+    let a = v3c_runtime::artifact::Artifact::open(&artifact).map_err(|e| e.to_string())?;
+    let loaded =
+        v3c_runtime::cuda::GpuArtifact::load(a, source, device.ordinal, &mut |what| tracing::debug!("{what}"))?;
+    let mut step = v3c_runtime::training::ArtifactStep::new(loaded, &run.trainer, o.run.seq)?;
+    run.execute(&o.run, &mut step, &format!("cuda:{} ({}, sm_90a)", device.ordinal, device.name))
 }
 
 /// `v3c emulate`: a GPU artifact's prefill of `tokens` from position 0 run on this CPU

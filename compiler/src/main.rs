@@ -302,8 +302,9 @@ struct TrainArgs {
     seq: usize,
     /// Where the steps run: `reference` (the interpreter, the oracle) or `cpu` (the training graph
     /// compiled: forward, losses and backward kernels JIT-compiled for this machine, the FP8 recipe
-    /// and MoE layers included). `cuda`: not here (compile the step with `v3c compile --target
-    /// sm_90a --train --out DIR` and run it with `v3r train DIR`).
+    /// and MoE layers included) or `cuda` (the step compiled for sm_90a and run on this machine's
+    /// GPU, AdamW on the host; as `v3c compile --target sm_90a --train --out DIR` then `v3r train
+    /// DIR` do, which is the way for a GPU machine without the compiler).
     #[arg(long, value_name = "BACKEND", default_value = "reference")]
     backend: String,
     /// Weight (lambda) of the MTP loss when the checkpoint has an MTP module; 0 leaves it untrained.
