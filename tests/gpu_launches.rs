@@ -333,6 +333,14 @@ fn a_bf16_checkpoint_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_log
     assert!(err.contains("compile: swiglu_0 -> 4 launches: rows_splitbf16_d96_t32 -> GEMM N 320 K 96"), "{err}");
     assert!(err.contains("compile: moe_down_0 -> 4 launches: rows_copy_d96_t32 -> rows_splitbf16_d48_t32"), "{err}");
     assert!(err.contains("attention_decode_0 -> rows_mladecode_h4_n24_r16_v24_kv32_c8192_"), "{err}");
+    // Every launch's parameters as its kernel's PTX declares, at several sizes.
+    let sizes = [
+        ("prefill", Sizes { rows: 1, context: 0 }),
+        ("prefill", Sizes { rows: 16, context: 40 }),
+        ("decode", Sizes { rows: 3, context: 64 }),
+    ];
+    let (launches, kernels) = check_gpu_launches(std::path::Path::new(&p("art")), &sizes);
+    assert!(launches > 150 && kernels >= 30, "{launches} launches of {kernels} kernels");
     let tokens = "3 17 42 5 9 11 2 250 31";
     let emulated = run_binary(
         "v3c",
