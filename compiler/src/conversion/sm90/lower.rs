@@ -578,106 +578,41 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
     };
     let fused = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
     match names.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["rms_norm", "quantize_fp8", "linear", "reshape", "split", "rope", "func.return"] => {
-            let (norm, quant, linear, reshape, split, rope, ret) =
-                (&ops[0], &ops[1], &ops[2], &ops[3], &ops[4], &ops[5], &ops[6]);
+        ["rms_norm", "quantize_fp8", "linear", "reshape", "split", "rope", "func.return"]
+        | ["rms_norm", "linear", "reshape", "split", "rope", "func.return"] => {
+            // fp8: norm + 1x128 quantization row, fp8 GEMM (f32 out), split + RoPE row. The f32
+            // graph (bf16 weights): the norm's f32 rows split into bf16 hi + lo for two GEMMs.
+            let fp8 = ops.len() == 7;
+            let at = |i: usize| &ops[if fp8 && i > 0 { i + 1 } else { i }];
+            let (norm, linear, reshape, split, rope, ret) = (at(0), at(1), at(2), at(3), at(4), at(5));
+            let input_wired = if fp8 {
+                let quant = &ops[1];
+                raw(operand(quant, 0)?) == result(norm, 0)?
+                    && linear.operand_count() == 4
+                    && raw(operand(linear, 0)?) == result(quant, 0)?
+                    && raw(operand(linear, 1)?) == result(quant, 1)?
+                    && is_arg(operand(linear, 2)?, 2)
+                    && is_arg(operand(linear, 3)?, 3)
+            } else {
+                linear.operand_count() == 2
+                    && raw(operand(linear, 0)?) == result(norm, 0)?
+                    && is_arg(operand(linear, 1)?, 2)
+            };
+            let positions = if fp8 { 4 } else { 3 };
             let wired = is_arg(operand(norm, 0)?, 0)
                 && is_arg(operand(norm, 1)?, 1)
-                && raw(operand(quant, 0)?) == result(norm, 0)?
-                && linear.operand_count() == 4
-                && raw(operand(linear, 0)?) == result(quant, 0)?
-                && raw(operand(linear, 1)?) == result(quant, 1)?
-                && is_arg(operand(linear, 2)?, 2)
-                && is_arg(operand(linear, 3)?, 3)
+                && input_wired
                 && raw(operand(reshape, 0)?) == result(linear, 0)?
                 && raw(operand(split, 0)?) == result(reshape, 0)?
                 && raw(operand(rope, 0)?) == result(split, 1)?
-                && is_arg(operand(rope, 1)?, 4)
+                && is_arg(operand(rope, 1)?, positions)
                 && raw(operand(ret, 0)?) == result(split, 0)?
                 && raw(operand(ret, 1)?) == result(rope, 0)?;
             if !wired {
                 return Err("the query up-projection's ops in another order".into());
             }
             let (x, w, wq) = (arg_shape(0)?, arg_shape(1)?, arg_shape(2)?);
-            if x.element != "f32" || wq.element != "f8E4M3FN" {
-                return Err(format!("a query up-projection of {} on {} weights", x.element, wq.element));
-            }
-            let (d, n) = (fixed(&w, 0)?, fixed(&wq, 0)?);
-            let heads_shape =
-                Shape::parse(&ops[3].result(0).map_err(|e| e.to_string())?.r#type().to_string()).ok_or("reshape")?;
-            let pe = Shape::parse(&ops[5].result(0).map_err(|e| e.to_string())?.r#type().to_string()).ok_or("rope")?;
-            let nope_shape =
-                Shape::parse(&ops[4].result(0).map_err(|e| e.to_string())?.r#type().to_string()).ok_or("split")?;
-            let (heads, nope, rope_dim) = (fixed(&heads_shape, 1)?, fixed(&nope_shape, 2)?, fixed(&pe, 2)?);
-            if heads * (nope + rope_dim) != n {
-                return Err(format!("{heads} heads of {nope} + {rope_dim} from {n} columns"));
-            }
-            let (table, interleave) = rope_table_of(rope)?;
-            let eps = float_attr(norm, "eps").ok_or("rms_norm without an eps")?;
-            let groups = d.div_ceil(super::rows::GROUP);
-            Ok(Steps {
-                temps: vec![
-                    Temp::per_row(1, d, "f8E4M3FN"),
-                    Temp::per_row(1, groups, "f32"),
-                    Temp::per_row(1, n, "f32"),
-                ],
-                steps: vec![
-                    Step {
-                        kernel: StepKernel::Row(RowKernel::new(
-                            RowOp::RmsNorm { eps, keep: false, quantize: true },
-                            d,
-                            &w.element,
-                        )),
-                        operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Temp(0), Operand::Temp(1)],
-                    },
-                    Step {
-                        kernel: StepKernel::Gemm(fp8_gemm(format!("{fused}.gemm"), n, d, vec![(2, Some(3))])),
-                        operands: vec![
-                            Operand::Temp(0),
-                            Operand::Temp(1),
-                            Operand::Arg(2),
-                            Operand::Arg(3),
-                            Operand::Temp(2),
-                        ],
-                    },
-                    Step {
-                        kernel: StepKernel::Row(RowKernel::new(
-                            RowOp::SplitRope { heads, nope, rope: rope_dim, interleave },
-                            n,
-                            "f32",
-                        )),
-                        operands: vec![
-                            Operand::Temp(2),
-                            Operand::Arg(4),
-                            Operand::RopeTable,
-                            Operand::Result(0),
-                            Operand::Result(1),
-                        ],
-                    },
-                ],
-                rope_table: Some(table),
-            })
-        }
-        ["rms_norm", "linear", "reshape", "split", "rope", "func.return"] => {
-            // The f32 graph's query up-projection (bf16 weights): the norm's f32 rows, split into
-            // bf16 hi + lo for two GEMMs, then the split + RoPE row.
-            let (norm, linear, reshape, split, rope, ret) = (&ops[0], &ops[1], &ops[2], &ops[3], &ops[4], &ops[5]);
-            let wired = is_arg(operand(norm, 0)?, 0)
-                && is_arg(operand(norm, 1)?, 1)
-                && linear.operand_count() == 2
-                && raw(operand(linear, 0)?) == result(norm, 0)?
-                && is_arg(operand(linear, 1)?, 2)
-                && raw(operand(reshape, 0)?) == result(linear, 0)?
-                && raw(operand(split, 0)?) == result(reshape, 0)?
-                && raw(operand(rope, 0)?) == result(split, 1)?
-                && is_arg(operand(rope, 1)?, 3)
-                && raw(operand(ret, 0)?) == result(split, 0)?
-                && raw(operand(ret, 1)?) == result(rope, 0)?;
-            if !wired {
-                return Err("the query up-projection's ops in another order".into());
-            }
-            let (x, w, wq) = (arg_shape(0)?, arg_shape(1)?, arg_shape(2)?);
-            if x.element != "f32" || wq.element != "bf16" {
+            if x.element != "f32" || wq.element != if fp8 { "f8E4M3FN" } else { "bf16" } {
                 return Err(format!("a query up-projection of {} on {} weights", x.element, wq.element));
             }
             let (d, n) = (fixed(&w, 0)?, fixed(&wq, 0)?);
@@ -692,34 +627,62 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             }
             let (table, interleave) = rope_table_of(rope)?;
             let eps = float_attr(norm, "eps").ok_or("rms_norm without an eps")?;
-            let g = bf16_gemm(format!("{fused}.gemm"), n, d, vec![(2, None)]);
-            let normed = Step {
-                kernel: StepKernel::Row(RowKernel::new(
-                    RowOp::RmsNorm { eps, keep: true, quantize: false },
-                    d,
-                    &w.element,
-                )),
-                operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Temp(2)],
+            let norm_row = |quantize: bool| {
+                StepKernel::Row(RowKernel::new(RowOp::RmsNorm { eps, keep: !quantize, quantize }, d, &w.element))
             };
-            let mut steps =
-                split_bf16_steps(&g, &fused, vec![(normed, Temp::per_row(1, d, "f32"))], Some(Operand::Temp(3)));
-            steps.temps.push(Temp::per_row(1, n, "f32"));
-            steps.steps.push(Step {
+            let rope_step = |rows: Operand| Step {
                 kernel: StepKernel::Row(RowKernel::new(
                     RowOp::SplitRope { heads, nope, rope: rope_dim, interleave },
                     n,
                     "f32",
                 )),
                 operands: vec![
-                    Operand::Temp(3),
-                    Operand::Arg(3),
+                    rows,
+                    Operand::Arg(positions),
                     Operand::RopeTable,
                     Operand::Result(0),
                     Operand::Result(1),
                 ],
-            });
-            steps.rope_table = Some(table);
-            Ok(steps)
+            };
+            if !fp8 {
+                let g = bf16_gemm(format!("{fused}.gemm"), n, d, vec![(2, None)]);
+                let normed = Step {
+                    kernel: norm_row(false),
+                    operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Temp(2)],
+                };
+                let mut steps =
+                    split_bf16_steps(&g, &fused, vec![(normed, Temp::per_row(1, d, "f32"))], Some(Operand::Temp(3)));
+                steps.temps.push(Temp::per_row(1, n, "f32"));
+                steps.steps.push(rope_step(Operand::Temp(3)));
+                steps.rope_table = Some(table);
+                return Ok(steps);
+            }
+            let groups = d.div_ceil(super::rows::GROUP);
+            Ok(Steps {
+                temps: vec![
+                    Temp::per_row(1, d, "f8E4M3FN"),
+                    Temp::per_row(1, groups, "f32"),
+                    Temp::per_row(1, n, "f32"),
+                ],
+                steps: vec![
+                    Step {
+                        kernel: norm_row(true),
+                        operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Temp(0), Operand::Temp(1)],
+                    },
+                    Step {
+                        kernel: StepKernel::Gemm(fp8_gemm(format!("{fused}.gemm"), n, d, vec![(2, Some(3))])),
+                        operands: vec![
+                            Operand::Temp(0),
+                            Operand::Temp(1),
+                            Operand::Arg(2),
+                            Operand::Arg(3),
+                            Operand::Temp(2),
+                        ],
+                    },
+                    rope_step(Operand::Temp(2)),
+                ],
+                rope_table: Some(table),
+            })
         }
         ["linear", "linear", "silu_mul", "func.return"] => {
             // The f32 graph's SwiGLU MLP (bf16 weights): gate and up as one GEMM (weights
