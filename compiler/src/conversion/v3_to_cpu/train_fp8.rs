@@ -171,7 +171,8 @@ scf.for %{p}_r0 = %{p}_c0 to %{p}_n step %{p}_t {{
     /// dot(a[i, b], B[j, b]) * a_s[i, b] * B_s(j, b)`, the dot sequential, the sum from zero (the
     /// reference's order), vectors of output columns at a time: `b_load(jb, c, vty)` defines
     /// `%bv`, the vector of B[jb.., c] (B read K-major), `b_scale(jb, b, vty)` defines `%bs`, the
-    /// vector of the columns' scales of block `b`. `n` (columns) is static.
+    /// vector of the columns' scales of block `b`. `n` (columns) is static. Column strips outermost:
+    /// a strip of B (`len` x lanes) stays in cache while every row runs over it.
     fn block_scaled_gemm(
         &mut self,
         (m, n, len): (&str, usize, &str),
@@ -192,8 +193,8 @@ scf.for %{p}_r0 = %{p}_c0 to %{p}_n step %{p}_t {{
 %{p}_zv = arith.constant dense<0.0> : {v}
 %{p}_nzv = arith.constant dense<-0.0> : {v}
 %{p}_nb = arith.ceildivui {len}, %{p}_g : index
-scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
-  scf.for %{p}_jb = %{p}_c0 to %{p}_n step %{p}_L {{
+scf.for %{p}_jb = %{p}_c0 to %{p}_n step %{p}_L {{
+  scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
     %{p}_acc = scf.for %{p}_b = %{p}_c0 to %{p}_nb step %{p}_c1 iter_args(%{p}_y = %{p}_zv) -> ({v}) {{
       %{p}_lo = arith.muli %{p}_b, %{p}_g : index
       %{p}_hi0 = arith.addi %{p}_lo, %{p}_g : index
@@ -371,124 +372,17 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
         // Fprop reads the masters K-major: their transposed copies.
         let [(_, gs, gqt), (_, us, uqt), (_, ds, dqt)] = self.quantized_experts([gate, up, down], true);
         let (gq, uq, dq) = (gqt.unwrap_or_default(), uqt.unwrap_or_default(), dqt.unwrap_or_default());
-        let (db, ib) = (d.div_ceil(FP8_BLOCK), inter.div_ceil(FP8_BLOCK));
-        let (xq, xs) = (self.static_scratch(&[1, d]), self.static_scratch(&[1, db]));
-        let (g, u) = (self.static_scratch(&[1, inter]), self.static_scratch(&[1, inter]));
-        let (hq, hs) = (self.static_scratch(&[1, inter]), self.static_scratch(&[1, ib]));
-        let o = self.static_scratch(&[1, d]);
-        let h = self.static_scratch(&[1, inter]);
         let o_ty = memref(out);
         self.line(&format!("linalg.fill ins(%zero : f32) outs({dest} : {o_ty})"));
         let (c0, c1) = (self.constant_index(0), self.constant_index(1));
-        let (ce, ci, cd) = (self.constant_index(experts), self.constant_index(inter), self.constant_index(d));
-        let (t, ex, k) = (self.fresh(), self.fresh(), self.fresh());
-        let rows = self.dim_of(x, 0);
-        let slots = self.dim_of(idx, 1);
-        let one_i = self.constant_index(1);
-        let (x_ty, i_ty, w_ty) = (memref(&x.1), memref(&idx.1), memref(&w.1));
-        let (e32, ei, mine) = (self.fresh(), self.fresh(), self.fresh());
-        self.line(&format!(
-            "scf.for {t} = {c0} to {rows} step {c1} {{
-    scf.for {ex} = {c0} to {ce} step {c1} {{
-    scf.for {k} = {c0} to {slots} step {c1} {{
-    {e32} = memref.load {}[{t}, {k}] : {i_ty}
-    {ei} = arith.index_cast {e32} : i32 to index
-    {mine} = arith.cmpi eq, {ei}, {ex} : index
-    scf.if {mine} {{",
-            idx.0
-        ));
-        let xb = x.0.clone();
-        self.quantize_tiles(
-            (&one_i, &cd),
-            &|_, c| format!("%ld = memref.load {xb}[{t}, {c}] : {x_ty}"),
-            (&xq, &xs),
-            false,
-        );
-        for (wq, wsc, dst) in [(&gq, &gs, &g), (&uq, &us, &u)] {
-            let (qb, qt, sb, st) = (wq.0.clone(), wq.1.clone(), wsc.0.clone(), wsc.1.clone());
-            let exc = ex.clone();
-            self.block_scaled_gemm(
-                (&one_i, inter, &cd),
-                (&xq, &xs),
-                &|jb, c, v| format!("%bv = vector.load {qb}[{exc}, {c}, {jb}] : {qt}, {v}"),
-                &|jb, b, v| format!("%sg = arith.constant {FP8_BLOCK} : index\n%sj = arith.divui {jb}, %sg : index\n%ss = memref.load {sb}[{exc}, %sj, {b}] : {st}\n%bs = vector.broadcast %ss : f32 to {v}"),
-                (&dst.0, &dst.1, ""),
-            );
-        }
-        let (hb, ht, gb, gt, ub) = (h.0.clone(), h.1.clone(), g.0.clone(), g.1.clone(), u.0.clone());
-        let si = self.fresh();
-        self.line(&format!(
-            "scf.for {si} = {c0} to {ci} step {c1} {{
-      %sg = memref.load {gb}[{c0}, {si}] : {gt}
-      %su = memref.load {ub}[{c0}, {si}] : {gt}
-      %sn = arith.negf %sg : f32
-      %sx = math.exp %sn : f32
-      %sden = arith.addf %one, %sx : f32
-      %ssilu = arith.divf %sg, %sden : f32
-      %sh = arith.mulf %ssilu, %su : f32
-      memref.store %sh, {hb}[{c0}, {si}] : {ht}
-    }}"
-        ));
-        self.quantize_tiles(
-            (&one_i, &ci),
-            &|_, c| format!("%ld = memref.load {hb}[{c0}, {c}] : {ht}"),
-            (&hq, &hs),
-            false,
-        );
-        let (qb, qt, sb, st) = (dq.0.clone(), dq.1.clone(), ds.0.clone(), ds.1.clone());
-        let exc = ex.clone();
-        self.block_scaled_gemm(
-            (&one_i, d, &ci),
-            (&hq, &hs),
-            &|jb, c, v| format!("%bv = vector.load {qb}[{exc}, {c}, {jb}] : {qt}, {v}"),
-            &|jb, b, v| format!("%sg = arith.constant {FP8_BLOCK} : index\n%sj = arith.divui {jb}, %sg : index\n%ss = memref.load {sb}[{exc}, %sj, {b}] : {st}\n%bs = vector.broadcast %ss : f32 to {v}"),
-            (&o.0, &o.1, ""),
-        );
-        let (wt, so) = (self.fresh(), self.fresh());
-        self.line(&format!(
-            "{wt} = memref.load {}[{t}, {k}] : {w_ty}
-    scf.for {so} = {c0} to {cd} step {c1} {{
-      %ov = memref.load {}[{c0}, {so}] : {}
-      %wy = arith.mulf {wt}, %ov : f32
-      %old = memref.load {dest}[{t}, {so}] : {o_ty}
-      %new = arith.addf %old, %wy : f32
-      memref.store %new, {dest}[{t}, {so}] : {o_ty}
-    }}
-    }}
-    }}
-    }}
-    }}",
-            w.0, o.0, o.1
-        ));
-    }
-
-    /// The fp8 routed experts' gradient (the reference's `moe_experts_grad_fp8`): expert by
-    /// expert over its (token, slot) pairs in token order, gathered into scratch rows, the forward
-    /// recomputed with Fprop, then Wgrad and Dgrad of the down projection, SwiGLU's gradient in
-    /// f32, Wgrad and Dgrad of gate and up, dx scattered back; every GEMM as the recipe quantizes.
-    pub(super) fn moe_experts_grad_fp8(
-        &mut self,
-        [x, idx, w, dy, gate, up, down]: [&(String, Shape); 7],
-        dests: [(&str, &Shape); 5],
-    ) {
-        let (experts, inter, d) =
-            (gate.1.dims[0].unwrap_or(0), gate.1.dims[1].unwrap_or(0), gate.1.dims[2].unwrap_or(0));
-        for (buf, shape) in dests {
-            self.line(&format!("linalg.fill ins(%zero : f32) outs({buf} : {})", memref(shape)));
-        }
-        let [(dx, dx_s), (dwt, dwt_s), (dgate, dgate_s), (dup, dup_s), (ddown, ddown_s)] = dests;
-        let [(gq, gs, gqt), (uq, us, uqt), (dq, ds, dqt)] = self.quantized_experts([gate, up, down], true);
-        let (gqt, uqt, dqt) = (gqt.unwrap_or_default(), uqt.unwrap_or_default(), dqt.unwrap_or_default());
-        let (c0, c1) = (self.constant_index(0), self.constant_index(1));
-        let (ce, ci, cd) = (self.constant_index(experts), self.constant_index(inter), self.constant_index(d));
+        let (ci, cd) = (self.constant_index(inter), self.constant_index(d));
+        let (db, ib) = (self.constant_index(d.div_ceil(FP8_BLOCK)), self.constant_index(inter.div_ceil(FP8_BLOCK)));
+        // Expert by expert, its (token, slot) pairs as the rows of small GEMMs (each row's sums as
+        // before: a row's result does not depend on the others); every token's output still adds
+        // its experts' rows in expert order.
         let (t_rows, slots) = (self.dim_of(x, 0), self.dim_of(idx, 1));
         let cap = self.fresh();
         self.line(&format!("{cap} = arith.muli {t_rows}, {slots} : index"));
-        let g128 = self.constant_index(FP8_BLOCK);
-        let cap_b = self.fresh();
-        self.line(&format!("{cap_b} = arith.ceildivui {cap}, {g128} : index"));
-        let (db, ib) = (self.constant_index(d.div_ceil(FP8_BLOCK)), self.constant_index(inter.div_ceil(FP8_BLOCK)));
-        // Pairs and per-pair rows (capacity T x K).
         let pairs_ty = "memref<?xindex>";
         let (pt, pk) = (self.fresh(), self.fresh());
         for p in [&pt, &pk] {
@@ -496,18 +390,91 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
             self.allocs.push(format!("memref.dealloc {p} : {pairs_ty}"));
         }
         let rows = |e: &mut Emitter, cols: &str| scratch(e, &cap, cols);
-        let (xe, g, u, h, y, dye) =
-            (rows(self, &cd), rows(self, &ci), rows(self, &ci), rows(self, &ci), rows(self, &cd), rows(self, &cd));
-        let (dh, dg, du, dxg, dxu) =
-            (rows(self, &ci), rows(self, &ci), rows(self, &ci), rows(self, &cd), rows(self, &cd));
-        // Quantized operands.
-        let (xq, xs, hq, hs) = (rows(self, &cd), rows(self, &db), rows(self, &ci), rows(self, &ib));
-        let (yq, ys, gq2, gs2) = (rows(self, &cd), rows(self, &db), rows(self, &ci), rows(self, &ib));
-        let (aq_d, as_d) = (scratch(self, &cd, &cap), scratch(self, &cd, &cap_b));
-        let (aq_i, as_i) = (scratch(self, &ci, &cap), scratch(self, &ci, &cap_b));
-        let (bq_d, bs_d) = (scratch(self, &cap, &cd), scratch(self, &cap_b, &cd));
-        let (bq_i, bs_i) = (scratch(self, &cap, &ci), scratch(self, &cap_b, &ci));
-        let (x_ty, i_ty, w_ty, y_ty) = (memref(&x.1), memref(&idx.1), memref(&w.1), memref(&dy.1));
+        let (xe, xq, xs) = (rows(self, &cd), rows(self, &cd), rows(self, &db));
+        let (g, u, h, hq, hs) = (rows(self, &ci), rows(self, &ci), rows(self, &ci), rows(self, &ci), rows(self, &ib));
+        let o = rows(self, &cd);
+        let (ex, m) = self.open_expert_pairs((x, idx), (&pt, &pk), &xe, (&t_rows, &slots), experts);
+        let ld = |buf: &(String, String)| {
+            let (b, t) = (buf.0.clone(), buf.1.clone());
+            move |r: &str, c: &str| format!("%ld = memref.load {b}[{r}, {c}] : {t}")
+        };
+        let stacked = |q: &(String, String), s: &(String, String)| {
+            let (qb, qt, sb, st, exc) = (q.0.clone(), q.1.clone(), s.0.clone(), s.1.clone(), ex.clone());
+            let exc2 = exc.clone();
+            let load =
+                move |jb: &str, c: &str, v: &str| format!("%bv = vector.load {qb}[{exc}, {c}, {jb}] : {qt}, {v}");
+            let scale = move |jb: &str, b: &str, v: &str| {
+                format!(
+                    "%sg = arith.constant {FP8_BLOCK} : index\n%sj = arith.divui {jb}, %sg : index\n%ss = memref.load {sb}[{exc2}, %sj, {b}] : {st}\n%bs = vector.broadcast %ss : f32 to {v}"
+                )
+            };
+            (load, scale)
+        };
+        self.quantize_tiles((&m, &cd), &ld(&xe), (&xq, &xs), false);
+        for (q, sc, dst) in [(&gq, &gs, &g), (&uq, &us, &u)] {
+            let (load, scale) = stacked(q, sc);
+            self.block_scaled_gemm((&m, inter, &cd), (&xq, &xs), &load, &scale, (&dst.0, &dst.1, ""));
+        }
+        self.line(&format!(
+            "scf.for %sh_r = {c0} to {m} step {c1} {{
+      scf.for %sh_i = {c0} to {ci} step {c1} {{
+        %sh_g = memref.load {gb}[%sh_r, %sh_i] : {ft}
+        %sh_u = memref.load {ub}[%sh_r, %sh_i] : {ft}
+        %sh_n = arith.negf %sh_g : f32
+        %sh_x = math.exp %sh_n : f32
+        %sh_den = arith.addf %one, %sh_x : f32
+        %sh_silu = arith.divf %sh_g, %sh_den : f32
+        %sh_h = arith.mulf %sh_silu, %sh_u : f32
+        memref.store %sh_h, {hb}[%sh_r, %sh_i] : {ft}
+      }}
+    }}",
+            gb = g.0,
+            ub = u.0,
+            hb = h.0,
+            ft = g.1
+        ));
+        self.quantize_tiles((&m, &ci), &ld(&h), (&hq, &hs), false);
+        let (load, scale) = stacked(&dq, &ds);
+        self.block_scaled_gemm((&m, d, &ci), (&hq, &hs), &load, &scale, (&o.0, &o.1, ""));
+        // Each pair's row, weighted, onto its token's output.
+        self.line(&format!(
+            "scf.for %so_r = {c0} to {m} step {c1} {{
+      %so_t = memref.load {pt}[%so_r] : {pairs_ty}
+      %so_k = memref.load {pk}[%so_r] : {pairs_ty}
+      %so_w = memref.load {wb}[%so_t, %so_k] : {w_ty}
+      scf.for %so_c = {c0} to {cd} step {c1} {{
+        %so_o = memref.load {ob}[%so_r, %so_c] : {ft}
+        %so_wy = arith.mulf %so_w, %so_o : f32
+        %so_old = memref.load {dest}[%so_t, %so_c] : {o_ty}
+        %so_new = arith.addf %so_old, %so_wy : f32
+        memref.store %so_new, {dest}[%so_t, %so_c] : {o_ty}
+      }}
+    }}
+    }}
+    }}",
+            wb = w.0,
+            w_ty = memref(&w.1),
+            ob = o.0,
+            ft = o.1,
+        ));
+    }
+
+    /// Opens a loop over the `experts` experts (`ex`) that gathers expert `ex`'s (token, slot)
+    /// pairs of `idx` in token order into `pt` / `pk` (`memref<?xindex>`) and their tokens' rows of
+    /// `x` into `xe`, then opens `scf.if m > 0` (`m`: the pairs): the caller closes both. Returns
+    /// (`ex`, `m`).
+    fn open_expert_pairs(
+        &mut self,
+        (x, idx): (&(String, Shape), &(String, Shape)),
+        (pt, pk): (&str, &str),
+        xe: &(String, String),
+        (t_rows, slots): (&str, &str),
+        experts: usize,
+    ) -> (String, String) {
+        let pairs_ty = "memref<?xindex>";
+        let (c0, c1, ce) = (self.constant_index(0), self.constant_index(1), self.constant_index(experts));
+        let cd = self.dim_of(x, 1);
+        let (x_ty, i_ty) = (memref(&x.1), memref(&idx.1));
         let (ex, m) = (self.fresh(), self.fresh());
         let (tt, kk, cnt, e32, ei, mine, cnt2, any) = (
             self.fresh(),
@@ -552,6 +519,56 @@ scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
             xeb = xe.0,
             ft = xe.1,
         ));
+        (ex, m)
+    }
+
+    /// The fp8 routed experts' gradient (the reference's `moe_experts_grad_fp8`): expert by
+    /// expert over its (token, slot) pairs in token order, gathered into scratch rows, the forward
+    /// recomputed with Fprop, then Wgrad and Dgrad of the down projection, SwiGLU's gradient in
+    /// f32, Wgrad and Dgrad of gate and up, dx scattered back; every GEMM as the recipe quantizes.
+    pub(super) fn moe_experts_grad_fp8(
+        &mut self,
+        [x, idx, w, dy, gate, up, down]: [&(String, Shape); 7],
+        dests: [(&str, &Shape); 5],
+    ) {
+        let (experts, inter, d) =
+            (gate.1.dims[0].unwrap_or(0), gate.1.dims[1].unwrap_or(0), gate.1.dims[2].unwrap_or(0));
+        for (buf, shape) in dests {
+            self.line(&format!("linalg.fill ins(%zero : f32) outs({buf} : {})", memref(shape)));
+        }
+        let [(dx, dx_s), (dwt, dwt_s), (dgate, dgate_s), (dup, dup_s), (ddown, ddown_s)] = dests;
+        let [(gq, gs, gqt), (uq, us, uqt), (dq, ds, dqt)] = self.quantized_experts([gate, up, down], true);
+        let (gqt, uqt, dqt) = (gqt.unwrap_or_default(), uqt.unwrap_or_default(), dqt.unwrap_or_default());
+        let (c0, c1) = (self.constant_index(0), self.constant_index(1));
+        let (ci, cd) = (self.constant_index(inter), self.constant_index(d));
+        let (t_rows, slots) = (self.dim_of(x, 0), self.dim_of(idx, 1));
+        let cap = self.fresh();
+        self.line(&format!("{cap} = arith.muli {t_rows}, {slots} : index"));
+        let g128 = self.constant_index(FP8_BLOCK);
+        let cap_b = self.fresh();
+        self.line(&format!("{cap_b} = arith.ceildivui {cap}, {g128} : index"));
+        let (db, ib) = (self.constant_index(d.div_ceil(FP8_BLOCK)), self.constant_index(inter.div_ceil(FP8_BLOCK)));
+        // Pairs and per-pair rows (capacity T x K).
+        let pairs_ty = "memref<?xindex>";
+        let (pt, pk) = (self.fresh(), self.fresh());
+        for p in [&pt, &pk] {
+            self.line(&format!("{p} = memref.alloc({cap}) : {pairs_ty}"));
+            self.allocs.push(format!("memref.dealloc {p} : {pairs_ty}"));
+        }
+        let rows = |e: &mut Emitter, cols: &str| scratch(e, &cap, cols);
+        let (xe, g, u, h, y, dye) =
+            (rows(self, &cd), rows(self, &ci), rows(self, &ci), rows(self, &ci), rows(self, &cd), rows(self, &cd));
+        let (dh, dg, du, dxg, dxu) =
+            (rows(self, &ci), rows(self, &ci), rows(self, &ci), rows(self, &cd), rows(self, &cd));
+        // Quantized operands.
+        let (xq, xs, hq, hs) = (rows(self, &cd), rows(self, &db), rows(self, &ci), rows(self, &ib));
+        let (yq, ys, gq2, gs2) = (rows(self, &cd), rows(self, &db), rows(self, &ci), rows(self, &ib));
+        let (aq_d, as_d) = (scratch(self, &cd, &cap), scratch(self, &cd, &cap_b));
+        let (aq_i, as_i) = (scratch(self, &ci, &cap), scratch(self, &ci, &cap_b));
+        let (bq_d, bs_d) = (scratch(self, &cap, &cd), scratch(self, &cap_b, &cd));
+        let (bq_i, bs_i) = (scratch(self, &cap, &ci), scratch(self, &cap_b, &ci));
+        let (w_ty, y_ty) = (memref(&w.1), memref(&dy.1));
+        let (ex, m) = self.open_expert_pairs((x, idx), (&pt, &pk), &xe, (&t_rows, &slots), experts);
         let ld = |buf: &(String, String), transposed: bool| {
             let (b, t) = (buf.0.clone(), buf.1.clone());
             move |r: &str, c: &str| {
