@@ -97,6 +97,8 @@ pub(super) const ENCODE_BODY: &str = "%bits = arith.bitcast %x : f32 to i32\n\
 pub(crate) fn fp8_helpers(prefix: &str) -> String {
     let decode = indent(DECODE_BODY, 4);
     let encode = indent(ENCODE_BODY, 4);
+    let l = VECTOR_CODEC_LANES;
+    let (decode_v, encode_v) = (indent(&vectorized(DECODE_BODY, l), 4), indent(&vectorized(ENCODE_BODY, l), 4));
     format!(
         "func.func private @{prefix}_f8_decode(%b: i8) -> f32 {{
 {decode}
@@ -106,8 +108,48 @@ pub(crate) fn fp8_helpers(prefix: &str) -> String {
 {encode}
     return %r : i8
   }}
+  func.func private @{prefix}_f8_decode_v(%b: vector<{l}xi8>) -> vector<{l}xf32> {{
+{decode_v}
+    return %r : vector<{l}xf32>
+  }}
+  func.func private @{prefix}_f8_encode_v(%x: vector<{l}xf32>) -> vector<{l}xi8> {{
+{encode_v}
+    return %r : vector<{l}xi8>
+  }}
 "
     )
+}
+
+/// Lanes of the vector e4m3 helpers (`@<prefix>_f8_decode_v`, `@<prefix>_f8_encode_v`).
+pub(super) const VECTOR_CODEC_LANES: usize = 16;
+
+/// A scalar helper body (one op per line, types after the last ` : `) as the same ops on
+/// `vector<lanes x T>`: every lane computes what the scalar op computes, so the bits are equal.
+fn vectorized(body: &str, lanes: usize) -> String {
+    let vector = |t: &str| format!("vector<{lanes}x{t}>");
+    let retype = |types: &str| {
+        types
+            .split(' ')
+            .map(|w| match w.trim_end_matches(',') {
+                t @ ("f32" | "i32" | "i8" | "i1") => w.replace(t, &vector(t)),
+                _ => w.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    body.lines()
+        .map(|line| {
+            let (lhs, types) = line.rsplit_once(" : ").expect("an op with its types");
+            if let Some((name, value)) = lhs.split_once(" = arith.constant ") {
+                return format!("{name} = arith.constant dense<{value}> : {}", vector(types.trim()));
+            }
+            if lhs.contains("arith.select ") {
+                return format!("{lhs} : {}, {}", vector("i1"), vector(types.trim()));
+            }
+            format!("{lhs} : {}", retype(types))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// fp8 activation group and weight block edge (DeepSeek-V3: 1x128 activations, 128x128 weights).

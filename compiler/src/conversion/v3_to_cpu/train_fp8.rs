@@ -8,7 +8,7 @@
 //! are the target); the transform-dialect fp8 GEMM takes weights quantized ahead of time, these
 //! quantize f32 masters at every step.
 
-use super::fp8::FP8_BLOCK;
+use super::fp8::{FP8_BLOCK, VECTOR_CODEC_LANES};
 use super::*;
 
 /// An f32 scratch `[rows, cols]` (SSA sizes) as (name, type), freed with the kernel.
@@ -95,6 +95,9 @@ scf.for %{p}_r = %{p}_c0 to {rows} step %{p}_c1 {{
         lead: &str,
         transposed: Option<&(String, String)>,
     ) {
+        if k.is_multiple_of(VECTOR_CODEC_LANES) {
+            return self.quantize_blocks_vectorized((wb, wt), (n, k), (q, s), lead, transposed);
+        }
         let (dec, enc) = self.fp8_codec();
         // The decoded values also stored transposed ([k, n]): what Dgrad reads row by row.
         let store_t = transposed.map_or(String::new(), |(tb, tt)| {
@@ -159,6 +162,101 @@ scf.for %{p}_r0 = %{p}_c0 to %{p}_n step %{p}_t {{
   }}
 }}",
             store_t = store_t.replace("{p}", &p).replace("{lead}", lead),
+            sb = s.0,
+            st = s.1,
+            qb = q.0,
+            qt = q.1,
+        );
+        self.line(&format!("scf.execute_region {{\n{}\n      scf.yield\n    }}", indent(&text, 6)));
+    }
+
+    /// [`Self::quantize_blocks`] on vectors of [`VECTOR_CODEC_LANES`] columns (`k` a multiple of
+    /// them; a vector never spans two 128-column blocks): each block's |max| (a max: any order),
+    /// then every element's e4m3 round trip through the vector helpers (the scalar ops lane by
+    /// lane: the same bits), then the transposed copy in 16 x 16 tiles.
+    fn quantize_blocks_vectorized(
+        &mut self,
+        (wb, wt): (&str, &str),
+        (n, k): (usize, usize),
+        (q, s): (&(String, String), &(String, String)),
+        lead: &str,
+        transposed: Option<&(String, String)>,
+    ) {
+        self.fp8_codec();
+        let l = VECTOR_CODEC_LANES;
+        let (dec, enc) = (format!("@{}_f8_decode_v", self.prefix), format!("@{}_f8_encode_v", self.prefix));
+        let v = format!("vector<{l}xf32>");
+        let p = self.fresh().replace('%', "");
+        let copy_t = transposed.map_or(String::new(), |(tb, tt)| {
+            format!(
+                "
+%{p}_t = arith.constant 16 : index
+scf.for %{p}_r0 = %{p}_c0 to %{p}_n step %{p}_t {{
+  %{p}_r1a = arith.addi %{p}_r0, %{p}_t : index
+  %{p}_r1 = arith.minui %{p}_r1a, %{p}_n : index
+  scf.for %{p}_i0 = %{p}_c0 to %{p}_k step %{p}_t {{
+    %{p}_i1 = arith.addi %{p}_i0, %{p}_t : index
+    scf.for %{p}_r = %{p}_r0 to %{p}_r1 step %{p}_c1 {{
+      scf.for %{p}_i = %{p}_i0 to %{p}_i1 step %{p}_c1 {{
+        %{p}_f = memref.load {qb}[{lead}%{p}_r, %{p}_i] : {qt}
+        memref.store %{p}_f, {tb}[{lead}%{p}_i, %{p}_r] : {tt}
+      }}
+    }}
+  }}
+}}",
+                qb = q.0,
+                qt = q.1,
+            )
+        });
+        let text = format!(
+            "%{p}_c0 = arith.constant 0 : index
+%{p}_c1 = arith.constant 1 : index
+%{p}_n = arith.constant {n} : index
+%{p}_k = arith.constant {k} : index
+%{p}_L = arith.constant {l} : index
+%{p}_g = arith.constant {FP8_BLOCK} : index
+%{p}_floor = arith.constant 1.0e-12 : f32
+%{p}_fmax = arith.constant 448.0 : f32
+%{p}_nb0 = arith.ceildivui %{p}_n, %{p}_g : index
+%{p}_kb0 = arith.ceildivui %{p}_k, %{p}_g : index
+scf.for %{p}_a = %{p}_c0 to %{p}_nb0 step %{p}_c1 {{
+  scf.for %{p}_b = %{p}_c0 to %{p}_kb0 step %{p}_c1 {{
+    memref.store %zero, {sb}[{lead}%{p}_a, %{p}_b] : {st}
+  }}
+}}
+scf.for %{p}_r = %{p}_c0 to %{p}_n step %{p}_c1 {{
+  %{p}_rb = arith.divui %{p}_r, %{p}_g : index
+  scf.for %{p}_i = %{p}_c0 to %{p}_k step %{p}_L {{
+    %{p}_cb = arith.divui %{p}_i, %{p}_g : index
+    %{p}_v = vector.load {wb}[{lead}%{p}_r, %{p}_i] : {wt}, {v}
+    %{p}_av = math.absf %{p}_v : {v}
+    %{p}_m = vector.reduction <maxnumf>, %{p}_av : {v} into f32
+    %{p}_so = memref.load {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
+    %{p}_sn = arith.maxnumf %{p}_so, %{p}_m : f32
+    memref.store %{p}_sn, {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
+  }}
+}}
+scf.for %{p}_a = %{p}_c0 to %{p}_nb0 step %{p}_c1 {{
+  scf.for %{p}_b = %{p}_c0 to %{p}_kb0 step %{p}_c1 {{
+    %{p}_mx = memref.load {sb}[{lead}%{p}_a, %{p}_b] : {st}
+    %{p}_mf = arith.maxnumf %{p}_mx, %{p}_floor : f32
+    %{p}_s = arith.divf %{p}_mf, %{p}_fmax : f32
+    memref.store %{p}_s, {sb}[{lead}%{p}_a, %{p}_b] : {st}
+  }}
+}}
+scf.for %{p}_r = %{p}_c0 to %{p}_n step %{p}_c1 {{
+  %{p}_rb = arith.divui %{p}_r, %{p}_g : index
+  scf.for %{p}_i = %{p}_c0 to %{p}_k step %{p}_L {{
+    %{p}_cb = arith.divui %{p}_i, %{p}_g : index
+    %{p}_v = vector.load {wb}[{lead}%{p}_r, %{p}_i] : {wt}, {v}
+    %{p}_s = memref.load {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
+    %{p}_sv = vector.broadcast %{p}_s : f32 to {v}
+    %{p}_d = arith.divf %{p}_v, %{p}_sv : {v}
+    %{p}_bits = func.call {enc}(%{p}_d) : ({v}) -> vector<{l}xi8>
+    %{p}_f = func.call {dec}(%{p}_bits) : (vector<{l}xi8>) -> {v}
+    vector.store %{p}_f, {qb}[{lead}%{p}_r, %{p}_i] : {qt}, {v}
+  }}
+}}{copy_t}",
             sb = s.0,
             st = s.1,
             qb = q.0,
