@@ -458,6 +458,25 @@ fn train_learns_resumes_and_writes_a_checkpoint() {
         text(&negative.stderr)
     );
     std::fs::write(&data, tokens.join(" ")).unwrap();
+    // `logits` and `run` on `--backend cuda` need the GPU before compiling anything.
+    if v3c_runtime::device::probe_device(0).is_err() {
+        let logits_out = dir.path().join("cuda_logits.safetensors");
+        let logits =
+            ["logits", "--model-dir", ckpt.to_str().unwrap(), "--tokens", "1 2 3", "--backend", "cuda", "--out"];
+        for args in [
+            [&logits[..], &[logits_out.to_str().unwrap()]].concat(),
+            vec!["run", "--model-dir", ckpt.to_str().unwrap(), "--prompt-tokens", "1 2 3", "--backend", "cuda"],
+        ] {
+            let r = run_binary("v3c", &args);
+            assert_eq!(r.status.code(), Some(1), "{}", text(&r.stderr));
+            let err = text(&r.stderr);
+            assert!(
+                err.starts_with("v3c: error: --backend cuda needs this machine's GPU: ") && !err.contains("compile: "),
+                "{err}"
+            );
+        }
+        assert!(!logits_out.exists());
+    }
     // No GPU here: `--backend cuda` stops before compiling anything (the run's log unchanged).
     let log_before = std::fs::read_to_string(out.join("loss.csv")).unwrap();
     let cuda = run_binary("v3c", &[&base[..], &["--steps", "1", "--resume", "--backend", "cuda"]].concat());

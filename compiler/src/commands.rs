@@ -12,15 +12,50 @@ use v3c_models::init::{with_fp8, write_random_checkpoint};
 use v3c_models::reference::{Model, Sampler};
 use v3c_models::Precision;
 
-/// Which backend a command was asked to use: `reference` (interpreter) or `cpu` (JIT kernels).
+/// Which backend a command was asked to use: `reference` (interpreter), `cpu` (JIT kernels) or
+/// `cuda` (the model compiled for sm_90a and run on this machine's GPU).
 pub fn require_backend(backend: &str) -> Result<(), String> {
     match backend {
-        "reference" => Ok(()),
-        "cpu" => Ok(()),
-        other => Err(format!(
-            "backend {other} is not available yet (GPU execution lands with the artifact/runtime issue); use --backend reference or cpu"
-        )),
+        "reference" | "cpu" | "cuda" => Ok(()),
+        other => Err(format!("--backend {other}: unknown (reference, cpu, cuda)")),
     }
+}
+
+/// `--backend cuda`: the model compiled for sm_90a into a scratch artifact whose plan holds
+/// `rows` rows and `context` cache rows, loaded on this machine's GPU with the checkpoint (what
+/// `v3c compile --target sm_90a --out DIR` then `v3r` do). Without a GPU: one line, before
+/// anything is compiled. The scratch directory lives as long as the returned guard.
+fn gpu_program(
+    model_dir: &Path,
+    precision: Precision,
+    rows: usize,
+    context: usize,
+) -> Result<(v3c_runtime::cuda::GpuArtifact, tempfile::TempDir, String), String> {
+    let device = v3c_runtime::device::probe_device(0).map_err(|e| {
+        format!(
+            "--backend cuda needs this machine's GPU: {e}; elsewhere compile with `v3c compile --target sm_90a \
+             --out DIR` and run the artifact with `v3r` on the GPU machine"
+        )
+    })?;
+    let scratch = tempfile::tempdir().map_err(|e| format!("a scratch directory: {e}"))?;
+    let artifact = scratch.path().join("model");
+    let gpu = v3c_compiler::target::DeviceModel::by_name(&device.name).map_or("H200", |d| d.name);
+    compile(&CompileGpuOptions {
+        model: &model_dir.display().to_string(),
+        target: v3c_compiler::target::SM90A,
+        precision: Some(precision),
+        gpu,
+        tuning: None,
+        out: Some(&artifact),
+        force: false,
+        sizes: v3c_compiler::plan::PlanSizes { rows: rows.max(1), context },
+        speculative: false,
+        train: None,
+    })?;
+    let a = v3c_runtime::artifact::Artifact::open(&artifact).map_err(|e| e.to_string())?;
+    let loaded =
+        v3c_runtime::cuda::GpuArtifact::load(a, model_dir, device.ordinal, &mut |what| tracing::debug!("{what}"))?;
+    Ok((loaded, scratch, format!("cuda:{} ({})", device.ordinal, device.name)))
 }
 
 pub fn logits(
@@ -32,6 +67,18 @@ pub fn logits(
     out: &Path,
 ) -> Result<(), String> {
     let tokens = v3c_runtime::cli::parse_token_ids(tokens, "--tokens")?;
+    if backend == "cuda" {
+        if first_position != 0 {
+            return Err("--first-position with --backend cuda: the GPU session prefills from position 0".into());
+        }
+        let (program, _scratch, device) = gpu_program(model_dir, precision, tokens.len(), 0)?;
+        let mut session = v3c_runtime::session::ArtifactSession::new(&program, tokens.len())?;
+        let (rows, vocab) = session.prefill_rows(&tokens)?;
+        let logits = v3c_models::tensor::Tensor::f32(vec![tokens.len(), vocab], rows);
+        save_tensors(out, &[("logits", &logits)]).map_err(|e| e.to_string())?;
+        eprintln!("wrote logits {:?} to {} (on {device})", logits.shape, out.display());
+        return Ok(());
+    }
     let model = Model::open(model_dir, precision).map_err(|e| e.to_string())?;
     let result = if backend == "cpu" {
         v3c_compiler::cpu_backend::logits(&model, &tokens, first_position, KernelCache::from_env().as_ref())
@@ -94,6 +141,22 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
         return Err(format!("--temperature {} must be >= 0", o.temperature));
     }
     let prompt = v3c_runtime::cli::parse_token_ids(o.prompt, "--prompt-tokens")?;
+    if o.backend == "cuda" {
+        let max_len = prompt.len() + o.max_new_tokens;
+        let (program, _scratch, device) = gpu_program(o.model_dir, o.precision, prompt.len(), max_len)?;
+        let eos = if o.ignore_eos {
+            None
+        } else {
+            ModelConfig::resolve(&o.model_dir.display().to_string()).map_err(|e| e.to_string())?.eos_token_id
+        };
+        let mut session = v3c_runtime::session::ArtifactSession::new(&program, max_len)?;
+        let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed);
+        let generation = v3c_runtime::session::generate(&mut session, &prompt, o.max_new_tokens, &mut sampler, eos)?;
+        let text: Vec<String> = generation.tokens.iter().map(u32::to_string).collect();
+        println!("{}", text.join(" "));
+        eprintln!("{} (cuda backend on {device})", generation.summary(prompt.len()));
+        return Ok(());
+    }
     let model = Model::open(o.model_dir, o.precision).map_err(|e| e.to_string())?;
     let context = v3c_compiler::mlir::new_context();
     let max_len = prompt.len() + o.max_new_tokens;

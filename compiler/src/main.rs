@@ -114,7 +114,8 @@ enum Backend {
     Reference,
     /// Fused kernels JIT-compiled for this CPU.
     Cpu,
-    /// Generated kernels on a CUDA GPU.
+    /// The model compiled for sm_90a into a scratch artifact and run on this machine's GPU (what
+    /// `v3c compile --target sm_90a` then `v3r` do).
     Cuda,
 }
 
