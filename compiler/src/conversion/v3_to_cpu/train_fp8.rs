@@ -10,6 +10,7 @@
 
 use super::fp8::{FP8_BLOCK, VECTOR_CODEC_LANES};
 use super::*;
+use std::fmt::Write as _;
 
 /// An f32 scratch `[rows, cols]` (SSA sizes) as (name, type), freed with the kernel.
 fn scratch(e: &mut Emitter, rows: &str, cols: &str) -> (String, String) {
@@ -282,46 +283,83 @@ scf.for %{p}_r = %{p}_c0 to %{p}_n step %{p}_c1 {{
         let p = self.fresh().replace('%', "");
         let lanes = super::rows::lanes(Some(n));
         let v = format!("vector<{lanes}xf32>");
+        let load_b = indent(&b_load(&format!("%{p}_jb"), &format!("%{p}_c"), &v), 8);
+        let scale_b = indent(&b_scale(&format!("%{p}_jb"), &format!("%{p}_b"), &v), 6);
+        // `rows` consecutive rows from `%{p}_i`: independent accumulator chains sharing each load
+        // of B (each row's sums exactly as alone).
+        let rows_body = |rows: usize| {
+            let list = |f: &dyn Fn(usize) -> String| (0..rows).map(f).collect::<Vec<_>>().join(", ");
+            let types = list(&|_| v.clone());
+            let mut t = String::new();
+            for r in 0..rows {
+                let _ = writeln!(
+                    t,
+                    "    %{p}_r{r} = arith.constant {r} : index\n    %{p}_i{r} = arith.addi %{p}_i, %{p}_r{r} : index"
+                );
+            }
+            let _ = writeln!(
+                t,
+                "    %{p}_acc:{rows} = scf.for %{p}_b = %{p}_c0 to %{p}_nb step %{p}_c1 iter_args({}) -> ({types}) {{
+      %{p}_lo = arith.muli %{p}_b, %{p}_g : index
+      %{p}_hi0 = arith.addi %{p}_lo, %{p}_g : index
+      %{p}_hi = arith.minui %{p}_hi0, {len} : index
+      %{p}_dot:{rows} = scf.for %{p}_c = %{p}_lo to %{p}_hi step %{p}_c1 iter_args({}) -> ({types}) {{
+{load_b}",
+                list(&|r| format!("%{p}_y{r} = %{p}_zv")),
+                list(&|r| format!("%{p}_s{r} = %{p}_nzv")),
+            );
+            for r in 0..rows {
+                let _ = writeln!(
+                    t,
+                    "        %{p}_a{r} = memref.load {ab}[%{p}_i{r}, %{p}_c] : {at}
+        %{p}_av{r} = vector.broadcast %{p}_a{r} : f32 to {v}
+        %{p}_pr{r} = arith.mulf %{p}_av{r}, %bv : {v}
+        %{p}_s{r}n = arith.addf %{p}_s{r}, %{p}_pr{r} : {v}",
+                    ab = a.0,
+                    at = a.1
+                );
+            }
+            let _ =
+                writeln!(t, "        scf.yield {} : {types}\n      }}\n{scale_b}", list(&|r| format!("%{p}_s{r}n")));
+            for r in 0..rows {
+                let _ = writeln!(
+                    t,
+                    "      %{p}_as{r} = memref.load {asb}[%{p}_i{r}, %{p}_b] : {ast}
+      %{p}_asv{r} = vector.broadcast %{p}_as{r} : f32 to {v}
+      %{p}_t{r}a = arith.mulf %{p}_dot#{r}, %{p}_asv{r} : {v}
+      %{p}_t{r}b = arith.mulf %{p}_t{r}a, %bs : {v}
+      %{p}_y{r}n = arith.addf %{p}_y{r}, %{p}_t{r}b : {v}",
+                    asb = a_s.0,
+                    ast = a_s.1
+                );
+            }
+            let _ = writeln!(t, "      scf.yield {} : {types}\n    }}", list(&|r| format!("%{p}_y{r}n")));
+            for r in 0..rows {
+                let _ = writeln!(t, "    vector.store %{p}_acc#{r}, {dest}[{lead}%{p}_i{r}, %{p}_jb] : {dest_ty}, {v}");
+            }
+            t
+        };
+        const ROWS: usize = 4;
         let text = format!(
             "%{p}_c0 = arith.constant 0 : index
 %{p}_c1 = arith.constant 1 : index
 %{p}_n = arith.constant {n} : index
 %{p}_L = arith.constant {lanes} : index
 %{p}_g = arith.constant {FP8_BLOCK} : index
+%{p}_R = arith.constant {ROWS} : index
 %{p}_zv = arith.constant dense<0.0> : {v}
 %{p}_nzv = arith.constant dense<-0.0> : {v}
 %{p}_nb = arith.ceildivui {len}, %{p}_g : index
+%{p}_groups = arith.divui {m}, %{p}_R : index
+%{p}_mr = arith.muli %{p}_groups, %{p}_R : index
 scf.for %{p}_jb = %{p}_c0 to %{p}_n step %{p}_L {{
-  scf.for %{p}_i = %{p}_c0 to {m} step %{p}_c1 {{
-    %{p}_acc = scf.for %{p}_b = %{p}_c0 to %{p}_nb step %{p}_c1 iter_args(%{p}_y = %{p}_zv) -> ({v}) {{
-      %{p}_lo = arith.muli %{p}_b, %{p}_g : index
-      %{p}_hi0 = arith.addi %{p}_lo, %{p}_g : index
-      %{p}_hi = arith.minui %{p}_hi0, {len} : index
-      %{p}_dot = scf.for %{p}_c = %{p}_lo to %{p}_hi step %{p}_c1 iter_args(%{p}_s = %{p}_nzv) -> ({v}) {{
-        %{p}_a = memref.load {ab}[%{p}_i, %{p}_c] : {at}
-        %{p}_av = vector.broadcast %{p}_a : f32 to {v}
-{load_b}
-        %{p}_pr = arith.mulf %{p}_av, %bv : {v}
-        %{p}_s2 = arith.addf %{p}_s, %{p}_pr : {v}
-        scf.yield %{p}_s2 : {v}
-      }}
-      %{p}_as = memref.load {asb}[%{p}_i, %{p}_b] : {ast}
-      %{p}_asv = vector.broadcast %{p}_as : f32 to {v}
-{scale_b}
-      %{p}_t0 = arith.mulf %{p}_dot, %{p}_asv : {v}
-      %{p}_t1 = arith.mulf %{p}_t0, %bs : {v}
-      %{p}_y2 = arith.addf %{p}_y, %{p}_t1 : {v}
-      scf.yield %{p}_y2 : {v}
-    }}
-    vector.store %{p}_acc, {dest}[{lead}%{p}_i, %{p}_jb] : {dest_ty}, {v}
-  }}
+  scf.for %{p}_i = %{p}_c0 to %{p}_mr step %{p}_R {{
+{many}  }}
+  scf.for %{p}_i = %{p}_mr to {m} step %{p}_c1 {{
+{one}  }}
 }}",
-            ab = a.0,
-            at = a.1,
-            asb = a_s.0,
-            ast = a_s.1,
-            load_b = indent(&b_load(&format!("%{p}_jb"), &format!("%{p}_c"), &v), 8),
-            scale_b = indent(&b_scale(&format!("%{p}_jb"), &format!("%{p}_b"), &v), 6),
+            many = rows_body(ROWS),
+            one = rows_body(1),
         );
         self.line(&format!("scf.execute_region {{\n{}\n      scf.yield\n    }}", indent(&text, 6)));
     }
