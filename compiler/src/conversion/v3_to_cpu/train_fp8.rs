@@ -21,6 +21,57 @@ fn scratch(e: &mut Emitter, rows: &str, cols: &str) -> (String, String) {
     (buf, ty)
 }
 
+/// `src [n, k]` copied into `dst [k, n]` (`n`, `k` multiples of `lanes`, bound to `%{p}_n`,
+/// `%{p}_k`; indices after `lead`) in `lanes` x `lanes` tiles: a tile's rows loaded as vectors,
+/// transposed in registers (log2(lanes) rounds of shuffles, each swapping the off-diagonal blocks of
+/// a width), stored as the destination's rows. Data movement only: the same values.
+fn transpose_tiles(p: &str, lanes: usize, (sb, st): (&str, &str), (db, dt): (&str, &str), lead: &str) -> String {
+    let v = format!("vector<{lanes}xf32>");
+    let mut t = format!(
+        "
+%{p}_tl = arith.constant {lanes} : index
+scf.for %{p}_r0 = %{p}_c0 to %{p}_n step %{p}_tl {{
+  scf.for %{p}_i0 = %{p}_c0 to %{p}_k step %{p}_tl {{
+"
+    );
+    let mut rows: Vec<String> = Vec::new();
+    for r in 0..lanes {
+        let _ = writeln!(
+            t,
+            "    %{p}_o{r} = arith.constant {r} : index\n    %{p}_sr{r} = arith.addi %{p}_r0, %{p}_o{r} : index\n    %{p}_x{r}_0 = vector.load {sb}[{lead}%{p}_sr{r}, %{p}_i0] : {st}, {v}"
+        );
+        rows.push(format!("%{p}_x{r}_0"));
+    }
+    let mut width = lanes / 2;
+    let mut round = 1;
+    while width > 0 {
+        let mut next = rows.clone();
+        for i in (0..lanes).filter(|i| i & width == 0) {
+            let (a, b) = (&rows[i], &rows[i + width]);
+            let low: Vec<String> =
+                (0..lanes).map(|j| if j & width == 0 { j } else { lanes + j - width }.to_string()).collect();
+            let high: Vec<String> =
+                (0..lanes).map(|j| if j & width == 0 { j + width } else { lanes + j }.to_string()).collect();
+            let (lo, hi) = (format!("%{p}_x{i}_{round}"), format!("%{p}_x{}_{round}", i + width));
+            let _ = writeln!(t, "    {lo} = vector.shuffle {a}, {b} [{}] : {v}, {v}", low.join(", "));
+            let _ = writeln!(t, "    {hi} = vector.shuffle {a}, {b} [{}] : {v}, {v}", high.join(", "));
+            next[i] = lo;
+            next[i + width] = hi;
+        }
+        rows = next;
+        width /= 2;
+        round += 1;
+    }
+    for (r, row) in rows.iter().enumerate() {
+        let _ = writeln!(
+            t,
+            "    %{p}_dr{r} = arith.addi %{p}_i0, %{p}_o{r} : index\n    vector.store {row}, {db}[{lead}%{p}_dr{r}, %{p}_r0] : {dt}, {v}"
+        );
+    }
+    t.push_str("  }\n}");
+    t
+}
+
 impl Emitter {
     /// `(decode, encode)` helper names (the kernel then carries them).
     fn fp8_codec(&mut self) -> (String, String) {
@@ -189,6 +240,9 @@ scf.for %{p}_r0 = %{p}_c0 to %{p}_n step %{p}_t {{
         let v = format!("vector<{l}xf32>");
         let p = self.fresh().replace('%', "");
         let copy_t = transposed.map_or(String::new(), |(tb, tt)| {
+            if n.is_multiple_of(l) {
+                return transpose_tiles(&p, l, (&q.0, &q.1), (tb, tt), lead);
+            }
             format!(
                 "
 %{p}_t = arith.constant 16 : index
