@@ -137,8 +137,11 @@ scf.for %{p}_r = %{p}_c0 to {rows} step %{p}_c1 {{
     }
 
     /// An f32 master weight `w` [n, k] in 128 x 128 blocks: decoded e4m3 values into `q` [n, k]
-    /// (and `transposed`, [k, n]; written in 16 x 16 tiles so that the transposed rows stay in
-    /// cache), block scales `max(amax, 1e-12) / 448` into `s` [ceil(n / 128), ceil(k / 128)].
+    /// (and `transposed`, [k, n], copied from `q` in 16 x 16 tiles — in registers when `n` allows —
+    /// so that the transposed rows stay in cache), block scales `max(amax, 1e-12) / 448` into `s`
+    /// [ceil(n / 128), ceil(k / 128)]. Columns go [`VECTOR_CODEC_LANES`] at a time when `k` allows
+    /// (a vector never spans two blocks; the e4m3 round trip through the vector helpers, the scalar
+    /// ops lane by lane: the same bits), else one by one.
     fn quantize_blocks(
         &mut self,
         (wb, wt): (&str, &str),
@@ -147,101 +150,44 @@ scf.for %{p}_r = %{p}_c0 to {rows} step %{p}_c1 {{
         lead: &str,
         transposed: Option<&(String, String)>,
     ) {
-        if k.is_multiple_of(VECTOR_CODEC_LANES) {
-            return self.quantize_blocks_vectorized((wb, wt), (n, k), (q, s), lead, transposed);
-        }
         let (dec, enc) = self.fp8_codec();
-        // The decoded values also stored transposed ([k, n]): what Dgrad reads row by row.
-        let store_t = transposed.map_or(String::new(), |(tb, tt)| {
-            format!("\n        memref.store %{{p}}_f, {tb}[{{lead}}%{{p}}_i, %{{p}}_r] : {tt}")
-        });
+        let l = if k.is_multiple_of(VECTOR_CODEC_LANES) { VECTOR_CODEC_LANES } else { 1 };
         let p = self.fresh().replace('%', "");
-        let text = format!(
-            "%{p}_c0 = arith.constant 0 : index
-%{p}_c1 = arith.constant 1 : index
-%{p}_n = arith.constant {n} : index
-%{p}_k = arith.constant {k} : index
-%{p}_g = arith.constant {FP8_BLOCK} : index
-%{p}_floor = arith.constant 1.0e-12 : f32
-%{p}_fmax = arith.constant 448.0 : f32
-%{p}_nb0 = arith.ceildivui %{p}_n, %{p}_g : index
-%{p}_kb0 = arith.ceildivui %{p}_k, %{p}_g : index
-scf.for %{p}_a = %{p}_c0 to %{p}_nb0 step %{p}_c1 {{
-  scf.for %{p}_b = %{p}_c0 to %{p}_kb0 step %{p}_c1 {{
-    memref.store %zero, {sb}[{lead}%{p}_a, %{p}_b] : {st}
-  }}
-}}
-scf.for %{p}_r = %{p}_c0 to %{p}_n step %{p}_c1 {{
-  %{p}_rb = arith.divui %{p}_r, %{p}_g : index
-  scf.for %{p}_i = %{p}_c0 to %{p}_k step %{p}_c1 {{
-    %{p}_cb = arith.divui %{p}_i, %{p}_g : index
-    %{p}_v = memref.load {wb}[{lead}%{p}_r, %{p}_i] : {wt}
-    %{p}_av = math.absf %{p}_v : f32
-    %{p}_so = memref.load {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
-    %{p}_sn = arith.maxnumf %{p}_so, %{p}_av : f32
-    memref.store %{p}_sn, {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
-  }}
-}}
-%{p}_nb = arith.ceildivui %{p}_n, %{p}_g : index
-%{p}_kb = arith.ceildivui %{p}_k, %{p}_g : index
-scf.for %{p}_a = %{p}_c0 to %{p}_nb step %{p}_c1 {{
-  scf.for %{p}_b = %{p}_c0 to %{p}_kb step %{p}_c1 {{
-    %{p}_m = memref.load {sb}[{lead}%{p}_a, %{p}_b] : {st}
-    %{p}_mf = arith.maxnumf %{p}_m, %{p}_floor : f32
-    %{p}_s = arith.divf %{p}_mf, %{p}_fmax : f32
-    memref.store %{p}_s, {sb}[{lead}%{p}_a, %{p}_b] : {st}
-  }}
-}}
-%{p}_t = arith.constant 16 : index
-scf.for %{p}_r0 = %{p}_c0 to %{p}_n step %{p}_t {{
-  %{p}_r1a = arith.addi %{p}_r0, %{p}_t : index
-  %{p}_r1 = arith.minui %{p}_r1a, %{p}_n : index
-  scf.for %{p}_i0 = %{p}_c0 to %{p}_k step %{p}_t {{
-    %{p}_i1a = arith.addi %{p}_i0, %{p}_t : index
-    %{p}_i1 = arith.minui %{p}_i1a, %{p}_k : index
-    scf.for %{p}_r = %{p}_r0 to %{p}_r1 step %{p}_c1 {{
-      %{p}_rb = arith.divui %{p}_r, %{p}_g : index
-      scf.for %{p}_i = %{p}_i0 to %{p}_i1 step %{p}_c1 {{
-        %{p}_cb = arith.divui %{p}_i, %{p}_g : index
-        %{p}_v = memref.load {wb}[{lead}%{p}_r, %{p}_i] : {wt}
-        %{p}_s = memref.load {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
-        %{p}_d = arith.divf %{p}_v, %{p}_s : f32
-        %{p}_bits = func.call {enc}(%{p}_d) : (f32) -> i8
-        %{p}_f = func.call {dec}(%{p}_bits) : (i8) -> f32
-        memref.store %{p}_f, {qb}[{lead}%{p}_r, %{p}_i] : {qt}{store_t}
-      }}
-    }}
-  }}
-}}",
-            store_t = store_t.replace("{p}", &p).replace("{lead}", lead),
-            sb = s.0,
-            st = s.1,
-            qb = q.0,
-            qt = q.1,
-        );
-        self.line(&format!("scf.execute_region {{\n{}\n      scf.yield\n    }}", indent(&text, 6)));
-    }
-
-    /// [`Self::quantize_blocks`] on vectors of [`VECTOR_CODEC_LANES`] columns (`k` a multiple of
-    /// them; a vector never spans two 128-column blocks): each block's |max| (a max: any order),
-    /// then every element's e4m3 round trip through the vector helpers (the scalar ops lane by
-    /// lane: the same bits), then the transposed copy in 16 x 16 tiles.
-    fn quantize_blocks_vectorized(
-        &mut self,
-        (wb, wt): (&str, &str),
-        (n, k): (usize, usize),
-        (q, s): (&(String, String), &(String, String)),
-        lead: &str,
-        transposed: Option<&(String, String)>,
-    ) {
-        self.fp8_codec();
-        let l = VECTOR_CODEC_LANES;
-        let (dec, enc) = (format!("@{}_f8_decode_v", self.prefix), format!("@{}_f8_encode_v", self.prefix));
-        let v = format!("vector<{l}xf32>");
-        let p = self.fresh().replace('%', "");
+        let (qb, qt, sb, st) = (&q.0, &q.1, &s.0, &s.1);
+        let at = format!("{lead}%{p}_r, %{p}_i");
+        // Per step of `l` columns: `%{p}_m`, their |max|; then their round trip stored into q.
+        let (amax, round_trip) = if l > 1 {
+            let v = format!("vector<{l}xf32>");
+            (
+                format!(
+                    "%{p}_v = vector.load {wb}[{at}] : {wt}, {v}
+    %{p}_av = math.absf %{p}_v : {v}
+    %{p}_m = vector.reduction <maxnumf>, %{p}_av : {v} into f32"
+                ),
+                format!(
+                    "%{p}_v = vector.load {wb}[{at}] : {wt}, {v}
+    %{p}_sv = vector.broadcast %{p}_s : f32 to {v}
+    %{p}_d = arith.divf %{p}_v, %{p}_sv : {v}
+    %{p}_bits = func.call {enc}_v(%{p}_d) : ({v}) -> vector<{l}xi8>
+    %{p}_f = func.call {dec}_v(%{p}_bits) : (vector<{l}xi8>) -> {v}
+    vector.store %{p}_f, {qb}[{at}] : {qt}, {v}"
+                ),
+            )
+        } else {
+            (
+                format!("%{p}_v = memref.load {wb}[{at}] : {wt}\n    %{p}_m = math.absf %{p}_v : f32"),
+                format!(
+                    "%{p}_v = memref.load {wb}[{at}] : {wt}
+    %{p}_d = arith.divf %{p}_v, %{p}_s : f32
+    %{p}_bits = func.call {enc}(%{p}_d) : (f32) -> i8
+    %{p}_f = func.call {dec}(%{p}_bits) : (i8) -> f32
+    memref.store %{p}_f, {qb}[{at}] : {qt}"
+                ),
+            )
+        };
         let copy_t = transposed.map_or(String::new(), |(tb, tt)| {
-            if n.is_multiple_of(l) {
-                return transpose_tiles(&p, l, (&q.0, &q.1), (tb, tt), lead);
+            if l > 1 && n.is_multiple_of(l) {
+                return transpose_tiles(&p, l, (qb, qt), (tb, tt), lead);
             }
             format!(
                 "
@@ -250,7 +196,8 @@ scf.for %{p}_r0 = %{p}_c0 to %{p}_n step %{p}_t {{
   %{p}_r1a = arith.addi %{p}_r0, %{p}_t : index
   %{p}_r1 = arith.minui %{p}_r1a, %{p}_n : index
   scf.for %{p}_i0 = %{p}_c0 to %{p}_k step %{p}_t {{
-    %{p}_i1 = arith.addi %{p}_i0, %{p}_t : index
+    %{p}_i1a = arith.addi %{p}_i0, %{p}_t : index
+    %{p}_i1 = arith.minui %{p}_i1a, %{p}_k : index
     scf.for %{p}_r = %{p}_r0 to %{p}_r1 step %{p}_c1 {{
       scf.for %{p}_i = %{p}_i0 to %{p}_i1 step %{p}_c1 {{
         %{p}_f = memref.load {qb}[{lead}%{p}_r, %{p}_i] : {qt}
@@ -258,9 +205,7 @@ scf.for %{p}_r0 = %{p}_c0 to %{p}_n step %{p}_t {{
       }}
     }}
   }}
-}}",
-                qb = q.0,
-                qt = q.1,
+}}"
             )
         });
         let text = format!(
@@ -283,9 +228,7 @@ scf.for %{p}_r = %{p}_c0 to %{p}_n step %{p}_c1 {{
   %{p}_rb = arith.divui %{p}_r, %{p}_g : index
   scf.for %{p}_i = %{p}_c0 to %{p}_k step %{p}_L {{
     %{p}_cb = arith.divui %{p}_i, %{p}_g : index
-    %{p}_v = vector.load {wb}[{lead}%{p}_r, %{p}_i] : {wt}, {v}
-    %{p}_av = math.absf %{p}_v : {v}
-    %{p}_m = vector.reduction <maxnumf>, %{p}_av : {v} into f32
+    {amax}
     %{p}_so = memref.load {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
     %{p}_sn = arith.maxnumf %{p}_so, %{p}_m : f32
     memref.store %{p}_sn, {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
@@ -295,27 +238,18 @@ scf.for %{p}_a = %{p}_c0 to %{p}_nb0 step %{p}_c1 {{
   scf.for %{p}_b = %{p}_c0 to %{p}_kb0 step %{p}_c1 {{
     %{p}_mx = memref.load {sb}[{lead}%{p}_a, %{p}_b] : {st}
     %{p}_mf = arith.maxnumf %{p}_mx, %{p}_floor : f32
-    %{p}_s = arith.divf %{p}_mf, %{p}_fmax : f32
-    memref.store %{p}_s, {sb}[{lead}%{p}_a, %{p}_b] : {st}
+    %{p}_sc = arith.divf %{p}_mf, %{p}_fmax : f32
+    memref.store %{p}_sc, {sb}[{lead}%{p}_a, %{p}_b] : {st}
   }}
 }}
 scf.for %{p}_r = %{p}_c0 to %{p}_n step %{p}_c1 {{
   %{p}_rb = arith.divui %{p}_r, %{p}_g : index
   scf.for %{p}_i = %{p}_c0 to %{p}_k step %{p}_L {{
     %{p}_cb = arith.divui %{p}_i, %{p}_g : index
-    %{p}_v = vector.load {wb}[{lead}%{p}_r, %{p}_i] : {wt}, {v}
     %{p}_s = memref.load {sb}[{lead}%{p}_rb, %{p}_cb] : {st}
-    %{p}_sv = vector.broadcast %{p}_s : f32 to {v}
-    %{p}_d = arith.divf %{p}_v, %{p}_sv : {v}
-    %{p}_bits = func.call {enc}(%{p}_d) : ({v}) -> vector<{l}xi8>
-    %{p}_f = func.call {dec}(%{p}_bits) : (vector<{l}xi8>) -> {v}
-    vector.store %{p}_f, {qb}[{lead}%{p}_r, %{p}_i] : {qt}, {v}
+    {round_trip}
   }}
-}}{copy_t}",
-            sb = s.0,
-            st = s.1,
-            qb = q.0,
-            qt = q.1,
+}}{copy_t}"
         );
         self.line(&format!("scf.execute_region {{\n{}\n      scf.yield\n    }}", indent(&text, 6)));
     }
