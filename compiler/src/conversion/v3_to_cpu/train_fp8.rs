@@ -21,6 +21,37 @@ fn scratch(e: &mut Emitter, rows: &str, cols: &str) -> (String, String) {
     (buf, ty)
 }
 
+/// Loads of expert `ex`'s stacked master blocks read K-major (`q` [E, c, j]: the transposed copy
+/// for Fprop, the master's own layout for Dgrad, whose block scales `s` are then transposed), as
+/// [`Emitter::block_scaled_gemm`] takes them.
+#[allow(clippy::type_complexity)]
+fn stacked_expert(
+    ex: &str,
+    q: &(String, String),
+    s: &(String, String),
+    scale_transposed: bool,
+) -> (impl Fn(&str, &str, &str) -> String, impl Fn(&str, &str, &str) -> String) {
+    let (qb, qt, sb, st, exc, exc2) =
+        (q.0.clone(), q.1.clone(), s.0.clone(), s.1.clone(), ex.to_string(), ex.to_string());
+    let load = move |jb: &str, c: &str, v: &str| format!("%bv = vector.load {qb}[{exc}, {c}, {jb}] : {qt}, {v}");
+    let scale = move |jb: &str, b: &str, v: &str| {
+        let at = if scale_transposed { format!("{b}, %sj") } else { format!("%sj, {b}") };
+        format!(
+            "%sg = arith.constant {FP8_BLOCK} : index\n%sj = arith.divui {jb}, %sg : index\n%ss = memref.load {sb}[{exc2}, {at}] : {st}\n%bs = vector.broadcast %ss : f32 to {v}"
+        )
+    };
+    (load, scale)
+}
+
+/// `%ld` = element (r, c) of `buf` (`transposed`: element (c, r)).
+fn row_load(buf: &(String, String), transposed: bool) -> impl Fn(&str, &str) -> String {
+    let (b, t) = (buf.0.clone(), buf.1.clone());
+    move |r: &str, c: &str| {
+        let (i, j) = if transposed { (c, r) } else { (r, c) };
+        format!("%ld = memref.load {b}[{i}, {j}] : {t}")
+    }
+}
+
 /// `src [n, k]` copied into `dst [k, n]` (`n`, `k` multiples of `lanes`, bound to `%{p}_n`,
 /// `%{p}_k`; indices after `lead`) in `lanes` x `lanes` tiles: a tile's rows loaded as vectors,
 /// transposed in registers (log2(lanes) rounds of shuffles, each swapping the off-diagonal blocks of
@@ -482,6 +513,55 @@ scf.for %{p}_jb = %{p}_c0 to %{p}_n step %{p}_L {{
         quantized
     }
 
+    /// Expert `ex`'s forward on its `m` gathered rows `xe` (the recipe's Fprop): the rows 1x128
+    /// into `xq`, `xs`; `g`, `u` = x W^T from the transposed masters `gt`, `ut` (scales `gs`, `us`);
+    /// `h` = silu(g) u, 1x128 into `hq`, `hs`; `y` = h W_down^T (`dt`, `ds`).
+    #[allow(clippy::type_complexity)]
+    fn expert_fprop(
+        &mut self,
+        (ex, m): (&str, &str),
+        (inter, d): (usize, usize),
+        [(gt, gs), (ut, us), (dt, ds)]: [(&(String, String), &(String, String)); 3],
+        (xe, xq, xs): (&(String, String), &(String, String), &(String, String)),
+        (g, u, h, hq, hs): (
+            &(String, String),
+            &(String, String),
+            &(String, String),
+            &(String, String),
+            &(String, String),
+        ),
+        y: &(String, String),
+    ) {
+        let (c0, c1) = (self.constant_index(0), self.constant_index(1));
+        let (ci, cd) = (self.constant_index(inter), self.constant_index(d));
+        self.quantize_tiles((m, &cd), &row_load(xe, false), (xq, xs), false);
+        for (q, sc, dst) in [(gt, gs, g), (ut, us, u)] {
+            let (load, scale) = stacked_expert(ex, q, sc, false);
+            self.block_scaled_gemm((m, inter, &cd), (xq, xs), &load, &scale, (&dst.0, &dst.1, ""));
+        }
+        self.line(&format!(
+            "scf.for %sh_r = {c0} to {m} step {c1} {{
+      scf.for %sh_i = {c0} to {ci} step {c1} {{
+        %sh_g = memref.load {gb}[%sh_r, %sh_i] : {ft}
+        %sh_u = memref.load {ub}[%sh_r, %sh_i] : {ft}
+        %sh_n = arith.negf %sh_g : f32
+        %sh_x = math.exp %sh_n : f32
+        %sh_den = arith.addf %one, %sh_x : f32
+        %sh_silu = arith.divf %sh_g, %sh_den : f32
+        %sh_h = arith.mulf %sh_silu, %sh_u : f32
+        memref.store %sh_h, {hb}[%sh_r, %sh_i] : {ft}
+      }}
+    }}",
+            gb = g.0,
+            ub = u.0,
+            hb = h.0,
+            ft = g.1
+        ));
+        self.quantize_tiles((m, &ci), &row_load(h, false), (hq, hs), false);
+        let (load, scale) = stacked_expert(ex, dt, ds, false);
+        self.block_scaled_gemm((m, d, &ci), (hq, hs), &load, &scale, (&y.0, &y.1, ""));
+    }
+
     /// `moe_experts` with fp8 activations on f32 master weights (the recipe's Fprop of the routed
     /// experts, see the reference interpreter): the masters quantized once, then per token its slots
     /// in expert order, each projection of a 1x128-quantized row block-scaled.
@@ -518,48 +598,14 @@ scf.for %{p}_jb = %{p}_c0 to %{p}_n step %{p}_L {{
         let (g, u, h, hq, hs) = (rows(self, &ci), rows(self, &ci), rows(self, &ci), rows(self, &ci), rows(self, &ib));
         let o = rows(self, &cd);
         let (ex, m) = self.open_expert_pairs((x, idx), (&pt, &pk), &xe, (&t_rows, &slots), experts);
-        let ld = |buf: &(String, String)| {
-            let (b, t) = (buf.0.clone(), buf.1.clone());
-            move |r: &str, c: &str| format!("%ld = memref.load {b}[{r}, {c}] : {t}")
-        };
-        let stacked = |q: &(String, String), s: &(String, String)| {
-            let (qb, qt, sb, st, exc) = (q.0.clone(), q.1.clone(), s.0.clone(), s.1.clone(), ex.clone());
-            let exc2 = exc.clone();
-            let load =
-                move |jb: &str, c: &str, v: &str| format!("%bv = vector.load {qb}[{exc}, {c}, {jb}] : {qt}, {v}");
-            let scale = move |jb: &str, b: &str, v: &str| {
-                format!(
-                    "%sg = arith.constant {FP8_BLOCK} : index\n%sj = arith.divui {jb}, %sg : index\n%ss = memref.load {sb}[{exc2}, %sj, {b}] : {st}\n%bs = vector.broadcast %ss : f32 to {v}"
-                )
-            };
-            (load, scale)
-        };
-        self.quantize_tiles((&m, &cd), &ld(&xe), (&xq, &xs), false);
-        for (q, sc, dst) in [(&gq, &gs, &g), (&uq, &us, &u)] {
-            let (load, scale) = stacked(q, sc);
-            self.block_scaled_gemm((&m, inter, &cd), (&xq, &xs), &load, &scale, (&dst.0, &dst.1, ""));
-        }
-        self.line(&format!(
-            "scf.for %sh_r = {c0} to {m} step {c1} {{
-      scf.for %sh_i = {c0} to {ci} step {c1} {{
-        %sh_g = memref.load {gb}[%sh_r, %sh_i] : {ft}
-        %sh_u = memref.load {ub}[%sh_r, %sh_i] : {ft}
-        %sh_n = arith.negf %sh_g : f32
-        %sh_x = math.exp %sh_n : f32
-        %sh_den = arith.addf %one, %sh_x : f32
-        %sh_silu = arith.divf %sh_g, %sh_den : f32
-        %sh_h = arith.mulf %sh_silu, %sh_u : f32
-        memref.store %sh_h, {hb}[%sh_r, %sh_i] : {ft}
-      }}
-    }}",
-            gb = g.0,
-            ub = u.0,
-            hb = h.0,
-            ft = g.1
-        ));
-        self.quantize_tiles((&m, &ci), &ld(&h), (&hq, &hs), false);
-        let (load, scale) = stacked(&dq, &ds);
-        self.block_scaled_gemm((&m, d, &ci), (&hq, &hs), &load, &scale, (&o.0, &o.1, ""));
+        self.expert_fprop(
+            (&ex, &m),
+            (inter, d),
+            [(&gq, &gs), (&uq, &us), (&dq, &ds)],
+            (&xe, &xq, &xs),
+            (&g, &u, &h, &hq, &hs),
+            &o,
+        );
         // Each pair's row, weighted, onto its token's output.
         self.line(&format!(
             "scf.for %so_r = {c0} to {m} step {c1} {{
@@ -693,55 +739,19 @@ scf.for %{p}_jb = %{p}_c0 to %{p}_n step %{p}_L {{
         let (bq_i, bs_i) = (scratch(self, &cap, &ci), scratch(self, &cap_b, &ci));
         let (w_ty, y_ty) = (memref(&w.1), memref(&dy.1));
         let (ex, m) = self.open_expert_pairs((x, idx), (&pt, &pk), &xe, (&t_rows, &slots), experts);
-        let ld = |buf: &(String, String), transposed: bool| {
-            let (b, t) = (buf.0.clone(), buf.1.clone());
-            move |r: &str, c: &str| {
-                let (i, j) = if transposed { (c, r) } else { (r, c) };
-                format!("%ld = memref.load {b}[{i}, {j}] : {t}")
-            }
-        };
-        // Stacked master blocks of expert `ex` read K-major (`q` [E, c, j]: the transposed copy
-        // for Fprop, the master's own layout for Dgrad, whose block scales are then transposed).
+        let ld = row_load;
         let stacked = |q: &(String, String), s: &(String, String), scale_transposed: bool| {
-            let (qb, qt, sb, st, exc) = (q.0.clone(), q.1.clone(), s.0.clone(), s.1.clone(), ex.clone());
-            let load =
-                move |jb: &str, c: &str, v: &str| format!("%bv = vector.load {qb}[{exc}, {c}, {jb}] : {qt}, {v}");
-            let (exc2, st2) = (ex.clone(), st);
-            let scale = move |jb: &str, b: &str, v: &str| {
-                let at = if scale_transposed { format!("{b}, %sj") } else { format!("%sj, {b}") };
-                format!(
-                    "%sg = arith.constant {FP8_BLOCK} : index\n%sj = arith.divui {jb}, %sg : index\n%ss = memref.load {sb}[{exc2}, {at}] : {st2}\n%bs = vector.broadcast %ss : f32 to {v}"
-                )
-            };
-            (load, scale)
+            stacked_expert(&ex, q, s, scale_transposed)
         };
         // Fprop: g, u = x_e W^T (x_e 1x128 along D), y = h W_down^T.
-        self.quantize_tiles((&m, &cd), &ld(&xe, false), (&xq, &xs), false);
-        for (q, s, dst) in [(&gqt, &gs, &g), (&uqt, &us, &u)] {
-            let (load, scale) = stacked(q, s, false);
-            self.block_scaled_gemm((&m, inter, &cd), (&xq, &xs), &load, &scale, (&dst.0, &dst.1, ""));
-        }
-        self.line(&format!(
-            "scf.for %sh_r = {c0} to {m} step {c1} {{
-      scf.for %sh_i = {c0} to {ci} step {c1} {{
-        %sh_g = memref.load {gb}[%sh_r, %sh_i] : {ft}
-        %sh_u = memref.load {ub}[%sh_r, %sh_i] : {ft}
-        %sh_n = arith.negf %sh_g : f32
-        %sh_x = math.exp %sh_n : f32
-        %sh_den = arith.addf %one, %sh_x : f32
-        %sh_silu = arith.divf %sh_g, %sh_den : f32
-        %sh_h = arith.mulf %sh_silu, %sh_u : f32
-        memref.store %sh_h, {hb}[%sh_r, %sh_i] : {ft}
-      }}
-    }}",
-            gb = g.0,
-            ub = u.0,
-            hb = h.0,
-            ft = g.1
-        ));
-        self.quantize_tiles((&m, &ci), &ld(&h, false), (&hq, &hs), false);
-        let (load, scale) = stacked(&dqt, &ds, false);
-        self.block_scaled_gemm((&m, d, &ci), (&hq, &hs), &load, &scale, (&y.0, &y.1, ""));
+        self.expert_fprop(
+            (&ex, &m),
+            (inter, d),
+            [(&gqt, &gs), (&uqt, &us), (&dqt, &ds)],
+            (&xe, &xq, &xs),
+            (&g, &u, &h, &hq, &hs),
+            &y,
+        );
         // d weights and dy_e = w dy per pair.
         self.line(&format!(
             "scf.for %dw_r = {c0} to {m} step {c1} {{
