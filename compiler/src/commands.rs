@@ -21,22 +21,26 @@ pub fn require_backend(backend: &str) -> Result<(), String> {
     }
 }
 
-/// `--backend cuda`: the model compiled for sm_90a into a scratch artifact whose plan holds
-/// `rows` rows and `context` cache rows, loaded on this machine's GPU with the checkpoint (what
-/// `v3c compile --target sm_90a --out DIR` then `v3r` do). Without a GPU: one line, before
-/// anything is compiled. The scratch directory lives as long as the returned guard.
-fn gpu_program(
-    model_dir: &Path,
-    precision: Precision,
-    rows: usize,
-    context: usize,
-) -> Result<(v3c_runtime::cuda::GpuArtifact, tempfile::TempDir, String), String> {
-    let device = v3c_runtime::device::probe_device(0).map_err(|e| {
+/// This machine's GPU for `--backend cuda`, or one line saying what is missing.
+fn cuda_device() -> Result<v3c_runtime::device::DeviceInfo, String> {
+    v3c_runtime::device::probe_device(0).map_err(|e| {
         format!(
             "--backend cuda needs this machine's GPU: {e}; elsewhere compile with `v3c compile --target sm_90a \
-             --out DIR` and run the artifact with `v3r` on the GPU machine"
+             --out DIR` (--train for a training step) and run the artifact with `v3r` on the GPU machine"
         )
-    })?;
+    })
+}
+
+/// `model_dir` compiled for sm_90a into a scratch artifact (a plan for `sizes`; `train`: the
+/// training step) and loaded on `device` with the checkpoint in `model_dir` — what `v3c compile
+/// --target sm_90a` then `v3r` do. The scratch directory lives as long as the returned guard.
+fn compile_and_load(
+    device: &v3c_runtime::device::DeviceInfo,
+    model_dir: &Path,
+    precision: Precision,
+    sizes: v3c_compiler::plan::PlanSizes,
+    train: Option<v3c_models::train::TrainConfig>,
+) -> Result<(v3c_runtime::cuda::GpuArtifact, tempfile::TempDir), String> {
     let scratch = tempfile::tempdir().map_err(|e| format!("a scratch directory: {e}"))?;
     let artifact = scratch.path().join("model");
     let gpu = v3c_compiler::target::DeviceModel::by_name(&device.name).map_or("H200", |d| d.name);
@@ -48,13 +52,27 @@ fn gpu_program(
         tuning: None,
         out: Some(&artifact),
         force: false,
-        sizes: v3c_compiler::plan::PlanSizes { rows: rows.max(1), context },
+        sizes,
         speculative: false,
-        train: None,
+        train,
     })?;
     let a = v3c_runtime::artifact::Artifact::open(&artifact).map_err(|e| e.to_string())?;
     let loaded =
         v3c_runtime::cuda::GpuArtifact::load(a, model_dir, device.ordinal, &mut |what| tracing::debug!("{what}"))?;
+    Ok((loaded, scratch))
+}
+
+/// `--backend cuda` for `logits` and `run`: the model for `rows` rows and `context` cache rows on
+/// this machine's GPU (see [`compile_and_load`]); without a GPU one line before anything is compiled.
+fn gpu_program(
+    model_dir: &Path,
+    precision: Precision,
+    rows: usize,
+    context: usize,
+) -> Result<(v3c_runtime::cuda::GpuArtifact, tempfile::TempDir, String), String> {
+    let device = cuda_device()?;
+    let sizes = v3c_compiler::plan::PlanSizes { rows: rows.max(1), context };
+    let (loaded, scratch) = compile_and_load(&device, model_dir, precision, sizes, None)?;
     Ok((loaded, scratch, format!("cuda:{} ({})", device.ordinal, device.name)))
 }
 
@@ -1509,34 +1527,12 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
 /// run on this machine's GPU as `v3r train` runs one (the step's launches on the device, AdamW on
 /// the host). Without a GPU it stops before anything is compiled or written.
 fn train_on_gpu(o: &TrainOptions) -> Result<(), String> {
-    let device = v3c_runtime::device::probe_device(0).map_err(|e| {
-        format!(
-            "--backend cuda needs this machine's GPU: {e}; elsewhere compile the step with `v3c compile --target \
-             sm_90a --train --out DIR` and run `v3r train DIR` on the GPU machine"
-        )
-    })?;
+    let device = cuda_device()?;
     let run = v3c_runtime::training::Run::prepare(&o.run)?;
     let source = if o.run.resume { o.run.out } else { o.run.model_dir };
-    let scratch = tempfile::tempdir().map_err(|e| format!("a scratch directory: {e}"))?;
-    let artifact = scratch.path().join("train_step");
-    let model = source.display().to_string();
-    let gpu = v3c_compiler::target::DeviceModel::by_name(&device.name).map_or("H200", |d| d.name);
     let precision = if o.run.fp8 { v3c_models::Precision::Fp8 } else { v3c_models::Precision::F32 };
-    compile(&CompileGpuOptions {
-        model: &model,
-        target: v3c_compiler::target::SM90A,
-        precision: Some(precision),
-        gpu,
-        tuning: None,
-        out: Some(&artifact),
-        force: false,
-        sizes: v3c_compiler::plan::PlanSizes { rows: o.run.seq, context: 0 },
-        speculative: false,
-        train: Some(run.trainer.train.clone()),
-    })?;
-    let a = v3c_runtime::artifact::Artifact::open(&artifact).map_err(|e| e.to_string())?;
-    let loaded =
-        v3c_runtime::cuda::GpuArtifact::load(a, source, device.ordinal, &mut |what| tracing::debug!("{what}"))?;
+    let sizes = v3c_compiler::plan::PlanSizes { rows: o.run.seq, context: 0 };
+    let (loaded, _scratch) = compile_and_load(&device, source, precision, sizes, Some(run.trainer.train.clone()))?;
     let mut step = v3c_runtime::training::ArtifactStep::new(loaded, &run.trainer, o.run.seq)?;
     run.execute(&o.run, &mut step, &format!("cuda:{} ({}, sm_90a)", device.ordinal, device.name))
 }
