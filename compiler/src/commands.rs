@@ -31,15 +31,16 @@ fn cuda_device() -> Result<v3c_runtime::device::DeviceInfo, String> {
     })
 }
 
-/// `model_dir` compiled for sm_90a into a scratch artifact (a plan for `sizes`; `train`: the
-/// training step) and loaded on `device` with the checkpoint in `model_dir` — what `v3c compile
-/// --target sm_90a` then `v3r` do. The scratch directory lives as long as the returned guard.
+/// `model_dir` compiled for sm_90a into a scratch artifact (a plan for `sizes`; a training step
+/// with `train`: its weights the trainer's parameters) and loaded on `device` with the checkpoint
+/// in `model_dir` — what `v3c compile --target sm_90a` then `v3r` do. The scratch directory lives
+/// as long as the returned guard.
 fn compile_and_load(
     device: &v3c_runtime::device::DeviceInfo,
     model_dir: &Path,
     precision: Precision,
     sizes: v3c_compiler::plan::PlanSizes,
-    train: Option<v3c_models::train::TrainConfig>,
+    train: Option<&v3c_models::train::Trainer>,
 ) -> Result<(v3c_runtime::cuda::GpuArtifact, tempfile::TempDir), String> {
     let scratch = tempfile::tempdir().map_err(|e| format!("a scratch directory: {e}"))?;
     let artifact = scratch.path().join("model");
@@ -54,11 +55,17 @@ fn compile_and_load(
         force: false,
         sizes,
         speculative: false,
-        train,
+        train: train.map(|t| t.train.clone()),
     })?;
     let a = v3c_runtime::artifact::Artifact::open(&artifact).map_err(|e| e.to_string())?;
-    let loaded =
-        v3c_runtime::cuda::GpuArtifact::load(a, model_dir, device.ordinal, &mut |what| tracing::debug!("{what}"))?;
+    let mut progress = |what: &str| tracing::debug!("{what}");
+    let loaded = match train {
+        Some(t) => {
+            let weights = v3c_runtime::gpu::Weights::Params(&t.params);
+            v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, device.ordinal, &mut progress)?
+        }
+        None => v3c_runtime::cuda::GpuArtifact::load(a, model_dir, device.ordinal, &mut progress)?,
+    };
     Ok((loaded, scratch))
 }
 
@@ -1532,7 +1539,7 @@ fn train_on_gpu(o: &TrainOptions) -> Result<(), String> {
     let source = if o.run.resume { o.run.out } else { o.run.model_dir };
     let precision = if o.run.fp8 { v3c_models::Precision::Fp8 } else { v3c_models::Precision::F32 };
     let sizes = v3c_compiler::plan::PlanSizes { rows: o.run.seq, context: 0 };
-    let (loaded, _scratch) = compile_and_load(&device, source, precision, sizes, Some(run.trainer.train.clone()))?;
+    let (loaded, _scratch) = compile_and_load(&device, source, precision, sizes, Some(&run.trainer))?;
     let mut step = v3c_runtime::training::ArtifactStep::new(loaded, &run.trainer, o.run.seq)?;
     run.execute(&o.run, &mut step, &format!("cuda:{} ({}, sm_90a)", device.ordinal, device.name))
 }

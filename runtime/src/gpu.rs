@@ -877,6 +877,9 @@ pub enum Weights<'a> {
     /// Made-up values of the right shapes and types, from a seed: for timing without a
     /// checkpoint (a full-width slice of DeepSeek-V3 is tens of GiB). The outputs mean nothing.
     Random(u64),
+    /// A trainer's f32 parameters (checkpoint names; stacked experts bound as their stack): a
+    /// training step's weights without reading the checkpoint again.
+    Params(&'a std::collections::HashMap<String, v3c_models::tensor::Tensor>),
 }
 
 impl Weights<'_> {
@@ -891,6 +894,13 @@ impl Weights<'_> {
                 plan_bytes(&w, dtype).map_err(|e| format!("{name}: {e}"))
             }
             Weights::Random(seed) => Ok(random_weight(name, shape.iter().product(), dtype, *seed)),
+            Weights::Params(params) => {
+                let w = crate::training::bound_weight(name, params).map_err(|e| e.to_string())?;
+                if w.shape != shape {
+                    return Err(format!("weight {name}: shape {:?}, the plan's is {shape:?}", w.shape));
+                }
+                plan_bytes(&w, dtype).map_err(|e| format!("{name}: {e}"))
+            }
         }
     }
 }

@@ -812,9 +812,10 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         fp8: info.fp8,
     };
     let run = Run::prepare(&options).map_err(Failure::Other)?;
-    let source = if args.run.resume { args.run.out.as_path() } else { args.weights.as_path() };
+    // The artifact's weights are the trainer's parameters (read once, bound again at every step).
+    let weights = v3c_runtime::gpu::Weights::Params(&run.trainer.params);
     if !on_gpu {
-        let artifact = v3c_runtime::cpu::CpuArtifact::load(a, source).map_err(Failure::Other)?;
+        let artifact = v3c_runtime::cpu::CpuArtifact::load_weights(a, &weights).map_err(Failure::Other)?;
         let mut step = ArtifactStep::new(artifact, &run.trainer, options.seq).map_err(Failure::Other)?;
         return run.execute(&options, &mut step, "cpu artifact").map_err(Failure::Other);
     }
@@ -822,7 +823,7 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
     // into the bound weights at every step, gradients read back).
     let ordinal = args.device;
     let (bar, mut tick) = load_progress(&a);
-    let gpu = v3c_runtime::cuda::GpuArtifact::load(a, source, ordinal, &mut tick).map_err(Failure::Other)?;
+    let gpu = v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, ordinal, &mut tick).map_err(Failure::Other)?;
     bar.finish_and_clear();
     let mut step = ArtifactStep::new(gpu, &run.trainer, options.seq).map_err(Failure::Other)?;
     run.execute(&options, &mut step, &format!("sm_90a artifact on cuda:{ordinal}")).map_err(Failure::Other)
@@ -844,17 +845,13 @@ fn bench_train(args: &BenchTrainArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Other(format!("{dir}/manifest.json: model config: {e}")))?;
     let planned = a.plan.entries.iter().find(|e| e.name == TRAIN_ENTRY).map(|e| e.sizes.rows).unwrap_or(0);
     let seq = args.seq.unwrap_or(planned);
-    let ckpt;
-    let (params, weights) = match (&args.weights, args.random_weights) {
+    let params = match (&args.weights, args.random_weights) {
         (Some(path), _) => {
             a.check_weights(path).map_err(Failure::Other)?;
-            ckpt = v3c_models::checkpoint::Checkpoint::open(path).map_err(|e| Failure::Other(e.to_string()))?;
-            let params = v3c_models::train::load_params(&config, &ckpt).map_err(|e| Failure::Other(e.to_string()))?;
-            (params, v3c_runtime::gpu::Weights::Checkpoint(&ckpt))
+            let ckpt = v3c_models::checkpoint::Checkpoint::open(path).map_err(|e| Failure::Other(e.to_string()))?;
+            v3c_models::train::load_params(&config, &ckpt).map_err(|e| Failure::Other(e.to_string()))?
         }
-        (None, Some(seed)) => {
-            (random_params(&config, seed).map_err(Failure::Other)?, v3c_runtime::gpu::Weights::Random(seed))
-        }
+        (None, Some(seed)) => random_params(&config, seed).map_err(Failure::Other)?,
         (None, None) => unreachable!("clap requires one"),
     };
     let train = v3c_models::train::TrainConfig {
@@ -867,6 +864,8 @@ fn bench_train(args: &BenchTrainArgs) -> Result<(), Failure> {
     };
     let mut trainer =
         v3c_models::train::Trainer::new(&config, params, train).map_err(|e| Failure::Other(format!("{dir}: {e}")))?;
+    // The artifact's weights are the trainer's parameters (bound again at every step).
+    let weights = v3c_runtime::gpu::Weights::Params(&trainer.params);
     let start = std::time::Instant::now();
     let mut report = |t: &StepTiming| {
         eprintln!(
