@@ -514,11 +514,12 @@ fn compile_for_sm90a_lowers_the_training_step() {
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
     for line in [
-        "compile: matmul_0 -> rows_matmul_d8_nt_t32 [row kernel",
+        // f32 matmuls on the tensor cores: both operands split into bf16 hi + lo, three GEMMs.
+        "compile: matmul_0 -> 5 launches: rows_splitbf16_d96_t32 -> rows_splitbf16_d96_t32 -> GEMM N 8 K 96 (",
         "compile: embed_grad_0 -> rows_embedgrad_d96_t32 [row kernel",
         "compile: rope_grad_1 -> rows_rope_d16_h4_t32_il_inv [row kernel",
         "compile: rms_norm_grad_0 -> 2 launches: rows_rmsnormgrad_f32_d96_t32_eps1em6 -> rows_rmsnormdw_d96_t32",
-        "compile: linear_1 -> 4 launches: rows_matmul_d160_nt_t32 -> rows_columns_d40_o0_s40_t32",
+        "compile: linear_1 -> 8 launches: rows_splitbf16_d48_t32 -> rows_splitbf16_d48_t32 -> GEMM N 160 K 48 (",
     ] {
         assert!(err.contains(line), "{line}: {err}");
     }
@@ -643,7 +644,10 @@ fn compile_for_sm90a_lowers_the_training_step() {
         "compile: fp8_linear_0 -> 4 launches: rows_quantize_d96_t32 -> rows_qblocks_d128_b1_t256 -> GEMM N 48 K 96";
     assert!(err.contains(fprop), "{err}");
     assert!(
-        err.contains("compile: fp8_linear_wgrad_0 -> 3 launches: rows_qcols_d96_t32 -> rows_qcols_d160_t32"),
+        err.contains(
+            "compile: fp8_linear_wgrad_0 -> 3 launches: rows_qcolst_d96_t32 -> rows_qcolst_d160_t32 -> GEMM M 96 N 160 \
+             K tokens (decode gemm_fp8_f32_"
+        ),
         "{err}"
     );
     let info = run_binary("v3r", &["info", fp8_art.to_str().unwrap()]);

@@ -103,8 +103,8 @@ for p in 1 2; do
   target/release/v3c run --model-dir .device/e2e/ckpt --prompt-tokens "$(cat .device/e2e/prompt$p.txt)" \
     --max-new-tokens 16 --backend cpu --precision fp8 --ignore-eos 2>/dev/null
 done > .device/e2e/expected_tokens.txt
-# Training: the tiny model (MoE layers + MTP) as sm_90a training-step artifacts, f32 (every kernel on CUDA
-# cores) and the FP8 recipe (projections on the fp8 GEMM template), and as cpu ones, with the cpu
+# Training: the tiny model (MoE layers + MTP) as sm_90a training-step artifacts, f32 (matmuls as bf16
+# hi/lo tensor-core GEMMs) and the FP8 recipe (projections on the fp8 GEMM template), and as cpu ones, with the cpu
 # artifacts' loss logs for 4 steps of 2 x 32 tokens on a repeating-pattern corpus (the reference for `v3r
 # train` on the GPU).
 rm -rf .device/train && mkdir -p .device/train

@@ -664,18 +664,11 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         }
         let source =
             |m: usize| sources.iter().find(|(k, mm, _)| *k == g.kernel && *mm == m).map_or("", |(_, _, s)| s.as_str());
+        eprintln!("compile: {} ({}) decode -> {decode} [{}]", g.kernel, g.dims(), source(v3c_compiler::tune::DECODE_M));
         eprintln!(
-            "compile: {} (N {} K {}) decode -> {decode} [{}]",
+            "compile: {} ({}) prefill -> {prefill} [{}]",
             g.kernel,
-            g.n,
-            g.k,
-            source(v3c_compiler::tune::DECODE_M)
-        );
-        eprintln!(
-            "compile: {} (N {} K {}) prefill -> {prefill} [{}]",
-            g.kernel,
-            g.n,
-            g.k,
+            g.dims(),
             source(v3c_compiler::tune::PREFILL_M)
         );
     }
@@ -697,12 +690,13 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
                 (StepKernel::Row(k), _) => k.kernel_name(),
                 (StepKernel::Gemm(g), Some([decode, prefill])) => match &g.grouped {
                     Some(gr) => format!(
-                        "grouped GEMM over {} experts, N {} K {} (decode {decode}, prefill {prefill})",
-                        gr.groups, g.n, g.k
+                        "grouped GEMM over {} experts, {} (decode {decode}, prefill {prefill})",
+                        gr.groups,
+                        g.dims()
                     ),
-                    None => format!("GEMM N {} K {} (decode {decode}, prefill {prefill})", g.n, g.k),
+                    None => format!("GEMM {} (decode {decode}, prefill {prefill})", g.dims()),
                 },
-                (StepKernel::Gemm(g), None) => format!("GEMM N {} K {}", g.n, g.k),
+                (StepKernel::Gemm(g), None) => format!("GEMM {}", g.dims()),
             })
             .collect();
         let table = if steps.rope_table.is_some() { ", + a RoPE table built at load" } else { "" };
@@ -854,6 +848,7 @@ fn write_gpu_artifact(
         Operand::Temp(i) => OperandSpec::Temp(i),
         Operand::RopeTable => OperandSpec::RopeTable,
         Operand::TempRows { temp, first, rows } => OperandSpec::TempRows { temp, first, rows },
+        Operand::TempRowsOf { temp, arg } => OperandSpec::TempRowsOf { temp, arg },
     };
     let table = |t: &v3c_compiler::conversion::sm90::lower::RopeTable| lw::RopeTableSpec {
         dim: t.dim,
@@ -914,7 +909,7 @@ fn write_gpu_artifact(
         });
         let temps = if g.results.len() > 1 {
             operands.push(OperandSpec::Temp(0));
-            vec![lw::TempSpec { rows_factor: 1, cols: g.n, dtype: "f32".into(), fixed_rows: None }]
+            vec![lw::TempSpec { rows_factor: 1, cols: g.n, dtype: "f32".into(), fixed_rows: None, run_cols: None }]
         } else {
             operands.push(OperandSpec::Result(0));
             Vec::new()
@@ -977,6 +972,7 @@ fn write_gpu_artifact(
                     cols: t.cols,
                     dtype: t.element.clone(),
                     fixed_rows: t.fixed_rows,
+                    run_cols: t.run_cols,
                 })
                 .collect(),
             rope_table: steps.rope_table.as_ref().map(table),
@@ -1448,7 +1444,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
             "kernel": shape.signature(),
             "model_kernels": kernels,
             "m": shape.m,
-            "m_bucket": tune::m_bucket(shape.m),
+            "m_bucket": shape.bucket(),
             "n": shape.n,
             "k": shape.k,
             "residual": shape.residual,

@@ -38,7 +38,7 @@ impl Memory for HostMemory {
 
 /// What a GEMM template launch computes, read from its parameters as the kernel reads them (tensor
 /// maps for A and B, then the memrefs in the template's order): `out = A . B^T` per 128-wide K
-/// block with the 1x128 / 128x128 scales (fp8), grouped rows by offsets (gathered through the
+/// block with the 1x128 / 128x128 (or, `b_row_scales`, 1x128) scales (fp8), grouped rows by offsets (gathered through the
 /// permutation, weighted by the row scale, scattered into token rows), plus the residual.
 ///
 /// # Safety
@@ -100,7 +100,7 @@ pub unsafe fn emulate_gemm(abi: &GemmAbi, l: &KernelLaunch) -> Result<(), String
             }
             let scale = match (&a_scale, &b_scale) {
                 (Some((sa, sas)), Some((sb, sbs))) => {
-                    f32_at(*sa, arow * sas[1] + blk) * f32_at(*sb, brow / 128 * sbs[1] + blk)
+                    f32_at(*sa, arow * sas[1] + blk) * f32_at(*sb, abi.b_scale_row(brow) * sbs[1] + blk)
                 }
                 _ => 1.0,
             };

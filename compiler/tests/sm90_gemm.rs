@@ -27,7 +27,8 @@ fn configs() -> Vec<GemmConfig> {
 }
 
 /// The scheduling and epilogue variants: two consumer warpgroups, a producer warpgroup, persistent
-/// rasterized tile loops, split K with the workspace reduction, the residual epilogue.
+/// rasterized tile loops, split K with the workspace reduction, the residual epilogue, per-row B
+/// scales.
 fn variants() -> Vec<GemmConfig> {
     let bf16 = GemmConfig::new(GemmInput::Bf16, GemmOutput::Bf16, 128, 128, 4);
     let fp8 = GemmConfig::new(GemmInput::Fp8, GemmOutput::Bf16, 128, 128, 6);
@@ -41,6 +42,10 @@ fn variants() -> Vec<GemmConfig> {
         GemmConfig { output: GemmOutput::F32, block_m: 64, stages: 6, split_k: true, ..bf16 },
         // A cluster of two: B tiles multicast to both blocks.
         GemmConfig { consumers: 2, specialized: true, persistent: true, raster: 8, cluster: 2, ..fp8 },
+        // Wgrad's form (B scales per row, each output column promoted with its own): as the FP8
+        // training step picks it, and with split K over few tokens.
+        GemmConfig { output: GemmOutput::F32, consumers: 2, specialized: true, b_row_scales: true, ..fp8 },
+        GemmConfig { output: GemmOutput::F32, block_m: 64, stages: 5, split_k: true, b_row_scales: true, ..fp8 },
     ]
     .into_iter()
     .chain(grouped())
@@ -273,6 +278,10 @@ fn configs_that_do_not_fit_are_rejected_before_codegen() {
     assert!(err.contains("cluster size 2: needs the producer warpgroup"), "{err}");
     let err = GemmConfig { cluster: 4, specialized: true, ..base }.validate(t).unwrap_err();
     assert!(err.contains("only clusters of 2"), "{err}");
+    let err = GemmConfig { b_row_scales: true, ..base }.validate(t).unwrap_err();
+    assert!(err.contains("per-row B scales go with dense fp8 GEMMs only"), "{err}");
+    let err = GemmConfig { b_row_scales: true, ..grouped }.validate(t).unwrap_err();
+    assert!(err.contains("per-row B scales go with dense fp8 GEMMs only"), "{err}");
     let context = v3c_compiler::mlir::new_context();
     let err = sm90::compile_gemm(&context, &GemmConfig { stages: 1, ..base }, t).unwrap_err().to_string();
     assert!(err.starts_with("gemm_bf16_f32_128x128x64_s1: "), "{err}");
@@ -305,6 +314,7 @@ fn kernel_names_round_trip_to_configs() {
     }
     assert_eq!(variants()[4].kernel_name(), "gemm_fp8_bf16_128x128x128_s6_wg2_ws_persist_r4_res");
     assert_eq!(grouped()[2].kernel_name(), "gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale");
+    assert_eq!(variants()[9].kernel_name(), "gemm_fp8_f32_64x128x128_s5_splitk_b1x128");
     for bad in [
         "gemm_bf16_f32_128x128x128_s4",
         "gemm_f16_f32_128x128x64_s4",
@@ -316,6 +326,7 @@ fn kernel_names_round_trip_to_configs() {
         "gemm_bf16_f32_128x128x64_s4_fast",
         "gemm_bf16_f32_128x128x64_s4_ws_rowscale_swiglu",
         "gemm_bf16_f32_128x128x64_s4_ws_gather_masked",
+        "gemm_fp8_f32_128x128x128_s4_b1x128_res",
     ] {
         assert_eq!(GemmConfig::from_name(bad), None, "{bad}");
     }

@@ -27,6 +27,7 @@ fn kernels() -> Vec<RowKernel> {
         ),
         RowKernel::new(RowOp::Dispatch { experts: 256, shared: 1 }, 257, "f32"),
         RowKernel::new(RowOp::SplitBf16, 7168, "f32"),
+        RowKernel::new(RowOp::SplitBf16T, 7168, "f32"),
         RowKernel::new(RowOp::Concat { second: 7168 }, 7168, "f32"),
         RowKernel::new(RowOp::MlaCombine, 512, "f32"),
         RowKernel::new(RowOp::Argmax, 129_280, "f32"),
@@ -92,12 +93,11 @@ fn training_kernels() -> Vec<RowKernel> {
         train(TrainRow::MoeGradW { down: true }, 2048, "f32"),
         train(TrainRow::MoeGradW { down: false }, 7168, "f32"),
         // The FP8 recipe: q_b's 1536-wide input rows, a [24576, 1536] master's blocks both ways,
-        // 128x1 tiles of 7168 columns, Wgrad into 7168 columns.
+        // 128x1 tiles of 7168 columns transposed (Wgrad's GEMM operands).
         train(TrainRow::Quantize, 1536, "f32"),
         train(TrainRow::QuantizeBlocks { tiles: 12, transposed: false, matrix_rows: 0 }, 128, "f32"),
         train(TrainRow::QuantizeBlocks { tiles: 192, transposed: true, matrix_rows: 0 }, 128, "f32"),
         train(TrainRow::QuantizeCols, 7168, "f32"),
-        train(TrainRow::Fp8Wgrad, 7168, "f32"),
         // The FP8 recipe's routed experts: each expert's master in blocks of its own, its products.
         train(TrainRow::QuantizeBlocks { tiles: 56, transposed: false, matrix_rows: 2048 }, 128, "f32"),
         train(TrainRow::MoeHiddenFp8 { k: 8, keep: false }, 2048, "f32"),
@@ -126,7 +126,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
         assert!(kernel.ptx.contains(&format!(".maxntid {}, 1, 1", k.threads)), "{name}: block size");
         match k.op {
             RowOp::Embed => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase, no barrier"),
-            RowOp::SplitRope { .. } | RowOp::Copy | RowOp::SplitBf16 | RowOp::Concat { .. } => {
+            RowOp::SplitRope { .. } | RowOp::Copy | RowOp::SplitBf16 | RowOp::SplitBf16T | RowOp::Concat { .. } => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase")
             }
             RowOp::Argmax => {
@@ -382,8 +382,8 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
             .temps
             .iter()
             .map(|t| {
-                let r = rows * t.rows_factor;
-                (vec![0u8; r * t.cols * width(&t.element)], vec![r, t.cols], t.element.clone())
+                let (r, c) = (t.rows(rows), t.cols(rows));
+                (vec![0u8; r * c * width(&t.element)], vec![r, c], t.element.clone())
             })
             .collect();
         assert!(!moe || per_token == out_shapes.first().map_or(0, |s| if s.len() == 3 { s[1] } else { per_token }));
@@ -412,7 +412,9 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                         raw(b, shape, e)
                     }
                     Operand::Result(i) => raw(&mut results[i], &out_shapes[i], &cpu.outputs[i].element),
-                    Operand::TempRows { .. } => panic!("inference lowerings view no temporaries' rows"),
+                    Operand::TempRows { .. } | Operand::TempRowsOf { .. } => {
+                        panic!("inference lowerings view no temporaries' rows")
+                    }
                     Operand::RopeTable => {
                         let (v, dim) = table.as_ref().unwrap();
                         RawBuffer { ptr: v.as_ptr() as *mut (), shape: vec![64, *dim], element: "f32".into() }

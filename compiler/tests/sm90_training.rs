@@ -49,6 +49,12 @@ fn fused<'c, 'a>(module: &'a Module<'c>, name: &str) -> Option<melior::ir::opera
 }
 
 /// Largest |a - b| over the largest |b| (integers: 0 or 1).
+/// How close the f32 recipe's step comes to the CPU backend's: its f32 matmuls run as three bf16
+/// tensor-core GEMMs of split operands (`hi.hi + hi.lo + lo.hi`), ~1e-5 of f32 (measured: 1.8e-5
+/// at worst, a one-token dense step). The FP8 recipe's steps keep 1e-5 (their f32 matmuls stay on CUDA
+/// cores in the reference's order).
+const F32_TENSOR_CORES: f32 = 3e-5;
+
 fn relative_error(a: &HostData, b: &HostData) -> f32 {
     match (a, b) {
         (HostData::F32(a), HostData::F32(b)) => {
@@ -137,7 +143,7 @@ fn per_kernel(dense: bool, fp8: bool, tokens: usize) -> (f32, String, usize, BTr
 #[test]
 fn the_training_step_through_its_sm90a_launches_equals_the_cpu_backend() {
     for (dense, tokens) in [(false, 9), (true, 1), (true, 13), (true, 130)] {
-        let (lowered, kept, worst) = whole_step(dense, false, tokens, 1e-5);
+        let (lowered, kept, worst) = whole_step(dense, false, tokens, F32_TENSOR_CORES);
         eprintln!("dense {dense}, {tokens} tokens: {} kernels as sm_90a launches; worst {worst:e}", lowered.len());
         assert!(kept.is_empty(), "kernels without an sm_90a lowering: {kept:?}");
         for kind in [
@@ -202,7 +208,7 @@ fn the_fp8_training_step_through_its_sm90a_launches_equals_the_cpu_backend() {
 fn every_sm90a_training_kernel_equals_the_cpu_kernel_on_its_inputs() {
     let (worst, at, calls, kept) = per_kernel(false, false, 150);
     eprintln!("f32 MoE + MTP, 150 tokens, kernel by kernel: {calls} calls; worst {worst:e} ({at})");
-    assert!(worst < 1e-5 && kept.is_empty(), "{at}: relative error {worst:e}; not lowered: {kept:?}");
+    assert!(worst < F32_TENSOR_CORES && kept.is_empty(), "{at}: relative error {worst:e}; not lowered: {kept:?}");
 }
 
 /// The artifact `v3c compile --target sm_90a --train` writes, run by the runtime's own launch
@@ -249,7 +255,8 @@ fn the_sm90a_training_artifact_emulated_equals_the_cpu_backend() {
                         != want[*name],
                 )),
             };
-            assert!(err < 1e-5, "dense {dense}, fp8 {fp8}: {name}: relative error {err:e}");
+            let tolerance = if fp8 { 1e-5 } else { F32_TENSOR_CORES };
+            assert!(err < tolerance, "dense {dense}, fp8 {fp8}: {name}: relative error {err:e}");
             worst = worst.max(err);
         }
         eprintln!(
@@ -261,7 +268,8 @@ fn the_sm90a_training_artifact_emulated_equals_the_cpu_backend() {
 
 /// `v3r train`'s GPU path with the device swapped for its host emulation: the sm_90a artifact as
 /// the trainer's step backend (parameters rebound into its weights at every optimizer step,
-/// gradients read back) follows the CPU backend's training for three AdamW steps.
+/// gradients read back) follows the CPU backend's training for three AdamW steps (the losses to
+/// 1e-5; the f32 recipe's tensor-core matmuls differ from f32 by ~1e-5, see [`F32_TENSOR_CORES`]).
 #[test]
 fn training_through_the_emulated_sm90a_artifact_follows_the_cpu_backend() {
     let (config, trainer, dir) = trainer(true, false);
@@ -297,6 +305,8 @@ fn training_through_the_emulated_sm90a_artifact_follows_the_cpu_backend() {
             &HostData::F32(on_gpu.params[name].as_f32().unwrap().to_vec()),
             &HostData::F32(p.as_f32().unwrap().to_vec()),
         );
-        assert!(err < 1e-4, "{name} after 3 steps: relative error {err:e}");
+        // AdamW's first steps move a weight by about lr * sign(g): a gradient near zero whose
+        // tensor-core value has the other sign moves it by up to 2 lr (measured: 5.0e-4 at worst).
+        assert!(err < 1e-3, "{name} after 3 steps: relative error {err:e}");
     }
 }

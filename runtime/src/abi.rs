@@ -46,6 +46,21 @@ pub struct GemmAbi {
     /// blocks each load their share of the B tile).
     pub a_box_rows: usize,
     pub b_box_rows: usize,
+    /// fp8: B's scales are per row, 1x128 along K as A's (`[N, ceil(K/128)]`: Wgrad's `x^T`), not
+    /// per 128x128 block (`[ceil(N/128), ceil(K/128)]`: a weight's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub b_row_scales: bool,
+}
+
+impl GemmAbi {
+    /// Row of B's scales that B row `row` reads.
+    pub fn b_scale_row(&self, row: usize) -> usize {
+        if self.b_row_scales {
+            row
+        } else {
+            row / 128
+        }
+    }
 }
 
 /// A buffer at a (device) address, row-major and contiguous.
@@ -427,6 +442,7 @@ mod tests {
             scatter: name_opts.contains(&"scatter"),
             a_box_rows: if name_opts.contains(&"gather") { 1 } else { 128 },
             b_box_rows: 64,
+            b_row_scales: false,
         }
     }
 

@@ -253,7 +253,7 @@ impl<'a> Expander<'a> {
                 let f = self.lowering_of(&l.kernel)?;
                 let mut bytes = 0;
                 for t in &f.temps {
-                    bytes += align(t.rows(entry.sizes.rows) * t.cols * element_bytes(&t.dtype)?);
+                    bytes += align(t.rows(entry.sizes.rows) * t.cols(entry.sizes.rows) * element_bytes(&t.dtype)?);
                 }
                 most = most.max(bytes);
             }
@@ -295,13 +295,13 @@ impl<'a> Expander<'a> {
             let mut temps = Vec::new();
             let mut offset = 0usize;
             for t in &f.temps {
-                let rows = t.rows(sizes.rows);
+                let (rows, cols) = (t.rows(sizes.rows), t.cols(sizes.rows));
                 temps.push(Buf {
                     addr: bindings.temps + offset as u64,
-                    shape: vec![rows, t.cols],
+                    shape: vec![rows, cols],
                     element: t.dtype.clone(),
                 });
-                offset += align(rows * t.cols * element_bytes(&t.dtype)?);
+                offset += align(rows * cols * element_bytes(&t.dtype)?);
             }
             for (si, spec) in f.launches.iter().enumerate() {
                 let at = |what: String| at(format!("step {si}: {what}"));
@@ -325,6 +325,15 @@ impl<'a> Expander<'a> {
                             }
                             let offset = (first * cols * element_bytes(&t.element)?) as u64;
                             Buf { addr: t.addr + offset, shape: vec![rows, cols], element: t.element.clone() }
+                        }
+                        OperandSpec::TempRowsOf { temp, arg } => {
+                            let t: &Buf = temps.get(temp).ok_or_else(|| at(format!("temporary {temp} missing")))?;
+                            let x = buffer(*l.args.get(arg).ok_or_else(|| at(format!("argument {arg} missing")))?)?;
+                            let rows = x.shape_at_rank(2).map_err(at)?[0];
+                            if rows > t.shape[0] {
+                                return Err(at(format!("{rows} rows of a temporary of {}", t.shape[0])));
+                            }
+                            Buf { addr: t.addr, shape: vec![rows, t.shape[1]], element: t.element.clone() }
                         }
                         OperandSpec::RopeTable => {
                             let t = f.rope_table.as_ref().ok_or_else(|| at("no RoPE table".into()))?;
@@ -450,7 +459,8 @@ impl<'a> Expander<'a> {
                                 a.shape_at_rank(2).map_err(at)?[0]
                             },
                             n: b.shape[0] / grouped.map_or(1, |gr| gr.groups.max(1)),
-                            k: gs.k,
+                            // A's width: the weight's K, or (Wgrad) the run's tokens.
+                            k: a.shape_at_rank(2).map_err(at)?[1],
                             groups: grouped.map_or(1, |gr| gr.groups),
                         };
                         let need = g.scratch(p, sms);

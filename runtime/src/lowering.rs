@@ -64,6 +64,9 @@ pub enum OperandSpec {
     RopeTable,
     /// Rows `first .. first + rows` of a temporary (viewed as `[rows, cols]`).
     TempRows { temp: usize, first: usize, rows: usize },
+    /// A temporary's first rows, as many as argument `arg` has (seen as a matrix): a copy of that
+    /// argument whose rows are not the run's (e.g. the MTP module's `T - 1`).
+    TempRowsOf { temp: usize, arg: usize },
 }
 
 /// How many blocks a launch has.
@@ -94,6 +97,7 @@ pub struct LaunchSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GemmSpec {
     pub n: usize,
+    /// K of the weights (0 for Wgrad's form: K is the run's tokens, A and B are temporaries).
     pub k: usize,
     pub a: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,7 +145,8 @@ pub struct GroupedWeightSpec {
     pub rows: usize,
 }
 
-/// A temporary: `[rows * rows_factor, cols]` of `dtype` (rows: the run's), or `[fixed_rows, cols]`.
+/// A temporary: `[rows * rows_factor, cols]` of `dtype` (rows: the run's), or `[fixed_rows, cols]`;
+/// with `run_cols`, its columns follow the run's rows instead of `cols` (a transposed activation).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TempSpec {
     pub rows_factor: usize,
@@ -149,12 +154,33 @@ pub struct TempSpec {
     pub dtype: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fixed_rows: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_cols: Option<RunCols>,
 }
 
 impl TempSpec {
     /// Its rows for a run of `rows` rows.
     pub fn rows(&self, rows: usize) -> usize {
         self.fixed_rows.unwrap_or(rows * self.rows_factor)
+    }
+
+    /// Its columns for a run of `rows` rows.
+    pub fn cols(&self, rows: usize) -> usize {
+        self.run_cols.map_or(self.cols, |c| c.cols(rows))
+    }
+}
+
+/// Columns that follow a run's rows: one per `group` rows (the last group partial), rounded up to
+/// a multiple of `align` (e.g. a transposed e4m3 activation: TMA needs rows of 16-byte multiples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunCols {
+    pub group: usize,
+    pub align: usize,
+}
+
+impl RunCols {
+    pub fn cols(&self, rows: usize) -> usize {
+        rows.div_ceil(self.group.max(1)).next_multiple_of(self.align.max(1))
     }
 }
 
@@ -186,6 +212,7 @@ impl Lowering {
                         OperandSpec::TempRows { temp, first, rows } => {
                             f.temps.get(temp).is_some_and(|t| t.fixed_rows.is_some_and(|fixed| first + rows <= fixed))
                         }
+                        OperandSpec::TempRowsOf { temp, .. } => temp < f.temps.len(),
                         OperandSpec::RopeTable => f.rope_table.is_some(),
                         OperandSpec::Arg(_) | OperandSpec::Result(_) => true,
                     };

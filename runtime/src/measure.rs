@@ -56,6 +56,8 @@ fn ints_of(v: &[i32]) -> Vec<u8> {
 /// One problem's operands on the host and the device.
 struct Operands {
     fp8: bool,
+    /// B's scales per row (else per 128 rows).
+    b_row_scales: bool,
     k: usize,
     n: usize,
     a: Vec<u8>,
@@ -89,7 +91,8 @@ impl Operands {
                 part += f64::from(self.element(&self.a, a_row, c)) * f64::from(self.element(&self.b, b_row, c));
             }
             let scale = if self.fp8 {
-                f64::from(self.a_scale[a_row * kb + blk]) * f64::from(self.b_scale[b_row / 128 * kb + blk])
+                f64::from(self.a_scale[a_row * kb + blk])
+                    * f64::from(self.b_scale[if self.b_row_scales { b_row } else { b_row / 128 } * kb + blk])
             } else {
                 1.0
             };
@@ -264,15 +267,17 @@ fn measure(
     let n_out = if default.swiglu { n / 2 } else { n };
     let out_rows = if default.scatter { m } else { rows };
     let kb = k.div_ceil(128);
+    let b_scale_rows = if default.b_row_scales { groups * n } else { (groups * n).div_ceil(128) };
     let mut rand = Rand(0x9E37_79B9_7F4A_7C15 ^ (seed + 1));
     let mut ops = Operands {
         fp8,
+        b_row_scales: default.b_row_scales,
         k,
         n,
         a: rand.operand(a_rows * k, fp8),
         a_scale: rand.floats(a_rows * kb, 1e-3, 1e-2),
         b: rand.operand(groups * n * k, fp8),
-        b_scale: rand.floats((groups * n).div_ceil(128) * kb, 1e-3, 1e-2),
+        b_scale: rand.floats(b_scale_rows * kb, 1e-3, 1e-2),
         residual: problem.residual.then(|| rand.floats(m * n_out, -1.0, 1.0)),
         row_scale: rand.floats(rows.max(1), 0.0, 1.0),
         offsets,
@@ -285,8 +290,7 @@ fn measure(
     let a = buf(upload(&ops.a, "A", &mut held)?, vec![a_rows, k], in_el);
     let b = buf(upload(&ops.b, "B", &mut held)?, vec![groups * n, k], in_el);
     let a_scale = buf(upload(&bytes_of(&ops.a_scale), "A scales", &mut held)?, vec![a_rows, kb], "f32");
-    let b_scale =
-        buf(upload(&bytes_of(&ops.b_scale), "B scales", &mut held)?, vec![(groups * n).div_ceil(128), kb], "f32");
+    let b_scale = buf(upload(&bytes_of(&ops.b_scale), "B scales", &mut held)?, vec![b_scale_rows, kb], "f32");
     let residual = match &ops.residual {
         Some(r) => Some(buf(upload(&bytes_of(r), "residual", &mut held)?, vec![m, n_out], "f32")),
         None => None,

@@ -38,6 +38,8 @@ pub struct GemmShape {
     pub output: GemmOutput,
     pub residual: bool,
     pub grouped: Option<GroupedProblem>,
+    /// Wgrad's form: M fixed, K the tokens (fp8: B's scales per row, 1x128 along K as A's).
+    pub wgrad: bool,
 }
 
 /// A grouped GEMM's routing: `routed` experts each token picks `top_k` of, `shared` experts every
@@ -67,12 +69,15 @@ impl GroupedProblem {
 }
 
 impl GemmShape {
-    /// The shape of `kernel` at `m` rows (grouped: `m` tokens).
+    /// The shape of `kernel` at `m` rows (grouped: `m` tokens; Wgrad's form: its fixed M, and K is
+    /// the `m` tokens).
     pub fn of(kernel: &GemmKernel, m: usize) -> GemmShape {
+        let (m, k) = kernel.fixed_m.map_or((m, kernel.k), |rows| (rows, m));
         GemmShape {
             m,
             n: kernel.n,
-            k: kernel.k,
+            k,
+            wgrad: kernel.fixed_m.is_some(),
             input: kernel.input,
             output: kernel.output,
             residual: kernel.residual.is_some(),
@@ -87,6 +92,16 @@ impl GemmShape {
         }
     }
 
+    /// Whether its kernels take B's scales per row (fp8 in Wgrad's form).
+    pub fn b_row_scales(&self) -> bool {
+        self.wgrad && self.input == GemmInput::Fp8
+    }
+
+    /// The database's bucket of this shape's dynamic dim: M, or Wgrad's K (the tokens).
+    pub fn bucket(&self) -> usize {
+        m_bucket(if self.wgrad { self.k } else { self.m })
+    }
+
     /// What the tuning database keys a kernel by (with the M bucket): types, N, K, epilogue; grouped,
     /// the grouping and the routing too.
     pub fn signature(&self) -> String {
@@ -96,6 +111,10 @@ impl GemmShape {
             GemmOutput::Bf16 => "bf16",
             GemmOutput::Fp8 => "fp8",
         };
+        if self.wgrad {
+            // The tokens (K) are the dynamic dim: the bucket keys them.
+            return format!("wgrad {}->{o} m{} n{}", t(self.input), self.m, self.n);
+        }
         let Some(g) = &self.grouped else {
             let residual = if self.residual { " +residual" } else { "" };
             return format!("gemm {}->{o} n{} k{}{residual}", t(self.input), self.n, self.k);
@@ -175,6 +194,7 @@ pub fn candidates(shape: &GemmShape, target: &GpuTarget) -> Vec<GemmConfig> {
                                         cluster,
                                         split_k,
                                         residual: shape.residual,
+                                        b_row_scales: shape.b_row_scales(),
                                         ..GemmConfig::new(shape.input, shape.output, block_m, block_n, stages)
                                     };
                                     if c.validate(target).is_ok() {
@@ -447,6 +467,7 @@ pub fn choose(kernel: &GemmKernel, m: usize, device: &DeviceModel, db: Option<&d
         db::Lookup::Tuned { config, .. }
             if (config.input, config.output, config.residual) != (shape.input, shape.output, shape.residual)
                 || config.grouping != shape.grouped.map_or(GemmGrouping::Dense, |g| g.grouping)
+                || config.b_row_scales != shape.b_row_scales()
                 || shape.grouped.is_some_and(|g| (config.row_scale, config.scatter) != (g.row_scale, g.scatter)) =>
         {
             let why = format!("its winner {} does not implement {}", config.kernel_name(), shape.signature());
@@ -474,7 +495,16 @@ mod tests {
     use crate::target::DeviceModel;
 
     fn shape(m: usize, n: usize, k: usize) -> GemmShape {
-        GemmShape { m, n, k, input: GemmInput::Fp8, output: GemmOutput::F32, residual: false, grouped: None }
+        GemmShape {
+            m,
+            n,
+            k,
+            input: GemmInput::Fp8,
+            output: GemmOutput::F32,
+            residual: false,
+            grouped: None,
+            wgrad: false,
+        }
     }
 
     #[test]
@@ -546,6 +576,7 @@ mod tests {
             residual: Some(4),
             results: vec![(0, 7168)],
             grouped: None,
+            fixed_m: None,
         };
         let shape = GemmShape::of(&kernel, DECODE_M);
         let entry = |winner: &str| measured(&shape, &h200, winner, 0.01);
@@ -629,6 +660,7 @@ mod tests {
                 scatter: false,
                 weights: vec![],
             }),
+            fixed_m: None,
         };
         let shape = GemmShape::of(&kernel, DECODE_M);
         assert_eq!(shape, moe(DECODE_M));

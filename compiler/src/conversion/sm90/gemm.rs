@@ -18,7 +18,8 @@
 //!
 //! fp8: each 128-wide K block accumulates into a fresh block accumulator promoted into the main f32
 //! accumulator with the A row scale x the B block scale (1x128 activation, 128x128 weight scaling),
-//! as DeepSeek-V3 prescribes. The epilogue writes the fragments straight to global memory
+//! as DeepSeek-V3 prescribes; with `b_row_scales` (Wgrad: both operands activations quantized in
+//! 128-token groups along K) x each output column's own B row scale. The epilogue writes the fragments straight to global memory
 //! (bounds-checked: ragged M and N), adding the residual when asked. Split K: each unit writes its
 //! partial tile to a workspace; the last of a tile's units (an atomic counter) sums the partials in
 //! split order — deterministic whatever order the units finish in — applies the epilogue and resets
@@ -112,6 +113,10 @@ pub struct GemmConfig {
     /// combining a token's experts in the launch (in no fixed order: f32 sums are not
     /// bit-reproducible; the deterministic alternative writes rows in sorted order).
     pub scatter: bool,
+    /// fp8: B's scales are per row of B, 1x128 along K as A's (`[N, ceil(K/128)]`), each output
+    /// column promoted with its own — Wgrad's `dW = dy^T x`, where both operands are activations
+    /// quantized in 128-token groups — not per 128x128 block.
+    pub b_row_scales: bool,
 }
 
 /// Bytes of K per pipeline stage: one 128-byte swizzle row per tile row.
@@ -146,6 +151,7 @@ impl GemmConfig {
             swiglu: false,
             row_scale: false,
             scatter: false,
+            b_row_scales: false,
         }
     }
 
@@ -242,7 +248,7 @@ impl GemmConfig {
 
     /// How [`GemmConfig::kernel_name`] spells a configuration (optional parts in this order).
     pub const NAME_FORMAT: &str = "gemm_<bf16|fp8>_<f32|bf16|fp8>_<M>x<N>x<K>_s<stages>[_wg2][_ws][_persist][_r<G>]\
-        [_contig|_gather|_masked][_splitk][_swiglu][_rowscale][_scatter][_res]";
+        [_contig|_gather|_masked][_splitk][_swiglu][_rowscale][_scatter][_res][_b1x128]";
 
     /// Blocks to launch for a grouped GEMM of `rows` group-sorted rows (masked: `groups * cap`)
     /// over `groups` groups: enough for the most tiles the rows can form (each group's last tile
@@ -307,6 +313,9 @@ impl GemmConfig {
         if self.residual {
             name.push_str("_res");
         }
+        if self.b_row_scales {
+            name.push_str("_b1x128");
+        }
         name
     }
 
@@ -333,6 +342,7 @@ impl GemmConfig {
             scatter: self.scatter,
             a_box_rows: if self.grouping == GemmGrouping::Gather { 1 } else { self.block_m },
             b_box_rows: self.block_n / self.cluster,
+            b_row_scales: self.b_row_scales,
         }
     }
 
@@ -388,6 +398,9 @@ impl GemmConfig {
             } else if part == "res" {
                 config.residual = true;
                 (11, true)
+            } else if part == "b1x128" {
+                config.b_row_scales = true;
+                (12, true)
             } else if let Some(v) = part.strip_prefix("wg") {
                 config.consumers = v.parse().ok()?;
                 (1, config.consumers != 1)
@@ -425,7 +438,10 @@ impl GemmConfig {
         if self.block_n < 16 || !self.block_n.is_multiple_of(16) || self.block_n > 256 {
             return Err(format!("{name}: block_n {} is not a multiple of 16 in 16..=256", self.block_n));
         }
-        if self.input == GemmInput::Fp8 && !128usize.is_multiple_of(self.block_n) {
+        if self.b_row_scales && (self.input != GemmInput::Fp8 || self.is_grouped()) {
+            return Err(format!("{name}: per-row B scales go with dense fp8 GEMMs only"));
+        }
+        if self.input == GemmInput::Fp8 && !self.b_row_scales && !128usize.is_multiple_of(self.block_n) {
             return Err(format!(
                 "{name}: fp8 block_n {} must divide the 128-wide weight scale block (one B scale per tile)",
                 self.block_n
@@ -536,8 +552,8 @@ fn fragment_type(n: usize) -> String {
 /// The kernel's `gpu.module` text (one `gpu.func`, `kernel`). Arguments, in order:
 /// `%a_ptr`, `%b_ptr` (CUtensorMap pointers: 2-D, K innermost, box `[128 B of K, block_m | block_n
 /// rows]`, 128-byte swizzle, out-of-bounds zero fill), `%out` (`memref<?x?xT>`, [M, N]); fp8:
-/// `%a_scale` [M, ceil(K/128)], `%b_scale` [ceil(N/128), ceil(K/128)] (f32); residual: `%residual`
-/// (`memref<?x?xT>`, [M, N]); split K: `%ws` (f32 [splits, M, N]), `%counters` (i32 [tiles],
+/// `%a_scale` [M, ceil(K/128)], `%b_scale` [ceil(N/128), ceil(K/128)] (`b_row_scales`: [N,
+/// ceil(K/128)]) (f32); residual: `%residual` (`memref<?x?xT>`, [M, N]); split K: `%ws` (f32 [splits, M, N]), `%counters` (i32 [tiles],
 /// zero before the first launch; the kernel leaves them zero), `%splits`; then `%k` (K in elements).
 /// Launch: [`GemmConfig::threads`] threads, [`GemmConfig::shared_memory_bytes`] of dynamic shared
 /// memory, [`GemmConfig::grid`] blocks.
@@ -1194,14 +1210,38 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         if !fp8 {
             return cur;
         }
-        // fp8 promotion: main += block * a_scale[row, kt] * b_scale[col0 / 128, kt].
+        // fp8 promotion: main += block * a_scale[row, kt] * b_scale[col0 / 128, kt] (per row of B:
+        // b_scale[col, kt], the thread's block_n / 4 columns loaded once, clamped to the last).
         let _ = writeln!(
             t,
-            "      %nb = arith.divui %brow0, %c128 : index
-      %sb = memref.load %b_scale[%nb, %kt] : memref<?x?xf32>
-      %m_rows = memref.dim %a_scale, %c0 : memref<?x?xf32>
+            "      %m_rows = memref.dim %a_scale, %c0 : memref<?x?xf32>
       %srow = arith.addi %row0, %trow : index"
         );
+        if c.b_row_scales {
+            let _ = writeln!(
+                t,
+                "      %n_rows = memref.dim %b_scale, %c0 : memref<?x?xf32>
+      %n_last = arith.subi %n_rows, %c1 : index
+      %bcol0 = arith.addi %brow0, %lcol : index"
+            );
+            for j in 0..c.block_n / 8 {
+                for p in 0..2 {
+                    let _ = writeln!(
+                        t,
+                        "      %bc{j}_{p}_u = arith.addi %bcol0, %c{off} : index
+      %bc{j}_{p} = arith.minui %bc{j}_{p}_u, %n_last : index
+      %sb{j}_{p} = memref.load %b_scale[%bc{j}_{p}, %kt] : memref<?x?xf32>",
+                        off = 8 * j + p
+                    );
+                }
+            }
+        } else {
+            let _ = writeln!(
+                t,
+                "      %nb = arith.divui %brow0, %c128 : index
+      %sb = memref.load %b_scale[%nb, %kt] : memref<?x?xf32>"
+            );
+        }
         let mut out = Vec::new();
         for (i, acc) in accs.iter().enumerate() {
             // The two rows this thread holds in row tile i: trow and trow + 8.
@@ -1221,19 +1261,27 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         scf.yield %v : f32
       }} else {{
         scf.yield %zero : f32
-      }}
-      %s{i}_{h} = arith.mulf %sa{i}_{h}, %sb : f32"
+      }}"
                 );
+                if !c.b_row_scales {
+                    let _ = writeln!(t, "      %s{i}_{h} = arith.mulf %sa{i}_{h}, %sb : f32");
+                }
             }
             let acc_in = format!("{acc}_in");
             let mut prev = acc_in.clone();
             for e in 0..frag_n {
                 let h = (fragment_offset(i, e).0 - i * 64) / 8;
+                if c.b_row_scales {
+                    // The element's column: 8 (e / 4) + e % 2 past the thread's first.
+                    let (j, p) = (e / 4, e % 2);
+                    let _ = writeln!(t, "      %s{i}_{h}_{e} = arith.mulf %sa{i}_{h}, %sb{j}_{p} : f32");
+                }
+                let scale = if c.b_row_scales { format!("%s{i}_{h}_{e}") } else { format!("%s{i}_{h}") };
                 let _ = writeln!(
                     t,
                     "      %bv{i}_{e} = llvm.extractvalue {blk}[{e}] : {frag}
       %mv{i}_{e} = llvm.extractvalue {acc_in}[{e}] : {frag}
-      %pv{i}_{e} = llvm.intr.fma(%bv{i}_{e}, %s{i}_{h}, %mv{i}_{e}) : (f32, f32, f32) -> f32
+      %pv{i}_{e} = llvm.intr.fma(%bv{i}_{e}, {scale}, %mv{i}_{e}) : (f32, f32, f32) -> f32
       %p{i}_{e} = llvm.insertvalue %pv{i}_{e}, {prev}[{e}] : {frag}",
                     blk = cur[i],
                 );

@@ -3,7 +3,7 @@
 //! them (an argument of lower rank than its buffer sees the leading dims collapsed), temporaries
 //! and the RoPE table allocated as the runtime allocates them. How the lowering of whole entries
 //! (e.g. the training step) is checked against the CPU backend without a GPU. A GEMM template
-//! launch (dense fp8, no grouping) is computed from its operands as its semantics say (the
+//! launch (dense bf16 or fp8, no grouping) is computed from its operands as its semantics say (the
 //! reference's block-scaled order), not as the kernel's instructions would: [`crate::emulate`]
 //! and the device checks cover the template itself.
 
@@ -48,7 +48,7 @@ impl<'c> HostRows<'c> {
             (_, Ok(steps)) => steps,
             _ => return Ok(false),
         };
-        let emulated = |g: &lower::GemmKernel| g.input == GemmInput::Fp8 && g.grouped.is_none() && g.weights.len() == 1;
+        let emulated = |g: &lower::GemmKernel| g.grouped.is_none() && g.weights.len() == 1;
         if steps.steps.iter().any(|s| matches!(&s.kernel, StepKernel::Gemm(g) if !emulated(g))) {
             return Ok(false);
         }
@@ -56,14 +56,16 @@ impl<'c> HostRows<'c> {
             .temps
             .iter()
             .map(|t| {
-                let n = t.rows(rows) * t.cols;
+                let (r, c) = (t.rows(rows), t.cols(rows));
+                let n = r * c;
                 let data = match t.element.as_str() {
                     "f32" => Ok(HostData::F32(vec![0.0; n])),
                     "i32" => Ok(HostData::I32(vec![0; n])),
                     "f8E4M3FN" => Ok(HostData::F8(vec![0; n])),
+                    "bf16" => Ok(HostData::Bf16(vec![0; n])),
                     other => Err(format!("a temporary of {other}")),
                 }?;
-                Ok(HostBuffer { shape: vec![t.rows(rows), t.cols], data })
+                Ok(HostBuffer { shape: vec![r, c], data })
             })
             .collect::<Result<_, String>>()?;
         let mut table = steps.rope_table.as_ref().map(|t| rope_table(t, rows));
@@ -92,6 +94,16 @@ impl<'c> HostRows<'c> {
                         let ptr = unsafe { (t.ptr as *mut u8).add(first * cols * bytes) } as *mut ();
                         RawBuffer { ptr, shape: vec![rows, cols], element: t.element }
                     }
+                    Operand::TempRowsOf { temp, arg } => {
+                        let t = temps[temp].raw();
+                        let x = ins.get(arg).ok_or_else(|| format!("argument {arg} missing"))?;
+                        let seen = v3c_runtime::abi::Buf { addr: 0, shape: x.shape.clone(), element: String::new() };
+                        let rows = seen.shape_at_rank(2)?[0];
+                        if rows > t.shape[0] {
+                            return Err(format!("{rows} rows of a temporary of {}", t.shape[0]));
+                        }
+                        RawBuffer { shape: vec![rows, t.shape[1]], ..t }
+                    }
                     Operand::RopeTable => table.as_mut().ok_or("a RoPE operand without a table")?.raw(),
                 };
                 // Seen at the argument's rank as the runtime sees it (its own rule).
@@ -103,7 +115,7 @@ impl<'c> HostRows<'c> {
             match &step.kernel {
                 StepKernel::Row(kernel) => self.launch(kernel, &raw)?,
                 // SAFETY: the views are the buffers' own shapes (checked by shape_at_rank).
-                StepKernel::Gemm(g) => unsafe { fp8_gemm(g, &raw)? },
+                StepKernel::Gemm(g) => unsafe { dense_gemm(g, &raw)? },
             }
         }
         Ok(true)
@@ -128,38 +140,57 @@ impl<'c> HostRows<'c> {
     }
 }
 
-/// `out = A . B^T` of an fp8 GEMM step (A `[M, K]` e4m3 with 1x128 scales, B `[N, K]` with
-/// 128x128 block scales, f32 out, plus the residual when it has one): per 128-wide K block the
-/// e4m3 products summed in order, then scaled by A's and B's scales, as the reference's
-/// `matmul_fp8`.
+/// `out = A . B^T` of a dense GEMM step, f32 out plus the residual when it has one: bf16, the
+/// products summed in order; fp8 (A `[M, K]` e4m3 with 1x128 scales, B `[N, K]` with 128x128 block
+/// scales — Wgrad's form: 1x128 as A's), per 128-wide K block the e4m3 products summed in order,
+/// then scaled by A's and B's scales, as the reference's `matmul_fp8`.
 ///
 /// # Safety
 /// The buffers address their shapes' elements.
-unsafe fn fp8_gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), String> {
-    use v3c_models::dtype::f8e4m3_to_f32;
+unsafe fn dense_gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), String> {
+    use v3c_models::dtype::{bf16_to_f32, f8e4m3_to_f32};
     let at = |i: usize| bufs.get(i).ok_or_else(|| format!("{}: operand {i} missing", g.kernel));
-    let (a, sa) = (at(g.a)?, at(g.a_scale.ok_or("an fp8 GEMM without A scales")?)?);
-    let (b, sb) = (at(g.weights[0].0)?, at(g.weights[0].1.ok_or("an fp8 GEMM without B scales")?)?);
+    let (a, b) = (at(g.a)?, at(g.weights[0].0)?);
     let out = bufs.last().ok_or("a GEMM without output")?;
-    let (m, k, n) = (a.shape[0], a.shape[1], b.shape[0]);
-    if b.shape[1] != k || out.shape != [m, n] {
+    let (k, n) = (a.shape[1], b.shape[0]);
+    // The rows both have: a kernel's buffers may hold more rows than its values (the MTP module's
+    // T - 1 in buffers of T; on the device every such buffer has the run's rows).
+    let m = a.shape[0].min(out.shape[0]);
+    if b.shape[1] != k || out.shape.len() != 2 || out.shape[1] != n {
         return Err(format!("{}: A {:?}, B {:?}, out {:?}", g.kernel, a.shape, b.shape, out.shape));
     }
-    let slice = |buf: &RawBuffer| std::slice::from_raw_parts(buf.ptr as *const u8, buf.shape.iter().product());
     let floats = |buf: &RawBuffer| std::slice::from_raw_parts(buf.ptr as *const f32, buf.shape.iter().product());
-    let (a, b, sa, sb) = (slice(a), slice(b), floats(sa), floats(sb));
+    let values = |buf: &RawBuffer| -> Vec<f32> {
+        let n = buf.shape.iter().product();
+        if g.input == GemmInput::Fp8 {
+            std::slice::from_raw_parts(buf.ptr as *const u8, n).iter().map(|&v| f8e4m3_to_f32(v)).collect()
+        } else {
+            std::slice::from_raw_parts(buf.ptr as *const u16, n).iter().map(|&v| bf16_to_f32(v)).collect()
+        }
+    };
+    let (av, bv) = (values(a), values(b));
     let residual = g.residual.map(|r| at(r).map(|r| floats(r).to_vec())).transpose()?;
-    let (kb, a_cols, b_cols) =
-        (k.div_ceil(128), bufs[g.a_scale.unwrap_or(0)].shape[1], bufs[g.weights[0].1.unwrap_or(0)].shape[1]);
+    // Scales (fp8): A's per row and 128 columns; B's per 128x128 block, or (Wgrad's form) per row.
+    let scales = match (g.a_scale, g.weights[0].1) {
+        (Some(sa), Some(sb)) if g.input == GemmInput::Fp8 => Some((at(sa)?, at(sb)?)),
+        _ if g.input == GemmInput::Fp8 => return Err(format!("{}: an fp8 GEMM without its scales", g.kernel)),
+        _ => None,
+    };
+    let b_row = |j: usize| if g.fixed_m.is_some() { j } else { j / 128 };
     let o = std::slice::from_raw_parts_mut(out.ptr as *mut f32, m * n);
+    let group = if scales.is_some() { 128 } else { k.max(1) };
     for i in 0..m {
         for j in 0..n {
             let mut acc = 0.0f32;
-            for block in 0..kb {
-                let partial: f32 = (block * 128..((block + 1) * 128).min(k))
-                    .map(|c| f8e4m3_to_f32(a[i * k + c]) * f8e4m3_to_f32(b[j * k + c]))
-                    .sum();
-                acc += partial * sa[i * a_cols + block] * sb[(j / 128) * b_cols + block];
+            for block in 0..k.div_ceil(group) {
+                let partial: f32 =
+                    (block * group..((block + 1) * group).min(k)).map(|c| av[i * k + c] * bv[j * k + c]).sum();
+                acc += match scales {
+                    Some((sa, sb)) => {
+                        partial * floats(sa)[i * sa.shape[1] + block] * floats(sb)[b_row(j) * sb.shape[1] + block]
+                    }
+                    None => partial,
+                };
             }
             o[i * n + j] = residual.as_ref().map_or(acc, |r| r[i * n + j] + acc);
         }

@@ -20,6 +20,7 @@ use melior::ir::{RegionLike, ValueLike};
 use super::gemm::{GemmInput, GemmOutput};
 use super::rows::{RowKernel, RowOp};
 use crate::verify::Shape;
+pub use v3c_runtime::lowering::RunCols;
 
 /// A fused kernel as one GEMM launch: `out[M, N] = A[M, K] . W[N, K]^T (+ residual)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +42,20 @@ pub struct GemmKernel {
     pub results: Vec<(usize, usize)>,
     /// A grouped (MoE) GEMM: one launch over every expert.
     pub grouped: Option<Grouped>,
+    /// Wgrad's form (`dW [M, n] = dy^T x`): A has these `M` rows whatever the run, K is the run's
+    /// tokens (`k` unused), and (fp8) B's scales are per row, 1x128 along K as A's.
+    pub fixed_m: Option<usize>,
+}
+
+impl GemmKernel {
+    /// Its problem in words: `N 7168 K 2048` (M: the run's rows), or Wgrad's `M 7168 N 2048 K
+    /// tokens`.
+    pub fn dims(&self) -> String {
+        match self.fixed_m {
+            Some(m) => format!("M {m} N {} K tokens", self.n),
+            None => format!("N {} K {}", self.n, self.k),
+        }
+    }
 }
 
 /// One weight of a grouped GEMM: the routed experts' `[E, rows, K]` (and scales `[E, rows / 128,
@@ -108,6 +123,7 @@ fn gemm_of(kernel: &OperationRef, f32_on_bf16: bool) -> Result<GemmKernel, Strin
         residual: None,
         results: Vec::new(),
         grouped: None,
+        fixed_m: None,
     };
     let mut residual_sum: Option<usize> = None;
     let mut op = block.first_operation();
@@ -462,6 +478,8 @@ pub enum Operand {
     RopeTable,
     /// Rows `first .. first + rows` of a temporary (e.g. one expert's entries of a per-expert table).
     TempRows { temp: usize, first: usize, rows: usize },
+    /// A temporary's first rows, as many as argument `arg` has (seen as a matrix).
+    TempRowsOf { temp: usize, arg: usize },
 }
 
 /// A temporary buffer: `[rows * rows_factor, cols]` where rows are the fused kernel's rows (a MoE
@@ -473,17 +491,29 @@ pub struct Temp {
     pub cols: usize,
     pub element: String,
     pub fixed_rows: Option<usize>,
+    /// Columns that follow the run's rows instead of `cols` (a transposed activation).
+    pub run_cols: Option<RunCols>,
 }
 
 impl Temp {
     /// `[rows * rows_factor, cols]` of `element`.
     pub fn per_row(rows_factor: usize, cols: usize, element: &str) -> Temp {
-        Temp { rows_factor, cols, element: element.into(), fixed_rows: None }
+        Temp { rows_factor, cols, element: element.into(), fixed_rows: None, run_cols: None }
+    }
+
+    /// `[rows, run_cols.cols(run rows)]` of `element`: e.g. a `[T, rows]` activation transposed.
+    pub fn transposed(rows: usize, run_cols: RunCols, element: &str) -> Temp {
+        Temp { rows_factor: 0, cols: 0, element: element.into(), fixed_rows: Some(rows), run_cols: Some(run_cols) }
     }
 
     /// Its rows for a run of `rows` rows.
     pub fn rows(&self, rows: usize) -> usize {
         self.fixed_rows.unwrap_or(rows * self.rows_factor)
+    }
+
+    /// Its columns for a run of `rows` rows.
+    pub fn cols(&self, rows: usize) -> usize {
+        self.run_cols.map_or(self.cols, |c| c.cols(rows))
     }
 }
 
@@ -529,6 +559,10 @@ pub struct Steps {
 ///   concatenated along N (f32 out), row kernel (SwiGLU + 1x128 quantization). (The GEMM template
 ///   refuses fp8 SwiGLU epilogues: gate and up rows would share a 128-row weight scale block.)
 pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
+    // The training graph's f32 x f32 matmuls (master weights) on the tensor cores.
+    if let Some(steps) = super::lower_train::tensor_core_matmul_of(kernel) {
+        return Ok(steps);
+    }
     let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("a kernel without a body")?;
     let mut ops = Vec::new();
     let mut op = block.first_operation();
@@ -562,6 +596,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         residual: None,
         results: vec![(0, n)],
         grouped: None,
+        fixed_m: None,
     };
     let bf16_gemm = |name: String, n: usize, k: usize, weights: Vec<(usize, Option<usize>)>| GemmKernel {
         kernel: name,
@@ -575,6 +610,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         residual: None,
         results: vec![(0, n)],
         grouped: None,
+        fixed_m: None,
     };
     let fused = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
     match names.iter().map(String::as_str).collect::<Vec<_>>()[..] {
@@ -787,6 +823,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 residual,
                 results: vec![(0, n)],
                 grouped: None,
+                fixed_m: None,
             };
             Ok(Steps {
                 temps: vec![Temp::per_row(1, k, "bf16"), Temp::per_row(1, k, "bf16")],
@@ -906,6 +943,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                     scatter,
                     weights,
                 }),
+                fixed_m: None,
             };
             let weight = |routed: usize, shared: usize| GroupedWeight {
                 routed,
@@ -1058,6 +1096,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 residual: None,
                 results: vec![(0, n)],
                 grouped: Some(g),
+                fixed_m: None,
             };
             use super::gemm::GemmGrouping;
             if gate_up {
@@ -1178,6 +1217,7 @@ fn split_bf16_steps(g: &GemmKernel, fused: &str, before: Vec<(Step, Temp)>, into
             residual,
             results: vec![(0, n)],
             grouped: None,
+            fixed_m: None,
         };
         steps.push(Step { kernel: StepKernel::Gemm(kernel), operands });
     }

@@ -15,7 +15,7 @@ use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::{RegionLike, Value, ValueLike};
 
 use super::gemm::{GemmInput, GemmOutput};
-use super::lower::{rope_table_of, route_op, GemmKernel, Operand, RowLaunch, Step, StepKernel, Steps, Temp};
+use super::lower::{rope_table_of, route_op, GemmKernel, Operand, RowLaunch, RunCols, Step, StepKernel, Steps, Temp};
 use super::rows::{Mla, RowKernel, RowOp, TrainRow};
 use crate::verify::Shape;
 
@@ -113,6 +113,9 @@ pub fn row_of_train_kernel(kernel: &OperationRef) -> Option<Result<RowLaunch, St
     let body = Body::of(kernel)?;
     let [name] = &body.names[..] else { return None };
     let o = &body.ops[0];
+    if f32_recipe(kernel) && tensor_core_matmul(&body).is_some() {
+        return None;
+    }
     let launch = row_of_op(&body, o, name)?;
     if !body.returns_results_of(o) {
         return Some(Err(format!("{name} with its results in another order")));
@@ -231,15 +234,21 @@ fn row_of_op(body: &Body, o: &OperationRef, name: &str) -> Option<Result<RowLaun
 /// The training kernel `kernel` as several launches (`None`: not one of these kernels):
 /// - `rms_norm_grad`: dx per row (writing each row's r to a temporary), then dw over the rows;
 /// - `concat_grad` along the last axis: each returned piece a column range of dy;
+/// - an f32 `matmul` / `linear` / `lm_head` on the tensor cores ([`matmul_steps`]) where its
+///   shapes allow;
 /// - an f32 `linear` whose output is returned whole and/or reshaped and split into column
-///   pieces: the CUDA-core matmul, then each piece copied out of it.
+///   pieces: the matmul, then each piece copied out of it.
 pub fn steps_of_train_kernel(kernel: &OperationRef) -> Option<Result<Steps, String>> {
     let body = Body::of(kernel)?;
     let names: Vec<&str> = body.names.iter().map(String::as_str).collect();
+    let tensor_cores = f32_recipe(kernel);
+    if let Some(steps) = tensor_cores.then(|| tensor_core_matmul(&body)).flatten() {
+        return Some(Ok(steps));
+    }
     match names[..] {
         ["rms_norm_grad"] => Some(rms_norm_grad(&body)),
         ["concat_grad"] => Some(concat_grad(&body)),
-        ["linear", "split"] | ["linear", "reshape", "split"] => Some(linear_pieces(&body)),
+        ["linear", "split"] | ["linear", "reshape", "split"] => Some(linear_pieces(&body, tensor_cores)),
         ["concat"] => Some(concat_rows(&body)),
         ["attention", "reshape"] | ["attention_grad"] => Some(attention(&body)),
         ["moe_experts"] => Some(moe_experts(&body)),
@@ -606,6 +615,7 @@ fn fp8_projection(body: &Body) -> Result<Steps, String> {
         residual: None,
         results: vec![(0, n)],
         grouped: None,
+        fixed_m: None,
     };
     let mut steps = vec![
         Step {
@@ -659,31 +669,47 @@ fn copies_from(body: &Body, temp: usize, n: usize) -> Result<Vec<Step>, String> 
         .collect()
 }
 
-/// The FP8 recipe's Wgrad (`dy [T, N]`, `x [T, K]` -> `[N, K]`): both quantized in 128x1 token
-/// tiles, then the block-scaled product on CUDA cores (the GEMM template's B scales are 128-row
-/// blocks; Wgrad's are per row).
+/// The FP8 recipe's Wgrad (`dy [T, N]`, `x [T, K]` -> `[N, K]`) on the tensor cores: both
+/// quantized in 128x1 token tiles into their transposes (`dy^T [N, T]`, `x^T [K, T]`, 1x128 rows
+/// along the tokens), then the fp8 GEMM template in Wgrad's form (M = N fixed, K = the tokens, B
+/// scales per row) straight into the result.
 fn fp8_wgrad(body: &Body) -> Result<Steps, String> {
     let o = &body.ops[0];
     if !body.operands_are_args(o) || !body.returns_results_of(o) || !all_f32(o) {
         return Err("fp8_linear_wgrad (f32 operands in order)".into());
     }
     let (n, k) = (width(&operand_shape(o, 0)?)?, width(&operand_shape(o, 1)?)?);
+    use super::lower::RunCols;
     use Operand::{Arg, Result as Res, Temp as Tmp};
+    let group = super::rows::GROUP;
     let cols = |c| StepKernel::Row(train_kernel(TrainRow::QuantizeCols, c, "f32"));
+    // The tokens padded to 16 bytes of e4m3 (TMA's row pitch); one scale per 128 tokens.
+    let (tokens, groups) = (RunCols { group: 1, align: 16 }, RunCols { group, align: 1 });
+    let gemm = GemmKernel {
+        kernel: format!("{}.gemm", body.name),
+        input: GemmInput::Fp8,
+        output: GemmOutput::F32,
+        n: k,
+        k: 0,
+        a: 0,
+        a_scale: Some(1),
+        weights: vec![(2, Some(3))],
+        residual: None,
+        results: Vec::new(),
+        grouped: None,
+        fixed_m: Some(n),
+    };
     Ok(Steps {
         steps: vec![
             Step { kernel: cols(n), operands: vec![Arg(0), Tmp(0), Tmp(1)] },
             Step { kernel: cols(k), operands: vec![Arg(1), Tmp(2), Tmp(3)] },
-            Step {
-                kernel: StepKernel::Row(train_kernel(TrainRow::Fp8Wgrad, k, "f32")),
-                operands: vec![Arg(0), Tmp(0), Tmp(1), Tmp(2), Tmp(3), Res(0)],
-            },
+            Step { kernel: StepKernel::Gemm(gemm), operands: vec![Tmp(0), Tmp(1), Tmp(2), Tmp(3), Res(0)] },
         ],
         temps: vec![
-            Temp::per_row(1, n, "f8E4M3FN"),
-            Temp::per_row(1, n, "f32"),
-            Temp::per_row(1, k, "f8E4M3FN"),
-            Temp::per_row(1, k, "f32"),
+            Temp::transposed(n, tokens, "f8E4M3FN"),
+            Temp::transposed(n, groups, "f32"),
+            Temp::transposed(k, tokens, "f8E4M3FN"),
+            Temp::transposed(k, groups, "f32"),
         ],
         rope_table: None,
     })
@@ -971,7 +997,143 @@ fn concat_grad(body: &Body) -> Result<Steps, String> {
     Ok(Steps { steps, temps: Vec::new(), rope_table: None })
 }
 
-fn linear_pieces(body: &Body) -> Result<Steps, String> {
+/// [`tensor_core_matmul`] of a fused kernel of the f32 training recipe.
+pub fn tensor_core_matmul_of(kernel: &OperationRef) -> Option<Steps> {
+    f32_recipe(kernel).then(|| tensor_core_matmul(&Body::of(kernel)?)).flatten()
+}
+
+/// Whether `kernel` belongs to a graph without FP8 projections (no `fp8_*` kernel beside it): its
+/// f32 matmuls go to the tensor cores ([`matmul_steps`], ~1e-5 of f32). The FP8 recipe's stay on
+/// CUDA cores in the reference's order: their outputs feed e4m3 quantizations downstream, where
+/// differences that small flip roundings (a gradient then moves by up to an e4m3 step, ~6%).
+fn f32_recipe(kernel: &OperationRef) -> bool {
+    let Some(block) = kernel.block() else { return true };
+    let mut op = block.first_operation();
+    while let Some(o) = op {
+        op = o.next_in_block();
+        let name = o.attribute("sym_name").map(|a| a.to_string()).unwrap_or_default();
+        if name.trim_matches('"').starts_with("fp8_") {
+            return false;
+        }
+    }
+    true
+}
+
+/// A one-op f32 `matmul` / `linear` / `lm_head` kernel through [`matmul_steps`] straight into its
+/// result (`None`: another kernel, or shapes the tensor-core form does not take — the row kernel
+/// runs it on CUDA cores).
+fn tensor_core_matmul(body: &Body) -> Option<Steps> {
+    let [name] = &body.names[..] else { return None };
+    let o = &body.ops[0];
+    if !matches!(name.as_str(), "matmul" | "linear" | "lm_head")
+        || o.operand_count() != 2
+        || !all_f32(o)
+        || !body.operands_are_args(o)
+        || !body.returns_results_of(o)
+    {
+        return None;
+    }
+    let (ta, tb) = if name == "matmul" { (flag(o, "transpose_a"), flag(o, "transpose_b")) } else { (false, true) };
+    let (a, b) = (operand_shape(o, 0).ok()?, operand_shape(o, 1).ok()?);
+    let mut temps = Vec::new();
+    let steps = matmul_steps(
+        &body.name,
+        (Operand::Arg(0), &a),
+        (Operand::Arg(1), &b),
+        (ta, tb),
+        Operand::Result(0),
+        &mut temps,
+    )
+    .ok()?;
+    Some(Steps { steps, temps, rope_table: None })
+}
+
+/// An f32 matmul `out = op(a) . op(b)` (2-D f32 operands, `op` transposing where asked) on the bf16
+/// tensor cores to ~2^-16 relative: each operand split into bf16 `hi + lo` (`x = hi + lo`, round
+/// to nearest even) laid out K-major as the GEMM template reads them — transposed by the split
+/// where the contraction runs over its rows (padded to 8 columns: TMA's 16-byte rows) — then
+/// `hi.hi`, `hi.lo` and `lo.hi` as three bf16 GEMMs into the f32 output, each adding onto it
+/// (`lo.lo`, ~2^-18, is dropped). A contraction over the run's rows (a weight gradient) is the
+/// template's Wgrad form (M fixed, K the tokens). Temporaries are appended to `temps`.
+fn matmul_steps(
+    fused: &str,
+    (a, a_shape): (Operand, &Shape),
+    (b, b_shape): (Operand, &Shape),
+    (ta, tb): (bool, bool),
+    out: Operand,
+    temps: &mut Vec<Temp>,
+) -> Result<Vec<Step>, String> {
+    let dims = |s: &Shape| match s.dims[..] {
+        [rows, Some(cols)] => Ok((rows, cols)),
+        _ => Err(format!("{s}: not a matrix of static width")),
+    };
+    let ((ra, ca), (rb, cb)) = (dims(a_shape)?, dims(b_shape)?);
+    // (M, K) of the A operand, (N, K) of B, as the template sees them.
+    let (m, ka) = if ta { (Some(ca), ra) } else { (ra, Some(ca)) };
+    let (n, kb) = if tb { (rb, Some(cb)) } else { (Some(cb), rb) };
+    let n = n.ok_or("a matmul whose N is dynamic")?;
+    if ka != kb {
+        return Err(format!("a matmul of {a_shape} and {b_shape}: contraction mismatch"));
+    }
+    let fixed_m = match (ka, m) {
+        (Some(k), _) if k % 8 != 0 => return Err(format!("a contraction of {k} (not a multiple of 8)")),
+        (Some(_), _) => None,
+        (None, Some(m)) => Some(m),
+        (None, None) => return Err("a matmul over the run's rows into the run's rows".into()),
+    };
+    let mut steps = Vec::new();
+    // Split x ([rows, cols] f32) into hi, lo temporaries: as rows, or transposed ([cols, rows]).
+    let mut split = |x: Operand, (rows, cols): (Option<usize>, usize), transposed: bool| {
+        let temp = |temps: &mut Vec<Temp>| {
+            let t = match (transposed, rows) {
+                (false, None) => Temp::per_row(1, cols, "bf16"),
+                (false, Some(r)) => Temp { fixed_rows: Some(r), ..Temp::per_row(1, cols, "bf16") },
+                (true, None) => Temp::transposed(cols, RunCols { group: 1, align: 8 }, "bf16"),
+                (true, Some(r)) => Temp { fixed_rows: Some(cols), ..Temp::per_row(1, r.next_multiple_of(8), "bf16") },
+            };
+            temps.push(t);
+            Operand::Temp(temps.len() - 1)
+        };
+        let (hi, lo) = (temp(temps), temp(temps));
+        let op = if transposed { RowOp::SplitBf16T } else { RowOp::SplitBf16 };
+        steps.push(Step { kernel: StepKernel::Row(RowKernel::new(op, cols, "f32")), operands: vec![x, hi, lo] });
+        // Rows that follow the run's: as many as x has (the MTP module's are one fewer).
+        match (transposed, rows, x, hi, lo) {
+            (false, None, Operand::Arg(arg), Operand::Temp(h), Operand::Temp(l)) => {
+                Ok((Operand::TempRowsOf { temp: h, arg }, Operand::TempRowsOf { temp: l, arg }))
+            }
+            (false, None, ..) => Err("a matmul of dynamic rows that are not an argument's".to_string()),
+            _ => Ok((hi, lo)),
+        }
+    };
+    let (ah, al) = split(a, (ra, ca), ta)?;
+    let (bh, bl) = split(b, (rb, cb), !tb)?;
+    for (i, (half, x, y)) in [("hihi", ah, bh), ("hilo", ah, bl), ("lohi", al, bh)].into_iter().enumerate() {
+        let mut operands = vec![x, y];
+        if i > 0 {
+            operands.push(out);
+        }
+        operands.push(out);
+        let kernel = GemmKernel {
+            kernel: format!("{fused}.{half}"),
+            input: GemmInput::Bf16,
+            output: GemmOutput::F32,
+            n,
+            k: ka.unwrap_or(0),
+            a: 0,
+            a_scale: None,
+            weights: vec![(1, None)],
+            residual: (i > 0).then_some(2),
+            results: vec![(0, n)],
+            grouped: None,
+            fixed_m,
+        };
+        steps.push(Step { kernel: StepKernel::Gemm(kernel), operands });
+    }
+    Ok(steps)
+}
+
+fn linear_pieces(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     let (linear, split) = (&body.ops[0], body.ops.last().expect("a split"));
     if linear.operand_count() != 2 || !all_f32(linear) || !body.operands_are_args(linear) {
         return Err("a linear with pieces that is not of two f32 matrices".into());
@@ -999,9 +1161,16 @@ fn linear_pieces(body: &Body) -> Result<Steps, String> {
             Operand::Temp(0)
         }
     };
-    let op = TrainRow::Matmul { transpose_a: false, transpose_b: true };
-    let matmul = StepKernel::Row(train_kernel(op, n, "f32"));
-    steps.push(Step { kernel: matmul, operands: vec![Operand::Arg(0), Operand::Arg(1), target] });
+    let (x, w) = (operand_shape(linear, 0)?, operand_shape(linear, 1)?);
+    let (x, w) = ((Operand::Arg(0), &x), (Operand::Arg(1), &w));
+    match tensor_cores.then(|| matmul_steps(&body.name, x, w, (false, true), target, &mut temps)) {
+        Some(Ok(tensor_cores)) => steps.extend(tensor_cores),
+        _ => {
+            let op = TrainRow::Matmul { transpose_a: false, transpose_b: true };
+            let matmul = StepKernel::Row(train_kernel(op, n, "f32"));
+            steps.push(Step { kernel: matmul, operands: vec![Operand::Arg(0), Operand::Arg(1), target] });
+        }
+    }
     let copy = |start: usize, w: usize, to: usize| Step {
         kernel: StepKernel::Row(train_kernel(TrainRow::Columns { start, stride }, w, "f32")),
         operands: vec![target, Operand::Result(to)],

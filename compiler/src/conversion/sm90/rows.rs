@@ -76,6 +76,10 @@ pub enum RowOp {
     /// a bf16 GEMM of each, summed in f32, is x's GEMM to ~2^-16 — how GEMMs on f32 activations
     /// (the head, the MTP projection) run on the bf16 tensor cores.
     SplitBf16,
+    /// [`RowOp::SplitBf16`] transposed: `x [R, d]` into `hi`, `lo` `[d, Rp]` (`Rp`: `lo`'s columns,
+    /// at least R; the columns past R zero). One block per row of x writes that column — the GEMM
+    /// operands a contraction over x's rows needs (the bf16 template reads both K-major).
+    SplitBf16T,
     /// `y = [x1 | x2]` (f32 rows of `d` and `second` columns).
     Concat { second: usize },
     /// MLA decode attention in the absorbed form, one block per (sequence, head) — the CUDA-core
@@ -164,6 +168,7 @@ impl RowKernel {
             RowOp::MlaCombine => format!("rows_mlacombine_d{d}_t{t}"),
             RowOp::Argmax => format!("rows_argmax_d{d}_t{t}"),
             RowOp::SplitBf16 => format!("rows_splitbf16_d{d}_t{t}"),
+            RowOp::SplitBf16T => format!("rows_splitbf16t_d{d}_t{t}"),
             RowOp::Concat { second } => format!("rows_concat_d{d}_b{second}_t{t}"),
             RowOp::MlaDecode { heads, nope, rope, v, context, scale, prefill } => {
                 let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
@@ -240,8 +245,8 @@ impl RowKernel {
                 };
                 Some(RowKernel { op, d: number(d, 'd')?, weight: w.to_string(), threads: number(t, 't')? })
             }
-            ("splitbf16", [d, t]) => Some(RowKernel {
-                op: RowOp::SplitBf16,
+            (kind @ ("splitbf16" | "splitbf16t"), [d, t]) => Some(RowKernel {
+                op: if kind == "splitbf16" { RowOp::SplitBf16 } else { RowOp::SplitBf16T },
                 d: number(d, 'd')?,
                 weight: "f32".into(),
                 threads: number(t, 't')?,
@@ -370,7 +375,7 @@ impl RowKernel {
                 ("lse", "memref<?x?xf32>".into()),
                 ("out", "memref<?x?xf32>".into()),
             ],
-            RowOp::SplitBf16 => vec![
+            RowOp::SplitBf16 | RowOp::SplitBf16T => vec![
                 ("x", "memref<?x?xf32>".to_string()),
                 ("hi", "memref<?x?xbf16>".into()),
                 ("lo", "memref<?x?xbf16>".into()),
@@ -464,7 +469,7 @@ impl RowKernel {
             RowOp::Latent { append: true, .. } => "out",
             RowOp::Latent { append: false, .. } => "latent",
             RowOp::SplitRope { .. } => "y",
-            RowOp::SiluMul { .. } | RowOp::Copy | RowOp::Route { .. } | RowOp::SplitBf16 => "x",
+            RowOp::SiluMul { .. } | RowOp::Copy | RowOp::Route { .. } | RowOp::SplitBf16 | RowOp::SplitBf16T => "x",
             RowOp::Concat { .. } => "x1",
             RowOp::MlaCombine => "out",
             RowOp::Argmax => "x",
@@ -503,6 +508,7 @@ impl RowKernel {
             | RowOp::SiluMul { quantize: false }
             | RowOp::Copy
             | RowOp::SplitBf16
+            | RowOp::SplitBf16T
             | RowOp::Concat { .. }
             | RowOp::MlaCombine => Vec::new(),
             RowOp::MlaDecode { nope, rope, v, context, .. } => vec![
@@ -981,7 +987,7 @@ scf.for %e = %tid to %cES step %cT {{
                 );
                 vec![counts, scan, place]
             }
-            RowOp::SplitBf16 => {
+            RowOp::SplitBf16 | RowOp::SplitBf16T => {
                 // Round to nearest even by the bits (the same integer arithmetic in both lowerings).
                 let round = |x: &str, out: &str| {
                     format!(
@@ -998,6 +1004,27 @@ scf.for %e = %tid to %cES step %cT {{
 "
                     )
                 };
+                let transposed = self.op == RowOp::SplitBf16T;
+                let at = if transposed { "%i, %row" } else { "%row, %i" };
+                // Transposed: x's last row also zeroes the padding columns.
+                let pad = if transposed {
+                    "%R = memref.dim %x, %c0 : memref<?x?xf32>
+%Rp = memref.dim %lo, %c1 : memref<?x?xbf16>
+%R1 = arith.subi %R, %c1 : index
+%last = arith.cmpi eq, %row, %R1 : index
+scf.if %last {
+  %bf_zero = arith.constant 0.0 : bf16
+  scf.for %i = %tid to %cD step %cT {
+    scf.for %p = %R to %Rp step %c1 {
+      memref.store %bf_zero, %hi[%i, %p] : memref<?x?xbf16>
+      memref.store %bf_zero, %lo[%i, %p] : memref<?x?xbf16>
+    }
+  }
+}
+"
+                } else {
+                    ""
+                };
                 vec![format!(
                     "%c16_i32 = arith.constant 16 : i32
 %c1_i32 = arith.constant 1 : i32
@@ -1005,10 +1032,10 @@ scf.for %e = %tid to %cES step %cT {{
 scf.for %i = %tid to %cD step %cT {{
   %v = memref.load %x[%row, %i] : memref<?x?xf32>
 {}  %rest = arith.subf %v, %h_f : f32
-{}  memref.store %h, %hi[%row, %i] : memref<?x?xbf16>
-  memref.store %l, %lo[%row, %i] : memref<?x?xbf16>
+{}  memref.store %h, %hi[{at}] : memref<?x?xbf16>
+  memref.store %l, %lo[{at}] : memref<?x?xbf16>
 }}
-",
+{pad}",
                     round("%v", "%h"),
                     round("%rest", "%l")
                 )]
@@ -2500,7 +2527,7 @@ mod tests {
     }
 
     /// f32 rows as bf16 hi + lo: hi is the reference's bf16 rounding of x, lo that of the rest, and
-    /// hi + lo is x to 2^-16; concatenation of two rows.
+    /// hi + lo is x to 2^-16, also transposed; concatenation of two rows.
     #[test]
     fn split_bf16_and_concat_rows_are_exact() {
         let (rows, d, second) = (3, 300, 77);
@@ -2517,6 +2544,23 @@ mod tests {
             assert_eq!(lo[i], f32_to_bf16(x[i] - bf16_to_f32(want_hi)), "lo[{i}] of {}", x[i]);
             let sum = bf16_to_f32(hi[i]) + bf16_to_f32(lo[i]);
             assert!((sum - x[i]).abs() <= x[i].abs() * 2f32.powi(-16), "{} vs {}", sum, x[i]);
+        }
+        // Transposed: the same bits at [col, row], the padding columns zero.
+        let padded = rows.next_multiple_of(8);
+        let (mut hi_t, mut lo_t) = (vec![0xAAAAu16; d * padded], vec![0xAAAAu16; d * padded]);
+        run_cpu(
+            &RowKernel::new(RowOp::SplitBf16T, d, "f32"),
+            &[
+                raw(&mut x, &[rows, d], "f32"),
+                raw(&mut hi_t, &[d, padded], "bf16"),
+                raw(&mut lo_t, &[d, padded], "bf16"),
+            ],
+        );
+        for c in 0..d {
+            for r in 0..padded {
+                let (want_hi, want_lo) = if r < rows { (hi[r * d + c], lo[r * d + c]) } else { (0, 0) };
+                assert_eq!((hi_t[c * padded + r], lo_t[c * padded + r]), (want_hi, want_lo), "[{c}, {r}]");
+            }
         }
         let (mut a, mut b) = (values(rows * d, 31, 1.0), values(rows * second, 32, 1.0));
         let mut y = vec![f32::NAN; rows * (d + second)];

@@ -136,15 +136,12 @@ scf.for %s = %tid to %cK step %cT {{
 
 /// Wgrad over 128-row tiles of the rows `%from..%to` of `aq`/`bq` (e4m3, one column each per
 /// output row and column: `out[%row, i]`), each tile's products summed in order, times both tiles'
-/// scales — in `as`/`bs` at the tile's first row (`at_start`) or at its index (tile g's row g).
-fn tile_wgrad(at_start: bool) -> String {
+/// scales (in `as`/`bs` at the tile's first row).
+fn tile_wgrad() -> String {
     let m = "memref<?x?xf32>";
-    let scale_row = if at_start { "%g" } else { "%g_index" };
     format!(
         "scf.for %i = %tid to %cD step %cT {{
   %acc = scf.for %g = %from to %to step %c128 iter_args(%a = %zero) -> (f32) {{
-    %g_rel = arith.subi %g, %from : index
-    %g_index = arith.divui %g_rel, %c128 : index
     %g_end0 = arith.addi %g, %c128 : index
     %g_end = arith.minui %g_end0, %to : index
     %partial = scf.for %r = %g to %g_end step %c1 iter_args(%p = %zero) -> (f32) {{
@@ -154,8 +151,8 @@ fn tile_wgrad(at_start: bool) -> String {
       %p2 = arith.addf %p, %x : f32
       scf.yield %p2 : f32
     }}
-    %sa = memref.load %as[{scale_row}, %row] : {m}
-    %sb = memref.load %bs[{scale_row}, %i] : {m}
+    %sa = memref.load %as[%g, %row] : {m}
+    %sb = memref.load %bs[%g, %i] : {m}
     %ps = arith.mulf %partial, %sa : f32
     %pss = arith.mulf %ps, %sb : f32
     %a2 = arith.addf %a, %pss : f32
@@ -446,14 +443,13 @@ pub enum TrainRow {
     /// `matrix_rows` (0: N): w stacks matrices of that many rows (experts), each in blocks of its
     /// own (`scale` stacks theirs; transposed, each matrix is transposed in place in the stack).
     QuantizeBlocks { tiles: usize, transposed: bool, matrix_rows: usize },
-    /// 128x1 tiles (128 tokens of one column) of `x [T, d]`: `q [T, d]` and `scale`, whose row g
-    /// holds token group g's scales (Wgrad's operands: 1x128 rows of `x^T`). One block per row of
-    /// `scale` (a temporary of the run's rows: those past the groups do nothing).
+    /// 128x1 tiles (128 tokens of one column) of `x [T, d]`, transposed — Wgrad's GEMM operands,
+    /// 1x128 rows of `x^T`: `q [d, Tp]` (e4m3; columns `T..Tp` zero, `Tp` a multiple of 16 for
+    /// TMA) and `scale [d, ceil(T/128)]` (`max(|max|, 1e-4) / 448` per group, as
+    /// [`TrainRow::Quantize`]). The grid is `x`'s rows: block b < G * C (G groups, C = min(T / G,
+    /// ceil(d / threads)) column chunks) quantizes group b mod G of chunk b / G, each thread a
+    /// column (the others do nothing).
     QuantizeCols,
-    /// Wgrad on CUDA cores: `out [N, d] = a^T . b` over the tokens in 128-token groups, each group's
-    /// e4m3 products summed in order then scaled by both groups' scales (`a`, `b`: [`TrainRow::QuantizeCols`]
-    /// of dy and x; the tokens counted from `dy`).
-    Fp8Wgrad,
     /// RMSNorm's input gradient per row: with `r = 1 / sqrt(mean(x^2) + eps)`, `dx = r * dy * w -
     /// x * r^3 / d * sum(dy * w * x)`; also writes `r` per row for [`TrainRow::RmsNormDw`].
     RmsNormGrad { eps: f32 },
@@ -502,8 +498,7 @@ impl TrainRow {
                 let stacked = if matrix_rows > 0 { format!("_m{matrix_rows}") } else { String::new() };
                 format!("rows_qblocks_d{d}_b{tiles}_t{t}{}{stacked}", if transposed { "_tr" } else { "" })
             }
-            TrainRow::QuantizeCols => format!("rows_qcols_d{d}_t{t}"),
-            TrainRow::Fp8Wgrad => format!("rows_fp8wgrad_d{d}_t{t}"),
+            TrainRow::QuantizeCols => format!("rows_qcolst_d{d}_t{t}"),
             TrainRow::MoeHidden { k, keep } => {
                 format!("rows_moehidden_d{d}_k{k}_t{t}{}", if keep { "_keep" } else { "" })
             }
@@ -616,8 +611,7 @@ impl TrainRow {
                 };
                 kernel(TrainRow::QuantizeBlocks { tiles: number(b, "b")?, transposed, matrix_rows }, d, "f32", t)
             }
-            ["qcols", d, t] => kernel(TrainRow::QuantizeCols, d, "f32", t),
-            ["fp8wgrad", d, t] => kernel(TrainRow::Fp8Wgrad, d, "f32", t),
+            ["qcolst", d, t] => kernel(TrainRow::QuantizeCols, d, "f32", t),
             [kind @ ("mlafwd" | "mlagradq" | "mlagradkv"), rest @ .., t] => {
                 let m = Mla::parse(rest)?;
                 let op = match *kind {
@@ -751,14 +745,6 @@ impl TrainRow {
                 vec![("x", rows()), ("q", "memref<?x?xi8>".into()), ("scale", rows())]
             }
             TrainRow::QuantizeBlocks { .. } => vec![("w", rows()), ("q", "memref<?x?xi8>".into()), ("scale", rows())],
-            TrainRow::Fp8Wgrad => vec![
-                ("dy", rows()),
-                ("aq", "memref<?x?xi8>".into()),
-                ("as", rows()),
-                ("bq", "memref<?x?xi8>".into()),
-                ("bs", rows()),
-                ("out", rows()),
-            ],
             TrainRow::MoeHidden { keep, .. } => {
                 let mut args = vec![
                     ("x", rows()),
@@ -914,9 +900,8 @@ impl TrainRow {
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => "q_nope",
             TrainRow::MlaGradKv(_) => "dkvb",
             TrainRow::SumHeads { .. } => "y",
-            TrainRow::Quantize => "x",
-            TrainRow::QuantizeBlocks { .. } | TrainRow::QuantizeCols => "scale",
-            TrainRow::Fp8Wgrad => "out",
+            TrainRow::Quantize | TrainRow::QuantizeCols => "x",
+            TrainRow::QuantizeBlocks { .. } => "scale",
             TrainRow::MoeHidden { .. } => "x",
             TrainRow::MoeCombine { .. } | TrainRow::MoeCombineFp8 { .. } => "y",
             // The routed slots (the e4m3 rows are temporaries of the run's rows).
@@ -1073,9 +1058,6 @@ impl TrainRow {
                 let _ = writeln!(s, "%abs_mask = arith.constant 2147483647 : i32");
                 let _ = writeln!(s, "%e4m3_max = arith.constant 0x{:08X} : f32", E4M3_MAX.to_bits());
                 let _ = writeln!(s, "%amax_floor = arith.constant 1.0e-04 : f32");
-            }
-            TrainRow::Fp8Wgrad => {
-                let _ = writeln!(s, "%c128 = arith.constant 128 : index");
             }
             TrainRow::MoeHidden { k, .. }
             | TrainRow::MoeHiddenFp8 { k, .. }
@@ -2143,7 +2125,7 @@ scf.for %c = %tid to %cD step %cT {{
 %to = arith.index_cast %last_i32 : i32 to index
 %c128 = arith.constant 128 : index
 {}",
-                tile_wgrad(true)
+                tile_wgrad()
             )],
             TrainRow::MoeHiddenFp8 { keep, .. } => vec![format!(
                 "%D = memref.dim %xq, %c1 : memref<?x?xi8>
@@ -2460,12 +2442,32 @@ scf.for %i = %tid to %cTile step %cT {{
             }
             TrainRow::QuantizeCols => vec![format!(
                 "%T = memref.dim %x, %c0 : {m}
-%t_first = arith.muli %row, %c128 : index
-%active = arith.cmpi ult, %t_first, %T : index
+%Tp = memref.dim %q, %c1 : memref<?x?xi8>
+%c127 = arith.constant 127 : index
+%T127 = arith.addi %T, %c127 : index
+%G = arith.divui %T127, %c128 : index
+%per_group = arith.divui %T, %G : index
+%cT1 = arith.subi %cT, %c1 : index
+%D_up = arith.addi %cD, %cT1 : index
+%thread_chunks = arith.divui %D_up, %cT : index
+%C = arith.minui %per_group, %thread_chunks : index
+%C1 = arith.subi %C, %c1 : index
+%D_c = arith.addi %cD, %C1 : index
+%width = arith.divui %D_c, %C : index
+%work = arith.muli %G, %C : index
+%active = arith.cmpi ult, %row, %work : index
+scf.if %active {{
+%g = arith.remui %row, %G : index
+%chunk = arith.divui %row, %G : index
+%c_first0 = arith.muli %chunk, %width : index
+%c_first = arith.addi %c_first0, %tid : index
+%c_end0 = arith.addi %c_first0, %width : index
+%c_end = arith.minui %c_end0, %cD : index
+%t_first = arith.muli %g, %c128 : index
 %t_end0 = arith.addi %t_first, %c128 : index
 %t_end = arith.minui %t_end0, %T : index
-scf.if %active {{
-scf.for %c = %tid to %cD step %cT {{
+%t_pad = arith.minui %t_end0, %Tp : index
+scf.for %c = %c_first to %c_end step %cT {{
   %m = scf.for %t = %t_first to %t_end step %c1 iter_args(%mx = %zero) -> (f32) {{
     %v = memref.load %x[%t, %c] : {m}
 {amax}    scf.yield %mx2 : f32
@@ -2473,24 +2475,24 @@ scf.for %c = %tid to %cD step %cT {{
   %small = arith.cmpf olt, %m, %amax_floor : f32
   %floored = arith.select %small, %amax_floor, %m : f32
   %s = arith.divf %floored, %e4m3_max : f32
-  memref.store %s, %scale[%row, %c] : {m}
-  scf.for %t = %t_first to %t_end step %c1 {{
-    %v = memref.load %x[%t, %c] : {m}
-    %qv = arith.divf %v, %s : f32
-{enc}    memref.store %byte, %q[%t, %c] : memref<?x?xi8>
+  memref.store %s, %scale[%c, %g] : {m}
+  scf.for %t = %t_first to %t_pad step %c1 {{
+    %real = arith.cmpi ult, %t, %T : index
+    %byte = scf.if %real -> (i8) {{
+      %v = memref.load %x[%t, %c] : {m}
+      %qv = arith.divf %v, %s : f32
+{enc}      scf.yield %byte_v : i8
+    }} else {{
+      %zero_byte = arith.constant 0 : i8
+      scf.yield %zero_byte : i8
+    }}
+    memref.store %byte, %q[%c, %t] : memref<?x?xi8>
   }}
 }}
 }}
 ",
-                enc = indent2(&encode_e4m3(lowering, "%qv", "%byte")),
+                enc = indent2(&indent2(&indent2(&encode_e4m3(lowering, "%qv", "%byte_v")))),
                 amax = indent2(&indent2(&amax_step("%v", "%mx", "%mx2"))),
-            )],
-            TrainRow::Fp8Wgrad => vec![format!(
-                "%T = memref.dim %dy, %c0 : {m}
-%from = arith.addi %c0, %c0 : index
-%to = arith.addi %T, %c0 : index
-{}",
-                tile_wgrad(false)
             )],
             TrainRow::SumHeads { .. } => vec![format!(
                 "%base = arith.muli %row, %cH : index
@@ -2953,8 +2955,8 @@ mod tests {
     }
 
     /// The FP8 recipe's quantizers (1x128 rows, 128x128 blocks and their transpose, 128x1 token
-    /// tiles) give the reference's bits and scales, and Wgrad on them its product exactly, with
-    /// edge tiles (dims not multiples of 128) and more than one token group.
+    /// tiles transposed) give the reference's bits and scales, with edge tiles (dims not multiples
+    /// of 128) and more than one token group.
     #[test]
     fn fp8_recipe_rows_equal_the_reference() {
         let (t, n, k) = (150, 200, 136);
@@ -3019,33 +3021,32 @@ mod tests {
                 "scales transposed {m}"
             );
         }
-        // 128x1 token tiles of dy and x (scales in a buffer of the run's rows), then Wgrad.
-        let cols = |m: &mut Vec<f32>, c: usize| {
-            let (mut q, mut sc) = (vec![0u8; t * c], vec![f32::NAN; t * c]);
-            run_cpu(
-                &kernel(TrainRow::QuantizeCols, c),
-                &[raw(m, &[t, c], "f32"), raw(&mut q, &[t, c], "i8"), raw(&mut sc, &[t, c], "f32")],
-            );
-            let (want_q, want_s) = kernels::quantize_fp8(&kernels::transpose(m, t, c), t, 128);
-            assert!(kernels::transpose(&q, t, c) == want_q, "128x1 bits");
-            let groups = t.div_ceil(128);
-            assert!(kernels::transpose(&sc[..groups * c], groups, c) == want_s, "128x1 scales");
-            (q, sc)
-        };
-        let ((mut aq, mut a_s), (mut bq, mut b_s)) = (cols(&mut dy, n), cols(&mut x, k));
-        let mut out = vec![f32::NAN; n * k];
-        run_cpu(
-            &kernel(TrainRow::Fp8Wgrad, k),
-            &[
-                raw(&mut dy, &[t, n], "f32"),
-                raw(&mut aq, &[t, n], "i8"),
-                raw(&mut a_s, &[t, n], "f32"),
-                raw(&mut bq, &[t, k], "i8"),
-                raw(&mut b_s, &[t, k], "f32"),
-                raw(&mut out, &[n, k], "f32"),
-            ],
-        );
-        assert!(out == kernels::fp8_wgrad(&dy, &x, t, k, n), "wgrad");
+        // 128x1 token tiles of dy and x, transposed (Wgrad's GEMM operands): the reference's
+        // 1x128 quantization of the transposes, the columns past the tokens zero; one partial
+        // group, whole groups, a partial second one (the leading tokens of dy and x).
+        for tokens in [7, 128, t] {
+            let (padded, groups) = (tokens.next_multiple_of(16), tokens.div_ceil(128));
+            for (m, c) in [(&mut dy, n), (&mut x, k)] {
+                let (mut q, mut sc) = (vec![0xAAu8; c * padded], vec![f32::NAN; c * groups]);
+                let mut m = m[..tokens * c].to_vec();
+                // As many blocks as tokens (the kernel's grid: x's rows).
+                run_cpu(
+                    &kernel(TrainRow::QuantizeCols, c),
+                    &[
+                        raw(&mut m, &[tokens, c], "f32"),
+                        raw(&mut q, &[c, padded], "i8"),
+                        raw(&mut sc, &[c, groups], "f32"),
+                    ],
+                );
+                let (want_q, want_s) = kernels::quantize_fp8(&kernels::transpose(&m, tokens, c), tokens, 128);
+                for r in 0..c {
+                    let row = &q[r * padded..(r + 1) * padded];
+                    assert!(row[..tokens] == want_q[r * tokens..(r + 1) * tokens], "{tokens} tokens: bits, column {r}");
+                    assert!(row[tokens..].iter().all(|&b| b == 0), "{tokens} tokens: padding, column {r}");
+                }
+                assert!(sc == want_s, "{tokens} tokens: 128x1 scales");
+            }
+        }
     }
 
     /// The embedding gradient sums each id's rows in token order — exactly the reference's — with
