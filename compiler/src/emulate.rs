@@ -38,8 +38,9 @@ impl Memory for HostMemory {
 
 /// What a GEMM template launch computes, read from its parameters as the kernel reads them (tensor
 /// maps for A and B, then the memrefs in the template's order): `out = A . B^T` per 128-wide K
-/// block with the 1x128 / 128x128 (or, `b_row_scales`, 1x128) scales (fp8), grouped rows by offsets (gathered through the
-/// permutation, weighted by the row scale, scattered into token rows), plus the residual.
+/// block with the 1x128 / 128x128 (`b_row_scales`: 1x128) scales (fp8), grouped rows by offsets
+/// (gathered through the permutation, weighted by the row scale, scattered into token rows), plus
+/// the residual.
 ///
 /// # Safety
 /// Every address in the launch must be live host memory of the sizes it names.

@@ -56,8 +56,6 @@ fn ints_of(v: &[i32]) -> Vec<u8> {
 /// One problem's operands on the host and the device.
 struct Operands {
     fp8: bool,
-    /// B's scales per row (else per 128 rows).
-    b_row_scales: bool,
     k: usize,
     n: usize,
     a: Vec<u8>,
@@ -82,7 +80,7 @@ impl Operands {
     }
 
     /// A row of A times a row of B, per 128-wide K block with the scales (fp8).
-    fn dot(&self, a_row: usize, b_row: usize) -> f64 {
+    fn dot(&self, abi: &GemmAbi, a_row: usize, b_row: usize) -> f64 {
         let kb = self.k.div_ceil(128);
         let mut acc = 0f64;
         for blk in 0..kb {
@@ -91,8 +89,7 @@ impl Operands {
                 part += f64::from(self.element(&self.a, a_row, c)) * f64::from(self.element(&self.b, b_row, c));
             }
             let scale = if self.fp8 {
-                f64::from(self.a_scale[a_row * kb + blk])
-                    * f64::from(self.b_scale[if self.b_row_scales { b_row } else { b_row / 128 } * kb + blk])
+                f64::from(self.a_scale[a_row * kb + blk]) * f64::from(self.b_scale[abi.b_scale_row(b_row) * kb + blk])
             } else {
                 1.0
             };
@@ -106,7 +103,7 @@ impl Operands {
         let mut out = vec![0f64; n_out];
         if abi.grouping == "dense" {
             for (c, o) in out.iter_mut().enumerate() {
-                *o = self.dot(row, c) + self.residual.as_ref().map_or(0.0, |r| f64::from(r[row * n_out + c]));
+                *o = self.dot(abi, row, c) + self.residual.as_ref().map_or(0.0, |r| f64::from(r[row * n_out + c]));
             }
             return out;
         }
@@ -121,7 +118,7 @@ impl Operands {
                 let a_row = if abi.grouping == "gather" { token } else { p };
                 let w = if abi.row_scale { f64::from(self.row_scale[p]) } else { 1.0 };
                 for (c, o) in out.iter_mut().enumerate() {
-                    *o += self.dot(a_row, g * self.n + c) * w;
+                    *o += self.dot(abi, a_row, g * self.n + c) * w;
                 }
             }
         }
@@ -271,7 +268,6 @@ fn measure(
     let mut rand = Rand(0x9E37_79B9_7F4A_7C15 ^ (seed + 1));
     let mut ops = Operands {
         fp8,
-        b_row_scales: default.b_row_scales,
         k,
         n,
         a: rand.operand(a_rows * k, fp8),

@@ -17,13 +17,13 @@
 //! threads arrive on, across tile boundaries. Phases follow a running count of K tiles.
 //!
 //! fp8: each 128-wide K block accumulates into a fresh block accumulator promoted into the main f32
-//! accumulator with the A row scale x the B block scale (1x128 activation, 128x128 weight scaling),
-//! as DeepSeek-V3 prescribes; with `b_row_scales` (Wgrad: both operands activations quantized in
-//! 128-token groups along K) x each output column's own B row scale. The epilogue writes the fragments straight to global memory
-//! (bounds-checked: ragged M and N), adding the residual when asked. Split K: each unit writes its
-//! partial tile to a workspace; the last of a tile's units (an atomic counter) sums the partials in
-//! split order — deterministic whatever order the units finish in — applies the epilogue and resets
-//! the counter for the next launch.
+//! accumulator with the A row scale x the B block scale (1x128 activation, 128x128 weight scaling), as
+//! DeepSeek-V3 prescribes; with `b_row_scales` (Wgrad: both operands activations quantized in 128-token
+//! groups along K) x each output column's own B row scale. The epilogue writes the fragments straight
+//! to global memory (bounds-checked: ragged M and N), adding the residual when asked. Split K: each
+//! unit writes its partial tile to a workspace; the last of a tile's units (an atomic counter) sums the
+//! partials in split order — deterministic whatever order the units finish in — applies the epilogue
+//! and resets the counter for the next launch.
 //!
 //! Clusters of 2 along M: the two blocks take adjacent row tiles of one tile column; each producer
 //! loads half of the B tile and multicasts it into both blocks (whose consumers release a buffer on
@@ -549,12 +549,13 @@ fn fragment_type(n: usize) -> String {
     format!("!llvm.struct<({})>", vec!["f32"; n].join(", "))
 }
 
-/// The kernel's `gpu.module` text (one `gpu.func`, `kernel`). Arguments, in order:
-/// `%a_ptr`, `%b_ptr` (CUtensorMap pointers: 2-D, K innermost, box `[128 B of K, block_m | block_n
-/// rows]`, 128-byte swizzle, out-of-bounds zero fill), `%out` (`memref<?x?xT>`, [M, N]); fp8:
-/// `%a_scale` [M, ceil(K/128)], `%b_scale` [ceil(N/128), ceil(K/128)] (`b_row_scales`: [N,
-/// ceil(K/128)]) (f32); residual: `%residual` (`memref<?x?xT>`, [M, N]); split K: `%ws` (f32 [splits, M, N]), `%counters` (i32 [tiles],
-/// zero before the first launch; the kernel leaves them zero), `%splits`; then `%k` (K in elements).
+/// The kernel's `gpu.module` text (one `gpu.func`, `kernel`). Arguments, in order: `%a_ptr`, `%b_ptr`
+/// (CUtensorMap pointers: 2-D, K innermost, box `[128 B of K, block_m | block_n rows]`, 128-byte
+/// swizzle, out-of-bounds zero fill), `%out` (`memref<?x?xT>`, [M, N]); fp8: `%a_scale` [M,
+/// ceil(K/128)], `%b_scale` [ceil(N/128), ceil(K/128)] (`b_row_scales`: [N, ceil(K/128)]) (f32);
+/// residual: `%residual` (`memref<?x?xT>`, [M, N]); split K: `%ws` (f32 [splits, M, N]), `%counters`
+/// (i32 [tiles], zero before the first launch; the kernel leaves them zero), `%splits`; then `%k` (K in
+/// elements).
 /// Launch: [`GemmConfig::threads`] threads, [`GemmConfig::shared_memory_bytes`] of dynamic shared
 /// memory, [`GemmConfig::grid`] blocks.
 pub fn emit(config: &GemmConfig, target: &GpuTarget) -> Result<String, String> {
