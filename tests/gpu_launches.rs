@@ -146,6 +146,9 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
         "8",
         "--max-context",
         "16",
+        // The reference's numerics throughout (the tensor-core prefill: the test after this one).
+        "--prefill-attention",
+        "rows",
         "--out",
         out.to_str().unwrap(),
     ];
@@ -388,4 +391,97 @@ fn a_bf16_checkpoint_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_log
         })
         .collect();
     assert_eq!(got_tokens, want_tokens, "{err}");
+}
+
+/// Prefill attention on the tensor cores (the default), its launches emulated on the host (the
+/// flash kernel from its parameters as its semantics say — bf16 q, k, v and P — the layout rows
+/// through their CPU lowering, kv_b's GEMM on the e4m3-quantized latent): within bf16's and e4m3's
+/// rounding of the CPU backend's f32 attention, the same greedy tokens; a first chunk (T = S) and a
+/// continuation after cached rows (T < S).
+#[test]
+fn tensor_core_prefill_attention_emulated_follows_the_cpu_backend() {
+    use std::collections::HashMap;
+    use v3c_runtime::host::{HostBuffer, HostData};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = small_checkpoint(dir.path());
+    let out = dir.path().join("artifact");
+    let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--max-rows", "8"];
+    let compiled = run_binary("v3c", &[&args[..], &["--max-context", "16", "--out", out.to_str().unwrap()]].concat());
+    let err = String::from_utf8_lossy(&compiled.stderr);
+    assert!(compiled.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "compile: attention_quantize_0 -> 6 launches: rows_quantize_d128_t32 -> GEMM N 512 K 128 (decode "
+        ) && err.contains(
+            "rows_mlakeys_h2_n128_r64_v128_kv128_t32 -> rows_mlaqueries_h2_n128_r64_t64 -> \
+             mla_prefill_qk192_v128_s2 (2 heads, tensor cores) -> rows_mlaheadsout_h2_d256_t32"
+        ),
+        "{err}"
+    );
+    let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
+    let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
+    let context = v3c_compiler::mlir::new_context();
+    let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
+    let mut emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
+    let config = v3c_models::config::ModelConfig::from_json_str(
+        &std::fs::read_to_string(ckpt.join("config.json")).unwrap(),
+        "small",
+    )
+    .unwrap();
+    let cpu_context = v3c_compiler::mlir::new_context();
+    let program = v3c_compiler::cpu_backend::CpuProgram::new(
+        &cpu_context,
+        &config,
+        &v3c_models::Entry::ALL,
+        false,
+        v3c_models::Precision::Fp8,
+        &checkpoint,
+    )
+    .unwrap();
+    let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
+    let caches = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
+    let wanted = ["logits", "mtp_logits", "kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
+    let compare = |what: &str, got: &HostBuffer, want: &HostBuffer| -> f32 {
+        let (HostData::F32(g), HostData::F32(w)) = (&got.data, &want.data) else { panic!("{what}: not f32") };
+        assert_eq!(got.shape, want.shape, "{what}");
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("{what}: max |diff| {diff:.3e}, max |value| {scale:.3e}");
+        diff / scale.max(1e-6)
+    };
+    let argmax = |b: &HostBuffer| -> Vec<usize> {
+        let HostData::F32(v) = &b.data else { panic!() };
+        v.chunks(b.shape[1]).map(|r| v3c_models::reference::Sampler::new(0.0, 1.0, 0).sample(r) as usize).collect()
+    };
+    let mut inputs = HashMap::new();
+    inputs.insert("tokens".to_string(), ids(vec![3, 90, 27, 311, 243, 7]));
+    inputs.insert("positions".to_string(), ids((0..6).collect()));
+    inputs.insert("mtp_tokens".to_string(), ids(vec![90, 27, 311, 243, 7, 0]));
+    for c in caches {
+        let width = config.latent_dim();
+        inputs.insert(c.to_string(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) });
+    }
+    let gpu = emulator.run("prefill", &inputs, &wanted, None).unwrap();
+    let cpu = program.run("prefill", &inputs, &wanted).unwrap();
+    let mut worst = 0f32;
+    for name in wanted {
+        worst = worst.max(compare(&format!("prefill {name}"), &gpu[name], &cpu[name]));
+    }
+    assert_eq!(argmax(&gpu["logits"]), argmax(&cpu["logits"]));
+    // A continuation: 3 tokens after the CPU backend's 6 cached rows.
+    let mut more = HashMap::new();
+    more.insert("tokens".to_string(), ids(vec![44, 2, 19]));
+    more.insert("positions".to_string(), ids(vec![6, 7, 8]));
+    more.insert("mtp_tokens".to_string(), ids(vec![2, 19, 0]));
+    for c in caches {
+        more.insert(c.to_string(), cpu[c].clone());
+    }
+    let gpu = emulator.run("prefill", &more, &wanted, None).unwrap();
+    let chunk = program.run("prefill", &more, &wanted).unwrap();
+    for name in wanted {
+        worst = worst.max(compare(&format!("prefill after 6 {name}"), &gpu[name], &chunk[name]));
+    }
+    assert_eq!(argmax(&gpu["logits"]), argmax(&chunk["logits"]));
+    eprintln!("worst relative difference {worst:.3e}");
+    assert!(worst <= 3e-2, "{worst}");
 }

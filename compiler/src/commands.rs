@@ -56,6 +56,7 @@ fn compile_and_load(
         sizes,
         speculative: false,
         train: train.map(|t| t.train.clone()),
+        prefill_attention: Default::default(),
     })?;
     let a = v3c_runtime::artifact::Artifact::open(&artifact).map_err(|e| e.to_string())?;
     let mut progress = |what: &str| tracing::debug!("{what}");
@@ -378,7 +379,8 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
         if gpu {
             use v3c_compiler::conversion::sm90::{self, lower};
             let target = v3c_compiler::target::SM90A;
-            if let Ok(row) = lower::row_of_kernel(&f) {
+            let prefill = lower::mla_prefill_steps(&f).ok();
+            if let (Ok(row), None) = (lower::row_of_kernel(&f), &prefill) {
                 let table = row.rope_table.as_ref().map_or(String::new(), |t| {
                     format!("; reads a RoPE table of {} columns (cos then sin, x{})", t.dim, t.attention_factor)
                 });
@@ -390,8 +392,8 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
                 write_stdout(&text);
                 return Ok(());
             }
-            if let Ok(steps) = lower::steps_of_kernel(&f) {
-                // Each launch in turn: a row kernel, or a GEMM's decode and prefill kernels.
+            if let Some(steps) = prefill.or_else(|| lower::steps_of_kernel(&f).ok()) {
+                // Each launch in turn: a row kernel, a GEMM's decode and prefill kernels, attention.
                 let device = v3c_compiler::target::DeviceModel::by_name("H200")?;
                 text.push_str(&format!(
                     "// {kernel}: {} launches through {} temporaries\n",
@@ -414,6 +416,10 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
                                 )?);
                             }
                         }
+                        lower::StepKernel::MlaPrefill(a) => text.push_str(&gpu_kernel_text(
+                            o.stage,
+                            sm90::compile_mla_prefill(context, &a.config, &target),
+                        )?),
                     }
                 }
                 write_stdout(&text);
@@ -569,6 +575,8 @@ pub struct CompileGpuOptions<'a> {
     /// The training step instead of the inference entries (reported, not written: the runtime
     /// launches training steps from cpu artifacts only).
     pub train: Option<v3c_models::train::TrainConfig>,
+    /// Where the fp8 prefill attention runs.
+    pub prefill_attention: v3c_compiler::conversion::sm90::PrefillAttention,
 }
 
 /// The entry points to compile: speculative adds the MTP module's own (`draft`), which needs one.
@@ -628,13 +636,14 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         sources.push((g.kernel.clone(), m, choice.source.clone()));
         choice.preferences
     };
-    let lowered = sm90::compile_model(&context, &module, target, ptxas.as_ref(), &mut choose, |name| {
-        done += 1;
-        if tty {
-            eprint!("\r\x1b[Kcompile: {} kernel {done}: {name}", target.name);
-        }
-    })
-    .map_err(|e| e.to_string())?;
+    let lowered =
+        sm90::compile_model(&context, &module, target, ptxas.as_ref(), o.prefill_attention, &mut choose, |name| {
+            done += 1;
+            if tty {
+                eprint!("\r\x1b[Kcompile: {} kernel {done}: {name}", target.name);
+            }
+        })
+        .map_err(|e| e.to_string())?;
     if tty && done > 0 {
         eprint!("\r\x1b[K");
     }
@@ -697,6 +706,9 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
                     None => format!("GEMM {} (decode {decode}, prefill {prefill})", g.dims()),
                 },
                 (StepKernel::Gemm(g), None) => format!("GEMM {}", g.dims()),
+                (StepKernel::MlaPrefill(a), _) => {
+                    format!("{} ({} heads, tensor cores)", a.config.kernel_name(), a.heads)
+                }
             })
             .collect();
         let table = if steps.rope_table.is_some() { ", + a RoPE table built at load" } else { "" };
@@ -810,7 +822,7 @@ fn write_gpu_artifact(
         lowered.rows.iter().map(|(_, l)| &l.kernel).chain(lowered.compound.iter().flat_map(|(_, s, _)| {
             s.steps.iter().filter_map(|st| match &st.kernel {
                 StepKernel::Row(k) => Some(k),
-                StepKernel::Gemm(_) => None,
+                StepKernel::Gemm(_) | StepKernel::MlaPrefill(_) => None,
             })
         }));
     for k in row_kernels.chain(argmax) {
@@ -819,6 +831,9 @@ fn write_gpu_artifact(
     let abi_of = |name: &str| -> Result<v3c_runtime::abi::KernelAbi, String> {
         if let Some(config) = v3c_compiler::conversion::sm90::gemm::GemmConfig::from_name(name) {
             return Ok(v3c_runtime::abi::KernelAbi::Gemm(config.host_abi()));
+        }
+        if let Some(c) = v3c_compiler::conversion::sm90::mla::MlaPrefillConfig::from_name(name) {
+            return Ok(v3c_runtime::abi::KernelAbi::MlaPrefill(v3c_runtime::abi::MlaPrefillAbi { qk: c.qk, v: c.v }));
         }
         row_ranks
             .get(name)
@@ -909,7 +924,14 @@ fn write_gpu_artifact(
         });
         let temps = if g.results.len() > 1 {
             operands.push(OperandSpec::Temp(0));
-            vec![lw::TempSpec { rows_factor: 1, cols: g.n, dtype: "f32".into(), fixed_rows: None, run_cols: None }]
+            vec![lw::TempSpec {
+                rows_factor: 1,
+                cols: g.n,
+                dtype: "f32".into(),
+                fixed_rows: None,
+                run_cols: None,
+                rows_of: None,
+            }]
         } else {
             operands.push(OperandSpec::Result(0));
             Vec::new()
@@ -921,6 +943,7 @@ fn write_gpu_artifact(
                 operands,
                 blocks: Blocks::GemmUnits,
                 gemm: Some(gemm_spec(g, weights, 0, a_scale, residual)),
+                attention: None,
             }],
             temps,
             rope_table: None,
@@ -936,6 +959,7 @@ fn write_gpu_artifact(
                 operands: launch.operands.iter().map(spec).collect(),
                 blocks,
                 gemm: None,
+                attention: None,
             }],
             temps: Vec::new(),
             rope_table: launch.rope_table.as_ref().map(table),
@@ -951,12 +975,21 @@ fn write_gpu_artifact(
                     operands,
                     blocks: row_blocks(k),
                     gemm: None,
+                    attention: None,
                 },
                 (StepKernel::Gemm(g), Some([decode, prefill])) => LaunchSpec {
                     kernel: KernelChoice::PerRegime { decode: decode.clone(), prefill: prefill.clone() },
                     operands,
                     blocks: Blocks::GemmUnits,
                     gemm: Some(gemm_spec(g, g.weights.clone(), g.a, g.a_scale, g.residual)),
+                    attention: None,
+                },
+                (StepKernel::MlaPrefill(a), _) => LaunchSpec {
+                    kernel: KernelChoice::One(a.config.kernel_name()),
+                    operands,
+                    blocks: Blocks::AttentionTiles,
+                    gemm: None,
+                    attention: Some(lw::AttentionSpec { heads: a.heads, scale: a.scale }),
                 },
                 (StepKernel::Gemm(g), None) => return Err(format!("{name}: GEMM {} without kernels", g.kernel)),
             });
@@ -973,6 +1006,7 @@ fn write_gpu_artifact(
                     dtype: t.element.clone(),
                     fixed_rows: t.fixed_rows,
                     run_cols: t.run_cols,
+                    rows_of: t.rows_of,
                 })
                 .collect(),
             rope_table: steps.rope_table.as_ref().map(table),
@@ -1261,10 +1295,11 @@ fn model_gemms(
             use v3c_compiler::conversion::sm90::lower;
             if let Ok(g) = lower::gemm_of_kernel(&f) {
                 gemms.push(g);
-            } else if let Ok(steps) = lower::steps_of_kernel(&f) {
+            } else if let Ok(steps) = lower::mla_prefill_steps(&f).or_else(|_| lower::steps_of_kernel(&f)) {
+                // (The prefill attention's kv_b GEMM whichever --prefill-attention compile takes.)
                 gemms.extend(steps.steps.into_iter().filter_map(|s| match s.kernel {
                     lower::StepKernel::Gemm(g) => Some(g),
-                    lower::StepKernel::Row(_) => None,
+                    lower::StepKernel::Row(_) | lower::StepKernel::MlaPrefill(_) => None,
                 }));
             }
         }

@@ -36,6 +36,37 @@ impl Memory for HostMemory {
     }
 }
 
+/// What a prefill attention launch computes ([`crate::conversion::sm90::host::mla_prefill`]), read
+/// from its parameters as the kernel reads them: q, k, v from their tensor maps, out's memref, the
+/// query and key lengths, the scale's bits.
+///
+/// # Safety
+/// Every address in the launch must be live host memory of the sizes it names.
+pub unsafe fn emulate_prefill(l: &KernelLaunch) -> Result<(), String> {
+    // Parameters: q, k, v tensor maps, out's memref (7 scalars), T, S, the scale's bits.
+    let v: Vec<u64> = l.params[3..]
+        .iter()
+        .map(|p| match p {
+            Param::Value(v) => Ok(*v),
+            Param::TensorMap(_) => Err(format!("{}: a tensor map past the first three parameters", l.kernel)),
+        })
+        .collect::<Result<_, _>>()?;
+    let [_, out, _, rows, cols, _, _, t, s, scale] = v[..] else {
+        return Err(format!("{}: {} parameters after the tensor maps", l.kernel, v.len()));
+    };
+    let (t, s) = (t as usize, s as usize);
+    let map = |i: usize| -> Result<RawBuffer, String> {
+        let m: &TensorMapSpec = l.tensor_maps.get(i).ok_or_else(|| format!("{}: tensor map {i} missing", l.kernel))?;
+        Ok(RawBuffer { ptr: m.addr as *mut (), shape: vec![m.rows, m.cols], element: m.element.clone() })
+    };
+    let (q, k) = (map(0)?, map(1)?);
+    if t == 0 || q.shape[0] % t != 0 || k.shape[0] != s * (q.shape[0] / t) {
+        return Err(format!("{}: q rows {} and k rows {} for T {t}, S {s}", l.kernel, q.shape[0], k.shape[0]));
+    }
+    let out = RawBuffer { ptr: out as *mut (), shape: vec![rows as usize, cols as usize], element: "f32".into() };
+    crate::conversion::sm90::host::mla_prefill(q.shape[0] / t, f32::from_bits(scale as u32), &[q, k, map(2)?, out])
+}
+
 /// What a GEMM template launch computes, read from its parameters as the kernel reads them (tensor
 /// maps for A and B, then the memrefs in the template's order): `out = A . B^T` per 128-wide K
 /// block with the 1x128 / 128x128 (`b_row_scales`: 1x128) scales (fp8), grouped rows by offsets
@@ -271,6 +302,8 @@ impl<'a, 'c> Emulator<'a, 'c> {
                         // SAFETY: the expansion's addresses are this emulator's host allocations.
                         Some(KernelAbi::Gemm(g)) => unsafe { emulate_gemm(g, k)? },
                         Some(KernelAbi::Memrefs { ranks }) => unsafe { self.run_row(k, ranks)? },
+                        // SAFETY: as above.
+                        Some(KernelAbi::MlaPrefill(_)) => unsafe { emulate_prefill(k)? },
                         None => return Err(format!("kernel {} has no abi", k.kernel)),
                     }
                     if let Some(dir) = dump {

@@ -127,6 +127,13 @@ enum Precision {
     Fp8,
 }
 
+/// `compile --prefill-attention`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PrefillAttention {
+    TensorCores,
+    Rows,
+}
+
 impl Precision {
     fn model(self) -> v3c_models::Precision {
         match self {
@@ -189,6 +196,12 @@ struct CompileArgs {
     /// (`v3r run --speculative`): the main entries then leave it out and output their hidden state.
     #[arg(long)]
     speculative: bool,
+    /// Where the fp8 graph's prefill attention runs on sm_90a: `tensor-cores` — flash attention
+    /// (wgmma, TMA) in the naive form after kv_b's fp8 up-projection of the latent (e4m3), q, k, v
+    /// and P in bf16, as DeepSeek-V3's own inference — or `rows`: the CUDA-core row kernel in the
+    /// absorbed form, f32 as the reference computes it (to compare logits tightly).
+    #[arg(long, value_enum, value_name = "WHERE", default_value_t = PrefillAttention::TensorCores)]
+    prefill_attention: PrefillAttention,
     /// Compile the training step (forward, losses, every gradient) instead of the inference
     /// entries, planned for windows of up to --max-rows tokens: an artifact `v3r train` runs (cpu
     /// target; with --target sm_90a, `v3r train` runs it on the GPU). `--precision fp8`:
@@ -415,6 +428,10 @@ fn main() -> ExitCode {
                 sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
                 speculative: a.speculative,
                 train: a.train.then(|| train_config(&a)),
+                prefill_attention: match a.prefill_attention {
+                    PrefillAttention::TensorCores => v3c_compiler::conversion::sm90::PrefillAttention::TensorCores,
+                    PrefillAttention::Rows => v3c_compiler::conversion::sm90::PrefillAttention::Rows,
+                },
             }),
             CompileTarget::Cpu if a.tuning.is_some() => {
                 Err("--tuning: CPU kernels have no tuned configurations (GPU targets only)".into())

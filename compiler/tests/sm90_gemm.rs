@@ -370,7 +370,9 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
     let h200 = target::DeviceModel::by_name("H200").unwrap();
     let mut choose = |g: &sm90::lower::GemmKernel, m: usize| v3c_compiler::tune::choose(g, m, &h200, None).preferences;
-    let lowered = sm90::compile_model(&context, &module, &target::SM90A, ptxas.as_ref(), &mut choose, |_| {}).unwrap();
+    let prefill = sm90::PrefillAttention::default();
+    let lowered =
+        sm90::compile_model(&context, &module, &target::SM90A, ptxas.as_ref(), prefill, &mut choose, |_| {}).unwrap();
     let gemm = |name: &str| lowered.gemms.iter().find(|(g, _)| g.kernel == name).map(|(g, _)| g.clone());
     let proj = gemm("mla_projections_0").expect("mla_projections_0 is a GEMM");
     assert_eq!((proj.n, proj.k, proj.weights.len()), (2112, 7168, 2));
@@ -419,7 +421,35 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     let StepKernel::Gemm(g) = &swiglu.steps[0].kernel else { panic!("a GEMM") };
     assert_eq!((g.n, g.k, g.weights.len()), (2 * 18432, 7168, 2));
     assert!(lowered.unsupported.is_empty(), "{:?}", lowered.unsupported);
-    assert!(row("attention_quantize_0").unwrap().starts_with("rows_mlaprefill_h128_n128_r64_v128_kv512_c8192_"));
+    // Prefill attention on the tensor cores (the default): the latent quantized, kv_b's fp8 GEMM,
+    // keys/values and queries head-major in bf16, flash attention, back to token rows quantized.
+    let (prefill, picks) = compound("attention_quantize_0").expect("prefill attention lowers to launches");
+    let names: Vec<String> = prefill
+        .steps
+        .iter()
+        .map(|s| match &s.kernel {
+            StepKernel::Row(k) => k.kernel_name(),
+            StepKernel::Gemm(g) => format!("GEMM {}", g.dims()),
+            StepKernel::MlaPrefill(a) => a.config.kernel_name(),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "rows_quantize_d512_t64",
+            "GEMM N 32768 K 512",
+            "rows_mlakeys_h128_n128_r64_v128_kv512_t64",
+            "rows_mlaqueries_h128_n128_r64_t256",
+            "mla_prefill_qk192_v128_s2",
+            "rows_mlaheadsout_h128_d16384_t256",
+        ]
+    );
+    assert!(picks[1].is_some());
+    let attention = lowered.kernels.iter().find(|k| k.name == "mla_prefill_qk192_v128_s2").expect("compiled");
+    assert!(attention.ptx.contains("wgmma.mma_async") && attention.ptx.contains("cp.async.bulk.tensor"));
+    if let Some(r) = &attention.resources {
+        assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", attention.name);
+    }
     assert!(row("attention_decode_quantize_0").unwrap().starts_with("rows_mladecode_h128_n128_r64_v128_kv512_c8192_"));
     let (head, _) = compound("lm_head_0").expect("the head: split into bf16 hi + lo, two GEMMs");
     assert_eq!(head.steps.len(), 3);

@@ -30,6 +30,9 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::SplitBf16T, 7168, "f32"),
         RowKernel::new(RowOp::Concat { second: 7168 }, 7168, "f32"),
         RowKernel::new(RowOp::MlaCombine, 512, "f32"),
+        RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128 }, 512, "f32"),
+        RowKernel::new(RowOp::MlaQueries { heads: 128, nope: 128, rope: 64 }, 128 * 192, "f32"),
+        RowKernel::new(RowOp::MlaHeadsOut { heads: 128 }, 128 * 128, "f32"),
         RowKernel::new(RowOp::Argmax, 129_280, "f32"),
         RowKernel::new(
             RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352, prefill: false },
@@ -126,7 +129,13 @@ fn row_kernels_compile_to_sm90a_without_spills() {
         assert!(kernel.ptx.contains(&format!(".maxntid {}, 1, 1", k.threads)), "{name}: block size");
         match k.op {
             RowOp::Embed => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase, no barrier"),
-            RowOp::SplitRope { .. } | RowOp::Copy | RowOp::SplitBf16 | RowOp::SplitBf16T | RowOp::Concat { .. } => {
+            RowOp::SplitRope { .. }
+            | RowOp::Copy
+            | RowOp::SplitBf16
+            | RowOp::SplitBf16T
+            | RowOp::Concat { .. }
+            | RowOp::MlaKeys { .. }
+            | RowOp::MlaQueries { .. } => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase")
             }
             RowOp::Argmax => {
@@ -144,6 +153,10 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert!(
                     kernel.ptx.contains("ex2.approx.ftz.f32") && kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32")
                 );
+            }
+            RowOp::MlaHeadsOut { .. } => {
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), 2, "{name}: |max| parts, scales, bytes");
+                assert!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), "{name}");
             }
             RowOp::Route { .. } | RowOp::Dispatch { .. } => {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), 2, "{name}: three phases")
@@ -429,6 +442,10 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                     // SAFETY: operands bound as the step says, sized as the fused kernel's.
                     unsafe { call_packed(&bufs, false, 0, 1, |a| engine.invoke_packed(&k.kernel_name(), a).unwrap()) };
                 }
+                // SAFETY: as above.
+                StepKernel::MlaPrefill(a) => unsafe {
+                    v3c_compiler::conversion::sm90::host::mla_prefill(a.heads, a.scale, &bufs).unwrap()
+                },
                 StepKernel::Gemm(g) if g.grouped.is_some() => {
                     let gr = g.grouped.as_ref().unwrap();
                     let bytes = |b: &RawBuffer| -> Vec<u8> {

@@ -19,6 +19,69 @@ pub enum KernelAbi {
     Memrefs { ranks: Vec<usize> },
     /// The GEMM template (`compiler/src/conversion/sm90/gemm.rs`, `emit`).
     Gemm(GemmAbi),
+    /// MLA prefill flash attention (`compiler/src/conversion/sm90/mla.rs`, `emit_prefill`).
+    MlaPrefill(MlaPrefillAbi),
+}
+
+/// The prefill attention kernel's widths: q and k rows of `qk`, v rows of `v` (bf16, head-major).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MlaPrefillAbi {
+    pub qk: usize,
+    pub v: usize,
+}
+
+/// Query rows per block of the prefill kernel, and the rows and columns of its TMA boxes.
+const PREFILL_QUERIES: usize = 128;
+const PREFILL_BOX: usize = 64;
+
+impl MlaPrefillAbi {
+    /// The launch over head-major `q [H T, qk]`, `k [H S, qk]`, `v [H S, v]` (bf16) into `out [H
+    /// T, v]` (f32): tensor maps of q, k, v (64 x 64 boxes), out's memref, T, S, the scale (an
+    /// f32 parameter: its bits in the low half); `ceil(T / 128) x H` blocks along x.
+    pub fn launch(&self, kernel: &str, ops: [&Buf; 4], heads: usize, scale: f32) -> Result<KernelLaunch, String> {
+        let fail = |what: String| format!("{kernel}: {what}");
+        let [q, k, v, out] = ops;
+        let shape = |b: &Buf| b.shape_at_rank(2).map_err(fail);
+        let (qs, ks, vs, os) = (shape(q)?, shape(k)?, shape(v)?, shape(out)?);
+        for (name, b) in [("q", q), ("k", k), ("v", v)] {
+            if b.element != "bf16" {
+                return Err(fail(format!("{name} is {}, the kernel reads bf16", b.element)));
+            }
+        }
+        if heads == 0 || qs[0] % heads != 0 || ks[0] % heads != 0 {
+            return Err(fail(format!("q of {} rows and k of {} are not {heads} heads", qs[0], ks[0])));
+        }
+        let (t, s) = (qs[0] / heads, ks[0] / heads);
+        let expected = [qs[1] == self.qk, ks[1] == self.qk, vs == [ks[0], self.v], os == [qs[0], self.v]];
+        if expected.contains(&false) || t > s || out.element != "f32" {
+            return Err(fail(format!(
+                "q {qs:?}, k {ks:?}, v {vs:?}, out {os:?} {} for heads of {} and {} ({heads} heads, queries after                  the keys' start)",
+                out.element, self.qk, self.v
+            )));
+        }
+        let map = |b: &Buf, cols: usize, rows: usize| TensorMapSpec {
+            addr: b.addr,
+            rows,
+            cols,
+            element: "bf16".into(),
+            box_rows: PREFILL_BOX,
+            box_cols: PREFILL_BOX,
+        };
+        let maps = vec![map(q, self.qk, qs[0]), map(k, self.qk, ks[0]), map(v, self.v, ks[0])];
+        for m in &maps {
+            m.check().map_err(fail)?;
+        }
+        let mut params = vec![Param::TensorMap(0), Param::TensorMap(1), Param::TensorMap(2)];
+        params.extend(memref(out, 2).map_err(fail)?);
+        params.extend([Param::Value(t as u64), Param::Value(s as u64), Param::Value(u64::from(scale.to_bits()))]);
+        Ok(KernelLaunch {
+            kernel: kernel.to_string(),
+            grid: t.div_ceil(PREFILL_QUERIES) * heads,
+            params,
+            tensor_maps: maps,
+            operands: ops.iter().map(|b| (*b).clone()).collect(),
+        })
+    }
 }
 
 /// The fields of a GEMM configuration the host needs to launch it.
@@ -384,16 +447,17 @@ impl GemmAbi {
     }
 }
 
-/// The 8-byte parameters an sm_90a PTX entry declares, or why they are not all 8 bytes: how the
-/// tests hold the runtime's parameter lists against what the compiler emitted.
+/// The parameters an sm_90a PTX entry declares, or why one is neither 8 bytes nor an f32 (which
+/// the runtime passes as the low half of its 8-byte slot): how the tests hold the runtime's
+/// parameter lists against what the compiler emitted.
 pub fn ptx_entry_params(ptx: &str, kernel: &str) -> Result<usize, String> {
     let start = ptx.find(&format!(".entry {kernel}(")).ok_or_else(|| format!("{kernel}: no .entry in the PTX"))?;
     let rest = &ptx[start..];
     let end = rest.find(')').ok_or_else(|| format!("{kernel}: unterminated parameter list"))?;
     let mut count = 0;
     for line in rest[..end].lines().filter(|l| l.contains(".param")) {
-        if !(line.contains(".u64") || line.contains(".b64") || line.contains(".s64")) {
-            return Err(format!("{kernel}: a parameter that is not 8 bytes: {}", line.trim()));
+        if !(line.contains(".u64") || line.contains(".b64") || line.contains(".s64") || line.contains(".f32")) {
+            return Err(format!("{kernel}: a parameter that is neither 8 bytes nor f32: {}", line.trim()));
         }
         count += 1;
     }
@@ -517,7 +581,40 @@ mod tests {
         let ptx = ".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u64 k_param_1\n)\n{";
         assert_eq!(ptx_entry_params(ptx, "k"), Ok(2));
         let odd = ".visible .entry k(\n\t.param .u32 k_param_0\n)\n{";
-        assert!(ptx_entry_params(odd, "k").unwrap_err().contains("not 8 bytes"));
+        assert!(ptx_entry_params(odd, "k").unwrap_err().contains("neither 8 bytes nor f32"));
         assert!(ptx_entry_params(ptx, "j").is_err());
+        let scale = ".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .f32 k_param_1\n)\n{";
+        assert_eq!(ptx_entry_params(scale, "k"), Ok(2));
+    }
+
+    /// Prefill attention: three tensor maps (64 x 64 bf16 boxes), out's memref, T, S and the
+    /// scale's bits; ceil(T / 128) x heads blocks; shapes that are not the heads' refused.
+    #[test]
+    fn prefill_attention_launches_from_head_major_buffers() {
+        let a = MlaPrefillAbi { qk: 192, v: 128 };
+        let (heads, t, s) = (3, 200, 260);
+        let (q, k, v) = (
+            buf(0x1000, &[heads * t, 192], "bf16"),
+            buf(0x2000, &[heads * s, 192], "bf16"),
+            buf(0x3000, &[heads * s, 128], "bf16"),
+        );
+        let out = buf(0x4000, &[heads * t, 128], "f32");
+        let l = a.launch("mla", [&q, &k, &v, &out], heads, 0.5).unwrap();
+        assert_eq!(l.grid, 2 * heads);
+        assert_eq!(l.tensor_maps.len(), 3);
+        assert_eq!((l.tensor_maps[2].rows, l.tensor_maps[2].cols, l.tensor_maps[2].box_rows), (heads * s, 128, 64));
+        let tail: Vec<Param> = l.params[l.params.len() - 3..].to_vec();
+        assert_eq!(tail, [Param::Value(200), Param::Value(260), Param::Value(u64::from(0.5f32.to_bits()))]);
+        assert_eq!(l.params.len(), 3 + 7 + 3);
+        let err = a.launch("mla", [&q, &k, &v, &out], 7, 0.5).unwrap_err();
+        assert!(err.contains("are not 7 heads"), "{err}");
+        let wide = buf(0x4000, &[heads * t, 192], "f32");
+        assert!(a.launch("mla", [&q, &k, &v, &wide], heads, 0.5).is_err());
+        let f32_keys = buf(0x2000, &[heads * s, 192], "f32");
+        assert!(a.launch("mla", [&q, &f32_keys, &v, &out], heads, 0.5).unwrap_err().contains("k is f32"));
+        // More queries than keys: not a causal continuation.
+        let long = buf(0x1000, &[heads * (s + 1), 192], "bf16");
+        let out_long = buf(0x4000, &[heads * (s + 1), 128], "f32");
+        assert!(a.launch("mla", [&long, &k, &v, &out_long], heads, 0.5).is_err());
     }
 }

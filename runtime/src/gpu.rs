@@ -253,7 +253,15 @@ impl<'a> Expander<'a> {
                 let f = self.lowering_of(&l.kernel)?;
                 let mut bytes = 0;
                 for t in &f.temps {
-                    bytes += align(t.rows(entry.sizes.rows) * t.cols(entry.sizes.rows) * element_bytes(&t.dtype)?);
+                    let base = match t.rows_of {
+                        Some(i) => {
+                            let id = *l.args.get(i).ok_or_else(|| format!("{}: argument {i} missing", l.kernel))?;
+                            let b = entry.buffers.get(id).ok_or_else(|| format!("buffer {id} is not in the plan"))?;
+                            shape_at(&b.dims, entry.sizes).first().copied().unwrap_or(0)
+                        }
+                        None => entry.sizes.rows,
+                    };
+                    bytes += align(t.rows(base) * t.cols(entry.sizes.rows) * element_bytes(&t.dtype)?);
                 }
                 most = most.max(bytes);
             }
@@ -295,7 +303,15 @@ impl<'a> Expander<'a> {
             let mut temps = Vec::new();
             let mut offset = 0usize;
             for t in &f.temps {
-                let (rows, cols) = (t.rows(sizes.rows), t.cols(sizes.rows));
+                let base = match t.rows_of {
+                    Some(i) => buffer(*l.args.get(i).ok_or_else(|| at(format!("argument {i} missing")))?)?
+                        .shape
+                        .first()
+                        .copied()
+                        .unwrap_or(0),
+                    None => sizes.rows,
+                };
+                let (rows, cols) = (t.rows(base), t.cols(sizes.rows));
                 temps.push(Buf {
                     addr: bindings.temps + offset as u64,
                     shape: vec![rows, cols],
@@ -376,7 +392,9 @@ impl<'a> Expander<'a> {
                                     ops.get(operand).ok_or_else(|| at(format!("rows operand {operand} missing")))?;
                                 b.shape_at_rank(ranks[operand]).map_err(at)?[0] * per_row
                             }
-                            Blocks::GemmUnits => return Err(at(format!("{kernel}: a row kernel with GEMM units"))),
+                            Blocks::GemmUnits | Blocks::AttentionTiles => {
+                                return Err(at(format!("{kernel}: a row kernel with {:?}", spec.blocks)))
+                            }
                         };
                         if let Some(i) = ops.iter().position(|b| b.addr == 0) {
                             return Err(at(format!("{kernel}: operand {i} has no memory (a weight left unbound)")));
@@ -390,6 +408,19 @@ impl<'a> Expander<'a> {
                                 operands: ops.clone(),
                             }));
                         }
+                    }
+                    KernelAbi::MlaPrefill(a) => {
+                        let att = spec
+                            .attention
+                            .ok_or_else(|| at(format!("{kernel}: an attention launch without its parameters")))?;
+                        let [q, k, v, out] = &ops[..] else {
+                            return Err(at(format!("{kernel}: {} operands (q, k, v, out)", ops.len())));
+                        };
+                        if q.elements() == 0 {
+                            continue;
+                        }
+                        actions
+                            .push(Action::Kernel(a.launch(kernel, [q, k, v, out], att.heads, att.scale).map_err(at)?));
                     }
                     KernelAbi::Gemm(g) => {
                         let gs = spec

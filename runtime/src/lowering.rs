@@ -79,6 +79,8 @@ pub enum Blocks {
     /// A GEMM's units: tiles (x K splits) from M, N and its configuration (in its name), or one
     /// per SM when persistent.
     GemmUnits,
+    /// Prefill attention's: one per 128 queries and head.
+    AttentionTiles,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,6 +93,17 @@ pub struct LaunchSpec {
     /// For a GEMM: which operands are what.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gemm: Option<GemmSpec>,
+    /// For prefill attention (operands q, k, v, out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<AttentionSpec>,
+}
+
+/// A prefill attention launch's parameters: the heads its head-major operands stack (the query
+/// length is q's rows / heads, the key length k's) and the softmax scale.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AttentionSpec {
+    pub heads: usize,
+    pub scale: f32,
 }
 
 /// A GEMM launch's operands by role (indices into the launch's operands).
@@ -145,8 +158,9 @@ pub struct GroupedWeightSpec {
     pub rows: usize,
 }
 
-/// A temporary: `[rows * rows_factor, cols]` of `dtype` (rows: the run's), or `[fixed_rows, cols]`;
-/// with `run_cols`, its columns follow the run's rows instead of `cols` (a transposed activation).
+/// A temporary: `[rows * rows_factor, cols]` of `dtype` (rows: the run's, or with `rows_of` the
+/// leading dim of that argument of the fused kernel), or `[fixed_rows, cols]`; with `run_cols`, its
+/// columns follow the run's rows instead of `cols` (a transposed activation).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TempSpec {
     pub rows_factor: usize,
@@ -156,10 +170,13 @@ pub struct TempSpec {
     pub fixed_rows: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_cols: Option<RunCols>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_of: Option<usize>,
 }
 
 impl TempSpec {
-    /// Its rows for a run of `rows` rows.
+    /// Its rows for a run of `rows` rows (`rows`: the `rows_of` argument's leading dim when it has
+    /// one).
     pub fn rows(&self, rows: usize) -> usize {
         self.fixed_rows.unwrap_or(rows * self.rows_factor)
     }
@@ -237,6 +254,7 @@ mod tests {
             operands,
             blocks: Blocks::GemmUnits,
             gemm: None,
+            attention: None,
         };
         let lowering = |l: LaunchSpec| Lowering {
             format_version: LOWERING_FORMAT_VERSION,

@@ -72,8 +72,8 @@ impl<'c> HostRows<'c> {
         for step in &steps.steps {
             let ranks = match &step.kernel {
                 StepKernel::Row(kernel) => kernel.argument_ranks(),
-                // A, its scales, B, its scales, (the residual,) the output: matrices.
-                StepKernel::Gemm(_) => vec![2; step.operands.len()],
+                // A, its scales, B, its scales, (the residual,) the output: matrices; q, k, v, out.
+                StepKernel::Gemm(_) | StepKernel::MlaPrefill(_) => vec![2; step.operands.len()],
             };
             let mut raw = Vec::new();
             for (operand, rank) in step.operands.iter().zip(ranks) {
@@ -116,6 +116,8 @@ impl<'c> HostRows<'c> {
                 StepKernel::Row(kernel) => self.launch(kernel, &raw)?,
                 // SAFETY: the views are the buffers' own shapes (checked by shape_at_rank).
                 StepKernel::Gemm(g) => unsafe { dense_gemm(g, &raw)? },
+                // SAFETY: as above.
+                StepKernel::MlaPrefill(a) => unsafe { mla_prefill(a.heads, a.scale, &raw)? },
             }
         }
         Ok(true)
@@ -193,6 +195,62 @@ unsafe fn dense_gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), St
                 };
             }
             o[i * n + j] = residual.as_ref().map_or(acc, |r| r[i * n + j] + acc);
+        }
+    }
+    Ok(())
+}
+
+/// The prefill attention kernel's semantics over `[q, k, v, out]` (head-major: q `[H T, qk]`, k
+/// `[H S, qk]`, v `[H S, dv]` bf16, out `[H T, dv]` f32): per head, query t sees keys
+/// `0..=S - T + t`; scores `q . k` in f32 times `scale`, softmax with P rounded to bf16 before
+/// `P V` (as the kernel feeds the tensor cores) over the unrounded sum. Sums in key order, not the
+/// kernel's: [`crate::emulate`] and the device checks hold the two within bf16's rounding.
+///
+/// # Safety
+/// The buffers address their shapes' elements.
+pub unsafe fn mla_prefill(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Result<(), String> {
+    use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+    let [q, k, v, out] = bufs else { return Err(format!("prefill attention of {} operands", bufs.len())) };
+    let bf16 = |b: &RawBuffer| -> Vec<f32> {
+        let n = b.shape.iter().product();
+        std::slice::from_raw_parts(b.ptr as *const u16, n).iter().map(|&x| bf16_to_f32(x)).collect()
+    };
+    let (qk, dv) = (q.shape[1], v.shape[1]);
+    let heads = heads.max(1);
+    let (t_len, s_len) = (q.shape[0] / heads, k.shape[0] / heads);
+    if k.shape[1] != qk || v.shape[0] != k.shape[0] || out.shape != [q.shape[0], dv] || t_len > s_len {
+        return Err(format!(
+            "prefill attention of q {:?}, k {:?}, v {:?}, out {:?} ({heads} heads)",
+            q.shape, k.shape, v.shape, out.shape
+        ));
+    }
+    let (qv, kv, vv) = (bf16(q), bf16(k), bf16(v));
+    let o = std::slice::from_raw_parts_mut(out.ptr as *mut f32, q.shape[0] * dv);
+    let mut p = vec![0f32; s_len];
+    for h in 0..heads {
+        for t in 0..t_len {
+            let query = &qv[(h * t_len + t) * qk..][..qk];
+            let seen = s_len - t_len + t + 1;
+            let mut max = f32::NEG_INFINITY;
+            for (j, pj) in p.iter_mut().enumerate().take(seen) {
+                let key = &kv[(h * s_len + j) * qk..][..qk];
+                *pj = query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(*pj);
+            }
+            let mut sum = 0f32;
+            for pj in p.iter_mut().take(seen) {
+                *pj = (*pj - max).exp();
+                sum += *pj;
+            }
+            let row = &mut o[(h * t_len + t) * dv..][..dv];
+            row.fill(0.0);
+            for (j, &pj) in p.iter().enumerate().take(seen) {
+                let pb = bf16_to_f32(f32_to_bf16(pj));
+                for (c, x) in row.iter_mut().enumerate() {
+                    *x += pb * vv[(h * s_len + j) * dv + c];
+                }
+            }
+            row.iter_mut().for_each(|x| *x /= sum);
         }
     }
     Ok(())

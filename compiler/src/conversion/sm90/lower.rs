@@ -493,20 +493,37 @@ pub struct Temp {
     pub fixed_rows: Option<usize>,
     /// Columns that follow the run's rows instead of `cols` (a transposed activation).
     pub run_cols: Option<RunCols>,
+    /// Rows that follow argument `i`'s leading dim instead of the run's rows (times `rows_factor`):
+    /// e.g. prefill's cached and new latent rows.
+    pub rows_of: Option<usize>,
 }
 
 impl Temp {
     /// `[rows * rows_factor, cols]` of `element`.
     pub fn per_row(rows_factor: usize, cols: usize, element: &str) -> Temp {
-        Temp { rows_factor, cols, element: element.into(), fixed_rows: None, run_cols: None }
+        Temp { rows_factor, cols, element: element.into(), fixed_rows: None, run_cols: None, rows_of: None }
     }
 
     /// `[rows, run_cols.cols(run rows)]` of `element`: e.g. a `[T, rows]` activation transposed.
     pub fn transposed(rows: usize, run_cols: RunCols, element: &str) -> Temp {
-        Temp { rows_factor: 0, cols: 0, element: element.into(), fixed_rows: Some(rows), run_cols: Some(run_cols) }
+        Temp {
+            rows_factor: 0,
+            cols: 0,
+            element: element.into(),
+            fixed_rows: Some(rows),
+            run_cols: Some(run_cols),
+            rows_of: None,
+        }
     }
 
-    /// Its rows for a run of `rows` rows.
+    /// `[arg_rows(i) * rows_factor, cols]` of `element`, `arg_rows(i)` the leading dim of
+    /// argument `i`.
+    pub fn per_row_of(arg: usize, rows_factor: usize, cols: usize, element: &str) -> Temp {
+        Temp { rows_of: Some(arg), ..Temp::per_row(rows_factor, cols, element) }
+    }
+
+    /// Its rows for a run of `rows` rows (with [`Temp::rows_of`]: `rows` is that argument's
+    /// leading dim).
     pub fn rows(&self, rows: usize) -> usize {
         self.fixed_rows.unwrap_or(rows * self.rows_factor)
     }
@@ -524,6 +541,18 @@ pub enum StepKernel {
     /// operands; its output is the operand after them.
     Gemm(GemmKernel),
     Row(RowKernel),
+    /// MLA prefill attention on the tensor cores ([`super::mla::MlaPrefillConfig`]): operands q, k,
+    /// v (bf16, head-major), out (f32).
+    MlaPrefill(MlaPrefillLaunch),
+}
+
+/// A launch of the flash-attention prefill kernel: its configuration, the heads its head-major
+/// operands stack (the query length is q's rows / heads, the key length k's), the softmax scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MlaPrefillLaunch {
+    pub config: super::mla::MlaPrefillConfig,
+    pub heads: usize,
+    pub scale: f32,
 }
 
 /// One launch: its kernel and its operands in the kernel's argument order (buffers are contiguous:
@@ -1265,4 +1294,78 @@ pub(super) fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), St
     }
     let attention_factor = float_attr(rope, "attention_factor").unwrap_or(1.0);
     Ok((RopeTable { dim, inv_freq, attention_factor }, interleave))
+}
+
+/// MLA prefill attention (fp8 graph) on the tensor cores, in the naive form as DeepSeek-V3's own
+/// inference runs it: the fused `attention` + `reshape` + `quantize_fp8` kernel of arguments
+/// (q_nope `[T, H, nope]`, q_pe `[T, H, rope]`, the latent cache `[S, kv + rope]`, kv_b
+/// `[H (nope + v), kv]` e4m3 and its 128x128 scales) as six launches:
+/// 1. the cache's latent columns 1x128-quantized to e4m3 (`rows_quantize`);
+/// 2. the fp8 GEMM of kv_b: every head's nope keys and values `[S, H (nope + v)]` (f32);
+/// 3. keys `[H S, nope + rope]` (the rope key from the cache, shared by the heads) and values
+///    `[H S, v]` head-major in bf16 (`rows_mlakeys`), 4. the queries likewise (`rows_mlaqueries`);
+/// 5. flash attention (`mla_prefill_*`: wgmma, causal, query t seeing keys `0..=S - T + t`);
+/// 6. its head-major f32 output back to token rows, quantized 1x128 (`rows_mlaheadsout`).
+///
+/// Numerics: the latent in e4m3 for the up-projection, q, k, v and P in bf16 (the CUDA-core row,
+/// [`RowOp::MlaDecode`], keeps the reference's f32 instead). `Err`: not this kernel, or shapes the
+/// templates do not take (head widths not multiples of 64, values over 256, a latent not a
+/// multiple of 128).
+pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
+    let launch = row_of_kernel(kernel)?;
+    let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: true, .. } = launch.kernel.op else {
+        return Err("not a prefill attention".into());
+    };
+    if launch.kernel.weight != "f8E4M3FN" {
+        return Err("prefill attention of the f32 graph (bf16 kv_b) stays on the row kernel".into());
+    }
+    let kv = launch.kernel.d;
+    let config = super::mla::MlaPrefillConfig { qk: nope + rope, v, stages: 2 };
+    config.validate(&crate::target::SM90A)?;
+    if !kv.is_multiple_of(super::rows::GROUP) || !v.is_multiple_of(super::rows::GROUP) {
+        return Err(format!("a latent of {kv} and value heads of {v} (multiples of 128 for the 1x128 groups)"));
+    }
+    let fused = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    let n = heads * (nope + v);
+    let (q_nope, q_pe, cache, kv_b, kv_b_scale) = (0, 1, 2, 3, 4);
+    let gemm = GemmKernel {
+        kernel: format!("{fused}.kv_b"),
+        input: GemmInput::Fp8,
+        output: GemmOutput::F32,
+        n,
+        k: kv,
+        a: 0,
+        a_scale: Some(1),
+        weights: vec![(2, Some(3))],
+        residual: None,
+        results: vec![(0, n)],
+        grouped: None,
+        fixed_m: None,
+    };
+    let row = |op: RowOp, d: usize| StepKernel::Row(RowKernel::new(op, d, "f32"));
+    let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };
+    use Operand::{Arg, Result as Out, Temp as T};
+    Ok(Steps {
+        temps: vec![
+            Temp::per_row_of(cache, 1, kv, "f8E4M3FN"),
+            Temp::per_row_of(cache, 1, kv / super::rows::GROUP, "f32"),
+            Temp::per_row_of(cache, 1, n, "f32"),
+            Temp::per_row_of(cache, heads, nope + rope, "bf16"),
+            Temp::per_row_of(cache, heads, v, "bf16"),
+            Temp::per_row_of(q_nope, heads, nope + rope, "bf16"),
+            Temp::per_row_of(q_nope, heads, v, "f32"),
+        ],
+        steps: vec![
+            step(row(RowOp::Train(super::rows::TrainRow::Quantize), kv), vec![Arg(cache), T(0), T(1)]),
+            step(StepKernel::Gemm(gemm), vec![T(0), T(1), Arg(kv_b), Arg(kv_b_scale), T(2)]),
+            step(row(RowOp::MlaKeys { heads, nope, rope, v }, kv), vec![T(2), Arg(cache), T(3), T(4)]),
+            step(
+                row(RowOp::MlaQueries { heads, nope, rope }, heads * (nope + rope)),
+                vec![Arg(q_nope), Arg(q_pe), T(5)],
+            ),
+            step(StepKernel::MlaPrefill(MlaPrefillLaunch { config, heads, scale }), vec![T(5), T(3), T(4), T(6)]),
+            step(row(RowOp::MlaHeadsOut { heads }, heads * v), vec![T(6), Out(0), Out(1)]),
+        ],
+        rope_table: None,
+    })
 }

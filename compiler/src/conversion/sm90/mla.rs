@@ -638,7 +638,8 @@ scf.if %zero_tail {{
 ///
 /// Layout (head-major, 2-D): `q [H * T, qk]`, `k [H * S, qk]`, `v [H * S, v]` bf16 (tensor maps: box 64
 /// columns x 64 rows, 128-byte swizzle, zero fill), `out [H * T, v]` f32; arguments `%q_ptr`, `%k_ptr`,
-/// `%v_ptr`, `%out`, `%t_len`, `%s_len` (index), `%scale` (f32). Grid `(ceil(T / 128), H)`.
+/// `%v_ptr`, `%out`, `%t_len`, `%s_len` (index), `%scale` (f32). Grid `(ceil(T / 128), H)` — or as
+/// many blocks along x alone (block `head * ceil(T / 128) + tile`: the runtime's 1-D launches).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MlaPrefillConfig {
     /// Query/key head width (DeepSeek-V3: 128 nope + 64 rope): a positive multiple of 64.
@@ -744,8 +745,14 @@ impl PrefillEmitter {
   %k_map = builtin.unrealized_conversion_cast %k_ptr : !llvm.ptr to !tmap
   %v_map = builtin.unrealized_conversion_cast %v_ptr : !llvm.ptr to !tmap
   %tid = gpu.thread_id x
-  %bx = gpu.block_id x
-  %head = gpu.block_id y
+  %bid_x = gpu.block_id x
+  %bid_y = gpu.block_id y
+  %grid_x = gpu.grid_dim x
+  %lin0 = arith.muli %bid_y, %grid_x : index
+  %lin = arith.addi %lin0, %bid_x : index
+  %tiles = arith.ceildivui %t_len, %c128 : index
+  %bx = arith.remui %lin, %tiles : index
+  %head = arith.divui %lin, %tiles : index
   %q_first = arith.muli %bx, %c128 : index
   %q_head = arith.muli %head, %t_len : index
   %q_row0 = arith.addi %q_head, %q_first : index

@@ -182,6 +182,18 @@ pub fn compile_unspilled(
 /// The kernels of one GEMM for [decode, prefill].
 pub type RegimeKernels = [String; 2];
 
+/// Where the fp8 graph's prefill attention runs on sm_90a.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefillAttention {
+    /// Flash attention on the tensor cores in the naive form ([`lower::mla_prefill_steps`]): the
+    /// latent in e4m3 for kv_b's up-projection, q, k, v and P in bf16 — DeepSeek-V3's own
+    /// inference numerics. Attention whose shapes the kernel does not take stays on the row.
+    #[default]
+    TensorCores,
+    /// The CUDA-core row kernel in the absorbed form, in f32 as the reference computes it.
+    Rows,
+}
+
 /// The sm_90a lowering of a `fused`-stage module (the kernels of every entry point).
 #[derive(Debug, Default)]
 pub struct ModelKernels {
@@ -201,6 +213,27 @@ pub struct ModelKernels {
 }
 
 impl ModelKernels {
+    /// Compiles the prefill attention kernel of `launch` unless it is already compiled.
+    fn prefill_kernel(
+        &mut self,
+        context: &Context,
+        launch: &lower::MlaPrefillLaunch,
+        target: &GpuTarget,
+        ptxas: Option<&FoundTool>,
+        progress: &mut impl FnMut(&str),
+    ) -> Result<(), Sm90Error> {
+        let name = launch.config.kernel_name();
+        if !self.kernels.iter().any(|c| c.name == name) {
+            progress(&name);
+            let mut kernel = compile_mla_prefill(context, &launch.config, target)?;
+            if let Some(ptxas) = ptxas {
+                kernel.assemble(target, ptxas)?;
+            }
+            self.kernels.push(kernel);
+        }
+        Ok(())
+    }
+
     /// Compiles row kernel `k` unless it is already compiled.
     fn row_kernel(
         &mut self,
@@ -271,12 +304,13 @@ impl ModelKernels {
 /// distinct template kernel once. `choose(kernel, m)` orders the configurations to try for a GEMM
 /// kernel at `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`]); with
 /// ptxas the first that assembles without spilling is taken, without it the first. `progress` is
-/// told each kernel name as it is compiled.
+/// told each kernel name as it is compiled. `prefill` picks the fp8 prefill attention's kernels.
 pub fn compile_model(
     context: &Context,
     module: &Module,
     target: &GpuTarget,
     ptxas: Option<&FoundTool>,
+    prefill: PrefillAttention,
     choose: &mut dyn FnMut(&lower::GemmKernel, usize) -> Vec<gemm::GemmConfig>,
     mut progress: impl FnMut(&str),
 ) -> Result<ModelKernels, Sm90Error> {
@@ -288,13 +322,18 @@ pub fn compile_model(
             continue;
         }
         let fused = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let tensor_core_prefill = match prefill {
+            PrefillAttention::TensorCores => lower::mla_prefill_steps(&f).ok(),
+            PrefillAttention::Rows => None,
+        };
         let row = lower::row_of_kernel(&f);
-        if let Ok(launch) = row {
+        if let (Ok(launch), None) = (&row, &tensor_core_prefill) {
+            let launch = launch.clone();
             out.row_kernel(context, &launch.kernel, target, ptxas, &mut progress)?;
             out.rows.push((fused, launch));
             continue;
         }
-        if let Ok(steps) = lower::steps_of_kernel(&f) {
+        if let Some(steps) = tensor_core_prefill.or_else(|| lower::steps_of_kernel(&f).ok()) {
             let mut picked = Vec::new();
             for step in &steps.steps {
                 match &step.kernel {
@@ -304,6 +343,10 @@ pub fn compile_model(
                     }
                     lower::StepKernel::Gemm(g) => {
                         picked.push(Some(out.gemm_kernels(context, g, target, ptxas, choose, &mut progress)?))
+                    }
+                    lower::StepKernel::MlaPrefill(a) => {
+                        out.prefill_kernel(context, a, target, ptxas, &mut progress)?;
+                        picked.push(None);
                     }
                 }
             }

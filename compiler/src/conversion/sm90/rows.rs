@@ -100,6 +100,18 @@ pub enum RowOp {
     /// rows]`, natural log, `-inf` for a split without keys) over the weights' sum, into `out
     /// [rows, d]`; a row no split saw is zeros.
     MlaCombine,
+    /// MLA prefill on the tensor cores (the naive form), its keys and values: one block per latent
+    /// row s of `kv [S, heads * (nope + v)]` (the kv_b up-projection of the cache's latent, f32)
+    /// writes head h's key row `k[h * S + s] = bf16([kv[s, h, :nope] | cache[s, d .. d + rope]])`
+    /// and value row `vv[h * S + s] = bf16(kv[s, h, nope..])` — head-major, the layout
+    /// `mla_prefill_*` reads (bf16 by round to nearest even). `d` is the latent width: a cache row
+    /// is the latent, then the rope key every head shares.
+    MlaKeys { heads: usize, nope: usize, rope: usize, v: usize },
+    /// Its queries: `q[h * T + t] = bf16([q_nope[t, h] | q_pe[t, h]])` (`d` = heads * (nope + rope)).
+    MlaQueries { heads: usize, nope: usize, rope: usize },
+    /// The prefill kernel's head-major output `o [heads * T, d / heads]` (f32) back to token rows,
+    /// 1x128 e4m3 quantized: row t is `[o[t], o[T + t], ..]` as bytes `q [T, d]` and `scale`.
+    MlaHeadsOut { heads: usize },
     /// Greedy sampling's argmax of each f32 row (`x [rows, d]` -> `idx [rows]`, i32) in the
     /// reference's order: `f32::total_cmp` (NaN and -0 < +0 ordered as Rust orders them), ties to
     /// the lower index. Each thread scans a strided share, then a tree over the threads.
@@ -166,6 +178,9 @@ impl RowKernel {
             RowOp::SiluMul { quantize } => format!("rows_silumul_d{d}_t{t}{}", if quantize { "_q" } else { "_y" }),
             RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
             RowOp::MlaCombine => format!("rows_mlacombine_d{d}_t{t}"),
+            RowOp::MlaKeys { heads, nope, rope, v } => format!("rows_mlakeys_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_t{t}"),
+            RowOp::MlaQueries { heads, nope, rope } => format!("rows_mlaqueries_h{heads}_n{nope}_r{rope}_t{t}"),
+            RowOp::MlaHeadsOut { heads } => format!("rows_mlaheadsout_h{heads}_d{d}_t{t}"),
             RowOp::Argmax => format!("rows_argmax_d{d}_t{t}"),
             RowOp::SplitBf16 => format!("rows_splitbf16_d{d}_t{t}"),
             RowOp::SplitBf16T => format!("rows_splitbf16t_d{d}_t{t}"),
@@ -269,6 +284,29 @@ impl RowKernel {
                     weight: if f32_graph.is_empty() { "f8E4M3FN" } else { "bf16" }.into(),
                     threads: number(t, 't')?,
                 })
+            }
+            ("mlakeys", [h, n, r, v, kv, t]) => {
+                let op = RowOp::MlaKeys {
+                    heads: number(h, 'h')?,
+                    nope: number(n, 'n')?,
+                    rope: number(r, 'r')?,
+                    v: number(v, 'v')?,
+                };
+                Some(RowKernel {
+                    op,
+                    d: kv.strip_prefix("kv")?.parse().ok()?,
+                    weight: "f32".into(),
+                    threads: number(t, 't')?,
+                })
+            }
+            ("mlaqueries", [h, n, r, t]) => {
+                let (heads, nope, rope) = (number(h, 'h')?, number(n, 'n')?, number(r, 'r')?);
+                let op = RowOp::MlaQueries { heads, nope, rope };
+                Some(RowKernel { op, d: heads * (nope + rope), weight: "f32".into(), threads: number(t, 't')? })
+            }
+            ("mlaheadsout", [h, d, t]) => {
+                let op = RowOp::MlaHeadsOut { heads: number(h, 'h')? };
+                Some(RowKernel { op, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
             }
             ("concat", [d, b, t]) => {
                 let op = RowOp::Concat { second: number(b, 'b')? };
@@ -399,6 +437,22 @@ impl RowKernel {
                 }
                 args
             }
+            RowOp::MlaKeys { .. } => vec![
+                ("kv", "memref<?x?xf32>".to_string()),
+                ("cache", "memref<?x?xf32>".into()),
+                ("k", "memref<?x?xbf16>".into()),
+                ("vv", "memref<?x?xbf16>".into()),
+            ],
+            RowOp::MlaQueries { .. } => vec![
+                ("q_nope", "memref<?x?x?xf32>".to_string()),
+                ("q_pe", "memref<?x?x?xf32>".into()),
+                ("q", "memref<?x?xbf16>".into()),
+            ],
+            RowOp::MlaHeadsOut { .. } => vec![
+                ("o", "memref<?x?xf32>".to_string()),
+                ("q", "memref<?x?xi8>".into()),
+                ("scale", "memref<?x?xf32>".into()),
+            ],
             RowOp::Concat { .. } => vec![
                 ("x1", "memref<?x?xf32>".to_string()),
                 ("x2", "memref<?x?xf32>".into()),
@@ -472,6 +526,9 @@ impl RowKernel {
             RowOp::SiluMul { .. } | RowOp::Copy | RowOp::Route { .. } | RowOp::SplitBf16 | RowOp::SplitBf16T => "x",
             RowOp::Concat { .. } => "x1",
             RowOp::MlaCombine => "out",
+            RowOp::MlaKeys { .. } => "kv",
+            RowOp::MlaQueries { .. } => "q_nope",
+            RowOp::MlaHeadsOut { .. } => "q",
             RowOp::Argmax => "x",
             // One block per (sequence, head): see `blocks_per_row`.
             RowOp::MlaDecode { .. } => "q_nope",
@@ -510,7 +567,10 @@ impl RowKernel {
             | RowOp::SplitBf16
             | RowOp::SplitBf16T
             | RowOp::Concat { .. }
+            | RowOp::MlaKeys { .. }
+            | RowOp::MlaQueries { .. }
             | RowOp::MlaCombine => Vec::new(),
+            RowOp::MlaHeadsOut { .. } => vec![("sh_amax", self.groups() * AMAX_PARTS), ("sh_scale", self.groups())],
             RowOp::MlaDecode { nope, rope, v, context, .. } => vec![
                 ("sh_qn", nope),
                 ("sh_qpe", rope),
@@ -583,6 +643,11 @@ impl RowKernel {
                 ));
             }
         }
+        if let RowOp::MlaHeadsOut { heads } = self.op {
+            if heads == 0 || !self.d.is_multiple_of(heads) {
+                return Err(format!("{name}: rows of {} columns are not {heads} heads", self.d));
+            }
+        }
         if let RowOp::MlaDecode { v, .. } = self.op {
             if !["f8E4M3FN", "bf16"].contains(&self.weight.as_str()) {
                 return Err(format!("{name}: {} kv_b (e4m3 with block scales, or bf16)", self.weight));
@@ -644,6 +709,10 @@ impl RowKernel {
             let _ = writeln!(s, "%softmax_scale = arith.constant 0x{:08X} : f32", scale.to_bits());
             let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
             s.push_str(&quant_constants(1));
+        }
+        if let RowOp::MlaHeadsOut { heads } = self.op {
+            let _ = writeln!(s, "%cV = arith.constant {} : index", self.d / heads);
+            s.push_str(&quant_constants(self.groups()));
         }
         if let RowOp::SiluMul { quantize } = self.op {
             let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
@@ -988,22 +1057,7 @@ scf.for %e = %tid to %cES step %cT {{
                 vec![counts, scan, place]
             }
             RowOp::SplitBf16 | RowOp::SplitBf16T => {
-                // Round to nearest even by the bits (the same integer arithmetic in both lowerings).
-                let round = |x: &str, out: &str| {
-                    format!(
-                        "  {out}_bits = arith.bitcast {x} : f32 to i32
-  {out}_lsb0 = arith.shrui {out}_bits, %c16_i32 : i32
-  {out}_lsb = arith.andi {out}_lsb0, %c1_i32 : i32
-  {out}_bias = arith.addi {out}_lsb, %c7fff_i32 : i32
-  {out}_sum = arith.addi {out}_bits, {out}_bias : i32
-  {out}_top = arith.shrui {out}_sum, %c16_i32 : i32
-  {out}_i16 = arith.trunci {out}_top : i32 to i16
-  {out} = arith.bitcast {out}_i16 : i16 to bf16
-  {out}_back = arith.shli {out}_top, %c16_i32 : i32
-  {out}_f = arith.bitcast {out}_back : i32 to f32
-"
-                    )
-                };
+                let round = round_bf16;
                 let transposed = self.op == RowOp::SplitBf16T;
                 let at = if transposed { "%i, %row" } else { "%row, %i" };
                 // Transposed: x's last row also zeroes the padding columns.
@@ -1026,10 +1080,7 @@ scf.if %last {
                     ""
                 };
                 vec![format!(
-                    "%c16_i32 = arith.constant 16 : i32
-%c1_i32 = arith.constant 1 : i32
-%c7fff_i32 = arith.constant 32767 : i32
-scf.for %i = %tid to %cD step %cT {{
+                    "{BF16_CONSTANTS}scf.for %i = %tid to %cD step %cT {{
   %v = memref.load %x[%row, %i] : memref<?x?xf32>
 {}  %rest = arith.subf %v, %h_f : f32
 {}  memref.store %h, %hi[{at}] : memref<?x?xbf16>
@@ -1039,6 +1090,84 @@ scf.for %i = %tid to %cD step %cT {{
                     round("%v", "%h"),
                     round("%rest", "%l")
                 )]
+            }
+            RowOp::MlaKeys { heads, nope, rope, v } => {
+                // Per head: its nope key columns and value columns of the row, the shared rope key.
+                let copy = |what: &str, from: &str, col: &str, to: &str| {
+                    format!(
+                        "  %c{what} = arith.constant {to} : index
+  scf.for %i = %tid to %c{what} step %cT {{
+    %col = arith.addi %i, {col} : index
+    %x = memref.load {from}[%row, %col] : memref<?x?xf32>
+{round}    %to = arith.addi %i, %{what}_at : index
+    memref.store %b, %{what}_dst[%hrow, %to] : memref<?x?xbf16>
+  }}
+",
+                        round = indent2(&round_bf16("%x", "%b")),
+                    )
+                };
+                let body = [
+                    copy("nope", "%kv", "%base", &nope.to_string()),
+                    copy("rope", "%cache", "%cD", &rope.to_string()),
+                    copy("val", "%kv", "%vbase", &v.to_string()),
+                ]
+                .concat()
+                .replace("%nope_dst", "%k")
+                .replace("%rope_dst", "%k")
+                .replace("%val_dst", "%vv");
+                vec![format!(
+                    "{BF16_CONSTANTS}%S = memref.dim %kv, %c0 : memref<?x?xf32>
+%cH = arith.constant {heads} : index
+%cPerHead = arith.constant {per_head} : index
+%nope_at = arith.constant 0 : index
+%rope_at = arith.constant {nope} : index
+%val_at = arith.constant 0 : index
+%nope_cols = arith.constant {nope} : index
+scf.for %h = %c0 to %cH step %c1 {{
+  %hrow0 = arith.muli %h, %S : index
+  %hrow = arith.addi %hrow0, %row : index
+  %base = arith.muli %h, %cPerHead : index
+  %vbase = arith.addi %base, %nope_cols : index
+{body}}}
+",
+                    per_head = nope + v,
+                )]
+            }
+            RowOp::MlaQueries { heads, nope, rope } => vec![format!(
+                "{BF16_CONSTANTS}%T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
+%cH = arith.constant {heads} : index
+%cNope = arith.constant {nope} : index
+%cRope = arith.constant {rope} : index
+scf.for %h = %c0 to %cH step %c1 {{
+  %hrow0 = arith.muli %h, %T : index
+  %hrow = arith.addi %hrow0, %row : index
+  scf.for %i = %tid to %cNope step %cT {{
+    %x = memref.load %q_nope[%row, %h, %i] : memref<?x?x?xf32>
+{round_nope}    memref.store %b, %q[%hrow, %i] : memref<?x?xbf16>
+  }}
+  scf.for %i = %tid to %cRope step %cT {{
+    %x = memref.load %q_pe[%row, %h, %i] : memref<?x?x?xf32>
+{round_pe}    %col = arith.addi %i, %cNope : index
+    memref.store %b, %q[%hrow, %col] : memref<?x?xbf16>
+  }}
+}}
+",
+                round_nope = indent2(&round_bf16("%x", "%b")),
+                round_pe = indent2(&round_bf16("%x", "%b")),
+            )],
+            RowOp::MlaHeadsOut { .. } => {
+                // Column c of row t: head c / v's output row h * T + t, its column c mod v.
+                self.quant_phases(lowering, &|c| {
+                    format!(
+                        "  %ho_T = memref.dim %q, %c0 : memref<?x?xi8>
+  %ho_h = arith.divui {c}, %cV : index
+  %ho_c = arith.remui {c}, %cV : index
+  %ho_r0 = arith.muli %ho_h, %ho_T : index
+  %ho_r = arith.addi %ho_r0, %row : index
+  %v = memref.load %o[%ho_r, %ho_c] : memref<?x?xf32>
+"
+                    )
+                })
             }
             RowOp::Concat { second } => vec![format!(
                 "scf.for %i = %tid to %cD step %cT {{
@@ -1742,7 +1871,10 @@ scf.for %i = %tid to %cD step %cT {{
         let mut s = String::from("module {\n");
         if matches!(
             self.op,
-            RowOp::RmsNorm { quantize: true, .. } | RowOp::SiluMul { quantize: true } | RowOp::MlaDecode { .. }
+            RowOp::RmsNorm { quantize: true, .. }
+                | RowOp::SiluMul { quantize: true }
+                | RowOp::MlaDecode { .. }
+                | RowOp::MlaHeadsOut { .. }
         ) || matches!(self.op, RowOp::Train(op) if op.encodes_fp8())
         {
             s.push_str(&crate::conversion::v3_to_cpu::fp8_helpers("rows"));
@@ -1902,6 +2034,30 @@ fn decode_e4m3(byte: &str, out: &str) -> String {
 }
 
 /// The constants of [`RowKernel::quant_phases`] for rows of `groups` 128-column groups.
+/// The constants [`round_bf16`] uses.
+const BF16_CONSTANTS: &str = "%c16_i32 = arith.constant 16 : i32
+%c1_i32 = arith.constant 1 : i32
+%c7fff_i32 = arith.constant 32767 : i32
+";
+
+/// `{out}` (bf16) = `{x}` (f32) rounded to nearest even by its bits — the same integer arithmetic
+/// in both lowerings — and `{out}_f`, that value as f32 (needs [`BF16_CONSTANTS`]).
+fn round_bf16(x: &str, out: &str) -> String {
+    format!(
+        "  {out}_bits = arith.bitcast {x} : f32 to i32
+  {out}_lsb0 = arith.shrui {out}_bits, %c16_i32 : i32
+  {out}_lsb = arith.andi {out}_lsb0, %c1_i32 : i32
+  {out}_bias = arith.addi {out}_lsb, %c7fff_i32 : i32
+  {out}_sum = arith.addi {out}_bits, {out}_bias : i32
+  {out}_top = arith.shrui {out}_sum, %c16_i32 : i32
+  {out}_i16 = arith.trunci {out}_top : i32 to i16
+  {out} = arith.bitcast {out}_i16 : i16 to bf16
+  {out}_back = arith.shli {out}_top, %c16_i32 : i32
+  {out}_f = arith.bitcast {out}_back : i32 to f32
+"
+    )
+}
+
 fn quant_constants(groups: usize) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "%cG = arith.constant {groups} : index");
@@ -2524,6 +2680,92 @@ mod tests {
         let k = RowKernel::new(RowOp::MlaCombine, 512, "f32");
         assert_eq!(k.kernel_name(), "rows_mlacombine_d512_t64");
         assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k));
+    }
+
+    /// MLA prefill's layout rows around the tensor-core kernel: keys and values (head-major, bf16
+    /// of the up-projection's columns and the cache's shared rope key), queries (head-major), and
+    /// the head-major output back to token rows with the reference's 1x128 quantization.
+    #[test]
+    fn mla_prefill_layout_rows_are_their_definitions() {
+        let (heads, nope, rope, v, d, s_len, t_len) = (3, 8, 4, 6, 16, 5, 4);
+        let per = nope + v;
+        let (mut kv, mut cache) = (values(s_len * heads * per, 70, 9.0), values(s_len * (d + rope), 71, 9.0));
+        let (mut k, mut vv) = (vec![0xAAAAu16; heads * s_len * (nope + rope)], vec![0xAAAAu16; heads * s_len * v]);
+        let keys = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v }, d, "f32");
+        run_cpu(
+            &keys,
+            &[
+                raw(&mut kv, &[s_len, heads * per], "f32"),
+                raw(&mut cache, &[s_len, d + rope], "f32"),
+                raw(&mut k, &[heads * s_len, nope + rope], "bf16"),
+                raw(&mut vv, &[heads * s_len, v], "bf16"),
+            ],
+        );
+        for h in 0..heads {
+            for s in 0..s_len {
+                let r = h * s_len + s;
+                for c in 0..nope + rope {
+                    let want =
+                        if c < nope { kv[s * heads * per + h * per + c] } else { cache[s * (d + rope) + d + c - nope] };
+                    assert_eq!(k[r * (nope + rope) + c], f32_to_bf16(want), "k[{h}, {s}, {c}]");
+                }
+                for c in 0..v {
+                    assert_eq!(
+                        vv[r * v + c],
+                        f32_to_bf16(kv[s * heads * per + h * per + nope + c]),
+                        "v[{h}, {s}, {c}]"
+                    );
+                }
+            }
+        }
+        let (mut qn, mut qp) = (values(t_len * heads * nope, 72, 9.0), values(t_len * heads * rope, 73, 9.0));
+        let mut q = vec![0xAAAAu16; heads * t_len * (nope + rope)];
+        let queries = RowKernel::new(RowOp::MlaQueries { heads, nope, rope }, heads * (nope + rope), "f32");
+        run_cpu(
+            &queries,
+            &[
+                raw(&mut qn, &[t_len, heads, nope], "f32"),
+                raw(&mut qp, &[t_len, heads, rope], "f32"),
+                raw(&mut q, &[heads * t_len, nope + rope], "bf16"),
+            ],
+        );
+        for h in 0..heads {
+            for t in 0..t_len {
+                for c in 0..nope + rope {
+                    let want =
+                        if c < nope { qn[(t * heads + h) * nope + c] } else { qp[(t * heads + h) * rope + c - nope] };
+                    assert_eq!(q[(h * t_len + t) * (nope + rope) + c], f32_to_bf16(want), "q[{h}, {t}, {c}]");
+                }
+            }
+        }
+        // Two heads of 128 (a group each) and heads of 64 (two per group).
+        for (heads, v) in [(2, 128), (3, 64)] {
+            let d = heads * v;
+            let mut o = values(heads * t_len * v, 74, 30.0);
+            let mut tokens = vec![0f32; t_len * d];
+            for t in 0..t_len {
+                for c in 0..d {
+                    tokens[t * d + c] = o[((c / v) * t_len + t) * v + c % v];
+                }
+            }
+            let (want_q, want_s) = kernels::quantize_fp8(&tokens, d, GROUP);
+            let (mut got_q, mut got_s) = (vec![0u8; t_len * d], vec![f32::NAN; t_len * d.div_ceil(GROUP)]);
+            let out = RowKernel::new(RowOp::MlaHeadsOut { heads }, d, "f32");
+            run_cpu(
+                &out,
+                &[
+                    raw(&mut o, &[heads * t_len, v], "f32"),
+                    raw(&mut got_q, &[t_len, d], "i8"),
+                    raw(&mut got_s, &[t_len, d.div_ceil(GROUP)], "f32"),
+                ],
+            );
+            assert_eq!(got_s, want_s, "{}", out.kernel_name());
+            assert_eq!(got_q, want_q, "{}", out.kernel_name());
+            assert_eq!(RowKernel::from_name(&out.kernel_name()), Some(out));
+        }
+        for k in [keys, queries] {
+            assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k));
+        }
     }
 
     /// f32 rows as bf16 hi + lo: hi is the reference's bf16 rounding of x, lo that of the rest, and
