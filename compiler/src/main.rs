@@ -196,10 +196,11 @@ struct CompileArgs {
     /// (`v3r run --speculative`): the main entries then leave it out and output their hidden state.
     #[arg(long)]
     speculative: bool,
-    /// Where the fp8 graph's prefill attention runs on sm_90a: `tensor-cores` — flash attention
-    /// (wgmma, TMA) in the naive form after kv_b's fp8 up-projection of the latent (e4m3), q, k, v
-    /// and P in bf16, as DeepSeek-V3's own inference — or `rows`: the CUDA-core row kernel in the
-    /// absorbed form, f32 as the reference computes it (to compare logits tightly).
+    /// Where prefill attention runs on sm_90a: `tensor-cores` — flash attention (wgmma, TMA) in the
+    /// naive form, q, k, v and P in bf16, after kv_b's up-projection of the latent (fp8 graph: an
+    /// e4m3 GEMM, as DeepSeek-V3's own naive-form inference; f32 graph: bf16 hi + lo GEMMs) — or
+    /// `rows`: the CUDA-core row kernel in the absorbed form, f32 as the reference computes it (to
+    /// compare logits tightly). Heads whose widths the kernel does not take stay on the row.
     #[arg(long, value_enum, value_name = "WHERE", default_value_t = PrefillAttention::TensorCores)]
     prefill_attention: PrefillAttention,
     /// Compile the training step (forward, losses, every gradient) instead of the inference

@@ -32,7 +32,8 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::MlaCombine, 512, "f32"),
         RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128 }, 512, "f32"),
         RowKernel::new(RowOp::MlaQueries { heads: 128, nope: 128, rope: 64 }, 128 * 192, "f32"),
-        RowKernel::new(RowOp::MlaHeadsOut { heads: 128 }, 128 * 128, "f32"),
+        RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: true }, 128 * 128, "f32"),
+        RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: false }, 128 * 128, "f32"),
         RowKernel::new(RowOp::Argmax, 129_280, "f32"),
         RowKernel::new(
             RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352, prefill: false },
@@ -154,9 +155,10 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     kernel.ptx.contains("ex2.approx.ftz.f32") && kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32")
                 );
             }
-            RowOp::MlaHeadsOut { .. } => {
-                assert_eq!(kernel.ptx.matches("bar.sync").count(), 2, "{name}: |max| parts, scales, bytes");
-                assert!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), "{name}");
+            RowOp::MlaHeadsOut { quantize, .. } => {
+                let barriers = if quantize { 2 } else { 0 };
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), barriers, "{name}: |max| parts, scales, bytes");
+                assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), quantize, "{name}");
             }
             RowOp::Route { .. } | RowOp::Dispatch { .. } => {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), 2, "{name}: three phases")

@@ -1296,47 +1296,49 @@ pub(super) fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), St
     Ok((RopeTable { dim, inv_freq, attention_factor }, interleave))
 }
 
-/// MLA prefill attention (fp8 graph) on the tensor cores, in the naive form as DeepSeek-V3's own
-/// inference runs it: the fused `attention` + `reshape` + `quantize_fp8` kernel of arguments
-/// (q_nope `[T, H, nope]`, q_pe `[T, H, rope]`, the latent cache `[S, kv + rope]`, kv_b
-/// `[H (nope + v), kv]` e4m3 and its 128x128 scales) as six launches:
+/// MLA prefill attention on the tensor cores, in the naive form as DeepSeek-V3's own inference runs
+/// it. The fp8 graph's fused `attention` + `reshape` + `quantize_fp8` kernel of arguments (q_nope
+/// `[T, H, nope]`, q_pe `[T, H, rope]`, the latent cache `[S, kv + rope]`, kv_b `[H (nope + v), kv]`
+/// e4m3 and its 128x128 scales) as six launches:
 /// 1. the cache's latent columns 1x128-quantized to e4m3 (`rows_quantize`);
 /// 2. the fp8 GEMM of kv_b: every head's nope keys and values `[S, H (nope + v)]` (f32);
 /// 3. keys `[H S, nope + rope]` (the rope key from the cache, shared by the heads) and values
 ///    `[H S, v]` head-major in bf16 (`rows_mlakeys`), 4. the queries likewise (`rows_mlaqueries`);
 /// 5. flash attention (`mla_prefill_*`: wgmma, causal, query t seeing keys `0..=S - T + t`);
-/// 6. its head-major f32 output back to token rows, quantized 1x128 (`rows_mlaheadsout`).
+/// 6. its head-major f32 output back to token rows, quantized 1x128 (`rows_mlaheadsout_*_q`).
 ///
-/// Numerics: the latent in e4m3 for the up-projection, q, k, v and P in bf16 (the CUDA-core row,
-/// [`RowOp::MlaDecode`], keeps the reference's f32 instead). `Err`: not this kernel, or shapes the
-/// templates do not take (head widths not multiples of 64, values over 256, a latent not a
-/// multiple of 128).
+/// The f32 graph's `attention` + `reshape` (bf16 kv_b, f32 output): the up-projection as two bf16
+/// GEMMs of the latent split into hi + lo (to ~2^-16), the output rows in f32 (`_y`): 7 launches.
+///
+/// Numerics: (fp8) the latent in e4m3 for the up-projection, then q, k, v and P in bf16 (the
+/// CUDA-core row, [`RowOp::MlaDecode`], keeps the reference's f32 instead). `Err`: not this
+/// kernel, or shapes the templates do not take (head widths not multiples of 64, values over 256;
+/// fp8: a latent or value heads not multiples of 128).
 pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
     let launch = row_of_kernel(kernel)?;
     let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: true, .. } = launch.kernel.op else {
         return Err("not a prefill attention".into());
     };
-    if launch.kernel.weight != "f8E4M3FN" {
-        return Err("prefill attention of the f32 graph (bf16 kv_b) stays on the row kernel".into());
-    }
+    let fp8 = launch.kernel.weight == "f8E4M3FN";
     let kv = launch.kernel.d;
     let config = super::mla::MlaPrefillConfig { qk: nope + rope, v, stages: 2 };
     config.validate(&crate::target::SM90A)?;
-    if !kv.is_multiple_of(super::rows::GROUP) || !v.is_multiple_of(super::rows::GROUP) {
+    let group = super::rows::GROUP;
+    if fp8 && !(kv.is_multiple_of(group) && v.is_multiple_of(group)) {
         return Err(format!("a latent of {kv} and value heads of {v} (multiples of 128 for the 1x128 groups)"));
     }
     let fused = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
     let n = heads * (nope + v);
-    let (q_nope, q_pe, cache, kv_b, kv_b_scale) = (0, 1, 2, 3, 4);
-    let gemm = GemmKernel {
+    let (q_nope, q_pe, cache, kv_b) = (0, 1, 2, 3);
+    let gemm = |input, a, a_scale, weights| GemmKernel {
         kernel: format!("{fused}.kv_b"),
-        input: GemmInput::Fp8,
+        input,
         output: GemmOutput::F32,
         n,
         k: kv,
-        a: 0,
-        a_scale: Some(1),
-        weights: vec![(2, Some(3))],
+        a,
+        a_scale,
+        weights,
         residual: None,
         results: vec![(0, n)],
         grouped: None,
@@ -1345,27 +1347,37 @@ pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
     let row = |op: RowOp, d: usize| StepKernel::Row(RowKernel::new(op, d, "f32"));
     let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };
     use Operand::{Arg, Result as Out, Temp as T};
-    Ok(Steps {
-        temps: vec![
-            Temp::per_row_of(cache, 1, kv, "f8E4M3FN"),
-            Temp::per_row_of(cache, 1, kv / super::rows::GROUP, "f32"),
-            Temp::per_row_of(cache, 1, n, "f32"),
-            Temp::per_row_of(cache, heads, nope + rope, "bf16"),
-            Temp::per_row_of(cache, heads, v, "bf16"),
-            Temp::per_row_of(q_nope, heads, nope + rope, "bf16"),
-            Temp::per_row_of(q_nope, heads, v, "f32"),
-        ],
-        steps: vec![
-            step(row(RowOp::Train(super::rows::TrainRow::Quantize), kv), vec![Arg(cache), T(0), T(1)]),
-            step(StepKernel::Gemm(gemm), vec![T(0), T(1), Arg(kv_b), Arg(kv_b_scale), T(2)]),
-            step(row(RowOp::MlaKeys { heads, nope, rope, v }, kv), vec![T(2), Arg(cache), T(3), T(4)]),
-            step(
-                row(RowOp::MlaQueries { heads, nope, rope }, heads * (nope + rope)),
-                vec![Arg(q_nope), Arg(q_pe), T(5)],
-            ),
-            step(StepKernel::MlaPrefill(MlaPrefillLaunch { config, heads, scale }), vec![T(5), T(3), T(4), T(6)]),
-            step(row(RowOp::MlaHeadsOut { heads }, heads * v), vec![T(6), Out(0), Out(1)]),
-        ],
-        rope_table: None,
-    })
+    // kv_b's up-projection of the cache's latent rows into temporary 2 (f32 [S, n]), from
+    // temporaries 0 and 1 (fp8: the e4m3 latent and its scales; f32 graph: its bf16 hi and lo).
+    let mut steps = if fp8 {
+        let g = gemm(GemmInput::Fp8, 0, Some(1), vec![(2, Some(3))]);
+        Steps {
+            temps: vec![Temp::per_row_of(cache, 1, kv, "f8E4M3FN"), Temp::per_row_of(cache, 1, kv / group, "f32")],
+            steps: vec![
+                step(row(RowOp::Train(super::rows::TrainRow::Quantize), kv), vec![Arg(cache), T(0), T(1)]),
+                step(StepKernel::Gemm(g), vec![T(0), T(1), Arg(kv_b), Arg(kv_b + 1), T(2)]),
+            ],
+            rope_table: None,
+        }
+    } else {
+        let mut steps =
+            split_bf16_steps(&gemm(GemmInput::Bf16, cache, None, vec![(kv_b, None)]), &fused, Vec::new(), Some(T(2)));
+        steps.temps.iter_mut().for_each(|t| t.rows_of = Some(cache));
+        steps
+    };
+    steps.temps.extend([
+        Temp::per_row_of(cache, 1, n, "f32"),
+        Temp::per_row_of(cache, heads, nope + rope, "bf16"),
+        Temp::per_row_of(cache, heads, v, "bf16"),
+        Temp::per_row_of(q_nope, heads, nope + rope, "bf16"),
+        Temp::per_row_of(q_nope, heads, v, "f32"),
+    ]);
+    let out = if fp8 { vec![T(6), Out(0), Out(1)] } else { vec![T(6), Out(0)] };
+    steps.steps.extend([
+        step(row(RowOp::MlaKeys { heads, nope, rope, v }, kv), vec![T(2), Arg(cache), T(3), T(4)]),
+        step(row(RowOp::MlaQueries { heads, nope, rope }, heads * (nope + rope)), vec![Arg(q_nope), Arg(q_pe), T(5)]),
+        step(StepKernel::MlaPrefill(MlaPrefillLaunch { config, heads, scale }), vec![T(5), T(3), T(4), T(6)]),
+        step(row(RowOp::MlaHeadsOut { heads, quantize: fp8 }, heads * v), out),
+    ]);
+    Ok(steps)
 }

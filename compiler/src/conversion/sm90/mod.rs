@@ -182,12 +182,13 @@ pub fn compile_unspilled(
 /// The kernels of one GEMM for [decode, prefill].
 pub type RegimeKernels = [String; 2];
 
-/// Where the fp8 graph's prefill attention runs on sm_90a.
+/// Where prefill attention runs on sm_90a.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PrefillAttention {
-    /// Flash attention on the tensor cores in the naive form ([`lower::mla_prefill_steps`]): the
-    /// latent in e4m3 for kv_b's up-projection, q, k, v and P in bf16 — DeepSeek-V3's own
-    /// inference numerics. Attention whose shapes the kernel does not take stays on the row.
+    /// Flash attention on the tensor cores in the naive form ([`lower::mla_prefill_steps`]): q, k,
+    /// v and P in bf16, kv_b's up-projection of the latent in e4m3 (the fp8 graph: DeepSeek-V3's
+    /// own naive-form inference numerics) or as bf16 hi + lo GEMMs (the f32 graph). Attention whose
+    /// shapes the kernel does not take stays on the row.
     #[default]
     TensorCores,
     /// The CUDA-core row kernel in the absorbed form, in f32 as the reference computes it.

@@ -109,9 +109,10 @@ pub enum RowOp {
     MlaKeys { heads: usize, nope: usize, rope: usize, v: usize },
     /// Its queries: `q[h * T + t] = bf16([q_nope[t, h] | q_pe[t, h]])` (`d` = heads * (nope + rope)).
     MlaQueries { heads: usize, nope: usize, rope: usize },
-    /// The prefill kernel's head-major output `o [heads * T, d / heads]` (f32) back to token rows,
-    /// 1x128 e4m3 quantized: row t is `[o[t], o[T + t], ..]` as bytes `q [T, d]` and `scale`.
-    MlaHeadsOut { heads: usize },
+    /// The prefill kernel's head-major output `o [heads * T, d / heads]` (f32) back to token rows:
+    /// row t is `[o[t], o[T + t], ..]`, 1x128 e4m3 quantized (`quantize`: bytes `q [T, d]` and
+    /// `scale`, the fp8 graph's o_proj input) or as f32 `y [T, d]` (the f32 graph's).
+    MlaHeadsOut { heads: usize, quantize: bool },
     /// Greedy sampling's argmax of each f32 row (`x [rows, d]` -> `idx [rows]`, i32) in the
     /// reference's order: `f32::total_cmp` (NaN and -0 < +0 ordered as Rust orders them), ties to
     /// the lower index. Each thread scans a strided share, then a tree over the threads.
@@ -180,7 +181,9 @@ impl RowKernel {
             RowOp::MlaCombine => format!("rows_mlacombine_d{d}_t{t}"),
             RowOp::MlaKeys { heads, nope, rope, v } => format!("rows_mlakeys_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_t{t}"),
             RowOp::MlaQueries { heads, nope, rope } => format!("rows_mlaqueries_h{heads}_n{nope}_r{rope}_t{t}"),
-            RowOp::MlaHeadsOut { heads } => format!("rows_mlaheadsout_h{heads}_d{d}_t{t}"),
+            RowOp::MlaHeadsOut { heads, quantize } => {
+                format!("rows_mlaheadsout_h{heads}_d{d}_t{t}_{}", if quantize { "q" } else { "y" })
+            }
             RowOp::Argmax => format!("rows_argmax_d{d}_t{t}"),
             RowOp::SplitBf16 => format!("rows_splitbf16_d{d}_t{t}"),
             RowOp::SplitBf16T => format!("rows_splitbf16t_d{d}_t{t}"),
@@ -304,8 +307,8 @@ impl RowKernel {
                 let op = RowOp::MlaQueries { heads, nope, rope };
                 Some(RowKernel { op, d: heads * (nope + rope), weight: "f32".into(), threads: number(t, 't')? })
             }
-            ("mlaheadsout", [h, d, t]) => {
-                let op = RowOp::MlaHeadsOut { heads: number(h, 'h')? };
+            ("mlaheadsout", [h, d, t, mode @ ("q" | "y")]) => {
+                let op = RowOp::MlaHeadsOut { heads: number(h, 'h')?, quantize: *mode == "q" };
                 Some(RowKernel { op, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
             }
             ("concat", [d, b, t]) => {
@@ -448,11 +451,14 @@ impl RowKernel {
                 ("q_pe", "memref<?x?x?xf32>".into()),
                 ("q", "memref<?x?xbf16>".into()),
             ],
-            RowOp::MlaHeadsOut { .. } => vec![
+            RowOp::MlaHeadsOut { quantize: true, .. } => vec![
                 ("o", "memref<?x?xf32>".to_string()),
                 ("q", "memref<?x?xi8>".into()),
                 ("scale", "memref<?x?xf32>".into()),
             ],
+            RowOp::MlaHeadsOut { quantize: false, .. } => {
+                vec![("o", "memref<?x?xf32>".to_string()), ("y", "memref<?x?xf32>".into())]
+            }
             RowOp::Concat { .. } => vec![
                 ("x1", "memref<?x?xf32>".to_string()),
                 ("x2", "memref<?x?xf32>".into()),
@@ -528,7 +534,8 @@ impl RowKernel {
             RowOp::MlaCombine => "out",
             RowOp::MlaKeys { .. } => "kv",
             RowOp::MlaQueries { .. } => "q_nope",
-            RowOp::MlaHeadsOut { .. } => "q",
+            RowOp::MlaHeadsOut { quantize: true, .. } => "q",
+            RowOp::MlaHeadsOut { quantize: false, .. } => "y",
             RowOp::Argmax => "x",
             // One block per (sequence, head): see `blocks_per_row`.
             RowOp::MlaDecode { .. } => "q_nope",
@@ -570,7 +577,10 @@ impl RowKernel {
             | RowOp::MlaKeys { .. }
             | RowOp::MlaQueries { .. }
             | RowOp::MlaCombine => Vec::new(),
-            RowOp::MlaHeadsOut { .. } => vec![("sh_amax", self.groups() * AMAX_PARTS), ("sh_scale", self.groups())],
+            RowOp::MlaHeadsOut { quantize: true, .. } => {
+                vec![("sh_amax", self.groups() * AMAX_PARTS), ("sh_scale", self.groups())]
+            }
+            RowOp::MlaHeadsOut { quantize: false, .. } => Vec::new(),
             RowOp::MlaDecode { nope, rope, v, context, .. } => vec![
                 ("sh_qn", nope),
                 ("sh_qpe", rope),
@@ -643,7 +653,7 @@ impl RowKernel {
                 ));
             }
         }
-        if let RowOp::MlaHeadsOut { heads } = self.op {
+        if let RowOp::MlaHeadsOut { heads, .. } = self.op {
             if heads == 0 || !self.d.is_multiple_of(heads) {
                 return Err(format!("{name}: rows of {} columns are not {heads} heads", self.d));
             }
@@ -710,9 +720,11 @@ impl RowKernel {
             let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
             s.push_str(&quant_constants(1));
         }
-        if let RowOp::MlaHeadsOut { heads } = self.op {
+        if let RowOp::MlaHeadsOut { heads, quantize } = self.op {
             let _ = writeln!(s, "%cV = arith.constant {} : index", self.d / heads);
-            s.push_str(&quant_constants(self.groups()));
+            if quantize {
+                s.push_str(&quant_constants(self.groups()));
+            }
         }
         if let RowOp::SiluMul { quantize } = self.op {
             let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
@@ -1155,11 +1167,12 @@ scf.for %h = %c0 to %cH step %c1 {{
                 round_nope = indent2(&round_bf16("%x", "%b")),
                 round_pe = indent2(&round_bf16("%x", "%b")),
             )],
-            RowOp::MlaHeadsOut { .. } => {
+            RowOp::MlaHeadsOut { quantize, .. } => {
                 // Column c of row t: head c / v's output row h * T + t, its column c mod v.
-                self.quant_phases(lowering, &|c| {
+                let (rows_of, ty) = if quantize { ("%q", "i8") } else { ("%y", "f32") };
+                let value = |c: &str| {
                     format!(
-                        "  %ho_T = memref.dim %q, %c0 : memref<?x?xi8>
+                        "  %ho_T = memref.dim {rows_of}, %c0 : memref<?x?x{ty}>
   %ho_h = arith.divui {c}, %cV : index
   %ho_c = arith.remui {c}, %cV : index
   %ho_r0 = arith.muli %ho_h, %ho_T : index
@@ -1167,7 +1180,18 @@ scf.for %h = %c0 to %cH step %c1 {{
   %v = memref.load %o[%ho_r, %ho_c] : memref<?x?xf32>
 "
                     )
-                })
+                };
+                if quantize {
+                    self.quant_phases(lowering, &value)
+                } else {
+                    vec![format!(
+                        "scf.for %i = %tid to %cD step %cT {{
+{}  memref.store %v, %y[%row, %i] : memref<?x?xf32>
+}}
+",
+                        value("%i")
+                    )]
+                }
             }
             RowOp::Concat { second } => vec![format!(
                 "scf.for %i = %tid to %cD step %cT {{
@@ -1874,7 +1898,7 @@ scf.for %i = %tid to %cD step %cT {{
             RowOp::RmsNorm { quantize: true, .. }
                 | RowOp::SiluMul { quantize: true }
                 | RowOp::MlaDecode { .. }
-                | RowOp::MlaHeadsOut { .. }
+                | RowOp::MlaHeadsOut { quantize: true, .. }
         ) || matches!(self.op, RowOp::Train(op) if op.encodes_fp8())
         {
             s.push_str(&crate::conversion::v3_to_cpu::fp8_helpers("rows"));
@@ -2750,7 +2774,7 @@ mod tests {
             }
             let (want_q, want_s) = kernels::quantize_fp8(&tokens, d, GROUP);
             let (mut got_q, mut got_s) = (vec![0u8; t_len * d], vec![f32::NAN; t_len * d.div_ceil(GROUP)]);
-            let out = RowKernel::new(RowOp::MlaHeadsOut { heads }, d, "f32");
+            let out = RowKernel::new(RowOp::MlaHeadsOut { heads, quantize: true }, d, "f32");
             run_cpu(
                 &out,
                 &[
@@ -2761,6 +2785,12 @@ mod tests {
             );
             assert_eq!(got_s, want_s, "{}", out.kernel_name());
             assert_eq!(got_q, want_q, "{}", out.kernel_name());
+            assert_eq!(RowKernel::from_name(&out.kernel_name()), Some(out));
+            // The f32 graph's: the same rows, unquantized.
+            let mut y = vec![f32::NAN; t_len * d];
+            let out = RowKernel::new(RowOp::MlaHeadsOut { heads, quantize: false }, d, "f32");
+            run_cpu(&out, &[raw(&mut o, &[heads * t_len, v], "f32"), raw(&mut y, &[t_len, d], "f32")]);
+            assert_eq!(y, tokens, "{}", out.kernel_name());
             assert_eq!(RowKernel::from_name(&out.kernel_name()), Some(out));
         }
         for k in [keys, queries] {
