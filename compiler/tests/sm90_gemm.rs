@@ -441,7 +441,7 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
             "rows_mlakeys_h128_n128_r64_v128_kv512_t64",
             "rows_mlaqueries_h128_n128_r64_t256",
             "mla_prefill_qk192_v128_s2",
-            "rows_mlaheadsout_h128_d16384_t256",
+            "rows_mlaheadsout_h128_d16384_t256_q",
         ]
     );
     assert!(picks[1].is_some());
