@@ -1079,7 +1079,12 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         "{err}"
     );
     for (fused, kernel) in [
-        ("attention_decode_quantize_0", "rows_mladecode_h128_n128_r64_v128_kv512_c8192_"),
+        (
+            "attention_decode_quantize_0",
+            "5 launches: rows_mlaabsorb_h128_n128_r64_v128_kv512_t64 -> rows_mlapages_d576_t128 -> \
+             mla_decode_kv512_r64_p64_s2 (128 heads, split K, tensor cores) -> rows_mlacombine_d512_t64",
+        ),
+        ("attention_quantize_0", "6 launches: rows_quantize_d512_t64 -> GEMM N 32768 K 512 (decode gemm_fp8_f32_"),
         ("norm_quantize_0", "rows_rmsnorm_bf16_d7168_t256_eps1em6_q [row kernel"),
         ("mla_latent_1", "rows_latent_bf16_d512_r64_t64_eps1em6_il_write [row kernel"),
         ("lm_head_0", "3 launches: rows_splitbf16_d7168_t256 -> GEMM N 129280 K 7168"),
@@ -1089,22 +1094,22 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     ] {
         assert!(err.contains(&format!("compile: {fused} -> {kernel}")), "{fused}: {err}");
     }
-    assert!(err.contains("compile: decode: 937 sm_90a launches per run (627 fused kernels)"), "{err}");
+    assert!(err.contains("compile: decode: 1185 sm_90a launches per run (627 fused kernels)"), "{err}");
     // The runtime reads it back.
     let info = run_binary("v3r", &["info", out_dir.to_str().unwrap()]);
     let stdout = text(&info.stdout);
     assert!(info.status.success(), "{}", text(&info.stderr));
     assert!(stdout.contains("target: sm_90a (compute capability 9.0)"), "{stdout}");
-    assert!(stdout.contains("lowering: 19 fused kernels as 34 launches"), "{stdout}");
+    assert!(stdout.contains("lowering: 19 fused kernels as 38 launches"), "{stdout}");
     assert!(stdout.contains("entry decode: 627 launches"), "{stdout}");
     assert!(
-        stdout.contains("template launches of 43 kernels at the planned sizes, each as its PTX declares"),
+        stdout.contains("template launches of 47 kernels at the planned sizes, each as its PTX declares"),
         "{stdout}"
     );
     assert!(stdout.contains("device memory: 17.60 GiB weights + 623.68 GiB re-laid out"), "{stdout}");
     let json = run_binary("v3r", &["info", out_dir.to_str().unwrap(), "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    assert_eq!(report["launch_check"]["launches"], 2185, "{report}");
+    assert_eq!(report["launch_check"]["launches"], 2433, "{report}");
     assert_eq!(report["entries"][1]["name"], "decode");
     assert_eq!(report["target"]["name"], "sm_90a");
     // Every launch the GPU executor would make matches its kernel's PTX, at the planned sizes and

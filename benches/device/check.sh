@@ -13,8 +13,9 @@
 # 3. end to end on the small model: `v3r logits` against the CPU backend's (argmax per row, 5e-2), the
 #    prefill and two decode steps dumped launch by launch against the host emulation (dump_compare.py
 #    names the first launch that differs), `v3r run` of two prompts as a batch and `v3r run
-#    --speculative` against the CPU backend's greedy tokens (prefill attention on the CUDA-core row),
-#    then the default tensor-core prefill (flash attention): logits (5e-2, argmax) and launch by launch; 3b. `v3r train` of the tiny model's sm_90a
+#    --speculative` against the CPU backend's greedy tokens (attention on the CUDA-core rows), then
+#    the default tensor-core attention (flash prefill, split-K decode): logits (5e-2, argmax) and
+#    launch by launch; 3b. `v3r train` of the tiny model's sm_90a
 #    training-step artifacts (f32 and the FP8 recipe) against the cpu artifacts' loss logs, tokens/s;
 #    4. its kernels timed (`v3r bench-kernels`);
 # 2. the GEMM template kernels vs torch (gemm_check.py: correctness, then TFLOP/s); 2c. the row kernels
@@ -140,9 +141,10 @@ if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]'
   else
     row "3. launch by launch" "FAILED" "no dump (check.log)"
   fi
-  # Prefill attention on the tensor cores (sm90tc, the default lowering): flash attention after kv_b's
-  # fp8 GEMM of the e4m3 latent, q, k, v and P in bf16 — logits within 5e-2 of the CPU backend's f32
-  # attention and argmax-equal (the host emulation: 1.8e-2), then launch by launch against that emulation.
+  # Attention on the tensor cores (sm90tc, the default lowering): prefill as flash attention after
+  # kv_b's fp8 GEMM of the e4m3 latent, decode split K over bf16 pages; q, k, v and P in bf16 — the
+  # prompt's logits within 5e-2 of the CPU backend's f32 attention and argmax-equal (the host
+  # emulation: 1.8e-2), then a prefill and two decode steps launch by launch against that emulation.
   if [ -d "$e2e/sm90tc" ] && V3R_SYNC_EACH=1 timeout 60 "$v3r" logits "$e2e/sm90tc" --weights "$e2e/ckpt" \
       --tokens "$(cat "$e2e/prompt1.txt")" --out "$out/e2e_tc_logits.safetensors" 2>&1 | tee -a "$log"; then
     if compare_logits "$out/e2e_tc_logits.safetensors" "$e2e/expected_logits.safetensors" "$out/e2e_tc.json" 5e-2
@@ -152,16 +154,16 @@ if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]'
     row "3. tensor-core prefill logits" "FAILED" "v3r logits failed or no .device/e2e/sm90tc (check.log names the kernel)"
   fi
   rm -rf "$out/dump_tc"
-  if [ -d "$e2e/dump_tc" ] && V3R_DUMP_DIR="$out/dump_tc" timeout 60 "$v3r" logits "$e2e/sm90tc" --weights "$e2e/ckpt" \
-      --tokens "$(cat "$e2e/prompt1.txt")" --out "$out/e2e_tc_dumped.safetensors" >>"$log" 2>&1; then
+  if [ -d "$e2e/dump_tc" ] && V3R_DUMP_DIR="$out/dump_tc" timeout 60 "$v3r" run "$e2e/sm90tc" --weights "$e2e/ckpt" \
+      --prompt-tokens "$(cat "$e2e/prompt1.txt")" --max-new-tokens 3 --ignore-eos >>"$log" 2>&1; then
     if python3 "$root/benches/device/dump_compare.py" "$out/dump_tc" "$e2e/dump_tc" --out "$out/dump_compare_tc.json" 2>&1 | tee -a "$log"; then
-      row "3. tensor-core prefill, launch by launch" "ok" "every buffer as emulated (dump_compare_tc.json)"
+      row "3. tensor-core attention, launch by launch" "ok" "every buffer as emulated (dump_compare_tc.json)"
       rm -rf "$out/dump_tc"
     else
-      row "3. tensor-core prefill, launch by launch" "DIFFERS" "$(tail -1 "$log" | sed 's/.*first difference: //')"
+      row "3. tensor-core attention, launch by launch" "DIFFERS" "$(tail -1 "$log" | sed 's/.*first difference: //')"
     fi
   else
-    row "3. tensor-core prefill, launch by launch" "FAILED" "no dump (check.log)"
+    row "3. tensor-core attention, launch by launch" "FAILED" "no dump (check.log)"
   fi
   # Greedy generation: two prompts as one batch (the second prefilled in two chunks), 16 tokens each.
   if timeout 60 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \

@@ -75,11 +75,11 @@ json.dump(c, open(sys.argv[2], "w"), indent=1)
 PY
 rm -rf .device/e2e/tiny
 target/release/v3c init-weights --model .device/e2e/config --out .device/e2e/ckpt --fp8 --seed 3 >/dev/null 2>&1
-# Prefill attention on the CUDA-core row (the reference's f32 numerics: tokens comparable with the CPU
-# backend's), and (sm90tc) on the tensor cores — the default: flash attention after kv_b's fp8 GEMM
-# of the e4m3 latent, q, k, v and P in bf16.
+# Attention on the CUDA-core rows (the reference's f32 numerics: tokens comparable with the CPU
+# backend's), and (sm90tc) on the tensor cores — the default: prefill as flash attention after kv_b's
+# fp8 GEMM of the e4m3 latent, decode as split-K attention over bf16 pages; q, k, v and P in bf16.
 target/release/v3c compile --model .device/e2e/ckpt --target sm_90a --max-rows 16 --max-context 128 \
-  --prefill-attention rows --out .device/e2e/sm90 --force 2>/dev/null
+  --prefill-attention rows --decode-attention rows --out .device/e2e/sm90 --force 2>/dev/null
 target/release/v3c compile --model .device/e2e/ckpt --target sm_90a --max-rows 16 --max-context 128 \
   --out .device/e2e/sm90tc --force 2>/dev/null
 # The built-in tiny model's bf16 checkpoint (MoE layers, MTP): the f32 graph on sm_90a (bf16 hi + lo
@@ -94,7 +94,7 @@ target/release/v3c logits --model-dir .device/e2e/bf16/ckpt --tokens "$(cat .dev
 # The same model with its MTP module as a draft entry, for `v3r run --speculative` (greedy: the tokens
 # must be the plain greedy ones).
 target/release/v3c compile --model .device/e2e/ckpt --target sm_90a --max-rows 16 --max-context 128 --speculative \
-  --prefill-attention rows --out .device/e2e/sm90spec --force 2>/dev/null
+  --prefill-attention rows --decode-attention rows --out .device/e2e/sm90spec --force 2>/dev/null
 echo "3 90 27 311 243 7 100 5 64 2 19 400" > .device/e2e/prompt1.txt
 echo "8 1 77 500 23 42 9 9 13 250 31 6 17 88 120 3 55 71 2 10" > .device/e2e/prompt2.txt
 target/release/v3c logits --model-dir .device/e2e/ckpt --tokens "$(cat .device/e2e/prompt1.txt)" --backend cpu \
@@ -104,10 +104,11 @@ target/release/v3c logits --model-dir .device/e2e/ckpt --tokens "$(cat .device/e
 # `V3R_DUMP_DIR` makes v3r dump the same and dump_compare.py names the first launch that differs.
 target/release/v3c emulate .device/e2e/sm90 --weights .device/e2e/ckpt --tokens "$(cat .device/e2e/prompt1.txt)" \
   --decode-steps 2 --out .device/e2e/emulated_logits.safetensors --dump .device/e2e/dump 2>/dev/null
-# The tensor-core prefill's emulation (its flash attention from the kernel's parameters, bf16 P): the
-# prefill of the first prompt, launch by launch, for `v3r logits` under V3R_DUMP_DIR.
+# The tensor-core attention's emulation (flash prefill and split-K decode from the kernels' parameters,
+# bf16 P): the first prompt's prefill and two greedy decode steps, launch by launch, for `v3r run
+# --max-new-tokens 3` under V3R_DUMP_DIR.
 target/release/v3c emulate .device/e2e/sm90tc --weights .device/e2e/ckpt --tokens "$(cat .device/e2e/prompt1.txt)" \
-  --out .device/e2e/emulated_tc_logits.safetensors --dump .device/e2e/dump_tc 2>/dev/null
+  --decode-steps 2 --out .device/e2e/emulated_tc_logits.safetensors --dump .device/e2e/dump_tc 2>/dev/null
 for p in 1 2; do
   target/release/v3c run --model-dir .device/e2e/ckpt --prompt-tokens "$(cat .device/e2e/prompt$p.txt)" \
     --max-new-tokens 16 --backend cpu --precision fp8 --ignore-eos 2>/dev/null

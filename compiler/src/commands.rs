@@ -56,7 +56,7 @@ fn compile_and_load(
         sizes,
         speculative: false,
         train: train.map(|t| t.train.clone()),
-        prefill_attention: Default::default(),
+        attention: Default::default(),
     })?;
     let a = v3c_runtime::artifact::Artifact::open(&artifact).map_err(|e| e.to_string())?;
     let mut progress = |what: &str| tracing::debug!("{what}");
@@ -379,8 +379,9 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
         if gpu {
             use v3c_compiler::conversion::sm90::{self, lower};
             let target = v3c_compiler::target::SM90A;
-            let prefill = lower::mla_prefill_steps(&f).ok();
-            if let (Ok(row), None) = (lower::row_of_kernel(&f), &prefill) {
+            // The default lowering's: attention on the tensor cores where it applies.
+            let attention = lower::mla_prefill_steps(&f).or_else(|_| lower::mla_decode_steps(&f)).ok();
+            if let (Ok(row), None) = (lower::row_of_kernel(&f), &attention) {
                 let table = row.rope_table.as_ref().map_or(String::new(), |t| {
                     format!("; reads a RoPE table of {} columns (cos then sin, x{})", t.dim, t.attention_factor)
                 });
@@ -392,7 +393,7 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
                 write_stdout(&text);
                 return Ok(());
             }
-            if let Some(steps) = prefill.or_else(|| lower::steps_of_kernel(&f).ok()) {
+            if let Some(steps) = attention.or_else(|| lower::steps_of_kernel(&f).ok()) {
                 // Each launch in turn: a row kernel, a GEMM's decode and prefill kernels, attention.
                 let device = v3c_compiler::target::DeviceModel::by_name("H200")?;
                 text.push_str(&format!(
@@ -420,6 +421,9 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
                             o.stage,
                             sm90::compile_mla_prefill(context, &a.config, &target),
                         )?),
+                        lower::StepKernel::MlaDecode(a) => {
+                            text.push_str(&gpu_kernel_text(o.stage, sm90::compile_mla(context, &a.config, &target))?)
+                        }
                     }
                 }
                 write_stdout(&text);
@@ -575,8 +579,8 @@ pub struct CompileGpuOptions<'a> {
     /// The training step instead of the inference entries (reported, not written: the runtime
     /// launches training steps from cpu artifacts only).
     pub train: Option<v3c_models::train::TrainConfig>,
-    /// Where the fp8 prefill attention runs.
-    pub prefill_attention: v3c_compiler::conversion::sm90::PrefillAttention,
+    /// Where prefill's and decode's attention run.
+    pub attention: v3c_compiler::conversion::sm90::AttentionKernels,
 }
 
 /// The entry points to compile: speculative adds the MTP module's own (`draft`), which needs one.
@@ -636,14 +640,13 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         sources.push((g.kernel.clone(), m, choice.source.clone()));
         choice.preferences
     };
-    let lowered =
-        sm90::compile_model(&context, &module, target, ptxas.as_ref(), o.prefill_attention, &mut choose, |name| {
-            done += 1;
-            if tty {
-                eprint!("\r\x1b[Kcompile: {} kernel {done}: {name}", target.name);
-            }
-        })
-        .map_err(|e| e.to_string())?;
+    let lowered = sm90::compile_model(&context, &module, target, ptxas.as_ref(), o.attention, &mut choose, |name| {
+        done += 1;
+        if tty {
+            eprint!("\r\x1b[Kcompile: {} kernel {done}: {name}", target.name);
+        }
+    })
+    .map_err(|e| e.to_string())?;
     if tty && done > 0 {
         eprint!("\r\x1b[K");
     }
@@ -685,7 +688,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         let table = if row.rope_table.is_some() { ", + a RoPE table built at load" } else { "" };
         let blocks = match row.kernel.blocks_per_row() {
             1 => "one block per row".to_string(),
-            n => format!("{n} blocks per row (CUDA cores: the tensor-core version is not built yet)"),
+            n => format!("{n} blocks per row, CUDA cores (--prefill-attention / --decode-attention rows, or heads the tensor-core kernels do not take)"),
         };
         eprintln!("compile: {fused} -> {} [row kernel, {blocks}{table}]", row.kernel.kernel_name());
     }
@@ -708,6 +711,9 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
                 (StepKernel::Gemm(g), None) => format!("GEMM {}", g.dims()),
                 (StepKernel::MlaPrefill(a), _) => {
                     format!("{} ({} heads, tensor cores)", a.config.kernel_name(), a.heads)
+                }
+                (StepKernel::MlaDecode(a), _) => {
+                    format!("{} ({} heads, split K, tensor cores)", a.config.kernel_name(), a.heads)
                 }
             })
             .collect();
@@ -822,7 +828,7 @@ fn write_gpu_artifact(
         lowered.rows.iter().map(|(_, l)| &l.kernel).chain(lowered.compound.iter().flat_map(|(_, s, _)| {
             s.steps.iter().filter_map(|st| match &st.kernel {
                 StepKernel::Row(k) => Some(k),
-                StepKernel::Gemm(_) | StepKernel::MlaPrefill(_) => None,
+                StepKernel::Gemm(_) | StepKernel::MlaPrefill(_) | StepKernel::MlaDecode(_) => None,
             })
         }));
     for k in row_kernels.chain(argmax) {
@@ -831,6 +837,12 @@ fn write_gpu_artifact(
     let abi_of = |name: &str| -> Result<v3c_runtime::abi::KernelAbi, String> {
         if let Some(config) = v3c_compiler::conversion::sm90::gemm::GemmConfig::from_name(name) {
             return Ok(v3c_runtime::abi::KernelAbi::Gemm(config.host_abi()));
+        }
+        if let Some(c) = v3c_compiler::conversion::sm90::mla::MlaDecodeConfig::from_name(name) {
+            return Ok(v3c_runtime::abi::KernelAbi::MlaDecode(v3c_runtime::abi::MlaDecodeAbi {
+                kv: c.kv,
+                rope: c.rope,
+            }));
         }
         if let Some(c) = v3c_compiler::conversion::sm90::mla::MlaPrefillConfig::from_name(name) {
             return Ok(v3c_runtime::abi::KernelAbi::MlaPrefill(v3c_runtime::abi::MlaPrefillAbi { qk: c.qk, v: c.v }));
@@ -931,6 +943,7 @@ fn write_gpu_artifact(
                 fixed_rows: None,
                 run_cols: None,
                 rows_of: None,
+                dims: None,
             }]
         } else {
             operands.push(OperandSpec::Result(0));
@@ -991,24 +1004,20 @@ fn write_gpu_artifact(
                     gemm: None,
                     attention: Some(lw::AttentionSpec { heads: a.heads, scale: a.scale }),
                 },
+                (StepKernel::MlaDecode(a), _) => LaunchSpec {
+                    kernel: KernelChoice::One(a.config.kernel_name()),
+                    operands,
+                    blocks: Blocks::AttentionTiles,
+                    gemm: None,
+                    attention: Some(lw::AttentionSpec { heads: a.heads, scale: a.scale }),
+                },
                 (StepKernel::Gemm(g), None) => return Err(format!("{name}: GEMM {} without kernels", g.kernel)),
             });
         }
         fused.push(FusedLowering {
             fused: name.clone(),
             launches,
-            temps: steps
-                .temps
-                .iter()
-                .map(|t| lw::TempSpec {
-                    rows_factor: t.rows_factor,
-                    cols: t.cols,
-                    dtype: t.element.clone(),
-                    fixed_rows: t.fixed_rows,
-                    run_cols: t.run_cols,
-                    rows_of: t.rows_of,
-                })
-                .collect(),
+            temps: steps.temps.iter().map(|t| t.spec()).collect(),
             rope_table: steps.rope_table.as_ref().map(table),
         });
     }
@@ -1299,7 +1308,9 @@ fn model_gemms(
                 // (The prefill attention's kv_b GEMM whichever --prefill-attention compile takes.)
                 gemms.extend(steps.steps.into_iter().filter_map(|s| match s.kernel {
                     lower::StepKernel::Gemm(g) => Some(g),
-                    lower::StepKernel::Row(_) | lower::StepKernel::MlaPrefill(_) => None,
+                    lower::StepKernel::Row(_) | lower::StepKernel::MlaPrefill(_) | lower::StepKernel::MlaDecode(_) => {
+                        None
+                    }
                 }));
             }
         }

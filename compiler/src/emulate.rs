@@ -67,6 +67,38 @@ pub unsafe fn emulate_prefill(l: &KernelLaunch) -> Result<(), String> {
     crate::conversion::sm90::host::mla_prefill(q.shape[0] / t, f32::from_bits(scale as u32), &[q, k, map(2)?, out])
 }
 
+/// What a decode attention launch computes ([`crate::conversion::sm90::host::mla_decode`]), read
+/// from its parameters as the kernel reads them: q and the cache from their tensor maps, the block
+/// table, lengths, split outputs and lse from their memrefs, the heads and the scale's bits.
+///
+/// # Safety
+/// Every address in the launch must be live host memory of the sizes it names.
+pub unsafe fn emulate_decode(l: &KernelLaunch) -> Result<(), String> {
+    let v: Vec<u64> = l.params[2..]
+        .iter()
+        .map(|p| match p {
+            Param::Value(v) => Ok(*v),
+            Param::TensorMap(_) => Err(format!("{}: a tensor map past the first two parameters", l.kernel)),
+        })
+        .collect::<Result<_, _>>()?;
+    if v.len() != 7 + 5 + 9 + 7 + 3 {
+        return Err(format!("{}: {} parameters after the tensor maps", l.kernel, v.len()));
+    }
+    let mut at = 0;
+    let mut memref = |rank: usize, element: &str| {
+        let (ptr, shape) = (v[at + 1], v[at + 3..at + 3 + rank].iter().map(|&d| d as usize).collect());
+        at += 3 + 2 * rank;
+        RawBuffer { ptr: ptr as *mut (), shape, element: element.into() }
+    };
+    let (table, seqlens, o_part, lse) = (memref(2, "i32"), memref(1, "i32"), memref(3, "f32"), memref(2, "f32"));
+    let (heads, scale) = (v[at + 1] as usize, f32::from_bits(v[at + 2] as u32));
+    let map = |i: usize| -> Result<RawBuffer, String> {
+        let m: &TensorMapSpec = l.tensor_maps.get(i).ok_or_else(|| format!("{}: tensor map {i} missing", l.kernel))?;
+        Ok(RawBuffer { ptr: m.addr as *mut (), shape: vec![m.rows, m.cols], element: m.element.clone() })
+    };
+    crate::conversion::sm90::host::mla_decode(heads, scale, &[map(0)?, map(1)?, table, seqlens, o_part, lse])
+}
+
 /// What a GEMM template launch computes, read from its parameters as the kernel reads them (tensor
 /// maps for A and B, then the memrefs in the template's order): `out = A . B^T` per 128-wide K
 /// block with the 1x128 / 128x128 (`b_row_scales`: 1x128) scales (fp8), grouped rows by offsets
@@ -304,6 +336,8 @@ impl<'a, 'c> Emulator<'a, 'c> {
                         Some(KernelAbi::Memrefs { ranks }) => unsafe { self.run_row(k, ranks)? },
                         // SAFETY: as above.
                         Some(KernelAbi::MlaPrefill(_)) => unsafe { emulate_prefill(k)? },
+                        // SAFETY: as above.
+                        Some(KernelAbi::MlaDecode(_)) => unsafe { emulate_decode(k)? },
                         None => return Err(format!("kernel {} has no abi", k.kernel)),
                     }
                     if let Some(dir) = dump {

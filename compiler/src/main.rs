@@ -127,11 +127,20 @@ enum Precision {
     Fp8,
 }
 
-/// `compile --prefill-attention`.
+/// `compile --prefill-attention`, `--decode-attention`.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum PrefillAttention {
+enum AttentionKernel {
     TensorCores,
     Rows,
+}
+
+impl AttentionKernel {
+    fn kernel(self) -> v3c_compiler::conversion::sm90::AttentionKernel {
+        match self {
+            AttentionKernel::TensorCores => v3c_compiler::conversion::sm90::AttentionKernel::TensorCores,
+            AttentionKernel::Rows => v3c_compiler::conversion::sm90::AttentionKernel::Rows,
+        }
+    }
 }
 
 impl Precision {
@@ -201,8 +210,14 @@ struct CompileArgs {
     /// e4m3 GEMM, as DeepSeek-V3's own naive-form inference; f32 graph: bf16 hi + lo GEMMs) — or
     /// `rows`: the CUDA-core row kernel in the absorbed form, f32 as the reference computes it (to
     /// compare logits tightly). Heads whose widths the kernel does not take stay on the row.
-    #[arg(long, value_enum, value_name = "WHERE", default_value_t = PrefillAttention::TensorCores)]
-    prefill_attention: PrefillAttention,
+    #[arg(long, value_enum, value_name = "WHERE", default_value_t = AttentionKernel::TensorCores)]
+    prefill_attention: AttentionKernel,
+    /// Where the fp8 graph's decode attention runs on sm_90a: `tensor-cores` — split-K attention
+    /// (wgmma, a TMA page ring) in the absorbed form over the caches converted to bf16 64-row
+    /// pages each step, the absorbed queries and P in bf16 — or `rows`: the CUDA-core row kernel,
+    /// f32 as the reference computes it.
+    #[arg(long, value_enum, value_name = "WHERE", default_value_t = AttentionKernel::TensorCores)]
+    decode_attention: AttentionKernel,
     /// Compile the training step (forward, losses, every gradient) instead of the inference
     /// entries, planned for windows of up to --max-rows tokens: an artifact `v3r train` runs (cpu
     /// target; with --target sm_90a, `v3r train` runs it on the GPU). `--precision fp8`:
@@ -429,9 +444,9 @@ fn main() -> ExitCode {
                 sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
                 speculative: a.speculative,
                 train: a.train.then(|| train_config(&a)),
-                prefill_attention: match a.prefill_attention {
-                    PrefillAttention::TensorCores => v3c_compiler::conversion::sm90::PrefillAttention::TensorCores,
-                    PrefillAttention::Rows => v3c_compiler::conversion::sm90::PrefillAttention::Rows,
+                attention: v3c_compiler::conversion::sm90::AttentionKernels {
+                    prefill: a.prefill_attention.kernel(),
+                    decode: a.decode_attention.kernel(),
                 },
             }),
             CompileTarget::Cpu if a.tuning.is_some() => {

@@ -370,9 +370,9 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
     let h200 = target::DeviceModel::by_name("H200").unwrap();
     let mut choose = |g: &sm90::lower::GemmKernel, m: usize| v3c_compiler::tune::choose(g, m, &h200, None).preferences;
-    let prefill = sm90::PrefillAttention::default();
+    let attention = sm90::AttentionKernels::default();
     let lowered =
-        sm90::compile_model(&context, &module, &target::SM90A, ptxas.as_ref(), prefill, &mut choose, |_| {}).unwrap();
+        sm90::compile_model(&context, &module, &target::SM90A, ptxas.as_ref(), attention, &mut choose, |_| {}).unwrap();
     let gemm = |name: &str| lowered.gemms.iter().find(|(g, _)| g.kernel == name).map(|(g, _)| g.clone());
     let proj = gemm("mla_projections_0").expect("mla_projections_0 is a GEMM");
     assert_eq!((proj.n, proj.k, proj.weights.len()), (2112, 7168, 2));
@@ -431,6 +431,7 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
             StepKernel::Row(k) => k.kernel_name(),
             StepKernel::Gemm(g) => format!("GEMM {}", g.dims()),
             StepKernel::MlaPrefill(a) => a.config.kernel_name(),
+            StepKernel::MlaDecode(a) => a.config.kernel_name(),
         })
         .collect();
     assert_eq!(
@@ -450,7 +451,32 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     if let Some(r) = &attention.resources {
         assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", attention.name);
     }
-    assert!(row("attention_decode_quantize_0").unwrap().starts_with("rows_mladecode_h128_n128_r64_v128_kv512_c8192_"));
+    // Decode attention on the tensor cores (the default): absorbed queries, the caches as bf16
+    // pages, split-K attention, the splits merged, W_UV + quantization.
+    let (decode, _) = compound("attention_decode_quantize_0").expect("decode attention lowers to launches");
+    let names: Vec<String> = decode
+        .steps
+        .iter()
+        .map(|s| match &s.kernel {
+            StepKernel::Row(k) => k.kernel_name(),
+            StepKernel::MlaDecode(a) => a.config.kernel_name(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "rows_mlaabsorb_h128_n128_r64_v128_kv512_t64",
+            "rows_mlapages_d576_t128",
+            "mla_decode_kv512_r64_p64_s2",
+            "rows_mlacombine_d512_t64",
+            "rows_mlaupv_h128_n128_v128_kv512_t64",
+        ]
+    );
+    let attention = lowered.kernels.iter().find(|k| k.name == "mla_decode_kv512_r64_p64_s2").expect("compiled");
+    if let Some(r) = &attention.resources {
+        assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", attention.name);
+    }
     let (head, _) = compound("lm_head_0").expect("the head: split into bf16 hi + lo, two GEMMs");
     assert_eq!(head.steps.len(), 3);
     let (dispatch, _) = compound("moe_dispatch_0").expect("routing lowers to launches");

@@ -32,6 +32,9 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::MlaCombine, 512, "f32"),
         RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128 }, 512, "f32"),
         RowKernel::new(RowOp::MlaQueries { heads: 128, nope: 128, rope: 64 }, 128 * 192, "f32"),
+        RowKernel::new(RowOp::MlaAbsorb { heads: 128, nope: 128, rope: 64, v: 128 }, 512, "f8E4M3FN"),
+        RowKernel::new(RowOp::MlaUpV { heads: 128, nope: 128, v: 128 }, 512, "f8E4M3FN"),
+        RowKernel::new(RowOp::MlaPages, 576, "f32"),
         RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: true }, 128 * 128, "f32"),
         RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: false }, 128 * 128, "f32"),
         RowKernel::new(RowOp::Argmax, 129_280, "f32"),
@@ -136,6 +139,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             | RowOp::SplitBf16T
             | RowOp::Concat { .. }
             | RowOp::MlaKeys { .. }
+            | RowOp::MlaPages
             | RowOp::MlaQueries { .. } => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase")
             }
@@ -154,6 +158,13 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert!(
                     kernel.ptx.contains("ex2.approx.ftz.f32") && kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32")
                 );
+            }
+            RowOp::MlaAbsorb { .. } => {
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), 1, "{name}: q_nope shared, then q_abs");
+            }
+            RowOp::MlaUpV { .. } => {
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), 3, "{name}: o shared, W_UV, scale, bytes");
+                assert!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), "{name}");
             }
             RowOp::MlaHeadsOut { quantize, .. } => {
                 let barriers = if quantize { 2 } else { 0 };
@@ -448,6 +459,10 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                 StepKernel::MlaPrefill(a) => unsafe {
                     v3c_compiler::conversion::sm90::host::mla_prefill(a.heads, a.scale, &bufs).unwrap()
                 },
+                // SAFETY: as above.
+                StepKernel::MlaDecode(a) => unsafe {
+                    v3c_compiler::conversion::sm90::host::mla_decode(a.heads, a.scale, &bufs).unwrap()
+                },
                 StepKernel::Gemm(g) if g.grouped.is_some() => {
                     let gr = g.grouped.as_ref().unwrap();
                     let bytes = |b: &RawBuffer| -> Vec<u8> {
@@ -636,4 +651,115 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
             "swiglu_0"
         ]
     );
+}
+
+/// Decode attention on the tensor cores, its five launches on the host (rows through their CPU
+/// lowering, the split-K kernel as its semantics say): the merged latent output equals float64
+/// absorbed attention over each sequence's keys up to its position, within bf16's rounding of the
+/// cache, the absorbed queries and P — sequences of 1, 71 and 151 keys over 160-row caches (partial
+/// pages, empty splits), 3 heads (a 64-row block mostly masked).
+#[test]
+fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
+    use melior::ir::block::BlockLike;
+    use melior::ir::operation::OperationLike;
+    use melior::ir::RegionLike;
+    use v3c_compiler::conversion::sm90::{host::HostRows, lower};
+    use v3c_models::dtype::{f32_to_f8e4m3, f8e4m3_to_f32};
+    use v3c_runtime::host::{HostBuffer, HostData};
+    let mut j: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_TINY_JSON).unwrap();
+    let (heads, nope, rope, v, kv) = (3usize, 128usize, 64usize, 128usize, 128usize);
+    for (k, val) in [
+        ("hidden_size", 256),
+        ("kv_lora_rank", kv),
+        ("q_lora_rank", 128),
+        ("qk_nope_head_dim", nope),
+        ("qk_rope_head_dim", rope),
+        ("v_head_dim", v),
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", heads),
+    ] {
+        j[k] = val.into();
+    }
+    let config =
+        v3c_models::init::with_fp8(&v3c_models::config::ModelConfig::from_json_str(&j.to_string(), "t").unwrap());
+    let context = v3c_compiler::mlir::new_context();
+    let options = v3c_models::BuildOptions { precision: v3c_models::Precision::Fp8, ..Default::default() };
+    let module = v3c_compiler::pipeline::Driver::quiet()
+        .run_model(&context, &config, &[v3c_models::Entry::Decode], &options, "fused")
+        .unwrap();
+    let mut op = module.body().first_operation();
+    let mut kernel = None;
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if lower::mla_decode_steps(&f).is_ok() {
+            kernel = Some(f);
+            break;
+        }
+    }
+    let f = kernel.expect("a decode attention kernel the tensor cores take");
+    assert!(f.region(0).unwrap().first_block().unwrap().argument_count() == 6);
+    let steps = lower::mla_decode_steps(&f).unwrap();
+    let scale = match steps.steps[2].kernel {
+        lower::StepKernel::MlaDecode(a) => a.scale,
+        _ => panic!("the third launch is the attention"),
+    };
+    let (b, slots, width, per) = (3, 160, kv + rope, nope + v);
+    let mut state = 5u64;
+    let mut rnd = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * s
+            })
+            .collect()
+    };
+    let kv_b: Vec<u8> = rnd(heads * per * kv, 300.0).iter().map(|&x| f32_to_f8e4m3(x)).collect();
+    let kv_scale: Vec<f32> = (0..heads * per / 128).map(|i| 0.01 + 0.002 * i as f32).collect();
+    let w = |row: usize, col: usize| f8e4m3_to_f32(kv_b[row * kv + col]) as f64 * kv_scale[row / 128] as f64;
+    let (q_nope, q_pe, cache) = (rnd(b * heads * nope, 2.0), rnd(b * heads * rope, 2.0), rnd(b * slots * width, 2.0));
+    let positions = vec![0i64, 70, 150];
+    let f32s = |shape: Vec<usize>, v: &[f32]| HostBuffer { shape, data: HostData::F32(v.to_vec()) };
+    let ins = [
+        f32s(vec![b, heads, nope], &q_nope),
+        f32s(vec![b, heads, rope], &q_pe),
+        f32s(vec![b, slots, width], &cache),
+        HostBuffer { shape: vec![b], data: HostData::I64(positions.clone()) },
+        HostBuffer { shape: vec![heads * per, kv], data: HostData::F8(kv_b.clone()) },
+        f32s(vec![heads * per / 128, 1], &kv_scale),
+    ];
+    let mut outs = [
+        HostBuffer { shape: vec![b, heads * v], data: HostData::F8(vec![0; b * heads * v]) },
+        f32s(vec![b, heads], &vec![0.0; b * heads]),
+    ];
+    let ins_ref: Vec<&HostBuffer> = ins.iter().collect();
+    let temps = HostRows::new(&context).run_steps(&steps, b, &ins_ref, &mut outs).unwrap();
+    let HostData::F32(o) = &temps[6].data else { panic!("the merged output is f32") };
+    let (mut err2, mut norm2) = (0f64, 0f64);
+    for seq in 0..b {
+        let keys = positions[seq] as usize + 1;
+        for h in 0..heads {
+            let row = seq * heads + h;
+            let q_abs: Vec<f64> =
+                (0..kv).map(|a| (0..nope).map(|d| q_nope[row * nope + d] as f64 * w(h * per + d, a)).sum()).collect();
+            let lat = |k: usize, c: usize| cache[(seq * slots + k) * width + c] as f64;
+            let s: Vec<f64> = (0..keys)
+                .map(|k| {
+                    let nope_part: f64 = (0..kv).map(|a| q_abs[a] * lat(k, a)).sum();
+                    let rope_part: f64 = (0..rope).map(|r| q_pe[row * rope + r] as f64 * lat(k, kv + r)).sum();
+                    (nope_part + rope_part) * scale as f64
+                })
+                .collect();
+            let m = s.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+            let l: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            for a in 0..kv {
+                let want: f64 = (0..keys).map(|k| (s[k] - m).exp() * lat(k, a)).sum::<f64>() / l;
+                let got = o[row * kv + a] as f64;
+                err2 += (got - want).powi(2);
+                norm2 += want.powi(2);
+            }
+        }
+    }
+    let rel = (err2 / norm2).sqrt();
+    eprintln!("decode attention on the tensor cores (host): relative error {rel:.2e} (Frobenius)");
+    assert!(rel <= 6e-3, "{rel}");
 }

@@ -21,6 +21,82 @@ pub enum KernelAbi {
     Gemm(GemmAbi),
     /// MLA prefill flash attention (`compiler/src/conversion/sm90/mla.rs`, `emit_prefill`).
     MlaPrefill(MlaPrefillAbi),
+    /// MLA decode attention over a paged bf16 cache, split K (`mla.rs`, `emit`).
+    MlaDecode(MlaDecodeAbi),
+}
+
+/// The decode attention kernel's widths: rows of `kv + rope` (the latent then the rope key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MlaDecodeAbi {
+    pub kv: usize,
+    pub rope: usize,
+}
+
+impl MlaDecodeAbi {
+    /// The launch over `[q, cache, block_table, seqlens, o_part, lse]`: absorbed queries `[B R,
+    /// kv + rope]` (bf16; R rows per sequence: its tokens x heads), the paged cache `[pages * 64,
+    /// kv + rope]` (bf16), the block table `[B, max_pages]` and lengths `[B]` (i32), the splits'
+    /// outputs `[Z, B R, kv]` and log-sum-exps `[Z, B R]` (f32): tensor maps of q and the cache (64 x
+    /// 64 boxes), the memrefs, R, the heads, the scale's bits; `B ceil(R / 64)` x Z blocks.
+    pub fn launch(&self, kernel: &str, ops: [&Buf; 6], heads: usize, scale: f32) -> Result<KernelLaunch, String> {
+        let fail = |what: String| format!("{kernel}: {what}");
+        let [q, cache, table, seqlens, o_part, lse] = ops;
+        let width = self.kv + self.rope;
+        let (qs, cs) = (q.shape_at_rank(2).map_err(fail)?, cache.shape_at_rank(2).map_err(fail)?);
+        let b = seqlens.elements();
+        let (os, ls) = (o_part.shape_at_rank(3).map_err(fail)?, lse.shape_at_rank(2).map_err(fail)?);
+        let fine = q.element == "bf16"
+            && cache.element == "bf16"
+            && table.element == "i32"
+            && seqlens.element == "i32"
+            && qs[1] == width
+            && cs[1] == width
+            && b > 0
+            && qs[0] % b == 0
+            && heads > 0
+            && (qs[0] / b) % heads == 0
+            && os == [os[0], qs[0], self.kv]
+            && ls == [os[0], qs[0]]
+            && os[0] > 0
+            && table.shape_at_rank(2).map_err(fail)?[0] == b;
+        if !fine {
+            return Err(fail(format!(
+                "q {qs:?} {}, cache {cs:?} {}, table {:?}, {b} lengths, o_part {os:?}, lse {ls:?} for rows of {width} and \
+                 {heads} heads",
+                q.element, cache.element, table.shape
+            )));
+        }
+        let rows = qs[0] / b;
+        let map = |buf: &Buf, r: usize| TensorMapSpec {
+            addr: buf.addr,
+            rows: r,
+            cols: width,
+            element: "bf16".into(),
+            box_rows: PREFILL_BOX,
+            box_cols: PREFILL_BOX,
+        };
+        let maps = vec![map(q, qs[0]), map(cache, cs[0])];
+        for m in &maps {
+            m.check().map_err(fail)?;
+        }
+        let mut params = vec![Param::TensorMap(0), Param::TensorMap(1)];
+        for (buf, rank) in [(table, 2), (seqlens, 1), (o_part, 3), (lse, 2)] {
+            params.extend(memref(buf, rank).map_err(fail)?);
+        }
+        params.extend([
+            Param::Value(rows as u64),
+            Param::Value(heads as u64),
+            Param::Value(u64::from(scale.to_bits())),
+        ]);
+        Ok(KernelLaunch {
+            kernel: kernel.to_string(),
+            grid: b * rows.div_ceil(PREFILL_BOX),
+            grid_y: os[0],
+            params,
+            tensor_maps: maps,
+            operands: ops.iter().map(|b| (*b).clone()).collect(),
+        })
+    }
 }
 
 /// The prefill attention kernel's widths: q and k rows of `qk`, v rows of `v` (bf16, head-major).
@@ -77,6 +153,7 @@ impl MlaPrefillAbi {
         Ok(KernelLaunch {
             kernel: kernel.to_string(),
             grid: t.div_ceil(PREFILL_QUERIES) * heads,
+            grid_y: 1,
             params,
             tensor_maps: maps,
             operands: ops.iter().map(|b| (*b).clone()).collect(),
@@ -233,6 +310,8 @@ impl TensorMapSpec {
 pub struct KernelLaunch {
     pub kernel: String,
     pub grid: usize,
+    /// Blocks along y (1 but for split-K attention: its splits).
+    pub grid_y: usize,
     pub params: Vec<Param>,
     pub tensor_maps: Vec<TensorMapSpec>,
     /// The buffers the launch reads and writes, in the lowering's operand order (for dumps: what
@@ -443,7 +522,14 @@ impl GemmAbi {
         .flatten()
         .cloned()
         .collect();
-        Ok(KernelLaunch { kernel: kernel.to_string(), grid: self.grid(p, sms), params, tensor_maps: maps, operands })
+        Ok(KernelLaunch {
+            kernel: kernel.to_string(),
+            grid: self.grid(p, sms),
+            grid_y: 1,
+            params,
+            tensor_maps: maps,
+            operands,
+        })
     }
 }
 
@@ -585,6 +671,31 @@ mod tests {
         assert!(ptx_entry_params(ptx, "j").is_err());
         let scale = ".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .f32 k_param_1\n)\n{";
         assert_eq!(ptx_entry_params(scale, "k"), Ok(2));
+    }
+
+    /// Decode attention: q's and the cache's tensor maps, the table, lengths, split outputs and lse
+    /// as memrefs, rows per sequence, heads, the scale's bits; `B ceil(R / 64)` x splits blocks.
+    #[test]
+    fn decode_attention_launches_over_pages_and_splits() {
+        let a = MlaDecodeAbi { kv: 512, rope: 64 };
+        let (b, heads, splits, pages) = (3, 128, 4, 10);
+        let q = buf(0x1000, &[b * heads, 576], "bf16");
+        let cache = buf(0x2000, &[b, pages * 64, 576], "bf16");
+        let table = buf(0x3000, &[b, pages], "i32");
+        let seqlens = buf(0x4000, &[b], "i32");
+        let o_part = buf(0x5000, &[splits, b * heads, 512], "f32");
+        let lse = buf(0x6000, &[splits, b * heads], "f32");
+        let l = a.launch("mla", [&q, &cache, &table, &seqlens, &o_part, &lse], heads, 0.25).unwrap();
+        assert_eq!((l.grid, l.grid_y), (b * 2, splits));
+        assert_eq!(l.params.len(), 2 + 7 + 5 + 9 + 7 + 3);
+        assert_eq!((l.tensor_maps[1].rows, l.tensor_maps[1].cols), (b * pages * 64, 576));
+        let tail: Vec<Param> = l.params[l.params.len() - 3..].to_vec();
+        assert_eq!(tail, [Param::Value(128), Param::Value(128), Param::Value(u64::from(0.25f32.to_bits()))]);
+        // An lse of other splits than the outputs', an f32 cache: refused.
+        let bad_lse = buf(0x6000, &[splits + 1, b * heads], "f32");
+        assert!(a.launch("mla", [&q, &cache, &table, &seqlens, &o_part, &bad_lse], heads, 0.25).is_err());
+        let f32_cache = buf(0x2000, &[b, pages * 64, 576], "f32");
+        assert!(a.launch("mla", [&q, &f32_cache, &table, &seqlens, &o_part, &lse], heads, 0.25).is_err());
     }
 
     /// Prefill attention: three tensor maps (64 x 64 bf16 boxes), out's memref, T, S and the

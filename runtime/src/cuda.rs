@@ -576,7 +576,7 @@ impl GpuArtifact {
         unsafe {
             result::launch_kernel(
                 f.handle,
-                (k.grid as u32, 1, 1),
+                (k.grid as u32, k.grid_y as u32, 1),
                 (f.threads, 1, 1),
                 f.shared,
                 self.stream,

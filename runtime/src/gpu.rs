@@ -165,6 +165,7 @@ impl<'a> Expander<'a> {
         Ok(Some(KernelLaunch {
             kernel: kernel.clone(),
             grid: rows,
+            grid_y: 1,
             params,
             tensor_maps: Vec::new(),
             operands: vec![logits.clone(), idx],
@@ -252,16 +253,14 @@ impl<'a> Expander<'a> {
             for l in &entry.launches {
                 let f = self.lowering_of(&l.kernel)?;
                 let mut bytes = 0;
+                let arg = |i: usize| -> Result<Vec<usize>, String> {
+                    let id = *l.args.get(i).ok_or_else(|| format!("{}: argument {i} missing", l.kernel))?;
+                    let b = entry.buffers.get(id).ok_or_else(|| format!("buffer {id} is not in the plan"))?;
+                    Ok(shape_at(&b.dims, entry.sizes))
+                };
                 for t in &f.temps {
-                    let base = match t.rows_of {
-                        Some(i) => {
-                            let id = *l.args.get(i).ok_or_else(|| format!("{}: argument {i} missing", l.kernel))?;
-                            let b = entry.buffers.get(id).ok_or_else(|| format!("buffer {id} is not in the plan"))?;
-                            shape_at(&b.dims, entry.sizes).first().copied().unwrap_or(0)
-                        }
-                        None => entry.sizes.rows,
-                    };
-                    bytes += align(t.rows(base) * t.cols(entry.sizes.rows) * element_bytes(&t.dtype)?);
+                    let shape = t.shape(entry.sizes.rows, &arg, 0)?;
+                    bytes += align(shape.iter().product::<usize>() * element_bytes(&t.dtype)?);
                 }
                 most = most.max(bytes);
             }
@@ -302,22 +301,14 @@ impl<'a> Expander<'a> {
             // The fused kernel's temporaries, laid out in the shared region.
             let mut temps = Vec::new();
             let mut offset = 0usize;
+            let arg = |i: usize| -> Result<Vec<usize>, String> {
+                Ok(buffer(*l.args.get(i).ok_or_else(|| at(format!("argument {i} missing")))?)?.shape)
+            };
             for t in &f.temps {
-                let base = match t.rows_of {
-                    Some(i) => buffer(*l.args.get(i).ok_or_else(|| at(format!("argument {i} missing")))?)?
-                        .shape
-                        .first()
-                        .copied()
-                        .unwrap_or(0),
-                    None => sizes.rows,
-                };
-                let (rows, cols) = (t.rows(base), t.cols(sizes.rows));
-                temps.push(Buf {
-                    addr: bindings.temps + offset as u64,
-                    shape: vec![rows, cols],
-                    element: t.dtype.clone(),
-                });
-                offset += align(rows * cols * element_bytes(&t.dtype)?);
+                let shape = t.shape(sizes.rows, &arg, sms)?;
+                let bytes = shape.iter().product::<usize>() * element_bytes(&t.dtype)?;
+                temps.push(Buf { addr: bindings.temps + offset as u64, shape, element: t.dtype.clone() });
+                offset += align(bytes);
             }
             for (si, spec) in f.launches.iter().enumerate() {
                 let at = |what: String| at(format!("step {si}: {what}"));
@@ -403,11 +394,28 @@ impl<'a> Expander<'a> {
                             actions.push(Action::Kernel(KernelLaunch {
                                 kernel: kernel.to_string(),
                                 grid,
+                                grid_y: 1,
                                 params,
                                 tensor_maps: Vec::new(),
                                 operands: ops.clone(),
                             }));
                         }
+                    }
+                    KernelAbi::MlaDecode(a) => {
+                        let att = spec
+                            .attention
+                            .ok_or_else(|| at(format!("{kernel}: an attention launch without its parameters")))?;
+                        let [q, cache, table, seqlens, o_part, lse] = &ops[..] else {
+                            return Err(at(format!(
+                                "{kernel}: {} operands (q, cache, table, lengths, o, lse)",
+                                ops.len()
+                            )));
+                        };
+                        if q.elements() == 0 {
+                            continue;
+                        }
+                        let l = a.launch(kernel, [q, cache, table, seqlens, o_part, lse], att.heads, att.scale);
+                        actions.push(Action::Kernel(l.map_err(at)?));
                     }
                     KernelAbi::MlaPrefill(a) => {
                         let att = spec

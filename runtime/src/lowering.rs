@@ -172,9 +172,82 @@ pub struct TempSpec {
     pub run_cols: Option<RunCols>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows_of: Option<usize>,
+    /// An explicit shape instead (any rank), dim by dim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dims: Option<Vec<TempDim>>,
+}
+
+/// One dim of a temporary's explicit shape ([`TempSpec::dims`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TempDim {
+    Fixed(usize),
+    /// The run's rows times this.
+    Rows(usize),
+    /// Dim `dim` of the fused kernel's argument `arg`, rounded up to a multiple of `align`, then
+    /// divided by `div` (e.g. a cache's rows in whole 64-row pages, or its pages).
+    Arg {
+        arg: usize,
+        dim: usize,
+        align: usize,
+        div: usize,
+    },
+    /// Split-K decode attention's splits ([`attention_splits`]) for the run's sequences of `heads`
+    /// query rows over the caches `[B, S, ..]` of argument `cache`.
+    Splits {
+        heads: usize,
+        cache: usize,
+    },
+}
+
+/// Most splits of split-K decode attention.
+pub const MAX_SPLITS: usize = 8;
+
+/// Splits of split-K decode attention: `sequences` of `rows` query rows (64 a block) over `keys`
+/// keys on `sms` SMs — enough blocks for two waves, at most one per 64-key page and
+/// [`MAX_SPLITS`]; `sms` 0: the most it may be (what temporaries are sized for).
+pub fn attention_splits(sequences: usize, rows: usize, keys: usize, sms: usize) -> usize {
+    let most = MAX_SPLITS.min(keys.div_ceil(64).max(1));
+    if sms == 0 {
+        return most;
+    }
+    let blocks = sequences * rows.div_ceil(64);
+    (2 * sms).div_ceil(blocks.max(1)).clamp(1, most)
 }
 
 impl TempSpec {
+    /// Its shape in a run of `rows` rows whose fused kernel's argument `i` has shape `arg(i)`, on a
+    /// device of `sms` SMs (0: the most any device needs).
+    pub fn shape(
+        &self,
+        rows: usize,
+        arg: &dyn Fn(usize) -> Result<Vec<usize>, String>,
+        sms: usize,
+    ) -> Result<Vec<usize>, String> {
+        if let Some(dims) = &self.dims {
+            return dims
+                .iter()
+                .map(|d| match *d {
+                    TempDim::Fixed(n) => Ok(n),
+                    TempDim::Rows(f) => Ok(rows * f),
+                    TempDim::Arg { arg: i, dim, align, div } => {
+                        let shape = arg(i)?;
+                        let n = *shape.get(dim).ok_or_else(|| format!("argument {i} has no dim {dim}"))?;
+                        Ok(n.next_multiple_of(align.max(1)) / div.max(1))
+                    }
+                    TempDim::Splits { heads, cache } => {
+                        let keys = *arg(cache)?.get(1).ok_or_else(|| format!("argument {cache} is not [B, S, ..]"))?;
+                        Ok(attention_splits(rows, heads, keys, sms))
+                    }
+                })
+                .collect();
+        }
+        let base = match self.rows_of {
+            Some(i) => arg(i)?.first().copied().unwrap_or(0),
+            None => rows,
+        };
+        Ok(vec![self.rows(base), self.cols(rows)])
+    }
+
     /// Its rows for a run of `rows` rows (`rows`: the `rows_of` argument's leading dim when it has
     /// one).
     pub fn rows(&self, rows: usize) -> usize {
@@ -246,6 +319,43 @@ impl Lowering {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Explicit shapes: argument dims in whole pages, the run's rows, decode attention's splits
+    /// (two waves of blocks, at most one per page and MAX_SPLITS; sized for the most).
+    #[test]
+    fn temporaries_take_explicit_shapes() {
+        let arg = |i: usize| if i == 2 { Ok(vec![3, 70, 576]) } else { Err(format!("argument {i}")) };
+        let t = |dims: Vec<TempDim>| TempSpec {
+            rows_factor: 0,
+            cols: 0,
+            dtype: "f32".into(),
+            fixed_rows: None,
+            run_cols: None,
+            rows_of: None,
+            dims: Some(dims),
+        };
+        let pages = t(vec![
+            TempDim::Arg { arg: 2, dim: 0, align: 1, div: 1 },
+            TempDim::Arg { arg: 2, dim: 1, align: 64, div: 1 },
+            TempDim::Fixed(576),
+        ]);
+        assert_eq!(pages.shape(3, &arg, 132), Ok(vec![3, 128, 576]));
+        let table = t(vec![
+            TempDim::Arg { arg: 2, dim: 0, align: 1, div: 1 },
+            TempDim::Arg { arg: 2, dim: 1, align: 64, div: 64 },
+        ]);
+        assert_eq!(table.shape(3, &arg, 132), Ok(vec![3, 2]));
+        let lse = t(vec![TempDim::Splits { heads: 128, cache: 2 }, TempDim::Rows(128)]);
+        assert_eq!(lse.shape(3, &arg, 132), Ok(vec![2, 384]), "70 keys: two pages");
+        assert_eq!(lse.shape(3, &arg, 0), Ok(vec![2, 384]));
+        assert!(t(vec![TempDim::Arg { arg: 1, dim: 0, align: 1, div: 1 }]).shape(3, &arg, 132).is_err());
+        // 64 sequences of 128 heads over 4096 keys: 128 blocks, three splits to cover two waves of 132 SMs;
+        // one sequence: as many as allowed; sized for the most.
+        assert_eq!(attention_splits(64, 128, 4096, 132), 3);
+        assert_eq!(attention_splits(1, 128, 4096, 132), MAX_SPLITS);
+        assert_eq!(attention_splits(64, 128, 4096, 0), MAX_SPLITS);
+        assert_eq!(attention_splits(1, 128, 10, 132), 1);
+    }
 
     #[test]
     fn launches_must_name_listed_kernels_and_defined_operands() {

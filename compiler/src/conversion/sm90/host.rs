@@ -52,12 +52,32 @@ impl<'c> HostRows<'c> {
         if steps.steps.iter().any(|s| matches!(&s.kernel, StepKernel::Gemm(g) if !emulated(g))) {
             return Ok(false);
         }
+        self.run_steps(&steps, rows, ins, outs).map(|_| true)
+    }
+
+    /// Runs `steps` (dense GEMMs only) on `ins` into `outs` as [`HostRows::run_fused`] does, and
+    /// returns the temporaries as the launches left them.
+    pub fn run_steps(
+        &mut self,
+        steps: &Steps,
+        rows: usize,
+        ins: &[&HostBuffer],
+        outs: &mut [HostBuffer],
+    ) -> Result<Vec<HostBuffer>, String> {
+        if let Some(g) = steps.steps.iter().find_map(|s| match &s.kernel {
+            StepKernel::Gemm(g) if g.grouped.is_some() || g.weights.len() != 1 => Some(g),
+            _ => None,
+        }) {
+            return Err(format!("{}: a grouped or concatenated GEMM (not computed on the host)", g.kernel));
+        }
         let mut temps: Vec<HostBuffer> = steps
             .temps
             .iter()
             .map(|t| {
-                let (r, c) = (t.rows(rows), t.cols(rows));
-                let n = r * c;
+                let arg = |i: usize| ins.get(i).map(|b| b.shape.clone()).ok_or_else(|| format!("argument {i} missing"));
+                // (An H200's SMs: the splits of decode attention, where there are any.)
+                let shape = t.spec().shape(rows, &arg, 132)?;
+                let n = shape.iter().product();
                 let data = match t.element.as_str() {
                     "f32" => Ok(HostData::F32(vec![0.0; n])),
                     "i32" => Ok(HostData::I32(vec![0; n])),
@@ -65,7 +85,7 @@ impl<'c> HostRows<'c> {
                     "bf16" => Ok(HostData::Bf16(vec![0; n])),
                     other => Err(format!("a temporary of {other}")),
                 }?;
-                Ok(HostBuffer { shape: vec![r, c], data })
+                Ok(HostBuffer { shape, data })
             })
             .collect::<Result<_, String>>()?;
         let mut table = steps.rope_table.as_ref().map(|t| rope_table(t, rows));
@@ -74,6 +94,8 @@ impl<'c> HostRows<'c> {
                 StepKernel::Row(kernel) => kernel.argument_ranks(),
                 // A, its scales, B, its scales, (the residual,) the output: matrices; q, k, v, out.
                 StepKernel::Gemm(_) | StepKernel::MlaPrefill(_) => vec![2; step.operands.len()],
+                // q, cache, table, lengths, split outputs, lse.
+                StepKernel::MlaDecode(_) => vec![2, 2, 2, 1, 3, 2],
             };
             let mut raw = Vec::new();
             for (operand, rank) in step.operands.iter().zip(ranks) {
@@ -118,9 +140,11 @@ impl<'c> HostRows<'c> {
                 StepKernel::Gemm(g) => unsafe { dense_gemm(g, &raw)? },
                 // SAFETY: as above.
                 StepKernel::MlaPrefill(a) => unsafe { mla_prefill(a.heads, a.scale, &raw)? },
+                // SAFETY: as above.
+                StepKernel::MlaDecode(a) => unsafe { mla_decode(a.heads, a.scale, &raw)? },
             }
         }
-        Ok(true)
+        Ok(temps)
     }
 
     fn launch(&mut self, kernel: &RowKernel, buffers: &[RawBuffer]) -> Result<(), String> {
@@ -251,6 +275,79 @@ pub unsafe fn mla_prefill(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Resul
                 }
             }
             row.iter_mut().for_each(|x| *x /= sum);
+        }
+    }
+    Ok(())
+}
+
+/// The decode attention kernel's semantics over `[q, cache, table, seqlens, o_part, lse]` (see
+/// [`super::mla::emit`]): sequence b's R = `q rows / B` rows are its tokens' heads (T = R / heads
+/// tokens; token t sees the keys before `len - T + t + 1`), key j lives at cache row `table[b, j /
+/// 64] * 64 + j mod 64`; its pages are cut into `o_part`'s Z splits (`ceil(pages / Z)` each), and
+/// each split writes its softmax-normalized `P V` (scores `q . k` over all columns times `scale`, P
+/// rounded to bf16 before `P V`, the values the first `kv` columns) and its natural-log lse (`-inf`
+/// and zeros for a row the split gives no key).
+///
+/// # Safety
+/// The buffers address their shapes' elements.
+pub unsafe fn mla_decode(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Result<(), String> {
+    use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+    let [q, cache, table, seqlens, o_part, lse] = bufs else {
+        return Err(format!("decode attention of {} operands", bufs.len()));
+    };
+    let bf16 = |b: &RawBuffer| -> Vec<f32> {
+        let n = b.shape.iter().product();
+        std::slice::from_raw_parts(b.ptr as *const u16, n).iter().map(|&x| bf16_to_f32(x)).collect()
+    };
+    let ints = |b: &RawBuffer| std::slice::from_raw_parts(b.ptr as *const i32, b.shape.iter().product());
+    let (width, b_count) = (q.shape[1], seqlens.shape.iter().product::<usize>());
+    let (splits, kv) = (o_part.shape[0], o_part.shape[2]);
+    let heads = heads.max(1);
+    let rows = q.shape[0] / b_count.max(1);
+    let tokens = rows / heads;
+    let max_pages = table.shape[1];
+    let (qv, cv, tv, lens) = (bf16(q), bf16(cache), ints(table), ints(seqlens));
+    let o = std::slice::from_raw_parts_mut(o_part.ptr as *mut f32, o_part.shape.iter().product());
+    let l_out = std::slice::from_raw_parts_mut(lse.ptr as *mut f32, lse.shape.iter().product());
+    let all = q.shape[0];
+    for b in 0..b_count {
+        let len = lens[b].max(0) as usize;
+        let pages = len.div_ceil(64);
+        let per = pages.div_ceil(splits.max(1));
+        for r in 0..rows {
+            let row = b * rows + r;
+            let query = &qv[row * width..][..width];
+            let visible = (len + r / heads + 1).saturating_sub(tokens);
+            for z in 0..splits {
+                let (k0, k1) = ((z * per * 64).min(len), ((z + 1) * per * 64).min(len).min(visible));
+                let out = &mut o[(z * all + row) * kv..][..kv];
+                out.fill(0.0);
+                if k0 >= k1 {
+                    l_out[z * all + row] = f32::NEG_INFINITY;
+                    continue;
+                }
+                let key_row = |j: usize| -> Result<usize, String> {
+                    let page = *tv.get(b * max_pages + j / 64).ok_or("a block table too short")?;
+                    let at = page.max(0) as usize * 64 + j % 64;
+                    (at < cache.shape[0]).then_some(at).ok_or_else(|| format!("page {page} past the cache"))
+                };
+                let mut s = Vec::with_capacity(k1 - k0);
+                for j in k0..k1 {
+                    let key = &cv[key_row(j)? * width..][..width];
+                    s.push(query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale);
+                }
+                let m = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let mut l = 0f32;
+                for (j, &sj) in (k0..k1).zip(&s) {
+                    let p = (sj - m).exp();
+                    l += p;
+                    let pb = bf16_to_f32(f32_to_bf16(p));
+                    let key = &cv[key_row(j)? * width..][..kv];
+                    out.iter_mut().zip(key).for_each(|(x, &k)| *x += pb * k);
+                }
+                out.iter_mut().for_each(|x| *x /= l);
+                l_out[z * all + row] = m + l.ln();
+            }
         }
     }
     Ok(())

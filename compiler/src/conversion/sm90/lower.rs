@@ -20,7 +20,7 @@ use melior::ir::{RegionLike, ValueLike};
 use super::gemm::{GemmInput, GemmOutput};
 use super::rows::{RowKernel, RowOp};
 use crate::verify::Shape;
-pub use v3c_runtime::lowering::RunCols;
+pub use v3c_runtime::lowering::{RunCols, TempDim};
 
 /// A fused kernel as one GEMM launch: `out[M, N] = A[M, K] . W[N, K]^T (+ residual)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -496,12 +496,14 @@ pub struct Temp {
     /// Rows that follow argument `i`'s leading dim instead of the run's rows (times `rows_factor`):
     /// e.g. prefill's cached and new latent rows.
     pub rows_of: Option<usize>,
+    /// An explicit shape instead, dim by dim (any rank).
+    pub dims: Option<Vec<TempDim>>,
 }
 
 impl Temp {
     /// `[rows * rows_factor, cols]` of `element`.
     pub fn per_row(rows_factor: usize, cols: usize, element: &str) -> Temp {
-        Temp { rows_factor, cols, element: element.into(), fixed_rows: None, run_cols: None, rows_of: None }
+        Temp { rows_factor, cols, element: element.into(), fixed_rows: None, run_cols: None, rows_of: None, dims: None }
     }
 
     /// `[rows, run_cols.cols(run rows)]` of `element`: e.g. a `[T, rows]` activation transposed.
@@ -513,6 +515,25 @@ impl Temp {
             fixed_rows: Some(rows),
             run_cols: Some(run_cols),
             rows_of: None,
+            dims: None,
+        }
+    }
+
+    /// A temporary of `element` shaped `dims`.
+    pub fn shaped(dims: Vec<TempDim>, element: &str) -> Temp {
+        Temp { dims: Some(dims), ..Temp::per_row(0, 0, element) }
+    }
+
+    /// How `lowering.json` describes it.
+    pub fn spec(&self) -> v3c_runtime::lowering::TempSpec {
+        v3c_runtime::lowering::TempSpec {
+            rows_factor: self.rows_factor,
+            cols: self.cols,
+            dtype: self.element.clone(),
+            fixed_rows: self.fixed_rows,
+            run_cols: self.run_cols,
+            rows_of: self.rows_of,
+            dims: self.dims.clone(),
         }
     }
 
@@ -544,6 +565,18 @@ pub enum StepKernel {
     /// MLA prefill attention on the tensor cores ([`super::mla::MlaPrefillConfig`]): operands q, k,
     /// v (bf16, head-major), out (f32).
     MlaPrefill(MlaPrefillLaunch),
+    /// MLA decode attention on the tensor cores ([`super::mla::MlaDecodeConfig`]): operands q
+    /// (absorbed, bf16), the paged cache (bf16), block table, lengths, split outputs, lse.
+    MlaDecode(MlaDecodeLaunch),
+}
+
+/// A launch of the split-K decode attention kernel: its configuration, the query rows per token
+/// (heads), the softmax scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MlaDecodeLaunch {
+    pub config: super::mla::MlaDecodeConfig,
+    pub heads: usize,
+    pub scale: f32,
 }
 
 /// A launch of the flash-attention prefill kernel: its configuration, the heads its head-major
@@ -1380,4 +1413,69 @@ pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
         step(row(RowOp::MlaHeadsOut { heads, quantize: fp8 }, heads * v), out),
     ]);
     Ok(steps)
+}
+
+/// MLA decode attention (fp8 graph) on the tensor cores, in the absorbed form: the fused
+/// `attention_decode` + `reshape` + `quantize_fp8` kernel of arguments (q_nope `[B, H, nope]`, q_pe
+/// `[B, H, rope]`, the caches `[B, S, kv + rope]` (f32), positions `[B]`, kv_b e4m3 and its
+/// scales) as five launches:
+/// 1. the absorbed queries `[q_nope W_UK | q_pe]` per (token, head) in bf16 (`rows_mlaabsorb`);
+/// 2. the caches' rows up to each position as bf16 64-row pages, with the block table and lengths
+///    (`rows_mlapages`: the kernel's paged layout over the plan's f32 caches, converted per step);
+/// 3. split-K attention (`mla_decode_*`: wgmma for `S = Q K^T` and `P V`, TMA page ring; the
+///    runtime picks the splits for the run, [`v3c_runtime::lowering::attention_splits`]);
+/// 4. the splits merged (`rows_mlacombine`); 5. each head's latent output through `W_UV`,
+///    quantized 1x128 (`rows_mlaupv`).
+///
+/// Numerics: the cache, the absorbed queries and P in bf16 (the CUDA-core row keeps the
+/// reference's f32). `Err`: not this kernel, or shapes the templates do not take.
+pub fn mla_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
+    let launch = row_of_kernel(kernel)?;
+    let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: false, .. } = launch.kernel.op else {
+        return Err("not a decode attention".into());
+    };
+    if launch.kernel.weight != "f8E4M3FN" {
+        return Err("decode attention of the f32 graph (bf16 kv_b) stays on the row kernel".into());
+    }
+    let kv = launch.kernel.d;
+    let config = super::mla::MlaDecodeConfig { kv, rope, stages: 2, fp8_cache: false };
+    config.validate(&crate::target::SM90A)?;
+    if v != super::rows::GROUP {
+        return Err(format!("value heads of {v} (one 128-wide quantization group each)"));
+    }
+    let (q_nope, q_pe, cache, positions, kv_b, kv_b_scale) = (0, 1, 2, 3, 4, 5);
+    let width = kv + rope;
+    let cache_dim = |dim: usize, align: usize, div: usize| TempDim::Arg { arg: cache, dim, align, div };
+    let splits = TempDim::Splits { heads, cache };
+    let row = |op: RowOp, d: usize, weight: &str| StepKernel::Row(RowKernel::new(op, d, weight));
+    let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };
+    use Operand::{Arg, Result as Out, Temp as T};
+    Ok(Steps {
+        temps: vec![
+            Temp::per_row(heads, width, "bf16"),
+            Temp::shaped(vec![cache_dim(0, 1, 1), cache_dim(1, 64, 1), TempDim::Fixed(width)], "bf16"),
+            Temp::shaped(vec![cache_dim(0, 1, 1), cache_dim(1, 64, 64)], "i32"),
+            Temp::shaped(vec![cache_dim(0, 1, 1)], "i32"),
+            Temp::shaped(vec![splits, TempDim::Rows(heads), TempDim::Fixed(kv)], "f32"),
+            Temp::shaped(vec![splits, TempDim::Rows(heads)], "f32"),
+            Temp::per_row(heads, kv, "f32"),
+        ],
+        steps: vec![
+            step(
+                row(RowOp::MlaAbsorb { heads, nope, rope, v }, kv, "f8E4M3FN"),
+                vec![Arg(q_nope), Arg(q_pe), Arg(kv_b), Arg(kv_b_scale), T(0)],
+            ),
+            step(row(RowOp::MlaPages, width, "f32"), vec![Arg(cache), Arg(positions), T(1), T(2), T(3)]),
+            step(
+                StepKernel::MlaDecode(MlaDecodeLaunch { config, heads, scale }),
+                vec![T(0), T(1), T(2), T(3), T(4), T(5)],
+            ),
+            step(row(RowOp::MlaCombine, kv, "f32"), vec![T(4), T(5), T(6)]),
+            step(
+                row(RowOp::MlaUpV { heads, nope, v }, kv, "f8E4M3FN"),
+                vec![T(6), Arg(kv_b), Arg(kv_b_scale), Out(0), Out(1)],
+            ),
+        ],
+        rope_table: None,
+    })
 }

@@ -182,17 +182,26 @@ pub fn compile_unspilled(
 /// The kernels of one GEMM for [decode, prefill].
 pub type RegimeKernels = [String; 2];
 
-/// Where prefill attention runs on sm_90a.
+/// Where MLA attention runs on sm_90a.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PrefillAttention {
-    /// Flash attention on the tensor cores in the naive form ([`lower::mla_prefill_steps`]): q, k,
-    /// v and P in bf16, kv_b's up-projection of the latent in e4m3 (the fp8 graph: DeepSeek-V3's
-    /// own naive-form inference numerics) or as bf16 hi + lo GEMMs (the f32 graph). Attention whose
-    /// shapes the kernel does not take stays on the row.
+pub enum AttentionKernel {
+    /// On the tensor cores: prefill as flash attention in the naive form
+    /// ([`lower::mla_prefill_steps`]: q, k, v and P in bf16, kv_b's up-projection of the latent in
+    /// e4m3 — the fp8 graph, DeepSeek-V3's own naive-form inference numerics — or as bf16 hi + lo
+    /// GEMMs, the f32 graph); decode as split-K attention over bf16 pages in the absorbed form
+    /// ([`lower::mla_decode_steps`], the fp8 graph). Attention whose shapes the kernels do not take
+    /// stays on the row.
     #[default]
     TensorCores,
     /// The CUDA-core row kernel in the absorbed form, in f32 as the reference computes it.
     Rows,
+}
+
+/// Where prefill's and decode's attention run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AttentionKernels {
+    pub prefill: AttentionKernel,
+    pub decode: AttentionKernel,
 }
 
 /// The sm_90a lowering of a `fused`-stage module (the kernels of every entry point).
@@ -214,19 +223,19 @@ pub struct ModelKernels {
 }
 
 impl ModelKernels {
-    /// Compiles the prefill attention kernel of `launch` unless it is already compiled.
-    fn prefill_kernel(
+    /// Compiles (with ptxas: and assembles) template kernel `name` by `compile` unless it is
+    /// already compiled.
+    fn kernel_once(
         &mut self,
-        context: &Context,
-        launch: &lower::MlaPrefillLaunch,
+        name: String,
         target: &GpuTarget,
         ptxas: Option<&FoundTool>,
         progress: &mut impl FnMut(&str),
+        compile: impl FnOnce() -> Result<GpuKernel, Sm90Error>,
     ) -> Result<(), Sm90Error> {
-        let name = launch.config.kernel_name();
         if !self.kernels.iter().any(|c| c.name == name) {
             progress(&name);
-            let mut kernel = compile_mla_prefill(context, &launch.config, target)?;
+            let mut kernel = compile()?;
             if let Some(ptxas) = ptxas {
                 kernel.assemble(target, ptxas)?;
             }
@@ -244,16 +253,7 @@ impl ModelKernels {
         ptxas: Option<&FoundTool>,
         progress: &mut impl FnMut(&str),
     ) -> Result<(), Sm90Error> {
-        let name = k.kernel_name();
-        if !self.kernels.iter().any(|c| c.name == name) {
-            progress(&name);
-            let mut kernel = compile_rows(context, k, target)?;
-            if let Some(ptxas) = ptxas {
-                kernel.assemble(target, ptxas)?;
-            }
-            self.kernels.push(kernel);
-        }
-        Ok(())
+        self.kernel_once(k.kernel_name(), target, ptxas, progress, || compile_rows(context, k, target))
     }
 
     /// The [decode, prefill] kernels of GEMM `g`: per regime the first of `choose`'s configurations
@@ -305,13 +305,13 @@ impl ModelKernels {
 /// distinct template kernel once. `choose(kernel, m)` orders the configurations to try for a GEMM
 /// kernel at `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`]); with
 /// ptxas the first that assembles without spilling is taken, without it the first. `progress` is
-/// told each kernel name as it is compiled. `prefill` picks the fp8 prefill attention's kernels.
+/// told each kernel name as it is compiled. `attention` picks the attention kernels.
 pub fn compile_model(
     context: &Context,
     module: &Module,
     target: &GpuTarget,
     ptxas: Option<&FoundTool>,
-    prefill: PrefillAttention,
+    attention: AttentionKernels,
     choose: &mut dyn FnMut(&lower::GemmKernel, usize) -> Vec<gemm::GemmConfig>,
     mut progress: impl FnMut(&str),
 ) -> Result<ModelKernels, Sm90Error> {
@@ -323,18 +323,19 @@ pub fn compile_model(
             continue;
         }
         let fused = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
-        let tensor_core_prefill = match prefill {
-            PrefillAttention::TensorCores => lower::mla_prefill_steps(&f).ok(),
-            PrefillAttention::Rows => None,
-        };
+        let tensor_cores = |kernel| kernel == AttentionKernel::TensorCores;
+        let tensor_core_attention = (tensor_cores(attention.prefill))
+            .then(|| lower::mla_prefill_steps(&f).ok())
+            .flatten()
+            .or_else(|| tensor_cores(attention.decode).then(|| lower::mla_decode_steps(&f).ok()).flatten());
         let row = lower::row_of_kernel(&f);
-        if let (Ok(launch), None) = (&row, &tensor_core_prefill) {
+        if let (Ok(launch), None) = (&row, &tensor_core_attention) {
             let launch = launch.clone();
             out.row_kernel(context, &launch.kernel, target, ptxas, &mut progress)?;
             out.rows.push((fused, launch));
             continue;
         }
-        if let Some(steps) = tensor_core_prefill.or_else(|| lower::steps_of_kernel(&f).ok()) {
+        if let Some(steps) = tensor_core_attention.or_else(|| lower::steps_of_kernel(&f).ok()) {
             let mut picked = Vec::new();
             for step in &steps.steps {
                 match &step.kernel {
@@ -346,7 +347,13 @@ pub fn compile_model(
                         picked.push(Some(out.gemm_kernels(context, g, target, ptxas, choose, &mut progress)?))
                     }
                     lower::StepKernel::MlaPrefill(a) => {
-                        out.prefill_kernel(context, a, target, ptxas, &mut progress)?;
+                        let compile = || compile_mla_prefill(context, &a.config, target);
+                        out.kernel_once(a.config.kernel_name(), target, ptxas, &mut progress, compile)?;
+                        picked.push(None);
+                    }
+                    lower::StepKernel::MlaDecode(a) => {
+                        let compile = || compile_mla(context, &a.config, target);
+                        out.kernel_once(a.config.kernel_name(), target, ptxas, &mut progress, compile)?;
                         picked.push(None);
                     }
                 }

@@ -113,6 +113,21 @@ pub enum RowOp {
     /// row t is `[o[t], o[T + t], ..]`, 1x128 e4m3 quantized (`quantize`: bytes `q [T, d]` and
     /// `scale`, the fp8 graph's o_proj input) or as f32 `y [T, d]` (the f32 graph's).
     MlaHeadsOut { heads: usize, quantize: bool },
+    /// MLA decode's queries for the tensor-core kernel (the absorbed form): one block per (token b,
+    /// head h) writes `q[b H + h] = bf16([q_nope[b, h] W_UK_h | q_pe[b, h]])`, `W_UK_h` the head's
+    /// nope rows of kv_b (e4m3 with 128x128 block scales, decoded as read), each latent column
+    /// summed over nope in order — as the CUDA-core row's first phases ([`RowOp::MlaDecode`]).
+    /// `d` is the latent width.
+    MlaAbsorb { heads: usize, nope: usize, rope: usize, v: usize },
+    /// The decode attention's latent output `o [B H, d]` (f32) through each head's value rows of
+    /// kv_b (`W_UV_h`) and quantized 1x128: one block per (b, h) writes `q[b, h v ..][..v]` and its
+    /// group's scale `scale[b, h]` (v = 128: a head is a group) — the CUDA-core row's last phases.
+    MlaUpV { heads: usize, nope: usize, v: usize },
+    /// The decode caches `[B, S, d]` (f32, seen as `[B S, d]`) as the tensor-core kernel's bf16
+    /// pages: one block per cache row (b, s) copies the rows s <= position_b to `pages[b Sp + s]`
+    /// (Sp: S in whole 64-row pages); each sequence's first row also writes its block-table row
+    /// (`table[b, i] = b Sp / 64 + i`) and length (`position_b + 1`).
+    MlaPages,
     /// Greedy sampling's argmax of each f32 row (`x [rows, d]` -> `idx [rows]`, i32) in the
     /// reference's order: `f32::total_cmp` (NaN and -0 < +0 ordered as Rust orders them), ties to
     /// the lower index. Each thread scans a strided share, then a tree over the threads.
@@ -181,6 +196,11 @@ impl RowKernel {
             RowOp::MlaCombine => format!("rows_mlacombine_d{d}_t{t}"),
             RowOp::MlaKeys { heads, nope, rope, v } => format!("rows_mlakeys_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_t{t}"),
             RowOp::MlaQueries { heads, nope, rope } => format!("rows_mlaqueries_h{heads}_n{nope}_r{rope}_t{t}"),
+            RowOp::MlaAbsorb { heads, nope, rope, v } => {
+                format!("rows_mlaabsorb_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_t{t}")
+            }
+            RowOp::MlaUpV { heads, nope, v } => format!("rows_mlaupv_h{heads}_n{nope}_v{v}_kv{d}_t{t}"),
+            RowOp::MlaPages => format!("rows_mlapages_d{d}_t{t}"),
             RowOp::MlaHeadsOut { heads, quantize } => {
                 format!("rows_mlaheadsout_h{heads}_d{d}_t{t}_{}", if quantize { "q" } else { "y" })
             }
@@ -302,6 +322,35 @@ impl RowKernel {
                     threads: number(t, 't')?,
                 })
             }
+            ("mlaabsorb", [h, n, r, v, kv, t]) => {
+                let op = RowOp::MlaAbsorb {
+                    heads: number(h, 'h')?,
+                    nope: number(n, 'n')?,
+                    rope: number(r, 'r')?,
+                    v: number(v, 'v')?,
+                };
+                Some(RowKernel {
+                    op,
+                    d: kv.strip_prefix("kv")?.parse().ok()?,
+                    weight: "f8E4M3FN".into(),
+                    threads: number(t, 't')?,
+                })
+            }
+            ("mlaupv", [h, n, v, kv, t]) => {
+                let op = RowOp::MlaUpV { heads: number(h, 'h')?, nope: number(n, 'n')?, v: number(v, 'v')? };
+                Some(RowKernel {
+                    op,
+                    d: kv.strip_prefix("kv")?.parse().ok()?,
+                    weight: "f8E4M3FN".into(),
+                    threads: number(t, 't')?,
+                })
+            }
+            ("mlapages", [d, t]) => Some(RowKernel {
+                op: RowOp::MlaPages,
+                d: number(d, 'd')?,
+                weight: "f32".into(),
+                threads: number(t, 't')?,
+            }),
             ("mlaqueries", [h, n, r, t]) => {
                 let (heads, nope, rope) = (number(h, 'h')?, number(n, 'n')?, number(r, 'r')?);
                 let op = RowOp::MlaQueries { heads, nope, rope };
@@ -446,6 +495,27 @@ impl RowKernel {
                 ("k", "memref<?x?xbf16>".into()),
                 ("vv", "memref<?x?xbf16>".into()),
             ],
+            RowOp::MlaAbsorb { .. } => vec![
+                ("q_nope", "memref<?x?x?xf32>".to_string()),
+                ("q_pe", "memref<?x?x?xf32>".into()),
+                ("kv_b", "memref<?x?xi8>".into()),
+                ("kv_b_scale", "memref<?x?xf32>".into()),
+                ("qa", "memref<?x?xbf16>".into()),
+            ],
+            RowOp::MlaUpV { .. } => vec![
+                ("o", "memref<?x?xf32>".to_string()),
+                ("kv_b", "memref<?x?xi8>".into()),
+                ("kv_b_scale", "memref<?x?xf32>".into()),
+                ("q", "memref<?x?xi8>".into()),
+                ("scale", "memref<?x?xf32>".into()),
+            ],
+            RowOp::MlaPages => vec![
+                ("cache", "memref<?x?xf32>".to_string()),
+                ("positions", "memref<?xi64>".into()),
+                ("pages", "memref<?x?xbf16>".into()),
+                ("table", "memref<?x?xi32>".into()),
+                ("seqlens", "memref<?xi32>".into()),
+            ],
             RowOp::MlaQueries { .. } => vec![
                 ("q_nope", "memref<?x?x?xf32>".to_string()),
                 ("q_pe", "memref<?x?x?xf32>".into()),
@@ -533,7 +603,9 @@ impl RowKernel {
             RowOp::Concat { .. } => "x1",
             RowOp::MlaCombine => "out",
             RowOp::MlaKeys { .. } => "kv",
-            RowOp::MlaQueries { .. } => "q_nope",
+            RowOp::MlaQueries { .. } | RowOp::MlaAbsorb { .. } => "q_nope",
+            RowOp::MlaUpV { .. } => "q",
+            RowOp::MlaPages => "cache",
             RowOp::MlaHeadsOut { quantize: true, .. } => "q",
             RowOp::MlaHeadsOut { quantize: false, .. } => "y",
             RowOp::Argmax => "x",
@@ -547,7 +619,7 @@ impl RowKernel {
     /// Blocks per row of the rows argument: the grid is rows x this (attention: one per head).
     pub fn blocks_per_row(&self) -> usize {
         match self.op {
-            RowOp::MlaDecode { heads, .. } => heads,
+            RowOp::MlaDecode { heads, .. } | RowOp::MlaAbsorb { heads, .. } | RowOp::MlaUpV { heads, .. } => heads,
             RowOp::Train(op) => op.blocks_per_row(),
             _ => 1,
         }
@@ -576,7 +648,10 @@ impl RowKernel {
             | RowOp::Concat { .. }
             | RowOp::MlaKeys { .. }
             | RowOp::MlaQueries { .. }
+            | RowOp::MlaPages
             | RowOp::MlaCombine => Vec::new(),
+            RowOp::MlaAbsorb { nope, .. } => vec![("sh_qn", nope)],
+            RowOp::MlaUpV { v, .. } => vec![("sh_o", self.d), ("sh_out", v), ("sh_red", 4)],
             RowOp::MlaHeadsOut { quantize: true, .. } => {
                 vec![("sh_amax", self.groups() * AMAX_PARTS), ("sh_scale", self.groups())]
             }
@@ -653,6 +728,11 @@ impl RowKernel {
                 ));
             }
         }
+        if let RowOp::MlaUpV { v, .. } = self.op {
+            if v != GROUP {
+                return Err(format!("{name}: v heads of {v} (one head is one 128-wide quantization group)"));
+            }
+        }
         if let RowOp::MlaHeadsOut { heads, .. } = self.op {
             if heads == 0 || !self.d.is_multiple_of(heads) {
                 return Err(format!("{name}: rows of {} columns are not {heads} heads", self.d));
@@ -720,6 +800,22 @@ impl RowKernel {
             let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
             s.push_str(&quant_constants(1));
         }
+        let mla_heads = match self.op {
+            RowOp::MlaAbsorb { heads, nope, rope, v } => Some((heads, nope, rope, v)),
+            RowOp::MlaUpV { heads, nope, v } => Some((heads, nope, 0, v)),
+            _ => None,
+        };
+        if let Some((heads, nope, rope, v)) = mla_heads {
+            let _ = writeln!(s, "%cH = arith.constant {heads} : index");
+            let _ = writeln!(s, "%cNope = arith.constant {nope} : index");
+            let _ = writeln!(s, "%cRope = arith.constant {rope} : index");
+            let _ = writeln!(s, "%cV = arith.constant {v} : index");
+            let _ = writeln!(s, "%cPerHead = arith.constant {} : index", nope + v);
+            let _ = writeln!(s, "%c128 = arith.constant 128 : index");
+            if let RowOp::MlaUpV { .. } = self.op {
+                s.push_str(&quant_constants(1));
+            }
+        }
         if let RowOp::MlaHeadsOut { heads, quantize } = self.op {
             let _ = writeln!(s, "%cV = arith.constant {} : index", self.d / heads);
             if quantize {
@@ -753,6 +849,100 @@ impl RowKernel {
         } else {
             format!("%{out}_raw = memref.load {memref}[{index}] : {ty}\n%{out} = arith.extf %{out}_raw : {w} to f32\n")
         }
+    }
+
+    /// kv_b's element (row, col) into `{out}` as f32: e4m3 decoded and scaled by its 128x128 block's
+    /// scale as read, bf16 widened.
+    fn kv_b_weight(&self, row: &str, col: &str, out: &str) -> String {
+        if self.weight == "bf16" {
+            return format!(
+                "{out}_raw = memref.load %kv_b[{row}, {col}] : memref<?x?xbf16>
+{out} = arith.extf {out}_raw : bf16 to f32
+"
+            );
+        }
+        format!(
+            "{out}_byte = memref.load %kv_b[{row}, {col}] : memref<?x?xi8>
+{dec}{out}_br = arith.divui {row}, %c128 : index
+{out}_bc = arith.divui {col}, %c128 : index
+{out}_s = memref.load %kv_b_scale[{out}_br, {out}_bc] : memref<?x?xf32>
+{out} = arith.mulf {out}_f, {out}_s : f32
+",
+            dec = decode_e4m3(&format!("{out}_byte"), &format!("{out}_f")),
+        )
+    }
+
+    /// MLA attention's last phases, from the head's latent output in `sh_o` (block (b, h)): `out[e]
+    /// = sum_a o[a] W_UV[e, a]` (each a sequential sum), then the f32 graph's row as it is, or the
+    /// head's 1x128 group quantized (its scale via `sh_red[2]`: the phases need `%c2`).
+    fn up_v_phases(&self, lowering: Lowering) -> Vec<String> {
+        let sh = |name: &str| self.shared_type(name, lowering);
+        let (o, out, red) = (sh("sh_o"), sh("sh_out"), sh("sh_red"));
+        let bf16 = self.weight == "bf16";
+        let weight = |row: &str, col: &str, out: &str| self.kv_b_weight(row, col, out);
+        let mut phases = Vec::new();
+        phases.push(format!(
+            "scf.for %e = %tid to %cV step %cT {{
+  %vrow0 = arith.addi %head_row, %cNope : index
+  %vrow = arith.addi %vrow0, %e : index
+  %acc = scf.for %a = %c0 to %cD step %c1 iter_args(%s = %zero) -> (f32) {{
+    %ov = memref.load %sh_o[%a] : {o}
+{w}    %m = arith.mulf %ov, %wv : f32
+    %s2 = arith.addf %s, %m : f32
+    scf.yield %s2 : f32
+  }}
+  memref.store %acc, %sh_out[%e] : {out}
+}}
+",
+            w = weight("%vrow", "%a", "%wv")
+        ));
+        if bf16 {
+            // The f32 graph's: the head's outputs as they are.
+            phases.push(format!(
+                "%col0 = arith.muli %h, %cV : index
+scf.for %e = %tid to %cV step %cT {{
+  %v = memref.load %sh_out[%e] : {out}
+  %col = arith.addi %col0, %e : index
+  memref.store %v, %out[%b, %col] : memref<?x?xf32>
+}}
+"
+            ));
+            return phases;
+        }
+        // The head's group: its scale (one thread), then its bytes.
+        phases.push(format!(
+            "%is0 = arith.cmpi eq, %tid, %c0 : index
+scf.if %is0 {{
+  %m = scf.for %e = %c0 to %cV step %c1 iter_args(%mx = %zero) -> (f32) {{
+    %v = memref.load %sh_out[%e] : {out}
+    %vb = arith.bitcast %v : f32 to i32
+    %ab = arith.andi %vb, %abs_mask : i32
+    %av = arith.bitcast %ab : i32 to f32
+    %gt = arith.cmpf ogt, %av, %mx : f32
+    %mx2 = arith.select %gt, %av, %mx : f32
+    scf.yield %mx2 : f32
+  }}
+  %small = arith.cmpf olt, %m, %amax_floor : f32
+  %floored = arith.select %small, %amax_floor, %m : f32
+  %s = arith.divf %floored, %e4m3_max : f32
+  memref.store %s, %scale[%b, %h] : memref<?x?xf32>
+  memref.store %s, %sh_red[%c2] : {red}
+}}
+"
+        ));
+        phases.push(format!(
+            "%s = memref.load %sh_red[%c2] : {red}
+%col0 = arith.muli %h, %cV : index
+scf.for %e = %tid to %cV step %cT {{
+  %v = memref.load %sh_out[%e] : {out}
+  %qv = arith.divf %v, %s : f32
+{encode}  %col = arith.addi %col0, %e : index
+  memref.store %byte, %q[%b, %col] : memref<?x?xi8>
+}}
+",
+            encode = encode_e4m3(lowering, "%qv", "%byte"),
+        ));
+        phases
     }
 
     /// The per-thread bodies, in order; a barrier separates consecutive phases.
@@ -1216,28 +1406,9 @@ scf.for %i = %tid to %cB step %cT {{
                         format!("%cache[%b, %j, {col}] : memref<?x?x?xf32>")
                     }
                 };
-                // W(row, col) of kv_b, decoded and scaled as read (bf16: widened).
-                let bf16 = self.weight == "bf16";
-                let weight = |row: &str, col: &str, out: &str| {
-                    if bf16 {
-                        return format!(
-                            "{out}_raw = memref.load %kv_b[{row}, {col}] : memref<?x?xbf16>
-{out} = arith.extf {out}_raw : bf16 to f32
-"
-                        );
-                    }
-                    format!(
-                        "{out}_byte = memref.load %kv_b[{row}, {col}] : memref<?x?xi8>
-{dec}{out}_br = arith.divui {row}, %c128 : index
-{out}_bc = arith.divui {col}, %c128 : index
-{out}_s = memref.load %kv_b_scale[{out}_br, {out}_bc] : memref<?x?xf32>
-{out} = arith.mulf {out}_f, {out}_s : f32
-",
-                        dec = decode_e4m3(&format!("{out}_byte"), &format!("{out}_f")),
-                    )
-                };
-                let (qn, qpe, qa, pp, o, out, red) =
-                    (t("sh_qn"), t("sh_qpe"), t("sh_qa"), t("sh_p"), t("sh_o"), t("sh_out"), t("sh_red"));
+                let weight = |row: &str, col: &str, out: &str| self.kv_b_weight(row, col, out);
+                let (qn, qpe, qa, pp, o, red) =
+                    (t("sh_qn"), t("sh_qpe"), t("sh_qa"), t("sh_p"), t("sh_o"), t("sh_red"));
                 let mut phases = vec![format!(
                     "scf.for %i = %tid to %cNope step %cT {{
   %v = memref.load %q_nope[%b, %h, %i] : memref<?x?x?xf32>
@@ -1374,75 +1545,98 @@ scf.for %j = %j_first to %k1 step %cT {{
                         ),
                     ],
                 ));
-                // out[e] = sum_a o[a] W_UV[e, a].
-                phases.push(format!(
-                    "scf.for %e = %tid to %cV step %cT {{
-  %vrow0 = arith.addi %head_row, %cNope : index
-  %vrow = arith.addi %vrow0, %e : index
-  %acc = scf.for %a = %c0 to %cD step %c1 iter_args(%s = %zero) -> (f32) {{
-    %ov = memref.load %sh_o[%a] : {o}
-{w}    %m = arith.mulf %ov, %wv : f32
+                phases.extend(self.up_v_phases(lowering));
+                with_c2(phases)
+            }
+            RowOp::MlaUpV { .. } => {
+                let o = sh("sh_o");
+                let mut phases = vec![format!(
+                    "scf.for %a = %tid to %cD step %cT {{
+  %v = memref.load %o[%row, %a] : memref<?x?xf32>
+  memref.store %v, %sh_o[%a] : {o}
+}}
+"
+                )];
+                phases.extend(self.up_v_phases(lowering));
+                with_c2(phases)
+            }
+            RowOp::MlaAbsorb { .. } => {
+                let qn = sh("sh_qn");
+                vec![
+                    format!(
+                        "scf.for %i = %tid to %cNope step %cT {{
+  %v = memref.load %q_nope[%b, %h, %i] : memref<?x?x?xf32>
+  memref.store %v, %sh_qn[%i] : {qn}
+}}
+"
+                    ),
+                    // q_abs[a] = sum_d q_nope[d] W_UK[d, a], then the rope query, in bf16.
+                    format!(
+                        "{BF16_CONSTANTS}scf.for %a = %tid to %cD step %cT {{
+  %acc = scf.for %d = %c0 to %cNope step %c1 iter_args(%s = %zero) -> (f32) {{
+    %qv = memref.load %sh_qn[%d] : {qn}
+    %wrow = arith.addi %head_row, %d : index
+{w}    %m = arith.mulf %qv, %wv : f32
     %s2 = arith.addf %s, %m : f32
     scf.yield %s2 : f32
   }}
-  memref.store %acc, %sh_out[%e] : {out}
+{round_a}  memref.store %qb, %qa[%row, %a] : memref<?x?xbf16>
+}}
+scf.for %r = %tid to %cRope step %cT {{
+  %pe = memref.load %q_pe[%b, %h, %r] : memref<?x?x?xf32>
+{round_r}  %col = arith.addi %cD, %r : index
+  memref.store %pb, %qa[%row, %col] : memref<?x?xbf16>
 }}
 ",
-                    w = weight("%vrow", "%a", "%wv")
-                ));
-                if bf16 {
-                    // The f32 graph's: the head's outputs as they are.
-                    phases.push(format!(
-                        "%col0 = arith.muli %h, %cV : index
-scf.for %e = %tid to %cV step %cT {{
-  %v = memref.load %sh_out[%e] : {out}
-  %col = arith.addi %col0, %e : index
-  memref.store %v, %out[%b, %col] : memref<?x?xf32>
-}}
-"
-                    ));
-                    return phases;
-                }
-                // The head's group: its scale (one thread), then its bytes.
-                phases.push(format!(
-                    "%is0 = arith.cmpi eq, %tid, %c0 : index
-scf.if %is0 {{
-  %m = scf.for %e = %c0 to %cV step %c1 iter_args(%mx = %zero) -> (f32) {{
-    %v = memref.load %sh_out[%e] : {out}
-    %vb = arith.bitcast %v : f32 to i32
-    %ab = arith.andi %vb, %abs_mask : i32
-    %av = arith.bitcast %ab : i32 to f32
-    %gt = arith.cmpf ogt, %av, %mx : f32
-    %mx2 = arith.select %gt, %av, %mx : f32
-    scf.yield %mx2 : f32
-  }}
-  %small = arith.cmpf olt, %m, %amax_floor : f32
-  %floored = arith.select %small, %amax_floor, %m : f32
-  %s = arith.divf %floored, %e4m3_max : f32
-  memref.store %s, %scale[%b, %h] : memref<?x?xf32>
-  memref.store %s, %sh_red[%c2] : {red}
-}}
-"
-                ));
-                phases.push(format!(
-                    "%s = memref.load %sh_red[%c2] : {red}
-%col0 = arith.muli %h, %cV : index
-scf.for %e = %tid to %cV step %cT {{
-  %v = memref.load %sh_out[%e] : {out}
-  %qv = arith.divf %v, %s : f32
-{encode}  %col = arith.addi %col0, %e : index
-  memref.store %byte, %q[%b, %col] : memref<?x?xi8>
-}}
-",
-                    encode = encode_e4m3(lowering, "%qv", "%byte"),
-                ));
-                // %c2 for the scale slot.
-                phases
-                    .iter_mut()
-                    .filter(|p| !p.starts_with(LOOP_BEGIN) && *p != LOOP_END)
-                    .for_each(|p| *p = format!("%c2 = arith.constant 2 : index\n{p}"));
-                phases
+                        w = indent2(&self.kv_b_weight("%wrow", "%a", "%wv")),
+                        round_a = round_bf16("%acc", "%qb"),
+                        round_r = round_bf16("%pe", "%pb"),
+                    ),
+                ]
             }
+            RowOp::MlaPages => vec![format!(
+                "{BF16_CONSTANTS}%B = memref.dim %positions, %c0 : memref<?xi64>
+%n_rows = memref.dim %cache, %c0 : memref<?x?xf32>
+%S = arith.divui %n_rows, %B : index
+%b = arith.divui %row, %S : index
+%s = arith.remui %row, %S : index
+%c64 = arith.constant 64 : index
+%n_pages = arith.ceildivui %S, %c64 : index
+%Sp = arith.muli %n_pages, %c64 : index
+%p64 = memref.load %positions[%b] : memref<?xi64>
+%p = arith.index_cast %p64 : i64 to index
+%zero_i64 = arith.constant 0 : i64
+%p_ok = arith.cmpi sge, %p64, %zero_i64 : i64
+%s_ok = arith.cmpi ule, %s, %p : index
+%copy = arith.andi %p_ok, %s_ok : i1
+%dst0 = arith.muli %b, %Sp : index
+%dst = arith.addi %dst0, %s : index
+scf.if %copy {{
+  scf.for %i = %tid to %cD step %cT {{
+    %x = memref.load %cache[%row, %i] : memref<?x?xf32>
+{round}    memref.store %xb, %pages[%dst, %i] : memref<?x?xbf16>
+  }}
+}}
+%first = arith.cmpi eq, %s, %c0 : index
+scf.if %first {{
+  %page0 = arith.muli %b, %n_pages : index
+  scf.for %i = %tid to %n_pages step %cT {{
+    %pg = arith.addi %page0, %i : index
+    %pg32 = arith.index_cast %pg : index to i32
+    memref.store %pg32, %table[%b, %i] : memref<?x?xi32>
+  }}
+  %t0 = arith.cmpi eq, %tid, %c0 : index
+  scf.if %t0 {{
+    %one_i64 = arith.constant 1 : i64
+    %len0 = arith.addi %p64, %one_i64 : i64
+    %len1 = arith.select %p_ok, %len0, %zero_i64 : i64
+    %len = arith.trunci %len1 : i64 to i32
+    memref.store %len, %seqlens[%b] : memref<?xi32>
+  }}
+}}
+",
+                round = indent2(&round_bf16("%x", "%xb")),
+            )],
             RowOp::Argmax => {
                 let (key, idx) = (sh("sh_key"), sh("sh_idx"));
                 // (k, i) beats (bk, bi): a larger total-order key, or the same key at a lower index.
@@ -1761,6 +1955,14 @@ scf.for %i = %tid to %cD step %cT {{
         if let RowOp::Train(op) = self.op {
             return op.prologue();
         }
+        if let RowOp::MlaAbsorb { .. } | RowOp::MlaUpV { .. } = self.op {
+            // Block (token b, head h).
+            return "%b = arith.divui %row, %cH : index
+%h = arith.remui %row, %cH : index
+%head_row = arith.muli %h, %cPerHead : index
+"
+            .to_string();
+        }
         if let RowOp::MlaDecode { prefill: true, .. } = self.op {
             // Block (query b, head h); keys 0..=S - T + b (the queries are the latent's last rows).
             return "%b = arith.divui %row, %cH : index
@@ -1899,6 +2101,7 @@ scf.for %i = %tid to %cD step %cT {{
                 | RowOp::SiluMul { quantize: true }
                 | RowOp::MlaDecode { .. }
                 | RowOp::MlaHeadsOut { quantize: true, .. }
+                | RowOp::MlaUpV { .. }
         ) || matches!(self.op, RowOp::Train(op) if op.encodes_fp8())
         {
             s.push_str(&crate::conversion::v3_to_cpu::fp8_helpers("rows"));
@@ -2058,6 +2261,20 @@ fn decode_e4m3(byte: &str, out: &str) -> String {
 }
 
 /// The constants of [`RowKernel::quant_phases`] for rows of `groups` 128-column groups.
+/// Phases (loop markers excepted) with `%c2` defined first.
+fn with_c2(phases: Vec<String>) -> Vec<String> {
+    phases
+        .into_iter()
+        .map(|p| {
+            if p.starts_with(LOOP_BEGIN) || p == LOOP_END {
+                p
+            } else {
+                format!("%c2 = arith.constant 2 : index\n{p}")
+            }
+        })
+        .collect()
+}
+
 /// The constants [`round_bf16`] uses.
 const BF16_CONSTANTS: &str = "%c16_i32 = arith.constant 16 : i32
 %c1_i32 = arith.constant 1 : i32
@@ -2794,6 +3011,97 @@ mod tests {
             assert_eq!(RowKernel::from_name(&out.kernel_name()), Some(out));
         }
         for k in [keys, queries] {
+            assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k));
+        }
+    }
+
+    /// MLA decode's rows around the tensor-core kernel: the absorbed queries (`q_nope W_UK` summed
+    /// in order, then bf16, the rope query after), the latent output through `W_UV` quantized per
+    /// head (the reference's 1x128 quantization), and the caches as bf16 pages with the block table
+    /// and lengths (rows past a position left alone).
+    #[test]
+    fn mla_decode_layout_rows_are_their_definitions() {
+        use v3c_models::dtype::f32_to_f8e4m3;
+        let (heads, nope, rope, v, kv, b) = (3, 16, 8, 128, 64, 2);
+        let per = nope + v;
+        let mut kv_b: Vec<u8> = values(heads * per * kv, 80, 300.0).iter().map(|&x| f32_to_f8e4m3(x)).collect();
+        let (sr, sc) = ((heads * per).div_ceil(128), kv.div_ceil(128));
+        let mut kv_scale: Vec<f32> = (0..sr * sc).map(|i| 0.002 + 0.001 * i as f32).collect();
+        let w = |row: usize, col: usize| f8e4m3_to_f32(kv_b[row * kv + col]) * kv_scale[(row / 128) * sc + col / 128];
+        let (mut qn, mut qp) = (values(b * heads * nope, 81, 2.0), values(b * heads * rope, 82, 2.0));
+        let mut qa = vec![0u16; b * heads * (kv + rope)];
+        let absorb = RowKernel::new(RowOp::MlaAbsorb { heads, nope, rope, v }, kv, "f8E4M3FN");
+        run_cpu(
+            &absorb,
+            &[
+                raw(&mut qn, &[b, heads, nope], "f32"),
+                raw(&mut qp, &[b, heads, rope], "f32"),
+                raw(&mut kv_b.clone(), &[heads * per, kv], "i8"),
+                raw(&mut kv_scale.clone(), &[sr, sc], "f32"),
+                raw(&mut qa, &[b * heads, kv + rope], "bf16"),
+            ],
+        );
+        for r in 0..b * heads {
+            let h = r % heads;
+            for a in 0..kv {
+                let want = (0..nope).fold(0f32, |acc, d| acc + qn[r * nope + d] * w(h * per + d, a));
+                assert_eq!(qa[r * (kv + rope) + a], f32_to_bf16(want), "q_abs[{r}, {a}]");
+            }
+            for c in 0..rope {
+                assert_eq!(qa[r * (kv + rope) + kv + c], f32_to_bf16(qp[r * rope + c]), "q_pe[{r}, {c}]");
+            }
+        }
+        let mut o = values(b * heads * kv, 83, 3.0);
+        let mut want = vec![0f32; b * heads * v];
+        for r in 0..b * heads {
+            for e in 0..v {
+                want[r * v + e] = (0..kv).fold(0f32, |acc, a| acc + o[r * kv + a] * w(r % heads * per + nope + e, a));
+            }
+        }
+        let (want_q, want_s) = kernels::quantize_fp8(&want, heads * v, GROUP);
+        let (mut q, mut qs) = (vec![0u8; b * heads * v], vec![f32::NAN; b * heads]);
+        let up = RowKernel::new(RowOp::MlaUpV { heads, nope, v }, kv, "f8E4M3FN");
+        run_cpu(
+            &up,
+            &[
+                raw(&mut o, &[b * heads, kv], "f32"),
+                raw(&mut kv_b, &[heads * per, kv], "i8"),
+                raw(&mut kv_scale, &[sr, sc], "f32"),
+                raw(&mut q, &[b, heads * v], "i8"),
+                raw(&mut qs, &[b, heads], "f32"),
+            ],
+        );
+        assert_eq!((qs, q), (want_s, want_q));
+        // Pages: 70-row caches (two pages each, 128 rows), positions 69 and 3.
+        let (slots, width) = (70, 24);
+        let mut cache = values(b * slots * width, 84, 5.0);
+        let mut positions = vec![69i64, 3];
+        let mut pages = vec![0xAAAAu16; b * 128 * width];
+        let (mut table, mut seqlens) = (vec![-1i32; b * 2], vec![-1i32; b]);
+        let paged = RowKernel::new(RowOp::MlaPages, width, "f32");
+        run_cpu(
+            &paged,
+            &[
+                raw(&mut cache, &[b * slots, width], "f32"),
+                raw(&mut positions, &[b], "i64"),
+                raw(&mut pages, &[b * 128, width], "bf16"),
+                raw(&mut table, &[b, 2], "i32"),
+                raw(&mut seqlens, &[b], "i32"),
+            ],
+        );
+        assert_eq!((table, seqlens), (vec![0, 1, 2, 3], vec![70, 4]));
+        for seq in 0..b {
+            for s in 0..128 {
+                let row = &pages[(seq * 128 + s) * width..][..width];
+                if s <= positions[seq] as usize {
+                    let src = &cache[(seq * slots + s) * width..][..width];
+                    assert!(row.iter().zip(src).all(|(&p, &x)| p == f32_to_bf16(x)), "page row {seq}, {s}");
+                } else {
+                    assert!(row.iter().all(|&p| p == 0xAAAA), "row {seq}, {s} past the position is left alone");
+                }
+            }
+        }
+        for k in [absorb, up, paged] {
             assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k));
         }
     }
