@@ -181,11 +181,7 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
     };
 
     // The CPU backend on the same checkpoint, fp8.
-    let config = v3c_models::config::ModelConfig::from_json_str(
-        &std::fs::read_to_string(ckpt.join("config.json")).unwrap(),
-        "small",
-    )
-    .unwrap();
+    let config = checkpoint_config(&ckpt);
     let cpu_context = v3c_compiler::mlir::new_context();
     let program = v3c_compiler::cpu_backend::CpuProgram::new(
         &cpu_context,
@@ -426,6 +422,23 @@ fn tensor_core_prefill_attention_of_the_f32_graph_follows_the_cpu_backend() {
     assert!(err.contains(launches) && err.contains(rest), "{err}");
 }
 
+/// `ckpt` compiled for sm_90a with the defaults (8 rows, 16 cached) into `dir/artifact`, and the
+/// compile's report.
+fn compile_default(ckpt: &std::path::Path, dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let out = dir.join("artifact");
+    let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--max-rows", "8"];
+    let compiled = run_binary("v3c", &[&args[..], &["--max-context", "16", "--out", out.to_str().unwrap()]].concat());
+    let err = String::from_utf8_lossy(&compiled.stderr).to_string();
+    assert!(compiled.status.success(), "{err}");
+    (out, err)
+}
+
+/// The config of checkpoint `ckpt`.
+fn checkpoint_config(ckpt: &std::path::Path) -> v3c_models::config::ModelConfig {
+    v3c_models::config::ModelConfig::from_json_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap(), "small")
+        .unwrap()
+}
+
 /// Compiles the small model (fp8 or bf16 weights) for sm_90a with the default prefill attention,
 /// emulates two prefill chunks, and holds their outputs within `tolerance` (of the largest value)
 /// of the CPU backend's, greedy tokens equal. Returns the compile's report.
@@ -434,21 +447,13 @@ fn check_tensor_core_prefill(fp8: bool, tolerance: f32) -> String {
     use v3c_runtime::host::{HostBuffer, HostData};
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint_of(dir.path(), fp8);
-    let out = dir.path().join("artifact");
-    let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--max-rows", "8"];
-    let compiled = run_binary("v3c", &[&args[..], &["--max-context", "16", "--out", out.to_str().unwrap()]].concat());
-    let err = String::from_utf8_lossy(&compiled.stderr).to_string();
-    assert!(compiled.status.success(), "{err}");
+    let (out, err) = compile_default(&ckpt, dir.path());
     let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
     let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
     let context = v3c_compiler::mlir::new_context();
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
     let mut emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
-    let config = v3c_models::config::ModelConfig::from_json_str(
-        &std::fs::read_to_string(ckpt.join("config.json")).unwrap(),
-        "small",
-    )
-    .unwrap();
+    let config = checkpoint_config(&ckpt);
     let cpu_context = v3c_compiler::mlir::new_context();
     let program = v3c_compiler::cpu_backend::CpuProgram::new(
         &cpu_context,
@@ -518,11 +523,7 @@ fn tensor_core_decode_attention_emulated_follows_the_cpu_backend() {
     use v3c_runtime::host::{HostBuffer, HostData};
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint(dir.path());
-    let out = dir.path().join("artifact");
-    let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--max-rows", "8"];
-    let compiled = run_binary("v3c", &[&args[..], &["--max-context", "16", "--out", out.to_str().unwrap()]].concat());
-    let err = String::from_utf8_lossy(&compiled.stderr).to_string();
-    assert!(compiled.status.success(), "{err}");
+    let (out, err) = compile_default(&ckpt, dir.path());
     assert!(
         err.contains(
             "compile: attention_decode_quantize_0 -> 5 launches: rows_mlaabsorb_h2_n128_r64_v128_kv128_t32 -> \
@@ -536,11 +537,7 @@ fn tensor_core_decode_attention_emulated_follows_the_cpu_backend() {
     let context = v3c_compiler::mlir::new_context();
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
     let mut emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
-    let config = v3c_models::config::ModelConfig::from_json_str(
-        &std::fs::read_to_string(ckpt.join("config.json")).unwrap(),
-        "small",
-    )
-    .unwrap();
+    let config = checkpoint_config(&ckpt);
     let cpu_context = v3c_compiler::mlir::new_context();
     let program = v3c_compiler::cpu_backend::CpuProgram::new(
         &cpu_context,

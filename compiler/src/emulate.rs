@@ -44,21 +44,12 @@ impl Memory for HostMemory {
 /// Every address in the launch must be live host memory of the sizes it names.
 pub unsafe fn emulate_prefill(l: &KernelLaunch) -> Result<(), String> {
     // Parameters: q, k, v tensor maps, out's memref (7 scalars), T, S, the scale's bits.
-    let v: Vec<u64> = l.params[3..]
-        .iter()
-        .map(|p| match p {
-            Param::Value(v) => Ok(*v),
-            Param::TensorMap(_) => Err(format!("{}: a tensor map past the first three parameters", l.kernel)),
-        })
-        .collect::<Result<_, _>>()?;
+    let v = values_after_maps(l, 3)?;
     let [_, out, _, rows, cols, _, _, t, s, scale] = v[..] else {
         return Err(format!("{}: {} parameters after the tensor maps", l.kernel, v.len()));
     };
     let (t, s) = (t as usize, s as usize);
-    let map = |i: usize| -> Result<RawBuffer, String> {
-        let m: &TensorMapSpec = l.tensor_maps.get(i).ok_or_else(|| format!("{}: tensor map {i} missing", l.kernel))?;
-        Ok(RawBuffer { ptr: m.addr as *mut (), shape: vec![m.rows, m.cols], element: m.element.clone() })
-    };
+    let map = |i: usize| mapped(l, i);
     let (q, k) = (map(0)?, map(1)?);
     if t == 0 || q.shape[0] % t != 0 || k.shape[0] != s * (q.shape[0] / t) {
         return Err(format!("{}: q rows {} and k rows {} for T {t}, S {s}", l.kernel, q.shape[0], k.shape[0]));
@@ -74,13 +65,7 @@ pub unsafe fn emulate_prefill(l: &KernelLaunch) -> Result<(), String> {
 /// # Safety
 /// Every address in the launch must be live host memory of the sizes it names.
 pub unsafe fn emulate_decode(l: &KernelLaunch) -> Result<(), String> {
-    let v: Vec<u64> = l.params[2..]
-        .iter()
-        .map(|p| match p {
-            Param::Value(v) => Ok(*v),
-            Param::TensorMap(_) => Err(format!("{}: a tensor map past the first two parameters", l.kernel)),
-        })
-        .collect::<Result<_, _>>()?;
+    let v = values_after_maps(l, 2)?;
     if v.len() != 7 + 5 + 9 + 7 + 3 {
         return Err(format!("{}: {} parameters after the tensor maps", l.kernel, v.len()));
     }
@@ -92,11 +77,28 @@ pub unsafe fn emulate_decode(l: &KernelLaunch) -> Result<(), String> {
     };
     let (table, seqlens, o_part, lse) = (memref(2, "i32"), memref(1, "i32"), memref(3, "f32"), memref(2, "f32"));
     let (heads, scale) = (v[at + 1] as usize, f32::from_bits(v[at + 2] as u32));
-    let map = |i: usize| -> Result<RawBuffer, String> {
-        let m: &TensorMapSpec = l.tensor_maps.get(i).ok_or_else(|| format!("{}: tensor map {i} missing", l.kernel))?;
-        Ok(RawBuffer { ptr: m.addr as *mut (), shape: vec![m.rows, m.cols], element: m.element.clone() })
-    };
-    crate::conversion::sm90::host::mla_decode(heads, scale, &[map(0)?, map(1)?, table, seqlens, o_part, lse])
+    crate::conversion::sm90::host::mla_decode(
+        heads,
+        scale,
+        &[mapped(l, 0)?, mapped(l, 1)?, table, seqlens, o_part, lse],
+    )
+}
+
+/// A launch's parameters after its `maps` tensor maps, as values.
+fn values_after_maps(l: &KernelLaunch, maps: usize) -> Result<Vec<u64>, String> {
+    l.params[maps.min(l.params.len())..]
+        .iter()
+        .map(|p| match p {
+            Param::Value(v) => Ok(*v),
+            Param::TensorMap(_) => Err(format!("{}: a tensor map past the first {maps} parameters", l.kernel)),
+        })
+        .collect()
+}
+
+/// The matrix a launch's tensor map `i` maps, as a buffer.
+fn mapped(l: &KernelLaunch, i: usize) -> Result<RawBuffer, String> {
+    let m: &TensorMapSpec = l.tensor_maps.get(i).ok_or_else(|| format!("{}: tensor map {i} missing", l.kernel))?;
+    Ok(RawBuffer { ptr: m.addr as *mut (), shape: vec![m.rows, m.cols], element: m.element.clone() })
 }
 
 /// What a GEMM template launch computes, read from its parameters as the kernel reads them (tensor
@@ -109,13 +111,7 @@ pub unsafe fn emulate_decode(l: &KernelLaunch) -> Result<(), String> {
 /// Every address in the launch must be live host memory of the sizes it names.
 pub unsafe fn emulate_gemm(abi: &GemmAbi, l: &KernelLaunch) -> Result<(), String> {
     use v3c_models::dtype::{bf16_to_f32, f8e4m3_to_f32};
-    let v: Vec<u64> = l.params[2..]
-        .iter()
-        .map(|p| match p {
-            Param::Value(v) => Ok(*v),
-            Param::TensorMap(_) => Err(format!("{}: a tensor map past the first two parameters", l.kernel)),
-        })
-        .collect::<Result<_, _>>()?;
+    let v = values_after_maps(l, 2)?;
     let mut at = 0;
     let mut memref = |rank: usize| {
         let (ptr, sizes) = (v[at + 1], v[at + 3..at + 3 + rank].iter().map(|&d| d as usize).collect::<Vec<usize>>());
