@@ -233,7 +233,7 @@ unsafe fn dense_gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), St
 /// # Safety
 /// The buffers address their shapes' elements.
 pub unsafe fn mla_prefill(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Result<(), String> {
-    use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+    use v3c_models::dtype::bf16_to_f32;
     let [q, k, v, out] = bufs else { return Err(format!("prefill attention of {} operands", bufs.len())) };
     let bf16 = |b: &RawBuffer| -> Vec<f32> {
         let n = b.shape.iter().product();
@@ -255,26 +255,12 @@ pub unsafe fn mla_prefill(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Resul
         for t in 0..t_len {
             let query = &qv[(h * t_len + t) * qk..][..qk];
             let seen = s_len - t_len + t + 1;
-            let mut max = f32::NEG_INFINITY;
             for (j, pj) in p.iter_mut().enumerate().take(seen) {
                 let key = &kv[(h * s_len + j) * qk..][..qk];
                 *pj = query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
-                max = max.max(*pj);
-            }
-            let mut sum = 0f32;
-            for pj in p.iter_mut().take(seen) {
-                *pj = (*pj - max).exp();
-                sum += *pj;
             }
             let row = &mut o[(h * t_len + t) * dv..][..dv];
-            row.fill(0.0);
-            for (j, &pj) in p.iter().enumerate().take(seen) {
-                let pb = bf16_to_f32(f32_to_bf16(pj));
-                for (c, x) in row.iter_mut().enumerate() {
-                    *x += pb * vv[(h * s_len + j) * dv + c];
-                }
-            }
-            row.iter_mut().for_each(|x| *x /= sum);
+            softmax_pv(&mut p[..seen], |j| &vv[(h * s_len + j) * dv..][..dv], row);
         }
     }
     Ok(())
@@ -291,7 +277,7 @@ pub unsafe fn mla_prefill(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Resul
 /// # Safety
 /// The buffers address their shapes' elements.
 pub unsafe fn mla_decode(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Result<(), String> {
-    use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+    use v3c_models::dtype::bf16_to_f32;
     let [q, cache, table, seqlens, o_part, lse] = bufs else {
         return Err(format!("decode attention of {} operands", bufs.len()));
     };
@@ -331,26 +317,37 @@ pub unsafe fn mla_decode(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Result
                     let at = page.max(0) as usize * 64 + j % 64;
                     (at < cache.shape[0]).then_some(at).ok_or_else(|| format!("page {page} past the cache"))
                 };
-                let mut s = Vec::with_capacity(k1 - k0);
-                for j in k0..k1 {
-                    let key = &cv[key_row(j)? * width..][..width];
-                    s.push(query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale);
-                }
-                let m = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut l = 0f32;
-                for (j, &sj) in (k0..k1).zip(&s) {
-                    let p = (sj - m).exp();
-                    l += p;
-                    let pb = bf16_to_f32(f32_to_bf16(p));
-                    let key = &cv[key_row(j)? * width..][..kv];
-                    out.iter_mut().zip(key).for_each(|(x, &k)| *x += pb * k);
-                }
-                out.iter_mut().for_each(|x| *x /= l);
+                let key_rows: Vec<usize> = (k0..k1).map(key_row).collect::<Result<_, _>>()?;
+                let mut s: Vec<f32> = key_rows
+                    .iter()
+                    .map(|&r| query.iter().zip(&cv[r * width..][..width]).map(|(a, b)| a * b).sum::<f32>() * scale)
+                    .collect();
+                let (m, l) = softmax_pv(&mut s, |i| &cv[key_rows[i] * width..][..kv], out);
                 l_out[z * all + row] = m + l.ln();
             }
         }
     }
     Ok(())
+}
+
+/// The attention kernels' softmax and `P V` for one query row: `scores` become `exp(s - max)`, and
+/// `out` the rows `value(j)` weighted by them rounded to bf16 (as the kernels feed the tensor cores),
+/// over their unrounded sum, each summed in key order. Returns the max and the sum.
+fn softmax_pv<'v>(scores: &mut [f32], value: impl Fn(usize) -> &'v [f32], out: &mut [f32]) -> (f32, f32) {
+    use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sum = 0f32;
+    for p in scores.iter_mut() {
+        *p = (*p - max).exp();
+        sum += *p;
+    }
+    out.fill(0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        let pb = bf16_to_f32(f32_to_bf16(p));
+        out.iter_mut().zip(value(j)).for_each(|(x, &v)| *x += pb * v);
+    }
+    out.iter_mut().for_each(|x| *x /= sum);
+    (max, sum)
 }
 
 /// The RoPE table the runtime builds for positions `0..positions` (its own function).
