@@ -232,21 +232,18 @@ impl GpuArtifact {
         // Every launch checked against its kernel, and the memory it all needs against the device's,
         // before anything is allocated.
         let check = expander.check(&[]).map_err(|e| format!("{dir}: {e}"))?;
-        let need = check.weight_bytes
-            + check.prepared_bytes
-            + check.arena_bytes
-            + check.input_bytes
-            + expander.temp_bytes()?;
+        let need = check.weight_bytes + check.prepared_bytes + check.arena_bytes + check.input_bytes + check.temp_bytes;
         if need > info.total_memory_bytes {
             let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
             return Err(format!(
-                "{dir}: needs {:.1} GiB of device memory (weights {:.1}, re-laid out {:.1}, arena {:.1}, inputs {:.1}); \
-                 cuda:{ordinal} {} has {:.1} GiB",
+                "{dir}: needs {:.1} GiB of device memory (weights {:.1}, re-laid out {:.1}, arena {:.1}, inputs {:.1}, \
+                 temporaries {:.1}); cuda:{ordinal} {} has {:.1} GiB",
                 gib(need),
                 gib(check.weight_bytes),
                 gib(check.prepared_bytes),
                 gib(check.arena_bytes),
                 gib(check.input_bytes),
+                gib(check.temp_bytes),
                 info.name,
                 gib(info.total_memory_bytes)
             ));

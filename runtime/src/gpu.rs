@@ -548,6 +548,8 @@ pub struct ExpansionCheck {
     pub prepared_bytes: usize,
     pub arena_bytes: usize,
     pub input_bytes: usize,
+    /// The fused kernels' temporaries (the most any lays out; sized for the most attention splits).
+    pub temp_bytes: usize,
 }
 
 impl Expander<'_> {
@@ -586,6 +588,7 @@ impl Expander<'_> {
             }
         }
         report.input_bytes = inputs.values().sum::<u64>() as usize;
+        report.temp_bytes = self.temp_bytes()?;
         for p in self.prepared_weights()? {
             report.prepared_bytes += p.rows * p.k * element_bytes(&p.element)?;
             if p.scaled {

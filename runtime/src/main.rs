@@ -408,7 +408,8 @@ fn info(args: &InfoArgs) -> Result<(), String> {
                     serde_json::json!({
                         "checked": true, "launches": c.launches, "kernels": c.kernels,
                         "device_bytes": { "weights": c.weight_bytes, "relaid": c.prepared_bytes,
-                                          "arena": c.arena_bytes, "inputs": c.input_bytes },
+                                          "arena": c.arena_bytes, "inputs": c.input_bytes,
+                                          "temporaries": c.temp_bytes },
                     }),
                 );
                 let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
@@ -417,11 +418,13 @@ fn info(args: &InfoArgs) -> Result<(), String> {
                     c.launches, c.kernels
                 ));
                 line(format!(
-                    "device memory: {:.2} GiB weights + {:.2} GiB re-laid out, arena {:.1} MiB, inputs {:.1} MiB",
+                    "device memory: {:.2} GiB weights + {:.2} GiB re-laid out, arena {:.1} MiB, inputs {:.1} MiB, \
+                     temporaries {:.1} MiB",
                     gib(c.weight_bytes),
                     gib(c.prepared_bytes),
                     c.arena_bytes as f64 / (1u64 << 20) as f64,
-                    c.input_bytes as f64 / (1u64 << 20) as f64
+                    c.input_bytes as f64 / (1u64 << 20) as f64,
+                    c.temp_bytes as f64 / (1u64 << 20) as f64
                 ));
             }
         }
