@@ -36,6 +36,7 @@ fn usage_errors_are_one_line_with_exit_code_2() {
         ("v3c", &["--bogus"], "v3c: error: unexpected argument '--bogus' found"),
         ("v3c", &["compile", "--target", "sm_80"], "unknown target 'sm_80' (known: sm_90a, cpu)"),
         ("v3c", &["dump-ir", "--stage", "llvm"], "invalid value 'llvm' for '--stage <STAGE>'"),
+        ("v3c", &["compile", "--decode-attention", "fast"], "invalid value 'fast' for '--decode-attention <WHERE>'"),
         ("v3c", &["logits", "--tokens", "1 2"], "the following required arguments were not provided"),
         (
             "v3c",
@@ -52,6 +53,22 @@ fn usage_errors_are_one_line_with_exit_code_2() {
         assert_eq!(err.trim_end().lines().count(), 1, "{tool} {args:?} printed more than one line:\n{err}");
         assert!(err.contains(expected), "{tool} {args:?}: expected '{expected}' in: {err}");
         assert!(out.stdout.is_empty(), "{tool} {args:?} wrote to stdout");
+    }
+}
+
+/// Where attention runs is a GPU target's choice: on the CPU target the flags are refused in one
+/// line, before anything is compiled.
+#[test]
+fn attention_flags_are_for_gpu_targets() {
+    for flag in ["--prefill-attention", "--decode-attention"] {
+        let out = run_binary("v3c", &["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", flag, "rows"]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(
+            err.trim_end(),
+            "v3c: error: --prefill-attention / --decode-attention: the CPU backend's attention is one kernel (GPU \
+             targets only)"
+        );
     }
 }
 

@@ -210,14 +210,15 @@ struct CompileArgs {
     /// e4m3 GEMM, as DeepSeek-V3's own naive-form inference; f32 graph: bf16 hi + lo GEMMs) — or
     /// `rows`: the CUDA-core row kernel in the absorbed form, f32 as the reference computes it (to
     /// compare logits tightly). Heads whose widths the kernel does not take stay on the row.
-    #[arg(long, value_enum, value_name = "WHERE", default_value_t = AttentionKernel::TensorCores)]
-    prefill_attention: AttentionKernel,
+    /// Default: tensor-cores (GPU targets only).
+    #[arg(long, value_enum, value_name = "WHERE")]
+    prefill_attention: Option<AttentionKernel>,
     /// Where the fp8 graph's decode attention runs on sm_90a: `tensor-cores` — split-K attention
     /// (wgmma, a TMA page ring) in the absorbed form over the caches converted to bf16 64-row
     /// pages each step, the absorbed queries and P in bf16 — or `rows`: the CUDA-core row kernel,
-    /// f32 as the reference computes it.
-    #[arg(long, value_enum, value_name = "WHERE", default_value_t = AttentionKernel::TensorCores)]
-    decode_attention: AttentionKernel,
+    /// f32 as the reference computes it. Default: tensor-cores (GPU targets only).
+    #[arg(long, value_enum, value_name = "WHERE")]
+    decode_attention: Option<AttentionKernel>,
     /// Compile the training step (forward, losses, every gradient) instead of the inference
     /// entries, planned for windows of up to --max-rows tokens: an artifact `v3r train` runs (cpu
     /// target; with --target sm_90a, `v3r train` runs it on the GPU). `--precision fp8`:
@@ -445,12 +446,16 @@ fn main() -> ExitCode {
                 speculative: a.speculative,
                 train: a.train.then(|| train_config(&a)),
                 attention: v3c_compiler::conversion::sm90::AttentionKernels {
-                    prefill: a.prefill_attention.kernel(),
-                    decode: a.decode_attention.kernel(),
+                    prefill: a.prefill_attention.map(AttentionKernel::kernel).unwrap_or_default(),
+                    decode: a.decode_attention.map(AttentionKernel::kernel).unwrap_or_default(),
                 },
             }),
             CompileTarget::Cpu if a.tuning.is_some() => {
                 Err("--tuning: CPU kernels have no tuned configurations (GPU targets only)".into())
+            }
+            CompileTarget::Cpu if a.prefill_attention.is_some() || a.decode_attention.is_some() => {
+                Err("--prefill-attention / --decode-attention: the CPU backend's attention is one kernel (GPU targets only)"
+                    .into())
             }
             CompileTarget::Cpu => commands::compile_cpu(&commands::CompileCpuOptions {
                 model: &a.model.model,
