@@ -1101,7 +1101,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
             "5 launches: rows_mlaabsorb_h128_n128_r64_v128_kv512_t64 -> rows_mlapages_d576_t128 -> \
              mla_decode_kv512_r64_p64_s2 (128 heads, split K, tensor cores) -> rows_mlacombine_d512_t64",
         ),
-        ("attention_quantize_0", "6 launches: rows_quantize_d512_t64 -> GEMM N 32768 K 512 (decode gemm_fp8_f32_"),
+        ("attention_quantize_0", "6 launches: rows_quantize_d512_t64 -> GEMM N 32768 K 512 (decode gemm_fp8_bf16_"),
         ("norm_quantize_0", "rows_rmsnorm_bf16_d7168_t256_eps1em6_q [row kernel"),
         ("mla_latent_1", "rows_latent_bf16_d512_r64_t64_eps1em6_il_write [row kernel"),
         ("lm_head_0", "3 launches: rows_splitbf16_d7168_t256 -> GEMM N 129280 K 7168"),
@@ -1124,9 +1124,9 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         "{stdout}"
     );
     assert!(stdout.contains("device memory: 17.60 GiB weights + 623.68 GiB re-laid out"), "{stdout}");
-    // Tensor-core attention's temporaries: prefill's up-projected keys and values (f32) and bf16
+    // Tensor-core attention's temporaries: prefill's up-projected keys and values and their bf16
     // heads over 4096 + 64 rows, decode's pages and splits.
-    assert!(stdout.contains(", temporaries 854.1 MiB"), "{stdout}");
+    assert!(stdout.contains(", temporaries 594.1 MiB"), "{stdout}");
     let json = run_binary("v3r", &["info", out_dir.to_str().unwrap(), "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(report["launch_check"]["launches"], 2433, "{report}");

@@ -407,7 +407,7 @@ fn tensor_core_prefill_attention_emulated_follows_the_cpu_backend() {
     let err = check_tensor_core_prefill(true, 3e-2);
     let launches = "compile: attention_quantize_0 -> 6 launches: rows_quantize_d128_t32 -> GEMM N 512 K 128 (decode ";
     let rest =
-        "rows_mlakeys_h2_n128_r64_v128_kv128_t32 -> rows_mlaqueries_h2_n128_r64_t64 -> mla_prefill_qk192_v128_s2 \
+        "rows_mlakeys_h2_n128_r64_v128_kv128_t32_bf16 -> rows_mlaqueries_h2_n128_r64_t64 -> mla_prefill_qk192_v128_s2 \
                 (2 heads, tensor cores) -> rows_mlaheadsout_h2_d256_t32_q";
     assert!(err.contains(launches) && err.contains(rest), "{err}");
 }

@@ -169,15 +169,29 @@ pub unsafe fn emulate_gemm(abi: &GemmAbi, l: &KernelLaunch) -> Result<(), String
         acc
     };
     let (optr, n_out) = (out.0, out.1[1]);
+    // The output (and the residual, of the output's type): f32, or bf16 rounded to nearest even.
+    let bf16_out = abi.output == "bf16";
+    let out_at = |ptr: u64, i: usize| unsafe {
+        if bf16_out {
+            bf16_to_f32(*(ptr as *const u16).add(i))
+        } else {
+            *(ptr as *const f32).add(i)
+        }
+    };
     let write = |row: usize, col: usize, value: f32, add: bool| unsafe {
-        let p = (optr as *mut f32).add(row * n_out + col);
-        *p = if add { *p + value } else { value };
+        let i = row * n_out + col;
+        let v = if add { out_at(optr, i) + value } else { value };
+        if bf16_out {
+            *(optr as *mut u16).add(i) = v3c_models::dtype::f32_to_bf16(v);
+        } else {
+            *(optr as *mut f32).add(i) = v;
+        }
     };
     match offsets {
         None => {
             for m in 0..out.1[0] {
                 for n in 0..n_out {
-                    let r = residual.as_ref().map_or(0.0, |(p, _)| f32_at(*p, m * n_out + n));
+                    let r = residual.as_ref().map_or(0.0, |(p, _)| out_at(*p, m * n_out + n));
                     write(m, n, dot(m, n) + r, false);
                 }
             }

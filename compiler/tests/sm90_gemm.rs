@@ -439,7 +439,7 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
         [
             "rows_quantize_d512_t64",
             "GEMM N 32768 K 512",
-            "rows_mlakeys_h128_n128_r64_v128_kv512_t64",
+            "rows_mlakeys_h128_n128_r64_v128_kv512_t64_bf16",
             "rows_mlaqueries_h128_n128_r64_t256",
             "mla_prefill_qk192_v128_s2",
             "rows_mlaheadsout_h128_d16384_t256_q",

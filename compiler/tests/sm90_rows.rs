@@ -31,6 +31,7 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::Concat { second: 7168 }, 7168, "f32"),
         RowKernel::new(RowOp::MlaCombine, 512, "f32"),
         RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128 }, 512, "f32"),
+        RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128 }, 512, "bf16"),
         RowKernel::new(RowOp::MlaQueries { heads: 128, nope: 128, rope: 64 }, 128 * 192, "f32"),
         RowKernel::new(RowOp::MlaAbsorb { heads: 128, nope: 128, rope: 64, v: 128 }, 512, "f8E4M3FN"),
         RowKernel::new(RowOp::MlaUpV { heads: 128, nope: 128, v: 128 }, 512, "f8E4M3FN"),

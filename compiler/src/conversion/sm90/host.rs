@@ -203,7 +203,12 @@ unsafe fn dense_gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), St
         _ => None,
     };
     let b_row = |j: usize| if g.fixed_m.is_some() { j } else { j / 128 };
-    let o = std::slice::from_raw_parts_mut(out.ptr as *mut f32, m * n);
+    // A bf16 output: each value rounded to nearest even (no residual on the host).
+    let bf16_out = g.output == super::gemm::GemmOutput::Bf16;
+    if bf16_out && residual.is_some() {
+        return Err(format!("{}: a bf16 output with a residual (not computed on the host)", g.kernel));
+    }
+    let mut o = vec![0f32; m * n];
     let group = if scales.is_some() { 128 } else { k.max(1) };
     for i in 0..m {
         for j in 0..n {
@@ -220,6 +225,12 @@ unsafe fn dense_gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), St
             }
             o[i * n + j] = residual.as_ref().map_or(acc, |r| r[i * n + j] + acc);
         }
+    }
+    if bf16_out {
+        let dst = std::slice::from_raw_parts_mut(out.ptr as *mut u16, m * n);
+        dst.iter_mut().zip(&o).for_each(|(d, &v)| *d = v3c_models::dtype::f32_to_bf16(v));
+    } else {
+        std::slice::from_raw_parts_mut(out.ptr as *mut f32, m * n).copy_from_slice(&o);
     }
     Ok(())
 }

@@ -1363,10 +1363,10 @@ pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
     let fused = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
     let n = heads * (nope + v);
     let (q_nope, q_pe, cache, kv_b) = (0, 1, 2, 3);
-    let gemm = |input, a, a_scale, weights| GemmKernel {
+    let gemm = |input, output, a, a_scale, weights| GemmKernel {
         kernel: format!("{fused}.kv_b"),
         input,
-        output: GemmOutput::F32,
+        output,
         n,
         k: kv,
         a,
@@ -1383,7 +1383,8 @@ pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
     // kv_b's up-projection of the cache's latent rows into temporary 2 (f32 [S, n]), from
     // temporaries 0 and 1 (fp8: the e4m3 latent and its scales; f32 graph: its bf16 hi and lo).
     let mut steps = if fp8 {
-        let g = gemm(GemmInput::Fp8, 0, Some(1), vec![(2, Some(3))]);
+        // Its output in bf16: the keys' and values' precision, half the temporary.
+        let g = gemm(GemmInput::Fp8, GemmOutput::Bf16, 0, Some(1), vec![(2, Some(3))]);
         Steps {
             temps: vec![Temp::per_row_of(cache, 1, kv, "f8E4M3FN"), Temp::per_row_of(cache, 1, kv / group, "f32")],
             steps: vec![
@@ -1393,13 +1394,15 @@ pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
             rope_table: None,
         }
     } else {
-        let mut steps =
-            split_bf16_steps(&gemm(GemmInput::Bf16, cache, None, vec![(kv_b, None)]), &fused, Vec::new(), Some(T(2)));
+        let g = gemm(GemmInput::Bf16, GemmOutput::F32, cache, None, vec![(kv_b, None)]);
+        let mut steps = split_bf16_steps(&g, &fused, Vec::new(), Some(T(2)));
         steps.temps.iter_mut().for_each(|t| t.rows_of = Some(cache));
         steps
     };
+    // The up-projection: bf16 (fp8 graph: the GEMM's output) or f32 (the f32 graph: the hi + lo sum).
+    let projected = if fp8 { "bf16" } else { "f32" };
     steps.temps.extend([
-        Temp::per_row_of(cache, 1, n, "f32"),
+        Temp::per_row_of(cache, 1, n, projected),
         Temp::per_row_of(cache, heads, nope + rope, "bf16"),
         Temp::per_row_of(cache, heads, v, "bf16"),
         Temp::per_row_of(q_nope, heads, nope + rope, "bf16"),
@@ -1407,7 +1410,10 @@ pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
     ]);
     let out = if fp8 { vec![T(6), Out(0), Out(1)] } else { vec![T(6), Out(0)] };
     steps.steps.extend([
-        step(row(RowOp::MlaKeys { heads, nope, rope, v }, kv), vec![T(2), Arg(cache), T(3), T(4)]),
+        step(
+            StepKernel::Row(RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v }, kv, projected)),
+            vec![T(2), Arg(cache), T(3), T(4)],
+        ),
         step(row(RowOp::MlaQueries { heads, nope, rope }, heads * (nope + rope)), vec![Arg(q_nope), Arg(q_pe), T(5)]),
         step(StepKernel::MlaPrefill(MlaPrefillLaunch { config, heads, scale }), vec![T(5), T(3), T(4), T(6)]),
         step(row(RowOp::MlaHeadsOut { heads, quantize: fp8 }, heads * v), out),

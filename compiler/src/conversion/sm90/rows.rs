@@ -194,7 +194,12 @@ impl RowKernel {
             RowOp::SiluMul { quantize } => format!("rows_silumul_d{d}_t{t}{}", if quantize { "_q" } else { "_y" }),
             RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
             RowOp::MlaCombine => format!("rows_mlacombine_d{d}_t{t}"),
-            RowOp::MlaKeys { heads, nope, rope, v } => format!("rows_mlakeys_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_t{t}"),
+            RowOp::MlaKeys { heads, nope, rope, v } => {
+                format!(
+                    "rows_mlakeys_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_t{t}{}",
+                    if w == "bf16" { "_bf16" } else { "" }
+                )
+            }
             RowOp::MlaQueries { heads, nope, rope } => format!("rows_mlaqueries_h{heads}_n{nope}_r{rope}_t{t}"),
             RowOp::MlaAbsorb { heads, nope, rope, v } => {
                 format!("rows_mlaabsorb_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_t{t}")
@@ -308,7 +313,7 @@ impl RowKernel {
                     threads: number(t, 't')?,
                 })
             }
-            ("mlakeys", [h, n, r, v, kv, t]) => {
+            ("mlakeys", [h, n, r, v, kv, t, source @ ..]) if source.is_empty() || source == ["bf16"] => {
                 let op = RowOp::MlaKeys {
                     heads: number(h, 'h')?,
                     nope: number(n, 'n')?,
@@ -318,7 +323,7 @@ impl RowKernel {
                 Some(RowKernel {
                     op,
                     d: kv.strip_prefix("kv")?.parse().ok()?,
-                    weight: "f32".into(),
+                    weight: if source.is_empty() { "f32" } else { "bf16" }.into(),
                     threads: number(t, 't')?,
                 })
             }
@@ -490,7 +495,7 @@ impl RowKernel {
                 args
             }
             RowOp::MlaKeys { .. } => vec![
-                ("kv", "memref<?x?xf32>".to_string()),
+                ("kv", format!("memref<?x?x{w}>")),
                 ("cache", "memref<?x?xf32>".into()),
                 ("k", "memref<?x?xbf16>".into()),
                 ("vv", "memref<?x?xbf16>".into()),
@@ -1294,18 +1299,26 @@ scf.if %last {
                 )]
             }
             RowOp::MlaKeys { heads, nope, rope, v } => {
-                // Per head: its nope key columns and value columns of the row, the shared rope key.
+                // Per head: its nope key columns and value columns of the row (bf16 as they come,
+                // f32 rounded), the shared rope key.
+                let w = &self.weight;
                 let copy = |what: &str, from: &str, col: &str, to: &str| {
+                    let load = if from == "%kv" && w == "bf16" {
+                        "    %b = memref.load %kv[%row, %col] : memref<?x?xbf16>\n".to_string()
+                    } else {
+                        format!(
+                            "    %x = memref.load {from}[%row, %col] : memref<?x?xf32>\n{}",
+                            indent2(&round_bf16("%x", "%b"))
+                        )
+                    };
                     format!(
                         "  %c{what} = arith.constant {to} : index
   scf.for %i = %tid to %c{what} step %cT {{
     %col = arith.addi %i, {col} : index
-    %x = memref.load {from}[%row, %col] : memref<?x?xf32>
-{round}    %to = arith.addi %i, %{what}_at : index
+{load}    %to = arith.addi %i, %{what}_at : index
     memref.store %b, %{what}_dst[%hrow, %to] : memref<?x?xbf16>
   }}
-",
-                        round = indent2(&round_bf16("%x", "%b")),
+"
                     )
                 };
                 let body = [
@@ -1318,7 +1331,7 @@ scf.if %last {
                 .replace("%rope_dst", "%k")
                 .replace("%val_dst", "%vv");
                 vec![format!(
-                    "{BF16_CONSTANTS}%S = memref.dim %kv, %c0 : memref<?x?xf32>
+                    "{BF16_CONSTANTS}%S = memref.dim %kv, %c0 : memref<?x?x{w}>
 %cH = arith.constant {heads} : index
 %cPerHead = arith.constant {per_head} : index
 %nope_at = arith.constant 0 : index
@@ -2959,6 +2972,21 @@ mod tests {
                 }
             }
         }
+        // The up-projection in bf16 (the fp8 graph's GEMM output): the same bits, copied.
+        let mut kv16: Vec<u16> = kv.iter().map(|&x| f32_to_bf16(x)).collect();
+        let (mut k16, mut v16) = (vec![0u16; k.len()], vec![0u16; vv.len()]);
+        let keys16 = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v }, d, "bf16");
+        run_cpu(
+            &keys16,
+            &[
+                raw(&mut kv16, &[s_len, heads * per], "bf16"),
+                raw(&mut cache, &[s_len, d + rope], "f32"),
+                raw(&mut k16, &[heads * s_len, nope + rope], "bf16"),
+                raw(&mut v16, &[heads * s_len, v], "bf16"),
+            ],
+        );
+        assert_eq!((&k16, &v16), (&k, &vv));
+        assert_eq!(RowKernel::from_name(&keys16.kernel_name()), Some(keys16));
         let (mut qn, mut qp) = (values(t_len * heads * nope, 72, 9.0), values(t_len * heads * rope, 73, 9.0));
         let mut q = vec![0xAAAAu16; heads * t_len * (nope + rope)];
         let queries = RowKernel::new(RowOp::MlaQueries { heads, nope, rope }, heads * (nope + rope), "f32");
