@@ -1334,7 +1334,7 @@ pub(super) fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), St
 /// `[T, H, nope]`, q_pe `[T, H, rope]`, the latent cache `[S, kv + rope]`, kv_b `[H (nope + v), kv]`
 /// e4m3 and its 128x128 scales) as six launches:
 /// 1. the cache's latent columns 1x128-quantized to e4m3 (`rows_quantize`);
-/// 2. the fp8 GEMM of kv_b: every head's nope keys and values `[S, H (nope + v)]` (f32);
+/// 2. the fp8 GEMM of kv_b: every head's nope keys and values `[S, H (nope + v)]` (bf16 out);
 /// 3. keys `[H S, nope + rope]` (the rope key from the cache, shared by the heads) and values
 ///    `[H S, v]` head-major in bf16 (`rows_mlakeys`), 4. the queries likewise (`rows_mlaqueries`);
 /// 5. flash attention (`mla_prefill_*`: wgmma, causal, query t seeing keys `0..=S - T + t`);
@@ -1380,8 +1380,8 @@ pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
     let row = |op: RowOp, d: usize| StepKernel::Row(RowKernel::new(op, d, "f32"));
     let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };
     use Operand::{Arg, Result as Out, Temp as T};
-    // kv_b's up-projection of the cache's latent rows into temporary 2 (f32 [S, n]), from
-    // temporaries 0 and 1 (fp8: the e4m3 latent and its scales; f32 graph: its bf16 hi and lo).
+    // kv_b's up-projection of the cache's latent rows into temporary 2 ([S, n]), from temporaries 0
+    // and 1 (fp8: the e4m3 latent and its scales; f32 graph: its bf16 hi and lo).
     let mut steps = if fp8 {
         // Its output in bf16: the keys' and values' precision, half the temporary.
         let g = gemm(GemmInput::Fp8, GemmOutput::Bf16, 0, Some(1), vec![(2, Some(3))]);
