@@ -997,20 +997,16 @@ fn write_gpu_artifact(
                     gemm: Some(gemm_spec(g, g.weights.clone(), g.a, g.a_scale, g.residual)),
                     attention: None,
                 },
-                (StepKernel::MlaPrefill(a), _) => LaunchSpec {
-                    kernel: KernelChoice::One(a.config.kernel_name()),
-                    operands,
-                    blocks: Blocks::AttentionTiles,
-                    gemm: None,
-                    attention: Some(lw::AttentionSpec { heads: a.heads, scale: a.scale }),
-                },
-                (StepKernel::MlaDecode(a), _) => LaunchSpec {
-                    kernel: KernelChoice::One(a.config.kernel_name()),
-                    operands,
-                    blocks: Blocks::AttentionTiles,
-                    gemm: None,
-                    attention: Some(lw::AttentionSpec { heads: a.heads, scale: a.scale }),
-                },
+                (k @ (StepKernel::MlaPrefill(_) | StepKernel::MlaDecode(_)), _) => {
+                    let (kernel, heads, scale) = k.attention().ok_or_else(|| format!("{name}: not attention"))?;
+                    LaunchSpec {
+                        kernel: KernelChoice::One(kernel),
+                        operands,
+                        blocks: Blocks::AttentionTiles,
+                        gemm: None,
+                        attention: Some(lw::AttentionSpec { heads, scale }),
+                    }
+                }
                 (StepKernel::Gemm(g), None) => return Err(format!("{name}: GEMM {} without kernels", g.kernel)),
             });
         }

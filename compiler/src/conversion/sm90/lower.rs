@@ -579,6 +579,17 @@ pub struct MlaDecodeLaunch {
     pub scale: f32,
 }
 
+impl StepKernel {
+    /// An attention launch's kernel name, heads and softmax scale (None: not attention).
+    pub fn attention(&self) -> Option<(String, usize, f32)> {
+        match self {
+            StepKernel::MlaPrefill(a) => Some((a.config.kernel_name(), a.heads, a.scale)),
+            StepKernel::MlaDecode(a) => Some((a.config.kernel_name(), a.heads, a.scale)),
+            StepKernel::Gemm(_) | StepKernel::Row(_) => None,
+        }
+    }
+}
+
 /// A launch of the flash-attention prefill kernel: its configuration, the heads its head-major
 /// operands stack (the query length is q's rows / heads, the key length k's), the softmax scale.
 #[derive(Debug, Clone, Copy, PartialEq)]
