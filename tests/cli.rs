@@ -1098,12 +1098,12 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     for (fused, kernel) in [
         (
             "attention_decode_quantize_0",
-            "5 launches: rows_mlaabsorb_h128_n128_r64_v128_kv512_t64 -> rows_mlapages_d576_t128 -> \
+            "5 launches: rows_mlaabsorb_h128_n128_r64_v128_kv512_b8_t128 -> rows_mlatable_t32 -> \
              mla_decode_kv512_r64_p64_s2 (128 heads, split K, tensor cores) -> rows_mlacombine_d512_t64",
         ),
         ("attention_quantize_0", "6 launches: rows_quantize_d512_t64 -> GEMM N 32768 K 512 (decode gemm_fp8_bf16_"),
         ("norm_quantize_0", "rows_rmsnorm_bf16_d7168_t256_eps1em6_q [row kernel"),
-        ("mla_latent_1", "rows_latent_bf16_d512_r64_t64_eps1em6_il_write [row kernel"),
+        ("mla_latent_1", "rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16 [row kernel"),
         ("lm_head_0", "3 launches: rows_splitbf16_d7168_t256 -> GEMM N 129280 K 7168"),
         ("moe_dispatch_0", "2 launches: rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256"),
         ("moe_down_0", "2 launches: rows_copy_d7168_t256 -> grouped GEMM over 257 experts"),
@@ -1133,9 +1133,9 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     assert_eq!(report["entries"][1]["name"], "decode");
     assert_eq!(report["target"]["name"], "sm_90a");
     // Every launch the GPU executor would make matches its kernel's PTX, at the planned sizes and
-    // at a one-sequence decode and a short prefill.
+    // at a one-sequence decode (caches of whole 64-row pages) and a short prefill.
     let sizes = [
-        ("decode", v3c_runtime::plan::Sizes { rows: 1, context: 100 }),
+        ("decode", v3c_runtime::plan::Sizes { rows: 1, context: 128 }),
         ("prefill", v3c_runtime::plan::Sizes { rows: 3, context: 0 }),
     ];
     let (launches, kernels) = v3c_tests::check_gpu_launches(&out_dir, &sizes);

@@ -46,7 +46,8 @@ fn long_contexts_and_training_windows_compile() {
     let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--out", out.to_str().unwrap()];
     let long = run_binary("v3c", &[&args[..], &["--max-rows", "16", "--max-context", "20000"]].concat());
     assert!(long.status.success(), "{}", String::from_utf8_lossy(&long.stderr));
-    let sizes = [("prefill", Sizes { rows: 16, context: 20000 }), ("decode", Sizes { rows: 2, context: 20000 })];
+    // Decode's caches in whole 64-row pages: the plan's 20000 rounded up.
+    let sizes = [("prefill", Sizes { rows: 16, context: 20000 }), ("decode", Sizes { rows: 2, context: 20032 })];
     let (launches, _) = check_gpu_launches(&out, &sizes);
     assert!(launches > 50, "{launches} launches");
     let train = run_binary(
@@ -81,10 +82,24 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
     let sizes = [
         ("prefill", Sizes { rows: 1, context: 0 }),
         ("prefill", Sizes { rows: 37, context: 100 }),
-        ("decode", Sizes { rows: 1, context: 17 }),
+        ("decode", Sizes { rows: 1, context: 64 }),
         ("decode", Sizes { rows: 5, context: 4096 }),
     ];
     let (launches, kernels) = check_gpu_launches(&out, &sizes);
+    // The decode caches are bf16 64-row pages read in place: a cache of another length is refused.
+    let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
+    assert_eq!(artifact.lowering.as_ref().unwrap().cache_rows_multiple, Some(64));
+    let decode = artifact.plan.entries.iter().find(|e| e.name == "decode").unwrap();
+    for b in &decode.buffers {
+        if matches!(&b.kind, v3c_runtime::plan::BufferKind::Input { name } if name.starts_with("kv_cache.")) {
+            assert_eq!(b.dtype, "bf16", "{:?}", b.kind);
+        }
+    }
+    let err = v3c_runtime::gpu::Expander::new(&artifact)
+        .unwrap()
+        .check(&[("decode", Sizes { rows: 1, context: 17 })])
+        .unwrap_err();
+    assert!(err.contains("caches of 17 rows per sequence") && err.contains("pages are 64 rows"), "{err}");
     eprintln!("{launches} launches of {kernels} kernels checked");
     assert!(launches > 300, "{launches} launches");
     assert!(kernels >= 25, "{kernels} kernels");
@@ -514,9 +529,10 @@ fn check_tensor_core_prefill(fp8: bool, tolerance: f32) -> String {
 }
 
 /// Decode attention on the tensor cores (the default): a decode step of two sequences (positions 6
-/// and 9 over caches of 11 rows, from the CPU backend's prefills) emulated on the host — the
-/// absorbed queries and the caches' pages in bf16 through their rows' CPU lowering, the split-K
-/// kernel from its parameters, the splits merged, W_UV — against the CPU backend's f32 decode.
+/// and 9 over caches of 64 rows, from the CPU backend's prefills) emulated on the host — the
+/// absorbed queries in bf16 through their row's CPU lowering, the caches bf16 pages read in place
+/// (the latent row storing its row in bf16), the split-K kernel from its parameters, the splits
+/// merged, W_UV — against the CPU backend's f32 decode.
 #[test]
 fn tensor_core_decode_attention_emulated_follows_the_cpu_backend() {
     use std::collections::HashMap;
@@ -526,9 +542,9 @@ fn tensor_core_decode_attention_emulated_follows_the_cpu_backend() {
     let (out, err) = compile_default(&ckpt, dir.path());
     assert!(
         err.contains(
-            "compile: attention_decode_quantize_0 -> 5 launches: rows_mlaabsorb_h2_n128_r64_v128_kv128_t32 -> \
-             rows_mlapages_d192_t32 -> mla_decode_kv128_r64_p64_s2 (2 heads, split K, tensor cores) -> \
-             rows_mlacombine_d128_t32 -> rows_mlaupv_h2_n128_v128_kv128_t32"
+            "compile: attention_decode_quantize_0 -> 5 launches: rows_mlaabsorb_h2_n128_r64_v128_kv128_b8_t128 -> \
+             rows_mlatable_t32 -> mla_decode_kv128_r64_p64_s2 (2 heads, split K, tensor cores) -> \
+             rows_mlacombine_d128_t32 -> rows_mlaupv_h2_n128_v128_kv128_b8_t128"
         ),
         "{err}"
     );
@@ -573,13 +589,18 @@ fn tensor_core_decode_attention_emulated_follows_the_cpu_backend() {
         for seq in &prefilled {
             let HostData::F32(rows) = &seq[c].data else { panic!() };
             let mut rows = rows.clone();
-            rows.resize(11 * width, 0.0);
+            rows.resize(64 * width, 0.0);
             data.extend(rows);
         }
-        step.insert(c.to_string(), HostBuffer { shape: vec![2, 11, width], data: HostData::F32(data) });
+        step.insert(c.to_string(), HostBuffer { shape: vec![2, 64, width], data: HostData::F32(data) });
     }
     let wanted = ["logits", "mtp_logits", "kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
-    let gpu = emulator.run("decode", &step, &wanted, None).unwrap();
+    let mut gpu = emulator.run("decode", &step, &wanted, None).unwrap();
+    for c in caches {
+        let cache = gpu.remove(c).unwrap();
+        assert_eq!(cache.element(), "bf16", "{c}: the decode caches are bf16");
+        gpu.insert(c.to_string(), cache.into_f32());
+    }
     let cpu = program.run("decode", &step, &wanted).unwrap();
     let mut worst = 0f32;
     for name in wanted {

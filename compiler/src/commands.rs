@@ -379,9 +379,12 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
         if gpu {
             use v3c_compiler::conversion::sm90::{self, lower};
             let target = v3c_compiler::target::SM90A;
-            // The default lowering's: attention on the tensor cores where it applies.
-            let attention = lower::mla_prefill_steps(&f).or_else(|_| lower::mla_decode_steps(&f)).ok();
-            if let (Ok(row), None) = (lower::row_of_kernel(&f), &attention) {
+            // The default lowering's: attention on the tensor cores where it applies (decode: over
+            // bf16 caches, which the latent row stores).
+            let bf16_caches = sm90::bf16_decode_caches(&module, sm90::AttentionKernels::default());
+            let decode = || if bf16_caches { lower::mla_decode_steps(&f) } else { Err(String::new()) };
+            let attention = lower::mla_prefill_steps(&f).or_else(|_| decode()).ok();
+            if let (Ok(row), None) = (sm90::row_launch(&f, bf16_caches), &attention) {
                 let table = row.rope_table.as_ref().map_or(String::new(), |t| {
                     format!("; reads a RoPE table of {} columns (cos then sin, x{})", t.dim, t.attention_factor)
                 });
@@ -792,7 +795,11 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
 fn row_blocks(k: &v3c_compiler::conversion::sm90::rows::RowKernel) -> v3c_runtime::lowering::Blocks {
     let position = k.rows_argument().and_then(|rows| k.arguments().iter().position(|(n, _)| *n == rows));
     match position {
-        Some(operand) => v3c_runtime::lowering::Blocks::Rows { operand, per_row: k.blocks_per_row() },
+        Some(operand) => v3c_runtime::lowering::Blocks::Rows {
+            operand,
+            per_row: k.blocks_per_row(),
+            rows_per_block: k.rows_per_block(),
+        },
         None => v3c_runtime::lowering::Blocks::One,
     }
 }
@@ -812,6 +819,7 @@ fn write_gpu_artifact(
     tuning_source: &str,
 ) -> Result<(), String> {
     use v3c_compiler::conversion::sm90::lower::{GemmKernel, Operand, StepKernel};
+    use v3c_compiler::conversion::sm90::rows::PAGE_ROWS;
     use v3c_runtime::artifact::{self, FileEntry, KernelEntry, Manifest};
     use v3c_runtime::lowering::{self as lw, Blocks, FusedLowering, KernelChoice, LaunchSpec, OperandSpec};
     let staging = stage_artifact_dir(out, o.force)?;
@@ -1022,6 +1030,7 @@ fn write_gpu_artifact(
         format_version: lw::LOWERING_FORMAT_VERSION,
         kernels: fused,
         argmax: argmax.map(|k| k.kernel_name()),
+        cache_rows_multiple: lowered.bf16_decode_caches.then_some(PAGE_ROWS),
     };
     let lowering_file = write(
         "lowering.json",
@@ -1030,9 +1039,39 @@ fn write_gpu_artifact(
     // A training step's caches are empty: every window is a prefill from position 0.
     let sizes = match o.train {
         Some(_) => v3c_compiler::plan::PlanSizes { context: 0, ..o.sizes },
+        // Decode caches in whole pages where they are bf16 pages.
+        None if lowered.bf16_decode_caches => {
+            v3c_compiler::plan::PlanSizes { context: o.sizes.context.next_multiple_of(PAGE_ROWS), ..o.sizes }
+        }
         None => o.sizes,
     };
-    let plan = v3c_compiler::plan::build_plan(module, sizes)?;
+    let mut plan = v3c_compiler::plan::build_plan(module, sizes)?;
+    // Entries calling a kernel that writes or reads bf16 caches (the decode latent row storing
+    // bf16, the tensor-core decode attention) take bf16 caches.
+    let bf16_cache_kernels: std::collections::BTreeSet<&str> = lowered
+        .rows
+        .iter()
+        .filter(|(_, l)| {
+            matches!(l.kernel.op, v3c_compiler::conversion::sm90::rows::RowOp::Latent { bf16_cache: true, .. })
+        })
+        .map(|(name, _)| name.as_str())
+        .chain(
+            lowered
+                .compound
+                .iter()
+                .filter(|(_, steps, _)| steps.steps.iter().any(|s| matches!(s.kernel, StepKernel::MlaDecode(_))))
+                .map(|(name, _, _)| name.as_str()),
+        )
+        .collect();
+    let entries: Vec<String> = plan
+        .entries
+        .iter()
+        .filter(|e| e.launches.iter().any(|l| bf16_cache_kernels.contains(l.kernel.as_str())))
+        .map(|e| e.name.clone())
+        .collect();
+    for entry in entries {
+        v3c_compiler::plan::set_cache_element(&mut plan, &entry, "bf16")?;
+    }
     let plan_file =
         write("plan.json", (serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n").as_bytes())?;
     let model_config = config.to_hf_json();
@@ -1707,7 +1746,9 @@ pub fn emulate(
     // sequence over caches of prompt + new rows, MTP tokens 0.
     if decode_steps > 0 {
         let decode = a.plan.entries.iter().find(|e| e.name == "decode").ok_or("the artifact has no decode entry")?;
-        let max_len = tokens.len() + decode_steps + 1;
+        // Caches in whole pages where the decode attention reads bf16 pages in place.
+        let multiple = a.lowering.as_ref().and_then(|l| l.cache_rows_multiple).unwrap_or(1);
+        let max_len = (tokens.len() + decode_steps + 1).next_multiple_of(multiple);
         if max_len > decode.sizes.context {
             return Err(format!("{max_len} rows: the decode plan holds {}", decode.sizes.context));
         }

@@ -214,9 +214,10 @@ struct CompileArgs {
     #[arg(long, value_enum, value_name = "WHERE")]
     prefill_attention: Option<AttentionKernel>,
     /// Where the fp8 graph's decode attention runs on sm_90a: `tensor-cores` — split-K attention
-    /// (wgmma, a TMA page ring) in the absorbed form over the caches converted to bf16 64-row
-    /// pages each step, the absorbed queries and P in bf16 — or `rows`: the CUDA-core row kernel,
-    /// f32 as the reference computes it. Default: tensor-cores (GPU targets only).
+    /// (wgmma, a TMA page ring) in the absorbed form, the decode caches bf16 64-row pages read in
+    /// place (the artifact's decode caches are bf16, their rows a multiple of 64: --max-context
+    /// rounds up), the absorbed queries and P in bf16 — or `rows`: the CUDA-core row kernel over
+    /// f32 caches, f32 as the reference computes it. Default: tensor-cores (GPU targets only).
     #[arg(long, value_enum, value_name = "WHERE")]
     decode_attention: Option<AttentionKernel>,
     /// Compile the training step (forward, losses, every gradient) instead of the inference

@@ -164,3 +164,28 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
     }
     Ok(Plan { format_version: PLAN_FORMAT_VERSION, entries })
 }
+
+/// Makes entry `entry`'s cache inputs (`kv_cache.*`) buffers of `element` (the sm_90a lowering's
+/// bf16 decode caches). Its cache outputs must be those inputs updated in place.
+pub fn set_cache_element(plan: &mut Plan, entry: &str, element: &str) -> Result<(), String> {
+    let per = element_bytes(element).ok_or_else(|| format!("no size for element type {element}"))?;
+    let e =
+        plan.entries.iter_mut().find(|e| e.name == entry).ok_or_else(|| format!("the plan has no {entry} entry"))?;
+    let mut changed = Vec::new();
+    for b in &mut e.buffers {
+        if matches!(&b.kind, BufferKind::Input { name } if name.starts_with("kv_cache.")) {
+            b.dtype = element.to_string();
+            b.bytes = per * b.shape.iter().product::<usize>() as u64;
+            changed.push(b.id);
+        }
+    }
+    if changed.is_empty() {
+        return Err(format!("entry {entry} has no cache inputs"));
+    }
+    for (name, id) in &e.outputs {
+        if name.starts_with("kv_cache.") && !changed.contains(id) {
+            return Err(format!("entry {entry}: output {name} is not its cache input updated in place"));
+        }
+    }
+    Ok(())
+}

@@ -405,7 +405,9 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     assert_eq!(row("norm_quantize_1").as_deref(), Some("rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q"));
     assert_eq!(row("rms_norm_0").as_deref(), Some("rows_rmsnorm_bf16_d7168_t256_eps1em6_y"));
     assert_eq!(row("mla_latent_0").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_append"));
-    assert_eq!(row("mla_latent_1").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_write"));
+    // Decode's latent row stores the bf16 pages the tensor-core decode attention reads in place.
+    assert_eq!(row("mla_latent_1").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16"));
+    assert!(lowered.bf16_decode_caches);
     let (_, latent) = lowered.rows.iter().find(|(k, _)| k == "mla_latent_1").unwrap();
     let table = latent.rope_table.as_ref().expect("the latent row reads a RoPE table");
     assert_eq!((table.dim, table.inv_freq.len(), table.inv_freq[0]), (64, 32, 1.0));
@@ -451,8 +453,9 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     if let Some(r) = &attention.resources {
         assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", attention.name);
     }
-    // Decode attention on the tensor cores (the default): absorbed queries, the caches as bf16
-    // pages, split-K attention, the splits merged, W_UV + quantization.
+    // Decode attention on the tensor cores (the default): absorbed queries, the block table over
+    // the caches (bf16 pages read in place), split-K attention, the splits merged, W_UV +
+    // quantization.
     let (decode, _) = compound("attention_decode_quantize_0").expect("decode attention lowers to launches");
     let names: Vec<String> = decode
         .steps
@@ -466,11 +469,11 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     assert_eq!(
         names,
         [
-            "rows_mlaabsorb_h128_n128_r64_v128_kv512_t64",
-            "rows_mlapages_d576_t128",
+            "rows_mlaabsorb_h128_n128_r64_v128_kv512_b8_t128",
+            "rows_mlatable_t32",
             "mla_decode_kv512_r64_p64_s2",
             "rows_mlacombine_d512_t64",
-            "rows_mlaupv_h128_n128_v128_kv512_t64",
+            "rows_mlaupv_h128_n128_v128_kv512_b8_t128",
         ]
     );
     let attention = lowered.kernels.iter().find(|k| k.name == "mla_decode_kv512_r64_p64_s2").expect("compiled");

@@ -14,8 +14,21 @@ fn kernels() -> Vec<RowKernel> {
         norm(true, false, 7168, "bf16"),
         norm(true, false, 1536, "f32"),
         norm(false, true, 1000, "bf16"),
-        RowKernel::new(RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false }, 512, "bf16"),
-        RowKernel::new(RowOp::Latent { eps: 1e-6, rope: 64, interleave: false, append: true }, 512, "f32"),
+        RowKernel::new(
+            RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false, bf16_cache: false },
+            512,
+            "bf16",
+        ),
+        RowKernel::new(
+            RowOp::Latent { eps: 1e-6, rope: 64, interleave: false, append: true, bf16_cache: false },
+            512,
+            "f32",
+        ),
+        RowKernel::new(
+            RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false, bf16_cache: true },
+            512,
+            "bf16",
+        ),
         RowKernel::new(RowOp::SplitRope { heads: 128, nope: 128, rope: 64, interleave: true }, 128 * 192, "f32"),
         RowKernel::new(RowOp::SiluMul { quantize: true }, 18432, "f32"),
         RowKernel::new(RowOp::SiluMul { quantize: false }, 2048, "f32"),
@@ -33,9 +46,9 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128 }, 512, "f32"),
         RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128 }, 512, "bf16"),
         RowKernel::new(RowOp::MlaQueries { heads: 128, nope: 128, rope: 64 }, 128 * 192, "f32"),
-        RowKernel::new(RowOp::MlaAbsorb { heads: 128, nope: 128, rope: 64, v: 128 }, 512, "f8E4M3FN"),
-        RowKernel::new(RowOp::MlaUpV { heads: 128, nope: 128, v: 128 }, 512, "f8E4M3FN"),
-        RowKernel::new(RowOp::MlaPages, 576, "f32"),
+        RowKernel::new(RowOp::MlaAbsorb { heads: 128, nope: 128, rope: 64, v: 128, tokens: 8 }, 512, "f8E4M3FN"),
+        RowKernel::new(RowOp::MlaUpV { heads: 128, nope: 128, v: 128, tokens: 8 }, 512, "f8E4M3FN"),
+        RowKernel::new(RowOp::MlaTable, 64, "f32"),
         RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: true }, 128 * 128, "f32"),
         RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: false }, 128 * 128, "f32"),
         RowKernel::new(RowOp::Argmax, 129_280, "f32"),
@@ -140,7 +153,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             | RowOp::SplitBf16T
             | RowOp::Concat { .. }
             | RowOp::MlaKeys { .. }
-            | RowOp::MlaPages
+            | RowOp::MlaTable
             | RowOp::MlaQueries { .. } => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase")
             }
@@ -656,16 +669,17 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
 
 /// Decode attention on the tensor cores, its five launches on the host (rows through their CPU
 /// lowering, the split-K kernel as its semantics say): the merged latent output equals float64
-/// absorbed attention over each sequence's keys up to its position, within bf16's rounding of the
-/// cache, the absorbed queries and P — sequences of 1, 71 and 151 keys over 160-row caches (partial
-/// pages, empty splits), 3 heads (a 64-row block mostly masked).
+/// absorbed attention over each sequence's keys up to its position (the bf16 cache's values),
+/// within bf16's rounding of the absorbed queries and P — sequences of 1, 71 and 151 keys over
+/// bf16 caches of 192 rows read in place as 64-row pages (partial pages, empty splits), 3 heads (a
+/// 64-row block mostly masked).
 #[test]
 fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
     use melior::ir::block::BlockLike;
     use melior::ir::operation::OperationLike;
     use melior::ir::RegionLike;
     use v3c_compiler::conversion::sm90::{host::HostRows, lower};
-    use v3c_models::dtype::{f32_to_f8e4m3, f8e4m3_to_f32};
+    use v3c_models::dtype::{bf16_to_f32, f32_to_bf16, f32_to_f8e4m3, f8e4m3_to_f32};
     use v3c_runtime::host::{HostBuffer, HostData};
     let mut j: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_TINY_JSON).unwrap();
     let (heads, nope, rope, v, kv) = (3usize, 128usize, 64usize, 128usize, 128usize);
@@ -704,7 +718,7 @@ fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
         lower::StepKernel::MlaDecode(a) => a.scale,
         _ => panic!("the third launch is the attention"),
     };
-    let (b, slots, width, per) = (3, 160, kv + rope, nope + v);
+    let (b, slots, width, per) = (3, 192, kv + rope, nope + v);
     let mut state = 5u64;
     let mut rnd = |n: usize, s: f32| -> Vec<f32> {
         (0..n)
@@ -717,13 +731,14 @@ fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
     let kv_b: Vec<u8> = rnd(heads * per * kv, 300.0).iter().map(|&x| f32_to_f8e4m3(x)).collect();
     let kv_scale: Vec<f32> = (0..heads * per / 128).map(|i| 0.01 + 0.002 * i as f32).collect();
     let w = |row: usize, col: usize| f8e4m3_to_f32(kv_b[row * kv + col]) as f64 * kv_scale[row / 128] as f64;
-    let (q_nope, q_pe, cache) = (rnd(b * heads * nope, 2.0), rnd(b * heads * rope, 2.0), rnd(b * slots * width, 2.0));
+    let (q_nope, q_pe) = (rnd(b * heads * nope, 2.0), rnd(b * heads * rope, 2.0));
+    let cache: Vec<u16> = rnd(b * slots * width, 2.0).iter().map(|&x| f32_to_bf16(x)).collect();
     let positions = vec![0i64, 70, 150];
     let f32s = |shape: Vec<usize>, v: &[f32]| HostBuffer { shape, data: HostData::F32(v.to_vec()) };
     let ins = [
         f32s(vec![b, heads, nope], &q_nope),
         f32s(vec![b, heads, rope], &q_pe),
-        f32s(vec![b, slots, width], &cache),
+        HostBuffer { shape: vec![b, slots, width], data: HostData::Bf16(cache.clone()) },
         HostBuffer { shape: vec![b], data: HostData::I64(positions.clone()) },
         HostBuffer { shape: vec![heads * per, kv], data: HostData::F8(kv_b.clone()) },
         f32s(vec![heads * per / 128, 1], &kv_scale),
@@ -734,7 +749,7 @@ fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
     ];
     let ins_ref: Vec<&HostBuffer> = ins.iter().collect();
     let temps = HostRows::new(&context).run_steps(&steps, b, &ins_ref, &mut outs).unwrap();
-    let HostData::F32(o) = &temps[6].data else { panic!("the merged output is f32") };
+    let HostData::F32(o) = &temps[5].data else { panic!("the merged output is f32") };
     let (mut err2, mut norm2) = (0f64, 0f64);
     for seq in 0..b {
         let keys = positions[seq] as usize + 1;
@@ -742,7 +757,7 @@ fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
             let row = seq * heads + h;
             let q_abs: Vec<f64> =
                 (0..kv).map(|a| (0..nope).map(|d| q_nope[row * nope + d] as f64 * w(h * per + d, a)).sum()).collect();
-            let lat = |k: usize, c: usize| cache[(seq * slots + k) * width + c] as f64;
+            let lat = |k: usize, c: usize| bf16_to_f32(cache[(seq * slots + k) * width + c]) as f64;
             let s: Vec<f64> = (0..keys)
                 .map(|k| {
                     let nope_part: f64 = (0..kv).map(|a| q_abs[a] * lat(k, a)).sum();
@@ -762,5 +777,5 @@ fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
     }
     let rel = (err2 / norm2).sqrt();
     eprintln!("decode attention on the tensor cores (host): relative error {rel:.2e} (Frobenius)");
-    assert!(rel <= 6e-3, "{rel}");
+    assert!(rel <= 3e-3, "{rel}");
 }

@@ -66,6 +66,16 @@ impl MlaDecodeAbi {
                 q.element, cache.element, table.shape
             )));
         }
+        // Caches `[B, S, C]` read in place: each sequence's S rows are its pages in order.
+        if let [_, s, _] = cache.shape[..] {
+            let pages = table.shape_at_rank(2).map_err(fail)?[1];
+            if s % PAGE_ROWS != 0 || pages * PAGE_ROWS != s {
+                return Err(fail(format!(
+                    "caches of {s} rows per sequence, a block table of {pages} pages: the pages are {PAGE_ROWS} \
+                     rows (caches of a whole number of pages, as sessions make them)"
+                )));
+            }
+        }
         let rows = qs[0] / b;
         let map = |buf: &Buf, r: usize| TensorMapSpec {
             addr: buf.addr,
@@ -109,6 +119,9 @@ pub struct MlaPrefillAbi {
 /// Query rows per block of the prefill kernel, and the rows and columns of its TMA boxes.
 const PREFILL_QUERIES: usize = 128;
 const PREFILL_BOX: usize = 64;
+
+/// Rows of a page of the decode attention's paged cache.
+pub const PAGE_ROWS: usize = 64;
 
 impl MlaPrefillAbi {
     /// The launch over head-major `q [H T, qk]`, `k [H S, qk]`, `v [H S, v]` (bf16) into `out [H

@@ -378,10 +378,11 @@ impl<'a> Expander<'a> {
                         }
                         let grid = match spec.blocks {
                             Blocks::One => 1,
-                            Blocks::Rows { operand, per_row } => {
+                            Blocks::Rows { operand, per_row, rows_per_block } => {
                                 let b =
                                     ops.get(operand).ok_or_else(|| at(format!("rows operand {operand} missing")))?;
-                                b.shape_at_rank(ranks[operand]).map_err(at)?[0] * per_row
+                                b.shape_at_rank(ranks[operand]).map_err(at)?[0].div_ceil(rows_per_block.max(1))
+                                    * per_row
                             }
                             Blocks::GemmUnits | Blocks::AttentionTiles => {
                                 return Err(at(format!("{kernel}: a row kernel with {:?}", spec.blocks)))

@@ -36,6 +36,17 @@ impl HostBuffer {
         }
     }
 
+    /// The buffer with bf16 values widened to f32 (exactly); other elements as they are.
+    pub fn into_f32(self) -> HostBuffer {
+        match self.data {
+            HostData::Bf16(v) => HostBuffer {
+                shape: self.shape,
+                data: HostData::F32(v.into_iter().map(v3c_models::dtype::bf16_to_f32).collect()),
+            },
+            _ => self,
+        }
+    }
+
     /// Zeros of `element` (an MLIR element type name) and `shape`.
     pub fn zeros(shape: Vec<usize>, element: &str) -> Option<HostBuffer> {
         let n = shape.iter().product();

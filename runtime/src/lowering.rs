@@ -21,6 +21,11 @@ pub struct Lowering {
     /// argmax `[rows]` (i32; f32 total order, ties to the lower index, as the host sampler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub argmax: Option<String>,
+    /// The decode caches' rows (S of `[B, S, C]`) must be a multiple of this: they are bf16 pages
+    /// of that many rows, read in place by the tensor-core decode attention (sessions round their
+    /// caches up). Absent: any number of rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_rows_multiple: Option<usize>,
 }
 
 /// One fused kernel's launches.
@@ -69,11 +74,25 @@ pub enum OperandSpec {
     TempRowsOf { temp: usize, arg: usize },
 }
 
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
 /// How many blocks a launch has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Blocks {
-    /// The leading dim of operand `operand` times `per_row`.
-    Rows { operand: usize, per_row: usize },
+    /// The leading dim of operand `operand` in blocks of `rows_per_block` (rounded up) times
+    /// `per_row`.
+    Rows {
+        operand: usize,
+        per_row: usize,
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        rows_per_block: usize,
+    },
     /// One block.
     One,
     /// A GEMM's units: tiles (x K splits) from M, N and its configuration (in its name), or one
@@ -375,6 +394,7 @@ mod tests {
                 rope_table: None,
             }],
             argmax: None,
+            cache_rows_multiple: None,
         };
         let known = |k: &str| k.starts_with("gemm_");
         assert_eq!(lowering(launch("gemm_a", vec![OperandSpec::Arg(0), OperandSpec::Result(0)])).check(&known), Ok(()));

@@ -371,12 +371,23 @@ fn info(args: &InfoArgs) -> Result<(), String> {
     for e in &a.plan.entries {
         let weights =
             e.buffers.iter().filter(|b| matches!(b.kind, v3c_runtime::plan::BufferKind::Weight { .. })).count();
+        let cache = e.buffers.iter().find_map(|b| match &b.kind {
+            v3c_runtime::plan::BufferKind::Input { name } if name.starts_with("kv_cache.") => Some(b.dtype.clone()),
+            _ => None,
+        });
         entries.push(serde_json::json!({
             "name": e.name, "launches": e.launches.len(), "weights": weights, "arena_bytes": e.arena_bytes,
-            "rows": e.sizes.rows, "context": e.sizes.context,
+            "rows": e.sizes.rows, "context": e.sizes.context, "cache_element": cache,
         }));
+        // Caches other than f32: how the entry's attention reads them.
+        let pages = a.lowering.as_ref().and_then(|l| l.cache_rows_multiple);
+        let cache = match (cache.as_deref(), pages) {
+            (None | Some("f32"), _) => String::new(),
+            (Some(c), Some(rows)) => format!(", caches {c} in pages of {rows} rows"),
+            (Some(c), _) => format!(", caches {c}"),
+        };
         line(format!(
-            "entry {}: {} launches, {} weights, arena {:.1} MiB",
+            "entry {}: {} launches, {} weights, arena {:.1} MiB{cache}",
             e.name,
             e.launches.len(),
             weights,

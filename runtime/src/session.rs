@@ -29,6 +29,11 @@ pub trait Program {
     fn keeps_inputs(&self) -> bool {
         false
     }
+    /// Decode caches' rows must be a multiple of this (GPU artifacts whose decode attention reads
+    /// them as bf16 pages: 64).
+    fn cache_rows_multiple(&self) -> usize {
+        1
+    }
     /// As [`Program::run`], the inputs named in `resident` as the previous run of `entry` (same
     /// shapes) left them where the program keeps them — decode's caches, updated in place — rather
     /// than as given. Only where [`Program::keeps_inputs`].
@@ -137,6 +142,9 @@ impl Program for crate::cuda::GpuArtifact {
     fn device_argmax(&self) -> bool {
         self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some())
     }
+    fn cache_rows_multiple(&self) -> usize {
+        self.artifact.lowering.as_ref().and_then(|l| l.cache_rows_multiple).unwrap_or(1)
+    }
     fn argmax_last(&self, entry: &str) -> Result<Vec<u32>, String> {
         crate::cuda::GpuArtifact::argmax_last(self, entry)?.ok_or_else(|| format!("{entry}: no argmax kernel"))
     }
@@ -154,7 +162,12 @@ fn step(
 ) -> Result<(HashMap<String, HostBuffer>, Next), String> {
     if !program.keeps_inputs() {
         let wanted: Vec<&str> = caches.iter().copied().chain(["logits"]).collect();
-        let out = program.run("decode", inputs, &wanted)?;
+        let mut out = program.run("decode", inputs, &wanted)?;
+        for c in caches {
+            if let Some(b) = out.remove(*c) {
+                out.insert(c.to_string(), b.into_f32());
+            }
+        }
         let next = Next::logits_of(&out)?;
         return Ok((out, next));
     }
@@ -221,14 +234,32 @@ pub struct ArtifactSession<'a> {
     caches: Vec<String>,
     /// Width of a cache row (the latent plus the rope key).
     width: usize,
-    /// The caches: `[position, width]` while prefilling, `[1, max_len, width]` once decoding.
+    /// The caches: `[position, width]` while prefilling, `[1, rows, width]` once decoding.
     state: HashMap<String, HostBuffer>,
     decoding: bool,
     position: usize,
     max_len: usize,
+    /// Rows of the decode caches: `max_len` rounded up as the program asks
+    /// ([`Program::cache_rows_multiple`]).
+    rows: usize,
     has_mtp: bool,
     /// The caches are on the program's device as the last decode step left them.
     resident: bool,
+}
+
+/// Rows of decode caches for sequences of `max_len` tokens: `max_len` in whole multiples of what
+/// `program` asks, within its decode plan's caches.
+fn cache_rows(program: &dyn Program, max_len: usize) -> Result<usize, String> {
+    let (rows, bound) =
+        (max_len.next_multiple_of(program.cache_rows_multiple().max(1)), program.entry_plan("decode")?.sizes.context);
+    if rows > bound {
+        return Err(format!(
+            "{max_len} tokens (prompt + new{}): the artifact's decode plan holds caches of at most {bound} rows \
+             (compile with a larger --max-context)",
+            if rows > max_len { format!(", caches of {rows} rows in whole pages") } else { String::new() }
+        ));
+    }
+    Ok(rows)
 }
 
 fn ids(v: Vec<i64>) -> HostBuffer {
@@ -242,13 +273,7 @@ impl<'a> ArtifactSession<'a> {
         let caches: Vec<String> = prefill.bounds.keys().filter(|n| n.starts_with("kv_cache.")).cloned().collect();
         let width =
             caches.first().and_then(|c| prefill.bounds[c].last().copied()).ok_or("the prefill plan has no caches")?;
-        if max_len > decode.sizes.context {
-            return Err(format!(
-                "{max_len} tokens (prompt + new): the artifact's decode plan holds caches of at most {} rows \
-                 (compile with a larger --max-context)",
-                decode.sizes.context
-            ));
-        }
+        let rows = cache_rows(program, max_len)?;
         if decode.sizes.rows == 0 || prefill.sizes.rows == 0 {
             return Err("the artifact's plans hold no rows (compiled with --max-rows 0)".into());
         }
@@ -265,6 +290,7 @@ impl<'a> ArtifactSession<'a> {
             decoding: false,
             position: 0,
             max_len,
+            rows,
             has_mtp,
             resident: false,
         })
@@ -349,15 +375,13 @@ impl<'a> ArtifactSession<'a> {
             return Err(format!("the session is full ({} tokens)", self.max_len));
         }
         if !self.decoding {
-            // The prefilled rows into caches of max_len rows (one sequence).
+            // The prefilled rows into caches of self.rows rows (one sequence).
             for c in &self.caches {
                 let HostData::F32(rows) = &self.state[c].data else { return Err(format!("{c} is not f32")) };
-                let mut full = vec![0.0f32; self.max_len * self.width];
+                let mut full = vec![0.0f32; self.rows * self.width];
                 full[..rows.len()].copy_from_slice(rows);
-                self.state.insert(
-                    c.clone(),
-                    HostBuffer { shape: vec![1, self.max_len, self.width], data: HostData::F32(full) },
-                );
+                self.state
+                    .insert(c.clone(), HostBuffer { shape: vec![1, self.rows, self.width], data: HostData::F32(full) });
             }
             self.decoding = true;
         }
@@ -386,7 +410,7 @@ impl<'a> ArtifactSession<'a> {
 pub struct ArtifactBatch<'a> {
     program: &'a dyn Program,
     caches: Vec<String>,
-    /// Per cache input: `[sequences, max_len, width]`.
+    /// Per cache input: `[sequences, rows, width]` (rows: [`cache_rows`] of `max_len`).
     state: HashMap<String, HostBuffer>,
     positions: Vec<usize>,
     max_len: usize,
@@ -410,6 +434,7 @@ impl<'a> ArtifactBatch<'a> {
                 prompts.len()
             ));
         }
+        let cache_rows = cache_rows(program, max_len)?;
         let mut logits = Vec::new();
         let mut state: HashMap<String, HostBuffer> = HashMap::new();
         let (mut caches, mut has_mtp) = (Vec::new(), false);
@@ -421,11 +446,11 @@ impl<'a> ArtifactBatch<'a> {
             for c in &caches {
                 let HostData::F32(rows) = &one.state[c].data else { return Err(format!("{c} is not f32")) };
                 let all = state.entry(c.clone()).or_insert_with(|| HostBuffer {
-                    shape: vec![prompts.len(), max_len, width],
-                    data: HostData::F32(vec![0.0; prompts.len() * max_len * width]),
+                    shape: vec![prompts.len(), cache_rows, width],
+                    data: HostData::F32(vec![0.0; prompts.len() * cache_rows * width]),
                 });
                 let HostData::F32(all) = &mut all.data else { unreachable!("made f32 above") };
-                all[i * max_len * width..i * max_len * width + rows.len()].copy_from_slice(rows);
+                all[i * cache_rows * width..i * cache_rows * width + rows.len()].copy_from_slice(rows);
             }
         }
         let positions = prompts.iter().map(Vec::len).collect();
@@ -638,6 +663,11 @@ mod tests {
         argmax: bool,
         last_logits: RefCell<Vec<Vec<f32>>>,
         logits_read: RefCell<usize>,
+        /// Decode caches' rows must be a multiple of this; they come back in bf16 when `bf16`.
+        multiple: usize,
+        bf16: bool,
+        /// Rows per sequence of the last decode's caches.
+        slots: RefCell<usize>,
     }
 
     impl Toy {
@@ -651,6 +681,9 @@ mod tests {
                 argmax: false,
                 last_logits: RefCell::new(Vec::new()),
                 logits_read: RefCell::new(0),
+                multiple: 1,
+                bf16: false,
+                slots: RefCell::new(0),
             }
         }
     }
@@ -690,6 +723,10 @@ mod tests {
 
         fn device_argmax(&self) -> bool {
             self.argmax
+        }
+
+        fn cache_rows_multiple(&self) -> usize {
+            self.multiple
         }
 
         fn argmax_last(&self, _: &str) -> Result<Vec<u32>, String> {
@@ -733,6 +770,10 @@ mod tests {
                 given.clone()
             };
             let slots = cache.shape[1];
+            if slots % self.multiple != 0 {
+                return Err(format!("caches of {slots} rows"));
+            }
+            *self.slots.borrow_mut() = slots;
             let HostData::F32(rows) = &mut cache.data else { unreachable!() };
             let mut logits = Vec::new();
             for (b, (&t, &p)) in tokens.iter().zip(positions).enumerate() {
@@ -744,6 +785,10 @@ mod tests {
                 *self.device.borrow_mut() = Some(cache.clone());
             }
             if wanted.contains(&"kv_cache.0") {
+                let bf16 = |v: &[f32]| HostData::Bf16(v.iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect());
+                if let (true, HostData::F32(v)) = (self.bf16, &cache.data) {
+                    cache.data = bf16(v);
+                }
                 out.insert("kv_cache.0".into(), cache);
             }
             *self.last_logits.borrow_mut() = logits.chunks(VOCAB).map(<[f32]>::to_vec).collect();
@@ -805,5 +850,37 @@ mod tests {
         *device.device.borrow_mut() = None;
         assert_eq!(s.decode(4).unwrap_err(), "nothing resident");
         assert_eq!(s.decode(4).unwrap_err(), "kv_cache.0: no data for its shape");
+    }
+
+    /// A program whose decode caches are whole pages of rows, handed back in bf16 (a GPU artifact
+    /// whose decode attention reads bf16 pages in place): sessions round their caches up, keep f32
+    /// on the host, and give the tokens of a program without either; caches that cannot be whole
+    /// pages within the plan are refused up front.
+    #[test]
+    fn caches_of_whole_pages_in_bf16_give_the_same_tokens() {
+        let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+        let prompt = [3, 5, 1, 7, 2, 9];
+        let plain = Toy::new(false);
+        let mut paged = Toy::new(false);
+        (paged.multiple, paged.bf16) = (16, true);
+        let one = generate(&mut ArtifactSession::new(&plain, 12).unwrap(), &prompt, 6, &mut greedy(), None).unwrap();
+        let mut s = ArtifactSession::new(&paged, 12).unwrap();
+        let two = generate(&mut s, &prompt, 6, &mut greedy(), None).unwrap();
+        assert_eq!(one.tokens, two.tokens);
+        assert_eq!((*plain.slots.borrow(), *paged.slots.borrow()), (12, 16));
+        let prompts = vec![vec![3, 5, 1], vec![8, 8, 2, 4, 4]];
+        let batch = |p: &Toy| {
+            let mut samplers = vec![greedy(), greedy()];
+            generate_batch(p, &prompts, 6, &mut samplers, None)
+                .unwrap()
+                .into_iter()
+                .map(|g| g.tokens)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(batch(&plain), batch(&paged));
+        assert_eq!(*paged.slots.borrow(), 16);
+        paged.multiple = 64;
+        let err = ArtifactSession::new(&paged, 12).err().unwrap();
+        assert!(err.contains("caches of 64 rows in whole pages") && err.contains("at most 32 rows"), "{err}");
     }
 }

@@ -381,7 +381,7 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
             if table.dim != dim {
                 return Err(format!("rope of width {} on k_pe of {dim}", table.dim));
             }
-            let op = RowOp::Latent { eps, rope: dim, interleave, append };
+            let op = RowOp::Latent { eps, rope: dim, interleave, append, bf16_cache: false };
             Ok(RowLaunch::new(RowKernel::new(op, d, &ws.element), Some(table), fused_args))
         }
         [kind @ ("attention_decode" | "attention"), "reshape", "quantize_fp8", "func.return"] => {
@@ -1434,18 +1434,21 @@ pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
 
 /// MLA decode attention (fp8 graph) on the tensor cores, in the absorbed form: the fused
 /// `attention_decode` + `reshape` + `quantize_fp8` kernel of arguments (q_nope `[B, H, nope]`, q_pe
-/// `[B, H, rope]`, the caches `[B, S, kv + rope]` (f32), positions `[B]`, kv_b e4m3 and its
+/// `[B, H, rope]`, the caches `[B, S, kv + rope]`, positions `[B]`, kv_b e4m3 and its
 /// scales) as five launches:
 /// 1. the absorbed queries `[q_nope W_UK | q_pe]` per (token, head) in bf16 (`rows_mlaabsorb`);
-/// 2. the caches' rows up to each position as bf16 64-row pages, with the block table and lengths
-///    (`rows_mlapages`: the kernel's paged layout over the plan's f32 caches, converted per step);
+/// 2. the block table and lengths over the caches (`rows_mlatable`): the decode entry's caches are
+///    bf16 with S a multiple of 64 — each sequence's 64-row pages in order — where the decode
+///    attention runs on the tensor cores ([`super::compile_model`] makes the latent row store bf16,
+///    the artifact's plan says bf16, sessions round S up);
 /// 3. split-K attention (`mla_decode_*`: wgmma for `S = Q K^T` and `P V`, TMA page ring; the
 ///    runtime picks the splits for the run, [`v3c_runtime::lowering::attention_splits`]);
 /// 4. the splits merged (`rows_mlacombine`); 5. each head's latent output through `W_UV`,
 ///    quantized 1x128 (`rows_mlaupv`).
 ///
-/// Numerics: the cache, the absorbed queries and P in bf16 (the CUDA-core row keeps the
-/// reference's f32). `Err`: not this kernel, or shapes the templates do not take.
+/// Numerics: the cache (each row rounded to bf16 as the latent row stores it), the absorbed
+/// queries and P in bf16 (the CUDA-core row keeps the reference's f32). `Err`: not this kernel, or
+/// shapes the templates do not take.
 pub fn mla_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
     let launch = row_of_kernel(kernel)?;
     let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: false, .. } = launch.kernel.op else {
@@ -1462,6 +1465,7 @@ pub fn mla_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
     }
     let (q_nope, q_pe, cache, positions, kv_b, kv_b_scale) = (0, 1, 2, 3, 4, 5);
     let width = kv + rope;
+    use super::rows::{HEAD_TOKENS, PAGE_ROWS as page};
     let cache_dim = |dim: usize, align: usize, div: usize| TempDim::Arg { arg: cache, dim, align, div };
     let splits = TempDim::Splits { heads, cache };
     let row = |op: RowOp, d: usize, weight: &str| StepKernel::Row(RowKernel::new(op, d, weight));
@@ -1470,8 +1474,7 @@ pub fn mla_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
     Ok(Steps {
         temps: vec![
             Temp::per_row(heads, width, "bf16"),
-            Temp::shaped(vec![cache_dim(0, 1, 1), cache_dim(1, 64, 1), TempDim::Fixed(width)], "bf16"),
-            Temp::shaped(vec![cache_dim(0, 1, 1), cache_dim(1, 64, 64)], "i32"),
+            Temp::shaped(vec![cache_dim(0, 1, 1), cache_dim(1, page, page)], "i32"),
             Temp::shaped(vec![cache_dim(0, 1, 1)], "i32"),
             Temp::shaped(vec![splits, TempDim::Rows(heads), TempDim::Fixed(kv)], "f32"),
             Temp::shaped(vec![splits, TempDim::Rows(heads)], "f32"),
@@ -1479,18 +1482,18 @@ pub fn mla_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
         ],
         steps: vec![
             step(
-                row(RowOp::MlaAbsorb { heads, nope, rope, v }, kv, "f8E4M3FN"),
+                row(RowOp::MlaAbsorb { heads, nope, rope, v, tokens: HEAD_TOKENS }, kv, "f8E4M3FN"),
                 vec![Arg(q_nope), Arg(q_pe), Arg(kv_b), Arg(kv_b_scale), T(0)],
             ),
-            step(row(RowOp::MlaPages, width, "f32"), vec![Arg(cache), Arg(positions), T(1), T(2), T(3)]),
+            step(row(RowOp::MlaTable, page, "f32"), vec![Arg(positions), T(1), T(2)]),
             step(
                 StepKernel::MlaDecode(MlaDecodeLaunch { config, heads, scale }),
-                vec![T(0), T(1), T(2), T(3), T(4), T(5)],
+                vec![T(0), Arg(cache), T(1), T(2), T(3), T(4)],
             ),
-            step(row(RowOp::MlaCombine, kv, "f32"), vec![T(4), T(5), T(6)]),
+            step(row(RowOp::MlaCombine, kv, "f32"), vec![T(3), T(4), T(5)]),
             step(
-                row(RowOp::MlaUpV { heads, nope, v }, kv, "f8E4M3FN"),
-                vec![T(6), Arg(kv_b), Arg(kv_b_scale), Out(0), Out(1)],
+                row(RowOp::MlaUpV { heads, nope, v, tokens: HEAD_TOKENS }, kv, "f8E4M3FN"),
+                vec![T(5), Arg(kv_b), Arg(kv_b_scale), Out(0), Out(1)],
             ),
         ],
         rope_table: None,

@@ -15,7 +15,7 @@ pub mod mla;
 pub mod rows;
 
 use melior::ir::block::BlockLike;
-use melior::ir::operation::OperationLike;
+use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::{Module, RegionLike};
 use melior::pass::PassManager;
 use melior::Context;
@@ -204,9 +204,43 @@ pub struct AttentionKernels {
     pub decode: AttentionKernel,
 }
 
+/// Whether `module`'s decode caches are bf16 64-row pages: decode attention on the tensor cores
+/// (`attention.decode`) and every decode attention kernel taking that path (a module whose
+/// kernels mix it with the f32 row keeps f32 caches and the row everywhere).
+pub fn bf16_decode_caches(module: &Module, attention: AttentionKernels) -> bool {
+    if attention.decode != AttentionKernel::TensorCores {
+        return false;
+    }
+    let (mut decode, mut tensor_cores) = (0, 0);
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        let decode_row = lower::row_of_kernel(&f)
+            .is_ok_and(|l| matches!(l.kernel.op, rows::RowOp::MlaDecode { prefill: false, .. }));
+        if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() && decode_row {
+            decode += 1;
+            tensor_cores += usize::from(lower::mla_decode_steps(&f).is_ok());
+        }
+    }
+    decode > 0 && tensor_cores == decode
+}
+
+/// Kernel `f`'s row launch (`Err`: not a row kernel), the decode latent row storing bf16 where
+/// the caches are ([`bf16_decode_caches`]).
+pub fn row_launch(f: &OperationRef, bf16_caches: bool) -> Result<lower::RowLaunch, String> {
+    let mut launch = lower::row_of_kernel(f)?;
+    if let rows::RowOp::Latent { append: false, ref mut bf16_cache, .. } = launch.kernel.op {
+        *bf16_cache = bf16_caches;
+    }
+    Ok(launch)
+}
+
 /// The sm_90a lowering of a `fused`-stage module (the kernels of every entry point).
 #[derive(Debug, Default)]
 pub struct ModelKernels {
+    /// The decode entry's caches are bf16 64-row pages ([`bf16_decode_caches`]): the plan's
+    /// cache inputs of that entry are to say so.
+    pub bf16_decode_caches: bool,
     /// Per fused kernel mapped onto the GEMM template: its GEMM and its [decode, prefill] kernels.
     pub gemms: Vec<(lower::GemmKernel, [String; 2])>,
     /// The distinct template kernels, compiled (and assembled when ptxas was given).
@@ -315,7 +349,8 @@ pub fn compile_model(
     choose: &mut dyn FnMut(&lower::GemmKernel, usize) -> Vec<gemm::GemmConfig>,
     mut progress: impl FnMut(&str),
 ) -> Result<ModelKernels, Sm90Error> {
-    let mut out = ModelKernels::default();
+    let bf16_caches = bf16_decode_caches(module, attention);
+    let mut out = ModelKernels { bf16_decode_caches: bf16_caches, ..ModelKernels::default() };
     let mut op = module.body().first_operation();
     while let Some(f) = op {
         op = f.next_in_block();
@@ -327,8 +362,8 @@ pub fn compile_model(
         let tensor_core_attention = (tensor_cores(attention.prefill))
             .then(|| lower::mla_prefill_steps(&f).ok())
             .flatten()
-            .or_else(|| tensor_cores(attention.decode).then(|| lower::mla_decode_steps(&f).ok()).flatten());
-        let row = lower::row_of_kernel(&f);
+            .or_else(|| bf16_caches.then(|| lower::mla_decode_steps(&f).ok()).flatten());
+        let row = row_launch(&f, bf16_caches);
         if let (Ok(launch), None) = (&row, &tensor_core_attention) {
             let launch = launch.clone();
             out.row_kernel(context, &launch.kernel, target, ptxas, &mut progress)?;

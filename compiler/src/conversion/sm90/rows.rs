@@ -31,6 +31,13 @@ pub const GROUP: usize = 128;
 const AMAX_PARTS: usize = 4;
 /// The largest e4m3 magnitude.
 const E4M3_MAX: f32 = 448.0;
+
+/// Rows of a page of the paged latent cache the tensor-core decode attention reads.
+pub const PAGE_ROWS: usize = 64;
+
+/// Tokens one block of decode's per-head rows ([`RowOp::MlaAbsorb`], [`RowOp::MlaUpV`]) takes: each
+/// of the head's kv_b weights is read once for all of them.
+pub const HEAD_TOKENS: usize = 8;
 /// Static shared memory a CTA may declare without opting in.
 const STATIC_SHARED_LIMIT: usize = 48 * 1024;
 
@@ -49,8 +56,9 @@ pub enum RowOp {
     /// `append` (prefill): the output is `concat(cache [P, C], new rows)`, one block per output row
     /// (the first P copy); otherwise (decode) row b is written in place at `cache[b, position_b]`.
     /// Positions outside the table (or the cache) leave the row unwritten: the runtime rejects
-    /// them before launching, as the CPU backend does.
-    Latent { eps: f32, rope: usize, interleave: bool, append: bool },
+    /// them before launching, as the CPU backend does. `bf16_cache` (decode): the cache is bf16
+    /// (the tensor-core decode attention's pages), each value rounded to nearest even as stored.
+    Latent { eps: f32, rope: usize, interleave: bool, append: bool, bf16_cache: bool },
     /// MLA's query heads out of the q_b GEMM: `y [rows, heads * (nope + rope)]` split per head into
     /// `q_nope [rows, heads, nope]` and `q_pe [rows, heads, rope]`, RoPE applied to q_pe at the
     /// row's position from the same table as [`RowOp::Latent`]. `d` is `heads * (nope + rope)`.
@@ -113,21 +121,22 @@ pub enum RowOp {
     /// row t is `[o[t], o[T + t], ..]`, 1x128 e4m3 quantized (`quantize`: bytes `q [T, d]` and
     /// `scale`, the fp8 graph's o_proj input) or as f32 `y [T, d]` (the f32 graph's).
     MlaHeadsOut { heads: usize, quantize: bool },
-    /// MLA decode's queries for the tensor-core kernel (the absorbed form): one block per (token b,
-    /// head h) writes `q[b H + h] = bf16([q_nope[b, h] W_UK_h | q_pe[b, h]])`, `W_UK_h` the head's
-    /// nope rows of kv_b (e4m3 with 128x128 block scales, decoded as read), each latent column
-    /// summed over nope in order — as the CUDA-core row's first phases ([`RowOp::MlaDecode`]).
-    /// `d` is the latent width.
-    MlaAbsorb { heads: usize, nope: usize, rope: usize, v: usize },
+    /// MLA decode's queries for the tensor-core kernel (the absorbed form): `q[b H + h] =
+    /// bf16([q_nope[b, h] W_UK_h | q_pe[b, h]])`, `W_UK_h` the head's nope rows of kv_b (e4m3 with
+    /// 128x128 block scales, decoded as read), each latent column summed over nope in order — as
+    /// the CUDA-core row's first phases ([`RowOp::MlaDecode`]). One block per head and `tokens`
+    /// tokens, each weight read once for all of them. `d` is the latent width.
+    MlaAbsorb { heads: usize, nope: usize, rope: usize, v: usize, tokens: usize },
     /// The decode attention's latent output `o [B H, d]` (f32) through each head's value rows of
-    /// kv_b (`W_UV_h`) and quantized 1x128: one block per (b, h) writes `q[b, h v ..][..v]` and its
-    /// group's scale `scale[b, h]` (v = 128: a head is a group) — the CUDA-core row's last phases.
-    MlaUpV { heads: usize, nope: usize, v: usize },
-    /// The decode caches `[B, S, d]` (f32, seen as `[B S, d]`) as the tensor-core kernel's bf16
-    /// pages: one block per cache row (b, s) copies the rows s <= position_b to `pages[b Sp + s]`
-    /// (Sp: S in whole 64-row pages); each sequence's first row also writes its block-table row
-    /// (`table[b, i] = b Sp / 64 + i`) and length (`position_b + 1`).
-    MlaPages,
+    /// kv_b (`W_UV_h`) and quantized 1x128: `q[b, h v ..][..v]` and its group's scale `scale[b,
+    /// h]` (v = 128: a head is a group) — the CUDA-core row's last phases. One block per head and
+    /// `tokens` tokens, each weight read once for all of them.
+    MlaUpV { heads: usize, nope: usize, v: usize, tokens: usize },
+    /// The block table and lengths of decode caches that are already bf16 64-row pages (`[B, S,
+    /// C]` with S a multiple of 64: page `b S / 64 + i` is sequence b's i-th): one block per
+    /// sequence writes `table[b, i] = b n + i` for its n = `table`'s columns pages and its length
+    /// `min(position_b + 1, 64 n)` (0 for a negative position). The decode launch checks S = 64 n.
+    MlaTable,
     /// Greedy sampling's argmax of each f32 row (`x [rows, d]` -> `idx [rows]`, i32) in the
     /// reference's order: `f32::total_cmp` (NaN and -0 < +0 ordered as Rust orders them), ties to
     /// the lower index. Each thread scans a strided share, then a tree over the threads.
@@ -162,7 +171,7 @@ impl RowKernel {
         let threads = match op {
             // One thread per expert's scan of the pairs.
             RowOp::Dispatch { .. } => d.next_power_of_two().clamp(32, 256),
-            RowOp::MlaDecode { .. } => 128,
+            RowOp::MlaDecode { .. } | RowOp::MlaAbsorb { .. } | RowOp::MlaUpV { .. } => 128,
             RowOp::Train(op) => op.threads(d),
             _ => (d / 8).next_power_of_two().clamp(32, 256),
         };
@@ -201,11 +210,13 @@ impl RowKernel {
                 )
             }
             RowOp::MlaQueries { heads, nope, rope } => format!("rows_mlaqueries_h{heads}_n{nope}_r{rope}_t{t}"),
-            RowOp::MlaAbsorb { heads, nope, rope, v } => {
-                format!("rows_mlaabsorb_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_t{t}")
+            RowOp::MlaAbsorb { heads, nope, rope, v, tokens } => {
+                format!("rows_mlaabsorb_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_b{tokens}_t{t}")
             }
-            RowOp::MlaUpV { heads, nope, v } => format!("rows_mlaupv_h{heads}_n{nope}_v{v}_kv{d}_t{t}"),
-            RowOp::MlaPages => format!("rows_mlapages_d{d}_t{t}"),
+            RowOp::MlaUpV { heads, nope, v, tokens } => {
+                format!("rows_mlaupv_h{heads}_n{nope}_v{v}_kv{d}_b{tokens}_t{t}")
+            }
+            RowOp::MlaTable => format!("rows_mlatable_t{t}"),
             RowOp::MlaHeadsOut { heads, quantize } => {
                 format!("rows_mlaheadsout_h{heads}_d{d}_t{t}_{}", if quantize { "q" } else { "y" })
             }
@@ -226,10 +237,14 @@ impl RowKernel {
                 format!("rows_route_{w}_d{d}_e{experts}_k{top_k}_g{n_group}_kg{topk_group}_s{scale}{norm}_t{t}")
             }
             RowOp::Dispatch { experts, shared } => format!("rows_dispatch_e{experts}_s{shared}_t{t}"),
-            RowOp::Latent { eps, rope, interleave, append } => {
+            RowOp::Latent { eps, rope, interleave, append, bf16_cache } => {
                 let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
                 let layout = if interleave { "_il" } else { "" };
-                let mode = if append { "append" } else { "write" };
+                let mode = match (append, bf16_cache) {
+                    (true, _) => "append",
+                    (false, false) => "write",
+                    (false, true) => "writebf16",
+                };
                 format!("rows_latent_{w}_d{d}_r{rope}_t{t}_eps{eps}{layout}_{mode}")
             }
         }
@@ -327,12 +342,13 @@ impl RowKernel {
                     threads: number(t, 't')?,
                 })
             }
-            ("mlaabsorb", [h, n, r, v, kv, t]) => {
+            ("mlaabsorb", [h, n, r, v, kv, b, t]) => {
                 let op = RowOp::MlaAbsorb {
                     heads: number(h, 'h')?,
                     nope: number(n, 'n')?,
                     rope: number(r, 'r')?,
                     v: number(v, 'v')?,
+                    tokens: number(b, 'b')?,
                 };
                 Some(RowKernel {
                     op,
@@ -341,8 +357,13 @@ impl RowKernel {
                     threads: number(t, 't')?,
                 })
             }
-            ("mlaupv", [h, n, v, kv, t]) => {
-                let op = RowOp::MlaUpV { heads: number(h, 'h')?, nope: number(n, 'n')?, v: number(v, 'v')? };
+            ("mlaupv", [h, n, v, kv, b, t]) => {
+                let op = RowOp::MlaUpV {
+                    heads: number(h, 'h')?,
+                    nope: number(n, 'n')?,
+                    v: number(v, 'v')?,
+                    tokens: number(b, 'b')?,
+                };
                 Some(RowKernel {
                     op,
                     d: kv.strip_prefix("kv")?.parse().ok()?,
@@ -350,12 +371,9 @@ impl RowKernel {
                     threads: number(t, 't')?,
                 })
             }
-            ("mlapages", [d, t]) => Some(RowKernel {
-                op: RowOp::MlaPages,
-                d: number(d, 'd')?,
-                weight: "f32".into(),
-                threads: number(t, 't')?,
-            }),
+            ("mlatable", [t]) => {
+                Some(RowKernel { op: RowOp::MlaTable, d: PAGE_ROWS, weight: "f32".into(), threads: number(t, 't')? })
+            }
             ("mlaqueries", [h, n, r, t]) => {
                 let (heads, nope, rope) = (number(h, 'h')?, number(n, 'n')?, number(r, 'r')?);
                 let op = RowOp::MlaQueries { heads, nope, rope };
@@ -390,7 +408,7 @@ impl RowKernel {
             return (kernel.check().is_ok() && kernel.kernel_name() == name).then_some(kernel);
         }
         if op == "latent" {
-            // rows_latent_<w>_d<D>_r<R>_t<T>_eps<E>[_il]_(append|write)
+            // rows_latent_<w>_d<D>_r<R>_t<T>_eps<E>[_il]_(append|write|writebf16)
             let [weight, d, r, t, eps, rest @ ..] = &parts[..] else { return None };
             let (interleave, mode) = match rest {
                 ["il", m] => (true, *m),
@@ -401,12 +419,12 @@ impl RowKernel {
                 eps: eps_of(eps)?,
                 rope: r.strip_prefix('r')?.parse().ok()?,
                 interleave,
-                append: match mode {
-                    "append" => true,
-                    "write" => false,
-                    _ => return None,
-                },
+                append: mode == "append",
+                bf16_cache: mode == "writebf16",
             };
+            if !["append", "write", "writebf16"].contains(&mode) {
+                return None;
+            }
             let d = d.strip_prefix('d')?.parse().ok()?;
             let threads = t.strip_prefix('t')?.parse().ok()?;
             let kernel = RowKernel { op, d, weight: weight.to_string(), threads };
@@ -514,10 +532,8 @@ impl RowKernel {
                 ("q", "memref<?x?xi8>".into()),
                 ("scale", "memref<?x?xf32>".into()),
             ],
-            RowOp::MlaPages => vec![
-                ("cache", "memref<?x?xf32>".to_string()),
-                ("positions", "memref<?xi64>".into()),
-                ("pages", "memref<?x?xbf16>".into()),
+            RowOp::MlaTable => vec![
+                ("positions", "memref<?xi64>".to_string()),
                 ("table", "memref<?x?xi32>".into()),
                 ("seqlens", "memref<?xi32>".into()),
             ],
@@ -570,7 +586,7 @@ impl RowKernel {
                 }
                 args
             }
-            RowOp::Latent { append, .. } => {
+            RowOp::Latent { append, bf16_cache, .. } => {
                 let mut args = vec![
                     ("latent", "memref<?x?xf32>".to_string()),
                     ("w", format!("memref<?x{w}>")),
@@ -582,7 +598,8 @@ impl RowKernel {
                     args.push(("rope", "memref<?x?xf32>".into()));
                     args.push(("out", "memref<?x?xf32>".into()));
                 } else {
-                    args.push(("cache", "memref<?x?x?xf32>".into()));
+                    let element = if bf16_cache { "bf16" } else { "f32" };
+                    args.push(("cache", format!("memref<?x?x?x{element}>")));
                     args.push(("rope", "memref<?x?xf32>".into()));
                 }
                 args
@@ -610,7 +627,7 @@ impl RowKernel {
             RowOp::MlaKeys { .. } => "kv",
             RowOp::MlaQueries { .. } | RowOp::MlaAbsorb { .. } => "q_nope",
             RowOp::MlaUpV { .. } => "q",
-            RowOp::MlaPages => "cache",
+            RowOp::MlaTable => "positions",
             RowOp::MlaHeadsOut { quantize: true, .. } => "q",
             RowOp::MlaHeadsOut { quantize: false, .. } => "y",
             RowOp::Argmax => "x",
@@ -619,6 +636,15 @@ impl RowKernel {
             RowOp::Dispatch { .. } => return None,
             RowOp::Train(op) => return op.rows_argument(),
         })
+    }
+
+    /// Rows of the rows argument one block takes (the grid is `ceil(rows / this)` x
+    /// [`RowKernel::blocks_per_row`]).
+    pub fn rows_per_block(&self) -> usize {
+        match self.op {
+            RowOp::MlaAbsorb { tokens, .. } | RowOp::MlaUpV { tokens, .. } => tokens,
+            _ => 1,
+        }
     }
 
     /// Blocks per row of the rows argument: the grid is rows x this (attention: one per head).
@@ -653,10 +679,12 @@ impl RowKernel {
             | RowOp::Concat { .. }
             | RowOp::MlaKeys { .. }
             | RowOp::MlaQueries { .. }
-            | RowOp::MlaPages
+            | RowOp::MlaTable
             | RowOp::MlaCombine => Vec::new(),
-            RowOp::MlaAbsorb { nope, .. } => vec![("sh_qn", nope)],
-            RowOp::MlaUpV { v, .. } => vec![("sh_o", self.d), ("sh_out", v), ("sh_red", 4)],
+            RowOp::MlaAbsorb { nope, tokens, .. } => vec![("sh_qn", tokens * nope)],
+            RowOp::MlaUpV { v, tokens, .. } => {
+                vec![("sh_o", tokens * self.d), ("sh_out", tokens * v), ("sh_red", 2 + tokens.max(2))]
+            }
             RowOp::MlaHeadsOut { quantize: true, .. } => {
                 vec![("sh_amax", self.groups() * AMAX_PARTS), ("sh_scale", self.groups())]
             }
@@ -738,6 +766,11 @@ impl RowKernel {
                 return Err(format!("{name}: v heads of {v} (one head is one 128-wide quantization group)"));
             }
         }
+        if let RowOp::MlaAbsorb { tokens, .. } | RowOp::MlaUpV { tokens, .. } = self.op {
+            if tokens == 0 || tokens > self.threads {
+                return Err(format!("{name}: {tokens} tokens per block (1 to the {} threads)", self.threads));
+            }
+        }
         if let RowOp::MlaHeadsOut { heads, .. } = self.op {
             if heads == 0 || !self.d.is_multiple_of(heads) {
                 return Err(format!("{name}: rows of {} columns are not {heads} heads", self.d));
@@ -806,8 +839,8 @@ impl RowKernel {
             s.push_str(&quant_constants(1));
         }
         let mla_heads = match self.op {
-            RowOp::MlaAbsorb { heads, nope, rope, v } => Some((heads, nope, rope, v)),
-            RowOp::MlaUpV { heads, nope, v } => Some((heads, nope, 0, v)),
+            RowOp::MlaAbsorb { heads, nope, rope, v, .. } => Some((heads, nope, rope, v)),
+            RowOp::MlaUpV { heads, nope, v, .. } => Some((heads, nope, 0, v)),
             _ => None,
         };
         if let Some((heads, nope, rope, v)) = mla_heads {
@@ -877,49 +910,91 @@ impl RowKernel {
         )
     }
 
-    /// MLA attention's last phases, from the head's latent output in `sh_o` (block (b, h)): `out[e]
-    /// = sum_a o[a] W_UV[e, a]` (each a sequential sum), then the f32 graph's row as it is, or the
-    /// head's 1x128 group quantized (its scale via `sh_red[2]`: the phases need `%c2`).
+    /// MLA attention's last phases, from the heads' latent outputs in `sh_o` (block (b, h), or
+    /// [`RowOp::MlaUpV`]'s tokens: token t's at `t d`): `out[e] = sum_a o[a] W_UV[e, a]` (each a
+    /// sequential sum, each weight read once for all tokens), then the f32 graph's rows as they
+    /// are, or each head's 1x128 group quantized (token t's scale via `sh_red[2 + t]`: the phases
+    /// need `%c2`).
     fn up_v_phases(&self, lowering: Lowering) -> Vec<String> {
         let sh = |name: &str| self.shared_type(name, lowering);
         let (o, out, red) = (sh("sh_o"), sh("sh_out"), sh("sh_red"));
         let bf16 = self.weight == "bf16";
-        let weight = |row: &str, col: &str, out: &str| self.kv_b_weight(row, col, out);
+        let (v, tiled) = match self.op {
+            RowOp::MlaUpV { v, tokens, .. } => (v, Some(tokens)),
+            RowOp::MlaDecode { v, .. } => (v, None),
+            _ => unreachable!("the up-projection of MLA's rows"),
+        };
+        let n = tiled.unwrap_or(1);
+        let offsets: String = (0..n)
+            .map(|t| {
+                format!(
+                    "%ooff{t} = arith.constant {} : index\n%voff{t} = arith.constant {} : index\n",
+                    t * self.d,
+                    t * v
+                )
+            })
+            .collect();
+        let sums: String = (0..n)
+            .map(|t| {
+                format!(
+                    "    %oi{t} = arith.addi %a, %ooff{t} : index
+    %ov{t} = memref.load %sh_o[%oi{t}] : {o}
+    %m{t} = arith.mulf %ov{t}, %wv : f32
+    %n{t} = arith.addf %s{t}, %m{t} : f32
+"
+                )
+            })
+            .collect();
+        let stores: String = (0..n)
+            .map(|t| {
+                format!(
+                    "  %si{t} = arith.addi %e, %voff{t} : index\n  memref.store %acc#{t}, %sh_out[%si{t}] : {out}\n"
+                )
+            })
+            .collect();
         let mut phases = Vec::new();
         phases.push(format!(
-            "scf.for %e = %tid to %cV step %cT {{
+            "{offsets}scf.for %e = %tid to %cV step %cT {{
   %vrow0 = arith.addi %head_row, %cNope : index
   %vrow = arith.addi %vrow0, %e : index
-  %acc = scf.for %a = %c0 to %cD step %c1 iter_args(%s = %zero) -> (f32) {{
-    %ov = memref.load %sh_o[%a] : {o}
-{w}    %m = arith.mulf %ov, %wv : f32
-    %s2 = arith.addf %s, %m : f32
-    scf.yield %s2 : f32
+  %acc:{n} = scf.for %a = %c0 to %cD step %c1 iter_args({inits}) -> ({types}) {{
+{w}{sums}    scf.yield {yields} : {types}
   }}
-  memref.store %acc, %sh_out[%e] : {out}
-}}
+{stores}}}
 ",
-            w = weight("%vrow", "%a", "%wv")
+            inits = (0..n).map(|t| format!("%s{t} = %zero")).collect::<Vec<_>>().join(", "),
+            types = vec!["f32"; n].join(", "),
+            yields = (0..n).map(|t| format!("%n{t}")).collect::<Vec<_>>().join(", "),
+            w = self.kv_b_weight("%vrow", "%a", "%wv"),
         ));
-        if bf16 {
-            // The f32 graph's: the head's outputs as they are.
-            phases.push(format!(
-                "%col0 = arith.muli %h, %cV : index
-scf.for %e = %tid to %cV step %cT {{
-  %v = memref.load %sh_out[%e] : {out}
-  %col = arith.addi %col0, %e : index
-  memref.store %v, %out[%b, %col] : memref<?x?xf32>
-}}
+        let out_row = |t: usize| {
+            format!(
+                "scf.for %e = %tid to %cV step %cT {{
+  %si = arith.addi %e, %voff{t} : index
+  %v = memref.load %sh_out[%si] : {out}
 "
-            ));
+            )
+        };
+        if bf16 {
+            // The f32 graph's: the heads' outputs as they are.
+            let rows = per_token(tiled, |t| {
+                format!(
+                    "{}  %col = arith.addi %col0, %e : index\n  memref.store %v, %out[%bt{t}, %col] : memref<?x?xf32>\n}}\n",
+                    out_row(t)
+                )
+            });
+            phases.push(format!("{offsets}%col0 = arith.muli %h, %cV : index\n{rows}"));
             return phases;
         }
-        // The head's group: its scale (one thread), then its bytes.
-        phases.push(format!(
-            "%is0 = arith.cmpi eq, %tid, %c0 : index
-scf.if %is0 {{
+        // Each token's group: its scale (thread t), then its bytes.
+        let scales = per_token(tiled, |t| {
+            format!(
+                "%tt = arith.constant {t} : index
+%mine = arith.cmpi eq, %tid, %tt : index
+scf.if %mine {{
   %m = scf.for %e = %c0 to %cV step %c1 iter_args(%mx = %zero) -> (f32) {{
-    %v = memref.load %sh_out[%e] : {out}
+    %si = arith.addi %e, %voff{t} : index
+    %v = memref.load %sh_out[%si] : {out}
     %vb = arith.bitcast %v : f32 to i32
     %ab = arith.andi %vb, %abs_mask : i32
     %av = arith.bitcast %ab : i32 to f32
@@ -930,23 +1005,30 @@ scf.if %is0 {{
   %small = arith.cmpf olt, %m, %amax_floor : f32
   %floored = arith.select %small, %amax_floor, %m : f32
   %s = arith.divf %floored, %e4m3_max : f32
-  memref.store %s, %scale[%b, %h] : memref<?x?xf32>
-  memref.store %s, %sh_red[%c2] : {red}
-}}
-"
-        ));
-        phases.push(format!(
-            "%s = memref.load %sh_red[%c2] : {red}
-%col0 = arith.muli %h, %cV : index
-scf.for %e = %tid to %cV step %cT {{
-  %v = memref.load %sh_out[%e] : {out}
-  %qv = arith.divf %v, %s : f32
-{encode}  %col = arith.addi %col0, %e : index
-  memref.store %byte, %q[%b, %col] : memref<?x?xi8>
+  memref.store %s, %scale[%bt{t}, %h] : memref<?x?xf32>
+  %ri = arith.constant {} : index
+  memref.store %s, %sh_red[%ri] : {red}
 }}
 ",
-            encode = encode_e4m3(lowering, "%qv", "%byte"),
-        ));
+                2 + t
+            )
+        });
+        phases.push(format!("{offsets}{scales}"));
+        let bytes = per_token(tiled, |t| {
+            format!(
+                "%ri = arith.constant {} : index
+%s = memref.load %sh_red[%ri] : {red}
+{}  %qv = arith.divf %v, %s : f32
+{encode}  %col = arith.addi %col0, %e : index
+  memref.store %byte, %q[%bt{t}, %col] : memref<?x?xi8>
+}}
+",
+                2 + t,
+                out_row(t),
+                encode = encode_e4m3(lowering, "%qv", "%byte"),
+            )
+        });
+        phases.push(format!("{offsets}%col0 = arith.muli %h, %cV : index\n{bytes}"));
         phases
     }
 
@@ -1561,94 +1643,115 @@ scf.for %j = %j_first to %k1 step %cT {{
                 phases.extend(self.up_v_phases(lowering));
                 with_c2(phases)
             }
-            RowOp::MlaUpV { .. } => {
+            RowOp::MlaUpV { tokens, .. } => {
                 let o = sh("sh_o");
-                let mut phases = vec![format!(
-                    "scf.for %a = %tid to %cD step %cT {{
-  %v = memref.load %o[%row, %a] : memref<?x?xf32>
-  memref.store %v, %sh_o[%a] : {o}
+                let loads = per_token(Some(tokens), |t| {
+                    format!(
+                        "%orow0 = arith.muli %bt{t}, %cH : index
+%orow = arith.addi %orow0, %h : index
+%ooff = arith.constant {} : index
+scf.for %a = %tid to %cD step %cT {{
+  %v = memref.load %o[%orow, %a] : memref<?x?xf32>
+  %oi = arith.addi %a, %ooff : index
+  memref.store %v, %sh_o[%oi] : {o}
 }}
-"
-                )];
+",
+                        t * self.d
+                    )
+                });
+                let mut phases = vec![loads];
                 phases.extend(self.up_v_phases(lowering));
                 with_c2(phases)
             }
-            RowOp::MlaAbsorb { .. } => {
+            RowOp::MlaAbsorb { nope, tokens, .. } => {
                 let qn = sh("sh_qn");
-                vec![
+                let tiled = Some(tokens);
+                let offsets: String =
+                    (0..tokens).map(|t| format!("%qoff{t} = arith.constant {} : index\n", t * nope)).collect();
+                let query_row = |t: usize| {
+                    format!("%qrow0 = arith.muli %bt{t}, %cH : index\n%qrow = arith.addi %qrow0, %h : index\n")
+                };
+                let loads = per_token(tiled, |t| {
                     format!(
                         "scf.for %i = %tid to %cNope step %cT {{
-  %v = memref.load %q_nope[%b, %h, %i] : memref<?x?x?xf32>
-  memref.store %v, %sh_qn[%i] : {qn}
+  %v = memref.load %q_nope[%bt{t}, %h, %i] : memref<?x?x?xf32>
+  %qi = arith.addi %i, %qoff{t} : index
+  memref.store %v, %sh_qn[%qi] : {qn}
 }}
 "
-                    ),
-                    // q_abs[a] = sum_d q_nope[d] W_UK[d, a], then the rope query, in bf16.
+                    )
+                });
+                let sums: String = (0..tokens)
+                    .map(|t| {
+                        format!(
+                            "    %qi{t} = arith.addi %d, %qoff{t} : index
+    %qv{t} = memref.load %sh_qn[%qi{t}] : {qn}
+    %m{t} = arith.mulf %qv{t}, %wv : f32
+    %n{t} = arith.addf %s{t}, %m{t} : f32
+"
+                        )
+                    })
+                    .collect();
+                let stores = per_token(tiled, |t| {
                     format!(
-                        "{BF16_CONSTANTS}scf.for %a = %tid to %cD step %cT {{
-  %acc = scf.for %d = %c0 to %cNope step %c1 iter_args(%s = %zero) -> (f32) {{
-    %qv = memref.load %sh_qn[%d] : {qn}
-    %wrow = arith.addi %head_row, %d : index
-{w}    %m = arith.mulf %qv, %wv : f32
-    %s2 = arith.addf %s, %m : f32
-    scf.yield %s2 : f32
-  }}
-{round_a}  memref.store %qb, %qa[%row, %a] : memref<?x?xbf16>
-}}
-scf.for %r = %tid to %cRope step %cT {{
-  %pe = memref.load %q_pe[%b, %h, %r] : memref<?x?x?xf32>
-{round_r}  %col = arith.addi %cD, %r : index
-  memref.store %pb, %qa[%row, %col] : memref<?x?xbf16>
+                        "{}{}memref.store %qb, %qa[%qrow, %a] : memref<?x?xbf16>\n",
+                        query_row(t),
+                        round_bf16(&format!("%acc#{t}"), "%qb")
+                    )
+                });
+                let ropes = per_token(tiled, |t| {
+                    format!(
+                        "{}scf.for %r = %tid to %cRope step %cT {{
+  %pe = memref.load %q_pe[%bt{t}, %h, %r] : memref<?x?x?xf32>
+{}  %col = arith.addi %cD, %r : index
+  memref.store %pb, %qa[%qrow, %col] : memref<?x?xbf16>
 }}
 ",
+                        query_row(t),
+                        round_bf16("%pe", "%pb")
+                    )
+                });
+                vec![
+                    format!("{offsets}{loads}"),
+                    // q_abs[a] = sum_d q_nope[d] W_UK[d, a] per token, then the rope query, in bf16.
+                    format!(
+                        "{BF16_CONSTANTS}{offsets}scf.for %a = %tid to %cD step %cT {{
+  %acc:{tokens} = scf.for %d = %c0 to %cNope step %c1 iter_args({inits}) -> ({types}) {{
+    %wrow = arith.addi %head_row, %d : index
+{w}{sums}    scf.yield {yields} : {types}
+  }}
+{stores}}}
+{ropes}",
+                        inits = (0..tokens).map(|t| format!("%s{t} = %zero")).collect::<Vec<_>>().join(", "),
+                        types = vec!["f32"; tokens].join(", "),
+                        yields = (0..tokens).map(|t| format!("%n{t}")).collect::<Vec<_>>().join(", "),
                         w = indent2(&self.kv_b_weight("%wrow", "%a", "%wv")),
-                        round_a = round_bf16("%acc", "%qb"),
-                        round_r = round_bf16("%pe", "%pb"),
                     ),
                 ]
             }
-            RowOp::MlaPages => vec![format!(
-                "{BF16_CONSTANTS}%B = memref.dim %positions, %c0 : memref<?xi64>
-%n_rows = memref.dim %cache, %c0 : memref<?x?xf32>
-%S = arith.divui %n_rows, %B : index
-%b = arith.divui %row, %S : index
-%s = arith.remui %row, %S : index
-%c64 = arith.constant 64 : index
-%n_pages = arith.ceildivui %S, %c64 : index
-%Sp = arith.muli %n_pages, %c64 : index
-%p64 = memref.load %positions[%b] : memref<?xi64>
-%p = arith.index_cast %p64 : i64 to index
-%zero_i64 = arith.constant 0 : i64
-%p_ok = arith.cmpi sge, %p64, %zero_i64 : i64
-%s_ok = arith.cmpi ule, %s, %p : index
-%copy = arith.andi %p_ok, %s_ok : i1
-%dst0 = arith.muli %b, %Sp : index
-%dst = arith.addi %dst0, %s : index
-scf.if %copy {{
-  scf.for %i = %tid to %cD step %cT {{
-    %x = memref.load %cache[%row, %i] : memref<?x?xf32>
-{round}    memref.store %xb, %pages[%dst, %i] : memref<?x?xbf16>
-  }}
+            RowOp::MlaTable => vec![format!(
+                "%n_pages = memref.dim %table, %c1 : memref<?x?xi32>
+%page0 = arith.muli %row, %n_pages : index
+scf.for %i = %tid to %n_pages step %cT {{
+  %pg = arith.addi %page0, %i : index
+  %pg32 = arith.index_cast %pg : index to i32
+  memref.store %pg32, %table[%row, %i] : memref<?x?xi32>
 }}
-%first = arith.cmpi eq, %s, %c0 : index
-scf.if %first {{
-  %page0 = arith.muli %b, %n_pages : index
-  scf.for %i = %tid to %n_pages step %cT {{
-    %pg = arith.addi %page0, %i : index
-    %pg32 = arith.index_cast %pg : index to i32
-    memref.store %pg32, %table[%b, %i] : memref<?x?xi32>
-  }}
-  %t0 = arith.cmpi eq, %tid, %c0 : index
-  scf.if %t0 {{
-    %one_i64 = arith.constant 1 : i64
-    %len0 = arith.addi %p64, %one_i64 : i64
-    %len1 = arith.select %p_ok, %len0, %zero_i64 : i64
-    %len = arith.trunci %len1 : i64 to i32
-    memref.store %len, %seqlens[%b] : memref<?xi32>
-  }}
+%t0 = arith.cmpi eq, %tid, %c0 : index
+scf.if %t0 {{
+  %p64 = memref.load %positions[%row] : memref<?xi64>
+  %zero_i64 = arith.constant 0 : i64
+  %one_i64 = arith.constant 1 : i64
+  %c_page = arith.constant {PAGE_ROWS} : index
+  %cache_rows = arith.muli %n_pages, %c_page : index
+  %rows64 = arith.index_cast %cache_rows : index to i64
+  %len0 = arith.addi %p64, %one_i64 : i64
+  %len1 = arith.minsi %len0, %rows64 : i64
+  %len2 = arith.maxsi %len1, %zero_i64 : i64
+  %len = arith.trunci %len2 : i64 to i32
+  memref.store %len, %seqlens[%row] : memref<?xi32>
 }}
-",
-                round = indent2(&round_bf16("%x", "%xb")),
+"
             )],
             RowOp::Argmax => {
                 let (key, idx) = (sh("sh_key"), sh("sh_idx"));
@@ -1775,11 +1878,16 @@ scf.for %i = %tid to %cD step %cT {{
                     )]
                 }
             }
-            RowOp::Latent { interleave, append, .. } => {
+            RowOp::Latent { interleave, append, bf16_cache, .. } => {
                 let d = self.d;
                 let dest = |v: &str, col: &str| -> String {
                     if append {
                         format!("memref.store {v}, %out[%row, {col}] : memref<?x?xf32>\n")
+                    } else if bf16_cache {
+                        format!(
+                            "{}memref.store {v}_b, %cache[%row, %p, {col}] : memref<?x?x?xbf16>\n",
+                            round_bf16(v, &format!("{v}_b"))
+                        )
                     } else {
                         format!("memref.store {v}, %cache[%row, %p, {col}] : memref<?x?x?xf32>\n")
                     }
@@ -1968,13 +2076,21 @@ scf.for %i = %tid to %cD step %cT {{
         if let RowOp::Train(op) = self.op {
             return op.prologue();
         }
-        if let RowOp::MlaAbsorb { .. } | RowOp::MlaUpV { .. } = self.op {
-            // Block (token b, head h).
-            return "%b = arith.divui %row, %cH : index
+        if let RowOp::MlaAbsorb { tokens, .. } | RowOp::MlaUpV { tokens, .. } = self.op {
+            // Block (tokens b0 .. b0 + tokens, head h) of the n_b tokens.
+            let (rows, ty) = match self.op {
+                RowOp::MlaAbsorb { .. } => ("q_nope", "memref<?x?x?xf32>"),
+                _ => ("q", "memref<?x?xi8>"),
+            };
+            return format!(
+                "%tile = arith.divui %row, %cH : index
 %h = arith.remui %row, %cH : index
+%cTok = arith.constant {tokens} : index
+%b0 = arith.muli %tile, %cTok : index
+%n_b = memref.dim %{rows}, %c0 : {ty}
 %head_row = arith.muli %h, %cPerHead : index
 "
-            .to_string();
+            );
         }
         if let RowOp::MlaDecode { prefill: true, .. } = self.op {
             // Block (query b, head h); keys 0..=S - T + b (the queries are the latent's last rows).
@@ -2016,8 +2132,11 @@ scf.for %i = %tid to %cD step %cT {{
 "
             .into();
         }
-        let RowOp::Latent { append, .. } = self.op else { return String::new() };
+        let RowOp::Latent { append, bf16_cache, .. } = self.op else { return String::new() };
         let mut s = String::from("%true = arith.constant true\n");
+        if bf16_cache {
+            s.push_str(BF16_CONSTANTS);
+        }
         if append {
             s.push_str(
                 "%P = memref.dim %cache, %c0 : memref<?x?xf32>
@@ -2045,11 +2164,13 @@ scf.for %i = %tid to %cD step %cT {{
         if append {
             s.push_str("%p_ok = arith.andi %p_ok0, %true : i1\n");
         } else {
-            s.push_str(
-                "%slots = memref.dim %cache, %c1 : memref<?x?x?xf32>
+            let element = if bf16_cache { "bf16" } else { "f32" };
+            let _ = write!(
+                s,
+                "%slots = memref.dim %cache, %c1 : memref<?x?x?x{element}>
 %p_in = arith.cmpi slt, %p, %slots : index
 %p_ok = arith.andi %p_ok0, %p_in : i1
-",
+"
             );
         }
         s.push_str("%ok = arith.andi %is_new, %p_ok : i1\n");
@@ -2135,7 +2256,9 @@ scf.for %i = %tid to %cD step %cT {{
                 let rows_ty = &self.arguments().iter().find(|(n, _)| *n == rows).expect("the rows argument").1.clone();
                 let _ = writeln!(s, "%rows_arg = memref.dim %{rows}, %c0 : {rows_ty}");
                 let _ = writeln!(s, "%blocks_per_row = arith.constant {} : index", self.blocks_per_row());
-                let _ = writeln!(s, "%rows = arith.muli %rows_arg, %blocks_per_row : index");
+                let _ = writeln!(s, "%rows_per_block = arith.constant {} : index", self.rows_per_block());
+                let _ = writeln!(s, "%row_blocks = arith.ceildivui %rows_arg, %rows_per_block : index");
+                let _ = writeln!(s, "%rows = arith.muli %row_blocks, %blocks_per_row : index");
             }
             None => s.push_str("%rows = arith.constant 1 : index\n"),
         }
@@ -2275,6 +2398,25 @@ fn decode_e4m3(byte: &str, out: &str) -> String {
 
 /// The constants of [`RowKernel::quant_phases`] for rows of `groups` 128-column groups.
 /// Phases (loop markers excepted) with `%c2` defined first.
+/// Lines defining `%bt{t}`, the block's token t, and `%okt{t}`, whether it has one: `%b0 + t`
+/// below `%n_b` for a block of `tiled` tokens, else the block's one token `%b`.
+fn block_token(tiled: Option<usize>, t: usize) -> String {
+    match tiled {
+        Some(_) => format!(
+            "%ct{t} = arith.constant {t} : index
+%bt{t} = arith.addi %b0, %ct{t} : index
+%okt{t} = arith.cmpi ult, %bt{t}, %n_b : index
+"
+        ),
+        None => "%bt0 = arith.addi %b, %c0 : index\n%okt0 = arith.constant true\n".into(),
+    }
+}
+
+/// `body(t)` for each token t of the block ([`block_token`]) that it has.
+fn per_token(tiled: Option<usize>, body: impl Fn(usize) -> String) -> String {
+    (0..tiled.unwrap_or(1)).map(|t| format!("{}scf.if %okt{t} {{\n{}}}\n", block_token(tiled, t), body(t))).collect()
+}
+
 fn with_c2(phases: Vec<String>) -> Vec<String> {
     phases
         .into_iter()
@@ -2600,7 +2742,8 @@ mod tests {
             let mut cache = values(b * slots * c, 7, 1.0);
             let before = cache.clone();
             let mut rope = table.clone();
-            let kernel = RowKernel::new(RowOp::Latent { eps, rope: r, interleave, append: false }, d, "bf16");
+            let kernel =
+                RowKernel::new(RowOp::Latent { eps, rope: r, interleave, append: false, bf16_cache: false }, d, "bf16");
             run_cpu(
                 &kernel,
                 &[
@@ -2632,6 +2775,28 @@ mod tests {
                     "decode (interleave {interleave}): element {i} = {got}, reference {want}"
                 );
             }
+            // A bf16 cache: the same rows rounded to nearest even, the others left alone.
+            let old: Vec<u16> = before.iter().map(|&x| f32_to_bf16(x)).collect();
+            let mut cache16 = old.clone();
+            let op = RowOp::Latent { eps, rope: r, interleave, append: false, bf16_cache: true };
+            let kernel16 = RowKernel::new(op, d, "bf16");
+            assert_eq!(RowKernel::from_name(&kernel16.kernel_name()).as_ref(), Some(&kernel16));
+            run_cpu(
+                &kernel16,
+                &[
+                    raw(&mut latent, &[b, d], "f32"),
+                    raw(&mut w, &[d], "bf16"),
+                    raw(&mut k_pe, &[b, r], "f32"),
+                    raw(&mut positions, &[b], "i64"),
+                    raw(&mut cache16, &[b, slots, c], "bf16"),
+                    raw(&mut rope, &[npos, r], "f32"),
+                ],
+            );
+            for i in 0..cache.len() {
+                let written = cache[i].to_bits() != before[i].to_bits();
+                let want = if written { f32_to_bf16(cache[i]) } else { old[i] };
+                assert_eq!(cache16[i], want, "bf16 cache (interleave {interleave}): element {i}");
+            }
             // Prefill: 4 new rows after 3 cached ones.
             let (cached, t) = (3, 4);
             let mut latent = values(t * d, 8, 4.0);
@@ -2640,7 +2805,8 @@ mod tests {
             let mut old = values(cached * c, 10, 1.0);
             let mut out = vec![f32::NAN; (cached + t) * c];
             let mut rope = table.clone();
-            let kernel = RowKernel::new(RowOp::Latent { eps, rope: r, interleave, append: true }, d, "bf16");
+            let kernel =
+                RowKernel::new(RowOp::Latent { eps, rope: r, interleave, append: true, bf16_cache: false }, d, "bf16");
             run_cpu(
                 &kernel,
                 &[
@@ -3045,40 +3211,18 @@ mod tests {
 
     /// MLA decode's rows around the tensor-core kernel: the absorbed queries (`q_nope W_UK` summed
     /// in order, then bf16, the rope query after), the latent output through `W_UV` quantized per
-    /// head (the reference's 1x128 quantization), and the caches as bf16 pages with the block table
-    /// and lengths (rows past a position left alone).
+    /// head (the reference's 1x128 quantization) — the same bits with blocks of 1, 2 and 8 of the
+    /// 5 tokens — and the block table and lengths over caches that are bf16 pages.
     #[test]
     fn mla_decode_layout_rows_are_their_definitions() {
         use v3c_models::dtype::f32_to_f8e4m3;
-        let (heads, nope, rope, v, kv, b) = (3, 16, 8, 128, 64, 2);
+        let (heads, nope, rope, v, kv, b) = (3, 16, 8, 128, 64, 5);
         let per = nope + v;
-        let mut kv_b: Vec<u8> = values(heads * per * kv, 80, 300.0).iter().map(|&x| f32_to_f8e4m3(x)).collect();
+        let kv_b: Vec<u8> = values(heads * per * kv, 80, 300.0).iter().map(|&x| f32_to_f8e4m3(x)).collect();
         let (sr, sc) = ((heads * per).div_ceil(128), kv.div_ceil(128));
-        let mut kv_scale: Vec<f32> = (0..sr * sc).map(|i| 0.002 + 0.001 * i as f32).collect();
+        let kv_scale: Vec<f32> = (0..sr * sc).map(|i| 0.002 + 0.001 * i as f32).collect();
         let w = |row: usize, col: usize| f8e4m3_to_f32(kv_b[row * kv + col]) * kv_scale[(row / 128) * sc + col / 128];
         let (mut qn, mut qp) = (values(b * heads * nope, 81, 2.0), values(b * heads * rope, 82, 2.0));
-        let mut qa = vec![0u16; b * heads * (kv + rope)];
-        let absorb = RowKernel::new(RowOp::MlaAbsorb { heads, nope, rope, v }, kv, "f8E4M3FN");
-        run_cpu(
-            &absorb,
-            &[
-                raw(&mut qn, &[b, heads, nope], "f32"),
-                raw(&mut qp, &[b, heads, rope], "f32"),
-                raw(&mut kv_b.clone(), &[heads * per, kv], "i8"),
-                raw(&mut kv_scale.clone(), &[sr, sc], "f32"),
-                raw(&mut qa, &[b * heads, kv + rope], "bf16"),
-            ],
-        );
-        for r in 0..b * heads {
-            let h = r % heads;
-            for a in 0..kv {
-                let want = (0..nope).fold(0f32, |acc, d| acc + qn[r * nope + d] * w(h * per + d, a));
-                assert_eq!(qa[r * (kv + rope) + a], f32_to_bf16(want), "q_abs[{r}, {a}]");
-            }
-            for c in 0..rope {
-                assert_eq!(qa[r * (kv + rope) + kv + c], f32_to_bf16(qp[r * rope + c]), "q_pe[{r}, {c}]");
-            }
-        }
         let mut o = values(b * heads * kv, 83, 3.0);
         let mut want = vec![0f32; b * heads * v];
         for r in 0..b * heads {
@@ -3087,49 +3231,58 @@ mod tests {
             }
         }
         let (want_q, want_s) = kernels::quantize_fp8(&want, heads * v, GROUP);
-        let (mut q, mut qs) = (vec![0u8; b * heads * v], vec![f32::NAN; b * heads]);
-        let up = RowKernel::new(RowOp::MlaUpV { heads, nope, v }, kv, "f8E4M3FN");
-        run_cpu(
-            &up,
-            &[
-                raw(&mut o, &[b * heads, kv], "f32"),
-                raw(&mut kv_b, &[heads * per, kv], "i8"),
-                raw(&mut kv_scale, &[sr, sc], "f32"),
-                raw(&mut q, &[b, heads * v], "i8"),
-                raw(&mut qs, &[b, heads], "f32"),
-            ],
-        );
-        assert_eq!((qs, q), (want_s, want_q));
-        // Pages: 70-row caches (two pages each, 128 rows), positions 69 and 3.
-        let (slots, width) = (70, 24);
-        let mut cache = values(b * slots * width, 84, 5.0);
-        let mut positions = vec![69i64, 3];
-        let mut pages = vec![0xAAAAu16; b * 128 * width];
-        let (mut table, mut seqlens) = (vec![-1i32; b * 2], vec![-1i32; b]);
-        let paged = RowKernel::new(RowOp::MlaPages, width, "f32");
-        run_cpu(
-            &paged,
-            &[
-                raw(&mut cache, &[b * slots, width], "f32"),
-                raw(&mut positions, &[b], "i64"),
-                raw(&mut pages, &[b * 128, width], "bf16"),
-                raw(&mut table, &[b, 2], "i32"),
-                raw(&mut seqlens, &[b], "i32"),
-            ],
-        );
-        assert_eq!((table, seqlens), (vec![0, 1, 2, 3], vec![70, 4]));
-        for seq in 0..b {
-            for s in 0..128 {
-                let row = &pages[(seq * 128 + s) * width..][..width];
-                if s <= positions[seq] as usize {
-                    let src = &cache[(seq * slots + s) * width..][..width];
-                    assert!(row.iter().zip(src).all(|(&p, &x)| p == f32_to_bf16(x)), "page row {seq}, {s}");
-                } else {
-                    assert!(row.iter().all(|&p| p == 0xAAAA), "row {seq}, {s} past the position is left alone");
+        // Blocks of one token, of 2 (the last one short) and of more tokens than there are.
+        let mut kernels = Vec::new();
+        for tokens in [1, 2, 8] {
+            let mut qa = vec![0u16; b * heads * (kv + rope)];
+            let absorb = RowKernel::new(RowOp::MlaAbsorb { heads, nope, rope, v, tokens }, kv, "f8E4M3FN");
+            run_cpu(
+                &absorb,
+                &[
+                    raw(&mut qn, &[b, heads, nope], "f32"),
+                    raw(&mut qp, &[b, heads, rope], "f32"),
+                    raw(&mut kv_b.clone(), &[heads * per, kv], "i8"),
+                    raw(&mut kv_scale.clone(), &[sr, sc], "f32"),
+                    raw(&mut qa, &[b * heads, kv + rope], "bf16"),
+                ],
+            );
+            for r in 0..b * heads {
+                let h = r % heads;
+                for a in 0..kv {
+                    let want = (0..nope).fold(0f32, |acc, d| acc + qn[r * nope + d] * w(h * per + d, a));
+                    assert_eq!(qa[r * (kv + rope) + a], f32_to_bf16(want), "q_abs[{r}, {a}] ({tokens} tokens)");
+                }
+                for c in 0..rope {
+                    let pe = f32_to_bf16(qp[r * rope + c]);
+                    assert_eq!(qa[r * (kv + rope) + kv + c], pe, "q_pe[{r}, {c}] ({tokens} tokens)");
                 }
             }
+            let (mut q, mut qs) = (vec![0u8; b * heads * v], vec![f32::NAN; b * heads]);
+            let up = RowKernel::new(RowOp::MlaUpV { heads, nope, v, tokens }, kv, "f8E4M3FN");
+            run_cpu(
+                &up,
+                &[
+                    raw(&mut o, &[b * heads, kv], "f32"),
+                    raw(&mut kv_b.clone(), &[heads * per, kv], "i8"),
+                    raw(&mut kv_scale.clone(), &[sr, sc], "f32"),
+                    raw(&mut q, &[b, heads * v], "i8"),
+                    raw(&mut qs, &[b, heads], "f32"),
+                ],
+            );
+            assert_eq!((&qs, &q), (&want_s, &want_q), "{tokens} tokens");
+            kernels.extend([absorb, up]);
         }
-        for k in [absorb, up, paged] {
+        // Caches that are bf16 pages already: the table and lengths alone (a negative position: 0
+        // rows; past the cache: its rows).
+        let mut positions = vec![69i64, 3, -1, 500];
+        let (mut table, mut seqlens) = (vec![-1i32; 4 * 2], vec![-1i32; 4]);
+        let paged_in_place = RowKernel::new(RowOp::MlaTable, PAGE_ROWS, "f32");
+        run_cpu(
+            &paged_in_place,
+            &[raw(&mut positions, &[4], "i64"), raw(&mut table, &[4, 2], "i32"), raw(&mut seqlens, &[4], "i32")],
+        );
+        assert_eq!((table, seqlens), ((0..8).collect(), vec![70, 4, 0, 128]));
+        for k in kernels.into_iter().chain([paged_in_place]) {
             assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k));
         }
     }
@@ -3441,8 +3594,16 @@ mod tests {
             RowKernel::new(RowOp::RmsNorm { eps: 1e-5, keep: false, quantize: true }, 1000, "f32"),
             RowKernel::new(RowOp::RmsNorm { eps: 2.5e-7, keep: true, quantize: false }, 77, "bf16"),
             RowKernel::new(RowOp::Embed, 7168, "bf16"),
-            RowKernel::new(RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false }, 512, "bf16"),
-            RowKernel::new(RowOp::Latent { eps: 1e-5, rope: 32, interleave: false, append: true }, 256, "f32"),
+            RowKernel::new(
+                RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false, bf16_cache: false },
+                512,
+                "bf16",
+            ),
+            RowKernel::new(
+                RowOp::Latent { eps: 1e-5, rope: 32, interleave: false, append: true, bf16_cache: false },
+                256,
+                "f32",
+            ),
             RowKernel::new(RowOp::SplitRope { heads: 128, nope: 128, rope: 64, interleave: true }, 128 * 192, "f32"),
             RowKernel::new(RowOp::SplitRope { heads: 2, nope: 4, rope: 2, interleave: false }, 12, "f32"),
             RowKernel::new(RowOp::SiluMul { quantize: true }, 18432, "f32"),
