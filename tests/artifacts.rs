@@ -200,6 +200,39 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     }
     let err = text(&run_binary_env("v3r", &five, &env).stderr);
     assert!(err.contains("5 sequences: the artifact's decode plan holds 1..=4"), "{err}");
+    // Prefill chunks of 16 tokens, decode steps of at most 3 sequences (--max-batch): the prompt
+    // in one chunk, the same tokens; 4 sequences refused, naming the flag.
+    let wide = dir.path().join("wide");
+    let wide_args = ["--max-rows", "16", "--max-batch", "3", "--out", wide.to_str().unwrap()];
+    let out = run_binary_env("v3c", &[&compile[..5], &["--max-context", "24"], &wide_args[..]].concat(), &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("arenas at rows 16 (decode: 3 sequences) / context 24"),
+        "{}",
+        text(&out.stderr)
+    );
+    let plan = v3c_runtime::artifact::Artifact::open(&wide).unwrap().plan;
+    let rows: Vec<(String, usize)> = plan.entries.iter().map(|e| (e.name.clone(), e.sizes.rows)).collect();
+    assert_eq!(rows, [("prefill".to_string(), 16), ("decode".to_string(), 3)]);
+    let run = |art: &std::path::Path| {
+        let args = ["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", prompt];
+        run_binary_env("v3r", &[&args[..], &["--max-new-tokens", "6", "--ignore-eos"]].concat(), &env)
+    };
+    let (narrow_run, wide_run) = (run(&art), run(&wide));
+    assert!(wide_run.status.success(), "{}", text(&wide_run.stderr));
+    assert_eq!(text(&wide_run.stdout), text(&narrow_run.stdout));
+    let mut four = vec!["run", wide.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()];
+    for _ in 0..4 {
+        four.extend(["--prompt-tokens", "1 2"]);
+    }
+    let err = text(&run_binary_env("v3r", &four, &env).stderr);
+    assert!(
+        err.contains("4 sequences: the artifact's decode plan holds 1..=3 (compile with a larger --max-batch)"),
+        "{err}"
+    );
+    let train = run_binary_env("v3c", &[&compile[..5], &["--train", "--max-batch", "2"]].concat(), &env);
+    assert_eq!(train.status.code(), Some(1));
+    assert!(text(&train.stderr).contains("--max-batch with --train"), "{}", text(&train.stderr));
     // 10 + 20 tokens do not fit caches of 24 rows: said before anything runs.
     let long = run_binary_env(
         "v3r",

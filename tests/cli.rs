@@ -1101,7 +1101,10 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
             "5 launches: rows_mlaabsorb_h128_n128_r64_v128_kv512_b8_t128 -> rows_mlatable_t32 -> \
              mla_decode_kv512_r64_p64_s2 (128 heads, split K, tensor cores) -> rows_mlacombine_d512_t64",
         ),
-        ("attention_quantize_0", "6 launches: rows_quantize_d512_t64 -> GEMM N 32768 K 512 (decode gemm_fp8_bf16_"),
+        (
+            "attention_quantize_0",
+            "6 launches: rows_quantize_bf16_d512_t64 -> GEMM N 32768 K 512 (decode gemm_fp8_bf16_",
+        ),
         ("norm_quantize_0", "rows_rmsnorm_bf16_d7168_t256_eps1em6_q [row kernel"),
         ("mla_latent_1", "rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16 [row kernel"),
         ("lm_head_0", "3 launches: rows_splitbf16_d7168_t256 -> GEMM N 129280 K 7168"),

@@ -420,9 +420,10 @@ fn a_bf16_checkpoint_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_log
 #[test]
 fn tensor_core_prefill_attention_emulated_follows_the_cpu_backend() {
     let err = check_tensor_core_prefill(true, 3e-2);
-    let launches = "compile: attention_quantize_0 -> 6 launches: rows_quantize_d128_t32 -> GEMM N 512 K 128 (decode ";
+    let launches =
+        "compile: attention_quantize_0 -> 6 launches: rows_quantize_bf16_d128_t32 -> GEMM N 512 K 128 (decode ";
     let rest =
-        "rows_mlakeys_h2_n128_r64_v128_kv128_t32_bf16 -> rows_mlaqueries_h2_n128_r64_t64 -> mla_prefill_qk192_v128_s2 \
+        "rows_mlakeys_h2_n128_r64_v128_kv128_t32_bf16_c16 -> rows_mlaqueries_h2_n128_r64_t64 -> mla_prefill_qk192_v128_s2 \
                 (2 heads, tensor cores) -> rows_mlaheadsout_h2_d256_t32_q";
     assert!(err.contains(launches) && err.contains(rest), "{err}");
 }
@@ -482,7 +483,11 @@ fn check_tensor_core_prefill(fp8: bool, tolerance: f32) -> String {
     let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
     let caches = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
     let wanted = ["logits", "mtp_logits", "kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
+    // The fp8 graph's caches are bf16 (compared widened), the f32 graph's f32.
     let compare = |what: &str, got: &HostBuffer, want: &HostBuffer| -> f32 {
+        let element = if fp8 && what.contains("kv_cache") { "bf16" } else { "f32" };
+        assert_eq!(got.element(), element, "{what}");
+        let got = got.clone().into_f32();
         let (HostData::F32(g), HostData::F32(w)) = (&got.data, &want.data) else { panic!("{what}: not f32") };
         assert_eq!(got.shape, want.shape, "{what}");
         let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));

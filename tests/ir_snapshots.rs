@@ -168,7 +168,7 @@ fn plan_places_live_buffers_apart_and_updates_caches_in_place() {
     use v3c_runtime::plan::BufferKind;
     let context = v3c_compiler::mlir::new_context();
     let module = Driver::quiet().run_model(&context, &tiny(), &Entry::ALL, &BuildOptions::default(), "fused").unwrap();
-    let plan = v3c_compiler::plan::build_plan(&module, v3c_compiler::plan::PlanSizes { rows: 3, context: 17 }).unwrap();
+    let plan = v3c_compiler::plan::build_plan(&module, v3c_compiler::plan::PlanSizes::new(3, 17)).unwrap();
     assert_eq!(plan.entries.len(), 2);
     for e in &plan.entries {
         let n = e.launches.len();

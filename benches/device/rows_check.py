@@ -12,6 +12,7 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
   rows_latent_<w>_d<D>_r<R>_t<T>_eps<E>[_il]_write: latent [B, D], w [D], k_pe [B, R], positions [B] (i64),
       cache [B, S, D + R] (written in place at each position), rope [positions, R] (cos | sin); grid B
   rows_latent_..._append: the same with cache [P, D + R], then out [P + T, D + R]; grid P + T
+  rows_latent_..._writebf16 / _appendbf16: the same over bf16 caches (each new value rounded to nearest even)
   rows_splitrope_h<H>_n<N>_r<R>_t<T>[_il]: y [rows, H (N + R)], positions [rows], rope [positions, R],
       q_nope [rows, H, N], q_pe [rows, H, R]
   rows_silumul_d<D>_t<T>_(q|y): x [rows, 2D] (gate | up), then y [rows, D] or q, scale as above
@@ -61,7 +62,7 @@ MLADECODE = re.compile(r"^rows_mla(decode|prefill)_h(\d+)_n(\d+)_r(\d+)_v(\d+)_k
 SPLIT = re.compile(r"^rows_splitbf16_d(\d+)_t(\d+)$")
 CONCAT = re.compile(r"^rows_concat_d(\d+)_b(\d+)_t(\d+)$")
 ARGMAX = re.compile(r"^rows_argmax_d(\d+)_t(\d+)$")
-LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)$")
+LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)(bf16)?$")
 GROUP = 128
 SLOTS = 64  # cache rows per sequence of the decode (write) problems
 
@@ -113,10 +114,10 @@ def parse(name):
                 "keep": mode == "y", "quantize": mode == "q"}
     m = LATENT.match(name)
     if m:
-        w, d, r, t, eps, il, mode = m.groups()
+        w, d, r, t, eps, il, mode, bf16_cache = m.groups()
         return {"name": name, "op": "latent", "weight": w, "d": int(d), "rope": int(r), "threads": int(t),
                 "eps": float(eps.replace("m", "-").replace("p", ".")), "interleave": bool(il),
-                "append": mode == "append", "keep": False, "quantize": False}
+                "append": mode == "append", "bf16_cache": bool(bf16_cache), "keep": False, "quantize": False}
     m = NAME.match(name)
     if not m:
         raise SystemExit(f"rows_check: {name}: not a row kernel name")
@@ -313,6 +314,8 @@ def problem(cfg, rows, device, seed=0):
         else:
             p["positions"] = torch.randint(0, SLOTS, (new,), generator=gen, dtype=torch.int64)
             p["cache"] = torch.randn(new, SLOTS, c, generator=gen)
+        if cfg["bf16_cache"]:
+            p["cache"] = p["cache"].to(torch.bfloat16)
         return {k: v.to(device) for k, v in p.items()}
     if cfg["op"] == "embed":
         vocab = 1000
@@ -357,7 +360,8 @@ def outputs(cfg, rows, device):
         return out
     if cfg["op"] == "latent":
         if cfg["append"]:
-            out["out"] = torch.full((rows, d + cfg["rope"]), float("nan"), device=device)
+            element = torch.bfloat16 if cfg["bf16_cache"] else torch.float32
+            out["out"] = torch.full((rows, d + cfg["rope"]), float("nan"), dtype=element, device=device)
         return out
     if cfg["op"] == "embed":
         out["out"] = torch.full((rows, d), float("nan"), device=device)
@@ -466,8 +470,10 @@ def check(cfg, inputs, outs):
             # The kernel writes the cache in place: `check` sees it after the launch.
             b = torch.arange(want.shape[0], device=want.device)
             got = inputs["cache"][b, inputs["positions"]].double()
-        # fma contraction on the GPU may round the rope's products once: 1e-5 relative, 1e-6 absolute.
-        bad = ((got - want).abs() > 1e-5 * want.abs() + 1e-6) | got.isnan()
+        # fma contraction on the GPU may round the rope's products once: 1e-5 relative, 1e-6 absolute
+        # (bf16 caches: then rounded to nearest even, the f32 difference may cross a tie: 2^-8).
+        rel = 2.0 ** -8 if cfg["bf16_cache"] else 1e-5
+        bad = ((got - want).abs() > rel * want.abs() + 1e-6) | got.isnan()
         if bad.any():
             errors.append(f"latent rows: {bad.sum().item()} of {bad.numel()} values off")
         return errors
@@ -537,10 +543,10 @@ def bytes_moved(cfg, rows):
         out = rows * d * 4 if cfg["keep"] else rows * d + rows * math.ceil(d / GROUP) * 4
         return rows * 2 * d * 4 + out
     if cfg["op"] == "latent":
-        c = d + cfg["rope"]
+        c, cb = d + cfg["rope"], 2 if cfg["bf16_cache"] else 4
         new = rows if not cfg["append"] else max(1, rows // 2)
-        moved = new * (d + cfg["rope"] + cfg["rope"]) * 4 + new * 8 + d * wb + new * c * 4
-        return moved + (2 * (rows - new) * c * 4 if cfg["append"] else 0)
+        moved = new * (d + cfg["rope"] + cfg["rope"]) * 4 + new * 8 + d * wb + new * c * cb
+        return moved + (2 * (rows - new) * c * cb if cfg["append"] else 0)
     if cfg["op"] == "embed":
         return rows * d * (wb + 4) + rows * 8
     total = rows * d * 4 + d * wb
@@ -621,6 +627,22 @@ def self_test():
     inputs = problem(app, 6, "cpu")
     want = latent_reference(app, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
     assert check(app, inputs, {"out": torch.cat([inputs["cache"], want.float()])}) == []
+    # bf16 caches: rounded rows pass, a value a few bf16 steps off does not.
+    app16 = parse("rows_latent_bf16_d512_r64_t64_eps1em6_il_appendbf16")
+    assert app16["bf16_cache"] and app16["append"] and not app["bf16_cache"]
+    inputs = problem(app16, 6, "cpu")
+    assert inputs["cache"].dtype == torch.bfloat16
+    want = latent_reference(app16, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
+    out16 = torch.cat([inputs["cache"], want.to(torch.bfloat16)])
+    assert check(app16, inputs, {"out": out16}) == []
+    out16[-1, 3] = (out16[-1, 3].float() * 1.05).to(torch.bfloat16)
+    assert check(app16, inputs, {"out": out16}), "a wrong bf16 cache value is caught"
+    lat16 = parse("rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16")
+    inputs = problem(lat16, 3, "cpu")
+    want = latent_reference(lat16, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
+    cache = inputs["cache"].clone()
+    cache[torch.arange(3), inputs["positions"]] = want.to(torch.bfloat16)
+    assert check(lat16, {**inputs, "cache": cache}, {}) == []
     sr = parse("rows_splitrope_h4_n8_r6_t32_il")
     inputs = problem(sr, 3, "cpu")
     heads = inputs["y"].view(3, 4, 14)

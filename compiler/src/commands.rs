@@ -79,7 +79,7 @@ fn gpu_program(
     context: usize,
 ) -> Result<(v3c_runtime::cuda::GpuArtifact, tempfile::TempDir, String), String> {
     let device = cuda_device()?;
-    let sizes = v3c_compiler::plan::PlanSizes { rows: rows.max(1), context };
+    let sizes = v3c_compiler::plan::PlanSizes::new(rows.max(1), context);
     let (loaded, scratch) = compile_and_load(&device, model_dir, precision, sizes, None)?;
     Ok((loaded, scratch, format!("cuda:{} ({})", device.ordinal, device.name)))
 }
@@ -379,11 +379,11 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
         if gpu {
             use v3c_compiler::conversion::sm90::{self, lower};
             let target = v3c_compiler::target::SM90A;
-            // The default lowering's: attention on the tensor cores where it applies (decode: over
-            // bf16 caches, which the latent row stores).
-            let bf16_caches = sm90::bf16_decode_caches(&module, sm90::AttentionKernels::default());
-            let decode = || if bf16_caches { lower::mla_decode_steps(&f) } else { Err(String::new()) };
-            let attention = lower::mla_prefill_steps(&f).or_else(|_| decode()).ok();
+            // The default lowering's: attention on the tensor cores where it applies (over bf16
+            // caches, which the latent rows store, where every attention kernel of its kind is).
+            let defaults = sm90::AttentionKernels::default();
+            let bf16_caches = sm90::Bf16Caches::of(&module, defaults);
+            let attention = sm90::tensor_core_attention(&f, defaults, bf16_caches);
             if let (Ok(row), None) = (sm90::row_launch(&f, bf16_caches), &attention) {
                 let table = row.rope_table.as_ref().map_or(String::new(), |t| {
                     format!("; reads a RoPE table of {} columns (cos then sin, x{})", t.dim, t.attention_factor)
@@ -819,7 +819,7 @@ fn write_gpu_artifact(
     tuning_source: &str,
 ) -> Result<(), String> {
     use v3c_compiler::conversion::sm90::lower::{GemmKernel, Operand, StepKernel};
-    use v3c_compiler::conversion::sm90::rows::PAGE_ROWS;
+    use v3c_compiler::conversion::sm90::rows::{RowOp, PAGE_ROWS};
     use v3c_runtime::artifact::{self, FileEntry, KernelEntry, Manifest};
     use v3c_runtime::lowering::{self as lw, Blocks, FusedLowering, KernelChoice, LaunchSpec, OperandSpec};
     let staging = stage_artifact_dir(out, o.force)?;
@@ -1030,7 +1030,7 @@ fn write_gpu_artifact(
         format_version: lw::LOWERING_FORMAT_VERSION,
         kernels: fused,
         argmax: argmax.map(|k| k.kernel_name()),
-        cache_rows_multiple: lowered.bf16_decode_caches.then_some(PAGE_ROWS),
+        cache_rows_multiple: lowered.bf16_caches.decode.then_some(PAGE_ROWS),
     };
     let lowering_file = write(
         "lowering.json",
@@ -1040,26 +1040,30 @@ fn write_gpu_artifact(
     let sizes = match o.train {
         Some(_) => v3c_compiler::plan::PlanSizes { context: 0, ..o.sizes },
         // Decode caches in whole pages where they are bf16 pages.
-        None if lowered.bf16_decode_caches => {
+        None if lowered.bf16_caches.decode => {
             v3c_compiler::plan::PlanSizes { context: o.sizes.context.next_multiple_of(PAGE_ROWS), ..o.sizes }
         }
         None => o.sizes,
     };
     let mut plan = v3c_compiler::plan::build_plan(module, sizes)?;
-    // Entries calling a kernel that writes or reads bf16 caches (the decode latent row storing
-    // bf16, the tensor-core decode attention) take bf16 caches.
+    // Entries calling a kernel that writes or reads bf16 caches (the latent rows storing bf16, the
+    // tensor-core attention over them) take bf16 caches.
     let bf16_cache_kernels: std::collections::BTreeSet<&str> = lowered
         .rows
         .iter()
-        .filter(|(_, l)| {
-            matches!(l.kernel.op, v3c_compiler::conversion::sm90::rows::RowOp::Latent { bf16_cache: true, .. })
-        })
+        .filter(|(_, l)| matches!(l.kernel.op, RowOp::Latent { bf16_cache: true, .. }))
         .map(|(name, _)| name.as_str())
         .chain(
             lowered
                 .compound
                 .iter()
-                .filter(|(_, steps, _)| steps.steps.iter().any(|s| matches!(s.kernel, StepKernel::MlaDecode(_))))
+                .filter(|(_, steps, _)| {
+                    steps.steps.iter().any(|s| match &s.kernel {
+                        StepKernel::MlaDecode(_) => true,
+                        StepKernel::Row(k) => matches!(k.op, RowOp::MlaKeys { bf16_cache: true, .. }),
+                        StepKernel::Gemm(_) | StepKernel::MlaPrefill(_) => false,
+                    })
+                })
                 .map(|(name, _, _)| name.as_str()),
         )
         .collect();
@@ -1117,11 +1121,10 @@ fn write_gpu_artifact(
     let staged = staging.keep();
     std::fs::rename(&staged, out).map_err(|e| format!("{}: {e}", out.display()))?;
     eprintln!(
-        "wrote {} ({} kernels, plan for rows {} / context {}, lowering, manifest)",
+        "wrote {} ({} kernels, plan for {}, lowering, manifest)",
         out.display(),
         lowered.kernels.len(),
-        sizes.rows,
-        sizes.context
+        sizes.describe()
     );
     Ok(())
 }
@@ -1195,12 +1198,11 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
         plan.entries.iter().map(|e| format!("{} {:.1} MiB", e.name, e.arena_bytes as f64 / (1 << 20) as f64)).collect();
     eprintln!(
         "compiled {} for cpu: {} kernels ({hits} from the kernel cache, {built} JIT-compiled) in {:.2} s; \
-         arenas at rows {} / context {}: {}",
+         arenas at {}: {}",
         config.name,
         compiled.kernels.len(),
         start.elapsed().as_secs_f64(),
-        sizes.rows,
-        sizes.context,
+        sizes.describe(),
         arenas.join(", ")
     );
     match &cache {
@@ -1339,7 +1341,7 @@ fn model_gemms(
             use v3c_compiler::conversion::sm90::lower;
             if let Ok(g) = lower::gemm_of_kernel(&f) {
                 gemms.push(g);
-            } else if let Ok(steps) = lower::mla_prefill_steps(&f).or_else(|_| lower::steps_of_kernel(&f)) {
+            } else if let Ok(steps) = lower::mla_prefill_steps(&f, false).or_else(|_| lower::steps_of_kernel(&f)) {
                 // (The prefill attention's kv_b GEMM whichever --prefill-attention compile takes.)
                 gemms.extend(steps.steps.into_iter().filter_map(|s| match s.kernel {
                     lower::StepKernel::Gemm(g) => Some(g),
@@ -1615,7 +1617,7 @@ fn train_on_gpu(o: &TrainOptions) -> Result<(), String> {
     let run = v3c_runtime::training::Run::prepare(&o.run)?;
     let source = if o.run.resume { o.run.out } else { o.run.model_dir };
     let precision = if o.run.fp8 { v3c_models::Precision::Fp8 } else { v3c_models::Precision::F32 };
-    let sizes = v3c_compiler::plan::PlanSizes { rows: o.run.seq, context: 0 };
+    let sizes = v3c_compiler::plan::PlanSizes::new(o.run.seq, 0);
     let (loaded, _scratch) = compile_and_load(&device, source, precision, sizes, Some(&run.trainer))?;
     let mut step = v3c_runtime::training::ArtifactStep::new(loaded, &run.trainer, o.run.seq)?;
     run.execute(&o.run, &mut step, &format!("cuda:{} ({}, sm_90a)", device.ordinal, device.name))
@@ -1754,10 +1756,11 @@ pub fn emulate(
         }
         let mut state: std::collections::HashMap<String, HostBuffer> = std::collections::HashMap::new();
         for (name, b) in &outs {
-            let HostData::F32(rows) = &b.data else { continue };
             if !name.starts_with("kv_cache.") {
                 continue;
             }
+            // (bf16 caches widened exactly; the decode entry's own element is the plan's.)
+            let HostData::F32(rows) = b.clone().into_f32().data else { continue };
             let width = b.shape[1];
             let mut full = rows.clone();
             full.resize(max_len * width, 0.0);

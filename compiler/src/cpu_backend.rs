@@ -694,7 +694,7 @@ impl CpuTrainStep<'_> {
     /// The training step's launch plan for windows of up to `rows` tokens (an arena for every
     /// intermediate, see [`crate::plan`]).
     pub fn plan(&self, rows: usize) -> Result<v3c_runtime::plan::EntryPlan, CpuBackendError> {
-        let plan = self.program.plan(crate::plan::PlanSizes { rows, context: 0 })?;
+        let plan = self.program.plan(crate::plan::PlanSizes::new(rows, 0))?;
         plan.entries
             .into_iter()
             .find(|e| e.name == TRAIN_ENTRY)

@@ -177,9 +177,15 @@ struct CompileArgs {
     /// code kept in the content-addressed kernel cache, V3C_KERNEL_CACHE=<dir>|off).
     #[arg(long, value_name = "TARGET", default_value = "sm_90a", value_parser = parse_compile_target)]
     target: CompileTarget,
-    /// Most rows (tokens of one launch) the plan's arena is sized for (smaller runs fit it).
+    /// Most rows (tokens of one launch) the plan's arena is sized for (smaller runs fit it):
+    /// a prefill's chunk of the prompt, a decode's sequences (unless --max-batch).
     #[arg(long, value_name = "N", default_value_t = 64)]
     max_rows: usize,
+    /// Most sequences one decode step takes (default: --max-rows). With a larger --max-rows,
+    /// prompts are prefilled in long chunks without planning (and holding caches for) a decode of
+    /// as many sequences.
+    #[arg(long, value_name = "N")]
+    max_batch: Option<usize>,
     /// Longest context (KV cache rows) the plan's arena is sized for (shorter ones fit it).
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_context: usize,
@@ -434,6 +440,9 @@ fn main() -> ExitCode {
     v3c_runtime::cli::init_logging(cli.verbose);
     let result = match cli.command {
         Command::Doctor(a) => run_doctor(&a),
+        Command::Compile(a) if a.train && a.max_batch.is_some() => {
+            Err("--max-batch with --train: a training step has no decode entry (--max-rows sizes its windows)".into())
+        }
         Command::Compile(a) => match a.target {
             CompileTarget::Gpu(t) => commands::compile(&commands::CompileGpuOptions {
                 model: &a.model.model,
@@ -443,7 +452,10 @@ fn main() -> ExitCode {
                 tuning: a.tuning.as_deref(),
                 out: a.out.as_deref(),
                 force: a.force,
-                sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
+                sizes: v3c_compiler::plan::PlanSizes {
+                    batch: a.max_batch,
+                    ..v3c_compiler::plan::PlanSizes::new(a.max_rows, a.max_context)
+                },
                 speculative: a.speculative,
                 train: a.train.then(|| train_config(&a)),
                 attention: v3c_compiler::conversion::sm90::AttentionKernels {
@@ -463,7 +475,10 @@ fn main() -> ExitCode {
                 precision: a.precision.map(Precision::model),
                 out: a.out.as_deref(),
                 force: a.force,
-                sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
+                sizes: v3c_compiler::plan::PlanSizes {
+                    batch: a.max_batch,
+                    ..v3c_compiler::plan::PlanSizes::new(a.max_rows, a.max_context)
+                },
                 speculative: a.speculative,
                 train: a.train.then(|| train_config(&a)),
             }),
@@ -484,7 +499,7 @@ fn main() -> ExitCode {
             report: a.report,
             kernel: a.kernel.as_deref(),
             llvm: a.llvm,
-            plan_sizes: v3c_compiler::plan::PlanSizes { rows: a.max_rows, context: a.max_context },
+            plan_sizes: v3c_compiler::plan::PlanSizes::new(a.max_rows, a.max_context),
         }),
         Command::Emulate(a) => {
             commands::emulate(&a.artifact, &a.weights, &a.tokens, &a.out, a.dump.as_deref(), a.decode_steps)

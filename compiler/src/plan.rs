@@ -23,6 +23,32 @@ use crate::verify::Shape;
 pub struct PlanSizes {
     pub rows: usize,
     pub context: usize,
+    /// Sequences of a decode entry (None: `rows`), so that prompts are prefilled in long chunks
+    /// without planning a decode of as many sequences.
+    pub batch: Option<usize>,
+}
+
+impl PlanSizes {
+    /// `rows` for every entry, `context` cached.
+    pub fn new(rows: usize, context: usize) -> PlanSizes {
+        PlanSizes { rows, context, batch: None }
+    }
+
+    /// `rows 64 / context 4096`, `rows 1024 (decode: 64 sequences) / context 4096`.
+    pub fn describe(&self) -> String {
+        match self.batch {
+            Some(b) if b != self.rows => {
+                format!("rows {} (decode: {b} sequences) / context {}", self.rows, self.context)
+            }
+            _ => format!("rows {} / context {}", self.rows, self.context),
+        }
+    }
+
+    /// The sizes entry `entry` is planned for.
+    pub fn of_entry(&self, entry: &str) -> Sizes {
+        let rows = if entry == "decode" { self.batch.unwrap_or(self.rows) } else { self.rows };
+        Sizes { rows, context: self.context }
+    }
 }
 
 /// Dims of an entry input from its name and type.
@@ -43,7 +69,7 @@ fn input_dims(name: &str, ty: &Shape) -> Vec<Dim> {
 
 /// Plans every entry function of `module` (stage `fused`).
 pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
-    let sizes = Sizes { rows: sizes.rows, context: sizes.context };
+    let planned = sizes;
     let mut rules: HashMap<String, Vec<Vec<DimRule>>> = HashMap::new();
     let mut in_place: HashMap<String, Vec<Option<usize>>> = HashMap::new();
     let mut entries = Vec::new();
@@ -56,6 +82,7 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
             in_place.insert(name, kernel_in_place(&f));
             continue;
         }
+        let sizes = planned.of_entry(&name);
         let block = f.region(0).ok().and_then(|r| r.first_block()).ok_or("entry without a body")?;
         let attrs = f.attribute("arg_attrs").map(|a| a.to_string()).unwrap_or_default();
         let arg_attrs: Vec<&str> = attrs.split("}, {").collect();
@@ -165,27 +192,27 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
     Ok(Plan { format_version: PLAN_FORMAT_VERSION, entries })
 }
 
-/// Makes entry `entry`'s cache inputs (`kv_cache.*`) buffers of `element` (the sm_90a lowering's
-/// bf16 decode caches). Its cache outputs must be those inputs updated in place.
+/// Makes entry `entry`'s caches (`kv_cache.*` inputs and outputs) buffers of `element` (the
+/// sm_90a lowering's bf16 caches), no wider than they were (an output keeps its arena place).
 pub fn set_cache_element(plan: &mut Plan, entry: &str, element: &str) -> Result<(), String> {
     let per = element_bytes(element).ok_or_else(|| format!("no size for element type {element}"))?;
     let e =
         plan.entries.iter_mut().find(|e| e.name == entry).ok_or_else(|| format!("the plan has no {entry} entry"))?;
-    let mut changed = Vec::new();
-    for b in &mut e.buffers {
-        if matches!(&b.kind, BufferKind::Input { name } if name.starts_with("kv_cache.")) {
-            b.dtype = element.to_string();
-            b.bytes = per * b.shape.iter().product::<usize>() as u64;
-            changed.push(b.id);
-        }
+    let mut ids: Vec<usize> = e.outputs.iter().filter(|(n, _)| n.starts_with("kv_cache.")).map(|(_, id)| *id).collect();
+    ids.extend(e.buffers.iter().filter_map(|b| match &b.kind {
+        BufferKind::Input { name } if name.starts_with("kv_cache.") => Some(b.id),
+        _ => None,
+    }));
+    if ids.is_empty() {
+        return Err(format!("entry {entry} has no caches"));
     }
-    if changed.is_empty() {
-        return Err(format!("entry {entry} has no cache inputs"));
-    }
-    for (name, id) in &e.outputs {
-        if name.starts_with("kv_cache.") && !changed.contains(id) {
-            return Err(format!("entry {entry}: output {name} is not its cache input updated in place"));
+    for id in ids {
+        let b = &mut e.buffers[id];
+        if element_bytes(&b.dtype).is_none_or(|was| was < per) {
+            return Err(format!("entry {entry}: cache buffer {id} of {} cannot hold {element}", b.dtype));
         }
+        b.dtype = element.to_string();
+        b.bytes = per * b.shape.iter().product::<usize>() as u64;
     }
     Ok(())
 }

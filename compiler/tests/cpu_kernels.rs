@@ -995,10 +995,9 @@ fn executing_the_plan_equals_executing_the_launch_list() {
             HostBuffer { shape: vec![2, 6, c], data: HostData::F32((0..12 * c).map(|_| rng.next()).collect()) },
         );
     }
-    for (entry, inputs, sizes) in [
-        ("prefill", &prefill, PlanSizes { rows: 5, context: 2 }),
-        ("decode", &decode, PlanSizes { rows: 2, context: 6 }),
-    ] {
+    for (entry, inputs, sizes) in
+        [("prefill", &prefill, PlanSizes::new(5, 2)), ("decode", &decode, PlanSizes::new(2, 6))]
+    {
         let plan = program.plan(sizes).unwrap();
         let entry_plan = plan.entries.iter().find(|e| e.name == entry).unwrap();
         let mut wanted: Vec<&str> = vec!["logits", "mtp_logits"];
@@ -1011,7 +1010,7 @@ fn executing_the_plan_equals_executing_the_launch_list() {
         assert!(entry_plan.arena_bytes > 0);
     }
     // Inputs may be smaller than planned (the decode plan for 2 x 6 runs 1 sequence over 3 rows)...
-    let plan = program.plan(PlanSizes { rows: 2, context: 6 }).unwrap();
+    let plan = program.plan(PlanSizes::new(2, 6)).unwrap();
     let mut one = HashMap::new();
     one.insert("tokens".to_string(), ids(vec![9]));
     one.insert("positions".to_string(), ids(vec![2]));
@@ -1031,7 +1030,7 @@ fn executing_the_plan_equals_executing_the_launch_list() {
         assert_eq!(walked[*name], planned[*name], "decode at smaller sizes: {name}");
     }
     // ... but not larger.
-    let plan = program.plan(PlanSizes { rows: 4, context: 2 }).unwrap();
+    let plan = program.plan(PlanSizes::new(4, 2)).unwrap();
     let err = program.run_plan(&plan.entries[0], &prefill, &["logits"]).unwrap_err().to_string();
     assert!(err.contains("5 rows and 2 cached rows given, the plan holds at most 4 and 2"), "{err}");
 }

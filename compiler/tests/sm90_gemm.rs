@@ -404,10 +404,10 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     assert_eq!(row("norm_quantize_0").as_deref(), Some("rows_rmsnorm_bf16_d7168_t256_eps1em6_q"));
     assert_eq!(row("norm_quantize_1").as_deref(), Some("rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q"));
     assert_eq!(row("rms_norm_0").as_deref(), Some("rows_rmsnorm_bf16_d7168_t256_eps1em6_y"));
-    assert_eq!(row("mla_latent_0").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_append"));
+    assert_eq!(row("mla_latent_0").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_appendbf16"));
     // Decode's latent row stores the bf16 pages the tensor-core decode attention reads in place.
     assert_eq!(row("mla_latent_1").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16"));
-    assert!(lowered.bf16_decode_caches);
+    assert_eq!(lowered.bf16_caches, sm90::Bf16Caches { prefill: true, decode: true });
     let (_, latent) = lowered.rows.iter().find(|(k, _)| k == "mla_latent_1").unwrap();
     let table = latent.rope_table.as_ref().expect("the latent row reads a RoPE table");
     assert_eq!((table.dim, table.inv_freq.len(), table.inv_freq[0]), (64, 32, 1.0));
@@ -439,9 +439,9 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     assert_eq!(
         names,
         [
-            "rows_quantize_d512_t64",
+            "rows_quantize_bf16_d512_t64",
             "GEMM N 32768 K 512",
-            "rows_mlakeys_h128_n128_r64_v128_kv512_t64_bf16",
+            "rows_mlakeys_h128_n128_r64_v128_kv512_t64_bf16_c16",
             "rows_mlaqueries_h128_n128_r64_t256",
             "mla_prefill_qk192_v128_s2",
             "rows_mlaheadsout_h128_d16384_t256_q",

@@ -383,15 +383,18 @@ fn info(args: &InfoArgs) -> Result<(), String> {
         let pages = a.lowering.as_ref().and_then(|l| l.cache_rows_multiple);
         let cache = match (cache.as_deref(), pages) {
             (None | Some("f32"), _) => String::new(),
-            (Some(c), Some(rows)) => format!(", caches {c} in pages of {rows} rows"),
+            (Some(c), Some(rows)) if e.name == "decode" => format!(", caches {c} in pages of {rows} rows"),
             (Some(c), _) => format!(", caches {c}"),
         };
+        let what = if e.name == "decode" { "sequences" } else { "tokens" };
         line(format!(
-            "entry {}: {} launches, {} weights, arena {:.1} MiB{cache}",
+            "entry {}: {} launches, {} weights, arena {:.1} MiB for {} {what} and {} cache rows{cache}",
             e.name,
             e.launches.len(),
             weights,
-            e.arena_bytes as f64 / (1u64 << 20) as f64
+            e.arena_bytes as f64 / (1u64 << 20) as f64,
+            e.sizes.rows,
+            e.sizes.context
         ));
     }
     put("entries", entries.into());
@@ -674,12 +677,12 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
         .iter()
         .find(|e| e.name == "decode")
         .ok_or(Failure::Other(format!("{}: no decode entry", args.artifact.display())))?;
-    let (rows, context) = (plan.sizes.rows, plan.sizes.context);
+    let (rows, plan_context) = (plan.sizes.rows, plan.sizes.context);
     if let Some(&b) = args.batch.iter().find(|&&b| b == 0 || b > rows) {
         return Err(Failure::Other(format!("--batch {b}: the decode plan holds 1..={rows} sequences")));
     }
-    if let Some(&c) = args.context.iter().find(|&&c| c == 0 || c > context) {
-        return Err(Failure::Other(format!("--context {c}: the decode plan holds 1..={context} rows")));
+    if let Some(&c) = args.context.iter().find(|&&c| c == 0 || c > plan_context) {
+        return Err(Failure::Other(format!("--context {c}: the decode plan holds 1..={plan_context} rows")));
     }
     let bounds = plan.bounds.clone();
     let kind = format!(
@@ -710,7 +713,16 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
     let mut report = Vec::new();
     let points: Vec<(usize, usize)> =
         args.context.iter().flat_map(|&c| args.batch.iter().map(move |&b| (b, c))).collect();
+    // Caches in whole pages where the artifact's decode attention reads them as pages (the last
+    // position stays `context - 1`).
+    let multiple = program.cache_rows_multiple().max(1);
     for (b, context) in points {
+        let cache_rows = context.next_multiple_of(multiple);
+        if cache_rows > plan_context {
+            return Err(Failure::Other(format!(
+                "--context {context}: caches of {cache_rows} rows in whole pages, the decode plan holds {plan_context}"
+            )));
+        }
         let mut inputs = std::collections::HashMap::new();
         for (name, shape) in &bounds {
             let buffer = match name.as_str() {
@@ -718,7 +730,8 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
                 "positions" => HostBuffer { shape: vec![b], data: HostData::I64(vec![context as i64 - 1; b]) },
                 cache if cache.starts_with("kv_cache.") => {
                     let width = *shape.last().unwrap_or(&0);
-                    HostBuffer { shape: vec![b, context, width], data: HostData::F32(vec![0.0; b * context * width]) }
+                    let n = b * cache_rows * width;
+                    HostBuffer { shape: vec![b, cache_rows, width], data: HostData::F32(vec![0.0; n]) }
                 }
                 other => {
                     return Err(Failure::Other(format!(

@@ -144,8 +144,13 @@ impl EntryPlan {
         if sizes.rows > self.sizes.rows || sizes.context > self.sizes.context {
             return Err(format!(
                 "entry {}: {} rows and {} cached rows given, the plan holds at most {} and {} (compile with larger \
-                 --max-rows / --max-context)",
-                self.name, sizes.rows, sizes.context, self.sizes.rows, self.sizes.context
+                 {} / --max-context)",
+                self.name,
+                sizes.rows,
+                sizes.context,
+                self.sizes.rows,
+                self.sizes.context,
+                if self.name == "decode" { "--max-batch" } else { "--max-rows" }
             ));
         }
         for (name, dims) in planned {

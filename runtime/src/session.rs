@@ -112,6 +112,12 @@ impl Program for crate::cpu::CpuArtifact {
     }
 }
 
+/// Outputs with the caches in f32 (a GPU artifact's may be bf16: widened exactly), as sessions
+/// keep them on the host.
+fn f32_caches(out: HashMap<String, HostBuffer>) -> HashMap<String, HostBuffer> {
+    out.into_iter().map(|(n, b)| if n.starts_with("kv_cache.") { (n, b.into_f32()) } else { (n, b) }).collect()
+}
+
 impl Program for crate::cuda::GpuArtifact {
     fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String> {
         crate::cuda::GpuArtifact::entry_plan(self, entry)
@@ -122,7 +128,7 @@ impl Program for crate::cuda::GpuArtifact {
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
-        crate::cuda::GpuArtifact::run(self, entry, inputs, wanted)
+        crate::cuda::GpuArtifact::run(self, entry, inputs, wanted).map(f32_caches)
     }
     fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
         crate::cuda::GpuArtifact::time_entry(self, entry, inputs, reps)
@@ -137,7 +143,7 @@ impl Program for crate::cuda::GpuArtifact {
         wanted: &[&str],
         resident: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
-        crate::cuda::GpuArtifact::run_keeping(self, entry, inputs, wanted, resident)
+        crate::cuda::GpuArtifact::run_keeping(self, entry, inputs, wanted, resident).map(f32_caches)
     }
     fn device_argmax(&self) -> bool {
         self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some())
@@ -162,12 +168,7 @@ fn step(
 ) -> Result<(HashMap<String, HostBuffer>, Next), String> {
     if !program.keeps_inputs() {
         let wanted: Vec<&str> = caches.iter().copied().chain(["logits"]).collect();
-        let mut out = program.run("decode", inputs, &wanted)?;
-        for c in caches {
-            if let Some(b) = out.remove(*c) {
-                out.insert(c.to_string(), b.into_f32());
-            }
-        }
+        let out = f32_caches(program.run("decode", inputs, &wanted)?);
         let next = Next::logits_of(&out)?;
         return Ok((out, next));
     }
@@ -430,7 +431,7 @@ impl<'a> ArtifactBatch<'a> {
         let rows = program.entry_plan("decode")?.sizes.rows;
         if prompts.is_empty() || prompts.len() > rows {
             return Err(format!(
-                "{} sequences: the artifact's decode plan holds 1..={rows} (compile with a larger --max-rows)",
+                "{} sequences: the artifact's decode plan holds 1..={rows} (compile with a larger --max-batch)",
                 prompts.len()
             ));
         }

@@ -1357,13 +1357,18 @@ pub(super) fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), St
 /// Numerics: (fp8) the latent in e4m3 for the up-projection, then q, k, v and P in bf16 (the
 /// CUDA-core row, [`RowOp::MlaDecode`], keeps the reference's f32 instead). `Err`: not this
 /// kernel, or shapes the templates do not take (head widths not multiples of 64, values over 256;
-/// fp8: a latent or value heads not multiples of 128).
-pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
+/// fp8: a latent or value heads not multiples of 128). `bf16_cache` (fp8 graph): the cache is
+/// bf16 (the latent quantized from it, its rope key copied as it is).
+pub fn mla_prefill_steps(kernel: &OperationRef, bf16_cache: bool) -> Result<Steps, String> {
     let launch = row_of_kernel(kernel)?;
     let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: true, .. } = launch.kernel.op else {
         return Err("not a prefill attention".into());
     };
     let fp8 = launch.kernel.weight == "f8E4M3FN";
+    if bf16_cache && !fp8 {
+        return Err("the f32 graph's prefill attention over a bf16 cache (its caches stay f32)".into());
+    }
+    let cache_element = if bf16_cache { "bf16" } else { "f32" };
     let kv = launch.kernel.d;
     let config = super::mla::MlaPrefillConfig { qk: nope + rope, v, stages: 2 };
     config.validate(&crate::target::SM90A)?;
@@ -1399,7 +1404,10 @@ pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
         Steps {
             temps: vec![Temp::per_row_of(cache, 1, kv, "f8E4M3FN"), Temp::per_row_of(cache, 1, kv / group, "f32")],
             steps: vec![
-                step(row(RowOp::Train(super::rows::TrainRow::Quantize), kv), vec![Arg(cache), T(0), T(1)]),
+                step(
+                    StepKernel::Row(RowKernel::new(RowOp::Train(super::rows::TrainRow::Quantize), kv, cache_element)),
+                    vec![Arg(cache), T(0), T(1)],
+                ),
                 step(StepKernel::Gemm(g), vec![T(0), T(1), Arg(kv_b), Arg(kv_b + 1), T(2)]),
             ],
             rope_table: None,
@@ -1422,7 +1430,7 @@ pub fn mla_prefill_steps(kernel: &OperationRef) -> Result<Steps, String> {
     let out = if fp8 { vec![T(6), Out(0), Out(1)] } else { vec![T(6), Out(0)] };
     steps.steps.extend([
         step(
-            StepKernel::Row(RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v }, kv, projected)),
+            StepKernel::Row(RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, bf16_cache }, kv, projected)),
             vec![T(2), Arg(cache), T(3), T(4)],
         ),
         step(row(RowOp::MlaQueries { heads, nope, rope }, heads * (nope + rope)), vec![Arg(q_nope), Arg(q_pe), T(5)]),

@@ -204,43 +204,68 @@ pub struct AttentionKernels {
     pub decode: AttentionKernel,
 }
 
-/// Whether `module`'s decode caches are bf16 64-row pages: decode attention on the tensor cores
-/// (`attention.decode`) and every decode attention kernel taking that path (a module whose
-/// kernels mix it with the f32 row keeps f32 caches and the row everywhere).
-pub fn bf16_decode_caches(module: &Module, attention: AttentionKernels) -> bool {
-    if attention.decode != AttentionKernel::TensorCores {
-        return false;
-    }
-    let (mut decode, mut tensor_cores) = (0, 0);
-    let mut op = module.body().first_operation();
-    while let Some(f) = op {
-        op = f.next_in_block();
-        let decode_row = lower::row_of_kernel(&f)
-            .is_ok_and(|l| matches!(l.kernel.op, rows::RowOp::MlaDecode { prefill: false, .. }));
-        if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() && decode_row {
-            decode += 1;
-            tensor_cores += usize::from(lower::mla_decode_steps(&f).is_ok());
-        }
-    }
-    decode > 0 && tensor_cores == decode
+/// Which entries' caches are bf16 (the tensor-core attention's): prefill's (and the MTP draft's)
+/// where every prefill attention of the module runs on the tensor cores over a bf16 cache (the fp8
+/// graph), decode's (as 64-row pages) where every decode attention does. A module whose kernels
+/// would mix them with the f32 rows keeps f32 caches and the rows for that kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bf16Caches {
+    pub prefill: bool,
+    pub decode: bool,
 }
 
-/// Kernel `f`'s row launch (`Err`: not a row kernel), the decode latent row storing bf16 where
-/// the caches are ([`bf16_decode_caches`]).
-pub fn row_launch(f: &OperationRef, bf16_caches: bool) -> Result<lower::RowLaunch, String> {
+impl Bf16Caches {
+    /// The caches `module`'s attention kernels take with `attention`'s choices.
+    pub fn of(module: &Module, attention: AttentionKernels) -> Bf16Caches {
+        // Per kind (prefill, decode): attention kernels, and those the tensor cores take.
+        let mut counts = [(0, 0); 2];
+        let mut op = module.body().first_operation();
+        while let Some(f) = op {
+            op = f.next_in_block();
+            if f.attribute(v3c_dialects::KERNEL_ATTR).is_err() {
+                continue;
+            }
+            let Ok(row) = lower::row_of_kernel(&f) else { continue };
+            let rows::RowOp::MlaDecode { prefill, .. } = row.kernel.op else { continue };
+            let tensor_cores = match prefill {
+                true => lower::mla_prefill_steps(&f, true).is_ok(),
+                false => lower::mla_decode_steps(&f).is_ok(),
+            };
+            let count = &mut counts[usize::from(!prefill)];
+            *count = (count.0 + 1, count.1 + usize::from(tensor_cores));
+        }
+        let all = |(n, tc): (usize, usize), kernel| kernel == AttentionKernel::TensorCores && n > 0 && tc == n;
+        Bf16Caches { prefill: all(counts[0], attention.prefill), decode: all(counts[1], attention.decode) }
+    }
+}
+
+/// Kernel `f`'s row launch (`Err`: not a row kernel), the latent rows storing bf16 where the
+/// caches are ([`Bf16Caches`]).
+pub fn row_launch(f: &OperationRef, caches: Bf16Caches) -> Result<lower::RowLaunch, String> {
     let mut launch = lower::row_of_kernel(f)?;
-    if let rows::RowOp::Latent { append: false, ref mut bf16_cache, .. } = launch.kernel.op {
-        *bf16_cache = bf16_caches;
+    if let rows::RowOp::Latent { append, ref mut bf16_cache, .. } = launch.kernel.op {
+        *bf16_cache = if append { caches.prefill } else { caches.decode };
     }
     Ok(launch)
+}
+
+/// Kernel `f` as tensor-core attention launches, if `attention` and `caches` put it there.
+pub fn tensor_core_attention(
+    f: &OperationRef,
+    attention: AttentionKernels,
+    caches: Bf16Caches,
+) -> Option<lower::Steps> {
+    let prefill = attention.prefill == AttentionKernel::TensorCores;
+    let steps = prefill.then(|| lower::mla_prefill_steps(f, caches.prefill).ok()).flatten();
+    steps.or_else(|| caches.decode.then(|| lower::mla_decode_steps(f).ok()).flatten())
 }
 
 /// The sm_90a lowering of a `fused`-stage module (the kernels of every entry point).
 #[derive(Debug, Default)]
 pub struct ModelKernels {
-    /// The decode entry's caches are bf16 64-row pages ([`bf16_decode_caches`]): the plan's
-    /// cache inputs of that entry are to say so.
-    pub bf16_decode_caches: bool,
+    /// Whose caches are bf16 ([`Bf16Caches`]): the plan's entries calling kernels that read or
+    /// write them are to say so.
+    pub bf16_caches: Bf16Caches,
     /// Per fused kernel mapped onto the GEMM template: its GEMM and its [decode, prefill] kernels.
     pub gemms: Vec<(lower::GemmKernel, [String; 2])>,
     /// The distinct template kernels, compiled (and assembled when ptxas was given).
@@ -349,8 +374,8 @@ pub fn compile_model(
     choose: &mut dyn FnMut(&lower::GemmKernel, usize) -> Vec<gemm::GemmConfig>,
     mut progress: impl FnMut(&str),
 ) -> Result<ModelKernels, Sm90Error> {
-    let bf16_caches = bf16_decode_caches(module, attention);
-    let mut out = ModelKernels { bf16_decode_caches: bf16_caches, ..ModelKernels::default() };
+    let bf16_caches = Bf16Caches::of(module, attention);
+    let mut out = ModelKernels { bf16_caches, ..ModelKernels::default() };
     let mut op = module.body().first_operation();
     while let Some(f) = op {
         op = f.next_in_block();
@@ -358,11 +383,7 @@ pub fn compile_model(
             continue;
         }
         let fused = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
-        let tensor_cores = |kernel| kernel == AttentionKernel::TensorCores;
-        let tensor_core_attention = (tensor_cores(attention.prefill))
-            .then(|| lower::mla_prefill_steps(&f).ok())
-            .flatten()
-            .or_else(|| bf16_caches.then(|| lower::mla_decode_steps(&f).ok()).flatten());
+        let tensor_core_attention = tensor_core_attention(&f, attention, bf16_caches);
         let row = row_launch(&f, bf16_caches);
         if let (Ok(launch), None) = (&row, &tensor_core_attention) {
             let launch = launch.clone();

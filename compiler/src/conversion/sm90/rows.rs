@@ -56,8 +56,8 @@ pub enum RowOp {
     /// `append` (prefill): the output is `concat(cache [P, C], new rows)`, one block per output row
     /// (the first P copy); otherwise (decode) row b is written in place at `cache[b, position_b]`.
     /// Positions outside the table (or the cache) leave the row unwritten: the runtime rejects
-    /// them before launching, as the CPU backend does. `bf16_cache` (decode): the cache is bf16
-    /// (the tensor-core decode attention's pages), each value rounded to nearest even as stored.
+    /// them before launching, as the CPU backend does. `bf16_cache`: the caches are bf16 (the
+    /// tensor-core attention's), each new value rounded to nearest even as stored.
     Latent { eps: f32, rope: usize, interleave: bool, append: bool, bf16_cache: bool },
     /// MLA's query heads out of the q_b GEMM: `y [rows, heads * (nope + rope)]` split per head into
     /// `q_nope [rows, heads, nope]` and `q_pe [rows, heads, rope]`, RoPE applied to q_pe at the
@@ -113,8 +113,9 @@ pub enum RowOp {
     /// writes head h's key row `k[h * S + s] = bf16([kv[s, h, :nope] | cache[s, d .. d + rope]])`
     /// and value row `vv[h * S + s] = bf16(kv[s, h, nope..])` — head-major, the layout
     /// `mla_prefill_*` reads (bf16 by round to nearest even). `d` is the latent width: a cache row
-    /// is the latent, then the rope key every head shares.
-    MlaKeys { heads: usize, nope: usize, rope: usize, v: usize },
+    /// is the latent, then the rope key every head shares. `bf16_cache`: the cache is bf16 (its
+    /// rope key copied as it is).
+    MlaKeys { heads: usize, nope: usize, rope: usize, v: usize, bf16_cache: bool },
     /// Its queries: `q[h * T + t] = bf16([q_nope[t, h] | q_pe[t, h]])` (`d` = heads * (nope + rope)).
     MlaQueries { heads: usize, nope: usize, rope: usize },
     /// The prefill kernel's head-major output `o [heads * T, d / heads]` (f32) back to token rows:
@@ -203,10 +204,11 @@ impl RowKernel {
             RowOp::SiluMul { quantize } => format!("rows_silumul_d{d}_t{t}{}", if quantize { "_q" } else { "_y" }),
             RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
             RowOp::MlaCombine => format!("rows_mlacombine_d{d}_t{t}"),
-            RowOp::MlaKeys { heads, nope, rope, v } => {
+            RowOp::MlaKeys { heads, nope, rope, v, bf16_cache } => {
                 format!(
-                    "rows_mlakeys_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_t{t}{}",
-                    if w == "bf16" { "_bf16" } else { "" }
+                    "rows_mlakeys_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_t{t}{}{}",
+                    if w == "bf16" { "_bf16" } else { "" },
+                    if bf16_cache { "_c16" } else { "" }
                 )
             }
             RowOp::MlaQueries { heads, nope, rope } => format!("rows_mlaqueries_h{heads}_n{nope}_r{rope}_t{t}"),
@@ -241,7 +243,8 @@ impl RowKernel {
                 let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
                 let layout = if interleave { "_il" } else { "" };
                 let mode = match (append, bf16_cache) {
-                    (true, _) => "append",
+                    (true, false) => "append",
+                    (true, true) => "appendbf16",
                     (false, false) => "write",
                     (false, true) => "writebf16",
                 };
@@ -328,17 +331,25 @@ impl RowKernel {
                     threads: number(t, 't')?,
                 })
             }
-            ("mlakeys", [h, n, r, v, kv, t, source @ ..]) if source.is_empty() || source == ["bf16"] => {
+            ("mlakeys", [h, n, r, v, kv, t, rest @ ..]) => {
+                let (source, bf16_cache) = match rest {
+                    [] => ("f32", false),
+                    ["bf16"] => ("bf16", false),
+                    ["c16"] => ("f32", true),
+                    ["bf16", "c16"] => ("bf16", true),
+                    _ => return None,
+                };
                 let op = RowOp::MlaKeys {
                     heads: number(h, 'h')?,
                     nope: number(n, 'n')?,
                     rope: number(r, 'r')?,
                     v: number(v, 'v')?,
+                    bf16_cache,
                 };
                 Some(RowKernel {
                     op,
                     d: kv.strip_prefix("kv")?.parse().ok()?,
-                    weight: if source.is_empty() { "f32" } else { "bf16" }.into(),
+                    weight: source.into(),
                     threads: number(t, 't')?,
                 })
             }
@@ -408,7 +419,7 @@ impl RowKernel {
             return (kernel.check().is_ok() && kernel.kernel_name() == name).then_some(kernel);
         }
         if op == "latent" {
-            // rows_latent_<w>_d<D>_r<R>_t<T>_eps<E>[_il]_(append|write|writebf16)
+            // rows_latent_<w>_d<D>_r<R>_t<T>_eps<E>[_il]_(append|write)[bf16]
             let [weight, d, r, t, eps, rest @ ..] = &parts[..] else { return None };
             let (interleave, mode) = match rest {
                 ["il", m] => (true, *m),
@@ -419,10 +430,10 @@ impl RowKernel {
                 eps: eps_of(eps)?,
                 rope: r.strip_prefix('r')?.parse().ok()?,
                 interleave,
-                append: mode == "append",
-                bf16_cache: mode == "writebf16",
+                append: mode.starts_with("append"),
+                bf16_cache: mode.ends_with("bf16"),
             };
-            if !["append", "write", "writebf16"].contains(&mode) {
+            if !["append", "write", "appendbf16", "writebf16"].contains(&mode) {
                 return None;
             }
             let d = d.strip_prefix('d')?.parse().ok()?;
@@ -512,9 +523,9 @@ impl RowKernel {
                 }
                 args
             }
-            RowOp::MlaKeys { .. } => vec![
+            RowOp::MlaKeys { bf16_cache, .. } => vec![
                 ("kv", format!("memref<?x?x{w}>")),
-                ("cache", "memref<?x?xf32>".into()),
+                ("cache", format!("memref<?x?x{}>", if bf16_cache { "bf16" } else { "f32" })),
                 ("k", "memref<?x?xbf16>".into()),
                 ("vv", "memref<?x?xbf16>".into()),
             ],
@@ -593,12 +604,12 @@ impl RowKernel {
                     ("k_pe", "memref<?x?xf32>".into()),
                     ("positions", "memref<?xi64>".into()),
                 ];
+                let element = if bf16_cache { "bf16" } else { "f32" };
                 if append {
-                    args.push(("cache", "memref<?x?xf32>".into()));
+                    args.push(("cache", format!("memref<?x?x{element}>")));
                     args.push(("rope", "memref<?x?xf32>".into()));
-                    args.push(("out", "memref<?x?xf32>".into()));
+                    args.push(("out", format!("memref<?x?x{element}>")));
                 } else {
-                    let element = if bf16_cache { "bf16" } else { "f32" };
                     args.push(("cache", format!("memref<?x?x?x{element}>")));
                     args.push(("rope", "memref<?x?xf32>".into()));
                 }
@@ -1380,13 +1391,14 @@ scf.if %last {
                     round("%rest", "%l")
                 )]
             }
-            RowOp::MlaKeys { heads, nope, rope, v } => {
+            RowOp::MlaKeys { heads, nope, rope, v, bf16_cache } => {
                 // Per head: its nope key columns and value columns of the row (bf16 as they come,
                 // f32 rounded), the shared rope key.
                 let w = &self.weight;
                 let copy = |what: &str, from: &str, col: &str, to: &str| {
-                    let load = if from == "%kv" && w == "bf16" {
-                        "    %b = memref.load %kv[%row, %col] : memref<?x?xbf16>\n".to_string()
+                    let as_is = if from == "%kv" { w == "bf16" } else { bf16_cache };
+                    let load = if as_is {
+                        format!("    %b = memref.load {from}[%row, %col] : memref<?x?xbf16>\n")
                     } else {
                         format!(
                             "    %x = memref.load {from}[%row, %col] : memref<?x?xf32>\n{}",
@@ -1880,31 +1892,33 @@ scf.for %i = %tid to %cD step %cT {{
             }
             RowOp::Latent { interleave, append, bf16_cache, .. } => {
                 let d = self.d;
+                let element = if bf16_cache { "bf16" } else { "f32" };
+                let (target, at) = if append { ("%out", "%row") } else { ("%cache", "%row, %p") };
+                let rank = if append { "?x?" } else { "?x?x?" };
                 let dest = |v: &str, col: &str| -> String {
-                    if append {
-                        format!("memref.store {v}, %out[%row, {col}] : memref<?x?xf32>\n")
-                    } else if bf16_cache {
+                    if bf16_cache {
                         format!(
-                            "{}memref.store {v}_b, %cache[%row, %p, {col}] : memref<?x?x?xbf16>\n",
+                            "{}memref.store {v}_b, {target}[{at}, {col}] : memref<{rank}xbf16>\n",
                             round_bf16(v, &format!("{v}_b"))
                         )
                     } else {
-                        format!("memref.store {v}, %cache[%row, %p, {col}] : memref<?x?x?xf32>\n")
+                        format!("memref.store {v}, {target}[{at}, {col}] : memref<{rank}xf32>\n")
                     }
                 };
                 // Rows of the old cache are copied (prefill); others have nothing to add.
                 let mut otherwise = format!("memref.store %zero, %sh_sum[%tid] : {}\n", sh("sh_sum"));
                 if append {
-                    otherwise.push_str(
+                    let _ = write!(
+                        otherwise,
                         "%is_old = arith.xori %is_new, %true : i1
-scf.if %is_old {
-  %width = memref.dim %cache, %c1 : memref<?x?xf32>
-  scf.for %i = %tid to %width step %cT {
-    %old = memref.load %cache[%row, %i] : memref<?x?xf32>
-    memref.store %old, %out[%row, %i] : memref<?x?xf32>
-  }
-}
-",
+scf.if %is_old {{
+  %width = memref.dim %cache, %c1 : memref<?x?x{element}>
+  scf.for %i = %tid to %width step %cT {{
+    %old = memref.load %cache[%row, %i] : memref<?x?x{element}>
+    memref.store %old, %out[%row, %i] : memref<?x?x{element}>
+  }}
+}}
+"
                     );
                 }
                 let rope_loop = format!(
@@ -2137,12 +2151,14 @@ scf.for %i = %tid to %cD step %cT {{
         if bf16_cache {
             s.push_str(BF16_CONSTANTS);
         }
+        let element = if bf16_cache { "bf16" } else { "f32" };
         if append {
-            s.push_str(
-                "%P = memref.dim %cache, %c0 : memref<?x?xf32>
+            let _ = write!(
+                s,
+                "%P = memref.dim %cache, %c0 : memref<?x?x{element}>
 %is_new = arith.cmpi uge, %row, %P : index
 %t = arith.subi %row, %P : index
-",
+"
             );
         } else {
             s.push_str("%is_new = arith.constant true\n%t = arith.addi %row, %c0 : index\n");
@@ -2164,7 +2180,6 @@ scf.for %i = %tid to %cD step %cT {{
         if append {
             s.push_str("%p_ok = arith.andi %p_ok0, %true : i1\n");
         } else {
-            let element = if bf16_cache { "bf16" } else { "f32" };
             let _ = write!(
                 s,
                 "%slots = memref.dim %cache, %c1 : memref<?x?x?x{element}>
@@ -2836,6 +2851,27 @@ mod tests {
                     "prefill (interleave {interleave}): element {i} = {got}, reference {want}"
                 );
             }
+            // bf16 caches: the old rows as they are, the new ones rounded to nearest even.
+            let mut old16: Vec<u16> = old.iter().map(|&x| f32_to_bf16(x)).collect();
+            let mut out16 = vec![0xAAAAu16; (cached + t) * c];
+            let op = RowOp::Latent { eps, rope: r, interleave, append: true, bf16_cache: true };
+            let kernel16 = RowKernel::new(op, d, "bf16");
+            assert_eq!(RowKernel::from_name(&kernel16.kernel_name()).as_ref(), Some(&kernel16));
+            run_cpu(
+                &kernel16,
+                &[
+                    raw(&mut latent, &[t, d], "f32"),
+                    raw(&mut w, &[d], "bf16"),
+                    raw(&mut k_pe, &[t, r], "f32"),
+                    raw(&mut positions, &[t], "i64"),
+                    raw(&mut old16, &[cached, c], "bf16"),
+                    raw(&mut rope, &[npos, r], "f32"),
+                    raw(&mut out16, &[cached + t, c], "bf16"),
+                ],
+            );
+            let want16: Vec<u16> =
+                old16.iter().copied().chain(out[cached * c..].iter().map(|&x| f32_to_bf16(x))).collect();
+            assert_eq!(out16, want16, "prefill into bf16 caches (interleave {interleave})");
         }
     }
 
@@ -3111,7 +3147,7 @@ mod tests {
         let per = nope + v;
         let (mut kv, mut cache) = (values(s_len * heads * per, 70, 9.0), values(s_len * (d + rope), 71, 9.0));
         let (mut k, mut vv) = (vec![0xAAAAu16; heads * s_len * (nope + rope)], vec![0xAAAAu16; heads * s_len * v]);
-        let keys = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v }, d, "f32");
+        let keys = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, bf16_cache: false }, d, "f32");
         run_cpu(
             &keys,
             &[
@@ -3141,7 +3177,7 @@ mod tests {
         // The up-projection in bf16 (the fp8 graph's GEMM output): the same bits, copied.
         let mut kv16: Vec<u16> = kv.iter().map(|&x| f32_to_bf16(x)).collect();
         let (mut k16, mut v16) = (vec![0u16; k.len()], vec![0u16; vv.len()]);
-        let keys16 = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v }, d, "bf16");
+        let keys16 = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, bf16_cache: false }, d, "bf16");
         run_cpu(
             &keys16,
             &[
@@ -3153,6 +3189,21 @@ mod tests {
         );
         assert_eq!((&k16, &v16), (&k, &vv));
         assert_eq!(RowKernel::from_name(&keys16.kernel_name()), Some(keys16));
+        // A bf16 cache: its rope key as it is, the same bits.
+        let mut cache16: Vec<u16> = cache.iter().map(|&x| f32_to_bf16(x)).collect();
+        let (mut k16, mut v16) = (vec![0u16; k.len()], vec![0u16; vv.len()]);
+        let keys_c16 = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, bf16_cache: true }, d, "bf16");
+        run_cpu(
+            &keys_c16,
+            &[
+                raw(&mut kv16, &[s_len, heads * per], "bf16"),
+                raw(&mut cache16, &[s_len, d + rope], "bf16"),
+                raw(&mut k16, &[heads * s_len, nope + rope], "bf16"),
+                raw(&mut v16, &[heads * s_len, v], "bf16"),
+            ],
+        );
+        assert_eq!((&k16, &v16), (&k, &vv));
+        assert_eq!(RowKernel::from_name(&keys_c16.kernel_name()), Some(keys_c16));
         let (mut qn, mut qp) = (values(t_len * heads * nope, 72, 9.0), values(t_len * heads * rope, 73, 9.0));
         let mut q = vec![0xAAAAu16; heads * t_len * (nope + rope)];
         let queries = RowKernel::new(RowOp::MlaQueries { heads, nope, rope }, heads * (nope + rope), "f32");

@@ -493,6 +493,8 @@ impl TrainRow {
                 format!("rows_rmsnormgrad_{weight}_d{d}_t{t}_eps{eps}")
             }
             TrainRow::RmsNormDw => format!("rows_rmsnormdw_d{d}_t{t}"),
+            // bf16 rows: the prefill attention's bf16 latent cache.
+            TrainRow::Quantize if weight == "bf16" => format!("rows_quantize_bf16_d{d}_t{t}"),
             TrainRow::Quantize => format!("rows_quantize_d{d}_t{t}"),
             TrainRow::QuantizeBlocks { tiles, transposed, matrix_rows } => {
                 let stacked = if matrix_rows > 0 { format!("_m{matrix_rows}") } else { String::new() };
@@ -599,6 +601,7 @@ impl TrainRow {
             }
             ["rmsnormdw", d, t] => kernel(TrainRow::RmsNormDw, d, "f32", t),
             ["quantize", d, t] => kernel(TrainRow::Quantize, d, "f32", t),
+            ["quantize", "bf16", d, t] => kernel(TrainRow::Quantize, d, "bf16", t),
             ["qblocks", d, b, t, rest @ ..] => {
                 let (transposed, rest) = match rest {
                     ["tr", rest @ ..] => (true, rest),
@@ -741,6 +744,9 @@ impl TrainRow {
                 args
             }
             TrainRow::SumHeads { .. } => vec![("part", rows()), ("y", rows())],
+            TrainRow::Quantize if weight == "bf16" => {
+                vec![("x", "memref<?x?xbf16>".into()), ("q", "memref<?x?xi8>".into()), ("scale", rows())]
+            }
             TrainRow::Quantize | TrainRow::QuantizeCols => {
                 vec![("x", rows()), ("q", "memref<?x?xi8>".into()), ("scale", rows())]
             }
@@ -2373,6 +2379,11 @@ scf.for %i = %tid to %cD step %cT {{
                     term = indent2(&term.replace("MEM", m))
                 )]
             }
+            TrainRow::Quantize if kernel.weight == "bf16" => kernel.quant_phases(lowering, &|c| {
+                format!(
+                    "  %v_raw = memref.load %x[%row, {c}] : memref<?x?xbf16>\n  %v = arith.extf %v_raw : bf16 to f32\n"
+                )
+            }),
             TrainRow::Quantize => {
                 kernel.quant_phases(lowering, &|c| format!("  %v = memref.load %x[%row, {c}] : {m}\n"))
             }
@@ -2971,6 +2982,15 @@ mod tests {
             &[raw(&mut x, &[t, k], "f32"), raw(&mut q, &[t, k], "i8"), raw(&mut sc, &[t, 2], "f32")],
         );
         assert!(q == want_q && sc == want_s, "1x128 rows");
+        // bf16 rows (the prefill attention's bf16 latent cache): those of their f32 values.
+        let mut x16: Vec<u16> = x.iter().map(|&v| v3c_models::dtype::f32_to_bf16(v)).collect();
+        let wide: Vec<f32> = x16.iter().map(|&b| v3c_models::dtype::bf16_to_f32(b)).collect();
+        let (want_q, want_s) = kernels::quantize_fp8(&wide, k, 128);
+        let (mut q, mut sc) = (vec![0u8; t * k], vec![f32::NAN; t * 2]);
+        let rows16 = RowKernel::new(RowOp::Train(TrainRow::Quantize), k, "bf16");
+        assert_eq!(RowKernel::from_name(&rows16.kernel_name()).as_ref(), Some(&rows16));
+        run_cpu(&rows16, &[raw(&mut x16, &[t, k], "bf16"), raw(&mut q, &[t, k], "i8"), raw(&mut sc, &[t, 2], "f32")]);
+        assert!(q == want_q && sc == want_s, "1x128 rows of bf16");
         // Blocks, and blocks transposed.
         let (want_q, want_s) = kernels::quantize_master(&w, n, k);
         let (nb, kb) = (n.div_ceil(128), k.div_ceil(128));
