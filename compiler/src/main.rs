@@ -215,15 +215,16 @@ struct CompileArgs {
     /// naive form, q, k, v and P in bf16, after kv_b's up-projection of the latent (fp8 graph: an
     /// e4m3 GEMM, as DeepSeek-V3's own naive-form inference; f32 graph: bf16 hi + lo GEMMs) — or
     /// `rows`: the CUDA-core row kernel in the absorbed form, f32 as the reference computes it (to
-    /// compare logits tightly). Heads whose widths the kernel does not take stay on the row.
-    /// Default: tensor-cores (GPU targets only).
+    /// compare logits tightly). Heads whose widths the kernel does not take stay on the row. The
+    /// fp8 graph's prefill caches are then bf16. Default: tensor-cores (GPU targets only).
     #[arg(long, value_enum, value_name = "WHERE")]
     prefill_attention: Option<AttentionKernel>,
-    /// Where the fp8 graph's decode attention runs on sm_90a: `tensor-cores` — split-K attention
-    /// (wgmma, a TMA page ring) in the absorbed form, the decode caches bf16 64-row pages read in
-    /// place (the artifact's decode caches are bf16, their rows a multiple of 64: --max-context
-    /// rounds up), the absorbed queries and P in bf16 — or `rows`: the CUDA-core row kernel over
-    /// f32 caches, f32 as the reference computes it. Default: tensor-cores (GPU targets only).
+    /// Where decode attention runs on sm_90a: `tensor-cores` — split-K attention (wgmma, a TMA
+    /// page ring) in the absorbed form, the decode caches bf16 64-row pages read in place (the
+    /// artifact's decode caches are bf16, their rows a multiple of 64: --max-context rounds up),
+    /// the absorbed queries and P in bf16 (kv_b e4m3, or bf16 in the f32 graph) — or `rows`: the
+    /// CUDA-core row kernel over f32 caches, f32 as the reference computes it. Heads whose widths
+    /// the kernel does not take stay on the row. Default: tensor-cores (GPU targets only).
     #[arg(long, value_enum, value_name = "WHERE")]
     decode_attention: Option<AttentionKernel>,
     /// Compile the training step (forward, losses, every gradient) instead of the inference

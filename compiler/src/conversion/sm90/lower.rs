@@ -1440,10 +1440,11 @@ pub fn mla_prefill_steps(kernel: &OperationRef, bf16_cache: bool) -> Result<Step
     Ok(steps)
 }
 
-/// MLA decode attention (fp8 graph) on the tensor cores, in the absorbed form: the fused
+/// MLA decode attention on the tensor cores, in the absorbed form: the fp8 graph's fused
 /// `attention_decode` + `reshape` + `quantize_fp8` kernel of arguments (q_nope `[B, H, nope]`, q_pe
 /// `[B, H, rope]`, the caches `[B, S, kv + rope]`, positions `[B]`, kv_b e4m3 and its
-/// scales) as five launches:
+/// scales), or the f32 graph's `attention_decode` + `reshape` (kv_b bf16, f32 output rows), as
+/// five launches:
 /// 1. the absorbed queries `[q_nope W_UK | q_pe]` per (token, head) in bf16 (`rows_mlaabsorb`);
 /// 2. the block table and lengths over the caches (`rows_mlatable`): the decode entry's caches are
 ///    bf16 with S a multiple of 64 — each sequence's 64-row pages in order — where the decode
@@ -1452,33 +1453,38 @@ pub fn mla_prefill_steps(kernel: &OperationRef, bf16_cache: bool) -> Result<Step
 /// 3. split-K attention (`mla_decode_*`: wgmma for `S = Q K^T` and `P V`, TMA page ring; the
 ///    runtime picks the splits for the run, [`v3c_runtime::lowering::attention_splits`]);
 /// 4. the splits merged (`rows_mlacombine`); 5. each head's latent output through `W_UV`,
-///    quantized 1x128 (`rows_mlaupv`).
+///    quantized 1x128 (`rows_mlaupv`; the f32 graph's: as it is, `_bf16`).
 ///
 /// Numerics: the cache (each row rounded to bf16 as the latent row stores it), the absorbed
 /// queries and P in bf16 (the CUDA-core row keeps the reference's f32). `Err`: not this kernel, or
 /// shapes the templates do not take.
 pub fn mla_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
+    use Operand::{Arg, Result as Out, Temp as T};
     let launch = row_of_kernel(kernel)?;
     let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: false, .. } = launch.kernel.op else {
         return Err("not a decode attention".into());
     };
-    if launch.kernel.weight != "f8E4M3FN" {
-        return Err("decode attention of the f32 graph (bf16 kv_b) stays on the row kernel".into());
-    }
+    // The f32 graph's: bf16 kv_b, the heads' outputs in f32 (no scales, no quantization).
+    let weight = launch.kernel.weight.clone();
+    let fp8 = weight == "f8E4M3FN";
     let kv = launch.kernel.d;
     let config = super::mla::MlaDecodeConfig { kv, rope, stages: 2, fp8_cache: false };
     config.validate(&crate::target::SM90A)?;
-    if v != super::rows::GROUP {
+    if fp8 && v != super::rows::GROUP {
         return Err(format!("value heads of {v} (one 128-wide quantization group each)"));
     }
-    let (q_nope, q_pe, cache, positions, kv_b, kv_b_scale) = (0, 1, 2, 3, 4, 5);
+    let (q_nope, q_pe, cache, positions, kv_b) = (0, 1, 2, 3, 4);
+    // kv_b and its scales (fp8), the outputs: the quantized bytes and scales, or the f32 rows.
+    let (weights, outs) = match fp8 {
+        true => (vec![Arg(kv_b), Arg(kv_b + 1)], vec![Out(0), Out(1)]),
+        false => (vec![Arg(kv_b)], vec![Out(0)]),
+    };
     let width = kv + rope;
     use super::rows::{HEAD_TOKENS, PAGE_ROWS as page};
     let cache_dim = |dim: usize, align: usize, div: usize| TempDim::Arg { arg: cache, dim, align, div };
     let splits = TempDim::Splits { heads, cache };
     let row = |op: RowOp, d: usize, weight: &str| StepKernel::Row(RowKernel::new(op, d, weight));
     let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };
-    use Operand::{Arg, Result as Out, Temp as T};
     Ok(Steps {
         temps: vec![
             Temp::per_row(heads, width, "bf16"),
@@ -1490,8 +1496,8 @@ pub fn mla_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
         ],
         steps: vec![
             step(
-                row(RowOp::MlaAbsorb { heads, nope, rope, v, tokens: HEAD_TOKENS }, kv, "f8E4M3FN"),
-                vec![Arg(q_nope), Arg(q_pe), Arg(kv_b), Arg(kv_b_scale), T(0)],
+                row(RowOp::MlaAbsorb { heads, nope, rope, v, tokens: HEAD_TOKENS }, kv, &weight),
+                [vec![Arg(q_nope), Arg(q_pe)], weights.clone(), vec![T(0)]].concat(),
             ),
             step(row(RowOp::MlaTable, page, "f32"), vec![Arg(positions), T(1), T(2)]),
             step(
@@ -1500,8 +1506,8 @@ pub fn mla_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
             ),
             step(row(RowOp::MlaCombine, kv, "f32"), vec![T(3), T(4), T(5)]),
             step(
-                row(RowOp::MlaUpV { heads, nope, v, tokens: HEAD_TOKENS }, kv, "f8E4M3FN"),
-                vec![T(5), Arg(kv_b), Arg(kv_b_scale), Out(0), Out(1)],
+                row(RowOp::MlaUpV { heads, nope, v, tokens: HEAD_TOKENS }, kv, &weight),
+                [vec![T(5)], weights, outs].concat(),
             ),
         ],
         rope_table: None,

@@ -189,8 +189,8 @@ pub enum AttentionKernel {
     /// ([`lower::mla_prefill_steps`]: q, k, v and P in bf16, kv_b's up-projection of the latent in
     /// e4m3 — the fp8 graph, DeepSeek-V3's own naive-form inference numerics — or as bf16 hi + lo
     /// GEMMs, the f32 graph); decode as split-K attention over bf16 pages in the absorbed form
-    /// ([`lower::mla_decode_steps`], the fp8 graph). Attention whose shapes the kernels do not take
-    /// stays on the row.
+    /// ([`lower::mla_decode_steps`]; kv_b e4m3 or, the f32 graph, bf16). Attention whose shapes the
+    /// kernels do not take stays on the row.
     #[default]
     TensorCores,
     /// The CUDA-core row kernel in the absorbed form, in f32 as the reference computes it.

@@ -126,12 +126,14 @@ pub enum RowOp {
     /// bf16([q_nope[b, h] W_UK_h | q_pe[b, h]])`, `W_UK_h` the head's nope rows of kv_b (e4m3 with
     /// 128x128 block scales, decoded as read), each latent column summed over nope in order — as
     /// the CUDA-core row's first phases ([`RowOp::MlaDecode`]). One block per head and `tokens`
-    /// tokens, each weight read once for all of them. `d` is the latent width.
+    /// tokens, each weight read once for all of them. `d` is the latent width. Weight `bf16`: the
+    /// f32 graph's kv_b (bf16, no scales).
     MlaAbsorb { heads: usize, nope: usize, rope: usize, v: usize, tokens: usize },
     /// The decode attention's latent output `o [B H, d]` (f32) through each head's value rows of
     /// kv_b (`W_UV_h`) and quantized 1x128: `q[b, h v ..][..v]` and its group's scale `scale[b,
     /// h]` (v = 128: a head is a group) — the CUDA-core row's last phases. One block per head and
-    /// `tokens` tokens, each weight read once for all of them.
+    /// `tokens` tokens, each weight read once for all of them. Weight `bf16`: the f32 graph's kv_b,
+    /// the heads' outputs `out [B, H v]` in f32 as they are.
     MlaUpV { heads: usize, nope: usize, v: usize, tokens: usize },
     /// The block table and lengths of decode caches that are already bf16 64-row pages (`[B, S,
     /// C]` with S a multiple of 64: page `b S / 64 + i` is sequence b's i-th): one block per
@@ -213,10 +215,12 @@ impl RowKernel {
             }
             RowOp::MlaQueries { heads, nope, rope } => format!("rows_mlaqueries_h{heads}_n{nope}_r{rope}_t{t}"),
             RowOp::MlaAbsorb { heads, nope, rope, v, tokens } => {
-                format!("rows_mlaabsorb_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_b{tokens}_t{t}")
+                let f32_graph = if w == "bf16" { "_bf16" } else { "" };
+                format!("rows_mlaabsorb_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_b{tokens}_t{t}{f32_graph}")
             }
             RowOp::MlaUpV { heads, nope, v, tokens } => {
-                format!("rows_mlaupv_h{heads}_n{nope}_v{v}_kv{d}_b{tokens}_t{t}")
+                let f32_graph = if w == "bf16" { "_bf16" } else { "" };
+                format!("rows_mlaupv_h{heads}_n{nope}_v{v}_kv{d}_b{tokens}_t{t}{f32_graph}")
             }
             RowOp::MlaTable => format!("rows_mlatable_t{t}"),
             RowOp::MlaHeadsOut { heads, quantize } => {
@@ -353,7 +357,7 @@ impl RowKernel {
                     threads: number(t, 't')?,
                 })
             }
-            ("mlaabsorb", [h, n, r, v, kv, b, t]) => {
+            ("mlaabsorb", [h, n, r, v, kv, b, t, f32_graph @ ..]) if f32_graph.is_empty() || f32_graph == ["bf16"] => {
                 let op = RowOp::MlaAbsorb {
                     heads: number(h, 'h')?,
                     nope: number(n, 'n')?,
@@ -364,11 +368,11 @@ impl RowKernel {
                 Some(RowKernel {
                     op,
                     d: kv.strip_prefix("kv")?.parse().ok()?,
-                    weight: "f8E4M3FN".into(),
+                    weight: if f32_graph.is_empty() { "f8E4M3FN" } else { "bf16" }.into(),
                     threads: number(t, 't')?,
                 })
             }
-            ("mlaupv", [h, n, v, kv, b, t]) => {
+            ("mlaupv", [h, n, v, kv, b, t, f32_graph @ ..]) if f32_graph.is_empty() || f32_graph == ["bf16"] => {
                 let op = RowOp::MlaUpV {
                     heads: number(h, 'h')?,
                     nope: number(n, 'n')?,
@@ -378,7 +382,7 @@ impl RowKernel {
                 Some(RowKernel {
                     op,
                     d: kv.strip_prefix("kv")?.parse().ok()?,
-                    weight: "f8E4M3FN".into(),
+                    weight: if f32_graph.is_empty() { "f8E4M3FN" } else { "bf16" }.into(),
                     threads: number(t, 't')?,
                 })
             }
@@ -529,12 +533,23 @@ impl RowKernel {
                 ("k", "memref<?x?xbf16>".into()),
                 ("vv", "memref<?x?xbf16>".into()),
             ],
+            RowOp::MlaAbsorb { .. } if w == "bf16" => vec![
+                ("q_nope", "memref<?x?x?xf32>".to_string()),
+                ("q_pe", "memref<?x?x?xf32>".into()),
+                ("kv_b", "memref<?x?xbf16>".into()),
+                ("qa", "memref<?x?xbf16>".into()),
+            ],
             RowOp::MlaAbsorb { .. } => vec![
                 ("q_nope", "memref<?x?x?xf32>".to_string()),
                 ("q_pe", "memref<?x?x?xf32>".into()),
                 ("kv_b", "memref<?x?xi8>".into()),
                 ("kv_b_scale", "memref<?x?xf32>".into()),
                 ("qa", "memref<?x?xbf16>".into()),
+            ],
+            RowOp::MlaUpV { .. } if w == "bf16" => vec![
+                ("o", "memref<?x?xf32>".to_string()),
+                ("kv_b", "memref<?x?xbf16>".into()),
+                ("out", "memref<?x?xf32>".into()),
             ],
             RowOp::MlaUpV { .. } => vec![
                 ("o", "memref<?x?xf32>".to_string()),
@@ -637,6 +652,7 @@ impl RowKernel {
             RowOp::MlaCombine => "out",
             RowOp::MlaKeys { .. } => "kv",
             RowOp::MlaQueries { .. } | RowOp::MlaAbsorb { .. } => "q_nope",
+            RowOp::MlaUpV { .. } if self.weight == "bf16" => "out",
             RowOp::MlaUpV { .. } => "q",
             RowOp::MlaTable => "positions",
             RowOp::MlaHeadsOut { quantize: true, .. } => "q",
@@ -772,7 +788,7 @@ impl RowKernel {
                 ));
             }
         }
-        if let RowOp::MlaUpV { v, .. } = self.op {
+        if let (RowOp::MlaUpV { v, .. }, false) = (self.op, self.weight == "bf16") {
             if v != GROUP {
                 return Err(format!("{name}: v heads of {v} (one head is one 128-wide quantization group)"));
             }
@@ -2094,6 +2110,7 @@ scf.for %i = %tid to %cD step %cT {{
             // Block (tokens b0 .. b0 + tokens, head h) of the n_b tokens.
             let (rows, ty) = match self.op {
                 RowOp::MlaAbsorb { .. } => ("q_nope", "memref<?x?x?xf32>"),
+                _ if self.weight == "bf16" => ("out", "memref<?x?xf32>"),
                 _ => ("q", "memref<?x?xi8>"),
             };
             return format!(
@@ -3323,6 +3340,43 @@ mod tests {
             assert_eq!((&qs, &q), (&want_s, &want_q), "{tokens} tokens");
             kernels.extend([absorb, up]);
         }
+        // The f32 graph's: bf16 kv_b (no scales), the heads' outputs in f32.
+        let kv16: Vec<u16> = (0..heads * per * kv).map(|i| f32_to_bf16(w(i / kv, i % kv))).collect();
+        let w16 = |row: usize, col: usize| bf16_to_f32(kv16[row * kv + col]);
+        let mut qa = vec![0u16; b * heads * (kv + rope)];
+        let absorb = RowKernel::new(RowOp::MlaAbsorb { heads, nope, rope, v, tokens: 2 }, kv, "bf16");
+        run_cpu(
+            &absorb,
+            &[
+                raw(&mut qn, &[b, heads, nope], "f32"),
+                raw(&mut qp, &[b, heads, rope], "f32"),
+                raw(&mut kv16.clone(), &[heads * per, kv], "bf16"),
+                raw(&mut qa, &[b * heads, kv + rope], "bf16"),
+            ],
+        );
+        for r in 0..b * heads {
+            for a in 0..kv {
+                let want = (0..nope).fold(0f32, |acc, d| acc + qn[r * nope + d] * w16(r % heads * per + d, a));
+                assert_eq!(qa[r * (kv + rope) + a], f32_to_bf16(want), "bf16 kv_b: q_abs[{r}, {a}]");
+            }
+        }
+        let mut y = vec![f32::NAN; b * heads * v];
+        let up = RowKernel::new(RowOp::MlaUpV { heads, nope, v, tokens: 2 }, kv, "bf16");
+        run_cpu(
+            &up,
+            &[
+                raw(&mut o, &[b * heads, kv], "f32"),
+                raw(&mut kv16.clone(), &[heads * per, kv], "bf16"),
+                raw(&mut y, &[b, heads * v], "f32"),
+            ],
+        );
+        for r in 0..b * heads {
+            for e in 0..v {
+                let want = (0..kv).fold(0f32, |acc, a| acc + o[r * kv + a] * w16(r % heads * per + nope + e, a));
+                assert_eq!(y[r * v + e], want, "bf16 kv_b: out[{r}, {e}]");
+            }
+        }
+        kernels.extend([absorb, up]);
         // Caches that are bf16 pages already: the table and lengths alone (a negative position: 0
         // rows; past the cache: its rows).
         let mut positions = vec![69i64, 3, -1, 500];
