@@ -540,42 +540,33 @@ fn check_tensor_core_prefill(fp8: bool, tolerance: f32) -> String {
 /// merged, W_UV — against the CPU backend's f32 decode.
 #[test]
 fn tensor_core_decode_attention_emulated_follows_the_cpu_backend() {
-    let err = check_tensor_core_decode(true, 1.5e-2);
-    assert!(
-        err.contains(
-            "compile: attention_decode_quantize_0 -> 5 launches: rows_mlaabsorb_h2_n128_r64_v128_kv128_b8_t128 -> \
-             rows_mlatable_t32 -> mla_decode_kv128_r64_p64_s2 (2 heads, split K, tensor cores) -> \
-             rows_mlacombine_d128_t32 -> rows_mlaupv_h2_n128_v128_kv128_b8_t128"
-        ),
-        "{err}"
-    );
+    check_tensor_core_decode(true, 1.5e-2);
 }
 
 /// The f32 graph's decode (a bf16 checkpoint) on the tensor cores likewise: bf16 kv_b in the
 /// absorption and W_UV, the heads' outputs in f32 — within bf16's rounding of the CPU backend's.
 #[test]
 fn tensor_core_decode_attention_of_the_f32_graph_follows_the_cpu_backend() {
-    let err = check_tensor_core_decode(false, 5e-3);
-    assert!(
-        err.contains(
-            "compile: attention_decode_0 -> 5 launches: rows_mlaabsorb_h2_n128_r64_v128_kv128_b8_t128_bf16 -> \
-             rows_mlatable_t32 -> mla_decode_kv128_r64_p64_s2 (2 heads, split K, tensor cores) -> \
-             rows_mlacombine_d128_t32 -> rows_mlaupv_h2_n128_v128_kv128_b8_t128_bf16"
-        ),
-        "{err}"
-    );
+    check_tensor_core_decode(false, 5e-3);
 }
 
-/// Compiles the small model (fp8 or bf16 weights) for sm_90a with the defaults and emulates a
-/// decode step of two sequences over the CPU backend's prefilled caches: outputs within
-/// `tolerance` (of the largest value) of the CPU backend's, greedy tokens equal, the caches bf16.
-/// Returns the compile's report.
-fn check_tensor_core_decode(fp8: bool, tolerance: f32) -> String {
+/// Compiles the small model (fp8 or bf16 weights) for sm_90a with the defaults — its decode
+/// attention as the five launches (the f32 graph's rows on bf16 kv_b) — and emulates a decode step
+/// of two sequences over the CPU backend's prefilled caches: outputs within `tolerance` (of the
+/// largest value) of the CPU backend's, greedy tokens equal, the caches bf16.
+fn check_tensor_core_decode(fp8: bool, tolerance: f32) {
     use std::collections::HashMap;
     use v3c_runtime::host::{HostBuffer, HostData};
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint_of(dir.path(), fp8);
     let (out, err) = compile_default(&ckpt, dir.path());
+    let (fused, f32_graph) = if fp8 { ("attention_decode_quantize_0", "") } else { ("attention_decode_0", "_bf16") };
+    let launches = format!(
+        "compile: {fused} -> 5 launches: rows_mlaabsorb_h2_n128_r64_v128_kv128_b8_t128{f32_graph} -> rows_mlatable_t32 \
+         -> mla_decode_kv128_r64_p64_s2 (2 heads, split K, tensor cores) -> rows_mlacombine_d128_t32 -> \
+         rows_mlaupv_h2_n128_v128_kv128_b8_t128{f32_graph}"
+    );
+    assert!(err.contains(&launches), "{err}");
     let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
     let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
     let context = v3c_compiler::mlir::new_context();
@@ -648,5 +639,4 @@ fn check_tensor_core_decode(fp8: bool, tolerance: f32) -> String {
     // (The attention output within 3e-3 of f64's: compiler/tests/sm90_rows.rs; o_proj's e4m3 input
     // amplifies it where a rounding flips.)
     assert!(worst <= tolerance, "{worst}");
-    err
 }
