@@ -663,7 +663,7 @@ fn compile_for_sm90a_lowers_the_training_step() {
     assert!(
         err.contains(
             "compile: fp8_linear_wgrad_0 -> 3 launches: rows_qcolst_d96_t32 -> rows_qcolst_d160_t32 -> GEMM M 96 N 160 \
-             K tokens (decode gemm_fp8_f32_"
+             K tokens (prefill gemm_fp8_f32_"
         ),
         "{err}"
     );
@@ -1103,7 +1103,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         ),
         (
             "attention_quantize_0",
-            "6 launches: rows_quantize_bf16_d512_t64 -> GEMM N 32768 K 512 (decode gemm_fp8_bf16_",
+            "6 launches: rows_quantize_bf16_d512_t64 -> GEMM N 32768 K 512 (prefill gemm_fp8_bf16_",
         ),
         ("norm_quantize_0", "rows_rmsnorm_bf16_d7168_t256_eps1em6_q [row kernel"),
         ("mla_latent_1", "rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16 [row kernel"),

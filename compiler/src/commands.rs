@@ -677,16 +677,16 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         if !reported.insert(&g.kernel) {
             continue;
         }
-        let source =
-            |m: usize| sources.iter().find(|(k, mm, _)| *k == g.kernel && *mm == m).map_or("", |(_, _, s)| s.as_str());
-        eprintln!("compile: {} ({}) decode -> {decode} [{}]", g.kernel, g.dims(), source(v3c_compiler::tune::DECODE_M));
-        eprintln!(
-            "compile: {} ({}) prefill -> {prefill} [{}]",
-            g.kernel,
-            g.dims(),
-            source(v3c_compiler::tune::PREFILL_M)
-        );
+        // The regimes its entries run it in (a configuration was chosen for those only).
+        for (regime, m, kernel) in
+            [("decode", v3c_compiler::tune::DECODE_M, decode), ("prefill", v3c_compiler::tune::PREFILL_M, prefill)]
+        {
+            if let Some((_, _, source)) = sources.iter().find(|(k, mm, _)| *k == g.kernel && *mm == m) {
+                eprintln!("compile: {} ({}) {regime} -> {kernel} [{source}]", g.kernel, g.dims());
+            }
+        }
     }
+    let ran = |g: &sm90::lower::GemmKernel, m: usize| sources.iter().any(|(k, mm, _)| *k == g.kernel && *mm == m);
     for (fused, row) in &lowered.rows {
         let table = if row.rope_table.is_some() { ", + a RoPE table built at load" } else { "" };
         let blocks = match row.kernel.blocks_per_row() {
@@ -703,14 +703,17 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             .zip(picked)
             .map(|(step, gemm)| match (&step.kernel, gemm) {
                 (StepKernel::Row(k), _) => k.kernel_name(),
-                (StepKernel::Gemm(g), Some([decode, prefill])) => match &g.grouped {
-                    Some(gr) => format!(
-                        "grouped GEMM over {} experts, {} (decode {decode}, prefill {prefill})",
-                        gr.groups,
-                        g.dims()
-                    ),
-                    None => format!("GEMM {} (decode {decode}, prefill {prefill})", g.dims()),
-                },
+                (StepKernel::Gemm(g), Some([decode, prefill])) => {
+                    let regimes = match (ran(g, v3c_compiler::tune::DECODE_M), ran(g, v3c_compiler::tune::PREFILL_M)) {
+                        (true, false) => format!("decode {decode}"),
+                        (false, true) => format!("prefill {prefill}"),
+                        _ => format!("decode {decode}, prefill {prefill}"),
+                    };
+                    match &g.grouped {
+                        Some(gr) => format!("grouped GEMM over {} experts, {} ({regimes})", gr.groups, g.dims()),
+                        None => format!("GEMM {} ({regimes})", g.dims()),
+                    }
+                }
                 (StepKernel::Gemm(g), None) => format!("GEMM {}", g.dims()),
                 (StepKernel::MlaPrefill(a), _) => {
                     format!("{} ({} heads, tensor cores)", a.config.kernel_name(), a.heads)

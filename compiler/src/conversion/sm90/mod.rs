@@ -260,6 +260,34 @@ pub fn tensor_core_attention(
     steps.or_else(|| caches.decode.then(|| lower::mla_decode_steps(f).ok()).flatten())
 }
 
+/// Per fused kernel of a module, the regimes its GEMMs run in: [a decode entry calls it, another
+/// entry (prefill, the MTP draft, a training step) does] — the runtime launches a GEMM's decode
+/// kernel in the decode entry, its prefill kernel elsewhere.
+pub type Regimes = std::collections::HashMap<String, [bool; 2]>;
+
+/// The [`Regimes`] of `module`'s kernels, from the calls of its entry functions.
+pub fn regimes(module: &Module) -> Regimes {
+    let mut out = Regimes::new();
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
+            continue;
+        }
+        let entry = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let Some(block) = f.region(0).ok().and_then(|r| r.first_block()) else { continue };
+        let mut call = block.first_operation();
+        while let Some(c) = call {
+            call = c.next_in_block();
+            if let Ok(callee) = c.attribute("callee") {
+                let kernel = callee.to_string().trim_start_matches('@').to_string();
+                out.entry(kernel).or_default()[usize::from(entry != "decode")] = true;
+            }
+        }
+    }
+    out
+}
+
 /// The sm_90a lowering of a `fused`-stage module (the kernels of every entry point).
 #[derive(Debug, Default)]
 pub struct ModelKernels {
@@ -315,8 +343,10 @@ impl ModelKernels {
         self.kernel_once(k.kernel_name(), target, ptxas, progress, || compile_rows(context, k, target))
     }
 
-    /// The [decode, prefill] kernels of GEMM `g`: per regime the first of `choose`'s configurations
-    /// that compiles (with ptxas: without spilling), compiled once across the model.
+    /// The [decode, prefill] kernels of GEMM `g`: per regime it runs in (`regimes`, [`Regimes`])
+    /// the first of `choose`'s configurations that compiles (with ptxas: without spilling),
+    /// compiled once across the model; a regime it never runs in names the other's kernel.
+    #[allow(clippy::too_many_arguments)]
     fn gemm_kernels(
         &mut self,
         context: &Context,
@@ -324,10 +354,17 @@ impl ModelKernels {
         target: &GpuTarget,
         ptxas: Option<&FoundTool>,
         choose: &mut dyn FnMut(&lower::GemmKernel, usize) -> Vec<gemm::GemmConfig>,
+        regimes: [bool; 2],
         progress: &mut impl FnMut(&str),
     ) -> Result<[String; 2], Sm90Error> {
         let mut picked = Vec::new();
-        for m in [crate::tune::DECODE_M, crate::tune::PREFILL_M] {
+        // A kernel no entry calls (none here): both, as a kernel every entry calls.
+        let regimes = if regimes == [false, false] { [true, true] } else { regimes };
+        for (m, runs) in [crate::tune::DECODE_M, crate::tune::PREFILL_M].into_iter().zip(regimes) {
+            if !runs {
+                picked.push(None);
+                continue;
+            }
             let preferences = choose(g, m);
             let mut chosen = None;
             for config in &preferences {
@@ -354,9 +391,13 @@ impl ModelKernels {
                     preferences.len()
                 ),
             })?;
-            picked.push(name);
+            picked.push(Some(name));
         }
-        Ok(picked.try_into().expect("two regimes"))
+        match &picked[..] {
+            [Some(decode), Some(prefill)] => Ok([decode.clone(), prefill.clone()]),
+            [Some(one), None] | [None, Some(one)] => Ok([one.clone(), one.clone()]),
+            _ => unreachable!("at least one regime"),
+        }
     }
 }
 
@@ -375,6 +416,7 @@ pub fn compile_model(
     mut progress: impl FnMut(&str),
 ) -> Result<ModelKernels, Sm90Error> {
     let bf16_caches = Bf16Caches::of(module, attention);
+    let regimes = regimes(module);
     let mut out = ModelKernels { bf16_caches, ..ModelKernels::default() };
     let mut op = module.body().first_operation();
     while let Some(f) = op {
@@ -400,7 +442,8 @@ pub fn compile_model(
                         picked.push(None);
                     }
                     lower::StepKernel::Gemm(g) => {
-                        picked.push(Some(out.gemm_kernels(context, g, target, ptxas, choose, &mut progress)?))
+                        let runs = regimes.get(&fused).copied().unwrap_or_default();
+                        picked.push(Some(out.gemm_kernels(context, g, target, ptxas, choose, runs, &mut progress)?))
                     }
                     lower::StepKernel::MlaPrefill(a) => {
                         let compile = || compile_mla_prefill(context, &a.config, target);
@@ -419,7 +462,8 @@ pub fn compile_model(
         }
         match lower::gemm_of_kernel(&f) {
             Ok(g) => {
-                let [decode, prefill] = out.gemm_kernels(context, &g, target, ptxas, choose, &mut progress)?;
+                let runs = regimes.get(&fused).copied().unwrap_or_default();
+                let [decode, prefill] = out.gemm_kernels(context, &g, target, ptxas, choose, runs, &mut progress)?;
                 out.gemms.push((g, [decode, prefill]));
             }
             // A kernel that starts like a row kernel is named by the row template's reason.
