@@ -516,15 +516,8 @@ impl RowKernel {
                     args.push(("cache", "memref<?x?x?xf32>".into()));
                     args.push(("positions", "memref<?xi64>".into()));
                 }
-                if self.weight == "bf16" {
-                    args.push(("kv_b", "memref<?x?xbf16>".into()));
-                    args.push(("out", "memref<?x?xf32>".into()));
-                } else {
-                    args.push(("kv_b", "memref<?x?xi8>".into()));
-                    args.push(("kv_b_scale", "memref<?x?xf32>".into()));
-                    args.push(("q", "memref<?x?xi8>".into()));
-                    args.push(("scale", "memref<?x?xf32>".into()));
-                }
+                args.extend(self.kv_b_arguments());
+                args.extend(self.head_outputs());
                 args
             }
             RowOp::MlaKeys { bf16_cache, .. } => vec![
@@ -533,31 +526,18 @@ impl RowKernel {
                 ("k", "memref<?x?xbf16>".into()),
                 ("vv", "memref<?x?xbf16>".into()),
             ],
-            RowOp::MlaAbsorb { .. } if w == "bf16" => vec![
-                ("q_nope", "memref<?x?x?xf32>".to_string()),
-                ("q_pe", "memref<?x?x?xf32>".into()),
-                ("kv_b", "memref<?x?xbf16>".into()),
-                ("qa", "memref<?x?xbf16>".into()),
-            ],
-            RowOp::MlaAbsorb { .. } => vec![
-                ("q_nope", "memref<?x?x?xf32>".to_string()),
-                ("q_pe", "memref<?x?x?xf32>".into()),
-                ("kv_b", "memref<?x?xi8>".into()),
-                ("kv_b_scale", "memref<?x?xf32>".into()),
-                ("qa", "memref<?x?xbf16>".into()),
-            ],
-            RowOp::MlaUpV { .. } if w == "bf16" => vec![
-                ("o", "memref<?x?xf32>".to_string()),
-                ("kv_b", "memref<?x?xbf16>".into()),
-                ("out", "memref<?x?xf32>".into()),
-            ],
-            RowOp::MlaUpV { .. } => vec![
-                ("o", "memref<?x?xf32>".to_string()),
-                ("kv_b", "memref<?x?xi8>".into()),
-                ("kv_b_scale", "memref<?x?xf32>".into()),
-                ("q", "memref<?x?xi8>".into()),
-                ("scale", "memref<?x?xf32>".into()),
-            ],
+            RowOp::MlaAbsorb { .. } => {
+                let mut args = vec![("q_nope", "memref<?x?x?xf32>".to_string()), ("q_pe", "memref<?x?x?xf32>".into())];
+                args.extend(self.kv_b_arguments());
+                args.push(("qa", "memref<?x?xbf16>".into()));
+                args
+            }
+            RowOp::MlaUpV { .. } => {
+                let mut args = vec![("o", "memref<?x?xf32>".to_string())];
+                args.extend(self.kv_b_arguments());
+                args.extend(self.head_outputs());
+                args
+            }
             RowOp::MlaTable => vec![
                 ("positions", "memref<?xi64>".to_string()),
                 ("table", "memref<?x?xi32>".into()),
@@ -630,6 +610,23 @@ impl RowKernel {
                 }
                 args
             }
+        }
+    }
+
+    /// MLA's kv_b: bf16 (the f32 graph's), or e4m3 bytes and their 128x128 block scales.
+    fn kv_b_arguments(&self) -> Vec<(&'static str, String)> {
+        match self.weight.as_str() {
+            "bf16" => vec![("kv_b", "memref<?x?xbf16>".into())],
+            _ => vec![("kv_b", "memref<?x?xi8>".into()), ("kv_b_scale", "memref<?x?xf32>".into())],
+        }
+    }
+
+    /// MLA's per-head outputs `[B, H v]`: f32 rows (the f32 graph's), or e4m3 bytes and their
+    /// 1x128 scales.
+    fn head_outputs(&self) -> Vec<(&'static str, String)> {
+        match self.weight.as_str() {
+            "bf16" => vec![("out", "memref<?x?xf32>".into())],
+            _ => vec![("q", "memref<?x?xi8>".into()), ("scale", "memref<?x?xf32>".into())],
         }
     }
 
