@@ -540,8 +540,8 @@ fn dump_plan(o: &DumpIrOptions, context: &melior::Context) -> Result<(), String>
                 e.name,
                 e.launches.len(),
                 human_bytes(e.arena_bytes),
-                o.plan_sizes.rows,
-                o.plan_sizes.context,
+                e.sizes.rows,
+                e.sizes.context,
                 human_bytes(weights)
             );
         }

@@ -276,6 +276,9 @@ struct DumpIrArgs {
     /// `--stage plan`: rows to plan for (tokens of a prefill, sequences of a decode).
     #[arg(long, value_name = "N", default_value_t = 128)]
     max_rows: usize,
+    /// `--stage plan`: sequences of a decode to plan for (default: --max-rows).
+    #[arg(long, value_name = "N")]
+    max_batch: Option<usize>,
     /// `--stage plan`: context to plan for (tokens cached before a prefill, cache rows of a decode).
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_context: usize,
@@ -500,7 +503,10 @@ fn main() -> ExitCode {
             report: a.report,
             kernel: a.kernel.as_deref(),
             llvm: a.llvm,
-            plan_sizes: v3c_compiler::plan::PlanSizes::new(a.max_rows, a.max_context),
+            plan_sizes: v3c_compiler::plan::PlanSizes {
+                batch: a.max_batch,
+                ..v3c_compiler::plan::PlanSizes::new(a.max_rows, a.max_context)
+            },
         }),
         Command::Emulate(a) => {
             commands::emulate(&a.artifact, &a.weights, &a.tokens, &a.out, a.dump.as_deref(), a.decode_steps)
