@@ -270,10 +270,15 @@ fn tuning_database_steers_compile() {
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(cands.join("candidates.json")).unwrap()).unwrap();
     let problems = manifest["problems"].as_array().unwrap();
-    // Every GEMM signature x decode and prefill: the fused GEMM kernels (3) and the GEMM steps of
-    // multi-launch kernels (the MLA query up-projection, the dense SwiGLU, the head's hi/lo pair, the
-    // MTP projection's, the two grouped MoE GEMMs, and prefill attention's kv_b up-projection).
-    assert_eq!(problems.len(), 24, "12 GEMM signatures x decode and prefill");
+    // Every GEMM signature x the regimes its entries run it in: the fused GEMM kernels (3) and the
+    // GEMM steps of multi-launch kernels (the MLA query up-projection, the dense SwiGLU, the head's
+    // hi/lo pair, the MTP projection's, the two grouped MoE GEMMs) at decode and prefill, prefill
+    // attention's kv_b up-projection at prefill only.
+    assert_eq!(problems.len(), 23, "11 GEMM signatures x decode and prefill, kv_b's at prefill");
+    let kv_b: Vec<&serde_json::Value> =
+        problems.iter().filter(|p| p["kernel"].as_str().unwrap().contains("n32768 k512")).collect();
+    assert_eq!(kv_b.len(), 1, "{kv_b:?}");
+    assert_ne!(kv_b[0]["m"], 64, "{kv_b:?}");
     let grouped = problems.iter().find(|p| p["kernel"] == "grouped gather fp8->f32 n4096 k7168 e256+1 top8").unwrap();
     assert_eq!(grouped["grouped"], serde_json::json!({ "routed": 256, "shared": 1, "top_k": 8 }));
     assert!(problems

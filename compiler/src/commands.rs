@@ -1322,11 +1322,12 @@ pub struct TuneOptions<'a> {
 }
 
 /// The model's GEMMs (sm_90a mapping: whole fused kernels, and the GEMM steps of multi-launch ones,
-/// the grouped MoE GEMMs among them) with the graph `precision` picks, as `compile` sees them.
+/// the grouped MoE GEMMs among them) with the graph `precision` picks, as `compile` sees them, each
+/// with the Ms of the regimes its entries run it in ([`v3c_compiler::conversion::sm90::regimes`]).
 fn model_gemms(
     model: &str,
     precision: Option<v3c_models::Precision>,
-) -> Result<Vec<v3c_compiler::conversion::sm90::lower::GemmKernel>, String> {
+) -> Result<Vec<(v3c_compiler::conversion::sm90::lower::GemmKernel, Vec<usize>)>, String> {
     use melior::ir::block::BlockLike;
     use melior::ir::operation::OperationLike;
     let config = ModelConfig::resolve(model).map_err(|e| e.to_string())?;
@@ -1336,18 +1337,26 @@ fn model_gemms(
     let module = v3c_compiler::pipeline::Driver::from_env(model)
         .run_model(&context, &config, &v3c_models::Entry::ALL, &options, "fused")
         .map_err(|e| e.to_string())?;
+    let regimes = v3c_compiler::conversion::sm90::regimes(&module);
     let mut gemms = Vec::new();
     let mut op = module.body().first_operation();
     while let Some(f) = op {
         op = f.next_in_block();
         if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
             use v3c_compiler::conversion::sm90::lower;
+            let fused =
+                f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+            let runs = match regimes.get(&fused).copied().unwrap_or_default() {
+                [true, false] => vec![v3c_compiler::tune::DECODE_M],
+                [false, true] => vec![v3c_compiler::tune::PREFILL_M],
+                _ => vec![v3c_compiler::tune::DECODE_M, v3c_compiler::tune::PREFILL_M],
+            };
             if let Ok(g) = lower::gemm_of_kernel(&f) {
-                gemms.push(g);
+                gemms.push((g, runs));
             } else if let Ok(steps) = lower::mla_prefill_steps(&f, false).or_else(|_| lower::steps_of_kernel(&f)) {
                 // (The prefill attention's kv_b GEMM whichever --prefill-attention compile takes.)
                 gemms.extend(steps.steps.into_iter().filter_map(|s| match s.kernel {
-                    lower::StepKernel::Gemm(g) => Some(g),
+                    lower::StepKernel::Gemm(g) => Some((g, runs.clone())),
                     lower::StepKernel::Row(_) | lower::StepKernel::MlaPrefill(_) | lower::StepKernel::MlaDecode(_) => {
                         None
                     }
@@ -1362,7 +1371,7 @@ fn model_gemms(
 }
 
 /// `v3c tune`: `--emit-candidates DIR` compiles, for every GEMM problem of the model (kernel
-/// signature x decode/prefill M), the cost model's best candidates on all cores, drops those ptxas
+/// signature x the decode/prefill Ms its entries run it at), the cost model's best candidates on all cores, drops those ptxas
 /// reports spilling, and writes their PTX and `candidates.json` for measurement on a GPU machine
 /// (`benches/device/tune_check.py` writes the tuning database); `--report --tuning FILE` prints,
 /// per kernel, default vs tuned time. Measuring on this machine needs its GPU runtime (not yet).
@@ -1377,8 +1386,8 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
             "{:<20} {:>6} {:<44} {:>10} {:>10} {:>8}  winner",
             "kernel", "M", "signature", "default ms", "tuned ms", "speedup"
         );
-        for g in &gemms {
-            for m in [tune::DECODE_M, tune::PREFILL_M] {
+        for (g, runs) in &gemms {
+            for &m in runs {
                 let shape = GemmShape::of(g, m);
                 let sha = tune::candidates_sha256(&tune::candidates(&shape, &device.target));
                 match db.lookup(&shape.signature(), tune::m_bucket(m), &device, env!("CARGO_PKG_VERSION"), &sha) {
@@ -1430,8 +1439,8 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     let gemms = model_gemms(o.model, o.precision)?;
     // Distinct problems: several kernels of the model may share a signature.
     let mut problems: Vec<(GemmShape, Vec<String>)> = Vec::new();
-    for g in &gemms {
-        for m in [tune::DECODE_M, tune::PREFILL_M] {
+    for (g, runs) in &gemms {
+        for &m in runs {
             let shape = GemmShape::of(g, m);
             match problems.iter_mut().find(|(s, _)| *s == shape) {
                 Some((_, kernels)) => kernels.push(g.kernel.clone()),
