@@ -89,10 +89,22 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
     // The decode caches are bf16 64-row pages read in place: a cache of another length is refused.
     let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
     assert_eq!(artifact.lowering.as_ref().unwrap().cache_rows_multiple, Some(64));
-    let decode = artifact.plan.entries.iter().find(|e| e.name == "decode").unwrap();
-    for b in &decode.buffers {
-        if matches!(&b.kind, v3c_runtime::plan::BufferKind::Input { name } if name.starts_with("kv_cache.")) {
-            assert_eq!(b.dtype, "bf16", "{:?}", b.kind);
+    // Both entries' caches (inputs, and prefill's grown outputs in the arena) are bf16.
+    for e in &artifact.plan.entries {
+        let outputs: Vec<usize> =
+            e.outputs.iter().filter(|(n, _)| n.starts_with("kv_cache.")).map(|(_, b)| *b).collect();
+        assert_eq!(outputs.len(), 3, "{}", e.name);
+        for b in &e.buffers {
+            let input =
+                matches!(&b.kind, v3c_runtime::plan::BufferKind::Input { name } if name.starts_with("kv_cache."));
+            if input || outputs.contains(&b.id) {
+                assert_eq!(
+                    (b.dtype.as_str(), b.bytes),
+                    ("bf16", 2 * b.shape.iter().product::<usize>() as u64),
+                    "{}",
+                    e.name
+                );
+            }
         }
     }
     let err = v3c_runtime::gpu::Expander::new(&artifact)

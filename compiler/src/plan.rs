@@ -161,39 +161,46 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
             }
             launches.push(Launch { kernel, args: operands, results });
         }
-        // Liveness: an arena buffer lives from its launch to its last reader (outputs to the end).
-        let end = launches.len();
-        let mut range: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
-        for (i, l) in launches.iter().enumerate() {
-            // Results updated in place stay the input buffers they are.
-            for &r in l.results.iter().filter(|&&r| matches!(buffers[r].kind, BufferKind::Arena { .. })) {
-                range.insert(r, (i, i));
-            }
-            for a in &l.args {
-                if let Some(r) = range.get_mut(a) {
-                    r.1 = i;
-                }
-            }
-        }
-        for (_, b) in &outputs {
-            if let Some(r) = range.get_mut(b) {
-                r.1 = end;
-            }
-        }
-        let ids: Vec<usize> = range.keys().copied().collect();
-        let spans: Vec<(usize, usize, u64)> =
-            ids.iter().map(|id| (range[id].0, range[id].1, buffers[*id].bytes)).collect();
-        let (offsets, arena_bytes) = place(&spans);
-        for (id, offset) in ids.iter().zip(offsets) {
-            buffers[*id].kind = BufferKind::Arena { offset };
-        }
-        entries.push(EntryPlan { name, sizes, bounds, buffers, launches, outputs, arena_bytes });
+        let mut entry = EntryPlan { name, sizes, bounds, buffers, launches, outputs, arena_bytes: 0 };
+        place_arena(&mut entry);
+        entries.push(entry);
     }
     Ok(Plan { format_version: PLAN_FORMAT_VERSION, entries })
 }
 
+/// Places `entry`'s arena buffers by liveness: a buffer lives from its launch to its last reader
+/// (outputs to the end).
+fn place_arena(entry: &mut EntryPlan) {
+    let EntryPlan { buffers, launches, outputs, .. } = entry;
+    let end = launches.len();
+    let mut range: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+    for (i, l) in launches.iter().enumerate() {
+        // Results updated in place stay the input buffers they are.
+        for &r in l.results.iter().filter(|&&r| matches!(buffers[r].kind, BufferKind::Arena { .. })) {
+            range.insert(r, (i, i));
+        }
+        for a in &l.args {
+            if let Some(r) = range.get_mut(a) {
+                r.1 = i;
+            }
+        }
+    }
+    for (_, b) in outputs.iter() {
+        if let Some(r) = range.get_mut(b) {
+            r.1 = end;
+        }
+    }
+    let ids: Vec<usize> = range.keys().copied().collect();
+    let spans: Vec<(usize, usize, u64)> = ids.iter().map(|id| (range[id].0, range[id].1, buffers[*id].bytes)).collect();
+    let (offsets, arena_bytes) = place(&spans);
+    for (id, offset) in ids.iter().zip(offsets) {
+        buffers[*id].kind = BufferKind::Arena { offset };
+    }
+    entry.arena_bytes = arena_bytes;
+}
+
 /// Makes entry `entry`'s caches (`kv_cache.*` inputs and outputs) buffers of `element` (the
-/// sm_90a lowering's bf16 caches), no wider than they were (an output keeps its arena place).
+/// sm_90a lowering's bf16 caches), its arena placed again for their bytes.
 pub fn set_cache_element(plan: &mut Plan, entry: &str, element: &str) -> Result<(), String> {
     let per = element_bytes(element).ok_or_else(|| format!("no size for element type {element}"))?;
     let e =
@@ -208,11 +215,9 @@ pub fn set_cache_element(plan: &mut Plan, entry: &str, element: &str) -> Result<
     }
     for id in ids {
         let b = &mut e.buffers[id];
-        if element_bytes(&b.dtype).is_none_or(|was| was < per) {
-            return Err(format!("entry {entry}: cache buffer {id} of {} cannot hold {element}", b.dtype));
-        }
         b.dtype = element.to_string();
         b.bytes = per * b.shape.iter().product::<usize>() as u64;
     }
+    place_arena(e);
     Ok(())
 }
