@@ -467,12 +467,18 @@ fn checkpoint_config(ckpt: &std::path::Path) -> v3c_models::config::ModelConfig 
         .unwrap()
 }
 
-/// Compiles the small model (fp8 or bf16 weights) for sm_90a with the default prefill attention,
-/// emulates two prefill chunks, and holds their outputs within `tolerance` (of the largest value)
-/// of the CPU backend's, greedy tokens equal. Returns the compile's report.
-fn check_tensor_core_prefill(fp8: bool, tolerance: f32) -> String {
-    use std::collections::HashMap;
-    use v3c_runtime::host::{HostBuffer, HostData};
+/// The small model (fp8 or bf16 weights) compiled for sm_90a with the defaults: `check` gets the
+/// host emulation of its launches, the CPU backend on the same checkpoint, its config and the
+/// compile's report.
+fn with_default_artifact<R>(
+    fp8: bool,
+    check: impl FnOnce(
+        &mut v3c_compiler::emulate::Emulator,
+        &v3c_compiler::cpu_backend::CpuProgram,
+        &v3c_models::config::ModelConfig,
+        &str,
+    ) -> R,
+) -> R {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint_of(dir.path(), fp8);
     let (out, err) = compile_default(&ckpt, dir.path());
@@ -492,57 +498,68 @@ fn check_tensor_core_prefill(fp8: bool, tolerance: f32) -> String {
         &checkpoint,
     )
     .unwrap();
-    let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
-    let caches = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
-    let wanted = ["logits", "mtp_logits", "kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
-    // The fp8 graph's caches are bf16 (compared widened), the f32 graph's f32.
-    let compare = |what: &str, got: &HostBuffer, want: &HostBuffer| -> f32 {
-        let element = if fp8 && what.contains("kv_cache") { "bf16" } else { "f32" };
-        assert_eq!(got.element(), element, "{what}");
-        let got = got.clone().into_f32();
-        let (HostData::F32(g), HostData::F32(w)) = (&got.data, &want.data) else { panic!("{what}: not f32") };
-        assert_eq!(got.shape, want.shape, "{what}");
-        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        eprintln!("{what}: max |diff| {diff:.3e}, max |value| {scale:.3e}");
-        diff / scale.max(1e-6)
-    };
-    let argmax = |b: &HostBuffer| -> Vec<usize> {
-        let HostData::F32(v) = &b.data else { panic!() };
-        v.chunks(b.shape[1]).map(|r| v3c_models::reference::Sampler::new(0.0, 1.0, 0).sample(r) as usize).collect()
-    };
-    let mut inputs = HashMap::new();
-    inputs.insert("tokens".to_string(), ids(vec![3, 90, 27, 311, 243, 7]));
-    inputs.insert("positions".to_string(), ids((0..6).collect()));
-    inputs.insert("mtp_tokens".to_string(), ids(vec![90, 27, 311, 243, 7, 0]));
-    for c in caches {
-        let width = config.latent_dim();
-        inputs.insert(c.to_string(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) });
-    }
-    let gpu = emulator.run("prefill", &inputs, &wanted, None).unwrap();
-    let cpu = program.run("prefill", &inputs, &wanted).unwrap();
-    let mut worst = 0f32;
-    for name in wanted {
-        worst = worst.max(compare(&format!("prefill {name}"), &gpu[name], &cpu[name]));
-    }
-    assert_eq!(argmax(&gpu["logits"]), argmax(&cpu["logits"]));
-    // A continuation: 3 tokens after the CPU backend's 6 cached rows.
-    let mut more = HashMap::new();
-    more.insert("tokens".to_string(), ids(vec![44, 2, 19]));
-    more.insert("positions".to_string(), ids(vec![6, 7, 8]));
-    more.insert("mtp_tokens".to_string(), ids(vec![2, 19, 0]));
-    for c in caches {
-        more.insert(c.to_string(), cpu[c].clone());
-    }
-    let gpu = emulator.run("prefill", &more, &wanted, None).unwrap();
-    let chunk = program.run("prefill", &more, &wanted).unwrap();
-    for name in wanted {
-        worst = worst.max(compare(&format!("prefill after 6 {name}"), &gpu[name], &chunk[name]));
-    }
-    assert_eq!(argmax(&gpu["logits"]), argmax(&chunk["logits"]));
-    eprintln!("worst relative difference {worst:.3e}");
-    assert!(worst <= tolerance, "{worst}");
-    err
+    check(&mut emulator, &program, &config, &err)
+}
+
+/// Compiles the small model (fp8 or bf16 weights) for sm_90a with the default prefill attention,
+/// emulates two prefill chunks, and holds their outputs within `tolerance` (of the largest value)
+/// of the CPU backend's, greedy tokens equal. Returns the compile's report.
+fn check_tensor_core_prefill(fp8: bool, tolerance: f32) -> String {
+    use std::collections::HashMap;
+    use v3c_runtime::host::{HostBuffer, HostData};
+    with_default_artifact(fp8, |emulator, program, config, err| {
+        let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
+        let caches = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
+        let wanted = ["logits", "mtp_logits", "kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
+        // The fp8 graph's caches are bf16 (compared widened), the f32 graph's f32.
+        let compare = |what: &str, got: &HostBuffer, want: &HostBuffer| -> f32 {
+            let element = if fp8 && what.contains("kv_cache") { "bf16" } else { "f32" };
+            assert_eq!(got.element(), element, "{what}");
+            let got = got.clone().into_f32();
+            let (HostData::F32(g), HostData::F32(w)) = (&got.data, &want.data) else { panic!("{what}: not f32") };
+            assert_eq!(got.shape, want.shape, "{what}");
+            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            eprintln!("{what}: max |diff| {diff:.3e}, max |value| {scale:.3e}");
+            diff / scale.max(1e-6)
+        };
+        let argmax = |b: &HostBuffer| -> Vec<usize> {
+            let HostData::F32(v) = &b.data else { panic!() };
+            v.chunks(b.shape[1]).map(|r| v3c_models::reference::Sampler::new(0.0, 1.0, 0).sample(r) as usize).collect()
+        };
+        let mut inputs = HashMap::new();
+        inputs.insert("tokens".to_string(), ids(vec![3, 90, 27, 311, 243, 7]));
+        inputs.insert("positions".to_string(), ids((0..6).collect()));
+        inputs.insert("mtp_tokens".to_string(), ids(vec![90, 27, 311, 243, 7, 0]));
+        for c in caches {
+            let width = config.latent_dim();
+            inputs.insert(c.to_string(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) });
+        }
+        let gpu = emulator.run("prefill", &inputs, &wanted, None).unwrap();
+        let cpu = program.run("prefill", &inputs, &wanted).unwrap();
+        let mut worst = 0f32;
+        for name in wanted {
+            worst = worst.max(compare(&format!("prefill {name}"), &gpu[name], &cpu[name]));
+        }
+        assert_eq!(argmax(&gpu["logits"]), argmax(&cpu["logits"]));
+        // A continuation: 3 tokens after the CPU backend's 6 cached rows.
+        let mut more = HashMap::new();
+        more.insert("tokens".to_string(), ids(vec![44, 2, 19]));
+        more.insert("positions".to_string(), ids(vec![6, 7, 8]));
+        more.insert("mtp_tokens".to_string(), ids(vec![2, 19, 0]));
+        for c in caches {
+            more.insert(c.to_string(), cpu[c].clone());
+        }
+        let gpu = emulator.run("prefill", &more, &wanted, None).unwrap();
+        let chunk = program.run("prefill", &more, &wanted).unwrap();
+        for name in wanted {
+            worst = worst.max(compare(&format!("prefill after 6 {name}"), &gpu[name], &chunk[name]));
+        }
+        assert_eq!(argmax(&gpu["logits"]), argmax(&chunk["logits"]));
+        eprintln!("worst relative difference {worst:.3e}");
+        assert!(worst <= tolerance, "{worst}");
+        err.to_string()
+    })
 }
 
 /// Decode attention on the tensor cores (the default): a decode step of two sequences (positions 6
@@ -569,86 +586,70 @@ fn tensor_core_decode_attention_of_the_f32_graph_follows_the_cpu_backend() {
 fn check_tensor_core_decode(fp8: bool, tolerance: f32) {
     use std::collections::HashMap;
     use v3c_runtime::host::{HostBuffer, HostData};
-    let dir = tempfile::tempdir().unwrap();
-    let ckpt = small_checkpoint_of(dir.path(), fp8);
-    let (out, err) = compile_default(&ckpt, dir.path());
-    let (fused, f32_graph) = if fp8 { ("attention_decode_quantize_0", "") } else { ("attention_decode_0", "_bf16") };
-    let launches = format!(
-        "compile: {fused} -> 5 launches: rows_mlaabsorb_h2_n128_r64_v128_kv128_b8_t128{f32_graph} -> rows_mlatable_t32 \
-         -> mla_decode_kv128_r64_p64_s2 (2 heads, split K, tensor cores) -> rows_mlacombine_d128_t32 -> \
-         rows_mlaupv_h2_n128_v128_kv128_b8_t128{f32_graph}"
-    );
-    assert!(err.contains(&launches), "{err}");
-    let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
-    let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
-    let context = v3c_compiler::mlir::new_context();
-    let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
-    let mut emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
-    let config = checkpoint_config(&ckpt);
-    let cpu_context = v3c_compiler::mlir::new_context();
-    let program = v3c_compiler::cpu_backend::CpuProgram::new(
-        &cpu_context,
-        &config,
-        &v3c_models::Entry::ALL,
-        false,
-        if fp8 { v3c_models::Precision::Fp8 } else { v3c_models::Precision::F32 },
-        &checkpoint,
-    )
-    .unwrap();
-    let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
-    let caches = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
-    let width = config.latent_dim();
-    // The CPU backend's prefills of 6 and 9 tokens give the caches.
-    let mut prefilled = Vec::new();
-    for tokens in [vec![3, 90, 27, 311, 243, 7], vec![8, 1, 77, 500, 23, 42, 9, 9, 13]] {
-        let mut inputs = HashMap::new();
-        let n = tokens.len() as i64;
-        inputs.insert("mtp_tokens".to_string(), ids(tokens[1..].iter().copied().chain([0]).collect()));
-        inputs.insert("tokens".to_string(), ids(tokens));
-        inputs.insert("positions".to_string(), ids((0..n).collect()));
+    with_default_artifact(fp8, |emulator, program, config, err| {
+        let (fused, f32_graph) =
+            if fp8 { ("attention_decode_quantize_0", "") } else { ("attention_decode_0", "_bf16") };
+        let launches = format!(
+            "compile: {fused} -> 5 launches: rows_mlaabsorb_h2_n128_r64_v128_kv128_b8_t128{f32_graph} -> \
+             rows_mlatable_t32 -> mla_decode_kv128_r64_p64_s2 (2 heads, split K, tensor cores) -> \
+             rows_mlacombine_d128_t32 -> rows_mlaupv_h2_n128_v128_kv128_b8_t128{f32_graph}"
+        );
+        assert!(err.contains(&launches), "{err}");
+        let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
+        let caches = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
+        let width = config.latent_dim();
+        // The CPU backend's prefills of 6 and 9 tokens give the caches.
+        let mut prefilled = Vec::new();
+        for tokens in [vec![3, 90, 27, 311, 243, 7], vec![8, 1, 77, 500, 23, 42, 9, 9, 13]] {
+            let mut inputs = HashMap::new();
+            let n = tokens.len() as i64;
+            inputs.insert("mtp_tokens".to_string(), ids(tokens[1..].iter().copied().chain([0]).collect()));
+            inputs.insert("tokens".to_string(), ids(tokens));
+            inputs.insert("positions".to_string(), ids((0..n).collect()));
+            for c in caches {
+                inputs.insert(c.to_string(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) });
+            }
+            prefilled.push(program.run("prefill", &inputs, &caches).unwrap());
+        }
+        let mut step = HashMap::new();
+        step.insert("tokens".to_string(), ids(vec![5, 77]));
+        step.insert("positions".to_string(), ids(vec![6, 9]));
+        step.insert("mtp_tokens".to_string(), ids(vec![0, 0]));
         for c in caches {
-            inputs.insert(c.to_string(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) });
+            let mut data = Vec::new();
+            for seq in &prefilled {
+                let HostData::F32(rows) = &seq[c].data else { panic!() };
+                let mut rows = rows.clone();
+                rows.resize(64 * width, 0.0);
+                data.extend(rows);
+            }
+            step.insert(c.to_string(), HostBuffer { shape: vec![2, 64, width], data: HostData::F32(data) });
         }
-        prefilled.push(program.run("prefill", &inputs, &caches).unwrap());
-    }
-    let mut step = HashMap::new();
-    step.insert("tokens".to_string(), ids(vec![5, 77]));
-    step.insert("positions".to_string(), ids(vec![6, 9]));
-    step.insert("mtp_tokens".to_string(), ids(vec![0, 0]));
-    for c in caches {
-        let mut data = Vec::new();
-        for seq in &prefilled {
-            let HostData::F32(rows) = &seq[c].data else { panic!() };
-            let mut rows = rows.clone();
-            rows.resize(64 * width, 0.0);
-            data.extend(rows);
+        let wanted = ["logits", "mtp_logits", "kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
+        let mut gpu = emulator.run("decode", &step, &wanted, None).unwrap();
+        for c in caches {
+            let cache = gpu.remove(c).unwrap();
+            assert_eq!(cache.element(), "bf16", "{c}: the decode caches are bf16");
+            gpu.insert(c.to_string(), cache.into_f32());
         }
-        step.insert(c.to_string(), HostBuffer { shape: vec![2, 64, width], data: HostData::F32(data) });
-    }
-    let wanted = ["logits", "mtp_logits", "kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
-    let mut gpu = emulator.run("decode", &step, &wanted, None).unwrap();
-    for c in caches {
-        let cache = gpu.remove(c).unwrap();
-        assert_eq!(cache.element(), "bf16", "{c}: the decode caches are bf16");
-        gpu.insert(c.to_string(), cache.into_f32());
-    }
-    let cpu = program.run("decode", &step, &wanted).unwrap();
-    let mut worst = 0f32;
-    for name in wanted {
-        let (HostData::F32(g), HostData::F32(w)) = (&gpu[name].data, &cpu[name].data) else { panic!("{name}") };
-        assert_eq!(gpu[name].shape, cpu[name].shape, "{name}");
-        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        eprintln!("decode {name}: max |diff| {diff:.3e}, max |value| {scale:.3e}");
-        worst = worst.max(diff / scale);
-    }
-    let argmax = |b: &HostBuffer| -> Vec<usize> {
-        let HostData::F32(v) = &b.data else { panic!() };
-        v.chunks(b.shape[1]).map(|r| v3c_models::reference::Sampler::new(0.0, 1.0, 0).sample(r) as usize).collect()
-    };
-    assert_eq!(argmax(&gpu["logits"]), argmax(&cpu["logits"]));
-    eprintln!("worst relative difference {worst:.3e}");
-    // (The attention output within 3e-3 of f64's: compiler/tests/sm90_rows.rs; o_proj's e4m3 input
-    // amplifies it where a rounding flips.)
-    assert!(worst <= tolerance, "{worst}");
+        let cpu = program.run("decode", &step, &wanted).unwrap();
+        let mut worst = 0f32;
+        for name in wanted {
+            let (HostData::F32(g), HostData::F32(w)) = (&gpu[name].data, &cpu[name].data) else { panic!("{name}") };
+            assert_eq!(gpu[name].shape, cpu[name].shape, "{name}");
+            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            eprintln!("decode {name}: max |diff| {diff:.3e}, max |value| {scale:.3e}");
+            worst = worst.max(diff / scale);
+        }
+        let argmax = |b: &HostBuffer| -> Vec<usize> {
+            let HostData::F32(v) = &b.data else { panic!() };
+            v.chunks(b.shape[1]).map(|r| v3c_models::reference::Sampler::new(0.0, 1.0, 0).sample(r) as usize).collect()
+        };
+        assert_eq!(argmax(&gpu["logits"]), argmax(&cpu["logits"]));
+        eprintln!("worst relative difference {worst:.3e}");
+        // (The attention output within 3e-3 of f64's: compiler/tests/sm90_rows.rs; o_proj's e4m3 input
+        // amplifies it where a rounding flips.)
+        assert!(worst <= tolerance, "{worst}");
+    })
 }
