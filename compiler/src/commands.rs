@@ -643,6 +643,14 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         sources.push((g.kernel.clone(), m, choice.source.clone()));
         choice.preferences
     };
+    if o.attention.fp8_cache && !sm90::Bf16Caches::of(&module, o.attention).decode_fp8 {
+        return Err(
+            "--kv-cache fp8: the fp8 cache is read by the tensor-core decode attention, and this model's decode \
+                    attention does not run there (--decode-attention rows, or heads the kernel does not take: the fp8 \
+                    rows need a latent of whole 128-column groups and a rope key of 64)"
+                .into(),
+        );
+    }
     let lowered = sm90::compile_model(&context, &module, target, ptxas.as_ref(), o.attention, &mut choose, |name| {
         done += 1;
         if tty {
@@ -853,6 +861,7 @@ fn write_gpu_artifact(
             return Ok(v3c_runtime::abi::KernelAbi::MlaDecode(v3c_runtime::abi::MlaDecodeAbi {
                 kv: c.kv,
                 rope: c.rope,
+                fp8_cache: c.fp8_cache,
             }));
         }
         if let Some(c) = v3c_compiler::conversion::sm90::mla::MlaPrefillConfig::from_name(name) {
@@ -1049,35 +1058,40 @@ fn write_gpu_artifact(
         None => o.sizes,
     };
     let mut plan = v3c_compiler::plan::build_plan(module, sizes)?;
-    // Entries calling a kernel that writes or reads bf16 caches (the latent rows storing bf16, the
-    // tensor-core attention over them) take bf16 caches.
-    let bf16_cache_kernels: std::collections::BTreeSet<&str> = lowered
+    // Entries calling a kernel that writes or reads bf16 (or fp8) caches (the latent rows storing
+    // them, the tensor-core attention over them) take caches of that element.
+    use v3c_compiler::conversion::sm90::rows::CacheRows;
+    let fp8 = v3c_runtime::plan::LATENT_FP8;
+    let cache_kernels: std::collections::HashMap<&str, &str> = lowered
         .rows
         .iter()
-        .filter(|(_, l)| matches!(l.kernel.op, RowOp::Latent { bf16_cache: true, .. }))
-        .map(|(name, _)| name.as_str())
-        .chain(
-            lowered
-                .compound
-                .iter()
-                .filter(|(_, steps, _)| {
-                    steps.steps.iter().any(|s| match &s.kernel {
-                        StepKernel::MlaDecode(_) => true,
-                        StepKernel::Row(k) => matches!(k.op, RowOp::MlaKeys { bf16_cache: true, .. }),
-                        StepKernel::Gemm(_) | StepKernel::MlaPrefill(_) => false,
-                    })
-                })
-                .map(|(name, _, _)| name.as_str()),
-        )
+        .filter_map(|(name, l)| match l.kernel.op {
+            RowOp::Latent { cache: CacheRows::Bf16, .. } => Some((name.as_str(), "bf16")),
+            RowOp::Latent { cache: CacheRows::Fp8, .. } => Some((name.as_str(), fp8)),
+            _ => None,
+        })
+        .chain(lowered.compound.iter().filter_map(|(name, steps, _)| {
+            steps.steps.iter().find_map(|s| match &s.kernel {
+                StepKernel::MlaDecode(d) => Some((name.as_str(), if d.config.fp8_cache { fp8 } else { "bf16" })),
+                StepKernel::Row(k) => {
+                    matches!(k.op, RowOp::MlaKeys { bf16_cache: true, .. }).then_some((name.as_str(), "bf16"))
+                }
+                StepKernel::Gemm(_) | StepKernel::MlaPrefill(_) => None,
+            })
+        }))
         .collect();
-    let entries: Vec<String> = plan
-        .entries
-        .iter()
-        .filter(|e| e.launches.iter().any(|l| bf16_cache_kernels.contains(l.kernel.as_str())))
-        .map(|e| e.name.clone())
-        .collect();
-    for entry in entries {
-        v3c_compiler::plan::set_cache_element(&mut plan, &entry, "bf16")?;
+    let mut entries: Vec<(String, &str)> = Vec::new();
+    for e in &plan.entries {
+        let elements: std::collections::BTreeSet<&str> =
+            e.launches.iter().filter_map(|l| cache_kernels.get(l.kernel.as_str()).copied()).collect();
+        match elements.into_iter().collect::<Vec<_>>()[..] {
+            [] => {}
+            [element] => entries.push((e.name.clone(), element)),
+            [a, b, ..] => return Err(format!("entry {}: kernels over caches of {a} and of {b}", e.name)),
+        }
+    }
+    for (entry, element) in entries {
+        v3c_compiler::plan::set_cache_element(&mut plan, &entry, element)?;
     }
     let plan_file =
         write("plan.json", (serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n").as_bytes())?;

@@ -64,24 +64,50 @@ pub unsafe fn emulate_prefill(l: &KernelLaunch) -> Result<(), String> {
 ///
 /// # Safety
 /// Every address in the launch must be live host memory of the sizes it names.
+///
+/// With the fp8 cache (three tensor maps: q, the e4m3 latent, the bf16 RoPE key; the scales' memref
+/// first after them), the cache is decoded as the kernel decodes each page — `bf16(e4m3 * scale)`
+/// — into a bf16 copy the same function reads.
 pub unsafe fn emulate_decode(l: &KernelLaunch) -> Result<(), String> {
-    let v = values_after_maps(l, 2)?;
-    if v.len() != 7 + 5 + 9 + 7 + 3 {
+    let fp8 = l.tensor_maps.len() == 3;
+    let maps = if fp8 { 3 } else { 2 };
+    let v = values_after_maps(l, maps)?;
+    if v.len() != 7 + 5 + 9 + 7 + 3 + if fp8 { 7 } else { 0 } {
         return Err(format!("{}: {} parameters after the tensor maps", l.kernel, v.len()));
     }
     let mut at = 0;
     let mut memref = |rank: usize, element: &str| {
         let (ptr, shape) = (v[at + 1], v[at + 3..at + 3 + rank].iter().map(|&d| d as usize).collect());
+        let strides: Vec<usize> = v[at + 3 + rank..at + 3 + 2 * rank].iter().map(|&d| d as usize).collect();
         at += 3 + 2 * rank;
-        RawBuffer { ptr: ptr as *mut (), shape, element: element.into() }
+        (RawBuffer { ptr: ptr as *mut (), shape, element: element.into() }, strides)
     };
-    let (table, seqlens, o_part, lse) = (memref(2, "i32"), memref(1, "i32"), memref(3, "f32"), memref(2, "f32"));
+    let mut decoded: Vec<u16> = Vec::new();
+    let cache = if fp8 {
+        let (scales, strides) = memref(2, "f32");
+        let (latent, rope) = (&l.tensor_maps[1], &l.tensor_maps[2]);
+        let (rows, kv, width) = (latent.rows, latent.cols, latent.cols + rope.cols);
+        if scales.shape != [rows, kv.div_ceil(128)] || strides[1] != 1 || rope.rows != rows {
+            return Err(format!("{}: scales {:?} (strides {strides:?}) for {rows} rows", l.kernel, scales.shape));
+        }
+        decoded.resize(rows * width, 0);
+        for (r, out) in decoded.chunks_exact_mut(width).enumerate() {
+            let bytes = std::slice::from_raw_parts((latent.addr as usize + r * latent.pitch) as *const u8, kv);
+            let keys = std::slice::from_raw_parts((rope.addr as usize + r * rope.pitch) as *const u16, rope.cols);
+            for (c, (o, &b)) in out.iter_mut().zip(bytes).enumerate() {
+                let s = *(scales.ptr as *const f32).add(r * strides[0] + c / 128);
+                *o = v3c_models::dtype::f32_to_bf16(v3c_models::dtype::f8e4m3_to_f32(b) * s);
+            }
+            out[kv..].copy_from_slice(keys);
+        }
+        RawBuffer { ptr: decoded.as_mut_ptr() as *mut (), shape: vec![rows, width], element: "bf16".into() }
+    } else {
+        mapped(l, 1)?
+    };
+    let (table, seqlens, o_part, lse) =
+        (memref(2, "i32").0, memref(1, "i32").0, memref(3, "f32").0, memref(2, "f32").0);
     let (heads, scale) = (v[at + 1] as usize, f32::from_bits(v[at + 2] as u32));
-    crate::conversion::sm90::host::mla_decode(
-        heads,
-        scale,
-        &[mapped(l, 0)?, mapped(l, 1)?, table, seqlens, o_part, lse],
-    )
+    crate::conversion::sm90::host::mla_decode(heads, scale, &[mapped(l, 0)?, cache, table, seqlens, o_part, lse])
 }
 
 /// A launch's parameters after its `maps` tensor maps, as values.
@@ -381,7 +407,7 @@ impl<'a, 'c> Emulator<'a, 'c> {
             }
             let b = &plan.buffers[*id];
             let shape = shape_at(&b.dims, sizes);
-            let bytes = shape.iter().product::<usize>() * element_bytes(&b.dtype).unwrap_or(4) as usize;
+            let bytes = v3c_runtime::plan::tensor_bytes(&shape, &b.dtype).unwrap_or(0) as usize;
             let addr = match &b.kind {
                 BufferKind::Arena { offset } => self.bindings.arena + offset,
                 BufferKind::Input { name } => self.bindings.inputs[name],

@@ -134,6 +134,13 @@ enum AttentionKernel {
     Rows,
 }
 
+/// `compile --kv-cache`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum KvCache {
+    Bf16,
+    Fp8,
+}
+
 impl AttentionKernel {
     fn kernel(self) -> v3c_compiler::conversion::sm90::AttentionKernel {
         match self {
@@ -227,6 +234,15 @@ struct CompileArgs {
     /// the kernel does not take stay on the row. Default: tensor-cores (GPU targets only).
     #[arg(long, value_enum, value_name = "WHERE")]
     decode_attention: Option<AttentionKernel>,
+    /// How decode's cache pages store a row on sm_90a (decode attention on the tensor cores):
+    /// `bf16` — the latent and the rope key in bf16 (1152 bytes for DeepSeek-V3's 576 columns) —
+    /// or `fp8`: FlashMLA's fp8 rows, the latent in e4m3 with one power-of-two scale per 128
+    /// columns, the rope key in bf16 (656 bytes: 43% less for the attention to read and for the
+    /// decode caches to hold). Prefill's caches stay bf16; sessions hand them to decode through
+    /// the host (quantized once: the host's copies of fp8 rows quantize back to the same bytes).
+    /// Default: bf16.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    kv_cache: Option<KvCache>,
     /// Compile the training step (forward, losses, every gradient) instead of the inference
     /// entries, planned for windows of up to --max-rows tokens: an artifact `v3r train` runs (cpu
     /// target; with --target sm_90a, `v3r train` runs it on the GPU). `--precision fp8`:
@@ -447,6 +463,9 @@ fn main() -> ExitCode {
         Command::Compile(a) if a.train && a.max_batch.is_some() => {
             Err("--max-batch with --train: a training step has no decode entry (--max-rows sizes its windows)".into())
         }
+        Command::Compile(a) if a.train && a.kv_cache.is_some() => {
+            Err("--kv-cache with --train: a training step keeps no decode caches".into())
+        }
         Command::Compile(a) => match a.target {
             CompileTarget::Gpu(t) => commands::compile(&commands::CompileGpuOptions {
                 model: &a.model.model,
@@ -465,6 +484,7 @@ fn main() -> ExitCode {
                 attention: v3c_compiler::conversion::sm90::AttentionKernels {
                     prefill: a.prefill_attention.map(AttentionKernel::kernel).unwrap_or_default(),
                     decode: a.decode_attention.map(AttentionKernel::kernel).unwrap_or_default(),
+                    fp8_cache: a.kv_cache == Some(KvCache::Fp8),
                 },
             }),
             CompileTarget::Cpu if a.tuning.is_some() => {
@@ -473,6 +493,9 @@ fn main() -> ExitCode {
             CompileTarget::Cpu if a.prefill_attention.is_some() || a.decode_attention.is_some() => {
                 Err("--prefill-attention / --decode-attention: the CPU backend's attention is one kernel (GPU targets only)"
                     .into())
+            }
+            CompileTarget::Cpu if a.kv_cache.is_some() => {
+                Err("--kv-cache: the CPU backend's caches are f32 (GPU targets only)".into())
             }
             CompileTarget::Cpu => commands::compile_cpu(&commands::CompileCpuOptions {
                 model: &a.model.model,

@@ -202,7 +202,6 @@ fn place_arena(entry: &mut EntryPlan) {
 /// Makes entry `entry`'s caches (`kv_cache.*` inputs and outputs) buffers of `element` (the
 /// sm_90a lowering's bf16 caches), its arena placed again for their bytes.
 pub fn set_cache_element(plan: &mut Plan, entry: &str, element: &str) -> Result<(), String> {
-    let per = element_bytes(element).ok_or_else(|| format!("no size for element type {element}"))?;
     let e =
         plan.entries.iter_mut().find(|e| e.name == entry).ok_or_else(|| format!("the plan has no {entry} entry"))?;
     let mut ids: Vec<usize> = e.outputs.iter().filter(|(n, _)| n.starts_with("kv_cache.")).map(|(_, id)| *id).collect();
@@ -215,8 +214,9 @@ pub fn set_cache_element(plan: &mut Plan, entry: &str, element: &str) -> Result<
     }
     for id in ids {
         let b = &mut e.buffers[id];
+        b.bytes = v3c_runtime::plan::tensor_bytes(&b.shape, element)
+            .ok_or_else(|| format!("caches {:?} of element type {element}", b.shape))?;
         b.dtype = element.to_string();
-        b.bytes = per * b.shape.iter().product::<usize>() as u64;
     }
     place_arena(e);
     Ok(())

@@ -2,7 +2,7 @@
 //! spills or local memory. Their numerics are checked through the CPU lowering of the same
 //! template (unit tests of `conversion::sm90::rows`) and on the device by benches/device/rows_check.py.
 
-use v3c_compiler::conversion::sm90::{self, rows::Mla, rows::RowKernel, rows::RowOp, rows::TrainRow};
+use v3c_compiler::conversion::sm90::{self, rows::CacheRows, rows::Mla, rows::RowKernel, rows::RowOp, rows::TrainRow};
 use v3c_compiler::{target, toolchain};
 
 fn kernels() -> Vec<RowKernel> {
@@ -15,17 +15,22 @@ fn kernels() -> Vec<RowKernel> {
         norm(true, false, 1536, "f32"),
         norm(false, true, 1000, "bf16"),
         RowKernel::new(
-            RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false, bf16_cache: false },
+            RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false, cache: CacheRows::F32 },
             512,
             "bf16",
         ),
         RowKernel::new(
-            RowOp::Latent { eps: 1e-6, rope: 64, interleave: false, append: true, bf16_cache: false },
+            RowOp::Latent { eps: 1e-6, rope: 64, interleave: false, append: true, cache: CacheRows::F32 },
             512,
             "f32",
         ),
         RowKernel::new(
-            RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false, bf16_cache: true },
+            RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false, cache: CacheRows::Bf16 },
+            512,
+            "bf16",
+        ),
+        RowKernel::new(
+            RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false, cache: CacheRows::Fp8 },
             512,
             "bf16",
         ),
@@ -47,7 +52,7 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128, bf16_cache: true }, 512, "bf16"),
         RowKernel::new(RowOp::Train(TrainRow::Quantize), 512, "bf16"),
         RowKernel::new(
-            RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: true, bf16_cache: true },
+            RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: true, cache: CacheRows::Bf16 },
             512,
             "bf16",
         ),
@@ -712,14 +717,14 @@ fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
     let mut kernel = None;
     while let Some(f) = op {
         op = f.next_in_block();
-        if lower::mla_decode_steps(&f).is_ok() {
+        if lower::mla_decode_steps(&f, false).is_ok() {
             kernel = Some(f);
             break;
         }
     }
     let f = kernel.expect("a decode attention kernel the tensor cores take");
     assert!(f.region(0).unwrap().first_block().unwrap().argument_count() == 6);
-    let steps = lower::mla_decode_steps(&f).unwrap();
+    let steps = lower::mla_decode_steps(&f, false).unwrap();
     let scale = match steps.steps[2].kernel {
         lower::StepKernel::MlaDecode(a) => a.scale,
         _ => panic!("the third launch is the attention"),

@@ -30,6 +30,9 @@ pub enum KernelAbi {
 pub struct MlaDecodeAbi {
     pub kv: usize,
     pub rope: usize,
+    /// The cache's rows are [`crate::plan::LATENT_FP8`]'s bytes (the kernel's `_fp8` variant).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fp8_cache: bool,
 }
 
 impl MlaDecodeAbi {
@@ -38,19 +41,33 @@ impl MlaDecodeAbi {
     /// kv + rope]` (bf16), the block table `[B, max_pages]` and lengths `[B]` (i32), the splits'
     /// outputs `[Z, B R, kv]` and log-sum-exps `[Z, B R]` (f32): tensor maps of q and the cache (64 x
     /// 64 boxes), the memrefs, R, the heads, the scale's bits; `B ceil(R / 64)` x Z blocks.
+    ///
+    /// With the fp8 cache, the cache is its rows' bytes (`i8`, [`crate::plan::Fp8LatentRow`]) seen
+    /// three ways: the e4m3 latent (a tensor map of 64 x 128-byte boxes, no swizzle), the bf16 RoPE
+    /// key (64 x 64 boxes), both with the row's pitch, and the scales as an f32 memref `[rows,
+    /// kv / 128]` whose rows are a cache row apart.
     pub fn launch(&self, kernel: &str, ops: [&Buf; 6], heads: usize, scale: f32) -> Result<KernelLaunch, String> {
         let fail = |what: String| format!("{kernel}: {what}");
         let [q, cache, table, seqlens, o_part, lse] = ops;
         let width = self.kv + self.rope;
+        let fp8_row = match self.fp8_cache {
+            true => Some(
+                crate::plan::Fp8LatentRow::of(width)
+                    .filter(|r| r.latent == self.kv)
+                    .ok_or_else(|| fail(format!("an fp8 cache of rows of {} + {}", self.kv, self.rope)))?,
+            ),
+            false => None,
+        };
+        let (cache_element, cache_cols) = fp8_row.map_or(("bf16", width), |r| ("i8", r.bytes()));
         let (qs, cs) = (q.shape_at_rank(2).map_err(fail)?, cache.shape_at_rank(2).map_err(fail)?);
         let b = seqlens.elements();
         let (os, ls) = (o_part.shape_at_rank(3).map_err(fail)?, lse.shape_at_rank(2).map_err(fail)?);
         let fine = q.element == "bf16"
-            && cache.element == "bf16"
+            && cache.element == cache_element
             && table.element == "i32"
             && seqlens.element == "i32"
             && qs[1] == width
-            && cs[1] == width
+            && cs[1] == cache_cols
             && b > 0
             && qs[0] % b == 0
             && heads > 0
@@ -77,19 +94,28 @@ impl MlaDecodeAbi {
             }
         }
         let rows = qs[0] / b;
-        let map = |buf: &Buf, r: usize| TensorMapSpec {
-            addr: buf.addr,
-            rows: r,
-            cols: width,
-            element: "bf16".into(),
-            box_rows: PREFILL_BOX,
-            box_cols: PREFILL_BOX,
-        };
-        let maps = vec![map(q, qs[0]), map(cache, cs[0])];
+        let mut maps = vec![TensorMapSpec::new(q.addr, [qs[0], width], "bf16", [PREFILL_BOX; 2])];
+        let mut params = vec![Param::TensorMap(0), Param::TensorMap(1)];
+        match fp8_row {
+            None => maps.push(TensorMapSpec::new(cache.addr, [cs[0], width], "bf16", [PREFILL_BOX; 2])),
+            Some(row) => {
+                let latent = TensorMapSpec::new(cache.addr, [cs[0], self.kv], "i8", [PREFILL_BOX, 128]);
+                maps.push(TensorMapSpec { pitch: row.bytes(), swizzle: false, ..latent });
+                let rope = TensorMapSpec::new(
+                    cache.addr + row.rope_offset() as u64,
+                    [cs[0], self.rope],
+                    "bf16",
+                    [PREFILL_BOX; 2],
+                );
+                maps.push(TensorMapSpec { pitch: row.bytes(), ..rope });
+                let scales = cache.addr + row.scale_offset() as u64;
+                params.extend([Param::TensorMap(2), Param::Value(cache.addr), Param::Value(scales), Param::Value(0)]);
+                params.extend([cs[0], row.groups(), row.bytes() / 4, 1].map(|v| Param::Value(v as u64)));
+            }
+        }
         for m in &maps {
             m.check().map_err(fail)?;
         }
-        let mut params = vec![Param::TensorMap(0), Param::TensorMap(1)];
         for (buf, rank) in [(table, 2), (seqlens, 1), (o_part, 3), (lse, 2)] {
             params.extend(memref(buf, rank).map_err(fail)?);
         }
@@ -148,14 +174,8 @@ impl MlaPrefillAbi {
                 out.element, self.qk, self.v
             )));
         }
-        let map = |b: &Buf, cols: usize, rows: usize| TensorMapSpec {
-            addr: b.addr,
-            rows,
-            cols,
-            element: "bf16".into(),
-            box_rows: PREFILL_BOX,
-            box_cols: PREFILL_BOX,
-        };
+        let map =
+            |b: &Buf, cols: usize, rows: usize| TensorMapSpec::new(b.addr, [rows, cols], "bf16", [PREFILL_BOX; 2]);
         let maps = vec![map(q, self.qk, qs[0]), map(k, self.qk, ks[0]), map(v, self.v, ks[0])];
         for m in &maps {
             m.check().map_err(fail)?;
@@ -265,21 +285,33 @@ pub fn memref(buf: &Buf, rank: usize) -> Result<Vec<Param>, String> {
     Ok(p)
 }
 
-/// A 2-D tiled TMA descriptor over a row-major `[rows, cols]` tensor: boxes of `box_rows x
-/// box_cols`, 128-byte swizzle, zero fill out of bounds (what the GEMM template's
-/// `!nvgpu.tensormap.descriptor` types say).
+/// A 2-D tiled TMA descriptor over a row-major `[rows, cols]` tensor whose rows are `pitch` bytes
+/// apart: boxes of `box_rows x box_cols`, 128-byte swizzle (or none), zero fill out of bounds (what
+/// the kernels' `!nvgpu.tensormap.descriptor` types say).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorMapSpec {
     pub addr: u64,
     pub rows: usize,
     pub cols: usize,
-    /// `bf16` or `f8E4M3FN` (encoded as 8-bit unsigned: TMA copies bytes).
+    /// `bf16` or `f8E4M3FN` / `i8` (encoded as 8-bit unsigned: TMA copies bytes).
     pub element: String,
     pub box_rows: usize,
     pub box_cols: usize,
+    /// Bytes from one row to the next (`cols` elements where the rows are contiguous).
+    pub pitch: usize,
+    /// 128-byte swizzle (the GEMM and attention tiles); `false`: none.
+    pub swizzle: bool,
 }
 
 impl TensorMapSpec {
+    /// A map over contiguous rows, boxes 128-byte swizzled.
+    pub fn new(addr: u64, [rows, cols]: [usize; 2], element: &str, [box_rows, box_cols]: [usize; 2]) -> TensorMapSpec {
+        let mut t =
+            TensorMapSpec { addr, rows, cols, element: element.into(), box_rows, box_cols, pitch: 0, swizzle: true };
+        t.pitch = cols * t.element_bytes();
+        t
+    }
+
     pub fn element_bytes(&self) -> usize {
         if self.element == "bf16" {
             2
@@ -292,7 +324,10 @@ impl TensorMapSpec {
     /// 16-byte aligned, a row pitch not a multiple of 16 bytes, box dims outside 1..=256, a box
     /// row wider than the 128-byte swizzle.
     pub fn check(&self) -> Result<(), String> {
-        let pitch = self.cols * self.element_bytes();
+        let pitch = self.pitch;
+        if pitch < self.cols * self.element_bytes() {
+            return Err(format!("tensor map: rows of {} {} in a pitch of {pitch} B", self.cols, self.element));
+        }
         if !self.addr.is_multiple_of(16) {
             return Err(format!("tensor map: address {:#x} is not 16-byte aligned", self.addr));
         }
@@ -448,22 +483,8 @@ impl GemmAbi {
             return Err(fail(format!("the output is {out:?}, expected [{out_rows}, {n_out}]")));
         }
         let maps = vec![
-            TensorMapSpec {
-                addr: ops.a.addr,
-                rows: a[0],
-                cols: k,
-                element: in_el.into(),
-                box_rows: self.a_box_rows,
-                box_cols: self.block_k,
-            },
-            TensorMapSpec {
-                addr: ops.b.addr,
-                rows: b[0],
-                cols: k,
-                element: in_el.into(),
-                box_rows: self.b_box_rows,
-                box_cols: self.block_k,
-            },
+            TensorMapSpec::new(ops.a.addr, [a[0], k], in_el, [self.a_box_rows, self.block_k]),
+            TensorMapSpec::new(ops.b.addr, [b[0], k], in_el, [self.b_box_rows, self.block_k]),
         ];
         for t in &maps {
             t.check().map_err(fail)?;
@@ -690,7 +711,7 @@ mod tests {
     /// as memrefs, rows per sequence, heads, the scale's bits; `B ceil(R / 64)` x splits blocks.
     #[test]
     fn decode_attention_launches_over_pages_and_splits() {
-        let a = MlaDecodeAbi { kv: 512, rope: 64 };
+        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: false };
         let (b, heads, splits, pages) = (3, 128, 4, 10);
         let q = buf(0x1000, &[b * heads, 576], "bf16");
         let cache = buf(0x2000, &[b, pages * 64, 576], "bf16");
@@ -709,6 +730,32 @@ mod tests {
         assert!(a.launch("mla", [&q, &cache, &table, &seqlens, &o_part, &bad_lse], heads, 0.25).is_err());
         let f32_cache = buf(0x2000, &[b, pages * 64, 576], "f32");
         assert!(a.launch("mla", [&q, &f32_cache, &table, &seqlens, &o_part, &lse], heads, 0.25).is_err());
+    }
+
+    /// The fp8 cache: one buffer of 656-byte rows seen as the latent's and the RoPE key's tensor
+    /// maps (the row's pitch) and the scales' memref (rows 164 floats apart); a bf16 cache refused.
+    #[test]
+    fn fp8_decode_attention_reads_one_buffer_of_packed_rows() {
+        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: true };
+        let (b, heads, splits, pages) = (2, 16, 3, 4);
+        let q = buf(0x1000, &[b * heads, 576], "bf16");
+        let cache = buf(0x20000, &[b, pages * 64, 656], "i8");
+        let table = buf(0x3000, &[b, pages], "i32");
+        let seqlens = buf(0x4000, &[b], "i32");
+        let o_part = buf(0x5000, &[splits, b * heads, 512], "f32");
+        let lse = buf(0x6000, &[splits, b * heads], "f32");
+        let l = a.launch("mla_fp8", [&q, &cache, &table, &seqlens, &o_part, &lse], heads, 0.5).unwrap();
+        let rows = b * pages * 64;
+        let m = &l.tensor_maps;
+        assert_eq!((m[1].addr, m[1].rows, m[1].cols, m[1].pitch, m[1].swizzle), (0x20000, rows, 512, 656, false));
+        assert_eq!((m[1].box_rows, m[1].box_cols, m[1].element.as_str()), (64, 128, "i8"));
+        assert_eq!((m[2].addr, m[2].rows, m[2].cols, m[2].pitch, m[2].swizzle), (0x20000 + 528, rows, 64, 656, true));
+        let scales: Vec<Param> = [0x20000, 0x20000 + 512, 0, rows, 4, 164, 1].map(|v| Param::Value(v as u64)).to_vec();
+        assert_eq!(&l.params[..4], &[Param::TensorMap(0), Param::TensorMap(1), Param::TensorMap(2), scales[0]]);
+        assert_eq!(&l.params[3..10], &scales[..]);
+        assert_eq!(l.params.len(), 3 + 7 + 7 + 5 + 9 + 7 + 3);
+        let bf16_cache = buf(0x20000, &[b, pages * 64, 576], "bf16");
+        assert!(a.launch("mla_fp8", [&q, &bf16_cache, &table, &seqlens, &o_part, &lse], heads, 0.5).is_err());
     }
 
     /// Prefill attention: three tensor maps (64 x 64 bf16 boxes), out's memref, T, S and the

@@ -115,7 +115,7 @@ pub(crate) fn encode(t: &TensorMapSpec) -> Result<[u8; 128], String> {
     };
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
     let dims = [t.cols as u64, t.rows as u64];
-    let strides = [(t.cols * t.element_bytes()) as u64];
+    let strides = [t.pitch as u64];
     let boxes = [t.box_cols as u32, t.box_rows as u32];
     let element_strides = [1u32, 1];
     // SAFETY: every pointer addresses a local array of the length the rank (2) implies.
@@ -130,7 +130,11 @@ pub(crate) fn encode(t: &TensorMapSpec) -> Result<[u8; 128], String> {
             boxes.as_ptr(),
             element_strides.as_ptr(),
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            if t.swizzle {
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B
+            } else {
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE
+            },
             sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
@@ -446,7 +450,7 @@ impl GpuArtifact {
             }
             let b = &plan.buffers[*id];
             let shape = shape_at(&b.dims, sizes);
-            let bytes = shape.iter().product::<usize>() * crate::plan::element_bytes(&b.dtype).unwrap_or(4) as usize;
+            let bytes = crate::plan::tensor_bytes(&shape, &b.dtype).unwrap_or(0) as usize;
             let src = match &b.kind {
                 BufferKind::Arena { offset } => self.bindings.arena + offset,
                 BufferKind::Input { name } => self.bindings.inputs[name],
@@ -476,8 +480,7 @@ impl GpuArtifact {
                 continue;
             };
             let bytes = crate::gpu::plan_bytes(b, &planned.dtype).map_err(|e| format!("input {name}: {e}"))?;
-            let expected =
-                b.shape.iter().product::<usize>() * crate::plan::element_bytes(&planned.dtype).unwrap_or(0) as usize;
+            let expected = crate::plan::tensor_bytes(&b.shape, &planned.dtype).unwrap_or(0) as usize;
             if bytes.len() != expected {
                 return Err(format!("input {name}: {} bytes of data for shape {:?}", bytes.len(), b.shape));
             }

@@ -296,7 +296,8 @@ impl<'a> Expander<'a> {
                     BufferKind::Weight { name } => bindings.weights.get(name).copied().unwrap_or(0),
                     BufferKind::Arena { offset } => bindings.arena + offset,
                 };
-                Ok(Buf { addr, shape: shape_at(&b.dims, sizes), element: b.dtype.clone() })
+                let (shape, element) = crate::plan::physical(shape_at(&b.dims, sizes), &b.dtype);
+                Ok(Buf { addr, shape, element })
             };
             // The fused kernel's temporaries, laid out in the shared region.
             let mut temps = Vec::new();
@@ -817,6 +818,17 @@ pub fn planned_weight_bytes(artifact: &Artifact, name: &str, w: &HostBuffer) -> 
 
 pub fn plan_bytes(b: &HostBuffer, element: &str) -> Result<Vec<u8>, String> {
     Ok(match (&b.data, element) {
+        (HostData::F32(v), crate::plan::LATENT_FP8) => {
+            let cols = b.shape.last().copied().unwrap_or(0);
+            let row = crate::plan::Fp8LatentRow::of(cols).ok_or_else(|| {
+                format!("fp8 cache rows of {cols} columns (a latent of whole 128-column groups, then 64)")
+            })?;
+            let mut out = vec![0u8; v.len() / cols * row.bytes()];
+            for (r, o) in v.chunks_exact(cols).zip(out.chunks_exact_mut(row.bytes())) {
+                row.pack(r, o);
+            }
+            out
+        }
         (HostData::F32(v), "f32") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         (HostData::F32(v), "bf16") => v.iter().flat_map(|&x| v3c_models::dtype::f32_to_bf16(x).to_le_bytes()).collect(),
         (HostData::Bf16(v), "bf16") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -837,6 +849,15 @@ pub fn host_buffer(bytes: &[u8], shape: Vec<usize>, element: &str) -> Result<Hos
         }
         "bf16" => HostData::Bf16(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()),
         "f8E4M3FN" => HostData::F8(bytes.to_vec()),
+        crate::plan::LATENT_FP8 => {
+            let cols = shape.last().copied().unwrap_or(0);
+            let row = crate::plan::Fp8LatentRow::of(cols).ok_or_else(|| format!("fp8 cache rows of {cols} columns"))?;
+            let mut v = vec![0f32; bytes.len() / row.bytes() * cols];
+            for (b, r) in bytes.chunks_exact(row.bytes()).zip(v.chunks_exact_mut(cols)) {
+                row.unpack(b, r);
+            }
+            HostData::F32(v)
+        }
         other => return Err(format!("an output of {other}")),
     };
     Ok(HostBuffer { shape, data })

@@ -174,6 +174,123 @@ pub fn element_bytes(dtype: &str) -> Option<u64> {
     }
 }
 
+/// The element type of decode caches kept in fp8 (`v3c compile --kv-cache fp8`): each row of C
+/// columns (the latent, then the 64-column RoPE key) stored as [`Fp8LatentRow`] says — for
+/// DeepSeek-V3's 576 columns, 656 bytes (FlashMLA's fp8 cache row). The plan names the logical
+/// shape `[B, S, C]`; kernels see the bytes, `[B, S, row bytes]` of `i8` ([`physical`]).
+pub const LATENT_FP8: &str = "latent_fp8";
+
+/// One row of a [`LATENT_FP8`] cache: the latent's `latent` columns in e4m3, one f32 scale per
+/// 128 of them (a power of two: `v = e4m3 * scale` is exact, and the host's f32 copy of a row
+/// quantizes back to the same bytes), padded to 16 bytes, then the RoPE key's 64 columns in bf16.
+/// Every part starts 16-byte aligned, as TMA reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8LatentRow {
+    pub latent: usize,
+}
+
+impl Fp8LatentRow {
+    /// Columns of the RoPE key, kept in bf16.
+    pub const ROPE: usize = 64;
+    /// Latent columns per scale.
+    pub const GROUP: usize = 128;
+
+    /// The layout of rows of `cols` columns (None: the latent is not whole 128-column groups).
+    pub fn of(cols: usize) -> Option<Fp8LatentRow> {
+        let latent = cols.checked_sub(Self::ROPE)?;
+        (latent > 0 && latent % Self::GROUP == 0).then_some(Fp8LatentRow { latent })
+    }
+
+    pub fn groups(&self) -> usize {
+        self.latent / Self::GROUP
+    }
+
+    /// Byte offset of the scales (f32, one per group).
+    pub fn scale_offset(&self) -> usize {
+        self.latent
+    }
+
+    /// Byte offset of the RoPE key (bf16).
+    pub fn rope_offset(&self) -> usize {
+        self.latent + (4 * self.groups()).next_multiple_of(16)
+    }
+
+    /// Bytes of a row.
+    pub fn bytes(&self) -> usize {
+        self.rope_offset() + 2 * Self::ROPE
+    }
+
+    /// `row` (f32, `latent + 64` columns) as the bytes of a cache row.
+    pub fn pack(&self, row: &[f32], out: &mut [u8]) {
+        use v3c_models::dtype::{f32_to_bf16, f32_to_f8e4m3};
+        for g in 0..self.groups() {
+            let part = &row[g * Self::GROUP..][..Self::GROUP];
+            let scale = pow2_scale(part.iter().fold(0f32, |m, v| m.max(v.abs())));
+            for (o, v) in out[g * Self::GROUP..][..Self::GROUP].iter_mut().zip(part) {
+                *o = f32_to_f8e4m3(v / scale);
+            }
+            out[self.scale_offset() + 4 * g..][..4].copy_from_slice(&scale.to_le_bytes());
+        }
+        for (c, v) in row[self.latent..][..Self::ROPE].iter().enumerate() {
+            out[self.rope_offset() + 2 * c..][..2].copy_from_slice(&f32_to_bf16(*v).to_le_bytes());
+        }
+    }
+
+    /// A cache row's bytes as f32 values (`latent + 64`).
+    pub fn unpack(&self, bytes: &[u8], row: &mut [f32]) {
+        use v3c_models::dtype::{bf16_to_f32, f8e4m3_to_f32};
+        for g in 0..self.groups() {
+            let at = self.scale_offset() + 4 * g;
+            let scale = f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+            for (v, &b) in row[g * Self::GROUP..][..Self::GROUP].iter_mut().zip(&bytes[g * Self::GROUP..]) {
+                *v = f8e4m3_to_f32(b) * scale;
+            }
+        }
+        for (c, v) in row[self.latent..][..Self::ROPE].iter_mut().enumerate() {
+            let at = self.rope_offset() + 2 * c;
+            *v = bf16_to_f32(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
+        }
+    }
+}
+
+/// The scale of a group of |max| `amax` in an fp8 cache row: the least power of two `s` with
+/// `amax <= 448 s` (`amax` floored at 1e-4), so `v / s` is within e4m3's range and its largest value
+/// above 224. The latent kernels compute the same bits.
+pub fn pow2_scale(amax: f32) -> f32 {
+    let x = (amax.max(1e-4) / 448.0).to_bits();
+    let exponent = (x >> 23) & 0xff;
+    let up = u32::from(x & 0x7f_ffff != 0);
+    let s = f32::from_bits((exponent + up) << 23);
+    // The division may have rounded down onto a power of two.
+    if amax > 448.0 * s {
+        2.0 * s
+    } else {
+        s
+    }
+}
+
+/// Bytes of a tensor of `shape` and `dtype` (a [`LATENT_FP8`] cache by its rows).
+pub fn tensor_bytes(shape: &[usize], dtype: &str) -> Option<u64> {
+    if dtype == LATENT_FP8 {
+        let (cols, rows) = shape.split_last()?;
+        return Some((rows.iter().product::<usize>() * Fp8LatentRow::of(*cols)?.bytes()) as u64);
+    }
+    Some(shape.iter().product::<usize>() as u64 * element_bytes(dtype)?)
+}
+
+/// A tensor as kernels see it: a [`LATENT_FP8`] cache `[.., C]` as its bytes `[.., row bytes]` of
+/// `i8`; others as they are.
+pub fn physical(mut shape: Vec<usize>, dtype: &str) -> (Vec<usize>, String) {
+    match shape.last().copied().and_then(Fp8LatentRow::of) {
+        Some(row) if dtype == LATENT_FP8 => {
+            let last = shape.len() - 1;
+            shape[last] = row.bytes();
+            (shape, "i8".into())
+        }
+        _ => (shape, dtype.to_string()),
+    }
+}
+
 /// Places buffers with live ranges `[first, last]` (launch indices) and sizes in one arena,
 /// first fit by offset, reusing bytes whose buffers are dead. Returns offsets and the arena size.
 pub fn place(ranges: &[(usize, usize, u64)]) -> (Vec<u64>, u64) {
@@ -206,6 +323,54 @@ pub fn place(ranges: &[(usize, usize, u64)]) -> (Vec<u64>, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fp8_cache_rows_are_flashmla_sized_and_round_trip_exactly() {
+        let row = Fp8LatentRow::of(576).unwrap();
+        assert_eq!((row.scale_offset(), row.rope_offset(), row.bytes()), (512, 528, 656));
+        assert_eq!(Fp8LatentRow::of(128 + 64).unwrap().bytes(), 128 + 16 + 128);
+        assert!(Fp8LatentRow::of(96).is_none() && Fp8LatentRow::of(32).is_none());
+        assert_eq!(tensor_bytes(&[2, 64, 576], LATENT_FP8), Some(2 * 64 * 656));
+        assert_eq!(physical(vec![2, 64, 576], LATENT_FP8), (vec![2, 64, 656], "i8".to_string()));
+        // Groups of very different magnitudes, a zero group, the RoPE key.
+        let values: Vec<f32> = (0..576)
+            .map(|i| match i / 128 {
+                0 => (i as f32 * 0.37).sin() * 3.0,
+                1 => (i as f32).cos() * 1e-3,
+                2 => 0.0,
+                3 => 448.0 * 2f32.powi(20) * ((i % 7) as f32 - 3.0) / 3.0,
+                _ => (i as f32 * 0.1).sin(),
+            })
+            .collect();
+        let mut bytes = vec![0u8; 656];
+        row.pack(&values, &mut bytes);
+        let mut back = vec![0f32; 576];
+        row.unpack(&bytes, &mut back);
+        for g in 0..4 {
+            let (a, b) = (&values[g * 128..][..128], &back[g * 128..][..128]);
+            let amax = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err <= amax / 16.0, "group {g}: error {err} of {amax}");
+        }
+        assert_eq!(
+            &back[512..],
+            &values[512..].iter().map(|&v| v3c_models::dtype::round_bf16(v)).collect::<Vec<_>>()[..]
+        );
+        // The f32 copy packs to the same bytes (what sessions rely on).
+        let mut again = vec![0u8; 656];
+        row.pack(&back, &mut again);
+        assert_eq!(bytes, again);
+    }
+
+    #[test]
+    fn pow2_scales_are_the_least_that_fit() {
+        for amax in [1e-9f32, 1e-4, 0.3, 1.0, 224.0, 448.0, 448.0001, 449.0, 896.0, 1e6, 3.4e30] {
+            let s = pow2_scale(amax);
+            assert_eq!(s.to_bits() & 0x7f_ffff, 0, "{amax}: {s} is not a power of two");
+            let a = amax.max(1e-4);
+            assert!(a <= 448.0 * s && a > 224.0 * s, "{amax}: scale {s}");
+        }
+    }
 
     #[test]
     fn dead_buffers_give_their_bytes_back() {

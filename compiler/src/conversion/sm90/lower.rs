@@ -381,7 +381,7 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
             if table.dim != dim {
                 return Err(format!("rope of width {} on k_pe of {dim}", table.dim));
             }
-            let op = RowOp::Latent { eps, rope: dim, interleave, append, bf16_cache: false };
+            let op = RowOp::Latent { eps, rope: dim, interleave, append, cache: super::rows::CacheRows::F32 };
             Ok(RowLaunch::new(RowKernel::new(op, d, &ws.element), Some(table), fused_args))
         }
         [kind @ ("attention_decode" | "attention"), "reshape", "quantize_fp8", "func.return"] => {
@@ -1458,7 +1458,7 @@ pub fn mla_prefill_steps(kernel: &OperationRef, bf16_cache: bool) -> Result<Step
 /// Numerics: the cache (each row rounded to bf16 as the latent row stores it), the absorbed
 /// queries and P in bf16 (the CUDA-core row keeps the reference's f32). `Err`: not this kernel, or
 /// shapes the templates do not take.
-pub fn mla_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
+pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps, String> {
     use Operand::{Arg, Result as Out, Temp as T};
     let launch = row_of_kernel(kernel)?;
     let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: false, .. } = launch.kernel.op else {
@@ -1468,8 +1468,11 @@ pub fn mla_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
     let weight = launch.kernel.weight.clone();
     let fp8 = weight == "f8E4M3FN";
     let kv = launch.kernel.d;
-    let config = super::mla::MlaDecodeConfig { kv, rope, stages: 2, fp8_cache: false };
+    let config = super::mla::MlaDecodeConfig { kv, rope, stages: 2, fp8_cache };
     config.validate(&crate::target::SM90A)?;
+    if fp8_cache && v3c_runtime::plan::Fp8LatentRow::of(kv + rope).is_none_or(|r| r.latent != kv) {
+        return Err(format!("an fp8 cache of rows of {kv} + {rope} (a rope key of 64)"));
+    }
     if fp8 && v != super::rows::GROUP {
         return Err(format!("value heads of {v} (one 128-wide quantization group each)"));
     }

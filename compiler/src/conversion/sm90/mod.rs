@@ -202,6 +202,9 @@ pub enum AttentionKernel {
 pub struct AttentionKernels {
     pub prefill: AttentionKernel,
     pub decode: AttentionKernel,
+    /// Decode's cache pages hold rows of the latent in e4m3 (`--kv-cache fp8`:
+    /// [`v3c_runtime::plan::LATENT_FP8`], FlashMLA's 656-byte rows) rather than bf16.
+    pub fp8_cache: bool,
 }
 
 /// Which entries' caches are bf16 (the tensor-core attention's): prefill's (and the MTP draft's)
@@ -212,6 +215,8 @@ pub struct AttentionKernels {
 pub struct Bf16Caches {
     pub prefill: bool,
     pub decode: bool,
+    /// Decode's pages are fp8 rows ([`v3c_runtime::plan::LATENT_FP8`]) instead of bf16.
+    pub decode_fp8: bool,
 }
 
 impl Bf16Caches {
@@ -229,13 +234,14 @@ impl Bf16Caches {
             let rows::RowOp::MlaDecode { prefill, .. } = row.kernel.op else { continue };
             let tensor_cores = match prefill {
                 true => lower::mla_prefill_steps(&f, true).is_ok(),
-                false => lower::mla_decode_steps(&f).is_ok(),
+                false => lower::mla_decode_steps(&f, attention.fp8_cache).is_ok(),
             };
             let count = &mut counts[usize::from(!prefill)];
             *count = (count.0 + 1, count.1 + usize::from(tensor_cores));
         }
         let all = |(n, tc): (usize, usize), kernel| kernel == AttentionKernel::TensorCores && n > 0 && tc == n;
-        Bf16Caches { prefill: all(counts[0], attention.prefill), decode: all(counts[1], attention.decode) }
+        let decode = all(counts[1], attention.decode);
+        Bf16Caches { prefill: all(counts[0], attention.prefill), decode, decode_fp8: decode && attention.fp8_cache }
     }
 }
 
@@ -243,8 +249,13 @@ impl Bf16Caches {
 /// caches are ([`Bf16Caches`]).
 pub fn row_launch(f: &OperationRef, caches: Bf16Caches) -> Result<lower::RowLaunch, String> {
     let mut launch = lower::row_of_kernel(f)?;
-    if let rows::RowOp::Latent { append, ref mut bf16_cache, .. } = launch.kernel.op {
-        *bf16_cache = if append { caches.prefill } else { caches.decode };
+    if let rows::RowOp::Latent { append, ref mut cache, .. } = launch.kernel.op {
+        *cache = match (append, caches) {
+            (true, Bf16Caches { prefill: true, .. }) => rows::CacheRows::Bf16,
+            (false, Bf16Caches { decode_fp8: true, .. }) => rows::CacheRows::Fp8,
+            (false, Bf16Caches { decode: true, .. }) => rows::CacheRows::Bf16,
+            _ => rows::CacheRows::F32,
+        };
     }
     Ok(launch)
 }
@@ -257,7 +268,7 @@ pub fn tensor_core_attention(
 ) -> Option<lower::Steps> {
     let prefill = attention.prefill == AttentionKernel::TensorCores;
     let steps = prefill.then(|| lower::mla_prefill_steps(f, caches.prefill).ok()).flatten();
-    steps.or_else(|| caches.decode.then(|| lower::mla_decode_steps(f).ok()).flatten())
+    steps.or_else(|| caches.decode.then(|| lower::mla_decode_steps(f, caches.decode_fp8).ok()).flatten())
 }
 
 /// Per fused kernel of a module, the regimes its GEMMs run in: [a decode entry calls it, another

@@ -41,6 +41,35 @@ pub const HEAD_TOKENS: usize = 8;
 /// Static shared memory a CTA may declare without opting in.
 const STATIC_SHARED_LIMIT: usize = 48 * 1024;
 
+/// How a latent cache stores its rows ([`RowOp::Latent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheRows {
+    F32,
+    Bf16,
+    /// [`v3c_runtime::plan::LATENT_FP8`]: e4m3 latent, power-of-two scales, bf16 RoPE key.
+    Fp8,
+}
+
+impl CacheRows {
+    /// The cache memref's element type.
+    pub fn element(self) -> &'static str {
+        match self {
+            CacheRows::F32 => "f32",
+            CacheRows::Bf16 => "bf16",
+            CacheRows::Fp8 => "i8",
+        }
+    }
+
+    /// The kernel name's suffix after `append` / `write`.
+    fn suffix(self) -> &'static str {
+        match self {
+            CacheRows::F32 => "",
+            CacheRows::Bf16 => "bf16",
+            CacheRows::Fp8 => "fp8",
+        }
+    }
+}
+
 /// What a row kernel computes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RowOp {
@@ -56,9 +85,11 @@ pub enum RowOp {
     /// `append` (prefill): the output is `concat(cache [P, C], new rows)`, one block per output row
     /// (the first P copy); otherwise (decode) row b is written in place at `cache[b, position_b]`.
     /// Positions outside the table (or the cache) leave the row unwritten: the runtime rejects
-    /// them before launching, as the CPU backend does. `bf16_cache`: the caches are bf16 (the
-    /// tensor-core attention's), each new value rounded to nearest even as stored.
-    Latent { eps: f32, rope: usize, interleave: bool, append: bool, bf16_cache: bool },
+    /// them before launching, as the CPU backend does. `cache`: how the caches store rows — f32,
+    /// bf16 (the tensor-core attention's: each new value rounded to nearest even as stored), or
+    /// (decode only) fp8: the row's bytes as [`v3c_runtime::plan::Fp8LatentRow`] lays them out, the
+    /// normalized latent quantized per 128 columns with power-of-two scales.
+    Latent { eps: f32, rope: usize, interleave: bool, append: bool, cache: CacheRows },
     /// MLA's query heads out of the q_b GEMM: `y [rows, heads * (nope + rope)]` split per head into
     /// `q_nope [rows, heads, nope]` and `q_pe [rows, heads, rope]`, RoPE applied to q_pe at the
     /// row's position from the same table as [`RowOp::Latent`]. `d` is `heads * (nope + rope)`.
@@ -243,16 +274,11 @@ impl RowKernel {
                 format!("rows_route_{w}_d{d}_e{experts}_k{top_k}_g{n_group}_kg{topk_group}_s{scale}{norm}_t{t}")
             }
             RowOp::Dispatch { experts, shared } => format!("rows_dispatch_e{experts}_s{shared}_t{t}"),
-            RowOp::Latent { eps, rope, interleave, append, bf16_cache } => {
+            RowOp::Latent { eps, rope, interleave, append, cache } => {
                 let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
                 let layout = if interleave { "_il" } else { "" };
-                let mode = match (append, bf16_cache) {
-                    (true, false) => "append",
-                    (true, true) => "appendbf16",
-                    (false, false) => "write",
-                    (false, true) => "writebf16",
-                };
-                format!("rows_latent_{w}_d{d}_r{rope}_t{t}_eps{eps}{layout}_{mode}")
+                let mode = if append { "append" } else { "write" };
+                format!("rows_latent_{w}_d{d}_r{rope}_t{t}_eps{eps}{layout}_{mode}{}", cache.suffix())
             }
         }
     }
@@ -430,16 +456,18 @@ impl RowKernel {
                 [m] => (false, *m),
                 _ => return None,
             };
+            let (append, cache) = mode
+                .strip_prefix("append")
+                .map(|c| (true, c))
+                .or_else(|| mode.strip_prefix("write").map(|c| (false, c)))?;
+            let cache = [CacheRows::F32, CacheRows::Bf16, CacheRows::Fp8].into_iter().find(|k| k.suffix() == cache)?;
             let op = RowOp::Latent {
                 eps: eps_of(eps)?,
                 rope: r.strip_prefix('r')?.parse().ok()?,
                 interleave,
-                append: mode.starts_with("append"),
-                bf16_cache: mode.ends_with("bf16"),
+                append,
+                cache,
             };
-            if !["append", "write", "appendbf16", "writebf16"].contains(&mode) {
-                return None;
-            }
             let d = d.strip_prefix('d')?.parse().ok()?;
             let threads = t.strip_prefix('t')?.parse().ok()?;
             let kernel = RowKernel { op, d, weight: weight.to_string(), threads };
@@ -592,14 +620,14 @@ impl RowKernel {
                 }
                 args
             }
-            RowOp::Latent { append, bf16_cache, .. } => {
+            RowOp::Latent { append, cache, .. } => {
                 let mut args = vec![
                     ("latent", "memref<?x?xf32>".to_string()),
                     ("w", format!("memref<?x{w}>")),
                     ("k_pe", "memref<?x?xf32>".into()),
                     ("positions", "memref<?xi64>".into()),
                 ];
-                let element = if bf16_cache { "bf16" } else { "f32" };
+                let element = cache.element();
                 if append {
                     args.push(("cache", format!("memref<?x?x{element}>")));
                     args.push(("rope", "memref<?x?xf32>".into()));
@@ -693,7 +721,14 @@ impl RowKernel {
                 }
                 s
             }
-            RowOp::Latent { .. } => vec![("sh_row", self.d), ("sh_sum", self.threads)],
+            RowOp::Latent { cache, .. } => {
+                let mut s = vec![("sh_row", self.d), ("sh_sum", self.threads)];
+                if cache == CacheRows::Fp8 {
+                    s.push(("sh_amax", self.groups() * AMAX_PARTS));
+                    s.push(("sh_scale", self.groups()));
+                }
+                s
+            }
             RowOp::Argmax => vec![("sh_key", self.threads), ("sh_idx", self.threads)],
             RowOp::SplitRope { .. }
             | RowOp::SiluMul { quantize: false }
@@ -770,6 +805,16 @@ impl RowKernel {
                 return Err(format!("{name}: a rope width of {rope} (a positive even number)"));
             }
         }
+        if let RowOp::Latent { rope, append, cache: CacheRows::Fp8, .. } = self.op {
+            let row = v3c_runtime::plan::Fp8LatentRow::of(self.d + rope).filter(|r| r.latent == self.d);
+            if append || row.is_none() {
+                return Err(format!(
+                    "{name}: an fp8 cache is written by decode, rows of a latent of whole 128-column groups and a \
+                     rope key of {}",
+                    v3c_runtime::plan::Fp8LatentRow::ROPE
+                ));
+            }
+        }
         if let RowOp::Route { experts, top_k, n_group, topk_group, .. } = self.op {
             let per = experts / n_group.max(1);
             if n_group == 0
@@ -829,7 +874,10 @@ impl RowKernel {
         let _ = writeln!(s, "%cT = arith.constant {} : index", self.threads);
         let _ = writeln!(s, "%cD = arith.constant {} : index", self.d);
         let _ = writeln!(s, "%zero = arith.constant 0.0 : f32");
-        if let RowOp::Latent { eps, rope, .. } = self.op {
+        if let RowOp::Latent { eps, rope, cache, .. } = self.op {
+            if cache == CacheRows::Fp8 {
+                s.push_str(&quant_constants(self.groups()));
+            }
             let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
             let _ = writeln!(s, "%fD = arith.constant 0x{:08X} : f32", (self.d as f32).to_bits());
             let _ = writeln!(s, "%eps = arith.constant 0x{:08X} : f32", eps.to_bits());
@@ -1903,19 +1951,38 @@ scf.for %i = %tid to %cD step %cT {{
                     )]
                 }
             }
-            RowOp::Latent { interleave, append, bf16_cache, .. } => {
+            RowOp::Latent { interleave, append, cache, .. } => {
                 let d = self.d;
-                let element = if bf16_cache { "bf16" } else { "f32" };
+                let element = cache.element();
                 let (target, at) = if append { ("%out", "%row") } else { ("%cache", "%row, %p") };
                 let rank = if append { "?x?" } else { "?x?x?" };
+                let fp8_row = v3c_runtime::plan::Fp8LatentRow { latent: d };
                 let dest = |v: &str, col: &str| -> String {
-                    if bf16_cache {
-                        format!(
+                    match cache {
+                        CacheRows::Bf16 => format!(
                             "{}memref.store {v}_b, {target}[{at}, {col}] : memref<{rank}xbf16>\n",
                             round_bf16(v, &format!("{v}_b"))
-                        )
-                    } else {
-                        format!("memref.store {v}, {target}[{at}, {col}] : memref<{rank}xf32>\n")
+                        ),
+                        CacheRows::F32 => format!("memref.store {v}, {target}[{at}, {col}] : memref<{rank}xf32>\n"),
+                        // The latent goes through shared memory to its quantization; the RoPE
+                        // key's bf16 bits as two bytes at its place in the row.
+                        CacheRows::Fp8 if v == "%y_v" => {
+                            format!("memref.store {v}, %sh_row[{col}] : {}\n", sh("sh_row"))
+                        }
+                        CacheRows::Fp8 => format!(
+                            "{round}%{t}_rel = arith.subi {col}, %cRopeBase : index
+%{t}_rel2 = arith.muli %{t}_rel, %cTwo : index
+%{t}_at = arith.addi %{t}_rel2, %cRopeAt : index
+%{t}_at1 = arith.addi %{t}_at, %c1 : index
+%{t}_lo = arith.trunci {v}_b_top : i32 to i8
+%{t}_hs = arith.shrui {v}_b_top, %c8_i32 : i32
+%{t}_hi = arith.trunci %{t}_hs : i32 to i8
+memref.store %{t}_lo, %cache[%row, %p, %{t}_at] : memref<?x?x?xi8>
+memref.store %{t}_hi, %cache[%row, %p, %{t}_at1] : memref<?x?x?xi8>
+",
+                            round = round_bf16(v, &format!("{v}_b")),
+                            t = v.trim_start_matches('%'),
+                        ),
                     }
                 };
                 // Rows of the old cache are copied (prefill); others have nothing to add.
@@ -1949,13 +2016,56 @@ scf.for %i = %tid to %cHalf step %cT {{
                         ),
                     )
                 );
-                self.norm_phases(
+                let rope_loop = match cache {
+                    CacheRows::Fp8 => format!(
+                        "%cTwo = arith.constant 2 : index\n%c8_i32 = arith.constant 8 : i32\n%cRopeAt = arith.constant {} : \
+                         index\n{rope_loop}",
+                        fp8_row.rope_offset()
+                    ),
+                    _ => rope_loop,
+                };
+                let mut phases = self.norm_phases(
                     lowering,
                     "%latent[%t, %i]",
                     Some(("%ok", otherwise.as_str())),
                     &format!("  {}", dest("%y_v", "%i")),
                     &rope_loop,
-                )
+                );
+                if cache == CacheRows::Fp8 {
+                    // The normalized latent (in shared memory) quantized into the row.
+                    let out = QuantOut {
+                        scale: format!(
+                            "  %s_bits = arith.bitcast %s : f32 to i32
+  %s_g4 = arith.muli %g, %c4 : index
+  %s_at = arith.addi %s_g4, %cScaleAt : index
+{}",
+                            (0..4)
+                                .map(|k| format!(
+                                    "  %s_sh{k} = arith.constant {} : i32
+  %s_v{k}0 = arith.shrui %s_bits, %s_sh{k} : i32
+  %s_v{k} = arith.trunci %s_v{k}0 : i32 to i8
+  %s_b{k} = arith.addi %s_at, %c{k} : index
+  memref.store %s_v{k}, %cache[%row, %p, %s_b{k}] : memref<?x?x?xi8>
+",
+                                    8 * k
+                                ))
+                                .collect::<String>()
+                        ),
+                        byte: "  memref.store %byte, %cache[%row, %p, %i] : memref<?x?x?xi8>\n".into(),
+                        pow2: true,
+                    };
+                    let row = sh("sh_row");
+                    let quant =
+                        self.quant_phases_to(lowering, &|c| format!("  %v = memref.load %sh_row[{c}] : {row}\n"), &out);
+                    phases.extend(quant.into_iter().map(|q| {
+                        format!(
+                            "%c2 = arith.constant 2 : index\n%c3 = arith.constant 3 : index\n%c4 = arith.constant 4 : index
+%cScaleAt = arith.constant {} : index\nscf.if %ok {{\n{q}}}\n",
+                            fp8_row.scale_offset()
+                        )
+                    }));
+                }
+                phases
             }
         }
     }
@@ -1964,6 +2074,16 @@ scf.for %i = %tid to %cHalf step %cT {{
     /// group, then per group the scale `max(amax, 1e-4) / 448`, then every column's byte. The row's
     /// value at a column is `value(column)` (lines defining `%v`), read twice: it must be the same.
     fn quant_phases(&self, lowering: Lowering, value: &dyn Fn(&str) -> String) -> Vec<String> {
+        let out = QuantOut {
+            scale: "  memref.store %s, %scale[%row, %g] : memref<?x?xf32>\n".into(),
+            byte: "  memref.store %byte, %q[%row, %i] : memref<?x?xi8>\n".into(),
+            pow2: false,
+        };
+        self.quant_phases_to(lowering, value, &out)
+    }
+
+    /// [`RowKernel::quant_phases`] storing where `out` says, its scales as `out` computes them.
+    fn quant_phases_to(&self, lowering: Lowering, value: &dyn Fn(&str) -> String, out: &QuantOut) -> Vec<String> {
         let sh = |name: &str| self.shared_type(name, lowering);
         let mut phases = Vec::new();
         phases.push(format!(
@@ -1993,8 +2113,8 @@ scf.for %i = %tid to %cHalf step %cT {{
         phases.push(format!(
             "scf.for %g = %tid to %cG step %cT {{
   %base = arith.muli %g, %cP : index
-  %m = scf.for %p = %c0 to %cP step %c1 iter_args(%mx = %zero) -> (f32) {{
-    %k = arith.addi %base, %p : index
+  %m = scf.for %pi = %c0 to %cP step %c1 iter_args(%mx = %zero) -> (f32) {{
+    %k = arith.addi %base, %pi : index
     %v = memref.load %sh_amax[%k] : {amax}
     %gt = arith.cmpf ogt, %v, %mx : f32
     %mx2 = arith.select %gt, %v, %mx : f32
@@ -2002,25 +2122,25 @@ scf.for %i = %tid to %cHalf step %cT {{
   }}
   %small = arith.cmpf olt, %m, %amax_floor : f32
   %floored = arith.select %small, %amax_floor, %m : f32
-  %s = arith.divf %floored, %e4m3_max : f32
-  memref.store %s, %scale[%row, %g] : memref<?x?xf32>
-  memref.store %s, %sh_scale[%g] : {scale}
+{compute}{store}  memref.store %s, %sh_scale[%g] : {scale}
 }}
 ",
             amax = sh("sh_amax"),
-            scale = sh("sh_scale")
+            scale = sh("sh_scale"),
+            compute = if out.pow2 { POW2_SCALE } else { "  %s = arith.divf %floored, %e4m3_max : f32\n" },
+            store = out.scale,
         ));
         phases.push(format!(
             "scf.for %i = %tid to %cD step %cT {{
   %g = arith.divui %i, %cGroup : index
   %s = memref.load %sh_scale[%g] : {scale}
 {value_i}  %qv = arith.divf %v, %s : f32
-{encode}  memref.store %byte, %q[%row, %i] : memref<?x?xi8>
-}}
+{encode}{store}}}
 ",
             scale = sh("sh_scale"),
             value_i = value("%i"),
             encode = encode_e4m3(lowering, "%qv", "%byte"),
+            store = out.byte,
         ));
         phases
     }
@@ -2160,12 +2280,12 @@ scf.for %i = %tid to %cD step %cT {{
 "
             .into();
         }
-        let RowOp::Latent { append, bf16_cache, .. } = self.op else { return String::new() };
+        let RowOp::Latent { append, cache, .. } = self.op else { return String::new() };
         let mut s = String::from("%true = arith.constant true\n");
-        if bf16_cache {
+        if cache != CacheRows::F32 {
             s.push_str(BF16_CONSTANTS);
         }
-        let element = if bf16_cache { "bf16" } else { "f32" };
+        let element = cache.element();
         if append {
             let _ = write!(
                 s,
@@ -2265,6 +2385,7 @@ scf.for %i = %tid to %cD step %cT {{
                 | RowOp::MlaDecode { .. }
                 | RowOp::MlaHeadsOut { quantize: true, .. }
                 | RowOp::MlaUpV { .. }
+                | RowOp::Latent { cache: CacheRows::Fp8, .. }
         ) || matches!(self.op, RowOp::Train(op) if op.encodes_fp8())
         {
             s.push_str(&crate::conversion::v3_to_cpu::fp8_helpers("rows"));
@@ -2458,6 +2579,35 @@ fn with_c2(phases: Vec<String>) -> Vec<String> {
         })
         .collect()
 }
+
+/// Where [`RowKernel::quant_phases_to`] puts a row's quantization: lines storing group `%g`'s
+/// scale `%s`, lines storing column `%i`'s byte `%byte`; `pow2`: the scales are powers of two
+/// ([`POW2_SCALE`]) rather than `amax / 448`.
+struct QuantOut {
+    scale: String,
+    byte: String,
+    pow2: bool,
+}
+
+/// `%s`: the least power of two with `%m <= 448 %s` (`%m` floored at 1e-4: `%floored`), by the
+/// bits of `%floored / 448` — [`v3c_runtime::plan::pow2_scale`], bit for bit.
+const POW2_SCALE: &str = "  %x = arith.divf %floored, %e4m3_max : f32
+  %xb = arith.bitcast %x : f32 to i32
+  %c23_i32 = arith.constant 23 : i32
+  %mant_mask = arith.constant 8388607 : i32
+  %c0_i32z = arith.constant 0 : i32
+  %xe = arith.shrui %xb, %c23_i32 : i32
+  %xm = arith.andi %xb, %mant_mask : i32
+  %frac = arith.cmpi ne, %xm, %c0_i32z : i32
+  %up = arith.extui %frac : i1 to i32
+  %e2 = arith.addi %xe, %up : i32
+  %sb = arith.shli %e2, %c23_i32 : i32
+  %s0 = arith.bitcast %sb : i32 to f32
+  %lim = arith.mulf %s0, %e4m3_max : f32
+  %over = arith.cmpf ogt, %m, %lim : f32
+  %s1 = arith.addf %s0, %s0 : f32
+  %s = arith.select %over, %s1, %s0 : f32
+";
 
 /// The constants [`round_bf16`] uses.
 const BF16_CONSTANTS: &str = "%c16_i32 = arith.constant 16 : i32
@@ -2771,8 +2921,11 @@ mod tests {
             let mut cache = values(b * slots * c, 7, 1.0);
             let before = cache.clone();
             let mut rope = table.clone();
-            let kernel =
-                RowKernel::new(RowOp::Latent { eps, rope: r, interleave, append: false, bf16_cache: false }, d, "bf16");
+            let kernel = RowKernel::new(
+                RowOp::Latent { eps, rope: r, interleave, append: false, cache: CacheRows::F32 },
+                d,
+                "bf16",
+            );
             run_cpu(
                 &kernel,
                 &[
@@ -2807,7 +2960,7 @@ mod tests {
             // A bf16 cache: the same rows rounded to nearest even, the others left alone.
             let old: Vec<u16> = before.iter().map(|&x| f32_to_bf16(x)).collect();
             let mut cache16 = old.clone();
-            let op = RowOp::Latent { eps, rope: r, interleave, append: false, bf16_cache: true };
+            let op = RowOp::Latent { eps, rope: r, interleave, append: false, cache: CacheRows::Bf16 };
             let kernel16 = RowKernel::new(op, d, "bf16");
             assert_eq!(RowKernel::from_name(&kernel16.kernel_name()).as_ref(), Some(&kernel16));
             run_cpu(
@@ -2826,6 +2979,40 @@ mod tests {
                 let want = if written { f32_to_bf16(cache[i]) } else { old[i] };
                 assert_eq!(cache16[i], want, "bf16 cache (interleave {interleave}): element {i}");
             }
+            // An fp8 cache: the written rows are the f32 kernel's rows packed as the host packs
+            // them (the same scales, bytes and bf16 rope key); the others and the row whose position
+            // is outside the cache are left alone.
+            let row = v3c_runtime::plan::Fp8LatentRow::of(c).unwrap();
+            let mut cache8 = vec![0xa5u8; b * slots * row.bytes()];
+            let op = RowOp::Latent { eps, rope: r, interleave, append: false, cache: CacheRows::Fp8 };
+            let kernel8 = RowKernel::new(op, d, "bf16");
+            assert_eq!(RowKernel::from_name(&kernel8.kernel_name()).as_ref(), Some(&kernel8));
+            assert!(kernel8.kernel_name().ends_with("_writefp8"));
+            run_cpu(
+                &kernel8,
+                &[
+                    raw(&mut latent, &[b, d], "f32"),
+                    raw(&mut w, &[d], "bf16"),
+                    raw(&mut k_pe, &[b, r], "f32"),
+                    raw(&mut positions, &[b], "i64"),
+                    raw(&mut cache8, &[b, slots, row.bytes()], "i8"),
+                    raw(&mut rope, &[npos, r], "f32"),
+                ],
+            );
+            let mut want8 = vec![0xa5u8; cache8.len()];
+            for seq in 0..2 {
+                let at = seq * slots + positions[seq] as usize;
+                row.pack(&cache[at * c..][..c], &mut want8[at * row.bytes()..][..row.bytes()]);
+            }
+            for (i, (got, want)) in cache8.iter().zip(&want8).enumerate() {
+                assert_eq!(
+                    got,
+                    want,
+                    "fp8 cache (interleave {interleave}): byte {} of row {}",
+                    i % row.bytes(),
+                    i / row.bytes()
+                );
+            }
             // Prefill: 4 new rows after 3 cached ones.
             let (cached, t) = (3, 4);
             let mut latent = values(t * d, 8, 4.0);
@@ -2834,8 +3021,11 @@ mod tests {
             let mut old = values(cached * c, 10, 1.0);
             let mut out = vec![f32::NAN; (cached + t) * c];
             let mut rope = table.clone();
-            let kernel =
-                RowKernel::new(RowOp::Latent { eps, rope: r, interleave, append: true, bf16_cache: false }, d, "bf16");
+            let kernel = RowKernel::new(
+                RowOp::Latent { eps, rope: r, interleave, append: true, cache: CacheRows::F32 },
+                d,
+                "bf16",
+            );
             run_cpu(
                 &kernel,
                 &[
@@ -2868,7 +3058,7 @@ mod tests {
             // bf16 caches: the old rows as they are, the new ones rounded to nearest even.
             let mut old16: Vec<u16> = old.iter().map(|&x| f32_to_bf16(x)).collect();
             let mut out16 = vec![0xAAAAu16; (cached + t) * c];
-            let op = RowOp::Latent { eps, rope: r, interleave, append: true, bf16_cache: true };
+            let op = RowOp::Latent { eps, rope: r, interleave, append: true, cache: CacheRows::Bf16 };
             let kernel16 = RowKernel::new(op, d, "bf16");
             assert_eq!(RowKernel::from_name(&kernel16.kernel_name()).as_ref(), Some(&kernel16));
             run_cpu(
@@ -3697,12 +3887,12 @@ mod tests {
             RowKernel::new(RowOp::RmsNorm { eps: 2.5e-7, keep: true, quantize: false }, 77, "bf16"),
             RowKernel::new(RowOp::Embed, 7168, "bf16"),
             RowKernel::new(
-                RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false, bf16_cache: false },
+                RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: false, cache: CacheRows::F32 },
                 512,
                 "bf16",
             ),
             RowKernel::new(
-                RowOp::Latent { eps: 1e-5, rope: 32, interleave: false, append: true, bf16_cache: false },
+                RowOp::Latent { eps: 1e-5, rope: 32, interleave: false, append: true, cache: CacheRows::F32 },
                 256,
                 "f32",
             ),
