@@ -450,12 +450,13 @@ fn tensor_core_prefill_attention_of_the_f32_graph_follows_the_cpu_backend() {
     assert!(err.contains(launches) && err.contains(rest), "{err}");
 }
 
-/// `ckpt` compiled for sm_90a with the defaults (8 rows, 16 cached) into `dir/artifact`, and the
-/// compile's report.
-fn compile_default(ckpt: &std::path::Path, dir: &std::path::Path) -> (std::path::PathBuf, String) {
+/// `ckpt` compiled for sm_90a with the defaults (8 rows, 16 cached) and `extra` arguments into
+/// `dir/artifact`, and the compile's report.
+fn compile_default(ckpt: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> (std::path::PathBuf, String) {
     let out = dir.join("artifact");
     let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--max-rows", "8"];
-    let compiled = run_binary("v3c", &[&args[..], &["--max-context", "16", "--out", out.to_str().unwrap()]].concat());
+    let rest = ["--max-context", "16", "--out", out.to_str().unwrap()];
+    let compiled = run_binary("v3c", &[&args[..], &rest, extra].concat());
     let err = String::from_utf8_lossy(&compiled.stderr).to_string();
     assert!(compiled.status.success(), "{err}");
     (out, err)
@@ -467,11 +468,12 @@ fn checkpoint_config(ckpt: &std::path::Path) -> v3c_models::config::ModelConfig 
         .unwrap()
 }
 
-/// The small model (fp8 or bf16 weights) compiled for sm_90a with the defaults: `check` gets the
-/// host emulation of its launches, the CPU backend on the same checkpoint, its config and the
-/// compile's report.
+/// The small model (fp8 or bf16 weights) compiled for sm_90a with the defaults (and `extra`
+/// arguments): `check` gets the host emulation of its launches, the CPU backend on the same
+/// checkpoint, its config and the compile's report.
 fn with_default_artifact<R>(
     fp8: bool,
+    extra: &[&str],
     check: impl FnOnce(
         &mut v3c_compiler::emulate::Emulator,
         &v3c_compiler::cpu_backend::CpuProgram,
@@ -481,7 +483,7 @@ fn with_default_artifact<R>(
 ) -> R {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint_of(dir.path(), fp8);
-    let (out, err) = compile_default(&ckpt, dir.path());
+    let (out, err) = compile_default(&ckpt, dir.path(), extra);
     let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
     let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
     let context = v3c_compiler::mlir::new_context();
@@ -507,7 +509,7 @@ fn with_default_artifact<R>(
 fn check_tensor_core_prefill(fp8: bool, tolerance: f32) -> String {
     use std::collections::HashMap;
     use v3c_runtime::host::{HostBuffer, HostData};
-    with_default_artifact(fp8, |emulator, program, config, err| {
+    with_default_artifact(fp8, &[], |emulator, program, config, err| {
         let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
         let caches = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
         let wanted = ["logits", "mtp_logits", "kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
@@ -569,32 +571,82 @@ fn check_tensor_core_prefill(fp8: bool, tolerance: f32) -> String {
 /// merged, W_UV — against the CPU backend's f32 decode.
 #[test]
 fn tensor_core_decode_attention_emulated_follows_the_cpu_backend() {
-    check_tensor_core_decode(true, 1.5e-2);
+    check_tensor_core_decode(true, false, 1.5e-2);
+}
+
+/// The same step over fp8 caches (`--kv-cache fp8`): the latent row quantizes the new row into
+/// its 272-byte fp8 row (128 latent + 16 scale + 128 rope bytes), the session's f32 caches are
+/// quantized on upload, the attention kernel decodes each page — within the e4m3 latent's
+/// rounding of the CPU backend's f32 step, greedy tokens equal.
+#[test]
+fn fp8_cache_decode_emulated_follows_the_cpu_backend() {
+    check_tensor_core_decode(true, true, 5e-2);
+}
+
+/// Generation over fp8 caches from the command line: `v3r info` names them, and `v3c emulate`'s
+/// session (a prefill whose bf16 caches come back to the host, quantized into fp8 rows for each
+/// decode step) picks the CPU backend's greedy tokens.
+#[test]
+fn fp8_cache_sessions_pick_the_cpu_backends_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = small_checkpoint_of(dir.path(), true);
+    let (out, _) = compile_default(&ckpt, dir.path(), &["--kv-cache", "fp8"]);
+    let info = run_binary("v3r", &["info", out.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        text.contains(
+            "and 64 cache rows, caches fp8 (272-byte rows: e4m3 latent, power-of-two scales, bf16 rope key) in pages \
+             of 64 rows"
+        ),
+        "{text}"
+    );
+    let (tokens, p) = ("3 17 42 5 9 11 2 250", |f: &str| dir.path().join(f).to_str().unwrap().to_string());
+    let args = ["emulate", out.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--tokens", tokens];
+    let emulated = run_binary("v3c", &[&args[..], &["--decode-steps", "4", "--out", &p("e")]].concat());
+    let err = String::from_utf8_lossy(&emulated.stderr).to_string();
+    assert!(emulated.status.success(), "{err}");
+    let model = ckpt.to_str().unwrap();
+    let run = ["run", "--model-dir", model, "--prompt-tokens", tokens, "--max-new-tokens", "4", "--backend", "cpu"];
+    let greedy = run_binary("v3c", &[&run[..], &["--ignore-eos"]].concat());
+    let want: Vec<String> = String::from_utf8_lossy(&greedy.stdout).split_whitespace().map(String::from).collect();
+    let got: Vec<String> = err
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("emulated decode step ")?.split("token ").nth(1)?.split(' ').next().map(String::from)
+        })
+        .collect();
+    assert_eq!(got, want, "{err}");
+    assert_eq!(got.len(), 4, "{err}");
 }
 
 /// The f32 graph's decode (a bf16 checkpoint) on the tensor cores likewise: bf16 kv_b in the
 /// absorption and W_UV, the heads' outputs in f32 — within bf16's rounding of the CPU backend's.
 #[test]
 fn tensor_core_decode_attention_of_the_f32_graph_follows_the_cpu_backend() {
-    check_tensor_core_decode(false, 5e-3);
+    check_tensor_core_decode(false, false, 5e-3);
 }
 
 /// Compiles the small model (fp8 or bf16 weights) for sm_90a with the defaults — its decode
 /// attention as the five launches (the f32 graph's rows on bf16 kv_b) — and emulates a decode step
 /// of two sequences over the CPU backend's prefilled caches: outputs within `tolerance` (of the
-/// largest value) of the CPU backend's, greedy tokens equal, the caches bf16.
-fn check_tensor_core_decode(fp8: bool, tolerance: f32) {
+/// largest value) of the CPU backend's, greedy tokens equal, the caches bf16 (`fp8_cache`: fp8
+/// rows, read back dequantized).
+fn check_tensor_core_decode(fp8: bool, fp8_cache: bool, tolerance: f32) {
     use std::collections::HashMap;
     use v3c_runtime::host::{HostBuffer, HostData};
-    with_default_artifact(fp8, |emulator, program, config, err| {
+    let extra: &[&str] = if fp8_cache { &["--kv-cache", "fp8"] } else { &[] };
+    with_default_artifact(fp8, extra, |emulator, program, config, err| {
         let (fused, f32_graph) =
             if fp8 { ("attention_decode_quantize_0", "") } else { ("attention_decode_0", "_bf16") };
         let launches = format!(
             "compile: {fused} -> 5 launches: rows_mlaabsorb_h2_n128_r64_v128_kv128_b8_t128{f32_graph} -> \
-             rows_mlatable_t32 -> mla_decode_kv128_r64_p64_s2 (2 heads, split K, tensor cores) -> \
-             rows_mlacombine_d128_t32 -> rows_mlaupv_h2_n128_v128_kv128_b8_t128{f32_graph}"
+             rows_mlatable_t32 -> mla_decode_kv128_r64_p64_s2{} (2 heads, split K, tensor cores) -> \
+             rows_mlacombine_d128_t32 -> rows_mlaupv_h2_n128_v128_kv128_b8_t128{f32_graph}",
+            if fp8_cache { "_fp8" } else { "" }
         );
         assert!(err.contains(&launches), "{err}");
+        let writes = if fp8_cache { "_writefp8" } else { "_writebf16" };
+        assert!(err.contains(writes), "{err}");
         let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
         let caches = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
         let width = config.latent_dim();
@@ -629,7 +681,9 @@ fn check_tensor_core_decode(fp8: bool, tolerance: f32) {
         let mut gpu = emulator.run("decode", &step, &wanted, None).unwrap();
         for c in caches {
             let cache = gpu.remove(c).unwrap();
-            assert_eq!(cache.element(), "bf16", "{c}: the decode caches are bf16");
+            // fp8 rows come back dequantized.
+            let element = if fp8_cache { "f32" } else { "bf16" };
+            assert_eq!(cache.element(), element, "{c}: the decode caches' element");
             gpu.insert(c.to_string(), cache.into_f32());
         }
         let cpu = program.run("decode", &step, &wanted).unwrap();

@@ -381,6 +381,18 @@ fn info(args: &InfoArgs) -> Result<(), String> {
         }));
         // Caches other than f32: how the entry's attention reads them.
         let pages = a.lowering.as_ref().and_then(|l| l.cache_rows_multiple);
+        let fp8_row = e.buffers.iter().find_map(|b| match &b.kind {
+            v3c_runtime::plan::BufferKind::Input { name } if name.starts_with("kv_cache.") => {
+                b.shape.last().copied().and_then(v3c_runtime::plan::Fp8LatentRow::of)
+            }
+            _ => None,
+        });
+        let cache = match (cache.as_deref(), fp8_row) {
+            (Some(v3c_runtime::plan::LATENT_FP8), Some(row)) => {
+                Some(format!("fp8 ({}-byte rows: e4m3 latent, power-of-two scales, bf16 rope key)", row.bytes()))
+            }
+            _ => cache,
+        };
         let cache = match (cache.as_deref(), pages) {
             (None | Some("f32"), _) => String::new(),
             (Some(c), Some(rows)) if e.name == "decode" => format!(", caches {c} in pages of {rows} rows"),
