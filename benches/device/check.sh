@@ -165,6 +165,20 @@ if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]'
   else
     row "3. tensor-core attention, launch by launch" "FAILED" "no dump (check.log)"
   fi
+  # The same over fp8 decode caches (sm90fp8c, --kv-cache fp8): the latent row's quantization into
+  # 656-byte-style rows and the attention's three views of them, launch by launch against the emulation.
+  rm -rf "$out/dump_fp8c"
+  if [ -d "$e2e/dump_fp8c" ] && V3R_DUMP_DIR="$out/dump_fp8c" timeout 60 "$v3r" run "$e2e/sm90fp8c" --weights "$e2e/ckpt" \
+      --prompt-tokens "$(cat "$e2e/prompt1.txt")" --max-new-tokens 3 --ignore-eos >>"$log" 2>&1; then
+    if python3 "$root/benches/device/dump_compare.py" "$out/dump_fp8c" "$e2e/dump_fp8c" --out "$out/dump_compare_fp8c.json" 2>&1 | tee -a "$log"; then
+      row "3. fp8 decode caches, launch by launch" "ok" "every buffer as emulated (dump_compare_fp8c.json)"
+      rm -rf "$out/dump_fp8c"
+    else
+      row "3. fp8 decode caches, launch by launch" "DIFFERS" "$(tail -1 "$log" | sed 's/.*first difference: //')"
+    fi
+  else
+    row "3. fp8 decode caches, launch by launch" "FAILED" "no dump (check.log)"
+  fi
   # Greedy generation: two prompts as one batch (the second prefilled in two chunks), 16 tokens each.
   if timeout 60 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
       --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 --ignore-eos > "$out/e2e_tokens.txt" 2>>"$log"; then

@@ -4,7 +4,8 @@ logits ...`) and the host emulation's (`v3c emulate ... --dump DIR`, made by ben
 
 Both write, after every template launch, the launch's buffers but weights (`{entry}-{seq}-{kernel}-{operand}.bin`)
 with an `index.jsonl` line each. Buffers are compared in launch order: floats (f32, bf16, e4m3) by relative
-error ||gpu - emulated|| / ||emulated|| (NaN or Inf in either fails), integers exactly. The emulation sums in
+error ||gpu - emulated|| / ||emulated|| (NaN or Inf in either fails), integers exactly; fp8 cache rows (`i8`
+buffers: `v3c compile --kv-cache fp8`) decoded — e4m3 latent times its power-of-two scales, the bf16 rope key. The emulation sums in
 another order than the tensor cores (and split K, and f32 atomics in scattered MoE rows), so small errors are
 expected: the default tolerance is 1e-2 (5e-2 for e4m3, one step of which is ~6%). Routing indices can
 legitimately differ after near ties; what differs first is what to look at.
@@ -33,7 +34,35 @@ def e4m3(byte):
 E4M3 = [e4m3(b) for b in range(256)]
 
 
-def values(path, element):
+def bf16(h):
+    f = array.array("f")
+    f.frombytes((h << 16).to_bytes(4, "little"))
+    return f[0]
+
+
+def fp8_rows(raw, row):
+    """Packed fp8 cache rows (runtime/src/plan.rs, Fp8LatentRow: kv e4m3 bytes, kv / 128 f32 scales padded to
+    16 bytes, 64 bf16) of `row` bytes each, decoded; rows whose scales are not finite read as zeros (never
+    written: the attention masks them)."""
+    kv = next((k for k in range(128, row, 128) if k + -(-4 * (k // 128) // 16) * 16 + 128 == row), None)
+    if kv is None:
+        raise SystemExit(f"dump_compare: i8 rows of {row} bytes are no fp8 cache rows")
+    rope_at, out = kv + -(-4 * (kv // 128) // 16) * 16, []
+    for at in range(0, len(raw), row):
+        r = raw[at:at + row]
+        scales = array.array("f")
+        scales.frombytes(r[kv:kv + 4 * (kv // 128)])
+        if not all(math.isfinite(x) for x in scales):
+            out += [0.0] * (kv + 64)
+            continue
+        out += [E4M3[b] * scales[c // 128] for c, b in enumerate(r[:kv])]
+        rope = array.array("H")
+        rope.frombytes(r[rope_at:])
+        out += [bf16(h) for h in rope]
+    return out
+
+
+def values(path, element, shape=()):
     raw = open(path, "rb").read()
     if element == "f32":
         a = array.array("f")
@@ -42,13 +71,10 @@ def values(path, element):
     if element == "bf16":
         a = array.array("H")
         a.frombytes(raw)
-        out = []
-        for h in a:
-            f = array.array("f")
-            f.frombytes((h << 16).to_bytes(4, "little"))
-            out.append(f[0])
-        return out, True
-    if element in ("f8E4M3FN", "i8"):
+        return [bf16(h) for h in a], True
+    if element == "i8":
+        return fp8_rows(raw, shape[-1]), True
+    if element == "f8E4M3FN":
         return [E4M3[b] for b in raw], True
     if element == "i32":
         a = array.array("i")
@@ -80,8 +106,8 @@ def compare(gpu, emu, tol, fp8_tol):
         if g["shape"] != e["shape"] or g["element"] != e["element"]:
             failures.append({**e, "problem": f"GPU {g['shape']} {g['element']} vs {e['shape']} {e['element']}"})
             continue
-        x, is_float = values(os.path.join(gpu, g["file"]), g["element"])
-        y, _ = values(os.path.join(emu, e["file"]), e["element"])
+        x, is_float = values(os.path.join(gpu, g["file"]), g["element"], g["shape"])
+        y, _ = values(os.path.join(emu, e["file"]), e["element"], e["shape"])
         checked += 1
         if is_float:
             bad = sum(1 for v in x if not math.isfinite(v)) + sum(1 for v in y if not math.isfinite(v))
@@ -101,6 +127,10 @@ def compare(gpu, emu, tol, fp8_tol):
 def self_test():
     assert E4M3[0x38] == 1.0 and E4M3[0xB8] == -1.0 and math.isnan(E4M3[0x7F])
     assert E4M3[0x7E] == 448.0 and E4M3[0x01] == 2.0 ** -9
+    # An fp8 cache row of 128 + 64 columns (272 bytes): 1.0 x 0.5, scale 0.5 (bytes 128..131), rope 2.0.
+    row = bytes([0x38] * 128) + array.array("f", [0.5]).tobytes() + bytes(12) + bytes([0, 0x40] * 64)
+    assert fp8_rows(row, 272) == [0.5] * 128 + [2.0] * 64
+    assert fp8_rows(bytes([0x38] * 128) + bytes([0xFF] * 16) + bytes(128), 272) == [0.0] * 192
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         for side, v in (("g", 1.0), ("e", 1.001)):

@@ -166,13 +166,15 @@ class Driver:
         return func
 
     def tensor_map(self, t, box_rows, box_k, dtype_code, swizzle=3):
-        """A 2-D CUtensorMap for a row-major [rows, k] tensor, copied to device memory (returns the tensor
-        holding it; its data_ptr is the kernel argument). `swizzle`: 3 = 128-byte, 0 = none."""
+        """A 2-D CUtensorMap for a row-major [rows, k] tensor (rows may be further apart than k elements:
+        a column slice), copied to device memory (returns the tensor holding it; its data_ptr is the
+        kernel argument). `swizzle`: 3 = 128-byte, 0 = none."""
         rows, k = t.shape
         elem = t.element_size()
+        assert t.stride(1) == 1, "a tensor map's columns are contiguous"
         tmap = (ctypes.c_uint8 * 128)()
         gdim = (ctypes.c_uint64 * 2)(k, rows)
-        gstride = (ctypes.c_uint64 * 1)(k * elem)
+        gstride = (ctypes.c_uint64 * 1)(t.stride(0) * elem)
         box = (ctypes.c_uint32 * 2)(box_k, box_rows)
         estride = (ctypes.c_uint32 * 2)(1, 1)
         # interleave none (0), the swizzle, L2 promotion none (0), out-of-bounds fill zero (0).

@@ -9,7 +9,11 @@ Kernel ABI (compiler/src/conversion/sm90/mla.rs, `emit`): (q_map*, kv_map*, bloc
 scalars), seqlens i32 [B] (5), o_part f32 [splits, B * H, KV] (9), lse f32 [splits, B * H] (7),
 rows_per_sequence (i64: tokens x heads), heads (i64), scale (f32)); 256 threads, grid (B * ceil(H / 64), splits); dynamic shared memory
 (1 + S) * 64 * (KV + R) * 2 + 8192 bytes. Tensor maps: 2-D bf16, box 64 columns x 64 rows, 128-byte swizzle,
-zero fill; the queries [B * H, KV + R], the cache [pages * 64, KV + R]. The combine is a row kernel:
+zero fill; the queries [B * H, KV + R], the cache [pages * 64, KV + R]. The fp8-cache variant (`_fp8`, `v3c
+compile --kv-cache fp8`) reads the runtime's packed rows (KV e4m3 bytes, KV / 128 power-of-two f32 scales padded
+to 16 bytes, R bf16: 656 bytes for 512 + 64) through three views: kv_map (UINT8, box 128 bytes x 64 rows, no
+swizzle, the row's pitch), then rope_map* (bf16 at the rope key's offset, the row's pitch) and the scales' memref
+[pages * 64, KV / 128] (7 scalars, rows a cache row apart) after it. The combine is a row kernel:
 (o_part (9), lse (7), out f32 [B * H, KV] (7)), one block per row.
 
 Checks: paged caches whose pages are scattered over a pool with holes (unused pages poisoned with NaN, as is
@@ -112,16 +116,23 @@ def self_test():
     assert torch.allclose(r2[0:2], torch.softmax(q2[0:2].double() @ k2[:69].T * 0.1, dim=-1) @ k2[:69, :64])
     assert torch.allclose(r2[2:4], torch.softmax(q2[2:4].double() @ k2.T * 0.1, dim=-1) @ k2[:, :64])
     assert bool(torch.isnan(cache[table[2, 1].item() * PAGE + 1]).all()), "the tail past 65 rows is NaN"
-    # The fp8 cache: e4m3 latent with per-128 row scales stands for values within e4m3's step; a NaN row
-    # stays NaN (the kernel must not read it); the rope part passes through.
+    # The fp8 cache: rows of e4m3 latent, power-of-two scales per 128 columns, bf16 rope (the runtime's
+    # 656-byte rows for 512 + 64) stand for values within e4m3's step; a NaN row stays NaN (the kernel
+    # must not read it); the rope part passes through; the scales are the least powers of two that fit.
     import types
     c16 = torch.randn(6, 256 + 64).bfloat16()
+    c16[1, :128] *= 1000
     c16[5] = float("nan")
-    lat8, sc, rope, deq = Mla.quantize_cache(types.SimpleNamespace(kv=256), c16)
-    assert lat8.dtype == torch.uint8 and lat8.shape == (6, 256) and sc.shape == (6, 2) and rope.shape == (6, 64)
+    packed, deq = Mla.quantize_cache(types.SimpleNamespace(kv=256, rope=64), c16)
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 256 + 16 + 128)
+    assert fp8_row_bytes(512, 64) == (512, 528, 656)
     err = (deq[:5, :256] - c16[:5, :256].float()).abs().max() / c16[:5, :256].float().abs().max()
     assert err < 0.07, f"e4m3 round trip off by {err}"
     assert torch.equal(deq[:5, 256:], c16[:5, 256:].float()) and bool(torch.isnan(deq[5]).all())
+    s = packed[:5, 256:264].contiguous().view(torch.float32)
+    amax = c16[:5, :256].float().view(5, 2, 128).abs().amax(dim=2)
+    assert bool((torch.frexp(s)[0] == 0.5).all()), "scales are powers of two"
+    assert bool((amax <= 448 * s).all() and (amax > 224 * s).all()), "the least power of two that fits"
     # The causal prefill reference: a continuation's first query sees the past and itself only.
     q, k, v = torch.randn(2 * 3, 8), torch.randn(2 * 5, 8), torch.randn(2 * 5, 4)
     out = prefill_reference(q, k, v, 2, 3, 5, 0.5)
@@ -132,6 +143,13 @@ def self_test():
     assert bool(torch.isfinite(cache[table[2, 1].item() * PAGE]).all()), "row 64 of a 65-row sequence is set"
     print("mla_check self-test: split partials + lse combine == attention over all keys (an empty split included); "
           "paged problems read no NaN page or tail")
+
+
+def fp8_row_bytes(kv, rope):
+    """An fp8 cache row's layout (runtime/src/plan.rs, Fp8LatentRow): the scales' offset, the rope key's, the
+    row's bytes."""
+    rope_at = kv + -(-4 * (kv // 128) // 16) * 16
+    return kv, rope_at, rope_at + 2 * rope
 
 
 def problem(heads, kv, rope, lens, seed, device="cuda", tokens=1):
@@ -179,25 +197,38 @@ class Mla:
         self.drv.check(rc, f"{name}: cuLaunchKernel")
 
     def quantize_cache(self, cache):
-        """The fp8 cache of a bf16 one: the latent as e4m3 with a scale per row and 128 columns (NaN
-        rows stay NaN), the rope part as is; and the float cache those values stand for."""
-        latent = cache[:, :self.kv].float().view(cache.shape[0], self.kv // 128, 128)
-        s = latent.abs().amax(dim=2).clamp(min=1e-4) / E4M3_MAX
+        """The fp8 cache of a bf16 one as the runtime packs it (runtime/src/plan.rs, Fp8LatentRow): per row,
+        the latent as e4m3 with one scale per 128 columns — the least power of two s with amax <= 448 s
+        (amax floored at 1e-4; NaN rows stay NaN) — then the scales (f32, padded to 16 bytes), then the rope
+        part in bf16; and the float cache those values stand for."""
+        n = cache.shape[0]
+        latent = cache[:, :self.kv].float().view(n, self.kv // 128, 128)
+        amax = latent.abs().amax(dim=2)
+        mant, exp = torch.frexp(amax.clamp(min=1e-4) / E4M3_MAX)
+        s = torch.ldexp(torch.ones_like(mant), torch.where(mant == 0.5, exp - 1, exp))
+        s = torch.where(amax > E4M3_MAX * s, 2 * s, s)
         s = torch.where(torch.isnan(latent).any(dim=2), torch.full_like(s, float("nan")), s)
         q8 = (latent / s[:, :, None]).to(torch.float8_e4m3fn)
-        deq = torch.cat([(q8.float() * s[:, :, None]).view(cache.shape[0], self.kv), cache[:, self.kv:].float()], 1)
-        return q8.view(torch.uint8).view(cache.shape[0], self.kv).contiguous(), s.contiguous(), \
-            cache[:, self.kv:].contiguous(), deq
+        deq = torch.cat([(q8.float() * s[:, :, None]).view(n, self.kv), cache[:, self.kv:].float()], 1)
+        scales_at, rope_at, row = fp8_row_bytes(self.kv, self.rope)
+        packed = torch.zeros(n, row, dtype=torch.uint8, device=cache.device)
+        packed[:, :self.kv] = q8.view(torch.uint8).view(n, self.kv)
+        packed[:, scales_at:scales_at + 4 * (self.kv // 128)] = s.contiguous().view(torch.uint8).view(n, -1)
+        packed[:, rope_at:] = cache[:, self.kv:].contiguous().view(torch.uint8).view(n, -1)
+        return packed, deq
 
     def prepare(self, q, cache, table, lens, heads, splits, scale, tokens=1):
         """A callable running attention + combine; its output tensor (poisoned with NaN first). With the
-        fp8 cache, `cache` is the (e4m3 latent, scales, bf16 rope) triple."""
+        fp8 cache, `cache` is its packed rows, seen three ways as the runtime sees them (runtime/src/abi.rs):
+        the e4m3 latent (UINT8 map, no swizzle) and the bf16 rope key (128-byte swizzle), both with the row's
+        pitch, and the scales as an f32 memref whose rows are a cache row apart."""
         rows = q.shape[0]
         q_map = self.drv.tensor_map(q, PAGE, PAGE, 9)
         if self.fp8:
-            latent8, scales, rope = cache
-            kv_map = self.drv.tensor_map(latent8, PAGE, 128, 0, swizzle=0)  # UINT8, no swizzle
-            rope_map = self.drv.tensor_map(rope, PAGE, PAGE, 9)
+            scales_at, rope_at, _ = fp8_row_bytes(self.kv, self.rope)
+            kv_map = self.drv.tensor_map(cache[:, :self.kv], PAGE, 128, 0, swizzle=0)  # UINT8, no swizzle
+            rope_map = self.drv.tensor_map(cache[:, rope_at:].view(torch.bfloat16), PAGE, PAGE, 9)
+            scales = cache[:, scales_at:scales_at + 4 * (self.kv // 128)].view(torch.float32)
             extra = [ctypes.c_uint64(rope_map.data_ptr())] + memref_args(scales)
         else:
             kv_map = self.drv.tensor_map(cache, PAGE, PAGE, 9)
@@ -305,7 +336,7 @@ def check_decode(mla, result, copy):
     for i, (heads, lens, splits, tokens) in enumerate(cases):
         q, cache, table, lt = problem(heads, mla.kv, mla.rope, lens, seed=i, tokens=tokens)
         if mla.fp8:
-            *fp8_cache, cache = mla.quantize_cache(cache)
+            fp8_cache, cache = mla.quantize_cache(cache)
             run, out = mla.prepare(q, fp8_cache, table, lt, heads, splits, scale, tokens)
         else:
             run, out = mla.prepare(q, cache, table, lt, heads, splits, scale, tokens)
@@ -329,7 +360,7 @@ def check_decode(mla, result, copy):
         splits = max(1, min(ctx // PAGE, math.ceil(2 * sms / blocks)))
         if mla.fp8:
             # torch's baseline reads the bf16 cache: what the fp8 one halves.
-            *fp8_cache, _ = mla.quantize_cache(cache)
+            fp8_cache, _ = mla.quantize_cache(cache)
             run, out = mla.prepare(q, fp8_cache, table, lt, heads, splits, scale)
         else:
             run, out = mla.prepare(q, cache, table, lt, heads, splits, scale)
@@ -342,7 +373,7 @@ def check_decode(mla, result, copy):
             s = torch.bmm(q.view(batch, heads, -1), k.transpose(1, 2)).float() * scale
             return torch.bmm(torch.softmax(s, dim=-1).bfloat16(), k[:, :, :mla.kv])
         torch_ms = median_ms(torch_ref)
-        row_bytes = mla.kv + mla.kv // 128 * 4 + mla.rope * 2 if mla.fp8 else (mla.kv + mla.rope) * 2
+        row_bytes = fp8_row_bytes(mla.kv, mla.rope)[2] if mla.fp8 else (mla.kv + mla.rope) * 2
         unique = batch * ctx * row_bytes + q.numel() * 2 + out.numel() * 4
         gbs = unique / (ms * 1e-3) / 1e9
         result.setdefault("timing", {})[attn] = {

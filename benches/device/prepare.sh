@@ -29,9 +29,9 @@ for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_6
 done
 # Row kernels: the four the full model's fp8 graph maps (embedding, the norms with their quantization),
 # then ragged forms (a width that is no multiple of 128 or of the block, f32 weights, a small block), then
-# MLA's latent-cache rows (decode write, prefill append; interleaved and half-split rope), then the
-# row steps of the multi-launch lowerings (MLA's query split + RoPE; SwiGLU, quantized and f32), greedy
-# sampling's argmax over the vocabulary; MLA attention (decode, prefill), and decode with a 16-key capacity
+# MLA's latent-cache rows (decode write, prefill append; interleaved and half-split rope; f32, bf16 and fp8
+# caches), then the row steps of the multi-launch lowerings (MLA's query split + RoPE; SwiGLU, quantized and
+# f32), greedy sampling's argmax over the vocabulary; MLA attention (decode, prefill), and decode with a 16-key capacity
 # (the 64-row caches go through shared memory in up to 4 chunks).
 rm -rf .device/rows && mkdir -p .device/rows
 for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q \
@@ -39,6 +39,7 @@ for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_
   rows_rmsnorm_bf16_d512_t32_eps1em6_y rows_latent_bf16_d512_r64_t64_eps1em6_il_write \
   rows_latent_bf16_d512_r64_t64_eps1em6_il_append rows_latent_f32_d512_r64_t64_eps1em6_write \
   rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16 rows_latent_bf16_d512_r64_t64_eps1em6_il_appendbf16 \
+  rows_latent_bf16_d512_r64_t64_eps1em6_il_writefp8 \
   rows_splitrope_h128_n128_r64_t256_il rows_silumul_d18432_t256_q rows_silumul_d2048_t256_y \
   rows_copy_d7168_t256 rows_splitbf16_d7168_t256 rows_concat_d7168_b7168_t256 rows_argmax_d129280_t256 \
   rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256 rows_dispatch_e256_s1_t256 \
@@ -83,6 +84,10 @@ target/release/v3c compile --model .device/e2e/ckpt --target sm_90a --max-rows 1
   --prefill-attention rows --decode-attention rows --out .device/e2e/sm90 --force 2>/dev/null
 target/release/v3c compile --model .device/e2e/ckpt --target sm_90a --max-rows 16 --max-context 128 \
   --out .device/e2e/sm90tc --force 2>/dev/null
+# (sm90fp8c) The same with decode's caches in fp8 rows (--kv-cache fp8: e4m3 latent, power-of-two scales,
+# bf16 rope key; the latent row quantizes, the attention decodes each page).
+target/release/v3c compile --model .device/e2e/ckpt --target sm_90a --max-rows 16 --max-context 128 \
+  --kv-cache fp8 --out .device/e2e/sm90fp8c --force 2>/dev/null
 # The built-in tiny model's bf16 checkpoint (MoE layers, MTP): the f32 graph on sm_90a (bf16 hi + lo
 # GEMMs, grouped too) and the CPU backend's logits for a prompt.
 mkdir -p .device/e2e/bf16
@@ -110,6 +115,8 @@ target/release/v3c emulate .device/e2e/sm90 --weights .device/e2e/ckpt --tokens 
 # --max-new-tokens 3` under V3R_DUMP_DIR.
 target/release/v3c emulate .device/e2e/sm90tc --weights .device/e2e/ckpt --tokens "$(cat .device/e2e/prompt1.txt)" \
   --decode-steps 2 --out .device/e2e/emulated_tc_logits.safetensors --dump .device/e2e/dump_tc 2>/dev/null
+target/release/v3c emulate .device/e2e/sm90fp8c --weights .device/e2e/ckpt --tokens "$(cat .device/e2e/prompt1.txt)" \
+  --decode-steps 2 --out .device/e2e/emulated_fp8c_logits.safetensors --dump .device/e2e/dump_fp8c 2>/dev/null
 for p in 1 2; do
   target/release/v3c run --model-dir .device/e2e/ckpt --prompt-tokens "$(cat .device/e2e/prompt$p.txt)" \
     --max-new-tokens 16 --backend cpu --precision fp8 --ignore-eos 2>/dev/null

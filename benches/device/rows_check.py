@@ -13,6 +13,9 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
       cache [B, S, D + R] (written in place at each position), rope [positions, R] (cos | sin); grid B
   rows_latent_..._append: the same with cache [P, D + R], then out [P + T, D + R]; grid P + T
   rows_latent_..._writebf16 / _appendbf16: the same over bf16 caches (each new value rounded to nearest even)
+  rows_latent_..._writefp8: the decode write into fp8 rows, cache [B, S, row bytes] (u8): D e4m3 bytes, D / 128
+      power-of-two f32 scales (padded to 16 bytes), R bf16 (runtime/src/plan.rs, Fp8LatentRow: 656 bytes for
+      512 + 64); checked decoded, within one e4m3 step of the reference, scales the least powers of two that fit
   rows_splitrope_h<H>_n<N>_r<R>_t<T>[_il]: y [rows, H (N + R)], positions [rows], rope [positions, R],
       q_nope [rows, H, N], q_pe [rows, H, R]
   rows_silumul_d<D>_t<T>_(q|y): x [rows, 2D] (gate | up), then y [rows, D] or q, scale as above
@@ -62,7 +65,7 @@ MLADECODE = re.compile(r"^rows_mla(decode|prefill)_h(\d+)_n(\d+)_r(\d+)_v(\d+)_k
 SPLIT = re.compile(r"^rows_splitbf16_d(\d+)_t(\d+)$")
 CONCAT = re.compile(r"^rows_concat_d(\d+)_b(\d+)_t(\d+)$")
 ARGMAX = re.compile(r"^rows_argmax_d(\d+)_t(\d+)$")
-LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)(bf16)?$")
+LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)(bf16|fp8)?$")
 GROUP = 128
 SLOTS = 64  # cache rows per sequence of the decode (write) problems
 
@@ -114,10 +117,11 @@ def parse(name):
                 "keep": mode == "y", "quantize": mode == "q"}
     m = LATENT.match(name)
     if m:
-        w, d, r, t, eps, il, mode, bf16_cache = m.groups()
+        w, d, r, t, eps, il, mode, cache = m.groups()
         return {"name": name, "op": "latent", "weight": w, "d": int(d), "rope": int(r), "threads": int(t),
                 "eps": float(eps.replace("m", "-").replace("p", ".")), "interleave": bool(il),
-                "append": mode == "append", "bf16_cache": bool(bf16_cache), "keep": False, "quantize": False}
+                "append": mode == "append", "bf16_cache": cache == "bf16", "fp8_cache": cache == "fp8",
+                "keep": False, "quantize": False}
     m = NAME.match(name)
     if not m:
         raise SystemExit(f"rows_check: {name}: not a row kernel name")
@@ -173,6 +177,39 @@ def rotate(cfg, k, positions, table):
     else:
         rot[:, :half], rot[:, half:] = ra, rb
     return rot
+
+
+def fp8_row_bytes(d, rope):
+    """An fp8 cache row's layout (runtime/src/plan.rs, Fp8LatentRow): scales' offset, rope key's, row bytes."""
+    rope_at = d + -(-4 * (d // GROUP) // 16) * 16
+    return d, rope_at, rope_at + 2 * rope
+
+
+def fp8_rows_decoded(d, rope, rows):
+    """Packed fp8 cache rows [..., row bytes] (u8) as float64 values [..., d + rope], and their scales."""
+    scales_at, rope_at, _ = fp8_row_bytes(d, rope)
+    flat = rows.reshape(-1, rows.shape[-1]).contiguous()
+    s = flat[:, scales_at:scales_at + 4 * (d // GROUP)].contiguous().view(torch.float32).double()
+    lat = flat[:, :d].contiguous().view(torch.float8_e4m3fn).double().view(-1, d // GROUP, GROUP) * s[:, :, None]
+    rope_v = flat[:, rope_at:].contiguous().view(torch.bfloat16).double()
+    return torch.cat([lat.view(-1, d), rope_v], dim=1), s
+
+
+def fp8_pack_reference(d, rope, values):
+    """float rows [n, d + rope] packed as the runtime packs them (the least power-of-two scale with
+    amax <= 448 s per 128 columns, amax floored at 1e-4)."""
+    n = values.shape[0]
+    latent = values[:, :d].float().view(n, d // GROUP, GROUP)
+    amax = latent.abs().amax(dim=2)
+    mant, exp = torch.frexp(amax.clamp(min=1e-4) / E4M3_MAX)
+    s = torch.ldexp(torch.ones_like(mant), torch.where(mant == 0.5, exp - 1, exp))
+    s = torch.where(amax > E4M3_MAX * s, 2 * s, s)
+    scales_at, rope_at, row = fp8_row_bytes(d, rope)
+    out = torch.zeros(n, row, dtype=torch.uint8, device=values.device)
+    out[:, :d] = (latent / s[:, :, None]).to(torch.float8_e4m3fn).view(torch.uint8).view(n, d)
+    out[:, scales_at:scales_at + 4 * (d // GROUP)] = s.contiguous().view(torch.uint8).view(n, -1)
+    out[:, rope_at:] = values[:, d:].to(torch.bfloat16).contiguous().view(torch.uint8).view(n, -1)
+    return out
 
 
 def latent_reference(cfg, latent, w, k_pe, positions, table):
@@ -316,6 +353,9 @@ def problem(cfg, rows, device, seed=0):
             p["cache"] = torch.randn(new, SLOTS, c, generator=gen)
         if cfg["bf16_cache"]:
             p["cache"] = p["cache"].to(torch.bfloat16)
+        if cfg["fp8_cache"]:
+            row = fp8_row_bytes(d, cfg["rope"])[2]
+            p["cache"] = torch.randint(0, 256, (new, SLOTS, row), generator=gen, dtype=torch.uint8)
         return {k: v.to(device) for k, v in p.items()}
     if cfg["op"] == "embed":
         vocab = 1000
@@ -469,10 +509,24 @@ def check(cfg, inputs, outs):
         else:
             # The kernel writes the cache in place: `check` sees it after the launch.
             b = torch.arange(want.shape[0], device=want.device)
-            got = inputs["cache"][b, inputs["positions"]].double()
+            got = inputs["cache"][b, inputs["positions"]]
+            if cfg["fp8_cache"]:
+                d, g = cfg["d"], cfg["d"] // GROUP
+                got, s = fp8_rows_decoded(d, cfg["rope"], got)
+                amax = want[:, :d].abs().view(-1, g, GROUP).amax(dim=2).clamp(min=1e-4)
+                pow2 = torch.frexp(s)[0] == 0.5
+                fits = (amax <= E4M3_MAX * s * (1 + 1e-5)) & (amax > E4M3_MAX / 2 * s * (1 - 1e-5))
+                if not bool((pow2 & fits).all()):
+                    errors.append(f"fp8 scales: {(~(pow2 & fits)).sum().item()} of {s.numel()} not the least power "
+                                  "of two that fits")
+            got = got.double()
         # fma contraction on the GPU may round the rope's products once: 1e-5 relative, 1e-6 absolute
-        # (bf16 caches: then rounded to nearest even, the f32 difference may cross a tie: 2^-8).
-        rel = 2.0 ** -8 if cfg["bf16_cache"] else 1e-5
+        # (bf16 caches: then rounded to nearest even, the f32 difference may cross a tie: 2^-8; fp8
+        # rows: the latent within one e4m3 step, 2^-3, of the reference, the rope key as bf16's).
+        rel = 2.0 ** -8 if cfg["bf16_cache"] or cfg["fp8_cache"] else 1e-5
+        rel = torch.full_like(want, rel)
+        if cfg["fp8_cache"]:
+            rel[:, :cfg["d"]] = 2.0 ** -3
         bad = ((got - want).abs() > rel * want.abs() + 1e-6) | got.isnan()
         if bad.any():
             errors.append(f"latent rows: {bad.sum().item()} of {bad.numel()} values off")
@@ -545,7 +599,8 @@ def bytes_moved(cfg, rows):
     if cfg["op"] == "latent":
         c, cb = d + cfg["rope"], 2 if cfg["bf16_cache"] else 4
         new = rows if not cfg["append"] else max(1, rows // 2)
-        moved = new * (d + cfg["rope"] + cfg["rope"]) * 4 + new * 8 + d * wb + new * c * cb
+        written = new * fp8_row_bytes(d, cfg["rope"])[2] if cfg["fp8_cache"] else new * c * cb
+        moved = new * (d + cfg["rope"] + cfg["rope"]) * 4 + new * 8 + d * wb + written
         return moved + (2 * (rows - new) * c * cb if cfg["append"] else 0)
     if cfg["op"] == "embed":
         return rows * d * (wb + 4) + rows * 8
@@ -643,6 +698,20 @@ def self_test():
     cache = inputs["cache"].clone()
     cache[torch.arange(3), inputs["positions"]] = want.to(torch.bfloat16)
     assert check(lat16, {**inputs, "cache": cache}, {}) == []
+    lat8 = parse("rows_latent_bf16_d512_r64_t64_eps1em6_il_writefp8")
+    assert lat8["fp8_cache"] and not lat8["bf16_cache"] and fp8_row_bytes(512, 64) == (512, 528, 656)
+    inputs = problem(lat8, 3, "cpu")
+    assert inputs["cache"].shape == (3, SLOTS, 656) and inputs["cache"].dtype == torch.uint8
+    want = latent_reference(lat8, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
+    cache = inputs["cache"].clone()
+    cache[torch.arange(3), inputs["positions"]] = fp8_pack_reference(512, 64, want)
+    assert check(lat8, {**inputs, "cache": cache}, {}) == []
+    bad = cache.clone()
+    bad[1, inputs["positions"][1], 5] ^= 0x08  # one e4m3 byte off by a factor of 2
+    assert check(lat8, {**inputs, "cache": bad}, {}), "a wrong fp8 byte is caught"
+    bad = cache.clone()
+    bad[0, inputs["positions"][0], 512] += 1  # group 0's scale no longer a power of two
+    assert check(lat8, {**inputs, "cache": bad}, {}), "a wrong fp8 scale is caught"
     sr = parse("rows_splitrope_h4_n8_r6_t32_il")
     inputs = problem(sr, 3, "cpu")
     heads = inputs["y"].view(3, 4, 14)

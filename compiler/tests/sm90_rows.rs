@@ -204,10 +204,14 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
                 assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), quantize, "{name}");
             }
-            RowOp::Latent { .. } => {
-                let phases = 2 + k.threads.trailing_zeros() as usize;
+            RowOp::Latent { cache, .. } => {
+                // The norm's phases; the fp8 row's quantization adds three (|max| parts, scales,
+                // bytes).
+                let fp8 = cache == CacheRows::Fp8;
+                let phases = 2 + k.threads.trailing_zeros() as usize + if fp8 { 3 } else { 0 };
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");
                 assert!(kernel.ptx.contains("sqrt.rn.f32"), "{name}: sqrt");
+                assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), fp8, "{name}");
             }
             RowOp::Train(op) => {
                 let tree = k.threads.trailing_zeros() as usize;
