@@ -431,7 +431,7 @@ fn a_bf16_checkpoint_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_log
 /// continuation after cached rows (T < S).
 #[test]
 fn tensor_core_prefill_attention_emulated_follows_the_cpu_backend() {
-    let err = check_tensor_core_prefill(true, 3e-2);
+    let err = check_tensor_core_prefill(true, false, 3e-2);
     let launches =
         "compile: attention_quantize_0 -> 6 launches: rows_quantize_bf16_d128_t32 -> GEMM N 512 K 128 (prefill ";
     let rest =
@@ -440,11 +440,23 @@ fn tensor_core_prefill_attention_emulated_follows_the_cpu_backend() {
     assert!(err.contains(launches) && err.contains(rest), "{err}");
 }
 
+/// The same over fp8 cache rows (`--kv-cache fp8`): the new rows quantized into them by the latent
+/// row, their e4m3 latent and power-of-two scales copied out as kv_b's GEMM operand as they are
+/// (no quantization of their own), the keys' rope part their bf16 — within e4m3's rounding of the
+/// CPU backend's f32 attention, argmax-equal.
+#[test]
+fn fp8_cache_prefill_emulated_follows_the_cpu_backend() {
+    let err = check_tensor_core_prefill(true, true, 5e-2);
+    let launches = "compile: attention_quantize_0 -> 6 launches: rows_fp8latent_d128_t32 -> GEMM N 512 K 128 (prefill ";
+    let rest = "rows_mlakeys_h2_n128_r64_v128_kv128_t32_bf16_c8 -> rows_mlaqueries_h2_n128_r64_t64";
+    assert!(err.contains(launches) && err.contains(rest) && err.contains("_appendfp8"), "{err}");
+}
+
 /// The f32 graph's (a bf16 checkpoint): kv_b's up-projection of the latent as hi + lo bf16 GEMMs,
 /// the attention's output rows in f32 — within bf16's rounding of q, k, v and P.
 #[test]
 fn tensor_core_prefill_attention_of_the_f32_graph_follows_the_cpu_backend() {
-    let err = check_tensor_core_prefill(false, 3e-3);
+    let err = check_tensor_core_prefill(false, false, 3e-3);
     let launches = "compile: attention_0 -> 7 launches: rows_splitbf16_d128_t32 -> GEMM N 512 K 128 (prefill ";
     let rest = "mla_prefill_qk192_v128_s2 (2 heads, tensor cores) -> rows_mlaheadsout_h2_d256_t32_y";
     assert!(err.contains(launches) && err.contains(rest), "{err}");
@@ -505,17 +517,20 @@ fn with_default_artifact<R>(
 
 /// Compiles the small model (fp8 or bf16 weights) for sm_90a with the default prefill attention,
 /// emulates two prefill chunks, and holds their outputs within `tolerance` (of the largest value)
-/// of the CPU backend's, greedy tokens equal. Returns the compile's report.
-fn check_tensor_core_prefill(fp8: bool, tolerance: f32) -> String {
+/// of the CPU backend's, greedy tokens equal (`fp8_cache`: compiled with `--kv-cache fp8`).
+/// Returns the compile's report.
+fn check_tensor_core_prefill(fp8: bool, fp8_cache: bool, tolerance: f32) -> String {
     use std::collections::HashMap;
     use v3c_runtime::host::{HostBuffer, HostData};
-    with_default_artifact(fp8, &[], |emulator, program, config, err| {
+    let extra: &[&str] = if fp8_cache { &["--kv-cache", "fp8"] } else { &[] };
+    with_default_artifact(fp8, extra, |emulator, program, config, err| {
         let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
         let caches = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
         let wanted = ["logits", "mtp_logits", "kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
-        // The fp8 graph's caches are bf16 (compared widened), the f32 graph's f32.
+        // The fp8 graph's caches are bf16 (compared widened) or fp8 rows (read back dequantized),
+        // the f32 graph's f32.
         let compare = |what: &str, got: &HostBuffer, want: &HostBuffer| -> f32 {
-            let element = if fp8 && what.contains("kv_cache") { "bf16" } else { "f32" };
+            let element = if fp8 && !fp8_cache && what.contains("kv_cache") { "bf16" } else { "f32" };
             assert_eq!(got.element(), element, "{what}");
             let got = got.clone().into_f32();
             let (HostData::F32(g), HostData::F32(w)) = (&got.data, &want.data) else { panic!("{what}: not f32") };

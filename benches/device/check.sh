@@ -310,6 +310,16 @@ if [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"com
   else
     row "5. decode (v3r)" "FAILED" "see check.log"
   fi
+  # fp8 decode caches (--kv-cache fp8): the attention streams 656 bytes a cached row instead of 1152.
+  left=$((570 - SECONDS))
+  if [ -d "$slice/sm90fp8c" ] && [ "$left" -ge 180 ]; then
+    if timeout 60 "$v3r" bench-decode "$slice/sm90fp8c" --random-weights 1 --batch 1,64 --context 4096 --reps 10 \
+        --out "$out/decode_slice_fp8c.json" 2>&1 | tee -a "$log"; then
+      row "5. decode, fp8 caches (v3r)" "ok" "$(grep -o 'batch *64[^,]*' "$log" | tail -1)"
+    else
+      row "5. decode, fp8 caches (v3r)" "FAILED" "see check.log"
+    fi
+  fi
   left=$((570 - SECONDS))
   if [ "$left" -ge 120 ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
     timeout 120 python3 "$root/benches/device/hf_decode.py" --config "$slice/config/config.json" --points 1x4096,64x512 \

@@ -39,7 +39,7 @@ for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_
   rows_rmsnorm_bf16_d512_t32_eps1em6_y rows_latent_bf16_d512_r64_t64_eps1em6_il_write \
   rows_latent_bf16_d512_r64_t64_eps1em6_il_append rows_latent_f32_d512_r64_t64_eps1em6_write \
   rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16 rows_latent_bf16_d512_r64_t64_eps1em6_il_appendbf16 \
-  rows_latent_bf16_d512_r64_t64_eps1em6_il_writefp8 \
+  rows_latent_bf16_d512_r64_t64_eps1em6_il_writefp8 rows_latent_bf16_d512_r64_t64_eps1em6_il_appendfp8 \
   rows_splitrope_h128_n128_r64_t256_il rows_silumul_d18432_t256_q rows_silumul_d2048_t256_y \
   rows_copy_d7168_t256 rows_splitbf16_d7168_t256 rows_concat_d7168_b7168_t256 rows_argmax_d129280_t256 \
   rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256 rows_dispatch_e256_s1_t256 \
@@ -157,6 +157,9 @@ json.dump(c, open(sys.argv[2], "w"), indent=1)
 PY
 target/release/v3c compile --model .device/slice/config --target sm_90a --max-rows 64 --max-context 4096 \
   --out .device/slice/sm90 --force 2>/dev/null
+# The same with fp8 decode caches (656-byte rows instead of 1152).
+target/release/v3c compile --model .device/slice/config --target sm_90a --max-rows 64 --max-context 4096 \
+  --kv-cache fp8 --out .device/slice/sm90fp8c --force 2>/dev/null
 # Training benchmark: DeepSeek-V3's first two layers (both dense: first_k_dense_replace 2 here) at full
 # width, no MTP, as sm_90a training-step artifacts for windows of 256 tokens (the FP8 recipe and f32);
 # `v3r bench-train --random-weights` makes up the f32 masters on the GPU machine (12 GiB).

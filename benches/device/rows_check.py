@@ -13,9 +13,10 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
       cache [B, S, D + R] (written in place at each position), rope [positions, R] (cos | sin); grid B
   rows_latent_..._append: the same with cache [P, D + R], then out [P + T, D + R]; grid P + T
   rows_latent_..._writebf16 / _appendbf16: the same over bf16 caches (each new value rounded to nearest even)
-  rows_latent_..._writefp8: the decode write into fp8 rows, cache [B, S, row bytes] (u8): D e4m3 bytes, D / 128
-      power-of-two f32 scales (padded to 16 bytes), R bf16 (runtime/src/plan.rs, Fp8LatentRow: 656 bytes for
-      512 + 64); checked decoded, within one e4m3 step of the reference, scales the least powers of two that fit
+  rows_latent_..._writefp8 / _appendfp8: the same into fp8 rows, cache [B, S, row bytes] / [P, row bytes] (u8):
+      D e4m3 bytes, D / 128 power-of-two f32 scales (padded to 16 bytes), R bf16 (runtime/src/plan.rs,
+      Fp8LatentRow: 656 bytes for 512 + 64); checked decoded, within one e4m3 step of the reference, scales
+      the least powers of two that fit (appended: the cached rows' bytes unchanged)
   rows_splitrope_h<H>_n<N>_r<R>_t<T>[_il]: y [rows, H (N + R)], positions [rows], rope [positions, R],
       q_nope [rows, H, N], q_pe [rows, H, R]
   rows_silumul_d<D>_t<T>_(q|y): x [rows, 2D] (gate | up), then y [rows, D] or q, scale as above
@@ -353,7 +354,9 @@ def problem(cfg, rows, device, seed=0):
             p["cache"] = torch.randn(new, SLOTS, c, generator=gen)
         if cfg["bf16_cache"]:
             p["cache"] = p["cache"].to(torch.bfloat16)
-        if cfg["fp8_cache"]:
+        if cfg["fp8_cache"] and cfg["append"]:
+            p["cache"] = fp8_pack_reference(d, cfg["rope"], p["cache"])
+        elif cfg["fp8_cache"]:
             row = fp8_row_bytes(d, cfg["rope"])[2]
             p["cache"] = torch.randint(0, 256, (new, SLOTS, row), generator=gen, dtype=torch.uint8)
         return {k: v.to(device) for k, v in p.items()}
@@ -399,7 +402,9 @@ def outputs(cfg, rows, device):
         out["q_pe"] = torch.full((rows, h, cfg["rope"]), float("nan"), device=device)
         return out
     if cfg["op"] == "latent":
-        if cfg["append"]:
+        if cfg["append"] and cfg["fp8_cache"]:
+            out["out"] = torch.full((rows, fp8_row_bytes(d, cfg["rope"])[2]), 0xA5, dtype=torch.uint8, device=device)
+        elif cfg["append"]:
             element = torch.bfloat16 if cfg["bf16_cache"] else torch.float32
             out["out"] = torch.full((rows, d + cfg["rope"]), float("nan"), dtype=element, device=device)
         return out
@@ -501,25 +506,24 @@ def check(cfg, inputs, outs):
     if cfg["op"] == "latent":
         want = latent_reference(cfg, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
         if cfg["append"]:
-            got = outs["out"].double()
             cached = inputs["cache"].shape[0]
             if not torch.equal(outs["out"][:cached], inputs["cache"]):
                 errors.append("the cached rows are not copied unchanged")
-            got = got[cached:]
+            got = outs["out"][cached:]
         else:
             # The kernel writes the cache in place: `check` sees it after the launch.
             b = torch.arange(want.shape[0], device=want.device)
             got = inputs["cache"][b, inputs["positions"]]
-            if cfg["fp8_cache"]:
-                d, g = cfg["d"], cfg["d"] // GROUP
-                got, s = fp8_rows_decoded(d, cfg["rope"], got)
-                amax = want[:, :d].abs().view(-1, g, GROUP).amax(dim=2).clamp(min=1e-4)
-                pow2 = torch.frexp(s)[0] == 0.5
-                fits = (amax <= E4M3_MAX * s * (1 + 1e-5)) & (amax > E4M3_MAX / 2 * s * (1 - 1e-5))
-                if not bool((pow2 & fits).all()):
-                    errors.append(f"fp8 scales: {(~(pow2 & fits)).sum().item()} of {s.numel()} not the least power "
-                                  "of two that fits")
-            got = got.double()
+        if cfg["fp8_cache"]:
+            d, g = cfg["d"], cfg["d"] // GROUP
+            got, s = fp8_rows_decoded(d, cfg["rope"], got)
+            amax = want[:, :d].abs().view(-1, g, GROUP).amax(dim=2).clamp(min=1e-4)
+            pow2 = torch.frexp(s)[0] == 0.5
+            fits = (amax <= E4M3_MAX * s * (1 + 1e-5)) & (amax > E4M3_MAX / 2 * s * (1 - 1e-5))
+            if not bool((pow2 & fits).all()):
+                errors.append(f"fp8 scales: {(~(pow2 & fits)).sum().item()} of {s.numel()} not the least power "
+                              "of two that fits")
+        got = got.double()
         # fma contraction on the GPU may round the rope's products once: 1e-5 relative, 1e-6 absolute
         # (bf16 caches: then rounded to nearest even, the f32 difference may cross a tie: 2^-8; fp8
         # rows: the latent within one e4m3 step, 2^-3, of the reference, the rope key as bf16's).
@@ -712,6 +716,15 @@ def self_test():
     bad = cache.clone()
     bad[0, inputs["positions"][0], 512] += 1  # group 0's scale no longer a power of two
     assert check(lat8, {**inputs, "cache": bad}, {}), "a wrong fp8 scale is caught"
+    app8 = parse("rows_latent_bf16_d512_r64_t64_eps1em6_il_appendfp8")
+    inputs = problem(app8, 6, "cpu")
+    assert inputs["cache"].shape == (3, 656) and inputs["cache"].dtype == torch.uint8
+    assert outputs(app8, 6, "cpu")["out"].shape == (6, 656)
+    want = latent_reference(app8, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
+    out8 = torch.cat([inputs["cache"], fp8_pack_reference(512, 64, want)])
+    assert check(app8, inputs, {"out": out8}) == []
+    out8[1, 7] ^= 1
+    assert check(app8, inputs, {"out": out8}), "a changed cached row is caught"
     sr = parse("rows_splitrope_h4_n8_r6_t32_il")
     inputs = problem(sr, 3, "cpu")
     heads = inputs["y"].view(3, 4, 14)

@@ -382,9 +382,9 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
             // The default lowering's: attention on the tensor cores where it applies (over bf16
             // caches, which the latent rows store, where every attention kernel of its kind is).
             let defaults = sm90::AttentionKernels::default();
-            let bf16_caches = sm90::Bf16Caches::of(&module, defaults);
-            let attention = sm90::tensor_core_attention(&f, defaults, bf16_caches);
-            if let (Ok(row), None) = (sm90::row_launch(&f, bf16_caches), &attention) {
+            let caches = sm90::CacheFormats::of(&module, defaults);
+            let attention = sm90::tensor_core_attention(&f, defaults, caches);
+            if let (Ok(row), None) = (sm90::row_launch(&f, caches), &attention) {
                 let table = row.rope_table.as_ref().map_or(String::new(), |t| {
                     format!("; reads a RoPE table of {} columns (cos then sin, x{})", t.dim, t.attention_factor)
                 });
@@ -643,7 +643,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         sources.push((g.kernel.clone(), m, choice.source.clone()));
         choice.preferences
     };
-    if o.attention.fp8_cache && !sm90::Bf16Caches::of(&module, o.attention).decode_fp8 {
+    if o.attention.fp8_cache && sm90::CacheFormats::of(&module, o.attention).decode != sm90::rows::CacheRows::Fp8 {
         return Err(
             "--kv-cache fp8: the fp8 cache is read by the tensor-core decode attention, and this model's decode \
                     attention does not run there (--decode-attention rows, or heads the kernel does not take: the fp8 \
@@ -1042,7 +1042,7 @@ fn write_gpu_artifact(
         format_version: lw::LOWERING_FORMAT_VERSION,
         kernels: fused,
         argmax: argmax.map(|k| k.kernel_name()),
-        cache_rows_multiple: lowered.bf16_caches.decode.then_some(PAGE_ROWS),
+        cache_rows_multiple: lowered.caches.paged_decode().then_some(PAGE_ROWS),
     };
     let lowering_file = write(
         "lowering.json",
@@ -1052,7 +1052,7 @@ fn write_gpu_artifact(
     let sizes = match o.train {
         Some(_) => v3c_compiler::plan::PlanSizes { context: 0, ..o.sizes },
         // Decode caches in whole pages where they are bf16 pages.
-        None if lowered.bf16_caches.decode => {
+        None if lowered.caches.paged_decode() => {
             v3c_compiler::plan::PlanSizes { context: o.sizes.context.next_multiple_of(PAGE_ROWS), ..o.sizes }
         }
         None => o.sizes,
@@ -1073,9 +1073,11 @@ fn write_gpu_artifact(
         .chain(lowered.compound.iter().filter_map(|(name, steps, _)| {
             steps.steps.iter().find_map(|s| match &s.kernel {
                 StepKernel::MlaDecode(d) => Some((name.as_str(), if d.config.fp8_cache { fp8 } else { "bf16" })),
-                StepKernel::Row(k) => {
-                    matches!(k.op, RowOp::MlaKeys { bf16_cache: true, .. }).then_some((name.as_str(), "bf16"))
-                }
+                StepKernel::Row(k) => match k.op {
+                    RowOp::MlaKeys { cache: CacheRows::Bf16, .. } => Some((name.as_str(), "bf16")),
+                    RowOp::MlaKeys { cache: CacheRows::Fp8, .. } => Some((name.as_str(), fp8)),
+                    _ => None,
+                },
                 StepKernel::Gemm(_) | StepKernel::MlaPrefill(_) => None,
             })
         }))
@@ -1367,7 +1369,9 @@ fn model_gemms(
             };
             if let Ok(g) = lower::gemm_of_kernel(&f) {
                 gemms.push((g, runs));
-            } else if let Ok(steps) = lower::mla_prefill_steps(&f, false).or_else(|_| lower::steps_of_kernel(&f)) {
+            } else if let Ok(steps) = lower::mla_prefill_steps(&f, v3c_compiler::conversion::sm90::rows::CacheRows::F32)
+                .or_else(|_| lower::steps_of_kernel(&f))
+            {
                 // (The prefill attention's kv_b GEMM whichever --prefill-attention compile takes.)
                 gemms.extend(steps.steps.into_iter().filter_map(|s| match s.kernel {
                     lower::StepKernel::Gemm(g) => Some((g, runs.clone())),

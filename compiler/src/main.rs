@@ -234,12 +234,14 @@ struct CompileArgs {
     /// the kernel does not take stay on the row. Default: tensor-cores (GPU targets only).
     #[arg(long, value_enum, value_name = "WHERE")]
     decode_attention: Option<AttentionKernel>,
-    /// How decode's cache pages store a row on sm_90a (decode attention on the tensor cores):
-    /// `bf16` — the latent and the rope key in bf16 (1152 bytes for DeepSeek-V3's 576 columns) —
-    /// or `fp8`: FlashMLA's fp8 rows, the latent in e4m3 with one power-of-two scale per 128
-    /// columns, the rope key in bf16 (656 bytes: 43% less for the attention to read and for the
-    /// decode caches to hold). Prefill's caches stay bf16; sessions hand them to decode through
-    /// the host (quantized once: the host's copies of fp8 rows quantize back to the same bytes).
+    /// How the caches the tensor-core attention reads store a row on sm_90a: `bf16` — the latent
+    /// and the rope key in bf16 (1152 bytes for DeepSeek-V3's 576 columns) — or `fp8`: FlashMLA's
+    /// fp8 rows, the latent in e4m3 with one power-of-two scale per 128 columns, the rope key in
+    /// bf16 (656 bytes: 43% less for the attention to read, the caches to hold and sessions to
+    /// move). Decode's pages (decode attention on the tensor cores), and prefill's caches where
+    /// prefill attention runs there in the fp8 graph (its kv_b GEMM then reads the rows' e4m3
+    /// latent and scales as they are); other caches stay f32. Sessions keep caches in f32 on the
+    /// host: fp8 rows dequantize and quantize back to the same bytes (power-of-two scales).
     /// Default: bf16.
     #[arg(long, value_enum, value_name = "FORMAT")]
     kv_cache: Option<KvCache>,

@@ -407,7 +407,8 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     assert_eq!(row("mla_latent_0").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_appendbf16"));
     // Decode's latent row stores the bf16 pages the tensor-core decode attention reads in place.
     assert_eq!(row("mla_latent_1").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16"));
-    assert_eq!(lowered.bf16_caches, sm90::Bf16Caches { prefill: true, decode: true, decode_fp8: false });
+    use sm90::rows::CacheRows;
+    assert_eq!(lowered.caches, sm90::CacheFormats { prefill: CacheRows::Bf16, decode: CacheRows::Bf16 });
     let (_, latent) = lowered.rows.iter().find(|(k, _)| k == "mla_latent_1").unwrap();
     let table = latent.rope_table.as_ref().expect("the latent row reads a RoPE table");
     assert_eq!((table.dim, table.inv_freq.len(), table.inv_freq[0]), (64, 32, 1.0));

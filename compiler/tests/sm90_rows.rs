@@ -48,8 +48,15 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::SplitBf16T, 7168, "f32"),
         RowKernel::new(RowOp::Concat { second: 7168 }, 7168, "f32"),
         RowKernel::new(RowOp::MlaCombine, 512, "f32"),
-        RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128, bf16_cache: false }, 512, "f32"),
-        RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128, bf16_cache: true }, 512, "bf16"),
+        RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128, cache: CacheRows::F32 }, 512, "f32"),
+        RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128, cache: CacheRows::Bf16 }, 512, "bf16"),
+        RowKernel::new(RowOp::MlaKeys { heads: 128, nope: 128, rope: 64, v: 128, cache: CacheRows::Fp8 }, 512, "bf16"),
+        RowKernel::new(RowOp::Fp8Latent, 512, "f32"),
+        RowKernel::new(
+            RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: true, cache: CacheRows::Fp8 },
+            512,
+            "bf16",
+        ),
         RowKernel::new(RowOp::Train(TrainRow::Quantize), 512, "bf16"),
         RowKernel::new(
             RowOp::Latent { eps: 1e-6, rope: 64, interleave: true, append: true, cache: CacheRows::Bf16 },
@@ -165,6 +172,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             | RowOp::Concat { .. }
             | RowOp::MlaKeys { .. }
             | RowOp::MlaTable
+            | RowOp::Fp8Latent
             | RowOp::MlaQueries { .. } => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase")
             }

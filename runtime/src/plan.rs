@@ -360,6 +360,17 @@ mod tests {
         let mut again = vec![0u8; 656];
         row.pack(&back, &mut again);
         assert_eq!(bytes, again);
+        // Host buffers to the plan's bytes and back: [B, S, C] rows; rows of no fp8 layout refused.
+        use crate::host::{HostBuffer, HostData};
+        let cache = HostBuffer { shape: vec![1, 2, 576], data: HostData::F32([values.clone(), back].concat()) };
+        let packed = crate::gpu::plan_bytes(&cache, LATENT_FP8).unwrap();
+        assert_eq!(packed.len() as u64, tensor_bytes(&cache.shape, LATENT_FP8).unwrap());
+        let host = crate::gpu::host_buffer(&packed, cache.shape.clone(), LATENT_FP8).unwrap();
+        assert_eq!(crate::gpu::plan_bytes(&host, LATENT_FP8).unwrap(), packed);
+        let narrow = HostBuffer { shape: vec![1, 100], data: HostData::F32(vec![0.0; 100]) };
+        let err = crate::gpu::plan_bytes(&narrow, LATENT_FP8).unwrap_err();
+        assert!(err.contains("fp8 cache rows of 100 columns"), "{err}");
+        assert!(crate::gpu::host_buffer(&[0; 100], vec![1, 100], LATENT_FP8).is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::{RegionLike, ValueLike};
 
 use super::gemm::{GemmInput, GemmOutput};
-use super::rows::{RowKernel, RowOp};
+use super::rows::{CacheRows, RowKernel, RowOp};
 use crate::verify::Shape;
 pub use v3c_runtime::lowering::{RunCols, TempDim};
 
@@ -1357,19 +1357,23 @@ pub(super) fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), St
 /// Numerics: (fp8) the latent in e4m3 for the up-projection, then q, k, v and P in bf16 (the
 /// CUDA-core row, [`RowOp::MlaDecode`], keeps the reference's f32 instead). `Err`: not this
 /// kernel, or shapes the templates do not take (head widths not multiples of 64, values over 256;
-/// fp8: a latent or value heads not multiples of 128). `bf16_cache` (fp8 graph): the cache is
-/// bf16 (the latent quantized from it, its rope key copied as it is).
-pub fn mla_prefill_steps(kernel: &OperationRef, bf16_cache: bool) -> Result<Steps, String> {
+/// fp8: a latent or value heads not multiples of 128). `cache_rows` (fp8 graph: bf16 or fp8 rows
+/// as well as f32): how the cache stores rows — bf16: the latent quantized from it, its rope key
+/// copied as it is; fp8 rows: their e4m3 latent and power-of-two scales copied out as the GEMM's
+/// 1x128 operand (`rows_fp8latent`), the rope key's bf16 as it is.
+pub fn mla_prefill_steps(kernel: &OperationRef, cache_rows: CacheRows) -> Result<Steps, String> {
     let launch = row_of_kernel(kernel)?;
     let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: true, .. } = launch.kernel.op else {
         return Err("not a prefill attention".into());
     };
     let fp8 = launch.kernel.weight == "f8E4M3FN";
-    if bf16_cache && !fp8 {
-        return Err("the f32 graph's prefill attention over a bf16 cache (its caches stay f32)".into());
+    if cache_rows != CacheRows::F32 && !fp8 {
+        return Err("the f32 graph's prefill attention over bf16 or fp8 caches (its caches stay f32)".into());
     }
-    let cache_element = if bf16_cache { "bf16" } else { "f32" };
     let kv = launch.kernel.d;
+    if cache_rows == CacheRows::Fp8 && v3c_runtime::plan::Fp8LatentRow::of(kv + rope).is_none_or(|r| r.latent != kv) {
+        return Err(format!("fp8 cache rows of {kv} + {rope} (a rope key of 64)"));
+    }
     let config = super::mla::MlaPrefillConfig { qk: nope + rope, v, stages: 2 };
     config.validate(&crate::target::SM90A)?;
     let group = super::rows::GROUP;
@@ -1404,8 +1408,13 @@ pub fn mla_prefill_steps(kernel: &OperationRef, bf16_cache: bool) -> Result<Step
         Steps {
             temps: vec![Temp::per_row_of(cache, 1, kv, "f8E4M3FN"), Temp::per_row_of(cache, 1, kv / group, "f32")],
             steps: vec![
+                // The cache's latent quantized 1x128 (fp8 rows: already, their bytes and scales
+                // copied out).
                 step(
-                    StepKernel::Row(RowKernel::new(RowOp::Train(super::rows::TrainRow::Quantize), kv, cache_element)),
+                    StepKernel::Row(match cache_rows {
+                        CacheRows::Fp8 => RowKernel::new(RowOp::Fp8Latent, kv, "f32"),
+                        rows => RowKernel::new(RowOp::Train(super::rows::TrainRow::Quantize), kv, rows.element()),
+                    }),
                     vec![Arg(cache), T(0), T(1)],
                 ),
                 step(StepKernel::Gemm(g), vec![T(0), T(1), Arg(kv_b), Arg(kv_b + 1), T(2)]),
@@ -1430,7 +1439,7 @@ pub fn mla_prefill_steps(kernel: &OperationRef, bf16_cache: bool) -> Result<Step
     let out = if fp8 { vec![T(6), Out(0), Out(1)] } else { vec![T(6), Out(0)] };
     steps.steps.extend([
         step(
-            StepKernel::Row(RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, bf16_cache }, kv, projected)),
+            StepKernel::Row(RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, cache: cache_rows }, kv, projected)),
             vec![T(2), Arg(cache), T(3), T(4)],
         ),
         step(row(RowOp::MlaQueries { heads, nope, rope }, heads * (nope + rope)), vec![Arg(q_nope), Arg(q_pe), T(5)]),

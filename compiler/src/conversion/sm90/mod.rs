@@ -202,28 +202,35 @@ pub enum AttentionKernel {
 pub struct AttentionKernels {
     pub prefill: AttentionKernel,
     pub decode: AttentionKernel,
-    /// Decode's cache pages hold rows of the latent in e4m3 (`--kv-cache fp8`:
-    /// [`v3c_runtime::plan::LATENT_FP8`], FlashMLA's 656-byte rows) rather than bf16.
+    /// The caches the tensor-core attention reads are rows of the latent in e4m3 (`--kv-cache
+    /// fp8`: [`v3c_runtime::plan::LATENT_FP8`], FlashMLA's 656-byte rows) rather than bf16.
     pub fp8_cache: bool,
 }
 
-/// Which entries' caches are bf16 (the tensor-core attention's): prefill's (and the MTP draft's)
-/// where every prefill attention of the module runs on the tensor cores over a bf16 cache (the fp8
-/// graph), decode's (as 64-row pages) where every decode attention does. A module whose kernels
-/// would mix them with the f32 rows keeps f32 caches and the rows for that kind.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Bf16Caches {
-    pub prefill: bool,
-    pub decode: bool,
-    /// Decode's pages are fp8 rows ([`v3c_runtime::plan::LATENT_FP8`]) instead of bf16.
-    pub decode_fp8: bool,
+/// How each kind of entry's caches store rows ([`rows::CacheRows`]): bf16 — or fp8 rows with
+/// [`AttentionKernels::fp8_cache`] — where every attention of that kind in the module runs on the
+/// tensor cores over them (prefill's, and the MTP draft's: the fp8 graph's; decode's as 64-row
+/// pages), f32 otherwise. A module whose kernels would mix them with the f32 rows keeps f32 caches
+/// and the rows for that kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheFormats {
+    pub prefill: rows::CacheRows,
+    pub decode: rows::CacheRows,
 }
 
-impl Bf16Caches {
+impl Default for CacheFormats {
+    fn default() -> CacheFormats {
+        CacheFormats { prefill: rows::CacheRows::F32, decode: rows::CacheRows::F32 }
+    }
+}
+
+impl CacheFormats {
     /// The caches `module`'s attention kernels take with `attention`'s choices.
-    pub fn of(module: &Module, attention: AttentionKernels) -> Bf16Caches {
-        // Per kind (prefill, decode): attention kernels, and those the tensor cores take.
-        let mut counts = [(0, 0); 2];
+    pub fn of(module: &Module, attention: AttentionKernels) -> CacheFormats {
+        use rows::CacheRows::{Bf16, Fp8, F32};
+        // Per kind (prefill, decode): attention kernels, those the tensor cores take over bf16
+        // caches, and over fp8 rows.
+        let mut counts = [(0, 0, 0); 2];
         let mut op = module.body().first_operation();
         while let Some(f) = op {
             op = f.next_in_block();
@@ -232,30 +239,33 @@ impl Bf16Caches {
             }
             let Ok(row) = lower::row_of_kernel(&f) else { continue };
             let rows::RowOp::MlaDecode { prefill, .. } = row.kernel.op else { continue };
-            let tensor_cores = match prefill {
-                true => lower::mla_prefill_steps(&f, true).is_ok(),
-                false => lower::mla_decode_steps(&f, attention.fp8_cache).is_ok(),
+            let takes = |cache| match prefill {
+                true => lower::mla_prefill_steps(&f, cache).is_ok(),
+                false => lower::mla_decode_steps(&f, cache == Fp8).is_ok(),
             };
             let count = &mut counts[usize::from(!prefill)];
-            *count = (count.0 + 1, count.1 + usize::from(tensor_cores));
+            *count = (count.0 + 1, count.1 + usize::from(takes(Bf16)), count.2 + usize::from(takes(Fp8)));
         }
-        let all = |(n, tc): (usize, usize), kernel| kernel == AttentionKernel::TensorCores && n > 0 && tc == n;
-        let decode = all(counts[1], attention.decode);
-        Bf16Caches { prefill: all(counts[0], attention.prefill), decode, decode_fp8: decode && attention.fp8_cache }
+        let format = |(n, bf16, fp8): (usize, usize, usize), kernel| match kernel == AttentionKernel::TensorCores {
+            true if n > 0 && attention.fp8_cache && fp8 == n => Fp8,
+            true if n > 0 && bf16 == n => Bf16,
+            _ => F32,
+        };
+        CacheFormats { prefill: format(counts[0], attention.prefill), decode: format(counts[1], attention.decode) }
+    }
+
+    /// Decode's caches are pages the tensor-core attention reads in place.
+    pub fn paged_decode(&self) -> bool {
+        self.decode != rows::CacheRows::F32
     }
 }
 
-/// Kernel `f`'s row launch (`Err`: not a row kernel), the latent rows storing bf16 where the
-/// caches are ([`Bf16Caches`]).
-pub fn row_launch(f: &OperationRef, caches: Bf16Caches) -> Result<lower::RowLaunch, String> {
+/// Kernel `f`'s row launch (`Err`: not a row kernel), the latent rows storing rows as the caches
+/// do ([`CacheFormats`]).
+pub fn row_launch(f: &OperationRef, caches: CacheFormats) -> Result<lower::RowLaunch, String> {
     let mut launch = lower::row_of_kernel(f)?;
     if let rows::RowOp::Latent { append, ref mut cache, .. } = launch.kernel.op {
-        *cache = match (append, caches) {
-            (true, Bf16Caches { prefill: true, .. }) => rows::CacheRows::Bf16,
-            (false, Bf16Caches { decode_fp8: true, .. }) => rows::CacheRows::Fp8,
-            (false, Bf16Caches { decode: true, .. }) => rows::CacheRows::Bf16,
-            _ => rows::CacheRows::F32,
-        };
+        *cache = if append { caches.prefill } else { caches.decode };
     }
     Ok(launch)
 }
@@ -264,11 +274,12 @@ pub fn row_launch(f: &OperationRef, caches: Bf16Caches) -> Result<lower::RowLaun
 pub fn tensor_core_attention(
     f: &OperationRef,
     attention: AttentionKernels,
-    caches: Bf16Caches,
+    caches: CacheFormats,
 ) -> Option<lower::Steps> {
     let prefill = attention.prefill == AttentionKernel::TensorCores;
     let steps = prefill.then(|| lower::mla_prefill_steps(f, caches.prefill).ok()).flatten();
-    steps.or_else(|| caches.decode.then(|| lower::mla_decode_steps(f, caches.decode_fp8).ok()).flatten())
+    let fp8 = caches.decode == rows::CacheRows::Fp8;
+    steps.or_else(|| caches.paged_decode().then(|| lower::mla_decode_steps(f, fp8).ok()).flatten())
 }
 
 /// Per fused kernel of a module, the regimes its GEMMs run in: [a decode entry calls it, another
@@ -302,9 +313,9 @@ pub fn regimes(module: &Module) -> Regimes {
 /// The sm_90a lowering of a `fused`-stage module (the kernels of every entry point).
 #[derive(Debug, Default)]
 pub struct ModelKernels {
-    /// Whose caches are bf16 ([`Bf16Caches`]): the plan's entries calling kernels that read or
-    /// write them are to say so.
-    pub bf16_caches: Bf16Caches,
+    /// How the caches store rows ([`CacheFormats`]): the plan's entries calling kernels that read
+    /// or write them are to say so.
+    pub caches: CacheFormats,
     /// Per fused kernel mapped onto the GEMM template: its GEMM and its [decode, prefill] kernels.
     pub gemms: Vec<(lower::GemmKernel, [String; 2])>,
     /// The distinct template kernels, compiled (and assembled when ptxas was given).
@@ -426,9 +437,9 @@ pub fn compile_model(
     choose: &mut dyn FnMut(&lower::GemmKernel, usize) -> Vec<gemm::GemmConfig>,
     mut progress: impl FnMut(&str),
 ) -> Result<ModelKernels, Sm90Error> {
-    let bf16_caches = Bf16Caches::of(module, attention);
+    let caches = CacheFormats::of(module, attention);
     let regimes = regimes(module);
-    let mut out = ModelKernels { bf16_caches, ..ModelKernels::default() };
+    let mut out = ModelKernels { caches, ..ModelKernels::default() };
     let mut op = module.body().first_operation();
     while let Some(f) = op {
         op = f.next_in_block();
@@ -436,8 +447,8 @@ pub fn compile_model(
             continue;
         }
         let fused = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
-        let tensor_core_attention = tensor_core_attention(&f, attention, bf16_caches);
-        let row = row_launch(&f, bf16_caches);
+        let tensor_core_attention = tensor_core_attention(&f, attention, caches);
+        let row = row_launch(&f, caches);
         if let (Ok(launch), None) = (&row, &tensor_core_attention) {
             let launch = launch.clone();
             out.row_kernel(context, &launch.kernel, target, ptxas, &mut progress)?;

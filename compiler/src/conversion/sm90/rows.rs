@@ -87,8 +87,8 @@ pub enum RowOp {
     /// Positions outside the table (or the cache) leave the row unwritten: the runtime rejects
     /// them before launching, as the CPU backend does. `cache`: how the caches store rows — f32,
     /// bf16 (the tensor-core attention's: each new value rounded to nearest even as stored), or
-    /// (decode only) fp8: the row's bytes as [`v3c_runtime::plan::Fp8LatentRow`] lays them out, the
-    /// normalized latent quantized per 128 columns with power-of-two scales.
+    /// fp8: the row's bytes as [`v3c_runtime::plan::Fp8LatentRow`] lays them out, the normalized
+    /// latent quantized per 128 columns with power-of-two scales (prefill's old rows copied as bytes).
     Latent { eps: f32, rope: usize, interleave: bool, append: bool, cache: CacheRows },
     /// MLA's query heads out of the q_b GEMM: `y [rows, heads * (nope + rope)]` split per head into
     /// `q_nope [rows, heads, nope]` and `q_pe [rows, heads, rope]`, RoPE applied to q_pe at the
@@ -144,9 +144,13 @@ pub enum RowOp {
     /// writes head h's key row `k[h * S + s] = bf16([kv[s, h, :nope] | cache[s, d .. d + rope]])`
     /// and value row `vv[h * S + s] = bf16(kv[s, h, nope..])` — head-major, the layout
     /// `mla_prefill_*` reads (bf16 by round to nearest even). `d` is the latent width: a cache row
-    /// is the latent, then the rope key every head shares. `bf16_cache`: the cache is bf16 (its
-    /// rope key copied as it is).
-    MlaKeys { heads: usize, nope: usize, rope: usize, v: usize, bf16_cache: bool },
+    /// is the latent, then the rope key every head shares. `cache`: how the cache stores rows (bf16
+    /// or fp8 rows: the rope key's bf16 copied as it is).
+    MlaKeys { heads: usize, nope: usize, rope: usize, v: usize, cache: CacheRows },
+    /// The e4m3 latent and the scales of fp8 cache rows `cache [S, row bytes]` (d the latent's
+    /// columns) as the 1x128 operand kv_b's fp8 GEMM reads: `q [S, d]` (e4m3 bytes) and `scale [S,
+    /// d / 128]` — the rows' power-of-two scales are 1x128 activation scales as they are.
+    Fp8Latent,
     /// Its queries: `q[h * T + t] = bf16([q_nope[t, h] | q_pe[t, h]])` (`d` = heads * (nope + rope)).
     MlaQueries { heads: usize, nope: usize, rope: usize },
     /// The prefill kernel's head-major output `o [heads * T, d / heads]` (f32) back to token rows:
@@ -237,13 +241,18 @@ impl RowKernel {
             RowOp::SiluMul { quantize } => format!("rows_silumul_d{d}_t{t}{}", if quantize { "_q" } else { "_y" }),
             RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
             RowOp::MlaCombine => format!("rows_mlacombine_d{d}_t{t}"),
-            RowOp::MlaKeys { heads, nope, rope, v, bf16_cache } => {
+            RowOp::MlaKeys { heads, nope, rope, v, cache } => {
                 format!(
                     "rows_mlakeys_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_t{t}{}{}",
                     if w == "bf16" { "_bf16" } else { "" },
-                    if bf16_cache { "_c16" } else { "" }
+                    match cache {
+                        CacheRows::F32 => "",
+                        CacheRows::Bf16 => "_c16",
+                        CacheRows::Fp8 => "_c8",
+                    }
                 )
             }
+            RowOp::Fp8Latent => format!("rows_fp8latent_d{d}_t{t}"),
             RowOp::MlaQueries { heads, nope, rope } => format!("rows_mlaqueries_h{heads}_n{nope}_r{rope}_t{t}"),
             RowOp::MlaAbsorb { heads, nope, rope, v, tokens } => {
                 let f32_graph = if w == "bf16" { "_bf16" } else { "" };
@@ -362,11 +371,17 @@ impl RowKernel {
                 })
             }
             ("mlakeys", [h, n, r, v, kv, t, rest @ ..]) => {
-                let (source, bf16_cache) = match rest {
-                    [] => ("f32", false),
-                    ["bf16"] => ("bf16", false),
-                    ["c16"] => ("f32", true),
-                    ["bf16", "c16"] => ("bf16", true),
+                let (source, cache) = match rest {
+                    [] => ("f32", "f32"),
+                    ["bf16"] => ("bf16", "f32"),
+                    [c] => ("f32", *c),
+                    ["bf16", c] => ("bf16", *c),
+                    _ => return None,
+                };
+                let cache = match cache {
+                    "f32" => CacheRows::F32,
+                    "c16" => CacheRows::Bf16,
+                    "c8" => CacheRows::Fp8,
                     _ => return None,
                 };
                 let op = RowOp::MlaKeys {
@@ -374,7 +389,7 @@ impl RowKernel {
                     nope: number(n, 'n')?,
                     rope: number(r, 'r')?,
                     v: number(v, 'v')?,
-                    bf16_cache,
+                    cache,
                 };
                 Some(RowKernel {
                     op,
@@ -412,6 +427,12 @@ impl RowKernel {
                     threads: number(t, 't')?,
                 })
             }
+            ("fp8latent", [d, t]) => Some(RowKernel {
+                op: RowOp::Fp8Latent,
+                d: number(d, 'd')?,
+                weight: "f32".into(),
+                threads: number(t, 't')?,
+            }),
             ("mlatable", [t]) => {
                 Some(RowKernel { op: RowOp::MlaTable, d: PAGE_ROWS, weight: "f32".into(), threads: number(t, 't')? })
             }
@@ -548,9 +569,14 @@ impl RowKernel {
                 args.extend(self.head_outputs());
                 args
             }
-            RowOp::MlaKeys { bf16_cache, .. } => vec![
+            RowOp::Fp8Latent => vec![
+                ("cache", "memref<?x?xi8>".into()),
+                ("q", "memref<?x?xi8>".into()),
+                ("scale", "memref<?x?xf32>".into()),
+            ],
+            RowOp::MlaKeys { cache, .. } => vec![
                 ("kv", format!("memref<?x?x{w}>")),
-                ("cache", format!("memref<?x?x{}>", if bf16_cache { "bf16" } else { "f32" })),
+                ("cache", format!("memref<?x?x{}>", cache.element())),
                 ("k", "memref<?x?xbf16>".into()),
                 ("vv", "memref<?x?xbf16>".into()),
             ],
@@ -676,6 +702,7 @@ impl RowKernel {
             RowOp::Concat { .. } => "x1",
             RowOp::MlaCombine => "out",
             RowOp::MlaKeys { .. } => "kv",
+            RowOp::Fp8Latent => "cache",
             RowOp::MlaQueries { .. } | RowOp::MlaAbsorb { .. } => "q_nope",
             RowOp::MlaUpV { .. } if self.weight == "bf16" => "out",
             RowOp::MlaUpV { .. } => "q",
@@ -739,6 +766,7 @@ impl RowKernel {
             | RowOp::MlaKeys { .. }
             | RowOp::MlaQueries { .. }
             | RowOp::MlaTable
+            | RowOp::Fp8Latent
             | RowOp::MlaCombine => Vec::new(),
             RowOp::MlaAbsorb { nope, tokens, .. } => vec![("sh_qn", tokens * nope)],
             RowOp::MlaUpV { v, tokens, .. } => {
@@ -805,12 +833,25 @@ impl RowKernel {
                 return Err(format!("{name}: a rope width of {rope} (a positive even number)"));
             }
         }
-        if let RowOp::Latent { rope, append, cache: CacheRows::Fp8, .. } = self.op {
-            let row = v3c_runtime::plan::Fp8LatentRow::of(self.d + rope).filter(|r| r.latent == self.d);
-            if append || row.is_none() {
+        let fp8_rows = match self.op {
+            RowOp::Fp8Latent => Some(v3c_runtime::plan::Fp8LatentRow::ROPE),
+            RowOp::MlaKeys { cache: CacheRows::Fp8, rope, .. } => Some(rope),
+            _ => None,
+        };
+        if let Some(rope) = fp8_rows {
+            if !self.d.is_multiple_of(GROUP) || rope != v3c_runtime::plan::Fp8LatentRow::ROPE {
                 return Err(format!(
-                    "{name}: an fp8 cache is written by decode, rows of a latent of whole 128-column groups and a \
-                     rope key of {}",
+                    "{name}: fp8 cache rows of a latent of {} columns and a rope key of {rope}",
+                    self.d
+                ));
+            }
+        }
+        if let RowOp::Latent { rope, cache: CacheRows::Fp8, .. } = self.op {
+            let row = v3c_runtime::plan::Fp8LatentRow::of(self.d + rope).filter(|r| r.latent == self.d);
+            if row.is_none() {
+                return Err(format!(
+                    "{name}: fp8 cache rows of a latent of {} columns (whole 128-column groups) and a rope key of {}",
+                    self.d,
                     v3c_runtime::plan::Fp8LatentRow::ROPE
                 ));
             }
@@ -1452,13 +1493,29 @@ scf.if %last {
                     round("%rest", "%l")
                 )]
             }
-            RowOp::MlaKeys { heads, nope, rope, v, bf16_cache } => {
+            RowOp::MlaKeys { heads, nope, rope, v, cache } => {
                 // Per head: its nope key columns and value columns of the row (bf16 as they come,
-                // f32 rounded), the shared rope key.
+                // f32 rounded), the shared rope key (an fp8 row's: its two bytes).
                 let w = &self.weight;
+                let fp8_rope = v3c_runtime::plan::Fp8LatentRow { latent: self.d }.rope_offset();
                 let copy = |what: &str, from: &str, col: &str, to: &str| {
-                    let as_is = if from == "%kv" { w == "bf16" } else { bf16_cache };
-                    let load = if as_is {
+                    let as_is = if from == "%kv" { w == "bf16" } else { cache == CacheRows::Bf16 };
+                    let load = if from == "%cache" && cache == CacheRows::Fp8 {
+                        format!(
+                            "    %i2 = arith.muli %i, %cTwo : index
+    %lo_at = arith.addi %i2, %cRopeAt : index
+    %hi_at = arith.addi %lo_at, %c1 : index
+    %lo8 = memref.load %cache[%row, %lo_at] : memref<?x?xi8>
+    %hi8 = memref.load %cache[%row, %hi_at] : memref<?x?xi8>
+    %lo16 = arith.extui %lo8 : i8 to i16
+    %hi16a = arith.extui %hi8 : i8 to i16
+    %c8_i16 = arith.constant 8 : i16
+    %hi16 = arith.shli %hi16a, %c8_i16 : i16
+    %bits = arith.ori %lo16, %hi16 : i16
+    %b = arith.bitcast %bits : i16 to bf16
+"
+                        )
+                    } else if as_is {
                         format!("    %b = memref.load {from}[%row, %col] : memref<?x?xbf16>\n")
                     } else {
                         format!(
@@ -1487,6 +1544,8 @@ scf.if %last {
                 .replace("%val_dst", "%vv");
                 vec![format!(
                     "{BF16_CONSTANTS}%S = memref.dim %kv, %c0 : memref<?x?x{w}>
+%cTwo = arith.constant 2 : index
+%cRopeAt = arith.constant {fp8_rope} : index
 %cH = arith.constant {heads} : index
 %cPerHead = arith.constant {per_head} : index
 %nope_at = arith.constant 0 : index
@@ -1802,6 +1861,46 @@ scf.for %a = %tid to %cD step %cT {{
                     ),
                 ]
             }
+            RowOp::Fp8Latent => {
+                // The e4m3 bytes as they are; each scale's four bytes (little-endian) as its f32.
+                let row = v3c_runtime::plan::Fp8LatentRow { latent: self.d };
+                let bytes = (0..4)
+                    .map(|k| {
+                        format!(
+                            "  %b{k}_at = arith.addi %at, %c{k} : index
+  %b{k}_8 = memref.load %cache[%row, %b{k}_at] : memref<?x?xi8>
+  %b{k}_32 = arith.extui %b{k}_8 : i8 to i32
+  %b{k}_sh = arith.constant {} : i32
+  %b{k} = arith.shli %b{k}_32, %b{k}_sh : i32
+",
+                            8 * k
+                        )
+                    })
+                    .collect::<String>();
+                vec![format!(
+                    "%c2 = arith.constant 2 : index
+%c3 = arith.constant 3 : index
+%c4 = arith.constant 4 : index
+%cGroups = arith.constant {groups} : index
+%cScaleAt = arith.constant {scale_at} : index
+scf.for %i = %tid to %cD step %cT {{
+  %x = memref.load %cache[%row, %i] : memref<?x?xi8>
+  memref.store %x, %q[%row, %i] : memref<?x?xi8>
+}}
+scf.for %g = %tid to %cGroups step %cT {{
+  %g4 = arith.muli %g, %c4 : index
+  %at = arith.addi %g4, %cScaleAt : index
+{bytes}  %lo = arith.ori %b0, %b1 : i32
+  %hi = arith.ori %b2, %b3 : i32
+  %bits = arith.ori %lo, %hi : i32
+  %s = arith.bitcast %bits : i32 to f32
+  memref.store %s, %scale[%row, %g] : memref<?x?xf32>
+}}
+",
+                    groups = row.groups(),
+                    scale_at = row.scale_offset(),
+                )]
+            }
             RowOp::MlaTable => vec![format!(
                 "%n_pages = memref.dim %table, %c1 : memref<?x?xi32>
 %page0 = arith.muli %row, %n_pages : index
@@ -1977,8 +2076,8 @@ scf.for %i = %tid to %cD step %cT {{
 %{t}_lo = arith.trunci {v}_b_top : i32 to i8
 %{t}_hs = arith.shrui {v}_b_top, %c8_i32 : i32
 %{t}_hi = arith.trunci %{t}_hs : i32 to i8
-memref.store %{t}_lo, %cache[%row, %p, %{t}_at] : memref<?x?x?xi8>
-memref.store %{t}_hi, %cache[%row, %p, %{t}_at1] : memref<?x?x?xi8>
+memref.store %{t}_lo, {target}[{at}, %{t}_at] : memref<{rank}xi8>
+memref.store %{t}_hi, {target}[{at}, %{t}_at1] : memref<{rank}xi8>
 ",
                             round = round_bf16(v, &format!("{v}_b")),
                             t = v.trim_start_matches('%'),
@@ -2045,13 +2144,13 @@ scf.for %i = %tid to %cHalf step %cT {{
   %s_v{k}0 = arith.shrui %s_bits, %s_sh{k} : i32
   %s_v{k} = arith.trunci %s_v{k}0 : i32 to i8
   %s_b{k} = arith.addi %s_at, %c{k} : index
-  memref.store %s_v{k}, %cache[%row, %p, %s_b{k}] : memref<?x?x?xi8>
+  memref.store %s_v{k}, {target}[{at}, %s_b{k}] : memref<{rank}xi8>
 ",
                                     8 * k
                                 ))
                                 .collect::<String>()
                         ),
-                        byte: "  memref.store %byte, %cache[%row, %p, %i] : memref<?x?x?xi8>\n".into(),
+                        byte: format!("  memref.store %byte, {target}[{at}, %i] : memref<{rank}xi8>\n"),
                         pow2: true,
                     };
                     let row = sh("sh_row");
@@ -3076,7 +3175,105 @@ mod tests {
             let want16: Vec<u16> =
                 old16.iter().copied().chain(out[cached * c..].iter().map(|&x| f32_to_bf16(x))).collect();
             assert_eq!(out16, want16, "prefill into bf16 caches (interleave {interleave})");
+            // fp8 rows: the old rows' bytes as they are, the new ones packed as the host packs the
+            // f32 kernel's.
+            let mut old8 = vec![0u8; cached * row.bytes()];
+            for (r32, r8) in old.chunks_exact(c).zip(old8.chunks_exact_mut(row.bytes())) {
+                row.pack(r32, r8);
+            }
+            let mut out8 = vec![0xa5u8; (cached + t) * row.bytes()];
+            let op = RowOp::Latent { eps, rope: r, interleave, append: true, cache: CacheRows::Fp8 };
+            let kernel8 = RowKernel::new(op, d, "bf16");
+            assert_eq!(RowKernel::from_name(&kernel8.kernel_name()).as_ref(), Some(&kernel8));
+            assert!(kernel8.kernel_name().ends_with("_appendfp8"));
+            run_cpu(
+                &kernel8,
+                &[
+                    raw(&mut latent, &[t, d], "f32"),
+                    raw(&mut w, &[d], "bf16"),
+                    raw(&mut k_pe, &[t, r], "f32"),
+                    raw(&mut positions, &[t], "i64"),
+                    raw(&mut old8, &[cached, row.bytes()], "i8"),
+                    raw(&mut rope, &[npos, r], "f32"),
+                    raw(&mut out8, &[cached + t, row.bytes()], "i8"),
+                ],
+            );
+            let mut want8 = old8.clone();
+            want8.resize(out8.len(), 0);
+            for (r32, r8) in
+                out[cached * c..].chunks_exact(c).zip(want8[cached * row.bytes()..].chunks_exact_mut(row.bytes()))
+            {
+                row.pack(r32, r8);
+            }
+            assert_eq!(out8, want8, "prefill into fp8 rows (interleave {interleave})");
         }
+    }
+
+    /// Prefill over fp8 cache rows: the e4m3 latent and scales copied out as the 1x128 GEMM
+    /// operand bit for bit, and the keys' rope part the rows' bf16 — the same keys and values as
+    /// over a bf16 cache of the rows' values.
+    #[test]
+    fn fp8_cache_rows_feed_prefill_as_their_values_would() {
+        let (heads, nope, rope, v, d, s_len) = (2, 8, 64, 6, 256, 5);
+        let (c, per) = (d + rope, nope + v);
+        let row = v3c_runtime::plan::Fp8LatentRow::of(c).unwrap();
+        let values32 = values(s_len * c, 80, 5.0);
+        let mut packed = vec![0u8; s_len * row.bytes()];
+        for (r32, r8) in values32.chunks_exact(c).zip(packed.chunks_exact_mut(row.bytes())) {
+            row.pack(r32, r8);
+        }
+        let (mut q, mut scale) = (vec![0x7fu8; s_len * d], vec![f32::NAN; s_len * d / 128]);
+        let unpack = RowKernel::new(RowOp::Fp8Latent, d, "f32");
+        assert_eq!(RowKernel::from_name(&unpack.kernel_name()).as_ref(), Some(&unpack));
+        run_cpu(
+            &unpack,
+            &[
+                raw(&mut packed, &[s_len, row.bytes()], "i8"),
+                raw(&mut q, &[s_len, d], "i8"),
+                raw(&mut scale, &[s_len, d / 128], "f32"),
+            ],
+        );
+        for s in 0..s_len {
+            let bytes = &packed[s * row.bytes()..][..row.bytes()];
+            assert_eq!(&q[s * d..][..d], &bytes[..d], "row {s}: e4m3 latent");
+            for g in 0..d / 128 {
+                let at = row.scale_offset() + 4 * g;
+                let want = f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+                assert_eq!(scale[s * d / 128 + g], want, "row {s}: scale {g}");
+            }
+        }
+        // The keys and values over the fp8 rows and over a bf16 cache of their values.
+        let mut kv = values(s_len * heads * per, 81, 9.0);
+        let mut decoded = vec![0f32; s_len * c];
+        for (r8, r32) in packed.chunks_exact(row.bytes()).zip(decoded.chunks_exact_mut(c)) {
+            row.unpack(r8, r32);
+        }
+        let mut cache16: Vec<u16> = decoded.iter().map(|&x| f32_to_bf16(x)).collect();
+        let mut outs = Vec::new();
+        for cache in [CacheRows::Bf16, CacheRows::Fp8] {
+            let (mut k, mut vv) = (vec![0xAAAAu16; heads * s_len * (nope + rope)], vec![0xAAAAu16; heads * s_len * v]);
+            let keys = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, cache }, d, "f32");
+            assert_eq!(RowKernel::from_name(&keys.kernel_name()).as_ref(), Some(&keys));
+            let cache_buf = match cache {
+                CacheRows::Fp8 => raw(&mut packed, &[s_len, row.bytes()], "i8"),
+                _ => raw(&mut cache16, &[s_len, c], "bf16"),
+            };
+            run_cpu(
+                &keys,
+                &[
+                    raw(&mut kv, &[s_len, heads * per], "f32"),
+                    cache_buf,
+                    raw(&mut k, &[heads * s_len, nope + rope], "bf16"),
+                    raw(&mut vv, &[heads * s_len, v], "bf16"),
+                ],
+            );
+            outs.push((k, vv));
+        }
+        assert!(RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, cache: CacheRows::Fp8 }, d, "f32")
+            .kernel_name()
+            .ends_with("_c8"));
+        assert_eq!(outs[0], outs[1], "keys and values over fp8 rows");
+        assert!(RowKernel::new(RowOp::Fp8Latent, 100, "f32").emit_cpu().is_err(), "a latent of 100 columns");
     }
 
     /// The query heads out of q_b: nope columns copied, rope columns rotated bit for bit as the
@@ -3351,7 +3548,7 @@ mod tests {
         let per = nope + v;
         let (mut kv, mut cache) = (values(s_len * heads * per, 70, 9.0), values(s_len * (d + rope), 71, 9.0));
         let (mut k, mut vv) = (vec![0xAAAAu16; heads * s_len * (nope + rope)], vec![0xAAAAu16; heads * s_len * v]);
-        let keys = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, bf16_cache: false }, d, "f32");
+        let keys = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, cache: CacheRows::F32 }, d, "f32");
         run_cpu(
             &keys,
             &[
@@ -3381,7 +3578,7 @@ mod tests {
         // The up-projection in bf16 (the fp8 graph's GEMM output): the same bits, copied.
         let mut kv16: Vec<u16> = kv.iter().map(|&x| f32_to_bf16(x)).collect();
         let (mut k16, mut v16) = (vec![0u16; k.len()], vec![0u16; vv.len()]);
-        let keys16 = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, bf16_cache: false }, d, "bf16");
+        let keys16 = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, cache: CacheRows::F32 }, d, "bf16");
         run_cpu(
             &keys16,
             &[
@@ -3396,7 +3593,7 @@ mod tests {
         // A bf16 cache: its rope key as it is, the same bits.
         let mut cache16: Vec<u16> = cache.iter().map(|&x| f32_to_bf16(x)).collect();
         let (mut k16, mut v16) = (vec![0u16; k.len()], vec![0u16; vv.len()]);
-        let keys_c16 = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, bf16_cache: true }, d, "bf16");
+        let keys_c16 = RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, cache: CacheRows::Bf16 }, d, "bf16");
         run_cpu(
             &keys_c16,
             &[
