@@ -58,6 +58,27 @@ sys.exit(0 if same == rows and diff / scale <= float(sys.argv[4]) else 1)
 PY
 }
 
+# Launch by launch: the prefill and two greedy decode steps of artifact .device/e2e/$1 on the GPU
+# (`v3r run --max-new-tokens 3` under V3R_DUMP_DIR) against the host emulation's dump of the same
+# (.device/e2e/$2, `v3c emulate --decode-steps 2` in prepare.sh), as table row $3; the GPU's buffers
+# come back next to the comparison only where they differ.
+launch_by_launch() {
+  local dump="$2" label="$3" suffix="${2#dump}"
+  rm -rf "${out:?}/$dump"
+  if [ -d "$e2e/$dump" ] && V3R_DUMP_DIR="$out/$dump" timeout 60 "$v3r" run "$e2e/$1" --weights "$e2e/ckpt" \
+      --prompt-tokens "$(cat "$e2e/prompt1.txt")" --max-new-tokens 3 --ignore-eos >>"$log" 2>&1; then
+    if python3 "$root/benches/device/dump_compare.py" "$out/$dump" "$e2e/$dump" --out "$out/dump_compare$suffix.json" \
+        2>&1 | tee -a "$log"; then
+      row "$label" "ok" "every buffer as emulated (dump_compare$suffix.json)"
+      rm -rf "${out:?}/$dump"
+    else
+      row "$label" "DIFFERS" "$(tail -1 "$log" | sed 's/.*first difference: //')"
+    fi
+  else
+    row "$label" "FAILED" "no dump (check.log)"
+  fi
+}
+
 v3r="${V3R:-}"
 for c in "$root/.device/v3r" "$root/target/release/v3r"; do
   [ -z "$v3r" ] && [ -x "$c" ] && v3r="$c"
@@ -127,20 +148,7 @@ if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]'
     row "3. bf16 checkpoint logits" "FAILED" "v3r logits failed or no .device/e2e/bf16 (check.log)"
   fi
   # Launch by launch: every launch's buffers on the GPU against the host emulation's (prepare.sh).
-  rm -rf "$out/dump"
-  # The prefill and two decode steps (prepare.sh emulated the same: `v3c emulate --decode-steps 2`).
-  if [ -d "$e2e/dump" ] && V3R_DUMP_DIR="$out/dump" timeout 60 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" \
-      --prompt-tokens "$(cat "$e2e/prompt1.txt")" --max-new-tokens 3 --ignore-eos >>"$log" 2>&1; then
-    if python3 "$root/benches/device/dump_compare.py" "$out/dump" "$e2e/dump" --out "$out/dump_compare.json" 2>&1 | tee -a "$log"; then
-      row "3. launch by launch" "ok" "every buffer as emulated (dump_compare.json)"
-      rm -rf "$out/dump"  # nothing to look at: only the comparison comes back
-    else
-      # The GPU's buffers come back (2 MB) next to the comparison.
-      row "3. launch by launch" "DIFFERS" "$(tail -1 "$log" | sed 's/.*first difference: //')"
-    fi
-  else
-    row "3. launch by launch" "FAILED" "no dump (check.log)"
-  fi
+  launch_by_launch sm90 dump "3. launch by launch"
   # Attention on the tensor cores (sm90tc, the default lowering): prefill as flash attention after
   # kv_b's fp8 GEMM of the e4m3 latent, decode split K over bf16 pages; q, k, v and P in bf16 — the
   # prompt's logits within 5e-2 of the CPU backend's f32 attention and argmax-equal (the host
@@ -153,32 +161,11 @@ if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]'
   else
     row "3. tensor-core prefill logits" "FAILED" "v3r logits failed or no .device/e2e/sm90tc (check.log names the kernel)"
   fi
-  rm -rf "$out/dump_tc"
-  if [ -d "$e2e/dump_tc" ] && V3R_DUMP_DIR="$out/dump_tc" timeout 60 "$v3r" run "$e2e/sm90tc" --weights "$e2e/ckpt" \
-      --prompt-tokens "$(cat "$e2e/prompt1.txt")" --max-new-tokens 3 --ignore-eos >>"$log" 2>&1; then
-    if python3 "$root/benches/device/dump_compare.py" "$out/dump_tc" "$e2e/dump_tc" --out "$out/dump_compare_tc.json" 2>&1 | tee -a "$log"; then
-      row "3. tensor-core attention, launch by launch" "ok" "every buffer as emulated (dump_compare_tc.json)"
-      rm -rf "$out/dump_tc"
-    else
-      row "3. tensor-core attention, launch by launch" "DIFFERS" "$(tail -1 "$log" | sed 's/.*first difference: //')"
-    fi
-  else
-    row "3. tensor-core attention, launch by launch" "FAILED" "no dump (check.log)"
-  fi
-  # The same over fp8 decode caches (sm90fp8c, --kv-cache fp8): the latent row's quantization into
-  # 656-byte-style rows and the attention's three views of them, launch by launch against the emulation.
-  rm -rf "$out/dump_fp8c"
-  if [ -d "$e2e/dump_fp8c" ] && V3R_DUMP_DIR="$out/dump_fp8c" timeout 60 "$v3r" run "$e2e/sm90fp8c" --weights "$e2e/ckpt" \
-      --prompt-tokens "$(cat "$e2e/prompt1.txt")" --max-new-tokens 3 --ignore-eos >>"$log" 2>&1; then
-    if python3 "$root/benches/device/dump_compare.py" "$out/dump_fp8c" "$e2e/dump_fp8c" --out "$out/dump_compare_fp8c.json" 2>&1 | tee -a "$log"; then
-      row "3. fp8 decode caches, launch by launch" "ok" "every buffer as emulated (dump_compare_fp8c.json)"
-      rm -rf "$out/dump_fp8c"
-    else
-      row "3. fp8 decode caches, launch by launch" "DIFFERS" "$(tail -1 "$log" | sed 's/.*first difference: //')"
-    fi
-  else
-    row "3. fp8 decode caches, launch by launch" "FAILED" "no dump (check.log)"
-  fi
+  launch_by_launch sm90tc dump_tc "3. tensor-core attention, launch by launch"
+  # The same over fp8 cache rows (sm90fp8c, --kv-cache fp8): the latent rows quantizing into them
+  # (decode write, prefill append), prefill's GEMM operand and keys out of them, the decode
+  # attention's three views of them.
+  launch_by_launch sm90fp8c dump_fp8c "3. fp8 caches, launch by launch"
   # Greedy generation: two prompts as one batch (the second prefilled in two chunks), 16 tokens each.
   if timeout 60 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
       --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 --ignore-eos > "$out/e2e_tokens.txt" 2>>"$log"; then
