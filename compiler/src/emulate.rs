@@ -450,3 +450,101 @@ impl v3c_runtime::training::EntryRunner for Emulator<'_, '_> {
         Emulator::run(self, entry, inputs, wanted, None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use v3c_runtime::abi::{Buf, MlaDecodeAbi};
+    use v3c_runtime::plan::Fp8LatentRow;
+
+    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    /// The fp8-cache decode launch as the runtime makes it (one buffer of packed rows seen through
+    /// the latent's and the rope key's tensor maps and the scales' strided memref), emulated: its
+    /// splits merged equal float64 attention over the rows' values (pages out of order, a sequence
+    /// of one key, one past two pages), within bf16's rounding of q and P.
+    #[test]
+    fn fp8_cache_decode_launch_computes_attention_over_the_rows_values() {
+        let (kv, rope, heads, pages, splits) = (128, 64, 3, 3, 2);
+        let (b, width, scale) = (2, kv + rope, 0.07f32);
+        let row = Fp8LatentRow::of(width).unwrap();
+        let rows = b * pages * 64;
+        let rows32 = values(rows * width, 3, 6.0);
+        let mut packed = vec![0u8; rows * row.bytes()];
+        let mut decoded = vec![0f32; rows * width];
+        for ((r32, r8), d) in
+            rows32.chunks_exact(width).zip(packed.chunks_exact_mut(row.bytes())).zip(decoded.chunks_exact_mut(width))
+        {
+            row.pack(r32, r8);
+            row.unpack(r8, d);
+        }
+        let q: Vec<u16> =
+            values(b * heads * width, 4, 2.0).iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect();
+        let table: Vec<i32> = vec![5, 0, 3, 2, 4, 1];
+        let lens: Vec<i32> = vec![1, 150];
+        let mut o_part = vec![f32::NAN; splits * b * heads * kv];
+        let mut lse = vec![f32::NAN; splits * b * heads];
+        let buf = |addr: *const u8, shape: &[usize], element: &str| Buf {
+            addr: addr as u64,
+            shape: shape.to_vec(),
+            element: element.into(),
+        };
+        let ops = [
+            buf(q.as_ptr() as *const u8, &[b * heads, width], "bf16"),
+            buf(packed.as_ptr(), &[rows, row.bytes()], "i8"),
+            buf(table.as_ptr() as *const u8, &[b, pages], "i32"),
+            buf(lens.as_ptr() as *const u8, &[b], "i32"),
+            buf(o_part.as_mut_ptr() as *const u8, &[splits, b * heads, kv], "f32"),
+            buf(lse.as_mut_ptr() as *const u8, &[splits, b * heads], "f32"),
+        ];
+        let abi = MlaDecodeAbi { kv, rope, fp8_cache: true };
+        let launch = abi.launch("mla_decode_fp8", [&ops[0], &ops[1], &ops[2], &ops[3], &ops[4], &ops[5]], heads, scale);
+        let launch = launch.unwrap();
+        // SAFETY: every address is one of the vectors above, of the launch's shapes.
+        unsafe { emulate_decode(&launch).unwrap() };
+        let (mut err2, mut norm2) = (0f64, 0f64);
+        for seq in 0..b {
+            let keys: Vec<usize> =
+                (0..lens[seq] as usize).map(|j| table[seq * pages + j / 64] as usize * 64 + j % 64).collect();
+            for h in 0..heads {
+                let r = seq * heads + h;
+                let qv = |c: usize| v3c_models::dtype::bf16_to_f32(q[r * width + c]) as f64;
+                let s: Vec<f64> = keys
+                    .iter()
+                    .map(|&k| (0..width).map(|c| qv(c) * decoded[k * width + c] as f64).sum::<f64>() * scale as f64)
+                    .collect();
+                let m = s.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+                let l: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                // The splits merged by their log-sum-exps.
+                let lz: Vec<f64> = (0..splits).map(|z| lse[z * b * heads + r] as f64).collect();
+                let top = lz.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+                let wz: Vec<f64> = lz.iter().map(|&x| if x.is_finite() { (x - top).exp() } else { 0.0 }).collect();
+                for c in 0..kv {
+                    let want: f64 = keys
+                        .iter()
+                        .zip(&s)
+                        .map(|(&k, &sk)| (sk - m).exp() * decoded[k * width + c] as f64)
+                        .sum::<f64>()
+                        / l;
+                    let got = (0..splits).map(|z| wz[z] * o_part[(z * b * heads + r) * kv + c] as f64).sum::<f64>()
+                        / wz.iter().sum::<f64>();
+                    err2 += (got - want).powi(2);
+                    norm2 += want.powi(2);
+                }
+            }
+        }
+        let rel = (err2 / norm2).sqrt();
+        eprintln!("fp8-cache decode attention (host) vs float64: relative error {rel:.2e} (Frobenius)");
+        assert!(rel <= 1e-3, "relative error {rel:.2e}");
+        // The sequence of one key: its second split saw none.
+        assert!(lse[b * heads].is_infinite() && lse[b * heads] < 0.0);
+    }
+}
