@@ -84,6 +84,11 @@ pub const F8E4M3_MAX: f32 = 448.0;
 
 /// e4m3fn bits -> f32 (exact).
 pub fn f8e4m3_to_f32(bits: u8) -> f32 {
+    f8_all_values()[bits as usize]
+}
+
+/// The value of e4m3fn bits, computed.
+fn f8e4m3_value(bits: u8) -> f32 {
     let sign = if bits & 0x80 != 0 { -1.0f32 } else { 1.0 };
     let exp = ((bits >> 3) & 0x0f) as i32;
     let man = (bits & 0x07) as f32;
@@ -98,7 +103,9 @@ pub fn f8e4m3_to_f32(bits: u8) -> f32 {
 }
 
 /// f32 -> e4m3fn bits, round to nearest even. |x| >= 464 (the midpoint past the largest finite
-/// value) becomes NaN, as in PyTorch; NaN stays NaN.
+/// value) becomes NaN, as in PyTorch; NaN stays NaN. By the bits: subnormals (below 2^-6) as the
+/// nearest multiple of 2^-9, normals with the exponent rebased and the mantissa rounded from 23
+/// bits to 3 (a carry moves into the exponent; [448, 464) stays 448).
 pub fn f32_to_f8e4m3(x: f32) -> u8 {
     if x.is_nan() {
         return 0x7f;
@@ -108,21 +115,21 @@ pub fn f32_to_f8e4m3(x: f32) -> u8 {
     if a >= 464.0 {
         return sign | 0x7f;
     }
-    // Codes 0x00..=0x7e are the non-negative finite values in increasing order.
-    let table = f8_positive_values();
-    let hi = table.partition_point(|&v| v < a).min(0x7e);
-    if hi == 0 {
-        return sign;
+    if a < 0.015625 {
+        // 0..=8 steps of 2^-9 (8: the least normal, 2^-6).
+        return sign | (a * 512.0).round_ties_even() as u8;
     }
-    let lo = hi - 1;
-    let (dlo, dhi) = (a - table[lo], table[hi] - a);
-    let code = if dlo < dhi || (dlo == dhi && lo % 2 == 0) { lo } else { hi };
-    sign | code as u8
+    // f32 exponent 121..=135 (2^-6 ..= 2^8) becomes e4m3's 1..=15.
+    let rebased = a.to_bits() - (120 << 23);
+    let (keep, rest) = (rebased >> 20, rebased & 0xf_ffff);
+    let up = rest > 0x8_0000 || (rest == 0x8_0000 && keep & 1 == 1);
+    sign | (keep + u32::from(up)).min(0x7e) as u8
 }
 
-fn f8_positive_values() -> &'static [f32; 127] {
-    static TABLE: std::sync::OnceLock<[f32; 127]> = std::sync::OnceLock::new();
-    TABLE.get_or_init(|| std::array::from_fn(|i| f8e4m3_to_f32(i as u8)))
+/// Every e4m3fn code's value.
+fn f8_all_values() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|i| f8e4m3_value(i as u8)))
 }
 
 /// Rounds an f32 to the nearest e4m3fn value (as f32).
@@ -171,6 +178,49 @@ mod tests {
         assert!(round_f8e4m3(470.0).is_nan());
         assert_eq!(round_f8e4m3(-0.3), -0.3125);
         assert_eq!(round_f8e4m3((2.0f32).powi(-10)), 0.0);
+    }
+
+    /// The encoding by the bits equals a search of the value table (the nearest value, ties to the
+    /// even code, [448, 464) to 448) on every f32 near a code boundary — each midpoint between
+    /// consecutive values and its neighbours ulps away — on a sweep of f32 bit patterns up to 464,
+    /// on both signs, and on the special values.
+    #[test]
+    fn f8_encoding_by_bits_equals_the_nearest_value_search() {
+        let values: Vec<f32> = (0u8..=0x7e).map(f8e4m3_to_f32).collect();
+        let search = |x: f32| -> u8 {
+            if x.is_nan() {
+                return 0x7f;
+            }
+            let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
+            let a = x.abs();
+            if a >= 464.0 {
+                return sign | 0x7f;
+            }
+            let hi = values.partition_point(|&v| v < a).min(0x7e);
+            if hi == 0 {
+                return sign;
+            }
+            let lo = hi - 1;
+            let (dlo, dhi) = (a - values[lo], values[hi] - a);
+            sign | if dlo < dhi || (dlo == dhi && lo % 2 == 0) { lo } else { hi } as u8
+        };
+        let mut probes: Vec<f32> = vec![0.0, 448.0, 456.0, 463.99, 464.0, 1e30, f32::INFINITY, f32::NAN, 1e-40, 2e-3];
+        for w in values.windows(2) {
+            let mid = (w[0] + w[1]) / 2.0;
+            for ulps in -2i32..=2 {
+                probes.push(f32::from_bits((mid.to_bits() as i32 + ulps) as u32));
+            }
+            probes.extend([w[0], w[1]]);
+        }
+        probes.extend((0..0x43e8_0000u32).step_by(7919).map(f32::from_bits));
+        let mut checked = 0;
+        for &p in &probes {
+            for x in [p, -p] {
+                assert_eq!(f32_to_f8e4m3(x), search(x), "{x:e} ({:#010x})", x.to_bits());
+                checked += 1;
+            }
+        }
+        assert!(checked > 280_000, "{checked}");
     }
 
     proptest! {

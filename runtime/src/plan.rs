@@ -226,8 +226,10 @@ impl Fp8LatentRow {
         for g in 0..self.groups() {
             let part = &row[g * Self::GROUP..][..Self::GROUP];
             let scale = pow2_scale(part.iter().fold(0f32, |m, v| m.max(v.abs())));
+            // A power of two's reciprocal is exact: `v * inv` is `v / scale`, bit for bit.
+            let inv = 1.0 / scale;
             for (o, v) in out[g * Self::GROUP..][..Self::GROUP].iter_mut().zip(part) {
-                *o = f32_to_f8e4m3(v / scale);
+                *o = f32_to_f8e4m3(v * inv);
             }
             out[self.scale_offset() + 4 * g..][..4].copy_from_slice(&scale.to_le_bytes());
         }
