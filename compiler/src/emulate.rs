@@ -124,6 +124,9 @@ fn values_after_maps(l: &KernelLaunch, maps: usize) -> Result<Vec<u64>, String> 
 /// The matrix a launch's tensor map `i` maps, as a buffer.
 fn mapped(l: &KernelLaunch, i: usize) -> Result<RawBuffer, String> {
     let m: &TensorMapSpec = l.tensor_maps.get(i).ok_or_else(|| format!("{}: tensor map {i} missing", l.kernel))?;
+    if m.pitch != m.cols * m.element_bytes() {
+        return Err(format!("{}: tensor map {i} has rows {} bytes apart (read as contiguous)", l.kernel, m.pitch));
+    }
     Ok(RawBuffer { ptr: m.addr as *mut (), shape: vec![m.rows, m.cols], element: m.element.clone() })
 }
 
