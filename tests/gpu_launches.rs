@@ -415,13 +415,17 @@ fn a_bf16_checkpoint_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_log
     );
     let want_tokens: Vec<String> =
         String::from_utf8_lossy(&greedy.stdout).split_whitespace().map(String::from).collect();
-    let got_tokens: Vec<String> = err
+    assert_eq!(emulated_tokens(&err), want_tokens, "{err}");
+}
+
+/// The greedy tokens `v3c emulate --decode-steps N` reports (its "emulated decode step" lines).
+fn emulated_tokens(report: &str) -> Vec<String> {
+    report
         .lines()
         .filter_map(|l| {
             l.strip_prefix("emulated decode step ")?.split("token ").nth(1)?.split(' ').next().map(String::from)
         })
-        .collect();
-    assert_eq!(got_tokens, want_tokens, "{err}");
+        .collect()
 }
 
 /// Prefill attention on the tensor cores (the default), its launches emulated on the host (the
@@ -624,12 +628,7 @@ fn fp8_cache_sessions_pick_the_cpu_backends_tokens() {
     let run = ["run", "--model-dir", model, "--prompt-tokens", tokens, "--max-new-tokens", "4", "--backend", "cpu"];
     let greedy = run_binary("v3c", &[&run[..], &["--ignore-eos"]].concat());
     let want: Vec<String> = String::from_utf8_lossy(&greedy.stdout).split_whitespace().map(String::from).collect();
-    let got: Vec<String> = err
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("emulated decode step ")?.split("token ").nth(1)?.split(' ').next().map(String::from)
-        })
-        .collect();
+    let got = emulated_tokens(&err);
     assert_eq!(got, want, "{err}");
     assert_eq!(got.len(), 4, "{err}");
 }
