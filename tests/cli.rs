@@ -1100,6 +1100,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         last.starts_with(&format!("wrote {} (", out_dir.display())) && last.contains("lowering, manifest)"),
         "{err}"
     );
+    assert!(err.contains("\ncaches: prefill bf16, decode bf16 in pages of 64 rows\n"), "{err}");
     for (fused, kernel) in [
         (
             "attention_decode_quantize_0",

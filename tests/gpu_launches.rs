@@ -609,7 +609,9 @@ fn fp8_cache_decode_emulated_follows_the_cpu_backend() {
 fn fp8_cache_sessions_pick_the_cpu_backends_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint_of(dir.path(), true);
-    let (out, _) = compile_default(&ckpt, dir.path(), &["--kv-cache", "fp8"]);
+    let (out, report) = compile_default(&ckpt, dir.path(), &["--kv-cache", "fp8"]);
+    let caches = "caches: prefill fp8 rows of 272 bytes, decode fp8 rows of 272 bytes in pages of 64 rows";
+    assert!(report.contains(caches), "{report}");
     let info = run_binary("v3r", &["info", out.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&info.stdout);
     assert!(

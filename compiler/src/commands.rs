@@ -1139,6 +1139,16 @@ fn write_gpu_artifact(
     }
     let staged = staging.keep();
     std::fs::rename(&staged, out).map_err(|e| format!("{}: {e}", out.display()))?;
+    if o.train.is_none() {
+        // How the caches store a row (`v3r info` says it too).
+        let row = |c: CacheRows| match (c, v3c_runtime::plan::Fp8LatentRow::of(config.latent_dim())) {
+            (CacheRows::Fp8, Some(r)) => format!("fp8 rows of {} bytes", r.bytes()),
+            (c, _) => c.element().to_string(),
+        };
+        let pages =
+            if lowered.caches.paged_decode() { format!(" in pages of {PAGE_ROWS} rows") } else { String::new() };
+        eprintln!("caches: prefill {}, decode {}{pages}", row(lowered.caches.prefill), row(lowered.caches.decode));
+    }
     eprintln!(
         "wrote {} ({} kernels, plan for {}, lowering, manifest)",
         out.display(),
