@@ -1144,8 +1144,8 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     // Every launch the GPU executor would make matches its kernel's PTX, at the planned sizes and
     // at a one-sequence decode (caches of whole 64-row pages) and a short prefill.
     let sizes = [
-        ("decode", v3c_runtime::plan::Sizes { rows: 1, context: 128 }),
-        ("prefill", v3c_runtime::plan::Sizes { rows: 3, context: 0 }),
+        ("decode", v3c_runtime::plan::Sizes::new(1, 128)),
+        ("prefill", v3c_runtime::plan::Sizes::new(3, 0)),
     ];
     let (launches, kernels) = v3c_tests::check_gpu_launches(&out_dir, &sizes);
     assert!(launches > 3000 && kernels > 30, "{launches} launches of {kernels} kernels");

@@ -47,7 +47,7 @@ fn long_contexts_and_training_windows_compile() {
     let long = run_binary("v3c", &[&args[..], &["--max-rows", "16", "--max-context", "20000"]].concat());
     assert!(long.status.success(), "{}", String::from_utf8_lossy(&long.stderr));
     // Decode's caches in whole 64-row pages: the plan's 20000 rounded up.
-    let sizes = [("prefill", Sizes { rows: 16, context: 20000 }), ("decode", Sizes { rows: 2, context: 20032 })];
+    let sizes = [("prefill", Sizes::new(16, 20000)), ("decode", Sizes::new(2, 20032))];
     let (launches, _) = check_gpu_launches(&out, &sizes);
     assert!(launches > 50, "{launches} launches");
     let train = run_binary(
@@ -80,10 +80,10 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
     );
     assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
     let sizes = [
-        ("prefill", Sizes { rows: 1, context: 0 }),
-        ("prefill", Sizes { rows: 37, context: 100 }),
-        ("decode", Sizes { rows: 1, context: 64 }),
-        ("decode", Sizes { rows: 5, context: 4096 }),
+        ("prefill", Sizes::new(1, 0)),
+        ("prefill", Sizes::new(37, 100)),
+        ("decode", Sizes::new(1, 64)),
+        ("decode", Sizes::new(5, 4096)),
     ];
     let (launches, kernels) = check_gpu_launches(&out, &sizes);
     // The decode caches are bf16 64-row pages read in place: a cache of another length is refused.
@@ -109,7 +109,7 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
     }
     let err = v3c_runtime::gpu::Expander::new(&artifact)
         .unwrap()
-        .check(&[("decode", Sizes { rows: 1, context: 17 })])
+        .check(&[("decode", Sizes::new(1, 17))])
         .unwrap_err();
     assert!(err.contains("caches of 17 rows per sequence") && err.contains("pages are 64 rows"), "{err}");
     eprintln!("{launches} launches of {kernels} kernels checked");
@@ -369,9 +369,9 @@ fn a_bf16_checkpoint_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_log
     assert!(err.contains("attention_decode_0 -> rows_mladecode_h4_n24_r16_v24_kv32_c8192_"), "{err}");
     // Every launch's parameters as its kernel's PTX declares, at several sizes.
     let sizes = [
-        ("prefill", Sizes { rows: 1, context: 0 }),
-        ("prefill", Sizes { rows: 16, context: 40 }),
-        ("decode", Sizes { rows: 3, context: 64 }),
+        ("prefill", Sizes::new(1, 0)),
+        ("prefill", Sizes::new(16, 40)),
+        ("decode", Sizes::new(3, 64)),
     ];
     let (launches, kernels) = check_gpu_launches(std::path::Path::new(&p("art")), &sizes);
     assert!(launches > 150 && kernels >= 30, "{launches} launches of {kernels} kernels");

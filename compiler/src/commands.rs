@@ -1058,6 +1058,20 @@ fn write_gpu_artifact(
         None => o.sizes,
     };
     let mut plan = v3c_compiler::plan::build_plan(module, sizes)?;
+    // Decode caches the tensor-core attention reads: pools of pages through a block table, which
+    // the latent row writing the new rows and the attention take.
+    if lowered.caches.paged_decode() && o.train.is_none() {
+        let through_table: Vec<String> = lowered
+            .rows
+            .iter()
+            .filter(|(_, l)| matches!(l.kernel.op, RowOp::Latent { append: false, .. }))
+            .map(|(name, _)| name.clone())
+            .chain(lowered.compound.iter().filter_map(|(name, steps, _)| {
+                steps.steps.iter().any(|s| matches!(s.kernel, StepKernel::MlaDecode(_))).then(|| name.clone())
+            }))
+            .collect();
+        v3c_compiler::plan::page_decode_caches(&mut plan, "decode", &through_table, PAGE_ROWS)?;
+    }
     // Entries calling a kernel that writes or reads bf16 (or fp8) caches (the latent rows storing
     // them, the tensor-core attention over them) take caches of that element.
     use v3c_compiler::conversion::sm90::rows::CacheRows;

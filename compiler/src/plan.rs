@@ -12,7 +12,7 @@ use melior::ir::block::BlockLike;
 use melior::ir::operation::OperationLike;
 use melior::ir::{Module, RegionLike, ValueLike};
 use v3c_runtime::plan::{
-    element_bytes, place, shape_at, Buffer, BufferKind, Dim, EntryPlan, Launch, Plan, Sizes, PLAN_FORMAT_VERSION,
+    element_bytes, place, shape_at, Buffer, BufferKind, Dim, EntryPlan, Launch, Plan, Sizes, PAGE_POOL, PLAN_FORMAT_VERSION,
 };
 
 use crate::shapes::{kernel_in_place, kernel_shape_rules, DimRule};
@@ -47,7 +47,7 @@ impl PlanSizes {
     /// The sizes entry `entry` is planned for.
     pub fn of_entry(&self, entry: &str) -> Sizes {
         let rows = if entry == "decode" { self.batch.unwrap_or(self.rows) } else { self.rows };
-        Sizes { rows, context: self.context }
+        Sizes::new(rows, self.context)
     }
 }
 
@@ -197,6 +197,64 @@ fn place_arena(entry: &mut EntryPlan) {
         buffers[*id].kind = BufferKind::Arena { offset };
     }
     entry.arena_bytes = arena_bytes;
+}
+
+/// Makes entry `entry`'s caches (`kv_cache.* [B, S, C]`, updated in place) one pool of `page`-row
+/// pages each, `[pages, page, C]`, addressed through a block table: a new input
+/// ([`v3c_runtime::plan::PAGE_POOL`], `[B, S / page]` i32) passed as the last argument of every
+/// launch of `kernels` (the latent row writing the new rows through it, the attention reading
+/// through it). The pool is planned for every sequence at the planned context (`B S / page`
+/// pages); sessions give the pages they use.
+pub fn page_decode_caches(plan: &mut Plan, entry: &str, kernels: &[String], page: usize) -> Result<(), String> {
+    let e =
+        plan.entries.iter_mut().find(|e| e.name == entry).ok_or_else(|| format!("the plan has no {entry} entry"))?;
+    if e.sizes.context % page != 0 {
+        return Err(format!("entry {entry}: caches of {} rows are not whole pages of {page}", e.sizes.context));
+    }
+    e.sizes.pages = e.sizes.rows * e.sizes.context / page;
+    let sizes = e.sizes;
+    let mut caches = 0;
+    for b in e.buffers.iter_mut() {
+        let BufferKind::Input { name } = &b.kind else { continue };
+        if !name.starts_with("kv_cache.") {
+            continue;
+        }
+        let name = name.clone();
+        let [rows, context, width] = b.dims[..] else {
+            return Err(format!("entry {entry}: cache {name} of dims {:?} (want [sequences, rows, width])", b.dims));
+        };
+        if rows != Dim::ROWS || context != Dim::CONTEXT || width.rows + width.context + width.pages != 0 {
+            return Err(format!("entry {entry}: cache {name} of dims {:?}", b.dims));
+        }
+        b.dims = vec![Dim::PAGES, Dim::fixed(page), width];
+        b.shape = shape_at(&b.dims, sizes);
+        b.bytes = v3c_runtime::plan::tensor_bytes(&b.shape, &b.dtype)
+            .ok_or_else(|| format!("cache {name} of element type {}", b.dtype))?;
+        caches += 1;
+    }
+    if caches == 0 {
+        return Err(format!("entry {entry} has no caches"));
+    }
+    let id = e.buffers.len();
+    let dims = vec![Dim::ROWS, Dim { div: page, ..Dim::CONTEXT }];
+    let shape = shape_at(&dims, sizes);
+    let bytes = shape.iter().product::<usize>() as u64 * 4;
+    e.buffers.push(Buffer { id, kind: BufferKind::Input { name: PAGE_POOL.into() }, dims, shape, dtype: "i32".into(), bytes });
+    e.bounds.insert(PAGE_POOL.into(), e.buffers[id].shape.clone());
+    for (name, bound) in e.bounds.iter_mut() {
+        if let Some(b) = e.buffers.iter().find(|b| matches!(&b.kind, BufferKind::Input { name: n } if n == name)) {
+            *bound = b.shape.clone();
+        }
+    }
+    let mut taken = 0;
+    for l in e.launches.iter_mut().filter(|l| kernels.contains(&l.kernel)) {
+        l.args.push(id);
+        taken += 1;
+    }
+    if taken == 0 {
+        return Err(format!("entry {entry}: no launch of {} takes the block table", kernels.join(", ")));
+    }
+    Ok(())
 }
 
 /// Makes entry `entry`'s caches (`kv_cache.*` inputs and outputs) buffers of `element` (the

@@ -471,7 +471,7 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
         names,
         [
             "rows_mlaabsorb_h128_n128_r64_v128_kv512_b8_t128",
-            "rows_mlatable_t32",
+            "rows_mlalengths_t32",
             "mla_decode_kv512_r64_p64_s2",
             "rows_mlacombine_d512_t64",
             "rows_mlaupv_h128_n128_v128_kv512_b8_t128",

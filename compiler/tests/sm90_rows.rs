@@ -66,7 +66,7 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::MlaQueries { heads: 128, nope: 128, rope: 64 }, 128 * 192, "f32"),
         RowKernel::new(RowOp::MlaAbsorb { heads: 128, nope: 128, rope: 64, v: 128, tokens: 8 }, 512, "f8E4M3FN"),
         RowKernel::new(RowOp::MlaUpV { heads: 128, nope: 128, v: 128, tokens: 8 }, 512, "f8E4M3FN"),
-        RowKernel::new(RowOp::MlaTable, 64, "f32"),
+        RowKernel::new(RowOp::MlaLengths, 64, "f32"),
         RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: true }, 128 * 128, "f32"),
         RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: false }, 128 * 128, "f32"),
         RowKernel::new(RowOp::Argmax, 129_280, "f32"),
@@ -171,7 +171,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             | RowOp::SplitBf16T
             | RowOp::Concat { .. }
             | RowOp::MlaKeys { .. }
-            | RowOp::MlaTable
+            | RowOp::MlaLengths
             | RowOp::Fp8Latent
             | RowOp::MlaQueries { .. } => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase")

@@ -37,7 +37,7 @@ pub struct MlaDecodeAbi {
 
 impl MlaDecodeAbi {
     /// The launch over `[q, cache, block_table, seqlens, o_part, lse]`: absorbed queries `[B R,
-    /// kv + rope]` (bf16; R rows per sequence: its tokens x heads), the paged cache `[pages * 64,
+    /// kv + rope]` (bf16; R rows per sequence: its tokens x heads), the pool of pages `[pages, 64,
     /// kv + rope]` (bf16), the block table `[B, max_pages]` and lengths `[B]` (i32), the splits'
     /// outputs `[Z, B R, kv]` and log-sum-exps `[Z, B R]` (f32): tensor maps of q and the cache (64 x
     /// 64 boxes), the memrefs, R, the heads, the scale's bits; `B ceil(R / 64)` x Z blocks.
@@ -83,15 +83,9 @@ impl MlaDecodeAbi {
                 q.element, cache.element, table.shape
             )));
         }
-        // Caches `[B, S, C]` read in place: each sequence's S rows are its pages in order.
-        if let [_, s, _] = cache.shape[..] {
-            let pages = table.shape_at_rank(2).map_err(fail)?[1];
-            if s % PAGE_ROWS != 0 || pages * PAGE_ROWS != s {
-                return Err(fail(format!(
-                    "caches of {s} rows per sequence, a block table of {pages} pages: the pages are {PAGE_ROWS} \
-                     rows (caches of a whole number of pages, as sessions make them)"
-                )));
-            }
+        // The caches: a pool `[pages, 64, C]` the block table addresses.
+        if cache.shape.len() != 3 || cache.shape[1] != PAGE_ROWS {
+            return Err(fail(format!("caches {:?}: a pool of pages of {PAGE_ROWS} rows is read", cache.shape)));
         }
         let rows = qs[0] / b;
         let mut maps = vec![TensorMapSpec::new(q.addr, [qs[0], width], "bf16", [PREFILL_BOX; 2])];
@@ -707,14 +701,14 @@ mod tests {
         assert_eq!(ptx_entry_params(scale, "k"), Ok(2));
     }
 
-    /// Decode attention: q's and the cache's tensor maps, the table, lengths, split outputs and lse
+    /// Decode attention: q's and the pool's tensor maps, the table, lengths, split outputs and lse
     /// as memrefs, rows per sequence, heads, the scale's bits; `B ceil(R / 64)` x splits blocks.
     #[test]
     fn decode_attention_launches_over_pages_and_splits() {
         let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: false };
         let (b, heads, splits, pages) = (3, 128, 4, 10);
         let q = buf(0x1000, &[b * heads, 576], "bf16");
-        let cache = buf(0x2000, &[b, pages * 64, 576], "bf16");
+        let cache = buf(0x2000, &[b * pages, 64, 576], "bf16");
         let table = buf(0x3000, &[b, pages], "i32");
         let seqlens = buf(0x4000, &[b], "i32");
         let o_part = buf(0x5000, &[splits, b * heads, 512], "f32");
@@ -728,8 +722,12 @@ mod tests {
         // An lse of other splits than the outputs', an f32 cache: refused.
         let bad_lse = buf(0x6000, &[splits + 1, b * heads], "f32");
         assert!(a.launch("mla", [&q, &cache, &table, &seqlens, &o_part, &bad_lse], heads, 0.25).is_err());
-        let f32_cache = buf(0x2000, &[b, pages * 64, 576], "f32");
+        let f32_cache = buf(0x2000, &[b * pages, 64, 576], "f32");
         assert!(a.launch("mla", [&q, &f32_cache, &table, &seqlens, &o_part, &lse], heads, 0.25).is_err());
+        // Caches per sequence rather than a pool of pages: refused.
+        let contiguous = buf(0x2000, &[b, pages * 64, 576], "bf16");
+        let err = a.launch("mla", [&q, &contiguous, &table, &seqlens, &o_part, &lse], heads, 0.25).unwrap_err();
+        assert!(err.contains("a pool of pages of 64 rows"), "{err}");
     }
 
     /// The fp8 cache: one buffer of 656-byte rows seen as the latent's and the RoPE key's tensor
@@ -739,7 +737,7 @@ mod tests {
         let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: true };
         let (b, heads, splits, pages) = (2, 16, 3, 4);
         let q = buf(0x1000, &[b * heads, 576], "bf16");
-        let cache = buf(0x20000, &[b, pages * 64, 656], "i8");
+        let cache = buf(0x20000, &[b * pages, 64, 656], "i8");
         let table = buf(0x3000, &[b, pages], "i32");
         let seqlens = buf(0x4000, &[b], "i32");
         let o_part = buf(0x5000, &[splits, b * heads, 512], "f32");
@@ -754,7 +752,7 @@ mod tests {
         assert_eq!(&l.params[..4], &[Param::TensorMap(0), Param::TensorMap(1), Param::TensorMap(2), scales[0]]);
         assert_eq!(&l.params[3..10], &scales[..]);
         assert_eq!(l.params.len(), 3 + 7 + 7 + 5 + 9 + 7 + 3);
-        let bf16_cache = buf(0x20000, &[b, pages * 64, 576], "bf16");
+        let bf16_cache = buf(0x20000, &[b * pages, 64, 576], "bf16");
         assert!(a.launch("mla_fp8", [&q, &bf16_cache, &table, &seqlens, &o_part, &lse], heads, 0.5).is_err());
     }
 

@@ -22,6 +22,7 @@ pub mod gpu;
 pub mod host;
 pub mod lowering;
 pub mod measure;
+pub mod pages;
 pub mod plan;
 pub mod prepare;
 pub mod session;

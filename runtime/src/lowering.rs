@@ -211,10 +211,11 @@ pub enum TempDim {
         div: usize,
     },
     /// Split-K decode attention's splits ([`attention_splits`]) for the run's sequences of `heads`
-    /// query rows over the caches `[B, S, ..]` of argument `cache`.
+    /// query rows over the pages of the block table `[B, pages]` of argument `table` (64 keys a
+    /// page).
     Splits {
         heads: usize,
-        cache: usize,
+        table: usize,
     },
 }
 
@@ -253,9 +254,9 @@ impl TempSpec {
                         let n = *shape.get(dim).ok_or_else(|| format!("argument {i} has no dim {dim}"))?;
                         Ok(n.next_multiple_of(align.max(1)) / div.max(1))
                     }
-                    TempDim::Splits { heads, cache } => {
-                        let keys = *arg(cache)?.get(1).ok_or_else(|| format!("argument {cache} is not [B, S, ..]"))?;
-                        Ok(attention_splits(rows, heads, keys, sms))
+                    TempDim::Splits { heads, table } => {
+                        let pages = *arg(table)?.get(1).ok_or_else(|| format!("argument {table} is not [B, pages]"))?;
+                        Ok(attention_splits(rows, heads, pages * crate::abi::PAGE_ROWS, sms))
                     }
                 })
                 .collect();
@@ -343,7 +344,11 @@ mod tests {
     /// (two waves of blocks, at most one per page and MAX_SPLITS; sized for the most).
     #[test]
     fn temporaries_take_explicit_shapes() {
-        let arg = |i: usize| if i == 2 { Ok(vec![3, 70, 576]) } else { Err(format!("argument {i}")) };
+        let arg = |i: usize| match i {
+            2 => Ok(vec![3, 70, 576]),
+            3 => Ok(vec![3, 2]),
+            _ => Err(format!("argument {i}")),
+        };
         let t = |dims: Vec<TempDim>| TempSpec {
             rows_factor: 0,
             cols: 0,
@@ -364,8 +369,8 @@ mod tests {
             TempDim::Arg { arg: 2, dim: 1, align: 64, div: 64 },
         ]);
         assert_eq!(table.shape(3, &arg, 132), Ok(vec![3, 2]));
-        let lse = t(vec![TempDim::Splits { heads: 128, cache: 2 }, TempDim::Rows(128)]);
-        assert_eq!(lse.shape(3, &arg, 132), Ok(vec![2, 384]), "70 keys: two pages");
+        let lse = t(vec![TempDim::Splits { heads: 128, table: 3 }, TempDim::Rows(128)]);
+        assert_eq!(lse.shape(3, &arg, 132), Ok(vec![2, 384]), "a table of two pages");
         assert_eq!(lse.shape(3, &arg, 0), Ok(vec![2, 384]));
         assert!(t(vec![TempDim::Arg { arg: 1, dim: 0, align: 1, div: 1 }]).shape(3, &arg, 132).is_err());
         // 64 sequences of 128 heads over 4096 keys: 128 blocks, three splits to cover two waves of 132 SMs;

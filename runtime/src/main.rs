@@ -395,6 +395,9 @@ fn info(args: &InfoArgs) -> Result<(), String> {
         };
         let cache = match (cache.as_deref(), pages) {
             (None | Some("f32"), _) => String::new(),
+            (Some(c), Some(rows)) if e.bounds.contains_key(v3c_runtime::plan::PAGE_POOL) => {
+                format!(", caches {c}: a pool of {} pages of {rows} rows, a block table per sequence", e.sizes.pages)
+            }
             (Some(c), Some(rows)) if e.name == "decode" => format!(", caches {c} in pages of {rows} rows"),
             (Some(c), _) => format!(", caches {c}"),
         };
@@ -736,14 +739,25 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
             )));
         }
         let mut inputs = std::collections::HashMap::new();
+        // A pool of pages: the sequences' pages interleaved, as sequences growing together take them.
+        let pages = cache_rows / v3c_runtime::pages::PAGE_ROWS;
+        let mut pool = v3c_runtime::pages::PagePool::new(b * pages, b);
+        for page in 0..pages {
+            for s in 0..b {
+                pool.reserve(s, (page + 1) * v3c_runtime::pages::PAGE_ROWS).map_err(Failure::Other)?;
+            }
+        }
         for (name, shape) in &bounds {
             let buffer = match name.as_str() {
                 "tokens" | "mtp_tokens" => HostBuffer { shape: vec![b], data: HostData::I64(vec![1; b]) },
                 "positions" => HostBuffer { shape: vec![b], data: HostData::I64(vec![context as i64 - 1; b]) },
+                v3c_runtime::plan::PAGE_POOL => pool.table(pages).map_err(Failure::Other)?,
                 cache if cache.starts_with("kv_cache.") => {
                     let width = *shape.last().unwrap_or(&0);
-                    let n = b * cache_rows * width;
-                    HostBuffer { shape: vec![b, cache_rows, width], data: HostData::F32(vec![0.0; n]) }
+                    let paged = bounds.contains_key(v3c_runtime::plan::PAGE_POOL);
+                    let shape = if paged { vec![b * pages, 64, width] } else { vec![b, cache_rows, width] };
+                    let n = shape.iter().product();
+                    HostBuffer { shape, data: HostData::F32(vec![0.0; n]) }
                 }
                 other => {
                     return Err(Failure::Other(format!(

@@ -29,35 +29,63 @@ pub struct Plan {
 pub struct Sizes {
     /// Tokens of a prefill, sequences of a decode.
     pub rows: usize,
-    /// Tokens cached before a prefill, cache rows of a decode.
+    /// Tokens cached before a prefill, cache rows of a decode (per sequence).
     pub context: usize,
+    /// Pages of a decode's page pool ([`PAGE_POOL`]; 0 elsewhere).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pages: usize,
 }
 
-/// One dim of a buffer: `constant + rows * R + context * C` for the entry's sizes R and C.
+impl Sizes {
+    /// `rows` and `context`, no page pool.
+    pub fn new(rows: usize, context: usize) -> Sizes {
+        Sizes { rows, context, pages: 0 }
+    }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// The input of a decode entry whose caches are a pool of 64-row pages (`kv_cache.* [pages, 64,
+/// C]`): its block table `[sequences, context / 64]` (i32), sequence b's i-th page at row `table[b,
+/// i]` of the pool.
+pub const PAGE_POOL: &str = "block_table";
+
+/// One dim of a buffer: `(constant + rows * R + context * C + pages * P) / div` for the entry's
+/// sizes R, C and P (`div` 0 or 1: no division).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Dim {
     pub constant: usize,
     pub rows: usize,
     pub context: usize,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pages: usize,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub div: usize,
 }
 
 impl Dim {
     pub fn fixed(n: usize) -> Dim {
-        Dim { constant: n, rows: 0, context: 0 }
+        Dim { constant: n, ..Dim::default() }
     }
-    pub const ROWS: Dim = Dim { constant: 0, rows: 1, context: 0 };
-    pub const CONTEXT: Dim = Dim { constant: 0, rows: 0, context: 1 };
+    pub const ROWS: Dim = Dim { constant: 0, rows: 1, context: 0, pages: 0, div: 0 };
+    pub const CONTEXT: Dim = Dim { constant: 0, rows: 0, context: 1, pages: 0, div: 0 };
+    pub const PAGES: Dim = Dim { constant: 0, rows: 0, context: 0, pages: 1, div: 0 };
 
     pub fn eval(&self, sizes: Sizes) -> usize {
-        self.constant + self.rows * sizes.rows + self.context * sizes.context
+        let n = self.constant + self.rows * sizes.rows + self.context * sizes.context + self.pages * sizes.pages;
+        n / self.div.max(1)
     }
 
-    /// The sum of two dims (a concatenation).
+    /// The sum of two dims (a concatenation; undivided dims).
     pub fn plus(&self, other: &Dim) -> Dim {
         Dim {
             constant: self.constant + other.constant,
             rows: self.rows + other.rows,
             context: self.context + other.context,
+            pages: self.pages + other.pages,
+            div: 0,
         }
     }
 }
@@ -113,8 +141,7 @@ impl EntryPlan {
     /// The sizes `inputs` (shapes by input name) are at: every input given, each dim matching its
     /// planned form, within the planned sizes. Errors name the input.
     pub fn bind(&self, inputs: &BTreeMap<String, Vec<usize>>) -> Result<Sizes, String> {
-        let mut rows = None;
-        let mut context = None;
+        let (mut rows, mut context, mut pages) = (None, None, None);
         let inputs_of_plan = self.buffers.iter().filter_map(|b| match &b.kind {
             BufferKind::Input { name } => Some((name, &b.dims)),
             _ => None,
@@ -125,11 +152,14 @@ impl EntryPlan {
             if given.len() != dims.len() {
                 return Err(format!("input '{name}': {} dims given, the plan has {}", given.len(), dims.len()));
             }
-            // An input dim is a constant, the rows or the context.
+            // An input dim is a constant, the rows, the context or the pages (or a quotient of
+            // one of these, checked below).
             for (d, &g) in dims.iter().zip(given) {
-                let slot = match (d.rows, d.context) {
-                    (1, 0) if d.constant == 0 => &mut rows,
-                    (0, 1) if d.constant == 0 => &mut context,
+                let slot = match (d.rows, d.context, d.pages) {
+                    _ if d.constant != 0 || d.div > 1 => continue,
+                    (1, 0, 0) => &mut rows,
+                    (0, 1, 0) => &mut context,
+                    (0, 0, 1) => &mut pages,
                     _ => continue,
                 };
                 match slot {
@@ -140,7 +170,13 @@ impl EntryPlan {
                 }
             }
         }
-        let sizes = Sizes { rows: rows.unwrap_or(0), context: context.unwrap_or(0) };
+        let sizes = Sizes { rows: rows.unwrap_or(0), context: context.unwrap_or(0), pages: pages.unwrap_or(0) };
+        if sizes.pages > self.sizes.pages {
+            return Err(format!(
+                "entry {}: a pool of {} pages given, the plan holds at most {} (its sequences at their longest)",
+                self.name, sizes.pages, self.sizes.pages
+            ));
+        }
         if sizes.rows > self.sizes.rows || sizes.context > self.sizes.context {
             return Err(format!(
                 "entry {}: {} rows and {} cached rows given, the plan holds at most {} and {} (compile with larger \
@@ -154,6 +190,12 @@ impl EntryPlan {
             ));
         }
         for (name, dims) in planned {
+            if let Some(d) = dims.iter().find(|d| d.div > 1 && Dim { div: 0, ..**d }.eval(sizes) % d.div != 0) {
+                return Err(format!(
+                    "input '{name}': {} rows of cache per sequence, not whole pages of {} rows",
+                    sizes.context, d.div
+                ));
+            }
             let want = shape_at(dims, sizes);
             if inputs[name] != want {
                 return Err(format!("input '{name}': shape {:?}, expected {want:?}", inputs[name]));
@@ -399,7 +441,7 @@ mod tests {
             format_version: PLAN_FORMAT_VERSION,
             entries: vec![EntryPlan {
                 name: "decode".into(),
-                sizes: Sizes { rows: 4, context: 16 },
+                sizes: Sizes::new(4, 16),
                 bounds: [("tokens".to_string(), vec![4])].into(),
                 buffers: vec![Buffer {
                     id: 0,
@@ -423,14 +465,14 @@ mod tests {
         let input = |id, name: &str, dims: Vec<Dim>| Buffer {
             id,
             kind: BufferKind::Input { name: name.into() },
-            shape: shape_at(&dims, Sizes { rows: 4, context: 16 }),
+            shape: shape_at(&dims, Sizes::new(4, 16)),
             dims,
             dtype: "i64".into(),
             bytes: 0,
         };
         let plan = EntryPlan {
             name: "decode".into(),
-            sizes: Sizes { rows: 4, context: 16 },
+            sizes: Sizes::new(4, 16),
             bounds: BTreeMap::new(),
             buffers: vec![
                 input(0, "tokens", vec![Dim::ROWS]),
@@ -443,12 +485,12 @@ mod tests {
         let shapes = |t: Vec<usize>, c: Vec<usize>| -> BTreeMap<String, Vec<usize>> {
             [("tokens".to_string(), t), ("kv_cache.0".to_string(), c)].into()
         };
-        assert_eq!(plan.bind(&shapes(vec![2], vec![2, 9, 8])), Ok(Sizes { rows: 2, context: 9 }));
+        assert_eq!(plan.bind(&shapes(vec![2], vec![2, 9, 8])), Ok(Sizes::new(2, 9)));
         assert!(plan.bind(&shapes(vec![3], vec![2, 9, 8])).unwrap_err().contains("disagrees"));
         assert!(plan.bind(&shapes(vec![2], vec![2, 9, 7])).unwrap_err().contains("expected [2, 9, 8]"));
         assert!(plan.bind(&shapes(vec![5], vec![5, 9, 8])).unwrap_err().contains("at most 4 and 16"));
         assert!(plan.bind(&[("tokens".to_string(), vec![1])].into()).unwrap_err().contains("'kv_cache.0' not given"));
         let sum = Dim::CONTEXT.plus(&Dim::ROWS);
-        assert_eq!(sum.eval(Sizes { rows: 3, context: 5 }), 8);
+        assert_eq!(sum.eval(Sizes::new(3, 5)), 8);
     }
 }

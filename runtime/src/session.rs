@@ -11,7 +11,8 @@
 use std::collections::HashMap;
 
 use crate::host::{HostBuffer, HostData};
-use crate::plan::EntryPlan;
+use crate::pages::DecodeCaches;
+use crate::plan::{EntryPlan, PAGE_POOL};
 
 /// What a session runs its entries on: a `cpu` artifact ([`crate::cpu::CpuArtifact`]) or a GPU
 /// one ([`crate::cuda::GpuArtifact`]).
@@ -235,9 +236,10 @@ pub struct ArtifactSession<'a> {
     caches: Vec<String>,
     /// Width of a cache row (the latent plus the rope key).
     width: usize,
-    /// The caches: `[position, width]` while prefilling, `[1, rows, width]` once decoding.
+    /// The caches: `[position, width]` while prefilling, then as `layout` lays them out.
     state: HashMap<String, HostBuffer>,
-    decoding: bool,
+    /// Once decoding: how the decode entry takes the caches (rows per sequence, or a pool of pages).
+    layout: Option<DecodeCaches>,
     position: usize,
     max_len: usize,
     /// Rows of the decode caches: `max_len` rounded up as the program asks
@@ -288,7 +290,7 @@ impl<'a> ArtifactSession<'a> {
             caches,
             width,
             state,
-            decoding: false,
+            layout: None,
             position: 0,
             max_len,
             rows,
@@ -312,7 +314,7 @@ impl<'a> ArtifactSession<'a> {
     /// As [`ArtifactSession::prefill`], returning the logits of every prompt token (`[tokens,
     /// vocab]` row-major) and the vocabulary size.
     pub fn prefill_rows(&mut self, tokens: &[u32]) -> Result<(Vec<f32>, usize), String> {
-        if self.decoding {
+        if self.layout.is_some() {
             return Err("prefill after decoding started".into());
         }
         if tokens.is_empty() || self.position + tokens.len() > self.max_len {
@@ -375,18 +377,22 @@ impl<'a> ArtifactSession<'a> {
         if self.position >= self.max_len {
             return Err(format!("the session is full ({} tokens)", self.max_len));
         }
-        if !self.decoding {
-            // The prefilled rows into caches of self.rows rows (one sequence).
+        if self.layout.is_none() {
+            // The prefilled rows into caches of self.rows rows (one sequence), or its pages.
+            let paged = DecodeCaches::paged_entry(&self.program.entry_plan("decode")?.bounds);
+            let mut layout = DecodeCaches::new(&[self.max_len], self.rows, self.width, paged);
             for c in &self.caches {
                 let HostData::F32(rows) = &self.state[c].data else { return Err(format!("{c} is not f32")) };
-                let mut full = vec![0.0f32; self.rows * self.width];
-                full[..rows.len()].copy_from_slice(rows);
-                self.state
-                    .insert(c.clone(), HostBuffer { shape: vec![1, self.rows, self.width], data: HostData::F32(full) });
+                let laid = layout.lay_out(&[rows])?;
+                self.state.insert(c.clone(), laid);
             }
-            self.decoding = true;
+            self.layout = Some(layout);
         }
+        let table = self.layout.as_mut().map(|l| l.step(&[self.position], &[true])).transpose()?.flatten();
         let mut inputs = std::mem::take(&mut self.state);
+        if let Some(t) = table {
+            inputs.insert(PAGE_POOL.into(), t);
+        }
         inputs.insert("tokens".into(), ids(vec![token as i64]));
         inputs.insert("positions".into(), ids(vec![self.position as i64]));
         if self.has_mtp {
@@ -411,10 +417,14 @@ impl<'a> ArtifactSession<'a> {
 pub struct ArtifactBatch<'a> {
     program: &'a dyn Program,
     caches: Vec<String>,
-    /// Per cache input: `[sequences, rows, width]` (rows: [`cache_rows`] of `max_len`).
+    /// Per cache input: as `layout` lays them out.
     state: HashMap<String, HostBuffer>,
+    /// `[sequences, rows, width]` (rows: [`cache_rows`] of the longest limit), or one pool of the
+    /// pages the sequences may fill.
+    layout: DecodeCaches,
     positions: Vec<usize>,
-    max_len: usize,
+    /// Most tokens of each sequence (prompt and generated).
+    limits: Vec<usize>,
     has_mtp: bool,
     /// The caches are on the program's device as the last decode step left them.
     resident: bool,
@@ -428,34 +438,55 @@ impl<'a> ArtifactBatch<'a> {
         prompts: &[Vec<u32>],
         max_len: usize,
     ) -> Result<(ArtifactBatch<'a>, Vec<Vec<f32>>), String> {
-        let rows = program.entry_plan("decode")?.sizes.rows;
+        ArtifactBatch::prefill_within(program, prompts, &vec![max_len; prompts.len()])
+    }
+
+    /// As [`ArtifactBatch::prefill`], sequence i of at most `limits[i]` tokens (a decode entry
+    /// over a pool of pages holds the pages those fill, not the longest's for every sequence).
+    pub fn prefill_within(
+        program: &'a dyn Program,
+        prompts: &[Vec<u32>],
+        limits: &[usize],
+    ) -> Result<(ArtifactBatch<'a>, Vec<Vec<f32>>), String> {
+        let decode = program.entry_plan("decode")?;
+        let rows = decode.sizes.rows;
         if prompts.is_empty() || prompts.len() > rows {
             return Err(format!(
                 "{} sequences: the artifact's decode plan holds 1..={rows} (compile with a larger --max-batch)",
                 prompts.len()
             ));
         }
-        let cache_rows = cache_rows(program, max_len)?;
+        if limits.len() != prompts.len() {
+            return Err(format!("{} limits for {} prompts", limits.len(), prompts.len()));
+        }
+        let cache_rows = cache_rows(program, limits.iter().copied().max().unwrap_or(0))?;
         let mut logits = Vec::new();
-        let mut state: HashMap<String, HostBuffer> = HashMap::new();
-        let (mut caches, mut has_mtp) = (Vec::new(), false);
-        for (i, prompt) in prompts.iter().enumerate() {
-            let mut one = ArtifactSession::new(program, max_len)?;
+        let mut sessions = Vec::new();
+        for (i, (prompt, &limit)) in prompts.iter().zip(limits).enumerate() {
+            let mut one = ArtifactSession::new(program, limit)?;
             logits.push(one.prefill(prompt).map_err(|e| format!("sequence {i}: {e}"))?);
-            let width = one.width;
-            (caches, has_mtp) = (one.caches.clone(), one.has_mtp);
-            for c in &caches {
+            sessions.push(one);
+        }
+        let first = &sessions[0];
+        let (caches, has_mtp) = (first.caches.clone(), first.has_mtp);
+        let mut layout = DecodeCaches::new(limits, cache_rows, first.width, DecodeCaches::paged_entry(&decode.bounds));
+        let mut state: HashMap<String, HostBuffer> = HashMap::new();
+        for c in &caches {
+            let mut prefilled = Vec::new();
+            for one in &sessions {
                 let HostData::F32(rows) = &one.state[c].data else { return Err(format!("{c} is not f32")) };
-                let all = state.entry(c.clone()).or_insert_with(|| HostBuffer {
-                    shape: vec![prompts.len(), cache_rows, width],
-                    data: HostData::F32(vec![0.0; prompts.len() * cache_rows * width]),
-                });
-                let HostData::F32(all) = &mut all.data else { unreachable!("made f32 above") };
-                all[i * cache_rows * width..i * cache_rows * width + rows.len()].copy_from_slice(rows);
+                prefilled.push(rows.as_slice());
             }
+            state.insert(c.clone(), layout.lay_out(&prefilled)?);
         }
         let positions = prompts.iter().map(Vec::len).collect();
-        Ok((ArtifactBatch { program, caches, state, positions, max_len, has_mtp, resident: false }, logits))
+        let limits = limits.to_vec();
+        Ok((ArtifactBatch { program, caches, state, layout, positions, limits, has_mtp, resident: false }, logits))
+    }
+
+    /// Sequence `i` will not be fed again: its pages (a pool's) go back.
+    pub fn finish(&mut self, i: usize) {
+        self.layout.finish(i);
     }
 
     /// Feeds `tokens[i]` to sequence i at its next position, for the sequences where `active[i]`
@@ -466,13 +497,17 @@ impl<'a> ArtifactBatch<'a> {
         if tokens.len() != n || active.len() != n {
             return Err(format!("{} tokens and {} flags for {n} sequences", tokens.len(), active.len()));
         }
-        if let Some(i) = (0..n).find(|&i| active[i] && self.positions[i] >= self.max_len) {
-            return Err(format!("sequence {i} is full ({} tokens)", self.max_len));
+        if let Some(i) = (0..n).find(|&i| active[i] && self.positions[i] >= self.limits[i]) {
+            return Err(format!("sequence {i} is full ({} tokens)", self.limits[i]));
         }
         let at: Vec<i64> = (0..n)
             .map(|i| if active[i] { self.positions[i] } else { self.positions[i].saturating_sub(1) } as i64)
             .collect();
+        let table = self.layout.step(&self.positions, active)?;
         let mut inputs = std::mem::take(&mut self.state);
+        if let Some(t) = table {
+            inputs.insert(PAGE_POOL.into(), t);
+        }
         inputs.insert("tokens".into(), ids(tokens.iter().map(|&t| t as i64).collect()));
         inputs.insert("positions".into(), ids(at));
         if self.has_mtp {
@@ -505,8 +540,8 @@ pub fn generate_batch(
     eos: Option<u32>,
 ) -> Result<Vec<Generation>, String> {
     let start = std::time::Instant::now();
-    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
-    let (mut batch, logits) = ArtifactBatch::prefill(program, prompts, max_len)?;
+    let limits: Vec<usize> = prompts.iter().map(|p| p.len() + max_new).collect();
+    let (mut batch, logits) = ArtifactBatch::prefill_within(program, prompts, &limits)?;
     let mut logits = Next::Logits(logits);
     // Every sequence greedy: a program that picks tokens itself does (the logits stay there).
     let greedy = samplers.iter().all(|s| s.temperature <= 0.0);
@@ -529,6 +564,7 @@ pub fn generate_batch(
             if Some(t) == eos || tokens[i].len() == max_new {
                 (active[i], stopped[i]) = (false, Some(t) == eos);
                 done_at[i] = start.elapsed().as_secs_f64();
+                batch.finish(i);
             }
         }
         if active.iter().any(|&a| a) {
@@ -637,7 +673,7 @@ mod tests {
     fn plan(name: &str, rows: usize, context: usize, cache: Vec<usize>) -> EntryPlan {
         EntryPlan {
             name: name.into(),
-            sizes: Sizes { rows, context },
+            sizes: Sizes::new(rows, context),
             bounds: [
                 ("tokens".to_string(), vec![rows]),
                 ("positions".to_string(), vec![rows]),

@@ -1455,10 +1455,10 @@ pub fn mla_prefill_steps(kernel: &OperationRef, cache_rows: CacheRows) -> Result
 /// scales), or the f32 graph's `attention_decode` + `reshape` (kv_b bf16, f32 output rows), as
 /// five launches:
 /// 1. the absorbed queries `[q_nope W_UK | q_pe]` per (token, head) in bf16 (`rows_mlaabsorb`);
-/// 2. the block table and lengths over the caches (`rows_mlatable`): the decode entry's caches are
-///    bf16 with S a multiple of 64 — each sequence's 64-row pages in order — where the decode
-///    attention runs on the tensor cores ([`super::compile_model`] makes the latent row store bf16,
-///    the artifact's plan says bf16, sessions round S up);
+/// 2. the sequences' lengths (`rows_mlalengths`): the decode entry's caches are pools of 64-row
+///    pages (bf16 or fp8 rows) where the decode attention runs on the tensor cores, addressed
+///    through a block table the plan adds as the kernel's last argument
+///    ([`crate::plan::page_decode_caches`]; the latent row writes through it too, sessions fill it);
 /// 3. split-K attention (`mla_decode_*`: wgmma for `S = Q K^T` and `P V`, TMA page ring; the
 ///    runtime picks the splits for the run, [`v3c_runtime::lowering::attention_splits`]);
 /// 4. the splits merged (`rows_mlacombine`); 5. each head's latent output through `W_UV`,
@@ -1486,6 +1486,8 @@ pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps,
         return Err(format!("value heads of {v} (one 128-wide quantization group each)"));
     }
     let (q_nope, q_pe, cache, positions, kv_b) = (0, 1, 2, 3, 4);
+    // The block table: the argument the plan appends to the kernel's.
+    let table = kernel.region(0).ok().and_then(|r| r.first_block()).map_or(0, |b| b.argument_count());
     // kv_b and its scales (fp8), the outputs: the quantized bytes and scales, or the f32 rows.
     let (weights, outs) = match fp8 {
         true => (vec![Arg(kv_b), Arg(kv_b + 1)], vec![Out(0), Out(1)]),
@@ -1493,15 +1495,13 @@ pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps,
     };
     let width = kv + rope;
     use super::rows::{HEAD_TOKENS, PAGE_ROWS as page};
-    let cache_dim = |dim: usize, align: usize, div: usize| TempDim::Arg { arg: cache, dim, align, div };
-    let splits = TempDim::Splits { heads, cache };
+    let splits = TempDim::Splits { heads, table };
     let row = |op: RowOp, d: usize, weight: &str| StepKernel::Row(RowKernel::new(op, d, weight));
     let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };
     Ok(Steps {
         temps: vec![
             Temp::per_row(heads, width, "bf16"),
-            Temp::shaped(vec![cache_dim(0, 1, 1), cache_dim(1, page, page)], "i32"),
-            Temp::shaped(vec![cache_dim(0, 1, 1)], "i32"),
+            Temp::shaped(vec![TempDim::Arg { arg: table, dim: 0, align: 1, div: 1 }], "i32"),
             Temp::shaped(vec![splits, TempDim::Rows(heads), TempDim::Fixed(kv)], "f32"),
             Temp::shaped(vec![splits, TempDim::Rows(heads)], "f32"),
             Temp::per_row(heads, kv, "f32"),
@@ -1511,15 +1511,15 @@ pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps,
                 row(RowOp::MlaAbsorb { heads, nope, rope, v, tokens: HEAD_TOKENS }, kv, &weight),
                 [vec![Arg(q_nope), Arg(q_pe)], weights.clone(), vec![T(0)]].concat(),
             ),
-            step(row(RowOp::MlaTable, page, "f32"), vec![Arg(positions), T(1), T(2)]),
+            step(row(RowOp::MlaLengths, page, "f32"), vec![Arg(positions), Arg(table), T(1)]),
             step(
                 StepKernel::MlaDecode(MlaDecodeLaunch { config, heads, scale }),
-                vec![T(0), Arg(cache), T(1), T(2), T(3), T(4)],
+                vec![T(0), Arg(cache), Arg(table), T(1), T(2), T(3)],
             ),
-            step(row(RowOp::MlaCombine, kv, "f32"), vec![T(3), T(4), T(5)]),
+            step(row(RowOp::MlaCombine, kv, "f32"), vec![T(2), T(3), T(4)]),
             step(
                 row(RowOp::MlaUpV { heads, nope, v, tokens: HEAD_TOKENS }, kv, &weight),
-                [vec![T(5)], weights, outs].concat(),
+                [vec![T(4)], weights, outs].concat(),
             ),
         ],
         rope_table: None,

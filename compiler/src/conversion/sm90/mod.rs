@@ -266,6 +266,12 @@ pub fn row_launch(f: &OperationRef, caches: CacheFormats) -> Result<lower::RowLa
     let mut launch = lower::row_of_kernel(f)?;
     if let rows::RowOp::Latent { append, ref mut cache, .. } = launch.kernel.op {
         *cache = if append { caches.prefill } else { caches.decode };
+        // Decode's pool of pages: the block table, the argument the plan appends
+        // ([`crate::plan::page_decode_caches`]).
+        if !append && cache.paged() {
+            let args = launch.operands.iter().filter(|o| matches!(o, lower::Operand::Arg(_))).count();
+            launch.operands.push(lower::Operand::Arg(args));
+        }
     }
     Ok(launch)
 }

@@ -60,6 +60,12 @@ impl CacheRows {
         }
     }
 
+    /// Decode caches of these rows are a pool of pages the block table addresses (the tensor-core
+    /// attention's): the decode latent row writes through the table.
+    pub fn paged(self) -> bool {
+        self != CacheRows::F32
+    }
+
     /// The kernel name's suffix after `append` / `write`.
     fn suffix(self) -> &'static str {
         match self {
@@ -170,11 +176,11 @@ pub enum RowOp {
     /// `tokens` tokens, each weight read once for all of them. Weight `bf16`: the f32 graph's kv_b,
     /// the heads' outputs `out [B, H v]` in f32 as they are.
     MlaUpV { heads: usize, nope: usize, v: usize, tokens: usize },
-    /// The block table and lengths of decode caches that are already bf16 64-row pages (`[B, S,
-    /// C]` with S a multiple of 64: page `b S / 64 + i` is sequence b's i-th): one block per
-    /// sequence writes `table[b, i] = b n + i` for its n = `table`'s columns pages and its length
-    /// `min(position_b + 1, 64 n)` (0 for a negative position). The decode launch checks S = 64 n.
-    MlaTable,
+    /// The lengths of the decode sequences over a pool of 64-row pages (the tensor-core
+    /// attention's caches): sequence b's `min(position_b + 1, 64 n)` for the n columns of its
+    /// block table (0 for a negative position). One block per sequence; the table is read for its
+    /// width only (the runtime's sessions fill it, [`v3c_runtime::plan::PAGE_POOL`]).
+    MlaLengths,
     /// Greedy sampling's argmax of each f32 row (`x [rows, d]` -> `idx [rows]`, i32) in the
     /// reference's order: `f32::total_cmp` (NaN and -0 < +0 ordered as Rust orders them), ties to
     /// the lower index. Each thread scans a strided share, then a tree over the threads.
@@ -262,7 +268,7 @@ impl RowKernel {
                 let f32_graph = if w == "bf16" { "_bf16" } else { "" };
                 format!("rows_mlaupv_h{heads}_n{nope}_v{v}_kv{d}_b{tokens}_t{t}{f32_graph}")
             }
-            RowOp::MlaTable => format!("rows_mlatable_t{t}"),
+            RowOp::MlaLengths => format!("rows_mlalengths_t{t}"),
             RowOp::MlaHeadsOut { heads, quantize } => {
                 format!("rows_mlaheadsout_h{heads}_d{d}_t{t}_{}", if quantize { "q" } else { "y" })
             }
@@ -433,8 +439,8 @@ impl RowKernel {
                 weight: "f32".into(),
                 threads: number(t, 't')?,
             }),
-            ("mlatable", [t]) => {
-                Some(RowKernel { op: RowOp::MlaTable, d: PAGE_ROWS, weight: "f32".into(), threads: number(t, 't')? })
+            ("mlalengths", [t]) => {
+                Some(RowKernel { op: RowOp::MlaLengths, d: PAGE_ROWS, weight: "f32".into(), threads: number(t, 't')? })
             }
             ("mlaqueries", [h, n, r, t]) => {
                 let (heads, nope, rope) = (number(h, 'h')?, number(n, 'n')?, number(r, 'r')?);
@@ -592,7 +598,7 @@ impl RowKernel {
                 args.extend(self.head_outputs());
                 args
             }
-            RowOp::MlaTable => vec![
+            RowOp::MlaLengths => vec![
                 ("positions", "memref<?xi64>".to_string()),
                 ("table", "memref<?x?xi32>".into()),
                 ("seqlens", "memref<?xi32>".into()),
@@ -661,6 +667,9 @@ impl RowKernel {
                 } else {
                     args.push(("cache", format!("memref<?x?x?x{element}>")));
                     args.push(("rope", "memref<?x?xf32>".into()));
+                    if cache.paged() {
+                        args.push(("table", "memref<?x?xi32>".into()));
+                    }
                 }
                 args
             }
@@ -706,7 +715,7 @@ impl RowKernel {
             RowOp::MlaQueries { .. } | RowOp::MlaAbsorb { .. } => "q_nope",
             RowOp::MlaUpV { .. } if self.weight == "bf16" => "out",
             RowOp::MlaUpV { .. } => "q",
-            RowOp::MlaTable => "positions",
+            RowOp::MlaLengths => "positions",
             RowOp::MlaHeadsOut { quantize: true, .. } => "q",
             RowOp::MlaHeadsOut { quantize: false, .. } => "y",
             RowOp::Argmax => "x",
@@ -765,7 +774,7 @@ impl RowKernel {
             | RowOp::Concat { .. }
             | RowOp::MlaKeys { .. }
             | RowOp::MlaQueries { .. }
-            | RowOp::MlaTable
+            | RowOp::MlaLengths
             | RowOp::Fp8Latent
             | RowOp::MlaCombine => Vec::new(),
             RowOp::MlaAbsorb { nope, tokens, .. } => vec![("sh_qn", tokens * nope)],
@@ -1901,14 +1910,8 @@ scf.for %g = %tid to %cGroups step %cT {{
                     scale_at = row.scale_offset(),
                 )]
             }
-            RowOp::MlaTable => vec![format!(
+            RowOp::MlaLengths => vec![format!(
                 "%n_pages = memref.dim %table, %c1 : memref<?x?xi32>
-%page0 = arith.muli %row, %n_pages : index
-scf.for %i = %tid to %n_pages step %cT {{
-  %pg = arith.addi %page0, %i : index
-  %pg32 = arith.index_cast %pg : index to i32
-  memref.store %pg32, %table[%row, %i] : memref<?x?xi32>
-}}
 %t0 = arith.cmpi eq, %tid, %c0 : index
 scf.if %t0 {{
   %p64 = memref.load %positions[%row] : memref<?xi64>
@@ -2053,7 +2056,11 @@ scf.for %i = %tid to %cD step %cT {{
             RowOp::Latent { interleave, append, cache, .. } => {
                 let d = self.d;
                 let element = cache.element();
-                let (target, at) = if append { ("%out", "%row") } else { ("%cache", "%row, %p") };
+                let (target, at) = match (append, cache.paged()) {
+                    (true, _) => ("%out", "%row"),
+                    (false, false) => ("%cache", "%row, %p"),
+                    (false, true) => ("%cache", "%pg, %pr"),
+                };
                 let rank = if append { "?x?" } else { "?x?x?" };
                 let fp8_row = v3c_runtime::plan::Fp8LatentRow { latent: d };
                 let dest = |v: &str, col: &str| -> String {
@@ -2412,6 +2419,29 @@ scf.for %i = %tid to %cD step %cT {{
         );
         if append {
             s.push_str("%p_ok = arith.andi %p_ok0, %true : i1\n");
+        } else if cache.paged() {
+            // Position p is row p mod 64 of the sequence's page p / 64, which the block table
+            // places in the pool (a position past the table or a page past the pool: no row).
+            let _ = write!(
+                s,
+                "%c_page = arith.constant {PAGE_ROWS} : index
+%n_pages = memref.dim %table, %c1 : memref<?x?xi32>
+%pool = memref.dim %cache, %c0 : memref<?x?x?x{element}>
+%lp = arith.divui %p, %c_page : index
+%pr = arith.remui %p, %c_page : index
+%lp_in = arith.cmpi ult, %lp, %n_pages : index
+%lp_ok = arith.andi %p_ok0, %lp_in : i1
+%pg = scf.if %lp_ok -> (index) {{
+  %pg32 = memref.load %table[%row, %lp] : memref<?x?xi32>
+  %pg_i = arith.index_cast %pg32 : i32 to index
+  scf.yield %pg_i : index
+}} else {{
+  scf.yield %pool : index
+}}
+%pg_in = arith.cmpi ult, %pg, %pool : index
+%p_ok = arith.andi %lp_ok, %pg_in : i1
+"
+            );
         } else {
             let _ = write!(
                 s,
@@ -3056,8 +3086,17 @@ mod tests {
                     "decode (interleave {interleave}): element {i} = {got}, reference {want}"
                 );
             }
+            // bf16 and fp8 caches are a pool of 64-row pages the block table addresses: sequence 0's
+            // position 5 on page 2, sequence 1's position 0 on page 1; sequence 2's first page is a
+            // hole (-1: bf16) or past the pool (9: fp8) — no row written.
+            let pages = 4;
+            let pool_row = |seq: usize| [2 * 64 + 5, 64][seq];
+            let written: Vec<Vec<f32>> =
+                (0..2).map(|seq| cache[(seq * slots + positions[seq] as usize) * c..][..c].to_vec()).collect();
+            let f32_row = |seq: usize| written[seq].as_slice();
+            let mut block_table = vec![2i32, 0, 1, 3, -1, 0];
             // A bf16 cache: the same rows rounded to nearest even, the others left alone.
-            let old: Vec<u16> = before.iter().map(|&x| f32_to_bf16(x)).collect();
+            let old: Vec<u16> = values(pages * 64 * c, 17, 1.0).iter().map(|&x| f32_to_bf16(x)).collect();
             let mut cache16 = old.clone();
             let op = RowOp::Latent { eps, rope: r, interleave, append: false, cache: CacheRows::Bf16 };
             let kernel16 = RowKernel::new(op, d, "bf16");
@@ -3069,20 +3108,26 @@ mod tests {
                     raw(&mut w, &[d], "bf16"),
                     raw(&mut k_pe, &[b, r], "f32"),
                     raw(&mut positions, &[b], "i64"),
-                    raw(&mut cache16, &[b, slots, c], "bf16"),
+                    raw(&mut cache16, &[pages, 64, c], "bf16"),
                     raw(&mut rope, &[npos, r], "f32"),
+                    raw(&mut block_table, &[b, 2], "i32"),
                 ],
             );
-            for i in 0..cache.len() {
-                let written = cache[i].to_bits() != before[i].to_bits();
-                let want = if written { f32_to_bf16(cache[i]) } else { old[i] };
-                assert_eq!(cache16[i], want, "bf16 cache (interleave {interleave}): element {i}");
+            let mut want16 = old.clone();
+            for seq in 0..2 {
+                for (k, &x) in f32_row(seq).iter().enumerate() {
+                    want16[pool_row(seq) * c + k] = f32_to_bf16(x);
+                }
+            }
+            for (i, (got, want)) in cache16.iter().zip(&want16).enumerate() {
+                assert_eq!(got, want, "bf16 pool (interleave {interleave}): element {i}");
             }
             // An fp8 cache: the written rows are the f32 kernel's rows packed as the host packs
             // them (the same scales, bytes and bf16 rope key); the others and the row whose position
             // is outside the cache are left alone.
             let row = v3c_runtime::plan::Fp8LatentRow::of(c).unwrap();
-            let mut cache8 = vec![0xa5u8; b * slots * row.bytes()];
+            let mut cache8 = vec![0xa5u8; pages * 64 * row.bytes()];
+            block_table[4] = 9;
             let op = RowOp::Latent { eps, rope: r, interleave, append: false, cache: CacheRows::Fp8 };
             let kernel8 = RowKernel::new(op, d, "bf16");
             assert_eq!(RowKernel::from_name(&kernel8.kernel_name()).as_ref(), Some(&kernel8));
@@ -3094,14 +3139,14 @@ mod tests {
                     raw(&mut w, &[d], "bf16"),
                     raw(&mut k_pe, &[b, r], "f32"),
                     raw(&mut positions, &[b], "i64"),
-                    raw(&mut cache8, &[b, slots, row.bytes()], "i8"),
+                    raw(&mut cache8, &[pages, 64, row.bytes()], "i8"),
                     raw(&mut rope, &[npos, r], "f32"),
+                    raw(&mut block_table, &[b, 2], "i32"),
                 ],
             );
             let mut want8 = vec![0xa5u8; cache8.len()];
             for seq in 0..2 {
-                let at = seq * slots + positions[seq] as usize;
-                row.pack(&cache[at * c..][..c], &mut want8[at * row.bytes()..][..row.bytes()]);
+                row.pack(f32_row(seq), &mut want8[pool_row(seq) * row.bytes()..][..row.bytes()]);
             }
             for (i, (got, want)) in cache8.iter().zip(&want8).enumerate() {
                 assert_eq!(
@@ -3761,17 +3806,17 @@ mod tests {
             }
         }
         kernels.extend([absorb, up]);
-        // Caches that are bf16 pages already: the table and lengths alone (a negative position: 0
-        // rows; past the cache: its rows).
+        // A pool of pages: the lengths from the positions, within the table's pages (a negative
+        // position: 0 rows; past the table: its rows); the table is left as the session made it.
         let mut positions = vec![69i64, 3, -1, 500];
-        let (mut table, mut seqlens) = (vec![-1i32; 4 * 2], vec![-1i32; 4]);
-        let paged_in_place = RowKernel::new(RowOp::MlaTable, PAGE_ROWS, "f32");
+        let (mut table, mut seqlens) = (vec![7i32, 2, -1, 5, 0, 1, 3, 4], vec![-1i32; 4]);
+        let lengths = RowKernel::new(RowOp::MlaLengths, PAGE_ROWS, "f32");
         run_cpu(
-            &paged_in_place,
+            &lengths,
             &[raw(&mut positions, &[4], "i64"), raw(&mut table, &[4, 2], "i32"), raw(&mut seqlens, &[4], "i32")],
         );
-        assert_eq!((table, seqlens), ((0..8).collect(), vec![70, 4, 0, 128]));
-        for k in kernels.into_iter().chain([paged_in_place]) {
+        assert_eq!((table, seqlens), (vec![7, 2, -1, 5, 0, 1, 3, 4], vec![70, 4, 0, 128]));
+        for k in kernels.into_iter().chain([lengths]) {
             assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k));
         }
     }

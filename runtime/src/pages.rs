@@ -1,0 +1,222 @@
+//! Decode caches as a pool of 64-row pages ([`crate::plan::PAGE_POOL`]): where the tensor-core
+//! attention reads them, a decode entry's caches are `[pages, 64, C]` pools shared by the batch's
+//! sequences, and a block table `[sequences, context / 64]` says which page holds each sequence's
+//! i-th 64 rows. [`PagePool`] hands pages out as sequences grow and takes them back when they end;
+//! [`DecodeCaches`] lays the prefilled rows into the pool and gives each step its table.
+//!
+//! A table entry of -1 is a page the sequence does not hold: the latent row writes nothing there
+//! (a finished sequence fed again writes nowhere), the attention never reads past a sequence's
+//! length.
+
+use crate::host::{HostBuffer, HostData};
+use crate::plan::PAGE_POOL;
+
+/// Rows of a page.
+pub const PAGE_ROWS: usize = crate::abi::PAGE_ROWS;
+
+/// Pages of a pool, handed to sequences as they grow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PagePool {
+    /// Free pages, the next one handed out last.
+    free: Vec<u32>,
+    /// Per sequence, its pages in order.
+    held: Vec<Vec<u32>>,
+    pages: usize,
+}
+
+impl PagePool {
+    /// A pool of `pages` pages for `sequences` sequences, none held.
+    pub fn new(pages: usize, sequences: usize) -> PagePool {
+        PagePool { free: (0..pages as u32).rev().collect(), held: vec![Vec::new(); sequences], pages }
+    }
+
+    /// Pages in the pool.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// Pages no sequence holds.
+    pub fn free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Makes sequence `s` hold pages for its rows `0..rows` (taking the pages it lacks).
+    pub fn reserve(&mut self, s: usize, rows: usize) -> Result<(), String> {
+        let want = rows.div_ceil(PAGE_ROWS);
+        let held = self.held.get_mut(s).ok_or_else(|| format!("sequence {s} is not in the pool"))?;
+        while held.len() < want {
+            let page = self.free.pop().ok_or_else(|| {
+                format!("sequence {s}: {rows} rows need page {} of its own, and the pool's {} are taken", held.len() + 1, self.pages)
+            })?;
+            held.push(page);
+        }
+        Ok(())
+    }
+
+    /// Gives sequence `s`'s pages back to the pool.
+    pub fn release(&mut self, s: usize) {
+        if let Some(held) = self.held.get_mut(s) {
+            self.free.extend(held.drain(..).rev());
+        }
+    }
+
+    /// The pool row holding sequence `s`'s row `row`, if it holds it.
+    pub fn row(&self, s: usize, row: usize) -> Option<usize> {
+        let page = *self.held.get(s)?.get(row / PAGE_ROWS)?;
+        Some(page as usize * PAGE_ROWS + row % PAGE_ROWS)
+    }
+
+    /// The block table `[sequences, width]` (i32): each sequence's pages, -1 past them.
+    pub fn table(&self, width: usize) -> Result<HostBuffer, String> {
+        let mut t = vec![-1i32; self.held.len() * width];
+        for (s, held) in self.held.iter().enumerate() {
+            if held.len() > width {
+                return Err(format!("sequence {s} holds {} pages, the table has {width} columns", held.len()));
+            }
+            for (i, &p) in held.iter().enumerate() {
+                t[s * width + i] = p as i32;
+            }
+        }
+        Ok(HostBuffer { shape: vec![self.held.len(), width], data: HostData::I32(t) })
+    }
+}
+
+/// The decode caches of a batch as a decode entry takes them: per sequence `[B, S, C]` rows, or
+/// (an entry with a [`PAGE_POOL`] input) pools of pages with their block table.
+#[derive(Debug, Clone)]
+pub struct DecodeCaches {
+    /// Rows of a sequence's caches (a multiple of 64 when paged: the table's width in rows).
+    pub rows: usize,
+    pub width: usize,
+    pub sequences: usize,
+    pub pool: Option<PagePool>,
+}
+
+impl DecodeCaches {
+    /// Caches for sequences of at most `limits[i]` tokens in caches of `rows` rows each; `paged`:
+    /// one pool of as many pages as the sequences may fill.
+    pub fn new(limits: &[usize], rows: usize, width: usize, paged: bool) -> DecodeCaches {
+        let pool = paged.then(|| PagePool::new(limits.iter().map(|l| l.div_ceil(PAGE_ROWS)).sum(), limits.len()));
+        DecodeCaches { rows, width, sequences: limits.len(), pool }
+    }
+
+    /// Whether `inputs` of a decode entry (its bounds) take a pool of pages.
+    pub fn paged_entry(bounds: &std::collections::BTreeMap<String, Vec<usize>>) -> bool {
+        bounds.contains_key(PAGE_POOL)
+    }
+
+    /// One cache holding each sequence's prefilled rows (`prefilled[i]`, `[n_i, width]` f32
+    /// row-major), pages taken for them.
+    pub fn lay_out(&mut self, prefilled: &[&[f32]]) -> Result<HostBuffer, String> {
+        let w = self.width;
+        match &mut self.pool {
+            None => {
+                let mut all = vec![0.0f32; self.sequences * self.rows * w];
+                for (i, rows) in prefilled.iter().enumerate() {
+                    all[i * self.rows * w..][..rows.len()].copy_from_slice(rows);
+                }
+                Ok(HostBuffer { shape: vec![self.sequences, self.rows, w], data: HostData::F32(all) })
+            }
+            Some(pool) => {
+                let mut all = vec![0.0f32; pool.pages() * PAGE_ROWS * w];
+                for (i, rows) in prefilled.iter().enumerate() {
+                    let n = rows.len() / w.max(1);
+                    pool.reserve(i, n)?;
+                    for (r, row) in rows.chunks(w.max(1)).enumerate() {
+                        let at = pool.row(i, r).ok_or("a reserved row without its page")?;
+                        all[at * w..][..w].copy_from_slice(row);
+                    }
+                }
+                Ok(HostBuffer { shape: vec![pool.pages(), PAGE_ROWS, w], data: HostData::F32(all) })
+            }
+        }
+    }
+
+    /// Before a step writing row `positions[i]` of each sequence where `active[i]`: the pages for
+    /// it; the block table to give the step (None: not paged).
+    pub fn step(&mut self, positions: &[usize], active: &[bool]) -> Result<Option<HostBuffer>, String> {
+        let Some(pool) = &mut self.pool else { return Ok(None) };
+        for (i, (&p, &a)) in positions.iter().zip(active).enumerate() {
+            if a {
+                pool.reserve(i, p + 1)?;
+            }
+        }
+        pool.table(self.rows / PAGE_ROWS).map(Some)
+    }
+
+    /// Sequence `i` has ended: its pages back to the pool.
+    pub fn finish(&mut self, i: usize) {
+        if let Some(pool) = &mut self.pool {
+            pool.release(i);
+        }
+    }
+
+    /// Sequence `i`'s first `n` rows of `cache` (a [`DecodeCaches::lay_out`] cache the steps
+    /// updated), `[n, width]` row-major.
+    pub fn rows_of(&self, cache: &[f32], i: usize, n: usize) -> Result<Vec<f32>, String> {
+        let w = self.width;
+        let mut out = Vec::with_capacity(n * w);
+        for r in 0..n {
+            let at = match &self.pool {
+                None => i * self.rows + r,
+                Some(pool) => pool.row(i, r).ok_or_else(|| format!("sequence {i} holds no page for row {r}"))?,
+            };
+            out.extend_from_slice(cache.get(at * w..(at + 1) * w).ok_or("a cache shorter than its rows")?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages are handed out as sequences grow (interleaved: the table has holes in the pool's
+    /// order), given back at the end, and reused; a full pool is refused by name.
+    #[test]
+    fn sequences_take_pages_as_they_grow_and_give_them_back() {
+        let mut pool = PagePool::new(5, 3);
+        pool.reserve(0, 64).unwrap();
+        pool.reserve(1, 1).unwrap();
+        pool.reserve(0, 65).unwrap();
+        pool.reserve(2, 100).unwrap();
+        assert_eq!(pool.free(), 0);
+        let HostData::I32(t) = pool.table(3).unwrap().data else { panic!() };
+        assert_eq!(t, vec![0, 2, -1, 1, -1, -1, 3, 4, -1]);
+        assert_eq!(pool.row(0, 64), Some(2 * 64));
+        assert_eq!(pool.row(2, 99), Some(4 * 64 + 35));
+        assert_eq!(pool.row(1, 64), None);
+        let err = pool.reserve(1, 65).unwrap_err();
+        assert!(err.contains("sequence 1: 65 rows need page 2") && err.contains("pool's 5 are taken"), "{err}");
+        pool.release(0);
+        pool.reserve(1, 129).unwrap();
+        let HostData::I32(t) = pool.table(3).unwrap().data else { panic!() };
+        assert_eq!(t, vec![-1, -1, -1, 1, 0, 2, 3, 4, -1]);
+        assert!(pool.table(1).unwrap_err().contains("holds 3 pages, the table has 1"));
+    }
+
+    /// Prefilled rows laid into pages and read back; the steps' tables; contiguous caches alike.
+    #[test]
+    fn prefilled_rows_go_to_their_pages_and_come_back() {
+        let w = 3;
+        let a: Vec<f32> = (0..70 * w).map(|v| v as f32).collect();
+        let b: Vec<f32> = (0..5 * w).map(|v| -(v as f32)).collect();
+        for paged in [false, true] {
+            let mut caches = DecodeCaches::new(&[130, 70], 192, w, paged);
+            let all = caches.lay_out(&[&a, &b]).unwrap();
+            let HostData::F32(v) = &all.data else { panic!() };
+            assert_eq!(all.shape, if paged { vec![3 + 2, 64, w] } else { vec![2, 192, w] });
+            assert_eq!(caches.rows_of(v, 0, 70).unwrap(), a);
+            assert_eq!(caches.rows_of(v, 1, 5).unwrap(), b);
+            let table = caches.step(&[70, 64], &[true, true]).unwrap();
+            match table {
+                None => assert!(!paged),
+                Some(t) => {
+                    assert_eq!(t.shape, vec![2, 3]);
+                    let HostData::I32(t) = t.data else { panic!() };
+                    assert_eq!(t, vec![0, 1, -1, 2, 3, -1], "sequence 1 took its second page at row 64");
+                }
+            }
+        }
+    }
+}
