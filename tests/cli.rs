@@ -1100,11 +1100,11 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         last.starts_with(&format!("wrote {} (", out_dir.display())) && last.contains("lowering, manifest)"),
         "{err}"
     );
-    assert!(err.contains("\ncaches: prefill bf16, decode bf16 in pages of 64 rows\n"), "{err}");
+    assert!(err.contains("\ncaches: prefill bf16, decode bf16 in a pool of 64-row pages\n"), "{err}");
     for (fused, kernel) in [
         (
             "attention_decode_quantize_0",
-            "5 launches: rows_mlaabsorb_h128_n128_r64_v128_kv512_b8_t128 -> rows_mlatable_t32 -> \
+            "5 launches: rows_mlaabsorb_h128_n128_r64_v128_kv512_b8_t128 -> rows_mlalengths_t32 -> \
              mla_decode_kv512_r64_p64_s2 (128 heads, split K, tensor cores) -> rows_mlacombine_d512_t64",
         ),
         (
@@ -1144,7 +1144,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     // Every launch the GPU executor would make matches its kernel's PTX, at the planned sizes and
     // at a one-sequence decode (caches of whole 64-row pages) and a short prefill.
     let sizes = [
-        ("decode", v3c_runtime::plan::Sizes::new(1, 128)),
+        ("decode", v3c_runtime::plan::Sizes { pages: 2, ..v3c_runtime::plan::Sizes::new(1, 128) }),
         ("prefill", v3c_runtime::plan::Sizes::new(3, 0)),
     ];
     let (launches, kernels) = v3c_tests::check_gpu_launches(&out_dir, &sizes);

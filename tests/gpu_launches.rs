@@ -47,7 +47,7 @@ fn long_contexts_and_training_windows_compile() {
     let long = run_binary("v3c", &[&args[..], &["--max-rows", "16", "--max-context", "20000"]].concat());
     assert!(long.status.success(), "{}", String::from_utf8_lossy(&long.stderr));
     // Decode's caches in whole 64-row pages: the plan's 20000 rounded up.
-    let sizes = [("prefill", Sizes::new(16, 20000)), ("decode", Sizes::new(2, 20032))];
+    let sizes = [("prefill", Sizes::new(16, 20000)), ("decode", Sizes { pages: 2 * 313, ..Sizes::new(2, 20032) })];
     let (launches, _) = check_gpu_launches(&out, &sizes);
     assert!(launches > 50, "{launches} launches");
     let train = run_binary(
@@ -82,11 +82,14 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
     let sizes = [
         ("prefill", Sizes::new(1, 0)),
         ("prefill", Sizes::new(37, 100)),
-        ("decode", Sizes::new(1, 64)),
-        ("decode", Sizes::new(5, 4096)),
+        ("decode", Sizes { pages: 1, ..Sizes::new(1, 64) }),
+        ("decode", Sizes { pages: 5 * 64, ..Sizes::new(5, 4096) }),
+        // A pool smaller than the sequences' longest caches (pages handed out as they grow).
+        ("decode", Sizes { pages: 7, ..Sizes::new(5, 4096) }),
     ];
     let (launches, kernels) = check_gpu_launches(&out, &sizes);
-    // The decode caches are bf16 64-row pages read in place: a cache of another length is refused.
+    // The decode caches are pools of bf16 64-row pages read in place through a block table of
+    // whole pages: a cache of another length per sequence is refused.
     let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
     assert_eq!(artifact.lowering.as_ref().unwrap().cache_rows_multiple, Some(64));
     // Both entries' caches (inputs, and prefill's grown outputs in the arena) are bf16.
@@ -109,9 +112,9 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
     }
     let err = v3c_runtime::gpu::Expander::new(&artifact)
         .unwrap()
-        .check(&[("decode", Sizes::new(1, 17))])
+        .check(&[("decode", Sizes { pages: 1, ..Sizes::new(1, 17) })])
         .unwrap_err();
-    assert!(err.contains("caches of 17 rows per sequence") && err.contains("pages are 64 rows"), "{err}");
+    assert!(err.contains("'block_table': 17 rows of cache per sequence, not whole pages of 64"), "{err}");
     eprintln!("{launches} launches of {kernels} kernels checked");
     assert!(launches > 300, "{launches} launches");
     assert!(kernels >= 25, "{kernels} kernels");
@@ -368,11 +371,7 @@ fn a_bf16_checkpoint_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_log
     assert!(err.contains("compile: moe_down_0 -> 4 launches: rows_copy_d96_t32 -> rows_splitbf16_d48_t32"), "{err}");
     assert!(err.contains("attention_decode_0 -> rows_mladecode_h4_n24_r16_v24_kv32_c8192_"), "{err}");
     // Every launch's parameters as its kernel's PTX declares, at several sizes.
-    let sizes = [
-        ("prefill", Sizes::new(1, 0)),
-        ("prefill", Sizes::new(16, 40)),
-        ("decode", Sizes::new(3, 64)),
-    ];
+    let sizes = [("prefill", Sizes::new(1, 0)), ("prefill", Sizes::new(16, 40)), ("decode", Sizes::new(3, 64))];
     let (launches, kernels) = check_gpu_launches(std::path::Path::new(&p("art")), &sizes);
     assert!(launches > 150 && kernels >= 30, "{launches} launches of {kernels} kernels");
     let tokens = "3 17 42 5 9 11 2 250 31";
@@ -610,14 +609,14 @@ fn fp8_cache_sessions_pick_the_cpu_backends_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint_of(dir.path(), true);
     let (out, report) = compile_default(&ckpt, dir.path(), &["--kv-cache", "fp8"]);
-    let caches = "caches: prefill fp8 rows of 272 bytes, decode fp8 rows of 272 bytes in pages of 64 rows";
+    let caches = "caches: prefill fp8 rows of 272 bytes, decode fp8 rows of 272 bytes in a pool of 64-row pages";
     assert!(report.contains(caches), "{report}");
     let info = run_binary("v3r", &["info", out.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&info.stdout);
     assert!(
         text.contains(
-            "and 64 cache rows, caches fp8 (272-byte rows: e4m3 latent, power-of-two scales, bf16 rope key) in pages \
-             of 64 rows"
+            "and 64 cache rows, caches fp8 (272-byte rows: e4m3 latent, power-of-two scales, bf16 rope key): a pool \
+             of 8 pages of 64 rows, a block table per sequence"
         ),
         "{text}"
     );
@@ -656,7 +655,7 @@ fn check_tensor_core_decode(fp8: bool, fp8_cache: bool, tolerance: f32) {
             if fp8 { ("attention_decode_quantize_0", "") } else { ("attention_decode_0", "_bf16") };
         let launches = format!(
             "compile: {fused} -> 5 launches: rows_mlaabsorb_h2_n128_r64_v128_kv128_b8_t128{f32_graph} -> \
-             rows_mlatable_t32 -> mla_decode_kv128_r64_p64_s2{} (2 heads, split K, tensor cores) -> \
+             rows_mlalengths_t32 -> mla_decode_kv128_r64_p64_s2{} (2 heads, split K, tensor cores) -> \
              rows_mlacombine_d128_t32 -> rows_mlaupv_h2_n128_v128_kv128_b8_t128{f32_graph}",
             if fp8_cache { "_fp8" } else { "" }
         );
@@ -694,13 +693,42 @@ fn check_tensor_core_decode(fp8: bool, fp8_cache: bool, tolerance: f32) {
             step.insert(c.to_string(), HostBuffer { shape: vec![2, 64, width], data: HostData::F32(data) });
         }
         let wanted = ["logits", "mtp_logits", "kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
-        let mut gpu = emulator.run("decode", &step, &wanted, None).unwrap();
+        // The artifact's decode takes each cache as a pool of pages through a block table: sequence 0
+        // on page 3, sequence 1 on page 1, the other pages large values the attention must not read.
+        let (pages_of, pool_pages) = ([3usize, 1], 5);
+        let mut paged = step.clone();
+        paged.insert(
+            v3c_runtime::plan::PAGE_POOL.to_string(),
+            HostBuffer { shape: vec![2, 1], data: HostData::I32(pages_of.map(|p| p as i32).to_vec()) },
+        );
+        for c in caches {
+            let HostData::F32(rows) = &step[c].data else { panic!() };
+            let mut pool = vec![40.0f32; pool_pages * 64 * width];
+            for (seq, &page) in pages_of.iter().enumerate() {
+                pool[page * 64 * width..][..64 * width].copy_from_slice(&rows[seq * 64 * width..][..64 * width]);
+            }
+            paged.insert(c.to_string(), HostBuffer { shape: vec![pool_pages, 64, width], data: HostData::F32(pool) });
+        }
+        let mut gpu = emulator.run("decode", &paged, &wanted, None).unwrap();
         for c in caches {
             let cache = gpu.remove(c).unwrap();
             // fp8 rows come back dequantized.
             let element = if fp8_cache { "f32" } else { "bf16" };
             assert_eq!(cache.element(), element, "{c}: the decode caches' element");
-            gpu.insert(c.to_string(), cache.into_f32());
+            assert_eq!(cache.shape, vec![pool_pages, 64, width], "{c}");
+            let HostData::F32(pool) = cache.into_f32().data else { panic!() };
+            // The sequences' pages, in the CPU backend's layout; the other pages untouched.
+            let mut rows = Vec::new();
+            for (page, block) in pool.chunks(64 * width).enumerate() {
+                match pages_of.iter().position(|&p| p == page) {
+                    Some(_) => {}
+                    None => assert!(block.iter().all(|&v| v == 40.0), "{c}: page {page} was written"),
+                }
+            }
+            for &page in &pages_of {
+                rows.extend_from_slice(&pool[page * 64 * width..][..64 * width]);
+            }
+            gpu.insert(c.to_string(), HostBuffer { shape: vec![2, 64, width], data: HostData::F32(rows) });
         }
         let cpu = program.run("decode", &step, &wanted).unwrap();
         let mut worst = 0f32;

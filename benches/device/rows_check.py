@@ -12,8 +12,11 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
   rows_latent_<w>_d<D>_r<R>_t<T>_eps<E>[_il]_write: latent [B, D], w [D], k_pe [B, R], positions [B] (i64),
       cache [B, S, D + R] (written in place at each position), rope [positions, R] (cos | sin); grid B
   rows_latent_..._append: the same with cache [P, D + R], then out [P + T, D + R]; grid P + T
-  rows_latent_..._writebf16 / _appendbf16: the same over bf16 caches (each new value rounded to nearest even)
-  rows_latent_..._writefp8 / _appendfp8: the same into fp8 rows, cache [B, S, row bytes] / [P, row bytes] (u8):
+  rows_latent_..._writebf16 / _appendbf16: the same over bf16 caches (each new value rounded to nearest even);
+      the decode write's cache is a pool of 64-row pages [pages, 64, D + R] and a block table [B, pages per
+      sequence] (i32) comes last: row p of sequence b is row p % 64 of page table[b, p / 64]
+  rows_latent_..._writefp8 / _appendfp8: the same into fp8 rows, cache [pages, 64, row bytes] + table / [P, row
+      bytes] (u8):
       D e4m3 bytes, D / 128 power-of-two f32 scales (padded to 16 bytes), R bf16 (runtime/src/plan.rs,
       Fp8LatentRow: 656 bytes for 512 + 64); checked decoded, within one e4m3 step of the reference, scales
       the least powers of two that fit (appended: the cached rows' bytes unchanged)
@@ -359,6 +362,9 @@ def problem(cfg, rows, device, seed=0):
         elif cfg["fp8_cache"]:
             row = fp8_row_bytes(d, cfg["rope"])[2]
             p["cache"] = torch.randint(0, 256, (new, SLOTS, row), generator=gen, dtype=torch.uint8)
+        if not cfg["append"] and (cfg["bf16_cache"] or cfg["fp8_cache"]):
+            # A pool of pages (SLOTS = 64: one per sequence), handed out in a shuffled order.
+            p["table"] = torch.randperm(new, generator=gen).to(torch.int32).view(new, 1)
         return {k: v.to(device) for k, v in p.items()}
     if cfg["op"] == "embed":
         vocab = 1000
@@ -420,7 +426,7 @@ def outputs(cfg, rows, device):
 
 def arguments(cfg, inputs, outs):
     key = "mlaprefill" if cfg["op"] == "mladecode" and cfg["prefill"] else cfg["op"]
-    order = {"embed": ["table", "ids", "out"], "latent": ["latent", "w", "k_pe", "positions", "cache", "rope", "out"],
+    order = {"embed": ["table", "ids", "out"], "latent": ["latent", "w", "k_pe", "positions", "cache", "rope", "table", "out"],
              "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"], "copy": ["x", "y"], "route": ["x", "gate", "bias", "idx", "w_out"],
              "mladecode": ["q_nope", "q_pe", "cache", "positions", "kv_b", "kv_b_scale", "q", "scale"],
              "mlaprefill": ["q_nope", "q_pe", "cache", "kv_b", "kv_b_scale", "q", "scale"],
@@ -511,8 +517,11 @@ def check(cfg, inputs, outs):
                 errors.append("the cached rows are not copied unchanged")
             got = outs["out"][cached:]
         else:
-            # The kernel writes the cache in place: `check` sees it after the launch.
+            # The kernel writes the cache in place: `check` sees it after the launch (a pool: the
+            # sequences' pages through the table).
             b = torch.arange(want.shape[0], device=want.device)
+            if "table" in inputs:
+                b = inputs["table"][:, 0].long()
             got = inputs["cache"][b, inputs["positions"]]
         if cfg["fp8_cache"]:
             d, g = cfg["d"], cfg["d"] // GROUP
@@ -700,21 +709,28 @@ def self_test():
     inputs = problem(lat16, 3, "cpu")
     want = latent_reference(lat16, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
     cache = inputs["cache"].clone()
-    cache[torch.arange(3), inputs["positions"]] = want.to(torch.bfloat16)
+    pages = inputs["table"][:, 0].long()
+    assert sorted(pages.tolist()) == [0, 1, 2]
+    cache[pages, inputs["positions"]] = want.to(torch.bfloat16)
     assert check(lat16, {**inputs, "cache": cache}, {}) == []
+    unpaged = inputs["cache"].clone()
+    unpaged[torch.arange(3), inputs["positions"]] = want.to(torch.bfloat16)
+    if not torch.equal(pages, torch.arange(3)):
+        assert check(lat16, {**inputs, "cache": unpaged}, {}), "rows written past the table are caught"
     lat8 = parse("rows_latent_bf16_d512_r64_t64_eps1em6_il_writefp8")
     assert lat8["fp8_cache"] and not lat8["bf16_cache"] and fp8_row_bytes(512, 64) == (512, 528, 656)
     inputs = problem(lat8, 3, "cpu")
     assert inputs["cache"].shape == (3, SLOTS, 656) and inputs["cache"].dtype == torch.uint8
     want = latent_reference(lat8, inputs["latent"], inputs["w"], inputs["k_pe"], inputs["positions"], inputs["rope"])
     cache = inputs["cache"].clone()
-    cache[torch.arange(3), inputs["positions"]] = fp8_pack_reference(512, 64, want)
+    pages = inputs["table"][:, 0].long()
+    cache[pages, inputs["positions"]] = fp8_pack_reference(512, 64, want)
     assert check(lat8, {**inputs, "cache": cache}, {}) == []
     bad = cache.clone()
-    bad[1, inputs["positions"][1], 5] ^= 0x08  # one e4m3 byte off by a factor of 2
+    bad[pages[1], inputs["positions"][1], 5] ^= 0x08  # one e4m3 byte off by a factor of 2
     assert check(lat8, {**inputs, "cache": bad}, {}), "a wrong fp8 byte is caught"
     bad = cache.clone()
-    bad[0, inputs["positions"][0], 512] += 1  # group 0's scale no longer a power of two
+    bad[pages[0], inputs["positions"][0], 512] += 1  # group 0's scale no longer a power of two
     assert check(lat8, {**inputs, "cache": bad}, {}), "a wrong fp8 scale is caught"
     app8 = parse("rows_latent_bf16_d512_r64_t64_eps1em6_il_appendfp8")
     inputs = problem(app8, 6, "cpu")

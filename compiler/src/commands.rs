@@ -1160,7 +1160,7 @@ fn write_gpu_artifact(
             (c, _) => c.element().to_string(),
         };
         let pages =
-            if lowered.caches.paged_decode() { format!(" in pages of {PAGE_ROWS} rows") } else { String::new() };
+            if lowered.caches.paged_decode() { format!(" in a pool of {PAGE_ROWS}-row pages") } else { String::new() };
         eprintln!("caches: prefill {}, decode {}{pages}", row(lowered.caches.prefill), row(lowered.caches.decode));
     }
     eprintln!(
@@ -1809,6 +1809,9 @@ pub fn emulate(
             return Err(format!("{max_len} rows: the decode plan holds {}", decode.sizes.context));
         }
         let mut state: std::collections::HashMap<String, HostBuffer> = std::collections::HashMap::new();
+        // One sequence's caches of max_len rows, or the pages of a pool (as `v3r run`'s session).
+        let paged = v3c_runtime::pages::DecodeCaches::paged_entry(&decode.bounds);
+        let mut layout = None;
         for (name, b) in &outs {
             if !name.starts_with("kv_cache.") {
                 continue;
@@ -1816,17 +1819,21 @@ pub fn emulate(
             // (bf16 caches widened exactly; the decode entry's own element is the plan's.)
             let HostData::F32(rows) = b.clone().into_f32().data else { continue };
             let width = b.shape[1];
-            let mut full = rows.clone();
-            full.resize(max_len * width, 0.0);
-            state.insert(name.clone(), HostBuffer { shape: vec![1, max_len, width], data: HostData::F32(full) });
+            let layout =
+                layout.get_or_insert_with(|| v3c_runtime::pages::DecodeCaches::new(&[max_len], max_len, width, paged));
+            state.insert(name.clone(), layout.lay_out(&[&rows])?);
         }
         let mut last: Vec<f32> = values[values.len() - logits.shape[1]..].to_vec();
         let mut greedy = v3c_models::reference::Sampler::new(0.0, 1.0, 0);
         for step in 0..decode_steps {
             let token = greedy.sample(&last);
             let mut inputs = state.clone();
+            let position = tokens.len() + step;
+            if let Some(table) = layout.as_mut().map(|l| l.step(&[position], &[true])).transpose()?.flatten() {
+                inputs.insert(v3c_runtime::plan::PAGE_POOL.into(), table);
+            }
             inputs.insert("tokens".into(), ids(vec![i64::from(token)]));
-            inputs.insert("positions".into(), ids(vec![(tokens.len() + step) as i64]));
+            inputs.insert("positions".into(), ids(vec![position as i64]));
             if decode.bounds.contains_key("mtp_tokens") {
                 inputs.insert("mtp_tokens".into(), ids(vec![0]));
             }

@@ -12,7 +12,8 @@ use melior::ir::block::BlockLike;
 use melior::ir::operation::OperationLike;
 use melior::ir::{Module, RegionLike, ValueLike};
 use v3c_runtime::plan::{
-    element_bytes, place, shape_at, Buffer, BufferKind, Dim, EntryPlan, Launch, Plan, Sizes, PAGE_POOL, PLAN_FORMAT_VERSION,
+    element_bytes, place, shape_at, Buffer, BufferKind, Dim, EntryPlan, Launch, Plan, Sizes, PAGE_POOL,
+    PLAN_FORMAT_VERSION,
 };
 
 use crate::shapes::{kernel_in_place, kernel_shape_rules, DimRule};
@@ -239,7 +240,14 @@ pub fn page_decode_caches(plan: &mut Plan, entry: &str, kernels: &[String], page
     let dims = vec![Dim::ROWS, Dim { div: page, ..Dim::CONTEXT }];
     let shape = shape_at(&dims, sizes);
     let bytes = shape.iter().product::<usize>() as u64 * 4;
-    e.buffers.push(Buffer { id, kind: BufferKind::Input { name: PAGE_POOL.into() }, dims, shape, dtype: "i32".into(), bytes });
+    e.buffers.push(Buffer {
+        id,
+        kind: BufferKind::Input { name: PAGE_POOL.into() },
+        dims,
+        shape,
+        dtype: "i32".into(),
+        bytes,
+    });
     e.bounds.insert(PAGE_POOL.into(), e.buffers[id].shape.clone());
     for (name, bound) in e.bounds.iter_mut() {
         if let Some(b) = e.buffers.iter().find(|b| matches!(&b.kind, BufferKind::Input { name: n } if n == name)) {

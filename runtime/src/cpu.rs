@@ -224,22 +224,31 @@ impl<'p> BoundPlan<'p> {
 }
 
 /// Inputs at an entry's planned shapes for timing its kernels: token 0, positions 0.. (within the
-/// caches), zero caches.
+/// caches), zero caches (a pool of pages: the sequences' pages interleaved in it).
 pub fn bench_inputs(plan: &EntryPlan) -> Result<HashMap<String, HostBuffer>, String> {
     let mut inputs = HashMap::new();
+    let pool_table = plan.bounds.get(crate::plan::PAGE_POOL);
     for (name, shape) in &plan.bounds {
         let buffer = match name.as_str() {
             "tokens" | "mtp_tokens" => {
                 HostBuffer { shape: shape.clone(), data: HostData::I64(vec![0; shape.iter().product()]) }
             }
+            crate::plan::PAGE_POOL => {
+                let [b, n] = shape[..] else { return Err(format!("{name} of shape {shape:?}")) };
+                let table = (0..b * n).map(|k| ((k % n) * b + k / n) as i32).collect();
+                HostBuffer { shape: shape.clone(), data: HostData::I32(table) }
+            }
             "positions" => {
-                let rows = *plan
-                    .bounds
-                    .iter()
-                    .find(|(n, _)| n.starts_with("kv_cache."))
-                    .map(|(_, s)| s)
-                    .and_then(|s| s.get(s.len().saturating_sub(2)))
-                    .unwrap_or(&1);
+                let rows = match pool_table {
+                    Some(t) => t.get(1).copied().unwrap_or(0) * crate::pages::PAGE_ROWS,
+                    None => *plan
+                        .bounds
+                        .iter()
+                        .find(|(n, _)| n.starts_with("kv_cache."))
+                        .map(|(_, s)| s)
+                        .and_then(|s| s.get(s.len().saturating_sub(2)))
+                        .unwrap_or(&1),
+                };
                 let n: usize = shape.iter().product();
                 HostBuffer {
                     shape: shape.clone(),

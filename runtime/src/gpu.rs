@@ -277,6 +277,7 @@ impl<'a> Expander<'a> {
         bindings: &Bindings,
         sms: usize,
     ) -> Result<(Vec<Action>, SplitScratch), String> {
+        entry.check_sizes(sizes)?;
         let mut actions = Vec::new();
         let mut scratch = SplitScratch::default();
         let decode = entry.name == "decode";

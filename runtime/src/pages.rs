@@ -46,7 +46,11 @@ impl PagePool {
         let held = self.held.get_mut(s).ok_or_else(|| format!("sequence {s} is not in the pool"))?;
         while held.len() < want {
             let page = self.free.pop().ok_or_else(|| {
-                format!("sequence {s}: {rows} rows need page {} of its own, and the pool's {} are taken", held.len() + 1, self.pages)
+                format!(
+                    "sequence {s}: {rows} rows need page {} of its own, and the pool's {} are taken",
+                    held.len() + 1,
+                    self.pages
+                )
             })?;
             held.push(page);
         }

@@ -138,6 +138,21 @@ pub struct Launch {
 }
 
 impl EntryPlan {
+    /// Whether the entry runs at `sizes`: every input dim that is a quotient (a block table's
+    /// pages) divides evenly.
+    pub fn check_sizes(&self, sizes: Sizes) -> Result<(), String> {
+        for b in &self.buffers {
+            let BufferKind::Input { name } = &b.kind else { continue };
+            if let Some(d) = b.dims.iter().find(|d| d.div > 1 && Dim { div: 0, ..**d }.eval(sizes) % d.div != 0) {
+                return Err(format!(
+                    "input '{name}': {} rows of cache per sequence, not whole pages of {} rows",
+                    sizes.context, d.div
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The sizes `inputs` (shapes by input name) are at: every input given, each dim matching its
     /// planned form, within the planned sizes. Errors name the input.
     pub fn bind(&self, inputs: &BTreeMap<String, Vec<usize>>) -> Result<Sizes, String> {
@@ -155,11 +170,13 @@ impl EntryPlan {
             // An input dim is a constant, the rows, the context or the pages (or a quotient of
             // one of these, checked below).
             for (d, &g) in dims.iter().zip(given) {
+                // A block table's width gives the context in whole pages.
+                let g = g * d.div.max(1);
                 let slot = match (d.rows, d.context, d.pages) {
-                    _ if d.constant != 0 || d.div > 1 => continue,
-                    (1, 0, 0) => &mut rows,
+                    _ if d.constant != 0 => continue,
+                    (1, 0, 0) if d.div <= 1 => &mut rows,
                     (0, 1, 0) => &mut context,
-                    (0, 0, 1) => &mut pages,
+                    (0, 0, 1) if d.div <= 1 => &mut pages,
                     _ => continue,
                 };
                 match slot {
@@ -189,13 +206,8 @@ impl EntryPlan {
                 if self.name == "decode" { "--max-batch" } else { "--max-rows" }
             ));
         }
+        self.check_sizes(sizes)?;
         for (name, dims) in planned {
-            if let Some(d) = dims.iter().find(|d| d.div > 1 && Dim { div: 0, ..**d }.eval(sizes) % d.div != 0) {
-                return Err(format!(
-                    "input '{name}': {} rows of cache per sequence, not whole pages of {} rows",
-                    sizes.context, d.div
-                ));
-            }
             let want = shape_at(dims, sizes);
             if inputs[name] != want {
                 return Err(format!("input '{name}': shape {:?}, expected {want:?}", inputs[name]));
@@ -492,5 +504,24 @@ mod tests {
         assert!(plan.bind(&[("tokens".to_string(), vec![1])].into()).unwrap_err().contains("'kv_cache.0' not given"));
         let sum = Dim::CONTEXT.plus(&Dim::ROWS);
         assert_eq!(sum.eval(Sizes::new(3, 5)), 8);
+        // A pool of pages and its block table: the pages from the pool, the context from the
+        // table's width in pages; more pages than planned refused; sizes off whole pages refused.
+        let mut paged = plan.clone();
+        paged.sizes = Sizes { pages: 8, ..Sizes::new(4, 128) };
+        let table = vec![Dim::ROWS, Dim { div: 64, ..Dim::CONTEXT }];
+        paged.buffers[1].dims = vec![Dim::PAGES, Dim::fixed(64), Dim::fixed(8)];
+        paged.buffers.push(input(2, PAGE_POOL, table));
+        let pool = |t: Vec<usize>, c: Vec<usize>, b: Vec<usize>| -> BTreeMap<String, Vec<usize>> {
+            [("tokens".to_string(), t), ("kv_cache.0".to_string(), c), (PAGE_POOL.to_string(), b)].into()
+        };
+        assert_eq!(
+            paged.bind(&pool(vec![2], vec![3, 64, 8], vec![2, 2])),
+            Ok(Sizes { pages: 3, ..Sizes::new(2, 128) })
+        );
+        let err = paged.bind(&pool(vec![2], vec![9, 64, 8], vec![2, 2])).unwrap_err();
+        assert!(err.contains("a pool of 9 pages given, the plan holds at most 8"), "{err}");
+        assert!(paged.bind(&pool(vec![2], vec![3, 64, 8], vec![3, 2])).unwrap_err().contains("disagrees"));
+        let err = paged.check_sizes(Sizes { pages: 1, ..Sizes::new(1, 17) }).unwrap_err();
+        assert!(err.contains("'block_table': 17 rows of cache per sequence, not whole pages of 64"), "{err}");
     }
 }

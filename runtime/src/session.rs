@@ -705,6 +705,9 @@ mod tests {
         bf16: bool,
         /// Rows per sequence of the last decode's caches.
         slots: RefCell<usize>,
+        /// Decode takes its caches as a pool of pages through a block table; the last pool's pages.
+        paged: bool,
+        pool_pages: RefCell<usize>,
     }
 
     impl Toy {
@@ -721,7 +724,19 @@ mod tests {
                 multiple: 1,
                 bf16: false,
                 slots: RefCell::new(0),
+                paged: false,
+                pool_pages: RefCell::new(0),
             }
+        }
+
+        /// A toy whose decode takes a pool of 64-row pages (plans of 128 rows of context).
+        fn paged() -> Toy {
+            let mut t = Toy::new(false);
+            t.prefill = plan("prefill", 4, 128, vec![128, WIDTH]);
+            t.decode = plan("decode", 3, 128, vec![6, 64, WIDTH]);
+            t.decode.bounds.insert(PAGE_POOL.into(), vec![3, 2]);
+            (t.paged, t.multiple) = (true, 64);
+            t
         }
     }
 
@@ -806,17 +821,37 @@ mod tests {
                 *self.uploads.borrow_mut() += 1;
                 given.clone()
             };
-            let slots = cache.shape[1];
-            if slots % self.multiple != 0 {
-                return Err(format!("caches of {slots} rows"));
-            }
-            *self.slots.borrow_mut() = slots;
-            let HostData::F32(rows) = &mut cache.data else { unreachable!() };
             let mut logits = Vec::new();
-            for (b, (&t, &p)) in tokens.iter().zip(positions).enumerate() {
-                let seq = &mut rows[b * slots * WIDTH..(b + 1) * slots * WIDTH];
-                seq[p as usize * WIDTH..(p as usize + 1) * WIDTH].fill(t as f32);
-                logits.extend(logits_row(seq[..(p as usize + 1) * WIDTH].iter().step_by(WIDTH).sum()));
+            if self.paged {
+                // Row p of sequence b: row p mod 64 of page table[b, p / 64] (-1: no page).
+                let table = &inputs[PAGE_POOL];
+                let (HostData::I32(t), &[_, n]) = (&table.data, &table.shape[..]) else { return Err("a table".into()) };
+                *self.pool_pages.borrow_mut() = cache.shape[0];
+                *self.slots.borrow_mut() = n * 64;
+                let HostData::F32(rows) = &mut cache.data else { unreachable!() };
+                let at = |b: usize, p: usize| -> Option<usize> {
+                    let page = *t.get(b * n + p / 64)?;
+                    (page >= 0).then(|| (page as usize * 64 + p % 64) * WIDTH)
+                };
+                for (b, (&tok, &p)) in tokens.iter().zip(positions).enumerate() {
+                    if let Some(a) = at(b, p as usize) {
+                        rows[a..a + WIDTH].fill(tok as f32);
+                    }
+                    let sum: f32 = (0..=p as usize).map(|j| at(b, j).map_or(0.0, |a| rows[a])).sum();
+                    logits.extend(logits_row(sum));
+                }
+            } else {
+                let slots = cache.shape[1];
+                if slots % self.multiple != 0 {
+                    return Err(format!("caches of {slots} rows"));
+                }
+                *self.slots.borrow_mut() = slots;
+                let HostData::F32(rows) = &mut cache.data else { unreachable!() };
+                for (b, (&t, &p)) in tokens.iter().zip(positions).enumerate() {
+                    let seq = &mut rows[b * slots * WIDTH..(b + 1) * slots * WIDTH];
+                    seq[p as usize * WIDTH..(p as usize + 1) * WIDTH].fill(t as f32);
+                    logits.extend(logits_row(seq[..(p as usize + 1) * WIDTH].iter().step_by(WIDTH).sum()));
+                }
             }
             if self.keeps {
                 *self.device.borrow_mut() = Some(cache.clone());
@@ -919,5 +954,37 @@ mod tests {
         paged.multiple = 64;
         let err = ArtifactSession::new(&paged, 12).err().unwrap();
         assert!(err.contains("caches of 64 rows in whole pages") && err.contains("at most 32 rows"), "{err}");
+    }
+
+    /// A decode entry over a pool of pages: sessions lay the prefilled rows into pages, hand out a
+    /// page as a sequence crosses into it, and give the tokens of caches per sequence; a batch's
+    /// pool holds the pages its sequences may fill (not the longest's for each), and a sequence
+    /// that ends gives its pages back (its later rows are written nowhere).
+    #[test]
+    fn a_pool_of_pages_gives_the_tokens_of_caches_per_sequence() {
+        let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+        let long: Vec<u32> = (0..60).map(|i| (i * 7 % 11) as u32).collect();
+        let mut plain = Toy::new(false);
+        plain.prefill = plan("prefill", 4, 128, vec![128, WIDTH]);
+        plain.decode = plan("decode", 3, 128, vec![3, 128, WIDTH]);
+        let paged = Toy::paged();
+        let one = generate(&mut ArtifactSession::new(&plain, 75).unwrap(), &long, 15, &mut greedy(), None).unwrap();
+        let two = generate(&mut ArtifactSession::new(&paged, 75).unwrap(), &long, 15, &mut greedy(), None).unwrap();
+        assert_eq!(one.tokens, two.tokens, "across the page boundary at row 64");
+        assert_eq!((*paged.pool_pages.borrow(), *paged.slots.borrow()), (2, 128));
+        let prompts = vec![long.clone(), vec![8, 8, 2], long[..50].to_vec()];
+        let batch = |p: &Toy, eos: Option<u32>| {
+            let mut samplers = vec![greedy(), greedy(), greedy()];
+            generate_batch(p, &prompts, 10, &mut samplers, eos)
+                .unwrap()
+                .into_iter()
+                .map(|g| g.tokens)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(batch(&plain, None), batch(&paged, None));
+        assert_eq!(*paged.pool_pages.borrow(), 2 + 1 + 1, "70, 13 and 60 tokens: 4 pages, not 3 x 2");
+        // Sequences ending early (at an eos): the others' tokens as before.
+        let eos = batch(&plain, None)[1].get(2).copied();
+        assert_eq!(batch(&plain, eos), batch(&paged, eos));
     }
 }
