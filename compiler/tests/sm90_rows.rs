@@ -693,9 +693,10 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
 /// Decode attention on the tensor cores, its five launches on the host (rows through their CPU
 /// lowering, the split-K kernel as its semantics say): the merged latent output equals float64
 /// absorbed attention over each sequence's keys up to its position (the bf16 cache's values),
-/// within bf16's rounding of the absorbed queries and P — sequences of 1, 71 and 151 keys over
-/// bf16 caches of 192 rows read in place as 64-row pages (partial pages, empty splits), 3 heads (a
-/// 64-row block mostly masked).
+/// within bf16's rounding of the absorbed queries and P — sequences of 1, 71 and 151 keys over a
+/// pool of bf16 64-row pages read in place through a block table with holes (each sequence's pages
+/// scattered over the pool, out of order, -1 past them; the pages no sequence holds large values),
+/// partial pages, empty splits, 3 heads (a 64-row block mostly masked).
 #[test]
 fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
     use melior::ir::block::BlockLike;
@@ -742,6 +743,7 @@ fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
         _ => panic!("the third launch is the attention"),
     };
     let (b, slots, width, per) = (3, 192, kv + rope, nope + v);
+    let (pool_pages, table) = (11usize, vec![7i32, -1, -1, 2, 9, -1, 10, 0, 5]);
     let mut state = 5u64;
     let mut rnd = |n: usize, s: f32| -> Vec<f32> {
         (0..n)
@@ -755,24 +757,39 @@ fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
     let kv_scale: Vec<f32> = (0..heads * per / 128).map(|i| 0.01 + 0.002 * i as f32).collect();
     let w = |row: usize, col: usize| f8e4m3_to_f32(kv_b[row * kv + col]) as f64 * kv_scale[row / 128] as f64;
     let (q_nope, q_pe) = (rnd(b * heads * nope, 2.0), rnd(b * heads * rope, 2.0));
-    let cache: Vec<u16> = rnd(b * slots * width, 2.0).iter().map(|&x| f32_to_bf16(x)).collect();
+    // Each sequence's 192 rows (3 pages), then laid into the pool as the table says.
+    let rows: Vec<u16> = rnd(b * slots * width, 2.0).iter().map(|&x| f32_to_bf16(x)).collect();
+    let mut cache = vec![f32_to_bf16(1e4); pool_pages * 64 * width];
+    for (i, &page) in table.iter().enumerate().filter(|(_, &p)| p >= 0) {
+        let (seq, j) = (i / 3, i % 3);
+        cache[page as usize * 64 * width..][..64 * width]
+            .copy_from_slice(&rows[(seq * slots + j * 64) * width..][..64 * width]);
+    }
     let positions = vec![0i64, 70, 150];
     let f32s = |shape: Vec<usize>, v: &[f32]| HostBuffer { shape, data: HostData::F32(v.to_vec()) };
-    let ins = [
-        f32s(vec![b, heads, nope], &q_nope),
-        f32s(vec![b, heads, rope], &q_pe),
-        HostBuffer { shape: vec![b, slots, width], data: HostData::Bf16(cache.clone()) },
-        HostBuffer { shape: vec![b], data: HostData::I64(positions.clone()) },
-        HostBuffer { shape: vec![heads * per, kv], data: HostData::F8(kv_b.clone()) },
-        f32s(vec![heads * per / 128, 1], &kv_scale),
-    ];
-    let mut outs = [
-        HostBuffer { shape: vec![b, heads * v], data: HostData::F8(vec![0; b * heads * v]) },
-        f32s(vec![b, heads], &vec![0.0; b * heads]),
-    ];
-    let ins_ref: Vec<&HostBuffer> = ins.iter().collect();
-    let temps = HostRows::new(&context).run_steps(&steps, b, &ins_ref, &mut outs).unwrap();
-    let HostData::F32(o) = &temps[5].data else { panic!("the merged output is f32") };
+    // The merged output over a pool laid out as `table` says.
+    let merged = |pool: &[u16], pages: usize, table: &[i32]| -> Vec<f32> {
+        let ins = [
+            f32s(vec![b, heads, nope], &q_nope),
+            f32s(vec![b, heads, rope], &q_pe),
+            HostBuffer { shape: vec![pages, 64, width], data: HostData::Bf16(pool.to_vec()) },
+            HostBuffer { shape: vec![b], data: HostData::I64(positions.clone()) },
+            HostBuffer { shape: vec![heads * per, kv], data: HostData::F8(kv_b.clone()) },
+            f32s(vec![heads * per / 128, 1], &kv_scale),
+            HostBuffer { shape: vec![b, 3], data: HostData::I32(table.to_vec()) },
+        ];
+        let mut outs = [
+            HostBuffer { shape: vec![b, heads * v], data: HostData::F8(vec![0; b * heads * v]) },
+            f32s(vec![b, heads], &vec![0.0; b * heads]),
+        ];
+        let ins_ref: Vec<&HostBuffer> = ins.iter().collect();
+        let temps = HostRows::new(&context).run_steps(&steps, b, &ins_ref, &mut outs).unwrap();
+        let HostData::F32(o) = &temps[4].data else { panic!("the merged output is f32") };
+        o.clone()
+    };
+    let o = merged(&cache, pool_pages, &table);
+    // The same bits as each sequence's pages in order (the rows as they were, the identity table).
+    assert!(merged(&rows, b * 3, &(0..9).collect::<Vec<i32>>()) == o, "the layout changes the result");
     let (mut err2, mut norm2) = (0f64, 0f64);
     for seq in 0..b {
         let keys = positions[seq] as usize + 1;
@@ -780,7 +797,10 @@ fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
             let row = seq * heads + h;
             let q_abs: Vec<f64> =
                 (0..kv).map(|a| (0..nope).map(|d| q_nope[row * nope + d] as f64 * w(h * per + d, a)).sum()).collect();
-            let lat = |k: usize, c: usize| bf16_to_f32(cache[(seq * slots + k) * width + c]) as f64;
+            let lat = |k: usize, c: usize| {
+                let page = table[seq * 3 + k / 64] as usize;
+                bf16_to_f32(cache[(page * 64 + k % 64) * width + c]) as f64
+            };
             let s: Vec<f64> = (0..keys)
                 .map(|k| {
                     let nope_part: f64 = (0..kv).map(|a| q_abs[a] * lat(k, a)).sum();
