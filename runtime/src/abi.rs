@@ -83,8 +83,13 @@ impl MlaDecodeAbi {
                 q.element, cache.element, table.shape
             )));
         }
-        // The caches: a pool `[pages, 64, C]` the block table addresses.
-        if cache.shape.len() != 3 || cache.shape[1] != PAGE_ROWS {
+        // The caches: a pool `[pages, 64, C]` (or its rows, `[pages * 64, C]`) the block table addresses.
+        let pool = match cache.shape[..] {
+            [_, rows, _] => rows == PAGE_ROWS,
+            [rows, _] => rows % PAGE_ROWS == 0,
+            _ => false,
+        };
+        if !pool {
             return Err(fail(format!("caches {:?}: a pool of pages of {PAGE_ROWS} rows is read", cache.shape)));
         }
         let rows = qs[0] / b;
