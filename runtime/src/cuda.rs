@@ -9,8 +9,9 @@
 //! them so), the prepared weights (concatenated, grouped per expert) and the RoPE tables, uploaded
 //! once ([`crate::gpu::bind`]); one arena for the largest entry, the inputs at their planned sizes,
 //! the temporaries region.
-//! Run: inputs uploaded (but those kept on the device from the previous run of the entry: decode's
-//! caches), tensor maps encoded (`cuTensorMapEncodeTiled`) into one upload, every action launched on
+//! Run: inputs uploaded (but those kept on the device: decode's caches, updated in place, and the
+//! caches a prefill carried over from its outputs into the inputs of that name — see
+//! [`GpuArtifact::run_carrying`]), tensor maps encoded (`cuTensorMapEncodeTiled`) into one upload, every action launched on
 //! the stream — decode steps replayed from a CUDA graph — one synchronization, the wanted outputs
 //! read back; greedy tokens picked on the device by the artifact's argmax kernel.
 //!
@@ -18,8 +19,7 @@
 //! `V3R_GRAPHS=0` launches decode steps one by one; `V3R_DUMP_DIR=DIR` writes every launch's
 //! buffers (as `v3c emulate --dump` does on the host).
 //!
-//! Not here yet: the paged KV pool (caches are the plan's dense inputs), weights streamed from the
-//! checkpoint's mapping to the device without a host copy.
+//! Not here yet: weights streamed from the checkpoint's mapping to the device without a host copy.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -184,12 +184,20 @@ pub struct GpuArtifact {
     bindings: Bindings,
     scratch: std::cell::RefCell<Option<(DeviceBuffer, DeviceBuffer, SplitScratch)>>,
     maps: std::cell::RefCell<Option<DeviceBuffer>>,
-    /// The entry and input shapes of the last completed run (what resident inputs hold).
+    /// The entry and input shapes of the last completed run.
     last_inputs: std::cell::RefCell<Option<(String, InputShapes)>>,
+    /// What each input's device buffer holds (shape, element) after the last completed run: what
+    /// a later run may take as resident. Emptied when a run fails.
+    held: std::cell::RefCell<HashMap<String, (Vec<usize>, String)>>,
     graph: std::cell::RefCell<Option<CapturedGraph>>,
     argmax_out: std::cell::RefCell<Option<DeviceBuffer>>,
     /// Runs dumped per entry (`V3R_DUMP_DIR`).
     dumped_runs: std::cell::RefCell<HashMap<String, usize>>,
+}
+
+/// Entry `plan`'s input buffer named `name`.
+fn plan_input<'p>(plan: &'p EntryPlan, name: &str) -> Option<&'p crate::plan::Buffer> {
+    plan.buffers.iter().find(|b| matches!(&b.kind, BufferKind::Input { name: n } if n == name))
 }
 
 impl Drop for GpuArtifact {
@@ -321,6 +329,7 @@ impl GpuArtifact {
             scratch: std::cell::RefCell::new(None),
             maps: std::cell::RefCell::new(None),
             last_inputs: std::cell::RefCell::new(None),
+            held: std::cell::RefCell::new(HashMap::new()),
             graph: std::cell::RefCell::new(None),
             argmax_out: std::cell::RefCell::new(None),
             dumped_runs: std::cell::RefCell::new(HashMap::new()),
@@ -372,10 +381,9 @@ impl GpuArtifact {
         self.run_keeping(entry, inputs, wanted, &[])
     }
 
-    /// As [`GpuArtifact::run`], the inputs named in `resident` taken as the previous run left them
-    /// on the device (decode's caches, updated in place): not uploaded. The previous run must have
-    /// been of the same entry with inputs of the same shapes. Decode steps are replayed from a CUDA
-    /// graph captured on the first step of a shape (`V3R_GRAPHS=0`: launched one by one).
+    /// As [`GpuArtifact::run`], the inputs named in `resident` taken as the previous runs left them
+    /// on the device (decode's caches, updated in place): not uploaded. Decode steps are replayed
+    /// from a CUDA graph captured on the first step of a shape (`V3R_GRAPHS=0`: launched one by one).
     pub fn run_keeping(
         &self,
         entry: &str,
@@ -383,15 +391,45 @@ impl GpuArtifact {
         wanted: &[&str],
         resident: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
+        self.run_carrying(entry, inputs, wanted, resident, &[])
+    }
+
+    /// As [`GpuArtifact::run_keeping`], then the outputs named in `carry` (caches the entry writes
+    /// anew: a prefill's) copied on the device into the inputs of that name, where a later run
+    /// (the next prefill chunk, the first decode step) may take them as resident.
+    ///
+    /// A resident input must hold what the run reads: the element the entry's plan gives it and
+    /// rows of the input's width, no more rows than its shape has (a prefill's `[P, C]` is the
+    /// first P rows of a one-sequence decode's `[1, S, C]`, or of a pool whose table gives the
+    /// sequence pages 0, 1, ... in order; the rows past P are written before they are read).
+    pub fn run_carrying(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+        carry: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
         let plan = self.entry_plan(entry)?;
         let shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
-        if !resident.is_empty() {
-            let last = self.last_inputs.borrow();
-            let same = last.as_ref().is_some_and(|(e, s)| e == entry && *s == shapes);
-            if !same {
+        let mut held = std::mem::take(&mut *self.held.borrow_mut());
+        for name in resident {
+            let element = plan_input(plan, name).map(|b| b.dtype.as_str());
+            let given = inputs.get(*name).map(|b| b.shape.as_slice());
+            let fits = match (held.get(*name), element, given) {
+                (Some((shape, e)), Some(element), Some(given)) => {
+                    let rows = |s: &[usize]| s.split_last().map(|(w, r)| (*w, r.iter().product::<usize>()));
+                    e == element
+                        && matches!((rows(shape), rows(given)), (Some((a, n)), Some((b, m))) if a == b && n <= m)
+                }
+                _ => false,
+            };
+            if !fits {
                 return Err(format!(
-                    "{entry}: inputs {} are not on the device from a previous {entry} run of these shapes",
-                    resident.join(", ")
+                    "{entry}: input {name} is not on the device as the run reads it (holds {:?}, the run gives {:?} of {})",
+                    held.get(*name),
+                    given.unwrap_or_default(),
+                    element.unwrap_or("no such input")
                 ));
             }
         }
@@ -442,6 +480,38 @@ impl GpuArtifact {
         // SAFETY: our stream.
         unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(&format!("{entry}: running the launches")))?;
         let sizes = plan.bind(&shapes)?;
+        for (name, b) in inputs {
+            if let Some(p) = plan_input(plan, name) {
+                held.insert(name.clone(), (b.shape.clone(), p.dtype.clone()));
+            }
+        }
+        for name in carry {
+            let (_, id) = plan
+                .outputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| format!("{entry}: no output {name} to carry"))?;
+            let b = &plan.buffers[*id];
+            let (BufferKind::Arena { offset }, Some(input)) = (&b.kind, plan_input(plan, name)) else {
+                return Err(format!("{entry}: output {name} is not a new buffer of an input's name"));
+            };
+            let shape = shape_at(&b.dims, sizes);
+            let bytes = crate::plan::tensor_bytes(&shape, &b.dtype).unwrap_or(0) as usize;
+            let room = self.input_bytes.get(name.to_string().as_str()).copied().unwrap_or(0);
+            if b.dtype != input.dtype || bytes > room {
+                return Err(format!(
+                    "{entry}: output {name} ({bytes} bytes of {}) does not fit its input ({room} bytes of {})",
+                    b.dtype, input.dtype
+                ));
+            }
+            if bytes > 0 {
+                // SAFETY: both regions lie in this artifact's device memory, the copy within each.
+                unsafe { result::memcpy_dtod_sync(self.bindings.inputs[*name], self.bindings.arena + offset, bytes) }
+                    .map_err(cuda(&format!("{entry}: carrying {name} over")))?;
+            }
+            held.insert(name.to_string(), (shape, b.dtype.clone()));
+        }
+        *self.held.borrow_mut() = held;
         *self.last_inputs.borrow_mut() = Some((entry.to_string(), shapes));
         let mut out = HashMap::new();
         for (name, id) in &plan.outputs {
@@ -678,6 +748,7 @@ impl GpuArtifact {
         reps: usize,
     ) -> Result<Vec<f64>, String> {
         *self.last_inputs.borrow_mut() = None;
+        self.held.borrow_mut().clear();
         let plan = self.entry_plan(entry)?;
         let staged = self.stage(plan, inputs, &[])?;
         let graphs = self.graphs(entry);
@@ -724,6 +795,7 @@ impl GpuArtifact {
         let inputs = crate::cpu::bench_inputs(plan)?;
         self.run(entry, &inputs, &[])?;
         *self.last_inputs.borrow_mut() = None;
+        self.held.borrow_mut().clear();
         let staged = self.stage(plan, &inputs, &[])?;
         let event = |what: &str| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda(what));
         let (start, end) = (event("cuEventCreate")?, event("cuEventCreate")?);

@@ -136,6 +136,28 @@ impl DecodeCaches {
         }
     }
 
+    /// One cache whose first `n` rows (one sequence's) a device already holds in order — a prefill
+    /// carried its caches over ([`crate::session::Program::run_carrying`]) — by its shape only:
+    /// the sequence's pages taken (the first pages of the pool, in order: the rows lie where the
+    /// pool keeps them).
+    pub fn lay_out_held(&mut self, n: usize) -> Result<HostBuffer, String> {
+        if self.sequences != 1 {
+            return Err(format!("{} sequences' rows held in order on a device", self.sequences));
+        }
+        let w = self.width;
+        let shape = match &mut self.pool {
+            None => vec![1, self.rows, w],
+            Some(pool) => {
+                pool.reserve(0, n)?;
+                if (0..n.div_ceil(PAGE_ROWS)).any(|i| pool.row(0, i * PAGE_ROWS) != Some(i * PAGE_ROWS)) {
+                    return Err("the sequence's pages are not the pool's first, in order".into());
+                }
+                vec![pool.pages(), PAGE_ROWS, w]
+            }
+        };
+        Ok(HostBuffer { shape, data: HostData::F32(Vec::new()) })
+    }
+
     /// Before a step writing row `positions[i]` of each sequence where `active[i]`: the pages for
     /// it; the block table to give the step (None: not paged).
     pub fn step(&mut self, positions: &[usize], active: &[bool]) -> Result<Option<HostBuffer>, String> {

@@ -50,6 +50,23 @@ pub trait Program {
         }
         self.run(entry, inputs, wanted)
     }
+    /// As [`Program::run_keeping`], then the outputs named in `carry` (caches the entry writes anew:
+    /// a prefill's) kept on the program's device as the inputs of that name, which a later run may
+    /// name resident: the next prefill chunk's caches, or a one-sequence decode's (its first rows).
+    /// Only where [`Program::keeps_inputs`].
+    fn run_carrying(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+        carry: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        if !carry.is_empty() {
+            return Err(format!("this program keeps no outputs on a device ({} asked)", carry.join(", ")));
+        }
+        self.run_keeping(entry, inputs, wanted, resident)
+    }
     /// Whether [`Program::argmax_last`] picks greedy tokens where the program runs (GPU artifacts
     /// with an argmax kernel: the logits are then not read back).
     fn device_argmax(&self) -> bool {
@@ -145,6 +162,16 @@ impl Program for crate::cuda::GpuArtifact {
         resident: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
         crate::cuda::GpuArtifact::run_keeping(self, entry, inputs, wanted, resident).map(f32_caches)
+    }
+    fn run_carrying(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+        carry: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        crate::cuda::GpuArtifact::run_carrying(self, entry, inputs, wanted, resident, carry).map(f32_caches)
     }
     fn device_argmax(&self) -> bool {
         self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some())
@@ -248,6 +275,12 @@ pub struct ArtifactSession<'a> {
     has_mtp: bool,
     /// The caches are on the program's device as the last decode step left them.
     resident: bool,
+    /// The caches are on the program's device as the last prefill chunk carried them over (the
+    /// host keeps their shape only).
+    carried: bool,
+    /// The last prefill chunk leaves the caches on the device for the decode steps (a program that
+    /// keeps inputs, whose prefill and decode caches have one element); else it reads them back.
+    pub(crate) decode_on_device: bool,
 }
 
 /// Rows of decode caches for sequences of `max_len` tokens: `max_len` in whole multiples of what
@@ -285,6 +318,13 @@ impl<'a> ArtifactSession<'a> {
             .map(|c| (c.clone(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) }))
             .collect();
         let has_mtp = prefill.bounds.contains_key("mtp_tokens");
+        let element = |plan: &EntryPlan, name: &str| {
+            plan.buffers.iter().find_map(|b| match &b.kind {
+                crate::plan::BufferKind::Input { name: n } if n == name => Some(b.dtype.clone()),
+                _ => None,
+            })
+        };
+        let same_elements = caches.iter().all(|c| element(prefill, c).is_some_and(|e| Some(e) == element(decode, c)));
         Ok(ArtifactSession {
             program,
             caches,
@@ -296,6 +336,8 @@ impl<'a> ArtifactSession<'a> {
             rows,
             has_mtp,
             resident: false,
+            carried: false,
+            decode_on_device: program.keeps_inputs() && same_elements,
         })
     }
 
@@ -336,7 +378,13 @@ impl<'a> ArtifactSession<'a> {
             ));
         }
         let (mut logits, mut vocab) = (Vec::new(), 0);
+        let chunks = tokens.len().div_ceil(chunk);
+        let caches: Vec<&str> = self.caches.iter().map(String::as_str).collect();
         for (k, piece) in tokens.chunks(chunk).enumerate() {
+            // A program that keeps inputs keeps the caches on its device from chunk to chunk (and
+            // into the decode steps where it may): they cross to the host only when asked for.
+            let carry = self.program.keeps_inputs() && (k + 1 < chunks || self.decode_on_device);
+            let resident: &[&str] = if self.carried { &caches } else { &[] };
             let start = self.position as i64;
             let mut inputs = std::mem::take(&mut self.state);
             inputs.insert("tokens".into(), ids(piece.iter().map(|&t| t as i64).collect()));
@@ -346,7 +394,11 @@ impl<'a> ArtifactSession<'a> {
                 let next = tokens.iter().skip(k * chunk + 1).map(|&t| t as i64).chain(std::iter::repeat(0));
                 inputs.insert("mtp_tokens".into(), ids(next.take(piece.len()).collect()));
             }
-            let ran = self.program.run("prefill", &inputs, &self.wanted());
+            let (wanted, carried): (Vec<&str>, &[&str]) = match carry {
+                true => (vec!["logits"], &caches),
+                false => (self.wanted(), &[]),
+            };
+            let ran = self.program.run_carrying("prefill", &inputs, &wanted, resident, carried);
             let mut out = ran.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
             let rows = out.get("logits").ok_or("the entry has no logits")?;
             let (HostData::F32(v), &[_, v_size]) = (&rows.data, &rows.shape[..]) else {
@@ -355,9 +407,17 @@ impl<'a> ArtifactSession<'a> {
             vocab = v_size;
             logits.extend_from_slice(v);
             for c in &self.caches {
-                let grown = out.remove(c).ok_or_else(|| format!("prefill gave no {c}"))?;
+                let grown = match carry {
+                    // On the device: the host keeps the shape.
+                    true => HostBuffer {
+                        shape: vec![self.position + piece.len(), self.width],
+                        data: HostData::F32(Vec::new()),
+                    },
+                    false => out.remove(c).ok_or_else(|| format!("prefill gave no {c}"))?,
+                };
                 self.state.insert(c.clone(), grown);
             }
+            self.carried = carry;
             self.position += piece.len();
         }
         Ok((logits, vocab))
@@ -382,11 +442,18 @@ impl<'a> ArtifactSession<'a> {
             let paged = DecodeCaches::paged_entry(&self.program.entry_plan("decode")?.bounds);
             let mut layout = DecodeCaches::new(&[self.max_len], self.rows, self.width, paged);
             for c in &self.caches {
-                let HostData::F32(rows) = &self.state[c].data else { return Err(format!("{c} is not f32")) };
-                let laid = layout.lay_out(&[rows])?;
+                let laid = match self.carried {
+                    // The prefill left them on the device: the decode steps take them there.
+                    true => layout.lay_out_held(self.position)?,
+                    false => {
+                        let HostData::F32(rows) = &self.state[c].data else { return Err(format!("{c} is not f32")) };
+                        layout.lay_out(&[rows])?
+                    }
+                };
                 self.state.insert(c.clone(), laid);
             }
             self.layout = Some(layout);
+            self.resident = std::mem::take(&mut self.carried);
         }
         let table = self.layout.as_mut().map(|l| l.step(&[self.position], &[true])).transpose()?.flatten();
         let mut inputs = std::mem::take(&mut self.state);
@@ -464,6 +531,8 @@ impl<'a> ArtifactBatch<'a> {
         let mut sessions = Vec::new();
         for (i, (prompt, &limit)) in prompts.iter().zip(limits).enumerate() {
             let mut one = ArtifactSession::new(program, limit)?;
+            // The batch lays every prompt's caches into its own on the host.
+            one.decode_on_device = false;
             logits.push(one.prefill(prompt).map_err(|e| format!("sequence {i}: {e}"))?);
             sessions.push(one);
         }
@@ -708,6 +777,8 @@ mod tests {
         /// Decode takes its caches as a pool of pages through a block table; the last pool's pages.
         paged: bool,
         pool_pages: RefCell<usize>,
+        /// Prefill runs that took their caches as the device held them.
+        carried_in: RefCell<usize>,
     }
 
     impl Toy {
@@ -726,6 +797,7 @@ mod tests {
                 slots: RefCell::new(0),
                 paged: false,
                 pool_pages: RefCell::new(0),
+                carried_in: RefCell::new(0),
             }
         }
 
@@ -793,27 +865,67 @@ mod tests {
             wanted: &[&str],
             resident: &[&str],
         ) -> Result<HashMap<String, HostBuffer>, String> {
+            self.run_carrying(entry, inputs, wanted, resident, &[])
+        }
+
+        /// As a GPU does: the device holds one `kv_cache.0` (a decode's, updated in place, or what
+        /// a prefill carried over); a decode taking a prefill's `[P, W]` sees its rows first, then
+        /// rows of garbage (1000: read before written, they would change the tokens).
+        fn run_carrying(
+            &self,
+            entry: &str,
+            inputs: &HashMap<String, HostBuffer>,
+            wanted: &[&str],
+            resident: &[&str],
+            carry: &[&str],
+        ) -> Result<HashMap<String, HostBuffer>, String> {
             let (tokens, positions) = (i64s(&inputs["tokens"]), i64s(&inputs["positions"]));
             let mut out = HashMap::new();
+            let given = &inputs["kv_cache.0"];
+            let held = || -> Result<HostBuffer, String> {
+                assert!(self.keeps, "resident inputs on a program that keeps none");
+                let held = self.device.borrow().clone().ok_or("nothing resident")?;
+                if held.shape == given.shape {
+                    return Ok(held);
+                }
+                let (n, want) =
+                    (held.shape[..held.shape.len() - 1].iter().product::<usize>(), given.shape.iter().product());
+                if held.shape.last() != given.shape.last() || n * WIDTH > want {
+                    return Err(format!("held {:?}, given {:?}", held.shape, given.shape));
+                }
+                let mut data = f32s(&held).clone();
+                data.resize(want, 1000.0);
+                Ok(HostBuffer { shape: given.shape.clone(), data: HostData::F32(data) })
+            };
             if entry == "prefill" {
-                let mut cache = f32s(&inputs["kv_cache.0"]).clone();
+                let mut cache = match resident.contains(&"kv_cache.0") {
+                    true => f32s(&held()?).clone(),
+                    false => f32s(given).clone(),
+                };
+                if !resident.is_empty() {
+                    *self.carried_in.borrow_mut() += 1;
+                }
                 let mut logits = Vec::new();
                 for &t in tokens {
                     cache.extend([t as f32; WIDTH]);
                     logits.extend(logits_row(cache.iter().step_by(WIDTH).sum()));
                 }
                 let rows = cache.len() / WIDTH;
-                out.insert("kv_cache.0".into(), HostBuffer { shape: vec![rows, WIDTH], data: HostData::F32(cache) });
+                let cache = HostBuffer { shape: vec![rows, WIDTH], data: HostData::F32(cache) };
+                if carry.contains(&"kv_cache.0") {
+                    *self.device.borrow_mut() = Some(cache.clone());
+                }
+                if wanted.contains(&"kv_cache.0") {
+                    out.insert("kv_cache.0".into(), cache);
+                }
                 out.insert(
                     "logits".into(),
                     HostBuffer { shape: vec![tokens.len(), VOCAB], data: HostData::F32(logits) },
                 );
                 return Ok(out);
             }
-            let given = &inputs["kv_cache.0"];
             let mut cache = if resident.contains(&"kv_cache.0") {
-                assert!(self.keeps, "resident inputs on a program that keeps none");
-                self.device.borrow().clone().ok_or("nothing resident")?
+                held()?
             } else {
                 if f32s(given).len() != given.shape.iter().product::<usize>() {
                     return Err("kv_cache.0: no data for its shape".into());
@@ -986,5 +1098,64 @@ mod tests {
         // Sequences ending early (at an eos): the others' tokens as before.
         let eos = batch(&plain, None)[1].get(2).copied();
         assert_eq!(batch(&plain, eos), batch(&paged, eos));
+    }
+
+    /// The caches cross to the host only where they must: a program that keeps inputs carries a
+    /// prefill's caches from chunk to chunk on its device and, where its prefill and decode caches
+    /// have one element, into the decode steps (the decode's first rows: contiguous, or the pool's
+    /// first pages) — the tokens of caches sent each step, nothing uploaded for the decode. A
+    /// batch's prefills read their last chunk back (the batch lays them out on the host).
+    #[test]
+    fn prefill_caches_carried_on_the_device_give_the_same_tokens() {
+        let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+        let one_element = |mut t: Toy| {
+            for p in [&mut t.prefill, &mut t.decode] {
+                p.buffers.push(crate::plan::Buffer {
+                    id: 0,
+                    kind: crate::plan::BufferKind::Input { name: "kv_cache.0".into() },
+                    dims: Vec::new(),
+                    shape: Vec::new(),
+                    dtype: "f32".into(),
+                    bytes: 0,
+                });
+            }
+            t
+        };
+        let long: Vec<u32> = (0..70).map(|i| (i * 5 % 11) as u32).collect();
+        for paged in [false, true] {
+            let make = |keeps: bool| {
+                let mut t = if paged { Toy::paged() } else { Toy::new(keeps) };
+                t.keeps = keeps;
+                if !paged {
+                    t.prefill = plan("prefill", 4, 128, vec![128, WIDTH]);
+                    t.decode = plan("decode", 3, 128, vec![3, 128, WIDTH]);
+                }
+                one_element(t)
+            };
+            let (host, device) = (make(false), make(true));
+            let sent = generate(&mut ArtifactSession::new(&host, 85).unwrap(), &long, 15, &mut greedy(), None).unwrap();
+            let mut s = ArtifactSession::new(&device, 85).unwrap();
+            assert!(s.decode_on_device);
+            let kept = generate(&mut s, &long, 15, &mut greedy(), None).unwrap();
+            assert_eq!(sent.tokens, kept.tokens, "paged {paged}");
+            assert_eq!(*device.uploads.borrow(), 0, "paged {paged}: the decode steps never upload the caches");
+            assert_eq!(*device.carried_in.borrow(), 70 / 4, "paged {paged}: every chunk after the first");
+            // A batch: each prefill's chunks carried, its last read back; one upload of the batch's.
+            let prompts = vec![long.clone(), vec![8, 8, 2, 4, 4]];
+            let run = |p: &Toy| {
+                let mut samplers = vec![greedy(), greedy()];
+                generate_batch(p, &prompts, 6, &mut samplers, None)
+                    .unwrap()
+                    .into_iter()
+                    .map(|g| g.tokens)
+                    .collect::<Vec<_>>()
+            };
+            let device = make(true);
+            assert_eq!(run(&host), run(&device), "paged {paged}");
+            assert_eq!(*device.uploads.borrow(), 1, "paged {paged}");
+        }
+        // Prefill and decode caches of different elements: the last chunk reads them back.
+        let device = Toy::new(true);
+        assert!(!ArtifactSession::new(&device, 20).unwrap().decode_on_device);
     }
 }
