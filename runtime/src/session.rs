@@ -50,10 +50,14 @@ pub trait Program {
         }
         self.run(entry, inputs, wanted)
     }
+    /// Whether [`Program::run_carrying`] carries outputs over into inputs (GPU artifacts).
+    fn carries_outputs(&self) -> bool {
+        false
+    }
     /// As [`Program::run_keeping`], then the outputs named in `carry` (caches the entry writes anew:
     /// a prefill's) kept on the program's device as the inputs of that name, which a later run may
     /// name resident: the next prefill chunk's caches, or a one-sequence decode's (its first rows).
-    /// Only where [`Program::keeps_inputs`].
+    /// Only where [`Program::carries_outputs`].
     fn run_carrying(
         &self,
         entry: &str,
@@ -162,6 +166,9 @@ impl Program for crate::cuda::GpuArtifact {
         resident: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
         crate::cuda::GpuArtifact::run_keeping(self, entry, inputs, wanted, resident).map(f32_caches)
+    }
+    fn carries_outputs(&self) -> bool {
+        true
     }
     fn run_carrying(
         &self,
@@ -279,7 +286,8 @@ pub struct ArtifactSession<'a> {
     /// host keeps their shape only).
     carried: bool,
     /// The last prefill chunk leaves the caches on the device for the decode steps (a program that
-    /// keeps inputs, whose prefill and decode caches have one element); else it reads them back.
+    /// carries outputs over, whose prefill and decode caches have one element); else it reads
+    /// them back.
     pub(crate) decode_on_device: bool,
 }
 
@@ -337,7 +345,7 @@ impl<'a> ArtifactSession<'a> {
             has_mtp,
             resident: false,
             carried: false,
-            decode_on_device: program.keeps_inputs() && same_elements,
+            decode_on_device: program.carries_outputs() && same_elements,
         })
     }
 
@@ -383,7 +391,7 @@ impl<'a> ArtifactSession<'a> {
         for (k, piece) in tokens.chunks(chunk).enumerate() {
             // A program that keeps inputs keeps the caches on its device from chunk to chunk (and
             // into the decode steps where it may): they cross to the host only when asked for.
-            let carry = self.program.keeps_inputs() && (k + 1 < chunks || self.decode_on_device);
+            let carry = self.program.carries_outputs() && (k + 1 < chunks || self.decode_on_device);
             let resident: &[&str] = if self.carried { &caches } else { &[] };
             let start = self.position as i64;
             let mut inputs = std::mem::take(&mut self.state);
@@ -842,6 +850,10 @@ mod tests {
         }
 
         fn keeps_inputs(&self) -> bool {
+            self.keeps
+        }
+
+        fn carries_outputs(&self) -> bool {
             self.keeps
         }
 
