@@ -697,9 +697,9 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
 /// rounding to bf16: 1.0e-4 to 4.8e-4 measured; 1.1e-3 to 9.3e-3 against float64 queries) — over a
 /// pool of bf16 64-row pages read in place through a block table with holes (each sequence's
 /// pages scattered over the pool, out of order, -1 past them; the pages no sequence holds large
-/// values), the same bits as the identity layout: 3 and 16 heads (a 64-row block mostly masked,
-/// or two blocks' rows) over 1, 71 and 151 keys (partial pages, empty splits) and over 5000, 64,
-/// 65 and 2501 keys (the most splits, full and one-row pages).
+/// values), the same bits as the identity layout: 3 and 16 heads (a sequence's rows fill part of
+/// a 64-row block, the rest masked) over 1, 71 and 151 keys (partial pages, empty splits) and over
+/// 5000, 64, 65 and 2501 keys (the most splits, full and one-row pages).
 #[test]
 fn tensor_core_decode_attention_steps_compute_absorbed_attention() {
     check_tensor_core_decode_steps(3, &[0, 70, 150], 5);
