@@ -73,8 +73,14 @@ impl Drop for DeviceBuffer {
 struct DeviceMemory(Vec<DeviceBuffer>);
 
 impl crate::gpu::Memory for DeviceMemory {
+    /// Zeroed, as the host's ([`crate::gpu::bind`]'s emulation): rows a run never writes — a
+    /// decode pool's past the rows a prefill carried into it — read the same on both.
     fn alloc(&mut self, bytes: usize, what: &str) -> Result<u64, String> {
         let b = DeviceBuffer::new(bytes, what)?;
+        if bytes > 0 {
+            // SAFETY: the allocation just made, `bytes` long.
+            unsafe { result::memset_d8_sync(b.ptr, 0, bytes) }.map_err(cuda(&format!("zeroing {what}")))?;
+        }
         let ptr = b.ptr;
         self.0.push(b);
         Ok(ptr)
