@@ -375,10 +375,14 @@ fn info(args: &InfoArgs) -> Result<(), String> {
             v3c_runtime::plan::BufferKind::Input { name } if name.starts_with("kv_cache.") => Some(b.dtype.clone()),
             _ => None,
         });
-        entries.push(serde_json::json!({
+        let mut entry = serde_json::json!({
             "name": e.name, "launches": e.launches.len(), "weights": weights, "arena_bytes": e.arena_bytes,
             "rows": e.sizes.rows, "context": e.sizes.context, "cache_element": cache,
-        }));
+        });
+        if e.bounds.contains_key(v3c_runtime::plan::PAGE_POOL) {
+            entry["cache_pool_pages"] = e.sizes.pages.into();
+        }
+        entries.push(entry);
         // Caches other than f32: how the entry's attention reads them.
         let pages = a.lowering.as_ref().and_then(|l| l.cache_rows_multiple);
         let fp8_row = e.buffers.iter().find_map(|b| match &b.kind {
