@@ -201,6 +201,35 @@ pub struct GpuArtifact {
     dumped_runs: std::cell::RefCell<HashMap<String, usize>>,
 }
 
+impl GpuArtifact {
+    /// Copies rows `from..from + n` of the device buffer of input `name` (rows of the width and
+    /// element it holds, [`GpuArtifact::run_carrying`]) to rows `to..to + n`, which must not
+    /// overlap them: a batch's prefilled caches moved to their pages.
+    pub fn move_rows(&self, name: &str, from: usize, to: usize, n: usize) -> Result<(), String> {
+        let mut held = self.held.borrow_mut();
+        let (shape, element) = held.get(name).cloned().ok_or_else(|| format!("input {name} holds nothing"))?;
+        let width = *shape.last().ok_or_else(|| format!("input {name} holds a scalar"))?;
+        let row = crate::plan::tensor_bytes(&[1, width], &element).unwrap_or(0) as usize;
+        let room = self.input_bytes.get(name).copied().unwrap_or(0);
+        if row == 0 || (to + n) * row > room || (from + n) * row > room || (from < to + n && to < from + n) {
+            return Err(format!(
+                "input {name}: rows {from}..{} to {to}..{} of {row} bytes (the buffer holds {room} bytes)",
+                from + n,
+                to + n
+            ));
+        }
+        let base = self.bindings.inputs[name];
+        if n > 0 {
+            // SAFETY: both ranges lie in the input's allocation (checked above) and do not overlap.
+            unsafe { result::memcpy_dtod_sync(base + (to * row) as u64, base + (from * row) as u64, n * row) }
+                .map_err(cuda(&format!("moving rows of {name}")))?;
+        }
+        let rows: usize = shape[..shape.len() - 1].iter().product();
+        held.insert(name.to_string(), (vec![rows.max(to + n), width], element));
+        Ok(())
+    }
+}
+
 /// Entry `plan`'s input buffer named `name`.
 fn plan_input<'p>(plan: &'p EntryPlan, name: &str) -> Option<&'p crate::plan::Buffer> {
     plan.buffers.iter().find(|b| matches!(&b.kind, BufferKind::Input { name: n } if n == name))

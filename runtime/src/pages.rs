@@ -136,26 +136,44 @@ impl DecodeCaches {
         }
     }
 
+    /// Sequence `i`'s rows `0..n` placed (their pages taken: a pool hands out its lowest free
+    /// pages in order) — where they lie, contiguous: their first row. A device that holds them at
+    /// the caches' first rows moves them there (`Program::move_rows`).
+    pub fn place(&mut self, i: usize, n: usize) -> Result<usize, String> {
+        match &mut self.pool {
+            None if i < self.sequences && n <= self.rows => Ok(i * self.rows),
+            None => {
+                Err(format!("sequence {i}: {n} rows in caches of {} sequences x {} rows", self.sequences, self.rows))
+            }
+            Some(pool) => {
+                pool.reserve(i, n)?;
+                let first = pool.row(i, 0).unwrap_or(0);
+                if (0..n.div_ceil(PAGE_ROWS)).any(|p| pool.row(i, p * PAGE_ROWS) != Some(first + p * PAGE_ROWS)) {
+                    return Err(format!("sequence {i}: its {n} rows on pages out of order"));
+                }
+                Ok(first)
+            }
+        }
+    }
+
+    /// The caches as a device holds them, by shape only (`[sequences, rows, C]` or `[pages, 64, C]`).
+    pub fn held(&self) -> HostBuffer {
+        let shape = match &self.pool {
+            None => vec![self.sequences, self.rows, self.width],
+            Some(pool) => vec![pool.pages(), PAGE_ROWS, self.width],
+        };
+        HostBuffer { shape, data: HostData::F32(Vec::new()) }
+    }
+
     /// One cache whose first `n` rows (one sequence's) a device already holds in order — a prefill
     /// carried its caches over ([`crate::session::Program::run_carrying`]) — by its shape only:
-    /// the sequence's pages taken (the first pages of the pool, in order: the rows lie where the
-    /// pool keeps them).
+    /// the sequence's pages taken (the pool's first, in order: the rows lie where the pool keeps
+    /// them).
     pub fn lay_out_held(&mut self, n: usize) -> Result<HostBuffer, String> {
-        if self.sequences != 1 {
+        if self.sequences != 1 || self.place(0, n)? != 0 {
             return Err(format!("{} sequences' rows held in order on a device", self.sequences));
         }
-        let w = self.width;
-        let shape = match &mut self.pool {
-            None => vec![1, self.rows, w],
-            Some(pool) => {
-                pool.reserve(0, n)?;
-                if (0..n.div_ceil(PAGE_ROWS)).any(|i| pool.row(0, i * PAGE_ROWS) != Some(i * PAGE_ROWS)) {
-                    return Err("the sequence's pages are not the pool's first, in order".into());
-                }
-                vec![pool.pages(), PAGE_ROWS, w]
-            }
-        };
-        Ok(HostBuffer { shape, data: HostData::F32(Vec::new()) })
+        Ok(self.held())
     }
 
     /// Before a step writing row `positions[i]` of each sequence where `active[i]`: the pages for

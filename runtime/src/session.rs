@@ -71,6 +71,12 @@ pub trait Program {
         }
         self.run_keeping(entry, inputs, wanted, resident)
     }
+    /// Copies rows `from..from + n` of what the program's device holds as input `name` (rows of
+    /// its last dim) to rows `to..to + n` (not overlapping). Only where [`Program::carries_outputs`].
+    fn move_rows(&self, name: &str, from: usize, to: usize, n: usize) -> Result<(), String> {
+        let _ = (from, to, n);
+        Err(format!("this program keeps no {name} on a device"))
+    }
     /// Whether [`Program::argmax_last`] picks greedy tokens where the program runs (GPU artifacts
     /// with an argmax kernel: the logits are then not read back).
     fn device_argmax(&self) -> bool {
@@ -169,6 +175,9 @@ impl Program for crate::cuda::GpuArtifact {
     }
     fn carries_outputs(&self) -> bool {
         true
+    }
+    fn move_rows(&self, name: &str, from: usize, to: usize, n: usize) -> Result<(), String> {
+        crate::cuda::GpuArtifact::move_rows(self, name, from, to, n)
     }
     fn run_carrying(
         &self,
@@ -535,30 +544,63 @@ impl<'a> ArtifactBatch<'a> {
             return Err(format!("{} limits for {} prompts", limits.len(), prompts.len()));
         }
         let cache_rows = cache_rows(program, limits.iter().copied().max().unwrap_or(0))?;
-        let mut logits = Vec::new();
-        let mut sessions = Vec::new();
-        for (i, (prompt, &limit)) in prompts.iter().zip(limits).enumerate() {
-            let mut one = ArtifactSession::new(program, limit)?;
-            // The batch lays every prompt's caches into its own on the host.
-            one.decode_on_device = false;
-            logits.push(one.prefill(prompt).map_err(|e| format!("sequence {i}: {e}"))?);
-            sessions.push(one);
+        let probe = ArtifactSession::new(program, limits[0])?;
+        let (caches, has_mtp, width) = (probe.caches.clone(), probe.has_mtp, probe.width);
+        // Where the program carries a prefill's caches over and its decode takes them as they are,
+        // the caches stay on its device: each prompt's prefill leaves its rows at the caches' first
+        // rows, from where they move to their own (device to device) before the next prefill; the
+        // prompt prefilled last keeps them there — slot 0 of `[B, S, C]`, or the pool's first pages
+        // for the longest prompt (no other prefill reaches past its rows).
+        let on_device = probe.decode_on_device;
+        let paged = DecodeCaches::paged_entry(&decode.bounds);
+        let mut layout = DecodeCaches::new(limits, cache_rows, width, paged);
+        let n = prompts.len();
+        let last = match paged {
+            true => (0..n).rev().max_by_key(|&i| prompts[i].len()).unwrap_or(0),
+            false => 0,
+        };
+        let order: Vec<usize> = (0..n).filter(|&i| i != last).chain([last]).collect();
+        if on_device {
+            for &i in order.iter().rev() {
+                layout.place(i, prompts[i].len())?;
+            }
         }
-        let first = &sessions[0];
-        let (caches, has_mtp) = (first.caches.clone(), first.has_mtp);
-        let mut layout = DecodeCaches::new(limits, cache_rows, first.width, DecodeCaches::paged_entry(&decode.bounds));
+        let mut logits = vec![Vec::new(); n];
+        let mut prefilled: Vec<HashMap<String, HostBuffer>> = vec![HashMap::new(); n];
+        for &i in &order {
+            let mut one = ArtifactSession::new(program, limits[i])?;
+            one.decode_on_device = on_device;
+            logits[i] = one.prefill(&prompts[i]).map_err(|e| format!("sequence {i}: {e}"))?;
+            if on_device {
+                let (rows, first) = (prompts[i].len(), layout.place(i, prompts[i].len())?);
+                for c in &caches {
+                    if first != 0 {
+                        program.move_rows(c, 0, first, rows).map_err(|e| format!("sequence {i}: {e}"))?;
+                    }
+                }
+            } else {
+                prefilled[i] = std::mem::take(&mut one.state);
+            }
+        }
         let mut state: HashMap<String, HostBuffer> = HashMap::new();
         for c in &caches {
-            let mut prefilled = Vec::new();
-            for one in &sessions {
-                let HostData::F32(rows) = &one.state[c].data else { return Err(format!("{c} is not f32")) };
-                prefilled.push(rows.as_slice());
-            }
-            state.insert(c.clone(), layout.lay_out(&prefilled)?);
+            let laid = match on_device {
+                true => layout.held(),
+                false => {
+                    let mut rows = Vec::new();
+                    for seq in &prefilled {
+                        let HostData::F32(r) = &seq[c].data else { return Err(format!("{c} is not f32")) };
+                        rows.push(r.as_slice());
+                    }
+                    layout.lay_out(&rows)?
+                }
+            };
+            state.insert(c.clone(), laid);
         }
         let positions = prompts.iter().map(Vec::len).collect();
         let limits = limits.to_vec();
-        Ok((ArtifactBatch { program, caches, state, layout, positions, limits, has_mtp, resident: false }, logits))
+        let resident = on_device;
+        Ok((ArtifactBatch { program, caches, state, layout, positions, limits, has_mtp, resident }, logits))
     }
 
     /// Sequence `i` will not be fed again: its pages (a pool's) go back.
@@ -787,6 +829,8 @@ mod tests {
         pool_pages: RefCell<usize>,
         /// Prefill runs that took their caches as the device held them.
         carried_in: RefCell<usize>,
+        /// Rows moved on the device.
+        moved: RefCell<usize>,
     }
 
     impl Toy {
@@ -806,6 +850,7 @@ mod tests {
                 paged: false,
                 pool_pages: RefCell::new(0),
                 carried_in: RefCell::new(0),
+                moved: RefCell::new(0),
             }
         }
 
@@ -857,6 +902,21 @@ mod tests {
             self.keeps
         }
 
+        fn move_rows(&self, name: &str, from: usize, to: usize, n: usize) -> Result<(), String> {
+            assert_eq!(name, "kv_cache.0");
+            assert!(from + n <= to || to + n <= from, "overlapping rows");
+            let mut device = self.device.borrow_mut();
+            let held = device.as_mut().ok_or("nothing resident")?;
+            let HostData::F32(region) = &mut held.data else { panic!("f32") };
+            if region.len() < (to + n) * WIDTH {
+                region.resize((to + n) * WIDTH, 1000.0);
+            }
+            region.copy_within(from * WIDTH..(from + n) * WIDTH, to * WIDTH);
+            held.shape[0] = held.shape[0].max(to + n);
+            *self.moved.borrow_mut() += n;
+            Ok(())
+        }
+
         fn device_argmax(&self) -> bool {
             self.argmax
         }
@@ -894,12 +954,11 @@ mod tests {
             let (tokens, positions) = (i64s(&inputs["tokens"]), i64s(&inputs["positions"]));
             let mut out = HashMap::new();
             let given = &inputs["kv_cache.0"];
+            // The device's region: what it holds (its shape) first, then what runs and moves left
+            // there, then garbage (read before written, it would change the tokens).
             let held = || -> Result<HostBuffer, String> {
                 assert!(self.keeps, "resident inputs on a program that keeps none");
                 let held = self.device.borrow().clone().ok_or("nothing resident")?;
-                if held.shape == given.shape {
-                    return Ok(held);
-                }
                 let (n, want) =
                     (held.shape[..held.shape.len() - 1].iter().product::<usize>(), given.shape.iter().product());
                 if held.shape.last() != given.shape.last() || n * WIDTH > want {
@@ -923,10 +982,17 @@ mod tests {
                     logits.extend(logits_row(cache.iter().step_by(WIDTH).sum()));
                 }
                 let rows = cache.len() / WIDTH;
-                let cache = HostBuffer { shape: vec![rows, WIDTH], data: HostData::F32(cache) };
                 if carry.contains(&"kv_cache.0") {
-                    *self.device.borrow_mut() = Some(cache.clone());
+                    // Into the device's region: the rows past these stay as they were.
+                    let mut region = self.device.borrow_mut().take().map(|d| f32s(&d).clone()).unwrap_or_default();
+                    if region.len() < cache.len() {
+                        region.resize(cache.len(), 1000.0);
+                    }
+                    region[..cache.len()].copy_from_slice(&cache);
+                    *self.device.borrow_mut() =
+                        Some(HostBuffer { shape: vec![rows, WIDTH], data: HostData::F32(region) });
                 }
+                let cache = HostBuffer { shape: vec![rows, WIDTH], data: HostData::F32(cache) };
                 if wanted.contains(&"kv_cache.0") {
                     out.insert("kv_cache.0".into(), cache);
                 }
@@ -1115,8 +1181,8 @@ mod tests {
     /// The caches cross to the host only where they must: a program that keeps inputs carries a
     /// prefill's caches from chunk to chunk on its device and, where its prefill and decode caches
     /// have one element, into the decode steps (the decode's first rows: contiguous, or the pool's
-    /// first pages) — the tokens of caches sent each step, nothing uploaded for the decode. A
-    /// batch's prefills read their last chunk back (the batch lays them out on the host).
+    /// first pages) — the tokens of caches sent each step, nothing uploaded for the decode; a
+    /// batch's prefilled caches moved on the device to their rows, nothing uploaded either.
     #[test]
     fn prefill_caches_carried_on_the_device_give_the_same_tokens() {
         let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
@@ -1152,10 +1218,12 @@ mod tests {
             assert_eq!(sent.tokens, kept.tokens, "paged {paged}");
             assert_eq!(*device.uploads.borrow(), 0, "paged {paged}: the decode steps never upload the caches");
             assert_eq!(*device.carried_in.borrow(), 70 / 4, "paged {paged}: every chunk after the first");
-            // A batch: each prefill's chunks carried, its last read back; one upload of the batch's.
-            let prompts = vec![long.clone(), vec![8, 8, 2, 4, 4]];
+            // A batch: each prompt's caches moved on the device to their own rows (the one
+            // prefilled last — the longest prompt in a pool, slot 0 otherwise — left where it is);
+            // nothing uploaded.
+            let prompts = vec![vec![8, 8, 2, 4, 4], long.clone(), vec![3; 66]];
             let run = |p: &Toy| {
-                let mut samplers = vec![greedy(), greedy()];
+                let mut samplers = vec![greedy(), greedy(), greedy()];
                 generate_batch(p, &prompts, 6, &mut samplers, None)
                     .unwrap()
                     .into_iter()
@@ -1164,7 +1232,9 @@ mod tests {
             };
             let device = make(true);
             assert_eq!(run(&host), run(&device), "paged {paged}");
-            assert_eq!(*device.uploads.borrow(), 1, "paged {paged}");
+            assert_eq!(*device.uploads.borrow(), 0, "paged {paged}");
+            let moved = if paged { 5 + 66 } else { 70 + 66 };
+            assert_eq!(*device.moved.borrow(), moved, "paged {paged}");
         }
         // Prefill and decode caches of different elements: the last chunk reads them back.
         let device = Toy::new(true);
