@@ -15,7 +15,8 @@
 //! the stream — decode steps replayed from a CUDA graph — one synchronization, the wanted outputs
 //! read back; greedy tokens picked on the device by the artifact's argmax kernel.
 //!
-//! `V3R_SYNC_EACH=1` synchronizes after every launch, so that a faulting kernel is named;
+//! `V3R_CARRY=0` makes sessions move caches through the host instead of carrying them on the
+//! device; `V3R_SYNC_EACH=1` synchronizes after every launch, so that a faulting kernel is named;
 //! `V3R_GRAPHS=0` launches decode steps one by one; `V3R_DUMP_DIR=DIR` writes every launch's
 //! buffers (as `v3c emulate --dump` does on the host).
 //!

@@ -173,8 +173,9 @@ impl Program for crate::cuda::GpuArtifact {
     ) -> Result<HashMap<String, HostBuffer>, String> {
         crate::cuda::GpuArtifact::run_keeping(self, entry, inputs, wanted, resident).map(f32_caches)
     }
+    /// Unless `V3R_CARRY=0` (caches through the host, as before: to tell the two apart).
     fn carries_outputs(&self) -> bool {
-        true
+        std::env::var("V3R_CARRY").map_or(true, |v| v != "0")
     }
     fn move_rows(&self, name: &str, from: usize, to: usize, n: usize) -> Result<(), String> {
         crate::cuda::GpuArtifact::move_rows(self, name, from, to, n)
