@@ -3,6 +3,10 @@
 //! token over caches of `max_len` rows. The plans run at these sizes because they were planned for
 //! larger ones ([`crate::plan::EntryPlan::bind`]). Several sequences run as one batch
 //! ([`ArtifactBatch`], [`generate_batch`]): each prefilled alone, then one decode launch per step over all.
+//! A decode entry over a pool of pages ([`crate::pages`]) gets the pool and a block table: each
+//! sequence holds the pages its rows fill, taken as it grows, given back when it ends.
+//! On a program that carries outputs over (a GPU) the caches stay on its device from prefill
+//! chunk to chunk and into the decode steps ([`Program::run_carrying`], [`Program::move_rows`]).
 //!
 //! An artifact compiled with its MTP module has MTP inputs; plain generation feeds the MTP layer the
 //! next prompt token where it is known and token 0 otherwise, keeps its cache like the others, and
@@ -35,9 +39,9 @@ pub trait Program {
     fn cache_rows_multiple(&self) -> usize {
         1
     }
-    /// As [`Program::run`], the inputs named in `resident` as the previous run of `entry` (same
-    /// shapes) left them where the program keeps them — decode's caches, updated in place — rather
-    /// than as given. Only where [`Program::keeps_inputs`].
+    /// As [`Program::run`], the inputs named in `resident` as the program keeps them — decode's
+    /// caches as the previous step left them, updated in place, or as a prefill carried them over
+    /// ([`Program::run_carrying`]) — rather than as given. Only where [`Program::keeps_inputs`].
     fn run_keeping(
         &self,
         entry: &str,
