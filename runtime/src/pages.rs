@@ -40,20 +40,20 @@ impl PagePool {
         self.free.len()
     }
 
-    /// Makes sequence `s` hold pages for its rows `0..rows` (taking the pages it lacks).
+    /// Makes sequence `s` hold pages for its rows `0..rows` (taking the pages it lacks; none when
+    /// the pool has too few).
     pub fn reserve(&mut self, s: usize, rows: usize) -> Result<(), String> {
         let want = rows.div_ceil(PAGE_ROWS);
         let held = self.held.get_mut(s).ok_or_else(|| format!("sequence {s} is not in the pool"))?;
-        while held.len() < want {
-            let page = self.free.pop().ok_or_else(|| {
-                format!(
-                    "sequence {s}: {rows} rows need page {} of its own, and the pool's {} are taken",
-                    held.len() + 1,
-                    self.pages
-                )
-            })?;
-            held.push(page);
+        let lacking = want.saturating_sub(held.len());
+        if lacking > self.free.len() {
+            return Err(format!(
+                "sequence {s}: {rows} rows need page {} of its own, and the pool's {} are taken",
+                held.len() + self.free.len() + 1,
+                self.pages
+            ));
         }
+        held.extend((0..lacking).filter_map(|_| self.free.pop()));
         Ok(())
     }
 
@@ -260,6 +260,50 @@ mod tests {
                     let HostData::I32(t) = t.data else { panic!() };
                     assert_eq!(t, vec![0, 1, -1, 2, 3, -1], "sequence 1 took its second page at row 64");
                 }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Any sequence of growth and endings: no page held twice, every page held or free, each
+        /// sequence's table row its pages in order then -1, each held row on its own page.
+        #[test]
+        fn pages_are_held_once_and_tables_say_where(
+            pages in 1usize..24,
+            ops in proptest::collection::vec((0usize..4, 0usize..300, proptest::bool::weighted(0.2)), 0..60),
+        ) {
+            let mut pool = PagePool::new(pages, 4);
+            let mut rows = [0usize; 4];
+            for (s, n, end) in ops {
+                if end {
+                    pool.release(s);
+                    rows[s] = 0;
+                    continue;
+                }
+                match pool.reserve(s, n) {
+                    Ok(()) => rows[s] = rows[s].max(n),
+                    // Refused only when the pool lacks the pages.
+                    Err(_) => proptest::prop_assert!(n.div_ceil(PAGE_ROWS) - rows[s].div_ceil(PAGE_ROWS) > pool.free()),
+                }
+                let width = rows.iter().map(|r| r.div_ceil(PAGE_ROWS)).max().unwrap_or(0);
+                let HostData::I32(t) = pool.table(width).unwrap().data else { unreachable!() };
+                let mut seen = vec![false; pages];
+                for (q, &r) in rows.iter().enumerate() {
+                    let held = r.div_ceil(PAGE_ROWS);
+                    for (i, &p) in t[q * width..(q + 1) * width].iter().enumerate() {
+                        if i < held {
+                            proptest::prop_assert!(p >= 0 && (p as usize) < pages && !seen[p as usize]);
+                            seen[p as usize] = true;
+                        } else {
+                            proptest::prop_assert_eq!(p, -1);
+                        }
+                    }
+                    for row in (0..r).step_by(17) {
+                        let at = pool.row(q, row).unwrap();
+                        proptest::prop_assert_eq!(at, t[q * width + row / PAGE_ROWS] as usize * PAGE_ROWS + row % PAGE_ROWS);
+                    }
+                }
+                proptest::prop_assert_eq!(seen.iter().filter(|&&x| x).count() + pool.free(), pages);
             }
         }
     }
