@@ -619,9 +619,14 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         let total_s = generations.iter().map(|g| g.total_s).fold(0.0, f64::max);
         let prefill_s = generations[0].prefill_s;
         let decoded = new.saturating_sub(generations.len());
+        // A pool of cache pages: what each sequence held of it.
+        let pool = generations.iter().map(|g| g.pages).collect::<Option<Vec<_>>>().map_or(String::new(), |p| {
+            let held: Vec<String> = p.iter().map(|(h, _)| h.to_string()).collect();
+            format!("; cache pages {} of a pool of {}", held.join(" + "), p.first().map_or(0, |(_, n)| *n))
+        });
         eprintln!(
             "generated {new} tokens for {} sequences: prefill {} tokens in {prefill_s:.3} s, decode {:.2} tok/s \
-             over the batch ({kind})",
+             over the batch{pool} ({kind})",
             generations.len(),
             prompts.iter().map(Vec::len).sum::<usize>(),
             decoded as f64 / (total_s - prefill_s).max(1e-9)

@@ -40,6 +40,11 @@ impl PagePool {
         self.free.len()
     }
 
+    /// Pages sequence `s` holds.
+    pub fn holds(&self, s: usize) -> usize {
+        self.held.get(s).map_or(0, Vec::len)
+    }
+
     /// Makes sequence `s` hold pages for its rows `0..rows` (taking the pages it lacks; none when
     /// the pool has too few).
     pub fn reserve(&mut self, s: usize, rows: usize) -> Result<(), String> {
@@ -186,6 +191,11 @@ impl DecodeCaches {
             }
         }
         pool.table(self.rows / PAGE_ROWS).map(Some)
+    }
+
+    /// The pages sequence `i` holds and the pool's (None: caches per sequence, no pool).
+    pub fn pages_of(&self, i: usize) -> Option<(usize, usize)> {
+        self.pool.as_ref().map(|p| (p.holds(i), p.pages()))
     }
 
     /// Sequence `i` has ended: its pages back to the pool.

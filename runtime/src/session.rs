@@ -608,6 +608,11 @@ impl<'a> ArtifactBatch<'a> {
         Ok((ArtifactBatch { program, caches, state, layout, positions, limits, has_mtp, resident }, logits))
     }
 
+    /// The cache pages sequence `i` holds and its pool's (None: caches per sequence).
+    pub fn pages(&self, i: usize) -> Option<(usize, usize)> {
+        self.layout.pages_of(i)
+    }
+
     /// Sequence `i` will not be fed again: its pages (a pool's) go back.
     pub fn finish(&mut self, i: usize) {
         self.layout.finish(i);
@@ -675,6 +680,7 @@ pub fn generate_batch(
     let mut active = vec![max_new > 0; n];
     let mut stopped = vec![false; n];
     let mut done_at = vec![0.0; n];
+    let mut pages: Vec<Option<(usize, usize)>> = (0..n).map(|i| batch.pages(i)).collect();
     while active.iter().any(|&a| a) {
         let mut next = vec![0u32; n];
         for i in 0..n {
@@ -688,6 +694,7 @@ pub fn generate_batch(
             if Some(t) == eos || tokens[i].len() == max_new {
                 (active[i], stopped[i]) = (false, Some(t) == eos);
                 done_at[i] = start.elapsed().as_secs_f64();
+                pages[i] = batch.pages(i);
                 batch.finish(i);
             }
         }
@@ -701,6 +708,7 @@ pub fn generate_batch(
             stopped_at_eos: stopped[i],
             prefill_s,
             total_s: done_at[i].max(prefill_s),
+            pages: pages[i],
         })
         .collect())
 }
@@ -736,6 +744,8 @@ pub struct Generation {
     pub stopped_at_eos: bool,
     pub prefill_s: f64,
     pub total_s: f64,
+    /// In a batch over a pool of cache pages: the pages the sequence held at its end, and the pool's.
+    pub pages: Option<(usize, usize)>,
 }
 
 impl Generation {
@@ -782,7 +792,7 @@ pub fn generate(
             next = session.decode_next(token, greedy)?;
         }
     }
-    Ok(Generation { tokens, stopped_at_eos, prefill_s, total_s: start.elapsed().as_secs_f64() })
+    Ok(Generation { tokens, stopped_at_eos, prefill_s, total_s: start.elapsed().as_secs_f64(), pages: None })
 }
 
 #[cfg(test)]
@@ -1178,6 +1188,10 @@ mod tests {
         };
         assert_eq!(batch(&plain, None), batch(&paged, None));
         assert_eq!(*paged.pool_pages.borrow(), 2 + 1 + 1, "70, 13 and 60 tokens: 4 pages, not 3 x 2");
+        let mut samplers = vec![greedy(), greedy(), greedy()];
+        let held: Vec<_> =
+            generate_batch(&paged, &prompts, 10, &mut samplers, None).unwrap().into_iter().map(|g| g.pages).collect();
+        assert_eq!(held, vec![Some((2, 4)), Some((1, 4)), Some((1, 4))], "the pages each held at its end");
         // Sequences ending early (at an eos): the others' tokens as before.
         let eos = batch(&plain, None)[1].get(2).copied();
         assert_eq!(batch(&plain, eos), batch(&paged, eos));

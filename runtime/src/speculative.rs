@@ -203,7 +203,8 @@ pub fn generate_speculative(
     let last = logits.last().ok_or("prefill gave no logits")?;
     let mut x = greedy(last);
     if max_new == 0 || emit(x, &mut tokens) {
-        let generation = Generation { tokens, stopped_at_eos, prefill_s, total_s: start.elapsed().as_secs_f64() };
+        let generation =
+            Generation { tokens, stopped_at_eos, prefill_s, total_s: start.elapsed().as_secs_f64(), pages: None };
         return Ok(Speculation { generation, drafted, accepted });
     }
     // MTP rows of the prompt: hidden state i with token i + 1 (the last with x).
@@ -237,6 +238,7 @@ pub fn generate_speculative(
         };
         d = greedy(drafts.last().ok_or("draft gave no logits")?);
     }
-    let generation = Generation { tokens, stopped_at_eos, prefill_s, total_s: start.elapsed().as_secs_f64() };
+    let generation =
+        Generation { tokens, stopped_at_eos, prefill_s, total_s: start.elapsed().as_secs_f64(), pages: None };
     Ok(Speculation { generation, drafted, accepted })
 }
