@@ -345,11 +345,7 @@ impl<'a, 'c> Emulator<'a, 'c> {
         self.bindings.counters = self.memory.alloc(need.counters * 4, "counters")?;
         let (actions, _) = self.expander.expand(plan, sizes, &self.bindings, 132)?;
         for (name, b) in inputs {
-            let Some(planned) =
-                plan.buffers.iter().find(|p| matches!(&p.kind, BufferKind::Input { name: n } if n == name))
-            else {
-                continue;
-            };
+            let Some(planned) = plan.input(name) else { continue };
             let bytes = plan_bytes(b, &planned.dtype)?;
             if bytes.len() > self.input_bytes[name] {
                 return Err(format!("input {name}: larger than planned"));

@@ -249,11 +249,9 @@ pub fn page_decode_caches(plan: &mut Plan, entry: &str, kernels: &[String], page
         bytes,
     });
     e.bounds.insert(PAGE_POOL.into(), e.buffers[id].shape.clone());
-    for (name, bound) in e.bounds.iter_mut() {
-        if let Some(b) = e.buffers.iter().find(|b| matches!(&b.kind, BufferKind::Input { name: n } if n == name)) {
-            *bound = b.shape.clone();
-        }
-    }
+    let bounds: Vec<(String, Vec<usize>)> =
+        e.bounds.keys().filter_map(|n| e.input(n).map(|b| (n.clone(), b.shape.clone()))).collect();
+    e.bounds.extend(bounds);
     let mut taken = 0;
     for l in e.launches.iter_mut().filter(|l| kernels.contains(&l.kernel)) {
         l.args.push(id);

@@ -231,11 +231,6 @@ impl GpuArtifact {
     }
 }
 
-/// Entry `plan`'s input buffer named `name`.
-fn plan_input<'p>(plan: &'p EntryPlan, name: &str) -> Option<&'p crate::plan::Buffer> {
-    plan.buffers.iter().find(|b| matches!(&b.kind, BufferKind::Input { name: n } if n == name))
-}
-
 impl Drop for GpuArtifact {
     fn drop(&mut self) {
         if let Some(g) = self.graph.get_mut().take() {
@@ -450,7 +445,7 @@ impl GpuArtifact {
         let shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
         let mut held = std::mem::take(&mut *self.held.borrow_mut());
         for name in resident {
-            let element = plan_input(plan, name).map(|b| b.dtype.as_str());
+            let element = plan.input(name).map(|b| b.dtype.as_str());
             let given = inputs.get(*name).map(|b| b.shape.as_slice());
             let fits = match (held.get(*name), element, given) {
                 (Some((shape, e)), Some(element), Some(given)) => {
@@ -517,7 +512,7 @@ impl GpuArtifact {
         unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(&format!("{entry}: running the launches")))?;
         let sizes = plan.bind(&shapes)?;
         for (name, b) in inputs {
-            if let Some(p) = plan_input(plan, name) {
+            if let Some(p) = plan.input(name) {
                 held.insert(name.clone(), (b.shape.clone(), p.dtype.clone()));
             }
         }
@@ -528,7 +523,7 @@ impl GpuArtifact {
                 .find(|(n, _)| n == name)
                 .ok_or_else(|| format!("{entry}: no output {name} to carry"))?;
             let b = &plan.buffers[*id];
-            let (BufferKind::Arena { offset }, Some(input)) = (&b.kind, plan_input(plan, name)) else {
+            let (BufferKind::Arena { offset }, Some(input)) = (&b.kind, plan.input(name)) else {
                 return Err(format!("{entry}: output {name} is not a new buffer of an input's name"));
             };
             let shape = shape_at(&b.dims, sizes);
@@ -580,11 +575,7 @@ impl GpuArtifact {
         crate::cpu::check_id_inputs(inputs, self.vocab)?;
         let actions = self.actions(plan, inputs)?;
         for (name, b) in inputs.iter().filter(|(n, _)| !resident.contains(&n.as_str())) {
-            let Some(planned) =
-                plan.buffers.iter().find(|p| matches!(&p.kind, BufferKind::Input { name: n } if n == name))
-            else {
-                continue;
-            };
+            let Some(planned) = plan.input(name) else { continue };
             let bytes = crate::gpu::plan_bytes(b, &planned.dtype).map_err(|e| format!("input {name}: {e}"))?;
             let expected = crate::plan::tensor_bytes(&b.shape, &planned.dtype).unwrap_or(0) as usize;
             if bytes.len() != expected {

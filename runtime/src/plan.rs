@@ -138,6 +138,11 @@ pub struct Launch {
 }
 
 impl EntryPlan {
+    /// The input buffer named `name`.
+    pub fn input(&self, name: &str) -> Option<&Buffer> {
+        self.buffers.iter().find(|b| matches!(&b.kind, BufferKind::Input { name: n } if n == name))
+    }
+
     /// Whether the entry runs at `sizes`: every input dim that is a quotient (a block table's
     /// pages) divides evenly.
     pub fn check_sizes(&self, sizes: Sizes) -> Result<(), String> {

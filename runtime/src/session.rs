@@ -340,12 +340,7 @@ impl<'a> ArtifactSession<'a> {
             .map(|c| (c.clone(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) }))
             .collect();
         let has_mtp = prefill.bounds.contains_key("mtp_tokens");
-        let element = |plan: &EntryPlan, name: &str| {
-            plan.buffers.iter().find_map(|b| match &b.kind {
-                crate::plan::BufferKind::Input { name: n } if n == name => Some(b.dtype.clone()),
-                _ => None,
-            })
-        };
+        let element = |plan: &'a EntryPlan, name: &str| plan.input(name).map(|b| b.dtype.as_str());
         let same_elements = caches.iter().all(|c| element(prefill, c).is_some_and(|e| Some(e) == element(decode, c)));
         Ok(ArtifactSession {
             program,
