@@ -751,3 +751,37 @@ fn check_tensor_core_decode(fp8: bool, fp8_cache: bool, tolerance: f32) {
         assert!(worst <= tolerance, "{worst}");
     })
 }
+
+/// Sessions over the decode pool of pages, emulated on the host: two prompts (12 and 20 tokens) as one
+/// batch, 50 new tokens each — the longer prompt's caches on the pool's first page, the other's on the
+/// next, the longer sequence's second page taken as it crosses row 64 — give each prompt's greedy tokens
+/// generated alone (its pages in order): the same kernels on the same rows (check.sh step 3 asks the
+/// GPU the same).
+#[test]
+fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
+    use v3c_runtime::session::{generate, generate_batch, ArtifactSession};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = small_checkpoint(dir.path());
+    let out = dir.path().join("artifact");
+    let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--max-rows", "8"];
+    let compiled = run_binary("v3c", &[&args[..], &["--max-context", "128", "--out", out.to_str().unwrap()]].concat());
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
+    let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
+    let context = v3c_compiler::mlir::new_context();
+    let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
+    let emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
+    let program = v3c_compiler::emulate::EmulatedProgram::new(emulator);
+    let prompts = vec![
+        vec![3, 90, 27, 311, 243, 7, 100, 5, 64, 2, 19, 400],
+        vec![8, 1, 77, 500, 23, 42, 9, 9, 13, 250, 31, 6, 17, 88, 120, 3, 55, 71, 2, 10],
+    ];
+    let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+    let batch = generate_batch(&program, &prompts, 50, &mut [greedy(), greedy()], None).unwrap();
+    assert_eq!(batch.iter().map(|g| g.pages).collect::<Vec<_>>(), vec![Some((1, 3)), Some((2, 3))]);
+    for (i, prompt) in prompts.iter().enumerate() {
+        let mut session = ArtifactSession::new(&program, prompt.len() + 50).unwrap();
+        let alone = generate(&mut session, prompt, 50, &mut greedy(), None).unwrap();
+        assert_eq!(alone.tokens, batch[i].tokens, "prompt {i}");
+    }
+}

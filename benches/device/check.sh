@@ -166,6 +166,19 @@ if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]'
   # (decode write, prefill append), prefill's GEMM operand and keys out of them, the decode
   # attention's three views of them.
   launch_by_launch sm90fp8c dump_fp8c "3. fp8 caches, launch by launch"
+  # The pool of pages (sm90tc): two prompts as one batch, 100 new tokens each — the longer prompt's caches
+  # on the pool's first page, the other's moved there device to device, each sequence's next page taken as
+  # it crosses row 64 (interleaved) — must give each prompt's greedy tokens run alone (its pages in order):
+  # the same kernels on the same rows, the same splits.
+  pool_run() { timeout 60 "$v3r" run "$e2e/sm90tc" --weights "$e2e/ckpt" "$@" --max-new-tokens 100 --ignore-eos 2>>"$log"; }
+  if pool_run --prompt-tokens "$(cat "$e2e/prompt1.txt")" --prompt-tokens "$(cat "$e2e/prompt2.txt")" > "$out/pool_batch.txt" \
+      && pool_run --prompt-tokens "$(cat "$e2e/prompt1.txt")" > "$out/pool_alone.txt" \
+      && pool_run --prompt-tokens "$(cat "$e2e/prompt2.txt")" >> "$out/pool_alone.txt"; then
+    if cmp -s "$out/pool_batch.txt" "$out/pool_alone.txt"; then row "3. pool of pages" "ok" "a batch's 200 tokens = each prompt's alone"
+    else row "3. pool of pages" "DIFFERS" "pool_batch.txt vs pool_alone.txt"; fi
+  else
+    row "3. pool of pages" "FAILED" "v3r run failed (check.log)"
+  fi
   # Greedy generation: two prompts as one batch (the second prefilled in two chunks), 16 tokens each.
   if timeout 60 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
       --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 --ignore-eos > "$out/e2e_tokens.txt" 2>>"$log"; then

@@ -420,6 +420,40 @@ impl<'a, 'c> Emulator<'a, 'c> {
     }
 }
 
+/// The emulation as a session's [`v3c_runtime::session::Program`]: generation, batches over the
+/// decode pool of pages, all run on the host through the GPU executor's launches (caches cross as
+/// f32, as sessions keep them; nothing stays on a device between runs).
+pub struct EmulatedProgram<'a, 'c> {
+    artifact: &'a Artifact,
+    emulator: std::cell::RefCell<Emulator<'a, 'c>>,
+}
+
+impl<'a, 'c> EmulatedProgram<'a, 'c> {
+    pub fn new(emulator: Emulator<'a, 'c>) -> EmulatedProgram<'a, 'c> {
+        EmulatedProgram { artifact: emulator.artifact, emulator: std::cell::RefCell::new(emulator) }
+    }
+}
+
+impl v3c_runtime::session::Program for EmulatedProgram<'_, '_> {
+    fn entry_plan(&self, entry: &str) -> Result<&v3c_runtime::plan::EntryPlan, String> {
+        self.artifact.plan.entries.iter().find(|e| e.name == entry).ok_or_else(|| format!("no entry '{entry}'"))
+    }
+
+    fn run(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        let out = self.emulator.borrow_mut().run(entry, inputs, wanted, None)?;
+        Ok(out.into_iter().map(|(n, b)| if n.starts_with("kv_cache.") { (n, b.into_f32()) } else { (n, b) }).collect())
+    }
+
+    fn cache_rows_multiple(&self) -> usize {
+        self.artifact.lowering.as_ref().and_then(|l| l.cache_rows_multiple).unwrap_or(1)
+    }
+}
+
 impl v3c_runtime::training::EntryRunner for Emulator<'_, '_> {
     fn dir(&self) -> String {
         format!("{} (emulated)", self.artifact.dir.display())
