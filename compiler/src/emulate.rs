@@ -445,8 +445,7 @@ impl v3c_runtime::session::Program for EmulatedProgram<'_, '_> {
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
-        let out = self.emulator.borrow_mut().run(entry, inputs, wanted, None)?;
-        Ok(out.into_iter().map(|(n, b)| if n.starts_with("kv_cache.") { (n, b.into_f32()) } else { (n, b) }).collect())
+        self.emulator.borrow_mut().run(entry, inputs, wanted, None).map(v3c_runtime::session::f32_caches)
     }
 
     fn cache_rows_multiple(&self) -> usize {

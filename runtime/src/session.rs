@@ -146,7 +146,7 @@ impl Program for crate::cpu::CpuArtifact {
 
 /// Outputs with the caches in f32 (a GPU artifact's may be bf16: widened exactly), as sessions
 /// keep them on the host.
-fn f32_caches(out: HashMap<String, HostBuffer>) -> HashMap<String, HostBuffer> {
+pub fn f32_caches(out: HashMap<String, HostBuffer>) -> HashMap<String, HostBuffer> {
     out.into_iter().map(|(n, b)| if n.starts_with("kv_cache.") { (n, b.into_f32()) } else { (n, b) }).collect()
 }
 
