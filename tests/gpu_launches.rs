@@ -438,7 +438,7 @@ fn tensor_core_prefill_attention_emulated_follows_the_cpu_backend() {
     let launches =
         "compile: attention_quantize_0 -> 6 launches: rows_quantize_bf16_d128_t32 -> GEMM N 512 K 128 (prefill ";
     let rest =
-        "rows_mlakeys_h2_n128_r64_v128_kv128_t32_bf16_c16 -> rows_mlaqueries_h2_n128_r64_t64 -> mla_prefill_qk192_v128_s2 \
+        "rows_mlakeys_h2_n128_r64_v128_kv128_t32_bf16_c16 -> rows_mlaqueries_h2_n128_r64_t64 -> mla_prefill_qk192_v128_s4 \
                 (2 heads, tensor cores) -> rows_mlaheadsout_h2_d256_t32_q";
     assert!(err.contains(launches) && err.contains(rest), "{err}");
 }
@@ -461,7 +461,7 @@ fn fp8_cache_prefill_emulated_follows_the_cpu_backend() {
 fn tensor_core_prefill_attention_of_the_f32_graph_follows_the_cpu_backend() {
     let err = check_tensor_core_prefill(false, false, 3e-3);
     let launches = "compile: attention_0 -> 7 launches: rows_splitbf16_d128_t32 -> GEMM N 512 K 128 (prefill ";
-    let rest = "mla_prefill_qk192_v128_s2 (2 heads, tensor cores) -> rows_mlaheadsout_h2_d256_t32_y";
+    let rest = "mla_prefill_qk192_v128_s4 (2 heads, tensor cores) -> rows_mlaheadsout_h2_d256_t32_y";
     assert!(err.contains(launches) && err.contains(rest), "{err}");
 }
 

@@ -634,15 +634,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     // Progress on a terminal: one line rewritten per template kernel (each takes ~0.5 s).
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut done = 0;
-    let mut sources = Vec::new();
-    let mut choose = |g: &sm90::lower::GemmKernel, m: usize| {
-        let choice = v3c_compiler::tune::choose(g, m, &device, db.as_ref());
-        if let (Some(why), Some(path)) = (&choice.ignored, o.tuning) {
-            eprintln!("warning: {}: entry for {} at M {m} ignored: {why}", path.display(), g.kernel);
-        }
-        sources.push((g.kernel.clone(), m, choice.source.clone()));
-        choice.preferences
-    };
+    let mut choose = v3c_compiler::tune::ModelChooser::new(&device, db.as_ref());
     if o.attention.fp8_cache && sm90::CacheFormats::of(&module, o.attention).decode != sm90::rows::CacheRows::Fp8 {
         return Err(
             "--kv-cache fp8: the fp8 cache is read by the tensor-core decode attention, and this model's decode \
@@ -660,6 +652,11 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     if tty && done > 0 {
         eprint!("\r\x1b[K");
+    }
+    if let Some(path) = o.tuning {
+        for why in &choose.ignored {
+            eprintln!("warning: {}: {why}", path.display());
+        }
     }
     // Greedy sampling on the device: each row's argmax over the vocabulary (the runtime launches it
     // on the logits instead of reading them back).
@@ -681,6 +678,18 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         })
     });
     let mut reported = std::collections::HashSet::new();
+    // What the manifest records of each choice.
+    let mut choices = Vec::new();
+    let mut chose = |kernel: &str, dims: String, signature: String, regime: &str, config: &str, source: &str| {
+        eprintln!("compile: {kernel} ({dims}) {regime} -> {config} [{source}]");
+        choices.push(v3c_runtime::artifact::TuningChoice {
+            kernel: kernel.to_string(),
+            signature,
+            regime: regime.to_string(),
+            config: config.to_string(),
+            source: source.to_string(),
+        });
+    };
     for (g, [decode, prefill]) in lowered.gemms.iter().map(|(g, k)| (g, k)).chain(step_gemms) {
         if !reported.insert(&g.kernel) {
             continue;
@@ -689,12 +698,23 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         for (regime, m, kernel) in
             [("decode", v3c_compiler::tune::DECODE_M, decode), ("prefill", v3c_compiler::tune::PREFILL_M, prefill)]
         {
-            if let Some((_, _, source)) = sources.iter().find(|(k, mm, _)| *k == g.kernel && *mm == m) {
-                eprintln!("compile: {} ({}) {regime} -> {kernel} [{source}]", g.kernel, g.dims());
+            if let Some(source) = choose.source(&g.kernel, m) {
+                let signature = v3c_compiler::tune::GemmShape::of(g, m).signature();
+                chose(&g.kernel, g.dims(), signature, regime, kernel, source);
             }
         }
     }
-    let ran = |g: &sm90::lower::GemmKernel, m: usize| sources.iter().any(|(k, mm, _)| *k == g.kernel && *mm == m);
+    // The attention kernels.
+    for (fused, steps, _) in &lowered.compound {
+        for step in &steps.steps {
+            let Some(shape) = v3c_compiler::tune::attention::AttentionShape::of_step(&step.kernel) else { continue };
+            let (kernel, heads, _) = step.kernel.attention().expect("an attention launch");
+            if let Some(source) = choose.source(fused, shape.rows()) {
+                chose(fused, format!("{heads} heads"), shape.signature(), shape.regime(), &kernel, source);
+            }
+        }
+    }
+    let ran = |g: &sm90::lower::GemmKernel, m: usize| choose.source(&g.kernel, m).is_some();
     for (fused, row) in &lowered.rows {
         let table = if row.rope_table.is_some() { ", + a RoPE table built at load" } else { "" };
         let blocks = match row.kernel.blocks_per_row() {
@@ -796,10 +816,17 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         eprintln!("compile: all {total} kernels lower for {}; pass --out DIR to write the artifact", target.name);
         return Ok(());
     };
-    let tuning_source = if db.is_some() { "database" } else { "cost-model" };
+    let tuning = v3c_runtime::artifact::TuningInfo {
+        source: if db.is_some() { "database" } else { "cost-model" }.into(),
+        detail: format!(
+            "GEMM configurations, dense and grouped, and the MLA attention kernels' ring depth, for {}",
+            o.gpu
+        ),
+        choices,
+    };
     // Training runs sample nothing: no argmax kernel.
     let argmax = o.train.is_none().then_some(&argmax);
-    write_gpu_artifact(out, o, &config, precision, &module, &lowered, argmax, tuning_source)
+    write_gpu_artifact(out, o, &config, precision, &module, &lowered, argmax, tuning)
 }
 
 /// A row kernel's blocks: the rows of its rows argument (by position) times its blocks per row.
@@ -827,7 +854,7 @@ fn write_gpu_artifact(
     module: &melior::ir::Module,
     lowered: &v3c_compiler::conversion::sm90::ModelKernels,
     argmax: Option<&v3c_compiler::conversion::sm90::rows::RowKernel>,
-    tuning_source: &str,
+    tuning: v3c_runtime::artifact::TuningInfo,
 ) -> Result<(), String> {
     use v3c_compiler::conversion::sm90::lower::{GemmKernel, Operand, StepKernel};
     use v3c_compiler::conversion::sm90::rows::{RowOp, PAGE_ROWS};
@@ -1134,10 +1161,7 @@ fn write_gpu_artifact(
         plan: plan_file,
         lowering: Some(lowering_file),
         kernels,
-        tuning: artifact::TuningInfo {
-            source: tuning_source.into(),
-            detail: format!("GEMM configurations, dense and grouped, for {}", o.gpu),
-        },
+        tuning,
         training: o.train.as_ref().map(|t| artifact::TrainingInfo {
             mtp_weight: t.mtp_weight,
             balance_alpha: t.balance_alpha,
@@ -1307,6 +1331,7 @@ pub fn compile_cpu(o: &CompileCpuOptions) -> Result<(), String> {
         tuning: artifact::TuningInfo {
             source: "none".into(),
             detail: "CPU kernels are fixed templates; nothing to tune".into(),
+            choices: Vec::new(),
         },
         training: o.train.as_ref().map(|t| artifact::TrainingInfo {
             mtp_weight: t.mtp_weight,
@@ -1432,7 +1457,13 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
             for &m in runs {
                 let shape = GemmShape::of(g, m);
                 let sha = tune::candidates_sha256(&tune::candidates(&shape, &device.target));
-                match db.lookup(&shape.signature(), tune::m_bucket(m), &device, env!("CARGO_PKG_VERSION"), &sha) {
+                match db.lookup::<v3c_compiler::conversion::sm90::gemm::GemmConfig>(
+                    &shape.signature(),
+                    tune::m_bucket(m),
+                    &device,
+                    env!("CARGO_PKG_VERSION"),
+                    &sha,
+                ) {
                     tune::db::Lookup::Tuned { config, entry } => {
                         let (_, ms) = entry.winner().unwrap_or(("", f64::NAN));
                         let default = entry.default_ms().unwrap_or(f64::NAN);

@@ -369,7 +369,7 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     let module = Driver::quiet().run_model(&context, &config, &Entry::ALL, &options, "fused").unwrap();
     let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
     let h200 = target::DeviceModel::by_name("H200").unwrap();
-    let mut choose = |g: &sm90::lower::GemmKernel, m: usize| v3c_compiler::tune::choose(g, m, &h200, None).preferences;
+    let mut choose = v3c_compiler::tune::ModelChooser::new(&h200, None);
     let attention = sm90::AttentionKernels::default();
     let lowered =
         sm90::compile_model(&context, &module, &target::SM90A, ptxas.as_ref(), attention, &mut choose, |_| {}).unwrap();
@@ -444,12 +444,12 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
             "GEMM N 32768 K 512",
             "rows_mlakeys_h128_n128_r64_v128_kv512_t64_bf16_c16",
             "rows_mlaqueries_h128_n128_r64_t256",
-            "mla_prefill_qk192_v128_s2",
+            "mla_prefill_qk192_v128_s4",
             "rows_mlaheadsout_h128_d16384_t256_q",
         ]
     );
     assert!(picks[1].is_some());
-    let attention = lowered.kernels.iter().find(|k| k.name == "mla_prefill_qk192_v128_s2").expect("compiled");
+    let attention = lowered.kernels.iter().find(|k| k.name == "mla_prefill_qk192_v128_s4").expect("compiled");
     assert!(attention.ptx.contains("wgmma.mma_async") && attention.ptx.contains("cp.async.bulk.tensor"));
     if let Some(r) = &attention.resources {
         assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", attention.name);

@@ -132,6 +132,24 @@ pub struct TuningInfo {
     pub source: String,
     #[serde(default)]
     pub detail: String,
+    /// Per tunable kernel and regime, the configuration compiled and where it came from (the
+    /// database's entry, or the cost model and why no entry applied).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<TuningChoice>,
+}
+
+/// One tunable kernel's configuration in one regime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TuningChoice {
+    /// The GEMM (`mla_q_up_0.gemm`) or the fused kernel whose attention launch it is.
+    pub kernel: String,
+    /// What the database keys it by (`gemm fp8->f32 n24576 k1536`, `mla_decode kv512 r64 h128`).
+    pub signature: String,
+    /// `decode` or `prefill`.
+    pub regime: String,
+    /// The kernel compiled (`gemm_fp8_f32_64x128x128_s4`, `mla_decode_kv512_r64_p64_s2`).
+    pub config: String,
+    pub source: String,
 }
 
 /// Why an artifact cannot be used: one line naming the file (and the key).

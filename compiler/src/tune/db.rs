@@ -8,14 +8,30 @@
 //! entry does not apply (another GPU, another compiler, a changed search space, missing).
 
 use crate::conversion::sm90::gemm::GemmConfig;
-use crate::target::DeviceModel;
+use crate::target::{DeviceModel, GpuTarget};
 pub use v3c_runtime::tuning::{DbEntry, TuningDb, DB_FORMAT_VERSION};
+
+/// A configuration a database entry can name: its kernel name parses back to it, and it says
+/// whether it fits a target (GEMMs, and the attention kernels: [`super::attention::AttentionConfig`]).
+pub trait Tunable: Sized {
+    fn from_name(name: &str) -> Option<Self>;
+    fn validate(&self, target: &GpuTarget) -> Result<(), String>;
+}
+
+impl Tunable for GemmConfig {
+    fn from_name(name: &str) -> Option<GemmConfig> {
+        GemmConfig::from_name(name)
+    }
+    fn validate(&self, target: &GpuTarget) -> Result<(), String> {
+        GemmConfig::validate(self, target)
+    }
+}
 
 /// What the database holds for one kernel and bucket.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Lookup<'a> {
+pub enum Lookup<'a, C = GemmConfig> {
     Tuned {
-        config: GemmConfig,
+        config: C,
         entry: &'a DbEntry,
     },
     /// An entry exists but may not be used: why.
@@ -26,26 +42,26 @@ pub enum Lookup<'a> {
 /// Whether a database entry applies to a kernel being compiled.
 pub trait DbLookup {
     /// The entry for `kernel` at `m_bucket` on `device` for this compiler and candidate set.
-    fn lookup(
+    fn lookup<C: Tunable>(
         &self,
         kernel: &str,
         m_bucket: usize,
         device: &DeviceModel,
         compiler_version: &str,
         candidates_sha256: &str,
-    ) -> Lookup<'_>;
+    ) -> Lookup<'_, C>;
 }
 
 impl DbLookup for TuningDb {
     /// The entry for `kernel` at `m_bucket` on `device` for this compiler and candidate set.
-    fn lookup(
+    fn lookup<C: Tunable>(
         &self,
         kernel: &str,
         m_bucket: usize,
         device: &DeviceModel,
         compiler_version: &str,
         candidates_sha256: &str,
-    ) -> Lookup<'_> {
+    ) -> Lookup<'_, C> {
         let same_kernel: Vec<&DbEntry> =
             self.entries.iter().filter(|e| e.kernel == kernel && e.m_bucket == m_bucket).collect();
         if same_kernel.is_empty() {
@@ -64,7 +80,7 @@ impl DbLookup for TuningDb {
             } else if e.candidates_sha256 != candidates_sha256 {
                 "stale: the candidate set changed since it was measured".to_string()
             } else {
-                match e.winner().and_then(|(name, _)| GemmConfig::from_name(name).map(|c| (name, c))) {
+                match e.winner().and_then(|(name, _)| C::from_name(name).map(|c| (name, c))) {
                     Some((_, config)) if config.validate(&device.target).is_ok() => {
                         return Lookup::Tuned { config, entry: e }
                     }
@@ -125,19 +141,19 @@ mod tests {
         let mut db = TuningDb::new();
         db.insert(entry("H100", "0.1.0", "abc"));
         let kernel = "gemm fp8->f32 n2112 k7168";
-        let Lookup::Ignored(why) = db.lookup(kernel, 64, &h200, "0.1.0", "abc") else { panic!() };
+        let Lookup::Ignored(why) = db.lookup::<GemmConfig>(kernel, 64, &h200, "0.1.0", "abc") else { panic!() };
         assert!(why.contains("measured on H100") && why.contains("compiling for H200"), "{why}");
         db.insert(entry("H200", "0.0.9", "abc"));
         db.entries.retain(|e| e.gpu == "H200");
-        let Lookup::Ignored(why) = db.lookup(kernel, 64, &h200, "0.1.0", "abc") else { panic!() };
+        let Lookup::Ignored(why) = db.lookup::<GemmConfig>(kernel, 64, &h200, "0.1.0", "abc") else { panic!() };
         assert!(why.contains("measured with v3c 0.0.9"), "{why}");
         db.insert(entry("H200", "0.1.0", "abc"));
         db.entries.retain(|e| e.compiler_version == "0.1.0");
-        let Lookup::Ignored(why) = db.lookup(kernel, 64, &h200, "0.1.0", "other") else { panic!() };
+        let Lookup::Ignored(why) = db.lookup::<GemmConfig>(kernel, 64, &h200, "0.1.0", "other") else { panic!() };
         assert!(why.starts_with("stale"), "{why}");
-        let Lookup::Tuned { config, .. } = db.lookup(kernel, 64, &h200, "0.1.0", "abc") else { panic!() };
+        let Lookup::Tuned { config, .. } = db.lookup::<GemmConfig>(kernel, 64, &h200, "0.1.0", "abc") else { panic!() };
         assert_eq!(config.kernel_name(), "gemm_fp8_f32_128x64x128_s6_ws_splitk");
-        assert_eq!(db.lookup(kernel, 128, &h200, "0.1.0", "abc"), Lookup::Missing);
+        assert_eq!(db.lookup::<GemmConfig>(kernel, 128, &h200, "0.1.0", "abc"), Lookup::Missing);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! that grows with the SMs streaming; plus launch and per-wave fixed costs. Its figures rank, they
 //! do not predict: measured timings (the database) win over it.
 
+pub mod attention;
 pub mod db;
 
 use crate::conversion::sm90::gemm::{GemmConfig, GemmGrouping, GemmInput, GemmOutput};
@@ -443,8 +444,8 @@ pub fn candidates_sha256(configs: &[GemmConfig]) -> String {
 /// Configurations to try for `kernel` at `m` rows on `device`, best first, and where the order
 /// comes from: a measured database entry when one applies (then the cost model's order after it),
 /// else the cost model.
-pub struct Choice {
-    pub preferences: Vec<GemmConfig>,
+pub struct Choice<C = GemmConfig> {
+    pub preferences: Vec<C>,
     pub source: String,
     /// Set when a database entry exists but was not used: why (for a warning).
     pub ignored: Option<String>,
@@ -463,7 +464,7 @@ pub fn choose(kernel: &GemmKernel, m: usize, device: &DeviceModel, db: Option<&d
     );
     let Some(db) = db else { return Choice { preferences, source: model, ignored: None } };
     let sha = candidates_sha256(&candidates(&shape, &device.target));
-    match db.lookup(&shape.signature(), m_bucket(m), device, env!("CARGO_PKG_VERSION"), &sha) {
+    match db.lookup::<GemmConfig>(&shape.signature(), m_bucket(m), device, env!("CARGO_PKG_VERSION"), &sha) {
         db::Lookup::Tuned { config, .. }
             if (config.input, config.output, config.residual) != (shape.input, shape.output, shape.residual)
                 || config.grouping != shape.grouped.map_or(GemmGrouping::Dense, |g| g.grouping)
@@ -486,6 +487,63 @@ pub fn choose(kernel: &GemmKernel, m: usize, device: &DeviceModel, db: Option<&d
         db::Lookup::Missing => {
             Choice { preferences, source: format!("{model} (no tuning database entry)"), ignored: None }
         }
+    }
+}
+
+/// Where one tunable kernel's configuration came from, as a compile reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Source {
+    /// The GEMM (`mla_q_up_0.gemm`) or the fused kernel whose attention launch it is.
+    pub kernel: String,
+    /// The M (GEMMs) or the sequences / tokens (attention) it was chosen at.
+    pub m: usize,
+    pub source: String,
+}
+
+/// The tuner's [`Chooser`](crate::conversion::sm90::Chooser) for a model compile: the cost model,
+/// and the database's measured winners where it has entries that apply. It keeps where each
+/// choice came from ([`Self::sources`]) and why entries were passed over ([`Self::ignored`]).
+pub struct ModelChooser<'a> {
+    pub device: &'a DeviceModel,
+    pub db: Option<&'a db::TuningDb>,
+    pub sources: Vec<Source>,
+    /// `entry for <kernel> at <M> ignored: <why>`, one per entry not used.
+    pub ignored: Vec<String>,
+}
+
+impl<'a> ModelChooser<'a> {
+    pub fn new(device: &'a DeviceModel, db: Option<&'a db::TuningDb>) -> ModelChooser<'a> {
+        ModelChooser { device, db, sources: Vec::new(), ignored: Vec::new() }
+    }
+
+    /// Where `kernel`'s configuration at `m` came from, if it was chosen.
+    pub fn source(&self, kernel: &str, m: usize) -> Option<&str> {
+        self.sources.iter().find(|s| s.kernel == kernel && s.m == m).map(|s| s.source.as_str())
+    }
+
+    /// Records `choice` for `kernel` at `m` (`at`: how to say it).
+    fn keep<C>(&mut self, kernel: &str, m: usize, at: String, choice: Choice<C>) -> Vec<C> {
+        if let Some(why) = choice.ignored {
+            self.ignored.push(format!("entry for {kernel} at {at} ignored: {why}"));
+        }
+        self.sources.push(Source { kernel: kernel.to_string(), m, source: choice.source });
+        choice.preferences
+    }
+}
+
+impl crate::conversion::sm90::Chooser for ModelChooser<'_> {
+    fn gemm(&mut self, kernel: &GemmKernel, m: usize) -> Vec<GemmConfig> {
+        let choice = choose(kernel, m, self.device, self.db);
+        self.keep(&kernel.kernel, m, format!("M {m}"), choice)
+    }
+
+    fn attention(&mut self, fused: &str, shape: &attention::AttentionShape) -> Vec<attention::AttentionConfig> {
+        let choice = attention::choose(shape, self.device, self.db);
+        let at = match shape {
+            attention::AttentionShape::Decode { sequences, .. } => format!("{sequences} sequences"),
+            attention::AttentionShape::Prefill { tokens, .. } => format!("{tokens} tokens"),
+        };
+        self.keep(fused, shape.rows(), at, choice)
     }
 }
 

@@ -22,6 +22,7 @@ use melior::Context;
 
 use crate::target::{self, GpuTarget, KernelResources};
 use crate::toolchain::FoundTool;
+use crate::tune::attention::{AttentionConfig, AttentionShape};
 
 /// The passes that lower a `gpu.module` (gpu, nvgpu, nvvm, scf, arith, memref) to LLVM + NVVM.
 pub const LOWER_GPU_MODULE: &str = "builtin.module(gpu.module(convert-nvgpu-to-nvvm, lower-affine, \
@@ -169,7 +170,15 @@ pub fn compile_unspilled(
     target: &GpuTarget,
     ptxas: Option<&FoundTool>,
 ) -> Result<Option<GpuKernel>, Sm90Error> {
-    let mut kernel = compile_gemm(context, config, target)?;
+    unspilled(compile_gemm(context, config, target)?, target, ptxas)
+}
+
+/// `kernel`, assembled by `ptxas` when given: None when ptxas reports spills.
+fn unspilled(
+    mut kernel: GpuKernel,
+    target: &GpuTarget,
+    ptxas: Option<&FoundTool>,
+) -> Result<Option<GpuKernel>, Sm90Error> {
     if let Some(ptxas) = ptxas {
         kernel.assemble(target, ptxas)?;
         if kernel.resources.as_ref().is_some_and(|r| r.spill_stores_bytes + r.spill_loads_bytes > 0) {
@@ -177,6 +186,27 @@ pub fn compile_unspilled(
         }
     }
     Ok(Some(kernel))
+}
+
+/// An MLA attention kernel of either template ([`compile_mla`], [`compile_mla_prefill`]).
+pub fn compile_attention(
+    context: &Context,
+    config: &AttentionConfig,
+    target: &GpuTarget,
+) -> Result<GpuKernel, Sm90Error> {
+    match config {
+        AttentionConfig::Decode(c) => compile_mla(context, c, target),
+        AttentionConfig::Prefill(c) => compile_mla_prefill(context, c, target),
+    }
+}
+
+/// Orders the configurations to try for each tunable kernel of a model ([`crate::tune::ModelChooser`]:
+/// the cost model and the tuning database).
+pub trait Chooser {
+    /// GEMM `kernel` at `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`]).
+    fn gemm(&mut self, kernel: &lower::GemmKernel, m: usize) -> Vec<gemm::GemmConfig>;
+    /// The attention launch of fused kernel `fused` on `shape`.
+    fn attention(&mut self, fused: &str, shape: &AttentionShape) -> Vec<AttentionConfig>;
 }
 
 /// The kernels of one GEMM for [decode, prefill].
@@ -371,6 +401,56 @@ impl ModelKernels {
         self.kernel_once(k.kernel_name(), target, ptxas, progress, || compile_rows(context, k, target))
     }
 
+    /// The kernel of attention launch `step` of fused kernel `fused`: the first of `choose`'s
+    /// configurations that compiles (with ptxas: without spilling), compiled once across the model;
+    /// the step then names it.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_kernel(
+        &mut self,
+        context: &Context,
+        fused: &str,
+        step: &mut lower::StepKernel,
+        target: &GpuTarget,
+        ptxas: Option<&FoundTool>,
+        choose: &mut dyn Chooser,
+        progress: &mut impl FnMut(&str),
+    ) -> Result<(), Sm90Error> {
+        let Some(shape) = AttentionShape::of_step(step) else { return Ok(()) };
+        let preferences = choose.attention(fused, &shape);
+        let mut chosen = None;
+        for config in &preferences {
+            let name = config.kernel_name();
+            if self.kernels.iter().any(|k| k.name == name) {
+                chosen = Some(*config);
+                break;
+            }
+            progress(&name);
+            match unspilled(compile_attention(context, config, target)?, target, ptxas)? {
+                Some(kernel) => {
+                    self.kernels.push(kernel);
+                    chosen = Some(*config);
+                    break;
+                }
+                None => self.spilled.push(name),
+            }
+        }
+        match (step, chosen) {
+            (lower::StepKernel::MlaDecode(a), Some(AttentionConfig::Decode(c))) => a.config = c,
+            (lower::StepKernel::MlaPrefill(a), Some(AttentionConfig::Prefill(c))) => a.config = c,
+            _ => {
+                return Err(Sm90Error::Config {
+                    kernel: fused.to_string(),
+                    problem: format!(
+                        "{fused}: none of the {} {} configurations tried assembles without spilling",
+                        preferences.len(),
+                        shape.signature()
+                    ),
+                })
+            }
+        }
+        Ok(())
+    }
+
     /// The [decode, prefill] kernels of GEMM `g`: per regime it runs in (`regimes`, [`Regimes`])
     /// the first of `choose`'s configurations that compiles (with ptxas: without spilling),
     /// compiled once across the model; a regime it never runs in names the other's kernel.
@@ -381,7 +461,7 @@ impl ModelKernels {
         g: &lower::GemmKernel,
         target: &GpuTarget,
         ptxas: Option<&FoundTool>,
-        choose: &mut dyn FnMut(&lower::GemmKernel, usize) -> Vec<gemm::GemmConfig>,
+        choose: &mut dyn Chooser,
         regimes: [bool; 2],
         progress: &mut impl FnMut(&str),
     ) -> Result<[String; 2], Sm90Error> {
@@ -393,7 +473,7 @@ impl ModelKernels {
                 picked.push(None);
                 continue;
             }
-            let preferences = choose(g, m);
+            let preferences = choose.gemm(g, m);
             let mut chosen = None;
             for config in &preferences {
                 let name = config.kernel_name();
@@ -430,17 +510,18 @@ impl ModelKernels {
 }
 
 /// Maps every kernel of `module` (stage `fused`) onto the sm_90a templates, compiling each
-/// distinct template kernel once. `choose(kernel, m)` orders the configurations to try for a GEMM
-/// kernel at `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`]); with
-/// ptxas the first that assembles without spilling is taken, without it the first. `progress` is
-/// told each kernel name as it is compiled. `attention` picks the attention kernels.
+/// distinct template kernel once. `choose` orders the configurations to try for a GEMM kernel at
+/// `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`]) and for an
+/// attention kernel; with ptxas the first that assembles without spilling is taken, without it the
+/// first. `progress` is told each kernel name as it is compiled. `attention` picks where attention
+/// runs.
 pub fn compile_model(
     context: &Context,
     module: &Module,
     target: &GpuTarget,
     ptxas: Option<&FoundTool>,
     attention: AttentionKernels,
-    choose: &mut dyn FnMut(&lower::GemmKernel, usize) -> Vec<gemm::GemmConfig>,
+    choose: &mut dyn Chooser,
     mut progress: impl FnMut(&str),
 ) -> Result<ModelKernels, Sm90Error> {
     let caches = CacheFormats::of(module, attention);
@@ -461,9 +542,9 @@ pub fn compile_model(
             out.rows.push((fused, launch));
             continue;
         }
-        if let Some(steps) = tensor_core_attention.or_else(|| lower::steps_of_kernel(&f).ok()) {
+        if let Some(mut steps) = tensor_core_attention.or_else(|| lower::steps_of_kernel(&f).ok()) {
             let mut picked = Vec::new();
-            for step in &steps.steps {
+            for step in &mut steps.steps {
                 match &step.kernel {
                     lower::StepKernel::Row(k) => {
                         out.row_kernel(context, k, target, ptxas, &mut progress)?;
@@ -473,14 +554,8 @@ pub fn compile_model(
                         let runs = regimes.get(&fused).copied().unwrap_or_default();
                         picked.push(Some(out.gemm_kernels(context, g, target, ptxas, choose, runs, &mut progress)?))
                     }
-                    lower::StepKernel::MlaPrefill(a) => {
-                        let compile = || compile_mla_prefill(context, &a.config, target);
-                        out.kernel_once(a.config.kernel_name(), target, ptxas, &mut progress, compile)?;
-                        picked.push(None);
-                    }
-                    lower::StepKernel::MlaDecode(a) => {
-                        let compile = || compile_mla(context, &a.config, target);
-                        out.kernel_once(a.config.kernel_name(), target, ptxas, &mut progress, compile)?;
+                    lower::StepKernel::MlaPrefill(_) | lower::StepKernel::MlaDecode(_) => {
+                        out.attention_kernel(context, &fused, &mut step.kernel, target, ptxas, choose, &mut progress)?;
                         picked.push(None);
                     }
                 }

@@ -1,0 +1,453 @@
+//! Autotuning of the MLA attention kernels ([`crate::conversion::sm90::mla`]): the split-K decode
+//! over the paged latent cache and the causal flash-attention prefill.
+//!
+//! At a model's widths the one field these templates leave free is the depth of their TMA ring
+//! (`stages`: page buffers for decode, key/value tile buffers for prefill); the space is every depth
+//! that fits shared memory ([`candidates`]). Decode's K splits are not a kernel field: the runtime
+//! picks them per run from the batch and the SMs ([`v3c_runtime::lowering::attention_splits`]), and
+//! the cost model uses the same rule.
+//!
+//! The cost model ([`estimate`]) is a per-block pipeline model, not a simulator. A block walks its
+//! pages (decode) or key tiles (prefill); per step it loads the tile (decode: from DRAM at an SM's
+//! share of the bandwidth; prefill: the head's keys and values stay in L2 across its query tiles),
+//! runs the tensor-core products (decode: `S = Q K^T` in each of the two warpgroups, then `P V`;
+//! prefill: both warpgroups' 64 query rows) at the SM's share of the dense bf16 peak, and the online
+//! softmax (and the fp8 cache's conversion) on the CUDA cores. One buffer: the load is exposed every
+//! step; a deeper ring hides it behind the previous steps' work, all but a residue that shrinks
+//! with depth. Blocks per SM come from shared memory, threads and a lower bound on registers (the
+//! f32 accumulators and scores each thread holds). Decode: waves of (sequence, 64 heads, split)
+//! blocks against the DRAM time of the cache; prefill: the causal triangle's tiles spread over the
+//! SMs, bounded below by the longest block (the last query tile). Its figures rank, the database's
+//! measured timings win over it.
+
+use super::db::{self, DbLookup as _, Tunable};
+use super::{m_bucket, Choice, DECODE_M, PREFILL_M};
+use crate::conversion::sm90::lower::{MlaDecodeLaunch, MlaPrefillLaunch};
+use crate::conversion::sm90::mla::{MlaDecodeConfig, MlaPrefillConfig, PAGE};
+use crate::target::{DeviceModel, GpuTarget};
+
+/// Keys per sequence the decode kernel is tuned at (FlashMLA's benchmark point, with
+/// [`DECODE_M`] sequences).
+pub const DECODE_CONTEXT: usize = 4096;
+
+/// An attention problem as the tuner sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionShape {
+    /// Absorbed decode: `sequences` of one new token, `heads` query rows each, over `context` keys
+    /// of `kv + rope` columns (bf16 pages, or the fp8 cache's rows).
+    Decode { heads: usize, kv: usize, rope: usize, fp8_cache: bool, sequences: usize, context: usize },
+    /// Causal prefill of `tokens` queries over as many keys, per head `qk`-wide queries and keys and
+    /// `v`-wide values.
+    Prefill { heads: usize, qk: usize, v: usize, tokens: usize },
+}
+
+impl AttentionShape {
+    /// The decode launch's problem at `sequences` sequences of [`DECODE_CONTEXT`] keys.
+    pub fn decode(launch: &MlaDecodeLaunch, sequences: usize) -> AttentionShape {
+        let c = &launch.config;
+        AttentionShape::Decode {
+            heads: launch.heads,
+            kv: c.kv,
+            rope: c.rope,
+            fp8_cache: c.fp8_cache,
+            sequences,
+            context: DECODE_CONTEXT,
+        }
+    }
+
+    /// The prefill launch's problem over `tokens` tokens.
+    pub fn prefill(launch: &MlaPrefillLaunch, tokens: usize) -> AttentionShape {
+        AttentionShape::Prefill { heads: launch.heads, qk: launch.config.qk, v: launch.config.v, tokens }
+    }
+
+    /// The problem of the launch `kernel` if it is attention, at the regime's size (decode:
+    /// [`DECODE_M`] sequences, prefill: [`PREFILL_M`] tokens).
+    pub fn of_step(kernel: &crate::conversion::sm90::lower::StepKernel) -> Option<AttentionShape> {
+        use crate::conversion::sm90::lower::StepKernel;
+        match kernel {
+            StepKernel::MlaDecode(a) => Some(AttentionShape::decode(a, DECODE_M)),
+            StepKernel::MlaPrefill(a) => Some(AttentionShape::prefill(a, PREFILL_M)),
+            StepKernel::Row(_) | StepKernel::Gemm(_) => None,
+        }
+    }
+
+    /// What the tuning database keys it by (with [`Self::bucket`]): `mla_decode kv512 r64 h128`
+    /// (` fp8cache`), `mla_prefill qk192 v128 h128`.
+    pub fn signature(&self) -> String {
+        match *self {
+            AttentionShape::Decode { heads, kv, rope, fp8_cache, .. } => {
+                format!("mla_decode kv{kv} r{rope} h{heads}{}", if fp8_cache { " fp8cache" } else { "" })
+            }
+            AttentionShape::Prefill { heads, qk, v, .. } => format!("mla_prefill qk{qk} v{v} h{heads}"),
+        }
+    }
+
+    /// Its dynamic dim: sequences (decode) or tokens (prefill).
+    pub fn rows(&self) -> usize {
+        match *self {
+            AttentionShape::Decode { sequences, .. } => sequences,
+            AttentionShape::Prefill { tokens, .. } => tokens,
+        }
+    }
+
+    /// The database's bucket of [`Self::rows`].
+    pub fn bucket(&self) -> usize {
+        m_bucket(self.rows())
+    }
+
+    /// `decode` or `prefill`.
+    pub fn regime(&self) -> &'static str {
+        match self {
+            AttentionShape::Decode { .. } => "decode",
+            AttentionShape::Prefill { .. } => "prefill",
+        }
+    }
+
+    /// Its kernel with a ring of `stages` buffers.
+    pub fn config(&self, stages: usize) -> AttentionConfig {
+        match *self {
+            AttentionShape::Decode { kv, rope, fp8_cache, .. } => {
+                AttentionConfig::Decode(MlaDecodeConfig { kv, rope, stages, fp8_cache })
+            }
+            AttentionShape::Prefill { qk, v, .. } => AttentionConfig::Prefill(MlaPrefillConfig { qk, v, stages }),
+        }
+    }
+}
+
+/// An attention kernel's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionConfig {
+    Decode(MlaDecodeConfig),
+    Prefill(MlaPrefillConfig),
+}
+
+impl AttentionConfig {
+    pub fn kernel_name(&self) -> String {
+        match self {
+            AttentionConfig::Decode(c) => c.kernel_name(),
+            AttentionConfig::Prefill(c) => c.kernel_name(),
+        }
+    }
+
+    pub fn stages(&self) -> usize {
+        match self {
+            AttentionConfig::Decode(c) => c.stages,
+            AttentionConfig::Prefill(c) => c.stages,
+        }
+    }
+
+    pub fn shared_memory_bytes(&self) -> usize {
+        match self {
+            AttentionConfig::Decode(c) => c.shared_memory_bytes(),
+            AttentionConfig::Prefill(c) => c.shared_memory_bytes(),
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        match self {
+            AttentionConfig::Decode(c) => c.threads(),
+            AttentionConfig::Prefill(c) => c.threads(),
+        }
+    }
+
+    /// Registers a thread needs at least: its share of the f32 output accumulators (decode: a
+    /// warpgroup's 64 rows x `kv / 2` columns; prefill: 64 rows x `v`) and of the 64 x 64 scores,
+    /// plus the addresses, softmax state and loop counters (48; ptxas reports the real count, e.g.
+    /// 254 for DeepSeek-V3's decode and 174 for its prefill).
+    pub fn registers_at_least(&self) -> usize {
+        let warpgroup = 128;
+        let accumulators = match self {
+            AttentionConfig::Decode(c) => PAGE * c.kv / 2 / warpgroup,
+            AttentionConfig::Prefill(c) => PAGE * c.v / warpgroup,
+        };
+        accumulators + PAGE * PAGE / warpgroup + 48
+    }
+}
+
+impl Tunable for AttentionConfig {
+    fn from_name(name: &str) -> Option<AttentionConfig> {
+        MlaDecodeConfig::from_name(name)
+            .map(AttentionConfig::Decode)
+            .or_else(|| MlaPrefillConfig::from_name(name).map(AttentionConfig::Prefill))
+    }
+
+    fn validate(&self, target: &GpuTarget) -> Result<(), String> {
+        match self {
+            AttentionConfig::Decode(c) => c.validate(target),
+            AttentionConfig::Prefill(c) => c.validate(target),
+        }
+    }
+}
+
+/// Every ring depth of `shape`'s kernel that fits `target`.
+pub fn candidates(shape: &AttentionShape, target: &GpuTarget) -> Vec<AttentionConfig> {
+    (1..=4).map(|stages| shape.config(stages)).filter(|c| c.validate(target).is_ok()).collect()
+}
+
+/// The cost model's view of one configuration on one shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionEstimate {
+    pub config: AttentionConfig,
+    /// Blocks of the launch (decode: with its K splits) and the splits (prefill: 1).
+    pub blocks: usize,
+    pub splits: usize,
+    /// Blocks resident per SM (shared memory, threads, registers).
+    pub per_sm: usize,
+    /// Microseconds of one step (a page or a key/value tile) of one block, at `per_sm` blocks.
+    pub step_us: f64,
+    pub micros: f64,
+    /// `compute` (the blocks' pipelines) or `memory` (DRAM).
+    pub bound: &'static str,
+}
+
+/// Fixed cost of a launch, and of a wave of blocks (prologue: the query tile; epilogue), in
+/// microseconds (as the GEMM model's).
+const LAUNCH_US: f64 = 4.0;
+const WAVE_US: f64 = 1.0;
+/// CUDA-core operations per microsecond on one SM (128 FP32 lanes near 1.8 GHz).
+const CUDA_OPS_PER_SM_US: f64 = 128.0 * 1.8e3;
+/// Operations per score of the online softmax (scale, mask, running max, exp2, sum, bf16 P store)
+/// and per latent element of the fp8 cache's conversion (cvt, scale, cvt, shared store).
+const SOFTMAX_OPS: f64 = 12.0;
+const FP8_CONVERT_OPS: f64 = 4.0;
+/// The wgmma efficiency of N = 64 tiles (as the GEMM model's `1 - 12.8 / N`).
+const NARROW_WGMMA: f64 = 0.8;
+/// L2's bandwidth as a multiple of DRAM's (what prefill's re-read keys and values stream at).
+const L2_PER_DRAM: f64 = 2.5;
+/// The share of a step's load a ring of 2 buffers leaves exposed (deeper rings: divided by
+/// `stages - 1`).
+const EXPOSED_AT_TWO: f64 = 0.3;
+
+/// The cost model (see the module doc) for `config` on `shape` on `device`.
+pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &DeviceModel) -> AttentionEstimate {
+    let sms = device.sm_count as usize;
+    let target = &device.target;
+    let smem = config.shared_memory_bytes() + crate::conversion::sm90::gemm::STATIC_SHARED_BYTES;
+    let registers = target.registers_per_sm as usize / (config.threads() * config.registers_at_least());
+    let per_sm = (target.shared_memory_per_sm as usize / smem).min(2048 / config.threads()).min(registers).max(1);
+    let slots = sms * per_sm;
+    // Per microsecond of one of the SM's `per_sm` blocks: tensor-core FLOPs, CUDA-core operations.
+    let flops_us = device.bf16_tflops * 1e6 / sms as f64 / per_sm as f64 * NARROW_WGMMA;
+    let ops_us = CUDA_OPS_PER_SM_US / per_sm as f64;
+    let dram_us = device.dram_tbps * 1e6;
+    let stages = config.stages();
+    // One step of a block's pipeline: the load exposed (one buffer) or hidden but for a residue.
+    let step = |load: f64, work: f64| match stages {
+        1 => load + work,
+        s => work.max(load) + EXPOSED_AT_TWO / (s - 1) as f64 * load.min(work),
+    };
+    match *shape {
+        AttentionShape::Decode { heads, kv, rope, fp8_cache, sequences, context } => {
+            let width = kv + rope;
+            let row_bytes = match fp8_cache {
+                true => v3c_runtime::plan::Fp8LatentRow::of(width).map_or(width, |r| r.bytes()),
+                false => 2 * width,
+            };
+            let splits = v3c_runtime::lowering::attention_splits(sequences, heads, context, sms);
+            let blocks = sequences * heads.div_ceil(PAGE) * splits;
+            let pages = context.div_ceil(PAGE).div_ceil(splits);
+            // Both warpgroups compute the page's scores (each needs the softmax's row statistics),
+            // each multiplies P by half the values' columns.
+            let flops = 2.0 * 2.0 * (PAGE * PAGE * width) as f64 + 2.0 * (PAGE * PAGE * kv) as f64;
+            let convert = if fp8_cache { (PAGE * kv) as f64 * FP8_CONVERT_OPS } else { 0.0 };
+            let work = flops / flops_us + ((PAGE * PAGE) as f64 * SOFTMAX_OPS + convert) / ops_us;
+            // A page from DRAM at the SM's share of the bandwidth, split among its blocks.
+            let load = (PAGE * row_bytes) as f64 / (dram_us / sms as f64 / per_sm as f64);
+            let step_us = step(load, work);
+            let waves = blocks.div_ceil(slots);
+            let compute = waves as f64 * (pages as f64 * step_us + WAVE_US);
+            // The cache once (the heads' blocks of a sequence share its pages in L2), the queries,
+            // the splits' outputs.
+            let bytes = (sequences * context * row_bytes) as f64
+                + (sequences * heads * width * 2) as f64
+                + (splits * sequences * heads * (kv + 1) * 4) as f64;
+            let memory = bytes / dram_us;
+            AttentionEstimate {
+                config: *config,
+                blocks,
+                splits,
+                per_sm,
+                step_us,
+                micros: compute.max(memory) + LAUNCH_US,
+                bound: if compute >= memory { "compute" } else { "memory" },
+            }
+        }
+        AttentionShape::Prefill { heads, qk, v, tokens } => {
+            let queries = 2 * PAGE;
+            let tiles = tokens.div_ceil(queries);
+            let key_tiles = tokens.div_ceil(PAGE);
+            // Query tile i sees the keys up to its last query: its key tiles.
+            let steps_of = |i: usize| ((i + 1) * queries).div_ceil(PAGE).min(key_tiles);
+            let all_steps: usize = heads * (0..tiles).map(steps_of).sum::<usize>();
+            let longest = steps_of(tiles.saturating_sub(1));
+            let flops = 2.0 * (queries * PAGE * (qk + v)) as f64;
+            let work = flops / flops_us + (queries * PAGE) as f64 * SOFTMAX_OPS / ops_us;
+            let l2_us = dram_us * L2_PER_DRAM / sms as f64 / per_sm as f64;
+            let load = (PAGE * (qk + v) * 2) as f64 / l2_us;
+            let step_us = step(load, work);
+            let blocks = tiles * heads;
+            let compute = (all_steps as f64 * step_us / slots as f64).max(longest as f64 * step_us)
+                + blocks.div_ceil(slots) as f64 * WAVE_US;
+            // Queries, keys and values once, the f32 output.
+            let bytes = (heads * tokens * (2 * qk + v) * 2 + heads * tokens * v * 4) as f64;
+            let memory = bytes / dram_us;
+            AttentionEstimate {
+                config: *config,
+                blocks,
+                splits: 1,
+                per_sm,
+                step_us,
+                micros: compute.max(memory) + LAUNCH_US,
+                bound: if compute >= memory { "compute" } else { "memory" },
+            }
+        }
+    }
+}
+
+/// The candidates for `shape` ranked by the cost model, fastest first (ties: the shallower ring,
+/// which leaves shared memory to spare).
+pub fn rank(shape: &AttentionShape, device: &DeviceModel) -> Vec<AttentionEstimate> {
+    let mut all: Vec<AttentionEstimate> =
+        candidates(shape, &device.target).iter().map(|c| estimate(shape, c, device)).collect();
+    all.sort_by(|a, b| a.micros.total_cmp(&b.micros).then_with(|| a.config.stages().cmp(&b.config.stages())));
+    all
+}
+
+/// The candidate set's checksum (see [`super::candidates_sha256`]).
+pub fn candidates_sha256(configs: &[AttentionConfig]) -> String {
+    let mut names: Vec<String> = configs.iter().map(AttentionConfig::kernel_name).collect();
+    names.sort();
+    v3c_runtime::artifact::sha256_hex(names.join("\n").as_bytes())
+}
+
+/// Configurations to try for `shape` on `device`, best first: a measured database entry when one
+/// applies, then the cost model's order.
+pub fn choose(shape: &AttentionShape, device: &DeviceModel, db: Option<&db::TuningDb>) -> Choice<AttentionConfig> {
+    let ranked = rank(shape, device);
+    let mut preferences: Vec<AttentionConfig> = ranked.iter().map(|e| e.config).collect();
+    let model = ranked.first().map_or_else(
+        || "cost model: no candidate".to_string(),
+        |e| format!("cost model: {:.1} us est., {}-bound", e.micros, e.bound),
+    );
+    let Some(db) = db else { return Choice { preferences, source: model, ignored: None } };
+    let sha = candidates_sha256(&candidates(shape, &device.target));
+    match db.lookup::<AttentionConfig>(&shape.signature(), shape.bucket(), device, env!("CARGO_PKG_VERSION"), &sha) {
+        db::Lookup::Tuned { config, .. } if config.kernel_name() != shape.config(config.stages()).kernel_name() => {
+            let why = format!("its winner {} does not implement {}", config.kernel_name(), shape.signature());
+            Choice { preferences, source: model, ignored: Some(why) }
+        }
+        db::Lookup::Tuned { config, entry } => {
+            let (_, ms) = entry.winner().expect("a tuned entry has a winner");
+            let default = entry.default_ms().map_or(String::new(), |d| format!(", default {d:.4} ms"));
+            preferences.retain(|c| *c != config);
+            preferences.insert(0, config);
+            let source =
+                format!("tuning database: {ms:.4} ms measured on {} at {}{default}", entry.gpu, entry.measured_at);
+            Choice { preferences, source, ignored: None }
+        }
+        db::Lookup::Ignored(why) => Choice { preferences, source: model, ignored: Some(why) },
+        db::Lookup::Missing => {
+            Choice { preferences, source: format!("{model} (no tuning database entry)"), ignored: None }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(fp8_cache: bool, sequences: usize) -> AttentionShape {
+        AttentionShape::Decode { heads: 128, kv: 512, rope: 64, fp8_cache, sequences, context: DECODE_CONTEXT }
+    }
+
+    fn prefill(tokens: usize) -> AttentionShape {
+        AttentionShape::Prefill { heads: 128, qk: 192, v: 128, tokens }
+    }
+
+    #[test]
+    fn the_space_is_every_ring_depth_that_fits_shared_memory() {
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let names = |s: &AttentionShape| -> Vec<String> {
+            candidates(s, &h200.target).iter().map(AttentionConfig::kernel_name).collect()
+        };
+        // DeepSeek-V3's decode: the query tile and a page are 72 KiB each: two pages at most.
+        assert_eq!(names(&decode(false, 64)), ["mla_decode_kv512_r64_p64_s1", "mla_decode_kv512_r64_p64_s2"]);
+        assert_eq!(names(&decode(true, 64)), ["mla_decode_kv512_r64_p64_s1_fp8", "mla_decode_kv512_r64_p64_s2_fp8"]);
+        assert_eq!(names(&prefill(4096)).len(), 4);
+        assert_eq!(decode(false, 64).signature(), "mla_decode kv512 r64 h128");
+        assert_eq!(decode(true, 64).signature(), "mla_decode kv512 r64 h128 fp8cache");
+        assert_eq!(prefill(4096).signature(), "mla_prefill qk192 v128 h128");
+        assert_eq!((decode(false, 50).bucket(), prefill(3000).bucket()), (64, 4096));
+        // A narrow head whose ring fits three deep.
+        let small =
+            AttentionShape::Decode { heads: 16, kv: 128, rope: 64, fp8_cache: false, sequences: 4, context: 64 };
+        assert_eq!(names(&small).len(), 4);
+        for c in candidates(&prefill(4096), &h200.target) {
+            assert_eq!(AttentionConfig::from_name(&c.kernel_name()), Some(c));
+        }
+    }
+
+    #[test]
+    fn the_model_hides_loads_behind_deeper_rings_and_counts_occupancy() {
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let d = rank(&decode(false, 64), &h200);
+        assert_eq!(d[0].config.stages(), 2, "{d:?}");
+        // 64 sequences x 2 blocks of 64 heads, split 3 ways to fill two waves of 132 SMs.
+        assert_eq!((d[0].blocks, d[0].splits, d[0].per_sm), (384, 3, 1));
+        assert!(d[1].micros > d[0].micros * 1.2, "one page buffer exposes every load: {d:?}");
+        // The fp8 cache moves 43% fewer bytes and converts them on the CUDA cores.
+        let f = rank(&decode(true, 64), &h200);
+        assert!(f[0].step_us > d[0].step_us * 0.5 && f[0].micros < d[1].micros, "{f:?}");
+        let p = rank(&prefill(4096), &h200);
+        assert_eq!(p.iter().map(|e| e.config.stages()).collect::<Vec<_>>(), [4, 3, 2, 1]);
+        // 174 registers a thread (ptxas): one block an SM even where shared memory holds two.
+        assert!(p.iter().all(|e| e.per_sm == 1), "{p:?}");
+        assert_eq!(p[0].bound, "compute");
+        assert_eq!(p[0].blocks, 32 * 128);
+        // Roughly the causal half of 2 x 128 x 4096^2 x 320 FLOPs at most of the tensor cores' peak.
+        let flops = 128.0 * 4096.0 * 4096.0 * 320.0;
+        let tflops = flops / (p[0].micros * 1e-6) / 1e12;
+        assert!((300.0..900.0).contains(&tflops), "{tflops}");
+        assert_eq!(rank(&prefill(4096), &h200), p, "deterministic");
+    }
+
+    fn entry(shape: &AttentionShape, winner: &str, device: &DeviceModel) -> db::DbEntry {
+        db::DbEntry {
+            compiler_version: env!("CARGO_PKG_VERSION").into(),
+            gpu: device.name.into(),
+            compute_capability: (9, 0),
+            kernel: shape.signature(),
+            m_bucket: shape.bucket(),
+            candidates_sha256: candidates_sha256(&candidates(shape, &device.target)),
+            default_config: shape.config(2).kernel_name(),
+            timings: vec![(shape.config(2).kernel_name(), 1.0), (winner.into(), 0.5)],
+            rejected: vec![],
+            measured_at: "now".into(),
+            measured_on: "test".into(),
+        }
+    }
+
+    #[test]
+    fn a_measured_winner_comes_first_and_a_foreign_one_is_ignored() {
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let shape = prefill(4096);
+        let mut db = db::TuningDb::new();
+        db.insert(entry(&shape, "mla_prefill_qk192_v128_s1", &h200));
+        let choice = choose(&shape, &h200, Some(&db));
+        assert_eq!(choice.preferences[0].kernel_name(), "mla_prefill_qk192_v128_s1");
+        assert_eq!(choice.preferences.len(), 4);
+        assert!(choice.source.starts_with("tuning database: 0.5000 ms measured on H200"), "{}", choice.source);
+        // Another kernel's winner filed under this signature.
+        db.insert(entry(&shape, "mla_prefill_qk128_v128_s1", &h200));
+        let choice = choose(&shape, &h200, Some(&db));
+        assert!(choice.ignored.unwrap().contains("does not implement mla_prefill qk192 v128 h128"));
+        assert_eq!(choice.preferences[0].stages(), 4);
+        // A GEMM's winner does not parse as attention.
+        let mut db = db::TuningDb::new();
+        db.insert(entry(&shape, "gemm_fp8_f32_64x128x128_s4", &h200));
+        assert_eq!(choose(&shape, &h200, Some(&db)).ignored.as_deref(), Some("no usable timing"));
+        let h100 = DeviceModel::by_name("H100").unwrap();
+        let choice = choose(&decode(false, 64), &h100, Some(&db));
+        assert!(choice.source.ends_with("(no tuning database entry)"), "{}", choice.source);
+    }
+}
