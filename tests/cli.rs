@@ -273,8 +273,23 @@ fn tuning_database_steers_compile() {
     // Every GEMM signature x the regimes its entries run it in: the fused GEMM kernels (3) and the
     // GEMM steps of multi-launch kernels (the MLA query up-projection, the dense SwiGLU, the head's
     // hi/lo pair, the MTP projection's, the two grouped MoE GEMMs) at decode and prefill, prefill
-    // attention's kv_b up-projection at prefill only.
-    assert_eq!(problems.len(), 23, "11 GEMM signatures x decode and prefill, kv_b's at prefill");
+    // attention's kv_b up-projection at prefill only; and the attention kernels' ring depths:
+    // decode's (bf16 pages and the fp8 cache's rows) at 64 sequences, prefill's at 4096 tokens.
+    assert_eq!(problems.len(), 26, "11 GEMM signatures x decode and prefill, kv_b's at prefill, 3 attention");
+    let attention: Vec<&serde_json::Value> = problems.iter().filter(|p| p["attention"].is_object()).collect();
+    let kernels: Vec<(&str, &serde_json::Value)> =
+        attention.iter().map(|p| (p["kernel"].as_str().unwrap(), &p["m"])).collect();
+    assert_eq!(
+        kernels,
+        [
+            ("mla_prefill qk192 v128 h128", &serde_json::json!(4096)),
+            ("mla_decode kv512 r64 h128", &serde_json::json!(64)),
+            ("mla_decode kv512 r64 h128 fp8cache", &serde_json::json!(64)),
+        ]
+    );
+    // The cost model's best two ring depths of each.
+    assert_eq!(attention[0]["default"], "mla_prefill_qk192_v128_s4");
+    assert_eq!(attention[1]["candidates"][1]["name"], "mla_decode_kv512_r64_p64_s1");
     let kv_b: Vec<&serde_json::Value> =
         problems.iter().filter(|p| p["kernel"].as_str().unwrap().contains("n32768 k512")).collect();
     assert_eq!(kv_b.len(), 1, "{kv_b:?}");
@@ -295,10 +310,22 @@ fn tuning_database_steers_compile() {
     let set = v3c_runtime::tuning::Candidates::read(&cands).unwrap();
     for p in &set.problems {
         for c in &p.candidates {
-            let abi = c.abi.as_ref().unwrap();
-            assert_eq!(abi.split_k, c.name.contains("_splitk"), "{}", c.name);
             let ptx = std::fs::read_to_string(cands.join("kernels").join(format!("{}.ptx", c.name))).unwrap();
             let declared = v3c_runtime::abi::ptx_entry_params(&ptx, &c.name).unwrap();
+            if p.attention.is_some() {
+                let launch = v3c_runtime::measure::attention_launch(
+                    p,
+                    &c.name,
+                    // Decode's six operands (queries, pool, table, lengths, outputs), prefill's four.
+                    &[1 << 40; 6][..if p.kernel.starts_with("mla_decode") { 6 } else { 4 }],
+                    132,
+                )
+                .unwrap();
+                assert_eq!(launch.params.len(), declared, "{}", c.name);
+                continue;
+            }
+            let abi = c.abi.as_ref().unwrap();
+            assert_eq!(abi.split_k, c.name.contains("_splitk"), "{}", c.name);
             // The launch `v3r tune` makes for the problem, over made-up addresses.
             use v3c_runtime::abi::{Buf, GemmOperands};
             let el = if abi.input == "fp8" { "f8E4M3FN" } else { "bf16" };
@@ -359,7 +386,16 @@ fn tuning_database_steers_compile() {
     moe_entry["candidates_sha256"] = moe["candidates_sha256"].clone();
     moe_entry["default_config"] = moe_default.into();
     moe_entry["timings"] = serde_json::json!([[moe_default, 1.7], [moe_other, 1.6]]);
-    let json = serde_json::json!({ "format_version": 1, "entries": [entry("H200"), foreign, moe_entry] });
+    // Decode attention's second ring depth (one page buffer) measured faster than the default.
+    let decode = attention[1];
+    let (attn_default, attn_other) =
+        (decode["default"].as_str().unwrap(), decode["candidates"][1]["name"].as_str().unwrap());
+    let mut attn_entry = entry("H200");
+    attn_entry["kernel"] = decode["kernel"].clone();
+    attn_entry["candidates_sha256"] = decode["candidates_sha256"].clone();
+    attn_entry["default_config"] = attn_default.into();
+    attn_entry["timings"] = serde_json::json!([[attn_default, 0.3], [attn_other, 0.25]]);
+    let json = serde_json::json!({ "format_version": 1, "entries": [entry("H200"), foreign, moe_entry, attn_entry] });
     std::fs::write(&db, json.to_string()).unwrap();
     let out = run_binary(
         "v3c",
@@ -388,9 +424,26 @@ fn tuning_database_steers_compile() {
             && err.contains("(no tuning database entry)]"),
         "{err}"
     );
+    assert!(
+        err.contains(
+            "compile: attention_decode_quantize_0 (128 heads) decode -> mla_decode_kv512_r64_p64_s1 [tuning database: \
+             0.2500 ms measured on H200"
+        ) && err.contains("mla_decode_kv512_r64_p64_s1 (128 heads, split K, tensor cores)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("compile: attention_quantize_0 (128 heads) prefill -> mla_prefill_qk192_v128_s4 [cost model: ")
+            && err.contains("compile: mla_decode_kv512_r64_p64_s1: 256 threads"),
+        "{err}"
+    );
     let report = run_binary("v3c", &["tune", "--model", "deepseek-v3", "--report", "--tuning", db.to_str().unwrap()]);
     let table = text(&report.stdout);
     assert!(table.contains(&format!("    0.0200     0.0150    1.33x  {other}")), "{table}");
+    assert!(
+        table.contains("mla_decode kv512 r64 h128") && table.contains("1.20x  mla_decode_kv512_r64_p64_s1"),
+        "{table}"
+    );
+    assert!(table.contains("mla_prefill qk192 v128 h128") && table.contains("no entry"), "{table}");
     assert!(table.contains("ignored: measured on H100"), "{table}");
 }
 

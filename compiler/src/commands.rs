@@ -1386,13 +1386,24 @@ pub struct TuneOptions<'a> {
     pub out: Option<&'a Path>,
 }
 
-/// The model's GEMMs (sm_90a mapping: whole fused kernels, and the GEMM steps of multi-launch ones,
-/// the grouped MoE GEMMs among them) with the graph `precision` picks, as `compile` sees them, each
-/// with the Ms of the regimes its entries run it in ([`v3c_compiler::conversion::sm90::regimes`]).
-fn model_gemms(
+/// An attention launch of the model the tuner measures: its fused kernel, its problem at the
+/// regime's size, its softmax scale.
+struct AttentionTuning {
+    fused: String,
+    shape: v3c_compiler::tune::attention::AttentionShape,
+    scale: f32,
+}
+
+/// The model's tunable kernels with the graph `precision` picks, as `compile` sees them (sm_90a
+/// mapping): its GEMMs (whole fused kernels, and the GEMM steps of multi-launch ones, the grouped
+/// MoE GEMMs among them), each with the Ms of the regimes its entries run it in
+/// ([`v3c_compiler::conversion::sm90::regimes`]); and its tensor-core attention launches (decode's
+/// also over the fp8 cache, which `--kv-cache fp8` compiles).
+#[allow(clippy::type_complexity)]
+fn model_problems(
     model: &str,
     precision: Option<v3c_models::Precision>,
-) -> Result<Vec<(v3c_compiler::conversion::sm90::lower::GemmKernel, Vec<usize>)>, String> {
+) -> Result<(Vec<(v3c_compiler::conversion::sm90::lower::GemmKernel, Vec<usize>)>, Vec<AttentionTuning>), String> {
     use melior::ir::block::BlockLike;
     use melior::ir::operation::OperationLike;
     let config = ModelConfig::resolve(model).map_err(|e| e.to_string())?;
@@ -1404,13 +1415,32 @@ fn model_gemms(
         .map_err(|e| e.to_string())?;
     let regimes = v3c_compiler::conversion::sm90::regimes(&module);
     let mut gemms = Vec::new();
+    let mut attention: Vec<AttentionTuning> = Vec::new();
+    let defaults = v3c_compiler::conversion::sm90::AttentionKernels::default();
+    let caches = v3c_compiler::conversion::sm90::CacheFormats::of(&module, defaults);
     let mut op = module.body().first_operation();
     while let Some(f) = op {
         op = f.next_in_block();
         if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
             use v3c_compiler::conversion::sm90::lower;
+            use v3c_compiler::tune::attention::AttentionShape;
             let fused =
                 f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+            let steps = v3c_compiler::conversion::sm90::tensor_core_attention(&f, defaults, caches);
+            for step in steps.iter().flat_map(|s| &s.steps) {
+                let (Some(shape), Some((_, _, scale))) =
+                    (AttentionShape::of_step(&step.kernel), step.kernel.attention())
+                else {
+                    continue;
+                };
+                // And the fp8 cache's decode kernel, where the rows take it.
+                let shapes = [Some(shape), shape.fp8_cache(&v3c_compiler::target::SM90A)];
+                for shape in shapes.into_iter().flatten() {
+                    if !attention.iter().any(|a| a.shape == shape) {
+                        attention.push(AttentionTuning { fused: fused.clone(), shape, scale });
+                    }
+                }
+            }
             let runs = match regimes.get(&fused).copied().unwrap_or_default() {
                 [true, false] => vec![v3c_compiler::tune::DECODE_M],
                 [false, true] => vec![v3c_compiler::tune::PREFILL_M],
@@ -1434,7 +1464,7 @@ fn model_gemms(
     if gemms.is_empty() {
         return Err(format!("{model}: no kernel maps onto the sm_90a GEMM template (try --precision fp8)"));
     }
-    Ok(gemms)
+    Ok((gemms, attention))
 }
 
 /// `v3c tune`: `--emit-candidates DIR` compiles, for every GEMM problem of the model (kernel
@@ -1448,7 +1478,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     if o.report {
         let path = o.tuning.ok_or("--report: name the database with --tuning FILE")?;
         let db = TuningDb::read(path)?;
-        let gemms = model_gemms(o.model, o.precision)?;
+        let (gemms, attention) = model_problems(o.model, o.precision)?;
         println!(
             "{:<20} {:>6} {:<44} {:>10} {:>10} {:>8}  winner",
             "kernel", "M", "signature", "default ms", "tuned ms", "speedup"
@@ -1484,6 +1514,34 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
                 }
             }
         }
+        for a in &attention {
+            let (shape, m) = (&a.shape, a.shape.rows());
+            let sha = tune::attention::candidates_sha256(&tune::attention::candidates(shape, &device.target));
+            let lookup = db.lookup::<tune::attention::AttentionConfig>(
+                &shape.signature(),
+                shape.bucket(),
+                &device,
+                env!("CARGO_PKG_VERSION"),
+                &sha,
+            );
+            match lookup {
+                tune::db::Lookup::Tuned { config, entry } => {
+                    let (_, ms) = entry.winner().unwrap_or(("", f64::NAN));
+                    let default = entry.default_ms().unwrap_or(f64::NAN);
+                    println!(
+                        "{:<20} {m:>6} {:<44} {default:>10.4} {ms:>10.4} {:>7.2}x  {}",
+                        a.fused,
+                        shape.signature(),
+                        default / ms,
+                        config.kernel_name()
+                    );
+                }
+                tune::db::Lookup::Ignored(why) => {
+                    println!("{:<20} {m:>6} {:<44}  ignored: {why}", a.fused, shape.signature())
+                }
+                tune::db::Lookup::Missing => println!("{:<20} {m:>6} {:<44}  no entry", a.fused, shape.signature()),
+            }
+        }
         return Ok(());
     }
     let Some(dir) = o.emit_candidates else {
@@ -1509,7 +1567,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     if dir.exists() {
         return Err(format!("{}: already exists (candidates are written into a new directory)", dir.display()));
     }
-    let gemms = model_gemms(o.model, o.precision)?;
+    let (gemms, attention) = model_problems(o.model, o.precision)?;
     // Distinct problems: several kernels of the model may share a signature.
     let mut problems: Vec<(GemmShape, Vec<String>)> = Vec::new();
     for (g, runs) in &gemms {
@@ -1530,7 +1588,10 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
         .tempdir_in(dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
     std::fs::create_dir_all(staging.path().join("kernels")).map_err(|e| e.to_string())?;
-    let total: usize = ranked.iter().map(|r| r.len().min(o.top * 2)).sum();
+    let attention_ranked: Vec<Vec<tune::attention::AttentionEstimate>> =
+        attention.iter().map(|a| tune::attention::rank(&a.shape, &device)).collect();
+    let total: usize = ranked.iter().map(|r| r.len().min(o.top * 2)).sum::<usize>()
+        + attention_ranked.iter().map(|r| r.len().min(o.top)).sum::<usize>();
     let bar = indicatif::ProgressBar::new(total as u64).with_style(
         indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} candidates {msg}")
             .map_err(|e| e.to_string())?
@@ -1626,6 +1687,58 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
             "candidates": survivors,
         }));
     }
+    // The attention kernels: each ring depth the cost model ranks in its `top`, spilling ones dropped.
+    for (a, estimates) in attention.iter().zip(&attention_ranked) {
+        let context = v3c_compiler::mlir::new_context();
+        let mut survivors = Vec::new();
+        for e in estimates.iter().take(o.top) {
+            let name = e.config.kernel_name();
+            bar.set_message(name.clone());
+            let mut k = v3c_compiler::conversion::sm90::compile_attention(&context, &e.config, &device.target)
+                .map_err(|err| err.to_string())?;
+            if let Some(p) = &ptxas {
+                k.assemble(&device.target, p).map_err(|err| err.to_string())?;
+            }
+            bar.inc(1);
+            if k.resources.as_ref().is_some_and(|r| r.spill_stores_bytes + r.spill_loads_bytes > 0) {
+                continue;
+            }
+            let path = staging.path().join("kernels").join(format!("{name}.ptx"));
+            std::fs::write(&path, &k.ptx).map_err(|err| format!("{}: {err}", path.display()))?;
+            survivors.push(serde_json::json!({
+                "name": name,
+                "threads": k.threads,
+                "dynamic_shared_memory_bytes": k.shared_memory_bytes,
+                "registers": k.resources.as_ref().map(|r| r.registers),
+                "estimate_us": e.micros,
+                "splits": e.splits,
+            }));
+        }
+        let Some(default) = survivors.first().map(|c| c["name"].clone()) else {
+            return Err(format!("{}: no candidate assembles without spills", a.shape.signature()));
+        };
+        use tune::attention::AttentionShape;
+        let problem = match a.shape {
+            AttentionShape::Decode { heads, kv, rope, fp8_cache, context, .. } => serde_json::json!({
+                "kind": "decode", "heads": heads, "kv": kv, "rope": rope, "fp8_cache": fp8_cache,
+                "context": context, "scale": a.scale,
+            }),
+            AttentionShape::Prefill { heads, qk, v, .. } => serde_json::json!({
+                "kind": "prefill", "heads": heads, "qk": qk, "v": v, "scale": a.scale,
+            }),
+        };
+        problem_json.push(serde_json::json!({
+            "kernel": a.shape.signature(),
+            "model_kernels": [a.fused],
+            "m": a.shape.rows(),
+            "m_bucket": a.shape.bucket(),
+            "attention": problem,
+            "candidates_sha256":
+                tune::attention::candidates_sha256(&tune::attention::candidates(&a.shape, &device.target)),
+            "default": default,
+            "candidates": survivors,
+        }));
+    }
     bar.finish_and_clear();
     let manifest = serde_json::json!({
         "format_version": 1,
@@ -1643,11 +1756,12 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     let staged = staging.keep();
     std::fs::rename(&staged, dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     eprintln!(
-        "wrote {}: {} problems, {n_kernels} candidate kernels (PTX{}); measure them on a {} with \
+        "wrote {}: {} problems ({} attention), {n_kernels} candidate kernels (PTX{}); measure them on a {} with \
          `v3r tune {} --out tuning.json` (or benches/device/tune_check.py), then `v3c compile --tuning \
          tuning.json`",
         dir.display(),
-        problems.len(),
+        problems.len() + attention.len(),
+        attention.len(),
         if ptxas.is_some() { ", spilling ones dropped by ptxas" } else { "; no ptxas here: spills unchecked" },
         device.name,
         dir.display()

@@ -449,6 +449,9 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
         ]
     );
     assert!(picks[1].is_some());
+    // The ring depth the cost model ranks first (no database here): 4 tile buffers.
+    let source = choose.source("attention_quantize_0", v3c_compiler::tune::PREFILL_M).unwrap();
+    assert!(source.starts_with("cost model: ") && source.ends_with("compute-bound"), "{source}");
     let attention = lowered.kernels.iter().find(|k| k.name == "mla_prefill_qk192_v128_s4").expect("compiled");
     assert!(attention.ptx.contains("wgmma.mma_async") && attention.ptx.contains("cp.async.bulk.tensor"));
     if let Some(r) = &attention.resources {

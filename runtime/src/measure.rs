@@ -16,9 +16,9 @@ use std::path::Path;
 
 use cudarc::driver::{result, sys};
 
-use crate::abi::{Buf, GemmAbi, GemmOperands, GemmProblem, Param};
+use crate::abi::{Buf, GemmAbi, GemmOperands, GemmProblem, KernelLaunch, Param};
 use crate::cuda::{cuda, encode, open_device, DeviceBuffer};
-use crate::tuning::{route, Candidates, DbEntry, Problem, TuningDb};
+use crate::tuning::{route, AttentionProblem, Candidates, DbEntry, Problem, TuningDb};
 
 /// Made-up operand values: e4m3 bytes of magnitude below 2, bf16 in +-1, positive f32 scales.
 struct Rand(u64);
@@ -232,6 +232,22 @@ fn now_rfc3339() -> String {
 
 type Measured = (Vec<(String, f64)>, Vec<String>);
 
+/// A problem's operands on the device, and what launching and checking its candidates needs.
+trait Bench {
+    /// Candidate `name`'s launch over the operands.
+    fn launch(&self, name: &str, sms: usize) -> Result<KernelLaunch, String>;
+    /// Zeroes what the kernels write (a scatter adds into its output).
+    fn clear(&self) -> Result<(), String>;
+    /// What a launch wrote, compared between candidates.
+    fn output(&self) -> Result<Vec<f32>, String>;
+    /// The default's output against the host's arithmetic on sampled rows (`Err`: which row, how far).
+    fn check_default(&self, got: &[f32], tolerance: f64) -> Result<(), String>;
+    /// Relative error allowed (against the host, and between candidates).
+    fn tolerance(&self) -> f64;
+    /// The rate a launch of `ms` milliseconds reaches (`TFLOP/s`, and `GB/s` where memory bounds it).
+    fn rate(&self, ms: f64) -> String;
+}
+
 #[allow(clippy::too_many_arguments)]
 fn measure(
     dir: &Path,
@@ -243,103 +259,44 @@ fn measure(
     flush: &DeviceBuffer,
     report: &mut dyn FnMut(&str),
 ) -> Result<Measured, String> {
-    let abi_of = |name: &str| -> Result<GemmAbi, String> {
-        problem
-            .candidates
-            .iter()
-            .find(|c| c.name == name)
-            .and_then(|c| c.abi.clone())
-            .ok_or_else(|| format!("no candidate {name}"))
+    let bench: Box<dyn Bench> = match problem.attention {
+        Some(a) => Box::new(AttentionBench::new(problem, a, seed, sms)?),
+        None => Box::new(GemmBench::new(problem, seed, sms)?),
     };
-    let default = abi_of(&problem.default)?;
-    let fp8 = default.input == "fp8";
-    let (m, n, k) = (problem.m, problem.n, problem.k);
-    let (offsets, perm) = match problem.grouped {
-        Some(r) => route(m, r, seed),
-        None => (vec![0, m as i32], Vec::new()),
-    };
-    let groups = offsets.len() - 1;
-    let rows = if problem.grouped.is_some() { perm.len() } else { m };
-    let a_rows = if default.grouping == "gather" { m } else { rows };
-    let n_out = if default.swiglu { n / 2 } else { n };
-    let out_rows = if default.scatter { m } else { rows };
-    let kb = k.div_ceil(128);
-    let b_scale_rows = if default.b_row_scales { groups * n } else { (groups * n).div_ceil(128) };
-    let mut rand = Rand(0x9E37_79B9_7F4A_7C15 ^ (seed + 1));
-    let mut ops = Operands {
-        fp8,
-        k,
-        n,
-        a: rand.operand(a_rows * k, fp8),
-        a_scale: rand.floats(a_rows * kb, 1e-3, 1e-2),
-        b: rand.operand(groups * n * k, fp8),
-        b_scale: rand.floats(b_scale_rows * kb, 1e-3, 1e-2),
-        residual: problem.residual.then(|| rand.floats(m * n_out, -1.0, 1.0)),
-        row_scale: rand.floats(rows.max(1), 0.0, 1.0),
-        offsets,
-        perm,
-        device: Vec::new(),
-    };
-    let in_el = if fp8 { "f8E4M3FN" } else { "bf16" };
-    let mut held = Vec::new();
-    let buf = |addr: u64, shape: Vec<usize>, element: &str| Buf { addr, shape, element: element.into() };
-    let a = buf(upload(&ops.a, "A", &mut held)?, vec![a_rows, k], in_el);
-    let b = buf(upload(&ops.b, "B", &mut held)?, vec![groups * n, k], in_el);
-    let a_scale = buf(upload(&bytes_of(&ops.a_scale), "A scales", &mut held)?, vec![a_rows, kb], "f32");
-    let b_scale = buf(upload(&bytes_of(&ops.b_scale), "B scales", &mut held)?, vec![b_scale_rows, kb], "f32");
-    let residual = match &ops.residual {
-        Some(r) => Some(buf(upload(&bytes_of(r), "residual", &mut held)?, vec![m, n_out], "f32")),
-        None => None,
-    };
-    let grouped = problem.grouped.is_some();
-    let offsets = grouped.then(|| upload(&ints_of(&ops.offsets), "offsets", &mut held)).transpose()?;
-    let offsets = offsets.map(|a| buf(a, vec![groups + 1], "i32"));
-    let perm = grouped.then(|| upload(&ints_of(&ops.perm), "permutation", &mut held)).transpose()?;
-    let perm = perm.map(|a| buf(a, vec![rows], "i32"));
-    let row_scale = buf(upload(&bytes_of(&ops.row_scale), "row scales", &mut held)?, vec![rows], "f32");
-    let out = DeviceBuffer::new(4 * out_rows * n_out, "the output")?;
-    let out_buf = buf(out.ptr, vec![out_rows, n_out], "f32");
-    let problem_size = GemmProblem { m: rows, n, k, groups };
-    let mut scratch = crate::abi::SplitScratch::default();
-    for c in &problem.candidates {
-        let s = c.abi.as_ref().map(|a| a.scratch(problem_size, sms)).unwrap_or_default();
-        scratch.workspace_bytes = scratch.workspace_bytes.max(s.workspace_bytes);
-        scratch.counters = scratch.counters.max(s.counters);
-    }
-    let workspace = DeviceBuffer::new(scratch.workspace_bytes, "the split-K workspace")?;
-    let counters = DeviceBuffer::new(4 * scratch.counters, "the split-K counters")?;
-    // SAFETY: allocations just made; the kernels expect zero counters.
-    unsafe { result::memset_d8_sync(counters.ptr, 0, counters.bytes) }.map_err(cuda("zeroing counters"))?;
-    let maps = DeviceBuffer::new(256, "tensor maps")?;
-    ops.device = held;
+    measure_candidates(dir, problem, bench.as_ref(), reps, sms, stream, flush, report)
+}
 
+/// Each candidate of `problem` launched over `bench`'s operands: the default first, checked
+/// against the host; every other against the default's output; then timed.
+#[allow(clippy::too_many_arguments)]
+fn measure_candidates(
+    dir: &Path,
+    problem: &Problem,
+    bench: &dyn Bench,
+    reps: usize,
+    sms: usize,
+    stream: sys::CUstream,
+    flush: &DeviceBuffer,
+    report: &mut dyn FnMut(&str),
+) -> Result<Measured, String> {
+    let m = problem.m;
+    let maps = DeviceBuffer::new(128 * MAX_TENSOR_MAPS, "tensor maps")?;
     let mut order: Vec<&str> = vec![problem.default.as_str()];
     order.extend(problem.candidates.iter().map(|c| c.name.as_str()).filter(|n| *n != problem.default));
     let (mut timings, mut rejected) = (Vec::new(), Vec::new());
     let mut reference: Vec<f32> = Vec::new();
-    let tolerance = if fp8 { 1e-3 } else { 1e-2 };
+    let tolerance = bench.tolerance();
     for name in order {
         let c = problem.candidates.iter().find(|c| c.name == name).ok_or("candidate vanished")?;
-        let abi = abi_of(name)?;
-        let operands = GemmOperands {
-            a: &a,
-            a_scale: fp8.then_some(&a_scale),
-            b: &b,
-            b_scale: fp8.then_some(&b_scale),
-            out: &out_buf,
-            residual: residual.as_ref(),
-            offsets: offsets.as_ref(),
-            perm: perm.as_ref(),
-            row_scale: Some(&row_scale),
-            workspace: Some(workspace.ptr),
-            counters: Some(counters.ptr),
-        };
-        let launch = abi.launch(name, &operands, sms)?;
+        let launch = bench.launch(name, sms)?;
+        if launch.tensor_maps.len() > MAX_TENSOR_MAPS {
+            return Err(format!("{name}: {} tensor maps", launch.tensor_maps.len()));
+        }
         let mut encoded = Vec::new();
         for t in &launch.tensor_maps {
             encoded.extend(encode(t)?);
         }
-        // SAFETY: two 128-byte maps into a 256-byte buffer.
+        // SAFETY: at most MAX_TENSOR_MAPS 128-byte maps into a buffer of as many.
         unsafe { result::memcpy_htod_sync(maps.ptr, &encoded) }.map_err(cuda("uploading tensor maps"))?;
         let mut ptx = std::fs::read(dir.join("kernels").join(format!("{name}.ptx")))
             .map_err(|e| format!("{}/kernels/{name}.ptx: {e}", dir.display()))?;
@@ -376,7 +333,7 @@ fn measure(
             unsafe {
                 result::launch_kernel(
                     function,
-                    (launch.grid as u32, 1, 1),
+                    (launch.grid as u32, launch.grid_y as u32, 1),
                     (c.threads as u32, 1, 1),
                     c.dynamic_shared_memory_bytes as u32,
                     stream,
@@ -385,31 +342,14 @@ fn measure(
             }
             .map_err(cuda(&format!("{name}: cuLaunchKernel")))
         };
-        // Correctness first: a zeroed output (scatter adds into it), one launch.
-        // SAFETY: our allocation and stream.
-        unsafe {
-            result::memset_d8_sync(out.ptr, 0, out.bytes).map_err(cuda("zeroing the output"))?;
-        }
+        // Correctness first: zeroed outputs, one launch.
+        bench.clear()?;
         run(&mut values)?;
         // SAFETY: our stream.
         unsafe { result::stream::synchronize(stream) }.map_err(cuda(&format!("{name}: running")))?;
-        let got = download(out.ptr, out_rows * n_out, "reading the output")?;
+        let got = bench.output()?;
         if reference.is_empty() {
-            // The default against the host's product on a few rows.
-            for row in [0, out_rows / 2, out_rows.saturating_sub(1)] {
-                let want = ops.expected_row(&abi, row, n_out);
-                let (mut diff, mut norm) = (0f64, 0f64);
-                for (c, w) in want.iter().enumerate() {
-                    diff += (f64::from(got[row * n_out + c]) - w).powi(2);
-                    norm += w * w;
-                }
-                let rel = (diff / norm.max(1e-30)).sqrt();
-                if rel.is_nan() || rel > tolerance {
-                    return Err(format!(
-                        "{name} (the default) differs from the host's product on row {row} by {rel:.2e}"
-                    ));
-                }
-            }
+            bench.check_default(&got, tolerance).map_err(|e| format!("{name} (the default) differs from {e}"))?;
             reference = got;
         } else {
             let (mut diff, mut norm) = (0f64, 0f64);
@@ -454,20 +394,586 @@ fn measure(
         }
         times.sort_by(f64::total_cmp);
         let ms = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
-        let tflops = 2.0 * rows as f64 * n as f64 * k as f64 / (ms * 1e-3) / 1e12;
         let estimate = c
             .estimate_us
             .map_or(String::new(), |e| format!("  (cost model {e:.1} us, measured/estimate {:.2})", ms * 1e3 / e));
-        report(&format!("{:40} M {m:5}  {name:52} {ms:9.4} ms  {tflops:7.1} TFLOP/s{estimate}", problem.kernel));
+        report(&format!("{:40} M {m:5}  {name:52} {ms:9.4} ms  {}{estimate}", problem.kernel, bench.rate(ms)));
         timings.push((name.to_string(), ms));
     }
     timings.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((timings, rejected))
 }
 
+/// Tensor maps a launch may take (the fp8 cache's decode: the queries, the latent, the RoPE key).
+const MAX_TENSOR_MAPS: usize = 4;
+
+/// Relative L2 distance of `got` from `want`.
+fn relative(got: &[f32], want: &[f64]) -> f64 {
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        diff += (f64::from(*g) - w).powi(2);
+        norm += w * w;
+    }
+    (diff / norm.max(1e-30)).sqrt()
+}
+
+/// A GEMM problem's operands: made-up values of its shape (grouped: tokens routed by
+/// [`route`]), launched through [`GemmAbi::launch`].
+struct GemmBench {
+    ops: Operands,
+    abis: Vec<(String, GemmAbi)>,
+    /// The default candidate's (the host's product follows its epilogue and grouping).
+    default: GemmAbi,
+    bufs: Vec<Buf>,
+    residual: Option<Buf>,
+    offsets: Option<Buf>,
+    perm: Option<Buf>,
+    out: DeviceBuffer,
+    out_buf: Buf,
+    workspace: DeviceBuffer,
+    counters: DeviceBuffer,
+    rows: usize,
+    out_rows: usize,
+    n_out: usize,
+}
+
+impl GemmBench {
+    fn new(problem: &Problem, seed: u64, sms: usize) -> Result<GemmBench, String> {
+        let abis: Vec<(String, GemmAbi)> = problem
+            .candidates
+            .iter()
+            .map(|c| {
+                c.abi.clone().map(|a| (c.name.clone(), a)).ok_or_else(|| format!("{}: no launch convention", c.name))
+            })
+            .collect::<Result<_, String>>()?;
+        let default = abis
+            .iter()
+            .find(|(n, _)| *n == problem.default)
+            .map(|(_, a)| a.clone())
+            .ok_or_else(|| format!("no candidate {}", problem.default))?;
+        let fp8 = default.input == "fp8";
+        let (m, n, k) = (problem.m, problem.n, problem.k);
+        let (offsets, perm) = match problem.grouped {
+            Some(r) => route(m, r, seed),
+            None => (vec![0, m as i32], Vec::new()),
+        };
+        let groups = offsets.len() - 1;
+        let rows = if problem.grouped.is_some() { perm.len() } else { m };
+        let a_rows = if default.grouping == "gather" { m } else { rows };
+        let n_out = if default.swiglu { n / 2 } else { n };
+        let out_rows = if default.scatter { m } else { rows };
+        let kb = k.div_ceil(128);
+        let b_scale_rows = if default.b_row_scales { groups * n } else { (groups * n).div_ceil(128) };
+        let mut rand = Rand(0x9E37_79B9_7F4A_7C15 ^ (seed + 1));
+        let mut ops = Operands {
+            fp8,
+            k,
+            n,
+            a: rand.operand(a_rows * k, fp8),
+            a_scale: rand.floats(a_rows * kb, 1e-3, 1e-2),
+            b: rand.operand(groups * n * k, fp8),
+            b_scale: rand.floats(b_scale_rows * kb, 1e-3, 1e-2),
+            residual: problem.residual.then(|| rand.floats(m * n_out, -1.0, 1.0)),
+            row_scale: rand.floats(rows.max(1), 0.0, 1.0),
+            offsets,
+            perm,
+            device: Vec::new(),
+        };
+        let in_el = if fp8 { "f8E4M3FN" } else { "bf16" };
+        let mut held = Vec::new();
+        let buf = |addr: u64, shape: Vec<usize>, element: &str| Buf { addr, shape, element: element.into() };
+        let a = buf(upload(&ops.a, "A", &mut held)?, vec![a_rows, k], in_el);
+        let b = buf(upload(&ops.b, "B", &mut held)?, vec![groups * n, k], in_el);
+        let a_scale = buf(upload(&bytes_of(&ops.a_scale), "A scales", &mut held)?, vec![a_rows, kb], "f32");
+        let b_scale = buf(upload(&bytes_of(&ops.b_scale), "B scales", &mut held)?, vec![b_scale_rows, kb], "f32");
+        let residual = match &ops.residual {
+            Some(r) => Some(buf(upload(&bytes_of(r), "residual", &mut held)?, vec![m, n_out], "f32")),
+            None => None,
+        };
+        let grouped = problem.grouped.is_some();
+        let offsets = grouped.then(|| upload(&ints_of(&ops.offsets), "offsets", &mut held)).transpose()?;
+        let offsets = offsets.map(|a| buf(a, vec![groups + 1], "i32"));
+        let perm = grouped.then(|| upload(&ints_of(&ops.perm), "permutation", &mut held)).transpose()?;
+        let perm = perm.map(|a| buf(a, vec![rows], "i32"));
+        let row_scale = buf(upload(&bytes_of(&ops.row_scale), "row scales", &mut held)?, vec![rows], "f32");
+        let out = DeviceBuffer::new(4 * out_rows * n_out, "the output")?;
+        let out_buf = buf(out.ptr, vec![out_rows, n_out], "f32");
+        let problem_size = GemmProblem { m: rows, n, k, groups };
+        let mut scratch = crate::abi::SplitScratch::default();
+        for (_, abi) in &abis {
+            let s = abi.scratch(problem_size, sms);
+            scratch.workspace_bytes = scratch.workspace_bytes.max(s.workspace_bytes);
+            scratch.counters = scratch.counters.max(s.counters);
+        }
+        let workspace = DeviceBuffer::new(scratch.workspace_bytes, "the split-K workspace")?;
+        let counters = DeviceBuffer::new(4 * scratch.counters, "the split-K counters")?;
+        // SAFETY: allocations just made; the kernels expect zero counters.
+        unsafe { result::memset_d8_sync(counters.ptr, 0, counters.bytes) }.map_err(cuda("zeroing counters"))?;
+        ops.device = held;
+        Ok(GemmBench {
+            ops,
+            abis,
+            default,
+            bufs: vec![a, a_scale, b, b_scale, row_scale],
+            residual,
+            offsets,
+            perm,
+            out,
+            out_buf,
+            workspace,
+            counters,
+            rows,
+            out_rows,
+            n_out,
+        })
+    }
+
+    fn abi(&self, name: &str) -> Result<&GemmAbi, String> {
+        self.abis.iter().find(|(n, _)| n == name).map(|(_, a)| a).ok_or_else(|| format!("no candidate {name}"))
+    }
+}
+
+impl Bench for GemmBench {
+    fn launch(&self, name: &str, sms: usize) -> Result<KernelLaunch, String> {
+        let [a, a_scale, b, b_scale, row_scale] = &self.bufs[..] else { unreachable!("five operands") };
+        let fp8 = self.ops.fp8;
+        let operands = GemmOperands {
+            a,
+            a_scale: fp8.then_some(a_scale),
+            b,
+            b_scale: fp8.then_some(b_scale),
+            out: &self.out_buf,
+            residual: self.residual.as_ref(),
+            offsets: self.offsets.as_ref(),
+            perm: self.perm.as_ref(),
+            row_scale: Some(row_scale),
+            workspace: Some(self.workspace.ptr),
+            counters: Some(self.counters.ptr),
+        };
+        self.abi(name)?.launch(name, &operands, sms)
+    }
+
+    fn clear(&self) -> Result<(), String> {
+        // SAFETY: our allocation.
+        unsafe { result::memset_d8_sync(self.out.ptr, 0, self.out.bytes) }.map_err(cuda("zeroing the output"))
+    }
+
+    fn output(&self) -> Result<Vec<f32>, String> {
+        download(self.out.ptr, self.out_rows * self.n_out, "reading the output")
+    }
+
+    fn check_default(&self, got: &[f32], tolerance: f64) -> Result<(), String> {
+        let n_out = self.n_out;
+        for row in [0, self.out_rows / 2, self.out_rows.saturating_sub(1)] {
+            let want = self.ops.expected_row(&self.default, row, n_out);
+            let rel = relative(&got[row * n_out..][..n_out], &want);
+            if rel.is_nan() || rel > tolerance {
+                return Err(format!("the host's product on row {row} by {rel:.2e}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn tolerance(&self) -> f64 {
+        if self.ops.fp8 {
+            1e-3
+        } else {
+            1e-2
+        }
+    }
+
+    fn rate(&self, ms: f64) -> String {
+        let tflops = 2.0 * self.rows as f64 * self.ops.n as f64 * self.ops.k as f64 / (ms * 1e-3) / 1e12;
+        format!("{tflops:7.1} TFLOP/s")
+    }
+}
+
+/// An MLA attention problem's made-up operands on the host: queries and keys (bf16 in +-1; the
+/// fp8 cache's rows packed from such values), decode's pages laid out through a shuffled block
+/// table; and the host's f64 attention of sampled query rows, which the default candidate's output
+/// must match (decode: its splits merged by their log-sum-exps, as the combine kernel does).
+struct AttentionHost {
+    problem: AttentionProblem,
+    /// Sequences (decode) or tokens (prefill).
+    m: usize,
+    q: Vec<u8>,
+    /// Decode: the pool of pages' rows; prefill: the keys.
+    keys: Vec<u8>,
+    values: Vec<u8>,
+    table: Vec<i32>,
+    /// Decode's K splits on the device's SMs.
+    splits: usize,
+}
+
+/// A bf16 value of little-endian `bytes` at element `i`.
+fn bf16_at(bytes: &[u8], i: usize) -> f64 {
+    f64::from(v3c_models::dtype::bf16_to_f32(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])))
+}
+
+/// Attention of query `q` over keys `keys` in f64: `key(j)` is key j's columns (as many as `q`'s)
+/// then its value's `width` columns; the softmax of `scale * q . key` weighs the values. Returns the
+/// output and the log-sum-exp of the scores (no keys: zeros and `-inf`).
+fn attend(
+    q: &[f64],
+    keys: std::ops::Range<usize>,
+    scale: f64,
+    key: impl Fn(usize) -> Vec<f64>,
+    width: usize,
+) -> (Vec<f64>, f64) {
+    let all: Vec<Vec<f64>> = keys.map(key).collect();
+    let scores: Vec<f64> = all.iter().map(|k| scale * k.iter().zip(q).map(|(a, b)| a * b).sum::<f64>()).collect();
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let mut out = vec![0f64; width];
+    for (w, k) in weights.iter().zip(&all) {
+        for (o, x) in out.iter_mut().zip(&k[k.len() - width..]) {
+            *o += w * x / total;
+        }
+    }
+    (out, max + total.ln())
+}
+
+impl AttentionHost {
+    fn new(attention: AttentionProblem, m: usize, seed: u64, sms: usize) -> Result<AttentionHost, String> {
+        let mut rand = Rand(0x9E37_79B9_7F4A_7C15 ^ (seed + 1));
+        match attention {
+            AttentionProblem::Decode { heads, kv, rope, fp8_cache, context, .. } => {
+                let width = kv + rope;
+                let pages = m * context.div_ceil(crate::abi::PAGE_ROWS);
+                // The pages in a shuffled order: sequence b's page p is page table[b, p].
+                let mut table: Vec<i32> = (0..pages as i32).collect();
+                for i in (1..pages).rev() {
+                    table.swap(i, (rand.next() % (i as u64 + 1)) as usize);
+                }
+                let q = rand.operand(m * heads * width, false);
+                let rows = pages * crate::abi::PAGE_ROWS;
+                let keys = match fp8_cache {
+                    false => rand.operand(rows * width, false),
+                    true => {
+                        let layout = Self::fp8_row(kv, rope)?;
+                        let mut bytes = vec![0u8; rows * layout.bytes()];
+                        for row in bytes.chunks_exact_mut(layout.bytes()) {
+                            layout.pack(&rand.floats(width, -1.0, 1.0), row);
+                        }
+                        bytes
+                    }
+                };
+                let splits = crate::lowering::attention_splits(m, heads, context, sms);
+                Ok(AttentionHost { problem: attention, m, q, keys, values: Vec::new(), table, splits })
+            }
+            AttentionProblem::Prefill { heads, qk, v, .. } => {
+                let q = rand.operand(heads * m * qk, false);
+                let keys = rand.operand(heads * m * qk, false);
+                let values = rand.operand(heads * m * v, false);
+                Ok(AttentionHost { problem: attention, m, q, keys, values, table: Vec::new(), splits: 1 })
+            }
+        }
+    }
+
+    fn fp8_row(kv: usize, rope: usize) -> Result<crate::plan::Fp8LatentRow, String> {
+        crate::plan::Fp8LatentRow::of(kv + rope)
+            .filter(|r| r.latent == kv)
+            .ok_or_else(|| format!("an fp8 cache of rows of {kv} + {rope}"))
+    }
+
+    /// Query rows, and the columns of a row of the output.
+    fn rows_and_width(&self) -> (usize, usize) {
+        match self.problem {
+            AttentionProblem::Decode { heads, kv, .. } => (self.m * heads, kv),
+            AttentionProblem::Prefill { heads, v, .. } => (heads * self.m, v),
+        }
+    }
+
+    /// The host's attention of query row `row` over its keys `keys` (decode: sequence `row /
+    /// heads`'s, read through the block table; prefill: head `row / m`'s, causal: query t sees keys
+    /// `0..=t`; None: all it sees), in f64 from the same bf16 (and fp8) values; and the log-sum-exp.
+    fn attention(&self, row: usize, keys: Option<std::ops::Range<usize>>) -> (Vec<f64>, f64) {
+        match self.problem {
+            AttentionProblem::Decode { heads, kv, rope, fp8_cache, context, scale } => {
+                let width = kv + rope;
+                let q: Vec<f64> = (0..width).map(|c| bf16_at(&self.q, row * width + c)).collect();
+                let b = row / heads;
+                let pages_each = context.div_ceil(crate::abi::PAGE_ROWS);
+                let layout = crate::plan::Fp8LatentRow { latent: kv };
+                // Key j's columns, then its value: the latent, its first kv columns.
+                let key_and_value = |j: usize| -> Vec<f64> {
+                    let page = self.table[b * pages_each + j / crate::abi::PAGE_ROWS] as usize;
+                    let r = page * crate::abi::PAGE_ROWS + j % crate::abi::PAGE_ROWS;
+                    let mut k: Vec<f64> = if fp8_cache {
+                        let mut v = vec![0f32; width];
+                        layout.unpack(&self.keys[r * layout.bytes()..][..layout.bytes()], &mut v);
+                        v.into_iter().map(f64::from).collect()
+                    } else {
+                        (0..width).map(|c| bf16_at(&self.keys, r * width + c)).collect()
+                    };
+                    k.extend_from_within(..kv);
+                    k
+                };
+                attend(&q, keys.unwrap_or(0..context), f64::from(scale), key_and_value, kv)
+            }
+            AttentionProblem::Prefill { qk, v, scale, .. } => {
+                let (head, t) = (row / self.m, row % self.m);
+                let q: Vec<f64> = (0..qk).map(|c| bf16_at(&self.q, row * qk + c)).collect();
+                let key_and_value = |j: usize| {
+                    let r = head * self.m + j;
+                    let mut both: Vec<f64> = (0..qk).map(|c| bf16_at(&self.keys, r * qk + c)).collect();
+                    both.extend((0..v).map(|c| bf16_at(&self.values, r * v + c)));
+                    both
+                };
+                attend(&q, keys.unwrap_or(0..t + 1), f64::from(scale), key_and_value, v)
+            }
+        }
+    }
+
+    /// `got` (decode: the splits' outputs `[splits, rows, kv]` then their log-sum-exps `[splits,
+    /// rows]`; prefill: the output `[rows, v]`) against the host's attention on sampled rows.
+    fn check(&self, got: &[f32], tolerance: f64) -> Result<(), String> {
+        let (rows, width) = self.rows_and_width();
+        for row in [0, rows / 2, rows.saturating_sub(1)] {
+            let row_out: Vec<f32> = match self.problem {
+                AttentionProblem::Decode { .. } => {
+                    let lse = &got[self.splits * rows * width..];
+                    let max = (0..self.splits).map(|z| lse[z * rows + row]).fold(f32::NEG_INFINITY, f32::max);
+                    let weights: Vec<f64> =
+                        (0..self.splits).map(|z| f64::from(lse[z * rows + row] - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    (0..width)
+                        .map(|c| {
+                            let sum: f64 = (0..self.splits)
+                                .filter(|&z| weights[z] > 0.0)
+                                .map(|z| weights[z] * f64::from(got[(z * rows + row) * width + c]))
+                                .sum();
+                            (sum / total) as f32
+                        })
+                        .collect()
+                }
+                AttentionProblem::Prefill { .. } => got[row * width..][..width].to_vec(),
+            };
+            let rel = relative(&row_out, &self.attention(row, None).0);
+            if rel.is_nan() || rel > tolerance {
+                return Err(format!("the host's attention on query row {row} by {rel:.2e}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The shapes and elements of an attention problem's launch operands for `m` sequences (decode)
+/// or tokens (prefill) with `splits` K splits, in the launch's order: the inputs, then the outputs
+/// (decode: the splits' outputs and log-sum-exps; prefill: the output, f32).
+fn attention_operands(
+    attention: AttentionProblem,
+    m: usize,
+    splits: usize,
+) -> Result<Vec<(Vec<usize>, &'static str)>, String> {
+    Ok(match attention {
+        AttentionProblem::Decode { heads, kv, rope, fp8_cache, context, .. } => {
+            let width = kv + rope;
+            let pages_each = context.div_ceil(crate::abi::PAGE_ROWS);
+            let (element, cols) = match fp8_cache {
+                true => ("i8", AttentionHost::fp8_row(kv, rope)?.bytes()),
+                false => ("bf16", width),
+            };
+            let rows = m * heads;
+            vec![
+                (vec![rows, width], "bf16"),
+                (vec![m * pages_each, crate::abi::PAGE_ROWS, cols], element),
+                (vec![m, pages_each], "i32"),
+                (vec![m], "i32"),
+                (vec![splits, rows, kv], "f32"),
+                (vec![splits, rows], "f32"),
+            ]
+        }
+        AttentionProblem::Prefill { heads, qk, v, .. } => vec![
+            (vec![heads * m, qk], "bf16"),
+            (vec![heads * m, qk], "bf16"),
+            (vec![heads * m, v], "bf16"),
+            (vec![heads * m, v], "f32"),
+        ],
+    })
+}
+
+/// Decode's K splits for `m` sequences on `sms` SMs, as the runtime picks them (prefill: 1).
+fn attention_splits(attention: AttentionProblem, m: usize, sms: usize) -> usize {
+    match attention {
+        AttentionProblem::Decode { heads, context, .. } => crate::lowering::attention_splits(m, heads, context, sms),
+        AttentionProblem::Prefill { .. } => 1,
+    }
+}
+
+/// The launch of attention candidate `name` of `problem` on a device of `sms` SMs over operands
+/// at `addrs` (in the order of the launch: decode's queries, pool of pages, block table, lengths,
+/// splits' outputs, log-sum-exps; prefill's queries, keys, values, output) — what `v3r tune`
+/// launches, checkable without a GPU.
+pub fn attention_launch(problem: &Problem, name: &str, addrs: &[u64], sms: usize) -> Result<KernelLaunch, String> {
+    let attention = problem.attention.ok_or_else(|| format!("{}: not an attention problem", problem.kernel))?;
+    let operands = attention_operands(attention, problem.m, attention_splits(attention, problem.m, sms))?;
+    if addrs.len() != operands.len() {
+        return Err(format!("{name}: {} operand addresses for {} operands", addrs.len(), operands.len()));
+    }
+    let b: Vec<Buf> = operands
+        .into_iter()
+        .zip(addrs)
+        .map(|((shape, element), &addr)| Buf { addr, shape, element: element.into() })
+        .collect();
+    match attention {
+        AttentionProblem::Decode { heads, kv, rope, fp8_cache, scale, .. } => {
+            let abi = crate::abi::MlaDecodeAbi { kv, rope, fp8_cache };
+            abi.launch(name, [&b[0], &b[1], &b[2], &b[3], &b[4], &b[5]], heads, scale)
+        }
+        AttentionProblem::Prefill { heads, qk, v, scale } => {
+            crate::abi::MlaPrefillAbi { qk, v }.launch(name, [&b[0], &b[1], &b[2], &b[3]], heads, scale)
+        }
+    }
+}
+
+/// An attention problem's operands on the device ([`attention_launch`] launches over them).
+struct AttentionBench {
+    problem: Problem,
+    host: AttentionHost,
+    addrs: Vec<u64>,
+    /// The outputs' addresses and f32 elements.
+    outputs: Vec<(u64, usize)>,
+    _held: Vec<DeviceBuffer>,
+}
+
+impl AttentionBench {
+    fn new(problem: &Problem, attention: AttentionProblem, seed: u64, sms: usize) -> Result<AttentionBench, String> {
+        let m = problem.m;
+        let host = AttentionHost::new(attention, m, seed, sms)?;
+        let operands = attention_operands(attention, m, host.splits)?;
+        let lengths = match attention {
+            AttentionProblem::Decode { context, .. } => ints_of(&vec![context as i32; m]),
+            AttentionProblem::Prefill { .. } => Vec::new(),
+        };
+        let table = ints_of(&host.table);
+        let inputs: Vec<(&[u8], &str)> = match attention {
+            AttentionProblem::Decode { .. } => vec![
+                (&host.q, "queries"),
+                (&host.keys, "the cache"),
+                (&table, "the block table"),
+                (&lengths, "the lengths"),
+            ],
+            AttentionProblem::Prefill { .. } => {
+                vec![(&host.q, "queries"), (&host.keys, "keys"), (&host.values, "values")]
+            }
+        };
+        let mut held = Vec::new();
+        let mut addrs = Vec::new();
+        for (bytes, what) in &inputs {
+            addrs.push(upload(bytes, what, &mut held)?);
+        }
+        let mut outputs = Vec::new();
+        for (shape, _) in &operands[inputs.len()..] {
+            let elements = shape.iter().product::<usize>();
+            let d = DeviceBuffer::new(4 * elements, "an output")?;
+            addrs.push(d.ptr);
+            outputs.push((d.ptr, elements));
+            held.push(d);
+        }
+        Ok(AttentionBench { problem: problem.clone(), host, addrs, outputs, _held: held })
+    }
+}
+
+impl Bench for AttentionBench {
+    fn launch(&self, name: &str, sms: usize) -> Result<KernelLaunch, String> {
+        attention_launch(&self.problem, name, &self.addrs, sms)
+    }
+
+    fn clear(&self) -> Result<(), String> {
+        for &(addr, elements) in &self.outputs {
+            // SAFETY: our allocation of `elements` f32.
+            unsafe { result::memset_d8_sync(addr, 0, 4 * elements) }.map_err(cuda("zeroing the output"))?;
+        }
+        Ok(())
+    }
+
+    fn output(&self) -> Result<Vec<f32>, String> {
+        let mut all = Vec::new();
+        for &(addr, elements) in &self.outputs {
+            all.extend(download(addr, elements, "reading the output")?);
+        }
+        Ok(all)
+    }
+
+    fn check_default(&self, got: &[f32], tolerance: f64) -> Result<(), String> {
+        self.host.check(got, tolerance)
+    }
+
+    fn tolerance(&self) -> f64 {
+        // P in bf16 (and the fp8 cache's latent converted to bf16).
+        1e-2
+    }
+
+    fn rate(&self, ms: f64) -> String {
+        let (seconds, m) = (ms * 1e-3, self.host.m);
+        match self.host.problem {
+            AttentionProblem::Decode { heads, kv, rope, context, .. } => {
+                let flops = 2.0 * (m * heads * context * (2 * kv + rope)) as f64;
+                let bytes = (self.host.keys.len() + self.host.q.len()) as f64;
+                format!("{:7.1} TFLOP/s {:6.0} GB/s", flops / seconds / 1e12, bytes / seconds / 1e9)
+            }
+            AttentionProblem::Prefill { heads, qk, v, .. } => {
+                let flops = 2.0 * heads as f64 * (m * (m + 1) / 2) as f64 * (qk + v) as f64;
+                format!("{:7.1} TFLOP/s", flops / seconds / 1e12)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The host's check of a decode output: splits over any partition of the keys (one empty),
+    /// merged by their log-sum-exps, are the attention over them all; a wrong value is caught.
+    /// (`v3r tune` holds the default candidate's output to it.)
+    #[test]
+    fn decode_splits_merge_into_the_hosts_attention() {
+        for fp8_cache in [false, true] {
+            let problem =
+                AttentionProblem::Decode { heads: 3, kv: 128, rope: 64, fp8_cache, context: 150, scale: 0.125 };
+            let host = AttentionHost::new(problem, 2, 7, 132).unwrap();
+            assert_eq!(host.splits, 3, "one per page of 150 keys");
+            let (rows, width) = host.rows_and_width();
+            assert_eq!((rows, width), (6, 128));
+            let parts = [0..70, 70..70, 70..150];
+            let mut got = vec![0f32; 3 * rows * width + 3 * rows];
+            for row in 0..rows {
+                for (z, keys) in parts.iter().enumerate() {
+                    let (out, lse) = host.attention(row, Some(keys.clone()));
+                    for (c, v) in out.iter().enumerate() {
+                        got[(z * rows + row) * width + c] = if keys.is_empty() { 0.0 } else { *v as f32 };
+                    }
+                    got[3 * rows * width + z * rows + row] = lse as f32;
+                }
+            }
+            host.check(&got, 1e-5).unwrap();
+            got[(2 * rows + rows / 2) * width + 5] += 0.5;
+            let e = host.check(&got, 1e-5).unwrap_err();
+            assert!(e.starts_with("the host's attention on query row 3 by"), "{e}");
+        }
+    }
+
+    /// Prefill is causal: the first query sees only the first key (its output is that value), and
+    /// the block table of decode names every page once.
+    #[test]
+    fn prefill_is_causal_and_decode_pages_are_a_permutation() {
+        let problem = AttentionProblem::Prefill { heads: 2, qk: 64, v: 64, scale: 0.125 };
+        let host = AttentionHost::new(problem, 5, 3, 132).unwrap();
+        let (first, lse) = host.attention(5, None);
+        let value: Vec<f64> = (0..64).map(|c| bf16_at(&host.values, 5 * 64 + c)).collect();
+        assert_eq!(first, value, "head 1's first query");
+        assert!(lse.is_finite());
+        let decode =
+            AttentionProblem::Decode { heads: 1, kv: 128, rope: 64, fp8_cache: false, context: 640, scale: 1.0 };
+        let host = AttentionHost::new(decode, 4, 3, 132).unwrap();
+        let mut pages = host.table.clone();
+        pages.sort();
+        assert_eq!(pages, (0..40).collect::<Vec<i32>>());
+        assert_ne!(host.table, pages, "shuffled");
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc() {

@@ -124,24 +124,42 @@ pub struct Candidates {
     pub problems: Vec<Problem>,
 }
 
-/// One GEMM problem (a kernel signature at a decode or prefill M) and its candidate kernels.
+/// One problem (a kernel signature at a decode or prefill M) and its candidate kernels: a GEMM, or
+/// MLA attention ([`Problem::attention`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Problem {
-    /// The signature the database keys it by (`gemm fp8->f32 n2112 k7168`).
+    /// The signature the database keys it by (`gemm fp8->f32 n2112 k7168`, `mla_decode kv512 r64 h128`).
     pub kernel: String,
+    /// GEMMs: rows (grouped: tokens); attention: sequences (decode) or tokens (prefill).
     pub m: usize,
     pub m_bucket: usize,
+    #[serde(default)]
     pub n: usize,
+    #[serde(default)]
     pub k: usize,
     #[serde(default)]
     pub residual: bool,
     /// Grouped (MoE): tokens (`m`) routed to `top_k` of `routed` experts, each also to every shared one.
     #[serde(default)]
     pub grouped: Option<Routing>,
+    /// An attention problem: its candidates share its launch convention (they differ in ring depth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<AttentionProblem>,
     pub candidates_sha256: String,
     /// The configuration the cost model picked (the reference every candidate is checked against).
     pub default: String,
     pub candidates: Vec<Candidate>,
+}
+
+/// MLA attention as `v3r tune` measures it (`m` of the problem: sequences or tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum AttentionProblem {
+    /// Absorbed decode ([`crate::abi::MlaDecodeAbi`]): one new token of `heads` query rows per
+    /// sequence over `context` keys in pages of the paged cache.
+    Decode { heads: usize, kv: usize, rope: usize, fp8_cache: bool, context: usize, scale: f32 },
+    /// Causal prefill ([`crate::abi::MlaPrefillAbi`]) of `m` tokens over as many keys.
+    Prefill { heads: usize, qk: usize, v: usize, scale: f32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,7 +191,8 @@ impl Candidates {
         if c.format_version != 1 {
             return Err(format!("{}: format_version {}, this version reads 1", path.display(), c.format_version));
         }
-        if let Some(p) = c.problems.iter().find(|p| p.candidates.iter().any(|k| k.abi.is_none())) {
+        let unknown = |p: &&Problem| p.attention.is_none() && p.candidates.iter().any(|k| k.abi.is_none());
+        if let Some(p) = c.problems.iter().find(unknown) {
             return Err(format!(
                 "{}: {} has candidates without their launch convention (emitted by an older v3c: emit them again)",
                 path.display(),

@@ -103,6 +103,17 @@ impl AttentionShape {
         }
     }
 
+    /// The same decode over the fp8 cache's rows, where the kernel takes them (None: not decode, or
+    /// already fp8, or widths the fp8 rows do not take).
+    pub fn fp8_cache(&self, target: &GpuTarget) -> Option<AttentionShape> {
+        let AttentionShape::Decode { heads, kv, rope, fp8_cache: false, sequences, context } = *self else {
+            return None;
+        };
+        let shape = AttentionShape::Decode { heads, kv, rope, fp8_cache: true, sequences, context };
+        let rows = v3c_runtime::plan::Fp8LatentRow::of(kv + rope).is_some_and(|r| r.latent == kv);
+        (rows && !candidates(&shape, target).is_empty()).then_some(shape)
+    }
+
     /// Its kernel with a ring of `stages` buffers.
     pub fn config(&self, stages: usize) -> AttentionConfig {
         match *self {
