@@ -1174,12 +1174,39 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         assert!(err.contains(&format!("compile: {fused} -> {kernel}")), "{fused}: {err}");
     }
     assert!(err.contains("compile: decode: 1185 sm_90a launches per run (627 fused kernels)"), "{err}");
+    // The manifest records each tunable kernel's configuration per regime and where it came from.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("manifest.json")).unwrap()).unwrap();
+    let tuning = &manifest["tuning"];
+    assert_eq!(tuning["source"], "cost-model");
+    let choice = |kernel: &str, regime: &str| {
+        let all = tuning["choices"].as_array().unwrap();
+        all.iter().find(|c| c["kernel"] == kernel && c["regime"] == regime).cloned().unwrap_or_default()
+    };
+    let decode = choice("attention_decode_quantize_0", "decode");
+    assert_eq!(
+        (&decode["signature"], &decode["config"]),
+        (&"mla_decode kv512 r64 h128".into(), &"mla_decode_kv512_r64_p64_s2".into())
+    );
+    assert!(decode["source"].as_str().unwrap().starts_with("cost model: "), "{decode}");
+    assert_eq!(choice("attention_quantize_0", "prefill")["config"], "mla_prefill_qk192_v128_s4");
+    let o_proj = choice("gemm_residual_0", "decode");
+    assert_eq!(o_proj["signature"], "gemm fp8->f32 n7168 k16384 +residual");
+    assert!(o_proj["config"].as_str().unwrap().starts_with("gemm_fp8_f32_64x"), "{o_proj}");
+    assert_eq!(choice("attention_decode_quantize_0", "prefill"), serde_json::Value::Null, "decode's only");
     // The runtime reads it back.
     let info = run_binary("v3r", &["info", out_dir.to_str().unwrap()]);
     let stdout = text(&info.stdout);
     assert!(info.status.success(), "{}", text(&info.stderr));
     assert!(stdout.contains("target: sm_90a (compute capability 9.0)"), "{stdout}");
     assert!(stdout.contains("lowering: 19 fused kernels as 38 launches"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "\n  decode attention_decode_quantize_0 [mla_decode kv512 r64 h128] -> mla_decode_kv512_r64_p64_s2 (cost \
+             model: "
+        ),
+        "{stdout}"
+    );
     assert!(stdout.contains("entry decode: 627 launches"), "{stdout}");
     assert!(
         stdout.contains("template launches of 47 kernels at the planned sizes, each as its PTX declares"),
