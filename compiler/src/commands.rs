@@ -1468,10 +1468,11 @@ fn model_problems(
 }
 
 /// `v3c tune`: `--emit-candidates DIR` compiles, for every GEMM problem of the model (kernel
-/// signature x the decode/prefill Ms its entries run it at), the cost model's best candidates on all cores, drops those ptxas
-/// reports spilling, and writes their PTX and `candidates.json` for measurement on a GPU machine
-/// (`benches/device/tune_check.py` writes the tuning database); `--report --tuning FILE` prints,
-/// per kernel, default vs tuned time. Measuring on this machine needs its GPU runtime (not yet).
+/// signature x the decode/prefill Ms its entries run it at) and every tensor-core attention kernel
+/// (its ring depths), the cost model's best candidates on all cores, drops those ptxas reports
+/// spilling, and writes their PTX and `candidates.json` for measurement on a GPU machine (`v3r tune
+/// DIR` writes the tuning database); `--out FILE` does both here, on this machine's GPU; `--report
+/// --tuning FILE` prints, per kernel, default vs tuned time.
 pub fn tune(o: &TuneOptions) -> Result<(), String> {
     use v3c_compiler::tune::{self, db::DbLookup as _, db::TuningDb, GemmShape};
     let device = v3c_compiler::target::DeviceModel::by_name(o.gpu)?;

@@ -404,13 +404,16 @@ struct TuneArgs {
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
     /// Write the compiled candidates (PTX + candidates.json) into this new directory, for measuring
-    /// on a GPU machine (benches/device/tune_check.py writes the database).
+    /// on a GPU machine with `v3r tune DIR --out tuning.json`: the GEMMs' configurations at decode and
+    /// prefill M, and the MLA attention kernels' ring depths (decode at 64 sequences of 4096 keys,
+    /// prefill at 4096 tokens).
     #[arg(long, value_name = "DIR")]
     emit_candidates: Option<PathBuf>,
     /// Candidates per problem kept after the cost model's ranking and ptxas's spill check.
     #[arg(long, value_name = "N", default_value_t = 4)]
     top: usize,
-    /// Print, per GEMM kernel and M, the database's default vs tuned time and winner (with --tuning).
+    /// Print, per GEMM kernel and M and per attention kernel, the database's default vs tuned time and
+    /// winner (with --tuning).
     #[arg(long)]
     report: bool,
     /// Tuning database to report on.

@@ -40,9 +40,9 @@ enum Command {
     /// as tokens/s; with a checkpoint or with made-up weights (`--random-weights`, for full-width
     /// slices no checkpoint is at hand for).
     BenchDecode(BenchDecodeArgs),
-    /// Measure the GEMM candidates `v3c tune --emit-candidates DIR` compiled (each checked against
-    /// the default configuration, the default against the host's product) and merge the timings into
-    /// a tuning database for `v3c compile --tuning`.
+    /// Measure the GEMM and attention candidates `v3c tune --emit-candidates DIR` compiled (each
+    /// checked against the default configuration, the default against the host's product or
+    /// attention) and merge the timings into a tuning database for `v3c compile --tuning`.
     Tune(TuneArgs),
     /// Time every kernel of an artifact's entry points (warm-up, median of repetitions) and write
     /// JSON, as the tuner reads it; cpu artifacts run here, GPU ones need their GPU.

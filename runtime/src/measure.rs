@@ -1,6 +1,12 @@
-//! `v3r tune`: the GPU half of the split tuning flow. Measures the GEMM candidates `v3c tune
-//! --emit-candidates DIR` compiled and merges the timings into a tuning database
-//! ([`crate::tuning::TuningDb`]) that `v3c compile --tuning` reads.
+//! `v3r tune`: the GPU half of the split tuning flow. Measures the GEMM and MLA attention
+//! candidates `v3c tune --emit-candidates DIR` compiled and merges the timings into a tuning
+//! database ([`crate::tuning::TuningDb`]) that `v3c compile --tuning` reads.
+//!
+//! Attention problems: made-up queries and caches (decode: 64-row pages through
+//! a shuffled block table, bf16 or the fp8 cache's rows; prefill: head-major q, k, v), launched as
+//! the executor launches them ([`attention_launch`]); the default's output is checked on sampled
+//! query rows against the host's f64 attention (decode: the splits merged by their log-sum-exps),
+//! every other candidate's against the default's (1e-2: P is bf16).
 //!
 //! Per problem (a kernel signature at decode or prefill M): made-up operands of its shape (grouped
 //! problems with tokens routed to `top_k` experts plus the shared ones, [`crate::tuning::route`]),
