@@ -17,10 +17,11 @@ swizzle, the row's pitch), then rope_map* (bf16 at the rope key's offset, the ro
 (o_part (9), lse (7), out f32 [B * H, KV] (7)), one block per row.
 
 Checks: paged caches whose pages are scattered over a pool with holes (unused pages poisoned with NaN, as is
-the last page past each sequence's length), sequence lengths 1..5000 (partial pages, one page, many), head
-counts 128 and 16 (a block's rows past the heads masked), 1..8 splits (some empty). Output vs a float64
+the last page past each sequence's length), sequence lengths 1..20000 (partial pages, one page, many), head
+counts 128 and 16 (a block's rows past the heads masked), 1..39 splits (some empty). Output vs a float64
 reference of softmax(q K^T * scale) K[:, :KV] on the same bf16 values: relative error (Frobenius) <= 1e-2
-(P is rounded to bf16 before P V), and every element finite. Timing: batch 64 x context 4096, 128 heads:
+(P is rounded to bf16 before P V), and every element finite. Timing: batch 64 x context 4096 and batch 1 x
+context 32768 (the runtime's splits), 128 heads:
 median of 20 (attention + combine) vs torch (pages gathered, bmm, softmax, bmm), as GB/s of unique cache bytes
 against the copy bandwidth of step 1b.
 
@@ -325,6 +326,14 @@ def check_prefill(drv, ptx_dir, name, result):
           f"torch SDPA {sdpa_ms:.3f} ms ({sdpa_ms / ms:.2f}x)")
 
 
+def runtime_splits(batch, heads, ctx, sms):
+    """The splits the runtime picks (runtime/src/lowering.rs attention_splits): two waves of blocks, at most
+    128 and one per 8 pages."""
+    most = max(1, min(128, math.ceil(math.ceil(ctx / PAGE) / 8)))
+    blocks = batch * math.ceil(heads / PAGE)
+    return max(1, min(most, math.ceil(2 * min(sms, 144) / blocks)))
+
+
 def check_decode(mla, result, copy):
     """The decode kernel (bf16 or fp8 cache) + combine on the paged problems, then its timing."""
     attn, comb = mla.names
@@ -332,7 +341,8 @@ def check_decode(mla, result, copy):
     scale = 1 / math.sqrt(192)
     # (heads, lens, splits, tokens): tokens > 1 is MTP's speculative decoding (causal among the new tokens).
     cases = [(128, [1, 63, 64, 65, 1000], 1, 1), (128, [5000, 2, 300], 4, 1), (16, [4096, 129], 8, 1),
-             (128, [700], 3, 1), (128, [64, 65], 8, 1), (16, [2, 65, 1000], 2, 2), (128, [130, 64], 3, 2)]
+             (128, [700], 3, 1), (128, [64, 65], 8, 1), (16, [2, 65, 1000], 2, 2), (128, [130, 64], 3, 2),
+             (16, [20000, 70], 39, 1)]
     for i, (heads, lens, splits, tokens) in enumerate(cases):
         q, cache, table, lt = problem(heads, mla.kv, mla.rope, lens, seed=i, tokens=tokens)
         if mla.fp8:
@@ -352,12 +362,13 @@ def check_decode(mla, result, copy):
               f"{'ok' if ok else 'FAILED'}")
     result["cases"] += cases_of_this
     result["ok"] &= all(c["ok"] for c in cases_of_this)
-    if all(c["ok"] for c in cases_of_this):
-        heads, batch, ctx = 128, 64, 4096
+    if not all(c["ok"] for c in cases_of_this):
+        return
+    # FlashMLA's point (64 x 4096), then one long sequence (the splits spread it over every SM).
+    for heads, batch, ctx in [(128, 64, 4096), (128, 1, 32768)]:
         q, cache, table, lt = problem(heads, mla.kv, mla.rope, [ctx] * batch, seed=99)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        blocks = batch * math.ceil(heads / PAGE)
-        splits = max(1, min(ctx // PAGE, math.ceil(2 * sms / blocks)))
+        splits = runtime_splits(batch, heads, ctx, sms)
         if mla.fp8:
             # torch's baseline reads the bf16 cache: what the fp8 one halves.
             fp8_cache, _ = mla.quantize_cache(cache)
@@ -376,7 +387,7 @@ def check_decode(mla, result, copy):
         row_bytes = fp8_row_bytes(mla.kv, mla.rope)[2] if mla.fp8 else (mla.kv + mla.rope) * 2
         unique = batch * ctx * row_bytes + q.numel() * 2 + out.numel() * 4
         gbs = unique / (ms * 1e-3) / 1e9
-        result.setdefault("timing", {})[attn] = {
+        result.setdefault("timing", {})[f"{attn} {batch}x{ctx}"] = {
             "batch": batch, "context": ctx, "heads": heads, "splits": splits, "median_ms": ms, "torch_ms": torch_ms,
             "GBps": gbs, "fraction_of_copy": gbs / (copy * 1e3) if copy else None}
         frac = f", {100 * gbs / (copy * 1e3):.0f}% of copy" if copy else ""

@@ -220,18 +220,33 @@ pub enum TempDim {
 }
 
 /// Most splits of split-K decode attention.
-pub const MAX_SPLITS: usize = 8;
+pub const MAX_SPLITS: usize = 128;
+/// Fewest 64-key pages a split takes: each split loads its query tile (as much as a page) and writes
+/// its f32 outputs (a quarter of its pages' bytes at 8 pages) for the combine to read back.
+pub const MIN_SPLIT_PAGES: usize = 8;
+/// The most SMs a device may count for the splits: GH100 has 144 (H100, H200, H800 SXM enable 132).
+/// A larger count is taken as this, so that temporaries sized for any device hold every run's.
+pub const MAX_SMS: usize = 144;
 
 /// Splits of split-K decode attention: `sequences` of `rows` query rows (64 a block) over `keys`
-/// keys on `sms` SMs — enough blocks for two waves, at most one per 64-key page and
-/// [`MAX_SPLITS`]; `sms` 0: the most it may be (what temporaries are sized for).
+/// keys on `sms` SMs — enough blocks for two waves (FlashMLA fills the machine likewise: a batch of
+/// one long sequence is spread over every SM), at most [`MAX_SPLITS`] and one per
+/// [`MIN_SPLIT_PAGES`] pages. `sms` 0: what temporaries are sized for — per sequence, the most
+/// splits x sequences any run of at most `sequences` sequences (and at most `keys` keys) on any
+/// device needs.
 pub fn attention_splits(sequences: usize, rows: usize, keys: usize, sms: usize) -> usize {
-    let most = MAX_SPLITS.min(keys.div_ceil(64).max(1));
-    if sms == 0 {
-        return most;
+    let most = MAX_SPLITS.min(keys.div_ceil(64).div_ceil(MIN_SPLIT_PAGES)).max(1);
+    let splits = |sequences: usize, sms: usize| {
+        let blocks = sequences * rows.div_ceil(64);
+        (2 * sms.min(MAX_SMS)).div_ceil(blocks.max(1)).clamp(1, most)
+    };
+    if sms > 0 {
+        return splits(sequences, sms);
     }
-    let blocks = sequences * rows.div_ceil(64);
-    (2 * sms).div_ceil(blocks.max(1)).clamp(1, most)
+    // Fewer sequences take more splits each: the temporaries' `[splits, sequences x rows, ..]`
+    // hold the largest product (splits only grow with SMs and keys).
+    let n = sequences.max(1);
+    (1..=n).map(|b| splits(b, MAX_SMS) * b).max().unwrap_or(1).div_ceil(n)
 }
 
 impl TempSpec {
@@ -370,15 +385,43 @@ mod tests {
         ]);
         assert_eq!(table.shape(3, &arg, 132), Ok(vec![3, 2]));
         let lse = t(vec![TempDim::Splits { heads: 128, table: 3 }, TempDim::Rows(128)]);
-        assert_eq!(lse.shape(3, &arg, 132), Ok(vec![2, 384]), "a table of two pages");
-        assert_eq!(lse.shape(3, &arg, 0), Ok(vec![2, 384]));
+        assert_eq!(lse.shape(3, &arg, 132), Ok(vec![1, 384]), "a table of two pages: one split");
+        assert_eq!(lse.shape(3, &arg, 0), Ok(vec![1, 384]));
         assert!(t(vec![TempDim::Arg { arg: 1, dim: 0, align: 1, div: 1 }]).shape(3, &arg, 132).is_err());
         // 64 sequences of 128 heads over 4096 keys: 128 blocks, three splits to cover two waves of 132 SMs;
-        // one sequence: as many as allowed; sized for the most.
+        // one sequence: a split per 8 of its 64 pages; sized for the most any run needs.
         assert_eq!(attention_splits(64, 128, 4096, 132), 3);
-        assert_eq!(attention_splits(1, 128, 4096, 132), MAX_SPLITS);
-        assert_eq!(attention_splits(64, 128, 4096, 0), MAX_SPLITS);
+        assert_eq!(attention_splits(1, 128, 4096, 132), 8);
         assert_eq!(attention_splits(1, 128, 10, 132), 1);
+        // One sequence of 32768 keys: 512 pages over 132 splits (264 blocks: two waves), not 8 as
+        // a fixed cap had it (16 blocks on 132 SMs).
+        assert_eq!(attention_splits(1, 128, 32768, 132), 64);
+        assert_eq!(attention_splits(1, 16, 32768, 132), 64, "one block of heads: capped by the pages");
+        assert_eq!(attention_splits(1, 16, 1 << 20, 132), MAX_SPLITS, "264 for two waves, capped");
+    }
+
+    /// The temporaries sized with `sms` 0 hold every run's splits x sequences: fewer sequences, fewer
+    /// keys, any device.
+    #[test]
+    fn split_temporaries_hold_every_run() {
+        for (sequences, rows, keys) in [(64, 128, 4096), (1, 128, 32768), (256, 16, 163840), (7, 3, 5000), (3, 128, 64)]
+        {
+            let sized = attention_splits(sequences, rows, keys, 0) * sequences;
+            for b in 1..=sequences {
+                for k in [1, keys / 3, keys] {
+                    for sms in [1, 78, 132, 144, 1000] {
+                        let need = attention_splits(b, rows, k, sms) * b;
+                        assert!(
+                            need <= sized,
+                            "{b} of {sequences} x {rows} over {k} of {keys} on {sms}: {need} > {sized}"
+                        );
+                    }
+                }
+            }
+        }
+        // 64 sequences of 4096 keys: 3 splits' outputs per sequence (a run of 64 on 144 SMs needs 3
+        // each, of 17 needs 9 each: 153 < 192); the fixed cap of 8 sized 8.
+        assert_eq!(attention_splits(64, 128, 4096, 0), 3);
     }
 
     #[test]

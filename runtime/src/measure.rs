@@ -939,12 +939,12 @@ mod tests {
     fn decode_splits_merge_into_the_hosts_attention() {
         for fp8_cache in [false, true] {
             let problem =
-                AttentionProblem::Decode { heads: 3, kv: 128, rope: 64, fp8_cache, context: 150, scale: 0.125 };
+                AttentionProblem::Decode { heads: 3, kv: 128, rope: 64, fp8_cache, context: 1050, scale: 0.125 };
             let host = AttentionHost::new(problem, 2, 7, 132).unwrap();
-            assert_eq!(host.splits, 3, "one per page of 150 keys");
+            assert_eq!(host.splits, 3, "one per 8 of the 17 pages of 1050 keys");
             let (rows, width) = host.rows_and_width();
             assert_eq!((rows, width), (6, 128));
-            let parts = [0..70, 70..70, 70..150];
+            let parts = [0..700, 700..700, 700..1050];
             let mut got = vec![0f32; 3 * rows * width + 3 * rows];
             for row in 0..rows {
                 for (z, keys) in parts.iter().enumerate() {
