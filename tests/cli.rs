@@ -275,7 +275,15 @@ fn tuning_database_steers_compile() {
     // hi/lo pair, the MTP projection's, the two grouped MoE GEMMs) at decode and prefill, prefill
     // attention's kv_b up-projection at prefill only; and the attention kernels' ring depths:
     // decode's (bf16 pages and the fp8 cache's rows) at 64 sequences, prefill's at 4096 tokens.
-    assert_eq!(problems.len(), 26, "11 GEMM signatures x decode and prefill, kv_b's at prefill, 3 attention");
+    // And the norms' block widths: 4 RMSNorm kernels (the d7168 norms, two quantized, and the
+    // query's d1536 one) at decode and prefill.
+    assert_eq!(problems.len(), 34, "11 GEMM signatures x decode and prefill, kv_b's at prefill, 3 attention, 8 norms");
+    let norm = problems.iter().find(|p| p["kernel"] == "rows_rmsnorm_bf16_d7168_eps1em6_y_q" && p["m"] == 64).unwrap();
+    assert_eq!(norm["default"], "rows_rmsnorm_bf16_d7168_t1024_eps1em6_y_q");
+    assert_eq!(
+        norm["rows"]["operands"][4],
+        serde_json::json!({"name": "scale", "shape": [64, 56], "element": "f32", "output": true})
+    );
     let attention: Vec<&serde_json::Value> = problems.iter().filter(|p| p["attention"].is_object()).collect();
     let kernels: Vec<(&str, &serde_json::Value)> =
         attention.iter().map(|p| (p["kernel"].as_str().unwrap(), &p["m"])).collect();
@@ -312,6 +320,12 @@ fn tuning_database_steers_compile() {
         for c in &p.candidates {
             let ptx = std::fs::read_to_string(cands.join("kernels").join(format!("{}.ptx", c.name))).unwrap();
             let declared = v3c_runtime::abi::ptx_entry_params(&ptx, &c.name).unwrap();
+            if let Some(rows) = &p.rows {
+                let launch =
+                    v3c_runtime::measure::row_launch(rows, &c.name, &vec![1 << 40; rows.operands.len()]).unwrap();
+                assert_eq!((launch.params.len(), launch.grid), (declared, p.m), "{}", c.name);
+                continue;
+            }
             if p.attention.is_some() {
                 let launch = v3c_runtime::measure::attention_launch(
                     p,
@@ -1164,7 +1178,10 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
             "attention_quantize_0",
             "6 launches: rows_quantize_bf16_d512_t64 -> GEMM N 32768 K 512 (prefill gemm_fp8_bf16_",
         ),
-        ("norm_quantize_0", "rows_rmsnorm_bf16_d7168_t256_eps1em6_q [row kernel"),
+        (
+            "norm_quantize_0",
+            "decode rows_rmsnorm_bf16_d7168_t1024_eps1em6_q, prefill rows_rmsnorm_bf16_d7168_t512_eps1em6_q [row kernel",
+        ),
         ("mla_latent_1", "rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16 [row kernel"),
         ("lm_head_0", "3 launches: rows_splitbf16_d7168_t256 -> GEMM N 129280 K 7168"),
         ("moe_dispatch_0", "2 launches: rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256"),
@@ -1194,6 +1211,9 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     assert_eq!(o_proj["signature"], "gemm fp8->f32 n7168 k16384 +residual");
     assert!(o_proj["config"].as_str().unwrap().starts_with("gemm_fp8_f32_64x"), "{o_proj}");
     assert_eq!(choice("attention_decode_quantize_0", "prefill"), serde_json::Value::Null, "decode's only");
+    // The norms' widths: decode's few rows on the widest blocks.
+    assert_eq!(choice("norm_quantize_0", "decode")["config"], "rows_rmsnorm_bf16_d7168_t1024_eps1em6_q");
+    assert_eq!(choice("mla_q_up_0.0", "prefill")["signature"], "rows_rmsnorm_bf16_d1536_eps1em6_q");
     // The runtime reads it back.
     let info = run_binary("v3r", &["info", out_dir.to_str().unwrap()]);
     let stdout = text(&info.stdout);
@@ -1209,7 +1229,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     );
     assert!(stdout.contains("entry decode: 627 launches"), "{stdout}");
     assert!(
-        stdout.contains("template launches of 47 kernels at the planned sizes, each as its PTX declares"),
+        stdout.contains("template launches of 51 kernels at the planned sizes, each as its PTX declares"),
         "{stdout}"
     );
     assert!(stdout.contains("device memory: 17.60 GiB weights + 623.68 GiB re-laid out"), "{stdout}");

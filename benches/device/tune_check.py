@@ -8,7 +8,7 @@ configuration's output as the reference, then each candidate: its output must ma
 (CUDA events, warm-up, L2 flushed before each) with the others. The database (compiler/src/tune/db.rs
 format) is merged into --out: entries keyed by compiler version, GPU, kernel signature and M bucket.
 
-Attention problems (the MLA kernels' ring depths) are left to `v3r tune`. Grouped (MoE) problems carry their routing (routed and shared experts, top-k): the tokens are routed at
+Attention problems (the MLA kernels' ring depths) and reductions (row kernels' widths) are left to `v3r tune`. Grouped (MoE) problems carry their routing (routed and shared experts, top-k): the tokens are routed at
 random, the shared experts take every token, as gemm_check.py's grouped timing does.
 
 `--self-test` needs no GPU: it writes a database from made-up timings and checks its layout.
@@ -107,9 +107,10 @@ def measure(args):
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # larger than L2
     entries = []
     for problem in candidates["problems"]:
-        if problem.get("attention"):
-            # The attention kernels' ring depths: `v3r tune` measures them (this fallback does GEMMs).
-            print(f"{problem['kernel']} M {problem['m']}: skipped (attention: v3r tune measures it)")
+        if problem.get("attention") or problem.get("rows"):
+            # The attention kernels' ring depths, the reductions' widths: `v3r tune` measures them
+            # (this fallback does GEMMs).
+            print(f"{problem['kernel']} M {problem['m']}: skipped (v3r tune measures it)")
             continue
         m, n, k = problem["m"], problem["n"], problem["k"]
         names = [c["name"] for c in problem["candidates"]]

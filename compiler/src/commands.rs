@@ -714,14 +714,48 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             }
         }
     }
-    let ran = |g: &sm90::lower::GemmKernel, m: usize| choose.source(&g.kernel, m).is_some();
+    // The reductions the tuner widens per regime: whole row kernels and steps of compound ones.
+    let tuned_rows = lowered
+        .rows
+        .iter()
+        .filter_map(|(fused, l)| lowered.row_regimes.get(fused).map(|k| (fused.clone(), k, &l.kernel)));
+    let step_rows = lowered.compound.iter().flat_map(|(fused, steps, picked)| {
+        steps.steps.iter().zip(picked).enumerate().filter_map(move |(i, (step, kernels))| {
+            match (&step.kernel, kernels) {
+                (sm90::lower::StepKernel::Row(k), Some(kernels)) => Some((format!("{fused}.{i}"), kernels, k)),
+                _ => None,
+            }
+        })
+    });
+    for (name, [decode, prefill], kernel) in tuned_rows.chain(step_rows) {
+        for (regime, m, config) in
+            [("decode", v3c_compiler::tune::DECODE_M, decode), ("prefill", v3c_compiler::tune::PREFILL_M, prefill)]
+        {
+            let (Some(source), Some(shape)) =
+                (choose.source(&name, m), v3c_compiler::tune::rows::RowShape::of(kernel, m))
+            else {
+                continue;
+            };
+            chose(&name, format!("d {}", kernel.d), shape.signature(), regime, config, source);
+        }
+    }
+    // A kernel per regime, as the regimes it runs in (a configuration was chosen for those only).
+    let regimes = |name: &str, [decode, prefill]: &[String; 2]| {
+        let ran = |m: usize| choose.source(name, m).is_some();
+        match (ran(v3c_compiler::tune::DECODE_M), ran(v3c_compiler::tune::PREFILL_M)) {
+            (true, false) => format!("decode {decode}"),
+            (false, true) => format!("prefill {prefill}"),
+            _ => format!("decode {decode}, prefill {prefill}"),
+        }
+    };
     for (fused, row) in &lowered.rows {
         let table = if row.rope_table.is_some() { ", + a RoPE table built at load" } else { "" };
         let blocks = match row.kernel.blocks_per_row() {
             1 => "one block per row".to_string(),
             n => format!("{n} blocks per row, CUDA cores (--prefill-attention / --decode-attention rows, or heads the tensor-core kernels do not take)"),
         };
-        eprintln!("compile: {fused} -> {} [row kernel, {blocks}{table}]", row.kernel.kernel_name());
+        let kernel = lowered.row_regimes.get(fused).map_or_else(|| row.kernel.kernel_name(), |k| regimes(fused, k));
+        eprintln!("compile: {fused} -> {kernel} [row kernel, {blocks}{table}]");
     }
     for (fused, steps, picked) in &lowered.compound {
         use v3c_compiler::conversion::sm90::lower::StepKernel;
@@ -729,14 +763,12 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             .steps
             .iter()
             .zip(picked)
-            .map(|(step, gemm)| match (&step.kernel, gemm) {
-                (StepKernel::Row(k), _) => k.kernel_name(),
-                (StepKernel::Gemm(g), Some([decode, prefill])) => {
-                    let regimes = match (ran(g, v3c_compiler::tune::DECODE_M), ran(g, v3c_compiler::tune::PREFILL_M)) {
-                        (true, false) => format!("decode {decode}"),
-                        (false, true) => format!("prefill {prefill}"),
-                        _ => format!("decode {decode}, prefill {prefill}"),
-                    };
+            .enumerate()
+            .map(|(i, (step, gemm))| match (&step.kernel, gemm) {
+                (StepKernel::Row(k), None) => k.kernel_name(),
+                (StepKernel::Row(_), Some(kernels)) => regimes(&format!("{fused}.{i}"), kernels),
+                (StepKernel::Gemm(g), Some(kernels)) => {
+                    let regimes = regimes(&g.kernel, kernels);
                     match &g.grouped {
                         Some(gr) => format!("grouped GEMM over {} experts, {} ({regimes})", gr.groups, g.dims()),
                         None => format!("GEMM {} ({regimes})", g.dims()),
@@ -819,7 +851,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     let tuning = v3c_runtime::artifact::TuningInfo {
         source: if db.is_some() { "database" } else { "cost-model" }.into(),
         detail: format!(
-            "GEMM configurations, dense and grouped, and the MLA attention kernels' ring depth, for {}",
+            "GEMM configurations, dense and grouped, the MLA attention kernels' ring depth and the norms' block \
+             width, for {}",
             o.gpu
         ),
         choices,
@@ -894,9 +927,12 @@ fn write_gpu_artifact(
         if let Some(c) = v3c_compiler::conversion::sm90::mla::MlaPrefillConfig::from_name(name) {
             return Ok(v3c_runtime::abi::KernelAbi::MlaPrefill(v3c_runtime::abi::MlaPrefillAbi { qk: c.qk, v: c.v }));
         }
+        // (A tuned reduction's other widths take the same arguments.)
         row_ranks
             .get(name)
-            .map(|ranks| v3c_runtime::abi::KernelAbi::Memrefs { ranks: ranks.clone() })
+            .cloned()
+            .or_else(|| v3c_compiler::conversion::sm90::rows::RowKernel::from_name(name).map(|k| k.argument_ranks()))
+            .map(|ranks| v3c_runtime::abi::KernelAbi::Memrefs { ranks })
             .ok_or_else(|| format!("{name}: a kernel of no known template"))
     };
     let mut kernels = Vec::new();
@@ -1009,13 +1045,18 @@ fn write_gpu_artifact(
             rope_table: None,
         });
     }
+    // A kernel, or (a tuned reduction) one per regime.
+    let choice = |one: &dyn Fn() -> String, regimes: Option<&[String; 2]>| match regimes {
+        Some([decode, prefill]) => KernelChoice::PerRegime { decode: decode.clone(), prefill: prefill.clone() },
+        None => KernelChoice::One(one()),
+    };
     for (name, launch) in &lowered.rows {
         let k = &launch.kernel;
         let blocks = row_blocks(k);
         fused.push(FusedLowering {
             fused: name.clone(),
             launches: vec![LaunchSpec {
-                kernel: KernelChoice::One(k.kernel_name()),
+                kernel: choice(&|| k.kernel_name(), lowered.row_regimes.get(name)),
                 operands: launch.operands.iter().map(spec).collect(),
                 blocks,
                 gemm: None,
@@ -1030,8 +1071,8 @@ fn write_gpu_artifact(
         for (step, pick) in steps.steps.iter().zip(picks) {
             let operands: Vec<OperandSpec> = step.operands.iter().map(spec).collect();
             launches.push(match (&step.kernel, pick) {
-                (StepKernel::Row(k), _) => LaunchSpec {
-                    kernel: KernelChoice::One(k.kernel_name()),
+                (StepKernel::Row(k), pick) => LaunchSpec {
+                    kernel: choice(&|| k.kernel_name(), pick.as_ref()),
                     operands,
                     blocks: row_blocks(k),
                     gemm: None,
@@ -1394,16 +1435,28 @@ struct AttentionTuning {
     scale: f32,
 }
 
+/// A reduction of the model the tuner measures: its fused kernel (`<fused>.<step>` for a step of
+/// one), its problem at a regime's rows.
+struct RowTuning {
+    name: String,
+    shape: v3c_compiler::tune::rows::RowShape,
+}
+
+/// The model's tunable kernels ([`model_problems`]).
+struct ModelProblems {
+    /// Each GEMM with the Ms of the regimes it runs in.
+    gemms: Vec<(v3c_compiler::conversion::sm90::lower::GemmKernel, Vec<usize>)>,
+    attention: Vec<AttentionTuning>,
+    rows: Vec<RowTuning>,
+}
+
 /// The model's tunable kernels with the graph `precision` picks, as `compile` sees them (sm_90a
 /// mapping): its GEMMs (whole fused kernels, and the GEMM steps of multi-launch ones, the grouped
 /// MoE GEMMs among them), each with the Ms of the regimes its entries run it in
-/// ([`v3c_compiler::conversion::sm90::regimes`]); and its tensor-core attention launches (decode's
-/// also over the fp8 cache, which `--kv-cache fp8` compiles).
-#[allow(clippy::type_complexity)]
-fn model_problems(
-    model: &str,
-    precision: Option<v3c_models::Precision>,
-) -> Result<(Vec<(v3c_compiler::conversion::sm90::lower::GemmKernel, Vec<usize>)>, Vec<AttentionTuning>), String> {
+/// ([`v3c_compiler::conversion::sm90::regimes`]); its tensor-core attention launches (decode's
+/// also over the fp8 cache, which `--kv-cache fp8` compiles); its reductions at the rows of the
+/// regimes they run in (distinct problems once).
+fn model_problems(model: &str, precision: Option<v3c_models::Precision>) -> Result<ModelProblems, String> {
     use melior::ir::block::BlockLike;
     use melior::ir::operation::OperationLike;
     let config = ModelConfig::resolve(model).map_err(|e| e.to_string())?;
@@ -1416,6 +1469,7 @@ fn model_problems(
     let regimes = v3c_compiler::conversion::sm90::regimes(&module);
     let mut gemms = Vec::new();
     let mut attention: Vec<AttentionTuning> = Vec::new();
+    let mut rows: Vec<RowTuning> = Vec::new();
     let defaults = v3c_compiler::conversion::sm90::AttentionKernels::default();
     let caches = v3c_compiler::conversion::sm90::CacheFormats::of(&module, defaults);
     let mut op = module.body().first_operation();
@@ -1446,6 +1500,32 @@ fn model_problems(
                 [false, true] => vec![v3c_compiler::tune::PREFILL_M],
                 _ => vec![v3c_compiler::tune::DECODE_M, v3c_compiler::tune::PREFILL_M],
             };
+            // The reductions: a whole row kernel, or steps of a compound one.
+            let row_kernels: Vec<(String, v3c_compiler::conversion::sm90::rows::RowKernel)> =
+                match v3c_compiler::conversion::sm90::row_launch(&f, caches) {
+                    Ok(launch) if steps.is_none() => vec![(fused.clone(), launch.kernel)],
+                    _ => lower::steps_of_kernel(&f)
+                        .map(|s| {
+                            s.steps
+                                .into_iter()
+                                .enumerate()
+                                .filter_map(|(i, step)| match step.kernel {
+                                    lower::StepKernel::Row(k) => Some((format!("{fused}.{i}"), k)),
+                                    _ => None,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                };
+            for (name, k) in row_kernels {
+                for &m in &runs {
+                    let Some(shape) = v3c_compiler::tune::rows::RowShape::of(&k, m) else { continue };
+                    let key = (shape.signature(), shape.bucket());
+                    if !rows.iter().any(|r: &RowTuning| (r.shape.signature(), r.shape.bucket()) == key) {
+                        rows.push(RowTuning { name: name.clone(), shape });
+                    }
+                }
+            }
             if let Ok(g) = lower::gemm_of_kernel(&f) {
                 gemms.push((g, runs));
             } else if let Ok(steps) = lower::mla_prefill_steps(&f, v3c_compiler::conversion::sm90::rows::CacheRows::F32)
@@ -1464,7 +1544,7 @@ fn model_problems(
     if gemms.is_empty() {
         return Err(format!("{model}: no kernel maps onto the sm_90a GEMM template (try --precision fp8)"));
     }
-    Ok((gemms, attention))
+    Ok(ModelProblems { gemms, attention, rows })
 }
 
 /// `v3c tune`: `--emit-candidates DIR` compiles, for every GEMM problem of the model (kernel
@@ -1479,69 +1559,61 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     if o.report {
         let path = o.tuning.ok_or("--report: name the database with --tuning FILE")?;
         let db = TuningDb::read(path)?;
-        let (gemms, attention) = model_problems(o.model, o.precision)?;
+        let ModelProblems { gemms, attention, rows } = model_problems(o.model, o.precision)?;
         println!(
             "{:<20} {:>6} {:<44} {:>10} {:>10} {:>8}  winner",
             "kernel", "M", "signature", "default ms", "tuned ms", "speedup"
         );
-        for (g, runs) in &gemms {
-            for &m in runs {
-                let shape = GemmShape::of(g, m);
-                let sha = tune::candidates_sha256(&tune::candidates(&shape, &device.target));
-                match db.lookup::<v3c_compiler::conversion::sm90::gemm::GemmConfig>(
-                    &shape.signature(),
-                    tune::m_bucket(m),
-                    &device,
-                    env!("CARGO_PKG_VERSION"),
-                    &sha,
-                ) {
-                    tune::db::Lookup::Tuned { config, entry } => {
-                        let (_, ms) = entry.winner().unwrap_or(("", f64::NAN));
-                        let default = entry.default_ms().unwrap_or(f64::NAN);
-                        println!(
-                            "{:<20} {m:>6} {:<44} {default:>10.4} {ms:>10.4} {:>7.2}x  {}",
-                            g.kernel,
-                            shape.signature(),
-                            default / ms,
-                            config.kernel_name()
-                        );
-                    }
-                    tune::db::Lookup::Ignored(why) => {
-                        println!("{:<20} {m:>6} {:<44}  ignored: {why}", g.kernel, shape.signature())
-                    }
-                    tune::db::Lookup::Missing => {
-                        println!("{:<20} {m:>6} {:<44}  no entry", g.kernel, shape.signature())
-                    }
-                }
-            }
-        }
-        for a in &attention {
-            let (shape, m) = (&a.shape, a.shape.rows());
-            let sha = tune::attention::candidates_sha256(&tune::attention::candidates(shape, &device.target));
-            let lookup = db.lookup::<tune::attention::AttentionConfig>(
-                &shape.signature(),
-                shape.bucket(),
-                &device,
-                env!("CARGO_PKG_VERSION"),
-                &sha,
-            );
+        // One line per problem: the entry's default and winner, or why none applies.
+        let version = env!("CARGO_PKG_VERSION");
+        fn line<C>(kernel: &str, m: usize, signature: &str, lookup: tune::db::Lookup<'_, C>, name: fn(&C) -> String) {
             match lookup {
                 tune::db::Lookup::Tuned { config, entry } => {
                     let (_, ms) = entry.winner().unwrap_or(("", f64::NAN));
                     let default = entry.default_ms().unwrap_or(f64::NAN);
+                    let winner = name(&config);
                     println!(
-                        "{:<20} {m:>6} {:<44} {default:>10.4} {ms:>10.4} {:>7.2}x  {}",
-                        a.fused,
-                        shape.signature(),
-                        default / ms,
-                        config.kernel_name()
+                        "{kernel:<20} {m:>6} {signature:<44} {default:>10.4} {ms:>10.4} {:>7.2}x  {winner}",
+                        default / ms
                     );
                 }
-                tune::db::Lookup::Ignored(why) => {
-                    println!("{:<20} {m:>6} {:<44}  ignored: {why}", a.fused, shape.signature())
-                }
-                tune::db::Lookup::Missing => println!("{:<20} {m:>6} {:<44}  no entry", a.fused, shape.signature()),
+                tune::db::Lookup::Ignored(why) => println!("{kernel:<20} {m:>6} {signature:<44}  ignored: {why}"),
+                tune::db::Lookup::Missing => println!("{kernel:<20} {m:>6} {signature:<44}  no entry"),
             }
+        }
+        for (g, runs) in &gemms {
+            for &m in runs {
+                let shape = GemmShape::of(g, m);
+                let sha = tune::candidates_sha256(&tune::candidates(&shape, &device.target));
+                let found = db.lookup(&shape.signature(), tune::m_bucket(m), &device, version, &sha);
+                line(
+                    &g.kernel,
+                    m,
+                    &shape.signature(),
+                    found,
+                    |c: &v3c_compiler::conversion::sm90::gemm::GemmConfig| c.kernel_name(),
+                );
+            }
+        }
+        for a in &attention {
+            let shape = &a.shape;
+            let sha = tune::attention::candidates_sha256(&tune::attention::candidates(shape, &device.target));
+            let found = db.lookup(&shape.signature(), shape.bucket(), &device, version, &sha);
+            line(&a.fused, shape.rows(), &shape.signature(), found, |c: &tune::attention::AttentionConfig| {
+                c.kernel_name()
+            });
+        }
+        for r in &rows {
+            let shape = &r.shape;
+            let sha = tune::rows::candidates_sha256(&tune::rows::candidates(shape, &device.target));
+            let found = db.lookup(&shape.signature(), shape.bucket(), &device, version, &sha);
+            line(
+                &r.name,
+                shape.rows,
+                &shape.signature(),
+                found,
+                |k: &v3c_compiler::conversion::sm90::rows::RowKernel| k.kernel_name(),
+            );
         }
         return Ok(());
     }
@@ -1568,7 +1640,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     if dir.exists() {
         return Err(format!("{}: already exists (candidates are written into a new directory)", dir.display()));
     }
-    let (gemms, attention) = model_problems(o.model, o.precision)?;
+    let ModelProblems { gemms, attention, rows } = model_problems(o.model, o.precision)?;
     // Distinct problems: several kernels of the model may share a signature.
     let mut problems: Vec<(GemmShape, Vec<String>)> = Vec::new();
     for (g, runs) in &gemms {
@@ -1592,7 +1664,8 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     let attention_ranked: Vec<Vec<tune::attention::AttentionEstimate>> =
         attention.iter().map(|a| tune::attention::rank(&a.shape, &device)).collect();
     let total: usize = ranked.iter().map(|r| r.len().min(o.top * 2)).sum::<usize>()
-        + attention_ranked.iter().map(|r| r.len().min(o.top)).sum::<usize>();
+        + attention_ranked.iter().map(|r| r.len().min(o.top)).sum::<usize>()
+        + rows.len() * o.top;
     let bar = indicatif::ProgressBar::new(total as u64).with_style(
         indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} candidates {msg}")
             .map_err(|e| e.to_string())?
@@ -1740,6 +1813,54 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
             "candidates": survivors,
         }));
     }
+    // The reductions: each block width the cost model ranks in its `top`, spilling ones dropped.
+    for r in &rows {
+        let context = v3c_compiler::mlir::new_context();
+        let mut survivors = Vec::new();
+        for e in tune::rows::rank(&r.shape, &device).iter().take(o.top) {
+            let name = e.kernel.kernel_name();
+            bar.set_message(name.clone());
+            let mut k = v3c_compiler::conversion::sm90::compile_rows(&context, &e.kernel, &device.target)
+                .map_err(|err| err.to_string())?;
+            if let Some(p) = &ptxas {
+                k.assemble(&device.target, p).map_err(|err| err.to_string())?;
+            }
+            bar.inc(1);
+            if k.resources.as_ref().is_some_and(|r| r.spill_stores_bytes + r.spill_loads_bytes > 0) {
+                continue;
+            }
+            let path = staging.path().join("kernels").join(format!("{name}.ptx"));
+            std::fs::write(&path, &k.ptx).map_err(|err| format!("{}: {err}", path.display()))?;
+            survivors.push(serde_json::json!({
+                "name": name,
+                "threads": k.threads,
+                "dynamic_shared_memory_bytes": k.shared_memory_bytes,
+                "registers": k.resources.as_ref().map(|r| r.registers),
+                "estimate_us": e.micros,
+            }));
+        }
+        let Some(default) = survivors.first().map(|c| c["name"].clone()) else {
+            return Err(format!("{}: no candidate assembles without spills", r.shape.signature()));
+        };
+        let operands: Vec<serde_json::Value> = r
+            .shape
+            .operands()
+            .into_iter()
+            .map(|(name, shape, element, output)| {
+                serde_json::json!({ "name": name, "shape": shape, "element": element, "output": output })
+            })
+            .collect();
+        problem_json.push(serde_json::json!({
+            "kernel": r.shape.signature(),
+            "model_kernels": [r.name],
+            "m": r.shape.rows,
+            "m_bucket": r.shape.bucket(),
+            "rows": { "operands": operands },
+            "candidates_sha256": tune::rows::candidates_sha256(&tune::rows::candidates(&r.shape, &device.target)),
+            "default": default,
+            "candidates": survivors,
+        }));
+    }
     bar.finish_and_clear();
     let manifest = serde_json::json!({
         "format_version": 1,
@@ -1757,12 +1878,13 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     let staged = staging.keep();
     std::fs::rename(&staged, dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     eprintln!(
-        "wrote {}: {} problems ({} attention), {n_kernels} candidate kernels (PTX{}); measure them on a {} with \
+        "wrote {}: {} problems ({} attention, {} reductions), {n_kernels} candidate kernels (PTX{}); measure them on a {} with \
          `v3r tune {} --out tuning.json` (or benches/device/tune_check.py), then `v3c compile --tuning \
          tuning.json`",
         dir.display(),
-        problems.len() + attention.len(),
+        problems.len() + attention.len() + rows.len(),
         attention.len(),
+        rows.len(),
         if ptxas.is_some() { ", spilling ones dropped by ptxas" } else { "; no ptxas here: spills unchecked" },
         device.name,
         dir.display()

@@ -265,9 +265,10 @@ fn measure(
     flush: &DeviceBuffer,
     report: &mut dyn FnMut(&str),
 ) -> Result<Measured, String> {
-    let bench: Box<dyn Bench> = match problem.attention {
-        Some(a) => Box::new(AttentionBench::new(problem, a, seed, sms)?),
-        None => Box::new(GemmBench::new(problem, seed, sms)?),
+    let bench: Box<dyn Bench> = match (problem.attention, &problem.rows) {
+        (Some(a), _) => Box::new(AttentionBench::new(problem, a, seed, sms)?),
+        (None, Some(r)) => Box::new(RowBench::new(r, seed)?),
+        (None, None) => Box::new(GemmBench::new(problem, seed, sms)?),
     };
     measure_candidates(dir, problem, bench.as_ref(), reps, sms, stream, flush, report)
 }
@@ -925,6 +926,122 @@ impl Bench for AttentionBench {
                 format!("{:7.1} TFLOP/s", flops / seconds / 1e12)
             }
         }
+    }
+}
+
+/// A row kernel's operands on the device: made-up inputs (f32 and bf16 in +-1), zeroed outputs;
+/// every width launched as the executor launches a row kernel (a memref per operand, a block per
+/// row). The candidates are checked against the default's outputs only (the template's widths
+/// compute the same row; its CPU lowering is held to the reference interpreter by the tests, its
+/// default kernel to torch by `benches/device/rows_check.py`).
+struct RowBench {
+    problem: crate::tuning::RowProblem,
+    addrs: Vec<u64>,
+    outputs: Vec<Buf>,
+    bytes: usize,
+    _held: Vec<DeviceBuffer>,
+}
+
+/// Bytes of one element of a row kernel operand.
+fn row_element_bytes(element: &str) -> Result<usize, String> {
+    match element {
+        "f32" | "i32" => Ok(4),
+        "bf16" => Ok(2),
+        "i8" => Ok(1),
+        other => Err(format!("a row kernel operand of {other}")),
+    }
+}
+
+impl RowBench {
+    fn new(problem: &crate::tuning::RowProblem, seed: u64) -> Result<RowBench, String> {
+        let mut rand = Rand(0x9E37_79B9_7F4A_7C15 ^ (seed + 1));
+        let (mut held, mut addrs, mut outputs, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for o in &problem.operands {
+            let n: usize = o.shape.iter().product();
+            let size = n * row_element_bytes(&o.element)?;
+            bytes += size;
+            let addr = match (o.output, o.element.as_str()) {
+                (true, _) => {
+                    let d = DeviceBuffer::new(size.max(1), &o.name)?;
+                    let addr = d.ptr;
+                    held.push(d);
+                    addr
+                }
+                (false, "f32") => upload(&bytes_of(&rand.floats(n, -1.0, 1.0)), &o.name, &mut held)?,
+                (false, "bf16") => upload(&rand.operand(n, false), &o.name, &mut held)?,
+                (false, other) => return Err(format!("{}: an input of {other}", o.name)),
+            };
+            if o.output {
+                outputs.push(Buf { addr, shape: o.shape.clone(), element: o.element.clone() });
+            }
+            addrs.push(addr);
+        }
+        Ok(RowBench { problem: problem.clone(), addrs, outputs, bytes, _held: held })
+    }
+}
+
+/// The launch of row-kernel candidate `name` of `problem` over operands at `addrs` (its arguments'
+/// order): a memref per operand, a block per row of the first — what `v3r tune` launches,
+/// checkable without a GPU.
+pub fn row_launch(problem: &crate::tuning::RowProblem, name: &str, addrs: &[u64]) -> Result<KernelLaunch, String> {
+    if addrs.len() != problem.operands.len() {
+        return Err(format!("{name}: {} operand addresses for {} operands", addrs.len(), problem.operands.len()));
+    }
+    let bufs: Vec<Buf> = problem
+        .operands
+        .iter()
+        .zip(addrs)
+        .map(|(o, &addr)| Buf { addr, shape: o.shape.clone(), element: o.element.clone() })
+        .collect();
+    let mut params = Vec::new();
+    for b in &bufs {
+        params.extend(crate::abi::memref(b, b.shape.len()).map_err(|e| format!("{name}: {e}"))?);
+    }
+    let grid = bufs.first().and_then(|b| b.shape.first().copied()).ok_or_else(|| format!("{name}: no rows operand"))?;
+    Ok(KernelLaunch { kernel: name.to_string(), grid, grid_y: 1, params, tensor_maps: Vec::new(), operands: bufs })
+}
+
+impl Bench for RowBench {
+    fn launch(&self, name: &str, _sms: usize) -> Result<KernelLaunch, String> {
+        row_launch(&self.problem, name, &self.addrs)
+    }
+
+    fn clear(&self) -> Result<(), String> {
+        for o in &self.outputs {
+            let size = o.elements() * row_element_bytes(&o.element)?;
+            // SAFETY: our allocation of `size` bytes.
+            unsafe { result::memset_d8_sync(o.addr, 0, size) }.map_err(cuda("zeroing the output"))?;
+        }
+        Ok(())
+    }
+
+    /// The outputs as f32 (e4m3 bytes decoded).
+    fn output(&self) -> Result<Vec<f32>, String> {
+        let mut all = Vec::new();
+        for o in &self.outputs {
+            let n = o.elements();
+            let mut bytes = vec![0u8; n * row_element_bytes(&o.element)?];
+            // SAFETY: the buffer holds these bytes (allocated for them).
+            unsafe { result::memcpy_dtoh_sync(&mut bytes, o.addr) }.map_err(cuda("reading the output"))?;
+            match o.element.as_str() {
+                "i8" => all.extend(bytes.iter().map(|&b| v3c_models::dtype::f8e4m3_to_f32(b))),
+                _ => all.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            }
+        }
+        Ok(all)
+    }
+
+    fn check_default(&self, _got: &[f32], _tolerance: f64) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn tolerance(&self) -> f64 {
+        // Another tree order of the sum of squares may move an e4m3 byte by one step.
+        1e-3
+    }
+
+    fn rate(&self, ms: f64) -> String {
+        format!("{:7.0} GB/s", self.bytes as f64 / (ms * 1e-3) / 1e9)
     }
 }
 

@@ -145,6 +145,9 @@ pub struct Problem {
     /// An attention problem: its candidates share its launch convention (they differ in ring depth).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention: Option<AttentionProblem>,
+    /// A reduction (a row kernel): its candidates share its arguments (they differ in block width).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<RowProblem>,
     pub candidates_sha256: String,
     /// The configuration the cost model picked (the reference every candidate is checked against).
     pub default: String,
@@ -160,6 +163,22 @@ pub enum AttentionProblem {
     Decode { heads: usize, kv: usize, rope: usize, fp8_cache: bool, context: usize, scale: f32 },
     /// Causal prefill ([`crate::abi::MlaPrefillAbi`]) of `m` tokens over as many keys.
     Prefill { heads: usize, qk: usize, v: usize, scale: f32 },
+}
+
+/// A row kernel as `v3r tune` measures it: its arguments in order, at the problem's rows (one block
+/// per row of the first); made-up inputs, zeroed outputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowProblem {
+    pub operands: Vec<RowOperand>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowOperand {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// `f32`, `bf16`, or `i8` (e4m3 bytes).
+    pub element: String,
+    pub output: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,7 +210,8 @@ impl Candidates {
         if c.format_version != 1 {
             return Err(format!("{}: format_version {}, this version reads 1", path.display(), c.format_version));
         }
-        let unknown = |p: &&Problem| p.attention.is_none() && p.candidates.iter().any(|k| k.abi.is_none());
+        let gemm = |p: &&Problem| p.attention.is_none() && p.rows.is_none();
+        let unknown = |p: &&Problem| gemm(p) && p.candidates.iter().any(|k| k.abi.is_none());
         if let Some(p) = c.problems.iter().find(unknown) {
             return Err(format!(
                 "{}: {} has candidates without their launch convention (emitted by an older v3c: emit them again)",

@@ -18,6 +18,7 @@
 
 pub mod attention;
 pub mod db;
+pub mod rows;
 
 use crate::conversion::sm90::gemm::{GemmConfig, GemmGrouping, GemmInput, GemmOutput};
 use crate::conversion::sm90::lower::GemmKernel;
@@ -544,6 +545,11 @@ impl crate::conversion::sm90::Chooser for ModelChooser<'_> {
             attention::AttentionShape::Prefill { tokens, .. } => format!("{tokens} tokens"),
         };
         self.keep(fused, shape.rows(), at, choice)
+    }
+
+    fn rows(&mut self, name: &str, shape: &rows::RowShape) -> Vec<crate::conversion::sm90::rows::RowKernel> {
+        let choice = rows::choose(shape, self.device, self.db);
+        self.keep(name, shape.rows, format!("{} rows", shape.rows), choice)
     }
 }
 

@@ -23,6 +23,7 @@ use melior::Context;
 use crate::target::{self, GpuTarget, KernelResources};
 use crate::toolchain::FoundTool;
 use crate::tune::attention::{AttentionConfig, AttentionShape};
+use crate::tune::rows::RowShape;
 
 /// The passes that lower a `gpu.module` (gpu, nvgpu, nvvm, scf, arith, memref) to LLVM + NVVM.
 pub const LOWER_GPU_MODULE: &str = "builtin.module(gpu.module(convert-nvgpu-to-nvvm, lower-affine, \
@@ -207,6 +208,8 @@ pub trait Chooser {
     fn gemm(&mut self, kernel: &lower::GemmKernel, m: usize) -> Vec<gemm::GemmConfig>;
     /// The attention launch of fused kernel `fused` on `shape`.
     fn attention(&mut self, fused: &str, shape: &AttentionShape) -> Vec<AttentionConfig>;
+    /// The reduction `name` (a fused row kernel, or `<fused>.<step>`) on `shape`.
+    fn rows(&mut self, name: &str, shape: &RowShape) -> Vec<rows::RowKernel>;
 }
 
 /// The kernels of one GEMM for [decode, prefill].
@@ -358,8 +361,12 @@ pub struct ModelKernels {
     pub kernels: Vec<GpuKernel>,
     /// Per fused kernel mapped onto a row kernel: (fused kernel, its launch).
     pub rows: Vec<(String, lower::RowLaunch)>,
+    /// The [decode, prefill] kernels of the row kernels of [`Self::rows`] the tuner widens per
+    /// regime (the reductions, [`crate::tune::rows`]), by fused kernel; the others launch their
+    /// launch's kernel.
+    pub row_regimes: std::collections::HashMap<String, RegimeKernels>,
     /// Per fused kernel lowered to several launches: (fused kernel, its steps, per step its
-    /// [decode, prefill] kernels when it is a GEMM).
+    /// [decode, prefill] kernels when it is a GEMM or a tuned reduction).
     pub compound: Vec<(String, lower::Steps, Vec<Option<RegimeKernels>>)>,
     /// Fused kernels with no sm_90a lowering yet: (name, why).
     pub unsupported: Vec<(String, String)>,
@@ -401,6 +408,38 @@ impl ModelKernels {
         self.kernel_once(k.kernel_name(), target, ptxas, progress, || compile_rows(context, k, target))
     }
 
+    /// The first of `preferences` (kernel names, and how to compile each) that is compiled already
+    /// or compiles (with ptxas: without spilling), compiled once across the model: its index.
+    /// `Err` names `kernel` and `what` when none does.
+    fn first_unspilled(
+        &mut self,
+        kernel: &str,
+        what: &str,
+        preferences: Vec<(String, Box<dyn FnOnce() -> Result<GpuKernel, Sm90Error> + '_>)>,
+        target: &GpuTarget,
+        ptxas: Option<&FoundTool>,
+        progress: &mut impl FnMut(&str),
+    ) -> Result<usize, Sm90Error> {
+        let tried = preferences.len();
+        for (i, (name, compile)) in preferences.into_iter().enumerate() {
+            if self.kernels.iter().any(|k| k.name == name) {
+                return Ok(i);
+            }
+            progress(&name);
+            match unspilled(compile()?, target, ptxas)? {
+                Some(compiled) => {
+                    self.kernels.push(compiled);
+                    return Ok(i);
+                }
+                None => self.spilled.push(name),
+            }
+        }
+        Err(Sm90Error::Config {
+            kernel: kernel.to_string(),
+            problem: format!("{kernel}: none of the {tried} {what}configurations tried assembles without spilling"),
+        })
+    }
+
     /// The kernel of attention launch `step` of fused kernel `fused`: the first of `choose`'s
     /// configurations that compiles (with ptxas: without spilling), compiled once across the model;
     /// the step then names it.
@@ -417,43 +456,40 @@ impl ModelKernels {
     ) -> Result<(), Sm90Error> {
         let Some(shape) = AttentionShape::of_step(step) else { return Ok(()) };
         let preferences = choose.attention(fused, &shape);
-        let mut chosen = None;
-        for config in &preferences {
-            let name = config.kernel_name();
-            if self.kernels.iter().any(|k| k.name == name) {
-                chosen = Some(*config);
-                break;
-            }
-            progress(&name);
-            match unspilled(compile_attention(context, config, target)?, target, ptxas)? {
-                Some(kernel) => {
-                    self.kernels.push(kernel);
-                    chosen = Some(*config);
-                    break;
-                }
-                None => self.spilled.push(name),
-            }
-        }
+        let compiles = preferences
+            .iter()
+            .map(|c| (c.kernel_name(), Box::new(move || compile_attention(context, c, target)) as Box<_>))
+            .collect();
+        let what = format!("{} ", shape.signature());
+        let chosen = preferences[self.first_unspilled(fused, &what, compiles, target, ptxas, progress)?];
         match (step, chosen) {
-            (lower::StepKernel::MlaDecode(a), Some(AttentionConfig::Decode(c))) => a.config = c,
-            (lower::StepKernel::MlaPrefill(a), Some(AttentionConfig::Prefill(c))) => a.config = c,
-            _ => {
-                return Err(Sm90Error::Config {
-                    kernel: fused.to_string(),
-                    problem: format!(
-                        "{fused}: none of the {} {} configurations tried assembles without spilling",
-                        preferences.len(),
-                        shape.signature()
-                    ),
-                })
-            }
+            (lower::StepKernel::MlaDecode(a), AttentionConfig::Decode(c)) => a.config = c,
+            (lower::StepKernel::MlaPrefill(a), AttentionConfig::Prefill(c)) => a.config = c,
+            (_, c) => unreachable!("{fused}: {} for another attention", c.kernel_name()),
         }
         Ok(())
     }
 
-    /// The [decode, prefill] kernels of GEMM `g`: per regime it runs in (`regimes`, [`Regimes`])
-    /// the first of `choose`'s configurations that compiles (with ptxas: without spilling),
-    /// compiled once across the model; a regime it never runs in names the other's kernel.
+    /// [decode, prefill] kernels: `pick(m)` per regime it runs in (`regimes`, [`Regimes`]; none:
+    /// both, as a kernel every entry calls); a regime it never runs in names the other's kernel.
+    fn per_regime(
+        regimes: [bool; 2],
+        mut pick: impl FnMut(usize) -> Result<String, Sm90Error>,
+    ) -> Result<RegimeKernels, Sm90Error> {
+        let regimes = if regimes == [false, false] { [true, true] } else { regimes };
+        let mut picked = Vec::new();
+        for (m, runs) in [crate::tune::DECODE_M, crate::tune::PREFILL_M].into_iter().zip(regimes) {
+            picked.push(if runs { Some(pick(m)?) } else { None });
+        }
+        match &picked[..] {
+            [Some(decode), Some(prefill)] => Ok([decode.clone(), prefill.clone()]),
+            [Some(one), None] | [None, Some(one)] => Ok([one.clone(), one.clone()]),
+            _ => unreachable!("at least one regime"),
+        }
+    }
+
+    /// The [decode, prefill] kernels of GEMM `g`: per regime it runs in the first of `choose`'s
+    /// configurations that compiles (with ptxas: without spilling), compiled once across the model.
     #[allow(clippy::too_many_arguments)]
     fn gemm_kernels(
         &mut self,
@@ -464,48 +500,49 @@ impl ModelKernels {
         choose: &mut dyn Chooser,
         regimes: [bool; 2],
         progress: &mut impl FnMut(&str),
-    ) -> Result<[String; 2], Sm90Error> {
-        let mut picked = Vec::new();
-        // A kernel no entry calls (none here): both, as a kernel every entry calls.
-        let regimes = if regimes == [false, false] { [true, true] } else { regimes };
-        for (m, runs) in [crate::tune::DECODE_M, crate::tune::PREFILL_M].into_iter().zip(regimes) {
-            if !runs {
-                picked.push(None);
-                continue;
-            }
+    ) -> Result<RegimeKernels, Sm90Error> {
+        Self::per_regime(regimes, |m| {
             let preferences = choose.gemm(g, m);
-            let mut chosen = None;
-            for config in &preferences {
-                let name = config.kernel_name();
-                if self.kernels.iter().any(|k| k.name == name) {
-                    chosen = Some(name);
-                    break;
-                }
-                progress(&name);
-                match compile_unspilled(context, config, target, ptxas)? {
-                    Some(kernel) => {
-                        self.kernels.push(kernel);
-                        chosen = Some(name);
-                        break;
-                    }
-                    None => self.spilled.push(name),
-                }
-            }
-            let name = chosen.ok_or_else(|| Sm90Error::Config {
-                kernel: g.kernel.clone(),
-                problem: format!(
-                    "{}: none of the {} configurations tried assembles without spilling",
-                    g.kernel,
-                    preferences.len()
-                ),
-            })?;
-            picked.push(Some(name));
+            let compiles = preferences
+                .iter()
+                .map(|c| (c.kernel_name(), Box::new(move || compile_gemm(context, c, target)) as Box<_>))
+                .collect();
+            let i = self.first_unspilled(&g.kernel, "", compiles, target, ptxas, progress)?;
+            Ok(preferences[i].kernel_name())
+        })
+    }
+
+    /// Row kernel `k` of `name` (a fused kernel, or a step of one): a reduction the tuner widens
+    /// ([`crate::tune::rows`]) gets [decode, prefill] kernels as a GEMM does (`Some`); any other is
+    /// compiled as it is (`None`).
+    #[allow(clippy::too_many_arguments)]
+    fn row_kernels(
+        &mut self,
+        context: &Context,
+        name: &str,
+        k: &rows::RowKernel,
+        target: &GpuTarget,
+        ptxas: Option<&FoundTool>,
+        choose: &mut dyn Chooser,
+        regimes: [bool; 2],
+        progress: &mut impl FnMut(&str),
+    ) -> Result<Option<RegimeKernels>, Sm90Error> {
+        if RowShape::of(k, 1).is_none() {
+            self.row_kernel(context, k, target, ptxas, progress)?;
+            return Ok(None);
         }
-        match &picked[..] {
-            [Some(decode), Some(prefill)] => Ok([decode.clone(), prefill.clone()]),
-            [Some(one), None] | [None, Some(one)] => Ok([one.clone(), one.clone()]),
-            _ => unreachable!("at least one regime"),
-        }
+        Self::per_regime(regimes, |m| {
+            let shape = RowShape::of(k, m).expect("a tuned row kernel");
+            let preferences = choose.rows(name, &shape);
+            let compiles = preferences
+                .iter()
+                .map(|r| (r.kernel_name(), Box::new(move || compile_rows(context, r, target)) as Box<_>))
+                .collect();
+            let what = format!("{} ", shape.signature());
+            let i = self.first_unspilled(name, &what, compiles, target, ptxas, progress)?;
+            Ok(preferences[i].kernel_name())
+        })
+        .map(Some)
     }
 }
 
@@ -536,22 +573,25 @@ pub fn compile_model(
         let fused = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
         let tensor_core_attention = tensor_core_attention(&f, attention, caches);
         let row = row_launch(&f, caches);
+        let runs = regimes.get(&fused).copied().unwrap_or_default();
         if let (Ok(launch), None) = (&row, &tensor_core_attention) {
             let launch = launch.clone();
-            out.row_kernel(context, &launch.kernel, target, ptxas, &mut progress)?;
+            let tuned = out.row_kernels(context, &fused, &launch.kernel, target, ptxas, choose, runs, &mut progress)?;
+            if let Some(kernels) = tuned {
+                out.row_regimes.insert(fused.clone(), kernels);
+            }
             out.rows.push((fused, launch));
             continue;
         }
         if let Some(mut steps) = tensor_core_attention.or_else(|| lower::steps_of_kernel(&f).ok()) {
             let mut picked = Vec::new();
-            for step in &mut steps.steps {
+            for (i, step) in steps.steps.iter_mut().enumerate() {
                 match &step.kernel {
                     lower::StepKernel::Row(k) => {
-                        out.row_kernel(context, k, target, ptxas, &mut progress)?;
-                        picked.push(None);
+                        let name = format!("{fused}.{i}");
+                        picked.push(out.row_kernels(context, &name, k, target, ptxas, choose, runs, &mut progress)?);
                     }
                     lower::StepKernel::Gemm(g) => {
-                        let runs = regimes.get(&fused).copied().unwrap_or_default();
                         picked.push(Some(out.gemm_kernels(context, g, target, ptxas, choose, runs, &mut progress)?))
                     }
                     lower::StepKernel::MlaPrefill(_) | lower::StepKernel::MlaDecode(_) => {
@@ -565,7 +605,6 @@ pub fn compile_model(
         }
         match lower::gemm_of_kernel(&f) {
             Ok(g) => {
-                let runs = regimes.get(&fused).copied().unwrap_or_default();
                 let [decode, prefill] = out.gemm_kernels(context, &g, target, ptxas, choose, runs, &mut progress)?;
                 out.gemms.push((g, [decode, prefill]));
             }

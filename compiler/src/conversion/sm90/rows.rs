@@ -825,6 +825,17 @@ impl RowKernel {
         self.shared().iter().map(|(_, n)| 4 * n).sum()
     }
 
+    /// Why this kernel cannot be generated for `target`, if it cannot: its own checks (the shared
+    /// arrays within the static limit among them) and its block width.
+    pub fn validate(&self, target: &crate::target::GpuTarget) -> Result<(), String> {
+        self.check()?;
+        if self.threads > target.max_threads_per_block as usize {
+            let (name, most) = (self.kernel_name(), target.max_threads_per_block);
+            return Err(format!("{name}: {} threads, {} takes {most}", self.threads, target.name));
+        }
+        Ok(())
+    }
+
     /// Why this kernel cannot be generated, if it cannot.
     fn check(&self) -> Result<(), String> {
         let name = self.kernel_name();
@@ -2990,6 +3001,23 @@ mod tests {
         for (d, threads) in [(512, Some(32)), (200, None), (1000, Some(64)), (77, Some(128))] {
             check_rms_norm(5, d, "f32", true, false, threads);
             check_rms_norm(2, d, "bf16", false, true, threads);
+        }
+    }
+
+    /// Every block width the tuner may pick for DeepSeek-V3's norms (`crate::tune::rows`) computes
+    /// the reference's rows.
+    #[test]
+    fn every_tuned_width_of_the_models_norms_matches_the_reference() {
+        let h200 = crate::target::DeviceModel::by_name("H200").unwrap();
+        for (d, keep) in [(7168, true), (1536, false)] {
+            let kernel = RowKernel::new(RowOp::RmsNorm { eps: 1e-6, keep, quantize: true }, d, "bf16");
+            let shape = crate::tune::rows::RowShape::of(&kernel, 64).unwrap();
+            let widths: Vec<usize> =
+                crate::tune::rows::candidates(&shape, &h200.target).iter().map(|k| k.threads).collect();
+            assert_eq!(widths, [32, 64, 128, 256, 512, 1024]);
+            for t in widths {
+                check_rms_norm(2, d, "bf16", keep, true, Some(t));
+            }
         }
     }
 

@@ -1,0 +1,296 @@
+//! Autotuning of the reductions: the RMSNorm row kernels' block width
+//! ([`crate::conversion::sm90::rows`]: one block per row, a tree over the threads' partial sums).
+//!
+//! The template's one free field is `threads` (a power of two from 32 to 1024; every phase strides
+//! its columns over the block, so any width computes the same row — the sum of squares in another
+//! tree order). The space is every width up to the row's columns that fits ([`candidates`]); the
+//! template's own pick (`RowKernel::new`: 8 columns a thread, at most 256) is the default.
+//!
+//! The cost model ([`estimate`]) follows Little's law rather than bandwidth alone: a thread keeps
+//! one global load in flight per loop iteration, so a phase that streams the row from DRAM takes
+//! `ceil(d / threads)` load latencies; the shared-memory phases a shared access each per column a
+//! thread takes; the tree `log2(threads)` barriers. Blocks per SM come from threads, shared memory
+//! (the row is staged there) and the 32-block limit; waves of blocks against the DRAM time of the
+//! bytes every row moves. (The template's loops keep one load in flight a thread: ptxas's PTX for
+//! `rows_rmsnorm_bf16_d7168_t256_*` has a single `ld.global` in its first loop, its use right
+//! after.) Decode's few rows (one block each, on few SMs) favour the widest blocks; prefill's many
+//! rows are bound by the loads an SM's 2048 threads keep in flight, which widths whose blocks fill
+//! them (shared memory allowing) reach. Its figures rank; the database's measured timings win over
+//! it.
+
+use super::db::{self, DbLookup as _, Tunable};
+use super::{m_bucket, Choice};
+use crate::conversion::sm90::rows::{RowKernel, RowOp, GROUP};
+use crate::target::{DeviceModel, GpuTarget};
+
+/// A reduction problem: a row kernel over `rows` rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowShape {
+    /// The kernel at the template's own width.
+    pub kernel: RowKernel,
+    pub rows: usize,
+}
+
+impl RowShape {
+    /// `kernel` over `rows` rows, if its template is tuned (RMSNorm, with its f32 and e4m3 outputs).
+    pub fn of(kernel: &RowKernel, rows: usize) -> Option<RowShape> {
+        matches!(kernel.op, RowOp::RmsNorm { .. }).then(|| RowShape { kernel: kernel.clone(), rows })
+    }
+
+    /// What the tuning database keys it by (with [`Self::bucket`]): the kernel's name without its
+    /// width (`rows_rmsnorm_bf16_d7168_eps1em6_y_q`).
+    pub fn signature(&self) -> String {
+        let name = self.kernel.kernel_name();
+        name.replacen(&format!("_t{}", self.kernel.threads), "", 1)
+    }
+
+    pub fn bucket(&self) -> usize {
+        m_bucket(self.rows)
+    }
+
+    /// Its kernel's arguments at its rows, as `v3r tune` makes them: (name, shape, element,
+    /// whether the kernel writes it). RMSNorm: `x [rows, d]`, `w [d]`, then `y [rows, d]`, `q [rows,
+    /// d]` (e4m3 bytes, `i8`) and `scale [rows, d / 128]`.
+    pub fn operands(&self) -> Vec<(&'static str, Vec<usize>, String, bool)> {
+        let (rows, d) = (self.rows, self.kernel.d);
+        self.kernel
+            .arguments()
+            .into_iter()
+            .map(|(name, ty)| {
+                let element = ty.trim_end_matches('>').rsplit('x').next().unwrap_or_default().to_string();
+                let shape = match name {
+                    "w" => vec![d],
+                    "scale" => vec![rows, d.div_ceil(GROUP)],
+                    _ => vec![rows, d],
+                };
+                (name, shape, element, !matches!(name, "x" | "w"))
+            })
+            .collect()
+    }
+
+    /// Its kernel `threads` wide.
+    pub fn with_threads(&self, threads: usize) -> RowKernel {
+        RowKernel { threads, ..self.kernel.clone() }
+    }
+}
+
+impl Tunable for RowKernel {
+    fn from_name(name: &str) -> Option<RowKernel> {
+        RowKernel::from_name(name)
+    }
+
+    fn validate(&self, target: &GpuTarget) -> Result<(), String> {
+        self.validate(target)
+    }
+}
+
+/// Every width of `shape`'s kernel that fits `target`, up to one thread per column.
+pub fn candidates(shape: &RowShape, target: &GpuTarget) -> Vec<RowKernel> {
+    let most = shape.kernel.d.next_power_of_two().max(32);
+    (5..=10)
+        .map(|p| 1usize << p)
+        .filter(|&t| t <= most)
+        .map(|t| shape.with_threads(t))
+        .filter(|k| k.validate(target).is_ok())
+        .collect()
+}
+
+/// The cost model's view of one width on one shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowEstimate {
+    pub kernel: RowKernel,
+    /// Blocks resident per SM, and waves of the rows' blocks.
+    pub per_sm: usize,
+    pub waves: usize,
+    /// Microseconds of one block (one row).
+    pub block_us: f64,
+    pub micros: f64,
+    /// `latency` (the blocks' chains) or `memory` (DRAM).
+    pub bound: &'static str,
+}
+
+/// Fixed cost of a launch (as the GEMM model's), a dependent DRAM access, a shared-memory access,
+/// a block barrier, in microseconds.
+const LAUNCH_US: f64 = 4.0;
+const DRAM_LATENCY_US: f64 = 0.6;
+const SHARED_US: f64 = 0.02;
+const BARRIER_US: f64 = 0.05;
+
+/// The cost model (see the module doc) for `kernel` on `shape` on `device`.
+pub fn estimate(shape: &RowShape, kernel: &RowKernel, device: &DeviceModel) -> RowEstimate {
+    let sms = device.sm_count as usize;
+    let (d, t) = (kernel.d, kernel.threads);
+    let smem = kernel.shared_memory_bytes() + 1024;
+    let per_sm = (2048 / t).min(32).min(device.target.shared_memory_per_sm as usize / smem).max(1);
+    let slots = sms * per_sm;
+    let waves = shape.rows.div_ceil(slots).max(1);
+    let per_thread = d.div_ceil(t) as f64;
+    let RowOp::RmsNorm { keep, quantize, .. } = kernel.op else { unreachable!("only RMSNorm is tuned (RowShape::of)") };
+    // Phase 1 streams the row from DRAM; the normalization reads it back from shared memory and
+    // writes the outputs (stores do not wait); quantized, the |max| per group and the bytes.
+    let mut block_us = per_thread * DRAM_LATENCY_US + per_thread * SHARED_US;
+    let mut barriers = t.trailing_zeros() as f64 + 2.0;
+    if quantize {
+        let groups = d.div_ceil(GROUP);
+        block_us += (groups * 4).div_ceil(t) as f64 * (GROUP / 4) as f64 * SHARED_US + per_thread * SHARED_US;
+        barriers += 3.0;
+    }
+    block_us += barriers * BARRIER_US;
+    // The row in f32, the weight (from L2 after the first rows), the outputs.
+    let mut row_bytes = 4 * d;
+    if keep {
+        row_bytes += 4 * d;
+    }
+    if quantize {
+        row_bytes += d + 4 * d.div_ceil(GROUP);
+    }
+    let memory = (shape.rows * row_bytes) as f64 / (device.dram_tbps * 1e6);
+    let latency = waves as f64 * block_us;
+    RowEstimate {
+        kernel: kernel.clone(),
+        per_sm,
+        waves,
+        block_us,
+        micros: latency.max(memory) + LAUNCH_US,
+        bound: if latency >= memory { "latency" } else { "memory" },
+    }
+}
+
+/// The candidates ranked by the cost model, fastest first (ties: the width nearest the template's
+/// own, then the narrower).
+pub fn rank(shape: &RowShape, device: &DeviceModel) -> Vec<RowEstimate> {
+    let mut all: Vec<RowEstimate> =
+        candidates(shape, &device.target).iter().map(|k| estimate(shape, k, device)).collect();
+    let default = shape.kernel.threads.trailing_zeros() as i32;
+    let distance = |e: &RowEstimate| (e.kernel.threads.trailing_zeros() as i32 - default).abs();
+    all.sort_by(|a, b| {
+        a.micros
+            .total_cmp(&b.micros)
+            .then_with(|| distance(a).cmp(&distance(b)))
+            .then_with(|| a.kernel.threads.cmp(&b.kernel.threads))
+    });
+    all
+}
+
+/// The candidate set's checksum (see [`super::candidates_sha256`]).
+pub fn candidates_sha256(kernels: &[RowKernel]) -> String {
+    let mut names: Vec<String> = kernels.iter().map(RowKernel::kernel_name).collect();
+    names.sort();
+    v3c_runtime::artifact::sha256_hex(names.join("\n").as_bytes())
+}
+
+/// Widths to try for `shape` on `device`, best first: a measured database entry when one applies,
+/// then the cost model's order.
+pub fn choose(shape: &RowShape, device: &DeviceModel, db: Option<&db::TuningDb>) -> Choice<RowKernel> {
+    let ranked = rank(shape, device);
+    let mut preferences: Vec<RowKernel> = ranked.iter().map(|e| e.kernel.clone()).collect();
+    let model = ranked.first().map_or_else(
+        || "cost model: no candidate".to_string(),
+        |e| format!("cost model: {:.1} us est., {}-bound", e.micros, e.bound),
+    );
+    let Some(db) = db else { return Choice { preferences, source: model, ignored: None } };
+    let sha = candidates_sha256(&candidates(shape, &device.target));
+    match db.lookup::<RowKernel>(&shape.signature(), shape.bucket(), device, env!("CARGO_PKG_VERSION"), &sha) {
+        db::Lookup::Tuned { config, .. } if config != shape.with_threads(config.threads) => {
+            let why = format!("its winner {} does not implement {}", config.kernel_name(), shape.signature());
+            Choice { preferences, source: model, ignored: Some(why) }
+        }
+        db::Lookup::Tuned { config, entry } => {
+            let (_, ms) = entry.winner().expect("a tuned entry has a winner");
+            let default = entry.default_ms().map_or(String::new(), |d| format!(", default {d:.4} ms"));
+            preferences.retain(|k| *k != config);
+            preferences.insert(0, config);
+            let source =
+                format!("tuning database: {ms:.4} ms measured on {} at {}{default}", entry.gpu, entry.measured_at);
+            Choice { preferences, source, ignored: None }
+        }
+        db::Lookup::Ignored(why) => Choice { preferences, source: model, ignored: Some(why) },
+        db::Lookup::Missing => {
+            Choice { preferences, source: format!("{model} (no tuning database entry)"), ignored: None }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(d: usize, quantize: bool, rows: usize) -> RowShape {
+        let op = RowOp::RmsNorm { eps: 1e-6, keep: true, quantize };
+        RowShape::of(&RowKernel::new(op, d, "bf16"), rows).unwrap()
+    }
+
+    #[test]
+    fn the_space_is_every_width_up_to_the_columns() {
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let s = norm(7168, true, 64);
+        assert_eq!(s.kernel.threads, 256, "the template's own");
+        assert_eq!(s.signature(), "rows_rmsnorm_bf16_d7168_eps1em6_y_q");
+        let widths: Vec<usize> = candidates(&s, &h200.target).iter().map(|k| k.threads).collect();
+        assert_eq!(widths, [32, 64, 128, 256, 512, 1024]);
+        let narrow = norm(64, false, 64);
+        assert_eq!(candidates(&narrow, &h200.target).iter().map(|k| k.threads).collect::<Vec<_>>(), [32, 64]);
+        for k in candidates(&s, &h200.target) {
+            assert_eq!(<RowKernel as Tunable>::from_name(&k.kernel_name()), Some(k));
+        }
+        let all = s.operands();
+        let operands: Vec<(&str, Vec<usize>, &str, bool)> =
+            all.iter().map(|(n, shape, e, out)| (*n, shape.clone(), e.as_str(), *out)).collect();
+        assert_eq!(
+            operands,
+            [
+                ("x", vec![64, 7168], "f32", false),
+                ("w", vec![7168], "bf16", false),
+                ("y", vec![64, 7168], "f32", true),
+                ("q", vec![64, 7168], "i8", true),
+                ("scale", vec![64, 56], "f32", true),
+            ]
+        );
+        let embed = RowKernel::new(RowOp::Embed, 7168, "bf16");
+        assert_eq!(RowShape::of(&embed, 64), None, "only RMSNorm is tuned");
+    }
+
+    #[test]
+    fn decode_takes_the_widest_blocks_and_prefill_fills_the_sms() {
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let decode = rank(&norm(7168, true, 64), &h200);
+        assert_eq!(decode[0].kernel.threads, 1024, "{decode:?}");
+        assert_eq!((decode[0].waves, decode[0].bound), (1, "latency"));
+        let t256 = decode.iter().find(|e| e.kernel.threads == 256).unwrap();
+        assert!(t256.micros > 2.0 * decode[0].micros, "{t256:?}");
+        // Prefill: four blocks of 512 threads fill an SM's 2048 (seven of 256 fit its shared
+        // memory: 1792), still short of the loads in flight DRAM's bandwidth needs.
+        let prefill = rank(&norm(7168, true, 4096), &h200);
+        assert_eq!((prefill[0].kernel.threads, prefill[0].per_sm, prefill[0].bound), (512, 4, "latency"));
+        let t256 = prefill.iter().find(|e| e.kernel.threads == 256).unwrap();
+        assert_eq!(t256.per_sm, 7, "{t256:?}");
+        assert_eq!(rank(&norm(7168, true, 4096), &h200), prefill, "deterministic");
+    }
+
+    #[test]
+    fn a_measured_width_comes_first() {
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let s = norm(1536, true, 64);
+        let winner = s.with_threads(128).kernel_name();
+        let mut db = db::TuningDb::new();
+        db.insert(db::DbEntry {
+            compiler_version: env!("CARGO_PKG_VERSION").into(),
+            gpu: "H200".into(),
+            compute_capability: (9, 0),
+            kernel: s.signature(),
+            m_bucket: 64,
+            candidates_sha256: candidates_sha256(&candidates(&s, &h200.target)),
+            default_config: s.kernel.kernel_name(),
+            timings: vec![(s.kernel.kernel_name(), 0.004), (winner.clone(), 0.003)],
+            rejected: vec![],
+            measured_at: "now".into(),
+            measured_on: "test".into(),
+        });
+        let choice = choose(&s, &h200, Some(&db));
+        assert_eq!(choice.preferences[0].kernel_name(), winner);
+        assert!(choice.source.starts_with("tuning database: 0.0030 ms"), "{}", choice.source);
+        // Another norm's entry does not apply.
+        let other = norm(7168, true, 64);
+        assert!(choose(&other, &h200, Some(&db)).source.ends_with("(no tuning database entry)"));
+    }
+}
