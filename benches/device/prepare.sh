@@ -27,8 +27,8 @@ for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_6
     | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/gemm/$k.ptx"
   grep -q "\.entry $k(" ".device/gemm/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }
 done
-# Row kernels: the four the full model's fp8 graph maps (embedding, the norms with their quantization),
-# then ragged forms (a width that is no multiple of 128 or of the block, f32 weights, a small block), then
+# Row kernels: the four the full model's fp8 graph maps (embedding, the norms with their quantization; the
+# widths the cost model picks for decode and prefill too), then ragged forms (a width that is no multiple of 128 or of the block, f32 weights, a small block), then
 # MLA's latent-cache rows (decode write, prefill append; interleaved and half-split rope; f32, bf16 and fp8
 # caches), then the row steps of the multi-launch lowerings (MLA's query split + RoPE; SwiGLU, quantized and
 # f32), greedy sampling's argmax over the vocabulary; MLA attention (decode, prefill), and decode with a 16-key capacity
@@ -36,6 +36,8 @@ done
 rm -rf .device/rows && mkdir -p .device/rows
 for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q \
   rows_rmsnorm_bf16_d7168_t256_eps1em6_y rows_rmsnorm_bf16_d1536_t256_eps1em6_y_q rows_rmsnorm_f32_d1000_t64_eps1em5_y_q \
+  rows_rmsnorm_bf16_d7168_t1024_eps1em6_y_q rows_rmsnorm_bf16_d7168_t512_eps1em6_y_q rows_rmsnorm_bf16_d1536_t1024_eps1em6_q \
+  rows_rmsnorm_bf16_d1536_t128_eps1em6_q \
   rows_rmsnorm_bf16_d512_t32_eps1em6_y rows_latent_bf16_d512_r64_t64_eps1em6_il_write \
   rows_latent_bf16_d512_r64_t64_eps1em6_il_append rows_latent_f32_d512_r64_t64_eps1em6_write \
   rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16 rows_latent_bf16_d512_r64_t64_eps1em6_il_appendbf16 \
