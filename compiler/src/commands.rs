@@ -1762,31 +1762,35 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
         }));
     }
     // The attention kernels: each ring depth the cost model ranks in its `top`, spilling ones dropped.
-    for (a, estimates) in attention.iter().zip(&attention_ranked) {
-        let context = v3c_compiler::mlir::new_context();
-        let mut survivors = Vec::new();
-        for e in estimates.iter().take(o.top) {
-            let name = e.config.kernel_name();
-            bar.set_message(name.clone());
-            let mut k = v3c_compiler::conversion::sm90::compile_attention(&context, &e.config, &device.target)
-                .map_err(|err| err.to_string())?;
+    // A candidate compiled (with ptxas: assembled) into the staging directory; None: it spills.
+    let emit =
+        |kernel: Result<v3c_compiler::conversion::sm90::GpuKernel, _>, extra: serde_json::Value| -> Result<_, String> {
+            let mut k = kernel.map_err(|err: v3c_compiler::conversion::sm90::Sm90Error| err.to_string())?;
+            bar.set_message(k.name.clone());
             if let Some(p) = &ptxas {
                 k.assemble(&device.target, p).map_err(|err| err.to_string())?;
             }
             bar.inc(1);
             if k.resources.as_ref().is_some_and(|r| r.spill_stores_bytes + r.spill_loads_bytes > 0) {
-                continue;
+                return Ok(None);
             }
-            let path = staging.path().join("kernels").join(format!("{name}.ptx"));
+            let path = staging.path().join("kernels").join(format!("{}.ptx", k.name));
             std::fs::write(&path, &k.ptx).map_err(|err| format!("{}: {err}", path.display()))?;
-            survivors.push(serde_json::json!({
-                "name": name,
+            let mut entry = serde_json::json!({
+                "name": k.name,
                 "threads": k.threads,
                 "dynamic_shared_memory_bytes": k.shared_memory_bytes,
                 "registers": k.resources.as_ref().map(|r| r.registers),
-                "estimate_us": e.micros,
-                "splits": e.splits,
-            }));
+            });
+            entry.as_object_mut().expect("an object").extend(extra.as_object().cloned().unwrap_or_default());
+            Ok(Some(entry))
+        };
+    for (a, estimates) in attention.iter().zip(&attention_ranked) {
+        let context = v3c_compiler::mlir::new_context();
+        let mut survivors = Vec::new();
+        for e in estimates.iter().take(o.top) {
+            let kernel = v3c_compiler::conversion::sm90::compile_attention(&context, &e.config, &device.target);
+            survivors.extend(emit(kernel, serde_json::json!({ "estimate_us": e.micros, "splits": e.splits }))?);
         }
         let Some(default) = survivors.first().map(|c| c["name"].clone()) else {
             return Err(format!("{}: no candidate assembles without spills", a.shape.signature()));
@@ -1818,26 +1822,8 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
         let context = v3c_compiler::mlir::new_context();
         let mut survivors = Vec::new();
         for e in tune::rows::rank(&r.shape, &device).iter().take(o.top) {
-            let name = e.kernel.kernel_name();
-            bar.set_message(name.clone());
-            let mut k = v3c_compiler::conversion::sm90::compile_rows(&context, &e.kernel, &device.target)
-                .map_err(|err| err.to_string())?;
-            if let Some(p) = &ptxas {
-                k.assemble(&device.target, p).map_err(|err| err.to_string())?;
-            }
-            bar.inc(1);
-            if k.resources.as_ref().is_some_and(|r| r.spill_stores_bytes + r.spill_loads_bytes > 0) {
-                continue;
-            }
-            let path = staging.path().join("kernels").join(format!("{name}.ptx"));
-            std::fs::write(&path, &k.ptx).map_err(|err| format!("{}: {err}", path.display()))?;
-            survivors.push(serde_json::json!({
-                "name": name,
-                "threads": k.threads,
-                "dynamic_shared_memory_bytes": k.shared_memory_bytes,
-                "registers": k.resources.as_ref().map(|r| r.registers),
-                "estimate_us": e.micros,
-            }));
+            let kernel = v3c_compiler::conversion::sm90::compile_rows(&context, &e.kernel, &device.target);
+            survivors.extend(emit(kernel, serde_json::json!({ "estimate_us": e.micros }))?);
         }
         let Some(default) = survivors.first().map(|c| c["name"].clone()) else {
             return Err(format!("{}: no candidate assembles without spills", r.shape.signature()));

@@ -458,21 +458,47 @@ pub const COMPILE_TRIES: usize = 8;
 pub fn choose(kernel: &GemmKernel, m: usize, device: &DeviceModel, db: Option<&db::TuningDb>) -> Choice {
     let shape = GemmShape::of(kernel, m);
     let ranked = rank(&shape, device);
-    let mut preferences: Vec<GemmConfig> = ranked.iter().take(COMPILE_TRIES).map(|e| e.config).collect();
+    let preferences: Vec<GemmConfig> = ranked.iter().take(COMPILE_TRIES).map(|e| e.config).collect();
     let model = ranked.first().map_or_else(
         || "cost model: no candidate".to_string(),
         |e| format!("cost model: {:.1} us est., {:.0} TFLOP/s, {}-bound", e.micros, e.tflops, e.bound),
     );
+    let implements = |config: &GemmConfig| {
+        (config.input, config.output, config.residual) == (shape.input, shape.output, shape.residual)
+            && config.grouping == shape.grouped.map_or(GemmGrouping::Dense, |g| g.grouping)
+            && config.b_row_scales == shape.b_row_scales()
+            && shape.grouped.is_none_or(|g| (config.row_scale, config.scatter) == (g.row_scale, g.scatter))
+    };
+    let problem = Problem { signature: shape.signature(), bucket: m_bucket(m), device };
+    let sha = || candidates_sha256(&candidates(&shape, &device.target));
+    decide(preferences, model, db, &problem, sha, implements, GemmConfig::kernel_name)
+}
+
+/// What a tunable kernel is looked up by: its signature, the bucket of its dynamic dim, the device.
+pub struct Problem<'a> {
+    pub signature: String,
+    pub bucket: usize,
+    pub device: &'a DeviceModel,
+}
+
+/// The choice for `problem` given the cost model's `preferences` (best first) and its `model` line:
+/// a database entry that applies puts its measured winner first (`sha`: the candidate set's
+/// checksum; a winner that does not `implement` the problem is passed over, named by `name`); else
+/// the cost model's order, with why no entry applied.
+pub fn decide<C: db::Tunable + PartialEq>(
+    mut preferences: Vec<C>,
+    model: String,
+    db: Option<&db::TuningDb>,
+    problem: &Problem<'_>,
+    sha: impl FnOnce() -> String,
+    implements: impl Fn(&C) -> bool,
+    name: fn(&C) -> String,
+) -> Choice<C> {
     let Some(db) = db else { return Choice { preferences, source: model, ignored: None } };
-    let sha = candidates_sha256(&candidates(&shape, &device.target));
-    match db.lookup::<GemmConfig>(&shape.signature(), m_bucket(m), device, env!("CARGO_PKG_VERSION"), &sha) {
-        db::Lookup::Tuned { config, .. }
-            if (config.input, config.output, config.residual) != (shape.input, shape.output, shape.residual)
-                || config.grouping != shape.grouped.map_or(GemmGrouping::Dense, |g| g.grouping)
-                || config.b_row_scales != shape.b_row_scales()
-                || shape.grouped.is_some_and(|g| (config.row_scale, config.scatter) != (g.row_scale, g.scatter)) =>
-        {
-            let why = format!("its winner {} does not implement {}", config.kernel_name(), shape.signature());
+    let (signature, version) = (&problem.signature, env!("CARGO_PKG_VERSION"));
+    match db.lookup::<C>(signature, problem.bucket, problem.device, version, &sha()) {
+        db::Lookup::Tuned { config, .. } if !implements(&config) => {
+            let why = format!("its winner {} does not implement {signature}", name(&config));
             Choice { preferences, source: model, ignored: Some(why) }
         }
         db::Lookup::Tuned { config, entry } => {

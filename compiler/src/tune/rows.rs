@@ -18,7 +18,7 @@
 //! them (shared memory allowing) reach. Its figures rank; the database's measured timings win over
 //! it.
 
-use super::db::{self, DbLookup as _, Tunable};
+use super::db::{self, Tunable};
 use super::{m_bucket, Choice};
 use crate::conversion::sm90::rows::{RowKernel, RowOp, GROUP};
 use crate::target::{DeviceModel, GpuTarget};
@@ -183,32 +183,15 @@ pub fn candidates_sha256(kernels: &[RowKernel]) -> String {
 /// then the cost model's order.
 pub fn choose(shape: &RowShape, device: &DeviceModel, db: Option<&db::TuningDb>) -> Choice<RowKernel> {
     let ranked = rank(shape, device);
-    let mut preferences: Vec<RowKernel> = ranked.iter().map(|e| e.kernel.clone()).collect();
+    let preferences: Vec<RowKernel> = ranked.iter().map(|e| e.kernel.clone()).collect();
     let model = ranked.first().map_or_else(
         || "cost model: no candidate".to_string(),
         |e| format!("cost model: {:.1} us est., {}-bound", e.micros, e.bound),
     );
-    let Some(db) = db else { return Choice { preferences, source: model, ignored: None } };
-    let sha = candidates_sha256(&candidates(shape, &device.target));
-    match db.lookup::<RowKernel>(&shape.signature(), shape.bucket(), device, env!("CARGO_PKG_VERSION"), &sha) {
-        db::Lookup::Tuned { config, .. } if config != shape.with_threads(config.threads) => {
-            let why = format!("its winner {} does not implement {}", config.kernel_name(), shape.signature());
-            Choice { preferences, source: model, ignored: Some(why) }
-        }
-        db::Lookup::Tuned { config, entry } => {
-            let (_, ms) = entry.winner().expect("a tuned entry has a winner");
-            let default = entry.default_ms().map_or(String::new(), |d| format!(", default {d:.4} ms"));
-            preferences.retain(|k| *k != config);
-            preferences.insert(0, config);
-            let source =
-                format!("tuning database: {ms:.4} ms measured on {} at {}{default}", entry.gpu, entry.measured_at);
-            Choice { preferences, source, ignored: None }
-        }
-        db::Lookup::Ignored(why) => Choice { preferences, source: model, ignored: Some(why) },
-        db::Lookup::Missing => {
-            Choice { preferences, source: format!("{model} (no tuning database entry)"), ignored: None }
-        }
-    }
+    let problem = super::Problem { signature: shape.signature(), bucket: shape.bucket(), device };
+    let sha = || candidates_sha256(&candidates(shape, &device.target));
+    let implements = |k: &RowKernel| *k == shape.with_threads(k.threads);
+    super::decide(preferences, model, db, &problem, sha, implements, RowKernel::kernel_name)
 }
 
 #[cfg(test)]
