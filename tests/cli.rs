@@ -1180,7 +1180,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         ),
         (
             "norm_quantize_0",
-            "decode rows_rmsnorm_bf16_d7168_t1024_eps1em6_q, prefill rows_rmsnorm_bf16_d7168_t512_eps1em6_q [row kernel",
+            "decode rows_rmsnorm_bf16_d7168_t1024_eps1em6_q, prefill rows_rmsnorm_bf16_d7168_t256_eps1em6_q [row kernel",
         ),
         ("mla_latent_1", "rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16 [row kernel"),
         ("lm_head_0", "3 launches: rows_splitbf16_d7168_t256 -> GEMM N 129280 K 7168"),
