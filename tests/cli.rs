@@ -409,7 +409,16 @@ fn tuning_database_steers_compile() {
     attn_entry["candidates_sha256"] = decode["candidates_sha256"].clone();
     attn_entry["default_config"] = attn_default.into();
     attn_entry["timings"] = serde_json::json!([[attn_default, 0.3], [attn_other, 0.25]]);
-    let json = serde_json::json!({ "format_version": 1, "entries": [entry("H200"), foreign, moe_entry, attn_entry] });
+    // The decode norm's 512-thread width measured faster than the cost model's 1024.
+    let norm_other = norm["candidates"][1]["name"].as_str().unwrap();
+    assert_eq!(norm_other, "rows_rmsnorm_bf16_d7168_t512_eps1em6_y_q");
+    let mut norm_entry = entry("H200");
+    norm_entry["kernel"] = norm["kernel"].clone();
+    norm_entry["candidates_sha256"] = norm["candidates_sha256"].clone();
+    norm_entry["default_config"] = norm["default"].clone();
+    norm_entry["timings"] = serde_json::json!([[norm["default"], 0.004], [norm_other, 0.003]]);
+    let entries = [entry("H200"), foreign, moe_entry, attn_entry, norm_entry];
+    let json = serde_json::json!({ "format_version": 1, "entries": entries });
     std::fs::write(&db, json.to_string()).unwrap();
     let out = run_binary(
         "v3c",
@@ -443,6 +452,13 @@ fn tuning_database_steers_compile() {
             "compile: attention_decode_quantize_0 (128 heads) decode -> mla_decode_kv512_r64_p64_s1 [tuning database: \
              0.2500 ms measured on H200"
         ) && err.contains("mla_decode_kv512_r64_p64_s1 (128 heads, split K, tensor cores)"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "compile: norm_quantize_1 -> decode rows_rmsnorm_bf16_d7168_t512_eps1em6_y_q, prefill \
+             rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q [row kernel"
+        ) && err.contains("compile: norm_quantize_1 (d 7168) decode -> rows_rmsnorm_bf16_d7168_t512_eps1em6_y_q [tuning database: 0.0030 ms"),
         "{err}"
     );
     assert!(
