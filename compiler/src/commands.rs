@@ -1046,9 +1046,9 @@ fn write_gpu_artifact(
         });
     }
     // A kernel, or (a tuned reduction) one per regime.
-    let choice = |one: &dyn Fn() -> String, regimes: Option<&[String; 2]>| match regimes {
+    let choice = |one: String, regimes: Option<&[String; 2]>| match regimes {
         Some([decode, prefill]) => KernelChoice::PerRegime { decode: decode.clone(), prefill: prefill.clone() },
-        None => KernelChoice::One(one()),
+        None => KernelChoice::One(one),
     };
     for (name, launch) in &lowered.rows {
         let k = &launch.kernel;
@@ -1056,7 +1056,7 @@ fn write_gpu_artifact(
         fused.push(FusedLowering {
             fused: name.clone(),
             launches: vec![LaunchSpec {
-                kernel: choice(&|| k.kernel_name(), lowered.row_regimes.get(name)),
+                kernel: choice(k.kernel_name(), lowered.row_regimes.get(name)),
                 operands: launch.operands.iter().map(spec).collect(),
                 blocks,
                 gemm: None,
@@ -1072,7 +1072,7 @@ fn write_gpu_artifact(
             let operands: Vec<OperandSpec> = step.operands.iter().map(spec).collect();
             launches.push(match (&step.kernel, pick) {
                 (StepKernel::Row(k), pick) => LaunchSpec {
-                    kernel: choice(&|| k.kernel_name(), pick.as_ref()),
+                    kernel: choice(k.kernel_name(), pick.as_ref()),
                     operands,
                     blocks: row_blocks(k),
                     gemm: None,

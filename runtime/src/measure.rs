@@ -1,6 +1,8 @@
-//! `v3r tune`: the GPU half of the split tuning flow. Measures the GEMM and MLA attention
-//! candidates `v3c tune --emit-candidates DIR` compiled and merges the timings into a tuning
-//! database ([`crate::tuning::TuningDb`]) that `v3c compile --tuning` reads.
+//! `v3r tune`: the GPU half of the split tuning flow. Measures the GEMM, MLA attention and
+//! reduction candidates `v3c tune --emit-candidates DIR` compiled and merges the timings into a
+//! tuning database ([`crate::tuning::TuningDb`]) that `v3c compile --tuning` reads. Reductions
+//! (row kernels of several widths): made-up rows, every width against the default's outputs
+//! ([`row_launch`]).
 //!
 //! Attention problems: made-up queries and caches (decode: 64-row pages through
 //! a shuffled block table, bf16 or the fp8 cache's rows; prefill: head-major q, k, v), launched as
@@ -291,7 +293,7 @@ fn measure_candidates(
     let mut order: Vec<&str> = vec![problem.default.as_str()];
     order.extend(problem.candidates.iter().map(|c| c.name.as_str()).filter(|n| *n != problem.default));
     let (mut timings, mut rejected) = (Vec::new(), Vec::new());
-    let mut reference: Vec<f32> = Vec::new();
+    let mut reference: Vec<f64> = Vec::new();
     let tolerance = bench.tolerance();
     for name in order {
         let c = problem.candidates.iter().find(|c| c.name == name).ok_or("candidate vanished")?;
@@ -357,14 +359,9 @@ fn measure_candidates(
         let got = bench.output()?;
         if reference.is_empty() {
             bench.check_default(&got, tolerance).map_err(|e| format!("{name} (the default) differs from {e}"))?;
-            reference = got;
+            reference = got.iter().map(|&x| f64::from(x)).collect();
         } else {
-            let (mut diff, mut norm) = (0f64, 0f64);
-            for (x, r) in got.iter().zip(&reference) {
-                diff += (f64::from(*x) - f64::from(*r)).powi(2);
-                norm += f64::from(*r).powi(2);
-            }
-            let rel = (diff / norm.max(1e-30)).sqrt();
+            let rel = relative(&got, &reference);
             if rel.is_nan() || rel > tolerance {
                 report(&format!(
                     "{:40} M {m:5}  {name:52} REJECTED (differs from the default by {rel:.2e})",

@@ -548,9 +548,9 @@ impl ModelKernels {
 
 /// Maps every kernel of `module` (stage `fused`) onto the sm_90a templates, compiling each
 /// distinct template kernel once. `choose` orders the configurations to try for a GEMM kernel at
-/// `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`]) and for an
-/// attention kernel; with ptxas the first that assembles without spilling is taken, without it the
-/// first. `progress` is told each kernel name as it is compiled. `attention` picks where attention
+/// `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`]), for an
+/// attention kernel and for a reduction's width per regime; with ptxas the first that assembles
+/// without spilling is taken, without it the first. `progress` is told each kernel name as it is compiled. `attention` picks where attention
 /// runs.
 pub fn compile_model(
     context: &Context,
