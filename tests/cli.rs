@@ -1259,8 +1259,11 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     assert_eq!(report["target"]["name"], "sm_90a");
     // Every launch the GPU executor would make matches its kernel's PTX, at the planned sizes and
     // at a one-sequence decode (caches of whole 64-row pages) and a short prefill.
+    // (One sequence over the whole context: the most splits a sequence takes, within the temporaries
+    // region the plan's sizes give.)
     let sizes = [
         ("decode", v3c_runtime::plan::Sizes { pages: 2, ..v3c_runtime::plan::Sizes::new(1, 128) }),
+        ("decode", v3c_runtime::plan::Sizes { pages: 64, ..v3c_runtime::plan::Sizes::new(1, 4096) }),
         ("prefill", v3c_runtime::plan::Sizes::new(3, 0)),
     ];
     let (launches, kernels) = v3c_tests::check_gpu_launches(&out_dir, &sizes);

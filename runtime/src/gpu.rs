@@ -91,6 +91,8 @@ pub struct Bindings {
     pub rope: HashMap<String, u64>,
     pub arena: u64,
     pub temps: u64,
+    /// Bytes at `temps` ([`Expander::temp_bytes`]): a run whose temporaries need more is refused.
+    pub temps_bytes: usize,
     pub workspace: u64,
     pub counters: u64,
 }
@@ -311,6 +313,12 @@ impl<'a> Expander<'a> {
                 let bytes = shape.iter().product::<usize>() * element_bytes(&t.dtype)?;
                 temps.push(Buf { addr: bindings.temps + offset as u64, shape, element: t.dtype.clone() });
                 offset += align(bytes);
+            }
+            if offset > bindings.temps_bytes {
+                return Err(at(format!(
+                    "its temporaries need {offset} B at {sizes:?} on {sms} SMs, the region holds {} B",
+                    bindings.temps_bytes
+                )));
             }
             for (si, spec) in f.launches.iter().enumerate() {
                 let at = |what: String| at(format!("step {si}: {what}"));
@@ -603,6 +611,7 @@ impl Expander<'_> {
             b.rope.insert(rope_key(&t), addr());
         }
         (b.arena, b.temps, b.workspace, b.counters) = (addr(), addr(), addr(), addr());
+        b.temps_bytes = report.temp_bytes;
         let mut declared: HashMap<&str, usize> = HashMap::new();
         for k in &artifact.manifest.kernels {
             let path = artifact.path(&k.file);
@@ -927,7 +936,8 @@ pub fn bind(
     }
     let arena_bytes = artifact.plan.entries.iter().map(|e| e.arena_bytes as usize).max().unwrap_or(0);
     bindings.arena = mem.alloc(arena_bytes, "the arena")?;
-    bindings.temps = mem.alloc(expander.temp_bytes()?, "the temporaries")?;
+    bindings.temps_bytes = expander.temp_bytes()?;
+    bindings.temps = mem.alloc(bindings.temps_bytes, "the temporaries")?;
     let mut input_bytes: HashMap<String, usize> = HashMap::new();
     for e in &artifact.plan.entries {
         for b in &e.buffers {
