@@ -280,6 +280,7 @@ fn tuning_database_steers_compile() {
     assert_eq!(problems.len(), 34, "11 GEMM signatures x decode and prefill, kv_b's at prefill, 3 attention, 8 norms");
     let norm = problems.iter().find(|p| p["kernel"] == "rows_rmsnorm_bf16_d7168_eps1em6_y_q" && p["m"] == 64).unwrap();
     assert_eq!(norm["default"], "rows_rmsnorm_bf16_d7168_t1024_eps1em6_y_q");
+    assert!((norm["rows"]["rmsnorm_eps"].as_f64().unwrap() - 1e-6).abs() < 1e-12, "{norm}");
     assert_eq!(
         norm["rows"]["operands"][4],
         serde_json::json!({"name": "scale", "shape": [64, 56], "element": "f32", "output": true})

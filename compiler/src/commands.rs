@@ -1841,7 +1841,13 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
             "model_kernels": [r.name],
             "m": r.shape.rows,
             "m_bucket": r.shape.bucket(),
-            "rows": { "operands": operands },
+            "rows": {
+                "operands": operands,
+                "rmsnorm_eps": match r.shape.kernel.op {
+                    v3c_compiler::conversion::sm90::rows::RowOp::RmsNorm { eps, .. } => Some(eps),
+                    _ => None,
+                },
+            },
             "candidates_sha256": tune::rows::candidates_sha256(&tune::rows::candidates(&r.shape, &device.target)),
             "default": default,
             "candidates": survivors,

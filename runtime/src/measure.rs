@@ -1,8 +1,8 @@
 //! `v3r tune`: the GPU half of the split tuning flow. Measures the GEMM, MLA attention and
 //! reduction candidates `v3c tune --emit-candidates DIR` compiled and merges the timings into a
 //! tuning database ([`crate::tuning::TuningDb`]) that `v3c compile --tuning` reads. Reductions
-//! (row kernels of several widths): made-up rows, every width against the default's outputs
-//! ([`row_launch`]).
+//! (row kernels of several widths): made-up rows ([`row_launch`]), an RMSNorm's default against the
+//! host's on sampled rows, every width against the default's outputs.
 //!
 //! Attention problems: made-up queries and caches (decode: 64-row pages through
 //! a shuffled block table, bf16 or the fp8 cache's rows; prefill: head-major q, k, v), launched as
@@ -928,15 +928,66 @@ impl Bench for AttentionBench {
 
 /// A row kernel's operands on the device: made-up inputs (f32 and bf16 in +-1), zeroed outputs;
 /// every width launched as the executor launches a row kernel (a memref per operand, a block per
-/// row). The candidates are checked against the default's outputs only (the template's widths
-/// compute the same row; its CPU lowering is held to the reference interpreter by the tests, its
-/// default kernel to torch by `benches/device/rows_check.py`).
+/// row). An RMSNorm's default is checked on sampled rows against the host's ([`check_rmsnorm`]);
+/// every other width against the default's outputs.
 struct RowBench {
     problem: crate::tuning::RowProblem,
     addrs: Vec<u64>,
     outputs: Vec<Buf>,
+    /// The inputs' bytes by operand name (what the host checks the default with).
+    inputs: std::collections::HashMap<String, Vec<u8>>,
     bytes: usize,
     _held: Vec<DeviceBuffer>,
+}
+
+/// The host's RMSNorm of sampled rows of `problem` (inputs `x` f32 `[rows, d]`, `w` bf16 or f32
+/// `[d]` as `inputs` hold them) in f64: `w * (x / sqrt(mean(x^2) + eps))`, against `got` — the
+/// outputs in operand order, f32 (`y`; `q` decoded from e4m3; `scale`) — `y` within `tolerance`,
+/// `q * scale` within e4m3's rounding (5e-2).
+fn check_rmsnorm(
+    problem: &crate::tuning::RowProblem,
+    eps: f32,
+    inputs: &std::collections::HashMap<String, Vec<u8>>,
+    got: &[f32],
+    tolerance: f64,
+) -> Result<(), String> {
+    let operand = |name: &str| problem.operands.iter().find(|o| o.name == name);
+    let (Some(x), Some(w)) = (operand("x"), operand("w")) else { return Err("an RMSNorm without x and w".into()) };
+    let (rows, d) = (x.shape[0], x.shape[1]);
+    let value = |name: &str, element: &str, i: usize| -> f64 {
+        let b = &inputs[name];
+        match element {
+            "bf16" => bf16_at(b, i),
+            _ => f64::from(f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])),
+        }
+    };
+    // Where each output starts in `got`.
+    let mut at = std::collections::HashMap::new();
+    let mut offset = 0;
+    for o in problem.operands.iter().filter(|o| o.output) {
+        at.insert(o.name.as_str(), offset);
+        offset += o.shape.iter().product::<usize>();
+    }
+    for row in [0, rows / 2, rows.saturating_sub(1)] {
+        let xs: Vec<f64> = (0..d).map(|c| value("x", &x.element, row * d + c)).collect();
+        let inv = 1.0 / (xs.iter().map(|v| v * v).sum::<f64>() / d as f64 + f64::from(eps)).sqrt();
+        let want: Vec<f64> = (0..d).map(|c| value("w", &w.element, c) * (xs[c] * inv)).collect();
+        if let Some(&y) = at.get("y") {
+            let rel = relative(&got[y + row * d..][..d], &want);
+            if rel.is_nan() || rel > tolerance {
+                return Err(format!("the host's RMSNorm (y) on row {row} by {rel:.2e}"));
+            }
+        }
+        if let (Some(&q), Some(&s)) = (at.get("q"), at.get("scale")) {
+            let groups = d.div_ceil(128);
+            let deq: Vec<f32> = (0..d).map(|c| got[q + row * d + c] * got[s + row * groups + c / 128]).collect();
+            let rel = relative(&deq, &want);
+            if rel.is_nan() || rel > 5e-2 {
+                return Err(format!("the host's RMSNorm (q x scale) on row {row} by {rel:.2e}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Bytes of one element of a row kernel operand.
@@ -953,6 +1004,7 @@ impl RowBench {
     fn new(problem: &crate::tuning::RowProblem, seed: u64) -> Result<RowBench, String> {
         let mut rand = Rand(0x9E37_79B9_7F4A_7C15 ^ (seed + 1));
         let (mut held, mut addrs, mut outputs, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        let mut inputs = std::collections::HashMap::new();
         for o in &problem.operands {
             let n: usize = o.shape.iter().product();
             let size = n * row_element_bytes(&o.element)?;
@@ -962,18 +1014,23 @@ impl RowBench {
                     let d = DeviceBuffer::new(size.max(1), &o.name)?;
                     let addr = d.ptr;
                     held.push(d);
+                    outputs.push(Buf { addr, shape: o.shape.clone(), element: o.element.clone() });
                     addr
                 }
-                (false, "f32") => upload(&bytes_of(&rand.floats(n, -1.0, 1.0)), &o.name, &mut held)?,
-                (false, "bf16") => upload(&rand.operand(n, false), &o.name, &mut held)?,
-                (false, other) => return Err(format!("{}: an input of {other}", o.name)),
+                (false, element) => {
+                    let data = match element {
+                        "f32" => bytes_of(&rand.floats(n, -1.0, 1.0)),
+                        "bf16" => rand.operand(n, false),
+                        other => return Err(format!("{}: an input of {other}", o.name)),
+                    };
+                    let addr = upload(&data, &o.name, &mut held)?;
+                    inputs.insert(o.name.clone(), data);
+                    addr
+                }
             };
-            if o.output {
-                outputs.push(Buf { addr, shape: o.shape.clone(), element: o.element.clone() });
-            }
             addrs.push(addr);
         }
-        Ok(RowBench { problem: problem.clone(), addrs, outputs, bytes, _held: held })
+        Ok(RowBench { problem: problem.clone(), addrs, outputs, inputs, bytes, _held: held })
     }
 }
 
@@ -1028,8 +1085,11 @@ impl Bench for RowBench {
         Ok(all)
     }
 
-    fn check_default(&self, _got: &[f32], _tolerance: f64) -> Result<(), String> {
-        Ok(())
+    fn check_default(&self, got: &[f32], tolerance: f64) -> Result<(), String> {
+        match self.problem.rmsnorm_eps {
+            Some(eps) => check_rmsnorm(&self.problem, eps, &self.inputs, got, tolerance),
+            None => Ok(()),
+        }
     }
 
     fn tolerance(&self) -> f64 {
@@ -1093,6 +1153,47 @@ mod tests {
         pages.sort();
         assert_eq!(pages, (0..40).collect::<Vec<i32>>());
         assert_ne!(host.table, pages, "shuffled");
+    }
+
+    /// The host's RMSNorm check of a default's outputs: the reference interpreter's rows (y, and q
+    /// with its scales) pass; a wrong y or a wrong scale is caught.
+    #[test]
+    fn rmsnorm_defaults_are_checked_against_the_host() {
+        use crate::tuning::{RowOperand, RowProblem};
+        let (rows, d, eps) = (5, 300, 1e-6f32);
+        let operand = |name: &str, shape: Vec<usize>, element: &str, output: bool| RowOperand {
+            name: name.into(),
+            shape,
+            element: element.into(),
+            output,
+        };
+        let problem = RowProblem {
+            operands: vec![
+                operand("x", vec![rows, d], "f32", false),
+                operand("w", vec![d], "bf16", false),
+                operand("y", vec![rows, d], "f32", true),
+                operand("q", vec![rows, d], "i8", true),
+                operand("scale", vec![rows, 3], "f32", true),
+            ],
+            rmsnorm_eps: Some(eps),
+        };
+        let mut rand = Rand(3);
+        let x = rand.floats(rows * d, -1.0, 1.0);
+        let w = rand.operand(d, false);
+        let w32: Vec<f32> = (0..d).map(|c| bf16_at(&w, c) as f32).collect();
+        let inputs = [("x".to_string(), bytes_of(&x)), ("w".to_string(), w.clone())].into_iter().collect();
+        let y = v3c_models::interp::kernels::rms_norm(&x, &w32, eps);
+        let (q, scales) = v3c_models::interp::kernels::quantize_fp8(&y, d, 128);
+        let mut got: Vec<f32> = y.clone();
+        got.extend(q.iter().map(|&b| v3c_models::dtype::f8e4m3_to_f32(b)));
+        got.extend(&scales);
+        check_rmsnorm(&problem, eps, &inputs, &got, 1e-5).unwrap();
+        let mut wrong = got.clone();
+        wrong[2 * d + 7] += 1.0;
+        assert!(check_rmsnorm(&problem, eps, &inputs, &wrong, 1e-5).unwrap_err().contains("(y) on row 2"));
+        let mut wrong = got.clone();
+        wrong[2 * rows * d + 3 * (rows - 1) + 1] *= 2.0;
+        assert!(check_rmsnorm(&problem, eps, &inputs, &wrong, 1e-5).unwrap_err().contains("(q x scale) on row 4"));
     }
 
     #[test]

@@ -167,9 +167,13 @@ pub enum AttentionProblem {
 
 /// A row kernel as `v3r tune` measures it: its arguments in order, at the problem's rows (one block
 /// per row of the first); made-up inputs, zeroed outputs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RowProblem {
     pub operands: Vec<RowOperand>,
+    /// RMSNorm's epsilon: the host checks the default's rows (`x [rows, d]`, `w [d]`; outputs `y`
+    /// and/or `q` e4m3 with `scale` per 128 columns). None: the candidates are only compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rmsnorm_eps: Option<f32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
