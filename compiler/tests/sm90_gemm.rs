@@ -279,9 +279,13 @@ fn configs_that_do_not_fit_are_rejected_before_codegen() {
     let err = GemmConfig { cluster: 4, specialized: true, ..base }.validate(t).unwrap_err();
     assert!(err.contains("only clusters of 2"), "{err}");
     let err = GemmConfig { b_row_scales: true, ..base }.validate(t).unwrap_err();
-    assert!(err.contains("per-row B scales go with dense fp8 GEMMs only"), "{err}");
-    let err = GemmConfig { b_row_scales: true, ..grouped }.validate(t).unwrap_err();
-    assert!(err.contains("per-row B scales go with dense fp8 GEMMs only"), "{err}");
+    assert!(err.contains("per-row B scales go with fp8 GEMMs (dense, or sorted-row grouped) only"), "{err}");
+    let masked = GemmConfig::grouped(GemmGrouping::Masked, GemmInput::Fp8, GemmOutput::F32, 128, 128, 4);
+    let err = GemmConfig { b_row_scales: true, ..masked }.validate(t).unwrap_err();
+    assert!(err.contains("per-row B scales go with fp8 GEMMs (dense, or sorted-row grouped) only"), "{err}");
+    // The training experts' grouped GEMMs: per-row scales, any block_n (no 128-row scale block).
+    let rows = GemmConfig::grouped(GemmGrouping::Gather, GemmInput::Fp8, GemmOutput::F32, 128, 64, 4);
+    GemmConfig { b_row_scales: true, ..rows }.validate(t).unwrap();
     let context = v3c_compiler::mlir::new_context();
     let err = sm90::compile_gemm(&context, &GemmConfig { stages: 1, ..base }, t).unwrap_err().to_string();
     assert!(err.starts_with("gemm_bf16_f32_128x128x64_s1: "), "{err}");

@@ -179,8 +179,9 @@ fn the_training_step_through_its_sm90a_launches_equals_the_cpu_backend() {
     }
 }
 
-/// DeepSeek-V3's FP8 recipe (dense layers; its fp8 experts do not lower yet): Fprop and Dgrad
-/// through the fp8 GEMM template's launches, the quantizers and Wgrad through their row kernels.
+/// DeepSeek-V3's FP8 recipe: Fprop and Dgrad through the fp8 GEMM template's launches, the
+/// quantizers and Wgrad through their row kernels; the routed experts' forward through the grouped
+/// fp8 GEMM template (gathered gate/up, down over the sorted pairs) and its pair rows.
 /// A short window's whole step gives the CPU backend's; with more tokens than one 128-token group
 /// kernel by kernel on the same inputs (whole, e4m3 rounding turns last-bit differences upstream —
 /// the norms' tree sums — into 1e-2 ones downstream, as between the CPU backend and the reference).
@@ -195,8 +196,12 @@ fn the_fp8_training_step_through_its_sm90a_launches_equals_the_cpu_backend() {
     let (worst, at, calls, kept) = per_kernel(true, true, 130);
     eprintln!("fp8, 130 tokens, kernel by kernel: {calls} calls; worst {worst:e} ({at})");
     assert!(worst < 1e-5 && kept.is_empty(), "{at}: relative error {worst:e}; not lowered: {kept:?}");
-    // MoE layers: the fp8 experts (per-expert blocks; their gradient's 128-pair tiles, with more
-    // pairs per expert than one tile).
+    // MoE layers whole: the experts' grouped GEMMs feed the rest of the step.
+    let (lowered, kept, worst) = whole_step(false, true, 9, 1e-5);
+    eprintln!("fp8 MoE + MTP, 9 tokens: {} kernels as sm_90a launches; worst {worst:e}", lowered.len());
+    assert!(kept.is_empty() && lowered.contains("moe_experts_0"), "not lowered: {kept:?}");
+    // Kernel by kernel: the fp8 experts (per-expert blocks; their gradient's 128-pair tiles, with
+    // more pairs per expert than one tile, and more than one 128-row GEMM tile per expert).
     let (worst, at, calls, kept) = per_kernel(false, true, 400);
     eprintln!("fp8 MoE + MTP, 400 tokens (1200 pairs over 8 experts), kernel by kernel: {calls} calls; worst {worst:e} ({at})");
     assert!(worst < 1e-5 && kept.is_empty(), "{at}: relative error {worst:e}; not lowered: {kept:?}");
@@ -233,6 +238,16 @@ fn the_sm90a_training_artifact_emulated_equals_the_cpu_backend() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_v3c")).args(&args).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let artifact = v3c_runtime::artifact::Artifact::open(&art).unwrap();
+        if fp8 && !dense {
+            // The routed experts on the tensor cores: grouped over the blocks each step quantizes.
+            let signatures: Vec<&str> = artifact.manifest.tuning.choices.iter().map(|c| c.signature.as_str()).collect();
+            for want in [
+                "grouped gather fp8->f32 n48 k96 e8+0 top3 +b1x128",
+                "grouped contig fp8->f32 n96 k48 e8+0 top3 +rowscale +b1x128",
+            ] {
+                assert!(signatures.contains(&want), "{want}: {signatures:?}");
+            }
+        }
         let checkpoint = Checkpoint::open(&model).unwrap();
         let context = v3c_compiler::mlir::new_context();
         let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);

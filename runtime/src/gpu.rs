@@ -677,7 +677,9 @@ fn prepared_of(
             _ => Err(format!("GEMM weight operand {operand} is not a weight")),
         }
     };
-    if let Some(gr) = &gs.grouped {
+    // A grouped GEMM over weights laid out per group at load; with none, its B is its one weight
+    // operand, stacked per group by the launches before it.
+    if let Some(gr) = gs.grouped.as_ref().filter(|gr| !gr.weights.is_empty()) {
         let mut names = Vec::new();
         let mut element = String::new();
         for w in &gr.weights {

@@ -55,6 +55,8 @@ pub struct GroupedProblem {
     pub top_k: usize,
     pub row_scale: bool,
     pub scatter: bool,
+    /// fp8: B's scales per row of the stacked B (the training experts' blocks, quantized per step).
+    pub b_row_scales: bool,
 }
 
 impl GroupedProblem {
@@ -90,13 +92,15 @@ impl GemmShape {
                 top_k: g.per_token - (g.groups - g.routed),
                 row_scale: g.row_scale.is_some(),
                 scatter: g.scatter,
+                b_row_scales: g.b_row_scales,
             }),
         }
     }
 
-    /// Whether its kernels take B's scales per row (fp8 in Wgrad's form).
+    /// Whether its kernels take B's scales per row (fp8 in Wgrad's form, or grouped over a B the
+    /// step quantized).
     pub fn b_row_scales(&self) -> bool {
-        self.wgrad && self.input == GemmInput::Fp8
+        (self.wgrad || self.grouped.is_some_and(|g| g.b_row_scales)) && self.input == GemmInput::Fp8
     }
 
     /// The database's bucket of this shape's dynamic dim: M, or Wgrad's K (the tokens).
@@ -128,7 +132,7 @@ impl GemmShape {
             GemmGrouping::Dense => "dense",
         };
         format!(
-            "grouped {grouping} {}->{o} n{} k{} e{}+{} top{}{}{}",
+            "grouped {grouping} {}->{o} n{} k{} e{}+{} top{}{}{}{}",
             t(self.input),
             self.n,
             self.k,
@@ -136,7 +140,8 @@ impl GemmShape {
             g.shared,
             g.top_k,
             if g.row_scale { " +rowscale" } else { "" },
-            if g.scatter { " +scatter" } else { "" }
+            if g.scatter { " +scatter" } else { "" },
+            if self.b_row_scales() { " +b1x128" } else { "" }
         )
     }
 }
@@ -165,6 +170,7 @@ pub fn candidates(shape: &GemmShape, target: &GpuTarget) -> Vec<GemmConfig> {
                                 persistent,
                                 row_scale: g.row_scale,
                                 scatter: g.scatter,
+                                b_row_scales: shape.b_row_scales(),
                                 ..GemmConfig::grouped(g.grouping, shape.input, shape.output, block_m, block_n, stages)
                             };
                             if c.validate(target).is_ok() {
@@ -689,6 +695,7 @@ mod tests {
             top_k: 8,
             row_scale: false,
             scatter: false,
+            b_row_scales: false,
         };
         GemmShape { grouped: Some(grouped), ..shape(m, 4096, 7168) }
     }
@@ -721,6 +728,12 @@ mod tests {
         let down = GemmShape { grouped: Some(g), ..shape(64, 7168, 2048) };
         assert!(candidates(&down, &h200.target).iter().all(|c| c.scatter && c.row_scale));
         assert!(down.signature().ends_with("+rowscale +scatter"), "{}", down.signature());
+        // The training experts' GEMMs over the blocks a step quantizes: per-row B scales, keyed apart.
+        let g = GroupedProblem { shared: 0, b_row_scales: true, ..s.grouped.unwrap() };
+        let train = GemmShape { grouped: Some(g), ..shape(4096, 2048, 7168) };
+        assert_eq!(train.signature(), "grouped gather fp8->f32 n2048 k7168 e256+0 top8 +b1x128");
+        let all = candidates(&train, &h200.target);
+        assert!(!all.is_empty() && all.iter().all(|c| c.b_row_scales && c.grouping == GemmGrouping::Gather));
     }
 
     /// A grouped GEMM takes its database winner, and not a dense GEMM's filed under its signature.
@@ -749,6 +762,7 @@ mod tests {
                 row_scale: None,
                 scatter: false,
                 weights: vec![],
+                b_row_scales: false,
             }),
             fixed_m: None,
         };

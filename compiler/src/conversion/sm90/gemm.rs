@@ -438,8 +438,8 @@ impl GemmConfig {
         if self.block_n < 16 || !self.block_n.is_multiple_of(16) || self.block_n > 256 {
             return Err(format!("{name}: block_n {} is not a multiple of 16 in 16..=256", self.block_n));
         }
-        if self.b_row_scales && (self.input != GemmInput::Fp8 || self.is_grouped()) {
-            return Err(format!("{name}: per-row B scales go with dense fp8 GEMMs only"));
+        if self.b_row_scales && (self.input != GemmInput::Fp8 || self.grouping == GemmGrouping::Masked) {
+            return Err(format!("{name}: per-row B scales go with fp8 GEMMs (dense, or sorted-row grouped) only"));
         }
         if self.input == GemmInput::Fp8 && !self.b_row_scales && !128usize.is_multiple_of(self.block_n) {
             return Err(format!(

@@ -48,15 +48,14 @@ impl<'c> HostRows<'c> {
             (_, Ok(steps)) => steps,
             _ => return Ok(false),
         };
-        let emulated = |g: &lower::GemmKernel| g.grouped.is_none() && g.weights.len() == 1;
-        if steps.steps.iter().any(|s| matches!(&s.kernel, StepKernel::Gemm(g) if !emulated(g))) {
+        if steps.steps.iter().any(|s| matches!(&s.kernel, StepKernel::Gemm(g) if !computed(g))) {
             return Ok(false);
         }
         self.run_steps(&steps, rows, ins, outs).map(|_| true)
     }
 
-    /// Runs `steps` (dense GEMMs only) on `ins` into `outs` as [`HostRows::run_fused`] does, and
-    /// returns the temporaries as the launches left them.
+    /// Runs `steps` (GEMMs over one B operand only) on `ins` into `outs` as [`HostRows::run_fused`]
+    /// does, and returns the temporaries as the launches left them.
     pub fn run_steps(
         &mut self,
         steps: &Steps,
@@ -65,10 +64,10 @@ impl<'c> HostRows<'c> {
         outs: &mut [HostBuffer],
     ) -> Result<Vec<HostBuffer>, String> {
         if let Some(g) = steps.steps.iter().find_map(|s| match &s.kernel {
-            StepKernel::Gemm(g) if g.grouped.is_some() || g.weights.len() != 1 => Some(g),
+            StepKernel::Gemm(g) if !computed(g) => Some(g),
             _ => None,
         }) {
-            return Err(format!("{}: a grouped or concatenated GEMM (not computed on the host)", g.kernel));
+            return Err(format!("{}: a GEMM over weights laid out at load (not computed on the host)", g.kernel));
         }
         let mut temps: Vec<HostBuffer> = steps
             .temps
@@ -92,8 +91,18 @@ impl<'c> HostRows<'c> {
         for step in &steps.steps {
             let ranks = match &step.kernel {
                 StepKernel::Row(kernel) => kernel.argument_ranks(),
-                // A, its scales, B, its scales, (the residual,) the output: matrices; q, k, v, out.
-                StepKernel::Gemm(_) | StepKernel::MlaPrefill(_) => vec![2; step.operands.len()],
+                // A, its scales, B, its scales, (the residual,) the output: matrices; grouped, the
+                // offsets, the sorted rows' tokens and row scales: vectors. q, k, v, out.
+                StepKernel::Gemm(g) => {
+                    let mut ranks = vec![2; step.operands.len()];
+                    if let Some(gr) = &g.grouped {
+                        for i in [Some(gr.offsets), Some(gr.perm), gr.row_scale].into_iter().flatten() {
+                            ranks[i] = 1;
+                        }
+                    }
+                    ranks
+                }
+                StepKernel::MlaPrefill(_) => vec![2; step.operands.len()],
                 // q, cache, table, lengths, split outputs, lse.
                 StepKernel::MlaDecode(_) => vec![2, 2, 2, 1, 3, 2],
             };
@@ -137,7 +146,7 @@ impl<'c> HostRows<'c> {
             match &step.kernel {
                 StepKernel::Row(kernel) => self.launch(kernel, &raw)?,
                 // SAFETY: the views are the buffers' own shapes (checked by shape_at_rank).
-                StepKernel::Gemm(g) => unsafe { dense_gemm(g, &raw)? },
+                StepKernel::Gemm(g) => unsafe { gemm(g, &raw)? },
                 // SAFETY: as above.
                 StepKernel::MlaPrefill(a) => unsafe { mla_prefill(a.heads, a.scale, &raw)? },
                 // SAFETY: as above.
@@ -166,26 +175,59 @@ impl<'c> HostRows<'c> {
     }
 }
 
-/// `out = A . B^T` of a dense GEMM step, f32 out plus the residual when it has one: bf16, the
-/// products summed in order; fp8 (A `[M, K]` e4m3 with 1x128 scales, B `[N, K]` with 128x128 block
-/// scales — Wgrad's form: 1x128 as A's), per 128-wide K block the e4m3 products summed in order,
-/// then scaled by A's and B's scales, as the reference's `matmul_fp8`.
+/// Whether [`HostRows::run_steps`] computes GEMM `g`: one B operand (dense, or grouped over a B
+/// the steps stacked), not weights laid out at load.
+fn computed(g: &lower::GemmKernel) -> bool {
+    g.weights.len() == 1 && g.grouped.as_ref().is_none_or(|gr| gr.weights.is_empty() && !gr.scatter)
+}
+
+/// `out = A . B^T` of a GEMM step, f32 out plus the residual when it has one: bf16, the products
+/// summed in order; fp8 (A `[M, K]` e4m3 with 1x128 scales, B `[N, K]` with 128x128 block scales —
+/// Wgrad's form and grouped GEMMs over stacked B: per row, 1x128 as A's), per 128-wide K block the
+/// e4m3 products summed in order, then scaled by A's and B's scales, as the reference's
+/// `matmul_fp8`. Grouped: sorted row r of group e (`offsets`) reads A row `perm[r]` (gathered) or r,
+/// B rows `e * N..`, times its row scale.
 ///
 /// # Safety
 /// The buffers address their shapes' elements.
-unsafe fn dense_gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), String> {
+unsafe fn gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), String> {
     use v3c_models::dtype::{bf16_to_f32, f8e4m3_to_f32};
     let at = |i: usize| bufs.get(i).ok_or_else(|| format!("{}: operand {i} missing", g.kernel));
     let (a, b) = (at(g.a)?, at(g.weights[0].0)?);
     let out = bufs.last().ok_or("a GEMM without output")?;
-    let (k, n) = (a.shape[1], b.shape[0]);
-    // The rows both have: a kernel's buffers may hold more rows than its values (the MTP module's
-    // T - 1 in buffers of T; on the device every such buffer has the run's rows).
-    let m = a.shape[0].min(out.shape[0]);
-    if b.shape[1] != k || out.shape.len() != 2 || out.shape[1] != n {
+    let ints = |buf: &RawBuffer| std::slice::from_raw_parts(buf.ptr as *const i32, buf.shape.iter().product());
+    let floats = |buf: &RawBuffer| std::slice::from_raw_parts(buf.ptr as *const f32, buf.shape.iter().product());
+    // Per output row written: (its row, A's row, B's first row, row scale).
+    let mut rows: Vec<(usize, usize, usize, f32)> = Vec::new();
+    let n = match &g.grouped {
+        None => {
+            // The rows both have: a kernel's buffers may hold more rows than its values (the MTP
+            // module's T - 1 in buffers of T; on the device every such buffer has the run's rows).
+            rows.extend((0..a.shape[0].min(out.shape[0])).map(|i| (i, i, 0, 1.0)));
+            b.shape[0]
+        }
+        Some(gr) => {
+            let (offsets, perm) = (ints(at(gr.offsets)?), ints(at(gr.perm)?));
+            let weights = gr.row_scale.map(|i| at(i).map(floats)).transpose()?;
+            let groups = offsets.len().saturating_sub(1);
+            if groups == 0 || b.shape[0] % groups != 0 {
+                return Err(format!("{}: B {:?} over {groups} groups", g.kernel, b.shape));
+            }
+            let n = b.shape[0] / groups;
+            for e in 0..groups {
+                for r in offsets[e] as usize..offsets[e + 1] as usize {
+                    let arow = if gr.grouping == super::gemm::GemmGrouping::Gather { perm[r] as usize } else { r };
+                    rows.push((r, arow, e * n, weights.map_or(1.0, |w| w[r])));
+                }
+            }
+            n
+        }
+    };
+    let k = a.shape[1];
+    let bad_row = rows.iter().any(|&(r, arow, _, _)| arow >= a.shape[0] || r >= out.shape[0]);
+    if b.shape[1] != k || out.shape.len() != 2 || out.shape[1] != n || bad_row {
         return Err(format!("{}: A {:?}, B {:?}, out {:?}", g.kernel, a.shape, b.shape, out.shape));
     }
-    let floats = |buf: &RawBuffer| std::slice::from_raw_parts(buf.ptr as *const f32, buf.shape.iter().product());
     let values = |buf: &RawBuffer| -> Vec<f32> {
         let n = buf.shape.iter().product();
         if g.input == GemmInput::Fp8 {
@@ -202,16 +244,18 @@ unsafe fn dense_gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), St
         _ if g.input == GemmInput::Fp8 => return Err(format!("{}: an fp8 GEMM without its scales", g.kernel)),
         _ => None,
     };
-    let b_row = |j: usize| if g.fixed_m.is_some() { j } else { j / 128 };
+    let per_row = g.fixed_m.is_some() || g.grouped.as_ref().is_some_and(|gr| gr.b_row_scales);
+    let b_row = |j: usize| if per_row { j } else { j / 128 };
     // A bf16 output: each value rounded to nearest even (no residual on the host).
     let bf16_out = g.output == super::gemm::GemmOutput::Bf16;
     if bf16_out && residual.is_some() {
         return Err(format!("{}: a bf16 output with a residual (not computed on the host)", g.kernel));
     }
-    let mut o = vec![0f32; m * n];
     let group = if scales.is_some() { 128 } else { k.max(1) };
-    for i in 0..m {
-        for j in 0..n {
+    let outputs = out.shape.iter().product();
+    for &(r, i, brow, weight) in &rows {
+        for col in 0..n {
+            let j = brow + col;
             let mut acc = 0.0f32;
             for block in 0..k.div_ceil(group) {
                 let partial: f32 =
@@ -223,14 +267,14 @@ unsafe fn dense_gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), St
                     None => partial,
                 };
             }
-            o[i * n + j] = residual.as_ref().map_or(acc, |r| r[i * n + j] + acc);
+            let value = residual.as_ref().map_or(acc * weight, |res| res[r * n + col] + acc);
+            if bf16_out {
+                std::slice::from_raw_parts_mut(out.ptr as *mut u16, outputs)[r * n + col] =
+                    v3c_models::dtype::f32_to_bf16(value);
+            } else {
+                std::slice::from_raw_parts_mut(out.ptr as *mut f32, outputs)[r * n + col] = value;
+            }
         }
-    }
-    if bf16_out {
-        let dst = std::slice::from_raw_parts_mut(out.ptr as *mut u16, m * n);
-        dst.iter_mut().zip(&o).for_each(|(d, &v)| *d = v3c_models::dtype::f32_to_bf16(v));
-    } else {
-        std::slice::from_raw_parts_mut(out.ptr as *mut f32, m * n).copy_from_slice(&o);
     }
     Ok(())
 }

@@ -89,7 +89,13 @@ pub struct Grouped {
     pub row_scale: Option<usize>,
     /// Rows added into their token's output row (f32 atomics: no fixed order).
     pub scatter: bool,
+    /// The weights, laid out per group at load. Empty: B is the GEMM's one weight operand, already
+    /// stacked `[groups * n, K]` by earlier steps (the training experts' blocks, quantized at every
+    /// step), with `b_row_scales`.
     pub weights: Vec<GroupedWeight>,
+    /// fp8: B's scales per row of the stacked B (`[groups * n, ceil(K / 128)]`), so that groups of
+    /// any row count keep their own 128x128 blocks' scales (each row carries its block's).
+    pub b_row_scales: bool,
 }
 
 /// The GEMM a fused kernel is, or why it has no sm_90a lowering (a phrase naming the op).
@@ -1015,6 +1021,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                     row_scale,
                     scatter,
                     weights,
+                    b_row_scales: false,
                 }),
                 fixed_m: None,
             };
@@ -1156,6 +1163,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 row_scale,
                 scatter,
                 weights,
+                b_row_scales: false,
             };
             let gemm = |n: usize, k: usize, g: Grouped| GemmKernel {
                 kernel: format!("{fused}.grouped"),

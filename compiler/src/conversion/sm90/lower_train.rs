@@ -393,7 +393,7 @@ fn moe_experts(body: &Body) -> Result<Steps, String> {
     use Operand::{Arg, Result as Res, Temp as Tmp};
     let row = |op, d| StepKernel::Row(train_kernel(op, d, "f32"));
     if flag(o, "fp8_activations") {
-        return moe_experts_fp8(gate.dims[0].ok_or("a dynamic expert count")?, k, inter, d);
+        return moe_experts_fp8(&body.name, gate.dims[0].ok_or("a dynamic expert count")?, k, inter, d);
     }
     Ok(Steps {
         steps: vec![
@@ -408,11 +408,13 @@ fn moe_experts(body: &Body) -> Result<Steps, String> {
     })
 }
 
-/// The FP8 recipe's routed experts (forward): the tokens' rows quantized 1x128, each expert's
-/// master weights in 128x128 blocks of its own, the hidden rows from block-scaled products
-/// (SwiGLU in f32), quantized 1x128 in turn, and each token's output over its slots in expert
-/// order (CUDA cores).
-fn moe_experts_fp8(experts: usize, k: usize, inter: usize, d: usize) -> Result<Steps, String> {
+/// The FP8 recipe's routed experts (forward) on the tensor cores: the tokens' rows quantized 1x128,
+/// each expert's master weights in 128x128 blocks of its own (their scales repeated per row, so
+/// experts of any row count keep their blocks), the (token, slot) pairs sorted by expert; then the
+/// grouped fp8 GEMM template gathers each pair's token row for gate and up (rows in sorted order),
+/// SwiGLU in f32 quantized 1x128, the down GEMM over the sorted rows times each pair's routing weight,
+/// and per token its slots' rows summed in expert order (no atomics: the reference's order).
+fn moe_experts_fp8(kernel: &str, experts: usize, k: usize, inter: usize, d: usize) -> Result<Steps, String> {
     use Operand::{Arg, Result as Res, Temp as Tmp};
     let group = super::rows::GROUP;
     let row = |op, d| StepKernel::Row(train_kernel(op, d, "f32"));
@@ -421,41 +423,84 @@ fn moe_experts_fp8(experts: usize, k: usize, inter: usize, d: usize) -> Result<S
         t.fixed_rows = Some(rows);
         t
     };
-    let blocks = |rows: usize, cols: usize| (experts * rows.div_ceil(group), cols.div_ceil(group));
-    let (gs, ds) = (blocks(inter, d), blocks(d, inter));
-    let temps = vec![
-        Temp::per_row(1, d, "f8E4M3FN"),
-        Temp::per_row(1, d.div_ceil(group), "f32"),
-        fixed(experts * inter, d, "f8E4M3FN"),
-        fixed(gs.0, gs.1, "f32"),
-        fixed(experts * inter, d, "f8E4M3FN"),
-        fixed(gs.0, gs.1, "f32"),
-        fixed(experts * d, inter, "f8E4M3FN"),
-        fixed(ds.0, ds.1, "f32"),
-        Temp::per_row(k, inter, "f32"),
-        Temp::per_row(k, inter, "f8E4M3FN"),
-        Temp::per_row(k, inter.div_ceil(group), "f32"),
-    ];
-    let master = |tiles, matrix_rows| TrainRow::QuantizeBlocks { tiles, transposed: false, matrix_rows };
-    Ok(Steps {
-        steps: vec![
-            Step { kernel: row(TrainRow::Quantize, d), operands: vec![Arg(0), Tmp(0), Tmp(1)] },
-            Step { kernel: row(master(gs.1, inter), group), operands: vec![Arg(3), Tmp(2), Tmp(3)] },
-            Step { kernel: row(master(gs.1, inter), group), operands: vec![Arg(4), Tmp(4), Tmp(5)] },
-            Step { kernel: row(master(ds.1, d), group), operands: vec![Arg(5), Tmp(6), Tmp(7)] },
-            Step {
-                kernel: row(TrainRow::MoeHiddenFp8 { k, keep: false }, inter),
-                operands: vec![Tmp(0), Tmp(1), Arg(1), Tmp(2), Tmp(3), Tmp(4), Tmp(5), Tmp(8)],
-            },
-            Step { kernel: row(TrainRow::Quantize, inter), operands: vec![Tmp(8), Tmp(9), Tmp(10)] },
-            Step {
-                kernel: row(TrainRow::MoeCombineFp8 { k }, d),
-                operands: vec![Tmp(9), Tmp(10), Arg(1), Arg(2), Tmp(6), Tmp(7), Res(0)],
-            },
-        ],
-        temps,
-        rope_table: None,
-    })
+    let (kd, ki) = (d.div_ceil(group), inter.div_ceil(group));
+    let mut temps = Vec::new();
+    let mut temp = |t: Temp| {
+        temps.push(t);
+        Tmp(temps.len() - 1)
+    };
+    let f8 = "f8E4M3FN";
+    let (xq, xs) = (temp(Temp::per_row(1, d, f8)), temp(Temp::per_row(1, kd, "f32")));
+    // Per weight: its e4m3 blocks, their scales, and the scales per row.
+    let mut blocks = |rows: usize, cols: usize| {
+        let kb = cols.div_ceil(group);
+        (temp(fixed(experts * rows, cols, f8)), temp(fixed(experts * rows.div_ceil(group), kb, "f32")), {
+            temp(fixed(experts * rows, kb, "f32"))
+        })
+    };
+    let (gate, up, down) = (blocks(inter, d), blocks(inter, d), blocks(d, inter));
+    let offsets = temp(fixed(experts + 1, 1, "i32"));
+    let per_pair = |cols: usize, element: &str| Temp::per_row(k, cols, element);
+    let (pairs, tok, wt, pos) =
+        (temp(per_pair(1, "i32")), temp(per_pair(1, "i32")), temp(per_pair(1, "f32")), temp(per_pair(1, "i32")));
+    let (g, u, gu) = (temp(per_pair(inter, "f32")), temp(per_pair(inter, "f32")), temp(per_pair(2 * inter, "f32")));
+    let (hq, hs, ys) = (temp(per_pair(inter, f8)), temp(per_pair(ki, "f32")), temp(per_pair(d, "f32")));
+    let step = |kernel, operands: Vec<Operand>| Step { kernel, operands };
+    let quantize_blocks = |(q, s, rs): (Operand, Operand, Operand), w: usize, rows: usize, cols: usize| {
+        let tiles = cols.div_ceil(group);
+        [
+            step(
+                row(TrainRow::QuantizeBlocks { tiles, transposed: false, matrix_rows: rows }, group),
+                vec![Arg(w), q, s],
+            ),
+            step(row(TrainRow::RowScales { matrix_rows: rows }, tiles), vec![s, rs]),
+        ]
+    };
+    let mut steps = vec![step(row(TrainRow::Quantize, d), vec![Arg(0), xq, xs])];
+    steps.extend(quantize_blocks(gate, 3, inter, d));
+    steps.extend(quantize_blocks(up, 4, inter, d));
+    steps.extend(quantize_blocks(down, 5, d, inter));
+    steps.push(step(row(TrainRow::PairSort, experts), vec![Arg(1), offsets, pairs]));
+    steps.push(step(row(TrainRow::PairRows { k }, k), vec![pairs, Arg(2), tok, wt, pos]));
+    // Operands: A, its scales, B, its per-row scales, offsets, the sorted rows' tokens, (row scale,)
+    // the output.
+    let grouped = |name: &str, grouping, n: usize, kk: usize, row_scale: bool| GemmKernel {
+        kernel: format!("{kernel}.{name}"),
+        input: GemmInput::Fp8,
+        output: GemmOutput::F32,
+        n,
+        k: kk,
+        a: 0,
+        a_scale: Some(1),
+        weights: vec![(2, Some(3))],
+        residual: None,
+        results: vec![(0, n)],
+        grouped: Some(super::lower::Grouped {
+            grouping,
+            groups: experts,
+            routed: experts,
+            per_token: k,
+            offsets: 4,
+            perm: 5,
+            row_scale: row_scale.then_some(6),
+            scatter: false,
+            weights: Vec::new(),
+            b_row_scales: true,
+        }),
+        fixed_m: None,
+    };
+    use super::gemm::GemmGrouping::{Contiguous, Gather};
+    for ((q, _, rs), name, out) in [(gate, "gate", g), (up, "up", u)] {
+        let gemm = grouped(name, Gather, inter, d, false);
+        steps.push(step(StepKernel::Gemm(gemm), vec![xq, xs, q, rs, offsets, tok, out]));
+    }
+    steps.push(step(row(TrainRow::Join { second: inter }, inter), vec![g, u, gu]));
+    steps
+        .push(step(StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: true }, inter, "f32")), vec![gu, hq, hs]));
+    let gemm = grouped("down", Contiguous, d, inter, true);
+    steps.push(step(StepKernel::Gemm(gemm), vec![hq, hs, down.0, down.2, offsets, tok, wt, ys]));
+    steps.push(step(row(TrainRow::PairCombine { k }, d), vec![ys, Arg(1), pos, Res(0)]));
+    Ok(Steps { steps, temps, rope_table: None })
 }
 
 /// The rows per expert of stacked expert weights `[E, rows, cols]`.

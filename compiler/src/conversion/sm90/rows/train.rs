@@ -429,6 +429,19 @@ pub enum TrainRow {
     /// The (token, slot) pairs sorted by expert (one block, `d` = E): `offsets [E + 1]`, then each
     /// expert's pairs (`t * k + slot`) in token order into `pairs`.
     PairSort,
+    /// What the experts' grouped GEMMs read of the sorted pairs (one block, `d` = k, the slots per
+    /// token; `w [T, k]` the routing weights): per sorted row r of pair p, its token `tok[r] = p /
+    /// k` (the rows the gate/up GEMMs gather), its routing weight `wt[r]` (the down GEMM's row
+    /// scale), and `pos[p] = r` (where [`TrainRow::PairCombine`] finds the pair's row).
+    PairRows { k: usize },
+    /// The routed experts' output per token (`d` = D) from the down GEMM's weighted rows in sorted
+    /// order (`ys [T * k, D]`): the token's slots in expert order (as the reference adds them), each
+    /// pair's row `pos[t * k + slot]`, summed from zero into `y [T, D]`. Deterministic: no atomics.
+    PairCombine { k: usize },
+    /// 128x128 block scales of stacked matrices of `matrix_rows` rows (`scale [E * ceil(rows /
+    /// 128), d]`, [`TrainRow::QuantizeBlocks`]) as per-row scales `out [E * rows, d]`: each row its
+    /// block's (what a grouped GEMM over experts of any row count reads). One block per row.
+    RowScales { matrix_rows: usize },
     /// One expert's weight gradient (launched per expert with its two `offsets` and the sorted
     /// `pairs`), one block per row of the gradient: `Down`: `d down [D, I]` row o sums `(dy[t, o] *
     /// w) * h`; else `d gate` / `d up` `[I, D]` row i sums `gg[i] * x[t]` (or `uu`), over the
@@ -519,6 +532,9 @@ impl TrainRow {
             TrainRow::MoeGradToken { k } => format!("rows_moegradtoken_d{d}_k{k}_t{t}"),
             TrainRow::MoeGradX { k } => format!("rows_moegradx_d{d}_k{k}_t{t}"),
             TrainRow::PairSort => format!("rows_pairsort_d{d}_t{t}"),
+            TrainRow::PairRows { k } => format!("rows_pairrows_d{d}_k{k}_t{t}"),
+            TrainRow::PairCombine { k } => format!("rows_paircombine_d{d}_k{k}_t{t}"),
+            TrainRow::RowScales { matrix_rows } => format!("rows_rowscales_d{d}_m{matrix_rows}_t{t}"),
             TrainRow::MoeGradW { down } => format!("rows_moegradw_d{d}_t{t}_{}", if down { "down" } else { "in" }),
             TrainRow::MlaForward(m) => format!("rows_mlafwd_{}_t{t}", m.name()),
             TrainRow::MlaGradQ(m) => format!("rows_mlagradq_{}_t{t}", m.name()),
@@ -658,6 +674,9 @@ impl TrainRow {
             ["moegradtoken", d, k, t] => kernel(TrainRow::MoeGradToken { k: number(k, "k")? }, d, "f32", t),
             ["moegradx", d, k, t] => kernel(TrainRow::MoeGradX { k: number(k, "k")? }, d, "f32", t),
             ["pairsort", d, t] => kernel(TrainRow::PairSort, d, "f32", t),
+            ["pairrows", d, k, t] => kernel(TrainRow::PairRows { k: number(k, "k")? }, d, "f32", t),
+            ["paircombine", d, k, t] => kernel(TrainRow::PairCombine { k: number(k, "k")? }, d, "f32", t),
+            ["rowscales", d, m, t] => kernel(TrainRow::RowScales { matrix_rows: number(m, "m")? }, d, "f32", t),
             ["moegradw", d, t, kind] => {
                 let down = match *kind {
                     "down" => true,
@@ -870,6 +889,17 @@ impl TrainRow {
                 ("offsets", "memref<?xi32>".into()),
                 ("pairs", "memref<?xi32>".into()),
             ],
+            TrainRow::PairRows { .. } => vec![
+                ("pairs", "memref<?xi32>".into()),
+                ("w", rows()),
+                ("tok", "memref<?xi32>".into()),
+                ("wt", "memref<?xf32>".into()),
+                ("pos", "memref<?xi32>".into()),
+            ],
+            TrainRow::PairCombine { .. } => {
+                vec![("ys", rows()), ("idx", "memref<?x?xi32>".into()), ("pos", "memref<?xi32>".into()), ("y", rows())]
+            }
+            TrainRow::RowScales { .. } => vec![("scale", rows()), ("out", rows())],
             TrainRow::MoeGradW { down } => vec![
                 ("offsets", "memref<?xi32>".into()),
                 ("pairs", "memref<?xi32>".into()),
@@ -918,7 +948,9 @@ impl TrainRow {
             TrainRow::Fp8WgradExpert => "out",
             TrainRow::MoeGradToken { .. } => "dy",
             TrainRow::MoeGradX { .. } => "dx",
-            TrainRow::PairSort => return None,
+            TrainRow::PairSort | TrainRow::PairRows { .. } => return None,
+            TrainRow::PairCombine { .. } => "y",
+            TrainRow::RowScales { .. } => "out",
             TrainRow::MoeGradW { .. } => "out",
             TrainRow::LossMean { .. } | TrainRow::ExpertFreq | TrainRow::AddFlat => return None,
             TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => "logits",
@@ -943,9 +975,10 @@ impl TrainRow {
             TrainRow::MlaForward(m) => vec![("sh_p", m.context), ("sh_red", 4)],
             TrainRow::MlaGradQ(m) => vec![("sh_p", m.context), ("sh_dp", m.context), ("sh_red", 4)],
             TrainRow::MlaGradKv(m) => vec![("sh_pi", m.context), ("sh_dsi", m.context)],
-            TrainRow::MoeCombine { k } | TrainRow::MoeCombineFp8 { k } | TrainRow::MoeGradXFp8 { k } => {
-                vec![("sh_order", *k)]
-            }
+            TrainRow::MoeCombine { k }
+            | TrainRow::MoeCombineFp8 { k }
+            | TrainRow::MoeGradXFp8 { k }
+            | TrainRow::PairCombine { k } => vec![("sh_order", *k)],
             TrainRow::Quantize => {
                 let groups = d.div_ceil(super::GROUP);
                 vec![("sh_amax", groups * AMAX_PARTS), ("sh_scale", groups)]
@@ -962,8 +995,8 @@ impl TrainRow {
             // One thread sums a column.
             TrainRow::RmsNormDw | TrainRow::LossMean { .. } => 32,
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_) => 128,
-            // A 128x128 tile per block.
-            TrainRow::QuantizeBlocks { .. } => 256,
+            // A 128x128 tile per block; every sorted pair in one block.
+            TrainRow::QuantizeBlocks { .. } | TrainRow::PairRows { .. } => 256,
             // One thread per expert; one thread per token does the rest.
             TrainRow::ExpertFreq | TrainRow::PairSort | TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => {
                 d.next_power_of_two().clamp(32, 256)
@@ -1050,6 +1083,9 @@ impl TrainRow {
             TrainRow::SumHeads { heads } => {
                 let _ = writeln!(s, "%cH = arith.constant {heads} : index");
             }
+            TrainRow::RowScales { matrix_rows } => {
+                let _ = writeln!(s, "%cMR = arith.constant {matrix_rows} : index");
+            }
             TrainRow::Quantize => s.push_str(&quant_constants(d.div_ceil(super::GROUP))),
             TrainRow::QuantizeBlocks { tiles, .. } => {
                 let _ = writeln!(s, "%cTiles = arith.constant {tiles} : index");
@@ -1073,7 +1109,9 @@ impl TrainRow {
             | TrainRow::MoeCombineFp8 { k }
             | TrainRow::MoeCombine { k }
             | TrainRow::MoeGradToken { k }
-            | TrainRow::MoeGradX { k } => {
+            | TrainRow::MoeGradX { k }
+            | TrainRow::PairRows { k }
+            | TrainRow::PairCombine { k } => {
                 let _ = writeln!(s, "%cK = arith.constant {k} : index");
                 let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
             }
@@ -2349,6 +2387,64 @@ scf.if %first {{
                     )),
                 ]
             }
+            TrainRow::PairRows { .. } => vec![format!(
+                "%T = memref.dim %w, %c0 : {m}
+%P = arith.muli %T, %cK : index
+scf.for %r = %tid to %P step %cT {{
+  %p_i32 = memref.load %pairs[%r] : memref<?xi32>
+  %p = arith.index_cast %p_i32 : i32 to index
+  %pt = arith.divui %p, %cK : index
+  %ps = arith.remui %p, %cK : index
+  %pt_i32 = arith.index_cast %pt : index to i32
+  memref.store %pt_i32, %tok[%r] : memref<?xi32>
+  %wv = memref.load %w[%pt, %ps] : {m}
+  memref.store %wv, %wt[%r] : memref<?xf32>
+  %r_i32 = arith.index_cast %r : index to i32
+  memref.store %r_i32, %pos[%p] : memref<?xi32>
+}}
+"
+            )],
+            TrainRow::PairCombine { .. } => {
+                let order = sh("sh_order");
+                vec![
+                    slot_order(&order),
+                    format!(
+                        "%t = arith.addi %row, %c0 : index
+%p0 = arith.muli %t, %cK : index
+scf.for %o = %tid to %cD step %cT {{
+  %acc = scf.for %r = %c0 to %cK step %c1 iter_args(%a = %zero) -> (f32) {{
+    %s_f = memref.load %sh_order[%r] : {order}
+    %s_i = arith.fptosi %s_f : f32 to i32
+    %s = arith.index_cast %s_i : i32 to index
+    %p = arith.addi %p0, %s : index
+    %q_i32 = memref.load %pos[%p] : memref<?xi32>
+    %q = arith.index_cast %q_i32 : i32 to index
+    %v = memref.load %ys[%q, %o] : {m}
+    %a2 = arith.addf %a, %v : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %acc, %y[%t, %o] : {m}
+}}
+"
+                    ),
+                ]
+            }
+            TrainRow::RowScales { .. } => vec![format!(
+                "%mat = arith.divui %row, %cMR : index
+%sub = arith.remui %row, %cMR : index
+%c128 = arith.constant 128 : index
+%c127 = arith.constant 127 : index
+%mr127 = arith.addi %cMR, %c127 : index
+%per = arith.divui %mr127, %c128 : index
+%first = arith.muli %mat, %per : index
+%blk = arith.divui %sub, %c128 : index
+%sr = arith.addi %first, %blk : index
+scf.for %c = %tid to %cD step %cT {{
+  %v = memref.load %scale[%sr, %c] : {m}
+  memref.store %v, %out[%row, %c] : {m}
+}}
+"
+            )],
             TrainRow::MoeGradW { down } => {
                 // Pair p is token p / k, slot p % k (k: the routing weights' columns).
                 let term = if down {
