@@ -137,16 +137,18 @@ fn training_kernels() -> Vec<RowKernel> {
         train(TrainRow::QuantizeBlocks { tiles: 12, transposed: false, matrix_rows: 0 }, 128, "f32"),
         train(TrainRow::QuantizeBlocks { tiles: 192, transposed: true, matrix_rows: 0 }, 128, "f32"),
         train(TrainRow::QuantizeCols, 7168, "f32"),
-        // The FP8 recipe's routed experts: each expert's master in blocks of its own, its products.
+        // The FP8 recipe's routed experts: each expert's master in blocks of its own (both ways)
+        // and their scales per row, the sorted pairs' rows for the grouped GEMMs, the per-token
+        // combines, the routing weights' gradient, Wgrad's 128-pair tiles.
         train(TrainRow::QuantizeBlocks { tiles: 56, transposed: false, matrix_rows: 2048 }, 128, "f32"),
-        train(TrainRow::MoeHiddenFp8 { k: 8, keep: false }, 2048, "f32"),
-        train(TrainRow::MoeCombineFp8 { k: 8 }, 7168, "f32"),
         train(TrainRow::QuantizeBlocks { tiles: 56, transposed: true, matrix_rows: 7168 }, 128, "f32"),
-        train(TrainRow::MoeHiddenFp8 { k: 8, keep: true }, 2048, "f32"),
-        train(TrainRow::MoeGradTokenFp8 { k: 8 }, 7168, "f32"),
-        train(TrainRow::MoeDgradFp8 { k: 8 }, 2048, "f32"),
-        train(TrainRow::MoeGradXFp8 { k: 8 }, 7168, "f32"),
+        train(TrainRow::RowScales { matrix_rows: 2048 }, 56, "f32"),
+        train(TrainRow::PairRows { k: 8 }, 8, "f32"),
+        train(TrainRow::PairCombine { k: 8, two: false }, 7168, "f32"),
+        train(TrainRow::PairCombine { k: 8, two: true }, 7168, "f32"),
+        train(TrainRow::PairGrad { k: 8 }, 7168, "f32"),
         train(TrainRow::QuantizePairs { by_token: true }, 7168, "f32"),
+        train(TrainRow::QuantizePairs { by_token: false }, 2048, "f32"),
         train(TrainRow::Fp8WgradExpert, 2048, "f32"),
     ]);
     kernels
@@ -228,9 +230,8 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     // Max, then the sum: each a strided pass and a tree, then the last phase.
                     TrainRow::CrossEntropy { .. } => 2 * (1 + tree),
                     TrainRow::RouteGrad { .. }
-                    | TrainRow::MoeCombineFp8 { .. }
-                    | TrainRow::MoeGradXFp8 { .. }
-                    | TrainRow::MoeGradTokenFp8 { .. }
+                    | TrainRow::PairCombine { .. }
+                    | TrainRow::PairGrad { .. }
                     | TrainRow::MoeCombine { .. }
                     | TrainRow::MoeGradToken { .. } => 1,
                     TrainRow::PairSort => 2,
@@ -254,8 +255,6 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 | TrainRow::MlaGradQ(_)
                 | TrainRow::MlaGradKv(_)
                 | TrainRow::MoeHidden { .. }
-                | TrainRow::MoeHiddenFp8 { .. }
-                | TrainRow::MoeDgradFp8 { .. }
                 | TrainRow::MoeGradToken { .. } = op
                 {
                     assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");

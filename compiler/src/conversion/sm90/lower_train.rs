@@ -408,99 +408,202 @@ fn moe_experts(body: &Body) -> Result<Steps, String> {
     })
 }
 
-/// The FP8 recipe's routed experts (forward) on the tensor cores: the tokens' rows quantized 1x128,
-/// each expert's master weights in 128x128 blocks of its own (their scales repeated per row, so
-/// experts of any row count keep their blocks), the (token, slot) pairs sorted by expert; then the
-/// grouped fp8 GEMM template gathers each pair's token row for gate and up (rows in sorted order),
-/// SwiGLU in f32 quantized 1x128, the down GEMM over the sorted rows times each pair's routing weight,
-/// and per token its slots' rows summed in expert order (no atomics: the reference's order).
+/// The FP8 recipe's routed experts (forward) on the tensor cores ([`Experts::forward`]), each
+/// pair's output row times its routing weight, and per token its slots' rows summed in expert order
+/// (no atomics: the reference's order).
 fn moe_experts_fp8(kernel: &str, experts: usize, k: usize, inter: usize, d: usize) -> Result<Steps, String> {
-    use Operand::{Arg, Result as Res, Temp as Tmp};
-    let group = super::rows::GROUP;
-    let row = |op, d| StepKernel::Row(train_kernel(op, d, "f32"));
-    let fixed = |rows: usize, cols: usize, element: &str| {
+    use Operand::{Arg, Result as Res};
+    let mut ex = Experts::new(kernel, experts, k, inter, d)?;
+    let f = ex.forward([Arg(0), Arg(1), Arg(2), Arg(3), Arg(4), Arg(5)], false);
+    let ys = ex.per_pair(d, "f32");
+    ex.gemm("down", Contiguous, (f.hq, f.hs), f.down, (d, inter), Some(f.wt), ys);
+    ex.row(TrainRow::PairCombine { k, two: false }, d, vec![ys, Arg(1), f.pos, Res(0)]);
+    Ok(ex.into_steps())
+}
+
+use super::gemm::GemmGrouping::{self, Contiguous, Gather};
+use super::rows::GROUP;
+
+/// An expert weight's e4m3 blocks for the grouped GEMMs: the blocks (`[E * rows, K]`) and their
+/// 128x128 scales repeated per row.
+#[derive(Clone, Copy)]
+struct ExpertBlocks {
+    q: Operand,
+    row_scale: Operand,
+}
+
+/// What [`Experts::forward`] leaves for the steps after it: down's blocks, the pairs sorted by
+/// expert (`offsets`, `pairs`) and per sorted row its token, routing weight and place (`pos`), the
+/// gate and up products, the hidden rows quantized (and in f32 when kept), all in sorted order.
+struct Forward {
+    down: ExpertBlocks,
+    offsets: Operand,
+    pairs: Operand,
+    tok: Operand,
+    wt: Operand,
+    pos: Operand,
+    g: Operand,
+    u: Operand,
+    hq: Operand,
+    hs: Operand,
+    h: Option<Operand>,
+}
+
+/// The steps of the FP8 experts on the tensor cores (one fused kernel's), with their temporaries.
+/// Rows are (token, slot) pairs sorted by expert; every GEMM is the grouped fp8 template over
+/// blocks the steps quantize from the f32 masters (per-row B scales: experts of any row count).
+struct Experts {
+    kernel: String,
+    experts: usize,
+    k: usize,
+    inter: usize,
+    d: usize,
+    steps: Vec<Step>,
+    temps: Vec<Temp>,
+    /// The expert offsets and the sorted rows' tokens, once sorted.
+    sorted: Option<(Operand, Operand)>,
+}
+
+impl Experts {
+    fn new(kernel: &str, experts: usize, k: usize, inter: usize, d: usize) -> Result<Experts, String> {
+        // TMA rows of e4m3: 16-byte multiples.
+        if !d.is_multiple_of(16) || !inter.is_multiple_of(16) {
+            return Err(format!("fp8 experts of hidden {d} x intermediate {inter} (TMA needs multiples of 16)"));
+        }
+        Ok(Experts {
+            kernel: kernel.to_string(),
+            experts,
+            k,
+            inter,
+            d,
+            steps: Vec::new(),
+            temps: Vec::new(),
+            sorted: None,
+        })
+    }
+
+    fn temp(&mut self, t: Temp) -> Operand {
+        self.temps.push(t);
+        Operand::Temp(self.temps.len() - 1)
+    }
+
+    /// A temporary of one row per pair.
+    fn per_pair(&mut self, cols: usize, element: &str) -> Operand {
+        self.temp(Temp::per_row(self.k, cols, element))
+    }
+
+    fn fixed(&mut self, rows: usize, cols: usize, element: &str) -> Operand {
         let mut t = Temp::per_row(1, cols, element);
         t.fixed_rows = Some(rows);
-        t
-    };
-    let (kd, ki) = (d.div_ceil(group), inter.div_ceil(group));
-    let mut temps = Vec::new();
-    let mut temp = |t: Temp| {
-        temps.push(t);
-        Tmp(temps.len() - 1)
-    };
-    let f8 = "f8E4M3FN";
-    let (xq, xs) = (temp(Temp::per_row(1, d, f8)), temp(Temp::per_row(1, kd, "f32")));
-    // Per weight: its e4m3 blocks, their scales, and the scales per row.
-    let mut blocks = |rows: usize, cols: usize| {
-        let kb = cols.div_ceil(group);
-        (temp(fixed(experts * rows, cols, f8)), temp(fixed(experts * rows.div_ceil(group), kb, "f32")), {
-            temp(fixed(experts * rows, kb, "f32"))
-        })
-    };
-    let (gate, up, down) = (blocks(inter, d), blocks(inter, d), blocks(d, inter));
-    let offsets = temp(fixed(experts + 1, 1, "i32"));
-    let per_pair = |cols: usize, element: &str| Temp::per_row(k, cols, element);
-    let (pairs, tok, wt, pos) =
-        (temp(per_pair(1, "i32")), temp(per_pair(1, "i32")), temp(per_pair(1, "f32")), temp(per_pair(1, "i32")));
-    let (g, u, gu) = (temp(per_pair(inter, "f32")), temp(per_pair(inter, "f32")), temp(per_pair(2 * inter, "f32")));
-    let (hq, hs, ys) = (temp(per_pair(inter, f8)), temp(per_pair(ki, "f32")), temp(per_pair(d, "f32")));
-    let step = |kernel, operands: Vec<Operand>| Step { kernel, operands };
-    let quantize_blocks = |(q, s, rs): (Operand, Operand, Operand), w: usize, rows: usize, cols: usize| {
-        let tiles = cols.div_ceil(group);
-        [
-            step(
-                row(TrainRow::QuantizeBlocks { tiles, transposed: false, matrix_rows: rows }, group),
-                vec![Arg(w), q, s],
-            ),
-            step(row(TrainRow::RowScales { matrix_rows: rows }, tiles), vec![s, rs]),
-        ]
-    };
-    let mut steps = vec![step(row(TrainRow::Quantize, d), vec![Arg(0), xq, xs])];
-    steps.extend(quantize_blocks(gate, 3, inter, d));
-    steps.extend(quantize_blocks(up, 4, inter, d));
-    steps.extend(quantize_blocks(down, 5, d, inter));
-    steps.push(step(row(TrainRow::PairSort, experts), vec![Arg(1), offsets, pairs]));
-    steps.push(step(row(TrainRow::PairRows { k }, k), vec![pairs, Arg(2), tok, wt, pos]));
-    // Operands: A, its scales, B, its per-row scales, offsets, the sorted rows' tokens, (row scale,)
-    // the output.
-    let grouped = |name: &str, grouping, n: usize, kk: usize, row_scale: bool| GemmKernel {
-        kernel: format!("{kernel}.{name}"),
-        input: GemmInput::Fp8,
-        output: GemmOutput::F32,
-        n,
-        k: kk,
-        a: 0,
-        a_scale: Some(1),
-        weights: vec![(2, Some(3))],
-        residual: None,
-        results: vec![(0, n)],
-        grouped: Some(super::lower::Grouped {
-            grouping,
-            groups: experts,
-            routed: experts,
-            per_token: k,
-            offsets: 4,
-            perm: 5,
-            row_scale: row_scale.then_some(6),
-            scatter: false,
-            weights: Vec::new(),
-            b_row_scales: true,
-        }),
-        fixed_m: None,
-    };
-    use super::gemm::GemmGrouping::{Contiguous, Gather};
-    for ((q, _, rs), name, out) in [(gate, "gate", g), (up, "up", u)] {
-        let gemm = grouped(name, Gather, inter, d, false);
-        steps.push(step(StepKernel::Gemm(gemm), vec![xq, xs, q, rs, offsets, tok, out]));
+        self.temp(t)
     }
-    steps.push(step(row(TrainRow::Join { second: inter }, inter), vec![g, u, gu]));
-    steps
-        .push(step(StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: true }, inter, "f32")), vec![gu, hq, hs]));
-    let gemm = grouped("down", Contiguous, d, inter, true);
-    steps.push(step(StepKernel::Gemm(gemm), vec![hq, hs, down.0, down.2, offsets, tok, wt, ys]));
-    steps.push(step(row(TrainRow::PairCombine { k }, d), vec![ys, Arg(1), pos, Res(0)]));
-    Ok(Steps { steps, temps, rope_table: None })
+
+    fn row(&mut self, op: TrainRow, d: usize, operands: Vec<Operand>) {
+        self.steps.push(Step { kernel: StepKernel::Row(train_kernel(op, d, "f32")), operands });
+    }
+
+    /// `x`'s rows (`cols` wide) quantized 1x128 into new temporaries.
+    fn quantize(&mut self, x: Operand, cols: usize) -> (Operand, Operand) {
+        let (q, s) = (self.per_pair(cols, "f8E4M3FN"), self.per_pair(cols.div_ceil(GROUP), "f32"));
+        self.row(TrainRow::Quantize, cols, vec![x, q, s]);
+        (q, s)
+    }
+
+    /// The stacked master `w [E * rows, cols]` in 128x128 blocks per expert (`transposed`: each
+    /// expert's `[cols, rows]`), with the scales per row of the blocks.
+    fn blocks(&mut self, w: Operand, rows: usize, cols: usize, transposed: bool) -> ExpertBlocks {
+        let e = self.experts;
+        // The blocks' rows and columns per expert.
+        let (r, c) = if transposed { (cols, rows) } else { (rows, cols) };
+        let tiles = c.div_ceil(GROUP);
+        let q = self.fixed(e * r, c, "f8E4M3FN");
+        let scale = self.fixed(e * r.div_ceil(GROUP), tiles, "f32");
+        let row_scale = self.fixed(e * r, tiles, "f32");
+        self.row(TrainRow::QuantizeBlocks { tiles, transposed, matrix_rows: rows }, GROUP, vec![w, q, scale]);
+        self.row(TrainRow::RowScales { matrix_rows: r }, tiles, vec![scale, row_scale]);
+        ExpertBlocks { q, row_scale }
+    }
+
+    /// The grouped fp8 GEMM `out [pairs, n] = a . b_e^T` per expert e over its sorted rows (A's
+    /// rows gathered by token, or A in sorted order), times `row_scale` per row when given.
+    /// Operands: A, its scales, B, its per-row scales, offsets, the rows' tokens, (row scale,) out.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &mut self,
+        name: &str,
+        grouping: GemmGrouping,
+        (a, a_scale): (Operand, Operand),
+        b: ExpertBlocks,
+        (n, k): (usize, usize),
+        row_scale: Option<Operand>,
+        out: Operand,
+    ) {
+        let (offsets, tok) = self.sorted.expect("the pairs are sorted before a grouped GEMM");
+        let gemm = GemmKernel {
+            kernel: format!("{}.{name}", self.kernel),
+            input: GemmInput::Fp8,
+            output: GemmOutput::F32,
+            n,
+            k,
+            a: 0,
+            a_scale: Some(1),
+            weights: vec![(2, Some(3))],
+            residual: None,
+            results: vec![(0, n)],
+            grouped: Some(super::lower::Grouped {
+                grouping,
+                groups: self.experts,
+                routed: self.experts,
+                per_token: self.k,
+                offsets: 4,
+                perm: 5,
+                row_scale: row_scale.map(|_| 6),
+                scatter: false,
+                weights: Vec::new(),
+                b_row_scales: true,
+            }),
+            fixed_m: None,
+        };
+        let mut operands = vec![a, a_scale, b.q, b.row_scale, offsets, tok];
+        operands.extend(row_scale);
+        operands.push(out);
+        self.steps.push(Step { kernel: StepKernel::Gemm(gemm), operands });
+    }
+
+    /// The experts' forward from the kernel's `[x, idx, w, gate, up, down]`: x quantized 1x128, the
+    /// masters in blocks, the pairs sorted by expert ([`TrainRow::PairSort`], [`TrainRow::PairRows`]),
+    /// each pair's token row gathered through gate and up, SwiGLU in f32 quantized 1x128 (`keep`: and
+    /// kept in f32, for the gradient).
+    fn forward(&mut self, [x, idx, w, gate, up, down]: [Operand; 6], keep: bool) -> Forward {
+        let (e, k, inter, d) = (self.experts, self.k, self.inter, self.d);
+        let (xq, xs) =
+            (self.temp(Temp::per_row(1, d, "f8E4M3FN")), self.temp(Temp::per_row(1, d.div_ceil(GROUP), "f32")));
+        self.row(TrainRow::Quantize, d, vec![x, xq, xs]);
+        let (gate, up, down) =
+            (self.blocks(gate, inter, d, false), self.blocks(up, inter, d, false), self.blocks(down, d, inter, false));
+        let offsets = self.fixed(e + 1, 1, "i32");
+        let (pairs, tok, wt, pos) =
+            (self.per_pair(1, "i32"), self.per_pair(1, "i32"), self.per_pair(1, "f32"), self.per_pair(1, "i32"));
+        self.row(TrainRow::PairSort, e, vec![idx, offsets, pairs]);
+        self.row(TrainRow::PairRows { k }, k, vec![pairs, w, tok, wt, pos]);
+        self.sorted = Some((offsets, tok));
+        let (g, u, gu) = (self.per_pair(inter, "f32"), self.per_pair(inter, "f32"), self.per_pair(2 * inter, "f32"));
+        self.gemm("gate", Gather, (xq, xs), gate, (inter, d), None, g);
+        self.gemm("up", Gather, (xq, xs), up, (inter, d), None, u);
+        self.row(TrainRow::Join { second: inter }, inter, vec![g, u, gu]);
+        let (hq, hs) = (self.per_pair(inter, "f8E4M3FN"), self.per_pair(inter.div_ceil(GROUP), "f32"));
+        let silu = |quantize| StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize }, inter, "f32"));
+        self.steps.push(Step { kernel: silu(true), operands: vec![gu, hq, hs] });
+        let h = keep.then(|| self.per_pair(inter, "f32"));
+        if let Some(h) = h {
+            self.steps.push(Step { kernel: silu(false), operands: vec![gu, h] });
+        }
+        Forward { down, offsets, pairs, tok, wt, pos, g, u, hq, hs, h }
+    }
+
+    fn into_steps(self) -> Steps {
+        Steps { steps: self.steps, temps: self.temps, rope_table: None }
+    }
 }
 
 /// The rows per expert of stacked expert weights `[E, rows, cols]`.
@@ -568,7 +671,7 @@ fn moe_experts_grad(body: &Body) -> Result<Steps, String> {
         pieces.push((i, which, e));
     }
     if flag(o, "fp8") {
-        return moe_experts_grad_fp8(experts, k, inter, d, &pieces);
+        return moe_experts_grad_fp8(&body.name, experts, k, inter, d, &pieces);
     }
     use Operand::{Arg, Result as Res, Temp as Tmp};
     let row = |op, d| StepKernel::Row(train_kernel(op, d, "f32"));
@@ -760,103 +863,67 @@ fn fp8_wgrad(body: &Body) -> Result<Steps, String> {
     })
 }
 
-/// The FP8 recipe's routed experts' gradients (the reference's `moe_experts_grad_fp8`), on CUDA
-/// cores: the forward recomputed (Fprop of gate, up, down from 1x128 rows and per-expert blocks), the
-/// routing weights' gradient, Dgrad through down (its blocks transposed per expert) and SwiGLU's
-/// gradient, the input gradient through gate and up (transposed blocks), then per expert Wgrad
-/// from 128-pair tiles of its sorted pairs, launched per expert into its results.
+/// The FP8 recipe's routed experts' gradients (the reference's `moe_experts_grad_fp8`): the
+/// forward recomputed on the tensor cores ([`Experts::forward`], the hidden rows kept), each pair's
+/// output row; per sorted row `dye = dy * w` and the routing weight's gradient; Dgrad through down
+/// (its blocks transposed per expert) and SwiGLU's gradient, Dgrad through gate and up (transposed
+/// blocks) summed per token over its slots in expert order — all grouped GEMMs; then per expert
+/// Wgrad from 128-pair tiles of its sorted rows (CUDA cores: each expert's pair count lives on the
+/// device), launched per expert into its results.
 fn moe_experts_grad_fp8(
+    kernel: &str,
     experts: usize,
     k: usize,
     inter: usize,
     d: usize,
     pieces: &[(usize, usize, usize)],
 ) -> Result<Steps, String> {
-    use Operand::{Arg, Result as Res, Temp as Tmp};
-    let group = super::rows::GROUP;
-    let row = |op, d| StepKernel::Row(train_kernel(op, d, "f32"));
-    let fixed = |rows: usize, cols: usize, element: &str| {
-        let mut t = Temp::per_row(1, cols, element);
-        t.fixed_rows = Some(rows);
-        t
+    use Operand::{Arg, Result as Res};
+    let mut ex = Experts::new(kernel, experts, k, inter, d)?;
+    // Arguments: x, idx, w, dy, gate, up, down.
+    let f = ex.forward([Arg(0), Arg(1), Arg(2), Arg(4), Arg(5), Arg(6)], true);
+    let y = ex.per_pair(d, "f32");
+    ex.gemm("down", Contiguous, (f.hq, f.hs), f.down, (d, inter), None, y);
+    let dye = ex.per_pair(d, "f32");
+    ex.row(TrainRow::PairGrad { k }, d, vec![Arg(3), y, f.tok, f.wt, f.pairs, dye, Res(1)]);
+    let dye_q = ex.quantize(dye, d);
+    let down_t = ex.blocks(Arg(6), d, inter, true);
+    let dh = ex.per_pair(inter, "f32");
+    ex.gemm("down_dgrad", Contiguous, dye_q, down_t, (inter, d), None, dh);
+    let (gg, uu) = (ex.per_pair(inter, "f32"), ex.per_pair(inter, "f32"));
+    ex.row(TrainRow::SiluMulGrad, inter, vec![f.g, f.u, dh, gg, uu]);
+    let (gg_q, uu_q) = (ex.quantize(gg, inter), ex.quantize(uu, inter));
+    let (gate_t, up_t) = (ex.blocks(Arg(4), inter, d, true), ex.blocks(Arg(5), inter, d, true));
+    let (dxg, dxu) = (ex.per_pair(d, "f32"), ex.per_pair(d, "f32"));
+    ex.gemm("gate_dgrad", Contiguous, gg_q, gate_t, (d, inter), None, dxg);
+    ex.gemm("up_dgrad", Contiguous, uu_q, up_t, (d, inter), None, dxu);
+    ex.row(TrainRow::PairCombine { k, two: true }, d, vec![dxg, dxu, Arg(1), f.pos, Res(0)]);
+    // Wgrad's operands: 128-pair tiles of each expert's sorted rows (x's by token).
+    let h = f.h.expect("kept");
+    let mut tiles = |src: Operand, by_token: bool, cols: usize| {
+        let (q, s) = (ex.per_pair(cols, "f8E4M3FN"), ex.per_pair(cols, "f32"));
+        ex.row(TrainRow::QuantizePairs { by_token }, cols, vec![f.offsets, f.pairs, Arg(2), src, q, s]);
+        (q, s)
     };
-    let (kd, ki) = (d.div_ceil(group), inter.div_ceil(group));
-    let (bi, bd) = (experts * ki, experts * kd);
-    let mut temps = Vec::new();
-    let mut temp = |t: Temp| {
-        temps.push(t);
-        Tmp(temps.len() - 1)
-    };
-    let f8 = "f8E4M3FN";
-    // Fprop operands.
-    let (xq, xs) = (temp(Temp::per_row(1, d, f8)), temp(Temp::per_row(1, kd, "f32")));
-    let (gq, gs) = (temp(fixed(experts * inter, d, f8)), temp(fixed(bi, kd, "f32")));
-    let (uq, us) = (temp(fixed(experts * inter, d, f8)), temp(fixed(bi, kd, "f32")));
-    let (dq, ds) = (temp(fixed(experts * d, inter, f8)), temp(fixed(bd, ki, "f32")));
-    let (g, u, h) = (
-        temp(Temp::per_row(k, inter, "f32")),
-        temp(Temp::per_row(k, inter, "f32")),
-        temp(Temp::per_row(k, inter, "f32")),
+    let (dye_t, h_t, gg_t, uu_t, x_t) = (
+        tiles(dye, false, d),
+        tiles(h, false, inter),
+        tiles(gg, false, inter),
+        tiles(uu, false, inter),
+        tiles(Arg(0), true, d),
     );
-    let (hq, hs) = (temp(Temp::per_row(k, inter, f8)), temp(Temp::per_row(k, ki, "f32")));
-    // The expert's output, dye, Dgrad through down.
-    let (y, dye) = (temp(Temp::per_row(k, d, "f32")), temp(Temp::per_row(k, d, "f32")));
-    let (dyeq, dyes) = (temp(Temp::per_row(k, d, f8)), temp(Temp::per_row(k, kd, "f32")));
-    let (dtq, dts) = (temp(fixed(experts * inter, d, f8)), temp(fixed(bi, kd, "f32")));
-    let (gg, uu) = (temp(Temp::per_row(k, inter, "f32")), temp(Temp::per_row(k, inter, "f32")));
-    let (ggq, ggs) = (temp(Temp::per_row(k, inter, f8)), temp(Temp::per_row(k, ki, "f32")));
-    let (uuq, uus) = (temp(Temp::per_row(k, inter, f8)), temp(Temp::per_row(k, ki, "f32")));
-    let (gtq, gts) = (temp(fixed(experts * d, inter, f8)), temp(fixed(bd, ki, "f32")));
-    let (utq, uts) = (temp(fixed(experts * d, inter, f8)), temp(fixed(bd, ki, "f32")));
-    // Pairs sorted by expert, and the 128-pair tiles Wgrad reads.
-    let offsets = temp(fixed(experts + 1, 1, "i32"));
-    let pairs = temp(Temp::per_row(k, 1, "i32"));
-    let mut tiles = |cols: usize| (temp(Temp::per_row(k, cols, f8)), temp(Temp::per_row(k, cols, "f32")));
-    let (dye_t, h_t, gg_t, uu_t, x_t) = (tiles(d), tiles(inter), tiles(inter), tiles(inter), tiles(d));
-    let offsets_index = match offsets {
-        Tmp(i) => i,
-        _ => unreachable!("a temporary"),
-    };
-    let blocks = |tiles, transposed, matrix_rows| TrainRow::QuantizeBlocks { tiles, transposed, matrix_rows };
-    let step = |kernel, operands: Vec<Operand>| Step { kernel, operands };
-    let mut steps = vec![
-        step(row(TrainRow::Quantize, d), vec![Arg(0), xq, xs]),
-        step(row(blocks(kd, false, inter), group), vec![Arg(4), gq, gs]),
-        step(row(blocks(kd, false, inter), group), vec![Arg(5), uq, us]),
-        step(row(blocks(ki, false, d), group), vec![Arg(6), dq, ds]),
-        step(row(TrainRow::MoeHiddenFp8 { k, keep: true }, inter), vec![xq, xs, Arg(1), gq, gs, uq, us, h, g, u]),
-        step(row(TrainRow::Quantize, inter), vec![h, hq, hs]),
-        step(row(TrainRow::MoeGradTokenFp8 { k }, d), vec![Arg(3), Arg(1), Arg(2), hq, hs, dq, ds, y, dye, Res(1)]),
-        step(row(TrainRow::Quantize, d), vec![dye, dyeq, dyes]),
-        step(row(blocks(kd, true, d), group), vec![Arg(6), dtq, dts]),
-        step(row(TrainRow::MoeDgradFp8 { k }, inter), vec![dyeq, dyes, Arg(1), dtq, dts, g, u, gg, uu]),
-        step(row(TrainRow::Quantize, inter), vec![gg, ggq, ggs]),
-        step(row(TrainRow::Quantize, inter), vec![uu, uuq, uus]),
-        step(row(blocks(ki, true, inter), group), vec![Arg(4), gtq, gts]),
-        step(row(blocks(ki, true, inter), group), vec![Arg(5), utq, uts]),
-        step(row(TrainRow::MoeGradXFp8 { k }, d), vec![ggq, ggs, uuq, uus, Arg(1), gtq, gts, utq, uts, Res(0)]),
-        step(row(TrainRow::PairSort, experts), vec![Arg(1), offsets, pairs]),
-    ];
-    for (src, (q, s), by_token, cols) in [
-        (dye, dye_t, false, d),
-        (h, h_t, false, inter),
-        (gg, gg_t, false, inter),
-        (uu, uu_t, false, inter),
-        (Arg(0), x_t, true, d),
-    ] {
-        steps.push(step(row(TrainRow::QuantizePairs { by_token }, cols), vec![offsets, pairs, Arg(2), src, q, s]));
-    }
+    let Operand::Temp(offsets) = f.offsets else { unreachable!("a temporary") };
     for &(i, which, e) in pieces {
-        let view = Operand::TempRows { temp: offsets_index, first: e, rows: 2 };
+        let view = Operand::TempRows { temp: offsets, first: e, rows: 2 };
         // d down [D, I] = dye^T h; d gate [I, D] = gg^T x; d up = uu^T x.
         let (a, b, cols) = match which {
             2 => (dye_t, h_t, inter),
             0 => (gg_t, x_t, d),
             _ => (uu_t, x_t, d),
         };
-        steps.push(step(row(TrainRow::Fp8WgradExpert, cols), vec![view, a.0, a.1, b.0, b.1, Res(i)]));
+        ex.row(TrainRow::Fp8WgradExpert, cols, vec![view, a.0, a.1, b.0, b.1, Res(i)]);
     }
-    Ok(Steps { steps, temps, rope_table: None })
+    Ok(ex.into_steps())
 }
 
 /// The loss weight of a `cross_entropy(_grad)`.

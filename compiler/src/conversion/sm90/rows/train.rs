@@ -71,42 +71,6 @@ fn mla_dp(q: &str, k: &str) -> String {
     )
 }
 
-/// `%{p}` = the block-scaled product of e4m3 rows `{a}[{ar}, :]` and `{b}[{br}, :]` over `{k}`
-/// columns (the reference's `matmul_fp8` order): per 128-column block the decoded products summed in
-/// order, times A's scale `{a_s}[{ar}, kb]`, times B's `{b_s}[{bsr}, kb]`, added up. Names prefixed by `p`.
-#[allow(clippy::too_many_arguments)]
-fn fp8_dot(p: &str, a: &str, ar: &str, a_s: &str, b: &str, br: &str, b_s: &str, bsr: &str, k: &str) -> String {
-    let (da, db) =
-        (decode_e4m3(&format!("%{p}_ab"), &format!("%{p}_av")), decode_e4m3(&format!("%{p}_bb"), &format!("%{p}_bv")));
-    format!(
-        "%{p}_c128 = arith.constant 128 : index
-%{p}_c127 = arith.constant 127 : index
-%{p}_k127 = arith.addi {k}, %{p}_c127 : index
-%{p}_nkb = arith.divui %{p}_k127, %{p}_c128 : index
-%{p} = scf.for %{p}_kb = %c0 to %{p}_nkb step %c1 iter_args(%{p}_acc = %zero) -> (f32) {{
-  %{p}_lo = arith.muli %{p}_kb, %{p}_c128 : index
-  %{p}_hi0 = arith.addi %{p}_lo, %{p}_c128 : index
-  %{p}_hi = arith.minui %{p}_hi0, {k} : index
-  %{p}_partial = scf.for %{p}_c = %{p}_lo to %{p}_hi step %c1 iter_args(%{p}_s = %zero) -> (f32) {{
-    %{p}_ab = memref.load {a}[{ar}, %{p}_c] : memref<?x?xi8>
-    %{p}_bb = memref.load {b}[{br}, %{p}_c] : memref<?x?xi8>
-{da}{db}    %{p}_x = arith.mulf %{p}_av, %{p}_bv : f32
-    %{p}_s2 = arith.addf %{p}_s, %{p}_x : f32
-    scf.yield %{p}_s2 : f32
-  }}
-  %{p}_sa = memref.load {a_s}[{ar}, %{p}_kb] : memref<?x?xf32>
-  %{p}_sb = memref.load {b_s}[{bsr}, %{p}_kb] : memref<?x?xf32>
-  %{p}_ps = arith.mulf %{p}_partial, %{p}_sa : f32
-  %{p}_pss = arith.mulf %{p}_ps, %{p}_sb : f32
-  %{p}_acc2 = arith.addf %{p}_acc, %{p}_pss : f32
-  scf.yield %{p}_acc2 : f32
-}}
-",
-        da = indent2(&indent2(&da)),
-        db = indent2(&indent2(&db)),
-    )
-}
-
 /// The routed slots of token `%row` in expert order into `%sh_order` (of type `order`): slot s's
 /// place is how many slots have a lower expert, or the same one and come earlier (as the
 /// reference sorts them, stably).
@@ -166,41 +130,6 @@ fn tile_wgrad() -> String {
     )
 }
 
-/// The FP8 experts' per-token sum over the token's slots in expert order (`%sh_order`, of type
-/// `order`): for each output column `col` (a thread's strided share of `%cD`), per slot `%s` its
-/// expert's weight row `%wrow` in `weights` (e4m3, `%cD` rows per expert), that row's block-scale
-/// row `%srow`, and the slot's pair row `%prow`; `body` adds the slot's term to `%a` as `%a2` (the
-/// pair rows are `%I` wide: `rows`'s columns); the sum is stored into `out[t, col]`.
-fn over_sorted_slots(order: &str, (col, weights, rows): (&str, &str, &str), body: &str, out: &str) -> String {
-    let m = "memref<?x?xf32>";
-    format!(
-        "%t = arith.addi %row, %c0 : index
-%I = memref.dim {rows}, %c1 : memref<?x?xi8>
-%c128 = arith.constant 128 : index
-%c127 = arith.constant 127 : index
-%d127 = arith.addi %cD, %c127 : index
-%blocks_per_expert = arith.divui %d127, %c128 : index
-scf.for {col} = %tid to %cD step %cT {{
-  %acc = scf.for %r = %c0 to %cK step %c1 iter_args(%a = %zero) -> (f32) {{
-    %s_f = memref.load %sh_order[%r] : {order}
-    %s_i = arith.fptosi %s_f : f32 to i32
-    %s = arith.index_cast %s_i : i32 to index
-{e}    %wrow = arith.addi %ebase, {col} : index
-    %eblock = arith.muli %e, %blocks_per_expert : index
-    %cblock = arith.divui {col}, %c128 : index
-    %srow = arith.addi %eblock, %cblock : index
-    %prow0 = arith.muli %t, %cK : index
-    %prow = arith.addi %prow0, %s : index
-{body}    scf.yield %a2 : f32
-  }}
-  memref.store %acc, {out}[%t, {col}] : {m}
-}}
-",
-        e = indent2(&indent2(&expert_base_of("%t", "%s", weights, "memref<?x?xi8>", "%cD"))),
-        body = indent2(&indent2(body)),
-    )
-}
-
 /// SwiGLU's gradient at one element (the reference's `silu_mul_grad`): `%dg = dy * u * s * (1 + g
 /// * (1 - s))` with `s = sigmoid(g)`, `%du = dy * silu(g)`, from the values `g`, `u`, `dy`.
 fn swiglu_grad(lowering: Lowering, g: &str, u: &str, dy: &str) -> String {
@@ -237,11 +166,7 @@ fn amax_step(value: &str, acc: &str, out: &str) -> String {
 /// `%ebase` = the first row of expert `idx[{t}, {s}]` in stacked weights `{weights}` of `{rows}`
 /// rows per expert (an expert outside them reads expert 0: the runtime checks the routing).
 fn expert_base(t: &str, s: &str, weights: &str, rows: &str) -> String {
-    expert_base_of(t, s, weights, "memref<?x?xf32>", rows)
-}
-
-/// [`expert_base`] for stacked weights of memref type `ty` (e4m3 bytes: `memref<?x?xi8>`).
-fn expert_base_of(t: &str, s: &str, weights: &str, ty: &str, rows: &str) -> String {
+    let ty = "memref<?x?xf32>";
     format!(
         "%e_i32 = memref.load %idx[{t}, {s}] : memref<?x?xi32>
 %e_raw = arith.index_cast %e_i32 : i32 to index
@@ -391,24 +316,8 @@ pub enum TrainRow {
     /// The routed experts' output per token (`d` = D): the token's slots in expert order (as the
     /// reference adds them), each `w * (h . down_e^T)`, summed into `y [T, D]`.
     MoeCombine { k: usize },
-    /// The FP8 recipe's [`TrainRow::MoeHidden`]: the token's 1x128 e4m3 row (`xq`, `xs`) times each
-    /// expert's 128x128 e4m3 blocks (`gq`/`gs`, `uq`/`us`: [`TrainRow::QuantizeBlocks`] stacked per
-    /// expert), block-scaled products in the reference's order, then SwiGLU in f32; `keep`: also
-    /// the gate and up products into `g`, `u` (for the gradient).
-    MoeHiddenFp8 { k: usize, keep: bool },
-    /// The FP8 experts' backward per (token, slot) (`d` = D): the expert's output `y` from the
-    /// quantized hidden row and down blocks, the routing weight's gradient `dy . y`, and `dye = dy *
-    /// w` (f32) for Dgrad and Wgrad.
-    MoeGradTokenFp8 { k: usize },
-    /// The FP8 experts' Dgrad through down per (token, slot) (`d` = the intermediate width): `dh`
-    /// from `dye`'s 1x128 row and the down blocks transposed per expert, then SwiGLU's gradient in
-    /// f32 into `gg`, `uu`.
-    MoeDgradFp8 { k: usize },
-    /// The FP8 experts' input gradient per token (`d` = D): over its slots in expert order, the
-    /// Dgrad of `gg` through gate plus that of `uu` through up (blocks transposed per expert).
-    MoeGradXFp8 { k: usize },
     /// 128x1 tiles over each expert's sorted pairs (`d` = columns): row r of `q` is the source row
-    /// of sorted pair r (the pair's own row, or `by_token` its token's), each expert's pairs cut in
+    /// of sorted pair r (row r itself: sources in sorted order, or `by_token` its token's), each expert's pairs cut in
     /// groups of 128 from its first; a group's scales are in `scale`'s row of its first pair. One
     /// block per sorted row (those that start no group do nothing).
     QuantizePairs { by_token: bool },
@@ -416,9 +325,6 @@ pub enum TrainRow {
     /// 128-pair group of the expert, the group's e4m3 products of `a[:, o]` and `b[:, i]` times both
     /// groups' scales ([`TrainRow::QuantizePairs`] operands).
     Fp8WgradExpert,
-    /// The FP8 recipe's [`TrainRow::MoeCombine`]: the hidden rows quantized 1x128 (`hq`, `hs`) times
-    /// the down blocks (`dq`, `ds`).
-    MoeCombineFp8 { k: usize },
     /// The experts' backward per (token, slot) (`d` = the intermediate width): the expert's output
     /// `y = h . down_e^T` into a temporary, then `dh = (dy * w) . down_e` and SwiGLU's gradient into
     /// `gg`, `uu`; the routing weight's gradient `dy . y` by one thread.
@@ -437,7 +343,13 @@ pub enum TrainRow {
     /// The routed experts' output per token (`d` = D) from the down GEMM's weighted rows in sorted
     /// order (`ys [T * k, D]`): the token's slots in expert order (as the reference adds them), each
     /// pair's row `pos[t * k + slot]`, summed from zero into `y [T, D]`. Deterministic: no atomics.
-    PairCombine { k: usize },
+    /// `two`: each slot's term is `ys[q] + ys2[q]` (the input gradient through gate and up).
+    PairCombine { k: usize, two: bool },
+    /// The experts' backward per sorted row r (`d` = D; the grid: `y`'s rows, those past the real
+    /// pairs, `dy`'s rows x k, do nothing): `dye[r] = dy[tok[r]] * wt[r]` (Dgrad's and Wgrad's
+    /// operand) and, by one thread, the routing weight's gradient `dy[tok[r]] . y[r]` (the expert's
+    /// unweighted output row) into `dw` at pair `pairs[r]`, summed in column order.
+    PairGrad { k: usize },
     /// 128x128 block scales of stacked matrices of `matrix_rows` rows (`scale [E * ceil(rows /
     /// 128), d]`, [`TrainRow::QuantizeBlocks`]) as per-row scales `out [E * rows, d]`: each row its
     /// block's (what a grouped GEMM over experts of any row count reads). One block per row.
@@ -518,22 +430,18 @@ impl TrainRow {
                 format!("rows_moehidden_d{d}_k{k}_t{t}{}", if keep { "_keep" } else { "" })
             }
             TrainRow::MoeCombine { k } => format!("rows_moecombine_d{d}_k{k}_t{t}"),
-            TrainRow::MoeHiddenFp8 { k, keep } => {
-                format!("rows_moehiddenfp8_d{d}_k{k}_t{t}{}", if keep { "_keep" } else { "" })
-            }
-            TrainRow::MoeGradTokenFp8 { k } => format!("rows_moegradtokenfp8_d{d}_k{k}_t{t}"),
-            TrainRow::MoeDgradFp8 { k } => format!("rows_moedgradfp8_d{d}_k{k}_t{t}"),
-            TrainRow::MoeGradXFp8 { k } => format!("rows_moegradxfp8_d{d}_k{k}_t{t}"),
             TrainRow::QuantizePairs { by_token } => {
                 format!("rows_qpairs_d{d}_t{t}{}", if by_token { "_tokens" } else { "" })
             }
             TrainRow::Fp8WgradExpert => format!("rows_fp8wgradexpert_d{d}_t{t}"),
-            TrainRow::MoeCombineFp8 { k } => format!("rows_moecombinefp8_d{d}_k{k}_t{t}"),
             TrainRow::MoeGradToken { k } => format!("rows_moegradtoken_d{d}_k{k}_t{t}"),
             TrainRow::MoeGradX { k } => format!("rows_moegradx_d{d}_k{k}_t{t}"),
             TrainRow::PairSort => format!("rows_pairsort_d{d}_t{t}"),
             TrainRow::PairRows { k } => format!("rows_pairrows_d{d}_k{k}_t{t}"),
-            TrainRow::PairCombine { k } => format!("rows_paircombine_d{d}_k{k}_t{t}"),
+            TrainRow::PairCombine { k, two } => {
+                format!("rows_paircombine_d{d}_k{k}_t{t}{}", if two { "_two" } else { "" })
+            }
+            TrainRow::PairGrad { k } => format!("rows_pairgrad_d{d}_k{k}_t{t}"),
             TrainRow::RowScales { matrix_rows } => format!("rows_rowscales_d{d}_m{matrix_rows}_t{t}"),
             TrainRow::MoeGradW { down } => format!("rows_moegradw_d{d}_t{t}_{}", if down { "down" } else { "in" }),
             TrainRow::MlaForward(m) => format!("rows_mlafwd_{}_t{t}", m.name()),
@@ -650,17 +558,6 @@ impl TrainRow {
                 kernel(TrainRow::MoeHidden { k: number(k, "k")?, keep }, d, "f32", t)
             }
             ["moecombine", d, k, t] => kernel(TrainRow::MoeCombine { k: number(k, "k")? }, d, "f32", t),
-            ["moehiddenfp8", d, k, t, rest @ ..] => {
-                let keep = match rest {
-                    ["keep"] => true,
-                    [] => false,
-                    _ => return None,
-                };
-                kernel(TrainRow::MoeHiddenFp8 { k: number(k, "k")?, keep }, d, "f32", t)
-            }
-            ["moegradtokenfp8", d, k, t] => kernel(TrainRow::MoeGradTokenFp8 { k: number(k, "k")? }, d, "f32", t),
-            ["moedgradfp8", d, k, t] => kernel(TrainRow::MoeDgradFp8 { k: number(k, "k")? }, d, "f32", t),
-            ["moegradxfp8", d, k, t] => kernel(TrainRow::MoeGradXFp8 { k: number(k, "k")? }, d, "f32", t),
             ["qpairs", d, t, rest @ ..] => {
                 let by_token = match rest {
                     ["tokens"] => true,
@@ -670,12 +567,19 @@ impl TrainRow {
                 kernel(TrainRow::QuantizePairs { by_token }, d, "f32", t)
             }
             ["fp8wgradexpert", d, t] => kernel(TrainRow::Fp8WgradExpert, d, "f32", t),
-            ["moecombinefp8", d, k, t] => kernel(TrainRow::MoeCombineFp8 { k: number(k, "k")? }, d, "f32", t),
             ["moegradtoken", d, k, t] => kernel(TrainRow::MoeGradToken { k: number(k, "k")? }, d, "f32", t),
             ["moegradx", d, k, t] => kernel(TrainRow::MoeGradX { k: number(k, "k")? }, d, "f32", t),
             ["pairsort", d, t] => kernel(TrainRow::PairSort, d, "f32", t),
             ["pairrows", d, k, t] => kernel(TrainRow::PairRows { k: number(k, "k")? }, d, "f32", t),
-            ["paircombine", d, k, t] => kernel(TrainRow::PairCombine { k: number(k, "k")? }, d, "f32", t),
+            ["paircombine", d, k, t, rest @ ..] => {
+                let two = match rest {
+                    ["two"] => true,
+                    [] => false,
+                    _ => return None,
+                };
+                kernel(TrainRow::PairCombine { k: number(k, "k")?, two }, d, "f32", t)
+            }
+            ["pairgrad", d, k, t] => kernel(TrainRow::PairGrad { k: number(k, "k")? }, d, "f32", t),
             ["rowscales", d, m, t] => kernel(TrainRow::RowScales { matrix_rows: number(m, "m")? }, d, "f32", t),
             ["moegradw", d, t, kind] => {
                 let down = match *kind {
@@ -786,58 +690,6 @@ impl TrainRow {
             TrainRow::MoeCombine { .. } => {
                 vec![("h", rows()), ("idx", "memref<?x?xi32>".into()), ("w", rows()), ("down", rows()), ("y", rows())]
             }
-            TrainRow::MoeHiddenFp8 { keep, .. } => {
-                let q = || "memref<?x?xi8>".to_string();
-                let mut args = vec![
-                    ("xq", q()),
-                    ("xs", rows()),
-                    ("idx", "memref<?x?xi32>".into()),
-                    ("gq", q()),
-                    ("gs", rows()),
-                    ("uq", q()),
-                    ("us", rows()),
-                    ("h", rows()),
-                ];
-                if *keep {
-                    args.extend([("g", rows()), ("u", rows())]);
-                }
-                args
-            }
-            TrainRow::MoeGradTokenFp8 { .. } => vec![
-                ("dy", rows()),
-                ("idx", "memref<?x?xi32>".into()),
-                ("w", rows()),
-                ("hq", "memref<?x?xi8>".into()),
-                ("hs", rows()),
-                ("dq", "memref<?x?xi8>".into()),
-                ("ds", rows()),
-                ("y", rows()),
-                ("dye", rows()),
-                ("dw", rows()),
-            ],
-            TrainRow::MoeDgradFp8 { .. } => vec![
-                ("dyeq", "memref<?x?xi8>".into()),
-                ("dyes", rows()),
-                ("idx", "memref<?x?xi32>".into()),
-                ("dtq", "memref<?x?xi8>".into()),
-                ("dts", rows()),
-                ("g", rows()),
-                ("u", rows()),
-                ("gg", rows()),
-                ("uu", rows()),
-            ],
-            TrainRow::MoeGradXFp8 { .. } => vec![
-                ("ggq", "memref<?x?xi8>".into()),
-                ("ggs", rows()),
-                ("uuq", "memref<?x?xi8>".into()),
-                ("uus", rows()),
-                ("idx", "memref<?x?xi32>".into()),
-                ("gtq", "memref<?x?xi8>".into()),
-                ("gts", rows()),
-                ("utq", "memref<?x?xi8>".into()),
-                ("uts", rows()),
-                ("dx", rows()),
-            ],
             TrainRow::QuantizePairs { .. } => vec![
                 ("offsets", "memref<?xi32>".into()),
                 ("pairs", "memref<?xi32>".into()),
@@ -853,15 +705,6 @@ impl TrainRow {
                 ("bq", "memref<?x?xi8>".into()),
                 ("bs", rows()),
                 ("out", rows()),
-            ],
-            TrainRow::MoeCombineFp8 { .. } => vec![
-                ("hq", "memref<?x?xi8>".into()),
-                ("hs", rows()),
-                ("idx", "memref<?x?xi32>".into()),
-                ("w", rows()),
-                ("dq", "memref<?x?xi8>".into()),
-                ("ds", rows()),
-                ("y", rows()),
             ],
             TrainRow::MoeGradToken { .. } => vec![
                 ("dy", rows()),
@@ -896,9 +739,23 @@ impl TrainRow {
                 ("wt", "memref<?xf32>".into()),
                 ("pos", "memref<?xi32>".into()),
             ],
-            TrainRow::PairCombine { .. } => {
-                vec![("ys", rows()), ("idx", "memref<?x?xi32>".into()), ("pos", "memref<?xi32>".into()), ("y", rows())]
+            TrainRow::PairCombine { two, .. } => {
+                let mut args = vec![("ys", rows())];
+                if *two {
+                    args.push(("ys2", rows()));
+                }
+                args.extend([("idx", "memref<?x?xi32>".into()), ("pos", "memref<?xi32>".into()), ("y", rows())]);
+                args
             }
+            TrainRow::PairGrad { .. } => vec![
+                ("dy", rows()),
+                ("y", rows()),
+                ("tok", "memref<?xi32>".into()),
+                ("wt", "memref<?xf32>".into()),
+                ("pairs", "memref<?xi32>".into()),
+                ("dye", rows()),
+                ("dw", rows()),
+            ],
             TrainRow::RowScales { .. } => vec![("scale", rows()), ("out", rows())],
             TrainRow::MoeGradW { down } => vec![
                 ("offsets", "memref<?xi32>".into()),
@@ -939,17 +796,14 @@ impl TrainRow {
             TrainRow::Quantize | TrainRow::QuantizeCols => "x",
             TrainRow::QuantizeBlocks { .. } => "scale",
             TrainRow::MoeHidden { .. } => "x",
-            TrainRow::MoeCombine { .. } | TrainRow::MoeCombineFp8 { .. } => "y",
+            TrainRow::MoeCombine { .. } => "y",
             // The routed slots (the e4m3 rows are temporaries of the run's rows).
-            TrainRow::MoeHiddenFp8 { .. } | TrainRow::MoeDgradFp8 { .. } => "idx",
-            TrainRow::MoeGradTokenFp8 { .. } => "dy",
-            TrainRow::MoeGradXFp8 { .. } => "dx",
             TrainRow::QuantizePairs { .. } => "scale",
             TrainRow::Fp8WgradExpert => "out",
             TrainRow::MoeGradToken { .. } => "dy",
             TrainRow::MoeGradX { .. } => "dx",
             TrainRow::PairSort | TrainRow::PairRows { .. } => return None,
-            TrainRow::PairCombine { .. } => "y",
+            TrainRow::PairCombine { .. } | TrainRow::PairGrad { .. } => "y",
             TrainRow::RowScales { .. } => "out",
             TrainRow::MoeGradW { .. } => "out",
             TrainRow::LossMean { .. } | TrainRow::ExpertFreq | TrainRow::AddFlat => return None,
@@ -975,10 +829,7 @@ impl TrainRow {
             TrainRow::MlaForward(m) => vec![("sh_p", m.context), ("sh_red", 4)],
             TrainRow::MlaGradQ(m) => vec![("sh_p", m.context), ("sh_dp", m.context), ("sh_red", 4)],
             TrainRow::MlaGradKv(m) => vec![("sh_pi", m.context), ("sh_dsi", m.context)],
-            TrainRow::MoeCombine { k }
-            | TrainRow::MoeCombineFp8 { k }
-            | TrainRow::MoeGradXFp8 { k }
-            | TrainRow::PairCombine { k } => vec![("sh_order", *k)],
+            TrainRow::MoeCombine { k } | TrainRow::PairCombine { k, .. } => vec![("sh_order", *k)],
             TrainRow::Quantize => {
                 let groups = d.div_ceil(super::GROUP);
                 vec![("sh_amax", groups * AMAX_PARTS), ("sh_scale", groups)]
@@ -1020,11 +871,7 @@ impl TrainRow {
     pub(super) fn blocks_per_row(&self) -> usize {
         match self {
             TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => m.heads,
-            TrainRow::MoeHidden { k, .. }
-            | TrainRow::MoeGradToken { k }
-            | TrainRow::MoeHiddenFp8 { k, .. }
-            | TrainRow::MoeGradTokenFp8 { k }
-            | TrainRow::MoeDgradFp8 { k } => *k,
+            TrainRow::MoeHidden { k, .. } | TrainRow::MoeGradToken { k } => *k,
             TrainRow::QuantizeBlocks { tiles, .. } => *tiles,
             _ => 1,
         }
@@ -1102,16 +949,12 @@ impl TrainRow {
                 let _ = writeln!(s, "%amax_floor = arith.constant 1.0e-04 : f32");
             }
             TrainRow::MoeHidden { k, .. }
-            | TrainRow::MoeHiddenFp8 { k, .. }
-            | TrainRow::MoeGradTokenFp8 { k }
-            | TrainRow::MoeDgradFp8 { k }
-            | TrainRow::MoeGradXFp8 { k }
-            | TrainRow::MoeCombineFp8 { k }
             | TrainRow::MoeCombine { k }
             | TrainRow::MoeGradToken { k }
             | TrainRow::MoeGradX { k }
             | TrainRow::PairRows { k }
-            | TrainRow::PairCombine { k } => {
+            | TrainRow::PairGrad { k }
+            | TrainRow::PairCombine { k, .. } => {
                 let _ = writeln!(s, "%cK = arith.constant {k} : index");
                 let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
             }
@@ -1186,11 +1029,7 @@ impl TrainRow {
 "
                 )
             }
-            TrainRow::MoeHidden { .. }
-            | TrainRow::MoeGradToken { .. }
-            | TrainRow::MoeHiddenFp8 { .. }
-            | TrainRow::MoeGradTokenFp8 { .. }
-            | TrainRow::MoeDgradFp8 { .. } => "%t = arith.divui %row, %cK : index
+            TrainRow::MoeHidden { .. } | TrainRow::MoeGradToken { .. } => "%t = arith.divui %row, %cK : index
 %s = arith.remui %row, %cK : index
 "
             .into(),
@@ -2036,80 +1875,8 @@ scf.for %i = %tid to %cD step %cT {{
                     exp = indent2(&exp(lowering, "%neg", "%ex")),
                 )]
             }
-            TrainRow::MoeGradTokenFp8 { .. } => vec![
-                format!(
-                    "%D = memref.dim %dy, %c1 : {m}
-%I = memref.dim %hq, %c1 : memref<?x?xi8>
-{e}%c128 = arith.constant 128 : index
-%c127 = arith.constant 127 : index
-%d127 = arith.addi %cD, %c127 : index
-%blocks_per_expert = arith.divui %d127, %c128 : index
-%eblock = arith.muli %e, %blocks_per_expert : index
-%wt = memref.load %w[%t, %s] : {m}
-scf.for %o = %tid to %cD step %cT {{
-  %wrow = arith.addi %ebase, %o : index
-  %oblock = arith.divui %o, %c128 : index
-  %srow = arith.addi %eblock, %oblock : index
-{yv}  memref.store %yv, %y[%row, %o] : {m}
-  %gv = memref.load %dy[%t, %o] : {m}
-  %dye_v = arith.mulf %gv, %wt : f32
-  memref.store %dye_v, %dye[%row, %o] : {m}
-}}
-",
-                    e = expert_base_of("%t", "%s", "%dq", "memref<?x?xi8>", "%cD"),
-                    yv = indent2(&fp8_dot("yv", "%hq", "%row", "%hs", "%dq", "%wrow", "%ds", "%srow", "%I")),
-                ),
-                format!(
-                    "%first = arith.cmpi eq, %tid, %c0 : index
-scf.if %first {{
-  %dot = scf.for %o = %c0 to %cD step %c1 iter_args(%a = %zero) -> (f32) {{
-    %gv = memref.load %dy[%t, %o] : {m}
-    %yv = memref.load %y[%row, %o] : {m}
-    %x = arith.mulf %gv, %yv : f32
-    %a2 = arith.addf %a, %x : f32
-    scf.yield %a2 : f32
-  }}
-  memref.store %dot, %dw[%t, %s] : {m}
-}}
-"
-                ),
-            ],
-            TrainRow::MoeDgradFp8 { .. } => vec![format!(
-                "%D = memref.dim %dyeq, %c1 : memref<?x?xi8>
-{e}%c128 = arith.constant 128 : index
-%c127 = arith.constant 127 : index
-%i127 = arith.addi %cD, %c127 : index
-%blocks_per_expert = arith.divui %i127, %c128 : index
-%eblock = arith.muli %e, %blocks_per_expert : index
-scf.for %i = %tid to %cD step %cT {{
-  %wrow = arith.addi %ebase, %i : index
-  %iblock = arith.divui %i, %c128 : index
-  %srow = arith.addi %eblock, %iblock : index
-{dh}  %gv = memref.load %g[%row, %i] : {m}
-  %uv = memref.load %u[%row, %i] : {m}
-{grad}  memref.store %dg, %gg[%row, %i] : {m}
-  memref.store %du, %uu[%row, %i] : {m}
-}}
-",
-                e = expert_base_of("%t", "%s", "%dtq", "memref<?x?xi8>", "%cD"),
-                dh = indent2(&fp8_dot("dh", "%dyeq", "%row", "%dyes", "%dtq", "%wrow", "%dts", "%srow", "%D")),
-                grad = indent2(&swiglu_grad(lowering, "%gv", "%uv", "%dh")),
-            )],
-            TrainRow::MoeGradXFp8 { .. } => vec![
-                slot_order(&sh("sh_order")),
-                over_sorted_slots(
-                    &sh("sh_order"),
-                    ("%c", "%gtq", "%ggq"),
-                    &format!(
-                        "{}{}%both = arith.addf %dxg, %dxu : f32\n%a2 = arith.addf %a, %both : f32\n",
-                        fp8_dot("dxg", "%ggq", "%prow", "%ggs", "%gtq", "%wrow", "%gts", "%srow", "%I"),
-                        fp8_dot("dxu", "%uuq", "%prow", "%uus", "%utq", "%wrow", "%uts", "%srow", "%I"),
-                    ),
-                    "%dx",
-                ),
-            ],
             TrainRow::QuantizePairs { by_token } => {
-                let src_row = if by_token { "%tok" } else { "%p" };
+                let src_row = if by_token { "%tok" } else { "%r" };
                 vec![format!(
                     "%K = memref.dim %w, %c1 : {m}
 %E1 = memref.dim %offsets, %c0 : memref<?xi32>
@@ -2171,47 +1938,6 @@ scf.for %c = %tid to %cD step %cT {{
 {}",
                 tile_wgrad()
             )],
-            TrainRow::MoeHiddenFp8 { keep, .. } => vec![format!(
-                "%D = memref.dim %xq, %c1 : memref<?x?xi8>
-{e}%c128 = arith.constant 128 : index
-%c127 = arith.constant 127 : index
-%i127 = arith.addi %cD, %c127 : index
-%blocks_per_expert = arith.divui %i127, %c128 : index
-%eblock = arith.muli %e, %blocks_per_expert : index
-scf.for %i = %tid to %cD step %cT {{
-  %wrow = arith.addi %ebase, %i : index
-  %iblock = arith.divui %i, %c128 : index
-  %srow = arith.addi %eblock, %iblock : index
-{gate}{up}  %neg = arith.negf %gv : f32
-{exp}  %den = arith.addf %one, %ex : f32
-  %silu = arith.divf %gv, %den : f32
-  %hv = arith.mulf %silu, %uv : f32
-  memref.store %hv, %h[%row, %i] : {m}
-{keep}}}
-",
-                keep = if keep {
-                    format!("  memref.store %gv, %g[%row, %i] : {m}\n  memref.store %uv, %u[%row, %i] : {m}\n")
-                } else {
-                    String::new()
-                },
-                e = expert_base_of("%t", "%s", "%gq", "memref<?x?xi8>", "%cD"),
-                gate = indent2(&fp8_dot("gv", "%xq", "%t", "%xs", "%gq", "%wrow", "%gs", "%srow", "%D")),
-                up = indent2(&fp8_dot("uv", "%xq", "%t", "%xs", "%uq", "%wrow", "%us", "%srow", "%D")),
-                exp = indent2(&exp(lowering, "%neg", "%ex")),
-            )],
-            TrainRow::MoeCombineFp8 { .. } => vec![
-                slot_order(&sh("sh_order")),
-                over_sorted_slots(
-                    &sh("sh_order"),
-                    ("%o", "%dq", "%hq"),
-                    &format!(
-                        "{}%wv = memref.load %w[%t, %s] : {m}\n%wo = arith.mulf %wv, %ov : f32\n%a2 = arith.addf %a, \
-                         %wo : f32\n",
-                        fp8_dot("ov", "%hq", "%prow", "%hs", "%dq", "%wrow", "%ds", "%srow", "%I"),
-                    ),
-                    "%y",
-                ),
-            ],
             TrainRow::MoeCombine { .. } => {
                 let order = sh("sh_order");
                 vec![
@@ -2404,8 +2130,15 @@ scf.for %r = %tid to %P step %cT {{
 }}
 "
             )],
-            TrainRow::PairCombine { .. } => {
+            TrainRow::PairCombine { two, .. } => {
                 let order = sh("sh_order");
+                let term = if two {
+                    format!(
+                        "    %v1 = memref.load %ys[%q, %o] : {m}\n    %v2 = memref.load %ys2[%q, %o] : {m}\n    %v = arith.addf %v1, %v2 : f32\n"
+                    )
+                } else {
+                    format!("    %v = memref.load %ys[%q, %o] : {m}\n")
+                };
                 vec![
                     slot_order(&order),
                     format!(
@@ -2419,11 +2152,52 @@ scf.for %o = %tid to %cD step %cT {{
     %p = arith.addi %p0, %s : index
     %q_i32 = memref.load %pos[%p] : memref<?xi32>
     %q = arith.index_cast %q_i32 : i32 to index
-    %v = memref.load %ys[%q, %o] : {m}
-    %a2 = arith.addf %a, %v : f32
+{term}    %a2 = arith.addf %a, %v : f32
     scf.yield %a2 : f32
   }}
   memref.store %acc, %y[%t, %o] : {m}
+}}
+"
+                    ),
+                ]
+            }
+            TrainRow::PairGrad { .. } => {
+                let guard = "%T = memref.dim %dy, %c0 : memref<?x?xf32>
+%P = arith.muli %T, %cK : index
+%real = arith.cmpi ult, %row, %P : index
+%t_i32 = memref.load %tok[%row] : memref<?xi32>
+%t_raw = arith.index_cast %t_i32 : i32 to index
+%t_last = arith.subi %T, %c1 : index
+%t = arith.minui %t_raw, %t_last : index
+";
+                vec![
+                    format!(
+                        "{guard}%wv = memref.load %wt[%row] : memref<?xf32>
+scf.if %real {{
+scf.for %o = %tid to %cD step %cT {{
+  %gv = memref.load %dy[%t, %o] : {m}
+  %dye_v = arith.mulf %gv, %wv : f32
+  memref.store %dye_v, %dye[%row, %o] : {m}
+}}
+}}
+"
+                    ),
+                    format!(
+                        "{guard}%first = arith.cmpi eq, %tid, %c0 : index
+%write = arith.andi %real, %first : i1
+scf.if %write {{
+  %dot = scf.for %o = %c0 to %cD step %c1 iter_args(%a = %zero) -> (f32) {{
+    %gv = memref.load %dy[%t, %o] : {m}
+    %yv = memref.load %y[%row, %o] : {m}
+    %x = arith.mulf %gv, %yv : f32
+    %a2 = arith.addf %a, %x : f32
+    scf.yield %a2 : f32
+  }}
+  %p_i32 = memref.load %pairs[%row] : memref<?xi32>
+  %p = arith.index_cast %p_i32 : i32 to index
+  %pt = arith.divui %p, %cK : index
+  %ps = arith.remui %p, %cK : index
+  memref.store %dot, %dw[%pt, %ps] : {m}
 }}
 "
                     ),
