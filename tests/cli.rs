@@ -276,8 +276,15 @@ fn tuning_database_steers_compile() {
     // attention's kv_b up-projection at prefill only; and the attention kernels' ring depths:
     // decode's (bf16 pages and the fp8 cache's rows) at 64 sequences, prefill's at 4096 tokens.
     // And the norms' block widths: 4 RMSNorm kernels (the d7168 norms, two quantized, and the
-    // query's d1536 one) at decode and prefill.
-    assert_eq!(problems.len(), 34, "11 GEMM signatures x decode and prefill, kv_b's at prefill, 3 attention, 8 norms");
+    // query's d1536 one) at decode and prefill; greedy sampling's argmax at decode.
+    assert_eq!(
+        problems.len(),
+        35,
+        "11 GEMM signatures x decode and prefill, kv_b's at prefill, 3 attention, 8 norms, the argmax"
+    );
+    let argmax = problems.iter().find(|p| p["kernel"] == "rows_argmax_d129280").unwrap();
+    assert_eq!((&argmax["m"], &argmax["default"]), (&64.into(), &"rows_argmax_d129280_t1024".into()));
+    assert_eq!(argmax["rows"]["argmax"], true);
     let norm = problems.iter().find(|p| p["kernel"] == "rows_rmsnorm_bf16_d7168_eps1em6_y_q" && p["m"] == 64).unwrap();
     assert_eq!(norm["default"], "rows_rmsnorm_bf16_d7168_t1024_eps1em6_y_q");
     assert!((norm["rows"]["rmsnorm_eps"].as_f64().unwrap() - 1e-6).abs() < 1e-12, "{norm}");
@@ -1231,6 +1238,12 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     // The norms' widths: decode's few rows on the widest blocks.
     assert_eq!(choice("norm_quantize_0", "decode")["config"], "rows_rmsnorm_bf16_d7168_t1024_eps1em6_q");
     assert_eq!(choice("mla_q_up_0.0", "prefill")["signature"], "rows_rmsnorm_bf16_d1536_eps1em6_q");
+    // Greedy sampling's argmax over the vocabulary: one block a row, as wide as they come.
+    let argmax = choice("argmax", "decode");
+    assert_eq!(
+        (&argmax["signature"], &argmax["config"]),
+        (&"rows_argmax_d129280".into(), &"rows_argmax_d129280_t1024".into())
+    );
     // The runtime reads it back.
     let info = run_binary("v3r", &["info", out_dir.to_str().unwrap()]);
     let stdout = text(&info.stdout);

@@ -653,21 +653,21 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     if tty && done > 0 {
         eprint!("\r\x1b[K");
     }
+    // Greedy sampling on the device: each row's argmax over the vocabulary (the runtime launches it
+    // on the logits instead of reading them back). Training runs sample nothing.
+    let mut lowered = lowered;
+    let argmax = match o.train {
+        None => Some(
+            lowered
+                .sampling_argmax(&context, config.vocab_size, target, ptxas.as_ref(), &mut choose)
+                .map_err(|e| e.to_string())?,
+        ),
+        Some(_) => None,
+    };
     if let Some(path) = o.tuning {
         for why in &choose.ignored {
             eprintln!("warning: {}: {why}", path.display());
         }
-    }
-    // Greedy sampling on the device: each row's argmax over the vocabulary (the runtime launches it
-    // on the logits instead of reading them back).
-    let mut lowered = lowered;
-    let argmax = sm90::rows::RowKernel::new(sm90::rows::RowOp::Argmax, config.vocab_size, "f32");
-    if o.train.is_none() && !lowered.kernels.iter().any(|k| k.name == argmax.kernel_name()) {
-        let mut k = sm90::compile_rows(&context, &argmax, target).map_err(|e| e.to_string())?;
-        if let Some(p) = &ptxas {
-            k.assemble(target, p).map_err(|e| e.to_string())?;
-        }
-        lowered.kernels.push(k);
     }
     // Every GEMM the kernels launch (whole fused kernels, and steps of multi-launch ones) with where
     // its configurations came from.
@@ -738,6 +738,12 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             };
             chose(&name, format!("d {}", kernel.d), shape.signature(), regime, config, source);
         }
+    }
+    // The sampling argmax: one kernel, its width for decode's rows.
+    let m = v3c_compiler::tune::DECODE_M;
+    if let Some((k, source)) = argmax.as_ref().zip(choose.source(sm90::ARGMAX, m)) {
+        let signature = v3c_compiler::tune::rows::RowShape::of(k, m).map(|s| s.signature()).unwrap_or_default();
+        chose(sm90::ARGMAX, format!("d {}", k.d), signature, "decode", &k.kernel_name(), source);
     }
     // A kernel per regime, as the regimes it runs in (a configuration was chosen for those only).
     let regimes = |name: &str, [decode, prefill]: &[String; 2]| {
@@ -857,9 +863,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         ),
         choices,
     };
-    // Training runs sample nothing: no argmax kernel.
-    let argmax = o.train.is_none().then_some(&argmax);
-    write_gpu_artifact(out, o, &config, precision, &module, &lowered, argmax, tuning)
+    write_gpu_artifact(out, o, &config, precision, &module, &lowered, argmax.as_ref(), tuning)
 }
 
 /// A row kernel's blocks: the rows of its rows argument (by position) times its blocks per row.
@@ -1544,6 +1548,15 @@ fn model_problems(model: &str, precision: Option<v3c_models::Precision>) -> Resu
     if gemms.is_empty() {
         return Err(format!("{model}: no kernel maps onto the sm_90a GEMM template (try --precision fp8)"));
     }
+    // Greedy sampling's argmax over the vocabulary, at decode's rows (as `compile` picks it).
+    let argmax = v3c_compiler::conversion::sm90::rows::RowKernel::new(
+        v3c_compiler::conversion::sm90::rows::RowOp::Argmax,
+        config.vocab_size,
+        "f32",
+    );
+    if let Some(shape) = v3c_compiler::tune::rows::RowShape::of(&argmax, v3c_compiler::tune::DECODE_M) {
+        rows.push(RowTuning { name: v3c_compiler::conversion::sm90::ARGMAX.into(), shape });
+    }
     Ok(ModelProblems { gemms, attention, rows })
 }
 
@@ -1847,6 +1860,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
                     v3c_compiler::conversion::sm90::rows::RowOp::RmsNorm { eps, .. } => Some(eps),
                     _ => None,
                 },
+                "argmax": r.shape.kernel.op == v3c_compiler::conversion::sm90::rows::RowOp::Argmax,
             },
             "candidates_sha256": tune::rows::candidates_sha256(&tune::rows::candidates(&r.shape, &device.target)),
             "default": default,

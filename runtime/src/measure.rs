@@ -928,8 +928,9 @@ impl Bench for AttentionBench {
 
 /// A row kernel's operands on the device: made-up inputs (f32 and bf16 in +-1), zeroed outputs;
 /// every width launched as the executor launches a row kernel (a memref per operand, a block per
-/// row). An RMSNorm's default is checked on sampled rows against the host's ([`check_rmsnorm`]);
-/// every other width against the default's outputs.
+/// row). An RMSNorm's default is checked on sampled rows against the host's ([`check_rmsnorm`]),
+/// an argmax's against the host's argmax ([`check_argmax`]); every other width against the default's
+/// outputs.
 struct RowBench {
     problem: crate::tuning::RowProblem,
     addrs: Vec<u64>,
@@ -985,6 +986,31 @@ fn check_rmsnorm(
             if rel.is_nan() || rel > 5e-2 {
                 return Err(format!("the host's RMSNorm (q x scale) on row {row} by {rel:.2e}"));
             }
+        }
+    }
+    Ok(())
+}
+
+/// The host's argmax of sampled rows of `problem` (input `x` f32 `[rows, d]` as `inputs` holds it;
+/// the first of equal maxima, as the kernel breaks ties) against `got` (the indices as f32).
+fn check_argmax(
+    problem: &crate::tuning::RowProblem,
+    inputs: &std::collections::HashMap<String, Vec<u8>>,
+    got: &[f32],
+) -> Result<(), String> {
+    let Some(x) = problem.operands.iter().find(|o| o.name == "x") else { return Err("an argmax without x".into()) };
+    let (rows, d) = (x.shape[0], x.shape[1]);
+    let b = &inputs["x"];
+    let value = |i: usize| f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+    for row in [0, rows / 2, rows.saturating_sub(1)] {
+        let mut best = 0;
+        for c in 1..d {
+            if value(row * d + c) > value(row * d + best) {
+                best = c;
+            }
+        }
+        if got.get(row) != Some(&(best as f32)) {
+            return Err(format!("the host's argmax on row {row}: column {best}, the kernel's {:?}", got.get(row)));
         }
     }
     Ok(())
@@ -1079,6 +1105,7 @@ impl Bench for RowBench {
             unsafe { result::memcpy_dtoh_sync(&mut bytes, o.addr) }.map_err(cuda("reading the output"))?;
             match o.element.as_str() {
                 "i8" => all.extend(bytes.iter().map(|&b| v3c_models::dtype::f8e4m3_to_f32(b))),
+                "i32" => all.extend(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)),
                 _ => all.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
             }
         }
@@ -1088,13 +1115,19 @@ impl Bench for RowBench {
     fn check_default(&self, got: &[f32], tolerance: f64) -> Result<(), String> {
         match self.problem.rmsnorm_eps {
             Some(eps) => check_rmsnorm(&self.problem, eps, &self.inputs, got, tolerance),
+            None if self.problem.argmax => check_argmax(&self.problem, &self.inputs, got),
             None => Ok(()),
         }
     }
 
     fn tolerance(&self) -> f64 {
-        // Another tree order of the sum of squares may move an e4m3 byte by one step.
-        1e-3
+        if self.problem.argmax {
+            // Indices: any width picks the same one.
+            0.0
+        } else {
+            // Another tree order of the sum of squares may move an e4m3 byte by one step.
+            1e-3
+        }
     }
 
     fn rate(&self, ms: f64) -> String {
@@ -1176,6 +1209,7 @@ mod tests {
                 operand("scale", vec![rows, 3], "f32", true),
             ],
             rmsnorm_eps: Some(eps),
+            argmax: false,
         };
         let mut rand = Rand(3);
         let x = rand.floats(rows * d, -1.0, 1.0);
@@ -1194,6 +1228,43 @@ mod tests {
         let mut wrong = got.clone();
         wrong[2 * rows * d + 3 * (rows - 1) + 1] *= 2.0;
         assert!(check_rmsnorm(&problem, eps, &inputs, &wrong, 1e-5).unwrap_err().contains("(q x scale) on row 4"));
+    }
+
+    /// The host's argmax of an argmax problem's sampled rows: the first of equal maxima; a wrong
+    /// index is caught.
+    #[test]
+    fn the_argmax_default_is_checked_on_the_host() {
+        let (rows, d) = (5, 300);
+        let problem = crate::tuning::RowProblem {
+            operands: vec![
+                crate::tuning::RowOperand {
+                    name: "x".into(),
+                    shape: vec![rows, d],
+                    element: "f32".into(),
+                    output: false,
+                },
+                crate::tuning::RowOperand {
+                    name: "idx".into(),
+                    shape: vec![rows],
+                    element: "i32".into(),
+                    output: true,
+                },
+            ],
+            rmsnorm_eps: None,
+            argmax: true,
+        };
+        let mut x = Rand(5).floats(rows * d, -1.0, 1.0);
+        // Row 2: its maximum twice (the first counts).
+        x[2 * d + 40] = 2.0;
+        x[2 * d + 90] = 2.0;
+        let inputs = [("x".to_string(), bytes_of(&x))].into_iter().collect();
+        let best = |r: usize| (0..d).fold(0, |b, c| if x[r * d + c] > x[r * d + b] { c } else { b }) as f32;
+        let got: Vec<f32> = (0..rows).map(best).collect();
+        assert_eq!(got[2], 40.0);
+        check_argmax(&problem, &inputs, &got).unwrap();
+        let mut wrong = got.clone();
+        wrong[2] = 90.0;
+        assert!(check_argmax(&problem, &inputs, &wrong).unwrap_err().contains("on row 2: column 40"));
     }
 
     #[test]

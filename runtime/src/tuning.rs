@@ -174,6 +174,10 @@ pub struct RowProblem {
     /// and/or `q` e4m3 with `scale` per 128 columns). None: the candidates are only compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rmsnorm_eps: Option<f32>,
+    /// Greedy sampling's argmax (`x [rows, d]` f32 -> `idx [rows]` i32): the host checks the
+    /// default's rows, and the other widths must give the same indices exactly.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub argmax: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

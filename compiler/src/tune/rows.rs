@@ -1,5 +1,6 @@
-//! Autotuning of the reductions: the RMSNorm row kernels' block width
-//! ([`crate::conversion::sm90::rows`]: one block per row, a tree over the threads' partial sums).
+//! Autotuning of the reductions: the block width of the RMSNorm row kernels and of greedy
+//! sampling's argmax over the vocabulary ([`crate::conversion::sm90::rows`]: one block per row, a
+//! tree over the threads' partial results).
 //!
 //! The template's one free field is `threads` (a power of two from 32 to 1024; every phase strides
 //! its columns over the block, so any width computes the same row — the sum of squares in another
@@ -10,7 +11,8 @@
 //! loop over a thread's columns issues its load and uses it right away (its PTX), which ptxas
 //! unrolls four times (its SASS: four `LDG` before their first use), so a phase that streams the
 //! row from DRAM takes `ceil(d / threads / 4)` load latencies; the shared-memory phases a shared
-//! access each per column a thread takes; the tree `log2(threads)` barriers. Blocks per SM come from threads, shared memory
+//! access each per column a thread takes; the tree `log2(threads)` barriers. The argmax streams its
+//! row once (keys and indices kept in registers), then its tree. Blocks per SM come from threads, shared memory
 //! (the row is staged there) and the 32-block limit; waves of blocks against the DRAM time of the
 //! bytes every row moves. Decode's few rows (one block each, on few SMs) favour the widest blocks;
 //! prefill's many rows keep enough loads in flight at any width that fills an SM to be bound by
@@ -31,9 +33,10 @@ pub struct RowShape {
 }
 
 impl RowShape {
-    /// `kernel` over `rows` rows, if its template is tuned (RMSNorm, with its f32 and e4m3 outputs).
+    /// `kernel` over `rows` rows, if its template is tuned (RMSNorm, with its f32 and e4m3 outputs;
+    /// the argmax).
     pub fn of(kernel: &RowKernel, rows: usize) -> Option<RowShape> {
-        matches!(kernel.op, RowOp::RmsNorm { .. }).then(|| RowShape { kernel: kernel.clone(), rows })
+        matches!(kernel.op, RowOp::RmsNorm { .. } | RowOp::Argmax).then(|| RowShape { kernel: kernel.clone(), rows })
     }
 
     /// What the tuning database keys it by (with [`Self::bucket`]): the kernel's name without its
@@ -49,7 +52,7 @@ impl RowShape {
 
     /// Its kernel's arguments at its rows, as `v3r tune` makes them: (name, shape, element,
     /// whether the kernel writes it). RMSNorm: `x [rows, d]`, `w [d]`, then `y [rows, d]`, `q [rows,
-    /// d]` (e4m3 bytes, `i8`) and `scale [rows, d / 128]`.
+    /// d]` (e4m3 bytes, `i8`) and `scale [rows, d / 128]`; the argmax: `x [rows, d]`, `idx [rows]`.
     pub fn operands(&self) -> Vec<(&'static str, Vec<usize>, String, bool)> {
         let (rows, d) = (self.rows, self.kernel.d);
         self.kernel
@@ -60,6 +63,7 @@ impl RowShape {
                 let shape = match name {
                     "w" => vec![d],
                     "scale" => vec![rows, d.div_ceil(GROUP)],
+                    "idx" => vec![rows],
                     _ => vec![rows, d],
                 };
                 (name, shape, element, !matches!(name, "x" | "w"))
@@ -126,26 +130,36 @@ pub fn estimate(shape: &RowShape, kernel: &RowKernel, device: &DeviceModel) -> R
     let slots = sms * per_sm;
     let waves = shape.rows.div_ceil(slots).max(1);
     let per_thread = d.div_ceil(t) as f64;
-    let RowOp::RmsNorm { keep, quantize, .. } = kernel.op else { unreachable!("only RMSNorm is tuned (RowShape::of)") };
-    // Phase 1 streams the row from DRAM; the normalization reads it back from shared memory and
-    // writes the outputs (stores do not wait); quantized, the |max| per group and the bytes.
+    // Phase 1 streams the row from DRAM.
     let round_trips = d.div_ceil(t).div_ceil(PTXAS_UNROLL) as f64;
-    let mut block_us = round_trips * DRAM_LATENCY_US + per_thread * SHARED_US;
-    let mut barriers = t.trailing_zeros() as f64 + 2.0;
-    if quantize {
-        let groups = d.div_ceil(GROUP);
-        block_us += (groups * 4).div_ceil(t) as f64 * (GROUP / 4) as f64 * SHARED_US + per_thread * SHARED_US;
-        barriers += 3.0;
+    let mut block_us = round_trips * DRAM_LATENCY_US;
+    let mut barriers = t.trailing_zeros() as f64;
+    // The row in f32 (and the outputs).
+    let mut row_bytes = 4 * d;
+    match kernel.op {
+        RowOp::RmsNorm { keep, quantize, .. } => {
+            // The normalization reads the row back from shared memory and writes the outputs
+            // (stores do not wait); quantized, the |max| per group and the bytes. The weight comes
+            // from L2 after the first rows.
+            block_us += per_thread * SHARED_US;
+            barriers += 2.0;
+            if quantize {
+                let groups = d.div_ceil(GROUP);
+                block_us += (groups * 4).div_ceil(t) as f64 * (GROUP / 4) as f64 * SHARED_US + per_thread * SHARED_US;
+                barriers += 3.0;
+            }
+            if keep {
+                row_bytes += 4 * d;
+            }
+            if quantize {
+                row_bytes += d + 4 * d.div_ceil(GROUP);
+            }
+        }
+        // The tree over the threads' (key, index) pairs, then one thread's write.
+        RowOp::Argmax => barriers += 1.0,
+        _ => unreachable!("only RMSNorm and the argmax are tuned (RowShape::of)"),
     }
     block_us += barriers * BARRIER_US;
-    // The row in f32, the weight (from L2 after the first rows), the outputs.
-    let mut row_bytes = 4 * d;
-    if keep {
-        row_bytes += 4 * d;
-    }
-    if quantize {
-        row_bytes += d + 4 * d.div_ceil(GROUP);
-    }
     let memory = (shape.rows * row_bytes) as f64 / (device.dram_tbps * 1e6);
     let latency = waves as f64 * block_us;
     RowEstimate {
@@ -232,7 +246,29 @@ mod tests {
             ]
         );
         let embed = RowKernel::new(RowOp::Embed, 7168, "bf16");
-        assert_eq!(RowShape::of(&embed, 64), None, "only RMSNorm is tuned");
+        assert_eq!(RowShape::of(&embed, 64), None, "only RMSNorm and the argmax are tuned");
+    }
+
+    /// Greedy sampling's argmax over DeepSeek-V3's 129280-entry vocabulary: one block per row
+    /// streams 505 values a thread at the template's 256 threads (126 load latencies); decode's rows
+    /// take the widest blocks.
+    #[test]
+    fn the_argmax_over_the_vocabulary_takes_the_widest_blocks() {
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let s = RowShape::of(&RowKernel::new(RowOp::Argmax, 129_280, "f32"), 64).unwrap();
+        assert_eq!((s.kernel.threads, s.signature().as_str()), (256, "rows_argmax_d129280"));
+        let operands: Vec<(&str, Vec<usize>, String, bool)> = s.operands();
+        assert_eq!(
+            operands,
+            [("x", vec![64, 129_280], "f32".to_string(), false), ("idx", vec![64], "i32".to_string(), true)]
+        );
+        let ranked = rank(&s, &h200);
+        assert_eq!((ranked[0].kernel.threads, ranked[0].bound), (1024, "latency"), "{ranked:?}");
+        let t256 = ranked.iter().find(|e| e.kernel.threads == 256).unwrap();
+        assert!(t256.micros > 3.0 * ranked[0].micros - 2.0 * LAUNCH_US, "{t256:?} vs {:?}", ranked[0]);
+        // One row (batch 1): still one block, still the widest.
+        let one = RowShape::of(&RowKernel::new(RowOp::Argmax, 129_280, "f32"), 1).unwrap();
+        assert_eq!(rank(&one, &h200)[0].kernel.threads, 1024);
     }
 
     #[test]

@@ -512,6 +512,29 @@ impl ModelKernels {
         })
     }
 
+    /// Greedy sampling's argmax over `vocab` columns (the runtime launches it on any entry's
+    /// logits), its width as `choose` orders them for decode's rows ([`ARGMAX`]); the first that
+    /// compiles (with ptxas: without spilling).
+    pub fn sampling_argmax(
+        &mut self,
+        context: &Context,
+        vocab: usize,
+        target: &GpuTarget,
+        ptxas: Option<&FoundTool>,
+        choose: &mut dyn Chooser,
+    ) -> Result<rows::RowKernel, Sm90Error> {
+        let default = rows::RowKernel::new(rows::RowOp::Argmax, vocab, "f32");
+        let shape = RowShape::of(&default, crate::tune::DECODE_M).expect("the argmax is tuned");
+        let preferences = choose.rows(ARGMAX, &shape);
+        let compiles = preferences
+            .iter()
+            .map(|r| (r.kernel_name(), Box::new(move || compile_rows(context, r, target)) as Box<_>))
+            .collect();
+        let what = format!("{} ", shape.signature());
+        let i = self.first_unspilled(ARGMAX, &what, compiles, target, ptxas, &mut |_| {})?;
+        Ok(preferences[i].clone())
+    }
+
     /// Row kernel `k` of `name` (a fused kernel, or a step of one): a reduction the tuner widens
     /// ([`crate::tune::rows`]) gets [decode, prefill] kernels as a GEMM does (`Some`); any other is
     /// compiled as it is (`None`).
@@ -545,6 +568,9 @@ impl ModelKernels {
         .map(Some)
     }
 }
+
+/// What the tuner and the manifest call the sampling argmax ([`ModelKernels::sampling_argmax`]).
+pub const ARGMAX: &str = "argmax";
 
 /// Maps every kernel of `module` (stage `fused`) onto the sm_90a templates, compiling each
 /// distinct template kernel once. `choose` orders the configurations to try for a GEMM kernel at

@@ -3524,11 +3524,11 @@ mod tests {
 
     /// Greedy argmax per row through the CPU lowering equals the reference sampler's (temperature 0):
     /// ties to the lower index, NaN, -0 < +0 and all -inf rows ordered as `total_cmp` orders them;
-    /// rows wider and narrower than the block.
+    /// rows wider and narrower than the block, at the template's width and the tuner's (up to 1024).
     #[test]
     fn argmax_rows_equal_the_reference_sampler() {
         use v3c_models::reference::Sampler;
-        for (d, threads) in [(1000, 32), (5, 32), (129_280 / 40, 256)] {
+        for (d, threads) in [(1000, 32), (5, 32), (129_280 / 40, 256), (129_280 / 40, 1024), (3000, 512)] {
             let rows = 7;
             let mut x = values(rows * d, d as u64, 10.0);
             let at = |r: usize, c: usize| r * d + c.min(d - 1);
