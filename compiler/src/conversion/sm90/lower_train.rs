@@ -250,7 +250,7 @@ pub fn steps_of_train_kernel(kernel: &OperationRef) -> Option<Result<Steps, Stri
         ["concat_grad"] => Some(concat_grad(&body)),
         ["linear", "split"] | ["linear", "reshape", "split"] => Some(linear_pieces(&body, tensor_cores)),
         ["concat"] => Some(concat_rows(&body)),
-        ["attention", "reshape"] | ["attention_grad"] => Some(attention(&body)),
+        ["attention", "reshape"] | ["attention_grad"] => Some(attention(&body, tensor_cores)),
         ["moe_experts"] => Some(moe_experts(&body)),
         ["fp8_linear" | "fp8_linear_dgrad", ..] => Some(fp8_projection(&body)),
         ["fp8_linear_wgrad"] => Some(fp8_wgrad(&body)),
@@ -295,7 +295,8 @@ fn reshaped(body: &Body, launch: RowLaunch) -> Result<Steps, String> {
     })
 }
 
-/// Keys (and queries) the attention blocks keep in shared memory: longer windows get NaN.
+/// Keys (and queries) the attention blocks keep in shared memory at a time: longer windows go in
+/// chunks of this many (their scores recomputed per pass).
 const ATTENTION_CONTEXT: usize = 4096;
 
 /// Naive-form MLA and its gradient on CUDA cores (temporaries have the run's rows, at least the
@@ -305,8 +306,10 @@ const ATTENTION_CONTEXT: usize = 4096;
 /// per-head keys and values, then one block per (query, head) — forward, or the queries'
 /// gradients and the softmax statistics — and for the gradient one block per (key, head) for the
 /// keys' and values' gradients, the heads' rope parts summed, and the matmuls back to the latent
-/// and kv_b.
-fn attention(body: &Body) -> Result<Steps, String> {
+/// and kv_b. `tensor_cores` (the f32 recipe): the matmuls through kv_b — the keys' and values'
+/// expansion, and the gradient's two back — on the tensor cores ([`matmul_steps`]); else on CUDA
+/// cores in the reference's order.
+fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     let o = &body.ops[0];
     let grad = body.names[0] == "attention_grad";
     let form = o.attribute("form").map(|a| a.to_string()).unwrap_or_default();
@@ -332,19 +335,32 @@ fn attention(body: &Body) -> Result<Steps, String> {
     let v = hp / heads - nope;
     let m = Mla { heads, nope, rope, v, kv, context: ATTENTION_CONTEXT, scale };
     let row = |op| StepKernel::Row(train_kernel(op, kv, "f32"));
-    let matmul =
-        |ta, tb, d| StepKernel::Row(train_kernel(TrainRow::Matmul { transpose_a: ta, transpose_b: tb }, d, "f32"));
     let f32_temp = |rows_factor, cols| Temp::per_row(rows_factor, cols, "f32");
     use Operand::{Arg, Result as Res, Temp as Tmp};
-    // ckv = latent[:, :kv]; kvb = ckv kv_b^T.
-    let mut steps = vec![
-        Step {
-            kernel: StepKernel::Row(train_kernel(TrainRow::Slice { start: 0 }, kv, "f32")),
-            operands: vec![Arg(2), Tmp(0)],
-        },
-        Step { kernel: matmul(false, true, hp), operands: vec![Tmp(0), Arg(3), Tmp(1)] },
-    ];
+    // Temporaries 0, 1: ckv [S, kv], kvb [S, hp]; with the gradient 2..: stats [T * H, 3], dkvb
+    // [S, hp], part [S * H, rope], d pe [S, rope], d ckv [S, kv]; then the tensor cores' operands.
     let mut temps = vec![f32_temp(1, kv), f32_temp(1, hp)];
+    if grad {
+        temps.extend([f32_temp(heads, 3), f32_temp(1, hp), f32_temp(heads, rope), f32_temp(1, rope), f32_temp(1, kv)]);
+    }
+    // `out = op(a) . op(b)` of run-row `a` (`cols` wide) and kv_b or a run-row `b`.
+    let run_rows = |cols: usize| Shape { dims: vec![None, Some(cols)], element: "f32".into() };
+    let kv_b_shape = Shape { dims: vec![Some(hp), Some(kv)], element: "f32".into() };
+    let mut matmul = |name: &str, (a, a_shape): (Operand, Shape), (b, b_shape): (Operand, Shape), (ta, tb), d, out| {
+        if tensor_cores {
+            let fused = format!("{}.{name}", body.name);
+            matmul_steps(&fused, (a, &a_shape), (b, &b_shape), (ta, tb), out, &mut temps)
+        } else {
+            let kernel = train_kernel(TrainRow::Matmul { transpose_a: ta, transpose_b: tb }, d, "f32");
+            Ok(vec![Step { kernel: StepKernel::Row(kernel), operands: vec![a, b, out] }])
+        }
+    };
+    // ckv = latent[:, :kv]; kvb = ckv kv_b^T.
+    let mut steps = vec![Step {
+        kernel: StepKernel::Row(train_kernel(TrainRow::Slice { start: 0 }, kv, "f32")),
+        operands: vec![Arg(2), Tmp(0)],
+    }];
+    steps.extend(matmul("kvb", (Tmp(0), run_rows(kv)), (Arg(3), kv_b_shape.clone()), (false, true), hp, Tmp(1))?);
     if !grad {
         steps.push(Step {
             kernel: row(TrainRow::MlaForward(m)),
@@ -352,8 +368,6 @@ fn attention(body: &Body) -> Result<Steps, String> {
         });
         return Ok(Steps { steps, temps, rope_table: None });
     }
-    // Temporaries 2..: stats [T * H, 3], dkvb [S, hp], part [S * H, rope], d pe [S, rope], d ckv [S, kv].
-    temps.extend([f32_temp(heads, 3), f32_temp(1, hp), f32_temp(heads, rope), f32_temp(1, rope), f32_temp(1, kv)]);
     steps.extend([
         Step {
             kernel: row(TrainRow::MlaGradQ(m)),
@@ -367,13 +381,14 @@ fn attention(body: &Body) -> Result<Steps, String> {
             kernel: StepKernel::Row(train_kernel(TrainRow::SumHeads { heads }, rope, "f32")),
             operands: vec![Tmp(4), Tmp(5)],
         },
-        Step { kernel: matmul(false, false, kv), operands: vec![Tmp(3), Arg(3), Tmp(6)] },
-        Step {
-            kernel: StepKernel::Row(train_kernel(TrainRow::Join { second: rope }, kv, "f32")),
-            operands: vec![Tmp(6), Tmp(5), Res(2)],
-        },
-        Step { kernel: matmul(true, false, kv), operands: vec![Tmp(3), Tmp(0), Res(3)] },
     ]);
+    // d ckv = dkvb kv_b; the latent's gradient [d ckv | d pe]; d kv_b = dkvb^T ckv.
+    steps.extend(matmul("dckv", (Tmp(3), run_rows(hp)), (Arg(3), kv_b_shape), (false, false), kv, Tmp(6))?);
+    steps.push(Step {
+        kernel: StepKernel::Row(train_kernel(TrainRow::Join { second: rope }, kv, "f32")),
+        operands: vec![Tmp(6), Tmp(5), Res(2)],
+    });
+    steps.extend(matmul("dkvb", (Tmp(3), run_rows(hp)), (Tmp(0), run_rows(kv)), (true, false), kv, Res(3))?);
     Ok(Steps { steps, temps, rope_table: None })
 }
 
@@ -1214,6 +1229,8 @@ fn matmul_steps(
             (false, None, Operand::Arg(arg), Operand::Temp(h), Operand::Temp(l)) => {
                 Ok((Operand::TempRowsOf { temp: h, arg }, Operand::TempRowsOf { temp: l, arg }))
             }
+            // A temporary has the run's rows, as the split's halves do.
+            (false, None, Operand::Temp(_), ..) => Ok((hi, lo)),
             (false, None, ..) => Err("a matmul of dynamic rows that are not an argument's".to_string()),
             _ => Ok((hi, lo)),
         }
