@@ -159,6 +159,8 @@ fn row_kernels_compile_to_sm90a_without_spills() {
     let context = v3c_compiler::mlir::new_context();
     let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
     for k in kernels() {
+        // What `v3c dump-ir --kernel` and the artifact's lowering read back.
+        assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k.clone()), "{}", k.kernel_name());
         let kernel = sm90::compile_rows(&context, &k, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
         let name = &kernel.name;
         assert!(kernel.ptx.contains(&format!(".entry {name}(")), "{name}");

@@ -48,6 +48,25 @@ pub struct GemmKernel {
 }
 
 impl GemmKernel {
+    /// An fp8 GEMM into f32 over step operands in the template's order: A at 0 with its 1x128
+    /// scales at 1, B at 2 with its scales at 3, the output (one result, all `n` columns) last.
+    pub fn fp8(kernel: String, n: usize, k: usize) -> GemmKernel {
+        GemmKernel {
+            kernel,
+            input: GemmInput::Fp8,
+            output: GemmOutput::F32,
+            n,
+            k,
+            a: 0,
+            a_scale: Some(1),
+            weights: vec![(2, Some(3))],
+            residual: None,
+            results: vec![(0, n)],
+            grouped: None,
+            fixed_m: None,
+        }
+    }
+
     /// Its problem in words: `N 7168 K 2048` (M: the run's rows), or Wgrad's `M 7168 N 2048 K
     /// tokens`.
     pub fn dims(&self) -> String {

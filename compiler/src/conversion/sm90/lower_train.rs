@@ -555,16 +555,6 @@ impl Experts {
     ) {
         let (offsets, tok) = self.sorted.expect("the pairs are sorted before a grouped GEMM");
         let gemm = GemmKernel {
-            kernel: format!("{}.{name}", self.kernel),
-            input: GemmInput::Fp8,
-            output: GemmOutput::F32,
-            n,
-            k,
-            a: 0,
-            a_scale: Some(1),
-            weights: vec![(2, Some(3))],
-            residual: None,
-            results: vec![(0, n)],
             grouped: Some(super::lower::Grouped {
                 grouping,
                 groups: self.experts,
@@ -577,7 +567,7 @@ impl Experts {
                 weights: Vec::new(),
                 b_row_scales: true,
             }),
-            fixed_m: None,
+            ..GemmKernel::fp8(format!("{}.{name}", self.kernel), n, k)
         };
         let mut operands = vec![a, a_scale, b.q, b.row_scale, offsets, tok];
         operands.extend(row_scale);
@@ -766,20 +756,7 @@ fn fp8_projection(body: &Body) -> Result<Steps, String> {
     ];
     use Operand::{Arg, Temp as Tmp};
     let quantize_blocks = TrainRow::QuantizeBlocks { tiles: k.div_ceil(group), transposed: dgrad, matrix_rows: 0 };
-    let gemm = GemmKernel {
-        kernel: format!("{}.gemm", body.name),
-        input: GemmInput::Fp8,
-        output: GemmOutput::F32,
-        n,
-        k,
-        a: 0,
-        a_scale: Some(1),
-        weights: vec![(2, Some(3))],
-        residual: None,
-        results: vec![(0, n)],
-        grouped: None,
-        fixed_m: None,
-    };
+    let gemm = GemmKernel::fp8(format!("{}.gemm", body.name), n, k);
     let mut steps = vec![
         Step {
             kernel: StepKernel::Row(train_kernel(TrainRow::Quantize, k, "f32")),
@@ -848,20 +825,8 @@ fn fp8_wgrad(body: &Body) -> Result<Steps, String> {
     let cols = |c| StepKernel::Row(train_kernel(TrainRow::QuantizeCols, c, "f32"));
     // The tokens padded to 16 bytes of e4m3 (TMA's row pitch); one scale per 128 tokens.
     let (tokens, groups) = (RunCols { group: 1, align: 16 }, RunCols { group, align: 1 });
-    let gemm = GemmKernel {
-        kernel: format!("{}.gemm", body.name),
-        input: GemmInput::Fp8,
-        output: GemmOutput::F32,
-        n: k,
-        k: 0,
-        a: 0,
-        a_scale: Some(1),
-        weights: vec![(2, Some(3))],
-        residual: None,
-        results: Vec::new(),
-        grouped: None,
-        fixed_m: Some(n),
-    };
+    let gemm =
+        GemmKernel { results: Vec::new(), fixed_m: Some(n), ..GemmKernel::fp8(format!("{}.gemm", body.name), k, 0) };
     Ok(Steps {
         steps: vec![
             Step { kernel: cols(n), operands: vec![Arg(0), Tmp(0), Tmp(1)] },

@@ -525,13 +525,29 @@ impl ModelKernels {
     ) -> Result<rows::RowKernel, Sm90Error> {
         let default = rows::RowKernel::new(rows::RowOp::Argmax, vocab, "f32");
         let shape = RowShape::of(&default, crate::tune::DECODE_M).expect("the argmax is tuned");
-        let preferences = choose.rows(ARGMAX, &shape);
+        self.first_row_kernel(context, ARGMAX, &shape, target, ptxas, choose, &mut |_| {})
+    }
+
+    /// The first of the widths `choose` orders for reduction `shape` of `name` that compiles (with
+    /// ptxas: without spilling), compiled once across the model.
+    #[allow(clippy::too_many_arguments)]
+    fn first_row_kernel(
+        &mut self,
+        context: &Context,
+        name: &str,
+        shape: &RowShape,
+        target: &GpuTarget,
+        ptxas: Option<&FoundTool>,
+        choose: &mut dyn Chooser,
+        progress: &mut impl FnMut(&str),
+    ) -> Result<rows::RowKernel, Sm90Error> {
+        let preferences = choose.rows(name, shape);
         let compiles = preferences
             .iter()
             .map(|r| (r.kernel_name(), Box::new(move || compile_rows(context, r, target)) as Box<_>))
             .collect();
         let what = format!("{} ", shape.signature());
-        let i = self.first_unspilled(ARGMAX, &what, compiles, target, ptxas, &mut |_| {})?;
+        let i = self.first_unspilled(name, &what, compiles, target, ptxas, progress)?;
         Ok(preferences[i].clone())
     }
 
@@ -556,14 +572,7 @@ impl ModelKernels {
         }
         Self::per_regime(regimes, |m| {
             let shape = RowShape::of(k, m).expect("a tuned row kernel");
-            let preferences = choose.rows(name, &shape);
-            let compiles = preferences
-                .iter()
-                .map(|r| (r.kernel_name(), Box::new(move || compile_rows(context, r, target)) as Box<_>))
-                .collect();
-            let what = format!("{} ", shape.signature());
-            let i = self.first_unspilled(name, &what, compiles, target, ptxas, progress)?;
-            Ok(preferences[i].kernel_name())
+            Ok(self.first_row_kernel(context, name, &shape, target, ptxas, choose, progress)?.kernel_name())
         })
         .map(Some)
     }

@@ -468,6 +468,14 @@ impl TrainRow {
         let rest = name.strip_prefix("rows_")?;
         let parts: Vec<&str> = rest.split('_').collect();
         let number = |part: &str, prefix: &str| -> Option<usize> { part.strip_prefix(prefix)?.parse().ok() };
+        // An optional last part: Some(true) when it is `tag`, Some(false) when absent.
+        let suffix = |rest: &[&str], tag: &str| -> Option<bool> {
+            match rest {
+                [part] if *part == tag => Some(true),
+                [] => Some(false),
+                _ => None,
+            }
+        };
         let kernel = |op: TrainRow, d: &str, weight: &str, t: &str| -> Option<RowKernel> {
             Some(RowKernel {
                 op: super::RowOp::Train(op),
@@ -550,20 +558,12 @@ impl TrainRow {
             }
             ["sumheads", d, h, t] => kernel(TrainRow::SumHeads { heads: number(h, "h")? }, d, "f32", t),
             ["moehidden", d, k, t, rest @ ..] => {
-                let keep = match rest {
-                    ["keep"] => true,
-                    [] => false,
-                    _ => return None,
-                };
+                let keep = suffix(rest, "keep")?;
                 kernel(TrainRow::MoeHidden { k: number(k, "k")?, keep }, d, "f32", t)
             }
             ["moecombine", d, k, t] => kernel(TrainRow::MoeCombine { k: number(k, "k")? }, d, "f32", t),
             ["qpairs", d, t, rest @ ..] => {
-                let by_token = match rest {
-                    ["tokens"] => true,
-                    [] => false,
-                    _ => return None,
-                };
+                let by_token = suffix(rest, "tokens")?;
                 kernel(TrainRow::QuantizePairs { by_token }, d, "f32", t)
             }
             ["fp8wgradexpert", d, t] => kernel(TrainRow::Fp8WgradExpert, d, "f32", t),
@@ -572,11 +572,7 @@ impl TrainRow {
             ["pairsort", d, t] => kernel(TrainRow::PairSort, d, "f32", t),
             ["pairrows", d, k, t] => kernel(TrainRow::PairRows { k: number(k, "k")? }, d, "f32", t),
             ["paircombine", d, k, t, rest @ ..] => {
-                let two = match rest {
-                    ["two"] => true,
-                    [] => false,
-                    _ => return None,
-                };
+                let two = suffix(rest, "two")?;
                 kernel(TrainRow::PairCombine { k: number(k, "k")?, two }, d, "f32", t)
             }
             ["pairgrad", d, k, t] => kernel(TrainRow::PairGrad { k: number(k, "k")? }, d, "f32", t),
@@ -610,11 +606,7 @@ impl TrainRow {
                 kernel(TrainRow::BalanceRows { grad, alpha: unspelled(a.strip_prefix('a')?)? }, d, "f32", t)
             }
             ["routegrad", d, sc, t, rest @ ..] => {
-                let norm = match rest {
-                    ["norm"] => true,
-                    [] => false,
-                    _ => return None,
-                };
+                let norm = suffix(rest, "norm")?;
                 kernel(TrainRow::RouteGrad { norm, scale: unspelled(sc.strip_prefix('s')?)? }, d, "f32", t)
             }
             ["embedgrad", d, t] => kernel(TrainRow::EmbedGrad, d, "f32", t),
