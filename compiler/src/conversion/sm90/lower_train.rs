@@ -1,6 +1,7 @@
 //! The training step's `fused`-stage kernels -> sm_90a launches ([`super::rows::TrainRow`], and the
-//! inference templates where one fits: the fp8 GEMM for the FP8 recipe's Fprop and Dgrad, the
-//! routing and concatenation rows). The training graph's kernels are single ops (its fused stage
+//! inference templates where one fits: the bf16 GEMM for the f32 recipe's matmuls (split `hi + lo`),
+//! the fp8 GEMM for the FP8 recipe's Fprop, Dgrad and Wgrad, the grouped fp8 GEMM for its routed
+//! experts, the routing and concatenation rows). The training graph's kernels are single ops (its fused stage
 //! only forms kernels), some with view tails (a linear's output reshaped and split into heads, the
 //! experts' stacked gradients split per expert). Called by [`super::lower::row_of_kernel`] and
 //! [`super::lower::steps_of_kernel`] for the ops they do not know; `None`: not a training kernel
@@ -8,7 +9,8 @@
 //!
 //! Temporaries have the run's rows (`Temp::per_row`) or fixed ones (quantized master weights,
 //! per-expert offsets); a launch that writes a kernel result takes its grid from a real operand,
-//! never from a temporary (the MTP module's tensors have one row fewer than the run's).
+//! never from a temporary (the MTP module's tensors have one row fewer than the run's), or bounds
+//! its rows by one ([`TrainRow::PairGrad`]).
 
 use melior::ir::block::BlockLike;
 use melior::ir::operation::{OperationLike, OperationRef};

@@ -35,9 +35,8 @@
 //! scaled and rounded to bf16 into one shared buffer the tensor cores read (wgmma reads e4m3 only
 //! K-major, and `P V` needs the values transposed).
 //!
-//! Not yet: warp specialization and
-//! overlapping `S` of the next page with `P V` of this one (FlashMLA's ping-pong); and the model's
-//! lowering does not pick these kernels yet (its cache is the plan's f32 `[B, S, 576]`).
+//! Not yet: warp specialization, splitting a page's keys between the warpgroups (each computes the
+//! whole `S` now) and overlapping `S` of the next page with `P V` of this one (FlashMLA's ping-pong).
 
 use std::fmt::Write;
 
