@@ -252,7 +252,13 @@ unsafe fn gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), String> 
         return Err(format!("{}: a bf16 output with a residual (not computed on the host)", g.kernel));
     }
     let group = if scales.is_some() { 128 } else { k.max(1) };
+    // The output's elements (each row written is inside it: checked above).
     let outputs = out.shape.iter().product();
+    let (out_f32, out_bf16) = if bf16_out {
+        (&mut [][..], std::slice::from_raw_parts_mut(out.ptr as *mut u16, outputs))
+    } else {
+        (std::slice::from_raw_parts_mut(out.ptr as *mut f32, outputs), &mut [][..])
+    };
     for &(r, i, brow, weight) in &rows {
         for col in 0..n {
             let j = brow + col;
@@ -269,10 +275,9 @@ unsafe fn gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), String> 
             }
             let value = residual.as_ref().map_or(acc * weight, |res| res[r * n + col] + acc);
             if bf16_out {
-                std::slice::from_raw_parts_mut(out.ptr as *mut u16, outputs)[r * n + col] =
-                    v3c_models::dtype::f32_to_bf16(value);
+                out_bf16[r * n + col] = v3c_models::dtype::f32_to_bf16(value);
             } else {
-                std::slice::from_raw_parts_mut(out.ptr as *mut f32, outputs)[r * n + col] = value;
+                out_f32[r * n + col] = value;
             }
         }
     }
