@@ -1429,6 +1429,8 @@ pub struct TuneOptions<'a> {
     pub report: bool,
     pub tuning: Option<&'a Path>,
     pub out: Option<&'a Path>,
+    /// The training step's kernels (as `compile --train` builds it) instead of the inference entries'.
+    pub train: Option<v3c_models::train::TrainConfig>,
 }
 
 /// An attention launch of the model the tuner measures: its fused kernel, its problem at the
@@ -1454,22 +1456,35 @@ struct ModelProblems {
     rows: Vec<RowTuning>,
 }
 
-/// The model's tunable kernels with the graph `precision` picks, as `compile` sees them (sm_90a
-/// mapping): its GEMMs (whole fused kernels, and the GEMM steps of multi-launch ones, the grouped
+/// The model's tunable kernels with the graph `precision` picks — or its training step's, with
+/// `train` — as `compile` sees them (sm_90a mapping): its GEMMs (whole fused kernels, and the GEMM steps of multi-launch ones, the grouped
 /// MoE GEMMs among them), each with the Ms of the regimes its entries run it in
 /// ([`v3c_compiler::conversion::sm90::regimes`]); its tensor-core attention launches (decode's
 /// also over the fp8 cache, which `--kv-cache fp8` compiles); its reductions at the rows of the
 /// regimes they run in (distinct problems once).
-fn model_problems(model: &str, precision: Option<v3c_models::Precision>) -> Result<ModelProblems, String> {
+fn model_problems(
+    model: &str,
+    precision: Option<v3c_models::Precision>,
+    train: Option<&v3c_models::train::TrainConfig>,
+) -> Result<ModelProblems, String> {
     use melior::ir::block::BlockLike;
     use melior::ir::operation::OperationLike;
     let config = ModelConfig::resolve(model).map_err(|e| e.to_string())?;
-    let precision = precision.unwrap_or(if config.quantization.is_some() { Precision::Fp8 } else { Precision::F32 });
     let context = v3c_compiler::mlir::new_context();
-    let options = v3c_models::BuildOptions { precision, ..Default::default() };
-    let module = v3c_compiler::pipeline::Driver::from_env(model)
-        .run_model(&context, &config, &v3c_models::Entry::ALL, &options, "fused")
-        .map_err(|e| e.to_string())?;
+    let driver = v3c_compiler::pipeline::Driver::from_env(model);
+    let module = match train {
+        Some(train) => {
+            let graph = v3c_models::train::training_graph(&config, train).map_err(|e| e.to_string())?.graph;
+            driver.run_graphs(&context, &[(v3c_compiler::cpu_backend::TRAIN_ENTRY, &graph)], "fused")
+        }
+        None => {
+            let precision =
+                precision.unwrap_or(if config.quantization.is_some() { Precision::Fp8 } else { Precision::F32 });
+            let options = v3c_models::BuildOptions { precision, ..Default::default() };
+            driver.run_model(&context, &config, &v3c_models::Entry::ALL, &options, "fused")
+        }
+    }
+    .map_err(|e| e.to_string())?;
     let regimes = v3c_compiler::conversion::sm90::regimes(&module);
     let mut gemms = Vec::new();
     let mut attention: Vec<AttentionTuning> = Vec::new();
@@ -1548,13 +1563,15 @@ fn model_problems(model: &str, precision: Option<v3c_models::Precision>) -> Resu
     if gemms.is_empty() {
         return Err(format!("{model}: no kernel maps onto the sm_90a GEMM template (try --precision fp8)"));
     }
-    // Greedy sampling's argmax over the vocabulary, at decode's rows (as `compile` picks it).
+    // Greedy sampling's argmax over the vocabulary, at decode's rows (as `compile` picks it);
+    // training samples nothing.
     let argmax = v3c_compiler::conversion::sm90::rows::RowKernel::new(
         v3c_compiler::conversion::sm90::rows::RowOp::Argmax,
         config.vocab_size,
         "f32",
     );
-    if let Some(shape) = v3c_compiler::tune::rows::RowShape::of(&argmax, v3c_compiler::tune::DECODE_M) {
+    let shape = v3c_compiler::tune::rows::RowShape::of(&argmax, v3c_compiler::tune::DECODE_M);
+    if let (None, Some(shape)) = (train, shape) {
         rows.push(RowTuning { name: v3c_compiler::conversion::sm90::ARGMAX.into(), shape });
     }
     Ok(ModelProblems { gemms, attention, rows })
@@ -1572,7 +1589,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     if o.report {
         let path = o.tuning.ok_or("--report: name the database with --tuning FILE")?;
         let db = TuningDb::read(path)?;
-        let ModelProblems { gemms, attention, rows } = model_problems(o.model, o.precision)?;
+        let ModelProblems { gemms, attention, rows } = model_problems(o.model, o.precision, o.train.as_ref())?;
         println!(
             "{:<20} {:>6} {:<44} {:>10} {:>10} {:>8}  winner",
             "kernel", "M", "signature", "default ms", "tuned ms", "speedup"
@@ -1644,7 +1661,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
         })?;
         let scratch = tempfile::tempdir().map_err(|e| format!("a scratch directory: {e}"))?;
         let candidates = scratch.path().join("candidates");
-        tune(&TuneOptions { emit_candidates: Some(&candidates), ..*o })?;
+        tune(&TuneOptions { emit_candidates: Some(&candidates), train: o.train.clone(), ..*o })?;
         let written =
             v3c_runtime::measure::tune(&candidates, out, 20, device.ordinal, false, &mut |line| println!("{line}"))?;
         eprintln!("tune: {written} entries measured on {} written to {}", device.name, out.display());
@@ -1653,7 +1670,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     if dir.exists() {
         return Err(format!("{}: already exists (candidates are written into a new directory)", dir.display()));
     }
-    let ModelProblems { gemms, attention, rows } = model_problems(o.model, o.precision)?;
+    let ModelProblems { gemms, attention, rows } = model_problems(o.model, o.precision, o.train.as_ref())?;
     // Distinct problems: several kernels of the model may share a signature.
     let mut problems: Vec<(GemmShape, Vec<String>)> = Vec::new();
     for (g, runs) in &gemms {

@@ -422,9 +422,14 @@ struct TuneArgs {
     /// The GPU to tune for (cost model figures, database key): H200, H100, H800, H20.
     #[arg(long, value_name = "NAME", default_value = "H200")]
     gpu: String,
-    /// Graph whose kernels to tune (default: fp8 when the checkpoint's weights are fp8).
+    /// Graph whose kernels to tune (default: fp8 when the checkpoint's weights are fp8; with --train:
+    /// f32, or `fp8` for DeepSeek-V3's FP8 training recipe).
     #[arg(long, value_enum)]
     precision: Option<Precision>,
+    /// Tune the training step's kernels (as `compile --train` builds them: its Fprop, Dgrad and Wgrad
+    /// GEMMs, the experts' grouped ones, at windows of 4096 tokens) instead of the inference entries'.
+    #[arg(long)]
+    train: bool,
 }
 
 #[derive(Args)]
@@ -582,6 +587,10 @@ fn main() -> ExitCode {
             report: a.report,
             tuning: a.tuning.as_deref(),
             out: a.out.as_deref(),
+            train: a.train.then(|| v3c_models::train::TrainConfig {
+                fp8: a.precision == Some(Precision::Fp8),
+                ..Default::default()
+            }),
         }),
     };
     match result {
