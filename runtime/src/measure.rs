@@ -256,6 +256,9 @@ trait Bench {
     fn rate(&self, ms: f64) -> String;
 }
 
+/// Each candidate of `problem` launched over its kind's made-up operands ([`Bench`], from `seed`):
+/// the default first, checked against the host; every other against the default's output; then
+/// timed.
 #[allow(clippy::too_many_arguments)]
 fn measure(
     dir: &Path,
@@ -272,22 +275,7 @@ fn measure(
         (None, Some(r)) => Box::new(RowBench::new(r, seed)?),
         (None, None) => Box::new(GemmBench::new(problem, seed, sms)?),
     };
-    measure_candidates(dir, problem, bench.as_ref(), reps, sms, stream, flush, report)
-}
-
-/// Each candidate of `problem` launched over `bench`'s operands: the default first, checked
-/// against the host; every other against the default's output; then timed.
-#[allow(clippy::too_many_arguments)]
-fn measure_candidates(
-    dir: &Path,
-    problem: &Problem,
-    bench: &dyn Bench,
-    reps: usize,
-    sms: usize,
-    stream: sys::CUstream,
-    flush: &DeviceBuffer,
-    report: &mut dyn FnMut(&str),
-) -> Result<Measured, String> {
+    let bench = bench.as_ref();
     let m = problem.m;
     let maps = DeviceBuffer::new(128 * MAX_TENSOR_MAPS, "tensor maps")?;
     let mut order: Vec<&str> = vec![problem.default.as_str()];
