@@ -16,9 +16,10 @@ use melior::ir::block::BlockLike;
 use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::{RegionLike, Value, ValueLike};
 
+use super::gemm::GemmGrouping::{self, Contiguous, Gather};
 use super::gemm::{GemmInput, GemmOutput};
 use super::lower::{rope_table_of, route_op, GemmKernel, Operand, RowLaunch, RunCols, Step, StepKernel, Steps, Temp};
-use super::rows::{Mla, RowKernel, RowOp, TrainRow};
+use super::rows::{Mla, RowKernel, RowOp, TrainRow, GROUP};
 use crate::verify::Shape;
 
 /// A kernel's body: its ops (without the return), the returned values and the arguments.
@@ -438,9 +439,6 @@ fn moe_experts_fp8(kernel: &str, experts: usize, k: usize, inter: usize, d: usiz
     Ok(ex.into_steps())
 }
 
-use super::gemm::GemmGrouping::{self, Contiguous, Gather};
-use super::rows::GROUP;
-
 /// An expert weight's e4m3 blocks for the grouped GEMMs: the blocks (`[E * rows, K]`) and their
 /// 128x128 scales repeated per row.
 #[derive(Clone, Copy)]
@@ -744,7 +742,7 @@ fn fp8_projection(body: &Body) -> Result<Steps, String> {
     if width(&act)? != k {
         return Err(format!("{} of {act} with weights {w}", body.names[0]));
     }
-    let group = super::rows::GROUP;
+    let group = GROUP;
     let mut blocks = Temp::per_row(1, k, "f8E4M3FN");
     blocks.fixed_rows = Some(n);
     let mut block_scales = Temp::per_row(1, k.div_ceil(group), "f32");
@@ -823,7 +821,7 @@ fn fp8_wgrad(body: &Body) -> Result<Steps, String> {
     let (n, k) = (width(&operand_shape(o, 0)?)?, width(&operand_shape(o, 1)?)?);
     use super::lower::RunCols;
     use Operand::{Arg, Result as Res, Temp as Tmp};
-    let group = super::rows::GROUP;
+    let group = GROUP;
     let cols = |c| StepKernel::Row(train_kernel(TrainRow::QuantizeCols, c, "f32"));
     // The tokens padded to 16 bytes of e4m3 (TMA's row pitch); one scale per 128 tokens.
     let (tokens, groups) = (RunCols { group: 1, align: 16 }, RunCols { group, align: 1 });
