@@ -329,6 +329,7 @@ fn candidates_launch_as_their_ptx_declares(cands: &std::path::Path) {
             let out = buf(vec![if abi.scatter { p.m } else { rows }, p.n], "f32");
             let (res, offs) = (buf(vec![p.m, p.n], "f32"), buf(vec![groups + 1], "i32"));
             let (perm_buf, scale) = (buf(vec![rows], "i32"), buf(vec![rows], "f32"));
+            let range = buf(vec![2], "i32");
             let ops = GemmOperands {
                 a: &a,
                 a_scale: Some(&sa),
@@ -339,6 +340,7 @@ fn candidates_launch_as_their_ptx_declares(cands: &std::path::Path) {
                 offsets: p.grouped.is_some().then_some(&offs),
                 perm: p.grouped.is_some().then_some(&perm_buf),
                 row_scale: Some(&scale),
+                k_range: Some(&range),
                 workspace: Some(1 << 41),
                 counters: Some(1 << 42),
             };

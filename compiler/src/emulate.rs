@@ -165,6 +165,7 @@ pub unsafe fn emulate_gemm(abi: &GemmAbi, l: &KernelLaunch) -> Result<(), String
         }
         other => return Err(format!("{}: {other} grouping is not emulated", l.kernel)),
     }
+    let k_range = abi.k_range.then(|| memref(1));
     let row_scale = abi.row_scale.then(|| memref(1));
     let residual = abi.residual.then(|| memref(2));
     let k = *v.last().ok_or("no parameters")? as usize;
@@ -179,10 +180,17 @@ pub unsafe fn emulate_gemm(abi: &GemmAbi, l: &KernelLaunch) -> Result<(), String
             bf16_to_f32(*(t.addr as *const u16).add(row * t.cols + col))
         }
     };
-    let kb = k.div_ceil(128);
+    // The K blocks summed: all, or those of the device's range (from the one holding its start).
+    let blocks = match &k_range {
+        Some((ptr, _)) => {
+            let (start, end) = (i32_at(*ptr, 0).max(0) as usize, i32_at(*ptr, 1).max(0) as usize);
+            start / 128..end.max(start).div_ceil(128).min(k.div_ceil(128))
+        }
+        None => 0..k.div_ceil(128),
+    };
     let dot = |arow: usize, brow: usize| -> f32 {
         let mut acc = 0f32;
-        for blk in 0..kb {
+        for blk in blocks.clone() {
             let mut part = 0f32;
             for c in blk * 128..((blk + 1) * 128).min(k) {
                 part += el(a, arow, c) * el(b, brow, c);

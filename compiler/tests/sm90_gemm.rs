@@ -46,6 +46,16 @@ fn variants() -> Vec<GemmConfig> {
         // training step picks it, and with split K over few tokens.
         GemmConfig { output: GemmOutput::F32, consumers: 2, specialized: true, b_row_scales: true, ..fp8 },
         GemmConfig { output: GemmOutput::F32, block_m: 64, stages: 5, split_k: true, b_row_scales: true, ..fp8 },
+        // One expert's Wgrad: K (its pairs) a range the device holds.
+        GemmConfig {
+            output: GemmOutput::F32,
+            consumers: 2,
+            specialized: true,
+            persistent: true,
+            b_row_scales: true,
+            k_range: true,
+            ..fp8
+        },
     ]
     .into_iter()
     .chain(grouped())
@@ -286,6 +296,17 @@ fn configs_that_do_not_fit_are_rejected_before_codegen() {
     // The training experts' grouped GEMMs: per-row scales, any block_n (no 128-row scale block).
     let rows = GemmConfig::grouped(GemmGrouping::Gather, GemmInput::Fp8, GemmOutput::F32, 128, 64, 4);
     GemmConfig { b_row_scales: true, ..rows }.validate(t).unwrap();
+    // A K range from the device: dense fp8 GEMMs without split K only.
+    let fp8 = GemmConfig::new(GemmInput::Fp8, GemmOutput::F32, 64, 128, 4);
+    GemmConfig { k_range: true, b_row_scales: true, ..fp8 }.validate(t).unwrap();
+    for bad in [
+        GemmConfig { k_range: true, split_k: true, ..fp8 },
+        GemmConfig { k_range: true, b_row_scales: true, ..rows },
+        GemmConfig { k_range: true, ..base },
+    ] {
+        let err = bad.validate(t).unwrap_err();
+        assert!(err.contains("a K range from the device goes with dense fp8 GEMMs without split K"), "{err}");
+    }
     let context = v3c_compiler::mlir::new_context();
     let err = sm90::compile_gemm(&context, &GemmConfig { stages: 1, ..base }, t).unwrap_err().to_string();
     assert!(err.starts_with("gemm_bf16_f32_128x128x64_s1: "), "{err}");
@@ -319,6 +340,7 @@ fn kernel_names_round_trip_to_configs() {
     assert_eq!(variants()[4].kernel_name(), "gemm_fp8_bf16_128x128x128_s6_wg2_ws_persist_r4_res");
     assert_eq!(grouped()[2].kernel_name(), "gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale");
     assert_eq!(variants()[9].kernel_name(), "gemm_fp8_f32_64x128x128_s5_splitk_b1x128");
+    assert_eq!(variants()[10].kernel_name(), "gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_b1x128_krange");
     for bad in [
         "gemm_bf16_f32_128x128x128_s4",
         "gemm_f16_f32_128x128x64_s4",
@@ -331,6 +353,7 @@ fn kernel_names_round_trip_to_configs() {
         "gemm_bf16_f32_128x128x64_s4_ws_rowscale_swiglu",
         "gemm_bf16_f32_128x128x64_s4_ws_gather_masked",
         "gemm_fp8_f32_128x128x128_s4_b1x128_res",
+        "gemm_fp8_f32_128x128x128_s4_krange_b1x128",
     ] {
         assert_eq!(GemmConfig::from_name(bad), None, "{bad}");
     }

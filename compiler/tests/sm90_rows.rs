@@ -149,7 +149,7 @@ fn training_kernels() -> Vec<RowKernel> {
         train(TrainRow::PairGrad { k: 8 }, 7168, "f32"),
         train(TrainRow::QuantizePairs { by_token: true }, 7168, "f32"),
         train(TrainRow::QuantizePairs { by_token: false }, 2048, "f32"),
-        train(TrainRow::Fp8WgradExpert, 2048, "f32"),
+        train(TrainRow::PadOffsets, 256, "f32"),
     ]);
     kernels
 }

@@ -222,6 +222,9 @@ pub struct GemmAbi {
     /// per 128x128 block (`[ceil(N/128), ceil(K/128)]`: a weight's).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub b_row_scales: bool,
+    /// K's range `[start, end)` comes from the device (`k_range`, two i32): the K tiles summed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub k_range: bool,
 }
 
 impl GemmAbi {
@@ -388,6 +391,8 @@ pub struct GemmOperands<'a> {
     pub offsets: Option<&'a Buf>,
     pub perm: Option<&'a Buf>,
     pub row_scale: Option<&'a Buf>,
+    /// A K range from the device: `[start, end)` (two i32).
+    pub k_range: Option<&'a Buf>,
     /// Split K: the workspace and counters (as large as [`GemmAbi::scratch`] says).
     pub workspace: Option<u64>,
     pub counters: Option<u64>,
@@ -516,6 +521,13 @@ impl GemmAbi {
             }
             other => return Err(fail(format!("{other} grouping is not launched by the runtime yet"))),
         }
+        if self.k_range {
+            let range = need(ops.k_range, kernel, "K range")?;
+            if range.elements() != 2 || range.element != "i32" {
+                return Err(fail(format!("a K range of {:?} {} (two i32 wanted)", range.shape, range.element)));
+            }
+            params.extend(memref(range, 1).map_err(fail)?);
+        }
         if self.row_scale {
             params.extend(memref(need(ops.row_scale, kernel, "row scale")?, 1).map_err(fail)?);
         }
@@ -549,6 +561,7 @@ impl GemmAbi {
             ops.offsets,
             ops.perm,
             ops.row_scale,
+            ops.k_range,
             Some(ops.out),
         ]
         .into_iter()
@@ -625,8 +638,42 @@ mod tests {
             scatter: name_opts.contains(&"scatter"),
             a_box_rows: if name_opts.contains(&"gather") { 1 } else { 128 },
             b_box_rows: 64,
-            b_row_scales: false,
+            b_row_scales: name_opts.contains(&"b1x128"),
+            k_range: name_opts.contains(&"krange"),
         }
+    }
+
+    #[test]
+    fn a_k_range_is_passed_after_the_scales() {
+        let g = abi(&["b1x128", "krange"]);
+        // One expert's Wgrad: dW [320, 256] over pairs laid out per expert (K = 512 padded pairs).
+        let (a, s) = (buf(0x10000, &[320, 512], "f8E4M3FN"), buf(0x20000, &[320, 4], "f32"));
+        let (b, bs) = (buf(0x30000, &[256, 512], "f8E4M3FN"), buf(0x40000, &[256, 4], "f32"));
+        let (out, range) = (buf(0x50000, &[320, 256], "f32"), buf(0x60000, &[2, 1], "i32"));
+        let ops = GemmOperands {
+            a: &a,
+            a_scale: Some(&s),
+            b: &b,
+            b_scale: Some(&bs),
+            out: &out,
+            residual: None,
+            offsets: None,
+            perm: None,
+            row_scale: None,
+            k_range: Some(&range),
+            workspace: None,
+            counters: None,
+        };
+        let l = g.launch("k", &ops, 132).unwrap();
+        // maps, out, a_scale, b_scale (7 each), the range (5), k.
+        assert_eq!(l.params.len(), 2 + 7 * 3 + 5 + 1);
+        assert_eq!(l.params[2 + 7 * 3..2 + 7 * 3 + 4], [0x60000, 0x60000, 0, 2].map(Param::Value));
+        assert_eq!(*l.params.last().unwrap(), Param::Value(512));
+        let three = buf(0x60000, &[3], "i32");
+        let bad = GemmOperands { k_range: Some(&three), ..ops.clone() };
+        assert!(g.launch("k", &bad, 132).unwrap_err().contains("a K range of [3] i32"));
+        let none = GemmOperands { k_range: None, ..ops };
+        assert!(g.launch("k", &none, 132).unwrap_err().contains("no K range operand"));
     }
 
     #[test]
@@ -645,6 +692,7 @@ mod tests {
             offsets: None,
             perm: None,
             row_scale: None,
+            k_range: None,
             workspace: Some(0x70000),
             counters: Some(0x80000),
         };
@@ -685,6 +733,7 @@ mod tests {
             offsets: Some(&offsets),
             perm: Some(&perm),
             row_scale: None,
+            k_range: None,
             workspace: None,
             counters: None,
         };

@@ -487,6 +487,7 @@ impl<'a> Expander<'a> {
                             offsets: grouped.map(|gr| op(gr.offsets)).transpose()?,
                             perm: grouped.map(|gr| op(gr.perm)).transpose()?,
                             row_scale: grouped.and_then(|gr| gr.row_scale).map(op).transpose()?,
+                            k_range: gs.k_range.map(op).transpose()?,
                             workspace: Some(bindings.workspace),
                             counters: Some(bindings.counters),
                         };
@@ -497,7 +498,8 @@ impl<'a> Expander<'a> {
                             operands.b_scale,
                             Some(operands.out),
                         ];
-                        let more = [operands.residual, operands.offsets, operands.perm, operands.row_scale];
+                        let more =
+                            [operands.residual, operands.offsets, operands.perm, operands.row_scale, operands.k_range];
                         if used.iter().chain(&more).flatten().any(|b| b.addr == 0) {
                             return Err(at(format!("{kernel}: an operand has no memory (a weight left unbound)")));
                         }

@@ -145,6 +145,9 @@ pub struct GemmSpec {
     pub results: Vec<(usize, usize)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grouped: Option<GroupedSpec>,
+    /// The operand holding K's range `[start, end)` (two i32) when the device decides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k_range: Option<usize>,
 }
 
 /// A grouped (MoE) GEMM.
@@ -295,17 +298,32 @@ impl TempSpec {
     }
 }
 
-/// Columns that follow a run's rows: one per `group` rows (the last group partial), rounded up to
-/// a multiple of `align` (e.g. a transposed e4m3 activation: TMA needs rows of 16-byte multiples).
+/// Columns that follow a run's rows: one per `group` of `rows * factor + extra` (the last group
+/// partial), rounded up to a multiple of `align` (e.g. a transposed e4m3 activation: TMA needs rows
+/// of 16-byte multiples; the experts' pairs, `factor` per token, each expert's padded to whole
+/// 128-pair groups: `extra` = experts x 128).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunCols {
     pub group: usize,
     pub align: usize,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub factor: usize,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub extra: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl RunCols {
+    /// One per `group` rows, rounded up to `align`.
+    pub fn new(group: usize, align: usize) -> RunCols {
+        RunCols { group, align, factor: 1, extra: 0 }
+    }
+
     pub fn cols(&self, rows: usize) -> usize {
-        rows.div_ceil(self.group.max(1)).next_multiple_of(self.align.max(1))
+        (rows * self.factor + self.extra).div_ceil(self.group.max(1)).next_multiple_of(self.align.max(1))
     }
 }
 

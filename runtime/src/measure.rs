@@ -420,6 +420,8 @@ struct GemmBench {
     residual: Option<Buf>,
     offsets: Option<Buf>,
     perm: Option<Buf>,
+    /// A device-decided K range (Wgrad over one expert's pairs): all of K.
+    k_range: Option<Buf>,
     out: DeviceBuffer,
     out_buf: Buf,
     workspace: DeviceBuffer,
@@ -488,6 +490,9 @@ impl GemmBench {
         let perm = grouped.then(|| upload(&ints_of(&ops.perm), "permutation", &mut held)).transpose()?;
         let perm = perm.map(|a| buf(a, vec![rows], "i32"));
         let row_scale = buf(upload(&bytes_of(&ops.row_scale), "row scales", &mut held)?, vec![rows], "f32");
+        let whole_k = [0, k as i32];
+        let k_range = default.k_range.then(|| upload(&ints_of(&whole_k), "K range", &mut held)).transpose()?;
+        let k_range = k_range.map(|a| buf(a, vec![2], "i32"));
         let out = DeviceBuffer::new(4 * out_rows * n_out, "the output")?;
         let out_buf = buf(out.ptr, vec![out_rows, n_out], "f32");
         let problem_size = GemmProblem { m: rows, n, k, groups };
@@ -510,6 +515,7 @@ impl GemmBench {
             residual,
             offsets,
             perm,
+            k_range,
             out,
             out_buf,
             workspace,
@@ -539,6 +545,7 @@ impl Bench for GemmBench {
             offsets: self.offsets.as_ref(),
             perm: self.perm.as_ref(),
             row_scale: Some(row_scale),
+            k_range: self.k_range.as_ref(),
             workspace: Some(self.workspace.ptr),
             counters: Some(self.counters.ptr),
         };

@@ -42,6 +42,8 @@ pub struct GemmShape {
     pub grouped: Option<GroupedProblem>,
     /// Wgrad's form: M fixed, K the tokens (fp8: B's scales per row, 1x128 along K as A's).
     pub wgrad: bool,
+    /// K's range from the device (one expert's pairs of a Wgrad): K is the range's average.
+    pub k_range: bool,
 }
 
 /// A grouped GEMM's routing: `routed` experts each token picks `top_k` of, `shared` experts every
@@ -74,14 +76,20 @@ impl GroupedProblem {
 
 impl GemmShape {
     /// The shape of `kernel` at `m` rows (grouped: `m` tokens; Wgrad's form: its fixed M, and K is
-    /// the `m` tokens).
+    /// the `m` tokens, or with a K range from the device its average share of their rows in whole
+    /// 128-wide groups: an expert's pairs).
     pub fn of(kernel: &GemmKernel, m: usize) -> GemmShape {
         let (m, k) = kernel.fixed_m.map_or((m, kernel.k), |rows| (rows, m));
+        let k = match kernel.k_range {
+            Some(r) => (k * r.per_token).div_ceil(r.groups.max(1)).next_multiple_of(128),
+            None => k,
+        };
         GemmShape {
             m,
             n: kernel.n,
             k,
             wgrad: kernel.fixed_m.is_some(),
+            k_range: kernel.k_range.is_some(),
             input: kernel.input,
             output: kernel.output,
             residual: kernel.residual.is_some(),
@@ -119,7 +127,8 @@ impl GemmShape {
         };
         if self.wgrad {
             // The tokens (K) are the dynamic dim: the bucket keys them.
-            return format!("wgrad {}->{o} m{} n{}", t(self.input), self.m, self.n);
+            let range = if self.k_range { " +krange" } else { "" };
+            return format!("wgrad {}->{o} m{} n{}{range}", t(self.input), self.m, self.n);
         }
         let Some(g) = &self.grouped else {
             let residual = if self.residual { " +residual" } else { "" };
@@ -203,6 +212,7 @@ pub fn candidates(shape: &GemmShape, target: &GpuTarget) -> Vec<GemmConfig> {
                                         split_k,
                                         residual: shape.residual,
                                         b_row_scales: shape.b_row_scales(),
+                                        k_range: shape.k_range,
                                         ..GemmConfig::new(shape.input, shape.output, block_m, block_n, stages)
                                     };
                                     if c.validate(target).is_ok() {
@@ -600,6 +610,7 @@ mod tests {
             residual: false,
             grouped: None,
             wgrad: false,
+            k_range: false,
         }
     }
 
@@ -673,6 +684,7 @@ mod tests {
             results: vec![(0, 7168)],
             grouped: None,
             fixed_m: None,
+            k_range: None,
         };
         let shape = GemmShape::of(&kernel, DECODE_M);
         let entry = |winner: &str| measured(&shape, &h200, winner, 0.01);
@@ -765,6 +777,7 @@ mod tests {
                 b_row_scales: false,
             }),
             fixed_m: None,
+            k_range: None,
         };
         let shape = GemmShape::of(&kernel, DECODE_M);
         assert_eq!(shape, moe(DECODE_M));

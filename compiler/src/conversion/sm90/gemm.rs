@@ -117,6 +117,11 @@ pub struct GemmConfig {
     /// column promoted with its own — Wgrad's `dW = dy^T x`, where both operands are activations
     /// quantized in 128-token groups — not per 128x128 block.
     pub b_row_scales: bool,
+    /// K's range from the device: `k_range [2]` (i32) holds the K columns `[start, end)` the unit
+    /// sums over, in whole K tiles (start a multiple of `block_k`; the tile that holds `end` is read
+    /// whole: the caller pads it with zeros) — one expert's pairs in a Wgrad over pairs laid out per
+    /// expert (a count only the device knows).
+    pub k_range: bool,
 }
 
 /// Bytes of K per pipeline stage: one 128-byte swizzle row per tile row.
@@ -152,6 +157,7 @@ impl GemmConfig {
             row_scale: false,
             scatter: false,
             b_row_scales: false,
+            k_range: false,
         }
     }
 
@@ -248,7 +254,7 @@ impl GemmConfig {
 
     /// How [`GemmConfig::kernel_name`] spells a configuration (optional parts in this order).
     pub const NAME_FORMAT: &str = "gemm_<bf16|fp8>_<f32|bf16|fp8>_<M>x<N>x<K>_s<stages>[_wg2][_ws][_persist][_r<G>]\
-        [_contig|_gather|_masked][_splitk][_swiglu][_rowscale][_scatter][_res][_b1x128]";
+        [_contig|_gather|_masked][_splitk][_swiglu][_rowscale][_scatter][_res][_b1x128][_krange]";
 
     /// Blocks to launch for a grouped GEMM of `rows` group-sorted rows (masked: `groups * cap`)
     /// over `groups` groups: enough for the most tiles the rows can form (each group's last tile
@@ -316,6 +322,9 @@ impl GemmConfig {
         if self.b_row_scales {
             name.push_str("_b1x128");
         }
+        if self.k_range {
+            name.push_str("_krange");
+        }
         name
     }
 
@@ -343,6 +352,7 @@ impl GemmConfig {
             a_box_rows: if self.grouping == GemmGrouping::Gather { 1 } else { self.block_m },
             b_box_rows: self.block_n / self.cluster,
             b_row_scales: self.b_row_scales,
+            k_range: self.k_range,
         }
     }
 
@@ -401,6 +411,9 @@ impl GemmConfig {
             } else if part == "b1x128" {
                 config.b_row_scales = true;
                 (12, true)
+            } else if part == "krange" {
+                config.k_range = true;
+                (13, true)
             } else if let Some(v) = part.strip_prefix("wg") {
                 config.consumers = v.parse().ok()?;
                 (1, config.consumers != 1)
@@ -445,6 +458,12 @@ impl GemmConfig {
             return Err(format!(
                 "{name}: fp8 block_n {} must divide the 128-wide weight scale block (one B scale per tile)",
                 self.block_n
+            ));
+        }
+        if self.k_range && (self.is_grouped() || self.split_k || self.input != GemmInput::Fp8) {
+            return Err(format!(
+                "{name}: a K range from the device goes with dense fp8 GEMMs without split K (the host sizes splits \
+                 by K; the range is in 128-wide scale groups)"
             ));
         }
         if self.stages < 2 || self.stages > 8 {
@@ -639,6 +658,9 @@ impl Emitter {
                 args.push("%cap: index".into());
             }
         }
+        if c.k_range {
+            args.push("%k_range: memref<?xi32>".into());
+        }
         if c.row_scale {
             args.push("%row_scale: memref<?xf32>".into());
         }
@@ -755,7 +777,7 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
     /// Kernel-wide values: problem and tile counts, shared memory, barriers (initialized by thread 0).
     fn prelude(&self, t: &mut String) {
         let c = &self.c;
-        let (bm, bn, bk, stages) = (c.block_m, c.block_n, c.block_k(), c.stages);
+        let (bm, bn, stages) = (c.block_m, c.block_n, c.stages);
         let ws = WORKGROUP;
         let splits = if c.split_k { "" } else { "  %splits = arith.constant 1 : index\n" };
         let _ = writeln!(
@@ -778,8 +800,7 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
 {n}  %m_tiles = arith.ceildivui %m, %c{bm} : index
   %n_tiles = arith.ceildivui %n, %c{bn} : index
 {cluster}  %tiles = arith.muli %m_units, %n_tiles : index
-{units}  %k_tiles = arith.ceildivui %k, %c{bk} : index
-  %per = arith.ceildivui %k_tiles, %splits : index
+{units}{k_tiles}  %per = arith.ceildivui %k_tiles, %splits : index
   %smem = gpu.dynamic_shared_memory : memref<?xi8, {ws}>
   %smem_base_idx = memref.extract_aligned_pointer_as_index %smem : memref<?xi8, {ws}> -> index
   %smem_base = arith.index_cast %smem_base_idx : index to i64
@@ -799,6 +820,7 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
                     self.out_el
                 )
             },
+            k_tiles = self.k_tiles(),
             units = if c.is_grouped() {
                 self.group_units()
             } else {
@@ -843,6 +865,26 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
   gpu.barrier{}",
             if c.cluster > 1 { "\n  nvvm.cluster.arrive\n  nvvm.cluster.wait" } else { "" }
         );
+    }
+
+    /// `%k_tiles`: K's tiles, or with a K range from the device the range's, counted from
+    /// `%kt_base` (its first: added to each unit's first K tile).
+    fn k_tiles(&self) -> String {
+        let bk = self.c.block_k();
+        if !self.c.k_range {
+            return format!("  %k_tiles = arith.ceildivui %k, %c{bk} : index\n");
+        }
+        format!(
+            "  %kr_lo_i = memref.load %k_range[%c0] : memref<?xi32>
+  %kr_hi_i = memref.load %k_range[%c1] : memref<?xi32>
+  %kr_lo = arith.index_cast %kr_lo_i : i32 to index
+  %kr_hi = arith.index_cast %kr_hi_i : i32 to index
+  %kt_base = arith.divui %kr_lo, %c{bk} : index
+  %kt_hi = arith.ceildivui %kr_hi, %c{bk} : index
+  %kt_hi_max = arith.maxui %kt_hi, %kt_base : index
+  %k_tiles = arith.subi %kt_hi_max, %kt_base : index
+"
+        )
     }
 
     /// A consumer thread's place (from `%tid`) in the wgmma accumulator layout: its warpgroup
@@ -977,14 +1019,16 @@ scf.yield %f_next, %f_g2, %f_base2 : index, index, index",
 %row0 = arith.muli %mt, %c{bm} : index
 %col0 = arith.muli %nt, %c{bn} : index
 %kt0_raw = arith.muli %z, %per : index
-%kt0 = arith.minui %kt0_raw, %k_tiles : index
+%kt0{rel} = arith.minui %kt0_raw, %k_tiles : index
 %kt_end_raw = arith.addi %kt0_raw, %per : index
 %kt_end = arith.minui %kt_end_raw, %k_tiles : index
-%nkt = arith.subi %kt_end, %kt0 : index
+%nkt = arith.subi %kt_end, %kt0{rel} : index{base}
 %row_end = arith.addi %m, %c0 : index
 %brow0 = arith.addi %col0, %c0 : index",
             bm = c.block_m,
-            bn = c.block_n
+            bn = c.block_n,
+            rel = if c.k_range { "_rel" } else { "" },
+            base = if c.k_range { "\n%kt0 = arith.addi %kt0_rel, %kt_base : index" } else { "" },
         )
     }
 
@@ -1698,6 +1742,36 @@ mod tests {
                     }
                     assert_eq!(next.max(ranges.iter().map(|r| r.0 + r.1).max().unwrap()), k_tiles, "{ranges:?}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_k_range_from_the_device_gives_each_tile_its_k_tiles() {
+        let context = crate::mlir::new_context();
+        let config = GemmConfig {
+            b_row_scales: true,
+            k_range: true,
+            ..GemmConfig::new(GemmInput::Fp8, GemmOutput::F32, 64, 128, 4)
+        };
+        config.validate(&crate::target::SM90A).unwrap();
+        let e = Emitter::new(&config, &crate::target::SM90A);
+        let body = format!(
+            "  %splits = arith.constant 1 : index\n{}  %per = arith.ceildivui %k_tiles, %splits : index\n{}\n",
+            e.k_tiles(),
+            indent(&e.decode(), 2)
+        );
+        let args = ["k_range:memref", "u", "m", "m_tiles", "m_units", "n_tiles"];
+        let engine = jit(&context, &body, &args, &["row0", "col0", "kt0", "nkt"]);
+        // (start, end) of the range in K columns: an empty expert, one group, three, a partial last.
+        for (lo, hi, first, tiles) in [(256, 256, 2, 0), (384, 512, 3, 1), (0, 384, 0, 3), (1024, 1100, 8, 1)] {
+            let range = [lo, hi];
+            for u in 0..6 {
+                let args = [u, 300, 3, 3, 2];
+                let [row0, col0, kt0, nkt] =
+                    ["row0", "col0", "kt0", "nkt"].map(|f| call_with_table(&engine, f, &range, &args));
+                assert_eq!((row0, col0), ((u / 2) * 64, (u % 2) * 128), "unit {u}");
+                assert_eq!((kt0, nkt), (first, tiles), "range {lo}..{hi}, unit {u}");
             }
         }
     }

@@ -80,7 +80,8 @@ impl<'c> HostRows<'c> {
                 let data = match t.element.as_str() {
                     "f32" => Ok(HostData::F32(vec![0.0; n])),
                     "i32" => Ok(HostData::I32(vec![0; n])),
-                    "f8E4M3FN" => Ok(HostData::F8(vec![0; n])),
+                    // e4m3 NaNs: a launch reading bytes no launch before it wrote shows.
+                    "f8E4M3FN" => Ok(HostData::F8(vec![0x7f; n])),
                     "bf16" => Ok(HostData::Bf16(vec![0; n])),
                     other => Err(format!("a temporary of {other}")),
                 }?;
@@ -99,6 +100,9 @@ impl<'c> HostRows<'c> {
                         for i in [Some(gr.offsets), Some(gr.perm), gr.row_scale].into_iter().flatten() {
                             ranks[i] = 1;
                         }
+                    }
+                    if let Some(r) = g.k_range {
+                        ranks[r.operand] = 1;
                     }
                     ranks
                 }
@@ -186,7 +190,8 @@ fn computed(g: &lower::GemmKernel) -> bool {
 /// Wgrad's form and grouped GEMMs over stacked B: per row, 1x128 as A's), per 128-wide K block the
 /// e4m3 products summed in order, then scaled by A's and B's scales, as the reference's
 /// `matmul_fp8`. Grouped: sorted row r of group e (`offsets`) reads A row `perm[r]` (gathered) or r,
-/// B rows `e * N..`, times its row scale.
+/// B rows `e * N..`, times its row scale. A K range from the device ([`lower::KRange`]): the K
+/// blocks from the one holding its start to the one holding its last column.
 ///
 /// # Safety
 /// The buffers address their shapes' elements.
@@ -252,6 +257,15 @@ unsafe fn gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), String> 
         return Err(format!("{}: a bf16 output with a residual (not computed on the host)", g.kernel));
     }
     let group = if scales.is_some() { 128 } else { k.max(1) };
+    let blocks = match g.k_range {
+        Some(r) => {
+            let range = ints(at(r.operand)?);
+            let &[start, end] = range else { return Err(format!("{}: a K range of {range:?}", g.kernel)) };
+            let (start, end) = (start.max(0) as usize, (end.max(start)) as usize);
+            start / group..end.div_ceil(group).min(k.div_ceil(group))
+        }
+        None => 0..k.div_ceil(group),
+    };
     // The output's elements (each row written is inside it: checked above).
     let outputs = out.shape.iter().product();
     let (out_f32, out_bf16) = if bf16_out {
@@ -263,7 +277,7 @@ unsafe fn gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), String> 
         for col in 0..n {
             let j = brow + col;
             let mut acc = 0.0f32;
-            for block in 0..k.div_ceil(group) {
+            for block in blocks.clone() {
                 let partial: f32 =
                     (block * group..((block + 1) * group).min(k)).map(|c| av[i * k + c] * bv[j * k + c]).sum();
                 acc += match scales {

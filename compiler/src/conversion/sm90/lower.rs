@@ -45,6 +45,20 @@ pub struct GemmKernel {
     /// Wgrad's form (`dW [M, n] = dy^T x`): A has these `M` rows whatever the run, K is the run's
     /// tokens (`k` unused), and (fp8) B's scales are per row, 1x128 along K as A's.
     pub fixed_m: Option<usize>,
+    /// K's range from the device (Wgrad over one expert's pairs): see [`KRange`].
+    pub k_range: Option<KRange>,
+}
+
+/// A GEMM whose K range `[start, end)` (in whole 128-wide tiles, zero-padded) a step operand holds
+/// on the device (`GemmConfig::k_range`): one expert's pairs, laid out per expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KRange {
+    /// The step operand (two i32).
+    pub operand: usize,
+    /// The range's share of the run's rows on average (`per_token` rows per token over `groups`
+    /// ranges: an expert's pairs when the balancing keeps loads even) — what the tuner sizes K by.
+    pub per_token: usize,
+    pub groups: usize,
 }
 
 impl GemmKernel {
@@ -64,6 +78,7 @@ impl GemmKernel {
             results: vec![(0, n)],
             grouped: None,
             fixed_m: None,
+            k_range: None,
         }
     }
 
@@ -149,6 +164,7 @@ fn gemm_of(kernel: &OperationRef, f32_on_bf16: bool) -> Result<GemmKernel, Strin
         results: Vec::new(),
         grouped: None,
         fixed_m: None,
+        k_range: None,
     };
     let mut residual_sum: Option<usize> = None;
     let mut op = block.first_operation();
@@ -695,6 +711,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         results: vec![(0, n)],
         grouped: None,
         fixed_m: None,
+        k_range: None,
     };
     let bf16_gemm = |name: String, n: usize, k: usize, weights: Vec<(usize, Option<usize>)>| GemmKernel {
         kernel: name,
@@ -709,6 +726,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         results: vec![(0, n)],
         grouped: None,
         fixed_m: None,
+        k_range: None,
     };
     let fused = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
     match names.iter().map(String::as_str).collect::<Vec<_>>()[..] {
@@ -922,6 +940,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 results: vec![(0, n)],
                 grouped: None,
                 fixed_m: None,
+                k_range: None,
             };
             Ok(Steps {
                 temps: vec![Temp::per_row(1, k, "bf16"), Temp::per_row(1, k, "bf16")],
@@ -1043,6 +1062,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                     b_row_scales: false,
                 }),
                 fixed_m: None,
+                k_range: None,
             };
             let weight = |routed: usize, shared: usize| GroupedWeight {
                 routed,
@@ -1197,6 +1217,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 results: vec![(0, n)],
                 grouped: Some(g),
                 fixed_m: None,
+                k_range: None,
             };
             use super::gemm::GemmGrouping;
             if gate_up {
@@ -1318,6 +1339,7 @@ fn split_bf16_steps(g: &GemmKernel, fused: &str, before: Vec<(Step, Temp)>, into
             results: vec![(0, n)],
             grouped: None,
             fixed_m: None,
+            k_range: None,
         };
         steps.push(Step { kernel: StepKernel::Gemm(kernel), operands });
     }
@@ -1423,6 +1445,7 @@ pub fn mla_prefill_steps(kernel: &OperationRef, cache_rows: CacheRows) -> Result
         results: vec![(0, n)],
         grouped: None,
         fixed_m: None,
+        k_range: None,
     };
     let row = |op: RowOp, d: usize| StepKernel::Row(RowKernel::new(op, d, "f32"));
     let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };

@@ -18,7 +18,7 @@ use melior::ir::{RegionLike, Value, ValueLike};
 
 use super::gemm::GemmGrouping::{self, Contiguous, Gather};
 use super::gemm::{GemmInput, GemmOutput};
-use super::lower::{rope_table_of, route_op, GemmKernel, Operand, RowLaunch, RunCols, Step, StepKernel, Steps, Temp};
+use super::lower::{rope_table_of, route_op, GemmKernel, KRange, Operand, RowLaunch, RunCols, Step, StepKernel, Steps, Temp};
 use super::rows::{Mla, RowKernel, RowOp, TrainRow, GROUP};
 use crate::verify::Shape;
 
@@ -819,12 +819,11 @@ fn fp8_wgrad(body: &Body) -> Result<Steps, String> {
         return Err("fp8_linear_wgrad (f32 operands in order)".into());
     }
     let (n, k) = (width(&operand_shape(o, 0)?)?, width(&operand_shape(o, 1)?)?);
-    use super::lower::RunCols;
     use Operand::{Arg, Result as Res, Temp as Tmp};
     let group = GROUP;
     let cols = |c| StepKernel::Row(train_kernel(TrainRow::QuantizeCols, c, "f32"));
     // The tokens padded to 16 bytes of e4m3 (TMA's row pitch); one scale per 128 tokens.
-    let (tokens, groups) = (RunCols { group: 1, align: 16 }, RunCols { group, align: 1 });
+    let (tokens, groups) = (RunCols::new(1, 16), RunCols::new(group, 1));
     let gemm =
         GemmKernel { results: Vec::new(), fixed_m: Some(n), ..GemmKernel::fp8(format!("{}.gemm", body.name), k, 0) };
     Ok(Steps {
@@ -878,11 +877,17 @@ fn moe_experts_grad_fp8(
     ex.gemm("gate_dgrad", Contiguous, gg_q, gate_t, (d, inter), None, dxg);
     ex.gemm("up_dgrad", Contiguous, uu_q, up_t, (d, inter), None, dxu);
     ex.row(TrainRow::PairCombine { k, two: true }, d, vec![dxg, dxu, Arg(1), f.pos, Res(0)]);
-    // Wgrad's operands: 128-pair tiles of each expert's sorted rows (x's by token).
+    // Wgrad's operands: each expert's sorted rows (x's by token) quantized in 128-pair groups and
+    // transposed, every expert's pairs from a 128-aligned column (padded with zeros).
     let h = f.h.expect("kept");
+    let padded = ex.fixed(experts + 1, 1, "i32");
+    ex.row(TrainRow::PadOffsets, experts, vec![f.offsets, padded]);
+    // The pairs, each expert's padded to whole groups of 128.
+    let pairs = RunCols { factor: k, extra: experts * GROUP, ..RunCols::new(1, 16) };
+    let groups = RunCols { group: GROUP, ..pairs };
     let mut tiles = |src: Operand, by_token: bool, cols: usize| {
-        let (q, s) = (ex.per_pair(cols, "f8E4M3FN"), ex.per_pair(cols, "f32"));
-        ex.row(TrainRow::QuantizePairs { by_token }, cols, vec![f.offsets, f.pairs, Arg(2), src, q, s]);
+        let (q, s) = (ex.temp(Temp::transposed(cols, pairs, "f8E4M3FN")), ex.temp(Temp::transposed(cols, groups, "f32")));
+        ex.row(TrainRow::QuantizePairs { by_token }, cols, vec![f.offsets, padded, f.pairs, Arg(2), src, q, s]);
         (q, s)
     };
     let (dye_t, h_t, gg_t, uu_t, x_t) = (
@@ -892,16 +897,25 @@ fn moe_experts_grad_fp8(
         tiles(uu, false, inter),
         tiles(Arg(0), true, d),
     );
-    let Operand::Temp(offsets) = f.offsets else { unreachable!("a temporary") };
+    let Operand::Temp(padded) = padded else { unreachable!("a temporary") };
+    // Per expert, the fp8 GEMM template in Wgrad's form over the expert's padded pair columns (its
+    // K range, from the device), straight into the expert's result.
+    let names = ["gate", "up", "down"];
     for &(i, which, e) in pieces {
-        let view = Operand::TempRows { temp: offsets, first: e, rows: 2 };
+        let range = Operand::TempRows { temp: padded, first: e, rows: 2 };
         // d down [D, I] = dye^T h; d gate [I, D] = gg^T x; d up = uu^T x.
-        let (a, b, cols) = match which {
-            2 => (dye_t, h_t, inter),
-            0 => (gg_t, x_t, d),
-            _ => (uu_t, x_t, d),
+        let (a, b, m, n) = match which {
+            2 => (dye_t, h_t, d, inter),
+            0 => (gg_t, x_t, inter, d),
+            _ => (uu_t, x_t, inter, d),
         };
-        ex.row(TrainRow::Fp8WgradExpert, cols, vec![view, a.0, a.1, b.0, b.1, Res(i)]);
+        let gemm = GemmKernel {
+            results: Vec::new(),
+            fixed_m: Some(m),
+            k_range: Some(KRange { operand: 4, per_token: k, groups: experts }),
+            ..GemmKernel::fp8(format!("{kernel}.wgrad_{}", names[which]), n, 0)
+        };
+        ex.steps.push(Step { kernel: StepKernel::Gemm(gemm), operands: vec![a.0, a.1, b.0, b.1, range, Res(i)] });
     }
     Ok(ex.into_steps())
 }
@@ -1180,7 +1194,7 @@ fn matmul_steps(
             let t = match (transposed, rows) {
                 (false, None) => Temp::per_row(1, cols, "bf16"),
                 (false, Some(r)) => Temp { fixed_rows: Some(r), ..Temp::per_row(1, cols, "bf16") },
-                (true, None) => Temp::transposed(cols, RunCols { group: 1, align: 8 }, "bf16"),
+                (true, None) => Temp::transposed(cols, RunCols::new(1, 8), "bf16"),
                 (true, Some(r)) => Temp { fixed_rows: Some(cols), ..Temp::per_row(1, r.next_multiple_of(8), "bf16") },
             };
             temps.push(t);
@@ -1221,6 +1235,7 @@ fn matmul_steps(
             results: vec![(0, n)],
             grouped: None,
             fixed_m,
+            k_range: None,
         };
         steps.push(Step { kernel: StepKernel::Gemm(kernel), operands });
     }

@@ -372,6 +372,9 @@ pub struct ModelKernels {
     pub unsupported: Vec<(String, String)>,
     /// Configurations passed over because ptxas reported spills.
     pub spilled: Vec<String>,
+    /// The kernels chosen per GEMM step (its description and regimes): a fused kernel's steps that
+    /// repeat one GEMM (the experts' Wgrad, one per expert) are chosen once.
+    chosen_gemms: std::collections::HashMap<String, RegimeKernels>,
 }
 
 impl ModelKernels {
@@ -501,7 +504,11 @@ impl ModelKernels {
         regimes: [bool; 2],
         progress: &mut impl FnMut(&str),
     ) -> Result<RegimeKernels, Sm90Error> {
-        Self::per_regime(regimes, |m| {
+        let key = format!("{g:?} {regimes:?}");
+        if let Some(chosen) = self.chosen_gemms.get(&key) {
+            return Ok(chosen.clone());
+        }
+        let chosen = Self::per_regime(regimes, |m| {
             let preferences = choose.gemm(g, m);
             let compiles = preferences
                 .iter()
@@ -509,7 +516,9 @@ impl ModelKernels {
                 .collect();
             let i = self.first_unspilled(&g.kernel, "", compiles, target, ptxas, progress)?;
             Ok(preferences[i].kernel_name())
-        })
+        })?;
+        self.chosen_gemms.insert(key, chosen.clone());
+        Ok(chosen)
     }
 
     /// Greedy sampling's argmax over `vocab` columns (the runtime launches it on any entry's

@@ -15,7 +15,7 @@
 use std::fmt::Write;
 
 use super::{
-    chunk_exps, chunk_max, decode_e4m3, encode_e4m3, exp, indent2, loop_phases, quant_constants, rope_rotation, sqrt,
+    chunk_exps, chunk_max, encode_e4m3, exp, indent2, loop_phases, quant_constants, rope_rotation, sqrt,
     tree_phases, Lowering, RowKernel, AMAX_PARTS, E4M3_MAX, MLA_CHUNK, MLA_CHUNKS,
 };
 
@@ -95,38 +95,6 @@ scf.for %s = %tid to %cK step %cT {{
   memref.store %s_f, %sh_order[%rank] : {order}
 }}
 "
-    )
-}
-
-/// Wgrad over 128-row tiles of the rows `%from..%to` of `aq`/`bq` (e4m3, one column each per
-/// output row and column: `out[%row, i]`), each tile's products summed in order, times both tiles'
-/// scales (in `as`/`bs` at the tile's first row).
-fn tile_wgrad() -> String {
-    let m = "memref<?x?xf32>";
-    format!(
-        "scf.for %i = %tid to %cD step %cT {{
-  %acc = scf.for %g = %from to %to step %c128 iter_args(%a = %zero) -> (f32) {{
-    %g_end0 = arith.addi %g, %c128 : index
-    %g_end = arith.minui %g_end0, %to : index
-    %partial = scf.for %r = %g to %g_end step %c1 iter_args(%p = %zero) -> (f32) {{
-      %ab = memref.load %aq[%r, %row] : memref<?x?xi8>
-      %bb = memref.load %bq[%r, %i] : memref<?x?xi8>
-{da}{db}      %x = arith.mulf %av, %bv : f32
-      %p2 = arith.addf %p, %x : f32
-      scf.yield %p2 : f32
-    }}
-    %sa = memref.load %as[%g, %row] : {m}
-    %sb = memref.load %bs[%g, %i] : {m}
-    %ps = arith.mulf %partial, %sa : f32
-    %pss = arith.mulf %ps, %sb : f32
-    %a2 = arith.addf %a, %pss : f32
-    scf.yield %a2 : f32
-  }}
-  memref.store %acc, %out[%row, %i] : {m}
-}}
-",
-        da = indent2(&indent2(&indent2(&decode_e4m3("%ab", "%av")))),
-        db = indent2(&indent2(&indent2(&decode_e4m3("%bb", "%bv")))),
     )
 }
 
@@ -316,15 +284,16 @@ pub enum TrainRow {
     /// The routed experts' output per token (`d` = D): the token's slots in expert order (as the
     /// reference adds them), each `w * (h . down_e^T)`, summed into `y [T, D]`.
     MoeCombine { k: usize },
-    /// 128x1 tiles over each expert's sorted pairs (`d` = columns): row r of `q` is the source row
-    /// of sorted pair r (row r itself: sources in sorted order, or `by_token` its token's), each expert's pairs cut in
-    /// groups of 128 from its first; a group's scales are in `scale`'s row of its first pair. One
-    /// block per sorted row (those that start no group do nothing).
+    /// 128x1 tiles over each expert's sorted pairs (`d` = columns), transposed for the Wgrad GEMM
+    /// (K = the pairs): each expert's pairs cut in groups of 128 from its first, expert e's placed
+    /// from column `padded[e]` ([`TrainRow::PadOffsets`]) of `q [d, P']` (column j of the expert the
+    /// source row of its sorted pair j: row r itself, or `by_token` its token's), the group's last
+    /// columns past the expert's pairs zeros; a group's scale per column in `scale [d, P' / 128]`.
+    /// One block per sorted row (those that start no group do nothing).
     QuantizePairs { by_token: bool },
-    /// One expert's Wgrad (launched per expert with its two offsets): `out [N, d]` row o sums, per
-    /// 128-pair group of the expert, the group's e4m3 products of `a[:, o]` and `b[:, i]` times both
-    /// groups' scales ([`TrainRow::QuantizePairs`] operands).
-    Fp8WgradExpert,
+    /// The experts' pair columns padded to whole 128-pair groups (one block, `d` = E): `padded [E +
+    /// 1]` the prefix sums of `ceil(n_e / 128) * 128` over the experts' pair counts in `offsets`.
+    PadOffsets,
     /// The experts' backward per (token, slot) (`d` = the intermediate width): the expert's output
     /// `y = h . down_e^T` into a temporary, then `dh = (dy * w) . down_e` and SwiGLU's gradient into
     /// `gg`, `uu`; the routing weight's gradient `dy . y` by one thread.
@@ -433,7 +402,7 @@ impl TrainRow {
             TrainRow::QuantizePairs { by_token } => {
                 format!("rows_qpairs_d{d}_t{t}{}", if by_token { "_tokens" } else { "" })
             }
-            TrainRow::Fp8WgradExpert => format!("rows_fp8wgradexpert_d{d}_t{t}"),
+            TrainRow::PadOffsets => format!("rows_padoffsets_d{d}_t{t}"),
             TrainRow::MoeGradToken { k } => format!("rows_moegradtoken_d{d}_k{k}_t{t}"),
             TrainRow::MoeGradX { k } => format!("rows_moegradx_d{d}_k{k}_t{t}"),
             TrainRow::PairSort => format!("rows_pairsort_d{d}_t{t}"),
@@ -566,7 +535,7 @@ impl TrainRow {
                 let by_token = suffix(rest, "tokens")?;
                 kernel(TrainRow::QuantizePairs { by_token }, d, "f32", t)
             }
-            ["fp8wgradexpert", d, t] => kernel(TrainRow::Fp8WgradExpert, d, "f32", t),
+            ["padoffsets", d, t] => kernel(TrainRow::PadOffsets, d, "f32", t),
             ["moegradtoken", d, k, t] => kernel(TrainRow::MoeGradToken { k: number(k, "k")? }, d, "f32", t),
             ["moegradx", d, k, t] => kernel(TrainRow::MoeGradX { k: number(k, "k")? }, d, "f32", t),
             ["pairsort", d, t] => kernel(TrainRow::PairSort, d, "f32", t),
@@ -684,20 +653,14 @@ impl TrainRow {
             }
             TrainRow::QuantizePairs { .. } => vec![
                 ("offsets", "memref<?xi32>".into()),
+                ("padded", "memref<?xi32>".into()),
                 ("pairs", "memref<?xi32>".into()),
                 ("w", rows()),
                 ("src", rows()),
                 ("q", "memref<?x?xi8>".into()),
                 ("scale", rows()),
             ],
-            TrainRow::Fp8WgradExpert => vec![
-                ("offsets", "memref<?xi32>".into()),
-                ("aq", "memref<?x?xi8>".into()),
-                ("as", rows()),
-                ("bq", "memref<?x?xi8>".into()),
-                ("bs", rows()),
-                ("out", rows()),
-            ],
+            TrainRow::PadOffsets => vec![("offsets", "memref<?xi32>".into()), ("padded", "memref<?xi32>".into())],
             TrainRow::MoeGradToken { .. } => vec![
                 ("dy", rows()),
                 ("idx", "memref<?x?xi32>".into()),
@@ -789,12 +752,11 @@ impl TrainRow {
             TrainRow::QuantizeBlocks { .. } => "scale",
             TrainRow::MoeHidden { .. } => "x",
             TrainRow::MoeCombine { .. } => "y",
-            // The routed slots (the e4m3 rows are temporaries of the run's rows).
-            TrainRow::QuantizePairs { .. } => "scale",
-            TrainRow::Fp8WgradExpert => "out",
+            // A block per sorted pair.
+            TrainRow::QuantizePairs { .. } => "pairs",
             TrainRow::MoeGradToken { .. } => "dy",
             TrainRow::MoeGradX { .. } => "dx",
-            TrainRow::PairSort | TrainRow::PairRows { .. } => return None,
+            TrainRow::PairSort | TrainRow::PairRows { .. } | TrainRow::PadOffsets => return None,
             TrainRow::PairCombine { .. } | TrainRow::PairGrad { .. } => "y",
             TrainRow::RowScales { .. } => "out",
             TrainRow::MoeGradW { .. } => "out",
@@ -841,7 +803,11 @@ impl TrainRow {
             // A 128x128 tile per block; every sorted pair in one block.
             TrainRow::QuantizeBlocks { .. } | TrainRow::PairRows { .. } => 256,
             // One thread per expert; one thread per token does the rest.
-            TrainRow::ExpertFreq | TrainRow::PairSort | TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => {
+            TrainRow::ExpertFreq
+            | TrainRow::PairSort
+            | TrainRow::PadOffsets
+            | TrainRow::BalanceRows { .. }
+            | TrainRow::RouteGrad { .. } => {
                 d.next_power_of_two().clamp(32, 256)
             }
             _ => (d / 8).next_power_of_two().clamp(32, 256),
@@ -1886,6 +1852,8 @@ scf.for %i = %tid to %cD step %cT {{
 %end_i32 = memref.load %offsets[%ex1] : memref<?xi32>
 %start = arith.index_cast %start_i32 : i32 to index
 %end = arith.index_cast %end_i32 : i32 to index
+%pstart_i32 = memref.load %padded[%ex] : memref<?xi32>
+%pstart = arith.index_cast %pstart_i32 : i32 to index
 %local = arith.subi %row, %start : index
 %in_group = arith.remui %local, %c128 : index
 %leads = arith.cmpi eq, %in_group, %c0 : index
@@ -1893,6 +1861,9 @@ scf.for %i = %tid to %cD step %cT {{
 %active = arith.andi %leads, %inside : i1
 %g_end0 = arith.addi %row, %c128 : index
 %g_end = arith.minui %g_end0, %end : index
+// The group's first padded column, and its scale column.
+%pc = arith.addi %pstart, %local : index
+%grp = arith.divui %pc, %c128 : index
 scf.if %active {{
 scf.for %c = %tid to %cD step %cT {{
   %m = scf.for %r = %row to %g_end step %c1 iter_args(%mx = %zero) -> (f32) {{
@@ -1905,31 +1876,54 @@ scf.for %c = %tid to %cD step %cT {{
   %small = arith.cmpf olt, %m, %amax_floor : f32
   %floored = arith.select %small, %amax_floor, %m : f32
   %sv = arith.divf %floored, %e4m3_max : f32
-  memref.store %sv, %scale[%row, %c] : {m}
-  scf.for %r = %row to %g_end step %c1 {{
-    %p_i32 = memref.load %pairs[%r] : memref<?xi32>
-    %p = arith.index_cast %p_i32 : i32 to index
-    %tok = arith.divui %p, %K : index
-    %v = memref.load %src[{src_row}, %c] : {m}
-    %qv = arith.divf %v, %sv : f32
-{enc}    memref.store %byte, %q[%r, %c] : memref<?x?xi8>
+  memref.store %sv, %scale[%c, %grp] : {m}
+  scf.for %i = %c0 to %c128 step %c1 {{
+    %r = arith.addi %row, %i : index
+    %real = arith.cmpi ult, %r, %g_end : index
+    %byte = scf.if %real -> (i8) {{
+      %p_i32 = memref.load %pairs[%r] : memref<?xi32>
+      %p = arith.index_cast %p_i32 : i32 to index
+      %tok = arith.divui %p, %K : index
+      %v = memref.load %src[{src_row}, %c] : {m}
+      %qv = arith.divf %v, %sv : f32
+{enc}      scf.yield %byte_v : i8
+    }} else {{
+      %zero_byte = arith.constant 0 : i8
+      scf.yield %zero_byte : i8
+    }}
+    %col = arith.addi %pc, %i : index
+    memref.store %byte, %q[%c, %col] : memref<?x?xi8>
   }}
 }}
 }}
 ",
                     amax = indent2(&indent2(&amax_step("%v", "%mx", "%mx2"))),
-                    enc = indent2(&encode_e4m3(lowering, "%qv", "%byte")),
+                    enc = indent2(&indent2(&indent2(&encode_e4m3(lowering, "%qv", "%byte_v")))),
                 )]
             }
-            TrainRow::Fp8WgradExpert => vec![format!(
-                "%first_i32 = memref.load %offsets[%c0] : memref<?xi32>
-%last_i32 = memref.load %offsets[%c1] : memref<?xi32>
-%from = arith.index_cast %first_i32 : i32 to index
-%to = arith.index_cast %last_i32 : i32 to index
-%c128 = arith.constant 128 : index
-{}",
-                tile_wgrad()
-            )],
+            TrainRow::PadOffsets => vec![
+                "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {
+  %zero_i32 = arith.constant 0 : i32
+  %c127_i32 = arith.constant 127 : i32
+  %c128_i32 = arith.constant 128 : i32
+  %total = scf.for %e = %c0 to %cD step %c1 iter_args(%a = %zero_i32) -> (i32) {
+    memref.store %a, %padded[%e] : memref<?xi32>
+    %o0 = memref.load %offsets[%e] : memref<?xi32>
+    %e1 = arith.addi %e, %c1 : index
+    %o1 = memref.load %offsets[%e1] : memref<?xi32>
+    %n = arith.subi %o1, %o0 : i32
+    %n127 = arith.addi %n, %c127_i32 : i32
+    %whole = arith.divui %n127, %c128_i32 : i32
+    %span = arith.muli %whole, %c128_i32 : i32
+    %a2 = arith.addi %a, %span : i32
+    scf.yield %a2 : i32
+  }
+  memref.store %total, %padded[%cD] : memref<?xi32>
+}
+"
+                .to_string(),
+            ],
             TrainRow::MoeCombine { .. } => {
                 let order = sh("sh_order");
                 vec![
