@@ -277,6 +277,8 @@ fn tuning_covers_the_training_step() {
         "grouped contig fp8->f32 n96 k48 e8+0 top3 +rowscale +b1x128",
         "grouped contig fp8->f32 n48 k96 e8+0 top3 +b1x128",
         "wgrad fp8->f32 m96 n48",
+        // An expert's Wgrad (K: its pairs, a range the device holds).
+        "wgrad fp8->f32 m96 n48 +krange",
     ] {
         assert!(kernels.contains(&want), "{want}: {kernels:?}");
     }
@@ -653,7 +655,8 @@ fn train_learns_resumes_and_writes_a_checkpoint() {
 /// `v3c compile --target sm_90a --train` lowers every kernel of the f32 training step (CUDA-core
 /// matmuls, the gradients' row kernels, multi-launch ones) and writes an artifact whose every
 /// launch `v3r info` checks against its kernel's PTX (`v3r train` runs it on a GPU: exit 3 here),
-/// and so does the FP8 recipe's step; its host emulation has `v3c train --backend cpu`'s loss.
+/// and so does the FP8 recipe's step (the experts' Wgrad per expert on the GEMM template); its host
+/// emulation has `v3c train --backend cpu`'s loss.
 #[test]
 fn compile_for_sm90a_lowers_the_training_step() {
     let out = run_binary("v3c", &["compile", "--model", "deepseek-v3-tiny", "--target", "sm_90a", "--train"]);
@@ -681,7 +684,13 @@ fn compile_for_sm90a_lowers_the_training_step() {
     let err = text(&fp8.stderr);
     assert!(fp8.status.success(), "{err}");
     assert!(err.lines().last().unwrap().starts_with("compile: all 67 kernels lower for sm_90a"), "{err}");
-    assert!(err.contains("compile: moe_experts_grad_0 -> ") && err.contains("rows_fp8wgradexpert_d96_t32"), "{err}");
+    // Each expert's Wgrad: the template over the expert's padded pair columns (a K range the device holds).
+    let wgrad = "-> rows_padoffsets_d8_t32 -> rows_qpairs_d96_t32 -> ";
+    assert!(err.contains("compile: moe_experts_grad_0 -> ") && err.contains(wgrad), "{err}");
+    assert!(
+        err.contains("-> GEMM M 96 N 48 K an expert's pairs (prefill gemm_fp8_f32_") && err.contains("_krange) ->"),
+        "{err}"
+    );
     // The artifact: every launch of the step checked against its kernel's PTX by `v3r info`.
     let dir = tempfile::tempdir().unwrap();
     let art = dir.path().join("a");

@@ -83,9 +83,10 @@ impl GemmKernel {
     }
 
     /// Its problem in words: `N 7168 K 2048` (M: the run's rows), or Wgrad's `M 7168 N 2048 K
-    /// tokens`.
+    /// tokens` (`K an expert's pairs` over a K range from the device).
     pub fn dims(&self) -> String {
         match self.fixed_m {
+            Some(m) if self.k_range.is_some() => format!("M {m} N {} K an expert's pairs", self.n),
             Some(m) => format!("M {m} N {} K tokens", self.n),
             None => format!("N {} K {}", self.n, self.k),
         }

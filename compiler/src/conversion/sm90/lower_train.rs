@@ -18,7 +18,9 @@ use melior::ir::{RegionLike, Value, ValueLike};
 
 use super::gemm::GemmGrouping::{self, Contiguous, Gather};
 use super::gemm::{GemmInput, GemmOutput};
-use super::lower::{rope_table_of, route_op, GemmKernel, KRange, Operand, RowLaunch, RunCols, Step, StepKernel, Steps, Temp};
+use super::lower::{
+    rope_table_of, route_op, GemmKernel, KRange, Operand, RowLaunch, RunCols, Step, StepKernel, Steps, Temp,
+};
 use super::rows::{Mla, RowKernel, RowOp, TrainRow, GROUP};
 use crate::verify::Shape;
 
@@ -886,7 +888,8 @@ fn moe_experts_grad_fp8(
     let pairs = RunCols { factor: k, extra: experts * GROUP, ..RunCols::new(1, 16) };
     let groups = RunCols { group: GROUP, ..pairs };
     let mut tiles = |src: Operand, by_token: bool, cols: usize| {
-        let (q, s) = (ex.temp(Temp::transposed(cols, pairs, "f8E4M3FN")), ex.temp(Temp::transposed(cols, groups, "f32")));
+        let (q, s) =
+            (ex.temp(Temp::transposed(cols, pairs, "f8E4M3FN")), ex.temp(Temp::transposed(cols, groups, "f32")));
         ex.row(TrainRow::QuantizePairs { by_token }, cols, vec![f.offsets, padded, f.pairs, Arg(2), src, q, s]);
         (q, s)
     };

@@ -15,8 +15,8 @@
 use std::fmt::Write;
 
 use super::{
-    chunk_exps, chunk_max, encode_e4m3, exp, indent2, loop_phases, quant_constants, rope_rotation, sqrt,
-    tree_phases, Lowering, RowKernel, AMAX_PARTS, E4M3_MAX, MLA_CHUNK, MLA_CHUNKS,
+    chunk_exps, chunk_max, encode_e4m3, exp, indent2, loop_phases, quant_constants, rope_rotation, sqrt, tree_phases,
+    Lowering, RowKernel, AMAX_PARTS, E4M3_MAX, MLA_CHUNK, MLA_CHUNKS,
 };
 
 /// `{out} = ln(value)`: on sm_90a `lg2.approx` times ln 2 (no libdevice), on the CPU libm's.
@@ -807,9 +807,7 @@ impl TrainRow {
             | TrainRow::PairSort
             | TrainRow::PadOffsets
             | TrainRow::BalanceRows { .. }
-            | TrainRow::RouteGrad { .. } => {
-                d.next_power_of_two().clamp(32, 256)
-            }
+            | TrainRow::RouteGrad { .. } => d.next_power_of_two().clamp(32, 256),
             _ => (d / 8).next_power_of_two().clamp(32, 256),
         }
     }
@@ -1901,8 +1899,7 @@ scf.for %c = %tid to %cD step %cT {{
                     enc = indent2(&indent2(&indent2(&encode_e4m3(lowering, "%qv", "%byte_v")))),
                 )]
             }
-            TrainRow::PadOffsets => vec![
-                "%first = arith.cmpi eq, %tid, %c0 : index
+            TrainRow::PadOffsets => vec!["%first = arith.cmpi eq, %tid, %c0 : index
 scf.if %first {
   %zero_i32 = arith.constant 0 : i32
   %c127_i32 = arith.constant 127 : i32
@@ -1922,8 +1919,7 @@ scf.if %first {
   memref.store %total, %padded[%cD] : memref<?xi32>
 }
 "
-                .to_string(),
-            ],
+            .to_string()],
             TrainRow::MoeCombine { .. } => {
                 let order = sh("sh_order");
                 vec![
