@@ -253,21 +253,32 @@ impl<'a> Expander<'a> {
         let mut most = 0;
         for entry in &self.artifact.plan.entries {
             for l in &entry.launches {
-                let f = self.lowering_of(&l.kernel)?;
-                let mut bytes = 0;
-                let arg = |i: usize| -> Result<Vec<usize>, String> {
-                    let id = *l.args.get(i).ok_or_else(|| format!("{}: argument {i} missing", l.kernel))?;
-                    let b = entry.buffers.get(id).ok_or_else(|| format!("buffer {id} is not in the plan"))?;
-                    Ok(shape_at(&b.dims, entry.sizes))
-                };
-                for t in &f.temps {
-                    let shape = t.shape(entry.sizes.rows, &arg, 0)?;
-                    bytes += align(shape.iter().product::<usize>() * element_bytes(&t.dtype)?);
-                }
-                most = most.max(bytes);
+                most = most.max(self.temp_layout(entry, l)?.2);
             }
         }
         Ok(most)
+    }
+
+    /// Launch `l`'s temporaries laid out at its entry's planned sizes on any device (the most any
+    /// run needs, [`FusedLowering::temp_layout`]): their bytes, offsets and the region they need.
+    fn temp_layout(
+        &self,
+        entry: &EntryPlan,
+        l: &crate::plan::Launch,
+    ) -> Result<(Vec<usize>, Vec<usize>, usize), String> {
+        let f = self.lowering_of(&l.kernel)?;
+        let arg = |i: usize| -> Result<Vec<usize>, String> {
+            let id = *l.args.get(i).ok_or_else(|| format!("{}: argument {i} missing", l.kernel))?;
+            let b = entry.buffers.get(id).ok_or_else(|| format!("buffer {id} is not in the plan"))?;
+            Ok(shape_at(&b.dims, entry.sizes))
+        };
+        let mut bytes = Vec::new();
+        for t in &f.temps {
+            let shape = t.shape(entry.sizes.rows, &arg, 0)?;
+            bytes.push(align(shape.iter().product::<usize>() * element_bytes(&t.dtype)?));
+        }
+        let (offsets, total) = f.temp_layout(&bytes);
+        Ok((bytes, offsets, total))
     }
 
     /// The actions of entry `entry` at `sizes` over `bindings` on a device with `sms` SMs, and
@@ -302,23 +313,29 @@ impl<'a> Expander<'a> {
                 let (shape, element) = crate::plan::physical(shape_at(&b.dims, sizes), &b.dtype);
                 Ok(Buf { addr, shape, element })
             };
-            // The fused kernel's temporaries, laid out in the shared region.
+            // The fused kernel's temporaries, laid out in the shared region as at the planned sizes
+            // (temporaries whose launches do not overlap may share bytes).
+            let (room, offsets, total) = self.temp_layout(entry, l).map_err(at)?;
+            if total > bindings.temps_bytes {
+                return Err(at(format!(
+                    "its temporaries need {total} B at the planned sizes, the region holds {} B",
+                    bindings.temps_bytes
+                )));
+            }
             let mut temps = Vec::new();
-            let mut offset = 0usize;
             let arg = |i: usize| -> Result<Vec<usize>, String> {
                 Ok(buffer(*l.args.get(i).ok_or_else(|| at(format!("argument {i} missing")))?)?.shape)
             };
-            for t in &f.temps {
+            for (i, t) in f.temps.iter().enumerate() {
                 let shape = t.shape(sizes.rows, &arg, sms)?;
                 let bytes = shape.iter().product::<usize>() * element_bytes(&t.dtype)?;
-                temps.push(Buf { addr: bindings.temps + offset as u64, shape, element: t.dtype.clone() });
-                offset += align(bytes);
-            }
-            if offset > bindings.temps_bytes {
-                return Err(at(format!(
-                    "its temporaries need {offset} B at {sizes:?} on {sms} SMs, the region holds {} B",
-                    bindings.temps_bytes
-                )));
+                if bytes > room[i] {
+                    return Err(at(format!(
+                        "temporary {i} needs {bytes} B at {sizes:?} on {sms} SMs, {} B at the planned sizes",
+                        room[i]
+                    )));
+                }
+                temps.push(Buf { addr: bindings.temps + offsets[i] as u64, shape, element: t.dtype.clone() });
             }
             for (si, spec) in f.launches.iter().enumerate() {
                 let at = |what: String| at(format!("step {si}: {what}"));

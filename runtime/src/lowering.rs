@@ -39,6 +39,63 @@ pub struct FusedLowering {
     pub rope_table: Option<RopeTableSpec>,
 }
 
+impl FusedLowering {
+    /// The launches (first, last) that name each temporary; one no launch names spans them all.
+    fn temp_lives(&self) -> Vec<(usize, usize)> {
+        let mut lives = vec![None::<(usize, usize)>; self.temps.len()];
+        for (li, l) in self.launches.iter().enumerate() {
+            for o in &l.operands {
+                let t = match *o {
+                    OperandSpec::Temp(t)
+                    | OperandSpec::TempRows { temp: t, .. }
+                    | OperandSpec::TempRowsOf { temp: t, .. } => t,
+                    OperandSpec::Arg(_) | OperandSpec::Result(_) | OperandSpec::RopeTable => continue,
+                };
+                if let Some(live) = lives.get_mut(t) {
+                    *live = Some(live.map_or((li, li), |(a, b)| (a.min(li), b.max(li))));
+                }
+            }
+        }
+        let all = (0, self.launches.len().saturating_sub(1));
+        lives.into_iter().map(|l| l.unwrap_or(all)).collect()
+    }
+
+    /// Where each temporary starts in the temporaries region, and the bytes the region needs, for
+    /// temporaries of `bytes[i]` bytes (each already aligned): temporaries live in overlapping
+    /// launch ranges (from the first launch naming one to the last) never share bytes; one dead
+    /// before another is first written may (the experts' per-step weight blocks: the forward's
+    /// before the gradient's transposed ones). First fit, in the order of first use: laid out at
+    /// the most any run needs, the same offsets hold every smaller run.
+    pub fn temp_layout(&self, bytes: &[usize]) -> (Vec<usize>, usize) {
+        let lives = self.temp_lives();
+        let mut order: Vec<usize> = (0..bytes.len().min(lives.len())).collect();
+        order.sort_by_key(|&i| (lives[i].0, i));
+        let mut offsets = vec![0usize; bytes.len()];
+        let mut placed: Vec<usize> = Vec::new();
+        let mut total = 0;
+        for i in order {
+            let (first, last) = lives[i];
+            let mut busy: Vec<(usize, usize)> = placed
+                .iter()
+                .filter(|&&j| lives[j].0 <= last && first <= lives[j].1)
+                .map(|&j| (offsets[j], offsets[j] + bytes[j]))
+                .collect();
+            busy.sort_unstable();
+            let mut at = 0;
+            for (start, end) in busy {
+                if at + bytes[i] <= start {
+                    break;
+                }
+                at = at.max(end);
+            }
+            offsets[i] = at;
+            total = total.max(at + bytes[i]);
+            placed.push(i);
+        }
+        (offsets, total)
+    }
+}
+
 /// What a launch runs: one kernel, or one per regime (decode's few rows, prefill's many).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum KernelChoice {
@@ -371,6 +428,48 @@ impl Lowering {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn temporaries_share_bytes_only_when_their_launches_do_not_overlap() {
+        use super::*;
+        let launch = |temps: &[usize]| LaunchSpec {
+            kernel: KernelChoice::One("k".into()),
+            operands: temps.iter().map(|&t| OperandSpec::Temp(t)).collect(),
+            blocks: Blocks::One,
+            gemm: None,
+            attention: None,
+        };
+        let temp = TempSpec {
+            rows_factor: 1,
+            cols: 1,
+            dtype: "f32".into(),
+            fixed_rows: None,
+            run_cols: None,
+            rows_of: None,
+            dims: None,
+        };
+        // 0 -> 1 (launch 0), 1 -> 2 (launch 1), 2 + 3 -> 4 (launch 2); 5 named by none.
+        let f = FusedLowering {
+            fused: "f".into(),
+            launches: vec![launch(&[0, 1]), launch(&[1, 2]), launch(&[2, 3, 4])],
+            temps: vec![temp; 6],
+            rope_table: None,
+        };
+        let (offsets, total) = f.temp_layout(&[512, 256, 1024, 256, 512, 256]);
+        // 0 and 1 are dead by launch 2: 3 and 4 take their bytes; 5, named by no launch, and 2 (live
+        // with 1 at launch 1) take their own.
+        assert_eq!(offsets, vec![0, 512, 1024, 0, 256, 768]);
+        assert_eq!(total, 2048);
+        for i in 0..6 {
+            for j in 0..i {
+                let lives = f.temp_lives();
+                let overlap = lives[i].0 <= lives[j].1 && lives[j].0 <= lives[i].1;
+                let sizes = [512, 256, 1024, 256, 512, 256];
+                let disjoint = offsets[i] + sizes[i] <= offsets[j] || offsets[j] + sizes[j] <= offsets[i];
+                assert!(!overlap || disjoint, "temporaries {j} and {i}: {offsets:?}");
+            }
+        }
+    }
+
     use super::*;
 
     /// Explicit shapes: argument dims in whole pages, the run's rows, decode attention's splits
