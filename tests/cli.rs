@@ -1306,8 +1306,9 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     );
     assert!(stdout.contains("device memory: 17.60 GiB weights + 623.68 GiB re-laid out"), "{stdout}");
     // Tensor-core attention's temporaries: prefill's up-projected keys and values and their bf16
-    // heads over 4096 + 64 rows, decode's pages and splits.
-    assert!(stdout.contains(", temporaries 594.1 MiB"), "{stdout}");
+    // heads over 4096 + 64 rows, decode's pages and splits (594.1 MiB before temporaries of launches
+    // that do not overlap shared bytes).
+    assert!(stdout.contains(", temporaries 587.1 MiB"), "{stdout}");
     let json = run_binary("v3r", &["info", out_dir.to_str().unwrap(), "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(report["launch_check"]["launches"], 2433, "{report}");
