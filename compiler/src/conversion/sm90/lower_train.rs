@@ -577,8 +577,8 @@ impl Experts {
         self.steps.push(Step { kernel: StepKernel::Gemm(gemm), operands });
     }
 
-    /// The experts' forward from the kernel's `[x, idx, w, gate, up, down]`: x quantized 1x128, the
-    /// masters in blocks, the pairs sorted by expert ([`TrainRow::PairSort`], [`TrainRow::PairRows`]),
+    /// The experts' forward from the kernel's `[x, idx, w, gate, up, down]`: x quantized 1x128, each
+    /// master in blocks as its GEMM comes (down's last, for the caller), the pairs sorted by expert ([`TrainRow::PairSort`], [`TrainRow::PairRows`]),
     /// each pair's token row gathered through gate and up, SwiGLU in f32 quantized 1x128 (`keep`: and
     /// kept in f32, for the gradient).
     fn forward(&mut self, [x, idx, w, gate, up, down]: [Operand; 6], keep: bool) -> Forward {
@@ -586,8 +586,6 @@ impl Experts {
         let (xq, xs) =
             (self.temp(Temp::per_row(1, d, "f8E4M3FN")), self.temp(Temp::per_row(1, d.div_ceil(GROUP), "f32")));
         self.row(TrainRow::Quantize, d, vec![x, xq, xs]);
-        let (gate, up, down) =
-            (self.blocks(gate, inter, d, false), self.blocks(up, inter, d, false), self.blocks(down, d, inter, false));
         let offsets = self.fixed(e + 1, 1, "i32");
         let (pairs, tok, wt, pos) =
             (self.per_pair(1, "i32"), self.per_pair(1, "i32"), self.per_pair(1, "f32"), self.per_pair(1, "i32"));
@@ -595,7 +593,11 @@ impl Experts {
         self.row(TrainRow::PairRows { k }, k, vec![pairs, w, tok, wt, pos]);
         self.sorted = Some((offsets, tok));
         let (g, u, gu) = (self.per_pair(inter, "f32"), self.per_pair(inter, "f32"), self.per_pair(2 * inter, "f32"));
+        // Each weight's blocks made as its GEMM reads them: one set live at a time (the
+        // temporaries of launches that do not overlap share bytes).
+        let gate = self.blocks(gate, inter, d, false);
         self.gemm("gate", Gather, (xq, xs), gate, (inter, d), None, g);
+        let up = self.blocks(up, inter, d, false);
         self.gemm("up", Gather, (xq, xs), up, (inter, d), None, u);
         self.row(TrainRow::Join { second: inter }, inter, vec![g, u, gu]);
         let (hq, hs) = (self.per_pair(inter, "f8E4M3FN"), self.per_pair(inter.div_ceil(GROUP), "f32"));
@@ -605,6 +607,7 @@ impl Experts {
         if let Some(h) = h {
             self.steps.push(Step { kernel: silu(false), operands: vec![gu, h] });
         }
+        let down = self.blocks(down, d, inter, false);
         Forward { down, offsets, pairs, tok, wt, pos, g, u, hq, hs, h }
     }
 
@@ -874,9 +877,11 @@ fn moe_experts_grad_fp8(
     let (gg, uu) = (ex.per_pair(inter, "f32"), ex.per_pair(inter, "f32"));
     ex.row(TrainRow::SiluMulGrad, inter, vec![f.g, f.u, dh, gg, uu]);
     let (gg_q, uu_q) = (ex.quantize(gg, inter), ex.quantize(uu, inter));
-    let (gate_t, up_t) = (ex.blocks(Arg(4), inter, d, true), ex.blocks(Arg(5), inter, d, true));
+    // Each weight's transposed blocks made as its Dgrad reads them (one set live at a time).
     let (dxg, dxu) = (ex.per_pair(d, "f32"), ex.per_pair(d, "f32"));
+    let gate_t = ex.blocks(Arg(4), inter, d, true);
     ex.gemm("gate_dgrad", Contiguous, gg_q, gate_t, (d, inter), None, dxg);
+    let up_t = ex.blocks(Arg(5), inter, d, true);
     ex.gemm("up_dgrad", Contiguous, uu_q, up_t, (d, inter), None, dxu);
     ex.row(TrainRow::PairCombine { k, two: true }, d, vec![dxg, dxu, Arg(1), f.pos, Res(0)]);
     // Wgrad's operands: each expert's sorted rows (x's by token) quantized in 128-pair groups and
