@@ -195,6 +195,9 @@ impl Mla {
     }
 }
 
+/// Blocks per 32 columns of [`TrainRow::QuantizePairs`], sharing out the 128-pair groups.
+const PAIR_GROUP_BLOCKS: usize = 16;
+
 /// A training row kernel. `d` (the [`RowKernel`]'s row length) is given per op.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum TrainRow {
@@ -289,7 +292,8 @@ pub enum TrainRow {
     /// from column `padded[e]` ([`TrainRow::PadOffsets`]) of `q [d, P']` (column j of the expert the
     /// source row of its sorted pair j: row r itself, or `by_token` its token's), the group's last
     /// columns past the expert's pairs zeros; a group's scale per column in `scale [d, P' / 128]`.
-    /// One block per sorted row (those that start no group do nothing).
+    /// Blocks: 32 columns (a lane each: rows read 128 bytes at a time) x [`PAIR_GROUP_BLOCKS`], each
+    /// warp taking every `warps x PAIR_GROUP_BLOCKS`-th group (the groups only the device counts).
     QuantizePairs { by_token: bool },
     /// The experts' pair columns padded to whole 128-pair groups (one block, `d` = E): `padded [E +
     /// 1]` the prefix sums of `ceil(n_e / 128) * 128` over the experts' pair counts in `offsets`.
@@ -752,8 +756,8 @@ impl TrainRow {
             TrainRow::QuantizeBlocks { .. } => "scale",
             TrainRow::MoeHidden { .. } => "x",
             TrainRow::MoeCombine { .. } => "y",
-            // A block per sorted pair.
-            TrainRow::QuantizePairs { .. } => "pairs",
+            // 32 columns (of the transposed scales' rows) a block.
+            TrainRow::QuantizePairs { .. } => "scale",
             TrainRow::MoeGradToken { .. } => "dy",
             TrainRow::MoeGradX { .. } => "dx",
             TrainRow::PairSort | TrainRow::PairRows { .. } | TrainRow::PadOffsets => return None,
@@ -829,6 +833,16 @@ impl TrainRow {
             TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => m.heads,
             TrainRow::MoeHidden { k, .. } | TrainRow::MoeGradToken { k } => *k,
             TrainRow::QuantizeBlocks { tiles, .. } => *tiles,
+            TrainRow::QuantizePairs { .. } => PAIR_GROUP_BLOCKS,
+            _ => 1,
+        }
+    }
+
+    /// Rows of the rows argument a block takes.
+    pub(super) fn rows_per_block(&self) -> usize {
+        match self {
+            // 32 columns of the transposed scales.
+            TrainRow::QuantizePairs { .. } => 32,
             _ => 1,
         }
     }
@@ -1837,34 +1851,48 @@ scf.for %i = %tid to %cD step %cT {{
                     "%K = memref.dim %w, %c1 : {m}
 %E1 = memref.dim %offsets, %c0 : memref<?xi32>
 %E = arith.subi %E1, %c1 : index
-%row_i32 = arith.index_cast %row : index to i32
-// The expert of sorted row %row: the last e with offsets[e] <= row (e < E).
-%ex = scf.for %e = %c0 to %E step %c1 iter_args(%a = %c0) -> (index) {{
-  %o_i32 = memref.load %offsets[%e] : memref<?xi32>
-  %at_or_after = arith.cmpi sle, %o_i32, %row_i32 : i32
-  %a2 = arith.select %at_or_after, %e, %a : index
-  scf.yield %a2 : index
-}}
-%start_i32 = memref.load %offsets[%ex] : memref<?xi32>
-%ex1 = arith.addi %ex, %c1 : index
-%end_i32 = memref.load %offsets[%ex1] : memref<?xi32>
-%start = arith.index_cast %start_i32 : i32 to index
-%end = arith.index_cast %end_i32 : i32 to index
-%pstart_i32 = memref.load %padded[%ex] : memref<?xi32>
-%pstart = arith.index_cast %pstart_i32 : i32 to index
-%local = arith.subi %row, %start : index
-%in_group = arith.remui %local, %c128 : index
-%leads = arith.cmpi eq, %in_group, %c0 : index
-%inside = arith.cmpi ult, %row, %end : index
-%active = arith.andi %leads, %inside : i1
-%g_end0 = arith.addi %row, %c128 : index
-%g_end = arith.minui %g_end0, %end : index
-// The group's first padded column, and its scale column.
-%pc = arith.addi %pstart, %local : index
-%grp = arith.divui %pc, %c128 : index
-scf.if %active {{
-scf.for %c = %tid to %cD step %cT {{
-  %m = scf.for %r = %row to %g_end step %c1 iter_args(%mx = %zero) -> (f32) {{
+%cGB = arith.constant {PAIR_GROUP_BLOCKS} : index
+%c32 = arith.constant 32 : index
+// This block's 32 columns and share of the groups: warp w of group block b takes groups
+// b * warps + w, then every warps x GB-th.
+%chunk = arith.divui %row, %cGB : index
+%gblock = arith.remui %row, %cGB : index
+%lane = arith.remui %tid, %c32 : index
+%warp = arith.divui %tid, %c32 : index
+%warps = arith.divui %cT, %c32 : index
+%c0_col = arith.muli %chunk, %c32 : index
+%c = arith.addi %c0_col, %lane : index
+%g_first0 = arith.muli %gblock, %warps : index
+%g_first = arith.addi %g_first0, %warp : index
+%g_step = arith.muli %warps, %cGB : index
+%total_i32 = memref.load %padded[%E] : memref<?xi32>
+%total = arith.index_cast %total_i32 : i32 to index
+%groups = arith.divui %total, %c128 : index
+%col_in = arith.cmpi ult, %c, %cD : index
+scf.if %col_in {{
+scf.for %g = %g_first to %groups step %g_step {{
+  %pc = arith.muli %g, %c128 : index
+  %pc_i32 = arith.index_cast %pc : index to i32
+  // The group's expert: the last e with padded[e] <= pc (an empty expert's successor starts
+  // there too, so the last is never empty).
+  %ex = scf.for %e = %c0 to %E step %c1 iter_args(%a = %c0) -> (index) {{
+    %o_i32 = memref.load %padded[%e] : memref<?xi32>
+    %at_or_after = arith.cmpi sle, %o_i32, %pc_i32 : i32
+    %a2 = arith.select %at_or_after, %e, %a : index
+    scf.yield %a2 : index
+  }}
+  %start_i32 = memref.load %offsets[%ex] : memref<?xi32>
+  %ex1 = arith.addi %ex, %c1 : index
+  %end_i32 = memref.load %offsets[%ex1] : memref<?xi32>
+  %pstart_i32 = memref.load %padded[%ex] : memref<?xi32>
+  %start = arith.index_cast %start_i32 : i32 to index
+  %end = arith.index_cast %end_i32 : i32 to index
+  %pstart = arith.index_cast %pstart_i32 : i32 to index
+  %local = arith.subi %pc, %pstart : index
+  %r0 = arith.addi %start, %local : index
+  %g_end0 = arith.addi %r0, %c128 : index
+  %g_end = arith.minui %g_end0, %end : index
+  %m = scf.for %r = %r0 to %g_end step %c1 iter_args(%mx = %zero) -> (f32) {{
     %p_i32 = memref.load %pairs[%r] : memref<?xi32>
     %p = arith.index_cast %p_i32 : i32 to index
     %tok = arith.divui %p, %K : index
@@ -1874,9 +1902,9 @@ scf.for %c = %tid to %cD step %cT {{
   %small = arith.cmpf olt, %m, %amax_floor : f32
   %floored = arith.select %small, %amax_floor, %m : f32
   %sv = arith.divf %floored, %e4m3_max : f32
-  memref.store %sv, %scale[%c, %grp] : {m}
+  memref.store %sv, %scale[%c, %g] : {m}
   scf.for %i = %c0 to %c128 step %c1 {{
-    %r = arith.addi %row, %i : index
+    %r = arith.addi %r0, %i : index
     %real = arith.cmpi ult, %r, %g_end : index
     %byte = scf.if %real -> (i8) {{
       %p_i32 = memref.load %pairs[%r] : memref<?xi32>
