@@ -208,7 +208,11 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), barriers, "{name}: |max| parts, scales, bytes");
                 assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), quantize, "{name}");
             }
-            RowOp::Route { .. } | RowOp::Dispatch { .. } => {
+            RowOp::Route { .. } => {
+                // Cleared; per gate tile (a loop): the tile loaded, the sums; the scores; the selection.
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), 4, "{name}: barriers")
+            }
+            RowOp::Dispatch { .. } => {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), 2, "{name}: three phases")
             }
             RowOp::SiluMul { quantize } => {

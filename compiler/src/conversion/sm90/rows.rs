@@ -796,7 +796,8 @@ impl RowKernel {
                 ("sh_red", 4),
             ],
             RowOp::Route { experts, n_group, .. } => vec![
-                ("sh_row", self.d),
+                ("sh_tile", ROUTE_CHUNK * (experts + 1)),
+                ("sh_acc", experts),
                 ("sh_s", experts),
                 ("sh_sb", experts),
                 ("sh_flag", experts),
@@ -1243,17 +1244,15 @@ scf.for %j = %tid to %cHalfAll step %cT {{
             }
             RowOp::Route { experts, top_k, n_group, topk_group, norm, scale } => {
                 let per = experts / n_group;
-                let (row, flag, gflag) = (sh("sh_row"), sh("sh_flag"), sh("sh_gflag"));
+                let (tile, acc, flag, gflag) = (sh("sh_tile"), sh("sh_acc"), sh("sh_flag"), sh("sh_gflag"));
                 let (s_ty, sb, gscore, w_ty) = (sh("sh_s"), sh("sh_sb"), sh("sh_gscore"), sh("sh_w"));
-                // 1: the token into shared memory; the selection flags cleared.
-                let load = format!(
-                    "scf.for %i = %tid to %cD step %cT {{
-  %v = memref.load %x[%row, %i] : memref<?x?xf32>
-  memref.store %v, %sh_row[%i] : {row}
-}}
-%cE = arith.constant {experts} : index
+                let stride = experts + 1;
+                // 1: the logits' sums and the selection flags cleared.
+                let clear = format!(
+                    "%cE = arith.constant {experts} : index
 scf.for %e = %tid to %cE step %cT {{
   memref.store %zero, %sh_flag[%e] : {flag}
+  memref.store %zero, %sh_acc[%e] : {acc}
 }}
 %cGr = arith.constant {n_group} : index
 scf.for %g = %tid to %cGr step %cT {{
@@ -1261,16 +1260,57 @@ scf.for %g = %tid to %cGr step %cT {{
 }}
 "
                 );
-                // 2: per expert its logit (a sequential sum, the reference's order), score, biased score.
-                let logits = format!(
+                // 2: per chunk of the gate's columns, its [experts, chunk] tile read row by row (a warp
+                // takes 32 consecutive columns of one expert) into shared memory, column-major with a
+                // padded stride (no bank conflicts either way); then each expert's logit continues
+                // its sequential sum over the chunk (the reference's order, kept in `sh_acc`).
+                let load = format!(
                     "%cE = arith.constant {experts} : index
+%cTile = arith.constant {tile_elems} : index
+%cStride = arith.constant {stride} : index
+%i0 = arith.muli %chunk, %cCh : index
+scf.for %q = %tid to %cTile step %cT {{
+  %e = arith.divui %q, %cCh : index
+  %j = arith.remui %q, %cCh : index
+  %i = arith.addi %i0, %j : index
+  %in = arith.cmpi ult, %i, %cD : index
+  scf.if %in {{
+{gate}    %slot0 = arith.muli %j, %cStride : index
+    %slot = arith.addi %slot0, %e : index
+    memref.store %gv, %sh_tile[%slot] : {tile}
+  }}
+}}
+",
+                    tile_elems = ROUTE_CHUNK * experts,
+                    gate = indent2(&indent2(&self.load_weight("gv", "%gate", "%e, %i"))),
+                );
+                let sums = format!(
+                    "%cE = arith.constant {experts} : index
+%cStride = arith.constant {stride} : index
+%i0 = arith.muli %chunk, %cCh : index
+%left = arith.subi %cD, %i0 : index
+%n = arith.minui %left, %cCh : index
 scf.for %e = %tid to %cE step %cT {{
-  %logit = scf.for %i = %c0 to %cD step %c1 iter_args(%a = %zero) -> (f32) {{
-    %xv = memref.load %sh_row[%i] : {row}
-{gate}    %p = arith.mulf %xv, %gv : f32
+  %a0 = memref.load %sh_acc[%e] : {acc}
+  %a = scf.for %j = %c0 to %n step %c1 iter_args(%a = %a0) -> (f32) {{
+    %i = arith.addi %i0, %j : index
+    %xv = memref.load %x[%row, %i] : memref<?x?xf32>
+    %slot0 = arith.muli %j, %cStride : index
+    %slot = arith.addi %slot0, %e : index
+    %gv = memref.load %sh_tile[%slot] : {tile}
+    %p = arith.mulf %xv, %gv : f32
     %a2 = arith.addf %a, %p : f32
     scf.yield %a2 : f32
   }}
+  memref.store %a, %sh_acc[%e] : {acc}
+}}
+"
+                );
+                // 3: per expert its score and biased score.
+                let logits = format!(
+                    "%cE = arith.constant {experts} : index
+scf.for %e = %tid to %cE step %cT {{
+  %logit = memref.load %sh_acc[%e] : {acc}
   %neg = arith.negf %logit : f32
 {exp}  %den = arith.addf %one, %ex : f32
   %s = arith.divf %one, %den : f32
@@ -1280,10 +1320,9 @@ scf.for %e = %tid to %cE step %cT {{
   memref.store %sbv, %sh_sb[%e] : {sb}
 }}
 ",
-                    gate = self.load_weight("gv", "%gate", "%e, %i"),
                     exp = exp(lowering, "%neg", "%ex"),
                 );
-                // 3: one thread selects, as the reference sorts: group scores (top two), the best
+                // 4: one thread selects, as the reference sorts: group scores (top two), the best
                 // groups, the best experts in them (strictly greater wins: ties to the lower index).
                 let weights = if norm {
                     format!(
@@ -1379,7 +1418,10 @@ scf.if %is0 {{
 ",
                     scale_bits = scale.to_bits(),
                 );
-                vec![load, logits, select]
+                let mut phases = vec![clear];
+                phases.extend(loop_phases("chunk", "nchunks", vec![load, sums]));
+                phases.extend([logits, select]);
+                phases
             }
             RowOp::Dispatch { experts, shared } => {
                 let (count, off) = (sh("sh_count"), sh("sh_off"));
@@ -2388,6 +2430,11 @@ scf.for %i = %tid to %cD step %cT {{
             .to_string()
                 + MLA_CHUNKS;
         }
+        if let RowOp::Route { .. } = self.op {
+            return format!(
+                "%cCh = arith.constant {ROUTE_CHUNK} : index\n%nchunks = arith.ceildivui %cD, %cCh : index\n"
+            );
+        }
         if let RowOp::SplitRope { .. } = self.op {
             return "%p64 = memref.load %positions[%row] : memref<?xi64>
 %p = arith.index_cast %p64 : i64 to index
@@ -2620,6 +2667,9 @@ scf.for %j = %j_first to %k1 step %cT {{
         e = exp(lowering, "%xm", "%e")
     )
 }
+
+/// Gate columns per shared-memory tile of the routing kernel ([`RowOp::Route`]).
+const ROUTE_CHUNK: usize = 32;
 
 /// A phase list item that opens a loop around the phases up to the matching [`LOOP_END`]: the rest
 /// is the loop's `scf.for` header (its bounds defined in the prologue). On the GPU every iteration
@@ -3444,8 +3494,9 @@ mod tests {
     /// backend's layout (offsets, tokens in order per expert, the shared expert last).
     #[test]
     fn routing_and_dispatch_match_the_reference() {
-        let (d, experts, rows) = (96, 16, 7);
-        for (norm, top_k, n_group, topk_group) in [(true, 4, 4, 2), (false, 3, 8, 3)] {
+        let (experts, rows) = (16, 7);
+        // (100 columns: the gate's last tile of 32 partial.)
+        for (d, norm, top_k, n_group, topk_group) in [(96, true, 4, 4, 2), (100, false, 3, 8, 3)] {
             let r = v3c_models::graph::Routing {
                 top_k,
                 n_group,
