@@ -111,8 +111,8 @@ pub enum RowOp {
     /// to the lower index), weights `s` of the chosen, normalized (`norm`) and scaled. Writes the
     /// experts `idx [rows, top_k]` (i32) and weights `w [rows, top_k]`.
     Route { experts: usize, top_k: usize, n_group: usize, topk_group: usize, norm: bool, scale: f32 },
-    /// The counting sort of the routed (token, expert) pairs by expert (one block: `experts +
-    /// shared` threads' worth of work): `offsets [experts + shared + 1]`, per sorted row its token
+    /// The counting sort of the routed (token, expert) pairs by expert (one block; the pairs cut
+    /// into chunks a thread each counts, then places in order): `offsets [experts + shared + 1]`, per sorted row its token
     /// `sorted [tokens, top_k + shared]` and weight `rw`; tokens in order within an expert, the shared
     /// experts taking every token with weight 1 after the routed ones (arguments `idx`, `w`,
     /// `offsets`, `sorted`, `rw`). `d` = experts + shared.
@@ -805,7 +805,11 @@ impl RowKernel {
                 ("sh_gflag", n_group),
                 ("sh_w", experts),
             ],
-            RowOp::Dispatch { experts, shared } => vec![("sh_count", experts + shared), ("sh_off", experts + shared)],
+            RowOp::Dispatch { experts, shared } => vec![
+                ("sh_count", experts + shared),
+                ("sh_off", experts + shared),
+                ("sh_cc", dispatch_chunks(experts) * experts),
+            ],
             RowOp::SiluMul { quantize: true } => {
                 vec![("sh_amax", self.groups() * AMAX_PARTS), ("sh_scale", self.groups())]
             }
@@ -1424,37 +1428,75 @@ scf.if %is0 {{
                 phases
             }
             RowOp::Dispatch { experts, shared } => {
-                let (count, off) = (sh("sh_count"), sh("sh_off"));
+                let (count, off, cc) = (sh("sh_count"), sh("sh_off"), sh("sh_cc"));
+                let chunks = dispatch_chunks(experts);
                 let header = format!(
                     "%cE = arith.constant {experts} : index
 %cES = arith.constant {total} : index
+%cS = arith.constant {shared} : index
+%cC = arith.constant {chunks} : index
 %nt = memref.dim %idx, %c0 : memref<?x?xi32>
 %nk = memref.dim %idx, %c1 : memref<?x?xi32>
 %width = memref.dim %sorted, %c1 : memref<?x?xi32>
+%np = arith.muli %nt, %nk : index
+%per = arith.ceildivui %np, %cC : index
 ",
                     total = experts + shared
                 );
-                // 1: per routed expert, its rows (one thread per expert scans every pair).
-                let counts = format!(
+                // The pairs (t * k + slot, in token order) of chunk `%tid` (a thread below `chunks`).
+                let chunk = "%p_first0 = arith.muli %tid, %per : index
+  %p_first = arith.minui %p_first0, %np : index
+  %p_end0 = arith.addi %p_first, %per : index
+  %p_end = arith.minui %p_end0, %np : index
+";
+                // 1: the per-chunk counts cleared.
+                let clear = format!(
                     "{header}%zero_i32 = arith.constant 0 : i32
-%one_i32 = arith.constant 1 : i32
-scf.for %e = %tid to %cE step %cT {{
-  %e32 = arith.index_cast %e : index to i32
-  %n = scf.for %t = %c0 to %nt step %c1 iter_args(%a = %zero_i32) -> (i32) {{
-    %nn = scf.for %k = %c0 to %nk step %c1 iter_args(%b = %a) -> (i32) {{
-      %v = memref.load %idx[%t, %k] : memref<?x?xi32>
-      %hit = arith.cmpi eq, %v, %e32 : i32
-      %inc = arith.select %hit, %one_i32, %zero_i32 : i32
-      %b2 = arith.addi %b, %inc : i32
-      scf.yield %b2 : i32
+%cells = arith.muli %cC, %cE : index
+scf.for %i = %tid to %cells step %cT {{
+  memref.store %zero_i32, %sh_cc[%i] : {cc}
+}}
+"
+                );
+                // 2: each chunk's pairs per routed expert (a thread per chunk, in pair order).
+                let counts = format!(
+                    "{header}%one_i32 = arith.constant 1 : i32
+%counts = arith.cmpi ult, %tid, %cC : index
+scf.if %counts {{
+  {chunk}  %row0 = arith.muli %tid, %cE : index
+  scf.for %p = %p_first to %p_end step %c1 {{
+    %t = arith.divui %p, %nk : index
+    %k = arith.remui %p, %nk : index
+    %v = memref.load %idx[%t, %k] : memref<?x?xi32>
+    %e = arith.index_cast %v : i32 to index
+    %routed = arith.cmpi ult, %e, %cE : index
+    scf.if %routed {{
+      %cell = arith.addi %row0, %e : index
+      %n = memref.load %sh_cc[%cell] : {cc}
+      %n1 = arith.addi %n, %one_i32 : i32
+      memref.store %n1, %sh_cc[%cell] : {cc}
     }}
-    scf.yield %nn : i32
+  }}
+}}
+"
+                );
+                // 3: per routed expert its rows, and each chunk's first place among them.
+                let totals = format!(
+                    "{header}%zero_i32 = arith.constant 0 : i32
+scf.for %e = %tid to %cE step %cT {{
+  %n = scf.for %c = %c0 to %cC step %c1 iter_args(%run = %zero_i32) -> (i32) {{
+    %cell0 = arith.muli %c, %cE : index
+    %cell = arith.addi %cell0, %e : index
+    %here = memref.load %sh_cc[%cell] : {cc}
+    memref.store %run, %sh_cc[%cell] : {cc}
+    %run2 = arith.addi %run, %here : i32
+    scf.yield %run2 : i32
   }}
   memref.store %n, %sh_count[%e] : {count}
 }}
 "
                 );
-                // 2: the offsets (the shared experts take every token).
+                // 4: the offsets (the shared experts take every token).
                 let scan = format!(
                     "{header}%is0 = arith.cmpi eq, %tid, %c0 : index
 scf.if %is0 {{
@@ -1477,49 +1519,53 @@ scf.if %is0 {{
 }}
 "
                 );
-                // 3: per expert its rows in token order.
+                // 5: each chunk's pairs into their experts' rows in pair order (so every expert's rows
+                // are in token order); every token into each shared expert's rows.
                 let place = format!(
                     "{header}%one_f = arith.constant 1.0 : f32
-scf.for %e = %tid to %cES step %cT {{
-  %e32 = arith.index_cast %e : index to i32
-  %o32 = memref.load %sh_off[%e] : {off}
-  %o = arith.index_cast %o32 : i32 to index
-  %routed = arith.cmpi ult, %e, %cE : index
-  scf.if %routed {{
-    %last = scf.for %t = %c0 to %nt step %c1 iter_args(%p = %o) -> (index) {{
-      %t32 = arith.index_cast %t : index to i32
-      %pp = scf.for %k = %c0 to %nk step %c1 iter_args(%q = %p) -> (index) {{
-        %v = memref.load %idx[%t, %k] : memref<?x?xi32>
-        %hit = arith.cmpi eq, %v, %e32 : i32
-        %q2 = scf.if %hit -> (index) {{
-          %r = arith.divui %q, %width : index
-          %c = arith.remui %q, %width : index
-          %wv = memref.load %w[%t, %k] : memref<?x?xf32>
-          memref.store %t32, %sorted[%r, %c] : memref<?x?xi32>
-          memref.store %wv, %rw[%r, %c] : memref<?x?xf32>
-          %q1 = arith.addi %q, %c1 : index
-          scf.yield %q1 : index
-        }} else {{
-          scf.yield %q : index
-        }}
-        scf.yield %q2 : index
-      }}
-      scf.yield %pp : index
-    }}
-  }} else {{
-    scf.for %t = %c0 to %nt step %c1 {{
-      %t32 = arith.index_cast %t : index to i32
-      %q = arith.addi %o, %t : index
+%one_i32 = arith.constant 1 : i32
+%places = arith.cmpi ult, %tid, %cC : index
+scf.if %places {{
+  {chunk}  %row0 = arith.muli %tid, %cE : index
+  scf.for %p = %p_first to %p_end step %c1 {{
+    %t = arith.divui %p, %nk : index
+    %k = arith.remui %p, %nk : index
+    %v = memref.load %idx[%t, %k] : memref<?x?xi32>
+    %e = arith.index_cast %v : i32 to index
+    %routed = arith.cmpi ult, %e, %cE : index
+    scf.if %routed {{
+      %cell = arith.addi %row0, %e : index
+      %n = memref.load %sh_cc[%cell] : {cc}
+      %n1 = arith.addi %n, %one_i32 : i32
+      memref.store %n1, %sh_cc[%cell] : {cc}
+      %o32 = memref.load %sh_off[%e] : {off}
+      %q32 = arith.addi %o32, %n : i32
+      %q = arith.index_cast %q32 : i32 to index
       %r = arith.divui %q, %width : index
       %c = arith.remui %q, %width : index
+      %t32 = arith.index_cast %t : index to i32
+      %wv = memref.load %w[%t, %k] : memref<?x?xf32>
       memref.store %t32, %sorted[%r, %c] : memref<?x?xi32>
-      memref.store %one_f, %rw[%r, %c] : memref<?x?xf32>
+      memref.store %wv, %rw[%r, %c] : memref<?x?xf32>
     }}
+  }}
+}}
+scf.for %s = %tid to %cS step %cT {{
+  %e = arith.addi %cE, %s : index
+  %o32 = memref.load %sh_off[%e] : {off}
+  %o = arith.index_cast %o32 : i32 to index
+  scf.for %t = %c0 to %nt step %c1 {{
+    %t32 = arith.index_cast %t : index to i32
+    %q = arith.addi %o, %t : index
+    %r = arith.divui %q, %width : index
+    %c = arith.remui %q, %width : index
+    memref.store %t32, %sorted[%r, %c] : memref<?x?xi32>
+    memref.store %one_f, %rw[%r, %c] : memref<?x?xf32>
   }}
 }}
 "
                 );
-                vec![counts, scan, place]
+                vec![clear, counts, totals, scan, place]
             }
             RowOp::SplitBf16 | RowOp::SplitBf16T => {
                 let round = round_bf16;
@@ -2668,6 +2714,13 @@ scf.for %j = %j_first to %k1 step %cT {{
     )
 }
 
+/// Chunks of the routed pairs the dispatch's counting sort splits them into ([`RowOp::Dispatch`]):
+/// a thread counts and places each chunk's pairs in order, their per-expert counts in shared memory
+/// (32 KiB at most).
+fn dispatch_chunks(experts: usize) -> usize {
+    (8192 / experts.max(1)).clamp(1, 32)
+}
+
 /// Gate columns per shared-memory tile of the routing kernel ([`RowOp::Route`]).
 const ROUTE_CHUNK: usize = 32;
 
@@ -2688,7 +2741,7 @@ fn loop_phases(var: &str, count: &str, body: Vec<String>) -> Vec<String> {
 /// The element of a shared array: the dispatch's counts and offsets are i32, the rest f32 (all
 /// four bytes wide).
 fn shared_element(name: &str) -> &'static str {
-    if matches!(name, "sh_count" | "sh_off" | "sh_key" | "sh_idx") {
+    if matches!(name, "sh_count" | "sh_off" | "sh_cc" | "sh_key" | "sh_idx") {
         "i32"
     } else {
         "f32"
@@ -3494,7 +3547,8 @@ mod tests {
     /// backend's layout (offsets, tokens in order per expert, the shared expert last).
     #[test]
     fn routing_and_dispatch_match_the_reference() {
-        let (experts, rows) = (16, 7);
+        // (40 tokens: the dispatch's 32 chunks of pairs hold several each.)
+        let (experts, rows) = (16, 40);
         // (100 columns: the gate's last tile of 32 partial.)
         for (d, norm, top_k, n_group, topk_group) in [(96, true, 4, 4, 2), (100, false, 3, 8, 3)] {
             let r = v3c_models::graph::Routing {
