@@ -241,7 +241,8 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     | TrainRow::PairGrad { .. }
                     | TrainRow::MoeCombine { .. }
                     | TrainRow::MoeGradToken { .. } => 1,
-                    TrainRow::PairSort => 2,
+                    // Counts cleared, counted per chunk, totalled, scanned, placed.
+                    TrainRow::PairSort => 4,
                     // The 1x128 quantization: group |max| parts, scales, bytes.
                     TrainRow::Quantize => 2,
                     TrainRow::QuantizeBlocks { .. } => 1 + tree,

@@ -306,7 +306,8 @@ pub enum TrainRow {
     /// columns in order, `gg * gate_e + uu * up_e`.
     MoeGradX { k: usize },
     /// The (token, slot) pairs sorted by expert (one block, `d` = E): `offsets [E + 1]`, then each
-    /// expert's pairs (`t * k + slot`) in token order into `pairs`.
+    /// expert's pairs (`t * k + slot`) in token order into `pairs` — the pairs cut into chunks a
+    /// thread each counts per expert, then places in order (as [`RowOp::Dispatch`]).
     PairSort,
     /// What the experts' grouped GEMMs read of the sorted pairs (one block, `d` = k, the slots per
     /// token; `w [T, k]` the routing weights): per sorted row r of pair p, its token `tok[r] = p /
@@ -793,7 +794,7 @@ impl TrainRow {
                 vec![("sh_amax", groups * AMAX_PARTS), ("sh_scale", groups)]
             }
             TrainRow::QuantizeBlocks { .. } => vec![("sh_amax", threads)],
-            TrainRow::PairSort => vec![("sh_count", d), ("sh_off", d)],
+            TrainRow::PairSort => vec![("sh_count", d), ("sh_off", d), ("sh_cc", super::dispatch_chunks(d) * d)],
             _ => Vec::new(),
         }
     }
@@ -2059,33 +2060,75 @@ scf.for %c = %tid to %cD step %cT {{
                 e = indent2(&indent2(&expert_base("%t", "%s", "%gate", "%I")))
             )],
             TrainRow::PairSort => {
-                let (count, off) = (sh("sh_count"), sh("sh_off"));
-                let scan = |body: &str| {
-                    format!(
-                        "%T = memref.dim %idx, %c0 : memref<?x?xi32>
+                let (count, off, cc) = (sh("sh_count"), sh("sh_off"), sh("sh_cc"));
+                let header = format!(
+                    "%T = memref.dim %idx, %c0 : memref<?x?xi32>
 %K = memref.dim %idx, %c1 : memref<?x?xi32>
 %TK = arith.muli %T, %K : index
-scf.for %e = %tid to %cD step %cT {{
-  %e_i32 = arith.index_cast %e : index to i32
-{body}}}
+%cC = arith.constant {chunks} : index
+%per = arith.ceildivui %TK, %cC : index
+%cells = arith.muli %cC, %cD : index
+",
+                    chunks = super::dispatch_chunks(kernel.d)
+                );
+                // The pairs of chunk `%tid` (a thread below `chunks`), in order.
+                let chunk = "%p_first0 = arith.muli %tid, %per : index
+  %p_first = arith.minui %p_first0, %TK : index
+  %p_end0 = arith.addi %p_first, %per : index
+  %p_end = arith.minui %p_end0, %TK : index
+  %row0 = arith.muli %tid, %cD : index
+";
+                // Chunk `%tid`'s pairs, `body` per pair of an expert `%e` below E (its count cell `%cell`).
+                let per_pair = |body: &str| {
+                    format!(
+                        "{header}%one_i32 = arith.constant 1 : i32
+%chunked = arith.cmpi ult, %tid, %cC : index
+scf.if %chunked {{
+  {chunk}  scf.for %p = %p_first to %p_end step %c1 {{
+    %pt = arith.divui %p, %K : index
+    %ps = arith.remui %p, %K : index
+    %v = memref.load %idx[%pt, %ps] : memref<?x?xi32>
+    %e = arith.index_cast %v : i32 to index
+    %known = arith.cmpi ult, %e, %cD : index
+    scf.if %known {{
+      %cell = arith.addi %row0, %e : index
+      %n = memref.load %sh_cc[%cell] : {cc}
+      %n1 = arith.addi %n, %one_i32 : i32
+      memref.store %n1, %sh_cc[%cell] : {cc}
+{body}    }}
+  }}
+}}
 "
                     )
                 };
                 vec![
-                    scan(&format!(
-                        "  %n = scf.for %p = %c0 to %TK step %c1 iter_args(%a = %c0) -> (index) {{
-    %pt = arith.divui %p, %K : index
-    %ps = arith.remui %p, %K : index
-    %v = memref.load %idx[%pt, %ps] : memref<?x?xi32>
-    %hit = arith.cmpi eq, %v, %e_i32 : i32
-    %a1 = arith.addi %a, %c1 : index
-    %a2 = arith.select %hit, %a1, %a : index
-    scf.yield %a2 : index
-  }}
-  %n_i32 = arith.index_cast %n : index to i32
-  memref.store %n_i32, %sh_count[%e] : {count}
+                    // 1: the per-chunk counts cleared.
+                    format!(
+                        "{header}%zero_i32 = arith.constant 0 : i32
+scf.for %i = %tid to %cells step %cT {{
+  memref.store %zero_i32, %sh_cc[%i] : {cc}
+}}
 "
-                    )),
+                    ),
+                    // 2: each chunk's pairs per expert.
+                    per_pair(""),
+                    // 3: per expert its pairs, and each chunk's first place among them.
+                    format!(
+                        "{header}%zero_i32 = arith.constant 0 : i32
+scf.for %e = %tid to %cD step %cT {{
+  %n = scf.for %c = %c0 to %cC step %c1 iter_args(%run = %zero_i32) -> (i32) {{
+    %cell0 = arith.muli %c, %cD : index
+    %cell = arith.addi %cell0, %e : index
+    %here = memref.load %sh_cc[%cell] : {cc}
+    memref.store %run, %sh_cc[%cell] : {cc}
+    %run2 = arith.addi %run, %here : i32
+    scf.yield %run2 : i32
+  }}
+  memref.store %n, %sh_count[%e] : {count}
+}}
+"
+                    ),
+                    // 4: the offsets.
                     format!(
                         "%first = arith.cmpi eq, %tid, %c0 : index
 scf.if %first {{
@@ -2101,24 +2144,14 @@ scf.if %first {{
 }}
 "
                     ),
-                    scan(&format!(
-                        "  %start_i32 = memref.load %sh_off[%e] : {off}
-  %start = arith.index_cast %start_i32 : i32 to index
-  %end = scf.for %p = %c0 to %TK step %c1 iter_args(%a = %start) -> (index) {{
-    %pt = arith.divui %p, %K : index
-    %ps = arith.remui %p, %K : index
-    %v = memref.load %idx[%pt, %ps] : memref<?x?xi32>
-    %hit = arith.cmpi eq, %v, %e_i32 : i32
-    %a2 = scf.if %hit -> (index) {{
+                    // 5: each chunk's pairs into their experts' places in order (token order within
+                    // an expert).
+                    per_pair(&format!(
+                        "      %o32 = memref.load %sh_off[%e] : {off}
+      %q32 = arith.addi %o32, %n : i32
+      %q = arith.index_cast %q32 : i32 to index
       %p_i32 = arith.index_cast %p : index to i32
-      memref.store %p_i32, %pairs[%a] : memref<?xi32>
-      %a1 = arith.addi %a, %c1 : index
-      scf.yield %a1 : index
-    }} else {{
-      scf.yield %a : index
-    }}
-    scf.yield %a2 : index
-  }}
+      memref.store %p_i32, %pairs[%q] : memref<?xi32>
 "
                     )),
                 ]
