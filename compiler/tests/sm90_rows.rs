@@ -243,6 +243,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     | TrainRow::MoeGradToken { .. } => 1,
                     // Counts cleared, counted per chunk, totalled, scanned, placed.
                     TrainRow::PairSort => 4,
+                    TrainRow::ExpertFreq => 2,
                     // The 1x128 quantization: group |max| parts, scales, bytes.
                     TrainRow::Quantize => 2,
                     TrainRow::QuantizeBlocks { .. } => 1 + tree,

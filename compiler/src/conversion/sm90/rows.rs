@@ -808,7 +808,7 @@ impl RowKernel {
             RowOp::Dispatch { experts, shared } => vec![
                 ("sh_count", experts + shared),
                 ("sh_off", experts + shared),
-                ("sh_cc", dispatch_chunks(experts) * experts),
+                ("sh_cc", pair_chunks(experts) * experts),
             ],
             RowOp::SiluMul { quantize: true } => {
                 vec![("sh_amax", self.groups() * AMAX_PARTS), ("sh_scale", self.groups())]
@@ -1428,77 +1428,22 @@ scf.if %is0 {{
                 phases
             }
             RowOp::Dispatch { experts, shared } => {
-                let (count, off, cc) = (sh("sh_count"), sh("sh_off"), sh("sh_cc"));
-                let chunks = dispatch_chunks(experts);
+                let (count, off) = (sh("sh_count"), sh("sh_off"));
+                let chunks = PairChunks { experts: "%cE".into(), chunks: pair_chunks(experts), cc: sh("sh_cc") };
                 let header = format!(
                     "%cE = arith.constant {experts} : index
 %cES = arith.constant {total} : index
 %cS = arith.constant {shared} : index
-%cC = arith.constant {chunks} : index
 %nt = memref.dim %idx, %c0 : memref<?x?xi32>
-%nk = memref.dim %idx, %c1 : memref<?x?xi32>
 %width = memref.dim %sorted, %c1 : memref<?x?xi32>
-%np = arith.muli %nt, %nk : index
-%per = arith.ceildivui %np, %cC : index
 ",
                     total = experts + shared
                 );
-                // The pairs (t * k + slot, in token order) of chunk `%tid` (a thread below `chunks`).
-                let chunk = "%p_first0 = arith.muli %tid, %per : index
-  %p_first = arith.minui %p_first0, %np : index
-  %p_end0 = arith.addi %p_first, %per : index
-  %p_end = arith.minui %p_end0, %np : index
-";
-                // 1: the per-chunk counts cleared.
-                let clear = format!(
-                    "{header}%zero_i32 = arith.constant 0 : i32
-%cells = arith.muli %cC, %cE : index
-scf.for %i = %tid to %cells step %cT {{
-  memref.store %zero_i32, %sh_cc[%i] : {cc}
-}}
-"
-                );
-                // 2: each chunk's pairs per routed expert (a thread per chunk, in pair order).
-                let counts = format!(
-                    "{header}%one_i32 = arith.constant 1 : i32
-%counts = arith.cmpi ult, %tid, %cC : index
-scf.if %counts {{
-  {chunk}  %row0 = arith.muli %tid, %cE : index
-  scf.for %p = %p_first to %p_end step %c1 {{
-    %t = arith.divui %p, %nk : index
-    %k = arith.remui %p, %nk : index
-    %v = memref.load %idx[%t, %k] : memref<?x?xi32>
-    %e = arith.index_cast %v : i32 to index
-    %routed = arith.cmpi ult, %e, %cE : index
-    scf.if %routed {{
-      %cell = arith.addi %row0, %e : index
-      %n = memref.load %sh_cc[%cell] : {cc}
-      %n1 = arith.addi %n, %one_i32 : i32
-      memref.store %n1, %sh_cc[%cell] : {cc}
-    }}
-  }}
-}}
-"
-                );
-                // 3: per routed expert its rows, and each chunk's first place among them.
-                let totals = format!(
-                    "{header}%zero_i32 = arith.constant 0 : i32
-scf.for %e = %tid to %cE step %cT {{
-  %n = scf.for %c = %c0 to %cC step %c1 iter_args(%run = %zero_i32) -> (i32) {{
-    %cell0 = arith.muli %c, %cE : index
-    %cell = arith.addi %cell0, %e : index
-    %here = memref.load %sh_cc[%cell] : {cc}
-    memref.store %run, %sh_cc[%cell] : {cc}
-    %run2 = arith.addi %run, %here : i32
-    scf.yield %run2 : i32
-  }}
-  memref.store %n, %sh_count[%e] : {count}
-}}
-"
-                );
+                // 3: per routed expert its rows.
+                let totals = chunks.totals(&format!("  memref.store %n, %sh_count[%e] : {count}\n"));
                 // 4: the offsets (the shared experts take every token).
                 let scan = format!(
-                    "{header}%is0 = arith.cmpi eq, %tid, %c0 : index
+                    "%is0 = arith.cmpi eq, %tid, %c0 : index
 scf.if %is0 {{
   %zero_i32 = arith.constant 0 : i32
   %nt32 = arith.index_cast %nt : index to i32
@@ -1521,24 +1466,8 @@ scf.if %is0 {{
                 );
                 // 5: each chunk's pairs into their experts' rows in pair order (so every expert's rows
                 // are in token order); every token into each shared expert's rows.
-                let place = format!(
-                    "{header}%one_f = arith.constant 1.0 : f32
-%one_i32 = arith.constant 1 : i32
-%places = arith.cmpi ult, %tid, %cC : index
-scf.if %places {{
-  {chunk}  %row0 = arith.muli %tid, %cE : index
-  scf.for %p = %p_first to %p_end step %c1 {{
-    %t = arith.divui %p, %nk : index
-    %k = arith.remui %p, %nk : index
-    %v = memref.load %idx[%t, %k] : memref<?x?xi32>
-    %e = arith.index_cast %v : i32 to index
-    %routed = arith.cmpi ult, %e, %cE : index
-    scf.if %routed {{
-      %cell = arith.addi %row0, %e : index
-      %n = memref.load %sh_cc[%cell] : {cc}
-      %n1 = arith.addi %n, %one_i32 : i32
-      memref.store %n1, %sh_cc[%cell] : {cc}
-      %o32 = memref.load %sh_off[%e] : {off}
+                let place = chunks.walk(&format!(
+                    "      %o32 = memref.load %sh_off[%e] : {off}
       %q32 = arith.addi %o32, %n : i32
       %q = arith.index_cast %q32 : i32 to index
       %r = arith.divui %q, %width : index
@@ -1547,9 +1476,10 @@ scf.if %places {{
       %wv = memref.load %w[%t, %k] : memref<?x?xf32>
       memref.store %t32, %sorted[%r, %c] : memref<?x?xi32>
       memref.store %wv, %rw[%r, %c] : memref<?x?xf32>
-    }}
-  }}
-}}
+"
+                ));
+                let shared_rows = format!(
+                    "%one_f = arith.constant 1.0 : f32
 scf.for %s = %tid to %cS step %cT {{
   %e = arith.addi %cE, %s : index
   %o32 = memref.load %sh_off[%e] : {off}
@@ -1565,7 +1495,11 @@ scf.for %s = %tid to %cS step %cT {{
 }}
 "
                 );
-                vec![clear, counts, totals, scan, place]
+                // 1: the counts cleared; 2: each chunk's pairs counted per routed expert.
+                [chunks.clear(), chunks.walk(""), totals, scan, format!("{place}{shared_rows}")]
+                    .into_iter()
+                    .map(|phase| format!("{header}{phase}"))
+                    .collect()
             }
             RowOp::SplitBf16 | RowOp::SplitBf16T => {
                 let round = round_bf16;
@@ -2714,11 +2648,105 @@ scf.for %j = %j_first to %k1 step %cT {{
     )
 }
 
-/// Chunks of the routed pairs the dispatch's counting sort splits them into ([`RowOp::Dispatch`]):
-/// a thread counts and places each chunk's pairs in order, their per-expert counts in shared memory
-/// (32 KiB at most).
-fn dispatch_chunks(experts: usize) -> usize {
+/// Chunks of the pairs the counting sorts split them into ([`RowOp::Dispatch`],
+/// [`TrainRow::PairSort`], [`TrainRow::ExpertFreq`]): a thread counts (and places) each chunk's
+/// pairs in order, their per-expert counts in shared memory (32 KiB at most).
+fn pair_chunks(experts: usize) -> usize {
     (8192 / experts.max(1)).clamp(1, 32)
+}
+
+/// The phases of a counting sort over the (token, slot) pairs of `idx [T, K]` (i32) in
+/// [`pair_chunks`] runs: the per-chunk counts `sh_cc [chunks, experts]` (type `cc`), experts below
+/// the index constant `experts` (defined by the caller's phases, as everything `%c…`).
+struct PairChunks {
+    experts: String,
+    chunks: usize,
+    cc: String,
+}
+
+impl PairChunks {
+    /// Pairs, chunks, a chunk's pairs and the count cells.
+    fn header(&self) -> String {
+        format!(
+            "%pc_t = memref.dim %idx, %c0 : memref<?x?xi32>
+%pc_k = memref.dim %idx, %c1 : memref<?x?xi32>
+%pc_n = arith.muli %pc_t, %pc_k : index
+%cC = arith.constant {chunks} : index
+%per = arith.ceildivui %pc_n, %cC : index
+%cells = arith.muli %cC, {e} : index
+",
+            chunks = self.chunks,
+            e = self.experts
+        )
+    }
+
+    /// The counts cleared.
+    fn clear(&self) -> String {
+        format!(
+            "{}%zero_i32 = arith.constant 0 : i32
+scf.for %i = %tid to %cells step %cT {{
+  memref.store %zero_i32, %sh_cc[%i] : {}
+}}
+",
+            self.header(),
+            self.cc
+        )
+    }
+
+    /// Chunk `%tid`'s pairs in order (a thread below the chunks): per pair `%p` (token `%t`, slot
+    /// `%k`) of an expert `%e` in range, its chunk's count `%n` before this pair is added, then `body`.
+    fn walk(&self, body: &str) -> String {
+        format!(
+            "{h}%one_i32 = arith.constant 1 : i32
+%chunked = arith.cmpi ult, %tid, %cC : index
+scf.if %chunked {{
+  %p_first0 = arith.muli %tid, %per : index
+  %p_first = arith.minui %p_first0, %pc_n : index
+  %p_end0 = arith.addi %p_first, %per : index
+  %p_end = arith.minui %p_end0, %pc_n : index
+  %row0 = arith.muli %tid, {e} : index
+  scf.for %p = %p_first to %p_end step %c1 {{
+    %t = arith.divui %p, %pc_k : index
+    %k = arith.remui %p, %pc_k : index
+    %v = memref.load %idx[%t, %k] : memref<?x?xi32>
+    %e = arith.index_cast %v : i32 to index
+    %known = arith.cmpi ult, %e, {e} : index
+    scf.if %known {{
+      %cell = arith.addi %row0, %e : index
+      %n = memref.load %sh_cc[%cell] : {cc}
+      %n1 = arith.addi %n, %one_i32 : i32
+      memref.store %n1, %sh_cc[%cell] : {cc}
+{body}    }}
+  }}
+}}
+",
+            h = self.header(),
+            e = self.experts,
+            cc = self.cc
+        )
+    }
+
+    /// Per expert `%e` its count `%n` over the chunks, each chunk's cell left holding its first
+    /// place among the expert's pairs (the counts before it), then `body`.
+    fn totals(&self, body: &str) -> String {
+        format!(
+            "{h}%zero_i32 = arith.constant 0 : i32
+scf.for %e = %tid to {e} step %cT {{
+  %n = scf.for %c = %c0 to %cC step %c1 iter_args(%run = %zero_i32) -> (i32) {{
+    %cell0 = arith.muli %c, {e} : index
+    %cell = arith.addi %cell0, %e : index
+    %here = memref.load %sh_cc[%cell] : {cc}
+    memref.store %run, %sh_cc[%cell] : {cc}
+    %run2 = arith.addi %run, %here : i32
+    scf.yield %run2 : i32
+  }}
+{body}}}
+",
+            h = self.header(),
+            e = self.experts,
+            cc = self.cc
+        )
+    }
 }
 
 /// Gate columns per shared-memory tile of the routing kernel ([`RowOp::Route`]).

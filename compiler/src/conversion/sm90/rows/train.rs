@@ -248,7 +248,8 @@ pub enum TrainRow {
     /// `loss_rows` holds).
     LossMean { weight: f32 },
     /// The experts' load frequencies of the balance loss: `freq[e] = count(idx == e) * E / (K *
-    /// T)` over the selected experts `idx [T, K]` (i32; `d` = E), one thread per expert.
+    /// T)` over the selected experts `idx [T, K]` (i32; `d` = E): the pairs counted in chunks, then
+    /// per expert `E / (K T)` added once per pair of it (the reference's sum).
     ExpertFreq,
     /// The sequence-wise balance loss per token (`d` = E): `s = sigmoid(logits)`, `weighted =
     /// sum(freq * s) / sum(s)` (sums sequential in the reference's order, by one thread), then
@@ -794,7 +795,8 @@ impl TrainRow {
                 vec![("sh_amax", groups * AMAX_PARTS), ("sh_scale", groups)]
             }
             TrainRow::QuantizeBlocks { .. } => vec![("sh_amax", threads)],
-            TrainRow::PairSort => vec![("sh_count", d), ("sh_off", d), ("sh_cc", super::dispatch_chunks(d) * d)],
+            TrainRow::PairSort => vec![("sh_count", d), ("sh_off", d), ("sh_cc", super::pair_chunks(d) * d)],
+            TrainRow::ExpertFreq => vec![("sh_cc", super::pair_chunks(d) * d)],
             _ => Vec::new(),
         }
     }
@@ -1360,30 +1362,27 @@ scf.if %first {{
 }}
 "
             )],
-            TrainRow::ExpertFreq => vec![format!(
-                "%T = memref.dim %idx, %c0 : memref<?x?xi32>
-%K = memref.dim %idx, %c1 : memref<?x?xi32>
-%TK = arith.muli %T, %K : index
-%TK_i64 = arith.index_cast %TK : index to i64
-%fTK = arith.uitofp %TK_i64 : i64 to f32
-%fE = arith.constant 0x{:08X} : f32
-%unit = arith.divf %fE, %fTK : f32
-scf.for %e = %tid to %cD step %cT {{
-  %e_i32 = arith.index_cast %e : index to i32
-  %count = scf.for %j = %c0 to %TK step %c1 iter_args(%a = %zero) -> (f32) {{
-    %r = arith.divui %j, %K : index
-    %k = arith.remui %j, %K : index
-    %v = memref.load %idx[%r, %k] : memref<?x?xi32>
-    %hit = arith.cmpi eq, %v, %e_i32 : i32
-    %a1 = arith.addf %a, %unit : f32
-    %a2 = arith.select %hit, %a1, %a : f32
+            TrainRow::ExpertFreq => {
+                let chunks =
+                    super::PairChunks { experts: "%cD".into(), chunks: super::pair_chunks(kernel.d), cc: sh("sh_cc") };
+                // Each expert's frequency: `unit` added once per pair of it, in turn (the same
+                // bits whatever order the pairs were counted in).
+                let freq = format!(
+                    "  %TK_i64 = arith.index_cast %pc_n : index to i64
+  %fTK = arith.uitofp %TK_i64 : i64 to f32
+  %fE = arith.constant 0x{:08X} : f32
+  %unit = arith.divf %fE, %fTK : f32
+  %hits = arith.index_cast %n : i32 to index
+  %count = scf.for %j = %c0 to %hits step %c1 iter_args(%a = %zero) -> (f32) {{
+    %a2 = arith.addf %a, %unit : f32
     scf.yield %a2 : f32
   }}
   memref.store %count, %freq[%e] : memref<?xf32>
-}}
 ",
-                (kernel.d as f32).to_bits()
-            )],
+                    (kernel.d as f32).to_bits()
+                );
+                vec![chunks.clear(), chunks.walk(""), chunks.totals(&freq)]
+            }
             TrainRow::BalanceRows { grad, .. } => {
                 let e = indent2(&exp(lowering, "%neg", "%ex"));
                 let sigmoid = format!(
@@ -2060,74 +2059,15 @@ scf.for %c = %tid to %cD step %cT {{
                 e = indent2(&indent2(&expert_base("%t", "%s", "%gate", "%I")))
             )],
             TrainRow::PairSort => {
-                let (count, off, cc) = (sh("sh_count"), sh("sh_off"), sh("sh_cc"));
-                let header = format!(
-                    "%T = memref.dim %idx, %c0 : memref<?x?xi32>
-%K = memref.dim %idx, %c1 : memref<?x?xi32>
-%TK = arith.muli %T, %K : index
-%cC = arith.constant {chunks} : index
-%per = arith.ceildivui %TK, %cC : index
-%cells = arith.muli %cC, %cD : index
-",
-                    chunks = super::dispatch_chunks(kernel.d)
-                );
-                // The pairs of chunk `%tid` (a thread below `chunks`), in order.
-                let chunk = "%p_first0 = arith.muli %tid, %per : index
-  %p_first = arith.minui %p_first0, %TK : index
-  %p_end0 = arith.addi %p_first, %per : index
-  %p_end = arith.minui %p_end0, %TK : index
-  %row0 = arith.muli %tid, %cD : index
-";
-                // Chunk `%tid`'s pairs, `body` per pair of an expert `%e` below E (its count cell `%cell`).
-                let per_pair = |body: &str| {
-                    format!(
-                        "{header}%one_i32 = arith.constant 1 : i32
-%chunked = arith.cmpi ult, %tid, %cC : index
-scf.if %chunked {{
-  {chunk}  scf.for %p = %p_first to %p_end step %c1 {{
-    %pt = arith.divui %p, %K : index
-    %ps = arith.remui %p, %K : index
-    %v = memref.load %idx[%pt, %ps] : memref<?x?xi32>
-    %e = arith.index_cast %v : i32 to index
-    %known = arith.cmpi ult, %e, %cD : index
-    scf.if %known {{
-      %cell = arith.addi %row0, %e : index
-      %n = memref.load %sh_cc[%cell] : {cc}
-      %n1 = arith.addi %n, %one_i32 : i32
-      memref.store %n1, %sh_cc[%cell] : {cc}
-{body}    }}
-  }}
-}}
-"
-                    )
-                };
+                let (count, off) = (sh("sh_count"), sh("sh_off"));
+                let chunks =
+                    super::PairChunks { experts: "%cD".into(), chunks: super::pair_chunks(kernel.d), cc: sh("sh_cc") };
                 vec![
-                    // 1: the per-chunk counts cleared.
-                    format!(
-                        "{header}%zero_i32 = arith.constant 0 : i32
-scf.for %i = %tid to %cells step %cT {{
-  memref.store %zero_i32, %sh_cc[%i] : {cc}
-}}
-"
-                    ),
-                    // 2: each chunk's pairs per expert.
-                    per_pair(""),
-                    // 3: per expert its pairs, and each chunk's first place among them.
-                    format!(
-                        "{header}%zero_i32 = arith.constant 0 : i32
-scf.for %e = %tid to %cD step %cT {{
-  %n = scf.for %c = %c0 to %cC step %c1 iter_args(%run = %zero_i32) -> (i32) {{
-    %cell0 = arith.muli %c, %cD : index
-    %cell = arith.addi %cell0, %e : index
-    %here = memref.load %sh_cc[%cell] : {cc}
-    memref.store %run, %sh_cc[%cell] : {cc}
-    %run2 = arith.addi %run, %here : i32
-    scf.yield %run2 : i32
-  }}
-  memref.store %n, %sh_count[%e] : {count}
-}}
-"
-                    ),
+                    // 1: the per-chunk counts cleared; 2: each chunk's pairs counted per expert.
+                    chunks.clear(),
+                    chunks.walk(""),
+                    // 3: per expert its pairs.
+                    chunks.totals(&format!("  memref.store %n, %sh_count[%e] : {count}\n")),
                     // 4: the offsets.
                     format!(
                         "%first = arith.cmpi eq, %tid, %c0 : index
@@ -2146,7 +2086,7 @@ scf.if %first {{
                     ),
                     // 5: each chunk's pairs into their experts' places in order (token order within
                     // an expert).
-                    per_pair(&format!(
+                    chunks.walk(&format!(
                         "      %o32 = memref.load %sh_off[%e] : {off}
       %q32 = arith.addi %o32, %n : i32
       %q = arith.index_cast %q32 : i32 to index
