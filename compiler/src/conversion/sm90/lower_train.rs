@@ -852,8 +852,8 @@ fn fp8_wgrad(body: &Body) -> Result<Steps, String> {
 /// output row; per sorted row `dye = dy * w` and the routing weight's gradient; Dgrad through down
 /// (its blocks transposed per expert) and SwiGLU's gradient, Dgrad through gate and up (transposed
 /// blocks) summed per token over its slots in expert order — all grouped GEMMs; then per expert
-/// Wgrad from 128-pair tiles of its sorted rows (CUDA cores: each expert's pair count lives on the
-/// device), launched per expert into its results.
+/// and weight a Wgrad GEMM over the expert's 128-pair tiles of its sorted rows (transposed, each
+/// expert's from a 128-aligned column: its K range, which only the device knows), into its result.
 fn moe_experts_grad_fp8(
     kernel: &str,
     experts: usize,
