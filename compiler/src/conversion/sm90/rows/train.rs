@@ -261,7 +261,9 @@ pub enum TrainRow {
     /// `scale * (dw / S - sum(dw * s) / S^2) * s * (1 - s)` (`norm`: normalized weights, `S` the
     /// selected scores' sum + 1e-20; else `scale * dw * s * (1 - s)`), by one thread per token.
     RouteGrad { norm: bool, scale: f32 },
-    /// Naive-form MLA attention, one block per (query, head) — the CUDA-core baseline: scores
+    /// Naive-form MLA attention, one block per (query, head) — the CUDA-core baseline; blocks
+    /// head-major (as the backward's), so that those running together read one head's keys and
+    /// values, which L2 then holds: scores
     /// over keys `0..=S - T + query` of `q_nope . k_nope + q_pe . k_pe` times the scale (`k_nope`
     /// from `kvb [S, heads * (nope + v)]`, the latent times kv_b^T computed before; `k_pe` the
     /// latent's last `rope` columns), softmax (one thread, the reference's order), `out [T, heads
@@ -1006,10 +1008,14 @@ impl TrainRow {
 %s = arith.remui %row, %cK : index
 "
             .into(),
+            // Blocks head-major: those running together share one head's keys and values (in L2).
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => {
-                "%b = arith.divui %row, %cH : index
-%h = arith.remui %row, %cH : index
-%T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
+                "%T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
+%h = arith.divui %row, %T : index
+%b = arith.remui %row, %T : index
+// The (query, head) row of the per-head outputs (`stats`).
+%qh0 = arith.muli %b, %cH : index
+%qh = arith.addi %qh0, %h : index
 %S = memref.dim %latent, %c0 : memref<?x?xf32>
 %first_key = arith.subi %S, %T : index
 %last = arith.addi %first_key, %b : index
@@ -1020,8 +1026,12 @@ impl TrainRow {
                 .to_string()
                     + MLA_CHUNKS
             }
-            TrainRow::MlaGradKv(_) => "%j = arith.divui %row, %cH : index
-%h = arith.remui %row, %cH : index
+            TrainRow::MlaGradKv(_) => "%R = memref.dim %dkvb, %c0 : memref<?x?xf32>
+%h = arith.divui %row, %R : index
+%j = arith.remui %row, %R : index
+// The (key, head) row of `part`.
+%kh0 = arith.muli %j, %cH : index
+%kh = arith.addi %kh0, %h : index
 %T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
 %S = memref.dim %latent, %c0 : memref<?x?xf32>
 %first_key = arith.subi %S, %T : index
@@ -1644,9 +1654,9 @@ scf.if %first {{
   %max = memref.load %sh_red[%c0] : {red}
   %sum = memref.load %sh_red[%c1] : {red}
   %mean = memref.load %sh_red[%c2] : {red}
-  memref.store %max, %stats[%row, %c0] : {m}
-  memref.store %sum, %stats[%row, %c1] : {m}
-  memref.store %mean, %stats[%row, %c2] : {m}
+  memref.store %max, %stats[%qh, %c0] : {m}
+  memref.store %sum, %stats[%qh, %c1] : {m}
+  memref.store %mean, %stats[%qh, %c2] : {m}
 }}
 "
                 ));
@@ -1727,7 +1737,7 @@ scf.for %o = %tid to %cKeyCols step %cT {{
   %is_pe = arith.cmpi uge, %o, %cPerHead : index
   %r = arith.subi %o, %cPerHead : index
   scf.if %is_pe {{
-    memref.store %zero, %part[%row, %r] : {m}
+    memref.store %zero, %part[%kh, %r] : {m}
   }} else {{
     %col = arith.addi %hbase, %o : index
     memref.store %zero, %dkvb[%j, %col] : {m}
@@ -1771,7 +1781,7 @@ scf.for %o = %tid to %cKeyCols step %cT {{
   %r = arith.subi %o, %cPerHead : index
   %col = arith.addi %hbase, %o : index
   %a0 = scf.if %is_pe -> (f32) {{
-    %v = memref.load %part[%row, %r] : {m}
+    %v = memref.load %part[%kh, %r] : {m}
     scf.yield %v : f32
   }} else {{
     %v = memref.load %dkvb[%j, %col] : {m}
@@ -1801,7 +1811,7 @@ scf.for %o = %tid to %cKeyCols step %cT {{
     scf.yield %a2 : f32
   }}
   scf.if %is_pe {{
-    memref.store %acc, %part[%row, %r] : {m}
+    memref.store %acc, %part[%kh, %r] : {m}
   }} else {{
     memref.store %acc, %dkvb[%j, %col] : {m}
   }}
