@@ -643,6 +643,24 @@ mod tests {
         }
     }
 
+    /// An fp8 GEMM's operands: A, B, their scales and the output, nothing else.
+    fn fp8_operands<'a>(a: &'a Buf, s: &'a Buf, b: &'a Buf, bs: &'a Buf, out: &'a Buf) -> GemmOperands<'a> {
+        GemmOperands {
+            a,
+            a_scale: Some(s),
+            b,
+            b_scale: Some(bs),
+            out,
+            residual: None,
+            offsets: None,
+            perm: None,
+            row_scale: None,
+            k_range: None,
+            workspace: None,
+            counters: None,
+        }
+    }
+
     #[test]
     fn a_k_range_is_passed_after_the_scales() {
         let g = abi(&["b1x128", "krange"]);
@@ -650,20 +668,7 @@ mod tests {
         let (a, s) = (buf(0x10000, &[320, 512], "f8E4M3FN"), buf(0x20000, &[320, 4], "f32"));
         let (b, bs) = (buf(0x30000, &[256, 512], "f8E4M3FN"), buf(0x40000, &[256, 4], "f32"));
         let (out, range) = (buf(0x50000, &[320, 256], "f32"), buf(0x60000, &[2, 1], "i32"));
-        let ops = GemmOperands {
-            a: &a,
-            a_scale: Some(&s),
-            b: &b,
-            b_scale: Some(&bs),
-            out: &out,
-            residual: None,
-            offsets: None,
-            perm: None,
-            row_scale: None,
-            k_range: Some(&range),
-            workspace: None,
-            counters: None,
-        };
+        let ops = GemmOperands { k_range: Some(&range), ..fp8_operands(&a, &s, &b, &bs, &out) };
         let l = g.launch("k", &ops, 132).unwrap();
         // maps, out, a_scale, b_scale (7 each), the range (5), k.
         assert_eq!(l.params.len(), 2 + 7 * 3 + 5 + 1);
@@ -683,18 +688,10 @@ mod tests {
         let (b, bs) = (buf(0x30000, &[320, 256], "f8E4M3FN"), buf(0x40000, &[3, 2], "f32"));
         let (out, res) = (buf(0x50000, &[3, 320], "f32"), buf(0x60000, &[3, 320], "f32"));
         let ops = GemmOperands {
-            a: &a,
-            a_scale: Some(&s),
-            b: &b,
-            b_scale: Some(&bs),
-            out: &out,
             residual: Some(&res),
-            offsets: None,
-            perm: None,
-            row_scale: None,
-            k_range: None,
             workspace: Some(0x70000),
             counters: Some(0x80000),
+            ..fp8_operands(&a, &s, &b, &bs, &out)
         };
         let l = g.launch("k", &ops, 132).unwrap();
         // maps, out (7), a_scale (7), b_scale (7), residual (7), ws (9), counters (5), splits, k.
@@ -723,20 +720,7 @@ mod tests {
         let offsets = buf(0x50000, &[10], "i32");
         let perm = buf(0x60000, &[20], "i32");
         let out = buf(0x70000, &[20, 256], "f32");
-        let ops = GemmOperands {
-            a: &a,
-            a_scale: Some(&s),
-            b: &b,
-            b_scale: Some(&bs),
-            out: &out,
-            residual: None,
-            offsets: Some(&offsets),
-            perm: Some(&perm),
-            row_scale: None,
-            k_range: None,
-            workspace: None,
-            counters: None,
-        };
+        let ops = GemmOperands { offsets: Some(&offsets), perm: Some(&perm), ..fp8_operands(&a, &s, &b, &bs, &out) };
         let l = g.launch("k", &ops, 132).unwrap();
         assert_eq!(l.params.len(), 2 + 7 * 3 + 5 * 2 + 1);
         // (ceil(20 / 128) + 9 groups) x 4 column tiles, under the 132 SMs.
