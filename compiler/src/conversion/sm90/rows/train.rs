@@ -355,8 +355,8 @@ pub enum TrainRow {
     /// RMSNorm's input gradient per row: with `r = 1 / sqrt(mean(x^2) + eps)`, `dx = r * dy * w -
     /// x * r^3 / d * sum(dy * w * x)`; also writes `r` per row for [`TrainRow::RmsNormDw`].
     RmsNormGrad { eps: f32 },
-    /// RMSNorm's weight gradient `dw[i] = sum_rows dy * x * r` in row order (one block per
-    /// column; its first thread sums).
+    /// RMSNorm's weight gradient `dw[i] = sum_rows dy * x * r` in row order (a thread per column,
+    /// 32 a block).
     RmsNormDw,
     /// The embedding table's gradient: row v of `out [V, d]` sums the `dy` rows of the tokens
     /// whose id is v, in token order (one block per table row, the columns accumulated in shared
@@ -846,8 +846,8 @@ impl TrainRow {
     /// Rows of the rows argument a block takes.
     pub(super) fn rows_per_block(&self) -> usize {
         match self {
-            // 32 columns of the transposed scales.
-            TrainRow::QuantizePairs { .. } => 32,
+            // 32 columns of the transposed scales; of dw.
+            TrainRow::QuantizePairs { .. } | TrainRow::RmsNormDw => 32,
             _ => 1,
         }
     }
@@ -1256,20 +1256,24 @@ scf.for %i = %tid to %cD step %cT {{
                 ));
                 phases
             }
+            // A thread per column (a block's 32 read 128 bytes of each row), its rows in order.
             TrainRow::RmsNormDw => vec![format!(
-                "%first = arith.cmpi eq, %tid, %c0 : index
-scf.if %first {{
+                "%c32 = arith.constant 32 : index
+%col0 = arith.muli %row, %c32 : index
+%col = arith.addi %col0, %tid : index
+%in = arith.cmpi ult, %col, %cD : index
+scf.if %in {{
   %R = memref.dim %x, %c0 : {m}
   %acc = scf.for %t = %c0 to %R step %c1 iter_args(%s = %zero) -> (f32) {{
-    %xv = memref.load %x[%t, %row] : {m}
-    %gv = memref.load %dy[%t, %row] : {m}
+    %xv = memref.load %x[%t, %col] : {m}
+    %gv = memref.load %dy[%t, %col] : {m}
     %rv = memref.load %r[%t] : memref<?xf32>
     %gx = arith.mulf %gv, %xv : f32
     %gxr = arith.mulf %gx, %rv : f32
     %s2 = arith.addf %s, %gxr : f32
     scf.yield %s2 : f32
   }}
-  memref.store %acc, %dw[%row] : memref<?xf32>
+  memref.store %acc, %dw[%col] : memref<?xf32>
 }}
 "
             )],
