@@ -317,7 +317,8 @@ impl Trainer {
             let decay = if shape.len() >= 2 { self.train.weight_decay } else { 0.0 };
             let mut w = p.as_f32().unwrap_or(&[]).to_vec();
             let (m, v) = (self.m.get_mut(name).expect("moments"), self.v.get_mut(name).expect("moments"));
-            let (eps, each) = (self.train.eps, per_thread(w.len()));
+            let each = per_thread(w.len());
+            let adamw = AdamWStep { lr, b1, b2, c1, c2, eps: self.train.eps, weight_decay: decay };
             // Element by element (threads take disjoint ranges: the same bits as one thread).
             let ranges = w.chunks_mut(each).zip(m.chunks_mut(each)).zip(v.chunks_mut(each)).zip(g.chunks(each));
             run_jobs(
@@ -325,11 +326,7 @@ impl Trainer {
                     .map(|(((w, m), v), g)| {
                         move || {
                             for i in 0..w.len() {
-                                let gi = (g[i] / n * clip) as f32;
-                                m[i] = bf16_round(b1 * m[i] + (1.0 - b1) * gi);
-                                v[i] = bf16_round(b2 * v[i] + (1.0 - b2) * gi * gi);
-                                let update = (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
-                                w[i] -= lr * (update + decay * w[i]);
+                                adamw.apply((g[i] / n * clip) as f32, &mut w[i], &mut m[i], &mut v[i]);
                             }
                         }
                     })
@@ -346,6 +343,42 @@ impl Trainer {
         }
         let expert_load = self.routes.iter().map(|(b, _)| b.clone()).zip(loads).collect();
         Ok(StepReport { step: self.step, loss: (loss / n) as f32, grad_norm: norm as f32, lr, expert_load })
+    }
+}
+
+/// One AdamW step's scalars for one parameter: `apply` is the arithmetic of every optimizer here
+/// (the trainer's on the host, the device kernel's, whose scalars [`AdamWStep::hyper`] gives).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub b1: f32,
+    pub b2: f32,
+    /// The bias corrections `1 - b1^t`, `1 - b2^t` of step t (from 1).
+    pub c1: f32,
+    pub c2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay (0 for norms and biases).
+    pub weight_decay: f32,
+}
+
+impl AdamWStep {
+    /// Updates one element from its gradient `g` (already averaged and clipped): the moments
+    /// rounded to bf16 (nearest even) as stored, then the master weight.
+    #[inline]
+    pub fn apply(&self, g: f32, w: &mut f32, m: &mut f32, v: &mut f32) {
+        let AdamWStep { lr, b1, b2, c1, c2, eps, weight_decay } = *self;
+        *m = bf16_round(b1 * *m + (1.0 - b1) * g);
+        *v = bf16_round(b2 * *v + (1.0 - b2) * g * g);
+        let update = (*m / c1) / ((*v / c2).sqrt() + eps);
+        *w -= lr * (update + weight_decay * *w);
+    }
+
+    /// The device kernel's scalars, in its order: the gradient's scale `grad_scale` (clip /
+    /// windows: the kernel reads the summed gradient), lr, b1, 1 - b1, b2, 1 - b2, c1, c2, eps,
+    /// the weight decay.
+    pub fn hyper(&self, grad_scale: f32) -> [f32; 10] {
+        let AdamWStep { lr, b1, b2, c1, c2, eps, weight_decay } = *self;
+        [grad_scale, lr, b1, 1.0 - b1, b2, 1.0 - b2, c1, c2, eps, weight_decay]
     }
 }
 

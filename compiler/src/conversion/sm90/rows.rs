@@ -731,7 +731,7 @@ impl RowKernel {
     pub fn rows_per_block(&self) -> usize {
         match self.op {
             RowOp::MlaAbsorb { tokens, .. } | RowOp::MlaUpV { tokens, .. } => tokens,
-            RowOp::Train(op) => op.rows_per_block(),
+            RowOp::Train(op) => op.rows_per_block(self.d),
             _ => 1,
         }
     }

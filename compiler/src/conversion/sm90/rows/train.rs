@@ -15,8 +15,8 @@
 use std::fmt::Write;
 
 use super::{
-    chunk_exps, chunk_max, encode_e4m3, exp, indent2, loop_phases, quant_constants, rope_rotation, sqrt, tree_phases,
-    Lowering, RowKernel, AMAX_PARTS, E4M3_MAX, MLA_CHUNK, MLA_CHUNKS,
+    chunk_exps, chunk_max, encode_e4m3, exp, indent2, loop_phases, quant_constants, rope_rotation, round_bf16, sqrt,
+    tree_phases, Lowering, RowKernel, AMAX_PARTS, BF16_CONSTANTS, E4M3_MAX, MLA_CHUNK, MLA_CHUNKS,
 };
 
 /// `{out} = ln(value)`: on sm_90a `lg2.approx` times ln 2 (no libdevice), on the CPU libm's.
@@ -362,6 +362,20 @@ pub enum TrainRow {
     /// whose id is v, in token order (one block per table row, the columns accumulated in shared
     /// memory; no atomics: deterministic).
     EmbedGrad,
+    /// The optimizer's gradient of a batch summed over its windows on the device (flat f32, a
+    /// block taking `d` elements): `acc = g` (`first`: the first window's), else `acc += g`.
+    GradAccum { first: bool },
+    /// A flat f32 gradient's squares summed per block of `d` elements into `part [ceil(n / d)]`:
+    /// each thread's strided share in order, then a tree over the threads (the host adds the parts
+    /// in f64: the global norm that clipping divides by).
+    SumSquares,
+    /// AdamW per element of a flat f32 master `w` (a block taking `d` elements, updated in place)
+    /// from the summed gradient `g` and the bf16 moments `m`, `v` (updated in place), the step's
+    /// scalars in `hyper` ([`v3c_runtime::lowering::ADAMW_HYPER`] of them: the gradient's scale
+    /// (clip / windows), lr, b1, 1 - b1, b2, 1 - b2, the bias corrections 1 - b1^t and 1 - b2^t,
+    /// eps, the weight decay) — the trainer's arithmetic (`v3c_models::train`), each moment rounded
+    /// to bf16 (nearest even) as stored.
+    AdamW,
 }
 
 impl TrainRow {
@@ -437,6 +451,9 @@ impl TrainRow {
                 format!("rows_routegrad_d{d}_s{}_t{t}{}", spelled(scale), if norm { "_norm" } else { "" })
             }
             TrainRow::EmbedGrad => format!("rows_embedgrad_d{d}_t{t}"),
+            TrainRow::GradAccum { first } => format!("rows_gradacc_d{d}_t{t}{}", if first { "_first" } else { "" }),
+            TrainRow::SumSquares => format!("rows_sumsq_d{d}_t{t}"),
+            TrainRow::AdamW => format!("rows_adamw_d{d}_t{t}"),
         }
     }
 
@@ -587,6 +604,9 @@ impl TrainRow {
                 kernel(TrainRow::RouteGrad { norm, scale: unspelled(sc.strip_prefix('s')?)? }, d, "f32", t)
             }
             ["embedgrad", d, t] => kernel(TrainRow::EmbedGrad, d, "f32", t),
+            ["gradacc", d, t, rest @ ..] => kernel(TrainRow::GradAccum { first: suffix(rest, "first")? }, d, "f32", t),
+            ["sumsq", d, t] => kernel(TrainRow::SumSquares, d, "f32", t),
+            ["adamw", d, t] => kernel(TrainRow::AdamW, d, "f32", t),
             _ => None,
         }
     }
@@ -594,6 +614,7 @@ impl TrainRow {
     /// The kernel's arguments in order (name, memref type): inputs, then results.
     pub(super) fn arguments(&self, weight: &str) -> Vec<(&'static str, String)> {
         let rows = || "memref<?x?xf32>".to_string();
+        let flat = || "memref<?xf32>".to_string();
         match self {
             TrainRow::Matmul { .. } => vec![("a", rows()), ("b", rows()), ("out", rows())],
             TrainRow::Add | TrainRow::Join { .. } => vec![("x1", rows()), ("x2", rows()), ("y", rows())],
@@ -623,6 +644,15 @@ impl TrainRow {
                 vec![("x", rows()), ("dy", rows()), ("r", "memref<?xf32>".into()), ("dw", "memref<?xf32>".into())]
             }
             TrainRow::EmbedGrad => vec![("ids", "memref<?xi64>".into()), ("dy", rows()), ("out", rows())],
+            TrainRow::GradAccum { .. } => vec![("g", flat()), ("acc", flat())],
+            TrainRow::SumSquares => vec![("g", flat()), ("part", flat())],
+            TrainRow::AdamW => vec![
+                ("w", flat()),
+                ("g", flat()),
+                ("m", "memref<?xbf16>".into()),
+                ("v", "memref<?xbf16>".into()),
+                ("hyper", flat()),
+            ],
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_) => {
                 let heads = || "memref<?x?x?xf32>".to_string();
                 let mut args = vec![("q_nope", heads()), ("q_pe", heads()), ("latent", rows()), ("kvb", rows())];
@@ -779,6 +809,9 @@ impl TrainRow {
             TrainRow::Columns { .. } | TrainRow::Slice { .. } | TrainRow::Join { .. } => "y",
             TrainRow::Rope { .. } | TrainRow::RmsNormGrad { .. } => "x",
             TrainRow::RmsNormDw => "dw",
+            // A block per `d` elements.
+            TrainRow::GradAccum { .. } | TrainRow::SumSquares => "g",
+            TrainRow::AdamW => "w",
         })
     }
 
@@ -787,6 +820,7 @@ impl TrainRow {
         match self {
             TrainRow::RmsNormGrad { .. } => vec![("sh_sum", threads), ("sh_dot", threads)],
             TrainRow::EmbedGrad => vec![("sh_acc", d)],
+            TrainRow::SumSquares => vec![("sh_sum", threads)],
             TrainRow::CrossEntropy { .. } => vec![("sh_max", threads), ("sh_sum", threads)],
             TrainRow::MlaForward(m) => vec![("sh_p", m.context), ("sh_red", 4)],
             TrainRow::MlaGradQ(m) => vec![("sh_p", m.context), ("sh_dp", m.context), ("sh_red", 4)],
@@ -843,11 +877,13 @@ impl TrainRow {
         }
     }
 
-    /// Rows of the rows argument a block takes.
-    pub(super) fn rows_per_block(&self) -> usize {
+    /// Rows of the rows argument a block takes (of `d` columns).
+    pub(super) fn rows_per_block(&self, d: usize) -> usize {
         match self {
             // 32 columns of the transposed scales; of dw.
             TrainRow::QuantizePairs { .. } | TrainRow::RmsNormDw => 32,
+            // Elements of a flat tensor.
+            TrainRow::GradAccum { .. } | TrainRow::SumSquares | TrainRow::AdamW => d,
             _ => 1,
         }
     }
@@ -2413,8 +2449,114 @@ scf.for %i = %tid to %cD step %cT {{
 "
                 )]
             }
+            TrainRow::GradAccum { first } => {
+                let store = if first {
+                    "  memref.store %gv, %acc[%i] : memref<?xf32>\n".to_string()
+                } else {
+                    "  %av = memref.load %acc[%i] : memref<?xf32>\n  %s = arith.addf %av, %gv : f32\n  memref.store %s, \
+                     %acc[%i] : memref<?xf32>\n"
+                        .to_string()
+                };
+                vec![format!(
+                    "{FLAT_BLOCK}scf.for %i = %first to %end step %cT {{
+  %gv = memref.load %g[%i] : memref<?xf32>
+{store}}}
+",
+                    FLAT_BLOCK = flat_block("%g")
+                )]
+            }
+            TrainRow::SumSquares => {
+                let sum = sh("sh_sum");
+                let mut phases = vec![format!(
+                    "{FLAT_BLOCK}%ss = scf.for %i = %first to %end step %cT iter_args(%a = %zero) -> (f32) {{
+  %gv = memref.load %g[%i] : memref<?xf32>
+  %sq = arith.mulf %gv, %gv : f32
+  %a2 = arith.addf %a, %sq : f32
+  scf.yield %a2 : f32
+}}
+memref.store %ss, %sh_sum[%tid] : {sum}
+",
+                    FLAT_BLOCK = flat_block("%g")
+                )];
+                phases.extend(tree_phases(
+                    kernel.threads,
+                    &format!(
+                        "%a = memref.load %sh_sum[%tid] : {sum}
+%b = memref.load %sh_sum[%other] : {sum}
+%s = arith.addf %a, %b : f32
+memref.store %s, %sh_sum[%tid] : {sum}"
+                    ),
+                ));
+                phases.push(format!(
+                    "%lead = arith.cmpi eq, %tid, %c0 : index
+scf.if %lead {{
+  %total = memref.load %sh_sum[%c0] : {sum}
+  memref.store %total, %part[%row] : memref<?xf32>
+}}
+"
+                ));
+                phases
+            }
+            TrainRow::AdamW => {
+                let f = "memref<?xf32>";
+                let h = "memref<?xbf16>";
+                let hyper: String = ["scale", "lr", "b1", "omb1", "b2", "omb2", "bc1", "bc2", "eps", "decay"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        format!("%h_i{i} = arith.constant {i} : index\n%{n} = memref.load %hyper[%h_i{i}] : {f}\n")
+                    })
+                    .collect();
+                vec![format!(
+                    "{BF16_CONSTANTS}{hyper}{FLAT_BLOCK}scf.for %i = %first to %end step %cT {{
+  %gv = memref.load %g[%i] : {f}
+  %gi = arith.mulf %gv, %scale : f32
+  %m16 = memref.load %m[%i] : {h}
+  %mv = arith.extf %m16 : bf16 to f32
+  %m_a = arith.mulf %b1, %mv : f32
+  %m_b = arith.mulf %omb1, %gi : f32
+  %m_n = arith.addf %m_a, %m_b : f32
+{round_m}  memref.store %m_r, %m[%i] : {h}
+  %v16 = memref.load %v[%i] : {h}
+  %vv = arith.extf %v16 : bf16 to f32
+  %v_a = arith.mulf %b2, %vv : f32
+  %v_b0 = arith.mulf %omb2, %gi : f32
+  %v_b = arith.mulf %v_b0, %gi : f32
+  %v_n = arith.addf %v_a, %v_b : f32
+{round_v}  memref.store %v_r, %v[%i] : {h}
+  %m_hat = arith.divf %m_r_f, %bc1 : f32
+  %v_hat = arith.divf %v_r_f, %bc2 : f32
+{root}  %den = arith.addf %root, %eps : f32
+  %update = arith.divf %m_hat, %den : f32
+  %wv = memref.load %w[%i] : {f}
+  %wd = arith.mulf %decay, %wv : f32
+  %u_wd = arith.addf %update, %wd : f32
+  %delta = arith.mulf %lr, %u_wd : f32
+  %w_new = arith.subf %wv, %delta : f32
+  memref.store %w_new, %w[%i] : {f}
+}}
+",
+                    FLAT_BLOCK = flat_block("%w"),
+                    round_m = round_bf16("%m_n", "%m_r"),
+                    round_v = round_bf16("%v_n", "%v_r"),
+                    root = indent2(&sqrt(lowering, "%v_hat", "%root")),
+                )]
+            }
         }
     }
+}
+
+/// A block's share of a flat tensor `{x}` (`memref<?xf32>`): elements `%row * d ..` (`%cD` of them,
+/// fewer in the last block), this thread's first `%first`, the block's end `%end`.
+fn flat_block(x: &str) -> String {
+    format!(
+        "%n = memref.dim {x}, %c0 : memref<?xf32>
+%base = arith.muli %row, %cD : index
+%end0 = arith.addi %base, %cD : index
+%end = arith.minui %end0, %n : index
+%first = arith.addi %base, %tid : index
+"
+    )
 }
 
 #[cfg(test)]
@@ -2428,6 +2570,69 @@ mod tests {
         let k = RowKernel::new(RowOp::Train(op), d, "f32");
         assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k.clone()), "{} round-trips", k.kernel_name());
         k
+    }
+
+    /// The device optimizer's kernels over flat tensors with a partial last block: the windows'
+    /// gradients summed in window order, the squares' per-block parts (to f32's rounding of the
+    /// f64 sums), and AdamW equal to the trainer's arithmetic ([`v3c_models::train::AdamWStep`])
+    /// bit for bit, moments stored as bf16, with and without weight decay.
+    #[test]
+    fn optimizer_rows_equal_the_trainers_arithmetic() {
+        use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+        let (d, n): (usize, usize) = (512, 1300);
+        let blocks = n.div_ceil(d);
+        let windows: Vec<Vec<f32>> = (0..3).map(|i| values(n, 40 + i, 2.0)).collect();
+        let mut acc = vec![f32::NAN; n];
+        for (i, g) in windows.iter().enumerate() {
+            let mut g = g.clone();
+            run_cpu(
+                &kernel(TrainRow::GradAccum { first: i == 0 }, d),
+                &[raw(&mut g, &[n], "f32"), raw(&mut acc, &[n], "f32")],
+            );
+        }
+        let want: Vec<f32> = (0..n).map(|i| windows[0][i] + windows[1][i] + windows[2][i]).collect();
+        assert_eq!(acc, want, "summed in window order");
+        let mut part = vec![f32::NAN; blocks];
+        run_cpu(&kernel(TrainRow::SumSquares, d), &[raw(&mut acc, &[n], "f32"), raw(&mut part, &[blocks], "f32")]);
+        for (b, p) in part.iter().enumerate() {
+            let exact: f64 = acc[b * d..((b + 1) * d).min(n)].iter().map(|&x| (x as f64).powi(2)).sum();
+            assert!(((*p as f64) - exact).abs() <= 1e-5 * exact, "block {b}: {p} vs {exact}");
+        }
+        for decay in [0.0, 0.1] {
+            let step = v3c_models::train::AdamWStep {
+                lr: 3e-3,
+                b1: 0.9,
+                b2: 0.95,
+                c1: 1.0 - 0.9f32.powi(3),
+                c2: 1.0 - 0.95f32.powi(3),
+                eps: 1e-8,
+                weight_decay: decay,
+            };
+            let scale = 0.37f32;
+            let mut w = values(n, 50, 1.0);
+            let m32: Vec<f32> = values(n, 51, 0.1).iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect();
+            let v32: Vec<f32> = values(n, 52, 0.1).iter().map(|&x| bf16_to_f32(f32_to_bf16(x * x))).collect();
+            let (mut m16, mut v16): (Vec<u16>, Vec<u16>) =
+                (m32.iter().map(|&x| f32_to_bf16(x)).collect(), v32.iter().map(|&x| f32_to_bf16(x)).collect());
+            let (mut want_w, mut want_m, mut want_v) = (w.clone(), m32.clone(), v32.clone());
+            for i in 0..n {
+                step.apply(acc[i] * scale, &mut want_w[i], &mut want_m[i], &mut want_v[i]);
+            }
+            let mut hyper = step.hyper(scale).to_vec();
+            run_cpu(
+                &kernel(TrainRow::AdamW, d),
+                &[
+                    raw(&mut w, &[n], "f32"),
+                    raw(&mut acc, &[n], "f32"),
+                    raw(&mut m16, &[n], "bf16"),
+                    raw(&mut v16, &[n], "bf16"),
+                    raw(&mut hyper, &[10], "f32"),
+                ],
+            );
+            assert!(w == want_w, "decay {decay}: the master weights");
+            assert!(m16.iter().map(|&x| bf16_to_f32(x)).eq(want_m.iter().copied()), "decay {decay}: m");
+            assert!(v16.iter().map(|&x| bf16_to_f32(x)).eq(want_v.iter().copied()), "decay {decay}: v");
+        }
     }
 
     /// Every layout of the CUDA-core matmul equals the reference's `matmul_t` bit for bit (one
