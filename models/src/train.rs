@@ -126,6 +126,52 @@ pub trait StepBackend {
     /// Runs the training graph on `inputs` (by input name) and returns the outputs in `wanted`.
     fn run(&mut self, inputs: &HashMap<String, Tensor>, wanted: &[&str])
         -> Result<HashMap<String, Tensor>, TrainError>;
+    /// The backend's own optimizer, when it keeps the parameters and moments where it runs the
+    /// step (a GPU's memory); None: the trainer's AdamW on the host.
+    fn device_optimizer(&mut self) -> Option<&mut dyn DeviceOptimizer> {
+        None
+    }
+}
+
+/// A backend that keeps the trained parameters and AdamW's moments where it runs the step (a
+/// GPU's memory), so that a step moves little more than its tokens and scalars: the windows'
+/// gradients summed there, their squares summed per block (the trainer adds the parts for the
+/// clipping norm), AdamW ([`AdamWStep::apply`]) there. The [`Trainer`] uploads its state once
+/// and reads it back when asked ([`Trainer::fetch`]).
+pub trait DeviceOptimizer {
+    /// Takes every parameter (`trained`: those with gradients, in the order the other calls use)
+    /// and the moments of the trained ones.
+    fn upload(
+        &mut self,
+        graph: &Graph,
+        params: &HashMap<String, Tensor>,
+        trained: &[String],
+        m: &HashMap<String, Vec<f32>>,
+        v: &HashMap<String, Vec<f32>>,
+    ) -> Result<(), TrainError>;
+    /// Runs window `index` of a step of `windows` on `inputs`: the outputs in `wanted` (no
+    /// gradients), the window's gradients added to the step's on the device.
+    fn run_window(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        wanted: &[&str],
+        index: usize,
+        windows: usize,
+    ) -> Result<HashMap<String, Tensor>, TrainError>;
+    /// Per trained parameter, the sum of the squares of the step's summed gradient.
+    fn grad_squares(&mut self) -> Result<Vec<f64>, TrainError>;
+    /// AdamW on every trained parameter (`steps` in order) from `grad_scale` times the summed
+    /// gradient.
+    fn adamw(&mut self, grad_scale: f32, steps: &[AdamWStep]) -> Result<(), TrainError>;
+    /// Replaces parameter `name`, one no gradient trains (a routing bias), by `params[name]`.
+    fn set_param(&mut self, name: &str, params: &HashMap<String, Tensor>) -> Result<(), TrainError>;
+    /// The trained parameters and their moments as the device holds them.
+    fn download(
+        &mut self,
+        params: &mut HashMap<String, Tensor>,
+        m: &mut HashMap<String, Vec<f32>>,
+        v: &mut HashMap<String, Vec<f32>>,
+    ) -> Result<(), TrainError>;
 }
 
 /// The reference interpreter as a [`StepBackend`]: the oracle of training.
@@ -165,6 +211,9 @@ pub struct Trainer {
     trained: Vec<String>,
     /// The MTP module is trained (loss = next-token CE + mtp_weight x MTP CE).
     pub mtp: bool,
+    /// The trained parameters and moments live on a backend's device since its first step there:
+    /// `params`, `m` and `v` hold them only as of the last [`Trainer::fetch`].
+    resident: bool,
 }
 
 fn bf16_round(x: f32) -> f32 {
@@ -187,7 +236,7 @@ impl Trainer {
         let zeros = |name: &String| vec![0.0f32; params[name].len()];
         let m = trained.iter().map(|n| (n.clone(), zeros(n))).collect();
         let v = trained.iter().map(|n| (n.clone(), zeros(n))).collect();
-        Ok(Trainer { config: config.clone(), train, graph, params, m, v, step: 0, routes, trained, mtp })
+        Ok(Trainer { config: config.clone(), train, graph, params, m, v, step: 0, routes, trained, mtp, resident: false })
     }
 
     /// Tokens a training window holds beyond the sequence: its next-token targets need one, the
@@ -238,20 +287,24 @@ impl Trainer {
         if batch.is_empty() {
             return Err(TrainError::Invalid("an empty batch".into()));
         }
+        if let Some(device) = backend.device_optimizer() {
+            return self.step_on_device(device, batch);
+        }
+        if self.resident {
+            return Err(TrainError::Invalid(
+                "the parameters live on another backend's device: fetch them before stepping on this one".into(),
+            ));
+        }
         backend.load(&self.graph, &self.params)?;
         let mut grads: HashMap<String, Vec<f64>> = HashMap::new();
-        let mut loss = 0.0f64;
-        let experts = self.config.n_routed_experts;
-        let mut loads: Vec<Vec<usize>> = vec![vec![0; experts]; self.routes.len()];
+        let mut totals = WindowTotals::new(self);
         let grad_names: Vec<String> = self.trained.iter().map(|n| format!("grad.{n}")).collect();
         let mut wanted: Vec<&str> = grad_names.iter().map(String::as_str).collect();
-        wanted.push("loss");
-        wanted.extend(self.routes.iter().map(|(_, o)| o.as_str()));
+        wanted.extend(totals.wanted(self));
         for window in batch {
             let inputs = self.window_inputs(window)?;
             let out = backend.run(&inputs, &wanted)?;
-            let missing = |name: &str| TrainError::Backend(format!("the training graph returned no '{name}'"));
-            loss += out.get("loss").ok_or_else(|| missing("loss"))?.as_f32().unwrap_or(&[0.0])[0] as f64;
+            totals.add(self, &out)?;
             for name in &self.trained {
                 let key = format!("grad.{name}");
                 let g = out.get(&key).ok_or_else(|| missing(&key))?.as_f32().unwrap_or(&[]);
@@ -269,13 +322,6 @@ impl Trainer {
                         })
                         .collect(),
                 );
-            }
-            for (layer, (_, o)) in self.routes.iter().enumerate() {
-                for e in out.get(o.as_str()).ok_or_else(|| missing(o))?.as_ids().unwrap_or_default() {
-                    if (e as usize) < experts {
-                        loads[layer][e as usize] += 1;
-                    }
-                }
             }
         }
         let n = batch.len() as f64;
@@ -305,20 +351,14 @@ impl Trainer {
             })
             .sum::<f64>()
             .sqrt();
-        let clip = if norm > self.train.clip_norm as f64 { self.train.clip_norm as f64 / norm } else { 1.0 };
-        let lr = self.train.lr_at(self.step);
-        self.step += 1;
-        let (b1, b2) = (self.train.beta1, self.train.beta2);
-        let (c1, c2) = (1.0 - b1.powi(self.step as i32), 1.0 - b2.powi(self.step as i32));
-        for name in &self.trained {
+        let (clip, steps) = self.adamw_steps(norm);
+        for (name, adamw) in self.trained.iter().zip(steps) {
             let g = &grads[name];
             let p = self.params.get_mut(name).expect("checked at construction");
             let shape = p.shape.clone();
-            let decay = if shape.len() >= 2 { self.train.weight_decay } else { 0.0 };
             let mut w = p.as_f32().unwrap_or(&[]).to_vec();
             let (m, v) = (self.m.get_mut(name).expect("moments"), self.v.get_mut(name).expect("moments"));
             let each = per_thread(w.len());
-            let adamw = AdamWStep { lr, b1, b2, c1, c2, eps: self.train.eps, weight_decay: decay };
             // Element by element (threads take disjoint ranges: the same bits as one thread).
             let ranges = w.chunks_mut(each).zip(m.chunks_mut(each)).zip(v.chunks_mut(each)).zip(g.chunks(each));
             run_jobs(
@@ -334,15 +374,132 @@ impl Trainer {
             );
             *p = Tensor::f32(shape, w);
         }
-        for ((bias, _), c) in self.routes.iter().zip(&loads) {
+        self.balance(&totals.loads);
+        Ok(totals.report(self, n, norm))
+    }
+
+    /// [`Trainer::step_on`] with the backend's device holding the state: the windows' gradients
+    /// summed there, the norm from its squares, AdamW there; the routing biases (no gradient trains
+    /// them) updated here and sent.
+    fn step_on_device(&mut self, device: &mut dyn DeviceOptimizer, batch: &[Vec<i64>]) -> Result<StepReport, TrainError> {
+        if !self.resident {
+            device.upload(&self.graph, &self.params, &self.trained, &self.m, &self.v)?;
+            self.resident = true;
+        }
+        let mut totals = WindowTotals::new(self);
+        let wanted = totals.wanted(self);
+        for (i, window) in batch.iter().enumerate() {
+            let inputs = self.window_inputs(window)?;
+            let out = device.run_window(&inputs, &wanted, i, batch.len())?;
+            totals.add(self, &out)?;
+        }
+        let n = batch.len() as f64;
+        let squares = device.grad_squares()?;
+        if squares.len() != self.trained.len() {
+            return Err(TrainError::Backend(format!(
+                "the device gave {} gradients' squares for {} trained parameters",
+                squares.len(),
+                self.trained.len()
+            )));
+        }
+        let norm = (squares.iter().sum::<f64>() / (n * n)).sqrt();
+        let (clip, steps) = self.adamw_steps(norm);
+        device.adamw((clip / n) as f32, &steps)?;
+        for bias in self.balance(&totals.loads) {
+            device.set_param(&bias, &self.params)?;
+        }
+        Ok(totals.report(self, n, norm))
+    }
+
+    /// Reads the parameters and moments back from `backend`'s device when they live there (see
+    /// [`DeviceOptimizer`]): `params`, `m` and `v` are then current.
+    pub fn fetch(&mut self, backend: &mut dyn StepBackend) -> Result<(), TrainError> {
+        if !self.resident {
+            return Ok(());
+        }
+        let device = backend.device_optimizer().ok_or_else(|| {
+            TrainError::Invalid("the parameters live on a device this backend does not hold".into())
+        })?;
+        device.download(&mut self.params, &mut self.m, &mut self.v)
+    }
+
+    /// The clipping factor for the gradients' global `norm`, and this step's AdamW per trained
+    /// parameter (the step counted).
+    fn adamw_steps(&mut self, norm: f64) -> (f64, Vec<AdamWStep>) {
+        let clip = if norm > self.train.clip_norm as f64 { self.train.clip_norm as f64 / norm } else { 1.0 };
+        let lr = self.train.lr_at(self.step);
+        self.step += 1;
+        let (b1, b2) = (self.train.beta1, self.train.beta2);
+        let (c1, c2) = (1.0 - b1.powi(self.step as i32), 1.0 - b2.powi(self.step as i32));
+        let steps = self
+            .trained
+            .iter()
+            .map(|name| {
+                let matrix = self.params.get(name).is_some_and(|p| p.shape.len() >= 2);
+                let weight_decay = if matrix { self.train.weight_decay } else { 0.0 };
+                AdamWStep { lr, b1, b2, c1, c2, eps: self.train.eps, weight_decay }
+            })
+            .collect();
+        (clip, steps)
+    }
+
+    /// The balancing bias update of every MoE layer from its expert `loads`; the biases' names.
+    fn balance(&mut self, loads: &[Vec<usize>]) -> Vec<String> {
+        let mut moved = Vec::new();
+        for ((bias, _), c) in self.routes.iter().zip(loads) {
             if let Some(p) = self.params.get_mut(bias) {
                 let shape = p.shape.clone();
                 let w = balance_bias(p.as_f32().unwrap_or(&[]), c, self.train.bias_update);
                 *p = Tensor::f32(shape, w);
+                moved.push(bias.clone());
             }
         }
-        let expert_load = self.routes.iter().map(|(b, _)| b.clone()).zip(loads).collect();
-        Ok(StepReport { step: self.step, loss: (loss / n) as f32, grad_norm: norm as f32, lr, expert_load })
+        moved
+    }
+}
+
+fn missing(name: &str) -> TrainError {
+    TrainError::Backend(format!("the training graph returned no '{name}'"))
+}
+
+/// What a step's windows add up to besides gradients: the loss and each MoE layer's expert loads.
+struct WindowTotals {
+    loss: f64,
+    loads: Vec<Vec<usize>>,
+}
+
+impl WindowTotals {
+    fn new(t: &Trainer) -> WindowTotals {
+        WindowTotals { loss: 0.0, loads: vec![vec![0; t.config.n_routed_experts]; t.routes.len()] }
+    }
+
+    /// The outputs they are read from.
+    fn wanted<'a>(&self, t: &'a Trainer) -> Vec<&'a str> {
+        std::iter::once("loss").chain(t.routes.iter().map(|(_, o)| o.as_str())).collect()
+    }
+
+    fn add(&mut self, t: &Trainer, out: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+        self.loss += out.get("loss").ok_or_else(|| missing("loss"))?.as_f32().unwrap_or(&[0.0])[0] as f64;
+        let experts = t.config.n_routed_experts;
+        for (layer, (_, o)) in t.routes.iter().enumerate() {
+            for e in out.get(o.as_str()).ok_or_else(|| missing(o))?.as_ids().unwrap_or_default() {
+                if (e as usize) < experts {
+                    self.loads[layer][e as usize] += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn report(self, t: &Trainer, n: f64, norm: f64) -> StepReport {
+        let expert_load = t.routes.iter().map(|(b, _)| b.clone()).zip(self.loads).collect();
+        StepReport {
+            step: t.step,
+            loss: (self.loss / n) as f32,
+            grad_norm: norm as f32,
+            lr: t.train.lr_at(t.step - 1),
+            expert_load,
+        }
     }
 }
 

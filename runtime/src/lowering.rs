@@ -26,6 +26,40 @@ pub struct Lowering {
     /// caches up). Absent: any number of rows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_rows_multiple: Option<usize>,
+    /// A training step's optimizer on the device (absent: AdamW runs on the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<OptimizerSpec>,
+}
+
+/// Scalars the AdamW kernel reads (`hyper`, f32): the gradient's scale (clip / windows), lr, b1,
+/// 1 - b1, b2, 1 - b2, the bias corrections 1 - b1^t and 1 - b2^t, eps, the weight decay
+/// (`v3c_models::train::AdamWStep::hyper`).
+pub const ADAMW_HYPER: usize = 10;
+
+/// The row kernels of a training step's optimizer on the device, each over a flat f32 tensor of
+/// any length, a block per `chunk` elements (the grid: `ceil(n / chunk)`): the windows' gradients
+/// summed (`accumulate_first`: `acc = g`, `accumulate`: `acc += g`; memrefs `g`, `acc`), their
+/// squares summed per block (`squares`: `g`, `part [grid]`), and AdamW (`adamw`: the master `w`,
+/// the gradient `g`, the bf16 moments `m`, `v`, `hyper` [[`ADAMW_HYPER`]]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerSpec {
+    pub chunk: usize,
+    pub accumulate_first: String,
+    pub accumulate: String,
+    pub squares: String,
+    pub adamw: String,
+}
+
+impl OptimizerSpec {
+    /// The kernels and the ranks of their memrefs.
+    pub fn kernels(&self) -> [(&str, &'static [usize]); 4] {
+        [
+            (&self.accumulate_first, &[1, 1]),
+            (&self.accumulate, &[1, 1]),
+            (&self.squares, &[1, 1]),
+            (&self.adamw, &[1, 1, 1, 1, 1]),
+        ]
+    }
 }
 
 /// One fused kernel's launches.
@@ -399,6 +433,14 @@ impl Lowering {
         if let Some(k) = self.argmax.as_ref().filter(|k| !known(k)) {
             return Err(format!("argmax kernel {k} is not in the manifest"));
         }
+        if let Some(o) = &self.optimizer {
+            if o.chunk == 0 {
+                return Err("the optimizer's kernels take blocks of 0 elements".into());
+            }
+            if let Some((k, _)) = o.kernels().into_iter().find(|(k, _)| !known(k)) {
+                return Err(format!("optimizer kernel {k} is not in the manifest"));
+            }
+        }
         for f in &self.kernels {
             for (i, l) in f.launches.iter().enumerate() {
                 for name in l.kernel.names() {
@@ -560,6 +602,7 @@ mod tests {
             }],
             argmax: None,
             cache_rows_multiple: None,
+            optimizer: None,
         };
         let known = |k: &str| k.starts_with("gemm_");
         assert_eq!(lowering(launch("gemm_a", vec![OperandSpec::Arg(0), OperandSpec::Result(0)])).check(&known), Ok(()));
