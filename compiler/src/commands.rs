@@ -664,6 +664,11 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         ),
         Some(_) => None,
     };
+    // Training: AdamW and what it needs on the device (`v3r train` keeps the state there).
+    let optimizer = match o.train {
+        Some(_) => Some(lowered.training_optimizer(&context, target, ptxas.as_ref()).map_err(|e| e.to_string())?),
+        None => None,
+    };
     if let Some(path) = o.tuning {
         for why in &choose.ignored {
             eprintln!("warning: {}: {why}", path.display());
@@ -863,7 +868,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         ),
         choices,
     };
-    write_gpu_artifact(out, o, &config, precision, &module, &lowered, argmax.as_ref(), tuning)
+    write_gpu_artifact(out, o, &config, precision, &module, &lowered, argmax.as_ref(), optimizer, tuning)
 }
 
 /// A row kernel's blocks: the rows of its rows argument (by position) times its blocks per row.
@@ -881,7 +886,7 @@ fn row_blocks(k: &v3c_compiler::conversion::sm90::rows::RowKernel) -> v3c_runtim
 
 /// Writes the sm_90a artifact of `lowered` (whole or not at all): kernels (PTX, cubin when ptxas
 /// assembled it), the fused-level plan, the lowering of every fused kernel (and `argmax`, the
-/// sampling kernel), the manifest.
+/// sampling kernel; `optimizer`, a training step's), the manifest.
 #[allow(clippy::too_many_arguments)]
 fn write_gpu_artifact(
     out: &Path,
@@ -891,6 +896,7 @@ fn write_gpu_artifact(
     module: &melior::ir::Module,
     lowered: &v3c_compiler::conversion::sm90::ModelKernels,
     argmax: Option<&v3c_compiler::conversion::sm90::rows::RowKernel>,
+    optimizer: Option<v3c_runtime::lowering::OptimizerSpec>,
     tuning: v3c_runtime::artifact::TuningInfo,
 ) -> Result<(), String> {
     use v3c_compiler::conversion::sm90::lower::{GemmKernel, Operand, StepKernel};
@@ -1116,6 +1122,7 @@ fn write_gpu_artifact(
         kernels: fused,
         argmax: argmax.map(|k| k.kernel_name()),
         cache_rows_multiple: lowered.caches.paged_decode().then_some(PAGE_ROWS),
+        optimizer,
     };
     let lowering_file = write(
         "lowering.json",
@@ -1956,8 +1963,8 @@ pub fn train(o: &TrainOptions) -> Result<(), String> {
 }
 
 /// `v3c train --backend cuda`: the training step compiled for sm_90a into a scratch artifact, then
-/// run on this machine's GPU as `v3r train` runs one (the step's launches on the device, AdamW on
-/// the host). Without a GPU it stops before anything is compiled or written.
+/// run on this machine's GPU as `v3r train` runs one (the step's launches, AdamW and the state it
+/// keeps, all on the device). Without a GPU it stops before anything is compiled or written.
 fn train_on_gpu(o: &TrainOptions) -> Result<(), String> {
     let device = cuda_device()?;
     let run = v3c_runtime::training::Run::prepare(&o.run)?;
@@ -1965,8 +1972,8 @@ fn train_on_gpu(o: &TrainOptions) -> Result<(), String> {
     let precision = if o.run.fp8 { v3c_models::Precision::Fp8 } else { v3c_models::Precision::F32 };
     let sizes = v3c_compiler::plan::PlanSizes::new(o.run.seq, 0);
     let (loaded, _scratch) = compile_and_load(&device, source, precision, sizes, Some(&run.trainer))?;
-    let mut step = v3c_runtime::training::ArtifactStep::new(loaded, &run.trainer, o.run.seq)?;
-    run.execute(&o.run, &mut step, &format!("cuda:{} ({}, sm_90a)", device.ordinal, device.name))
+    let mut step = v3c_runtime::training::ArtifactStep::new(loaded, &run.trainer, o.run.seq)?.on_device()?;
+    run.execute(&o.run, &mut step, &format!("cuda:{} ({}, sm_90a, AdamW on the device)", device.ordinal, device.name))
 }
 
 /// `v3c emulate`: a GPU artifact's prefill of `tokens` from position 0 run on this CPU

@@ -461,9 +461,52 @@ impl v3c_runtime::session::Program for EmulatedProgram<'_, '_> {
     }
 }
 
+/// Host memory as the device of the optimizer's launches (row kernels, through their CPU lowering).
+impl v3c_runtime::optimizer::Device for Emulator<'_, '_> {
+    fn alloc_zeroed(&mut self, bytes: usize, what: &str) -> Result<u64, String> {
+        self.memory.alloc(bytes, what)
+    }
+
+    fn write(&mut self, addr: u64, bytes: &[u8], _: &str) -> Result<(), String> {
+        // SAFETY: the caller's region of this emulator's memory, at least `bytes.len()` long.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        Ok(())
+    }
+
+    fn read(&mut self, addr: u64, bytes: usize, _: &str) -> Result<Vec<u8>, String> {
+        // SAFETY: as above.
+        Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, bytes) }.to_vec())
+    }
+
+    fn launch(&mut self, launches: &[KernelLaunch]) -> Result<(), String> {
+        for k in launches {
+            let Some(KernelAbi::Memrefs { ranks }) =
+                self.artifact.manifest.kernels.iter().find(|m| m.name == k.kernel).and_then(|m| m.abi.clone())
+            else {
+                return Err(format!("{}: not a row kernel of the artifact", k.kernel));
+            };
+            // SAFETY: the launches' buffers are this emulator's allocations of their sizes.
+            unsafe { self.run_row(k, &ranks)? };
+        }
+        Ok(())
+    }
+
+    fn bindings(&self) -> &Bindings {
+        &self.bindings
+    }
+}
+
 impl v3c_runtime::training::EntryRunner for Emulator<'_, '_> {
     fn dir(&self) -> String {
         format!("{} (emulated)", self.artifact.dir.display())
+    }
+
+    fn artifact(&self) -> Option<&Artifact> {
+        Some(self.artifact)
+    }
+
+    fn device(&mut self) -> Option<&mut dyn v3c_runtime::optimizer::Device> {
+        Some(self)
     }
 
     fn entry_plan(&self, entry: &str) -> Result<&v3c_runtime::plan::EntryPlan, String> {

@@ -325,3 +325,77 @@ fn training_through_the_emulated_sm90a_artifact_follows_the_cpu_backend() {
         assert!(err < 1e-3, "{name} after 3 steps: relative error {err:e}");
     }
 }
+
+/// `v3r train`'s default on a GPU, AdamW on the device (parameters and moments kept there, the
+/// windows' gradients summed there), with the device swapped for its host emulation: the tiny MoE
+/// model with its MTP module, on the FP8 recipe (experts' masters inside their stacks, routing biases moved every
+/// step) follows the same artifact with AdamW on the host for three steps of two windows and one
+/// of one (AdamW then reads the run's gradients in place). The first step's loss is the same bits;
+/// after that the device's f32 sums (the host sums in f64) part the two by rounding only.
+#[test]
+fn adamw_on_the_emulated_device_follows_adamw_on_the_host() {
+    let (config, mut on_device, dir) = trainer(false, true);
+    let (_, mut on_host, _dir2) = trainer(false, true);
+    let model = dir.path().join("ckpt");
+    let art = dir.path().join("art");
+    let mut args = vec!["compile", "--model", model.to_str().unwrap(), "--target", "sm_90a", "--train"];
+    args.extend(["--max-rows", "12", "--mtp-weight", "0.3", "--balance-alpha", "0.3", "--precision", "fp8"]);
+    args.extend(["--out", art.to_str().unwrap()]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_v3c")).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let artifact = v3c_runtime::artifact::Artifact::open(&art).unwrap();
+    assert!(artifact.lowering.as_ref().is_some_and(|l| l.optimizer.is_some()), "the optimizer's kernels");
+    let checkpoint = Checkpoint::open(&model).unwrap();
+    let context = v3c_compiler::mlir::new_context();
+    let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
+    let emulator = || v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
+    let mut device = v3c_runtime::training::ArtifactStep::new(emulator(), &on_device, 12).unwrap().on_device().unwrap();
+    let mut host = v3c_runtime::training::ArtifactStep::new(emulator(), &on_host, 12).unwrap();
+    let start = on_host.params.clone();
+    for s in 0..4 {
+        let windows = if s < 3 { 2 } else { 1 };
+        let batch: Vec<Vec<i64>> = (0..windows)
+            .map(|b| (0..=13).map(|i| ((i * 31 + s * 5 + b * 11) % config.vocab_size) as i64).collect())
+            .collect();
+        let d = on_device.step_on(&mut device, &batch).unwrap();
+        let h = on_host.step_on(&mut host, &batch).unwrap();
+        eprintln!("step {s}: loss {} vs {}, gradient norm {} vs {}", d.loss, h.loss, d.grad_norm, h.grad_norm);
+        if s == 0 {
+            assert_eq!(d.loss, h.loss, "the same parameters, the same launches");
+            assert_eq!(d.expert_load, h.expert_load);
+        }
+        assert!((d.loss - h.loss).abs() <= 1e-4 * h.loss.abs(), "step {s}: loss {} vs {}", d.loss, h.loss);
+        assert!((d.grad_norm - h.grad_norm).abs() <= 1e-4 * h.grad_norm, "step {s}: norm");
+    }
+    // The device holds the trained state: the trainer's copy is the one it uploaded until fetched
+    // (the routing biases, which no gradient trains, it moves itself).
+    let bias = |n: &String| n.contains("e_score_correction_bias");
+    assert!(
+        start.iter().all(|(n, p)| bias(n) || on_device.params[n] == *p),
+        "parameters on the device, not yet read back"
+    );
+    on_device.fetch(&mut device).unwrap();
+    let (mut worst, mut worst_moment) = (0.0f32, 0.0f32);
+    for (name, p) in &on_host.params {
+        let err = relative_error(
+            &HostData::F32(on_device.params[name].as_f32().unwrap().to_vec()),
+            &HostData::F32(p.as_f32().unwrap().to_vec()),
+        );
+        assert!(err < 1e-3, "{name} after 4 steps: relative error {err:e}");
+        worst = worst.max(err);
+        if name.contains("e_score_correction_bias") {
+            assert_eq!(on_device.params[name], *p, "{name}: the same loads move it the same");
+        }
+    }
+    for (name, m) in &on_host.m {
+        for (got, want) in [(&on_device.m[name], m), (&on_device.v[name], &on_host.v[name])] {
+            let err = relative_error(&HostData::F32(got.clone()), &HostData::F32(want.clone()));
+            assert!(err < 1e-2, "{name}'s moments: relative error {err:e}");
+            worst_moment = worst_moment.max(err);
+        }
+    }
+    eprintln!(
+        "after 4 steps: parameters within {worst:e}, moments within {worst_moment:e} (relative to each's largest)"
+    );
+    assert!(start.iter().all(|(n, p)| bias(n) || on_device.params[n] != *p), "the device's parameters came back");
+}

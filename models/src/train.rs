@@ -236,7 +236,19 @@ impl Trainer {
         let zeros = |name: &String| vec![0.0f32; params[name].len()];
         let m = trained.iter().map(|n| (n.clone(), zeros(n))).collect();
         let v = trained.iter().map(|n| (n.clone(), zeros(n))).collect();
-        Ok(Trainer { config: config.clone(), train, graph, params, m, v, step: 0, routes, trained, mtp, resident: false })
+        Ok(Trainer {
+            config: config.clone(),
+            train,
+            graph,
+            params,
+            m,
+            v,
+            step: 0,
+            routes,
+            trained,
+            mtp,
+            resident: false,
+        })
     }
 
     /// Tokens a training window holds beyond the sequence: its next-token targets need one, the
@@ -381,7 +393,11 @@ impl Trainer {
     /// [`Trainer::step_on`] with the backend's device holding the state: the windows' gradients
     /// summed there, the norm from its squares, AdamW there; the routing biases (no gradient trains
     /// them) updated here and sent.
-    fn step_on_device(&mut self, device: &mut dyn DeviceOptimizer, batch: &[Vec<i64>]) -> Result<StepReport, TrainError> {
+    fn step_on_device(
+        &mut self,
+        device: &mut dyn DeviceOptimizer,
+        batch: &[Vec<i64>],
+    ) -> Result<StepReport, TrainError> {
         if !self.resident {
             device.upload(&self.graph, &self.params, &self.trained, &self.m, &self.v)?;
             self.resident = true;
@@ -417,9 +433,9 @@ impl Trainer {
         if !self.resident {
             return Ok(());
         }
-        let device = backend.device_optimizer().ok_or_else(|| {
-            TrainError::Invalid("the parameters live on a device this backend does not hold".into())
-        })?;
+        let device = backend
+            .device_optimizer()
+            .ok_or_else(|| TrainError::Invalid("the parameters live on a device this backend does not hold".into()))?;
         device.download(&mut self.params, &mut self.m, &mut self.v)
     }
 

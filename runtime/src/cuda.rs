@@ -186,7 +186,7 @@ pub struct GpuArtifact {
     sms: usize,
     vocab: usize,
     // Memory: weights, prepared weights, tables (kept alive), and the run's regions.
-    _held: Vec<DeviceBuffer>,
+    memory: Vec<DeviceBuffer>,
     input_bytes: HashMap<String, usize>,
     bindings: Bindings,
     scratch: std::cell::RefCell<Option<(DeviceBuffer, DeviceBuffer, SplitScratch)>>,
@@ -354,7 +354,7 @@ impl GpuArtifact {
             functions,
             sms: info.multiprocessors as usize,
             vocab,
-            _held: memory.0,
+            memory: memory.0,
             input_bytes,
             bindings,
             scratch: std::cell::RefCell::new(None),
@@ -861,9 +861,55 @@ impl GpuArtifact {
     }
 }
 
+impl crate::optimizer::Device for GpuArtifact {
+    fn alloc_zeroed(&mut self, bytes: usize, what: &str) -> Result<u64, String> {
+        let mut memory = DeviceMemory(std::mem::take(&mut self.memory));
+        let addr = crate::gpu::Memory::alloc(&mut memory, bytes, what);
+        self.memory = memory.0;
+        addr
+    }
+
+    fn write(&mut self, addr: u64, bytes: &[u8], what: &str) -> Result<(), String> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the caller's region, at least `bytes.len()` long (its own allocations).
+        unsafe { result::memcpy_htod_sync(addr, bytes) }.map_err(cuda(&format!("writing {what}")))
+    }
+
+    fn read(&mut self, addr: u64, bytes: usize, what: &str) -> Result<Vec<u8>, String> {
+        let mut host = vec![0u8; bytes];
+        if bytes > 0 {
+            // SAFETY: as above.
+            unsafe { result::memcpy_dtoh_sync(&mut host, addr) }.map_err(cuda(&format!("reading {what}")))?;
+        }
+        Ok(host)
+    }
+
+    fn launch(&mut self, launches: &[crate::abi::KernelLaunch]) -> Result<(), String> {
+        for k in launches {
+            self.enqueue("the optimizer", k, 0)?;
+        }
+        // SAFETY: our stream.
+        unsafe { result::stream::synchronize(self.stream) }.map_err(cuda("the optimizer's launches"))
+    }
+
+    fn bindings(&self) -> &Bindings {
+        &self.bindings
+    }
+}
+
 impl crate::training::EntryRunner for GpuArtifact {
     fn dir(&self) -> String {
         self.artifact.dir.display().to_string()
+    }
+
+    fn artifact(&self) -> Option<&Artifact> {
+        Some(&self.artifact)
+    }
+
+    fn device(&mut self) -> Option<&mut dyn crate::optimizer::Device> {
+        Some(self)
     }
 
     fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String> {

@@ -661,7 +661,13 @@ impl Expander<'_> {
         let vocab = artifact.manifest.model.config["vocab_size"].as_u64().unwrap_or(0) as usize;
         let rows = artifact.plan.entries.iter().map(|e| e.sizes.rows).max().unwrap_or(1).max(1);
         let logits = Buf { addr: addr(), shape: vec![rows, vocab], element: "f32".into() };
-        if let Some(k) = self.argmax_launch(&logits, addr())? {
+        let argmax = self.argmax_launch(&logits, addr())?;
+        // A training step's optimizer kernels, over a tensor of three blocks.
+        let optimizer = match crate::optimizer::OptimizerKernels::of(artifact)? {
+            Some(o) => o.samples(3 * 4096 + 7, &mut addr)?,
+            None => Vec::new(),
+        };
+        for k in argmax.into_iter().chain(optimizer) {
             let want = declared.get(k.kernel.as_str()).copied().unwrap_or(0);
             if k.params.len() != want {
                 return Err(format!(

@@ -8,7 +8,8 @@
 //! It holds device discovery ([`device`]), the artifact reader/validator ([`artifact`]), the
 //! executor of `cpu` artifacts ([`cpu`]: kernels `dlopen`ed, the plan's launches over one arena,
 //! on [`host`] buffers), kernel calling conventions ([`abi`]), a GPU artifact's launches expanded
-//! from its plan and lowering ([`gpu`]) and run on the device ([`cuda`]), generation on either
+//! from its plan and lowering ([`gpu`]) and run on the device ([`cuda`]), a training step's optimizer
+//! there ([`optimizer`]), generation on either
 //! ([`session`], with MTP drafts: [`speculative`]), and the tuning database with its GPU
 //! measurement ([`tuning`], [`measure`]).
 
@@ -22,6 +23,7 @@ pub mod gpu;
 pub mod host;
 pub mod lowering;
 pub mod measure;
+pub mod optimizer;
 pub mod pages;
 pub mod plan;
 pub mod prepare;

@@ -72,6 +72,10 @@ struct TrainArgs {
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
+    /// GPU artifacts: AdamW on the host (every parameter uploaded and every gradient read back
+    /// each step) instead of on the device, where the parameters and moments otherwise stay.
+    #[arg(long)]
+    host_optimizer: bool,
 }
 
 #[derive(Args)]
@@ -191,6 +195,10 @@ struct BenchTrainArgs {
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
+    /// GPU artifacts: AdamW on the host (parameters uploaded, gradients read back each step)
+    /// instead of on the device.
+    #[arg(long)]
+    host_optimizer: bool,
 }
 
 #[derive(Args)]
@@ -886,14 +894,28 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         let mut step = ArtifactStep::new(artifact, &run.trainer, options.seq).map_err(Failure::Other)?;
         return run.execute(&options, &mut step, "cpu artifact").map_err(Failure::Other);
     }
-    // On the GPU: the step's launches on the device, the optimizer on the host (parameters uploaded
-    // into the bound weights at every step, gradients read back).
+    // On the GPU: the step's launches on the device, and there the optimizer with the parameters
+    // and moments (--host-optimizer: AdamW on the host, parameters uploaded into the bound weights
+    // at every step, gradients read back).
     let ordinal = args.device;
     let (bar, mut tick) = load_progress(&a);
     let gpu = v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, ordinal, &mut tick).map_err(Failure::Other)?;
     bar.finish_and_clear();
-    let mut step = ArtifactStep::new(gpu, &run.trainer, options.seq).map_err(Failure::Other)?;
-    run.execute(&options, &mut step, &format!("sm_90a artifact on cuda:{ordinal}")).map_err(Failure::Other)
+    let mut step = gpu_step(ArtifactStep::new(gpu, &run.trainer, options.seq), args.host_optimizer)?;
+    let optimizer = if step.optimizes_on_device() { "AdamW on the device" } else { "AdamW on the host" };
+    run.execute(&options, &mut step, &format!("sm_90a artifact on cuda:{ordinal}, {optimizer}")).map_err(Failure::Other)
+}
+
+/// A GPU artifact's training step with the optimizer on its device, unless `host_optimizer`.
+fn gpu_step<R: v3c_runtime::training::EntryRunner>(
+    step: Result<v3c_runtime::training::ArtifactStep<R>, String>,
+    host_optimizer: bool,
+) -> Result<v3c_runtime::training::ArtifactStep<R>, Failure> {
+    let step = step.map_err(Failure::Other)?;
+    if host_optimizer {
+        return Ok(step);
+    }
+    step.on_device().map_err(Failure::Other)
 }
 
 /// `v3r bench-train`: whole optimizer steps of a training-step artifact timed part by part.
@@ -945,10 +967,12 @@ fn bench_train(args: &BenchTrainArgs) -> Result<(), Failure> {
         let loaded = v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, args.device, &mut tick);
         bar.finish_and_clear();
         eprintln!("loaded in {:.2} s", start.elapsed().as_secs_f64());
-        let mut step = ArtifactStep::new(loaded.map_err(Failure::Other)?, &trainer, seq).map_err(Failure::Other)?;
+        let step = ArtifactStep::new(loaded.map_err(Failure::Other)?, &trainer, seq);
+        let mut step = gpu_step(step, args.host_optimizer)?;
         let seed = args.random_weights.unwrap_or(0);
         let timings = bench_steps(&mut trainer, &mut step, args.batch, seq, args.steps, seed, &mut report);
-        (format!("sm_90a artifact on cuda:{}", args.device), timings)
+        let optimizer = if step.optimizes_on_device() { "device" } else { "host" };
+        (format!("sm_90a artifact on cuda:{}, AdamW on the {optimizer}", args.device), timings)
     } else {
         let loaded = v3c_runtime::cpu::CpuArtifact::load_weights(a, &weights).map_err(Failure::Other)?;
         eprintln!("loaded in {:.2} s", start.elapsed().as_secs_f64());

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use v3c_models::checkpoint::{save_tensors, Checkpoint};
 use v3c_models::config::ModelConfig;
 use v3c_models::tensor::{Tensor, TensorData};
-use v3c_models::train::{load_params, StepBackend, TrainConfig, TrainError, Trainer};
+use v3c_models::train::{load_params, DeviceOptimizer, StepBackend, TrainConfig, TrainError, Trainer};
 
 use crate::host::{HostBuffer, HostData};
 
@@ -176,6 +176,8 @@ impl Run {
         }
         bar.finish_and_clear();
         let elapsed = started.elapsed().as_secs_f64();
+        // Parameters and moments kept on a device come back for the checkpoint.
+        trainer.fetch(backend).map_err(|e| e.to_string())?;
         // The checkpoint: config.json and every parameter, f32, under its checkpoint name. The weights
         // are no longer block-scaled fp8, so the config no longer says so (a compiler would otherwise
         // pick the fp8 graph for f32 tensors).
@@ -302,6 +304,10 @@ pub fn bound_weight(name: &str, params: &HashMap<String, Tensor>) -> Result<Host
 pub trait EntryRunner {
     /// The artifact's directory (for messages).
     fn dir(&self) -> String;
+    /// The GPU artifact it runs (None: a cpu artifact).
+    fn artifact(&self) -> Option<&crate::artifact::Artifact> {
+        None
+    }
     fn entry_plan(&self, entry: &str) -> Result<&crate::plan::EntryPlan, String>;
     /// The weights its plan binds.
     fn weight_names(&self) -> Vec<String>;
@@ -313,6 +319,11 @@ pub trait EntryRunner {
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String>;
+    /// The device it runs on, for work beside the entries (the optimizer); None: the host's
+    /// memory is the runner's (the cpu artifact).
+    fn device(&mut self) -> Option<&mut dyn crate::optimizer::Device> {
+        None
+    }
 }
 
 impl EntryRunner for crate::cpu::CpuArtifact {
@@ -346,6 +357,10 @@ impl EntryRunner for crate::cpu::CpuArtifact {
 /// runs the plan; the parameters are bound as its weights at every optimizer step.
 pub struct ArtifactStep<R: EntryRunner = crate::cpu::CpuArtifact> {
     artifact: R,
+    /// The artifact's optimizer kernels, when AdamW runs on its device ([`ArtifactStep::on_device`]).
+    kernels: Option<crate::optimizer::OptimizerKernels>,
+    /// Their state there, from the first step.
+    state: Option<crate::optimizer::DeviceAdamW>,
 }
 
 impl<R: EntryRunner> ArtifactStep<R> {
@@ -364,7 +379,110 @@ impl<R: EntryRunner> ArtifactStep<R> {
         if seq > planned {
             return Err(format!("--seq {seq}: {dir} is planned for windows of up to {planned} tokens (--max-rows)"));
         }
-        Ok(ArtifactStep { artifact })
+        Ok(ArtifactStep { artifact, kernels: None, state: None })
+    }
+
+    /// The same step with the trainer's state on the artifact's device: the optimizer's kernels
+    /// the artifact carries (`v3c compile --train` for a GPU) run there, the parameters stay.
+    pub fn on_device(mut self) -> Result<ArtifactStep<R>, String> {
+        let dir = self.artifact.dir();
+        if self.artifact.device().is_none() {
+            return Err(format!("{dir}: runs on the host: there is no device to keep the optimizer on"));
+        }
+        let artifact = self.artifact.artifact().ok_or_else(|| format!("{dir}: not a GPU artifact"))?;
+        let kernels = crate::optimizer::OptimizerKernels::of(artifact)?.ok_or_else(|| {
+            format!(
+                "{dir}: has no optimizer kernels (compiled by an older v3c; recompile, or train with --host-optimizer)"
+            )
+        })?;
+        self.kernels = Some(kernels);
+        Ok(self)
+    }
+
+    /// Whether AdamW runs on the artifact's device.
+    pub fn optimizes_on_device(&self) -> bool {
+        self.kernels.is_some()
+    }
+
+    fn device_state(
+        &mut self,
+    ) -> Result<(&mut dyn crate::optimizer::Device, &crate::optimizer::DeviceAdamW), TrainError> {
+        let state = self.state.as_ref().ok_or_else(|| TrainError::Invalid("no state uploaded to the device".into()))?;
+        let device =
+            self.artifact.device().ok_or_else(|| TrainError::Backend("the artifact lost its device".into()))?;
+        Ok((device, state))
+    }
+}
+
+impl<R: EntryRunner> v3c_models::train::DeviceOptimizer for ArtifactStep<R> {
+    fn upload(
+        &mut self,
+        graph: &v3c_models::Graph,
+        params: &HashMap<String, Tensor>,
+        trained: &[String],
+        m: &HashMap<String, Vec<f32>>,
+        v: &HashMap<String, Vec<f32>>,
+    ) -> Result<(), TrainError> {
+        StepBackend::load(self, graph, params)?;
+        let kernels = self.kernels.clone().ok_or_else(|| TrainError::Invalid("no optimizer kernels".into()))?;
+        let shapes = trained
+            .iter()
+            .map(|n| {
+                Ok((
+                    n.clone(),
+                    params.get(n).ok_or_else(|| TrainError::Invalid(format!("no parameter {n}")))?.shape.clone(),
+                ))
+            })
+            .collect::<Result<Vec<_>, TrainError>>()?;
+        let plan = self.artifact.entry_plan(TRAIN_ENTRY).map_err(TrainError::Backend)?.clone();
+        let device = self.artifact.device().ok_or_else(|| TrainError::Backend("the artifact has no device".into()))?;
+        let state =
+            crate::optimizer::DeviceAdamW::new(kernels, device, &plan, &shapes, m, v).map_err(TrainError::Backend)?;
+        self.state = Some(state);
+        Ok(())
+    }
+
+    fn run_window(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        wanted: &[&str],
+        index: usize,
+        windows: usize,
+    ) -> Result<HashMap<String, Tensor>, TrainError> {
+        let out = StepBackend::run(self, inputs, wanted)?;
+        let mut state =
+            self.state.take().ok_or_else(|| TrainError::Invalid("no state uploaded to the device".into()))?;
+        let done = match self.artifact.device() {
+            Some(device) => state.window_done(device, index, windows).map_err(TrainError::Backend),
+            None => Err(TrainError::Backend("the artifact lost its device".into())),
+        };
+        self.state = Some(state);
+        done.map(|_| out)
+    }
+
+    fn grad_squares(&mut self) -> Result<Vec<f64>, TrainError> {
+        let (device, state) = self.device_state()?;
+        state.grad_squares(device).map_err(TrainError::Backend)
+    }
+
+    fn adamw(&mut self, grad_scale: f32, steps: &[v3c_models::train::AdamWStep]) -> Result<(), TrainError> {
+        let (device, state) = self.device_state()?;
+        state.adamw(device, grad_scale, steps).map_err(TrainError::Backend)
+    }
+
+    fn set_param(&mut self, name: &str, params: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+        let w = bound_weight(name, params)?;
+        self.artifact.set_weight(name, w).map_err(TrainError::Backend)
+    }
+
+    fn download(
+        &mut self,
+        params: &mut HashMap<String, Tensor>,
+        m: &mut HashMap<String, Vec<f32>>,
+        v: &mut HashMap<String, Vec<f32>>,
+    ) -> Result<(), TrainError> {
+        let (device, state) = self.device_state()?;
+        state.download(device, params, m, v).map_err(TrainError::Backend)
     }
 }
 
@@ -385,6 +503,14 @@ impl<R: EntryRunner> StepBackend for ArtifactStep<R> {
         let host = host_inputs(inputs)?;
         let out = self.artifact.run(TRAIN_ENTRY, &host, wanted).map_err(TrainError::Backend)?;
         output_tensors(out)
+    }
+
+    fn device_optimizer(&mut self) -> Option<&mut dyn v3c_models::train::DeviceOptimizer> {
+        if self.kernels.is_some() {
+            Some(self)
+        } else {
+            None
+        }
     }
 }
 
@@ -421,7 +547,71 @@ struct Timed<'a> {
     run: f64,
 }
 
+impl Timed<'_> {
+    fn device(&mut self) -> Result<&mut dyn DeviceOptimizer, TrainError> {
+        self.inner.device_optimizer().ok_or_else(|| TrainError::Invalid("the backend has no device optimizer".into()))
+    }
+}
+
+/// A device optimizer's calls timed as the host's: its upload as binding, its windows as runs.
+impl DeviceOptimizer for Timed<'_> {
+    fn upload(
+        &mut self,
+        graph: &v3c_models::Graph,
+        params: &HashMap<String, Tensor>,
+        trained: &[String],
+        m: &HashMap<String, Vec<f32>>,
+        v: &HashMap<String, Vec<f32>>,
+    ) -> Result<(), TrainError> {
+        let start = Instant::now();
+        let r = self.device()?.upload(graph, params, trained, m, v);
+        self.bind += start.elapsed().as_secs_f64() * 1e3;
+        r
+    }
+
+    fn run_window(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        wanted: &[&str],
+        index: usize,
+        windows: usize,
+    ) -> Result<HashMap<String, Tensor>, TrainError> {
+        let start = Instant::now();
+        let r = self.device()?.run_window(inputs, wanted, index, windows);
+        self.run += start.elapsed().as_secs_f64() * 1e3;
+        r
+    }
+
+    fn grad_squares(&mut self) -> Result<Vec<f64>, TrainError> {
+        self.device()?.grad_squares()
+    }
+
+    fn adamw(&mut self, grad_scale: f32, steps: &[v3c_models::train::AdamWStep]) -> Result<(), TrainError> {
+        self.device()?.adamw(grad_scale, steps)
+    }
+
+    fn set_param(&mut self, name: &str, params: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+        self.device()?.set_param(name, params)
+    }
+
+    fn download(
+        &mut self,
+        params: &mut HashMap<String, Tensor>,
+        m: &mut HashMap<String, Vec<f32>>,
+        v: &mut HashMap<String, Vec<f32>>,
+    ) -> Result<(), TrainError> {
+        self.device()?.download(params, m, v)
+    }
+}
+
 impl StepBackend for Timed<'_> {
+    fn device_optimizer(&mut self) -> Option<&mut dyn DeviceOptimizer> {
+        match self.inner.device_optimizer() {
+            Some(_) => Some(self),
+            None => None,
+        }
+    }
+
     fn load(&mut self, graph: &v3c_models::Graph, params: &HashMap<String, Tensor>) -> Result<(), TrainError> {
         let start = Instant::now();
         let r = self.inner.load(graph, params);

@@ -537,6 +537,36 @@ impl ModelKernels {
         self.first_row_kernel(context, ARGMAX, &shape, target, ptxas, choose, &mut |_| {})
     }
 
+    /// A training step's optimizer on the device ([`OPTIMIZER_CHUNK`] elements a block): the
+    /// gradients summed over windows, their squares per block, AdamW
+    /// ([`rows::TrainRow::GradAccum`], [`rows::TrainRow::SumSquares`], [`rows::TrainRow::AdamW`]).
+    pub fn training_optimizer(
+        &mut self,
+        context: &Context,
+        target: &GpuTarget,
+        ptxas: Option<&FoundTool>,
+    ) -> Result<v3c_runtime::lowering::OptimizerSpec, Sm90Error> {
+        use rows::TrainRow;
+        let kernel = |op| rows::RowKernel::new(rows::RowOp::Train(op), OPTIMIZER_CHUNK, "f32");
+        let [first, next, squares, adamw] = [
+            TrainRow::GradAccum { first: true },
+            TrainRow::GradAccum { first: false },
+            TrainRow::SumSquares,
+            TrainRow::AdamW,
+        ]
+        .map(kernel);
+        for k in [&first, &next, &squares, &adamw] {
+            self.row_kernel(context, k, target, ptxas, &mut |_| {})?;
+        }
+        Ok(v3c_runtime::lowering::OptimizerSpec {
+            chunk: OPTIMIZER_CHUNK,
+            accumulate_first: first.kernel_name(),
+            accumulate: next.kernel_name(),
+            squares: squares.kernel_name(),
+            adamw: adamw.kernel_name(),
+        })
+    }
+
     /// The first of the widths `choose` orders for reduction `shape` of `name` that compiles (with
     /// ptxas: without spilling), compiled once across the model.
     #[allow(clippy::too_many_arguments)]
@@ -589,6 +619,9 @@ impl ModelKernels {
 
 /// What the tuner and the manifest call the sampling argmax ([`ModelKernels::sampling_argmax`]).
 pub const ARGMAX: &str = "argmax";
+
+/// Elements of a flat tensor one block of the optimizer's kernels takes (16 a thread of 256).
+pub const OPTIMIZER_CHUNK: usize = 4096;
 
 /// Maps every kernel of `module` (stage `fused`) onto the sm_90a templates, compiling each
 /// distinct template kernel once. `choose` orders the configurations to try for a GEMM kernel at
