@@ -16,13 +16,15 @@
 #    --speculative` against the CPU backend's greedy tokens (attention on the CUDA-core rows), then
 #    the default tensor-core attention (flash prefill, split-K decode): logits (5e-2, argmax) and
 #    launch by launch; 3b. `v3r train` of the tiny model's sm_90a
-#    training-step artifacts (f32 and the FP8 recipe) against the cpu artifacts' loss logs, tokens/s;
+#    training-step artifacts (f32 and the FP8 recipe; AdamW on the device) against the cpu artifacts'
+#    loss logs, tokens/s;
 #    4. its kernels timed (`v3r bench-kernels`);
 # 2. the GEMM template kernels vs torch (gemm_check.py: correctness, then TFLOP/s); 2c. the row kernels
 #    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py);
 # 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, and transformers'
 #    on the same device (hf_decode.py); 5b. training steps of a 2-layer full-width slice (`v3r
-#    bench-train`, FP8 recipe and f32); 2b. tuning (`v3r tune`, tune_check.py if it fails).
+#    bench-train`, FP8 recipe and f32 with AdamW on the device, FP8 with it on the host); 2b. tuning
+#    (`v3r tune`, tune_check.py if it fails).
 # Never changes clocks, power, MIG, persistence or compute mode.
 set -uo pipefail
 
@@ -352,13 +354,16 @@ else
 fi
 
 note "== 5b. training: a 2-layer full-width slice (random f32 masters) by v3r bench-train"
-# Whole optimizer steps (parameters uploaded, the step's launches, gradients read back, AdamW on the
-# host) of DeepSeek-V3's first two layers (dense) at 1 x 256 tokens: FP8 recipe first, then f32; each
-# only while the tuning after it keeps 200 s.
-for m in fp8 f32; do
-  art="$root/.device/train_slice/$m"
+# Whole optimizer steps of DeepSeek-V3's first two layers (dense) at 1 x 256 tokens, AdamW on the
+# device (the default: parameters and moments stay there): the FP8 recipe, then f32; then the FP8
+# recipe with --host-optimizer (parameters uploaded, gradients read back, AdamW on the host) for the
+# ratio. Each only while the tuning after it keeps 200 s.
+for m in fp8 f32 fp8-host; do
+  art="$root/.device/train_slice/${m%-host}"
+  flags=()
+  [ "$m" = fp8-host ] && flags=(--host-optimizer)
   if [ -d "$art" ] && [ -n "$v3r" ] && [ $((570 - SECONDS)) -ge 200 ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
-    if timeout "$(budget 100)" "$v3r" bench-train "$art" --random-weights 1 --batch 1 --seq 256 --steps 3 \
+    if timeout "$(budget 100)" "$v3r" bench-train "$art" --random-weights 1 --batch 1 --seq 256 --steps 3 "${flags[@]}" \
         --out "$out/train_slice_$m.json" 2>&1 | tee -a "$log"; then
       row "5b. training slice $m" "ok" "$(grep -o '[0-9.]* tokens/s' "$log" | tail -1) (train_slice_$m.json)"
     else

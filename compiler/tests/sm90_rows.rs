@@ -151,6 +151,16 @@ fn training_kernels() -> Vec<RowKernel> {
         train(TrainRow::QuantizePairs { by_token: false }, 2048, "f32"),
         train(TrainRow::PadOffsets, 256, "f32"),
     ]);
+    // The optimizer on the device, as every training artifact carries it.
+    kernels.extend(
+        [
+            TrainRow::GradAccum { first: true },
+            TrainRow::GradAccum { first: false },
+            TrainRow::SumSquares,
+            TrainRow::AdamW,
+        ]
+        .map(|op| train(op, sm90::OPTIMIZER_CHUNK, "f32")),
+    );
     kernels
 }
 
@@ -247,6 +257,8 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     // The 1x128 quantization: group |max| parts, scales, bytes.
                     TrainRow::Quantize => 2,
                     TrainRow::QuantizeBlocks { .. } => 1 + tree,
+                    // The strided pass, the tree, the part written.
+                    TrainRow::SumSquares => 1 + tree,
                     // Attention: loops over the key (query) chunks, each iteration ending in a
                     // barrier.
                     TrainRow::MlaForward(_) => 9,
@@ -267,6 +279,12 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 | TrainRow::MoeGradToken { .. } = op
                 {
                     assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
+                }
+                if op == TrainRow::AdamW {
+                    // The trainer's arithmetic: each product and sum rounded (no fused multiply-add),
+                    // the correctly rounded square root and divisions.
+                    assert!(!kernel.ptx.contains("fma.rn.f32"), "{name}: contracted");
+                    assert!(kernel.ptx.contains("sqrt.rn.f32") && kernel.ptx.contains("div.rn.f32"), "{name}");
                 }
             }
             RowOp::RmsNorm { quantize, .. } => {

@@ -897,6 +897,10 @@ impl crate::optimizer::Device for GpuArtifact {
     fn bindings(&self) -> &Bindings {
         &self.bindings
     }
+
+    fn free_bytes(&self) -> Option<usize> {
+        result::mem_get_info().ok().map(|(free, _)| free)
+    }
 }
 
 impl crate::training::EntryRunner for GpuArtifact {

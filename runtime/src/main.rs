@@ -467,6 +467,21 @@ fn info(args: &InfoArgs) -> Result<(), String> {
                     c.input_bytes as f64 / (1u64 << 20) as f64,
                     c.temp_bytes as f64 / (1u64 << 20) as f64
                 ));
+                if let Some(o) = a.lowering.as_ref().and_then(|l| l.optimizer.as_ref()) {
+                    // The trained parameters are the step's f32 weights: bf16 m and v take as many bytes.
+                    put("optimizer", serde_json::to_value(o).unwrap_or_default());
+                    let total = c.weight_bytes + c.prepared_bytes + c.arena_bytes + c.input_bytes + c.temp_bytes;
+                    line(format!(
+                        "optimizer: AdamW on the device ({}, {} elements a block): + {:.2} GiB of bf16 moments \
+                         ({:.2} GiB in all), + {:.2} GiB more for steps of several windows; `v3r train \
+                         --host-optimizer` keeps them on the host",
+                        o.adamw,
+                        o.chunk,
+                        gib(c.weight_bytes),
+                        gib(total + c.weight_bytes),
+                        gib(c.weight_bytes)
+                    ));
+                }
             }
         }
     }

@@ -30,6 +30,10 @@ pub trait Device {
     fn launch(&mut self, launches: &[KernelLaunch]) -> Result<(), String>;
     /// Where the loaded artifact's buffers are.
     fn bindings(&self) -> &Bindings;
+    /// Bytes still free to allocate (None: not known).
+    fn free_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Where a plan's buffer lies once loaded.
@@ -167,6 +171,20 @@ impl DeviceAdamW {
         m: &HashMap<String, Vec<f32>>,
         v: &HashMap<String, Vec<f32>>,
     ) -> Result<DeviceAdamW, String> {
+        // The moments (and, for steps of several windows, the summed gradients) before anything is
+        // allocated: a clear refusal rather than an allocation failing halfway.
+        let elements: usize = trained.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        if let Some(free) = device.free_bytes() {
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            if 4 * elements > free {
+                return Err(format!(
+                    "AdamW on the device needs {:.1} GiB for its bf16 moments ({elements} trained parameters), {:.1} GiB \
+                     are free (train with --host-optimizer, or a smaller model)",
+                    gib(4 * elements),
+                    gib(free)
+                ));
+            }
+        }
         let mut slots = Vec::new();
         let (mut part_at, mut parts) = (Vec::new(), 0);
         for (name, shape) in trained {
@@ -213,6 +231,15 @@ impl DeviceAdamW {
         self.summed = windows > 1;
         if !self.summed {
             return Ok(());
+        }
+        let missing: usize = self.slots.iter().filter(|s| s.acc.is_none()).map(|s| 4 * s.elements()).sum();
+        if let Some(free) = device.free_bytes().filter(|&f| missing > f) {
+            return Err(format!(
+                "steps of {windows} windows: AdamW on the device sums their gradients in {:.1} GiB more, {:.1} GiB are \
+                 free (one window a step needs none)",
+                missing as f64 / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64
+            ));
         }
         let mut launches = Vec::new();
         for s in &mut self.slots {

@@ -532,11 +532,14 @@ pub struct StepTiming {
     pub loss: f32,
     /// The whole optimizer step.
     pub step_ms: f64,
-    /// Binding the parameters as the artifact's weights (for a GPU artifact: their upload).
+    /// Binding the parameters as the artifact's weights (for a GPU artifact: their upload; with
+    /// AdamW on the device, the first step's upload of the parameters and moments only).
     pub bind_ms: f64,
-    /// The artifact's runs of the training step (every window; a GPU artifact's gradients read back).
+    /// The artifact's runs of the training step (every window; a GPU artifact's gradients read
+    /// back, or with AdamW on the device, summed there).
     pub run_ms: f64,
-    /// The rest: averaging and clipping the gradients, AdamW and the balancing bias on the host.
+    /// The rest: the gradients' norm and clipping, AdamW (on the host, or its launches on the
+    /// device) and the balancing bias.
     pub optimizer_ms: f64,
 }
 
