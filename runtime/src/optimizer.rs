@@ -133,15 +133,23 @@ struct Slot {
     master: u64,
     /// Where each run of the step leaves its gradient.
     grad: u64,
-    /// The windows' summed gradient (made for the first step of more than one window).
-    acc: Option<u64>,
-    m: u64,
-    v: u64,
+    /// Its bytes' offset in the moments' region (m, then v: 2 bytes an element each) and in the
+    /// summed gradients' (4 bytes), 256-byte aligned.
+    moments_at: u64,
+    acc_at: u64,
 }
 
 impl Slot {
     fn elements(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    fn m(&self, moments: u64) -> u64 {
+        moments + self.moments_at
+    }
+
+    fn v(&self, moments: u64) -> u64 {
+        moments + self.moments_at + 2 * self.elements() as u64
     }
 }
 
@@ -150,6 +158,11 @@ impl Slot {
 pub struct DeviceAdamW {
     kernels: OptimizerKernels,
     slots: Vec<Slot>,
+    /// Every slot's bf16 moments: one allocation.
+    moments: u64,
+    /// Every slot's summed gradient (f32; made for the first step of several windows) and its bytes.
+    acc: Option<u64>,
+    acc_bytes: usize,
     /// Per slot, its first part in `parts`.
     part_at: Vec<usize>,
     parts: u64,
@@ -171,22 +184,10 @@ impl DeviceAdamW {
         m: &HashMap<String, Vec<f32>>,
         v: &HashMap<String, Vec<f32>>,
     ) -> Result<DeviceAdamW, String> {
-        // The moments (and, for steps of several windows, the summed gradients) before anything is
-        // allocated: a clear refusal rather than an allocation failing halfway.
-        let elements: usize = trained.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-        if let Some(free) = device.free_bytes() {
-            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-            if 4 * elements > free {
-                return Err(format!(
-                    "AdamW on the device needs {:.1} GiB for its bf16 moments ({elements} trained parameters), {:.1} GiB \
-                     are free (train with --host-optimizer, or a smaller model)",
-                    gib(4 * elements),
-                    gib(free)
-                ));
-            }
-        }
+        // Every slot's place in the regions, then the moments' region checked against the free memory
+        // before anything is allocated: a clear refusal rather than an allocation failing halfway.
         let mut slots = Vec::new();
-        let (mut part_at, mut parts) = (Vec::new(), 0);
+        let (mut part_at, mut parts, mut moment_bytes, mut acc_bytes) = (Vec::new(), 0, 0usize, 0usize);
         for (name, shape) in trained {
             let n: usize = shape.iter().product();
             let master = master_address(device.bindings(), plan, name, shape)?;
@@ -204,25 +205,48 @@ impl DeviceAdamW {
                 ));
             }
             let grad = buffer_address(device.bindings(), &b.kind)?;
-            let moment = |all: &HashMap<String, Vec<f32>>, which: &str| -> Result<Vec<u8>, String> {
-                let values = all.get(name).ok_or_else(|| format!("no moment {which} for {name}"))?;
-                if values.len() != n {
-                    return Err(format!("moment {which} of {name}: {} values for {n} elements", values.len()));
-                }
-                Ok(values.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect())
-            };
-            let (mb, vb) = (moment(m, "m")?, moment(v, "v")?);
-            let m = device.alloc_zeroed(2 * n, &format!("moment m of {name}"))?;
-            device.write(m, &mb, &format!("moment m of {name}"))?;
-            let v = device.alloc_zeroed(2 * n, &format!("moment v of {name}"))?;
-            device.write(v, &vb, &format!("moment v of {name}"))?;
+            let (moments_at, acc_at) = (moment_bytes as u64, acc_bytes as u64);
+            moment_bytes += (4 * n).next_multiple_of(256);
+            acc_bytes += (4 * n).next_multiple_of(256);
             part_at.push(parts);
             parts += kernels.blocks(n);
-            slots.push(Slot { name: name.clone(), shape: shape.clone(), master, grad, acc: None, m, v });
+            slots.push(Slot { name: name.clone(), shape: shape.clone(), master, grad, moments_at, acc_at });
+        }
+        if let Some(free) = device.free_bytes().filter(|&f| moment_bytes > f) {
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            return Err(format!(
+                "AdamW on the device needs {:.1} GiB for its bf16 moments ({} trained tensors), {:.1} GiB are free \
+                 (train with --host-optimizer, or a smaller model)",
+                gib(moment_bytes),
+                slots.len(),
+                gib(free)
+            ));
+        }
+        let moments = device.alloc_zeroed(moment_bytes.max(1), "AdamW's moments")?;
+        for s in &slots {
+            let n = s.elements();
+            for (all, which, at) in [(m, "m", s.m(moments)), (v, "v", s.v(moments))] {
+                let values = all.get(&s.name).ok_or_else(|| format!("no moment {which} for {}", s.name))?;
+                if values.len() != n {
+                    return Err(format!("moment {which} of {}: {} values for {n} elements", s.name, values.len()));
+                }
+                let bytes: Vec<u8> = values.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect();
+                device.write(at, &bytes, &format!("moment {which} of {}", s.name))?;
+            }
         }
         let parts_addr = device.alloc_zeroed(4 * parts.max(1), "the gradients' squares")?;
         let hyper = device.alloc_zeroed(4 * ADAMW_HYPER * slots.len().max(1), "AdamW's scalars")?;
-        Ok(DeviceAdamW { kernels, slots, part_at, parts: parts_addr, hyper, summed: false })
+        Ok(DeviceAdamW {
+            kernels,
+            slots,
+            moments,
+            acc: None,
+            acc_bytes,
+            part_at,
+            parts: parts_addr,
+            hyper,
+            summed: false,
+        })
     }
 
     /// After window `index` of `windows` ran: its gradients summed into the step's (none to sum
@@ -232,24 +256,24 @@ impl DeviceAdamW {
         if !self.summed {
             return Ok(());
         }
-        let missing: usize = self.slots.iter().filter(|s| s.acc.is_none()).map(|s| 4 * s.elements()).sum();
-        if let Some(free) = device.free_bytes().filter(|&f| missing > f) {
-            return Err(format!(
-                "steps of {windows} windows: AdamW on the device sums their gradients in {:.1} GiB more, {:.1} GiB are \
-                 free (one window a step needs none)",
-                missing as f64 / (1u64 << 30) as f64,
-                free as f64 / (1u64 << 30) as f64
-            ));
-        }
+        let acc = match self.acc {
+            Some(a) => a,
+            None => {
+                if let Some(free) = device.free_bytes().filter(|&f| self.acc_bytes > f) {
+                    return Err(format!(
+                        "steps of {windows} windows: AdamW on the device sums their gradients in {:.1} GiB more, {:.1} \
+                         GiB are free (one window a step needs none)",
+                        self.acc_bytes as f64 / (1u64 << 30) as f64,
+                        free as f64 / (1u64 << 30) as f64
+                    ));
+                }
+                *self.acc.insert(device.alloc_zeroed(self.acc_bytes.max(1), "the summed gradients")?)
+            }
+        };
         let mut launches = Vec::new();
-        for s in &mut self.slots {
-            let n = s.elements();
-            let acc = match s.acc {
-                Some(a) => a,
-                None => *s.acc.insert(device.alloc_zeroed(4 * n, &format!("the summed gradient of {}", s.name))?),
-            };
-            if n > 0 {
-                launches.push(self.kernels.accumulate(s.grad, acc, n, index == 0)?);
+        for s in &self.slots {
+            if s.elements() > 0 {
+                launches.push(self.kernels.accumulate(s.grad, acc + s.acc_at, s.elements(), index == 0)?);
             }
         }
         device.launch(&launches)
@@ -257,8 +281,8 @@ impl DeviceAdamW {
 
     /// The step's gradient of slot `s`.
     fn gradient(&self, s: &Slot) -> u64 {
-        match (self.summed, s.acc) {
-            (true, Some(acc)) => acc,
+        match (self.summed, self.acc) {
+            (true, Some(acc)) => acc + s.acc_at,
             _ => s.grad,
         }
     }
@@ -296,7 +320,8 @@ impl DeviceAdamW {
         for (i, s) in self.slots.iter().enumerate() {
             if s.elements() > 0 {
                 let h = self.hyper + (4 * ADAMW_HYPER * i) as u64;
-                launches.push(self.kernels.adamw([s.master, self.gradient(s), s.m, s.v, h], s.elements())?);
+                let (m, v) = (s.m(self.moments), s.v(self.moments));
+                launches.push(self.kernels.adamw([s.master, self.gradient(s), m, v, h], s.elements())?);
             }
         }
         device.launch(&launches)
@@ -315,7 +340,7 @@ impl DeviceAdamW {
             let w = device.read(s.master, 4 * n, &s.name)?;
             let w = w.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
             params.insert(s.name.clone(), Tensor::f32(s.shape.clone(), w));
-            for (addr, into, which) in [(s.m, &mut *m, "m"), (s.v, &mut *v, "v")] {
+            for (addr, into, which) in [(s.m(self.moments), &mut *m, "m"), (s.v(self.moments), &mut *v, "v")] {
                 let bytes = device.read(addr, 2 * n, &format!("moment {which} of {}", s.name))?;
                 into.insert(
                     s.name.clone(),
