@@ -12,12 +12,12 @@
 //! Run: inputs uploaded (but those kept on the device: decode's caches, updated in place, and the
 //! caches a prefill carried over from its outputs into the inputs of that name — see
 //! [`GpuArtifact::run_carrying`]), tensor maps encoded (`cuTensorMapEncodeTiled`) into one upload, every action launched on
-//! the stream — decode steps replayed from a CUDA graph — one synchronization, the wanted outputs
+//! the stream — decode and training steps replayed from a CUDA graph — one synchronization, the wanted outputs
 //! read back; greedy tokens picked on the device by the artifact's argmax kernel.
 //!
 //! `V3R_CARRY=0` makes sessions move caches through the host instead of carrying them on the
 //! device; `V3R_SYNC_EACH=1` synchronizes after every launch, so that a faulting kernel is named;
-//! `V3R_GRAPHS=0` launches decode steps one by one; `V3R_DUMP_DIR=DIR` writes every launch's
+//! `V3R_GRAPHS=0` launches decode and training steps one by one; `V3R_DUMP_DIR=DIR` writes every launch's
 //! buffers (as `v3c emulate --dump` does on the host).
 //!
 //! Not here yet: weights streamed from the checkpoint's mapping to the device without a host copy.
@@ -167,7 +167,7 @@ struct Staged {
 /// Input shapes by name.
 type InputShapes = std::collections::BTreeMap<String, Vec<usize>>;
 
-/// A decode step captured as a CUDA graph, and what it was captured from.
+/// A decode or training step captured as a CUDA graph, and what it was captured from.
 struct CapturedGraph {
     entry: String,
     actions: Vec<Action>,
@@ -413,8 +413,9 @@ impl GpuArtifact {
     }
 
     /// As [`GpuArtifact::run`], the inputs named in `resident` taken as the previous runs left them
-    /// on the device (decode's caches, updated in place): not uploaded. Decode steps are replayed
-    /// from a CUDA graph captured on the first step of a shape (`V3R_GRAPHS=0`: launched one by one).
+    /// on the device (decode's caches, updated in place): not uploaded. Decode and training steps
+    /// are replayed from a CUDA graph captured on the first step of a shape (`V3R_GRAPHS=0`:
+    /// launched one by one).
     pub fn run_keeping(
         &self,
         entry: &str,
@@ -757,16 +758,18 @@ impl GpuArtifact {
         Ok(())
     }
 
-    /// Whether runs of `entry` go through a CUDA graph: decode steps, unless `V3R_GRAPHS=0` or
+    /// Whether runs of `entry` go through a CUDA graph: decode steps, and training steps (each
+    /// window of a run the same launches: a DeepSeek-V3 layer's step is thousands, the routed
+    /// experts' weight gradients alone three per expert), unless `V3R_GRAPHS=0` or
     /// `V3R_SYNC_EACH=1`.
     pub fn graphs(&self, entry: &str) -> bool {
-        entry == "decode"
+        (entry == "decode" || entry == crate::training::TRAIN_ENTRY)
             && std::env::var("V3R_SYNC_EACH").map_or(true, |v| v != "1")
             && std::env::var("V3R_GRAPHS").map_or(true, |v| v != "0")
     }
 
     /// Milliseconds of each of `reps` runs of `entry` on `inputs` (uploaded once) after one
-    /// warm-up: a run (its CUDA graph for decode, see [`GpuArtifact::graphs`]) between two CUDA
+    /// warm-up: a run (its CUDA graph for decode and training, see [`GpuArtifact::graphs`]) between two CUDA
     /// events.
     pub fn time_entry(
         &self,
