@@ -167,6 +167,9 @@ struct Staged {
 /// Input shapes by name.
 type InputShapes = std::collections::BTreeMap<String, Vec<usize>>;
 
+/// A run staged, by its entry and input shapes.
+type StagedRun = ((String, InputShapes), std::rc::Rc<Staged>);
+
 /// A decode or training step captured as a CUDA graph, and what it was captured from.
 struct CapturedGraph {
     entry: String,
@@ -199,7 +202,7 @@ pub struct GpuArtifact {
     graph: std::cell::RefCell<Option<CapturedGraph>>,
     /// The last run staged (its entry and input shapes): its actions and tensor maps (uploaded
     /// into `maps`) serve the next run of the same shapes.
-    staged: std::cell::RefCell<Option<((String, InputShapes), std::rc::Rc<Staged>)>>,
+    staged: std::cell::RefCell<Option<StagedRun>>,
     argmax_out: std::cell::RefCell<Option<DeviceBuffer>>,
     /// Runs dumped per entry (`V3R_DUMP_DIR`).
     dumped_runs: std::cell::RefCell<HashMap<String, usize>>,
