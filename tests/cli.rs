@@ -1041,6 +1041,7 @@ fn v3r_trains_from_a_training_artifact_like_v3c_train() {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p("b.json")).unwrap()).unwrap();
     let steps = json["steps"].as_array().unwrap();
     assert_eq!((steps.len(), json["batch"].as_u64(), json["seq"].as_u64()), (3, Some(2), Some(16)), "{json}");
+    assert_eq!(json["optimizer"], "host", "a cpu artifact's AdamW: {json}");
     let vocab = v3c_models::config::ModelConfig::from_path(std::path::Path::new(&p("ckpt"))).unwrap().vocab_size;
     let uniform = 1.3 * (vocab as f64).ln();
     let first = steps[0]["loss"].as_f64().unwrap();

@@ -977,7 +977,7 @@ fn bench_train(args: &BenchTrainArgs) -> Result<(), Failure> {
             t.step, t.step_ms, t.bind_ms, t.run_ms, t.optimizer_ms, t.loss
         )
     };
-    let (kind, timings) = if gpu {
+    let (kind, optimizer, timings) = if gpu {
         let (bar, mut tick) = load_progress(&a);
         let loaded = v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, args.device, &mut tick);
         bar.finish_and_clear();
@@ -987,14 +987,14 @@ fn bench_train(args: &BenchTrainArgs) -> Result<(), Failure> {
         let seed = args.random_weights.unwrap_or(0);
         let timings = bench_steps(&mut trainer, &mut step, args.batch, seq, args.steps, seed, &mut report);
         let optimizer = if step.optimizes_on_device() { "device" } else { "host" };
-        (format!("sm_90a artifact on cuda:{}, AdamW on the {optimizer}", args.device), timings)
+        (format!("sm_90a artifact on cuda:{}, AdamW on the {optimizer}", args.device), optimizer, timings)
     } else {
         let loaded = v3c_runtime::cpu::CpuArtifact::load_weights(a, &weights).map_err(Failure::Other)?;
         eprintln!("loaded in {:.2} s", start.elapsed().as_secs_f64());
         let mut step = ArtifactStep::new(loaded, &trainer, seq).map_err(Failure::Other)?;
         let seed = args.random_weights.unwrap_or(0);
         let timings = bench_steps(&mut trainer, &mut step, args.batch, seq, args.steps, seed, &mut report);
-        ("cpu artifact".to_string(), timings)
+        ("cpu artifact".to_string(), "host", timings)
     };
     let timings = timings.map_err(|e| Failure::Other(format!("{dir}: {e}")))?;
     // The first step loads kernels and warms caches: the medians are of the others (when any).
@@ -1020,6 +1020,7 @@ fn bench_train(args: &BenchTrainArgs) -> Result<(), Failure> {
             "artifact": dir,
             "target": kind,
             "precision": if info.fp8 { "fp8" } else { "f32" },
+            "optimizer": optimizer,
             "weights": if args.random_weights.is_some() { "random" } else { "checkpoint" },
             "batch": args.batch,
             "seq": seq,
