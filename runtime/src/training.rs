@@ -172,7 +172,8 @@ impl Run {
                 }
             }
             bar.inc(1);
-            bar.set_message(format!("loss {:.4}", r.loss));
+            let tokens = (bar.position() as usize * o.batch * o.seq) as f64;
+            bar.set_message(format!("loss {:.4}, {:.0} tokens/s", r.loss, tokens / started.elapsed().as_secs_f64()));
         }
         bar.finish_and_clear();
         let elapsed = started.elapsed().as_secs_f64();
