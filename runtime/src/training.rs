@@ -451,14 +451,11 @@ impl<R: EntryRunner> v3c_models::train::DeviceOptimizer for ArtifactStep<R> {
         windows: usize,
     ) -> Result<HashMap<String, Tensor>, TrainError> {
         let out = StepBackend::run(self, inputs, wanted)?;
-        let mut state =
-            self.state.take().ok_or_else(|| TrainError::Invalid("no state uploaded to the device".into()))?;
-        let done = match self.artifact.device() {
-            Some(device) => state.window_done(device, index, windows).map_err(TrainError::Backend),
-            None => Err(TrainError::Backend("the artifact lost its device".into())),
-        };
-        self.state = Some(state);
-        done.map(|_| out)
+        let state = self.state.as_mut().ok_or_else(|| TrainError::Invalid("no state uploaded to the device".into()))?;
+        let device =
+            self.artifact.device().ok_or_else(|| TrainError::Backend("the artifact lost its device".into()))?;
+        state.window_done(device, index, windows).map_err(TrainError::Backend)?;
+        Ok(out)
     }
 
     fn grad_squares(&mut self) -> Result<Vec<f64>, TrainError> {
