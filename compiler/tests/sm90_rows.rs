@@ -261,8 +261,8 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     TrainRow::SumSquares => 1 + tree,
                     // Attention: loops over the key (query) chunks, each iteration ending in a
                     // barrier.
-                    TrainRow::MlaForward(_) => 9,
-                    TrainRow::MlaGradQ(_) => 15,
+                    TrainRow::MlaForward(_) => 10,
+                    TrainRow::MlaGradQ(_) => 16,
                     TrainRow::MlaGradKv(_) => 3,
                     _ => 0,
                 };

@@ -266,7 +266,7 @@ pub enum TrainRow {
     /// values, which L2 then holds: scores
     /// over keys `0..=S - T + query` of `q_nope . k_nope + q_pe . k_pe` times the scale (`k_nope`
     /// from `kvb [S, heads * (nope + v)]`, the latent times kv_b^T computed before; `k_pe` the
-    /// latent's last `rope` columns), softmax (one thread, the reference's order), `out [T, heads
+    /// latent's last `rope` columns), softmax (the exponentials by every thread, their max and sum by one in the reference's order), `out [T, heads
     /// * v]` the probabilities times the values, each output a sequential sum over the keys.
     MlaForward(Mla),
     /// MLA's backward, per (query, head): the forward's probabilities recomputed, `dp = dout .
@@ -1609,7 +1609,6 @@ scf.if %first {{
 }}
 {outputs}"
                 )];
-                let e0 = indent2(&indent2(&exp(lowering, "%xm", "%e")));
                 phases.extend(loop_phases(
                     "chunk",
                     "nchunks",
@@ -1620,16 +1619,16 @@ scf.if %first {{
                     "nchunks",
                     vec![
                         format!("{chunk}{recompute}"),
+                        // exp(s - max) by every thread (the same bits whichever computes them),
+                        // then their sum in key order by one.
+                        format!("{chunk}{exps}"),
                         format!(
                             "{chunk}%first = arith.cmpi eq, %tid, %c0 : index
 scf.if %first {{
-  %max = memref.load %sh_red[%c0] : {red}
   %s0 = memref.load %sh_red[%c1] : {red}
   %sum = scf.for %j = %k0 to %k1 step %c1 iter_args(%a = %s0) -> (f32) {{
     %slot = arith.subi %j, %k0 : index
-    %v = memref.load %sh_p[%slot] : {p}
-    %xm = arith.subf %v, %max : f32
-{e0}    memref.store %e, %sh_p[%slot] : {p}
+    %e = memref.load %sh_p[%slot] : {p}
     %a2 = arith.addf %a, %e : f32
     scf.yield %a2 : f32
   }}
