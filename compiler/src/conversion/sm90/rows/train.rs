@@ -263,11 +263,11 @@ pub enum TrainRow {
     RouteGrad { norm: bool, scale: f32 },
     /// Naive-form MLA attention, one block per (query, head) — the CUDA-core baseline; blocks
     /// head-major (as the backward's), so that those running together read one head's keys and
-    /// values, which L2 then holds: scores
-    /// over keys `0..=S - T + query` of `q_nope . k_nope + q_pe . k_pe` times the scale (`k_nope`
-    /// from `kvb [S, heads * (nope + v)]`, the latent times kv_b^T computed before; `k_pe` the
-    /// latent's last `rope` columns), softmax (the exponentials by every thread, their max and sum by one in the reference's order), `out [T, heads
-    /// * v]` the probabilities times the values, each output a sequential sum over the keys.
+    /// values, which L2 then holds: scores over keys `0..=S - T + query` of `q_nope . k_nope + q_pe
+    /// . k_pe` times the scale (`k_nope` from `kvb [S, heads * (nope + v)]`, the latent times
+    /// kv_b^T computed before; `k_pe` the latent's last `rope` columns), softmax (the exponentials
+    /// by every thread, their max and sum by one in the reference's order), `out [T, heads * v]`
+    /// the probabilities times the values, each output a sequential sum over the keys.
     MlaForward(Mla),
     /// MLA's backward, per (query, head): the forward's probabilities recomputed, `dp = dout .
     /// v`, `ds = p * (dp - sum(p * dp)) * scale`, then `d q_nope = ds . k_nope` and `d q_pe = ds .
