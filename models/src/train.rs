@@ -294,7 +294,9 @@ impl Trainer {
 
     /// One optimizer step over `batch` (windows of a sequence's tokens plus
     /// [`Trainer::window_extra`] more), the training graph run by `backend`: gradients averaged
-    /// over the sequences, clipped, AdamW, then the balancing bias update.
+    /// over the sequences, clipped, AdamW, then the balancing bias update. A backend with its own
+    /// optimizer ([`StepBackend::device_optimizer`]) gets the state on its first step and keeps it
+    /// ([`Trainer::fetch`] reads it back).
     pub fn step_on(&mut self, backend: &mut dyn StepBackend, batch: &[Vec<i64>]) -> Result<StepReport, TrainError> {
         if batch.is_empty() {
             return Err(TrainError::Invalid("an empty batch".into()));
