@@ -14,7 +14,7 @@ use v3c_runtime::abi::{GemmAbi, KernelAbi, KernelLaunch, Param, TensorMapSpec};
 use v3c_runtime::artifact::Artifact;
 use v3c_runtime::gpu::{bind, host_buffer, plan_bytes, Action, Bindings, Expander, Memory, Weights};
 use v3c_runtime::host::{call_packed, HostBuffer, RawBuffer};
-use v3c_runtime::plan::{element_bytes, shape_at, BufferKind};
+use v3c_runtime::plan::{element_bytes, shape_at};
 
 /// Host memory standing in for the device: 256-byte aligned, zeroed allocations kept alive.
 #[derive(Default)]
@@ -415,11 +415,7 @@ impl<'a, 'c> Emulator<'a, 'c> {
             let b = &plan.buffers[*id];
             let shape = shape_at(&b.dims, sizes);
             let bytes = v3c_runtime::plan::tensor_bytes(&shape, &b.dtype).unwrap_or(0) as usize;
-            let addr = match &b.kind {
-                BufferKind::Arena { offset } => self.bindings.arena + offset,
-                BufferKind::Input { name } => self.bindings.inputs[name],
-                BufferKind::Weight { name } => self.bindings.weights[name],
-            };
+            let addr = self.bindings.address(&b.kind)?;
             // SAFETY: the output lies in memory the plan sized.
             let host = unsafe { std::slice::from_raw_parts(addr as *const u8, bytes) };
             outs.insert(name.clone(), host_buffer(host, shape, &b.dtype)?);

@@ -560,11 +560,7 @@ impl GpuArtifact {
             let b = &plan.buffers[*id];
             let shape = shape_at(&b.dims, sizes);
             let bytes = crate::plan::tensor_bytes(&shape, &b.dtype).unwrap_or(0) as usize;
-            let src = match &b.kind {
-                BufferKind::Arena { offset } => self.bindings.arena + offset,
-                BufferKind::Input { name } => self.bindings.inputs[name],
-                BufferKind::Weight { name } => self.bindings.weights[name],
-            };
+            let src = self.bindings.address(&b.kind)?;
             let mut host = vec![0u8; bytes];
             // SAFETY: the buffer lies in device memory sized for the planned shapes.
             unsafe { result::memcpy_dtoh_sync(&mut host, src) }.map_err(cuda(&format!("reading output {name}")))?;

@@ -1080,6 +1080,17 @@ pub fn random_weight(name: &str, n: usize, dtype: &str, seed: u64) -> Vec<u8> {
 }
 
 impl Bindings {
+    /// Where a plan's buffer lies once loaded.
+    pub fn address(&self, kind: &BufferKind) -> Result<u64, String> {
+        Ok(match kind {
+            BufferKind::Arena { offset } => self.arena + offset,
+            BufferKind::Input { name } => *self.inputs.get(name).ok_or_else(|| format!("input {name} is not bound"))?,
+            BufferKind::Weight { name } => {
+                *self.weights.get(name).ok_or_else(|| format!("weight {name} is not bound"))?
+            }
+        })
+    }
+
     /// Whether `addr` is where a weight (as stored or re-laid out) lives.
     pub fn is_weight(&self, addr: u64) -> bool {
         self.weights.values().any(|&a| a == addr) || self.prepared.values().any(|&(b, s)| b == addr || s == Some(addr))

@@ -36,17 +36,6 @@ pub trait Device {
     }
 }
 
-/// Where a plan's buffer lies once loaded.
-pub fn buffer_address(bindings: &Bindings, kind: &BufferKind) -> Result<u64, String> {
-    Ok(match kind {
-        BufferKind::Arena { offset } => bindings.arena + offset,
-        BufferKind::Input { name } => *bindings.inputs.get(name).ok_or_else(|| format!("input {name} is not bound"))?,
-        BufferKind::Weight { name } => {
-            *bindings.weights.get(name).ok_or_else(|| format!("weight {name} is not bound"))?
-        }
-    })
-}
-
 /// The launches of an artifact's optimizer kernels.
 #[derive(Debug, Clone)]
 pub struct OptimizerKernels {
@@ -204,7 +193,7 @@ impl DeviceAdamW {
                     b.shape, b.dtype
                 ));
             }
-            let grad = buffer_address(device.bindings(), &b.kind)?;
+            let grad = device.bindings().address(&b.kind)?;
             let (moments_at, acc_at) = (moment_bytes as u64, acc_bytes as u64);
             moment_bytes += (4 * n).next_multiple_of(256);
             acc_bytes += (4 * n).next_multiple_of(256);
