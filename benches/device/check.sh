@@ -219,14 +219,9 @@ if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]'
     row "3. speculative tokens" "FAILED" "v3r run --speculative failed (check.log)"
   fi
     note "== 3b. training: v3r train of the tiny model's sm_90a training-step artifacts against the cpu artifact's"
-  for m in f32 fp8; do
-    exp="$root/.device/train/${m}_expected/loss.csv"
-    if [ -f "$exp" ] && timeout "$(budget 60)" "$v3r" train "$root/.device/train/${m}_sm_90a" --weights "$root/.device/train/ckpt" \
-        --data "$root/.device/train/data.txt" --steps 4 --batch 2 --seq 32 --out "$out/train_$m" 2>&1 | tee -a "$log"; then
-      # Losses step by step within 1e-3 relative (f32: bf16 hi/lo tensor-core matmuls, ~1e-5 of the
-      # CPU's; the FP8 recipe's e4m3 roundings may flip on last-bit differences: 2e-2).
-      tol=1e-3; [ "$m" = fp8 ] && tol=2e-2
-      if python3 - "$out/train_$m/loss.csv" "$exp" "$tol" <<'PY' 2>&1 | tee -a "$log"
+  # Losses step by step within $3 relative of the cpu artifact's ($2) in the run's loss log ($1).
+  losses_match() {
+    python3 - "$1" "$2" "$3" <<'PY' 2>&1 | tee -a "$log"
 import csv, sys
 got = [float(r["loss"]) for r in csv.DictReader(open(sys.argv[1]))]
 want = [float(r["loss"]) for r in csv.DictReader(open(sys.argv[2]))]
@@ -234,18 +229,38 @@ worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
 print(f"training losses {['%.5f' % x for x in got]} vs cpu {['%.5f' % x for x in want]}: worst {worst:.1e}")
 sys.exit(0 if len(got) == len(want) and worst <= float(sys.argv[3]) else 1)
 PY
-      then row "3b. training $m" "ok" "$(grep -o '[0-9]* tokens/s' "$log" | tail -1), losses as the cpu artifact's"
-      else
-        row "3b. training $m" "DIFFERS" "train_$m/loss.csv vs the cpu artifact's; train_dump_$m (check.log)"
-        # One step on one window with every launch's buffers dumped; on the build machine:
-        #   v3c emulate .device/train/${m}_sm_90a --weights .device/train/ckpt --tokens "$(cat .device/train/window.txt)" \
-        #     --out /tmp/e.safetensors --dump /tmp/d && python3 benches/device/dump_compare.py $OUT/train_dump_$m /tmp/d
-        V3R_DUMP_DIR="$out/train_dump_$m" timeout "$(budget 60)" "$v3r" train "$root/.device/train/${m}_sm_90a" \
-          --weights "$root/.device/train/ckpt" --data "$root/.device/train/window.txt" --steps 1 --batch 1 --seq 32 \
-          --out "$out/train1_$m" >>"$log" 2>&1 || note "the dumped training step failed too (check.log)"
+  }
+  for m in f32 fp8; do
+    exp="$root/.device/train/${m}_expected/loss.csv"
+    # f32: bf16 hi/lo tensor-core matmuls, ~1e-5 of the CPU's; the FP8 recipe's e4m3 roundings may
+    # flip on last-bit differences: 2e-2.
+    tol=1e-3; [ "$m" = fp8 ] && tol=2e-2
+    train_run() { # $1: the run's directory name, then extra flags
+      local dir="$1"; shift
+      timeout "$(budget 60)" "$v3r" train "$root/.device/train/${m}_sm_90a" --weights "$root/.device/train/ckpt" \
+        --data "$root/.device/train/data.txt" --steps 4 --batch 2 --seq 32 --out "$out/$dir" "$@" 2>&1 | tee -a "$log"
+    }
+    if [ -f "$exp" ] && train_run "train_$m"; then
+      if losses_match "$out/train_$m/loss.csv" "$exp" "$tol"; then
+        row "3b. training $m" "ok" "$(grep -o '[0-9]* tokens/s' "$log" | tail -1), AdamW on the device, losses as the cpu artifact's"
+        continue
       fi
+      row "3b. training $m" "DIFFERS" "train_$m/loss.csv vs the cpu artifact's; train_dump_$m (check.log)"
+      # One step on one window with every launch's buffers dumped; on the build machine:
+      #   v3c emulate .device/train/${m}_sm_90a --weights .device/train/ckpt --tokens "$(cat .device/train/window.txt)" \
+      #     --out /tmp/e.safetensors --dump /tmp/d && python3 benches/device/dump_compare.py $OUT/train_dump_$m /tmp/d
+      V3R_DUMP_DIR="$out/train_dump_$m" timeout "$(budget 60)" "$v3r" train "$root/.device/train/${m}_sm_90a" \
+        --weights "$root/.device/train/ckpt" --data "$root/.device/train/window.txt" --steps 1 --batch 1 --seq 32 \
+        --out "$out/train1_$m" >>"$log" 2>&1 || note "the dumped training step failed too (check.log)"
     else
       row "3b. training $m" "FAILED" "v3r train failed or no .device/train (check.log)"
+      [ -f "$exp" ] || continue
+    fi
+    # The same run with AdamW on the host: which of the step and the optimizer on the device is at fault.
+    if train_run "train_host_$m" --host-optimizer && losses_match "$out/train_host_$m/loss.csv" "$exp" "$tol"; then
+      row "3b. training $m, host AdamW" "ok" "the step agrees: the device optimizer is at fault"
+    else
+      row "3b. training $m, host AdamW" "DIFFERS" "the step itself (check.log)"
     fi
   done
   note "== 4. the small model's kernels timed (v3r bench-kernels)"
