@@ -520,9 +520,9 @@ fn tuning_database_steers_compile() {
     assert!(table.contains("ignored: measured on H100"), "{table}");
 }
 
-/// `v3c train` (reference backend) on a repeating pattern: the loss log falls, the run resumes where
-/// it stopped, the trained checkpoint (MTP module kept) loads for inference, and bad data or a backend
-/// without backward kernels are one-line errors.
+/// `v3c train` (reference backend) on a repeating pattern: the loss log falls, the run saves along
+/// the way and resumes where it stopped, the trained checkpoint (MTP module kept) loads for
+/// inference, and bad data or a backend without backward kernels are one-line errors.
 #[test]
 fn train_learns_resumes_and_writes_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
@@ -541,9 +541,17 @@ fn train_learns_resumes_and_writes_a_checkpoint() {
         "--out",
         out.to_str().unwrap(),
     ];
-    let args = [&base[..], &["--steps", "20", "--batch", "2", "--seq", "16", "--lr", "0.01"]].concat();
+    let args =
+        [&base[..], &["--steps", "20", "--batch", "2", "--seq", "16", "--lr", "0.01", "--save-every", "7"]].concat();
     let run = run_binary("v3c", &args);
     assert!(run.status.success(), "{}", text(&run.stderr));
+    // Saved along the way (each file replaced whole: none left half-written beside it).
+    for step in [7, 14] {
+        let said = format!("saved the checkpoint and optimizer state at step {step} in ");
+        assert!(text(&run.stderr).contains(&said), "{}", text(&run.stderr));
+    }
+    let leftovers: Vec<_> = walk(&out).into_iter().filter(|p| p.extension().is_some_and(|e| e == "tmp")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     let log = std::fs::read_to_string(out.join("loss.csv")).unwrap();
     let losses: Vec<f32> = log.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
     assert_eq!(losses.len(), 20);

@@ -572,6 +572,7 @@ fn main() -> ExitCode {
                 lr: a.run.lr,
                 seed: a.run.seed,
                 resume: a.run.resume,
+                save_every: a.run.save_every,
                 mtp_weight: a.mtp_weight,
                 balance_alpha: a.balance_alpha,
                 fp8: a.precision == Precision::Fp8,

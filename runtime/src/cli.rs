@@ -125,4 +125,8 @@ pub struct TrainRunArgs {
     /// Continue the run in --out (its checkpoint, optimizer state and step count; the log grows).
     #[arg(long)]
     pub resume: bool,
+    /// Also write the checkpoint and optimizer state every N steps (each file replaced whole), so
+    /// that a run stopped early can --resume from its last save; 0: at the end only.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub save_every: usize,
 }

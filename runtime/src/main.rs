@@ -897,6 +897,7 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         lr: args.run.lr,
         seed: args.run.seed,
         resume: args.run.resume,
+        save_every: args.run.save_every,
         mtp_weight: info.mtp_weight,
         balance_alpha: info.balance_alpha,
         fp8: info.fp8,

@@ -29,6 +29,8 @@ pub struct RunOptions<'a> {
     pub lr: f32,
     pub seed: u64,
     pub resume: bool,
+    /// Also write the checkpoint and optimizer state every this many steps (0: at the end only).
+    pub save_every: usize,
     pub mtp_weight: f32,
     pub balance_alpha: f32,
     pub fp8: bool,
@@ -149,6 +151,7 @@ impl Run {
         );
         let mut rng = o.seed ^ 0x9E37_79B9_7F4A_7C15 ^ (done as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
         let mut totals: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut saver = Saver { out: o.out, config: &config, checkpoint: &checkpoint, kept: None };
         let started = Instant::now();
         for _ in 0..o.steps {
             let batch: Vec<Vec<i64>> = (0..o.batch)
@@ -172,62 +175,23 @@ impl Run {
                 }
             }
             bar.inc(1);
-            let tokens = (bar.position() as usize * o.batch * o.seq) as f64;
+            let taken = bar.position() as usize;
+            if o.save_every > 0 && taken % o.save_every == 0 && taken < o.steps {
+                trainer.fetch(backend).map_err(|e| e.to_string())?;
+                saver.save(&trainer, done, &totals)?;
+                // (Printed around the bar: `println` prints nothing when it is hidden, off a terminal.)
+                bar.suspend(|| {
+                    eprintln!("saved the checkpoint and optimizer state at step {done} in {}", o.out.display())
+                });
+            }
+            let tokens = (taken * o.batch * o.seq) as f64;
             bar.set_message(format!("loss {:.4}, {:.0} tokens/s", r.loss, tokens / started.elapsed().as_secs_f64()));
         }
         bar.finish_and_clear();
         let elapsed = started.elapsed().as_secs_f64();
         // Parameters and moments kept on a device come back for the checkpoint.
         trainer.fetch(backend).map_err(|e| e.to_string())?;
-        // The checkpoint: config.json and every parameter, f32, under its checkpoint name. The weights
-        // are no longer block-scaled fp8, so the config no longer says so (a compiler would otherwise
-        // pick the fp8 graph for f32 tensors).
-        let mut hf = config.to_hf_json();
-        if let Some(m) = hf.as_object_mut() {
-            m.remove("quantization_config");
-        }
-        let config_text = serde_json::to_string_pretty(&hf).map_err(|e| e.to_string())? + "\n";
-        std::fs::write(o.out.join("config.json"), config_text).map_err(|e| format!("{}: {e}", o.out.display()))?;
-        // Tensors the training graph does not use (the MTP module) are kept as they were; fp8 weights
-        // were trained dequantized, so their block scales are dropped with them.
-        let mut kept: Vec<(String, Tensor)> = Vec::new();
-        for name in checkpoint.tensor_names() {
-            let scale_of_trained = name.strip_suffix("_scale_inv").is_some_and(|w| trainer.params.contains_key(w));
-            if trainer.params.contains_key(name) || scale_of_trained {
-                continue;
-            }
-            match checkpoint.read(name) {
-                Ok(t) => kept.push((name.to_string(), t)),
-                Err(e) => eprintln!("warning: {name} is not copied to the trained checkpoint: {e}"),
-            }
-        }
-        let mut names: Vec<&String> = trainer.params.keys().collect();
-        names.sort();
-        let mut tensors: Vec<(&str, &Tensor)> = names.iter().map(|n| (n.as_str(), &trainer.params[*n])).collect();
-        tensors.extend(kept.iter().map(|(n, t)| (n.as_str(), t)));
-        save_tensors(&o.out.join("model.safetensors"), &tensors).map_err(|e| e.to_string())?;
-        let mut state: Vec<(String, Tensor)> = vec![("step".into(), Tensor::i64(vec![1], vec![done as i64]))];
-        for (prefix, moments) in [("m", &trainer.m), ("v", &trainer.v)] {
-            for (name, values) in moments {
-                state.push((
-                    format!("{prefix}.{name}"),
-                    Tensor::f32(trainer.params[name].shape.clone(), values.clone()),
-                ));
-            }
-        }
-        let state_refs: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let state_path = o.out.join(OPTIMIZER_STATE);
-        if let Some(parent) = state_path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        }
-        save_tensors(&state_path, &state_refs).map_err(|e| e.to_string())?;
-        let mut loads = String::from("layer_bias,expert,tokens\n");
-        for (layer, counts) in &totals {
-            for (e, c) in counts.iter().enumerate() {
-                loads.push_str(&format!("{layer},{e},{c}\n"));
-            }
-        }
-        std::fs::write(o.out.join("expert_load.csv"), loads).map_err(|e| format!("{}: {e}", o.out.display()))?;
+        saver.save(&trainer, done, &totals)?;
         eprintln!(
             "trained {} steps (now at step {done}) in {:.1} s on the {} backend ({}, {:.0} tokens/s); wrote {}",
             o.steps,
@@ -239,6 +203,84 @@ impl Run {
         );
         Ok(())
     }
+}
+
+/// Writes a run's checkpoint (`config.json` + `model.safetensors`: every parameter, f32, and the
+/// checkpoint's tensors the training graph does not use, read once), its optimizer state and its
+/// expert loads; each file written beside and renamed into place, so that a run stopped while
+/// saving leaves the previous save whole.
+struct Saver<'a> {
+    out: &'a Path,
+    config: &'a ModelConfig,
+    checkpoint: &'a Checkpoint,
+    kept: Option<Vec<(String, Tensor)>>,
+}
+
+impl Saver<'_> {
+    fn save(&mut self, trainer: &Trainer, done: usize, totals: &[(String, Vec<usize>)]) -> Result<(), String> {
+        let out = self.out;
+        // The weights are no longer block-scaled fp8, so the config no longer says so (a compiler
+        // would otherwise pick the fp8 graph for f32 tensors).
+        let mut hf = self.config.to_hf_json();
+        if let Some(m) = hf.as_object_mut() {
+            m.remove("quantization_config");
+        }
+        let config_text = serde_json::to_string_pretty(&hf).map_err(|e| e.to_string())? + "\n";
+        write_then_rename(&out.join("config.json"), |p| std::fs::write(p, &config_text).map_err(|e| e.to_string()))?;
+        // Tensors the training graph does not use (the MTP module) are kept as they were; fp8 weights
+        // were trained dequantized, so their block scales are dropped with them.
+        let checkpoint = self.checkpoint;
+        let kept = self.kept.get_or_insert_with(|| {
+            let mut kept = Vec::new();
+            for name in checkpoint.tensor_names() {
+                let scale_of_trained = name.strip_suffix("_scale_inv").is_some_and(|w| trainer.params.contains_key(w));
+                if trainer.params.contains_key(name) || scale_of_trained {
+                    continue;
+                }
+                match checkpoint.read(name) {
+                    Ok(t) => kept.push((name.to_string(), t)),
+                    Err(e) => eprintln!("warning: {name} is not copied to the trained checkpoint: {e}"),
+                }
+            }
+            kept
+        });
+        let mut names: Vec<&String> = trainer.params.keys().collect();
+        names.sort();
+        let mut tensors: Vec<(&str, &Tensor)> = names.iter().map(|n| (n.as_str(), &trainer.params[*n])).collect();
+        tensors.extend(kept.iter().map(|(n, t)| (n.as_str(), t)));
+        write_then_rename(&out.join("model.safetensors"), |p| save_tensors(p, &tensors).map_err(|e| e.to_string()))?;
+        let mut state: Vec<(String, Tensor)> = vec![("step".into(), Tensor::i64(vec![1], vec![done as i64]))];
+        for (prefix, moments) in [("m", &trainer.m), ("v", &trainer.v)] {
+            for (name, values) in moments {
+                state.push((
+                    format!("{prefix}.{name}"),
+                    Tensor::f32(trainer.params[name].shape.clone(), values.clone()),
+                ));
+            }
+        }
+        let state_refs: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let state_path = out.join(OPTIMIZER_STATE);
+        if let Some(parent) = state_path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        write_then_rename(&state_path, |p| save_tensors(p, &state_refs).map_err(|e| e.to_string()))?;
+        let mut loads = String::from("layer_bias,expert,tokens\n");
+        for (layer, counts) in totals {
+            for (e, c) in counts.iter().enumerate() {
+                loads.push_str(&format!("{layer},{e},{c}\n"));
+            }
+        }
+        write_then_rename(&out.join("expert_load.csv"), |p| std::fs::write(p, &loads).map_err(|e| e.to_string()))
+    }
+}
+
+/// `write` into `path` with `.tmp` appended, then the file renamed to `path`.
+fn write_then_rename(path: &Path, write: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    write(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The training step's entry point name in plans and artifacts.
