@@ -520,6 +520,53 @@ fn tuning_database_steers_compile() {
     assert!(table.contains("ignored: measured on H100"), "{table}");
 }
 
+/// Ctrl-C stops a training run after the step under way with its checkpoint and optimizer state
+/// saved (exit 1, a one-line message naming the step), and `--resume` continues from there.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_training_run_saves_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, out, data) = (dir.path().join("ckpt"), dir.path().join("run"), dir.path().join("data.txt"));
+    let init = run_binary("v3c", &["init-weights", "--model", "deepseek-v3-tiny", "--out", ckpt.to_str().unwrap()]);
+    assert!(init.status.success(), "{}", text(&init.stderr));
+    std::fs::write(&data, (0..200).map(|i| (i % 13 + 2).to_string()).collect::<Vec<_>>().join(" ")).unwrap();
+    let base = ["train", "--model-dir", ckpt.to_str().unwrap(), "--data", data.to_str().unwrap()];
+    let args = [&base[..], &["--out", out.to_str().unwrap(), "--batch", "1", "--seq", "8"]].concat();
+    let child = std::process::Command::new(v3c_tests::workspace_binary("v3c"))
+        .args([&args[..], &["--steps", "100000"]].concat())
+        .env("V3C_KERNEL_CACHE", "off")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once a step is logged, Ctrl-C.
+    let log = out.join("loss.csv");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&log).map_or(0, |l| l.lines().count()) < 2 {
+        assert!(started.elapsed().as_secs() < 300, "no step logged in 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let stopped = child.wait_with_output().unwrap();
+    let said = text(&stopped.stderr);
+    assert_eq!(stopped.status.code(), Some(1), "{said}");
+    let step: usize = said
+        .split("interrupted after step ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(said.contains("(--resume continues)"), "{said}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1 + step, "every step taken is logged");
+    for f in ["config.json", "model.safetensors", "optimizer/state.safetensors"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let resumed = run_binary("v3c", &[&args[..], &["--steps", "1", "--resume"]].concat());
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    assert!(text(&resumed.stderr).contains(&format!("(now at step {})", step + 1)), "{}", text(&resumed.stderr));
+}
+
 /// `v3c train` (reference backend) on a repeating pattern: the loss log falls, the run saves along
 /// the way and resumes where it stopped, the trained checkpoint (MTP module kept) loads for
 /// inference, and bad data or a backend without backward kernels are one-line errors.

@@ -153,6 +153,8 @@ impl Run {
         let mut totals: Vec<(String, Vec<usize>)> = Vec::new();
         let mut saver = Saver { out: o.out, config: &config, checkpoint: &checkpoint, kept: None };
         let started = Instant::now();
+        // Ctrl-C stops the run after the step under way, saved (a second one ends it at once).
+        let interrupt = Interrupt::install();
         for _ in 0..o.steps {
             let batch: Vec<Vec<i64>> = (0..o.batch)
                 .map(|_| {
@@ -186,6 +188,15 @@ impl Run {
             }
             let tokens = (taken * o.batch * o.seq) as f64;
             bar.set_message(format!("loss {:.4}, {:.0} tokens/s", r.loss, tokens / started.elapsed().as_secs_f64()));
+            if interrupt.happened() && taken < o.steps {
+                bar.finish_and_clear();
+                trainer.fetch(backend).map_err(|e| e.to_string())?;
+                saver.save(&trainer, done, &totals)?;
+                return Err(format!(
+                    "interrupted after step {done}: its checkpoint and optimizer state are in {} (--resume continues)",
+                    o.out.display()
+                ));
+            }
         }
         bar.finish_and_clear();
         let elapsed = started.elapsed().as_secs_f64();
@@ -202,6 +213,46 @@ impl Run {
             o.out.display()
         );
         Ok(())
+    }
+}
+
+/// SIGINT (Ctrl-C) noted instead of ending the process while a training run holds it: the run
+/// saves and stops after its step. The first signal puts back the default action, so a second ends
+/// the process at once; dropping it does too.
+struct Interrupt;
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[cfg(unix)]
+extern "C" fn note_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: signal() is async-signal-safe; restoring the default action.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+}
+
+impl Interrupt {
+    fn install() -> Interrupt {
+        INTERRUPTED.store(false, std::sync::atomic::Ordering::SeqCst);
+        #[cfg(unix)]
+        // SAFETY: the handler only stores an atomic and calls signal(), both async-signal-safe.
+        unsafe {
+            libc::signal(libc::SIGINT, note_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t)
+        };
+        Interrupt
+    }
+
+    fn happened(&self) -> bool {
+        INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Interrupt {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        // SAFETY: restoring the default action.
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_DFL)
+        };
     }
 }
 
