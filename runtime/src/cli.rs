@@ -123,6 +123,7 @@ pub struct TrainRunArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Continue the run in --out (its checkpoint, optimizer state and step count; the log grows).
+    /// A run stopped by Ctrl-C saves after the step under way, ready for this.
     #[arg(long)]
     pub resume: bool,
     /// Also write the checkpoint and optimizer state every N steps (each file replaced whole), so
