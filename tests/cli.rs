@@ -520,15 +520,22 @@ fn tuning_database_steers_compile() {
     assert!(table.contains("ignored: measured on H100"), "{table}");
 }
 
+/// A temporary directory with the tiny model's random checkpoint (`ckpt`), and the paths of a run's
+/// output (`run`, not made) and its data file (`data.txt`, not written).
+fn tiny_training_run() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, out, data) = (dir.path().join("ckpt"), dir.path().join("run"), dir.path().join("data.txt"));
+    let init = run_binary("v3c", &["init-weights", "--model", "deepseek-v3-tiny", "--out", ckpt.to_str().unwrap()]);
+    assert!(init.status.success(), "{}", text(&init.stderr));
+    (dir, ckpt, out, data)
+}
+
 /// Ctrl-C stops a training run after the step under way with its checkpoint and optimizer state
 /// saved (exit 1, a one-line message naming the step), and `--resume` continues from there.
 #[cfg(unix)]
 #[test]
 fn an_interrupted_training_run_saves_and_resumes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ckpt, out, data) = (dir.path().join("ckpt"), dir.path().join("run"), dir.path().join("data.txt"));
-    let init = run_binary("v3c", &["init-weights", "--model", "deepseek-v3-tiny", "--out", ckpt.to_str().unwrap()]);
-    assert!(init.status.success(), "{}", text(&init.stderr));
+    let (_dir, ckpt, out, data) = tiny_training_run();
     std::fs::write(&data, (0..200).map(|i| (i % 13 + 2).to_string()).collect::<Vec<_>>().join(" ")).unwrap();
     let base = ["train", "--model-dir", ckpt.to_str().unwrap(), "--data", data.to_str().unwrap()];
     let args = [&base[..], &["--out", out.to_str().unwrap(), "--batch", "1", "--seq", "8"]].concat();
@@ -572,10 +579,7 @@ fn an_interrupted_training_run_saves_and_resumes() {
 /// inference, and bad data or a backend without backward kernels are one-line errors.
 #[test]
 fn train_learns_resumes_and_writes_a_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ckpt, out, data) = (dir.path().join("ckpt"), dir.path().join("run"), dir.path().join("data.txt"));
-    let init = run_binary("v3c", &["init-weights", "--model", "deepseek-v3-tiny", "--out", ckpt.to_str().unwrap()]);
-    assert!(init.status.success(), "{}", text(&init.stderr));
+    let (dir, ckpt, out, data) = tiny_training_run();
     let pattern = [5, 9, 2, 7, 11, 3, 42, 17];
     let tokens: Vec<String> = (0..300).map(|i| pattern[i % 8].to_string()).collect();
     std::fs::write(&data, tokens.join(" ")).unwrap();
