@@ -117,9 +117,12 @@ fn training_kernels() -> Vec<RowKernel> {
         train(TrainRow::Join { second: 64 }, 512, "f32"),
         train(TrainRow::SumHeads { heads: 128 }, 64, "f32"),
     ]);
-    let mla = Mla { heads: 128, nope: 128, rope: 64, v: 128, kv: 512, context: 4096, scale: 0.1352 };
+    // DeepSeek-V3's attention as the training lowering takes it: 8 queries (keys) a block, 1024
+    // keys at a time forward, 512 (queries) in the gradients.
+    let mla = |context| Mla { heads: 128, nope: 128, rope: 64, v: 128, kv: 512, context, group: 8, scale: 0.1352 };
     kernels.extend(
-        [TrainRow::MlaForward(mla), TrainRow::MlaGradQ(mla), TrainRow::MlaGradKv(mla)].map(|op| train(op, 512, "f32")),
+        [TrainRow::MlaForward(mla(1024)), TrainRow::MlaGradQ(mla(512)), TrainRow::MlaGradKv(mla(512))]
+            .map(|op| train(op, 512, "f32")),
     );
     // DeepSeek-V3's routed experts: 8 of 256, intermediate 2048, hidden 7168.
     kernels.extend([

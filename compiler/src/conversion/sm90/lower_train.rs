@@ -300,9 +300,12 @@ fn reshaped(body: &Body, launch: RowLaunch) -> Result<Steps, String> {
     })
 }
 
-/// Keys (and queries) the attention blocks keep in shared memory at a time: longer windows go in
-/// chunks of this many (their scores recomputed per pass).
-const ATTENTION_CONTEXT: usize = 4096;
+/// Queries an attention block takes (keys, for the keys' gradient), sharing each key's loads.
+const ATTENTION_GROUP: usize = 8;
+/// Shared memory an attention block's score arrays take: `ATTENTION_GROUP` queries (keys) x the
+/// keys (queries) it keeps at a time — longer windows go in chunks (their scores recomputed per
+/// pass).
+const ATTENTION_SHARED: usize = 32 * 1024;
 
 /// Naive-form MLA and its gradient on CUDA cores (temporaries have the run's rows, at least the
 /// latent's: per-key temporaries past the latent's rows are zeros, and no launch takes its row
@@ -338,7 +341,17 @@ fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
         return Err(format!("kv_b of {hp} rows for {heads} heads of {nope} key columns"));
     }
     let v = hp / heads - nope;
-    let m = Mla { heads, nope, rope, v, kv, context: ATTENTION_CONTEXT, scale };
+    // Keys (queries) kept at a time: the forward keeps one array of them, the gradients two.
+    let mla = |arrays: usize| Mla {
+        heads,
+        nope,
+        rope,
+        v,
+        kv,
+        context: ATTENTION_SHARED / (4 * ATTENTION_GROUP * arrays),
+        group: ATTENTION_GROUP,
+        scale,
+    };
     let row = |op| StepKernel::Row(train_kernel(op, kv, "f32"));
     let f32_temp = |rows_factor, cols| Temp::per_row(rows_factor, cols, "f32");
     use Operand::{Arg, Result as Res, Temp as Tmp};
@@ -368,18 +381,18 @@ fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     steps.extend(matmul("kvb", (Tmp(0), run_rows(kv)), (Arg(3), kv_b_shape.clone()), (false, true), hp, Tmp(1))?);
     if !grad {
         steps.push(Step {
-            kernel: row(TrainRow::MlaForward(m)),
+            kernel: row(TrainRow::MlaForward(mla(1))),
             operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), Res(0)],
         });
         return Ok(Steps { steps, temps, rope_table: None });
     }
     steps.extend([
         Step {
-            kernel: row(TrainRow::MlaGradQ(m)),
+            kernel: row(TrainRow::MlaGradQ(mla(2))),
             operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), Arg(4), Res(0), Res(1), Tmp(2)],
         },
         Step {
-            kernel: row(TrainRow::MlaGradKv(m)),
+            kernel: row(TrainRow::MlaGradKv(mla(2))),
             operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), Arg(4), Tmp(2), Tmp(3), Tmp(4)],
         },
         Step {

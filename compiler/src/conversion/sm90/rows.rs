@@ -22,6 +22,7 @@
 
 use std::fmt::Write;
 
+mod mla_train;
 mod train;
 pub use train::{Mla, TrainRow};
 

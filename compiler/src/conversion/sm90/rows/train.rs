@@ -15,8 +15,8 @@
 use std::fmt::Write;
 
 use super::{
-    chunk_exps, chunk_max, encode_e4m3, exp, indent2, loop_phases, quant_constants, rope_rotation, round_bf16, sqrt,
-    tree_phases, Lowering, RowKernel, AMAX_PARTS, BF16_CONSTANTS, E4M3_MAX, MLA_CHUNK, MLA_CHUNKS,
+    encode_e4m3, exp, indent2, mla_train, quant_constants, rope_rotation, round_bf16, sqrt, tree_phases, Lowering,
+    RowKernel, AMAX_PARTS, BF16_CONSTANTS, E4M3_MAX,
 };
 
 /// `{out} = ln(value)`: on sm_90a `lg2.approx` times ln 2 (no libdevice), on the CPU libm's.
@@ -28,47 +28,6 @@ fn ln(lowering: Lowering, value: &str, out: &str) -> String {
         ),
         Lowering::Cpu => format!("{out} = math.log {value} : f32\n"),
     }
-}
-
-/// `%s` = the score of query `{q}` and key `{k}` in head `%h` (`(q_nope . k_nope + q_pe . k_pe) *
-/// scale`, each dot a sequential sum, the query's element first: the reference's `dot`).
-fn mla_score(q: &str, k: &str) -> String {
-    format!(
-        "  %sn = scf.for %d = %c0 to %cNope step %c1 iter_args(%a = %zero) -> (f32) {{
-    %qv = memref.load %q_nope[{q}, %h, %d] : memref<?x?x?xf32>
-    %col = arith.addi %hbase, %d : index
-    %kv_v = memref.load %kvb[{k}, %col] : memref<?x?xf32>
-    %x = arith.mulf %qv, %kv_v : f32
-    %a2 = arith.addf %a, %x : f32
-    scf.yield %a2 : f32
-  }}
-  %sp = scf.for %d = %c0 to %cRope step %c1 iter_args(%a = %zero) -> (f32) {{
-    %qv = memref.load %q_pe[{q}, %h, %d] : memref<?x?x?xf32>
-    %col = arith.addi %cKv, %d : index
-    %pe = memref.load %latent[{k}, %col] : memref<?x?xf32>
-    %x = arith.mulf %qv, %pe : f32
-    %a2 = arith.addf %a, %x : f32
-    scf.yield %a2 : f32
-  }}
-  %snp = arith.addf %sn, %sp : f32
-  %s = arith.mulf %snp, %softmax_scale : f32
-"
-    )
-}
-
-/// `%dpv` = `dout[{q}, %h, :] . v` of key `{k}` in head `%h` (sequential, dout first).
-fn mla_dp(q: &str, k: &str) -> String {
-    format!(
-        "%dpv = scf.for %d = %c0 to %cV step %c1 iter_args(%a = %zero) -> (f32) {{
-  %g = memref.load %dout[{q}, %h, %d] : memref<?x?x?xf32>
-  %col = arith.addi %vbase, %d : index
-  %vv = memref.load %kvb[{k}, %col] : memref<?x?xf32>
-  %x = arith.mulf %g, %vv : f32
-  %a2 = arith.addf %a, %x : f32
-  scf.yield %a2 : f32
-}}
-"
-    )
 }
 
 /// The routed slots of token `%row` in expert order into `%sh_order` (of type `order`): slot s's
@@ -160,9 +119,11 @@ fn unspelled(s: &str) -> Option<f32> {
 }
 
 /// Multi-head latent attention's shape in the naive form (per head: `nope` + `rope` query/key
-/// columns, `v` value columns; the latent of `kv` columns + `rope`), the scale, and `context`: the
+/// columns, `v` value columns; the latent of `kv` columns + `rope`), the scale, `context`: the
 /// keys (or queries) a block takes through shared memory at a time — longer windows go in chunks,
-/// each pass recomputing a chunk's scores, every sum continuing in order (the same bits).
+/// each pass recomputing a chunk's scores, every sum continuing in order (the same bits) — and
+/// `group`: the queries a block takes (the keys, for the keys' gradient), sharing each key's
+/// (query's) loads ([`super::mla_train`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Mla {
     pub heads: usize,
@@ -171,18 +132,23 @@ pub struct Mla {
     pub v: usize,
     pub kv: usize,
     pub context: usize,
+    pub group: usize,
     pub scale: f32,
 }
 
 impl Mla {
+    /// The most queries (keys) a block takes: each is a thread's reduction and a loop-carried value
+    /// of every shared load.
+    pub const MAX_GROUP: usize = 32;
+
     fn name(&self) -> String {
-        let Mla { heads, nope, rope, v, kv, context, scale } = *self;
-        format!("h{heads}_n{nope}_r{rope}_v{v}_kv{kv}_c{context}_s{}", spelled(scale))
+        let Mla { heads, nope, rope, v, kv, context, group, scale } = *self;
+        format!("h{heads}_n{nope}_r{rope}_v{v}_kv{kv}_c{context}_g{group}_s{}", spelled(scale))
     }
 
     fn parse(parts: &[&str]) -> Option<Mla> {
         let number = |part: &str, prefix: &str| -> Option<usize> { part.strip_prefix(prefix)?.parse().ok() };
-        let [h, n, r, v, kv, c, s] = parts else { return None };
+        let [h, n, r, v, kv, c, g, s] = parts else { return None };
         Some(Mla {
             heads: number(h, "h")?,
             nope: number(n, "n")?,
@@ -190,6 +156,7 @@ impl Mla {
             v: number(v, "v")?,
             kv: number(kv, "kv")?,
             context: number(c, "c")?,
+            group: number(g, "g")?,
             scale: unspelled(s.strip_prefix('s')?)?,
         })
     }
@@ -261,21 +228,22 @@ pub enum TrainRow {
     /// `scale * (dw / S - sum(dw * s) / S^2) * s * (1 - s)` (`norm`: normalized weights, `S` the
     /// selected scores' sum + 1e-20; else `scale * dw * s * (1 - s)`), by one thread per token.
     RouteGrad { norm: bool, scale: f32 },
-    /// Naive-form MLA attention, one block per (query, head) — the CUDA-core baseline; blocks
-    /// head-major (as the backward's), so that those running together read one head's keys and
-    /// values, which L2 then holds: scores over keys `0..=S - T + query` of `q_nope . k_nope + q_pe
+    /// Naive-form MLA attention, one block per (group of `group` queries, head) — the CUDA-core
+    /// baseline ([`super::mla_train`]: each key's loads serve the group); blocks head-major (as
+    /// the backward's), so that those running together read one head's keys and values, which L2
+    /// then holds: scores over keys `0..=S - T + query` of `q_nope . k_nope + q_pe
     /// . k_pe` times the scale (`k_nope` from `kvb [S, heads * (nope + v)]`, the latent times
     /// kv_b^T computed before; `k_pe` the latent's last `rope` columns), softmax (the exponentials
-    /// by every thread, their max and sum by one in the reference's order), `out [T, heads * v]`
+    /// by every thread, each query's max and sum by one in the reference's order), `out [T, heads * v]`
     /// the probabilities times the values, each output a sequential sum over the keys.
     MlaForward(Mla),
-    /// MLA's backward, per (query, head): the forward's probabilities recomputed, `dp = dout .
+    /// MLA's backward, per (group of queries, head): the forward's probabilities recomputed, `dp = dout .
     /// v`, `ds = p * (dp - sum(p * dp)) * scale`, then `d q_nope = ds . k_nope` and `d q_pe = ds .
     /// k_pe` (sums over the keys in order); the row's softmax max, sum and `sum(p * dp)` into
     /// `stats [T * heads, 3]` for [`TrainRow::MlaGradKv`].
     MlaGradQ(Mla),
-    /// MLA's backward, per (key, head) of `dkvb`'s rows (a temporary: rows past the latent's are
-    /// written as zeros): each query that sees the key has its `p` and `ds`
+    /// MLA's backward, per (group of `group` keys, head) of `dkvb`'s rows (a temporary: rows past
+    /// the latent's are written as zeros): each query that sees the key has its `p` and `ds`
     /// recomputed from `stats`; then `dkvb` (the gradient of kvb: `ds . q_nope` for the key's
     /// columns, `p . dout` for its values) summed over the queries in order, and the head's part of
     /// the latent's rope columns' gradient (`ds . q_pe`) into `part [S * heads, rope]`.
@@ -822,9 +790,23 @@ impl TrainRow {
             TrainRow::EmbedGrad => vec![("sh_acc", d)],
             TrainRow::SumSquares => vec![("sh_sum", threads)],
             TrainRow::CrossEntropy { .. } => vec![("sh_max", threads), ("sh_sum", threads)],
-            TrainRow::MlaForward(m) => vec![("sh_p", m.context), ("sh_red", 4)],
-            TrainRow::MlaGradQ(m) => vec![("sh_p", m.context), ("sh_dp", m.context), ("sh_red", 4)],
-            TrainRow::MlaGradKv(m) => vec![("sh_pi", m.context), ("sh_dsi", m.context)],
+            // The group's scores (probabilities, their gradients), its queries (keys) and their
+            // output gradients, the running maxima and sums.
+            TrainRow::MlaForward(m) => {
+                vec![("sh_p", m.group * m.context), ("sh_q", m.group * (m.nope + m.rope)), ("sh_red", 4 * m.group)]
+            }
+            TrainRow::MlaGradQ(m) => vec![
+                ("sh_p", m.group * m.context),
+                ("sh_dp", m.group * m.context),
+                ("sh_q", m.group * (m.nope + m.rope)),
+                ("sh_g", m.group * m.v),
+                ("sh_red", 4 * m.group),
+            ],
+            TrainRow::MlaGradKv(m) => vec![
+                ("sh_pi", m.group * m.context),
+                ("sh_dsi", m.group * m.context),
+                ("sh_k", m.group * (m.nope + m.v + m.rope)),
+            ],
             TrainRow::MoeCombine { k } | TrainRow::PairCombine { k, .. } => vec![("sh_order", *k)],
             TrainRow::Quantize => {
                 let groups = d.div_ceil(super::GROUP);
@@ -884,6 +866,8 @@ impl TrainRow {
             TrainRow::QuantizePairs { .. } | TrainRow::RmsNormDw => 32,
             // Elements of a flat tensor.
             TrainRow::GradAccum { .. } | TrainRow::SumSquares | TrainRow::AdamW => d,
+            // Queries (keys) of a group.
+            TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => m.group,
             _ => 1,
         }
     }
@@ -898,6 +882,12 @@ impl TrainRow {
         if let TrainRow::Rope { heads, .. } = self {
             if *heads == 0 {
                 return Err(format!("{name}: rows of 0 heads"));
+            }
+        }
+        if let TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) = self {
+            if !(1..=Mla::MAX_GROUP).contains(&m.group) || m.context == 0 {
+                let most = Mla::MAX_GROUP;
+                return Err(format!("{name}: groups of {} (1 to {most}) and {} keys at a time", m.group, m.context));
             }
         }
         Ok(())
@@ -933,6 +923,8 @@ impl TrainRow {
                 let _ = writeln!(s, "%cKv = arith.constant {} : index", m.kv);
                 let _ = writeln!(s, "%cPerHead = arith.constant {} : index", m.nope + m.v);
                 let _ = writeln!(s, "%cCtx = arith.constant {} : index", m.context);
+                let _ = writeln!(s, "%cG = arith.constant {} : index", m.group);
+                let _ = writeln!(s, "%c4 = arith.constant 4 : index");
                 let _ = writeln!(s, "%softmax_scale = arith.constant 0x{:08X} : f32", m.scale.to_bits());
                 let _ = writeln!(s, "%ninf = arith.constant 0xFF800000 : f32");
                 let _ = writeln!(s, "%nan = arith.constant 0x7FC00000 : f32");
@@ -1045,45 +1037,8 @@ impl TrainRow {
 "
             .into(),
             // Blocks head-major: those running together share one head's keys and values (in L2).
-            TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => {
-                "%T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
-%h = arith.divui %row, %T : index
-%b = arith.remui %row, %T : index
-// The (query, head) row of the per-head outputs (`stats`).
-%qh0 = arith.muli %b, %cH : index
-%qh = arith.addi %qh0, %h : index
-%S = memref.dim %latent, %c0 : memref<?x?xf32>
-%first_key = arith.subi %S, %T : index
-%last = arith.addi %first_key, %b : index
-%nkeys = arith.addi %last, %c1 : index
-%hbase = arith.muli %h, %cPerHead : index
-%vbase = arith.addi %hbase, %cNope : index
-"
-                .to_string()
-                    + MLA_CHUNKS
-            }
-            TrainRow::MlaGradKv(_) => "%R = memref.dim %dkvb, %c0 : memref<?x?xf32>
-%h = arith.divui %row, %R : index
-%j = arith.remui %row, %R : index
-// The (key, head) row of `part`.
-%kh0 = arith.muli %j, %cH : index
-%kh = arith.addi %kh0, %h : index
-%T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
-%S = memref.dim %latent, %c0 : memref<?x?xf32>
-%first_key = arith.subi %S, %T : index
-%late = arith.cmpi ugt, %j, %first_key : index
-%j_off = arith.subi %j, %first_key : index
-%i0 = arith.select %late, %j_off, %c0 : index
-%key = arith.cmpi ult, %j, %S : index
-%nq = arith.subi %T, %i0 : index
-%ctx_m1 = arith.subi %cCtx, %c1 : index
-%nq_up = arith.addi %nq, %ctx_m1 : index
-%nchunks_all = arith.divui %nq_up, %cCtx : index
-%nchunks = arith.select %key, %nchunks_all, %c0 : index
-%hbase = arith.muli %h, %cPerHead : index
-%vbase = arith.addi %hbase, %cNope : index
-"
-            .into(),
+            TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) => super::mla_train::query_prologue(m),
+            TrainRow::MlaGradKv(m) => super::mla_train::key_prologue(m),
             TrainRow::CrossEntropy { .. } => "%t64 = memref.load %targets[%row] : memref<?xi64>
 %t_idx = arith.index_cast %t64 : i64 to index
 %t_lo = arith.cmpi sge, %t64, %zero_i64 : i64
@@ -1542,325 +1497,9 @@ scf.if %first {{
                     ),
                 ]
             }
-            TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => {
-                // Keys through shared memory `context` at a time (as the inference attention's
-                // chunks): the max, then exp(s - max) and their sum by one thread in key order,
-                // then p (and for the gradient dp and their mean) — each chunk's scores recomputed
-                // when there are several; outputs accumulated in place in key order.
-                let grad = matches!(self, TrainRow::MlaGradQ(_));
-                let (p, red) = (sh("sh_p"), sh("sh_red"));
-                let chunk = MLA_CHUNK;
-                let score = mla_score("%b", "%j");
-                let scores = format!(
-                    "scf.for %j = %j_first to %k1 step %cT {{
-  %slot = arith.subi %j, %k0 : index
-{score}  memref.store %s, %sh_p[%slot] : {p}
-}}
-"
-                );
-                let recompute = format!("scf.if %several {{\n{scores}}}\n");
-                let exps = chunk_exps(lowering, &red, &p);
-                let dp = if grad { sh("sh_dp") } else { String::new() };
-                // p = e / sum; the gradient's dp_j = dout . v_j beside it.
-                let dp_store = if grad {
-                    indent2(&format!("{}memref.store %dpv, %sh_dp[%slot] : {dp}\n", mla_dp("%b", "%j")))
-                } else {
-                    String::new()
-                };
-                let normalize = format!(
-                    "%sum = memref.load %sh_red[%c1] : {red}
-scf.for %j = %j_first to %k1 step %cT {{
-  %slot = arith.subi %j, %k0 : index
-  %e = memref.load %sh_p[%slot] : {p}
-  %pv = arith.divf %e, %sum : f32
-  memref.store %pv, %sh_p[%slot] : {p}
-{dp_store}}}
-"
-                );
-                let outputs = if grad {
-                    "%cOut = arith.addi %cNope, %cRope : index
-scf.for %o = %tid to %cOut step %cT {
-  %is_nope = arith.cmpi ult, %o, %cNope : index
-  %r = arith.subi %o, %cNope : index
-  scf.if %is_nope {
-    memref.store %zero, %dq_nope[%b, %h, %o] : memref<?x?x?xf32>
-  } else {
-    memref.store %zero, %dq_pe[%b, %h, %r] : memref<?x?x?xf32>
-  }
-}
-"
-                    .to_string()
-                } else {
-                    format!(
-                        "%hv = arith.muli %h, %cV : index
-scf.for %e = %tid to %cV step %cT {{
-  %ocol = arith.addi %hv, %e : index
-  memref.store %zero, %out[%b, %ocol] : {m}
-}}
-"
-                    )
-                };
-                let mut phases = vec![format!(
-                    "%first = arith.cmpi eq, %tid, %c0 : index
-scf.if %first {{
-  memref.store %ninf, %sh_red[%c0] : {red}
-  memref.store %zero, %sh_red[%c1] : {red}
-  memref.store %zero, %sh_red[%c2] : {red}
-}}
-{outputs}"
-                )];
-                phases.extend(loop_phases(
-                    "chunk",
-                    "nchunks",
-                    vec![format!("{chunk}{scores}"), format!("{chunk}{}", chunk_max(&red, &p))],
-                ));
-                phases.extend(loop_phases(
-                    "chunk",
-                    "nchunks",
-                    vec![
-                        format!("{chunk}{recompute}"),
-                        // exp(s - max) by every thread (the same bits whichever computes them),
-                        // then their sum in key order by one.
-                        format!("{chunk}{exps}"),
-                        format!(
-                            "{chunk}%first = arith.cmpi eq, %tid, %c0 : index
-scf.if %first {{
-  %s0 = memref.load %sh_red[%c1] : {red}
-  %sum = scf.for %j = %k0 to %k1 step %c1 iter_args(%a = %s0) -> (f32) {{
-    %slot = arith.subi %j, %k0 : index
-    %e = memref.load %sh_p[%slot] : {p}
-    %a2 = arith.addf %a, %e : f32
-    scf.yield %a2 : f32
-  }}
-  memref.store %sum, %sh_red[%c1] : {red}
-}}
-"
-                        ),
-                    ],
-                ));
-                // The chunk's p (and dp) from its scores: kept from the passes above when there is
-                // one chunk, recomputed when there are several.
-                let probabilities = vec![
-                    format!("{chunk}{recompute}"),
-                    format!("{chunk}scf.if %several {{\n{exps}}}\n"),
-                    format!("{chunk}{normalize}"),
-                ];
-                if !grad {
-                    let mut body = probabilities;
-                    body.push(format!(
-                        "{chunk}%hv = arith.muli %h, %cV : index
-scf.for %e = %tid to %cV step %cT {{
-  %ocol = arith.addi %hv, %e : index
-  %o0 = memref.load %out[%b, %ocol] : {m}
-  %acc = scf.for %j = %k0 to %k1 step %c1 iter_args(%a = %o0) -> (f32) {{
-    %slot = arith.subi %j, %k0 : index
-    %pv = memref.load %sh_p[%slot] : {p}
-    %col = arith.addi %vbase, %e : index
-    %vv = memref.load %kvb[%j, %col] : {m}
-    %pvv = arith.mulf %pv, %vv : f32
-    %a2 = arith.addf %a, %pvv : f32
-    scf.yield %a2 : f32
-  }}
-  memref.store %acc, %out[%b, %ocol] : {m}
-}}
-"
-                    ));
-                    phases.extend(loop_phases("chunk", "nchunks", body));
-                    return phases;
-                }
-                // The mean of p dp in key order (one thread).
-                let mut body = probabilities.clone();
-                body.push(format!(
-                    "{chunk}%first = arith.cmpi eq, %tid, %c0 : index
-scf.if %first {{
-  %m0 = memref.load %sh_red[%c2] : {red}
-  %mean = scf.for %j = %k0 to %k1 step %c1 iter_args(%a = %m0) -> (f32) {{
-    %slot = arith.subi %j, %k0 : index
-    %pv = memref.load %sh_p[%slot] : {p}
-    %dpv = memref.load %sh_dp[%slot] : {dp}
-    %x = arith.mulf %pv, %dpv : f32
-    %a2 = arith.addf %a, %x : f32
-    scf.yield %a2 : f32
-  }}
-  memref.store %mean, %sh_red[%c2] : {red}
-}}
-"
-                ));
-                phases.extend(loop_phases("chunk", "nchunks", body));
-                phases.push(format!(
-                    "%first = arith.cmpi eq, %tid, %c0 : index
-scf.if %first {{
-  %max = memref.load %sh_red[%c0] : {red}
-  %sum = memref.load %sh_red[%c1] : {red}
-  %mean = memref.load %sh_red[%c2] : {red}
-  memref.store %max, %stats[%qh, %c0] : {m}
-  memref.store %sum, %stats[%qh, %c1] : {m}
-  memref.store %mean, %stats[%qh, %c2] : {m}
-}}
-"
-                ));
-                // ds = p (dp - mean) scale, then dq accumulated in key order (a single chunk's p
-                // and dp kept from above).
-                let mut body: Vec<String> = probabilities
-                    .iter()
-                    .map(|ph| format!("{}scf.if %several {{\n{}}}\n", chunk, &ph[chunk.len()..]))
-                    .collect();
-                body.push(format!(
-                    "{chunk}%mean = memref.load %sh_red[%c2] : {red}
-scf.for %j = %j_first to %k1 step %cT {{
-  %slot = arith.subi %j, %k0 : index
-  %pv = memref.load %sh_p[%slot] : {p}
-  %dpv = memref.load %sh_dp[%slot] : {dp}
-  %dm = arith.subf %dpv, %mean : f32
-  %pdm = arith.mulf %pv, %dm : f32
-  %ds = arith.mulf %pdm, %softmax_scale : f32
-  memref.store %ds, %sh_dp[%slot] : {dp}
-}}
-"
-                ));
-                body.push(format!(
-                    "{chunk}%cOut = arith.addi %cNope, %cRope : index
-scf.for %o = %tid to %cOut step %cT {{
-  %is_nope = arith.cmpi ult, %o, %cNope : index
-  %r = arith.subi %o, %cNope : index
-  %g0 = scf.if %is_nope -> (f32) {{
-    %v = memref.load %dq_nope[%b, %h, %o] : memref<?x?x?xf32>
-    scf.yield %v : f32
-  }} else {{
-    %v = memref.load %dq_pe[%b, %h, %r] : memref<?x?x?xf32>
-    scf.yield %v : f32
-  }}
-  %acc = scf.for %j = %k0 to %k1 step %c1 iter_args(%a = %g0) -> (f32) {{
-    %slot = arith.subi %j, %k0 : index
-    %ds = memref.load %sh_dp[%slot] : {dp}
-    %k = scf.if %is_nope -> (f32) {{
-      %col = arith.addi %hbase, %o : index
-      %kv_v = memref.load %kvb[%j, %col] : {m}
-      scf.yield %kv_v : f32
-    }} else {{
-      %col = arith.addi %cKv, %r : index
-      %pe = memref.load %latent[%j, %col] : {m}
-      scf.yield %pe : f32
-    }}
-    %x = arith.mulf %ds, %k : f32
-    %a2 = arith.addf %a, %x : f32
-    scf.yield %a2 : f32
-  }}
-  scf.if %is_nope {{
-    memref.store %acc, %dq_nope[%b, %h, %o] : memref<?x?x?xf32>
-  }} else {{
-    memref.store %acc, %dq_pe[%b, %h, %r] : memref<?x?x?xf32>
-  }}
-}}
-"
-                ));
-                phases.extend(loop_phases("chunk", "nchunks", body));
-                phases
-            }
-            TrainRow::MlaGradKv(_) => {
-                // Per query that sees the key (from %i0), `context` queries at a time: p and ds
-                // from the query block's statistics, then the key's and value's gradients
-                // accumulated in place in query order.
-                let (pi, dsi) = (sh("sh_pi"), sh("sh_dsi"));
-                let score = indent2(&mla_score("%i", "%j"));
-                let e = indent2(&exp(lowering, "%xm", "%e"));
-                let dp = indent2(&mla_dp("%i", "%j"));
-                let chunk = "%q0 = arith.muli %chunk, %cCtx : index
-%i_lo = arith.addi %i0, %q0 : index
-%i_hi0 = arith.addi %i_lo, %cCtx : index
-%i_hi = arith.minui %i_hi0, %T : index
-";
-                let mut phases = vec![format!(
-                    "%cKeyCols = arith.addi %cPerHead, %cRope : index
-scf.for %o = %tid to %cKeyCols step %cT {{
-  %is_pe = arith.cmpi uge, %o, %cPerHead : index
-  %r = arith.subi %o, %cPerHead : index
-  scf.if %is_pe {{
-    memref.store %zero, %part[%kh, %r] : {m}
-  }} else {{
-    %col = arith.addi %hbase, %o : index
-    memref.store %zero, %dkvb[%j, %col] : {m}
-  }}
-}}
-"
-                )];
-                phases.extend(loop_phases(
-                    "chunk",
-                    "nchunks",
-                    vec![
-                        format!(
-                            "{chunk}scf.for %i = %i_lo to %i_hi step %c1 {{
-  %mine_off = arith.subi %i, %i_lo : index
-  %mine_rem = arith.remui %mine_off, %cT : index
-  %mine = arith.cmpi eq, %mine_rem, %tid : index
-  scf.if %mine {{
-{score}    %hq = arith.muli %i, %cH : index
-    %qrow = arith.addi %hq, %h : index
-    %max = memref.load %stats[%qrow, %c0] : {m}
-    %sum = memref.load %stats[%qrow, %c1] : {m}
-    %mean = memref.load %stats[%qrow, %c2] : {m}
-    %xm = arith.subf %s, %max : f32
-{e}    %pv = arith.divf %e, %sum : f32
-{dp}    %dm = arith.subf %dpv, %mean : f32
-    %pdm = arith.mulf %pv, %dm : f32
-    %ds = arith.mulf %pdm, %softmax_scale : f32
-    %slot = arith.subi %i, %i_lo : index
-    memref.store %pv, %sh_pi[%slot] : {pi}
-    memref.store %ds, %sh_dsi[%slot] : {dsi}
-  }}
-}}
-"
-                        ),
-                        format!(
-                            "{chunk}%cKeyCols = arith.addi %cPerHead, %cRope : index
-scf.for %o = %tid to %cKeyCols step %cT {{
-  %is_key = arith.cmpi ult, %o, %cNope : index
-  %is_pe = arith.cmpi uge, %o, %cPerHead : index
-  %e_col = arith.subi %o, %cNope : index
-  %r = arith.subi %o, %cPerHead : index
-  %col = arith.addi %hbase, %o : index
-  %a0 = scf.if %is_pe -> (f32) {{
-    %v = memref.load %part[%kh, %r] : {m}
-    scf.yield %v : f32
-  }} else {{
-    %v = memref.load %dkvb[%j, %col] : {m}
-    scf.yield %v : f32
-  }}
-  %acc = scf.for %i = %i_lo to %i_hi step %c1 iter_args(%a = %a0) -> (f32) {{
-    %slot = arith.subi %i, %i_lo : index
-    %ds = memref.load %sh_dsi[%slot] : {dsi}
-    %pv = memref.load %sh_pi[%slot] : {pi}
-    %x = scf.if %is_key -> (f32) {{
-      %qn = memref.load %q_nope[%i, %h, %o] : memref<?x?x?xf32>
-      %v = arith.mulf %ds, %qn : f32
-      scf.yield %v : f32
-    }} else {{
-      %y = scf.if %is_pe -> (f32) {{
-        %qp = memref.load %q_pe[%i, %h, %r] : memref<?x?x?xf32>
-        %v = arith.mulf %ds, %qp : f32
-        scf.yield %v : f32
-      }} else {{
-        %g = memref.load %dout[%i, %h, %e_col] : memref<?x?x?xf32>
-        %v = arith.mulf %pv, %g : f32
-        scf.yield %v : f32
-      }}
-      scf.yield %y : f32
-    }}
-    %a2 = arith.addf %a, %x : f32
-    scf.yield %a2 : f32
-  }}
-  scf.if %is_pe {{
-    memref.store %acc, %part[%kh, %r] : {m}
-  }} else {{
-    memref.store %acc, %dkvb[%j, %col] : {m}
-  }}
-}}
-"
-                        ),
-                    ],
-                ));
-                phases
-            }
+            TrainRow::MlaForward(m) => mla_train::query_phases(&m, false, lowering, &sh),
+            TrainRow::MlaGradQ(m) => mla_train::query_phases(&m, true, lowering, &sh),
+            TrainRow::MlaGradKv(m) => mla_train::key_phases(&m, lowering, &sh),
             TrainRow::MoeHidden { keep, .. } => {
                 let keep = if keep {
                     "  memref.store %gv, %g[%row, %i] : MEM\n  memref.store %uv, %u[%row, %i] : MEM\n".replace("MEM", m)
@@ -2970,9 +2609,13 @@ mod tests {
         let (h, dn, dr, dv, kv) = (3, 8, 4, 6, 16);
         let dims = kernels::MlaDims { heads: h, nope: dn, rope: dr, v: dv, kv_lora: kv };
         let (hp, c) = (h * (dn + dv), kv + dr);
-        // Capacities holding every key, and chunks of 3 and of 1 key (query) through shared memory.
-        for (context, (t, s_len)) in [64, 3, 1].into_iter().flat_map(|c| [(c, (5, 5)), (c, (3, 7)), (c, (1, 1))]) {
-            let m = Mla { heads: h, nope: dn, rope: dr, v: dv, kv, context, scale: 0.37 };
+        // Capacities holding every key, and chunks of 3 and of 1 key (query) through shared memory;
+        // one query (key) a block, and groups of 2 and 3 (the last one short: 5 and 7 rows).
+        let shapes = [(5, 5), (3, 7), (1, 1), (5, 7)];
+        for ((context, group), (t, s_len)) in
+            [64, 3, 1].into_iter().flat_map(|c| [1, 2, 3].map(|g| (c, g))).flat_map(|cg| shapes.map(|ts| (cg, ts)))
+        {
+            let m = Mla { heads: h, nope: dn, rope: dr, v: dv, kv, context, group, scale: 0.37 };
             let visible: Vec<usize> = (0..t).map(|i| s_len - t + i).collect();
             let (mut qn, mut qp) = (values(t * h * dn, 20, 2.0), values(t * h * dr, 21, 2.0));
             let (mut latent, kv_b) = (values(s_len * c, 22, 2.0), values(hp * kv, 23, 0.5));
@@ -2992,7 +2635,7 @@ mod tests {
             let mut args = bufs(&mut qn, &mut qp, &mut latent, &mut kvb);
             args.push(raw(&mut out, &[t, h * dv], "f32"));
             run_cpu(&kernel(TrainRow::MlaForward(m), kv), &args);
-            assert_eq!(out, want, "forward, {t} queries over {s_len} keys, capacity {context}");
+            assert_eq!(out, want, "forward, {t} queries over {s_len} keys, capacity {context}, groups of {group}");
             let [want_dqn, want_dqp, want_dlat, want_dkv_b] =
                 kernels::mla_grad(&qn, &qp, &latent, &kv_b, &g, &visible, s_len, dims, m.scale);
             let (mut dqn, mut dqp, mut stats) =
@@ -3005,16 +2648,36 @@ mod tests {
                 raw(&mut stats, &[t * h, 3], "f32"),
             ]);
             run_cpu(&kernel(TrainRow::MlaGradQ(m), kv), &args);
-            assert_eq!((&dqn, &dqp), (&want_dqn, &want_dqp), "d q, {t} queries over {s_len} keys, capacity {context}");
-            let (mut dkvb, mut part) = (vec![f32::NAN; s_len * hp], vec![f32::NAN; s_len * h * dr]);
-            let mut args = bufs(&mut qn, &mut qp, &mut latent, &mut kvb);
-            args.extend([
-                raw(&mut g, &[t, h, dv], "f32"),
-                raw(&mut stats, &[t * h, 3], "f32"),
-                raw(&mut dkvb, &[s_len, hp], "f32"),
-                raw(&mut part, &[s_len * h, dr], "f32"),
-            ]);
-            run_cpu(&kernel(TrainRow::MlaGradKv(m), kv), &args);
+            let at = format!("{t} queries over {s_len} keys, capacity {context}, groups of {group}");
+            assert_eq!((&dqn, &dqp), (&want_dqn, &want_dqp), "d q, {at}");
+            // The keys' gradient into rows past the latent's too (a temporary's rows: zeros there),
+            // and with one key a block for the same bits.
+            let rows = s_len + 2;
+            let mut grad_kv = |m: Mla| {
+                let (mut dkvb, mut part) = (vec![f32::NAN; rows * hp], vec![f32::NAN; rows * h * dr]);
+                let mut args = bufs(&mut qn, &mut qp, &mut latent, &mut kvb);
+                args.extend([
+                    raw(&mut g, &[t, h, dv], "f32"),
+                    raw(&mut stats, &[t * h, 3], "f32"),
+                    raw(&mut dkvb, &[rows, hp], "f32"),
+                    raw(&mut part, &[rows * h, dr], "f32"),
+                ]);
+                run_cpu(&kernel(TrainRow::MlaGradKv(m), kv), &args);
+                (dkvb, part)
+            };
+            let (mut dkvb, mut part) = grad_kv(m);
+            assert!(
+                dkvb[s_len * hp..].iter().chain(&part[s_len * h * dr..]).all(|&x| x == 0.0),
+                "rows past the keys, {at}"
+            );
+            if group > 1 {
+                assert!(
+                    grad_kv(Mla { group: 1, ..m }) == (dkvb.clone(), part.clone()),
+                    "d kvb, part vs one key a block, {at}"
+                );
+            }
+            dkvb.truncate(s_len * hp);
+            part.truncate(s_len * h * dr);
             let mut dpe = vec![f32::NAN; s_len * dr];
             run_cpu(
                 &kernel(TrainRow::SumHeads { heads: h }, dr),
@@ -3027,10 +2690,7 @@ mod tests {
             for (what, got, want) in [("d latent", &dlat, &want_dlat), ("d kv_b", &dkv_b, &want_dkv_b)] {
                 let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
                 for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
-                    assert!(
-                        (a - b).abs() <= 1e-5 * scale,
-                        "{what}[{i}] = {a}, reference {b} ({t} over {s_len}, capacity {context})"
-                    );
+                    assert!((a - b).abs() <= 1e-5 * scale, "{what}[{i}] = {a}, reference {b} ({at})");
                 }
             }
         }
