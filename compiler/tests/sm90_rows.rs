@@ -267,6 +267,8 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     TrainRow::MlaForward(_) => 10,
                     TrainRow::MlaGradQ(_) => 16,
                     TrainRow::MlaGradKv(_) => 3,
+                    // The sums zeroed; per slice of the inner dimension, staged then added.
+                    TrainRow::Matmul { .. } => 3,
                     _ => 0,
                 };
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), barriers, "{name}: barriers");
@@ -288,6 +290,10 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     // the correctly rounded square root and divisions.
                     assert!(!kernel.ptx.contains("fma.rn.f32"), "{name}: contracted");
                     assert!(kernel.ptx.contains("sqrt.rn.f32") && kernel.ptx.contains("div.rn.f32"), "{name}");
+                }
+                if let TrainRow::Matmul { .. } = op {
+                    // The reference's rounding: each product rounded before it is added.
+                    assert!(!kernel.ptx.contains("fma.rn.f32"), "{name}: contracted");
                 }
             }
             RowOp::RmsNorm { quantize, .. } => {

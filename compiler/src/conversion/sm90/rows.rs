@@ -22,6 +22,7 @@
 
 use std::fmt::Write;
 
+mod matmul;
 mod mla_train;
 mod train;
 pub use train::{Mla, TrainRow};
@@ -741,7 +742,7 @@ impl RowKernel {
     pub fn blocks_per_row(&self) -> usize {
         match self.op {
             RowOp::MlaDecode { heads, .. } | RowOp::MlaAbsorb { heads, .. } | RowOp::MlaUpV { heads, .. } => heads,
-            RowOp::Train(op) => op.blocks_per_row(),
+            RowOp::Train(op) => op.blocks_per_row(self.d),
             _ => 1,
         }
     }

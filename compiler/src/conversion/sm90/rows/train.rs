@@ -168,12 +168,14 @@ const PAIR_GROUP_BLOCKS: usize = 16;
 /// A training row kernel. `d` (the [`RowKernel`]'s row length) is given per op.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum TrainRow {
-    /// `out [M, d] = a' . b'` in f32, one block per output row (the rows of `a`, or of `out` when
-    /// `a` is transposed: a temporary output may have more rows), one thread per output column, the
-    /// inner dimension summed sequentially (the reference's `matmul_t` order): `a` is `[M, K]`, or
-    /// `[K, M]` when `transpose_a`; `b` is `[K, d]`, or `[d, K]` when `transpose_b`. K is read from
-    /// `a`. The CUDA-core baseline for the training graph's f32 GEMMs (and its f32 linears and
-    /// head): no tensor cores.
+    /// `out [M, d] = a' . b'` in f32, one block per 64 x 64 tile of `out` ([`super::matmul`]: `a`'s
+    /// and `b`'s slices staged in shared memory, 4 x 8 outputs a thread), each output's inner
+    /// dimension summed sequentially (the reference's `matmul_t` order and bits): `a` is `[M, K]`,
+    /// or `[K, M]` when `transpose_a`; `b` is `[K, d]`, or `[d, K]` when `transpose_b`. M and K are
+    /// read from `a` (the grid's rows from `a`, or from `out` when `a` is transposed: a temporary
+    /// output may have more rows). The training graph's f32 GEMMs (its f32 linears and head) on
+    /// CUDA cores: the FP8 recipe's (whose outputs feed e4m3 roundings downstream), and the f32
+    /// recipe's the tensor-core form does not take.
     Matmul { transpose_a: bool, transpose_b: bool },
     /// `y = x1 + x2` (f32 rows).
     Add,
@@ -808,6 +810,7 @@ impl TrainRow {
                 ("sh_k", m.group * (m.nope + m.v + m.rope)),
             ],
             TrainRow::MoeCombine { k } | TrainRow::PairCombine { k, .. } => vec![("sh_order", *k)],
+            TrainRow::Matmul { .. } => super::matmul::shared(),
             TrainRow::Quantize => {
                 let groups = d.div_ceil(super::GROUP);
                 vec![("sh_amax", groups * AMAX_PARTS), ("sh_scale", groups)]
@@ -825,6 +828,7 @@ impl TrainRow {
             // One thread sums a column.
             TrainRow::RmsNormDw | TrainRow::LossMean { .. } => 32,
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_) => 128,
+            TrainRow::Matmul { .. } => super::matmul::THREADS,
             // A 128x128 tile per block; every sorted pair in one block.
             TrainRow::QuantizeBlocks { .. } | TrainRow::PairRows { .. } => 256,
             // One thread per expert; one thread per token does the rest.
@@ -849,8 +853,9 @@ impl TrainRow {
     }
 
     /// Blocks per row of the rows argument (attention: one per head).
-    pub(super) fn blocks_per_row(&self) -> usize {
+    pub(super) fn blocks_per_row(&self, d: usize) -> usize {
         match self {
+            TrainRow::Matmul { .. } => d.div_ceil(super::matmul::TILE),
             TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => m.heads,
             TrainRow::MoeHidden { k, .. } | TrainRow::MoeGradToken { k } => *k,
             TrainRow::QuantizeBlocks { tiles, .. } => *tiles,
@@ -866,6 +871,7 @@ impl TrainRow {
             TrainRow::QuantizePairs { .. } | TrainRow::RmsNormDw => 32,
             // Elements of a flat tensor.
             TrainRow::GradAccum { .. } | TrainRow::SumSquares | TrainRow::AdamW => d,
+            TrainRow::Matmul { .. } => super::matmul::TILE,
             // Queries (keys) of a group.
             TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => m.group,
             _ => 1,
@@ -897,6 +903,7 @@ impl TrainRow {
     pub(super) fn constants(&self, d: usize) -> String {
         let mut s = String::new();
         match *self {
+            TrainRow::Matmul { .. } => s.push_str(&super::matmul::constants(d)),
             TrainRow::SiluMul | TrainRow::SiluMulGrad => {
                 let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
             }
@@ -1039,6 +1046,7 @@ impl TrainRow {
             // Blocks head-major: those running together share one head's keys and values (in L2).
             TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) => super::mla_train::query_prologue(m),
             TrainRow::MlaGradKv(m) => super::mla_train::key_prologue(m),
+            TrainRow::Matmul { transpose_a, .. } => super::matmul::prologue(*transpose_a),
             TrainRow::CrossEntropy { .. } => "%t64 = memref.load %targets[%row] : memref<?xi64>
 %t_idx = arith.index_cast %t64 : i64 to index
 %t_lo = arith.cmpi sge, %t64, %zero_i64 : i64
@@ -1059,25 +1067,7 @@ impl TrainRow {
         let sh = |name: &str| kernel.shared_type(name, lowering);
         let m = "memref<?x?xf32>";
         match *self {
-            TrainRow::Matmul { transpose_a, transpose_b } => {
-                let (k_dim, a_at) = if transpose_a { (0, "%p, %row") } else { (1, "%row, %p") };
-                let b_at = if transpose_b { "%j, %p" } else { "%p, %j" };
-                vec![format!(
-                    "%cK_dim = arith.constant {k_dim} : index
-%K = memref.dim %a, %cK_dim : {m}
-scf.for %j = %tid to %cD step %cT {{
-  %acc = scf.for %p = %c0 to %K step %c1 iter_args(%s = %zero) -> (f32) {{
-    %av = memref.load %a[{a_at}] : {m}
-    %bv = memref.load %b[{b_at}] : {m}
-    %prod = arith.mulf %av, %bv : f32
-    %s2 = arith.addf %s, %prod : f32
-    scf.yield %s2 : f32
-  }}
-  memref.store %acc, %out[%row, %j] : {m}
-}}
-"
-                )]
-            }
+            TrainRow::Matmul { transpose_a, transpose_b } => super::matmul::phases(transpose_a, transpose_b, &sh),
             TrainRow::RowRange { into, shifted } => {
                 let shift = if shifted {
                     format!("%shift = memref.dim %off, %c0 : {m}")
@@ -2273,12 +2263,13 @@ mod tests {
         }
     }
 
-    /// Every layout of the CUDA-core matmul equals the reference's `matmul_t` bit for bit (one
-    /// thread per output, the inner dimension summed in the reference's order), for inner
-    /// dimensions of 1 (a one-token window's weight gradient) and more columns than threads.
+    /// Every layout of the CUDA-core matmul equals the reference's `matmul_t` bit for bit (each
+    /// output's inner dimension summed in the reference's order, across the staged slices), for
+    /// inner dimensions of 1 (a one-token window's weight gradient), of one slice and a part, and
+    /// tiles cut at every edge (rows, columns, the inner dimension).
     #[test]
     fn matmul_rows_equal_the_reference_in_every_layout() {
-        for (m, k, n) in [(3, 1, 5), (7, 40, 300), (1, 129, 64)] {
+        for (m, k, n) in [(3, 1, 5), (7, 40, 300), (1, 129, 64), (130, 32, 65), (64, 97, 128), (65, 64, 1)] {
             for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
                 let kern = kernel(TrainRow::Matmul { transpose_a: ta, transpose_b: tb }, n);
                 let (a_shape, b_shape) = (if ta { [k, m] } else { [m, k] }, if tb { [n, k] } else { [k, n] });
