@@ -107,7 +107,8 @@ pub enum RowOp {
     SiluMul { quantize: bool },
     /// `y = x` (f32 rows; e.g. the residual a scattering GEMM then adds into).
     Copy,
-    /// DeepSeek-V3's routing of one token (`d` = hidden): logits `x . gate^T` (a sequential sum per
+    /// DeepSeek-V3's routing (`d` = hidden), [`ROUTE_TOKENS`] tokens a block (each gate value read
+    /// once for them; a thread per token selects): logits `x . gate^T` (a sequential sum per
     /// expert, the reference's order), sigmoid scores `s`, selection on `s + bias` (groups scored by
     /// their top two, the best `topk_group` groups kept, then the best `top_k` experts in them; ties
     /// to the lower index), weights `s` of the chosen, normalized (`norm`) and scaled. Writes the
@@ -733,6 +734,7 @@ impl RowKernel {
     pub fn rows_per_block(&self) -> usize {
         match self.op {
             RowOp::MlaAbsorb { tokens, .. } | RowOp::MlaUpV { tokens, .. } => tokens,
+            RowOp::Route { .. } => ROUTE_TOKENS,
             RowOp::Train(op) => op.rows_per_block(self.d),
             _ => 1,
         }
@@ -797,15 +799,17 @@ impl RowKernel {
                 ("sh_out", v),
                 ("sh_red", 4),
             ],
-            RowOp::Route { experts, n_group, .. } => vec![
+            // Per token of the block: its logits (then scores), biased scores, flags, group scores
+            // and flags, chosen scores.
+            RowOp::Route { experts, n_group, top_k, .. } => vec![
                 ("sh_tile", ROUTE_CHUNK * (experts + 1)),
-                ("sh_acc", experts),
-                ("sh_s", experts),
-                ("sh_sb", experts),
-                ("sh_flag", experts),
-                ("sh_gscore", n_group),
-                ("sh_gflag", n_group),
-                ("sh_w", experts),
+                ("sh_x", ROUTE_CHUNK * ROUTE_TOKENS),
+                ("sh_acc", ROUTE_TOKENS * experts),
+                ("sh_sb", ROUTE_TOKENS * experts),
+                ("sh_flag", ROUTE_TOKENS * experts),
+                ("sh_gscore", ROUTE_TOKENS * n_group),
+                ("sh_gflag", ROUTE_TOKENS * n_group),
+                ("sh_w", ROUTE_TOKENS * top_k),
             ],
             RowOp::Dispatch { experts, shared } => vec![
                 ("sh_count", experts + shared),
@@ -1250,30 +1254,36 @@ scf.for %j = %tid to %cHalfAll step %cT {{
             }
             RowOp::Route { experts, top_k, n_group, topk_group, norm, scale } => {
                 let per = experts / n_group;
-                let (tile, acc, flag, gflag) = (sh("sh_tile"), sh("sh_acc"), sh("sh_flag"), sh("sh_gflag"));
-                let (s_ty, sb, gscore, w_ty) = (sh("sh_s"), sh("sh_sb"), sh("sh_gscore"), sh("sh_w"));
+                let (tile, xs, acc, flag, gflag) =
+                    (sh("sh_tile"), sh("sh_x"), sh("sh_acc"), sh("sh_flag"), sh("sh_gflag"));
+                let (sb, gscore, w_ty) = (sh("sh_sb"), sh("sh_gscore"), sh("sh_w"));
                 let stride = experts + 1;
-                // 1: the logits' sums and the selection flags cleared.
+                let tokens = ROUTE_TOKENS;
+                // 1: the block's logits' sums and selection flags cleared.
                 let clear = format!(
-                    "%cE = arith.constant {experts} : index
-scf.for %e = %tid to %cE step %cT {{
-  memref.store %zero, %sh_flag[%e] : {flag}
-  memref.store %zero, %sh_acc[%e] : {acc}
+                    "%cEG = arith.constant {eg} : index
+scf.for %q = %tid to %cEG step %cT {{
+  memref.store %zero, %sh_flag[%q] : {flag}
+  memref.store %zero, %sh_acc[%q] : {acc}
 }}
-%cGr = arith.constant {n_group} : index
-scf.for %g = %tid to %cGr step %cT {{
-  memref.store %zero, %sh_gflag[%g] : {gflag}
+%cGG = arith.constant {gg} : index
+scf.for %q = %tid to %cGG step %cT {{
+  memref.store %zero, %sh_gflag[%q] : {gflag}
 }}
-"
+",
+                    eg = tokens * experts,
+                    gg = tokens * n_group,
                 );
                 // 2: per chunk of the gate's columns, its [experts, chunk] tile read row by row (a warp
-                // takes 32 consecutive columns of one expert) into shared memory, column-major with a
-                // padded stride (no bank conflicts either way); then each expert's logit continues
-                // its sequential sum over the chunk (the reference's order, kept in `sh_acc`).
+                // takes consecutive columns of one expert) into shared memory, column-major with a
+                // padded stride (no bank conflicts either way), and the block's tokens' columns beside
+                // it; then each expert's logits continue their sequential sums over the chunk (the
+                // reference's order, kept in `sh_acc`) — each gate value read once for the tokens.
                 let load = format!(
                     "%cE = arith.constant {experts} : index
 %cTile = arith.constant {tile_elems} : index
 %cStride = arith.constant {stride} : index
+%cXs = arith.constant {x_elems} : index
 %i0 = arith.muli %chunk, %cCh : index
 scf.for %q = %tid to %cTile step %cT {{
   %e = arith.divui %q, %cCh : index
@@ -1286,10 +1296,37 @@ scf.for %q = %tid to %cTile step %cT {{
     memref.store %gv, %sh_tile[%slot] : {tile}
   }}
 }}
+scf.for %q = %tid to %cXs step %cT {{
+  %t = arith.divui %q, %cCh : index
+  %j = arith.remui %q, %cCh : index
+  %i = arith.addi %i0, %j : index
+  %i_in = arith.cmpi ult, %i, %cD : index
+  %t_in = arith.cmpi ult, %t, %ntok : index
+  %in = arith.andi %i_in, %t_in : i1
+  scf.if %in {{
+    %trow = arith.addi %row0, %t : index
+    %xv = memref.load %x[%trow, %i] : memref<?x?xf32>
+    memref.store %xv, %sh_x[%q] : {xs}
+  }}
+}}
 ",
                     tile_elems = ROUTE_CHUNK * experts,
+                    x_elems = ROUTE_CHUNK * tokens,
                     gate = indent2(&indent2(&self.load_weight("gv", "%gate", "%e, %i"))),
                 );
+                let token_sums: Vec<String> = (0..tokens)
+                    .map(|t| {
+                        format!(
+                            "    %xo{t} = arith.addi %j, %cxo{t} : index
+    %xv{t} = memref.load %sh_x[%xo{t}] : {xs}
+    %p{t} = arith.mulf %xv{t}, %gv : f32
+    %b{t} = arith.addf %a{t}, %p{t} : f32
+"
+                        )
+                    })
+                    .collect();
+                let carried = |name: &str| (0..tokens).map(|t| format!("%{name}{t}")).collect::<Vec<_>>().join(", ");
+                let types = vec!["f32"; tokens].join(", ");
                 let sums = format!(
                     "%cE = arith.constant {experts} : index
 %cStride = arith.constant {stride} : index
@@ -1297,69 +1334,85 @@ scf.for %q = %tid to %cTile step %cT {{
 %left = arith.subi %cD, %i0 : index
 %n = arith.minui %left, %cCh : index
 scf.for %e = %tid to %cE step %cT {{
-  %a0 = memref.load %sh_acc[%e] : {acc}
-  %a = scf.for %j = %c0 to %n step %c1 iter_args(%a = %a0) -> (f32) {{
-    %i = arith.addi %i0, %j : index
-    %xv = memref.load %x[%row, %i] : memref<?x?xf32>
+{offsets}{loads}  %sums:{tokens} = scf.for %j = %c0 to %n step %c1 iter_args({args}) -> ({types}) {{
     %slot0 = arith.muli %j, %cStride : index
     %slot = arith.addi %slot0, %e : index
     %gv = memref.load %sh_tile[%slot] : {tile}
-    %p = arith.mulf %xv, %gv : f32
-    %a2 = arith.addf %a, %p : f32
-    scf.yield %a2 : f32
+{token_sums}    scf.yield {yields} : {types}
   }}
-  memref.store %a, %sh_acc[%e] : {acc}
-}}
-"
+{stores}}}
+",
+                    offsets = (0..tokens)
+                        .map(|t| {
+                            format!(
+                                "  %cxo{t} = arith.constant {xo} : index\n  %ct{t} = arith.constant {ao} : index\n  %at{t} = arith.addi %e, %ct{t} : index\n",
+                                xo = t * ROUTE_CHUNK,
+                                ao = t * experts
+                            )
+                        })
+                        .collect::<String>(),
+                    loads = (0..tokens).map(|t| format!("  %s{t} = memref.load %sh_acc[%at{t}] : {acc}\n")).collect::<String>(),
+                    args = (0..tokens).map(|t| format!("%a{t} = %s{t}")).collect::<Vec<_>>().join(", "),
+                    token_sums = token_sums.concat(),
+                    yields = carried("b"),
+                    stores = (0..tokens)
+                        .map(|t| format!("  memref.store %sums#{t}, %sh_acc[%at{t}] : {acc}\n"))
+                        .collect::<String>(),
                 );
-                // 3: per expert its score and biased score.
+                // 3: per (token, expert) its score (in place of the logit) and biased score.
                 let logits = format!(
                     "%cE = arith.constant {experts} : index
-scf.for %e = %tid to %cE step %cT {{
-  %logit = memref.load %sh_acc[%e] : {acc}
+%all = arith.muli %ntok, %cE : index
+scf.for %q = %tid to %all step %cT {{
+  %e = arith.remui %q, %cE : index
+  %logit = memref.load %sh_acc[%q] : {acc}
   %neg = arith.negf %logit : f32
 {exp}  %den = arith.addf %one, %ex : f32
   %s = arith.divf %one, %den : f32
   %b = memref.load %bias[%e] : memref<?xf32>
   %sbv = arith.addf %s, %b : f32
-  memref.store %s, %sh_s[%e] : {s_ty}
-  memref.store %sbv, %sh_sb[%e] : {sb}
+  memref.store %s, %sh_acc[%q] : {acc}
+  memref.store %sbv, %sh_sb[%q] : {sb}
 }}
 ",
                     exp = exp(lowering, "%neg", "%ex"),
                 );
-                // 4: one thread selects, as the reference sorts: group scores (top two), the best
-                // groups, the best experts in them (strictly greater wins: ties to the lower index).
+                // 4: a thread per token selects, as the reference sorts: group scores (top two), the
+                // best groups, the best experts in them (strictly greater wins: ties to the lower
+                // index); its cells of the shared arrays from `%te` (experts), `%tg` (groups), `%tk`.
                 let weights = if norm {
                     format!(
                         "%sum = scf.for %j = %c0 to %cK step %c1 iter_args(%a = %zero) -> (f32) {{
-    %v = memref.load %sh_w[%j] : {w_ty}
+    %wj = arith.addi %tk, %j : index
+    %v = memref.load %sh_w[%wj] : {w_ty}
     %a2 = arith.addf %a, %v : f32
     scf.yield %a2 : f32
   }}
   %tiny = arith.constant 1.0e-20 : f32
   %total = arith.addf %sum, %tiny : f32
   scf.for %j = %c0 to %cK step %c1 {{
-    %v = memref.load %sh_w[%j] : {w_ty}
+    %wj = arith.addi %tk, %j : index
+    %v = memref.load %sh_w[%wj] : {w_ty}
     %n = arith.divf %v, %total : f32
     %sc = arith.mulf %n, %scale : f32
-    memref.store %sc, %w[%row, %j] : memref<?x?xf32>
+    memref.store %sc, %w[%trow, %j] : memref<?x?xf32>
   }}
 "
                     )
                 } else {
                     format!(
                         "scf.for %j = %c0 to %cK step %c1 {{
-    %v = memref.load %sh_w[%j] : {w_ty}
+    %wj = arith.addi %tk, %j : index
+    %v = memref.load %sh_w[%wj] : {w_ty}
     %sc = arith.mulf %v, %scale : f32
-    memref.store %sc, %w[%row, %j] : memref<?x?xf32>
+    memref.store %sc, %w[%trow, %j] : memref<?x?xf32>
   }}
 "
                     )
                 };
                 let select = format!(
-                    "%is0 = arith.cmpi eq, %tid, %c0 : index
-scf.if %is0 {{
+                    "%mine = arith.cmpi ult, %tid, %ntok : index
+scf.if %mine {{
   %ninf = arith.constant 0xFF800000 : f32
   %cE = arith.constant {experts} : index
   %cGr = arith.constant {n_group} : index
@@ -1367,11 +1420,16 @@ scf.if %is0 {{
   %cKg = arith.constant {topk_group} : index
   %cK = arith.constant {top_k} : index
   %scale = arith.constant 0x{scale_bits:08X} : f32
+  %trow = arith.addi %row0, %tid : index
+  %te = arith.muli %tid, %cE : index
+  %tg = arith.muli %tid, %cGr : index
+  %tk = arith.muli %tid, %cK : index
   scf.for %g = %c0 to %cGr step %c1 {{
     %gb = arith.muli %g, %cPer : index
     %ge = arith.addi %gb, %cPer : index
     %top:2 = scf.for %i = %gb to %ge step %c1 iter_args(%a = %ninf, %b = %ninf) -> (f32, f32) {{
-      %v = memref.load %sh_sb[%i] : {sb}
+      %ie = arith.addi %te, %i : index
+      %v = memref.load %sh_sb[%ie] : {sb}
       %gta = arith.cmpf ogt, %v, %a : f32
       %gtb = arith.cmpf ogt, %v, %b : f32
       %na = arith.select %gta, %v, %a : f32
@@ -1380,13 +1438,15 @@ scf.if %is0 {{
       scf.yield %na, %nb : f32, f32
     }}
     %gs = arith.addf %top#0, %top#1 : f32
-    memref.store %gs, %sh_gscore[%g] : {gscore}
+    %gg = arith.addi %tg, %g : index
+    memref.store %gs, %sh_gscore[%gg] : {gscore}
   }}
   scf.for %j = %c0 to %cKg step %c1 {{
     %best:2 = scf.for %g = %c0 to %cGr step %c1 iter_args(%bv = %ninf, %bi = %cGr) -> (f32, index) {{
-      %kept = memref.load %sh_gflag[%g] : {gflag}
+      %gg = arith.addi %tg, %g : index
+      %kept = memref.load %sh_gflag[%gg] : {gflag}
       %free = arith.cmpf oeq, %kept, %zero : f32
-      %v = memref.load %sh_gscore[%g] : {gscore}
+      %v = memref.load %sh_gscore[%gg] : {gscore}
       %gt = arith.cmpf ogt, %v, %bv : f32
       %none = arith.cmpi eq, %bi, %cGr : index
       %better = arith.ori %gt, %none : i1
@@ -1395,17 +1455,20 @@ scf.if %is0 {{
       %ni = arith.select %take, %g, %bi : index
       scf.yield %nv, %ni : f32, index
     }}
-    memref.store %one, %sh_gflag[%best#1] : {gflag}
+    %bg = arith.addi %tg, %best#1 : index
+    memref.store %one, %sh_gflag[%bg] : {gflag}
   }}
   scf.for %j = %c0 to %cK step %c1 {{
     %best:2 = scf.for %e = %c0 to %cE step %c1 iter_args(%bv = %ninf, %bi = %cE) -> (f32, index) {{
       %g = arith.divui %e, %cPer : index
-      %gk = memref.load %sh_gflag[%g] : {gflag}
+      %gg = arith.addi %tg, %g : index
+      %gk = memref.load %sh_gflag[%gg] : {gflag}
       %ingroup = arith.cmpf oeq, %gk, %one : f32
-      %ch = memref.load %sh_flag[%e] : {flag}
+      %ee = arith.addi %te, %e : index
+      %ch = memref.load %sh_flag[%ee] : {flag}
       %free = arith.cmpf oeq, %ch, %zero : f32
       %ok = arith.andi %ingroup, %free : i1
-      %v = memref.load %sh_sb[%e] : {sb}
+      %v = memref.load %sh_sb[%ee] : {sb}
       %gt = arith.cmpf ogt, %v, %bv : f32
       %none = arith.cmpi eq, %bi, %cE : index
       %better = arith.ori %gt, %none : i1
@@ -1414,11 +1477,13 @@ scf.if %is0 {{
       %ni = arith.select %take, %e, %bi : index
       scf.yield %nv, %ni : f32, index
     }}
-    memref.store %one, %sh_flag[%best#1] : {flag}
+    %be = arith.addi %te, %best#1 : index
+    memref.store %one, %sh_flag[%be] : {flag}
     %e32 = arith.index_cast %best#1 : index to i32
-    memref.store %e32, %idx[%row, %j] : memref<?x?xi32>
-    %sv = memref.load %sh_s[%best#1] : {s_ty}
-    memref.store %sv, %sh_w[%j] : {w_ty}
+    memref.store %e32, %idx[%trow, %j] : memref<?x?xi32>
+    %sv = memref.load %sh_acc[%be] : {acc}
+    %wj = arith.addi %tk, %j : index
+    memref.store %sv, %sh_w[%wj] : {w_ty}
   }}
   {weights}}}
 ",
@@ -2413,8 +2478,17 @@ scf.for %i = %tid to %cD step %cT {{
                 + MLA_CHUNKS;
         }
         if let RowOp::Route { .. } = self.op {
+            // The block's tokens `%row0..` (`%ntok` of them).
             return format!(
-                "%cCh = arith.constant {ROUTE_CHUNK} : index\n%nchunks = arith.ceildivui %cD, %cCh : index\n"
+                "%cCh = arith.constant {ROUTE_CHUNK} : index
+%nchunks = arith.ceildivui %cD, %cCh : index
+%cTok = arith.constant {ROUTE_TOKENS} : index
+%row0 = arith.muli %row, %cTok : index
+%nrows = memref.dim %x, %c0 : memref<?x?xf32>
+%row_end0 = arith.addi %row0, %cTok : index
+%row_end = arith.minui %row_end0, %nrows : index
+%ntok = arith.subi %row_end, %row0 : index
+"
             );
         }
         if let RowOp::SplitRope { .. } = self.op {
@@ -2752,7 +2826,9 @@ scf.for %e = %tid to {e} step %cT {{
 }
 
 /// Gate columns per shared-memory tile of the routing kernel ([`RowOp::Route`]).
-const ROUTE_CHUNK: usize = 32;
+const ROUTE_CHUNK: usize = 16;
+/// Tokens a block of the routing kernel takes: each gate value it reads serves them all.
+const ROUTE_TOKENS: usize = 8;
 
 /// A phase list item that opens a loop around the phases up to the matching [`LOOP_END`]: the rest
 /// is the loop's `scf.for` header (its bounds defined in the prologue). On the GPU every iteration
@@ -3577,9 +3653,10 @@ mod tests {
     /// backend's layout (offsets, tokens in order per expert, the shared expert last).
     #[test]
     fn routing_and_dispatch_match_the_reference() {
-        // (40 tokens: the dispatch's 32 chunks of pairs hold several each.)
-        let (experts, rows) = (16, 40);
-        // (100 columns: the gate's last tile of 32 partial.)
+        // (43 tokens: the dispatch's 32 chunks of pairs hold several each; the routing's last block
+        // of 8 tokens partial.)
+        let (experts, rows) = (16, 43);
+        // (100 columns: the gate's last tile of 16 partial.)
         for (d, norm, top_k, n_group, topk_group) in [(96, true, 4, 4, 2), (100, false, 3, 8, 3)] {
             let r = v3c_models::graph::Routing {
                 top_k,
