@@ -124,6 +124,14 @@ fn training_kernels() -> Vec<RowKernel> {
         [TrainRow::MlaForward(mla(1024)), TrainRow::MlaGradQ(mla(512)), TrainRow::MlaGradKv(mla(512))]
             .map(|op| train(op, 512, "f32")),
     );
+    // Their operands transposed along the keys (queries): kvb, the latent's rope columns, the
+    // queries' nope and rope heads (the output gradient's heads as wide as the nope ones).
+    kernels.extend([
+        train(TrainRow::Transpose { start: 0, heads: 0 }, 32768, "f32"),
+        train(TrainRow::Transpose { start: 512, heads: 0 }, 64, "f32"),
+        train(TrainRow::Transpose { start: 0, heads: 128 }, 16384, "f32"),
+        train(TrainRow::Transpose { start: 0, heads: 128 }, 8192, "f32"),
+    ]);
     // DeepSeek-V3's routed experts: 8 of 256, intermediate 2048, hidden 7168.
     kernels.extend([
         train(TrainRow::MoeHidden { k: 8, keep: false }, 2048, "f32"),
@@ -269,6 +277,8 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     TrainRow::MlaGradKv(_) => 3,
                     // The sums zeroed; per slice of the inner dimension, staged then added.
                     TrainRow::Matmul { .. } => 3,
+                    // The tile staged, then written.
+                    TrainRow::Transpose { .. } => 1,
                     _ => 0,
                 };
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), barriers, "{name}: barriers");

@@ -356,7 +356,8 @@ fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     let f32_temp = |rows_factor, cols| Temp::per_row(rows_factor, cols, "f32");
     use Operand::{Arg, Result as Res, Temp as Tmp};
     // Temporaries 0, 1: ckv [S, kv], kvb [S, hp]; with the gradient 2..: stats [T * H, 3], dkvb
-    // [S, hp], part [S * H, rope], d pe [S, rope], d ckv [S, kv]; then the tensor cores' operands.
+    // [S, hp], part [S * H, rope], d pe [S, rope], d ckv [S, kv]; then the tensor cores' operands
+    // and the transposed operands, in the order of their steps.
     let mut temps = vec![f32_temp(1, kv), f32_temp(1, hp)];
     if grad {
         temps.extend([f32_temp(heads, 3), f32_temp(1, hp), f32_temp(heads, rope), f32_temp(1, rope), f32_temp(1, kv)]);
@@ -364,10 +365,16 @@ fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     // `out = op(a) . op(b)` of run-row `a` (`cols` wide) and kv_b or a run-row `b`.
     let run_rows = |cols: usize| Shape { dims: vec![None, Some(cols)], element: "f32".into() };
     let kv_b_shape = Shape { dims: vec![Some(hp), Some(kv)], element: "f32".into() };
-    let mut matmul = |name: &str, (a, a_shape): (Operand, Shape), (b, b_shape): (Operand, Shape), (ta, tb), d, out| {
+    let matmul = |temps: &mut Vec<Temp>,
+                  name: &str,
+                  (a, a_shape): (Operand, Shape),
+                  (b, b_shape): (Operand, Shape),
+                  (ta, tb),
+                  d,
+                  out| {
         if tensor_cores {
             let fused = format!("{}.{name}", body.name);
-            matmul_steps(&fused, (a, &a_shape), (b, &b_shape), (ta, tb), out, &mut temps)
+            matmul_steps(&fused, (a, &a_shape), (b, &b_shape), (ta, tb), out, temps)
         } else {
             let kernel = train_kernel(TrainRow::Matmul { transpose_a: ta, transpose_b: tb }, d, "f32");
             Ok(vec![Step { kernel: StepKernel::Row(kernel), operands: vec![a, b, out] }])
@@ -378,22 +385,44 @@ fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
         kernel: StepKernel::Row(train_kernel(TrainRow::Slice { start: 0 }, kv, "f32")),
         operands: vec![Arg(2), Tmp(0)],
     }];
-    steps.extend(matmul("kvb", (Tmp(0), run_rows(kv)), (Arg(3), kv_b_shape.clone()), (false, true), hp, Tmp(1))?);
+    steps.extend(matmul(
+        &mut temps,
+        "kvb",
+        (Tmp(0), run_rows(kv)),
+        (Arg(3), kv_b_shape.clone()),
+        (false, true),
+        hp,
+        Tmp(1),
+    )?);
+    // What a thread per key (per query, in the keys' gradient) reads, transposed along the keys
+    // (queries): kvb [hp, S], the latent's rope columns [rope, S]; q_nope, q_pe and dout [H x, T].
+    fn transposed(steps: &mut Vec<Step>, temps: &mut Vec<Temp>, source: Operand, op: TrainRow, cols: usize) -> Operand {
+        temps.push(Temp::transposed(cols, RunCols::new(1, 1), "f32"));
+        let t = Operand::Temp(temps.len() - 1);
+        steps.push(Step { kernel: StepKernel::Row(train_kernel(op, cols, "f32")), operands: vec![source, t] });
+        t
+    }
+    let kvbt = transposed(&mut steps, &mut temps, Tmp(1), TrainRow::Transpose { start: 0, heads: 0 }, hp);
+    let latt = transposed(&mut steps, &mut temps, Arg(2), TrainRow::Transpose { start: kv, heads: 0 }, rope);
     if !grad {
         steps.push(Step {
             kernel: row(TrainRow::MlaForward(mla(1))),
-            operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), Res(0)],
+            operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), kvbt, latt, Res(0)],
         });
         return Ok(Steps { steps, temps, rope_table: None });
     }
+    let by_heads = TrainRow::Transpose { start: 0, heads };
+    let qnt = transposed(&mut steps, &mut temps, Arg(0), by_heads, heads * nope);
+    let qpt = transposed(&mut steps, &mut temps, Arg(1), by_heads, heads * rope);
+    let doutt = transposed(&mut steps, &mut temps, Arg(4), by_heads, heads * v);
     steps.extend([
         Step {
             kernel: row(TrainRow::MlaGradQ(mla(2))),
-            operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), Arg(4), Res(0), Res(1), Tmp(2)],
+            operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), kvbt, latt, Arg(4), Res(0), Res(1), Tmp(2)],
         },
         Step {
             kernel: row(TrainRow::MlaGradKv(mla(2))),
-            operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), Arg(4), Tmp(2), Tmp(3), Tmp(4)],
+            operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), qnt, qpt, doutt, Arg(4), Tmp(2), Tmp(3), Tmp(4)],
         },
         Step {
             kernel: StepKernel::Row(train_kernel(TrainRow::SumHeads { heads }, rope, "f32")),
@@ -401,12 +430,20 @@ fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
         },
     ]);
     // d ckv = dkvb kv_b; the latent's gradient [d ckv | d pe]; d kv_b = dkvb^T ckv.
-    steps.extend(matmul("dckv", (Tmp(3), run_rows(hp)), (Arg(3), kv_b_shape), (false, false), kv, Tmp(6))?);
+    steps.extend(matmul(&mut temps, "dckv", (Tmp(3), run_rows(hp)), (Arg(3), kv_b_shape), (false, false), kv, Tmp(6))?);
     steps.push(Step {
         kernel: StepKernel::Row(train_kernel(TrainRow::Join { second: rope }, kv, "f32")),
         operands: vec![Tmp(6), Tmp(5), Res(2)],
     });
-    steps.extend(matmul("dkvb", (Tmp(3), run_rows(hp)), (Tmp(0), run_rows(kv)), (true, false), kv, Res(3))?);
+    steps.extend(matmul(
+        &mut temps,
+        "dkvb",
+        (Tmp(3), run_rows(hp)),
+        (Tmp(0), run_rows(kv)),
+        (true, false),
+        kv,
+        Res(3),
+    )?);
     Ok(Steps { steps, temps, rope_table: None })
 }
 

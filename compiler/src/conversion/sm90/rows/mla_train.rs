@@ -2,7 +2,11 @@
 //! keys' gradient, of keys) a block ([`Mla::group`]): the group's query rows (keys' rows) are
 //! staged in shared memory once, and each key row (query row) the block then reads from global
 //! memory serves the whole group — a block reads what a block of one query read, for `group`
-//! queries — while the group's softmax maxima and sums run in parallel, a thread a query. Every
+//! queries — while the group's softmax maxima and sums run in parallel, a thread a query. Where a
+//! thread per key (query) walks a key's (query's) columns, it reads them from copies transposed
+//! along the keys (`kvbt [heads * (nope + v), S]`, `latt [rope, S]`; `qnt`, `qpt`, `doutt` `[heads
+//! * width, T]`: [`super::TrainRow::Transpose`]), so that a warp's 32 threads read 32 consecutive
+//! values — in the rows' own layout each of them touched another cache line. Every
 //! value is still computed by one thread in the reference's order (scores, `dout . v`, each
 //! output's sum over the keys, each key's over the queries), so the bits are those of one query a
 //! block: a query's sums skip the keys it does not see (a select: the causal mask) rather than
@@ -124,6 +128,9 @@ pub(super) fn key_prologue(m: &Mla) -> String {
 %r_last = arith.subi %R, %c1 : index
 %hbase = arith.muli %h, %cPerHead : index
 %vbase = arith.addi %hbase, %cNope : index
+%hn = arith.muli %h, %cNope : index
+%hr = arith.muli %h, %cRope : index
+%hv = arith.muli %h, %cV : index
 ",
     );
     s.push_str(&each(m.group, |k| {
@@ -239,7 +246,7 @@ pub(super) fn query_phases(m: &Mla, grad: bool, lowering: Lowering, sh: &dyn Fn(
             g,
             "sn",
             "%cNope",
-            "%col = arith.addi %hbase, %d : index\n%kv_v = memref.load %kvb[%j, %col] : memref<?x?xf32>\n",
+            "%col = arith.addi %hbase, %d : index\n%kv_v = memref.load %kvbt[%col, %j] : memref<?x?xf32>\n",
             |i| format!("%qa{i} = arith.addi %qo{i}, %d : index\n%qv{i} = memref.load %sh_q[%qa{i}] : {q}\n"),
             ("%qv{i}", "%kv_v"),
         ),
@@ -247,7 +254,7 @@ pub(super) fn query_phases(m: &Mla, grad: bool, lowering: Lowering, sh: &dyn Fn(
             g,
             "sp",
             "%cRope",
-            "%col = arith.addi %cKv, %d : index\n%pe = memref.load %latent[%j, %col] : memref<?x?xf32>\n",
+            "%pe = memref.load %latt[%d, %j] : memref<?x?xf32>\n",
             |i| format!("%qa{i} = arith.addi %qr{i}, %d : index\n%qv{i} = memref.load %sh_q[%qa{i}] : {q}\n"),
             ("%qv{i}", "%pe"),
         ),
@@ -288,7 +295,7 @@ memref.store %pv, %sh_p[%at] : {p}
                 g,
                 "dpv",
                 "%cV",
-                "%col = arith.addi %vbase, %d : index\n%vv = memref.load %kvb[%j, %col] : memref<?x?xf32>\n",
+                "%col = arith.addi %vbase, %d : index\n%vv = memref.load %kvbt[%col, %j] : memref<?x?xf32>\n",
                 |i| format!("%ga{i} = arith.addi %go{i}, %d : index\n%gv{i} = memref.load %sh_g[%ga{i}] : {gq}\n"),
                 ("%gv{i}", "%vv"),
             ),
@@ -592,7 +599,7 @@ scf.for %x = %tid to %k_all step %cT {{
             g,
             "sn",
             "%cNope",
-            "%qv = memref.load %q_nope[%i, %h, %d] : memref<?x?x?xf32>\n",
+            "%qc = arith.addi %hn, %d : index\n%qv = memref.load %qnt[%qc, %i] : memref<?x?xf32>\n",
             |k| format!("%ka{k} = arith.addi %ko{k}, %d : index\n%kv{k} = memref.load %sh_k[%ka{k}] : {keys}\n"),
             ("%qv", "%kv{i}"),
         ),
@@ -600,7 +607,7 @@ scf.for %x = %tid to %k_all step %cT {{
             g,
             "sp",
             "%cRope",
-            "%qv = memref.load %q_pe[%i, %h, %d] : memref<?x?x?xf32>\n",
+            "%qc = arith.addi %hr, %d : index\n%qv = memref.load %qpt[%qc, %i] : memref<?x?xf32>\n",
             |k| format!("%ka{k} = arith.addi %kp{k}, %d : index\n%pe{k} = memref.load %sh_k[%ka{k}] : {keys}\n"),
             ("%qv", "%pe{i}"),
         ),
@@ -616,7 +623,7 @@ scf.for %x = %tid to %k_all step %cT {{
             g,
             "dpv",
             "%cV",
-            "%gv = memref.load %dout[%i, %h, %d] : memref<?x?x?xf32>\n",
+            "%gc = arith.addi %hv, %d : index\n%gv = memref.load %doutt[%gc, %i] : memref<?x?xf32>\n",
             |k| format!("%ka{k} = arith.addi %kvo{k}, %d : index\n%vv{k} = memref.load %sh_k[%ka{k}] : {keys}\n"),
             ("%gv", "%vv{i}"),
         ),

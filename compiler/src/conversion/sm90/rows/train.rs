@@ -162,6 +162,9 @@ impl Mla {
     }
 }
 
+/// Rows and columns of a [`TrainRow::Transpose`] tile.
+const TRANSPOSE_TILE: usize = 32;
+
 /// Blocks per 32 columns of [`TrainRow::QuantizePairs`], sharing out the 128-pair groups.
 const PAIR_GROUP_BLOCKS: usize = 16;
 
@@ -194,6 +197,12 @@ pub enum TrainRow {
     /// `y[r, :] = x[r, start .. start + d]` for the rows of `x`, zeros for the rows of `y` past
     /// them (a temporary sized for the run's rows, longer than x: its tail then sums as zeros).
     Slice { start: usize },
+    /// `y [d, R'] = x[:, start .. start + d]^T` for the `R` rows of `x` (`R'` >= `R`: y's columns
+    /// past them are left as they are), or (`heads` > 0; `start` 0) of `x [R, heads, d / heads]`
+    /// read as `[R, d]`: the attention kernels' operands along the keys (queries), which a warp
+    /// then reads 32 consecutive keys at a time. 32 x 32 tiles through shared memory (reads and
+    /// writes coalesced), a block per tile.
+    Transpose { start: usize, heads: usize },
     /// `y = [x1 | x2]` (`d` and `second` columns) over the rows of `y` (the parts may be
     /// temporaries with more rows).
     Join { second: usize },
@@ -360,6 +369,8 @@ impl TrainRow {
             TrainRow::Add => format!("rows_add_d{d}_t{t}"),
             TrainRow::AddFlat => format!("rows_addflat_d{d}_t{t}"),
             TrainRow::Slice { start } => format!("rows_slice_d{d}_o{start}_t{t}"),
+            TrainRow::Transpose { start, heads: 0 } => format!("rows_transpose_d{d}_o{start}_t{t}"),
+            TrainRow::Transpose { heads, .. } => format!("rows_transpose_d{d}_h{heads}_t{t}"),
             TrainRow::Join { second } => format!("rows_join_d{d}_b{second}_t{t}"),
             TrainRow::RowRange { into, shifted } => {
                 let dir = if into { "into" } else { "from" };
@@ -462,6 +473,10 @@ impl TrainRow {
             ["add", d, t] => kernel(TrainRow::Add, d, "f32", t),
             ["addflat", d, t] => kernel(TrainRow::AddFlat, d, "f32", t),
             ["slice", d, o, t] => kernel(TrainRow::Slice { start: number(o, "o")? }, d, "f32", t),
+            ["transpose", d, o, t] if o.starts_with('o') => {
+                kernel(TrainRow::Transpose { start: number(o, "o")?, heads: 0 }, d, "f32", t)
+            }
+            ["transpose", d, h, t] => kernel(TrainRow::Transpose { start: 0, heads: number(h, "h")? }, d, "f32", t),
             ["join", d, b, t] => kernel(TrainRow::Join { second: number(b, "b")? }, d, "f32", t),
             ["rowrange", d, dir, rest @ ..] => {
                 let into = match *dir {
@@ -588,7 +603,8 @@ impl TrainRow {
         match self {
             TrainRow::Matmul { .. } => vec![("a", rows()), ("b", rows()), ("out", rows())],
             TrainRow::Add | TrainRow::Join { .. } => vec![("x1", rows()), ("x2", rows()), ("y", rows())],
-            TrainRow::Slice { .. } => vec![("x", rows()), ("y", rows())],
+            TrainRow::Slice { .. } | TrainRow::Transpose { heads: 0, .. } => vec![("x", rows()), ("y", rows())],
+            TrainRow::Transpose { .. } => vec![("x", "memref<?x?x?xf32>".into()), ("y", rows())],
             TrainRow::AddFlat => {
                 let v = || "memref<?xf32>".to_string();
                 vec![("x1", v()), ("x2", v()), ("y", v())]
@@ -626,6 +642,11 @@ impl TrainRow {
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_) => {
                 let heads = || "memref<?x?x?xf32>".to_string();
                 let mut args = vec![("q_nope", heads()), ("q_pe", heads()), ("latent", rows()), ("kvb", rows())];
+                // Transposed along the keys (queries): what a thread per key (query) reads.
+                match self {
+                    TrainRow::MlaGradKv(_) => args.extend([("qnt", rows()), ("qpt", rows()), ("doutt", rows())]),
+                    _ => args.extend([("kvbt", rows()), ("latt", rows())]),
+                }
                 match self {
                     TrainRow::MlaForward(_) => args.push(("out", rows())),
                     TrainRow::MlaGradQ(_) => {
@@ -777,6 +798,7 @@ impl TrainRow {
             TrainRow::RowRange { into: false, .. } => "y",
             TrainRow::SiluMul | TrainRow::SiluMulGrad => "gate",
             TrainRow::Columns { .. } | TrainRow::Slice { .. } | TrainRow::Join { .. } => "y",
+            TrainRow::Transpose { .. } => "x",
             TrainRow::Rope { .. } | TrainRow::RmsNormGrad { .. } => "x",
             TrainRow::RmsNormDw => "dw",
             // A block per `d` elements.
@@ -811,6 +833,7 @@ impl TrainRow {
             ],
             TrainRow::MoeCombine { k } | TrainRow::PairCombine { k, .. } => vec![("sh_order", *k)],
             TrainRow::Matmul { .. } => super::matmul::shared(),
+            TrainRow::Transpose { .. } => vec![("sh_tr", TRANSPOSE_TILE * (TRANSPOSE_TILE + 1))],
             TrainRow::Quantize => {
                 let groups = d.div_ceil(super::GROUP);
                 vec![("sh_amax", groups * AMAX_PARTS), ("sh_scale", groups)]
@@ -829,6 +852,7 @@ impl TrainRow {
             TrainRow::RmsNormDw | TrainRow::LossMean { .. } => 32,
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_) => 128,
             TrainRow::Matmul { .. } => super::matmul::THREADS,
+            TrainRow::Transpose { .. } => 256,
             // A 128x128 tile per block; every sorted pair in one block.
             TrainRow::QuantizeBlocks { .. } | TrainRow::PairRows { .. } => 256,
             // One thread per expert; one thread per token does the rest.
@@ -856,6 +880,7 @@ impl TrainRow {
     pub(super) fn blocks_per_row(&self, d: usize) -> usize {
         match self {
             TrainRow::Matmul { .. } => d.div_ceil(super::matmul::TILE),
+            TrainRow::Transpose { .. } => d.div_ceil(TRANSPOSE_TILE),
             TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => m.heads,
             TrainRow::MoeHidden { k, .. } | TrainRow::MoeGradToken { k } => *k,
             TrainRow::QuantizeBlocks { tiles, .. } => *tiles,
@@ -872,6 +897,7 @@ impl TrainRow {
             // Elements of a flat tensor.
             TrainRow::GradAccum { .. } | TrainRow::SumSquares | TrainRow::AdamW => d,
             TrainRow::Matmul { .. } => super::matmul::TILE,
+            TrainRow::Transpose { .. } => TRANSPOSE_TILE,
             // Queries (keys) of a group.
             TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) => m.group,
             _ => 1,
@@ -890,6 +916,11 @@ impl TrainRow {
                 return Err(format!("{name}: rows of 0 heads"));
             }
         }
+        if let TrainRow::Transpose { start, heads } = self {
+            if *heads > 0 && (*start != 0 || d % heads != 0) {
+                return Err(format!("{name}: {d} columns of {heads} heads from column {start}"));
+            }
+        }
         if let TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) | TrainRow::MlaGradKv(m) = self {
             if !(1..=Mla::MAX_GROUP).contains(&m.group) || m.context == 0 {
                 let most = Mla::MAX_GROUP;
@@ -904,6 +935,14 @@ impl TrainRow {
         let mut s = String::new();
         match *self {
             TrainRow::Matmul { .. } => s.push_str(&super::matmul::constants(d)),
+            TrainRow::Transpose { start, heads } => {
+                let _ = writeln!(s, "%cStart = arith.constant {start} : index");
+                let _ = writeln!(s, "%cTr = arith.constant {TRANSPOSE_TILE} : index");
+                let _ = writeln!(s, "%cTrS = arith.constant {} : index", TRANSPOSE_TILE + 1);
+                let _ = writeln!(s, "%cTrAll = arith.constant {} : index", TRANSPOSE_TILE * TRANSPOSE_TILE);
+                let _ = writeln!(s, "%cNB = arith.constant {} : index", d.div_ceil(TRANSPOSE_TILE));
+                let _ = writeln!(s, "%cHn = arith.constant {} : index", d / heads.max(1));
+            }
             TrainRow::SiluMul | TrainRow::SiluMulGrad => {
                 let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
             }
@@ -1047,6 +1086,15 @@ impl TrainRow {
             TrainRow::MlaForward(m) | TrainRow::MlaGradQ(m) => super::mla_train::query_prologue(m),
             TrainRow::MlaGradKv(m) => super::mla_train::key_prologue(m),
             TrainRow::Matmul { transpose_a, .. } => super::matmul::prologue(*transpose_a),
+            TrainRow::Transpose { heads, .. } => format!(
+                "%rb = arith.divui %row, %cNB : index
+%cb = arith.remui %row, %cNB : index
+%r0 = arith.muli %rb, %cTr : index
+%k0 = arith.muli %cb, %cTr : index
+%R = memref.dim %x, %c0 : {}
+",
+                if *heads > 0 { "memref<?x?x?xf32>" } else { "memref<?x?xf32>" }
+            ),
             TrainRow::CrossEntropy { .. } => "%t64 = memref.load %targets[%row] : memref<?xi64>
 %t_idx = arith.index_cast %t64 : i64 to index
 %t_lo = arith.cmpi sge, %t64, %zero_i64 : i64
@@ -1084,6 +1132,58 @@ scf.for %i = %tid to %cD step %cT {{
 }}
 "
                 )]
+            }
+            TrainRow::Transpose { heads, .. } => {
+                let tr = sh("sh_tr");
+                let load = if heads > 0 {
+                    "%hh = arith.divui %gc, %cHn : index
+    %hc = arith.remui %gc, %cHn : index
+    %v = memref.load %x[%gr, %hh, %hc] : memref<?x?x?xf32>
+"
+                } else {
+                    "%xc = arith.addi %gc, %cStart : index
+    %v = memref.load %x[%gr, %xc] : memref<?x?xf32>
+"
+                };
+                // Rows of the tile along the threads, then its columns: each pass reads (writes) 32
+                // consecutive elements of a row, the shared tile padded (no bank conflicts).
+                let tile = |outer: &str, inner: &str, body: &str| {
+                    format!(
+                        "scf.for %q = %tid to %cTrAll step %cT {{
+  %{outer} = arith.divui %q, %cTr : index
+  %{inner} = arith.remui %q, %cTr : index
+  %gr = arith.addi %r0, %r : index
+  %gc = arith.addi %k0, %c : index
+  %r_in = arith.cmpi ult, %gr, %R : index
+  %c_in = arith.cmpi ult, %gc, %cD : index
+  %in = arith.andi %r_in, %c_in : i1
+  %at0 = arith.muli %r, %cTrS : index
+  %at = arith.addi %at0, %c : index
+  scf.if %in {{
+    {body}  }}
+}}
+"
+                    )
+                };
+                vec![
+                    tile(
+                        "r",
+                        "c",
+                        &format!(
+                            "{load}    memref.store %v, %sh_tr[%at] : {tr}
+"
+                        ),
+                    ),
+                    tile(
+                        "c",
+                        "r",
+                        &format!(
+                            "%v = memref.load %sh_tr[%at] : {tr}
+    memref.store %v, %y[%gc, %gr] : {m}
+"
+                        ),
+                    ),
+                ]
             }
             TrainRow::Slice { .. } => vec![format!(
                 "%xr = memref.dim %x, %c0 : {m}
@@ -2285,6 +2385,31 @@ mod tests {
         }
     }
 
+    /// The transposes (a column range of 2-D rows; rows of heads): every element in place, tiles
+    /// cut at both edges, the columns past the rows untouched.
+    #[test]
+    fn transpose_rows_move_every_element() {
+        for (rows, cols, start, d, heads) in
+            [(5, 40, 3, 33, 0), (70, 64, 0, 64, 0), (33, 6, 0, 6, 3), (1, 96, 0, 96, 4)]
+        {
+            let mut x = values(rows * cols, 7, 1.0);
+            let mut y = vec![f32::NAN; d * (rows + 2)];
+            let op = TrainRow::Transpose { start, heads };
+            let shape = if heads > 0 { vec![rows, heads, cols / heads] } else { vec![rows, cols] };
+            run_cpu(&kernel(op, d), &[raw(&mut x, &shape, "f32"), raw(&mut y, &[d, rows + 2], "f32")]);
+            for c in 0..d {
+                for r in 0..rows + 2 {
+                    let got = y[c * (rows + 2) + r];
+                    if r < rows {
+                        assert_eq!(got, x[r * cols + start + c], "{rows}x{cols} from {start}: ({r}, {c})");
+                    } else {
+                        assert!(got.is_nan(), "{rows}x{cols}: column {r} past the rows written");
+                    }
+                }
+            }
+        }
+    }
+
     /// Add, SwiGLU of two inputs and its gradient, and column ranges: exactly the reference's.
     #[test]
     fn elementwise_rows_equal_the_reference() {
@@ -2596,6 +2721,17 @@ mod tests {
     /// rope columns sum per head first, then over the heads).
     #[test]
     fn mla_rows_match_the_reference() {
+        // `[width, rows + 1]`: columns `from..from + width` of `x [rows, cols]` transposed, the
+        // last column NaN.
+        fn transposed(x: &[f32], rows: usize, cols: usize, from: usize, width: usize) -> Vec<f32> {
+            let mut y = vec![f32::NAN; width * (rows + 1)];
+            for r in 0..rows {
+                for c in 0..width {
+                    y[c * (rows + 1) + r] = x[r * cols + from + c];
+                }
+            }
+            y
+        }
         use v3c_models::graph::AttentionForm;
         let (h, dn, dr, dv, kv) = (3, 8, 4, 6, 16);
         let dims = kernels::MlaDims { heads: h, nope: dn, rope: dr, v: dv, kv_lora: kv };
@@ -2622,8 +2758,14 @@ mod tests {
                     raw(kvb, &[s_len, hp], "f32"),
                 ]
             };
+            // The keys' (queries') operands transposed, a column more than the rows (a temporary
+            // of the run's rows).
+            let (mut kvbt, mut latt) = (transposed(&kvb, s_len, hp, 0, hp), transposed(&latent, s_len, c, kv, dr));
+            let (mut qnt, mut qpt) = (transposed(&qn, t, h * dn, 0, h * dn), transposed(&qp, t, h * dr, 0, h * dr));
+            let mut gt = transposed(&g, t, h * dv, 0, h * dv);
             let mut out = vec![f32::NAN; t * h * dv];
             let mut args = bufs(&mut qn, &mut qp, &mut latent, &mut kvb);
+            args.extend([raw(&mut kvbt, &[hp, s_len + 1], "f32"), raw(&mut latt, &[dr, s_len + 1], "f32")]);
             args.push(raw(&mut out, &[t, h * dv], "f32"));
             run_cpu(&kernel(TrainRow::MlaForward(m), kv), &args);
             assert_eq!(out, want, "forward, {t} queries over {s_len} keys, capacity {context}, groups of {group}");
@@ -2633,6 +2775,8 @@ mod tests {
                 (vec![f32::NAN; t * h * dn], vec![f32::NAN; t * h * dr], vec![f32::NAN; t * h * 3]);
             let mut args = bufs(&mut qn, &mut qp, &mut latent, &mut kvb);
             args.extend([
+                raw(&mut kvbt, &[hp, s_len + 1], "f32"),
+                raw(&mut latt, &[dr, s_len + 1], "f32"),
                 raw(&mut g, &[t, h, dv], "f32"),
                 raw(&mut dqn, &[t, h, dn], "f32"),
                 raw(&mut dqp, &[t, h, dr], "f32"),
@@ -2648,6 +2792,9 @@ mod tests {
                 let (mut dkvb, mut part) = (vec![f32::NAN; rows * hp], vec![f32::NAN; rows * h * dr]);
                 let mut args = bufs(&mut qn, &mut qp, &mut latent, &mut kvb);
                 args.extend([
+                    raw(&mut qnt, &[h * dn, t + 1], "f32"),
+                    raw(&mut qpt, &[h * dr, t + 1], "f32"),
+                    raw(&mut gt, &[h * dv, t + 1], "f32"),
                     raw(&mut g, &[t, h, dv], "f32"),
                     raw(&mut stats, &[t * h, 3], "f32"),
                     raw(&mut dkvb, &[rows, hp], "f32"),
