@@ -69,6 +69,21 @@ fn dots(
     s
 }
 
+/// One operand of a score's dot product: lines loading what every member shares (defining
+/// `{product.0}` or `{product.1}`), each member's own lines, the product's two names.
+type Operand<'a> = (&'a str, &'a dyn Fn(usize) -> String, (&'a str, &'a str));
+
+/// `%s{i}` = each member's score, `(nope . nope + rope . rope) * scale`: the two dot products
+/// ([`dots`]: `%sn`, `%sp`) summed, then scaled (the reference's `dot`s and order).
+fn scores(group: usize, nope: Operand, rope: Operand) -> String {
+    let ((nope_shared, nope_own, nope_product), (rope_shared, rope_own, rope_product)) = (nope, rope);
+    dots(group, "sn", "%cNope", nope_shared, nope_own, nope_product)
+        + &dots(group, "sp", "%cRope", rope_shared, rope_own, rope_product)
+        + &each(group, |i| {
+            format!("%snp{i} = arith.addf %sn#{i}, %sp#{i} : f32\n%s{i} = arith.mulf %snp{i}, %softmax_scale : f32\n")
+        })
+}
+
 /// The prologue of the queries' kernels (forward and the queries' gradient): the block's head
 /// and queries `%b0..%b_end` (`%nq` of them), the keys its last query sees (`%nkeys`), the
 /// group's members and the chunks.
@@ -237,31 +252,26 @@ pub(super) fn query_phases(m: &Mla, grad: bool, lowering: Lowering, sh: &dyn Fn(
     let (dp, gq) = (&dp, &gq);
     let chunk = MLA_CHUNK;
     // Every key of the chunk, strided: the group's scores into `sh_p`.
+    let (q_nope, q_rope) = (
+        |i| format!("%qa{i} = arith.addi %qo{i}, %d : index\n%qv{i} = memref.load %sh_q[%qa{i}] : {q}\n"),
+        |i| format!("%qa{i} = arith.addi %qr{i}, %d : index\n%qv{i} = memref.load %sh_q[%qa{i}] : {q}\n"),
+    );
     let scores = format!(
         "scf.for %j = %j_first to %k1 step %cT {{
 %slot = arith.subi %j, %k0 : index
-{nope}{rope}{store}}}
+{scores}{store}}}
 ",
-        nope = dots(
+        scores = scores(
             g,
-            "sn",
-            "%cNope",
-            "%col = arith.addi %hbase, %d : index\n%kv_v = memref.load %kvbt[%col, %j] : memref<?x?xf32>\n",
-            |i| format!("%qa{i} = arith.addi %qo{i}, %d : index\n%qv{i} = memref.load %sh_q[%qa{i}] : {q}\n"),
-            ("%qv{i}", "%kv_v"),
-        ),
-        rope = dots(
-            g,
-            "sp",
-            "%cRope",
-            "%pe = memref.load %latt[%d, %j] : memref<?x?xf32>\n",
-            |i| format!("%qa{i} = arith.addi %qr{i}, %d : index\n%qv{i} = memref.load %sh_q[%qa{i}] : {q}\n"),
-            ("%qv{i}", "%pe"),
+            (
+                "%col = arith.addi %hbase, %d : index\n%kv_v = memref.load %kvbt[%col, %j] : memref<?x?xf32>\n",
+                &q_nope,
+                ("%qv{i}", "%kv_v"),
+            ),
+            ("%pe = memref.load %latt[%d, %j] : memref<?x?xf32>\n", &q_rope, ("%qv{i}", "%pe")),
         ),
         store = each(g, |i| format!(
-            "%snp{i} = arith.addf %sn#{i}, %sp#{i} : f32
-%s{i} = arith.mulf %snp{i}, %softmax_scale : f32
-%po{i} = arith.addi %po{i}_base, %slot : index
+            "%po{i} = arith.addi %po{i}_base, %slot : index
 memref.store %s{i}, %sh_p[%po{i}] : {p}
 "
         )),
@@ -585,36 +595,35 @@ scf.for %x = %tid to %k_all step %cT {{
 "
     );
     let mut phases = vec![format!("%cKeyCols = arith.addi %cPerHead, %cRope : index\n{zero}{stage}")];
+    let (k_nope, k_rope) = (
+        |k| format!("%ka{k} = arith.addi %ko{k}, %d : index\n%kv{k} = memref.load %sh_k[%ka{k}] : {keys}\n"),
+        |k| format!("%ka{k} = arith.addi %kp{k}, %d : index\n%pe{k} = memref.load %sh_k[%ka{k}] : {keys}\n"),
+    );
     let probabilities = format!(
         "scf.for %i = %i_first to %i_hi step %cT {{
 %slot = arith.subi %i, %i_lo : index
-{nope}{rope}%hq = arith.muli %i, %cH : index
+{scores}%hq = arith.muli %i, %cH : index
 %qrow = arith.addi %hq, %h : index
 %max = memref.load %stats[%qrow, %c0] : memref<?x?xf32>
 %sum = memref.load %stats[%qrow, %c1] : memref<?x?xf32>
 %mean = memref.load %stats[%qrow, %c2] : memref<?x?xf32>
 {p}{dp}{ds}}}
 ",
-        nope = dots(
+        scores = scores(
             g,
-            "sn",
-            "%cNope",
-            "%qc = arith.addi %hn, %d : index\n%qv = memref.load %qnt[%qc, %i] : memref<?x?xf32>\n",
-            |k| format!("%ka{k} = arith.addi %ko{k}, %d : index\n%kv{k} = memref.load %sh_k[%ka{k}] : {keys}\n"),
-            ("%qv", "%kv{i}"),
-        ),
-        rope = dots(
-            g,
-            "sp",
-            "%cRope",
-            "%qc = arith.addi %hr, %d : index\n%qv = memref.load %qpt[%qc, %i] : memref<?x?xf32>\n",
-            |k| format!("%ka{k} = arith.addi %kp{k}, %d : index\n%pe{k} = memref.load %sh_k[%ka{k}] : {keys}\n"),
-            ("%qv", "%pe{i}"),
+            (
+                "%qc = arith.addi %hn, %d : index\n%qv = memref.load %qnt[%qc, %i] : memref<?x?xf32>\n",
+                &k_nope,
+                ("%qv", "%kv{i}"),
+            ),
+            (
+                "%qc = arith.addi %hr, %d : index\n%qv = memref.load %qpt[%qc, %i] : memref<?x?xf32>\n",
+                &k_rope,
+                ("%qv", "%pe{i}"),
+            ),
         ),
         p = each(g, |k| format!(
-            "%snp{k} = arith.addf %sn#{k}, %sp#{k} : f32
-%s{k} = arith.mulf %snp{k}, %softmax_scale : f32
-%xm{k} = arith.subf %s{k}, %max : f32
+            "%xm{k} = arith.subf %s{k}, %max : f32
 {e}%pv{k} = arith.divf %e{k}, %sum : f32
 ",
             e = exp(lowering, &format!("%xm{k}"), &format!("%e{k}"))
