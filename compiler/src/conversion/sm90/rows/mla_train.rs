@@ -4,9 +4,9 @@
 //! memory serves the whole group — a block reads what a block of one query read, for `group`
 //! queries — while the group's softmax maxima and sums run in parallel, a thread a query. Where a
 //! thread per key (query) walks a key's (query's) columns, it reads them from copies transposed
-//! along the keys (`kvbt [heads * (nope + v), S]`, `latt [rope, S]`; `qnt`, `qpt`, `doutt` `[heads
-//! * width, T]`: [`super::TrainRow::Transpose`]), so that a warp's 32 threads read 32 consecutive
-//! values — in the rows' own layout each of them touched another cache line. Every
+//! along the keys (`kvbt [heads * (nope + v), S]`, `latt [rope, S]`; `qnt`, `qpt`, `doutt`
+//! `[heads * width, T]`: [`super::TrainRow::Transpose`]), so that a warp's 32 threads read 32
+//! consecutive values — in the rows' own layout each of them touched another cache line. Every
 //! value is still computed by one thread in the reference's order (scores, `dout . v`, each
 //! output's sum over the keys, each key's over the queries), so the bits are those of one query a
 //! block: a query's sums skip the keys it does not see (a select: the causal mask) rather than
