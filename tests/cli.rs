@@ -1310,7 +1310,11 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         ),
         ("mla_latent_1", "rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16 [row kernel"),
         ("lm_head_0", "3 launches: rows_splitbf16_d7168_t256 -> GEMM N 129280 K 7168"),
-        ("moe_dispatch_0", "2 launches: rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256"),
+        (
+            "moe_dispatch_0",
+            "2 launches: decode rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256, \
+             prefill rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256_b8 -> rows_dispatch",
+        ),
         ("moe_down_0", "2 launches: rows_copy_d7168_t256 -> grouped GEMM over 257 experts"),
         ("swiglu_0", "2 launches: GEMM N 36864 K 7168 (decode gemm_fp8_f32_"),
     ] {
@@ -1361,7 +1365,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     );
     assert!(stdout.contains("entry decode: 627 launches"), "{stdout}");
     assert!(
-        stdout.contains("template launches of 51 kernels at the planned sizes, each as its PTX declares"),
+        stdout.contains("template launches of 52 kernels at the planned sizes, each as its PTX declares"),
         "{stdout}"
     );
     assert!(stdout.contains("device memory: 17.60 GiB weights + 623.68 GiB re-laid out"), "{stdout}");

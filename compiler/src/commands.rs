@@ -871,14 +871,26 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     write_gpu_artifact(out, o, &config, precision, &module, &lowered, argmax.as_ref(), optimizer, tuning)
 }
 
-/// A row kernel's blocks: the rows of its rows argument (by position) times its blocks per row.
-fn row_blocks(k: &v3c_compiler::conversion::sm90::rows::RowKernel) -> v3c_runtime::lowering::Blocks {
+/// A row kernel's blocks: the rows of its rows argument (by position) times its blocks per row
+/// (`regimes`: its [decode, prefill] kernels, when decode's takes other rows a block).
+fn row_blocks(
+    k: &v3c_compiler::conversion::sm90::rows::RowKernel,
+    regimes: Option<&[String; 2]>,
+) -> v3c_runtime::lowering::Blocks {
+    use v3c_compiler::conversion::sm90::rows::RowKernel;
     let position = k.rows_argument().and_then(|rows| k.arguments().iter().position(|(n, _)| *n == rows));
+    let rows_of = |name: &String| RowKernel::from_name(name).map(|r| r.rows_per_block());
+    let (decode, prefill) = match regimes {
+        Some([decode, prefill]) => (rows_of(decode), rows_of(prefill)),
+        None => (None, None),
+    };
+    let rows_per_block = prefill.unwrap_or_else(|| k.rows_per_block());
     match position {
         Some(operand) => v3c_runtime::lowering::Blocks::Rows {
             operand,
             per_row: k.blocks_per_row(),
-            rows_per_block: k.rows_per_block(),
+            rows_per_block,
+            decode_rows_per_block: decode.filter(|&d| d != rows_per_block),
         },
         None => v3c_runtime::lowering::Blocks::One,
     }
@@ -1063,7 +1075,7 @@ fn write_gpu_artifact(
     };
     for (name, launch) in &lowered.rows {
         let k = &launch.kernel;
-        let blocks = row_blocks(k);
+        let blocks = row_blocks(k, lowered.row_regimes.get(name));
         fused.push(FusedLowering {
             fused: name.clone(),
             launches: vec![LaunchSpec {
@@ -1085,7 +1097,7 @@ fn write_gpu_artifact(
                 (StepKernel::Row(k), pick) => LaunchSpec {
                     kernel: choice(k.kernel_name(), pick.as_ref()),
                     operands,
-                    blocks: row_blocks(k),
+                    blocks: row_blocks(k, pick.as_ref()),
                     gemm: None,
                     attention: None,
                 },

@@ -38,8 +38,14 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::SiluMul { quantize: true }, 18432, "f32"),
         RowKernel::new(RowOp::SiluMul { quantize: false }, 2048, "f32"),
         RowKernel::new(RowOp::Copy, 7168, "f32"),
+        // Routing: decode's one token a block, prefill's 8.
         RowKernel::new(
-            RowOp::Route { experts: 256, top_k: 8, n_group: 8, topk_group: 4, norm: true, scale: 2.5 },
+            RowOp::Route { experts: 256, top_k: 8, n_group: 8, topk_group: 4, norm: true, scale: 2.5, tokens: 1 },
+            7168,
+            "bf16",
+        ),
+        RowKernel::new(
+            RowOp::Route { experts: 256, top_k: 8, n_group: 8, topk_group: 4, norm: true, scale: 2.5, tokens: 8 },
             7168,
             "bf16",
         ),

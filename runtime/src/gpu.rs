@@ -405,11 +405,14 @@ impl<'a> Expander<'a> {
                         }
                         let grid = match spec.blocks {
                             Blocks::One => 1,
-                            Blocks::Rows { operand, per_row, rows_per_block } => {
+                            Blocks::Rows { operand, per_row, rows_per_block, decode_rows_per_block } => {
                                 let b =
                                     ops.get(operand).ok_or_else(|| at(format!("rows operand {operand} missing")))?;
-                                b.shape_at_rank(ranks[operand]).map_err(at)?[0].div_ceil(rows_per_block.max(1))
-                                    * per_row
+                                let per_block = match (decode, decode_rows_per_block) {
+                                    (true, Some(n)) => n,
+                                    _ => rows_per_block,
+                                };
+                                b.shape_at_rank(ranks[operand]).map_err(at)?[0].div_ceil(per_block.max(1)) * per_row
                             }
                             Blocks::GemmUnits | Blocks::AttentionTiles => {
                                 return Err(at(format!("{kernel}: a row kernel with {:?}", spec.blocks)))

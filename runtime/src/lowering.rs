@@ -10,8 +10,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped whenever the format changes incompatibly.
-pub const LOWERING_FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the format changes incompatibly (2: a row launch's grid may differ per regime,
+/// [`Blocks::Rows`]'s `decode_rows_per_block`, which a reader of 1 would ignore).
+pub const LOWERING_FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lowering {
@@ -177,12 +178,15 @@ fn is_one(n: &usize) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Blocks {
     /// The leading dim of operand `operand` in blocks of `rows_per_block` (rounded up) times
-    /// `per_row`.
+    /// `per_row`; `decode_rows_per_block`: the decode regime's kernel's rows a block, where it
+    /// differs (routing: a token a block in decode, several in prefill).
     Rows {
         operand: usize,
         per_row: usize,
         #[serde(default = "one", skip_serializing_if = "is_one")]
         rows_per_block: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decode_rows_per_block: Option<usize>,
     },
     /// One block.
     One,

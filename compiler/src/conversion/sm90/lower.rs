@@ -1354,7 +1354,9 @@ fn split_bf16_steps(g: &GemmKernel, fused: &str, before: Vec<(Step, Temp)>, into
     Steps { steps, temps, rope_table: None }
 }
 
-/// The routing row of a `v3.moe_dispatch` or `v3.moe_route` op over `experts` experts.
+/// The routing row of a `v3.moe_dispatch` or `v3.moe_route` op over `experts` experts: prefill's
+/// ([`super::rows::ROUTE_TOKENS`] tokens a block; [`super::ModelKernels`] adds decode's, one a
+/// block, for the fused kernels decode runs).
 pub(super) fn route_op(o: &OperationRef, experts: usize) -> Result<RowOp, String> {
     let int_attr =
         |name: &str| -> Option<usize> { o.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok() };
@@ -1365,6 +1367,7 @@ pub(super) fn route_op(o: &OperationRef, experts: usize) -> Result<RowOp, String
         topk_group: int_attr("topk_group").ok_or("routing without topk_group")?,
         norm: o.attribute("norm_topk_prob").map(|a| a.to_string() == "true").unwrap_or(false),
         scale: float_attr(o, "routed_scaling_factor").unwrap_or(1.0),
+        tokens: super::rows::ROUTE_TOKENS,
     })
 }
 

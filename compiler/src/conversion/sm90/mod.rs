@@ -591,8 +591,9 @@ impl ModelKernels {
     }
 
     /// Row kernel `k` of `name` (a fused kernel, or a step of one): a reduction the tuner widens
-    /// ([`crate::tune::rows`]) gets [decode, prefill] kernels as a GEMM does (`Some`); any other is
-    /// compiled as it is (`None`).
+    /// ([`crate::tune::rows`]) gets [decode, prefill] kernels as a GEMM does (`Some`), and so does
+    /// routing (decode's a token a block, prefill's `k`'s several); any other is compiled as it is
+    /// (`None`).
     #[allow(clippy::too_many_arguments)]
     fn row_kernels(
         &mut self,
@@ -605,6 +606,18 @@ impl ModelKernels {
         regimes: [bool; 2],
         progress: &mut impl FnMut(&str),
     ) -> Result<Option<RegimeKernels>, Sm90Error> {
+        // Routing: decode's few tokens a block each (spread over as many SMs), prefill's several a
+        // block (each gate value read once for them).
+        if let rows::RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens } = k.op {
+            return Self::per_regime(regimes, |m| {
+                let tokens = if m == crate::tune::DECODE_M { 1 } else { tokens };
+                let op = rows::RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens };
+                let variant = rows::RowKernel { op, ..k.clone() };
+                self.row_kernel(context, &variant, target, ptxas, progress)?;
+                Ok(variant.kernel_name())
+            })
+            .map(Some);
+        }
         if RowShape::of(k, 1).is_none() {
             self.row_kernel(context, k, target, ptxas, progress)?;
             return Ok(None);

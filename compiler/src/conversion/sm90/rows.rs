@@ -107,13 +107,14 @@ pub enum RowOp {
     SiluMul { quantize: bool },
     /// `y = x` (f32 rows; e.g. the residual a scattering GEMM then adds into).
     Copy,
-    /// DeepSeek-V3's routing (`d` = hidden), [`ROUTE_TOKENS`] tokens a block (each gate value read
-    /// once for them; a thread per token selects): logits `x . gate^T` (a sequential sum per
+    /// DeepSeek-V3's routing (`d` = hidden), `tokens` tokens a block (each gate value read once for
+    /// them; a thread per token selects — prefill's [`ROUTE_TOKENS`], decode's one: a block per
+    /// token spreads a few tokens' logits over as many SMs): logits `x . gate^T` (a sequential sum per
     /// expert, the reference's order), sigmoid scores `s`, selection on `s + bias` (groups scored by
     /// their top two, the best `topk_group` groups kept, then the best `top_k` experts in them; ties
     /// to the lower index), weights `s` of the chosen, normalized (`norm`) and scaled. Writes the
     /// experts `idx [rows, top_k]` (i32) and weights `w [rows, top_k]`.
-    Route { experts: usize, top_k: usize, n_group: usize, topk_group: usize, norm: bool, scale: f32 },
+    Route { experts: usize, top_k: usize, n_group: usize, topk_group: usize, norm: bool, scale: f32, tokens: usize },
     /// The counting sort of the routed (token, expert) pairs by expert (one block; the pairs cut
     /// into chunks a thread each counts, then places in order): `offsets [experts + shared + 1]`, per sorted row its token
     /// `sorted [tokens, top_k + shared]` and weight `rw`; tokens in order within an expert, the shared
@@ -286,10 +287,11 @@ impl RowKernel {
                 let f32_graph = if w == "bf16" { "_bf16" } else { "" };
                 format!("rows_{kind}_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_c{context}_s{scale}_t{t}{f32_graph}")
             }
-            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale } => {
+            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens } => {
                 let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
                 let norm = if norm { "_norm" } else { "" };
-                format!("rows_route_{w}_d{d}_e{experts}_k{top_k}_g{n_group}_kg{topk_group}_s{scale}{norm}_t{t}")
+                let tokens = if tokens == 1 { String::new() } else { format!("_b{tokens}") };
+                format!("rows_route_{w}_d{d}_e{experts}_k{top_k}_g{n_group}_kg{topk_group}_s{scale}{norm}_t{t}{tokens}")
             }
             RowOp::Dispatch { experts, shared } => format!("rows_dispatch_e{experts}_s{shared}_t{t}"),
             RowOp::Latent { eps, rope, interleave, append, cache } => {
@@ -339,6 +341,10 @@ impl RowKernel {
                 Some(RowKernel { op, d: experts + shared, weight: "f32".into(), threads: number(t, 't')? })
             }
             ("route", [w, d, e, k, g, kg, sc, rest @ ..]) => {
+                let (rest, tokens) = match rest {
+                    [rest @ .., b] if b.starts_with('b') => (rest, number(b, 'b')?),
+                    rest => (rest, 1),
+                };
                 let (norm, t) = match rest {
                     ["norm", t] => (true, t),
                     [t] => (false, t),
@@ -351,6 +357,7 @@ impl RowKernel {
                     topk_group: kg.strip_prefix("kg")?.parse().ok()?,
                     norm,
                     scale: sc.strip_prefix('s')?.replace('m', "-").replace('p', ".").parse().ok()?,
+                    tokens,
                 };
                 Some(RowKernel { op, d: number(d, 'd')?, weight: w.to_string(), threads: number(t, 't')? })
             }
@@ -734,7 +741,7 @@ impl RowKernel {
     pub fn rows_per_block(&self) -> usize {
         match self.op {
             RowOp::MlaAbsorb { tokens, .. } | RowOp::MlaUpV { tokens, .. } => tokens,
-            RowOp::Route { .. } => ROUTE_TOKENS,
+            RowOp::Route { tokens, .. } => tokens,
             RowOp::Train(op) => op.rows_per_block(self.d),
             _ => 1,
         }
@@ -801,15 +808,15 @@ impl RowKernel {
             ],
             // Per token of the block: its logits (then scores), biased scores, flags, group scores
             // and flags, chosen scores.
-            RowOp::Route { experts, n_group, top_k, .. } => vec![
-                ("sh_tile", ROUTE_CHUNK * (experts + 1)),
-                ("sh_x", ROUTE_CHUNK * ROUTE_TOKENS),
-                ("sh_acc", ROUTE_TOKENS * experts),
-                ("sh_sb", ROUTE_TOKENS * experts),
-                ("sh_flag", ROUTE_TOKENS * experts),
-                ("sh_gscore", ROUTE_TOKENS * n_group),
-                ("sh_gflag", ROUTE_TOKENS * n_group),
-                ("sh_w", ROUTE_TOKENS * top_k),
+            RowOp::Route { experts, n_group, top_k, tokens, .. } => vec![
+                ("sh_tile", route_chunk(tokens) * (experts + 1)),
+                ("sh_x", route_chunk(tokens) * tokens),
+                ("sh_acc", tokens * experts),
+                ("sh_sb", tokens * experts),
+                ("sh_flag", tokens * experts),
+                ("sh_gscore", tokens * n_group),
+                ("sh_gflag", tokens * n_group),
+                ("sh_w", tokens * top_k),
             ],
             RowOp::Dispatch { experts, shared } => vec![
                 ("sh_count", experts + shared),
@@ -888,8 +895,11 @@ impl RowKernel {
                 ));
             }
         }
-        if let RowOp::Route { experts, top_k, n_group, topk_group, .. } = self.op {
+        if let RowOp::Route { experts, top_k, n_group, topk_group, tokens, .. } = self.op {
             let per = experts / n_group.max(1);
+            if !(1..=self.threads).contains(&tokens) {
+                return Err(format!("{name}: {tokens} tokens a block of {} threads", self.threads));
+            }
             if n_group == 0
                 || experts % n_group != 0
                 || per < 2
@@ -1252,13 +1262,13 @@ scf.for %j = %tid to %cHalfAll step %cT {{
                     )
                 )]
             }
-            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale } => {
+            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens } => {
                 let per = experts / n_group;
+                let chunk = route_chunk(tokens);
                 let (tile, xs, acc, flag, gflag) =
                     (sh("sh_tile"), sh("sh_x"), sh("sh_acc"), sh("sh_flag"), sh("sh_gflag"));
                 let (sb, gscore, w_ty) = (sh("sh_sb"), sh("sh_gscore"), sh("sh_w"));
                 let stride = experts + 1;
-                let tokens = ROUTE_TOKENS;
                 // 1: the block's logits' sums and selection flags cleared.
                 let clear = format!(
                     "%cEG = arith.constant {eg} : index
@@ -1310,8 +1320,8 @@ scf.for %q = %tid to %cXs step %cT {{
   }}
 }}
 ",
-                    tile_elems = ROUTE_CHUNK * experts,
-                    x_elems = ROUTE_CHUNK * tokens,
+                    tile_elems = chunk * experts,
+                    x_elems = chunk * tokens,
                     gate = indent2(&indent2(&self.load_weight("gv", "%gate", "%e, %i"))),
                 );
                 let token_sums: Vec<String> = (0..tokens)
@@ -1346,7 +1356,7 @@ scf.for %e = %tid to %cE step %cT {{
                         .map(|t| {
                             format!(
                                 "  %cxo{t} = arith.constant {xo} : index\n  %ct{t} = arith.constant {ao} : index\n  %at{t} = arith.addi %e, %ct{t} : index\n",
-                                xo = t * ROUTE_CHUNK,
+                                xo = t * chunk,
                                 ao = t * experts
                             )
                         })
@@ -2477,18 +2487,19 @@ scf.for %i = %tid to %cD step %cT {{
             .to_string()
                 + MLA_CHUNKS;
         }
-        if let RowOp::Route { .. } = self.op {
+        if let RowOp::Route { tokens, .. } = self.op {
             // The block's tokens `%row0..` (`%ntok` of them).
             return format!(
-                "%cCh = arith.constant {ROUTE_CHUNK} : index
+                "%cCh = arith.constant {chunk} : index
 %nchunks = arith.ceildivui %cD, %cCh : index
-%cTok = arith.constant {ROUTE_TOKENS} : index
+%cTok = arith.constant {tokens} : index
 %row0 = arith.muli %row, %cTok : index
 %nrows = memref.dim %x, %c0 : memref<?x?xf32>
 %row_end0 = arith.addi %row0, %cTok : index
 %row_end = arith.minui %row_end0, %nrows : index
 %ntok = arith.subi %row_end, %row0 : index
-"
+",
+                chunk = route_chunk(tokens)
             );
         }
         if let RowOp::SplitRope { .. } = self.op {
@@ -2825,10 +2836,19 @@ scf.for %e = %tid to {e} step %cT {{
     }
 }
 
-/// Gate columns per shared-memory tile of the routing kernel ([`RowOp::Route`]).
-const ROUTE_CHUNK: usize = 16;
-/// Tokens a block of the routing kernel takes: each gate value it reads serves them all.
-const ROUTE_TOKENS: usize = 8;
+/// Tokens a block of prefill's routing kernel takes ([`RowOp::Route`]): each gate value it reads
+/// serves them all (decode's takes one).
+pub const ROUTE_TOKENS: usize = 8;
+
+/// Gate columns per shared-memory tile of the routing kernel: 32 for one token a block, 16 beside
+/// several tokens' logits.
+fn route_chunk(tokens: usize) -> usize {
+    if tokens == 1 {
+        32
+    } else {
+        16
+    }
+}
 
 /// A phase list item that opens a loop around the phases up to the matching [`LOOP_END`]: the rest
 /// is the loop's `scf.for` header (its bounds defined in the prologue). On the GPU every iteration
@@ -3657,7 +3677,9 @@ mod tests {
         // of 8 tokens partial.)
         let (experts, rows) = (16, 43);
         // (100 columns: the gate's last tile of 16 partial.)
-        for (d, norm, top_k, n_group, topk_group) in [(96, true, 4, 4, 2), (100, false, 3, 8, 3)] {
+        // Decode's one token a block and prefill's several (the last block partial).
+        let cases = [(96, true, 4, 4, 2), (100, false, 3, 8, 3)].into_iter().flat_map(|c| [(c, 1), (c, ROUTE_TOKENS)]);
+        for ((d, norm, top_k, n_group, topk_group), tokens) in cases {
             let r = v3c_models::graph::Routing {
                 top_k,
                 n_group,
@@ -3677,7 +3699,7 @@ mod tests {
             // ... and their biases, large enough that both are chosen: the order says who won the tie.
             (bias[3], bias[5]) = (1.0, 1.0);
             let (mut idx, mut w) = (vec![-1i32; rows * top_k], vec![f32::NAN; rows * top_k]);
-            let op = RowOp::Route { experts, top_k, n_group, topk_group, norm, scale: 2.5 };
+            let op = RowOp::Route { experts, top_k, n_group, topk_group, norm, scale: 2.5, tokens };
             let kernel = RowKernel::new(op, d, "bf16");
             assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
             run_cpu(
