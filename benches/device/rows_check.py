@@ -27,8 +27,8 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
   rows_splitbf16_d<D>_t<T>: x [rows, D] (f32), hi [rows, D], lo [rows, D] (bf16)
   rows_concat_d<D>_b<B>_t<T>: x1 [rows, D], x2 [rows, B], y [rows, D + B]
   rows_argmax_d<D>_t<T>: x [rows, D] (f32), idx [rows] (i32): f32 total order, ties to the lower index
-  rows_route_<w>_d<D>_e<E>_k<K>_g<G>_kg<KG>_s<S>[_norm]_t<T>: x [rows, D], gate [E, D], bias [E], then
-      idx [rows, K] (i32), w [rows, K]
+  rows_route_<w>_d<D>_e<E>_k<K>_g<G>_kg<KG>_s<S>[_norm]_t<T>[_b<B>]: x [rows, D], gate [E, D], bias [E],
+      then idx [rows, K] (i32), w [rows, K]; B tokens a block (prefill's), else one (decode's)
   rows_dispatch_e<E>_s<S>_t<T>: idx [rows, K], w [rows, K], offsets [E + S + 1], sorted [rows, K + S] (i32),
       rw [rows, K + S]; one block (grid 1)
   rows_mladecode_h<H>_n<N>_r<R>_v<V>_kv<KV>_c<C>_s<S>_t<T>: q_nope [B, H, N], q_pe [B, H, R], cache
@@ -63,7 +63,7 @@ NAME = re.compile(r"^rows_(embed|rmsnorm)_(bf16|f32)_d(\d+)_t(\d+)(?:_eps([0-9a-
 SPLITROPE = re.compile(r"^rows_splitrope_h(\d+)_n(\d+)_r(\d+)_t(\d+)(_il)?$")
 SILUMUL = re.compile(r"^rows_silumul_d(\d+)_t(\d+)_(q|y)$")
 COPY = re.compile(r"^rows_copy_d(\d+)_t(\d+)$")
-ROUTE = re.compile(r"^rows_route_(bf16|f32)_d(\d+)_e(\d+)_k(\d+)_g(\d+)_kg(\d+)_s([0-9a-z]+?)(_norm)?_t(\d+)$")
+ROUTE = re.compile(r"^rows_route_(bf16|f32)_d(\d+)_e(\d+)_k(\d+)_g(\d+)_kg(\d+)_s([0-9a-z]+?)(_norm)?_t(\d+)(?:_b(\d+))?$")
 DISPATCH = re.compile(r"^rows_dispatch_e(\d+)_s(\d+)_t(\d+)$")
 MLADECODE = re.compile(r"^rows_mla(decode|prefill)_h(\d+)_n(\d+)_r(\d+)_v(\d+)_kv(\d+)_c(\d+)_s([0-9a-z]+?)_t(\d+)$")
 SPLIT = re.compile(r"^rows_splitbf16_d(\d+)_t(\d+)$")
@@ -83,10 +83,10 @@ def parse(name):
                 "threads": int(t), "weight": "f8E4M3FN", "keep": False, "quantize": True}
     m = ROUTE.match(name)
     if m:
-        w, d, e, k, g, kg, sc, norm, t = m.groups()
+        w, d, e, k, g, kg, sc, norm, t, b = m.groups()
         return {"name": name, "op": "route", "weight": w, "d": int(d), "experts": int(e), "top_k": int(k),
                 "n_group": int(g), "topk_group": int(kg), "scale": float(sc.replace("m", "-").replace("p", ".")),
-                "norm": bool(norm), "threads": int(t), "keep": False, "quantize": False}
+                "norm": bool(norm), "threads": int(t), "tokens": int(b or 1), "keep": False, "quantize": False}
     m = DISPATCH.match(name)
     if m:
         e, sh, t = map(int, m.groups())
@@ -634,9 +634,11 @@ def run(drv, func, cfg, rows):
 
 
 def grid(cfg, rows):
-    """Blocks per launch: one per row, one for the dispatch's sort."""
+    """Blocks per launch: one per row (routing: per `tokens` rows), one for the dispatch's sort."""
     if cfg["op"] == "mladecode":
         return rows * cfg["heads"]
+    if cfg["op"] == "route":
+        return -(-rows // cfg["tokens"])
     return 1 if cfg["op"] == "dispatch" else rows
 
 
@@ -758,7 +760,9 @@ def self_test():
     inputs = problem(cp, 2, "cpu")
     assert check(cp, inputs, {"y": inputs["x"].clone()}) == [] and check(cp, inputs, {"y": inputs["x"] + 1})
     rt = parse("rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256")
-    assert rt["scale"] == 2.5 and rt["norm"] and rt["top_k"] == 8
+    assert rt["scale"] == 2.5 and rt["norm"] and rt["top_k"] == 8 and rt["tokens"] == 1
+    rt8 = parse("rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256_b8")
+    assert rt8["tokens"] == 8 and rt8["norm"] and grid(rt8, 17) == 3 and grid(rt, 17) == 17
     small = dict(rt, d=64, experts=16, n_group=4, topk_group=2, top_k=4)
     inputs = problem(small, 5, "cpu")
     idx, w = route_reference(small, inputs["x"], inputs["gate"].float(), inputs["bias"])
