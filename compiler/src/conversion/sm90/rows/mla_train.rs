@@ -180,24 +180,19 @@ pub(super) fn key_prologue(m: &Mla) -> String {
     s
 }
 
-/// The query this thread reduces (`%tid < %nq`): `%bt`, the keys of the chunk it sees up to
-/// `%k1t`, its scores from `%base` and its `sh_red` cells from `%ri` (inside `scf.if %mine`).
-const THREAD_QUERY: &str = "%bt = arith.addi %b0, %tid : index
-%nkt0 = arith.addi %first_key, %bt : index
-%nkt = arith.addi %nkt0, %c1 : index
-%k1t = arith.minui %k1, %nkt : index
-%base = arith.muli %tid, %cCtx : index
-%ri = arith.muli %tid, %c4 : index
-";
-
-/// The same for query `%i` of a loop over the group (`%bi`, `%k1i`, `%basei`, `%rii`).
-const LOOP_QUERY: &str = "%bi = arith.addi %b0, %i : index
-%nki0 = arith.addi %first_key, %bi : index
-%nki = arith.addi %nki0, %c1 : index
-%k1i = arith.minui %k1, %nki : index
-%basei = arith.muli %i, %cCtx : index
-%rii = arith.muli %i, %c4 : index
-";
+/// The group's query `index` (the thread's own, `%tid`, or a loop's): its row `%b{s}`, the keys of
+/// the chunk it sees up to `%k1{s}`, its scores from `%base{s}` and its `sh_red` cells from `%ri{s}`.
+fn query_of(index: &str, s: &str) -> String {
+    format!(
+        "%b{s} = arith.addi %b0, {index} : index
+%nk{s}0 = arith.addi %first_key, %b{s} : index
+%nk{s} = arith.addi %nk{s}0, %c1 : index
+%k1{s} = arith.minui %k1, %nk{s} : index
+%base{s} = arith.muli {index}, %cCtx : index
+%ri{s} = arith.muli {index}, %c4 : index
+"
+    )
+}
 
 /// One thread per query folds the chunk's keys it sees into `sh_red[4 i + cell]`: the slot's `%v`
 /// of `sh_p`, or what `extra` (lines) makes of it (`value`) — the max (`max`) or a sum.
@@ -211,11 +206,11 @@ fn per_query_fold(cell: usize, max: bool, red: &str, p: &str, (extra, value): (&
         "%mine = arith.cmpi ult, %tid, %nq : index
 scf.if %mine {{
 {q}  %cell_off = arith.constant {cell} : index
-  %cell = arith.addi %ri, %cell_off : index
+  %cell = arith.addi %rit, %cell_off : index
   %f0 = memref.load %sh_red[%cell] : {red}
   %f = scf.for %j = %k0 to %k1t step %c1 iter_args(%a = %f0) -> (f32) {{
     %slot = arith.subi %j, %k0 : index
-    %at = arith.addi %base, %slot : index
+    %at = arith.addi %baset, %slot : index
     %v = memref.load %sh_p[%at] : {p}
 {extra}    {fold}
     scf.yield %a2 : f32
@@ -223,7 +218,7 @@ scf.if %mine {{
   memref.store %f, %sh_red[%cell] : {red}
 }}
 ",
-        q = super::indent2(THREAD_QUERY),
+        q = super::indent2(&query_of("%tid", "t")),
     )
 }
 
@@ -239,7 +234,7 @@ fn per_query_keys(body: &str) -> String {
 {body}  }}
 }}
 ",
-        q = super::indent2(LOOP_QUERY),
+        q = super::indent2(&query_of("%i", "i")),
         body = super::indent2(&super::indent2(body)),
     )
 }
