@@ -236,7 +236,8 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::MlaPrefillConfig;
     let context = v3c_compiler::mlir::new_context();
     let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
-    for config in [MlaPrefillConfig::DEEPSEEK_V3, MlaPrefillConfig { qk: 128, v: 64, stages: 3 }] {
+    let narrow = MlaPrefillConfig { qk: 128, v: 64, stages: 3, ..MlaPrefillConfig::DEEPSEEK_V3 };
+    for config in [MlaPrefillConfig::DEEPSEEK_V3, narrow] {
         assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
         let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
         assert_attention_tensor_core_code(&kernel, config.qk / 16, 4 * config.v / 64, ptxas.as_ref());
@@ -246,6 +247,40 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
     let err =
         MlaPrefillConfig { qk: 512, stages: 4, ..MlaPrefillConfig::DEEPSEEK_V3 }.validate(&target::SM90A).unwrap_err();
     assert!(err.contains("B of shared memory"), "{err}");
+}
+
+/// Training's flash attention: the forward with its log-sum-exps (`_lse`: one `lg2` per row half
+/// stored), and the three gradient kernels — dQ and dK recompute S (qk / 16 steps) and dP (v / 16),
+/// then multiply dS by the keys (queries) as the transposed B (4 steps per 64 columns of qk); dV
+/// recomputes S and multiplies P by dout (4 per 64 columns of v). HGMMA, TMA, no spills.
+#[test]
+fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
+    use sm90::mla::{FlashMode, GradOf, MlaPrefillConfig};
+    let context = v3c_compiler::mlir::new_context();
+    let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
+    for (qk, v) in [(192, 128), (128, 64)] {
+        let base = MlaPrefillConfig { qk, v, ..MlaPrefillConfig::DEEPSEEK_V3 };
+        for mode in [
+            FlashMode::Lse,
+            FlashMode::Grad(GradOf::Queries),
+            FlashMode::Grad(GradOf::Keys),
+            FlashMode::Grad(GradOf::Values),
+        ] {
+            let config = MlaPrefillConfig { mode, ..base };
+            assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
+            let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
+            let (s_steps, pv_steps) = match mode {
+                FlashMode::Grad(GradOf::Values) => (qk / 16, 4 * v / 64),
+                FlashMode::Grad(_) => (qk / 16 + v / 16, 4 * qk / 64),
+                _ => (qk / 16, 4 * v / 64),
+            };
+            assert_eq!(kernel.ptx.contains("lg2.approx"), mode == FlashMode::Lse, "{}", kernel.name);
+            assert_attention_tensor_core_code(&kernel, s_steps, pv_steps, ptxas.as_ref());
+        }
+    }
+    for bad in ["mla_gradx_qk192_v128_s2", "mla_gradq_qk192_v128_s2_lse", "mla_prefill_qk192_v128_s2_ls"] {
+        assert_eq!(MlaPrefillConfig::from_name(bad), None, "{bad}");
+    }
 }
 
 #[test]

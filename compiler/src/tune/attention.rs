@@ -23,7 +23,7 @@
 use super::db::{self, Tunable};
 use super::{m_bucket, Choice, DECODE_M, PREFILL_M};
 use crate::conversion::sm90::lower::{MlaDecodeLaunch, MlaPrefillLaunch};
-use crate::conversion::sm90::mla::{MlaDecodeConfig, MlaPrefillConfig, PAGE};
+use crate::conversion::sm90::mla::{FlashMode, MlaDecodeConfig, MlaPrefillConfig, PAGE};
 use crate::target::{DeviceModel, GpuTarget};
 
 /// Keys per sequence the decode kernel is tuned at (FlashMLA's benchmark point, with
@@ -66,7 +66,10 @@ impl AttentionShape {
         use crate::conversion::sm90::lower::StepKernel;
         match kernel {
             StepKernel::MlaDecode(a) => Some(AttentionShape::decode(a, DECODE_M)),
-            StepKernel::MlaPrefill(a) => Some(AttentionShape::prefill(a, PREFILL_M)),
+            // Training's forms keep their ring of two (not tuned yet).
+            StepKernel::MlaPrefill(a) => {
+                (a.config.mode == FlashMode::Forward).then(|| AttentionShape::prefill(a, PREFILL_M))
+            }
             StepKernel::Row(_) | StepKernel::Gemm(_) => None,
         }
     }
@@ -120,7 +123,9 @@ impl AttentionShape {
             AttentionShape::Decode { kv, rope, fp8_cache, .. } => {
                 AttentionConfig::Decode(MlaDecodeConfig { kv, rope, stages, fp8_cache })
             }
-            AttentionShape::Prefill { qk, v, .. } => AttentionConfig::Prefill(MlaPrefillConfig { qk, v, stages }),
+            AttentionShape::Prefill { qk, v, .. } => {
+                AttentionConfig::Prefill(MlaPrefillConfig { qk, v, stages, mode: FlashMode::Forward })
+            }
         }
     }
 }

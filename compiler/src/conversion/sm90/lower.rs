@@ -1427,7 +1427,7 @@ pub fn mla_prefill_steps(kernel: &OperationRef, cache_rows: CacheRows) -> Result
     if cache_rows == CacheRows::Fp8 && v3c_runtime::plan::Fp8LatentRow::of(kv + rope).is_none_or(|r| r.latent != kv) {
         return Err(format!("fp8 cache rows of {kv} + {rope} (a rope key of 64)"));
     }
-    let config = super::mla::MlaPrefillConfig { qk: nope + rope, v, stages: 2 };
+    let config = super::mla::MlaPrefillConfig { qk: nope + rope, v, stages: 2, mode: super::mla::FlashMode::Forward };
     config.validate(&crate::target::SM90A)?;
     let group = super::rows::GROUP;
     if fp8 && !(kv.is_multiple_of(group) && v.is_multiple_of(group)) {

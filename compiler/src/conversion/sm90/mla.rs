@@ -493,7 +493,7 @@ gpu.barrier
             (true, false) => ("%stage_addr", PAGE * c.kv + (k - c.latent_chunks()) * CHUNK_BYTES),
             (false, _) => ("%stage_addr", k * CHUNK_BYTES),
         };
-        let s = qk_products(&mut t, chunks, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
+        let s = qk_products(&mut t, "", chunks, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
         let (softmax, mut o) = self.softmax(&s);
         t.push_str(&indent(&softmax, 4));
         t.push('\n');
@@ -506,6 +506,7 @@ gpu.barrier
             values = if c.fp8_cache { "%conv_addr" } else { "%stage_addr" }
         );
         pv_products(&mut t, "%v_addr", 0, &mut o);
+        o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
         t.push_str(&tile_loop_tail("%np", c.stages, &self.load_page("%jn", "%jn"), &o, &types));
         t
     }
@@ -639,6 +640,12 @@ scf.if %zero_tail {{
 /// columns x 64 rows, 128-byte swizzle, zero fill), `out [H * T, v]` f32; arguments `%q_ptr`, `%k_ptr`,
 /// `%v_ptr`, `%out`, `%t_len`, `%s_len` (index), `%scale` (f32). Grid `(ceil(T / 128), H)` — or as
 /// many blocks along x alone (block `head * ceil(T / 128) + tile`: the runtime's 1-D launches).
+///
+/// Training's forms ([`FlashMode`]): `_lse` also writes each query row's base-2 log-sum-exp of its
+/// scaled scores (`%lse`, f32 `[H * T]`, after `%out`) for the backward; the gradient kernels
+/// (`mla_grad{q,k,v}_*`, [`GradOf`]) take `q`, `k`, `v`, `dout [H * T, v]` (bf16 tensor maps), `lse`
+/// and `D = rowsum(dout * out)` (f32 `[H * T]`) and write one gradient (f32): dQ `[H * T, qk]`, dK
+/// `[H * S, qk]` or dV `[H * S, v]` — see [`emit_grad`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MlaPrefillConfig {
     /// Query/key head width (DeepSeek-V3: 128 nope + 64 rope): a positive multiple of 64.
@@ -647,22 +654,69 @@ pub struct MlaPrefillConfig {
     pub v: usize,
     /// Key/value tile buffers in the ring (1 to 4, as shared memory allows).
     pub stages: usize,
+    /// Inference's forward, training's forward with the log-sum-exps, or a gradient.
+    pub mode: FlashMode,
+}
+
+/// What a flash-attention kernel computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlashMode {
+    /// `out = softmax(scale Q K^T) V` (inference's prefill).
+    Forward,
+    /// The forward and each query row's log-sum-exp (training: the backward's softmax statistics).
+    Lse,
+    /// One gradient of the forward's inputs.
+    Grad(GradOf),
+}
+
+/// The input a gradient kernel differentiates for: its block's 128 rows are that input's (queries
+/// for dQ, keys for dK and dV); the other side's tiles stream through the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GradOf {
+    Queries,
+    Keys,
+    Values,
+}
+
+impl GradOf {
+    fn letter(self) -> char {
+        match self {
+            GradOf::Queries => 'q',
+            GradOf::Keys => 'k',
+            GradOf::Values => 'v',
+        }
+    }
 }
 
 impl MlaPrefillConfig {
     /// DeepSeek-V3's heads: 192-wide queries and keys, 128-wide values, two tile buffers.
-    pub const DEEPSEEK_V3: MlaPrefillConfig = MlaPrefillConfig { qk: 192, v: 128, stages: 2 };
+    pub const DEEPSEEK_V3: MlaPrefillConfig = MlaPrefillConfig { qk: 192, v: 128, stages: 2, mode: FlashMode::Forward };
 
-    /// `mla_prefill_qk192_v128_s2`.
+    /// `mla_prefill_qk192_v128_s2` (`_lse`), `mla_grad{q,k,v}_qk192_v128_s2`.
     pub fn kernel_name(&self) -> String {
-        format!("mla_prefill_qk{}_v{}_s{}", self.qk, self.v, self.stages)
+        let (qk, v, s) = (self.qk, self.v, self.stages);
+        match self.mode {
+            FlashMode::Forward => format!("mla_prefill_qk{qk}_v{v}_s{s}"),
+            FlashMode::Lse => format!("mla_prefill_qk{qk}_v{v}_s{s}_lse"),
+            FlashMode::Grad(of) => format!("mla_grad{}_qk{qk}_v{v}_s{s}", of.letter()),
+        }
     }
 
     pub fn from_name(name: &str) -> Option<MlaPrefillConfig> {
-        let rest = name.strip_prefix("mla_prefill_qk")?;
+        let (mode, rest) = if let Some(rest) = name.strip_prefix("mla_prefill_qk") {
+            match rest.strip_suffix("_lse") {
+                Some(rest) => (FlashMode::Lse, rest),
+                None => (FlashMode::Forward, rest),
+            }
+        } else {
+            let rest = name.strip_prefix("mla_grad")?;
+            let of =
+                [GradOf::Queries, GradOf::Keys, GradOf::Values].into_iter().find(|of| rest.starts_with(of.letter()))?;
+            (FlashMode::Grad(of), rest[1..].strip_prefix("_qk")?)
+        };
         let (qk, rest) = rest.split_once("_v")?;
         let (v, stages) = rest.split_once("_s")?;
-        let config = MlaPrefillConfig { qk: qk.parse().ok()?, v: v.parse().ok()?, stages: stages.parse().ok()? };
+        let config = MlaPrefillConfig { qk: qk.parse().ok()?, v: v.parse().ok()?, stages: stages.parse().ok()?, mode };
         (config.kernel_name() == name).then_some(config)
     }
 
@@ -674,11 +728,22 @@ impl MlaPrefillConfig {
         self.v / CHUNK
     }
 
-    /// Both warpgroups' query tiles.
-    fn query_bytes(&self) -> usize {
-        2 * self.qk_chunks() * CHUNK_BYTES
+    /// Chunks of a warpgroup's own tiles: the queries (forward, dQ: and the output gradient), the
+    /// keys (dK: and the values; dV).
+    fn own_chunks(&self) -> usize {
+        match self.mode {
+            FlashMode::Grad(GradOf::Queries | GradOf::Keys) => self.qk_chunks() + self.v_chunks(),
+            _ => self.qk_chunks(),
+        }
     }
 
+    /// Both warpgroups' own tiles.
+    fn query_bytes(&self) -> usize {
+        2 * self.own_chunks() * CHUNK_BYTES
+    }
+
+    /// A ring buffer: a tile of keys and values (forward, dQ), or of queries and the output
+    /// gradient (dK, dV).
     fn stage_bytes(&self) -> usize {
         (self.qk_chunks() + self.v_chunks()) * CHUNK_BYTES
     }
@@ -687,7 +752,7 @@ impl MlaPrefillConfig {
         self.query_bytes() + self.stages * self.stage_bytes()
     }
 
-    /// Dynamic shared memory: the query tiles, the key/value ring, a P tile per warpgroup.
+    /// Dynamic shared memory: the warpgroups' own tiles, the ring, a P (dS) tile per warpgroup.
     pub fn shared_memory_bytes(&self) -> usize {
         self.p_offset() + 2 * CHUNK_BYTES
     }
@@ -696,9 +761,9 @@ impl MlaPrefillConfig {
         THREADS
     }
 
-    /// One block per 128 queries and head.
-    pub fn grid(&self, queries: usize, heads: usize) -> (usize, usize) {
-        (queries.div_ceil(2 * PAGE), heads)
+    /// One block per 128 rows (queries; keys for dK and dV) and head.
+    pub fn grid(&self, rows: usize, heads: usize) -> (usize, usize) {
+        (rows.div_ceil(2 * PAGE), heads)
     }
 
     pub fn validate(&self, target: &GpuTarget) -> Result<(), String> {
@@ -712,7 +777,7 @@ impl MlaPrefillConfig {
         if !(1..=4).contains(&self.stages) {
             return Err(format!("{name}: {} tile buffers (1 to 4)", self.stages));
         }
-        let what = format!("query tiles, {} key/value buffers of {} B, P, barriers", self.stages, self.stage_bytes());
+        let what = format!("own tiles, {} ring buffers of {} B, P, barriers", self.stages, self.stage_bytes());
         check_shared_memory(&name, self.shared_memory_bytes(), &what, target)
     }
 }
@@ -720,7 +785,10 @@ impl MlaPrefillConfig {
 /// The prefill kernel's `gpu.module` text (see [`MlaPrefillConfig`]).
 pub fn emit_prefill(config: &MlaPrefillConfig, target: &GpuTarget) -> Result<String, String> {
     config.validate(target)?;
-    Ok(PrefillEmitter { c: *config }.module())
+    Ok(match config.mode {
+        FlashMode::Grad(of) => GradEmitter { c: *config, of }.module(),
+        _ => PrefillEmitter { c: *config }.module(),
+    })
 }
 
 struct PrefillEmitter {
@@ -736,8 +804,11 @@ impl PrefillEmitter {
             &c.kernel_name(),
             stages,
             "",
-            "%q_ptr: !llvm.ptr, %k_ptr: !llvm.ptr, %v_ptr: !llvm.ptr, %out: memref<?x?xf32>, %t_len: index, %s_len: index, \
-             %scale: f32",
+            &format!(
+                "%q_ptr: !llvm.ptr, %k_ptr: !llvm.ptr, %v_ptr: !llvm.ptr, %out: memref<?x?xf32>, {lse}%t_len: index, \
+                 %s_len: index, %scale: f32",
+                lse = if c.mode == FlashMode::Lse { "%lse: memref<?xf32>, " } else { "" }
+            ),
         );
         let mut t = format!(
             "{consts}  %q_map = builtin.unrealized_conversion_cast %q_ptr : !llvm.ptr to !tmap
@@ -854,7 +925,7 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
         let (iter, types) = loop_carried(accs);
         let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
-        let s = qk_products(&mut t, qc, &|k| ("%q_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
+        let s = qk_products(&mut t, "", qc, &|k| ("%q_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
         // Causal and length masks: key <= the row's position, key < S.
         let mask = |e: usize| {
             let h = fragment_offset(0, e).0 / 8;
@@ -875,6 +946,7 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
             indent(&softmax, 4)
         );
         pv_products(&mut t, "%stage_addr", qc * CHUNK_BYTES, &mut o);
+        o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
         t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn"), &o, &types));
         t
     }
@@ -896,6 +968,22 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
   %oin{h} = arith.cmpi ult, %t{h}, %t_len : index
   %og{h} = arith.addi %q_head, %t{h} : index"
             );
+            if self.c.mode == FlashMode::Lse {
+                // The row's base-2 log-sum-exp: its maximum plus log2 of its sum (one lane of
+                // the four sharing the row writes it).
+                let _ = writeln!(
+                    t,
+                    "  %lg{h} = {lg}
+  %lse{h} = arith.addf %res#{m}, %lg{h} : f32
+  %lfirst{h} = arith.cmpi eq, %lcol0, %c0 : index
+  %lw{h} = arith.andi %oin{h}, %lfirst{h} : i1
+  scf.if %lw{h} {{
+    memref.store %lse{h}, %lse[%og{h}] : memref<?xf32>
+  }}",
+                    lg = lg2(&format!("%lt{h}")),
+                    m = accs + h
+                );
+            }
         }
         for n in 0..accs {
             for e in 0..FRAG_N {
@@ -908,6 +996,339 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
   %fc{n}_{e} = arith.addi %lcol, %c{col} : index
   scf.if %oin{h} {{
     memref.store %fo{n}_{e}, %out[%og{h}, %fc{n}_{e}] : memref<?x?xf32>
+  }}",
+                    col = n * CHUNK + k
+                );
+            }
+        }
+        t
+    }
+}
+
+/// The gradient kernels of [`FlashMode::Grad`] (FlashAttention-2's backward, each gradient in a
+/// kernel of its own so that a thread's accumulators fit its registers and no two blocks add into
+/// one row: deterministic, no atomics). A block takes 128 rows of one head of the input it
+/// differentiates for (two warpgroups of 64: queries for dQ, keys for dK and dV), its own tiles
+/// loaded once (dQ: the queries and the output gradient; dK: the keys and values; dV: the keys);
+/// the other side streams through the ring in 64-row tiles (dQ: keys and values, from key 0 to the
+/// last any of its queries sees; dK and dV: queries and the output gradient, from the first that
+/// sees its first key). Per tile each warpgroup recomputes its scores `S` (wgmma; for dK and dV
+/// transposed, `K Q^T`), `P = 2^(scale log2(e) S - lse)` (the forward's base-2 log-sum-exp of the
+/// query row; 0 where masked), and
+/// - dV: `dV += P^T dout` (P through shared memory in bf16, dout the transposed B);
+/// - dQ, dK: `dP = dout V^T` (`V dout^T`), `dS = P (dP - D)` with `D = rowsum(dout * out)` of the
+///   query row, then `dQ += dS K` (`dK += dS^T Q`), dS through shared memory in bf16;
+///
+/// and writes its rows' gradient in f32, dQ and dK times the scale. Arguments: `%q_ptr`, `%k_ptr`,
+/// `%v_ptr`, `%do_ptr` (tensor maps as the forward's, `dout [H * T, v]`), `%lse`, `%dd` (f32 `[H *
+/// T]`), `%out` (the gradient), `%t_len`, `%s_len`, `%scale`. Grid `ceil(rows / 128) x H` (rows: T
+/// for dQ, S for dK and dV), as the forward's.
+struct GradEmitter {
+    c: MlaPrefillConfig,
+    of: GradOf,
+}
+
+impl GradEmitter {
+    fn module(&self) -> String {
+        let c = &self.c;
+        let ws = WORKGROUP;
+        let (stages, qc, vc) = (c.stages, c.qk_chunks(), c.v_chunks());
+        let own = c.own_chunks();
+        let queries = self.of == GradOf::Queries;
+        let head = module_head(
+            &c.kernel_name(),
+            stages,
+            "",
+            "%q_ptr: !llvm.ptr, %k_ptr: !llvm.ptr, %v_ptr: !llvm.ptr, %do_ptr: !llvm.ptr, %lse: memref<?xf32>, \
+             %dd: memref<?xf32>, %out: memref<?x?xf32>, %t_len: index, %s_len: index, %scale: f32",
+        );
+        // Own rows: queries (dQ) or keys; the streamed side: keys and values, or queries and dout.
+        let (rows_len, own_head, other_head) =
+            if queries { ("%t_len", "%q_head", "%k_head") } else { ("%s_len", "%k_head", "%q_head") };
+        let first_tile = if queries {
+            "  %tile0 = arith.constant 0 : index
+  %r_end0 = arith.addi %r_first, %c128 : index
+  %r_end = arith.minui %r_end0, %t_len : index
+  %key_end0 = arith.addi %past, %r_end : index
+  %key_end = arith.minui %key_end0, %s_len : index
+  %nt = arith.ceildivui %key_end, %c64 : index"
+        } else {
+            // The first query seeing key r_first: r_first - past (0 if that is negative).
+            "  %rp = arith.maxui %r_first, %past : index
+  %q_seen = arith.subi %rp, %past : index
+  %tile0 = arith.divui %q_seen, %c64 : index
+  %q_tiles = arith.ceildivui %t_len, %c64 : index
+  %nt = arith.subi %q_tiles, %tile0 : index"
+        };
+        let own_maps: Vec<&str> = match self.of {
+            GradOf::Queries => vec!["%q_map"; qc].into_iter().chain(vec!["%do_map"; vc]).collect(),
+            GradOf::Keys => vec!["%k_map"; qc].into_iter().chain(vec!["%v_map"; vc]).collect(),
+            GradOf::Values => vec!["%k_map"; qc],
+        };
+        let mut t = format!(
+            "{consts}  %q_map = builtin.unrealized_conversion_cast %q_ptr : !llvm.ptr to !tmap
+  %k_map = builtin.unrealized_conversion_cast %k_ptr : !llvm.ptr to !tmap
+  %v_map = builtin.unrealized_conversion_cast %v_ptr : !llvm.ptr to !tmap
+  %do_map = builtin.unrealized_conversion_cast %do_ptr : !llvm.ptr to !tmap
+  %tid = gpu.thread_id x
+  %bid_x = gpu.block_id x
+  %bid_y = gpu.block_id y
+  %grid_x = gpu.grid_dim x
+  %lin0 = arith.muli %bid_y, %grid_x : index
+  %lin = arith.addi %lin0, %bid_x : index
+  %tiles = arith.ceildivui {rows_len}, %c128 : index
+  %bx = arith.remui %lin, %tiles : index
+  %head = arith.divui %lin, %tiles : index
+  %r_first = arith.muli %bx, %c128 : index
+  %q_head = arith.muli %head, %t_len : index
+  %k_head = arith.muli %head, %s_len : index
+  %own_row0 = arith.addi {own_head}, %r_first : index
+  %past = arith.subi %s_len, %t_len : index
+  %t_last = arith.subi %t_len, %c1 : index
+{first_tile}
+{barriers}",
+            consts = kernel_constants(),
+            barriers = shared_memory_and_barriers(
+                stages,
+                c.query_bytes(),
+                &[("%k_map", "!tmap"), ("%v_map", "!tmap"), ("%do_map", "!tmap")]
+            ),
+        );
+        for w in 0..2 {
+            for (k, map) in own_maps.iter().enumerate() {
+                let col = if k < qc { k * CHUNK } else { (k - qc) * CHUNK };
+                let _ = writeln!(
+                    t,
+                    "    %or{w}_{k} = arith.addi %own_row0, %c{row} : index
+    %ov{w}_{k} = memref.view %smem[%c{off}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
+    nvgpu.tma.async.load {map}[%c{col}, %or{w}_{k}], %bars[%c{stages}] to %ov{w}_{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
+                    row = w * PAGE,
+                    off = (w * own + k) * CHUNK_BYTES,
+                );
+            }
+        }
+        let _ = writeln!(
+            t,
+            "    %pro = arith.minui %nt, %c{stages} : index
+    scf.for %j = %c0 to %pro step %c1 {{
+{}
+    }}
+  }}",
+            indent(&self.load_tile("%j", other_head), 6)
+        );
+        // This thread's own rows r0, r1 (relative to the head) and the warpgroup's tiles.
+        let _ = writeln!(
+            t,
+            "{coords}  %wr = arith.muli %cw, %c64 : index
+  %wr0 = arith.addi %r_first, %wr : index
+  %r0 = arith.addi %wr0, %trow0 : index
+  %r1 = arith.addi %r0, %c8 : index
+  %own_tile = arith.muli %cw, %c{own_bytes} : index
+  %own_tile64 = arith.index_cast %own_tile : index to i64
+  %own_addr = arith.addi %smem_base, %own_tile64 : i64
+  %p_rel = arith.muli %cw, %c{CHUNK_BYTES} : index
+  %p_off = arith.addi %p_rel, %c{p_off} : index
+  %p_off64 = arith.index_cast %p_off : index to i64
+  %p_addr = arith.addi %smem_base, %p_off64 : i64
+  %trow = arith.addi %trow0, %c0 : index
+{dp}
+{zero}",
+            coords = fragment_coordinates(),
+            own_bytes = own * CHUNK_BYTES,
+            p_off = c.p_offset(),
+            dp = desc("%dp", "%p_addr", "%desc_k"),
+            zero = zero_fragment(),
+        );
+        if queries {
+            // A query row's statistics, once: lse and D (rows past T read row T - 1's, unused).
+            for h in 0..2 {
+                let _ = writeln!(
+                    t,
+                    "  %rc{h} = arith.minui %r{h}, %t_last : index
+  %ri{h} = arith.addi %q_head, %rc{h} : index
+  %lse_r{h} = memref.load %lse[%ri{h}] : memref<?xf32>
+  %d_r{h} = memref.load %dd[%ri{h}] : memref<?xf32>
+  %qpos{h} = arith.addi %past, %r{h} : index"
+                );
+            }
+        }
+        let _ = writeln!(t, "  nvgpu.mbarrier.try_wait.parity %bars[%c{stages}], %parity0, %ticks : !bar");
+        t.push_str(&self.main_loop(other_head));
+        t.push_str(&self.epilogue(rows_len, own_head));
+        module_text(&head, &t)
+    }
+
+    /// TMA loads of the streamed tile `%tile0 + j` (64 rows from `head` on) into ring buffer `j mod
+    /// stages` (one thread): keys then values (dQ), queries then dout (dK, dV).
+    fn load_tile(&self, j: &str, head: &str) -> String {
+        let c = &self.c;
+        let ws = WORKGROUP;
+        let qc = c.qk_chunks();
+        let (first, second) = if self.of == GradOf::Queries { ("%k_map", "%v_map") } else { ("%q_map", "%do_map") };
+        let mut t = format!(
+            "%lt_st = arith.remui {j}, %c{stages} : index
+%lt_t = arith.addi {j}, %tile0 : index
+%lt_r = arith.muli %lt_t, %c{PAGE} : index
+%lt_row = arith.addi {head}, %lt_r : index
+%lt_st_off = arith.muli %lt_st, %c{stage_bytes} : index
+%lt_base = arith.addi %lt_st_off, %c{q_bytes} : index
+nvgpu.mbarrier.arrive.expect_tx %bars[%lt_st], %c{stage_bytes} : !bar
+",
+            stages = c.stages,
+            stage_bytes = c.stage_bytes(),
+            q_bytes = c.query_bytes()
+        );
+        for k in 0..qc + c.v_chunks() {
+            let (map, col) = if k < qc { (first, k * CHUNK) } else { (second, (k - qc) * CHUNK) };
+            let _ = writeln!(
+                t,
+                "%lt_off{k} = arith.addi %lt_base, %c{off} : index
+%lt_v{k} = memref.view %smem[%lt_off{k}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
+nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
+                off = k * CHUNK_BYTES
+            );
+        }
+        t
+    }
+
+    fn main_loop(&self, other_head: &str) -> String {
+        let c = &self.c;
+        let (qc, vc) = (c.qk_chunks(), c.v_chunks());
+        let queries = self.of == GradOf::Queries;
+        let accs = if self.of == GradOf::Values { vc } else { qc };
+        let iter: Vec<String> = (0..accs).map(|n| format!("%o{n}_in = %frag{FRAG_N}")).collect();
+        let types = vec![FRAG.to_string(); accs];
+        let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
+        let _ = writeln!(
+            t,
+            "    %tile_t = arith.addi %j, %tile0 : index
+    %tile_r = arith.muli %tile_t, %c{PAGE} : index"
+        );
+        // S (own rows x streamed rows) over the qk columns, P from it; then (dQ, dK) dP over the v
+        // columns, and dS (S is dead by then: fewer live registers).
+        let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
+        let mut body = format!("%tile_col = arith.addi %tile_r, %lcol : index\n");
+        let mut d_of = Vec::new();
+        let mut column_stats = std::collections::BTreeSet::new();
+        for e in 0..FRAG_N {
+            let (r, col) = fragment_offset(0, e);
+            let h = r / 8;
+            let _ = writeln!(
+                body,
+                "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}\n%col{e} = arith.addi %tile_col, %c{col} : index"
+            );
+            // Visible: key <= past + query (and both inside their lengths).
+            let (mask, lse, d) = if queries {
+                (
+                    format!(
+                        "%vis{e} = arith.cmpi ule, %col{e}, %qpos{h} : index
+%inside{e} = arith.cmpi ult, %col{e}, %s_len : index"
+                    ),
+                    format!("%lse_r{h}"),
+                    format!("%d_r{h}"),
+                )
+            } else {
+                if column_stats.insert(col) {
+                    // A streamed query's statistics (a column past T reads row T - 1's, masked).
+                    let _ = writeln!(
+                        body,
+                        "%cc{col} = arith.minui %col{e}, %t_last : index
+%ci{col} = arith.addi %q_head, %cc{col} : index
+%lse_c{col} = memref.load %lse[%ci{col}] : memref<?xf32>
+%qp{col} = arith.addi %past, %col{e} : index"
+                    );
+                }
+                (
+                    format!(
+                        "%vis{e} = arith.cmpi ule, %r{h}, %qp{col} : index
+%inside{e} = arith.cmpi ult, %col{e}, %t_len : index"
+                    ),
+                    format!("%lse_c{col}"),
+                    format!("%d_c{col}"),
+                )
+            };
+            let _ = writeln!(
+                body,
+                "{mask}
+%in{e} = arith.andi %vis{e}, %inside{e} : i1
+%sl{e} = arith.mulf %sv{e}, %scale_log2 : f32
+%xl{e} = arith.subf %sl{e}, {lse} : f32
+%pe0_{e} = {ex2}
+%pe{e} = arith.select %in{e}, %pe0_{e}, %zero : f32",
+                ex2 = ex2(&format!("%xl{e}"))
+            );
+            d_of.push(d);
+        }
+        let _ = writeln!(t, "{}", indent(&body, 4));
+        let mut body = String::new();
+        let ds = self.of != GradOf::Values;
+        if ds {
+            let at = |k: usize| (qc + k) * CHUNK_BYTES;
+            let dp = qk_products(&mut t, "g", vc, &|k| ("%own_addr", at(k)), &|k| ("%stage_addr", at(k)));
+            if !queries {
+                // The streamed queries' D, loaded once dP is there (not live across its products).
+                for col in &column_stats {
+                    let _ = writeln!(body, "%d_c{col} = memref.load %dd[%ci{col}] : memref<?xf32>");
+                }
+            }
+            for (e, d) in d_of.iter().enumerate() {
+                let _ = writeln!(
+                    body,
+                    "%dpv{e} = llvm.extractvalue {dp}[{e}] : {FRAG}
+%dpd{e} = arith.subf %dpv{e}, {d} : f32
+%ds{e} = arith.mulf %pe{e}, %dpd{e} : f32"
+                );
+            }
+        }
+        let value = |e: usize| if ds { format!("%ds{e}") } else { format!("%pe{e}") };
+        store_tile(&mut body, None, "%p_off", &value);
+        let _ = writeln!(
+            t,
+            "{}
+    nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
+    gpu.barrier",
+            indent(&body, 4)
+        );
+        // dQ += dS K, dK += dS^T Q: the ring's first columns; dV += P^T dout: its last.
+        let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
+        let b_offset = if self.of == GradOf::Values { qc * CHUNK_BYTES } else { 0 };
+        pv_products(&mut t, "%stage_addr", b_offset, &mut o);
+        t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn", other_head), &o, &types));
+        t
+    }
+
+    /// `out[own row] = acc` (dQ, dK: times the scale) for the rows inside their length.
+    fn epilogue(&self, rows_len: &str, own_head: &str) -> String {
+        let accs = if self.of == GradOf::Values { self.c.v_chunks() } else { self.c.qk_chunks() };
+        let scaled = self.of != GradOf::Values;
+        let mut t = String::new();
+        for h in 0..2 {
+            let _ = writeln!(
+                t,
+                "  %oin{h} = arith.cmpi ult, %r{h}, {rows_len} : index
+  %og{h} = arith.addi {own_head}, %r{h} : index"
+            );
+        }
+        for n in 0..accs {
+            for e in 0..FRAG_N {
+                let (r, k) = fragment_offset(0, e);
+                let h = r / 8;
+                let value = if scaled {
+                    let _ = writeln!(
+                        t,
+                        "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}
+  %fo{n}_{e} = arith.mulf %fv{n}_{e}, %scale : f32"
+                    );
+                    format!("%fo{n}_{e}")
+                } else {
+                    let _ = writeln!(t, "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}");
+                    format!("%fv{n}_{e}")
+                };
+                let _ = writeln!(
+                    t,
+                    "  %fc{n}_{e} = arith.addi %lcol, %c{col} : index
+  scf.if %oin{h} {{
+    memref.store {value}, %out[%og{h}, %fc{n}_{e}] : memref<?x?xf32>
   }}",
                     col = n * CHUNK + k
                 );
@@ -1044,17 +1465,19 @@ fn tile_loop_head(count: &str, iter: &[String], types: &[String], stages: usize,
 
 /// `S = Q K^T` for one tile: per 64-column chunk k the query's at `q(k)` and the keys' at `key(k)`
 /// (a base address SSA value and a byte offset; both K-major, 128-byte swizzled), 4 k16 steps each.
-/// Returns the S fragment's name.
+/// Returns the S fragment's name. `p` prefixes the SSA names (a second product in the same body).
 fn qk_products(
     t: &mut String,
+    p: &str,
     chunks: usize,
     q: &dyn Fn(usize) -> (&'static str, usize),
     key: &dyn Fn(usize) -> (&'static str, usize),
 ) -> String {
     for k in 0..chunks {
         for (name, (base, off)) in [("q", q(k)), ("k", key(k))] {
-            let _ = writeln!(t, "    %{name}a{k} = arith.addi {base}, %c{off}_i64 : i64");
-            let _ = writeln!(t, "{}", indent(&desc(&format!("%d{name}{k}"), &format!("%{name}a{k}"), "%desc_k"), 4));
+            let _ = writeln!(t, "    %{p}{name}a{k} = arith.addi {base}, %c{off}_i64 : i64");
+            let (d, a) = (format!("%{p}d{name}{k}"), format!("%{p}{name}a{k}"));
+            let _ = writeln!(t, "{}", indent(&desc(&d, &a, "%desc_k"), 4));
         }
     }
     let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
@@ -1062,14 +1485,14 @@ fn qk_products(
     for k in 0..chunks {
         for ks in 0..4 {
             let (da, db) = if ks == 0 {
-                (format!("%dq{k}"), format!("%dk{k}"))
+                (format!("%{p}dq{k}"), format!("%{p}dk{k}"))
             } else {
-                let _ = writeln!(t, "    %dq{k}_{ks} = arith.addi %dq{k}, %c{}_i64 : i64", 2 * ks);
-                let _ = writeln!(t, "    %dk{k}_{ks} = arith.addi %dk{k}, %c{}_i64 : i64", 2 * ks);
-                (format!("%dq{k}_{ks}"), format!("%dk{k}_{ks}"))
+                let _ = writeln!(t, "    %{p}dq{k}_{ks} = arith.addi %{p}dq{k}, %c{}_i64 : i64", 2 * ks);
+                let _ = writeln!(t, "    %{p}dk{k}_{ks} = arith.addi %{p}dk{k}, %c{}_i64 : i64", 2 * ks);
+                (format!("%{p}dq{k}_{ks}"), format!("%{p}dk{k}_{ks}"))
             };
             let scale_out = if k == 0 && ks == 0 { "zero" } else { "one" };
-            let out = format!("%s{k}_{ks}");
+            let out = format!("%{p}s{k}_{ks}");
             let _ = writeln!(
                 t,
                 "    {out} = nvvm.wgmma.mma_async {da}, {db}, {s}, <m = 64, n = 64, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {FRAG} -> {FRAG}"
@@ -1118,7 +1541,7 @@ fn pv_products(t: &mut String, v_base: &str, v_offset: usize, o: &mut [String]) 
 /// The tile loop's end: the products done, a block barrier (every warp has read the buffer and
 /// P), the leader refills the buffer with tile `%j + stages` (`load`) when there is one, the
 /// carried values yielded.
-fn tile_loop_tail(count: &str, stages: usize, load: &str, o: &[String], types: &[String]) -> String {
+fn tile_loop_tail(count: &str, stages: usize, load: &str, yields: &[String], types: &[String]) -> String {
     format!(
         "    nvvm.wgmma.commit.group.sync.aligned
     nvvm.wgmma.wait.group.sync.aligned 0
@@ -1129,11 +1552,11 @@ fn tile_loop_tail(count: &str, stages: usize, load: &str, o: &[String], types: &
     scf.if %refill {{
 {load}
     }}
-    scf.yield {o}, %m0, %m1, %l0, %l1 : {types}
+    scf.yield {yields} : {types}
   }}
 ",
         load = indent(load, 6),
-        o = o.join(", "),
+        yields = yields.join(", "),
         types = types.join(", "),
     )
 }
@@ -1213,14 +1636,21 @@ fn online_softmax(
         }
         scaled.push(cur);
     }
-    // P (bf16) at [row, key] of a 64 x 64 tile, 128-byte swizzled: element (r, k) at
-    // r * 64 + ((k / 8) xor (r mod 8)) * 8 + k mod 8. A thread's pairs (k, k + 1) share a 16-byte unit.
+    store_tile(&mut t, p_guard, p_off, &|e| format!("%pe{e}"));
+    (t, scaled)
+}
+
+/// A 64 x 64 fragment's values (`value(e)`: element e's f32) stored as bf16 at byte `p_off` of
+/// `%smem` in the 128-byte-swizzled K-major layout wgmma reads as A, by the threads where `guard`
+/// holds (all without one): element (r, k) at r * 64 + ((k / 8) xor (r mod 8)) * 8 + k mod 8 (a
+/// thread's pairs (k, k + 1) share a 16-byte unit).
+fn store_tile(t: &mut String, guard: Option<&str>, p_off: &str, value: &dyn Fn(usize) -> String) {
     let ws = WORKGROUP;
     let _ = writeln!(
         t,
         "scf.if {guard} {{
   %pview = memref.view %smem[{p_off}][] : memref<?xi8, {ws}> to memref<{elems}xbf16, {ws}>",
-        guard = p_guard.unwrap_or("%true"),
+        guard = guard.unwrap_or("%true"),
         elems = PAGE * CHUNK
     );
     for e in 0..FRAG_N {
@@ -1237,13 +1667,13 @@ fn online_softmax(
   %punit{e} = arith.muli %px{e}, %c8 : index
   %pi0_{e} = arith.addi %prow{e}, %punit{e} : index
   %pi{e} = arith.addi %pi0_{e}, %pw{e} : index
-  %pb{e} = arith.truncf %pe{e} : f32 to bf16
+  %pb{e} = arith.truncf {value} : f32 to bf16
   memref.store %pb{e}, %pview[%pi{e}] : memref<{elems}xbf16, {ws}>",
+            value = value(e),
             elems = PAGE * CHUNK
         );
     }
     t.push_str("}\n");
-    (t, scaled)
 }
 
 /// `name = <wgmma descriptor of the shared-memory address addr>` (address bits 4-17 in bits 0-13).
