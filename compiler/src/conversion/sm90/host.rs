@@ -106,7 +106,12 @@ impl<'c> HostRows<'c> {
                     }
                     ranks
                 }
-                StepKernel::MlaPrefill(_) => vec![2; step.operands.len()],
+                // q, k, v, out (, lse); the gradients' q, k, v, dout, lse, D, out.
+                StepKernel::MlaPrefill(a) => match a.config.mode {
+                    super::mla::FlashMode::Forward => vec![2; 4],
+                    super::mla::FlashMode::Lse => vec![2, 2, 2, 2, 1],
+                    super::mla::FlashMode::Grad(_) => vec![2, 2, 2, 2, 1, 1, 2],
+                },
                 // q, cache, table, lengths, split outputs, lse.
                 StepKernel::MlaDecode(_) => vec![2, 2, 2, 1, 3, 2],
             };
@@ -152,7 +157,12 @@ impl<'c> HostRows<'c> {
                 // SAFETY: the views are the buffers' own shapes (checked by shape_at_rank).
                 StepKernel::Gemm(g) => unsafe { gemm(g, &raw)? },
                 // SAFETY: as above.
-                StepKernel::MlaPrefill(a) => unsafe { mla_prefill(a.heads, a.scale, &raw)? },
+                StepKernel::MlaPrefill(a) => unsafe {
+                    match a.config.mode {
+                        super::mla::FlashMode::Grad(of) => mla_grad(of, a.heads, a.scale, &raw)?,
+                        _ => mla_prefill(a.heads, a.scale, &raw)?,
+                    }
+                },
                 // SAFETY: as above.
                 StepKernel::MlaDecode(a) => unsafe { mla_decode(a.heads, a.scale, &raw)? },
             }
@@ -307,11 +317,10 @@ unsafe fn gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), String> 
 /// # Safety
 /// The buffers address their shapes' elements.
 pub unsafe fn mla_prefill(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Result<(), String> {
-    use v3c_models::dtype::bf16_to_f32;
-    let [q, k, v, out] = bufs else { return Err(format!("prefill attention of {} operands", bufs.len())) };
-    let bf16 = |b: &RawBuffer| -> Vec<f32> {
-        let n = b.shape.iter().product();
-        std::slice::from_raw_parts(b.ptr as *const u16, n).iter().map(|&x| bf16_to_f32(x)).collect()
+    let (q, k, v, out, lse) = match bufs {
+        [q, k, v, out] => (q, k, v, out, None),
+        [q, k, v, out, lse] => (q, k, v, out, Some(lse)),
+        _ => return Err(format!("prefill attention of {} operands", bufs.len())),
     };
     let (qk, dv) = (q.shape[1], v.shape[1]);
     let heads = heads.max(1);
@@ -322,8 +331,12 @@ pub unsafe fn mla_prefill(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Resul
             q.shape, k.shape, v.shape, out.shape
         ));
     }
-    let (qv, kv, vv) = (bf16(q), bf16(k), bf16(v));
+    if lse.is_some_and(|l| l.shape.iter().product::<usize>() != q.shape[0]) {
+        return Err(format!("prefill attention's log-sum-exps {:?} for {} query rows", lse.unwrap().shape, q.shape[0]));
+    }
+    let (qv, kv, vv) = (bf16_values(q), bf16_values(k), bf16_values(v));
     let o = std::slice::from_raw_parts_mut(out.ptr as *mut f32, q.shape[0] * dv);
+    let mut lse = lse.map(|l| std::slice::from_raw_parts_mut(l.ptr as *mut f32, q.shape[0]));
     let mut p = vec![0f32; s_len];
     for h in 0..heads {
         for t in 0..t_len {
@@ -334,8 +347,88 @@ pub unsafe fn mla_prefill(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Resul
                 *pj = query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
             }
             let row = &mut o[(h * t_len + t) * dv..][..dv];
-            softmax_pv(&mut p[..seen], |j| &vv[(h * s_len + j) * dv..][..dv], row);
+            let (max, sum) = softmax_pv(&mut p[..seen], |j| &vv[(h * s_len + j) * dv..][..dv], row);
+            if let Some(lse) = lse.as_deref_mut() {
+                // Base 2: what the backward subtracts from its scores scaled by log2(e).
+                lse[h * t_len + t] = (max + sum.ln()) * std::f32::consts::LOG2_E;
+            }
         }
+    }
+    Ok(())
+}
+
+/// A bf16 buffer's values as f32.
+///
+/// # Safety
+/// The buffer addresses its shape's elements.
+unsafe fn bf16_values(b: &RawBuffer) -> Vec<f32> {
+    let n = b.shape.iter().product();
+    std::slice::from_raw_parts(b.ptr as *const u16, n).iter().map(|&x| v3c_models::dtype::bf16_to_f32(x)).collect()
+}
+
+/// The flash-attention gradient kernels' semantics ([`super::mla::GradOf`]) over `[q, k, v, dout,
+/// lse, D, out]` (head-major as [`mla_prefill`]'s, dout `[H T, dv]` bf16, lse (base 2) and D `[H
+/// T]` f32): per head, query t sees keys `0..=S - T + t`; `P = 2^(scale log2(e) q.k - lse)`, `dP =
+/// dout . v`, `dS = P (dP - D)`; dV `[H S, dv]` = `sum_t bf16(P) dout`, dQ `[H T, qk]` = `scale
+/// sum_j bf16(dS) k`, dK `[H S, qk]` = `scale sum_t bf16(dS) q` — P and dS rounded to bf16 as the
+/// kernels feed the tensor cores; sums in index order, not the kernels'.
+///
+/// # Safety
+/// The buffers address their shapes' elements.
+pub unsafe fn mla_grad(of: super::mla::GradOf, heads: usize, scale: f32, bufs: &[RawBuffer]) -> Result<(), String> {
+    use super::mla::GradOf;
+    use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+    let [q, k, v, dout, lse, dd, out] = bufs else {
+        return Err(format!("attention gradient of {} operands", bufs.len()));
+    };
+    let (qk, dv) = (q.shape[1], v.shape[1]);
+    let heads = heads.max(1);
+    let (t_len, s_len) = (q.shape[0] / heads, k.shape[0] / heads);
+    let own = if of == GradOf::Queries { q.shape[0] } else { k.shape[0] };
+    let width = if of == GradOf::Values { dv } else { qk };
+    let stats = |b: &RawBuffer| b.shape.iter().product::<usize>() == q.shape[0];
+    if k.shape[1] != qk
+        || v.shape[0] != k.shape[0]
+        || dout.shape != [q.shape[0], dv]
+        || t_len > s_len
+        || !stats(lse)
+        || !stats(dd)
+        || out.shape != [own, width]
+    {
+        return Err(format!(
+            "attention gradient of q {:?}, k {:?}, v {:?}, dout {:?}, lse {:?}, D {:?}, out {:?} ({heads} heads)",
+            q.shape, k.shape, v.shape, dout.shape, lse.shape, dd.shape, out.shape
+        ));
+    }
+    let (qv, kv, vv, gv) = (bf16_values(q), bf16_values(k), bf16_values(v), bf16_values(dout));
+    let (lse, dd) = (
+        std::slice::from_raw_parts(lse.ptr as *const f32, q.shape[0]),
+        std::slice::from_raw_parts(dd.ptr as *const f32, q.shape[0]),
+    );
+    let o = std::slice::from_raw_parts_mut(out.ptr as *mut f32, own * width);
+    o.fill(0.0);
+    let round = |x: f32| bf16_to_f32(f32_to_bf16(x));
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    for h in 0..heads {
+        for t in 0..t_len {
+            let row = h * t_len + t;
+            let (query, grad) = (&qv[row * qk..][..qk], &gv[row * dv..][..dv]);
+            for j in 0..=(s_len - t_len + t) {
+                let key_row = h * s_len + j;
+                let (key, value) = (&kv[key_row * qk..][..qk], &vv[key_row * dv..][..dv]);
+                let p = (dot(query, key) * scale_log2 - lse[row]).exp2();
+                let (target, from, factor) = match of {
+                    GradOf::Values => (key_row, grad, round(p)),
+                    GradOf::Queries => (row, key, round(p * (dot(grad, value) - dd[row]))),
+                    GradOf::Keys => (key_row, query, round(p * (dot(grad, value) - dd[row]))),
+                };
+                o[target * width..][..width].iter_mut().zip(from).for_each(|(x, &y)| *x += factor * y);
+            }
+        }
+    }
+    if of != GradOf::Values {
+        o.iter_mut().for_each(|x| *x *= scale);
     }
     Ok(())
 }
@@ -433,4 +526,117 @@ fn rope_table(t: &RopeTable, positions: usize) -> HostBuffer {
     };
     let data = v3c_runtime::prepare::rope_table(&spec, positions);
     HostBuffer { shape: vec![positions, t.dim], data: HostData::F32(data) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conversion::sm90::mla::GradOf;
+    use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+
+    /// `L = sum(dout * O)` for `O = softmax(scale q k^T) v` (causal, query t seeing keys `0..=S - T
+    /// + t`) differentiated by hand in f64, per head: (dq, dk, dv).
+    #[allow(clippy::type_complexity)]
+    fn f64_gradients(
+        (q, k, v, g): (&[f32], &[f32], &[f32], &[f32]),
+        (heads, t_len, s_len, qk, dv): (usize, usize, usize, usize, usize),
+        scale: f64,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (mut dq, mut dk, mut dvv) =
+            (vec![0.0; heads * t_len * qk], vec![0.0; heads * s_len * qk], vec![0.0; heads * s_len * dv]);
+        for h in 0..heads {
+            for t in 0..t_len {
+                let row = h * t_len + t;
+                let keys = s_len - t_len + t + 1;
+                let s: Vec<f64> = (0..keys)
+                    .map(|j| (0..qk).map(|c| q[row * qk + c] as f64 * k[(h * s_len + j) * qk + c] as f64).sum::<f64>())
+                    .map(|x| x * scale)
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / z).collect();
+                // dP_j = g . v_j; dS_j = P_j (dP_j - sum_i P_i dP_i).
+                let dp: Vec<f64> = (0..keys)
+                    .map(|j| (0..dv).map(|c| g[row * dv + c] as f64 * v[(h * s_len + j) * dv + c] as f64).sum())
+                    .collect();
+                let d: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for j in 0..keys {
+                    let key_row = h * s_len + j;
+                    let ds = p[j] * (dp[j] - d) * scale;
+                    for c in 0..qk {
+                        dq[row * qk + c] += ds * k[key_row * qk + c] as f64;
+                        dk[key_row * qk + c] += ds * q[row * qk + c] as f64;
+                    }
+                    for c in 0..dv {
+                        dvv[key_row * dv + c] += p[j] * g[row * dv + c] as f64;
+                    }
+                }
+            }
+        }
+        (dq, dk, dvv)
+    }
+
+    fn max_relative(got: &[f32], want: &[f64]) -> f64 {
+        let top = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+        got.iter().zip(want).fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs())) / top
+    }
+
+    /// The flash kernels' definitions: the forward's base-2 log-sum-exps and D = rowsum(dout * out)
+    /// fed to the three gradient definitions give attention's gradients (within the bf16 rounding
+    /// of P and dS), over more keys than queries and one query per key.
+    #[test]
+    fn flash_gradient_definitions_are_attentions_gradients() {
+        let mut seed = 7u64;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        for (heads, t_len, s_len, qk, dv) in [(2, 5, 9, 24, 16), (3, 33, 33, 16, 8)] {
+            let scale = 0.3f32;
+            let mut bf16 = |n: usize| -> HostBuffer {
+                let data: Vec<u16> = (0..n).map(|_| f32_to_bf16(rand())).collect();
+                HostBuffer { shape: vec![n], data: HostData::Bf16(data) }
+            };
+            let shaped = |mut b: HostBuffer, rows: usize| {
+                let n = b.shape[0];
+                b.shape = vec![rows, n / rows];
+                b
+            };
+            let (q, k, v, g) = (
+                shaped(bf16(heads * t_len * qk), heads * t_len),
+                shaped(bf16(heads * s_len * qk), heads * s_len),
+                shaped(bf16(heads * s_len * dv), heads * s_len),
+                shaped(bf16(heads * t_len * dv), heads * t_len),
+            );
+            let zeros = |shape: Vec<usize>| HostBuffer::zeros(shape, "f32").unwrap();
+            let (mut out, mut lse) = (zeros(vec![heads * t_len, dv]), zeros(vec![heads * t_len]));
+            unsafe {
+                mla_prefill(heads, scale, &[q.raw_const(), k.raw_const(), v.raw_const(), out.raw(), lse.raw()])
+                    .unwrap();
+            }
+            let values = |b: &HostBuffer| match &b.data {
+                HostData::Bf16(x) => x.iter().map(|&u| bf16_to_f32(u)).collect::<Vec<f32>>(),
+                HostData::F32(x) => x.clone(),
+                _ => unreachable!(),
+            };
+            let (o, gv) = (values(&out), values(&g));
+            let d: Vec<f32> =
+                (0..heads * t_len).map(|r| (0..dv).map(|c| o[r * dv + c] * gv[r * dv + c]).sum()).collect();
+            let mut dd = HostBuffer { shape: vec![heads * t_len], data: HostData::F32(d) };
+            let (qv, kv, vv) = (values(&q), values(&k), values(&v));
+            let want = f64_gradients((&qv, &kv, &vv, &gv), (heads, t_len, s_len, qk, dv), scale as f64);
+            for (of, rows, width, want) in [
+                (GradOf::Queries, heads * t_len, qk, &want.0),
+                (GradOf::Keys, heads * s_len, qk, &want.1),
+                (GradOf::Values, heads * s_len, dv, &want.2),
+            ] {
+                let mut grad = zeros(vec![rows, width]);
+                let bufs =
+                    [q.raw_const(), k.raw_const(), v.raw_const(), g.raw_const(), lse.raw(), dd.raw(), grad.raw()];
+                unsafe { mla_grad(of, heads, scale, &bufs).unwrap() };
+                let err = max_relative(&values(&grad), want);
+                assert!(err < 1e-2, "{of:?} ({heads} heads, T {t_len}, S {s_len}): relative error {err:e}");
+            }
+        }
+    }
 }
