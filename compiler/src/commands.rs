@@ -947,7 +947,12 @@ fn write_gpu_artifact(
             }));
         }
         if let Some(c) = v3c_compiler::conversion::sm90::mla::MlaPrefillConfig::from_name(name) {
-            return Ok(v3c_runtime::abi::KernelAbi::MlaPrefill(v3c_runtime::abi::MlaPrefillAbi { qk: c.qk, v: c.v }));
+            let kind = c.flash_kind();
+            return Ok(v3c_runtime::abi::KernelAbi::MlaPrefill(v3c_runtime::abi::MlaPrefillAbi {
+                qk: c.qk,
+                v: c.v,
+                kind,
+            }));
         }
         // (A tuned reduction's other widths take the same arguments.)
         row_ranks

@@ -36,26 +36,59 @@ impl Memory for HostMemory {
     }
 }
 
-/// What a prefill attention launch computes ([`crate::conversion::sm90::host::mla_prefill`]), read
-/// from its parameters as the kernel reads them: q, k, v from their tensor maps, out's memref, the
-/// query and key lengths, the scale's bits.
+/// What a flash-attention launch computes ([`crate::conversion::sm90::host::mla_prefill`],
+/// [`crate::conversion::sm90::host::mla_grad`]), read from its parameters as the kernel reads them:
+/// q, k, v (and a gradient's dout) from their tensor maps, the memrefs (out, a forward's lse; a
+/// gradient's lse, D and out), the query and key lengths, the scale's bits.
 ///
 /// # Safety
 /// Every address in the launch must be live host memory of the sizes it names.
-pub unsafe fn emulate_prefill(l: &KernelLaunch) -> Result<(), String> {
-    // Parameters: q, k, v tensor maps, out's memref (7 scalars), T, S, the scale's bits.
-    let v = values_after_maps(l, 3)?;
-    let [_, out, _, rows, cols, _, _, t, s, scale] = v[..] else {
-        return Err(format!("{}: {} parameters after the tensor maps", l.kernel, v.len()));
+pub unsafe fn emulate_prefill(l: &KernelLaunch, kind: v3c_runtime::abi::FlashKind) -> Result<(), String> {
+    use crate::conversion::sm90::mla::GradOf;
+    use v3c_runtime::abi::FlashKind;
+    let grad = match kind {
+        FlashKind::Forward | FlashKind::Lse => None,
+        FlashKind::GradQ => Some(GradOf::Queries),
+        FlashKind::GradK => Some(GradOf::Keys),
+        FlashKind::GradV => Some(GradOf::Values),
     };
-    let (t, s) = (t as usize, s as usize);
+    let maps = if grad.is_some() { 4 } else { 3 };
+    let v = values_after_maps(l, maps)?;
+    // Memrefs: allocated, aligned, offset, sizes, strides; then T, S, the scale's bits.
+    let ranks: &[usize] = match kind {
+        FlashKind::Forward => &[2],
+        FlashKind::Lse => &[2, 1],
+        _ => &[1, 1, 2],
+    };
+    if v.len() != ranks.iter().map(|r| 3 + 2 * r).sum::<usize>() + 3 {
+        return Err(format!("{}: {} parameters after the tensor maps", l.kernel, v.len()));
+    }
+    let mut at = 0;
+    let mut memrefs = Vec::new();
+    for &rank in ranks {
+        let shape = v[at + 3..at + 3 + rank].iter().map(|&d| d as usize).collect();
+        memrefs.push(RawBuffer { ptr: v[at + 1] as *mut (), shape, element: "f32".into() });
+        at += 3 + 2 * rank;
+    }
+    let (t, s, scale) = (v[at] as usize, v[at + 1] as usize, f32::from_bits(v[at + 2] as u32));
     let map = |i: usize| mapped(l, i);
     let (q, k) = (map(0)?, map(1)?);
     if t == 0 || q.shape[0] % t != 0 || k.shape[0] != s * (q.shape[0] / t) {
         return Err(format!("{}: q rows {} and k rows {} for T {t}, S {s}", l.kernel, q.shape[0], k.shape[0]));
     }
-    let out = RawBuffer { ptr: out as *mut (), shape: vec![rows as usize, cols as usize], element: "f32".into() };
-    crate::conversion::sm90::host::mla_prefill(q.shape[0] / t, f32::from_bits(scale as u32), &[q, k, map(2)?, out])
+    let heads = q.shape[0] / t;
+    let mut bufs = vec![q, k, map(2)?];
+    match grad {
+        None => {
+            bufs.extend(memrefs);
+            crate::conversion::sm90::host::mla_prefill(heads, scale, &bufs)
+        }
+        Some(of) => {
+            bufs.push(map(3)?);
+            bufs.extend(memrefs);
+            crate::conversion::sm90::host::mla_grad(of, heads, scale, &bufs)
+        }
+    }
 }
 
 /// What a decode attention launch computes ([`crate::conversion::sm90::host::mla_decode`]), read
@@ -378,7 +411,7 @@ impl<'a, 'c> Emulator<'a, 'c> {
                         Some(KernelAbi::Gemm(g)) => unsafe { emulate_gemm(g, k)? },
                         Some(KernelAbi::Memrefs { ranks }) => unsafe { self.run_row(k, ranks)? },
                         // SAFETY: as above.
-                        Some(KernelAbi::MlaPrefill(_)) => unsafe { emulate_prefill(k)? },
+                        Some(KernelAbi::MlaPrefill(a)) => unsafe { emulate_prefill(k, a.kind)? },
                         // SAFETY: as above.
                         Some(KernelAbi::MlaDecode(_)) => unsafe { emulate_decode(k)? },
                         None => return Err(format!("kernel {} has no abi", k.kernel)),

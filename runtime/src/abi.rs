@@ -134,11 +134,47 @@ impl MlaDecodeAbi {
     }
 }
 
-/// The prefill attention kernel's widths: q and k rows of `qk`, v rows of `v` (bf16, head-major).
+/// The prefill attention kernel's widths: q and k rows of `qk`, v rows of `v` (bf16, head-major),
+/// and which of the flash kernels it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MlaPrefillAbi {
     pub qk: usize,
     pub v: usize,
+    #[serde(default, skip_serializing_if = "FlashKind::is_forward")]
+    pub kind: FlashKind,
+}
+
+/// What a flash-attention kernel computes (`compiler/src/conversion/sm90/mla.rs`, `FlashMode`):
+/// inference's forward, training's forward with its rows' log-sum-exps, or one gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlashKind {
+    #[default]
+    Forward,
+    Lse,
+    GradQ,
+    GradK,
+    GradV,
+}
+
+impl FlashKind {
+    fn is_forward(&self) -> bool {
+        *self == FlashKind::Forward
+    }
+
+    /// Its operands' names, in order.
+    pub fn operands(self) -> &'static [&'static str] {
+        match self {
+            FlashKind::Forward => &["q", "k", "v", "out"],
+            FlashKind::Lse => &["q", "k", "v", "out", "lse"],
+            _ => &["q", "k", "v", "dout", "lse", "D", "out"],
+        }
+    }
+
+    /// A gradient of the keys' side (its blocks take 128 keys, not queries).
+    fn per_key(self) -> bool {
+        matches!(self, FlashKind::GradK | FlashKind::GradV)
+    }
 }
 
 /// Query rows per block of the prefill kernel, and the rows and columns of its TMA boxes.
@@ -152,12 +188,27 @@ impl MlaPrefillAbi {
     /// The launch over head-major `q [H T, qk]`, `k [H S, qk]`, `v [H S, v]` (bf16) into `out [H
     /// T, v]` (f32): tensor maps of q, k, v (64 x 64 boxes), out's memref, T, S, the scale (an
     /// f32 parameter: its bits in the low half); `ceil(T / 128) x H` blocks along x.
-    pub fn launch(&self, kernel: &str, ops: [&Buf; 4], heads: usize, scale: f32) -> Result<KernelLaunch, String> {
+    ///
+    /// Training's kernels ([`FlashKind`]): `_lse` also takes `lse [H T]` (f32, its memref after
+    /// out's); a gradient takes `q, k, v, dout [H T, v]` (tensor maps), `lse`, `D` (f32 `[H T]`)
+    /// and its gradient `out` (f32: dQ `[H T, qk]`, dK `[H S, qk]`, dV `[H S, v]`), memrefs in that
+    /// order; dK's and dV's blocks take 128 keys (`ceil(S / 128) x H`).
+    pub fn launch(&self, kernel: &str, ops: &[&Buf], heads: usize, scale: f32) -> Result<KernelLaunch, String> {
         let fail = |what: String| format!("{kernel}: {what}");
-        let [q, k, v, out] = ops;
+        let names = self.kind.operands();
+        if ops.len() != names.len() {
+            return Err(fail(format!("{} operands ({})", ops.len(), names.join(", "))));
+        }
+        let (q, k, v) = (ops[0], ops[1], ops[2]);
+        let grad = ops.len() == 7;
+        let out = ops[if grad { 6 } else { 3 }];
         let shape = |b: &Buf| b.shape_at_rank(2).map_err(fail);
         let (qs, ks, vs, os) = (shape(q)?, shape(k)?, shape(v)?, shape(out)?);
-        for (name, b) in [("q", q), ("k", k), ("v", v)] {
+        let mut read = vec![("q", q), ("k", k), ("v", v)];
+        if grad {
+            read.push(("dout", ops[3]));
+        }
+        for (name, b) in &read {
             if b.element != "bf16" {
                 return Err(fail(format!("{name} is {}, the kernel reads bf16", b.element)));
             }
@@ -166,7 +217,23 @@ impl MlaPrefillAbi {
             return Err(fail(format!("q of {} rows and k of {} are not {heads} heads", qs[0], ks[0])));
         }
         let (t, s) = (qs[0] / heads, ks[0] / heads);
-        let expected = [qs[1] == self.qk, ks[1] == self.qk, vs == [ks[0], self.v], os == [qs[0], self.v]];
+        let out_shape = match self.kind {
+            FlashKind::Forward | FlashKind::Lse => [qs[0], self.v],
+            FlashKind::GradQ => [qs[0], self.qk],
+            FlashKind::GradK => [ks[0], self.qk],
+            FlashKind::GradV => [ks[0], self.v],
+        };
+        let mut expected = vec![qs[1] == self.qk, ks[1] == self.qk, vs == [ks[0], self.v], os == out_shape];
+        // The statistics: one f32 per query row.
+        let stats: Vec<&Buf> = match self.kind {
+            FlashKind::Forward => Vec::new(),
+            FlashKind::Lse => vec![ops[4]],
+            _ => vec![ops[4], ops[5]],
+        };
+        expected.extend(stats.iter().map(|b| b.element == "f32" && b.elements() == qs[0]));
+        if grad {
+            expected.push(ops[3].shape_at_rank(2).map_err(fail)? == [qs[0], self.v]);
+        }
         if expected.contains(&false) || t > s || out.element != "f32" {
             return Err(fail(format!(
                 "q {qs:?}, k {ks:?}, v {vs:?}, out {os:?} {} for heads of {} and {} ({heads} heads, queries after                  the keys' start)",
@@ -175,16 +242,28 @@ impl MlaPrefillAbi {
         }
         let map =
             |b: &Buf, cols: usize, rows: usize| TensorMapSpec::new(b.addr, [rows, cols], "bf16", [PREFILL_BOX; 2]);
-        let maps = vec![map(q, self.qk, qs[0]), map(k, self.qk, ks[0]), map(v, self.v, ks[0])];
+        let mut maps = vec![map(q, self.qk, qs[0]), map(k, self.qk, ks[0]), map(v, self.v, ks[0])];
+        if grad {
+            maps.push(map(ops[3], self.v, qs[0]));
+        }
         for m in &maps {
             m.check().map_err(fail)?;
         }
-        let mut params = vec![Param::TensorMap(0), Param::TensorMap(1), Param::TensorMap(2)];
-        params.extend(memref(out, 2).map_err(fail)?);
+        let mut params: Vec<Param> = (0..maps.len()).map(Param::TensorMap).collect();
+        if !grad {
+            params.extend(memref(out, 2).map_err(fail)?);
+        }
+        for b in stats {
+            params.extend(memref(b, 1).map_err(fail)?);
+        }
+        if grad {
+            params.extend(memref(out, 2).map_err(fail)?);
+        }
         params.extend([Param::Value(t as u64), Param::Value(s as u64), Param::Value(u64::from(scale.to_bits()))]);
+        let rows = if self.kind.per_key() { s } else { t };
         Ok(KernelLaunch {
             kernel: kernel.to_string(),
-            grid: t.div_ceil(PREFILL_QUERIES) * heads,
+            grid: rows.div_ceil(PREFILL_QUERIES) * heads,
             grid_y: 1,
             params,
             tensor_maps: maps,
@@ -798,7 +877,7 @@ mod tests {
     /// scale's bits; ceil(T / 128) x heads blocks; shapes that are not the heads' refused.
     #[test]
     fn prefill_attention_launches_from_head_major_buffers() {
-        let a = MlaPrefillAbi { qk: 192, v: 128 };
+        let a = MlaPrefillAbi { qk: 192, v: 128, kind: FlashKind::Forward };
         let (heads, t, s) = (3, 200, 260);
         let (q, k, v) = (
             buf(0x1000, &[heads * t, 192], "bf16"),
@@ -806,7 +885,7 @@ mod tests {
             buf(0x3000, &[heads * s, 128], "bf16"),
         );
         let out = buf(0x4000, &[heads * t, 128], "f32");
-        let l = a.launch("mla", [&q, &k, &v, &out], heads, 0.5).unwrap();
+        let l = a.launch("mla", &[&q, &k, &v, &out], heads, 0.5).unwrap();
         assert_eq!(l.grid, 2 * heads);
         assert_eq!(l.tensor_maps.len(), 3);
         assert_eq!((l.tensor_maps[2].rows, l.tensor_maps[2].cols, l.tensor_maps[2].box_rows), (heads * s, 128, 64));
@@ -816,12 +895,61 @@ mod tests {
         let err = a.launch("mla", [&q, &k, &v, &out], 7, 0.5).unwrap_err();
         assert!(err.contains("are not 7 heads"), "{err}");
         let wide = buf(0x4000, &[heads * t, 192], "f32");
-        assert!(a.launch("mla", [&q, &k, &v, &wide], heads, 0.5).is_err());
+        assert!(a.launch("mla", &[&q, &k, &v, &wide], heads, 0.5).is_err());
         let f32_keys = buf(0x2000, &[heads * s, 192], "f32");
-        assert!(a.launch("mla", [&q, &f32_keys, &v, &out], heads, 0.5).unwrap_err().contains("k is f32"));
+        assert!(a.launch("mla", &[&q, &f32_keys, &v, &out], heads, 0.5).unwrap_err().contains("k is f32"));
         // More queries than keys: not a causal continuation.
         let long = buf(0x1000, &[heads * (s + 1), 192], "bf16");
         let out_long = buf(0x4000, &[heads * (s + 1), 128], "f32");
-        assert!(a.launch("mla", [&long, &k, &v, &out_long], heads, 0.5).is_err());
+        assert!(a.launch("mla", &[&long, &k, &v, &out_long], heads, 0.5).is_err());
+    }
+
+    /// Training's flash kernels: `_lse` with its statistics' memref after out's; the gradients
+    /// with four tensor maps (dout the fourth), lse's and D's memrefs, then the gradient's; dK and
+    /// dV gridded over the keys. Wrong shapes and operand counts refused by name.
+    #[test]
+    fn training_flash_kernels_launch_with_their_statistics() {
+        let (heads, t, s) = (2, 130, 130);
+        let (q, k, v, dout) = (
+            buf(0x1000, &[heads * t, 192], "bf16"),
+            buf(0x2000, &[heads * s, 192], "bf16"),
+            buf(0x3000, &[heads * s, 128], "bf16"),
+            buf(0x5000, &[heads * t, 128], "bf16"),
+        );
+        let (out, lse, dd) = (
+            buf(0x4000, &[heads * t, 128], "f32"),
+            buf(0x6000, &[heads * t, 1], "f32"),
+            buf(0x7000, &[heads * t], "f32"),
+        );
+        let kind = |kind| MlaPrefillAbi { qk: 192, v: 128, kind };
+        let l = kind(FlashKind::Lse).launch("lse", &[&q, &k, &v, &out, &lse], heads, 0.5).unwrap();
+        assert_eq!((l.tensor_maps.len(), l.params.len(), l.grid), (3, 3 + 7 + 5 + 3, 2 * heads));
+        assert_eq!(l.params[3 + 7 + 1], Param::Value(0x6000));
+        for (k_, width, rows, grid) in [
+            (FlashKind::GradQ, 192, heads * t, 2 * heads),
+            (FlashKind::GradK, 192, heads * s, 2 * heads),
+            (FlashKind::GradV, 128, heads * s, 2 * heads),
+        ] {
+            let g = buf(0x8000, &[rows, width], "f32");
+            let l = kind(k_).launch("grad", &[&q, &k, &v, &dout, &lse, &dd, &g], heads, 0.5).unwrap();
+            assert_eq!((l.tensor_maps.len(), l.params.len(), l.grid), (4, 4 + 5 + 5 + 7 + 3, grid));
+            assert_eq!(
+                (l.params[4 + 1], l.params[4 + 5 + 1], l.params[4 + 10 + 1]),
+                (Param::Value(0x6000), Param::Value(0x7000), Param::Value(0x8000))
+            );
+            let wrong = buf(0x8000, &[rows, width + 64], "f32");
+            assert!(kind(k_).launch("grad", &[&q, &k, &v, &dout, &lse, &dd, &wrong], heads, 0.5).is_err());
+        }
+        // More keys than queries: dK's blocks cover the keys.
+        let k_long = buf(0x2000, &[heads * 300, 192], "bf16");
+        let v_long = buf(0x3000, &[heads * 300, 128], "bf16");
+        let dk = buf(0x8000, &[heads * 300, 192], "f32");
+        let l = kind(FlashKind::GradK).launch("dk", &[&q, &k_long, &v_long, &dout, &lse, &dd, &dk], heads, 0.5);
+        assert_eq!(l.unwrap().grid, 3 * heads);
+        let err = kind(FlashKind::GradQ).launch("dq", &[&q, &k, &v, &out], heads, 0.5).unwrap_err();
+        assert!(err.contains("4 operands (q, k, v, dout, lse, D, out)"), "{err}");
+        let short = buf(0x7000, &[heads * t - 1], "f32");
+        let dq = buf(0x8000, &[heads * t, 192], "f32");
+        assert!(kind(FlashKind::GradQ).launch("dq", &[&q, &k, &v, &dout, &lse, &short, &dq], heads, 0.5).is_err());
     }
 }

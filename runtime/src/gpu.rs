@@ -452,14 +452,11 @@ impl<'a> Expander<'a> {
                         let att = spec
                             .attention
                             .ok_or_else(|| at(format!("{kernel}: an attention launch without its parameters")))?;
-                        let [q, k, v, out] = &ops[..] else {
-                            return Err(at(format!("{kernel}: {} operands (q, k, v, out)", ops.len())));
-                        };
-                        if q.elements() == 0 {
+                        let ops: Vec<&Buf> = ops.iter().collect();
+                        if ops.first().is_some_and(|q| q.elements() == 0) {
                             continue;
                         }
-                        actions
-                            .push(Action::Kernel(a.launch(kernel, [q, k, v, out], att.heads, att.scale).map_err(at)?));
+                        actions.push(Action::Kernel(a.launch(kernel, &ops, att.heads, att.scale).map_err(at)?));
                     }
                     KernelAbi::Gemm(g) => {
                         let gs = spec

@@ -822,7 +822,8 @@ pub fn attention_launch(problem: &Problem, name: &str, addrs: &[u64], sms: usize
             abi.launch(name, [&b[0], &b[1], &b[2], &b[3], &b[4], &b[5]], heads, scale)
         }
         AttentionProblem::Prefill { heads, qk, v, scale } => {
-            crate::abi::MlaPrefillAbi { qk, v }.launch(name, [&b[0], &b[1], &b[2], &b[3]], heads, scale)
+            let abi = crate::abi::MlaPrefillAbi { qk, v, kind: crate::abi::FlashKind::Forward };
+            abi.launch(name, &[&b[0], &b[1], &b[2], &b[3]], heads, scale)
         }
     }
 }

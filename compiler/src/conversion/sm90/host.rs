@@ -21,11 +21,15 @@ use super::rows::RowKernel;
 pub struct HostRows<'c> {
     context: &'c Context,
     engines: HashMap<String, ExecutionEngine>,
+    /// A training step's attention through the flash kernels
+    /// ([`super::lower_train::flash_attention_steps`], as `--prefill-attention tensor-cores`
+    /// compiles it) rather than the CUDA-core rows.
+    pub flash_attention: bool,
 }
 
 impl<'c> HostRows<'c> {
     pub fn new(context: &'c Context) -> HostRows<'c> {
-        HostRows { context, engines: HashMap::new() }
+        HostRows { context, engines: HashMap::new(), flash_attention: false }
     }
 
     /// Runs `fused` (a `fused`-stage kernel) through its sm_90a lowering on `ins`, writing `outs`
@@ -39,6 +43,10 @@ impl<'c> HostRows<'c> {
         ins: &[&HostBuffer],
         outs: &mut [HostBuffer],
     ) -> Result<bool, String> {
+        let flash = self.flash_attention.then(|| super::lower_train::flash_attention_steps(fused)).flatten();
+        if let Some(steps) = flash {
+            return self.run_steps(&steps?, rows, ins, outs).map(|_| true);
+        }
         let steps = match (lower::row_of_kernel(fused), lower::steps_of_kernel(fused)) {
             (Ok(row), _) => Steps {
                 steps: vec![lower::Step { kernel: StepKernel::Row(row.kernel), operands: row.operands }],

@@ -307,17 +307,26 @@ const ATTENTION_GROUP: usize = 8;
 /// pass).
 const ATTENTION_SHARED: usize = 32 * 1024;
 
-/// Naive-form MLA and its gradient on CUDA cores (temporaries have the run's rows, at least the
-/// latent's: per-key temporaries past the latent's rows are zeros, and no launch takes its row
-/// count from a temporary when it writes a result):
-/// the latent's first `kv` columns copied out and expanded through kv_b (the CUDA-core matmul) into
-/// per-head keys and values, then one block per (query, head) — forward, or the queries'
-/// gradients and the softmax statistics — and for the gradient one block per (key, head) for the
-/// keys' and values' gradients, the heads' rope parts summed, and the matmuls back to the latent
-/// and kv_b. `tensor_cores` (the f32 recipe): the matmuls through kv_b — the keys' and values'
-/// expansion, and the gradient's two back — on the tensor cores ([`matmul_steps`]); else on CUDA
-/// cores in the reference's order.
-fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
+/// A training attention kernel's widths and the steps every form of it starts with.
+struct AttentionFront {
+    grad: bool,
+    heads: usize,
+    nope: usize,
+    rope: usize,
+    v: usize,
+    kv: usize,
+    hp: usize,
+    scale: f32,
+    steps: Vec<Step>,
+    temps: Vec<Temp>,
+}
+
+/// A training attention kernel (`attention` + `reshape`, or `attention_grad`, the naive form's f32
+/// operands) checked and its front built: the latent's first `kv` columns copied out (temporary
+/// 0, ckv `[S, kv]`) and expanded through kv_b into per-head keys and values (temporary 1, kvb
+/// `[S, hp]`). `key_rows`: those temporaries have the latent's rows (else the run's, the rows past
+/// the latent's zeros).
+fn attention_front(body: &Body, tensor_cores: bool, key_rows: bool) -> Result<AttentionFront, String> {
     let o = &body.ops[0];
     let grad = body.names[0] == "attention_grad";
     let form = o.attribute("form").map(|a| a.to_string()).unwrap_or_default();
@@ -340,7 +349,107 @@ fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     if hp % heads != 0 || hp / heads <= nope {
         return Err(format!("kv_b of {hp} rows for {heads} heads of {nope} key columns"));
     }
-    let v = hp / heads - nope;
+    let mut front = AttentionFront {
+        grad,
+        heads,
+        nope,
+        rope,
+        v: hp / heads - nope,
+        kv,
+        hp,
+        scale,
+        steps: vec![Step {
+            kernel: StepKernel::Row(train_kernel(TrainRow::Slice { start: 0 }, kv, "f32")),
+            operands: vec![Operand::Arg(2), Operand::Temp(0)],
+        }],
+        temps: vec![Temp::per_row(1, kv, "f32"), Temp::per_row(1, hp, "f32")],
+    };
+    if key_rows {
+        front.temps.iter_mut().for_each(|t| t.rows_of = Some(2));
+    }
+    // kvb = ckv kv_b^T.
+    let kvb = front.matmul(body, tensor_cores, "kvb", (Operand::Temp(0), false, kv), (Operand::Arg(3), true), hp)?;
+    front.steps.extend(kvb(Operand::Temp(1), &mut front.temps)?);
+    Ok(front)
+}
+
+impl AttentionFront {
+    /// `out = op(a) . op(b)` of run rows `a` (`cols` wide; transposed when its flag says) and kv_b
+    /// (`Arg(3)`) or other run rows `b` of kv columns: on the tensor cores when `tensor_cores`
+    /// ([`matmul_steps`]), else the CUDA-core matmul in the reference's order; `d` output columns.
+    #[allow(clippy::type_complexity)]
+    fn matmul<'b>(
+        &self,
+        body: &'b Body,
+        tensor_cores: bool,
+        name: &'b str,
+        (a, ta, cols): (Operand, bool, usize),
+        (b, tb): (Operand, bool),
+        d: usize,
+    ) -> Result<impl FnOnce(Operand, &mut Vec<Temp>) -> Result<Vec<Step>, String> + 'b, String> {
+        let (hp, kv) = (self.hp, self.kv);
+        let run_rows = |cols: usize| Shape { dims: vec![None, Some(cols)], element: "f32".into() };
+        let b_shape = match b {
+            Operand::Arg(3) => Shape { dims: vec![Some(hp), Some(kv)], element: "f32".into() },
+            _ => run_rows(kv),
+        };
+        let a_shape = run_rows(cols);
+        Ok(move |out: Operand, temps: &mut Vec<Temp>| {
+            if tensor_cores {
+                let fused = format!("{}.{name}", body.name);
+                matmul_steps(&fused, (a, &a_shape), (b, &b_shape), (ta, tb), out, temps)
+            } else {
+                let kernel = train_kernel(TrainRow::Matmul { transpose_a: ta, transpose_b: tb }, d, "f32");
+                Ok(vec![Step { kernel: StepKernel::Row(kernel), operands: vec![a, b, out] }])
+            }
+        })
+    }
+
+    /// The gradient's end, from dkvb (the gradient of kvb, `[S, hp]`) and the rope key's `dpe [S,
+    /// rope]`: d ckv = dkvb kv_b, the latent's gradient `[d ckv | dpe]` (result 2), d kv_b = dkvb^T
+    /// ckv (result 3).
+    fn latent_gradients(&mut self, body: &Body, tensor_cores: bool, dkvb: Operand, dpe: Operand) -> Result<(), String> {
+        let (hp, kv, rope) = (self.hp, self.kv, self.rope);
+        self.temps.push(Temp::per_row(1, kv, "f32"));
+        let dckv = Operand::Temp(self.temps.len() - 1);
+        let step = self.matmul(body, tensor_cores, "dckv", (dkvb, false, hp), (Operand::Arg(3), false), kv)?;
+        let steps = step(dckv, &mut self.temps)?;
+        self.steps.extend(steps);
+        self.steps.push(Step {
+            kernel: StepKernel::Row(train_kernel(TrainRow::Join { second: rope }, kv, "f32")),
+            operands: vec![dckv, dpe, Operand::Result(2)],
+        });
+        let step = self.matmul(body, tensor_cores, "dkvb", (dkvb, true, hp), (Operand::Temp(0), false), kv)?;
+        let steps = step(Operand::Result(3), &mut self.temps)?;
+        self.steps.extend(steps);
+        Ok(())
+    }
+
+    fn temp(&mut self, t: Temp) -> Operand {
+        self.temps.push(t);
+        Operand::Temp(self.temps.len() - 1)
+    }
+
+    /// `source`'s `cols` columns transposed by `op` ([`TrainRow::Transpose`]) into a new
+    /// temporary `[cols, run rows]`.
+    fn transposed(&mut self, source: Operand, op: TrainRow, cols: usize) -> Operand {
+        let t = self.temp(Temp::transposed(cols, RunCols::new(1, 1), "f32"));
+        self.steps.push(Step { kernel: StepKernel::Row(train_kernel(op, cols, "f32")), operands: vec![source, t] });
+        t
+    }
+}
+
+/// Naive-form MLA and its gradient on CUDA cores (temporaries have the run's rows, at least the
+/// latent's: per-key temporaries past the latent's rows are zeros, and no launch takes its row
+/// count from a temporary when it writes a result): after [`attention_front`], one block per
+/// (group of queries, head) — forward, or the queries' gradients and the softmax statistics — and
+/// for the gradient one block per (group of keys, head) for the keys' and values' gradients, the
+/// heads' rope parts summed, and the matmuls back to the latent and kv_b. `tensor_cores` (the f32
+/// recipe): the matmuls through kv_b — the keys' and values' expansion, and the gradient's two
+/// back — on the tensor cores ([`matmul_steps`]); else on CUDA cores in the reference's order.
+fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
+    let mut f = attention_front(body, tensor_cores, false)?;
+    let (heads, nope, rope, v, kv, hp, scale) = (f.heads, f.nope, f.rope, f.v, f.kv, f.hp, f.scale);
     // Keys (queries) kept at a time: the forward keeps one array of them, the gradients two.
     let mla = |arrays: usize| Mla {
         heads,
@@ -354,97 +463,115 @@ fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     };
     let row = |op| StepKernel::Row(train_kernel(op, kv, "f32"));
     let f32_temp = |rows_factor, cols| Temp::per_row(rows_factor, cols, "f32");
-    use Operand::{Arg, Result as Res, Temp as Tmp};
-    // Temporaries 0, 1: ckv [S, kv], kvb [S, hp]; with the gradient 2..: stats [T * H, 3], dkvb
-    // [S, hp], part [S * H, rope], d pe [S, rope], d ckv [S, kv]; then the tensor cores' operands
-    // and the transposed operands, in the order of their steps.
-    let mut temps = vec![f32_temp(1, kv), f32_temp(1, hp)];
-    if grad {
-        temps.extend([f32_temp(heads, 3), f32_temp(1, hp), f32_temp(heads, rope), f32_temp(1, rope), f32_temp(1, kv)]);
-    }
-    // `out = op(a) . op(b)` of run-row `a` (`cols` wide) and kv_b or a run-row `b`.
-    let run_rows = |cols: usize| Shape { dims: vec![None, Some(cols)], element: "f32".into() };
-    let kv_b_shape = Shape { dims: vec![Some(hp), Some(kv)], element: "f32".into() };
-    let matmul = |temps: &mut Vec<Temp>,
-                  name: &str,
-                  (a, a_shape): (Operand, Shape),
-                  (b, b_shape): (Operand, Shape),
-                  (ta, tb),
-                  d,
-                  out| {
-        if tensor_cores {
-            let fused = format!("{}.{name}", body.name);
-            matmul_steps(&fused, (a, &a_shape), (b, &b_shape), (ta, tb), out, temps)
-        } else {
-            let kernel = train_kernel(TrainRow::Matmul { transpose_a: ta, transpose_b: tb }, d, "f32");
-            Ok(vec![Step { kernel: StepKernel::Row(kernel), operands: vec![a, b, out] }])
-        }
-    };
-    // ckv = latent[:, :kv]; kvb = ckv kv_b^T.
-    let mut steps = vec![Step {
-        kernel: StepKernel::Row(train_kernel(TrainRow::Slice { start: 0 }, kv, "f32")),
-        operands: vec![Arg(2), Tmp(0)],
-    }];
-    steps.extend(matmul(
-        &mut temps,
-        "kvb",
-        (Tmp(0), run_rows(kv)),
-        (Arg(3), kv_b_shape.clone()),
-        (false, true),
-        hp,
-        Tmp(1),
-    )?);
+    use Operand::{Arg, Result as Res};
+    // With the gradient: stats [T * H, 3], dkvb [S, hp], part [S * H, rope], d pe [S, rope].
+    let grad = f.grad.then(|| {
+        [f.temp(f32_temp(heads, 3)), f.temp(f32_temp(1, hp)), f.temp(f32_temp(heads, rope)), f.temp(f32_temp(1, rope))]
+    });
     // What a thread per key (per query, in the keys' gradient) reads, transposed along the keys
     // (queries): kvb [hp, S], the latent's rope columns [rope, S]; q_nope, q_pe and dout [H x, T].
-    fn transposed(steps: &mut Vec<Step>, temps: &mut Vec<Temp>, source: Operand, op: TrainRow, cols: usize) -> Operand {
-        temps.push(Temp::transposed(cols, RunCols::new(1, 1), "f32"));
-        let t = Operand::Temp(temps.len() - 1);
-        steps.push(Step { kernel: StepKernel::Row(train_kernel(op, cols, "f32")), operands: vec![source, t] });
-        t
-    }
-    let kvbt = transposed(&mut steps, &mut temps, Tmp(1), TrainRow::Transpose { start: 0, heads: 0 }, hp);
-    let latt = transposed(&mut steps, &mut temps, Arg(2), TrainRow::Transpose { start: kv, heads: 0 }, rope);
-    if !grad {
-        steps.push(Step {
+    let kvbt = f.transposed(Operand::Temp(1), TrainRow::Transpose { start: 0, heads: 0 }, hp);
+    let latt = f.transposed(Arg(2), TrainRow::Transpose { start: kv, heads: 0 }, rope);
+    let kvb = Operand::Temp(1);
+    let Some([stats, dkvb, part, dpe]) = grad else {
+        f.steps.push(Step {
             kernel: row(TrainRow::MlaForward(mla(1))),
-            operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), kvbt, latt, Res(0)],
+            operands: vec![Arg(0), Arg(1), Arg(2), kvb, kvbt, latt, Res(0)],
         });
-        return Ok(Steps { steps, temps, rope_table: None });
-    }
+        return Ok(Steps { steps: f.steps, temps: f.temps, rope_table: None });
+    };
     let by_heads = TrainRow::Transpose { start: 0, heads };
-    let qnt = transposed(&mut steps, &mut temps, Arg(0), by_heads, heads * nope);
-    let qpt = transposed(&mut steps, &mut temps, Arg(1), by_heads, heads * rope);
-    let doutt = transposed(&mut steps, &mut temps, Arg(4), by_heads, heads * v);
-    steps.extend([
+    let qnt = f.transposed(Arg(0), by_heads, heads * nope);
+    let qpt = f.transposed(Arg(1), by_heads, heads * rope);
+    let doutt = f.transposed(Arg(4), by_heads, heads * v);
+    f.steps.extend([
         Step {
             kernel: row(TrainRow::MlaGradQ(mla(2))),
-            operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), kvbt, latt, Arg(4), Res(0), Res(1), Tmp(2)],
+            operands: vec![Arg(0), Arg(1), Arg(2), kvb, kvbt, latt, Arg(4), Res(0), Res(1), stats],
         },
         Step {
             kernel: row(TrainRow::MlaGradKv(mla(2))),
-            operands: vec![Arg(0), Arg(1), Arg(2), Tmp(1), qnt, qpt, doutt, Arg(4), Tmp(2), Tmp(3), Tmp(4)],
+            operands: vec![Arg(0), Arg(1), Arg(2), kvb, qnt, qpt, doutt, Arg(4), stats, dkvb, part],
         },
         Step {
             kernel: StepKernel::Row(train_kernel(TrainRow::SumHeads { heads }, rope, "f32")),
-            operands: vec![Tmp(4), Tmp(5)],
+            operands: vec![part, dpe],
         },
     ]);
-    // d ckv = dkvb kv_b; the latent's gradient [d ckv | d pe]; d kv_b = dkvb^T ckv.
-    steps.extend(matmul(&mut temps, "dckv", (Tmp(3), run_rows(hp)), (Arg(3), kv_b_shape), (false, false), kv, Tmp(6))?);
-    steps.push(Step {
-        kernel: StepKernel::Row(train_kernel(TrainRow::Join { second: rope }, kv, "f32")),
-        operands: vec![Tmp(6), Tmp(5), Res(2)],
-    });
-    steps.extend(matmul(
-        &mut temps,
-        "dkvb",
-        (Tmp(3), run_rows(hp)),
-        (Tmp(0), run_rows(kv)),
-        (true, false),
-        kv,
-        Res(3),
-    )?);
-    Ok(Steps { steps, temps, rope_table: None })
+    f.latent_gradients(body, tensor_cores, dkvb, dpe)?;
+    Ok(Steps { steps: f.steps, temps: f.temps, rope_table: None })
+}
+
+/// Training attention on the tensor cores (DeepSeek-V3's recipe: the attention core in bf16), as
+/// flash attention: after [`attention_front`], the keys and values head-major in bf16
+/// (`rows_mlakeys`), the queries likewise (`rows_mlaqueries`), then
+/// - forward: `mla_prefill_*` (causal), its head-major output back to token rows (`rows_mlaheadsout`);
+/// - gradient: the forward again with its rows' log-sum-exps (`_lse`: the output and statistics
+///   are recomputed rather than kept), dout head-major in bf16 with `D = rowsum(dout * out)`
+///   (`rows_flashdout`), FlashAttention-2's backward as three kernels (`mla_grad{q,k,v}`), dQ back
+///   to the queries' rows (`rows_flashdq`), dK and dV to kvb's and the rope key's gradients
+///   (`rows_flashdkv`), then the matmuls back to the latent and kv_b.
+///
+/// q, k, v, P and dS are bf16 (their products summed in f32): the step's results differ from
+/// the reference's f32 attention by bf16's rounding. `Err`: not a training attention kernel, or
+/// head widths the kernels do not take.
+pub fn flash_attention_steps(kernel: &OperationRef) -> Option<Result<Steps, String>> {
+    let body = Body::of(kernel)?;
+    let names: Vec<&str> = body.names.iter().map(String::as_str).collect();
+    if !matches!(names[..], ["attention", "reshape"] | ["attention_grad"]) {
+        return None;
+    }
+    Some(flash_attention(&body, f32_recipe(kernel)))
+}
+
+fn flash_attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
+    use super::mla::{FlashMode, GradOf, MlaPrefillConfig};
+    let mut f = attention_front(body, tensor_cores, true)?;
+    let (heads, nope, rope, v, kv, scale) = (f.heads, f.nope, f.rope, f.v, f.kv, f.scale);
+    let qk = nope + rope;
+    let config = |mode| MlaPrefillConfig { qk, v, stages: 2, mode };
+    config(FlashMode::Forward).validate(&crate::target::SM90A)?;
+    let flash = |mode| StepKernel::MlaPrefill(super::lower::MlaPrefillLaunch { config: config(mode), heads, scale });
+    let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };
+    let row = |op: RowOp, d: usize| StepKernel::Row(RowKernel::new(op, d, "f32"));
+    let train_row = |op: TrainRow, d: usize| StepKernel::Row(train_kernel(op, d, "f32"));
+    use Operand::{Arg, Result as Res};
+    // Head-major temporaries of the queries' rows (argument 0: the MTP module's are one fewer
+    // than the run's) and of the keys' (the latent, argument 2): the kernels take T and S from
+    // them.
+    let query_rows = |cols, element: &str| Temp::per_row_of(0, heads, cols, element);
+    let key_rows = |factor, cols, element: &str| Temp::per_row_of(2, factor, cols, element);
+    let (keys, values) = (f.temp(key_rows(heads, qk, "bf16")), f.temp(key_rows(heads, v, "bf16")));
+    let (queries, out) = (f.temp(query_rows(qk, "bf16")), f.temp(query_rows(v, "f32")));
+    let cache = super::rows::CacheRows::F32;
+    f.steps.extend([
+        step(row(RowOp::MlaKeys { heads, nope, rope, v, cache }, kv), vec![Operand::Temp(1), Arg(2), keys, values]),
+        step(row(RowOp::MlaQueries { heads, nope, rope }, heads * qk), vec![Arg(0), Arg(1), queries]),
+    ]);
+    if !f.grad {
+        f.steps.extend([
+            step(flash(FlashMode::Forward), vec![queries, keys, values, out]),
+            step(row(RowOp::MlaHeadsOut { heads, quantize: false }, heads * v), vec![out, Res(0)]),
+        ]);
+        return Ok(Steps { steps: f.steps, temps: f.temps, rope_table: None });
+    }
+    let lse = f.temp(query_rows(1, "f32"));
+    let (dout, dd) = (f.temp(query_rows(v, "bf16")), f.temp(query_rows(1, "f32")));
+    let (dq, dk, dv) =
+        (f.temp(query_rows(qk, "f32")), f.temp(key_rows(heads, qk, "f32")), f.temp(key_rows(heads, v, "f32")));
+    let (dkvb, dpe) = (f.temp(key_rows(1, f.hp, "f32")), f.temp(key_rows(1, rope, "f32")));
+    let grad_of = |of: GradOf, into| step(flash(FlashMode::Grad(of)), vec![queries, keys, values, dout, lse, dd, into]);
+    f.steps.extend([
+        step(flash(FlashMode::Lse), vec![queries, keys, values, out, lse]),
+        step(train_row(TrainRow::FlashDout { heads }, v), vec![Arg(4), out, dout, dd]),
+        grad_of(GradOf::Queries, dq),
+        grad_of(GradOf::Keys, dk),
+        grad_of(GradOf::Values, dv),
+        step(train_row(TrainRow::FlashDq { heads, nope }, qk), vec![dq, Res(0), Res(1)]),
+        step(train_row(TrainRow::FlashDkv { heads, nope, v }, qk), vec![dk, dv, dkvb, dpe]),
+    ]);
+    f.latent_gradients(body, tensor_cores, dkvb, dpe)?;
+    Ok(Steps { steps: f.steps, temps: f.temps, rope_table: None })
 }
 
 /// The routed experts (f32, no shared experts in the op) on CUDA cores: each (token, slot)'s

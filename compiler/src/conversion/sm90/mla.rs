@@ -720,6 +720,18 @@ impl MlaPrefillConfig {
         (config.kernel_name() == name).then_some(config)
     }
 
+    /// How the runtime launches it ([`v3c_runtime::abi::MlaPrefillAbi`]).
+    pub fn flash_kind(&self) -> v3c_runtime::abi::FlashKind {
+        use v3c_runtime::abi::FlashKind;
+        match self.mode {
+            FlashMode::Forward => FlashKind::Forward,
+            FlashMode::Lse => FlashKind::Lse,
+            FlashMode::Grad(GradOf::Queries) => FlashKind::GradQ,
+            FlashMode::Grad(GradOf::Keys) => FlashKind::GradK,
+            FlashMode::Grad(GradOf::Values) => FlashKind::GradV,
+        }
+    }
+
     fn qk_chunks(&self) -> usize {
         self.qk / CHUNK
     }

@@ -316,7 +316,11 @@ pub fn tensor_core_attention(
     caches: CacheFormats,
 ) -> Option<lower::Steps> {
     let prefill = attention.prefill == AttentionKernel::TensorCores;
-    let steps = prefill.then(|| lower::mla_prefill_steps(f, caches.prefill).ok()).flatten();
+    // Inference's prefill, else a training step's attention (forward or gradient).
+    let steps = prefill
+        .then(|| lower::mla_prefill_steps(f, caches.prefill).ok())
+        .flatten()
+        .or_else(|| prefill.then(|| lower_train::flash_attention_steps(f).and_then(Result::ok)).flatten());
     let fp8 = caches.decode == rows::CacheRows::Fp8;
     steps.or_else(|| caches.paged_decode().then(|| lower::mla_decode_steps(f, fp8).ok()).flatten())
 }
@@ -457,13 +461,17 @@ impl ModelKernels {
         choose: &mut dyn Chooser,
         progress: &mut impl FnMut(&str),
     ) -> Result<(), Sm90Error> {
-        let Some(shape) = AttentionShape::of_step(step) else { return Ok(()) };
-        let preferences = choose.attention(fused, &shape);
+        let (preferences, what) = match (AttentionShape::of_step(step), &*step) {
+            (Some(shape), _) => (choose.attention(fused, &shape), format!("{} ", shape.signature())),
+            // Not tuned (training's flash kernels): the lowering's configuration.
+            (None, lower::StepKernel::MlaPrefill(a)) => (vec![AttentionConfig::Prefill(a.config)], String::new()),
+            (None, lower::StepKernel::MlaDecode(a)) => (vec![AttentionConfig::Decode(a.config)], String::new()),
+            (None, _) => return Ok(()),
+        };
         let compiles = preferences
             .iter()
             .map(|c| (c.kernel_name(), Box::new(move || compile_attention(context, c, target)) as Box<_>))
             .collect();
-        let what = format!("{} ", shape.signature());
         let chosen = preferences[self.first_unspilled(fused, &what, compiles, target, ptxas, progress)?];
         match (step, chosen) {
             (lower::StepKernel::MlaDecode(a), AttentionConfig::Decode(c)) => a.config = c,

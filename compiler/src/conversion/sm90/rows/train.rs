@@ -261,6 +261,19 @@ pub enum TrainRow {
     MlaGradKv(Mla),
     /// `y [rows, d]`: row r the sum over its `heads` rows of `part [rows * heads, d]`, in order.
     SumHeads { heads: usize },
+    /// Flash attention's backward, before its kernels: per token row of `dout [T, heads, d]`, each
+    /// head's row in bf16 head-major (`dob [heads * T, d]`, as the tensor cores read it) and
+    /// `D = rowsum(dout * o)` against the forward's head-major output `o [heads * T, d]` (`dd
+    /// [heads * T]`, one thread's sequential sum per head).
+    FlashDout { heads: usize },
+    /// Flash attention's query gradient `dq [heads * T, d]` (head-major) back to token rows: its
+    /// first `nope` columns per head into `dq_nope [T, heads, nope]`, the rest into `dq_pe`.
+    FlashDq { heads: usize, nope: usize },
+    /// Flash attention's key and value gradients (head-major `dk [heads * S, d]`, `dv [heads * S,
+    /// v]`) back to key rows: `dkvb [S, heads * (nope + v)]` (kv_b's rows: per head its keys' nope
+    /// columns, then its values) and the shared rope key's gradient `dpe [S, d - nope]`, the sum
+    /// over the heads in order.
+    FlashDkv { heads: usize, nope: usize, v: usize },
     /// The routed experts' hidden rows (f32 MoE, CUDA cores), one block per (token, slot) of
     /// `idx [T, k]`: `h = silu(x . gate_e^T) * (x . up_e^T)` (`d` = the experts' intermediate width;
     /// the stacked weights `[E * d, D]`), each product a sequential sum, into `h [T * k, d]`;
@@ -420,6 +433,9 @@ impl TrainRow {
             TrainRow::MlaGradQ(m) => format!("rows_mlagradq_{}_t{t}", m.name()),
             TrainRow::MlaGradKv(m) => format!("rows_mlagradkv_{}_t{t}", m.name()),
             TrainRow::SumHeads { heads } => format!("rows_sumheads_d{d}_h{heads}_t{t}"),
+            TrainRow::FlashDout { heads } => format!("rows_flashdout_d{d}_h{heads}_t{t}"),
+            TrainRow::FlashDq { heads, nope } => format!("rows_flashdq_d{d}_h{heads}_n{nope}_t{t}"),
+            TrainRow::FlashDkv { heads, nope, v } => format!("rows_flashdkv_d{d}_h{heads}_n{nope}_v{v}_t{t}"),
             TrainRow::CrossEntropy { grad, weight } => {
                 format!("rows_xent_d{d}_w{}_t{t}_{}", spelled(weight), if grad { "grad" } else { "loss" })
             }
@@ -536,6 +552,14 @@ impl TrainRow {
                 kernel(op, &format!("d{}", m.kv), "f32", t)
             }
             ["sumheads", d, h, t] => kernel(TrainRow::SumHeads { heads: number(h, "h")? }, d, "f32", t),
+            ["flashdout", d, h, t] => kernel(TrainRow::FlashDout { heads: number(h, "h")? }, d, "f32", t),
+            ["flashdq", d, h, n, t] => {
+                kernel(TrainRow::FlashDq { heads: number(h, "h")?, nope: number(n, "n")? }, d, "f32", t)
+            }
+            ["flashdkv", d, h, n, v, t] => {
+                let op = TrainRow::FlashDkv { heads: number(h, "h")?, nope: number(n, "n")?, v: number(v, "v")? };
+                kernel(op, d, "f32", t)
+            }
             ["moehidden", d, k, t, rest @ ..] => {
                 let keep = suffix(rest, "keep")?;
                 kernel(TrainRow::MoeHidden { k: number(k, "k")?, keep }, d, "f32", t)
@@ -657,6 +681,16 @@ impl TrainRow {
                 args
             }
             TrainRow::SumHeads { .. } => vec![("part", rows()), ("y", rows())],
+            TrainRow::FlashDout { .. } => vec![
+                ("dout", "memref<?x?x?xf32>".into()),
+                ("o", rows()),
+                ("dob", "memref<?x?xbf16>".into()),
+                ("dd", flat()),
+            ],
+            TrainRow::FlashDq { .. } => {
+                vec![("dq", rows()), ("dq_nope", "memref<?x?x?xf32>".into()), ("dq_pe", "memref<?x?x?xf32>".into())]
+            }
+            TrainRow::FlashDkv { .. } => vec![("dk", rows()), ("dv", rows()), ("dkvb", rows()), ("dpe", rows())],
             TrainRow::Quantize if weight == "bf16" => {
                 vec![("x", "memref<?x?xbf16>".into()), ("q", "memref<?x?xi8>".into()), ("scale", rows())]
             }
@@ -777,6 +811,9 @@ impl TrainRow {
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) => "q_nope",
             TrainRow::MlaGradKv(_) => "dkvb",
             TrainRow::SumHeads { .. } => "y",
+            TrainRow::FlashDout { .. } => "dout",
+            TrainRow::FlashDq { .. } => "dq_nope",
+            TrainRow::FlashDkv { .. } => "dkvb",
             TrainRow::Quantize | TrainRow::QuantizeCols => "x",
             TrainRow::QuantizeBlocks { .. } => "scale",
             TrainRow::MoeHidden { .. } => "x",
@@ -851,6 +888,8 @@ impl TrainRow {
             // One thread sums a column.
             TrainRow::RmsNormDw | TrainRow::LossMean { .. } => 32,
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_) => 128,
+            // A thread per head (its sum of d products).
+            TrainRow::FlashDout { heads } => heads.next_power_of_two().clamp(32, 256),
             TrainRow::Matmul { .. } => super::matmul::THREADS,
             TrainRow::Transpose { .. } => 256,
             // A 128x128 tile per block; every sorted pair in one block.
@@ -976,8 +1015,20 @@ impl TrainRow {
                 let _ = writeln!(s, "%nan = arith.constant 0x7FC00000 : f32");
                 let _ = writeln!(s, "%c2 = arith.constant 2 : index");
             }
-            TrainRow::SumHeads { heads } => {
+            TrainRow::SumHeads { heads } | TrainRow::FlashDout { heads } => {
                 let _ = writeln!(s, "%cH = arith.constant {heads} : index");
+            }
+            TrainRow::FlashDq { heads, nope } => {
+                let _ = writeln!(s, "%cH = arith.constant {heads} : index");
+                let _ = writeln!(s, "%cNope = arith.constant {nope} : index");
+                let _ = writeln!(s, "%cHD = arith.constant {} : index", heads * d);
+            }
+            TrainRow::FlashDkv { heads, nope, v } => {
+                let _ = writeln!(s, "%cH = arith.constant {heads} : index");
+                let _ = writeln!(s, "%cNope = arith.constant {nope} : index");
+                let _ = writeln!(s, "%cRope = arith.constant {} : index", d - nope);
+                let _ = writeln!(s, "%cPerHead = arith.constant {} : index", nope + v);
+                let _ = writeln!(s, "%cHW = arith.constant {} : index", heads * (nope + v));
             }
             TrainRow::RowScales { matrix_rows } => {
                 let _ = writeln!(s, "%cMR = arith.constant {matrix_rows} : index");
@@ -2135,6 +2186,76 @@ scf.for %c = %c_first to %c_end step %cT {{
 ",
                 enc = indent2(&indent2(&indent2(&encode_e4m3(lowering, "%qv", "%byte_v")))),
                 amax = indent2(&indent2(&amax_step("%v", "%mx", "%mx2"))),
+            )],
+            TrainRow::FlashDout { .. } => vec![format!(
+                "%HT = memref.dim %o, %c0 : {m}
+%R = arith.divui %HT, %cH : index
+scf.for %hh = %tid to %cH step %cT {{
+  %hr0 = arith.muli %hh, %R : index
+  %hr = arith.addi %hr0, %row : index
+  %acc = scf.for %i = %c0 to %cD step %c1 iter_args(%a = %zero) -> (f32) {{
+    %g = memref.load %dout[%row, %hh, %i] : memref<?x?x?xf32>
+    %ov = memref.load %o[%hr, %i] : {m}
+    %gb = arith.truncf %g : f32 to bf16
+    memref.store %gb, %dob[%hr, %i] : memref<?x?xbf16>
+    %prod = arith.mulf %g, %ov : f32
+    %a2 = arith.addf %a, %prod : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %acc, %dd[%hr] : memref<?xf32>
+}}
+"
+            )],
+            TrainRow::FlashDq { .. } => vec![format!(
+                "%HT = memref.dim %dq, %c0 : {m}
+%R = arith.divui %HT, %cH : index
+scf.for %i = %tid to %cHD step %cT {{
+  %hh = arith.divui %i, %cD : index
+  %c = arith.remui %i, %cD : index
+  %hr0 = arith.muli %hh, %R : index
+  %hr = arith.addi %hr0, %row : index
+  %v = memref.load %dq[%hr, %c] : {m}
+  %is_nope = arith.cmpi ult, %c, %cNope : index
+  scf.if %is_nope {{
+    memref.store %v, %dq_nope[%row, %hh, %c] : memref<?x?x?xf32>
+  }} else {{
+    %cr = arith.subi %c, %cNope : index
+    memref.store %v, %dq_pe[%row, %hh, %cr] : memref<?x?x?xf32>
+  }}
+}}
+"
+            )],
+            TrainRow::FlashDkv { .. } => vec![format!(
+                "%HS = memref.dim %dk, %c0 : {m}
+%R = arith.divui %HS, %cH : index
+scf.for %i = %tid to %cHW step %cT {{
+  %hh = arith.divui %i, %cPerHead : index
+  %c = arith.remui %i, %cPerHead : index
+  %hr0 = arith.muli %hh, %R : index
+  %hr = arith.addi %hr0, %row : index
+  %is_key = arith.cmpi ult, %c, %cNope : index
+  %v = scf.if %is_key -> (f32) {{
+    %kv = memref.load %dk[%hr, %c] : {m}
+    scf.yield %kv : f32
+  }} else {{
+    %cv = arith.subi %c, %cNope : index
+    %vv = memref.load %dv[%hr, %cv] : {m}
+    scf.yield %vv : f32
+  }}
+  memref.store %v, %dkvb[%row, %i] : {m}
+}}
+scf.for %c = %tid to %cRope step %cT {{
+  %kc = arith.addi %c, %cNope : index
+  %acc = scf.for %hh = %c0 to %cH step %c1 iter_args(%a = %zero) -> (f32) {{
+    %hr0 = arith.muli %hh, %R : index
+    %hr = arith.addi %hr0, %row : index
+    %x = memref.load %dk[%hr, %kc] : {m}
+    %a2 = arith.addf %a, %x : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %acc, %dpe[%row, %c] : {m}
+}}
+"
             )],
             TrainRow::SumHeads { .. } => vec![format!(
                 "%base = arith.muli %row, %cH : index
