@@ -223,7 +223,11 @@ struct CompileArgs {
     /// e4m3 GEMM, as DeepSeek-V3's own naive-form inference; f32 graph: bf16 hi + lo GEMMs) — or
     /// `rows`: the CUDA-core row kernel in the absorbed form, f32 as the reference computes it (to
     /// compare logits tightly). Heads whose widths the kernel does not take stay on the row. The
-    /// fp8 graph's prefill caches are then bf16. Default: tensor-cores (GPU targets only).
+    /// fp8 graph's prefill caches are then bf16. With --train, the training step's attention and
+    /// its gradient: `tensor-cores` — flash attention forward and FlashAttention-2's backward (dQ,
+    /// dK, dV kernels; q, k, v, P and dS in bf16, as DeepSeek-V3's recipe runs attention), or
+    /// `rows`: CUDA-core rows in f32, the reference's bits (slow at full width). Default:
+    /// tensor-cores (GPU targets only).
     #[arg(long, value_enum, value_name = "WHERE")]
     prefill_attention: Option<AttentionKernel>,
     /// Where decode attention runs on sm_90a: `tensor-cores` — split-K attention (wgmma, a TMA

@@ -122,6 +122,10 @@ fn training_kernels() -> Vec<RowKernel> {
         train(TrainRow::Slice { start: 0 }, 512, "f32"),
         train(TrainRow::Join { second: 64 }, 512, "f32"),
         train(TrainRow::SumHeads { heads: 128 }, 64, "f32"),
+        // Flash attention's backward: dout and D in, dQ, dK and dV back to their rows.
+        train(TrainRow::FlashDout { heads: 128 }, 128, "f32"),
+        train(TrainRow::FlashDq { heads: 128, nope: 128 }, 192, "f32"),
+        train(TrainRow::FlashDkv { heads: 128, nope: 128, v: 128 }, 192, "f32"),
     ]);
     // DeepSeek-V3's attention as the training lowering takes it: 8 queries (keys) a block, 1024
     // keys at a time forward, 512 (queries) in the gradients.

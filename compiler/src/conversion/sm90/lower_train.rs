@@ -513,7 +513,8 @@ fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
 ///   (`rows_flashdkv`), then the matmuls back to the latent and kv_b.
 ///
 /// q, k, v, P and dS are bf16 (their products summed in f32): the step's results differ from
-/// the reference's f32 attention by bf16's rounding. `Err`: not a training attention kernel, or
+/// the reference's f32 attention by bf16's rounding. The matmuls through kv_b run on the tensor
+/// cores as bf16 hi + lo GEMMs ([`matmul_steps`]) in both recipes. `Err`: not a training attention kernel, or
 /// head widths the kernels do not take.
 pub fn flash_attention_steps(kernel: &OperationRef) -> Option<Result<Steps, String>> {
     let body = Body::of(kernel)?;
@@ -521,7 +522,9 @@ pub fn flash_attention_steps(kernel: &OperationRef) -> Option<Result<Steps, Stri
     if !matches!(names[..], ["attention", "reshape"] | ["attention_grad"]) {
         return None;
     }
-    Some(flash_attention(&body, f32_recipe(kernel)))
+    // kv_b's products on the tensor cores too (bf16 hi + lo, ~1e-5 of f32) in either recipe: the
+    // attention around them rounds to bf16 already.
+    Some(flash_attention(&body, true))
 }
 
 fn flash_attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {

@@ -888,8 +888,11 @@ impl TrainRow {
             // One thread sums a column.
             TrainRow::RmsNormDw | TrainRow::LossMean { .. } => 32,
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_) => 128,
-            // A thread per head (its sum of d products).
+            // A thread per head (its sum of d products); the others move heads x d values a row.
             TrainRow::FlashDout { heads } => heads.next_power_of_two().clamp(32, 256),
+            TrainRow::FlashDq { heads, .. } | TrainRow::FlashDkv { heads, .. } => {
+                (heads * d / 8).next_power_of_two().clamp(32, 256)
+            }
             TrainRow::Matmul { .. } => super::matmul::THREADS,
             TrainRow::Transpose { .. } => 256,
             // A 128x128 tile per block; every sorted pair in one block.
@@ -953,6 +956,16 @@ impl TrainRow {
         if let TrainRow::Rope { heads, .. } = self {
             if *heads == 0 {
                 return Err(format!("{name}: rows of 0 heads"));
+            }
+        }
+        if let TrainRow::FlashDout { heads } | TrainRow::FlashDq { heads, .. } | TrainRow::FlashDkv { heads, .. } = self
+        {
+            let nope = match self {
+                TrainRow::FlashDq { nope, .. } | TrainRow::FlashDkv { nope, .. } => *nope,
+                _ => 0,
+            };
+            if *heads == 0 || nope >= d {
+                return Err(format!("{name}: {heads} heads of {d} columns, {nope} of them nope"));
             }
         }
         if let TrainRow::Transpose { start, heads } = self {
