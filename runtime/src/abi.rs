@@ -892,7 +892,7 @@ mod tests {
         let tail: Vec<Param> = l.params[l.params.len() - 3..].to_vec();
         assert_eq!(tail, [Param::Value(200), Param::Value(260), Param::Value(u64::from(0.5f32.to_bits()))]);
         assert_eq!(l.params.len(), 3 + 7 + 3);
-        let err = a.launch("mla", [&q, &k, &v, &out], 7, 0.5).unwrap_err();
+        let err = a.launch("mla", &[&q, &k, &v, &out], 7, 0.5).unwrap_err();
         assert!(err.contains("are not 7 heads"), "{err}");
         let wide = buf(0x4000, &[heads * t, 192], "f32");
         assert!(a.launch("mla", &[&q, &k, &v, &wide], heads, 0.5).is_err());
