@@ -20,7 +20,7 @@
 #    loss logs, tokens/s;
 #    4. its kernels timed (`v3r bench-kernels`);
 # 2. the GEMM template kernels vs torch (gemm_check.py: correctness, then TFLOP/s); 2c. the row kernels
-#    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py);
+#    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py; training's flash kernels too);
 # 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, and transformers'
 #    on the same device (hf_decode.py); 5b. training steps of a 2-layer full-width slice (`v3r
 #    bench-train`, FP8 recipe and f32 with AdamW on the device, FP8 with it on the host); 2b. tuning
@@ -311,7 +311,7 @@ else
   row "2c. row kernels" "SKIPPED" "no .device/rows or no GPU"
 fi
 
-note "== 2d. MLA attention vs torch (benches/device/mla_check.py: decode paged + split K, then GB/s; causal prefill, then TFLOP/s)"
+note "== 2d. MLA attention vs torch (benches/device/mla_check.py: decode paged + split K, then GB/s; causal prefill, then TFLOP/s; training's flash forward + dQ/dK/dV vs autograd, then vs SDPA fwd+bwd)"
 if [ -d "$root/.device/mla" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
   if [ "$(budget 80)" -gt 10 ] && timeout "$(budget 80)" python3 "$root/benches/device/mla_check.py" --ptx-dir "$root/.device/mla" \
       --ceilings "$out/ceilings.json" --out "$out/mla.json" 2>&1 | tee -a "$log"; then

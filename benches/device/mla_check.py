@@ -32,6 +32,15 @@ bytes): query t sees keys 0..=S - T + t. Checked against float64 causal attentio
 (a continuation), T not a multiple of 128, then timed at T = S = 4096 x 128 heads vs torch's
 scaled_dot_product_attention (causal) as TFLOP/s.
 
+Training's flash kernels (`mla_prefill_qk<QK>_v<V>_s<S>_lse`: the forward, its out's memref then lse f32 [H * T]
+(5 scalars: each query row's base-2 log-sum-exp of its scaled scores); `mla_grad{q,k,v}_qk<QK>_v<V>_s<S>`: q_map*,
+k_map*, v_map*, dout_map* (dout [H * T, V] bf16), lse (5), D f32 [H * T] (5: rowsum(dout * out)), the gradient
+(7: dQ [H * T, QK], dK [H * S, QK], dV [H * S, V], f32), T, S, scale; grid (ceil(rows / 128), H), rows T for dQ
+and S for dK, dV; dynamic shared memory 2 * own * 8192 + S * (QK + V) / 64 * 8192 + 16384, own = (QK + V) / 64
+for dQ, dK and QK / 64 for dV): out and lse against float64 causal attention, dQ, dK, dV against autograd's
+gradients of sum(dout * out) in float64 (relative error <= 2e-2: P and dS go to the tensor cores in bf16), then
+forward + backward at T = S = 4096 x 128 heads timed against torch SDPA's (causal, bf16, autograd).
+
 `--self-test` needs no GPU: it checks the split/combine arithmetic of the reference on the CPU.
 """
 import argparse
@@ -50,6 +59,8 @@ from gemm_check import Driver, median_ms, memref_args  # noqa: E402
 ATTN = re.compile(r"^mla_decode_kv(\d+)_r(\d+)_p64_s(\d+)(_fp8)?$")
 E4M3_MAX = 448.0
 PREFILL = re.compile(r"^mla_prefill_qk(\d+)_v(\d+)_s(\d+)$")
+# Training's flash kernels: the forward with log-sum-exps, the three gradients.
+TRAIN = re.compile(r"^mla_(?:prefill(?=.*_lse$)|grad([qkv]))_qk(\d+)_v(\d+)_s(\d+)(_lse)?$")
 COMBINE = re.compile(r"^rows_mlacombine_d(\d+)_t(\d+)$")
 PAGE = 64
 
@@ -142,6 +153,25 @@ def self_test():
     assert torch.allclose(out[5:6], torch.softmax(q[5:6].double() @ k[5:10].double().T * 0.5, dim=-1)
                           @ v[5:10].double()), "the last query sees every key of its head"
     assert bool(torch.isfinite(cache[table[2, 1].item() * PAGE]).all()), "row 64 of a 65-row sequence is set"
+    # Training's reference: its forward is the prefill reference, lse the base-2 log-sum-exp, and a
+    # key no query sees gets no gradient.
+    dout = torch.randn(2 * 3, 4)
+    ref = attention_grads(q, k, v, dout, 2, 3, 5, 0.5)
+    assert torch.allclose(ref[0], out), "training's forward is the prefill's"
+    sc = q[0:1].double() @ k[0:3].double().T * 0.5
+    assert torch.allclose(ref[1][0], torch.logsumexp(sc, dim=-1)[0] / math.log(2))
+    # Autograd against a central difference of sum(dout * out) in one element of q, k and v each.
+    for which, (row, col) in [(0, (1, 2)), (1, (4, 0)), (2, (7, 3))]:
+        xs = [q.double(), k.double(), v.double()]
+        loss = []
+        for eps in (1e-6, -1e-6):
+            ys = [x.clone() for x in xs]
+            ys[which][row, col] += eps
+            loss.append((prefill_reference(*ys, 2, 3, 5, 0.5) * dout.double()).sum().item())
+        fd = (loss[0] - loss[1]) / 2e-6
+        assert abs(fd - ref[2 + which][row, col].item()) < 1e-6, f"gradient {which} at {row, col}"
+    assert TRAIN.match("mla_gradk_qk192_v128_s2")[1] == "k" and TRAIN.match("mla_prefill_qk192_v128_s2_lse")[5]
+    assert not TRAIN.match("mla_prefill_qk192_v128_s2")
     print("mla_check self-test: split partials + lse combine == attention over all keys (an empty split included); "
           "paged problems read no NaN page or tail")
 
@@ -288,6 +318,123 @@ class Prefill:
         return run, out
 
 
+def attention_grads(q, k, v, dout, heads, t, s, scale):
+    """float64 causal attention per head (query i at position s - t + i) and autograd's gradients of
+    sum(dout * out): out [H * T, V], lse [H * T] (base 2), dq, dk, dv."""
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    outs, lses = [], []
+    for h in range(heads):
+        sc = q64[h * t:(h + 1) * t] @ k64[h * s:(h + 1) * s].T * scale
+        pos = torch.arange(t, device=q.device)[:, None] + (s - t)
+        sc = sc.masked_fill(torch.arange(s, device=q.device)[None, :] > pos, float("-inf"))
+        lses.append(torch.logsumexp(sc, dim=-1) / math.log(2))
+        outs.append(torch.softmax(sc, dim=-1) @ v64[h * s:(h + 1) * s])
+    out = torch.cat(outs)
+    (out * dout.double()).sum().backward()
+    return out.detach(), torch.cat(lses).detach(), q64.grad, k64.grad, v64.grad
+
+
+class Flash:
+    """One of training's flash kernels (TRAIN), launched as the runtime does (runtime/src/abi.rs)."""
+
+    def __init__(self, drv, ptx_dir, name):
+        m = TRAIN.match(name)
+        self.grad, self.qk, self.v, self.stages = m[1], int(m[2]), int(m[3]), int(m[4])
+        self.drv, self.name = drv, name
+        self.func = drv.load(open(os.path.join(ptx_dir, name + ".ptx")).read(), name)
+        own = (self.qk + self.v) // 64 if self.grad in ("q", "k") else self.qk // 64
+        self.smem = 2 * own * 8192 + self.stages * (self.qk + self.v) // 64 * 8192 + 16384
+        drv.check(drv.cu.cuFuncSetAttribute(self.func, 8, self.smem), f"{name}: max dynamic shared memory")
+
+    def prepare(self, maps, memrefs, rows, heads, t, s, scale):
+        tmaps = [self.drv.tensor_map(x, PAGE, PAGE, 9) for x in maps]
+        args = ([ctypes.c_uint64(m.data_ptr()) for m in tmaps] + [a for x in memrefs for a in memref_args(x)]
+                + [ctypes.c_int64(t), ctypes.c_int64(s), ctypes.c_float(scale)])
+        params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+
+        def run():
+            stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+            rc = self.drv.cu.cuLaunchKernel(self.func, math.ceil(rows / 128), heads, 1, 256, 1, 1, self.smem, stream,
+                                            params, None)
+            self.drv.check(rc, f"{self.name}: cuLaunchKernel")
+        run.keep = (tmaps, args, params, maps, memrefs)
+        return run
+
+
+def training_step(kernels, q, k, v, dout, heads, t, s, scale):
+    """Forward (lse) then dQ, dK, dV with the kernels {"lse": .., "q": .., "k": .., "v": ..}: a callable and
+    its outputs (out, lse, dq, dk, dv; poisoned with NaN first). D is rowsum(dout * out) in torch (the
+    runtime's rows_flashdout)."""
+    nan = lambda *shape: torch.full(shape, float("nan"), device="cuda")
+    fw = kernels["lse"]
+    out, lse = nan(heads * t, fw.v), nan(heads * t)
+    d = nan(heads * t)
+    grads = {"q": nan(heads * t, fw.qk), "k": nan(heads * s, fw.qk), "v": nan(heads * s, fw.v)}
+    runs = [fw.prepare([q, k, v], [out, lse], t, heads, t, s, scale)]
+    for g, rows in [("q", t), ("k", s), ("v", s)]:
+        runs.append(kernels[g].prepare([q, k, v, dout], [lse, d, grads[g]], rows, heads, t, s, scale))
+
+    def run():
+        runs[0]()
+        d.copy_((dout.float() * out).sum(dim=-1))
+        for r in runs[1:]:
+            r()
+    run.keep = runs
+    return run, (out, lse, grads["q"], grads["k"], grads["v"])
+
+
+def check_training(drv, ptx_dir, names, result):
+    kernels = {}
+    for name in names:
+        m = TRAIN.match(name)
+        kernels[m[1] or "lse"] = Flash(drv, ptx_dir, name)
+    if sorted(kernels) != ["k", "lse", "q", "v"]:
+        raise RuntimeError(f"training flash kernels {names}: need the _lse forward and dQ, dK, dV")
+    qk, vd = kernels["lse"].qk, kernels["lse"].v
+    scale = 1 / math.sqrt(qk)
+    cases = result.setdefault("training_cases", [])
+    for i, (heads, t, s) in enumerate([(2, 1, 1), (3, 37, 37), (2, 130, 130), (1, 100, 300), (4, 300, 301)]):
+        g = torch.Generator(device="cuda").manual_seed(200 + i)
+        q, k = (torch.randn(heads * n, qk, generator=g, device="cuda").bfloat16() for n in (t, s))
+        v = torch.randn(heads * s, vd, generator=g, device="cuda").bfloat16()
+        dout = torch.randn(heads * t, vd, generator=g, device="cuda").bfloat16()
+        run, got = training_step(kernels, q, k, v, dout, heads, t, s, scale)
+        run()
+        torch.cuda.synchronize()
+        ref = attention_grads(q, k, v, dout, heads, t, s, scale)
+        errs = {}
+        for what, a, b in zip(["out", "lse", "dq", "dk", "dv"], got, ref):
+            finite = bool(torch.isfinite(a).all())
+            errs[what] = ((a.double() - b).norm() / b.norm()).item() if finite else float("nan")
+        ok = all(e <= 2e-2 for e in errs.values())
+        result["ok"] &= ok
+        cases.append({"heads": heads, "t": t, "s": s, "rel_err": errs, "ok": ok})
+        shown = " ".join(f"{w} {e:.2e}" for w, e in errs.items())
+        print(f"training flash: heads {heads} T {t} S {s}: {shown} {'ok' if ok else 'FAILED'}")
+    if not result["ok"]:
+        return
+    heads, t = 128, 4096
+    g = torch.Generator(device="cuda").manual_seed(8)
+    q, k = (torch.randn(heads * t, qk, generator=g, device="cuda").bfloat16() for _ in range(2))
+    v, dout = (torch.randn(heads * t, vd, generator=g, device="cuda").bfloat16() for _ in range(2))
+    run, _ = training_step(kernels, q, k, v, dout, heads, t, t, scale)
+    ms = median_ms(run, reps=5)
+    qs, ks, vs = (x.view(1, heads, t, -1).detach().clone().requires_grad_() for x in (q, k, v))
+    gs = dout.view(1, heads, t, -1)
+
+    def sdpa():
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        torch.autograd.grad(o, (qs, ks, vs), gs)
+    sdpa_ms = median_ms(sdpa, reps=5)
+    # Causal: half the pairs; forward 2 products, backward (dQ, dK, dV as three kernels) 8.
+    flops = 2 * heads * t * (t + 1) / 2 * ((qk + vd) + 2 * (qk + vd) + qk + qk + vd)
+    result["training_timing"] = {"heads": heads, "t": t, "median_ms": ms, "sdpa_ms": sdpa_ms,
+                                 "TFLOPs": flops / (ms * 1e-3) / 1e12}
+    print(f"training flash: T = S = {t} x {heads} heads, forward + dQ + dK + dV: {ms:.2f} ms "
+          f"({flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s counting recomputation); torch SDPA fwd + bwd {sdpa_ms:.2f} ms "
+          f"({sdpa_ms / ms:.2f}x)")
+
+
 def check_prefill(drv, ptx_dir, name, result):
     pf = Prefill(drv, ptx_dir, name)
     scale = 1 / math.sqrt(pf.qk)
@@ -427,6 +574,14 @@ def main():
         except RuntimeError as e:
             result["ok"] = False
             print(f"{prefill}: FAILED: {e}")
+    training = sorted(s for s in stems if TRAIN.match(s))
+    if training:
+        result["kernels"] += training
+        try:
+            check_training(drv, a.ptx_dir, training, result)
+        except RuntimeError as e:
+            result["ok"] = False
+            print(f"training flash kernels: FAILED: {e}")
     if a.out:
         json.dump(result, open(a.out, "w"), indent=1)
     print(f"mla_check: {'ok' if result['ok'] else 'FAILED'}")
