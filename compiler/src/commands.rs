@@ -761,9 +761,17 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     };
     for (fused, row) in &lowered.rows {
         let table = if row.rope_table.is_some() { ", + a RoPE table built at load" } else { "" };
+        use sm90::rows::{RowOp, TrainRow};
+        let attention = matches!(
+            row.kernel.op,
+            RowOp::MlaDecode { .. } | RowOp::Train(TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_))
+        );
         let blocks = match row.kernel.blocks_per_row() {
             1 => "one block per row".to_string(),
-            n => format!("{n} blocks per row, CUDA cores (--prefill-attention / --decode-attention rows, or heads the tensor-core kernels do not take)"),
+            n if attention => format!(
+                "{n} blocks per row, CUDA cores (--prefill-attention / --decode-attention rows, or heads the tensor-core kernels do not take)"
+            ),
+            n => format!("{n} blocks per row"),
         };
         let kernel = lowered.row_regimes.get(fused).map_or_else(|| row.kernel.kernel_name(), |k| regimes(fused, k));
         eprintln!("compile: {fused} -> {kernel} [row kernel, {blocks}{table}]");
