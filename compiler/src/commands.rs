@@ -764,7 +764,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         use sm90::rows::{RowOp, TrainRow};
         let attention = matches!(
             row.kernel.op,
-            RowOp::MlaDecode { .. } | RowOp::Train(TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_))
+            RowOp::MlaDecode { .. }
+                | RowOp::Train(TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_))
         );
         let blocks = match row.kernel.blocks_per_row() {
             1 => "one block per row".to_string(),

@@ -280,9 +280,11 @@ fn the_training_step_with_flash_attention_follows_the_cpu_backend() {
         );
         assert!(kept.is_empty(), "not lowered: {kept:?}");
         assert!(worst < BF16_ATTENTION, "{at}: relative error {worst:e}");
+        // The rest as before — but the FP8 recipe's f32 matmuls on the tensor cores too (its attention
+        // in bf16 has given up the reference's bits): ~1e-5 of f32, as the f32 recipe's.
         let (worst, at, ..) = per_kernel_with(false, fp8, tokens, true, &|k| !attention(k));
-        let tolerance = if fp8 { 1e-5 } else { F32_TENSOR_CORES };
-        assert!(worst < tolerance, "{at}: relative error {worst:e}");
+        eprintln!("  the other kernels' worst {worst:e} ({at})");
+        assert!(worst < F32_TENSOR_CORES, "{at}: relative error {worst:e}");
     }
     // Whole steps: the f32 one within bf16's rounding (measured 4.7e-3: a norm weight's gradient);
     // the FP8 recipe's e4m3 quantizations downstream turn those differences into whole e4m3 steps

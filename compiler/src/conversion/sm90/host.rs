@@ -23,7 +23,8 @@ pub struct HostRows<'c> {
     engines: HashMap<String, ExecutionEngine>,
     /// A training step's attention through the flash kernels
     /// ([`super::lower_train::flash_attention_steps`], as `--prefill-attention tensor-cores`
-    /// compiles it) rather than the CUDA-core rows.
+    /// compiles it) rather than the CUDA-core rows, and its f32 matmuls on the tensor cores in
+    /// either recipe ([`super::lower_train::bf16_matmul_steps`]).
     pub flash_attention: bool,
 }
 
@@ -43,7 +44,13 @@ impl<'c> HostRows<'c> {
         ins: &[&HostBuffer],
         outs: &mut [HostBuffer],
     ) -> Result<bool, String> {
-        let flash = self.flash_attention.then(|| super::lower_train::flash_attention_steps(fused)).flatten();
+        let flash = self
+            .flash_attention
+            .then(|| {
+                super::lower_train::flash_attention_steps(fused)
+                    .or_else(|| super::lower_train::bf16_matmul_steps(fused))
+            })
+            .flatten();
         if let Some(steps) = flash {
             return self.run_steps(&steps?, rows, ins, outs).map(|_| true);
         }

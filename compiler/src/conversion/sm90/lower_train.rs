@@ -1292,6 +1292,33 @@ fn concat_grad(body: &Body) -> Result<Steps, String> {
 }
 
 /// [`tensor_core_matmul`] of a fused kernel of the f32 training recipe.
+/// A training step whose attention runs in bf16 on the flash kernels ([`flash_attention_steps`])
+/// has given up the reference's bits, so its f32 matmuls go to the tensor cores in either recipe:
+/// the FP8 recipe's too (the head and its gradients, the router's, MTP's — on CUDA cores they keep
+/// the reference's order for the e4m3 roundings downstream; the head alone is ~1 s of a 4096-token
+/// window at full width there). `Some`: kernel's lowering with them as bf16 hi + lo GEMMs (a
+/// one-op `matmul` / `linear` / `lm_head`, or a linear split into pieces); None: another kernel.
+pub fn bf16_matmul_steps(kernel: &OperationRef) -> Option<Result<Steps, String>> {
+    let body = Body::of(kernel)?;
+    if let Some(steps) = tensor_core_matmul(&body) {
+        return Some(Ok(steps));
+    }
+    let names: Vec<&str> = body.names.iter().map(String::as_str).collect();
+    matches!(names[..], ["linear", "split"] | ["linear", "reshape", "split"]).then(|| linear_pieces(&body, true))
+}
+
+/// Whether `module` holds a training attention kernel the flash kernels take.
+pub fn has_flash_attention(module: &melior::ir::Module) -> bool {
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if flash_attention_steps(&f).is_some_and(|s| s.is_ok()) {
+            return true;
+        }
+    }
+    false
+}
+
 pub fn tensor_core_matmul_of(kernel: &OperationRef) -> Option<Steps> {
     f32_recipe(kernel).then(|| tensor_core_matmul(&Body::of(kernel)?)).flatten()
 }

@@ -661,6 +661,8 @@ pub fn compile_model(
 ) -> Result<ModelKernels, Sm90Error> {
     let caches = CacheFormats::of(module, attention);
     let regimes = regimes(module);
+    // A training step with its attention in bf16 has its f32 matmuls on the tensor cores too.
+    let bf16_step = attention.prefill == AttentionKernel::TensorCores && lower_train::has_flash_attention(module);
     let mut out = ModelKernels { caches, ..ModelKernels::default() };
     let mut op = module.body().first_operation();
     while let Some(f) = op {
@@ -669,7 +671,8 @@ pub fn compile_model(
             continue;
         }
         let fused = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
-        let tensor_core_attention = tensor_core_attention(&f, attention, caches);
+        let tensor_core_attention = tensor_core_attention(&f, attention, caches)
+            .or_else(|| bf16_step.then(|| lower_train::bf16_matmul_steps(&f).and_then(Result::ok)).flatten());
         let row = row_launch(&f, caches);
         let runs = regimes.get(&fused).copied().unwrap_or_default();
         if let (Ok(launch), None) = (&row, &tensor_core_attention) {
