@@ -2544,6 +2544,77 @@ mod tests {
         }
     }
 
+    /// Flash attention's layout rows: dout to bf16 head-major with D = rowsum(dout * o) (one
+    /// sequential sum per head), dQ back to q_nope's and q_pe's rows, dK and dV to kvb's rows and the
+    /// rope key's gradient summed over the heads in order — exactly.
+    #[test]
+    fn flash_layout_rows_are_their_definitions() {
+        use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+        let (t, heads, nope, rope, v) = (5, 3, 4, 6, 7);
+        let qk = nope + rope;
+        // dout [T, H, v], o [H T, v] -> dob [H T, v] bf16, dd [H T].
+        let (mut dout, mut o) = (values(t * heads * v, 1, 1.0), values(heads * t * v, 2, 1.0));
+        let (mut dob, mut dd) = (vec![0u16; heads * t * v], vec![f32::NAN; heads * t]);
+        run_cpu(
+            &kernel(TrainRow::FlashDout { heads }, v),
+            &[
+                raw(&mut dout, &[t, heads, v], "f32"),
+                raw(&mut o, &[heads * t, v], "f32"),
+                raw(&mut dob, &[heads * t, v], "bf16"),
+                raw(&mut dd, &[heads * t], "f32"),
+            ],
+        );
+        for (h, r) in (0..heads).flat_map(|h| (0..t).map(move |r| (h, r))) {
+            let g = &dout[(r * heads + h) * v..][..v];
+            let row = (h * t + r) * v;
+            let d = g.iter().zip(&o[row..row + v]).fold(0.0f32, |a, (x, y)| a + x * y);
+            assert_eq!(dd[h * t + r], d, "D of head {h}, row {r}");
+            let got: Vec<f32> = dob[row..row + v].iter().map(|&b| bf16_to_f32(b)).collect();
+            let want: Vec<f32> = g.iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect();
+            assert_eq!(got, want, "dout of head {h}, row {r}");
+        }
+        // dq [H T, qk] -> dq_nope [T, H, nope], dq_pe [T, H, rope].
+        let mut dq = values(heads * t * qk, 3, 1.0);
+        let (mut dq_nope, mut dq_pe) = (vec![f32::NAN; t * heads * nope], vec![f32::NAN; t * heads * rope]);
+        run_cpu(
+            &kernel(TrainRow::FlashDq { heads, nope }, qk),
+            &[
+                raw(&mut dq, &[heads * t, qk], "f32"),
+                raw(&mut dq_nope, &[t, heads, nope], "f32"),
+                raw(&mut dq_pe, &[t, heads, rope], "f32"),
+            ],
+        );
+        for (h, r) in (0..heads).flat_map(|h| (0..t).map(move |r| (h, r))) {
+            let from = &dq[(h * t + r) * qk..][..qk];
+            assert_eq!(&dq_nope[(r * heads + h) * nope..][..nope], &from[..nope], "dq_nope {h} {r}");
+            assert_eq!(&dq_pe[(r * heads + h) * rope..][..rope], &from[nope..], "dq_pe {h} {r}");
+        }
+        // dk [H S, qk], dv [H S, v] -> dkvb [S, H (nope + v)], dpe [S, rope].
+        let s_len = 4;
+        let (mut dk, mut dv) = (values(heads * s_len * qk, 4, 1.0), values(heads * s_len * v, 5, 1.0));
+        let (mut dkvb, mut dpe) = (vec![f32::NAN; s_len * heads * (nope + v)], vec![f32::NAN; s_len * rope]);
+        run_cpu(
+            &kernel(TrainRow::FlashDkv { heads, nope, v }, qk),
+            &[
+                raw(&mut dk, &[heads * s_len, qk], "f32"),
+                raw(&mut dv, &[heads * s_len, v], "f32"),
+                raw(&mut dkvb, &[s_len, heads * (nope + v)], "f32"),
+                raw(&mut dpe, &[s_len, rope], "f32"),
+            ],
+        );
+        for r in 0..s_len {
+            for h in 0..heads {
+                let at = (r * heads + h) * (nope + v);
+                assert_eq!(&dkvb[at..at + nope], &dk[(h * s_len + r) * qk..][..nope], "dk {h} {r}");
+                assert_eq!(&dkvb[at + nope..at + nope + v], &dv[(h * s_len + r) * v..][..v], "dv {h} {r}");
+            }
+            for c in 0..rope {
+                let sum = (0..heads).fold(0.0f32, |a, h| a + dk[(h * s_len + r) * qk + nope + c]);
+                assert_eq!(dpe[r * rope + c], sum, "dpe {r} {c}");
+            }
+        }
+    }
+
     /// Add, SwiGLU of two inputs and its gradient, and column ranges: exactly the reference's.
     #[test]
     fn elementwise_rows_equal_the_reference() {
