@@ -639,7 +639,8 @@ scf.if %zero_tail {{
 /// Layout (head-major, 2-D): `q [H * T, qk]`, `k [H * S, qk]`, `v [H * S, v]` bf16 (tensor maps: box 64
 /// columns x 64 rows, 128-byte swizzle, zero fill), `out [H * T, v]` f32; arguments `%q_ptr`, `%k_ptr`,
 /// `%v_ptr`, `%out`, `%t_len`, `%s_len` (index), `%scale` (f32). Grid `(ceil(T / 128), H)` — or as
-/// many blocks along x alone (block `head * ceil(T / 128) + tile`: the runtime's 1-D launches).
+/// many blocks along x alone (block `head * ceil(T / 128) + i` takes query tile `ceil(T / 128) - 1 -
+/// i`: the last tiles, which see the most keys, start first; the runtime's 1-D launches).
 ///
 /// Training's forms ([`FlashMode`]): `_lse` also writes each query row's base-2 log-sum-exp of its
 /// scaled scores (`%lse`, f32 `[H * T]`, after `%out`) for the backward; the gradient kernels
@@ -833,7 +834,9 @@ impl PrefillEmitter {
   %lin0 = arith.muli %bid_y, %grid_x : index
   %lin = arith.addi %lin0, %bid_x : index
   %tiles = arith.ceildivui %t_len, %c128 : index
-  %bx = arith.remui %lin, %tiles : index
+  %bx_up = arith.remui %lin, %tiles : index
+  %tiles_last = arith.subi %tiles, %c1 : index
+  %bx = arith.subi %tiles_last, %bx_up : index
   %head = arith.divui %lin, %tiles : index
   %q_first = arith.muli %bx, %c128 : index
   %q_head = arith.muli %head, %t_len : index
@@ -1089,7 +1092,7 @@ impl GradEmitter {
   %lin0 = arith.muli %bid_y, %grid_x : index
   %lin = arith.addi %lin0, %bid_x : index
   %tiles = arith.ceildivui {rows_len}, %c128 : index
-  %bx = arith.remui %lin, %tiles : index
+{bx}
   %head = arith.divui %lin, %tiles : index
   %r_first = arith.muli %bx, %c128 : index
   %q_head = arith.muli %head, %t_len : index
@@ -1100,6 +1103,15 @@ impl GradEmitter {
 {first_tile}
 {barriers}",
             consts = kernel_constants(),
+            // The blocks with the most tiles first (the last queries see the most keys; the first
+            // keys, the most queries): the causal triangle's long blocks do not end the launch.
+            bx = if queries {
+                "  %bx_up = arith.remui %lin, %tiles : index
+  %tiles_last = arith.subi %tiles, %c1 : index
+  %bx = arith.subi %tiles_last, %bx_up : index"
+            } else {
+                "  %bx = arith.remui %lin, %tiles : index"
+            },
             barriers = shared_memory_and_barriers(
                 stages,
                 c.query_bytes(),
