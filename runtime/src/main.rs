@@ -498,11 +498,14 @@ fn info(args: &InfoArgs) -> Result<(), String> {
     if let Some(t) = &m.training {
         put("training", serde_json::to_value(t).unwrap_or_default());
         let how = if m.target.name == "cpu" { "run it with `v3r train`" } else { "run it with `v3r train` on the GPU" };
+        // Attention's gradient on the flash kernels: q, k, v, P and dS in bf16.
+        let flash = m.kernels.iter().any(|k| k.name.starts_with("mla_grad"));
         line(format!(
-            "training: MTP loss weight {}, balance loss alpha {}, {} ({how})",
+            "training: MTP loss weight {}, balance loss alpha {}, {}{} ({how})",
             t.mtp_weight,
             t.balance_alpha,
-            if t.fp8 { "FP8 recipe" } else { "f32" }
+            if t.fp8 { "FP8 recipe" } else { "f32" },
+            if flash { ", attention in bf16 on the flash kernels" } else { "" }
         ));
     }
     match a.runs_here(args.device) {
