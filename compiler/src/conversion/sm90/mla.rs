@@ -811,7 +811,6 @@ struct PrefillEmitter {
 impl PrefillEmitter {
     fn module(&self) -> String {
         let c = &self.c;
-        let ws = WORKGROUP;
         let (stages, qc) = (c.stages, c.qk_chunks());
         let head = module_head(
             &c.kernel_name(),
@@ -848,57 +847,17 @@ impl PrefillEmitter {
   %key_end0 = arith.addi %past, %q_end : index
   %key_end = arith.minui %key_end0, %s_len : index
   %nt = arith.ceildivui %key_end, %c{PAGE} : index
+  %tile0 = arith.constant 0 : index
 {barriers}",
             consts = kernel_constants(),
             barriers = shared_memory_and_barriers(stages, c.query_bytes(), &[("%k_map", "!tmap"), ("%v_map", "!tmap")]),
         );
-        for w in 0..2 {
-            for k in 0..qc {
-                let _ = writeln!(
-                    t,
-                    "    %qr{w}_{k} = arith.addi %q_row0, %c{row} : index
-    %qv{w}_{k} = memref.view %smem[%c{off}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
-    nvgpu.tma.async.load %q_map[%c{col}, %qr{w}_{k}], %bars[%c{stages}] to %qv{w}_{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
-                    row = w * PAGE,
-                    off = (w * qc + k) * CHUNK_BYTES,
-                    col = k * CHUNK
-                );
-            }
-        }
-        let _ = writeln!(
-            t,
-            "    %pro = arith.minui %nt, %c{stages} : index
-    scf.for %j = %c0 to %pro step %c1 {{
-{}
-    }}
-  }}",
-            indent(&self.load_tile("%j"), 6)
-        );
-        // Thread coordinates; this warpgroup's query rows and their absolute positions.
-        let _ = writeln!(
-            t,
-            "{coords}  %trow = arith.addi %trow0, %c0 : index
-  %wq = arith.muli %cw, %c64 : index
-  %wq0 = arith.addi %q_first, %wq : index
-  %t0 = arith.addi %wq0, %trow : index
-  %t1 = arith.addi %t0, %c8 : index
-  %qpos0 = arith.addi %past, %t0 : index
-  %qpos1 = arith.addi %past, %t1 : index
-  %q_tile = arith.muli %cw, %c{q_tile} : index
-  %q_tile64 = arith.index_cast %q_tile : index to i64
-  %q_addr = arith.addi %smem_base, %q_tile64 : i64
-  %p_rel = arith.muli %cw, %c{CHUNK_BYTES} : index
-  %p_off = arith.addi %p_rel, %c{p_off} : index
-  %p_off64 = arith.index_cast %p_off : index to i64
-  %p_addr = arith.addi %smem_base, %p_off64 : i64
-{dp}
-{zero}",
-            coords = fragment_coordinates(),
-            q_tile = qc * CHUNK_BYTES,
-            p_off = c.p_offset(),
-            dp = desc("%dp", "%p_addr", "%desc_k"),
-            zero = zero_fragment(),
-        );
+        let own: Vec<(&str, usize)> = (0..qc).map(|k| ("%q_map", k * CHUNK)).collect();
+        t.push_str(&own_tile_loads(&own, "%q_row0", stages));
+        t.push_str(&ring_prologue(&self.load_tile("%j"), stages));
+        // This warpgroup's query rows and their absolute positions.
+        t.push_str(&warpgroup_place("%q_first", qc * CHUNK_BYTES, c.p_offset()));
+        t.push_str("\n  %qpos0 = arith.addi %past, %r0 : index\n  %qpos1 = arith.addi %past, %r1 : index\n");
         let _ = writeln!(t, "  nvgpu.mbarrier.try_wait.parity %bars[%c{stages}], %parity0, %ticks : !bar");
         t.push_str(&self.main_loop());
         t.push_str(&self.epilogue());
@@ -908,31 +867,8 @@ impl PrefillEmitter {
     /// TMA loads of key/value tile `j` into ring buffer `j mod stages` (one thread).
     fn load_tile(&self, j: &str) -> String {
         let c = &self.c;
-        let ws = WORKGROUP;
-        let qc = c.qk_chunks();
-        let mut t = format!(
-            "%lt_st = arith.remui {j}, %c{stages} : index
-%lt_key = arith.muli {j}, %c{PAGE} : index
-%lt_row = arith.addi %k_row0, %lt_key : index
-%lt_st_off = arith.muli %lt_st, %c{stage_bytes} : index
-%lt_base = arith.addi %lt_st_off, %c{q_bytes} : index
-nvgpu.mbarrier.arrive.expect_tx %bars[%lt_st], %c{stage_bytes} : !bar
-",
-            stages = c.stages,
-            stage_bytes = c.stage_bytes(),
-            q_bytes = c.query_bytes()
-        );
-        for k in 0..qc + c.v_chunks() {
-            let (map, col) = if k < qc { ("%k_map", k * CHUNK) } else { ("%v_map", (k - qc) * CHUNK) };
-            let _ = writeln!(
-                t,
-                "%lt_off{k} = arith.addi %lt_base, %c{off} : index
-%lt_v{k} = memref.view %smem[%lt_off{k}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
-nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
-                off = k * CHUNK_BYTES
-            );
-        }
-        t
+        let maps = |k: usize| if k < c.qk_chunks() { "%k_map" } else { "%v_map" };
+        ring_load(c, j, "%k_row0", &maps)
     }
 
     fn main_loop(&self) -> String {
@@ -940,7 +876,7 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
         let (iter, types) = loop_carried(accs);
         let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
-        let s = qk_products(&mut t, "", qc, &|k| ("%q_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
+        let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
         // Causal and length masks: key <= the row's position, key < S.
         let mask = |e: usize| {
             let h = fragment_offset(0, e).0 / 8;
@@ -980,8 +916,8 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
   %lt{h} = arith.addf %lt{h}a, %ls{h}b : f32
   %one{h} = arith.constant 1.0 : f32
   %inv{h} = arith.divf %one{h}, %lt{h} : f32
-  %oin{h} = arith.cmpi ult, %t{h}, %t_len : index
-  %og{h} = arith.addi %q_head, %t{h} : index"
+  %oin{h} = arith.cmpi ult, %r{h}, %t_len : index
+  %og{h} = arith.addi %q_head, %r{h} : index"
             );
             if self.c.mode == FlashMode::Lse {
                 // The row's base-2 log-sum-exp: its maximum plus log2 of its sum (one lane of
@@ -1046,7 +982,6 @@ struct GradEmitter {
 impl GradEmitter {
     fn module(&self) -> String {
         let c = &self.c;
-        let ws = WORKGROUP;
         let (stages, qc, vc) = (c.stages, c.qk_chunks(), c.v_chunks());
         let own = c.own_chunks();
         let queries = self.of == GradOf::Queries;
@@ -1075,11 +1010,14 @@ impl GradEmitter {
   %q_tiles = arith.ceildivui %t_len, %c64 : index
   %nt = arith.subi %q_tiles, %tile0 : index"
         };
-        let own_maps: Vec<&str> = match self.of {
-            GradOf::Queries => vec!["%q_map"; qc].into_iter().chain(vec!["%do_map"; vc]).collect(),
-            GradOf::Keys => vec!["%k_map"; qc].into_iter().chain(vec!["%v_map"; vc]).collect(),
-            GradOf::Values => vec!["%k_map"; qc],
+        // Each warpgroup's own tiles: its rows' qk columns (queries, keys), then (dQ, dK) their v.
+        let (first, second) = match self.of {
+            GradOf::Queries => ("%q_map", Some("%do_map")),
+            GradOf::Keys => ("%k_map", Some("%v_map")),
+            GradOf::Values => ("%k_map", None),
         };
+        let mut own_maps: Vec<(&str, usize)> = (0..qc).map(|k| (first, k * CHUNK)).collect();
+        own_maps.extend(second.into_iter().flat_map(|m| (0..vc).map(move |k| (m, k * CHUNK))));
         let mut t = format!(
             "{consts}  %q_map = builtin.unrealized_conversion_cast %q_ptr : !llvm.ptr to !tmap
   %k_map = builtin.unrealized_conversion_cast %k_ptr : !llvm.ptr to !tmap
@@ -1118,51 +1056,11 @@ impl GradEmitter {
                 &[("%k_map", "!tmap"), ("%v_map", "!tmap"), ("%do_map", "!tmap")]
             ),
         );
-        for w in 0..2 {
-            for (k, map) in own_maps.iter().enumerate() {
-                let col = if k < qc { k * CHUNK } else { (k - qc) * CHUNK };
-                let _ = writeln!(
-                    t,
-                    "    %or{w}_{k} = arith.addi %own_row0, %c{row} : index
-    %ov{w}_{k} = memref.view %smem[%c{off}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
-    nvgpu.tma.async.load {map}[%c{col}, %or{w}_{k}], %bars[%c{stages}] to %ov{w}_{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
-                    row = w * PAGE,
-                    off = (w * own + k) * CHUNK_BYTES,
-                );
-            }
-        }
-        let _ = writeln!(
-            t,
-            "    %pro = arith.minui %nt, %c{stages} : index
-    scf.for %j = %c0 to %pro step %c1 {{
-{}
-    }}
-  }}",
-            indent(&self.load_tile("%j", other_head), 6)
-        );
+        t.push_str(&own_tile_loads(&own_maps, "%own_row0", stages));
+        t.push_str(&ring_prologue(&self.load_tile("%j", other_head), stages));
         // This thread's own rows r0, r1 (relative to the head) and the warpgroup's tiles.
-        let _ = writeln!(
-            t,
-            "{coords}  %wr = arith.muli %cw, %c64 : index
-  %wr0 = arith.addi %r_first, %wr : index
-  %r0 = arith.addi %wr0, %trow0 : index
-  %r1 = arith.addi %r0, %c8 : index
-  %own_tile = arith.muli %cw, %c{own_bytes} : index
-  %own_tile64 = arith.index_cast %own_tile : index to i64
-  %own_addr = arith.addi %smem_base, %own_tile64 : i64
-  %p_rel = arith.muli %cw, %c{CHUNK_BYTES} : index
-  %p_off = arith.addi %p_rel, %c{p_off} : index
-  %p_off64 = arith.index_cast %p_off : index to i64
-  %p_addr = arith.addi %smem_base, %p_off64 : i64
-  %trow = arith.addi %trow0, %c0 : index
-{dp}
-{zero}",
-            coords = fragment_coordinates(),
-            own_bytes = own * CHUNK_BYTES,
-            p_off = c.p_offset(),
-            dp = desc("%dp", "%p_addr", "%desc_k"),
-            zero = zero_fragment(),
-        );
+        t.push_str(&warpgroup_place("%r_first", own * CHUNK_BYTES, c.p_offset()));
+        t.push('\n');
         if queries {
             // A query row's statistics, once: lse and D (rows past T read row T - 1's, unused).
             for h in 0..2 {
@@ -1185,34 +1083,9 @@ impl GradEmitter {
     /// TMA loads of the streamed tile `%tile0 + j` (64 rows from `head` on) into ring buffer `j mod
     /// stages` (one thread): keys then values (dQ), queries then dout (dK, dV).
     fn load_tile(&self, j: &str, head: &str) -> String {
-        let c = &self.c;
-        let ws = WORKGROUP;
-        let qc = c.qk_chunks();
+        let qc = self.c.qk_chunks();
         let (first, second) = if self.of == GradOf::Queries { ("%k_map", "%v_map") } else { ("%q_map", "%do_map") };
-        let mut t = format!(
-            "%lt_st = arith.remui {j}, %c{stages} : index
-%lt_t = arith.addi {j}, %tile0 : index
-%lt_r = arith.muli %lt_t, %c{PAGE} : index
-%lt_row = arith.addi {head}, %lt_r : index
-%lt_st_off = arith.muli %lt_st, %c{stage_bytes} : index
-%lt_base = arith.addi %lt_st_off, %c{q_bytes} : index
-nvgpu.mbarrier.arrive.expect_tx %bars[%lt_st], %c{stage_bytes} : !bar
-",
-            stages = c.stages,
-            stage_bytes = c.stage_bytes(),
-            q_bytes = c.query_bytes()
-        );
-        for k in 0..qc + c.v_chunks() {
-            let (map, col) = if k < qc { (first, k * CHUNK) } else { (second, (k - qc) * CHUNK) };
-            let _ = writeln!(
-                t,
-                "%lt_off{k} = arith.addi %lt_base, %c{off} : index
-%lt_v{k} = memref.view %smem[%lt_off{k}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
-nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
-                off = k * CHUNK_BYTES
-            );
-        }
-        t
+        ring_load(&self.c, j, head, &|k| if k < qc { first } else { second })
     }
 
     fn main_loop(&self, other_head: &str) -> String {
@@ -1360,6 +1233,99 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
         }
         t
     }
+}
+
+/// TMA loads (one thread) of a flash kernel's streamed tile `%tile0 + j`, its 64 rows from `head`
+/// on, into ring buffer `j mod stages` (after the own tiles): its first `qk` columns, then `v`, 64
+/// at a time from the tensor maps `map(chunk)`.
+fn ring_load(c: &MlaPrefillConfig, j: &str, head: &str, map: &dyn Fn(usize) -> &'static str) -> String {
+    let ws = WORKGROUP;
+    let qc = c.qk_chunks();
+    let mut t = format!(
+        "%lt_st = arith.remui {j}, %c{stages} : index
+%lt_t = arith.addi {j}, %tile0 : index
+%lt_r = arith.muli %lt_t, %c{PAGE} : index
+%lt_row = arith.addi {head}, %lt_r : index
+%lt_st_off = arith.muli %lt_st, %c{stage_bytes} : index
+%lt_base = arith.addi %lt_st_off, %c{q_bytes} : index
+nvgpu.mbarrier.arrive.expect_tx %bars[%lt_st], %c{stage_bytes} : !bar
+",
+        stages = c.stages,
+        stage_bytes = c.stage_bytes(),
+        q_bytes = c.query_bytes()
+    );
+    for k in 0..qc + c.v_chunks() {
+        let col = if k < qc { k * CHUNK } else { (k - qc) * CHUNK };
+        let _ = writeln!(
+            t,
+            "%lt_off{k} = arith.addi %lt_base, %c{off} : index
+%lt_v{k} = memref.view %smem[%lt_off{k}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
+nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
+            off = k * CHUNK_BYTES,
+            map = map(k)
+        );
+    }
+    t
+}
+
+/// The ring's first `stages` tiles loaded (`load` of tile `%j`, at most `%nt`), closing the leader's
+/// branch [`shared_memory_and_barriers`] opened.
+fn ring_prologue(load: &str, stages: usize) -> String {
+    format!(
+        "    %pro = arith.minui %nt, %c{stages} : index
+    scf.for %j = %c0 to %pro step %c1 {{
+{}
+    }}
+  }}
+",
+        indent(load, 6)
+    )
+}
+
+/// TMA loads (the leader, on barrier `stages`) of both warpgroups' own tiles: 64 rows each from
+/// `row0` (warpgroup w's at `row0 + 64 w`), chunk k of a warpgroup's from `maps[k]` (map, column).
+fn own_tile_loads(maps: &[(&str, usize)], row0: &str, stages: usize) -> String {
+    let ws = WORKGROUP;
+    let mut t = String::new();
+    for w in 0..2 {
+        for (k, (map, col)) in maps.iter().enumerate() {
+            let _ = writeln!(
+                t,
+                "    %or{w}_{k} = arith.addi {row0}, %c{row} : index
+    %ov{w}_{k} = memref.view %smem[%c{off}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
+    nvgpu.tma.async.load {map}[%c{col}, %or{w}_{k}], %bars[%c{stages}] to %ov{w}_{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
+                row = w * PAGE,
+                off = (w * maps.len() + k) * CHUNK_BYTES,
+            );
+        }
+    }
+    t
+}
+
+/// A thread's place (from `%tid`): its fragment coordinates, its own rows `%r0`, `%r1` (`first`
+/// plus the warpgroup's 64 plus its fragment rows), its warpgroup's own tiles at `%own_addr`
+/// (`tile_bytes` each), its P tile (`%p_off`, `%p_addr`, descriptor `%dp`; byte `p_off` on), a zero
+/// accumulator fragment.
+fn warpgroup_place(first: &str, tile_bytes: usize, p_off: usize) -> String {
+    format!(
+        "{coords}  %trow = arith.addi %trow0, %c0 : index
+  %wr = arith.muli %cw, %c64 : index
+  %wr0 = arith.addi {first}, %wr : index
+  %r0 = arith.addi %wr0, %trow0 : index
+  %r1 = arith.addi %r0, %c8 : index
+  %own_tile = arith.muli %cw, %c{tile_bytes} : index
+  %own_tile64 = arith.index_cast %own_tile : index to i64
+  %own_addr = arith.addi %smem_base, %own_tile64 : i64
+  %p_rel = arith.muli %cw, %c{CHUNK_BYTES} : index
+  %p_off = arith.addi %p_rel, %c{p_off} : index
+  %p_off64 = arith.index_cast %p_off : index to i64
+  %p_addr = arith.addi %smem_base, %p_off64 : i64
+{dp}
+{zero}",
+        coords = fragment_coordinates(),
+        dp = desc("%dp", "%p_addr", "%desc_k"),
+        zero = zero_fragment(),
+    )
 }
 
 /// Why `dynamic` bytes of shared memory (`what` they hold) and the static barriers do not fit a block
