@@ -823,21 +823,7 @@ impl PrefillEmitter {
             ),
         );
         let mut t = format!(
-            "{consts}  %q_map = builtin.unrealized_conversion_cast %q_ptr : !llvm.ptr to !tmap
-  %k_map = builtin.unrealized_conversion_cast %k_ptr : !llvm.ptr to !tmap
-  %v_map = builtin.unrealized_conversion_cast %v_ptr : !llvm.ptr to !tmap
-  %tid = gpu.thread_id x
-  %bid_x = gpu.block_id x
-  %bid_y = gpu.block_id y
-  %grid_x = gpu.grid_dim x
-  %lin0 = arith.muli %bid_y, %grid_x : index
-  %lin = arith.addi %lin0, %bid_x : index
-  %tiles = arith.ceildivui %t_len, %c128 : index
-  %bx_up = arith.remui %lin, %tiles : index
-  %tiles_last = arith.subi %tiles, %c1 : index
-  %bx = arith.subi %tiles_last, %bx_up : index
-  %head = arith.divui %lin, %tiles : index
-  %q_first = arith.muli %bx, %c128 : index
+            "{consts}{block}  %q_first = arith.muli %bx, %c128 : index
   %q_head = arith.muli %head, %t_len : index
   %q_row0 = arith.addi %q_head, %q_first : index
   %k_row0 = arith.muli %head, %s_len : index
@@ -850,6 +836,7 @@ impl PrefillEmitter {
   %tile0 = arith.constant 0 : index
 {barriers}",
             consts = kernel_constants(),
+            block = block_of(&["q", "k", "v"], "%t_len", true),
             barriers = shared_memory_and_barriers(stages, c.query_bytes(), &[("%k_map", "!tmap"), ("%v_map", "!tmap")]),
         );
         let own: Vec<(&str, usize)> = (0..qc).map(|k| ("%q_map", k * CHUNK)).collect();
@@ -1019,20 +1006,7 @@ impl GradEmitter {
         let mut own_maps: Vec<(&str, usize)> = (0..qc).map(|k| (first, k * CHUNK)).collect();
         own_maps.extend(second.into_iter().flat_map(|m| (0..vc).map(move |k| (m, k * CHUNK))));
         let mut t = format!(
-            "{consts}  %q_map = builtin.unrealized_conversion_cast %q_ptr : !llvm.ptr to !tmap
-  %k_map = builtin.unrealized_conversion_cast %k_ptr : !llvm.ptr to !tmap
-  %v_map = builtin.unrealized_conversion_cast %v_ptr : !llvm.ptr to !tmap
-  %do_map = builtin.unrealized_conversion_cast %do_ptr : !llvm.ptr to !tmap
-  %tid = gpu.thread_id x
-  %bid_x = gpu.block_id x
-  %bid_y = gpu.block_id y
-  %grid_x = gpu.grid_dim x
-  %lin0 = arith.muli %bid_y, %grid_x : index
-  %lin = arith.addi %lin0, %bid_x : index
-  %tiles = arith.ceildivui {rows_len}, %c128 : index
-{bx}
-  %head = arith.divui %lin, %tiles : index
-  %r_first = arith.muli %bx, %c128 : index
+            "{consts}{block}  %r_first = arith.muli %bx, %c128 : index
   %q_head = arith.muli %head, %t_len : index
   %k_head = arith.muli %head, %s_len : index
   %own_row0 = arith.addi {own_head}, %r_first : index
@@ -1042,14 +1016,8 @@ impl GradEmitter {
 {barriers}",
             consts = kernel_constants(),
             // The blocks with the most tiles first (the last queries see the most keys; the first
-            // keys, the most queries): the causal triangle's long blocks do not end the launch.
-            bx = if queries {
-                "  %bx_up = arith.remui %lin, %tiles : index
-  %tiles_last = arith.subi %tiles, %c1 : index
-  %bx = arith.subi %tiles_last, %bx_up : index"
-            } else {
-                "  %bx = arith.remui %lin, %tiles : index"
-            },
+            // keys, the most queries).
+            block = block_of(&["q", "k", "v", "do"], rows_len, queries),
             barriers = shared_memory_and_barriers(
                 stages,
                 c.query_bytes(),
@@ -1265,6 +1233,37 @@ nvgpu.tma.async.load {map}[%c{col}, %lt_row], %bars[%lt_st] to %lt_v{k} : !tmap,
             map = map(k)
         );
     }
+    t
+}
+
+/// A flash kernel's block: its tensor maps (`%<name>_map` of each `%<name>_ptr`), `%tid`, the
+/// block's linear index `%lin` over a grid of `%tiles` (128 of `rows_len`'s rows) per head, its
+/// `%head` and row tile `%bx` — counted from the last tile when `last_first` (the causal
+/// triangle's longest blocks start first and do not trail the launch).
+fn block_of(maps: &[&str], rows_len: &str, last_first: bool) -> String {
+    let mut t: String = maps
+        .iter()
+        .map(|m| format!("  %{m}_map = builtin.unrealized_conversion_cast %{m}_ptr : !llvm.ptr to !tmap\n"))
+        .collect();
+    let _ = writeln!(
+        t,
+        "  %tid = gpu.thread_id x
+  %bid_x = gpu.block_id x
+  %bid_y = gpu.block_id y
+  %grid_x = gpu.grid_dim x
+  %lin0 = arith.muli %bid_y, %grid_x : index
+  %lin = arith.addi %lin0, %bid_x : index
+  %tiles = arith.ceildivui {rows_len}, %c128 : index
+  %head = arith.divui %lin, %tiles : index"
+    );
+    t.push_str(if last_first {
+        "  %bx_up = arith.remui %lin, %tiles : index
+  %tiles_last = arith.subi %tiles, %c1 : index
+  %bx = arith.subi %tiles_last, %bx_up : index
+"
+    } else {
+        "  %bx = arith.remui %lin, %tiles : index\n"
+    });
     t
 }
 
