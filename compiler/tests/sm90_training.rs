@@ -307,7 +307,7 @@ fn the_training_step_with_flash_attention_follows_the_cpu_backend() {
 fn the_sm90a_training_artifact_emulated_equals_the_cpu_backend() {
     for (dense, fp8, tokens) in [(false, false, 11), (true, true, 6), (false, true, 9)] {
         let tolerance = if fp8 { 1e-5 } else { F32_TENSOR_CORES };
-        artifact_step(dense, fp8, false, tokens, tolerance, &|artifact| {
+        artifact_step(dense, fp8, false, &[], tokens, tolerance, &|artifact| {
             if fp8 && !dense {
                 // The routed experts on the tensor cores: grouped over the blocks each step quantizes.
                 let signatures: Vec<&str> =
@@ -326,25 +326,36 @@ fn the_sm90a_training_artifact_emulated_equals_the_cpu_backend() {
 /// The artifact of a model whose heads the flash kernels take: its attention and gradient on the
 /// flash kernels (the default, `--prefill-attention tensor-cores`), the launches' parameters
 /// (four tensor maps, the statistics' memrefs, dK's and dV's grids over the keys) emulated: the
-/// step within bf16's rounding of the CPU backend's (f32, dense: measured 4.7e-3 kernel-launch
-/// semantics alone, [`the_training_step_with_flash_attention_follows_the_cpu_backend`]).
+/// step within bf16's rounding of the CPU backend's (f32, dense: measured 5.2e-3; 4.7e-3 from the
+/// launches' semantics alone, [`the_training_step_with_flash_attention_follows_the_cpu_backend`]);
+/// with `--prefill-attention rows`, the CUDA-core rows and f32 (2.1e-5: the f32 recipe's matmuls).
 #[test]
 fn the_sm90a_training_artifact_with_flash_attention_emulated_follows_the_cpu_backend() {
-    artifact_step(true, false, true, 20, BF16_ATTENTION, &|artifact| {
-        let kernels: Vec<&str> = artifact.manifest.kernels.iter().map(|k| k.name.as_str()).collect();
+    let kernels = |artifact: &v3c_runtime::artifact::Artifact| -> Vec<String> {
+        artifact.manifest.kernels.iter().map(|k| k.name.clone()).collect()
+    };
+    artifact_step(true, false, true, &[], 20, BF16_ATTENTION, &|artifact| {
+        let kernels = kernels(artifact);
         for want in ["mla_prefill_qk128_v64_s2_lse", "mla_gradq_", "mla_gradk_", "mla_gradv_", "rows_flashdkv_"] {
             assert!(kernels.iter().any(|k| k.contains(want)), "{want}: {kernels:?}");
         }
     });
+    // `--prefill-attention rows`: the same model's step on the CUDA-core rows, f32 as before.
+    artifact_step(true, false, true, &["--prefill-attention", "rows"], 20, F32_TENSOR_CORES, &|artifact| {
+        let kernels = kernels(artifact);
+        assert!(kernels.iter().all(|k| !k.starts_with("mla_")), "{kernels:?}");
+        assert!(kernels.iter().any(|k| k.starts_with("rows_mlagradkv_")), "{kernels:?}");
+    });
 }
 
-/// `v3c compile --target sm_90a --train` of the [`trainer_with`] model (`wide_heads`) into an
-/// artifact (`check` looks at it), run by the runtime's launch expansion over host memory: every
-/// output of one `tokens`-token window within `tolerance` of the CPU backend's.
+/// `v3c compile --target sm_90a --train` (and `extra` arguments) of the [`trainer_with`] model
+/// (`wide_heads`) into an artifact (`check` looks at it), run by the runtime's launch expansion over
+/// host memory: every output of one `tokens`-token window within `tolerance` of the CPU backend's.
 fn artifact_step(
     dense: bool,
     fp8: bool,
     wide_heads: bool,
+    extra: &[&str],
     tokens: usize,
     tolerance: f32,
     check: &dyn Fn(&v3c_runtime::artifact::Artifact),
@@ -358,6 +369,7 @@ fn artifact_step(
     if fp8 {
         args.extend(["--precision", "fp8"]);
     }
+    args.extend(extra);
     args.extend(["--out", art.to_str().unwrap()]);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_v3c")).args(&args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
