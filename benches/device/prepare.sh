@@ -148,6 +148,27 @@ for precision in f32 fp8; do
   find ".device/train/${precision}_expected" -mindepth 1 ! -name loss.csv -delete
   rm -rf ".device/train/${precision}_cpu"
 done
+# The same model with 64-wide heads (nope, rope, values: widths the flash kernels take), f32: its
+# sm_90a step runs attention and its gradient on the flash kernels in bf16 (`f32wide`; the cpu
+# artifact's attention is f32).
+mkdir -p .device/train/wide_config
+python3 - models/src/config.rs .device/train/wide_config/config.json <<'PY'
+import json, re, sys
+text = open(sys.argv[1]).read()
+c = json.loads(re.search(r'pub const DEEPSEEK_V3_TINY_JSON: &str = r#"(.*?)"#;', text, re.S).group(1))
+c.update(qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64)
+json.dump(c, open(sys.argv[2], "w"), indent=1)
+PY
+target/release/v3c init-weights --model .device/train/wide_config --out .device/train/ckpt_f32wide --seed 5 >/dev/null 2>&1
+for t in sm_90a cpu; do
+  target/release/v3c compile --model .device/train/ckpt_f32wide --target "$t" --train --max-rows 32 \
+    --out ".device/train/f32wide_$t" --force 2>/dev/null
+done
+grep -q mla_gradq .device/train/f32wide_sm_90a/manifest.json || { echo "prepare: f32wide has no flash kernels" >&2; exit 1; }
+target/release/v3r train .device/train/f32wide_cpu --weights .device/train/ckpt_f32wide --data .device/train/data.txt \
+  --steps 4 --batch 2 --seq 32 --out .device/train/f32wide_expected 2>/dev/null
+find .device/train/f32wide_expected -mindepth 1 ! -name loss.csv -delete
+rm -rf .device/train/f32wide_cpu .device/train/wide_config
 # Decode benchmark: a 4-layer full-width slice of DeepSeek-V3 (3 dense layers, 1 MoE layer with 256
 # experts; no MTP) compiled for sm_90a at 64 sequences x 4096 cache rows. No checkpoint travels (tens of
 # GiB): `v3r bench-decode --random-weights` makes weights up on the device; hf_decode.py builds the same

@@ -409,7 +409,22 @@ fn artifact_step(
 /// 1e-5; the f32 recipe's tensor-core matmuls differ from f32 by ~1e-5, see [`F32_TENSOR_CORES`]).
 #[test]
 fn training_through_the_emulated_sm90a_artifact_follows_the_cpu_backend() {
-    let (config, trainer, dir) = trainer(true, false);
+    let (loss, params) = emulated_training(false);
+    // AdamW's first steps move a weight by about lr * sign(g): a gradient near zero whose
+    // tensor-core value has the other sign moves it by up to 2 lr (measured: 5.0e-4 at worst).
+    assert!(loss <= 1e-5 && params < 1e-3, "losses {loss:e}, parameters {params:e}");
+    // Attention in bf16 on the flash kernels (64-wide heads): the losses within its rounding
+    // (measured 9.1e-6), the parameters as AdamW's sign-like first steps carry it (4.8e-3).
+    let (loss, params) = emulated_training(true);
+    eprintln!("flash attention, 3 AdamW steps: losses within {loss:e}, parameters {params:e}");
+    assert!(loss <= 1e-4 && params < 1e-2, "losses {loss:e}, parameters {params:e}");
+}
+
+/// Three AdamW steps of two 12-token windows of the dense model (`wide_heads`: [`trainer_with`]) through
+/// its emulated sm_90a artifact and through the CPU backend: the worst relative difference of the
+/// losses and of the parameters after them.
+fn emulated_training(wide_heads: bool) -> (f32, f32) {
+    let (config, trainer, dir) = trainer_with(true, false, wide_heads);
     let model = dir.path().join("ckpt");
     let art = dir.path().join("art");
     let args = ["compile", "--model", model.to_str().unwrap(), "--target", "sm_90a", "--train", "--max-rows", "12"];
@@ -426,26 +441,27 @@ fn training_through_the_emulated_sm90a_artifact_follows_the_cpu_backend() {
         v3c_compiler::emulate::Emulator::new(&context, &artifact, &v3c_runtime::gpu::Weights::Checkpoint(&checkpoint))
             .unwrap();
     let mut on_gpu = trainer;
-    let (_, mut on_cpu, _dir2) = self::trainer(true, false);
+    let (_, mut on_cpu, _dir2) = trainer_with(true, false, wide_heads);
     let mut step = v3c_runtime::training::ArtifactStep::new(emulator, &on_gpu, 12).unwrap();
     let mut cpu = CpuTrainStep::new(&context, &on_cpu, None).unwrap();
+    let mut worst_loss = 0.0f32;
     for s in 0..3 {
         let batch: Vec<Vec<i64>> = (0..2)
             .map(|b| (0..=12).map(|i| ((i * 29 + s * 7 + b * 13) % config.vocab_size) as i64).collect())
             .collect();
         let g = on_gpu.step_on(&mut step, &batch).unwrap();
         let c = on_cpu.step_on(&mut cpu, &batch).unwrap();
-        assert!((g.loss - c.loss).abs() <= 1e-5 * c.loss.abs(), "step {s}: loss {} vs {}", g.loss, c.loss);
+        worst_loss = worst_loss.max((g.loss - c.loss).abs() / c.loss.abs());
     }
+    let mut worst_param = 0.0f32;
     for (name, p) in &on_cpu.params {
         let err = relative_error(
             &HostData::F32(on_gpu.params[name].as_f32().unwrap().to_vec()),
             &HostData::F32(p.as_f32().unwrap().to_vec()),
         );
-        // AdamW's first steps move a weight by about lr * sign(g): a gradient near zero whose
-        // tensor-core value has the other sign moves it by up to 2 lr (measured: 5.0e-4 at worst).
-        assert!(err < 1e-3, "{name} after 3 steps: relative error {err:e}");
+        worst_param = worst_param.max(err);
     }
+    (worst_loss, worst_param)
 }
 
 /// `v3r train`'s default on a GPU, AdamW on the device (parameters and moments kept there, the
