@@ -68,7 +68,7 @@ const F32_TENSOR_CORES: f32 = 3e-5;
 
 /// How close attention on the flash kernels comes to the CPU backend's f32 attention: q, k, v, P
 /// and dS are rounded to bf16 (2^-9 relative each) on their way to the tensor cores (measured:
-/// 5.8e-3 at worst, the keys' gradient over 150 tokens).
+/// 5.9e-3 at worst, the queries' rope gradient over 150 tokens).
 const BF16_ATTENTION: f32 = 1e-2;
 
 fn relative_error(a: &HostData, b: &HostData) -> f32 {
@@ -286,11 +286,12 @@ fn the_training_step_with_flash_attention_follows_the_cpu_backend() {
         eprintln!("  the other kernels' worst {worst:e} ({at})");
         assert!(worst < F32_TENSOR_CORES, "{at}: relative error {worst:e}");
     }
-    // Whole steps: the f32 one within bf16's rounding (measured 4.7e-3: a norm weight's gradient);
+    // Whole steps: the f32 one within bf16's rounding (measured 4.7e-3: a norm weight's gradient; one
+    // token, where a query's gradient is exactly zero and dP - D must cancel: 2.8e-3);
     // the FP8 recipe's e4m3 quantizations downstream turn those differences into whole e4m3 steps
-    // here and there (measured 6.9e-2, a norm weight's gradient summed over 5 tokens) — as far as
+    // here and there (measured 7.2e-2, a norm weight's gradient summed over 5 tokens) — as far as
     // two e4m3 neighbours, not a wrong attention (~1).
-    for (fp8, tokens, tolerance) in [(false, 70, BF16_ATTENTION), (true, 5, 0.2)] {
+    for (fp8, tokens, tolerance) in [(false, 1, BF16_ATTENTION), (false, 70, BF16_ATTENTION), (true, 5, 0.2)] {
         let (lowered, kept, worst) = whole_step_with(true, fp8, tokens, tolerance, true);
         eprintln!("flash, dense, fp8 {fp8}, {tokens} tokens, whole: {} kernels; worst {worst:e}", lowered.len());
         assert!(kept.is_empty() && lowered.contains("attention_grad_0"), "not lowered: {kept:?}");
@@ -326,7 +327,7 @@ fn the_sm90a_training_artifact_emulated_equals_the_cpu_backend() {
 /// The artifact of a model whose heads the flash kernels take: its attention and gradient on the
 /// flash kernels (the default, `--prefill-attention tensor-cores`), the launches' parameters
 /// (four tensor maps, the statistics' memrefs, dK's and dV's grids over the keys) emulated: the
-/// step within bf16's rounding of the CPU backend's (f32, dense: measured 5.2e-3; 4.7e-3 from the
+/// step within bf16's rounding of the CPU backend's (f32, dense: measured 4.9e-3; 4.7e-3 from the
 /// launches' semantics alone, [`the_training_step_with_flash_attention_follows_the_cpu_backend`]);
 /// with `--prefill-attention rows`, the CUDA-core rows and f32 (2.1e-5: the f32 recipe's matmuls).
 #[test]

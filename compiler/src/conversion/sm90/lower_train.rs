@@ -507,7 +507,7 @@ fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
 /// (`rows_mlakeys`), the queries likewise (`rows_mlaqueries`), then
 /// - forward: `mla_prefill_*` (causal), its head-major output back to token rows (`rows_mlaheadsout`);
 /// - gradient: the forward again with its rows' log-sum-exps (`_lse`: the output and statistics
-///   are recomputed rather than kept), dout head-major in bf16 with `D = rowsum(dout * out)`
+///   are recomputed rather than kept), dout head-major in bf16 with `D = rowsum(bf16(dout) * out)`
 ///   (`rows_flashdout`), FlashAttention-2's backward as three kernels (`mla_grad{q,k,v}`), dQ back
 ///   to the queries' rows (`rows_flashdq`), dK and dV to kvb's and the rope key's gradients
 ///   (`rows_flashdkv`), then the matmuls back to the latent and kv_b.

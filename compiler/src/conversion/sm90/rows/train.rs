@@ -263,8 +263,9 @@ pub enum TrainRow {
     SumHeads { heads: usize },
     /// Flash attention's backward, before its kernels: per token row of `dout [T, heads, d]`, each
     /// head's row in bf16 head-major (`dob [heads * T, d]`, as the tensor cores read it) and
-    /// `D = rowsum(dout * o)` against the forward's head-major output `o [heads * T, d]` (`dd
-    /// [heads * T]`, one thread's sequential sum per head).
+    /// `D = rowsum(bf16(dout) * o)` against the forward's head-major output `o [heads * T, d]` (`dd
+    /// [heads * T]`, one thread's sequential sum per head) — the dout the kernels' `dP` sees, so that
+    /// `dP - D` cancels where it should (one key: exactly `dP = D`, but for the sums' order).
     FlashDout { heads: usize },
     /// Flash attention's query gradient `dq [heads * T, d]` (head-major) back to token rows: its
     /// first `nope` columns per head into `dq_nope [T, heads, nope]`, the rest into `dq_pe`.
@@ -2211,7 +2212,8 @@ scf.for %hh = %tid to %cH step %cT {{
     %ov = memref.load %o[%hr, %i] : {m}
     %gb = arith.truncf %g : f32 to bf16
     memref.store %gb, %dob[%hr, %i] : memref<?x?xbf16>
-    %prod = arith.mulf %g, %ov : f32
+    %gr = arith.extf %gb : bf16 to f32
+    %prod = arith.mulf %gr, %ov : f32
     %a2 = arith.addf %a, %prod : f32
     scf.yield %a2 : f32
   }}
@@ -2567,7 +2569,8 @@ mod tests {
         for (h, r) in (0..heads).flat_map(|h| (0..t).map(move |r| (h, r))) {
             let g = &dout[(r * heads + h) * v..][..v];
             let row = (h * t + r) * v;
-            let d = g.iter().zip(&o[row..row + v]).fold(0.0f32, |a, (x, y)| a + x * y);
+            let rounded = |x: f32| bf16_to_f32(f32_to_bf16(x));
+            let d = g.iter().zip(&o[row..row + v]).fold(0.0f32, |a, (x, y)| a + rounded(*x) * y);
             assert_eq!(dd[h * t + r], d, "D of head {h}, row {r}");
             let got: Vec<f32> = dob[row..row + v].iter().map(|&b| bf16_to_f32(b)).collect();
             let want: Vec<f32> = g.iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect();
