@@ -368,41 +368,47 @@ fn attention_front(body: &Body, tensor_cores: bool, key_rows: bool) -> Result<At
         front.temps.iter_mut().for_each(|t| t.rows_of = Some(2));
     }
     // kvb = ckv kv_b^T.
-    let kvb = front.matmul(body, tensor_cores, "kvb", (Operand::Temp(0), false, kv), (Operand::Arg(3), true), hp)?;
-    front.steps.extend(kvb(Operand::Temp(1), &mut front.temps)?);
+    front.matmul(
+        body,
+        tensor_cores,
+        "kvb",
+        (Operand::Temp(0), false, kv),
+        (Operand::Arg(3), true),
+        Operand::Temp(1),
+    )?;
     Ok(front)
 }
 
 impl AttentionFront {
     /// `out = op(a) . op(b)` of run rows `a` (`cols` wide; transposed when its flag says) and kv_b
-    /// (`Arg(3)`) or other run rows `b` of kv columns: on the tensor cores when `tensor_cores`
-    /// ([`matmul_steps`]), else the CUDA-core matmul in the reference's order; `d` output columns.
-    #[allow(clippy::type_complexity)]
-    fn matmul<'b>(
-        &self,
-        body: &'b Body,
+    /// (`Arg(3)`) or other run rows `b` of kv columns, appended: on the tensor cores when
+    /// `tensor_cores` ([`matmul_steps`]), else the CUDA-core matmul in the reference's order.
+    fn matmul(
+        &mut self,
+        body: &Body,
         tensor_cores: bool,
-        name: &'b str,
+        name: &str,
         (a, ta, cols): (Operand, bool, usize),
         (b, tb): (Operand, bool),
-        d: usize,
-    ) -> Result<impl FnOnce(Operand, &mut Vec<Temp>) -> Result<Vec<Step>, String> + 'b, String> {
+        out: Operand,
+    ) -> Result<(), String> {
         let (hp, kv) = (self.hp, self.kv);
         let run_rows = |cols: usize| Shape { dims: vec![None, Some(cols)], element: "f32".into() };
         let b_shape = match b {
             Operand::Arg(3) => Shape { dims: vec![Some(hp), Some(kv)], element: "f32".into() },
             _ => run_rows(kv),
         };
-        let a_shape = run_rows(cols);
-        Ok(move |out: Operand, temps: &mut Vec<Temp>| {
-            if tensor_cores {
-                let fused = format!("{}.{name}", body.name);
-                matmul_steps(&fused, (a, &a_shape), (b, &b_shape), (ta, tb), out, temps)
-            } else {
-                let kernel = train_kernel(TrainRow::Matmul { transpose_a: ta, transpose_b: tb }, d, "f32");
-                Ok(vec![Step { kernel: StepKernel::Row(kernel), operands: vec![a, b, out] }])
-            }
-        })
+        let steps = if tensor_cores {
+            let fused = format!("{}.{name}", body.name);
+            matmul_steps(&fused, (a, &run_rows(cols)), (b, &b_shape), (ta, tb), out, &mut self.temps)?
+        } else {
+            // Output columns: kv_b's rows (hp), or kv.
+            let d = if b == Operand::Arg(3) && tb { hp } else { kv };
+            let kernel = train_kernel(TrainRow::Matmul { transpose_a: ta, transpose_b: tb }, d, "f32");
+            vec![Step { kernel: StepKernel::Row(kernel), operands: vec![a, b, out] }]
+        };
+        self.steps.extend(steps);
+        Ok(())
     }
 
     /// The gradient's end, from dkvb (the gradient of kvb, `[S, hp]`) and the rope key's `dpe [S,
@@ -410,19 +416,13 @@ impl AttentionFront {
     /// ckv (result 3).
     fn latent_gradients(&mut self, body: &Body, tensor_cores: bool, dkvb: Operand, dpe: Operand) -> Result<(), String> {
         let (hp, kv, rope) = (self.hp, self.kv, self.rope);
-        self.temps.push(Temp::per_row(1, kv, "f32"));
-        let dckv = Operand::Temp(self.temps.len() - 1);
-        let step = self.matmul(body, tensor_cores, "dckv", (dkvb, false, hp), (Operand::Arg(3), false), kv)?;
-        let steps = step(dckv, &mut self.temps)?;
-        self.steps.extend(steps);
+        let dckv = self.temp(Temp::per_row(1, kv, "f32"));
+        self.matmul(body, tensor_cores, "dckv", (dkvb, false, hp), (Operand::Arg(3), false), dckv)?;
         self.steps.push(Step {
             kernel: StepKernel::Row(train_kernel(TrainRow::Join { second: rope }, kv, "f32")),
             operands: vec![dckv, dpe, Operand::Result(2)],
         });
-        let step = self.matmul(body, tensor_cores, "dkvb", (dkvb, true, hp), (Operand::Temp(0), false), kv)?;
-        let steps = step(Operand::Result(3), &mut self.temps)?;
-        self.steps.extend(steps);
-        Ok(())
+        self.matmul(body, tensor_cores, "dkvb", (dkvb, true, hp), (Operand::Temp(0), false), Operand::Result(3))
     }
 
     fn temp(&mut self, t: Temp) -> Operand {
