@@ -182,6 +182,19 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         assert!(text(&together.stderr).contains("generated 24 tokens for 3 sequences: prefill 14 tokens in "));
         let lines: Vec<String> = text(&together.stdout).lines().map(str::to_string).collect();
         assert_eq!(lines.len(), 3, "{lines:?}");
+        // Two at a time from a file: the third joins the running batch when a sequence ends.
+        let file = dir.path().join("prompts.txt");
+        std::fs::write(&file, format!("{}\n\n{}\n{}\n", prompts[0], prompts[1], prompts[2])).unwrap();
+        let queue = [
+            &["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()][..],
+            &["--prompts-file", file.to_str().unwrap(), "--batch", "2", "--max-new-tokens", "8", "--ignore-eos"],
+            sampling,
+        ]
+        .concat();
+        let queued = run_binary_env("v3r", &queue, &env);
+        assert!(queued.status.success(), "{}", text(&queued.stderr));
+        assert!(text(&queued.stderr).contains("for 3 sequences, 2 at a time: 1 joined the running batch"));
+        assert_eq!(text(&queued.stdout), text(&together.stdout), "{sampling:?}");
         for (p, line) in prompts.iter().zip(&lines) {
             let alone = [
                 &["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", p][..],
@@ -193,13 +206,22 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
             assert_eq!(text(&alone.stdout).trim(), line, "prompt {p} {sampling:?}");
         }
     }
-    // More sequences than the decode plan's rows: said before anything runs.
+    // More sequences than the decode plan's rows: the fifth joins as one ends; asked to decode
+    // more at once, said before anything runs; a bad prompts file names its line.
     let mut five = vec!["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()];
     for _ in 0..5 {
         five.extend(["--prompt-tokens", "1 2"]);
     }
-    let err = text(&run_binary_env("v3r", &five, &env).stderr);
+    let served = run_binary_env("v3r", &[&five[..], &["--max-new-tokens", "3", "--ignore-eos"]].concat(), &env);
+    assert!(text(&served.stderr).contains("5 sequences, 4 at a time: 1 joined"), "{}", text(&served.stderr));
+    assert_eq!(text(&served.stdout).lines().collect::<std::collections::HashSet<_>>().len(), 1);
+    let err = text(&run_binary_env("v3r", &[&five[..], &["--batch", "5"]].concat(), &env).stderr);
     assert!(err.contains("5 sequences: the artifact's decode plan holds 1..=4"), "{err}");
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "1 2\n3 x\n").unwrap();
+    let err =
+        text(&run_binary_env("v3r", &[&five[..4], &["--prompts-file", bad.to_str().unwrap()]].concat(), &env).stderr);
+    assert!(err.contains("bad.txt:2: 'x' is not a token id"), "{err}");
     // Prefill chunks of 16 tokens, decode steps of at most 3 sequences (--max-batch): the prompt
     // in one chunk, the same tokens; 4 sequences refused, naming the flag.
     let wide = dir.path().join("wide");
@@ -221,7 +243,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let (narrow_run, wide_run) = (run(&art), run(&wide));
     assert!(wide_run.status.success(), "{}", text(&wide_run.stderr));
     assert_eq!(text(&wide_run.stdout), text(&narrow_run.stdout));
-    let mut four = vec!["run", wide.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()];
+    let mut four = vec!["run", wide.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--batch", "4"];
     for _ in 0..4 {
         four.extend(["--prompt-tokens", "1 2"]);
     }

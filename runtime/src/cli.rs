@@ -71,6 +71,22 @@ pub fn parse_token_ids(text: &str, flag: &str) -> Result<Vec<u32>, String> {
     Ok(ids)
 }
 
+/// Prompts from `path`, one a line of token ids (blank lines skipped); errors name the file and
+/// line.
+pub fn read_prompts(path: &std::path::Path) -> Result<Vec<Vec<u32>>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let prompts = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| parse_token_ids(l, &format!("{}:{}", path.display(), i + 1)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if prompts.is_empty() {
+        return Err(format!("{}: no prompts (one line of token ids each)", path.display()));
+    }
+    Ok(prompts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

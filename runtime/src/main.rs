@@ -228,8 +228,18 @@ struct RunArgs {
     weights: PathBuf,
     /// Prompt as token ids separated by spaces, e.g. "0 3 17 250". Repeat it to generate for several
     /// prompts in one batch (one line of tokens each, in order).
-    #[arg(long, value_name = "IDS", required = true)]
+    #[arg(long, value_name = "IDS", required_unless_present = "prompts_file")]
     prompt_tokens: Vec<String>,
+    /// A file of prompts, one a line (token ids separated by spaces; blank lines skipped), after
+    /// any --prompt-tokens: one line of generated tokens each, in order.
+    #[arg(long, value_name = "FILE")]
+    prompts_file: Option<PathBuf>,
+    /// At most N sequences decode together (default: every prompt, up to the artifact's
+    /// --max-batch). More prompts wait, and each joins the running batch as a sequence ends —
+    /// prefilled, its caches moved to the pages the ended one gave back — once the pool of
+    /// cache pages has room for its prompt and new tokens.
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
     /// How many tokens to generate after the prompt.
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_new_tokens: usize,
@@ -601,13 +611,19 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     if !args.weights.is_dir() {
         return Err(Failure::Other(format!("{}: no such checkpoint directory", args.weights.display())));
     }
-    let prompts: Vec<Vec<u32>> = args
+    let mut prompts: Vec<Vec<u32>> = args
         .prompt_tokens
         .iter()
         .map(|p| v3c_runtime::cli::parse_token_ids(p, "--prompt-tokens"))
         .collect::<Result<_, _>>()
         .map_err(Failure::Other)?;
-    let prompt = prompts[0].clone();
+    if let Some(file) = &args.prompts_file {
+        prompts.extend(v3c_runtime::cli::read_prompts(file).map_err(Failure::Other)?);
+    }
+    if args.batch == Some(0) {
+        return Err(Failure::Other("--batch 0: at least one sequence decodes at a time".into()));
+    }
+    let prompt = prompts.first().cloned().ok_or_else(|| Failure::Other("no prompt given".into()))?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
     let eos = if args.ignore_eos {
         None
@@ -635,32 +651,39 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         );
         return Ok(());
     }
-    if prompts.len() > 1 {
+    if prompts.len() > 1 || args.batch.is_some() {
         let mut samplers: Vec<_> = (0..prompts.len())
             .map(|_| v3c_models::reference::Sampler::new(args.temperature, args.top_p, args.seed))
             .collect();
-        let generations =
-            v3c_runtime::session::generate_batch(program, &prompts, args.max_new_tokens, &mut samplers, eos)
+        let rows = program.entry_plan("decode").map_err(Failure::Other)?.sizes.rows;
+        let slots = args.batch.unwrap_or(rows.min(prompts.len()));
+        let served =
+            v3c_runtime::session::generate_queue(program, &prompts, slots, args.max_new_tokens, &mut samplers, eos)
                 .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
-        for g in &generations {
+        let generations = &served.generations;
+        for g in generations {
             let text: Vec<String> = g.tokens.iter().map(u32::to_string).collect();
             println!("{}", text.join(" "));
         }
         let new: usize = generations.iter().map(|g| g.tokens.len()).sum();
-        let total_s = generations.iter().map(|g| g.total_s).fold(0.0, f64::max);
-        let prefill_s = generations[0].prefill_s;
         let decoded = new.saturating_sub(generations.len());
-        // A pool of cache pages: what each sequence held of it.
+        // A pool of cache pages: what each sequence held of it at its end.
         let pool = generations.iter().map(|g| g.pages).collect::<Option<Vec<_>>>().map_or(String::new(), |p| {
             let held: Vec<String> = p.iter().map(|(h, _)| h.to_string()).collect();
             format!("; cache pages {} of a pool of {}", held.join(" + "), p.first().map_or(0, |(_, n)| *n))
         });
+        let queue = match (served.slots < generations.len(), served.joined) {
+            (false, _) => String::new(),
+            (true, 0) => format!(", {} at a time in batches one after another", served.slots),
+            (true, j) => format!(", {} at a time: {j} joined the running batch as others ended", served.slots),
+        };
         eprintln!(
-            "generated {new} tokens for {} sequences: prefill {} tokens in {prefill_s:.3} s, decode {:.2} tok/s \
+            "generated {new} tokens for {} sequences{queue}: prefill {} tokens in {:.3} s, decode {:.2} tok/s \
              over the batch{pool} ({kind})",
             generations.len(),
             prompts.iter().map(Vec::len).sum::<usize>(),
-            decoded as f64 / (total_s - prefill_s).max(1e-9)
+            served.prefill_s,
+            decoded as f64 / (served.total_s - served.prefill_s).max(1e-9)
         );
         return Ok(());
     }

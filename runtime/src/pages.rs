@@ -22,17 +22,31 @@ pub struct PagePool {
     /// Per sequence, its pages in order.
     held: Vec<Vec<u32>>,
     pages: usize,
+    /// The first pages, never handed out.
+    scratch: usize,
 }
 
 impl PagePool {
     /// A pool of `pages` pages for `sequences` sequences, none held.
     pub fn new(pages: usize, sequences: usize) -> PagePool {
-        PagePool { free: (0..pages as u32).rev().collect(), held: vec![Vec::new(); sequences], pages }
+        PagePool::with_scratch(pages, sequences, 0)
     }
 
-    /// Pages in the pool.
+    /// As [`PagePool::new`], after `scratch` pages no sequence is handed (the pool's first: where a
+    /// device's prefill leaves a joining sequence's rows before they move to its pages).
+    pub fn with_scratch(pages: usize, sequences: usize, scratch: usize) -> PagePool {
+        let (first, pages) = (scratch as u32, scratch + pages);
+        PagePool { free: (first..pages as u32).rev().collect(), held: vec![Vec::new(); sequences], pages, scratch }
+    }
+
+    /// Pages in the pool (its scratch pages included).
     pub fn pages(&self) -> usize {
         self.pages
+    }
+
+    /// The pool's first pages, which no sequence is handed.
+    pub fn scratch(&self) -> usize {
+        self.scratch
     }
 
     /// Pages no sequence holds.
@@ -67,6 +81,21 @@ impl PagePool {
         if let Some(held) = self.held.get_mut(s) {
             self.free.extend(held.drain(..).rev());
         }
+    }
+
+    /// Where sequence `s`'s rows `0..n` lie, as runs of consecutive pages: (the sequence's first
+    /// row of the run, the pool's, rows).
+    pub fn runs(&self, s: usize, n: usize) -> Result<Vec<(usize, usize, usize)>, String> {
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+        for first in (0..n).step_by(PAGE_ROWS) {
+            let at = self.row(s, first).ok_or_else(|| format!("sequence {s} holds no page for row {first}"))?;
+            let rows = PAGE_ROWS.min(n - first);
+            match runs.last_mut() {
+                Some((from, to, len)) if *from + *len == first && *to + *len == at => *len += rows,
+                _ => runs.push((first, at, rows)),
+            }
+        }
+        Ok(runs)
     }
 
     /// The pool row holding sequence `s`'s row `row`, if it holds it.
@@ -105,8 +134,15 @@ impl DecodeCaches {
     /// Caches for sequences of at most `limits[i]` tokens in caches of `rows` rows each; `paged`:
     /// one pool of as many pages as the sequences may fill.
     pub fn new(limits: &[usize], rows: usize, width: usize, paged: bool) -> DecodeCaches {
-        let pool = paged.then(|| PagePool::new(limits.iter().map(|l| l.div_ceil(PAGE_ROWS)).sum(), limits.len()));
-        DecodeCaches { rows, width, sequences: limits.len(), pool }
+        let pages = limits.iter().map(|l| l.div_ceil(PAGE_ROWS)).sum();
+        DecodeCaches::with_pool(limits.len(), rows, width, paged.then_some((pages, 0)))
+    }
+
+    /// Caches for `sequences` sequences of caches of `rows` rows each; `pool`: one pool of
+    /// (pages, scratch pages before them) instead ([`PagePool::with_scratch`]).
+    pub fn with_pool(sequences: usize, rows: usize, width: usize, pool: Option<(usize, usize)>) -> DecodeCaches {
+        let pool = pool.map(|(pages, scratch)| PagePool::with_scratch(pages, sequences, scratch));
+        DecodeCaches { rows, width, sequences, pool }
     }
 
     /// Whether `inputs` of a decode entry (its bounds) take a pool of pages.
@@ -117,26 +153,41 @@ impl DecodeCaches {
     /// One cache holding each sequence's prefilled rows (`prefilled[i]`, `[n_i, width]` f32
     /// row-major), pages taken for them.
     pub fn lay_out(&mut self, prefilled: &[&[f32]]) -> Result<HostBuffer, String> {
-        let w = self.width;
+        let mut all = self.held();
+        all.data = HostData::F32(vec![0.0f32; all.shape.iter().product()]);
+        for (i, rows) in prefilled.iter().enumerate() {
+            self.lay_into(&mut all, i, rows)?;
+        }
+        Ok(all)
+    }
+
+    /// Sequence `i`'s prefilled rows (`[n, width]` f32 row-major) into `cache` (laid out as
+    /// [`DecodeCaches::lay_out`] does), its pages taken.
+    pub fn lay_into(&mut self, cache: &mut HostBuffer, i: usize, rows: &[f32]) -> Result<(), String> {
+        let w = self.width.max(1);
+        let n = rows.len() / w;
+        let runs = self.place_runs(i, n)?;
+        let HostData::F32(all) = &mut cache.data else { return Err("caches are not f32 on the host".into()) };
+        for (from, to, len) in runs {
+            all.get_mut(to * w..(to + len) * w)
+                .ok_or_else(|| format!("sequence {i}: rows {to}..{} past the caches", to + len))?
+                .copy_from_slice(&rows[from * w..(from + len) * w]);
+        }
+        Ok(())
+    }
+
+    /// Sequence `i`'s rows `0..n` placed (their pages taken: a pool hands out its lowest free pages
+    /// in order): where they lie, as runs of consecutive rows — (the sequence's first row of the
+    /// run, the caches', rows).
+    pub fn place_runs(&mut self, i: usize, n: usize) -> Result<Vec<(usize, usize, usize)>, String> {
         match &mut self.pool {
+            None if i < self.sequences && n <= self.rows => Ok(vec![(0, i * self.rows, n)]),
             None => {
-                let mut all = vec![0.0f32; self.sequences * self.rows * w];
-                for (i, rows) in prefilled.iter().enumerate() {
-                    all[i * self.rows * w..][..rows.len()].copy_from_slice(rows);
-                }
-                Ok(HostBuffer { shape: vec![self.sequences, self.rows, w], data: HostData::F32(all) })
+                Err(format!("sequence {i}: {n} rows in caches of {} sequences x {} rows", self.sequences, self.rows))
             }
             Some(pool) => {
-                let mut all = vec![0.0f32; pool.pages() * PAGE_ROWS * w];
-                for (i, rows) in prefilled.iter().enumerate() {
-                    let n = rows.len() / w.max(1);
-                    pool.reserve(i, n)?;
-                    for (r, row) in rows.chunks(w.max(1)).enumerate() {
-                        let at = pool.row(i, r).ok_or("a reserved row without its page")?;
-                        all[at * w..][..w].copy_from_slice(row);
-                    }
-                }
-                Ok(HostBuffer { shape: vec![pool.pages(), PAGE_ROWS, w], data: HostData::F32(all) })
+                pool.reserve(i, n)?;
+                pool.runs(i, n)
             }
         }
     }
@@ -145,19 +196,10 @@ impl DecodeCaches {
     /// pages in order) — where they lie, contiguous: their first row. A device that holds them at
     /// the caches' first rows moves them there (`Program::move_rows`).
     pub fn place(&mut self, i: usize, n: usize) -> Result<usize, String> {
-        match &mut self.pool {
-            None if i < self.sequences && n <= self.rows => Ok(i * self.rows),
-            None => {
-                Err(format!("sequence {i}: {n} rows in caches of {} sequences x {} rows", self.sequences, self.rows))
-            }
-            Some(pool) => {
-                pool.reserve(i, n)?;
-                let first = pool.row(i, 0).unwrap_or(0);
-                if (0..n.div_ceil(PAGE_ROWS)).any(|p| pool.row(i, p * PAGE_ROWS) != Some(first + p * PAGE_ROWS)) {
-                    return Err(format!("sequence {i}: its {n} rows on pages out of order"));
-                }
-                Ok(first)
-            }
+        match self.place_runs(i, n)?[..] {
+            [] => Ok(if self.pool.is_some() { 0 } else { i * self.rows }),
+            [(_, first, _)] => Ok(first),
+            _ => Err(format!("sequence {i}: its {n} rows on pages out of order")),
         }
     }
 

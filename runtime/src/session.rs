@@ -215,7 +215,20 @@ fn step(
     resident: &mut bool,
     greedy: bool,
 ) -> Result<(HashMap<String, HostBuffer>, Next), String> {
-    if !program.keeps_inputs() {
+    step_keeping(program, inputs, caches, resident, greedy, true)
+}
+
+/// As [`step`]; without `keep`, the caches come back every step (the session needs them on the
+/// host: a batch that lays joining sequences' rows there).
+fn step_keeping(
+    program: &dyn Program,
+    inputs: &HashMap<String, HostBuffer>,
+    caches: &[&str],
+    resident: &mut bool,
+    greedy: bool,
+    keep: bool,
+) -> Result<(HashMap<String, HostBuffer>, Next), String> {
+    if !program.keeps_inputs() || !keep {
         let wanted: Vec<&str> = caches.iter().copied().chain(["logits"]).collect();
         let out = f32_caches(program.run("decode", inputs, &wanted)?);
         let next = Next::logits_of(&out)?;
@@ -512,9 +525,142 @@ pub struct ArtifactBatch<'a> {
     has_mtp: bool,
     /// The caches are on the program's device as the last decode step left them.
     resident: bool,
+    /// Prefills leave their caches on the program's device, and the steps take them there.
+    on_device: bool,
+    /// The decode steps may leave the caches on the device (else they come back each step: the
+    /// host lays joining sequences' rows into them).
+    keep: bool,
+    /// Per slot: it holds no sequence (none joined it, or its sequence finished).
+    vacant: Vec<bool>,
+    /// Sequences may join ([`ArtifactBatch::open`]).
+    joinable: bool,
+}
+
+/// Whether sequences can join a running batch on `program` ([`ArtifactBatch::open`]): its caches
+/// cross to the host, or its decode takes a pool of pages (whose first pages a device's prefill
+/// may use). Caches per sequence on a device cannot: a prefill there writes the first rows, which
+/// are a running sequence's.
+pub fn joins_running_batches(program: &dyn Program) -> Result<bool, String> {
+    let paged = DecodeCaches::paged_entry(&program.entry_plan("decode")?.bounds);
+    Ok(paged || !ArtifactSession::new(program, 1)?.decode_on_device)
+}
+
+/// Pages of the decode plan's pool (None: caches per sequence).
+fn pool_pages(program: &dyn Program) -> Result<Option<usize>, String> {
+    let decode = program.entry_plan("decode")?;
+    if !DecodeCaches::paged_entry(&decode.bounds) {
+        return Ok(None);
+    }
+    let cache = decode.bounds.iter().find(|(n, _)| n.starts_with("kv_cache."));
+    Ok(Some(cache.and_then(|(_, b)| b.first().copied()).ok_or("the decode plan's pool has no caches")?))
 }
 
 impl<'a> ArtifactBatch<'a> {
+    /// An empty batch of `slots` sequences that requests join as others end
+    /// ([`ArtifactBatch::join`]), for sequences of at most `max_len` tokens whose prompts have at
+    /// most `max_prompt`. A pool of pages holds what the `slots` longest of `limits` (every
+    /// request's most tokens) may fill, within the decode plan's pool, and — where prefills leave
+    /// their caches on the device — scratch pages for the longest prompt before them: a prefill
+    /// writes its caches' first rows, from where they move to the sequence's own pages.
+    pub fn open(program: &'a dyn Program, slots: usize, limits: &[usize], max_prompt: usize) -> Result<Self, String> {
+        let decode = program.entry_plan("decode")?;
+        if slots == 0 || slots > decode.sizes.rows {
+            return Err(format!(
+                "{slots} sequences at once: the artifact's decode plan holds 1..={} (compile with a larger --max-batch)",
+                decode.sizes.rows
+            ));
+        }
+        let max_len = limits.iter().copied().max().unwrap_or(0);
+        let rows = cache_rows(program, max_len)?;
+        let probe = ArtifactSession::new(program, max_len)?;
+        let (caches, has_mtp, width, on_device) =
+            (probe.caches.clone(), probe.has_mtp, probe.width, probe.decode_on_device);
+        let pool = match DecodeCaches::paged_entry(&decode.bounds) {
+            false if on_device => {
+                return Err("sequences cannot join a running batch whose caches per sequence stay on the device".into())
+            }
+            false => None,
+            true => {
+                let bound = pool_pages(program)?.unwrap_or(0);
+                let scratch = if on_device { max_prompt.div_ceil(crate::pages::PAGE_ROWS) } else { 0 };
+                let mut pages: Vec<usize> = limits.iter().map(|&l| pages_of(l)).collect();
+                pages.sort_unstable_by(|a, b| b.cmp(a));
+                let want: usize = pages.iter().take(slots).sum();
+                let room = want.min(bound.saturating_sub(scratch));
+                if room < pages[0] {
+                    return Err(format!(
+                        "a sequence of {max_len} tokens needs {} pages of 64 rows; the decode plan's pool holds {bound}{}                          (compile with a larger --max-context or --max-batch)",
+                        pages[0],
+                        if scratch > 0 { format!(", {scratch} of them for a {max_prompt}-token prompt's prefill") } else { String::new() }
+                    ));
+                }
+                Some((room, scratch))
+            }
+        };
+        let layout = DecodeCaches::with_pool(slots, rows, width, pool);
+        let mut held = layout.held();
+        if !on_device {
+            held.data = HostData::F32(vec![0.0; held.shape.iter().product()]);
+        }
+        let state = caches.iter().map(|c| (c.clone(), held.clone())).collect();
+        Ok(ArtifactBatch {
+            program,
+            caches,
+            state,
+            layout,
+            positions: vec![0; slots],
+            limits: vec![0; slots],
+            has_mtp,
+            resident: on_device,
+            on_device,
+            keep: on_device,
+            vacant: vec![true; slots],
+            joinable: true,
+        })
+    }
+
+    /// Pages of the pool its sequences may hold (its scratch pages not counted); None: caches per
+    /// sequence.
+    pub fn room(&self) -> Option<usize> {
+        self.layout.pool.as_ref().map(|p| p.pages() - p.scratch())
+    }
+
+    /// Request `prompt`, of at most `limit` tokens, joins the vacant slot `i` of an open batch: it
+    /// is prefilled on its own and its caches go to the slot's rows or pages (moved there on the
+    /// device from the prefill's scratch pages, or laid in on the host). Returns its last logits.
+    pub fn join(&mut self, i: usize, prompt: &[u32], limit: usize) -> Result<Vec<f32>, String> {
+        if !self.joinable {
+            return Err("this batch was prefilled whole: no sequence joins it".into());
+        }
+        if !self.vacant.get(i).copied().unwrap_or(false) {
+            return Err(format!("slot {i} of {} holds a sequence", self.vacant.len()));
+        }
+        if limit > self.layout.rows {
+            return Err(format!("{limit} tokens: the batch's sequences hold at most {}", self.layout.rows));
+        }
+        let mut one = ArtifactSession::new(self.program, limit)?;
+        one.decode_on_device = self.on_device;
+        let logits = one.prefill(prompt)?;
+        let n = prompt.len();
+        let runs = self.layout.place_runs(i, n)?;
+        for c in &self.caches {
+            match self.on_device {
+                true => {
+                    for &(from, to, len) in runs.iter().filter(|(from, to, _)| from != to) {
+                        self.program.move_rows(c, from, to, len)?;
+                    }
+                }
+                false => {
+                    let HostData::F32(rows) = &one.state[c].data else { return Err(format!("{c} is not f32")) };
+                    let cache = self.state.get_mut(c).ok_or_else(|| format!("no {c} in the batch"))?;
+                    self.layout.lay_into(cache, i, rows)?;
+                }
+            }
+        }
+        (self.positions[i], self.limits[i], self.vacant[i]) = (n, limit, false);
+        Ok(logits)
+    }
+
     /// Prefills `prompts` (each on its own) for sequences of at most `max_len` tokens; returns the
     /// batch and each prompt's last logits.
     pub fn prefill(
@@ -599,8 +745,24 @@ impl<'a> ArtifactBatch<'a> {
         }
         let positions = prompts.iter().map(Vec::len).collect();
         let limits = limits.to_vec();
-        let resident = on_device;
-        Ok((ArtifactBatch { program, caches, state, layout, positions, limits, has_mtp, resident }, logits))
+        let (resident, vacant) = (on_device, vec![false; n]);
+        Ok((
+            ArtifactBatch {
+                program,
+                caches,
+                state,
+                layout,
+                positions,
+                limits,
+                has_mtp,
+                resident,
+                on_device,
+                keep: true,
+                vacant,
+                joinable: false,
+            },
+            logits,
+        ))
     }
 
     /// The cache pages sequence `i` holds and its pool's (None: caches per sequence).
@@ -611,6 +773,9 @@ impl<'a> ArtifactBatch<'a> {
     /// Sequence `i` will not be fed again: its pages (a pool's) go back.
     pub fn finish(&mut self, i: usize) {
         self.layout.finish(i);
+        if let Some(v) = self.vacant.get_mut(i) {
+            *v = true;
+        }
     }
 
     /// Feeds `tokens[i]` to sequence i at its next position, for the sequences where `active[i]`
@@ -638,7 +803,7 @@ impl<'a> ArtifactBatch<'a> {
             inputs.insert("mtp_tokens".into(), ids(vec![0; n]));
         }
         let caches: Vec<&str> = self.caches.iter().map(String::as_str).collect();
-        let stepped = step(self.program, &inputs, &caches, &mut self.resident, greedy);
+        let stepped = step_keeping(self.program, &inputs, &caches, &mut self.resident, greedy, self.keep);
         let (mut out, next) = stepped.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
         for c in &self.caches {
             let cache = out.remove(c).or_else(|| inputs.remove(c)).ok_or_else(|| format!("decode gave no {c}"))?;
@@ -706,6 +871,131 @@ pub fn generate_batch(
             pages: pages[i],
         })
         .collect())
+}
+
+/// Requests served by [`generate_queue`]: each one's generation (in a queue, its times count
+/// from when it joined), and the run's.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub generations: Vec<Generation>,
+    /// Sequences decoding together at most.
+    pub slots: usize,
+    /// Requests that joined a running batch (as another ended).
+    pub joined: usize,
+    /// Seconds in prefills, and in all.
+    pub prefill_s: f64,
+    pub total_s: f64,
+}
+
+/// Pages of 64 rows for `limit` rows.
+fn pages_of(limit: usize) -> usize {
+    limit.div_ceil(crate::pages::PAGE_ROWS)
+}
+
+/// Generates up to `max_new` tokens after each of `prompts` (sampler `samplers[i]` for prompt
+/// i, stopping after `eos` when given) with at most `slots` sequences decoding together: the
+/// first prompts start as a batch, and as a sequence ends the next waiting prompt joins the
+/// running batch in its place ([`ArtifactBatch::join`]) — in order, once the pool has pages
+/// for all its tokens beside those the running sequences may still fill. Where sequences
+/// cannot join ([`joins_running_batches`]), the prompts run in batches of `slots`, one after
+/// another. With `slots` at least the prompts' count, this is [`generate_batch`].
+pub fn generate_queue(
+    program: &dyn Program,
+    prompts: &[Vec<u32>],
+    slots: usize,
+    max_new: usize,
+    samplers: &mut [v3c_models::reference::Sampler],
+    eos: Option<u32>,
+) -> Result<Served, String> {
+    let n = prompts.len();
+    if samplers.len() != n || n == 0 || slots == 0 {
+        return Err(format!("{n} prompts, {} samplers, {slots} sequences at once", samplers.len()));
+    }
+    let start = std::time::Instant::now();
+    let limits: Vec<usize> = prompts.iter().map(|p| p.len() + max_new).collect();
+    // All at once where the pool (if any) holds every sequence's pages.
+    let fits = pool_pages(program)?.is_none_or(|bound| limits.iter().map(|&l| pages_of(l)).sum::<usize>() <= bound);
+    if (slots >= n && fits) || !joins_running_batches(program)? {
+        let slots = slots.min(n);
+        let (mut generations, mut prefill_s) = (Vec::new(), 0.0);
+        for (wave, pick) in prompts.chunks(slots).zip(samplers.chunks_mut(slots)) {
+            let done = generate_batch(program, wave, max_new, pick, eos)?;
+            prefill_s += done.first().map_or(0.0, |g| g.prefill_s);
+            generations.extend(done);
+        }
+        let total_s = start.elapsed().as_secs_f64();
+        return Ok(Served { generations, slots, joined: 0, prefill_s, total_s });
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut batch = ArtifactBatch::open(program, slots, &limits, longest)?;
+    let room = batch.room();
+    let greedy = samplers.iter().all(|s| s.temperature <= 0.0);
+    // Per slot: the request in it, and its prefill's logits until its first token is picked.
+    let mut request: Vec<Option<usize>> = vec![None; slots];
+    let mut prefilled: Vec<Option<Vec<f32>>> = vec![None; slots];
+    let mut fed = vec![0u32; slots];
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut done: Vec<Option<Generation>> = vec![None; n];
+    // Per request: when it joined and its prefill's seconds.
+    let mut times = vec![(0.0, 0.0); n];
+    let (mut waiting, mut committed, mut prefill_s) = (0..n, 0, 0.0);
+    // Requests that joined after the first decode step, and whether it ran.
+    let (mut joined, mut started) = (0, false);
+    let mut logits = Next::Tokens(Vec::new());
+    let mut next_request = waiting.next();
+    loop {
+        // Waiting requests join vacant slots, in order, while the pool has their pages.
+        for s in 0..slots {
+            let Some(j) = next_request else { break };
+            if request[s].is_some() {
+                continue;
+            }
+            if room.is_some_and(|r| committed + pages_of(limits[j]) > r) {
+                break;
+            }
+            let at = start.elapsed().as_secs_f64();
+            prefilled[s] = Some(batch.join(s, &prompts[j], limits[j]).map_err(|e| format!("prompt {j}: {e}"))?);
+            times[j] = (at, start.elapsed().as_secs_f64() - at);
+            prefill_s += times[j].1;
+            (request[s], next_request) = (Some(j), waiting.next());
+            committed += room.map_or(0, |_| pages_of(limits[j]));
+            joined += usize::from(started);
+        }
+        // Each sequence's next token; those that end leave their slot.
+        let mut active = vec![false; slots];
+        for s in 0..slots {
+            let Some(j) = request[s] else { continue };
+            if tokens[j].len() < max_new {
+                let t = match prefilled[s].take() {
+                    Some(l) => samplers[j].sample(&l),
+                    None => logits.pick(s, &mut samplers[j]),
+                };
+                tokens[j].push(t);
+                fed[s] = t;
+            }
+            let stopped = eos.is_some() && tokens[j].last().copied() == eos;
+            if !stopped && tokens[j].len() < max_new {
+                active[s] = true;
+                continue;
+            }
+            let (joined, prefill) = times[j];
+            let pages = batch.pages(s);
+            batch.finish(s);
+            let (tokens, total_s) = (std::mem::take(&mut tokens[j]), start.elapsed().as_secs_f64() - joined);
+            done[j] = Some(Generation { tokens, stopped_at_eos: stopped, prefill_s: prefill, total_s, pages });
+            request[s] = None;
+            committed -= room.map_or(0, |_| pages_of(limits[j]));
+        }
+        if active.iter().any(|&a| a) {
+            logits = batch.decode(&fed, &active, greedy)?;
+            started = true;
+        } else if next_request.is_none() {
+            break;
+        }
+    }
+    let generations = done.into_iter().collect::<Option<Vec<_>>>().ok_or("a request was never served")?;
+    let total_s = start.elapsed().as_secs_f64();
+    Ok(Served { generations, slots, joined, prefill_s, total_s })
 }
 
 /// What generates a sequence: a prompt's logits, then one token's at a time.
@@ -1072,6 +1362,22 @@ mod tests {
         }
     }
 
+    /// The toy with prefill and decode caches of one element (f32), as a GPU artifact whose
+    /// prefills may leave their caches on the device for the decode steps.
+    fn one_element(mut t: Toy) -> Toy {
+        for p in [&mut t.prefill, &mut t.decode] {
+            p.buffers.push(crate::plan::Buffer {
+                id: 0,
+                kind: crate::plan::BufferKind::Input { name: "kv_cache.0".into() },
+                dims: Vec::new(),
+                shape: Vec::new(),
+                dtype: "f32".into(),
+                bytes: 0,
+            });
+        }
+        t
+    }
+
     #[test]
     fn caches_kept_on_the_device_give_the_tokens_of_caches_sent_each_step() {
         let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
@@ -1200,19 +1506,6 @@ mod tests {
     #[test]
     fn prefill_caches_carried_on_the_device_give_the_same_tokens() {
         let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
-        let one_element = |mut t: Toy| {
-            for p in [&mut t.prefill, &mut t.decode] {
-                p.buffers.push(crate::plan::Buffer {
-                    id: 0,
-                    kind: crate::plan::BufferKind::Input { name: "kv_cache.0".into() },
-                    dims: Vec::new(),
-                    shape: Vec::new(),
-                    dtype: "f32".into(),
-                    bytes: 0,
-                });
-            }
-            t
-        };
         let long: Vec<u32> = (0..70).map(|i| (i * 5 % 11) as u32).collect();
         for paged in [false, true] {
             let make = |keeps: bool| {
@@ -1253,5 +1546,74 @@ mod tests {
         // Prefill and decode caches of different elements: the last chunk reads them back.
         let device = Toy::new(true);
         assert!(!ArtifactSession::new(&device, 20).unwrap().decode_on_device);
+    }
+
+    /// Requests join a running batch as sequences end: five prompts (multi-chunk ones among
+    /// them) through two slots give each prompt's tokens generated alone — caches per sequence
+    /// or a pool of pages on the host (rows laid into the vacated slot, pages reused), and a pool
+    /// on the device (each prefill in the scratch pages, its rows moved to its own: nothing
+    /// uploaded). A pool's requests wait for pages, not only for slots; caches per sequence on a
+    /// device run the prompts in batches one after another.
+    #[test]
+    fn requests_joining_a_running_batch_get_the_tokens_they_get_alone() {
+        let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+        let long: Vec<u32> = (0..45).map(|i| (i * 7 % 11) as u32).collect();
+        let prompts = vec![vec![8, 8, 2], long.clone(), vec![5, 1, 9, 9, 4, 6, 2], long[..20].to_vec(), vec![1]];
+        let plain = || {
+            let mut t = Toy::new(false);
+            t.prefill = plan("prefill", 4, 128, vec![128, WIDTH]);
+            t.decode = plan("decode", 3, 128, vec![3, 128, WIDTH]);
+            t
+        };
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| generate(&mut ArtifactSession::new(&plain(), p.len() + 30).unwrap(), p, 30, &mut greedy(), None))
+            .map(|g| g.unwrap().tokens)
+            .collect();
+        let serve = |p: &Toy, slots: usize, eos: Option<u32>| {
+            let mut samplers = vec![greedy(); prompts.len()];
+            generate_queue(p, &prompts, slots, 30, &mut samplers, eos).unwrap()
+        };
+        let tokens = |s: &Served| s.generations.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>();
+        let mut device = Toy::paged();
+        device.keeps = true;
+        let device = one_element(device);
+        for (name, toy) in [("per sequence", plain()), ("pool", Toy::paged()), ("pool on the device", device)] {
+            let served = serve(&toy, 2, None);
+            assert_eq!(tokens(&served), alone, "{name}");
+            assert_eq!((served.slots, served.joined), (2, 3), "{name}");
+            // Sequences ending at an eos leave early: the tokens up to it.
+            let eos = alone[1][3];
+            let cut: Vec<Vec<u32>> = alone
+                .iter()
+                .map(|t| t.iter().position(|&x| x == eos).map_or(t.clone(), |at| t[..=at].to_vec()))
+                .collect();
+            assert_eq!(tokens(&serve(&toy, 2, Some(eos))), cut, "{name}");
+            if toy.keeps {
+                assert_eq!(*toy.uploads.borrow(), 0, "{name}: the caches never crossed to the device");
+                assert!(*toy.moved.borrow() > 0);
+                // Pages: the longest prompt's scratch page, then the two longest sequences' 2 + 1.
+                assert_eq!(*toy.pool_pages.borrow(), 1 + 2 + 1, "{name}");
+            }
+        }
+        // A pool too small for two long sequences at once: the second waits for the first's pages.
+        let mut small = Toy::paged();
+        small.decode.bounds.insert("kv_cache.0".into(), vec![2, 64, WIDTH]);
+        let twice = vec![long.clone(), long.clone()];
+        let mut samplers = vec![greedy(), greedy()];
+        let served = generate_queue(&small, &twice, 2, 30, &mut samplers, None).unwrap();
+        assert_eq!(tokens(&served), vec![alone[1].clone(), alone[1].clone()]);
+        assert_eq!(served.joined, 1, "the second joined when the first ended");
+        small.decode.bounds.insert("kv_cache.0".into(), vec![1, 64, WIDTH]);
+        let mut samplers = vec![greedy(), greedy()];
+        let err = generate_queue(&small, &twice, 2, 30, &mut samplers, None).unwrap_err();
+        assert!(err.contains("75 tokens needs 2 pages") && err.contains("pool holds 1"), "{err}");
+        // Caches per sequence on a device: batches one after another, the same tokens.
+        let mut waves = plain();
+        waves.keeps = true;
+        let waves = one_element(waves);
+        assert!(!joins_running_batches(&waves).unwrap());
+        let served = serve(&waves, 2, None);
+        assert_eq!((tokens(&served), served.joined), (alone.clone(), 0));
     }
 }
