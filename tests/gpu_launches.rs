@@ -758,10 +758,12 @@ fn check_tensor_core_decode(fp8: bool, fp8_cache: bool, tolerance: f32) {
 /// batch, 50 new tokens each — the longer prompt's caches on the pool's first page, the other's on the
 /// next, the longer sequence's second page taken as it crosses row 64 — give each prompt's greedy tokens
 /// generated alone (its pages in order): the same kernels on the same rows (check.sh step 3 asks the
-/// GPU the same).
+/// GPU the same). A third prompt joining the running batch through two slots — when the first
+/// sequence stops at an end token, on the pages it gave back (its rows still there) — gives its
+/// tokens alone too, and the others theirs.
 #[test]
 fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
-    use v3c_runtime::session::{generate, generate_batch, ArtifactSession};
+    use v3c_runtime::session::{generate, generate_batch, generate_queue, ArtifactSession};
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint(dir.path());
     let out = dir.path().join("artifact");
@@ -781,9 +783,26 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
     let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
     let batch = generate_batch(&program, &prompts, 50, &mut [greedy(), greedy()], None).unwrap();
     assert_eq!(batch.iter().map(|g| g.pages).collect::<Vec<_>>(), vec![Some((1, 3)), Some((2, 3))]);
+    let mut alone = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
         let mut session = ArtifactSession::new(&program, prompt.len() + 50).unwrap();
-        let alone = generate(&mut session, prompt, 50, &mut greedy(), None).unwrap();
-        assert_eq!(alone.tokens, batch[i].tokens, "prompt {i}");
+        alone.push(generate(&mut session, prompt, 50, &mut greedy(), None).unwrap().tokens);
+        assert_eq!(alone[i], batch[i].tokens, "prompt {i}");
+    }
+    let mut prompts = prompts;
+    prompts.push((0..30).map(|i| (i * 37 + 11) % 512).collect());
+    let third = prompts[2].clone();
+    alone.push(
+        generate(&mut ArtifactSession::new(&program, 80).unwrap(), &third, 50, &mut greedy(), None).unwrap().tokens,
+    );
+    // The first sequence's 11th token ends it (the tokens up to their first such one, each).
+    let eos = alone[0][10];
+    let cut: Vec<Vec<u32>> =
+        alone.iter().map(|t| t.iter().position(|&x| x == eos).map_or(t.clone(), |at| t[..=at].to_vec())).collect();
+    assert!(cut[1].len() > cut[0].len(), "the second sequence still runs when the third joins");
+    let served = generate_queue(&program, &prompts, 2, 50, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
+    assert_eq!(served.joined, 1);
+    for (i, g) in served.generations.iter().enumerate() {
+        assert_eq!(g.tokens, cut[i], "prompt {i}");
     }
 }
