@@ -15,7 +15,8 @@
 #    names the first launch that differs), `v3r run` of two prompts as a batch and `v3r run
 #    --speculative` against the CPU backend's greedy tokens (attention on the CUDA-core rows), then
 #    the default tensor-core attention (flash prefill, split-K decode): logits (5e-2, argmax) and
-#    launch by launch; 3b. `v3r train` of the tiny model's sm_90a
+#    launch by launch, its pool of pages (a batch, and three prompts two at a time — the third
+#    joining the running batch — as each alone); 3b. `v3r train` of the tiny model's sm_90a
 #    training-step artifacts (f32 and the FP8 recipe; AdamW on the device; and with 64-wide heads,
 #    attention on the flash kernels: f32wide) against the cpu artifacts' loss logs, tokens/s;
 #    4. its kernels timed (`v3r bench-kernels`);
@@ -178,6 +179,17 @@ if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]'
       && pool_run --prompt-tokens "$(cat "$e2e/prompt2.txt")" >> "$out/pool_alone.txt"; then
     if cmp -s "$out/pool_batch.txt" "$out/pool_alone.txt"; then row "3. pool of pages" "ok" "a batch's 200 tokens = each prompt's alone"
     else row "3. pool of pages" "DIFFERS" "pool_batch.txt vs pool_alone.txt"; fi
+    # Two at a time: the third prompt (the first again) joins the running batch — prefilled into
+    # the pool's scratch pages, moved device to device to the pages the others gave back, then
+    # decoded with the caches left on the device — and must give its tokens alone too.
+    printf '%s\n%s\n%s\n' "$(cat "$e2e/prompt1.txt")" "$(cat "$e2e/prompt2.txt")" "$(cat "$e2e/prompt1.txt")" > "$out/queue_prompts.txt"
+    if pool_run --prompts-file "$out/queue_prompts.txt" --batch 2 > "$out/queue_tokens.txt"; then
+      if cmp -s "$out/queue_tokens.txt" <(cat "$out/pool_alone.txt"; head -1 "$out/pool_alone.txt"); then
+        row "3. joining a running batch" "ok" "3 prompts 2 at a time = each alone"
+      else row "3. joining a running batch" "DIFFERS" "queue_tokens.txt vs pool_alone.txt"; fi
+    else
+      row "3. joining a running batch" "FAILED" "v3r run --batch 2 failed (check.log)"
+    fi
   else
     row "3. pool of pages" "FAILED" "v3r run failed (check.log)"
   fi
