@@ -760,7 +760,8 @@ fn check_tensor_core_decode(fp8: bool, fp8_cache: bool, tolerance: f32) {
 /// generated alone (its pages in order): the same kernels on the same rows (check.sh step 3 asks the
 /// GPU the same). A third prompt joining the running batch through two slots — when the first
 /// sequence stops at an end token, on the pages it gave back (its rows still there) — gives its
-/// tokens alone too, and the others theirs.
+/// tokens alone too, and the others theirs. All again with the caches kept in the emulated
+/// device's buffers between runs, carried and moved as on a GPU.
 #[test]
 fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
     use v3c_runtime::session::{generate, generate_batch, generate_queue, ArtifactSession};
@@ -805,4 +806,16 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
     for (i, g) in served.generations.iter().enumerate() {
         assert_eq!(g.tokens, cut[i], "prompt {i}");
     }
+    // The same with the caches kept in the emulated device's buffers as a GPU keeps them: each
+    // prompt's prefill carried into the pool's first rows (the batch's last — the longest —
+    // left there; a joining one's into the scratch pages), moved to its pages, decoded in place.
+    let emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
+    let device = v3c_compiler::emulate::EmulatedProgram::on_device(emulator);
+    let batch = generate_batch(&device, &prompts[..2], 50, &mut [greedy(), greedy()], None).unwrap();
+    assert_eq!(batch.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), alone[..2]);
+    let served = generate_queue(&device, &prompts, 2, 50, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
+    assert_eq!(served.generations.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), cut);
+    // One sequence: its prefill's caches are the decode's first pages.
+    let mut session = ArtifactSession::new(&device, 80).unwrap();
+    assert_eq!(generate(&mut session, &third, 50, &mut greedy(), None).unwrap().tokens, alone[2]);
 }

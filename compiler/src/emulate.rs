@@ -299,6 +299,8 @@ pub struct Emulator<'a, 'c> {
     engines: HashMap<String, ExecutionEngine>,
     /// Runs dumped per entry.
     dumped: HashMap<String, usize>,
+    /// What the inputs' buffers hold between runs, as a GPU keeps the books.
+    held: v3c_runtime::gpu::HeldInputs,
 }
 
 impl<'a, 'c> Emulator<'a, 'c> {
@@ -316,6 +318,7 @@ impl<'a, 'c> Emulator<'a, 'c> {
             context,
             engines: HashMap::new(),
             dumped: HashMap::new(),
+            held: v3c_runtime::gpu::HeldInputs::default(),
         })
     }
 
@@ -378,7 +381,53 @@ impl<'a, 'c> Emulator<'a, 'c> {
         wanted: &[&str],
         dump: Option<&Path>,
     ) -> Result<HashMap<String, HostBuffer>, String> {
+        self.run_carrying(entry, inputs, wanted, &[], &[], dump)
+    }
+
+    /// As [`Emulator::run`], as a GPU runs it ([`v3c_runtime::cuda::GpuArtifact::run_carrying`]):
+    /// the inputs named in `resident` not written (their buffers hold what earlier runs and moves
+    /// left, checked as the GPU checks it), then the outputs named in `carry` copied into the
+    /// inputs of their names.
+    pub fn run_carrying(
+        &mut self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+        carry: &[&str],
+        dump: Option<&Path>,
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        let mut held = std::mem::take(&mut self.held);
+        let outs = self.run_holding(&mut held, entry, inputs, wanted, resident, carry, dump)?;
+        self.held = held;
+        Ok(outs)
+    }
+
+    /// Copies rows of input `name`'s buffer as [`v3c_runtime::cuda::GpuArtifact::move_rows`] does.
+    pub fn move_rows(&mut self, name: &str, from: usize, to: usize, n: usize) -> Result<(), String> {
+        let room = self.input_bytes.get(name).copied().unwrap_or(0);
+        let row = self.held.moved(name, from, to, n, room)?;
+        let base = self.bindings.inputs[name] as usize;
+        // SAFETY: both ranges lie in the input's allocation (checked by `moved`) and do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping((base + from * row) as *const u8, (base + to * row) as *mut u8, n * row)
+        };
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_holding(
+        &mut self,
+        held: &mut v3c_runtime::gpu::HeldInputs,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+        carry: &[&str],
+        dump: Option<&Path>,
+    ) -> Result<HashMap<String, HostBuffer>, String> {
         let plan = self.expander.entry(entry)?;
+        held.check_resident(entry, plan, inputs, resident)?;
         let shapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
         let sizes = plan.bind(&shapes)?;
         let (_, need) = self.expander.expand(plan, sizes, &self.bindings, 132)?;
@@ -387,6 +436,9 @@ impl<'a, 'c> Emulator<'a, 'c> {
         let (actions, _) = self.expander.expand(plan, sizes, &self.bindings, 132)?;
         for (name, b) in inputs {
             let Some(planned) = plan.input(name) else { continue };
+            if resident.contains(&name.as_str()) {
+                continue;
+            }
             let bytes = plan_bytes(b, &planned.dtype)?;
             if bytes.len() > self.input_bytes[name] {
                 return Err(format!("input {name}: larger than planned"));
@@ -440,6 +492,14 @@ impl<'a, 'c> Emulator<'a, 'c> {
                 }
             }
         }
+        held.ran(plan, inputs);
+        for name in carry {
+            let room = self.input_bytes.get(*name).copied().unwrap_or(0);
+            let (offset, bytes) = held.carry(entry, plan, sizes, name, room)?;
+            let (to, from) = (self.bindings.inputs[*name] as usize, (self.bindings.arena + offset) as usize);
+            // SAFETY: the arena's output and the input's allocation (`carry` checked its room).
+            unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, bytes) };
+        }
         let mut outs = HashMap::new();
         for (name, id) in &plan.outputs {
             if !wanted.contains(&name.as_str()) {
@@ -458,16 +518,24 @@ impl<'a, 'c> Emulator<'a, 'c> {
 }
 
 /// The emulation as a session's [`v3c_runtime::session::Program`]: generation, batches over the
-/// decode pool of pages, all run on the host through the GPU executor's launches (caches cross as
-/// f32, as sessions keep them; nothing stays on a device between runs).
+/// decode pool of pages, all run on the host through the GPU executor's launches — caches crossing
+/// as f32 each run, as sessions keep them, or ([`EmulatedProgram::on_device`]) kept in the
+/// emulated device's buffers between runs as a GPU keeps them: decode steps in place, prefills
+/// carried over, rows moved.
 pub struct EmulatedProgram<'a, 'c> {
     artifact: &'a Artifact,
     emulator: std::cell::RefCell<Emulator<'a, 'c>>,
+    keeps: bool,
 }
 
 impl<'a, 'c> EmulatedProgram<'a, 'c> {
     pub fn new(emulator: Emulator<'a, 'c>) -> EmulatedProgram<'a, 'c> {
-        EmulatedProgram { artifact: emulator.artifact, emulator: std::cell::RefCell::new(emulator) }
+        EmulatedProgram { artifact: emulator.artifact, emulator: std::cell::RefCell::new(emulator), keeps: false }
+    }
+
+    /// As [`EmulatedProgram::new`], keeping inputs and carrying outputs as a GPU does.
+    pub fn on_device(emulator: Emulator<'a, 'c>) -> EmulatedProgram<'a, 'c> {
+        EmulatedProgram { keeps: true, ..EmulatedProgram::new(emulator) }
     }
 }
 
@@ -487,6 +555,46 @@ impl v3c_runtime::session::Program for EmulatedProgram<'_, '_> {
 
     fn cache_rows_multiple(&self) -> usize {
         self.artifact.lowering.as_ref().and_then(|l| l.cache_rows_multiple).unwrap_or(1)
+    }
+
+    fn keeps_inputs(&self) -> bool {
+        self.keeps
+    }
+
+    fn carries_outputs(&self) -> bool {
+        self.keeps
+    }
+
+    fn run_keeping(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        self.run_carrying(entry, inputs, wanted, resident, &[])
+    }
+
+    fn run_carrying(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+        carry: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        if !self.keeps && !(resident.is_empty() && carry.is_empty()) {
+            return Err("this emulation keeps nothing between runs".into());
+        }
+        let mut emulator = self.emulator.borrow_mut();
+        emulator.run_carrying(entry, inputs, wanted, resident, carry, None).map(v3c_runtime::session::f32_caches)
+    }
+
+    fn move_rows(&self, name: &str, from: usize, to: usize, n: usize) -> Result<(), String> {
+        match self.keeps {
+            true => self.emulator.borrow_mut().move_rows(name, from, to, n),
+            false => Err(format!("this emulation keeps no {name} between runs")),
+        }
     }
 }
 

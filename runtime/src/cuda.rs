@@ -198,7 +198,7 @@ pub struct GpuArtifact {
     last_inputs: std::cell::RefCell<Option<(String, InputShapes)>>,
     /// What each input's device buffer holds (shape, element) after the last completed run: what
     /// a later run may take as resident. Emptied when a run fails.
-    held: std::cell::RefCell<HashMap<String, (Vec<usize>, String)>>,
+    held: std::cell::RefCell<crate::gpu::HeldInputs>,
     graph: std::cell::RefCell<Option<CapturedGraph>>,
     /// The last run staged (its entry and input shapes): its actions and tensor maps (uploaded
     /// into `maps`) serve the next run of the same shapes.
@@ -213,26 +213,18 @@ impl GpuArtifact {
     /// element it holds, [`GpuArtifact::run_carrying`]) to rows `to..to + n`, which must not
     /// overlap them: a batch's prefilled caches moved to their pages.
     pub fn move_rows(&self, name: &str, from: usize, to: usize, n: usize) -> Result<(), String> {
-        let mut held = self.held.borrow_mut();
-        let (shape, element) = held.get(name).cloned().ok_or_else(|| format!("input {name} holds nothing"))?;
-        let width = *shape.last().ok_or_else(|| format!("input {name} holds a scalar"))?;
-        let row = crate::plan::tensor_bytes(&[1, width], &element).unwrap_or(0) as usize;
         let room = self.input_bytes.get(name).copied().unwrap_or(0);
-        if row == 0 || (to + n) * row > room || (from + n) * row > room || (from < to + n && to < from + n) {
-            return Err(format!(
-                "input {name}: rows {from}..{} to {to}..{} of {row} bytes (the buffer holds {room} bytes)",
-                from + n,
-                to + n
-            ));
-        }
+        let mut held = self.held.borrow_mut();
+        let row = held.moved(name, from, to, n, room)?;
         let base = self.bindings.inputs[name];
         if n > 0 {
-            // SAFETY: both ranges lie in the input's allocation (checked above) and do not overlap.
+            // SAFETY: both ranges lie in the input's allocation (checked by `moved`) and do not overlap.
             unsafe { result::memcpy_dtod_sync(base + (to * row) as u64, base + (from * row) as u64, n * row) }
-                .map_err(cuda(&format!("moving rows of {name}")))?;
+                .map_err(|e| {
+                    held.clear();
+                    cuda(&format!("moving rows of {name}"))(e)
+                })?;
         }
-        let rows: usize = shape[..shape.len() - 1].iter().product();
-        held.insert(name.to_string(), (vec![rows.max(to + n), width], element));
         Ok(())
     }
 }
@@ -366,7 +358,7 @@ impl GpuArtifact {
             scratch: std::cell::RefCell::new(None),
             maps: std::cell::RefCell::new(None),
             last_inputs: std::cell::RefCell::new(None),
-            held: std::cell::RefCell::new(HashMap::new()),
+            held: std::cell::RefCell::new(crate::gpu::HeldInputs::default()),
             graph: std::cell::RefCell::new(None),
             staged: std::cell::RefCell::new(None),
             argmax_out: std::cell::RefCell::new(None),
@@ -452,26 +444,7 @@ impl GpuArtifact {
         let plan = self.entry_plan(entry)?;
         let shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
         let mut held = std::mem::take(&mut *self.held.borrow_mut());
-        for name in resident {
-            let element = plan.input(name).map(|b| b.dtype.as_str());
-            let given = inputs.get(*name).map(|b| b.shape.as_slice());
-            let fits = match (held.get(*name), element, given) {
-                (Some((shape, e)), Some(element), Some(given)) => {
-                    let rows = |s: &[usize]| s.split_last().map(|(w, r)| (*w, r.iter().product::<usize>()));
-                    e == element
-                        && matches!((rows(shape), rows(given)), (Some((a, n)), Some((b, m))) if a == b && n <= m)
-                }
-                _ => false,
-            };
-            if !fits {
-                return Err(format!(
-                    "{entry}: input {name} is not on the device as the run reads it (holds {:?}, the run gives {:?} of {})",
-                    held.get(*name),
-                    given.unwrap_or_default(),
-                    element.unwrap_or("no such input")
-                ));
-            }
-        }
+        held.check_resident(entry, plan, inputs, resident)?;
         *self.last_inputs.borrow_mut() = None;
         let staged = self.stage(plan, inputs, resident)?;
         let sync_each = std::env::var("V3R_SYNC_EACH").is_ok_and(|v| v == "1");
@@ -519,36 +492,15 @@ impl GpuArtifact {
         // SAFETY: our stream.
         unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(&format!("{entry}: running the launches")))?;
         let sizes = plan.bind(&shapes)?;
-        for (name, b) in inputs {
-            if let Some(p) = plan.input(name) {
-                held.insert(name.clone(), (b.shape.clone(), p.dtype.clone()));
-            }
-        }
+        held.ran(plan, inputs);
         for name in carry {
-            let (_, id) = plan
-                .outputs
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| format!("{entry}: no output {name} to carry"))?;
-            let b = &plan.buffers[*id];
-            let (BufferKind::Arena { offset }, Some(input)) = (&b.kind, plan.input(name)) else {
-                return Err(format!("{entry}: output {name} is not a new buffer of an input's name"));
-            };
-            let shape = shape_at(&b.dims, sizes);
-            let bytes = crate::plan::tensor_bytes(&shape, &b.dtype).unwrap_or(0) as usize;
-            let room = self.input_bytes.get(name.to_string().as_str()).copied().unwrap_or(0);
-            if b.dtype != input.dtype || bytes > room {
-                return Err(format!(
-                    "{entry}: output {name} ({bytes} bytes of {}) does not fit its input ({room} bytes of {})",
-                    b.dtype, input.dtype
-                ));
-            }
+            let room = self.input_bytes.get(*name).copied().unwrap_or(0);
+            let (offset, bytes) = held.carry(entry, plan, sizes, name, room)?;
             if bytes > 0 {
                 // SAFETY: both regions lie in this artifact's device memory, the copy within each.
                 unsafe { result::memcpy_dtod_sync(self.bindings.inputs[*name], self.bindings.arena + offset, bytes) }
                     .map_err(cuda(&format!("{entry}: carrying {name} over")))?;
             }
-            held.insert(name.to_string(), (shape, b.dtype.clone()));
         }
         *self.held.borrow_mut() = held;
         *self.last_inputs.borrow_mut() = Some((entry.to_string(), shapes));

@@ -1140,3 +1140,112 @@ pub fn dump_launch(
         .map_err(|e| format!("{}: {e}", index.display()))?;
     f.write_all(lines.as_bytes()).map_err(|e| format!("{}: {e}", index.display()))
 }
+
+/// What each input's device buffer holds after the runs so far (shape, element): what a later run
+/// may take as resident — decode's caches as the last step left them, a prefill's carried over
+/// ([`crate::cuda::GpuArtifact::run_carrying`]), rows moved between them. The GPU executor and
+/// the host emulation keep the same books.
+#[derive(Debug, Default)]
+pub struct HeldInputs {
+    held: HashMap<String, (Vec<usize>, String)>,
+}
+
+impl HeldInputs {
+    /// Nothing held (a failed run leaves the buffers in no known state).
+    pub fn clear(&mut self) {
+        self.held.clear();
+    }
+
+    /// Every input named in `resident` holds what a run of `entry` on `inputs` reads: the element
+    /// its plan gives the input, rows of the input's width, no more rows than the given shape
+    /// has (a prefill's `[P, C]` is the first P rows of a one-sequence decode's `[1, S, C]`, or
+    /// of a pool whose table gives the sequence pages 0, 1, ... in order; the rows past P are
+    /// written before they are read).
+    pub fn check_resident(
+        &self,
+        entry: &str,
+        plan: &EntryPlan,
+        inputs: &HashMap<String, HostBuffer>,
+        resident: &[&str],
+    ) -> Result<(), String> {
+        for name in resident {
+            let element = plan.input(name).map(|b| b.dtype.as_str());
+            let given = inputs.get(*name).map(|b| b.shape.as_slice());
+            let fits = match (self.held.get(*name), element, given) {
+                (Some((shape, e)), Some(element), Some(given)) => {
+                    let rows = |s: &[usize]| s.split_last().map(|(w, r)| (*w, r.iter().product::<usize>()));
+                    e == element
+                        && matches!((rows(shape), rows(given)), (Some((a, n)), Some((b, m))) if a == b && n <= m)
+                }
+                _ => false,
+            };
+            if !fits {
+                return Err(format!(
+                    "{entry}: input {name} is not on the device as the run reads it (holds {:?}, the run gives {:?} of {})",
+                    self.held.get(*name),
+                    given.unwrap_or_default(),
+                    element.unwrap_or("no such input")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// After a run of `plan` on `inputs`: each input's buffer holds it.
+    pub fn ran(&mut self, plan: &EntryPlan, inputs: &HashMap<String, HostBuffer>) {
+        for (name, b) in inputs {
+            if let Some(p) = plan.input(name) {
+                self.held.insert(name.clone(), (b.shape.clone(), p.dtype.clone()));
+            }
+        }
+    }
+
+    /// Output `name` of a run of `entry` at `sizes` carried into the input of that name (`room`
+    /// bytes): where it lies in the arena and its bytes, now held by the input.
+    pub fn carry(
+        &mut self,
+        entry: &str,
+        plan: &EntryPlan,
+        sizes: Sizes,
+        name: &str,
+        room: usize,
+    ) -> Result<(u64, usize), String> {
+        let (_, id) = plan
+            .outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| format!("{entry}: no output {name} to carry"))?;
+        let b = &plan.buffers[*id];
+        let (BufferKind::Arena { offset }, Some(input)) = (&b.kind, plan.input(name)) else {
+            return Err(format!("{entry}: output {name} is not a new buffer of an input's name"));
+        };
+        let shape = shape_at(&b.dims, sizes);
+        let bytes = crate::plan::tensor_bytes(&shape, &b.dtype).unwrap_or(0) as usize;
+        if b.dtype != input.dtype || bytes > room {
+            return Err(format!(
+                "{entry}: output {name} ({bytes} bytes of {}) does not fit its input ({room} bytes of {})",
+                b.dtype, input.dtype
+            ));
+        }
+        self.held.insert(name.to_string(), (shape, b.dtype.clone()));
+        Ok((*offset, bytes))
+    }
+
+    /// Rows `from..from + n` of what input `name` holds (`room` bytes) to rows `to..to + n`, which
+    /// must not overlap them: the bytes of a row; the input then holds rows up to the last moved.
+    pub fn moved(&mut self, name: &str, from: usize, to: usize, n: usize, room: usize) -> Result<usize, String> {
+        let (shape, element) = self.held.get(name).cloned().ok_or_else(|| format!("input {name} holds nothing"))?;
+        let width = *shape.last().ok_or_else(|| format!("input {name} holds a scalar"))?;
+        let row = crate::plan::tensor_bytes(&[1, width], &element).unwrap_or(0) as usize;
+        if row == 0 || (to + n) * row > room || (from + n) * row > room || (from < to + n && to < from + n) {
+            return Err(format!(
+                "input {name}: rows {from}..{} to {to}..{} of {row} bytes (the buffer holds {room} bytes)",
+                from + n,
+                to + n
+            ));
+        }
+        let rows: usize = shape[..shape.len() - 1].iter().product();
+        self.held.insert(name.to_string(), (vec![rows.max(to + n), width], element));
+        Ok(row)
+    }
+}
