@@ -583,7 +583,7 @@ impl v3c_runtime::session::Program for EmulatedProgram<'_, '_> {
         resident: &[&str],
         carry: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
-        if !self.keeps && !(resident.is_empty() && carry.is_empty()) {
+        if !self.keeps && (!resident.is_empty() || !carry.is_empty()) {
             return Err("this emulation keeps nothing between runs".into());
         }
         let mut emulator = self.emulator.borrow_mut();
