@@ -927,75 +927,139 @@ pub fn generate_queue(
         return Ok(Served { generations, slots, joined: 0, prefill_s, total_s });
     }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut batch = ArtifactBatch::open(program, slots, &limits, longest)?;
-    let room = batch.room();
-    let greedy = samplers.iter().all(|s| s.temperature <= 0.0);
-    // Per slot: the request in it, and its prefill's logits until its first token is picked.
-    let mut request: Vec<Option<usize>> = vec![None; slots];
-    let mut prefilled: Vec<Option<Vec<f32>>> = vec![None; slots];
-    let mut fed = vec![0u32; slots];
-    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut requests = prompts.iter().zip(samplers.iter());
+    let mut next = |_: bool| match requests.next() {
+        Some((p, s)) => Arrival::Request(Request { prompt: p.clone(), max_new, sampler: *s }),
+        None => Arrival::Closed,
+    };
     let mut done: Vec<Option<Generation>> = vec![None; n];
-    // Per request: when it joined and its prefill's seconds.
-    let mut times = vec![(0.0, 0.0); n];
-    let (mut waiting, mut committed, mut prefill_s) = (0..n, 0, 0.0);
-    // Requests that joined after the first decode step, and whether it ran.
-    let (mut joined, mut started) = (0, false);
-    let mut logits = Next::Tokens(Vec::new());
-    let mut next_request = waiting.next();
-    loop {
-        // Waiting requests join vacant slots, in order, while the pool has their pages.
-        for s in 0..slots {
-            let Some(j) = next_request else { break };
-            if request[s].is_some() {
-                continue;
-            }
-            if room.is_some_and(|r| committed + pages_of(limits[j]) > r) {
-                break;
-            }
-            let at = start.elapsed().as_secs_f64();
-            prefilled[s] = Some(batch.join(s, &prompts[j], limits[j]).map_err(|e| format!("prompt {j}: {e}"))?);
-            times[j] = (at, start.elapsed().as_secs_f64() - at);
-            prefill_s += times[j].1;
-            (request[s], next_request) = (Some(j), waiting.next());
-            committed += room.map_or(0, |_| pages_of(limits[j]));
-            joined += usize::from(started);
-        }
-        // Each sequence's next token; those that end leave their slot.
-        let mut active = vec![false; slots];
-        for s in 0..slots {
-            let Some(j) = request[s] else { continue };
-            if tokens[j].len() < max_new {
-                let t = match prefilled[s].take() {
-                    Some(l) => samplers[j].sample(&l),
-                    None => logits.pick(s, &mut samplers[j]),
-                };
-                tokens[j].push(t);
-                fed[s] = t;
-            }
-            let stopped = eos.is_some() && tokens[j].last().copied() == eos;
-            if !stopped && tokens[j].len() < max_new {
-                active[s] = true;
-                continue;
-            }
-            let (joined, prefill) = times[j];
-            let pages = batch.pages(s);
-            batch.finish(s);
-            let (tokens, total_s) = (std::mem::take(&mut tokens[j]), start.elapsed().as_secs_f64() - joined);
-            done[j] = Some(Generation { tokens, stopped_at_eos: stopped, prefill_s: prefill, total_s, pages });
-            request[s] = None;
-            committed -= room.map_or(0, |_| pages_of(limits[j]));
-        }
-        if active.iter().any(|&a| a) {
-            logits = batch.decode(&fed, &active, greedy)?;
-            started = true;
-        } else if next_request.is_none() {
-            break;
-        }
-    }
+    let mut finished = |j: usize, g: Result<Generation, String>| -> Result<(), String> {
+        done[j] = Some(g.map_err(|e| format!("prompt {j}: {e}"))?);
+        Ok(())
+    };
+    let (joined, prefill_s) = serve(program, slots, &limits, longest, eos, &mut next, &mut finished)?;
     let generations = done.into_iter().collect::<Option<Vec<_>>>().ok_or("a request was never served")?;
     let total_s = start.elapsed().as_secs_f64();
     Ok(Served { generations, slots, joined, prefill_s, total_s })
+}
+
+/// A request to [`serve`]: a prompt, how many tokens to generate at most, how to pick them.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub max_new: usize,
+    pub sampler: v3c_models::reference::Sampler,
+}
+
+/// What [`serve`] asks for next: a request, none yet (while others run), or none ever again.
+pub enum Arrival {
+    Request(Request),
+    NotYet,
+    Closed,
+}
+
+/// A request [`serve`] is generating, in its slot.
+struct Running {
+    id: usize,
+    request: Request,
+    tokens: Vec<u32>,
+    /// Its prefill's logits until its first token is picked.
+    prefilled: Option<Vec<f32>>,
+    /// Seconds since the start when it joined, and its prefill's.
+    joined_s: f64,
+    prefill_s: f64,
+}
+
+/// Serves requests as they arrive with at most `slots` sequences decoding together: `next(idle)`
+/// gives the next request (`idle`: nothing runs, so it may wait for one), numbered in arrival
+/// order; each joins the running batch in a vacant slot ([`ArtifactBatch::join`]), in order, once
+/// the pool has pages for all its tokens beside those the running sequences may still fill; each
+/// ends at `eos` or its `max_new` tokens, and `done(id, generation)` gets it (its times from when
+/// it joined) — or an error, for a request the batch cannot hold. The batch is opened for
+/// sequences of `limits` and prompts of at most `max_prompt` tokens ([`ArtifactBatch::open`]).
+/// Returns how many requests joined after the first decode step, and the seconds in prefills.
+pub fn serve(
+    program: &dyn Program,
+    slots: usize,
+    limits: &[usize],
+    max_prompt: usize,
+    eos: Option<u32>,
+    next: &mut dyn FnMut(bool) -> Arrival,
+    done: &mut dyn FnMut(usize, Result<Generation, String>) -> Result<(), String>,
+) -> Result<(usize, f64), String> {
+    let start = std::time::Instant::now();
+    let mut batch = ArtifactBatch::open(program, slots, limits, max_prompt)?;
+    let (room, rows) = (batch.room(), batch.layout.rows);
+    let mut running: Vec<Option<Running>> = (0..slots).map(|_| None).collect();
+    let mut fed = vec![0u32; slots];
+    let (mut head, mut arrived, mut closed): (Option<(usize, Request)>, usize, bool) = (None, 0, false);
+    let (mut committed, mut prefill_s, mut joined, mut started) = (0, 0.0, 0, false);
+    let mut logits = Next::Tokens(Vec::new());
+    loop {
+        // Waiting requests join vacant slots, in order, while the pool has their pages.
+        loop {
+            if head.is_none() && !closed {
+                match next(running.iter().all(Option::is_none)) {
+                    Arrival::Request(r) => head = Some((arrived, r)),
+                    Arrival::NotYet => break,
+                    Arrival::Closed => closed = true,
+                }
+                arrived += usize::from(head.is_some());
+            }
+            let Some((id, r)) = head.take() else { break };
+            let limit = r.prompt.len() + r.max_new;
+            if r.prompt.is_empty() || limit > rows || room.is_some_and(|room| pages_of(limit) > room) {
+                let pool = room.map_or(String::new(), |p| format!(" and {p} pages of 64"));
+                let err = format!("{} + {} tokens: the batch holds sequences of {rows} rows{pool}", r.prompt.len(), r.max_new);
+                done(id, Err(err))?;
+                continue;
+            }
+            let vacant = running.iter().position(Option::is_none);
+            let (Some(s), true) = (vacant, room.is_none_or(|room| committed + pages_of(limit) <= room)) else {
+                head = Some((id, r));
+                break;
+            };
+            let joined_s = start.elapsed().as_secs_f64();
+            let prefilled = Some(batch.join(s, &r.prompt, limit)?);
+            let took = start.elapsed().as_secs_f64() - joined_s;
+            prefill_s += took;
+            committed += room.map_or(0, |_| pages_of(limit));
+            joined += usize::from(started);
+            running[s] = Some(Running { id, request: r, tokens: Vec::new(), prefilled, joined_s, prefill_s: took });
+        }
+        // Each sequence's next token; those that end leave their slot.
+        let mut active = vec![false; slots];
+        for (s, slot) in running.iter_mut().enumerate() {
+            let Some(r) = slot else { continue };
+            if r.tokens.len() < r.request.max_new {
+                let t = match r.prefilled.take() {
+                    Some(l) => r.request.sampler.sample(&l),
+                    None => logits.pick(s, &mut r.request.sampler),
+                };
+                r.tokens.push(t);
+                fed[s] = t;
+            }
+            let stopped = eos.is_some() && r.tokens.last().copied() == eos;
+            if !stopped && r.tokens.len() < r.request.max_new {
+                active[s] = true;
+                continue;
+            }
+            let pages = batch.pages(s);
+            batch.finish(s);
+            let Some(r) = slot.take() else { continue };
+            committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
+            let total_s = start.elapsed().as_secs_f64() - r.joined_s;
+            let g = Generation { tokens: r.tokens, stopped_at_eos: stopped, prefill_s: r.prefill_s, total_s, pages };
+            done(r.id, Ok(g))?;
+        }
+        if active.iter().any(|&a| a) {
+            let greedy = running.iter().flatten().all(|r| r.request.sampler.temperature <= 0.0);
+            logits = batch.decode(&fed, &active, greedy)?;
+            started = true;
+        } else if closed && head.is_none() {
+            return Ok((joined, prefill_s));
+        }
+    }
 }
 
 /// What generates a sequence: a prompt's logits, then one token's at a time.
