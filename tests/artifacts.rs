@@ -206,6 +206,50 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
             assert_eq!(text(&alone.stdout).trim(), line, "prompt {p} {sampling:?}");
         }
     }
+    // `v3r serve`: requests from stdin, two at a time, each one's tokens as `v3r run` gives them
+    // alone (its own new tokens and sampling); a bad line and a request too long for the caches
+    // refused by id, the others served.
+    let requests = "3 17 4 29 11 5 8 2 40 1\n\n{\"prompt\": [7, 7, 2], \"max_new_tokens\": 5, \"id\": \"b\"}\n1 x\n\
+        {\"prompt\": \"9\", \"temperature\": 0.9, \"top_p\": 0.8, \"seed\": 4}\n{\"prompt\": \"1 2 3\", \"max_new_tokens\": 30}\n";
+    let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
+        .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--batch", "2"])
+        .args(["--max-new-tokens", "8", "--ignore-eos"])
+        .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut server.stdin.take().unwrap(), requests.as_bytes()).unwrap();
+    let served = server.wait_with_output().unwrap();
+    assert!(served.status.success(), "{}", text(&served.stderr));
+    assert!(
+        text(&served.stderr).contains("served 3 requests (2 refused), 2 at most at a time"),
+        "{}",
+        text(&served.stderr)
+    );
+    let replies: std::collections::HashMap<String, serde_json::Value> = text(&served.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| (v["id"].to_string(), v))
+        .collect();
+    assert!(replies["4"]["error"].as_str().unwrap().contains("line 4: prompt: 'x' is not a token id"));
+    assert!(replies["6"]["error"].as_str().unwrap().contains("3 + 30 tokens: the batch holds"), "{replies:?}");
+    for (id, prompt, flags) in [
+        ("1", "3 17 4 29 11 5 8 2 40 1", &["--max-new-tokens", "8"][..]),
+        ("\"b\"", "7 7 2", &["--max-new-tokens", "5"][..]),
+        ("5", "9", &["--max-new-tokens", "8", "--temperature", "0.9", "--top-p", "0.8", "--seed", "4"][..]),
+    ] {
+        let alone = [
+            &["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", prompt][..],
+            flags,
+            &["--ignore-eos"],
+        ]
+        .concat();
+        let alone = text(&run_binary_env("v3r", &alone, &env).stdout);
+        let tokens: Vec<String> = replies[id]["tokens"].as_array().unwrap().iter().map(|t| t.to_string()).collect();
+        assert_eq!(tokens.join(" "), alone.trim(), "request {id}");
+    }
     // More sequences than the decode plan's rows: the fifth joins as one ends; asked to decode
     // more at once, said before anything runs; a bad prompts file names its line.
     let mut five = vec!["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()];

@@ -1396,6 +1396,9 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         let run =
             run_binary("v3r", &["run", out_dir.to_str().unwrap(), "--weights", weights, "--prompt-tokens", "1 2"]);
         assert_eq!(run.status.code(), Some(3), "{}", text(&run.stderr));
+        let serve = run_binary("v3r", &["serve", out_dir.to_str().unwrap(), "--weights", weights]);
+        assert_eq!(serve.status.code(), Some(3), "{}", text(&serve.stderr));
+        assert_eq!(text(&serve.stderr).lines().count(), 1, "{}", text(&serve.stderr));
     }
     // Not over an existing artifact without --force; a flipped byte in a kernel is named.
     let again = run_binary(

@@ -87,10 +87,103 @@ pub fn read_prompts(path: &std::path::Path) -> Result<Vec<Vec<u32>>, String> {
     Ok(prompts)
 }
 
+/// Sampling settings a command takes: `--temperature` at least 0, `--top-p` in (0, 1].
+pub fn check_sampling(temperature: f32, top_p: f32) -> Result<(), String> {
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(format!("top-p {top_p} must be in (0, 1]"));
+    }
+    if temperature < 0.0 || !temperature.is_finite() {
+        return Err(format!("temperature {temperature} must be >= 0"));
+    }
+    Ok(())
+}
+
+/// What a request to `v3r serve` leaves out: the command line's flags.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestDefaults {
+    pub max_new: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+/// One line of `v3r serve`'s input: token ids separated by spaces, or a JSON object
+/// `{"prompt": [ids] or "ids", "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S,
+/// "id": anything}` (all but the prompt optional, from `defaults`). Returns the request's id (when
+/// it gives one) and the request.
+pub fn parse_request(
+    line: &str,
+    defaults: &RequestDefaults,
+) -> Result<(Option<serde_json::Value>, crate::session::Request), String> {
+    let d = defaults;
+    let line = line.trim();
+    if !line.starts_with('{') {
+        let prompt = parse_token_ids(line, "prompt")?;
+        let sampler = v3c_models::reference::Sampler::new(d.temperature, d.top_p, d.seed);
+        return Ok((None, crate::session::Request { prompt, max_new: d.max_new, sampler }));
+    }
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
+    let o = v.as_object().ok_or("a request is a JSON object")?;
+    if let Some(k) =
+        o.keys().find(|k| !["prompt", "max_new_tokens", "temperature", "top_p", "seed", "id"].contains(&k.as_str()))
+    {
+        return Err(format!("unknown field '{k}' (prompt, max_new_tokens, temperature, top_p, seed, id)"));
+    }
+    let prompt = match o.get("prompt") {
+        Some(serde_json::Value::String(ids)) => parse_token_ids(ids, "prompt")?,
+        Some(serde_json::Value::Array(ids)) => {
+            let id = |x: &serde_json::Value| x.as_u64().and_then(|t| u32::try_from(t).ok());
+            let ids = ids
+                .iter()
+                .map(|x| id(x).ok_or_else(|| format!("prompt: {x} is not a token id")))
+                .collect::<Result<Vec<_>, _>>()?;
+            if ids.is_empty() {
+                return Err("prompt: no token ids given".into());
+            }
+            ids
+        }
+        _ => return Err("no \"prompt\" (token ids: an array, or a string of them)".into()),
+    };
+    let number = |k: &str| o.get(k).map(|x| x.as_f64().ok_or_else(|| format!("{k}: {x} is not a number"))).transpose();
+    let whole =
+        |k: &str| o.get(k).map(|x| x.as_u64().ok_or_else(|| format!("{k}: {x} is not a whole number"))).transpose();
+    let max_new = whole("max_new_tokens")?.map_or(d.max_new, |n| n as usize);
+    let temperature = number("temperature")?.map_or(d.temperature, |t| t as f32);
+    let top_p = number("top_p")?.map_or(d.top_p, |p| p as f32);
+    check_sampling(temperature, top_p)?;
+    let sampler = v3c_models::reference::Sampler::new(temperature, top_p, whole("seed")?.unwrap_or(d.seed));
+    Ok((o.get("id").cloned(), crate::session::Request { prompt, max_new, sampler }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A serve request: plain ids take the defaults, JSON fields replace them; every bad field is
+    /// named.
+    #[test]
+    fn requests_take_the_defaults_they_do_not_give() {
+        let d = RequestDefaults { max_new: 8, temperature: 0.0, top_p: 1.0, seed: 3 };
+        let (id, r) = parse_request(" 1 2 3 ", &d).unwrap();
+        assert_eq!((id, r.prompt, r.max_new, r.sampler.temperature), (None, vec![1, 2, 3], 8, 0.0));
+        let (id, r) =
+            parse_request(r#"{"prompt": [4, 5], "max_new_tokens": 2, "temperature": 0.5, "id": "x"}"#, &d).unwrap();
+        assert_eq!((id, r.prompt, r.max_new, r.sampler.temperature), (Some("x".into()), vec![4, 5], 2, 0.5));
+        for (line, err) in [
+            (r#"{"prompt": "1 2", "max_tokens": 3}"#, "unknown field 'max_tokens'"),
+            (r#"{"prompt": [1, -2]}"#, "prompt: -2 is not a token id"),
+            (r#"{"prompt": []}"#, "prompt: no token ids given"),
+            (r#"{"max_new_tokens": 3}"#, "no \"prompt\""),
+            (r#"{"prompt": "1", "top_p": 0}"#, "top-p 0 must be in (0, 1]"),
+            (r#"{"prompt": "1", "seed": 1.5}"#, "seed: 1.5 is not a whole number"),
+            ("{\"prompt\": ", "not a JSON request"),
+            ("", "prompt: no token ids given"),
+        ] {
+            let got = parse_request(line, &d).unwrap_err();
+            assert!(got.contains(err), "{line}: {got}");
+        }
+    }
 
     proptest! {
         #[test]

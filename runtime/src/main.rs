@@ -33,6 +33,11 @@ enum Command {
     /// Generate tokens with an artifact and a checkpoint; prints token ids and tokens/s (cpu artifacts
     /// run here, sm_90a ones on a Hopper GPU: V3R_SYNC_EACH=1 names a faulting kernel).
     Run(RunArgs),
+    /// Serve requests read from stdin as they arrive, one a line — token ids, or JSON
+    /// {"prompt": [ids], "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S, "id": ...} —
+    /// with at most --batch sequences decoding together, each request joining the running batch as
+    /// it arrives (a slot and cache pages free); one JSON line per request on stdout as it ends.
+    Serve(ServeArgs),
     /// Logits of every token of a prompt (the prefill entry, from position 0) written as safetensors
     /// (`logits` F32 [tokens, vocab]): how an artifact is checked against `v3c logits`.
     Logits(LogitsArgs),
@@ -220,6 +225,37 @@ struct TuneArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    /// Artifact directory written by `v3c compile` (its decode entry over a pool of cache pages:
+    /// the default tensor-core attention on sm_90a; cpu artifacts too).
+    artifact: PathBuf,
+    /// Checkpoint directory in the Hugging Face layout (config.json + *.safetensors).
+    #[arg(long, value_name = "DIR")]
+    weights: PathBuf,
+    /// At most N sequences decode together (default: the artifact's --max-batch).
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
+    /// New tokens per request unless it says (max_new_tokens).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_new_tokens: usize,
+    /// Sampling temperature unless a request says; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold in (0, 1] unless a request says.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of each request's sampler unless it says.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// CUDA device ordinal (GPU artifacts).
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(Args)]
 struct RunArgs {
     /// Artifact directory written by `v3c compile`.
     artifact: PathBuf,
@@ -272,6 +308,7 @@ fn main() -> ExitCode {
         Command::Doctor(a) => doctor(&a).map_err(Failure::Other),
         Command::Info(a) => info(&a).map_err(Failure::Other),
         Command::Run(a) => run(&a),
+        Command::Serve(a) => serve(&a),
         Command::Logits(a) => logits(&a),
         Command::BenchDecode(a) => bench_decode(&a),
         Command::Tune(a) => tune(&a),
@@ -595,22 +632,135 @@ fn bench_kernels(args: &BenchArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn run(args: &RunArgs) -> Result<(), Failure> {
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
-        return Err(Failure::Other(format!("--top-p {} must be in (0, 1]", args.top_p)));
-    }
-    if args.temperature < 0.0 || !args.temperature.is_finite() {
-        return Err(Failure::Other(format!("--temperature {} must be >= 0", args.temperature)));
-    }
-    let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
-    // A GPU artifact needs the GPU before anything reads a checkpoint (which may be hundreds of GiB).
+/// An artifact to generate with on device `ordinal` (checked there first, before anything reads
+/// the checkpoint, which may be hundreds of GiB) and the checkpoint's directory.
+fn open_to_generate(
+    artifact: &std::path::Path,
+    weights: &std::path::Path,
+    ordinal: usize,
+) -> Result<v3c_runtime::artifact::Artifact, Failure> {
+    let a = v3c_runtime::artifact::Artifact::open(artifact).map_err(|e| Failure::Other(e.to_string()))?;
     if a.manifest.target.name != "cpu" {
-        device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
-        a.runs_here(args.device).map_err(Failure::Other)?;
+        device::probe_device(ordinal).map_err(|e| Failure::NoDevice(e.to_string()))?;
+        a.runs_here(ordinal).map_err(Failure::Other)?;
     }
-    if !args.weights.is_dir() {
-        return Err(Failure::Other(format!("{}: no such checkpoint directory", args.weights.display())));
+    if !weights.is_dir() {
+        return Err(Failure::Other(format!("{}: no such checkpoint directory", weights.display())));
     }
+    Ok(a)
+}
+
+/// The artifact's end-of-sequence token (None with `ignore`).
+fn eos_of(a: &v3c_runtime::artifact::Artifact, ignore: bool) -> Option<u32> {
+    match ignore {
+        true => None,
+        false => a.manifest.model.config.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32),
+    }
+}
+
+fn serve(args: &ServeArgs) -> Result<(), Failure> {
+    use v3c_runtime::session::Arrival;
+    v3c_runtime::cli::check_sampling(args.temperature, args.top_p).map_err(|e| Failure::Other(format!("--{e}")))?;
+    if args.batch == Some(0) {
+        return Err(Failure::Other("--batch 0: at least one sequence decodes at a time".into()));
+    }
+    let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
+    a.check_weights(&args.weights).map_err(Failure::Other)?;
+    let eos = eos_of(&a, args.ignore_eos);
+    let (program, kind) = load_program(a, &args.weights, args.device)?;
+    let program = program.as_ref();
+    let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
+    let (decode, prefill) = (program.entry_plan("decode").map_err(at)?, program.entry_plan("prefill").map_err(at)?);
+    // Sequences of up to the decode plan's context (in whole pages where it asks), prompts up to
+    // what the prefill plan takes.
+    let multiple = program.cache_rows_multiple().max(1);
+    let max_len = decode.sizes.context / multiple * multiple;
+    let chunk = prefill.sizes.rows.max(1);
+    let max_prompt = max_len.min(prefill.sizes.context / chunk * chunk + chunk);
+    let slots = args.batch.unwrap_or(decode.sizes.rows);
+    let defaults = v3c_runtime::cli::RequestDefaults {
+        max_new: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    // Lines from stdin as they come; a request's id is its own or its line's number.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::stdin().lock().lines() {
+            if line.map(|l| tx.send(l)).is_err() {
+                break;
+            }
+        }
+    });
+    let ids = std::cell::RefCell::new(Vec::new());
+    let (mut line_no, mut refused, mut served, mut tokens) = (0usize, 0usize, 0usize, 0usize);
+    let reply = |v: serde_json::Value| println!("{v}");
+    let micro = |x: f64| (x * 1e6).round() / 1e6;
+    let start = std::time::Instant::now();
+    let mut next = |idle: bool| loop {
+        let line = match idle {
+            true => match rx.recv() {
+                Ok(l) => l,
+                Err(_) => return Arrival::Closed,
+            },
+            false => match rx.try_recv() {
+                Ok(l) => l,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Arrival::NotYet,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return Arrival::Closed,
+            },
+        };
+        line_no += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match v3c_runtime::cli::parse_request(&line, &defaults) {
+            Ok((id, r)) => {
+                ids.borrow_mut().push(id.unwrap_or(serde_json::json!(line_no)));
+                return Arrival::Request(r);
+            }
+            Err(e) => {
+                refused += 1;
+                reply(serde_json::json!({"id": line_no, "error": format!("line {line_no}: {e}")}));
+            }
+        }
+    };
+    let mut done = |i: usize, g: Result<v3c_runtime::session::Generation, String>| -> Result<(), String> {
+        let id = ids.borrow().get(i).cloned().unwrap_or(serde_json::Value::Null);
+        match g {
+            Ok(g) => {
+                served += 1;
+                tokens += g.tokens.len();
+                reply(serde_json::json!({
+                    "id": id,
+                    "tokens": g.tokens,
+                    "stopped_at_eos": g.stopped_at_eos,
+                    "prefill_s": micro(g.prefill_s),
+                    "total_s": micro(g.total_s),
+                    "decode_tokens_per_s": micro(g.decode_tokens_per_s()),
+                }));
+            }
+            Err(e) => reply(serde_json::json!({"id": id, "error": e})),
+        }
+        Ok(())
+    };
+    let limits = vec![max_len; slots];
+    let (joined, prefill_s) =
+        v3c_runtime::session::serve(program, slots, &limits, max_prompt, eos, &mut next, &mut done).map_err(at)?;
+    let refused = refused + ids.borrow().len() - served;
+    let total_s = start.elapsed().as_secs_f64();
+    eprintln!(
+        "served {served} requests ({refused} refused), {slots} at most at a time, {joined} joined a running batch: \
+         {tokens} tokens in {total_s:.3} s ({:.2} tok/s), {prefill_s:.3} s in prefills ({kind})",
+        tokens as f64 / total_s.max(1e-9)
+    );
+    Ok(())
+}
+
+fn run(args: &RunArgs) -> Result<(), Failure> {
+    v3c_runtime::cli::check_sampling(args.temperature, args.top_p).map_err(|e| Failure::Other(format!("--{e}")))?;
+    let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
     let mut prompts: Vec<Vec<u32>> = args
         .prompt_tokens
         .iter()
@@ -625,11 +775,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     }
     let prompt = prompts.first().cloned().ok_or_else(|| Failure::Other("no prompt given".into()))?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
-    let eos = if args.ignore_eos {
-        None
-    } else {
-        a.manifest.model.config.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32)
-    };
+    let eos = eos_of(&a, args.ignore_eos);
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let program = program.as_ref();
     if args.speculative {

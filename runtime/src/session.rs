@@ -638,6 +638,10 @@ impl<'a> ArtifactBatch<'a> {
         if limit > self.layout.rows {
             return Err(format!("{limit} tokens: the batch's sequences hold at most {}", self.layout.rows));
         }
+        let scratch = self.layout.pool.as_ref().map_or(0, |p| p.scratch() * crate::pages::PAGE_ROWS);
+        if self.on_device && prompt.len() > scratch {
+            return Err(format!("a prompt of {} tokens: the batch's prefills have {scratch} rows", prompt.len()));
+        }
         let mut one = ArtifactSession::new(self.program, limit)?;
         one.decode_on_device = self.on_device;
         let logits = one.prefill(prompt)?;
@@ -1008,9 +1012,14 @@ pub fn serve(
             }
             let Some((id, r)) = head.take() else { break };
             let limit = r.prompt.len() + r.max_new;
-            if r.prompt.is_empty() || limit > rows || room.is_some_and(|room| pages_of(limit) > room) {
-                let pool = room.map_or(String::new(), |p| format!(" and {p} pages of 64"));
-                let err = format!("{} + {} tokens: the batch holds sequences of {rows} rows{pool}", r.prompt.len(), r.max_new);
+            let too_long = r.prompt.len() > max_prompt || limit > rows;
+            if r.prompt.is_empty() || too_long || room.is_some_and(|room| pages_of(limit) > room) {
+                let pool = room.map_or(String::new(), |p| format!(" in {p} pages of 64"));
+                let err = format!(
+                    "{} + {} tokens: the batch holds prompts of 1..={max_prompt} tokens, sequences of {rows} tokens{pool}",
+                    r.prompt.len(),
+                    r.max_new
+                );
                 done(id, Err(err))?;
                 continue;
             }
