@@ -16,7 +16,7 @@
 #    --speculative` against the CPU backend's greedy tokens (attention on the CUDA-core rows), then
 #    the default tensor-core attention (flash prefill, split-K decode): logits (5e-2, argmax) and
 #    launch by launch, its pool of pages (a batch, and three prompts two at a time — the third
-#    joining the running batch — as each alone); 3b. `v3r train` of the tiny model's sm_90a
+#    joining the running batch — as each alone, by `v3r run --batch 2` and `v3r serve`); 3b. `v3r train` of the tiny model's sm_90a
 #    training-step artifacts (f32 and the FP8 recipe; AdamW on the device; and with 64-wide heads,
 #    attention on the flash kernels: f32wide) against the cpu artifacts' loss logs, tokens/s;
 #    4. its kernels timed (`v3r bench-kernels`);
@@ -189,6 +189,17 @@ if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]'
       else row "3. joining a running batch" "DIFFERS" "queue_tokens.txt vs pool_alone.txt"; fi
     else
       row "3. joining a running batch" "FAILED" "v3r run --batch 2 failed (check.log)"
+    fi
+    # The same three as requests to `v3r serve` on stdin (a JSON line back for each as it ends).
+    if timeout 60 "$v3r" serve "$e2e/sm90tc" --weights "$e2e/ckpt" --batch 2 --max-new-tokens 100 --ignore-eos \
+        < "$out/queue_prompts.txt" > "$out/serve.jsonl" 2>>"$log"; then
+      python3 -c 'import json, sys
+r = sorted((json.loads(l) for l in open(sys.argv[1])), key=lambda v: v["id"])
+print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) for v in r))' "$out/serve.jsonl" > "$out/serve_tokens.txt"
+      if cmp -s "$out/serve_tokens.txt" "$out/queue_tokens.txt"; then row "3. v3r serve" "ok" "3 requests on stdin = each alone"
+      else row "3. v3r serve" "DIFFERS" "serve.jsonl vs queue_tokens.txt"; fi
+    else
+      row "3. v3r serve" "FAILED" "v3r serve failed (check.log)"
     fi
   else
     row "3. pool of pages" "FAILED" "v3r run failed (check.log)"
