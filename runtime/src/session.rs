@@ -577,7 +577,9 @@ impl<'a> ArtifactBatch<'a> {
             (probe.caches.clone(), probe.has_mtp, probe.width, probe.decode_on_device);
         let pool = match DecodeCaches::paged_entry(&decode.bounds) {
             false if on_device => {
-                return Err("sequences cannot join a running batch whose caches per sequence stay on the device".into())
+                return Err("sequences cannot join a running batch whose caches per sequence stay on the device \
+                            (a decode entry over a pool of pages can: v3c compile's default --decode-attention tensor-cores)"
+                    .into())
             }
             false => None,
             true => {
