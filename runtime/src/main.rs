@@ -736,6 +736,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                     "id": id,
                     "tokens": g.tokens,
                     "stopped_at_eos": g.stopped_at_eos,
+                    "queued_s": micro(g.queued_s),
                     "prefill_s": micro(g.prefill_s),
                     "total_s": micro(g.total_s),
                     "decode_tokens_per_s": micro(g.decode_tokens_per_s()),

@@ -875,6 +875,7 @@ pub fn generate_batch(
             prefill_s,
             total_s: done_at[i].max(prefill_s),
             pages: pages[i],
+            queued_s: 0.0,
         })
         .collect())
 }
@@ -971,8 +972,9 @@ struct Running {
     tokens: Vec<u32>,
     /// Its prefill's logits until its first token is picked.
     prefilled: Option<Vec<f32>>,
-    /// Seconds since the start when it joined, and its prefill's.
+    /// Seconds since the start when it joined, its wait before, and its prefill's.
     joined_s: f64,
+    queued_s: f64,
     prefill_s: f64,
 }
 
@@ -998,7 +1000,8 @@ pub fn serve(
     let (room, rows) = (batch.room(), batch.layout.rows);
     let mut running: Vec<Option<Running>> = (0..slots).map(|_| None).collect();
     let mut fed = vec![0u32; slots];
-    let (mut head, mut arrived, mut closed): (Option<(usize, Request)>, usize, bool) = (None, 0, false);
+    // The next request to join: its number and when it arrived.
+    let (mut head, mut arrived, mut closed): (Option<(usize, Request, f64)>, usize, bool) = (None, 0, false);
     let (mut committed, mut prefill_s, mut joined, mut started) = (0, 0.0, 0, false);
     let mut logits = Next::Tokens(Vec::new());
     loop {
@@ -1006,13 +1009,13 @@ pub fn serve(
         loop {
             if head.is_none() && !closed {
                 match next(running.iter().all(Option::is_none)) {
-                    Arrival::Request(r) => head = Some((arrived, r)),
+                    Arrival::Request(r) => head = Some((arrived, r, start.elapsed().as_secs_f64())),
                     Arrival::NotYet => break,
                     Arrival::Closed => closed = true,
                 }
                 arrived += usize::from(head.is_some());
             }
-            let Some((id, r)) = head.take() else { break };
+            let Some((id, r, arrived_s)) = head.take() else { break };
             let limit = r.prompt.len() + r.max_new;
             let too_long = r.prompt.len() > max_prompt || limit > rows;
             if r.prompt.is_empty() || too_long || room.is_some_and(|room| pages_of(limit) > room) {
@@ -1027,7 +1030,7 @@ pub fn serve(
             }
             let vacant = running.iter().position(Option::is_none);
             let (Some(s), true) = (vacant, room.is_none_or(|room| committed + pages_of(limit) <= room)) else {
-                head = Some((id, r));
+                head = Some((id, r, arrived_s));
                 break;
             };
             let joined_s = start.elapsed().as_secs_f64();
@@ -1036,7 +1039,9 @@ pub fn serve(
             prefill_s += took;
             committed += room.map_or(0, |_| pages_of(limit));
             joined += usize::from(started);
-            running[s] = Some(Running { id, request: r, tokens: Vec::new(), prefilled, joined_s, prefill_s: took });
+            let queued_s = joined_s - arrived_s;
+            running[s] =
+                Some(Running { id, request: r, tokens: Vec::new(), prefilled, joined_s, queued_s, prefill_s: took });
         }
         // Each sequence's next token; those that end leave their slot.
         let mut active = vec![false; slots];
@@ -1060,7 +1065,8 @@ pub fn serve(
             let Some(r) = slot.take() else { continue };
             committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
             let total_s = start.elapsed().as_secs_f64() - r.joined_s;
-            let g = Generation { tokens: r.tokens, stopped_at_eos: stopped, prefill_s: r.prefill_s, total_s, pages };
+            let (prefill_s, queued_s) = (r.prefill_s, r.queued_s);
+            let g = Generation { tokens: r.tokens, stopped_at_eos: stopped, prefill_s, total_s, pages, queued_s };
             done(r.id, Ok(g))?;
         }
         if active.iter().any(|&a| a) {
@@ -1106,6 +1112,8 @@ pub struct Generation {
     pub total_s: f64,
     /// In a batch over a pool of cache pages: the pages the sequence held at its end, and the pool's.
     pub pages: Option<(usize, usize)>,
+    /// Served ([`serve`]): seconds from its arrival to its joining the batch (the others: 0).
+    pub queued_s: f64,
 }
 
 impl Generation {
@@ -1152,7 +1160,8 @@ pub fn generate(
             next = session.decode_next(token, greedy)?;
         }
     }
-    Ok(Generation { tokens, stopped_at_eos, prefill_s, total_s: start.elapsed().as_secs_f64(), pages: None })
+    let total_s = start.elapsed().as_secs_f64();
+    Ok(Generation { tokens, stopped_at_eos, prefill_s, total_s, pages: None, queued_s: 0.0 })
 }
 
 #[cfg(test)]

@@ -203,8 +203,14 @@ pub fn generate_speculative(
     let last = logits.last().ok_or("prefill gave no logits")?;
     let mut x = greedy(last);
     if max_new == 0 || emit(x, &mut tokens) {
-        let generation =
-            Generation { tokens, stopped_at_eos, prefill_s, total_s: start.elapsed().as_secs_f64(), pages: None };
+        let generation = Generation {
+            tokens,
+            stopped_at_eos,
+            prefill_s,
+            total_s: start.elapsed().as_secs_f64(),
+            pages: None,
+            queued_s: 0.0,
+        };
         return Ok(Speculation { generation, drafted, accepted });
     }
     // MTP rows of the prompt: hidden state i with token i + 1 (the last with x).
@@ -238,7 +244,13 @@ pub fn generate_speculative(
         };
         d = greedy(drafts.last().ok_or("draft gave no logits")?);
     }
-    let generation =
-        Generation { tokens, stopped_at_eos, prefill_s, total_s: start.elapsed().as_secs_f64(), pages: None };
+    let generation = Generation {
+        tokens,
+        stopped_at_eos,
+        prefill_s,
+        total_s: start.elapsed().as_secs_f64(),
+        pages: None,
+        queued_s: 0.0,
+    };
     Ok(Speculation { generation, drafted, accepted })
 }
