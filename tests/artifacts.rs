@@ -211,17 +211,21 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     // refused by id, the others served.
     let requests = "3 17 4 29 11 5 8 2 40 1\n\n{\"prompt\": [7, 7, 2], \"max_new_tokens\": 5, \"id\": \"b\"}\n1 x\n\
         {\"prompt\": \"9\", \"temperature\": 0.9, \"top_p\": 0.8, \"seed\": 4}\n{\"prompt\": \"1 2 3\", \"max_new_tokens\": 30}\n";
-    let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
-        .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--batch", "2"])
-        .args(["--max-new-tokens", "8", "--ignore-eos"])
-        .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut server.stdin.take().unwrap(), requests.as_bytes()).unwrap();
-    let served = server.wait_with_output().unwrap();
+    let serve = |extra: &[&str]| {
+        let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
+            .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--batch", "2"])
+            .args(["--max-new-tokens", "8", "--ignore-eos"])
+            .args(extra)
+            .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut server.stdin.take().unwrap(), requests.as_bytes()).unwrap();
+        server.wait_with_output().unwrap()
+    };
+    let served = serve(&[]);
     assert!(served.status.success(), "{}", text(&served.stderr));
     assert!(
         text(&served.stderr).contains("served 3 requests (2 refused), 2 at most at a time"),
@@ -249,6 +253,18 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         let alone = text(&run_binary_env("v3r", &alone, &env).stdout);
         let tokens: Vec<String> = replies[id]["tokens"].as_array().unwrap().iter().map(|t| t.to_string()).collect();
         assert_eq!(tokens.join(" "), alone.trim(), "request {id}");
+    }
+    // Streamed: each token a line as it is picked, in order, then the request's line as before.
+    let streamed = serve(&["--stream"]);
+    let mut picked: std::collections::HashMap<String, Vec<serde_json::Value>> = Default::default();
+    for v in text(&streamed.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()) {
+        match v.get("token") {
+            Some(t) => picked.entry(v["id"].to_string()).or_default().push(t.clone()),
+            None => assert_eq!(v.get("tokens"), replies[&v["id"].to_string()].get("tokens")),
+        }
+    }
+    for id in ["1", "\"b\"", "5"] {
+        assert_eq!(&picked[id], replies[id]["tokens"].as_array().unwrap(), "request {id}");
     }
     // More sequences than the decode plan's rows: the fifth joins as one ends; asked to decode
     // more at once, said before anything runs; a bad prompts file names its line.

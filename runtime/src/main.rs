@@ -250,6 +250,9 @@ struct ServeArgs {
     /// Keep generating after the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Also a JSON line {"id": ..., "token": T} for every token as it is picked.
+    #[arg(long)]
+    stream: bool,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -726,10 +729,13 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             }
         }
     };
-    let mut done = |i: usize, g: Result<v3c_runtime::session::Generation, String>| -> Result<(), String> {
+    let mut done = |i: usize, p: v3c_runtime::session::Progress| -> Result<(), String> {
+        use v3c_runtime::session::Progress;
         let id = ids.borrow().get(i).cloned().unwrap_or(serde_json::Value::Null);
-        match g {
-            Ok(g) => {
+        match p {
+            Progress::Token(t) if args.stream => reply(serde_json::json!({"id": id, "token": t})),
+            Progress::Token(_) => {}
+            Progress::Ended(g) => {
                 served += 1;
                 tokens += g.tokens.len();
                 reply(serde_json::json!({
@@ -742,7 +748,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                     "decode_tokens_per_s": micro(g.decode_tokens_per_s()),
                 }));
             }
-            Err(e) => reply(serde_json::json!({"id": id, "error": e})),
+            Progress::Refused(e) => reply(serde_json::json!({"id": id, "error": e})),
         }
         Ok(())
     };

@@ -940,8 +940,12 @@ pub fn generate_queue(
         None => Arrival::Closed,
     };
     let mut done: Vec<Option<Generation>> = vec![None; n];
-    let mut finished = |j: usize, g: Result<Generation, String>| -> Result<(), String> {
-        done[j] = Some(g.map_err(|e| format!("prompt {j}: {e}"))?);
+    let mut finished = |j: usize, p: Progress| -> Result<(), String> {
+        match p {
+            Progress::Token(_) => {}
+            Progress::Ended(g) => done[j] = Some(g),
+            Progress::Refused(e) => return Err(format!("prompt {j}: {e}")),
+        }
         Ok(())
     };
     let (joined, prefill_s) = serve(program, slots, &limits, longest, eos, &mut next, &mut finished)?;
@@ -965,6 +969,13 @@ pub enum Arrival {
     Closed,
 }
 
+/// What [`serve`] tells of a request: a token it picked, its end, or why it was refused.
+pub enum Progress {
+    Token(u32),
+    Ended(Generation),
+    Refused(String),
+}
+
 /// A request [`serve`] is generating, in its slot.
 struct Running {
     id: usize,
@@ -982,8 +993,8 @@ struct Running {
 /// gives the next request (`idle`: nothing runs, so it may wait for one), numbered in arrival
 /// order; each joins the running batch in a vacant slot ([`ArtifactBatch::join`]), in order, once
 /// the pool has pages for all its tokens beside those the running sequences may still fill; each
-/// ends at `eos` or its `max_new` tokens, and `done(id, generation)` gets it (its times from when
-/// it joined) — or an error, for a request the batch cannot hold. The batch is opened for
+/// ends at `eos` or its `max_new` tokens. `report(id, ...)` gets each token as it is picked, then
+/// the generation (its times from when it joined) — or why the batch cannot hold the request. The batch is opened for
 /// sequences of `limits` and prompts of at most `max_prompt` tokens ([`ArtifactBatch::open`]).
 /// Returns how many requests joined after the first decode step, and the seconds in prefills.
 pub fn serve(
@@ -993,7 +1004,7 @@ pub fn serve(
     max_prompt: usize,
     eos: Option<u32>,
     next: &mut dyn FnMut(bool) -> Arrival,
-    done: &mut dyn FnMut(usize, Result<Generation, String>) -> Result<(), String>,
+    report: &mut dyn FnMut(usize, Progress) -> Result<(), String>,
 ) -> Result<(usize, f64), String> {
     let start = std::time::Instant::now();
     let mut batch = ArtifactBatch::open(program, slots, limits, max_prompt)?;
@@ -1025,7 +1036,7 @@ pub fn serve(
                     r.prompt.len(),
                     r.max_new
                 );
-                done(id, Err(err))?;
+                report(id, Progress::Refused(err))?;
                 continue;
             }
             let vacant = running.iter().position(Option::is_none);
@@ -1053,6 +1064,7 @@ pub fn serve(
                     None => logits.pick(s, &mut r.request.sampler),
                 };
                 r.tokens.push(t);
+                report(r.id, Progress::Token(t))?;
                 fed[s] = t;
             }
             let stopped = eos.is_some() && r.tokens.last().copied() == eos;
@@ -1067,7 +1079,7 @@ pub fn serve(
             let total_s = start.elapsed().as_secs_f64() - r.joined_s;
             let (prefill_s, queued_s) = (r.prefill_s, r.queued_s);
             let g = Generation { tokens: r.tokens, stopped_at_eos: stopped, prefill_s, total_s, pages, queued_s };
-            done(r.id, Ok(g))?;
+            report(r.id, Progress::Ended(g))?;
         }
         if active.iter().any(|&a| a) {
             let greedy = running.iter().flatten().all(|r| r.request.sampler.temperature <= 0.0);
