@@ -266,6 +266,30 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     for id in ["1", "\"b\"", "5"] {
         assert_eq!(&picked[id], replies[id]["tokens"].as_array().unwrap(), "request {id}");
     }
+    // A serving benchmark over made-up weights: every request served with its new tokens, the
+    // figures written; a range that is not one, and prompts the caches cannot hold, refused.
+    let figures = dir.path().join("serve.json");
+    let bench = [
+        &["bench-serve", art.to_str().unwrap(), "--random-weights", "1", "--requests", "9", "--batch", "3"][..],
+        &["--prompt-tokens", "2..10", "--new-tokens", "5", "--out", figures.to_str().unwrap()],
+    ]
+    .concat();
+    let bench = run_binary_env("v3r", &bench, &env);
+    assert!(bench.status.success(), "{}", text(&bench.stderr));
+    assert!(text(&bench.stdout).contains("served 9 requests (prompts of 2..10 tokens, 5 new each, 3 at a time"));
+    let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&figures).unwrap()).unwrap();
+    assert_eq!((f["generated_tokens"].as_u64(), f["joined"].as_u64()), (Some(45), Some(6)), "{f}");
+    let per = f["per_request"].as_array().unwrap();
+    assert!(per.iter().all(|r| r["tokens"] == 5 && (2..=10).contains(&r["prompt_tokens"].as_u64().unwrap())));
+    assert!(f["time_to_first_token_s"]["p99"].as_f64().unwrap() >= f["time_to_first_token_s"]["p50"].as_f64().unwrap());
+    for (range, err) in
+        [("5..3", "--prompt-tokens '5..3': a length N or a range"), ("20..30", "serves prompts of 1..=24")]
+    {
+        let args = ["bench-serve", art.to_str().unwrap(), "--random-weights", "1", "--prompt-tokens", range];
+        let out = run_binary_env("v3r", &args, &env);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out.stderr).contains(err), "{}", text(&out.stderr));
+    }
     // More sequences than the decode plan's rows: the fifth joins as one ends; asked to decode
     // more at once, said before anything runs; a bad prompts file names its line.
     let mut five = vec!["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()];

@@ -22,7 +22,8 @@
 #    4. its kernels timed (`v3r bench-kernels`);
 # 2. the GEMM template kernels vs torch (gemm_check.py: correctness, then TFLOP/s); 2c. the row kernels
 #    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py; training's flash kernels too);
-# 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, and transformers'
+# 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, a serving
+#    load on it (`v3r bench-serve`: requests joining a running batch), and transformers'
 #    on the same device (hf_decode.py); 5b. training steps of a 2-layer full-width slice (`v3r
 #    bench-train`, FP8 recipe and f32 with AdamW on the device, FP8 with it on the host); 2b. tuning
 #    (`v3r tune`, tune_check.py if it fails).
@@ -367,6 +368,17 @@ if [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"com
       row "5. decode, fp8 caches (v3r)" "ok" "$(grep -o 'batch *64[^,]*' "$log" | tail -1)"
     else
       row "5. decode, fp8 caches (v3r)" "FAILED" "see check.log"
+    fi
+  fi
+  # Serving: 64 requests (prompts of 128..1024 tokens, 64 new each) through 32 slots, each joining
+  # the running batch as a sequence ends; only while the steps after it keep their time.
+  left=$((570 - SECONDS))
+  if [ "$left" -ge 330 ]; then
+    if timeout 60 "$v3r" bench-serve "$slice/sm90" --random-weights 1 --requests 64 --batch 32 --prompt-tokens 128..1024 \
+        --new-tokens 64 --out "$out/serve_slice.json" 2>&1 | tee -a "$log"; then
+      row "5. serving (v3r)" "ok" "$(grep -o '[0-9.]* tokens/s, [0-9.]* requests/s' "$log" | tail -1) (serve_slice.json)"
+    else
+      row "5. serving (v3r)" "FAILED" "see check.log"
     fi
   fi
   left=$((570 - SECONDS))

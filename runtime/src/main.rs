@@ -45,6 +45,11 @@ enum Command {
     /// as tokens/s; with a checkpoint or with made-up weights (`--random-weights`, for full-width
     /// slices no checkpoint is at hand for).
     BenchDecode(BenchDecodeArgs),
+    /// Serve a synthetic load and time it as a serving benchmark does: requests with random prompts
+    /// (lengths uniform in a range) arriving all at once or at a rate, each joining the running batch
+    /// as slots free; throughput, time to first token, time per output token and latency (mean,
+    /// p50, p99); with a checkpoint or made-up weights.
+    BenchServe(BenchServeArgs),
     /// Measure the GEMM and attention candidates `v3c tune --emit-candidates DIR` compiled (each
     /// checked against the default configuration, the default against the host's product or
     /// attention) and merge the timings into a tuning database for `v3c compile --tuning`.
@@ -166,6 +171,43 @@ struct BenchDecodeArgs {
     #[arg(long, value_name = "N", default_value_t = 20)]
     reps: usize,
     /// Write the figures as JSON here.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// CUDA device ordinal (GPU artifacts).
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["weights", "random_weights"])))]
+struct BenchServeArgs {
+    /// Artifact directory written by `v3c compile`.
+    artifact: PathBuf,
+    /// Checkpoint directory in the Hugging Face layout.
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// Made-up weights from this seed instead of a checkpoint (timing only: the tokens mean nothing).
+    #[arg(long, value_name = "SEED")]
+    random_weights: Option<u64>,
+    /// Requests in the run.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    requests: usize,
+    /// At most N sequences decode together (default: the artifact's --max-batch).
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
+    /// Prompt lengths in tokens: uniform in LO..HI (both included), or one length.
+    #[arg(long, value_name = "LO..HI", default_value = "64..512")]
+    prompt_tokens: String,
+    /// New tokens per request (greedy; the end-of-sequence token does not stop it).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    new_tokens: usize,
+    /// Requests arrive evenly spaced at this rate (per second); default: all at once.
+    #[arg(long, value_name = "R")]
+    rate: Option<f64>,
+    /// Seed of the prompts (their lengths and tokens).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the figures (and every request's) as JSON here.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
     /// CUDA device ordinal (GPU artifacts).
@@ -314,6 +356,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve(&a),
         Command::Logits(a) => logits(&a),
         Command::BenchDecode(a) => bench_decode(&a),
+        Command::BenchServe(a) => bench_serve(&a),
         Command::Tune(a) => tune(&a),
         Command::BenchKernels(a) => bench_kernels(&a),
         Command::BenchTrain(a) => bench_train(&a),
@@ -673,14 +716,8 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let program = program.as_ref();
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
-    let (decode, prefill) = (program.entry_plan("decode").map_err(at)?, program.entry_plan("prefill").map_err(at)?);
-    // Sequences of up to the decode plan's context (in whole pages where it asks), prompts up to
-    // what the prefill plan takes.
-    let multiple = program.cache_rows_multiple().max(1);
-    let max_len = decode.sizes.context / multiple * multiple;
-    let chunk = prefill.sizes.rows.max(1);
-    let max_prompt = max_len.min(prefill.sizes.context / chunk * chunk + chunk);
-    let slots = args.batch.unwrap_or(decode.sizes.rows);
+    let (max_len, max_prompt, rows) = serving_limits(program).map_err(at)?;
+    let slots = args.batch.unwrap_or(rows);
     let defaults = v3c_runtime::cli::RequestDefaults {
         max_new: args.max_new_tokens,
         temperature: args.temperature,
@@ -762,6 +799,174 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
          {tokens} tokens in {total_s:.3} s ({:.2} tok/s), {prefill_s:.3} s in prefills ({kind})",
         tokens as f64 / total_s.max(1e-9)
     );
+    Ok(())
+}
+
+/// What a program serves: sequences of up to its decode plan's context (in whole pages where it
+/// asks), prompts up to what its prefill plan takes, and its decode plan's sequences.
+fn serving_limits(program: &dyn v3c_runtime::session::Program) -> Result<(usize, usize, usize), String> {
+    let (decode, prefill) = (program.entry_plan("decode")?, program.entry_plan("prefill")?);
+    let multiple = program.cache_rows_multiple().max(1);
+    let max_len = decode.sizes.context / multiple * multiple;
+    let chunk = prefill.sizes.rows.max(1);
+    Ok((max_len, max_len.min(prefill.sizes.context / chunk * chunk + chunk), decode.sizes.rows))
+}
+
+/// `LO..HI` (both included) or `N`.
+fn length_range(text: &str, flag: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("{flag} '{text}': a length N or a range LO..HI of positive lengths");
+    let number = |t: &str| t.trim().parse::<usize>().map_err(|_| bad());
+    let (lo, hi) = match text.split_once("..") {
+        Some((lo, hi)) => (number(lo)?, number(hi)?),
+        None => (number(text)?, number(text)?),
+    };
+    if lo == 0 || hi < lo {
+        return Err(bad());
+    }
+    Ok((lo, hi))
+}
+
+fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
+    use v3c_runtime::session::{Arrival, Progress, Request};
+    let (lo, hi) = length_range(&args.prompt_tokens, "--prompt-tokens").map_err(Failure::Other)?;
+    if args.requests == 0 || args.batch == Some(0) || args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err(Failure::Other("--requests, --batch and --rate must be positive".into()));
+    }
+    let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
+    let gpu = a.manifest.target.name != "cpu";
+    if gpu {
+        device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
+    }
+    let vocab = a.manifest.model.config.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(0);
+    if vocab == 0 {
+        return Err(Failure::Other(format!("{}: the model config has no vocab_size", args.artifact.display())));
+    }
+    let kind = format!(
+        "{} artifact{}",
+        a.manifest.target.name,
+        if gpu { format!(" on cuda:{}", args.device) } else { String::new() }
+    );
+    let program = load_bench(a, args.weights.as_deref(), args.random_weights, args.device, &kind)?;
+    let program = program.as_ref();
+    let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
+    let (max_len, max_prompt, rows) = serving_limits(program).map_err(at)?;
+    if hi > max_prompt || hi + args.new_tokens > max_len {
+        return Err(Failure::Other(format!(
+            "--prompt-tokens up to {hi} with --new-tokens {}: the artifact serves prompts of 1..={max_prompt} tokens \
+             and sequences of {max_len} tokens (compile with a larger --max-context)",
+            args.new_tokens
+        )));
+    }
+    let slots = args.batch.unwrap_or(rows);
+    // The load: prompt lengths and tokens from the seed (splitmix64), arrivals evenly spaced.
+    let mut state = args.seed;
+    let mut random = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let n = args.requests;
+    let load: Vec<(f64, Vec<u32>)> = (0..n)
+        .map(|i| {
+            let len = lo + (random() % (hi - lo + 1) as u64) as usize;
+            let prompt = (0..len).map(|_| (random() % vocab) as u32).collect();
+            (args.rate.map_or(0.0, |r| i as f64 / r), prompt)
+        })
+        .collect();
+    let greedy = v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+    let (mut first, mut end, mut tokens) = (vec![None; n], vec![None; n], vec![0usize; n]);
+    let bar = indicatif::ProgressBar::new(n as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("serving [{bar:30}] {pos}/{len} requests") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let mut arrived = 0;
+    let start = std::time::Instant::now();
+    let mut next = |idle: bool| {
+        let Some((due, prompt)) = load.get(arrived) else { return Arrival::Closed };
+        let wait = due - start.elapsed().as_secs_f64();
+        if wait > 0.0 && !idle {
+            return Arrival::NotYet;
+        }
+        std::thread::sleep(std::time::Duration::from_secs_f64(wait.max(0.0)));
+        arrived += 1;
+        Arrival::Request(Request { prompt: prompt.clone(), max_new: args.new_tokens, sampler: greedy })
+    };
+    let mut report = |i: usize, p: Progress| -> Result<(), String> {
+        let now = start.elapsed().as_secs_f64();
+        match p {
+            Progress::Token(_) => {
+                first[i] = first[i].or(Some(now));
+            }
+            Progress::Ended(g) => {
+                (end[i], tokens[i]) = (Some(now), g.tokens.len());
+                bar.inc(1);
+            }
+            Progress::Refused(e) => return Err(format!("request {i}: {e}")),
+        }
+        Ok(())
+    };
+    let limits = vec![hi + args.new_tokens; slots];
+    let (joined, prefill_s) =
+        v3c_runtime::session::serve(program, slots, &limits, hi, None, &mut next, &mut report).map_err(at)?;
+    let total_s = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let (first, end): (Vec<f64>, Vec<f64>) =
+        (first.into_iter().flatten().collect(), end.into_iter().flatten().collect());
+    if first.len() != n || end.len() != n {
+        return Err(Failure::Other("a request was never served".into()));
+    }
+    let ttft: Vec<f64> = (0..n).map(|i| first[i] - load[i].0).collect();
+    let latency: Vec<f64> = (0..n).map(|i| end[i] - load[i].0).collect();
+    let tpot: Vec<f64> =
+        (0..n).filter(|&i| tokens[i] > 1).map(|i| (end[i] - first[i]) / (tokens[i] - 1) as f64).collect();
+    let stats = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let at = |p: f64| s.get(((p * s.len() as f64).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0);
+        let mean = s.iter().sum::<f64>() / s.len().max(1) as f64;
+        serde_json::json!({"mean": mean, "p50": at(0.5), "p99": at(0.99)})
+    };
+    let generated: usize = tokens.iter().sum();
+    let (ttft, tpot, latency) = (stats(&ttft), stats(&tpot), stats(&latency));
+    let arrivals = args.rate.map_or("all at once".to_string(), |r| format!("{r} a second"));
+    println!(
+        "served {n} requests (prompts of {lo}..{hi} tokens, {} new each, {slots} at a time, arriving {arrivals}; \
+         {joined} joined a running batch): {generated} tokens in {total_s:.3} s — {:.1} tokens/s, {:.2} requests/s ({kind})",
+        args.new_tokens,
+        generated as f64 / total_s.max(1e-9),
+        n as f64 / total_s.max(1e-9)
+    );
+    let ms = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0) * 1e3;
+    for (name, v) in [("time to first token", &ttft), ("time per output token", &tpot), ("latency", &latency)] {
+        println!(
+            "  {name:22} mean {:10.3} ms   p50 {:10.3} ms   p99 {:10.3} ms",
+            ms(v, "mean"),
+            ms(v, "p50"),
+            ms(v, "p99")
+        );
+    }
+    println!("  prefills              {prefill_s:.3} s of the run");
+    if let Some(out) = &args.out {
+        let per: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({"arrival_s": load[i].0, "prompt_tokens": load[i].1.len(), "tokens": tokens[i],
+                                        "first_token_s": first[i], "end_s": end[i]})
+            })
+            .collect();
+        let json = serde_json::json!({
+            "artifact": args.artifact.display().to_string(), "target": kind,
+            "weights": if args.random_weights.is_some() { "random" } else { "checkpoint" },
+            "requests": n, "batch": slots, "prompt_tokens": [lo, hi], "new_tokens": args.new_tokens, "rate": args.rate,
+            "joined": joined, "total_s": total_s, "prefill_s": prefill_s, "generated_tokens": generated,
+            "tokens_per_s": generated as f64 / total_s.max(1e-9),
+            "time_to_first_token_s": ttft, "time_per_output_token_s": tpot, "latency_s": latency,
+            "per_request": per,
+        });
+        let text = serde_json::to_string_pretty(&json).map_err(|e| Failure::Other(e.to_string()))? + "\n";
+        std::fs::write(out, text).map_err(|e| Failure::Other(format!("{}: {e}", out.display())))?;
+    }
     Ok(())
 }
 
@@ -921,26 +1126,7 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
         a.manifest.target.name,
         if gpu { format!(" on cuda:{}", args.device) } else { String::new() }
     );
-    let ckpt;
-    let weights = match (&args.weights, args.random_weights) {
-        (Some(dir), _) => {
-            a.check_weights(dir).map_err(Failure::Other)?;
-            ckpt = v3c_models::checkpoint::Checkpoint::open(dir).map_err(|e| Failure::Other(e.to_string()))?;
-            v3c_runtime::gpu::Weights::Checkpoint(&ckpt)
-        }
-        (None, Some(seed)) => v3c_runtime::gpu::Weights::Random(seed),
-        (None, None) => unreachable!("clap requires one"),
-    };
-    let start = std::time::Instant::now();
-    let program: Box<dyn v3c_runtime::session::Program> = if gpu {
-        let (bar, mut tick) = load_progress(&a);
-        let loaded = v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, args.device, &mut tick);
-        bar.finish_and_clear();
-        Box::new(loaded.map_err(Failure::Other)?)
-    } else {
-        Box::new(v3c_runtime::cpu::CpuArtifact::load_weights(a, &weights).map_err(Failure::Other)?)
-    };
-    eprintln!("loaded in {:.2} s ({kind})", start.elapsed().as_secs_f64());
+    let program = load_bench(a, args.weights.as_deref(), args.random_weights, args.device, &kind)?;
     let mut report = Vec::new();
     let points: Vec<(usize, usize)> =
         args.context.iter().flat_map(|&c| args.batch.iter().map(move |&b| (b, c))).collect();
@@ -1014,6 +1200,38 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
 
 /// A progress line for loading a GPU artifact (kernels, weights read, prepared weights): drawn on a
 /// terminal only; each step is also logged at debug level.
+/// An artifact loaded to be timed, with a checkpoint's weights or made-up ones from `random`
+/// (a GPU one on device `ordinal`); says how long it took.
+fn load_bench(
+    a: v3c_runtime::artifact::Artifact,
+    weights: Option<&std::path::Path>,
+    random: Option<u64>,
+    ordinal: usize,
+    kind: &str,
+) -> Result<Box<dyn v3c_runtime::session::Program>, Failure> {
+    let ckpt;
+    let weights = match (weights, random) {
+        (Some(dir), _) => {
+            a.check_weights(dir).map_err(Failure::Other)?;
+            ckpt = v3c_models::checkpoint::Checkpoint::open(dir).map_err(|e| Failure::Other(e.to_string()))?;
+            v3c_runtime::gpu::Weights::Checkpoint(&ckpt)
+        }
+        (None, Some(seed)) => v3c_runtime::gpu::Weights::Random(seed),
+        (None, None) => return Err(Failure::Other("--weights or --random-weights".into())),
+    };
+    let start = std::time::Instant::now();
+    let program: Box<dyn v3c_runtime::session::Program> = if a.manifest.target.name != "cpu" {
+        let (bar, mut tick) = load_progress(&a);
+        let loaded = v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, ordinal, &mut tick);
+        bar.finish_and_clear();
+        Box::new(loaded.map_err(Failure::Other)?)
+    } else {
+        Box::new(v3c_runtime::cpu::CpuArtifact::load_weights(a, &weights).map_err(Failure::Other)?)
+    };
+    eprintln!("loaded in {:.2} s ({kind})", start.elapsed().as_secs_f64());
+    Ok(program)
+}
+
 fn load_progress(a: &v3c_runtime::artifact::Artifact) -> (indicatif::ProgressBar, impl FnMut(&str)) {
     let weights: std::collections::BTreeSet<&str> = a
         .plan
