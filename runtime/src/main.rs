@@ -736,7 +736,11 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     });
     let ids = std::cell::RefCell::new(Vec::new());
     let (mut line_no, mut refused, mut served, mut tokens) = (0usize, 0usize, 0usize, 0usize);
-    let reply = |v: serde_json::Value| println!("{v}");
+    // A line of stdout; a reader that went away (a closed pipe) ends the serving.
+    let reply = |v: serde_json::Value| -> Result<(), String> {
+        use std::io::Write;
+        writeln!(std::io::stdout().lock(), "{v}").map_err(|e| format!("writing a reply to stdout: {e}"))
+    };
     let micro = |x: f64| (x * 1e6).round() / 1e6;
     let start = std::time::Instant::now();
     let mut next = |idle: bool| loop {
@@ -762,7 +766,9 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             }
             Err(e) => {
                 refused += 1;
-                reply(serde_json::json!({"id": line_no, "error": format!("line {line_no}: {e}")}));
+                if reply(serde_json::json!({"id": line_no, "error": format!("line {line_no}: {e}")})).is_err() {
+                    return Arrival::Closed;
+                }
             }
         }
     };
@@ -770,7 +776,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         use v3c_runtime::session::Progress;
         let id = ids.borrow().get(i).cloned().unwrap_or(serde_json::Value::Null);
         match p {
-            Progress::Token(t) if args.stream => reply(serde_json::json!({"id": id, "token": t})),
+            Progress::Token(t) if args.stream => reply(serde_json::json!({"id": id, "token": t}))?,
             Progress::Token(_) => {}
             Progress::Ended(g) => {
                 served += 1;
@@ -783,9 +789,9 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                     "prefill_s": micro(g.prefill_s),
                     "total_s": micro(g.total_s),
                     "decode_tokens_per_s": micro(g.decode_tokens_per_s()),
-                }));
+                }))?;
             }
-            Progress::Refused(e) => reply(serde_json::json!({"id": id, "error": e})),
+            Progress::Refused(e) => reply(serde_json::json!({"id": id, "error": e}))?,
         }
         Ok(())
     };
