@@ -596,6 +596,13 @@ impl v3c_runtime::session::Program for EmulatedProgram<'_, '_> {
             false => Err(format!("this emulation keeps no {name} between runs")),
         }
     }
+
+    fn reclaim_rows(&self, name: &str, rows: usize) -> Result<(), String> {
+        match self.keeps {
+            true => self.emulator.borrow_mut().held.reclaim(name, rows),
+            false => Err(format!("this emulation keeps no {name} between runs")),
+        }
+    }
 }
 
 /// Host memory as the device of the optimizer's launches (row kernels, through their CPU lowering).

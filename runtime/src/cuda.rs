@@ -229,6 +229,13 @@ impl GpuArtifact {
     }
 }
 
+impl GpuArtifact {
+    /// See [`crate::session::Program::reclaim_rows`].
+    pub fn reclaim_rows(&self, name: &str, rows: usize) -> Result<(), String> {
+        self.held.borrow_mut().reclaim(name, rows)
+    }
+}
+
 impl Drop for GpuArtifact {
     fn drop(&mut self) {
         if let Some(g) = self.graph.get_mut().take() {

@@ -1231,6 +1231,21 @@ impl HeldInputs {
         Ok((*offset, bytes))
     }
 
+    /// Input `name`'s first `rows` rows hold what a run carried there or rows moved there, though
+    /// runs since gave the input as a larger shape (decode steps over a pool whose first pages no
+    /// sequence holds: a prefill's scratch rows, untouched): the caller's word, held within what
+    /// the input holds.
+    pub fn reclaim(&mut self, name: &str, rows: usize) -> Result<(), String> {
+        let (shape, element) = self.held.get(name).cloned().ok_or_else(|| format!("input {name} holds nothing"))?;
+        let (&width, outer) = shape.split_last().ok_or_else(|| format!("input {name} holds a scalar"))?;
+        let held: usize = outer.iter().product();
+        if rows > held {
+            return Err(format!("input {name}: {rows} rows reclaimed of the {held} it holds"));
+        }
+        self.held.insert(name.to_string(), (vec![rows, width], element));
+        Ok(())
+    }
+
     /// Rows `from..from + n` of what input `name` holds (`room` bytes) to rows `to..to + n`, which
     /// must not overlap them: the bytes of a row; the input then holds rows up to the last moved.
     pub fn moved(&mut self, name: &str, from: usize, to: usize, n: usize, room: usize) -> Result<usize, String> {

@@ -81,6 +81,14 @@ pub trait Program {
         let _ = (from, to, n);
         Err(format!("this program keeps no {name} on a device"))
     }
+    /// Takes the first `rows` rows of input `name` on the program's device as holding what was
+    /// carried or moved there, though decode steps since ran over the input as a whole (they wrote
+    /// none of those rows: a pool's scratch pages) — so that the next prefill chunk may name it
+    /// resident. Only where [`Program::carries_outputs`].
+    fn reclaim_rows(&self, name: &str, rows: usize) -> Result<(), String> {
+        let _ = rows;
+        Err(format!("this program keeps no {name} on a device"))
+    }
     /// Whether [`Program::argmax_last`] picks greedy tokens where the program runs (GPU artifacts
     /// with an argmax kernel: the logits are then not read back).
     fn device_argmax(&self) -> bool {
@@ -183,6 +191,9 @@ impl Program for crate::cuda::GpuArtifact {
     }
     fn move_rows(&self, name: &str, from: usize, to: usize, n: usize) -> Result<(), String> {
         crate::cuda::GpuArtifact::move_rows(self, name, from, to, n)
+    }
+    fn reclaim_rows(&self, name: &str, rows: usize) -> Result<(), String> {
+        crate::cuda::GpuArtifact::reclaim_rows(self, name, rows)
     }
     fn run_carrying(
         &self,
@@ -386,6 +397,19 @@ impl<'a> ArtifactSession<'a> {
     /// As [`ArtifactSession::prefill`], returning the logits of every prompt token (`[tokens,
     /// vocab]` row-major) and the vocabulary size.
     pub fn prefill_rows(&mut self, tokens: &[u32]) -> Result<(Vec<f32>, usize), String> {
+        let chunks = self.prefill_chunks(tokens)?;
+        let (mut logits, mut vocab) = (Vec::new(), 0);
+        for k in 0..chunks {
+            let (rows, v) = self.prefill_chunk(tokens, k)?;
+            logits.extend_from_slice(&rows);
+            vocab = v;
+        }
+        Ok((logits, vocab))
+    }
+
+    /// How many chunks of the prefill plan's rows feed `tokens` after the rows the session holds
+    /// (refused where the session or the plan cannot hold them).
+    fn prefill_chunks(&self, tokens: &[u32]) -> Result<usize, String> {
         if self.layout.is_some() {
             return Err("prefill after decoding started".into());
         }
@@ -407,50 +431,52 @@ impl<'a> ArtifactSession<'a> {
                 tokens.len()
             ));
         }
-        let (mut logits, mut vocab) = (Vec::new(), 0);
+        Ok(tokens.len().div_ceil(chunk))
+    }
+
+    /// Feeds chunk `k` of `tokens` (the prompt [`ArtifactSession::prefill_chunks`] counted; the
+    /// chunks in order); returns its tokens' logits and the vocabulary size.
+    fn prefill_chunk(&mut self, tokens: &[u32], k: usize) -> Result<(Vec<f32>, usize), String> {
+        let chunk = self.program.entry_plan("prefill")?.sizes.rows;
         let chunks = tokens.len().div_ceil(chunk);
+        let piece = tokens.chunks(chunk).nth(k).ok_or_else(|| format!("no chunk {k} of {chunks}"))?;
         let caches: Vec<&str> = self.caches.iter().map(String::as_str).collect();
-        for (k, piece) in tokens.chunks(chunk).enumerate() {
-            // A program that keeps inputs keeps the caches on its device from chunk to chunk (and
-            // into the decode steps where it may): they cross to the host only when asked for.
-            let carry = self.program.carries_outputs() && (k + 1 < chunks || self.decode_on_device);
-            let resident: &[&str] = if self.carried { &caches } else { &[] };
-            let start = self.position as i64;
-            let mut inputs = std::mem::take(&mut self.state);
-            inputs.insert("tokens".into(), ids(piece.iter().map(|&t| t as i64).collect()));
-            inputs.insert("positions".into(), ids((start..start + piece.len() as i64).collect()));
-            if self.has_mtp {
-                // The MTP layer at position i reads token i + 1: known inside the prompt.
-                let next = tokens.iter().skip(k * chunk + 1).map(|&t| t as i64).chain(std::iter::repeat(0));
-                inputs.insert("mtp_tokens".into(), ids(next.take(piece.len()).collect()));
-            }
-            let (wanted, carried): (Vec<&str>, &[&str]) = match carry {
-                true => (vec!["logits"], &caches),
-                false => (self.wanted(), &[]),
-            };
-            let ran = self.program.run_carrying("prefill", &inputs, &wanted, resident, carried);
-            let mut out = ran.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
-            let rows = out.get("logits").ok_or("the entry has no logits")?;
-            let (HostData::F32(v), &[_, v_size]) = (&rows.data, &rows.shape[..]) else {
-                return Err("logits are not f32 [tokens, vocab]".into());
-            };
-            vocab = v_size;
-            logits.extend_from_slice(v);
-            for c in &self.caches {
-                let grown = match carry {
-                    // On the device: the host keeps the shape.
-                    true => HostBuffer {
-                        shape: vec![self.position + piece.len(), self.width],
-                        data: HostData::F32(Vec::new()),
-                    },
-                    false => out.remove(c).ok_or_else(|| format!("prefill gave no {c}"))?,
-                };
-                self.state.insert(c.clone(), grown);
-            }
-            self.carried = carry;
-            self.position += piece.len();
+        // A program that keeps inputs keeps the caches on its device from chunk to chunk (and
+        // into the decode steps where it may): they cross to the host only when asked for.
+        let carry = self.program.carries_outputs() && (k + 1 < chunks || self.decode_on_device);
+        let resident: &[&str] = if self.carried { &caches } else { &[] };
+        let start = self.position as i64;
+        let mut inputs = std::mem::take(&mut self.state);
+        inputs.insert("tokens".into(), ids(piece.iter().map(|&t| t as i64).collect()));
+        inputs.insert("positions".into(), ids((start..start + piece.len() as i64).collect()));
+        if self.has_mtp {
+            // The MTP layer at position i reads token i + 1: known inside the prompt.
+            let next = tokens.iter().skip(k * chunk + 1).map(|&t| t as i64).chain(std::iter::repeat(0));
+            inputs.insert("mtp_tokens".into(), ids(next.take(piece.len()).collect()));
         }
-        Ok((logits, vocab))
+        let (wanted, carried): (Vec<&str>, &[&str]) = match carry {
+            true => (vec!["logits"], &caches),
+            false => (self.wanted(), &[]),
+        };
+        let ran = self.program.run_carrying("prefill", &inputs, &wanted, resident, carried);
+        let mut out = ran.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
+        let rows = out.remove("logits").ok_or("the entry has no logits")?;
+        let (HostData::F32(v), &[_, vocab]) = (rows.data, &rows.shape[..]) else {
+            return Err("logits are not f32 [tokens, vocab]".into());
+        };
+        for c in &self.caches {
+            let grown = match carry {
+                // On the device: the host keeps the shape.
+                true => {
+                    HostBuffer { shape: vec![self.position + piece.len(), self.width], data: HostData::F32(Vec::new()) }
+                }
+                false => out.remove(c).ok_or_else(|| format!("prefill gave no {c}"))?,
+            };
+            self.state.insert(c.clone(), grown);
+        }
+        self.carried = carry;
+        self.position += piece.len();
+        Ok((v, vocab))
     }
 
     /// Feeds one token at the next position; returns its logits.
@@ -534,6 +560,19 @@ pub struct ArtifactBatch<'a> {
     vacant: Vec<bool>,
     /// Sequences may join ([`ArtifactBatch::open`]).
     joinable: bool,
+    /// A prompt being prefilled into a slot.
+    joining: Option<Joining<'a>>,
+}
+
+/// A prompt being prefilled into slot `slot`, chunk by chunk ([`ArtifactBatch::start_join`]).
+struct Joining<'a> {
+    slot: usize,
+    prompt: Vec<u32>,
+    limit: usize,
+    session: ArtifactSession<'a>,
+    chunks: usize,
+    /// The next chunk to run.
+    next: usize,
 }
 
 /// Whether sequences can join a running batch on `program` ([`ArtifactBatch::open`]): its caches
@@ -618,6 +657,7 @@ impl<'a> ArtifactBatch<'a> {
             keep: on_device,
             vacant: vec![true; slots],
             joinable: true,
+            joining: None,
         })
     }
 
@@ -631,8 +671,23 @@ impl<'a> ArtifactBatch<'a> {
     /// is prefilled on its own and its caches go to the slot's rows or pages (moved there on the
     /// device from the prefill's scratch pages, or laid in on the host). Returns its last logits.
     pub fn join(&mut self, i: usize, prompt: &[u32], limit: usize) -> Result<Vec<f32>, String> {
+        self.start_join(i, prompt, limit)?;
+        loop {
+            if let Some((_, logits)) = self.continue_join()? {
+                return Ok(logits);
+            }
+        }
+    }
+
+    /// As [`ArtifactBatch::join`], the prefill in chunks that [`ArtifactBatch::continue_join`]
+    /// runs, so that decode steps of the running sequences may go between them. One join at a
+    /// time; slot `i` is taken (not decoded) until it ends.
+    pub fn start_join(&mut self, i: usize, prompt: &[u32], limit: usize) -> Result<(), String> {
         if !self.joinable {
             return Err("this batch was prefilled whole: no sequence joins it".into());
+        }
+        if let Some(j) = &self.joining {
+            return Err(format!("slot {} is still being joined", j.slot));
         }
         if !self.vacant.get(i).copied().unwrap_or(false) {
             return Err(format!("slot {i} of {} holds a sequence", self.vacant.len()));
@@ -644,10 +699,45 @@ impl<'a> ArtifactBatch<'a> {
         if self.on_device && prompt.len() > scratch {
             return Err(format!("a prompt of {} tokens: the batch's prefills have {scratch} rows", prompt.len()));
         }
-        let mut one = ArtifactSession::new(self.program, limit)?;
-        one.decode_on_device = self.on_device;
-        let logits = one.prefill(prompt)?;
-        let n = prompt.len();
+        let mut session = ArtifactSession::new(self.program, limit)?;
+        session.decode_on_device = self.on_device;
+        let chunks = session.prefill_chunks(prompt)?;
+        self.vacant[i] = false;
+        self.joining = Some(Joining { slot: i, prompt: prompt.to_vec(), limit, session, chunks, next: 0 });
+        Ok(())
+    }
+
+    /// Whether a join is under way.
+    pub fn joining(&self) -> bool {
+        self.joining.is_some()
+    }
+
+    /// The next chunk of the join under way — all of them where the prefill's caches cross to the
+    /// device between chunks that decode steps would overwrite (a program that carries them over
+    /// without keeping the decode's there). After the last: the caches go to the slot's rows or
+    /// pages (moved on the device from the scratch pages, or laid in on the host) and the slot
+    /// and its prompt's last logits come back.
+    pub fn continue_join(&mut self) -> Result<Option<(usize, Vec<f32>)>, String> {
+        let interleave = self.on_device || !self.program.carries_outputs();
+        let j = self.joining.as_mut().ok_or("no join under way")?;
+        let mut last = Vec::new();
+        while j.next < j.chunks {
+            if self.on_device && j.next > 0 {
+                // Decode steps since the last chunk gave the caches as the whole pool; the
+                // scratch rows (no sequence's pages) still hold the prompt's rows so far.
+                for c in &self.caches {
+                    self.program.reclaim_rows(c, j.session.position)?;
+                }
+            }
+            let (rows, vocab) = j.session.prefill_chunk(&j.prompt, j.next)?;
+            j.next += 1;
+            last = rows[rows.len() - vocab..].to_vec();
+            if interleave && j.next < j.chunks {
+                return Ok(None);
+            }
+        }
+        let Some(j) = self.joining.take() else { return Err("no join under way".into()) };
+        let (i, n) = (j.slot, j.prompt.len());
         let runs = self.layout.place_runs(i, n)?;
         for c in &self.caches {
             match self.on_device {
@@ -657,14 +747,14 @@ impl<'a> ArtifactBatch<'a> {
                     }
                 }
                 false => {
-                    let HostData::F32(rows) = &one.state[c].data else { return Err(format!("{c} is not f32")) };
+                    let HostData::F32(rows) = &j.session.state[c].data else { return Err(format!("{c} is not f32")) };
                     let cache = self.state.get_mut(c).ok_or_else(|| format!("no {c} in the batch"))?;
                     self.layout.lay_into(cache, i, rows)?;
                 }
             }
         }
-        (self.positions[i], self.limits[i], self.vacant[i]) = (n, limit, false);
-        Ok(logits)
+        (self.positions[i], self.limits[i]) = (n, j.limit);
+        Ok(Some((i, last)))
     }
 
     /// Prefills `prompts` (each on its own) for sequences of at most `max_len` tokens; returns the
@@ -766,6 +856,7 @@ impl<'a> ArtifactBatch<'a> {
                 keep: true,
                 vacant,
                 joinable: false,
+                joining: None,
             },
             logits,
         ))
@@ -983,6 +1074,8 @@ struct Running {
     tokens: Vec<u32>,
     /// Its prefill's logits until its first token is picked.
     prefilled: Option<Vec<f32>>,
+    /// Its prompt is still being prefilled ([`ArtifactBatch::continue_join`]).
+    joining: bool,
     /// Seconds since the start when it joined, its wait before, and its prefill's.
     joined_s: f64,
     queued_s: f64,
@@ -1016,8 +1109,21 @@ pub fn serve(
     let (mut committed, mut prefill_s, mut joined, mut started) = (0, 0.0, 0, false);
     let mut logits = Next::Tokens(Vec::new());
     loop {
-        // Waiting requests join vacant slots, in order, while the pool has their pages.
+        // Waiting requests join vacant slots, in order, while the pool has their pages: one
+        // prefill chunk between decode steps.
         loop {
+            if let Some(s) = running.iter().position(|r| r.as_ref().is_some_and(|r| r.joining)) {
+                let at = start.elapsed().as_secs_f64();
+                let finished = batch.continue_join()?;
+                let took = start.elapsed().as_secs_f64() - at;
+                prefill_s += took;
+                let Some(r) = running[s].as_mut() else { break };
+                r.prefill_s += took;
+                match finished {
+                    Some((_, logits)) => (r.prefilled, r.joining) = (Some(logits), false),
+                    None => break,
+                }
+            }
             if head.is_none() && !closed {
                 match next(running.iter().all(Option::is_none)) {
                     Arrival::Request(r) => head = Some((arrived, r, start.elapsed().as_secs_f64())),
@@ -1045,19 +1151,18 @@ pub fn serve(
                 break;
             };
             let joined_s = start.elapsed().as_secs_f64();
-            let prefilled = Some(batch.join(s, &r.prompt, limit)?);
-            let took = start.elapsed().as_secs_f64() - joined_s;
-            prefill_s += took;
+            batch.start_join(s, &r.prompt, limit)?;
             committed += room.map_or(0, |_| pages_of(limit));
             joined += usize::from(started);
             let queued_s = joined_s - arrived_s;
+            let (tokens, prefilled, joining) = (Vec::new(), None, true);
             running[s] =
-                Some(Running { id, request: r, tokens: Vec::new(), prefilled, joined_s, queued_s, prefill_s: took });
+                Some(Running { id, request: r, tokens, prefilled, joining, joined_s, queued_s, prefill_s: 0.0 });
         }
         // Each sequence's next token; those that end leave their slot.
         let mut active = vec![false; slots];
         for (s, slot) in running.iter_mut().enumerate() {
-            let Some(r) = slot else { continue };
+            let Some(r) = slot.as_mut().filter(|r| !r.joining) else { continue };
             if r.tokens.len() < r.request.max_new {
                 let t = match r.prefilled.take() {
                     Some(l) => r.request.sampler.sample(&l),
@@ -1085,7 +1190,7 @@ pub fn serve(
             let greedy = running.iter().flatten().all(|r| r.request.sampler.temperature <= 0.0);
             logits = batch.decode(&fed, &active, greedy)?;
             started = true;
-        } else if closed && head.is_none() {
+        } else if closed && head.is_none() && running.iter().all(Option::is_none) {
             return Ok((joined, prefill_s));
         }
     }
@@ -1227,6 +1332,12 @@ mod tests {
         carried_in: RefCell<usize>,
         /// Rows moved on the device.
         moved: RefCell<usize>,
+        /// Prefill chunks that took their caches back after decode steps.
+        reclaimed: RefCell<usize>,
+        /// Prefill chunks after the first of a prompt run right after a decode step, and the
+        /// entry of the last run.
+        interleaved: RefCell<usize>,
+        last_entry: RefCell<String>,
     }
 
     impl Toy {
@@ -1247,6 +1358,9 @@ mod tests {
                 pool_pages: RefCell::new(0),
                 carried_in: RefCell::new(0),
                 moved: RefCell::new(0),
+                reclaimed: RefCell::new(0),
+                interleaved: RefCell::new(0),
+                last_entry: RefCell::new(String::new()),
             }
         }
 
@@ -1313,6 +1427,19 @@ mod tests {
             Ok(())
         }
 
+        fn reclaim_rows(&self, name: &str, rows: usize) -> Result<(), String> {
+            assert_eq!(name, "kv_cache.0");
+            let mut device = self.device.borrow_mut();
+            let held = device.as_mut().ok_or("nothing resident")?;
+            let n: usize = held.shape[..held.shape.len() - 1].iter().product();
+            if rows > n {
+                return Err(format!("{rows} rows reclaimed of {n}"));
+            }
+            held.shape = vec![rows, WIDTH];
+            *self.reclaimed.borrow_mut() += 1;
+            Ok(())
+        }
+
         fn device_argmax(&self) -> bool {
             self.argmax
         }
@@ -1348,6 +1475,10 @@ mod tests {
             carry: &[&str],
         ) -> Result<HashMap<String, HostBuffer>, String> {
             let (tokens, positions) = (i64s(&inputs["tokens"]), i64s(&inputs["positions"]));
+            let after = self.last_entry.replace(entry.to_string());
+            if entry == "prefill" && positions[0] > 0 && after == "decode" {
+                *self.interleaved.borrow_mut() += 1;
+            }
             let mut out = HashMap::new();
             let given = &inputs["kv_cache.0"];
             // The device's region: what it holds (its shape) first, then what runs and moves left
@@ -1678,6 +1809,8 @@ mod tests {
             let served = serve(&toy, 2, None);
             assert_eq!(tokens(&served), alone, "{name}");
             assert_eq!((served.slots, served.joined), (2, 3), "{name}");
+            // A joining prompt's chunks go between the running sequences' decode steps.
+            assert!(*toy.interleaved.borrow() > 0, "{name}");
             // Sequences ending at an eos leave early: the tokens up to it.
             let eos = alone[1][3];
             let cut: Vec<Vec<u32>> = alone
@@ -1687,7 +1820,7 @@ mod tests {
             assert_eq!(tokens(&serve(&toy, 2, Some(eos))), cut, "{name}");
             if toy.keeps {
                 assert_eq!(*toy.uploads.borrow(), 0, "{name}: the caches never crossed to the device");
-                assert!(*toy.moved.borrow() > 0);
+                assert!(*toy.moved.borrow() > 0 && *toy.reclaimed.borrow() > 0);
                 // Pages: the longest prompt's scratch page, then the two longest sequences' 2 + 1.
                 assert_eq!(*toy.pool_pages.borrow(), 1 + 2 + 1, "{name}");
             }
