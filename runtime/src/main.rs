@@ -37,6 +37,7 @@ enum Command {
     /// {"prompt": [ids], "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S, "id": ...} —
     /// with at most --batch sequences decoding together, each request joining the running batch as
     /// it arrives (a slot and cache pages free); one JSON line per request on stdout as it ends.
+    /// --max-new-tokens, --temperature, --top-p and --seed fill what a request leaves out.
     Serve(ServeArgs),
     /// Logits of every token of a prompt (the prefill entry, from position 0) written as safetensors
     /// (`logits` F32 [tokens, vocab]): how an artifact is checked against `v3c logits`.
@@ -266,6 +267,27 @@ struct TuneArgs {
     again: bool,
 }
 
+/// How many tokens to generate and how to pick them (`v3r run`; what a `v3r serve` request does
+/// not say).
+#[derive(Args)]
+struct Generating {
+    /// How many tokens to generate after each prompt.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler (each sequence has its own).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
 #[derive(Args)]
 struct ServeArgs {
     /// Artifact directory written by `v3c compile` (its decode entry over a pool of cache pages:
@@ -277,21 +299,9 @@ struct ServeArgs {
     /// At most N sequences decode together (default: the artifact's --max-batch).
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
-    /// New tokens per request unless it says (max_new_tokens).
-    #[arg(long, value_name = "N", default_value_t = 16)]
-    max_new_tokens: usize,
-    /// Sampling temperature unless a request says; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Nucleus sampling threshold in (0, 1] unless a request says.
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Seed of each request's sampler unless it says.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Keep generating after the end-of-sequence token.
-    #[arg(long)]
-    ignore_eos: bool,
+    /// What a request does not say (its max_new_tokens, temperature, top_p, seed).
+    #[command(flatten)]
+    generating: Generating,
     /// Also a JSON line {"id": ..., "token": T} for every token as it is picked.
     #[arg(long)]
     stream: bool,
@@ -321,21 +331,8 @@ struct RunArgs {
     /// cache pages has room for its prompt and new tokens.
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
-    /// How many tokens to generate after the prompt.
-    #[arg(long, value_name = "N", default_value_t = 16)]
-    max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Nucleus sampling threshold in (0, 1].
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Seed of the sampler.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Keep generating after the end-of-sequence token.
-    #[arg(long)]
-    ignore_eos: bool,
+    #[command(flatten)]
+    generating: Generating,
     /// Speculative decoding with the MTP module: each pass of the main model verifies the MTP
     /// module's draft of the next token and, when it agrees, yields two tokens (greedy only; one
     /// prompt; an artifact compiled with `v3c compile --speculative`). Prints the drafts' acceptance.
@@ -706,23 +703,24 @@ fn eos_of(a: &v3c_runtime::artifact::Artifact, ignore: bool) -> Option<u32> {
 
 fn serve(args: &ServeArgs) -> Result<(), Failure> {
     use v3c_runtime::session::Arrival;
-    v3c_runtime::cli::check_sampling(args.temperature, args.top_p).map_err(|e| Failure::Other(format!("--{e}")))?;
+    v3c_runtime::cli::check_sampling(args.generating.temperature, args.generating.top_p)
+        .map_err(|e| Failure::Other(format!("--{e}")))?;
     if args.batch == Some(0) {
         return Err(Failure::Other("--batch 0: at least one sequence decodes at a time".into()));
     }
     let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
-    let eos = eos_of(&a, args.ignore_eos);
+    let eos = eos_of(&a, args.generating.ignore_eos);
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let program = program.as_ref();
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
     let (max_len, max_prompt, rows) = serving_limits(program).map_err(at)?;
     let slots = args.batch.unwrap_or(rows);
     let defaults = v3c_runtime::cli::RequestDefaults {
-        max_new: args.max_new_tokens,
-        temperature: args.temperature,
-        top_p: args.top_p,
-        seed: args.seed,
+        max_new: args.generating.max_new_tokens,
+        temperature: args.generating.temperature,
+        top_p: args.generating.top_p,
+        seed: args.generating.seed,
     };
     // Lines from stdin as they come; a request's id is its own or its line's number.
     let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -977,7 +975,8 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
 }
 
 fn run(args: &RunArgs) -> Result<(), Failure> {
-    v3c_runtime::cli::check_sampling(args.temperature, args.top_p).map_err(|e| Failure::Other(format!("--{e}")))?;
+    v3c_runtime::cli::check_sampling(args.generating.temperature, args.generating.top_p)
+        .map_err(|e| Failure::Other(format!("--{e}")))?;
     let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
     let mut prompts: Vec<Vec<u32>> = args
         .prompt_tokens
@@ -993,16 +992,16 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     }
     let prompt = prompts.first().cloned().ok_or_else(|| Failure::Other("no prompt given".into()))?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
-    let eos = eos_of(&a, args.ignore_eos);
+    let eos = eos_of(&a, args.generating.ignore_eos);
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let program = program.as_ref();
     if args.speculative {
-        if prompts.len() > 1 || args.temperature != 0.0 {
+        if prompts.len() > 1 || args.generating.temperature != 0.0 {
             return Err(Failure::Other(
                 "--speculative generates greedily for one prompt (no --temperature, one --prompt-tokens)".into(),
             ));
         }
-        let s = v3c_runtime::speculative::generate_speculative(program, &prompt, args.max_new_tokens, eos)
+        let s = v3c_runtime::speculative::generate_speculative(program, &prompt, args.generating.max_new_tokens, eos)
             .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
         let text: Vec<String> = s.generation.tokens.iter().map(u32::to_string).collect();
         println!("{}", text.join(" "));
@@ -1017,13 +1016,25 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     }
     if prompts.len() > 1 || args.batch.is_some() {
         let mut samplers: Vec<_> = (0..prompts.len())
-            .map(|_| v3c_models::reference::Sampler::new(args.temperature, args.top_p, args.seed))
+            .map(|_| {
+                v3c_models::reference::Sampler::new(
+                    args.generating.temperature,
+                    args.generating.top_p,
+                    args.generating.seed,
+                )
+            })
             .collect();
         let rows = program.entry_plan("decode").map_err(Failure::Other)?.sizes.rows;
         let slots = args.batch.unwrap_or(rows.min(prompts.len()));
-        let served =
-            v3c_runtime::session::generate_queue(program, &prompts, slots, args.max_new_tokens, &mut samplers, eos)
-                .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
+        let served = v3c_runtime::session::generate_queue(
+            program,
+            &prompts,
+            slots,
+            args.generating.max_new_tokens,
+            &mut samplers,
+            eos,
+        )
+        .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
         let generations = &served.generations;
         for g in generations {
             let text: Vec<String> = g.tokens.iter().map(u32::to_string).collect();
@@ -1051,11 +1062,14 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         );
         return Ok(());
     }
-    let mut session = v3c_runtime::session::ArtifactSession::new(program, prompt.len() + args.max_new_tokens)
-        .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
-    let mut sampler = v3c_models::reference::Sampler::new(args.temperature, args.top_p, args.seed);
-    let generation = v3c_runtime::session::generate(&mut session, &prompt, args.max_new_tokens, &mut sampler, eos)
-        .map_err(Failure::Other)?;
+    let mut session =
+        v3c_runtime::session::ArtifactSession::new(program, prompt.len() + args.generating.max_new_tokens)
+            .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
+    let mut sampler =
+        v3c_models::reference::Sampler::new(args.generating.temperature, args.generating.top_p, args.generating.seed);
+    let generation =
+        v3c_runtime::session::generate(&mut session, &prompt, args.generating.max_new_tokens, &mut sampler, eos)
+            .map_err(Failure::Other)?;
     let text: Vec<String> = generation.tokens.iter().map(u32::to_string).collect();
     println!("{}", text.join(" "));
     eprintln!("{} ({kind})", generation.summary(prompt.len()));

@@ -202,16 +202,12 @@ pub fn generate_speculative(
     let (mut drafted, mut accepted) = (0, 0);
     let last = logits.last().ok_or("prefill gave no logits")?;
     let mut x = greedy(last);
+    let generated = |tokens, stopped_at_eos| {
+        let total_s = start.elapsed().as_secs_f64();
+        Generation { tokens, stopped_at_eos, prefill_s, total_s, pages: None, queued_s: 0.0 }
+    };
     if max_new == 0 || emit(x, &mut tokens) {
-        let generation = Generation {
-            tokens,
-            stopped_at_eos,
-            prefill_s,
-            total_s: start.elapsed().as_secs_f64(),
-            pages: None,
-            queued_s: 0.0,
-        };
-        return Ok(Speculation { generation, drafted, accepted });
+        return Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted });
     }
     // MTP rows of the prompt: hidden state i with token i + 1 (the last with x).
     let next: Vec<u32> = prompt[1..].iter().copied().chain([x]).collect();
@@ -244,13 +240,5 @@ pub fn generate_speculative(
         };
         d = greedy(drafts.last().ok_or("draft gave no logits")?);
     }
-    let generation = Generation {
-        tokens,
-        stopped_at_eos,
-        prefill_s,
-        total_s: start.elapsed().as_secs_f64(),
-        pages: None,
-        queued_s: 0.0,
-    };
-    Ok(Speculation { generation, drafted, accepted })
+    Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted })
 }
