@@ -553,9 +553,6 @@ pub struct ArtifactBatch<'a> {
     resident: bool,
     /// Prefills leave their caches on the program's device, and the steps take them there.
     on_device: bool,
-    /// The decode steps may leave the caches on the device (else they come back each step: the
-    /// host lays joining sequences' rows into them).
-    keep: bool,
     /// Per slot: it holds no sequence (none joined it, or its sequence finished).
     vacant: Vec<bool>,
     /// Sequences may join ([`ArtifactBatch::open`]).
@@ -630,7 +627,8 @@ impl<'a> ArtifactBatch<'a> {
                 let room = want.min(bound.saturating_sub(scratch));
                 if room < pages[0] {
                     return Err(format!(
-                        "a sequence of {max_len} tokens needs {} pages of 64 rows; the decode plan's pool holds {bound}{}                          (compile with a larger --max-context or --max-batch)",
+                        "a sequence of {max_len} tokens needs {} pages of 64 rows; the decode plan's pool holds {bound}{} \
+                         (compile with a larger --max-context or --max-batch)",
                         pages[0],
                         if scratch > 0 { format!(", {scratch} of them for a {max_prompt}-token prompt's prefill") } else { String::new() }
                     ));
@@ -654,7 +652,6 @@ impl<'a> ArtifactBatch<'a> {
             has_mtp,
             resident: on_device,
             on_device,
-            keep: on_device,
             vacant: vec![true; slots],
             joinable: true,
             joining: None,
@@ -853,7 +850,6 @@ impl<'a> ArtifactBatch<'a> {
                 has_mtp,
                 resident,
                 on_device,
-                keep: true,
                 vacant,
                 joinable: false,
                 joining: None,
@@ -900,7 +896,10 @@ impl<'a> ArtifactBatch<'a> {
             inputs.insert("mtp_tokens".into(), ids(vec![0; n]));
         }
         let caches: Vec<&str> = self.caches.iter().map(String::as_str).collect();
-        let stepped = step_keeping(self.program, &inputs, &caches, &mut self.resident, greedy, self.keep);
+        // The steps may leave the caches on the device unless joining sequences' rows are laid
+        // into them on the host.
+        let keep = self.on_device || !self.joinable;
+        let stepped = step_keeping(self.program, &inputs, &caches, &mut self.resident, greedy, keep);
         let (mut out, next) = stepped.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
         for c in &self.caches {
             let cache = out.remove(c).or_else(|| inputs.remove(c)).ok_or_else(|| format!("decode gave no {c}"))?;
