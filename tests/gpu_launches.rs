@@ -819,3 +819,48 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
     let mut session = ArtifactSession::new(&device, 80).unwrap();
     assert_eq!(generate(&mut session, &third, 50, &mut greedy(), None).unwrap().tokens, alone[2]);
 }
+
+/// Over fp8 cache rows (`--kv-cache fp8`, 512 e4m3 latent bytes, their scales and the bf16 rope key
+/// a row), on the emulated device: a third prompt joining a batch of two when the first stops at an
+/// end token — its chunks carried into the scratch pages between decode steps, reclaimed, its
+/// packed rows moved to the pages the first gave back — gives every sequence's tokens generated
+/// alone on the same device.
+#[test]
+fn a_prompt_joining_over_fp8_cache_rows_gets_its_tokens_alone() {
+    use v3c_runtime::session::{generate, generate_queue, ArtifactSession};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = small_checkpoint(dir.path());
+    let out = dir.path().join("artifact");
+    let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--max-rows", "8"];
+    let extra = ["--kv-cache", "fp8", "--max-context", "128", "--out", out.to_str().unwrap()];
+    let compiled = run_binary("v3c", &[&args[..], &extra].concat());
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
+    let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
+    let context = v3c_compiler::mlir::new_context();
+    let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
+    let emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
+    let device = v3c_compiler::emulate::EmulatedProgram::on_device(emulator);
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![3, 90, 27, 311, 243, 7, 100, 5, 64, 2, 19, 400],
+        vec![8, 1, 77, 500, 23, 42, 9, 9, 13, 250, 31, 6, 17, 88, 120, 3, 55, 71, 2, 10],
+        (0..30).map(|i| (i * 37 + 11) % 512).collect(),
+    ];
+    let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| generate(&mut ArtifactSession::new(&device, p.len() + 40).unwrap(), p, 40, &mut greedy(), None))
+        .map(|g| g.unwrap().tokens)
+        .collect();
+    // An end token that stops the first sequence early and the second well after it.
+    let first = |t: &[u32], x: u32| t.iter().position(|&y| y == x).unwrap_or(usize::MAX);
+    let eos = (2..20)
+        .map(|k| alone[0][k])
+        .find(|&x| first(&alone[0], x) >= 2 && first(&alone[1], x) > first(&alone[0], x) + 4)
+        .expect("an end token for the first sequence only");
+    let cut: Vec<Vec<u32>> =
+        alone.iter().map(|t| t.iter().position(|&x| x == eos).map_or(t.clone(), |at| t[..=at].to_vec())).collect();
+    let served = generate_queue(&device, &prompts, 2, 40, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
+    assert_eq!(served.joined, 1);
+    assert_eq!(served.generations.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), cut);
+}
