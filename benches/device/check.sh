@@ -202,14 +202,22 @@ if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]'
     else
       row "3. joining a running batch" "FAILED" "v3r run --batch 2 failed (check.log)"
     fi
-    # The same three as requests to `v3r serve` on stdin (a JSON line back for each as it ends).
+    # Three requests to `v3r serve` on stdin — the first prompt asking for 30 tokens only, then the
+    # second prompt twice: the third joins when the first ends, while the second still runs (its
+    # two prefill chunks of 16 rows on either side of one of the second's decode steps, its rows
+    # reclaimed in the scratch pages); each a JSON line back as it ends: the first 30 of the first
+    # prompt's tokens alone, then the second's all, twice.
+    ids() { tr ' ' ',' < "$1"; }
+    printf '{"prompt": [%s], "max_new_tokens": 30}\n{"prompt": [%s]}\n{"prompt": [%s]}\n' "$(ids "$e2e/prompt1.txt")" \
+      "$(ids "$e2e/prompt2.txt")" "$(ids "$e2e/prompt2.txt")" > "$out/serve_requests.jsonl"
     if timeout 60 "$v3r" serve "$e2e/sm90tc" --weights "$e2e/ckpt" --batch 2 --max-new-tokens 100 --ignore-eos \
-        < "$out/queue_prompts.txt" > "$out/serve.jsonl" 2>>"$log"; then
+        < "$out/serve_requests.jsonl" > "$out/serve.jsonl" 2>>"$log"; then
       python3 -c 'import json, sys
 r = sorted((json.loads(l) for l in open(sys.argv[1])), key=lambda v: v["id"])
 print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) for v in r))' "$out/serve.jsonl" > "$out/serve_tokens.txt"
-      if cmp -s "$out/serve_tokens.txt" "$out/queue_tokens.txt"; then row "3. v3r serve" "ok" "3 requests on stdin = each alone"
-      else row "3. v3r serve" "DIFFERS" "serve.jsonl vs queue_tokens.txt"; fi
+      if cmp -s "$out/serve_tokens.txt" <(head -1 "$out/pool_alone.txt" | cut -d' ' -f1-30; tail -1 "$out/pool_alone.txt"; tail -1 "$out/pool_alone.txt"); then
+        row "3. v3r serve" "ok" "a request joining mid-run = alone"
+      else row "3. v3r serve" "DIFFERS" "serve.jsonl vs pool_alone.txt"; fi
     else
       row "3. v3r serve" "FAILED" "v3r serve failed (check.log)"
     fi
