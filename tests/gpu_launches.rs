@@ -470,9 +470,20 @@ fn tensor_core_prefill_attention_of_the_f32_graph_follows_the_cpu_backend() {
 /// `ckpt` compiled for sm_90a with the defaults (8 rows, 16 cached) and `extra` arguments into
 /// `dir/artifact`, and the compile's report.
 fn compile_default(ckpt: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> (std::path::PathBuf, String) {
+    compile_within(ckpt, dir, 16, extra)
+}
+
+/// As [`compile_default`], for caches of `context` rows.
+fn compile_within(
+    ckpt: &std::path::Path,
+    dir: &std::path::Path,
+    context: usize,
+    extra: &[&str],
+) -> (std::path::PathBuf, String) {
     let out = dir.join("artifact");
     let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--max-rows", "8"];
-    let rest = ["--max-context", "16", "--out", out.to_str().unwrap()];
+    let context = context.to_string();
+    let rest = ["--max-context", context.as_str(), "--out", out.to_str().unwrap()];
     let compiled = run_binary("v3c", &[&args[..], &rest, extra].concat());
     let err = String::from_utf8_lossy(&compiled.stderr).to_string();
     assert!(compiled.status.success(), "{err}");
@@ -767,10 +778,7 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
     use v3c_runtime::session::{generate, generate_batch, generate_queue, ArtifactSession};
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint(dir.path());
-    let out = dir.path().join("artifact");
-    let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--max-rows", "8"];
-    let compiled = run_binary("v3c", &[&args[..], &["--max-context", "128", "--out", out.to_str().unwrap()]].concat());
-    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    let (out, _) = compile_within(&ckpt, dir.path(), 128, &[]);
     let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
     let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
     let context = v3c_compiler::mlir::new_context();
@@ -830,11 +838,7 @@ fn a_prompt_joining_over_fp8_cache_rows_gets_its_tokens_alone() {
     use v3c_runtime::session::{generate, generate_queue, ArtifactSession};
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint(dir.path());
-    let out = dir.path().join("artifact");
-    let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--max-rows", "8"];
-    let extra = ["--kv-cache", "fp8", "--max-context", "128", "--out", out.to_str().unwrap()];
-    let compiled = run_binary("v3c", &[&args[..], &extra].concat());
-    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    let (out, _) = compile_within(&ckpt, dir.path(), 128, &["--kv-cache", "fp8"]);
     let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
     let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
     let context = v3c_compiler::mlir::new_context();
