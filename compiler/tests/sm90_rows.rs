@@ -110,6 +110,7 @@ fn training_kernels() -> Vec<RowKernel> {
         train(TrainRow::RmsNormGrad { eps: 1e-6 }, 1536, "f32"),
         train(TrainRow::RmsNormDw, 7168, "f32"),
         train(TrainRow::EmbedGrad, 7168, "f32"),
+        train(TrainRow::IdRank, 256, "f32"),
         train(TrainRow::RowRange { into: true, shifted: true }, 576, "f32"),
         train(TrainRow::RowRange { into: false, shifted: false }, 576, "f32"),
         train(TrainRow::CrossEntropy { grad: true, weight: 0.3 }, 129_280, "f32"),

@@ -199,13 +199,6 @@ fn row_of_op(body: &Body, o: &OperationRef, name: &str) -> Option<Result<RowLaun
                 let op = TrainRow::RouteGrad { norm: flag(o, "norm_topk_prob"), scale };
                 Ok(launch(train_kernel(op, width(&logits)?, "f32"), in_order().collect()))
             }
-            "embed_grad" => {
-                let dy = operand_shape(o, 1)?;
-                if dy.element != "f32" {
-                    return Err(format!("embed_grad of {dy}"));
-                }
-                Ok(launch(train_kernel(TrainRow::EmbedGrad, width(&dy)?, "f32"), in_order().collect()))
-            }
             "moe_route" => {
                 let (x, gate) = (operand_shape(o, 0)?, operand_shape(o, 1)?);
                 if x.element != "f32" {
@@ -230,8 +223,8 @@ fn row_of_op(body: &Body, o: &OperationRef, name: &str) -> Option<Result<RowLaun
         }
     };
     match name.as_str() {
-        "add" | "silu_mul" | "silu_mul_grad" | "matmul" | "linear" | "lm_head" | "rope" | "rope_grad"
-        | "embed_grad" | "moe_route" | "split_grad" | "cross_entropy_grad" | "route_logits_grad" => Some(row()),
+        "add" | "silu_mul" | "silu_mul_grad" | "matmul" | "linear" | "lm_head" | "rope" | "rope_grad" | "moe_route"
+        | "split_grad" | "cross_entropy_grad" | "route_logits_grad" => Some(row()),
         _ => None,
     }
 }
@@ -252,6 +245,7 @@ pub fn steps_of_train_kernel(kernel: &OperationRef) -> Option<Result<Steps, Stri
     }
     match names[..] {
         ["rms_norm_grad"] => Some(rms_norm_grad(&body)),
+        ["embed_grad"] => Some(embed_grad(&body)),
         ["concat_grad"] => Some(concat_grad(&body)),
         ["linear", "split"] | ["linear", "reshape", "split"] => Some(linear_pieces(&body, tensor_cores)),
         ["concat"] => Some(concat_rows(&body)),
@@ -1202,6 +1196,29 @@ fn concat_rows(body: &Body) -> Result<Steps, String> {
 fn returned_as(body: &Body, v: Value) -> Option<usize> {
     body.returned.iter().position(|r| raw(*r) == raw(v))
 }
+
+/// The embedding table's gradient: the tokens sorted by id (temporary 0, `order`), then each
+/// table row summing its own tokens' rows ([`TrainRow::EmbedGrad`]).
+fn embed_grad(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    let dy = operand_shape(o, 1)?;
+    if !body.operands_are_args(o) || !body.returns_results_of(o) || dy.element != "f32" {
+        return Err(format!("embed_grad of {dy} (its operands in order, its result returned)"));
+    }
+    let rank = train_kernel(TrainRow::IdRank, ID_RANK_TOKENS, "f32");
+    let grad = train_kernel(TrainRow::EmbedGrad, width(&dy)?, "f32");
+    let steps = vec![
+        Step { kernel: StepKernel::Row(rank), operands: vec![Operand::Arg(0), Operand::Temp(0)] },
+        Step {
+            kernel: StepKernel::Row(grad),
+            operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Arg(1), Operand::Result(0)],
+        },
+    ];
+    Ok(Steps { steps, temps: vec![Temp { rows_of: Some(0), ..Temp::per_row(1, 1, "i32") }], rope_table: None })
+}
+
+/// Tokens a block of [`TrainRow::IdRank`] sorts (a thread each).
+const ID_RANK_TOKENS: usize = 256;
 
 fn rms_norm_grad(body: &Body) -> Result<Steps, String> {
     let o = &body.ops[0];

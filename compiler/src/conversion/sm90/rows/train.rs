@@ -351,9 +351,14 @@ pub enum TrainRow {
     /// RMSNorm's weight gradient `dw[i] = sum_rows dy * x * r` in row order (a thread per column,
     /// 32 a block).
     RmsNormDw,
+    /// The tokens in order of their ids, a stable sort: `order[p]` is the token at position p of
+    /// the window's tokens sorted by (id, token) — each token's position the count of the tokens
+    /// before it in that order (a thread per token scanning the ids, `d` tokens a block).
+    IdRank,
     /// The embedding table's gradient: row v of `out [V, d]` sums the `dy` rows of the tokens
-    /// whose id is v, in token order (one block per table row, the columns accumulated in shared
-    /// memory; no atomics: deterministic).
+    /// whose id is v, in token order — found by binary search in the tokens sorted by id
+    /// ([`TrainRow::IdRank`]'s `order`), so that a row reads only its own tokens (one block per
+    /// table row, a thread per column summing it from zero; no atomics: deterministic).
     EmbedGrad,
     /// The optimizer's gradient of a batch summed over its windows on the device (flat f32, a
     /// block taking `d` elements): `acc = g` (`first`: the first window's), else `acc += g`.
@@ -448,6 +453,7 @@ impl TrainRow {
             TrainRow::RouteGrad { norm, scale } => {
                 format!("rows_routegrad_d{d}_s{}_t{t}{}", spelled(scale), if norm { "_norm" } else { "" })
             }
+            TrainRow::IdRank => format!("rows_idrank_d{d}_t{t}"),
             TrainRow::EmbedGrad => format!("rows_embedgrad_d{d}_t{t}"),
             TrainRow::GradAccum { first } => format!("rows_gradacc_d{d}_t{t}{}", if first { "_first" } else { "" }),
             TrainRow::SumSquares => format!("rows_sumsq_d{d}_t{t}"),
@@ -613,6 +619,7 @@ impl TrainRow {
                 let norm = suffix(rest, "norm")?;
                 kernel(TrainRow::RouteGrad { norm, scale: unspelled(sc.strip_prefix('s')?)? }, d, "f32", t)
             }
+            ["idrank", d, t] => kernel(TrainRow::IdRank, d, "f32", t),
             ["embedgrad", d, t] => kernel(TrainRow::EmbedGrad, d, "f32", t),
             ["gradacc", d, t, rest @ ..] => kernel(TrainRow::GradAccum { first: suffix(rest, "first")? }, d, "f32", t),
             ["sumsq", d, t] => kernel(TrainRow::SumSquares, d, "f32", t),
@@ -654,7 +661,13 @@ impl TrainRow {
             TrainRow::RmsNormDw => {
                 vec![("x", rows()), ("dy", rows()), ("r", "memref<?xf32>".into()), ("dw", "memref<?xf32>".into())]
             }
-            TrainRow::EmbedGrad => vec![("ids", "memref<?xi64>".into()), ("dy", rows()), ("out", rows())],
+            TrainRow::IdRank => vec![("ids", "memref<?xi64>".into()), ("order", "memref<?xi32>".into())],
+            TrainRow::EmbedGrad => vec![
+                ("ids", "memref<?xi64>".into()),
+                ("order", "memref<?xi32>".into()),
+                ("dy", rows()),
+                ("out", rows()),
+            ],
             TrainRow::GradAccum { .. } => vec![("g", flat()), ("acc", flat())],
             TrainRow::SumSquares => vec![("g", flat()), ("part", flat())],
             TrainRow::AdamW => vec![
@@ -831,6 +844,7 @@ impl TrainRow {
             TrainRow::BalanceRows { .. } | TrainRow::RouteGrad { .. } => "logits",
             TrainRow::Matmul { transpose_a: false, .. } => "a",
             TrainRow::Matmul { transpose_a: true, .. } | TrainRow::EmbedGrad => "out",
+            TrainRow::IdRank => "ids",
             TrainRow::Add => "x1",
             TrainRow::RowRange { into: true, .. } => "x",
             TrainRow::RowRange { into: false, .. } => "y",
@@ -849,7 +863,6 @@ impl TrainRow {
     pub(super) fn shared(&self, d: usize, threads: usize) -> Vec<(&'static str, usize)> {
         match self {
             TrainRow::RmsNormGrad { .. } => vec![("sh_sum", threads), ("sh_dot", threads)],
-            TrainRow::EmbedGrad => vec![("sh_acc", d)],
             TrainRow::SumSquares => vec![("sh_sum", threads)],
             TrainRow::CrossEntropy { .. } => vec![("sh_max", threads), ("sh_sum", threads)],
             // The group's scores (probabilities, their gradients), its queries (keys) and their
@@ -888,6 +901,8 @@ impl TrainRow {
         match self {
             // One thread sums a column.
             TrainRow::RmsNormDw | TrainRow::LossMean { .. } => 32,
+            // A thread per token.
+            TrainRow::IdRank => d,
             TrainRow::MlaForward(_) | TrainRow::MlaGradQ(_) | TrainRow::MlaGradKv(_) => 128,
             // A thread per head (its sum of d products); the others move heads x d values a row.
             TrainRow::FlashDout { heads } => heads.next_power_of_two().clamp(32, 256),
@@ -937,6 +952,8 @@ impl TrainRow {
         match self {
             // 32 columns of the transposed scales; of dw.
             TrainRow::QuantizePairs { .. } | TrainRow::RmsNormDw => 32,
+            // A thread per token.
+            TrainRow::IdRank => d,
             // Elements of a flat tensor.
             TrainRow::GradAccum { .. } | TrainRow::SumSquares | TrainRow::AdamW => d,
             TrainRow::Matmul { .. } => super::matmul::TILE,
@@ -949,6 +966,9 @@ impl TrainRow {
 
     /// Why the kernel cannot be generated, if it cannot.
     pub(super) fn check(&self, name: &str, d: usize) -> Result<(), String> {
+        if *self == TrainRow::IdRank && !(d.is_power_of_two() && (32..=1024).contains(&d)) {
+            return Err(format!("{name}: {d} tokens a block (a thread each: a power of two, 32 to 1024)"));
+        }
         if let TrainRow::Columns { start, stride } = self {
             if start + d > *stride {
                 return Err(format!("{name}: columns {start}..{} of rows {stride} wide", start + d));
@@ -2285,34 +2305,83 @@ scf.for %i = %tid to %cD step %cT {{
 }}
 "
             )],
-            TrainRow::EmbedGrad => {
-                let acc = sh("sh_acc");
-                // Each thread owns its strided columns of the accumulator: no barrier needed.
-                vec![format!(
-                    "scf.for %i = %tid to %cD step %cT {{
-  memref.store %zero, %sh_acc[%i] : {acc}
-}}
-%T = memref.dim %ids, %c0 : memref<?xi64>
-%row_i64 = arith.index_cast %row : index to i64
-scf.for %t = %c0 to %T step %c1 {{
-  %id = memref.load %ids[%t] : memref<?xi64>
-  %hit = arith.cmpi eq, %id, %row_i64 : i64
-  scf.if %hit {{
-    scf.for %i = %tid to %cD step %cT {{
-      %a = memref.load %sh_acc[%i] : {acc}
-      %g = memref.load %dy[%t, %i] : {m}
-      %s = arith.addf %a, %g : f32
-      memref.store %s, %sh_acc[%i] : {acc}
-    }}
+            TrainRow::IdRank => vec![format!(
+                "%T = memref.dim %ids, %c0 : memref<?xi64>
+%t0 = arith.muli %row, %cT : index
+%t = arith.addi %t0, %tid : index
+%in = arith.cmpi ult, %t, %T : index
+scf.if %in {{
+  %mine = memref.load %ids[%t] : memref<?xi64>
+  %rank = scf.for %u = %c0 to %T step %c1 iter_args(%r = %c0) -> (index) {{
+    %other = memref.load %ids[%u] : memref<?xi64>
+    %less = arith.cmpi slt, %other, %mine : i64
+    %same = arith.cmpi eq, %other, %mine : i64
+    %earlier = arith.cmpi ult, %u, %t : index
+    %tie = arith.andi %same, %earlier : i1
+    %before = arith.ori %less, %tie : i1
+    %one = arith.select %before, %c1, %c0 : index
+    %r2 = arith.addi %r, %one : index
+    scf.yield %r2 : index
   }}
-}}
-scf.for %i = %tid to %cD step %cT {{
-  %v = memref.load %sh_acc[%i] : {acc}
-  memref.store %v, %out[%row, %i] : {m}
+  %ti = arith.index_cast %t : index to i32
+  memref.store %ti, %order[%rank] : memref<?xi32>
 }}
 "
-                )]
-            }
+            )],
+            // The row's tokens: from the first sorted position whose id is not below the row's
+            // (binary search over `order`), while the id is the row's — in token order (the sort is
+            // stable), each column summed from zero as the reference sums it.
+            TrainRow::EmbedGrad => vec![format!(
+                "%T = memref.dim %ids, %c0 : memref<?xi64>
+%v = arith.index_cast %row : index to i64
+%c2 = arith.constant 2 : index
+%bounds:2 = scf.while (%a = %c0, %b = %T) : (index, index) -> (index, index) {{
+  %open = arith.cmpi ult, %a, %b : index
+  scf.condition(%open) %a, %b : index, index
+}} do {{
+^bb0(%a: index, %b: index):
+  %span = arith.subi %b, %a : index
+  %half = arith.divui %span, %c2 : index
+  %mid = arith.addi %a, %half : index
+  %tok32 = memref.load %order[%mid] : memref<?xi32>
+  %tok = arith.index_cast %tok32 : i32 to index
+  %id = memref.load %ids[%tok] : memref<?xi64>
+  %below = arith.cmpi slt, %id, %v : i64
+  %mid1 = arith.addi %mid, %c1 : index
+  %a2 = arith.select %below, %mid1, %a : index
+  %b2 = arith.select %below, %b, %mid : index
+  scf.yield %a2, %b2 : index, index
+}}
+%end = scf.while (%p = %bounds#0) : (index) -> index {{
+  %more = arith.cmpi ult, %p, %T : index
+  %same = scf.if %more -> (i1) {{
+    %tok32 = memref.load %order[%p] : memref<?xi32>
+    %tok = arith.index_cast %tok32 : i32 to index
+    %id = memref.load %ids[%tok] : memref<?xi64>
+    %eq = arith.cmpi eq, %id, %v : i64
+    scf.yield %eq : i1
+  }} else {{
+    %no = arith.constant false
+    scf.yield %no : i1
+  }}
+  scf.condition(%same) %p : index
+}} do {{
+^bb0(%p: index):
+  %p2 = arith.addi %p, %c1 : index
+  scf.yield %p2 : index
+}}
+scf.for %i = %tid to %cD step %cT {{
+  %acc = scf.for %p = %bounds#0 to %end step %c1 iter_args(%a = %zero) -> (f32) {{
+    %tok32 = memref.load %order[%p] : memref<?xi32>
+    %tok = arith.index_cast %tok32 : i32 to index
+    %g = memref.load %dy[%tok, %i] : {m}
+    %s = arith.addf %a, %g : f32
+    scf.yield %s : f32
+  }}
+  memref.store %acc, %out[%row, %i] : {m}
+}}
+"
+            )],
             TrainRow::GradAccum { first } => {
                 let store = if first {
                     "  memref.store %gv, %acc[%i] : memref<?xf32>\n".to_string()
@@ -3147,11 +3216,22 @@ mod tests {
     }
 
     /// The embedding gradient sums each id's rows in token order — exactly the reference's — with
-    /// repeated ids, ids never seen (zero rows) and a one-token window.
+    /// repeated ids, ids never seen (zero rows), the first and last ids, a one-token window and
+    /// windows over several blocks of the sort: the ids' ranks are their stable sort.
     #[test]
     fn embed_grad_rows_equal_the_reference() {
-        let (vocab, d) = (11, 300);
-        for ids in [vec![3i64, 0, 3, 10, 3, 7], vec![5]] {
+        let d = 300;
+        let many = |t: usize, vocab: usize| -> Vec<i64> {
+            values(t, 31, 1.0).iter().map(|v| ((v.abs() * 7919.0) as usize % vocab) as i64).collect()
+        };
+        let windows = [
+            (11, vec![3i64, 0, 3, 10, 3, 7]),
+            (11, vec![5]),
+            (37, many(700, 37)),
+            (2000, many(513, 2000)),
+            (5, vec![4; 300]),
+        ];
+        for (vocab, ids) in windows {
             let t = ids.len();
             let mut dy = values(t * d, 12, 3.0);
             let mut want = vec![0.0f32; vocab * d];
@@ -3160,10 +3240,24 @@ mod tests {
                     want[id as usize * d + i] += dy[row * d + i];
                 }
             }
+            let mut sorted: Vec<i32> = (0..t as i32).collect();
+            sorted.sort_by_key(|&u| ids[u as usize]);
+            let rank = kernel(TrainRow::IdRank, 256);
+            let (mut ids, mut order) = (ids.clone(), vec![-1i32; t]);
+            run_cpu(&rank, &[raw(&mut ids, &[t], "i64"), raw(&mut order, &[t], "i32")]);
+            assert_eq!(order, sorted, "{}: {t} tokens, a stable sort by id", rank.kernel_name());
             let k = kernel(TrainRow::EmbedGrad, d);
-            let (mut ids, mut out) = (ids.clone(), vec![f32::NAN; vocab * d]);
-            run_cpu(&k, &[raw(&mut ids, &[t], "i64"), raw(&mut dy, &[t, d], "f32"), raw(&mut out, &[vocab, d], "f32")]);
-            assert_eq!(out, want, "{}", k.kernel_name());
+            let mut out = vec![f32::NAN; vocab * d];
+            run_cpu(
+                &k,
+                &[
+                    raw(&mut ids, &[t], "i64"),
+                    raw(&mut order, &[t], "i32"),
+                    raw(&mut dy, &[t, d], "f32"),
+                    raw(&mut out, &[vocab, d], "f32"),
+                ],
+            );
+            assert!(out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{}: {t} tokens", k.kernel_name());
         }
     }
 }
