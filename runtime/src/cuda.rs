@@ -31,7 +31,7 @@ use v3c_models::checkpoint::Checkpoint;
 
 use crate::abi::{Param, SplitScratch, TensorMapSpec};
 use crate::artifact::Artifact;
-use crate::gpu::{Action, Bindings, Expander};
+use crate::gpu::{Action, Bindings, Expander, InputShapes};
 use crate::host::HostBuffer;
 use crate::plan::{shape_at, BufferKind, EntryPlan};
 
@@ -156,19 +156,14 @@ pub(crate) fn encode(t: &TensorMapSpec) -> Result<[u8; 128], String> {
     Ok(out)
 }
 
-/// A run ready to launch: its actions and where their tensor maps are.
+/// A run ready to launch: its actions and its tensor maps, uploaded into a buffer of its own.
 struct Staged {
     actions: Vec<Action>,
     maps_base: u64,
     /// Per action, the index of its first tensor map in the uploaded ones.
     first_map: Vec<usize>,
+    _maps: DeviceBuffer,
 }
-
-/// Input shapes by name.
-type InputShapes = std::collections::BTreeMap<String, Vec<usize>>;
-
-/// A run staged, by its entry and input shapes.
-type StagedRun = ((String, InputShapes), std::rc::Rc<Staged>);
 
 /// A decode or training step captured as a CUDA graph, and what it was captured from.
 struct CapturedGraph {
@@ -193,16 +188,15 @@ pub struct GpuArtifact {
     input_bytes: HashMap<String, usize>,
     bindings: Bindings,
     scratch: std::cell::RefCell<Option<(DeviceBuffer, DeviceBuffer, SplitScratch)>>,
-    maps: std::cell::RefCell<Option<DeviceBuffer>>,
     /// The entry and input shapes of the last completed run.
     last_inputs: std::cell::RefCell<Option<(String, InputShapes)>>,
     /// What each input's device buffer holds (shape, element) after the last completed run: what
     /// a later run may take as resident. Emptied when a run fails.
     held: std::cell::RefCell<crate::gpu::HeldInputs>,
     graph: std::cell::RefCell<Option<CapturedGraph>>,
-    /// The last run staged (its entry and input shapes): its actions and tensor maps (uploaded
-    /// into `maps`) serve the next run of the same shapes.
-    staged: std::cell::RefCell<Option<StagedRun>>,
+    /// Each entry's last run staged (for its input shapes): its actions and tensor maps serve the
+    /// entry's next run of the same shapes, whatever ran between.
+    staged: std::cell::RefCell<crate::gpu::StagedRuns<Staged>>,
     argmax_out: std::cell::RefCell<Option<DeviceBuffer>>,
     /// Runs dumped per entry (`V3R_DUMP_DIR`).
     dumped_runs: std::cell::RefCell<HashMap<String, usize>>,
@@ -363,11 +357,10 @@ impl GpuArtifact {
             input_bytes,
             bindings,
             scratch: std::cell::RefCell::new(None),
-            maps: std::cell::RefCell::new(None),
             last_inputs: std::cell::RefCell::new(None),
             held: std::cell::RefCell::new(crate::gpu::HeldInputs::default()),
             graph: std::cell::RefCell::new(None),
-            staged: std::cell::RefCell::new(None),
+            staged: std::cell::RefCell::new(crate::gpu::StagedRuns::default()),
             argmax_out: std::cell::RefCell::new(None),
             dumped_runs: std::cell::RefCell::new(HashMap::new()),
         })
@@ -399,6 +392,8 @@ impl GpuArtifact {
                 workspace_bytes: need.workspace_bytes.max(have.workspace_bytes),
                 counters: need.counters.max(have.counters),
             };
+            // The runs kept staged point at the scratch being replaced.
+            self.staged.borrow_mut().clear();
             let ws = DeviceBuffer::new(grown.workspace_bytes, "the split-K workspace")?;
             let counters = DeviceBuffer::new(grown.counters * 4, "the split-K counters")?;
             // SAFETY: the allocation just made; the kernels expect zero counters.
@@ -529,9 +524,10 @@ impl GpuArtifact {
     }
 
     /// Checks and uploads `inputs`, expands the entry at their sizes and uploads its tensor maps —
-    /// or, when the last run staged was of the same entry and input shapes (every decode step of a
-    /// batch, every window of a training run), takes its actions and tensor maps as they are: the
-    /// expansion is milliseconds of host time a step (DeepSeek-V3's decode: 1371 actions).
+    /// or, when the entry's last run staged was at the same input shapes (every decode step of a
+    /// batch, also after a joining prompt's prefill chunk; every window of a training run), takes
+    /// its actions and tensor maps as they are: the expansion is milliseconds of host time a step
+    /// (DeepSeek-V3's decode: 1185 launches).
     fn stage(
         &self,
         plan: &EntryPlan,
@@ -539,11 +535,9 @@ impl GpuArtifact {
         resident: &[&str],
     ) -> Result<std::rc::Rc<Staged>, String> {
         crate::cpu::check_id_inputs(inputs, self.vocab)?;
-        let key: (String, InputShapes) =
-            (plan.name.clone(), inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect());
-        let again = self.staged.borrow().as_ref().filter(|(k, _)| *k == key).map(|(_, s)| s.clone());
-        // A failed run stages anew (its scratch or maps may be what failed).
-        *self.staged.borrow_mut() = None;
+        let shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
+        // Taken out until the inputs are uploaded: a failed run stages anew.
+        let again = self.staged.borrow_mut().take(&plan.name, &shapes);
         let actions = match &again {
             Some(_) => Vec::new(),
             None => self.actions(plan, inputs)?,
@@ -563,7 +557,7 @@ impl GpuArtifact {
             unsafe { result::memcpy_htod_sync(dst, &bytes) }.map_err(cuda(&format!("uploading input {name}")))?;
         }
         if let Some(staged) = again {
-            *self.staged.borrow_mut() = Some((key, staged.clone()));
+            self.staged.borrow_mut().keep(&plan.name, shapes, staged.clone());
             return Ok(staged);
         }
         // Tensor maps: all of the run's in one upload.
@@ -577,20 +571,13 @@ impl GpuArtifact {
                 }
             }
         }
-        let maps_base = {
-            let mut maps = self.maps.borrow_mut();
-            if maps.as_ref().is_none_or(|m| m.bytes < encoded.len()) {
-                *maps = Some(DeviceBuffer::new(encoded.len().max(128), "tensor maps")?);
-            }
-            let m = maps.as_ref().map(|m| m.ptr).unwrap_or(0);
-            if !encoded.is_empty() {
-                // SAFETY: the region holds at least `encoded.len()` bytes.
-                unsafe { result::memcpy_htod_sync(m, &encoded) }.map_err(cuda("uploading tensor maps"))?;
-            }
-            m
-        };
-        let staged = std::rc::Rc::new(Staged { actions, maps_base, first_map });
-        *self.staged.borrow_mut() = Some((key, staged.clone()));
+        let maps = DeviceBuffer::new(encoded.len().max(128), "tensor maps")?;
+        if !encoded.is_empty() {
+            // SAFETY: the region holds at least `encoded.len()` bytes.
+            unsafe { result::memcpy_htod_sync(maps.ptr, &encoded) }.map_err(cuda("uploading tensor maps"))?;
+        }
+        let staged = std::rc::Rc::new(Staged { actions, maps_base: maps.ptr, first_map, _maps: maps });
+        self.staged.borrow_mut().keep(&plan.name, shapes, staged.clone());
         Ok(staged)
     }
 

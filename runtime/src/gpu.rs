@@ -1264,3 +1264,82 @@ impl HeldInputs {
         Ok(row)
     }
 }
+
+/// Input shapes by name: what a staged run is staged for.
+pub type InputShapes = BTreeMap<String, Vec<usize>>;
+
+/// Runs staged on a device ([`crate::cuda::GpuArtifact`]: expanded actions and their uploaded
+/// tensor maps), one per entry — the shapes it last ran at — so that one entry's runs between
+/// another's (a serving batch's decode steps between a joining prompt's prefill chunks, a training
+/// run's windows between evaluations) are not expanded and uploaded anew each time.
+#[derive(Debug)]
+pub struct StagedRuns<S> {
+    runs: Vec<(String, InputShapes, std::rc::Rc<S>)>,
+}
+
+impl<S> Default for StagedRuns<S> {
+    fn default() -> Self {
+        StagedRuns { runs: Vec::new() }
+    }
+}
+
+impl<S> StagedRuns<S> {
+    /// Takes out entry `entry`'s run: returned when it was staged for `shapes` (the caller keeps
+    /// it again once the run's inputs are uploaded: a failed upload stages anew), dropped when for
+    /// other shapes (the run being staged replaces it).
+    pub fn take(&mut self, entry: &str, shapes: &InputShapes) -> Option<std::rc::Rc<S>> {
+        let i = self.runs.iter().position(|(e, _, _)| e == entry)?;
+        let (_, staged_for, run) = self.runs.swap_remove(i);
+        (staged_for == *shapes).then_some(run)
+    }
+
+    /// Keeps `run` as entry `entry`'s, staged for `shapes`.
+    pub fn keep(&mut self, entry: &str, shapes: InputShapes, run: std::rc::Rc<S>) {
+        self.runs.retain(|(e, _, _)| e != entry);
+        self.runs.push((entry.to_string(), shapes, run));
+    }
+
+    /// Forgets every run: what they point at moved (split-K scratch grown) or failed.
+    pub fn clear(&mut self) {
+        self.runs.clear();
+    }
+
+    /// The entries with a run kept.
+    pub fn entries(&self) -> Vec<&str> {
+        self.runs.iter().map(|(e, _, _)| e.as_str()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shapes(rows: usize) -> InputShapes {
+        [("tokens".to_string(), vec![rows])].into_iter().collect()
+    }
+
+    /// Decode's run survives prefill chunks staged between its steps; a run of other shapes
+    /// replaces its entry's; a taken run not kept again is staged anew.
+    #[test]
+    fn each_entry_keeps_its_last_staged_run() {
+        let mut runs = StagedRuns::default();
+        runs.keep("decode", shapes(4), std::rc::Rc::new(1));
+        // The chunks' runs: the second 8-row chunk's is the first's; the 3-row one is staged.
+        for (chunk, kept) in [(8, None), (8, Some(8)), (3, None)] {
+            let prefill = runs.take("prefill", &shapes(chunk));
+            assert_eq!(prefill.as_deref().copied(), kept, "a {chunk}-row chunk");
+            runs.keep("prefill", shapes(chunk), prefill.unwrap_or_else(|| std::rc::Rc::new(chunk)));
+            let decode = runs.take("decode", &shapes(4)).expect("decode's run, kept through the prefill");
+            assert_eq!(*decode, 1);
+            runs.keep("decode", shapes(4), decode);
+        }
+        assert_eq!(runs.take("prefill", &shapes(8)), None, "the 3-row chunk replaced the 8-row one");
+        assert_eq!(runs.entries(), vec!["decode"]);
+        assert_eq!(runs.take("decode", &shapes(2)), None, "other shapes");
+        assert_eq!(runs.take("decode", &shapes(4)), None, "dropped by the take for other shapes");
+        runs.keep("decode", shapes(4), std::rc::Rc::new(2));
+        runs.keep("train", shapes(4), std::rc::Rc::new(3));
+        runs.clear();
+        assert!(runs.entries().is_empty());
+    }
+}
