@@ -61,6 +61,59 @@ fn long_contexts_and_training_windows_compile() {
     assert!(err.contains("compile: attention_0 -> 9 launches: ") && err.contains("rows_mlafwd_h4_"), "{err}");
 }
 
+/// `v3c tune --train` on a model whose heads the flash kernels take: the training step's flash
+/// forward (with its log-sum-exps) and its three gradient kernels are problems of their own, each
+/// with its candidates (ring depths that fit, assemble without spills, in the cost model's order)
+/// launching as their PTX declares, the problem saying which kernel `v3r tune` launches.
+#[test]
+fn tuning_the_training_step_covers_its_flash_kernels() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = small_checkpoint(dir.path());
+    let cands = dir.path().join("cands");
+    let out = run_binary(
+        "v3c",
+        &[
+            "tune",
+            "--model",
+            ckpt.to_str().unwrap(),
+            "--train",
+            "--precision",
+            "fp8",
+            "--top",
+            "4",
+            "--emit-candidates",
+            cands.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let set = v3c_runtime::tuning::Candidates::read(&cands).unwrap();
+    use v3c_runtime::abi::FlashKind;
+    use v3c_runtime::tuning::AttentionProblem;
+    // Deeper rings first; dK (255 registers) spills with one buffer and with three.
+    for (signature, flash, prefix, depths) in [
+        ("mla_prefill_lse qk192 v128 h2", FlashKind::Lse, "mla_prefill_qk192_v128_s", &[4, 3, 2, 1][..]),
+        ("mla_gradq qk192 v128 h2", FlashKind::GradQ, "mla_gradq_qk192_v128_s", &[3, 2, 1]),
+        ("mla_gradk qk192 v128 h2", FlashKind::GradK, "mla_gradk_qk192_v128_s", &[2]),
+        ("mla_gradv qk192 v128 h2", FlashKind::GradV, "mla_gradv_qk192_v128_s", &[4, 3, 2, 1]),
+    ] {
+        let p = set.problems.iter().find(|p| p.kernel == signature).unwrap_or_else(|| panic!("{signature}"));
+        assert!(
+            matches!(p.attention, Some(AttentionProblem::Prefill { heads: 2, qk: 192, v: 128, flash: f, .. }) if f == flash),
+            "{signature}: {:?}",
+            p.attention
+        );
+        let names: Vec<&str> = p.candidates.iter().map(|c| c.name.as_str()).collect();
+        let want: Vec<String> = depths
+            .iter()
+            .map(|s| format!("{prefix}{s}{}", if flash == FlashKind::Lse { "_lse" } else { "" }))
+            .collect();
+        assert_eq!(names, want, "{signature}: the cost model's order, spilling depths dropped");
+        assert_eq!(p.default, want[0]);
+        assert_eq!(p.m, 4096, "{signature}: a 4096-token window");
+    }
+    v3c_tests::candidates_launch_as_their_ptx_declares(&cands);
+}
+
 #[test]
 fn every_launch_of_a_small_model_matches_its_kernel() {
     let dir = tempfile::tempdir().unwrap();

@@ -60,3 +60,68 @@ pub fn check_gpu_launches(dir: &std::path::Path, sizes: &[(&str, v3c_runtime::pl
     let report = expander.check(sizes).unwrap_or_else(|e| panic!("{e}"));
     (report.launches, report.kernels)
 }
+
+/// What `v3r tune` reads of `v3c tune --emit-candidates` output: every candidate with its launch
+/// convention, which launches the problem's operands as its kernel's PTX declares.
+pub fn candidates_launch_as_their_ptx_declares(cands: &std::path::Path) {
+    let set = v3c_runtime::tuning::Candidates::read(cands).unwrap();
+    for p in &set.problems {
+        for c in &p.candidates {
+            let ptx = std::fs::read_to_string(cands.join("kernels").join(format!("{}.ptx", c.name))).unwrap();
+            let declared = v3c_runtime::abi::ptx_entry_params(&ptx, &c.name).unwrap();
+            if let Some(rows) = &p.rows {
+                let launch =
+                    v3c_runtime::measure::row_launch(rows, &c.name, &vec![1 << 40; rows.operands.len()]).unwrap();
+                assert_eq!((launch.params.len(), launch.grid), (declared, p.m), "{}", c.name);
+                continue;
+            }
+            if p.attention.is_some() {
+                // Decode's six operands (queries, pool, table, lengths, outputs), prefill's four,
+                // training's flash kernels' five or seven.
+                let operands = match p.attention {
+                    Some(v3c_runtime::tuning::AttentionProblem::Prefill { flash, .. }) => flash.operands().len(),
+                    _ => 6,
+                };
+                let launch = v3c_runtime::measure::attention_launch(p, &c.name, &vec![1 << 40; operands], 132).unwrap();
+                assert_eq!(launch.params.len(), declared, "{}", c.name);
+                continue;
+            }
+            let abi = c.abi.as_ref().unwrap();
+            assert_eq!(abi.split_k, c.name.contains("_splitk"), "{}", c.name);
+            // The launch `v3r tune` makes for the problem, over made-up addresses.
+            use v3c_runtime::abi::{Buf, GemmOperands};
+            let el = if abi.input == "fp8" { "f8E4M3FN" } else { "bf16" };
+            let buf = |shape: Vec<usize>, element: &str| Buf { addr: 1 << 40, shape, element: element.into() };
+            let (offsets, perm) = match p.grouped {
+                Some(r) => v3c_runtime::tuning::route(p.m, r, 1),
+                None => (vec![0, p.m as i32], Vec::new()),
+            };
+            let (groups, rows) = (offsets.len() - 1, if p.grouped.is_some() { perm.len() } else { p.m });
+            let a_rows = if abi.grouping == "gather" { p.m } else { rows };
+            let kb = p.k.div_ceil(128);
+            let (a, b) = (buf(vec![a_rows, p.k], el), buf(vec![groups * p.n, p.k], el));
+            let b_scale_rows = if abi.b_row_scales { groups * p.n } else { (groups * p.n).div_ceil(128) };
+            let (sa, sb) = (buf(vec![a_rows, kb], "f32"), buf(vec![b_scale_rows, kb], "f32"));
+            let out = buf(vec![if abi.scatter { p.m } else { rows }, p.n], "f32");
+            let (res, offs) = (buf(vec![p.m, p.n], "f32"), buf(vec![groups + 1], "i32"));
+            let (perm_buf, scale) = (buf(vec![rows], "i32"), buf(vec![rows], "f32"));
+            let range = buf(vec![2], "i32");
+            let ops = GemmOperands {
+                a: &a,
+                a_scale: Some(&sa),
+                b: &b,
+                b_scale: Some(&sb),
+                out: &out,
+                residual: Some(&res),
+                offsets: p.grouped.is_some().then_some(&offs),
+                perm: p.grouped.is_some().then_some(&perm_buf),
+                row_scale: Some(&scale),
+                k_range: Some(&range),
+                workspace: Some(1 << 41),
+                counters: Some(1 << 42),
+            };
+            let launch = abi.launch(&c.name, &ops, 132).unwrap();
+            assert_eq!(launch.params.len(), declared, "{}", c.name);
+        }
+    }
+}

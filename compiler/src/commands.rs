@@ -1865,9 +1865,17 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
                 "kind": "decode", "heads": heads, "kv": kv, "rope": rope, "fp8_cache": fp8_cache,
                 "context": context, "scale": a.scale,
             }),
-            AttentionShape::Prefill { heads, qk, v, .. } => serde_json::json!({
-                "kind": "prefill", "heads": heads, "qk": qk, "v": v, "scale": a.scale,
-            }),
+            AttentionShape::Prefill { heads, qk, v, .. } => {
+                let mut problem = serde_json::json!({
+                    "kind": "prefill", "heads": heads, "qk": qk, "v": v, "scale": a.scale,
+                });
+                // A training step's kernels: which (the forward's log-sum-exps, a gradient).
+                let flash = a.shape.flash_kind().unwrap_or_default();
+                if flash != v3c_runtime::abi::FlashKind::Forward {
+                    problem["flash"] = serde_json::to_value(flash).map_err(|e| e.to_string())?;
+                }
+                problem
+            }
         };
         problem_json.push(serde_json::json!({
             "kernel": a.shape.signature(),

@@ -337,7 +337,7 @@ fn the_sm90a_training_artifact_with_flash_attention_emulated_follows_the_cpu_bac
     };
     artifact_step(true, false, true, &[], 20, BF16_ATTENTION, &|artifact| {
         let kernels = kernels(artifact);
-        for want in ["mla_prefill_qk128_v64_s2_lse", "mla_gradq_", "mla_gradk_", "mla_gradv_", "rows_flashdkv_"] {
+        for want in ["mla_prefill_qk128_v64_s4_lse", "mla_gradq_", "mla_gradk_", "mla_gradv_", "rows_flashdkv_"] {
             assert!(kernels.iter().any(|k| k.contains(want)), "{want}: {kernels:?}");
         }
     });

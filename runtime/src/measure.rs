@@ -24,7 +24,7 @@ use std::path::Path;
 
 use cudarc::driver::{result, sys};
 
-use crate::abi::{Buf, GemmAbi, GemmOperands, GemmProblem, KernelLaunch, Param};
+use crate::abi::{Buf, FlashKind, GemmAbi, GemmOperands, GemmProblem, KernelLaunch, Param};
 use crate::cuda::{cuda, encode, open_device, DeviceBuffer};
 use crate::tuning::{route, AttentionProblem, Candidates, DbEntry, Problem, TuningDb};
 
@@ -271,7 +271,7 @@ fn measure(
     report: &mut dyn FnMut(&str),
 ) -> Result<Measured, String> {
     let bench: Box<dyn Bench> = match (problem.attention, &problem.rows) {
-        (Some(a), _) => Box::new(AttentionBench::new(problem, a, seed, sms)?),
+        (Some(_), _) => Box::new(AttentionBench::new(problem, seed, sms)?),
         (None, Some(r)) => Box::new(RowBench::new(r, seed)?),
         (None, None) => Box::new(GemmBench::new(problem, seed, sms)?),
     };
@@ -589,8 +589,9 @@ impl Bench for GemmBench {
 
 /// An MLA attention problem's made-up operands on the host: queries and keys (bf16 in +-1; the
 /// fp8 cache's rows packed from such values), decode's pages laid out through a shuffled block
-/// table; and the host's f64 attention of sampled query rows, which the default candidate's output
-/// must match (decode: its splits merged by their log-sum-exps, as the combine kernel does).
+/// table, a gradient's output gradient (bf16 in +-1) and statistics; and the host's f64 attention
+/// (gradient) of sampled rows, which the default candidate's output must match (decode: its splits
+/// merged by their log-sum-exps, as the combine kernel does).
 struct AttentionHost {
     problem: AttentionProblem,
     /// Sequences (decode) or tokens (prefill).
@@ -602,6 +603,20 @@ struct AttentionHost {
     table: Vec<i32>,
     /// Decode's K splits on the device's SMs.
     splits: usize,
+    /// A gradient's inputs: dout `[H m, v]` (bf16), each query row's base-2 log-sum-exp and `D`.
+    /// Made up, not the forward's (a log-sum-exp of `log2(t + 1)`, as if query t's scores were
+    /// all zero; `D` in +-1): the kernels' arithmetic is defined for any, and the host follows it.
+    dout: Vec<u8>,
+    lse: Vec<f32>,
+    dd: Vec<f32>,
+}
+
+/// The flash kernel of a prefill attention problem (decode: None).
+fn flash_of(attention: &AttentionProblem) -> Option<FlashKind> {
+    match *attention {
+        AttentionProblem::Prefill { flash, .. } => Some(flash),
+        AttentionProblem::Decode { .. } => None,
+    }
 }
 
 /// A bf16 value of little-endian `bytes` at element `i`.
@@ -659,13 +674,31 @@ impl AttentionHost {
                     }
                 };
                 let splits = crate::lowering::attention_splits(m, heads, context, sms);
-                Ok(AttentionHost { problem: attention, m, q, keys, values: Vec::new(), table, splits })
+                let (dout, lse, dd, values) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                Ok(AttentionHost { problem: attention, m, q, keys, values, table, splits, dout, lse, dd })
             }
-            AttentionProblem::Prefill { heads, qk, v, .. } => {
+            AttentionProblem::Prefill { heads, qk, v, flash, .. } => {
                 let q = rand.operand(heads * m * qk, false);
                 let keys = rand.operand(heads * m * qk, false);
                 let values = rand.operand(heads * m * v, false);
-                Ok(AttentionHost { problem: attention, m, q, keys, values, table: Vec::new(), splits: 1 })
+                let (mut dout, mut lse, mut dd) = (Vec::new(), Vec::new(), Vec::new());
+                if flash.operands().len() == 7 {
+                    dout = rand.operand(heads * m * v, false);
+                    lse = (0..heads * m).map(|r| ((r % m + 1) as f32).log2()).collect();
+                    dd = rand.floats(heads * m, -1.0, 1.0);
+                }
+                Ok(AttentionHost {
+                    problem: attention,
+                    m,
+                    q,
+                    keys,
+                    values,
+                    table: Vec::new(),
+                    splits: 1,
+                    dout,
+                    lse,
+                    dd,
+                })
             }
         }
     }
@@ -676,12 +709,56 @@ impl AttentionHost {
             .ok_or_else(|| format!("an fp8 cache of rows of {kv} + {rope}"))
     }
 
-    /// Query rows, and the columns of a row of the output.
+    /// Rows of the output (query rows; a key gradient's key rows), and the columns of one.
     fn rows_and_width(&self) -> (usize, usize) {
         match self.problem {
             AttentionProblem::Decode { heads, kv, .. } => (self.m * heads, kv),
-            AttentionProblem::Prefill { heads, v, .. } => (heads * self.m, v),
+            AttentionProblem::Prefill { heads, qk, v, flash, .. } => match flash {
+                FlashKind::GradQ | FlashKind::GradK => (heads * self.m, qk),
+                _ => (heads * self.m, v),
+            },
         }
+    }
+
+    /// The host's gradient row `row` of a gradient kernel's output (dQ: query row; dK, dV: key row
+    /// `row`, of head `row / m`), in f64 from the same bf16 values and statistics, as the kernels
+    /// define it: `P = 2^(scale log2(e) q.k - lse)`, `dS = P (dout . v - D)`, P (dV) and dS (dQ,
+    /// dK) rounded to bf16 as they feed the tensor cores; dQ and dK times `scale`.
+    fn gradient(&self, row: usize) -> Vec<f64> {
+        let AttentionProblem::Prefill { qk, v, scale, flash, .. } = self.problem else { return Vec::new() };
+        let (m, head, own) = (self.m, row / self.m, row % self.m);
+        let take = |bytes: &[u8], r: usize, width: usize| -> Vec<f64> {
+            (0..width).map(|c| bf16_at(bytes, (head * m + r) * width + c)).collect()
+        };
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        let round = |x: f64| f64::from(v3c_models::dtype::bf16_to_f32(v3c_models::dtype::f32_to_bf16(x as f32)));
+        let scale_log2 = f64::from(scale) * std::f64::consts::LOG2_E;
+        // Query t and key j's (P, dS).
+        let p_ds = |t: usize, j: usize| -> (f64, f64) {
+            let (query, key) = (take(&self.q, t, qk), take(&self.keys, j, qk));
+            let p = (dot(&query, &key) * scale_log2 - f64::from(self.lse[head * m + t])).exp2();
+            let dp = dot(&take(&self.dout, t, v), &take(&self.values, j, v));
+            (p, p * (dp - f64::from(self.dd[head * m + t])))
+        };
+        let (width, pairs): (usize, Vec<(usize, usize)>) = match flash {
+            FlashKind::GradQ => (qk, (0..=own).map(|j| (own, j)).collect()),
+            FlashKind::GradK => (qk, (own..m).map(|t| (t, own)).collect()),
+            _ => (v, (own..m).map(|t| (t, own)).collect()),
+        };
+        let mut out = vec![0f64; width];
+        for (t, j) in pairs {
+            let (p, ds) = p_ds(t, j);
+            let (factor, from) = match flash {
+                FlashKind::GradQ => (round(ds), take(&self.keys, j, qk)),
+                FlashKind::GradK => (round(ds), take(&self.q, t, qk)),
+                _ => (round(p), take(&self.dout, t, v)),
+            };
+            out.iter_mut().zip(&from).for_each(|(o, x)| *o += factor * x);
+        }
+        if flash != FlashKind::GradV {
+            out.iter_mut().for_each(|o| *o *= f64::from(scale));
+        }
+        out
     }
 
     /// The host's attention of query row `row` over its keys `keys` (decode: sequence `row /
@@ -726,10 +803,29 @@ impl AttentionHost {
     }
 
     /// `got` (decode: the splits' outputs `[splits, rows, kv]` then their log-sum-exps `[splits,
-    /// rows]`; prefill: the output `[rows, v]`) against the host's attention on sampled rows.
+    /// rows]`; prefill: the output `[rows, v]`, then training's forward's log-sum-exps `[rows]`; a
+    /// gradient: `[rows, width]`) against the host's attention (gradient) on sampled rows.
     fn check(&self, got: &[f32], tolerance: f64) -> Result<(), String> {
         let (rows, width) = self.rows_and_width();
+        let flash = flash_of(&self.problem);
+        if flash.is_some_and(|f| f.operands().len() == 7) {
+            for row in [0, rows / 2, rows.saturating_sub(1)] {
+                let rel = relative(&got[row * width..][..width], &self.gradient(row));
+                if rel.is_nan() || rel > tolerance {
+                    return Err(format!("the host's gradient on row {row} by {rel:.2e}"));
+                }
+            }
+            return Ok(());
+        }
         for row in [0, rows / 2, rows.saturating_sub(1)] {
+            if flash == Some(FlashKind::Lse) {
+                // Base 2, as the gradient kernels read it.
+                let want = self.attention(row, None).1 * std::f64::consts::LOG2_E;
+                let lse = f64::from(got[rows * width + row]);
+                if (lse - want).is_nan() || (lse - want).abs() > tolerance * want.abs().max(1.0) {
+                    return Err(format!("the host's log-sum-exp of query row {row}: {lse} for {want}"));
+                }
+            }
             let row_out: Vec<f32> = match self.problem {
                 AttentionProblem::Decode { .. } => {
                     let lse = &got[self.splits * rows * width..];
@@ -760,7 +856,8 @@ impl AttentionHost {
 
 /// The shapes and elements of an attention problem's launch operands for `m` sequences (decode)
 /// or tokens (prefill) with `splits` K splits, in the launch's order: the inputs, then the outputs
-/// (decode: the splits' outputs and log-sum-exps; prefill: the output, f32).
+/// (decode: the splits' outputs and log-sum-exps; prefill: the output, f32, and training's
+/// forward's log-sum-exps; a gradient's inputs are also dout, lse and D, its output the gradient).
 fn attention_operands(
     attention: AttentionProblem,
     m: usize,
@@ -784,12 +881,24 @@ fn attention_operands(
                 (vec![splits, rows], "f32"),
             ]
         }
-        AttentionProblem::Prefill { heads, qk, v, .. } => vec![
-            (vec![heads * m, qk], "bf16"),
-            (vec![heads * m, qk], "bf16"),
-            (vec![heads * m, v], "bf16"),
-            (vec![heads * m, v], "f32"),
-        ],
+        AttentionProblem::Prefill { heads, qk, v, flash, .. } => {
+            let rows = heads * m;
+            let mut operands = vec![(vec![rows, qk], "bf16"), (vec![rows, qk], "bf16"), (vec![rows, v], "bf16")];
+            match flash {
+                FlashKind::Forward => operands.push((vec![rows, v], "f32")),
+                FlashKind::Lse => operands.extend([(vec![rows, v], "f32"), (vec![rows], "f32")]),
+                FlashKind::GradQ | FlashKind::GradK | FlashKind::GradV => {
+                    let width = if flash == FlashKind::GradV { v } else { qk };
+                    operands.extend([
+                        (vec![rows, v], "bf16"),
+                        (vec![rows], "f32"),
+                        (vec![rows], "f32"),
+                        (vec![rows, width], "f32"),
+                    ]);
+                }
+            }
+            operands
+        }
     })
 }
 
@@ -803,8 +912,8 @@ fn attention_splits(attention: AttentionProblem, m: usize, sms: usize) -> usize 
 
 /// The launch of attention candidate `name` of `problem` on a device of `sms` SMs over operands
 /// at `addrs` (in the order of the launch: decode's queries, pool of pages, block table, lengths,
-/// splits' outputs, log-sum-exps; prefill's queries, keys, values, output) — what `v3r tune`
-/// launches, checkable without a GPU.
+/// splits' outputs, log-sum-exps; prefill's queries, keys, values, output — [`FlashKind::operands`]
+/// for training's) — what `v3r tune` launches, checkable without a GPU.
 pub fn attention_launch(problem: &Problem, name: &str, addrs: &[u64], sms: usize) -> Result<KernelLaunch, String> {
     let attention = problem.attention.ok_or_else(|| format!("{}: not an attention problem", problem.kernel))?;
     let operands = attention_operands(attention, problem.m, attention_splits(attention, problem.m, sms))?;
@@ -821,9 +930,9 @@ pub fn attention_launch(problem: &Problem, name: &str, addrs: &[u64], sms: usize
             let abi = crate::abi::MlaDecodeAbi { kv, rope, fp8_cache };
             abi.launch(name, [&b[0], &b[1], &b[2], &b[3], &b[4], &b[5]], heads, scale)
         }
-        AttentionProblem::Prefill { heads, qk, v, scale } => {
-            let abi = crate::abi::MlaPrefillAbi { qk, v, kind: crate::abi::FlashKind::Forward };
-            abi.launch(name, &[&b[0], &b[1], &b[2], &b[3]], heads, scale)
+        AttentionProblem::Prefill { heads, qk, v, scale, flash } => {
+            let abi = crate::abi::MlaPrefillAbi { qk, v, kind: flash };
+            abi.launch(name, &b.iter().collect::<Vec<_>>(), heads, scale)
         }
     }
 }
@@ -831,48 +940,85 @@ pub fn attention_launch(problem: &Problem, name: &str, addrs: &[u64], sms: usize
 /// An attention problem's operands on the device ([`attention_launch`] launches over them).
 struct AttentionBench {
     problem: Problem,
-    host: AttentionHost,
+    case: AttentionCase,
     addrs: Vec<u64>,
     /// The outputs' addresses and f32 elements.
     outputs: Vec<(u64, usize)>,
     _held: Vec<DeviceBuffer>,
 }
 
-impl AttentionBench {
-    fn new(problem: &Problem, attention: AttentionProblem, seed: u64, sms: usize) -> Result<AttentionBench, String> {
+/// An attention problem as `v3r tune` measures it, on the host: its operands' shapes and elements
+/// in the launch's order, the made-up inputs (the first operands: bytes, and what they are; the
+/// outputs are f32), and the host's check of the default candidate's outputs — public so that the
+/// check is held to the kernels' definitions where those are (the compiler's host semantics).
+pub struct AttentionCase {
+    host: AttentionHost,
+    pub operands: Vec<(Vec<usize>, &'static str)>,
+    pub inputs: Vec<(Vec<u8>, &'static str)>,
+}
+
+impl AttentionCase {
+    /// `problem`'s operands at its `m` (made up from `seed`; decode split for `sms` SMs).
+    pub fn new(problem: &Problem, seed: u64, sms: usize) -> Result<AttentionCase, String> {
+        let attention = problem.attention.ok_or_else(|| format!("{}: not an attention problem", problem.kernel))?;
         let m = problem.m;
         let host = AttentionHost::new(attention, m, seed, sms)?;
         let operands = attention_operands(attention, m, host.splits)?;
-        let lengths = match attention {
-            AttentionProblem::Decode { context, .. } => ints_of(&vec![context as i32; m]),
-            AttentionProblem::Prefill { .. } => Vec::new(),
-        };
-        let table = ints_of(&host.table);
-        let inputs: Vec<(&[u8], &str)> = match attention {
-            AttentionProblem::Decode { .. } => vec![
-                (&host.q, "queries"),
-                (&host.keys, "the cache"),
-                (&table, "the block table"),
-                (&lengths, "the lengths"),
+        let mut inputs: Vec<(Vec<u8>, &'static str)> = match attention {
+            AttentionProblem::Decode { context, .. } => vec![
+                (host.q.clone(), "queries"),
+                (host.keys.clone(), "the cache"),
+                (ints_of(&host.table), "the block table"),
+                (ints_of(&vec![context as i32; m]), "the lengths"),
             ],
             AttentionProblem::Prefill { .. } => {
-                vec![(&host.q, "queries"), (&host.keys, "keys"), (&host.values, "values")]
+                vec![(host.q.clone(), "queries"), (host.keys.clone(), "keys"), (host.values.clone(), "values")]
             }
         };
+        if !host.dout.is_empty() {
+            inputs.extend([(host.dout.clone(), "dout"), (bytes_of(&host.lse), "lse"), (bytes_of(&host.dd), "D")]);
+        }
+        Ok(AttentionCase { host, operands, inputs })
+    }
+
+    /// The outputs' shapes (f32), after the inputs.
+    pub fn output_shapes(&self) -> impl Iterator<Item = &Vec<usize>> {
+        self.operands[self.inputs.len()..].iter().map(|(shape, _)| shape)
+    }
+
+    /// The default candidate's outputs (concatenated) against the host's on sampled rows.
+    pub fn check(&self, got: &[f32]) -> Result<(), String> {
+        self.host.check(got, self.tolerance())
+    }
+
+    /// Relative error allowed: P in bf16 (and the fp8 cache's latent converted to bf16); a
+    /// gradient's dS too, from differences.
+    pub fn tolerance(&self) -> f64 {
+        if self.host.dout.is_empty() {
+            1e-2
+        } else {
+            2e-2
+        }
+    }
+}
+
+impl AttentionBench {
+    fn new(problem: &Problem, seed: u64, sms: usize) -> Result<AttentionBench, String> {
+        let case = AttentionCase::new(problem, seed, sms)?;
         let mut held = Vec::new();
         let mut addrs = Vec::new();
-        for (bytes, what) in &inputs {
+        for (bytes, what) in &case.inputs {
             addrs.push(upload(bytes, what, &mut held)?);
         }
         let mut outputs = Vec::new();
-        for (shape, _) in &operands[inputs.len()..] {
+        for shape in case.output_shapes() {
             let elements = shape.iter().product::<usize>();
             let d = DeviceBuffer::new(4 * elements, "an output")?;
             addrs.push(d.ptr);
             outputs.push((d.ptr, elements));
             held.push(d);
         }
-        Ok(AttentionBench { problem: problem.clone(), host, addrs, outputs, _held: held })
+        Ok(AttentionBench { problem: problem.clone(), case, addrs, outputs, _held: held })
     }
 }
 
@@ -898,24 +1044,28 @@ impl Bench for AttentionBench {
     }
 
     fn check_default(&self, got: &[f32], tolerance: f64) -> Result<(), String> {
-        self.host.check(got, tolerance)
+        self.case.host.check(got, tolerance)
     }
 
     fn tolerance(&self) -> f64 {
-        // P in bf16 (and the fp8 cache's latent converted to bf16).
-        1e-2
+        self.case.tolerance()
     }
 
     fn rate(&self, ms: f64) -> String {
-        let (seconds, m) = (ms * 1e-3, self.host.m);
-        match self.host.problem {
+        let (seconds, m) = (ms * 1e-3, self.case.host.m);
+        match self.case.host.problem {
             AttentionProblem::Decode { heads, kv, rope, context, .. } => {
                 let flops = 2.0 * (m * heads * context * (2 * kv + rope)) as f64;
-                let bytes = (self.host.keys.len() + self.host.q.len()) as f64;
+                let bytes = (self.case.host.keys.len() + self.case.host.q.len()) as f64;
                 format!("{:7.1} TFLOP/s {:6.0} GB/s", flops / seconds / 1e12, bytes / seconds / 1e9)
             }
-            AttentionProblem::Prefill { heads, qk, v, .. } => {
-                let flops = 2.0 * heads as f64 * (m * (m + 1) / 2) as f64 * (qk + v) as f64;
+            AttentionProblem::Prefill { heads, qk, v, flash, .. } => {
+                // The causal triangle's products: S and P V; dQ, dK: S, dP and dS K (Q); dV: S and P^T dO.
+                let widths = match flash {
+                    FlashKind::GradQ | FlashKind::GradK => 2 * qk + v,
+                    _ => qk + v,
+                };
+                let flops = 2.0 * heads as f64 * (m * (m + 1) / 2) as f64 * widths as f64;
                 format!("{:7.1} TFLOP/s", flops / seconds / 1e12)
             }
         }
@@ -1169,7 +1319,7 @@ mod tests {
     /// the block table of decode names every page once.
     #[test]
     fn prefill_is_causal_and_decode_pages_are_a_permutation() {
-        let problem = AttentionProblem::Prefill { heads: 2, qk: 64, v: 64, scale: 0.125 };
+        let problem = AttentionProblem::Prefill { heads: 2, qk: 64, v: 64, scale: 0.125, flash: FlashKind::Forward };
         let host = AttentionHost::new(problem, 5, 3, 132).unwrap();
         let (first, lse) = host.attention(5, None);
         let value: Vec<f64> = (0..64).map(|c| bf16_at(&host.values, 5 * 64 + c)).collect();

@@ -161,8 +161,17 @@ pub enum AttentionProblem {
     /// Absorbed decode ([`crate::abi::MlaDecodeAbi`]): one new token of `heads` query rows per
     /// sequence over `context` keys in pages of the paged cache.
     Decode { heads: usize, kv: usize, rope: usize, fp8_cache: bool, context: usize, scale: f32 },
-    /// Causal prefill ([`crate::abi::MlaPrefillAbi`]) of `m` tokens over as many keys.
-    Prefill { heads: usize, qk: usize, v: usize, scale: f32 },
+    /// Causal prefill ([`crate::abi::MlaPrefillAbi`]) of `m` tokens over as many keys: inference's
+    /// forward, or a training step's kernel `flash` names (the forward with its log-sum-exps, a
+    /// gradient).
+    Prefill {
+        heads: usize,
+        qk: usize,
+        v: usize,
+        scale: f32,
+        #[serde(default)]
+        flash: crate::abi::FlashKind,
+    },
 }
 
 /// A row kernel as `v3r tune` measures it: its arguments in order, at the problem's rows (one block

@@ -1,5 +1,6 @@
 //! Autotuning of the MLA attention kernels ([`crate::conversion::sm90::mla`]): the split-K decode
-//! over the paged latent cache and the causal flash-attention prefill.
+//! over the paged latent cache and the causal flash-attention prefill — inference's, and a training
+//! step's forward with its log-sum-exps and its three gradient kernels (dQ, dK, dV).
 //!
 //! At a model's widths the one field these templates leave free is the depth of their TMA ring
 //! (`stages`: page buffers for decode, key/value tile buffers for prefill); the space is every depth
@@ -17,13 +18,16 @@
 //! with depth. Blocks per SM come from shared memory, threads and a lower bound on registers (the
 //! f32 accumulators and scores each thread holds). Decode: waves of (sequence, 64 heads, split)
 //! blocks against the DRAM time of the cache; prefill: the causal triangle's tiles spread over the
-//! SMs, bounded below by the longest block (the last query tile). Its figures rank, the database's
-//! measured timings win over it.
+//! SMs, bounded below by the longest block (the last query tile). The gradients walk the same
+//! triangle (dK's and dV's blocks take 128 keys and stream the queries after them: the first key
+//! tile's block is the longest), their steps' products as FlashAttention-2's backward computes them:
+//! S and dP, then dQ or dK (dV: S, then dV), the tile streamed being queries and the output gradient
+//! for dK and dV. Its figures rank, the database's measured timings win over it.
 
 use super::db::{self, Tunable};
 use super::{m_bucket, Choice, DECODE_M, PREFILL_M};
 use crate::conversion::sm90::lower::{MlaDecodeLaunch, MlaPrefillLaunch};
-use crate::conversion::sm90::mla::{FlashMode, MlaDecodeConfig, MlaPrefillConfig, PAGE};
+use crate::conversion::sm90::mla::{FlashMode, GradOf, MlaDecodeConfig, MlaPrefillConfig, PAGE};
 use crate::target::{DeviceModel, GpuTarget};
 
 /// Keys per sequence the decode kernel is tuned at (FlashMLA's benchmark point, with
@@ -37,8 +41,9 @@ pub enum AttentionShape {
     /// of `kv + rope` columns (bf16 pages, or the fp8 cache's rows).
     Decode { heads: usize, kv: usize, rope: usize, fp8_cache: bool, sequences: usize, context: usize },
     /// Causal prefill of `tokens` queries over as many keys, per head `qk`-wide queries and keys and
-    /// `v`-wide values.
-    Prefill { heads: usize, qk: usize, v: usize, tokens: usize },
+    /// `v`-wide values: the kernel `mode` says (inference's forward, a training step's forward with
+    /// log-sum-exps, or one of its gradients).
+    Prefill { heads: usize, qk: usize, v: usize, tokens: usize, mode: FlashMode },
 }
 
 impl AttentionShape {
@@ -57,7 +62,8 @@ impl AttentionShape {
 
     /// The prefill launch's problem over `tokens` tokens.
     pub fn prefill(launch: &MlaPrefillLaunch, tokens: usize) -> AttentionShape {
-        AttentionShape::Prefill { heads: launch.heads, qk: launch.config.qk, v: launch.config.v, tokens }
+        let c = &launch.config;
+        AttentionShape::Prefill { heads: launch.heads, qk: c.qk, v: c.v, tokens, mode: c.mode }
     }
 
     /// The problem of the launch `kernel` if it is attention, at the regime's size (decode:
@@ -66,22 +72,30 @@ impl AttentionShape {
         use crate::conversion::sm90::lower::StepKernel;
         match kernel {
             StepKernel::MlaDecode(a) => Some(AttentionShape::decode(a, DECODE_M)),
-            // Training's forms keep their ring of two (not tuned yet).
-            StepKernel::MlaPrefill(a) => {
-                (a.config.mode == FlashMode::Forward).then(|| AttentionShape::prefill(a, PREFILL_M))
-            }
+            // Training's at its windows of PREFILL_M tokens too.
+            StepKernel::MlaPrefill(a) => Some(AttentionShape::prefill(a, PREFILL_M)),
             StepKernel::Row(_) | StepKernel::Gemm(_) => None,
         }
     }
 
     /// What the tuning database keys it by (with [`Self::bucket`]): `mla_decode kv512 r64 h128`
-    /// (` fp8cache`), `mla_prefill qk192 v128 h128`.
+    /// (` fp8cache`), `mla_prefill qk192 v128 h128`; training's `mla_prefill_lse ...`, `mla_gradq
+    /// ...`, `mla_gradk ...`, `mla_gradv ...`.
     pub fn signature(&self) -> String {
         match *self {
             AttentionShape::Decode { heads, kv, rope, fp8_cache, .. } => {
                 format!("mla_decode kv{kv} r{rope} h{heads}{}", if fp8_cache { " fp8cache" } else { "" })
             }
-            AttentionShape::Prefill { heads, qk, v, .. } => format!("mla_prefill qk{qk} v{v} h{heads}"),
+            AttentionShape::Prefill { heads, qk, v, mode, .. } => {
+                let kernel = match mode {
+                    FlashMode::Forward => "mla_prefill",
+                    FlashMode::Lse => "mla_prefill_lse",
+                    FlashMode::Grad(GradOf::Queries) => "mla_gradq",
+                    FlashMode::Grad(GradOf::Keys) => "mla_gradk",
+                    FlashMode::Grad(GradOf::Values) => "mla_gradv",
+                };
+                format!("{kernel} qk{qk} v{v} h{heads}")
+            }
         }
     }
 
@@ -117,14 +131,22 @@ impl AttentionShape {
         (rows && !candidates(&shape, target).is_empty()).then_some(shape)
     }
 
+    /// Which flash kernel a prefill problem's is, as the runtime launches it (decode: None).
+    pub fn flash_kind(&self) -> Option<v3c_runtime::abi::FlashKind> {
+        match self.config(1) {
+            AttentionConfig::Prefill(c) => Some(c.flash_kind()),
+            AttentionConfig::Decode(_) => None,
+        }
+    }
+
     /// Its kernel with a ring of `stages` buffers.
     pub fn config(&self, stages: usize) -> AttentionConfig {
         match *self {
             AttentionShape::Decode { kv, rope, fp8_cache, .. } => {
                 AttentionConfig::Decode(MlaDecodeConfig { kv, rope, stages, fp8_cache })
             }
-            AttentionShape::Prefill { qk, v, .. } => {
-                AttentionConfig::Prefill(MlaPrefillConfig { qk, v, stages, mode: FlashMode::Forward })
+            AttentionShape::Prefill { qk, v, mode, .. } => {
+                AttentionConfig::Prefill(MlaPrefillConfig { qk, v, stages, mode })
             }
         }
     }
@@ -167,16 +189,21 @@ impl AttentionConfig {
     }
 
     /// Registers a thread needs at least: its share of the f32 output accumulators (decode: a
-    /// warpgroup's 64 rows x `kv / 2` columns; prefill: 64 rows x `v`) and of the 64 x 64 scores,
-    /// plus the addresses, softmax state and loop counters (48; ptxas reports the real count, e.g.
-    /// 254 for DeepSeek-V3's decode and 174 for its prefill).
+    /// warpgroup's 64 rows x `kv / 2` columns; prefill: 64 rows x `v`; dQ and dK: 64 x `qk`; dV:
+    /// 64 x `v`) and of the 64 x 64 scores (dQ and dK: dP's too), plus the addresses, softmax state
+    /// and loop counters (48; ptxas reports the real count, e.g. 254 for DeepSeek-V3's decode, 174
+    /// for its prefill and 255 for dK).
     pub fn registers_at_least(&self) -> usize {
         let warpgroup = 128;
-        let accumulators = match self {
-            AttentionConfig::Decode(c) => PAGE * c.kv / 2 / warpgroup,
-            AttentionConfig::Prefill(c) => PAGE * c.v / warpgroup,
+        let (accumulators, score_tiles) = match self {
+            AttentionConfig::Decode(c) => (PAGE * c.kv / 2 / warpgroup, 1),
+            AttentionConfig::Prefill(c) => match c.mode {
+                FlashMode::Forward | FlashMode::Lse => (PAGE * c.v / warpgroup, 1),
+                FlashMode::Grad(GradOf::Queries | GradOf::Keys) => (PAGE * c.qk / warpgroup, 2),
+                FlashMode::Grad(GradOf::Values) => (PAGE * c.v / warpgroup, 1),
+            },
         };
-        accumulators + PAGE * PAGE / warpgroup + 48
+        accumulators + score_tiles * PAGE * PAGE / warpgroup + 48
     }
 }
 
@@ -288,15 +315,23 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
                 bound: if compute >= memory { "compute" } else { "memory" },
             }
         }
-        AttentionShape::Prefill { heads, qk, v, tokens } => {
+        AttentionShape::Prefill { heads, qk, v, tokens, mode } => {
             let queries = 2 * PAGE;
             let tiles = tokens.div_ceil(queries);
             let key_tiles = tokens.div_ceil(PAGE);
-            // Query tile i sees the keys up to its last query: its key tiles.
+            // Query tile i sees the keys up to its last query: its key tiles (dK's and dV's key tile
+            // i from the last sees as many query tiles: the same triangle).
             let steps_of = |i: usize| ((i + 1) * queries).div_ceil(PAGE).min(key_tiles);
             let all_steps: usize = heads * (0..tiles).map(steps_of).sum::<usize>();
             let longest = steps_of(tiles.saturating_sub(1));
-            let flops = 2.0 * (queries * PAGE * (qk + v)) as f64;
+            // A step's products: S = Q K^T, then P V (forward), dP = dO V^T and dS K or dS^T Q
+            // (dQ, dK), P^T dO (dV).
+            let widths = match mode {
+                FlashMode::Forward | FlashMode::Lse => qk + v,
+                FlashMode::Grad(GradOf::Queries | GradOf::Keys) => 2 * qk + v,
+                FlashMode::Grad(GradOf::Values) => qk + v,
+            };
+            let flops = 2.0 * (queries * PAGE * widths) as f64;
             let work = flops / flops_us + (queries * PAGE) as f64 * SOFTMAX_OPS / ops_us;
             let l2_us = dram_us * L2_PER_DRAM / sms as f64 / per_sm as f64;
             let load = (PAGE * (qk + v) * 2) as f64 / l2_us;
@@ -304,8 +339,17 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             let blocks = tiles * heads;
             let compute = (all_steps as f64 * step_us / slots as f64).max(longest as f64 * step_us)
                 + blocks.div_ceil(slots) as f64 * WAVE_US;
-            // Queries, keys and values once, the f32 output.
-            let bytes = (heads * tokens * (2 * qk + v) * 2 + heads * tokens * v * 4) as f64;
+            // Queries, keys and values once (a gradient's output gradient too, and two statistics a
+            // query), the f32 output (the log-sum-exps).
+            let (read, written) = match mode {
+                FlashMode::Forward => (2 * (2 * qk + v), 4 * v),
+                FlashMode::Lse => (2 * (2 * qk + v), 4 * (v + 1)),
+                FlashMode::Grad(of) => {
+                    let width = if of == GradOf::Values { v } else { qk };
+                    (2 * (2 * qk + 2 * v) + 8, 4 * width)
+                }
+            };
+            let bytes = (heads * tokens * (read + written)) as f64;
             let memory = bytes / dram_us;
             AttentionEstimate {
                 config: *config,
@@ -360,7 +404,11 @@ mod tests {
     }
 
     fn prefill(tokens: usize) -> AttentionShape {
-        AttentionShape::Prefill { heads: 128, qk: 192, v: 128, tokens }
+        flash(tokens, FlashMode::Forward)
+    }
+
+    fn flash(tokens: usize, mode: FlashMode) -> AttentionShape {
+        AttentionShape::Prefill { heads: 128, qk: 192, v: 128, tokens, mode }
     }
 
     #[test]
@@ -384,6 +432,48 @@ mod tests {
         for c in candidates(&prefill(4096), &h200.target) {
             assert_eq!(AttentionConfig::from_name(&c.kernel_name()), Some(c));
         }
+    }
+
+    /// A training step's flash kernels at DeepSeek-V3's heads: each its own signature and space —
+    /// dQ's and dK's own tiles (queries or keys with the output gradient or values, 80 KiB) leave
+    /// room for three ring buffers, dV's and the forward's for four —, ranked by the same pipeline
+    /// model: deeper first, the gradients' steps costlier than the forward's.
+    #[test]
+    fn the_training_flash_kernels_are_tuned_like_the_forward() {
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let modes = [
+            (FlashMode::Lse, "mla_prefill_lse qk192 v128 h128", 4),
+            (FlashMode::Grad(GradOf::Queries), "mla_gradq qk192 v128 h128", 3),
+            (FlashMode::Grad(GradOf::Keys), "mla_gradk qk192 v128 h128", 3),
+            (FlashMode::Grad(GradOf::Values), "mla_gradv qk192 v128 h128", 4),
+        ];
+        let forward = rank(&prefill(4096), &h200)[0].clone();
+        for (mode, signature, depths) in modes {
+            let shape = flash(4096, mode);
+            assert_eq!(shape.signature(), signature);
+            let space = candidates(&shape, &h200.target);
+            assert_eq!(space.len(), depths, "{signature}");
+            for c in &space {
+                assert_eq!(AttentionConfig::from_name(&c.kernel_name()), Some(*c));
+                assert_eq!(*c, shape.config(c.stages()), "{signature}: {}", c.kernel_name());
+            }
+            let ranked = rank(&shape, &h200);
+            let stages: Vec<usize> = ranked.iter().map(|e| e.config.stages()).collect();
+            assert_eq!(stages, (1..=depths).rev().collect::<Vec<_>>(), "{signature}");
+            let best = &ranked[0];
+            assert_eq!((best.blocks, best.bound), (forward.blocks, "compute"), "{signature}");
+            // dV's steps multiply as many tiles as the forward's (S, then P^T dO).
+            let slower = if matches!(mode, FlashMode::Lse | FlashMode::Grad(GradOf::Values)) { 1.0 } else { 1.2 };
+            assert!(best.micros >= forward.micros * slower, "{signature}: {best:?} vs {forward:?}");
+        }
+        // dQ's and dK's steps multiply three tiles (S, dP, dQ or dK), dV's two.
+        let step = |of| rank(&flash(4096, FlashMode::Grad(of)), &h200)[0].step_us;
+        assert!(
+            step(GradOf::Queries) > step(GradOf::Values) * 1.3,
+            "{} {}",
+            step(GradOf::Queries),
+            step(GradOf::Values)
+        );
     }
 
     #[test]

@@ -654,4 +654,74 @@ mod tests {
             }
         }
     }
+
+    /// What `v3r tune` holds a training flash kernel's default candidate to
+    /// ([`v3c_runtime::measure::AttentionCase`]: made-up inputs, the host's rows) is what these
+    /// definitions compute from its inputs — the forward's outputs and base-2 log-sum-exps, each
+    /// gradient — and a wrong value in a sampled row fails it.
+    #[test]
+    fn the_tuners_flash_checks_follow_the_kernels_definitions() {
+        use v3c_runtime::abi::FlashKind;
+        use v3c_runtime::tuning::{AttentionProblem, Problem};
+        let (heads, qk, dv, m, scale) = (2, 128, 64, 70, 0.09f32);
+        for flash in [FlashKind::Forward, FlashKind::Lse, FlashKind::GradQ, FlashKind::GradK, FlashKind::GradV] {
+            let problem = Problem {
+                kernel: format!("{flash:?}"),
+                m,
+                m_bucket: 128,
+                n: 0,
+                k: 0,
+                residual: false,
+                grouped: None,
+                attention: Some(AttentionProblem::Prefill { heads, qk, v: dv, scale, flash }),
+                rows: None,
+                candidates_sha256: String::new(),
+                default: String::new(),
+                candidates: Vec::new(),
+            };
+            let case = v3c_runtime::measure::AttentionCase::new(&problem, 11, 132).unwrap();
+            let mut inputs: Vec<Vec<u8>> = case.inputs.iter().map(|(b, _)| b.clone()).collect();
+            let mut outputs: Vec<Vec<f32>> = case.output_shapes().map(|s| vec![0f32; s.iter().product()]).collect();
+            let mut bufs: Vec<RawBuffer> = inputs
+                .iter_mut()
+                .zip(&case.operands)
+                .map(|(b, (shape, element))| RawBuffer {
+                    ptr: b.as_mut_ptr() as *mut (),
+                    shape: shape.clone(),
+                    element: element.to_string(),
+                })
+                .collect();
+            for (o, (shape, _)) in outputs.iter_mut().zip(&case.operands[case.inputs.len()..]) {
+                bufs.push(RawBuffer { ptr: o.as_mut_ptr() as *mut (), shape: shape.clone(), element: "f32".into() });
+            }
+            let of = match flash {
+                FlashKind::GradQ => Some(GradOf::Queries),
+                FlashKind::GradK => Some(GradOf::Keys),
+                FlashKind::GradV => Some(GradOf::Values),
+                _ => None,
+            };
+            // SAFETY: every buffer addresses its shape's elements, alive for the call.
+            unsafe {
+                match of {
+                    Some(of) => mla_grad(of, heads, scale, &bufs).unwrap(),
+                    None => mla_prefill(heads, scale, &bufs).unwrap(),
+                }
+            }
+            let mut got: Vec<f32> = outputs.concat();
+            assert!(got.iter().any(|&x| x != 0.0), "{flash:?}");
+            case.check(&got).unwrap_or_else(|e| panic!("{flash:?}: {e}"));
+            // Row rows/2 of the first output (keys' gradients: key 35 of head 1).
+            let width = case.operands[case.inputs.len()].0[1];
+            got[heads * m / 2 * width] += 0.5;
+            let e = case.check(&got).unwrap_err();
+            assert!(e.contains(&format!("row {}", heads * m / 2)), "{flash:?}: {e}");
+            if flash == FlashKind::Lse {
+                // A wrong log-sum-exp alone.
+                got[heads * m / 2 * width] -= 0.5;
+                got[heads * m * width + heads * m / 2] += 0.5;
+                let e = case.check(&got).unwrap_err();
+                assert!(e.starts_with("the host's log-sum-exp of query row"), "{e}");
+            }
+        }
+    }
 }

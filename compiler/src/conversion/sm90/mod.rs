@@ -461,13 +461,8 @@ impl ModelKernels {
         choose: &mut dyn Chooser,
         progress: &mut impl FnMut(&str),
     ) -> Result<(), Sm90Error> {
-        let (preferences, what) = match (AttentionShape::of_step(step), &*step) {
-            (Some(shape), _) => (choose.attention(fused, &shape), format!("{} ", shape.signature())),
-            // Not tuned (training's flash kernels): the lowering's configuration.
-            (None, lower::StepKernel::MlaPrefill(a)) => (vec![AttentionConfig::Prefill(a.config)], String::new()),
-            (None, lower::StepKernel::MlaDecode(a)) => (vec![AttentionConfig::Decode(a.config)], String::new()),
-            (None, _) => return Ok(()),
-        };
+        let Some(shape) = AttentionShape::of_step(step) else { return Ok(()) };
+        let (preferences, what) = (choose.attention(fused, &shape), format!("{} ", shape.signature()));
         let compiles = preferences
             .iter()
             .map(|c| (c.kernel_name(), Box::new(move || compile_attention(context, c, target)) as Box<_>))
