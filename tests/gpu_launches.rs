@@ -61,8 +61,8 @@ fn long_contexts_and_training_windows_compile() {
     assert!(err.contains("compile: attention_0 -> 9 launches: ") && err.contains("rows_mlafwd_h4_"), "{err}");
 }
 
-/// `v3c tune --train` on a model whose heads the flash kernels take: the training step's flash
-/// forward (with its log-sum-exps) and its three gradient kernels are problems of their own, each
+/// `v3c tune --train --only mla_` on a model whose heads the flash kernels take: the training step's
+/// flash forward (with its log-sum-exps) and its three gradient kernels are problems of their own, each
 /// with its candidates (ring depths that fit, assemble without spills, in the cost model's order)
 /// launching as their PTX declares, the problem saying which kernel `v3r tune` launches.
 #[test]
@@ -81,12 +81,17 @@ fn tuning_the_training_step_covers_its_flash_kernels() {
             "fp8",
             "--top",
             "4",
+            "--only",
+            "mla_",
             "--emit-candidates",
             cands.to_str().unwrap(),
         ],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let set = v3c_runtime::tuning::Candidates::read(&cands).unwrap();
+    // `--only mla_`: the attention problems alone (the step's forward on inference's kernel, then the
+    // gradient's four).
+    assert_eq!(set.problems.len(), 5, "{:?}", set.problems.iter().map(|p| &p.kernel).collect::<Vec<_>>());
     use v3c_runtime::abi::FlashKind;
     use v3c_runtime::tuning::AttentionProblem;
     // Deeper rings first; dK (255 registers) spills with one buffer and with three.
@@ -112,6 +117,17 @@ fn tuning_the_training_step_covers_its_flash_kernels() {
         assert_eq!(p.m, 4096, "{signature}: a 4096-token window");
     }
     v3c_tests::candidates_launch_as_their_ptx_declares(&cands);
+    // A pattern no problem matches: one line naming the model's signatures, nothing written.
+    let none = dir.path().join("none");
+    let args = ["tune", "--model", ckpt.to_str().unwrap(), "--train", "--only", "mla_gradz"];
+    let out = run_binary("v3c", &[&args[..], &["--emit-candidates", none.to_str().unwrap()]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !none.exists(), "{err}");
+    assert!(
+        err.contains("--only mla_gradz: no problem's signature contains it (the model's: ")
+            && err.contains("mla_gradq qk192 v128 h2"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1465,6 +1465,8 @@ pub struct TuneOptions<'a> {
     pub out: Option<&'a Path>,
     /// The training step's kernels (as `compile --train` builds it) instead of the inference entries'.
     pub train: Option<v3c_models::train::TrainConfig>,
+    /// Only the problems whose signature contains one of these (none: every problem).
+    pub only: &'a [String],
 }
 
 /// An attention launch of the model the tuner measures: its fused kernel, its problem at the
@@ -1488,6 +1490,46 @@ struct ModelProblems {
     gemms: Vec<(v3c_compiler::conversion::sm90::lower::GemmKernel, Vec<usize>)>,
     attention: Vec<AttentionTuning>,
     rows: Vec<RowTuning>,
+}
+
+impl ModelProblems {
+    /// The problems whose signature contains one of `patterns` (none given: all); an error naming
+    /// the signatures when none does.
+    fn only(self, patterns: &[String]) -> Result<ModelProblems, String> {
+        if patterns.is_empty() {
+            return Ok(self);
+        }
+        let wanted = |signature: &str| patterns.iter().any(|p| signature.contains(p.as_str()));
+        let mut all = std::collections::BTreeSet::new();
+        let gemm_signature = |g: &v3c_compiler::conversion::sm90::lower::GemmKernel, m: usize| {
+            v3c_compiler::tune::GemmShape::of(g, m).signature()
+        };
+        for (g, runs) in &self.gemms {
+            all.extend(runs.iter().map(|&m| gemm_signature(g, m)));
+        }
+        all.extend(self.attention.iter().map(|a| a.shape.signature()));
+        all.extend(self.rows.iter().map(|r| r.shape.signature()));
+        let gemms: Vec<_> = self
+            .gemms
+            .into_iter()
+            .map(|(g, runs)| {
+                let runs: Vec<usize> = runs.into_iter().filter(|&m| wanted(&gemm_signature(&g, m))).collect();
+                (g, runs)
+            })
+            .filter(|(_, runs)| !runs.is_empty())
+            .collect();
+        let attention: Vec<_> = self.attention.into_iter().filter(|a| wanted(&a.shape.signature())).collect();
+        let rows: Vec<_> = self.rows.into_iter().filter(|r| wanted(&r.shape.signature())).collect();
+        if gemms.is_empty() && attention.is_empty() && rows.is_empty() {
+            let names: Vec<String> = all.into_iter().collect();
+            return Err(format!(
+                "--only {}: no problem's signature contains it (the model's: {})",
+                patterns.join(", "),
+                names.join("; ")
+            ));
+        }
+        Ok(ModelProblems { gemms, attention, rows })
+    }
 }
 
 /// The model's tunable kernels with the graph `precision` picks — or its training step's, with
@@ -1623,7 +1665,8 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     if o.report {
         let path = o.tuning.ok_or("--report: name the database with --tuning FILE")?;
         let db = TuningDb::read(path)?;
-        let ModelProblems { gemms, attention, rows } = model_problems(o.model, o.precision, o.train.as_ref())?;
+        let ModelProblems { gemms, attention, rows } =
+            model_problems(o.model, o.precision, o.train.as_ref())?.only(o.only)?;
         println!(
             "{:<20} {:>6} {:<44} {:>10} {:>10} {:>8}  winner",
             "kernel", "M", "signature", "default ms", "tuned ms", "speedup"
@@ -1704,7 +1747,8 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
     if dir.exists() {
         return Err(format!("{}: already exists (candidates are written into a new directory)", dir.display()));
     }
-    let ModelProblems { gemms, attention, rows } = model_problems(o.model, o.precision, o.train.as_ref())?;
+    let ModelProblems { gemms, attention, rows } =
+        model_problems(o.model, o.precision, o.train.as_ref())?.only(o.only)?;
     // Distinct problems: several kernels of the model may share a signature.
     let mut problems: Vec<(GemmShape, Vec<String>)> = Vec::new();
     for (g, runs) in &gemms {

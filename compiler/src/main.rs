@@ -431,9 +431,14 @@ struct TuneArgs {
     #[arg(long, value_enum)]
     precision: Option<Precision>,
     /// Tune the training step's kernels (as `compile --train` builds them: its Fprop, Dgrad and Wgrad
-    /// GEMMs, the experts' grouped ones, at windows of 4096 tokens) instead of the inference entries'.
+    /// GEMMs, the experts' grouped ones, its flash attention forward and gradients, at windows of 4096
+    /// tokens) instead of the inference entries'.
     #[arg(long)]
     train: bool,
+    /// Only the problems whose signature contains PATTERN (repeatable; e.g. `--only mla_grad`, `--only
+    /// "gemm fp8"`): re-tune a few kernels, or report on them.
+    #[arg(long, value_name = "PATTERN")]
+    only: Vec<String>,
 }
 
 #[derive(Args)]
@@ -596,6 +601,7 @@ fn main() -> ExitCode {
                 fp8: a.precision == Some(Precision::Fp8),
                 ..Default::default()
             }),
+            only: &a.only,
         }),
     };
     match result {
