@@ -27,7 +27,8 @@
 #    load on it (`v3r bench-serve`: requests joining a running batch), and transformers'
 #    on the same device (hf_decode.py); 5b. training steps of a 2-layer full-width slice (`v3r
 #    bench-train`, FP8 recipe and f32 with AdamW on the device, FP8 with it on the host); 2b. tuning
-#    (`v3r tune`, tune_check.py if it fails).
+#    (`v3r tune`, tune_check.py if it fails), then the training step's flash attention kernels' ring
+#    depths (`v3r tune`, into the same database).
 # Never changes clocks, power, MIG, persistence or compute mode.
 set -uo pipefail
 
@@ -466,6 +467,19 @@ if [ -f "$root/.device/tune/candidates.json" ] && [ -n "$v3r" ] && grep -q '"com
 else
   note "no .device/tune (benches/device/prepare.sh), no v3r or no Hopper: skipped"
   row "2b. tuning" "SKIPPED" "no .device/tune or no GPU"
+fi
+
+note "== 2b. tuning: the training step's flash attention (forward, log-sum-exps, dQ, dK, dV) at 4096-token windows"
+if [ -f "$root/.device/tune_train/candidates.json" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
+  left=$(budget 120)
+  # Each default against the host's attention (gradient) rows first, every other depth against it.
+  if [ "$left" -ge 40 ] && timeout "$left" "$v3r" tune "$root/.device/tune_train" --out "$out/tuning.json" 2>&1 | tee -a "$log"; then
+    row "2b. tuning (training)" "ok" "the flash kernels' depths into tuning.json"
+  else
+    row "2b. tuning (training)" "FAILED" "see check.log (or under 40 s left)"
+  fi
+else
+  row "2b. tuning (training)" "SKIPPED" "no .device/tune_train or no GPU"
 fi
 
 note ""

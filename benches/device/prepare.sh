@@ -202,6 +202,12 @@ for precision in fp8 f32; do
   target/release/v3c compile --model .device/train_slice/config --target sm_90a --train --max-rows 256 \
     --precision "$precision" --out ".device/train_slice/$precision" --force 2>/dev/null
 done
+# Its flash attention kernels' candidates (the step's forward, the forward with log-sum-exps, dQ, dK, dV
+# at DeepSeek-V3's heads, 4096-token windows): every ring depth that fits and does not spill, for check.sh
+# 2b's second `v3r tune`.
+rm -rf .device/tune_train
+target/release/v3c tune --model .device/train_slice/config --train --precision fp8 --only mla_ --top 4 \
+  --emit-candidates .device/tune_train
 # Packed: a device call carries 64 MiB with the working tree, and .device/ alone is near that
 # (~59 MB: artifacts' cubins, emulation dumps); xz makes it ~12 MB. check.sh unpacks it there.
 tar -C "$root" -cf - .device | xz -T2 -6 > .device.tar.xz.tmp && mv .device.tar.xz.tmp .device.tar.xz
