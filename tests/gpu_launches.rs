@@ -117,6 +117,24 @@ fn tuning_the_training_step_covers_its_flash_kernels() {
         assert_eq!(p.m, 4096, "{signature}: a 4096-token window");
     }
     v3c_tests::candidates_launch_as_their_ptx_declares(&cands);
+    // The compile picks each flash kernel's first unspilled depth and says where each choice came
+    // from: the cost model's estimate of its own kernel (four flash launches in one fused kernel).
+    let args = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "sm_90a", "--train", "--precision", "fp8"];
+    let out = run_binary("v3c", &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let estimate = |kernel: &str| -> String {
+        let line = format!("compile: attention_grad_0 (2 heads) prefill -> {kernel} [cost model: ");
+        let at = err.find(&line).unwrap_or_else(|| panic!("{line}: {err}")) + line.len();
+        err[at..].split(' ').next().unwrap().to_string()
+    };
+    let (lse, dq, dv) = (
+        estimate("mla_prefill_qk192_v128_s4_lse"),
+        estimate("mla_gradq_qk192_v128_s3"),
+        estimate("mla_gradv_qk192_v128_s4"),
+    );
+    estimate("mla_gradk_qk192_v128_s2");
+    assert!(lse == dv && dq != dv, "dQ's steps multiply three tiles: {lse} {dq} {dv}");
     // A pattern no problem matches: one line naming the model's signatures, nothing written.
     let none = dir.path().join("none");
     let args = ["tune", "--model", ckpt.to_str().unwrap(), "--train", "--only", "mla_gradz"];

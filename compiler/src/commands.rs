@@ -714,7 +714,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         for step in &steps.steps {
             let Some(shape) = v3c_compiler::tune::attention::AttentionShape::of_step(&step.kernel) else { continue };
             let (kernel, heads, _) = step.kernel.attention().expect("an attention launch");
-            if let Some(source) = choose.source(fused, shape.rows()) {
+            let key = v3c_compiler::tune::ModelChooser::attention_key(fused, &shape);
+            if let Some(source) = choose.source(&key, shape.rows()) {
                 chose(fused, format!("{heads} heads"), shape.signature(), shape.regime(), &kernel, source);
             }
         }

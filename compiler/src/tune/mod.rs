@@ -559,6 +559,12 @@ impl<'a> ModelChooser<'a> {
         ModelChooser { device, db, sources: Vec::new(), ignored: Vec::new() }
     }
 
+    /// What an attention launch's choice is kept under: its fused kernel and its signature (a
+    /// training step's gradient kernel holds four flash launches at one size).
+    pub fn attention_key(fused: &str, shape: &attention::AttentionShape) -> String {
+        format!("{fused} [{}]", shape.signature())
+    }
+
     /// Where `kernel`'s configuration at `m` came from, if it was chosen.
     pub fn source(&self, kernel: &str, m: usize) -> Option<&str> {
         self.sources.iter().find(|s| s.kernel == kernel && s.m == m).map(|s| s.source.as_str())
@@ -586,7 +592,7 @@ impl crate::conversion::sm90::Chooser for ModelChooser<'_> {
             attention::AttentionShape::Decode { sequences, .. } => format!("{sequences} sequences"),
             attention::AttentionShape::Prefill { tokens, .. } => format!("{tokens} tokens"),
         };
-        self.keep(fused, shape.rows(), at, choice)
+        self.keep(&Self::attention_key(fused, shape), shape.rows(), at, choice)
     }
 
     fn rows(&mut self, name: &str, shape: &rows::RowShape) -> Vec<crate::conversion::sm90::rows::RowKernel> {
