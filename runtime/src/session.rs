@@ -1844,4 +1844,83 @@ mod tests {
         let served = serve(&waves, 2, None);
         assert_eq!((tokens(&served), served.joined), (alone.clone(), 0));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 40, ..Default::default() })]
+
+        /// Requests of any lengths and token budgets, arriving at any steps (a few not-yet
+        /// answers before each), through one to three slots, with or without an end token: each
+        /// request's tokens — reported as picked, and at its end — are those it gets generated
+        /// alone, whether the caches are per sequence, a pool of pages on the host, or a pool on
+        /// the device; none is refused (they all fit), and each ends once.
+        #[test]
+        fn served_requests_get_their_tokens_alone(
+            requests in proptest::collection::vec(
+                (proptest::collection::vec(0u32..11, 1..60), 1usize..30, 0usize..4),
+                1..7,
+            ),
+            slots in 1usize..4,
+            eos in proptest::option::of(0u32..11),
+            kind in 0usize..3,
+        ) {
+            let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+            let plain = || {
+                let mut t = Toy::new(false);
+                t.prefill = plan("prefill", 4, 128, vec![128, WIDTH]);
+                t.decode = plan("decode", 3, 128, vec![3, 128, WIDTH]);
+                t
+            };
+            let toy = match kind {
+                0 => plain(),
+                1 => Toy::paged(),
+                _ => {
+                    let mut t = Toy::paged();
+                    t.keeps = true;
+                    one_element(t)
+                }
+            };
+            let single = plain();
+            let alone: Vec<Vec<u32>> = requests
+                .iter()
+                .map(|(p, n, _)| {
+                    let mut session = ArtifactSession::new(&single, p.len() + n).unwrap();
+                    generate(&mut session, p, *n, &mut greedy(), eos).unwrap().tokens
+                })
+                .collect();
+            let limits: Vec<usize> = requests.iter().map(|(p, n, _)| p.len() + n).collect();
+            let longest = requests.iter().map(|(p, _, _)| p.len()).max().unwrap_or(0);
+            let (mut arrived, mut waits) = (0, requests.first().map_or(0, |r| r.2));
+            let mut next = |_: bool| {
+                if arrived == requests.len() {
+                    return Arrival::Closed;
+                }
+                if waits > 0 {
+                    waits -= 1;
+                    return Arrival::NotYet;
+                }
+                let (prompt, max_new, _) = requests[arrived].clone();
+                arrived += 1;
+                waits = requests.get(arrived).map_or(0, |r| r.2);
+                Arrival::Request(Request { prompt, max_new, sampler: greedy() })
+            };
+            let mut got: Vec<Option<Vec<u32>>> = vec![None; requests.len()];
+            let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
+            let mut report = |id: usize, p: Progress| -> Result<(), String> {
+                match p {
+                    Progress::Token(t) => streamed[id].push(t),
+                    Progress::Ended(g) => {
+                        assert!(got[id].is_none(), "request {id} ended twice");
+                        assert_eq!(g.stopped_at_eos, eos.is_some() && g.tokens.last() == eos.as_ref());
+                        got[id] = Some(g.tokens);
+                    }
+                    Progress::Refused(e) => return Err(format!("request {id} refused: {e}")),
+                }
+                Ok(())
+            };
+            serve(&toy, slots, &limits, longest, eos, &mut next, &mut report).unwrap();
+            let got: Vec<Vec<u32>> = got.into_iter().map(|g| g.expect("every request ends")).collect();
+            proptest::prop_assert_eq!(&got, &alone);
+            proptest::prop_assert_eq!(&streamed, &alone);
+        }
+    }
 }
