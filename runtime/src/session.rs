@@ -1848,22 +1848,31 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 40, ..Default::default() })]
 
-        /// Requests of any lengths and token budgets, arriving at any steps (a few not-yet
-        /// answers before each), through one to three slots, with or without an end token: each
+        /// Requests of any lengths and token budgets, greedy or sampled (each its own seed),
+        /// arriving at any steps (a few not-yet answers before each), through one to three slots,
+        /// with or without an end token: each
         /// request's tokens — reported as picked, and at its end — are those it gets generated
         /// alone, whether the caches are per sequence, a pool of pages on the host, or a pool on
         /// the device; none is refused (they all fit), and each ends once.
         #[test]
         fn served_requests_get_their_tokens_alone(
             requests in proptest::collection::vec(
-                (proptest::collection::vec(0u32..11, 1..60), 1usize..30, 0usize..4),
+                (
+                    proptest::collection::vec(0u32..11, 1..60),
+                    1usize..30,
+                    0usize..4,
+                    proptest::option::of(0u64..1000),
+                ),
                 1..7,
             ),
             slots in 1usize..4,
             eos in proptest::option::of(0u32..11),
             kind in 0usize..3,
         ) {
-            let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+            let sampler = |seed: Option<u64>| match seed {
+                Some(seed) => v3c_models::reference::Sampler::new(0.9, 0.8, seed),
+                None => v3c_models::reference::Sampler::new(0.0, 1.0, 0),
+            };
             let plain = || {
                 let mut t = Toy::new(false);
                 t.prefill = plan("prefill", 4, 128, vec![128, WIDTH]);
@@ -1882,13 +1891,13 @@ mod tests {
             let single = plain();
             let alone: Vec<Vec<u32>> = requests
                 .iter()
-                .map(|(p, n, _)| {
+                .map(|(p, n, _, seed)| {
                     let mut session = ArtifactSession::new(&single, p.len() + n).unwrap();
-                    generate(&mut session, p, *n, &mut greedy(), eos).unwrap().tokens
+                    generate(&mut session, p, *n, &mut sampler(*seed), eos).unwrap().tokens
                 })
                 .collect();
-            let limits: Vec<usize> = requests.iter().map(|(p, n, _)| p.len() + n).collect();
-            let longest = requests.iter().map(|(p, _, _)| p.len()).max().unwrap_or(0);
+            let limits: Vec<usize> = requests.iter().map(|(p, n, _, _)| p.len() + n).collect();
+            let longest = requests.iter().map(|(p, _, _, _)| p.len()).max().unwrap_or(0);
             let (mut arrived, mut waits) = (0, requests.first().map_or(0, |r| r.2));
             let mut next = |_: bool| {
                 if arrived == requests.len() {
@@ -1898,10 +1907,10 @@ mod tests {
                     waits -= 1;
                     return Arrival::NotYet;
                 }
-                let (prompt, max_new, _) = requests[arrived].clone();
+                let (prompt, max_new, _, seed) = requests[arrived].clone();
                 arrived += 1;
                 waits = requests.get(arrived).map_or(0, |r| r.2);
-                Arrival::Request(Request { prompt, max_new, sampler: greedy() })
+                Arrival::Request(Request { prompt, max_new, sampler: sampler(seed) })
             };
             let mut got: Vec<Option<Vec<u32>>> = vec![None; requests.len()];
             let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
