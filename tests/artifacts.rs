@@ -254,8 +254,9 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         let tokens: Vec<String> = replies[id]["tokens"].as_array().unwrap().iter().map(|t| t.to_string()).collect();
         assert_eq!(tokens.join(" "), alone.trim(), "request {id}");
     }
-    // Streamed: each token a line as it is picked, in order, then the request's line as before.
-    let streamed = serve(&["--stream"]);
+    // Streamed: each token a line as it is picked, in order, then the request's line as before
+    // (here with a budget of 24 prefill tokens between decode steps: the same tokens).
+    let streamed = serve(&["--stream", "--prefill-budget", "24"]);
     let mut picked: std::collections::HashMap<String, Vec<serde_json::Value>> = Default::default();
     for v in text(&streamed.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()) {
         match v.get("token") {

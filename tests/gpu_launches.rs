@@ -896,7 +896,8 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
     let cut: Vec<Vec<u32>> =
         alone.iter().map(|t| t.iter().position(|&x| x == eos).map_or(t.clone(), |at| t[..=at].to_vec())).collect();
     assert!(cut[1].len() > cut[0].len(), "the second sequence still runs when the third joins");
-    let served = generate_queue(&program, &prompts, 2, 50, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
+    let served =
+        generate_queue(&program, &prompts, (2, None), 50, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
     assert_eq!(served.joined, 1);
     for (i, g) in served.generations.iter().enumerate() {
         assert_eq!(g.tokens, cut[i], "prompt {i}");
@@ -908,7 +909,8 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
     let device = v3c_compiler::emulate::EmulatedProgram::on_device(emulator);
     let batch = generate_batch(&device, &prompts[..2], 50, &mut [greedy(), greedy()], None).unwrap();
     assert_eq!(batch.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), alone[..2]);
-    let served = generate_queue(&device, &prompts, 2, 50, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
+    let served =
+        generate_queue(&device, &prompts, (2, None), 50, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
     assert_eq!(served.generations.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), cut);
     // One sequence: its prefill's caches are the decode's first pages.
     let mut session = ArtifactSession::new(&device, 80).unwrap();
@@ -951,7 +953,8 @@ fn a_prompt_joining_over_fp8_cache_rows_gets_its_tokens_alone() {
         .expect("an end token for the first sequence only");
     let cut: Vec<Vec<u32>> =
         alone.iter().map(|t| t.iter().position(|&x| x == eos).map_or(t.clone(), |at| t[..=at].to_vec())).collect();
-    let served = generate_queue(&device, &prompts, 2, 40, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
+    let served =
+        generate_queue(&device, &prompts, (2, None), 40, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
     assert_eq!(served.joined, 1);
     assert_eq!(served.generations.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), cut);
 }

@@ -196,6 +196,11 @@ struct BenchServeArgs {
     /// At most N sequences decode together (default: the artifact's --max-batch).
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
+    /// Prompt tokens joining requests prefill between two decode steps while sequences decode (in
+    /// the prefill plan's chunks, at least one; default: one chunk): more shortens a joining
+    /// request's wait for its first token, fewer the running ones' time per token.
+    #[arg(long, value_name = "TOKENS")]
+    prefill_budget: Option<usize>,
     /// Prompt lengths in tokens: uniform in LO..HI (both included), or one length.
     #[arg(long, value_name = "LO..HI", default_value = "64..512")]
     prompt_tokens: String,
@@ -299,6 +304,11 @@ struct ServeArgs {
     /// At most N sequences decode together (default: the artifact's --max-batch).
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
+    /// Prompt tokens joining requests prefill between two decode steps while sequences decode (in
+    /// the prefill plan's chunks, at least one; default: one chunk): more shortens a joining
+    /// request's wait for its first token, fewer the running ones' time per token.
+    #[arg(long, value_name = "TOKENS")]
+    prefill_budget: Option<usize>,
     /// What a request does not say (its max_new_tokens, temperature, top_p, seed).
     #[command(flatten)]
     generating: Generating,
@@ -331,6 +341,11 @@ struct RunArgs {
     /// cache pages has room for its prompt and new tokens.
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
+    /// Prompt tokens joining requests prefill between two decode steps while sequences decode (in
+    /// the prefill plan's chunks, at least one; default: one chunk): more shortens a joining
+    /// request's wait for its first token, fewer the running ones' time per token.
+    #[arg(long, value_name = "TOKENS")]
+    prefill_budget: Option<usize>,
     #[command(flatten)]
     generating: Generating,
     /// Speculative decoding with the MTP module: each pass of the main model verifies the MTP
@@ -794,8 +809,9 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         Ok(())
     };
     let limits = vec![max_len; slots];
-    let (joined, prefill_s) =
-        v3c_runtime::session::serve(program, slots, &limits, max_prompt, eos, &mut next, &mut done).map_err(at)?;
+    let serving =
+        v3c_runtime::session::Serving { slots, limits: &limits, max_prompt, eos, prefill_budget: args.prefill_budget };
+    let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut done).map_err(at)?;
     let refused = refused + ids.borrow().len() - served;
     let total_s = start.elapsed().as_secs_f64();
     eprintln!(
@@ -912,8 +928,14 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         Ok(())
     };
     let limits = vec![hi + args.new_tokens; slots];
-    let (joined, prefill_s) =
-        v3c_runtime::session::serve(program, slots, &limits, hi, None, &mut next, &mut report).map_err(at)?;
+    let serving = v3c_runtime::session::Serving {
+        slots,
+        limits: &limits,
+        max_prompt: hi,
+        eos: None,
+        prefill_budget: args.prefill_budget,
+    };
+    let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut report).map_err(at)?;
     let total_s = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let (first, end): (Vec<f64>, Vec<f64>) =
@@ -1029,7 +1051,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         let served = v3c_runtime::session::generate_queue(
             program,
             &prompts,
-            slots,
+            (slots, args.prefill_budget),
             args.generating.max_new_tokens,
             &mut samplers,
             eos,

@@ -709,6 +709,11 @@ impl<'a> ArtifactBatch<'a> {
         self.joining.is_some()
     }
 
+    /// Tokens of the join under way prefilled so far (none under way: 0).
+    pub fn joined_tokens(&self) -> usize {
+        self.joining.as_ref().map_or(0, |j| j.session.position)
+    }
+
     /// The next chunk of the join under way — all of them where the prefill's caches cross to the
     /// device between chunks that decode steps would overwrite (a program that carries them over
     /// without keeping the decode's there). After the last: the caches go to the slot's rows or
@@ -995,11 +1000,12 @@ fn pages_of(limit: usize) -> usize {
 /// running batch in its place ([`ArtifactBatch::join`]) — in order, once the pool has pages
 /// for all its tokens beside those the running sequences may still fill. Where sequences
 /// cannot join ([`joins_running_batches`]), the prompts run in batches of `slots`, one after
-/// another. With `slots` at least the prompts' count, this is [`generate_batch`].
+/// another. With `slots` at least the prompts' count, this is [`generate_batch`]. Joining prompts
+/// prefill `prefill_budget` tokens between decode steps ([`Serving::prefill_budget`]).
 pub fn generate_queue(
     program: &dyn Program,
     prompts: &[Vec<u32>],
-    slots: usize,
+    (slots, prefill_budget): (usize, Option<usize>),
     max_new: usize,
     samplers: &mut [v3c_models::reference::Sampler],
     eos: Option<u32>,
@@ -1038,7 +1044,8 @@ pub fn generate_queue(
         }
         Ok(())
     };
-    let (joined, prefill_s) = serve(program, slots, &limits, longest, eos, &mut next, &mut finished)?;
+    let serving = Serving { slots, limits: &limits, max_prompt: longest, eos, prefill_budget };
+    let (joined, prefill_s) = serve(program, &serving, &mut next, &mut finished)?;
     let generations = done.into_iter().collect::<Option<Vec<_>>>().ok_or("a request was never served")?;
     let total_s = start.elapsed().as_secs_f64();
     Ok(Served { generations, slots, joined, prefill_s, total_s })
@@ -1081,24 +1088,41 @@ struct Running {
     prefill_s: f64,
 }
 
-/// Serves requests as they arrive with at most `slots` sequences decoding together: `next(idle)`
+/// How [`serve`] runs its batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Serving<'l> {
+    /// At most this many sequences decode together.
+    pub slots: usize,
+    /// The batch is opened for sequences of these lengths and prompts of at most `max_prompt`
+    /// tokens ([`ArtifactBatch::open`]).
+    pub limits: &'l [usize],
+    pub max_prompt: usize,
+    pub eos: Option<u32>,
+    /// Prompt tokens joining requests prefill between two decode steps while sequences decode, in
+    /// the prefill plan's chunks, at least one (None: one chunk): more shortens a joining request's
+    /// wait for its first token, fewer the running ones' time per token.
+    pub prefill_budget: Option<usize>,
+}
+
+/// Serves requests as they arrive with at most `o.slots` sequences decoding together: `next(idle)`
 /// gives the next request (`idle`: nothing runs, so it may wait for one), numbered in arrival
 /// order; each joins the running batch in a vacant slot ([`ArtifactBatch::join`]), in order, once
-/// the pool has pages for all its tokens beside those the running sequences may still fill; each
-/// ends at `eos` or its `max_new` tokens. `report(id, ...)` gets each token as it is picked, then
-/// the generation (its times from when it joined) — or why the batch cannot hold the request. The batch is opened for
-/// sequences of `limits` and prompts of at most `max_prompt` tokens ([`ArtifactBatch::open`]).
-/// Returns how many requests joined after the first decode step, and the seconds in prefills.
+/// the pool has pages for all its tokens beside those the running sequences may still fill and the
+/// step's prefill budget allows, and is prefilled chunk by chunk between decode steps (while none
+/// decodes, without a budget); each ends at `eos` or its `max_new` tokens. `report(id, ...)` gets
+/// each token as it is picked, then the generation (its times from when it joined) — or why the
+/// batch cannot hold the request. Returns how many requests joined after the first decode step,
+/// and the seconds in prefills.
 pub fn serve(
     program: &dyn Program,
-    slots: usize,
-    limits: &[usize],
-    max_prompt: usize,
-    eos: Option<u32>,
+    o: &Serving,
     next: &mut dyn FnMut(bool) -> Arrival,
     report: &mut dyn FnMut(usize, Progress) -> Result<(), String>,
 ) -> Result<(usize, f64), String> {
+    let (slots, limits, max_prompt, eos) = (o.slots, o.limits, o.max_prompt, o.eos);
     let start = std::time::Instant::now();
+    let chunk = program.entry_plan("prefill")?.sizes.rows.max(1);
+    let budget = o.prefill_budget.unwrap_or(chunk);
     let mut batch = ArtifactBatch::open(program, slots, limits, max_prompt)?;
     let (room, rows) = (batch.room(), batch.layout.rows);
     let mut running: Vec<Option<Running>> = (0..slots).map(|_| None).collect();
@@ -1108,19 +1132,30 @@ pub fn serve(
     let (mut committed, mut prefill_s, mut joined, mut started) = (0, 0.0, 0, false);
     let mut logits = Next::Tokens(Vec::new());
     loop {
-        // Waiting requests join vacant slots, in order, while the pool has their pages: one
-        // prefill chunk between decode steps.
+        // Waiting requests join vacant slots, in order, while the pool has their pages, prefilled
+        // chunk by chunk within the step's budget while sequences decode (those whose first token
+        // is still to be picked do not yet).
+        let decoding = running.iter().flatten().any(|r| !r.joining && r.prefilled.is_none());
+        let mut spent = 0;
+        let spend = |spent: usize| !decoding || spent == 0 || spent + chunk <= budget;
         loop {
             if let Some(s) = running.iter().position(|r| r.as_ref().is_some_and(|r| r.joining)) {
-                let at = start.elapsed().as_secs_f64();
+                if !spend(spent) {
+                    break;
+                }
+                let (at, before) = (start.elapsed().as_secs_f64(), batch.joined_tokens());
                 let finished = batch.continue_join()?;
                 let took = start.elapsed().as_secs_f64() - at;
                 prefill_s += took;
                 let Some(r) = running[s].as_mut() else { break };
                 r.prefill_s += took;
+                spent += match finished {
+                    Some(_) => r.request.prompt.len(),
+                    None => batch.joined_tokens(),
+                } - before;
                 match finished {
                     Some((_, logits)) => (r.prefilled, r.joining) = (Some(logits), false),
-                    None => break,
+                    None => continue,
                 }
             }
             if head.is_none() && !closed {
@@ -1144,7 +1179,7 @@ pub fn serve(
                 report(id, Progress::Refused(err))?;
                 continue;
             }
-            let vacant = running.iter().position(Option::is_none);
+            let vacant = running.iter().position(Option::is_none).filter(|_| spend(spent));
             let (Some(s), true) = (vacant, room.is_none_or(|room| committed + pages_of(limit) <= room)) else {
                 head = Some((id, r, arrived_s));
                 break;
@@ -1798,7 +1833,7 @@ mod tests {
             .collect();
         let serve = |p: &Toy, slots: usize, eos: Option<u32>| {
             let mut samplers = vec![greedy(); prompts.len()];
-            generate_queue(p, &prompts, slots, 30, &mut samplers, eos).unwrap()
+            generate_queue(p, &prompts, (slots, None), 30, &mut samplers, eos).unwrap()
         };
         let tokens = |s: &Served| s.generations.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>();
         let mut device = Toy::paged();
@@ -1808,8 +1843,6 @@ mod tests {
             let served = serve(&toy, 2, None);
             assert_eq!(tokens(&served), alone, "{name}");
             assert_eq!((served.slots, served.joined), (2, 3), "{name}");
-            // A joining prompt's chunks go between the running sequences' decode steps.
-            assert!(*toy.interleaved.borrow() > 0, "{name}");
             // Sequences ending at an eos leave early: the tokens up to it.
             let eos = alone[1][3];
             let cut: Vec<Vec<u32>> = alone
@@ -1829,12 +1862,12 @@ mod tests {
         small.decode.bounds.insert("kv_cache.0".into(), vec![2, 64, WIDTH]);
         let twice = vec![long.clone(), long.clone()];
         let mut samplers = vec![greedy(), greedy()];
-        let served = generate_queue(&small, &twice, 2, 30, &mut samplers, None).unwrap();
+        let served = generate_queue(&small, &twice, (2, None), 30, &mut samplers, None).unwrap();
         assert_eq!(tokens(&served), vec![alone[1].clone(), alone[1].clone()]);
         assert_eq!(served.joined, 1, "the second joined when the first ended");
         small.decode.bounds.insert("kv_cache.0".into(), vec![1, 64, WIDTH]);
         let mut samplers = vec![greedy(), greedy()];
-        let err = generate_queue(&small, &twice, 2, 30, &mut samplers, None).unwrap_err();
+        let err = generate_queue(&small, &twice, (2, None), 30, &mut samplers, None).unwrap_err();
         assert!(err.contains("75 tokens needs 2 pages") && err.contains("pool holds 1"), "{err}");
         // Caches per sequence on a device: batches one after another, the same tokens.
         let mut waves = plain();
@@ -1845,15 +1878,116 @@ mod tests {
         assert_eq!((tokens(&served), served.joined), (alone.clone(), 0));
     }
 
+    /// A toy's sampler: greedy, or seeded sampling.
+    fn toy_sampler(seed: Option<u64>) -> v3c_models::reference::Sampler {
+        match seed {
+            Some(seed) => v3c_models::reference::Sampler::new(0.9, 0.8, seed),
+            None => v3c_models::reference::Sampler::new(0.0, 1.0, 0),
+        }
+    }
+
+    /// A request to [`serve_requests`]: its prompt, its new tokens, the not-yet answers before it
+    /// arrives, its sampler's seed (none: greedy).
+    type ToyRequest = (Vec<u32>, usize, usize, Option<u64>);
+
+    /// Serves `requests` on `toy` ([`serve`]); each request's tokens as reported at its end,
+    /// checked equal to those reported as picked; every request ends once, none is refused.
+    fn serve_requests(
+        toy: &Toy,
+        requests: &[ToyRequest],
+        slots: usize,
+        eos: Option<u32>,
+        prefill_budget: Option<usize>,
+    ) -> Vec<Vec<u32>> {
+        let limits: Vec<usize> = requests.iter().map(|(p, n, _, _)| p.len() + n).collect();
+        let longest = requests.iter().map(|(p, _, _, _)| p.len()).max().unwrap_or(0);
+        let (mut arrived, mut waits) = (0, requests.first().map_or(0, |r| r.2));
+        let mut next = |_: bool| {
+            if arrived == requests.len() {
+                return Arrival::Closed;
+            }
+            if waits > 0 {
+                waits -= 1;
+                return Arrival::NotYet;
+            }
+            let (prompt, max_new, _, seed) = requests[arrived].clone();
+            arrived += 1;
+            waits = requests.get(arrived).map_or(0, |r| r.2);
+            Arrival::Request(Request { prompt, max_new, sampler: toy_sampler(seed) })
+        };
+        let mut got: Vec<Option<Vec<u32>>> = vec![None; requests.len()];
+        let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
+        let mut report = |id: usize, p: Progress| -> Result<(), String> {
+            match p {
+                Progress::Token(t) => streamed[id].push(t),
+                Progress::Ended(g) => {
+                    assert!(got[id].is_none(), "request {id} ended twice");
+                    assert_eq!(g.stopped_at_eos, eos.is_some() && g.tokens.last() == eos.as_ref());
+                    got[id] = Some(g.tokens);
+                }
+                Progress::Refused(e) => return Err(format!("request {id} refused: {e}")),
+            }
+            Ok(())
+        };
+        let serving = Serving { slots, limits: &limits, max_prompt: longest, eos, prefill_budget };
+        serve(toy, &serving, &mut next, &mut report).unwrap();
+        let got: Vec<Vec<u32>> = got.into_iter().map(|g| g.expect("every request ends")).collect();
+        assert_eq!(got, streamed, "the tokens reported as picked");
+        got
+    }
+
+    /// A toy whose caches are per sequence, chunks of 4 tokens, sequences of up to 128.
+    fn toy_plain() -> Toy {
+        let mut t = Toy::new(false);
+        t.prefill = plan("prefill", 4, 128, vec![128, WIDTH]);
+        t.decode = plan("decode", 3, 128, vec![3, 128, WIDTH]);
+        t
+    }
+
+    /// Each request generated alone.
+    fn toy_alone(requests: &[ToyRequest], eos: Option<u32>) -> Vec<Vec<u32>> {
+        let single = toy_plain();
+        let generate_alone = |(p, n, _, seed): &ToyRequest| {
+            let mut session = ArtifactSession::new(&single, p.len() + n).unwrap();
+            generate(&mut session, p, *n, &mut toy_sampler(*seed), eos).unwrap().tokens
+        };
+        requests.iter().map(generate_alone).collect()
+    }
+
+    /// A long prompt joining while another sequence decodes prefills one chunk between decode
+    /// steps by default, and as many as a budget holds (12 tokens: three chunks of 4) — the same
+    /// tokens either way; on the device as on the host.
+    #[test]
+    fn a_joining_prompt_prefills_within_the_budget_between_decode_steps() {
+        let long: Vec<u32> = (0..45).map(|i| (i * 7 % 11) as u32).collect();
+        // The second arrives after the first's first decode steps.
+        let requests: Vec<ToyRequest> = vec![(vec![3], 40, 0, None), (long, 5, 3, Some(7))];
+        let alone = toy_alone(&requests, None);
+        let mut device = Toy::paged();
+        device.keeps = true;
+        for (name, toy) in
+            [("per sequence", toy_plain()), ("pool", Toy::paged()), ("pool on the device", one_element(device))]
+        {
+            let mut interleaved = Vec::new();
+            for budget in [None, Some(12), Some(1)] {
+                assert_eq!(serve_requests(&toy, &requests, 2, None, budget), alone, "{name}, {budget:?}");
+                interleaved.push(toy.interleaved.replace(0));
+            }
+            // 12 chunks: the first after a decode step at position 0, the others each after one;
+            // three a step: 4 steps, 3 after the first; a budget under a chunk: one a step.
+            assert_eq!(interleaved, [11, 3, 11], "{name}");
+        }
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 40, ..Default::default() })]
 
         /// Requests of any lengths and token budgets, greedy or sampled (each its own seed),
         /// arriving at any steps (a few not-yet answers before each), through one to three slots,
-        /// with or without an end token: each
-        /// request's tokens — reported as picked, and at its end — are those it gets generated
-        /// alone, whether the caches are per sequence, a pool of pages on the host, or a pool on
-        /// the device; none is refused (they all fit), and each ends once.
+        /// with or without an end token, any prefill budget between decode steps: each request's
+        /// tokens — reported as picked, and at its end — are those it gets generated alone,
+        /// whether the caches are per sequence, a pool of pages on the host, or a pool on the
+        /// device; none is refused (they all fit), and each ends once.
         #[test]
         fn served_requests_get_their_tokens_alone(
             requests in proptest::collection::vec(
@@ -1868,19 +2002,10 @@ mod tests {
             slots in 1usize..4,
             eos in proptest::option::of(0u32..11),
             kind in 0usize..3,
+            budget in proptest::option::of(1usize..16),
         ) {
-            let sampler = |seed: Option<u64>| match seed {
-                Some(seed) => v3c_models::reference::Sampler::new(0.9, 0.8, seed),
-                None => v3c_models::reference::Sampler::new(0.0, 1.0, 0),
-            };
-            let plain = || {
-                let mut t = Toy::new(false);
-                t.prefill = plan("prefill", 4, 128, vec![128, WIDTH]);
-                t.decode = plan("decode", 3, 128, vec![3, 128, WIDTH]);
-                t
-            };
             let toy = match kind {
-                0 => plain(),
+                0 => toy_plain(),
                 1 => Toy::paged(),
                 _ => {
                     let mut t = Toy::paged();
@@ -1888,48 +2013,8 @@ mod tests {
                     one_element(t)
                 }
             };
-            let single = plain();
-            let alone: Vec<Vec<u32>> = requests
-                .iter()
-                .map(|(p, n, _, seed)| {
-                    let mut session = ArtifactSession::new(&single, p.len() + n).unwrap();
-                    generate(&mut session, p, *n, &mut sampler(*seed), eos).unwrap().tokens
-                })
-                .collect();
-            let limits: Vec<usize> = requests.iter().map(|(p, n, _, _)| p.len() + n).collect();
-            let longest = requests.iter().map(|(p, _, _, _)| p.len()).max().unwrap_or(0);
-            let (mut arrived, mut waits) = (0, requests.first().map_or(0, |r| r.2));
-            let mut next = |_: bool| {
-                if arrived == requests.len() {
-                    return Arrival::Closed;
-                }
-                if waits > 0 {
-                    waits -= 1;
-                    return Arrival::NotYet;
-                }
-                let (prompt, max_new, _, seed) = requests[arrived].clone();
-                arrived += 1;
-                waits = requests.get(arrived).map_or(0, |r| r.2);
-                Arrival::Request(Request { prompt, max_new, sampler: sampler(seed) })
-            };
-            let mut got: Vec<Option<Vec<u32>>> = vec![None; requests.len()];
-            let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
-            let mut report = |id: usize, p: Progress| -> Result<(), String> {
-                match p {
-                    Progress::Token(t) => streamed[id].push(t),
-                    Progress::Ended(g) => {
-                        assert!(got[id].is_none(), "request {id} ended twice");
-                        assert_eq!(g.stopped_at_eos, eos.is_some() && g.tokens.last() == eos.as_ref());
-                        got[id] = Some(g.tokens);
-                    }
-                    Progress::Refused(e) => return Err(format!("request {id} refused: {e}")),
-                }
-                Ok(())
-            };
-            serve(&toy, slots, &limits, longest, eos, &mut next, &mut report).unwrap();
-            let got: Vec<Vec<u32>> = got.into_iter().map(|g| g.expect("every request ends")).collect();
-            proptest::prop_assert_eq!(&got, &alone);
-            proptest::prop_assert_eq!(&streamed, &alone);
+            let got = serve_requests(&toy, &requests, slots, eos, budget);
+            proptest::prop_assert_eq!(got, toy_alone(&requests, eos));
         }
     }
 }
