@@ -171,6 +171,11 @@ impl FlashKind {
         }
     }
 
+    /// One of the gradients (dQ, dK, dV).
+    pub fn gradient(self) -> bool {
+        matches!(self, FlashKind::GradQ | FlashKind::GradK | FlashKind::GradV)
+    }
+
     /// A gradient of the keys' side (its blocks take 128 keys, not queries).
     fn per_key(self) -> bool {
         matches!(self, FlashKind::GradK | FlashKind::GradV)

@@ -682,7 +682,7 @@ impl AttentionHost {
                 let keys = rand.operand(heads * m * qk, false);
                 let values = rand.operand(heads * m * v, false);
                 let (mut dout, mut lse, mut dd) = (Vec::new(), Vec::new(), Vec::new());
-                if flash.operands().len() == 7 {
+                if flash.gradient() {
                     dout = rand.operand(heads * m * v, false);
                     lse = (0..heads * m).map(|r| ((r % m + 1) as f32).log2()).collect();
                     dd = rand.floats(heads * m, -1.0, 1.0);
@@ -808,7 +808,7 @@ impl AttentionHost {
     fn check(&self, got: &[f32], tolerance: f64) -> Result<(), String> {
         let (rows, width) = self.rows_and_width();
         let flash = flash_of(&self.problem);
-        if flash.is_some_and(|f| f.operands().len() == 7) {
+        if flash.is_some_and(FlashKind::gradient) {
             for row in [0, rows / 2, rows.saturating_sub(1)] {
                 let rel = relative(&got[row * width..][..width], &self.gradient(row));
                 if rel.is_nan() || rel > tolerance {
@@ -887,7 +887,7 @@ fn attention_operands(
             match flash {
                 FlashKind::Forward => operands.push((vec![rows, v], "f32")),
                 FlashKind::Lse => operands.extend([(vec![rows, v], "f32"), (vec![rows], "f32")]),
-                FlashKind::GradQ | FlashKind::GradK | FlashKind::GradV => {
+                _ => {
                     let width = if flash == FlashKind::GradV { v } else { qk };
                     operands.extend([
                         (vec![rows, v], "bf16"),
