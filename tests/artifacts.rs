@@ -280,6 +280,8 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     assert!(text(&bench.stdout).contains("served 9 requests (prompts of 2..10 tokens, 5 new each, 3 at a time"));
     let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&figures).unwrap()).unwrap();
     assert_eq!((f["generated_tokens"].as_u64(), f["joined"].as_u64()), (Some(45), Some(6)), "{f}");
+    // The default budget: one prefill chunk (the plan's rows) between decode steps.
+    assert!(f["prefill_budget_tokens"].as_u64().is_some_and(|b| b > 0), "{f}");
     let per = f["per_request"].as_array().unwrap();
     assert!(per.iter().all(|r| r["tokens"] == 5 && (2..=10).contains(&r["prompt_tokens"].as_u64().unwrap())));
     assert!(f["time_to_first_token_s"]["p99"].as_f64().unwrap() >= f["time_to_first_token_s"]["p50"].as_f64().unwrap());

@@ -928,6 +928,9 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         Ok(())
     };
     let limits = vec![hi + args.new_tokens; slots];
+    // What joining prompts may prefill between two decode steps (whole chunks, at least one).
+    let chunk = program.entry_plan("prefill").map_err(at)?.sizes.rows.max(1);
+    let budget = args.prefill_budget.unwrap_or(chunk).max(chunk) / chunk * chunk;
     let serving = v3c_runtime::session::Serving {
         slots,
         limits: &limits,
@@ -985,7 +988,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             "artifact": args.artifact.display().to_string(), "target": kind,
             "weights": if args.random_weights.is_some() { "random" } else { "checkpoint" },
             "requests": n, "batch": slots, "prompt_tokens": [lo, hi], "new_tokens": args.new_tokens, "rate": args.rate,
-            "joined": joined, "total_s": total_s, "prefill_s": prefill_s, "generated_tokens": generated,
+            "prefill_budget_tokens": budget, "joined": joined, "total_s": total_s, "prefill_s": prefill_s, "generated_tokens": generated,
             "tokens_per_s": generated as f64 / total_s.max(1e-9),
             "time_to_first_token_s": ttft, "time_per_output_token_s": tpot, "latency_s": latency,
             "per_request": per,
