@@ -1820,12 +1820,7 @@ mod tests {
         let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
         let long: Vec<u32> = (0..45).map(|i| (i * 7 % 11) as u32).collect();
         let prompts = vec![vec![8, 8, 2], long.clone(), vec![5, 1, 9, 9, 4, 6, 2], long[..20].to_vec(), vec![1]];
-        let plain = || {
-            let mut t = Toy::new(false);
-            t.prefill = plan("prefill", 4, 128, vec![128, WIDTH]);
-            t.decode = plan("decode", 3, 128, vec![3, 128, WIDTH]);
-            t
-        };
+        let plain = toy_plain;
         let alone: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| generate(&mut ArtifactSession::new(&plain(), p.len() + 30).unwrap(), p, 30, &mut greedy(), None))
