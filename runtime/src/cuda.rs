@@ -162,7 +162,7 @@ struct Staged {
     maps_base: u64,
     /// Per action, the index of its first tensor map in the uploaded ones.
     first_map: Vec<usize>,
-    _maps: DeviceBuffer,
+    maps: DeviceBuffer,
 }
 
 /// A decode or training step captured as a CUDA graph, and what it was captured from.
@@ -537,7 +537,10 @@ impl GpuArtifact {
         crate::cpu::check_id_inputs(inputs, self.vocab)?;
         let shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
         // Taken out until the inputs are uploaded: a failed run stages anew.
-        let again = self.staged.borrow_mut().take(&plan.name, &shapes);
+        let (again, replaced) = match self.staged.borrow_mut().take(&plan.name, &shapes) {
+            Ok(run) => (Some(run), None),
+            Err(replaced) => (None, replaced),
+        };
         let actions = match &again {
             Some(_) => Vec::new(),
             None => self.actions(plan, inputs)?,
@@ -571,12 +574,18 @@ impl GpuArtifact {
                 }
             }
         }
-        let maps = DeviceBuffer::new(encoded.len().max(128), "tensor maps")?;
+        // The maps go into the buffer of the run this one replaces (a prefill's next chunk) where
+        // it holds them, else a new one.
+        let reused = replaced.and_then(|r| std::rc::Rc::try_unwrap(r).ok()).map(|r| r.maps);
+        let maps = match reused.filter(|m| m.bytes >= encoded.len().max(128)) {
+            Some(maps) => maps,
+            None => DeviceBuffer::new(encoded.len().max(128), "tensor maps")?,
+        };
         if !encoded.is_empty() {
             // SAFETY: the region holds at least `encoded.len()` bytes.
             unsafe { result::memcpy_htod_sync(maps.ptr, &encoded) }.map_err(cuda("uploading tensor maps"))?;
         }
-        let staged = std::rc::Rc::new(Staged { actions, maps_base: maps.ptr, first_map, _maps: maps });
+        let staged = std::rc::Rc::new(Staged { actions, maps_base: maps.ptr, first_map, maps });
         self.staged.borrow_mut().keep(&plan.name, shapes, staged.clone());
         Ok(staged)
     }

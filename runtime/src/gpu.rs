@@ -1284,13 +1284,17 @@ impl<S> Default for StagedRuns<S> {
 }
 
 impl<S> StagedRuns<S> {
-    /// Takes out entry `entry`'s run: returned when it was staged for `shapes` (the caller keeps
-    /// it again once the run's inputs are uploaded: a failed upload stages anew), dropped when for
-    /// other shapes (the run being staged replaces it).
-    pub fn take(&mut self, entry: &str, shapes: &InputShapes) -> Option<std::rc::Rc<S>> {
-        let i = self.runs.iter().position(|(e, _, _)| e == entry)?;
+    /// Takes out entry `entry`'s run: `Ok` when it was staged for `shapes` (the caller keeps it
+    /// again once the run's inputs are uploaded: a failed upload stages anew); `Err` with the run
+    /// staged for other shapes, which the run being staged replaces (its buffers to reuse), or none.
+    pub fn take(&mut self, entry: &str, shapes: &InputShapes) -> Result<std::rc::Rc<S>, Option<std::rc::Rc<S>>> {
+        let i = self.runs.iter().position(|(e, _, _)| e == entry).ok_or(None)?;
         let (_, staged_for, run) = self.runs.swap_remove(i);
-        (staged_for == *shapes).then_some(run)
+        if staged_for == *shapes {
+            Ok(run)
+        } else {
+            Err(Some(run))
+        }
     }
 
     /// Keeps `run` as entry `entry`'s, staged for `shapes`.
@@ -1324,19 +1328,28 @@ mod tests {
     fn each_entry_keeps_its_last_staged_run() {
         let mut runs = StagedRuns::default();
         runs.keep("decode", shapes(4), std::rc::Rc::new(1));
-        // The chunks' runs: the second 8-row chunk's is the first's; the 3-row one is staged.
-        for (chunk, kept) in [(8, None), (8, Some(8)), (3, None)] {
+        // The chunks' runs: the second 8-row chunk's is the first's; the 3-row one is staged,
+        // handed the 8-row one it replaces.
+        for (chunk, kept, replaced) in [(8, None, None), (8, Some(8), None), (3, None, Some(8))] {
             let prefill = runs.take("prefill", &shapes(chunk));
-            assert_eq!(prefill.as_deref().copied(), kept, "a {chunk}-row chunk");
-            runs.keep("prefill", shapes(chunk), prefill.unwrap_or_else(|| std::rc::Rc::new(chunk)));
+            let (got, old) = match &prefill {
+                Ok(run) => (Some(**run), None),
+                Err(old) => (None, old.as_deref().copied()),
+            };
+            assert_eq!((got, old), (kept, replaced), "a {chunk}-row chunk");
+            runs.keep("prefill", shapes(chunk), prefill.unwrap_or_else(|_| std::rc::Rc::new(chunk)));
             let decode = runs.take("decode", &shapes(4)).expect("decode's run, kept through the prefill");
             assert_eq!(*decode, 1);
             runs.keep("decode", shapes(4), decode);
         }
-        assert_eq!(runs.take("prefill", &shapes(8)), None, "the 3-row chunk replaced the 8-row one");
+        assert_eq!(
+            runs.take("prefill", &shapes(8)),
+            Err(Some(std::rc::Rc::new(3))),
+            "the 3-row chunk replaced the 8-row one"
+        );
         assert_eq!(runs.entries(), vec!["decode"]);
-        assert_eq!(runs.take("decode", &shapes(2)), None, "other shapes");
-        assert_eq!(runs.take("decode", &shapes(4)), None, "dropped by the take for other shapes");
+        assert_eq!(runs.take("decode", &shapes(2)), Err(Some(std::rc::Rc::new(1))), "other shapes");
+        assert_eq!(runs.take("decode", &shapes(4)), Err(None), "taken out by the take for other shapes");
         runs.keep("decode", shapes(4), std::rc::Rc::new(2));
         runs.keep("train", shapes(4), std::rc::Rc::new(3));
         runs.clear();
