@@ -120,7 +120,7 @@ pub fn parse_request(
     if !line.starts_with('{') {
         let prompt = parse_token_ids(line, "prompt")?;
         let sampler = v3c_models::reference::Sampler::new(d.temperature, d.top_p, d.seed);
-        return Ok((None, crate::session::Request { prompt, max_new: d.max_new, sampler }));
+        return Ok((None, crate::session::Request { prompt, max_new: d.max_new, sampler, arrived: None }));
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
@@ -152,7 +152,7 @@ pub fn parse_request(
     let top_p = number("top_p")?.map_or(d.top_p, |p| p as f32);
     check_sampling(temperature, top_p)?;
     let sampler = v3c_models::reference::Sampler::new(temperature, top_p, whole("seed")?.unwrap_or(d.seed));
-    Ok((o.get("id").cloned(), crate::session::Request { prompt, max_new, sampler }))
+    Ok((o.get("id").cloned(), crate::session::Request { prompt, max_new, sampler, arrived: None }))
 }
 
 #[cfg(test)]

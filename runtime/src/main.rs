@@ -737,12 +737,13 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         top_p: args.generating.top_p,
         seed: args.generating.seed,
     };
-    // Lines from stdin as they come; a request's id is its own or its line's number.
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    // Lines from stdin as they come, with when they came (a request queued behind others counts
+    // its wait from then); a request's id is its own or its line's number.
+    let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, String)>();
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::stdin().lock().lines() {
-            if line.map(|l| tx.send(l)).is_err() {
+            if line.map(|l| tx.send((std::time::Instant::now(), l))).is_err() {
                 break;
             }
         }
@@ -757,7 +758,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let micro = |x: f64| (x * 1e6).round() / 1e6;
     let start = std::time::Instant::now();
     let mut next = |idle: bool| loop {
-        let line = match idle {
+        let (came, line) = match idle {
             true => match rx.recv() {
                 Ok(l) => l,
                 Err(_) => return Arrival::Closed,
@@ -775,7 +776,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         match v3c_runtime::cli::parse_request(&line, &defaults) {
             Ok((id, r)) => {
                 ids.borrow_mut().push(id.unwrap_or(serde_json::json!(line_no)));
-                return Arrival::Request(r);
+                return Arrival::Request(v3c_runtime::session::Request { arrived: Some(came), ..r });
             }
             Err(e) => {
                 refused += 1;
@@ -911,7 +912,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         }
         std::thread::sleep(std::time::Duration::from_secs_f64(wait.max(0.0)));
         arrived += 1;
-        Arrival::Request(Request { prompt: prompt.clone(), max_new: args.new_tokens, sampler: greedy })
+        Arrival::Request(Request { prompt: prompt.clone(), max_new: args.new_tokens, sampler: greedy, arrived: None })
     };
     let mut report = |i: usize, p: Progress| -> Result<(), String> {
         let now = start.elapsed().as_secs_f64();

@@ -1032,7 +1032,7 @@ pub fn generate_queue(
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut requests = prompts.iter().zip(samplers.iter());
     let mut next = |_: bool| match requests.next() {
-        Some((p, s)) => Arrival::Request(Request { prompt: p.clone(), max_new, sampler: *s }),
+        Some((p, s)) => Arrival::Request(Request { prompt: p.clone(), max_new, sampler: *s, arrived: None }),
         None => Arrival::Closed,
     };
     let mut done: Vec<Option<Generation>> = vec![None; n];
@@ -1057,6 +1057,9 @@ pub struct Request {
     pub prompt: Vec<u32>,
     pub max_new: usize,
     pub sampler: v3c_models::reference::Sampler,
+    /// When it arrived, if before [`serve`] reads it (a line read while earlier requests wait):
+    /// its `queued_s` counts from then.
+    pub arrived: Option<std::time::Instant>,
 }
 
 /// What [`serve`] asks for next: a request, none yet (while others run), or none ever again.
@@ -1160,7 +1163,11 @@ pub fn serve(
             }
             if head.is_none() && !closed {
                 match next(running.iter().all(Option::is_none)) {
-                    Arrival::Request(r) => head = Some((arrived, r, start.elapsed().as_secs_f64())),
+                    Arrival::Request(r) => {
+                        let now = start.elapsed().as_secs_f64();
+                        let arrived_s = r.arrived.map_or(now, |t| now - t.elapsed().as_secs_f64());
+                        head = Some((arrived, r, arrived_s));
+                    }
                     Arrival::NotYet => break,
                     Arrival::Closed => closed = true,
                 }
@@ -1908,7 +1915,7 @@ mod tests {
             let (prompt, max_new, _, seed) = requests[arrived].clone();
             arrived += 1;
             waits = requests.get(arrived).map_or(0, |r| r.2);
-            Arrival::Request(Request { prompt, max_new, sampler: toy_sampler(seed) })
+            Arrival::Request(Request { prompt, max_new, sampler: toy_sampler(seed), arrived: None })
         };
         let mut got: Vec<Option<Vec<u32>>> = vec![None; requests.len()];
         let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
@@ -1971,6 +1978,33 @@ mod tests {
             // 12 chunks: the first after a decode step at position 0, the others each after one;
             // three a step: 4 steps, 3 after the first; a budget under a chunk: one a step.
             assert_eq!(interleaved, [11, 3, 11], "{name}");
+        }
+    }
+
+    /// A request that arrived before `serve` read it (queued behind others) counts its wait from
+    /// its arrival; one without an arrival time, from the reading.
+    #[test]
+    fn a_request_queued_before_it_is_read_counts_its_wait_from_its_arrival() {
+        let toy = toy_plain();
+        for (arrived, at_least) in [(Some(std::time::Duration::from_secs(2)), 2.0), (None, 0.0)] {
+            let mut request = Some(Request {
+                prompt: vec![1, 2],
+                max_new: 2,
+                sampler: toy_sampler(None),
+                arrived: arrived.map(|d| std::time::Instant::now() - d),
+            });
+            let mut next = |_: bool| request.take().map_or(Arrival::Closed, Arrival::Request);
+            let mut queued = None;
+            let mut report = |_: usize, p: Progress| {
+                if let Progress::Ended(g) = p {
+                    queued = Some(g.queued_s);
+                }
+                Ok(())
+            };
+            let serving = Serving { slots: 1, limits: &[4], max_prompt: 2, eos: None, prefill_budget: None };
+            serve(&toy, &serving, &mut next, &mut report).unwrap();
+            let queued = queued.unwrap();
+            assert!(queued >= at_least && queued < at_least + 1.0, "{arrived:?}: queued {queued} s");
         }
     }
 
