@@ -228,7 +228,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let served = serve(&[]);
     assert!(served.status.success(), "{}", text(&served.stderr));
     assert!(
-        text(&served.stderr).contains("served 3 requests (2 refused), 2 at most at a time"),
+        text(&served.stderr).contains("served 3 requests (2 refused, 0 cancelled), 2 at most at a time"),
         "{}",
         text(&served.stderr)
     );

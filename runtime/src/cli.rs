@@ -107,6 +107,14 @@ pub struct RequestDefaults {
     pub seed: u64,
 }
 
+/// A line of `v3r serve`'s input that cancels a request: `{"cancel": ID}`, ID a request's id (its
+/// own, or its line's number). None: not such a line.
+pub fn parse_cancel(line: &str) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+    let o = v.as_object().filter(|o| o.len() == 1)?;
+    o.get("cancel").cloned()
+}
+
 /// One line of `v3r serve`'s input: token ids separated by spaces, or a JSON object
 /// `{"prompt": [ids] or "ids", "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S,
 /// "id": anything}` (all but the prompt optional, from `defaults`). Returns the request's id (when

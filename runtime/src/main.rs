@@ -749,7 +749,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         }
     });
     let ids = std::cell::RefCell::new(Vec::new());
-    let (mut line_no, mut refused, mut served, mut tokens) = (0usize, 0usize, 0usize, 0usize);
+    let (mut line_no, mut refused, mut served, mut cancelled, mut tokens) = (0usize, 0usize, 0usize, 0usize, 0usize);
     // A line of stdout; a reader that went away (a closed pipe) ends the serving.
     let reply = |v: serde_json::Value| -> Result<(), String> {
         use std::io::Write;
@@ -771,6 +771,17 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         };
         line_no += 1;
         if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(target) = v3c_runtime::cli::parse_cancel(&line) {
+            // The latest request of that id.
+            if let Some(i) = ids.borrow().iter().rposition(|id| *id == target) {
+                return Arrival::Cancel(i);
+            }
+            let error = format!("line {line_no}: cancel: no request has the id {target}");
+            if reply(serde_json::json!({"id": target, "error": error})).is_err() {
+                return Arrival::Closed;
+            }
             continue;
         }
         match v3c_runtime::cli::parse_request(&line, &defaults) {
@@ -805,6 +816,18 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                     "decode_tokens_per_s": micro(g.decode_tokens_per_s()),
                 }))?;
             }
+            Progress::Cancelled(g) => {
+                cancelled += 1;
+                tokens += g.tokens.len();
+                reply(serde_json::json!({
+                    "id": id,
+                    "cancelled": true,
+                    "tokens": g.tokens,
+                    "queued_s": micro(g.queued_s),
+                    "prefill_s": micro(g.prefill_s),
+                    "total_s": micro(g.total_s),
+                }))?;
+            }
             Progress::Refused(e) => reply(serde_json::json!({"id": id, "error": e}))?,
         }
         Ok(())
@@ -813,10 +836,11 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let serving =
         v3c_runtime::session::Serving { slots, limits: &limits, max_prompt, eos, prefill_budget: args.prefill_budget };
     let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut done).map_err(at)?;
-    let refused = refused + ids.borrow().len() - served;
+    let refused = refused + ids.borrow().len() - served - cancelled;
     let total_s = start.elapsed().as_secs_f64();
     eprintln!(
-        "served {served} requests ({refused} refused), {slots} at most at a time, {joined} joined a running batch: \
+        "served {served} requests ({refused} refused, {cancelled} cancelled), {slots} at most at a time, {joined} \
+         joined a running batch: \
          {tokens} tokens in {total_s:.3} s ({:.2} tok/s), {prefill_s:.3} s in prefills ({kind})",
         tokens as f64 / total_s.max(1e-9)
     );
@@ -925,6 +949,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
                 bar.inc(1);
             }
             Progress::Refused(e) => return Err(format!("request {i}: {e}")),
+            Progress::Cancelled(_) => return Err(format!("request {i} cancelled")),
         }
         Ok(())
     };

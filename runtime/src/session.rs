@@ -709,6 +709,14 @@ impl<'a> ArtifactBatch<'a> {
         self.joining.is_some()
     }
 
+    /// Abandons the join under way: its slot is vacant again, the rows it prefilled (in its own
+    /// session, or the scratch pages) dropped.
+    pub fn cancel_join(&mut self) -> Result<(), String> {
+        let j = self.joining.take().ok_or("no join under way")?;
+        self.vacant[j.slot] = true;
+        Ok(())
+    }
+
     /// Tokens of the join under way prefilled so far (none under way: 0).
     pub fn joined_tokens(&self) -> usize {
         self.joining.as_ref().map_or(0, |j| j.session.position)
@@ -1041,6 +1049,7 @@ pub fn generate_queue(
             Progress::Token(_) => {}
             Progress::Ended(g) => done[j] = Some(g),
             Progress::Refused(e) => return Err(format!("prompt {j}: {e}")),
+            Progress::Cancelled(_) => return Err(format!("prompt {j} cancelled")),
         }
         Ok(())
     };
@@ -1062,17 +1071,21 @@ pub struct Request {
     pub arrived: Option<std::time::Instant>,
 }
 
-/// What [`serve`] asks for next: a request, none yet (while others run), or none ever again.
+/// What [`serve`] asks for next: a request, a request to cancel (its number, in arrival order),
+/// none yet (while others run or wait), or none ever again.
 pub enum Arrival {
     Request(Request),
+    Cancel(usize),
     NotYet,
     Closed,
 }
 
-/// What [`serve`] tells of a request: a token it picked, its end, or why it was refused.
+/// What [`serve`] tells of a request: a token it picked, its end, its end when cancelled (the
+/// tokens so far), or why it was refused (or cannot be cancelled).
 pub enum Progress {
     Token(u32),
     Ended(Generation),
+    Cancelled(Generation),
     Refused(String),
 }
 
@@ -1130,11 +1143,49 @@ pub fn serve(
     let (room, rows) = (batch.room(), batch.layout.rows);
     let mut running: Vec<Option<Running>> = (0..slots).map(|_| None).collect();
     let mut fed = vec![0u32; slots];
-    // The next request to join: its number and when it arrived.
-    let (mut head, mut arrived, mut closed): (Option<(usize, Request, f64)>, usize, bool) = (None, 0, false);
+    // The requests waiting to join: their numbers and when they arrived.
+    let mut waiting: std::collections::VecDeque<(usize, Request, f64)> = Default::default();
+    let (mut arrived, mut closed) = (0, false);
     let (mut committed, mut prefill_s, mut joined, mut started) = (0, 0.0, 0, false);
     let mut logits = Next::Tokens(Vec::new());
     loop {
+        // Every request and cancellation there is (waiting for one while nothing runs or waits).
+        while !closed {
+            let now = start.elapsed().as_secs_f64();
+            match next(waiting.is_empty() && running.iter().all(Option::is_none)) {
+                Arrival::Request(r) => {
+                    let arrived_s = r.arrived.map_or(now, |t| now - t.elapsed().as_secs_f64());
+                    waiting.push_back((arrived, r, arrived_s));
+                    arrived += 1;
+                }
+                Arrival::Cancel(id) => {
+                    let (tokens, pages, ended) = if let Some(w) = waiting.iter().position(|w| w.0 == id) {
+                        let queued_s = waiting.remove(w).map_or(0.0, |(_, _, arrived_s)| now - arrived_s);
+                        (Vec::new(), None, (0.0, 0.0, queued_s))
+                    } else if let Some(s) = running.iter().position(|r| r.as_ref().is_some_and(|r| r.id == id)) {
+                        let Some(r) = running[s].take() else { continue };
+                        let pages = match r.joining {
+                            true => batch.cancel_join().map(|()| None)?,
+                            false => {
+                                let pages = batch.pages(s);
+                                batch.finish(s);
+                                pages
+                            }
+                        };
+                        committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
+                        (r.tokens, pages, (r.prefill_s, now - r.joined_s, r.queued_s))
+                    } else {
+                        report(id, Progress::Refused("cancel: it is no longer waiting or running".into()))?;
+                        continue;
+                    };
+                    let (prefill_s, total_s, queued_s) = ended;
+                    let g = Generation { tokens, stopped_at_eos: false, prefill_s, total_s, pages, queued_s };
+                    report(id, Progress::Cancelled(g))?;
+                }
+                Arrival::NotYet => break,
+                Arrival::Closed => closed = true,
+            }
+        }
         // Waiting requests join vacant slots, in order, while the pool has their pages, prefilled
         // chunk by chunk within the step's budget while sequences decode (those whose first token
         // is still to be picked do not yet).
@@ -1161,19 +1212,7 @@ pub fn serve(
                     None => continue,
                 }
             }
-            if head.is_none() && !closed {
-                match next(running.iter().all(Option::is_none)) {
-                    Arrival::Request(r) => {
-                        let now = start.elapsed().as_secs_f64();
-                        let arrived_s = r.arrived.map_or(now, |t| now - t.elapsed().as_secs_f64());
-                        head = Some((arrived, r, arrived_s));
-                    }
-                    Arrival::NotYet => break,
-                    Arrival::Closed => closed = true,
-                }
-                arrived += usize::from(head.is_some());
-            }
-            let Some((id, r, arrived_s)) = head.take() else { break };
+            let Some((id, r, arrived_s)) = waiting.pop_front() else { break };
             let limit = r.prompt.len() + r.max_new;
             let too_long = r.prompt.len() > max_prompt || limit > rows;
             if r.prompt.is_empty() || too_long || room.is_some_and(|room| pages_of(limit) > room) {
@@ -1188,7 +1227,7 @@ pub fn serve(
             }
             let vacant = running.iter().position(Option::is_none).filter(|_| spend(spent));
             let (Some(s), true) = (vacant, room.is_none_or(|room| committed + pages_of(limit) <= room)) else {
-                head = Some((id, r, arrived_s));
+                waiting.push_front((id, r, arrived_s));
                 break;
             };
             let joined_s = start.elapsed().as_secs_f64();
@@ -1231,7 +1270,7 @@ pub fn serve(
             let greedy = running.iter().flatten().all(|r| r.request.sampler.temperature <= 0.0);
             logits = batch.decode(&fed, &active, greedy)?;
             started = true;
-        } else if closed && head.is_none() && running.iter().all(Option::is_none) {
+        } else if closed && waiting.is_empty() && running.iter().all(Option::is_none) {
             return Ok((joined, prefill_s));
         }
     }
@@ -1928,6 +1967,7 @@ mod tests {
                     got[id] = Some(g.tokens);
                 }
                 Progress::Refused(e) => return Err(format!("request {id} refused: {e}")),
+                Progress::Cancelled(_) => return Err(format!("request {id} cancelled")),
             }
             Ok(())
         };
@@ -2005,6 +2045,97 @@ mod tests {
             serve(&toy, &serving, &mut next, &mut report).unwrap();
             let queued = queued.unwrap();
             assert!(queued >= at_least && queued < at_least + 1.0, "{arrived:?}: queued {queued} s");
+        }
+    }
+
+    /// What a scripted client does: sends a request (prompt, new tokens) or cancels one (its
+    /// number: requests are numbered in arrival order), once request `.0` has `.1` tokens (None:
+    /// at once).
+    type Scripted = (Option<(usize, usize)>, Result<(Vec<u32>, usize), usize>);
+
+    /// Serves `script` on `toy`; per request its tokens and whether it was cancelled, and the
+    /// requests whose cancellation was refused.
+    #[allow(clippy::type_complexity)]
+    fn serve_script(toy: &Toy, slots: usize, script: &[Scripted]) -> (Vec<Option<(Vec<u32>, bool)>>, Vec<usize>) {
+        let picked = RefCell::new(vec![Vec::<u32>::new(); script.len()]);
+        let limits: Vec<usize> = script.iter().filter_map(|(_, a)| a.as_ref().ok()).map(|(p, n)| p.len() + n).collect();
+        let longest = script.iter().filter_map(|(_, a)| a.as_ref().ok()).map(|(p, _)| p.len()).max().unwrap_or(0);
+        let mut at = 0;
+        let mut next = |idle: bool| {
+            let Some((when, what)) = script.get(at) else { return Arrival::Closed };
+            if when.is_some_and(|(r, k)| picked.borrow()[r].len() < k) {
+                assert!(!idle, "item {at} of the script waits for tokens while nothing runs");
+                return Arrival::NotYet;
+            }
+            at += 1;
+            match what {
+                Ok((prompt, max_new)) => {
+                    let (prompt, max_new) = (prompt.clone(), *max_new);
+                    Arrival::Request(Request { prompt, max_new, sampler: toy_sampler(None), arrived: None })
+                }
+                Err(id) => Arrival::Cancel(*id),
+            }
+        };
+        let (mut done, mut refused) = (vec![None; script.len()], Vec::new());
+        let mut report = |id: usize, p: Progress| -> Result<(), String> {
+            match p {
+                Progress::Token(t) => picked.borrow_mut()[id].push(t),
+                Progress::Ended(g) => done[id] = Some((g.tokens, false)),
+                Progress::Cancelled(g) => {
+                    assert_eq!(g.tokens, picked.borrow()[id], "a cancelled request's tokens so far");
+                    done[id] = Some((g.tokens, true));
+                }
+                Progress::Refused(_) => refused.push(id),
+            }
+            Ok(())
+        };
+        let serving = Serving { slots, limits: &limits, max_prompt: longest, eos: None, prefill_budget: None };
+        serve(toy, &serving, &mut next, &mut report).unwrap();
+        (done, refused)
+    }
+
+    /// Cancelled requests: one waiting for a slot leaves with no tokens, one decoding with the
+    /// tokens it has (its pages to the next), one joining mid-prefill with none (its slot and
+    /// scratch rows to the next); the others get their tokens alone, and cancelling one that is
+    /// gone is refused — per sequence, pool, pool on the device.
+    #[test]
+    fn cancelled_requests_leave_the_batch_and_the_others_run_as_alone() {
+        let long: Vec<u32> = (0..45).map(|i| (i * 7 % 11) as u32).collect();
+        let alone = |p: &[u32], n: usize| toy_alone(&[(p.to_vec(), n, 0, None)], None).remove(0);
+        let kinds = || {
+            let mut device = Toy::paged();
+            device.keeps = true;
+            [("per sequence", toy_plain()), ("pool", Toy::paged()), ("pool on the device", one_element(device))]
+        };
+        for (name, toy) in kinds() {
+            // One slot: the second and third wait while the first decodes.
+            let script: Vec<Scripted> = vec![
+                (None, Ok((vec![3], 20))),
+                (None, Ok((long.clone(), 5))),
+                (None, Ok((vec![1, 2], 5))),
+                (Some((0, 3)), Err(1)),
+                (Some((0, 6)), Err(0)),
+            ];
+            let (done, refused) = serve_script(&toy, 1, &script);
+            let first = alone(&[3], 20)[..6].to_vec();
+            assert_eq!(done[0], Some((first, true)), "{name}: cancelled while decoding");
+            assert_eq!(done[1], Some((Vec::new(), true)), "{name}: cancelled while waiting");
+            assert_eq!(done[2], Some((alone(&[1, 2], 5), false)), "{name}");
+            assert!(refused.is_empty(), "{name}");
+            // Two slots: the long prompt joins while the first decodes (a chunk a step) and is
+            // cancelled halfway through its prefill; the next joins in its place.
+            let script: Vec<Scripted> = vec![
+                (None, Ok((vec![3], 30))),
+                (Some((0, 2)), Ok((long.clone(), 5))),
+                (Some((0, 5)), Err(1)),
+                (None, Ok((vec![5, 5], 4))),
+                (Some((2, 4)), Err(1)),
+            ];
+            let (done, refused) = serve_script(&toy, 2, &script);
+            assert_eq!(done[0], Some((alone(&[3], 30), false)), "{name}");
+            assert_eq!(done[1], Some((Vec::new(), true)), "{name}: cancelled while joining");
+            assert_eq!(done[2], Some((alone(&[5, 5], 4), false)), "{name}: in the cancelled one's slot");
+            assert_eq!(refused, [1], "{name}: cancelled already");
         }
     }
 
