@@ -267,6 +267,60 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     for id in ["1", "\"b\"", "5"] {
         assert_eq!(&picked[id], replies[id]["tokens"].as_array().unwrap(), "request {id}");
     }
+    // Cancelled: a request and its cancellation sent together leave with the tokens it had (a
+    // prefix of its tokens alone; in the rare case it ended first, the cancellation is refused);
+    // cancelling an id no request has is an error line; the next request is served as alone.
+    let cancel_lines = "{\"prompt\": [1, 2, 3], \"max_new_tokens\": 20, \"id\": \"long\"}\n{\"cancel\": \"long\"}\n\
+        {\"cancel\": \"nobody\"}\n3 17 4\n";
+    let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
+        .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--max-new-tokens", "8"])
+        .args(["--ignore-eos"])
+        .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut server.stdin.take().unwrap(), cancel_lines.as_bytes()).unwrap();
+    let out = server.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let of = |id: serde_json::Value| lines.iter().filter(|v| v["id"] == id).cloned().collect::<Vec<_>>();
+    let long_alone = [
+        &["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", "1 2 3"][..],
+        &["--max-new-tokens", "20", "--ignore-eos"],
+    ]
+    .concat();
+    let long_alone: Vec<u64> =
+        text(&run_binary_env("v3r", &long_alone, &env).stdout).split_whitespace().map(|t| t.parse().unwrap()).collect();
+    let long = of(serde_json::json!("long"));
+    match long.iter().find(|v| v["cancelled"] == true) {
+        Some(v) => {
+            let got: Vec<u64> = v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+            assert!(got.len() < 20 && long_alone.starts_with(&got), "{got:?} of {long_alone:?}");
+        }
+        None => assert!(
+            long.iter().any(|v| v["error"].as_str().is_some_and(|e| e.contains("no longer waiting"))),
+            "{long:?}"
+        ),
+    }
+    let nobody = of(serde_json::json!("nobody"));
+    assert!(
+        nobody[0]["error"].as_str().unwrap().contains("line 3: cancel: no request has the id \"nobody\""),
+        "{nobody:?}"
+    );
+    let after = of(serde_json::json!(4));
+    let alone = [
+        &["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", "3 17 4"][..],
+        &["--max-new-tokens", "8", "--ignore-eos"],
+    ]
+    .concat();
+    let alone: Vec<serde_json::Value> = text(&run_binary_env("v3r", &alone, &env).stdout)
+        .split_whitespace()
+        .map(|t| serde_json::json!(t.parse::<u64>().unwrap()))
+        .collect();
+    assert_eq!(after[0]["tokens"].as_array().unwrap(), &alone, "{after:?}");
+    assert!(text(&out.stderr).contains(" cancelled), "), "{}", text(&out.stderr));
     // A serving benchmark over made-up weights: every request served with its new tokens, the
     // figures written; a range that is not one, and prompts the caches cannot hold, refused.
     let figures = dir.path().join("serve.json");
