@@ -211,7 +211,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     // refused by id, the others served.
     let requests = "3 17 4 29 11 5 8 2 40 1\n\n{\"prompt\": [7, 7, 2], \"max_new_tokens\": 5, \"id\": \"b\"}\n1 x\n\
         {\"prompt\": \"9\", \"temperature\": 0.9, \"top_p\": 0.8, \"seed\": 4}\n{\"prompt\": \"1 2 3\", \"max_new_tokens\": 30}\n";
-    let serve = |extra: &[&str]| {
+    let serve = |input: &str, extra: &[&str]| {
         let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
             .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--batch", "2"])
             .args(["--max-new-tokens", "8", "--ignore-eos"])
@@ -222,10 +222,20 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        std::io::Write::write_all(&mut server.stdin.take().unwrap(), requests.as_bytes()).unwrap();
+        std::io::Write::write_all(&mut server.stdin.take().unwrap(), input.as_bytes()).unwrap();
         server.wait_with_output().unwrap()
     };
-    let served = serve(&[]);
+    // A prompt's new tokens by `v3r run` alone.
+    let alone = |prompt: &str, new: usize| -> Vec<u64> {
+        let new = new.to_string();
+        let args = [
+            &["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", prompt][..],
+            &["--max-new-tokens", &new, "--ignore-eos"],
+        ]
+        .concat();
+        text(&run_binary_env("v3r", &args, &env).stdout).split_whitespace().map(|t| t.parse().unwrap()).collect()
+    };
+    let served = serve(requests, &[]);
     assert!(served.status.success(), "{}", text(&served.stderr));
     assert!(
         text(&served.stderr).contains("served 3 requests (2 refused, 0 cancelled), 2 at most at a time"),
@@ -256,7 +266,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     }
     // Streamed: each token a line as it is picked, in order, then the request's line as before
     // (here with a budget of 24 prefill tokens between decode steps: the same tokens).
-    let streamed = serve(&["--stream", "--prefill-budget", "24"]);
+    let streamed = serve(requests, &["--stream", "--prefill-budget", "24"]);
     let mut picked: std::collections::HashMap<String, Vec<serde_json::Value>> = Default::default();
     for v in text(&streamed.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()) {
         match v.get("token") {
@@ -272,27 +282,11 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     // cancelling an id no request has is an error line; the next request is served as alone.
     let cancel_lines = "{\"prompt\": [1, 2, 3], \"max_new_tokens\": 20, \"id\": \"long\"}\n{\"cancel\": \"long\"}\n\
         {\"cancel\": \"nobody\"}\n3 17 4\n";
-    let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
-        .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--max-new-tokens", "8"])
-        .args(["--ignore-eos"])
-        .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut server.stdin.take().unwrap(), cancel_lines.as_bytes()).unwrap();
-    let out = server.wait_with_output().unwrap();
+    let out = serve(cancel_lines, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let of = |id: serde_json::Value| lines.iter().filter(|v| v["id"] == id).cloned().collect::<Vec<_>>();
-    let long_alone = [
-        &["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", "1 2 3"][..],
-        &["--max-new-tokens", "20", "--ignore-eos"],
-    ]
-    .concat();
-    let long_alone: Vec<u64> =
-        text(&run_binary_env("v3r", &long_alone, &env).stdout).split_whitespace().map(|t| t.parse().unwrap()).collect();
+    let long_alone = alone("1 2 3", 20);
     let long = of(serde_json::json!("long"));
     match long.iter().find(|v| v["cancelled"] == true) {
         Some(v) => {
@@ -310,16 +304,8 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         "{nobody:?}"
     );
     let after = of(serde_json::json!(4));
-    let alone = [
-        &["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", "3 17 4"][..],
-        &["--max-new-tokens", "8", "--ignore-eos"],
-    ]
-    .concat();
-    let alone: Vec<serde_json::Value> = text(&run_binary_env("v3r", &alone, &env).stdout)
-        .split_whitespace()
-        .map(|t| serde_json::json!(t.parse::<u64>().unwrap()))
-        .collect();
-    assert_eq!(after[0]["tokens"].as_array().unwrap(), &alone, "{after:?}");
+    let want: Vec<serde_json::Value> = alone("3 17 4", 8).into_iter().map(serde_json::Value::from).collect();
+    assert_eq!(after[0]["tokens"].as_array().unwrap(), &want, "{after:?}");
     assert!(text(&out.stderr).contains(" cancelled), "), "{}", text(&out.stderr));
     // A serving benchmark over made-up weights: every request served with its new tokens, the
     // figures written; a range that is not one, and prompts the caches cannot hold, refused.
