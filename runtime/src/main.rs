@@ -37,7 +37,8 @@ enum Command {
     /// {"prompt": [ids], "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S, "id": ...} —
     /// with at most --batch sequences decoding together, each request joining the running batch as
     /// it arrives (a slot and cache pages free); one JSON line per request on stdout as it ends.
-    /// --max-new-tokens, --temperature, --top-p and --seed fill what a request leaves out.
+    /// --max-new-tokens, --temperature, --top-p and --seed fill what a request leaves out; a line
+    /// {"cancel": ID} ends the latest request of that id (with the tokens it has).
     Serve(ServeArgs),
     /// Logits of every token of a prompt (the prefill entry, from position 0) written as safetensors
     /// (`logits` F32 [tokens, vocab]): how an artifact is checked against `v3c logits`.
