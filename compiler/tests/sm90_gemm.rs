@@ -512,7 +512,10 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     );
     assert!(picks[1].is_some());
     // The ring depth the cost model ranks first (no database here): 4 tile buffers.
-    let source = choose.source("attention_quantize_0", v3c_compiler::tune::PREFILL_M).unwrap();
+    let shape = v3c_compiler::tune::attention::AttentionShape::of_step(&prefill.steps[4].kernel).unwrap();
+    let key = v3c_compiler::tune::ModelChooser::attention_key("attention_quantize_0", &shape);
+    assert_eq!(key, "attention_quantize_0 [mla_prefill qk192 v128 h128]");
+    let source = choose.source(&key, v3c_compiler::tune::PREFILL_M).unwrap();
     assert!(source.starts_with("cost model: ") && source.ends_with("compute-bound"), "{source}");
     let attention = lowered.kernels.iter().find(|k| k.name == "mla_prefill_qk192_v128_s4").expect("compiled");
     assert!(attention.ptx.contains("wgmma.mma_async") && attention.ptx.contains("cp.async.bulk.tensor"));
