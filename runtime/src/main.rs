@@ -197,11 +197,8 @@ struct BenchServeArgs {
     /// At most N sequences decode together (default: the artifact's --max-batch).
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
-    /// Prompt tokens joining requests prefill between two decode steps while sequences decode (in
-    /// the prefill plan's chunks, at least one; default: one chunk): more shortens a joining
-    /// request's wait for its first token, fewer the running ones' time per token.
-    #[arg(long, value_name = "TOKENS")]
-    prefill_budget: Option<usize>,
+    #[command(flatten)]
+    scheduling: Scheduling,
     /// Prompt lengths in tokens: uniform in LO..HI (both included), or one length.
     #[arg(long, value_name = "LO..HI", default_value = "64..512")]
     prompt_tokens: String,
@@ -294,6 +291,16 @@ struct Generating {
     ignore_eos: bool,
 }
 
+/// How joining requests share the steps with the running ones (`run`, `serve`, `bench-serve`).
+#[derive(Args)]
+struct Scheduling {
+    /// Prompt tokens joining requests prefill between two decode steps while sequences decode (in
+    /// the prefill plan's chunks, at least one; default: one chunk): more shortens a joining
+    /// request's wait for its first token, fewer the running ones' time per token.
+    #[arg(long, value_name = "TOKENS")]
+    prefill_budget: Option<usize>,
+}
+
 #[derive(Args)]
 struct ServeArgs {
     /// Artifact directory written by `v3c compile` (its decode entry over a pool of cache pages:
@@ -305,11 +312,8 @@ struct ServeArgs {
     /// At most N sequences decode together (default: the artifact's --max-batch).
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
-    /// Prompt tokens joining requests prefill between two decode steps while sequences decode (in
-    /// the prefill plan's chunks, at least one; default: one chunk): more shortens a joining
-    /// request's wait for its first token, fewer the running ones' time per token.
-    #[arg(long, value_name = "TOKENS")]
-    prefill_budget: Option<usize>,
+    #[command(flatten)]
+    scheduling: Scheduling,
     /// What a request does not say (its max_new_tokens, temperature, top_p, seed).
     #[command(flatten)]
     generating: Generating,
@@ -342,11 +346,8 @@ struct RunArgs {
     /// cache pages has room for its prompt and new tokens.
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
-    /// Prompt tokens joining requests prefill between two decode steps while sequences decode (in
-    /// the prefill plan's chunks, at least one; default: one chunk): more shortens a joining
-    /// request's wait for its first token, fewer the running ones' time per token.
-    #[arg(long, value_name = "TOKENS")]
-    prefill_budget: Option<usize>,
+    #[command(flatten)]
+    scheduling: Scheduling,
     #[command(flatten)]
     generating: Generating,
     /// Speculative decoding with the MTP module: each pass of the main model verifies the MTP
@@ -834,8 +835,13 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         Ok(())
     };
     let limits = vec![max_len; slots];
-    let serving =
-        v3c_runtime::session::Serving { slots, limits: &limits, max_prompt, eos, prefill_budget: args.prefill_budget };
+    let serving = v3c_runtime::session::Serving {
+        slots,
+        limits: &limits,
+        max_prompt,
+        eos,
+        prefill_budget: args.scheduling.prefill_budget,
+    };
     let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut done).map_err(at)?;
     let refused = refused + ids.borrow().len() - served - cancelled;
     let total_s = start.elapsed().as_secs_f64();
@@ -957,13 +963,13 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     let limits = vec![hi + args.new_tokens; slots];
     // What joining prompts may prefill between two decode steps (whole chunks, at least one).
     let chunk = program.entry_plan("prefill").map_err(at)?.sizes.rows.max(1);
-    let budget = args.prefill_budget.unwrap_or(chunk).max(chunk) / chunk * chunk;
+    let budget = args.scheduling.prefill_budget.unwrap_or(chunk).max(chunk) / chunk * chunk;
     let serving = v3c_runtime::session::Serving {
         slots,
         limits: &limits,
         max_prompt: hi,
         eos: None,
-        prefill_budget: args.prefill_budget,
+        prefill_budget: args.scheduling.prefill_budget,
     };
     let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut report).map_err(at)?;
     let total_s = start.elapsed().as_secs_f64();
@@ -1081,7 +1087,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         let served = v3c_runtime::session::generate_queue(
             program,
             &prompts,
-            (slots, args.prefill_budget),
+            (slots, args.scheduling.prefill_budget),
             args.generating.max_new_tokens,
             &mut samplers,
             eos,
