@@ -948,13 +948,12 @@ struct AttentionBench {
 }
 
 /// An attention problem as `v3r tune` measures it, on the host: its operands' shapes and elements
-/// in the launch's order, the made-up inputs (the first operands: bytes, and what they are; the
+/// in the launch's order, the made-up inputs (the first operands, [`AttentionCase::inputs`]; the
 /// outputs are f32), and the host's check of the default candidate's outputs — public so that the
 /// check is held to the kernels' definitions where those are (the compiler's host semantics).
 pub struct AttentionCase {
     host: AttentionHost,
     pub operands: Vec<(Vec<usize>, &'static str)>,
-    pub inputs: Vec<(Vec<u8>, &'static str)>,
 }
 
 impl AttentionCase {
@@ -964,26 +963,51 @@ impl AttentionCase {
         let m = problem.m;
         let host = AttentionHost::new(attention, m, seed, sms)?;
         let operands = attention_operands(attention, m, host.splits)?;
-        let mut inputs: Vec<(Vec<u8>, &'static str)> = match attention {
+        Ok(AttentionCase { host, operands })
+    }
+
+    /// The inputs' bytes in the launch's order, and what each is (the host's own where it keeps
+    /// them).
+    pub fn inputs(&self) -> Vec<(std::borrow::Cow<'_, [u8]>, &'static str)> {
+        use std::borrow::Cow::{Borrowed, Owned};
+        let h = &self.host;
+        let mut inputs = match h.problem {
             AttentionProblem::Decode { context, .. } => vec![
-                (host.q.clone(), "queries"),
-                (host.keys.clone(), "the cache"),
-                (ints_of(&host.table), "the block table"),
-                (ints_of(&vec![context as i32; m]), "the lengths"),
+                (Borrowed(&h.q[..]), "queries"),
+                (Borrowed(&h.keys[..]), "the cache"),
+                (Owned(ints_of(&h.table)), "the block table"),
+                (Owned(ints_of(&vec![context as i32; h.m])), "the lengths"),
             ],
             AttentionProblem::Prefill { .. } => {
-                vec![(host.q.clone(), "queries"), (host.keys.clone(), "keys"), (host.values.clone(), "values")]
+                vec![
+                    (Borrowed(&h.q[..]), "queries"),
+                    (Borrowed(&h.keys[..]), "keys"),
+                    (Borrowed(&h.values[..]), "values"),
+                ]
             }
         };
-        if !host.dout.is_empty() {
-            inputs.extend([(host.dout.clone(), "dout"), (bytes_of(&host.lse), "lse"), (bytes_of(&host.dd), "D")]);
+        if !h.dout.is_empty() {
+            inputs.extend([
+                (Borrowed(&h.dout[..]), "dout"),
+                (Owned(bytes_of(&h.lse)), "lse"),
+                (Owned(bytes_of(&h.dd)), "D"),
+            ]);
         }
-        Ok(AttentionCase { host, operands, inputs })
+        inputs
+    }
+
+    /// How many of the operands are inputs ([`AttentionCase::inputs`]).
+    pub fn input_count(&self) -> usize {
+        match self.host.problem {
+            AttentionProblem::Decode { .. } => 4,
+            AttentionProblem::Prefill { .. } if self.host.dout.is_empty() => 3,
+            AttentionProblem::Prefill { .. } => 6,
+        }
     }
 
     /// The outputs' shapes (f32), after the inputs.
     pub fn output_shapes(&self) -> impl Iterator<Item = &Vec<usize>> {
-        self.operands[self.inputs.len()..].iter().map(|(shape, _)| shape)
+        self.operands[self.input_count()..].iter().map(|(shape, _)| shape)
     }
 
     /// The default candidate's outputs (concatenated) against the host's on sampled rows.
@@ -1007,7 +1031,7 @@ impl AttentionBench {
         let case = AttentionCase::new(problem, seed, sms)?;
         let mut held = Vec::new();
         let mut addrs = Vec::new();
-        for (bytes, what) in &case.inputs {
+        for (bytes, what) in &case.inputs() {
             addrs.push(upload(bytes, what, &mut held)?);
         }
         let mut outputs = Vec::new();

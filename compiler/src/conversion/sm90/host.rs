@@ -680,7 +680,8 @@ mod tests {
                 candidates: Vec::new(),
             };
             let case = v3c_runtime::measure::AttentionCase::new(&problem, 11, 132).unwrap();
-            let mut inputs: Vec<Vec<u8>> = case.inputs.iter().map(|(b, _)| b.clone()).collect();
+            let mut inputs: Vec<Vec<u8>> = case.inputs().into_iter().map(|(b, _)| b.into_owned()).collect();
+            assert_eq!(inputs.len(), case.input_count(), "{flash:?}");
             let mut outputs: Vec<Vec<f32>> = case.output_shapes().map(|s| vec![0f32; s.iter().product()]).collect();
             let mut bufs: Vec<RawBuffer> = inputs
                 .iter_mut()
@@ -691,7 +692,7 @@ mod tests {
                     element: element.to_string(),
                 })
                 .collect();
-            for (o, (shape, _)) in outputs.iter_mut().zip(&case.operands[case.inputs.len()..]) {
+            for (o, (shape, _)) in outputs.iter_mut().zip(&case.operands[case.input_count()..]) {
                 bufs.push(RawBuffer { ptr: o.as_mut_ptr() as *mut (), shape: shape.clone(), element: "f32".into() });
             }
             let of = match flash {
@@ -711,7 +712,7 @@ mod tests {
             assert!(got.iter().any(|&x| x != 0.0), "{flash:?}");
             case.check(&got).unwrap_or_else(|e| panic!("{flash:?}: {e}"));
             // Row rows/2 of the first output (keys' gradients: key 35 of head 1).
-            let width = case.operands[case.inputs.len()].0[1];
+            let width = case.operands[case.input_count()].0[1];
             got[heads * m / 2 * width] += 0.5;
             let e = case.check(&got).unwrap_err();
             assert!(e.contains(&format!("row {}", heads * m / 2)), "{flash:?}: {e}");
