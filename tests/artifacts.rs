@@ -484,7 +484,8 @@ fn an_fp8_checkpoint_gives_an_fp8_cpu_artifact_with_the_cpu_backends_logits() {
 /// Speculative decoding with the MTP module: a tiny model (fp8 at init) trained on a repeating
 /// pattern — its checkpoint no longer claims fp8 block scaling for f32 weights — compiled with
 /// `--speculative` generates with `v3r run --speculative` exactly the greedy tokens of `v3r run`,
-/// with most MTP drafts accepted (the MTP head has learned the pattern too).
+/// with most MTP drafts accepted (the MTP head has learned the pattern too), and samples with a
+/// temperature and top-p.
 #[test]
 fn speculative_decoding_with_the_mtp_module_gives_the_greedy_tokens() {
     let dir = tempfile::tempdir().unwrap();
@@ -552,9 +553,17 @@ fn speculative_decoding_with_the_mtp_module_gives_the_greedy_tokens() {
     let said = err.split("speculative: ").nth(1).expect(&err);
     let nums: Vec<usize> = said.split_whitespace().filter_map(|w| w.parse().ok()).take(2).collect();
     assert!(nums[1] > 0 && 2 * nums[0] >= nums[1], "{err}");
-    // Sampling or several prompts: refused with the reason.
-    let hot = run_binary_env("v3r", &[&run[..], &["--speculative", "--temperature", "0.7"]].concat(), &env);
-    assert!(text(&hot.stderr).contains("--speculative generates greedily for one prompt"), "{}", text(&hot.stderr));
+    // Sampling: speculative sampling's tokens (their distribution is plain sampling's: the
+    // runtime's unit tests), the same for the same seed, drafts accepted.
+    let hot = [&run[..], &["--speculative", "--temperature", "0.7", "--top-p", "0.9", "--seed", "3"]].concat();
+    let (first, again) = (run_binary_env("v3r", &hot, &env), run_binary_env("v3r", &hot, &env));
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert_eq!(text(&first.stdout), text(&again.stdout));
+    assert_eq!(text(&first.stdout).split_whitespace().count(), 30);
+    assert!(text(&first.stderr).contains("MTP drafts accepted"), "{}", text(&first.stderr));
+    // Several prompts: refused with the reason.
+    let two = run_binary_env("v3r", &[&run[..], &["--speculative", "--prompt-tokens", "5 9"]].concat(), &env);
+    assert!(text(&two.stderr).contains("--speculative generates for one prompt"), "{}", text(&two.stderr));
     // An artifact without a draft entry says how to get one.
     let plain_art = dir.path().join("plain");
     let compile = ["compile", "--model", &s(&trained), "--target", "cpu", "--max-rows", "8", "--max-context", "64"];

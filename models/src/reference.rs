@@ -230,8 +230,8 @@ impl Sampler {
         Sampler { temperature, top_p, state: seed ^ 0x9e37_79b9_7f4a_7c15 }
     }
 
-    fn next_uniform(&mut self) -> f32 {
-        // splitmix64
+    /// The next uniform draw in [0, 1) of the sampler's seeded stream (splitmix64, 24 bits).
+    pub fn uniform(&mut self) -> f32 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -239,17 +239,23 @@ impl Sampler {
         ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
     }
 
-    /// Picks the next token from `logits`.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let argmax = || {
-            logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32)
-        };
-        if self.temperature <= 0.0 {
-            return argmax();
+    /// Whether the sampler picks the argmax (temperature 0).
+    pub fn greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    /// What [`Sampler::sample`] draws from: the top-p nucleus of softmax(logits / T), most probable
+    /// first (ties: the lower id), as (token, probability over the whole vocabulary) — the weights
+    /// sum to the nucleus's mass, not to 1; greedy: the argmax alone, weight 1 (f32 total order,
+    /// ties to the lower id).
+    pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f32)> {
+        if self.greedy() {
+            let argmax = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)));
+            return vec![(argmax.map_or(0, |(i, _)| i as u32), 1.0)];
         }
         let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut probs: Vec<(usize, f32)> =
-            logits.iter().map(|&l| ((l - max) / self.temperature).exp()).enumerate().collect();
+        let mut probs: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / self.temperature).exp())).collect();
         let sum: f32 = probs.iter().map(|p| p.1).sum();
         probs.iter_mut().for_each(|p| p.1 /= sum);
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -262,16 +268,32 @@ impl Sampler {
                 break;
             }
         }
-        let nucleus = &probs[..cut];
-        let total: f32 = nucleus.iter().map(|p| p.1).sum();
-        let mut r = self.next_uniform() * total;
-        for &(i, p) in nucleus {
+        probs.truncate(cut);
+        probs
+    }
+
+    /// Draws a token from `(token, weight)` pairs in their order, the weights scaled to sum to 1
+    /// (one uniform draw); the last token when rounding leaves the draw past the end.
+    pub fn draw(&mut self, weighted: &[(u32, f32)]) -> u32 {
+        let total: f32 = weighted.iter().map(|p| p.1).sum();
+        let mut r = self.uniform() * total;
+        for &(i, p) in weighted {
             if r < p {
-                return i as u32;
+                return i;
             }
             r -= p;
         }
-        nucleus.last().map_or(0, |p| p.0 as u32)
+        weighted.last().map_or(0, |p| p.0)
+    }
+
+    /// Picks the next token from `logits`: greedy without a draw, else one draw from
+    /// [`Sampler::distribution`].
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let nucleus = self.distribution(logits);
+        if self.greedy() {
+            return nucleus[0].0;
+        }
+        self.draw(&nucleus)
     }
 }
 

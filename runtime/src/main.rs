@@ -351,8 +351,10 @@ struct RunArgs {
     #[command(flatten)]
     generating: Generating,
     /// Speculative decoding with the MTP module: each pass of the main model verifies the MTP
-    /// module's draft of the next token and, when it agrees, yields two tokens (greedy only; one
-    /// prompt; an artifact compiled with `v3c compile --speculative`). Prints the drafts' acceptance.
+    /// module's draft of the next token and, when it accepts it, yields two tokens. Greedy: the
+    /// draft is accepted when it is the main model's own token; with --temperature / --top-p, by
+    /// speculative sampling (tokens distributed as plain sampling's). One prompt; an artifact
+    /// compiled with `v3c compile --speculative`. Prints the drafts' acceptance.
     #[arg(long)]
     speculative: bool,
     /// CUDA device ordinal (GPU artifacts).
@@ -1054,13 +1056,24 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let program = program.as_ref();
     if args.speculative {
-        if prompts.len() > 1 || args.generating.temperature != 0.0 {
+        if prompts.len() > 1 || args.batch.is_some() {
             return Err(Failure::Other(
-                "--speculative generates greedily for one prompt (no --temperature, one --prompt-tokens)".into(),
+                "--speculative generates for one prompt (one --prompt-tokens, no --prompts-file or --batch)".into(),
             ));
         }
-        let s = v3c_runtime::speculative::generate_speculative(program, &prompt, args.generating.max_new_tokens, eos)
-            .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
+        let mut sampler = v3c_models::reference::Sampler::new(
+            args.generating.temperature,
+            args.generating.top_p,
+            args.generating.seed,
+        );
+        let s = v3c_runtime::speculative::generate_speculative(
+            program,
+            &prompt,
+            args.generating.max_new_tokens,
+            &mut sampler,
+            eos,
+        )
+        .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
         let text: Vec<String> = s.generation.tokens.iter().map(u32::to_string).collect();
         println!("{}", text.join(" "));
         eprintln!(

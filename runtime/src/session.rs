@@ -10,7 +10,7 @@
 //!
 //! An artifact compiled with its MTP module has MTP inputs; plain generation feeds the MTP layer the
 //! next prompt token where it is known and token 0 otherwise, keeps its cache like the others, and
-//! does not read its logits (speculative decoding with it is not built yet).
+//! does not read its logits (speculative decoding with it: [`crate::speculative`]).
 
 use std::collections::HashMap;
 

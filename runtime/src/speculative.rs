@@ -1,4 +1,4 @@
-//! Greedy speculative decoding with DeepSeek-V3's MTP module, on an artifact compiled with
+//! Speculative decoding with DeepSeek-V3's MTP module, on an artifact compiled with
 //! `v3c compile --speculative` (entries `prefill` and `draft`; the main entries output their
 //! final-normed hidden state, `hidden`, which the MTP module reads).
 //!
@@ -6,20 +6,25 @@
 //! 1. the prompt is prefilled; its last logits give token x; the draft entry fills the MTP cache for
 //!    every prompt position (hidden state i with token i + 1, the last one with x) and drafts d, the
 //!    token after x.
-//! 2. a verify step prefills [x, d]: if the main model's token after x is d, d is accepted and the
-//!    logits after d give one more token y — two tokens for one pass of the main model; else its own
-//!    token replaces d and d's cache rows are dropped. The draft entry then writes the MTP cache rows
-//!    of the new positions and drafts the next token.
+//! 2. a verify step prefills [x, d]: if the main model accepts d ([`verify`]), the logits after d
+//!    give one more token y — two tokens for one pass of the main model; else a token of its own
+//!    replaces d and d's cache rows are dropped. The draft entry then writes the MTP cache rows of
+//!    the new positions and drafts the next token.
 //!
-//! Every token emitted is the main model's greedy choice after the tokens before it: the output is
-//! the plain greedy generation's (up to the last-bit differences between one-token and two-token
-//! prefills), whatever the drafts are. Sampling with a temperature needs the drafts' probabilities
-//! (rejection sampling) and is not built: greedy only.
+//! Greedy, d is accepted when it is the main model's argmax, and every token emitted is the main
+//! model's greedy choice after the tokens before it: the output is the plain greedy generation's
+//! (up to the last-bit differences between one-token and two-token prefills), whatever the drafts
+//! are. With a temperature (and top-p), the draft is drawn from the MTP head's distribution q and
+//! kept by speculative sampling (Leviathan et al. 2023; Chen et al. 2023): with probability
+//! min(1, p(d) / q(d)), else the token is drawn from max(0, p - q) renormalized — each token is
+//! distributed as the main model's p after the tokens before it, as plain sampling's are (the
+//! same distribution of outputs, not the same tokens for a seed: the draws differ).
 
 use std::collections::HashMap;
 
 use crate::host::{HostBuffer, HostData};
 use crate::session::{Generation, Program};
+use v3c_models::reference::Sampler;
 
 /// A speculative generation and how its drafts fared.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,9 +62,29 @@ fn rows(b: &HostBuffer, what: &str) -> Result<Vec<Vec<f32>>, String> {
     Ok(f32s(b, what)?.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
 }
 
-/// Greedy choice, as the sampler at temperature 0 makes it.
-fn greedy(logits: &[f32]) -> u32 {
-    v3c_models::reference::Sampler::new(0.0, 1.0, 0).sample(logits)
+/// Speculative sampling's verdict on a draft `d` drawn from `q`, the draft's distribution, with
+/// `p` the main model's (both as [`Sampler::distribution`] gives them: (token, weight) pairs whose
+/// weights need not sum to 1): `(token, accepted)`. d is kept with probability min(1, p(d) / q(d))
+/// (one uniform draw); else the token is drawn from the residual max(0, p - q), renormalized. The
+/// token is then distributed as p: P(x) = min(q(x), p(x)) + (1 - sum_y min(q(y), p(y))) r(x), and
+/// (1 - sum min(q, p)) r(x) = max(0, p(x) - q(x)). Greedy distributions (one token, weight 1): d
+/// is kept when it is p's token, else p's token replaces it.
+pub fn verify(p: &[(u32, f32)], q: &[(u32, f32)], d: u32, sampler: &mut Sampler) -> (u32, bool) {
+    let mass = |dist: &[(u32, f32)]| dist.iter().map(|t| t.1).sum::<f32>();
+    let (p_mass, q_mass) = (mass(p), mass(q));
+    let of = |dist: &[(u32, f32)], mass: f32, x: u32| dist.iter().find(|t| t.0 == x).map_or(0.0, |t| t.1 / mass);
+    let (pd, qd) = (of(p, p_mass, d), of(q, q_mass, d));
+    if sampler.uniform() * qd < pd {
+        return (d, true);
+    }
+    let q_of: HashMap<u32, f32> = q.iter().map(|&(x, w)| (x, w / q_mass)).collect();
+    let residual: Vec<(u32, f32)> = p
+        .iter()
+        .map(|&(x, w)| (x, (w / p_mass - q_of.get(&x).copied().unwrap_or(0.0)).max(0.0)))
+        .filter(|t| t.1 > 0.0)
+        .collect();
+    // Rounding can leave nothing above q where p(d) < q(d): then p itself.
+    (sampler.draw(if residual.is_empty() { p } else { &residual }), false)
 }
 
 struct Caches<'a> {
@@ -159,12 +184,14 @@ fn truncate(cache: &mut HostBuffer, n: usize, width: usize) -> Result<(), String
     Ok(())
 }
 
-/// Generates up to `max_new` greedy tokens after `prompt` with MTP drafts verified two tokens at a
-/// time (see the module doc), stopping after `eos` when given.
+/// Generates up to `max_new` tokens after `prompt`, picked by `sampler` (greedy or with a
+/// temperature), with MTP drafts verified two tokens at a time (see the module doc), stopping
+/// after `eos` when given.
 pub fn generate_speculative(
     program: &dyn Program,
     prompt: &[u32],
     max_new: usize,
+    sampler: &mut Sampler,
     eos: Option<u32>,
 ) -> Result<Speculation, String> {
     let prefill = program.entry_plan("prefill")?;
@@ -201,7 +228,7 @@ pub fn generate_speculative(
     };
     let (mut drafted, mut accepted) = (0, 0);
     let last = logits.last().ok_or("prefill gave no logits")?;
-    let mut x = greedy(last);
+    let mut x = sampler.sample(last);
     let generated = |tokens, stopped_at_eos| {
         let total_s = start.elapsed().as_secs_f64();
         Generation { tokens, stopped_at_eos, prefill_s, total_s, pages: None, queued_s: 0.0 }
@@ -211,15 +238,16 @@ pub fn generate_speculative(
     }
     // MTP rows of the prompt: hidden state i with token i + 1 (the last with x).
     let next: Vec<u32> = prompt[1..].iter().copied().chain([x]).collect();
-    let mut d = greedy(caches.draft(&hidden, &next, 0)?.last().ok_or("draft gave no logits")?);
+    let mut q = sampler.distribution(caches.draft(&hidden, &next, 0)?.last().ok_or("draft gave no logits")?);
+    let mut d = sampler.draw(&q);
     let mut pos = prompt.len();
     loop {
         let (logits, hidden) = caches.prefill(&[x, d], pos)?;
         drafted += 1;
-        let mine = greedy(&logits[0]);
-        let drafts = if mine == d {
+        let (mine, kept) = verify(&sampler.distribution(&logits[0]), &q, d, sampler);
+        let drafts = if kept {
             accepted += 1;
-            let after = greedy(&logits[1]);
+            let after = sampler.sample(&logits[1]);
             if emit(d, &mut tokens) || emit(after, &mut tokens) {
                 break;
             }
@@ -238,7 +266,235 @@ pub fn generate_speculative(
             (x, pos) = (mine, pos + 1);
             drafts
         };
-        d = greedy(drafts.last().ok_or("draft gave no logits")?);
+        q = sampler.distribution(drafts.last().ok_or("draft gave no logits")?);
+        d = sampler.draw(&q);
     }
     Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{EntryPlan, Sizes};
+    use std::collections::BTreeMap;
+
+    const VOCAB: usize = 4;
+    /// Cache rows: [token, position]; hidden states: [prefix hash, 0].
+    const WIDTH: usize = 2;
+
+    /// Folds a token into a prefix hash (below 2^24: exact in f32).
+    fn fold(h: u32, t: u32) -> u32 {
+        ((u64::from(h) * 31 + u64::from(t) + 1) % 16_777_213) as u32
+    }
+
+    /// The toy main model's logits after a prefix of hash `h`.
+    fn main_logits(h: u32) -> Vec<f32> {
+        let z = h.wrapping_mul(2_654_435_761);
+        (0..VOCAB).map(|j| ((z >> (j * 5)) & 15) as f32 / 4.0).collect()
+    }
+
+    /// A model small enough to write down, with an MTP module: the main model's logits at a
+    /// position follow the hash of every token so far (read back from its cache rows: wrong caches,
+    /// other distributions); the draft's, the main model's after the next token shifted by what its
+    /// own cache holds (drafts that are sometimes right, sometimes wrong).
+    struct Toy {
+        prefill: EntryPlan,
+        draft: EntryPlan,
+    }
+
+    fn plan(name: &str, cache: &str) -> EntryPlan {
+        EntryPlan {
+            name: name.into(),
+            sizes: Sizes::new(4, 64),
+            bounds: BTreeMap::from([(cache.to_string(), vec![64, WIDTH])]),
+            buffers: Vec::new(),
+            launches: Vec::new(),
+            outputs: vec![("hidden".to_string(), 0)],
+            arena_bytes: 0,
+        }
+    }
+
+    fn toy() -> Toy {
+        Toy { prefill: plan("prefill", "kv_cache.0"), draft: plan("draft", "kv_cache.mtp") }
+    }
+
+    fn floats(b: &HostBuffer) -> Vec<f32> {
+        let HostData::F32(v) = &b.data else { panic!("not f32") };
+        v.clone()
+    }
+
+    fn longs(b: &HostBuffer) -> Vec<i64> {
+        let HostData::I64(v) = &b.data else { panic!("not i64") };
+        v.clone()
+    }
+
+    fn matrix(rows: Vec<Vec<f32>>, width: usize) -> HostBuffer {
+        HostBuffer { shape: vec![rows.len(), width], data: HostData::F32(rows.concat()) }
+    }
+
+    /// Appends `[token, position]` rows to a cache, checking the positions follow its rows.
+    fn appended(cache: &HostBuffer, tokens: &[i64], positions: &[i64]) -> Result<Vec<f32>, String> {
+        let mut rows = floats(cache);
+        for (&t, &p) in tokens.iter().zip(positions) {
+            if p as usize != rows.len() / WIDTH {
+                return Err(format!("position {p} after {} cached rows", rows.len() / WIDTH));
+            }
+            rows.extend([t as f32, p as f32]);
+        }
+        Ok(rows)
+    }
+
+    impl Program for Toy {
+        fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String> {
+            match entry {
+                "prefill" => Ok(&self.prefill),
+                "draft" => Ok(&self.draft),
+                _ => Err(format!("no entry {entry}")),
+            }
+        }
+
+        fn run(
+            &self,
+            entry: &str,
+            inputs: &HashMap<String, HostBuffer>,
+            _: &[&str],
+        ) -> Result<HashMap<String, HostBuffer>, String> {
+            let positions = longs(&inputs["positions"]);
+            if entry == "prefill" {
+                let tokens = longs(&inputs["tokens"]);
+                let cache = appended(&inputs["kv_cache.0"], &tokens, &positions)?;
+                let mut h = 0;
+                let (mut logits, mut hidden) = (Vec::new(), Vec::new());
+                for (i, row) in cache.chunks(WIDTH).enumerate() {
+                    h = fold(h, row[0] as u32);
+                    if i >= positions[0] as usize {
+                        logits.push(main_logits(h));
+                        hidden.push(vec![h as f32, 0.0]);
+                    }
+                }
+                let rows = cache.len() / WIDTH;
+                let cache = HostBuffer { shape: vec![rows, WIDTH], data: HostData::F32(cache) };
+                return Ok(HashMap::from([
+                    ("kv_cache.0".to_string(), cache),
+                    ("logits".to_string(), matrix(logits, VOCAB)),
+                    ("hidden".to_string(), matrix(hidden, WIDTH)),
+                ]));
+            }
+            let tokens = longs(&inputs["mtp_tokens"]);
+            let cache = appended(&inputs["kv_cache.mtp"], &tokens, &positions)?;
+            let hidden = floats(&inputs["hidden"]);
+            let mut logits = Vec::new();
+            for (i, &t) in tokens.iter().enumerate() {
+                let held: f32 = cache.chunks(WIDTH).take(positions[i] as usize + 1).map(|r| r[0]).sum();
+                let shifted = main_logits(fold(hidden[i * WIDTH] as u32, t as u32));
+                logits.push(shifted.iter().enumerate().map(|(j, l)| l + ((held as usize + j) % 3) as f32).collect());
+            }
+            let rows = cache.len() / WIDTH;
+            Ok(HashMap::from([
+                ("kv_cache.mtp".to_string(), HostBuffer { shape: vec![rows, WIDTH], data: HostData::F32(cache) }),
+                ("mtp_logits".to_string(), matrix(logits, VOCAB)),
+            ]))
+        }
+    }
+
+    /// The main model's probability of each continuation of `prompt` by `n` tokens, sampled
+    /// plainly: the product of its distributions' normalized weights.
+    fn plain_probabilities(prompt: &[u32], n: usize, sampler: &Sampler) -> HashMap<Vec<u32>, f64> {
+        let mut paths = HashMap::from([(Vec::new(), 1.0f64)]);
+        for _ in 0..n {
+            let mut longer = HashMap::new();
+            for (path, p) in paths {
+                let h = prompt.iter().chain(&path).fold(0, |h, &t| fold(h, t));
+                let dist = sampler.distribution(&main_logits(h));
+                let mass: f64 = dist.iter().map(|t| f64::from(t.1)).sum();
+                for (t, w) in dist {
+                    let next: Vec<u32> = path.iter().copied().chain([t]).collect();
+                    *longer.entry(next).or_insert(0.0) += p * f64::from(w) / mass;
+                }
+            }
+            paths = longer;
+        }
+        paths
+    }
+
+    /// Greedy, the speculative tokens are plain greedy generation's, whatever the drafts.
+    #[test]
+    fn greedy_speculation_gives_the_greedy_tokens() {
+        let toy = toy();
+        let greedy = Sampler::new(0.0, 1.0, 0);
+        for prompt in [vec![1u32], vec![3, 0, 2], vec![2, 2, 2, 2, 2, 1, 0]] {
+            let s = generate_speculative(&toy, &prompt, 20, &mut greedy.clone(), None).unwrap();
+            let mut tokens = prompt.clone();
+            for _ in 0..20 {
+                let h = tokens.iter().fold(0, |h, &t| fold(h, t));
+                tokens.push(greedy.clone().sample(&main_logits(h)));
+            }
+            assert_eq!(s.generation.tokens, tokens[prompt.len()..], "{prompt:?}");
+            assert!(s.drafted > 0 && s.accepted < s.drafted, "{} of {}", s.accepted, s.drafted);
+        }
+    }
+
+    /// With a temperature and top-p, speculative sampling's continuations are distributed as plain
+    /// sampling's: each 3-token continuation's frequency over 4000 seeds within 5 standard
+    /// deviations of its probability — while drafts are both accepted and rejected.
+    #[test]
+    fn sampled_speculation_draws_as_plain_sampling() {
+        let toy = toy();
+        let (prompt, n, runs) = ([2u32, 0, 3], 3, 4000);
+        let settings = Sampler::new(0.9, 0.9, 0);
+        let exact = plain_probabilities(&prompt, n, &settings);
+        let mut seen: HashMap<Vec<u32>, usize> = HashMap::new();
+        let (mut drafted, mut accepted) = (0, 0);
+        for seed in 0..runs {
+            let mut sampler = Sampler::new(0.9, 0.9, seed);
+            let s = generate_speculative(&toy, &prompt, n, &mut sampler, None).unwrap();
+            *seen.entry(s.generation.tokens).or_insert(0) += 1;
+            (drafted, accepted) = (drafted + s.drafted, accepted + s.accepted);
+        }
+        assert!(seen.keys().all(|k| exact.contains_key(k)), "a continuation plain sampling never gives");
+        for (path, &p) in &exact {
+            let f = *seen.get(path).unwrap_or(&0) as f64 / runs as f64;
+            let sigma = (p * (1.0 - p) / runs as f64).sqrt();
+            assert!((f - p).abs() <= 5.0 * sigma + 1e-3, "{path:?}: {f} seen, {p} expected");
+        }
+        assert!(accepted > drafted / 10 && accepted < drafted * 9 / 10, "{accepted} of {drafted} drafts accepted");
+    }
+
+    /// [`verify`] alone: over draws of the draft from q, the token's frequencies are p's and the
+    /// acceptance is sum min(p, q) — for drafts that put mass where p has none, equal
+    /// distributions, disjoint ones and greedy ones.
+    #[test]
+    fn verified_drafts_are_distributed_as_the_main_model() {
+        type Weighted = [(u32, f32)];
+        let cases: [(&Weighted, &Weighted); 5] = [
+            (&[(0, 0.5), (1, 0.5)], &[(0, 0.9), (1, 0.1)]),
+            (&[(2, 0.3), (0, 0.2), (1, 0.1)], &[(3, 0.4), (0, 0.4), (2, 0.2)]),
+            (&[(1, 0.6), (3, 0.4)], &[(1, 0.6), (3, 0.4)]),
+            (&[(0, 1.0)], &[(2, 0.7), (1, 0.3)]),
+            (&[(1, 1.0)], &[(2, 1.0)]),
+        ];
+        let runs = 100_000;
+        for (p, q) in cases {
+            let mut sampler = Sampler::new(1.0, 1.0, 7);
+            let (mut counts, mut kept) = ([0usize; VOCAB], 0);
+            for _ in 0..runs {
+                let d = sampler.draw(q);
+                let (t, accepted) = verify(p, q, d, &mut sampler);
+                counts[t as usize] += 1;
+                kept += usize::from(accepted);
+            }
+            let mass = |dist: &[(u32, f32)], x: usize| {
+                let total: f32 = dist.iter().map(|t| t.1).sum();
+                f64::from(dist.iter().find(|t| t.0 as usize == x).map_or(0.0, |t| t.1 / total))
+            };
+            let overlap: f64 = (0..VOCAB).map(|x| mass(p, x).min(mass(q, x))).sum();
+            let sigma = |p: f64| 5.0 * (p * (1.0 - p) / runs as f64).max(0.0).sqrt() + 1e-4;
+            for (x, &c) in counts.iter().enumerate() {
+                let f = c as f64 / runs as f64;
+                assert!((f - mass(p, x)).abs() <= sigma(mass(p, x)), "{p:?} {q:?}: token {x} at {f}");
+            }
+            let a = kept as f64 / runs as f64;
+            assert!((a - overlap).abs() <= sigma(overlap), "{p:?} {q:?}: {a} accepted, {overlap} expected");
+        }
+    }
 }
