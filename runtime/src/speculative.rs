@@ -2,7 +2,8 @@
 //! `v3c compile --speculative` (entries `prefill` and `draft`; the main entries output their
 //! final-normed hidden state, `hidden`, which the MTP module reads).
 //!
-//! One sequence, every step in the prefill form (caches `[rows, 576]` that a step appends to):
+//! One sequence, every step in the prefill form (caches `[rows, 576]` that a step appends to; on a
+//! program that carries outputs over — a GPU — they stay on its device between steps):
 //! 1. the prompt is prefilled; its last logits give token x; the draft entry fills the MTP cache for
 //!    every prompt position (hidden state i with token i + 1, the last one with x) and drafts d, the
 //!    token after x.
@@ -89,19 +90,74 @@ pub fn verify(p: &[(u32, f32)], q: &[(u32, f32)], d: u32, sampler: &mut Sampler)
 
 struct Caches<'a> {
     program: &'a dyn Program,
-    /// Main caches and the MTP cache, `[rows, width]` each.
+    /// Main caches and the MTP cache, `[rows, width]` each — their shapes only while the program's
+    /// device holds them.
     main: HashMap<String, HostBuffer>,
     mtp: HostBuffer,
     width: usize,
+    /// The program carries outputs over ([`Program::carries_outputs`]: a GPU): the caches stay on
+    /// its device from step to step — a step uploads its tokens and hidden states and reads back
+    /// logits and hidden states, not every cache row so far — and a rejected draft's rows are
+    /// dropped there ([`Program::reclaim_rows`]).
+    on_device: bool,
+    /// The device holds the main caches / the MTP cache as the last run left them.
+    main_held: bool,
+    mtp_held: bool,
 }
 
-impl Caches<'_> {
+/// An empty `[0, width]` cache.
+fn empty(width: usize) -> HostBuffer {
+    HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) }
+}
+
+impl<'a> Caches<'a> {
+    fn new(program: &'a dyn Program, names: impl Iterator<Item = String>, width: usize) -> Caches<'a> {
+        Caches {
+            program,
+            main: names.map(|n| (n, empty(width))).collect(),
+            mtp: empty(width),
+            width,
+            on_device: program.carries_outputs(),
+            main_held: false,
+            mtp_held: false,
+        }
+    }
+
+    /// Runs `entry` on `inputs` with the caches `names` as `held` says, keeping them on the device
+    /// where it may; returns the outputs and each cache as the host keeps it (grown to `rows`).
+    fn run(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        outputs: &[&str],
+        names: &[&str],
+        (held, rows): (bool, usize),
+    ) -> Result<(HashMap<String, HostBuffer>, Vec<HostBuffer>), String> {
+        let mut wanted = outputs.to_vec();
+        if !self.on_device {
+            wanted.extend(names);
+        }
+        let carry: &[&str] = if self.on_device { names } else { &[] };
+        let resident: &[&str] = if held { names } else { &[] };
+        let mut out = self.program.run_carrying(entry, inputs, &wanted, resident, carry)?;
+        let caches = names
+            .iter()
+            .map(|n| match self.on_device {
+                true => Ok(HostBuffer { shape: vec![rows, self.width], data: HostData::F32(Vec::new()) }),
+                false => out.remove(*n).ok_or_else(|| format!("{entry} gave no {n}")),
+            })
+            .collect::<Result<_, String>>()?;
+        Ok((out, caches))
+    }
+
     /// Prefills `tokens` at `start..` (main caches hold `start` rows) in chunks the plan holds;
     /// returns each token's logits and hidden state.
     fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<(Rows, Rows), String> {
         let plan = self.program.entry_plan("prefill")?;
         let (chunk, cached) = (plan.sizes.rows.max(1), plan.sizes.context);
         let (mut logits, mut hidden) = (Vec::new(), Vec::new());
+        let names: Vec<String> = self.main.keys().cloned().collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
         for (k, piece) in tokens.chunks(chunk).enumerate() {
             let at = start + k * chunk;
             if at > cached {
@@ -112,21 +168,10 @@ impl Caches<'_> {
             let mut inputs: HashMap<String, HostBuffer> = std::mem::take(&mut self.main);
             inputs.insert("tokens".into(), ids(&piece.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()));
             inputs.insert("positions".into(), ids(&(at as i64..(at + piece.len()) as i64).collect::<Vec<_>>()));
-            let names: Vec<String> = inputs.keys().filter(|n| n.starts_with("kv_cache.")).cloned().collect();
-            let mut wanted: Vec<&str> = names.iter().map(String::as_str).collect();
-            wanted.extend(["logits", "hidden"]);
-            let ran = self.program.run("prefill", &inputs, &wanted);
-            let mut out = match ran {
-                Ok(out) => out,
-                Err(e) => {
-                    self.main = inputs.into_iter().filter(|(n, _)| n.starts_with("kv_cache.")).collect();
-                    return Err(e);
-                }
-            };
-            for n in names {
-                let grown = out.remove(&n).ok_or_else(|| format!("prefill gave no {n}"))?;
-                self.main.insert(n, grown);
-            }
+            let (out, grown) =
+                self.run("prefill", &inputs, &["logits", "hidden"], &names, (self.main_held, at + piece.len()))?;
+            self.main = names.iter().map(|n| n.to_string()).zip(grown).collect();
+            self.main_held = self.on_device;
             logits.extend(rows(out.get("logits").ok_or("prefill gave no logits")?, "logits")?);
             hidden.extend(rows(
                 out.get("hidden").ok_or("prefill gave no hidden state (compile with --speculative)")?,
@@ -141,7 +186,7 @@ impl Caches<'_> {
     fn draft(&mut self, hidden: &[Vec<f32>], next: &[u32], start: usize) -> Result<Vec<Vec<f32>>, String> {
         let plan = self.program.entry_plan("draft")?;
         let (chunk, cached) = (plan.sizes.rows.max(1), plan.sizes.context);
-        truncate(&mut self.mtp, start, self.width)?;
+        self.truncate_mtp(start)?;
         let mut logits = Vec::new();
         for (k, (h, t)) in hidden.chunks(chunk).zip(next.chunks(chunk)).enumerate() {
             let at = start + k * chunk;
@@ -156,30 +201,50 @@ impl Caches<'_> {
                 .insert("hidden".to_string(), HostBuffer { shape: vec![h.len(), d], data: HostData::F32(h.concat()) });
             inputs.insert("mtp_tokens".into(), ids(&t.iter().map(|&x| i64::from(x)).collect::<Vec<_>>()));
             inputs.insert("positions".into(), ids(&(at as i64..(at + h.len()) as i64).collect::<Vec<_>>()));
-            let empty = HostBuffer { shape: vec![0, self.width], data: HostData::F32(Vec::new()) };
-            inputs.insert("kv_cache.mtp".into(), std::mem::replace(&mut self.mtp, empty));
-            let ran = self.program.run("draft", &inputs, &["mtp_logits", "kv_cache.mtp"]);
-            let mut out = match ran {
-                Ok(out) => out,
-                Err(e) => {
-                    self.mtp = inputs.remove("kv_cache.mtp").unwrap_or_else(|| self.mtp.clone());
-                    return Err(e);
-                }
-            };
-            self.mtp = out.remove("kv_cache.mtp").ok_or("draft gave no kv_cache.mtp")?;
+            inputs.insert("kv_cache.mtp".into(), std::mem::replace(&mut self.mtp, empty(self.width)));
+            let (out, mut grown) =
+                self.run("draft", &inputs, &["mtp_logits"], &["kv_cache.mtp"], (self.mtp_held, at + h.len()))?;
+            self.mtp = grown.pop().ok_or("draft gave no kv_cache.mtp")?;
+            self.mtp_held = self.on_device;
             logits.extend(rows(out.get("mtp_logits").ok_or("draft gave no mtp_logits")?, "mtp_logits")?);
         }
         Ok(logits)
     }
+
+    /// Keeps the first `n` rows of the main caches (a rejected draft's row leaves them).
+    fn truncate_main(&mut self, n: usize) -> Result<(), String> {
+        for (name, cache) in &mut self.main {
+            truncate(self.program, name, cache, n, self.width, self.main_held)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the first `n` rows of the MTP cache.
+    fn truncate_mtp(&mut self, n: usize) -> Result<(), String> {
+        truncate(self.program, "kv_cache.mtp", &mut self.mtp, n, self.width, self.mtp_held)
+    }
 }
 
-/// Keeps the first `n` rows of a `[rows, width]` cache.
-fn truncate(cache: &mut HostBuffer, n: usize, width: usize) -> Result<(), String> {
-    let HostData::F32(v) = &mut cache.data else { return Err("a cache is not f32".into()) };
-    if n * width > v.len() {
-        return Err(format!("a cache of {} rows cut to {n}", v.len() / width.max(1)));
+/// Keeps the first `n` rows of a `[rows, width]` cache: on the host, or where `held`, on the
+/// program's device (the host keeping its shape).
+fn truncate(
+    program: &dyn Program,
+    name: &str,
+    cache: &mut HostBuffer,
+    n: usize,
+    width: usize,
+    held: bool,
+) -> Result<(), String> {
+    let rows = cache.shape.first().copied().unwrap_or(0);
+    if n > rows {
+        return Err(format!("{name}: a cache of {rows} rows cut to {n}"));
     }
-    v.truncate(n * width);
+    if held {
+        program.reclaim_rows(name, n)?;
+    } else {
+        let HostData::F32(v) = &mut cache.data else { return Err(format!("{name} is not f32")) };
+        v.truncate(n * width);
+    }
     cache.shape = vec![n, width];
     Ok(())
 }
@@ -207,14 +272,8 @@ pub fn generate_speculative(
     if prompt.is_empty() {
         return Err("an empty prompt".into());
     }
-    let main = prefill
-        .bounds
-        .keys()
-        .filter(|n| n.starts_with("kv_cache."))
-        .map(|n| (n.clone(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) }))
-        .collect();
-    let mut caches =
-        Caches { program, main, mtp: HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) }, width };
+    let names = prefill.bounds.keys().filter(|n| n.starts_with("kv_cache.")).cloned();
+    let mut caches = Caches::new(program, names, width);
     let start = std::time::Instant::now();
     let (logits, hidden) = caches.prefill(prompt, 0)?;
     let prefill_s = start.elapsed().as_secs_f64();
@@ -259,9 +318,7 @@ pub fn generate_speculative(
                 break;
             }
             // The draft's rows leave the main caches.
-            for cache in caches.main.values_mut() {
-                truncate(cache, pos + 1, width)?;
-            }
+            caches.truncate_main(pos + 1)?;
             let drafts = caches.draft(&hidden[..1], &[mine], pos)?;
             (x, pos) = (mine, pos + 1);
             drafts
@@ -276,6 +333,7 @@ pub fn generate_speculative(
 mod tests {
     use super::*;
     use crate::plan::{EntryPlan, Sizes};
+    use std::cell::RefCell;
     use std::collections::BTreeMap;
 
     const VOCAB: usize = 4;
@@ -297,9 +355,15 @@ mod tests {
     /// position follow the hash of every token so far (read back from its cache rows: wrong caches,
     /// other distributions); the draft's, the main model's after the next token shifted by what its
     /// own cache holds (drafts that are sometimes right, sometimes wrong).
+    ///
+    /// With a device (`device`), it keeps caches there as a GPU does: carried outputs stay, resident
+    /// inputs are read there (the host giving only their shapes, no more rows than held), and it
+    /// counts the cache rows given from the host.
     struct Toy {
         prefill: EntryPlan,
         draft: EntryPlan,
+        device: Option<RefCell<HashMap<String, HostBuffer>>>,
+        uploaded_rows: RefCell<usize>,
     }
 
     fn plan(name: &str, cache: &str) -> EntryPlan {
@@ -315,7 +379,12 @@ mod tests {
     }
 
     fn toy() -> Toy {
-        Toy { prefill: plan("prefill", "kv_cache.0"), draft: plan("draft", "kv_cache.mtp") }
+        let (prefill, draft) = (plan("prefill", "kv_cache.0"), plan("draft", "kv_cache.mtp"));
+        Toy { prefill, draft, device: None, uploaded_rows: RefCell::new(0) }
+    }
+
+    fn toy_on_device() -> Toy {
+        Toy { device: Some(RefCell::new(HashMap::new())), ..toy() }
     }
 
     fn floats(b: &HostBuffer) -> Vec<f32> {
@@ -359,6 +428,9 @@ mod tests {
             inputs: &HashMap<String, HostBuffer>,
             _: &[&str],
         ) -> Result<HashMap<String, HostBuffer>, String> {
+            for (name, b) in inputs.iter().filter(|(n, _)| n.starts_with("kv_cache.")) {
+                assert_eq!(b.shape[0] * WIDTH, floats(b).len(), "{name}: a shape its rows do not fill");
+            }
             let positions = longs(&inputs["positions"]);
             if entry == "prefill" {
                 let tokens = longs(&inputs["tokens"]);
@@ -395,6 +467,49 @@ mod tests {
                 ("mtp_logits".to_string(), matrix(logits, VOCAB)),
             ]))
         }
+
+        fn carries_outputs(&self) -> bool {
+            self.device.is_some()
+        }
+
+        fn run_carrying(
+            &self,
+            entry: &str,
+            inputs: &HashMap<String, HostBuffer>,
+            wanted: &[&str],
+            resident: &[&str],
+            carry: &[&str],
+        ) -> Result<HashMap<String, HostBuffer>, String> {
+            let Some(device) = &self.device else { return self.run(entry, inputs, wanted) };
+            let given = inputs.iter().filter(|(n, _)| n.starts_with("kv_cache."));
+            *self.uploaded_rows.borrow_mut() += given.map(|(_, b)| floats(b).len() / WIDTH).sum::<usize>();
+            let mut inputs = inputs.clone();
+            for name in resident {
+                let held = device.borrow().get(*name).cloned().ok_or_else(|| format!("{name} not held"))?;
+                let given = &inputs[*name];
+                assert!(floats(given).is_empty(), "{name}: rows given for a resident input");
+                if held.shape[0] > given.shape[0] {
+                    return Err(format!("{name}: {} rows held, {} given", held.shape[0], given.shape[0]));
+                }
+                inputs.insert(name.to_string(), held);
+            }
+            let mut out = self.run(entry, &inputs, wanted)?;
+            for name in carry {
+                device.borrow_mut().insert(name.to_string(), out.remove(*name).ok_or("nothing to carry")?);
+            }
+            Ok(out)
+        }
+
+        fn reclaim_rows(&self, name: &str, rows: usize) -> Result<(), String> {
+            let device = self.device.as_ref().ok_or("no device")?;
+            let mut device = device.borrow_mut();
+            let held = device.get_mut(name).ok_or_else(|| format!("{name} not held"))?;
+            let HostData::F32(v) = &mut held.data else { panic!("f32") };
+            assert!(rows <= held.shape[0], "{rows} rows reclaimed of {}", held.shape[0]);
+            v.truncate(rows * WIDTH);
+            held.shape[0] = rows;
+            Ok(())
+        }
     }
 
     /// The main model's probability of each continuation of `prompt` by `n` tokens, sampled
@@ -417,13 +532,21 @@ mod tests {
         paths
     }
 
-    /// Greedy, the speculative tokens are plain greedy generation's, whatever the drafts.
+    /// Greedy, the speculative tokens are plain greedy generation's, whatever the drafts — with the
+    /// caches on a device too, where no cache row crosses from the host.
     #[test]
     fn greedy_speculation_gives_the_greedy_tokens() {
         let toy = toy();
         let greedy = Sampler::new(0.0, 1.0, 0);
         for prompt in [vec![1u32], vec![3, 0, 2], vec![2, 2, 2, 2, 2, 1, 0]] {
             let s = generate_speculative(&toy, &prompt, 20, &mut greedy.clone(), None).unwrap();
+            let on_device = toy_on_device();
+            let d = generate_speculative(&on_device, &prompt, 20, &mut greedy.clone(), None).unwrap();
+            assert_eq!(
+                (d.generation.tokens, d.drafted, d.accepted),
+                (s.generation.tokens.clone(), s.drafted, s.accepted)
+            );
+            assert_eq!(*on_device.uploaded_rows.borrow(), 0, "cache rows given from the host");
             let mut tokens = prompt.clone();
             for _ in 0..20 {
                 let h = tokens.iter().fold(0, |h, &t| fold(h, t));
@@ -436,7 +559,8 @@ mod tests {
 
     /// With a temperature and top-p, speculative sampling's continuations are distributed as plain
     /// sampling's: each 3-token continuation's frequency over 4000 seeds within 5 standard
-    /// deviations of its probability — while drafts are both accepted and rejected.
+    /// deviations of its probability — while drafts are both accepted and rejected; the caches
+    /// kept on a device give the same tokens.
     #[test]
     fn sampled_speculation_draws_as_plain_sampling() {
         let toy = toy();
@@ -448,6 +572,12 @@ mod tests {
         for seed in 0..runs {
             let mut sampler = Sampler::new(0.9, 0.9, seed);
             let s = generate_speculative(&toy, &prompt, n, &mut sampler, None).unwrap();
+            if seed % 8 == 0 {
+                // The caches kept on a device: the same draws, the same tokens.
+                let mut sampler = Sampler::new(0.9, 0.9, seed);
+                let d = generate_speculative(&toy_on_device(), &prompt, n, &mut sampler, None).unwrap();
+                assert_eq!(d.generation.tokens, s.generation.tokens, "seed {seed}");
+            }
             *seen.entry(s.generation.tokens).or_insert(0) += 1;
             (drafted, accepted) = (drafted + s.drafted, accepted + s.accepted);
         }
