@@ -14,7 +14,8 @@
 # 3. end to end on the small model: `v3r logits` against the CPU backend's (argmax per row, 5e-2), the
 #    prefill and two decode steps dumped launch by launch against the host emulation (dump_compare.py
 #    names the first launch that differs), `v3r run` of two prompts as a batch and `v3r run
-#    --speculative` against the CPU backend's greedy tokens (attention on the CUDA-core rows), then
+#    --speculative` against the CPU backend's greedy tokens (attention on the CUDA-core rows; sampled:
+#    the caches on the device against through the host), then
 #    the default tensor-core attention (flash prefill, split-K decode): logits (5e-2, argmax) and
 #    launch by launch, its pool of pages (a batch, and three prompts two at a time — the third
 #    joining the running batch — as each alone, by `v3r run --batch 2` and `v3r serve`); 3b. `v3r train` of the tiny model's sm_90a
@@ -261,6 +262,20 @@ print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) 
     fi
   else
     row "3. speculative tokens" "FAILED" "v3r run --speculative failed (check.log)"
+  fi
+  # Speculative sampling (--temperature): the caches kept on the device (the default) and moved
+  # through the host (V3R_CARRY=0) make the same draws on the same caches: the same tokens.
+  spec_sampled=(run "$e2e/sm90spec" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")"
+    --max-new-tokens 16 --ignore-eos --speculative --temperature 0.8 --top-p 0.95 --seed 5)
+  if timeout 60 "$v3r" "${spec_sampled[@]}" > "$out/e2e_speculative_sampled.txt" 2>>"$log" \
+      && V3R_CARRY=0 timeout 60 "$v3r" "${spec_sampled[@]}" > "$out/e2e_speculative_sampled_host.txt" 2>>"$log"; then
+    if cmp -s "$out/e2e_speculative_sampled.txt" "$out/e2e_speculative_sampled_host.txt"; then
+      row "3. speculative sampling" "ok" "$(wc -w < "$out/e2e_speculative_sampled.txt") tokens, caches on the device = through the host"
+    else
+      row "3. speculative sampling" "DIFFERS" "e2e_speculative_sampled.txt vs _host.txt (V3R_CARRY=0)"
+    fi
+  else
+    row "3. speculative sampling" "FAILED" "v3r run --speculative --temperature failed (check.log)"
   fi
     note "== 3b. training: v3r train of the tiny model's sm_90a training-step artifacts against the cpu artifact's"
   # Losses step by step within $3 relative of the cpu artifact's ($2) in the run's loss log ($1).
