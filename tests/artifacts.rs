@@ -310,12 +310,12 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     // A serving benchmark over made-up weights: every request served with its new tokens, the
     // figures written; a range that is not one, and prompts the caches cannot hold, refused.
     let figures = dir.path().join("serve.json");
-    let bench = [
+    let bench_args = [
         &["bench-serve", art.to_str().unwrap(), "--random-weights", "1", "--requests", "9", "--batch", "3"][..],
         &["--prompt-tokens", "2..10", "--new-tokens", "5", "--out", figures.to_str().unwrap()],
     ]
     .concat();
-    let bench = run_binary_env("v3r", &bench, &env);
+    let bench = run_binary_env("v3r", &bench_args, &env);
     assert!(bench.status.success(), "{}", text(&bench.stderr));
     assert!(text(&bench.stdout).contains("served 9 requests (prompts of 2..10 tokens, 5 new each, 3 at a time"));
     let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&figures).unwrap()).unwrap();
@@ -325,6 +325,14 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let per = f["per_request"].as_array().unwrap();
     assert!(per.iter().all(|r| r["tokens"] == 5 && (2..=10).contains(&r["prompt_tokens"].as_u64().unwrap())));
     assert!(f["time_to_first_token_s"]["p99"].as_f64().unwrap() >= f["time_to_first_token_s"]["p50"].as_f64().unwrap());
+    // Prompts starting alike: said in the figures; a cpu artifact's caches per sequence reuse
+    // nothing (prefix reuse needs a pool of pages: the session's tests).
+    let shared = [&bench_args[..], &["--shared-prefix", "4"]].concat();
+    let out = run_binary_env("v3r", &shared, &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("0 of "), "{}", text(&out.stdout));
+    let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&figures).unwrap()).unwrap();
+    assert_eq!((f["shared_prefix_tokens"].as_u64(), f["reused_prompt_tokens"].as_u64()), (Some(4), Some(0)), "{f}");
     for (range, err) in
         [("5..3", "--prompt-tokens '5..3': a length N or a range"), ("20..30", "serves prompts of 1..=24")]
     {

@@ -862,7 +862,7 @@ fn check_tensor_core_decode(fp8: bool, fp8_cache: bool, tolerance: f32) {
 /// device's buffers between runs, carried and moved as on a GPU.
 #[test]
 fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
-    use v3c_runtime::session::{generate, generate_batch, generate_queue, ArtifactSession};
+    use v3c_runtime::session::{generate, generate_batch, generate_queue, ArtifactSession, Queue};
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint(dir.path());
     let (out, _) = compile_within(&ckpt, dir.path(), 128, &[]);
@@ -897,7 +897,7 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
         alone.iter().map(|t| t.iter().position(|&x| x == eos).map_or(t.clone(), |at| t[..=at].to_vec())).collect();
     assert!(cut[1].len() > cut[0].len(), "the second sequence still runs when the third joins");
     let served =
-        generate_queue(&program, &prompts, (2, None), 50, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
+        generate_queue(&program, &prompts, Queue::new(2), 50, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
     assert_eq!(served.joined, 1);
     for (i, g) in served.generations.iter().enumerate() {
         assert_eq!(g.tokens, cut[i], "prompt {i}");
@@ -910,11 +910,51 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
     let batch = generate_batch(&device, &prompts[..2], 50, &mut [greedy(), greedy()], None).unwrap();
     assert_eq!(batch.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), alone[..2]);
     let served =
-        generate_queue(&device, &prompts, (2, None), 50, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
+        generate_queue(&device, &prompts, Queue::new(2), 50, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
     assert_eq!(served.generations.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), cut);
     // One sequence: its prefill's caches are the decode's first pages.
     let mut session = ArtifactSession::new(&device, 80).unwrap();
     assert_eq!(generate(&mut session, &third, 50, &mut greedy(), None).unwrap().tokens, alone[2]);
+}
+
+/// A prompt starting as a served one did (its first 72 of 80 tokens) copies that one's cache rows
+/// of their first whole page — kept after it ended (one slot) — instead of prefilling them, and
+/// gets its tokens alone (the prefill's chunks of 8 split both alike: the same bits): on the
+/// emulated pool of pages on the host and on the device (rows moved from the kept page into the
+/// scratch rows the prefill continues from). With reuse off, nothing is copied.
+#[test]
+fn a_prompt_sharing_a_served_prompts_page_reuses_its_rows_and_gets_its_tokens_alone() {
+    use v3c_runtime::session::{generate, generate_queue, ArtifactSession, Queue};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = small_checkpoint(dir.path());
+    let (out, _) = compile_within(&ckpt, dir.path(), 128, &[]);
+    let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
+    let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
+    let context = v3c_compiler::mlir::new_context();
+    let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
+    let first: Vec<u32> = (0..80).map(|i| (i * 37 + 11) % 512).collect();
+    let prompts = vec![first.clone(), [&first[..72], &[5, 9, 200, 31]].concat()];
+    let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+    for on_device in [false, true] {
+        let emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
+        let program = match on_device {
+            true => v3c_compiler::emulate::EmulatedProgram::on_device(emulator),
+            false => v3c_compiler::emulate::EmulatedProgram::new(emulator),
+        };
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| generate(&mut ArtifactSession::new(&program, p.len() + 8).unwrap(), p, 8, &mut greedy(), None))
+            .map(|g| g.unwrap().tokens)
+            .collect();
+        for reuse_prefixes in [true, false] {
+            let queue = Queue { reuse_prefixes, ..Queue::new(1) };
+            let served = generate_queue(&program, &prompts, queue, 8, &mut [greedy(), greedy()], None).unwrap();
+            let reused: Vec<usize> = served.generations.iter().map(|g| g.reused).collect();
+            assert_eq!(reused, if reuse_prefixes { [0, 64] } else { [0, 0] }, "on the device: {on_device}");
+            let tokens: Vec<Vec<u32>> = served.generations.into_iter().map(|g| g.tokens).collect();
+            assert_eq!(tokens, alone, "on the device: {on_device}, reuse: {reuse_prefixes}");
+        }
+    }
 }
 
 /// Over fp8 cache rows (`--kv-cache fp8`, 512 e4m3 latent bytes, their scales and the bf16 rope key
@@ -924,7 +964,7 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
 /// alone on the same device.
 #[test]
 fn a_prompt_joining_over_fp8_cache_rows_gets_its_tokens_alone() {
-    use v3c_runtime::session::{generate, generate_queue, ArtifactSession};
+    use v3c_runtime::session::{generate, generate_queue, ArtifactSession, Queue};
     let dir = tempfile::tempdir().unwrap();
     let ckpt = small_checkpoint(dir.path());
     let (out, _) = compile_within(&ckpt, dir.path(), 128, &["--kv-cache", "fp8"]);
@@ -954,7 +994,7 @@ fn a_prompt_joining_over_fp8_cache_rows_gets_its_tokens_alone() {
     let cut: Vec<Vec<u32>> =
         alone.iter().map(|t| t.iter().position(|&x| x == eos).map_or(t.clone(), |at| t[..=at].to_vec())).collect();
     let served =
-        generate_queue(&device, &prompts, (2, None), 40, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
+        generate_queue(&device, &prompts, Queue::new(2), 40, &mut [greedy(), greedy(), greedy()], Some(eos)).unwrap();
     assert_eq!(served.joined, 1);
     assert_eq!(served.generations.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), cut);
 }

@@ -25,7 +25,8 @@
 # 2. the GEMM template kernels vs torch (gemm_check.py: correctness, then TFLOP/s); 2c. the row kernels
 #    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py; training's flash kernels too);
 # 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, a serving
-#    load on it (`v3r bench-serve`: requests joining a running batch), and transformers'
+#    load on it (`v3r bench-serve`: requests joining a running batch; and prompts sharing a system
+#    prompt, its rows reused or not), and transformers'
 #    on the same device (hf_decode.py); 5b. training steps of a 2-layer full-width slice (`v3r
 #    bench-train`, FP8 recipe and f32 with AdamW on the device, FP8 with it on the host); 2b. tuning
 #    (`v3r tune`, tune_check.py if it fails), then the training step's flash attention kernels' ring
@@ -414,6 +415,19 @@ if [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"com
       row "5. serving (v3r)" "ok" "$(grep -o '[0-9.]* tokens/s, [0-9.]* requests/s' "$log" | tail -1) (serve_slice.json)"
     else
       row "5. serving (v3r)" "FAILED" "see check.log"
+    fi
+  fi
+  # Serving prompts that share a 448-token system prompt: its cache rows copied from a served
+  # request's pages (the default) against prefilled by every request (--no-prefix-reuse).
+  left=$((570 - SECONDS))
+  if [ "$left" -ge 300 ]; then
+    shared=(bench-serve "$slice/sm90" --random-weights 1 --requests 32 --batch 16 --prompt-tokens 512..1024
+      --shared-prefix 448 --new-tokens 32)
+    if timeout 45 "$v3r" "${shared[@]}" --out "$out/serve_shared.json" 2>&1 | tee -a "$log" \
+        && timeout 45 "$v3r" "${shared[@]}" --no-prefix-reuse --out "$out/serve_shared_off.json" 2>&1 | tee -a "$log"; then
+      row "5. serving, shared prefix (v3r)" "ok" "reuse on vs off: serve_shared.json, serve_shared_off.json"
+    else
+      row "5. serving, shared prefix (v3r)" "FAILED" "see check.log"
     fi
   fi
   left=$((570 - SECONDS))

@@ -202,6 +202,10 @@ struct BenchServeArgs {
     /// Prompt lengths in tokens: uniform in LO..HI (both included), or one length.
     #[arg(long, value_name = "LO..HI", default_value = "64..512")]
     prompt_tokens: String,
+    /// Every prompt starts with the same N tokens (a system prompt; a prompt shorter than N is
+    /// all of it): what prefix reuse saves (--no-prefix-reuse to compare).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    shared_prefix: usize,
     /// New tokens per request (greedy; the end-of-sequence token does not stop it).
     #[arg(long, value_name = "N", default_value_t = 64)]
     new_tokens: usize,
@@ -299,6 +303,12 @@ struct Scheduling {
     /// request's wait for its first token, fewer the running ones' time per token.
     #[arg(long, value_name = "TOKENS")]
     prefill_budget: Option<usize>,
+    /// Prefill every prompt token. By default a joining prompt copies the cache rows of the whole
+    /// 64-row pages it shares with a running or ended request's prompt (a shared system prompt is
+    /// prefilled once; an ended request's pages are kept until the pool needs them). Decode caches
+    /// in a pool of pages only (sm_90a's tensor-core decode).
+    #[arg(long)]
+    no_prefix_reuse: bool,
 }
 
 #[derive(Args)]
@@ -754,6 +764,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     });
     let ids = std::cell::RefCell::new(Vec::new());
     let (mut line_no, mut refused, mut served, mut cancelled, mut tokens) = (0usize, 0usize, 0usize, 0usize, 0usize);
+    let mut reused = 0usize;
     // A line of stdout; a reader that went away (a closed pipe) ends the serving.
     let reply = |v: serde_json::Value| -> Result<(), String> {
         use std::io::Write;
@@ -810,10 +821,12 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             Progress::Ended(g) => {
                 served += 1;
                 tokens += g.tokens.len();
+                reused += g.reused;
                 reply(serde_json::json!({
                     "id": id,
                     "tokens": g.tokens,
                     "stopped_at_eos": g.stopped_at_eos,
+                    "reused_prompt_tokens": g.reused,
                     "queued_s": micro(g.queued_s),
                     "prefill_s": micro(g.prefill_s),
                     "total_s": micro(g.total_s),
@@ -843,6 +856,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         max_prompt,
         eos,
         prefill_budget: args.scheduling.prefill_budget,
+        reuse_prefixes: !args.scheduling.no_prefix_reuse,
     };
     let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut done).map_err(at)?;
     let refused = refused + ids.borrow().len() - served - cancelled;
@@ -850,7 +864,8 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     eprintln!(
         "served {served} requests ({refused} refused, {cancelled} cancelled), {slots} at most at a time, {joined} \
          joined a running batch: \
-         {tokens} tokens in {total_s:.3} s ({:.2} tok/s), {prefill_s:.3} s in prefills ({kind})",
+         {tokens} tokens in {total_s:.3} s ({:.2} tok/s), {prefill_s:.3} s in prefills, {reused} prompt tokens' \
+         cache rows reused ({kind})",
         tokens as f64 / total_s.max(1e-9)
     );
     Ok(())
@@ -922,15 +937,18 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         z ^ (z >> 31)
     };
     let n = args.requests;
+    let shared: Vec<u32> = (0..args.shared_prefix.min(hi)).map(|_| (random() % vocab) as u32).collect();
     let load: Vec<(f64, Vec<u32>)> = (0..n)
         .map(|i| {
             let len = lo + (random() % (hi - lo + 1) as u64) as usize;
-            let prompt = (0..len).map(|_| (random() % vocab) as u32).collect();
+            let own = len.saturating_sub(shared.len());
+            let prompt = shared.iter().take(len).copied().chain((0..own).map(|_| (random() % vocab) as u32)).collect();
             (args.rate.map_or(0.0, |r| i as f64 / r), prompt)
         })
         .collect();
     let greedy = v3c_models::reference::Sampler::new(0.0, 1.0, 0);
     let (mut first, mut end, mut tokens) = (vec![None; n], vec![None; n], vec![0usize; n]);
+    let mut reused = vec![0usize; n];
     let bar = indicatif::ProgressBar::new(n as u64);
     if let Ok(style) = indicatif::ProgressStyle::with_template("serving [{bar:30}] {pos}/{len} requests") {
         bar.set_style(style.progress_chars("=> "));
@@ -954,7 +972,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
                 first[i] = first[i].or(Some(now));
             }
             Progress::Ended(g) => {
-                (end[i], tokens[i]) = (Some(now), g.tokens.len());
+                (end[i], tokens[i], reused[i]) = (Some(now), g.tokens.len(), g.reused);
                 bar.inc(1);
             }
             Progress::Refused(e) => return Err(format!("request {i}: {e}")),
@@ -972,6 +990,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         max_prompt: hi,
         eos: None,
         prefill_budget: args.scheduling.prefill_budget,
+        reuse_prefixes: !args.scheduling.no_prefix_reuse,
     };
     let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut report).map_err(at)?;
     let total_s = start.elapsed().as_secs_f64();
@@ -1011,19 +1030,25 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             ms(v, "p99")
         );
     }
-    println!("  prefills              {prefill_s:.3} s of the run");
+    let prompt_total: usize = load.iter().map(|l| l.1.len()).sum();
+    let reused_total: usize = reused.iter().sum();
+    println!(
+        "  prefills              {prefill_s:.3} s of the run; {reused_total} of {prompt_total} prompt tokens' cache rows \
+         reused"
+    );
     if let Some(out) = &args.out {
         let per: Vec<serde_json::Value> = (0..n)
             .map(|i| {
                 serde_json::json!({"arrival_s": load[i].0, "prompt_tokens": load[i].1.len(), "tokens": tokens[i],
-                                        "first_token_s": first[i], "end_s": end[i]})
+                                        "first_token_s": first[i], "end_s": end[i], "reused_prompt_tokens": reused[i]})
             })
             .collect();
         let json = serde_json::json!({
             "artifact": args.artifact.display().to_string(), "target": kind,
             "weights": if args.random_weights.is_some() { "random" } else { "checkpoint" },
             "requests": n, "batch": slots, "prompt_tokens": [lo, hi], "new_tokens": args.new_tokens, "rate": args.rate,
-            "prefill_budget_tokens": budget, "joined": joined, "total_s": total_s, "prefill_s": prefill_s, "generated_tokens": generated,
+            "prefill_budget_tokens": budget, "shared_prefix_tokens": shared.len(),
+            "prefix_reuse": !args.scheduling.no_prefix_reuse, "reused_prompt_tokens": reused_total, "joined": joined, "total_s": total_s, "prefill_s": prefill_s, "generated_tokens": generated,
             "tokens_per_s": generated as f64 / total_s.max(1e-9),
             "time_to_first_token_s": ttft, "time_per_output_token_s": tpot, "latency_s": latency,
             "per_request": per,
@@ -1100,7 +1125,11 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         let served = v3c_runtime::session::generate_queue(
             program,
             &prompts,
-            (slots, args.scheduling.prefill_budget),
+            v3c_runtime::session::Queue {
+                slots,
+                prefill_budget: args.scheduling.prefill_budget,
+                reuse_prefixes: !args.scheduling.no_prefix_reuse,
+            },
             args.generating.max_new_tokens,
             &mut samplers,
             eos,

@@ -24,6 +24,11 @@ pub struct PagePool {
     pages: usize,
     /// The first pages, never handed out.
     scratch: usize,
+    /// Pages an ended sequence left behind for later ones to copy from (a prompt's prefix:
+    /// [`PagePool::keep`]), by id, the least recently used first: given back, oldest first, when a
+    /// sequence needs pages the free ones lack.
+    kept: std::collections::VecDeque<(u64, Vec<u32>)>,
+    next_id: u64,
 }
 
 impl PagePool {
@@ -36,7 +41,14 @@ impl PagePool {
     /// device's prefill leaves a joining sequence's rows before they move to its pages).
     pub fn with_scratch(pages: usize, sequences: usize, scratch: usize) -> PagePool {
         let (first, pages) = (scratch as u32, scratch + pages);
-        PagePool { free: (first..pages as u32).rev().collect(), held: vec![Vec::new(); sequences], pages, scratch }
+        PagePool {
+            free: (first..pages as u32).rev().collect(),
+            held: vec![Vec::new(); sequences],
+            pages,
+            scratch,
+            kept: Default::default(),
+            next_id: 0,
+        }
     }
 
     /// Pages in the pool (its scratch pages included).
@@ -49,9 +61,14 @@ impl PagePool {
         self.scratch
     }
 
-    /// Pages no sequence holds.
+    /// Pages no sequence holds and none kept.
     pub fn free(&self) -> usize {
         self.free.len()
+    }
+
+    /// Pages kept ([`PagePool::keep`]) and not yet given back.
+    pub fn kept_pages(&self) -> usize {
+        self.kept.iter().map(|k| k.1.len()).sum()
     }
 
     /// Pages sequence `s` holds.
@@ -65,6 +82,11 @@ impl PagePool {
         let want = rows.div_ceil(PAGE_ROWS);
         let held = self.held.get_mut(s).ok_or_else(|| format!("sequence {s} is not in the pool"))?;
         let lacking = want.saturating_sub(held.len());
+        // Kept pages go back, the least recently used first, where the free ones fall short.
+        while lacking > self.free.len() {
+            let Some((_, pages)) = self.kept.pop_front() else { break };
+            self.free.extend(pages.into_iter().rev());
+        }
         if lacking > self.free.len() {
             return Err(format!(
                 "sequence {s}: {rows} rows need page {} of its own, and the pool's {} are taken",
@@ -81,6 +103,47 @@ impl PagePool {
         if let Some(held) = self.held.get_mut(s) {
             self.free.extend(held.drain(..).rev());
         }
+    }
+
+    /// Sequence `s` ends, its first `pages` pages kept (rows other sequences may copy: see
+    /// [`PagePool::kept`]), the others given back; the id of the kept ones (None: none kept).
+    pub fn keep(&mut self, s: usize, pages: usize) -> Option<u64> {
+        let held = self.held.get_mut(s)?;
+        let kept: Vec<u32> = held.drain(..pages.min(held.len())).collect();
+        self.release(s);
+        if kept.is_empty() {
+            return None;
+        }
+        self.next_id += 1;
+        self.kept.push_back((self.next_id, kept));
+        Some(self.next_id)
+    }
+
+    /// The pages kept under `id`, in order, unless given back since; now the most recently used.
+    pub fn kept(&mut self, id: u64) -> Option<&[u32]> {
+        let at = self.kept.iter().position(|k| k.0 == id)?;
+        let entry = self.kept.remove(at)?;
+        self.kept.push_back(entry);
+        self.kept.back().map(|k| k.1.as_slice())
+    }
+
+    /// Whether pages are kept under `id`.
+    pub fn keeps(&self, id: u64) -> bool {
+        self.kept.iter().any(|k| k.0 == id)
+    }
+
+    /// Gives the pages kept under `id` back.
+    pub fn unkeep(&mut self, id: u64) {
+        if let Some(at) = self.kept.iter().position(|k| k.0 == id) {
+            if let Some((_, pages)) = self.kept.remove(at) {
+                self.free.extend(pages.into_iter().rev());
+            }
+        }
+    }
+
+    /// Sequence `s`'s pages, in order.
+    pub fn pages_held(&self, s: usize) -> &[u32] {
+        self.held.get(s).map_or(&[], Vec::as_slice)
     }
 
     /// Where sequence `s`'s rows `0..n` lie, as runs of consecutive pages: (the sequence's first
@@ -317,25 +380,42 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Any sequence of growth and endings: no page held twice, every page held or free, each
-        /// sequence's table row its pages in order then -1, each held row on its own page.
+        /// Any sequence of growth and endings (some keeping their first pages): no page held twice,
+        /// every page held, kept or free, each sequence's table row its pages in order then -1,
+        /// each held row on its own page; kept pages stay as they were until given back, and are
+        /// given back only where a sequence lacks pages.
         #[test]
         fn pages_are_held_once_and_tables_say_where(
             pages in 1usize..24,
-            ops in proptest::collection::vec((0usize..4, 0usize..300, proptest::bool::weighted(0.2)), 0..60),
+            ops in proptest::collection::vec(
+                (0usize..4, 0usize..300, proptest::bool::weighted(0.2), 0usize..3), 0..60),
         ) {
             let mut pool = PagePool::new(pages, 4);
             let mut rows = [0usize; 4];
-            for (s, n, end) in ops {
+            let mut kept: Vec<(u64, Vec<u32>)> = Vec::new();
+            for (s, n, end, keep) in ops {
                 if end {
-                    pool.release(s);
+                    let before = pool.pages_held(s).to_vec();
+                    if let Some(id) = pool.keep(s, keep) {
+                        kept.push((id, before[..keep.min(before.len())].to_vec()));
+                    }
+                    proptest::prop_assert_eq!(pool.holds(s), 0);
                     rows[s] = 0;
                     continue;
                 }
+                let (free, lacking) = (pool.free(), n.div_ceil(PAGE_ROWS).saturating_sub(rows[s].div_ceil(PAGE_ROWS)));
+                let before = pool.kept_pages();
                 match pool.reserve(s, n) {
                     Ok(()) => rows[s] = rows[s].max(n),
-                    // Refused only when the pool lacks the pages.
-                    Err(_) => proptest::prop_assert!(n.div_ceil(PAGE_ROWS) - rows[s].div_ceil(PAGE_ROWS) > pool.free()),
+                    // Refused only when the pool lacks the pages, kept ones too.
+                    Err(_) => proptest::prop_assert!(lacking > pool.free() && pool.kept_pages() == 0),
+                }
+                if lacking <= free {
+                    proptest::prop_assert_eq!(pool.kept_pages(), before, "kept pages given back needlessly");
+                }
+                kept.retain(|(id, _)| pool.keeps(*id));
+                for (id, pages) in &kept {
+                    proptest::prop_assert_eq!(pool.kept(*id), Some(pages.as_slice()));
                 }
                 let width = rows.iter().map(|r| r.div_ceil(PAGE_ROWS)).max().unwrap_or(0);
                 let HostData::I32(t) = pool.table(width).unwrap().data else { unreachable!() };
@@ -353,6 +433,12 @@ mod tests {
                     for row in (0..r).step_by(17) {
                         let at = pool.row(q, row).unwrap();
                         proptest::prop_assert_eq!(at, t[q * width + row / PAGE_ROWS] as usize * PAGE_ROWS + row % PAGE_ROWS);
+                    }
+                }
+                for (_, pages) in &kept {
+                    for &p in pages {
+                        proptest::prop_assert!(!seen[p as usize], "a kept page held");
+                        seen[p as usize] = true;
                     }
                 }
                 proptest::prop_assert_eq!(seen.iter().filter(|&&x| x).count() + pool.free(), pages);

@@ -559,6 +559,24 @@ pub struct ArtifactBatch<'a> {
     joinable: bool,
     /// A prompt being prefilled into a slot.
     joining: Option<Joining<'a>>,
+    /// Per slot: its sequence's prompt once its rows are in its pages (else empty).
+    prompts: Vec<Vec<u32>>,
+    /// Prompt prefixes whose cache pages outlived their sequences ([`PagePool::keep`]): the tokens
+    /// their rows hold and the one after (which the MTP layer's last row read), and their pages' id.
+    kept: Vec<(Vec<u32>, u64)>,
+    /// A joining prompt starting as a running or ended sequence's did copies that one's cache
+    /// rows of the whole pages they share instead of prefilling them
+    /// ([`ArtifactBatch::reuse_prefixes`]).
+    reuse: bool,
+}
+
+/// Whole pages of rows a sequence whose prompt is `prompt` may copy from one whose prompt was
+/// `source`: a cache row depends on the tokens up to it and (the MTP layer's) the one after, so
+/// the pages whose rows and following token both prompts share — at least one of `prompt`'s
+/// tokens left to prefill, for its logits.
+fn shared_pages(prompt: &[u32], source: &[u32]) -> usize {
+    let common = prompt.iter().zip(source).take_while(|(a, b)| a == b).count();
+    common.saturating_sub(1) / crate::pages::PAGE_ROWS
 }
 
 /// A prompt being prefilled into slot `slot`, chunk by chunk ([`ArtifactBatch::start_join`]).
@@ -570,6 +588,9 @@ struct Joining<'a> {
     chunks: usize,
     /// The next chunk to run.
     next: usize,
+    /// The prompt's first rows, copied from another sequence's pages ([`ArtifactBatch::reuse_prefixes`]):
+    /// the chunks prefill the tokens after them.
+    reused: usize,
 }
 
 /// Whether sequences can join a running batch on `program` ([`ArtifactBatch::open`]): its caches
@@ -655,6 +676,9 @@ impl<'a> ArtifactBatch<'a> {
             vacant: vec![true; slots],
             joinable: true,
             joining: None,
+            prompts: vec![Vec::new(); slots],
+            kept: Vec::new(),
+            reuse: false,
         })
     }
 
@@ -698,10 +722,82 @@ impl<'a> ArtifactBatch<'a> {
         }
         let mut session = ArtifactSession::new(self.program, limit)?;
         session.decode_on_device = self.on_device;
-        let chunks = session.prefill_chunks(prompt)?;
+        let reused = self.copy_prefix(i, prompt, &mut session)?;
+        let chunks = session.prefill_chunks(&prompt[reused..])?;
         self.vacant[i] = false;
-        self.joining = Some(Joining { slot: i, prompt: prompt.to_vec(), limit, session, chunks, next: 0 });
+        self.joining = Some(Joining { slot: i, prompt: prompt.to_vec(), limit, session, chunks, next: 0, reused });
         Ok(())
+    }
+
+    /// Joining prompts whose first tokens a running or ended sequence's prompt shares copy that
+    /// one's cache rows of the whole pages both hold (`on`), or prefill every token. A pool of pages
+    /// only: an ended sequence's prompt keeps its pages until the pool needs them for another
+    /// sequence (the least recently used given back first). The copied rows are those a prefill
+    /// of the prompt would write, up to the rounding of chunks that split differently.
+    pub fn reuse_prefixes(&mut self, on: bool) {
+        self.reuse = on && self.joinable && self.layout.pool.is_some();
+    }
+
+    /// Rows of the prompt joining slot `i` that [`ArtifactBatch::reuse_prefixes`] copied from
+    /// another sequence's pages (none joining: 0).
+    pub fn reused_tokens(&self) -> usize {
+        self.joining.as_ref().map_or(0, |j| j.reused)
+    }
+
+    /// The pages of the running or kept prompt sharing the most whole pages with `prompt` (joining
+    /// slot `i`), the shared ones; none when prefixes are not reused.
+    fn prefix_pages(&mut self, i: usize, prompt: &[u32]) -> Vec<u32> {
+        let Some(pool) = self.layout.pool.as_mut().filter(|_| self.reuse) else { return Vec::new() };
+        self.kept.retain(|(_, id)| pool.keeps(*id));
+        let running = self.prompts.iter().enumerate().filter(|(s, _)| *s != i);
+        let best_running =
+            running.map(|(s, p)| (shared_pages(prompt, p), s)).max_by_key(|&(m, s)| (m, std::cmp::Reverse(s)));
+        let best_kept = self.kept.iter().map(|(t, id)| (shared_pages(prompt, t), *id)).max_by_key(|&(m, _)| m);
+        match (best_running, best_kept) {
+            (Some((m, s)), kept) if m > 0 && kept.is_none_or(|(k, _)| k <= m) => pool.pages_held(s)[..m].to_vec(),
+            (_, Some((m, id))) if m > 0 => pool.kept(id).map_or(Vec::new(), |p| p[..m].to_vec()),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Copies into `session` (joining slot `i`) the cache rows of `prompt`'s first whole pages that
+    /// another sequence's pages hold ([`ArtifactBatch::prefix_pages`]): on the device into the
+    /// scratch rows its prefill continues from, or on the host into its caches. Returns the rows.
+    fn copy_prefix(&mut self, i: usize, prompt: &[u32], session: &mut ArtifactSession) -> Result<usize, String> {
+        use crate::pages::PAGE_ROWS;
+        let pages = self.prefix_pages(i, prompt);
+        let (rows, width) = (pages.len() * PAGE_ROWS, session.width);
+        if rows == 0 {
+            return Ok(0);
+        }
+        for c in &self.caches {
+            let copied = match self.on_device {
+                true => {
+                    // Runs of consecutive pages, to the scratch rows (the pool's first pages, which
+                    // no sequence holds: no overlap).
+                    let mut k = 0;
+                    while k < pages.len() {
+                        let run =
+                            (k + 1..pages.len()).take_while(|&j| pages[j] == pages[k] + (j - k) as u32).count() + 1;
+                        self.program.move_rows(c, pages[k] as usize * PAGE_ROWS, k * PAGE_ROWS, run * PAGE_ROWS)?;
+                        k += run;
+                    }
+                    HostBuffer { shape: vec![rows, width], data: HostData::F32(Vec::new()) }
+                }
+                false => {
+                    let HostData::F32(pool) = &self.state[c].data else { return Err(format!("{c} is not f32")) };
+                    let mut v = Vec::with_capacity(rows * width);
+                    for &p in &pages {
+                        let at = p as usize * PAGE_ROWS * width;
+                        v.extend_from_slice(pool.get(at..at + PAGE_ROWS * width).ok_or("a page past the pool")?);
+                    }
+                    HostBuffer { shape: vec![rows, width], data: HostData::F32(v) }
+                }
+            };
+            session.state.insert(c.clone(), copied);
+        }
+        (session.position, session.carried) = (rows, self.on_device);
+        Ok(rows)
     }
 
     /// Whether a join is under way.
@@ -732,14 +828,15 @@ impl<'a> ArtifactBatch<'a> {
         let j = self.joining.as_mut().ok_or("no join under way")?;
         let mut last = Vec::new();
         while j.next < j.chunks {
-            if self.on_device && j.next > 0 {
-                // Decode steps since the last chunk gave the caches as the whole pool; the
-                // scratch rows (no sequence's pages) still hold the prompt's rows so far.
+            if self.on_device && j.session.position > 0 {
+                // Decode steps since the last chunk (or the copy of a prefix) gave the caches as
+                // the whole pool; the scratch rows (no sequence's pages) still hold the prompt's
+                // rows so far.
                 for c in &self.caches {
                     self.program.reclaim_rows(c, j.session.position)?;
                 }
             }
-            let (rows, vocab) = j.session.prefill_chunk(&j.prompt, j.next)?;
+            let (rows, vocab) = j.session.prefill_chunk(&j.prompt[j.reused..], j.next)?;
             j.next += 1;
             last = rows[rows.len() - vocab..].to_vec();
             if interleave && j.next < j.chunks {
@@ -764,6 +861,9 @@ impl<'a> ArtifactBatch<'a> {
             }
         }
         (self.positions[i], self.limits[i]) = (n, j.limit);
+        if self.reuse {
+            self.prompts[i] = j.prompt;
+        }
         Ok(Some((i, last)))
     }
 
@@ -866,6 +966,9 @@ impl<'a> ArtifactBatch<'a> {
                 vacant,
                 joinable: false,
                 joining: None,
+                prompts: Vec::new(),
+                kept: Vec::new(),
+                reuse: false,
             },
             logits,
         ))
@@ -876,11 +979,29 @@ impl<'a> ArtifactBatch<'a> {
         self.layout.pages_of(i)
     }
 
-    /// Sequence `i` will not be fed again: its pages (a pool's) go back.
+    /// Sequence `i` will not be fed again: its pages (a pool's) go back — those of its prompt's
+    /// whole pages kept for later prompts where [`ArtifactBatch::reuse_prefixes`], unless a kept
+    /// prompt holds them already (a kept one this one holds goes back).
     pub fn finish(&mut self, i: usize) {
-        self.layout.finish(i);
         if let Some(v) = self.vacant.get_mut(i) {
             *v = true;
+        }
+        let prompt = self.prompts.get_mut(i).map(std::mem::take).unwrap_or_default();
+        let pages = prompt.len().saturating_sub(1) / crate::pages::PAGE_ROWS;
+        let (Some(pool), true) = (self.layout.pool.as_mut(), self.reuse && pages > 0) else {
+            return self.layout.finish(i);
+        };
+        let tokens = &prompt[..pages * crate::pages::PAGE_ROWS + 1];
+        self.kept.retain(|(_, id)| pool.keeps(*id));
+        if self.kept.iter().any(|(t, _)| t.starts_with(tokens)) {
+            return self.layout.finish(i);
+        }
+        for (_, id) in self.kept.iter().filter(|(t, _)| tokens.starts_with(t)) {
+            pool.unkeep(*id);
+        }
+        self.kept.retain(|(t, _)| !tokens.starts_with(t));
+        if let Some(id) = pool.keep(i, pages) {
+            self.kept.push((tokens.to_vec(), id));
         }
     }
 
@@ -979,6 +1100,7 @@ pub fn generate_batch(
             total_s: done_at[i].max(prefill_s),
             pages: pages[i],
             queued_s: 0.0,
+            reused: 0,
         })
         .collect())
 }
@@ -997,6 +1119,22 @@ pub struct Served {
     pub total_s: f64,
 }
 
+/// How [`generate_queue`] runs its prompts: at most `slots` sequences at once, and as
+/// [`Serving`]'s fields say.
+#[derive(Debug, Clone, Copy)]
+pub struct Queue {
+    pub slots: usize,
+    pub prefill_budget: Option<usize>,
+    pub reuse_prefixes: bool,
+}
+
+impl Queue {
+    /// `slots` at once, the default budget (one chunk), prefixes reused.
+    pub fn new(slots: usize) -> Queue {
+        Queue { slots, prefill_budget: None, reuse_prefixes: true }
+    }
+}
+
 /// Pages of 64 rows for `limit` rows.
 fn pages_of(limit: usize) -> usize {
     limit.div_ceil(crate::pages::PAGE_ROWS)
@@ -1009,11 +1147,12 @@ fn pages_of(limit: usize) -> usize {
 /// for all its tokens beside those the running sequences may still fill. Where sequences
 /// cannot join ([`joins_running_batches`]), the prompts run in batches of `slots`, one after
 /// another. With `slots` at least the prompts' count, this is [`generate_batch`]. Joining prompts
-/// prefill `prefill_budget` tokens between decode steps ([`Serving::prefill_budget`]).
+/// prefill `prefill_budget` tokens between decode steps ([`Serving::prefill_budget`]), and may
+/// copy cache rows of the prompts before them ([`Serving::reuse_prefixes`]).
 pub fn generate_queue(
     program: &dyn Program,
     prompts: &[Vec<u32>],
-    (slots, prefill_budget): (usize, Option<usize>),
+    Queue { slots, prefill_budget, reuse_prefixes }: Queue,
     max_new: usize,
     samplers: &mut [v3c_models::reference::Sampler],
     eos: Option<u32>,
@@ -1053,7 +1192,7 @@ pub fn generate_queue(
         }
         Ok(())
     };
-    let serving = Serving { slots, limits: &limits, max_prompt: longest, eos, prefill_budget };
+    let serving = Serving { slots, limits: &limits, max_prompt: longest, eos, prefill_budget, reuse_prefixes };
     let (joined, prefill_s) = serve(program, &serving, &mut next, &mut finished)?;
     let generations = done.into_iter().collect::<Option<Vec<_>>>().ok_or("a request was never served")?;
     let total_s = start.elapsed().as_secs_f64();
@@ -1102,6 +1241,8 @@ struct Running {
     joined_s: f64,
     queued_s: f64,
     prefill_s: f64,
+    /// Its prompt's rows copied from another's pages, not prefilled.
+    reused: usize,
 }
 
 /// How [`serve`] runs its batch.
@@ -1118,6 +1259,10 @@ pub struct Serving<'l> {
     /// the prefill plan's chunks, at least one (None: one chunk): more shortens a joining request's
     /// wait for its first token, fewer the running ones' time per token.
     pub prefill_budget: Option<usize>,
+    /// Joining prompts copy the cache rows of the whole pages their first tokens share with a
+    /// running or ended request's prompt instead of prefilling them
+    /// ([`ArtifactBatch::reuse_prefixes`]; a pool of pages only).
+    pub reuse_prefixes: bool,
 }
 
 /// Serves requests as they arrive with at most `o.slots` sequences decoding together: `next(idle)`
@@ -1140,6 +1285,7 @@ pub fn serve(
     let chunk = program.entry_plan("prefill")?.sizes.rows.max(1);
     let budget = o.prefill_budget.unwrap_or(chunk);
     let mut batch = ArtifactBatch::open(program, slots, limits, max_prompt)?;
+    batch.reuse_prefixes(o.reuse_prefixes);
     let (room, rows) = (batch.room(), batch.layout.rows);
     let mut running: Vec<Option<Running>> = (0..slots).map(|_| None).collect();
     let mut fed = vec![0u32; slots];
@@ -1161,7 +1307,7 @@ pub fn serve(
                 Arrival::Cancel(id) => {
                     let (tokens, pages, ended) = if let Some(w) = waiting.iter().position(|w| w.0 == id) {
                         let queued_s = waiting.remove(w).map_or(0.0, |(_, _, arrived_s)| now - arrived_s);
-                        (Vec::new(), None, (0.0, 0.0, queued_s))
+                        (Vec::new(), None, (0.0, 0.0, queued_s, 0))
                     } else if let Some(s) = running.iter().position(|r| r.as_ref().is_some_and(|r| r.id == id)) {
                         let Some(r) = running[s].take() else { continue };
                         let pages = match r.joining {
@@ -1173,13 +1319,14 @@ pub fn serve(
                             }
                         };
                         committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
-                        (r.tokens, pages, (r.prefill_s, now - r.joined_s, r.queued_s))
+                        (r.tokens, pages, (r.prefill_s, now - r.joined_s, r.queued_s, r.reused))
                     } else {
                         report(id, Progress::Refused("cancel: it is no longer waiting or running".into()))?;
                         continue;
                     };
-                    let (prefill_s, total_s, queued_s) = ended;
-                    let g = Generation { tokens, stopped_at_eos: false, prefill_s, total_s, pages, queued_s };
+                    let (prefill_s, total_s, queued_s, reused) = ended;
+                    let stopped_at_eos = false;
+                    let g = Generation { tokens, stopped_at_eos, prefill_s, total_s, pages, queued_s, reused };
                     report(id, Progress::Cancelled(g))?;
                 }
                 Arrival::NotYet => break,
@@ -1235,9 +1382,10 @@ pub fn serve(
             committed += room.map_or(0, |_| pages_of(limit));
             joined += usize::from(started);
             let queued_s = joined_s - arrived_s;
-            let (tokens, prefilled, joining) = (Vec::new(), None, true);
+            let (tokens, prefilled, joining, reused) = (Vec::new(), None, true, batch.reused_tokens());
+            let prefill_s = 0.0;
             running[s] =
-                Some(Running { id, request: r, tokens, prefilled, joining, joined_s, queued_s, prefill_s: 0.0 });
+                Some(Running { id, request: r, tokens, prefilled, joining, joined_s, queued_s, prefill_s, reused });
         }
         // Each sequence's next token; those that end leave their slot.
         let mut active = vec![false; slots];
@@ -1262,8 +1410,9 @@ pub fn serve(
             let Some(r) = slot.take() else { continue };
             committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
             let total_s = start.elapsed().as_secs_f64() - r.joined_s;
-            let (prefill_s, queued_s) = (r.prefill_s, r.queued_s);
-            let g = Generation { tokens: r.tokens, stopped_at_eos: stopped, prefill_s, total_s, pages, queued_s };
+            let (prefill_s, queued_s, reused) = (r.prefill_s, r.queued_s, r.reused);
+            let (tokens, stopped_at_eos) = (r.tokens, stopped);
+            let g = Generation { tokens, stopped_at_eos, prefill_s, total_s, pages, queued_s, reused };
             report(r.id, Progress::Ended(g))?;
         }
         if active.iter().any(|&a| a) {
@@ -1311,6 +1460,9 @@ pub struct Generation {
     pub pages: Option<(usize, usize)>,
     /// Served ([`serve`]): seconds from its arrival to its joining the batch (the others: 0).
     pub queued_s: f64,
+    /// Served: its prompt's tokens whose cache rows were copied from another request's instead of
+    /// prefilled ([`Serving::reuse_prefixes`]; the others: 0).
+    pub reused: usize,
 }
 
 impl Generation {
@@ -1358,7 +1510,7 @@ pub fn generate(
         }
     }
     let total_s = start.elapsed().as_secs_f64();
-    Ok(Generation { tokens, stopped_at_eos, prefill_s, total_s, pages: None, queued_s: 0.0 })
+    Ok(Generation { tokens, stopped_at_eos, prefill_s, total_s, pages: None, queued_s: 0.0, reused: 0 })
 }
 
 #[cfg(test)]
@@ -1418,6 +1570,8 @@ mod tests {
         /// entry of the last run.
         interleaved: RefCell<usize>,
         last_entry: RefCell<String>,
+        /// Tokens the prefill entry ran.
+        prefilled: RefCell<usize>,
     }
 
     impl Toy {
@@ -1441,6 +1595,7 @@ mod tests {
                 reclaimed: RefCell::new(0),
                 interleaved: RefCell::new(0),
                 last_entry: RefCell::new(String::new()),
+                prefilled: RefCell::new(0),
             }
         }
 
@@ -1576,6 +1731,7 @@ mod tests {
                 Ok(HostBuffer { shape: given.shape.clone(), data: HostData::F32(data) })
             };
             if entry == "prefill" {
+                *self.prefilled.borrow_mut() += tokens.len();
                 let mut cache = match resident.contains(&"kv_cache.0") {
                     true => f32s(&held()?).clone(),
                     false => f32s(given).clone(),
@@ -1874,7 +2030,7 @@ mod tests {
             .collect();
         let serve = |p: &Toy, slots: usize, eos: Option<u32>| {
             let mut samplers = vec![greedy(); prompts.len()];
-            generate_queue(p, &prompts, (slots, None), 30, &mut samplers, eos).unwrap()
+            generate_queue(p, &prompts, Queue::new(slots), 30, &mut samplers, eos).unwrap()
         };
         let tokens = |s: &Served| s.generations.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>();
         let mut device = Toy::paged();
@@ -1903,12 +2059,12 @@ mod tests {
         small.decode.bounds.insert("kv_cache.0".into(), vec![2, 64, WIDTH]);
         let twice = vec![long.clone(), long.clone()];
         let mut samplers = vec![greedy(), greedy()];
-        let served = generate_queue(&small, &twice, (2, None), 30, &mut samplers, None).unwrap();
+        let served = generate_queue(&small, &twice, Queue::new(2), 30, &mut samplers, None).unwrap();
         assert_eq!(tokens(&served), vec![alone[1].clone(), alone[1].clone()]);
         assert_eq!(served.joined, 1, "the second joined when the first ended");
         small.decode.bounds.insert("kv_cache.0".into(), vec![1, 64, WIDTH]);
         let mut samplers = vec![greedy(), greedy()];
-        let err = generate_queue(&small, &twice, (2, None), 30, &mut samplers, None).unwrap_err();
+        let err = generate_queue(&small, &twice, Queue::new(2), 30, &mut samplers, None).unwrap_err();
         assert!(err.contains("75 tokens needs 2 pages") && err.contains("pool holds 1"), "{err}");
         // Caches per sequence on a device: batches one after another, the same tokens.
         let mut waves = plain();
@@ -1940,6 +2096,19 @@ mod tests {
         eos: Option<u32>,
         prefill_budget: Option<usize>,
     ) -> Vec<Vec<u32>> {
+        serve_reusing(toy, requests, slots, eos, prefill_budget, false).into_iter().map(|g| g.0).collect()
+    }
+
+    /// As [`serve_requests`], prefixes reused where `reuse`: each request's tokens and its prompt's
+    /// rows copied from another's.
+    fn serve_reusing(
+        toy: &Toy,
+        requests: &[ToyRequest],
+        slots: usize,
+        eos: Option<u32>,
+        prefill_budget: Option<usize>,
+        reuse_prefixes: bool,
+    ) -> Vec<(Vec<u32>, usize)> {
         let limits: Vec<usize> = requests.iter().map(|(p, n, _, _)| p.len() + n).collect();
         let longest = requests.iter().map(|(p, _, _, _)| p.len()).max().unwrap_or(0);
         let (mut arrived, mut waits) = (0, requests.first().map_or(0, |r| r.2));
@@ -1956,7 +2125,7 @@ mod tests {
             waits = requests.get(arrived).map_or(0, |r| r.2);
             Arrival::Request(Request { prompt, max_new, sampler: toy_sampler(seed), arrived: None })
         };
-        let mut got: Vec<Option<Vec<u32>>> = vec![None; requests.len()];
+        let mut got: Vec<Option<(Vec<u32>, usize)>> = vec![None; requests.len()];
         let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
         let mut report = |id: usize, p: Progress| -> Result<(), String> {
             match p {
@@ -1964,17 +2133,17 @@ mod tests {
                 Progress::Ended(g) => {
                     assert!(got[id].is_none(), "request {id} ended twice");
                     assert_eq!(g.stopped_at_eos, eos.is_some() && g.tokens.last() == eos.as_ref());
-                    got[id] = Some(g.tokens);
+                    got[id] = Some((g.tokens, g.reused));
                 }
                 Progress::Refused(e) => return Err(format!("request {id} refused: {e}")),
                 Progress::Cancelled(_) => return Err(format!("request {id} cancelled")),
             }
             Ok(())
         };
-        let serving = Serving { slots, limits: &limits, max_prompt: longest, eos, prefill_budget };
+        let serving = Serving { slots, limits: &limits, max_prompt: longest, eos, prefill_budget, reuse_prefixes };
         serve(toy, &serving, &mut next, &mut report).unwrap();
-        let got: Vec<Vec<u32>> = got.into_iter().map(|g| g.expect("every request ends")).collect();
-        assert_eq!(got, streamed, "the tokens reported as picked");
+        let got: Vec<(Vec<u32>, usize)> = got.into_iter().map(|g| g.expect("every request ends")).collect();
+        assert_eq!(got.iter().map(|g| g.0.clone()).collect::<Vec<_>>(), streamed, "the tokens reported as picked");
         got
     }
 
@@ -2041,7 +2210,14 @@ mod tests {
                 }
                 Ok(())
             };
-            let serving = Serving { slots: 1, limits: &[4], max_prompt: 2, eos: None, prefill_budget: None };
+            let serving = Serving {
+                slots: 1,
+                limits: &[4],
+                max_prompt: 2,
+                eos: None,
+                prefill_budget: None,
+                reuse_prefixes: true,
+            };
             serve(&toy, &serving, &mut next, &mut report).unwrap();
             let queued = queued.unwrap();
             assert!(queued >= at_least && queued < at_least + 1.0, "{arrived:?}: queued {queued} s");
@@ -2089,7 +2265,14 @@ mod tests {
             }
             Ok(())
         };
-        let serving = Serving { slots, limits: &limits, max_prompt: longest, eos: None, prefill_budget: None };
+        let serving = Serving {
+            slots,
+            limits: &limits,
+            max_prompt: longest,
+            eos: None,
+            prefill_budget: None,
+            reuse_prefixes: true,
+        };
         serve(toy, &serving, &mut next, &mut report).unwrap();
         (done, refused)
     }
@@ -2139,31 +2322,105 @@ mod tests {
         }
     }
 
+    /// Prompts sharing whole pages with a served prompt copy its rows instead of prefilling them:
+    /// from an ended request's kept pages (one slot), from a running one's (two), not where the
+    /// shared tokens end at a page's last row (the token after it differs) or when the pool needed
+    /// the kept pages for another request, nor with reuse off — the tokens as alone each time, on
+    /// a pool on the host and on the device.
+    #[test]
+    fn prompts_sharing_whole_pages_copy_their_rows_instead_of_prefilling() {
+        let shared: Vec<u32> = (0..100).map(|i| (i * 5 % 11) as u32).collect();
+        let starting = |n: usize, tail: &[u32]| [&shared[..n], tail].concat();
+        let unrelated: Vec<u32> = (0..120).map(|i| (i * 3 % 7) as u32).collect();
+        // One slot, a pool of two pages: each request's placement takes the kept page back.
+        let requests: Vec<ToyRequest> = vec![
+            (shared.clone(), 5, 0, None),
+            (starting(90, &[1, 2, 3]), 6, 0, Some(4)),
+            (starting(65, &[7, 7]), 4, 0, None),
+            (starting(64, &[5]), 4, 0, None),
+            (unrelated.clone(), 5, 0, None),
+            (starting(100, &[9]), 3, 0, None),
+        ];
+        let alone = toy_alone(&requests, None);
+        let prompt_tokens: usize = requests.iter().map(|r| r.0.len()).sum();
+        for on_device in [false, true] {
+            let toy = || {
+                let mut t = Toy::paged();
+                // Pages for one 2-page sequence beside the prefills' scratch pages.
+                let scratch = if on_device { 2 } else { 0 };
+                t.decode.bounds.insert("kv_cache.0".into(), vec![2 + scratch, 64, WIDTH]);
+                t.keeps = on_device;
+                if on_device {
+                    t = one_element(t);
+                }
+                t
+            };
+            let name = if on_device { "device" } else { "host" };
+            let t = toy();
+            let got = serve_reusing(&t, &requests, 1, None, None, true);
+            let reused: Vec<usize> = got.iter().map(|g| g.1).collect();
+            assert_eq!(got.into_iter().map(|g| g.0).collect::<Vec<_>>(), alone, "{name}");
+            // 90 shared: a page; 65: a page (of the second's, kept); 64: none (row 63's next token
+            // differs); after the unrelated prompt, whose placement took the kept page back: none.
+            assert_eq!(reused, [0, 64, 64, 0, 0, 0], "{name}");
+            assert_eq!(*t.prefilled.borrow(), prompt_tokens - 128, "{name}: prefilled tokens");
+            let t = toy();
+            let got = serve_reusing(&t, &requests, 1, None, None, false);
+            assert!(got.iter().all(|g| g.1 == 0), "{name}: reuse off");
+            assert_eq!(*t.prefilled.borrow(), prompt_tokens, "{name}");
+            // Two slots: the second joins while the first decodes, copying its page.
+            let mut t = Toy::paged();
+            t.keeps = on_device;
+            let t = if on_device { one_element(t) } else { t };
+            let pair: Vec<ToyRequest> = vec![(shared.clone(), 20, 0, None), (starting(80, &[4]), 5, 3, None)];
+            let got = serve_reusing(&t, &pair, 2, None, None, true);
+            assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>(), [0, 64], "{name}: from a running request");
+            assert_eq!(got.into_iter().map(|g| g.0).collect::<Vec<_>>(), toy_alone(&pair, None), "{name}");
+        }
+        assert_eq!((shared_pages(&shared, &shared[..64]), shared_pages(&shared, &shared[..65])), (0, 1));
+        assert_eq!(shared_pages(&shared[..65], &shared), 1, "a token left to prefill");
+        assert_eq!(shared_pages(&shared[..64], &shared), 0);
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 40, ..Default::default() })]
 
         /// Requests of any lengths and token budgets, greedy or sampled (each its own seed),
         /// arriving at any steps (a few not-yet answers before each), through one to three slots,
-        /// with or without an end token, any prefill budget between decode steps: each request's
+        /// with or without an end token, any prefill budget between decode steps, prompts
+        /// starting with some of a shared prefix, whose rows are reused or not: each request's
         /// tokens — reported as picked, and at its end — are those it gets generated alone,
         /// whether the caches are per sequence, a pool of pages on the host, or a pool on the
         /// device; none is refused (they all fit), and each ends once.
         #[test]
         fn served_requests_get_their_tokens_alone(
-            requests in proptest::collection::vec(
+            parts in proptest::collection::vec(
                 (
                     proptest::collection::vec(0u32..11, 1..60),
-                    1usize..30,
+                    1usize..28,
                     0usize..4,
                     proptest::option::of(0u64..1000),
+                    0usize..100,
                 ),
                 1..7,
             ),
+            prefix in proptest::collection::vec(0u32..11, 64..100),
             slots in 1usize..4,
             eos in proptest::option::of(0u32..11),
             kind in 0usize..3,
             budget in proptest::option::of(1usize..16),
+            reuse in proptest::bool::ANY,
         ) {
+            // Each prompt: its first `shared` tokens of the prefix, then its own; 100 at most.
+            let requests: Vec<ToyRequest> = parts
+                .into_iter()
+                .map(|(own, new, waits, seed, shared)| {
+                    let mut prompt: Vec<u32> = prefix[..shared.min(prefix.len())].to_vec();
+                    prompt.extend(own);
+                    prompt.truncate(100);
+                    (prompt, new, waits, seed)
+                })
+                .collect();
             let toy = match kind {
                 0 => toy_plain(),
                 1 => Toy::paged(),
@@ -2173,8 +2430,11 @@ mod tests {
                     one_element(t)
                 }
             };
-            let got = serve_requests(&toy, &requests, slots, eos, budget);
-            proptest::prop_assert_eq!(got, toy_alone(&requests, eos));
+            let got = serve_reusing(&toy, &requests, slots, eos, budget, reuse);
+            let reused: usize = got.iter().map(|g| g.1).sum();
+            proptest::prop_assert!(reused == 0 || (reuse && kind > 0), "rows reused where they may not be");
+            let tokens: Vec<Vec<u32>> = got.into_iter().map(|g| g.0).collect();
+            proptest::prop_assert_eq!(tokens, toy_alone(&requests, eos));
         }
     }
 }

@@ -290,7 +290,7 @@ pub fn generate_speculative(
     let mut x = sampler.sample(last);
     let generated = |tokens, stopped_at_eos| {
         let total_s = start.elapsed().as_secs_f64();
-        Generation { tokens, stopped_at_eos, prefill_s, total_s, pages: None, queued_s: 0.0 }
+        Generation { tokens, stopped_at_eos, prefill_s, total_s, pages: None, queued_s: 0.0, reused: 0 }
     };
     if max_new == 0 || emit(x, &mut tokens) {
         return Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted });
