@@ -71,19 +71,22 @@ fn rows(b: &HostBuffer, what: &str) -> Result<Vec<Vec<f32>>, String> {
 /// (1 - sum min(q, p)) r(x) = max(0, p(x) - q(x)). Greedy distributions (one token, weight 1): d
 /// is kept when it is p's token, else p's token replaces it.
 pub fn verify(p: &[(u32, f32)], q: &[(u32, f32)], d: u32, sampler: &mut Sampler) -> (u32, bool) {
-    let mass = |dist: &[(u32, f32)]| dist.iter().map(|t| t.1).sum::<f32>();
-    let (p_mass, q_mass) = (mass(p), mass(q));
-    let of = |dist: &[(u32, f32)], mass: f32, x: u32| dist.iter().find(|t| t.0 == x).map_or(0.0, |t| t.1 / mass);
-    let (pd, qd) = (of(p, p_mass, d), of(q, q_mass, d));
-    if sampler.uniform() * qd < pd {
+    // Both as probabilities over the tokens either names (dense: a vocabulary's worth at top-p 1).
+    let tokens = p.iter().chain(q).map(|t| t.0 as usize + 1).max().unwrap_or(0).max(d as usize + 1);
+    let dense = |dist: &[(u32, f32)]| {
+        let mass: f64 = dist.iter().map(|t| f64::from(t.1)).sum();
+        let mut v = vec![0.0f64; tokens];
+        for &(x, w) in dist {
+            v[x as usize] += f64::from(w) / mass;
+        }
+        v
+    };
+    let (pp, qq) = (dense(p), dense(q));
+    if sampler.uniform() * qq[d as usize] < pp[d as usize] {
         return (d, true);
     }
-    let q_of: HashMap<u32, f32> = q.iter().map(|&(x, w)| (x, w / q_mass)).collect();
-    let residual: Vec<(u32, f32)> = p
-        .iter()
-        .map(|&(x, w)| (x, (w / p_mass - q_of.get(&x).copied().unwrap_or(0.0)).max(0.0)))
-        .filter(|t| t.1 > 0.0)
-        .collect();
+    let residual: Vec<(u32, f32)> =
+        p.iter().map(|&(x, _)| (x, (pp[x as usize] - qq[x as usize]).max(0.0) as f32)).filter(|t| t.1 > 0.0).collect();
     // Rounding can leave nothing above q where p(d) < q(d): then p itself.
     (sampler.draw(if residual.is_empty() { p } else { &residual }), false)
 }

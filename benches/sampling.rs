@@ -1,0 +1,37 @@
+//! Picking the next token on the host, as sessions do for every sequence of every decode step
+//! that does not decode greedily on the device: `Sampler::sample` over one row of DeepSeek-V3's
+//! 129280 logits — greedy, with a temperature over the whole vocabulary (top-p 1, the default)
+//! and within a 0.9 nucleus. Logits: a peaked, made-up row (a few hundred plausible tokens over
+//! a long flat tail), as a trained model's are.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use v3c_models::reference::Sampler;
+
+const VOCAB: usize = 129_280;
+
+fn logits() -> Vec<f32> {
+    (0..VOCAB)
+        .map(|i| {
+            let h = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+            let noise = (h % 1000) as f32 / 1000.0;
+            if h % 500 == 0 {
+                8.0 + 4.0 * noise
+            } else {
+                2.0 * noise - 4.0
+            }
+        })
+        .collect()
+}
+
+fn sampling(c: &mut Criterion) {
+    let row = logits();
+    let mut g = c.benchmark_group("sample_129280");
+    for (name, temperature, top_p) in [("greedy", 0.0, 1.0), ("t0.7_p1", 0.7, 1.0), ("t0.7_p0.9", 0.7, 0.9)] {
+        let mut sampler = Sampler::new(temperature, top_p, 1);
+        g.bench_function(name, |b| b.iter(|| sampler.sample(std::hint::black_box(&row))));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, sampling);
+criterion_main!(benches);
