@@ -2,7 +2,8 @@
 //! that does not decode greedily on the device: `Sampler::sample` over one row of DeepSeek-V3's
 //! 129280 logits — greedy, with a temperature over the whole vocabulary (top-p 1, the default)
 //! and within a 0.9 nucleus. Logits: a peaked, made-up row (a few hundred plausible tokens over
-//! a long flat tail), as a trained model's are.
+//! a long flat tail), as a trained model's are. `sample_batch64`: a decode step's 64 sequences
+//! sampled one by one, and together (`Next::pick_each`: spread over the cores).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use v3c_models::reference::Sampler;
@@ -30,6 +31,21 @@ fn sampling(c: &mut Criterion) {
         let mut sampler = Sampler::new(temperature, top_p, 1);
         g.bench_function(name, |b| b.iter(|| sampler.sample(std::hint::black_box(&row))));
     }
+    g.finish();
+    let rows: Vec<Vec<f32>> = (0..64).map(|r| row.iter().map(|l| l + (r % 5) as f32 * 0.01).collect()).collect();
+    let logits = v3c_runtime::session::Next::Logits(rows);
+    let mut samplers: Vec<Sampler> = (0..64).map(|i| Sampler::new(0.7, 0.9, i)).collect();
+    let mut g = c.benchmark_group("sample_batch64");
+    g.sample_size(20);
+    g.bench_function("one_by_one", |b| {
+        b.iter(|| samplers.iter_mut().enumerate().map(|(i, s)| logits.pick(i, s)).collect::<Vec<_>>())
+    });
+    g.bench_function("together", |b| {
+        b.iter(|| {
+            let mut wanted: Vec<(usize, &mut Sampler)> = samplers.iter_mut().enumerate().collect();
+            logits.pick_each(&mut wanted)
+        })
+    });
     g.finish();
 }
 
