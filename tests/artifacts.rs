@@ -264,6 +264,22 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         let tokens: Vec<String> = replies[id]["tokens"].as_array().unwrap().iter().map(|t| t.to_string()).collect();
         assert_eq!(tokens.join(" "), alone.trim(), "request {id}");
     }
+    assert_eq!(replies["1"]["finish_reason"], "length", "{replies:?}");
+    // A stop sequence (the 3rd and 4th of its tokens alone) ends a request at its first
+    // occurrence, kept in its tokens; log-probabilities asked for: one per token, each below 0.
+    let first = alone("3 17 4 29 11 5 8 2 40 1", 8);
+    let stop = &first[2..4];
+    let end = (2..=first.len()).find(|&e| first[..e].ends_with(stop)).unwrap();
+    let line = format!(
+        "{{\"prompt\": [3, 17, 4, 29, 11, 5, 8, 2, 40, 1], \"stop\": [{stop:?}, [9999]], \"logprobs\": true, \"id\": \"s\"}}\n"
+    );
+    let out = serve(&line, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    let got: Vec<u64> = v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    assert_eq!((&got[..], &v["finish_reason"]), (&first[..end], &serde_json::json!("stop")), "{v}");
+    let lp = v["logprobs"].as_array().unwrap();
+    assert!(lp.len() == end && lp.iter().all(|x| x.as_f64().is_some_and(|x| x <= 0.0)), "{v}");
     // Streamed: each token a line as it is picked, in order, then the request's line as before
     // (here with a budget of 24 prefill tokens between decode steps: the same tokens).
     let streamed = serve(requests, &["--stream", "--prefill-budget", "24"]);

@@ -117,8 +117,8 @@ pub fn parse_cancel(line: &str) -> Option<serde_json::Value> {
 
 /// One line of `v3r serve`'s input: token ids separated by spaces, or a JSON object
 /// `{"prompt": [ids] or "ids", "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S,
-/// "id": anything}` (all but the prompt optional, from `defaults`). Returns the request's id (when
-/// it gives one) and the request.
+/// "stop": [[ids], ...] or [ids] or "ids", "logprobs": true|false, "id": anything}` (all but the
+/// prompt optional, from `defaults`). Returns the request's id (when it gives one) and the request.
 pub fn parse_request(
     line: &str,
     defaults: &RequestDefaults,
@@ -128,29 +128,32 @@ pub fn parse_request(
     if !line.starts_with('{') {
         let prompt = parse_token_ids(line, "prompt")?;
         let sampler = v3c_models::reference::Sampler::new(d.temperature, d.top_p, d.seed);
-        return Ok((None, crate::session::Request { prompt, max_new: d.max_new, sampler, arrived: None }));
+        return Ok((None, crate::session::Request::new(prompt, d.max_new, sampler)));
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    if let Some(k) =
-        o.keys().find(|k| !["prompt", "max_new_tokens", "temperature", "top_p", "seed", "id"].contains(&k.as_str()))
-    {
-        return Err(format!("unknown field '{k}' (prompt, max_new_tokens, temperature, top_p, seed, id)"));
+    const FIELDS: [&str; 8] = ["prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "id"];
+    if let Some(k) = o.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(format!("unknown field '{k}' ({})", FIELDS.join(", ")));
     }
     let prompt = match o.get("prompt") {
         Some(serde_json::Value::String(ids)) => parse_token_ids(ids, "prompt")?,
-        Some(serde_json::Value::Array(ids)) => {
-            let id = |x: &serde_json::Value| x.as_u64().and_then(|t| u32::try_from(t).ok());
-            let ids = ids
-                .iter()
-                .map(|x| id(x).ok_or_else(|| format!("prompt: {x} is not a token id")))
-                .collect::<Result<Vec<_>, _>>()?;
-            if ids.is_empty() {
-                return Err("prompt: no token ids given".into());
-            }
-            ids
-        }
+        Some(serde_json::Value::Array(ids)) => json_ids(ids, "prompt")?,
         _ => return Err("no \"prompt\" (token ids: an array, or a string of them)".into()),
+    };
+    let stop = match o.get("stop") {
+        None => Vec::new(),
+        Some(serde_json::Value::String(ids)) => vec![parse_token_ids(ids, "stop")?],
+        Some(serde_json::Value::Array(items)) if items.iter().all(|x| x.is_array()) => items
+            .iter()
+            .map(|x| json_ids(x.as_array().map_or(&[][..], Vec::as_slice), "stop"))
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(serde_json::Value::Array(ids)) => vec![json_ids(ids, "stop")?],
+        Some(x) => return Err(format!("stop: {x} is not token ids (an array of arrays of them, an array, a string)")),
+    };
+    let logprobs = match o.get("logprobs") {
+        None => false,
+        Some(x) => x.as_bool().ok_or_else(|| format!("logprobs: {x} is not true or false"))?,
     };
     let number = |k: &str| o.get(k).map(|x| x.as_f64().ok_or_else(|| format!("{k}: {x} is not a number"))).transpose();
     let whole =
@@ -160,7 +163,21 @@ pub fn parse_request(
     let top_p = number("top_p")?.map_or(d.top_p, |p| p as f32);
     check_sampling(temperature, top_p)?;
     let sampler = v3c_models::reference::Sampler::new(temperature, top_p, whole("seed")?.unwrap_or(d.seed));
-    Ok((o.get("id").cloned(), crate::session::Request { prompt, max_new, sampler, arrived: None }))
+    let request = crate::session::Request { stop, logprobs, ..crate::session::Request::new(prompt, max_new, sampler) };
+    Ok((o.get("id").cloned(), request))
+}
+
+/// Token ids from a JSON array (at least one), for field `what`.
+fn json_ids(ids: &[serde_json::Value], what: &str) -> Result<Vec<u32>, String> {
+    let id = |x: &serde_json::Value| x.as_u64().and_then(|t| u32::try_from(t).ok());
+    let ids = ids
+        .iter()
+        .map(|x| id(x).ok_or_else(|| format!("{what}: {x} is not a token id")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.is_empty() {
+        return Err(format!("{what}: no token ids given"));
+    }
+    Ok(ids)
 }
 
 #[cfg(test)]
@@ -178,6 +195,15 @@ mod tests {
         let (id, r) =
             parse_request(r#"{"prompt": [4, 5], "max_new_tokens": 2, "temperature": 0.5, "id": "x"}"#, &d).unwrap();
         assert_eq!((id, r.prompt, r.max_new, r.sampler.temperature), (Some("x".into()), vec![4, 5], 2, 0.5));
+        assert_eq!((r.stop.len(), r.logprobs), (0, false));
+        for (stop, want) in [
+            (r#"[[1, 2], [7]]"#, vec![vec![1, 2], vec![7]]),
+            (r#"[1, 2]"#, vec![vec![1, 2]]),
+            (r#""3 4""#, vec![vec![3, 4]]),
+        ] {
+            let (_, r) = parse_request(&format!(r#"{{"prompt": [4], "stop": {stop}, "logprobs": true}}"#), &d).unwrap();
+            assert_eq!((r.stop, r.logprobs), (want, true), "{stop}");
+        }
         for (line, err) in [
             (r#"{"prompt": "1 2", "max_tokens": 3}"#, "unknown field 'max_tokens'"),
             (r#"{"prompt": [1, -2]}"#, "prompt: -2 is not a token id"),
@@ -187,6 +213,9 @@ mod tests {
             (r#"{"prompt": "1", "seed": 1.5}"#, "seed: 1.5 is not a whole number"),
             ("{\"prompt\": ", "not a JSON request"),
             ("", "prompt: no token ids given"),
+            (r#"{"prompt": "1", "stop": [[1], []]}"#, "stop: no token ids given"),
+            (r#"{"prompt": "1", "stop": 5}"#, "stop: 5 is not token ids"),
+            (r#"{"prompt": "1", "logprobs": 1}"#, "logprobs: 1 is not true or false"),
         ] {
             let got = parse_request(line, &d).unwrap_err();
             assert!(got.contains(err), "{line}: {got}");

@@ -822,16 +822,23 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                 served += 1;
                 tokens += g.tokens.len();
                 reused += g.reused;
-                reply(serde_json::json!({
+                let mut line = serde_json::json!({
                     "id": id,
                     "tokens": g.tokens,
                     "stopped_at_eos": g.stopped_at_eos,
+                    "finish_reason": g.ending.map_or("cancelled", |e| e.name()),
                     "reused_prompt_tokens": g.reused,
                     "queued_s": micro(g.queued_s),
                     "prefill_s": micro(g.prefill_s),
                     "total_s": micro(g.total_s),
                     "decode_tokens_per_s": micro(g.decode_tokens_per_s()),
-                }))?;
+                });
+                if !g.logprobs.is_empty() {
+                    // NaN (a token the device picked) as null.
+                    let lp: Vec<serde_json::Value> = g.logprobs.iter().map(|&x| serde_json::json!(x)).collect();
+                    line["logprobs"] = serde_json::Value::Array(lp);
+                }
+                reply(line)?;
             }
             Progress::Cancelled(g) => {
                 cancelled += 1;
@@ -963,7 +970,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         }
         std::thread::sleep(std::time::Duration::from_secs_f64(wait.max(0.0)));
         arrived += 1;
-        Arrival::Request(Request { prompt: prompt.clone(), max_new: args.new_tokens, sampler: greedy, arrived: None })
+        Arrival::Request(Request::new(prompt.clone(), args.new_tokens, greedy))
     };
     let mut report = |i: usize, p: Progress| -> Result<(), String> {
         let now = start.elapsed().as_secs_f64();

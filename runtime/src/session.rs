@@ -1130,6 +1130,8 @@ pub fn generate_batch(
             pages: pages[i],
             queued_s: 0.0,
             reused: 0,
+            logprobs: Vec::new(),
+            ending: Some(if stopped[i] { Ending::Eos } else { Ending::Length }),
         })
         .collect())
 }
@@ -1208,7 +1210,7 @@ pub fn generate_queue(
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut requests = prompts.iter().zip(samplers.iter());
     let mut next = |_: bool| match requests.next() {
-        Some((p, s)) => Arrival::Request(Request { prompt: p.clone(), max_new, sampler: *s, arrived: None }),
+        Some((p, s)) => Arrival::Request(Request::new(p.clone(), max_new, *s)),
         None => Arrival::Closed,
     };
     let mut done: Vec<Option<Generation>> = vec![None; n];
@@ -1237,6 +1239,58 @@ pub struct Request {
     /// When it arrived, if before [`serve`] reads it (a line read while earlier requests wait):
     /// its `queued_s` counts from then.
     pub arrived: Option<std::time::Instant>,
+    /// It ends once its tokens end with one of these (kept in its tokens, as the end token is).
+    pub stop: Vec<Vec<u32>>,
+    /// Report each token's log-probability under the model ([`Generation::logprobs`]).
+    pub logprobs: bool,
+}
+
+impl Request {
+    /// `max_new` tokens after `prompt` picked by `sampler`; no stop sequences, no log-probabilities.
+    pub fn new(prompt: Vec<u32>, max_new: usize, sampler: v3c_models::reference::Sampler) -> Request {
+        Request { prompt, max_new, sampler, arrived: None, stop: Vec::new(), logprobs: false }
+    }
+
+    /// Whether `tokens` (its tokens so far) end it: at the end token or one of its stop sequences.
+    fn ends(&self, tokens: &[u32], eos: Option<u32>) -> Option<Ending> {
+        if eos.is_some() && tokens.last().copied() == eos {
+            return Some(Ending::Eos);
+        }
+        if self.stop.iter().any(|s| !s.is_empty() && tokens.ends_with(s)) {
+            return Some(Ending::Stop);
+        }
+        (tokens.len() >= self.max_new).then_some(Ending::Length)
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// At the end-of-sequence token (the last of its tokens).
+    Eos,
+    /// At one of its stop sequences (the last of its tokens).
+    Stop,
+    /// With its most new tokens.
+    Length,
+}
+
+impl Ending {
+    /// `eos`, `stop`, `length`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ending::Eos => "eos",
+            Ending::Stop => "stop",
+            Ending::Length => "length",
+        }
+    }
+}
+
+/// The log-probability of `token` under softmax(`logits`) (the model's own distribution: no
+/// temperature, no nucleus), summed in f64.
+pub fn log_probability(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    logits.get(token as usize).map_or(f32::NAN, |&l| (f64::from(l - max) - sum.ln()) as f32)
 }
 
 /// What [`serve`] asks for next: a request, a request to cancel (its number, in arrival order),
@@ -1272,6 +1326,8 @@ struct Running {
     prefill_s: f64,
     /// Its prompt's rows copied from another's pages, not prefilled.
     reused: usize,
+    /// Its tokens' log-probabilities (where it asks for them).
+    logprobs: Vec<f32>,
 }
 
 /// How [`serve`] runs its batch.
@@ -1336,7 +1392,7 @@ pub fn serve(
                 Arrival::Cancel(id) => {
                     let (tokens, pages, ended) = if let Some(w) = waiting.iter().position(|w| w.0 == id) {
                         let queued_s = waiting.remove(w).map_or(0.0, |(_, _, arrived_s)| now - arrived_s);
-                        (Vec::new(), None, (0.0, 0.0, queued_s, 0))
+                        (Vec::new(), None, (0.0, 0.0, queued_s, 0, Vec::new()))
                     } else if let Some(s) = running.iter().position(|r| r.as_ref().is_some_and(|r| r.id == id)) {
                         let Some(r) = running[s].take() else { continue };
                         let pages = match r.joining {
@@ -1348,14 +1404,24 @@ pub fn serve(
                             }
                         };
                         committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
-                        (r.tokens, pages, (r.prefill_s, now - r.joined_s, r.queued_s, r.reused))
+                        (r.tokens, pages, (r.prefill_s, now - r.joined_s, r.queued_s, r.reused, r.logprobs))
                     } else {
                         report(id, Progress::Refused("cancel: it is no longer waiting or running".into()))?;
                         continue;
                     };
-                    let (prefill_s, total_s, queued_s, reused) = ended;
-                    let stopped_at_eos = false;
-                    let g = Generation { tokens, stopped_at_eos, prefill_s, total_s, pages, queued_s, reused };
+                    let (prefill_s, total_s, queued_s, reused, logprobs) = ended;
+                    let (stopped_at_eos, ending) = (false, None);
+                    let g = Generation {
+                        tokens,
+                        stopped_at_eos,
+                        prefill_s,
+                        total_s,
+                        pages,
+                        queued_s,
+                        reused,
+                        logprobs,
+                        ending,
+                    };
                     report(id, Progress::Cancelled(g))?;
                 }
                 Arrival::NotYet => break,
@@ -1412,9 +1478,19 @@ pub fn serve(
             joined += usize::from(started);
             let queued_s = joined_s - arrived_s;
             let (tokens, prefilled, joining, reused) = (Vec::new(), None, true, batch.reused_tokens());
-            let prefill_s = 0.0;
-            running[s] =
-                Some(Running { id, request: r, tokens, prefilled, joining, joined_s, queued_s, prefill_s, reused });
+            let (prefill_s, logprobs) = (0.0, Vec::new());
+            running[s] = Some(Running {
+                id,
+                request: r,
+                tokens,
+                prefilled,
+                joining,
+                joined_s,
+                queued_s,
+                prefill_s,
+                reused,
+                logprobs,
+            });
         }
         // Each sequence's next token (those decoded: picked together); those that end leave their
         // slot.
@@ -1434,32 +1510,43 @@ pub fn serve(
         for (s, slot) in running.iter_mut().enumerate() {
             let Some(r) = slot.as_mut().filter(|r| !r.joining) else { continue };
             if r.tokens.len() < r.request.max_new {
-                let t = match (r.prefilled.take(), picked[s]) {
-                    (Some(l), _) => r.request.sampler.sample(&l),
+                let prefilled = r.prefilled.take();
+                let t = match (&prefilled, picked[s]) {
+                    (Some(l), _) => r.request.sampler.sample(l),
                     (None, Some(t)) => t,
                     (None, None) => return Err(format!("slot {s}: no token picked")),
                 };
+                if r.request.logprobs {
+                    let row = match (&prefilled, &logits) {
+                        (Some(l), _) => Some(l.as_slice()),
+                        (None, Next::Logits(rows)) => rows.get(s).map(Vec::as_slice),
+                        // Picked on the device: no step runs so while it asks for them.
+                        (None, Next::Tokens(_)) => None,
+                    };
+                    r.logprobs.push(row.map_or(f32::NAN, |l| log_probability(l, t)));
+                }
                 r.tokens.push(t);
                 report(r.id, Progress::Token(t))?;
                 fed[s] = t;
             }
-            let stopped = eos.is_some() && r.tokens.last().copied() == eos;
-            if !stopped && r.tokens.len() < r.request.max_new {
+            let Some(ending) = r.request.ends(&r.tokens, eos) else {
                 active[s] = true;
                 continue;
-            }
+            };
             let pages = batch.pages(s);
             batch.finish(s);
             let Some(r) = slot.take() else { continue };
             committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
             let total_s = start.elapsed().as_secs_f64() - r.joined_s;
-            let (prefill_s, queued_s, reused) = (r.prefill_s, r.queued_s, r.reused);
-            let (tokens, stopped_at_eos) = (r.tokens, stopped);
-            let g = Generation { tokens, stopped_at_eos, prefill_s, total_s, pages, queued_s, reused };
+            let (prefill_s, queued_s, reused, logprobs) = (r.prefill_s, r.queued_s, r.reused, r.logprobs);
+            let (tokens, stopped_at_eos, ending) = (r.tokens, ending == Ending::Eos, Some(ending));
+            let g =
+                Generation { tokens, stopped_at_eos, prefill_s, total_s, pages, queued_s, reused, logprobs, ending };
             report(r.id, Progress::Ended(g))?;
         }
         if active.iter().any(|&a| a) {
-            let greedy = running.iter().flatten().all(|r| r.request.sampler.temperature <= 0.0);
+            // The device picks greedy tokens itself unless a request asks for log-probabilities.
+            let greedy = running.iter().flatten().all(|r| r.request.sampler.greedy() && !r.request.logprobs);
             logits = batch.decode(&fed, &active, greedy)?;
             started = true;
         } else if closed && waiting.is_empty() && running.iter().all(Option::is_none) {
@@ -1506,6 +1593,11 @@ pub struct Generation {
     /// Served: its prompt's tokens whose cache rows were copied from another request's instead of
     /// prefilled ([`Serving::reuse_prefixes`]; the others: 0).
     pub reused: usize,
+    /// Served with [`Request::logprobs`]: each token's log-probability ([`log_probability`]);
+    /// else empty.
+    pub logprobs: Vec<f32>,
+    /// Served: why it ended (a cancelled one: None; the others: at the end token or its length).
+    pub ending: Option<Ending>,
 }
 
 impl Generation {
@@ -1553,7 +1645,9 @@ pub fn generate(
         }
     }
     let total_s = start.elapsed().as_secs_f64();
-    Ok(Generation { tokens, stopped_at_eos, prefill_s, total_s, pages: None, queued_s: 0.0, reused: 0 })
+    let ending = Some(if stopped_at_eos { Ending::Eos } else { Ending::Length });
+    let (pages, queued_s, reused, logprobs) = (None, 0.0, 0, Vec::new());
+    Ok(Generation { tokens, stopped_at_eos, prefill_s, total_s, pages, queued_s, reused, logprobs, ending })
 }
 
 #[cfg(test)]
@@ -2166,7 +2260,7 @@ mod tests {
             let (prompt, max_new, _, seed) = requests[arrived].clone();
             arrived += 1;
             waits = requests.get(arrived).map_or(0, |r| r.2);
-            Arrival::Request(Request { prompt, max_new, sampler: toy_sampler(seed), arrived: None })
+            Arrival::Request(Request::new(prompt, max_new, toy_sampler(seed)))
         };
         let mut got: Vec<Option<(Vec<u32>, usize)>> = vec![None; requests.len()];
         let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
@@ -2239,12 +2333,8 @@ mod tests {
     fn a_request_queued_before_it_is_read_counts_its_wait_from_its_arrival() {
         let toy = toy_plain();
         for (arrived, at_least) in [(Some(std::time::Duration::from_secs(2)), 2.0), (None, 0.0)] {
-            let mut request = Some(Request {
-                prompt: vec![1, 2],
-                max_new: 2,
-                sampler: toy_sampler(None),
-                arrived: arrived.map(|d| std::time::Instant::now() - d),
-            });
+            let arrived = arrived.map(|d| std::time::Instant::now() - d);
+            let mut request = Some(Request { arrived, ..Request::new(vec![1, 2], 2, toy_sampler(None)) });
             let mut next = |_: bool| request.take().map_or(Arrival::Closed, Arrival::Request);
             let mut queued = None;
             let mut report = |_: usize, p: Progress| {
@@ -2290,7 +2380,7 @@ mod tests {
             match what {
                 Ok((prompt, max_new)) => {
                     let (prompt, max_new) = (prompt.clone(), *max_new);
-                    Arrival::Request(Request { prompt, max_new, sampler: toy_sampler(None), arrived: None })
+                    Arrival::Request(Request::new(prompt, max_new, toy_sampler(None)))
                 }
                 Err(id) => Arrival::Cancel(*id),
             }
@@ -2362,6 +2452,60 @@ mod tests {
             assert_eq!(done[1], Some((Vec::new(), true)), "{name}: cancelled while joining");
             assert_eq!(done[2], Some((alone(&[5, 5], 4), false)), "{name}: in the cancelled one's slot");
             assert_eq!(refused, [1], "{name}: cancelled already");
+        }
+    }
+
+    /// Stop sequences end a request at their first occurrence (kept in its tokens: "stop"), its
+    /// tokens a prefix of those it gets alone; log-probabilities asked for are each token's under
+    /// its logits — read back even where the program picks greedy tokens itself, which it does
+    /// again once no request asks for them.
+    #[test]
+    fn stop_sequences_end_requests_and_logprobs_follow_the_logits() {
+        let prompt = vec![3u32, 5, 1];
+        let alone = toy_alone(&[(prompt.clone(), 12, 0, None)], None).remove(0);
+        let single = toy_plain();
+        let mut session = ArtifactSession::new(&single, 15).unwrap();
+        let mut logits = session.prefill(&prompt).unwrap();
+        let mut want = Vec::new();
+        for &t in &alone {
+            want.push(log_probability(&logits, t));
+            logits = session.decode(t).unwrap();
+        }
+        let stop = alone[4..6].to_vec();
+        let end = (1..=alone.len()).find(|&e| alone[..e].ends_with(&stop)).unwrap();
+        let picker = || {
+            let mut t = Toy::paged();
+            (t.keeps, t.argmax) = (true, true);
+            one_element(t)
+        };
+        for (name, toy) in [("pool", Toy::paged()), ("picking on the device", picker())] {
+            let asks = Request::new(prompt.clone(), 12, toy_sampler(None));
+            let other = Request::new(vec![2, 9], 12, toy_sampler(None));
+            let mut requests =
+                vec![other, Request { stop: vec![vec![99], stop.clone()], logprobs: true, ..asks }].into_iter();
+            let mut next = |_: bool| requests.next().map_or(Arrival::Closed, Arrival::Request);
+            let mut ended: Vec<Option<Generation>> = vec![None, None];
+            let mut report = |id: usize, p: Progress| {
+                if let Progress::Ended(g) = p {
+                    ended[id] = Some(g);
+                }
+                Ok(())
+            };
+            let serving = Serving {
+                slots: 2,
+                limits: &[15, 15],
+                max_prompt: 3,
+                eos: None,
+                prefill_budget: None,
+                reuse_prefixes: true,
+            };
+            serve(&toy, &serving, &mut next, &mut report).unwrap();
+            let [Some(second), Some(first)] = ended.as_slice() else { panic!("{name}: both end") };
+            assert_eq!((&first.tokens[..], first.ending), (&alone[..end], Some(Ending::Stop)), "{name}");
+            assert_eq!(first.logprobs, want[..end], "{name}");
+            let other_alone = toy_alone(&[(vec![2, 9], 12, 0, None)], None).remove(0);
+            assert_eq!((&second.tokens, second.ending), (&other_alone, Some(Ending::Length)), "{name}");
+            assert!(second.logprobs.is_empty(), "{name}");
         }
     }
 

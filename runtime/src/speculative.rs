@@ -293,7 +293,9 @@ pub fn generate_speculative(
     let mut x = sampler.sample(last);
     let generated = |tokens, stopped_at_eos| {
         let total_s = start.elapsed().as_secs_f64();
-        Generation { tokens, stopped_at_eos, prefill_s, total_s, pages: None, queued_s: 0.0, reused: 0 }
+        let ending = Some(if stopped_at_eos { crate::session::Ending::Eos } else { crate::session::Ending::Length });
+        let (pages, queued_s, reused, logprobs) = (None, 0.0, 0, Vec::new());
+        Generation { tokens, stopped_at_eos, prefill_s, total_s, pages, queued_s, reused, logprobs, ending }
     };
     if max_new == 0 || emit(x, &mut tokens) {
         return Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted });
