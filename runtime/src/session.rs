@@ -583,10 +583,11 @@ pub struct ArtifactBatch<'a> {
     joinable: bool,
     /// A prompt being prefilled into a slot.
     joining: Option<Joining<'a>>,
-    /// Per slot: its sequence's prompt once its rows are in its pages (else empty).
-    prompts: Vec<Vec<u32>>,
-    /// Prompt prefixes whose cache pages outlived their sequences ([`PagePool::keep`]): the tokens
-    /// their rows hold and the one after (which the MTP layer's last row read), and their pages' id.
+    /// Per slot (where prefixes are reused): the tokens whose cache rows its pages hold — its
+    /// prompt once placed, then each token a decode step fed it (else empty).
+    sequences: Vec<Vec<u32>>,
+    /// Sequences' prefixes whose cache pages outlived them ([`PagePool::keep`]): the tokens their
+    /// rows hold and the one after (which the MTP layer's last row read), and their pages' id.
     kept: Vec<(Vec<u32>, u64)>,
     /// A joining prompt starting as a running or ended sequence's did copies that one's cache
     /// rows of the whole pages they share instead of prefilling them
@@ -700,7 +701,7 @@ impl<'a> ArtifactBatch<'a> {
             vacant: vec![true; slots],
             joinable: true,
             joining: None,
-            prompts: vec![Vec::new(); slots],
+            sequences: vec![Vec::new(); slots],
             kept: Vec::new(),
             reuse: false,
         })
@@ -753,11 +754,14 @@ impl<'a> ArtifactBatch<'a> {
         Ok(())
     }
 
-    /// Joining prompts whose first tokens a running or ended sequence's prompt shares copy that
-    /// one's cache rows of the whole pages both hold (`on`), or prefill every token. A pool of pages
-    /// only: an ended sequence's prompt keeps its pages until the pool needs them for another
-    /// sequence (the least recently used given back first). The copied rows are those a prefill
-    /// of the prompt would write, up to the rounding of chunks that split differently.
+    /// Joining prompts whose first tokens a running or ended sequence's tokens share (its prompt
+    /// and the tokens fed after it: a conversation's next turn) copy that one's cache rows of the
+    /// whole pages both hold (`on`), or prefill every token. A pool of pages only: an ended
+    /// sequence keeps its pages until the pool needs them for another sequence (the least recently
+    /// used given back first). The copied rows are those a prefill of the prompt would write up to
+    /// rounding: of chunks that split differently, and of decode steps' kernels for the rows of
+    /// generated tokens (whose MTP-layer rows saw no next token: that layer's cache, which plain
+    /// generation never reads back, is then not a prefill's).
     pub fn reuse_prefixes(&mut self, on: bool) {
         self.reuse = on && self.joinable && self.layout.pool.is_some();
     }
@@ -773,7 +777,7 @@ impl<'a> ArtifactBatch<'a> {
     fn prefix_pages(&mut self, i: usize, prompt: &[u32]) -> Vec<u32> {
         let Some(pool) = self.layout.pool.as_mut().filter(|_| self.reuse) else { return Vec::new() };
         self.kept.retain(|(_, id)| pool.keeps(*id));
-        let running = self.prompts.iter().enumerate().filter(|(s, _)| *s != i);
+        let running = self.sequences.iter().enumerate().filter(|(s, _)| *s != i);
         let best_running =
             running.map(|(s, p)| (shared_pages(prompt, p), s)).max_by_key(|&(m, s)| (m, std::cmp::Reverse(s)));
         let best_kept = self.kept.iter().map(|(t, id)| (shared_pages(prompt, t), *id)).max_by_key(|&(m, _)| m);
@@ -886,7 +890,7 @@ impl<'a> ArtifactBatch<'a> {
         }
         (self.positions[i], self.limits[i]) = (n, j.limit);
         if self.reuse {
-            self.prompts[i] = j.prompt;
+            self.sequences[i] = j.prompt;
         }
         Ok(Some((i, last)))
     }
@@ -990,7 +994,7 @@ impl<'a> ArtifactBatch<'a> {
                 vacant,
                 joinable: false,
                 joining: None,
-                prompts: Vec::new(),
+                sequences: Vec::new(),
                 kept: Vec::new(),
                 reuse: false,
             },
@@ -1003,19 +1007,20 @@ impl<'a> ArtifactBatch<'a> {
         self.layout.pages_of(i)
     }
 
-    /// Sequence `i` will not be fed again: its pages (a pool's) go back — those of its prompt's
-    /// whole pages kept for later prompts where [`ArtifactBatch::reuse_prefixes`], unless a kept
-    /// prompt holds them already (a kept one this one holds goes back).
+    /// Sequence `i` will not be fed again: its pages (a pool's) go back — those of the whole pages
+    /// of its rows (its prompt's and the tokens fed after it) kept for later prompts where
+    /// [`ArtifactBatch::reuse_prefixes`], unless a kept sequence holds them already (a kept one
+    /// this one holds goes back).
     pub fn finish(&mut self, i: usize) {
         if let Some(v) = self.vacant.get_mut(i) {
             *v = true;
         }
-        let prompt = self.prompts.get_mut(i).map(std::mem::take).unwrap_or_default();
-        let pages = prompt.len().saturating_sub(1) / crate::pages::PAGE_ROWS;
+        let sequence = self.sequences.get_mut(i).map(std::mem::take).unwrap_or_default();
+        let pages = sequence.len().saturating_sub(1) / crate::pages::PAGE_ROWS;
         let (Some(pool), true) = (self.layout.pool.as_mut(), self.reuse && pages > 0) else {
             return self.layout.finish(i);
         };
-        let tokens = &prompt[..pages * crate::pages::PAGE_ROWS + 1];
+        let tokens = &sequence[..pages * crate::pages::PAGE_ROWS + 1];
         self.kept.retain(|(_, id)| pool.keeps(*id));
         if self.kept.iter().any(|(t, _)| t.starts_with(tokens)) {
             return self.layout.finish(i);
@@ -1066,6 +1071,10 @@ impl<'a> ArtifactBatch<'a> {
         for (i, p) in self.positions.iter_mut().enumerate() {
             if active[i] {
                 *p += 1;
+                // Its row is written: later prompts may copy it.
+                if let Some(seq) = self.sequences.get_mut(i).filter(|s| !s.is_empty()) {
+                    seq.push(tokens[i]);
+                }
             }
         }
         Ok(next)
@@ -2536,10 +2545,11 @@ mod tests {
     }
 
     /// Prompts sharing whole pages with a served prompt copy its rows instead of prefilling them:
-    /// from an ended request's kept pages (one slot), from a running one's (two), not where the
-    /// shared tokens end at a page's last row (the token after it differs) or when the pool needed
-    /// the kept pages for another request, nor with reuse off — the tokens as alone each time, on
-    /// a pool on the host and on the device.
+    /// from an ended request's kept pages (one slot), from a running one's (two), from an ended
+    /// one's generated tokens too (a conversation's next turn), not where the shared tokens end at
+    /// a page's last row (the token after it differs) or when the pool needed the kept pages for
+    /// another request, nor with reuse off — the tokens as alone each time, on a pool on the host
+    /// and on the device.
     #[test]
     fn prompts_sharing_whole_pages_copy_their_rows_instead_of_prefilling() {
         let shared: Vec<u32> = (0..100).map(|i| (i * 5 % 11) as u32).collect();
@@ -2589,6 +2599,20 @@ mod tests {
             let got = serve_reusing(&t, &pair, 2, None, None, true);
             assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>(), [0, 64], "{name}: from a running request");
             assert_eq!(got.into_iter().map(|g| g.0).collect::<Vec<_>>(), toy_alone(&pair, None), "{name}");
+        }
+        // A conversation's next turn: the first request's prompt and 30 of its tokens, then its
+        // own — a page of rows copied, prompt and generated tokens alike.
+        let first: Vec<u32> = (0..40).map(|i| (i * 3 % 10) as u32).collect();
+        let answer = toy_alone(&[(first.clone(), 50, 0, None)], None).remove(0);
+        let turn = [&first[..], &answer[..30], &[7]].concat();
+        let turns: Vec<ToyRequest> = vec![(first, 50, 0, None), (turn, 5, 0, None)];
+        for on_device in [false, true] {
+            let mut t = Toy::paged();
+            t.keeps = on_device;
+            let t = if on_device { one_element(t) } else { t };
+            let got = serve_reusing(&t, &turns, 1, None, None, true);
+            assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>(), [0, 64], "device: {on_device}");
+            assert_eq!(got.into_iter().map(|g| g.0).collect::<Vec<_>>(), toy_alone(&turns, None));
         }
         assert_eq!((shared_pages(&shared, &shared[..64]), shared_pages(&shared, &shared[..65])), (0, 1));
         assert_eq!(shared_pages(&shared[..65], &shared), 1, "a token left to prefill");
