@@ -34,9 +34,10 @@ enum Command {
     /// run here, sm_90a ones on a Hopper GPU: V3R_SYNC_EACH=1 names a faulting kernel).
     Run(RunArgs),
     /// Serve requests read from stdin as they arrive, one a line — token ids, or JSON
-    /// {"prompt": [ids], "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S, "id": ...} —
-    /// with at most --batch sequences decoding together, each request joining the running batch as
-    /// it arrives (a slot and cache pages free); one JSON line per request on stdout as it ends.
+    /// {"prompt": [ids], "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop":
+    /// [[ids], ...], "logprobs": true, "id": ...} — with at most --batch sequences decoding
+    /// together, each request joining the running batch as it arrives (a slot and cache pages
+    /// free); one JSON line per request on stdout as it ends (its tokens, finish_reason, times).
     /// --max-new-tokens, --temperature, --top-p and --seed fill what a request leaves out; a line
     /// {"cancel": ID} ends the latest request of that id (with the tokens it has).
     Serve(ServeArgs),
