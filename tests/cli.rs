@@ -464,6 +464,56 @@ fn tiny_training_run() -> (tempfile::TempDir, std::path::PathBuf, std::path::Pat
     (dir, ckpt, out, data)
 }
 
+/// A held-out loss (`--eval-data`): measured before the first step, every `--eval-every` steps
+/// and after the last, into eval.csv — without touching the training (its loss log equals a run
+/// without evaluation, bit for bit); the optimizer flags change the steps; bad values refused.
+#[test]
+fn training_measures_a_held_out_loss_without_changing_the_steps() {
+    let (dir, ckpt, out, data) = tiny_training_run();
+    std::fs::write(&data, (0..200).map(|i| (i % 13 + 2).to_string()).collect::<Vec<_>>().join(" ")).unwrap();
+    let held_out = dir.path().join("held_out.txt");
+    std::fs::write(&held_out, (0..60).map(|i| (i % 7 + 3).to_string()).collect::<Vec<_>>().join(" ")).unwrap();
+    let base = ["train", "--model-dir", ckpt.to_str().unwrap(), "--data", data.to_str().unwrap()];
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let args = [&base[..], &["--out", out.to_str().unwrap(), "--batch", "1", "--seq", "8", "--steps", "3"], extra];
+        run_binary("v3c", &args.concat())
+    };
+    let evaluated =
+        run(&out, &["--eval-data", held_out.to_str().unwrap(), "--eval-every", "2", "--eval-windows", "2"]);
+    assert!(evaluated.status.success(), "{}", text(&evaluated.stderr));
+    assert!(text(&evaluated.stderr).contains("held-out loss after step 3: "), "{}", text(&evaluated.stderr));
+    let eval = std::fs::read_to_string(out.join("eval.csv")).unwrap();
+    let rows: Vec<(usize, f32)> = eval
+        .lines()
+        .skip(1)
+        .map(|l| l.split_once(',').map(|(s, v)| (s.parse().unwrap(), v.parse().unwrap())).unwrap())
+        .collect();
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [0, 2, 3], "{eval}");
+    assert!(rows.iter().all(|r| r.1.is_finite() && r.1 > 0.0), "{eval}");
+    let plain = dir.path().join("plain");
+    let not_evaluated = run(&plain, &[]);
+    assert!(not_evaluated.status.success(), "{}", text(&not_evaluated.stderr));
+    let log = |d: &std::path::Path| std::fs::read_to_string(d.join("loss.csv")).unwrap();
+    assert_eq!(log(&out), log(&plain), "evaluating changed the steps");
+    assert!(!plain.join("eval.csv").exists());
+    // Weight decay, clipping and warm-up reach the optimizer: other steps.
+    let tuned = dir.path().join("tuned");
+    let other = run(&tuned, &["--weight-decay", "0", "--clip-norm", "0.05", "--warmup-steps", "1"]);
+    assert!(other.status.success(), "{}", text(&other.stderr));
+    assert_ne!(log(&tuned).lines().nth(2), log(&plain).lines().nth(2));
+    for (extra, err) in [
+        (&["--clip-norm", "0"][..], "--clip-norm 0: gradients are clipped to a positive norm"),
+        (&["--weight-decay=-1"][..], "--weight-decay -1: must be a finite number >= 0"),
+        (&["--eval-every", "2"][..], "--eval-data"),
+        (&["--eval-data", data.to_str().unwrap(), "--eval-windows", "0"][..], "--eval-windows must be positive"),
+        (&["--eval-data", ckpt.join("config.json").to_str().unwrap()][..], "config.json"),
+    ] {
+        let bad = run(&dir.path().join("bad"), extra);
+        assert!(!bad.status.success() && text(&bad.stderr).contains(err), "{extra:?}: {}", text(&bad.stderr));
+        assert!(!dir.path().join("bad").exists(), "{extra:?}: output left behind");
+    }
+}
+
 /// Ctrl-C stops a training run after the step under way with its checkpoint and optimizer state
 /// saved (exit 1, a one-line message naming the step), and `--resume` continues from there.
 #[cfg(unix)]

@@ -585,6 +585,8 @@ fn main() -> ExitCode {
                 mtp_weight: a.mtp_weight,
                 balance_alpha: a.balance_alpha,
                 fp8: a.precision == Precision::Fp8,
+                optimizer: a.run.optimizer(),
+                eval: a.run.eval(),
             },
             backend: &a.backend,
         }),

@@ -429,6 +429,42 @@ impl Trainer {
         Ok(totals.report(self, n, norm))
     }
 
+    /// The mean loss (the objective the steps minimize: the next-token loss with the MTP and
+    /// balance terms as weighted) over `windows` with the parameters as they are: nothing is
+    /// updated (no optimizer step, no bias moved, the step count kept). On a backend that keeps
+    /// the parameters on its device, they are uploaded first if they are not there yet.
+    pub fn evaluate(&mut self, backend: &mut dyn StepBackend, windows: &[Vec<i64>]) -> Result<f32, TrainError> {
+        if windows.is_empty() {
+            return Err(TrainError::Invalid("no windows to evaluate".into()));
+        }
+        let loss_of = |out: &HashMap<String, Tensor>| -> Result<f64, TrainError> {
+            Ok(out.get("loss").ok_or_else(|| missing("loss"))?.as_f32().unwrap_or(&[f32::NAN])[0] as f64)
+        };
+        let mut total = 0.0f64;
+        if let Some(device) = backend.device_optimizer() {
+            if !self.resident {
+                device.upload(&self.graph, &self.params, &self.trained, &self.m, &self.v)?;
+                self.resident = true;
+            }
+            for window in windows {
+                // A one-window step's gradients stay where the step left them; the next step's
+                // first window replaces them.
+                total += loss_of(&device.run_window(&self.window_inputs(window)?, &["loss"], 0, 1)?)?;
+            }
+        } else {
+            if self.resident {
+                return Err(TrainError::Invalid(
+                    "the parameters live on another backend's device: fetch them before evaluating on this one".into(),
+                ));
+            }
+            backend.load(&self.graph, &self.params)?;
+            for window in windows {
+                total += loss_of(&backend.run(&self.window_inputs(window)?, &["loss"])?)?;
+            }
+        }
+        Ok((total / windows.len() as f64) as f32)
+    }
+
     /// Reads the parameters and moments back from `backend`'s device when they live there (see
     /// [`DeviceOptimizer`]): `params`, `m` and `v` are then current.
     pub fn fetch(&mut self, backend: &mut dyn StepBackend) -> Result<(), TrainError> {

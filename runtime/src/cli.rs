@@ -276,4 +276,41 @@ pub struct TrainRunArgs {
     /// that a run stopped early can --resume from its last save; 0: at the end only.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub save_every: usize,
+    /// AdamW's decoupled weight decay (on matrices; norms, biases and other vectors none).
+    #[arg(long, value_name = "WD", default_value_t = 0.1)]
+    pub weight_decay: f32,
+    /// Clip each step's gradient to this global L2 norm.
+    #[arg(long, value_name = "NORM", default_value_t = 1.0)]
+    pub clip_norm: f32,
+    /// Steps of the learning rate's linear warm-up (default: a tenth of the run's steps).
+    #[arg(long, value_name = "N")]
+    pub warmup_steps: Option<usize>,
+    /// Held-out token ids (the formats of --data): the loss on --eval-windows windows of it, with
+    /// the parameters as they are (nothing updated), before the first step, every --eval-every
+    /// steps and after the last, written to eval.csv in --out and shown beside the training loss.
+    #[arg(long, value_name = "FILE")]
+    pub eval_data: Option<std::path::PathBuf>,
+    /// Steps between evaluations (0: before the first step and after the last only).
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "eval_data")]
+    pub eval_every: usize,
+    /// Windows of --eval-data each evaluation runs, evenly spaced over the file (the same each time).
+    #[arg(long, value_name = "K", default_value_t = 8, requires = "eval_data")]
+    pub eval_windows: usize,
+}
+
+impl TrainRunArgs {
+    /// The optimizer's settings these flags give.
+    pub fn optimizer(&self) -> crate::training::OptimizerOptions {
+        crate::training::OptimizerOptions {
+            weight_decay: self.weight_decay,
+            clip_norm: self.clip_norm,
+            warmup_steps: self.warmup_steps,
+        }
+    }
+
+    /// The evaluation these flags ask for (None: no --eval-data).
+    pub fn eval(&self) -> Option<crate::training::EvalOptions<'_>> {
+        let data = self.eval_data.as_deref()?;
+        Some(crate::training::EvalOptions { data, every: self.eval_every, windows: self.eval_windows })
+    }
 }

@@ -1426,6 +1426,8 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         mtp_weight: info.mtp_weight,
         balance_alpha: info.balance_alpha,
         fp8: info.fp8,
+        optimizer: args.run.optimizer(),
+        eval: args.run.eval(),
     };
     let run = Run::prepare(&options).map_err(Failure::Other)?;
     // The artifact's weights are the trainer's parameters (read once, bound again at every step).

@@ -34,6 +34,34 @@ pub struct RunOptions<'a> {
     pub mtp_weight: f32,
     pub balance_alpha: f32,
     pub fp8: bool,
+    pub optimizer: OptimizerOptions,
+    pub eval: Option<EvalOptions<'a>>,
+}
+
+/// AdamW's settings a run may change (the others: [`TrainConfig::default`]).
+#[derive(Debug, Clone, Copy)]
+pub struct OptimizerOptions {
+    pub weight_decay: f32,
+    /// The global gradient norm a step is clipped to.
+    pub clip_norm: f32,
+    /// Steps of the learning rate's linear warm-up (None: a tenth of the run's steps).
+    pub warmup_steps: Option<usize>,
+}
+
+impl Default for OptimizerOptions {
+    fn default() -> Self {
+        let d = TrainConfig::default();
+        OptimizerOptions { weight_decay: d.weight_decay, clip_norm: d.clip_norm, warmup_steps: None }
+    }
+}
+
+/// A held-out loss measured during a run: `windows` windows evenly spaced over the token ids in
+/// `data`, before the first step, every `every` steps (0: never between) and after the last.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalOptions<'a> {
+    pub data: &'a Path,
+    pub every: usize,
+    pub windows: usize,
 }
 
 /// Token ids from `path`: whitespace-separated integers, else little-endian u32; each checked
@@ -74,6 +102,8 @@ pub struct Run {
     checkpoint: Checkpoint,
     data: Vec<i64>,
     done: usize,
+    /// Held-out windows ([`EvalOptions`]; none without).
+    eval: Vec<Vec<i64>>,
 }
 
 impl Run {
@@ -83,10 +113,23 @@ impl Run {
         if o.steps == 0 || o.batch == 0 || o.seq == 0 {
             return Err("--steps, --batch and --seq must be positive".into());
         }
-        for (flag, v) in [("--lr", o.lr), ("--mtp-weight", o.mtp_weight), ("--balance-alpha", o.balance_alpha)] {
+        let opt = &o.optimizer;
+        for (flag, v) in [
+            ("--lr", o.lr),
+            ("--mtp-weight", o.mtp_weight),
+            ("--balance-alpha", o.balance_alpha),
+            ("--weight-decay", opt.weight_decay),
+            ("--clip-norm", opt.clip_norm),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(format!("{flag} {v}: must be a finite number >= 0"));
             }
+        }
+        if opt.clip_norm == 0.0 {
+            return Err("--clip-norm 0: gradients are clipped to a positive norm".into());
+        }
+        if o.eval.is_some_and(|e| e.windows == 0) {
+            return Err("--eval-windows must be positive".into());
         }
         let source = if o.resume { o.out } else { o.model_dir };
         if !o.resume && o.out.exists() {
@@ -107,7 +150,9 @@ impl Run {
         let train = TrainConfig {
             lr: o.lr,
             total_steps: done + o.steps,
-            warmup_steps: ((done + o.steps) / 10).max(1),
+            warmup_steps: opt.warmup_steps.unwrap_or((done + o.steps) / 10).max(1),
+            weight_decay: opt.weight_decay,
+            clip_norm: opt.clip_norm,
             mtp_weight: o.mtp_weight,
             balance_alpha: o.balance_alpha,
             fp8: o.fp8,
@@ -118,6 +163,19 @@ impl Run {
         if data.len() < window {
             return Err(format!("{}: {} tokens, fewer than a window of {window}", o.data.display(), data.len()));
         }
+        // The held-out windows, evenly spaced, the same at every evaluation.
+        let eval = match o.eval {
+            None => Vec::new(),
+            Some(e) => {
+                let ids = read_token_file(e.data, config.vocab_size)?;
+                if ids.len() < window {
+                    return Err(format!("{}: {} tokens, fewer than a window of {window}", e.data.display(), ids.len()));
+                }
+                let span = ids.len() - window;
+                let at = |k: usize| if e.windows > 1 { k * span / (e.windows - 1) } else { 0 };
+                (0..e.windows).map(|k| ids[at(k)..at(k) + window].to_vec()).collect()
+            }
+        };
         if let Some(state) = &moments {
             trainer.step = done;
             for (name, m) in trainer.m.iter_mut() {
@@ -127,13 +185,13 @@ impl Run {
                 *v = state.read(&format!("v.{name}")).map_err(|e| e.to_string())?.as_f32().unwrap_or(&[]).to_vec();
             }
         }
-        Ok(Run { config, trainer, checkpoint, data, done })
+        Ok(Run { config, trainer, checkpoint, data, done, eval })
     }
 
     /// Trains `o.steps` steps with `backend` running the training graph (named `backend_name` in
     /// the report), then writes the checkpoint, optimizer state and expert loads.
     pub fn execute(self, o: &RunOptions, backend: &mut dyn StepBackend, backend_name: &str) -> Result<(), String> {
-        let Run { config, mut trainer, checkpoint, data, mut done } = self;
+        let Run { config, mut trainer, checkpoint, data, mut done, eval } = self;
         let window = o.seq + trainer.window_extra();
         if !o.resume {
             std::fs::create_dir_all(o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
@@ -144,6 +202,30 @@ impl Run {
             .append(true)
             .open(o.out.join("loss.csv"))
             .map_err(|e| format!("{}/loss.csv: {e}", o.out.display()))?;
+        // The held-out loss at step `done`, appended to eval.csv.
+        let eval_path = o.out.join("eval.csv");
+        if !eval.is_empty() && !eval_path.exists() {
+            std::fs::write(&eval_path, "step,eval_loss\n").map_err(|e| format!("{}: {e}", eval_path.display()))?;
+        }
+        // Seconds spent evaluating (not training: left out of tokens/s).
+        let eval_s = std::cell::Cell::new(0.0);
+        let evaluate =
+            |trainer: &mut Trainer, backend: &mut dyn StepBackend, done: usize| -> Result<Option<f32>, String> {
+                if eval.is_empty() {
+                    return Ok(None);
+                }
+                let at = Instant::now();
+                let loss = trainer.evaluate(backend, &eval).map_err(|e| e.to_string())?;
+                eval_s.set(eval_s.get() + at.elapsed().as_secs_f64());
+                let line = format!("{done},{loss}\n");
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&eval_path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()))
+                    .map_err(|e| format!("{}: {e}", eval_path.display()))?;
+                Ok(Some(loss))
+            };
+        let mut eval_loss = evaluate(&mut trainer, backend, done)?;
         let bar = indicatif::ProgressBar::new(o.steps as u64).with_style(
             indicatif::ProgressStyle::with_template("training [{bar:30}] {pos}/{len} steps {msg}")
                 .map_err(|e| e.to_string())?
@@ -186,8 +268,17 @@ impl Run {
                     eprintln!("saved the checkpoint and optimizer state at step {done} in {}", o.out.display())
                 });
             }
+            let every = o.eval.map_or(0, |e| e.every);
+            if every > 0 && taken % every == 0 && taken < o.steps {
+                eval_loss = evaluate(&mut trainer, backend, done)?;
+            }
             let tokens = (taken * o.batch * o.seq) as f64;
-            bar.set_message(format!("loss {:.4}, {:.0} tokens/s", r.loss, tokens / started.elapsed().as_secs_f64()));
+            let held_out = eval_loss.map_or(String::new(), |l| format!(" (held out {l:.4})"));
+            bar.set_message(format!(
+                "loss {:.4}{held_out}, {:.0} tokens/s",
+                r.loss,
+                tokens / (started.elapsed().as_secs_f64() - eval_s.get()).max(1e-9)
+            ));
             if interrupt.happened() && taken < o.steps {
                 bar.finish_and_clear();
                 trainer.fetch(backend).map_err(|e| e.to_string())?;
@@ -199,7 +290,14 @@ impl Run {
             }
         }
         bar.finish_and_clear();
-        let elapsed = started.elapsed().as_secs_f64();
+        let elapsed = started.elapsed().as_secs_f64() - eval_s.get();
+        if let Some(loss) = evaluate(&mut trainer, backend, done)? {
+            eprintln!(
+                "held-out loss after step {done}: {loss:.4} ({} windows; eval.csv in {})",
+                eval.len(),
+                o.out.display()
+            );
+        }
         // Parameters and moments kept on a device come back for the checkpoint.
         trainer.fetch(backend).map_err(|e| e.to_string())?;
         saver.save(&trainer, done, &totals)?;
