@@ -478,8 +478,7 @@ fn training_measures_a_held_out_loss_without_changing_the_steps() {
         let args = [&base[..], &["--out", out.to_str().unwrap(), "--batch", "1", "--seq", "8", "--steps", "3"], extra];
         run_binary("v3c", &args.concat())
     };
-    let evaluated =
-        run(&out, &["--eval-data", held_out.to_str().unwrap(), "--eval-every", "2", "--eval-windows", "2"]);
+    let evaluated = run(&out, &["--eval-data", held_out.to_str().unwrap(), "--eval-every", "2", "--eval-windows", "2"]);
     assert!(evaluated.status.success(), "{}", text(&evaluated.stderr));
     assert!(text(&evaluated.stderr).contains("held-out loss after step 3: "), "{}", text(&evaluated.stderr));
     let eval = std::fs::read_to_string(out.join("eval.csv")).unwrap();

@@ -470,7 +470,8 @@ fn emulated_training(wide_heads: bool) -> (f32, f32) {
 /// model with its MTP module, on the FP8 recipe (experts' masters inside their stacks, routing biases moved every
 /// step) follows the same artifact with AdamW on the host for three steps of two windows and one
 /// of one (AdamW then reads the run's gradients in place). The first step's loss is the same bits;
-/// after that the device's f32 sums (the host sums in f64) part the two by rounding only.
+/// after that the device's f32 sums (the host sums in f64) part the two by rounding only. A
+/// held-out loss evaluated before the first step and between steps agrees and changes nothing.
 #[test]
 fn adamw_on_the_emulated_device_follows_adamw_on_the_host() {
     let (config, mut on_device, dir) = trainer(false, true);
@@ -491,7 +492,18 @@ fn adamw_on_the_emulated_device_follows_adamw_on_the_host() {
     let mut device = v3c_runtime::training::ArtifactStep::new(emulator(), &on_device, 12).unwrap().on_device().unwrap();
     let mut host = v3c_runtime::training::ArtifactStep::new(emulator(), &on_host, 12).unwrap();
     let start = on_host.params.clone();
+    // Held-out windows, evaluated before the first step (on the device: its first upload) and
+    // between steps — which the steps after must not notice.
+    let held_out: Vec<Vec<i64>> =
+        (0..2).map(|b| (0..=13).map(|i| ((i * 17 + b * 3 + 1) % config.vocab_size) as i64).collect()).collect();
+    let (d, h) = (on_device.evaluate(&mut device, &held_out).unwrap(), on_host.evaluate(&mut host, &held_out).unwrap());
+    assert_eq!(d, h, "held-out loss before the first step");
     for s in 0..4 {
+        if s == 2 {
+            let d = on_device.evaluate(&mut device, &held_out).unwrap();
+            let h = on_host.evaluate(&mut host, &held_out).unwrap();
+            assert!((d - h).abs() <= 1e-4 * h.abs(), "held-out loss after two steps: {d} vs {h}");
+        }
         let windows = if s < 3 { 2 } else { 1 };
         let batch: Vec<Vec<i64>> = (0..windows)
             .map(|b| (0..=13).map(|i| ((i * 31 + s * 5 + b * 11) % config.vocab_size) as i64).collect())
