@@ -577,6 +577,21 @@ fn compile_within(
     (out, err)
 }
 
+/// The small model compiled for sm_90a with caches of 128 rows (and `extra` flags), for emulated
+/// sessions: its directory, artifact and checkpoint.
+fn small_artifact(
+    extra: &[&str],
+) -> (tempfile::TempDir, v3c_runtime::artifact::Artifact, v3c_models::checkpoint::Checkpoint) {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = small_checkpoint(dir.path());
+    let (out, _) = compile_within(&ckpt, dir.path(), 128, extra);
+    (
+        dir,
+        v3c_runtime::artifact::Artifact::open(&out).unwrap(),
+        v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap(),
+    )
+}
+
 /// The config of checkpoint `ckpt`.
 fn checkpoint_config(ckpt: &std::path::Path) -> v3c_models::config::ModelConfig {
     v3c_models::config::ModelConfig::from_json_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap(), "small")
@@ -863,11 +878,7 @@ fn check_tensor_core_decode(fp8: bool, fp8_cache: bool, tolerance: f32) {
 #[test]
 fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
     use v3c_runtime::session::{generate, generate_batch, generate_queue, ArtifactSession, Queue};
-    let dir = tempfile::tempdir().unwrap();
-    let ckpt = small_checkpoint(dir.path());
-    let (out, _) = compile_within(&ckpt, dir.path(), 128, &[]);
-    let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
-    let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
+    let (_dir, artifact, checkpoint) = small_artifact(&[]);
     let context = v3c_compiler::mlir::new_context();
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
     let emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
@@ -925,11 +936,7 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
 #[test]
 fn a_prompt_sharing_a_served_prompts_page_reuses_its_rows_and_gets_its_tokens_alone() {
     use v3c_runtime::session::{generate, generate_queue, ArtifactSession, Queue};
-    let dir = tempfile::tempdir().unwrap();
-    let ckpt = small_checkpoint(dir.path());
-    let (out, _) = compile_within(&ckpt, dir.path(), 128, &[]);
-    let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
-    let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
+    let (_dir, artifact, checkpoint) = small_artifact(&[]);
     let context = v3c_compiler::mlir::new_context();
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
     let first: Vec<u32> = (0..80).map(|i| (i * 37 + 11) % 512).collect();
@@ -965,11 +972,7 @@ fn a_prompt_sharing_a_served_prompts_page_reuses_its_rows_and_gets_its_tokens_al
 #[test]
 fn a_prompt_joining_over_fp8_cache_rows_gets_its_tokens_alone() {
     use v3c_runtime::session::{generate, generate_queue, ArtifactSession, Queue};
-    let dir = tempfile::tempdir().unwrap();
-    let ckpt = small_checkpoint(dir.path());
-    let (out, _) = compile_within(&ckpt, dir.path(), 128, &["--kv-cache", "fp8"]);
-    let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
-    let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
+    let (_dir, artifact, checkpoint) = small_artifact(&["--kv-cache", "fp8"]);
     let context = v3c_compiler::mlir::new_context();
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
     let emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
