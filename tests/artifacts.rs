@@ -323,6 +323,84 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let want: Vec<serde_json::Value> = alone("3 17 4", 8).into_iter().map(serde_json::Value::from).collect();
     assert_eq!(after[0]["tokens"].as_array().unwrap(), &want, "{after:?}");
     assert!(text(&out.stderr).contains(" cancelled), "), "{}", text(&out.stderr));
+    // Over HTTP (`--http`, OpenAI's completions with token ids): a completion, a streamed one and a
+    // stop sequence from clients at once, each as `v3r run` alone; other paths and bad bodies
+    // answered with their status and why.
+    /// The server, killed however the test ends (a failed assertion included).
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Server(
+        std::process::Command::new(v3c_tests::workspace_binary("v3r"))
+            .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--http", "127.0.0.1:0"])
+            .args(["--batch", "2", "--ignore-eos"])
+            .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut said = std::io::BufReader::new(server.0.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("serving ") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut said, &mut line).unwrap() > 0, "the server ended");
+    }
+    let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().to_string();
+    let http = |method: &str, path: &str, body: &str| -> (String, String) {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        std::io::Write::write_all(&mut c, request.as_bytes()).unwrap();
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut c, &mut reply).unwrap();
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_string(), body.to_string())
+    };
+    let ids =
+        |v: &serde_json::Value| -> Vec<u64> { v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect() };
+    let first = alone("3 17 4 29 11 5 8 2 40 1", 8);
+    let stop = format!("{:?}", &first[3..5]);
+    let replies = std::thread::scope(|scope| {
+        let whole = scope.spawn(|| http("POST", "/v1/completions", r#"{"prompt": [3, 17, 4], "max_tokens": 6}"#));
+        let streamed = scope
+            .spawn(|| http("POST", "/v1/completions", r#"{"prompt": [[7, 7, 2]], "max_tokens": 5, "stream": true}"#));
+        let body = format!(r#"{{"prompt": [3, 17, 4, 29, 11, 5, 8, 2, 40, 1], "max_tokens": 8, "stop": [{stop}]}}"#);
+        let stopped = scope.spawn(move || http("POST", "/v1/completions", &body));
+        [whole.join().unwrap(), streamed.join().unwrap(), stopped.join().unwrap()]
+    });
+    let [(status, whole), (_, streamed), (_, stopped)] = &replies;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let whole: serde_json::Value = serde_json::from_str(whole).unwrap();
+    assert_eq!(ids(&whole["choices"][0]["tokens"]), alone("3 17 4", 6), "{whole}");
+    assert_eq!((&whole["choices"][0]["finish_reason"], &whole["usage"]["total_tokens"]), (&"length".into(), &9.into()));
+    let events: Vec<&str> = streamed.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{streamed}");
+    let chunks: Vec<serde_json::Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let tokens: Vec<u64> = chunks.iter().flat_map(|c| ids(&c["choices"][0]["tokens"])).collect();
+    assert_eq!(tokens, alone("7 7 2", 5), "{streamed}");
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+    let stopped: serde_json::Value = serde_json::from_str(stopped).unwrap();
+    let end = (4..=8).find(|&e| first[..e].ends_with(&first[3..5])).unwrap();
+    assert_eq!(ids(&stopped["choices"][0]["tokens"]), first[..end], "{stopped}");
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+    for (method, path, body, want, why) in [
+        ("GET", "/v1/models", "", "200 OK", "\"object\":\"model\""),
+        ("GET", "/health", "", "200 OK", "ok"),
+        ("GET", "/v2/anything", "", "404 Not Found", "served are POST /v1/completions"),
+        ("GET", "/v1/completions", "", "405 Method Not Allowed", "GET /v1/completions"),
+        ("POST", "/v1/completions", "{\"prompt\": \"hi\"}", "400 Bad Request", "'hi' is not a token id"),
+        ("POST", "/v1/completions", "{\"prompt\": [1], \"max_tokens\": 99}", "400 Bad Request", "the batch holds"),
+    ] {
+        let (status, body) = http(method, path, body);
+        assert_eq!(status, format!("HTTP/1.1 {want}"), "{method} {path}: {body}");
+        assert!(body.contains(why), "{method} {path}: {body}");
+    }
+    drop(server);
     // A serving benchmark over made-up weights: every request served with its new tokens, the
     // figures written; a range that is not one, and prompts the caches cannot hold, refused.
     let figures = dir.path().join("serve.json");

@@ -21,6 +21,7 @@ pub mod cuda;
 pub mod device;
 pub mod gpu;
 pub mod host;
+pub mod http;
 pub mod lowering;
 pub mod measure;
 pub mod optimizer;

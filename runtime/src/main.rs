@@ -329,8 +329,15 @@ struct ServeArgs {
     #[command(flatten)]
     generating: Generating,
     /// Also a JSON line {"id": ..., "token": T} for every token as it is picked.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "http")]
     stream: bool,
+    /// Serve over HTTP on this address (e.g. 127.0.0.1:8000; port 0 picks one, said on stderr)
+    /// instead of stdin: OpenAI's completions API with token ids — POST /v1/completions
+    /// {"prompt": [ids], "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs",
+    /// "stream"} (server-sent events with "stream": true), GET /v1/models, GET /health. Runs until
+    /// stopped (Ctrl-C).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -738,9 +745,17 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     if args.batch == Some(0) {
         return Err(Failure::Other("--batch 0: at least one sequence decodes at a time".into()));
     }
+    // Bound before anything loads: a taken port is said at once.
+    let listener = match &args.http {
+        Some(addr) => {
+            Some(std::net::TcpListener::bind(addr).map_err(|e| Failure::Other(format!("--http {addr}: {e}")))?)
+        }
+        None => None,
+    };
     let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
     let eos = eos_of(&a, args.generating.ignore_eos);
+    let model = a.manifest.model.name.clone();
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let program = program.as_ref();
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
@@ -752,6 +767,33 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         top_p: args.generating.top_p,
         seed: args.generating.seed,
     };
+    if let Some(listener) = listener {
+        let limits = vec![max_len; slots];
+        let serving = v3c_runtime::session::Serving {
+            slots,
+            limits: &limits,
+            max_prompt,
+            eos,
+            prefill_budget: args.scheduling.prefill_budget,
+            reuse_prefixes: !args.scheduling.no_prefix_reuse,
+        };
+        let addr = listener.local_addr().map_err(|e| Failure::Other(e.to_string()))?;
+        eprintln!(
+            "serving {model} on http://{addr} (POST /v1/completions, GET /v1/models, GET /health; {slots} at a time, {kind})"
+        );
+        let start = std::time::Instant::now();
+        let served =
+            v3c_runtime::http::serve_http(listener, program, &serving, defaults, &model, &|| false).map_err(at)?;
+        eprintln!(
+            "served {} requests, {} tokens in {:.3} s ({} joined a running batch, {:.3} s in prefills)",
+            served.requests,
+            served.tokens,
+            start.elapsed().as_secs_f64(),
+            served.joined,
+            served.prefill_s
+        );
+        return Ok(());
+    }
     // Lines from stdin as they come, with when they came (a request queued behind others counts
     // its wait from then); a request's id is its own or its line's number.
     let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, String)>();

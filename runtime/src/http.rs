@@ -1,0 +1,458 @@
+//! `v3r serve --http ADDR`: the serving loop ([`crate::session::serve`]) behind a small HTTP/1.1
+//! server speaking OpenAI's completions API with token ids — `POST /v1/completions` with
+//! `{"prompt": [ids], "max_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop": [[ids]],
+//! "logprobs": true, "stream": true}` (prompts as arrays of token ids, as that API allows; there is
+//! no tokenizer here, so every `text` is empty and the tokens are in `tokens`), `GET /v1/models`,
+//! `GET /health`. Each connection has a thread of its own that parses its request, hands it to the
+//! serving loop (one queue for all) and writes what the loop reports: the whole completion, or with
+//! `stream` a server-sent event per token then `data: [DONE]`. A client that goes away while its
+//! tokens stream cancels its request. One request per connection (`Connection: close`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
+
+use crate::cli::RequestDefaults;
+use crate::session::{Arrival, Ending, Generation, Progress, Request};
+
+/// The largest request body read (a prompt of a million token ids fits).
+const MAX_BODY: usize = 16 << 20;
+
+/// A parsed HTTP request: its method, path and body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpRequest {
+    pub method: String,
+    pub path: String,
+    pub body: Vec<u8>,
+}
+
+/// Reads one HTTP/1.1 request (request line, headers, a `Content-Length` body) from `reader`.
+pub fn read_request(reader: &mut impl BufRead) -> Result<HttpRequest, String> {
+    let mut line = String::new();
+    reader.read_line(&mut line).map_err(|e| format!("reading the request: {e}"))?;
+    let mut parts = line.split_whitespace();
+    let (Some(method), Some(path), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("not an HTTP request line: {:?}", line.trim_end()));
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("{version}: only HTTP/1.x is served"));
+    }
+    let (method, path) = (method.to_string(), path.split('?').next().unwrap_or(path).to_string());
+    let mut length = 0usize;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).map_err(|e| format!("reading the headers: {e}"))? == 0 {
+            return Err("the headers end before a blank line".into());
+        }
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().map_err(|_| format!("Content-Length: {:?}", value.trim()))?;
+            } else if name.trim().eq_ignore_ascii_case("transfer-encoding") {
+                return Err("chunked request bodies are not read: send a Content-Length".into());
+            }
+        }
+    }
+    if length > MAX_BODY {
+        return Err(format!("a body of {length} bytes (at most {MAX_BODY})"));
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).map_err(|e| format!("reading a body of {length} bytes: {e}"))?;
+    Ok(HttpRequest { method, path, body })
+}
+
+/// A completion request's body as the serving loop takes it, and whether it streams. OpenAI's
+/// fields: `prompt` (token ids: an array, or one array in an array), `max_tokens`, `temperature`,
+/// `top_p`, `seed`, `stop` (token id sequences), `logprobs` (true or a count: this serves the
+/// chosen token's), `stream`; `model`, `n` (1), `user` and `echo` (false) are accepted and the
+/// others refused by name. What a request leaves out comes from `defaults`.
+pub fn completion_request(body: &[u8], defaults: &RequestDefaults) -> Result<(Request, bool), String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
+    let o = v.as_object().ok_or("the body is not a JSON object")?;
+    const FIELDS: [&str; 12] = [
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "logprobs",
+        "stream",
+        "model",
+        "n",
+        "user",
+        "echo",
+    ];
+    if let Some(k) = o.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(format!("unknown field '{k}' ({})", FIELDS.join(", ")));
+    }
+    if o.get("n").is_some_and(|n| n.as_u64() != Some(1)) {
+        return Err("n: one completion a request".into());
+    }
+    if o.get("echo").is_some_and(|e| e.as_bool() != Some(false)) {
+        return Err("echo: the prompt's log-probabilities are not served (`v3r logits` writes them)".into());
+    }
+    let prompt = match o.get("prompt") {
+        Some(serde_json::Value::Array(a)) if a.len() == 1 && a[0].is_array() => a[0].clone(),
+        Some(p) => p.clone(),
+        None => return Err("no \"prompt\" (token ids)".into()),
+    };
+    // The serve line's fields, which [`crate::cli::parse_request`] checks.
+    let mut line = serde_json::json!({ "prompt": prompt });
+    for (ours, theirs) in [("max_new_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p")] {
+        if let Some(x) = o.get(theirs) {
+            line[ours] = x.clone();
+        }
+    }
+    for k in ["seed", "stop"] {
+        if let Some(x) = o.get(k).filter(|x| !x.is_null()) {
+            line[k] = x.clone();
+        }
+    }
+    match o.get("logprobs") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Bool(b)) => line["logprobs"] = (*b).into(),
+        Some(n) if n.as_u64().is_some() => line["logprobs"] = true.into(),
+        Some(x) => return Err(format!("logprobs: {x} is not true, false or a count")),
+    }
+    let stream = match o.get("stream") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(x) => x.as_bool().ok_or_else(|| format!("stream: {x} is not true or false"))?,
+    };
+    let (_, request) = crate::cli::parse_request(&line.to_string(), defaults)?;
+    Ok((request, stream))
+}
+
+/// OpenAI's `finish_reason`: an end token or stop sequence is `stop`, the token budget `length`.
+fn finish_reason(g: &Generation) -> &'static str {
+    match g.ending {
+        Some(Ending::Eos) | Some(Ending::Stop) => "stop",
+        Some(Ending::Length) => "length",
+        None => "cancelled",
+    }
+}
+
+/// A whole completion's JSON (`object: text_completion`).
+pub fn completion_json(id: &str, model: &str, created: u64, prompt_tokens: usize, g: &Generation) -> serde_json::Value {
+    let logprobs = match g.logprobs.is_empty() {
+        true => serde_json::Value::Null,
+        false => serde_json::json!({ "tokens": g.tokens, "token_logprobs": g.logprobs }),
+    };
+    serde_json::json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "text": "",
+            "tokens": g.tokens,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason(g),
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": g.tokens.len(),
+            "total_tokens": prompt_tokens + g.tokens.len(),
+            "cached_prompt_tokens": g.reused,
+        },
+    })
+}
+
+/// One streamed chunk: a token, or (`finish`) the end.
+fn chunk_json(id: &str, model: &str, created: u64, token: Option<u32>, finish: Option<&str>) -> serde_json::Value {
+    serde_json::json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{ "index": 0, "text": "", "tokens": token.into_iter().collect::<Vec<_>>(), "finish_reason": finish }],
+    })
+}
+
+/// Writes a whole response: `status` (e.g. "200 OK") and a JSON body.
+fn respond(stream: &mut TcpStream, status: &str, body: &serde_json::Value) -> std::io::Result<()> {
+    let body = body.to_string();
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+/// An error response in OpenAI's shape.
+fn respond_error(stream: &mut TcpStream, status: &str, message: &str) -> std::io::Result<()> {
+    let kind = if status.starts_with('4') { "invalid_request_error" } else { "server_error" };
+    respond(stream, status, &serde_json::json!({ "error": { "message": message, "type": kind } }))
+}
+
+/// What a connection's thread hands the serving loop.
+enum Message {
+    /// A request, and where its progress goes.
+    Request(Request, mpsc::Sender<Progress>),
+    /// The client of request `.0` (its number in arrival order) went away.
+    Gone(usize),
+}
+
+/// Figures of a served run.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Served {
+    pub requests: usize,
+    pub tokens: usize,
+    pub joined: usize,
+    pub prefill_s: f64,
+}
+
+/// Serves completions on `listener` until `stop` returns true between requests (checked every
+/// 100 ms while idle; a server runs until killed otherwise): each connection's request is served
+/// by [`crate::session::serve`] as `o` says, the model named `model` in the replies.
+pub fn serve_http(
+    listener: TcpListener,
+    program: &dyn crate::session::Program,
+    o: &crate::session::Serving,
+    defaults: RequestDefaults,
+    model: &str,
+    stop: &dyn Fn() -> bool,
+) -> Result<Served, String> {
+    let (tx, rx) = mpsc::channel::<(Message, Option<mpsc::Sender<usize>>)>();
+    let model_name = model.to_string();
+    listener.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let accepting = tx.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (tx, model) = (accepting.clone(), model_name.clone());
+            std::thread::spawn(move || connection(stream, tx, defaults, &model));
+        }
+    });
+    drop(tx);
+    // Per request (in arrival order): where its progress goes.
+    let replies: std::cell::RefCell<Vec<Option<mpsc::Sender<Progress>>>> = Default::default();
+    let mut served = Served::default();
+    let mut next = |idle: bool| {
+        let message = match idle {
+            true => loop {
+                match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                    Ok(m) => break m,
+                    Err(mpsc::RecvTimeoutError::Timeout) if stop() => return Arrival::Closed,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return Arrival::Closed,
+                }
+            },
+            false => match rx.try_recv() {
+                Ok(m) => m,
+                Err(mpsc::TryRecvError::Empty) => return Arrival::NotYet,
+                Err(mpsc::TryRecvError::Disconnected) => return Arrival::Closed,
+            },
+        };
+        match message {
+            (Message::Request(r, reply), number) => {
+                let mut replies = replies.borrow_mut();
+                if let Some(number) = number {
+                    let _ = number.send(replies.len());
+                }
+                replies.push(Some(reply));
+                Arrival::Request(r)
+            }
+            (Message::Gone(i), _) => Arrival::Cancel(i),
+        }
+    };
+    let mut report = |i: usize, p: Progress| -> Result<(), String> {
+        if let Progress::Ended(g) = &p {
+            served.requests += 1;
+            served.tokens += g.tokens.len();
+        }
+        let last = matches!(p, Progress::Ended(_) | Progress::Cancelled(_) | Progress::Refused(_));
+        let mut replies = replies.borrow_mut();
+        if let Some(reply) = replies.get(i).and_then(Option::as_ref) {
+            // A client gone already: nothing to tell it.
+            let _ = reply.send(p);
+        }
+        if last {
+            if let Some(r) = replies.get_mut(i) {
+                *r = None;
+            }
+        }
+        Ok(())
+    };
+    let (joined, prefill_s) = crate::session::serve(program, o, &mut next, &mut report)?;
+    Ok(Served { joined, prefill_s, ..served })
+}
+
+/// Seconds since the Unix epoch (`created`).
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// One connection: its request read, routed, answered.
+fn connection(
+    mut stream: TcpStream,
+    tx: mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
+    defaults: RequestDefaults,
+    model: &str,
+) {
+    let request = {
+        let mut reader = BufReader::new(match stream.try_clone() {
+            Ok(s) => s,
+            Err(_) => return,
+        });
+        read_request(&mut reader)
+    };
+    let request = match request {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = respond_error(&mut stream, "400 Bad Request", &e);
+            return;
+        }
+    };
+    match (request.method.as_str(), request.path.as_str()) {
+        ("GET", "/health") => {
+            let _ = respond(&mut stream, "200 OK", &serde_json::json!({ "status": "ok" }));
+        }
+        ("GET", "/v1/models") => {
+            let models = serde_json::json!({ "object": "list", "data": [{ "id": model, "object": "model", "owned_by": "v3c" }] });
+            let _ = respond(&mut stream, "200 OK", &models);
+        }
+        ("POST", "/v1/completions") => completion(stream, &request.body, tx, defaults, model),
+        (_, "/health" | "/v1/models" | "/v1/completions") => {
+            let _ =
+                respond_error(&mut stream, "405 Method Not Allowed", &format!("{} {}", request.method, request.path));
+        }
+        (_, path) => {
+            let message = format!("{path}: served are POST /v1/completions, GET /v1/models and GET /health");
+            let _ = respond_error(&mut stream, "404 Not Found", &message);
+        }
+    }
+}
+
+/// A completion: parsed, queued, answered whole or streamed.
+fn completion(
+    mut stream: TcpStream,
+    body: &[u8],
+    tx: mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
+    defaults: RequestDefaults,
+    model: &str,
+) {
+    let (request, streaming) = match completion_request(body, &defaults) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = respond_error(&mut stream, "400 Bad Request", &e);
+            return;
+        }
+    };
+    let prompt_tokens = request.prompt.len();
+    let (progress, events) = mpsc::channel();
+    let (number_tx, number_rx) = mpsc::channel();
+    if tx.send((Message::Request(request, progress), Some(number_tx))).is_err() {
+        let _ = respond_error(&mut stream, "503 Service Unavailable", "the server is stopping");
+        return;
+    }
+    let Ok(number) = number_rx.recv() else {
+        let _ = respond_error(&mut stream, "503 Service Unavailable", "the server is stopping");
+        return;
+    };
+    let (id, created) = (format!("cmpl-{number}"), now());
+    if streaming {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
+        let mut gone = stream.write_all(head.as_bytes()).and_then(|_| stream.flush()).is_err();
+        for event in events {
+            let (data, end) = match event {
+                Progress::Token(t) => (chunk_json(&id, model, created, Some(t), None), false),
+                Progress::Ended(g) | Progress::Cancelled(g) => {
+                    (chunk_json(&id, model, created, None, Some(finish_reason(&g))), true)
+                }
+                Progress::Refused(e) => {
+                    (serde_json::json!({ "error": { "message": e, "type": "invalid_request_error" } }), true)
+                }
+            };
+            if !gone {
+                let text = format!("data: {data}\n\n{}", if end { "data: [DONE]\n\n" } else { "" });
+                if stream.write_all(text.as_bytes()).and_then(|_| stream.flush()).is_err() {
+                    // The client went away: its request leaves the batch.
+                    gone = true;
+                    let _ = tx.send((Message::Gone(number), None));
+                }
+            }
+            if end {
+                break;
+            }
+        }
+        return;
+    }
+    for event in events {
+        match event {
+            Progress::Token(_) => {}
+            Progress::Ended(g) | Progress::Cancelled(g) => {
+                let _ = respond(&mut stream, "200 OK", &completion_json(&id, model, created, prompt_tokens, &g));
+                return;
+            }
+            Progress::Refused(e) => {
+                let _ = respond_error(&mut stream, "400 Bad Request", &e);
+                return;
+            }
+        }
+    }
+    let _ = respond_error(&mut stream, "503 Service Unavailable", "the server stopped before the request ended");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> RequestDefaults {
+        RequestDefaults { max_new: 16, temperature: 0.0, top_p: 1.0, seed: 0 }
+    }
+
+    /// Request lines, headers and bodies as clients send them; what is not HTTP is said.
+    #[test]
+    fn requests_are_read_to_their_content_length() {
+        let raw = "POST /v1/completions?x=1 HTTP/1.1\r\nHost: a\r\ncontent-length: 13\r\n\r\n{\"prompt\": 1}extra";
+        let r = read_request(&mut raw.as_bytes()).unwrap();
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str(), &r.body[..]),
+            ("POST", "/v1/completions", &b"{\"prompt\": 1}"[..])
+        );
+        let r = read_request(&mut "GET /health HTTP/1.0\r\n\r\n".as_bytes()).unwrap();
+        assert_eq!((r.method.as_str(), r.body.len()), ("GET", 0));
+        for (raw, err) in [
+            ("hello\r\n\r\n", "not an HTTP request line"),
+            ("GET / HTTP/2\r\n\r\n", "only HTTP/1.x"),
+            ("POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", "Content-Length"),
+            ("POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", "reading a body of 10 bytes"),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", "chunked"),
+            ("GET / HTTP/1.1\r\nHost: a\r\n", "the headers end"),
+        ] {
+            let got = read_request(&mut raw.as_bytes()).unwrap_err();
+            assert!(got.contains(err), "{raw:?}: {got}");
+        }
+    }
+
+    /// OpenAI's completion fields map onto a serve request; what this server cannot do is refused
+    /// by name.
+    #[test]
+    fn completion_bodies_become_requests() {
+        let body = br#"{"model": "m", "prompt": [[4, 5, 6]], "max_tokens": 3, "temperature": 0.5, "top_p": 0.9,
+            "seed": 7, "stop": [[1, 2]], "logprobs": 1, "stream": true, "n": 1}"#;
+        let (r, stream) = completion_request(body, &defaults()).unwrap();
+        assert_eq!((r.prompt, r.max_new, r.sampler.temperature, r.sampler.top_p), (vec![4, 5, 6], 3, 0.5, 0.9));
+        assert_eq!((r.stop, r.logprobs, stream), (vec![vec![1, 2]], true, true));
+        let (r, stream) = completion_request(br#"{"prompt": [9], "seed": null, "stop": null}"#, &defaults()).unwrap();
+        assert_eq!((r.prompt, r.max_new, r.logprobs, stream), (vec![9], 16, false, false));
+        for (body, err) in [
+            (&br#"{"prompt": "hello"}"#[..], "prompt: 'hello' is not a token id"),
+            (br#"{"prompt": [1], "n": 2}"#, "n: one completion a request"),
+            (br#"{"prompt": [1], "echo": true}"#, "echo: the prompt's log-probabilities"),
+            (br#"{"prompt": [1], "best_of": 2}"#, "unknown field 'best_of'"),
+            (br#"{"max_tokens": 2}"#, "no \"prompt\""),
+            (br#"{"prompt": [1], "stream": 1}"#, "stream: 1 is not true or false"),
+            (br#"{"prompt": [1], "logprobs": "x"}"#, "logprobs: \"x\" is not"),
+            (b"[1]", "not a JSON object"),
+        ] {
+            let got = completion_request(body, &defaults()).unwrap_err();
+            assert!(got.contains(err), "{}: {got}", String::from_utf8_lossy(body));
+        }
+    }
+}
