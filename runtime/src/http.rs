@@ -294,6 +294,8 @@ fn connection(
     defaults: RequestDefaults,
     model: &str,
 ) {
+    // A client that never finishes its request does not hold its thread for ever.
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(60)));
     let request = {
         let mut reader = BufReader::new(match stream.try_clone() {
             Ok(s) => s,
