@@ -767,16 +767,16 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         top_p: args.generating.top_p,
         seed: args.generating.seed,
     };
+    let limits = vec![max_len; slots];
+    let serving = v3c_runtime::session::Serving {
+        slots,
+        limits: &limits,
+        max_prompt,
+        eos,
+        prefill_budget: args.scheduling.prefill_budget,
+        reuse_prefixes: !args.scheduling.no_prefix_reuse,
+    };
     if let Some(listener) = listener {
-        let limits = vec![max_len; slots];
-        let serving = v3c_runtime::session::Serving {
-            slots,
-            limits: &limits,
-            max_prompt,
-            eos,
-            prefill_budget: args.scheduling.prefill_budget,
-            reuse_prefixes: !args.scheduling.no_prefix_reuse,
-        };
         let addr = listener.local_addr().map_err(|e| Failure::Other(e.to_string()))?;
         eprintln!(
             "serving {model} on http://{addr} (POST /v1/completions, GET /v1/models, GET /health; {slots} at a time, {kind})"
@@ -898,15 +898,6 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             Progress::Refused(e) => reply(serde_json::json!({"id": id, "error": e}))?,
         }
         Ok(())
-    };
-    let limits = vec![max_len; slots];
-    let serving = v3c_runtime::session::Serving {
-        slots,
-        limits: &limits,
-        max_prompt,
-        eos,
-        prefill_budget: args.scheduling.prefill_budget,
-        reuse_prefixes: !args.scheduling.no_prefix_reuse,
     };
     let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut done).map_err(at)?;
     let refused = refused + ids.borrow().len() - served - cancelled;
