@@ -365,7 +365,8 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let first = alone("3 17 4 29 11 5 8 2 40 1", 8);
     let stop = format!("{:?}", &first[3..5]);
     let replies = std::thread::scope(|scope| {
-        let whole = scope.spawn(|| http("POST", "/v1/completions", r#"{"prompt": [3, 17, 4], "max_tokens": 6}"#));
+        let whole = scope
+            .spawn(|| http("POST", "/v1/completions", r#"{"prompt": [3, 17, 4], "max_tokens": 6, "logprobs": 2}"#));
         let streamed = scope
             .spawn(|| http("POST", "/v1/completions", r#"{"prompt": [[7, 7, 2]], "max_tokens": 5, "stream": true}"#));
         let body = format!(r#"{{"prompt": [3, 17, 4, 29, 11, 5, 8, 2, 40, 1], "max_tokens": 8, "stop": [{stop}]}}"#);
@@ -377,6 +378,12 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let whole: serde_json::Value = serde_json::from_str(whole).unwrap();
     assert_eq!(ids(&whole["choices"][0]["tokens"]), alone("3 17 4", 6), "{whole}");
     assert_eq!((&whole["choices"][0]["finish_reason"], &whole["usage"]["total_tokens"]), (&"length".into(), &9.into()));
+    // "logprobs": 2 — each greedy token the likelier of its two alternatives, at its own value.
+    let lp = &whole["choices"][0]["logprobs"];
+    for (k, t) in ids(&whole["choices"][0]["tokens"]).iter().enumerate() {
+        let alts = lp["top_logprobs"][k].as_object().unwrap();
+        assert_eq!((alts.len(), &alts[&t.to_string()]), (2, &lp["token_logprobs"][k]), "{lp}");
+    }
     let events: Vec<&str> = streamed.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
     assert_eq!(events.last(), Some(&"[DONE]"), "{streamed}");
     let chunks: Vec<serde_json::Value> =

@@ -117,7 +117,7 @@ pub fn parse_cancel(line: &str) -> Option<serde_json::Value> {
 
 /// One line of `v3r serve`'s input: token ids separated by spaces, or a JSON object
 /// `{"prompt": [ids] or "ids", "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S,
-/// "stop": [[ids], ...] or [ids] or "ids", "logprobs": true|false, "id": anything}` (all but the
+/// "stop": [[ids], ...] or [ids] or "ids", "logprobs": true|false, "top_logprobs": K, "id": anything}` (all but the
 /// prompt optional, from `defaults`). Returns the request's id (when it gives one) and the request.
 pub fn parse_request(
     line: &str,
@@ -132,7 +132,8 @@ pub fn parse_request(
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    const FIELDS: [&str; 8] = ["prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "id"];
+    const FIELDS: [&str; 9] =
+        ["prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "top_logprobs", "id"];
     if let Some(k) = o.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(format!("unknown field '{k}' ({})", FIELDS.join(", ")));
     }
@@ -163,9 +164,23 @@ pub fn parse_request(
     let top_p = number("top_p")?.map_or(d.top_p, |p| p as f32);
     check_sampling(temperature, top_p)?;
     let sampler = v3c_models::reference::Sampler::new(temperature, top_p, whole("seed")?.unwrap_or(d.seed));
-    let request = crate::session::Request { stop, logprobs, ..crate::session::Request::new(prompt, max_new, sampler) };
+    let top_logprobs = whole("top_logprobs")?.unwrap_or(0) as usize;
+    if top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(format!("top_logprobs: {top_logprobs} (at most {MAX_TOP_LOGPROBS})"));
+    }
+    // Alternatives come with the chosen token's log-probability.
+    let logprobs = logprobs || top_logprobs > 0;
+    let request = crate::session::Request {
+        stop,
+        logprobs,
+        top_logprobs,
+        ..crate::session::Request::new(prompt, max_new, sampler)
+    };
     Ok((o.get("id").cloned(), request))
 }
+
+/// The most alternatives a request may ask for at each token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// Token ids from a JSON array (at least one), for field `what`.
 fn json_ids(ids: &[serde_json::Value], what: &str) -> Result<Vec<u32>, String> {
@@ -204,6 +219,8 @@ mod tests {
             let (_, r) = parse_request(&format!(r#"{{"prompt": [4], "stop": {stop}, "logprobs": true}}"#), &d).unwrap();
             assert_eq!((r.stop, r.logprobs), (want, true), "{stop}");
         }
+        let (_, r) = parse_request(r#"{"prompt": [4], "top_logprobs": 5}"#, &d).unwrap();
+        assert_eq!((r.logprobs, r.top_logprobs), (true, 5), "alternatives bring the chosen token's");
         for (line, err) in [
             (r#"{"prompt": "1 2", "max_tokens": 3}"#, "unknown field 'max_tokens'"),
             (r#"{"prompt": [1, -2]}"#, "prompt: -2 is not a token id"),
@@ -216,6 +233,7 @@ mod tests {
             (r#"{"prompt": "1", "stop": [[1], []]}"#, "stop: no token ids given"),
             (r#"{"prompt": "1", "stop": 5}"#, "stop: 5 is not token ids"),
             (r#"{"prompt": "1", "logprobs": 1}"#, "logprobs: 1 is not true or false"),
+            (r#"{"prompt": "1", "top_logprobs": 21}"#, "top_logprobs: 21 (at most 20)"),
         ] {
             let got = parse_request(line, &d).unwrap_err();
             assert!(got.contains(err), "{line}: {got}");

@@ -66,8 +66,8 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<HttpRequest, String> {
 
 /// A completion request's body as the serving loop takes it, and whether it streams. OpenAI's
 /// fields: `prompt` (token ids: an array, or one array in an array), `max_tokens`, `temperature`,
-/// `top_p`, `seed`, `stop` (token id sequences), `logprobs` (true or a count: this serves the
-/// chosen token's), `stream`; `model`, `n` (1), `user` and `echo` (false) are accepted and the
+/// `top_p`, `seed`, `stop` (token id sequences), `logprobs` (true: the chosen token's; a count:
+/// that many alternatives' too, at most [`crate::cli::MAX_TOP_LOGPROBS`]), `stream`; `model`, `n` (1), `user` and `echo` (false) are accepted and the
 /// others refused by name. What a request leaves out comes from `defaults`.
 pub fn completion_request(body: &[u8], defaults: &RequestDefaults) -> Result<(Request, bool), String> {
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
@@ -115,7 +115,11 @@ pub fn completion_request(body: &[u8], defaults: &RequestDefaults) -> Result<(Re
     match o.get("logprobs") {
         None | Some(serde_json::Value::Null) => {}
         Some(serde_json::Value::Bool(b)) => line["logprobs"] = (*b).into(),
-        Some(n) if n.as_u64().is_some() => line["logprobs"] = true.into(),
+        // A count: the chosen token's and that many alternatives' at each step.
+        Some(n) if n.as_u64().is_some() => {
+            line["logprobs"] = true.into();
+            line["top_logprobs"] = n.clone();
+        }
         Some(x) => return Err(format!("logprobs: {x} is not true, false or a count")),
     }
     let stream = match o.get("stream") {
@@ -139,7 +143,16 @@ fn finish_reason(g: &Generation) -> &'static str {
 pub fn completion_json(id: &str, model: &str, created: u64, prompt_tokens: usize, g: &Generation) -> serde_json::Value {
     let logprobs = match g.logprobs.is_empty() {
         true => serde_json::Value::Null,
-        false => serde_json::json!({ "tokens": g.tokens, "token_logprobs": g.logprobs }),
+        false => {
+            // OpenAI's shape: per step an object of token -> log-probability (ids as the keys).
+            let top: Vec<serde_json::Value> = g
+                .top_logprobs
+                .iter()
+                .map(|alts| alts.iter().map(|(t, lp)| (t.to_string(), serde_json::json!(lp))).collect())
+                .collect();
+            let top = if top.is_empty() { serde_json::Value::Null } else { top.into() };
+            serde_json::json!({ "tokens": g.tokens, "token_logprobs": g.logprobs, "top_logprobs": top })
+        }
     };
     serde_json::json!({
         "id": id,
@@ -440,7 +453,7 @@ mod tests {
             "seed": 7, "stop": [[1, 2]], "logprobs": 1, "stream": true, "n": 1}"#;
         let (r, stream) = completion_request(body, &defaults()).unwrap();
         assert_eq!((r.prompt, r.max_new, r.sampler.temperature, r.sampler.top_p), (vec![4, 5, 6], 3, 0.5, 0.9));
-        assert_eq!((r.stop, r.logprobs, stream), (vec![vec![1, 2]], true, true));
+        assert_eq!((r.stop, r.logprobs, r.top_logprobs, stream), (vec![vec![1, 2]], true, 1, true));
         let (r, stream) = completion_request(br#"{"prompt": [9], "seed": null, "stop": null}"#, &defaults()).unwrap();
         assert_eq!((r.prompt, r.max_new, r.logprobs, stream), (vec![9], 16, false, false));
         for (body, err) in [
@@ -451,6 +464,7 @@ mod tests {
             (br#"{"max_tokens": 2}"#, "no \"prompt\""),
             (br#"{"prompt": [1], "stream": 1}"#, "stream: 1 is not true or false"),
             (br#"{"prompt": [1], "logprobs": "x"}"#, "logprobs: \"x\" is not"),
+            (br#"{"prompt": [1], "logprobs": 50}"#, "top_logprobs: 50 (at most 20)"),
             (b"[1]", "not a JSON object"),
         ] {
             let got = completion_request(body, &defaults()).unwrap_err();

@@ -35,7 +35,7 @@ enum Command {
     Run(RunArgs),
     /// Serve requests read from stdin as they arrive, one a line — token ids, or JSON
     /// {"prompt": [ids], "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop":
-    /// [[ids], ...], "logprobs": true, "id": ...} — with at most --batch sequences decoding
+    /// [[ids], ...], "logprobs": true, "top_logprobs": K, "id": ...} — with at most --batch sequences decoding
     /// together, each request joining the running batch as it arrives (a slot and cache pages
     /// free); one JSON line per request on stdout as it ends (its tokens, finish_reason, times).
     /// --max-new-tokens, --temperature, --top-p and --seed fill what a request leaves out; a line
@@ -880,6 +880,12 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                     // NaN (a token the device picked) as null.
                     let lp: Vec<serde_json::Value> = g.logprobs.iter().map(|&x| serde_json::json!(x)).collect();
                     line["logprobs"] = serde_json::Value::Array(lp);
+                }
+                if !g.top_logprobs.is_empty() {
+                    let top = |alts: &Vec<(u32, f32)>| -> serde_json::Value {
+                        alts.iter().map(|(t, lp)| serde_json::json!({"token": t, "logprob": lp})).collect()
+                    };
+                    line["top_logprobs"] = g.top_logprobs.iter().map(top).collect();
                 }
                 reply(line)?;
             }

@@ -1140,6 +1140,7 @@ pub fn generate_batch(
             queued_s: 0.0,
             reused: 0,
             logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
             ending: Some(if stopped[i] { Ending::Eos } else { Ending::Length }),
         })
         .collect())
@@ -1252,12 +1253,15 @@ pub struct Request {
     pub stop: Vec<Vec<u32>>,
     /// Report each token's log-probability under the model ([`Generation::logprobs`]).
     pub logprobs: bool,
+    /// With `logprobs`, also this many of the most probable tokens at each step, with theirs
+    /// ([`Generation::top_logprobs`]).
+    pub top_logprobs: usize,
 }
 
 impl Request {
     /// `max_new` tokens after `prompt` picked by `sampler`; no stop sequences, no log-probabilities.
     pub fn new(prompt: Vec<u32>, max_new: usize, sampler: v3c_models::reference::Sampler) -> Request {
-        Request { prompt, max_new, sampler, arrived: None, stop: Vec::new(), logprobs: false }
+        Request { prompt, max_new, sampler, arrived: None, stop: Vec::new(), logprobs: false, top_logprobs: 0 }
     }
 
     /// Whether `tokens` (its tokens so far) end it: at the end token or one of its stop sequences.
@@ -1297,9 +1301,32 @@ impl Ending {
 /// The log-probability of `token` under softmax(`logits`) (the model's own distribution: no
 /// temperature, no nucleus), summed in f64.
 pub fn log_probability(logits: &[f32], token: u32) -> f32 {
+    let (max, log_sum) = log_sum_exp(logits);
+    logits.get(token as usize).map_or(f32::NAN, |&l| (f64::from(l - max) - log_sum) as f32)
+}
+
+/// The largest logit and ln(sum(exp(logit - largest))), in f64.
+fn log_sum_exp(logits: &[f32]) -> (f32, f64) {
     let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
-    logits.get(token as usize).map_or(f32::NAN, |&l| (f64::from(l - max) - sum.ln()) as f32)
+    (max, logits.iter().map(|&l| f64::from(l - max).exp()).sum::<f64>().ln())
+}
+
+/// The `k` most probable tokens under softmax(`logits`) (ties: the lower id first), most probable
+/// first, with their log-probabilities as [`log_probability`] gives them (a partial sort).
+pub fn top_log_probabilities(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let (max, log_sum) = log_sum_exp(logits);
+    let mut order: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let k = k.min(order.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    if k < order.len() {
+        order.select_nth_unstable_by(k - 1, by);
+    }
+    order.truncate(k);
+    order.sort_unstable_by(by);
+    order.into_iter().map(|(t, l)| (t, (f64::from(l - max) - log_sum) as f32)).collect()
 }
 
 /// What [`serve`] asks for next: a request, a request to cancel (its number, in arrival order),
@@ -1335,8 +1362,9 @@ struct Running {
     prefill_s: f64,
     /// Its prompt's rows copied from another's pages, not prefilled.
     reused: usize,
-    /// Its tokens' log-probabilities (where it asks for them).
+    /// Its tokens' log-probabilities, and the most probable tokens' at each step (where it asks).
     logprobs: Vec<f32>,
+    top: Vec<Vec<(u32, f32)>>,
 }
 
 /// How [`serve`] runs its batch.
@@ -1401,7 +1429,7 @@ pub fn serve(
                 Arrival::Cancel(id) => {
                     let (tokens, pages, ended) = if let Some(w) = waiting.iter().position(|w| w.0 == id) {
                         let queued_s = waiting.remove(w).map_or(0.0, |(_, _, arrived_s)| now - arrived_s);
-                        (Vec::new(), None, (0.0, 0.0, queued_s, 0, Vec::new()))
+                        (Vec::new(), None, (0.0, 0.0, queued_s, 0, Vec::new(), Vec::new()))
                     } else if let Some(s) = running.iter().position(|r| r.as_ref().is_some_and(|r| r.id == id)) {
                         let Some(r) = running[s].take() else { continue };
                         let pages = match r.joining {
@@ -1413,12 +1441,13 @@ pub fn serve(
                             }
                         };
                         committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
-                        (r.tokens, pages, (r.prefill_s, now - r.joined_s, r.queued_s, r.reused, r.logprobs))
+                        let ended = (r.prefill_s, now - r.joined_s, r.queued_s, r.reused, r.logprobs, r.top);
+                        (r.tokens, pages, ended)
                     } else {
                         report(id, Progress::Refused("cancel: it is no longer waiting or running".into()))?;
                         continue;
                     };
-                    let (prefill_s, total_s, queued_s, reused, logprobs) = ended;
+                    let (prefill_s, total_s, queued_s, reused, logprobs, top_logprobs) = ended;
                     let (stopped_at_eos, ending) = (false, None);
                     let g = Generation {
                         tokens,
@@ -1429,6 +1458,7 @@ pub fn serve(
                         queued_s,
                         reused,
                         logprobs,
+                        top_logprobs,
                         ending,
                     };
                     report(id, Progress::Cancelled(g))?;
@@ -1487,7 +1517,7 @@ pub fn serve(
             joined += usize::from(started);
             let queued_s = joined_s - arrived_s;
             let (tokens, prefilled, joining, reused) = (Vec::new(), None, true, batch.reused_tokens());
-            let (prefill_s, logprobs) = (0.0, Vec::new());
+            let (prefill_s, logprobs, top) = (0.0, Vec::new(), Vec::new());
             running[s] = Some(Running {
                 id,
                 request: r,
@@ -1499,6 +1529,7 @@ pub fn serve(
                 prefill_s,
                 reused,
                 logprobs,
+                top,
             });
         }
         // Each sequence's next token (those decoded: picked together); those that end leave their
@@ -1533,6 +1564,9 @@ pub fn serve(
                         (None, Next::Tokens(_)) => None,
                     };
                     r.logprobs.push(row.map_or(f32::NAN, |l| log_probability(l, t)));
+                    if r.request.top_logprobs > 0 {
+                        r.top.push(row.map_or(Vec::new(), |l| top_log_probabilities(l, r.request.top_logprobs)));
+                    }
                 }
                 r.tokens.push(t);
                 report(r.id, Progress::Token(t))?;
@@ -1548,9 +1582,19 @@ pub fn serve(
             committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
             let total_s = start.elapsed().as_secs_f64() - r.joined_s;
             let (prefill_s, queued_s, reused, logprobs) = (r.prefill_s, r.queued_s, r.reused, r.logprobs);
-            let (tokens, stopped_at_eos, ending) = (r.tokens, ending == Ending::Eos, Some(ending));
-            let g =
-                Generation { tokens, stopped_at_eos, prefill_s, total_s, pages, queued_s, reused, logprobs, ending };
+            let (tokens, stopped_at_eos, ending, top_logprobs) = (r.tokens, ending == Ending::Eos, Some(ending), r.top);
+            let g = Generation {
+                tokens,
+                stopped_at_eos,
+                prefill_s,
+                total_s,
+                pages,
+                queued_s,
+                reused,
+                logprobs,
+                top_logprobs,
+                ending,
+            };
             report(r.id, Progress::Ended(g))?;
         }
         if active.iter().any(|&a| a) {
@@ -1605,6 +1649,9 @@ pub struct Generation {
     /// Served with [`Request::logprobs`]: each token's log-probability ([`log_probability`]);
     /// else empty.
     pub logprobs: Vec<f32>,
+    /// Served with [`Request::top_logprobs`]: at each token, the most probable tokens and their
+    /// log-probabilities ([`top_log_probabilities`]); else empty.
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     /// Served: why it ended (a cancelled one: None; the others: at the end token or its length).
     pub ending: Option<Ending>,
 }
@@ -1655,8 +1702,19 @@ pub fn generate(
     }
     let total_s = start.elapsed().as_secs_f64();
     let ending = Some(if stopped_at_eos { Ending::Eos } else { Ending::Length });
-    let (pages, queued_s, reused, logprobs) = (None, 0.0, 0, Vec::new());
-    Ok(Generation { tokens, stopped_at_eos, prefill_s, total_s, pages, queued_s, reused, logprobs, ending })
+    let (pages, queued_s, reused, logprobs, top_logprobs) = (None, 0.0, 0, Vec::new(), Vec::new());
+    Ok(Generation {
+        tokens,
+        stopped_at_eos,
+        prefill_s,
+        total_s,
+        pages,
+        queued_s,
+        reused,
+        logprobs,
+        top_logprobs,
+        ending,
+    })
 }
 
 #[cfg(test)]
@@ -2491,7 +2549,8 @@ mod tests {
             let asks = Request::new(prompt.clone(), 12, toy_sampler(None));
             let other = Request::new(vec![2, 9], 12, toy_sampler(None));
             let mut requests =
-                vec![other, Request { stop: vec![vec![99], stop.clone()], logprobs: true, ..asks }].into_iter();
+                vec![other, Request { stop: vec![vec![99], stop.clone()], logprobs: true, top_logprobs: 3, ..asks }]
+                    .into_iter();
             let mut next = |_: bool| requests.next().map_or(Arrival::Closed, Arrival::Request);
             let mut ended: Vec<Option<Generation>> = vec![None, None];
             let mut report = |id: usize, p: Progress| {
@@ -2512,9 +2571,35 @@ mod tests {
             let [Some(second), Some(first)] = ended.as_slice() else { panic!("{name}: both end") };
             assert_eq!((&first.tokens[..], first.ending), (&alone[..end], Some(Ending::Stop)), "{name}");
             assert_eq!(first.logprobs, want[..end], "{name}");
+            // Greedy: the chosen token is the most probable, first of its alternatives.
+            assert_eq!(first.top_logprobs.len(), end, "{name}");
+            for ((alts, &t), &lp) in first.top_logprobs.iter().zip(&first.tokens).zip(&first.logprobs) {
+                assert_eq!((alts.len(), alts[0]), (3, (t, lp)), "{name}");
+                assert!(alts.windows(2).all(|w| w[0].1 >= w[1].1), "{name}: {alts:?}");
+            }
             let other_alone = toy_alone(&[(vec![2, 9], 12, 0, None)], None).remove(0);
             assert_eq!((&second.tokens, second.ending), (&other_alone, Some(Ending::Length)), "{name}");
             assert!(second.logprobs.is_empty(), "{name}");
+        }
+    }
+
+    /// The most probable tokens from a partial sort are a full sort's first ones (ties to the lower
+    /// id), with [`log_probability`]'s values.
+    #[test]
+    fn top_log_probabilities_are_a_full_sorts_first() {
+        let rows: [Vec<f32>; 3] = [
+            (0..5000).map(|j| ((j * 7919) % 1013) as f32 / 97.0).collect(),
+            (0..300).map(|j| (j % 4) as f32).collect(),
+            vec![0.5, -1.0],
+        ];
+        for row in &rows {
+            for k in [0, 1, 5, 40, 10_000] {
+                let mut all: Vec<(u32, f32)> =
+                    (0..row.len()).map(|t| (t as u32, log_probability(row, t as u32))).collect();
+                all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                all.truncate(k);
+                assert_eq!(top_log_probabilities(row, k), all, "k {k}");
+            }
         }
     }
 

@@ -294,8 +294,19 @@ pub fn generate_speculative(
     let generated = |tokens, stopped_at_eos| {
         let total_s = start.elapsed().as_secs_f64();
         let ending = Some(if stopped_at_eos { crate::session::Ending::Eos } else { crate::session::Ending::Length });
-        let (pages, queued_s, reused, logprobs) = (None, 0.0, 0, Vec::new());
-        Generation { tokens, stopped_at_eos, prefill_s, total_s, pages, queued_s, reused, logprobs, ending }
+        let (pages, queued_s, reused, logprobs, top_logprobs) = (None, 0.0, 0, Vec::new(), Vec::new());
+        Generation {
+            tokens,
+            stopped_at_eos,
+            prefill_s,
+            total_s,
+            pages,
+            queued_s,
+            reused,
+            logprobs,
+            top_logprobs,
+            ending,
+        }
     };
     if max_new == 0 || emit(x, &mut tokens) {
         return Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted });
