@@ -1187,7 +1187,8 @@ fn pages_of(limit: usize) -> usize {
 /// running batch in its place ([`ArtifactBatch::join`]) — in order, once the pool has pages
 /// for all its tokens beside those the running sequences may still fill. Where sequences
 /// cannot join ([`joins_running_batches`]), the prompts run in batches of `slots`, one after
-/// another. With `slots` at least the prompts' count, this is [`generate_batch`]. Joining prompts
+/// another. With `slots` at least the prompts' count, this is [`generate_batch`] (unless prompts
+/// share whole pages that [`Queue::reuse_prefixes`] copies: then they join). Joining prompts
 /// prefill `prefill_budget` tokens between decode steps ([`Serving::prefill_budget`]), and may
 /// copy cache rows of the prompts before them ([`Serving::reuse_prefixes`]).
 pub fn generate_queue(
@@ -1204,9 +1205,13 @@ pub fn generate_queue(
     }
     let start = std::time::Instant::now();
     let limits: Vec<usize> = prompts.iter().map(|p| p.len() + max_new).collect();
-    // All at once where the pool (if any) holds every sequence's pages.
-    let fits = pool_pages(program)?.is_none_or(|bound| limits.iter().map(|&l| pages_of(l)).sum::<usize>() <= bound);
-    if (slots >= n && fits) || !joins_running_batches(program)? {
+    // All at once where the pool (if any) holds every sequence's pages — unless prompts share
+    // whole pages a pool could copy instead of prefilling (they then join one after another).
+    let pool = pool_pages(program)?;
+    let fits = pool.is_none_or(|bound| limits.iter().map(|&l| pages_of(l)).sum::<usize>() <= bound);
+    let sharing =
+        reuse_prefixes && pool.is_some() && (1..n).any(|j| (0..j).any(|i| shared_pages(&prompts[j], &prompts[i]) > 0));
+    if (slots >= n && fits && !sharing) || !joins_running_batches(program)? {
         let slots = slots.min(n);
         let (mut generations, mut prefill_s) = (Vec::new(), 0.0);
         for (wave, pick) in prompts.chunks(slots).zip(samplers.chunks_mut(slots)) {
@@ -2698,6 +2703,18 @@ mod tests {
             let got = serve_reusing(&t, &turns, 1, None, None, true);
             assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>(), [0, 64], "device: {on_device}");
             assert_eq!(got.into_iter().map(|g| g.0).collect::<Vec<_>>(), toy_alone(&turns, None));
+        }
+        // A queue whose prompts share a page joins them one after another to copy it, though
+        // the batch holds them all; without reuse, one batch — the same tokens.
+        let prompts: Vec<Vec<u32>> = (0..3u32).map(|k| starting(70, &[k, k + 1])).collect();
+        let alone = toy_alone(&prompts.iter().map(|p| (p.clone(), 8, 0, None)).collect::<Vec<_>>(), None);
+        for reuse_prefixes in [true, false] {
+            let queue = Queue { reuse_prefixes, ..Queue::new(3) };
+            let mut samplers = vec![toy_sampler(None); 3];
+            let served = generate_queue(&Toy::paged(), &prompts, queue, 8, &mut samplers, None).unwrap();
+            let reused: Vec<usize> = served.generations.iter().map(|g| g.reused).collect();
+            assert_eq!(reused, if reuse_prefixes { [0, 64, 64] } else { [0, 0, 0] });
+            assert_eq!(served.generations.into_iter().map(|g| g.tokens).collect::<Vec<_>>(), alone);
         }
         assert_eq!((shared_pages(&shared, &shared[..64]), shared_pages(&shared, &shared[..65])), (0, 1));
         assert_eq!(shared_pages(&shared[..65], &shared), 1, "a token left to prefill");
