@@ -593,8 +593,8 @@ fn an_fp8_checkpoint_gives_an_fp8_cpu_artifact_with_the_cpu_backends_logits() {
 /// Speculative decoding with the MTP module: a tiny model (fp8 at init) trained on a repeating
 /// pattern — its checkpoint no longer claims fp8 block scaling for f32 weights — compiled with
 /// `--speculative` generates with `v3r run --speculative` exactly the greedy tokens of `v3r run`,
-/// with most MTP drafts accepted (the MTP head has learned the pattern too), and samples with a
-/// temperature and top-p.
+/// with most MTP drafts accepted (the MTP head has learned the pattern too) — one draft a pass or
+/// three chained — and samples with a temperature and top-p.
 #[test]
 fn speculative_decoding_with_the_mtp_module_gives_the_greedy_tokens() {
     let dir = tempfile::tempdir().unwrap();
@@ -662,6 +662,11 @@ fn speculative_decoding_with_the_mtp_module_gives_the_greedy_tokens() {
     let said = err.split("speculative: ").nth(1).expect(&err);
     let nums: Vec<usize> = said.split_whitespace().filter_map(|w| w.parse().ok()).take(2).collect();
     assert!(nums[1] > 0 && 2 * nums[0] >= nums[1], "{err}");
+    // Three drafts a pass, chained through the MTP module's own hidden state: the same tokens.
+    let chained = run_binary_env("v3r", &[&run[..], &["--speculative", "--draft-tokens", "3"]].concat(), &env);
+    assert!(chained.status.success(), "{}", text(&chained.stderr));
+    assert_eq!(text(&chained.stdout), text(&plain.stdout));
+    eprintln!("one draft a pass: {}three: {}", err.split("speculative: ").nth(1).unwrap(), text(&chained.stderr));
     // Sampling: speculative sampling's tokens (their distribution is plain sampling's: the
     // runtime's unit tests), the same for the same seed, drafts accepted.
     let hot = [&run[..], &["--speculative", "--temperature", "0.7", "--top-p", "0.9", "--seed", "3"]].concat();

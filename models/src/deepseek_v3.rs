@@ -35,7 +35,9 @@ pub enum Entry {
     /// The MTP module alone, prefill-shaped: `hidden` [T, hidden] (the main model's final-normed
     /// hidden state at `positions` [T]), `mtp_tokens` [T] (the token following each position) and
     /// `kv_cache.mtp` [P, 576] in; `mtp_logits` [T, vocab] (row i drafts the token after
-    /// `mtp_tokens[i]`) and `kv_cache.mtp` [P+T, 576] out.
+    /// `mtp_tokens[i]`), `kv_cache.mtp` [P+T, 576] and `mtp_hidden` [T, hidden] (its own
+    /// final-normed hidden state, which chained drafts feed back as the next position's `hidden`)
+    /// out.
     Draft,
 }
 
@@ -338,7 +340,11 @@ impl<'a> ModelBuilder<'a> {
         let head = self.plain(&format!("{p}.shared_head.head.weight"), &[c.vocab_size, c.hidden_size])?;
         let logits = self.b.lm_head(y, head)?;
         self.b.output("mtp_logits", logits)?;
-        self.b.output("kv_cache.mtp", new_cache)
+        self.b.output("kv_cache.mtp", new_cache)?;
+        if self.entry == Entry::Draft {
+            self.b.output("mtp_hidden", y)?;
+        }
+        Ok(())
     }
 
     fn decoder_layer(
@@ -508,7 +514,7 @@ mod tests {
             ["hidden [T, 96] f32", "positions [T] i64", "mtp_tokens [T] i64", "kv_cache.mtp [P, 48] f32"]
         );
         let names: Vec<_> = g.outputs.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["mtp_logits", "kv_cache.mtp"]);
+        assert_eq!(names, ["mtp_logits", "kv_cache.mtp", "mtp_hidden"]);
         assert_eq!(g.ty(g.output("kv_cache.mtp").unwrap()).to_string(), "[P+T, 48] f32");
         let no_mtp = BuildOptions { skip_mtp: true, ..options };
         assert!(build(&c, Entry::Draft, &no_mtp).unwrap_err().to_string().contains("needs the model's MTP module"));

@@ -375,6 +375,11 @@ struct RunArgs {
     /// compiled with `v3c compile --speculative`. Prints the drafts' acceptance.
     #[arg(long)]
     speculative: bool,
+    /// MTP drafts a pass of the main model verifies with --speculative: the first from the main
+    /// model's hidden state, each next one from the MTP module fed its own hidden state back
+    /// (more tokens a pass while they are accepted, a longer pass to verify them).
+    #[arg(long, value_name = "K", default_value_t = 1, requires = "speculative")]
+    draft_tokens: usize,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -1142,6 +1147,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
             program,
             &prompt,
             args.generating.max_new_tokens,
+            args.draft_tokens,
             &mut sampler,
             eos,
         )
@@ -1153,7 +1159,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
             s.generation.summary(prompt.len()),
             s.accepted,
             s.drafted,
-            s.generation.tokens.len().saturating_sub(1) as f64 / s.drafted.max(1) as f64
+            s.tokens_per_pass()
         );
         return Ok(());
     }

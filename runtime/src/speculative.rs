@@ -12,6 +12,13 @@
 //!    replaces d and d's cache rows are dropped. The draft entry then writes the MTP cache rows of
 //!    the new positions and drafts the next token.
 //!
+//! With K drafts a pass (`generate_speculative`'s `drafts`), the first is drafted as above and each
+//! next one by the MTP module fed its own final-normed hidden state (`mtp_hidden`) in place of the
+//! main model's, not yet computed, with the draft before it; the verify step prefills [x, d1..dK]
+//! and the drafts are verified in order — the first rejected one replaced and the rest dropped, all
+//! kept and one more token from the logits after dK. The chained MTP cache rows are replaced once
+//! the main model's hidden states of those positions are known.
+//!
 //! Greedy, d is accepted when it is the main model's argmax, and every token emitted is the main
 //! model's greedy choice after the tokens before it: the output is the plain greedy generation's
 //! (up to the last-bit differences between one-token and two-token prefills), whatever the drafts
@@ -31,15 +38,22 @@ use v3c_models::reference::Sampler;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Speculation {
     pub generation: Generation,
-    /// Verify steps (one draft each) and the drafts the main model agreed with.
+    /// Drafts verified (those after a rejected one are not), the ones kept, and passes of the
+    /// main model after the prompt's.
     pub drafted: usize,
     pub accepted: usize,
+    pub passes: usize,
 }
 
 impl Speculation {
     /// `accepted / drafted`.
     pub fn acceptance(&self) -> f64 {
         self.accepted as f64 / self.drafted.max(1) as f64
+    }
+
+    /// Tokens per pass of the main model (the first token, from the prompt's pass, not counted).
+    pub fn tokens_per_pass(&self) -> f64 {
+        self.generation.tokens.len().saturating_sub(1) as f64 / self.passes.max(1) as f64
     }
 }
 
@@ -106,6 +120,8 @@ struct Caches<'a> {
     /// The device holds the main caches / the MTP cache as the last run left them.
     main_held: bool,
     mtp_held: bool,
+    /// The draft entry's MTP hidden states are read back (drafts chained through them).
+    chain: bool,
 }
 
 /// An empty `[0, width]` cache.
@@ -123,6 +139,7 @@ impl<'a> Caches<'a> {
             on_device: program.carries_outputs(),
             main_held: false,
             mtp_held: false,
+            chain: false,
         }
     }
 
@@ -185,12 +202,14 @@ impl<'a> Caches<'a> {
     }
 
     /// Writes the MTP cache rows of `start..` (hidden state i with the token after it) and returns
-    /// each row's draft logits. Rows from `start` on are replaced.
-    fn draft(&mut self, hidden: &[Vec<f32>], next: &[u32], start: usize) -> Result<Vec<Vec<f32>>, String> {
+    /// each row's draft logits and (where [`Caches::chain`]) MTP hidden state. Rows from `start`
+    /// on are replaced.
+    fn draft(&mut self, hidden: &[Vec<f32>], next: &[u32], start: usize) -> Result<(Rows, Rows), String> {
         let plan = self.program.entry_plan("draft")?;
         let (chunk, cached) = (plan.sizes.rows.max(1), plan.sizes.context);
         self.truncate_mtp(start)?;
-        let mut logits = Vec::new();
+        let (mut logits, mut states) = (Vec::new(), Vec::new());
+        let wanted: &[&str] = if self.chain { &["mtp_logits", "mtp_hidden"] } else { &["mtp_logits"] };
         for (k, (h, t)) in hidden.chunks(chunk).zip(next.chunks(chunk)).enumerate() {
             let at = start + k * chunk;
             if at > cached {
@@ -206,12 +225,15 @@ impl<'a> Caches<'a> {
             inputs.insert("positions".into(), ids(&(at as i64..(at + h.len()) as i64).collect::<Vec<_>>()));
             inputs.insert("kv_cache.mtp".into(), std::mem::replace(&mut self.mtp, empty(self.width)));
             let (out, mut grown) =
-                self.run("draft", &inputs, &["mtp_logits"], &["kv_cache.mtp"], (self.mtp_held, at + h.len()))?;
+                self.run("draft", &inputs, wanted, &["kv_cache.mtp"], (self.mtp_held, at + h.len()))?;
             self.mtp = grown.pop().ok_or("draft gave no kv_cache.mtp")?;
             self.mtp_held = self.on_device;
             logits.extend(rows(out.get("mtp_logits").ok_or("draft gave no mtp_logits")?, "mtp_logits")?);
+            if self.chain {
+                states.extend(rows(out.get("mtp_hidden").ok_or("draft gave no mtp_hidden")?, "mtp_hidden")?);
+            }
         }
-        Ok(logits)
+        Ok((logits, states))
     }
 
     /// Keeps the first `n` rows of the main caches (a rejected draft's row leaves them).
@@ -252,13 +274,17 @@ fn truncate(
     Ok(())
 }
 
+/// The drafts of one verify step: each token with the distribution it was drawn from.
+type Drafts = Vec<(u32, Vec<(u32, f32)>)>;
+
 /// Generates up to `max_new` tokens after `prompt`, picked by `sampler` (greedy or with a
-/// temperature), with MTP drafts verified two tokens at a time (see the module doc), stopping
-/// after `eos` when given.
+/// temperature), with `drafts` MTP drafts verified at a time (see the module doc), stopping after
+/// `eos` when given.
 pub fn generate_speculative(
     program: &dyn Program,
     prompt: &[u32],
     max_new: usize,
+    drafts: usize,
     sampler: &mut Sampler,
     eos: Option<u32>,
 ) -> Result<Speculation, String> {
@@ -270,6 +296,15 @@ pub fn generate_speculative(
     if !prefill.outputs.iter().any(|(n, _)| n == "hidden") {
         return Err("the artifact's prefill entry does not output its hidden state (compile with --speculative)".into());
     }
+    if drafts == 0 {
+        return Err("0 drafts a step: at least one".into());
+    }
+    if drafts > 1 && !draft.outputs.iter().any(|(n, _)| n == "mtp_hidden") {
+        return Err(format!(
+            "{drafts} drafts a step chain the MTP module through its own hidden state, which this artifact's draft \
+             entry does not output (compile it again with `v3c compile --speculative`)"
+        ));
+    }
     let width =
         draft.bounds.get("kv_cache.mtp").and_then(|s| s.last().copied()).ok_or("the draft entry has no MTP cache")?;
     if prompt.is_empty() {
@@ -277,6 +312,7 @@ pub fn generate_speculative(
     }
     let names = prefill.bounds.keys().filter(|n| n.starts_with("kv_cache.")).cloned();
     let mut caches = Caches::new(program, names, width);
+    caches.chain = drafts > 1;
     let start = std::time::Instant::now();
     let (logits, hidden) = caches.prefill(prompt, 0)?;
     let prefill_s = start.elapsed().as_secs_f64();
@@ -288,7 +324,7 @@ pub fn generate_speculative(
         }
         stopped_at_eos || tokens.len() >= max_new
     };
-    let (mut drafted, mut accepted) = (0, 0);
+    let (mut drafted, mut accepted, mut passes) = (0, 0, 0);
     let last = logits.last().ok_or("prefill gave no logits")?;
     let mut x = sampler.sample(last);
     let generated = |tokens, stopped_at_eos| {
@@ -309,40 +345,86 @@ pub fn generate_speculative(
         }
     };
     if max_new == 0 || emit(x, &mut tokens) {
-        return Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted });
+        return Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted, passes });
     }
     // MTP rows of the prompt: hidden state i with token i + 1 (the last with x).
     let next: Vec<u32> = prompt[1..].iter().copied().chain([x]).collect();
-    let mut q = sampler.distribution(caches.draft(&hidden, &next, 0)?.last().ok_or("draft gave no logits")?);
-    let mut d = sampler.draw(&q);
     let mut pos = prompt.len();
-    loop {
-        let (logits, hidden) = caches.prefill(&[x, d], pos)?;
-        drafted += 1;
-        let (mine, kept) = verify(&sampler.distribution(&logits[0]), &q, d, sampler);
-        let drafts = if kept {
-            accepted += 1;
-            let after = sampler.sample(&logits[1]);
-            if emit(d, &mut tokens) || emit(after, &mut tokens) {
+    let first = caches_draft(&mut caches, &hidden, &next, 0)?;
+    let mut proposed = chain(&mut caches, sampler, first, drafts, pos)?;
+    'generating: loop {
+        // One pass of the main model over x and the drafts.
+        let fed: Vec<u32> = std::iter::once(x).chain(proposed.iter().map(|d| d.0)).collect();
+        let (logits, hidden) = caches.prefill(&fed, pos)?;
+        passes += 1;
+        // The drafts in order, each kept or replaced (then the rest dropped); all kept: one more.
+        let mut kept = 0;
+        let mut new = None;
+        for (j, (d, q)) in proposed.iter().enumerate() {
+            drafted += 1;
+            let (token, ok) = verify(&sampler.distribution(&logits[j]), q, *d, sampler);
+            if emit(token, &mut tokens) {
+                break 'generating;
+            }
+            if !ok {
+                new = Some(token);
                 break;
             }
-            let drafts = caches.draft(&hidden, &[d, after], pos)?;
-            (x, pos) = (after, pos + 2);
-            drafts
-        } else {
-            if emit(mine, &mut tokens) {
-                break;
+            (accepted, kept) = (accepted + 1, kept + 1);
+        }
+        let new = match new {
+            Some(t) => t,
+            None => {
+                let t = sampler.sample(&logits[proposed.len()]);
+                if emit(t, &mut tokens) {
+                    break;
+                }
+                t
             }
-            // The draft's rows leave the main caches.
-            caches.truncate_main(pos + 1)?;
-            let drafts = caches.draft(&hidden[..1], &[mine], pos)?;
-            (x, pos) = (mine, pos + 1);
-            drafts
         };
-        q = sampler.distribution(drafts.last().ok_or("draft gave no logits")?);
-        d = sampler.draw(&q);
+        // The rejected drafts' rows leave the main caches; the MTP rows of the kept positions,
+        // their chained stand-ins replaced.
+        caches.truncate_main(pos + 1 + kept)?;
+        let next: Vec<u32> = fed[1..=kept].iter().copied().chain([new]).collect();
+        let first = caches_draft(&mut caches, &hidden[..=kept], &next, pos)?;
+        (x, pos) = (new, pos + kept + 1);
+        proposed = chain(&mut caches, sampler, first, drafts, pos)?;
     }
-    Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted })
+    Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted, passes })
+}
+
+/// [`Caches::draft`]'s last row: its logits and (chaining) its MTP hidden state.
+fn caches_draft(
+    caches: &mut Caches,
+    hidden: &[Vec<f32>],
+    next: &[u32],
+    start: usize,
+) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
+    let (mut logits, mut mtp_hidden) = caches.draft(hidden, next, start)?;
+    Ok((logits.pop().ok_or("draft gave no logits")?, mtp_hidden.pop()))
+}
+
+/// `n` drafts: the first from `first`'s logits, each next one from the MTP module fed its own
+/// hidden state (for the main model's, not yet computed) and the draft before it, at positions
+/// `at..` (MTP cache rows the next verify step replaces).
+fn chain(
+    caches: &mut Caches,
+    sampler: &mut Sampler,
+    (logits, mut hidden): (Vec<f32>, Option<Vec<f32>>),
+    n: usize,
+    at: usize,
+) -> Result<Drafts, String> {
+    let q = sampler.distribution(&logits);
+    let mut drafts = vec![(sampler.draw(&q), q)];
+    for k in 1..n {
+        let h = hidden.take().ok_or("the draft entry gave no mtp_hidden to chain drafts with")?;
+        let previous = drafts[k - 1].0;
+        let (logits, next_hidden) = caches_draft(caches, &[h], &[previous], at + k - 1)?;
+        let q = sampler.distribution(&logits);
+        drafts.push((sampler.draw(&q), q));
+        hidden = next_hidden;
+    }
+    Ok(drafts)
 }
 
 #[cfg(test)]
@@ -395,7 +477,8 @@ mod tests {
     }
 
     fn toy() -> Toy {
-        let (prefill, draft) = (plan("prefill", "kv_cache.0"), plan("draft", "kv_cache.mtp"));
+        let (prefill, mut draft) = (plan("prefill", "kv_cache.0"), plan("draft", "kv_cache.mtp"));
+        draft.outputs = vec![("mtp_hidden".to_string(), 0)];
         Toy { prefill, draft, device: None, uploaded_rows: RefCell::new(0) }
     }
 
@@ -471,16 +554,21 @@ mod tests {
             let tokens = longs(&inputs["mtp_tokens"]);
             let cache = appended(&inputs["kv_cache.mtp"], &tokens, &positions)?;
             let hidden = floats(&inputs["hidden"]);
-            let mut logits = Vec::new();
+            let (mut logits, mut states) = (Vec::new(), Vec::new());
             for (i, &t) in tokens.iter().enumerate() {
                 let held: f32 = cache.chunks(WIDTH).take(positions[i] as usize + 1).map(|r| r[0]).sum();
-                let shifted = main_logits(fold(hidden[i * WIDTH] as u32, t as u32));
+                // Its own hidden state: the prefix with the token after it (what chained drafts
+                // feed back for the main model's).
+                let state = fold(hidden[i * WIDTH] as u32, t as u32);
+                let shifted = main_logits(state);
                 logits.push(shifted.iter().enumerate().map(|(j, l)| l + ((held as usize + j) % 3) as f32).collect());
+                states.push(vec![state as f32, 0.0]);
             }
             let rows = cache.len() / WIDTH;
             Ok(HashMap::from([
                 ("kv_cache.mtp".to_string(), HostBuffer { shape: vec![rows, WIDTH], data: HostData::F32(cache) }),
                 ("mtp_logits".to_string(), matrix(logits, VOCAB)),
+                ("mtp_hidden".to_string(), matrix(states, WIDTH)),
             ]))
         }
 
@@ -548,16 +636,18 @@ mod tests {
         paths
     }
 
-    /// Greedy, the speculative tokens are plain greedy generation's, whatever the drafts — with the
-    /// caches on a device too, where no cache row crosses from the host.
+    /// Greedy, the speculative tokens are plain greedy generation's, whatever the drafts, one or
+    /// several a pass (chained through the MTP module's hidden state) — with the caches on a device
+    /// too, where no cache row crosses from the host. A draft entry without its hidden state
+    /// cannot chain: said.
     #[test]
     fn greedy_speculation_gives_the_greedy_tokens() {
         let toy = toy();
         let greedy = Sampler::new(0.0, 1.0, 0);
-        for prompt in [vec![1u32], vec![3, 0, 2], vec![2, 2, 2, 2, 2, 1, 0]] {
-            let s = generate_speculative(&toy, &prompt, 20, &mut greedy.clone(), None).unwrap();
+        for (prompt, k) in [(vec![1u32], 1), (vec![3, 0, 2], 1), (vec![2, 2, 2, 2, 2, 1, 0], 1), (vec![3, 0, 2], 3)] {
+            let s = generate_speculative(&toy, &prompt, 20, k, &mut greedy.clone(), None).unwrap();
             let on_device = toy_on_device();
-            let d = generate_speculative(&on_device, &prompt, 20, &mut greedy.clone(), None).unwrap();
+            let d = generate_speculative(&on_device, &prompt, 20, k, &mut greedy.clone(), None).unwrap();
             assert_eq!(
                 (d.generation.tokens, d.drafted, d.accepted),
                 (s.generation.tokens.clone(), s.drafted, s.accepted)
@@ -570,7 +660,14 @@ mod tests {
             }
             assert_eq!(s.generation.tokens, tokens[prompt.len()..], "{prompt:?}");
             assert!(s.drafted > 0 && s.accepted < s.drafted, "{} of {}", s.accepted, s.drafted);
+            if k > 1 {
+                assert!(s.passes < s.drafted && s.tokens_per_pass() > 1.0, "{} passes, {} drafts", s.passes, s.drafted);
+            }
         }
+        let mut unchained = super::tests::toy();
+        unchained.draft.outputs.clear();
+        let err = generate_speculative(&unchained, &[1], 5, 2, &mut greedy.clone(), None).unwrap_err();
+        assert!(err.contains("does not output") && err.contains("v3c compile --speculative"), "{err}");
     }
 
     /// With a temperature and top-p, speculative sampling's continuations are distributed as plain
@@ -579,6 +676,13 @@ mod tests {
     /// kept on a device give the same tokens.
     #[test]
     fn sampled_speculation_draws_as_plain_sampling() {
+        for k in [1, 3] {
+            sampled_speculation_with(k);
+        }
+    }
+
+    /// [`sampled_speculation_draws_as_plain_sampling`] with `k` drafts a pass.
+    fn sampled_speculation_with(k: usize) {
         let toy = toy();
         let (prompt, n, runs) = ([2u32, 0, 3], 3, 4000);
         let settings = Sampler::new(0.9, 0.9, 0);
@@ -587,11 +691,11 @@ mod tests {
         let (mut drafted, mut accepted) = (0, 0);
         for seed in 0..runs {
             let mut sampler = Sampler::new(0.9, 0.9, seed);
-            let s = generate_speculative(&toy, &prompt, n, &mut sampler, None).unwrap();
+            let s = generate_speculative(&toy, &prompt, n, k, &mut sampler, None).unwrap();
             if seed % 8 == 0 {
                 // The caches kept on a device: the same draws, the same tokens.
                 let mut sampler = Sampler::new(0.9, 0.9, seed);
-                let d = generate_speculative(&toy_on_device(), &prompt, n, &mut sampler, None).unwrap();
+                let d = generate_speculative(&toy_on_device(), &prompt, n, k, &mut sampler, None).unwrap();
                 assert_eq!(d.generation.tokens, s.generation.tokens, "seed {seed}");
             }
             *seen.entry(s.generation.tokens).or_insert(0) += 1;
@@ -601,7 +705,7 @@ mod tests {
         for (path, &p) in &exact {
             let f = *seen.get(path).unwrap_or(&0) as f64 / runs as f64;
             let sigma = (p * (1.0 - p) / runs as f64).sqrt();
-            assert!((f - p).abs() <= 5.0 * sigma + 1e-3, "{path:?}: {f} seen, {p} expected");
+            assert!((f - p).abs() <= 5.0 * sigma + 1e-3, "{k} drafts: {path:?}: {f} seen, {p} expected");
         }
         assert!(accepted > drafted / 10 && accepted < drafted * 9 / 10, "{accepted} of {drafted} drafts accepted");
     }
