@@ -1131,17 +1131,12 @@ pub fn generate_batch(
         }
     }
     Ok((0..n)
-        .map(|i| Generation {
-            tokens: std::mem::take(&mut tokens[i]),
-            stopped_at_eos: stopped[i],
-            prefill_s,
-            total_s: done_at[i].max(prefill_s),
-            pages: pages[i],
-            queued_s: 0.0,
-            reused: 0,
-            logprobs: Vec::new(),
-            top_logprobs: Vec::new(),
-            ending: Some(if stopped[i] { Ending::Eos } else { Ending::Length }),
+        .map(|i| {
+            let tokens = std::mem::take(&mut tokens[i]);
+            Generation {
+                pages: pages[i],
+                ..Generation::alone(tokens, stopped[i], prefill_s, done_at[i].max(prefill_s))
+            }
         })
         .collect())
 }
@@ -1372,6 +1367,24 @@ struct Running {
     top: Vec<Vec<(u32, f32)>>,
 }
 
+impl Running {
+    /// Its generation, ended (`ending`; None: cancelled) `total_s` after it joined, holding `pages`.
+    fn generation(self, pages: Option<(usize, usize)>, ending: Option<Ending>, total_s: f64) -> Generation {
+        Generation {
+            tokens: self.tokens,
+            stopped_at_eos: ending == Some(Ending::Eos),
+            prefill_s: self.prefill_s,
+            total_s,
+            pages,
+            queued_s: self.queued_s,
+            reused: self.reused,
+            logprobs: self.logprobs,
+            top_logprobs: self.top,
+            ending,
+        }
+    }
+}
+
 /// How [`serve`] runs its batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Serving<'l> {
@@ -1432,9 +1445,9 @@ pub fn serve(
                     arrived += 1;
                 }
                 Arrival::Cancel(id) => {
-                    let (tokens, pages, ended) = if let Some(w) = waiting.iter().position(|w| w.0 == id) {
+                    let g = if let Some(w) = waiting.iter().position(|w| w.0 == id) {
                         let queued_s = waiting.remove(w).map_or(0.0, |(_, _, arrived_s)| now - arrived_s);
-                        (Vec::new(), None, (0.0, 0.0, queued_s, 0, Vec::new(), Vec::new()))
+                        Generation { queued_s, ending: None, ..Generation::alone(Vec::new(), false, 0.0, 0.0) }
                     } else if let Some(s) = running.iter().position(|r| r.as_ref().is_some_and(|r| r.id == id)) {
                         let Some(r) = running[s].take() else { continue };
                         let pages = match r.joining {
@@ -1446,25 +1459,11 @@ pub fn serve(
                             }
                         };
                         committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
-                        let ended = (r.prefill_s, now - r.joined_s, r.queued_s, r.reused, r.logprobs, r.top);
-                        (r.tokens, pages, ended)
+                        let total_s = now - r.joined_s;
+                        r.generation(pages, None, total_s)
                     } else {
                         report(id, Progress::Refused("cancel: it is no longer waiting or running".into()))?;
                         continue;
-                    };
-                    let (prefill_s, total_s, queued_s, reused, logprobs, top_logprobs) = ended;
-                    let (stopped_at_eos, ending) = (false, None);
-                    let g = Generation {
-                        tokens,
-                        stopped_at_eos,
-                        prefill_s,
-                        total_s,
-                        pages,
-                        queued_s,
-                        reused,
-                        logprobs,
-                        top_logprobs,
-                        ending,
                     };
                     report(id, Progress::Cancelled(g))?;
                 }
@@ -1585,22 +1584,8 @@ pub fn serve(
             batch.finish(s);
             let Some(r) = slot.take() else { continue };
             committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
-            let total_s = start.elapsed().as_secs_f64() - r.joined_s;
-            let (prefill_s, queued_s, reused, logprobs) = (r.prefill_s, r.queued_s, r.reused, r.logprobs);
-            let (tokens, stopped_at_eos, ending, top_logprobs) = (r.tokens, ending == Ending::Eos, Some(ending), r.top);
-            let g = Generation {
-                tokens,
-                stopped_at_eos,
-                prefill_s,
-                total_s,
-                pages,
-                queued_s,
-                reused,
-                logprobs,
-                top_logprobs,
-                ending,
-            };
-            report(r.id, Progress::Ended(g))?;
+            let (id, total_s) = (r.id, start.elapsed().as_secs_f64() - r.joined_s);
+            report(id, Progress::Ended(r.generation(pages, Some(ending), total_s)))?;
         }
         if active.iter().any(|&a| a) {
             // The device picks greedy tokens itself unless a request asks for log-probabilities.
@@ -1662,6 +1647,23 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// A sequence generated on its own: its tokens, whether the last is the end token (else it
+    /// ended at its length), its prefill's seconds and all.
+    pub fn alone(tokens: Vec<u32>, stopped_at_eos: bool, prefill_s: f64, total_s: f64) -> Generation {
+        Generation {
+            tokens,
+            stopped_at_eos,
+            prefill_s,
+            total_s,
+            pages: None,
+            queued_s: 0.0,
+            reused: 0,
+            logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+            ending: Some(if stopped_at_eos { Ending::Eos } else { Ending::Length }),
+        }
+    }
+
     /// Decode speed: tokens after the first (which the prefill's logits give) per second of decoding.
     pub fn decode_tokens_per_s(&self) -> f64 {
         self.tokens.len().saturating_sub(1) as f64 / (self.total_s - self.prefill_s).max(1e-9)
@@ -1706,20 +1708,7 @@ pub fn generate(
         }
     }
     let total_s = start.elapsed().as_secs_f64();
-    let ending = Some(if stopped_at_eos { Ending::Eos } else { Ending::Length });
-    let (pages, queued_s, reused, logprobs, top_logprobs) = (None, 0.0, 0, Vec::new(), Vec::new());
-    Ok(Generation {
-        tokens,
-        stopped_at_eos,
-        prefill_s,
-        total_s,
-        pages,
-        queued_s,
-        reused,
-        logprobs,
-        top_logprobs,
-        ending,
-    })
+    Ok(Generation::alone(tokens, stopped_at_eos, prefill_s, total_s))
 }
 
 #[cfg(test)]

@@ -327,23 +327,8 @@ pub fn generate_speculative(
     let (mut drafted, mut accepted, mut passes) = (0, 0, 0);
     let last = logits.last().ok_or("prefill gave no logits")?;
     let mut x = sampler.sample(last);
-    let generated = |tokens, stopped_at_eos| {
-        let total_s = start.elapsed().as_secs_f64();
-        let ending = Some(if stopped_at_eos { crate::session::Ending::Eos } else { crate::session::Ending::Length });
-        let (pages, queued_s, reused, logprobs, top_logprobs) = (None, 0.0, 0, Vec::new(), Vec::new());
-        Generation {
-            tokens,
-            stopped_at_eos,
-            prefill_s,
-            total_s,
-            pages,
-            queued_s,
-            reused,
-            logprobs,
-            top_logprobs,
-            ending,
-        }
-    };
+    let generated =
+        |tokens, stopped_at_eos| Generation::alone(tokens, stopped_at_eos, prefill_s, start.elapsed().as_secs_f64());
     if max_new == 0 || emit(x, &mut tokens) {
         return Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted, passes });
     }
