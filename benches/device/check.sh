@@ -252,30 +252,22 @@ print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) 
       row "3. end to end tokens" "FAILED" "v3r run failed, graphs or not (check.log)"
     fi
   fi
-  # Speculative decoding (MTP drafts verified two tokens at a time): the first prompt's greedy tokens.
-  if timeout 60 "$v3r" run "$e2e/sm90spec" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
-      --max-new-tokens 16 --ignore-eos --speculative > "$out/e2e_speculative.txt" 2>>"$log"; then
-    tail -1 "$log"
-    if [ "$(cat "$out/e2e_speculative.txt")" = "$(head -1 "$e2e/expected_tokens.txt")" ]; then
-      row "3. speculative tokens" "ok" "16/16 greedy tokens (acceptance in check.log)"
+  # Speculative decoding: the first prompt's greedy tokens with one MTP draft a pass (verified two
+  # tokens at a time) and with three (chained through the MTP module's hidden state).
+  for drafts in 1 3; do
+    name="3. speculative, $drafts draft(s)" file="$out/e2e_speculative$drafts.txt"
+    if timeout 60 "$v3r" run "$e2e/sm90spec" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
+        --max-new-tokens 16 --ignore-eos --speculative --draft-tokens "$drafts" > "$file" 2>>"$log"; then
+      tail -1 "$log"
+      if [ "$(cat "$file")" = "$(head -1 "$e2e/expected_tokens.txt")" ]; then
+        row "$name" "ok" "16/16 greedy tokens (acceptance, tokens a pass in check.log)"
+      else
+        row "$name" "DIFFERS" "$(basename "$file") vs the CPU backend's"
+      fi
     else
-      row "3. speculative tokens" "DIFFERS" "e2e_speculative.txt vs the CPU backend's"
+      row "$name" "FAILED" "v3r run --speculative --draft-tokens $drafts failed (check.log)"
     fi
-  else
-    row "3. speculative tokens" "FAILED" "v3r run --speculative failed (check.log)"
-  fi
-  # Three drafts a pass (chained through the MTP module's hidden state): still the greedy tokens.
-  if timeout 60 "$v3r" run "$e2e/sm90spec" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \
-      --max-new-tokens 16 --ignore-eos --speculative --draft-tokens 3 > "$out/e2e_speculative3.txt" 2>>"$log"; then
-    tail -1 "$log"
-    if [ "$(cat "$out/e2e_speculative3.txt")" = "$(head -1 "$e2e/expected_tokens.txt")" ]; then
-      row "3. speculative, 3 drafts" "ok" "16/16 greedy tokens (tokens a pass in check.log)"
-    else
-      row "3. speculative, 3 drafts" "DIFFERS" "e2e_speculative3.txt vs the CPU backend's"
-    fi
-  else
-    row "3. speculative, 3 drafts" "FAILED" "v3r run --speculative --draft-tokens 3 failed (check.log)"
-  fi
+  done
   # Speculative sampling (--temperature): the caches kept on the device (the default) and moved
   # through the host (V3R_CARRY=0) make the same draws on the same caches: the same tokens.
   spec_sampled=(run "$e2e/sm90spec" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")"
