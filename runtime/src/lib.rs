@@ -30,6 +30,7 @@ pub mod plan;
 pub mod prepare;
 pub mod session;
 pub mod speculative;
+pub mod tokenizer;
 pub mod training;
 pub mod tuning;
 

@@ -1,0 +1,891 @@
+//! Text to token ids and back with a Hugging Face `tokenizer.json`: the byte-level BPE DeepSeek-V3's
+//! checkpoints ship (and other models' of that family), so `v3r` takes and prints text.
+//!
+//! What the file describes is followed step by step, as Hugging Face `tokenizers` does:
+//! 1. added tokens are found first in the raw text (leftmost, then longest; their `lstrip`,
+//!    `rstrip` and `single_word` options) and become their ids as they are;
+//! 2. the rest goes through the pre-tokenizer chain: `Split` (a regex or a string, any of the five
+//!    behaviours, inverted or not), `Digits`, `ByteLevel` (bytes to the printable characters BPE
+//!    works on, optionally GPT-2's own split first), nested `Sequence`s;
+//! 3. each piece is merged by the BPE model, the lowest-ranked pair first (ties: leftmost);
+//! 4. the post-processor's single-sequence template adds its special tokens — or, where a
+//!    `tokenizer_config.json` beside the file names transformers' Llama tokenizer class (as
+//!    DeepSeek-V3's does), its `add_bos_token` / `add_eos_token` decide instead, as transformers
+//!    does.
+//!
+//! Decoding maps each token back to its bytes (a token any of whose characters is outside the
+//! byte map is taken as its UTF-8, as `tokenizers`' ByteLevel decoder does) and reads the bytes as
+//! UTF-8, an invalid sequence becoming U+FFFD; [`TextStream`] does the same a token at a time,
+//! holding back a character split across tokens. Anything else the file asks for (normalizers,
+//! other models, pre-tokenizers or decoders) is refused on loading, by name.
+//!
+//! Checked against `tokenizers` itself: `tests/fixtures/tokenizer/` (`gen_tokenizer.py`).
+
+use std::collections::{BinaryHeap, HashMap};
+use std::path::Path;
+
+use serde_json::Value;
+
+/// A loaded tokenizer: see the module documentation.
+pub struct Tokenizer {
+    /// Each id's token as the file spells it (byte-level characters for the model's, the content
+    /// for added tokens); `None` for ids nothing names.
+    tokens: Vec<Option<String>>,
+    /// The model's vocabulary.
+    vocab: HashMap<String, u32>,
+    /// (left id, right id) -> (rank, merged id).
+    merges: HashMap<(u32, u32), (u32, u32)>,
+    ignore_merges: bool,
+    unk: Option<u32>,
+    added: Vec<AddedToken>,
+    /// Indices into `added` by the first byte of their content, longest content first.
+    added_by_first_byte: HashMap<u8, Vec<usize>>,
+    special: Vec<bool>,
+    steps: Vec<PreStep>,
+    /// Ids put before and after the text by the template (or `tokenizer_config.json`).
+    prefix: Vec<u32>,
+    suffix: Vec<u32>,
+    /// Whether decoding maps byte-level characters back to bytes (a ByteLevel decoder).
+    byte_level_decoder: bool,
+    byte_of_char: HashMap<char, u8>,
+    char_of_byte: [char; 256],
+}
+
+struct AddedToken {
+    id: u32,
+    content: String,
+    lstrip: bool,
+    rstrip: bool,
+    single_word: bool,
+}
+
+enum PreStep {
+    Split { regex: fancy_regex::Regex, behavior: Behavior, invert: bool },
+    ByteLevel { add_prefix_space: bool, gpt2_split: Option<fancy_regex::Regex> },
+    Digits { individual: bool },
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Behavior {
+    Removed,
+    Isolated,
+    MergedWithPrevious,
+    MergedWithNext,
+    Contiguous,
+}
+
+/// GPT-2's split, which a `ByteLevel` pre-tokenizer with `use_regex` applies first.
+const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
+impl Tokenizer {
+    /// Reads `path` (a `tokenizer.json`), and `tokenizer_config.json` beside it when there is one.
+    /// Errors name the file and the key.
+    pub fn from_file(path: &Path) -> Result<Tokenizer, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let config_path = path.with_file_name("tokenizer_config.json");
+        let config = match std::fs::read_to_string(&config_path) {
+            Ok(c) => Some(c),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(format!("{}: {e}", config_path.display())),
+        };
+        Tokenizer::from_json(&text, config.as_deref()).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// A tokenizer from the text of a `tokenizer.json` (and of a `tokenizer_config.json`).
+    pub fn from_json(text: &str, config: Option<&str>) -> Result<Tokenizer, String> {
+        let root: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let model = root.get("model").ok_or("no \"model\"")?;
+        match model.get("type").and_then(Value::as_str) {
+            Some("BPE") | None if model.get("merges").is_some() => {}
+            t => return Err(format!("model type {t:?}: only BPE is supported")),
+        }
+        for (key, ok) in [
+            ("dropout", model.get("dropout").is_none_or(|d| d.is_null() || d.as_f64() == Some(0.0))),
+            ("byte_fallback", model.get("byte_fallback").is_none_or(|b| b.as_bool() != Some(true))),
+            ("continuing_subword_prefix", model.get("continuing_subword_prefix").is_none_or(Value::is_null)),
+            ("end_of_word_suffix", model.get("end_of_word_suffix").is_none_or(Value::is_null)),
+        ] {
+            if !ok {
+                return Err(format!("model.{key} = {} is not supported", model[key]));
+            }
+        }
+        let mut vocab = HashMap::new();
+        for (token, id) in model.get("vocab").and_then(Value::as_object).ok_or("model.vocab is not an object")? {
+            let id = id
+                .as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| format!("model.vocab[{token:?}] = {id} is not an id"))?;
+            vocab.insert(token.clone(), id);
+        }
+        let mut merges = HashMap::new();
+        let list = model.get("merges").and_then(Value::as_array).ok_or("model.merges is not an array")?;
+        for (rank, m) in list.iter().enumerate() {
+            // "a b" (the older spelling) or ["a", "b"].
+            let (a, b) = match m {
+                Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())),
+                Value::Array(p) if p.len() == 2 => {
+                    p[0].as_str().zip(p[1].as_str()).map(|(a, b)| (a.to_string(), b.to_string()))
+                }
+                _ => None,
+            }
+            .ok_or_else(|| format!("model.merges[{rank}] = {m} is not a pair"))?;
+            let id_of = |t: &str| {
+                vocab.get(t).copied().ok_or_else(|| format!("model.merges[{rank}]: {t:?} is not in the vocab"))
+            };
+            let merged = format!("{a}{b}");
+            let pair = (id_of(&a)?, id_of(&b)?);
+            merges.entry(pair).or_insert((rank as u32, id_of(&merged)?));
+        }
+        let unk = match model.get("unk_token").filter(|u| !u.is_null()) {
+            None => None,
+            Some(u) => Some(
+                u.as_str()
+                    .and_then(|u| vocab.get(u).copied())
+                    .ok_or_else(|| format!("model.unk_token {u} is not in the vocab"))?,
+            ),
+        };
+
+        let mut added = Vec::new();
+        let mut special_ids = Vec::new();
+        for (i, t) in
+            root.get("added_tokens").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]).iter().enumerate()
+        {
+            let field = |k: &str| t.get(k).and_then(Value::as_bool).unwrap_or(false);
+            let id = t.get("id").and_then(Value::as_u64).and_then(|i| u32::try_from(i).ok());
+            let content = t.get("content").and_then(Value::as_str).filter(|c| !c.is_empty());
+            let (Some(id), Some(content)) = (id, content) else {
+                return Err(format!("added_tokens[{i}] has no id or content"));
+            };
+            if field("special") {
+                special_ids.push(id);
+            }
+            added.push(AddedToken {
+                id,
+                content: content.to_string(),
+                lstrip: field("lstrip"),
+                rstrip: field("rstrip"),
+                single_word: field("single_word"),
+            });
+        }
+        match root.get("normalizer") {
+            None | Some(Value::Null) => {}
+            Some(n)
+                if n.get("type").and_then(Value::as_str) == Some("Sequence")
+                    && n.get("normalizers").and_then(Value::as_array).is_some_and(Vec::is_empty) => {}
+            Some(n) => {
+                return Err(format!(
+                    "normalizer {}: not supported (DeepSeek-V3's tokenizers have none)",
+                    n.get("type").unwrap_or(n)
+                ))
+            }
+        }
+        let mut steps = Vec::new();
+        if let Some(p) = root.get("pre_tokenizer").filter(|p| !p.is_null()) {
+            pre_steps(p, "pre_tokenizer", &mut steps)?;
+        }
+        let (mut prefix, mut suffix) = template(root.get("post_processor"), "post_processor")?;
+        let byte_level_decoder = match root.get("decoder") {
+            None | Some(Value::Null) => false,
+            Some(d) => byte_level_decoder(d, "decoder")?,
+        };
+
+        let mut length = vocab.values().chain(added.iter().map(|a| &a.id)).map(|&i| i as usize + 1).max().unwrap_or(0);
+        length = length.max(special_ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
+        let mut tokens = vec![None; length];
+        for (t, &id) in &vocab {
+            tokens[id as usize] = Some(t.clone());
+        }
+        for a in &added {
+            tokens[a.id as usize] = Some(a.content.clone());
+        }
+        let mut special = vec![false; length];
+        for &id in &special_ids {
+            special[id as usize] = true;
+        }
+        // transformers' Llama tokenizer class (DeepSeek-V3's) replaces the file's template with its
+        // own BOS/EOS switches.
+        if let Some(config) = config {
+            let c: Value = serde_json::from_str(config).map_err(|e| format!("tokenizer_config.json: not JSON: {e}"))?;
+            let class = c.get("tokenizer_class").and_then(Value::as_str).unwrap_or("");
+            let switches = matches!(class, "LlamaTokenizerFast" | "LlamaTokenizer");
+            let token_id = |key: &str| -> Result<u32, String> {
+                let t = c.get(key).map(|t| t.get("content").unwrap_or(t)).and_then(Value::as_str);
+                let t = t.ok_or_else(|| format!("tokenizer_config.json: add_{key} is set but {key} is not"))?;
+                added
+                    .iter()
+                    .find(|a| a.content == t)
+                    .map(|a| a.id)
+                    .or_else(|| vocab.get(t).copied())
+                    .ok_or_else(|| format!("tokenizer_config.json: {key} {t:?} is not a token"))
+            };
+            if switches {
+                // transformers' defaults: BOS on, EOS off.
+                let (bos, eos) = (
+                    c.get("add_bos_token").and_then(Value::as_bool).unwrap_or(true),
+                    c.get("add_eos_token").and_then(Value::as_bool).unwrap_or(false),
+                );
+                prefix = if bos { vec![token_id("bos_token")?] } else { Vec::new() };
+                suffix = if eos { vec![token_id("eos_token")?] } else { Vec::new() };
+            }
+        }
+        let mut added_by_first_byte: HashMap<u8, Vec<usize>> = HashMap::new();
+        for (i, a) in added.iter().enumerate() {
+            added_by_first_byte.entry(a.content.as_bytes()[0]).or_default().push(i);
+        }
+        for list in added_by_first_byte.values_mut() {
+            list.sort_by_key(|&i| std::cmp::Reverse(added[i].content.len()));
+        }
+        let char_of_byte = byte_chars();
+        let byte_of_char = char_of_byte.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        Ok(Tokenizer {
+            tokens,
+            vocab,
+            merges,
+            ignore_merges: model.get("ignore_merges").and_then(Value::as_bool).unwrap_or(false),
+            unk,
+            added,
+            added_by_first_byte,
+            special,
+            steps,
+            prefix,
+            suffix,
+            byte_level_decoder,
+            byte_of_char,
+            char_of_byte,
+        })
+    }
+
+    /// One more than the largest id any token has.
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The token an id names, as the file spells it.
+    pub fn token(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize)?.as_deref()
+    }
+
+    /// The id of a token, spelled as the file does (added tokens included).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.added.iter().find(|a| a.content == token).map(|a| a.id).or_else(|| self.vocab.get(token).copied())
+    }
+
+    /// Whether an id is a special token (skipped by decoding that skips them).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// The ids of `text`; with `add_special_tokens`, between the template's special tokens.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
+        let mut ids = Vec::new();
+        if add_special_tokens {
+            ids.extend_from_slice(&self.prefix);
+        }
+        let mut at = 0;
+        while let Some((start, end, id)) = self.next_added(text, at) {
+            self.encode_plain(&text[at..start], &mut ids);
+            ids.push(id);
+            at = end;
+        }
+        self.encode_plain(&text[at..], &mut ids);
+        if add_special_tokens {
+            ids.extend_from_slice(&self.suffix);
+        }
+        ids
+    }
+
+    /// The next added token in `text` from byte `from` (the leftmost; of those starting there, the
+    /// longest that its options allow): its span, whitespace it strips included, and id.
+    fn next_added(&self, text: &str, from: usize) -> Option<(usize, usize, u32)> {
+        let bytes = text.as_bytes();
+        for start in from..bytes.len() {
+            if !text.is_char_boundary(start) {
+                continue;
+            }
+            let Some(candidates) = self.added_by_first_byte.get(&bytes[start]) else { continue };
+            for &i in candidates {
+                let a = &self.added[i];
+                let end = start + a.content.len();
+                if !text[start..].starts_with(a.content.as_str()) {
+                    continue;
+                }
+                if a.single_word
+                    && (text[..start].chars().next_back().is_some_and(is_word_char)
+                        || text[end..].chars().next().is_some_and(is_word_char))
+                {
+                    continue;
+                }
+                let mut span = (start, end);
+                if a.lstrip {
+                    span.0 = from + text[from..start].trim_end().len();
+                }
+                if a.rstrip {
+                    span.1 = text.len() - text[end..].trim_start().len();
+                }
+                return Some((span.0, span.1, a.id));
+            }
+        }
+        None
+    }
+
+    /// Text with no added tokens in it: pre-tokenized, then each piece merged.
+    fn encode_plain(&self, text: &str, ids: &mut Vec<u32>) {
+        if text.is_empty() {
+            return;
+        }
+        let mut pieces = vec![text.to_string()];
+        for step in &self.steps {
+            pieces = pieces.iter().flat_map(|p| self.pre_tokenize(step, p)).filter(|p| !p.is_empty()).collect();
+        }
+        for piece in &pieces {
+            self.merge(piece, ids);
+        }
+    }
+
+    fn pre_tokenize(&self, step: &PreStep, piece: &str) -> Vec<String> {
+        match step {
+            PreStep::Split { regex, behavior, invert } => split(piece, regex, *behavior, *invert),
+            PreStep::Digits { individual } => {
+                let spans = char_spans(piece, |c| c.is_numeric());
+                let behavior = if *individual { Behavior::Isolated } else { Behavior::Contiguous };
+                arrange(piece, spans, behavior)
+            }
+            PreStep::ByteLevel { add_prefix_space, gpt2_split } => {
+                let parts = match gpt2_split {
+                    Some(regex) => split(piece, regex, Behavior::Isolated, false),
+                    None => vec![piece.to_string()],
+                };
+                parts
+                    .into_iter()
+                    .map(|p| {
+                        let spaced = if *add_prefix_space && !p.starts_with(' ') { format!(" {p}") } else { p };
+                        spaced.bytes().map(|b| self.char_of_byte[b as usize]).collect()
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// BPE over one piece: its characters' ids, the lowest-ranked adjacent pair merged first (ties:
+    /// leftmost) until no pair merges.
+    fn merge(&self, piece: &str, ids: &mut Vec<u32>) {
+        if self.ignore_merges {
+            if let Some(&id) = self.vocab.get(piece) {
+                ids.push(id);
+                return;
+            }
+        }
+        struct Symbol {
+            id: u32,
+            prev: usize,
+            next: usize,
+            alive: bool,
+        }
+        const NONE: usize = usize::MAX;
+        let mut symbols: Vec<Symbol> = Vec::with_capacity(piece.len());
+        let mut buf = [0u8; 4];
+        for c in piece.chars() {
+            let Some(id) = self.vocab.get(c.encode_utf8(&mut buf) as &str).copied().or(self.unk) else { continue };
+            let n = symbols.len();
+            symbols.push(Symbol { id, prev: if n == 0 { NONE } else { n - 1 }, next: n + 1, alive: true });
+        }
+        if let Some(last) = symbols.last_mut() {
+            last.next = NONE;
+        }
+        // Min-heap on (rank, position), with the merged id to tell a stale entry.
+        let mut heap = BinaryHeap::new();
+        let push = |heap: &mut BinaryHeap<std::cmp::Reverse<(u32, usize, u32)>>, left: u32, right: u32, at: usize| {
+            if let Some(&(rank, merged)) = self.merges.get(&(left, right)) {
+                heap.push(std::cmp::Reverse((rank, at, merged)));
+            }
+        };
+        for i in 1..symbols.len() {
+            push(&mut heap, symbols[i - 1].id, symbols[i].id, i - 1);
+        }
+        while let Some(std::cmp::Reverse((_, at, merged))) = heap.pop() {
+            let next = symbols[at].next;
+            if !symbols[at].alive
+                || next == NONE
+                || self.merges.get(&(symbols[at].id, symbols[next].id)).map(|m| m.1) != Some(merged)
+            {
+                continue;
+            }
+            symbols[at].id = merged;
+            symbols[next].alive = false;
+            let after = symbols[next].next;
+            symbols[at].next = after;
+            if after != NONE {
+                symbols[after].prev = at;
+                push(&mut heap, merged, symbols[after].id, at);
+            }
+            let prev = symbols[at].prev;
+            if prev != NONE {
+                push(&mut heap, symbols[prev].id, merged, prev);
+            }
+        }
+        ids.extend(symbols.iter().filter(|s| s.alive).map(|s| s.id));
+    }
+
+    /// The bytes a token stands for (an unknown id: none; a skipped special token: none).
+    fn token_bytes(&self, id: u32, skip_special: bool, out: &mut Vec<u8>) {
+        let Some(token) = self.token(id) else { return };
+        if skip_special && self.is_special(id) {
+            return;
+        }
+        if self.byte_level_decoder {
+            let start = out.len();
+            for c in token.chars() {
+                match self.byte_of_char.get(&c) {
+                    Some(&b) => out.push(b),
+                    None => {
+                        out.truncate(start);
+                        out.extend_from_slice(token.as_bytes());
+                        return;
+                    }
+                }
+            }
+        } else {
+            out.extend_from_slice(token.as_bytes());
+        }
+    }
+
+    /// The text of `ids`: their bytes read as UTF-8, an invalid sequence becoming U+FFFD.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            self.token_bytes(id, skip_special_tokens, &mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Decoding a token at a time, as tokens are generated.
+    pub fn stream(&self, skip_special_tokens: bool) -> TextStream<'_> {
+        TextStream { tokenizer: self, skip_special_tokens, pending: Vec::new() }
+    }
+}
+
+/// Decodes a token at a time: [`TextStream::push`] returns the text that is whole so far (a UTF-8
+/// character split across tokens waits for its last byte), [`TextStream::finish`] the rest. All
+/// the pieces together are [`Tokenizer::decode`] of all the tokens.
+pub struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    skip_special_tokens: bool,
+    pending: Vec<u8>,
+}
+
+impl TextStream<'_> {
+    pub fn push(&mut self, id: u32) -> String {
+        self.tokenizer.token_bytes(id, self.skip_special_tokens, &mut self.pending);
+        let mut text = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    text.push_str(s);
+                    self.pending.clear();
+                    return text;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    text.push_str(std::str::from_utf8(&self.pending[..valid]).expect("checked"));
+                    match e.error_len() {
+                        // Cut short: the rest may come with the next token.
+                        None => {
+                            self.pending.drain(..valid);
+                            return text;
+                        }
+                        Some(bad) => {
+                            text.push(char::REPLACEMENT_CHARACTER);
+                            self.pending.drain(..valid + bad);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// What is held back, as decoding all the tokens would end.
+    pub fn finish(self) -> String {
+        String::from_utf8_lossy(&self.pending).into_owned()
+    }
+}
+
+/// The pre-tokenizer steps a JSON pre-tokenizer describes (a `Sequence` is flattened).
+fn pre_steps(p: &Value, at: &str, steps: &mut Vec<PreStep>) -> Result<(), String> {
+    let kind = p.get("type").and_then(Value::as_str).ok_or_else(|| format!("{at} has no type"))?;
+    let flag = |k: &str, default: bool| p.get(k).and_then(Value::as_bool).unwrap_or(default);
+    match kind {
+        "Sequence" => {
+            for (i, q) in p
+                .get("pretokenizers")
+                .and_then(Value::as_array)
+                .ok_or_else(|| format!("{at}.pretokenizers is not an array"))?
+                .iter()
+                .enumerate()
+            {
+                pre_steps(q, &format!("{at}.pretokenizers[{i}]"), steps)?;
+            }
+        }
+        "Split" => {
+            let pattern = p.get("pattern").ok_or_else(|| format!("{at} has no pattern"))?;
+            let source =
+                match (pattern.get("Regex").and_then(Value::as_str), pattern.get("String").and_then(Value::as_str)) {
+                    (Some(r), _) => r.to_string(),
+                    (None, Some(s)) => fancy_regex::escape(s).into_owned(),
+                    _ => return Err(format!("{at}.pattern {pattern} is neither a Regex nor a String")),
+                };
+            let regex = fancy_regex::Regex::new(&source).map_err(|e| format!("{at}.pattern {source:?}: {e}"))?;
+            let behavior = match p.get("behavior").and_then(Value::as_str) {
+                Some("Removed") => Behavior::Removed,
+                Some("Isolated") => Behavior::Isolated,
+                Some("MergedWithPrevious") => Behavior::MergedWithPrevious,
+                Some("MergedWithNext") => Behavior::MergedWithNext,
+                Some("Contiguous") => Behavior::Contiguous,
+                b => return Err(format!("{at}.behavior {b:?} is not one of Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous")),
+            };
+            steps.push(PreStep::Split { regex, behavior, invert: flag("invert", false) });
+        }
+        "ByteLevel" => {
+            let gpt2_split = if flag("use_regex", true) {
+                Some(fancy_regex::Regex::new(GPT2_SPLIT).expect("GPT-2's split is a valid regex"))
+            } else {
+                None
+            };
+            steps.push(PreStep::ByteLevel { add_prefix_space: flag("add_prefix_space", true), gpt2_split });
+        }
+        "Digits" => steps.push(PreStep::Digits { individual: flag("individual_digits", false) }),
+        other => return Err(format!("{at} type {other:?}: not supported (Sequence, Split, ByteLevel, Digits are)")),
+    }
+    Ok(())
+}
+
+/// The ids a post-processor puts before and after a single sequence.
+fn template(p: Option<&Value>, at: &str) -> Result<(Vec<u32>, Vec<u32>), String> {
+    let Some(p) = p.filter(|p| !p.is_null()) else { return Ok((Vec::new(), Vec::new())) };
+    match p.get("type").and_then(Value::as_str) {
+        // Offsets only.
+        Some("ByteLevel") => Ok((Vec::new(), Vec::new())),
+        Some("Sequence") => {
+            let (mut before, mut after) = (Vec::new(), Vec::new());
+            for (i, q) in p
+                .get("processors")
+                .and_then(Value::as_array)
+                .ok_or_else(|| format!("{at}.processors is not an array"))?
+                .iter()
+                .enumerate()
+            {
+                let (b, a) = template(Some(q), &format!("{at}.processors[{i}]"))?;
+                before.splice(0..0, b);
+                after.extend(a);
+            }
+            Ok((before, after))
+        }
+        Some("TemplateProcessing") => {
+            let pieces =
+                p.get("single").and_then(Value::as_array).ok_or_else(|| format!("{at}.single is not an array"))?;
+            let (mut before, mut after, mut seen_text) = (Vec::new(), Vec::new(), false);
+            for piece in pieces {
+                if piece.get("Sequence").is_some() {
+                    seen_text = true;
+                    continue;
+                }
+                let name = piece
+                    .pointer("/SpecialToken/id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| format!("{at}.single: {piece} is neither a Sequence nor a SpecialToken"))?;
+                let ids = p
+                    .pointer(&format!("/special_tokens/{}", name.replace('~', "~0").replace('/', "~1")))
+                    .and_then(|s| s.get("ids"))
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| format!("{at}.special_tokens has no {name:?}"))?;
+                let ids = ids
+                    .iter()
+                    .map(|i| {
+                        i.as_u64()
+                            .and_then(|i| u32::try_from(i).ok())
+                            .ok_or_else(|| format!("{at}.special_tokens[{name:?}]: {i} is not an id"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if seen_text {
+                    after.extend(ids)
+                } else {
+                    before.extend(ids)
+                }
+            }
+            Ok((before, after))
+        }
+        t => Err(format!("{at} type {t:?}: not supported (TemplateProcessing, ByteLevel, Sequence are)")),
+    }
+}
+
+/// Whether a decoder maps byte-level characters back to bytes; other decoders are refused.
+fn byte_level_decoder(d: &Value, at: &str) -> Result<bool, String> {
+    match d.get("type").and_then(Value::as_str) {
+        Some("ByteLevel") => Ok(true),
+        Some("Sequence") => {
+            let mut any = false;
+            for (i, q) in d
+                .get("decoders")
+                .and_then(Value::as_array)
+                .ok_or_else(|| format!("{at}.decoders is not an array"))?
+                .iter()
+                .enumerate()
+            {
+                any |= byte_level_decoder(q, &format!("{at}.decoders[{i}]"))?;
+            }
+            Ok(any)
+        }
+        t => Err(format!("{at} type {t:?}: not supported (ByteLevel, Sequence are)")),
+    }
+}
+
+/// GPT-2's map of bytes to printable characters: the printable Latin-1 ones stand for themselves,
+/// the others (controls, space, ...) take the characters from U+0100 on, in byte order.
+fn byte_chars() -> [char; 256] {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let mut chars = ['\0'; 256];
+    let mut next = 0x100;
+    for b in 0..256u32 {
+        chars[b as usize] = if printable(b) {
+            char::from_u32(b).expect("Latin-1")
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("below U+0200")
+        };
+    }
+    chars
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// The spans of `piece` matched by `regex` and between them, in order, as (start, end, matched).
+fn split(piece: &str, regex: &fancy_regex::Regex, behavior: Behavior, invert: bool) -> Vec<String> {
+    let mut spans = Vec::new();
+    let mut prev = 0;
+    for m in regex.find_iter(piece) {
+        // A regex that cannot finish on some input: that input stays one piece.
+        let Ok(m) = m else { return vec![piece.to_string()] };
+        if m.start() == m.end() {
+            continue;
+        }
+        if prev != m.start() {
+            spans.push((prev, m.start(), invert));
+        }
+        spans.push((m.start(), m.end(), !invert));
+        prev = m.end();
+    }
+    if prev != piece.len() {
+        spans.push((prev, piece.len(), invert));
+    }
+    arrange(piece, spans, behavior)
+}
+
+/// Runs of characters where `f` holds (each character its own span) and the text between.
+fn char_spans(piece: &str, f: impl Fn(char) -> bool) -> Vec<(usize, usize, bool)> {
+    let mut spans: Vec<(usize, usize, bool)> = Vec::new();
+    for (i, c) in piece.char_indices() {
+        let hit = f(c);
+        match spans.last_mut() {
+            Some(last) if !hit && !last.2 => last.1 = i + c.len_utf8(),
+            _ => spans.push((i, i + c.len_utf8(), hit)),
+        }
+    }
+    spans
+}
+
+/// Pieces from matched and unmatched spans, as a split behaviour puts them together.
+fn arrange(piece: &str, spans: Vec<(usize, usize, bool)>, behavior: Behavior) -> Vec<String> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    let mut previous_match = false;
+    match behavior {
+        Behavior::Removed => out.extend(spans.iter().filter(|s| !s.2).map(|s| (s.0, s.1))),
+        Behavior::Isolated => out.extend(spans.iter().map(|s| (s.0, s.1))),
+        Behavior::MergedWithPrevious => {
+            for (start, end, matched) in spans {
+                match out.last_mut() {
+                    Some(last) if matched && !previous_match => last.1 = end,
+                    _ => out.push((start, end)),
+                }
+                previous_match = matched;
+            }
+        }
+        Behavior::MergedWithNext => {
+            for (start, end, matched) in spans.into_iter().rev() {
+                match out.last_mut() {
+                    Some(last) if matched && !previous_match => last.0 = start,
+                    _ => out.push((start, end)),
+                }
+                previous_match = matched;
+            }
+            out.reverse();
+        }
+        Behavior::Contiguous => {
+            for (i, (start, end, matched)) in spans.into_iter().enumerate() {
+                match out.last_mut() {
+                    Some(last) if i > 0 && matched == previous_match => last.1 = end,
+                    _ => out.push((start, end)),
+                }
+                previous_match = matched;
+            }
+        }
+    }
+    out.into_iter().map(|(s, e)| piece[s..e].to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_dir() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer")
+    }
+
+    fn fixture() -> Tokenizer {
+        Tokenizer::from_file(&fixture_dir().join("tokenizer.json")).unwrap()
+    }
+
+    #[test]
+    fn encodes_and_decodes_as_hugging_face_tokenizers_does() {
+        let t = fixture();
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("expected.json")).unwrap()).unwrap();
+        assert_eq!(t.vocab_size() as u64, expected["vocab_size"].as_u64().unwrap());
+        let cases = expected["cases"].as_array().unwrap();
+        assert!(cases.len() > 300);
+        let ids = |v: &Value| v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect::<Vec<_>>();
+        let mut wrong = Vec::new();
+        for c in cases {
+            let text = c["text"].as_str().unwrap();
+            let (with, without) = (ids(&c["ids"]), ids(&c["ids_without_template"]));
+            if t.encode(text, true) != with || t.encode(text, false) != without {
+                wrong.push(format!("encode {text:?}: {:?}, tokenizers {with:?}", t.encode(text, true)));
+            }
+            for (skip, key) in [(false, "decoded"), (true, "decoded_skipping_special")] {
+                if t.decode(&with, skip) != c[key].as_str().unwrap() {
+                    wrong.push(format!(
+                        "decode {with:?} (skip special {skip}): {:?}, tokenizers {}",
+                        t.decode(&with, skip),
+                        c[key]
+                    ));
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{} of {} cases differ:\n{}", wrong.len(), cases.len(), wrong.join("\n"));
+    }
+
+    fn fixture_json() -> Value {
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("tokenizer.json")).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_llama_class_bos_and_eos_switches_replace_the_template() {
+        let mut json = fixture_json();
+        json["post_processor"] =
+            serde_json::json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+        let bare = json.to_string();
+        let plain = Tokenizer::from_json(&bare, None).unwrap();
+        let ids = plain.encode("Hello", true);
+        let config = |bos: bool, eos: bool| {
+            format!(
+                r#"{{"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": {bos}, "add_eos_token": {eos}, "bos_token": {{"content": "<｜begin▁of▁sentence｜>"}}, "eos_token": "<｜end▁of▁sentence｜>"}}"#
+            )
+        };
+        let templated = fixture_json().to_string();
+        for file in [&bare, &templated] {
+            let both = Tokenizer::from_json(file, Some(&config(true, true))).unwrap();
+            assert_eq!(both.encode("Hello", true), [&[0][..], &ids, &[1]].concat());
+            assert_eq!(both.encode("Hello", false), ids);
+            assert_eq!(Tokenizer::from_json(file, Some(&config(false, false))).unwrap().encode("Hello", true), ids);
+        }
+        // Another class: the file's template, whatever the switches say.
+        let other = config(false, true).replace("LlamaTokenizerFast", "PreTrainedTokenizerFast");
+        assert_eq!(
+            Tokenizer::from_json(&templated, Some(&other)).unwrap().encode("Hello", true),
+            [&[0][..], &ids].concat()
+        );
+        assert_eq!(Tokenizer::from_json(&bare, Some(&other)).unwrap().encode("Hello", true), ids);
+        let e = Tokenizer::from_json(&bare, Some(r#"{"tokenizer_class": "LlamaTokenizer", "bos_token": "<nope>"}"#))
+            .err()
+            .unwrap();
+        assert_eq!(e, "tokenizer_config.json: bos_token \"<nope>\" is not a token");
+    }
+
+    #[test]
+    fn what_is_not_supported_is_refused_by_name() {
+        let with = |pointer: &str, v: Value| {
+            let mut json = fixture_json();
+            *json.pointer_mut(pointer).unwrap() = v;
+            Tokenizer::from_json(&json.to_string(), None).err().unwrap()
+        };
+        assert_eq!(with("/model/type", "WordPiece".into()), "model type Some(\"WordPiece\"): only BPE is supported");
+        assert_eq!(with("/model/byte_fallback", true.into()), "model.byte_fallback = true is not supported");
+        assert_eq!(
+            with("/normalizer", serde_json::json!({"type": "NFKC"})),
+            "normalizer \"NFKC\": not supported (DeepSeek-V3's tokenizers have none)"
+        );
+        assert_eq!(
+            with("/pre_tokenizer/pretokenizers/1", serde_json::json!({"type": "Metaspace"})),
+            "pre_tokenizer.pretokenizers[1] type \"Metaspace\": not supported (Sequence, Split, ByteLevel, Digits are)"
+        );
+        assert!(with("/pre_tokenizer/pretokenizers/0/pattern", serde_json::json!({"Regex": "("}))
+            .starts_with("pre_tokenizer.pretokenizers[0].pattern \"(\": "));
+        assert_eq!(
+            with("/model/merges/3", serde_json::json!(["Ġ", "nope"])),
+            "model.merges[3]: \"nope\" is not in the vocab"
+        );
+        assert_eq!(
+            with("/decoder", serde_json::json!({"type": "WordPiece"})),
+            "decoder type Some(\"WordPiece\"): not supported (ByteLevel, Sequence are)"
+        );
+        assert_eq!(
+            Tokenizer::from_json("{", None).err().unwrap(),
+            "not JSON: EOF while parsing an object at line 1 column 1"
+        );
+        let e = Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json")).err().unwrap();
+        assert!(e.starts_with("/nonexistent/tokenizer.json: "), "{e}");
+    }
+
+    #[test]
+    fn split_behaviours_put_matches_where_tokenizers_does() {
+        let digits = fancy_regex::Regex::new(r"\d+").unwrap();
+        let cases = [
+            (Behavior::Removed, false, vec!["ab", "cd", "e"]),
+            (Behavior::Isolated, false, vec!["ab", "12", "cd", "3", "e"]),
+            (Behavior::MergedWithPrevious, false, vec!["ab12", "cd3", "e"]),
+            (Behavior::MergedWithNext, false, vec!["ab", "12cd", "3e"]),
+            (Behavior::Contiguous, false, vec!["ab", "12", "cd", "3", "e"]),
+            (Behavior::Removed, true, vec!["12", "3"]),
+            (Behavior::MergedWithPrevious, true, vec!["ab", "12cd", "3e"]),
+        ];
+        for (behavior, invert, want) in cases {
+            assert_eq!(split("ab12cd3e", &digits, behavior, invert), want);
+        }
+        let each = arrange("a12b", char_spans("a12b", |c| c.is_numeric()), Behavior::Isolated);
+        assert_eq!(each, ["a", "1", "2", "b"]);
+        assert_eq!(arrange("a12b", char_spans("a12b", |c| c.is_numeric()), Behavior::Contiguous), ["a", "12", "b"]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn any_text_comes_back_from_its_ids(text in "\\PC{0,60}|[ \t\r\n\u{a0}a-z0-9.]{0,30}") {
+            // Not the added tokens that eat whitespace or spell bytes as Latin-1.
+            proptest::prop_assume!(!text.contains("<tool>") && !text.contains("grüß"));
+            let t = fixture();
+            let ids = t.encode(&text, true);
+            proptest::prop_assert_eq!(t.decode(&ids, true), text.clone());
+            proptest::prop_assert_eq!(t.encode(&text, false), ids[1..].to_vec());
+        }
+
+        #[test]
+        fn streaming_decodes_what_decoding_all_at_once_does(ids in proptest::collection::vec(0u32..980, 0..40), skip in proptest::bool::ANY) {
+            let t = fixture();
+            let mut stream = t.stream(skip);
+            let mut text: String = ids.iter().map(|&id| stream.push(id)).collect();
+            text.push_str(&stream.finish());
+            proptest::prop_assert_eq!(text, t.decode(&ids, skip));
+        }
+    }
+}
