@@ -1256,12 +1256,72 @@ pub struct Request {
     /// With `logprobs`, also this many of the most probable tokens at each step, with theirs
     /// ([`Generation::top_logprobs`]).
     pub top_logprobs: usize,
+    /// It ends once the text of its tokens holds one of these strings ([`TextStops::cut`] takes
+    /// it off the text; the tokens keep it).
+    pub stop_text: Option<TextStops>,
+}
+
+/// Stop strings, matched in the text of a request's tokens.
+#[derive(Clone)]
+pub struct TextStops {
+    pub tokenizer: std::sync::Arc<crate::tokenizer::Tokenizer>,
+    pub strings: Vec<String>,
+}
+
+impl std::fmt::Debug for TextStops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextStops").field("strings", &self.strings).finish_non_exhaustive()
+    }
+}
+
+impl TextStops {
+    /// Whether the newest of `tokens` completes a stop string. Only the last tokens are decoded:
+    /// every token stands for at least one byte, so a stop string of n bytes ending in the newest
+    /// token lies within the last n tokens (a character cut at the start becomes U+FFFD, which
+    /// only the text before the stop string can hold).
+    fn reached(&self, tokens: &[u32]) -> bool {
+        let longest = self.strings.iter().map(String::len).max().unwrap_or(0);
+        let tail = &tokens[tokens.len().saturating_sub(longest + 1)..];
+        let text = self.tokenizer.decode(tail, false);
+        self.strings.iter().any(|s| !s.is_empty() && text.contains(s.as_str()))
+    }
+
+    /// `text` up to the first stop string in it (all of it when there is none).
+    pub fn cut<'a>(&self, text: &'a str) -> &'a str {
+        let end = self.strings.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min();
+        &text[..end.unwrap_or(text.len())]
+    }
+
+    /// How much of `text` can be shown before the tokens after it are known: all but its longest
+    /// end that begins a stop string (it may become one), and nothing from a stop string on.
+    pub fn settled(&self, text: &str) -> usize {
+        let cut = self.cut(text).len();
+        if cut < text.len() {
+            return cut;
+        }
+        let pending = self
+            .strings
+            .iter()
+            .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n) && text.ends_with(&s[..n])))
+            .max()
+            .unwrap_or(0);
+        text.len() - pending
+    }
 }
 
 impl Request {
     /// `max_new` tokens after `prompt` picked by `sampler`; no stop sequences, no log-probabilities.
     pub fn new(prompt: Vec<u32>, max_new: usize, sampler: v3c_models::reference::Sampler) -> Request {
-        Request { prompt, max_new, sampler, arrived: None, stop: Vec::new(), logprobs: false, top_logprobs: 0 }
+        Request {
+            prompt,
+            max_new,
+            sampler,
+            arrived: None,
+            stop: Vec::new(),
+            logprobs: false,
+            top_logprobs: 0,
+            stop_text: None,
+        }
     }
 
     /// Whether `tokens` (its tokens so far) end it: at the end token or one of its stop sequences.
@@ -1269,7 +1329,9 @@ impl Request {
         if eos.is_some() && tokens.last().copied() == eos {
             return Some(Ending::Eos);
         }
-        if self.stop.iter().any(|s| !s.is_empty() && tokens.ends_with(s)) {
+        if self.stop.iter().any(|s| !s.is_empty() && tokens.ends_with(s))
+            || self.stop_text.as_ref().is_some_and(|t| t.reached(tokens))
+        {
             return Some(Ending::Stop);
         }
         (tokens.len() >= self.max_new).then_some(Ending::Length)
@@ -2575,6 +2637,66 @@ mod tests {
             assert_eq!((&second.tokens, second.ending), (&other_alone, Some(Ending::Length)), "{name}");
             assert!(second.logprobs.is_empty(), "{name}");
         }
+    }
+
+    fn fixture_tokenizer() -> std::sync::Arc<crate::tokenizer::Tokenizer> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
+        std::sync::Arc::new(crate::tokenizer::Tokenizer::from_file(&path).unwrap())
+    }
+
+    /// A stop string ends a request at the token that completes it in the request's text (even
+    /// across tokens), its tokens a prefix of those it gets alone.
+    #[test]
+    fn stop_strings_end_requests_where_their_text_first_holds_one() {
+        let tokenizer = fixture_tokenizer();
+        let prompt = vec![3u32, 5, 1];
+        let alone = toy_alone(&[(prompt.clone(), 12, 0, None)], None).remove(0);
+        let text = |ids: &[u32]| tokenizer.decode(ids, false);
+        // Two tokens' text from the middle, and a string no text holds.
+        let stop = text(&alone[5..7]);
+        assert!(!stop.contains('\u{fffd}') && stop.chars().count() >= 2, "{stop:?} from {alone:?}");
+        let end = (1..=alone.len()).find(|&e| text(&alone[..e]).contains(&stop)).unwrap();
+        assert!(end <= 7);
+        let stops =
+            TextStops { tokenizer: tokenizer.clone(), strings: vec!["never in it \u{1f600}".into(), stop.clone()] };
+        let mut requests =
+            vec![Request { stop_text: Some(stops.clone()), ..Request::new(prompt.clone(), 12, toy_sampler(None)) }]
+                .into_iter();
+        let mut next = |_: bool| requests.next().map_or(Arrival::Closed, Arrival::Request);
+        let mut ended = None;
+        let mut report = |_: usize, p: Progress| {
+            if let Progress::Ended(g) = p {
+                ended = Some(g);
+            }
+            Ok(())
+        };
+        let serving =
+            Serving { slots: 1, limits: &[15], max_prompt: 3, eos: None, prefill_budget: None, reuse_prefixes: true };
+        serve(&Toy::paged(), &serving, &mut next, &mut report).unwrap();
+        let g = ended.unwrap();
+        assert_eq!((&g.tokens[..], g.ending), (&alone[..end], Some(Ending::Stop)));
+        let shown = text(&g.tokens);
+        assert_eq!(stops.cut(&shown), &shown[..shown.find(&stop).unwrap()]);
+    }
+
+    /// Streamed text is held back while its end may begin a stop string, and never shows one.
+    #[test]
+    fn streamed_text_holds_back_what_may_begin_a_stop_string() {
+        let stops = TextStops { tokenizer: fixture_tokenizer(), strings: vec!["</end>".into(), "ß!".into()] };
+        for (text, settled) in [
+            ("plain", 5),
+            ("ends with </e", 10),
+            ("ends with <", 10),
+            ("a ß", 2),
+            ("a ß!b", 2),
+            ("x</end> and ß!", 1),
+            ("ß", 0),
+            ("", 0),
+        ] {
+            assert_eq!(stops.settled(text), settled, "{text:?}");
+        }
+        assert_eq!(stops.cut("ab</end>cd ß!"), "ab");
+        assert_eq!(stops.cut("no stop"), "no stop");
     }
 
     /// The most probable tokens from a partial sort are a full sort's first ones (ties to the lower
