@@ -1268,6 +1268,51 @@ pub struct TextStops {
     pub strings: Vec<String>,
 }
 
+/// A request's text as its tokens come (special tokens left out): what can be shown so far,
+/// held back while it may be the start of a stop string, and cut at one.
+pub struct TextSoFar {
+    stream: crate::tokenizer::TextStream,
+    text: String,
+    shown: usize,
+    stops: Option<TextStops>,
+}
+
+impl TextSoFar {
+    pub fn new(tokenizer: &std::sync::Arc<crate::tokenizer::Tokenizer>, stops: Option<&TextStops>) -> TextSoFar {
+        TextSoFar { stream: tokenizer.stream(true), text: String::new(), shown: 0, stops: stops.cloned() }
+    }
+
+    /// The text that token `t` settles (often empty).
+    pub fn push(&mut self, t: u32) -> String {
+        self.text.push_str(&self.stream.push(t));
+        let settled = self.stops.as_ref().map_or(self.text.len(), |s| s.settled(&self.text));
+        self.take(settled)
+    }
+
+    /// The rest of the text, up to a stop string.
+    pub fn finish(mut self) -> String {
+        let rest = self.stream.finish();
+        self.text.push_str(&rest);
+        let end = self.stops.as_ref().map_or(self.text.len(), |s| s.cut(&self.text).len());
+        self.take(end)
+    }
+
+    fn take(&mut self, end: usize) -> String {
+        let piece = self.text.get(self.shown..end.max(self.shown)).unwrap_or("").to_string();
+        self.shown = self.shown.max(end);
+        piece
+    }
+}
+
+/// The text of a whole generation as [`TextSoFar`] shows it, all at once.
+pub fn generation_text(tokenizer: &crate::tokenizer::Tokenizer, tokens: &[u32], stops: Option<&TextStops>) -> String {
+    let text = tokenizer.decode(tokens, true);
+    match stops {
+        Some(s) => s.cut(&text).to_string(),
+        None => text,
+    }
+}
+
 impl std::fmt::Debug for TextStops {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TextStops").field("strings", &self.strings).finish_non_exhaustive()
@@ -2830,6 +2875,28 @@ mod tests {
         assert_eq!((shared_pages(&shared, &shared[..64]), shared_pages(&shared, &shared[..65])), (0, 1));
         assert_eq!(shared_pages(&shared[..65], &shared), 1, "a token left to prefill");
         assert_eq!(shared_pages(&shared[..64], &shared), 0);
+    }
+
+    proptest::proptest! {
+        /// Text shown a token at a time, held back and cut at stop strings, is the whole
+        /// generation's text cut at the first stop string — whatever tokens follow it.
+        #[test]
+        fn text_shown_a_token_at_a_time_is_the_whole_text(
+            ids in proptest::collection::vec(0u32..980, 0..30),
+            from in 0usize..30,
+            len in 1usize..4,
+        ) {
+            let tokenizer = fixture_tokenizer();
+            let from = from.min(ids.len());
+            let stop = tokenizer.decode(&ids[from..(from + len).min(ids.len())], true);
+            let stops = TextStops { tokenizer: tokenizer.clone(), strings: vec![stop, "Ġ\n".into()] };
+            for stops in [None, Some(&stops)] {
+                let mut so_far = TextSoFar::new(&tokenizer, stops);
+                let mut shown: String = ids.iter().map(|&t| so_far.push(t)).collect();
+                shown.push_str(&so_far.finish());
+                proptest::prop_assert_eq!(shown, generation_text(&tokenizer, &ids, stops));
+            }
+        }
     }
 
     proptest::proptest! {

@@ -459,21 +459,21 @@ impl Tokenizer {
     }
 
     /// Decoding a token at a time, as tokens are generated.
-    pub fn stream(&self, skip_special_tokens: bool) -> TextStream<'_> {
-        TextStream { tokenizer: self, skip_special_tokens, pending: Vec::new() }
+    pub fn stream(self: &std::sync::Arc<Self>, skip_special_tokens: bool) -> TextStream {
+        TextStream { tokenizer: self.clone(), skip_special_tokens, pending: Vec::new() }
     }
 }
 
 /// Decodes a token at a time: [`TextStream::push`] returns the text that is whole so far (a UTF-8
 /// character split across tokens waits for its last byte), [`TextStream::finish`] the rest. All
 /// the pieces together are [`Tokenizer::decode`] of all the tokens.
-pub struct TextStream<'a> {
-    tokenizer: &'a Tokenizer,
+pub struct TextStream {
+    tokenizer: std::sync::Arc<Tokenizer>,
     skip_special_tokens: bool,
     pending: Vec<u8>,
 }
 
-impl TextStream<'_> {
+impl TextStream {
     pub fn push(&mut self, id: u32) -> String {
         self.tokenizer.token_bytes(id, self.skip_special_tokens, &mut self.pending);
         let mut text = String::new();
@@ -504,8 +504,8 @@ impl TextStream<'_> {
     }
 
     /// What is held back, as decoding all the tokens would end.
-    pub fn finish(self) -> String {
-        String::from_utf8_lossy(&self.pending).into_owned()
+    pub fn finish(&mut self) -> String {
+        String::from_utf8_lossy(&std::mem::take(&mut self.pending)).into_owned()
     }
 }
 
@@ -881,7 +881,7 @@ mod tests {
 
         #[test]
         fn streaming_decodes_what_decoding_all_at_once_does(ids in proptest::collection::vec(0u32..980, 0..40), skip in proptest::bool::ANY) {
-            let t = fixture();
+            let t = std::sync::Arc::new(fixture());
             let mut stream = t.stream(skip);
             let mut text: String = ids.iter().map(|&id| stream.push(id)).collect();
             text.push_str(&stream.finish());
