@@ -400,7 +400,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         ("GET", "/health", "", "200 OK", "ok"),
         ("GET", "/v2/anything", "", "404 Not Found", "served are POST /v1/completions"),
         ("GET", "/v1/completions", "", "405 Method Not Allowed", "GET /v1/completions"),
-        ("POST", "/v1/completions", "{\"prompt\": \"hi\"}", "400 Bad Request", "'hi' is not a token id"),
+        ("POST", "/v1/completions", "{\"prompt\": \"hi\"}", "400 Bad Request", "prompt: text needs a tokenizer"),
         ("POST", "/v1/completions", "{\"prompt\": [1], \"max_tokens\": 99}", "400 Bad Request", "the batch holds"),
     ] {
         let (status, body) = http(method, path, body);
@@ -540,6 +540,172 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
 /// An fp8 checkpoint compiles (by default, and with `--precision fp8`) to an fp8 cpu artifact —
 /// once silently an f32 one — whose logits `v3r logits` writes equal to `v3c logits --backend cpu
 /// --precision fp8`'s; `--precision f32` gives the f32 graph's.
+/// Text in and out through the checkpoint's tokenizer.json (the fixture `tokenizers` wrote): `v3r
+/// tokenize` both ways, `run --prompt` as `run --prompt-tokens` with its ids, and `serve` (stdin
+/// and HTTP) with text prompts and stop strings, each completion's text that of its tokens.
+#[test]
+fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
+    use v3c_runtime::tokenizer::Tokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    let (art, ckpt, cache) = (dir.path().join("art"), dir.path().join("ckpt"), dir.path().join("cache"));
+    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, 9).unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer/tokenizer.json");
+    std::fs::copy(&fixture, ckpt.join("tokenizer.json")).unwrap();
+    let tokenizer = std::sync::Arc::new(Tokenizer::from_file(&fixture).unwrap());
+    let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
+    let compile =
+        ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--max-rows", "4", "--max-context", "24"];
+    let out = run_binary_env("v3c", &[&compile[..], &["--out", art.to_str().unwrap()]].concat(), &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let v3r = |args: &[&str]| {
+        let out = run_binary_env("v3r", args, &env);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let prompt = "Hello world!";
+    let ids = tokenizer.encode(prompt, true);
+    assert!(ids.iter().all(|&t| (t as usize) < config.vocab_size), "{ids:?}: the tiny model's vocabulary");
+    let spelled: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let spelled = spelled.join(" ");
+    assert_eq!(v3r(&["tokenize", ckpt.to_str().unwrap(), prompt]).trim(), spelled);
+    assert_eq!(v3r(&["tokenize", ckpt.to_str().unwrap(), "--no-special-tokens", prompt]).trim(), &spelled[2..]);
+    assert_eq!(
+        v3r(&["tokenize", fixture.to_str().unwrap(), "--decode", &spelled]),
+        format!("<｜begin▁of▁sentence｜>{prompt}\n")
+    );
+    assert_eq!(
+        v3r(&["tokenize", ckpt.to_str().unwrap(), "--decode", "--no-special-tokens", &spelled]),
+        format!("{prompt}\n")
+    );
+    let bad = run_binary_env("v3r", &["tokenize", ckpt.to_str().unwrap(), "--decode", "3 99999"], &env);
+    assert!(text(&bad.stderr).contains("argument 1: 99999 is not a token of"), "{}", text(&bad.stderr));
+    // `run --prompt`: the text of the tokens `run --prompt-tokens` gives for its ids.
+    let run = |prompt: &[&str], new: &str| {
+        let args = [
+            &["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()][..],
+            prompt,
+            &["--max-new-tokens", new, "--ignore-eos"],
+        ]
+        .concat();
+        v3r(&args)
+    };
+    let alone: Vec<u32> =
+        run(&["--prompt-tokens", &spelled], "8").split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!(run(&["--prompt", prompt], "8"), format!("{}\n", tokenizer.decode(&alone, true)));
+    let two = run(&["--prompt", prompt, "--prompt", "Hi"], "4");
+    let lines: Vec<serde_json::Value> = two.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0], serde_json::Value::from(tokenizer.decode(&alone[..4], true)), "{two}");
+    assert_eq!(lines.len(), 2);
+    let elsewhere = dir.path().join("no-tokenizer");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let missing = run_binary_env(
+        "v3r",
+        &[
+            "run",
+            art.to_str().unwrap(),
+            "--weights",
+            ckpt.to_str().unwrap(),
+            "--tokenizer",
+            elsewhere.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ],
+        &env,
+    );
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("no-tokenizer/tokenizer.json: No such file"), "{}", text(&missing.stderr));
+    // `serve` from stdin: a text prompt with a stop string — the text of two of its tokens alone
+    // — ends at the token that completes it, its text cut before it.
+    let stop = (1..alone.len() - 1)
+        .filter(|&k| !tokenizer.is_special(alone[k]) && !tokenizer.is_special(alone[k + 1]))
+        .map(|k| tokenizer.decode(&alone[k..k + 2], false))
+        .find(|s| !s.contains('\u{fffd}') && !s.trim().is_empty())
+        .unwrap_or_else(|| panic!("two tokens with text in {alone:?}"));
+    let end = (1..=alone.len()).find(|&e| tokenizer.decode(&alone[..e], false).contains(&stop)).unwrap();
+    let request = serde_json::json!({"text": prompt, "stop_text": [stop.clone()], "id": "t"}).to_string();
+    let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
+        .args([
+            "serve",
+            art.to_str().unwrap(),
+            "--weights",
+            ckpt.to_str().unwrap(),
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--stream",
+        ])
+        .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut server.stdin.take().unwrap(), format!("{request}\n").as_bytes()).unwrap();
+    let served = server.wait_with_output().unwrap();
+    assert!(served.status.success(), "{}", text(&served.stderr));
+    let lines: Vec<serde_json::Value> =
+        text(&served.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let last = lines.last().unwrap();
+    let got: Vec<u32> = last["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    assert_eq!((&got[..], &last["finish_reason"]), (&alone[..end], &"stop".into()), "{last}");
+    let whole = tokenizer.decode(&got, true);
+    assert_eq!(last["text"], whole[..whole.find(&stop).unwrap()], "{last}");
+    // Streamed pieces never show the stop string, and add up to at most the text.
+    let pieces: String = lines[..lines.len() - 1].iter().map(|l| l["text"].as_str().unwrap()).collect();
+    assert!(last["text"].as_str().unwrap().starts_with(&pieces), "{pieces:?} {last}");
+    // Over HTTP: the prompt as text, the completion's text that of its tokens, whole or streamed.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Server(
+        std::process::Command::new(v3c_tests::workspace_binary("v3r"))
+            .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--http", "127.0.0.1:0"])
+            .args(["--ignore-eos", "--tokenizer", fixture.to_str().unwrap()])
+            .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut said = std::io::BufReader::new(server.0.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("serving ") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut said, &mut line).unwrap() > 0, "the server ended");
+    }
+    let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().to_string();
+    let post = |body: &str| -> String {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        let request =
+            format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        std::io::Write::write_all(&mut c, request.as_bytes()).unwrap();
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut c, &mut reply).unwrap();
+        reply.split_once("\r\n\r\n").unwrap().1.to_string()
+    };
+    let whole: serde_json::Value =
+        serde_json::from_str(&post(&serde_json::json!({"prompt": prompt, "max_tokens": 8}).to_string())).unwrap();
+    assert_eq!(whole["choices"][0]["text"], tokenizer.decode(&alone, true), "{whole}");
+    assert_eq!(whole["usage"]["prompt_tokens"], ids.len(), "{whole}");
+    let streamed =
+        post(&serde_json::json!({"prompt": [prompt], "max_tokens": 8, "stream": true, "stop": stop}).to_string());
+    let pieces: String = streamed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(pieces, last["text"].as_str().unwrap(), "{streamed}");
+}
+
 #[test]
 fn an_fp8_checkpoint_gives_an_fp8_cpu_artifact_with_the_cpu_backends_logits() {
     let dir = tempfile::tempdir().unwrap();

@@ -118,10 +118,13 @@ pub fn parse_cancel(line: &str) -> Option<serde_json::Value> {
 /// One line of `v3r serve`'s input: token ids separated by spaces, or a JSON object
 /// `{"prompt": [ids] or "ids", "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S,
 /// "stop": [[ids], ...] or [ids] or "ids", "logprobs": true|false, "top_logprobs": K, "id": anything}` (all but the
-/// prompt optional, from `defaults`). Returns the request's id (when it gives one) and the request.
+/// prompt optional, from `defaults`). With a tokenizer, also `"text": "..."` (the prompt as text,
+/// its template's special tokens added) and `"stop_text": "..." or ["...", ...]` (stop strings).
+/// Returns the request's id (when it gives one) and the request.
 pub fn parse_request(
     line: &str,
     defaults: &RequestDefaults,
+    tokenizer: Option<&std::sync::Arc<crate::tokenizer::Tokenizer>>,
 ) -> Result<(Option<serde_json::Value>, crate::session::Request), String> {
     let d = defaults;
     let line = line.trim();
@@ -132,15 +135,57 @@ pub fn parse_request(
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    const FIELDS: [&str; 9] =
-        ["prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "top_logprobs", "id"];
+    const FIELDS: [&str; 11] = [
+        "prompt",
+        "text",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "stop_text",
+        "logprobs",
+        "top_logprobs",
+        "id",
+    ];
     if let Some(k) = o.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(format!("unknown field '{k}' ({})", FIELDS.join(", ")));
     }
-    let prompt = match o.get("prompt") {
-        Some(serde_json::Value::String(ids)) => parse_token_ids(ids, "prompt")?,
-        Some(serde_json::Value::Array(ids)) => json_ids(ids, "prompt")?,
-        _ => return Err("no \"prompt\" (token ids: an array, or a string of them)".into()),
+    let tokenizer_for = |field: &str| {
+        tokenizer.ok_or_else(|| {
+            format!("{field}: text needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)")
+        })
+    };
+    let prompt = match (o.get("prompt"), o.get("text")) {
+        (Some(_), Some(_)) => return Err("\"prompt\" and \"text\": one prompt a request".into()),
+        (None, Some(serde_json::Value::String(text))) => {
+            let ids = tokenizer_for("text")?.encode(text, true);
+            if ids.is_empty() {
+                return Err("text: no tokens (an empty text, and a template that adds none)".into());
+            }
+            ids
+        }
+        (None, Some(x)) => return Err(format!("text: {x} is not a string")),
+        (Some(serde_json::Value::String(ids)), None) => parse_token_ids(ids, "prompt")?,
+        (Some(serde_json::Value::Array(ids)), None) => json_ids(ids, "prompt")?,
+        _ => return Err("no \"prompt\" (token ids: an array, or a string of them) or \"text\"".into()),
+    };
+    let stop_text = match o.get("stop_text") {
+        None => None,
+        Some(x) => {
+            let strings = match x {
+                serde_json::Value::String(s) => vec![s.clone()],
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|s| s.as_str().map(str::to_string).ok_or_else(|| format!("stop_text: {s} is not a string")))
+                    .collect::<Result<Vec<_>, _>>()?,
+                x => return Err(format!("stop_text: {x} is not a string or an array of them")),
+            };
+            if strings.iter().any(String::is_empty) {
+                return Err("stop_text: an empty string".into());
+            }
+            Some(crate::session::TextStops { tokenizer: tokenizer_for("stop_text")?.clone(), strings })
+        }
     };
     let stop = match o.get("stop") {
         None => Vec::new(),
@@ -172,6 +217,7 @@ pub fn parse_request(
     let logprobs = logprobs || top_logprobs > 0;
     let request = crate::session::Request {
         stop,
+        stop_text,
         logprobs,
         top_logprobs,
         ..crate::session::Request::new(prompt, max_new, sampler)
@@ -205,10 +251,11 @@ mod tests {
     #[test]
     fn requests_take_the_defaults_they_do_not_give() {
         let d = RequestDefaults { max_new: 8, temperature: 0.0, top_p: 1.0, seed: 3 };
-        let (id, r) = parse_request(" 1 2 3 ", &d).unwrap();
+        let (id, r) = parse_request(" 1 2 3 ", &d, None).unwrap();
         assert_eq!((id, r.prompt, r.max_new, r.sampler.temperature), (None, vec![1, 2, 3], 8, 0.0));
         let (id, r) =
-            parse_request(r#"{"prompt": [4, 5], "max_new_tokens": 2, "temperature": 0.5, "id": "x"}"#, &d).unwrap();
+            parse_request(r#"{"prompt": [4, 5], "max_new_tokens": 2, "temperature": 0.5, "id": "x"}"#, &d, None)
+                .unwrap();
         assert_eq!((id, r.prompt, r.max_new, r.sampler.temperature), (Some("x".into()), vec![4, 5], 2, 0.5));
         assert_eq!((r.stop.len(), r.logprobs), (0, false));
         for (stop, want) in [
@@ -216,10 +263,11 @@ mod tests {
             (r#"[1, 2]"#, vec![vec![1, 2]]),
             (r#""3 4""#, vec![vec![3, 4]]),
         ] {
-            let (_, r) = parse_request(&format!(r#"{{"prompt": [4], "stop": {stop}, "logprobs": true}}"#), &d).unwrap();
+            let (_, r) =
+                parse_request(&format!(r#"{{"prompt": [4], "stop": {stop}, "logprobs": true}}"#), &d, None).unwrap();
             assert_eq!((r.stop, r.logprobs), (want, true), "{stop}");
         }
-        let (_, r) = parse_request(r#"{"prompt": [4], "top_logprobs": 5}"#, &d).unwrap();
+        let (_, r) = parse_request(r#"{"prompt": [4], "top_logprobs": 5}"#, &d, None).unwrap();
         assert_eq!((r.logprobs, r.top_logprobs), (true, 5), "alternatives bring the chosen token's");
         for (line, err) in [
             (r#"{"prompt": "1 2", "max_tokens": 3}"#, "unknown field 'max_tokens'"),
@@ -235,8 +283,37 @@ mod tests {
             (r#"{"prompt": "1", "logprobs": 1}"#, "logprobs: 1 is not true or false"),
             (r#"{"prompt": "1", "top_logprobs": 21}"#, "top_logprobs: 21 (at most 20)"),
         ] {
-            let got = parse_request(line, &d).unwrap_err();
+            let got = parse_request(line, &d, None).unwrap_err();
             assert!(got.contains(err), "{line}: {got}");
+        }
+    }
+
+    /// With a tokenizer, a prompt and stop strings come as text; without one, text is refused.
+    #[test]
+    fn requests_take_text_with_a_tokenizer() {
+        let d = RequestDefaults { max_new: 8, temperature: 0.0, top_p: 1.0, seed: 3 };
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
+        let t = std::sync::Arc::new(crate::tokenizer::Tokenizer::from_file(&path).unwrap());
+        let (_, r) = parse_request(r#"{"text": "Hello world!", "stop_text": ["\n\n", "."]}"#, &d, Some(&t)).unwrap();
+        assert_eq!(r.prompt, t.encode("Hello world!", true));
+        assert_eq!(r.prompt[0], 0, "the template's BOS");
+        assert_eq!(r.stop_text.unwrap().strings, ["\n\n", "."]);
+        let (_, r) = parse_request(r#"{"text": "x", "stop_text": "END"}"#, &d, Some(&t)).unwrap();
+        assert_eq!(r.stop_text.unwrap().strings, ["END"]);
+        for (line, err) in [
+            (r#"{"text": "hi"}"#, "text: text needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)"),
+            (r#"{"prompt": [1], "stop_text": "x"}"#, "stop_text: text needs a tokenizer"),
+        ] {
+            assert!(parse_request(line, &d, None).unwrap_err().starts_with(err), "{line}");
+        }
+        for (line, err) in [
+            (r#"{"text": "hi", "prompt": [1]}"#, "\"prompt\" and \"text\": one prompt a request"),
+            (r#"{"text": 5}"#, "text: 5 is not a string"),
+            (r#"{"text": "x", "stop_text": [""]}"#, "stop_text: an empty string"),
+            (r#"{"text": "x", "stop_text": [1]}"#, "stop_text: 1 is not a string"),
+            (r#"{"text": "x", "stop_text": {}}"#, "stop_text: {} is not a string or an array of them"),
+        ] {
+            assert_eq!(parse_request(line, &d, Some(&t)).unwrap_err(), err, "{line}");
         }
     }
 

@@ -1,9 +1,9 @@
 //! `v3r serve --http ADDR`: the serving loop ([`crate::session::serve`]) behind a small HTTP/1.1
-//! server speaking OpenAI's completions API with token ids — `POST /v1/completions` with
-//! `{"prompt": [ids], "max_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop": [[ids]],
-//! "logprobs": true, "stream": true}` (prompts as arrays of token ids, as that API allows; there is
-//! no tokenizer here, so every `text` is empty and the tokens are in `tokens`), `GET /v1/models`,
-//! `GET /health`. Each connection has a thread of its own that parses its request, hands it to the
+//! server speaking OpenAI's completions API — `POST /v1/completions` with `{"prompt": "text" or
+//! [ids], "max_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop": ["text", ...] or
+//! [[ids], ...], "logprobs": true, "stream": true}`, `GET /v1/models`, `GET /health`. Text needs a
+//! tokenizer ([`crate::tokenizer`]); replies carry the tokens in `tokens` and, with a tokenizer,
+//! their text (special tokens left out, cut before a stop string) in `text` (else it is empty). Each connection has a thread of its own that parses its request, hands it to the
 //! serving loop (one queue for all) and writes what the loop reports: the whole completion, or with
 //! `stream` a server-sent event per token then `data: [DONE]`. A client that goes away while its
 //! tokens stream cancels its request. One request per connection (`Connection: close`).
@@ -12,8 +12,11 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
 
+use std::sync::Arc;
+
 use crate::cli::RequestDefaults;
-use crate::session::{Arrival, Ending, Generation, Progress, Request};
+use crate::session::{generation_text, Arrival, Ending, Generation, Progress, Request, TextSoFar};
+use crate::tokenizer::Tokenizer;
 
 /// The largest request body read (a prompt of a million token ids fits).
 const MAX_BODY: usize = 16 << 20;
@@ -69,7 +72,11 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<HttpRequest, String> {
 /// `top_p`, `seed`, `stop` (token id sequences), `logprobs` (true: the chosen token's; a count:
 /// that many alternatives' too, at most [`crate::cli::MAX_TOP_LOGPROBS`]), `stream`; `model`, `n` (1), `user` and `echo` (false) are accepted and the
 /// others refused by name. What a request leaves out comes from `defaults`.
-pub fn completion_request(body: &[u8], defaults: &RequestDefaults) -> Result<(Request, bool), String> {
+pub fn completion_request(
+    body: &[u8],
+    defaults: &RequestDefaults,
+    tokenizer: Option<&Arc<Tokenizer>>,
+) -> Result<(Request, bool), String> {
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
     let o = v.as_object().ok_or("the body is not a JSON object")?;
     const FIELDS: [&str; 12] = [
@@ -96,21 +103,37 @@ pub fn completion_request(body: &[u8], defaults: &RequestDefaults) -> Result<(Re
         return Err("echo: the prompt's log-probabilities are not served (`v3r logits` writes them)".into());
     }
     let prompt = match o.get("prompt") {
-        Some(serde_json::Value::Array(a)) if a.len() == 1 && a[0].is_array() => a[0].clone(),
+        // One prompt in a batch of one.
+        Some(serde_json::Value::Array(a)) if a.len() == 1 && (a[0].is_array() || a[0].is_string()) => a[0].clone(),
         Some(p) => p.clone(),
-        None => return Err("no \"prompt\" (token ids)".into()),
+        None => return Err("no \"prompt\" (text, or token ids)".into()),
     };
     // The serve line's fields, which [`crate::cli::parse_request`] checks.
-    let mut line = serde_json::json!({ "prompt": prompt });
+    let mut line = match prompt {
+        serde_json::Value::String(_) if tokenizer.is_none() => {
+            return Err("prompt: text needs a tokenizer (v3r serve --tokenizer FILE, or tokenizer.json in --weights); \
+                        or give token ids"
+                .into())
+        }
+        serde_json::Value::String(_) => serde_json::json!({ "text": prompt }),
+        _ => serde_json::json!({ "prompt": prompt }),
+    };
     for (ours, theirs) in [("max_new_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p")] {
         if let Some(x) = o.get(theirs) {
             line[ours] = x.clone();
         }
     }
-    for k in ["seed", "stop"] {
-        if let Some(x) = o.get(k).filter(|x| !x.is_null()) {
-            line[k] = x.clone();
+    if let Some(x) = o.get("seed").filter(|x| !x.is_null()) {
+        line["seed"] = x.clone();
+    }
+    // Strings (OpenAI's) or token id sequences.
+    match o.get("stop") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(x @ serde_json::Value::String(_)) => line["stop_text"] = x.clone(),
+        Some(serde_json::Value::Array(a)) if !a.is_empty() && a.iter().all(|x| x.is_string()) => {
+            line["stop_text"] = a.clone().into()
         }
+        Some(x) => line["stop"] = x.clone(),
     }
     match o.get("logprobs") {
         None | Some(serde_json::Value::Null) => {}
@@ -126,7 +149,10 @@ pub fn completion_request(body: &[u8], defaults: &RequestDefaults) -> Result<(Re
         None | Some(serde_json::Value::Null) => false,
         Some(x) => x.as_bool().ok_or_else(|| format!("stream: {x} is not true or false"))?,
     };
-    let (_, request) = crate::cli::parse_request(&line.to_string(), defaults)?;
+    let (_, request) = crate::cli::parse_request(&line.to_string(), defaults, tokenizer).map_err(|e| {
+        // Named as this API names them.
+        e.replacen("stop_text:", "stop:", 1).replacen("text:", "prompt:", 1)
+    })?;
     Ok((request, stream))
 }
 
@@ -140,7 +166,14 @@ fn finish_reason(g: &Generation) -> &'static str {
 }
 
 /// A whole completion's JSON (`object: text_completion`).
-pub fn completion_json(id: &str, model: &str, created: u64, prompt_tokens: usize, g: &Generation) -> serde_json::Value {
+pub fn completion_json(
+    id: &str,
+    model: &str,
+    created: u64,
+    prompt_tokens: usize,
+    g: &Generation,
+    text: &str,
+) -> serde_json::Value {
     let logprobs = match g.logprobs.is_empty() {
         true => serde_json::Value::Null,
         false => {
@@ -161,7 +194,7 @@ pub fn completion_json(id: &str, model: &str, created: u64, prompt_tokens: usize
         "model": model,
         "choices": [{
             "index": 0,
-            "text": "",
+            "text": text,
             "tokens": g.tokens,
             "logprobs": logprobs,
             "finish_reason": finish_reason(g),
@@ -175,14 +208,21 @@ pub fn completion_json(id: &str, model: &str, created: u64, prompt_tokens: usize
     })
 }
 
-/// One streamed chunk: a token, or (`finish`) the end.
-fn chunk_json(id: &str, model: &str, created: u64, token: Option<u32>, finish: Option<&str>) -> serde_json::Value {
+/// One streamed chunk: a token and the text it settles, or (`finish`) the end and the rest.
+fn chunk_json(
+    id: &str,
+    model: &str,
+    created: u64,
+    token: Option<u32>,
+    text: &str,
+    finish: Option<&str>,
+) -> serde_json::Value {
     serde_json::json!({
         "id": id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{ "index": 0, "text": "", "tokens": token.into_iter().collect::<Vec<_>>(), "finish_reason": finish }],
+        "choices": [{ "index": 0, "text": text, "tokens": token.into_iter().collect::<Vec<_>>(), "finish_reason": finish }],
     })
 }
 
@@ -228,6 +268,7 @@ pub fn serve_http(
     program: &dyn crate::session::Program,
     o: &crate::session::Serving,
     defaults: RequestDefaults,
+    tokenizer: Option<Arc<Tokenizer>>,
     model: &str,
     stop: &dyn Fn() -> bool,
 ) -> Result<Served, String> {
@@ -237,8 +278,8 @@ pub fn serve_http(
     let accepting = tx.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let (tx, model) = (accepting.clone(), model_name.clone());
-            std::thread::spawn(move || connection(stream, tx, defaults, &model));
+            let (tx, model, tokenizer) = (accepting.clone(), model_name.clone(), tokenizer.clone());
+            std::thread::spawn(move || connection(stream, tx, defaults, tokenizer.as_ref(), &model));
         }
     });
     drop(tx);
@@ -305,6 +346,7 @@ fn connection(
     mut stream: TcpStream,
     tx: mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
     defaults: RequestDefaults,
+    tokenizer: Option<&Arc<Tokenizer>>,
     model: &str,
 ) {
     // A client that never finishes its request does not hold its thread for ever.
@@ -331,7 +373,7 @@ fn connection(
             let models = serde_json::json!({ "object": "list", "data": [{ "id": model, "object": "model", "owned_by": "v3c" }] });
             let _ = respond(&mut stream, "200 OK", &models);
         }
-        ("POST", "/v1/completions") => completion(stream, &request.body, tx, defaults, model),
+        ("POST", "/v1/completions") => completion(stream, &request.body, tx, defaults, tokenizer, model),
         (_, "/health" | "/v1/models" | "/v1/completions") => {
             let _ =
                 respond_error(&mut stream, "405 Method Not Allowed", &format!("{} {}", request.method, request.path));
@@ -349,9 +391,10 @@ fn completion(
     body: &[u8],
     tx: mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
     defaults: RequestDefaults,
+    tokenizer: Option<&Arc<Tokenizer>>,
     model: &str,
 ) {
-    let (request, streaming) = match completion_request(body, &defaults) {
+    let (request, streaming) = match completion_request(body, &defaults, tokenizer) {
         Ok(r) => r,
         Err(e) => {
             let _ = respond_error(&mut stream, "400 Bad Request", &e);
@@ -359,6 +402,7 @@ fn completion(
         }
     };
     let prompt_tokens = request.prompt.len();
+    let stops = request.stop_text.clone();
     let (progress, events) = mpsc::channel();
     let (number_tx, number_rx) = mpsc::channel();
     if tx.send((Message::Request(request, progress), Some(number_tx))).is_err() {
@@ -373,11 +417,16 @@ fn completion(
     if streaming {
         let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
         let mut gone = stream.write_all(head.as_bytes()).and_then(|_| stream.flush()).is_err();
+        let mut text = tokenizer.map(|t| TextSoFar::new(t, stops.as_ref()));
         for event in events {
             let (data, end) = match event {
-                Progress::Token(t) => (chunk_json(&id, model, created, Some(t), None), false),
+                Progress::Token(t) => {
+                    let piece = text.as_mut().map_or(String::new(), |x| x.push(t));
+                    (chunk_json(&id, model, created, Some(t), &piece, None), false)
+                }
                 Progress::Ended(g) | Progress::Cancelled(g) => {
-                    (chunk_json(&id, model, created, None, Some(finish_reason(&g))), true)
+                    let rest = text.take().map_or(String::new(), TextSoFar::finish);
+                    (chunk_json(&id, model, created, None, &rest, Some(finish_reason(&g))), true)
                 }
                 Progress::Refused(e) => {
                     (serde_json::json!({ "error": { "message": e, "type": "invalid_request_error" } }), true)
@@ -401,7 +450,8 @@ fn completion(
         match event {
             Progress::Token(_) => {}
             Progress::Ended(g) | Progress::Cancelled(g) => {
-                let _ = respond(&mut stream, "200 OK", &completion_json(&id, model, created, prompt_tokens, &g));
+                let text = tokenizer.map_or(String::new(), |t| generation_text(t, &g.tokens, stops.as_ref()));
+                let _ = respond(&mut stream, "200 OK", &completion_json(&id, model, created, prompt_tokens, &g, &text));
                 return;
             }
             Progress::Refused(e) => {
@@ -451,13 +501,15 @@ mod tests {
     fn completion_bodies_become_requests() {
         let body = br#"{"model": "m", "prompt": [[4, 5, 6]], "max_tokens": 3, "temperature": 0.5, "top_p": 0.9,
             "seed": 7, "stop": [[1, 2]], "logprobs": 1, "stream": true, "n": 1}"#;
-        let (r, stream) = completion_request(body, &defaults()).unwrap();
+        let (r, stream) = completion_request(body, &defaults(), None).unwrap();
         assert_eq!((r.prompt, r.max_new, r.sampler.temperature, r.sampler.top_p), (vec![4, 5, 6], 3, 0.5, 0.9));
         assert_eq!((r.stop, r.logprobs, r.top_logprobs, stream), (vec![vec![1, 2]], true, 1, true));
-        let (r, stream) = completion_request(br#"{"prompt": [9], "seed": null, "stop": null}"#, &defaults()).unwrap();
+        let (r, stream) =
+            completion_request(br#"{"prompt": [9], "seed": null, "stop": null}"#, &defaults(), None).unwrap();
         assert_eq!((r.prompt, r.max_new, r.logprobs, stream), (vec![9], 16, false, false));
         for (body, err) in [
-            (&br#"{"prompt": "hello"}"#[..], "prompt: 'hello' is not a token id"),
+            (&br#"{"prompt": "hello"}"#[..], "prompt: text needs a tokenizer"),
+            (br#"{"prompt": [1], "stop": "x"}"#, "stop: text needs a tokenizer"),
             (br#"{"prompt": [1], "n": 2}"#, "n: one completion a request"),
             (br#"{"prompt": [1], "echo": true}"#, "echo: the prompt's log-probabilities"),
             (br#"{"prompt": [1], "best_of": 2}"#, "unknown field 'best_of'"),
@@ -467,8 +519,30 @@ mod tests {
             (br#"{"prompt": [1], "logprobs": 50}"#, "top_logprobs: 50 (at most 20)"),
             (b"[1]", "not a JSON object"),
         ] {
-            let got = completion_request(body, &defaults()).unwrap_err();
+            let got = completion_request(body, &defaults(), None).unwrap_err();
             assert!(got.contains(err), "{}: {got}", String::from_utf8_lossy(body));
         }
+    }
+
+    /// With a tokenizer, a text prompt (alone or in a batch of one) is encoded with its template's
+    /// special tokens, and string stops are stop strings; token id stops stay ids.
+    #[test]
+    fn text_prompts_and_string_stops_need_and_use_a_tokenizer() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
+        let t = Arc::new(Tokenizer::from_file(&path).unwrap());
+        let want = t.encode("Hello world!", true);
+        for body in [
+            &br#"{"prompt": "Hello world!", "stop": "\n"}"#[..],
+            br#"{"prompt": ["Hello world!"], "stop": ["\n", "END"]}"#,
+        ] {
+            let (r, _) = completion_request(body, &defaults(), Some(&t)).unwrap();
+            assert_eq!(r.prompt, want);
+            assert_eq!(r.stop_text.unwrap().strings[0], "\n");
+            assert!(r.stop.is_empty());
+        }
+        let (r, _) = completion_request(br#"{"prompt": "x", "stop": [[5, 6]]}"#, &defaults(), Some(&t)).unwrap();
+        assert_eq!((r.stop, r.stop_text.is_none()), (vec![vec![5, 6]], true));
+        let e = completion_request(br#"{"prompt": "x", "stop": [""]}"#, &defaults(), Some(&t)).unwrap_err();
+        assert_eq!(e, "stop: an empty string");
     }
 }

@@ -35,12 +35,17 @@ enum Command {
     Run(RunArgs),
     /// Serve requests read from stdin as they arrive, one a line — token ids, or JSON
     /// {"prompt": [ids], "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop":
-    /// [[ids], ...], "logprobs": true, "top_logprobs": K, "id": ...} — with at most --batch sequences decoding
+    /// [[ids], ...], "logprobs": true, "top_logprobs": K, "id": ...}; with a tokenizer also
+    /// {"text": "...", "stop_text": ["...", ...]} — with at most --batch sequences decoding
     /// together, each request joining the running batch as it arrives (a slot and cache pages
-    /// free); one JSON line per request on stdout as it ends (its tokens, finish_reason, times).
+    /// free); one JSON line per request on stdout as it ends (its tokens, with a tokenizer their
+    /// text, finish_reason, times).
     /// --max-new-tokens, --temperature, --top-p and --seed fill what a request leaves out; a line
     /// {"cancel": ID} ends the latest request of that id (with the tokens it has).
     Serve(ServeArgs),
+    /// Text to token ids, or (--decode) ids to text, with a Hugging Face tokenizer.json: the
+    /// tokenizer `run --prompt` and `serve` use.
+    Tokenize(TokenizeArgs),
     /// Logits of every token of a prompt (the prefill entry, from position 0) written as safetensors
     /// (`logits` F32 [tokens, vocab]): how an artifact is checked against `v3c logits`.
     Logits(LogitsArgs),
@@ -110,6 +115,21 @@ struct BenchArgs {
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// A tokenizer.json, or a directory holding one (a checkpoint's).
+    tokenizer: PathBuf,
+    /// Texts to encode, one line of token ids each (none: all of stdin, as one text).
+    text: Vec<String>,
+    /// Decode instead: each argument is token ids separated by spaces, printed as its text.
+    #[arg(long)]
+    decode: bool,
+    /// Encoding: leave out the special tokens the template adds (e.g. BOS); decoding: leave out
+    /// special tokens.
+    #[arg(long)]
+    no_special_tokens: bool,
 }
 
 #[derive(Args)]
@@ -296,6 +316,16 @@ struct Generating {
     ignore_eos: bool,
 }
 
+/// Where text is turned into tokens and back (`run`, `serve`).
+#[derive(Args)]
+struct TextArgs {
+    /// A Hugging Face tokenizer.json (byte-level BPE, as DeepSeek-V3's), or a directory holding
+    /// one, for prompts and stop strings given as text and completions printed as text (default:
+    /// the checkpoint's tokenizer.json, when --weights has one).
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+}
+
 /// How joining requests share the steps with the running ones (`run`, `serve`, `bench-serve`).
 #[derive(Args)]
 struct Scheduling {
@@ -328,14 +358,17 @@ struct ServeArgs {
     /// What a request does not say (its max_new_tokens, temperature, top_p, seed).
     #[command(flatten)]
     generating: Generating,
-    /// Also a JSON line {"id": ..., "token": T} for every token as it is picked.
+    #[command(flatten)]
+    text: TextArgs,
+    /// Also a JSON line {"id": ..., "token": T} for every token as it is picked (with a tokenizer,
+    /// also "text": the text it settles).
     #[arg(long, conflicts_with = "http")]
     stream: bool,
     /// Serve over HTTP on this address (e.g. 127.0.0.1:8000; port 0 picks one, said on stderr)
-    /// instead of stdin: OpenAI's completions API with token ids — POST /v1/completions
-    /// {"prompt": [ids], "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs",
-    /// "stream"} (server-sent events with "stream": true), GET /v1/models, GET /health. Runs until
-    /// stopped (Ctrl-C).
+    /// instead of stdin: OpenAI's completions API — POST /v1/completions {"prompt": "text" or
+    /// [ids], "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "stream"}
+    /// (server-sent events with "stream": true), GET /v1/models, GET /health. Runs until stopped
+    /// (Ctrl-C).
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
     /// CUDA device ordinal (GPU artifacts).
@@ -352,8 +385,15 @@ struct RunArgs {
     weights: PathBuf,
     /// Prompt as token ids separated by spaces, e.g. "0 3 17 250". Repeat it to generate for several
     /// prompts in one batch (one line of tokens each, in order).
-    #[arg(long, value_name = "IDS", required_unless_present = "prompts_file")]
+    #[arg(long, value_name = "IDS", required_unless_present_any = ["prompts_file", "prompt"])]
     prompt_tokens: Vec<String>,
+    /// Prompt as text, encoded by the tokenizer (its template's special tokens, e.g. DeepSeek-V3's
+    /// BOS, added); after any --prompt-tokens. Prints the completion as text: as it is for one
+    /// prompt, one JSON string a line for several.
+    #[arg(long, value_name = "TEXT")]
+    prompt: Vec<String>,
+    #[command(flatten)]
+    text: TextArgs,
     /// A file of prompts, one a line (token ids separated by spaces; blank lines skipped), after
     /// any --prompt-tokens: one line of generated tokens each, in order.
     #[arg(long, value_name = "FILE")]
@@ -394,6 +434,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(&a),
         Command::Serve(a) => serve(&a),
         Command::Logits(a) => logits(&a),
+        Command::Tokenize(a) => tokenize(&a).map_err(Failure::Other),
         Command::BenchDecode(a) => bench_decode(&a),
         Command::BenchServe(a) => bench_serve(&a),
         Command::Tune(a) => tune(&a),
@@ -759,6 +800,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     };
     let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
+    let tokenizer = text_tokenizer(&args.text, &args.weights, false)?;
     let eos = eos_of(&a, args.generating.ignore_eos);
     let model = a.manifest.model.name.clone();
     let (program, kind) = load_program(a, &args.weights, args.device)?;
@@ -787,8 +829,8 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             "serving {model} on http://{addr} (POST /v1/completions, GET /v1/models, GET /health; {slots} at a time, {kind})"
         );
         let start = std::time::Instant::now();
-        let served =
-            v3c_runtime::http::serve_http(listener, program, &serving, defaults, &model, &|| false).map_err(at)?;
+        let served = v3c_runtime::http::serve_http(listener, program, &serving, defaults, tokenizer, &model, &|| false)
+            .map_err(at)?;
         eprintln!(
             "served {} requests, {} tokens in {:.3} s ({} joined a running batch, {:.3} s in prefills)",
             served.requests,
@@ -811,6 +853,9 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         }
     });
     let ids = std::cell::RefCell::new(Vec::new());
+    // Per request, with a tokenizer: it and the request's stop strings, and its text so far.
+    let texts = std::cell::RefCell::new(Vec::new());
+    let mut so_far = std::collections::HashMap::new();
     let (mut line_no, mut refused, mut served, mut cancelled, mut tokens) = (0usize, 0usize, 0usize, 0usize, 0usize);
     let mut reused = 0usize;
     // A line of stdout; a reader that went away (a closed pipe) ends the serving.
@@ -847,9 +892,10 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             }
             continue;
         }
-        match v3c_runtime::cli::parse_request(&line, &defaults) {
+        match v3c_runtime::cli::parse_request(&line, &defaults, tokenizer.as_ref()) {
             Ok((id, r)) => {
                 ids.borrow_mut().push(id.unwrap_or(serde_json::json!(line_no)));
+                texts.borrow_mut().push(tokenizer.as_ref().map(|t| (t.clone(), r.stop_text.clone())));
                 return Arrival::Request(v3c_runtime::session::Request { arrived: Some(came), ..r });
             }
             Err(e) => {
@@ -863,10 +909,25 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let mut done = |i: usize, p: v3c_runtime::session::Progress| -> Result<(), String> {
         use v3c_runtime::session::Progress;
         let id = ids.borrow().get(i).cloned().unwrap_or(serde_json::Value::Null);
+        let text_of = |tokens: &[u32]| {
+            let texts = texts.borrow();
+            let (t, stops) = texts.get(i)?.as_ref()?;
+            Some(v3c_runtime::session::generation_text(t, tokens, stops.as_ref()))
+        };
         match p {
-            Progress::Token(t) if args.stream => reply(serde_json::json!({"id": id, "token": t}))?,
+            Progress::Token(t) if args.stream => {
+                let mut line = serde_json::json!({"id": id, "token": t});
+                if let Some((tokenizer, stops)) = texts.borrow().get(i).cloned().flatten() {
+                    let text = so_far
+                        .entry(i)
+                        .or_insert_with(|| v3c_runtime::session::TextSoFar::new(&tokenizer, stops.as_ref()));
+                    line["text"] = text.push(t).into();
+                }
+                reply(line)?
+            }
             Progress::Token(_) => {}
             Progress::Ended(g) => {
+                so_far.remove(&i);
                 served += 1;
                 tokens += g.tokens.len();
                 reused += g.reused;
@@ -881,6 +942,9 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                     "total_s": micro(g.total_s),
                     "decode_tokens_per_s": micro(g.decode_tokens_per_s()),
                 });
+                if let Some(text) = text_of(&g.tokens) {
+                    line["text"] = text.into();
+                }
                 if !g.logprobs.is_empty() {
                     // NaN (a token the device picked) as null.
                     let lp: Vec<serde_json::Value> = g.logprobs.iter().map(|&x| serde_json::json!(x)).collect();
@@ -895,16 +959,21 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                 reply(line)?;
             }
             Progress::Cancelled(g) => {
+                so_far.remove(&i);
                 cancelled += 1;
                 tokens += g.tokens.len();
-                reply(serde_json::json!({
+                let mut line = serde_json::json!({
                     "id": id,
                     "cancelled": true,
                     "tokens": g.tokens,
                     "queued_s": micro(g.queued_s),
                     "prefill_s": micro(g.prefill_s),
                     "total_s": micro(g.total_s),
-                }))?;
+                });
+                if let Some(text) = text_of(&g.tokens) {
+                    line["text"] = text.into();
+                }
+                reply(line)?;
             }
             Progress::Refused(e) => reply(serde_json::json!({"id": id, "error": e}))?,
         }
@@ -1111,6 +1180,71 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `tokenizer.json` in `path` when it is a directory, else `path`.
+fn tokenizer_file(path: &std::path::Path) -> PathBuf {
+    if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// The tokenizer text goes through: `--tokenizer`, else the checkpoint's tokenizer.json when it
+/// has one. `needed` (text was given): having none is an error naming both places; otherwise a
+/// checkpoint's tokenizer that does not load is only a warning (token ids still work).
+fn text_tokenizer(
+    args: &TextArgs,
+    weights: &std::path::Path,
+    needed: bool,
+) -> Result<Option<std::sync::Arc<v3c_runtime::tokenizer::Tokenizer>>, Failure> {
+    use v3c_runtime::tokenizer::Tokenizer;
+    if let Some(path) = &args.tokenizer {
+        return Ok(Some(std::sync::Arc::new(Tokenizer::from_file(&tokenizer_file(path)).map_err(Failure::Other)?)));
+    }
+    let beside = weights.join("tokenizer.json");
+    if !beside.is_file() {
+        return match needed {
+            true => Err(Failure::Other(format!(
+                "text needs a tokenizer: {} does not exist (give --tokenizer FILE)",
+                beside.display()
+            ))),
+            false => Ok(None),
+        };
+    }
+    match Tokenizer::from_file(&beside) {
+        Ok(t) => Ok(Some(std::sync::Arc::new(t))),
+        Err(e) if needed => Err(Failure::Other(e)),
+        Err(e) => {
+            eprintln!("v3r: warning: {e} (token ids only)");
+            Ok(None)
+        }
+    }
+}
+
+fn tokenize(args: &TokenizeArgs) -> Result<(), String> {
+    let tokenizer = v3c_runtime::tokenizer::Tokenizer::from_file(&tokenizer_file(&args.tokenizer))?;
+    let special = !args.no_special_tokens;
+    let mut texts = args.text.clone();
+    if texts.is_empty() {
+        let mut all = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut all).map_err(|e| format!("stdin: {e}"))?;
+        texts.push(all);
+    }
+    for (i, text) in texts.iter().enumerate() {
+        if args.decode {
+            let ids = v3c_runtime::cli::parse_token_ids(text, &format!("argument {}", i + 1))?;
+            if let Some(&bad) = ids.iter().find(|&&id| tokenizer.token(id).is_none()) {
+                return Err(format!("argument {}: {bad} is not a token of {}", i + 1, args.tokenizer.display()));
+            }
+            println!("{}", tokenizer.decode(&ids, !special));
+        } else {
+            let ids: Vec<String> = tokenizer.encode(text, special).iter().map(u32::to_string).collect();
+            println!("{}", ids.join(" "));
+        }
+    }
+    Ok(())
+}
+
 fn run(args: &RunArgs) -> Result<(), Failure> {
     v3c_runtime::cli::check_sampling(args.generating.temperature, args.generating.top_p)
         .map_err(|e| Failure::Other(format!("--{e}")))?;
@@ -1121,9 +1255,25 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         .map(|p| v3c_runtime::cli::parse_token_ids(p, "--prompt-tokens"))
         .collect::<Result<_, _>>()
         .map_err(Failure::Other)?;
+    let tokenizer = text_tokenizer(&args.text, &args.weights, !args.prompt.is_empty())?;
+    for (i, text) in args.prompt.iter().enumerate() {
+        let ids = tokenizer.as_ref().expect("text needs one").encode(text, true);
+        if ids.is_empty() {
+            return Err(Failure::Other(format!("--prompt {}: no tokens (an empty text)", i + 1)));
+        }
+        prompts.push(ids);
+    }
+    // Text in, text out.
+    let tokenizer = tokenizer.filter(|_| !args.prompt.is_empty());
     if let Some(file) = &args.prompts_file {
         prompts.extend(v3c_runtime::cli::read_prompts(file).map_err(Failure::Other)?);
     }
+    let several = prompts.len() > 1;
+    let print = |tokens: &[u32]| match &tokenizer {
+        Some(t) if several => println!("{}", serde_json::Value::from(t.decode(tokens, true))),
+        Some(t) => println!("{}", t.decode(tokens, true)),
+        None => println!("{}", tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")),
+    };
     if args.batch == Some(0) {
         return Err(Failure::Other("--batch 0: at least one sequence decodes at a time".into()));
     }
@@ -1152,8 +1302,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
             eos,
         )
         .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
-        let text: Vec<String> = s.generation.tokens.iter().map(u32::to_string).collect();
-        println!("{}", text.join(" "));
+        print(&s.generation.tokens);
         eprintln!(
             "{} ({kind}, speculative: {} of {} MTP drafts accepted, {:.2} tokens per main-model pass)",
             s.generation.summary(prompt.len()),
@@ -1190,8 +1339,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
         let generations = &served.generations;
         for g in generations {
-            let text: Vec<String> = g.tokens.iter().map(u32::to_string).collect();
-            println!("{}", text.join(" "));
+            print(&g.tokens);
         }
         let new: usize = generations.iter().map(|g| g.tokens.len()).sum();
         let decoded = new.saturating_sub(generations.len());
@@ -1223,8 +1371,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     let generation =
         v3c_runtime::session::generate(&mut session, &prompt, args.generating.max_new_tokens, &mut sampler, eos)
             .map_err(Failure::Other)?;
-    let text: Vec<String> = generation.tokens.iter().map(u32::to_string).collect();
-    println!("{}", text.join(" "));
+    print(&generation.tokens);
     eprintln!("{} ({kind})", generation.summary(prompt.len()));
     Ok(())
 }
