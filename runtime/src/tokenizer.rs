@@ -8,10 +8,15 @@
 //!    behaviours, inverted or not), `Digits`, `ByteLevel` (bytes to the printable characters BPE
 //!    works on, optionally GPT-2's own split first), nested `Sequence`s;
 //! 3. each piece is merged by the BPE model, the lowest-ranked pair first (ties: leftmost);
-//! 4. the post-processor's single-sequence template adds its special tokens — or, where a
-//!    `tokenizer_config.json` beside the file names transformers' Llama tokenizer class (as
-//!    DeepSeek-V3's does), its `add_bos_token` / `add_eos_token` decide instead, as transformers
-//!    does.
+//! 4. the post-processor's single-sequence template adds its special tokens (the file decides:
+//!    transformers applies no `add_bos_token` / `add_eos_token` of `tokenizer_config.json` to a
+//!    byte-level tokenizer either).
+//!
+//! A `tokenizer_config.json` beside the file may hold a chat template: [`Tokenizer::chat`] renders
+//! a conversation with it as transformers' `apply_chat_template` does (Jinja, here minijinja with
+//! Python's string methods; `trim_blocks` and `lstrip_blocks`, `raise_exception`, the special
+//! tokens as variables) and encodes the text without adding the template's special tokens (the
+//! chat template writes its own).
 //!
 //! Decoding maps each token back to its bytes (a token any of whose characters is outside the
 //! byte map is taken as its UTF-8, as `tokenizers`' ByteLevel decoder does) and reads the bytes as
@@ -19,7 +24,8 @@
 //! holding back a character split across tokens. Anything else the file asks for (normalizers,
 //! other models, pre-tokenizers or decoders) is refused on loading, by name.
 //!
-//! Checked against `tokenizers` itself: `tests/fixtures/tokenizer/` (`gen_tokenizer.py`).
+//! Checked against `tokenizers` and transformers themselves: `tests/fixtures/tokenizer/`
+//! (`gen_tokenizer.py`).
 
 use std::collections::{BinaryHeap, HashMap};
 use std::path::Path;
@@ -42,13 +48,21 @@ pub struct Tokenizer {
     added_by_first_byte: HashMap<u8, Vec<usize>>,
     special: Vec<bool>,
     steps: Vec<PreStep>,
-    /// Ids put before and after the text by the template (or `tokenizer_config.json`).
+    /// Ids put before and after the text by the template.
     prefix: Vec<u32>,
     suffix: Vec<u32>,
     /// Whether decoding maps byte-level characters back to bytes (a ByteLevel decoder).
     byte_level_decoder: bool,
     byte_of_char: HashMap<char, u8>,
     char_of_byte: [char; 256],
+    chat: Option<ChatTemplate>,
+}
+
+/// `tokenizer_config.json`'s chat template, ready to render, and the special tokens it may use.
+struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+    /// bos_token, eos_token, ... as the config spells them.
+    tokens: Vec<(String, String)>,
 }
 
 struct AddedToken {
@@ -183,7 +197,7 @@ impl Tokenizer {
         if let Some(p) = root.get("pre_tokenizer").filter(|p| !p.is_null()) {
             pre_steps(p, "pre_tokenizer", &mut steps)?;
         }
-        let (mut prefix, mut suffix) = template(root.get("post_processor"), "post_processor")?;
+        let (prefix, suffix) = template(root.get("post_processor"), "post_processor")?;
         let byte_level_decoder = match root.get("decoder") {
             None | Some(Value::Null) => false,
             Some(d) => byte_level_decoder(d, "decoder")?,
@@ -202,32 +216,10 @@ impl Tokenizer {
         for &id in &special_ids {
             special[id as usize] = true;
         }
-        // transformers' Llama tokenizer class (DeepSeek-V3's) replaces the file's template with its
-        // own BOS/EOS switches.
-        if let Some(config) = config {
-            let c: Value = serde_json::from_str(config).map_err(|e| format!("tokenizer_config.json: not JSON: {e}"))?;
-            let class = c.get("tokenizer_class").and_then(Value::as_str).unwrap_or("");
-            let switches = matches!(class, "LlamaTokenizerFast" | "LlamaTokenizer");
-            let token_id = |key: &str| -> Result<u32, String> {
-                let t = c.get(key).map(|t| t.get("content").unwrap_or(t)).and_then(Value::as_str);
-                let t = t.ok_or_else(|| format!("tokenizer_config.json: add_{key} is set but {key} is not"))?;
-                added
-                    .iter()
-                    .find(|a| a.content == t)
-                    .map(|a| a.id)
-                    .or_else(|| vocab.get(t).copied())
-                    .ok_or_else(|| format!("tokenizer_config.json: {key} {t:?} is not a token"))
-            };
-            if switches {
-                // transformers' defaults: BOS on, EOS off.
-                let (bos, eos) = (
-                    c.get("add_bos_token").and_then(Value::as_bool).unwrap_or(true),
-                    c.get("add_eos_token").and_then(Value::as_bool).unwrap_or(false),
-                );
-                prefix = if bos { vec![token_id("bos_token")?] } else { Vec::new() };
-                suffix = if eos { vec![token_id("eos_token")?] } else { Vec::new() };
-            }
-        }
+        let chat = match config {
+            Some(config) => chat_template(config).map_err(|e| format!("tokenizer_config.json: {e}"))?,
+            None => None,
+        };
         let mut added_by_first_byte: HashMap<u8, Vec<usize>> = HashMap::new();
         for (i, a) in added.iter().enumerate() {
             added_by_first_byte.entry(a.content.as_bytes()[0]).or_default().push(i);
@@ -252,7 +244,39 @@ impl Tokenizer {
             byte_level_decoder,
             byte_of_char,
             char_of_byte,
+            chat,
         })
+    }
+
+    /// Whether `tokenizer_config.json` gave a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.chat.is_some()
+    }
+
+    /// A conversation (OpenAI's `messages`: objects with a `role` and a `content`) as the chat
+    /// template writes it, with the assistant's turn opened when `add_generation_prompt`.
+    pub fn render_chat(&self, messages: &Value, add_generation_prompt: bool) -> Result<String, String> {
+        let chat = self.chat.as_ref().ok_or("no chat template (tokenizer_config.json has no chat_template)")?;
+        let list = messages.as_array().ok_or_else(|| format!("messages: {messages} is not an array"))?;
+        if list.is_empty() {
+            return Err("messages: an empty conversation".into());
+        }
+        for (i, m) in list.iter().enumerate() {
+            if !m.get("role").is_some_and(Value::is_string) {
+                return Err(format!("messages[{i}]: no \"role\" string"));
+            }
+        }
+        let template = chat.env.get_template("chat").map_err(|e| e.to_string())?;
+        let mut context: HashMap<&str, minijinja::Value> =
+            chat.tokens.iter().map(|(k, v)| (k.as_str(), v.as_str().into())).collect();
+        context.insert("messages", minijinja::Value::from(minijinja::value::Serde(messages)));
+        context.insert("add_generation_prompt", add_generation_prompt.into());
+        template.render(context).map_err(|e| format!("chat template: {}", chat_error(&e)))
+    }
+
+    /// The ids of a conversation: [`Tokenizer::render_chat`], encoded with no special tokens added.
+    pub fn chat(&self, messages: &Value, add_generation_prompt: bool) -> Result<Vec<u32>, String> {
+        Ok(self.encode(&self.render_chat(messages, add_generation_prompt)?, false))
     }
 
     /// One more than the largest id any token has.
@@ -507,6 +531,49 @@ impl TextStream {
     pub fn finish(&mut self) -> String {
         String::from_utf8_lossy(&std::mem::take(&mut self.pending)).into_owned()
     }
+}
+
+/// The chat template of a `tokenizer_config.json` (a string, or a list of named ones: "default"),
+/// compiled as transformers compiles it (`trim_blocks`, `lstrip_blocks`); None when it has none.
+fn chat_template(config: &str) -> Result<Option<ChatTemplate>, String> {
+    let c: Value = serde_json::from_str(config).map_err(|e| format!("not JSON: {e}"))?;
+    let source = match c.get("chat_template") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(named)) => named
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str())
+            .ok_or("chat_template: a list of templates with no \"default\" one")?
+            .to_string(),
+        Some(x) => return Err(format!("chat_template: {x} is not a template")),
+    };
+    let mut env = minijinja::Environment::new();
+    let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
+    env.set_syntax(syntax.map_err(|e| e.to_string())?);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+    });
+    env.add_template_owned("chat", source).map_err(|e| format!("chat_template: {}", chat_error(&e)))?;
+    let mut tokens = Vec::new();
+    for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        if let Some(t) = c.get(key).map(|t| t.get("content").unwrap_or(t)).and_then(Value::as_str) {
+            tokens.push((key.to_string(), t.to_string()));
+        }
+    }
+    Ok(Some(ChatTemplate { env, tokens }))
+}
+
+/// A template error and what caused it, on one line.
+fn chat_error(e: &minijinja::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
 /// The pre-tokenizer steps a JSON pre-tokenizer describes (a `Sequence` is flattened).
@@ -778,37 +845,59 @@ mod tests {
         serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("tokenizer.json")).unwrap()).unwrap()
     }
 
+    fn expected_chat() -> Value {
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("expected_chat.json")).unwrap()).unwrap()
+    }
+
+    /// tokenizer_config.json's add_bos_token / add_eos_token change nothing: the file's template
+    /// decides, as in transformers (the ids it gave for each combination).
     #[test]
-    fn the_llama_class_bos_and_eos_switches_replace_the_template() {
-        let mut json = fixture_json();
-        json["post_processor"] =
-            serde_json::json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
-        let bare = json.to_string();
-        let plain = Tokenizer::from_json(&bare, None).unwrap();
-        let ids = plain.encode("Hello", true);
-        let config = |bos: bool, eos: bool| {
-            format!(
-                r#"{{"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": {bos}, "add_eos_token": {eos}, "bos_token": {{"content": "<｜begin▁of▁sentence｜>"}}, "eos_token": "<｜end▁of▁sentence｜>"}}"#
-            )
-        };
-        let templated = fixture_json().to_string();
-        for file in [&bare, &templated] {
-            let both = Tokenizer::from_json(file, Some(&config(true, true))).unwrap();
-            assert_eq!(both.encode("Hello", true), [&[0][..], &ids, &[1]].concat());
-            assert_eq!(both.encode("Hello", false), ids);
-            assert_eq!(Tokenizer::from_json(file, Some(&config(false, false))).unwrap().encode("Hello", true), ids);
+    fn the_files_template_decides_the_special_tokens_whatever_the_config_says() {
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("tokenizer_config.json")).unwrap())
+                .unwrap();
+        for case in expected_chat()["switches"].as_array().unwrap() {
+            let mut json = fixture_json();
+            if case["template"] == false {
+                json["post_processor"] = serde_json::json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+            }
+            let mut c = config.clone();
+            c["add_bos_token"] = case["add_bos_token"].clone();
+            c["add_eos_token"] = case["add_eos_token"].clone();
+            let t = Tokenizer::from_json(&json.to_string(), Some(&c.to_string())).unwrap();
+            let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
+            assert_eq!(t.encode("Hello", true), want, "{case}");
         }
-        // Another class: the file's template, whatever the switches say.
-        let other = config(false, true).replace("LlamaTokenizerFast", "PreTrainedTokenizerFast");
+    }
+
+    /// Conversations render and encode as transformers' apply_chat_template makes them, and a
+    /// template's raise_exception is an error with its message.
+    #[test]
+    fn chat_templates_render_as_transformers_renders_them() {
+        let t = fixture();
+        assert!(t.has_chat_template());
+        let expected = expected_chat();
+        let cases = expected["cases"].as_array().unwrap();
+        assert!(cases.len() >= 10);
+        for c in cases {
+            let generation = c["add_generation_prompt"].as_bool().unwrap();
+            assert_eq!(t.render_chat(&c["messages"], generation).unwrap(), c["text"].as_str().unwrap(), "{c}");
+            let ids: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
+            assert_eq!(t.chat(&c["messages"], generation).unwrap(), ids, "{c}");
+        }
+        let raises = &expected["raises"];
+        let e = t.render_chat(&raises["messages"], true).unwrap_err();
+        assert!(e.starts_with("chat template: ") && e.contains(raises["error"].as_str().unwrap()), "{e}");
+        assert_eq!(t.render_chat(&serde_json::json!([]), true).unwrap_err(), "messages: an empty conversation");
         assert_eq!(
-            Tokenizer::from_json(&templated, Some(&other)).unwrap().encode("Hello", true),
-            [&[0][..], &ids].concat()
+            t.render_chat(&serde_json::json!([{"content": "x"}]), true).unwrap_err(),
+            "messages[0]: no \"role\" string"
         );
-        assert_eq!(Tokenizer::from_json(&bare, Some(&other)).unwrap().encode("Hello", true), ids);
-        let e = Tokenizer::from_json(&bare, Some(r#"{"tokenizer_class": "LlamaTokenizer", "bos_token": "<nope>"}"#))
-            .err()
-            .unwrap();
-        assert_eq!(e, "tokenizer_config.json: bos_token \"<nope>\" is not a token");
+        let plain = Tokenizer::from_json(&fixture_json().to_string(), None).unwrap();
+        assert!(plain.render_chat(&cases[0]["messages"], true).unwrap_err().starts_with("no chat template"));
+        let broken =
+            Tokenizer::from_json(&fixture_json().to_string(), Some(r#"{"chat_template": "{% if %}"}"#)).err().unwrap();
+        assert!(broken.starts_with("tokenizer_config.json: chat_template: "), "{broken}");
     }
 
     #[test]
