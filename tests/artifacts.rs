@@ -704,6 +704,59 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
         })
         .collect();
     assert_eq!(pieces, last["text"].as_str().unwrap(), "{streamed}");
+    // Chat: the conversation as the chat template writes it, the reply the text of the tokens
+    // `run` gives those ids; streamed, the role first, then the text in pieces.
+    let messages = serde_json::json!([{"role": "user", "content": "Hello!"}]);
+    let chat_ids = tokenizer.chat(&messages, true).unwrap();
+    assert!(chat_ids.iter().all(|&t| (t as usize) < config.vocab_size), "{chat_ids:?}: the tiny model's vocabulary");
+    let spelled: Vec<String> = chat_ids.iter().map(u32::to_string).collect();
+    let chat_alone: Vec<u32> =
+        run(&["--prompt-tokens", &spelled.join(" ")], "6").split_whitespace().map(|t| t.parse().unwrap()).collect();
+    let common = ["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--chat", "Hello!"];
+    let with_template =
+        [&common[..], &["--tokenizer", fixture.to_str().unwrap(), "--max-new-tokens", "6", "--ignore-eos"]].concat();
+    assert_eq!(v3r(&with_template), format!("{}\n", tokenizer.decode(&chat_alone, true)));
+    let without = run_binary_env("v3r", &common, &env);
+    assert!(text(&without.stderr).contains("--chat 1: no chat template"), "{}", text(&without.stderr));
+    let chat = |stream: bool| {
+        let body = serde_json::json!({"messages": messages, "max_tokens": 6, "stream": stream, "logprobs": true});
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        let body = body.to_string();
+        let request =
+            format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        std::io::Write::write_all(&mut c, request.as_bytes()).unwrap();
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut c, &mut reply).unwrap();
+        reply.split_once("\r\n\r\n").unwrap().1.to_string()
+    };
+    let whole: serde_json::Value = serde_json::from_str(&chat(false)).unwrap();
+    let message = &whole["choices"][0]["message"];
+    assert_eq!(
+        (&message["role"], &message["content"]),
+        (&"assistant".into(), &tokenizer.decode(&chat_alone, true).into()),
+        "{whole}"
+    );
+    assert_eq!(
+        (&whole["object"], &whole["usage"]["prompt_tokens"]),
+        (&"chat.completion".into(), &chat_ids.len().into())
+    );
+    let content = whole["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), chat_alone.len(), "{whole}");
+    for (entry, &t) in content.iter().zip(&chat_alone) {
+        assert_eq!(entry["bytes"], serde_json::json!(tokenizer.token_bytes_of(t)), "{entry}");
+        assert!(entry["logprob"].as_f64().unwrap() <= 0.0, "{entry}");
+    }
+    let streamed = chat(true);
+    let chunks: Vec<serde_json::Value> = streamed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant", "{streamed}");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, message["content"].as_str().unwrap(), "{streamed}");
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length", "{streamed}");
 }
 
 #[test]

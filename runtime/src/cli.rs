@@ -119,7 +119,9 @@ pub fn parse_cancel(line: &str) -> Option<serde_json::Value> {
 /// `{"prompt": [ids] or "ids", "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S,
 /// "stop": [[ids], ...] or [ids] or "ids", "logprobs": true|false, "top_logprobs": K, "id": anything}` (all but the
 /// prompt optional, from `defaults`). With a tokenizer, also `"text": "..."` (the prompt as text,
-/// its template's special tokens added) and `"stop_text": "..." or ["...", ...]` (stop strings).
+/// its template's special tokens added), `"messages": [{"role": ..., "content": ...}, ...]` (a
+/// conversation, written by the chat template with the assistant's turn opened) and `"stop_text":
+/// "..." or ["...", ...]` (stop strings).
 /// Returns the request's id (when it gives one) and the request.
 pub fn parse_request(
     line: &str,
@@ -135,9 +137,10 @@ pub fn parse_request(
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    const FIELDS: [&str; 11] = [
+    const FIELDS: [&str; 12] = [
         "prompt",
         "text",
+        "messages",
         "max_new_tokens",
         "temperature",
         "top_p",
@@ -156,19 +159,27 @@ pub fn parse_request(
             format!("{field}: text needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)")
         })
     };
-    let prompt = match (o.get("prompt"), o.get("text")) {
-        (Some(_), Some(_)) => return Err("\"prompt\" and \"text\": one prompt a request".into()),
-        (None, Some(serde_json::Value::String(text))) => {
+    let given: Vec<&str> = ["prompt", "text", "messages"].into_iter().filter(|k| o.contains_key(*k)).collect();
+    if given.len() > 1 {
+        return Err(format!(
+            "{}: one prompt a request",
+            given.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(" and ")
+        ));
+    }
+    let prompt = match (o.get("prompt"), o.get("text"), o.get("messages")) {
+        (_, Some(serde_json::Value::String(text)), _) => {
             let ids = tokenizer_for("text")?.encode(text, true);
             if ids.is_empty() {
                 return Err("text: no tokens (an empty text, and a template that adds none)".into());
             }
             ids
         }
-        (None, Some(x)) => return Err(format!("text: {x} is not a string")),
-        (Some(serde_json::Value::String(ids)), None) => parse_token_ids(ids, "prompt")?,
-        (Some(serde_json::Value::Array(ids)), None) => json_ids(ids, "prompt")?,
-        _ => return Err("no \"prompt\" (token ids: an array, or a string of them) or \"text\"".into()),
+        (_, Some(x), _) => return Err(format!("text: {x} is not a string")),
+        // A conversation, the assistant's turn opened.
+        (_, _, Some(messages)) => tokenizer_for("messages")?.chat(messages, true)?,
+        (Some(serde_json::Value::String(ids)), _, _) => parse_token_ids(ids, "prompt")?,
+        (Some(serde_json::Value::Array(ids)), _, _) => json_ids(ids, "prompt")?,
+        _ => return Err("no \"prompt\" (token ids: an array, or a string of them), \"text\" or \"messages\"".into()),
     };
     let stop_text = match o.get("stop_text") {
         None => None,
@@ -298,6 +309,8 @@ mod tests {
         assert_eq!(r.prompt, t.encode("Hello world!", true));
         assert_eq!(r.prompt[0], 0, "the template's BOS");
         assert_eq!(r.stop_text.unwrap().strings, ["\n\n", "."]);
+        let (_, r) = parse_request(r#"{"messages": [{"role": "user", "content": "Hi"}]}"#, &d, Some(&t)).unwrap();
+        assert_eq!(r.prompt, t.chat(&serde_json::json!([{"role": "user", "content": "Hi"}]), true).unwrap());
         let (_, r) = parse_request(r#"{"text": "x", "stop_text": "END"}"#, &d, Some(&t)).unwrap();
         assert_eq!(r.stop_text.unwrap().strings, ["END"]);
         for (line, err) in [
@@ -308,6 +321,12 @@ mod tests {
         }
         for (line, err) in [
             (r#"{"text": "hi", "prompt": [1]}"#, "\"prompt\" and \"text\": one prompt a request"),
+            (r#"{"text": "hi", "messages": []}"#, "\"text\" and \"messages\": one prompt a request"),
+            (r#"{"messages": []}"#, "messages: an empty conversation"),
+            (
+                r#"{"messages": [{"role": "robot", "content": "x"}]}"#,
+                "chat template: invalid operation: unknown role: robot (in chat:1)",
+            ),
             (r#"{"text": 5}"#, "text: 5 is not a string"),
             (r#"{"text": "x", "stop_text": [""]}"#, "stop_text: an empty string"),
             (r#"{"text": "x", "stop_text": [1]}"#, "stop_text: 1 is not a string"),

@@ -1,9 +1,11 @@
 //! `v3r serve --http ADDR`: the serving loop ([`crate::session::serve`]) behind a small HTTP/1.1
 //! server speaking OpenAI's completions API — `POST /v1/completions` with `{"prompt": "text" or
 //! [ids], "max_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop": ["text", ...] or
-//! [[ids], ...], "logprobs": true, "stream": true}`, `GET /v1/models`, `GET /health`. Text needs a
-//! tokenizer ([`crate::tokenizer`]); replies carry the tokens in `tokens` and, with a tokenizer,
-//! their text (special tokens left out, cut before a stop string) in `text` (else it is empty). Each connection has a thread of its own that parses its request, hands it to the
+//! [[ids], ...], "logprobs": true, "stream": true}`, and `POST /v1/chat/completions` with
+//! `{"messages": [...], ...}` (the tokenizer's chat template writes them) — `GET /v1/models`, `GET
+//! /health`. Text needs a tokenizer ([`crate::tokenizer`]); replies carry the tokens in `tokens`
+//! and, with a tokenizer, their text (special tokens left out, cut before a stop string) in `text`
+//! or the assistant's `message` (else it is empty). Each connection has a thread of its own that parses its request, hands it to the
 //! serving loop (one queue for all) and writes what the loop reports: the whole completion, or with
 //! `stream` a server-sent event per token then `data: [DONE]`. A client that goes away while its
 //! tokens stream cancels its request. One request per connection (`Connection: close`).
@@ -67,9 +69,18 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<HttpRequest, String> {
     Ok(HttpRequest { method, path, body })
 }
 
+/// The two APIs served: OpenAI's completions and chat completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `POST /v1/completions`: a prompt (text or token ids), `text` back.
+    Completions,
+    /// `POST /v1/chat/completions`: `messages` written by the chat template, a `message` back.
+    Chat,
+}
+
 /// A completion request's body as the serving loop takes it, and whether it streams. OpenAI's
-/// fields: `prompt` (token ids: an array, or one array in an array), `max_tokens`, `temperature`,
-/// `top_p`, `seed`, `stop` (token id sequences), `logprobs` (true: the chosen token's; a count:
+/// fields: `prompt` (text or token ids: one, or one in an array), `max_tokens`, `temperature`,
+/// `top_p`, `seed`, `stop` (strings, or token id sequences), `logprobs` (true: the chosen token's; a count:
 /// that many alternatives' too, at most [`crate::cli::MAX_TOP_LOGPROBS`]), `stream`; `model`, `n` (1), `user` and `echo` (false) are accepted and the
 /// others refused by name. What a request leaves out comes from `defaults`.
 pub fn completion_request(
@@ -77,24 +88,38 @@ pub fn completion_request(
     defaults: &RequestDefaults,
     tokenizer: Option<&Arc<Tokenizer>>,
 ) -> Result<(Request, bool), String> {
+    api_request(Api::Completions, body, defaults, tokenizer)
+}
+
+/// A chat completion request's body as the serving loop takes it, and whether it streams: as
+/// [`completion_request`] with `messages` (the conversation, which the tokenizer's chat template
+/// writes with the assistant's turn opened) for `prompt`, `max_completion_tokens` (or
+/// `max_tokens`), `logprobs` true and `top_logprobs` K; no `echo`.
+pub fn chat_request(
+    body: &[u8],
+    defaults: &RequestDefaults,
+    tokenizer: Option<&Arc<Tokenizer>>,
+) -> Result<(Request, bool), String> {
+    api_request(Api::Chat, body, defaults, tokenizer)
+}
+
+fn api_request(
+    api: Api,
+    body: &[u8],
+    defaults: &RequestDefaults,
+    tokenizer: Option<&Arc<Tokenizer>>,
+) -> Result<(Request, bool), String> {
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
     let o = v.as_object().ok_or("the body is not a JSON object")?;
-    const FIELDS: [&str; 12] = [
-        "prompt",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "seed",
-        "stop",
-        "logprobs",
-        "stream",
-        "model",
-        "n",
-        "user",
-        "echo",
-    ];
-    if let Some(k) = o.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(format!("unknown field '{k}' ({})", FIELDS.join(", ")));
+    const COMMON: [&str; 10] =
+        ["max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "stream", "model", "n", "user"];
+    let own: &[&str] = match api {
+        Api::Completions => &["prompt", "echo"],
+        Api::Chat => &["messages", "max_completion_tokens", "top_logprobs"],
+    };
+    let fields: Vec<&str> = own.iter().chain(&COMMON).copied().collect();
+    if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
+        return Err(format!("unknown field '{k}' ({})", fields.join(", ")));
     }
     if o.get("n").is_some_and(|n| n.as_u64() != Some(1)) {
         return Err("n: one completion a request".into());
@@ -102,24 +127,44 @@ pub fn completion_request(
     if o.get("echo").is_some_and(|e| e.as_bool() != Some(false)) {
         return Err("echo: the prompt's log-probabilities are not served (`v3r logits` writes them)".into());
     }
-    let prompt = match o.get("prompt") {
-        // One prompt in a batch of one.
-        Some(serde_json::Value::Array(a)) if a.len() == 1 && (a[0].is_array() || a[0].is_string()) => a[0].clone(),
-        Some(p) => p.clone(),
-        None => return Err("no \"prompt\" (text, or token ids)".into()),
-    };
+    let needs_tokenizer =
+        |what: &str| format!("{what} needs a tokenizer (v3r serve --tokenizer FILE, or tokenizer.json in --weights)");
     // The serve line's fields, which [`crate::cli::parse_request`] checks.
-    let mut line = match prompt {
-        serde_json::Value::String(_) if tokenizer.is_none() => {
-            return Err("prompt: text needs a tokenizer (v3r serve --tokenizer FILE, or tokenizer.json in --weights); \
-                        or give token ids"
-                .into())
+    let mut line = match api {
+        Api::Completions => {
+            let prompt = match o.get("prompt") {
+                // One prompt in a batch of one.
+                Some(serde_json::Value::Array(a)) if a.len() == 1 && (a[0].is_array() || a[0].is_string()) => {
+                    a[0].clone()
+                }
+                Some(p) => p.clone(),
+                None => return Err("no \"prompt\" (text, or token ids)".into()),
+            };
+            match prompt {
+                serde_json::Value::String(_) if tokenizer.is_none() => {
+                    return Err(format!("prompt: {}; or give token ids", needs_tokenizer("text")))
+                }
+                serde_json::Value::String(_) => serde_json::json!({ "text": prompt }),
+                _ => serde_json::json!({ "prompt": prompt }),
+            }
         }
-        serde_json::Value::String(_) => serde_json::json!({ "text": prompt }),
-        _ => serde_json::json!({ "prompt": prompt }),
+        Api::Chat => {
+            let messages = o.get("messages").ok_or("no \"messages\"")?;
+            match tokenizer {
+                Some(t) if t.has_chat_template() => serde_json::json!({ "messages": messages }),
+                _ => {
+                    return Err(format!(
+                        "messages: {} with a chat template (its tokenizer_config.json)",
+                        needs_tokenizer("chat")
+                    ))
+                }
+            }
+        }
     };
-    for (ours, theirs) in [("max_new_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p")] {
-        if let Some(x) = o.get(theirs) {
+    let max_tokens = o.get("max_completion_tokens").filter(|x| !x.is_null()).or(o.get("max_tokens"));
+    for (ours, x) in [("max_new_tokens", max_tokens), ("temperature", o.get("temperature")), ("top_p", o.get("top_p"))]
+    {
+        if let Some(x) = x.filter(|x| !x.is_null()) {
             line[ours] = x.clone();
         }
     }
@@ -135,15 +180,22 @@ pub fn completion_request(
         }
         Some(x) => line["stop"] = x.clone(),
     }
-    match o.get("logprobs") {
-        None | Some(serde_json::Value::Null) => {}
-        Some(serde_json::Value::Bool(b)) => line["logprobs"] = (*b).into(),
+    match (api, o.get("logprobs")) {
+        (_, None | Some(serde_json::Value::Null)) => {}
+        (_, Some(serde_json::Value::Bool(b))) => line["logprobs"] = (*b).into(),
         // A count: the chosen token's and that many alternatives' at each step.
-        Some(n) if n.as_u64().is_some() => {
+        (Api::Completions, Some(n)) if n.as_u64().is_some() => {
             line["logprobs"] = true.into();
             line["top_logprobs"] = n.clone();
         }
-        Some(x) => return Err(format!("logprobs: {x} is not true, false or a count")),
+        (Api::Completions, Some(x)) => return Err(format!("logprobs: {x} is not true, false or a count")),
+        (Api::Chat, Some(x)) => return Err(format!("logprobs: {x} is not true or false")),
+    }
+    if let Some(k) = o.get("top_logprobs").filter(|x| !x.is_null()) {
+        if o.get("logprobs").and_then(serde_json::Value::as_bool) != Some(true) {
+            return Err("top_logprobs: only with \"logprobs\": true".into());
+        }
+        line["top_logprobs"] = k.clone();
     }
     let stream = match o.get("stream") {
         None | Some(serde_json::Value::Null) => false,
@@ -151,7 +203,11 @@ pub fn completion_request(
     };
     let (_, request) = crate::cli::parse_request(&line.to_string(), defaults, tokenizer).map_err(|e| {
         // Named as this API names them.
-        e.replacen("stop_text:", "stop:", 1).replacen("text:", "prompt:", 1)
+        let e = e.replacen("stop_text:", "stop:", 1).replacen("max_new_tokens:", "max_tokens:", 1);
+        match api {
+            Api::Completions => e.replacen("text:", "prompt:", 1),
+            Api::Chat => e,
+        }
     })?;
     Ok((request, stream))
 }
@@ -208,8 +264,63 @@ pub fn completion_json(
     })
 }
 
+/// A whole chat completion's JSON (`object: chat.completion`): the assistant's message, its
+/// tokens (in `tokens`), and with log-probabilities each token's text, bytes and alternatives.
+pub fn chat_json(
+    id: &str,
+    model: &str,
+    created: u64,
+    prompt_tokens: usize,
+    g: &Generation,
+    text: &str,
+    tokenizer: &Tokenizer,
+) -> serde_json::Value {
+    let token = |t: u32, lp: f32| {
+        let bytes = tokenizer.token_bytes_of(t);
+        serde_json::json!({ "token": String::from_utf8_lossy(&bytes), "logprob": lp, "bytes": bytes, "id": t })
+    };
+    let logprobs = match g.logprobs.is_empty() {
+        true => serde_json::Value::Null,
+        false => {
+            let content: Vec<serde_json::Value> = g
+                .tokens
+                .iter()
+                .zip(&g.logprobs)
+                .enumerate()
+                .map(|(k, (&t, &lp))| {
+                    let mut entry = token(t, lp);
+                    let alts = g.top_logprobs.get(k).map_or(&[][..], Vec::as_slice);
+                    entry["top_logprobs"] = alts.iter().map(|&(a, alp)| token(a, alp)).collect();
+                    entry
+                })
+                .collect();
+            serde_json::json!({ "content": content })
+        }
+    };
+    serde_json::json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": text },
+            "tokens": g.tokens,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason(g),
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": g.tokens.len(),
+            "total_tokens": prompt_tokens + g.tokens.len(),
+            "cached_prompt_tokens": g.reused,
+        },
+    })
+}
+
 /// One streamed chunk: a token and the text it settles, or (`finish`) the end and the rest.
 fn chunk_json(
+    api: Api,
     id: &str,
     model: &str,
     created: u64,
@@ -217,13 +328,25 @@ fn chunk_json(
     text: &str,
     finish: Option<&str>,
 ) -> serde_json::Value {
-    serde_json::json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{ "index": 0, "text": text, "tokens": token.into_iter().collect::<Vec<_>>(), "finish_reason": finish }],
-    })
+    let tokens: Vec<u32> = token.into_iter().collect();
+    let (object, choice) = match api {
+        Api::Completions => (
+            "text_completion",
+            serde_json::json!({ "index": 0, "text": text, "tokens": tokens, "finish_reason": finish }),
+        ),
+        // The end's delta is empty unless held-back text is left.
+        Api::Chat => {
+            let delta = match (finish, text.is_empty()) {
+                (Some(_), true) => serde_json::json!({}),
+                _ => serde_json::json!({ "content": text }),
+            };
+            (
+                "chat.completion.chunk",
+                serde_json::json!({ "index": 0, "delta": delta, "tokens": tokens, "finish_reason": finish }),
+            )
+        }
+    };
+    serde_json::json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice] })
 }
 
 /// Writes a whole response: `status` (e.g. "200 OK") and a JSON body.
@@ -373,13 +496,20 @@ fn connection(
             let models = serde_json::json!({ "object": "list", "data": [{ "id": model, "object": "model", "owned_by": "v3c" }] });
             let _ = respond(&mut stream, "200 OK", &models);
         }
-        ("POST", "/v1/completions") => completion(stream, &request.body, tx, defaults, tokenizer, model),
-        (_, "/health" | "/v1/models" | "/v1/completions") => {
+        ("POST", "/v1/completions") => {
+            completion(Api::Completions, stream, &request.body, tx, defaults, tokenizer, model)
+        }
+        ("POST", "/v1/chat/completions") => {
+            completion(Api::Chat, stream, &request.body, tx, defaults, tokenizer, model)
+        }
+        (_, "/health" | "/v1/models" | "/v1/completions" | "/v1/chat/completions") => {
             let _ =
                 respond_error(&mut stream, "405 Method Not Allowed", &format!("{} {}", request.method, request.path));
         }
         (_, path) => {
-            let message = format!("{path}: served are POST /v1/completions, GET /v1/models and GET /health");
+            let message = format!(
+                "{path}: served are POST /v1/completions, POST /v1/chat/completions, GET /v1/models and GET /health"
+            );
             let _ = respond_error(&mut stream, "404 Not Found", &message);
         }
     }
@@ -387,6 +517,7 @@ fn connection(
 
 /// A completion: parsed, queued, answered whole or streamed.
 fn completion(
+    api: Api,
     mut stream: TcpStream,
     body: &[u8],
     tx: mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
@@ -394,7 +525,7 @@ fn completion(
     tokenizer: Option<&Arc<Tokenizer>>,
     model: &str,
 ) {
-    let (request, streaming) = match completion_request(body, &defaults, tokenizer) {
+    let (request, streaming) = match api_request(api, body, &defaults, tokenizer) {
         Ok(r) => r,
         Err(e) => {
             let _ = respond_error(&mut stream, "400 Bad Request", &e);
@@ -413,20 +544,30 @@ fn completion(
         let _ = respond_error(&mut stream, "503 Service Unavailable", "the server is stopping");
         return;
     };
-    let (id, created) = (format!("cmpl-{number}"), now());
+    let id = match api {
+        Api::Completions => format!("cmpl-{number}"),
+        Api::Chat => format!("chatcmpl-{number}"),
+    };
+    let created = now();
     if streaming {
         let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
         let mut gone = stream.write_all(head.as_bytes()).and_then(|_| stream.flush()).is_err();
         let mut text = tokenizer.map(|t| TextSoFar::new(t, stops.as_ref()));
+        if api == Api::Chat && !gone {
+            // The role first, as OpenAI's streams begin.
+            let mut first = chunk_json(api, &id, model, created, None, "", None);
+            first["choices"][0]["delta"] = serde_json::json!({ "role": "assistant", "content": "" });
+            gone = stream.write_all(format!("data: {first}\n\n").as_bytes()).and_then(|_| stream.flush()).is_err();
+        }
         for event in events {
             let (data, end) = match event {
                 Progress::Token(t) => {
                     let piece = text.as_mut().map_or(String::new(), |x| x.push(t));
-                    (chunk_json(&id, model, created, Some(t), &piece, None), false)
+                    (chunk_json(api, &id, model, created, Some(t), &piece, None), false)
                 }
                 Progress::Ended(g) | Progress::Cancelled(g) => {
                     let rest = text.take().map_or(String::new(), TextSoFar::finish);
-                    (chunk_json(&id, model, created, None, &rest, Some(finish_reason(&g))), true)
+                    (chunk_json(api, &id, model, created, None, &rest, Some(finish_reason(&g))), true)
                 }
                 Progress::Refused(e) => {
                     (serde_json::json!({ "error": { "message": e, "type": "invalid_request_error" } }), true)
@@ -451,7 +592,11 @@ fn completion(
             Progress::Token(_) => {}
             Progress::Ended(g) | Progress::Cancelled(g) => {
                 let text = tokenizer.map_or(String::new(), |t| generation_text(t, &g.tokens, stops.as_ref()));
-                let _ = respond(&mut stream, "200 OK", &completion_json(&id, model, created, prompt_tokens, &g, &text));
+                let reply = match (api, tokenizer) {
+                    (Api::Chat, Some(t)) => chat_json(&id, model, created, prompt_tokens, &g, &text, t),
+                    _ => completion_json(&id, model, created, prompt_tokens, &g, &text),
+                };
+                let _ = respond(&mut stream, "200 OK", &reply);
                 return;
             }
             Progress::Refused(e) => {
@@ -544,5 +689,47 @@ mod tests {
         assert_eq!((r.stop, r.stop_text.is_none()), (vec![vec![5, 6]], true));
         let e = completion_request(br#"{"prompt": "x", "stop": [""]}"#, &defaults(), Some(&t)).unwrap_err();
         assert_eq!(e, "stop: an empty string");
+    }
+
+    /// A chat request's messages go through the chat template; its own fields map as OpenAI's
+    /// chat API names them; without a chat template it is refused.
+    #[test]
+    fn chat_bodies_become_requests_through_the_chat_template() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
+        let t = Arc::new(Tokenizer::from_file(&path).unwrap());
+        let messages =
+            serde_json::json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
+        let body = serde_json::json!({"model": "m", "messages": messages, "max_completion_tokens": 5, "max_tokens": 9,
+            "logprobs": true, "top_logprobs": 2, "stop": ["\n"], "stream": true});
+        let (r, stream) = chat_request(body.to_string().as_bytes(), &defaults(), Some(&t)).unwrap();
+        assert_eq!(r.prompt, t.chat(&messages, true).unwrap());
+        assert_eq!((r.max_new, r.logprobs, r.top_logprobs, stream), (5, true, 2, true));
+        assert_eq!(r.stop_text.unwrap().strings, ["\n"]);
+        let plain = Arc::new(Tokenizer::from_json(&std::fs::read_to_string(&path).unwrap(), None).unwrap());
+        for (body, tokenizer, err) in [
+            (r#"{"messages": [{"role": "user", "content": "x"}]}"#, None, "messages: chat needs a tokenizer"),
+            (r#"{"messages": [{"role": "user", "content": "x"}]}"#, Some(&plain), "with a chat template"),
+            (r#"{"messages": []}"#, Some(&t), "messages: an empty conversation"),
+            (r#"{"prompt": "x"}"#, Some(&t), "unknown field 'prompt'"),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": 3}"#,
+                Some(&t),
+                "logprobs: 3 is not true or false",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}"#,
+                Some(&t),
+                "top_logprobs: only with",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}"#,
+                Some(&t),
+                "max_tokens: -1 is not a whole number",
+            ),
+            (r#"{"messages": [{"role": "tool", "content": "x"}]}"#, Some(&t), "unknown role: tool"),
+        ] {
+            let got = chat_request(body.as_bytes(), &defaults(), tokenizer).unwrap_err();
+            assert!(got.contains(err), "{body}: {got}");
+        }
     }
 }

@@ -367,7 +367,8 @@ struct ServeArgs {
     /// Serve over HTTP on this address (e.g. 127.0.0.1:8000; port 0 picks one, said on stderr)
     /// instead of stdin: OpenAI's completions API — POST /v1/completions {"prompt": "text" or
     /// [ids], "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "stream"}
-    /// (server-sent events with "stream": true), GET /v1/models, GET /health. Runs until stopped
+    /// (server-sent events with "stream": true), POST /v1/chat/completions {"messages": [...],
+    /// ...} (with the tokenizer's chat template), GET /v1/models, GET /health. Runs until stopped
     /// (Ctrl-C).
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
@@ -385,13 +386,18 @@ struct RunArgs {
     weights: PathBuf,
     /// Prompt as token ids separated by spaces, e.g. "0 3 17 250". Repeat it to generate for several
     /// prompts in one batch (one line of tokens each, in order).
-    #[arg(long, value_name = "IDS", required_unless_present_any = ["prompts_file", "prompt"])]
+    #[arg(long, value_name = "IDS", required_unless_present_any = ["prompts_file", "prompt", "chat"])]
     prompt_tokens: Vec<String>,
     /// Prompt as text, encoded by the tokenizer (its template's special tokens, e.g. DeepSeek-V3's
     /// BOS, added); after any --prompt-tokens. Prints the completion as text: as it is for one
     /// prompt, one JSON string a line for several.
     #[arg(long, value_name = "TEXT")]
     prompt: Vec<String>,
+    /// A user's message, written by the tokenizer's chat template (tokenizer_config.json's
+    /// chat_template) with the assistant's turn opened; after any --prompt. Prints the reply as
+    /// --prompt prints a completion.
+    #[arg(long, value_name = "MESSAGE")]
+    chat: Vec<String>,
     #[command(flatten)]
     text: TextArgs,
     /// A file of prompts, one a line (token ids separated by spaces; blank lines skipped), after
@@ -1255,7 +1261,8 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         .map(|p| v3c_runtime::cli::parse_token_ids(p, "--prompt-tokens"))
         .collect::<Result<_, _>>()
         .map_err(Failure::Other)?;
-    let tokenizer = text_tokenizer(&args.text, &args.weights, !args.prompt.is_empty())?;
+    let text_in = !args.prompt.is_empty() || !args.chat.is_empty();
+    let tokenizer = text_tokenizer(&args.text, &args.weights, text_in)?;
     for (i, text) in args.prompt.iter().enumerate() {
         let ids = tokenizer.as_ref().expect("text needs one").encode(text, true);
         if ids.is_empty() {
@@ -1263,8 +1270,13 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         }
         prompts.push(ids);
     }
+    for (i, message) in args.chat.iter().enumerate() {
+        let conversation = serde_json::json!([{ "role": "user", "content": message }]);
+        let ids = tokenizer.as_ref().expect("text needs one").chat(&conversation, true);
+        prompts.push(ids.map_err(|e| Failure::Other(format!("--chat {}: {e}", i + 1)))?);
+    }
     // Text in, text out.
-    let tokenizer = tokenizer.filter(|_| !args.prompt.is_empty());
+    let tokenizer = tokenizer.filter(|_| text_in);
     if let Some(file) = &args.prompts_file {
         prompts.extend(v3c_runtime::cli::read_prompts(file).map_err(Failure::Other)?);
     }

@@ -473,6 +473,13 @@ impl Tokenizer {
         }
     }
 
+    /// The bytes one token stands for (special tokens included; none for an unknown id).
+    pub fn token_bytes_of(&self, id: u32) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        self.token_bytes(id, false, &mut bytes);
+        bytes
+    }
+
     /// The text of `ids`: their bytes read as UTF-8, an invalid sequence becoming U+FFFD.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
         let mut bytes = Vec::new();
