@@ -390,7 +390,7 @@ struct RunArgs {
     prompt_tokens: Vec<String>,
     /// Prompt as text, encoded by the tokenizer (its template's special tokens, e.g. DeepSeek-V3's
     /// BOS, added); after any --prompt-tokens. Prints the completion as text: as it is for one
-    /// prompt, one JSON string a line for several.
+    /// prompt (as it is generated), one JSON string a line for several.
     #[arg(long, value_name = "TEXT")]
     prompt: Vec<String>,
     /// A user's message, written by the tokenizer's chat template (tokenizer_config.json's
@@ -1380,10 +1380,31 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
             .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
     let mut sampler =
         v3c_models::reference::Sampler::new(args.generating.temperature, args.generating.top_p, args.generating.seed);
-    let generation =
-        v3c_runtime::session::generate(&mut session, &prompt, args.generating.max_new_tokens, &mut sampler, eos)
-            .map_err(Failure::Other)?;
-    print(&generation.tokens);
+    // Text for one prompt: written as it comes.
+    let mut so_far = tokenizer.as_ref().map(|t| v3c_runtime::session::TextSoFar::new(t, None));
+    let show = |piece: String| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+    };
+    let mut picked = |t: u32| {
+        if let Some(text) = so_far.as_mut() {
+            show(text.push(t));
+        }
+    };
+    let generation = v3c_runtime::session::generate_each(
+        &mut session,
+        &prompt,
+        args.generating.max_new_tokens,
+        &mut sampler,
+        eos,
+        &mut picked,
+    )
+    .map_err(Failure::Other)?;
+    match so_far {
+        Some(text) => show(text.finish() + "\n"),
+        None => print(&generation.tokens),
+    }
     eprintln!("{} ({kind})", generation.summary(prompt.len()));
     Ok(())
 }

@@ -1797,6 +1797,18 @@ pub fn generate(
     sampler: &mut v3c_models::reference::Sampler,
     eos: Option<u32>,
 ) -> Result<Generation, String> {
+    generate_each(session, prompt, max_new, sampler, eos, &mut |_| {})
+}
+
+/// [`generate`], telling `picked` each token as it is picked (before the next decode step).
+pub fn generate_each(
+    session: &mut dyn Generator,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut v3c_models::reference::Sampler,
+    eos: Option<u32>,
+    picked: &mut dyn FnMut(u32),
+) -> Result<Generation, String> {
     let start = std::time::Instant::now();
     let mut next = Next::Logits(vec![session.prefill(prompt)?]);
     let prefill_s = start.elapsed().as_secs_f64();
@@ -1806,6 +1818,7 @@ pub fn generate(
     while tokens.len() < max_new {
         let token = next.pick(0, sampler);
         tokens.push(token);
+        picked(token);
         if Some(token) == eos {
             stopped_at_eos = true;
             break;
