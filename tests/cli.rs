@@ -513,6 +513,49 @@ fn training_measures_a_held_out_loss_without_changing_the_steps() {
     }
 }
 
+/// `--tokenizer`: the data as text (a .jsonl file a document a line), trained on as the token ids
+/// the tokenizer gives it — the same steps as those ids in a token file; a text whose tokens the
+/// model does not have is refused by name.
+#[test]
+fn training_reads_text_through_a_tokenizer() {
+    let (dir, ckpt, out, data) = tiny_training_run();
+    let tokenizer_json = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer/tokenizer.json");
+    let tokenizer = v3c_runtime::tokenizer::Tokenizer::from_file(&tokenizer_json).unwrap();
+    let documents = ["kq#zv!".repeat(20), "zqxj".repeat(25)];
+    let jsonl = dir.path().join("corpus.jsonl");
+    let lines: Vec<String> = documents.iter().map(|d| serde_json::json!({ "text": d }).to_string()).collect();
+    std::fs::write(&jsonl, lines.join("\n\n")).unwrap();
+    let ids: Vec<String> = documents.iter().flat_map(|d| tokenizer.encode(d, true)).map(|t| t.to_string()).collect();
+    std::fs::write(&data, ids.join(" ")).unwrap();
+    let run = |out: &std::path::Path, data: &std::path::Path, extra: &[&str]| {
+        let args = [
+            &["train", "--model-dir", ckpt.to_str().unwrap(), "--data", data.to_str().unwrap()][..],
+            &["--out", out.to_str().unwrap(), "--batch", "1", "--seq", "8", "--steps", "2"],
+            extra,
+        ];
+        run_binary("v3c", &args.concat())
+    };
+    let from_text = run(&out, &jsonl, &["--tokenizer", tokenizer_json.to_str().unwrap()]);
+    assert!(from_text.status.success(), "{}", text(&from_text.stderr));
+    let from_ids = dir.path().join("ids");
+    assert!(run(&from_ids, &data, &[]).status.success());
+    let log = |d: &std::path::Path| std::fs::read_to_string(d.join("loss.csv")).unwrap();
+    assert_eq!(log(&out), log(&from_ids));
+    let foreign = dir.path().join("foreign.txt");
+    std::fs::write(&foreign, "The quick brown fox jumps over the lazy dog.").unwrap();
+    let bad = run(&dir.path().join("bad"), &foreign, &["--tokenizer", tokenizer_json.to_str().unwrap()]);
+    assert!(
+        text(&bad.stderr).contains("outside the model's vocabulary (0..320): a tokenizer of another model?"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let broken = dir.path().join("broken.jsonl");
+    std::fs::write(&broken, "{\"text\": \"zq\"}\n{\"txt\": 1}\n").unwrap();
+    let bad = run(&dir.path().join("bad"), &broken, &["--tokenizer", tokenizer_json.to_str().unwrap()]);
+    assert!(text(&bad.stderr).contains("broken.jsonl:2: no \"text\" string"), "{}", text(&bad.stderr));
+    assert!(!dir.path().join("bad").exists());
+}
+
 /// Ctrl-C stops a training run after the step under way with its checkpoint and optimizer state
 /// saved (exit 1, a one-line message naming the step), and `--resume` continues from there.
 #[cfg(unix)]

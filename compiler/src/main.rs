@@ -587,6 +587,7 @@ fn main() -> ExitCode {
                 fp8: a.precision == Precision::Fp8,
                 optimizer: a.run.optimizer(),
                 eval: a.run.eval(),
+                tokenizer: a.run.tokenizer.as_deref(),
             },
             backend: &a.backend,
         }),

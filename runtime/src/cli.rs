@@ -363,9 +363,15 @@ mod tests {
 /// The options of a training run that `v3c train` and `v3r train` share ([`crate::training`]).
 #[derive(clap::Args, Debug)]
 pub struct TrainRunArgs {
-    /// Training data: token ids, whitespace-separated text or little-endian u32 binary.
+    /// Training data: token ids, whitespace-separated text or little-endian u32 binary (with
+    /// --tokenizer: text).
     #[arg(long, value_name = "FILE")]
     pub data: std::path::PathBuf,
+    /// Read --data and --eval-data as text with this tokenizer.json (or a checkpoint directory
+    /// holding one): a .jsonl file a document a line ({"text": ...}), any other file one document;
+    /// each encoded with the tokenizer's template (its BOS first), the documents one after another.
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<std::path::PathBuf>,
     /// Optimizer steps to take.
     #[arg(long, value_name = "N")]
     pub steps: usize,

@@ -1653,6 +1653,7 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         fp8: info.fp8,
         optimizer: args.run.optimizer(),
         eval: args.run.eval(),
+        tokenizer: args.run.tokenizer.as_deref(),
     };
     let run = Run::prepare(&options).map_err(Failure::Other)?;
     // The artifact's weights are the trainer's parameters (read once, bound again at every step).

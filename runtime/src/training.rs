@@ -36,6 +36,8 @@ pub struct RunOptions<'a> {
     pub fp8: bool,
     pub optimizer: OptimizerOptions,
     pub eval: Option<EvalOptions<'a>>,
+    /// Read `data` and the held-out data as text with this tokenizer ([`read_text_file`]).
+    pub tokenizer: Option<&'a Path>,
 }
 
 /// AdamW's settings a run may change (the others: [`TrainConfig::default`]).
@@ -91,6 +93,32 @@ pub fn read_token_file(path: &Path, vocab: usize) -> Result<Vec<i64>, String> {
     Ok(ids)
 }
 
+/// Training text as token ids: a `.jsonl` file is a document a line (`{"text": ...}`; blank lines
+/// skipped), any other file one document; each document is encoded with the tokenizer's template
+/// (its BOS first) and the documents concatenated. Errors name the file and line.
+pub fn read_text_file(path: &Path, tokenizer: &crate::tokenizer::Tokenizer, vocab: usize) -> Result<Vec<i64>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut ids = Vec::new();
+    if path.extension().is_some_and(|e| e == "jsonl") {
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("{}:{}: not JSON: {e}", path.display(), i + 1))?;
+            let document = v.get("text").and_then(serde_json::Value::as_str);
+            let document = document.ok_or_else(|| format!("{}:{}: no \"text\" string", path.display(), i + 1))?;
+            ids.extend(tokenizer.encode(document, true).into_iter().map(i64::from));
+        }
+    } else {
+        ids.extend(tokenizer.encode(&text, true).into_iter().map(i64::from));
+    }
+    if let Some((i, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+        return Err(format!(
+            "{}: token {i} is {t}, outside the model's vocabulary (0..{vocab}): a tokenizer of another model?",
+            path.display()
+        ));
+    }
+    Ok(ids)
+}
+
 /// Where a training run keeps its optimizer state (beside, not among, the checkpoint's files).
 pub const OPTIMIZER_STATE: &str = "optimizer/state.safetensors";
 
@@ -138,7 +166,18 @@ impl Run {
         let config = ModelConfig::from_path(source).map_err(|e| e.to_string())?;
         let checkpoint = Checkpoint::open(source).map_err(|e| e.to_string())?;
         let params = load_params(&config, &checkpoint).map_err(|e| e.to_string())?;
-        let data = read_token_file(o.data, config.vocab_size)?;
+        let tokenizer = match o.tokenizer {
+            Some(path) => {
+                let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+                Some(crate::tokenizer::Tokenizer::from_file(&file)?)
+            }
+            None => None,
+        };
+        let read = |path: &Path| match &tokenizer {
+            Some(t) => read_text_file(path, t, config.vocab_size),
+            None => read_token_file(path, config.vocab_size),
+        };
+        let data = read(o.data)?;
         // Optimizer state of a resumed run.
         let (done, moments) = if o.resume {
             let state = Checkpoint::open_file(&o.out.join(OPTIMIZER_STATE)).map_err(|e| e.to_string())?;
@@ -167,7 +206,7 @@ impl Run {
         let eval = match o.eval {
             None => Vec::new(),
             Some(e) => {
-                let ids = read_token_file(e.data, config.vocab_size)?;
+                let ids = read(e.data)?;
                 if ids.len() < window {
                     return Err(format!("{}: {} tokens, fewer than a window of {window}", e.data.display(), ids.len()));
                 }
