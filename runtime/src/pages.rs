@@ -14,13 +14,21 @@ use crate::plan::PAGE_POOL;
 /// Rows of a page.
 pub const PAGE_ROWS: usize = crate::abi::PAGE_ROWS;
 
-/// Pages of a pool, handed to sequences as they grow.
+/// Pages of a pool, handed to sequences as they grow. A page may be held by several holders at
+/// once — sequences sharing a prompt's whole pages ([`PagePool::share`]), kept prefixes
+/// ([`PagePool::keep`]), a join's pinned prefix ([`PagePool::pin`]) — and is free again when the
+/// last lets it go. Shared pages are only read: a sequence writes rows past its prompt, and the
+/// pages it shares are whole pages of its prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PagePool {
     /// Free pages, the next one handed out last.
     free: Vec<u32>,
     /// Per sequence, its pages in order.
     held: Vec<Vec<u32>>,
+    /// Per page, its holders.
+    refs: Vec<u32>,
+    /// Pages pinned for joins under way, by id.
+    pinned: Vec<(u64, Vec<u32>)>,
     pages: usize,
     /// The first pages, never handed out.
     scratch: usize,
@@ -44,6 +52,8 @@ impl PagePool {
         PagePool {
             free: (first..pages as u32).rev().collect(),
             held: vec![Vec::new(); sequences],
+            refs: vec![0; pages],
+            pinned: Vec::new(),
             pages,
             scratch,
             kept: Default::default(),
@@ -66,9 +76,74 @@ impl PagePool {
         self.free.len()
     }
 
-    /// Pages kept ([`PagePool::keep`]) and not yet given back.
+    /// Pages kept ([`PagePool::keep`]) and not yet given back (each once).
     pub fn kept_pages(&self) -> usize {
-        self.kept.iter().map(|k| k.1.len()).sum()
+        let mut pages: Vec<u32> = self.kept.iter().flat_map(|k| k.1.iter().copied()).collect();
+        pages.sort_unstable();
+        pages.dedup();
+        pages.len()
+    }
+
+    /// Pages a sequence may still take: the free ones and those only kept prefixes hold (given
+    /// back when needed).
+    pub fn available(&self) -> usize {
+        let mut needed = vec![false; self.pages];
+        for &p in self.held.iter().flatten().chain(self.pinned.iter().flat_map(|p| &p.1)) {
+            needed[p as usize] = true;
+        }
+        let kept_only = (0..self.pages).filter(|&p| self.refs[p] > 0 && !needed[p]).count();
+        self.free.len() + kept_only
+    }
+
+    /// Of `pages`, those only kept prefixes hold (holding them takes them from
+    /// [`PagePool::available`]).
+    pub fn kept_only(&self, pages: &[u32]) -> usize {
+        let needed = |p: u32| self.held.iter().flatten().chain(self.pinned.iter().flat_map(|q| &q.1)).any(|&q| q == p);
+        pages.iter().filter(|&&p| self.refs[p as usize] > 0 && !needed(p)).count()
+    }
+
+    /// One holder fewer for each of `pages`: those none holds are free again.
+    fn let_go(&mut self, pages: impl IntoIterator<Item = u32>) {
+        for p in pages {
+            let r = &mut self.refs[p as usize];
+            if *r > 0 {
+                *r -= 1;
+                if *r == 0 {
+                    self.free.push(p);
+                }
+            }
+        }
+    }
+
+    /// Holds `pages` (held already by another holder) for a join under way until
+    /// [`PagePool::share_pinned`] or [`PagePool::unpin`]; the pin's id.
+    pub fn pin(&mut self, pages: &[u32]) -> u64 {
+        for &p in pages {
+            self.refs[p as usize] += 1;
+        }
+        self.next_id += 1;
+        self.pinned.push((self.next_id, pages.to_vec()));
+        self.next_id
+    }
+
+    /// Lets a pin's pages go.
+    pub fn unpin(&mut self, id: u64) {
+        if let Some(at) = self.pinned.iter().position(|p| p.0 == id) {
+            let (_, pages) = self.pinned.remove(at);
+            self.let_go(pages);
+        }
+    }
+
+    /// Sequence `s`, holding no pages, takes a pin's pages as its first ones (its prompt's first
+    /// rows, shared with their other holders).
+    pub fn share_pinned(&mut self, s: usize, id: u64) -> Result<(), String> {
+        let at = self.pinned.iter().position(|p| p.0 == id).ok_or_else(|| format!("no pin {id}"))?;
+        let held = self.held.get_mut(s).ok_or_else(|| format!("sequence {s} is not in the pool"))?;
+        if !held.is_empty() {
+            return Err(format!("sequence {s} holds pages already"));
+        }
+        *held = self.pinned.remove(at).1;
+        Ok(())
     }
 
     /// Pages sequence `s` holds.
@@ -80,28 +155,33 @@ impl PagePool {
     /// the pool has too few).
     pub fn reserve(&mut self, s: usize, rows: usize) -> Result<(), String> {
         let want = rows.div_ceil(PAGE_ROWS);
-        let held = self.held.get_mut(s).ok_or_else(|| format!("sequence {s} is not in the pool"))?;
-        let lacking = want.saturating_sub(held.len());
+        let held = self.held.get(s).ok_or_else(|| format!("sequence {s} is not in the pool"))?.len();
+        let lacking = want.saturating_sub(held);
         // Kept pages go back, the least recently used first, where the free ones fall short.
         while lacking > self.free.len() {
             let Some((_, pages)) = self.kept.pop_front() else { break };
-            self.free.extend(pages.into_iter().rev());
+            self.let_go(pages.into_iter().rev());
         }
         if lacking > self.free.len() {
             return Err(format!(
                 "sequence {s}: {rows} rows need page {} of its own, and the pool's {} are taken",
-                held.len() + self.free.len() + 1,
+                held + self.free.len() + 1,
                 self.pages
             ));
         }
-        held.extend((0..lacking).filter_map(|_| self.free.pop()));
+        let taken: Vec<u32> = (0..lacking).filter_map(|_| self.free.pop()).collect();
+        for &p in &taken {
+            self.refs[p as usize] = 1;
+        }
+        self.held[s].extend(taken);
         Ok(())
     }
 
-    /// Gives sequence `s`'s pages back to the pool.
+    /// Sequence `s` lets its pages go (each free again unless another holder has it).
     pub fn release(&mut self, s: usize) {
         if let Some(held) = self.held.get_mut(s) {
-            self.free.extend(held.drain(..).rev());
+            let pages: Vec<u32> = held.drain(..).rev().collect();
+            self.let_go(pages);
         }
     }
 
@@ -132,11 +212,11 @@ impl PagePool {
         self.kept.iter().any(|k| k.0 == id)
     }
 
-    /// Gives the pages kept under `id` back.
+    /// Lets the pages kept under `id` go.
     pub fn unkeep(&mut self, id: u64) {
         if let Some(at) = self.kept.iter().position(|k| k.0 == id) {
             if let Some((_, pages)) = self.kept.remove(at) {
-                self.free.extend(pages.into_iter().rev());
+                self.let_go(pages.into_iter().rev());
             }
         }
     }
@@ -380,38 +460,59 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Any sequence of growth and endings (some keeping their first pages): no page held twice,
-        /// every page held, kept or free, each sequence's table row its pages in order then -1,
-        /// each held row on its own page; kept pages stay as they were until given back, and are
-        /// given back only where a sequence lacks pages.
+        /// Any sequence of growth, endings (some keeping their first pages) and joins sharing the
+        /// first pages of a sequence or kept prefix (some pinned and let go, as a cancelled join):
+        /// every page's holder count is its holders (sequences, kept prefixes, pins), the free
+        /// pages those with none; no sequence holds a page twice; each sequence's table row its
+        /// pages in order then -1, each held row on its own page; kept pages stay as they were
+        /// until given back, and are given back only where a sequence lacks pages; a sequence is
+        /// refused pages only when fewer are available than it lacks.
         #[test]
-        fn pages_are_held_once_and_tables_say_where(
+        fn pages_are_counted_by_their_holders_and_tables_say_where(
             pages in 1usize..24,
             ops in proptest::collection::vec(
-                (0usize..4, 0usize..300, proptest::bool::weighted(0.2), 0usize..3), 0..60),
+                (0usize..4, 0usize..300, 0usize..10, 0usize..3), 0..80),
         ) {
             let mut pool = PagePool::new(pages, 4);
             let mut rows = [0usize; 4];
             let mut kept: Vec<(u64, Vec<u32>)> = Vec::new();
-            for (s, n, end, keep) in ops {
-                if end {
-                    let before = pool.pages_held(s).to_vec();
-                    if let Some(id) = pool.keep(s, keep) {
-                        kept.push((id, before[..keep.min(before.len())].to_vec()));
+            for (s, n, action, keep) in ops {
+                match action {
+                    // An ending.
+                    0 | 1 => {
+                        let before = pool.pages_held(s).to_vec();
+                        if let Some(id) = pool.keep(s, keep) {
+                            kept.push((id, before[..keep.min(before.len())].to_vec()));
+                        }
+                        proptest::prop_assert_eq!(pool.holds(s), 0);
+                        rows[s] = 0;
                     }
-                    proptest::prop_assert_eq!(pool.holds(s), 0);
-                    rows[s] = 0;
-                    continue;
-                }
-                let (free, lacking) = (pool.free(), n.div_ceil(PAGE_ROWS).saturating_sub(rows[s].div_ceil(PAGE_ROWS)));
-                let before = pool.kept_pages();
-                match pool.reserve(s, n) {
-                    Ok(()) => rows[s] = rows[s].max(n),
-                    // Refused only when the pool lacks the pages, kept ones too.
-                    Err(_) => proptest::prop_assert!(lacking > pool.free() && pool.kept_pages() == 0),
-                }
-                if lacking <= free {
-                    proptest::prop_assert_eq!(pool.kept_pages(), before, "kept pages given back needlessly");
+                    // A join sharing another sequence's or a kept prefix's first pages.
+                    2 | 3 if rows[s] == 0 => {
+                        let source: Vec<u32> = match (action, kept.last()) {
+                            (3, Some((id, _))) => pool.kept(*id).map_or(Vec::new(), <[u32]>::to_vec),
+                            _ => pool.pages_held((s + 1) % 4).to_vec(),
+                        };
+                        let shared = &source[..keep.min(source.len())];
+                        let id = pool.pin(shared);
+                        if n % 5 == 0 {
+                            pool.unpin(id);
+                        } else {
+                            pool.share_pinned(s, id).unwrap();
+                            rows[s] = shared.len() * PAGE_ROWS;
+                        }
+                    }
+                    _ => {
+                        let (available, lacking) = (pool.available(), n.div_ceil(PAGE_ROWS).saturating_sub(pool.holds(s)));
+                        let (free, before) = (pool.free(), pool.kept_pages());
+                        match pool.reserve(s, n) {
+                            Ok(()) => rows[s] = rows[s].max(n),
+                            Err(_) => proptest::prop_assert!(lacking > available, "refused {lacking} of {available}"),
+                        }
+                        if lacking <= free {
+                            proptest::prop_assert_eq!(pool.kept_pages(), before, "kept pages given back needlessly");
+                        }
+                    }
                 }
                 kept.retain(|(id, _)| pool.keeps(*id));
                 for (id, pages) in &kept {
@@ -419,29 +520,38 @@ mod tests {
                 }
                 let width = rows.iter().map(|r| r.div_ceil(PAGE_ROWS)).max().unwrap_or(0);
                 let HostData::I32(t) = pool.table(width).unwrap().data else { unreachable!() };
-                let mut seen = vec![false; pages];
+                let mut holders = vec![0u32; pages];
                 for (q, &r) in rows.iter().enumerate() {
                     let held = r.div_ceil(PAGE_ROWS);
-                    for (i, &p) in t[q * width..(q + 1) * width].iter().enumerate() {
+                    proptest::prop_assert_eq!(pool.holds(q), held);
+                    let row = &t[q * width..(q + 1) * width];
+                    for (i, &p) in row.iter().enumerate() {
                         if i < held {
-                            proptest::prop_assert!(p >= 0 && (p as usize) < pages && !seen[p as usize]);
-                            seen[p as usize] = true;
+                            proptest::prop_assert!(p >= 0 && (p as usize) < pages && !row[..i].contains(&p));
+                            holders[p as usize] += 1;
                         } else {
                             proptest::prop_assert_eq!(p, -1);
                         }
                     }
-                    for row in (0..r).step_by(17) {
-                        let at = pool.row(q, row).unwrap();
-                        proptest::prop_assert_eq!(at, t[q * width + row / PAGE_ROWS] as usize * PAGE_ROWS + row % PAGE_ROWS);
+                    for r in (0..r).step_by(17) {
+                        let at = pool.row(q, r).unwrap();
+                        proptest::prop_assert_eq!(at, t[q * width + r / PAGE_ROWS] as usize * PAGE_ROWS + r % PAGE_ROWS);
                     }
                 }
+                let held_by_sequences = holders.clone();
                 for (_, pages) in &kept {
                     for &p in pages {
-                        proptest::prop_assert!(!seen[p as usize], "a kept page held");
-                        seen[p as usize] = true;
+                        holders[p as usize] += 1;
                     }
                 }
-                proptest::prop_assert_eq!(seen.iter().filter(|&&x| x).count() + pool.free(), pages);
+                proptest::prop_assert_eq!(&pool.refs, &holders);
+                proptest::prop_assert!(pool.pinned.is_empty());
+                let mut free = pool.free.clone();
+                free.sort_unstable();
+                let unheld: Vec<u32> = (0..pages as u32).filter(|&p| holders[p as usize] == 0).collect();
+                proptest::prop_assert_eq!(free, unheld);
+                let kept_only = (0..pages).filter(|&p| holders[p] > 0 && held_by_sequences[p] == 0).count();
+                proptest::prop_assert_eq!(pool.available(), pool.free() + kept_only);
             }
         }
     }
