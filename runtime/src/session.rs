@@ -616,6 +616,8 @@ struct Joining<'a> {
     /// The prompt's first rows, copied from another sequence's pages ([`ArtifactBatch::reuse_prefixes`]):
     /// the chunks prefill the tokens after them.
     reused: usize,
+    /// Those pages, pinned until the joining sequence shares them ([`crate::pages::PagePool::pin`]).
+    pin: Option<u64>,
 }
 
 /// Whether sequences can join a running batch on `program` ([`ArtifactBatch::open`]): its caches
@@ -747,11 +749,23 @@ impl<'a> ArtifactBatch<'a> {
         }
         let mut session = ArtifactSession::new(self.program, limit)?;
         session.decode_on_device = self.on_device;
-        let reused = self.copy_prefix(i, prompt, &mut session)?;
-        let chunks = session.prefill_chunks(&prompt[reused..])?;
+        let (reused, pin) = self.copy_prefix(i, prompt, &mut session)?;
+        let chunks = match session.prefill_chunks(&prompt[reused..]) {
+            Ok(c) => c,
+            Err(e) => {
+                self.unpin(pin);
+                return Err(e);
+            }
+        };
         self.vacant[i] = false;
-        self.joining = Some(Joining { slot: i, prompt: prompt.to_vec(), limit, session, chunks, next: 0, reused });
+        self.joining = Some(Joining { slot: i, prompt: prompt.to_vec(), limit, session, chunks, next: 0, reused, pin });
         Ok(())
+    }
+
+    fn unpin(&mut self, pin: Option<u64>) {
+        if let (Some(pool), Some(id)) = (self.layout.pool.as_mut(), pin) {
+            pool.unpin(id);
+        }
     }
 
     /// Joining prompts whose first tokens a running or ended sequence's tokens share (its prompt
@@ -789,14 +803,20 @@ impl<'a> ArtifactBatch<'a> {
     }
 
     /// Copies into `session` (joining slot `i`) the cache rows of `prompt`'s first whole pages that
-    /// another sequence's pages hold ([`ArtifactBatch::prefix_pages`]): on the device into the
-    /// scratch rows its prefill continues from, or on the host into its caches. Returns the rows.
-    fn copy_prefix(&mut self, i: usize, prompt: &[u32], session: &mut ArtifactSession) -> Result<usize, String> {
+    /// another sequence's pages hold ([`ArtifactBatch::prefix_pages`]) — on the device into the
+    /// scratch rows its prefill continues from, or on the host into its caches — and pins those
+    /// pages, which the sequence will share once joined. Returns the rows and the pin.
+    fn copy_prefix(
+        &mut self,
+        i: usize,
+        prompt: &[u32],
+        session: &mut ArtifactSession,
+    ) -> Result<(usize, Option<u64>), String> {
         use crate::pages::PAGE_ROWS;
         let pages = self.prefix_pages(i, prompt);
         let (rows, width) = (pages.len() * PAGE_ROWS, session.width);
         if rows == 0 {
-            return Ok(0);
+            return Ok((0, None));
         }
         for c in &self.caches {
             let copied = match self.on_device {
@@ -825,7 +845,25 @@ impl<'a> ArtifactBatch<'a> {
             session.state.insert(c.clone(), copied);
         }
         (session.position, session.carried) = (rows, self.on_device);
-        Ok(rows)
+        let pin = self.layout.pool.as_mut().map(|pool| pool.pin(&pages));
+        Ok((rows, pin))
+    }
+
+    /// Whether a prompt joining slot `i` with at most `limit` tokens fits beside the running
+    /// sequences (`running`: each one's slot and limit, a join under way's included): the pages
+    /// each may still take and the joining one's — less those it would share with another
+    /// sequence or kept prefix — against the pages available ([`crate::pages::PagePool::available`],
+    /// less the kept-only ones it would share). Caches per sequence: always.
+    pub fn fits(&mut self, i: usize, prompt: &[u32], limit: usize, running: &[(usize, usize)]) -> bool {
+        let shared = self.prefix_pages(i, prompt);
+        let joining = self.joining.as_ref().map(|j| (j.slot, j.reused / crate::pages::PAGE_ROWS));
+        let Some(pool) = self.layout.pool.as_ref() else { return true };
+        let holds = |s: usize| match joining {
+            Some((slot, pinned)) if slot == s => pinned,
+            _ => pool.holds(s),
+        };
+        let needed: usize = running.iter().map(|&(s, l)| pages_of(l).saturating_sub(holds(s))).sum();
+        needed + pages_of(limit).saturating_sub(shared.len()) + pool.kept_only(&shared) <= pool.available()
     }
 
     /// Whether a join is under way.
@@ -838,6 +876,7 @@ impl<'a> ArtifactBatch<'a> {
     pub fn cancel_join(&mut self) -> Result<(), String> {
         let j = self.joining.take().ok_or("no join under way")?;
         self.vacant[j.slot] = true;
+        self.unpin(j.pin);
         Ok(())
     }
 
@@ -873,7 +912,11 @@ impl<'a> ArtifactBatch<'a> {
         }
         let Some(j) = self.joining.take() else { return Err("no join under way".into()) };
         let (i, n) = (j.slot, j.prompt.len());
-        let runs = self.layout.place_runs(i, n)?;
+        // The shared pages are the sequence's first; its own rows go to the pages after them.
+        if let (Some(pool), Some(pin)) = (self.layout.pool.as_mut(), j.pin) {
+            pool.share_pinned(i, pin)?;
+        }
+        let runs = clip_runs(&self.layout.place_runs(i, n)?, j.reused);
         for c in &self.caches {
             match self.on_device {
                 true => {
@@ -883,8 +926,18 @@ impl<'a> ArtifactBatch<'a> {
                 }
                 false => {
                     let HostData::F32(rows) = &j.session.state[c].data else { return Err(format!("{c} is not f32")) };
-                    let cache = self.state.get_mut(c).ok_or_else(|| format!("no {c} in the batch"))?;
-                    self.layout.lay_into(cache, i, rows)?;
+                    let HostData::F32(cache) =
+                        &mut self.state.get_mut(c).ok_or_else(|| format!("no {c} in the batch"))?.data
+                    else {
+                        return Err(format!("{c} is not f32 on the host"));
+                    };
+                    let w = self.layout.width.max(1);
+                    for &(from, to, len) in &runs {
+                        cache
+                            .get_mut(to * w..(to + len) * w)
+                            .ok_or_else(|| format!("sequence {i}: rows {to}..{} past the caches", to + len))?
+                            .copy_from_slice(&rows[from * w..(from + len) * w]);
+                    }
                 }
             }
         }
@@ -1174,6 +1227,17 @@ impl Queue {
 /// Pages of 64 rows for `limit` rows.
 fn pages_of(limit: usize) -> usize {
     limit.div_ceil(crate::pages::PAGE_ROWS)
+}
+
+/// Runs of rows (a sequence's first row, the caches', rows) from row `from` of the sequence on.
+fn clip_runs(runs: &[(usize, usize, usize)], from: usize) -> Vec<(usize, usize, usize)> {
+    runs.iter()
+        .filter(|&&(first, _, len)| first + len > from)
+        .map(|&(first, at, len)| {
+            let skip = from.saturating_sub(first);
+            (first + skip, at + skip, len - skip)
+        })
+        .collect()
 }
 
 /// Generates up to `max_new` tokens after each of `prompts` (sampler `samplers[i]` for prompt
@@ -1539,7 +1603,7 @@ pub fn serve(
     // The requests waiting to join: their numbers and when they arrived.
     let mut waiting: std::collections::VecDeque<(usize, Request, f64)> = Default::default();
     let (mut arrived, mut closed) = (0, false);
-    let (mut committed, mut prefill_s, mut joined, mut started) = (0, 0.0, 0, false);
+    let (mut prefill_s, mut joined, mut started) = (0.0, 0, false);
     let mut logits = Next::Tokens(Vec::new());
     loop {
         // Every request and cancellation there is (waiting for one while nothing runs or waits).
@@ -1565,7 +1629,6 @@ pub fn serve(
                                 pages
                             }
                         };
-                        committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
                         let total_s = now - r.joined_s;
                         r.generation(pages, None, total_s)
                     } else {
@@ -1618,13 +1681,19 @@ pub fn serve(
                 continue;
             }
             let vacant = running.iter().position(Option::is_none).filter(|_| spend(spent));
-            let (Some(s), true) = (vacant, room.is_none_or(|room| committed + pages_of(limit) <= room)) else {
+            // Each running request's slot and most tokens: the pages they may still take.
+            let limits: Vec<(usize, usize)> = running
+                .iter()
+                .enumerate()
+                .filter_map(|(s, r)| r.as_ref().map(|r| (s, r.request.prompt.len() + r.request.max_new)))
+                .collect();
+            let fits = vacant.is_some_and(|s| batch.fits(s, &r.prompt, limit, &limits));
+            let (Some(s), true) = (vacant, fits) else {
                 waiting.push_front((id, r, arrived_s));
                 break;
             };
             let joined_s = start.elapsed().as_secs_f64();
             batch.start_join(s, &r.prompt, limit)?;
-            committed += room.map_or(0, |_| pages_of(limit));
             joined += usize::from(started);
             let queued_s = joined_s - arrived_s;
             let (tokens, prefilled, joining, reused) = (Vec::new(), None, true, batch.reused_tokens());
@@ -1690,7 +1759,6 @@ pub fn serve(
             let pages = batch.pages(s);
             batch.finish(s);
             let Some(r) = slot.take() else { continue };
-            committed -= room.map_or(0, |_| pages_of(r.request.prompt.len() + r.request.max_new));
             let (id, total_s) = (r.id, start.elapsed().as_secs_f64() - r.joined_s);
             report(id, Progress::Ended(r.generation(pages, Some(ending), total_s)))?;
         }
@@ -2801,6 +2869,63 @@ mod tests {
         let mut s = [Sampler::new(0.0, 1.0, 0), Sampler::new(0.0, 1.0, 0)];
         let [a, b] = &mut s;
         assert_eq!(device.pick_each(&mut [(2, a), (0, b)]), [6, 4]);
+    }
+
+    /// Prompts sharing whole pages with a running one hold those pages with it instead of their
+    /// own copies: in a pool of 3 pages, requests of 2 pages each whose prompts share 1 run two at
+    /// a time (the second taking one page of its own), where without reuse they run one at a
+    /// time — the tokens as alone either way, on the host and on the device.
+    #[test]
+    fn prompts_sharing_whole_pages_hold_them_together() {
+        let shared: Vec<u32> = (0..65).map(|i| (i * 7 % 13) as u32).collect();
+        let requests: Vec<ToyRequest> = (0..3u32).map(|k| ([&shared[..], &[k + 1]].concat(), 10, 0, None)).collect();
+        let alone = toy_alone(&requests, None);
+        for on_device in [false, true] {
+            for reuse in [true, false] {
+                let mut t = Toy::paged();
+                let scratch = if on_device { 2 } else { 0 };
+                t.decode.bounds.insert("kv_cache.0".into(), vec![3 + scratch, 64, WIDTH]);
+                t.keeps = on_device;
+                let t = if on_device { one_element(t) } else { t };
+                let mut pending = requests.clone().into_iter();
+                let mut next = |_: bool| match pending.next() {
+                    Some((p, n, _, _)) => Arrival::Request(Request::new(p, n, toy_sampler(None))),
+                    None => Arrival::Closed,
+                };
+                let mut events: Vec<(usize, bool)> = Vec::new();
+                let mut ended: Vec<Option<Generation>> = vec![None; 3];
+                let mut report = |id: usize, p: Progress| {
+                    match p {
+                        Progress::Token(_) => events.push((id, false)),
+                        Progress::Ended(g) => {
+                            events.push((id, true));
+                            ended[id] = Some(g);
+                        }
+                        _ => return Err(format!("request {id} refused or cancelled")),
+                    }
+                    Ok(())
+                };
+                let serving = Serving {
+                    slots: 3,
+                    limits: &[76; 3],
+                    max_prompt: 66,
+                    eos: None,
+                    prefill_budget: None,
+                    reuse_prefixes: reuse,
+                };
+                serve(&t, &serving, &mut next, &mut report).unwrap();
+                let name = format!("device {on_device}, reuse {reuse}");
+                let ended: Vec<Generation> = ended.into_iter().map(Option::unwrap).collect();
+                assert_eq!(ended.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), alone, "{name}");
+                let first_of_1 = events.iter().position(|&e| e == (1, false)).unwrap();
+                let end_of_0 = events.iter().position(|&e| e == (0, true)).unwrap();
+                assert_eq!(first_of_1 < end_of_0, reuse, "{name}: the second runs beside the first");
+                let reused: Vec<usize> = ended.iter().map(|g| g.reused).collect();
+                assert_eq!(reused, if reuse { [0, 64, 64] } else { [0, 0, 0] }, "{name}");
+                // Its pages at its end: the shared one and its own.
+                assert_eq!(ended[1].pages, Some((2, 3 + scratch)), "{name}");
+            }
+        }
     }
 
     /// Prompts sharing whole pages with a served prompt copy its rows instead of prefilling them:
