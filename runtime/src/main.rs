@@ -334,10 +334,11 @@ struct Scheduling {
     /// request's wait for its first token, fewer the running ones' time per token.
     #[arg(long, value_name = "TOKENS")]
     prefill_budget: Option<usize>,
-    /// Prefill every prompt token. By default a joining prompt copies the cache rows of the whole
-    /// 64-row pages it shares with a running or ended request's prompt (a shared system prompt is
-    /// prefilled once; an ended request's pages are kept until the pool needs them). Decode caches
-    /// in a pool of pages only (sm_90a's tensor-core decode).
+    /// Prefill every prompt token. By default a joining prompt holds the whole 64-row pages of
+    /// cache rows it shares with a running or ended request's tokens instead of prefilling them
+    /// (a shared system prompt is prefilled once and held once; an ended request's pages are kept
+    /// until the pool needs them). Decode caches in a pool of pages only (sm_90a's tensor-core
+    /// decode).
     #[arg(long)]
     no_prefix_reuse: bool,
 }

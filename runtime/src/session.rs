@@ -769,10 +769,10 @@ impl<'a> ArtifactBatch<'a> {
     }
 
     /// Joining prompts whose first tokens a running or ended sequence's tokens share (its prompt
-    /// and the tokens fed after it: a conversation's next turn) copy that one's cache rows of the
-    /// whole pages both hold (`on`), or prefill every token. A pool of pages only: an ended
-    /// sequence keeps its pages until the pool needs them for another sequence (the least recently
-    /// used given back first). The copied rows are those a prefill of the prompt would write up to
+    /// and the tokens fed after it: a conversation's next turn) hold the whole pages of its cache
+    /// rows both share (`on`; read only: a sequence writes rows past its prompt), or prefill every
+    /// token. A pool of pages only: an ended sequence keeps its pages until the pool needs them for
+    /// another sequence (the least recently used given back first). The shared rows are those a prefill of the prompt would write up to
     /// rounding: of chunks that split differently, and of decode steps' kernels for the rows of
     /// generated tokens (whose MTP-layer rows saw no next token: that layer's cache, which plain
     /// generation never reads back, is then not a prefill's).
@@ -2975,7 +2975,7 @@ mod tests {
             let got = serve_reusing(&t, &requests, 1, None, None, false);
             assert!(got.iter().all(|g| g.1 == 0), "{name}: reuse off");
             assert_eq!(*t.prefilled.borrow(), prompt_tokens, "{name}");
-            // Two slots: the second joins while the first decodes, copying its page.
+            // Two slots: the second joins while the first decodes, sharing its page.
             let mut t = Toy::paged();
             t.keeps = on_device;
             let t = if on_device { one_element(t) } else { t };
