@@ -759,6 +759,114 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length", "{streamed}");
 }
 
+/// `v3r perplexity` over a cpu artifact: the mean negative log-likelihood the reference
+/// interpreter's logits give the same windows (`v3c logits --backend reference` for each), token
+/// ids or text through a tokenizer alike; bad windows refused by flag.
+#[test]
+fn perplexity_through_an_artifact_is_the_reference_interpreters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (art, ckpt, cache) = (dir.path().join("art"), dir.path().join("ckpt"), dir.path().join("cache"));
+    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, 5).unwrap();
+    let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
+    let compile =
+        ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--max-rows", "4", "--max-context", "24"];
+    let out = run_binary_env("v3c", &[&compile[..], &["--out", art.to_str().unwrap()]].concat(), &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let tokens: Vec<u32> = (0..50u32).map(|i| (i * 37 + 11) % 300 + 3).collect();
+    let data = dir.path().join("tokens.txt");
+    std::fs::write(&data, tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")).unwrap();
+    let (window, stride) = (16, 10);
+    // The oracle: the reference interpreter's logits of each window, scored as the recipe says.
+    let mut nll = 0.0f64;
+    let mut scored = 0;
+    let (mut begin, mut scored_to) = (0, 0);
+    loop {
+        let end = (begin + window).min(tokens.len());
+        let ids: Vec<String> = tokens[begin..end].iter().map(u32::to_string).collect();
+        let logits = dir.path().join(format!("w{begin}.safetensors"));
+        let v3c = run_binary_env(
+            "v3c",
+            &["logits", "--model-dir", ckpt.to_str().unwrap(), "--tokens", &ids.join(" "), "--backend", "reference"]
+                .into_iter()
+                .chain(["--out", logits.to_str().unwrap()])
+                .collect::<Vec<_>>(),
+            &env,
+        );
+        assert!(v3c.status.success(), "{}", text(&v3c.stderr));
+        let rows = v3c_models::checkpoint::Checkpoint::open_file(&logits).unwrap().read("logits").unwrap();
+        let rows = rows.as_f32().unwrap();
+        let v = config.vocab_size;
+        for k in scored_to.max(begin + 1)..end {
+            let row = &rows[(k - begin - 1) * v..(k - begin) * v];
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let z: f64 = row.iter().map(|&l| f64::from(l - max).exp()).sum();
+            nll += z.ln() - f64::from(row[tokens[k] as usize] - max);
+            scored += 1;
+        }
+        scored_to = end;
+        if end == tokens.len() {
+            break;
+        }
+        begin += stride;
+    }
+    assert_eq!(scored, tokens.len() - 1);
+    let perplexity = |data: &std::path::Path, extra: &[&str]| {
+        let args = [
+            &[
+                "perplexity",
+                art.to_str().unwrap(),
+                "--weights",
+                ckpt.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+            ][..],
+            &["--window", "16", "--stride", "10", "--json"],
+            extra,
+        ]
+        .concat();
+        let out = run_binary_env("v3r", &args, &env);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_str::<serde_json::Value>(text(&out.stdout).trim()).unwrap()
+    };
+    let got = perplexity(&data, &[]);
+    assert_eq!((got["tokens_scored"].as_u64(), got["windows"].as_u64()), (Some(49), Some(5)), "{got}");
+    let mean = nll / scored as f64;
+    let relative = (got["mean_nll"].as_f64().unwrap() - mean).abs() / mean;
+    assert!(relative < 1e-4, "{got}: the reference's mean NLL {mean} (relative difference {relative:e})");
+    assert!((got["perplexity"].as_f64().unwrap() - mean.exp()).abs() / mean.exp() < 1e-3, "{got}");
+    // Text through the tokenizer: the perplexity of its ids.
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer/tokenizer.json");
+    let tokenizer = v3c_runtime::tokenizer::Tokenizer::from_file(&fixture).unwrap();
+    let corpus = "kq#zv!".repeat(12);
+    let ids: Vec<String> = tokenizer.encode(&corpus, true).iter().map(u32::to_string).collect();
+    let (as_text, as_ids) = (dir.path().join("corpus.txt"), dir.path().join("corpus.ids"));
+    std::fs::write(&as_text, &corpus).unwrap();
+    std::fs::write(&as_ids, ids.join(" ")).unwrap();
+    let from_text = perplexity(&as_text, &["--tokenizer", fixture.to_str().unwrap()]);
+    assert_eq!(from_text["mean_nll"], perplexity(&as_ids, &[])["mean_nll"]);
+    for (extra, err) in [
+        (&["--window", "500"][..], "--window 500: the artifact's prefill takes at most"),
+        (&["--window", "8", "--stride", "9"][..], "--stride 9: 1..=8"),
+    ] {
+        let args = [
+            &[
+                "perplexity",
+                art.to_str().unwrap(),
+                "--weights",
+                ckpt.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+            ][..],
+            extra,
+        ]
+        .concat();
+        let bad = run_binary_env("v3r", &args, &env);
+        assert!(!bad.status.success() && text(&bad.stderr).contains(err), "{extra:?}: {}", text(&bad.stderr));
+    }
+}
+
 #[test]
 fn an_fp8_checkpoint_gives_an_fp8_cpu_artifact_with_the_cpu_backends_logits() {
     let dir = tempfile::tempdir().unwrap();

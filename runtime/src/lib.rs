@@ -26,6 +26,7 @@ pub mod lowering;
 pub mod measure;
 pub mod optimizer;
 pub mod pages;
+pub mod perplexity;
 pub mod plan;
 pub mod prepare;
 pub mod session;

@@ -46,6 +46,12 @@ enum Command {
     /// Text to token ids, or (--decode) ids to text, with a Hugging Face tokenizer.json: the
     /// tokenizer `run --prompt` and `serve` use.
     Tokenize(TokenizeArgs),
+    /// Perplexity of the model over a token file or (--tokenizer) text: the artifact's prefill over
+    /// windows of --window tokens every --stride tokens, each token after a window's first scored
+    /// once (Hugging Face's sliding-window recipe); prints the perplexity, the mean negative
+    /// log-likelihood and tokens/s (--json: one JSON object). How a compiled model's accuracy is
+    /// checked against its other backends.
+    Perplexity(PerplexityArgs),
     /// Logits of every token of a prompt (the prefill entry, from position 0) written as safetensors
     /// (`logits` F32 [tokens, vocab]): how an artifact is checked against `v3c logits`.
     Logits(LogitsArgs),
@@ -112,6 +118,38 @@ struct BenchArgs {
     /// Write the timings as JSON here.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// CUDA device ordinal (GPU artifacts).
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    /// Artifact directory written by `v3c compile` (cpu: runs here; sm_90a: on the GPU).
+    artifact: PathBuf,
+    /// Checkpoint directory in the Hugging Face layout.
+    #[arg(long, value_name = "DIR")]
+    weights: PathBuf,
+    /// The tokens: ids (whitespace-separated text or little-endian u32), or text with --tokenizer
+    /// (a .jsonl file a document a line, {"text": ...}; documents one after another).
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// A tokenizer.json (or a directory holding one) for text --data.
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+    /// Tokens a window (default: the longest prompt the artifact's prefill takes).
+    #[arg(long, value_name = "N")]
+    window: Option<usize>,
+    /// Tokens between windows' starts (default: --window; less: overlapping windows, each token
+    /// scored with more context before it).
+    #[arg(long, value_name = "N")]
+    stride: Option<usize>,
+    /// Score the first N tokens of --data only.
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<usize>,
+    /// Print one JSON object instead of a line.
+    #[arg(long)]
+    json: bool,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -442,6 +480,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve(&a),
         Command::Logits(a) => logits(&a),
         Command::Tokenize(a) => tokenize(&a).map_err(Failure::Other),
+        Command::Perplexity(a) => perplexity(&a),
         Command::BenchDecode(a) => bench_decode(&a),
         Command::BenchServe(a) => bench_serve(&a),
         Command::Tune(a) => tune(&a),
@@ -1451,6 +1490,68 @@ fn logits(args: &LogitsArgs) -> Result<(), Failure> {
     v3c_models::checkpoint::save_tensors(&args.out, &[("logits", &tensor)])
         .map_err(|e| Failure::Other(e.to_string()))?;
     eprintln!("wrote logits [{}, {vocab}] to {} ({kind})", tokens.len(), args.out.display());
+    Ok(())
+}
+
+fn perplexity(args: &PerplexityArgs) -> Result<(), Failure> {
+    let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
+    if a.manifest.target.name != "cpu" {
+        device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
+    }
+    let vocab = a.manifest.model.config.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let mut tokens: Vec<u32> = match &args.tokenizer {
+        Some(path) => {
+            let t = v3c_runtime::tokenizer::Tokenizer::from_file(&tokenizer_file(path)).map_err(Failure::Other)?;
+            v3c_runtime::training::read_text_file(&args.data, &t, vocab)
+        }
+        None => v3c_runtime::training::read_token_file(&args.data, vocab),
+    }
+    .map_err(Failure::Other)?
+    .into_iter()
+    .map(|t| t as u32)
+    .collect();
+    tokens.truncate(args.max_tokens.unwrap_or(usize::MAX));
+    a.check_weights(&args.weights).map_err(Failure::Other)?;
+    let (program, kind) = load_program(a, &args.weights, args.device)?;
+    let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
+    let (_, max_prompt, _) = serving_limits(program.as_ref()).map_err(at)?;
+    let window = args.window.unwrap_or(max_prompt.min(tokens.len().max(2)));
+    if window > max_prompt {
+        return Err(Failure::Other(format!(
+            "--window {window}: the artifact's prefill takes at most {max_prompt} tokens"
+        )));
+    }
+    let stride = args.stride.unwrap_or(window);
+    let windows = v3c_runtime::perplexity::windows(tokens.len(), window, stride).map_err(Failure::Other)?.len();
+    let bar = indicatif::ProgressBar::new(windows as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("scoring [{bar:30}] {pos}/{len} windows {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let p = v3c_runtime::perplexity::perplexity(program.as_ref(), &tokens, window, stride, &mut |done, _| {
+        bar.set_position(done as u64)
+    })
+    .map_err(at)?;
+    bar.finish_and_clear();
+    let tokens_per_s = p.tokens as f64 / p.seconds.max(1e-9);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "perplexity": p.perplexity(), "mean_nll": p.mean_nll(), "tokens_scored": p.tokens,
+                "windows": p.windows, "window": window, "stride": stride, "seconds": p.seconds,
+                "tokens_per_s": tokens_per_s, "artifact": kind,
+            })
+        );
+    } else {
+        println!(
+            "perplexity {:.4} (mean NLL {:.5} nats over {} tokens, {} windows of {window} every {stride}; {:.1} tok/s, {kind})",
+            p.perplexity(),
+            p.mean_nll(),
+            p.tokens,
+            p.windows,
+            tokens_per_s
+        );
+    }
     Ok(())
 }
 
