@@ -7,7 +7,7 @@
 # .device/ (git-ignored, ~59 MB) and packs it as .device.tar.xz (~12 MB); carry that (a device call
 # carries 64 MiB with the working tree): this script unpacks it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
 # ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, gemm_<kernel>.json, rows_<kernel>.json, mla.json,
-# decode_slice*.json, train_slice_*.json, tuning.json.
+# decode_slice*.json, train_slice_*.json, tuning.json, perplexity.json.
 #
 # Steps, in this order (correctness first; every step bounded by what is left of 570 s):
 # 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
@@ -226,6 +226,21 @@ print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) 
     fi
   else
     row "3. pool of pages" "FAILED" "v3r run failed (check.log)"
+  fi
+  # Perplexity: 256 tokens in windows of 64 every 32 through the tensor-core artifact (bf16 attention)
+  # against a cpu artifact's (prepare.sh): mean negative log-likelihood within 2% relative.
+  if [ -s "$e2e/expected_ppl.json" ] && timeout 60 "$v3r" perplexity "$e2e/sm90tc" --weights "$e2e/ckpt" \
+      --data "$e2e/ppl_tokens.txt" --window 64 --stride 32 --json > "$out/perplexity.json" 2>>"$log"; then
+    if verdict=$(python3 - "$out/perplexity.json" "$e2e/expected_ppl.json" <<'PY'
+import json, sys
+got, want = (json.load(open(p)) for p in sys.argv[1:3])
+rel = abs(got["mean_nll"] - want["mean_nll"]) / want["mean_nll"]
+print(f"ppl {got['perplexity']:.3f} vs cpu {want['perplexity']:.3f} (NLL rel {rel:.1e}), {got['tokens_per_s']:.0f} tok/s")
+sys.exit(0 if rel < 0.02 else 1)
+PY
+    ); then row "3. perplexity" "ok" "$verdict"; else row "3. perplexity" "DIFFERS" "$verdict"; fi
+  else
+    row "3. perplexity" "FAILED" "v3r perplexity failed or no expected_ppl.json (check.log)"
   fi
   # Greedy generation: two prompts as one batch (the second prefilled in two chunks), 16 tokens each.
   if timeout 60 "$v3r" run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")" \

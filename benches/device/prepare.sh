@@ -127,6 +127,15 @@ for p in 1 2; do
   target/release/v3c run --model-dir .device/e2e/ckpt --prompt-tokens "$(cat .device/e2e/prompt$p.txt)" \
     --max-new-tokens 16 --backend cpu --precision fp8 --ignore-eos 2>/dev/null
 done > .device/e2e/expected_tokens.txt
+# Perplexity: 256 tokens in windows of 64 every 32 through a cpu artifact of the same model (the
+# reference's numerics; the artifact itself stays here), for `v3r perplexity` of sm90tc on the GPU.
+python3 -c "print(' '.join(str((i * 37 + 11) % 509 + 3) for i in range(256)))" > .device/e2e/ppl_tokens.txt
+rm -rf target/ppl-cpu
+target/release/v3c compile --model .device/e2e/ckpt --target cpu --max-rows 16 --max-context 128 \
+  --out target/ppl-cpu --force 2>/dev/null
+target/release/v3r perplexity target/ppl-cpu --weights .device/e2e/ckpt --data .device/e2e/ppl_tokens.txt \
+  --window 64 --stride 32 --json > .device/e2e/expected_ppl.json 2>/dev/null
+rm -rf target/ppl-cpu
 # Training: the tiny model (MoE layers + MTP) as sm_90a training-step artifacts, f32 (matmuls as bf16
 # hi/lo tensor-core GEMMs) and the FP8 recipe (projections on the fp8 GEMM template), and as cpu ones, with the cpu
 # artifacts' loss logs for 4 steps of 2 x 32 tokens on a repeating-pattern corpus (the reference for `v3r
