@@ -134,21 +134,33 @@ fn a_cpu_artifact_runs_without_the_compiler_and_matches_the_cpu_backend() {
     assert!(err.contains("are not kept from a previous decode run of these shapes"), "{err}");
 }
 
+/// The tiny model's random checkpoint (from `seed`) and its cpu artifact (at most 4 rows a
+/// prefill chunk, 24 tokens a sequence), in a temporary directory with a kernel cache: the
+/// directory, artifact, checkpoint, cache and config.
+fn tiny_cpu_artifact(
+    seed: u64,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, std::path::PathBuf, ModelConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let (art, ckpt, cache) = (dir.path().join("art"), dir.path().join("ckpt"), dir.path().join("cache"));
+    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, seed).unwrap();
+    let compile =
+        ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--max-rows", "4", "--max-context", "24"];
+    let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
+    let out = run_binary_env("v3c", &[&compile[..], &["--out", art.to_str().unwrap()]].concat(), &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (dir, art, ckpt, cache, config)
+}
+
 /// `v3r run` generates from a cpu artifact what `v3c run` generates from the checkpoint: a prompt
 /// longer than the prefill plan's rows is prefilled in chunks, the decode plan runs one sequence over
 /// caches smaller than planned; greedy and seeded sampling agree token for token. Several prompts
 /// run as one batch give each sequence its tokens alone.
 #[test]
 fn v3r_runs_a_cpu_artifact_like_v3c_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let (art, ckpt, cache) = (dir.path().join("art"), dir.path().join("ckpt"), dir.path().join("cache"));
-    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
-    v3c_models::init::write_random_checkpoint(&config, &ckpt, 9).unwrap();
+    let (dir, art, ckpt, cache, _) = tiny_cpu_artifact(9);
     let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
-    let compile =
-        ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--max-rows", "4", "--max-context", "24"];
-    let out = run_binary_env("v3c", &[&compile[..], &["--out", art.to_str().unwrap()]].concat(), &env);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let compile = ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu"];
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let prompt = "3 17 4 29 11 5 8 2 40 1";
     for sampling in [&[][..], &["--temperature", "0.9", "--top-p", "0.8", "--seed", "4"][..]] {
@@ -326,40 +338,11 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     // Over HTTP (`--http`, OpenAI's completions with token ids): a completion, a streamed one and a
     // stop sequence from clients at once, each as `v3r run` alone; other paths and bad bodies
     // answered with their status and why.
-    /// The server, killed however the test ends (a failed assertion included).
-    struct Server(std::process::Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut server = Server(
-        std::process::Command::new(v3c_tests::workspace_binary("v3r"))
-            .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--http", "127.0.0.1:0"])
-            .args(["--batch", "2", "--ignore-eos"])
-            .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let server = v3c_tests::HttpServer::start(
+        &[art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--batch", "2", "--ignore-eos"],
+        &env,
     );
-    let mut said = std::io::BufReader::new(server.0.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("serving ") {
-        line.clear();
-        assert!(std::io::BufRead::read_line(&mut said, &mut line).unwrap() > 0, "the server ended");
-    }
-    let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().to_string();
-    let http = |method: &str, path: &str, body: &str| -> (String, String) {
-        let mut c = std::net::TcpStream::connect(&addr).unwrap();
-        let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        std::io::Write::write_all(&mut c, request.as_bytes()).unwrap();
-        let mut reply = String::new();
-        std::io::Read::read_to_string(&mut c, &mut reply).unwrap();
-        let (head, body) = reply.split_once("\r\n\r\n").unwrap();
-        (head.lines().next().unwrap().to_string(), body.to_string())
-    };
+    let http = |method: &str, path: &str, body: &str| server.request(method, path, body);
     let ids =
         |v: &serde_json::Value| -> Vec<u64> { v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect() };
     let first = alone("3 17 4 29 11 5 8 2 40 1", 8);
@@ -384,10 +367,8 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         let alts = lp["top_logprobs"][k].as_object().unwrap();
         assert_eq!((alts.len(), &alts[&t.to_string()]), (2, &lp["token_logprobs"][k]), "{lp}");
     }
-    let events: Vec<&str> = streamed.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
-    assert_eq!(events.last(), Some(&"[DONE]"), "{streamed}");
-    let chunks: Vec<serde_json::Value> =
-        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert!(streamed.trim_end().ends_with("data: [DONE]"), "{streamed}");
+    let chunks = v3c_tests::HttpServer::events(streamed);
     let tokens: Vec<u64> = chunks.iter().flat_map(|c| ids(&c["choices"][0]["tokens"])).collect();
     assert_eq!(tokens, alone("7 7 2", 5), "{streamed}");
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
@@ -546,18 +527,11 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
 #[test]
 fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     use v3c_runtime::tokenizer::Tokenizer;
-    let dir = tempfile::tempdir().unwrap();
-    let (art, ckpt, cache) = (dir.path().join("art"), dir.path().join("ckpt"), dir.path().join("cache"));
-    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
-    v3c_models::init::write_random_checkpoint(&config, &ckpt, 9).unwrap();
+    let (dir, art, ckpt, cache, config) = tiny_cpu_artifact(9);
     let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer/tokenizer.json");
     std::fs::copy(&fixture, ckpt.join("tokenizer.json")).unwrap();
     let tokenizer = std::sync::Arc::new(Tokenizer::from_file(&fixture).unwrap());
     let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
-    let compile =
-        ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--max-rows", "4", "--max-context", "24"];
-    let out = run_binary_env("v3c", &[&compile[..], &["--out", art.to_str().unwrap()]].concat(), &env);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let v3r = |args: &[&str]| {
         let out = run_binary_env("v3r", args, &env);
@@ -656,52 +630,27 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     let pieces: String = lines[..lines.len() - 1].iter().map(|l| l["text"].as_str().unwrap()).collect();
     assert!(last["text"].as_str().unwrap().starts_with(&pieces), "{pieces:?} {last}");
     // Over HTTP: the prompt as text, the completion's text that of its tokens, whole or streamed.
-    struct Server(std::process::Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut server = Server(
-        std::process::Command::new(v3c_tests::workspace_binary("v3r"))
-            .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--http", "127.0.0.1:0"])
-            .args(["--ignore-eos", "--tokenizer", fixture.to_str().unwrap()])
-            .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let server = v3c_tests::HttpServer::start(
+        &[
+            art.to_str().unwrap(),
+            "--weights",
+            ckpt.to_str().unwrap(),
+            "--ignore-eos",
+            "--tokenizer",
+            fixture.to_str().unwrap(),
+        ],
+        &env,
     );
-    let mut said = std::io::BufReader::new(server.0.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("serving ") {
-        line.clear();
-        assert!(std::io::BufRead::read_line(&mut said, &mut line).unwrap() > 0, "the server ended");
-    }
-    let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().to_string();
-    let post = |body: &str| -> String {
-        let mut c = std::net::TcpStream::connect(&addr).unwrap();
-        let request =
-            format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        std::io::Write::write_all(&mut c, request.as_bytes()).unwrap();
-        let mut reply = String::new();
-        std::io::Read::read_to_string(&mut c, &mut reply).unwrap();
-        reply.split_once("\r\n\r\n").unwrap().1.to_string()
-    };
+    let post = |body: &str| server.request("POST", "/v1/completions", body).1;
     let whole: serde_json::Value =
         serde_json::from_str(&post(&serde_json::json!({"prompt": prompt, "max_tokens": 8}).to_string())).unwrap();
     assert_eq!(whole["choices"][0]["text"], tokenizer.decode(&alone, true), "{whole}");
     assert_eq!(whole["usage"]["prompt_tokens"], ids.len(), "{whole}");
     let streamed =
         post(&serde_json::json!({"prompt": [prompt], "max_tokens": 8, "stream": true, "stop": stop}).to_string());
-    let pieces: String = streamed
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|e| *e != "[DONE]")
-        .map(|e| {
-            serde_json::from_str::<serde_json::Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap().to_string()
-        })
+    let pieces: String = v3c_tests::HttpServer::events(&streamed)
+        .iter()
+        .map(|e| e["choices"][0]["text"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(pieces, last["text"].as_str().unwrap(), "{streamed}");
     // Chat: the conversation as the chat template writes it, the reply the text of the tokens
@@ -720,14 +669,7 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     assert!(text(&without.stderr).contains("--chat 1: no chat template"), "{}", text(&without.stderr));
     let chat = |stream: bool| {
         let body = serde_json::json!({"messages": messages, "max_tokens": 6, "stream": stream, "logprobs": true});
-        let mut c = std::net::TcpStream::connect(&addr).unwrap();
-        let body = body.to_string();
-        let request =
-            format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        std::io::Write::write_all(&mut c, request.as_bytes()).unwrap();
-        let mut reply = String::new();
-        std::io::Read::read_to_string(&mut c, &mut reply).unwrap();
-        reply.split_once("\r\n\r\n").unwrap().1.to_string()
+        server.request("POST", "/v1/chat/completions", &body.to_string()).1
     };
     let whole: serde_json::Value = serde_json::from_str(&chat(false)).unwrap();
     let message = &whole["choices"][0]["message"];
@@ -747,12 +689,8 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
         assert!(entry["logprob"].as_f64().unwrap() <= 0.0, "{entry}");
     }
     let streamed = chat(true);
-    let chunks: Vec<serde_json::Value> = streamed
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    assert!(streamed.trim_end().ends_with("data: [DONE]"), "{streamed}");
+    let chunks = v3c_tests::HttpServer::events(&streamed);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant", "{streamed}");
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(text, message["content"].as_str().unwrap(), "{streamed}");
@@ -764,15 +702,8 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
 /// ids or text through a tokenizer alike; bad windows refused by flag.
 #[test]
 fn perplexity_through_an_artifact_is_the_reference_interpreters() {
-    let dir = tempfile::tempdir().unwrap();
-    let (art, ckpt, cache) = (dir.path().join("art"), dir.path().join("ckpt"), dir.path().join("cache"));
-    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
-    v3c_models::init::write_random_checkpoint(&config, &ckpt, 5).unwrap();
+    let (dir, art, ckpt, cache, config) = tiny_cpu_artifact(5);
     let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
-    let compile =
-        ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--max-rows", "4", "--max-context", "24"];
-    let out = run_binary_env("v3c", &[&compile[..], &["--out", art.to_str().unwrap()]].concat(), &env);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let tokens: Vec<u32> = (0..50u32).map(|i| (i * 37 + 11) % 300 + 3).collect();
     let data = dir.path().join("tokens.txt");

@@ -125,3 +125,62 @@ pub fn candidates_launch_as_their_ptx_declares(cands: &std::path::Path) {
         }
     }
 }
+
+/// `v3r serve --http 127.0.0.1:0` with `args` after `serve` (artifact, flags) and `env`, killed
+/// however a test ends (a failed assertion included).
+pub struct HttpServer {
+    child: std::process::Child,
+    /// host:port, as the server said it on stderr.
+    pub addr: String,
+}
+
+impl HttpServer {
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> HttpServer {
+        let mut child = Command::new(workspace_binary("v3r"))
+            .arg("serve")
+            .args(args)
+            .args(["--http", "127.0.0.1:0"])
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("v3r serve starts");
+        let mut said = std::io::BufReader::new(child.stderr.take().expect("its stderr"));
+        let mut server = HttpServer { child, addr: String::new() };
+        let mut line = String::new();
+        while !line.contains("serving ") {
+            line.clear();
+            let read = std::io::BufRead::read_line(&mut said, &mut line).unwrap_or(0);
+            assert!(read > 0, "the server ended before it served");
+        }
+        server.addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("").to_string();
+        server
+    }
+
+    /// One request on its own connection: the status line and the body of the reply.
+    pub fn request(&self, method: &str, path: &str, body: &str) -> (String, String) {
+        let mut c = std::net::TcpStream::connect(&self.addr).expect("the server accepts");
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        std::io::Write::write_all(&mut c, request.as_bytes()).expect("the request is sent");
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut c, &mut reply).expect("a reply");
+        let (head, body) = reply.split_once("\r\n\r\n").expect("a head and a body");
+        (head.lines().next().unwrap_or("").to_string(), body.to_string())
+    }
+
+    /// The JSON events of a server-sent event stream's body (`data: [DONE]` left out).
+    pub fn events(body: &str) -> Vec<serde_json::Value> {
+        body.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|e| *e != "[DONE]")
+            .map(|e| serde_json::from_str(e).expect("a JSON event"))
+            .collect()
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -221,6 +221,16 @@ fn finish_reason(g: &Generation) -> &'static str {
     }
 }
 
+/// OpenAI's `usage` of a completion (and the prompt tokens whose cache rows were shared).
+fn usage(prompt_tokens: usize, g: &Generation) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": g.tokens.len(),
+        "total_tokens": prompt_tokens + g.tokens.len(),
+        "cached_prompt_tokens": g.reused,
+    })
+}
+
 /// A whole completion's JSON (`object: text_completion`).
 pub fn completion_json(
     id: &str,
@@ -255,12 +265,7 @@ pub fn completion_json(
             "logprobs": logprobs,
             "finish_reason": finish_reason(g),
         }],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": g.tokens.len(),
-            "total_tokens": prompt_tokens + g.tokens.len(),
-            "cached_prompt_tokens": g.reused,
-        },
+        "usage": usage(prompt_tokens, g),
     })
 }
 
@@ -309,12 +314,7 @@ pub fn chat_json(
             "logprobs": logprobs,
             "finish_reason": finish_reason(g),
         }],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": g.tokens.len(),
-            "total_tokens": prompt_tokens + g.tokens.len(),
-            "cached_prompt_tokens": g.reused,
-        },
+        "usage": usage(prompt_tokens, g),
     })
 }
 
