@@ -667,6 +667,30 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     assert_eq!(v3r(&with_template), format!("{}\n", tokenizer.decode(&chat_alone, true)));
     let without = run_binary_env("v3r", &common, &env);
     assert!(text(&without.stderr).contains("--chat 1: no chat template"), "{}", text(&without.stderr));
+    // `v3r chat`: two turns from stdin, each reply what `run` gives the conversation so far.
+    let mut session = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
+        .args(["chat", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()])
+        .args(["--tokenizer", fixture.to_str().unwrap(), "--max-new-tokens", "3", "--ignore-eos"])
+        .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut session.stdin.take().unwrap(), b"Hello!\na\n").unwrap();
+    let chatted = session.wait_with_output().unwrap();
+    assert!(chatted.status.success(), "{}", text(&chatted.stderr));
+    let first = run(&["--tokenizer", fixture.to_str().unwrap(), "--chat", "Hello!"], "3");
+    let first = first.strip_suffix('\n').unwrap();
+    let conversation = serde_json::json!([
+        {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": first}, {"role": "user", "content": "a"}
+    ]);
+    let second_ids = tokenizer.chat(&conversation, true).unwrap();
+    assert!(second_ids.len() + 3 <= 24, "{second_ids:?}: the artifact's 24 tokens");
+    let spelled: Vec<String> = second_ids.iter().map(u32::to_string).collect();
+    let second: Vec<u32> =
+        run(&["--prompt-tokens", &spelled.join(" ")], "3").split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!(text(&chatted.stdout), format!("{first}\n{}\n", tokenizer.decode(&second, true)));
     let chat = |stream: bool| {
         let body = serde_json::json!({"messages": messages, "max_tokens": 6, "stream": stream, "logprobs": true});
         server.request("POST", "/v1/chat/completions", &body.to_string()).1

@@ -46,6 +46,11 @@ enum Command {
     /// Text to token ids, or (--decode) ids to text, with a Hugging Face tokenizer.json: the
     /// tokenizer `run --prompt` and `serve` use.
     Tokenize(TokenizeArgs),
+    /// Chat with the model: each line of stdin a user's message, the reply written as it is
+    /// generated — the conversation so far written by the tokenizer's chat template each turn (on a
+    /// pool of pages, the earlier turns' pages shared: only the new turn is prefilled). An empty
+    /// line or the end of stdin ends it.
+    Chat(ChatArgs),
     /// Perplexity of the model over a token file or (--tokenizer) text: the artifact's prefill over
     /// windows of --window tokens every --stride tokens, each token after a window's first scored
     /// once (Hugging Face's sliding-window recipe); prints the perplexity, the mean negative
@@ -118,6 +123,30 @@ struct BenchArgs {
     /// Write the timings as JSON here.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// CUDA device ordinal (GPU artifacts).
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// Artifact directory written by `v3c compile` (cpu: runs here; sm_90a: on the GPU).
+    artifact: PathBuf,
+    /// Checkpoint directory in the Hugging Face layout (with its tokenizer.json and
+    /// tokenizer_config.json's chat template, unless --tokenizer).
+    #[arg(long, value_name = "DIR")]
+    weights: PathBuf,
+    #[command(flatten)]
+    text: TextArgs,
+    /// A system prompt before the conversation.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+    /// Prefill every turn whole (default: the earlier turns' cache pages shared).
+    #[arg(long)]
+    no_prefix_reuse: bool,
+    /// Most tokens a reply, its sampling (each turn seeded with --seed plus its number).
+    #[command(flatten)]
+    generating: Generating,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -481,6 +510,7 @@ fn main() -> ExitCode {
         Command::Logits(a) => logits(&a),
         Command::Tokenize(a) => tokenize(&a).map_err(Failure::Other),
         Command::Perplexity(a) => perplexity(&a),
+        Command::Chat(a) => chat(&a),
         Command::BenchDecode(a) => bench_decode(&a),
         Command::BenchServe(a) => bench_serve(&a),
         Command::Tune(a) => tune(&a),
@@ -871,8 +901,16 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     };
     if let Some(listener) = listener {
         let addr = listener.local_addr().map_err(|e| Failure::Other(e.to_string()))?;
+        let text = match &tokenizer {
+            None => "token ids only: no tokenizer".to_string(),
+            Some(t) if t.has_chat_template() => "text and chat".to_string(),
+            Some(_) => "text; no chat template, so no chat".to_string(),
+        };
+        let chat =
+            if tokenizer.as_ref().is_some_and(|t| t.has_chat_template()) { ", POST /v1/chat/completions" } else { "" };
         eprintln!(
-            "serving {model} on http://{addr} (POST /v1/completions, GET /v1/models, GET /health; {slots} at a time, {kind})"
+            "serving {model} on http://{addr} (POST /v1/completions{chat}, GET /v1/models, GET /health; {slots} at a \
+             time, {text}, {kind})"
         );
         let start = std::time::Instant::now();
         let served = v3c_runtime::http::serve_http(listener, program, &serving, defaults, tokenizer, &model, &|| false)
@@ -1490,6 +1528,99 @@ fn logits(args: &LogitsArgs) -> Result<(), Failure> {
     v3c_models::checkpoint::save_tensors(&args.out, &[("logits", &tensor)])
         .map_err(|e| Failure::Other(e.to_string()))?;
     eprintln!("wrote logits [{}, {vocab}] to {} ({kind})", tokens.len(), args.out.display());
+    Ok(())
+}
+
+fn chat(args: &ChatArgs) -> Result<(), Failure> {
+    use std::io::{BufRead, IsTerminal, Write};
+    use v3c_runtime::session::{Arrival, Progress, Request, TextSoFar};
+    v3c_runtime::cli::check_sampling(args.generating.temperature, args.generating.top_p)
+        .map_err(|e| Failure::Other(format!("--{e}")))?;
+    let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
+    a.check_weights(&args.weights).map_err(Failure::Other)?;
+    let tokenizer = text_tokenizer(&args.text, &args.weights, true)?.expect("needed");
+    if !tokenizer.has_chat_template() {
+        return Err(Failure::Other(
+            "no chat template: the tokenizer's tokenizer_config.json has no chat_template".into(),
+        ));
+    }
+    let eos = eos_of(&a, args.generating.ignore_eos);
+    let (program, kind) = load_program(a, &args.weights, args.device)?;
+    let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
+    let (max_len, max_prompt, _) = serving_limits(program.as_ref()).map_err(at)?;
+    let serving = v3c_runtime::session::Serving {
+        slots: 1,
+        limits: &[max_len],
+        max_prompt,
+        eos,
+        prefill_budget: None,
+        reuse_prefixes: !args.no_prefix_reuse,
+    };
+    let messages = std::cell::RefCell::new(match &args.system {
+        Some(s) => vec![serde_json::json!({ "role": "system", "content": s })],
+        None => Vec::new(),
+    });
+    let (terminal, mut turn) = (std::io::stdin().is_terminal(), 0u64);
+    let mut lines = std::io::stdin().lock().lines();
+    eprintln!("chatting with {} ({kind}); an empty line ends", args.artifact.display());
+    let mut next = |idle: bool| {
+        if !idle {
+            return Arrival::NotYet;
+        }
+        if terminal {
+            eprint!("> ");
+        }
+        let Some(Ok(line)) = lines.next() else { return Arrival::Closed };
+        if line.trim().is_empty() {
+            return Arrival::Closed;
+        }
+        messages.borrow_mut().push(serde_json::json!({ "role": "user", "content": line }));
+        let ids = match tokenizer.chat(&serde_json::Value::from(messages.borrow().clone()), true) {
+            Ok(ids) => ids,
+            Err(e) => {
+                eprintln!("v3r: error: {e}");
+                return Arrival::Closed;
+            }
+        };
+        let new = args.generating.max_new_tokens;
+        if ids.len() > max_prompt || ids.len() + new > max_len {
+            eprintln!(
+                "v3r: the conversation is {} tokens: with {new} new ones it no longer fits the artifact's {max_len} \
+                 (prompts of at most {max_prompt}); start again",
+                ids.len()
+            );
+            return Arrival::Closed;
+        }
+        turn += 1;
+        let g = &args.generating;
+        Arrival::Request(Request::new(
+            ids,
+            new,
+            v3c_models::reference::Sampler::new(g.temperature, g.top_p, g.seed + turn),
+        ))
+    };
+    let mut so_far: Option<TextSoFar> = None;
+    let mut report = |_: usize, p: Progress| -> Result<(), String> {
+        let mut out = std::io::stdout().lock();
+        let write = |out: &mut std::io::StdoutLock, s: &str| out.write_all(s.as_bytes()).and_then(|_| out.flush());
+        match p {
+            Progress::Token(t) => {
+                let piece = so_far.get_or_insert_with(|| TextSoFar::new(&tokenizer, None)).push(t);
+                write(&mut out, &piece).map_err(|e| format!("stdout: {e}"))?;
+            }
+            Progress::Ended(g) | Progress::Cancelled(g) => {
+                let rest = so_far.take().map_or(String::new(), TextSoFar::finish);
+                write(&mut out, &format!("{rest}\n")).map_err(|e| format!("stdout: {e}"))?;
+                let reply = v3c_runtime::session::generation_text(&tokenizer, &g.tokens, None);
+                messages.borrow_mut().push(serde_json::json!({ "role": "assistant", "content": reply }));
+                let seconds = g.total_s.max(1e-9);
+                tracing::info!("{} tokens in {seconds:.2} s, {} prompt tokens' rows shared", g.tokens.len(), g.reused);
+            }
+            Progress::Refused(e) => eprintln!("v3r: error: {e}"),
+        }
+        Ok(())
+    };
+    v3c_runtime::session::serve(program.as_ref(), &serving, &mut next, &mut report).map_err(at)?;
     Ok(())
 }
 
