@@ -388,6 +388,33 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         assert_eq!(status, format!("HTTP/1.1 {want}"), "{method} {path}: {body}");
         assert!(body.contains(why), "{method} {path}: {body}");
     }
+    // "echo" with "logprobs" (as evaluation harnesses score a text): the prompt's tokens first,
+    // each after the first scored by the logits `v3r logits` gives the prompt's token before it;
+    // then the generated token.
+    let scored: Vec<u32> = vec![3, 17, 4, 29, 11, 5, 8, 2, 40, 1];
+    let body = serde_json::json!({"prompt": scored, "max_tokens": 1, "echo": true, "logprobs": 1}).to_string();
+    let (status, echoed) = http("POST", "/v1/completions", &body);
+    assert_eq!(status, "HTTP/1.1 200 OK", "{echoed}");
+    let echoed: serde_json::Value = serde_json::from_str(&echoed).unwrap();
+    let lp = &echoed["choices"][0]["logprobs"];
+    let tokens: Vec<u64> = ids(&lp["tokens"]);
+    assert_eq!((&tokens[..10], &tokens[10..]), (&[3u64, 17, 4, 29, 11, 5, 8, 2, 40, 1][..], &first[..1]), "{echoed}");
+    let rows_file = dir.path().join("prompt_logits.safetensors");
+    let spelled: Vec<String> = scored.iter().map(u32::to_string).collect();
+    let args = ["logits", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--tokens", &spelled.join(" ")];
+    let logits = run_binary_env("v3r", &[&args[..], &["--out", rows_file.to_str().unwrap()]].concat(), &env);
+    assert!(logits.status.success(), "{}", text(&logits.stderr));
+    let rows = v3c_models::checkpoint::Checkpoint::open_file(&rows_file).unwrap().read("logits").unwrap();
+    let (rows, vocab) = (rows.as_f32().unwrap().to_vec(), rows.shape[1]);
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
+    for k in 1..scored.len() {
+        let row = &rows[(k - 1) * vocab..k * vocab];
+        let want = v3c_runtime::session::log_probability(row, scored[k]);
+        let got = lp["token_logprobs"][k].as_f64().unwrap() as f32;
+        assert!((got - want).abs() < 1e-5, "token {k}: {got} vs {want}");
+        assert_eq!(lp["top_logprobs"][k].as_object().unwrap().len(), 1);
+    }
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 11);
     drop(server);
     // A serving benchmark over made-up weights: every request served with its new tokens, the
     // figures written; a range that is not one, and prompts the caches cannot hold, refused.

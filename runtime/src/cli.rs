@@ -117,7 +117,8 @@ pub fn parse_cancel(line: &str) -> Option<serde_json::Value> {
 
 /// One line of `v3r serve`'s input: token ids separated by spaces, or a JSON object
 /// `{"prompt": [ids] or "ids", "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S,
-/// "stop": [[ids], ...] or [ids] or "ids", "logprobs": true|false, "top_logprobs": K, "id": anything}` (all but the
+/// "stop": [[ids], ...] or [ids] or "ids", "logprobs": true|false, "top_logprobs": K, "echo": true (the prompt
+/// given back; with logprobs, its tokens scored too), "id": anything}` (all but the
 /// prompt optional, from `defaults`). With a tokenizer, also `"text": "..."` (the prompt as text,
 /// its template's special tokens added), `"messages": [{"role": ..., "content": ...}, ...]` (a
 /// conversation, written by the chat template with the assistant's turn opened) and `"stop_text":
@@ -137,10 +138,11 @@ pub fn parse_request(
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    const FIELDS: [&str; 12] = [
+    const FIELDS: [&str; 13] = [
         "prompt",
         "text",
         "messages",
+        "echo",
         "max_new_tokens",
         "temperature",
         "top_p",
@@ -208,10 +210,11 @@ pub fn parse_request(
         Some(serde_json::Value::Array(ids)) => vec![json_ids(ids, "stop")?],
         Some(x) => return Err(format!("stop: {x} is not token ids (an array of arrays of them, an array, a string)")),
     };
-    let logprobs = match o.get("logprobs") {
-        None => false,
-        Some(x) => x.as_bool().ok_or_else(|| format!("logprobs: {x} is not true or false"))?,
+    let flag = |k: &str| match o.get(k) {
+        None => Ok(false),
+        Some(x) => x.as_bool().ok_or_else(|| format!("{k}: {x} is not true or false")),
     };
+    let (logprobs, echo) = (flag("logprobs")?, flag("echo")?);
     let number = |k: &str| o.get(k).map(|x| x.as_f64().ok_or_else(|| format!("{k}: {x} is not a number"))).transpose();
     let whole =
         |k: &str| o.get(k).map(|x| x.as_u64().ok_or_else(|| format!("{k}: {x} is not a whole number"))).transpose();
@@ -229,6 +232,7 @@ pub fn parse_request(
     let request = crate::session::Request {
         stop,
         stop_text,
+        echo,
         logprobs,
         top_logprobs,
         ..crate::session::Request::new(prompt, max_new, sampler)
@@ -280,6 +284,11 @@ mod tests {
         }
         let (_, r) = parse_request(r#"{"prompt": [4], "top_logprobs": 5}"#, &d, None).unwrap();
         assert_eq!((r.logprobs, r.top_logprobs), (true, 5), "alternatives bring the chosen token's");
+        let (_, r) = parse_request(r#"{"prompt": [4, 5], "logprobs": true, "echo": true}"#, &d, None).unwrap();
+        assert!(r.echo);
+        assert!(parse_request(r#"{"prompt": [4], "echo": 1}"#, &d, None)
+            .unwrap_err()
+            .contains("echo: 1 is not true or false"));
         for (line, err) in [
             (r#"{"prompt": "1 2", "max_tokens": 3}"#, "unknown field 'max_tokens'"),
             (r#"{"prompt": [1, -2]}"#, "prompt: -2 is not a token id"),

@@ -124,9 +124,7 @@ fn api_request(
     if o.get("n").is_some_and(|n| n.as_u64() != Some(1)) {
         return Err("n: one completion a request".into());
     }
-    if o.get("echo").is_some_and(|e| e.as_bool() != Some(false)) {
-        return Err("echo: the prompt's log-probabilities are not served (`v3r logits` writes them)".into());
-    }
+
     let needs_tokenizer =
         |what: &str| format!("{what} needs a tokenizer (v3r serve --tokenizer FILE, or tokenizer.json in --weights)");
     // The serve line's fields, which [`crate::cli::parse_request`] checks.
@@ -191,6 +189,12 @@ fn api_request(
         (Api::Completions, Some(x)) => return Err(format!("logprobs: {x} is not true, false or a count")),
         (Api::Chat, Some(x)) => return Err(format!("logprobs: {x} is not true or false")),
     }
+    // The prompt's tokens before the completion's, scored where log-probabilities are asked for.
+    match o.get("echo") {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
+        Some(serde_json::Value::Bool(true)) => line["echo"] = true.into(),
+        Some(x) => return Err(format!("echo: {x} is not true or false")),
+    }
     if let Some(k) = o.get("top_logprobs").filter(|x| !x.is_null()) {
         if o.get("logprobs").and_then(serde_json::Value::as_bool) != Some(true) {
             return Err("top_logprobs: only with \"logprobs\": true".into());
@@ -231,26 +235,42 @@ fn usage(prompt_tokens: usize, g: &Generation) -> serde_json::Value {
     })
 }
 
-/// A whole completion's JSON (`object: text_completion`).
+/// A whole completion's JSON (`object: text_completion`); `echoed`: the prompt's tokens come
+/// first (in `tokens` and, where scored, the log-probabilities: the first token's null).
 pub fn completion_json(
     id: &str,
     model: &str,
     created: u64,
-    prompt_tokens: usize,
+    prompt: &[u32],
+    echoed: bool,
     g: &Generation,
     text: &str,
 ) -> serde_json::Value {
-    let logprobs = match g.logprobs.is_empty() {
-        true => serde_json::Value::Null,
-        false => {
-            // OpenAI's shape: per step an object of token -> log-probability (ids as the keys).
-            let top: Vec<serde_json::Value> = g
-                .top_logprobs
-                .iter()
-                .map(|alts| alts.iter().map(|(t, lp)| (t.to_string(), serde_json::json!(lp))).collect())
-                .collect();
+    // OpenAI's shape: per step an object of token -> log-probability (ids as the keys).
+    let alternatives = |alts: &[(u32, f32)]| -> serde_json::Value {
+        alts.iter().map(|(t, lp)| (t.to_string(), serde_json::json!(lp))).collect::<serde_json::Map<_, _>>().into()
+    };
+    let scored = !g.logprobs.is_empty() || !g.prompt_logprobs.is_empty();
+    let (mut tokens, mut lps, mut top) = (Vec::new(), Vec::new(), Vec::new());
+    if echoed {
+        tokens.extend_from_slice(prompt);
+        if scored {
+            lps.push(serde_json::Value::Null);
+            lps.extend(g.prompt_logprobs.iter().map(|&x| serde_json::json!(x)));
+            if !g.prompt_top_logprobs.is_empty() {
+                top.push(serde_json::Value::Null);
+                top.extend(g.prompt_top_logprobs.iter().map(|a| alternatives(a)));
+            }
+        }
+    }
+    tokens.extend_from_slice(&g.tokens);
+    lps.extend(g.logprobs.iter().map(|&x| serde_json::json!(x)));
+    top.extend(g.top_logprobs.iter().map(|a| alternatives(a)));
+    let logprobs = match scored {
+        false => serde_json::Value::Null,
+        true => {
             let top = if top.is_empty() { serde_json::Value::Null } else { top.into() };
-            serde_json::json!({ "tokens": g.tokens, "token_logprobs": g.logprobs, "top_logprobs": top })
+            serde_json::json!({ "tokens": tokens, "token_logprobs": lps, "top_logprobs": top })
         }
     };
     serde_json::json!({
@@ -261,11 +281,11 @@ pub fn completion_json(
         "choices": [{
             "index": 0,
             "text": text,
-            "tokens": g.tokens,
+            "tokens": tokens,
             "logprobs": logprobs,
             "finish_reason": finish_reason(g),
         }],
-        "usage": usage(prompt_tokens, g),
+        "usage": usage(prompt.len(), g),
     })
 }
 
@@ -532,8 +552,14 @@ fn completion(
             return;
         }
     };
-    let prompt_tokens = request.prompt.len();
+    let (prompt, echoed) = (request.prompt.clone(), request.echo && api == Api::Completions);
+    let prompt_tokens = prompt.len();
     let stops = request.stop_text.clone();
+    // The prompt's text first where it is echoed.
+    let prompt_text = match (echoed, tokenizer) {
+        (true, Some(t)) => t.decode(&prompt, true),
+        _ => String::new(),
+    };
     let (progress, events) = mpsc::channel();
     let (number_tx, number_rx) = mpsc::channel();
     if tx.send((Message::Request(request, progress), Some(number_tx))).is_err() {
@@ -557,6 +583,12 @@ fn completion(
             // The role first, as OpenAI's streams begin.
             let mut first = chunk_json(api, &id, model, created, None, "", None);
             first["choices"][0]["delta"] = serde_json::json!({ "role": "assistant", "content": "" });
+            gone = stream.write_all(format!("data: {first}\n\n").as_bytes()).and_then(|_| stream.flush()).is_err();
+        }
+        if echoed && !gone {
+            // The echoed prompt first: its text and tokens.
+            let mut first = chunk_json(api, &id, model, created, None, &prompt_text, None);
+            first["choices"][0]["tokens"] = prompt.clone().into();
             gone = stream.write_all(format!("data: {first}\n\n").as_bytes()).and_then(|_| stream.flush()).is_err();
         }
         for event in events {
@@ -594,7 +626,7 @@ fn completion(
                 let text = tokenizer.map_or(String::new(), |t| generation_text(t, &g.tokens, stops.as_ref()));
                 let reply = match (api, tokenizer) {
                     (Api::Chat, Some(t)) => chat_json(&id, model, created, prompt_tokens, &g, &text, t),
-                    _ => completion_json(&id, model, created, prompt_tokens, &g, &text),
+                    _ => completion_json(&id, model, created, &prompt, echoed, &g, &(prompt_text.clone() + &text)),
                 };
                 let _ = respond(&mut stream, "200 OK", &reply);
                 return;
@@ -649,6 +681,9 @@ mod tests {
         let (r, stream) = completion_request(body, &defaults(), None).unwrap();
         assert_eq!((r.prompt, r.max_new, r.sampler.temperature, r.sampler.top_p), (vec![4, 5, 6], 3, 0.5, 0.9));
         assert_eq!((r.stop, r.logprobs, r.top_logprobs, stream), (vec![vec![1, 2]], true, 1, true));
+        let echoed = br#"{"prompt": [9, 8], "echo": true, "logprobs": 1, "max_tokens": 0}"#;
+        let (r, _) = completion_request(echoed, &defaults(), None).unwrap();
+        assert_eq!((r.echo, r.logprobs, r.top_logprobs, r.max_new), (true, true, 1, 0));
         let (r, stream) =
             completion_request(br#"{"prompt": [9], "seed": null, "stop": null}"#, &defaults(), None).unwrap();
         assert_eq!((r.prompt, r.max_new, r.logprobs, stream), (vec![9], 16, false, false));
@@ -656,7 +691,7 @@ mod tests {
             (&br#"{"prompt": "hello"}"#[..], "prompt: text needs a tokenizer"),
             (br#"{"prompt": [1], "stop": "x"}"#, "stop: text needs a tokenizer"),
             (br#"{"prompt": [1], "n": 2}"#, "n: one completion a request"),
-            (br#"{"prompt": [1], "echo": true}"#, "echo: the prompt's log-probabilities"),
+            (br#"{"prompt": [1], "echo": 1}"#, "echo: 1 is not true or false"),
             (br#"{"prompt": [1], "best_of": 2}"#, "unknown field 'best_of'"),
             (br#"{"max_tokens": 2}"#, "no \"prompt\""),
             (br#"{"prompt": [1], "stream": 1}"#, "stream: 1 is not true or false"),

@@ -35,7 +35,7 @@ enum Command {
     Run(RunArgs),
     /// Serve requests read from stdin as they arrive, one a line — token ids, or JSON
     /// {"prompt": [ids], "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop":
-    /// [[ids], ...], "logprobs": true, "top_logprobs": K, "id": ...}; with a tokenizer also
+    /// [[ids], ...], "logprobs": true, "top_logprobs": K, "echo": true, "id": ...}; with a tokenizer also
     /// {"text": "...", "stop_text": ["...", ...]} — with at most --batch sequences decoding
     /// together, each request joining the running batch as it arrives (a slot and cache pages
     /// free); one JSON line per request on stdout as it ends (its tokens, with a tokenizer their
@@ -1034,11 +1034,18 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                     let lp: Vec<serde_json::Value> = g.logprobs.iter().map(|&x| serde_json::json!(x)).collect();
                     line["logprobs"] = serde_json::Value::Array(lp);
                 }
+                let top = |alts: &Vec<(u32, f32)>| -> serde_json::Value {
+                    alts.iter().map(|(t, lp)| serde_json::json!({"token": t, "logprob": lp})).collect()
+                };
                 if !g.top_logprobs.is_empty() {
-                    let top = |alts: &Vec<(u32, f32)>| -> serde_json::Value {
-                        alts.iter().map(|(t, lp)| serde_json::json!({"token": t, "logprob": lp})).collect()
-                    };
                     line["top_logprobs"] = g.top_logprobs.iter().map(top).collect();
+                }
+                // "echo": the prompt's tokens after the first, each scored by the one before.
+                if !g.prompt_logprobs.is_empty() {
+                    line["prompt_logprobs"] = g.prompt_logprobs.iter().map(|&x| serde_json::json!(x)).collect();
+                }
+                if !g.prompt_top_logprobs.is_empty() {
+                    line["prompt_top_logprobs"] = g.prompt_top_logprobs.iter().map(top).collect();
                 }
                 reply(line)?;
             }

@@ -593,6 +593,9 @@ pub struct ArtifactBatch<'a> {
     /// rows of the whole pages they share instead of prefilling them
     /// ([`ArtifactBatch::reuse_prefixes`]).
     reuse: bool,
+    /// The prompt scores of the join that ended last, where it asked for them
+    /// ([`ArtifactBatch::start_join_scoring`]), until taken.
+    scored: Vec<(f32, Vec<(u32, f32)>)>,
 }
 
 /// Whole pages of rows a sequence whose prompt is `prompt` may copy from one whose prompt was
@@ -618,6 +621,11 @@ struct Joining<'a> {
     reused: usize,
     /// Those pages, pinned until the joining sequence shares them ([`crate::pages::PagePool::pin`]).
     pin: Option<u64>,
+    /// Score the prompt: with this many alternatives ([`ArtifactBatch::start_join_scoring`]).
+    score: Option<usize>,
+    /// The prompt's tokens after the first scored so far: each one's log-probability and the most
+    /// probable tokens' at its position.
+    scores: Vec<(f32, Vec<(u32, f32)>)>,
 }
 
 /// Whether sequences can join a running batch on `program` ([`ArtifactBatch::open`]): its caches
@@ -706,6 +714,7 @@ impl<'a> ArtifactBatch<'a> {
             sequences: vec![Vec::new(); slots],
             kept: Vec::new(),
             reuse: false,
+            scored: Vec::new(),
         })
     }
 
@@ -731,6 +740,21 @@ impl<'a> ArtifactBatch<'a> {
     /// runs, so that decode steps of the running sequences may go between them. One join at a
     /// time; slot `i` is taken (not decoded) until it ends.
     pub fn start_join(&mut self, i: usize, prompt: &[u32], limit: usize) -> Result<(), String> {
+        self.start_join_scoring(i, prompt, limit, None)
+    }
+
+    /// As [`ArtifactBatch::start_join`]; with `score` (a count of alternatives), every prompt
+    /// token after the first is scored as the chunks run — its log-probability under the logits
+    /// of the token before it, and the `score` most probable tokens' there — taken once the join
+    /// ends ([`ArtifactBatch::take_prompt_scores`]). A scored prompt is prefilled whole (shared
+    /// rows have no logits).
+    pub fn start_join_scoring(
+        &mut self,
+        i: usize,
+        prompt: &[u32],
+        limit: usize,
+        score: Option<usize>,
+    ) -> Result<(), String> {
         if !self.joinable {
             return Err("this batch was prefilled whole: no sequence joins it".into());
         }
@@ -749,7 +773,10 @@ impl<'a> ArtifactBatch<'a> {
         }
         let mut session = ArtifactSession::new(self.program, limit)?;
         session.decode_on_device = self.on_device;
-        let (reused, pin) = self.copy_prefix(i, prompt, &mut session)?;
+        let (reused, pin) = match score {
+            None => self.copy_prefix(i, prompt, &mut session)?,
+            Some(_) => (0, None),
+        };
         let chunks = match session.prefill_chunks(&prompt[reused..]) {
             Ok(c) => c,
             Err(e) => {
@@ -758,8 +785,15 @@ impl<'a> ArtifactBatch<'a> {
             }
         };
         self.vacant[i] = false;
-        self.joining = Some(Joining { slot: i, prompt: prompt.to_vec(), limit, session, chunks, next: 0, reused, pin });
+        let scores = Vec::new();
+        let (slot, prompt, next) = (i, prompt.to_vec(), 0);
+        self.joining = Some(Joining { slot, prompt, limit, session, chunks, next, reused, pin, score, scores });
         Ok(())
+    }
+
+    /// The prompt scores of the join that ended last, where it asked for them (else none).
+    pub fn take_prompt_scores(&mut self) -> Vec<(f32, Vec<(u32, f32)>)> {
+        std::mem::take(&mut self.scored)
     }
 
     fn unpin(&mut self, pin: Option<u64>) {
@@ -854,8 +888,8 @@ impl<'a> ArtifactBatch<'a> {
     /// each may still take and the joining one's — less those it would share with another
     /// sequence or kept prefix — against the pages available ([`crate::pages::PagePool::available`],
     /// less the kept-only ones it would share). Caches per sequence: always.
-    pub fn fits(&mut self, i: usize, prompt: &[u32], limit: usize, running: &[(usize, usize)]) -> bool {
-        let shared = self.prefix_pages(i, prompt);
+    pub fn fits(&mut self, i: usize, prompt: &[u32], limit: usize, running: &[(usize, usize)], share: bool) -> bool {
+        let shared = if share { self.prefix_pages(i, prompt) } else { Vec::new() };
         let joining = self.joining.as_ref().map(|j| (j.slot, j.reused / crate::pages::PAGE_ROWS));
         let Some(pool) = self.layout.pool.as_ref() else { return true };
         let holds = |s: usize| match joining {
@@ -903,15 +937,25 @@ impl<'a> ArtifactBatch<'a> {
                     self.program.reclaim_rows(c, j.session.position)?;
                 }
             }
+            let at = j.session.position;
             let (rows, vocab) = j.session.prefill_chunk(&j.prompt[j.reused..], j.next)?;
             j.next += 1;
+            if let Some(top) = j.score {
+                // Row r (position at + r) predicts the prompt's token at + r + 1.
+                for (r, row) in rows.chunks(vocab.max(1)).enumerate() {
+                    if let Some(&t) = j.prompt.get(at + r + 1) {
+                        j.scores.push((log_probability(row, t), top_log_probabilities(row, top)));
+                    }
+                }
+            }
             last = rows[rows.len() - vocab..].to_vec();
             if interleave && j.next < j.chunks {
                 return Ok(None);
             }
         }
-        let Some(j) = self.joining.take() else { return Err("no join under way".into()) };
+        let Some(mut j) = self.joining.take() else { return Err("no join under way".into()) };
         let (i, n) = (j.slot, j.prompt.len());
+        self.scored = std::mem::take(&mut j.scores);
         // The shared pages are the sequence's first; its own rows go to the pages after them.
         if let (Some(pool), Some(pin)) = (self.layout.pool.as_mut(), j.pin) {
             pool.share_pinned(i, pin)?;
@@ -1050,6 +1094,7 @@ impl<'a> ArtifactBatch<'a> {
                 sequences: Vec::new(),
                 kept: Vec::new(),
                 reuse: false,
+                scored: Vec::new(),
             },
             logits,
         ))
@@ -1323,6 +1368,9 @@ pub struct Request {
     /// It ends once the text of its tokens holds one of these strings ([`TextStops::cut`] takes
     /// it off the text; the tokens keep it).
     pub stop_text: Option<TextStops>,
+    /// Its prompt is given back with its tokens (a reply's business); with `logprobs`, scored
+    /// too ([`Generation::prompt_logprobs`]; then prefilled whole).
+    pub echo: bool,
 }
 
 /// Stop strings, matched in the text of a request's tokens.
@@ -1430,6 +1478,7 @@ impl Request {
             logprobs: false,
             top_logprobs: 0,
             stop_text: None,
+            echo: false,
         }
     }
 
@@ -1536,6 +1585,8 @@ struct Running {
     /// Its tokens' log-probabilities, and the most probable tokens' at each step (where it asks).
     logprobs: Vec<f32>,
     top: Vec<Vec<(u32, f32)>>,
+    /// Its prompt's scores (where it asks: [`Request::echo`]).
+    prompt_scores: Vec<(f32, Vec<(u32, f32)>)>,
 }
 
 impl Running {
@@ -1552,6 +1603,11 @@ impl Running {
             logprobs: self.logprobs,
             top_logprobs: self.top,
             ending,
+            prompt_logprobs: self.prompt_scores.iter().map(|s| s.0).collect(),
+            prompt_top_logprobs: match self.request.top_logprobs {
+                0 => Vec::new(),
+                _ => self.prompt_scores.into_iter().map(|s| s.1).collect(),
+            },
         }
     }
 }
@@ -1663,7 +1719,10 @@ pub fn serve(
                     None => batch.joined_tokens(),
                 } - before;
                 match finished {
-                    Some((_, logits)) => (r.prefilled, r.joining) = (Some(logits), false),
+                    Some((_, logits)) => {
+                        (r.prefilled, r.joining) = (Some(logits), false);
+                        r.prompt_scores = batch.take_prompt_scores();
+                    }
                     None => continue,
                 }
             }
@@ -1687,17 +1746,18 @@ pub fn serve(
                 .enumerate()
                 .filter_map(|(s, r)| r.as_ref().map(|r| (s, r.request.prompt.len() + r.request.max_new)))
                 .collect();
-            let fits = vacant.is_some_and(|s| batch.fits(s, &r.prompt, limit, &limits));
+            let score = (r.echo && r.logprobs).then_some(r.top_logprobs);
+            let fits = vacant.is_some_and(|s| batch.fits(s, &r.prompt, limit, &limits, score.is_none()));
             let (Some(s), true) = (vacant, fits) else {
                 waiting.push_front((id, r, arrived_s));
                 break;
             };
             let joined_s = start.elapsed().as_secs_f64();
-            batch.start_join(s, &r.prompt, limit)?;
+            batch.start_join_scoring(s, &r.prompt, limit, score)?;
             joined += usize::from(started);
             let queued_s = joined_s - arrived_s;
             let (tokens, prefilled, joining, reused) = (Vec::new(), None, true, batch.reused_tokens());
-            let (prefill_s, logprobs, top) = (0.0, Vec::new(), Vec::new());
+            let (prefill_s, logprobs, top, prompt_scores) = (0.0, Vec::new(), Vec::new(), Vec::new());
             running[s] = Some(Running {
                 id,
                 request: r,
@@ -1710,6 +1770,7 @@ pub fn serve(
                 reused,
                 logprobs,
                 top,
+                prompt_scores,
             });
         }
         // Each sequence's next token (those decoded: picked together); those that end leave their
@@ -1819,6 +1880,11 @@ pub struct Generation {
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
     /// Served: why it ended (a cancelled one: None; the others: at the end token or its length).
     pub ending: Option<Ending>,
+    /// Served with [`Request::echo`] and `logprobs`: each prompt token's after the first (its
+    /// log-probability under the logits of the one before it); else empty.
+    pub prompt_logprobs: Vec<f32>,
+    /// And with `top_logprobs`, the most probable tokens at each of those positions.
+    pub prompt_top_logprobs: Vec<Vec<(u32, f32)>>,
 }
 
 impl Generation {
@@ -1836,6 +1902,8 @@ impl Generation {
             logprobs: Vec::new(),
             top_logprobs: Vec::new(),
             ending: Some(if stopped_at_eos { Ending::Eos } else { Ending::Length }),
+            prompt_logprobs: Vec::new(),
+            prompt_top_logprobs: Vec::new(),
         }
     }
 
@@ -2823,6 +2891,61 @@ mod tests {
         }
         assert_eq!(stops.cut("ab</end>cd ß!"), "ab");
         assert_eq!(stops.cut("no stop"), "no stop");
+    }
+
+    /// A request with `echo` and `logprobs` gets every prompt token after the first scored by the
+    /// logits of the one before it — those a prefill of the prompt alone gives, across its chunks —
+    /// with the alternatives it asks for; it prefills its prompt whole though another's pages hold
+    /// its start, and its tokens are those it gets alone. `max_new` 0: scored, no token.
+    #[test]
+    fn echoed_prompts_are_scored_by_their_prefills_logits() {
+        let prompt: Vec<u32> = (0..70).map(|i| (i * 5 % 11) as u32).collect();
+        let single = toy_plain();
+        let mut session = ArtifactSession::new(&single, 80).unwrap();
+        let (rows, vocab) = session.prefill_rows(&prompt).unwrap();
+        let want: Vec<f32> =
+            (1..prompt.len()).map(|k| log_probability(&rows[(k - 1) * vocab..k * vocab], prompt[k])).collect();
+        let alone = toy_alone(&[(prompt.clone(), 5, 0, None)], None).remove(0);
+        for on_device in [false, true] {
+            let mut t = Toy::paged();
+            t.keeps = on_device;
+            let t = if on_device { one_element(t) } else { t };
+            let plain = Request::new(prompt.clone(), 5, toy_sampler(None));
+            let echoed = Request { echo: true, logprobs: true, top_logprobs: 2, ..plain.clone() };
+            let scored_only =
+                Request { echo: true, logprobs: true, ..Request::new(prompt.clone(), 0, toy_sampler(None)) };
+            let mut requests = vec![plain, echoed, scored_only].into_iter();
+            let mut next = |idle: bool| match idle {
+                true => requests.next().map_or(Arrival::Closed, Arrival::Request),
+                false => Arrival::NotYet,
+            };
+            let mut ended: Vec<Option<Generation>> = vec![None; 3];
+            let mut report = |id: usize, p: Progress| {
+                if let Progress::Ended(g) = p {
+                    ended[id] = Some(g);
+                }
+                Ok(())
+            };
+            let serving = Serving {
+                slots: 1,
+                limits: &[80],
+                max_prompt: 70,
+                eos: None,
+                prefill_budget: None,
+                reuse_prefixes: true,
+            };
+            serve(&t, &serving, &mut next, &mut report).unwrap();
+            let [Some(plain), Some(echoed), Some(scored)] = ended.as_slice() else { panic!("all end") };
+            assert!(plain.prompt_logprobs.is_empty());
+            assert_eq!((echoed.reused, &echoed.tokens), (0, &alone), "device {on_device}: prefilled whole");
+            assert_eq!(echoed.prompt_logprobs, want, "device {on_device}");
+            assert_eq!(echoed.prompt_top_logprobs.len(), want.len());
+            for (alts, k) in echoed.prompt_top_logprobs.iter().zip(1..) {
+                assert_eq!(alts, &top_log_probabilities(&rows[(k - 1) * vocab..k * vocab], 2));
+            }
+            assert_eq!((scored.tokens.len(), &scored.prompt_logprobs), (0, &want), "device {on_device}");
+            assert!(scored.prompt_top_logprobs.is_empty());
+        }
     }
 
     /// The most probable tokens from a partial sort are a full sort's first ones (ties to the lower
