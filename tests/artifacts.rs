@@ -388,6 +388,28 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         assert_eq!(status, format!("HTTP/1.1 {want}"), "{method} {path}: {body}");
         assert!(body.contains(why), "{method} {path}: {body}");
     }
+    // Two prompts, and a sampled prompt with n 2: a choice each, in order, each as `v3r run` gives
+    // it alone (choice k of a prompt seeded with the seed plus k); usage counts each prompt once.
+    let (_, two) = http("POST", "/v1/completions", r#"{"prompt": [[3, 17, 4], [7, 7, 2]], "max_tokens": 3}"#);
+    let two: serde_json::Value = serde_json::from_str(&two).unwrap();
+    assert_eq!(ids(&two["choices"][0]["tokens"]), alone("3 17 4", 3), "{two}");
+    assert_eq!((ids(&two["choices"][1]["tokens"]), &two["choices"][1]["index"]), (alone("7 7 2", 3), &1.into()));
+    assert_eq!((&two["usage"]["prompt_tokens"], &two["usage"]["completion_tokens"]), (&6.into(), &6.into()));
+    let body = r#"{"prompt": [9, 4, 2], "max_tokens": 4, "n": 2, "temperature": 0.9, "top_p": 0.8, "seed": 4}"#;
+    let (_, sampled) = http("POST", "/v1/completions", body);
+    let sampled: serde_json::Value = serde_json::from_str(&sampled).unwrap();
+    for k in 0..2 {
+        let seed = (4 + k).to_string();
+        let args = ["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", "9 4 2"];
+        let flags =
+            ["--max-new-tokens", "4", "--ignore-eos", "--temperature", "0.9", "--top-p", "0.8", "--seed", &seed];
+        let want: Vec<u64> = text(&run_binary_env("v3r", &[&args[..], &flags].concat(), &env).stdout)
+            .split_whitespace()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        assert_eq!(ids(&sampled["choices"][k]["tokens"]), want, "choice {k}: {sampled}");
+    }
+    assert_eq!(sampled["usage"]["prompt_tokens"], 3, "{sampled}");
     // "echo" with "logprobs" (as evaluation harnesses score a text): the prompt's tokens first,
     // each after the first scored by the logits `v3r logits` gives the prompt's token before it;
     // then the generated token.

@@ -1,6 +1,6 @@
 //! `v3r serve --http ADDR`: the serving loop ([`crate::session::serve`]) behind a small HTTP/1.1
 //! server speaking OpenAI's completions API — `POST /v1/completions` with `{"prompt": "text" or
-//! [ids], "max_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop": ["text", ...] or
+//! [ids] (or an array of prompts), "n": choices, "max_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop": ["text", ...] or
 //! [[ids], ...], "logprobs": true, "stream": true}`, and `POST /v1/chat/completions` with
 //! `{"messages": [...], ...}` (the tokenizer's chat template writes them) — `GET /v1/models`, `GET
 //! /health`. Text needs a tokenizer ([`crate::tokenizer`]); replies carry the tokens in `tokens`
@@ -87,9 +87,22 @@ pub fn completion_request(
     body: &[u8],
     defaults: &RequestDefaults,
     tokenizer: Option<&Arc<Tokenizer>>,
-) -> Result<(Request, bool), String> {
+) -> Result<ApiRequest, String> {
     api_request(Api::Completions, body, defaults, tokenizer)
 }
+
+/// A body's requests, one a choice in the reply's order (each prompt's `n` together), and
+/// whether the reply streams (one choice only).
+#[derive(Debug)]
+pub struct ApiRequest {
+    pub requests: Vec<Request>,
+    pub stream: bool,
+    /// Choices a prompt.
+    pub n: usize,
+}
+
+/// The most choices one body asks for (prompts times `n`).
+pub const MAX_CHOICES: usize = 128;
 
 /// A chat completion request's body as the serving loop takes it, and whether it streams: as
 /// [`completion_request`] with `messages` (the conversation, which the tokenizer's chat template
@@ -99,7 +112,7 @@ pub fn chat_request(
     body: &[u8],
     defaults: &RequestDefaults,
     tokenizer: Option<&Arc<Tokenizer>>,
-) -> Result<(Request, bool), String> {
+) -> Result<ApiRequest, String> {
     api_request(Api::Chat, body, defaults, tokenizer)
 }
 
@@ -108,7 +121,7 @@ fn api_request(
     body: &[u8],
     defaults: &RequestDefaults,
     tokenizer: Option<&Arc<Tokenizer>>,
-) -> Result<(Request, bool), String> {
+) -> Result<ApiRequest, String> {
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
     let o = v.as_object().ok_or("the body is not a JSON object")?;
     const COMMON: [&str; 10] =
@@ -121,35 +134,42 @@ fn api_request(
     if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
         return Err(format!("unknown field '{k}' ({})", fields.join(", ")));
     }
-    if o.get("n").is_some_and(|n| n.as_u64() != Some(1)) {
-        return Err("n: one completion a request".into());
-    }
+    let n = match o.get("n") {
+        None | Some(serde_json::Value::Null) => 1,
+        Some(x) => x.as_u64().filter(|&n| n >= 1).ok_or_else(|| format!("n: {x} is not a positive count"))? as usize,
+    };
 
     let needs_tokenizer =
         |what: &str| format!("{what} needs a tokenizer (v3r serve --tokenizer FILE, or tokenizer.json in --weights)");
-    // The serve line's fields, which [`crate::cli::parse_request`] checks.
-    let mut line = match api {
+    // The serve lines' fields (a prompt each), which [`crate::cli::parse_request`] checks.
+    let mut lines: Vec<serde_json::Value> = match api {
         Api::Completions => {
-            let prompt = match o.get("prompt") {
-                // One prompt in a batch of one.
-                Some(serde_json::Value::Array(a)) if a.len() == 1 && (a[0].is_array() || a[0].is_string()) => {
-                    a[0].clone()
-                }
-                Some(p) => p.clone(),
+            // A prompt (text or token ids), or an array of them.
+            let prompts = match o.get("prompt") {
                 None => return Err("no \"prompt\" (text, or token ids)".into()),
-            };
-            match prompt {
-                serde_json::Value::String(_) if tokenizer.is_none() => {
-                    return Err(format!("prompt: {}; or give token ids", needs_tokenizer("text")))
+                Some(serde_json::Value::Array(a))
+                    if !a.is_empty() && a.iter().all(|p| p.is_array() || p.is_string()) =>
+                {
+                    a.clone()
                 }
-                serde_json::Value::String(_) => serde_json::json!({ "text": prompt }),
-                _ => serde_json::json!({ "prompt": prompt }),
+                Some(p) => vec![p.clone()],
+            };
+            let mut lines = Vec::new();
+            for p in prompts {
+                lines.push(match p {
+                    serde_json::Value::String(_) if tokenizer.is_none() => {
+                        return Err(format!("prompt: {}; or give token ids", needs_tokenizer("text")))
+                    }
+                    serde_json::Value::String(_) => serde_json::json!({ "text": p }),
+                    _ => serde_json::json!({ "prompt": p }),
+                });
             }
+            lines
         }
         Api::Chat => {
             let messages = o.get("messages").ok_or("no \"messages\"")?;
             match tokenizer {
-                Some(t) if t.has_chat_template() => serde_json::json!({ "messages": messages }),
+                Some(t) if t.has_chat_template() => vec![serde_json::json!({ "messages": messages })],
                 _ => {
                     return Err(format!(
                         "messages: {} with a chat template (its tokenizer_config.json)",
@@ -159,6 +179,10 @@ fn api_request(
             }
         }
     };
+    if lines.len() * n > MAX_CHOICES {
+        return Err(format!("{} prompts x n {n}: at most {MAX_CHOICES} choices a request", lines.len()));
+    }
+    let mut line = serde_json::json!({});
     let max_tokens = o.get("max_completion_tokens").filter(|x| !x.is_null()).or(o.get("max_tokens"));
     for (ours, x) in [("max_new_tokens", max_tokens), ("temperature", o.get("temperature")), ("top_p", o.get("top_p"))]
     {
@@ -205,15 +229,34 @@ fn api_request(
         None | Some(serde_json::Value::Null) => false,
         Some(x) => x.as_bool().ok_or_else(|| format!("stream: {x} is not true or false"))?,
     };
-    let (_, request) = crate::cli::parse_request(&line.to_string(), defaults, tokenizer).map_err(|e| {
-        // Named as this API names them.
-        let e = e.replacen("stop_text:", "stop:", 1).replacen("max_new_tokens:", "max_tokens:", 1);
-        match api {
-            Api::Completions => e.replacen("text:", "prompt:", 1),
-            Api::Chat => e,
+    if stream && lines.len() * n > 1 {
+        return Err("stream: one prompt and n 1 (several choices are answered whole)".into());
+    }
+    // Each choice of a prompt its own seed: the given one (or the default) plus its number.
+    let seed = match line.get("seed") {
+        Some(x) => x.as_u64().ok_or_else(|| format!("seed: {x} is not a whole number"))?,
+        None => defaults.seed,
+    };
+    let mut requests = Vec::with_capacity(lines.len() * n);
+    for prompt in lines.iter_mut() {
+        for k in 0..n as u64 {
+            let mut one = line.clone();
+            for (key, value) in prompt.as_object().into_iter().flatten() {
+                one[key] = value.clone();
+            }
+            one["seed"] = (seed + k).into();
+            let (_, request) = crate::cli::parse_request(&one.to_string(), defaults, tokenizer).map_err(|e| {
+                // Named as this API names them.
+                let e = e.replacen("stop_text:", "stop:", 1).replacen("max_new_tokens:", "max_tokens:", 1);
+                match api {
+                    Api::Completions => e.replacen("text:", "prompt:", 1),
+                    Api::Chat => e,
+                }
+            })?;
+            requests.push(request);
         }
-    })?;
-    Ok((request, stream))
+    }
+    Ok(ApiRequest { requests, stream, n })
 }
 
 /// OpenAI's `finish_reason`: an end token or stop sequence is `stop`, the token budget `length`.
@@ -225,27 +268,38 @@ fn finish_reason(g: &Generation) -> &'static str {
     }
 }
 
-/// OpenAI's `usage` of a completion (and the prompt tokens whose cache rows were shared).
-fn usage(prompt_tokens: usize, g: &Generation) -> serde_json::Value {
+/// A reply's JSON: `object` (text_completion, chat.completion), its choices, and OpenAI's
+/// `usage` — each distinct prompt's tokens counted once (`prompt_tokens`), every choice's
+/// generated ones, and the prompt tokens whose cache rows were shared.
+pub fn reply_json(
+    id: &str,
+    object: &str,
+    model: &str,
+    created: u64,
+    choices: Vec<serde_json::Value>,
+    prompt_tokens: usize,
+    generations: &[&Generation],
+) -> serde_json::Value {
+    let completion: usize = generations.iter().map(|g| g.tokens.len()).sum();
+    let cached: usize = generations.iter().map(|g| g.reused).sum();
     serde_json::json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": g.tokens.len(),
-        "total_tokens": prompt_tokens + g.tokens.len(),
-        "cached_prompt_tokens": g.reused,
+        "id": id,
+        "object": object,
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+            "cached_prompt_tokens": cached,
+        },
     })
 }
 
-/// A whole completion's JSON (`object: text_completion`); `echoed`: the prompt's tokens come
-/// first (in `tokens` and, where scored, the log-probabilities: the first token's null).
-pub fn completion_json(
-    id: &str,
-    model: &str,
-    created: u64,
-    prompt: &[u32],
-    echoed: bool,
-    g: &Generation,
-    text: &str,
-) -> serde_json::Value {
+/// A completion's choice number `index`; `echoed`: the prompt's tokens come first (in `tokens`
+/// and, where scored, the log-probabilities: the first token's null).
+pub fn completion_choice(index: usize, prompt: &[u32], echoed: bool, g: &Generation, text: &str) -> serde_json::Value {
     // OpenAI's shape: per step an object of token -> log-probability (ids as the keys).
     let alternatives = |alts: &[(u32, f32)]| -> serde_json::Value {
         alts.iter().map(|(t, lp)| (t.to_string(), serde_json::json!(lp))).collect::<serde_json::Map<_, _>>().into()
@@ -274,32 +328,17 @@ pub fn completion_json(
         }
     };
     serde_json::json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "text": text,
-            "tokens": tokens,
-            "logprobs": logprobs,
-            "finish_reason": finish_reason(g),
-        }],
-        "usage": usage(prompt.len(), g),
+        "index": index,
+        "text": text,
+        "tokens": tokens,
+        "logprobs": logprobs,
+        "finish_reason": finish_reason(g),
     })
 }
 
-/// A whole chat completion's JSON (`object: chat.completion`): the assistant's message, its
-/// tokens (in `tokens`), and with log-probabilities each token's text, bytes and alternatives.
-pub fn chat_json(
-    id: &str,
-    model: &str,
-    created: u64,
-    prompt_tokens: usize,
-    g: &Generation,
-    text: &str,
-    tokenizer: &Tokenizer,
-) -> serde_json::Value {
+/// A chat completion's choice number `index`: the assistant's message, its tokens (in `tokens`),
+/// and with log-probabilities each token's text, bytes and alternatives.
+pub fn chat_choice(index: usize, g: &Generation, text: &str, tokenizer: &Tokenizer) -> serde_json::Value {
     let token = |t: u32, lp: f32| {
         let bytes = tokenizer.token_bytes_of(t);
         serde_json::json!({ "token": String::from_utf8_lossy(&bytes), "logprob": lp, "bytes": bytes, "id": t })
@@ -323,18 +362,11 @@ pub fn chat_json(
         }
     };
     serde_json::json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": { "role": "assistant", "content": text },
-            "tokens": g.tokens,
-            "logprobs": logprobs,
-            "finish_reason": finish_reason(g),
-        }],
-        "usage": usage(prompt_tokens, g),
+        "index": index,
+        "message": { "role": "assistant", "content": text },
+        "tokens": g.tokens,
+        "logprobs": logprobs,
+        "finish_reason": finish_reason(g),
     })
 }
 
@@ -535,7 +567,17 @@ fn connection(
     }
 }
 
-/// A completion: parsed, queued, answered whole or streamed.
+/// What a connection knows of one of its requests: its prompt, whether it is echoed, its stop
+/// strings, and where its progress comes.
+struct Pending {
+    number: usize,
+    prompt: Vec<u32>,
+    echoed: bool,
+    stops: Option<crate::session::TextStops>,
+    events: mpsc::Receiver<Progress>,
+}
+
+/// A completion: parsed, queued (each choice a request of its own), answered whole or streamed.
 fn completion(
     api: Api,
     mut stream: TcpStream,
@@ -545,53 +587,57 @@ fn completion(
     tokenizer: Option<&Arc<Tokenizer>>,
     model: &str,
 ) {
-    let (request, streaming) = match api_request(api, body, &defaults, tokenizer) {
+    let ApiRequest { requests, stream: streaming, n } = match api_request(api, body, &defaults, tokenizer) {
         Ok(r) => r,
         Err(e) => {
             let _ = respond_error(&mut stream, "400 Bad Request", &e);
             return;
         }
     };
-    let (prompt, echoed) = (request.prompt.clone(), request.echo && api == Api::Completions);
-    let prompt_tokens = prompt.len();
-    let stops = request.stop_text.clone();
+    let mut pending = Vec::with_capacity(requests.len());
+    for request in requests {
+        let (prompt, echoed) = (request.prompt.clone(), request.echo && api == Api::Completions);
+        let stops = request.stop_text.clone();
+        let (progress, events) = mpsc::channel();
+        let (number_tx, number_rx) = mpsc::channel();
+        let number = match tx.send((Message::Request(request, progress), Some(number_tx))) {
+            Ok(()) => number_rx.recv().ok(),
+            Err(_) => None,
+        };
+        let Some(number) = number else {
+            let _ = respond_error(&mut stream, "503 Service Unavailable", "the server is stopping");
+            return;
+        };
+        pending.push(Pending { number, prompt, echoed, stops, events });
+    }
+    let (kind, object) = match api {
+        Api::Completions => ("cmpl", "text_completion"),
+        Api::Chat => ("chatcmpl", "chat.completion"),
+    };
+    let (id, created) = (format!("{kind}-{}", pending[0].number), now());
     // The prompt's text first where it is echoed.
-    let prompt_text = match (echoed, tokenizer) {
-        (true, Some(t)) => t.decode(&prompt, true),
+    let prompt_text = |p: &Pending| match (p.echoed, tokenizer) {
+        (true, Some(t)) => t.decode(&p.prompt, true),
         _ => String::new(),
     };
-    let (progress, events) = mpsc::channel();
-    let (number_tx, number_rx) = mpsc::channel();
-    if tx.send((Message::Request(request, progress), Some(number_tx))).is_err() {
-        let _ = respond_error(&mut stream, "503 Service Unavailable", "the server is stopping");
-        return;
-    }
-    let Ok(number) = number_rx.recv() else {
-        let _ = respond_error(&mut stream, "503 Service Unavailable", "the server is stopping");
-        return;
-    };
-    let id = match api {
-        Api::Completions => format!("cmpl-{number}"),
-        Api::Chat => format!("chatcmpl-{number}"),
-    };
-    let created = now();
     if streaming {
+        let p = &pending[0];
         let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
         let mut gone = stream.write_all(head.as_bytes()).and_then(|_| stream.flush()).is_err();
-        let mut text = tokenizer.map(|t| TextSoFar::new(t, stops.as_ref()));
+        let mut text = tokenizer.map(|t| TextSoFar::new(t, p.stops.as_ref()));
         if api == Api::Chat && !gone {
             // The role first, as OpenAI's streams begin.
             let mut first = chunk_json(api, &id, model, created, None, "", None);
             first["choices"][0]["delta"] = serde_json::json!({ "role": "assistant", "content": "" });
             gone = stream.write_all(format!("data: {first}\n\n").as_bytes()).and_then(|_| stream.flush()).is_err();
         }
-        if echoed && !gone {
+        if p.echoed && !gone {
             // The echoed prompt first: its text and tokens.
-            let mut first = chunk_json(api, &id, model, created, None, &prompt_text, None);
-            first["choices"][0]["tokens"] = prompt.clone().into();
+            let mut first = chunk_json(api, &id, model, created, None, &prompt_text(p), None);
+            first["choices"][0]["tokens"] = p.prompt.clone().into();
             gone = stream.write_all(format!("data: {first}\n\n").as_bytes()).and_then(|_| stream.flush()).is_err();
         }
-        for event in events {
+        for event in p.events.iter() {
             let (data, end) = match event {
                 Progress::Token(t) => {
                     let piece = text.as_mut().map_or(String::new(), |x| x.push(t));
@@ -610,7 +656,7 @@ fn completion(
                 if stream.write_all(text.as_bytes()).and_then(|_| stream.flush()).is_err() {
                     // The client went away: its request leaves the batch.
                     gone = true;
-                    let _ = tx.send((Message::Gone(number), None));
+                    let _ = tx.send((Message::Gone(p.number), None));
                 }
             }
             if end {
@@ -619,30 +665,58 @@ fn completion(
         }
         return;
     }
-    for event in events {
-        match event {
-            Progress::Token(_) => {}
-            Progress::Ended(g) | Progress::Cancelled(g) => {
-                let text = tokenizer.map_or(String::new(), |t| generation_text(t, &g.tokens, stops.as_ref()));
-                let reply = match (api, tokenizer) {
-                    (Api::Chat, Some(t)) => chat_json(&id, model, created, prompt_tokens, &g, &text, t),
-                    _ => completion_json(&id, model, created, &prompt, echoed, &g, &(prompt_text.clone() + &text)),
-                };
-                let _ = respond(&mut stream, "200 OK", &reply);
+    // Every choice's end, in order; a refused one refuses the reply (the others cancelled).
+    let mut ended = Vec::with_capacity(pending.len());
+    for (k, p) in pending.iter().enumerate() {
+        let outcome = p.events.iter().find_map(|event| match event {
+            Progress::Token(_) => None,
+            Progress::Ended(g) | Progress::Cancelled(g) => Some(Ok(g)),
+            Progress::Refused(e) => Some(Err(e)),
+        });
+        match outcome {
+            Some(Ok(g)) => ended.push(g),
+            Some(Err(e)) => {
+                for other in &pending[k + 1..] {
+                    let _ = tx.send((Message::Gone(other.number), None));
+                }
+                let _ = respond_error(&mut stream, "400 Bad Request", &e);
                 return;
             }
-            Progress::Refused(e) => {
-                let _ = respond_error(&mut stream, "400 Bad Request", &e);
+            None => {
+                let message = "the server stopped before the request ended";
+                let _ = respond_error(&mut stream, "503 Service Unavailable", message);
                 return;
             }
         }
     }
-    let _ = respond_error(&mut stream, "503 Service Unavailable", "the server stopped before the request ended");
+    let choices: Vec<serde_json::Value> = pending
+        .iter()
+        .zip(&ended)
+        .enumerate()
+        .map(|(k, (p, g))| {
+            let text = tokenizer.map_or(String::new(), |t| generation_text(t, &g.tokens, p.stops.as_ref()));
+            match (api, tokenizer) {
+                (Api::Chat, Some(t)) => chat_choice(k, g, &text, t),
+                _ => completion_choice(k, &p.prompt, p.echoed, g, &(prompt_text(p) + &text)),
+            }
+        })
+        .collect();
+    // Each prompt's tokens once, however many choices it has.
+    let prompt_tokens: usize = pending.iter().step_by(n.max(1)).map(|p| p.prompt.len()).sum();
+    let generations: Vec<&Generation> = ended.iter().collect();
+    let _ =
+        respond(&mut stream, "200 OK", &reply_json(&id, object, model, created, choices, prompt_tokens, &generations));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one request of a body that asks for one choice, and whether it streams.
+    fn one(a: ApiRequest) -> (Request, bool) {
+        assert_eq!((a.requests.len(), a.n), (1, 1));
+        (a.requests.into_iter().next().expect("a request"), a.stream)
+    }
 
     fn defaults() -> RequestDefaults {
         RequestDefaults { max_new: 16, temperature: 0.0, top_p: 1.0, seed: 0 }
@@ -678,19 +752,21 @@ mod tests {
     fn completion_bodies_become_requests() {
         let body = br#"{"model": "m", "prompt": [[4, 5, 6]], "max_tokens": 3, "temperature": 0.5, "top_p": 0.9,
             "seed": 7, "stop": [[1, 2]], "logprobs": 1, "stream": true, "n": 1}"#;
-        let (r, stream) = completion_request(body, &defaults(), None).unwrap();
+        let (r, stream) = one(completion_request(body, &defaults(), None).unwrap());
         assert_eq!((r.prompt, r.max_new, r.sampler.temperature, r.sampler.top_p), (vec![4, 5, 6], 3, 0.5, 0.9));
         assert_eq!((r.stop, r.logprobs, r.top_logprobs, stream), (vec![vec![1, 2]], true, 1, true));
         let echoed = br#"{"prompt": [9, 8], "echo": true, "logprobs": 1, "max_tokens": 0}"#;
-        let (r, _) = completion_request(echoed, &defaults(), None).unwrap();
+        let (r, _) = one(completion_request(echoed, &defaults(), None).unwrap());
         assert_eq!((r.echo, r.logprobs, r.top_logprobs, r.max_new), (true, true, 1, 0));
         let (r, stream) =
-            completion_request(br#"{"prompt": [9], "seed": null, "stop": null}"#, &defaults(), None).unwrap();
+            one(completion_request(br#"{"prompt": [9], "seed": null, "stop": null}"#, &defaults(), None).unwrap());
         assert_eq!((r.prompt, r.max_new, r.logprobs, stream), (vec![9], 16, false, false));
         for (body, err) in [
             (&br#"{"prompt": "hello"}"#[..], "prompt: text needs a tokenizer"),
             (br#"{"prompt": [1], "stop": "x"}"#, "stop: text needs a tokenizer"),
-            (br#"{"prompt": [1], "n": 2}"#, "n: one completion a request"),
+            (br#"{"prompt": [1], "n": 0}"#, "n: 0 is not a positive count"),
+            (br#"{"prompt": [1], "n": 2, "stream": true}"#, "stream: one prompt and n 1"),
+            (br#"{"prompt": [[1], [2]], "n": 65}"#, "2 prompts x n 65: at most 128 choices a request"),
             (br#"{"prompt": [1], "echo": 1}"#, "echo: 1 is not true or false"),
             (br#"{"prompt": [1], "best_of": 2}"#, "unknown field 'best_of'"),
             (br#"{"max_tokens": 2}"#, "no \"prompt\""),
@@ -701,6 +777,21 @@ mod tests {
         ] {
             let got = completion_request(body, &defaults(), None).unwrap_err();
             assert!(got.contains(err), "{}: {got}", String::from_utf8_lossy(body));
+        }
+    }
+
+    /// Several prompts and `n` choices each: a request a choice, prompt by prompt, each choice of a
+    /// prompt seeded with the given seed plus its number.
+    #[test]
+    fn several_prompts_and_choices_are_a_request_each() {
+        let body = br#"{"prompt": [[4, 5], [6]], "n": 3, "seed": 10, "temperature": 0.7, "max_tokens": 2}"#;
+        let a = completion_request(body, &defaults(), None).unwrap();
+        assert_eq!((a.n, a.stream, a.requests.len()), (3, false, 6));
+        let prompts: Vec<&[u32]> = a.requests.iter().map(|r| r.prompt.as_slice()).collect();
+        assert_eq!(prompts, [&[4, 5][..], &[4, 5], &[4, 5], &[6], &[6], &[6]]);
+        for (k, r) in a.requests.iter().enumerate() {
+            let seeded = v3c_models::reference::Sampler::new(0.7, 1.0, 10 + (k % 3) as u64);
+            assert_eq!((format!("{:?}", r.sampler), r.max_new), (format!("{seeded:?}"), 2), "choice {k}");
         }
     }
 
@@ -715,12 +806,12 @@ mod tests {
             &br#"{"prompt": "Hello world!", "stop": "\n"}"#[..],
             br#"{"prompt": ["Hello world!"], "stop": ["\n", "END"]}"#,
         ] {
-            let (r, _) = completion_request(body, &defaults(), Some(&t)).unwrap();
+            let (r, _) = one(completion_request(body, &defaults(), Some(&t)).unwrap());
             assert_eq!(r.prompt, want);
             assert_eq!(r.stop_text.unwrap().strings[0], "\n");
             assert!(r.stop.is_empty());
         }
-        let (r, _) = completion_request(br#"{"prompt": "x", "stop": [[5, 6]]}"#, &defaults(), Some(&t)).unwrap();
+        let (r, _) = one(completion_request(br#"{"prompt": "x", "stop": [[5, 6]]}"#, &defaults(), Some(&t)).unwrap());
         assert_eq!((r.stop, r.stop_text.is_none()), (vec![vec![5, 6]], true));
         let e = completion_request(br#"{"prompt": "x", "stop": [""]}"#, &defaults(), Some(&t)).unwrap_err();
         assert_eq!(e, "stop: an empty string");
@@ -736,7 +827,7 @@ mod tests {
             serde_json::json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
         let body = serde_json::json!({"model": "m", "messages": messages, "max_completion_tokens": 5, "max_tokens": 9,
             "logprobs": true, "top_logprobs": 2, "stop": ["\n"], "stream": true});
-        let (r, stream) = chat_request(body.to_string().as_bytes(), &defaults(), Some(&t)).unwrap();
+        let (r, stream) = one(chat_request(body.to_string().as_bytes(), &defaults(), Some(&t)).unwrap());
         assert_eq!(r.prompt, t.chat(&messages, true).unwrap());
         assert_eq!((r.max_new, r.logprobs, r.top_logprobs, stream), (5, true, 2, true));
         assert_eq!(r.stop_text.unwrap().strings, ["\n"]);
