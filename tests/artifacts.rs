@@ -350,8 +350,13 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let replies = std::thread::scope(|scope| {
         let whole = scope
             .spawn(|| http("POST", "/v1/completions", r#"{"prompt": [3, 17, 4], "max_tokens": 6, "logprobs": 2}"#));
-        let streamed = scope
-            .spawn(|| http("POST", "/v1/completions", r#"{"prompt": [[7, 7, 2]], "max_tokens": 5, "stream": true}"#));
+        let streamed = scope.spawn(|| {
+            http(
+                "POST",
+                "/v1/completions",
+                r#"{"prompt": [[7, 7, 2]], "max_tokens": 5, "stream": true, "logprobs": 2}"#,
+            )
+        });
         let body = format!(r#"{{"prompt": [3, 17, 4, 29, 11, 5, 8, 2, 40, 1], "max_tokens": 8, "stop": [{stop}]}}"#);
         let stopped = scope.spawn(move || http("POST", "/v1/completions", &body));
         [whole.join().unwrap(), streamed.join().unwrap(), stopped.join().unwrap()]
@@ -372,6 +377,13 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let tokens: Vec<u64> = chunks.iter().flat_map(|c| ids(&c["choices"][0]["tokens"])).collect();
     assert_eq!(tokens, alone("7 7 2", 5), "{streamed}");
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+    // "logprobs": 2 streamed: each token's chunk carries its log-probability, the likelier of its
+    // two alternatives (greedy).
+    for c in chunks.iter().filter(|c| !c["choices"][0]["tokens"].as_array().unwrap().is_empty()) {
+        let lp = &c["choices"][0]["logprobs"];
+        let (t, value) = (ids(&lp["tokens"])[0].to_string(), &lp["token_logprobs"][0]);
+        assert_eq!((lp["top_logprobs"][0].as_object().unwrap().len(), &lp["top_logprobs"][0][&t]), (2, value), "{c}");
+    }
     let stopped: serde_json::Value = serde_json::from_str(stopped).unwrap();
     let end = (4..=8).find(|&e| first[..e].ends_with(&first[3..5])).unwrap();
     assert_eq!(ids(&stopped["choices"][0]["tokens"]), first[..end], "{stopped}");

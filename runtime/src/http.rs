@@ -300,10 +300,6 @@ pub fn reply_json(
 /// A completion's choice number `index`; `echoed`: the prompt's tokens come first (in `tokens`
 /// and, where scored, the log-probabilities: the first token's null).
 pub fn completion_choice(index: usize, prompt: &[u32], echoed: bool, g: &Generation, text: &str) -> serde_json::Value {
-    // OpenAI's shape: per step an object of token -> log-probability (ids as the keys).
-    let alternatives = |alts: &[(u32, f32)]| -> serde_json::Value {
-        alts.iter().map(|(t, lp)| (t.to_string(), serde_json::json!(lp))).collect::<serde_json::Map<_, _>>().into()
-    };
     let scored = !g.logprobs.is_empty() || !g.prompt_logprobs.is_empty();
     let (mut tokens, mut lps, mut top) = (Vec::new(), Vec::new(), Vec::new());
     if echoed {
@@ -336,13 +332,42 @@ pub fn completion_choice(index: usize, prompt: &[u32], echoed: bool, g: &Generat
     })
 }
 
-/// A chat completion's choice number `index`: the assistant's message, its tokens (in `tokens`),
-/// and with log-probabilities each token's text, bytes and alternatives.
-pub fn chat_choice(index: usize, g: &Generation, text: &str, tokenizer: &Tokenizer) -> serde_json::Value {
-    let token = |t: u32, lp: f32| {
+/// The completions API's alternatives at a step: an object of token (its id) -> log-probability.
+fn alternatives(alts: &[(u32, f32)]) -> serde_json::Value {
+    alts.iter().map(|(t, lp)| (t.to_string(), serde_json::json!(lp))).collect::<serde_json::Map<_, _>>().into()
+}
+
+/// The chat API's log-probability entry of token `t`: its text, bytes, id, and its alternatives'.
+fn chat_token(tokenizer: &Tokenizer, t: u32, lp: f32, alts: &[(u32, f32)]) -> serde_json::Value {
+    let one = |t: u32, lp: f32| {
         let bytes = tokenizer.token_bytes_of(t);
         serde_json::json!({ "token": String::from_utf8_lossy(&bytes), "logprob": lp, "bytes": bytes, "id": t })
     };
+    let mut entry = one(t, lp);
+    entry["top_logprobs"] = alts.iter().map(|&(a, alp)| one(a, alp)).collect();
+    entry
+}
+
+/// A streamed token's log-probabilities in `api`'s shape.
+fn streamed_logprobs(
+    api: Api,
+    tokenizer: Option<&Arc<Tokenizer>>,
+    t: u32,
+    lp: f32,
+    alts: &[(u32, f32)],
+) -> serde_json::Value {
+    match (api, tokenizer) {
+        (Api::Chat, Some(tok)) => serde_json::json!({ "content": [chat_token(tok, t, lp, alts)] }),
+        _ => {
+            let top = if alts.is_empty() { serde_json::Value::Null } else { vec![alternatives(alts)].into() };
+            serde_json::json!({ "tokens": [t], "token_logprobs": [lp], "top_logprobs": top })
+        }
+    }
+}
+
+/// A chat completion's choice number `index`: the assistant's message, its tokens (in `tokens`),
+/// and with log-probabilities each token's text, bytes and alternatives.
+pub fn chat_choice(index: usize, g: &Generation, text: &str, tokenizer: &Tokenizer) -> serde_json::Value {
     let logprobs = match g.logprobs.is_empty() {
         true => serde_json::Value::Null,
         false => {
@@ -352,10 +377,7 @@ pub fn chat_choice(index: usize, g: &Generation, text: &str, tokenizer: &Tokeniz
                 .zip(&g.logprobs)
                 .enumerate()
                 .map(|(k, (&t, &lp))| {
-                    let mut entry = token(t, lp);
-                    let alts = g.top_logprobs.get(k).map_or(&[][..], Vec::as_slice);
-                    entry["top_logprobs"] = alts.iter().map(|&(a, alp)| token(a, alp)).collect();
-                    entry
+                    chat_token(tokenizer, t, lp, g.top_logprobs.get(k).map_or(&[][..], Vec::as_slice))
                 })
                 .collect();
             serde_json::json!({ "content": content })
@@ -637,11 +659,21 @@ fn completion(
             first["choices"][0]["tokens"] = p.prompt.clone().into();
             gone = stream.write_all(format!("data: {first}\n\n").as_bytes()).and_then(|_| stream.flush()).is_err();
         }
+        let mut scored = None;
         for event in p.events.iter() {
             let (data, end) = match event {
+                // The token that follows carries them.
+                Progress::Scored(lp, alts) => {
+                    scored = Some((lp, alts));
+                    continue;
+                }
                 Progress::Token(t) => {
                     let piece = text.as_mut().map_or(String::new(), |x| x.push(t));
-                    (chunk_json(api, &id, model, created, Some(t), &piece, None), false)
+                    let mut chunk = chunk_json(api, &id, model, created, Some(t), &piece, None);
+                    if let Some((lp, alts)) = scored.take() {
+                        chunk["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
+                    }
+                    (chunk, false)
                 }
                 Progress::Ended(g) | Progress::Cancelled(g) => {
                     let rest = text.take().map_or(String::new(), TextSoFar::finish);
@@ -669,7 +701,7 @@ fn completion(
     let mut ended = Vec::with_capacity(pending.len());
     for (k, p) in pending.iter().enumerate() {
         let outcome = p.events.iter().find_map(|event| match event {
-            Progress::Token(_) => None,
+            Progress::Token(_) | Progress::Scored(..) => None,
             Progress::Ended(g) | Progress::Cancelled(g) => Some(Ok(g)),
             Progress::Refused(e) => Some(Err(e)),
         });

@@ -940,6 +940,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     // Per request, with a tokenizer: it and the request's stop strings, and its text so far.
     let texts = std::cell::RefCell::new(Vec::new());
     let mut so_far = std::collections::HashMap::new();
+    let mut scored = std::collections::HashMap::new();
     let (mut line_no, mut refused, mut served, mut cancelled, mut tokens) = (0usize, 0usize, 0usize, 0usize, 0usize);
     let mut reused = 0usize;
     // A line of stdout; a reader that went away (a closed pipe) ends the serving.
@@ -999,8 +1000,18 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             Some(v3c_runtime::session::generation_text(t, tokens, stops.as_ref()))
         };
         match p {
+            // The next token's line carries them.
+            Progress::Scored(lp, alts) if args.stream => _ = scored.insert(i, (lp, alts)),
+            Progress::Scored(..) => {}
             Progress::Token(t) if args.stream => {
                 let mut line = serde_json::json!({"id": id, "token": t});
+                if let Some((lp, alts)) = scored.remove(&i) {
+                    line["logprob"] = lp.into();
+                    if !alts.is_empty() {
+                        line["top_logprobs"] =
+                            alts.iter().map(|(t, lp)| serde_json::json!({"token": t, "logprob": lp})).collect();
+                    }
+                }
                 if let Some((tokenizer, stops)) = texts.borrow().get(i).cloned().flatten() {
                     let text = so_far
                         .entry(i)
@@ -1180,6 +1191,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     let mut report = |i: usize, p: Progress| -> Result<(), String> {
         let now = start.elapsed().as_secs_f64();
         match p {
+            Progress::Scored(..) => {}
             Progress::Token(_) => {
                 first[i] = first[i].or(Some(now));
             }
@@ -1611,6 +1623,7 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         let mut out = std::io::stdout().lock();
         let write = |out: &mut std::io::StdoutLock, s: &str| out.write_all(s.as_bytes()).and_then(|_| out.flush());
         match p {
+            Progress::Scored(..) => {}
             Progress::Token(t) => {
                 let piece = so_far.get_or_insert_with(|| TextSoFar::new(&tokenizer, None)).push(t);
                 write(&mut out, &piece).map_err(|e| format!("stdout: {e}"))?;

@@ -1335,7 +1335,7 @@ pub fn generate_queue(
     let mut done: Vec<Option<Generation>> = vec![None; n];
     let mut finished = |j: usize, p: Progress| -> Result<(), String> {
         match p {
-            Progress::Token(_) => {}
+            Progress::Token(_) | Progress::Scored(..) => {}
             Progress::Ended(g) => done[j] = Some(g),
             Progress::Refused(e) => return Err(format!("prompt {j}: {e}")),
             Progress::Cancelled(_) => return Err(format!("prompt {j} cancelled")),
@@ -1558,9 +1558,11 @@ pub enum Arrival {
     Closed,
 }
 
-/// What [`serve`] tells of a request: a token it picked, its end, its end when cancelled (the
-/// tokens so far), or why it was refused (or cannot be cancelled).
+/// What [`serve`] tells of a request: a token it picked (where it asks for log-probabilities,
+/// just before: the token's and its alternatives', [`Progress::Scored`]), its end, its end when
+/// cancelled (the tokens so far), or why it was refused (or cannot be cancelled).
 pub enum Progress {
+    Scored(f32, Vec<(u32, f32)>),
     Token(u32),
     Ended(Generation),
     Cancelled(Generation),
@@ -1808,6 +1810,8 @@ pub fn serve(
                     if r.request.top_logprobs > 0 {
                         r.top.push(row.map_or(Vec::new(), |l| top_log_probabilities(l, r.request.top_logprobs)));
                     }
+                    let lp = r.logprobs.last().copied().unwrap_or(f32::NAN);
+                    report(r.id, Progress::Scored(lp, r.top.last().cloned().unwrap_or_default()))?;
                 }
                 r.tokens.push(t);
                 report(r.id, Progress::Token(t))?;
@@ -2583,6 +2587,7 @@ mod tests {
         let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
         let mut report = |id: usize, p: Progress| -> Result<(), String> {
             match p {
+                Progress::Scored(..) => {}
                 Progress::Token(t) => streamed[id].push(t),
                 Progress::Ended(g) => {
                     assert!(got[id].is_none(), "request {id} ended twice");
@@ -2705,6 +2710,7 @@ mod tests {
         let (mut done, mut refused) = (vec![None; script.len()], Vec::new());
         let mut report = |id: usize, p: Progress| -> Result<(), String> {
             match p {
+                Progress::Scored(..) => {}
                 Progress::Token(t) => picked.borrow_mut()[id].push(t),
                 Progress::Ended(g) => done[id] = Some((g.tokens, false)),
                 Progress::Cancelled(g) => {
@@ -2803,9 +2809,18 @@ mod tests {
                     .into_iter();
             let mut next = |_: bool| requests.next().map_or(Arrival::Closed, Arrival::Request);
             let mut ended: Vec<Option<Generation>> = vec![None, None];
+            // Streamed: each token's scores just before it.
+            let mut streamed: Vec<Vec<(f32, Vec<(u32, f32)>, Option<u32>)>> = vec![Vec::new(), Vec::new()];
             let mut report = |id: usize, p: Progress| {
-                if let Progress::Ended(g) = p {
-                    ended[id] = Some(g);
+                match p {
+                    Progress::Ended(g) => ended[id] = Some(g),
+                    Progress::Scored(lp, alts) => streamed[id].push((lp, alts, None)),
+                    Progress::Token(t) => {
+                        if let Some(last) = streamed[id].last_mut().filter(|s| s.2.is_none()) {
+                            last.2 = Some(t);
+                        }
+                    }
+                    _ => {}
                 }
                 Ok(())
             };
@@ -2827,6 +2842,15 @@ mod tests {
                 assert_eq!((alts.len(), alts[0]), (3, (t, lp)), "{name}");
                 assert!(alts.windows(2).all(|w| w[0].1 >= w[1].1), "{name}: {alts:?}");
             }
+            let streamed_scores: Vec<(f32, Vec<(u32, f32)>, Option<u32>)> = first
+                .tokens
+                .iter()
+                .zip(&first.logprobs)
+                .zip(&first.top_logprobs)
+                .map(|((&t, &lp), alts)| (lp, alts.clone(), Some(t)))
+                .collect();
+            assert_eq!(streamed[1], streamed_scores, "{name}: scores streamed before their tokens");
+            assert!(streamed[0].is_empty(), "{name}: none for a request not asking");
             let other_alone = toy_alone(&[(vec![2, 9], 12, 0, None)], None).remove(0);
             assert_eq!((&second.tokens, second.ending), (&other_alone, Some(Ending::Length)), "{name}");
             assert!(second.logprobs.is_empty(), "{name}");
