@@ -261,15 +261,27 @@ impl Tokenizer {
         if list.is_empty() {
             return Err("messages: an empty conversation".into());
         }
-        for (i, m) in list.iter().enumerate() {
+        let mut messages = list.clone();
+        for (i, m) in messages.iter_mut().enumerate() {
             if !m.get("role").is_some_and(Value::is_string) {
                 return Err(format!("messages[{i}]: no \"role\" string"));
+            }
+            // OpenAI's content parts: the text ones joined by newlines (as vLLM does).
+            if let Some(Value::Array(parts)) = m.get("content") {
+                let texts = parts
+                    .iter()
+                    .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => Ok(t),
+                        _ => Err(format!("messages[{i}].content: {p} is not a text part (only text is served)")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                m["content"] = texts.join("\n").into();
             }
         }
         let template = chat.env.get_template("chat").map_err(|e| e.to_string())?;
         let mut context: HashMap<&str, minijinja::Value> =
             chat.tokens.iter().map(|(k, v)| (k.as_str(), v.as_str().into())).collect();
-        context.insert("messages", minijinja::Value::from(minijinja::value::Serde(messages)));
+        context.insert("messages", minijinja::Value::from(minijinja::value::Serde(&messages)));
         context.insert("add_generation_prompt", add_generation_prompt.into());
         template.render(context).map_err(|e| format!("chat template: {}", chat_error(&e)))
     }
@@ -896,6 +908,13 @@ mod tests {
         let e = t.render_chat(&raises["messages"], true).unwrap_err();
         assert!(e.starts_with("chat template: ") && e.contains(raises["error"].as_str().unwrap()), "{e}");
         assert_eq!(t.render_chat(&serde_json::json!([]), true).unwrap_err(), "messages: an empty conversation");
+        // Content as OpenAI's parts: the text ones joined by newlines; others refused.
+        let parts = serde_json::json!([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]);
+        let joined = serde_json::json!([{"role": "user", "content": "a\nb"}]);
+        assert_eq!(t.render_chat(&parts, true).unwrap(), t.render_chat(&joined, true).unwrap());
+        let image =
+            serde_json::json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]);
+        assert!(t.render_chat(&image, true).unwrap_err().starts_with("messages[0].content: {\"image_url\""));
         assert_eq!(
             t.render_chat(&serde_json::json!([{"content": "x"}]), true).unwrap_err(),
             "messages[0]: no \"role\" string"
