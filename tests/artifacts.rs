@@ -699,10 +699,19 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
             "--ignore-eos",
             "--tokenizer",
             fixture.to_str().unwrap(),
+            "--api-key",
+            "s3cret",
         ],
         &env,
     );
     let post = |body: &str| server.request("POST", "/v1/completions", body).1;
+    // --api-key: every request but GET /health carries it, or is refused.
+    for key in [None, Some("wrong"), Some("s3cre")] {
+        let (status, body) = server.request_as("POST", "/v1/completions", r#"{"prompt": "x"}"#, key);
+        assert_eq!(status, "HTTP/1.1 401 Unauthorized", "{key:?}: {body}");
+        assert!(body.contains("invalid_api_key"), "{body}");
+    }
+    assert_eq!(server.request_as("GET", "/health", "", None).0, "HTTP/1.1 200 OK");
     let whole: serde_json::Value =
         serde_json::from_str(&post(&serde_json::json!({"prompt": prompt, "max_tokens": 8}).to_string())).unwrap();
     assert_eq!(whole["choices"][0]["text"], tokenizer.decode(&alone, true), "{whole}");

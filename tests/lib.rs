@@ -132,6 +132,8 @@ pub struct HttpServer {
     child: std::process::Child,
     /// host:port, as the server said it on stderr.
     pub addr: String,
+    /// Its `--api-key`, which [`HttpServer::request`] sends.
+    key: Option<String>,
 }
 
 impl HttpServer {
@@ -146,7 +148,8 @@ impl HttpServer {
             .spawn()
             .expect("v3r serve starts");
         let mut said = std::io::BufReader::new(child.stderr.take().expect("its stderr"));
-        let mut server = HttpServer { child, addr: String::new() };
+        let key = args.iter().position(|a| *a == "--api-key").and_then(|i| args.get(i + 1)).map(|k| k.to_string());
+        let mut server = HttpServer { child, addr: String::new(), key };
         let mut line = String::new();
         while !line.contains("serving ") {
             line.clear();
@@ -157,10 +160,18 @@ impl HttpServer {
         server
     }
 
-    /// One request on its own connection: the status line and the body of the reply.
+    /// One request on its own connection (with the server's API key): the status line and the
+    /// body of the reply.
     pub fn request(&self, method: &str, path: &str, body: &str) -> (String, String) {
+        self.request_as(method, path, body, self.key.as_deref())
+    }
+
+    /// As [`HttpServer::request`], with `key` as the API key (None: no Authorization header).
+    pub fn request_as(&self, method: &str, path: &str, body: &str, key: Option<&str>) -> (String, String) {
         let mut c = std::net::TcpStream::connect(&self.addr).expect("the server accepts");
-        let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {}\r\n\r\n{body}", body.len());
         std::io::Write::write_all(&mut c, request.as_bytes()).expect("the request is sent");
         let mut reply = String::new();
         std::io::Read::read_to_string(&mut c, &mut reply).expect("a reply");

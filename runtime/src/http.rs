@@ -29,6 +29,8 @@ pub struct HttpRequest {
     pub method: String,
     pub path: String,
     pub body: Vec<u8>,
+    /// Its `Authorization` header.
+    pub authorization: Option<String>,
 }
 
 /// Reads one HTTP/1.1 request (request line, headers, a `Content-Length` body) from `reader`.
@@ -43,7 +45,7 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<HttpRequest, String> {
         return Err(format!("{version}: only HTTP/1.x is served"));
     }
     let (method, path) = (method.to_string(), path.split('?').next().unwrap_or(path).to_string());
-    let mut length = 0usize;
+    let (mut length, mut authorization) = (0usize, None);
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header).map_err(|e| format!("reading the headers: {e}"))? == 0 {
@@ -56,6 +58,8 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<HttpRequest, String> {
         if let Some((name, value)) = header.split_once(':') {
             if name.trim().eq_ignore_ascii_case("content-length") {
                 length = value.trim().parse().map_err(|_| format!("Content-Length: {:?}", value.trim()))?;
+            } else if name.trim().eq_ignore_ascii_case("authorization") {
+                authorization = Some(value.trim().to_string());
             } else if name.trim().eq_ignore_ascii_case("transfer-encoding") {
                 return Err("chunked request bodies are not read: send a Content-Length".into());
             }
@@ -66,7 +70,7 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<HttpRequest, String> {
     }
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body).map_err(|e| format!("reading a body of {length} bytes: {e}"))?;
-    Ok(HttpRequest { method, path, body })
+    Ok(HttpRequest { method, path, body, authorization })
 }
 
 /// The two APIs served: OpenAI's completions and chat completions.
@@ -457,26 +461,34 @@ pub struct Served {
     pub prefill_s: f64,
 }
 
+/// What every connection of a server answers with: what requests leave out, the tokenizer
+/// (text and chat), the model's name in the replies, and the API key requests must carry.
+pub struct Site {
+    pub defaults: RequestDefaults,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    pub model: String,
+    /// `Authorization: Bearer KEY` on every request but `GET /health` (None: none needed).
+    pub api_key: Option<String>,
+}
+
 /// Serves completions on `listener` until `stop` returns true between requests (checked every
 /// 100 ms while idle; a server runs until killed otherwise): each connection's request is served
-/// by [`crate::session::serve`] as `o` says, the model named `model` in the replies.
+/// by [`crate::session::serve`] as `o` says, answered as `site` says.
 pub fn serve_http(
     listener: TcpListener,
     program: &dyn crate::session::Program,
     o: &crate::session::Serving,
-    defaults: RequestDefaults,
-    tokenizer: Option<Arc<Tokenizer>>,
-    model: &str,
+    site: Site,
     stop: &dyn Fn() -> bool,
 ) -> Result<Served, String> {
     let (tx, rx) = mpsc::channel::<(Message, Option<mpsc::Sender<usize>>)>();
-    let model_name = model.to_string();
     listener.set_nonblocking(false).map_err(|e| e.to_string())?;
     let accepting = tx.clone();
+    let site = Arc::new(site);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let (tx, model, tokenizer) = (accepting.clone(), model_name.clone(), tokenizer.clone());
-            std::thread::spawn(move || connection(stream, tx, defaults, tokenizer.as_ref(), &model));
+            let (tx, site) = (accepting.clone(), site.clone());
+            std::thread::spawn(move || connection(stream, tx, &site));
         }
     });
     drop(tx);
@@ -539,13 +551,8 @@ fn now() -> u64 {
 }
 
 /// One connection: its request read, routed, answered.
-fn connection(
-    mut stream: TcpStream,
-    tx: mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
-    defaults: RequestDefaults,
-    tokenizer: Option<&Arc<Tokenizer>>,
-    model: &str,
-) {
+fn connection(mut stream: TcpStream, tx: mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>, site: &Site) {
+    let model = site.model.as_str();
     // A client that never finishes its request does not hold its thread for ever.
     let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(60)));
     let request = {
@@ -562,6 +569,19 @@ fn connection(
             return;
         }
     };
+    let authorized = match &site.api_key {
+        None => true,
+        Some(key) => request.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).is_some_and(|given| {
+            // Compared in time independent of where they differ.
+            given.len() == key.len() && given.bytes().zip(key.bytes()).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+        }),
+    };
+    if !authorized && request.path != "/health" {
+        let message = "a valid API key is needed: Authorization: Bearer KEY (v3r serve --api-key)";
+        let body = serde_json::json!({ "error": { "message": message, "type": "invalid_request_error", "code": "invalid_api_key" } });
+        let _ = respond(&mut stream, "401 Unauthorized", &body);
+        return;
+    }
     match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/health") => {
             let _ = respond(&mut stream, "200 OK", &serde_json::json!({ "status": "ok" }));
@@ -570,12 +590,8 @@ fn connection(
             let models = serde_json::json!({ "object": "list", "data": [{ "id": model, "object": "model", "owned_by": "v3c" }] });
             let _ = respond(&mut stream, "200 OK", &models);
         }
-        ("POST", "/v1/completions") => {
-            completion(Api::Completions, stream, &request.body, tx, defaults, tokenizer, model)
-        }
-        ("POST", "/v1/chat/completions") => {
-            completion(Api::Chat, stream, &request.body, tx, defaults, tokenizer, model)
-        }
+        ("POST", "/v1/completions") => completion(Api::Completions, stream, &request.body, tx, site),
+        ("POST", "/v1/chat/completions") => completion(Api::Chat, stream, &request.body, tx, site),
         (_, "/health" | "/v1/models" | "/v1/completions" | "/v1/chat/completions") => {
             let _ =
                 respond_error(&mut stream, "405 Method Not Allowed", &format!("{} {}", request.method, request.path));
@@ -605,11 +621,10 @@ fn completion(
     mut stream: TcpStream,
     body: &[u8],
     tx: mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
-    defaults: RequestDefaults,
-    tokenizer: Option<&Arc<Tokenizer>>,
-    model: &str,
+    site: &Site,
 ) {
-    let ApiRequest { requests, stream: streaming, n } = match api_request(api, body, &defaults, tokenizer) {
+    let (tokenizer, model) = (site.tokenizer.as_ref(), site.model.as_str());
+    let ApiRequest { requests, stream: streaming, n } = match api_request(api, body, &site.defaults, tokenizer) {
         Ok(r) => r,
         Err(e) => {
             let _ = respond_error(&mut stream, "400 Bad Request", &e);
@@ -757,14 +772,14 @@ mod tests {
     /// Request lines, headers and bodies as clients send them; what is not HTTP is said.
     #[test]
     fn requests_are_read_to_their_content_length() {
-        let raw = "POST /v1/completions?x=1 HTTP/1.1\r\nHost: a\r\ncontent-length: 13\r\n\r\n{\"prompt\": 1}extra";
+        let raw = "POST /v1/completions?x=1 HTTP/1.1\r\nHost: a\r\ncontent-length: 13\r\nauthorization:  Bearer k1 \r\n\r\n{\"prompt\": 1}extra";
         let r = read_request(&mut raw.as_bytes()).unwrap();
         assert_eq!(
-            (r.method.as_str(), r.path.as_str(), &r.body[..]),
-            ("POST", "/v1/completions", &b"{\"prompt\": 1}"[..])
+            (r.method.as_str(), r.path.as_str(), &r.body[..], r.authorization.as_deref()),
+            ("POST", "/v1/completions", &b"{\"prompt\": 1}"[..], Some("Bearer k1"))
         );
         let r = read_request(&mut "GET /health HTTP/1.0\r\n\r\n".as_bytes()).unwrap();
-        assert_eq!((r.method.as_str(), r.body.len()), ("GET", 0));
+        assert_eq!((r.method.as_str(), r.body.len(), r.authorization), ("GET", 0, None));
         for (raw, err) in [
             ("hello\r\n\r\n", "not an HTTP request line"),
             ("GET / HTTP/2\r\n\r\n", "only HTTP/1.x"),

@@ -440,6 +440,10 @@ struct ServeArgs {
     /// (Ctrl-C).
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
+    /// With --http: every request but GET /health must carry `Authorization: Bearer KEY` (else
+    /// 401). Default: the V3R_API_KEY environment variable, where set (no key shown in ps).
+    #[arg(long, value_name = "KEY", requires = "http")]
+    api_key: Option<String>,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -901,6 +905,8 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     };
     if let Some(listener) = listener {
         let addr = listener.local_addr().map_err(|e| Failure::Other(e.to_string()))?;
+        let api_key = args.api_key.clone().or_else(|| std::env::var("V3R_API_KEY").ok().filter(|k| !k.is_empty()));
+        let key = if api_key.is_some() { ", an API key needed" } else { "" };
         let text = match &tokenizer {
             None => "token ids only: no tokenizer".to_string(),
             Some(t) if t.has_chat_template() => "text and chat".to_string(),
@@ -910,11 +916,12 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             if tokenizer.as_ref().is_some_and(|t| t.has_chat_template()) { ", POST /v1/chat/completions" } else { "" };
         eprintln!(
             "serving {model} on http://{addr} (POST /v1/completions{chat}, GET /v1/models, GET /health; {slots} at a \
-             time, {text}, {kind})"
+             time, {text}{key}, {kind})"
         );
         let start = std::time::Instant::now();
-        let served = v3c_runtime::http::serve_http(listener, program, &serving, defaults, tokenizer, &model, &|| false)
-            .map_err(at)?;
+
+        let site = v3c_runtime::http::Site { defaults, tokenizer, model: model.clone(), api_key };
+        let served = v3c_runtime::http::serve_http(listener, program, &serving, site, &|| false).map_err(at)?;
         eprintln!(
             "served {} requests, {} tokens in {:.3} s ({} joined a running batch, {:.3} s in prefills)",
             served.requests,
