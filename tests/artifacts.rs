@@ -712,6 +712,8 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
         assert!(body.contains("invalid_api_key"), "{body}");
     }
     assert_eq!(server.request_as("GET", "/health", "", None).0, "HTTP/1.1 200 OK");
+    let models: serde_json::Value = serde_json::from_str(&server.request("GET", "/v1/models", "").1).unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], 24, "{models}");
     let whole: serde_json::Value =
         serde_json::from_str(&post(&serde_json::json!({"prompt": prompt, "max_tokens": 8}).to_string())).unwrap();
     assert_eq!(whole["choices"][0]["text"], tokenizer.decode(&alone, true), "{whole}");

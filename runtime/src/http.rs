@@ -297,6 +297,7 @@ pub fn reply_json(
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
             "cached_prompt_tokens": cached,
+            "prompt_tokens_details": { "cached_tokens": cached },
         },
     })
 }
@@ -469,6 +470,8 @@ pub struct Site {
     pub model: String,
     /// `Authorization: Bearer KEY` on every request but `GET /health` (None: none needed).
     pub api_key: Option<String>,
+    /// The most tokens a sequence holds (prompt and new), said by `GET /v1/models`.
+    pub max_len: usize,
 }
 
 /// Serves completions on `listener` until `stop` returns true between requests (checked every
@@ -587,7 +590,9 @@ fn connection(mut stream: TcpStream, tx: mpsc::Sender<(Message, Option<mpsc::Sen
             let _ = respond(&mut stream, "200 OK", &serde_json::json!({ "status": "ok" }));
         }
         ("GET", "/v1/models") => {
-            let models = serde_json::json!({ "object": "list", "data": [{ "id": model, "object": "model", "owned_by": "v3c" }] });
+            let one =
+                serde_json::json!({ "id": model, "object": "model", "owned_by": "v3c", "max_model_len": site.max_len });
+            let models = serde_json::json!({ "object": "list", "data": [one] });
             let _ = respond(&mut stream, "200 OK", &models);
         }
         ("POST", "/v1/completions") => completion(Api::Completions, stream, &request.body, tx, site),

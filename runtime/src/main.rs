@@ -920,7 +920,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         );
         let start = std::time::Instant::now();
 
-        let site = v3c_runtime::http::Site { defaults, tokenizer, model: model.clone(), api_key };
+        let site = v3c_runtime::http::Site { defaults, tokenizer, model: model.clone(), api_key, max_len };
         let served = v3c_runtime::http::serve_http(listener, program, &serving, site, &|| false).map_err(at)?;
         eprintln!(
             "served {} requests, {} tokens in {:.3} s ({} joined a running batch, {:.3} s in prefills)",
