@@ -484,6 +484,37 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         assert_eq!(out.status.code(), Some(1));
         assert!(text(&out.stderr).contains(err), "{}", text(&out.stderr));
     }
+    // Requests from a file (serve's request lines: ids, JSON with its own new tokens), taken in
+    // turn; one too long for the artifact skipped and counted.
+    let file = dir.path().join("requests.jsonl");
+    std::fs::write(
+        &file,
+        "3 17 4\n{\"prompt\": [7, 7, 2, 9], \"max_new_tokens\": 2}\n\n{\"prompt\": [1], \"max_new_tokens\": 40}\n",
+    )
+    .unwrap();
+    let args = [
+        &["bench-serve", art.to_str().unwrap(), "--random-weights", "1", "--requests", "4"][..],
+        &["--prompts", file.to_str().unwrap(), "--new-tokens", "3", "--out", figures.to_str().unwrap()],
+    ]
+    .concat();
+    let out = run_binary_env("v3r", &args, &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("1 of its requests too long for the artifact skipped"), "{}", text(&out.stdout));
+    let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&figures).unwrap()).unwrap();
+    let per: Vec<(u64, u64)> = f["per_request"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["prompt_tokens"].as_u64().unwrap(), r["tokens"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(per, [(3, 3), (4, 2), (3, 3), (4, 2)], "{f}");
+    assert_eq!(f["skipped_requests"], 1);
+    std::fs::write(&file, "{\"prompt\": [1], \"max_new_tokens\": 40}\n").unwrap();
+    let none = run_binary_env("v3r", &args, &env);
+    assert!(text(&none.stderr).contains("requests.jsonl: no request the artifact serves"), "{}", text(&none.stderr));
+    std::fs::write(&file, "1 2\n{\"text\": \"hi\"}\n").unwrap();
+    let bad = run_binary_env("v3r", &args, &env);
+    assert!(text(&bad.stderr).contains("requests.jsonl:2: text: text needs a tokenizer"), "{}", text(&bad.stderr));
     // More sequences than the decode plan's rows: the fifth joins as one ends; asked to decode
     // more at once, said before anything runs; a bad prompts file names its line.
     let mut five = vec!["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()];

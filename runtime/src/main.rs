@@ -290,11 +290,21 @@ struct BenchServeArgs {
     /// Prompt lengths in tokens: uniform in LO..HI (both included), or one length.
     #[arg(long, value_name = "LO..HI", default_value = "64..512")]
     prompt_tokens: String,
+    /// The requests from a file instead of random prompts — `v3r serve`'s request lines: token ids,
+    /// or JSON with "prompt", "text" or "messages" (through the tokenizer: --tokenizer, or the
+    /// checkpoint's) and its own "max_new_tokens" and sampling — taken in turn for --requests
+    /// requests; those longer than the artifact serves are skipped (counted).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt_tokens", "shared_prefix"])]
+    prompts: Option<PathBuf>,
+    /// A tokenizer.json (or a directory holding one) for --prompts' text.
+    #[arg(long, value_name = "FILE", requires = "prompts")]
+    tokenizer: Option<PathBuf>,
     /// Every prompt starts with the same N tokens (a system prompt; a prompt shorter than N is
     /// all of it): what prefix reuse saves (--no-prefix-reuse to compare).
     #[arg(long, value_name = "N", default_value_t = 0)]
     shared_prefix: usize,
-    /// New tokens per request (greedy; the end-of-sequence token does not stop it).
+    /// New tokens per request (greedy; the end-of-sequence token does not stop it; --prompts'
+    /// requests may say their own).
     #[arg(long, value_name = "N", default_value_t = 64)]
     new_tokens: usize,
     /// Requests arrive evenly spaced at this rate (per second); default: all at once.
@@ -1149,7 +1159,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     let program = program.as_ref();
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
     let (max_len, max_prompt, rows) = serving_limits(program).map_err(at)?;
-    if hi > max_prompt || hi + args.new_tokens > max_len {
+    if args.prompts.is_none() && (hi > max_prompt || hi + args.new_tokens > max_len) {
         return Err(Failure::Other(format!(
             "--prompt-tokens up to {hi} with --new-tokens {}: the artifact serves prompts of 1..={max_prompt} tokens \
              and sequences of {max_len} tokens (compile with a larger --max-context)",
@@ -1157,6 +1167,46 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         )));
     }
     let slots = args.batch.unwrap_or(rows);
+    let n = args.requests;
+    let greedy = v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+    // From a file: its requests in turn (those the artifact serves), arrivals evenly spaced.
+    let (mut skipped, mut lo, mut hi) = (0usize, lo, hi);
+    let from_file: Option<Vec<Request>> = match &args.prompts {
+        None => None,
+        Some(path) => {
+            let weights = args.weights.clone().unwrap_or_default();
+            let needs_text = args.tokenizer.is_some() || weights.join("tokenizer.json").is_file();
+            let text = TextArgs { tokenizer: args.tokenizer.clone() };
+            let tokenizer = if needs_text { text_tokenizer(&text, &weights, false)? } else { None };
+            let body = std::fs::read_to_string(path).map_err(|e| Failure::Other(format!("{}: {e}", path.display())))?;
+            let defaults = v3c_runtime::cli::RequestDefaults {
+                max_new: args.new_tokens,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: args.seed,
+            };
+            let mut served = Vec::new();
+            for (k, line) in body.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let (_, r) = v3c_runtime::cli::parse_request(line, &defaults, tokenizer.as_ref())
+                    .map_err(|e| Failure::Other(format!("{}:{}: {e}", path.display(), k + 1)))?;
+                match r.prompt.len() <= max_prompt && r.prompt.len() + r.max_new <= max_len {
+                    true => served.push(r),
+                    false => skipped += 1,
+                }
+            }
+            if served.is_empty() {
+                return Err(Failure::Other(format!(
+                    "{}: no request the artifact serves (prompts of 1..={max_prompt} tokens, sequences of {max_len}; {skipped} longer)",
+                    path.display()
+                )));
+            }
+            (lo, hi) = (
+                served.iter().map(|r| r.prompt.len()).min().unwrap_or(1),
+                served.iter().map(|r| r.prompt.len()).max().unwrap_or(1),
+            );
+            Some(served)
+        }
+    };
     // The load: prompt lengths and tokens from the seed (splitmix64), arrivals evenly spaced.
     let mut state = args.seed;
     let mut random = move || {
@@ -1166,17 +1216,22 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     };
-    let n = args.requests;
-    let shared: Vec<u32> = (0..args.shared_prefix.min(hi)).map(|_| (random() % vocab) as u32).collect();
-    let load: Vec<(f64, Vec<u32>)> = (0..n)
+    let shared: Vec<u32> = match from_file {
+        Some(_) => Vec::new(),
+        None => (0..args.shared_prefix.min(hi)).map(|_| (random() % vocab) as u32).collect(),
+    };
+    let load: Vec<(f64, Request)> = (0..n)
         .map(|i| {
+            let arrival = args.rate.map_or(0.0, |r| i as f64 / r);
+            if let Some(requests) = &from_file {
+                return (arrival, requests[i % requests.len()].clone());
+            }
             let len = lo + (random() % (hi - lo + 1) as u64) as usize;
             let own = len.saturating_sub(shared.len());
             let prompt = shared.iter().take(len).copied().chain((0..own).map(|_| (random() % vocab) as u32)).collect();
-            (args.rate.map_or(0.0, |r| i as f64 / r), prompt)
+            (arrival, Request::new(prompt, args.new_tokens, greedy))
         })
         .collect();
-    let greedy = v3c_models::reference::Sampler::new(0.0, 1.0, 0);
     let (mut first, mut end, mut tokens) = (vec![None; n], vec![None; n], vec![0usize; n]);
     let mut reused = vec![0usize; n];
     let bar = indicatif::ProgressBar::new(n as u64);
@@ -1186,14 +1241,14 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     let mut arrived = 0;
     let start = std::time::Instant::now();
     let mut next = |idle: bool| {
-        let Some((due, prompt)) = load.get(arrived) else { return Arrival::Closed };
+        let Some((due, request)) = load.get(arrived) else { return Arrival::Closed };
         let wait = due - start.elapsed().as_secs_f64();
         if wait > 0.0 && !idle {
             return Arrival::NotYet;
         }
         std::thread::sleep(std::time::Duration::from_secs_f64(wait.max(0.0)));
         arrived += 1;
-        Arrival::Request(Request::new(prompt.clone(), args.new_tokens, greedy))
+        Arrival::Request(request.clone())
     };
     let mut report = |i: usize, p: Progress| -> Result<(), String> {
         let now = start.elapsed().as_secs_f64();
@@ -1211,7 +1266,8 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         }
         Ok(())
     };
-    let limits = vec![hi + args.new_tokens; slots];
+    let longest = load.iter().map(|(_, r)| r.prompt.len() + r.max_new).max().unwrap_or(hi + args.new_tokens);
+    let limits = vec![longest; slots];
     // What joining prompts may prefill between two decode steps (whole chunks, at least one).
     let chunk = program.entry_plan("prefill").map_err(at)?.sizes.rows.max(1);
     let budget = args.scheduling.prefill_budget.unwrap_or(chunk).max(chunk) / chunk * chunk;
@@ -1245,10 +1301,13 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     let generated: usize = tokens.iter().sum();
     let (ttft, tpot, latency) = (stats(&ttft), stats(&tpot), stats(&latency));
     let arrivals = args.rate.map_or("all at once".to_string(), |r| format!("{r} a second"));
+    let new_each = match &args.prompts {
+        None => format!("{} new each", args.new_tokens),
+        Some(p) => format!("from {}, {skipped} of its requests too long for the artifact skipped", p.display()),
+    };
     println!(
-        "served {n} requests (prompts of {lo}..{hi} tokens, {} new each, {slots} at a time, arriving {arrivals}; \
+        "served {n} requests (prompts of {lo}..{hi} tokens, {new_each}, {slots} at a time, arriving {arrivals}; \
          {joined} joined a running batch): {generated} tokens in {total_s:.3} s — {:.1} tokens/s, {:.2} requests/s ({kind})",
-        args.new_tokens,
         generated as f64 / total_s.max(1e-9),
         n as f64 / total_s.max(1e-9)
     );
@@ -1261,7 +1320,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             ms(v, "p99")
         );
     }
-    let prompt_total: usize = load.iter().map(|l| l.1.len()).sum();
+    let prompt_total: usize = load.iter().map(|l| l.1.prompt.len()).sum();
     let reused_total: usize = reused.iter().sum();
     println!(
         "  prefills              {prefill_s:.3} s of the run; {reused_total} of {prompt_total} prompt tokens' cache rows \
@@ -1270,7 +1329,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     if let Some(out) = &args.out {
         let per: Vec<serde_json::Value> = (0..n)
             .map(|i| {
-                serde_json::json!({"arrival_s": load[i].0, "prompt_tokens": load[i].1.len(), "tokens": tokens[i],
+                serde_json::json!({"arrival_s": load[i].0, "prompt_tokens": load[i].1.prompt.len(), "tokens": tokens[i],
                                         "first_token_s": first[i], "end_s": end[i], "reused_prompt_tokens": reused[i]})
             })
             .collect();
@@ -1279,6 +1338,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             "weights": if args.random_weights.is_some() { "random" } else { "checkpoint" },
             "requests": n, "batch": slots, "prompt_tokens": [lo, hi], "new_tokens": args.new_tokens, "rate": args.rate,
             "prefill_budget_tokens": budget, "shared_prefix_tokens": shared.len(),
+            "prompts_file": args.prompts.as_ref().map(|p| p.display().to_string()), "skipped_requests": skipped,
             "prefix_reuse": !args.scheduling.no_prefix_reuse, "reused_prompt_tokens": reused_total, "joined": joined, "total_s": total_s, "prefill_s": prefill_s, "generated_tokens": generated,
             "tokens_per_s": generated as f64 / total_s.max(1e-9),
             "time_to_first_token_s": ttft, "time_per_output_token_s": tpot, "latency_s": latency,
