@@ -822,6 +822,18 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(text, message["content"].as_str().unwrap(), "{streamed}");
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length", "{streamed}");
+    // GET /metrics (no key needed): the four requests served here, how each ended, none left.
+    let (status, metrics) = server.request_as("GET", "/metrics", "", None);
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    for line in [
+        "v3r_requests_total{finish=\"length\"} 3",
+        "v3r_requests_total{finish=\"stop\"} 1",
+        "v3r_requests_in_flight 0",
+        "v3r_time_to_first_token_seconds_count 4",
+        "v3r_request_latency_seconds_count 4",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 }
 
 /// `v3r perplexity` over a cpu artifact: the mean negative log-likelihood the reference

@@ -472,6 +472,104 @@ pub struct Site {
     pub api_key: Option<String>,
     /// The most tokens a sequence holds (prompt and new), said by `GET /v1/models`.
     pub max_len: usize,
+    /// What `GET /metrics` says; kept by [`serve_http`].
+    pub metrics: std::sync::Mutex<Metrics>,
+}
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const BUCKETS: [f64; 12] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// A Prometheus histogram: observations per bucket (not cumulative), their sum and count.
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, x: f64) {
+        if let Some(b) = BUCKETS.iter().position(|&le| x <= le) {
+            self.counts[b] += 1;
+        }
+        self.sum += x;
+        self.count += 1;
+    }
+
+    /// Its lines in Prometheus' text format (cumulative buckets, then +Inf, sum, count).
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        let mut below = 0;
+        for (le, n) in BUCKETS.iter().zip(self.counts) {
+            below += n;
+            out.push_str(&format!("{name}_bucket{{le=\"{le}\"}} {below}\n"));
+        }
+        out.push_str(&format!(
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}\n",
+            self.count, self.sum, self.count
+        ));
+    }
+}
+
+/// A server's counters, gauges and histograms, as Prometheus scrapes them (`GET /metrics`).
+#[derive(Debug, Default, Clone)]
+pub struct Metrics {
+    /// Requests ended, by how: stop, length, cancelled, refused.
+    finished: [u64; 4],
+    /// Requests arrived and not yet ended (waiting or running).
+    in_flight: u64,
+    prompt_tokens: u64,
+    cached_prompt_tokens: u64,
+    generation_tokens: u64,
+    time_to_first_token: Histogram,
+    latency: Histogram,
+}
+
+impl Metrics {
+    const HOW: [&'static str; 4] = ["stop", "length", "cancelled", "refused"];
+
+    fn arrived(&mut self, prompt_tokens: usize) {
+        self.in_flight += 1;
+        self.prompt_tokens += prompt_tokens as u64;
+    }
+
+    /// A request ended (`how`: an index of [`Metrics::HOW`]) after `seconds`, with generation `g`
+    /// (a refused one has none).
+    fn ended(&mut self, how: usize, seconds: f64, g: Option<&Generation>) {
+        self.finished[how] += 1;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(g) = g {
+            self.generation_tokens += g.tokens.len() as u64;
+            self.cached_prompt_tokens += g.reused as u64;
+            self.latency.observe(seconds);
+        }
+    }
+
+    /// Prometheus' text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP v3r_requests_total Requests ended, by how.\n# TYPE v3r_requests_total counter\n");
+        for (how, n) in Metrics::HOW.iter().zip(self.finished) {
+            out.push_str(&format!("v3r_requests_total{{finish=\"{how}\"}} {n}\n"));
+        }
+        for (name, kind, help, value) in [
+            ("v3r_requests_in_flight", "gauge", "Requests waiting or running.", self.in_flight),
+            ("v3r_prompt_tokens_total", "counter", "Prompt tokens of the requests arrived.", self.prompt_tokens),
+            (
+                "v3r_cached_prompt_tokens_total",
+                "counter",
+                "Prompt tokens whose cache rows were shared, not prefilled.",
+                self.cached_prompt_tokens,
+            ),
+            ("v3r_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        }
+        let ttft = "Seconds from a request's arrival to its first token.";
+        self.time_to_first_token.render("v3r_time_to_first_token_seconds", ttft, &mut out);
+        self.latency.render("v3r_request_latency_seconds", "Seconds from a request's arrival to its end.", &mut out);
+        out
+    }
 }
 
 /// Serves completions on `listener` until `stop` returns true between requests (checked every
@@ -488,12 +586,20 @@ pub fn serve_http(
     listener.set_nonblocking(false).map_err(|e| e.to_string())?;
     let accepting = tx.clone();
     let site = Arc::new(site);
+    let serving = site.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let (tx, site) = (accepting.clone(), site.clone());
             std::thread::spawn(move || connection(stream, tx, &site));
         }
     });
+    let metrics = |f: &mut dyn FnMut(&mut Metrics)| {
+        if let Ok(mut m) = serving.metrics.lock() {
+            f(&mut m);
+        }
+    };
+    // Per request (in arrival order): when it arrived, whether its first token and its end came.
+    let seen: std::cell::RefCell<Vec<(std::time::Instant, bool, bool)>> = Default::default();
     drop(tx);
     // Per request (in arrival order): where its progress goes.
     let replies: std::cell::RefCell<Vec<Option<mpsc::Sender<Progress>>>> = Default::default();
@@ -521,6 +627,8 @@ pub fn serve_http(
                     let _ = number.send(replies.len());
                 }
                 replies.push(Some(reply));
+                seen.borrow_mut().push((std::time::Instant::now(), false, false));
+                metrics(&mut |m| m.arrived(r.prompt.len()));
                 Arrival::Request(r)
             }
             (Message::Gone(i), _) => Arrival::Cancel(i),
@@ -530,6 +638,23 @@ pub fn serve_http(
         if let Progress::Ended(g) = &p {
             served.requests += 1;
             served.tokens += g.tokens.len();
+        }
+        if let Some((arrived, first, done)) = seen.borrow_mut().get_mut(i).filter(|s| !s.2) {
+            let seconds = arrived.elapsed().as_secs_f64();
+            match &p {
+                Progress::Token(_) if !*first => {
+                    *first = true;
+                    metrics(&mut |m| m.time_to_first_token.observe(seconds));
+                }
+                Progress::Ended(g) => {
+                    let how = if finish_reason(g) == "stop" { 0 } else { 1 };
+                    metrics(&mut |m| m.ended(how, seconds, Some(g)));
+                }
+                Progress::Cancelled(g) => metrics(&mut |m| m.ended(2, seconds, Some(g))),
+                Progress::Refused(_) => metrics(&mut |m| m.ended(3, seconds, None)),
+                _ => {}
+            }
+            *done = matches!(p, Progress::Ended(_) | Progress::Cancelled(_) | Progress::Refused(_));
         }
         let last = matches!(p, Progress::Ended(_) | Progress::Cancelled(_) | Progress::Refused(_));
         let mut replies = replies.borrow_mut();
@@ -579,7 +704,7 @@ fn connection(mut stream: TcpStream, tx: mpsc::Sender<(Message, Option<mpsc::Sen
             given.len() == key.len() && given.bytes().zip(key.bytes()).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
         }),
     };
-    if !authorized && request.path != "/health" {
+    if !authorized && request.path != "/health" && request.path != "/metrics" {
         let message = "a valid API key is needed: Authorization: Bearer KEY (v3r serve --api-key)";
         let body = serde_json::json!({ "error": { "message": message, "type": "invalid_request_error", "code": "invalid_api_key" } });
         let _ = respond(&mut stream, "401 Unauthorized", &body);
@@ -589,6 +714,14 @@ fn connection(mut stream: TcpStream, tx: mpsc::Sender<(Message, Option<mpsc::Sen
         ("GET", "/health") => {
             let _ = respond(&mut stream, "200 OK", &serde_json::json!({ "status": "ok" }));
         }
+        ("GET", "/metrics") => {
+            let body = site.metrics.lock().map(|m| m.render()).unwrap_or_default();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all((head + &body).as_bytes()).and_then(|_| stream.flush());
+        }
         ("GET", "/v1/models") => {
             let one =
                 serde_json::json!({ "id": model, "object": "model", "owned_by": "v3c", "max_model_len": site.max_len });
@@ -597,13 +730,13 @@ fn connection(mut stream: TcpStream, tx: mpsc::Sender<(Message, Option<mpsc::Sen
         }
         ("POST", "/v1/completions") => completion(Api::Completions, stream, &request.body, tx, site),
         ("POST", "/v1/chat/completions") => completion(Api::Chat, stream, &request.body, tx, site),
-        (_, "/health" | "/v1/models" | "/v1/completions" | "/v1/chat/completions") => {
+        (_, "/health" | "/metrics" | "/v1/models" | "/v1/completions" | "/v1/chat/completions") => {
             let _ =
                 respond_error(&mut stream, "405 Method Not Allowed", &format!("{} {}", request.method, request.path));
         }
         (_, path) => {
             let message = format!(
-                "{path}: served are POST /v1/completions, POST /v1/chat/completions, GET /v1/models and GET /health"
+                "{path}: served are POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics"
             );
             let _ = respond_error(&mut stream, "404 Not Found", &message);
         }
@@ -763,6 +896,40 @@ fn completion(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Prometheus' text format: counters by how requests ended, gauges, cumulative histogram
+    /// buckets with their sum and count.
+    #[test]
+    fn metrics_render_as_prometheus_reads_them() {
+        let mut m = Metrics::default();
+        m.arrived(5);
+        m.arrived(7);
+        m.arrived(1);
+        m.time_to_first_token.observe(0.02);
+        m.time_to_first_token.observe(3.0);
+        let g = Generation { reused: 64, ..Generation::alone(vec![1, 2, 3], false, 0.0, 0.0) };
+        m.ended(1, 0.5, Some(&g));
+        m.ended(3, 0.0, None);
+        let text = m.render();
+        for line in [
+            "v3r_requests_total{finish=\"length\"} 1",
+            "v3r_requests_total{finish=\"refused\"} 1",
+            "v3r_requests_total{finish=\"stop\"} 0",
+            "v3r_requests_in_flight 1",
+            "v3r_prompt_tokens_total 13",
+            "v3r_cached_prompt_tokens_total 64",
+            "v3r_generation_tokens_total 3",
+            "v3r_time_to_first_token_seconds_bucket{le=\"0.01\"} 0",
+            "v3r_time_to_first_token_seconds_bucket{le=\"0.025\"} 1",
+            "v3r_time_to_first_token_seconds_bucket{le=\"5\"} 2",
+            "v3r_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2",
+            "v3r_time_to_first_token_seconds_sum 3.02",
+            "v3r_request_latency_seconds_count 1",
+            "# TYPE v3r_request_latency_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
 
     /// The one request of a body that asks for one choice, and whether it streams.
     fn one(a: ApiRequest) -> (Request, bool) {

@@ -930,7 +930,8 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         );
         let start = std::time::Instant::now();
 
-        let site = v3c_runtime::http::Site { defaults, tokenizer, model: model.clone(), api_key, max_len };
+        let metrics = Default::default();
+        let site = v3c_runtime::http::Site { defaults, tokenizer, model: model.clone(), api_key, max_len, metrics };
         let served = v3c_runtime::http::serve_http(listener, program, &serving, site, &|| false).map_err(at)?;
         eprintln!(
             "served {} requests, {} tokens in {:.3} s ({} joined a running batch, {:.3} s in prefills)",
