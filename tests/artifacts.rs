@@ -449,6 +449,33 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         assert_eq!(lp["top_logprobs"][k].as_object().unwrap().len(), 1);
     }
     assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 11);
+    // Keep-alive: two requests on one connection (HTTP/1.1's default), the second closing it.
+    let mut c = std::net::TcpStream::connect(&server.addr).unwrap();
+    std::io::Write::write_all(&mut c, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reader = std::io::BufReader::new(c.try_clone().unwrap());
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
+        assert!(!line.to_ascii_lowercase().starts_with("connection: close"), "{line}");
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut health = vec![0; length];
+    std::io::Read::read_exact(&mut reader, &mut health).unwrap();
+    assert_eq!(String::from_utf8_lossy(&health), r#"{"status":"ok"}"#);
+    let body = r#"{"prompt": [3, 17, 4], "max_tokens": 2}"#;
+    let second =
+        format!("POST /v1/completions HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    std::io::Write::write_all(&mut c, second.as_bytes()).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(rest.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(ids(&reply["choices"][0]["tokens"]), alone("3 17 4", 2), "{rest}");
     drop(server);
     // A serving benchmark over made-up weights: every request served with its new tokens, the
     // figures written; a range that is not one, and prompts the caches cannot hold, refused.

@@ -170,8 +170,10 @@ impl HttpServer {
     pub fn request_as(&self, method: &str, path: &str, body: &str, key: Option<&str>) -> (String, String) {
         let mut c = std::net::TcpStream::connect(&self.addr).expect("the server accepts");
         let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-        let request =
-            format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {}\r\n\r\n{body}", body.len());
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
         std::io::Write::write_all(&mut c, request.as_bytes()).expect("the request is sent");
         let mut reply = String::new();
         std::io::Read::read_to_string(&mut c, &mut reply).expect("a reply");

@@ -1,14 +1,19 @@
 //! `v3r serve --http ADDR`: the serving loop ([`crate::session::serve`]) behind a small HTTP/1.1
-//! server speaking OpenAI's completions API — `POST /v1/completions` with `{"prompt": "text" or
-//! [ids] (or an array of prompts), "n": choices, "max_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop": ["text", ...] or
-//! [[ids], ...], "logprobs": true, "stream": true}`, and `POST /v1/chat/completions` with
-//! `{"messages": [...], ...}` (the tokenizer's chat template writes them) — `GET /v1/models`, `GET
-//! /health`. Text needs a tokenizer ([`crate::tokenizer`]); replies carry the tokens in `tokens`
-//! and, with a tokenizer, their text (special tokens left out, cut before a stop string) in `text`
-//! or the assistant's `message` (else it is empty). Each connection has a thread of its own that parses its request, hands it to the
-//! serving loop (one queue for all) and writes what the loop reports: the whole completion, or with
-//! `stream` a server-sent event per token then `data: [DONE]`. A client that goes away while its
-//! tokens stream cancels its request. One request per connection (`Connection: close`).
+//! server speaking OpenAI's API:
+//! - `POST /v1/completions`: `{"prompt": "text" or [ids] (or an array of prompts), "n": choices,
+//!   "max_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop": ["text", ...] or [[ids], ...],
+//!   "logprobs": true or K, "echo": true, "stream": true}`;
+//! - `POST /v1/chat/completions`: `{"messages": [...], ...}`, written by the tokenizer's chat template;
+//! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus).
+//!
+//! Text needs a tokenizer ([`crate::tokenizer`]); replies carry the tokens in `tokens` and, with a
+//! tokenizer, their text (special tokens left out, cut before a stop string) in `text` or the
+//! assistant's `message` (else it is empty). Each connection has a thread of its own that parses
+//! its requests, hands them to the serving loop (one queue for all: each choice a request) and
+//! writes what the loop reports: the whole reply, or with `stream` a server-sent event per token
+//! then `data: [DONE]`. A client that goes away while its tokens stream cancels its request.
+//! Connections stay open across requests (HTTP/1.1's keep-alive) until the client closes one, a
+//! stream ends, or it idles 60 s.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -31,12 +36,26 @@ pub struct HttpRequest {
     pub body: Vec<u8>,
     /// Its `Authorization` header.
     pub authorization: Option<String>,
+    /// The connection stays open after the reply (HTTP/1.1 unless `Connection: close`; HTTP/1.0
+    /// with `Connection: keep-alive`).
+    pub keep_alive: bool,
 }
 
-/// Reads one HTTP/1.1 request (request line, headers, a `Content-Length` body) from `reader`.
-pub fn read_request(reader: &mut impl BufRead) -> Result<HttpRequest, String> {
+/// Reads one HTTP/1.1 request (request line, headers, a `Content-Length` body) from `reader`;
+/// None where the client closed the connection, or let it idle past its read timeout, before
+/// sending one (a kept-alive connection's end).
+pub fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, String> {
     let mut line = String::new();
-    reader.read_line(&mut line).map_err(|e| format!("reading the request: {e}"))?;
+    match reader.read_line(&mut line) {
+        Ok(0) => return Ok(None),
+        Ok(_) => {}
+        Err(e)
+            if line.is_empty() && matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(format!("reading the request: {e}")),
+    }
     let mut parts = line.split_whitespace();
     let (Some(method), Some(path), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(format!("not an HTTP request line: {:?}", line.trim_end()));
@@ -46,6 +65,7 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<HttpRequest, String> {
     }
     let (method, path) = (method.to_string(), path.split('?').next().unwrap_or(path).to_string());
     let (mut length, mut authorization) = (0usize, None);
+    let mut keep_alive = version == "HTTP/1.1";
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header).map_err(|e| format!("reading the headers: {e}"))? == 0 {
@@ -58,6 +78,12 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<HttpRequest, String> {
         if let Some((name, value)) = header.split_once(':') {
             if name.trim().eq_ignore_ascii_case("content-length") {
                 length = value.trim().parse().map_err(|_| format!("Content-Length: {:?}", value.trim()))?;
+            } else if name.trim().eq_ignore_ascii_case("connection") {
+                match value.trim().to_ascii_lowercase().as_str() {
+                    "close" => keep_alive = false,
+                    "keep-alive" => keep_alive = true,
+                    _ => {}
+                }
             } else if name.trim().eq_ignore_ascii_case("authorization") {
                 authorization = Some(value.trim().to_string());
             } else if name.trim().eq_ignore_ascii_case("transfer-encoding") {
@@ -70,7 +96,7 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<HttpRequest, String> {
     }
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body).map_err(|e| format!("reading a body of {length} bytes: {e}"))?;
-    Ok(HttpRequest { method, path, body, authorization })
+    Ok(Some(HttpRequest { method, path, body, authorization, keep_alive }))
 }
 
 /// The two APIs served: OpenAI's completions and chat completions.
@@ -429,20 +455,31 @@ fn chunk_json(
 }
 
 /// Writes a whole response: `status` (e.g. "200 OK") and a JSON body.
-fn respond(stream: &mut TcpStream, status: &str, body: &serde_json::Value) -> std::io::Result<()> {
-    let body = body.to_string();
+fn respond(conn: &mut Conn, status: &str, body: &serde_json::Value) -> std::io::Result<()> {
+    respond_text(conn, status, "application/json", &body.to_string())
+}
+
+/// Writes a whole response of `content_type`, the connection kept open or closed as `conn` says.
+fn respond_text(conn: &mut Conn, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
+    let connection = if conn.keep { "keep-alive" } else { "close" };
     write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        conn.stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
         body.len()
     )?;
-    stream.flush()
+    conn.stream.flush()
 }
 
 /// An error response in OpenAI's shape.
-fn respond_error(stream: &mut TcpStream, status: &str, message: &str) -> std::io::Result<()> {
+fn respond_error(conn: &mut Conn, status: &str, message: &str) -> std::io::Result<()> {
     let kind = if status.starts_with('4') { "invalid_request_error" } else { "server_error" };
-    respond(stream, status, &serde_json::json!({ "error": { "message": message, "type": kind } }))
+    respond(conn, status, &serde_json::json!({ "error": { "message": message, "type": kind } }))
+}
+
+/// A client's connection, and whether it stays open after the reply being written.
+struct Conn {
+    stream: TcpStream,
+    keep: bool,
 }
 
 /// What a connection's thread hands the serving loop.
@@ -678,25 +715,40 @@ fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// One connection: its request read, routed, answered.
-fn connection(mut stream: TcpStream, tx: mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>, site: &Site) {
-    let model = site.model.as_str();
-    // A client that never finishes its request does not hold its thread for ever.
+/// One connection: its requests read, routed, answered, one after another while the client
+/// keeps it open (a streamed reply closes it).
+fn connection(stream: TcpStream, tx: mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>, site: &Site) {
+    // A client that never finishes a request, or idles, does not hold its thread for ever.
     let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(60)));
-    let request = {
-        let mut reader = BufReader::new(match stream.try_clone() {
-            Ok(s) => s,
-            Err(_) => return,
-        });
-        read_request(&mut reader)
-    };
-    let request = match request {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = respond_error(&mut stream, "400 Bad Request", &e);
+    let Ok(reading) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(reading);
+    let mut conn = Conn { stream, keep: false };
+    loop {
+        let request = match read_request(&mut reader) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                conn.keep = false;
+                let _ = respond_error(&mut conn, "400 Bad Request", &e);
+                return;
+            }
+        };
+        conn.keep = request.keep_alive;
+        answer(&mut conn, &request, &tx, site);
+        if !conn.keep {
             return;
         }
-    };
+    }
+}
+
+/// One request of a connection, answered.
+fn answer(
+    conn: &mut Conn,
+    request: &HttpRequest,
+    tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
+    site: &Site,
+) {
+    let model = site.model.as_str();
     let authorized = match &site.api_key {
         None => true,
         Some(key) => request.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).is_some_and(|given| {
@@ -707,38 +759,33 @@ fn connection(mut stream: TcpStream, tx: mpsc::Sender<(Message, Option<mpsc::Sen
     if !authorized && request.path != "/health" && request.path != "/metrics" {
         let message = "a valid API key is needed: Authorization: Bearer KEY (v3r serve --api-key)";
         let body = serde_json::json!({ "error": { "message": message, "type": "invalid_request_error", "code": "invalid_api_key" } });
-        let _ = respond(&mut stream, "401 Unauthorized", &body);
+        let _ = respond(conn, "401 Unauthorized", &body);
         return;
     }
     match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/health") => {
-            let _ = respond(&mut stream, "200 OK", &serde_json::json!({ "status": "ok" }));
+            let _ = respond(conn, "200 OK", &serde_json::json!({ "status": "ok" }));
         }
         ("GET", "/metrics") => {
             let body = site.metrics.lock().map(|m| m.render()).unwrap_or_default();
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all((head + &body).as_bytes()).and_then(|_| stream.flush());
+            let _ = respond_text(conn, "200 OK", "text/plain; version=0.0.4", &body);
         }
         ("GET", "/v1/models") => {
             let one =
                 serde_json::json!({ "id": model, "object": "model", "owned_by": "v3c", "max_model_len": site.max_len });
             let models = serde_json::json!({ "object": "list", "data": [one] });
-            let _ = respond(&mut stream, "200 OK", &models);
+            let _ = respond(conn, "200 OK", &models);
         }
-        ("POST", "/v1/completions") => completion(Api::Completions, stream, &request.body, tx, site),
-        ("POST", "/v1/chat/completions") => completion(Api::Chat, stream, &request.body, tx, site),
+        ("POST", "/v1/completions") => completion(Api::Completions, conn, &request.body, tx, site),
+        ("POST", "/v1/chat/completions") => completion(Api::Chat, conn, &request.body, tx, site),
         (_, "/health" | "/metrics" | "/v1/models" | "/v1/completions" | "/v1/chat/completions") => {
-            let _ =
-                respond_error(&mut stream, "405 Method Not Allowed", &format!("{} {}", request.method, request.path));
+            let _ = respond_error(conn, "405 Method Not Allowed", &format!("{} {}", request.method, request.path));
         }
         (_, path) => {
             let message = format!(
                 "{path}: served are POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics"
             );
-            let _ = respond_error(&mut stream, "404 Not Found", &message);
+            let _ = respond_error(conn, "404 Not Found", &message);
         }
     }
 }
@@ -756,16 +803,16 @@ struct Pending {
 /// A completion: parsed, queued (each choice a request of its own), answered whole or streamed.
 fn completion(
     api: Api,
-    mut stream: TcpStream,
+    conn: &mut Conn,
     body: &[u8],
-    tx: mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
+    tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
     site: &Site,
 ) {
     let (tokenizer, model) = (site.tokenizer.as_ref(), site.model.as_str());
     let ApiRequest { requests, stream: streaming, n } = match api_request(api, body, &site.defaults, tokenizer) {
         Ok(r) => r,
         Err(e) => {
-            let _ = respond_error(&mut stream, "400 Bad Request", &e);
+            let _ = respond_error(conn, "400 Bad Request", &e);
             return;
         }
     };
@@ -780,7 +827,7 @@ fn completion(
             Err(_) => None,
         };
         let Some(number) = number else {
-            let _ = respond_error(&mut stream, "503 Service Unavailable", "the server is stopping");
+            let _ = respond_error(conn, "503 Service Unavailable", "the server is stopping");
             return;
         };
         pending.push(Pending { number, prompt, echoed, stops, events });
@@ -797,6 +844,9 @@ fn completion(
     };
     if streaming {
         let p = &pending[0];
+        // A stream ends with its connection.
+        conn.keep = false;
+        let stream = &mut conn.stream;
         let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
         let mut gone = stream.write_all(head.as_bytes()).and_then(|_| stream.flush()).is_err();
         let mut text = tokenizer.map(|t| TextSoFar::new(t, p.stops.as_ref()));
@@ -864,12 +914,12 @@ fn completion(
                 for other in &pending[k + 1..] {
                     let _ = tx.send((Message::Gone(other.number), None));
                 }
-                let _ = respond_error(&mut stream, "400 Bad Request", &e);
+                let _ = respond_error(conn, "400 Bad Request", &e);
                 return;
             }
             None => {
                 let message = "the server stopped before the request ended";
-                let _ = respond_error(&mut stream, "503 Service Unavailable", message);
+                let _ = respond_error(conn, "503 Service Unavailable", message);
                 return;
             }
         }
@@ -889,8 +939,7 @@ fn completion(
     // Each prompt's tokens once, however many choices it has.
     let prompt_tokens: usize = pending.iter().step_by(n.max(1)).map(|p| p.prompt.len()).sum();
     let generations: Vec<&Generation> = ended.iter().collect();
-    let _ =
-        respond(&mut stream, "200 OK", &reply_json(&id, object, model, created, choices, prompt_tokens, &generations));
+    let _ = respond(conn, "200 OK", &reply_json(&id, object, model, created, choices, prompt_tokens, &generations));
 }
 
 #[cfg(test)]
@@ -945,13 +994,21 @@ mod tests {
     #[test]
     fn requests_are_read_to_their_content_length() {
         let raw = "POST /v1/completions?x=1 HTTP/1.1\r\nHost: a\r\ncontent-length: 13\r\nauthorization:  Bearer k1 \r\n\r\n{\"prompt\": 1}extra";
-        let r = read_request(&mut raw.as_bytes()).unwrap();
+        let r = read_request(&mut raw.as_bytes()).unwrap().unwrap();
         assert_eq!(
-            (r.method.as_str(), r.path.as_str(), &r.body[..], r.authorization.as_deref()),
-            ("POST", "/v1/completions", &b"{\"prompt\": 1}"[..], Some("Bearer k1"))
+            (r.method.as_str(), r.path.as_str(), &r.body[..], r.authorization.as_deref(), r.keep_alive),
+            ("POST", "/v1/completions", &b"{\"prompt\": 1}"[..], Some("Bearer k1"), true)
         );
-        let r = read_request(&mut "GET /health HTTP/1.0\r\n\r\n".as_bytes()).unwrap();
-        assert_eq!((r.method.as_str(), r.body.len(), r.authorization), ("GET", 0, None));
+        let r = read_request(&mut "GET /health HTTP/1.0\r\n\r\n".as_bytes()).unwrap().unwrap();
+        assert_eq!((r.method.as_str(), r.body.len(), r.authorization, r.keep_alive), ("GET", 0, None, false));
+        // Connection: close (1.1) and keep-alive (1.0); two requests read one after the other;
+        // the client's close before a request is no request.
+        let two = "GET /a HTTP/1.1\r\nConnection: Close\r\n\r\nGET /b HTTP/1.0\r\nconnection: keep-alive\r\n\r\n";
+        let mut reader = two.as_bytes();
+        let a = read_request(&mut reader).unwrap().unwrap();
+        let b = read_request(&mut reader).unwrap().unwrap();
+        assert_eq!((a.path.as_str(), a.keep_alive, b.path.as_str(), b.keep_alive), ("/a", false, "/b", true));
+        assert!(read_request(&mut reader).unwrap().is_none());
         for (raw, err) in [
             ("hello\r\n\r\n", "not an HTTP request line"),
             ("GET / HTTP/2\r\n\r\n", "only HTTP/1.x"),
