@@ -117,8 +117,8 @@ mod tests {
             for (i, &(begin, end, from)) in plan.iter().enumerate() {
                 proptest::prop_assert!(end - begin <= window && begin < from && from <= end);
                 proptest::prop_assert_eq!(begin, i * stride);
-                for k in from..end {
-                    scored[k] += 1;
+                for n in &mut scored[from..end] {
+                    *n += 1;
                 }
             }
             proptest::prop_assert_eq!(plan.last().unwrap().1, len);

@@ -2778,6 +2778,9 @@ mod tests {
         }
     }
 
+    /// A streamed token's scores and (once it came) the token.
+    type Streamed = (f32, Vec<(u32, f32)>, Option<u32>);
+
     /// Stop sequences end a request at their first occurrence (kept in its tokens: "stop"), its
     /// tokens a prefix of those it gets alone; log-probabilities asked for are each token's under
     /// its logits — read back even where the program picks greedy tokens itself, which it does
@@ -2810,7 +2813,7 @@ mod tests {
             let mut next = |_: bool| requests.next().map_or(Arrival::Closed, Arrival::Request);
             let mut ended: Vec<Option<Generation>> = vec![None, None];
             // Streamed: each token's scores just before it.
-            let mut streamed: Vec<Vec<(f32, Vec<(u32, f32)>, Option<u32>)>> = vec![Vec::new(), Vec::new()];
+            let mut streamed: Vec<Vec<Streamed>> = vec![Vec::new(), Vec::new()];
             let mut report = |id: usize, p: Progress| {
                 match p {
                     Progress::Ended(g) => ended[id] = Some(g),
@@ -2842,7 +2845,7 @@ mod tests {
                 assert_eq!((alts.len(), alts[0]), (3, (t, lp)), "{name}");
                 assert!(alts.windows(2).all(|w| w[0].1 >= w[1].1), "{name}: {alts:?}");
             }
-            let streamed_scores: Vec<(f32, Vec<(u32, f32)>, Option<u32>)> = first
+            let streamed_scores: Vec<Streamed> = first
                 .tokens
                 .iter()
                 .zip(&first.logprobs)
