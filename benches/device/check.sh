@@ -7,7 +7,7 @@
 # .device/ (git-ignored, ~59 MB) and packs it as .device.tar.xz (~12 MB); carry that (a device call
 # carries 64 MiB with the working tree): this script unpacks it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
 # ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, gemm_<kernel>.json, rows_<kernel>.json, mla.json,
-# decode_slice*.json, train_slice_*.json, tuning.json, perplexity.json.
+# decode_slice*.json, train_slice_*.json, tuning.json, perplexity.json, shared_serve.jsonl.
 #
 # Steps, in this order (correctness first; every step bounded by what is left of 570 s):
 # 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
@@ -226,6 +226,37 @@ print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) 
     fi
   else
     row "3. pool of pages" "FAILED" "v3r run failed (check.log)"
+  fi
+  # Shared pages on the device: a 72-token prompt decoding while a second one sharing its first 70
+  # tokens joins — holding the first's page 0 (not a copy; its rows also copied into the scratch rows
+  # the rest's prefill continues from) — each must get its tokens alone, the second reporting 64
+  # prompt tokens shared.
+  python3 -c "import sys; a = [(i * 37 + 5) % 509 + 3 for i in range(72)]; b = a[:70] + [7, 8, 9, 10, 11]
+print(' '.join(map(str, a))); print(' '.join(map(str, b)))" > "$out/shared_prompts.txt"
+  shared_alone() { timeout 60 "$v3r" run "$e2e/sm90tc" --weights "$e2e/ckpt" --prompt-tokens "$1" --max-new-tokens 20 \
+    --ignore-eos 2>>"$log"; }
+  if { shared_alone "$(sed -n 1p "$out/shared_prompts.txt")"; shared_alone "$(sed -n 2p "$out/shared_prompts.txt")"; } \
+      > "$out/shared_alone.txt"; then
+    python3 -c 'import json, sys
+for l in open(sys.argv[1]): print(json.dumps({"prompt": list(map(int, l.split())), "max_new_tokens": 20}))' \
+      "$out/shared_prompts.txt" > "$out/shared_requests.jsonl"
+    if timeout 60 "$v3r" serve "$e2e/sm90tc" --weights "$e2e/ckpt" --batch 2 --ignore-eos \
+        < "$out/shared_requests.jsonl" > "$out/shared_serve.jsonl" 2>>"$log"; then
+      if verdict=$(python3 - "$out/shared_serve.jsonl" "$out/shared_alone.txt" <<'PY'
+import json, sys
+got = sorted((json.loads(l) for l in open(sys.argv[1])), key=lambda v: v["id"])
+alone = [list(map(int, l.split())) for l in open(sys.argv[2])]
+same = [g.get("tokens") == a for g, a in zip(got, alone)]
+shared = [g.get("reused_prompt_tokens") for g in got]
+print(f"tokens as alone {same}, prompt tokens shared {shared}")
+sys.exit(0 if all(same) and len(same) == 2 and shared == [0, 64] else 1)
+PY
+      ); then row "3. shared pages" "ok" "$verdict"; else row "3. shared pages" "DIFFERS" "$verdict"; fi
+    else
+      row "3. shared pages" "FAILED" "v3r serve failed (check.log)"
+    fi
+  else
+    row "3. shared pages" "FAILED" "v3r run failed (check.log)"
   fi
   # Perplexity: 256 tokens in windows of 64 every 32 through the tensor-core artifact (bf16 attention)
   # against a cpu artifact's (prepare.sh): mean negative log-likelihood within 2% relative.
