@@ -1433,13 +1433,18 @@ impl std::fmt::Debug for TextStops {
 
 impl TextStops {
     /// Whether the newest of `tokens` completes a stop string. Only the last tokens are decoded:
-    /// every token stands for at least one byte, so a stop string of n bytes ending in the newest
-    /// token lies within the last n tokens (a character cut at the start becomes U+FFFD, which
-    /// only the text before the stop string can hold).
+    /// a stop string of n bytes first held once the newest token came ends in it, so its other
+    /// bytes lie in the n - 1 bytes before it — the tokens before the newest are taken until they
+    /// stand for n bytes (a token may stand for none: an id the tokenizer does not have).
     fn reached(&self, tokens: &[u32]) -> bool {
         let longest = self.strings.iter().map(String::len).max().unwrap_or(0);
-        let tail = &tokens[tokens.len().saturating_sub(longest + 1)..];
-        let text = self.tokenizer.decode(tail, false);
+        let Some((_, before)) = tokens.split_last() else { return false };
+        let (mut start, mut bytes) = (before.len(), 0);
+        while start > 0 && bytes < longest {
+            start -= 1;
+            bytes += self.tokenizer.token_bytes_of(before[start]).len();
+        }
+        let text = self.tokenizer.decode(&tokens[start..], false);
         self.strings.iter().any(|s| !s.is_empty() && text.contains(s.as_str()))
     }
 
@@ -2918,6 +2923,17 @@ mod tests {
         }
         assert_eq!(stops.cut("ab</end>cd ß!"), "ab");
         assert_eq!(stops.cut("no stop"), "no stop");
+        // Reached across tokens, ids the tokenizer does not have (no bytes) between them.
+        let t = &stops.tokenizer;
+        let ids: Vec<u32> = t.encode("x</end>", false);
+        let unknown = t.vocab_size() as u32 + 7;
+        let mut spread = Vec::new();
+        for &id in &ids {
+            spread.extend([id, unknown, unknown, unknown]);
+        }
+        spread.truncate(spread.len() - 3);
+        assert!(stops.reached(&spread), "{spread:?}");
+        assert!(!stops.reached(&spread[..spread.len() - 1]), "not before its last token");
     }
 
     /// A request with `echo` and `logprobs` gets every prompt token after the first scored by the
