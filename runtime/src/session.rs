@@ -589,8 +589,8 @@ pub struct ArtifactBatch<'a> {
     /// Sequences' prefixes whose cache pages outlived them ([`PagePool::keep`]): the tokens their
     /// rows hold and the one after (which the MTP layer's last row read), and their pages' id.
     kept: Vec<(Vec<u32>, u64)>,
-    /// A joining prompt starting as a running or ended sequence's did copies that one's cache
-    /// rows of the whole pages they share instead of prefilling them
+    /// A joining prompt starting as a running or ended sequence's did holds that one's whole
+    /// pages of cache rows they share instead of prefilling them
     /// ([`ArtifactBatch::reuse_prefixes`]).
     reuse: bool,
     /// The prompt scores of the join that ended last, where it asked for them
@@ -616,7 +616,7 @@ struct Joining<'a> {
     chunks: usize,
     /// The next chunk to run.
     next: usize,
-    /// The prompt's first rows, copied from another sequence's pages ([`ArtifactBatch::reuse_prefixes`]):
+    /// The prompt's first rows, in another sequence's pages ([`ArtifactBatch::reuse_prefixes`]):
     /// the chunks prefill the tokens after them.
     reused: usize,
     /// Those pages, pinned until the joining sequence shares them ([`crate::pages::PagePool::pin`]).
@@ -814,7 +814,7 @@ impl<'a> ArtifactBatch<'a> {
         self.reuse = on && self.joinable && self.layout.pool.is_some();
     }
 
-    /// Rows of the prompt joining slot `i` that [`ArtifactBatch::reuse_prefixes`] copied from
+    /// Rows of the prompt joining slot `i` that [`ArtifactBatch::reuse_prefixes`] shares with
     /// another sequence's pages (none joining: 0).
     pub fn reused_tokens(&self) -> usize {
         self.joining.as_ref().map_or(0, |j| j.reused)
@@ -1292,9 +1292,9 @@ fn clip_runs(runs: &[(usize, usize, usize)], from: usize) -> Vec<(usize, usize, 
 /// for all its tokens beside those the running sequences may still fill. Where sequences
 /// cannot join ([`joins_running_batches`]), the prompts run in batches of `slots`, one after
 /// another. With `slots` at least the prompts' count, this is [`generate_batch`] (unless prompts
-/// share whole pages that [`Queue::reuse_prefixes`] copies: then they join). Joining prompts
+/// share whole pages that [`Queue::reuse_prefixes`] shares: then they join). Joining prompts
 /// prefill `prefill_budget` tokens between decode steps ([`Serving::prefill_budget`]), and may
-/// copy cache rows of the prompts before them ([`Serving::reuse_prefixes`]).
+/// share cache pages of the prompts before them ([`Serving::reuse_prefixes`]).
 pub fn generate_queue(
     program: &dyn Program,
     prompts: &[Vec<u32>],
@@ -1587,7 +1587,7 @@ struct Running {
     joined_s: f64,
     queued_s: f64,
     prefill_s: f64,
-    /// Its prompt's rows copied from another's pages, not prefilled.
+    /// Its prompt's rows in another's pages, not prefilled.
     reused: usize,
     /// Its tokens' log-probabilities, and the most probable tokens' at each step (where it asks).
     logprobs: Vec<f32>,
@@ -1633,9 +1633,9 @@ pub struct Serving<'l> {
     /// the prefill plan's chunks, at least one (None: one chunk): more shortens a joining request's
     /// wait for its first token, fewer the running ones' time per token.
     pub prefill_budget: Option<usize>,
-    /// Joining prompts copy the cache rows of the whole pages their first tokens share with a
-    /// running or ended request's prompt instead of prefilling them
-    /// ([`ArtifactBatch::reuse_prefixes`]; a pool of pages only).
+    /// Joining prompts hold the whole pages of cache rows their first tokens share with a running
+    /// or ended request's tokens instead of prefilling them ([`ArtifactBatch::reuse_prefixes`]; a
+    /// pool of pages only).
     pub reuse_prefixes: bool,
 }
 
@@ -1878,8 +1878,8 @@ pub struct Generation {
     pub pages: Option<(usize, usize)>,
     /// Served ([`serve`]): seconds from its arrival to its joining the batch (the others: 0).
     pub queued_s: f64,
-    /// Served: its prompt's tokens whose cache rows were copied from another request's instead of
-    /// prefilled ([`Serving::reuse_prefixes`]; the others: 0).
+    /// Served: its prompt's tokens whose cache rows another request's pages held, shared instead
+    /// of prefilled ([`Serving::reuse_prefixes`]; the others: 0).
     pub reused: usize,
     /// Served with [`Request::logprobs`]: each token's log-probability ([`log_probability`]);
     /// else empty.
@@ -3094,7 +3094,7 @@ mod tests {
         }
     }
 
-    /// Prompts sharing whole pages with a served prompt copy its rows instead of prefilling them:
+    /// Prompts sharing whole pages with a served prompt take its rows instead of prefilling them:
     /// from an ended request's kept pages (one slot), from a running one's (two), from an ended
     /// one's generated tokens too (a conversation's next turn), not where the shared tokens end at
     /// a page's last row (the token after it differs) or when the pool needed the kept pages for
