@@ -928,11 +928,11 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
     assert_eq!(generate(&mut session, &third, 50, &mut greedy(), None).unwrap().tokens, alone[2]);
 }
 
-/// A prompt starting as a served one did (its first 72 of 80 tokens) copies that one's cache rows
-/// of their first whole page — kept after it ended (one slot) — instead of prefilling them, and
-/// gets its tokens alone (the prefill's chunks of 8 split both alike: the same bits): on the
-/// emulated pool of pages on the host and on the device (rows moved from the kept page into the
-/// scratch rows the prefill continues from). With reuse off, nothing is copied.
+/// A prompt starting as a served one did (its first 72 of 80 tokens) holds that one's first whole
+/// page of cache rows — kept after it ended (one slot) — instead of prefilling it, and gets its
+/// tokens alone (the prefill's chunks of 8 split both alike: the same bits): on the emulated pool
+/// of pages on the host and on the device (the page's rows also moved into the scratch rows the
+/// prefill continues from). With reuse off, nothing is shared.
 #[test]
 fn a_prompt_sharing_a_served_prompts_page_reuses_its_rows_and_gets_its_tokens_alone() {
     use v3c_runtime::session::{generate, generate_queue, ArtifactSession, Queue};
