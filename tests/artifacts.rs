@@ -797,6 +797,19 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     assert_eq!(v3r(&with_template), format!("{}\n", tokenizer.decode(&chat_alone, true)));
     let without = run_binary_env("v3r", &common, &env);
     assert!(text(&without.stderr).contains("--chat 1: no chat template"), "{}", text(&without.stderr));
+    // --chat-template: a template for the checkpoint's tokenizer, which has none — the reply
+    // that of the ids it writes.
+    let template = dir.path().join("chat.jinja");
+    std::fs::write(
+        &template,
+        "{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}<｜Assistant｜>",
+    )
+    .unwrap();
+    let templated = [&common[..], &["--chat-template", template.to_str().unwrap()]].concat();
+    assert_eq!(
+        v3r(&[&templated[..], &["--max-new-tokens", "6", "--ignore-eos"]].concat()),
+        format!("{}\n", tokenizer.decode(&chat_alone, true))
+    );
     // `v3r chat`: two turns from stdin, each reply what `run` gives the conversation so far.
     let mut session = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
         .args(["chat", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()])

@@ -401,6 +401,10 @@ struct TextArgs {
     /// the checkpoint's tokenizer.json, when --weights has one).
     #[arg(long, value_name = "FILE")]
     tokenizer: Option<PathBuf>,
+    /// A chat template (Jinja, as tokenizer_config.json's chat_template is) instead of the
+    /// tokenizer's own, or for a tokenizer without one.
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
 }
 
 /// How joining requests share the steps with the running ones (`run`, `serve`, `bench-serve`).
@@ -1177,7 +1181,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         Some(path) => {
             let weights = args.weights.clone().unwrap_or_default();
             let needs_text = args.tokenizer.is_some() || weights.join("tokenizer.json").is_file();
-            let text = TextArgs { tokenizer: args.tokenizer.clone() };
+            let text = TextArgs { tokenizer: args.tokenizer.clone(), chat_template: None };
             let tokenizer = if needs_text { text_tokenizer(&text, &weights, false)? } else { None };
             let body = std::fs::read_to_string(path).map_err(|e| Failure::Other(format!("{}: {e}", path.display())))?;
             let defaults = v3c_runtime::cli::RequestDefaults {
@@ -1369,27 +1373,34 @@ fn text_tokenizer(
     needed: bool,
 ) -> Result<Option<std::sync::Arc<v3c_runtime::tokenizer::Tokenizer>>, Failure> {
     use v3c_runtime::tokenizer::Tokenizer;
-    if let Some(path) = &args.tokenizer {
-        return Ok(Some(std::sync::Arc::new(Tokenizer::from_file(&tokenizer_file(path)).map_err(Failure::Other)?)));
-    }
+    let needed = needed || args.chat_template.is_some();
     let beside = weights.join("tokenizer.json");
-    if !beside.is_file() {
-        return match needed {
-            true => Err(Failure::Other(format!(
-                "text needs a tokenizer: {} does not exist (give --tokenizer FILE)",
-                beside.display()
-            ))),
-            false => Ok(None),
-        };
-    }
-    match Tokenizer::from_file(&beside) {
-        Ok(t) => Ok(Some(std::sync::Arc::new(t))),
-        Err(e) if needed => Err(Failure::Other(e)),
-        Err(e) => {
-            eprintln!("v3r: warning: {e} (token ids only)");
-            Ok(None)
+    let loaded = match &args.tokenizer {
+        Some(path) => Tokenizer::from_file(&tokenizer_file(path)).map_err(Failure::Other)?,
+        None if !beside.is_file() => {
+            return match needed {
+                true => Err(Failure::Other(format!(
+                    "text needs a tokenizer: {} does not exist (give --tokenizer FILE)",
+                    beside.display()
+                ))),
+                false => Ok(None),
+            }
         }
+        None => match Tokenizer::from_file(&beside) {
+            Ok(t) => t,
+            Err(e) if needed => return Err(Failure::Other(e)),
+            Err(e) => {
+                eprintln!("v3r: warning: {e} (token ids only)");
+                return Ok(None);
+            }
+        },
+    };
+    let mut tokenizer = loaded;
+    if let Some(file) = &args.chat_template {
+        let source = std::fs::read_to_string(file).map_err(|e| Failure::Other(format!("{}: {e}", file.display())))?;
+        tokenizer.set_chat_template(&source).map_err(|e| Failure::Other(format!("{}: {e}", file.display())))?;
     }
+    Ok(Some(std::sync::Arc::new(tokenizer)))
 }
 
 fn tokenize(args: &TokenizeArgs) -> Result<(), String> {

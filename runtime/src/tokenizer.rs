@@ -56,6 +56,8 @@ pub struct Tokenizer {
     byte_of_char: HashMap<char, u8>,
     char_of_byte: [char; 256],
     chat: Option<ChatTemplate>,
+    /// The special-token variables of a chat template given later ([`Tokenizer::set_chat_template`]).
+    names: Vec<(String, String)>,
 }
 
 /// `tokenizer_config.json`'s chat template, ready to render, and the special tokens it may use.
@@ -220,6 +222,17 @@ impl Tokenizer {
             Some(config) => chat_template(config).map_err(|e| format!("tokenizer_config.json: {e}"))?,
             None => None,
         };
+        // The special-token variables a template set later sees: the config's, else the
+        // template's BOS as bos_token.
+        let names = match config.and_then(|c| serde_json::from_str::<Value>(c).ok()) {
+            Some(c) => config_tokens(&c),
+            None => prefix
+                .first()
+                .and_then(|&id| tokens.get(id as usize)?.clone())
+                .map(|t| ("bos_token".to_string(), t))
+                .into_iter()
+                .collect(),
+        };
         let mut added_by_first_byte: HashMap<u8, Vec<usize>> = HashMap::new();
         for (i, a) in added.iter().enumerate() {
             added_by_first_byte.entry(a.content.as_bytes()[0]).or_default().push(i);
@@ -245,7 +258,15 @@ impl Tokenizer {
             byte_of_char,
             char_of_byte,
             chat,
+            names,
         })
+    }
+
+    /// Replaces the chat template (or gives one to a tokenizer without): `source`, Jinja as
+    /// `tokenizer_config.json`'s `chat_template` is.
+    pub fn set_chat_template(&mut self, source: &str) -> Result<(), String> {
+        self.chat = Some(compile_chat(source.to_string(), self.names.clone())?);
+        Ok(())
     }
 
     /// Whether `tokenizer_config.json` gave a chat template.
@@ -553,7 +574,7 @@ impl TextStream {
 }
 
 /// The chat template of a `tokenizer_config.json` (a string, or a list of named ones: "default"),
-/// compiled as transformers compiles it (`trim_blocks`, `lstrip_blocks`); None when it has none.
+/// compiled as transformers compiles it ([`compile_chat`]); None when it has none.
 fn chat_template(config: &str) -> Result<Option<ChatTemplate>, String> {
     let c: Value = serde_json::from_str(config).map_err(|e| format!("not JSON: {e}"))?;
     let source = match c.get("chat_template") {
@@ -567,6 +588,24 @@ fn chat_template(config: &str) -> Result<Option<ChatTemplate>, String> {
             .to_string(),
         Some(x) => return Err(format!("chat_template: {x} is not a template")),
     };
+    compile_chat(source, config_tokens(&c)).map(Some).map_err(|e| format!("chat_template: {e}"))
+}
+
+/// The special tokens a `tokenizer_config.json` names (bos_token, eos_token, unk_token,
+/// pad_token), as templates use them.
+fn config_tokens(c: &Value) -> Vec<(String, String)> {
+    let mut tokens = Vec::new();
+    for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        if let Some(t) = c.get(key).map(|t| t.get("content").unwrap_or(t)).and_then(Value::as_str) {
+            tokens.push((key.to_string(), t.to_string()));
+        }
+    }
+    tokens
+}
+
+/// A chat template compiled as transformers compiles it: `trim_blocks`, `lstrip_blocks`, Python's
+/// string methods, `raise_exception`; `tokens` its special-token variables.
+fn compile_chat(source: String, tokens: Vec<(String, String)>) -> Result<ChatTemplate, String> {
     let mut env = minijinja::Environment::new();
     let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
     env.set_syntax(syntax.map_err(|e| e.to_string())?);
@@ -574,14 +613,8 @@ fn chat_template(config: &str) -> Result<Option<ChatTemplate>, String> {
     env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
     });
-    env.add_template_owned("chat", source).map_err(|e| format!("chat_template: {}", chat_error(&e)))?;
-    let mut tokens = Vec::new();
-    for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
-        if let Some(t) = c.get(key).map(|t| t.get("content").unwrap_or(t)).and_then(Value::as_str) {
-            tokens.push((key.to_string(), t.to_string()));
-        }
-    }
-    Ok(Some(ChatTemplate { env, tokens }))
+    env.add_template_owned("chat", source).map_err(|e| chat_error(&e))?;
+    Ok(ChatTemplate { env, tokens })
 }
 
 /// A template error and what caused it, on one line.
@@ -921,6 +954,16 @@ mod tests {
         );
         let plain = Tokenizer::from_json(&fixture_json().to_string(), None).unwrap();
         assert!(plain.render_chat(&cases[0]["messages"], true).unwrap_err().starts_with("no chat template"));
+        // A template given later: the config's token variables, or the template's BOS without one.
+        let mine = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}";
+        let mut given = fixture();
+        given.set_chat_template(mine).unwrap();
+        let hi = serde_json::json!([{"role": "user", "content": "hi"}]);
+        assert_eq!(given.render_chat(&hi, true).unwrap(), "<｜begin▁of▁sentence｜>[user]hi");
+        let mut bare = Tokenizer::from_json(&fixture_json().to_string(), None).unwrap();
+        bare.set_chat_template(mine).unwrap();
+        assert_eq!(bare.render_chat(&hi, true).unwrap(), "<｜begin▁of▁sentence｜>[user]hi");
+        assert!(bare.set_chat_template("{% for %}").is_err());
         let broken =
             Tokenizer::from_json(&fixture_json().to_string(), Some(r#"{"chat_template": "{% if %}"}"#)).err().unwrap();
         assert!(broken.starts_with("tokenizer_config.json: chat_template: "), "{broken}");
