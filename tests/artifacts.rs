@@ -687,6 +687,14 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     let alone: Vec<u32> =
         run(&["--prompt-tokens", &spelled], "8").split_whitespace().map(|t| t.parse().unwrap()).collect();
     assert_eq!(run(&["--prompt", prompt], "8"), format!("{}\n", tokenizer.decode(&alone, true)));
+    // `v3c run --prompt` on the checkpoint (the reference interpreter): the same text.
+    let v3c = run_binary_env(
+        "v3c",
+        &["run", "--model-dir", ckpt.to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", "8", "--ignore-eos"],
+        &env,
+    );
+    assert!(v3c.status.success(), "{}", text(&v3c.stderr));
+    assert_eq!(text(&v3c.stdout), format!("{}\n", tokenizer.decode(&alone, true)));
     let two = run(&["--prompt", prompt, "--prompt", "Hi"], "4");
     let lines: Vec<serde_json::Value> = two.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines[0], serde_json::Value::from(tokenizer.decode(&alone[..4], true)), "{two}");

@@ -125,9 +125,16 @@ pub fn logits(
     Ok(())
 }
 
+/// What `v3c run` generates after: token ids (spelled out), or text and the tokenizer for it (the
+/// checkpoint's tokenizer.json when None).
+pub enum Prompt<'a> {
+    Ids(&'a str),
+    Text(&'a str, Option<&'a Path>),
+}
+
 pub struct RunOptions<'a> {
     pub model_dir: &'a Path,
-    pub prompt: &'a str,
+    pub prompt: Prompt<'a>,
     pub max_new_tokens: usize,
     pub temperature: f32,
     pub top_p: f32,
@@ -166,7 +173,27 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
     if o.temperature < 0.0 || !o.temperature.is_finite() {
         return Err(format!("--temperature {} must be >= 0", o.temperature));
     }
-    let prompt = v3c_runtime::cli::parse_token_ids(o.prompt, "--prompt-tokens")?;
+    // Text in, text out.
+    let (prompt, tokenizer) = match o.prompt {
+        Prompt::Ids(ids) => (v3c_runtime::cli::parse_token_ids(ids, "--prompt-tokens")?, None),
+        Prompt::Text(text, file) => {
+            let file = match file {
+                Some(f) if f.is_dir() => f.join("tokenizer.json"),
+                Some(f) => f.to_path_buf(),
+                None => o.model_dir.join("tokenizer.json"),
+            };
+            let t = v3c_runtime::tokenizer::Tokenizer::from_file(&file)?;
+            let ids = t.encode(text, true);
+            if ids.is_empty() {
+                return Err("--prompt: no tokens (an empty text)".into());
+            }
+            (ids, Some(t))
+        }
+    };
+    let print = |tokens: &[u32]| match &tokenizer {
+        Some(t) => println!("{}", t.decode(tokens, true)),
+        None => println!("{}", tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")),
+    };
     if o.backend == "cuda" {
         let max_len = prompt.len() + o.max_new_tokens;
         let (program, _scratch, device) = gpu_program(o.model_dir, o.precision, prompt.len(), max_len)?;
@@ -178,8 +205,7 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
         let mut session = v3c_runtime::session::ArtifactSession::new(&program, max_len)?;
         let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed);
         let generation = v3c_runtime::session::generate(&mut session, &prompt, o.max_new_tokens, &mut sampler, eos)?;
-        let text: Vec<String> = generation.tokens.iter().map(u32::to_string).collect();
-        println!("{}", text.join(" "));
+        print(&generation.tokens);
         eprintln!("{} (cuda backend on {device})", generation.summary(prompt.len()));
         return Ok(());
     }
@@ -197,8 +223,7 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
     let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed);
     let eos = if o.ignore_eos { None } else { model.config.eos_token_id };
     let generation = v3c_runtime::session::generate(&mut session, &prompt, o.max_new_tokens, &mut sampler, eos)?;
-    let text: Vec<String> = generation.tokens.iter().map(u32::to_string).collect();
-    println!("{}", text.join(" "));
+    print(&generation.tokens);
     eprintln!(
         "{} ({} backend, {})",
         generation.summary(prompt.len()),

@@ -333,8 +333,15 @@ struct RunArgs {
     #[arg(long, value_name = "DIR")]
     model_dir: PathBuf,
     /// Prompt token ids separated by spaces.
-    #[arg(long, value_name = "IDS")]
-    prompt_tokens: String,
+    #[arg(long, value_name = "IDS", required_unless_present = "prompt", conflicts_with = "prompt")]
+    prompt_tokens: Option<String>,
+    /// Prompt as text, encoded by the checkpoint's tokenizer.json (or --tokenizer), its template's
+    /// special tokens added; the completion is printed as text (as `v3r run --prompt` does).
+    #[arg(long, value_name = "TEXT")]
+    prompt: Option<String>,
+    /// A tokenizer.json (or a directory holding one) for --prompt (default: the checkpoint's).
+    #[arg(long, value_name = "FILE", requires = "prompt")]
+    tokenizer: Option<PathBuf>,
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_new_tokens: usize,
     #[arg(long, value_enum, default_value_t = Backend::Reference)]
@@ -559,7 +566,10 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::require_backend(a.backend.name()).and_then(|_| {
             commands::run(&commands::RunOptions {
                 model_dir: &a.model_dir,
-                prompt: &a.prompt_tokens,
+                prompt: match (&a.prompt_tokens, &a.prompt) {
+                    (Some(ids), _) => commands::Prompt::Ids(ids),
+                    (None, text) => commands::Prompt::Text(text.as_deref().unwrap_or(""), a.tokenizer.as_deref()),
+                },
                 max_new_tokens: a.max_new_tokens,
                 temperature: a.temperature,
                 top_p: a.top_p,
