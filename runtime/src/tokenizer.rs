@@ -90,6 +90,10 @@ enum Behavior {
     Contiguous,
 }
 
+/// The largest vocabulary read (DeepSeek-V3's has 129,280 ids): a file naming ids past it is
+/// refused rather than allocated for.
+const MAX_IDS: usize = 1 << 24;
+
 /// GPT-2's split, which a `ByteLevel` pre-tokenizer with `use_regex` applies first.
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
@@ -207,6 +211,9 @@ impl Tokenizer {
 
         let mut length = vocab.values().chain(added.iter().map(|a| &a.id)).map(|&i| i as usize + 1).max().unwrap_or(0);
         length = length.max(special_ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
+        if length > MAX_IDS {
+            return Err(format!("token id {}: more than a tokenizer holds (ids below {MAX_IDS})", length - 1));
+        }
         let mut tokens = vec![None; length];
         for (t, &id) in &vocab {
             tokens[id as usize] = Some(t.clone());
@@ -978,6 +985,10 @@ mod tests {
         };
         assert_eq!(with("/model/type", "WordPiece".into()), "model type Some(\"WordPiece\"): only BPE is supported");
         assert_eq!(with("/model/byte_fallback", true.into()), "model.byte_fallback = true is not supported");
+        assert_eq!(
+            with("/added_tokens/0/id", 4_000_000_000u64.into()),
+            "token id 4000000000: more than a tokenizer holds (ids below 16777216)"
+        );
         assert_eq!(
             with("/normalizer", serde_json::json!({"type": "NFKC"})),
             "normalizer \"NFKC\": not supported (DeepSeek-V3's tokenizers have none)"
