@@ -177,12 +177,7 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
     let (prompt, tokenizer) = match o.prompt {
         Prompt::Ids(ids) => (v3c_runtime::cli::parse_token_ids(ids, "--prompt-tokens")?, None),
         Prompt::Text(text, file) => {
-            let file = match file {
-                Some(f) if f.is_dir() => f.join("tokenizer.json"),
-                Some(f) => f.to_path_buf(),
-                None => o.model_dir.join("tokenizer.json"),
-            };
-            let t = v3c_runtime::tokenizer::Tokenizer::from_file(&file)?;
+            let t = v3c_runtime::tokenizer::Tokenizer::from_path(file.unwrap_or(o.model_dir))?;
             let ids = t.encode(text, true);
             if ids.is_empty() {
                 return Err("--prompt: no tokens (an empty text)".into());

@@ -1355,15 +1355,6 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `tokenizer.json` in `path` when it is a directory, else `path`.
-fn tokenizer_file(path: &std::path::Path) -> PathBuf {
-    if path.is_dir() {
-        path.join("tokenizer.json")
-    } else {
-        path.to_path_buf()
-    }
-}
-
 /// The tokenizer text goes through: `--tokenizer`, else the checkpoint's tokenizer.json when it
 /// has one. `needed` (text was given): having none is an error naming both places; otherwise a
 /// checkpoint's tokenizer that does not load is only a warning (token ids still work).
@@ -1376,7 +1367,7 @@ fn text_tokenizer(
     let needed = needed || args.chat_template.is_some();
     let beside = weights.join("tokenizer.json");
     let loaded = match &args.tokenizer {
-        Some(path) => Tokenizer::from_file(&tokenizer_file(path)).map_err(Failure::Other)?,
+        Some(path) => Tokenizer::from_path(path).map_err(Failure::Other)?,
         None if !beside.is_file() => {
             return match needed {
                 true => Err(Failure::Other(format!(
@@ -1404,7 +1395,7 @@ fn text_tokenizer(
 }
 
 fn tokenize(args: &TokenizeArgs) -> Result<(), String> {
-    let tokenizer = v3c_runtime::tokenizer::Tokenizer::from_file(&tokenizer_file(&args.tokenizer))?;
+    let tokenizer = v3c_runtime::tokenizer::Tokenizer::from_path(&args.tokenizer)?;
     let special = !args.no_special_tokens;
     let mut texts = args.text.clone();
     if texts.is_empty() {
@@ -1731,7 +1722,7 @@ fn perplexity(args: &PerplexityArgs) -> Result<(), Failure> {
     let vocab = a.manifest.model.config.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     let mut tokens: Vec<u32> = match &args.tokenizer {
         Some(path) => {
-            let t = v3c_runtime::tokenizer::Tokenizer::from_file(&tokenizer_file(path)).map_err(Failure::Other)?;
+            let t = v3c_runtime::tokenizer::Tokenizer::from_path(path).map_err(Failure::Other)?;
             v3c_runtime::training::read_text_file(&args.data, &t, vocab)
         }
         None => v3c_runtime::training::read_token_file(&args.data, vocab),

@@ -111,6 +111,15 @@ impl Tokenizer {
         Tokenizer::from_json(&text, config.as_deref()).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// Reads a `tokenizer.json`, or the one in a directory (a checkpoint's), as
+    /// [`Tokenizer::from_file`] does.
+    pub fn from_path(path: &Path) -> Result<Tokenizer, String> {
+        match path.is_dir() {
+            true => Tokenizer::from_file(&path.join("tokenizer.json")),
+            false => Tokenizer::from_file(path),
+        }
+    }
+
     /// A tokenizer from the text of a `tokenizer.json` (and of a `tokenizer_config.json`).
     pub fn from_json(text: &str, config: Option<&str>) -> Result<Tokenizer, String> {
         let root: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;

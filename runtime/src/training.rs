@@ -167,10 +167,7 @@ impl Run {
         let checkpoint = Checkpoint::open(source).map_err(|e| e.to_string())?;
         let params = load_params(&config, &checkpoint).map_err(|e| e.to_string())?;
         let tokenizer = match o.tokenizer {
-            Some(path) => {
-                let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
-                Some(crate::tokenizer::Tokenizer::from_file(&file)?)
-            }
+            Some(path) => Some(crate::tokenizer::Tokenizer::from_path(path)?),
             None => None,
         };
         let read = |path: &Path| match &tokenizer {
