@@ -1,12 +1,14 @@
 //! Picking the next token on the host, as sessions do for every sequence of every decode step
 //! that does not decode greedily on the device: `Sampler::sample` over one row of DeepSeek-V3's
 //! 129280 logits — greedy, with a temperature over the whole vocabulary (top-p 1, the default)
-//! and within a 0.9 nucleus. Logits: a peaked, made-up row (a few hundred plausible tokens over
+//! and within a 0.9 nucleus; within the top 50, and a 0.9 nucleus cut again by min-p 0.05; with
+//! OpenAI's presence and frequency penalties and a repetition penalty after a 2000-token prompt
+//! (the row copied and changed before it is drawn from). Logits: a peaked, made-up row (a few hundred plausible tokens over
 //! a long flat tail), as a trained model's are. `sample_batch64`: a decode step's 64 sequences
 //! sampled one by one, and together (`Next::pick_each`: spread over the cores).
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use v3c_models::reference::Sampler;
+use v3c_models::reference::{Sampler, Shaping};
 
 const VOCAB: usize = 129_280;
 
@@ -29,6 +31,17 @@ fn sampling(c: &mut Criterion) {
     let mut g = c.benchmark_group("sample_129280");
     for (name, temperature, top_p) in [("greedy", 0.0, 1.0), ("t0.7_p1", 0.7, 1.0), ("t0.7_p0.9", 0.7, 0.9)] {
         let mut sampler = Sampler::new(temperature, top_p, 1);
+        g.bench_function(name, |b| b.iter(|| sampler.sample(std::hint::black_box(&row))));
+    }
+    let top_k = Shaping { top_k: 50, ..Shaping::default() };
+    let min_p = Shaping { min_p: 0.05, ..Shaping::default() };
+    let penalties =
+        Shaping { repetition_penalty: 1.1, presence_penalty: 0.5, frequency_penalty: 0.5, ..Shaping::default() };
+    for (name, top_p, shaping) in
+        [("t0.7_k50", 1.0, top_k), ("t0.7_p0.9_minp0.05", 0.9, min_p), ("t0.7_penalties", 1.0, penalties)]
+    {
+        let mut sampler = Sampler::new(0.7, top_p, 1).shaped(shaping);
+        sampler.start(&(0..2000).map(|i| (i * 61) % VOCAB as u32).collect::<Vec<_>>());
         g.bench_function(name, |b| b.iter(|| sampler.sample(std::hint::black_box(&row))));
     }
     g.finish();

@@ -163,7 +163,14 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let compile = ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu"];
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let prompt = "3 17 4 29 11 5 8 2 40 1";
-    for sampling in [&[][..], &["--temperature", "0.9", "--top-p", "0.8", "--seed", "4"][..]] {
+    // Greedy; seeded; greedy with penalties (the argmax of logits the host changes: here they
+    // change the tokens); seeded with top-k, min-p and penalties.
+    let penalized = ["--repetition-penalty", "0.6", "--frequency-penalty", "1.5"];
+    let shaped =
+        ["--temperature", "0.8", "--top-k", "5", "--min-p", "0.1", "--repetition-penalty", "1.3", "--seed", "3"];
+    let seeded = ["--temperature", "0.9", "--top-p", "0.8", "--seed", "4"];
+    let mut outputs = Vec::new();
+    for sampling in [&[][..], &seeded, &penalized, &[&shaped[..], &["--presence-penalty", "-1"]].concat()] {
         let common = [&["--prompt-tokens", prompt, "--max-new-tokens", "10", "--ignore-eos"][..], sampling].concat();
         let v3r = run_binary_env(
             "v3r",
@@ -176,13 +183,15 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         assert!(v3c.status.success(), "{}", text(&v3c.stderr));
         assert_eq!(text(&v3r.stdout), text(&v3c.stdout), "{sampling:?}");
         assert_eq!(text(&v3r.stdout).split_whitespace().count(), 10);
+        outputs.push(text(&v3r.stdout));
     }
+    assert_ne!(outputs[0], outputs[2], "the penalties change greedy tokens");
     // Several prompts of different lengths in one batch (one decode launch per step over all of
     // them): each sequence's tokens are the ones it gets alone, greedy and seeded; a sequence that
     // stops early (fewer new tokens than the others would not: all run to --max-new-tokens with
     // --ignore-eos) keeps the others' rows.
     let prompts = ["3 17 4 29 11 5 8 2 40 1", "7 7 2", "9"];
-    for sampling in [&[][..], &["--temperature", "0.9", "--top-p", "0.8", "--seed", "4"][..]] {
+    for sampling in [&[][..], &seeded, &penalized, &shaped] {
         let mut batch = vec!["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()];
         for p in prompts {
             batch.extend(["--prompt-tokens", p]);
@@ -222,7 +231,9 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     // alone (its own new tokens and sampling); a bad line and a request too long for the caches
     // refused by id, the others served.
     let requests = "3 17 4 29 11 5 8 2 40 1\n\n{\"prompt\": [7, 7, 2], \"max_new_tokens\": 5, \"id\": \"b\"}\n1 x\n\
-        {\"prompt\": \"9\", \"temperature\": 0.9, \"top_p\": 0.8, \"seed\": 4}\n{\"prompt\": \"1 2 3\", \"max_new_tokens\": 30}\n";
+        {\"prompt\": \"9\", \"temperature\": 0.9, \"top_p\": 0.8, \"seed\": 4}\n{\"prompt\": \"1 2 3\", \"max_new_tokens\": 30}\n\
+        {\"prompt\": [7, 7, 2], \"repetition_penalty\": 0.6, \"frequency_penalty\": 1.5, \"id\": \"p\"}\n\
+        {\"prompt\": [1, 2, 320], \"id\": \"v\"}\n{\"prompt\": [9], \"logit_bias\": {\"5\": 100}, \"max_new_tokens\": 3, \"id\": \"l\"}\n";
     let serve = |input: &str, extra: &[&str]| {
         let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
             .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--batch", "2"])
@@ -250,7 +261,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let served = serve(requests, &[]);
     assert!(served.status.success(), "{}", text(&served.stderr));
     assert!(
-        text(&served.stderr).contains("served 3 requests (2 refused, 0 cancelled), 2 at most at a time"),
+        text(&served.stderr).contains("served 5 requests (3 refused, 0 cancelled), 2 at most at a time"),
         "{}",
         text(&served.stderr)
     );
@@ -261,10 +272,14 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         .collect();
     assert!(replies["4"]["error"].as_str().unwrap().contains("line 4: prompt: 'x' is not a token id"));
     assert!(replies["6"]["error"].as_str().unwrap().contains("3 + 30 tokens: the batch holds"), "{replies:?}");
+    // A token id past the vocabulary is that request's error, not the batch's.
+    assert_eq!(replies["\"v\""]["error"], "prompt: token id 320 is outside the vocabulary (0..320)");
+    assert_eq!(replies["\"l\""]["tokens"], serde_json::json!([5, 5, 5]), "{replies:?}");
     for (id, prompt, flags) in [
         ("1", "3 17 4 29 11 5 8 2 40 1", &["--max-new-tokens", "8"][..]),
         ("\"b\"", "7 7 2", &["--max-new-tokens", "5"][..]),
         ("5", "9", &["--max-new-tokens", "8", "--temperature", "0.9", "--top-p", "0.8", "--seed", "4"][..]),
+        ("\"p\"", "7 7 2", &["--max-new-tokens", "8", "--repetition-penalty", "0.6", "--frequency-penalty", "1.5"][..]),
     ] {
         let alone = [
             &["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", prompt][..],

@@ -138,6 +138,8 @@ pub struct RunOptions<'a> {
     pub max_new_tokens: usize,
     pub temperature: f32,
     pub top_p: f32,
+    /// Top-k, min-p, the penalties.
+    pub shaping: v3c_models::sampling::Shaping,
     pub seed: u64,
     pub ignore_eos: bool,
     pub precision: Precision,
@@ -167,12 +169,9 @@ impl v3c_runtime::session::Generator for AnySession<'_, '_> {
 }
 
 pub fn run(o: &RunOptions) -> Result<(), String> {
-    if !(o.top_p > 0.0 && o.top_p <= 1.0) {
-        return Err(format!("--top-p {} must be in (0, 1]", o.top_p));
-    }
-    if o.temperature < 0.0 || !o.temperature.is_finite() {
-        return Err(format!("--temperature {} must be >= 0", o.temperature));
-    }
+    v3c_runtime::cli::check_sampling(o.temperature, o.top_p)
+        .and_then(|()| o.shaping.check())
+        .map_err(|e| format!("--{e}"))?;
     // Text in, text out.
     let (prompt, tokenizer) = match o.prompt {
         Prompt::Ids(ids) => (v3c_runtime::cli::parse_token_ids(ids, "--prompt-tokens")?, None),
@@ -198,7 +197,7 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
             ModelConfig::resolve(&o.model_dir.display().to_string()).map_err(|e| e.to_string())?.eos_token_id
         };
         let mut session = v3c_runtime::session::ArtifactSession::new(&program, max_len)?;
-        let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed);
+        let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed).shaped(o.shaping.clone());
         let generation = v3c_runtime::session::generate(&mut session, &prompt, o.max_new_tokens, &mut sampler, eos)?;
         print(&generation.tokens);
         eprintln!("{} (cuda backend on {device})", generation.summary(prompt.len()));
@@ -215,7 +214,7 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
     } else {
         AnySession::Reference(model.session(max_len).map_err(|e| e.to_string())?)
     };
-    let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed);
+    let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed).shaped(o.shaping.clone());
     let eos = if o.ignore_eos { None } else { model.config.eos_token_id };
     let generation = v3c_runtime::session::generate(&mut session, &prompt, o.max_new_tokens, &mut sampler, eos)?;
     print(&generation.tokens);

@@ -352,6 +352,8 @@ struct RunArgs {
     /// Nucleus sampling threshold in (0, 1].
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    #[command(flatten)]
+    shaping: v3c_runtime::cli::ShapingArgs,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Keep generating after the end-of-sequence token.
@@ -573,6 +575,7 @@ fn main() -> ExitCode {
                 max_new_tokens: a.max_new_tokens,
                 temperature: a.temperature,
                 top_p: a.top_p,
+                shaping: a.shaping.shaping(),
                 seed: a.seed,
                 ignore_eos: a.ignore_eos,
                 precision: a.precision.model(),

@@ -8,7 +8,8 @@
 //! - [`rope`]: RoPE/YaRN frequencies and the softmax scale, as transformers computes them;
 //! - [`dtype`]: bf16 / fp8 e4m3 conversions;
 //! - [`checkpoint`]: safetensors checkpoints (single or sharded, memory-mapped);
-//! - [`interp`]: the reference interpreter; [`tensor`]: its host tensors.
+//! - [`interp`]: the reference interpreter; [`tensor`]: its host tensors;
+//! - [`sampling`]: picking tokens from logits (temperature, top-k/p, min-p, penalties, bias).
 
 pub mod autodiff;
 pub mod checkpoint;
@@ -20,6 +21,7 @@ pub mod init;
 pub mod interp;
 pub mod reference;
 pub mod rope;
+pub mod sampling;
 pub mod tensor;
 pub mod train;
 

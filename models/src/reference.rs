@@ -14,6 +14,7 @@ use crate::config::ModelConfig;
 use crate::deepseek_v3::{build, BuildOptions, Entry, Precision};
 use crate::graph::Graph;
 use crate::interp::{InterpError, Interpreter};
+pub use crate::sampling::{Sampler, Shaping};
 use crate::tensor::Tensor;
 
 /// Logits of a prefill.
@@ -217,101 +218,6 @@ impl<'m> Session<'m> {
     }
 }
 
-/// Sampling settings: temperature 0 is greedy; otherwise softmax(logits / T) within the top-p nucleus.
-#[derive(Debug, Clone, Copy)]
-pub struct Sampler {
-    pub temperature: f32,
-    pub top_p: f32,
-    state: u64,
-}
-
-impl Sampler {
-    pub fn new(temperature: f32, top_p: f32, seed: u64) -> Sampler {
-        Sampler { temperature, top_p, state: seed ^ 0x9e37_79b9_7f4a_7c15 }
-    }
-
-    /// The next uniform draw in [0, 1) of the sampler's seeded stream (splitmix64, 53 bits).
-    pub fn uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Whether the sampler picks the argmax (temperature 0).
-    pub fn greedy(&self) -> bool {
-        self.temperature <= 0.0
-    }
-
-    /// What [`Sampler::sample`] draws from, as (token, weight) pairs whose weights are in
-    /// proportion to the probabilities (they need not sum to 1): greedy, the argmax alone (f32
-    /// total order, ties to the lower id); top-p 1, every token in id order, weighted
-    /// exp((logit - max) / T); else the nucleus — the most probable tokens (ties: the lower id
-    /// first), in that order, until their weights reach top-p of all of them. The nucleus is
-    /// found by sorting only the most probable (64, then 8 times as many while they fall short),
-    /// not the whole vocabulary (129280 tokens for DeepSeek-V3).
-    pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f32)> {
-        if self.greedy() {
-            let argmax = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)));
-            return vec![(argmax.map_or(0, |(i, _)| i as u32), 1.0)];
-        }
-        let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut weights: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / self.temperature).exp())).collect();
-        if self.top_p >= 1.0 {
-            return weights;
-        }
-        let want = f64::from(self.top_p) * weights.iter().map(|w| f64::from(w.1)).sum::<f64>();
-        let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let n = weights.len();
-        let mut k = n.min(64);
-        loop {
-            if k < n {
-                weights.select_nth_unstable_by(k - 1, by);
-            }
-            weights[..k].sort_unstable_by(by);
-            let mut kept = 0.0f64;
-            for i in 0..k {
-                kept += f64::from(weights[i].1);
-                if kept >= want {
-                    weights.truncate(i + 1);
-                    return weights;
-                }
-            }
-            if k == n {
-                return weights;
-            }
-            k = n.min(k * 8);
-        }
-    }
-
-    /// Draws a token from `(token, weight)` pairs in their order, in proportion to the weights
-    /// (one uniform draw; sums in f64); the last token when rounding leaves the draw past the end.
-    pub fn draw(&mut self, weighted: &[(u32, f32)]) -> u32 {
-        let total: f64 = weighted.iter().map(|p| f64::from(p.1)).sum();
-        let mut r = self.uniform() * total;
-        for &(i, p) in weighted {
-            let p = f64::from(p);
-            if r < p {
-                return i;
-            }
-            r -= p;
-        }
-        weighted.last().map_or(0, |p| p.0)
-    }
-
-    /// Picks the next token from `logits`: greedy without a draw, else one draw from
-    /// [`Sampler::distribution`].
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let weighted = self.distribution(logits);
-        if self.greedy() {
-            return weighted[0].0;
-        }
-        self.draw(&weighted)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,67 +279,5 @@ mod tests {
             "token id 320 is outside the vocabulary of deepseek_v3 (0..320)".replace("deepseek_v3", &model.config.name)
         );
         assert_eq!(model.logits(&[], 0).unwrap_err().to_string(), "no tokens given");
-    }
-
-    #[test]
-    fn greedy_sampling_is_argmax_and_seeded_sampling_repeats() {
-        let logits = [0.1f32, 3.0, -1.0, 2.9];
-        assert_eq!(Sampler::new(0.0, 1.0, 0).sample(&logits), 1);
-        let draw = |seed| {
-            let mut s = Sampler::new(1.0, 0.9, seed);
-            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
-        };
-        assert_eq!(draw(5), draw(5));
-        // top-p 0.9 keeps tokens 1 and 3 (and maybe 0), never the least likely one.
-        assert!(draw(6).iter().all(|&t| t != 2));
-    }
-
-    /// The nucleus found by sorting only the most probable tokens is a full sort's: the same
-    /// tokens in the same order (ties to the lower id), cut where their weights first reach top-p
-    /// of all — over a vocabulary of DeepSeek-V3's size with a peaked row, a flat one, and ties;
-    /// top-p 1 gives every token in id order; draws follow the weights.
-    #[test]
-    fn the_nucleus_is_a_full_sorts_prefix() {
-        let vocab = 129_280;
-        let hash = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
-        let peaked: Vec<f32> =
-            (0..vocab).map(|i| if hash(i) % 300 == 0 { 6.0 + (hash(i) % 97) as f32 / 30.0 } else { -3.0 }).collect();
-        let flat: Vec<f32> = (0..vocab).map(|i| (hash(i) % 1000) as f32 / 1000.0).collect();
-        let ties: Vec<f32> = (0..vocab).map(|i| (i % 3) as f32).collect();
-        for (name, logits) in [("peaked", &peaked), ("flat", &flat), ("ties", &ties)] {
-            for top_p in [0.05f32, 0.5, 0.9, 0.999, 1.0] {
-                let sampler = Sampler::new(0.8, top_p, 0);
-                let got = sampler.distribution(logits);
-                let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut all: Vec<(u32, f32)> =
-                    logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / 0.8).exp())).collect();
-                if top_p < 1.0 {
-                    let total: f64 = all.iter().map(|w| f64::from(w.1)).sum();
-                    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-                    let mut kept = 0.0;
-                    let cut = all.iter().position(|w| {
-                        kept += f64::from(w.1);
-                        kept >= f64::from(top_p) * total
-                    });
-                    all.truncate(cut.map_or(vocab, |c| c + 1));
-                }
-                assert_eq!(got, all, "{name}, top-p {top_p}");
-            }
-        }
-        // Draws in proportion: three tokens of weights 1, 2, 1 (others far below).
-        let mut row = vec![-40.0f32; 1000];
-        (row[10], row[500], row[999]) = (0.0, 2f32.ln(), 0.0);
-        let mut s = Sampler::new(1.0, 1.0, 3);
-        let mut seen = [0usize; 3];
-        for _ in 0..40_000 {
-            match s.sample(&row) {
-                10 => seen[0] += 1,
-                500 => seen[1] += 1,
-                999 => seen[2] += 1,
-                t => panic!("token {t} drawn"),
-            }
-        }
-        let f: Vec<f64> = seen.iter().map(|&c| c as f64 / 40_000.0).collect();
-        assert!((f[0] - 0.25).abs() < 0.012 && (f[1] - 0.5).abs() < 0.012 && (f[2] - 0.25).abs() < 0.012, "{f:?}");
     }
 }

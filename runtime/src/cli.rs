@@ -98,13 +98,51 @@ pub fn check_sampling(temperature: f32, top_p: f32) -> Result<(), String> {
     Ok(())
 }
 
+/// Top-k, min-p and the penalties, as flags (`v3c run`; `v3r run`, `serve`, `chat`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ShapingArgs {
+    /// Sample only among the K most probable tokens (0: no limit).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    top_k: usize,
+    /// Sample only among tokens at least P times as probable as the most probable one (0: no
+    /// limit; applied after top-k and top-p, as transformers does).
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    min_p: f32,
+    /// Divide the logit of each token already in the prompt or the output by R (multiply it when
+    /// negative); > 1 discourages repeats (transformers' and vLLM's; 1: off).
+    #[arg(long, value_name = "R", default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Subtract X from the logit of each token already generated (OpenAI's, in [-2, 2]).
+    #[arg(long, value_name = "X", default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Subtract X from the logit of each token already generated, as many times as it was
+    /// generated (OpenAI's, in [-2, 2]).
+    #[arg(long, value_name = "X", default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+}
+
+impl ShapingArgs {
+    pub fn shaping(&self) -> v3c_models::sampling::Shaping {
+        v3c_models::sampling::Shaping {
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: Vec::new(),
+        }
+    }
+}
+
 /// What a request to `v3r serve` leaves out: the command line's flags.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RequestDefaults {
     pub max_new: usize,
     pub temperature: f32,
     pub top_p: f32,
     pub seed: u64,
+    /// Top-k, min-p and the penalties (a request's own replace them one by one).
+    pub shaping: v3c_models::sampling::Shaping,
 }
 
 /// A line of `v3r serve`'s input that cancels a request: `{"cancel": ID}`, ID a request's id (its
@@ -117,6 +155,8 @@ pub fn parse_cancel(line: &str) -> Option<serde_json::Value> {
 
 /// One line of `v3r serve`'s input: token ids separated by spaces, or a JSON object
 /// `{"prompt": [ids] or "ids", "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S,
+/// "top_k": K, "min_p": P, "repetition_penalty": R, "presence_penalty": X, "frequency_penalty": X,
+/// "logit_bias": {"id": bias, ...} (see [`v3c_models::sampling`]),
 /// "stop": [[ids], ...] or [ids] or "ids", "logprobs": true|false, "top_logprobs": K, "echo": true (the prompt
 /// given back; with logprobs, its tokens scored too), "id": anything}` (all but the
 /// prompt optional, from `defaults`). With a tokenizer, also `"text": "..."` (the prompt as text,
@@ -133,12 +173,12 @@ pub fn parse_request(
     let line = line.trim();
     if !line.starts_with('{') {
         let prompt = parse_token_ids(line, "prompt")?;
-        let sampler = v3c_models::reference::Sampler::new(d.temperature, d.top_p, d.seed);
+        let sampler = v3c_models::reference::Sampler::new(d.temperature, d.top_p, d.seed).shaped(d.shaping.clone());
         return Ok((None, crate::session::Request::new(prompt, d.max_new, sampler)));
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    const FIELDS: [&str; 13] = [
+    const FIELDS: [&str; 19] = [
         "prompt",
         "text",
         "messages",
@@ -146,6 +186,12 @@ pub fn parse_request(
         "max_new_tokens",
         "temperature",
         "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
         "seed",
         "stop",
         "stop_text",
@@ -222,7 +268,26 @@ pub fn parse_request(
     let temperature = number("temperature")?.map_or(d.temperature, |t| t as f32);
     let top_p = number("top_p")?.map_or(d.top_p, |p| p as f32);
     check_sampling(temperature, top_p)?;
-    let sampler = v3c_models::reference::Sampler::new(temperature, top_p, whole("seed")?.unwrap_or(d.seed));
+    let mut shaping = d.shaping.clone();
+    if let Some(k) = whole("top_k")? {
+        shaping.top_k = k as usize;
+    }
+    for (k, into) in [
+        ("min_p", &mut shaping.min_p),
+        ("repetition_penalty", &mut shaping.repetition_penalty),
+        ("presence_penalty", &mut shaping.presence_penalty),
+        ("frequency_penalty", &mut shaping.frequency_penalty),
+    ] {
+        if let Some(x) = number(k)? {
+            *into = x as f32;
+        }
+    }
+    if let Some(bias) = o.get("logit_bias") {
+        shaping.logit_bias = logit_bias(bias)?;
+    }
+    shaping.check()?;
+    let sampler =
+        v3c_models::reference::Sampler::new(temperature, top_p, whole("seed")?.unwrap_or(d.seed)).shaped(shaping);
     let top_logprobs = whole("top_logprobs")?.unwrap_or(0) as usize;
     if top_logprobs > MAX_TOP_LOGPROBS {
         return Err(format!("top_logprobs: {top_logprobs} (at most {MAX_TOP_LOGPROBS})"));
@@ -238,6 +303,22 @@ pub fn parse_request(
         ..crate::session::Request::new(prompt, max_new, sampler)
     };
     Ok((o.get("id").cloned(), request))
+}
+
+/// OpenAI's `logit_bias`: `{"token id": bias, ...}` (`null`: none).
+fn logit_bias(x: &serde_json::Value) -> Result<Vec<(u32, f32)>, String> {
+    let o = match x {
+        serde_json::Value::Null => return Ok(Vec::new()),
+        serde_json::Value::Object(o) => o,
+        x => return Err(format!("logit_bias: {x} is not an object of token ids and biases")),
+    };
+    let mut bias = Vec::with_capacity(o.len());
+    for (k, v) in o {
+        let t = k.parse::<u32>().map_err(|_| format!("logit_bias: \"{k}\" is not a token id"))?;
+        let b = v.as_f64().ok_or_else(|| format!("logit_bias: {v} (token {t}) is not a number"))?;
+        bias.push((t, b as f32));
+    }
+    Ok(bias)
 }
 
 /// The most alternatives a request may ask for at each token.
@@ -265,7 +346,7 @@ mod tests {
     /// named.
     #[test]
     fn requests_take_the_defaults_they_do_not_give() {
-        let d = RequestDefaults { max_new: 8, temperature: 0.0, top_p: 1.0, seed: 3 };
+        let d = RequestDefaults { max_new: 8, temperature: 0.0, top_p: 1.0, seed: 3, shaping: Default::default() };
         let (id, r) = parse_request(" 1 2 3 ", &d, None).unwrap();
         assert_eq!((id, r.prompt, r.max_new, r.sampler.temperature), (None, vec![1, 2, 3], 8, 0.0));
         let (id, r) =
@@ -308,10 +389,43 @@ mod tests {
         }
     }
 
+    /// Top-k, min-p, the penalties and the logit bias: the defaults' (the command line's) unless
+    /// the request gives its own, each checked and named.
+    #[test]
+    fn requests_shape_their_sampling() {
+        let shaping = v3c_models::sampling::Shaping { top_k: 40, repetition_penalty: 1.2, ..Default::default() };
+        let d = RequestDefaults { max_new: 8, temperature: 0.7, top_p: 1.0, seed: 3, shaping };
+        let (_, r) = parse_request("1 2", &d, None).unwrap();
+        assert_eq!(r.sampler.shaping, d.shaping);
+        let line = r#"{"prompt": [1], "min_p": 0.05, "presence_penalty": -0.5, "frequency_penalty": 1,
+                      "logit_bias": {"5": -100, "17": 2.5}, "top_k": 0}"#;
+        let (_, r) = parse_request(line, &d, None).unwrap();
+        let mut bias = r.sampler.shaping.logit_bias.clone();
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, [(5, -100.0), (17, 2.5)]);
+        let s = &r.sampler.shaping;
+        assert_eq!((s.top_k, s.min_p, s.repetition_penalty), (0, 0.05, 1.2));
+        assert_eq!((s.presence_penalty, s.frequency_penalty), (-0.5, 1.0));
+        assert!(!r.sampler.plain_greedy() && !r.sampler.greedy());
+        for (line, err) in [
+            (r#"{"prompt": [1], "min_p": 2}"#, "min-p 2 must be in [0, 1]"),
+            (r#"{"prompt": [1], "top_k": -1}"#, "top_k: -1 is not a whole number"),
+            (r#"{"prompt": [1], "repetition_penalty": 0}"#, "repetition-penalty 0 must be > 0"),
+            (r#"{"prompt": [1], "presence_penalty": "a"}"#, "presence_penalty: \"a\" is not a number"),
+            (r#"{"prompt": [1], "frequency_penalty": 2.5}"#, "frequency-penalty 2.5 must be in [-2, 2]"),
+            (r#"{"prompt": [1], "logit_bias": {"x": 1}}"#, "logit_bias: \"x\" is not a token id"),
+            (r#"{"prompt": [1], "logit_bias": {"3": "1"}}"#, "logit_bias: \"1\" (token 3) is not a number"),
+            (r#"{"prompt": [1], "logit_bias": {"3": 101}}"#, "logit-bias 101 of token 3 must be in [-100, 100]"),
+            (r#"{"prompt": [1], "logit_bias": [3]}"#, "logit_bias: [3] is not an object of token ids and biases"),
+        ] {
+            assert_eq!(parse_request(line, &d, None).unwrap_err(), err, "{line}");
+        }
+    }
+
     /// With a tokenizer, a prompt and stop strings come as text; without one, text is refused.
     #[test]
     fn requests_take_text_with_a_tokenizer() {
-        let d = RequestDefaults { max_new: 8, temperature: 0.0, top_p: 1.0, seed: 3 };
+        let d = RequestDefaults { max_new: 8, temperature: 0.0, top_p: 1.0, seed: 3, shaping: Default::default() };
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
         let t = std::sync::Arc::new(crate::tokenizer::Tokenizer::from_file(&path).unwrap());
         let (_, r) = parse_request(r#"{"text": "Hello world!", "stop_text": ["\n\n", "."]}"#, &d, Some(&t)).unwrap();

@@ -154,13 +154,16 @@ fn api_request(
 ) -> Result<ApiRequest, String> {
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
     let o = v.as_object().ok_or("the body is not a JSON object")?;
+    // OpenAI's, and vLLM's extra sampling parameters ([`v3c_models::sampling`]).
+    const SHAPING: [&str; 6] =
+        ["top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"];
     const COMMON: [&str; 10] =
         ["max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "stream", "model", "n", "user"];
     let own: &[&str] = match api {
         Api::Completions => &["prompt", "echo"],
         Api::Chat => &["messages", "max_completion_tokens", "top_logprobs"],
     };
-    let fields: Vec<&str> = own.iter().chain(&COMMON).copied().collect();
+    let fields: Vec<&str> = own.iter().chain(&COMMON).chain(&SHAPING).copied().collect();
     if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
         return Err(format!("unknown field '{k}' ({})", fields.join(", ")));
     }
@@ -214,8 +217,8 @@ fn api_request(
     }
     let mut line = serde_json::json!({});
     let max_tokens = o.get("max_completion_tokens").filter(|x| !x.is_null()).or(o.get("max_tokens"));
-    for (ours, x) in [("max_new_tokens", max_tokens), ("temperature", o.get("temperature")), ("top_p", o.get("top_p"))]
-    {
+    let same = ["temperature", "top_p"].iter().chain(&SHAPING).map(|&k| (k, o.get(k)));
+    for (ours, x) in [("max_new_tokens", max_tokens)].into_iter().chain(same) {
         if let Some(x) = x.filter(|x| !x.is_null()) {
             line[ours] = x.clone();
         }
@@ -987,7 +990,7 @@ mod tests {
     }
 
     fn defaults() -> RequestDefaults {
-        RequestDefaults { max_new: 16, temperature: 0.0, top_p: 1.0, seed: 0 }
+        RequestDefaults { max_new: 16, temperature: 0.0, top_p: 1.0, seed: 0, shaping: Default::default() }
     }
 
     /// Request lines, headers and bodies as clients send them; what is not HTTP is said.
@@ -1037,8 +1040,25 @@ mod tests {
         let (r, stream) =
             one(completion_request(br#"{"prompt": [9], "seed": null, "stop": null}"#, &defaults(), None).unwrap());
         assert_eq!((r.prompt, r.max_new, r.logprobs, stream), (vec![9], 16, false, false));
+        // OpenAI's penalties and bias, vLLM's top-k, min-p and repetition penalty.
+        let shaped = br#"{"prompt": [9], "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"3": -100},
+            "top_k": 8, "min_p": 0.05, "repetition_penalty": 1.1}"#;
+        let (r, _) = one(completion_request(shaped, &defaults(), None).unwrap());
+        let want = v3c_models::sampling::Shaping {
+            top_k: 8,
+            min_p: 0.05,
+            repetition_penalty: 1.1,
+            presence_penalty: 0.5,
+            frequency_penalty: -1.0,
+            logit_bias: vec![(3, -100.0)],
+        };
+        assert_eq!(r.sampler.shaping, want);
+        let nulls = br#"{"prompt": [9], "presence_penalty": null, "logit_bias": null, "top_k": null}"#;
+        assert_eq!(one(completion_request(nulls, &defaults(), None).unwrap()).0.sampler.shaping, Default::default());
         for (body, err) in [
-            (&br#"{"prompt": "hello"}"#[..], "prompt: text needs a tokenizer"),
+            (&br#"{"prompt": [1], "presence_penalty": 3}"#[..], "presence-penalty 3 must be in [-2, 2]"),
+            (br#"{"prompt": [1], "logit_bias": {"a": 1}}"#, "logit_bias: \"a\" is not a token id"),
+            (br#"{"prompt": "hello"}"#, "prompt: text needs a tokenizer"),
             (br#"{"prompt": [1], "stop": "x"}"#, "stop: text needs a tokenizer"),
             (br#"{"prompt": [1], "n": 0}"#, "n: 0 is not a positive count"),
             (br#"{"prompt": [1], "n": 2, "stream": true}"#, "stream: one prompt and n 1"),

@@ -385,12 +385,33 @@ struct Generating {
     /// Nucleus sampling threshold in (0, 1].
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    #[command(flatten)]
+    shaping: v3c_runtime::cli::ShapingArgs,
     /// Seed of the sampler (each sequence has its own).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Keep generating after the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+}
+
+impl Generating {
+    /// Top-k, min-p and the penalties as given.
+    fn shaping(&self) -> v3c_models::sampling::Shaping {
+        self.shaping.shaping()
+    }
+
+    /// The flags are in range ("--min-p 2 must be in [0, 1]").
+    fn check(&self) -> Result<(), Failure> {
+        v3c_runtime::cli::check_sampling(self.temperature, self.top_p)
+            .and_then(|()| self.shaping().check())
+            .map_err(|e| Failure::Other(format!("--{e}")))
+    }
+
+    /// A sequence's sampler, seeded with `seed`.
+    fn sampler(&self, seed: u64) -> v3c_models::reference::Sampler {
+        v3c_models::reference::Sampler::new(self.temperature, self.top_p, seed).shaped(self.shaping())
+    }
 }
 
 /// Where text is turned into tokens and back (`run`, `serve`).
@@ -880,8 +901,7 @@ fn eos_of(a: &v3c_runtime::artifact::Artifact, ignore: bool) -> Option<u32> {
 
 fn serve(args: &ServeArgs) -> Result<(), Failure> {
     use v3c_runtime::session::Arrival;
-    v3c_runtime::cli::check_sampling(args.generating.temperature, args.generating.top_p)
-        .map_err(|e| Failure::Other(format!("--{e}")))?;
+    args.generating.check()?;
     if args.batch == Some(0) {
         return Err(Failure::Other("--batch 0: at least one sequence decodes at a time".into()));
     }
@@ -907,6 +927,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         temperature: args.generating.temperature,
         top_p: args.generating.top_p,
         seed: args.generating.seed,
+        shaping: args.generating.shaping(),
     };
     let limits = vec![max_len; slots];
     let serving = v3c_runtime::session::Serving {
@@ -1189,6 +1210,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
                 temperature: 0.0,
                 top_p: 1.0,
                 seed: args.seed,
+                shaping: Default::default(),
             };
             let mut served = Vec::new();
             for (k, line) in body.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
@@ -1234,7 +1256,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             let len = lo + (random() % (hi - lo + 1) as u64) as usize;
             let own = len.saturating_sub(shared.len());
             let prompt = shared.iter().take(len).copied().chain((0..own).map(|_| (random() % vocab) as u32)).collect();
-            (arrival, Request::new(prompt, args.new_tokens, greedy))
+            (arrival, Request::new(prompt, args.new_tokens, greedy.clone()))
         })
         .collect();
     let (mut first, mut end, mut tokens) = (vec![None; n], vec![None; n], vec![0usize; n]);
@@ -1419,8 +1441,7 @@ fn tokenize(args: &TokenizeArgs) -> Result<(), String> {
 }
 
 fn run(args: &RunArgs) -> Result<(), Failure> {
-    v3c_runtime::cli::check_sampling(args.generating.temperature, args.generating.top_p)
-        .map_err(|e| Failure::Other(format!("--{e}")))?;
+    args.generating.check()?;
     let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
     let mut prompts: Vec<Vec<u32>> = args
         .prompt_tokens
@@ -1467,11 +1488,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
                 "--speculative generates for one prompt (one --prompt-tokens, no --prompts-file or --batch)".into(),
             ));
         }
-        let mut sampler = v3c_models::reference::Sampler::new(
-            args.generating.temperature,
-            args.generating.top_p,
-            args.generating.seed,
-        );
+        let mut sampler = args.generating.sampler(args.generating.seed);
         let s = v3c_runtime::speculative::generate_speculative(
             program,
             &prompt,
@@ -1492,15 +1509,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         return Ok(());
     }
     if prompts.len() > 1 || args.batch.is_some() {
-        let mut samplers: Vec<_> = (0..prompts.len())
-            .map(|_| {
-                v3c_models::reference::Sampler::new(
-                    args.generating.temperature,
-                    args.generating.top_p,
-                    args.generating.seed,
-                )
-            })
-            .collect();
+        let mut samplers: Vec<_> = (0..prompts.len()).map(|_| args.generating.sampler(args.generating.seed)).collect();
         let rows = program.entry_plan("decode").map_err(Failure::Other)?.sizes.rows;
         let slots = args.batch.unwrap_or(rows.min(prompts.len()));
         let served = v3c_runtime::session::generate_queue(
@@ -1545,8 +1554,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     let mut session =
         v3c_runtime::session::ArtifactSession::new(program, prompt.len() + args.generating.max_new_tokens)
             .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
-    let mut sampler =
-        v3c_models::reference::Sampler::new(args.generating.temperature, args.generating.top_p, args.generating.seed);
+    let mut sampler = args.generating.sampler(args.generating.seed);
     // Text for one prompt: written as it comes.
     let mut so_far = tokenizer.as_ref().map(|t| v3c_runtime::session::TextSoFar::new(t, None));
     let show = |piece: String| {
@@ -1623,8 +1631,7 @@ fn logits(args: &LogitsArgs) -> Result<(), Failure> {
 fn chat(args: &ChatArgs) -> Result<(), Failure> {
     use std::io::{BufRead, IsTerminal, Write};
     use v3c_runtime::session::{Arrival, Progress, Request, TextSoFar};
-    v3c_runtime::cli::check_sampling(args.generating.temperature, args.generating.top_p)
-        .map_err(|e| Failure::Other(format!("--{e}")))?;
+    args.generating.check()?;
     let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
     let tokenizer = text_tokenizer(&args.text, &args.weights, true)?.expect("needed");
@@ -1682,11 +1689,7 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         }
         turn += 1;
         let g = &args.generating;
-        Arrival::Request(Request::new(
-            ids,
-            new,
-            v3c_models::reference::Sampler::new(g.temperature, g.top_p, g.seed + turn),
-        ))
+        Arrival::Request(Request::new(ids, new, g.sampler(g.seed + turn)))
     };
     let mut so_far: Option<TextSoFar> = None;
     let mut report = |_: usize, p: Progress| -> Result<(), String> {

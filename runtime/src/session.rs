@@ -325,6 +325,13 @@ fn restore(state: &mut HashMap<String, HostBuffer>, inputs: &mut HashMap<String,
     }
 }
 
+/// The vocabulary a program's logits span (its decode entry's `logits` width), when it says.
+pub fn vocabulary(program: &dyn Program) -> Option<usize> {
+    let plan = program.entry_plan("decode").ok()?;
+    let (_, id) = plan.outputs.iter().find(|(n, _)| n == "logits")?;
+    plan.buffers.iter().find(|b| b.id == *id)?.shape.last().copied()
+}
+
 /// A sequence being generated.
 pub struct ArtifactSession<'a> {
     program: &'a dyn Program,
@@ -1194,7 +1201,10 @@ pub fn generate_batch(
     let (mut batch, logits) = ArtifactBatch::prefill_within(program, prompts, &limits)?;
     let mut logits = Next::Logits(logits);
     // Every sequence greedy: a program that picks tokens itself does (the logits stay there).
-    let greedy = samplers.iter().all(|s| s.temperature <= 0.0);
+    let greedy = samplers.iter().all(|s| s.plain_greedy());
+    for (s, p) in samplers.iter_mut().zip(prompts) {
+        s.start(p);
+    }
     let prefill_s = start.elapsed().as_secs_f64();
     let n = prompts.len();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
@@ -1329,7 +1339,7 @@ pub fn generate_queue(
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut requests = prompts.iter().zip(samplers.iter());
     let mut next = |_: bool| match requests.next() {
-        Some((p, s)) => Arrival::Request(Request::new(p.clone(), max_new, *s)),
+        Some((p, s)) => Arrival::Request(Request::new(p.clone(), max_new, s.clone())),
         None => Arrival::Closed,
     };
     let mut done: Vec<Option<Generation>> = vec![None; n];
@@ -1485,6 +1495,16 @@ impl Request {
             stop_text: None,
             echo: false,
         }
+    }
+
+    /// What in it names a token past a vocabulary of `vocab` (its prompt, its logit bias).
+    pub fn outside(&self, vocab: usize) -> Option<String> {
+        let past = |t: &u32| *t as usize >= vocab;
+        if let Some(t) = self.prompt.iter().find(|t| past(t)) {
+            return Some(format!("prompt: token id {t} is outside the vocabulary (0..{vocab})"));
+        }
+        let bias = self.sampler.shaping.logit_bias.iter().find(|b| past(&b.0));
+        bias.map(|(t, _)| format!("logit_bias: token id {t} is outside the vocabulary (0..{vocab})"))
     }
 
     /// Whether `tokens` (its tokens so far) end it: at the end token or one of its stop sequences.
@@ -1661,6 +1681,7 @@ pub fn serve(
     let mut batch = ArtifactBatch::open(program, slots, limits, max_prompt)?;
     batch.reuse_prefixes(o.reuse_prefixes);
     let (room, rows) = (batch.room(), batch.layout.rows);
+    let vocab = vocabulary(program);
     let mut running: Vec<Option<Running>> = (0..slots).map(|_| None).collect();
     let mut fed = vec![0u32; slots];
     // The requests waiting to join: their numbers and when they arrived.
@@ -1674,6 +1695,13 @@ pub fn serve(
             let now = start.elapsed().as_secs_f64();
             match next(waiting.is_empty() && running.iter().all(Option::is_none)) {
                 Arrival::Request(r) => {
+                    // Token ids the model has no row for are one request's mistake, refused now:
+                    // a step would fail for the whole batch.
+                    if let Some(e) = vocab.and_then(|v| r.outside(v)) {
+                        report(arrived, Progress::Refused(e))?;
+                        arrived += 1;
+                        continue;
+                    }
                     let arrived_s = r.arrived.map_or(now, |t| now - t.elapsed().as_secs_f64());
                     waiting.push_back((arrived, r, arrived_s));
                     arrived += 1;
@@ -1733,7 +1761,7 @@ pub fn serve(
                     None => continue,
                 }
             }
-            let Some((id, r, arrived_s)) = waiting.pop_front() else { break };
+            let Some((id, mut r, arrived_s)) = waiting.pop_front() else { break };
             let limit = r.prompt.len() + r.max_new;
             let too_long = r.prompt.len() > max_prompt || limit > rows;
             if r.prompt.is_empty() || too_long || room.is_some_and(|room| pages_of(limit) > room) {
@@ -1761,6 +1789,7 @@ pub fn serve(
             };
             let joined_s = start.elapsed().as_secs_f64();
             batch.start_join_scoring(s, &r.prompt, limit, score)?;
+            r.sampler.start(&r.prompt);
             joined += usize::from(started);
             let queued_s = joined_s - arrived_s;
             let (tokens, prefilled, joining, reused) = (Vec::new(), None, true, batch.reused_tokens());
@@ -1834,7 +1863,7 @@ pub fn serve(
         }
         if active.iter().any(|&a| a) {
             // The device picks greedy tokens itself unless a request asks for log-probabilities.
-            let greedy = running.iter().flatten().all(|r| r.request.sampler.greedy() && !r.request.logprobs);
+            let greedy = running.iter().flatten().all(|r| r.request.sampler.plain_greedy() && !r.request.logprobs);
             logits = batch.decode(&fed, &active, greedy)?;
             started = true;
         } else if closed && waiting.is_empty() && running.iter().all(Option::is_none) {
@@ -1957,7 +1986,8 @@ pub fn generate_each(
     let start = std::time::Instant::now();
     let mut next = Next::Logits(vec![session.prefill(prompt)?]);
     let prefill_s = start.elapsed().as_secs_f64();
-    let greedy = sampler.temperature <= 0.0;
+    let greedy = sampler.plain_greedy();
+    sampler.start(prompt);
     let mut tokens = Vec::new();
     let mut stopped_at_eos = false;
     while tokens.len() < max_new {
@@ -2345,6 +2375,26 @@ mod tests {
         let mut s = ArtifactSession::new(&picker, 20).unwrap();
         generate(&mut s, &prompt, 4, &mut v3c_models::reference::Sampler::new(0.8, 0.9, 3), None).unwrap();
         assert_eq!(*picker.logits_read.borrow(), 3);
+        // So does greedy with a penalty or a bias (the argmax of logits the host changes): the
+        // tokens of a program that leaves picking to the host.
+        let shaping = v3c_models::sampling::Shaping { logit_bias: vec![(2, 1.5)], ..Default::default() };
+        let penalized = || greedy().shaped(shaping.clone());
+        let picker = Toy::new(true);
+        let mut s = ArtifactSession::new(&picker, 20).unwrap();
+        let got = generate(&mut s, &prompt, 10, &mut penalized(), None).unwrap();
+        let want =
+            generate(&mut ArtifactSession::new(&Toy::new(false), 20).unwrap(), &prompt, 10, &mut penalized(), None);
+        assert_eq!(got.tokens, want.unwrap().tokens);
+        assert_ne!(got.tokens, one.tokens, "the penalty changes the picks");
+        assert_eq!(*picker.logits_read.borrow(), 9);
+        let mut samplers = vec![penalized(), greedy()];
+        let both = generate_batch(&picker, &prompts, 6, &mut samplers, None).unwrap();
+        let mut samplers = vec![penalized(), greedy()];
+        let want = generate_batch(&Toy::new(false), &prompts, 6, &mut samplers, None).unwrap();
+        assert_eq!(
+            both.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(),
+            want.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>()
+        );
         // A failed step is not taken for kept caches: with nothing on the device, the session's
         // shape-only copy is refused instead of sent as zeros.
         let device = Toy::new(true);
@@ -2539,11 +2589,18 @@ mod tests {
     }
 
     /// A toy's sampler: greedy, or seeded sampling.
+    /// Greedy without a seed; with one, sampling, shaped by the seed: plain, with top-k and a
+    /// repetition penalty, or greedy with a frequency penalty and a logit bias (the penalties count
+    /// the sequence's own tokens, wherever it runs).
     fn toy_sampler(seed: Option<u64>) -> v3c_models::reference::Sampler {
-        match seed {
-            Some(seed) => v3c_models::reference::Sampler::new(0.9, 0.8, seed),
-            None => v3c_models::reference::Sampler::new(0.0, 1.0, 0),
-        }
+        use v3c_models::sampling::Shaping;
+        let Some(seed) = seed else { return v3c_models::reference::Sampler::new(0.0, 1.0, 0) };
+        let (t, shaping) = match seed % 3 {
+            0 => (0.9, Shaping::default()),
+            1 => (0.9, Shaping { top_k: 4, repetition_penalty: 1.5, ..Shaping::default() }),
+            _ => (0.0, Shaping { frequency_penalty: 0.7, logit_bias: vec![(4, 0.3)], ..Shaping::default() }),
+        };
+        v3c_models::reference::Sampler::new(t, 0.8, seed).shaped(shaping)
     }
 
     /// A request to [`serve_requests`]: its prompt, its new tokens, the not-yet answers before it

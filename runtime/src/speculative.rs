@@ -299,6 +299,13 @@ pub fn generate_speculative(
     if drafts == 0 {
         return Err("0 drafts a step: at least one".into());
     }
+    // Drafts are drawn before the tokens they follow are accepted: penalties counting those
+    // tokens would be of a sequence not yet known.
+    if sampler.shaping.changes_logits() {
+        return Err(
+            "speculative decoding takes no logit bias or penalties (temperature, top-k, top-p, min-p only)".into()
+        );
+    }
     if drafts > 1 && !draft.outputs.iter().any(|(n, _)| n == "mtp_hidden") {
         return Err(format!(
             "{drafts} drafts a step chain the MTP module through its own hidden state, which this artifact's draft \

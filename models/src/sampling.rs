@@ -1,0 +1,450 @@
+//! Picking the next token from a row of logits: greedy, or drawn from a seeded stream after the
+//! shaping serving APIs offer. In the order applied to a row (vLLM's, and Hugging Face
+//! transformers' for the parts it has):
+//!
+//! 1. `logit_bias` (OpenAI's): added to the named tokens' logits;
+//! 2. `repetition_penalty` (transformers' and vLLM's): a token of the prompt or generated so far
+//!    has its logit divided by it when positive, multiplied by it otherwise;
+//! 3. `frequency_penalty` and `presence_penalty` (OpenAI's): subtracted from a generated token's
+//!    logit, the first as many times as the token was generated, the second once;
+//! 4. the temperature (0: greedy, the argmax of what 1-3 left), then `top_k`, `top_p` and `min_p`
+//!    keep the most probable tokens to draw from.
+//!
+//! Log-probabilities a request asks for are the model's own, before any of this (vLLM's default).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+/// What reshapes a row of logits before a token is picked, beyond the temperature and top-p (see
+/// the module's order). The default changes nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shaping {
+    /// Only the k most probable tokens are drawn from (0: no limit).
+    pub top_k: usize,
+    /// Only tokens at least this fraction as probable as the most probable one (0: no limit).
+    pub min_p: f32,
+    /// 1: none.
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// (token, bias) pairs, each token once.
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Default for Shaping {
+    fn default() -> Shaping {
+        Shaping {
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+        }
+    }
+}
+
+impl Shaping {
+    /// Whether the logits themselves change (bias or a penalty), not only which tokens are drawn
+    /// from: then even greedy picking needs them on the host, and the tokens so far.
+    pub fn changes_logits(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || !self.logit_bias.is_empty()
+    }
+
+    /// The settings are in range, named as the command line names them (`min-p 2 must be in
+    /// [0, 1]`): min-p in [0, 1], the repetition penalty positive, the presence and frequency
+    /// penalties in [-2, 2] and each bias in [-100, 100] (OpenAI's ranges), each token biased once.
+    pub fn check(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min-p {} must be in [0, 1]", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!("repetition-penalty {} must be > 0", self.repetition_penalty));
+        }
+        for (name, x) in [("presence-penalty", self.presence_penalty), ("frequency-penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&x) {
+                return Err(format!("{name} {x} must be in [-2, 2]"));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for &(t, b) in &self.logit_bias {
+            if !(-100.0..=100.0).contains(&b) {
+                return Err(format!("logit-bias {b} of token {t} must be in [-100, 100]"));
+            }
+            if !seen.insert(t) {
+                return Err(format!("logit-bias: token {t} given twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A sequence's sampler: temperature 0 is greedy; otherwise softmax(logits / T) over the tokens
+/// [`Shaping`] and top-p keep, drawn from a seeded stream (the same seed, settings and logits:
+/// the same tokens). It counts the tokens it picks for the penalties, after the prompt
+/// [`Sampler::start`] gives.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub shaping: Shaping,
+    state: u64,
+    /// What the penalties count (kept only when the logits change).
+    seen: Option<Box<Seen>>,
+}
+
+/// The tokens of a sequence the penalties count.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    /// The prompt's distinct tokens, sorted (kept only for a repetition penalty).
+    prompt: Vec<u32>,
+    /// How many times each token was picked.
+    picked: HashMap<u32, u32>,
+}
+
+impl Sampler {
+    pub fn new(temperature: f32, top_p: f32, seed: u64) -> Sampler {
+        Sampler { temperature, top_p, shaping: Shaping::default(), state: seed ^ 0x9e37_79b9_7f4a_7c15, seen: None }
+    }
+
+    /// This sampler with `shaping`.
+    pub fn shaped(self, shaping: Shaping) -> Sampler {
+        Sampler { shaping, ..self }
+    }
+
+    /// A new sequence after `prompt`: the penalties count its tokens and the picks from here on.
+    pub fn start(&mut self, prompt: &[u32]) {
+        self.seen = None;
+        if self.shaping.repetition_penalty != 1.0 {
+            let mut prompt = prompt.to_vec();
+            prompt.sort_unstable();
+            prompt.dedup();
+            self.seen = Some(Box::new(Seen { prompt, ..Seen::default() }));
+        }
+    }
+
+    /// Counts `token` as picked for the sequence (what [`Sampler::sample`] does with its picks).
+    pub fn note(&mut self, token: u32) {
+        if self.shaping.changes_logits() {
+            *self.seen.get_or_insert_default().picked.entry(token).or_insert(0) += 1;
+        }
+    }
+
+    /// The next uniform draw in [0, 1) of the sampler's seeded stream (splitmix64, 53 bits).
+    pub fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Whether the sampler picks the argmax (temperature 0), of the shaped logits.
+    pub fn greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    /// Whether it picks the argmax of the model's own logits (greedy, and nothing changes them):
+    /// what a device may pick itself.
+    pub fn plain_greedy(&self) -> bool {
+        self.greedy() && !self.shaping.changes_logits()
+    }
+
+    /// The row as bias and penalties leave it, after the prompt and the tokens picked so far
+    /// (tokens past the row are left out).
+    pub fn shape<'a>(&self, logits: &'a [f32]) -> Cow<'a, [f32]> {
+        let s = &self.shaping;
+        if !s.changes_logits() {
+            return Cow::Borrowed(logits);
+        }
+        let mut row = logits.to_vec();
+        let none = Seen::default();
+        let seen = self.seen.as_deref().unwrap_or(&none);
+        for &(t, b) in &s.logit_bias {
+            if let Some(l) = row.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        if s.repetition_penalty != 1.0 {
+            let r = s.repetition_penalty;
+            let once = |t: &u32| seen.prompt.binary_search(t).is_err();
+            for t in seen.prompt.iter().copied().chain(seen.picked.keys().copied().filter(once)) {
+                if let Some(l) = row.get_mut(t as usize) {
+                    *l = if *l > 0.0 { *l / r } else { *l * r };
+                }
+            }
+        }
+        for (&t, &c) in &seen.picked {
+            if let Some(l) = row.get_mut(t as usize) {
+                *l -= s.frequency_penalty * c as f32;
+                *l -= s.presence_penalty;
+            }
+        }
+        Cow::Owned(row)
+    }
+
+    /// What [`Sampler::sample`] draws from, as (token, weight) pairs whose weights are in
+    /// proportion to the probabilities (they need not sum to 1), from the row [`Sampler::shape`]
+    /// gives: greedy, the argmax alone (f32 total order, ties to the lower id); with no top-k, top-p 1
+    /// and no min-p, every token in id order, weighted exp((logit - max) / T); else the most
+    /// probable tokens (ties: the lower id first), in that order: the top k (when given), then of
+    /// those the nucleus, the first whose weights reach top-p of theirs, then of those the ones
+    /// with at least min-p of the largest weight. The nucleus is found by sorting only the most
+    /// probable (64, then 8 times as many while they fall short), not the whole vocabulary (129280
+    /// tokens for DeepSeek-V3).
+    pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f32)> {
+        let logits = self.shape(logits);
+        if self.greedy() {
+            let argmax = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)));
+            return vec![(argmax.map_or(0, |(i, _)| i as u32), 1.0)];
+        }
+        let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut weights: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / self.temperature).exp())).collect();
+        let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = self.shaping.top_k;
+        if k > 0 && k < weights.len() {
+            weights.select_nth_unstable_by(k - 1, by);
+            weights.truncate(k);
+            weights.sort_unstable_by(by);
+        }
+        if self.top_p < 1.0 {
+            nucleus(&mut weights, self.top_p, by);
+        }
+        if self.shaping.min_p > 0.0 {
+            // The most probable token's weight is exp(0) = 1.
+            weights.retain(|w| w.1 >= self.shaping.min_p);
+        }
+        weights
+    }
+
+    /// Draws a token from `(token, weight)` pairs in their order, in proportion to the weights
+    /// (one uniform draw; sums in f64); the last token when rounding leaves the draw past the end.
+    pub fn draw(&mut self, weighted: &[(u32, f32)]) -> u32 {
+        let total: f64 = weighted.iter().map(|p| f64::from(p.1)).sum();
+        let mut r = self.uniform() * total;
+        for &(i, p) in weighted {
+            let p = f64::from(p);
+            if r < p {
+                return i;
+            }
+            r -= p;
+        }
+        weighted.last().map_or(0, |p| p.0)
+    }
+
+    /// Picks the next token from `logits`: greedy without a draw, else one draw from
+    /// [`Sampler::distribution`]; the token is counted for the penalties.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let weighted = self.distribution(logits);
+        let token = if self.greedy() { weighted[0].0 } else { self.draw(&weighted) };
+        self.note(token);
+        token
+    }
+}
+
+/// Cuts `weights` to the most probable tokens, sorted by `by`, whose weights first reach `top_p`
+/// of all of theirs.
+fn nucleus(weights: &mut Vec<(u32, f32)>, top_p: f32, by: impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering) {
+    let want = f64::from(top_p) * weights.iter().map(|w| f64::from(w.1)).sum::<f64>();
+    let n = weights.len();
+    let mut k = n.min(64);
+    loop {
+        if k < n {
+            weights.select_nth_unstable_by(k - 1, &by);
+        }
+        weights[..k].sort_unstable_by(&by);
+        let mut kept = 0.0f64;
+        for i in 0..k {
+            kept += f64::from(weights[i].1);
+            if kept >= want {
+                weights.truncate(i + 1);
+                return;
+            }
+        }
+        if k == n {
+            return;
+        }
+        k = n.min(k * 8);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_sampling_is_argmax_and_seeded_sampling_repeats() {
+        let logits = [0.1f32, 3.0, -1.0, 2.9];
+        assert_eq!(Sampler::new(0.0, 1.0, 0).sample(&logits), 1);
+        let draw = |seed| {
+            let mut s = Sampler::new(1.0, 0.9, seed);
+            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(5), draw(5));
+        // top-p 0.9 keeps tokens 1 and 3 (and maybe 0), never the least likely one.
+        assert!(draw(6).iter().all(|&t| t != 2));
+    }
+
+    /// The nucleus found by sorting only the most probable tokens is a full sort's: the same
+    /// tokens in the same order (ties to the lower id), cut where their weights first reach top-p
+    /// of all — over a vocabulary of DeepSeek-V3's size with a peaked row, a flat one, and ties;
+    /// top-p 1 gives every token in id order; draws follow the weights.
+    #[test]
+    fn the_nucleus_is_a_full_sorts_prefix() {
+        let vocab = 129_280;
+        let hash = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+        let peaked: Vec<f32> =
+            (0..vocab).map(|i| if hash(i) % 300 == 0 { 6.0 + (hash(i) % 97) as f32 / 30.0 } else { -3.0 }).collect();
+        let flat: Vec<f32> = (0..vocab).map(|i| (hash(i) % 1000) as f32 / 1000.0).collect();
+        let ties: Vec<f32> = (0..vocab).map(|i| (i % 3) as f32).collect();
+        for (name, logits) in [("peaked", &peaked), ("flat", &flat), ("ties", &ties)] {
+            for top_p in [0.05f32, 0.5, 0.9, 0.999, 1.0] {
+                let sampler = Sampler::new(0.8, top_p, 0);
+                let got = sampler.distribution(logits);
+                let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut all: Vec<(u32, f32)> =
+                    logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / 0.8).exp())).collect();
+                if top_p < 1.0 {
+                    let total: f64 = all.iter().map(|w| f64::from(w.1)).sum();
+                    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                    let mut kept = 0.0;
+                    let cut = all.iter().position(|w| {
+                        kept += f64::from(w.1);
+                        kept >= f64::from(top_p) * total
+                    });
+                    all.truncate(cut.map_or(vocab, |c| c + 1));
+                }
+                assert_eq!(got, all, "{name}, top-p {top_p}");
+            }
+        }
+        // Draws in proportion: three tokens of weights 1, 2, 1 (others far below).
+        let mut row = vec![-40.0f32; 1000];
+        (row[10], row[500], row[999]) = (0.0, 2f32.ln(), 0.0);
+        let mut s = Sampler::new(1.0, 1.0, 3);
+        let mut seen = [0usize; 3];
+        for _ in 0..40_000 {
+            match s.sample(&row) {
+                10 => seen[0] += 1,
+                500 => seen[1] += 1,
+                999 => seen[2] += 1,
+                t => panic!("token {t} drawn"),
+            }
+        }
+        let f: Vec<f64> = seen.iter().map(|&c| c as f64 / 40_000.0).collect();
+        assert!((f[0] - 0.25).abs() < 0.012 && (f[1] - 0.5).abs() < 0.012 && (f[2] - 0.25).abs() < 0.012, "{f:?}");
+    }
+
+    /// Transformers' processors and warpers (`tests/fixtures/gen_sampling.py`): the same tokens
+    /// survive, with the same probabilities, over 156 random rows and settings (bias, repetition,
+    /// presence and frequency penalties, temperature, top-k, top-p, min-p; greedy among them).
+    #[test]
+    fn distributions_are_transformers_processors() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sampling/expected.json");
+        let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let cases = fixture["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 156);
+        let ids = |x: &serde_json::Value| -> Vec<u32> {
+            x.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+        };
+        let float = |x: &serde_json::Value| x.as_f64().unwrap() as f32;
+        let mut greedy = 0;
+        for (n, c) in cases.iter().enumerate() {
+            let logits: Vec<f32> = c["logits"].as_array().unwrap().iter().map(float).collect();
+            let shaping = Shaping {
+                top_k: c["top_k"].as_u64().unwrap() as usize,
+                min_p: float(&c["min_p"]),
+                repetition_penalty: float(&c["repetition_penalty"]),
+                presence_penalty: float(&c["presence_penalty"]),
+                frequency_penalty: float(&c["frequency_penalty"]),
+                logit_bias: c["logit_bias"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| (p[0].as_u64().unwrap() as u32, float(&p[1])))
+                    .collect(),
+            };
+            shaping.check().unwrap();
+            let mut sampler = Sampler::new(float(&c["temperature"]), float(&c["top_p"]), 0).shaped(shaping);
+            sampler.start(&ids(&c["prompt"]));
+            for t in ids(&c["generated"]) {
+                sampler.note(t);
+            }
+            let got = sampler.distribution(&logits);
+            let total: f64 = got.iter().map(|w| f64::from(w.1)).sum();
+            // Tokens whose weight underflows to 0 are never drawn; transformers' softmax leaves them out.
+            let mut got: Vec<(u32, f64)> =
+                got.iter().filter(|w| w.1 > 0.0).map(|&(t, w)| (t, f64::from(w) / total)).collect();
+            got.sort_by_key(|w| w.0);
+            let want: Vec<(u32, f64)> = c["expected"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap()))
+                .collect();
+            greedy += usize::from(sampler.greedy());
+            assert_eq!(
+                got.iter().map(|w| w.0).collect::<Vec<_>>(),
+                want.iter().map(|w| w.0).collect::<Vec<_>>(),
+                "case {n}: the tokens kept"
+            );
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g.1 - w.1).abs() <= 1e-5 + 1e-4 * w.1, "case {n}, token {}: {} vs {}", g.0, g.1, w.1);
+            }
+        }
+        assert!(greedy > 10 && greedy < 100, "{greedy} greedy cases");
+    }
+
+    /// Picks are counted: a greedy sampler with a frequency penalty moves off a token it picked
+    /// once its lead is spent, a logit bias moves the argmax, and a new prompt starts the counts
+    /// again; the repetition penalty counts a token of the prompt once however often it appears.
+    #[test]
+    fn penalties_count_the_sequences_tokens() {
+        let logits = [2.0f32, 1.0, 0.5, -1.0];
+        let shaping = |f: f32| Shaping { frequency_penalty: f, ..Shaping::default() };
+        let mut s = Sampler::new(0.0, 1.0, 0).shaped(shaping(0.6));
+        assert!(s.greedy() && !s.plain_greedy());
+        s.start(&[0, 0, 0]);
+        let picks: Vec<u32> = (0..5).map(|_| s.sample(&logits)).collect();
+        // Token 0 at 2.0, 1.4, 0.8, 0.8, 0.2; token 1 at 1.0, 1.0, 1.0, 0.4, 0.4; token 2 at 0.5.
+        assert_eq!(picks, [0, 0, 1, 0, 2]);
+        s.start(&[]);
+        assert_eq!(s.sample(&logits), 0);
+        let bias = Shaping { logit_bias: vec![(3, 3.5)], ..Shaping::default() };
+        assert_eq!(Sampler::new(0.0, 1.0, 0).shaped(bias).sample(&logits), 3);
+        assert!(Sampler::new(0.0, 1.0, 0).plain_greedy());
+        let mut r = Sampler::new(0.0, 1.0, 0).shaped(Shaping { repetition_penalty: 2.0, ..Shaping::default() });
+        r.start(&[0, 0, 3, 0]);
+        r.note(0);
+        assert_eq!(r.shape(&logits).as_ref(), [1.0, 1.0, 0.5, -2.0]);
+        // Top-k and min-p only choose among tokens: plain greedy, and no counts are kept.
+        let cut = Sampler::new(0.0, 1.0, 0).shaped(Shaping { top_k: 2, min_p: 0.5, ..Shaping::default() });
+        assert!(cut.plain_greedy());
+    }
+
+    #[test]
+    fn shaping_out_of_range_is_named() {
+        let bad = |s: Shaping| s.check().unwrap_err();
+        assert_eq!(bad(Shaping { min_p: 1.5, ..Shaping::default() }), "min-p 1.5 must be in [0, 1]");
+        assert_eq!(bad(Shaping { repetition_penalty: 0.0, ..Shaping::default() }), "repetition-penalty 0 must be > 0");
+        assert_eq!(
+            bad(Shaping { presence_penalty: -3.0, ..Shaping::default() }),
+            "presence-penalty -3 must be in [-2, 2]"
+        );
+        assert_eq!(
+            bad(Shaping { frequency_penalty: f32::NAN, ..Shaping::default() }),
+            "frequency-penalty NaN must be in [-2, 2]"
+        );
+        assert_eq!(
+            bad(Shaping { logit_bias: vec![(7, 101.0)], ..Shaping::default() }),
+            "logit-bias 101 of token 7 must be in [-100, 100]"
+        );
+        assert_eq!(
+            bad(Shaping { logit_bias: vec![(7, 1.0), (7, 2.0)], ..Shaping::default() }),
+            "logit-bias: token 7 given twice"
+        );
+    }
+}
