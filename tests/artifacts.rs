@@ -410,6 +410,27 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         ("GET", "/v1/completions", "", "405 Method Not Allowed", "GET /v1/completions"),
         ("POST", "/v1/completions", "{\"prompt\": \"hi\"}", "400 Bad Request", "prompt: text needs a tokenizer"),
         ("POST", "/v1/completions", "{\"prompt\": [1], \"max_tokens\": 99}", "400 Bad Request", "the batch holds"),
+        (
+            "POST",
+            "/v1/completions",
+            "{\"prompt\": [1, 400]}",
+            "400 Bad Request",
+            "token id 400 is outside the vocabulary",
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            "{\"prompt\": [1], \"logit_bias\": {\"320\": 1}}",
+            "400 Bad Request",
+            "logit_bias: token id 320",
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            "{\"prompt\": [1], \"min_p\": -1}",
+            "400 Bad Request",
+            "min-p -1 must be in [0, 1]",
+        ),
     ] {
         let (status, body) = http(method, path, body);
         assert_eq!(status, format!("HTTP/1.1 {want}"), "{method} {path}: {body}");
@@ -437,6 +458,17 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         assert_eq!(ids(&sampled["choices"][k]["tokens"]), want, "choice {k}: {sampled}");
     }
     assert_eq!(sampled["usage"]["prompt_tokens"], 3, "{sampled}");
+    // OpenAI's penalties and vLLM's repetition penalty and top-k: `v3r run`'s tokens with those flags.
+    let body = r#"{"prompt": [7, 7, 2], "max_tokens": 8, "frequency_penalty": 1.5, "repetition_penalty": 0.6,
+        "top_k": 3, "temperature": 0.5, "seed": 2}"#;
+    let (_, shaped) = http("POST", "/v1/completions", body);
+    let shaped: serde_json::Value = serde_json::from_str(&shaped).unwrap();
+    let args = ["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", "7 7 2"];
+    let flags = ["--max-new-tokens", "8", "--ignore-eos", "--frequency-penalty", "1.5", "--repetition-penalty", "0.6"];
+    let more = ["--top-k", "3", "--temperature", "0.5", "--seed", "2"];
+    let want = text(&run_binary_env("v3r", &[&args[..], &flags, &more].concat(), &env).stdout);
+    let want: Vec<u64> = want.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!(ids(&shaped["choices"][0]["tokens"]), want, "{shaped}");
     // "echo" with "logprobs" (as evaluation harnesses score a text): the prompt's tokens first,
     // each after the first scored by the logits `v3r logits` gives the prompt's token before it;
     // then the generated token.
