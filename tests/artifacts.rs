@@ -458,6 +458,26 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         assert_eq!(ids(&sampled["choices"][k]["tokens"]), want, "choice {k}: {sampled}");
     }
     assert_eq!(sampled["usage"]["prompt_tokens"], 3, "{sampled}");
+    // Streamed, two prompts with n 2: each chunk names its choice; each choice's tokens are the
+    // whole reply's; with `include_usage` every chunk says `usage` (null), and the last, of no
+    // choices, the usage of them all.
+    let body = r#"{"prompt": [[9, 4, 2], [7, 7]], "max_tokens": 4, "n": 2, "temperature": 0.9, "seed": 4}"#;
+    let (_, whole) = http("POST", "/v1/completions", body);
+    let whole: serde_json::Value = serde_json::from_str(&whole).unwrap();
+    let streamed =
+        body.replace("\"seed\": 4", "\"seed\": 4, \"stream\": true, \"stream_options\": {\"include_usage\": true}");
+    let (status, streamed) = http("POST", "/v1/completions", &streamed);
+    assert_eq!(status, "HTTP/1.1 200 OK", "{streamed}");
+    let chunks = v3c_tests::HttpServer::events(&streamed);
+    let (last, chunks) = chunks.split_last().unwrap();
+    assert_eq!((last["choices"].as_array().unwrap().len(), &last["usage"]), (0, &whole["usage"]), "{streamed}");
+    for k in 0..4 {
+        let of_k: Vec<&serde_json::Value> = chunks.iter().filter(|c| c["choices"][0]["index"] == k).collect();
+        let tokens: Vec<u64> = of_k.iter().flat_map(|c| ids(&c["choices"][0]["tokens"])).collect();
+        assert_eq!(tokens, ids(&whole["choices"][k]["tokens"]), "choice {k}: {streamed}");
+        assert_eq!(of_k.last().unwrap()["choices"][0]["finish_reason"], "length");
+        assert!(of_k.iter().all(|c| c["usage"].is_null()), "{streamed}");
+    }
     // OpenAI's penalties and vLLM's repetition penalty and top-k: `v3r run`'s tokens with those flags.
     let body = r#"{"prompt": [7, 7, 2], "max_tokens": 8, "frequency_penalty": 1.5, "repetition_penalty": 0.6,
         "top_k": 3, "temperature": 0.5, "seed": 2}"#;

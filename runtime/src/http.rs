@@ -127,6 +127,8 @@ pub fn completion_request(
 pub struct ApiRequest {
     pub requests: Vec<Request>,
     pub stream: bool,
+    /// `stream_options.include_usage`: a streamed reply's last chunk says the usage.
+    pub usage: bool,
     /// Choices a prompt.
     pub n: usize,
 }
@@ -157,8 +159,19 @@ fn api_request(
     // OpenAI's, and vLLM's extra sampling parameters ([`v3c_models::sampling`]).
     const SHAPING: [&str; 6] =
         ["top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"];
-    const COMMON: [&str; 10] =
-        ["max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "stream", "model", "n", "user"];
+    const COMMON: [&str; 11] = [
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "logprobs",
+        "stream",
+        "stream_options",
+        "model",
+        "n",
+        "user",
+    ];
     let own: &[&str] = match api {
         Api::Completions => &["prompt", "echo"],
         Api::Chat => &["messages", "max_completion_tokens", "top_logprobs"],
@@ -262,9 +275,20 @@ fn api_request(
         None | Some(serde_json::Value::Null) => false,
         Some(x) => x.as_bool().ok_or_else(|| format!("stream: {x} is not true or false"))?,
     };
-    if stream && lines.len() * n > 1 {
-        return Err("stream: one prompt and n 1 (several choices are answered whole)".into());
-    }
+    let usage = match o.get("stream_options") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(_) if !stream => return Err("stream_options: only with \"stream\": true".into()),
+        Some(serde_json::Value::Object(x)) => {
+            match (x.keys().find(|k| *k != "include_usage"), x.get("include_usage")) {
+                (Some(k), _) => return Err(format!("stream_options: unknown field '{k}' (include_usage)")),
+                (None, None | Some(serde_json::Value::Null)) => false,
+                (None, Some(b)) => {
+                    b.as_bool().ok_or_else(|| format!("stream_options.include_usage: {b} is not true or false"))?
+                }
+            }
+        }
+        Some(x) => return Err(format!("stream_options: {x} is not an object")),
+    };
     // Each choice of a prompt its own seed: the given one (or the default) plus its number.
     let seed = match line.get("seed") {
         Some(x) => x.as_u64().ok_or_else(|| format!("seed: {x} is not a whole number"))?,
@@ -289,7 +313,7 @@ fn api_request(
             requests.push(request);
         }
     }
-    Ok(ApiRequest { requests, stream, n })
+    Ok(ApiRequest { requests, stream, n, usage })
 }
 
 /// OpenAI's `finish_reason`: an end token or stop sequence is `stop`, the token budget `length`.
@@ -812,7 +836,7 @@ fn completion(
     site: &Site,
 ) {
     let (tokenizer, model) = (site.tokenizer.as_ref(), site.model.as_str());
-    let ApiRequest { requests, stream: streaming, n } = match api_request(api, body, &site.defaults, tokenizer) {
+    let ApiRequest { requests, stream: streaming, n, usage } = match api_request(api, body, &site.defaults, tokenizer) {
         Ok(r) => r,
         Err(e) => {
             let _ = respond_error(conn, "400 Bad Request", &e);
@@ -846,61 +870,9 @@ fn completion(
         _ => String::new(),
     };
     if streaming {
-        let p = &pending[0];
-        // A stream ends with its connection.
-        conn.keep = false;
-        let stream = &mut conn.stream;
-        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
-        let mut gone = stream.write_all(head.as_bytes()).and_then(|_| stream.flush()).is_err();
-        let mut text = tokenizer.map(|t| TextSoFar::new(t, p.stops.as_ref()));
-        if api == Api::Chat && !gone {
-            // The role first, as OpenAI's streams begin.
-            let mut first = chunk_json(api, &id, model, created, None, "", None);
-            first["choices"][0]["delta"] = serde_json::json!({ "role": "assistant", "content": "" });
-            gone = stream.write_all(format!("data: {first}\n\n").as_bytes()).and_then(|_| stream.flush()).is_err();
-        }
-        if p.echoed && !gone {
-            // The echoed prompt first: its text and tokens.
-            let mut first = chunk_json(api, &id, model, created, None, &prompt_text(p), None);
-            first["choices"][0]["tokens"] = p.prompt.clone().into();
-            gone = stream.write_all(format!("data: {first}\n\n").as_bytes()).and_then(|_| stream.flush()).is_err();
-        }
-        let mut scored = None;
-        for event in p.events.iter() {
-            let (data, end) = match event {
-                // The token that follows carries them.
-                Progress::Scored(lp, alts) => {
-                    scored = Some((lp, alts));
-                    continue;
-                }
-                Progress::Token(t) => {
-                    let piece = text.as_mut().map_or(String::new(), |x| x.push(t));
-                    let mut chunk = chunk_json(api, &id, model, created, Some(t), &piece, None);
-                    if let Some((lp, alts)) = scored.take() {
-                        chunk["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
-                    }
-                    (chunk, false)
-                }
-                Progress::Ended(g) | Progress::Cancelled(g) => {
-                    let rest = text.take().map_or(String::new(), TextSoFar::finish);
-                    (chunk_json(api, &id, model, created, None, &rest, Some(finish_reason(&g))), true)
-                }
-                Progress::Refused(e) => {
-                    (serde_json::json!({ "error": { "message": e, "type": "invalid_request_error" } }), true)
-                }
-            };
-            if !gone {
-                let text = format!("data: {data}\n\n{}", if end { "data: [DONE]\n\n" } else { "" });
-                if stream.write_all(text.as_bytes()).and_then(|_| stream.flush()).is_err() {
-                    // The client went away: its request leaves the batch.
-                    gone = true;
-                    let _ = tx.send((Message::Gone(p.number), None));
-                }
-            }
-            if end {
-                break;
-            }
-        }
+        let prompt_tokens: usize = pending.iter().step_by(n.max(1)).map(|p| p.prompt.len()).sum();
+        let usage = usage.then_some(prompt_tokens);
+        stream_choices(api, conn, &mut pending, tx, site, (&id, created), usage);
         return;
     }
     // Every choice's end, in order; a refused one refuses the reply (the others cancelled).
@@ -943,6 +915,135 @@ fn completion(
     let prompt_tokens: usize = pending.iter().step_by(n.max(1)).map(|p| p.prompt.len()).sum();
     let generations: Vec<&Generation> = ended.iter().collect();
     let _ = respond(conn, "200 OK", &reply_json(&id, object, model, created, choices, prompt_tokens, &generations));
+}
+
+/// Streams a completion's choices as server-sent events as their tokens come, each chunk naming
+/// its choice (`index`), then (with `usage`: the prompts' tokens) a chunk of no choices with the
+/// usage of them all, then `data: [DONE]`. A refused choice ends the stream with its error (the
+/// others cancelled); a client that goes away cancels every choice still running.
+fn stream_choices(
+    api: Api,
+    conn: &mut Conn,
+    pending: &mut [Pending],
+    tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
+    site: &Site,
+    (id, created): (&str, u64),
+    usage: Option<usize>,
+) {
+    let (tokenizer, model) = (site.tokenizer.as_ref(), site.model.as_str());
+    // A stream ends with its connection.
+    conn.keep = false;
+    let stream = &mut conn.stream;
+    let mut write = |text: &str| stream.write_all(text.as_bytes()).and_then(|_| stream.flush()).is_ok();
+    // Every chunk says `usage` when it is asked for (null until the last), as OpenAI's do.
+    let event = |data: &serde_json::Value| {
+        let mut data = data.clone();
+        if usage.is_some() && data.get("usage").is_none() {
+            data["usage"] = serde_json::Value::Null;
+        }
+        format!("data: {data}\n\n")
+    };
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
+    let mut gone = !write(head);
+    let chunk = |k: usize, token: Option<u32>, text: &str, finish: Option<&str>| {
+        let mut c = chunk_json(api, id, model, created, token, text, finish);
+        c["choices"][0]["index"] = k.into();
+        c
+    };
+    for (k, p) in pending.iter().enumerate() {
+        if api == Api::Chat && !gone {
+            // The role first, as OpenAI's streams begin.
+            let mut first = chunk(k, None, "", None);
+            first["choices"][0]["delta"] = serde_json::json!({ "role": "assistant", "content": "" });
+            gone = !write(&event(&first));
+        }
+        if p.echoed && !gone {
+            // The echoed prompt first: its text and tokens.
+            let text = tokenizer.map_or(String::new(), |t| t.decode(&p.prompt, true));
+            let mut first = chunk(k, None, &text, None);
+            first["choices"][0]["tokens"] = p.prompt.clone().into();
+            gone = !write(&event(&first));
+        }
+    }
+    // Every choice's events into one channel, tagged with its index, in the order they come.
+    let (merged_tx, merged) = mpsc::channel::<(usize, Progress)>();
+    let sources: Vec<mpsc::Receiver<Progress>> =
+        pending.iter_mut().map(|p| std::mem::replace(&mut p.events, mpsc::channel().1)).collect();
+    std::thread::scope(|scope| {
+        for (k, source) in sources.into_iter().enumerate() {
+            let merged_tx = merged_tx.clone();
+            scope.spawn(move || {
+                for event in source.iter() {
+                    let end = matches!(event, Progress::Ended(_) | Progress::Cancelled(_) | Progress::Refused(_));
+                    if merged_tx.send((k, event)).is_err() || end {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(merged_tx);
+        let mut text: Vec<Option<TextSoFar>> =
+            pending.iter().map(|p| tokenizer.map(|t| TextSoFar::new(t, p.stops.as_ref()))).collect();
+        let mut scored: Vec<Option<(f32, Vec<(u32, f32)>)>> = vec![None; pending.len()];
+        let mut ended: Vec<Option<Generation>> = vec![None; pending.len()];
+        let mut failed = false;
+        let cancel_running = |ended: &[Option<Generation>]| {
+            for (p, e) in pending.iter().zip(ended) {
+                if e.is_none() {
+                    let _ = tx.send((Message::Gone(p.number), None));
+                }
+            }
+        };
+        for (k, progress) in merged.iter() {
+            let data = match progress {
+                // The token that follows carries them.
+                Progress::Scored(lp, alts) => {
+                    scored[k] = Some((lp, alts));
+                    continue;
+                }
+                Progress::Token(t) => {
+                    let piece = text[k].as_mut().map_or(String::new(), |x| x.push(t));
+                    let mut c = chunk(k, Some(t), &piece, None);
+                    if let Some((lp, alts)) = scored[k].take() {
+                        c["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
+                    }
+                    c
+                }
+                Progress::Ended(g) | Progress::Cancelled(g) => {
+                    let rest = text[k].take().map_or(String::new(), TextSoFar::finish);
+                    let c = chunk(k, None, &rest, Some(finish_reason(&g)));
+                    ended[k] = Some(g);
+                    c
+                }
+                Progress::Refused(e) => {
+                    failed = true;
+                    serde_json::json!({ "error": { "message": e, "type": "invalid_request_error" } })
+                }
+            };
+            if !gone && !write(&event(&data)) {
+                // The client went away: its choices leave the batch.
+                gone = true;
+                cancel_running(&ended);
+            }
+            if failed {
+                cancel_running(&ended);
+                break;
+            }
+            if ended.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        if gone {
+            return;
+        }
+        if let (Some(prompt_tokens), false) = (usage, failed) {
+            let object = if api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
+            let generations: Vec<&Generation> = ended.iter().flatten().collect();
+            let _ = write(&event(&reply_json(id, object, model, created, Vec::new(), prompt_tokens, &generations)));
+        }
+        let _ = write("data: [DONE]\n\n");
+    });
 }
 
 #[cfg(test)]
@@ -1033,6 +1134,10 @@ mod tests {
             "seed": 7, "stop": [[1, 2]], "logprobs": 1, "stream": true, "n": 1}"#;
         let (r, stream) = one(completion_request(body, &defaults(), None).unwrap());
         assert_eq!((r.prompt, r.max_new, r.sampler.temperature, r.sampler.top_p), (vec![4, 5, 6], 3, 0.5, 0.9));
+        let usage = br#"{"prompt": [1], "stream": true, "stream_options": {"include_usage": true}}"#;
+        assert!(completion_request(usage, &defaults(), None).unwrap().usage);
+        let no_usage = br#"{"prompt": [1], "stream": true, "stream_options": {}}"#;
+        assert!(!completion_request(no_usage, &defaults(), None).unwrap().usage);
         assert_eq!((r.stop, r.logprobs, r.top_logprobs, stream), (vec![vec![1, 2]], true, 1, true));
         let echoed = br#"{"prompt": [9, 8], "echo": true, "logprobs": 1, "max_tokens": 0}"#;
         let (r, _) = one(completion_request(echoed, &defaults(), None).unwrap());
@@ -1061,7 +1166,12 @@ mod tests {
             (br#"{"prompt": "hello"}"#, "prompt: text needs a tokenizer"),
             (br#"{"prompt": [1], "stop": "x"}"#, "stop: text needs a tokenizer"),
             (br#"{"prompt": [1], "n": 0}"#, "n: 0 is not a positive count"),
-            (br#"{"prompt": [1], "n": 2, "stream": true}"#, "stream: one prompt and n 1"),
+            (
+                br#"{"prompt": [1], "stream_options": {"include_usage": true}}"#,
+                "stream_options: only with \"stream\": true",
+            ),
+            (br#"{"prompt": [1], "stream": true, "stream_options": {"x": 1}}"#, "stream_options: unknown field 'x'"),
+            (br#"{"prompt": [1], "stream": true, "stream_options": {"include_usage": 1}}"#, "include_usage: 1 is not"),
             (br#"{"prompt": [[1], [2]], "n": 65}"#, "2 prompts x n 65: at most 128 choices a request"),
             (br#"{"prompt": [1], "echo": 1}"#, "echo: 1 is not true or false"),
             (br#"{"prompt": [1], "best_of": 2}"#, "unknown field 'best_of'"),
