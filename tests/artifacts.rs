@@ -858,6 +858,32 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
         .map(|e| e["choices"][0]["text"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(pieces, last["text"].as_str().unwrap(), "{streamed}");
+    // response_format json_object: whatever the model's logits, the text is on JSON's grammar
+    // (an object opened first); without the end token (--ignore-eos) it stays so to the budget.
+    for (sampling, stream) in
+        [(serde_json::json!({}), false), (serde_json::json!({"temperature": 1.0, "seed": 5}), true)]
+    {
+        let mut body = serde_json::json!({"prompt": prompt, "max_tokens": 12, "stream": stream,
+            "response_format": {"type": "json_object"}});
+        body.as_object_mut().unwrap().extend(sampling.as_object().unwrap().clone());
+        let reply = post(&body.to_string());
+        let text: String = match stream {
+            false => serde_json::from_str::<serde_json::Value>(&reply).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .into(),
+            true => v3c_tests::HttpServer::events(&reply)
+                .iter()
+                .filter_map(|e| e["choices"][0]["text"].as_str().map(str::to_string))
+                .collect(),
+        };
+        assert!(text.trim_start().starts_with('{'), "{text:?}");
+        assert!(v3c_runtime::grammar::Json::new().feed(text.as_bytes()).is_some(), "{text:?}");
+    }
+    let (status, body) =
+        server.request("POST", "/v1/completions", r#"{"prompt": "x", "response_format": {"type": "json_schema"}}"#);
+    assert_eq!(status, "HTTP/1.1 400 Bad Request", "{body}");
+    assert!(body.contains("response_format: json_schema is not supported (json_object is)"), "{body}");
     // Chat: the conversation as the chat template writes it, the reply the text of the tokens
     // `run` gives those ids; streamed, the role first, then the text in pieces.
     let messages = serde_json::json!([{"role": "user", "content": "Hello!"}]);
@@ -937,15 +963,15 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(text, message["content"].as_str().unwrap(), "{streamed}");
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length", "{streamed}");
-    // GET /metrics (no key needed): the four requests served here, how each ended, none left.
+    // GET /metrics (no key needed): the six requests served here, how each ended, none left.
     let (status, metrics) = server.request_as("GET", "/metrics", "", None);
     assert_eq!(status, "HTTP/1.1 200 OK");
     for line in [
-        "v3r_requests_total{finish=\"length\"} 3",
+        "v3r_requests_total{finish=\"length\"} 5",
         "v3r_requests_total{finish=\"stop\"} 1",
         "v3r_requests_in_flight 0",
-        "v3r_time_to_first_token_seconds_count 4",
-        "v3r_request_latency_seconds_count 4",
+        "v3r_time_to_first_token_seconds_count 6",
+        "v3r_request_latency_seconds_count 6",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
     }

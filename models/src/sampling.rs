@@ -10,7 +10,9 @@
 //! 4. the temperature (0: greedy, the argmax of what 1-3 left), then `top_k`, `top_p` and `min_p`
 //!    keep the most probable tokens to draw from.
 //!
-//! Log-probabilities a request asks for are the model's own, before any of this (vLLM's default).
+//! A [`Constraint`] (e.g. a grammar the output must follow) then leaves only the tokens it
+//! allows, before the temperature. Log-probabilities a request asks for are the model's own,
+//! before any of this (vLLM's default).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -82,6 +84,24 @@ impl Shaping {
     }
 }
 
+/// What limits the tokens a sequence may go on with, beyond its shaping (a grammar its output
+/// must follow): told each token picked.
+pub trait Constraint: Send + Sync + std::fmt::Debug {
+    /// Sets the logits of the tokens it does not allow next to -inf.
+    fn mask(&self, logits: &mut [f32]);
+    /// The sequence went on with `token`.
+    fn advance(&mut self, token: u32);
+    /// Back to where a sequence starts.
+    fn restart(&mut self);
+    fn boxed_clone(&self) -> Box<dyn Constraint>;
+}
+
+impl Clone for Box<dyn Constraint> {
+    fn clone(&self) -> Box<dyn Constraint> {
+        self.boxed_clone()
+    }
+}
+
 /// A sequence's sampler: temperature 0 is greedy; otherwise softmax(logits / T) over the tokens
 /// [`Shaping`] and top-p keep, drawn from a seeded stream (the same seed, settings and logits:
 /// the same tokens). It counts the tokens it picks for the penalties, after the prompt
@@ -94,6 +114,8 @@ pub struct Sampler {
     state: u64,
     /// What the penalties count (kept only when the logits change).
     seen: Option<Box<Seen>>,
+    /// What the tokens must follow, if anything.
+    pub constraint: Option<Box<dyn Constraint>>,
 }
 
 /// The tokens of a sequence the penalties count.
@@ -107,7 +129,14 @@ struct Seen {
 
 impl Sampler {
     pub fn new(temperature: f32, top_p: f32, seed: u64) -> Sampler {
-        Sampler { temperature, top_p, shaping: Shaping::default(), state: seed ^ 0x9e37_79b9_7f4a_7c15, seen: None }
+        Sampler {
+            temperature,
+            top_p,
+            shaping: Shaping::default(),
+            state: seed ^ 0x9e37_79b9_7f4a_7c15,
+            seen: None,
+            constraint: None,
+        }
     }
 
     /// This sampler with `shaping`.
@@ -115,9 +144,24 @@ impl Sampler {
         Sampler { shaping, ..self }
     }
 
-    /// A new sequence after `prompt`: the penalties count its tokens and the picks from here on.
+    /// This sampler, its tokens limited by `constraint`.
+    pub fn constrained(self, constraint: Box<dyn Constraint>) -> Sampler {
+        Sampler { constraint: Some(constraint), ..self }
+    }
+
+    /// Whether the logits themselves change before a token is picked (bias, a penalty, a
+    /// constraint): then even greedy picking needs them on the host.
+    pub fn changes_logits(&self) -> bool {
+        self.shaping.changes_logits() || self.constraint.is_some()
+    }
+
+    /// A new sequence after `prompt`: the penalties count its tokens and the picks from here on,
+    /// the constraint starts over.
     pub fn start(&mut self, prompt: &[u32]) {
         self.seen = None;
+        if let Some(c) = self.constraint.as_mut() {
+            c.restart();
+        }
         if self.shaping.repetition_penalty != 1.0 {
             let mut prompt = prompt.to_vec();
             prompt.sort_unstable();
@@ -126,8 +170,12 @@ impl Sampler {
         }
     }
 
-    /// Counts `token` as picked for the sequence (what [`Sampler::sample`] does with its picks).
+    /// Counts `token` as picked for the sequence (what [`Sampler::sample`] does with its picks),
+    /// and takes the constraint past it.
     pub fn note(&mut self, token: u32) {
+        if let Some(c) = self.constraint.as_mut() {
+            c.advance(token);
+        }
         if self.shaping.changes_logits() {
             *self.seen.get_or_insert_default().picked.entry(token).or_insert(0) += 1;
         }
@@ -150,14 +198,14 @@ impl Sampler {
     /// Whether it picks the argmax of the model's own logits (greedy, and nothing changes them):
     /// what a device may pick itself.
     pub fn plain_greedy(&self) -> bool {
-        self.greedy() && !self.shaping.changes_logits()
+        self.greedy() && !self.changes_logits()
     }
 
     /// The row as bias and penalties leave it, after the prompt and the tokens picked so far
-    /// (tokens past the row are left out).
+    /// (tokens past the row are left out), then the constraint.
     pub fn shape<'a>(&self, logits: &'a [f32]) -> Cow<'a, [f32]> {
         let s = &self.shaping;
-        if !s.changes_logits() {
+        if !self.changes_logits() {
             return Cow::Borrowed(logits);
         }
         let mut row = logits.to_vec();
@@ -182,6 +230,9 @@ impl Sampler {
                 *l -= s.frequency_penalty * c as f32;
                 *l -= s.presence_penalty;
             }
+        }
+        if let Some(c) = &self.constraint {
+            c.mask(&mut row);
         }
         Cow::Owned(row)
     }

@@ -143,6 +143,8 @@ pub struct RequestDefaults {
     pub seed: u64,
     /// Top-k, min-p and the penalties (a request's own replace them one by one).
     pub shaping: v3c_models::sampling::Shaping,
+    /// The end token, which a structured output ends with ([`crate::grammar`]).
+    pub eos: Option<u32>,
 }
 
 /// A line of `v3r serve`'s input that cancels a request: `{"cancel": ID}`, ID a request's id (its
@@ -178,7 +180,7 @@ pub fn parse_request(
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    const FIELDS: [&str; 19] = [
+    const FIELDS: [&str; 20] = [
         "prompt",
         "text",
         "messages",
@@ -192,6 +194,7 @@ pub fn parse_request(
         "presence_penalty",
         "frequency_penalty",
         "logit_bias",
+        "response_format",
         "seed",
         "stop",
         "stop_text",
@@ -286,8 +289,21 @@ pub fn parse_request(
         shaping.logit_bias = logit_bias(bias)?;
     }
     shaping.check()?;
-    let sampler =
+    let mut sampler =
         v3c_models::reference::Sampler::new(temperature, top_p, whole("seed")?.unwrap_or(d.seed)).shaped(shaping);
+    if let Some(format) = o.get("response_format").filter(|f| !f.is_null()) {
+        match format.get("type").and_then(serde_json::Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => {
+                let t = tokenizer.ok_or(
+                    "response_format: json_object needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)",
+                )?;
+                sampler = sampler.constrained(Box::new(crate::grammar::JsonConstraint::new(t, d.eos)));
+            }
+            Some("json_schema") => return Err("response_format: json_schema is not supported (json_object is)".into()),
+            _ => return Err(format!("response_format: {format} is not {{\"type\": \"text\" or \"json_object\"}}")),
+        }
+    }
     let top_logprobs = whole("top_logprobs")?.unwrap_or(0) as usize;
     if top_logprobs > MAX_TOP_LOGPROBS {
         return Err(format!("top_logprobs: {top_logprobs} (at most {MAX_TOP_LOGPROBS})"));
@@ -346,7 +362,14 @@ mod tests {
     /// named.
     #[test]
     fn requests_take_the_defaults_they_do_not_give() {
-        let d = RequestDefaults { max_new: 8, temperature: 0.0, top_p: 1.0, seed: 3, shaping: Default::default() };
+        let d = RequestDefaults {
+            max_new: 8,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 3,
+            shaping: Default::default(),
+            eos: None,
+        };
         let (id, r) = parse_request(" 1 2 3 ", &d, None).unwrap();
         assert_eq!((id, r.prompt, r.max_new, r.sampler.temperature), (None, vec![1, 2, 3], 8, 0.0));
         let (id, r) =
@@ -394,7 +417,7 @@ mod tests {
     #[test]
     fn requests_shape_their_sampling() {
         let shaping = v3c_models::sampling::Shaping { top_k: 40, repetition_penalty: 1.2, ..Default::default() };
-        let d = RequestDefaults { max_new: 8, temperature: 0.7, top_p: 1.0, seed: 3, shaping };
+        let d = RequestDefaults { max_new: 8, temperature: 0.7, top_p: 1.0, seed: 3, shaping, eos: None };
         let (_, r) = parse_request("1 2", &d, None).unwrap();
         assert_eq!(r.sampler.shaping, d.shaping);
         let line = r#"{"prompt": [1], "min_p": 0.05, "presence_penalty": -0.5, "frequency_penalty": 1,
@@ -425,7 +448,14 @@ mod tests {
     /// With a tokenizer, a prompt and stop strings come as text; without one, text is refused.
     #[test]
     fn requests_take_text_with_a_tokenizer() {
-        let d = RequestDefaults { max_new: 8, temperature: 0.0, top_p: 1.0, seed: 3, shaping: Default::default() };
+        let d = RequestDefaults {
+            max_new: 8,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 3,
+            shaping: Default::default(),
+            eos: None,
+        };
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
         let t = std::sync::Arc::new(crate::tokenizer::Tokenizer::from_file(&path).unwrap());
         let (_, r) = parse_request(r#"{"text": "Hello world!", "stop_text": ["\n\n", "."]}"#, &d, Some(&t)).unwrap();
@@ -436,6 +466,16 @@ mod tests {
         assert_eq!(r.prompt, t.chat(&serde_json::json!([{"role": "user", "content": "Hi"}]), true).unwrap());
         let (_, r) = parse_request(r#"{"text": "x", "stop_text": "END"}"#, &d, Some(&t)).unwrap();
         assert_eq!(r.stop_text.unwrap().strings, ["END"]);
+        // A JSON object's grammar on the tokens: the logits change, so greedy picks on the host.
+        let json = r#"{"text": "x", "response_format": {"type": "json_object"}}"#;
+        let (_, r) = parse_request(json, &d, Some(&t)).unwrap();
+        assert!(r.sampler.constraint.is_some() && !r.sampler.plain_greedy());
+        let (_, r) = parse_request(r#"{"text": "x", "response_format": {"type": "text"}}"#, &d, Some(&t)).unwrap();
+        assert!(r.sampler.constraint.is_none() && r.sampler.plain_greedy());
+        assert_eq!(
+            parse_request(r#"{"prompt": [1], "response_format": {"type": "json_object"}}"#, &d, None).unwrap_err(),
+            "response_format: json_object needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)"
+        );
         for (line, err) in [
             (r#"{"text": "hi"}"#, "text: text needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)"),
             (r#"{"prompt": [1], "stop_text": "x"}"#, "stop_text: text needs a tokenizer"),
@@ -454,6 +494,14 @@ mod tests {
             (r#"{"text": "x", "stop_text": [""]}"#, "stop_text: an empty string"),
             (r#"{"text": "x", "stop_text": [1]}"#, "stop_text: 1 is not a string"),
             (r#"{"text": "x", "stop_text": {}}"#, "stop_text: {} is not a string or an array of them"),
+            (
+                r#"{"text": "x", "response_format": {"type": "json_schema"}}"#,
+                "response_format: json_schema is not supported (json_object is)",
+            ),
+            (
+                r#"{"text": "x", "response_format": "json"}"#,
+                "response_format: \"json\" is not {\"type\": \"text\" or \"json_object\"}",
+            ),
         ] {
             assert_eq!(parse_request(line, &d, Some(&t)).unwrap_err(), err, "{line}");
         }

@@ -157,8 +157,15 @@ fn api_request(
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
     let o = v.as_object().ok_or("the body is not a JSON object")?;
     // OpenAI's, and vLLM's extra sampling parameters ([`v3c_models::sampling`]).
-    const SHAPING: [&str; 6] =
-        ["top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"];
+    const SHAPING: [&str; 7] = [
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "response_format",
+    ];
     const COMMON: [&str; 11] = [
         "max_tokens",
         "temperature",
@@ -512,7 +519,7 @@ struct Conn {
 /// What a connection's thread hands the serving loop.
 enum Message {
     /// A request, and where its progress goes.
-    Request(Request, mpsc::Sender<Progress>),
+    Request(Box<Request>, mpsc::Sender<Progress>),
     /// The client of request `.0` (its number in arrival order) went away.
     Gone(usize),
 }
@@ -693,7 +700,7 @@ pub fn serve_http(
                 replies.push(Some(reply));
                 seen.borrow_mut().push((std::time::Instant::now(), false, false));
                 metrics(&mut |m| m.arrived(r.prompt.len()));
-                Arrival::Request(r)
+                Arrival::Request(*r)
             }
             (Message::Gone(i), _) => Arrival::Cancel(i),
         }
@@ -849,7 +856,7 @@ fn completion(
         let stops = request.stop_text.clone();
         let (progress, events) = mpsc::channel();
         let (number_tx, number_rx) = mpsc::channel();
-        let number = match tx.send((Message::Request(request, progress), Some(number_tx))) {
+        let number = match tx.send((Message::Request(Box::new(request), progress), Some(number_tx))) {
             Ok(()) => number_rx.recv().ok(),
             Err(_) => None,
         };
@@ -985,7 +992,9 @@ fn stream_choices(
         drop(merged_tx);
         let mut text: Vec<Option<TextSoFar>> =
             pending.iter().map(|p| tokenizer.map(|t| TextSoFar::new(t, p.stops.as_ref()))).collect();
-        let mut scored: Vec<Option<(f32, Vec<(u32, f32)>)>> = vec![None; pending.len()];
+        // Each choice's log-probability and alternatives, for its token to come.
+        type Scored = Option<(f32, Vec<(u32, f32)>)>;
+        let mut scored: Vec<Scored> = vec![None; pending.len()];
         let mut ended: Vec<Option<Generation>> = vec![None; pending.len()];
         let mut failed = false;
         let cancel_running = |ended: &[Option<Generation>]| {
@@ -1091,7 +1100,7 @@ mod tests {
     }
 
     fn defaults() -> RequestDefaults {
-        RequestDefaults { max_new: 16, temperature: 0.0, top_p: 1.0, seed: 0, shaping: Default::default() }
+        RequestDefaults { max_new: 16, temperature: 0.0, top_p: 1.0, seed: 0, shaping: Default::default(), eos: None }
     }
 
     /// Request lines, headers and bodies as clients send them; what is not HTTP is said.

@@ -10,7 +10,7 @@
 //! on [`host`] buffers), kernel calling conventions ([`abi`]), a GPU artifact's launches expanded
 //! from its plan and lowering ([`gpu`]) and run on the device ([`cuda`]), a training step's optimizer
 //! there ([`optimizer`]), generation on either
-//! ([`session`], with MTP drafts: [`speculative`]), and the tuning database with its GPU
+//! ([`session`], with MTP drafts: [`speculative`]; structured output: [`grammar`]), and the tuning database with its GPU
 //! measurement ([`tuning`], [`measure`]).
 
 pub mod abi;
@@ -20,6 +20,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod gpu;
+pub mod grammar;
 pub mod host;
 pub mod http;
 pub mod lowering;

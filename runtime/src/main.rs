@@ -928,6 +928,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         top_p: args.generating.top_p,
         seed: args.generating.seed,
         shaping: args.generating.shaping(),
+        eos,
     };
     let limits = vec![max_len; slots];
     let serving = v3c_runtime::session::Serving {
@@ -1211,6 +1212,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
                 top_p: 1.0,
                 seed: args.seed,
                 shaping: Default::default(),
+                eos: None,
             };
             let mut served = Vec::new();
             for (k, line) in body.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {

@@ -301,9 +301,9 @@ pub fn generate_speculative(
     }
     // Drafts are drawn before the tokens they follow are accepted: penalties counting those
     // tokens would be of a sequence not yet known.
-    if sampler.shaping.changes_logits() {
+    if sampler.changes_logits() {
         return Err(
-            "speculative decoding takes no logit bias or penalties (temperature, top-k, top-p, min-p only)".into()
+            "speculative decoding takes no logit bias, penalties or response format (temperature, top-k, top-p, min-p only)".into()
         );
     }
     if drafts > 1 && !draft.outputs.iter().any(|(n, _)| n == "mtp_hidden") {

@@ -58,6 +58,7 @@ pub struct Tokenizer {
     chat: Option<ChatTemplate>,
     /// The special-token variables of a chat template given later ([`Tokenizer::set_chat_template`]).
     names: Vec<(String, String)>,
+    trie: std::sync::OnceLock<std::sync::Arc<crate::grammar::TokenTrie>>,
 }
 
 /// `tokenizer_config.json`'s chat template, ready to render, and the special tokens it may use.
@@ -275,7 +276,13 @@ impl Tokenizer {
             char_of_byte,
             chat,
             names,
+            trie: Default::default(),
         })
+    }
+
+    /// Its tokens' byte trie (structured output's masks walk it), made on first use.
+    pub fn trie(&self) -> std::sync::Arc<crate::grammar::TokenTrie> {
+        self.trie.get_or_init(|| std::sync::Arc::new(crate::grammar::TokenTrie::of(self))).clone()
     }
 
     /// Replaces the chat template (or gives one to a tokenizer without): `source`, Jinja as

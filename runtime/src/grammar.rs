@@ -1,0 +1,633 @@
+//! Structured output: `response_format: {"type": "json_object"}` — the completion is one JSON
+//! object (RFC 8259, as strictly as serde_json reads it: no control characters in strings, UTF-8
+//! well formed, surrogate escapes in pairs, no leading zeros), then only whitespace and the end
+//! token.
+//!
+//! [`Json`] is a byte-at-a-time pushdown automaton whose state is `Copy` (the stack of open
+//! containers is a bit per level, at most [`MAX_DEPTH`] deep). [`JsonConstraint`] masks, before
+//! each token is picked, every token whose bytes would take the output off the grammar: a walk
+//! of the vocabulary's byte trie ([`TokenTrie`]: tokens sharing a prefix share its steps), cut
+//! where a byte is refused. Special tokens are never allowed but the end token, and that only
+//! once the object is closed.
+
+use std::sync::Arc;
+
+use v3c_models::sampling::Constraint;
+
+use crate::tokenizer::Tokenizer;
+
+/// The most containers open at once.
+pub const MAX_DEPTH: u8 = 128;
+
+/// Where a JSON text is, a byte at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Json {
+    /// Open containers, innermost at bit `depth - 1`: 1 an array, 0 an object.
+    stack: u128,
+    depth: u8,
+    at: At,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum At {
+    /// Before the top-level object.
+    Start,
+    /// After `{`: a key or `}`.
+    KeyOrClose,
+    /// After `,` in an object: a key.
+    Key,
+    /// After a key: `:`.
+    Colon,
+    /// After `:` or `,` in an array: a value.
+    Value,
+    /// After `[`: a value or `]`.
+    ValueOrClose,
+    /// After a value inside a container: `,` or its close.
+    AfterValue,
+    /// Inside a string (a key's when `key`).
+    Str {
+        key: bool,
+        s: Str,
+    },
+    Number(Num),
+    /// Inside `true`, `false` or `null`: the bytes still to come.
+    Literal {
+        rest: &'static [u8],
+    },
+    /// The top-level object closed: whitespace only.
+    Done,
+}
+
+/// Inside a string: plain, after a backslash, in a `\u` escape (hex digits read so far, the
+/// value so far, whether a low surrogate must follow), or in a UTF-8 character.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Str {
+    Plain,
+    Escape {
+        low: bool,
+    },
+    Hex {
+        digits: u8,
+        value: u16,
+        low: bool,
+    },
+    /// A high surrogate's escape ended: `\` must come, then `u`, then a low surrogate.
+    NeedBackslash,
+    NeedU,
+    /// `left` more continuation bytes, the next in `lo..=hi`.
+    Utf8 {
+        left: u8,
+        lo: u8,
+        hi: u8,
+    },
+}
+
+/// Inside a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Num {
+    Minus,
+    Zero,
+    Int,
+    Dot,
+    Frac,
+    E,
+    ESign,
+    Exp,
+}
+
+fn whitespace(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+impl Default for Json {
+    fn default() -> Json {
+        Json::new()
+    }
+}
+
+impl Json {
+    pub fn new() -> Json {
+        Json { stack: 0, depth: 0, at: At::Start }
+    }
+
+    /// Whether the top-level object is closed.
+    pub fn done(&self) -> bool {
+        self.at == At::Done
+    }
+
+    fn in_array(&self) -> bool {
+        self.depth > 0 && self.stack >> (self.depth - 1) & 1 == 1
+    }
+
+    fn open(mut self, array: bool) -> Option<Json> {
+        if self.depth >= MAX_DEPTH {
+            return None;
+        }
+        self.stack = (self.stack & !(1 << self.depth)) | (u128::from(array) << self.depth);
+        self.depth += 1;
+        self.at = if array { At::ValueOrClose } else { At::KeyOrClose };
+        Some(self)
+    }
+
+    fn close(mut self, array: bool) -> Option<Json> {
+        if self.depth == 0 || self.in_array() != array {
+            return None;
+        }
+        self.depth -= 1;
+        Some(self.value_ended())
+    }
+
+    /// A value ended: after it in its container, or the whole text's end.
+    fn value_ended(mut self) -> Json {
+        self.at = if self.depth == 0 { At::Done } else { At::AfterValue };
+        self
+    }
+
+    /// A value's first byte.
+    fn value(mut self, b: u8) -> Option<Json> {
+        self.at = match b {
+            b'{' => return self.open(false),
+            b'[' => return self.open(true),
+            b'"' => At::Str { key: false, s: Str::Plain },
+            b'-' => At::Number(Num::Minus),
+            b'0' => At::Number(Num::Zero),
+            b'1'..=b'9' => At::Number(Num::Int),
+            b't' => At::Literal { rest: b"rue" },
+            b'f' => At::Literal { rest: b"alse" },
+            b'n' => At::Literal { rest: b"ull" },
+            _ => return None,
+        };
+        Some(self)
+    }
+
+    /// The state after byte `b`, or None where the grammar has no place for it.
+    pub fn step(mut self, b: u8) -> Option<Json> {
+        match self.at {
+            At::Start if whitespace(b) => Some(self),
+            At::Start => (b == b'{').then(|| self.open(false)).flatten(),
+            At::KeyOrClose | At::Key | At::Colon | At::Value | At::ValueOrClose | At::AfterValue | At::Done
+                if whitespace(b) =>
+            {
+                Some(self)
+            }
+            At::KeyOrClose if b == b'}' => self.close(false),
+            At::KeyOrClose | At::Key if b == b'"' => {
+                self.at = At::Str { key: true, s: Str::Plain };
+                Some(self)
+            }
+            At::Colon if b == b':' => {
+                self.at = At::Value;
+                Some(self)
+            }
+            At::ValueOrClose if b == b']' => self.close(true),
+            At::Value | At::ValueOrClose => self.value(b),
+            At::AfterValue => match b {
+                b',' => {
+                    self.at = if self.in_array() { At::Value } else { At::Key };
+                    Some(self)
+                }
+                b'}' => self.close(false),
+                b']' => self.close(true),
+                _ => None,
+            },
+            At::Str { key, s } => self.string(key, s, b),
+            At::Number(n) => self.number(n, b),
+            At::Literal { rest } => match rest {
+                [c] if *c == b => Some(self.value_ended()),
+                [c, more @ ..] if *c == b => {
+                    self.at = At::Literal { rest: more };
+                    Some(self)
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn string(mut self, key: bool, s: Str, b: u8) -> Option<Json> {
+        let next = match s {
+            Str::Plain => match b {
+                b'"' if key => {
+                    self.at = At::Colon;
+                    return Some(self);
+                }
+                b'"' => return Some(self.value_ended()),
+                b'\\' => Str::Escape { low: false },
+                0x00..=0x1f => return None,
+                0x20..=0x7f => Str::Plain,
+                0xc2..=0xdf => Str::Utf8 { left: 1, lo: 0x80, hi: 0xbf },
+                0xe0 => Str::Utf8 { left: 2, lo: 0xa0, hi: 0xbf },
+                0xe1..=0xec | 0xee..=0xef => Str::Utf8 { left: 2, lo: 0x80, hi: 0xbf },
+                0xed => Str::Utf8 { left: 2, lo: 0x80, hi: 0x9f },
+                0xf0 => Str::Utf8 { left: 3, lo: 0x90, hi: 0xbf },
+                0xf1..=0xf3 => Str::Utf8 { left: 3, lo: 0x80, hi: 0xbf },
+                0xf4 => Str::Utf8 { left: 3, lo: 0x80, hi: 0x8f },
+                _ => return None,
+            },
+            Str::Utf8 { left, lo, hi } if (lo..=hi).contains(&b) => match left {
+                1 => Str::Plain,
+                _ => Str::Utf8 { left: left - 1, lo: 0x80, hi: 0xbf },
+            },
+            Str::Utf8 { .. } => return None,
+            Str::Escape { low } => match b {
+                b'u' => Str::Hex { digits: 0, value: 0, low },
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' if !low => Str::Plain,
+                _ => return None,
+            },
+            Str::Hex { digits, value, low } => {
+                let d = (b as char).to_digit(16)? as u16;
+                let value = value << 4 | d;
+                if digits < 3 {
+                    Str::Hex { digits: digits + 1, value, low }
+                } else {
+                    match (low, value) {
+                        (false, 0xd800..=0xdbff) => Str::NeedBackslash,
+                        (false, 0xdc00..=0xdfff) => return None,
+                        (false, _) => Str::Plain,
+                        (true, 0xdc00..=0xdfff) => Str::Plain,
+                        (true, _) => return None,
+                    }
+                }
+            }
+            Str::NeedBackslash if b == b'\\' => Str::NeedU,
+            Str::NeedU if b == b'u' => Str::Hex { digits: 0, value: 0, low: true },
+            Str::NeedBackslash | Str::NeedU => return None,
+        };
+        self.at = At::Str { key, s: next };
+        Some(self)
+    }
+
+    fn number(mut self, n: Num, b: u8) -> Option<Json> {
+        let next = match (n, b) {
+            (Num::Minus, b'0') => Num::Zero,
+            (Num::Minus, b'1'..=b'9') => Num::Int,
+            (Num::Int, b'0'..=b'9') => Num::Int,
+            (Num::Zero | Num::Int, b'.') => Num::Dot,
+            (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
+            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::E,
+            (Num::E, b'+' | b'-') => Num::ESign,
+            (Num::E | Num::ESign | Num::Exp, b'0'..=b'9') => Num::Exp,
+            // A byte that cannot go on a complete number ends it and comes after it.
+            (Num::Zero | Num::Int | Num::Frac | Num::Exp, _) => return self.value_ended().step(b),
+            _ => return None,
+        };
+        self.at = At::Number(next);
+        Some(self)
+    }
+
+    /// The state after `bytes`, or None where one is refused.
+    pub fn feed(self, bytes: &[u8]) -> Option<Json> {
+        bytes.iter().try_fold(self, |s, &b| s.step(b))
+    }
+}
+
+/// The vocabulary's tokens by their bytes: a trie, each node a byte; the ids ending at a node.
+#[derive(Debug)]
+pub struct TokenTrie {
+    /// Per node: its first child, its next sibling (0: none; node 0 is the root), its byte, and
+    /// the token ending there (u32::MAX: none).
+    first: Vec<u32>,
+    next: Vec<u32>,
+    byte: Vec<u8>,
+    token: Vec<u32>,
+    vocab: usize,
+    /// Tokens never walked: the special ones and those with no bytes.
+    pub left_out: usize,
+}
+
+impl TokenTrie {
+    /// The trie of `tokenizer`'s tokens but its special ones.
+    pub fn of(tokenizer: &Tokenizer) -> TokenTrie {
+        let mut t = TokenTrie {
+            first: vec![0],
+            next: vec![0],
+            byte: vec![0],
+            token: vec![u32::MAX],
+            vocab: tokenizer.vocab_size(),
+            left_out: 0,
+        };
+        for id in 0..tokenizer.vocab_size() as u32 {
+            let bytes = tokenizer.token_bytes_of(id);
+            if tokenizer.is_special(id) || bytes.is_empty() {
+                t.left_out += 1;
+                continue;
+            }
+            let mut node = 0usize;
+            for &b in &bytes {
+                node = t.child(node, b);
+            }
+            t.token[node] = id;
+        }
+        t
+    }
+
+    /// Node `node`'s child of byte `b`, made if new.
+    fn child(&mut self, node: usize, b: u8) -> usize {
+        let mut c = self.first[node] as usize;
+        while c != 0 {
+            if self.byte[c] == b {
+                return c;
+            }
+            c = self.next[c] as usize;
+        }
+        let new = self.byte.len();
+        self.first.push(0);
+        self.next.push(self.first[node]);
+        self.byte.push(b);
+        self.token.push(u32::MAX);
+        self.first[node] = new as u32;
+        new
+    }
+
+    /// For each token, whether its bytes take `from` on without a refusal (ids past the trie's
+    /// vocabulary, and those left out, not).
+    pub fn allowed(&self, from: Json) -> Vec<bool> {
+        let mut ok = vec![false; self.vocab];
+        let mut todo: Vec<(u32, Json)> = Vec::with_capacity(64);
+        let mut c = self.first[0];
+        while c != 0 {
+            todo.push((c, from));
+            c = self.next[c as usize];
+        }
+        while let Some((node, state)) = todo.pop() {
+            let n = node as usize;
+            let Some(state) = state.step(self.byte[n]) else { continue };
+            if let Some(t) = ok.get_mut(self.token[n] as usize) {
+                *t = true;
+            }
+            let mut c = self.first[n];
+            while c != 0 {
+                todo.push((c, state));
+                c = self.next[c as usize];
+            }
+        }
+        ok
+    }
+}
+
+/// A sequence's JSON object: the tokens its state allows, `eos` once it is closed.
+#[derive(Clone)]
+pub struct JsonConstraint {
+    trie: Arc<TokenTrie>,
+    tokenizer: Arc<Tokenizer>,
+    eos: Option<u32>,
+    state: Json,
+    /// A token took the output off the grammar (picked where nothing was masked).
+    broken: bool,
+}
+
+impl JsonConstraint {
+    pub fn new(tokenizer: &Arc<Tokenizer>, eos: Option<u32>) -> JsonConstraint {
+        JsonConstraint { trie: tokenizer.trie(), tokenizer: tokenizer.clone(), eos, state: Json::new(), broken: false }
+    }
+
+    pub fn state(&self) -> Json {
+        self.state
+    }
+}
+
+impl std::fmt::Debug for JsonConstraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonConstraint").field("state", &self.state).field("eos", &self.eos).finish()
+    }
+}
+
+impl Constraint for JsonConstraint {
+    fn mask(&self, logits: &mut [f32]) {
+        if self.broken {
+            return;
+        }
+        // The end token is special (never in the trie): its own logit once the object is closed.
+        let eos = self.eos.filter(|_| self.state.done()).and_then(|e| Some((e as usize, *logits.get(e as usize)?)));
+        let ok = self.trie.allowed(self.state);
+        for (i, l) in logits.iter_mut().enumerate() {
+            if !ok.get(i).copied().unwrap_or(false) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if let Some((e, l)) = eos {
+            logits[e] = l;
+        }
+    }
+
+    fn advance(&mut self, token: u32) {
+        if self.broken || Some(token) == self.eos {
+            return;
+        }
+        match self.state.feed(&self.tokenizer.token_bytes_of(token)) {
+            Some(s) if !self.tokenizer.is_special(token) => self.state = s,
+            _ => self.broken = true,
+        }
+    }
+
+    fn restart(&mut self) {
+        (self.state, self.broken) = (Json::new(), false);
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Constraint> {
+        Box::new(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What serde_json makes of a text: an object, or not JSON at all (or not an object). A
+    /// number past f64's range is JSON to the grammar (serde_json refuses to read it, Python's
+    /// json reads infinity).
+    fn serde_object(bytes: &[u8]) -> bool {
+        match serde_json::from_slice::<serde_json::Value>(bytes) {
+            Ok(v) => v.is_object(),
+            Err(e) => e.to_string().starts_with("number out of range") && accepts(bytes),
+        }
+    }
+
+    fn accepts(bytes: &[u8]) -> bool {
+        Json::new().feed(bytes).is_some_and(|s| s.done())
+    }
+
+    fn fixture() -> Arc<Tokenizer> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
+        Arc::new(Tokenizer::from_file(&path).unwrap())
+    }
+
+    /// Hand-picked texts, each accepted exactly when serde_json reads it as an object.
+    #[test]
+    fn objects_are_what_serde_json_reads() {
+        let cases: &[&[u8]] = &[
+            b"{}",
+            b" \t\r\n{ } \n",
+            br#"{"a": 1, "b": [true, false, null, -0.5e+3, 0, 12, 1E9], "c": {"d": "e\u00e9\n\"\\\/\b\f\r\t"}}"#,
+            r#"{"emoji": "\ud83d\ude00", "raw": "é😀日本"}"#.as_bytes(),
+            br#"{"lone": "\ud83d"}"#,
+            br#"{"lone": "\ude00"}"#,
+            br#"{"pair": "\ud83d\u0041"}"#,
+            br#"{"a": 01}"#,
+            br#"{"a": 1.}"#,
+            br#"{"a": .5}"#,
+            br#"{"a": +1}"#,
+            br#"{"a": -}"#,
+            br#"{"a": 1e}"#,
+            br#"{"a": [1,]}"#,
+            br#"{"a": 1,}"#,
+            br#"{"a" 1}"#,
+            br#"{a: 1}"#,
+            br#"{"a": tru}"#,
+            br#"{"a": nul}"#,
+            br#"{"a": "\x"}"#,
+            br#"{"a": "\u12g4"}"#,
+            b"{\"a\": \"tab\there\"}",
+            b"{\"a\": \"\xc3\x28\"}",
+            b"{\"a\": \"\xe0\x80\x80\"}",
+            b"{\"a\": \"\xed\xa0\x80\"}",
+            b"{\"a\": \"\xf4\x90\x80\x80\"}",
+            b"{\"a\": \"\x7f\"}",
+            b"[1, 2]",
+            b"\"text\"",
+            b"12",
+            b"{} {}",
+            b"{}}",
+            b"{\"a\": [}",
+            b"{\"a\": [[[[]]]]}",
+        ];
+        for &c in cases {
+            assert_eq!(accepts(c), serde_object(c), "{}", String::from_utf8_lossy(c));
+        }
+        // Every prefix of an accepted text is on the way (None nowhere), and only the whole is done.
+        let text = r#" {"k": [1.5e-3, {"x": "\ud83d\ude00é"}, null], "z": -0} "#.as_bytes();
+        let mut s = Json::new();
+        for (i, &b) in text.iter().enumerate() {
+            s = s.step(b).unwrap_or_else(|| panic!("byte {i}"));
+            assert_eq!(s.done(), i >= text.len() - 2, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn nesting_stops_at_the_depth_limit() {
+        let deep = |n: usize| [b"{\"a\":".to_vec(), "[".repeat(n - 1).into_bytes()].concat();
+        assert!(Json::new().feed(&deep(MAX_DEPTH as usize)).is_some());
+        assert!(Json::new().feed(&deep(MAX_DEPTH as usize + 1)).is_none());
+        let closed = [b"{\"a\":".to_vec(), "[".repeat(100).into_bytes(), "]".repeat(100).into_bytes(), b"}".to_vec()];
+        assert!(accepts(&closed.concat()));
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            (-1e12f64..1e12).prop_map(serde_json::Value::from),
+            any::<f64>().prop_filter("finite", |x| x.is_finite()).prop_map(serde_json::Value::from),
+            "\\PC{0,12}".prop_map(serde_json::Value::from),
+            "[\\x00-\\x1f\"\\\\\u{7f}\u{e9}\u{1F600}]{0,6}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(serde_json::Value::from),
+                prop::collection::btree_map("\\PC{0,6}", inner, 0..5)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// serde_json's own objects, compact and pretty, are accepted; and a byte changed, put in
+        /// or taken out anywhere, accepted exactly when serde_json still reads an object.
+        #[test]
+        fn serde_json_objects_and_their_mutations(
+            fields in prop::collection::btree_map("\\PC{0,6}", json_value(), 0..5),
+            pretty in any::<bool>(),
+            at in any::<prop::sample::Index>(),
+            byte in prop::sample::select(b"{}[]\",:.-+0123456789eEtrufalsn \\/u\xc3\xa9\xed\xa0\x80\x1fx".to_vec()),
+            how in 0..3usize,
+        ) {
+            let v = serde_json::Value::Object(fields.into_iter().collect());
+            let text = if pretty { serde_json::to_vec_pretty(&v) } else { serde_json::to_vec(&v) }.unwrap();
+            prop_assert!(accepts(&text), "{}", String::from_utf8_lossy(&text));
+            let mut m = text.clone();
+            let i = at.index(m.len() + 1);
+            match how {
+                0 => m.insert(i, byte),
+                1 if i < m.len() => { m.remove(i); }
+                _ if i < m.len() => m[i] = byte,
+                _ => m.push(byte),
+            }
+            prop_assert_eq!(accepts(&m), serde_object(&m), "{}", String::from_utf8_lossy(&m));
+        }
+    }
+
+    /// The trie's walk allows exactly the tokens whose bytes feed the state without a refusal,
+    /// in states along a text (strings, escapes, numbers, between values, done).
+    #[test]
+    fn the_tries_mask_is_each_tokens_own_feed() {
+        let t = fixture();
+        let trie = t.trie();
+        assert_eq!(trie.left_out, (0..t.vocab_size() as u32).filter(|&i| t.is_special(i)).count());
+        let text = r#"{"key \u00e9\ud83d\ude00": [12.5e-3, true, {"n": null}], "s": "café \"q\""} "#.as_bytes();
+        let mut s = Json::new();
+        let mut checked = 0;
+        for (i, &b) in text.iter().enumerate() {
+            if i % 3 == 0 || i > text.len() - 4 {
+                let ok = trie.allowed(s);
+                for id in 0..t.vocab_size() as u32 {
+                    let want = !t.is_special(id) && s.feed(&t.token_bytes_of(id)).is_some();
+                    assert_eq!(ok[id as usize], want, "byte {i}, token {id} {:?}", t.token(id));
+                }
+                assert!(ok.iter().any(|&x| x), "byte {i}: something is allowed");
+                checked += 1;
+            }
+            s = s.step(b).unwrap();
+        }
+        assert!(checked > 25, "{checked}");
+    }
+
+    /// Sampling from random logits under the constraint: every output is on the grammar, those
+    /// that end with the end token are objects serde_json reads, the end token comes only then.
+    #[test]
+    fn constrained_sampling_writes_json_objects() {
+        let t = fixture();
+        let eos = t.token_id("<｜end▁of▁sentence｜>").unwrap();
+        let vocab = t.vocab_size();
+        // Tokens that close things a little likelier, so that objects end within the budget.
+        let closing: Vec<f32> = (0..vocab as u32)
+            .map(|i| {
+                let b = t.token_bytes_of(i);
+                if b.contains(&b'}') || b.contains(&b'"') || b.contains(&b']') {
+                    2.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let (mut ended, mut h) = (0, 0x1234_5678u64);
+        for seed in 0..40u64 {
+            let c = JsonConstraint::new(&t, Some(eos));
+            let mut sampler = v3c_models::reference::Sampler::new(1.0, 1.0, seed).constrained(Box::new(c));
+            sampler.start(&[]);
+            let mut out = Vec::new();
+            for _ in 0..300 {
+                let row: Vec<f32> = (0..vocab)
+                    .map(|i| {
+                        h = h.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((h >> 40) % 1000) as f32 / 250.0 + closing[i]
+                    })
+                    .collect();
+                let token = sampler.sample(&row);
+                if token == eos {
+                    break;
+                }
+                out.push(token);
+            }
+            let bytes: Vec<u8> = out.iter().flat_map(|&i| t.token_bytes_of(i)).collect();
+            let state = Json::new().feed(&bytes);
+            assert!(state.is_some(), "seed {seed}: {}", String::from_utf8_lossy(&bytes));
+            if out.len() < 300 {
+                ended += 1;
+                assert!(state.unwrap().done() && serde_object(&bytes), "{}", String::from_utf8_lossy(&bytes));
+            }
+        }
+        assert!(ended >= 10, "{ended} of 40 closed their object");
+    }
+}
