@@ -281,88 +281,186 @@ impl Json {
     }
 }
 
-/// The vocabulary's tokens by their bytes: a trie, each node a byte; the ids ending at a node.
-#[derive(Debug)]
+/// The vocabulary's tokens by their bytes: a trie, each node a byte and the token ending there,
+/// laid out in depth-first order (a node's subtree is the nodes after it up to its `end`).
 pub struct TokenTrie {
-    /// Per node: its first child, its next sibling (0: none; node 0 is the root), its byte, and
-    /// the token ending there (u32::MAX: none).
-    first: Vec<u32>,
-    next: Vec<u32>,
     byte: Vec<u8>,
+    /// The token ending at each node (u32::MAX: none).
     token: Vec<u32>,
+    end: Vec<u32>,
+    /// Where in a string a node's bytes leave a string they go on from a plain place in (None:
+    /// they leave it, or are refused).
+    path: Vec<Option<Str>>,
+    /// Whether every byte below a node goes on inside such a string from there (no quote,
+    /// backslash or control byte; UTF-8 well formed as far as it goes): then a walk that reaches
+    /// the node at that place of a string allows its whole subtree without stepping through it.
+    in_string: Vec<bool>,
+    /// The tokens in node order, and how many end before each node (one more entry: all): a
+    /// subtree's tokens are a range of `tokens`.
+    tokens: Vec<u32>,
+    before: Vec<u32>,
     vocab: usize,
     /// Tokens never walked: the special ones and those with no bytes.
     pub left_out: usize,
+    cache: std::sync::Mutex<std::collections::HashMap<Json, Arc<Vec<u64>>>>,
+}
+
+impl std::fmt::Debug for TokenTrie {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenTrie({} nodes, {} tokens)", self.byte.len(), self.vocab)
+    }
 }
 
 impl TokenTrie {
     /// The trie of `tokenizer`'s tokens but its special ones.
     pub fn of(tokenizer: &Tokenizer) -> TokenTrie {
-        let mut t = TokenTrie {
-            first: vec![0],
-            next: vec![0],
-            byte: vec![0],
-            token: vec![u32::MAX],
-            vocab: tokenizer.vocab_size(),
-            left_out: 0,
-        };
+        // Built as linked nodes (first child, next sibling; 0: none), then laid out.
+        let (mut first, mut next, mut byte, mut token) = (vec![0u32], vec![0u32], vec![0u8], vec![u32::MAX]);
+        let mut left_out = 0;
         for id in 0..tokenizer.vocab_size() as u32 {
             let bytes = tokenizer.token_bytes_of(id);
             if tokenizer.is_special(id) || bytes.is_empty() {
-                t.left_out += 1;
+                left_out += 1;
                 continue;
             }
             let mut node = 0usize;
             for &b in &bytes {
-                node = t.child(node, b);
+                let mut c = first[node] as usize;
+                while c != 0 && byte[c] != b {
+                    c = next[c] as usize;
+                }
+                if c == 0 {
+                    c = byte.len();
+                    (first.push(0), next.push(first[node]), byte.push(b), token.push(u32::MAX));
+                    first[node] = c as u32;
+                }
+                node = c;
             }
-            t.token[node] = id;
+            token[node] = id;
+        }
+        let mut t = TokenTrie {
+            byte: Vec::with_capacity(byte.len()),
+            token: Vec::with_capacity(byte.len()),
+            end: vec![0; byte.len()],
+            path: vec![None; byte.len()],
+            in_string: vec![false; byte.len()],
+            tokens: Vec::new(),
+            before: Vec::with_capacity(byte.len() + 1),
+            vocab: tokenizer.vocab_size(),
+            left_out,
+            cache: Default::default(),
+        };
+        // Depth first: (linked node, its new index's parent chain closes as the walk leaves it).
+        let mut todo = vec![(0usize, false)];
+        let mut open = Vec::new();
+        while let Some((n, leaving)) = todo.pop() {
+            if leaving {
+                let at = open.pop().expect("opened");
+                t.end[at] = t.byte.len() as u32;
+                continue;
+            }
+            open.push(t.byte.len());
+            (t.byte.push(byte[n]), t.token.push(token[n]));
+            todo.push((n, true));
+            let mut c = first[n] as usize;
+            while c != 0 {
+                todo.push((c, false));
+                c = next[c] as usize;
+            }
+        }
+        for &id in &t.token {
+            t.before.push(t.tokens.len() as u32);
+            if id != u32::MAX {
+                t.tokens.push(id);
+            }
+        }
+        t.before.push(t.tokens.len() as u32);
+        let string = |s: Str| Json { stack: 0, depth: 1, at: At::Str { key: false, s } };
+        t.path[0] = Some(Str::Plain);
+        for n in 0..t.byte.len() {
+            let Some(s) = t.path[n] else { continue };
+            t.in_string[n] = t.stays_in_string(n, string(s));
+            for c in t.children(n).collect::<Vec<_>>() {
+                t.path[c] = match string(s).step(t.byte[c]).map(|j| j.at) {
+                    Some(At::Str { s, .. }) => Some(s),
+                    _ => None,
+                };
+            }
         }
         t
     }
 
-    /// Node `node`'s child of byte `b`, made if new.
-    fn child(&mut self, node: usize, b: u8) -> usize {
-        let mut c = self.first[node] as usize;
-        while c != 0 {
-            if self.byte[c] == b {
-                return c;
-            }
-            c = self.next[c] as usize;
-        }
-        let new = self.byte.len();
-        self.first.push(0);
-        self.next.push(self.first[node]);
-        self.byte.push(b);
-        self.token.push(u32::MAX);
-        self.first[node] = new as u32;
-        new
+    /// Node `n`'s children.
+    fn children(&self, n: usize) -> impl Iterator<Item = usize> + '_ {
+        let mut c = n + 1;
+        std::iter::from_fn(move || {
+            (c < self.end[n] as usize).then(|| {
+                let at = c;
+                c = self.end[c] as usize;
+                at
+            })
+        })
     }
 
-    /// For each token, whether its bytes take `from` on without a refusal (ids past the trie's
-    /// vocabulary, and those left out, not).
-    pub fn allowed(&self, from: Json) -> Vec<bool> {
-        let mut ok = vec![false; self.vocab];
-        let mut todo: Vec<(u32, Json)> = Vec::with_capacity(64);
-        let mut c = self.first[0];
-        while c != 0 {
-            todo.push((c, from));
-            c = self.next[c as usize];
-        }
-        while let Some((node, state)) = todo.pop() {
-            let n = node as usize;
-            let Some(state) = state.step(self.byte[n]) else { continue };
-            if let Some(t) = ok.get_mut(self.token[n] as usize) {
-                *t = true;
+    /// Whether every path below node `n`, from `from`, stays inside the string.
+    fn stays_in_string(&self, n: usize, from: Json) -> bool {
+        let mut todo: Vec<(usize, Json)> = self.children(n).map(|c| (c, from)).collect();
+        while let Some((c, state)) = todo.pop() {
+            match state.step(self.byte[c]) {
+                Some(s) if matches!(s.at, At::Str { .. }) => todo.extend(self.children(c).map(|d| (d, s))),
+                _ => return false,
             }
-            let mut c = self.first[n];
-            while c != 0 {
-                todo.push((c, state));
-                c = self.next[c as usize];
+        }
+        true
+    }
+
+    /// The tokens whose bytes take `from` on without a refusal, as a bit set (bit `id % 64` of
+    /// word `id / 64`), walked afresh.
+    pub fn walk(&self, from: Json) -> Vec<u64> {
+        let mut ok = vec![0u64; self.vocab.div_ceil(64)];
+        let mut mark = |t: u32| {
+            if (t as usize) < self.vocab {
+                ok[t as usize / 64] |= 1 << (t % 64);
+            }
+        };
+        let mut todo: Vec<(usize, Json)> = self.children(0).map(|c| (c, from)).collect();
+        while let Some((n, state)) = todo.pop() {
+            let Some(state) = state.step(self.byte[n]) else { continue };
+            mark(self.token[n]);
+            if matches!(state.at, At::Str { s, .. } if Some(s) == self.path[n]) && self.in_string[n] {
+                let below = self.before[n + 1] as usize..self.before[self.end[n] as usize] as usize;
+                self.tokens[below].iter().for_each(|&t| mark(t));
+            } else {
+                todo.extend(self.children(n).map(|c| (c, state)));
             }
         }
         ok
     }
+
+    /// [`TokenTrie::walk`], kept for the next time a sequence is in the same state (a long
+    /// string's tokens are: its mask is walked once). At most [`CACHED`] states are kept, all
+    /// dropped when a new one finds them full.
+    pub fn allowed(&self, from: Json) -> Arc<Vec<u64>> {
+        if let Some(ok) = self.cache.lock().ok().and_then(|c| c.get(&from).cloned()) {
+            return ok;
+        }
+        let ok = Arc::new(self.walk(from));
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHED {
+                cache.clear();
+            }
+            cache.insert(from, ok.clone());
+        }
+        ok
+    }
+}
+
+/// The most states whose masks a trie keeps (16 KiB each for DeepSeek-V3's vocabulary).
+pub const CACHED: usize = 512;
+
+/// Whether token `id` is in bit set `set`.
+pub fn has(set: &[u64], id: u32) -> bool {
+    set.get(id as usize / 64).is_some_and(|w| w >> (id % 64) & 1 == 1)
 }
 
 /// A sequence's JSON object: the tokens its state allows, `eos` once it is closed.
@@ -401,7 +499,7 @@ impl Constraint for JsonConstraint {
         let eos = self.eos.filter(|_| self.state.done()).and_then(|e| Some((e as usize, *logits.get(e as usize)?)));
         let ok = self.trie.allowed(self.state);
         for (i, l) in logits.iter_mut().enumerate() {
-            if !ok.get(i).copied().unwrap_or(false) {
+            if !has(&ok, i as u32) {
                 *l = f32::NEG_INFINITY;
             }
         }
@@ -571,11 +669,12 @@ mod tests {
         for (i, &b) in text.iter().enumerate() {
             if i % 3 == 0 || i > text.len() - 4 {
                 let ok = trie.allowed(s);
+                assert_eq!(trie.allowed(s), ok, "kept as walked");
                 for id in 0..t.vocab_size() as u32 {
                     let want = !t.is_special(id) && s.feed(&t.token_bytes_of(id)).is_some();
-                    assert_eq!(ok[id as usize], want, "byte {i}, token {id} {:?}", t.token(id));
+                    assert_eq!(has(&ok, id), want, "byte {i}, token {id} {:?}", t.token(id));
                 }
-                assert!(ok.iter().any(|&x| x), "byte {i}: something is allowed");
+                assert!(ok.iter().any(|&x| x != 0), "byte {i}: something is allowed");
                 checked += 1;
             }
             s = s.step(b).unwrap();

@@ -1,0 +1,34 @@
+//! Structured output's cost a token (`response_format: json_object`, `v3c_runtime::grammar`):
+//! the mask of the tokens JSON's grammar allows next, walked through the vocabulary's byte trie,
+//! in three places of a text — between values (few tokens fit), inside a string (almost all do)
+//! and inside a number — walked afresh, and kept from an earlier token in the same state; and
+//! building the trie. The tokenizer: `V3R_BENCH_TOKENIZER` (a
+//! tokenizer.json, e.g. DeepSeek-V3's 129280 tokens), else the fixture's 971.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use v3c_runtime::grammar::{Json, TokenTrie};
+use v3c_runtime::tokenizer::Tokenizer;
+
+fn grammar(c: &mut Criterion) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let file = std::env::var_os("V3R_BENCH_TOKENIZER")
+        .map_or_else(|| root.join("tests/fixtures/tokenizer/tokenizer.json"), std::path::PathBuf::from);
+    let t = Tokenizer::from_file(&file).expect("the tokenizer");
+    let trie = t.trie();
+    let mut g = c.benchmark_group(format!("json_mask_{}", t.vocab_size()));
+    for (name, text) in
+        [("between_values", &br#"{"a": 1,"#[..]), ("in_string", br#"{"a": "text "#), ("in_number", br#"{"a": 12"#)]
+    {
+        let state = Json::new().feed(text).expect("on the grammar");
+        g.bench_function(name, |b| b.iter(|| trie.walk(std::hint::black_box(state))));
+    }
+    // A sequence's next mask in a state it was in before (a long string's tokens): kept.
+    let state = Json::new().feed(br#"{"a": "text "#).expect("on the grammar");
+    g.bench_function("in_string_kept", |b| b.iter(|| trie.allowed(std::hint::black_box(state))));
+    g.sample_size(10);
+    g.bench_function("build_trie", |b| b.iter(|| TokenTrie::of(&t)));
+    g.finish();
+}
+
+criterion_group!(benches, grammar);
+criterion_main!(benches);
