@@ -307,6 +307,44 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     assert_eq!((&got[..], &v["finish_reason"]), (&first[..end], &serde_json::json!("stop")), "{v}");
     let lp = v["logprobs"].as_array().unwrap();
     assert!(lp.len() == end && lp.iter().all(|x| x.as_f64().is_some_and(|x| x <= 0.0)), "{v}");
+    // Per request, as vLLM takes them: `ignore_eos`, `min_tokens` (the end and stop tokens held
+    // back until then) and `stop_token_ids` — on a server that ends requests at the end token,
+    // made certain by a bias.
+    let eos = v3c_models::ModelConfig::preset("deepseek-v3-tiny").unwrap().eos_token_id.unwrap();
+    assert!(!first[..3].contains(&u64::from(eos)), "{first:?}");
+    let forced = format!("\"prompt\": [3, 17, 4], \"logit_bias\": {{\"{eos}\": 100}}");
+    let lines = format!(
+        "{{{forced}, \"id\": \"e\"}}\n{{{forced}, \"min_tokens\": 3, \"id\": \"m\"}}\n\
+         {{{forced}, \"ignore_eos\": true, \"id\": \"i\"}}\n\
+         {{\"prompt\": [3, 17, 4, 29, 11, 5, 8, 2, 40, 1], \"stop_token_ids\": [{}], \"id\": \"t\"}}\n",
+        first[2]
+    );
+    let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
+        .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--max-new-tokens", "6"])
+        .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut server.stdin.take().unwrap(), lines.as_bytes()).unwrap();
+    let out = server.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let by_id: std::collections::HashMap<String, serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| (v["id"].as_str().unwrap().to_string(), v))
+        .collect();
+    let tokens = |id: &str| -> Vec<u64> {
+        by_id[id]["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
+    };
+    let eos = u64::from(eos);
+    assert_eq!((tokens("e"), &by_id["e"]["finish_reason"]), (vec![eos], &"eos".into()), "{by_id:?}");
+    let m = tokens("m");
+    assert!(m.len() == 4 && m[3] == eos && !m[..3].contains(&eos), "{m:?}");
+    assert_eq!((tokens("i"), &by_id["i"]["finish_reason"]), (vec![eos; 6], &"length".into()), "{by_id:?}");
+    let at = first.iter().position(|&t| t == first[2]).unwrap();
+    assert_eq!((tokens("t"), &by_id["t"]["finish_reason"]), (first[..=at].to_vec(), &"stop".into()), "{by_id:?}");
     // Streamed: each token a line as it is picked, in order, then the request's line as before
     // (here with a budget of 24 prefill tokens between decode steps: the same tokens).
     let streamed = serve(requests, &["--stream", "--prefill-budget", "24"]);

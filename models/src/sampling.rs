@@ -10,6 +10,8 @@
 //! 4. the temperature (0: greedy, the argmax of what 1-3 left), then `top_k`, `top_p` and `min_p`
 //!    keep the most probable tokens to draw from.
 //!
+//! Before `min_tokens` are picked, the tokens that would end the sequence are left out (vLLM's).
+//!
 //! A [`Constraint`] (e.g. a grammar the output must follow) then leaves only the tokens it
 //! allows, before the temperature. Log-probabilities a request asks for are the model's own,
 //! before any of this (vLLM's default).
@@ -31,6 +33,10 @@ pub struct Shaping {
     pub frequency_penalty: f32,
     /// (token, bias) pairs, each token once.
     pub logit_bias: Vec<(u32, f32)>,
+    /// `ends` (the tokens that would end the sequence: its end token, stop tokens) are not
+    /// picked before this many tokens are (vLLM's `min_tokens`).
+    pub min_tokens: usize,
+    pub ends: Vec<u32>,
 }
 
 impl Default for Shaping {
@@ -42,13 +48,17 @@ impl Default for Shaping {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
+            min_tokens: 0,
+            ends: Vec::new(),
         }
     }
 }
 
 impl Shaping {
-    /// Whether the logits themselves change (bias or a penalty), not only which tokens are drawn
-    /// from: then even greedy picking needs them on the host, and the tokens so far.
+    /// Whether the logits themselves change for the whole sequence (bias or a penalty), not only
+    /// which tokens are drawn from: then even greedy picking needs them on the host, and the
+    /// tokens so far. (`min_tokens` changes them only until they are picked:
+    /// [`Sampler::changes_logits`].)
     pub fn changes_logits(&self) -> bool {
         self.repetition_penalty != 1.0
             || self.presence_penalty != 0.0
@@ -114,6 +124,8 @@ pub struct Sampler {
     state: u64,
     /// What the penalties count (kept only when the logits change).
     seen: Option<Box<Seen>>,
+    /// Tokens picked since [`Sampler::start`].
+    picks: usize,
     /// What the tokens must follow, if anything.
     pub constraint: Option<Box<dyn Constraint>>,
 }
@@ -135,6 +147,7 @@ impl Sampler {
             shaping: Shaping::default(),
             state: seed ^ 0x9e37_79b9_7f4a_7c15,
             seen: None,
+            picks: 0,
             constraint: None,
         }
     }
@@ -152,13 +165,18 @@ impl Sampler {
     /// Whether the logits themselves change before a token is picked (bias, a penalty, a
     /// constraint): then even greedy picking needs them on the host.
     pub fn changes_logits(&self) -> bool {
-        self.shaping.changes_logits() || self.constraint.is_some()
+        self.shaping.changes_logits() || self.constraint.is_some() || self.holds_back_ends()
+    }
+
+    /// Whether the ends are still held back (`min_tokens` not yet picked).
+    fn holds_back_ends(&self) -> bool {
+        self.picks < self.shaping.min_tokens && !self.shaping.ends.is_empty()
     }
 
     /// A new sequence after `prompt`: the penalties count its tokens and the picks from here on,
     /// the constraint starts over.
     pub fn start(&mut self, prompt: &[u32]) {
-        self.seen = None;
+        (self.seen, self.picks) = (None, 0);
         if let Some(c) = self.constraint.as_mut() {
             c.restart();
         }
@@ -173,6 +191,7 @@ impl Sampler {
     /// Counts `token` as picked for the sequence (what [`Sampler::sample`] does with its picks),
     /// and takes the constraint past it.
     pub fn note(&mut self, token: u32) {
+        self.picks += 1;
         if let Some(c) = self.constraint.as_mut() {
             c.advance(token);
         }
@@ -233,6 +252,13 @@ impl Sampler {
         }
         if let Some(c) = &self.constraint {
             c.mask(&mut row);
+        }
+        if self.holds_back_ends() {
+            for &t in &s.ends {
+                if let Some(l) = row.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
         }
         Cow::Owned(row)
     }
@@ -417,6 +443,7 @@ mod tests {
                     .iter()
                     .map(|p| (p[0].as_u64().unwrap() as u32, float(&p[1])))
                     .collect(),
+                ..Shaping::default()
             };
             shaping.check().unwrap();
             let mut sampler = Sampler::new(float(&c["temperature"]), float(&c["top_p"]), 0).shaped(shaping);
@@ -474,6 +501,22 @@ mod tests {
         // Top-k and min-p only choose among tokens: plain greedy, and no counts are kept.
         let cut = Sampler::new(0.0, 1.0, 0).shaped(Shaping { top_k: 2, min_p: 0.5, ..Shaping::default() });
         assert!(cut.plain_greedy());
+    }
+
+    /// `min_tokens`: the ends are left out until that many tokens are picked, and only then —
+    /// the logits are the model's again after (plain greedy: a device may pick).
+    #[test]
+    fn ends_wait_for_min_tokens() {
+        let logits = [0.0f32, 5.0, 1.0, -1.0];
+        let shaping = Shaping { min_tokens: 2, ends: vec![1, 3], ..Shaping::default() };
+        let mut s = Sampler::new(0.0, 1.0, 0).shaped(shaping);
+        s.start(&[7, 8]);
+        assert!(!s.plain_greedy());
+        assert_eq!([s.sample(&logits), s.sample(&logits)], [2, 2]);
+        assert!(s.plain_greedy());
+        assert_eq!(s.sample(&logits), 1);
+        s.start(&[]);
+        assert_eq!(s.sample(&logits), 2, "held back again for a new sequence");
     }
 
     #[test]

@@ -130,6 +130,7 @@ impl ShapingArgs {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             logit_bias: Vec::new(),
+            ..Default::default()
         }
     }
 }
@@ -180,7 +181,7 @@ pub fn parse_request(
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    const FIELDS: [&str; 20] = [
+    const FIELDS: [&str; 23] = [
         "prompt",
         "text",
         "messages",
@@ -195,6 +196,9 @@ pub fn parse_request(
         "frequency_penalty",
         "logit_bias",
         "response_format",
+        "min_tokens",
+        "ignore_eos",
+        "stop_token_ids",
         "seed",
         "stop",
         "stop_text",
@@ -263,7 +267,7 @@ pub fn parse_request(
         None => Ok(false),
         Some(x) => x.as_bool().ok_or_else(|| format!("{k}: {x} is not true or false")),
     };
-    let (logprobs, echo) = (flag("logprobs")?, flag("echo")?);
+    let (logprobs, echo, ignore_eos) = (flag("logprobs")?, flag("echo")?, flag("ignore_eos")?);
     let number = |k: &str| o.get(k).map(|x| x.as_f64().ok_or_else(|| format!("{k}: {x} is not a number"))).transpose();
     let whole =
         |k: &str| o.get(k).map(|x| x.as_u64().ok_or_else(|| format!("{k}: {x} is not a whole number"))).transpose();
@@ -288,6 +292,22 @@ pub fn parse_request(
     if let Some(bias) = o.get("logit_bias") {
         shaping.logit_bias = logit_bias(bias)?;
     }
+    // vLLM's: token ids that end the request as its end token does, and how many tokens come
+    // before either may.
+    let stop_ids = match o.get("stop_token_ids") {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(ids)) if ids.is_empty() => Vec::new(),
+        Some(serde_json::Value::Array(ids)) => json_ids(ids, "stop_token_ids")?,
+        Some(x) => return Err(format!("stop_token_ids: {x} is not an array of token ids")),
+    };
+    if let Some(n) = whole("min_tokens")? {
+        if n as usize > max_new {
+            return Err(format!("min_tokens: {n} is more than the {max_new} new tokens asked for"));
+        }
+        shaping.min_tokens = n as usize;
+        let eos = d.eos.filter(|_| !ignore_eos);
+        shaping.ends = eos.into_iter().chain(stop_ids.iter().copied()).collect();
+    }
     shaping.check()?;
     let mut sampler =
         v3c_models::reference::Sampler::new(temperature, top_p, whole("seed")?.unwrap_or(d.seed)).shaped(shaping);
@@ -310,10 +330,13 @@ pub fn parse_request(
     }
     // Alternatives come with the chosen token's log-probability.
     let logprobs = logprobs || top_logprobs > 0;
+    let mut stop = stop;
+    stop.extend(stop_ids.into_iter().map(|t| vec![t]));
     let request = crate::session::Request {
         stop,
         stop_text,
         echo,
+        ignore_eos,
         logprobs,
         top_logprobs,
         ..crate::session::Request::new(prompt, max_new, sampler)
@@ -430,7 +453,18 @@ mod tests {
         assert_eq!((s.top_k, s.min_p, s.repetition_penalty), (0, 0.05, 1.2));
         assert_eq!((s.presence_penalty, s.frequency_penalty), (-0.5, 1.0));
         assert!(!r.sampler.plain_greedy() && !r.sampler.greedy());
+        // vLLM's per-request end: the end token ignored, stop token ids, ends held back.
+        let d = RequestDefaults { eos: Some(1), ..d };
+        let line = r#"{"prompt": [1], "stop_token_ids": [7, 9], "min_tokens": 2, "ignore_eos": false}"#;
+        let (_, r) = parse_request(line, &d, None).unwrap();
+        assert_eq!((r.stop.clone(), r.ignore_eos), (vec![vec![7], vec![9]], false));
+        assert_eq!((r.sampler.shaping.min_tokens, &r.sampler.shaping.ends), (2, &vec![1, 7, 9]));
+        let (_, r) = parse_request(r#"{"prompt": [1], "min_tokens": 2, "ignore_eos": true}"#, &d, None).unwrap();
+        assert_eq!((r.ignore_eos, &r.sampler.shaping.ends), (true, &vec![]));
         for (line, err) in [
+            (r#"{"prompt": [1], "min_tokens": 9}"#, "min_tokens: 9 is more than the 8 new tokens asked for"),
+            (r#"{"prompt": [1], "stop_token_ids": 3}"#, "stop_token_ids: 3 is not an array of token ids"),
+            (r#"{"prompt": [1], "stop_token_ids": [-3]}"#, "stop_token_ids: -3 is not a token id"),
             (r#"{"prompt": [1], "min_p": 2}"#, "min-p 2 must be in [0, 1]"),
             (r#"{"prompt": [1], "top_k": -1}"#, "top_k: -1 is not a whole number"),
             (r#"{"prompt": [1], "repetition_penalty": 0}"#, "repetition-penalty 0 must be > 0"),

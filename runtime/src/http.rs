@@ -156,8 +156,12 @@ fn api_request(
 ) -> Result<ApiRequest, String> {
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
     let o = v.as_object().ok_or("the body is not a JSON object")?;
-    // OpenAI's, and vLLM's extra sampling parameters ([`v3c_models::sampling`]).
-    const SHAPING: [&str; 7] = [
+    // OpenAI's, and vLLM's extra sampling parameters ([`v3c_models::sampling`]), as serve's
+    // lines name them.
+    const SHAPING: [&str; 10] = [
+        "min_tokens",
+        "ignore_eos",
+        "stop_token_ids",
         "top_k",
         "min_p",
         "repetition_penalty",
@@ -1165,6 +1169,7 @@ mod tests {
             presence_penalty: 0.5,
             frequency_penalty: -1.0,
             logit_bias: vec![(3, -100.0)],
+            ..Default::default()
         };
         assert_eq!(r.sampler.shaping, want);
         let nulls = br#"{"prompt": [9], "presence_penalty": null, "logit_bias": null, "top_k": null}"#;

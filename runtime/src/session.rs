@@ -1381,6 +1381,8 @@ pub struct Request {
     /// Its prompt is given back with its tokens (a reply's business); with `logprobs`, scored
     /// too ([`Generation::prompt_logprobs`]; then prefilled whole).
     pub echo: bool,
+    /// The end token does not end it (as `--ignore-eos` for every request).
+    pub ignore_eos: bool,
 }
 
 /// Stop strings, matched in the text of a request's tokens.
@@ -1494,6 +1496,7 @@ impl Request {
             top_logprobs: 0,
             stop_text: None,
             echo: false,
+            ignore_eos: false,
         }
     }
 
@@ -1851,7 +1854,7 @@ pub fn serve(
                 report(r.id, Progress::Token(t))?;
                 fed[s] = t;
             }
-            let Some(ending) = r.request.ends(&r.tokens, eos) else {
+            let Some(ending) = r.request.ends(&r.tokens, eos.filter(|_| !r.request.ignore_eos)) else {
                 active[s] = true;
                 continue;
             };
