@@ -598,6 +598,8 @@ pub struct Metrics {
     generation_tokens: u64,
     time_to_first_token: Histogram,
     latency: Histogram,
+    /// The batch's load after its latest step.
+    load: crate::session::Load,
 }
 
 impl Metrics {
@@ -637,9 +639,16 @@ impl Metrics {
                 self.cached_prompt_tokens,
             ),
             ("v3r_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
+            ("v3r_requests_running", "gauge", "Requests in the batch (joining or decoding).", self.load.running as u64),
+            ("v3r_requests_waiting", "gauge", "Requests waiting to join the batch.", self.load.waiting as u64),
         ] {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
         }
+        let usage = "Share of the cache pages sequences may take that are held (of the slots, without a pool).";
+        out.push_str(&format!(
+            "# HELP v3r_kv_cache_usage_ratio {usage}\n# TYPE v3r_kv_cache_usage_ratio gauge\nv3r_kv_cache_usage_ratio {}\n",
+            self.load.cache_usage
+        ));
         let ttft = "Seconds from a request's arrival to its first token.";
         self.time_to_first_token.render("v3r_time_to_first_token_seconds", ttft, &mut out);
         self.latency.render("v3r_request_latency_seconds", "Seconds from a request's arrival to its end.", &mut out);
@@ -744,7 +753,9 @@ pub fn serve_http(
         }
         Ok(())
     };
-    let (joined, prefill_s) = crate::session::serve(program, o, &mut next, &mut report)?;
+    let load = |l: crate::session::Load| metrics(&mut |m| m.load = l);
+    let o = crate::session::Serving { load: Some(&load), ..*o };
+    let (joined, prefill_s) = crate::session::serve(program, &o, &mut next, &mut report)?;
     Ok(Served { joined, prefill_s, ..served })
 }
 
@@ -1076,8 +1087,12 @@ mod tests {
         let g = Generation { reused: 64, ..Generation::alone(vec![1, 2, 3], false, 0.0, 0.0) };
         m.ended(1, 0.5, Some(&g));
         m.ended(3, 0.0, None);
+        m.load = crate::session::Load { running: 2, waiting: 5, cache_usage: 0.25 };
         let text = m.render();
         for line in [
+            "v3r_requests_running 2",
+            "v3r_requests_waiting 5",
+            "v3r_kv_cache_usage_ratio 0.25",
             "v3r_requests_total{finish=\"length\"} 1",
             "v3r_requests_total{finish=\"refused\"} 1",
             "v3r_requests_total{finish=\"stop\"} 0",

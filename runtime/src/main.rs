@@ -938,6 +938,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         eos,
         prefill_budget: args.scheduling.prefill_budget,
         reuse_prefixes: !args.scheduling.no_prefix_reuse,
+        load: None,
     };
     if let Some(listener) = listener {
         let addr = listener.local_addr().map_err(|e| Failure::Other(e.to_string()))?;
@@ -1307,6 +1308,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         eos: None,
         prefill_budget: args.scheduling.prefill_budget,
         reuse_prefixes: !args.scheduling.no_prefix_reuse,
+        load: None,
     };
     let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut report).map_err(at)?;
     let total_s = start.elapsed().as_secs_f64();
@@ -1653,6 +1655,7 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         eos,
         prefill_budget: None,
         reuse_prefixes: !args.no_prefix_reuse,
+        load: None,
     };
     let messages = std::cell::RefCell::new(match &args.system {
         Some(s) => vec![serde_json::json!({ "role": "system", "content": s })],

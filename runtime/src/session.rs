@@ -731,6 +731,14 @@ impl<'a> ArtifactBatch<'a> {
         self.layout.pool.as_ref().map(|p| p.pages() - p.scratch())
     }
 
+    /// The share of the pool's pages (those sequences may take) held by sequences or joins; None
+    /// without a pool.
+    pub fn pool_usage(&self) -> Option<f64> {
+        let pool = self.layout.pool.as_ref()?;
+        let pages = pool.pages() - pool.scratch();
+        Some(if pages == 0 { 0.0 } else { 1.0 - pool.available() as f64 / pages as f64 })
+    }
+
     /// Request `prompt`, of at most `limit` tokens, joins the vacant slot `i` of an open batch: it
     /// is prefilled on its own and its caches go to the slot's rows or pages (moved there on the
     /// device from the prefill's scratch pages, or laid in on the host). Returns its last logits.
@@ -1352,7 +1360,8 @@ pub fn generate_queue(
         }
         Ok(())
     };
-    let serving = Serving { slots, limits: &limits, max_prompt: longest, eos, prefill_budget, reuse_prefixes };
+    let serving =
+        Serving { slots, limits: &limits, max_prompt: longest, eos, prefill_budget, reuse_prefixes, load: None };
     let (joined, prefill_s) = serve(program, &serving, &mut next, &mut finished)?;
     let generations = done.into_iter().collect::<Option<Vec<_>>>().ok_or("a request was never served")?;
     let total_s = start.elapsed().as_secs_f64();
@@ -1643,7 +1652,7 @@ impl Running {
 }
 
 /// How [`serve`] runs its batch.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Serving<'l> {
     /// At most this many sequences decode together.
     pub slots: usize,
@@ -1660,6 +1669,19 @@ pub struct Serving<'l> {
     /// or ended request's tokens instead of prefilling them ([`ArtifactBatch::reuse_prefixes`]; a
     /// pool of pages only).
     pub reuse_prefixes: bool,
+    /// Told the batch's load after each step's joins.
+    pub load: Option<&'l dyn Fn(Load)>,
+}
+
+/// How loaded a serving batch is.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Load {
+    /// Requests in the batch (joining or decoding), and waiting to join.
+    pub running: usize,
+    pub waiting: usize,
+    /// Of the cache pages sequences may take, the share held (pages only kept prefixes hold
+    /// count as free: they are given back when needed); without a pool, the share of slots taken.
+    pub cache_usage: f64,
 }
 
 /// Serves requests as they arrive with at most `o.slots` sequences decoding together: `next(idle)`
@@ -1811,6 +1833,11 @@ pub fn serve(
                 top,
                 prompt_scores,
             });
+        }
+        if let Some(load) = o.load {
+            let running = running.iter().flatten().count();
+            let cache_usage = batch.pool_usage().unwrap_or(running as f64 / slots.max(1) as f64);
+            load(Load { running, waiting: waiting.len(), cache_usage });
         }
         // Each sequence's next token (those decoded: picked together); those that end leave their
         // slot.
@@ -2664,7 +2691,8 @@ mod tests {
             }
             Ok(())
         };
-        let serving = Serving { slots, limits: &limits, max_prompt: longest, eos, prefill_budget, reuse_prefixes };
+        let serving =
+            Serving { slots, limits: &limits, max_prompt: longest, eos, prefill_budget, reuse_prefixes, load: None };
         serve(toy, &serving, &mut next, &mut report).unwrap();
         let got: Vec<(Vec<u32>, usize)> = got.into_iter().map(|g| g.expect("every request ends")).collect();
         assert_eq!(got.iter().map(|g| g.0.clone()).collect::<Vec<_>>(), streamed, "the tokens reported as picked");
@@ -2737,6 +2765,7 @@ mod tests {
                 eos: None,
                 prefill_budget: None,
                 reuse_prefixes: true,
+                load: None,
             };
             serve(&toy, &serving, &mut next, &mut report).unwrap();
             let queued = queued.unwrap();
@@ -2793,6 +2822,7 @@ mod tests {
             eos: None,
             prefill_budget: None,
             reuse_prefixes: true,
+            load: None,
         };
         serve(toy, &serving, &mut next, &mut report).unwrap();
         (done, refused)
@@ -2899,6 +2929,7 @@ mod tests {
                 eos: None,
                 prefill_budget: None,
                 reuse_prefixes: true,
+                load: None,
             };
             serve(&toy, &serving, &mut next, &mut report).unwrap();
             let [Some(second), Some(first)] = ended.as_slice() else { panic!("{name}: both end") };
@@ -2956,13 +2987,51 @@ mod tests {
             }
             Ok(())
         };
-        let serving =
-            Serving { slots: 1, limits: &[15], max_prompt: 3, eos: None, prefill_budget: None, reuse_prefixes: true };
+        let serving = Serving {
+            slots: 1,
+            limits: &[15],
+            max_prompt: 3,
+            eos: None,
+            prefill_budget: None,
+            reuse_prefixes: true,
+            load: None,
+        };
         serve(&Toy::paged(), &serving, &mut next, &mut report).unwrap();
         let g = ended.unwrap();
         assert_eq!((&g.tokens[..], g.ending), (&alone[..end], Some(Ending::Stop)));
         let shown = text(&g.tokens);
         assert_eq!(stops.cut(&shown), &shown[..shown.find(&stop).unwrap()]);
+    }
+
+    /// The load a server is told after each step's joins: requests running and waiting, and the
+    /// share of the pool's pages held — here 6 pages of 64 rows, taken as sequences grow: three
+    /// sequences of a page each, then of two, then the fourth alone.
+    #[test]
+    fn serving_tells_its_load() {
+        let toy = Toy::paged();
+        let prompts: Vec<Vec<u32>> = (0..4).map(|i| vec![1 + i, 2, 3, 4, 5]).collect();
+        let mut requests = prompts.iter().map(|p| Request::new(p.clone(), 70, toy_sampler(None)));
+        let mut next = |_: bool| requests.next().map_or(Arrival::Closed, Arrival::Request);
+        let mut report = |_: usize, _: Progress| Ok(());
+        let loads = RefCell::new(Vec::new());
+        let record = |l: Load| loads.borrow_mut().push(l);
+        let serving = Serving {
+            slots: 3,
+            limits: &[80, 80, 80],
+            max_prompt: 5,
+            eos: None,
+            prefill_budget: None,
+            reuse_prefixes: false,
+            load: Some(&record),
+        };
+        serve(&toy, &serving, &mut next, &mut report).unwrap();
+        let loads = loads.into_inner();
+        let load = |running, waiting, pages: f64| Load { running, waiting, cache_usage: pages / 6.0 };
+        assert_eq!(loads[0], load(3, 1, 3.0));
+        assert!(loads.contains(&load(3, 1, 6.0)), "{loads:?}");
+        let last = loads.last().unwrap();
+        assert_eq!((last.running, last.waiting, (last.cache_usage * 6.0).round()), (1, 0, 2.0));
+        assert!(loads.iter().all(|l| (l.cache_usage * 6.0 - (l.cache_usage * 6.0).round()).abs() < 1e-9));
     }
 
     /// Streamed text is held back while its end may begin a stop string, and never shows one.
@@ -3036,6 +3105,7 @@ mod tests {
                 eos: None,
                 prefill_budget: None,
                 reuse_prefixes: true,
+                load: None,
             };
             serve(&t, &serving, &mut next, &mut report).unwrap();
             let [Some(plain), Some(echoed), Some(scored)] = ended.as_slice() else { panic!("all end") };
@@ -3138,6 +3208,7 @@ mod tests {
                     eos: None,
                     prefill_budget: None,
                     reuse_prefixes: reuse,
+                    load: None,
                 };
                 serve(&t, &serving, &mut next, &mut report).unwrap();
                 let name = format!("device {on_device}, reuse {reuse}");
