@@ -234,11 +234,11 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         {\"prompt\": \"9\", \"temperature\": 0.9, \"top_p\": 0.8, \"seed\": 4}\n{\"prompt\": \"1 2 3\", \"max_new_tokens\": 30}\n\
         {\"prompt\": [7, 7, 2], \"repetition_penalty\": 0.6, \"frequency_penalty\": 1.5, \"id\": \"p\"}\n\
         {\"prompt\": [1, 2, 320], \"id\": \"v\"}\n{\"prompt\": [9], \"logit_bias\": {\"5\": 100}, \"max_new_tokens\": 3, \"id\": \"l\"}\n";
-    let serve = |input: &str, extra: &[&str]| {
+    // `v3r serve` with `args`, `input` its stdin.
+    let serve_with = |args: &[&str], input: &str| {
         let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
-            .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--batch", "2"])
-            .args(["--max-new-tokens", "8", "--ignore-eos"])
-            .args(extra)
+            .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()])
+            .args(args)
             .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -247,6 +247,9 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
             .unwrap();
         std::io::Write::write_all(&mut server.stdin.take().unwrap(), input.as_bytes()).unwrap();
         server.wait_with_output().unwrap()
+    };
+    let serve = |input: &str, extra: &[&str]| {
+        serve_with(&[&["--batch", "2", "--max-new-tokens", "8", "--ignore-eos"][..], extra].concat(), input)
     };
     // A prompt's new tokens by `v3r run` alone.
     let alone = |prompt: &str, new: usize| -> Vec<u64> {
@@ -319,16 +322,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
          {{\"prompt\": [3, 17, 4, 29, 11, 5, 8, 2, 40, 1], \"stop_token_ids\": [{}], \"id\": \"t\"}}\n",
         first[2]
     );
-    let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
-        .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--max-new-tokens", "6"])
-        .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut server.stdin.take().unwrap(), lines.as_bytes()).unwrap();
-    let out = server.wait_with_output().unwrap();
+    let out = serve_with(&["--max-new-tokens", "6"], &lines);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let by_id: std::collections::HashMap<String, serde_json::Value> = text(&out.stdout)
         .lines()

@@ -181,7 +181,7 @@ pub fn parse_request(
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    const FIELDS: [&str; 23] = [
+    const FIELDS: [&str; 13] = [
         "prompt",
         "text",
         "messages",
@@ -189,16 +189,6 @@ pub fn parse_request(
         "max_new_tokens",
         "temperature",
         "top_p",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "response_format",
-        "min_tokens",
-        "ignore_eos",
-        "stop_token_ids",
         "seed",
         "stop",
         "stop_text",
@@ -206,8 +196,9 @@ pub fn parse_request(
         "top_logprobs",
         "id",
     ];
-    if let Some(k) = o.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(format!("unknown field '{k}' ({})", FIELDS.join(", ")));
+    let known: Vec<&str> = FIELDS.iter().chain(&SAMPLING_FIELDS).copied().collect();
+    if let Some(k) = o.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(format!("unknown field '{k}' ({})", known.join(", ")));
     }
     let tokenizer_for = |field: &str| {
         tokenizer.ok_or_else(|| {
@@ -344,6 +335,22 @@ pub fn parse_request(
     Ok((o.get("id").cloned(), request))
 }
 
+/// A request's fields beyond temperature and top-p that shape its sampling and its end
+/// ([`v3c_models::sampling`]): OpenAI's and vLLM's, named as both name them (the HTTP API passes
+/// them on as they are).
+pub const SAMPLING_FIELDS: [&str; 10] = [
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "response_format",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+];
+
 /// OpenAI's `logit_bias`: `{"token id": bias, ...}` (`null`: none).
 fn logit_bias(x: &serde_json::Value) -> Result<Vec<(u32, f32)>, String> {
     let o = match x {
@@ -381,18 +388,16 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Greedy, 8 new tokens, seed 3, no end token.
+    fn defaults() -> RequestDefaults {
+        RequestDefaults { max_new: 8, temperature: 0.0, top_p: 1.0, seed: 3, shaping: Default::default(), eos: None }
+    }
+
     /// A serve request: plain ids take the defaults, JSON fields replace them; every bad field is
     /// named.
     #[test]
     fn requests_take_the_defaults_they_do_not_give() {
-        let d = RequestDefaults {
-            max_new: 8,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 3,
-            shaping: Default::default(),
-            eos: None,
-        };
+        let d = defaults();
         let (id, r) = parse_request(" 1 2 3 ", &d, None).unwrap();
         assert_eq!((id, r.prompt, r.max_new, r.sampler.temperature), (None, vec![1, 2, 3], 8, 0.0));
         let (id, r) =
@@ -482,14 +487,7 @@ mod tests {
     /// With a tokenizer, a prompt and stop strings come as text; without one, text is refused.
     #[test]
     fn requests_take_text_with_a_tokenizer() {
-        let d = RequestDefaults {
-            max_new: 8,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 3,
-            shaping: Default::default(),
-            eos: None,
-        };
+        let d = defaults();
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
         let t = std::sync::Arc::new(crate::tokenizer::Tokenizer::from_file(&path).unwrap());
         let (_, r) = parse_request(r#"{"text": "Hello world!", "stop_text": ["\n\n", "."]}"#, &d, Some(&t)).unwrap();

@@ -156,20 +156,6 @@ fn api_request(
 ) -> Result<ApiRequest, String> {
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
     let o = v.as_object().ok_or("the body is not a JSON object")?;
-    // OpenAI's, and vLLM's extra sampling parameters ([`v3c_models::sampling`]), as serve's
-    // lines name them.
-    const SHAPING: [&str; 10] = [
-        "min_tokens",
-        "ignore_eos",
-        "stop_token_ids",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "response_format",
-    ];
     const COMMON: [&str; 11] = [
         "max_tokens",
         "temperature",
@@ -187,7 +173,7 @@ fn api_request(
         Api::Completions => &["prompt", "echo"],
         Api::Chat => &["messages", "max_completion_tokens", "top_logprobs"],
     };
-    let fields: Vec<&str> = own.iter().chain(&COMMON).chain(&SHAPING).copied().collect();
+    let fields: Vec<&str> = own.iter().chain(&COMMON).chain(&crate::cli::SAMPLING_FIELDS).copied().collect();
     if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
         return Err(format!("unknown field '{k}' ({})", fields.join(", ")));
     }
@@ -241,7 +227,7 @@ fn api_request(
     }
     let mut line = serde_json::json!({});
     let max_tokens = o.get("max_completion_tokens").filter(|x| !x.is_null()).or(o.get("max_tokens"));
-    let same = ["temperature", "top_p"].iter().chain(&SHAPING).map(|&k| (k, o.get(k)));
+    let same = ["temperature", "top_p"].iter().chain(&crate::cli::SAMPLING_FIELDS).map(|&k| (k, o.get(k)));
     for (ours, x) in [("max_new_tokens", max_tokens)].into_iter().chain(same) {
         if let Some(x) = x.filter(|x| !x.is_null()) {
             line[ours] = x.clone();
