@@ -879,6 +879,32 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     assert_eq!(server.request_as("GET", "/health", "", None).0, "HTTP/1.1 200 OK");
     let models: serde_json::Value = serde_json::from_str(&server.request("GET", "/v1/models", "").1).unwrap();
     assert_eq!(models["data"][0]["max_model_len"], 24, "{models}");
+    // vLLM's /tokenize and /detokenize: the tokenizer's own ids (the template's, the chat
+    // template's) and text; what is not ids of its vocabulary refused.
+    let json = |body: &str, path: &str| -> serde_json::Value {
+        let (status, reply) = server.request("POST", path, body);
+        assert_eq!(status, "HTTP/1.1 200 OK", "{path} {body}: {reply}");
+        serde_json::from_str(&reply).unwrap()
+    };
+    let tokenized = json(&serde_json::json!({"prompt": prompt}).to_string(), "/tokenize");
+    assert_eq!(tokenized, serde_json::json!({"tokens": ids, "count": ids.len(), "max_model_len": 24}));
+    let bare = json(&serde_json::json!({"prompt": prompt, "add_special_tokens": false}).to_string(), "/tokenize");
+    assert_eq!(bare["tokens"], serde_json::json!(tokenizer.encode(prompt, false)));
+    let hello = serde_json::json!([{"role": "user", "content": "Hello!"}]);
+    let chat = json(&serde_json::json!({"messages": hello}).to_string(), "/tokenize");
+    assert_eq!(chat["tokens"], serde_json::json!(tokenizer.chat(&hello, true).unwrap()));
+    let back = json(&serde_json::json!({"tokens": ids}).to_string(), "/detokenize");
+    assert_eq!(back["prompt"], tokenizer.decode(&ids, false));
+    for (method, path, body, want, why) in [
+        ("POST", "/detokenize", r#"{"tokens": [5, 99999]}"#, "400 Bad Request", "not token ids of a vocabulary of 971"),
+        ("POST", "/tokenize", r#"{"prompt": 5}"#, "400 Bad Request", "prompt: 5 is not a string"),
+        ("POST", "/tokenize", r#"{"text": "x"}"#, "400 Bad Request", "unknown field 'text'"),
+        ("GET", "/tokenize", "", "405 Method Not Allowed", "GET /tokenize"),
+    ] {
+        let (status, reply) = server.request(method, path, body);
+        assert_eq!(status, format!("HTTP/1.1 {want}"), "{path} {body}: {reply}");
+        assert!(reply.contains(why), "{path} {body}: {reply}");
+    }
     let whole: serde_json::Value =
         serde_json::from_str(&post(&serde_json::json!({"prompt": prompt, "max_tokens": 8}).to_string())).unwrap();
     assert_eq!(whole["choices"][0]["text"], tokenizer.decode(&alone, true), "{whole}");

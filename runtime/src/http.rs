@@ -813,16 +813,70 @@ fn answer(
         }
         ("POST", "/v1/completions") => completion(Api::Completions, conn, &request.body, tx, site),
         ("POST", "/v1/chat/completions") => completion(Api::Chat, conn, &request.body, tx, site),
-        (_, "/health" | "/metrics" | "/v1/models" | "/v1/completions" | "/v1/chat/completions") => {
+        ("POST", path @ ("/tokenize" | "/detokenize")) => {
+            let _ = match tokenize(path == "/tokenize", &request.body, site) {
+                Ok(body) => respond(conn, "200 OK", &body),
+                Err(e) => respond_error(conn, "400 Bad Request", &e),
+            };
+        }
+        (
+            _,
+            "/health"
+            | "/metrics"
+            | "/v1/models"
+            | "/v1/completions"
+            | "/v1/chat/completions"
+            | "/tokenize"
+            | "/detokenize",
+        ) => {
             let _ = respond_error(conn, "405 Method Not Allowed", &format!("{} {}", request.method, request.path));
         }
         (_, path) => {
             let message = format!(
-                "{path}: served are POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics"
+                "{path}: served are POST /v1/completions, POST /v1/chat/completions, POST /tokenize, POST /detokenize, \
+                 GET /v1/models, GET /health and GET /metrics"
             );
             let _ = respond_error(conn, "404 Not Found", &message);
         }
     }
+}
+
+/// vLLM's `POST /tokenize` (`{"prompt": "text"}` or `{"messages": [...]}` through the chat
+/// template with the assistant's turn opened, `add_special_tokens` true by default: `{"tokens",
+/// "count", "max_model_len"}`) and `POST /detokenize` (`{"tokens": [ids]}`: `{"prompt": text}`).
+fn tokenize(encode: bool, body: &[u8], site: &Site) -> Result<serde_json::Value, String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
+    let o = v.as_object().ok_or("the body is not a JSON object")?;
+    let fields: &[&str] =
+        if encode { &["prompt", "messages", "add_special_tokens", "model"] } else { &["tokens", "model"] };
+    if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
+        return Err(format!("unknown field '{k}' ({})", fields.join(", ")));
+    }
+    let t =
+        site.tokenizer.as_ref().ok_or("no tokenizer (v3r serve --tokenizer FILE, or tokenizer.json in --weights)")?;
+    if !encode {
+        let ids =
+            o.get("tokens").and_then(serde_json::Value::as_array).ok_or("no \"tokens\" (an array of token ids)")?;
+        let ids = ids
+            .iter()
+            .map(|x| x.as_u64().and_then(|i| u32::try_from(i).ok()).filter(|&i| (i as usize) < t.vocab_size()))
+            .map(|i| i.ok_or_else(|| format!("tokens: not token ids of a vocabulary of {}", t.vocab_size())))
+            .collect::<Result<Vec<u32>, String>>()?;
+        return Ok(serde_json::json!({ "prompt": t.decode(&ids, false) }));
+    }
+    let special = match o.get("add_special_tokens") {
+        None | Some(serde_json::Value::Null) => true,
+        Some(x) => x.as_bool().ok_or_else(|| format!("add_special_tokens: {x} is not true or false"))?,
+    };
+    let tokens = match (o.get("prompt"), o.get("messages")) {
+        (Some(serde_json::Value::String(text)), None) => t.encode(text, special),
+        (None, Some(messages)) if t.has_chat_template() => t.chat(messages, true)?,
+        (None, Some(_)) => return Err("messages: the tokenizer has no chat template".into()),
+        (Some(_), Some(_)) => return Err("\"prompt\" and \"messages\": one of them".into()),
+        (Some(x), None) => return Err(format!("prompt: {x} is not a string")),
+        (None, None) => return Err("no \"prompt\" (text) or \"messages\"".into()),
+    };
+    Ok(serde_json::json!({ "tokens": tokens, "count": tokens.len(), "max_model_len": site.max_len }))
 }
 
 /// What a connection knows of one of its requests: its prompt, whether it is echoed, its stop
