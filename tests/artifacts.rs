@@ -152,6 +152,27 @@ fn tiny_cpu_artifact(
     (dir, art, ckpt, cache, config)
 }
 
+/// `v3r serve ART --weights CKPT ARGS` (kernels cached in `cache`), `input` its stdin, run to its end.
+fn serve_stdin(
+    art: &std::path::Path,
+    ckpt: &std::path::Path,
+    cache: &std::path::Path,
+    args: &[&str],
+    input: &str,
+) -> std::process::Output {
+    let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
+        .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()])
+        .args(args)
+        .env("V3C_KERNEL_CACHE", cache)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut server.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    server.wait_with_output().unwrap()
+}
+
 /// `v3r run` generates from a cpu artifact what `v3c run` generates from the checkpoint: a prompt
 /// longer than the prefill plan's rows is prefilled in chunks, the decode plan runs one sequence over
 /// caches smaller than planned; greedy and seeded sampling agree token for token. Several prompts
@@ -234,20 +255,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         {\"prompt\": \"9\", \"temperature\": 0.9, \"top_p\": 0.8, \"seed\": 4}\n{\"prompt\": \"1 2 3\", \"max_new_tokens\": 30}\n\
         {\"prompt\": [7, 7, 2], \"repetition_penalty\": 0.6, \"frequency_penalty\": 1.5, \"id\": \"p\"}\n\
         {\"prompt\": [1, 2, 320], \"id\": \"v\"}\n{\"prompt\": [9], \"logit_bias\": {\"5\": 100}, \"max_new_tokens\": 3, \"id\": \"l\"}\n";
-    // `v3r serve` with `args`, `input` its stdin.
-    let serve_with = |args: &[&str], input: &str| {
-        let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
-            .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()])
-            .args(args)
-            .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut server.stdin.take().unwrap(), input.as_bytes()).unwrap();
-        server.wait_with_output().unwrap()
-    };
+    let serve_with = |args: &[&str], input: &str| serve_stdin(&art, &ckpt, &cache, args, input);
     let serve = |input: &str, extra: &[&str]| {
         serve_with(&[&["--batch", "2", "--max-new-tokens", "8", "--ignore-eos"][..], extra].concat(), input)
     };
@@ -773,6 +781,23 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     );
     let bad = run_binary_env("v3r", &["tokenize", ckpt.to_str().unwrap(), "--decode", "3 99999"], &env);
     assert!(text(&bad.stderr).contains("argument 1: 99999 is not a token of"), "{}", text(&bad.stderr));
+    // vLLM's guided decoding on a server that ends requests at the end token: a choice of
+    // strings, and a regular expression, each completion matching whole, then ending.
+    let lines = "{\"text\": \"Hello world!\", \"guided_choice\": [\"positive\", \"negative\", \"neutral\"], \"id\": \"c\"}\n\
+        {\"text\": \"Hello world!\", \"guided_regex\": \"[0-9]{3}-[a-f]{2}\", \"temperature\": 1, \"seed\": 3, \"id\": \"r\"}\n";
+    let out = serve_stdin(&art, &ckpt, &cache, &["--max-new-tokens", "12"], lines);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let guided: std::collections::HashMap<String, serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| (v["id"].as_str().unwrap().to_string(), v))
+        .collect();
+    let (c, r) = (&guided["c"], &guided["r"]);
+    assert!(["positive", "negative", "neutral"].contains(&c["text"].as_str().unwrap()), "{c}");
+    let r_text = r["text"].as_str().unwrap().as_bytes();
+    let digits = r_text.len() == 6 && r_text[..3].iter().all(u8::is_ascii_digit) && r_text[3] == b'-';
+    assert!(digits && r_text[4..].iter().all(|b| (b'a'..=b'f').contains(b)), "{r}");
+    assert_eq!((&c["finish_reason"], &r["finish_reason"]), (&"eos".into(), &"eos".into()), "{guided:?}");
     // `run --prompt`: the text of the tokens `run --prompt-tokens` gives for its ids.
     let run = |prompt: &[&str], new: &str| {
         let args = [

@@ -120,7 +120,8 @@ impl Clone for Box<dyn Constraint> {
 pub struct Sampler {
     pub temperature: f32,
     pub top_p: f32,
-    pub shaping: Shaping,
+    /// Boxed: a sampler travels in every request.
+    pub shaping: Box<Shaping>,
     state: u64,
     /// What the penalties count (kept only when the logits change).
     seen: Option<Box<Seen>>,
@@ -144,7 +145,7 @@ impl Sampler {
         Sampler {
             temperature,
             top_p,
-            shaping: Shaping::default(),
+            shaping: Box::default(),
             state: seed ^ 0x9e37_79b9_7f4a_7c15,
             seen: None,
             picks: 0,
@@ -154,7 +155,7 @@ impl Sampler {
 
     /// This sampler with `shaping`.
     pub fn shaped(self, shaping: Shaping) -> Sampler {
-        Sampler { shaping, ..self }
+        Sampler { shaping: Box::new(shaping), ..self }
     }
 
     /// This sampler, its tokens limited by `constraint`.

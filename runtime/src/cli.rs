@@ -315,6 +315,34 @@ pub fn parse_request(
             _ => return Err(format!("response_format: {format} is not {{\"type\": \"text\" or \"json_object\"}}")),
         }
     }
+    // vLLM's: the completion matches a regular expression, or is one of some strings.
+    let guided = match (o.get("guided_regex"), o.get("guided_choice")) {
+        (None, None) => None,
+        (Some(_), Some(_)) => return Err("guided_regex and guided_choice: one of them".into()),
+        (Some(serde_json::Value::String(r)), None) => Some(("guided_regex", r.clone())),
+        (Some(x), None) => return Err(format!("guided_regex: {x} is not a string")),
+        (None, Some(serde_json::Value::Array(c)))
+            if !c.is_empty() && c.iter().all(|c| c.as_str().is_some_and(|c| !c.is_empty())) =>
+        {
+            let choices: Vec<String> = c.iter().filter_map(|c| c.as_str().map(str::to_string)).collect();
+            Some(("guided_choice", crate::grammar::choice_regex(&choices)))
+        }
+        (None, Some(x)) => return Err(format!("guided_choice: {x} is not an array of strings")),
+    };
+    if let Some((field, regex)) = guided {
+        if sampler.constraint.is_some() {
+            return Err(format!("{field} and response_format: one of them"));
+        }
+        let t = tokenizer
+            .ok_or_else(|| format!("{field}: needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)"))?;
+        let eos = d
+            .eos
+            .filter(|_| !ignore_eos)
+            .ok_or_else(|| format!("{field}: needs the end token to end the match (not --ignore-eos)"))?;
+        let pattern = crate::grammar::Pattern::new(&regex).map_err(|e| format!("{field}: {e}"))?;
+        sampler =
+            sampler.constrained(Box::new(crate::grammar::PatternConstraint::new(std::sync::Arc::new(pattern), t, eos)));
+    }
     let top_logprobs = whole("top_logprobs")?.unwrap_or(0) as usize;
     if top_logprobs > MAX_TOP_LOGPROBS {
         return Err(format!("top_logprobs: {top_logprobs} (at most {MAX_TOP_LOGPROBS})"));
@@ -338,7 +366,7 @@ pub fn parse_request(
 /// A request's fields beyond temperature and top-p that shape its sampling and its end
 /// ([`v3c_models::sampling`]): OpenAI's and vLLM's, named as both name them (the HTTP API passes
 /// them on as they are).
-pub const SAMPLING_FIELDS: [&str; 10] = [
+pub const SAMPLING_FIELDS: [&str; 12] = [
     "top_k",
     "min_p",
     "repetition_penalty",
@@ -349,6 +377,8 @@ pub const SAMPLING_FIELDS: [&str; 10] = [
     "min_tokens",
     "ignore_eos",
     "stop_token_ids",
+    "guided_regex",
+    "guided_choice",
 ];
 
 /// OpenAI's `logit_bias`: `{"token id": bias, ...}` (`null`: none).
@@ -447,7 +477,7 @@ mod tests {
         let shaping = v3c_models::sampling::Shaping { top_k: 40, repetition_penalty: 1.2, ..Default::default() };
         let d = RequestDefaults { max_new: 8, temperature: 0.7, top_p: 1.0, seed: 3, shaping, eos: None };
         let (_, r) = parse_request("1 2", &d, None).unwrap();
-        assert_eq!(r.sampler.shaping, d.shaping);
+        assert_eq!(*r.sampler.shaping, d.shaping);
         let line = r#"{"prompt": [1], "min_p": 0.05, "presence_penalty": -0.5, "frequency_penalty": 1,
                       "logit_bias": {"5": -100, "17": 2.5}, "top_k": 0}"#;
         let (_, r) = parse_request(line, &d, None).unwrap();
@@ -504,6 +534,29 @@ mod tests {
         assert!(r.sampler.constraint.is_some() && !r.sampler.plain_greedy());
         let (_, r) = parse_request(r#"{"text": "x", "response_format": {"type": "text"}}"#, &d, Some(&t)).unwrap();
         assert!(r.sampler.constraint.is_none() && r.sampler.plain_greedy());
+        // vLLM's guided decoding: a regular expression, or a choice of strings, matched whole.
+        let d = RequestDefaults { eos: Some(1), ..d };
+        let (_, r) = parse_request(r#"{"text": "x", "guided_choice": ["yes", "no"]}"#, &d, Some(&t)).unwrap();
+        assert!(r.sampler.constraint.is_some());
+        let (_, r) = parse_request(r#"{"text": "x", "guided_regex": "^[0-9]+$"}"#, &d, Some(&t)).unwrap();
+        assert!(r.sampler.constraint.is_some());
+        for (line, err) in [
+            (r#"{"text": "x", "guided_regex": "("}"#, "guided_regex: regex parse error"),
+            (r#"{"text": "x", "guided_choice": []}"#, "guided_choice: [] is not an array of strings"),
+            (r#"{"text": "x", "guided_choice": ["a"], "guided_regex": "a"}"#, "guided_regex and guided_choice: one"),
+            (r#"{"text": "x", "guided_regex": "a", "ignore_eos": true}"#, "guided_regex: needs the end token"),
+            (
+                r#"{"text": "x", "guided_regex": "a", "response_format": {"type": "json_object"}}"#,
+                "guided_regex and response_format: one of them",
+            ),
+        ] {
+            let got = parse_request(line, &d, Some(&t)).unwrap_err();
+            assert!(got.starts_with(err), "{line}: {got}");
+        }
+        assert_eq!(
+            parse_request(r#"{"prompt": [1], "guided_choice": ["a"]}"#, &d, None).unwrap_err(),
+            "guided_choice: needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)"
+        );
         assert_eq!(
             parse_request(r#"{"prompt": [1], "response_format": {"type": "json_object"}}"#, &d, None).unwrap_err(),
             "response_format: json_object needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)"

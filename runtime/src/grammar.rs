@@ -331,7 +331,10 @@ impl TokenTrie {
                 }
                 if c == 0 {
                     c = byte.len();
-                    (first.push(0), next.push(first[node]), byte.push(b), token.push(u32::MAX));
+                    first.push(0);
+                    next.push(first[node]);
+                    byte.push(b);
+                    token.push(u32::MAX);
                     first[node] = c as u32;
                 }
                 node = c;
@@ -360,7 +363,8 @@ impl TokenTrie {
                 continue;
             }
             open.push(t.byte.len());
-            (t.byte.push(byte[n]), t.token.push(token[n]));
+            t.byte.push(byte[n]);
+            t.token.push(token[n]);
             todo.push((n, true));
             let mut c = first[n] as usize;
             while c != 0 {
@@ -417,17 +421,32 @@ impl TokenTrie {
     /// The tokens whose bytes take `from` on without a refusal, as a bit set (bit `id % 64` of
     /// word `id / 64`), walked afresh.
     pub fn walk(&self, from: Json) -> Vec<u64> {
+        let whole = |n: usize, state: &Json| {
+            matches!(state.at, At::Str { s, .. } if Some(s) == self.path[n]) && self.in_string[n]
+        };
+        self.walk_by(from, |s, b| s.step(b), whole)
+    }
+
+    /// The tokens whose bytes take `from` on by `step` without a refusal (a bit set as
+    /// [`TokenTrie::walk`]'s); where `whole(node, state after it)`, the node's subtree is allowed
+    /// without stepping through it.
+    pub fn walk_by<S: Copy>(
+        &self,
+        from: S,
+        step: impl Fn(S, u8) -> Option<S>,
+        whole: impl Fn(usize, &S) -> bool,
+    ) -> Vec<u64> {
         let mut ok = vec![0u64; self.vocab.div_ceil(64)];
         let mut mark = |t: u32| {
             if (t as usize) < self.vocab {
                 ok[t as usize / 64] |= 1 << (t % 64);
             }
         };
-        let mut todo: Vec<(usize, Json)> = self.children(0).map(|c| (c, from)).collect();
+        let mut todo: Vec<(usize, S)> = self.children(0).map(|c| (c, from)).collect();
         while let Some((n, state)) = todo.pop() {
-            let Some(state) = state.step(self.byte[n]) else { continue };
+            let Some(state) = step(state, self.byte[n]) else { continue };
             mark(self.token[n]);
-            if matches!(state.at, At::Str { s, .. } if Some(s) == self.path[n]) && self.in_string[n] {
+            if whole(n, &state) {
                 let below = self.before[n + 1] as usize..self.before[self.end[n] as usize] as usize;
                 self.tokens[below].iter().for_each(|&t| mark(t));
             } else {
@@ -520,6 +539,162 @@ impl Constraint for JsonConstraint {
 
     fn restart(&mut self) {
         (self.state, self.broken) = (Json::new(), false);
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Constraint> {
+        Box::new(self.clone())
+    }
+}
+
+/// A regular expression the whole completion must match (vLLM's `guided_regex`; `guided_choice`
+/// is the alternation of its strings): a dense DFA over bytes (regex-automata), anchored at the
+/// completion's start, whose states the trie is walked with; masks kept per state.
+pub struct Pattern {
+    dfa: regex_automata::dfa::dense::DFA<Vec<u32>>,
+    start: regex_automata::util::primitives::StateID,
+    masks: std::sync::Mutex<std::collections::HashMap<regex_automata::util::primitives::StateID, Arc<Vec<u64>>>>,
+}
+
+/// The largest DFA a pattern may build (bytes).
+const PATTERN_BYTES: usize = 32 << 20;
+
+impl Pattern {
+    /// The pattern of `regex`, matched whole (a leading `^` and a trailing `$` change nothing).
+    pub fn new(regex: &str) -> Result<Pattern, String> {
+        use regex_automata::dfa::{dense, Automaton};
+        let regex = regex.strip_prefix('^').unwrap_or(regex);
+        let escaped = regex.ends_with("\\$") && !regex.ends_with("\\\\$");
+        let regex = if escaped { regex } else { regex.strip_suffix('$').unwrap_or(regex) };
+        use regex_automata::util::start;
+        let config = dense::Config::new()
+            .dfa_size_limit(Some(PATTERN_BYTES))
+            .determinize_size_limit(Some(PATTERN_BYTES))
+            .start_kind(regex_automata::dfa::StartKind::Anchored)
+            // Every match, not the leftmost-first one: a match may go on to a longer one.
+            .match_kind(regex_automata::MatchKind::All);
+        // A match is only known one byte after it ends (the DFA's match states are delayed), by
+        // which time any byte would have looked acceptable: the pattern is followed by a byte no
+        // UTF-8 text holds, 0xFF, which ends it — so every other byte a state takes is one a match
+        // may go on with.
+        regex_automata::util::syntax::parse(regex).map_err(|e| e.to_string())?;
+        let dfa = dense::Builder::new()
+            .configure(config)
+            .syntax(regex_automata::util::syntax::Config::new().utf8(false))
+            .thompson(regex_automata::nfa::thompson::Config::new().utf8(false))
+            .build(&format!("(?:{regex})(?-u:\\xFF)"))
+            .map_err(|e| e.to_string())?;
+        let anchored = start::Config::new().anchored(regex_automata::Anchored::Yes);
+        let start = dfa.start_state(&anchored).map_err(|e| e.to_string())?;
+        Ok(Pattern { dfa, start, masks: Default::default() })
+    }
+
+    /// The state after byte `b`; None where nothing the pattern matches goes on so.
+    fn step(
+        &self,
+        s: regex_automata::util::primitives::StateID,
+        b: u8,
+    ) -> Option<regex_automata::util::primitives::StateID> {
+        use regex_automata::dfa::Automaton;
+        let next = self.dfa.next_state(s, b);
+        (b != 0xff && !self.dfa.is_dead_state(next) && !self.dfa.is_quit_state(next)).then_some(next)
+    }
+
+    /// Whether the bytes so far are a whole match.
+    fn matched(&self, s: regex_automata::util::primitives::StateID) -> bool {
+        use regex_automata::dfa::Automaton;
+        self.dfa.is_match_state(self.dfa.next_eoi_state(self.dfa.next_state(s, 0xff)))
+    }
+
+    /// Whether the pattern matches `bytes` whole.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        bytes.iter().try_fold(self.start, |s, &b| self.step(s, b)).is_some_and(|s| self.matched(s))
+    }
+
+    /// The tokens of `trie` that go on from `s`, kept.
+    fn allowed(&self, trie: &TokenTrie, s: regex_automata::util::primitives::StateID) -> Arc<Vec<u64>> {
+        if let Some(ok) = self.masks.lock().ok().and_then(|m| m.get(&s).cloned()) {
+            return ok;
+        }
+        let ok = Arc::new(trie.walk_by(s, |s, b| self.step(s, b), |_, _| false));
+        if let Ok(mut masks) = self.masks.lock() {
+            if masks.len() >= CACHED {
+                masks.clear();
+            }
+            masks.insert(s, ok.clone());
+        }
+        ok
+    }
+}
+
+/// The regular expression matching exactly one of `choices` (vLLM's `guided_choice`).
+pub fn choice_regex(choices: &[String]) -> String {
+    let escape = |c: &String| {
+        c.chars().fold(String::new(), |mut out, ch| {
+            if "\\.+*?()|[]{}^$#&-~".contains(ch) {
+                out.push('\\');
+            }
+            out.push(ch);
+            out
+        })
+    };
+    choices.iter().map(escape).collect::<Vec<_>>().join("|")
+}
+
+/// A sequence's completion held to a [`Pattern`]: the tokens that keep it a prefix of a match,
+/// the end token once it is one (needed: with no end token, a finished match would leave nothing).
+#[derive(Clone)]
+pub struct PatternConstraint {
+    pattern: Arc<Pattern>,
+    trie: Arc<TokenTrie>,
+    tokenizer: Arc<Tokenizer>,
+    eos: u32,
+    state: regex_automata::util::primitives::StateID,
+    broken: bool,
+}
+
+impl PatternConstraint {
+    pub fn new(pattern: Arc<Pattern>, tokenizer: &Arc<Tokenizer>, eos: u32) -> PatternConstraint {
+        let state = pattern.start;
+        PatternConstraint { pattern, trie: tokenizer.trie(), tokenizer: tokenizer.clone(), eos, state, broken: false }
+    }
+}
+
+impl std::fmt::Debug for PatternConstraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PatternConstraint").field("state", &self.state).field("eos", &self.eos).finish()
+    }
+}
+
+impl Constraint for PatternConstraint {
+    fn mask(&self, logits: &mut [f32]) {
+        if self.broken {
+            return;
+        }
+        let end = self.pattern.matched(self.state).then(|| logits.get(self.eos as usize).copied()).flatten();
+        let ok = self.pattern.allowed(&self.trie, self.state);
+        for (i, l) in logits.iter_mut().enumerate() {
+            if !has(&ok, i as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if let Some(l) = end {
+            logits[self.eos as usize] = l;
+        }
+    }
+
+    fn advance(&mut self, token: u32) {
+        if self.broken || token == self.eos {
+            return;
+        }
+        let bytes = self.tokenizer.token_bytes_of(token);
+        match bytes.iter().try_fold(self.state, |s, &b| self.pattern.step(s, b)) {
+            Some(s) if !self.tokenizer.is_special(token) => self.state = s,
+            _ => self.broken = true,
+        }
+    }
+
+    fn restart(&mut self) {
+        (self.state, self.broken) = (self.pattern.start, false);
     }
 
     fn boxed_clone(&self) -> Box<dyn Constraint> {
@@ -728,5 +903,69 @@ mod tests {
             }
         }
         assert!(ended >= 10, "{ended} of 40 closed their object");
+    }
+
+    /// A pattern's masks are each token's own feed through its DFA; choices match exactly
+    /// themselves (their metacharacters literal).
+    #[test]
+    fn patterns_mask_what_keeps_a_match_possible() {
+        let choice = Pattern::new(&choice_regex(&["yes".into(), "no".into(), "a.b (c)".into()])).unwrap();
+        for (text, want) in
+            [("yes", true), ("no", true), ("a.b (c)", true), ("axb (c)", false), ("ye", false), ("yess", false)]
+        {
+            assert_eq!(choice.matches(text.as_bytes()), want, "{text}");
+        }
+        let anchored = Pattern::new("^a+$").unwrap();
+        assert!(anchored.matches(b"aaa") && !anchored.matches(b"") && !anchored.matches(b"ab"));
+        assert!(Pattern::new("a\\$").unwrap().matches(b"a$"), "an escaped dollar is the pattern's");
+        let t = fixture();
+        let trie = t.trie();
+        let p = Pattern::new(r"[0-9]{2,4}-(café|tea)\.( [A-Z][a-z]*)*").unwrap();
+        let text = "2024-café. Hot Day".as_bytes();
+        let mut s = p.start;
+        for (i, &b) in text.iter().enumerate() {
+            let ok = p.allowed(&trie, s);
+            for id in 0..t.vocab_size() as u32 {
+                let fed = t.token_bytes_of(id).iter().try_fold(s, |s, &b| p.step(s, b)).is_some();
+                assert_eq!(has(&ok, id), !t.is_special(id) && fed, "byte {i}, token {id} {:?}", t.token(id));
+            }
+            s = p.step(s, b).unwrap();
+        }
+        assert!(p.matched(s) && p.matches(text));
+        assert!(Pattern::new("(").err().unwrap().contains("unclosed group"), "the regex's own error");
+    }
+
+    /// Sampling from random logits under a pattern: every completion that ends is a match, and
+    /// ends only where it is one.
+    #[test]
+    fn constrained_sampling_matches_the_pattern() {
+        let t = fixture();
+        let eos = t.token_id("<｜end▁of▁sentence｜>").unwrap();
+        let p = Arc::new(Pattern::new(r"(red|green|blue) [0-9]{1,3}( and (red|green|blue) [0-9]{1,3})?").unwrap());
+        let mut h = 7u64;
+        let mut ended = 0;
+        for seed in 0..30u64 {
+            let c = PatternConstraint::new(p.clone(), &t, eos);
+            let mut sampler = v3c_models::reference::Sampler::new(1.0, 1.0, seed).constrained(Box::new(c));
+            sampler.start(&[]);
+            let mut out = Vec::new();
+            for _ in 0..60 {
+                let row: Vec<f32> = (0..t.vocab_size())
+                    .map(|_| {
+                        h = h.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((h >> 40) % 1000) as f32 / 250.0
+                    })
+                    .collect();
+                let token = sampler.sample(&row);
+                if token == eos {
+                    ended += 1;
+                    let bytes: Vec<u8> = out.iter().flat_map(|&i| t.token_bytes_of(i)).collect();
+                    assert!(p.matches(&bytes), "{}", String::from_utf8_lossy(&bytes));
+                    break;
+                }
+                out.push(token);
+            }
+        }
+        assert_eq!(ended, 30, "every completion ends: the pattern is finite");
     }
 }

@@ -1226,7 +1226,7 @@ mod tests {
             logit_bias: vec![(3, -100.0)],
             ..Default::default()
         };
-        assert_eq!(r.sampler.shaping, want);
+        assert_eq!(*r.sampler.shaping, want);
         let nulls = br#"{"prompt": [9], "presence_penalty": null, "logit_bias": null, "top_k": null}"#;
         assert_eq!(one(completion_request(nulls, &defaults(), None).unwrap()).0.sampler.shaping, Default::default());
         for (body, err) in [
