@@ -6,7 +6,7 @@
 //! tokenizer.json, e.g. DeepSeek-V3's 129280 tokens), else the fixture's 971.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use v3c_runtime::grammar::{Json, TokenTrie};
+use v3c_runtime::grammar::{schema_regex, Json, Pattern, TokenTrie};
 use v3c_runtime::tokenizer::Tokenizer;
 
 fn grammar(c: &mut Criterion) {
@@ -21,6 +21,16 @@ fn grammar(c: &mut Criterion) {
     {
         let state = Json::new().feed(text).expect("on the grammar");
         g.bench_function(name, |b| b.iter(|| trie.walk(std::hint::black_box(state))));
+    }
+    // A JSON schema's pattern (a dense DFA): inside a string, and between properties.
+    let schema = serde_json::json!({"type": "object", "properties": {"answer": {"type": "string"},
+        "score": {"type": "number"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
+        "required": ["answer", "score", "tags"]});
+    let pattern = Pattern::new(&schema_regex(&schema).expect("a schema")).expect("a pattern");
+    for (name, prefix) in
+        [("schema_in_string", &br#"{"answer": "text "#[..]), ("schema_after_value", br#"{"answer": "x","#)]
+    {
+        g.bench_function(name, |b| b.iter(|| pattern.walk_after(&trie, std::hint::black_box(prefix))));
     }
     // A sequence's next mask in a state it was in before (a long string's tokens): kept.
     let state = Json::new().feed(br#"{"a": "text "#).expect("on the grammar");

@@ -781,11 +781,17 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     );
     let bad = run_binary_env("v3r", &["tokenize", ckpt.to_str().unwrap(), "--decode", "3 99999"], &env);
     assert!(text(&bad.stderr).contains("argument 1: 99999 is not a token of"), "{}", text(&bad.stderr));
-    // vLLM's guided decoding on a server that ends requests at the end token: a choice of
-    // strings, and a regular expression, each completion matching whole, then ending.
-    let lines = "{\"text\": \"Hello world!\", \"guided_choice\": [\"positive\", \"negative\", \"neutral\"], \"id\": \"c\"}\n\
-        {\"text\": \"Hello world!\", \"guided_regex\": \"[0-9]{3}-[a-f]{2}\", \"temperature\": 1, \"seed\": 3, \"id\": \"r\"}\n";
-    let out = serve_stdin(&art, &ckpt, &cache, &["--max-new-tokens", "12"], lines);
+    // Guided decoding on a server that ends requests at the end token: vLLM's choice of strings
+    // and regular expression, OpenAI's JSON schema — each completion matching whole, then ending.
+    let schema = r#"{"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object",
+        "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}}}"#;
+    let lines = format!(
+        "{{\"text\": \"Hello world!\", \"guided_choice\": [\"positive\", \"negative\", \"neutral\"], \"id\": \"c\"}}\n\
+        {{\"text\": \"Hello world!\", \"guided_regex\": \"[0-9]{{3}}-[a-f]{{2}}\", \"temperature\": 1, \"seed\": 3, \"id\": \"r\"}}\n\
+        {{\"text\": \"Hi\", \"max_new_tokens\": 20, \"response_format\": {}, \"id\": \"s\"}}\n",
+        schema.replace('\n', " ")
+    );
+    let out = serve_stdin(&art, &ckpt, &cache, &["--max-new-tokens", "12"], &lines);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let guided: std::collections::HashMap<String, serde_json::Value> = text(&out.stdout)
         .lines()
@@ -798,6 +804,10 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     let digits = r_text.len() == 6 && r_text[..3].iter().all(u8::is_ascii_digit) && r_text[3] == b'-';
     assert!(digits && r_text[4..].iter().all(|b| (b'a'..=b'f').contains(b)), "{r}");
     assert_eq!((&c["finish_reason"], &r["finish_reason"]), (&"eos".into(), &"eos".into()), "{guided:?}");
+    let s = &guided["s"];
+    let instance: serde_json::Value = serde_json::from_str(s["text"].as_str().unwrap()).unwrap();
+    assert!(instance.as_object().is_some_and(|o| o.len() == 1 && o["ok"].is_boolean()), "{s}");
+    assert_eq!(s["finish_reason"], "eos", "{s}");
     // `run --prompt`: the text of the tokens `run --prompt-tokens` gives for its ids.
     let run = |prompt: &[&str], new: &str| {
         let args = [
@@ -963,10 +973,18 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
         assert!(text.trim_start().starts_with('{'), "{text:?}");
         assert!(v3c_runtime::grammar::Json::new().feed(text.as_bytes()).is_some(), "{text:?}");
     }
-    let (status, body) =
-        server.request("POST", "/v1/completions", r#"{"prompt": "x", "response_format": {"type": "json_schema"}}"#);
-    assert_eq!(status, "HTTP/1.1 400 Bad Request", "{body}");
-    assert!(body.contains("response_format: json_schema is not supported (json_object is)"), "{body}");
+    for (format, why) in [
+        (r#"{"type": "json_schema"}"#, r#"response_format: json_schema needs {\"json_schema\": {\"schema\": ...}}"#),
+        (
+            r#"{"type": "json_schema", "json_schema": {"schema": {"type": "null"}}}"#,
+            "response_format: needs the end token to end the match (not --ignore-eos)",
+        ),
+    ] {
+        let body = format!(r#"{{"prompt": "x", "response_format": {format}}}"#);
+        let (status, body) = server.request("POST", "/v1/completions", &body);
+        assert_eq!(status, "HTTP/1.1 400 Bad Request", "{body}");
+        assert!(body.contains(why), "{body}");
+    }
     // Chat: the conversation as the chat template writes it, the reply the text of the tokens
     // `run` gives those ids; streamed, the role first, then the text in pieces.
     let messages = serde_json::json!([{"role": "user", "content": "Hello!"}]);

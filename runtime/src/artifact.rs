@@ -177,7 +177,20 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The hash a manifest records for a model config: SHA-256 of its compact JSON (keys sorted).
 pub fn config_sha256(config: &serde_json::Value) -> String {
-    sha256_hex(serde_json::to_string(config).unwrap_or_default().as_bytes())
+    sha256_hex(serde_json::to_string(&sorted(config)).unwrap_or_default().as_bytes())
+}
+
+/// `v` with every object's keys in sorted order (objects keep the order they are written in).
+fn sorted(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            serde_json::Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&o[k]))).collect())
+        }
+        serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(sorted).collect()),
+        x => x.clone(),
+    }
 }
 
 /// A validated artifact.

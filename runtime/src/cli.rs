@@ -311,13 +311,40 @@ pub fn parse_request(
                 )?;
                 sampler = sampler.constrained(Box::new(crate::grammar::JsonConstraint::new(t, d.eos)));
             }
-            Some("json_schema") => return Err("response_format: json_schema is not supported (json_object is)".into()),
-            _ => return Err(format!("response_format: {format} is not {{\"type\": \"text\" or \"json_object\"}}")),
+            Some("json_schema") if format.get("json_schema").and_then(|j| j.get("schema")).is_some() => {}
+            Some("json_schema") => {
+                return Err("response_format: json_schema needs {\"json_schema\": {\"schema\": ...}}".into())
+            }
+            _ => {
+                return Err(format!(
+                    "response_format: {format} is not {{\"type\": \"text\", \"json_object\" or \"json_schema\"}}"
+                ))
+            }
         }
     }
     // vLLM's: the completion matches a regular expression, or is one of some strings.
-    let guided = match (o.get("guided_regex"), o.get("guided_choice")) {
+    // A JSON schema (OpenAI's response_format, vLLM's guided_json): its texts' regular expression.
+    let schema = match (o.get("response_format").and_then(|f| f.get("json_schema")), o.get("guided_json")) {
+        (Some(_), Some(_)) => return Err("response_format and guided_json: one of them".into()),
+        (Some(j), None) => {
+            let s = j.get("schema").ok_or("response_format: json_schema needs {\"json_schema\": {\"schema\": ...}}")?;
+            Some(("response_format", crate::grammar::schema_regex(s).map_err(|e| format!("response_format: {e}"))?))
+        }
+        (None, Some(serde_json::Value::String(text))) => {
+            let s: serde_json::Value =
+                serde_json::from_str(text).map_err(|e| format!("guided_json: not a JSON schema: {e}"))?;
+            Some(("guided_json", crate::grammar::schema_regex(&s).map_err(|e| format!("guided_json: {e}"))?))
+        }
+        (None, Some(s)) => {
+            Some(("guided_json", crate::grammar::schema_regex(s).map_err(|e| format!("guided_json: {e}"))?))
+        }
         (None, None) => None,
+    };
+    let guided = match (o.get("guided_regex"), o.get("guided_choice")) {
+        _ if schema.is_some() && (o.contains_key("guided_regex") || o.contains_key("guided_choice")) => {
+            return Err("a JSON schema and guided_regex or guided_choice: one of them".into())
+        }
+        (None, None) => schema,
         (Some(_), Some(_)) => return Err("guided_regex and guided_choice: one of them".into()),
         (Some(serde_json::Value::String(r)), None) => Some(("guided_regex", r.clone())),
         (Some(x), None) => return Err(format!("guided_regex: {x} is not a string")),
@@ -366,7 +393,7 @@ pub fn parse_request(
 /// A request's fields beyond temperature and top-p that shape its sampling and its end
 /// ([`v3c_models::sampling`]): OpenAI's and vLLM's, named as both name them (the HTTP API passes
 /// them on as they are).
-pub const SAMPLING_FIELDS: [&str; 12] = [
+pub const SAMPLING_FIELDS: [&str; 13] = [
     "top_k",
     "min_p",
     "repetition_penalty",
@@ -379,6 +406,7 @@ pub const SAMPLING_FIELDS: [&str; 12] = [
     "stop_token_ids",
     "guided_regex",
     "guided_choice",
+    "guided_json",
 ];
 
 /// OpenAI's `logit_bias`: `{"token id": bias, ...}` (`null`: none).
@@ -581,14 +609,41 @@ mod tests {
             (r#"{"text": "x", "stop_text": {}}"#, "stop_text: {} is not a string or an array of them"),
             (
                 r#"{"text": "x", "response_format": {"type": "json_schema"}}"#,
-                "response_format: json_schema is not supported (json_object is)",
+                "response_format: json_schema needs {\"json_schema\": {\"schema\": ...}}",
             ),
             (
                 r#"{"text": "x", "response_format": "json"}"#,
-                "response_format: \"json\" is not {\"type\": \"text\" or \"json_object\"}",
+                "response_format: \"json\" is not {\"type\": \"text\", \"json_object\" or \"json_schema\"}",
             ),
         ] {
             assert_eq!(parse_request(line, &d, Some(&t)).unwrap_err(), err, "{line}");
+        }
+        // A JSON schema, OpenAI's way or vLLM's (an object, or its text): a pattern on the tokens.
+        let d = RequestDefaults { eos: Some(1), ..d };
+        let schema = r#"{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}"#;
+        for line in [
+            format!(
+                r#"{{"text": "x", "response_format": {{"type": "json_schema", "json_schema": {{"name": "n", "schema": {schema}}}}}}}"#
+            ),
+            format!(r#"{{"text": "x", "guided_json": {schema}}}"#),
+            format!(r#"{{"text": "x", "guided_json": {}}}"#, serde_json::Value::from(schema)),
+        ] {
+            let (_, r) = parse_request(&line, &d, Some(&t)).unwrap();
+            assert!(r.sampler.constraint.is_some(), "{line}");
+        }
+        for (line, err) in [
+            (
+                r#"{"text": "x", "guided_json": {"type": "string", "pattern": "a"}}"#,
+                "guided_json: #: the keyword pattern is not supported",
+            ),
+            (r#"{"text": "x", "guided_json": "{"}"#, "guided_json: not a JSON schema: EOF while parsing"),
+            (
+                r#"{"text": "x", "guided_json": {"type": "null"}, "guided_regex": "a"}"#,
+                "a JSON schema and guided_regex or guided_choice",
+            ),
+        ] {
+            let got = parse_request(line, &d, Some(&t)).unwrap_err();
+            assert!(got.starts_with(err), "{line}: {got}");
         }
     }
 

@@ -610,6 +610,13 @@ impl Pattern {
         bytes.iter().try_fold(self.start, |s, &b| self.step(s, b)).is_some_and(|s| self.matched(s))
     }
 
+    /// The tokens of `trie` that go on after `prefix` (walked afresh; None: the prefix is off
+    /// the pattern).
+    pub fn walk_after(&self, trie: &TokenTrie, prefix: &[u8]) -> Option<Vec<u64>> {
+        let s = prefix.iter().try_fold(self.start, |s, &b| self.step(s, b))?;
+        Some(trie.walk_by(s, |s, b| self.step(s, b), |_, _| false))
+    }
+
     /// The tokens of `trie` that go on from `s`, kept.
     fn allowed(&self, trie: &TokenTrie, s: regex_automata::util::primitives::StateID) -> Arc<Vec<u64>> {
         if let Some(ok) = self.masks.lock().ok().and_then(|m| m.get(&s).cloned()) {
@@ -628,16 +635,202 @@ impl Pattern {
 
 /// The regular expression matching exactly one of `choices` (vLLM's `guided_choice`).
 pub fn choice_regex(choices: &[String]) -> String {
-    let escape = |c: &String| {
-        c.chars().fold(String::new(), |mut out, ch| {
-            if "\\.+*?()|[]{}^$#&-~".contains(ch) {
-                out.push('\\');
+    choices.iter().map(|c| escape(c)).collect::<Vec<_>>().join("|")
+}
+
+/// Whitespace between a schema's JSON tokens: one space at most (as outlines writes it): any
+/// whitespace would let a model go on with it for ever, as small ones do.
+const WS: &str = r"[ ]?";
+
+/// One character of a JSON string's contents: any but a quote, a backslash or a control
+/// character, or an escape.
+const STRING_CHAR: &str = r#"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})"#;
+
+/// The most a `maxLength` or `maxItems` may be (larger ones make automata too large to build).
+const MAX_BOUND: u64 = 256;
+
+/// The regular expression of the JSON texts a JSON schema allows, as OpenAI's strict mode
+/// writes schemas: objects with `properties`, every one `required`, in their order (no others:
+/// `additionalProperties` false or left out); `items` of arrays (`minItems`, `maxItems`);
+/// strings (`minLength`, `maxLength`), numbers, integers, booleans, null; `enum`, `const`,
+/// `anyOf` / `oneOf`, a list of `type`s, and `$ref` to `#/$defs/...` or `#/definitions/...`
+/// (not recursive). Annotations (`title`, `description`, `default`, `examples`, `$schema`,
+/// `$id`) are left out; any other keyword is refused by name with where it is.
+pub fn schema_regex(schema: &serde_json::Value) -> Result<String, String> {
+    SchemaRegex { root: schema, depth: 0 }.of(schema, "#")
+}
+
+struct SchemaRegex<'s> {
+    root: &'s serde_json::Value,
+    depth: usize,
+}
+
+impl SchemaRegex<'_> {
+    fn of(&mut self, s: &serde_json::Value, at: &str) -> Result<String, String> {
+        use serde_json::Value;
+        let o = match s {
+            Value::Object(o) => o,
+            Value::Bool(true) => return Err(format!("{at}: `true` (any value) is not supported: give a type")),
+            x => return Err(format!("{at}: {x} is not a schema")),
+        };
+        self.depth += 1;
+        if self.depth > 32 {
+            return Err(format!("{at}: nested more than 32 deep (a recursive $ref?)"));
+        }
+        let r = self.object_schema(o, at);
+        self.depth -= 1;
+        r
+    }
+
+    fn object_schema(&mut self, o: &serde_json::Map<String, serde_json::Value>, at: &str) -> Result<String, String> {
+        use serde_json::Value;
+        const NOTES: [&str; 7] = ["title", "description", "default", "examples", "$schema", "$id", "$comment"];
+        const KNOWN: [&str; 17] = [
+            "type",
+            "properties",
+            "required",
+            "additionalProperties",
+            "items",
+            "minItems",
+            "maxItems",
+            "minLength",
+            "maxLength",
+            "enum",
+            "const",
+            "anyOf",
+            "oneOf",
+            "$ref",
+            "$defs",
+            "definitions",
+            "strict",
+        ];
+        if let Some(k) = o.keys().find(|k| !NOTES.contains(&k.as_str()) && !KNOWN.contains(&k.as_str())) {
+            return Err(format!("{at}: the keyword {k} is not supported"));
+        }
+        let literal = |v: &Value| escape(&v.to_string());
+        if let Some(r) = o.get("$ref") {
+            let r = r.as_str().ok_or_else(|| format!("{at}/$ref: not a string"))?;
+            let target = ["#/$defs/", "#/definitions/"]
+                .iter()
+                .find_map(|p| r.strip_prefix(p).map(|name| (p, name)))
+                .and_then(|(p, name)| self.root.get(&p[2..p.len() - 1])?.get(name))
+                .ok_or_else(|| format!("{at}/$ref: {r} is not a schema of #/$defs or #/definitions"))?;
+            return self.of(target, r);
+        }
+        if let Some(c) = o.get("const") {
+            return Ok(literal(c));
+        }
+        if let Some(e) = o.get("enum") {
+            let e = e.as_array().filter(|e| !e.is_empty()).ok_or_else(|| format!("{at}/enum: not a list of values"))?;
+            return Ok(format!("(?:{})", e.iter().map(literal).collect::<Vec<_>>().join("|")));
+        }
+        for key in ["anyOf", "oneOf"] {
+            if let Some(all) = o.get(key) {
+                let all = all.as_array().filter(|a| !a.is_empty()).ok_or_else(|| format!("{at}/{key}: not a list"))?;
+                let each = all.iter().enumerate().map(|(i, s)| self.of(s, &format!("{at}/{key}/{i}")));
+                return Ok(format!("(?:{})", each.collect::<Result<Vec<_>, _>>()?.join("|")));
             }
-            out.push(ch);
-            out
-        })
-    };
-    choices.iter().map(escape).collect::<Vec<_>>().join("|")
+        }
+        let types: Vec<&str> = match o.get("type") {
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(ts)) if !ts.is_empty() => ts
+                .iter()
+                .map(|t| t.as_str().ok_or_else(|| format!("{at}/type: {t} is not a type name")))
+                .collect::<Result<_, _>>()?,
+            Some(x) => return Err(format!("{at}/type: {x} is not a type name")),
+            None if o.contains_key("properties") => vec!["object"],
+            None => return Err(format!("{at}: no type")),
+        };
+        let bound = |k: &str| -> Result<Option<u64>, String> {
+            match o.get(k) {
+                None => Ok(None),
+                Some(n) => match n.as_u64() {
+                    Some(n) if n <= MAX_BOUND => Ok(Some(n)),
+                    _ => Err(format!("{at}/{k}: {n} is not a count of at most {MAX_BOUND}")),
+                },
+            }
+        };
+        let mut each = Vec::new();
+        for t in types {
+            each.push(match t {
+                "null" => "null".to_string(),
+                "boolean" => "(?:true|false)".to_string(),
+                "integer" => "-?(?:0|[1-9][0-9]*)".to_string(),
+                "number" => r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?".to_string(),
+                "string" => {
+                    let (min, max) = (bound("minLength")?.unwrap_or(0), bound("maxLength")?);
+                    let max = max.map_or(String::new(), |m| m.to_string());
+                    format!(r#""{STRING_CHAR}{{{min},{max}}}""#)
+                }
+                "array" => {
+                    let items = o.get("items").ok_or_else(|| format!("{at}: an array without items"))?;
+                    let item = self.of(items, &format!("{at}/items"))?;
+                    let (min, max) = (bound("minItems")?.unwrap_or(0), bound("maxItems")?);
+                    if max.is_some_and(|m| m < min) {
+                        return Err(format!("{at}: maxItems is below minItems"));
+                    }
+                    let more = |n: u64| n.saturating_sub(1).to_string();
+                    let rest = format!("(?:{WS},{WS}{item}){{{},{}}}", more(min), max.map_or(String::new(), more));
+                    match (min, max) {
+                        (_, Some(0)) => format!(r"\[{WS}\]"),
+                        (0, _) => format!(r"\[{WS}(?:{item}{rest})?{WS}\]"),
+                        _ => format!(r"\[{WS}{item}{rest}{WS}\]"),
+                    }
+                }
+                "object" => {
+                    match o.get("additionalProperties") {
+                        None | Some(Value::Bool(false)) => {}
+                        Some(_) => {
+                            return Err(format!(
+                                "{at}/additionalProperties: only false (no properties but those named)"
+                            ))
+                        }
+                    }
+                    let empty = serde_json::Map::new();
+                    let props = match o.get("properties") {
+                        None => &empty,
+                        Some(Value::Object(p)) => p,
+                        Some(x) => return Err(format!("{at}/properties: {x} is not an object")),
+                    };
+                    let required: Vec<&str> = match o.get("required") {
+                        None => Vec::new(),
+                        Some(Value::Array(r)) => r.iter().filter_map(Value::as_str).collect(),
+                        Some(x) => return Err(format!("{at}/required: {x} is not a list of names")),
+                    };
+                    if let Some(k) = props.keys().find(|k| !required.contains(&k.as_str())) {
+                        return Err(format!(
+                            "{at}/properties/{k}: not required — optional properties are not supported (list \
+                             every property in required, as OpenAI's strict mode does)"
+                        ));
+                    }
+                    let fields = props
+                        .iter()
+                        .map(|(k, v)| {
+                            Ok(format!(
+                                "{}{WS}:{WS}{}",
+                                literal(&Value::from(k.as_str())),
+                                self.of(v, &format!("{at}/properties/{k}"))?
+                            ))
+                        })
+                        .collect::<Result<Vec<_>, String>>()?;
+                    format!(r"\{{{WS}{}{WS}\}}", fields.join(&format!("{WS},{WS}")))
+                }
+                t => return Err(format!("{at}/type: {t} is not a JSON type")),
+            });
+        }
+        Ok(if each.len() == 1 { each.remove(0) } else { format!("(?:{})", each.join("|")) })
+    }
+}
+
+/// `text` as a regular expression matching itself.
+fn escape(text: &str) -> String {
+    text.chars().fold(String::new(), |mut out, ch| {
+        if "\\.+*?()|[]{}^$#&-~".contains(ch) {
+            out.push('\\');
+        }
+        out.push(ch);
+        out
+    })
 }
 
 /// A sequence's completion held to a [`Pattern`]: the tokens that keep it a prefix of a match,
@@ -967,5 +1160,125 @@ mod tests {
             }
         }
         assert_eq!(ended, 30, "every completion ends: the pattern is finite");
+    }
+
+    /// A schema's texts: serde_json's writing of instances (compact, and a space after colons and
+    /// commas) match, and each
+    /// way of breaking one does not — a property missing, added, out of order, of the wrong type,
+    /// a string too long, an array too short, a value outside an enum.
+    #[test]
+    fn schemas_match_their_instances_only() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 8},
+                "age": {"type": "integer"},
+                "score": {"type": ["number", "null"]},
+                "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "minItems": 1, "maxItems": 3},
+                "ok": {"type": "boolean", "description": "an annotation"},
+                "kind": {"enum": ["a", "b c", 3]},
+                "pet": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"legs": {"const": 4}}, "required": ["legs"], "additionalProperties": false}]}
+            },
+            "required": ["name", "age", "score", "tags", "ok", "kind", "pet"],
+            "additionalProperties": false,
+            "$defs": {"tag": {"type": "string"}}
+        });
+        let p = Pattern::new(&schema_regex(&schema).unwrap()).unwrap();
+        let good = serde_json::json!({"name": "Ada é", "age": -3, "score": 1.5e-3, "tags": ["x", "\"q\"\n"], "ok": true,
+            "kind": "b c", "pet": {"legs": 4}});
+        for v in [
+            good.clone(),
+            serde_json::json!({"name": "B", "age": 0, "score": null, "tags": [""], "ok": false, "kind": 3, "pet": null}),
+        ] {
+            let text = serde_json::to_string(&v).unwrap();
+            let spaced = text.replace("\":", "\": ").replace(",\"", ", \"");
+            for text in [text, spaced] {
+                assert!(p.matches(text.as_bytes()), "{text}");
+            }
+        }
+        let text = serde_json::to_string(&good).unwrap();
+        for bad in [
+            text.replace(r#""age":-3,"#, ""),
+            text.replace(r#""ok":true"#, r#""ok":true,"more":1"#),
+            text.replace(r#""name":"Ada é","age":-3"#, r#""age":-3,"name":"Ada é""#),
+            text.replace(r#""age":-3"#, r#""age":-3.5"#),
+            text.replace("Ada é", "Ada Lovelace"),
+            text.replace(r#""name":"Ada é""#, r#""name":"""#),
+            text.replace(r#"["x","\"q\"\n"]"#, "[]"),
+            text.replace(r#""b c""#, r#""c""#),
+            text.replace(r#"{"legs":4}"#, r#"{"legs":3}"#),
+            text.replace("true", "\"true\""),
+            text.replace(":-3", ":  -3"),
+        ] {
+            assert_ne!(bad, text);
+            assert!(!p.matches(bad.as_bytes()), "{bad}");
+        }
+        let refused = |s: serde_json::Value| schema_regex(&s).unwrap_err();
+        assert_eq!(
+            refused(serde_json::json!({"type": "string", "format": "date"})),
+            "#: the keyword format is not supported"
+        );
+        assert!(refused(serde_json::json!({"type": "object", "properties": {"a": {"type": "null"}}}))
+            .starts_with("#/properties/a: not required"));
+        assert_eq!(
+            refused(serde_json::json!({"type": "object", "additionalProperties": true})),
+            "#/additionalProperties: only false (no properties but those named)"
+        );
+        let looped =
+            serde_json::json!({"$ref": "#/$defs/a", "$defs": {"a": {"type": "array", "items": {"$ref": "#/$defs/a"}}}});
+        assert!(refused(looped).contains("nested more than 32 deep"));
+        assert!(refused(serde_json::json!({"type": "string", "maxLength": 100000})).contains("at most 256"));
+    }
+
+    /// Sampling from random logits under a schema's pattern: every completion that ends is an
+    /// instance serde_json reads, its properties in the schema's order.
+    #[test]
+    fn constrained_sampling_writes_schema_instances() {
+        let t = fixture();
+        let eos = t.token_id("<｜end▁of▁sentence｜>").unwrap();
+        let schema = serde_json::json!({"type": "object", "properties": {
+            "b": {"type": "boolean"}, "n": {"type": "integer"}, "c": {"enum": ["x", "y"]}},
+            "required": ["b", "n", "c"]});
+        let p = Arc::new(Pattern::new(&schema_regex(&schema).unwrap()).unwrap());
+        // Whitespace and digits unlikelier, closing likelier: instances end within the budget.
+        let lean: Vec<f32> = (0..t.vocab_size() as u32)
+            .map(|i| {
+                let b = t.token_bytes_of(i);
+                match () {
+                    _ if b.iter().all(u8::is_ascii_whitespace) => -6.0,
+                    _ if b.iter().all(u8::is_ascii_digit) => -3.0,
+                    _ if b.contains(&b'}') || b.contains(&b',') => 3.0,
+                    _ => 0.0,
+                }
+            })
+            .collect();
+        let mut h = 11u64;
+        let mut ended = 0;
+        for seed in 0..20u64 {
+            let c = PatternConstraint::new(p.clone(), &t, eos);
+            let mut sampler = v3c_models::reference::Sampler::new(1.0, 1.0, seed).constrained(Box::new(c));
+            sampler.start(&[]);
+            let mut out = Vec::new();
+            for _ in 0..80 {
+                let row: Vec<f32> = (0..t.vocab_size())
+                    .map(|i| {
+                        h = h.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((h >> 40) % 1000) as f32 / 250.0 + lean[i]
+                    })
+                    .collect();
+                let token = sampler.sample(&row);
+                if token == eos {
+                    let bytes: Vec<u8> = out.iter().flat_map(|&i| t.token_bytes_of(i)).collect();
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                    let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+                    assert_eq!(keys, ["b", "n", "c"], "{v}");
+                    assert!(v["b"].is_boolean() && v["n"].is_i64() && (v["c"] == "x" || v["c"] == "y"), "{v}");
+                    ended += 1;
+                    break;
+                }
+                out.push(token);
+            }
+        }
+        assert!(ended >= 10, "{ended} of 20 ended");
     }
 }

@@ -970,7 +970,7 @@ mod tests {
         assert_eq!(t.render_chat(&parts, true).unwrap(), t.render_chat(&joined, true).unwrap());
         let image =
             serde_json::json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]);
-        assert!(t.render_chat(&image, true).unwrap_err().starts_with("messages[0].content: {\"image_url\""));
+        assert!(t.render_chat(&image, true).unwrap_err().starts_with("messages[0].content: {\"type\":\"image_url\""));
         assert_eq!(
             t.render_chat(&serde_json::json!([{"content": "x"}]), true).unwrap_err(),
             "messages[0]: no \"role\" string"
