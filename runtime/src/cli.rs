@@ -366,9 +366,8 @@ pub fn parse_request(
             .eos
             .filter(|_| !ignore_eos)
             .ok_or_else(|| format!("{field}: needs the end token to end the match (not --ignore-eos)"))?;
-        let pattern = crate::grammar::Pattern::new(&regex).map_err(|e| format!("{field}: {e}"))?;
-        sampler =
-            sampler.constrained(Box::new(crate::grammar::PatternConstraint::new(std::sync::Arc::new(pattern), t, eos)));
+        let pattern = crate::grammar::Pattern::cached(&regex).map_err(|e| format!("{field}: {e}"))?;
+        sampler = sampler.constrained(Box::new(crate::grammar::PatternConstraint::new(pattern, t, eos)));
     }
     let top_logprobs = whole("top_logprobs")?.unwrap_or(0) as usize;
     if top_logprobs > MAX_TOP_LOGPROBS {

@@ -552,8 +552,14 @@ impl Constraint for JsonConstraint {
 pub struct Pattern {
     dfa: regex_automata::dfa::dense::DFA<Vec<u32>>,
     start: regex_automata::util::primitives::StateID,
-    masks: std::sync::Mutex<std::collections::HashMap<regex_automata::util::primitives::StateID, Arc<Vec<u64>>>>,
+    /// By the trie walked (its address and size: a pattern may serve several tokenizers) and state.
+    masks: std::sync::Mutex<
+        std::collections::HashMap<(usize, usize, regex_automata::util::primitives::StateID), Arc<Vec<u64>>>,
+    >,
 }
+
+/// The most patterns [`Pattern::cached`] keeps.
+pub const PATTERNS: usize = 32;
 
 /// The largest DFA a pattern may build (bytes).
 const PATTERN_BYTES: usize = 32 << 20;
@@ -605,6 +611,24 @@ impl Pattern {
         self.dfa.is_match_state(self.dfa.next_eoi_state(self.dfa.next_state(s, 0xff)))
     }
 
+    /// The pattern of `regex`, built once for every request that asks for it (a server's
+    /// clients tend to send the same schema again and again; its masks are kept with it): the
+    /// last [`PATTERNS`] regexes asked for are kept.
+    pub fn cached(regex: &str) -> Result<Arc<Pattern>, String> {
+        static KEPT: std::sync::Mutex<Vec<(String, Arc<Pattern>)>> = std::sync::Mutex::new(Vec::new());
+        if let Some(p) = KEPT.lock().ok().and_then(|k| k.iter().find(|(r, _)| r == regex).map(|(_, p)| p.clone())) {
+            return Ok(p);
+        }
+        let p = Arc::new(Pattern::new(regex)?);
+        if let Ok(mut kept) = KEPT.lock() {
+            if kept.len() >= PATTERNS {
+                kept.remove(0);
+            }
+            kept.push((regex.to_string(), p.clone()));
+        }
+        Ok(p)
+    }
+
     /// Whether the pattern matches `bytes` whole.
     pub fn matches(&self, bytes: &[u8]) -> bool {
         bytes.iter().try_fold(self.start, |s, &b| self.step(s, b)).is_some_and(|s| self.matched(s))
@@ -619,7 +643,8 @@ impl Pattern {
 
     /// The tokens of `trie` that go on from `s`, kept.
     fn allowed(&self, trie: &TokenTrie, s: regex_automata::util::primitives::StateID) -> Arc<Vec<u64>> {
-        if let Some(ok) = self.masks.lock().ok().and_then(|m| m.get(&s).cloned()) {
+        let key = (trie as *const TokenTrie as usize, trie.byte.len(), s);
+        if let Some(ok) = self.masks.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return ok;
         }
         let ok = Arc::new(trie.walk_by(s, |s, b| self.step(s, b), |_, _| false));
@@ -627,7 +652,7 @@ impl Pattern {
             if masks.len() >= CACHED {
                 masks.clear();
             }
-            masks.insert(s, ok.clone());
+            masks.insert(key, ok.clone());
         }
         ok
     }
@@ -1126,6 +1151,9 @@ mod tests {
         }
         assert!(p.matched(s) && p.matches(text));
         assert!(Pattern::new("(").err().unwrap().contains("unclosed group"), "the regex's own error");
+        let once = Pattern::cached("(ab)+c").unwrap();
+        assert!(Arc::ptr_eq(&once, &Pattern::cached("(ab)+c").unwrap()), "built once");
+        assert!(!Arc::ptr_eq(&once, &Pattern::cached("(ab)+d").unwrap()));
     }
 
     /// Sampling from random logits under a pattern: every completion that ends is a match, and
