@@ -808,6 +808,46 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     let instance: serde_json::Value = serde_json::from_str(s["text"].as_str().unwrap()).unwrap();
     assert!(instance.as_object().is_some_and(|o| o.len() == 1 && o["ok"].is_boolean()), "{s}");
     assert_eq!(s["finish_reason"], "eos", "{s}");
+    // The same on the command line: `v3r run` (the cpu artifact) and `v3c run` (the reference
+    // interpreter) give the same completion, held to a choice, a regular expression, a schema.
+    let schema_file = dir.path().join("schema.json");
+    let schema_text = r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}"#;
+    std::fs::write(&schema_file, schema_text).unwrap();
+    for guide in [
+        vec!["--guided-choice", "yes", "--guided-choice", "no"],
+        vec!["--guided-regex", "[0-9]{2}x", "--temperature", "1", "--seed", "3"],
+        vec!["--json-schema", schema_file.to_str().unwrap()],
+    ] {
+        let common = [&["--prompt", "Hi", "--max-new-tokens", "20"][..], &guide].concat();
+        let ours = v3r(&[&["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()][..], &common].concat());
+        let oracle =
+            run_binary_env("v3c", &[&["run", "--model-dir", ckpt.to_str().unwrap()][..], &common].concat(), &env);
+        assert!(oracle.status.success(), "{}", text(&oracle.stderr));
+        assert_eq!(ours, text(&oracle.stdout), "{guide:?}");
+        let ours = ours.trim_end_matches('\n');
+        let held = match guide[0] {
+            "--guided-choice" => ours == "yes" || ours == "no",
+            "--guided-regex" => ours.len() == 3 && ours[..2].bytes().all(|b| b.is_ascii_digit()) && ours.ends_with('x'),
+            _ => serde_json::from_str::<serde_json::Value>(ours).is_ok_and(|v| v["ok"].is_boolean()),
+        };
+        assert!(held, "{guide:?}: {ours:?}");
+    }
+    let refused = run_binary_env(
+        "v3r",
+        &[
+            "run",
+            art.to_str().unwrap(),
+            "--weights",
+            ckpt.to_str().unwrap(),
+            "--prompt",
+            "Hi",
+            "--guided-regex",
+            "a",
+            "--ignore-eos",
+        ],
+        &env,
+    );
+    assert!(text(&refused.stderr).contains("--guided-regex: needs the end token to end the match (not --ignore-eos)"));
     // `run --prompt`: the text of the tokens `run --prompt-tokens` gives for its ids.
     let run = |prompt: &[&str], new: &str| {
         let args = [

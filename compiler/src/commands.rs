@@ -138,8 +138,8 @@ pub struct RunOptions<'a> {
     pub max_new_tokens: usize,
     pub temperature: f32,
     pub top_p: f32,
-    /// Top-k, min-p, the penalties.
-    pub shaping: v3c_models::sampling::Shaping,
+    /// Top-k, min-p, the penalties; what the completion is held to.
+    pub shaping: &'a v3c_runtime::cli::ShapingArgs,
     pub seed: u64,
     pub ignore_eos: bool,
     pub precision: Precision,
@@ -170,7 +170,7 @@ impl v3c_runtime::session::Generator for AnySession<'_, '_> {
 
 pub fn run(o: &RunOptions) -> Result<(), String> {
     v3c_runtime::cli::check_sampling(o.temperature, o.top_p)
-        .and_then(|()| o.shaping.check())
+        .and_then(|()| o.shaping.shaping().check())
         .map_err(|e| format!("--{e}"))?;
     // Text in, text out.
     let (prompt, tokenizer) = match o.prompt {
@@ -181,12 +181,25 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
             if ids.is_empty() {
                 return Err("--prompt: no tokens (an empty text)".into());
             }
-            (ids, Some(t))
+            (ids, Some(std::sync::Arc::new(t)))
         }
     };
     let print = |tokens: &[u32]| match &tokenizer {
         Some(t) => println!("{}", t.decode(tokens, true)),
         None => println!("{}", tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")),
+    };
+    // A constraint asked for: through the prompt's tokenizer, else the checkpoint's.
+    let guide_tokenizer = match (&tokenizer, o.shaping.guided()) {
+        (Some(t), _) => Some(t.clone()),
+        (None, true) => Some(std::sync::Arc::new(v3c_runtime::tokenizer::Tokenizer::from_path(o.model_dir)?)),
+        (None, false) => None,
+    };
+    let sampler_for = |eos: Option<u32>| -> Result<Sampler, String> {
+        let s = Sampler::new(o.temperature, o.top_p, o.seed).shaped(o.shaping.shaping());
+        Ok(match o.shaping.constraint(guide_tokenizer.as_ref(), eos)? {
+            Some(c) => s.constrained(c),
+            None => s,
+        })
     };
     if o.backend == "cuda" {
         let max_len = prompt.len() + o.max_new_tokens;
@@ -197,7 +210,7 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
             ModelConfig::resolve(&o.model_dir.display().to_string()).map_err(|e| e.to_string())?.eos_token_id
         };
         let mut session = v3c_runtime::session::ArtifactSession::new(&program, max_len)?;
-        let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed).shaped(o.shaping.clone());
+        let mut sampler = sampler_for(eos)?;
         let generation = v3c_runtime::session::generate(&mut session, &prompt, o.max_new_tokens, &mut sampler, eos)?;
         print(&generation.tokens);
         eprintln!("{} (cuda backend on {device})", generation.summary(prompt.len()));
@@ -214,8 +227,8 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
     } else {
         AnySession::Reference(model.session(max_len).map_err(|e| e.to_string())?)
     };
-    let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed).shaped(o.shaping.clone());
     let eos = if o.ignore_eos { None } else { model.config.eos_token_id };
+    let mut sampler = sampler_for(eos)?;
     let generation = v3c_runtime::session::generate(&mut session, &prompt, o.max_new_tokens, &mut sampler, eos)?;
     print(&generation.tokens);
     eprintln!(

@@ -575,7 +575,7 @@ fn main() -> ExitCode {
                 max_new_tokens: a.max_new_tokens,
                 temperature: a.temperature,
                 top_p: a.top_p,
-                shaping: a.shaping.shaping(),
+                shaping: &a.shaping,
                 seed: a.seed,
                 ignore_eos: a.ignore_eos,
                 precision: a.precision.model(),

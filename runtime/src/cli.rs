@@ -119,9 +119,57 @@ pub struct ShapingArgs {
     /// generated (OpenAI's, in [-2, 2]).
     #[arg(long, value_name = "X", default_value_t = 0.0, allow_negative_numbers = true)]
     frequency_penalty: f32,
+    /// Hold the completion to one JSON object (OpenAI's response_format json_object).
+    #[arg(long, group = "guided")]
+    json: bool,
+    /// Hold the completion to a JSON schema (a file; as OpenAI's strict mode writes them: every
+    /// property required, generated in order), ended by the end token.
+    #[arg(long, value_name = "FILE", group = "guided")]
+    json_schema: Option<std::path::PathBuf>,
+    /// Hold the completion to a regular expression, matched whole, ended by the end token.
+    #[arg(long, value_name = "REGEX", group = "guided")]
+    guided_regex: Option<String>,
+    /// Make the completion one of these strings (the flag repeated), ended by the end token.
+    #[arg(long, value_name = "TEXT", group = "guided")]
+    guided_choice: Vec<String>,
 }
 
 impl ShapingArgs {
+    /// What `--json`, `--json-schema`, `--guided-regex` or `--guided-choice` hold the completion
+    /// to, through `tokenizer` (the token's bytes), ended by `eos` (None: none asked for).
+    pub fn constraint(
+        &self,
+        tokenizer: Option<&std::sync::Arc<crate::tokenizer::Tokenizer>>,
+        eos: Option<u32>,
+    ) -> Result<Option<Box<dyn v3c_models::sampling::Constraint>>, String> {
+        let (flag, regex) = match (&self.json_schema, &self.guided_regex, self.guided_choice.is_empty()) {
+            _ if self.json => ("--json", None),
+            (Some(file), _, _) => {
+                let text =
+                    std::fs::read_to_string(file).map_err(|e| format!("--json-schema {}: {e}", file.display()))?;
+                let schema: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| format!("--json-schema {}: {e}", file.display()))?;
+                let regex = crate::grammar::schema_regex(&schema)
+                    .map_err(|e| format!("--json-schema {}: {e}", file.display()))?;
+                ("--json-schema", Some(regex))
+            }
+            (None, Some(r), _) => ("--guided-regex", Some(r.clone())),
+            (None, None, false) => ("--guided-choice", Some(crate::grammar::choice_regex(&self.guided_choice))),
+            (None, None, true) => return Ok(None),
+        };
+        let t = tokenizer
+            .ok_or_else(|| format!("{flag}: needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)"))?;
+        let Some(regex) = regex else { return Ok(Some(Box::new(crate::grammar::JsonConstraint::new(t, eos)))) };
+        let eos = eos.ok_or_else(|| format!("{flag}: needs the end token to end the match (not --ignore-eos)"))?;
+        let pattern = crate::grammar::Pattern::cached(&regex).map_err(|e| format!("{flag}: {e}"))?;
+        Ok(Some(Box::new(crate::grammar::PatternConstraint::new(pattern, t, eos))))
+    }
+
+    /// Whether a constraint is asked for (a tokenizer is needed).
+    pub fn guided(&self) -> bool {
+        self.json || self.json_schema.is_some() || self.guided_regex.is_some() || !self.guided_choice.is_empty()
+    }
+
     pub fn shaping(&self) -> v3c_models::sampling::Shaping {
         v3c_models::sampling::Shaping {
             top_k: self.top_k,

@@ -553,10 +553,11 @@ pub struct Pattern {
     dfa: regex_automata::dfa::dense::DFA<Vec<u32>>,
     start: regex_automata::util::primitives::StateID,
     /// By the trie walked (its address and size: a pattern may serve several tokenizers) and state.
-    masks: std::sync::Mutex<
-        std::collections::HashMap<(usize, usize, regex_automata::util::primitives::StateID), Arc<Vec<u64>>>,
-    >,
+    masks: std::sync::Mutex<std::collections::HashMap<MaskKey, Arc<Vec<u64>>>>,
 }
+
+/// A pattern's kept mask: the trie's address and size, and the DFA state.
+type MaskKey = (usize, usize, regex_automata::util::primitives::StateID);
 
 /// The most patterns [`Pattern::cached`] keeps.
 pub const PATTERNS: usize = 32;

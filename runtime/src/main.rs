@@ -902,6 +902,10 @@ fn eos_of(a: &v3c_runtime::artifact::Artifact, ignore: bool) -> Option<u32> {
 fn serve(args: &ServeArgs) -> Result<(), Failure> {
     use v3c_runtime::session::Arrival;
     args.generating.check()?;
+    if args.generating.shaping.guided() {
+        let per = "each request's response_format, guided_json, guided_regex or guided_choice";
+        return Err(Failure::Other(format!("--json, --json-schema, --guided-regex, --guided-choice: in serve, {per}")));
+    }
     if args.batch == Some(0) {
         return Err(Failure::Other("--batch 0: at least one sequence decodes at a time".into()));
     }
@@ -1454,7 +1458,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         .collect::<Result<_, _>>()
         .map_err(Failure::Other)?;
     let text_in = !args.prompt.is_empty() || !args.chat.is_empty();
-    let tokenizer = text_tokenizer(&args.text, &args.weights, text_in)?;
+    let tokenizer = text_tokenizer(&args.text, &args.weights, text_in || args.generating.shaping.guided())?;
     for (i, text) in args.prompt.iter().enumerate() {
         let ids = tokenizer.as_ref().expect("text needs one").encode(text, true);
         if ids.is_empty() {
@@ -1468,7 +1472,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         prompts.push(ids.map_err(|e| Failure::Other(format!("--chat {}: {e}", i + 1)))?);
     }
     // Text in, text out.
-    let tokenizer = tokenizer.filter(|_| text_in);
+    let (guide_tokenizer, tokenizer) = (tokenizer.clone(), tokenizer.filter(|_| text_in));
     if let Some(file) = &args.prompts_file {
         prompts.extend(v3c_runtime::cli::read_prompts(file).map_err(Failure::Other)?);
     }
@@ -1484,6 +1488,12 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     let prompt = prompts.first().cloned().ok_or_else(|| Failure::Other("no prompt given".into()))?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
     let eos = eos_of(&a, args.generating.ignore_eos);
+    let guide = args.generating.shaping.constraint(guide_tokenizer.as_ref(), eos).map_err(Failure::Other)?;
+    // Each sequence's sampler: the flags', held to the constraint asked for.
+    let sampler = |seed: u64| {
+        let s = args.generating.sampler(seed);
+        guide.as_ref().map_or(s.clone(), |c| s.constrained(c.clone()))
+    };
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let program = program.as_ref();
     if args.speculative {
@@ -1492,7 +1502,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
                 "--speculative generates for one prompt (one --prompt-tokens, no --prompts-file or --batch)".into(),
             ));
         }
-        let mut sampler = args.generating.sampler(args.generating.seed);
+        let mut sampler = sampler(args.generating.seed);
         let s = v3c_runtime::speculative::generate_speculative(
             program,
             &prompt,
@@ -1513,7 +1523,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         return Ok(());
     }
     if prompts.len() > 1 || args.batch.is_some() {
-        let mut samplers: Vec<_> = (0..prompts.len()).map(|_| args.generating.sampler(args.generating.seed)).collect();
+        let mut samplers: Vec<_> = (0..prompts.len()).map(|_| sampler(args.generating.seed)).collect();
         let rows = program.entry_plan("decode").map_err(Failure::Other)?.sizes.rows;
         let slots = args.batch.unwrap_or(rows.min(prompts.len()));
         let served = v3c_runtime::session::generate_queue(
@@ -1558,7 +1568,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     let mut session =
         v3c_runtime::session::ArtifactSession::new(program, prompt.len() + args.generating.max_new_tokens)
             .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
-    let mut sampler = args.generating.sampler(args.generating.seed);
+    let mut sampler = sampler(args.generating.seed);
     // Text for one prompt: written as it comes.
     let mut so_far = tokenizer.as_ref().map(|t| v3c_runtime::session::TextSoFar::new(t, None));
     let show = |piece: String| {
@@ -1645,6 +1655,7 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         ));
     }
     let eos = eos_of(&a, args.generating.ignore_eos);
+    let guide = args.generating.shaping.constraint(Some(&tokenizer), eos).map_err(Failure::Other)?;
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
     let (max_len, max_prompt, _) = serving_limits(program.as_ref()).map_err(at)?;
@@ -1694,7 +1705,8 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         }
         turn += 1;
         let g = &args.generating;
-        Arrival::Request(Request::new(ids, new, g.sampler(g.seed + turn)))
+        let s = g.sampler(g.seed + turn);
+        Arrival::Request(Request::new(ids, new, guide.as_ref().map_or(s.clone(), |c| s.constrained(c.clone()))))
     };
     let mut so_far: Option<TextSoFar> = None;
     let mut report = |_: usize, p: Progress| -> Result<(), String> {
