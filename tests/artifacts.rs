@@ -810,6 +810,14 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     assert_eq!(s["finish_reason"], "eos", "{s}");
     // The same on the command line: `v3r run` (the cpu artifact) and `v3c run` (the reference
     // interpreter) give the same completion, held to a choice, a regular expression, a schema.
+    // `v3r run ART --weights CKPT ARGS`.
+    let v3r_run = |args: &[&str]| {
+        run_binary_env(
+            "v3r",
+            &[&["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()][..], args].concat(),
+            &env,
+        )
+    };
     let schema_file = dir.path().join("schema.json");
     let schema_text = r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}"#;
     std::fs::write(&schema_file, schema_text).unwrap();
@@ -819,7 +827,9 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
         vec!["--json-schema", schema_file.to_str().unwrap()],
     ] {
         let common = [&["--prompt", "Hi", "--max-new-tokens", "20"][..], &guide].concat();
-        let ours = v3r(&[&["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()][..], &common].concat());
+        let out = v3r_run(&common);
+        assert!(out.status.success(), "{guide:?}: {}", text(&out.stderr));
+        let ours = text(&out.stdout);
         let oracle =
             run_binary_env("v3c", &[&["run", "--model-dir", ckpt.to_str().unwrap()][..], &common].concat(), &env);
         assert!(oracle.status.success(), "{}", text(&oracle.stderr));
@@ -832,21 +842,7 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
         };
         assert!(held, "{guide:?}: {ours:?}");
     }
-    let refused = run_binary_env(
-        "v3r",
-        &[
-            "run",
-            art.to_str().unwrap(),
-            "--weights",
-            ckpt.to_str().unwrap(),
-            "--prompt",
-            "Hi",
-            "--guided-regex",
-            "a",
-            "--ignore-eos",
-        ],
-        &env,
-    );
+    let refused = v3r_run(&["--prompt", "Hi", "--guided-regex", "a", "--ignore-eos"]);
     assert!(text(&refused.stderr).contains("--guided-regex: needs the end token to end the match (not --ignore-eos)"));
     // `run --prompt`: the text of the tokens `run --prompt-tokens` gives for its ids.
     let run = |prompt: &[&str], new: &str| {
@@ -875,20 +871,7 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     assert_eq!(lines.len(), 2);
     let elsewhere = dir.path().join("no-tokenizer");
     std::fs::create_dir(&elsewhere).unwrap();
-    let missing = run_binary_env(
-        "v3r",
-        &[
-            "run",
-            art.to_str().unwrap(),
-            "--weights",
-            ckpt.to_str().unwrap(),
-            "--tokenizer",
-            elsewhere.to_str().unwrap(),
-            "--prompt",
-            "x",
-        ],
-        &env,
-    );
+    let missing = v3r_run(&["--tokenizer", elsewhere.to_str().unwrap(), "--prompt", "x"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("no-tokenizer/tokenizer.json: No such file"), "{}", text(&missing.stderr));
     // `serve` from stdin: a text prompt with a stop string — the text of two of its tokens alone

@@ -940,6 +940,36 @@ mod tests {
         Json::new().feed(bytes).is_some_and(|s| s.done())
     }
 
+    /// Samples up to `steps` tokens under `constraint` from random logits (seeded by `seed`, plus
+    /// `lean[token]`): the completion's bytes, and whether the end token ended it.
+    fn sample_constrained(
+        t: &Tokenizer,
+        constraint: Box<dyn Constraint>,
+        eos: u32,
+        seed: u64,
+        steps: usize,
+        lean: &[f32],
+    ) -> (Vec<u8>, bool) {
+        let mut sampler = v3c_models::reference::Sampler::new(1.0, 1.0, seed).constrained(constraint);
+        sampler.start(&[]);
+        let mut h = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut out = Vec::new();
+        let bytes = |out: &[u32]| out.iter().flat_map(|&i| t.token_bytes_of(i)).collect::<Vec<u8>>();
+        for _ in 0..steps {
+            let row: Vec<f32> = (0..t.vocab_size())
+                .map(|i| {
+                    h = h.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((h >> 40) % 1000) as f32 / 250.0 + lean.get(i).copied().unwrap_or(0.0)
+                })
+                .collect();
+            match sampler.sample(&row) {
+                t if t == eos => return (bytes(&out), true),
+                t => out.push(t),
+            }
+        }
+        (bytes(&out), false)
+    }
+
     fn fixture() -> Arc<Tokenizer> {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
         Arc::new(Tokenizer::from_file(&path).unwrap())
@@ -1094,29 +1124,13 @@ mod tests {
                 }
             })
             .collect();
-        let (mut ended, mut h) = (0, 0x1234_5678u64);
+        let mut ended = 0;
         for seed in 0..40u64 {
-            let c = JsonConstraint::new(&t, Some(eos));
-            let mut sampler = v3c_models::reference::Sampler::new(1.0, 1.0, seed).constrained(Box::new(c));
-            sampler.start(&[]);
-            let mut out = Vec::new();
-            for _ in 0..300 {
-                let row: Vec<f32> = (0..vocab)
-                    .map(|i| {
-                        h = h.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        ((h >> 40) % 1000) as f32 / 250.0 + closing[i]
-                    })
-                    .collect();
-                let token = sampler.sample(&row);
-                if token == eos {
-                    break;
-                }
-                out.push(token);
-            }
-            let bytes: Vec<u8> = out.iter().flat_map(|&i| t.token_bytes_of(i)).collect();
+            let c = Box::new(JsonConstraint::new(&t, Some(eos)));
+            let (bytes, end) = sample_constrained(&t, c, eos, seed, 300, &closing);
             let state = Json::new().feed(&bytes);
             assert!(state.is_some(), "seed {seed}: {}", String::from_utf8_lossy(&bytes));
-            if out.len() < 300 {
+            if end {
                 ended += 1;
                 assert!(state.unwrap().done() && serde_object(&bytes), "{}", String::from_utf8_lossy(&bytes));
             }
@@ -1164,29 +1178,12 @@ mod tests {
         let t = fixture();
         let eos = t.token_id("<｜end▁of▁sentence｜>").unwrap();
         let p = Arc::new(Pattern::new(r"(red|green|blue) [0-9]{1,3}( and (red|green|blue) [0-9]{1,3})?").unwrap());
-        let mut h = 7u64;
         let mut ended = 0;
         for seed in 0..30u64 {
-            let c = PatternConstraint::new(p.clone(), &t, eos);
-            let mut sampler = v3c_models::reference::Sampler::new(1.0, 1.0, seed).constrained(Box::new(c));
-            sampler.start(&[]);
-            let mut out = Vec::new();
-            for _ in 0..60 {
-                let row: Vec<f32> = (0..t.vocab_size())
-                    .map(|_| {
-                        h = h.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        ((h >> 40) % 1000) as f32 / 250.0
-                    })
-                    .collect();
-                let token = sampler.sample(&row);
-                if token == eos {
-                    ended += 1;
-                    let bytes: Vec<u8> = out.iter().flat_map(|&i| t.token_bytes_of(i)).collect();
-                    assert!(p.matches(&bytes), "{}", String::from_utf8_lossy(&bytes));
-                    break;
-                }
-                out.push(token);
-            }
+            let (bytes, end) =
+                sample_constrained(&t, Box::new(PatternConstraint::new(p.clone(), &t, eos)), eos, seed, 60, &[]);
+            assert!(end && p.matches(&bytes), "{}", String::from_utf8_lossy(&bytes));
+            ended += usize::from(end);
         }
         assert_eq!(ended, 30, "every completion ends: the pattern is finite");
     }
@@ -1281,31 +1278,16 @@ mod tests {
                 }
             })
             .collect();
-        let mut h = 11u64;
         let mut ended = 0;
         for seed in 0..20u64 {
-            let c = PatternConstraint::new(p.clone(), &t, eos);
-            let mut sampler = v3c_models::reference::Sampler::new(1.0, 1.0, seed).constrained(Box::new(c));
-            sampler.start(&[]);
-            let mut out = Vec::new();
-            for _ in 0..80 {
-                let row: Vec<f32> = (0..t.vocab_size())
-                    .map(|i| {
-                        h = h.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        ((h >> 40) % 1000) as f32 / 250.0 + lean[i]
-                    })
-                    .collect();
-                let token = sampler.sample(&row);
-                if token == eos {
-                    let bytes: Vec<u8> = out.iter().flat_map(|&i| t.token_bytes_of(i)).collect();
-                    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-                    let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
-                    assert_eq!(keys, ["b", "n", "c"], "{v}");
-                    assert!(v["b"].is_boolean() && v["n"].is_i64() && (v["c"] == "x" || v["c"] == "y"), "{v}");
-                    ended += 1;
-                    break;
-                }
-                out.push(token);
+            let c = Box::new(PatternConstraint::new(p.clone(), &t, eos));
+            let (bytes, end) = sample_constrained(&t, c, eos, seed, 80, &lean);
+            if end {
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+                assert_eq!(keys, ["b", "n", "c"], "{v}");
+                assert!(v["b"].is_boolean() && v["n"].is_i64() && (v["c"] == "x" || v["c"] == "y"), "{v}");
+                ended += 1;
             }
         }
         assert!(ended >= 10, "{ended} of 20 ended");
