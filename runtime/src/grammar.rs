@@ -477,6 +477,20 @@ impl TokenTrie {
 /// The most states whose masks a trie keeps (16 KiB each for DeepSeek-V3's vocabulary).
 pub const CACHED: usize = 512;
 
+/// Sets the logits of the tokens not in bit set `ok` to -inf, but `end`'s (the end token is
+/// special, never in the trie: allowed where the grammar may end, at its own logit).
+fn keep_only(logits: &mut [f32], ok: &[u64], end: Option<u32>) {
+    let end = end.and_then(|e| Some((e as usize, *logits.get(e as usize)?)));
+    for (i, l) in logits.iter_mut().enumerate() {
+        if !has(ok, i as u32) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+    if let Some((e, l)) = end {
+        logits[e] = l;
+    }
+}
+
 /// Whether token `id` is in bit set `set`.
 pub fn has(set: &[u64], id: u32) -> bool {
     set.get(id as usize / 64).is_some_and(|w| w >> (id % 64) & 1 == 1)
@@ -514,17 +528,7 @@ impl Constraint for JsonConstraint {
         if self.broken {
             return;
         }
-        // The end token is special (never in the trie): its own logit once the object is closed.
-        let eos = self.eos.filter(|_| self.state.done()).and_then(|e| Some((e as usize, *logits.get(e as usize)?)));
-        let ok = self.trie.allowed(self.state);
-        for (i, l) in logits.iter_mut().enumerate() {
-            if !has(&ok, i as u32) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        if let Some((e, l)) = eos {
-            logits[e] = l;
-        }
+        keep_only(logits, &self.trie.allowed(self.state), self.eos.filter(|_| self.state.done()));
     }
 
     fn advance(&mut self, token: u32) {
@@ -889,16 +893,11 @@ impl Constraint for PatternConstraint {
         if self.broken {
             return;
         }
-        let end = self.pattern.matched(self.state).then(|| logits.get(self.eos as usize).copied()).flatten();
-        let ok = self.pattern.allowed(&self.trie, self.state);
-        for (i, l) in logits.iter_mut().enumerate() {
-            if !has(&ok, i as u32) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        if let Some(l) = end {
-            logits[self.eos as usize] = l;
-        }
+        keep_only(
+            logits,
+            &self.pattern.allowed(&self.trie, self.state),
+            self.pattern.matched(self.state).then_some(self.eos),
+        );
     }
 
     fn advance(&mut self, token: u32) {
