@@ -680,8 +680,8 @@ const STRING_CHAR: &str = r#"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})
 const MAX_BOUND: u64 = 256;
 
 /// The regular expression of the JSON texts a JSON schema allows, as OpenAI's strict mode
-/// writes schemas: objects with `properties`, every one `required`, in their order (no others:
-/// `additionalProperties` false or left out); `items` of arrays (`minItems`, `maxItems`);
+/// writes schemas and more: objects with `properties` in their order, those not `required` there
+/// or not (no others: `additionalProperties` false or left out); `items` of arrays (`minItems`, `maxItems`);
 /// strings (`minLength`, `maxLength`), numbers, integers, booleans, null; `enum`, `const`,
 /// `anyOf` / `oneOf`, a list of `type`s, and `$ref` to `#/$defs/...` or `#/definitions/...`
 /// (not recursive). Annotations (`title`, `description`, `default`, `examples`, `$schema`,
@@ -827,28 +827,50 @@ impl SchemaRegex<'_> {
                         Some(Value::Array(r)) => r.iter().filter_map(Value::as_str).collect(),
                         Some(x) => return Err(format!("{at}/required: {x} is not a list of names")),
                     };
-                    if let Some(k) = props.keys().find(|k| !required.contains(&k.as_str())) {
-                        return Err(format!(
-                            "{at}/properties/{k}: not required — optional properties are not supported (list \
-                             every property in required, as OpenAI's strict mode does)"
-                        ));
+                    if let Some(k) = required.iter().find(|k| !props.contains_key(**k)) {
+                        return Err(format!("{at}/required: {k} is not among the properties"));
                     }
                     let fields = props
                         .iter()
                         .map(|(k, v)| {
-                            Ok(format!(
+                            let field = format!(
                                 "{}{WS}:{WS}{}",
                                 literal(&Value::from(k.as_str())),
                                 self.of(v, &format!("{at}/properties/{k}"))?
-                            ))
+                            );
+                            Ok((field, required.contains(&k.as_str())))
                         })
                         .collect::<Result<Vec<_>, String>>()?;
-                    format!(r"\{{{WS}{}{WS}\}}", fields.join(&format!("{WS},{WS}")))
+                    format!(r"\{{{WS}{}{WS}\}}", object_fields(&fields))
                 }
                 t => return Err(format!("{at}/type: {t} is not a JSON type")),
             });
         }
         Ok(if each.len() == 1 { each.remove(0) } else { format!("(?:{})", each.join("|")) })
+    }
+}
+
+/// The regular expression of an object's members (`fields`: each member's expression and whether
+/// it is required), in their order, separated by commas: each optional one there or not. The
+/// first member written is any up to the first required one, the others each after a comma.
+fn object_fields(fields: &[(String, bool)]) -> String {
+    let sep = format!("{WS},{WS}");
+    // After member i: the members from i + 1 on, each preceded by a comma.
+    let rest = |i: usize| {
+        fields[i + 1..]
+            .iter()
+            .map(|(f, required)| if *required { format!("{sep}{f}") } else { format!("(?:{sep}{f})?") })
+            .collect::<String>()
+    };
+    let firsts = fields.iter().position(|(_, required)| *required).map_or(fields.len(), |r| r + 1);
+    let mut each: Vec<String> = (0..firsts).map(|i| format!("{}{}", fields[i].0, rest(i))).collect();
+    if !fields.iter().any(|(_, required)| *required) {
+        // Every member optional: none at all too.
+        each.push(String::new());
+    }
+    match each.len() {
+        1 => each.remove(0),
+        _ => format!("(?:{})", each.join("|")),
     }
 }
 
@@ -1243,8 +1265,10 @@ mod tests {
             refused(serde_json::json!({"type": "string", "format": "date"})),
             "#: the keyword format is not supported"
         );
-        assert!(refused(serde_json::json!({"type": "object", "properties": {"a": {"type": "null"}}}))
-            .starts_with("#/properties/a: not required"));
+        assert_eq!(
+            refused(serde_json::json!({"type": "object", "properties": {"a": {"type": "null"}}, "required": ["b"]})),
+            "#/required: b is not among the properties"
+        );
         assert_eq!(
             refused(serde_json::json!({"type": "object", "additionalProperties": true})),
             "#/additionalProperties: only false (no properties but those named)"
@@ -1253,6 +1277,48 @@ mod tests {
             serde_json::json!({"$ref": "#/$defs/a", "$defs": {"a": {"type": "array", "items": {"$ref": "#/$defs/a"}}}});
         assert!(refused(looped).contains("nested more than 32 deep"));
         assert!(refused(serde_json::json!({"type": "string", "maxLength": 100000})).contains("at most 256"));
+    }
+
+    /// Optional properties: for every choice of which of four are required and every subset of
+    /// them written (in order, compact and spaced), the text matches exactly when the required
+    /// ones are all there; stray, doubled, leading and trailing commas and reordered members
+    /// never match.
+    #[test]
+    fn optional_properties_may_be_left_out_required_ones_not() {
+        let names = ["a", "bb", "c", "d"];
+        for required_mask in 0u32..16 {
+            let required: Vec<&str> = (0..4).filter(|i| required_mask >> i & 1 == 1).map(|i| names[i]).collect();
+            let schema = serde_json::json!({"type": "object", "properties": {
+                "a": {"type": "integer"}, "bb": {"type": "boolean"}, "c": {"type": "null"}, "d": {"enum": ["x"]}},
+                "required": required, "additionalProperties": false});
+            let p = Pattern::new(&schema_regex(&schema).unwrap()).unwrap();
+            let values = ["1", "true", "null", "\"x\""];
+            for present in 0u32..16 {
+                let members: Vec<String> = (0..4)
+                    .filter(|i| present >> i & 1 == 1)
+                    .map(|i| format!("\"{}\":{}", names[i], values[i]))
+                    .collect();
+                let ok = required_mask & !present == 0;
+                let compact = format!("{{{}}}", members.join(","));
+                let spaced = format!("{{ {} }}", members.join(", ").replace(':', ": "));
+                for text in [&compact, &spaced] {
+                    assert_eq!(p.matches(text.as_bytes()), ok, "required {required:?}: {text}");
+                }
+                if members.len() >= 2 {
+                    let mut swapped = members.clone();
+                    swapped.swap(0, 1);
+                    let bad = [
+                        format!("{{{}}}", swapped.join(",")),
+                        format!("{{{}}}", members.join(",,")),
+                        format!("{{{},}}", members.join(",")),
+                        format!("{{,{}}}", members.join(",")),
+                    ];
+                    for text in bad {
+                        assert!(!p.matches(text.as_bytes()), "required {required:?}: {text}");
+                    }
+                }
+            }
+        }
     }
 
     /// Sampling from random logits under a schema's pattern: every completion that ends is an
