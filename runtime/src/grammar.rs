@@ -300,6 +300,8 @@ pub struct TokenTrie {
     tokens: Vec<u32>,
     before: Vec<u32>,
     vocab: usize,
+    /// The special tokens walked as their text ([`TokenTrie::with`]).
+    specials: Vec<u32>,
     /// Tokens never walked: the special ones and those with no bytes.
     pub left_out: usize,
     cache: std::sync::Mutex<std::collections::HashMap<Json, Arc<Vec<u64>>>>,
@@ -314,12 +316,18 @@ impl std::fmt::Debug for TokenTrie {
 impl TokenTrie {
     /// The trie of `tokenizer`'s tokens but its special ones.
     pub fn of(tokenizer: &Tokenizer) -> TokenTrie {
+        TokenTrie::with(tokenizer, &[])
+    }
+
+    /// The trie of a tokenizer's tokens with `specials` among them: those special tokens walked
+    /// as their text (a tool call's markers, which a pattern spells).
+    pub fn with(tokenizer: &Tokenizer, specials: &[u32]) -> TokenTrie {
         // Built as linked nodes (first child, next sibling; 0: none), then laid out.
         let (mut first, mut next, mut byte, mut token) = (vec![0u32], vec![0u32], vec![0u8], vec![u32::MAX]);
         let mut left_out = 0;
         for id in 0..tokenizer.vocab_size() as u32 {
             let bytes = tokenizer.token_bytes_of(id);
-            if tokenizer.is_special(id) || bytes.is_empty() {
+            if (tokenizer.is_special(id) && !specials.contains(&id)) || bytes.is_empty() {
                 left_out += 1;
                 continue;
             }
@@ -350,6 +358,7 @@ impl TokenTrie {
             tokens: Vec::new(),
             before: Vec::with_capacity(byte.len() + 1),
             vocab: tokenizer.vocab_size(),
+            specials: specials.to_vec(),
             left_out,
             cache: Default::default(),
         };
@@ -899,8 +908,19 @@ pub struct PatternConstraint {
 
 impl PatternConstraint {
     pub fn new(pattern: Arc<Pattern>, tokenizer: &Arc<Tokenizer>, eos: u32) -> PatternConstraint {
+        PatternConstraint::walking(pattern, tokenizer.trie(), tokenizer, eos)
+    }
+
+    /// Held to `pattern` through `trie` (one of [`Tokenizer::trie_with`]'s: special tokens the
+    /// pattern spells are allowed as their text).
+    pub fn walking(
+        pattern: Arc<Pattern>,
+        trie: Arc<TokenTrie>,
+        tokenizer: &Arc<Tokenizer>,
+        eos: u32,
+    ) -> PatternConstraint {
         let state = pattern.start;
-        PatternConstraint { pattern, trie: tokenizer.trie(), tokenizer: tokenizer.clone(), eos, state, broken: false }
+        PatternConstraint { pattern, trie, tokenizer: tokenizer.clone(), eos, state, broken: false }
     }
 }
 
@@ -928,7 +948,7 @@ impl Constraint for PatternConstraint {
         }
         let bytes = self.tokenizer.token_bytes_of(token);
         match bytes.iter().try_fold(self.state, |s, &b| self.pattern.step(s, b)) {
-            Some(s) if !self.tokenizer.is_special(token) => self.state = s,
+            Some(s) if !self.tokenizer.is_special(token) || self.trie.specials.contains(&token) => self.state = s,
             _ => self.broken = true,
         }
     }

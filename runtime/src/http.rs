@@ -1327,7 +1327,7 @@ mod tests {
                 Some(&t),
                 "max_tokens: -1 is not a whole number",
             ),
-            (r#"{"messages": [{"role": "tool", "content": "x"}]}"#, Some(&t), "unknown role: tool"),
+            (r#"{"messages": [{"role": "robot", "content": "x"}]}"#, Some(&t), "unknown role: robot"),
         ] {
             let got = chat_request(body.as_bytes(), &defaults(), tokenizer).unwrap_err();
             assert!(got.contains(err), "{body}: {got}");

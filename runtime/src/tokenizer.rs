@@ -59,6 +59,8 @@ pub struct Tokenizer {
     /// The special-token variables of a chat template given later ([`Tokenizer::set_chat_template`]).
     names: Vec<(String, String)>,
     trie: std::sync::OnceLock<std::sync::Arc<crate::grammar::TokenTrie>>,
+    /// Tries with some special tokens walked too ([`Tokenizer::trie_with`]), by those tokens.
+    tries_with: std::sync::Mutex<Vec<(Vec<u32>, std::sync::Arc<crate::grammar::TokenTrie>)>>,
 }
 
 /// `tokenizer_config.json`'s chat template, ready to render, and the special tokens it may use.
@@ -277,12 +279,28 @@ impl Tokenizer {
             chat,
             names,
             trie: Default::default(),
+            tries_with: Default::default(),
         })
     }
 
     /// Its tokens' byte trie (structured output's masks walk it), made on first use.
     pub fn trie(&self) -> std::sync::Arc<crate::grammar::TokenTrie> {
         self.trie.get_or_init(|| std::sync::Arc::new(crate::grammar::TokenTrie::of(self))).clone()
+    }
+
+    /// Its tokens' byte trie with the special tokens `specials` walked as their text too (a tool
+    /// call's markers), made on first use.
+    pub fn trie_with(&self, specials: &[u32]) -> std::sync::Arc<crate::grammar::TokenTrie> {
+        if specials.is_empty() {
+            return self.trie();
+        }
+        let mut made = self.tries_with.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, t)) = made.iter().find(|(s, _)| s == specials) {
+            return t.clone();
+        }
+        let t = std::sync::Arc::new(crate::grammar::TokenTrie::with(self, specials));
+        made.push((specials.to_vec(), t.clone()));
+        t
     }
 
     /// Replaces the chat template (or gives one to a tokenizer without): `source`, Jinja as
@@ -300,6 +318,17 @@ impl Tokenizer {
     /// A conversation (OpenAI's `messages`: objects with a `role` and a `content`) as the chat
     /// template writes it, with the assistant's turn opened when `add_generation_prompt`.
     pub fn render_chat(&self, messages: &Value, add_generation_prompt: bool) -> Result<String, String> {
+        self.render_chat_with(messages, None, add_generation_prompt)
+    }
+
+    /// [`Tokenizer::render_chat`] with OpenAI's `tools` (the functions the model may call) given
+    /// to the template as transformers gives them (`tools`; left undefined when None).
+    pub fn render_chat_with(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
         let chat = self.chat.as_ref().ok_or("no chat template (tokenizer_config.json has no chat_template)")?;
         let list = messages.as_array().ok_or_else(|| format!("messages: {messages} is not an array"))?;
         if list.is_empty() {
@@ -327,12 +356,20 @@ impl Tokenizer {
             chat.tokens.iter().map(|(k, v)| (k.as_str(), v.as_str().into())).collect();
         context.insert("messages", minijinja::Value::from(minijinja::value::Serde(&messages)));
         context.insert("add_generation_prompt", add_generation_prompt.into());
+        if let Some(tools) = tools {
+            context.insert("tools", minijinja::Value::from(minijinja::value::Serde(tools)));
+        }
         template.render(context).map_err(|e| format!("chat template: {}", chat_error(&e)))
     }
 
     /// The ids of a conversation: [`Tokenizer::render_chat`], encoded with no special tokens added.
     pub fn chat(&self, messages: &Value, add_generation_prompt: bool) -> Result<Vec<u32>, String> {
-        Ok(self.encode(&self.render_chat(messages, add_generation_prompt)?, false))
+        self.chat_with(messages, None, add_generation_prompt)
+    }
+
+    /// The ids of a conversation with tools: [`Tokenizer::render_chat_with`], encoded.
+    pub fn chat_with(&self, messages: &Value, tools: Option<&Value>, gen: bool) -> Result<Vec<u32>, String> {
+        Ok(self.encode(&self.render_chat_with(messages, tools, gen)?, false))
     }
 
     /// One more than the largest id any token has.
@@ -627,7 +664,8 @@ fn config_tokens(c: &Value) -> Vec<(String, String)> {
 }
 
 /// A chat template compiled as transformers compiles it: `trim_blocks`, `lstrip_blocks`, Python's
-/// string methods, `raise_exception`; `tokens` its special-token variables.
+/// string methods, `raise_exception`, transformers' `tojson` (Python's `json.dumps`, not HTML
+/// escaped); `tokens` its special-token variables.
 fn compile_chat(source: String, tokens: Vec<(String, String)>) -> Result<ChatTemplate, String> {
     let mut env = minijinja::Environment::new();
     let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
@@ -636,8 +674,151 @@ fn compile_chat(source: String, tokens: Vec<(String, String)>) -> Result<ChatTem
     env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
     });
+    env.add_filter("tojson", tojson);
     env.add_template_owned("chat", source).map_err(|e| chat_error(&e))?;
     Ok(ChatTemplate { env, tokens })
+}
+
+/// transformers' `tojson` filter: Python's `json.dumps(x, ensure_ascii=False, indent=None,
+/// separators=None, sort_keys=False)`, each of those a keyword argument.
+fn tojson(value: minijinja::Value, kwargs: minijinja::value::Kwargs) -> Result<String, minijinja::Error> {
+    let bad = |m: String| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, m);
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    kwargs.assert_all_used()?;
+    let (item, key) = match (separators, indent) {
+        (Some(s), _) if s.len() == 2 => (s[0].clone(), s[1].clone()),
+        (Some(s), _) => return Err(bad(format!("tojson: separators {s:?} are not two strings"))),
+        (None, None) => (", ".to_string(), ": ".to_string()),
+        (None, Some(_)) => (",".to_string(), ": ".to_string()),
+    };
+    let v = serde_json::to_value(&value).map_err(|e| bad(format!("tojson: {e}")))?;
+    let dumps = PyJson {
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+        indent,
+        sort_keys: sort_keys.unwrap_or(false),
+        item,
+        key,
+    };
+    let mut out = String::new();
+    dumps.write(&v, 0, &mut out);
+    Ok(out)
+}
+
+/// Python's `json.dumps` settings.
+struct PyJson {
+    ensure_ascii: bool,
+    indent: Option<usize>,
+    sort_keys: bool,
+    item: String,
+    key: String,
+}
+
+impl PyJson {
+    fn write(&self, v: &Value, level: usize, out: &mut String) {
+        match v {
+            Value::Null => out.push_str("null"),
+            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Value::Number(n) => match n.as_f64() {
+                Some(x) if !(n.is_i64() || n.is_u64()) => out.push_str(&python_float(x)),
+                _ => out.push_str(&n.to_string()),
+            },
+            Value::String(s) => self.string(s, out),
+            Value::Array(items) => {
+                let each: Vec<&Value> = items.iter().collect();
+                self.container(('[', ']'), each.len(), level, out, |k, out| self.write(each[k], level + 1, out));
+            }
+            Value::Object(o) => {
+                let mut members: Vec<(&String, &Value)> = o.iter().collect();
+                if self.sort_keys {
+                    members.sort_by(|a, b| a.0.cmp(b.0));
+                }
+                self.container(('{', '}'), members.len(), level, out, |k, out| {
+                    self.string(members[k].0, out);
+                    out.push_str(&self.key);
+                    self.write(members[k].1, level + 1, out);
+                });
+            }
+        }
+    }
+
+    /// `n` members between `open` and `close`, each on its own indented line with `indent`.
+    fn container(
+        &self,
+        (open, close): (char, char),
+        n: usize,
+        level: usize,
+        out: &mut String,
+        member: impl Fn(usize, &mut String),
+    ) {
+        out.push(open);
+        if n == 0 {
+            out.push(close);
+            return;
+        }
+        let line = |level: usize, out: &mut String| {
+            if let Some(i) = self.indent {
+                out.push('\n');
+                out.push_str(&" ".repeat(i * level));
+            }
+        };
+        for k in 0..n {
+            if k > 0 {
+                out.push_str(&self.item);
+            }
+            line(level + 1, out);
+            member(k, out);
+        }
+        line(level, out);
+        out.push(close);
+    }
+
+    fn string(&self, s: &str, out: &mut String) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                c if (c as u32) < 0x20 || (self.ensure_ascii && !(' '..='~').contains(&c)) => {
+                    let mut units = [0u16; 2];
+                    for u in c.encode_utf16(&mut units) {
+                        out.push_str(&format!("\\u{u:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+}
+
+/// A float as Python's `repr` writes it: the shortest digits that read back, in positional
+/// notation for exponents -4 to 15 (with `.0` when whole), else as `1.5e+16`, `1e-05`.
+fn python_float(x: f64) -> String {
+    if !x.is_finite() {
+        return if x.is_nan() {
+            "NaN".into()
+        } else if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    let sci = format!("{x:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if x == 0.0 || (-4..16).contains(&exp) {
+        let fixed = format!("{x}");
+        return if fixed.contains('.') { fixed } else { fixed + ".0" };
+    }
+    format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
 }
 
 /// A template error and what caused it, on one line.
@@ -956,9 +1137,22 @@ mod tests {
         assert!(cases.len() >= 10);
         for c in cases {
             let generation = c["add_generation_prompt"].as_bool().unwrap();
-            assert_eq!(t.render_chat(&c["messages"], generation).unwrap(), c["text"].as_str().unwrap(), "{c}");
+            let tools = c.get("tools");
+            let text = t.render_chat_with(&c["messages"], tools, generation).unwrap();
+            assert_eq!(text, c["text"].as_str().unwrap(), "{c}");
             let ids: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
-            assert_eq!(t.chat(&c["messages"], generation).unwrap(), ids, "{c}");
+            assert_eq!(t.chat_with(&c["messages"], tools, generation).unwrap(), ids, "{c}");
+        }
+        assert!(cases.iter().filter(|c| c.get("tools").is_some()).count() >= 6);
+        // transformers' tojson: Python's json.dumps and its keyword arguments.
+        let tojson = expected["tojson"].as_array().unwrap();
+        assert!(tojson.len() >= 8);
+        for c in tojson {
+            let mut given = fixture();
+            given.set_chat_template(c["template"].as_str().unwrap()).unwrap();
+            let hi = serde_json::json!([{"role": "user", "content": "x"}]);
+            let text = given.render_chat_with(&hi, Some(&c["tools"]), false).unwrap();
+            assert_eq!(text, c["text"].as_str().unwrap(), "{}", c["template"]);
         }
         let raises = &expected["raises"];
         let e = t.render_chat(&raises["messages"], true).unwrap_err();
