@@ -685,6 +685,22 @@ const WS: &str = r"[ ]?";
 /// character, or an escape.
 const STRING_CHAR: &str = r#"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})"#;
 
+/// The regular expression of any JSON object nested at most `depth` deep (1: its values are
+/// strings, numbers, booleans and nulls), written as [`schema_regex`]'s are: for what a schema
+/// it does not take allows.
+pub fn any_object_regex(depth: usize) -> String {
+    let string = format!(r#""{STRING_CHAR}*""#);
+    let number = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?";
+    let object =
+        |value: &str| format!(r"\{{{WS}(?:{string}{WS}:{WS}{value}(?:{WS},{WS}{string}{WS}:{WS}{value})*)?{WS}\}}");
+    let mut value = format!("(?:{string}|{number}|true|false|null)");
+    for _ in 1..depth.max(1) {
+        let array = format!(r"\[{WS}(?:{value}(?:{WS},{WS}{value})*)?{WS}\]");
+        value = format!("(?:{string}|{number}|true|false|null|{array}|{})", object(&value));
+    }
+    object(&value)
+}
+
 /// The most a `maxLength` or `maxItems` may be (larger ones make automata too large to build).
 const MAX_BOUND: u64 = 256;
 
@@ -884,7 +900,7 @@ fn object_fields(fields: &[(String, bool)]) -> String {
 }
 
 /// `text` as a regular expression matching itself.
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     text.chars().fold(String::new(), |mut out, ch| {
         if "\\.+*?()|[]{}^$#&-~".contains(ch) {
             out.push('\\');

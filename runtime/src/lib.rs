@@ -10,7 +10,7 @@
 //! on [`host`] buffers), kernel calling conventions ([`abi`]), a GPU artifact's launches expanded
 //! from its plan and lowering ([`gpu`]) and run on the device ([`cuda`]), a training step's optimizer
 //! there ([`optimizer`]), generation on either
-//! ([`session`], with MTP drafts: [`speculative`]; structured output: [`grammar`]), and the tuning database with its GPU
+//! ([`session`], with MTP drafts: [`speculative`]; structured output: [`grammar`]; tool calls: [`tools`]), and the tuning database with its GPU
 //! measurement ([`tuning`], [`measure`]).
 
 pub mod abi;
@@ -33,6 +33,7 @@ pub mod prepare;
 pub mod session;
 pub mod speculative;
 pub mod tokenizer;
+pub mod tools;
 pub mod training;
 pub mod tuning;
 

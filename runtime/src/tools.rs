@@ -1,0 +1,596 @@
+//! OpenAI's tool calling (`tools`, `tool_choice`, `parallel_tool_calls`) in DeepSeek-V3's format.
+//!
+//! The functions go to the chat template as `tools` (it describes them to the model); the model
+//! calls them after its content as
+//!
+//! ```text
+//! <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
+//! ```json
+//! ARGUMENTS
+//! ```<｜tool▁call▁end｜>
+//! <｜tool▁call▁begin｜>...<｜tool▁call▁end｜><｜tool▁calls▁end｜>
+//! ```
+//!
+//! [`split_calls`] reads them back out of a completion. While it writes them, a
+//! [`ToolConstraint`] holds it to that shape: names of the given functions only, each one's
+//! arguments an instance of its `parameters` schema ([`crate::grammar::schema_regex`]; a schema
+//! that does not take, any JSON object, said in the server's log). `tool_choice` decides when:
+//! `auto` once the model opens the calls itself, `required` and a named function from the first
+//! token, `none` never (the opening marker is masked).
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use v3c_models::sampling::Constraint;
+
+use crate::grammar::{escape, Pattern, PatternConstraint};
+use crate::tokenizer::Tokenizer;
+
+pub const CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
+pub const CALLS_END: &str = "<｜tool▁calls▁end｜>";
+pub const CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
+pub const CALL_END: &str = "<｜tool▁call▁end｜>";
+pub const SEP: &str = "<｜tool▁sep｜>";
+
+/// How deep a JSON object may nest where a function's schema is not one the compiler takes.
+const LOOSE_DEPTH: usize = 3;
+
+/// `tool_choice`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model writes content only.
+    None,
+    /// The model decides (the default).
+    Auto,
+    /// At least one call, from the first token.
+    Required,
+    /// One call of this function, from the first token.
+    Function(String),
+}
+
+/// A request's tools.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// As the request gave them: what the chat template is given.
+    pub given: Value,
+    /// Each function's name and its arguments' regular expression.
+    functions: Vec<(String, String)>,
+    pub choice: ToolChoice,
+    /// `parallel_tool_calls`: more than one call at a time.
+    pub parallel: bool,
+    /// Functions whose arguments are held to any JSON object only, and why.
+    pub loose: Vec<(String, String)>,
+    /// The token that opens the calls.
+    pub trigger: u32,
+    /// The markers that are special tokens (walked as their text while calls are written).
+    specials: Vec<u32>,
+}
+
+impl Tools {
+    /// A request's `tools`, `tool_choice` and `parallel_tool_calls`, for `tokenizer`'s model; None
+    /// when `tools` is left out, null or empty.
+    pub fn parse(
+        tools: Option<&Value>,
+        choice: Option<&Value>,
+        parallel: Option<&Value>,
+        tokenizer: &Tokenizer,
+    ) -> Result<Option<Tools>, String> {
+        let list = match tools {
+            None | Some(Value::Null) => &[][..],
+            Some(Value::Array(list)) => list.as_slice(),
+            Some(x) => return Err(format!("tools: {x} is not a list of tools")),
+        };
+        if list.is_empty() {
+            return match choice.filter(|c| !c.is_null()) {
+                None => Ok(None),
+                Some(_) => Err("tool_choice: only with \"tools\"".into()),
+            };
+        }
+        let mut functions: Vec<(String, String)> = Vec::with_capacity(list.len());
+        let mut loose = Vec::new();
+        for (i, tool) in list.iter().enumerate() {
+            let at = format!("tools[{i}]");
+            let o = tool.as_object().ok_or_else(|| format!("{at}: {tool} is not a tool"))?;
+            if let Some(k) = o.keys().find(|k| !["type", "function"].contains(&k.as_str())) {
+                return Err(format!("{at}: unknown field '{k}' (type, function)"));
+            }
+            if o.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(format!("{at}.type: only \"function\" tools are served"));
+            }
+            let f = o.get("function").and_then(Value::as_object).ok_or_else(|| format!("{at}: no \"function\""))?;
+            let at = format!("{at}.function");
+            const FIELDS: [&str; 4] = ["name", "description", "parameters", "strict"];
+            if let Some(k) = f.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+                return Err(format!("{at}: unknown field '{k}' ({})", FIELDS.join(", ")));
+            }
+            let name = f.get("name").and_then(Value::as_str).ok_or_else(|| format!("{at}: no \"name\" string"))?;
+            let fits = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.';
+            if name.is_empty() || name.len() > 64 || !name.chars().all(fits) {
+                return Err(format!("{at}.name: {name:?} is not 1 to 64 letters, digits, '_', '-' or '.'"));
+            }
+            if functions.iter().any(|(n, _)| n == name) {
+                return Err(format!("{at}.name: {name} is given twice"));
+            }
+            let empty = serde_json::json!({"type": "object", "properties": {}});
+            let parameters = f.get("parameters").filter(|p| !p.is_null()).unwrap_or(&empty);
+            let is_object = parameters.get("type").and_then(Value::as_str) == Some("object")
+                || (parameters.get("type").is_none() && parameters.get("properties").is_some());
+            if !is_object {
+                return Err(format!("{at}.parameters: {parameters} is not an object's schema"));
+            }
+            let arguments = match crate::grammar::schema_regex(parameters) {
+                Ok(r) => r,
+                Err(e) => {
+                    loose.push((name.to_string(), e));
+                    crate::grammar::any_object_regex(LOOSE_DEPTH)
+                }
+            };
+            functions.push((name.to_string(), arguments));
+        }
+        let choice = match choice {
+            None | Some(Value::Null) => ToolChoice::Auto,
+            Some(Value::String(s)) if s == "none" => ToolChoice::None,
+            Some(Value::String(s)) if s == "auto" => ToolChoice::Auto,
+            Some(Value::String(s)) if s == "required" => ToolChoice::Required,
+            Some(c @ Value::Object(_)) => {
+                let name = match (c.get("type").and_then(Value::as_str), c.get("function").and_then(|f| f.get("name")))
+                {
+                    (Some("function"), Some(Value::String(n))) => n,
+                    _ => {
+                        return Err(format!(
+                            "tool_choice: {c} is not {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
+                        ))
+                    }
+                };
+                if !functions.iter().any(|(n, _)| n == name) {
+                    return Err(format!("tool_choice: {name} is not among the tools"));
+                }
+                ToolChoice::Function(name.clone())
+            }
+            Some(x) => return Err(format!("tool_choice: {x} is not \"none\", \"auto\", \"required\" or a function")),
+        };
+        let parallel = match parallel {
+            None | Some(Value::Null) => true,
+            Some(x) => x.as_bool().ok_or_else(|| format!("parallel_tool_calls: {x} is not true or false"))?,
+        };
+        let mut ids = Vec::new();
+        for marker in [CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP] {
+            let id = tokenizer.token_id(marker).ok_or_else(|| {
+                format!("tools: the tokenizer has no {marker} token (DeepSeek-V3's tool-call markers)")
+            })?;
+            ids.push(id);
+        }
+        let specials = ids.iter().copied().filter(|&id| tokenizer.is_special(id)).collect();
+        let given = Value::Array(list.to_vec());
+        Ok(Some(Tools { given, functions, choice, parallel, loose, trigger: ids[0], specials }))
+    }
+
+    /// Whether the completion is read for calls (and held to their shape once they begin).
+    pub fn calling(&self) -> bool {
+        self.choice != ToolChoice::None
+    }
+
+    /// The regular expression of what follows the opening marker: calls of the chosen functions
+    /// (one with a named function or without parallel calls; else one or more, a line apart),
+    /// then the closing marker.
+    pub fn calls_regex(&self) -> String {
+        let chosen = self.functions.iter().filter(|(name, _)| match &self.choice {
+            ToolChoice::Function(f) => f == name,
+            _ => true,
+        });
+        let calls: Vec<String> = chosen
+            .map(|(name, arguments)| {
+                format!(
+                    "{}function{}{}\\n```json\\n{arguments}\\n```{}",
+                    escape(CALL_BEGIN),
+                    escape(SEP),
+                    escape(name),
+                    escape(CALL_END)
+                )
+            })
+            .collect();
+        let call = format!("(?:{})", calls.join("|"));
+        let single = !self.parallel || matches!(self.choice, ToolChoice::Function(_));
+        match single {
+            true => format!("{call}{}", escape(CALLS_END)),
+            false => format!("{call}(?:\\n{call})*{}", escape(CALLS_END)),
+        }
+    }
+
+    /// What holds a completion to `tool_choice` (`eos`: the end token, allowed once the calls
+    /// are closed).
+    pub fn constraint(&self, tokenizer: &Arc<Tokenizer>, eos: u32) -> Result<Box<dyn Constraint>, String> {
+        let mode = match self.choice {
+            ToolChoice::None => Mode::Forbid,
+            ToolChoice::Auto => Mode::Lazy,
+            ToolChoice::Required | ToolChoice::Function(_) => Mode::Forced,
+        };
+        let calls = match mode {
+            Mode::Forbid => None,
+            _ => {
+                let pattern = Pattern::cached(&self.calls_regex()).map_err(|e| format!("tools: {e}"))?;
+                let trie = tokenizer.trie_with(&self.specials);
+                Some(PatternConstraint::walking(pattern, trie, tokenizer, eos))
+            }
+        };
+        Ok(Box::new(ToolConstraint { trigger: self.trigger, mode, on: false, calls }))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The opening marker masked.
+    Forbid,
+    /// Free until the model writes the opening marker, then held to the calls.
+    Lazy,
+    /// The opening marker first, then the calls.
+    Forced,
+}
+
+/// A completion held to its `tool_choice` ([`Tools::constraint`]).
+#[derive(Debug, Clone)]
+pub struct ToolConstraint {
+    trigger: u32,
+    mode: Mode,
+    /// The calls have begun.
+    on: bool,
+    calls: Option<PatternConstraint>,
+}
+
+impl Constraint for ToolConstraint {
+    fn mask(&self, logits: &mut [f32]) {
+        match (self.on, self.mode, &self.calls) {
+            (true, _, Some(calls)) => calls.mask(logits),
+            (false, Mode::Forbid, _) => {
+                if let Some(l) = logits.get_mut(self.trigger as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            (false, Mode::Forced, _) => {
+                for (i, l) in logits.iter_mut().enumerate() {
+                    if i != self.trigger as usize {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn advance(&mut self, token: u32) {
+        match (self.on, &mut self.calls) {
+            (true, Some(calls)) => calls.advance(token),
+            (false, Some(_)) => self.on = token == self.trigger,
+            _ => {}
+        }
+    }
+
+    fn restart(&mut self) {
+        self.on = false;
+        if let Some(calls) = &mut self.calls {
+            calls.restart();
+        }
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Constraint> {
+        Box::new(self.clone())
+    }
+}
+
+/// A function call the model made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub name: String,
+    /// Its arguments as the model wrote them (JSON, by the constraint).
+    pub arguments: String,
+}
+
+/// A completion's content and the calls after it; None when it has no well-formed calls (no
+/// opening marker, or calls cut short): then it is all content.
+pub fn split_calls(tokenizer: &Tokenizer, tokens: &[u32]) -> Option<(String, Vec<ToolCall>)> {
+    // Every token's bytes, special ones' too (the markers may be special tokens).
+    let mut bytes = Vec::new();
+    let mut starts = Vec::with_capacity(tokens.len());
+    for &t in tokens {
+        starts.push(bytes.len());
+        bytes.extend(tokenizer.token_bytes_of(t));
+    }
+    let at = bytes.windows(CALLS_BEGIN.len()).position(|w| w == CALLS_BEGIN.as_bytes())?;
+    // The content: the tokens before the marker (special ones left out), and any text of the
+    // token the marker begins inside.
+    let k = starts.partition_point(|&s| s <= at) - 1;
+    let mut content = tokenizer.decode(&tokens[..k], true);
+    content.push_str(&String::from_utf8_lossy(&bytes[starts[k]..at]));
+    let text = String::from_utf8_lossy(&bytes[at + CALLS_BEGIN.len()..]).into_owned();
+    let mut rest = text.as_str();
+    let mut calls = Vec::new();
+    loop {
+        rest = rest.trim_start();
+        // Closed, or (the closing marker left out) the calls over.
+        if rest.starts_with(CALLS_END) || (!calls.is_empty() && !rest.starts_with(CALL_BEGIN)) {
+            break;
+        }
+        let (_kind, after) = rest.strip_prefix(CALL_BEGIN)?.split_once(SEP)?;
+        let (call, after) = after.split_once(CALL_END)?;
+        let (name, arguments) = call.split_once('\n').unwrap_or((call, ""));
+        let arguments = arguments.trim();
+        let arguments =
+            arguments.strip_prefix("```json").or_else(|| arguments.strip_prefix("```")).unwrap_or(arguments);
+        let arguments = arguments.strip_suffix("```").unwrap_or(arguments).trim();
+        calls.push(ToolCall { name: name.trim().to_string(), arguments: arguments.to_string() });
+        rest = after;
+    }
+    Some((content, calls))
+}
+
+/// OpenAI's `tool_calls` of a message: each call's `id` (`call_{number}_{k}`), type and function.
+pub fn calls_json(number: usize, calls: &[ToolCall]) -> Value {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            serde_json::json!({
+                "id": format!("call_{number}_{k}"),
+                "type": "function",
+                "function": { "name": c.name, "arguments": c.arguments },
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> Arc<Tokenizer> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
+        Arc::new(Tokenizer::from_file(&path).unwrap())
+    }
+
+    fn weather() -> Value {
+        serde_json::json!([
+            {"type": "function", "function": {"name": "get_weather", "description": "weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                    "unit": {"enum": ["c", "f"]}}, "required": ["city"]}}},
+            {"type": "function", "function": {"name": "now"}},
+        ])
+    }
+
+    fn call(name: &str, arguments: &str) -> String {
+        format!("{CALL_BEGIN}function{SEP}{name}\n```json\n{arguments}\n```{CALL_END}")
+    }
+
+    /// The calls' pattern takes calls of the given functions with arguments their schemas
+    /// allow, closed; nothing else.
+    #[test]
+    fn the_calls_pattern_takes_given_functions_with_their_arguments() {
+        let t = fixture();
+        let tools = Tools::parse(Some(&weather()), None, None, &t).unwrap().unwrap();
+        assert_eq!(tools.choice, ToolChoice::Auto);
+        let p = Pattern::new(&tools.calls_regex()).unwrap();
+        let w = call("get_weather", r#"{"city": "Paris"}"#);
+        let both = format!("{w}\n{}{CALLS_END}", call("now", "{}"));
+        for good in [
+            format!("{w}{CALLS_END}"),
+            both.clone(),
+            format!("{}{CALLS_END}", call("get_weather", r#"{"city":"Oslo","unit":"f"}"#)),
+        ] {
+            assert!(p.matches(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            format!("{}{CALLS_END}", call("get_time", "{}")),
+            format!("{}{CALLS_END}", call("get_weather", "{}")),
+            format!("{}{CALLS_END}", call("get_weather", r#"{"city": "Paris", "x": 1}"#)),
+            format!("{}{CALLS_END}", call("get_weather", r#"{"city": "a very long city name"}"#)),
+            w.clone(),
+            format!("{w}{w}{CALLS_END}"),
+        ] {
+            assert!(!p.matches(bad.as_bytes()), "{bad}");
+        }
+        // One call only: without parallel calls, or with a named function (that one).
+        let single = Tools::parse(Some(&weather()), None, Some(&false.into()), &t).unwrap().unwrap();
+        let p = Pattern::new(&single.calls_regex()).unwrap();
+        assert!(p.matches(format!("{w}{CALLS_END}").as_bytes()));
+        assert!(!p.matches(both.as_bytes()));
+        let named = serde_json::json!({"type": "function", "function": {"name": "now"}});
+        let now = Tools::parse(Some(&weather()), Some(&named), None, &t).unwrap().unwrap();
+        assert_eq!(now.choice, ToolChoice::Function("now".into()));
+        let p = Pattern::new(&now.calls_regex()).unwrap();
+        assert!(p.matches(format!("{}{CALLS_END}", call("now", "{ }")).as_bytes()));
+        assert!(!p.matches(format!("{w}{CALLS_END}").as_bytes()));
+    }
+
+    /// A schema the compiler does not take holds that function's arguments to any JSON object
+    /// (nested at most three deep), and says why.
+    #[test]
+    fn schemas_not_taken_hold_arguments_to_json_objects() {
+        let t = fixture();
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f", "parameters":
+            {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}]);
+        let tools = Tools::parse(Some(&tools), None, None, &t).unwrap().unwrap();
+        assert_eq!(
+            tools.loose,
+            vec![("f".to_string(), "#/properties/n: the keyword minimum is not supported".to_string())]
+        );
+        let p = Pattern::new(&tools.calls_regex()).unwrap();
+        for (arguments, ok) in [
+            (r#"{"n": 0}"#, true),
+            (r#"{"anything": [1, {"x": null}], "s": "\"q\""}"#, true),
+            ("{}", true),
+            (r#"{"a": {"b": {"c": 1}}}"#, true),
+            (r#"{"a": {"b": {"c": {"d": 1}}}}"#, false),
+            (r#"{"a": [[[1]]]}"#, false),
+            (r#"{"a": }"#, false),
+            ("[1]", false),
+        ] {
+            let text = format!("{}{CALLS_END}", call("f", arguments));
+            assert_eq!(p.matches(text.as_bytes()), ok, "{arguments}");
+        }
+    }
+
+    #[test]
+    fn bad_tools_are_refused_by_name() {
+        let t = fixture();
+        let parse = |tools: Value, choice: Option<Value>| {
+            Tools::parse(Some(&tools), choice.as_ref(), None, &t).map(|x| x.map(|x| x.choice))
+        };
+        let f = |name: &str| serde_json::json!({"type": "function", "function": {"name": name}});
+        for (tools, choice, error) in [
+            (serde_json::json!({}), None, "tools: {} is not a list of tools"),
+            (serde_json::json!([{"type": "code"}]), None, "tools[0].type: only \"function\" tools are served"),
+            (serde_json::json!([f("a b")]), None, "tools[0].function.name: \"a b\" is not 1 to 64 letters"),
+            (serde_json::json!([f("a"), f("a")]), None, "tools[1].function.name: a is given twice"),
+            (
+                serde_json::json!([{"type": "function", "function": {"name": "a", "parameters": {"type": "string"}}}]),
+                None,
+                "tools[0].function.parameters: {\"type\":\"string\"} is not an object's schema",
+            ),
+            (
+                serde_json::json!([{"type": "function", "function": {"name": "a", "arity": 2}}]),
+                None,
+                "tools[0].function: unknown field 'arity'",
+            ),
+            (serde_json::json!([f("a")]), Some(serde_json::json!("sometimes")), "tool_choice: \"sometimes\" is not"),
+            (
+                serde_json::json!([f("a")]),
+                Some(serde_json::json!({"type": "function", "function": {"name": "b"}})),
+                "tool_choice: b is not among the tools",
+            ),
+            (serde_json::json!([]), Some(serde_json::json!("auto")), "tool_choice: only with \"tools\""),
+        ] {
+            let e = parse(tools, choice).unwrap_err();
+            assert!(e.starts_with(error), "{e}");
+        }
+        assert_eq!(parse(serde_json::json!([]), None), Ok(None));
+        assert_eq!(parse(serde_json::json!([f("a")]), Some("none".into())), Ok(Some(ToolChoice::None)));
+        assert_eq!(parse(serde_json::json!([f("a")]), Some("required".into())), Ok(Some(ToolChoice::Required)));
+        // A tokenizer without DeepSeek-V3's markers cannot be read for calls.
+        let mut json: Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        json["added_tokens"].as_array_mut().unwrap().retain(|a| !a["content"].as_str().unwrap().contains("tool▁"));
+        let bare = Tokenizer::from_json(&json.to_string(), None).unwrap();
+        let e = Tools::parse(Some(&weather()), None, None, &bare).unwrap_err();
+        assert_eq!(e, format!("tools: the tokenizer has no {CALLS_BEGIN} token (DeepSeek-V3's tool-call markers)"));
+    }
+
+    /// Completions read back: content before the calls, each call's name and arguments; cut
+    /// short or malformed, no calls.
+    #[test]
+    fn completions_split_into_content_and_calls() {
+        let t = fixture();
+        let eos = t.token_id("<｜end▁of▁sentence｜>").unwrap();
+        let ids = |text: &str| {
+            let mut ids = t.encode(text, false);
+            ids.push(eos);
+            ids
+        };
+        let w = call("get_weather", r#"{"city": "Paris"}"#);
+        let text = format!("Let me look.{CALLS_BEGIN}{w}\n{}{CALLS_END}", call("now", "{}"));
+        let (content, calls) = split_calls(&t, &ids(&text)).unwrap();
+        assert_eq!(content, "Let me look.");
+        assert_eq!(
+            calls,
+            vec![
+                ToolCall { name: "get_weather".into(), arguments: r#"{"city": "Paris"}"#.into() },
+                ToolCall { name: "now".into(), arguments: "{}".into() }
+            ]
+        );
+        // The closing marker left out at the end: the calls still read.
+        let (_, calls) = split_calls(&t, &ids(&format!("{CALLS_BEGIN}{w}"))).unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(split_calls(&t, &ids("no calls here")), None);
+        assert_eq!(split_calls(&t, &ids(&format!("{CALLS_BEGIN}{}", &w[..w.find(CALL_END).unwrap()]))), None);
+        assert_eq!(split_calls(&t, &ids(&format!("{CALLS_BEGIN}garbage{CALLS_END}"))), None);
+        let json = calls_json(7, &calls);
+        assert_eq!(json[0]["id"], "call_7_0");
+        assert_eq!(json[0]["function"]["name"], "get_weather");
+    }
+
+    /// Sampling from random logits under each tool choice: `required` and a named function always
+    /// write well-formed calls of the right functions whose arguments parse; `none` never opens
+    /// calls; `auto` is free until the model opens them, then held.
+    #[test]
+    fn constrained_sampling_writes_calls() {
+        let t = fixture();
+        let eos = t.token_id("<｜end▁of▁sentence｜>").unwrap();
+        let vocab = t.vocab_size();
+        let mut state = 7u64;
+        let mut random = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let named = serde_json::json!({"type": "function", "function": {"name": "get_weather"}});
+        let (mut ended, mut auto_calls, mut auto_plain) = (0, 0, 0);
+        for (choice, trials) in
+            [(Some(Value::from("required")), 40), (Some(named), 40), (Some("none".into()), 20), (None, 40)]
+        {
+            let tools = Tools::parse(Some(&weather()), choice.as_ref(), None, &t).unwrap().unwrap();
+            for trial in 0..trials {
+                let mut c = tools.constraint(&t, eos).unwrap();
+                let mut tokens = Vec::new();
+                for _ in 0..120 {
+                    // Closing bytes likelier, so that calls end within the budget; in auto mode
+                    // the opening marker sometimes likeliest.
+                    let mut logits: Vec<f32> = (0..vocab as u32)
+                        .map(|i| {
+                            let b = t.token_bytes_of(i);
+                            let lean = if b.contains(&b'}') || b.contains(&b'"') || i == eos { 2.0 } else { 0.0 };
+                            lean + 4.0 * random()
+                        })
+                        .collect();
+                    if trial % 2 == 0 {
+                        logits[tools.trigger as usize] = 10.0;
+                        for m in [CALL_BEGIN, SEP, CALL_END, CALLS_END] {
+                            logits[t.token_id(m).unwrap() as usize] = 6.0;
+                        }
+                    }
+                    c.mask(&mut logits);
+                    let best = (0..vocab).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap() as u32;
+                    assert!(logits[best as usize].is_finite(), "{choice:?}: nothing allowed after {tokens:?}");
+                    tokens.push(best);
+                    c.advance(best);
+                    if best == eos {
+                        break;
+                    }
+                }
+                let opened = tokens.contains(&tools.trigger);
+                match &tools.choice {
+                    ToolChoice::None => {
+                        assert!(!opened);
+                        continue;
+                    }
+                    ToolChoice::Auto if !opened => {
+                        auto_plain += 1;
+                        continue;
+                    }
+                    ToolChoice::Auto => auto_calls += 1,
+                    _ => {}
+                }
+                if tokens.last() != Some(&eos) {
+                    continue;
+                }
+                ended += 1;
+                let (content, calls) =
+                    split_calls(&t, &tokens).unwrap_or_else(|| panic!("{:?}", t.decode(&tokens, false)));
+                if tools.choice != ToolChoice::Auto {
+                    assert_eq!(content, "");
+                }
+                assert!(!calls.is_empty());
+                for call in &calls {
+                    let args: serde_json::Map<String, Value> = serde_json::from_str(&call.arguments).unwrap();
+                    match call.name.as_str() {
+                        "get_weather" => assert!(args["city"].is_string() && args.len() <= 2, "{args:?}"),
+                        "now" => assert!(args.is_empty() && tools.choice != ToolChoice::Function("get_weather".into())),
+                        other => panic!("{other}"),
+                    }
+                }
+            }
+        }
+        assert!(ended >= 40 && auto_calls >= 5 && auto_plain >= 5, "{ended} ended; auto: {auto_calls} {auto_plain}");
+    }
+}
