@@ -229,10 +229,13 @@ pub fn parse_request(
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    const FIELDS: [&str; 13] = [
+    const FIELDS: [&str; 16] = [
         "prompt",
         "text",
         "messages",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
         "echo",
         "max_new_tokens",
         "temperature",
@@ -260,6 +263,19 @@ pub fn parse_request(
             given.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(" and ")
         ));
     }
+    // OpenAI's tools, which the chat template describes and the completion may call.
+    let tools = match (tokenizer, o.get("messages")) {
+        (Some(t), Some(_)) => {
+            crate::tools::Tools::parse(o.get("tools"), o.get("tool_choice"), o.get("parallel_tool_calls"), t)?
+        }
+        _ => match ["tools", "tool_choice", "parallel_tool_calls"].iter().find(|k| o.contains_key(**k)) {
+            Some(k) => return Err(format!("{k}: only with \"messages\" (a chat) and a tokenizer")),
+            None => None,
+        },
+    };
+    for (name, why) in tools.iter().flat_map(|t| &t.loose) {
+        tracing::warn!("tools: {name}'s arguments are held to any JSON object only ({why})");
+    }
     let prompt = match (o.get("prompt"), o.get("text"), o.get("messages")) {
         (_, Some(serde_json::Value::String(text)), _) => {
             let ids = tokenizer_for("text")?.encode(text, true);
@@ -270,7 +286,9 @@ pub fn parse_request(
         }
         (_, Some(x), _) => return Err(format!("text: {x} is not a string")),
         // A conversation, the assistant's turn opened.
-        (_, _, Some(messages)) => tokenizer_for("messages")?.chat(messages, true)?,
+        (_, _, Some(messages)) => {
+            tokenizer_for("messages")?.chat_with(messages, tools.as_ref().map(|t| &t.given), true)?
+        }
         (Some(serde_json::Value::String(ids)), _, _) => parse_token_ids(ids, "prompt")?,
         (Some(serde_json::Value::Array(ids)), _, _) => json_ids(ids, "prompt")?,
         _ => return Err("no \"prompt\" (token ids: an array, or a string of them), \"text\" or \"messages\"".into()),
@@ -417,6 +435,18 @@ pub fn parse_request(
         let pattern = crate::grammar::Pattern::cached(&regex).map_err(|e| format!("{field}: {e}"))?;
         sampler = sampler.constrained(Box::new(crate::grammar::PatternConstraint::new(pattern, t, eos)));
     }
+    if let (Some(tools), Some(t)) = (&tools, tokenizer) {
+        match (tools.calling(), sampler.constraint.is_some()) {
+            (true, true) => return Err("tools and a response format or guided decoding: one of them".into()),
+            // The other constraint allows no special tokens, the calls' opening marker among them.
+            (false, true) => {}
+            (calling, false) => {
+                let eos = d.eos.filter(|_| !ignore_eos || !calling);
+                let eos = eos.ok_or("tools: needs the end token to end the calls (not ignore_eos)")?;
+                sampler = sampler.constrained(tools.constraint(t, eos)?);
+            }
+        }
+    }
     let top_logprobs = whole("top_logprobs")?.unwrap_or(0) as usize;
     if top_logprobs > MAX_TOP_LOGPROBS {
         return Err(format!("top_logprobs: {top_logprobs} (at most {MAX_TOP_LOGPROBS})"));
@@ -432,6 +462,7 @@ pub fn parse_request(
         ignore_eos,
         logprobs,
         top_logprobs,
+        tools: tools.map(std::sync::Arc::new),
         ..crate::session::Request::new(prompt, max_new, sampler)
     };
     Ok((o.get("id").cloned(), request))
@@ -587,6 +618,56 @@ mod tests {
         ] {
             assert_eq!(parse_request(line, &d, None).unwrap_err(), err, "{line}");
         }
+    }
+
+    /// A chat's tools: described by the chat template, the completion held to the tool choice
+    /// (the end token needed where calls are read); misplaced or conflicting fields named.
+    #[test]
+    fn chats_take_tools() {
+        let d = RequestDefaults { eos: Some(1), ..defaults() };
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
+        let t = std::sync::Arc::new(crate::tokenizer::Tokenizer::from_file(&path).unwrap());
+        let messages = serde_json::json!([{"role": "user", "content": "Weather?"}]);
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+        for choice in ["none", "auto", "required"] {
+            let line = serde_json::json!({"messages": messages, "tools": tools, "tool_choice": choice});
+            let (_, r) = parse_request(&line.to_string(), &d, Some(&t)).unwrap();
+            assert_eq!(r.prompt, t.chat_with(&messages, Some(&tools), true).unwrap());
+            assert_ne!(r.prompt, t.chat(&messages, true).unwrap(), "the tools described");
+            let tools = r.tools.as_ref().unwrap();
+            assert_eq!(tools.calling(), choice != "none");
+            assert!(r.sampler.constraint.is_some() && !r.sampler.plain_greedy());
+            // The fixture's markers (ids 971..) past a model's vocabulary: no calls can be made.
+            assert_eq!(r.outside(971).is_some(), choice != "none", "{choice}");
+            assert_eq!(r.outside(t.vocab_size()), None);
+        }
+        let line = serde_json::json!({"messages": messages, "tools": []});
+        assert!(parse_request(&line.to_string(), &d, Some(&t)).unwrap().1.tools.is_none());
+        for (line, err) in [
+            (
+                serde_json::json!({"text": "x", "tools": tools}),
+                "tools: only with \"messages\" (a chat) and a tokenizer",
+            ),
+            (serde_json::json!({"text": "x", "tool_choice": "auto"}), "tool_choice: only with \"messages\""),
+            (
+                serde_json::json!({"messages": messages, "tools": tools, "response_format": {"type": "json_object"}}),
+                "tools and a response format or guided decoding: one of them",
+            ),
+            (
+                serde_json::json!({"messages": messages, "tools": tools, "ignore_eos": true}),
+                "tools: needs the end token to end the calls (not ignore_eos)",
+            ),
+            (serde_json::json!({"messages": messages, "tools": tools, "tool_choice": 3}), "tool_choice: 3 is not"),
+        ] {
+            let e = parse_request(&line.to_string(), &d, Some(&t)).unwrap_err();
+            assert!(e.starts_with(err), "{line}: {e}");
+        }
+        let line =
+            serde_json::json!({"messages": messages, "tools": tools, "tool_choice": "none", "guided_choice": ["a"]});
+        assert!(parse_request(&line.to_string(), &d, Some(&t)).is_ok(), "no calls: any other constraint");
+        let line = serde_json::json!({"messages": messages, "tools": tools});
+        assert!(parse_request(&line.to_string(), &d, None).unwrap_err().starts_with("tools: only with"));
     }
 
     /// With a tokenizer, a prompt and stop strings come as text; without one, text is refused.

@@ -171,7 +171,9 @@ fn api_request(
     ];
     let own: &[&str] = match api {
         Api::Completions => &["prompt", "echo"],
-        Api::Chat => &["messages", "max_completion_tokens", "top_logprobs"],
+        Api::Chat => {
+            &["messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"]
+        }
     };
     let fields: Vec<&str> = own.iter().chain(&COMMON).chain(&crate::cli::SAMPLING_FIELDS).copied().collect();
     if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
@@ -212,7 +214,15 @@ fn api_request(
         Api::Chat => {
             let messages = o.get("messages").ok_or("no \"messages\"")?;
             match tokenizer {
-                Some(t) if t.has_chat_template() => vec![serde_json::json!({ "messages": messages })],
+                Some(t) if t.has_chat_template() => {
+                    let mut line = serde_json::json!({ "messages": messages });
+                    for k in ["tools", "tool_choice", "parallel_tool_calls"] {
+                        if let Some(x) = o.get(k).filter(|x| !x.is_null()) {
+                            line[k] = x.clone();
+                        }
+                    }
+                    vec![line]
+                }
                 _ => {
                     return Err(format!(
                         "messages: {} with a chat template (its tokenizer_config.json)",
@@ -420,9 +430,45 @@ fn streamed_logprobs(
     }
 }
 
-/// A chat completion's choice number `index`: the assistant's message, its tokens (in `tokens`),
-/// and with log-probabilities each token's text, bytes and alternatives.
-pub fn chat_choice(index: usize, g: &Generation, text: &str, tokenizer: &Tokenizer) -> serde_json::Value {
+/// A chat completion's calls of its tools: the content before them, and OpenAI's `tool_calls`.
+#[derive(Debug, Clone)]
+pub struct Called {
+    pub content: String,
+    pub tool_calls: serde_json::Value,
+}
+
+/// The calls a chat completion (request number `number`, which may call `tools`) made, if it
+/// was read for calls and they are well formed.
+pub fn called(
+    tools: Option<&crate::tools::Tools>,
+    tokenizer: &Tokenizer,
+    number: usize,
+    g: &Generation,
+) -> Option<Called> {
+    tools.filter(|t| t.calling())?;
+    let (content, calls) = crate::tools::split_calls(tokenizer, &g.tokens)?;
+    let tool_calls = crate::tools::calls_json(number, &calls);
+    (!calls.is_empty()).then_some(Called { content, tool_calls })
+}
+
+/// OpenAI's `finish_reason` of a chat completion: `tool_calls` when it ended having called.
+fn chat_finish(g: &Generation, called: bool) -> &'static str {
+    match (called, finish_reason(g)) {
+        (true, "stop") => "tool_calls",
+        (_, reason) => reason,
+    }
+}
+
+/// A chat completion's choice number `index`: the assistant's message (with `called`, its
+/// content before them, null if none, and its `tool_calls`), its tokens (in `tokens`), and with
+/// log-probabilities each token's text, bytes and alternatives.
+pub fn chat_choice(
+    index: usize,
+    g: &Generation,
+    text: &str,
+    tokenizer: &Tokenizer,
+    called: Option<&Called>,
+) -> serde_json::Value {
     let logprobs = match g.logprobs.is_empty() {
         true => serde_json::Value::Null,
         false => {
@@ -438,12 +484,19 @@ pub fn chat_choice(index: usize, g: &Generation, text: &str, tokenizer: &Tokeniz
             serde_json::json!({ "content": content })
         }
     };
+    let message = match called {
+        None => serde_json::json!({ "role": "assistant", "content": text }),
+        Some(c) => {
+            let content = if c.content.is_empty() { serde_json::Value::Null } else { c.content.clone().into() };
+            serde_json::json!({ "role": "assistant", "content": content, "tool_calls": c.tool_calls })
+        }
+    };
     serde_json::json!({
         "index": index,
-        "message": { "role": "assistant", "content": text },
+        "message": message,
         "tokens": g.tokens,
         "logprobs": logprobs,
-        "finish_reason": finish_reason(g),
+        "finish_reason": chat_finish(g, called.is_some()),
     })
 }
 
@@ -887,6 +940,8 @@ struct Pending {
     echoed: bool,
     stops: Option<crate::session::TextStops>,
     events: mpsc::Receiver<Progress>,
+    /// The functions it may call (read for calls when it ends).
+    tools: Option<Arc<crate::tools::Tools>>,
 }
 
 /// A completion: parsed, queued (each choice a request of its own), answered whole or streamed.
@@ -908,7 +963,7 @@ fn completion(
     let mut pending = Vec::with_capacity(requests.len());
     for request in requests {
         let (prompt, echoed) = (request.prompt.clone(), request.echo && api == Api::Completions);
-        let stops = request.stop_text.clone();
+        let (stops, tools) = (request.stop_text.clone(), request.tools.clone());
         let (progress, events) = mpsc::channel();
         let (number_tx, number_rx) = mpsc::channel();
         let number = match tx.send((Message::Request(Box::new(request), progress), Some(number_tx))) {
@@ -919,7 +974,7 @@ fn completion(
             let _ = respond_error(conn, "503 Service Unavailable", "the server is stopping");
             return;
         };
-        pending.push(Pending { number, prompt, echoed, stops, events });
+        pending.push(Pending { number, prompt, echoed, stops, events, tools });
     }
     let (kind, object) = match api {
         Api::Completions => ("cmpl", "text_completion"),
@@ -968,7 +1023,10 @@ fn completion(
         .map(|(k, (p, g))| {
             let text = tokenizer.map_or(String::new(), |t| generation_text(t, &g.tokens, p.stops.as_ref()));
             match (api, tokenizer) {
-                (Api::Chat, Some(t)) => chat_choice(k, g, &text, t),
+                (Api::Chat, Some(t)) => {
+                    let called = called(p.tools.as_deref(), t, p.number, g);
+                    chat_choice(k, g, &text, t, called.as_ref())
+                }
                 _ => completion_choice(k, &p.prompt, p.echoed, g, &(prompt_text(p) + &text)),
             }
         })
@@ -1047,6 +1105,13 @@ fn stream_choices(
         drop(merged_tx);
         let mut text: Vec<Option<TextSoFar>> =
             pending.iter().map(|p| tokenizer.map(|t| TextSoFar::new(t, p.stops.as_ref()))).collect();
+        // A chat choice that may call tools: the token that opens its calls; once it came, the
+        // text held back (streamed as content only if the calls turn out malformed).
+        let openers: Vec<Option<u32>> = pending
+            .iter()
+            .map(|p| p.tools.as_ref().filter(|t| t.calling() && api == Api::Chat).map(|t| t.trigger))
+            .collect();
+        let mut held: Vec<Option<String>> = vec![None; pending.len()];
         // Each choice's log-probability and alternatives, for its token to come.
         type Scored = Option<(f32, Vec<(u32, f32)>)>;
         let mut scored: Vec<Scored> = vec![None; pending.len()];
@@ -1068,6 +1133,11 @@ fn stream_choices(
                 }
                 Progress::Token(t) => {
                     let piece = text[k].as_mut().map_or(String::new(), |x| x.push(t));
+                    if held[k].is_some() || openers[k] == Some(t) {
+                        held[k].get_or_insert_with(String::new).push_str(&piece);
+                        scored[k] = None;
+                        continue;
+                    }
                     let mut c = chunk(k, Some(t), &piece, None);
                     if let Some((lp, alts)) = scored[k].take() {
                         c["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
@@ -1075,8 +1145,30 @@ fn stream_choices(
                     c
                 }
                 Progress::Ended(g) | Progress::Cancelled(g) => {
-                    let rest = text[k].take().map_or(String::new(), TextSoFar::finish);
-                    let c = chunk(k, None, &rest, Some(finish_reason(&g)));
+                    let mut rest = text[k].take().map_or(String::new(), TextSoFar::finish);
+                    let called = match (held[k].take(), tokenizer) {
+                        (Some(h), Some(t)) => {
+                            let c = called(pending[k].tools.as_deref(), t, pending[k].number, &g);
+                            // Calls not well formed: the held text is content after all.
+                            rest = if c.is_some() { String::new() } else { h + &rest };
+                            c
+                        }
+                        _ => None,
+                    };
+                    if let Some(called) = &called {
+                        // The calls whole in one delta, then the end.
+                        let mut c = chunk(k, None, "", None);
+                        let mut each = called.tool_calls.clone();
+                        for (i, call) in each.as_array_mut().into_iter().flatten().enumerate() {
+                            call["index"] = i.into();
+                        }
+                        c["choices"][0]["delta"] = serde_json::json!({ "tool_calls": each });
+                        if !gone && !write(&event(&c)) {
+                            gone = true;
+                            cancel_running(&ended);
+                        }
+                    }
+                    let c = chunk(k, None, &rest, Some(chat_finish(&g, called.is_some())));
                     ended[k] = Some(g);
                     c
                 }

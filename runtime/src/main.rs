@@ -988,6 +988,8 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let ids = std::cell::RefCell::new(Vec::new());
     // Per request, with a tokenizer: it and the request's stop strings, and its text so far.
     let texts = std::cell::RefCell::new(Vec::new());
+    // Per request, the tools it may call.
+    let tools = std::cell::RefCell::new(Vec::new());
     let mut so_far = std::collections::HashMap::new();
     let mut scored = std::collections::HashMap::new();
     let (mut line_no, mut refused, mut served, mut cancelled, mut tokens) = (0usize, 0usize, 0usize, 0usize, 0usize);
@@ -1030,6 +1032,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             Ok((id, r)) => {
                 ids.borrow_mut().push(id.unwrap_or(serde_json::json!(line_no)));
                 texts.borrow_mut().push(tokenizer.as_ref().map(|t| (t.clone(), r.stop_text.clone())));
+                tools.borrow_mut().push(r.tools.clone());
                 return Arrival::Request(v3c_runtime::session::Request { arrived: Some(came), ..r });
             }
             Err(e) => {
@@ -1088,6 +1091,16 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                 });
                 if let Some(text) = text_of(&g.tokens) {
                     line["text"] = text.into();
+                }
+                // Calls of its tools: the content before them, the calls, and why it ended.
+                let its_tools = tools.borrow().get(i).cloned().flatten();
+                let called = tokenizer.as_ref().and_then(|t| v3c_runtime::http::called(its_tools.as_deref(), t, i, &g));
+                if let Some(c) = called {
+                    line["content"] = c.content.into();
+                    line["tool_calls"] = c.tool_calls;
+                    if line["finish_reason"] == "eos" || line["finish_reason"] == "stop" {
+                        line["finish_reason"] = "tool_calls".into();
+                    }
                 }
                 if !g.logprobs.is_empty() {
                     // NaN (a token the device picked) as null.

@@ -1392,6 +1392,8 @@ pub struct Request {
     pub echo: bool,
     /// The end token does not end it (as `--ignore-eos` for every request).
     pub ignore_eos: bool,
+    /// The functions it may call (its completion is read for calls: a reply's business).
+    pub tools: Option<std::sync::Arc<crate::tools::Tools>>,
 }
 
 /// Stop strings, matched in the text of a request's tokens.
@@ -1506,14 +1508,22 @@ impl Request {
             stop_text: None,
             echo: false,
             ignore_eos: false,
+            tools: None,
         }
     }
 
-    /// What in it names a token past a vocabulary of `vocab` (its prompt, its logit bias).
+    /// What in it names a token past a vocabulary of `vocab` (its prompt, its logit bias, the
+    /// opening marker of the calls it may make).
     pub fn outside(&self, vocab: usize) -> Option<String> {
         let past = |t: &u32| *t as usize >= vocab;
         if let Some(t) = self.prompt.iter().find(|t| past(t)) {
             return Some(format!("prompt: token id {t} is outside the vocabulary (0..{vocab})"));
+        }
+        if let Some(t) = self.tools.as_ref().filter(|t| t.calling() && past(&t.trigger)) {
+            return Some(format!(
+                "tools: the calls' opening marker (token id {}) is outside the model's vocabulary (0..{vocab})",
+                t.trigger
+            ));
         }
         let bias = self.sampler.shaping.logit_bias.iter().find(|b| past(&b.0));
         bias.map(|(t, _)| format!("logit_bias: token id {t} is outside the vocabulary (0..{vocab})"))
