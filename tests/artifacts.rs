@@ -1350,3 +1350,96 @@ fn speculative_decoding_with_the_mtp_module_gives_the_greedy_tokens() {
     let out = run_binary_env("v3r", &[&no_draft[..], &["--speculative"]].concat(), &env);
     assert!(text(&out.stderr).contains("compile it with `v3c compile --speculative`"), "{}", text(&out.stderr));
 }
+
+/// Tool calling end to end, on a model whose vocabulary holds DeepSeek-V3's tool markers (the
+/// fixture tokenizer's, ids 971..979) and with its chat template: over HTTP, `tool_choice`
+/// required (one call) and a named function (streamed) give well-formed calls — the message's
+/// `tool_calls` (streamed: one `tool_calls` delta), content null, `finish_reason` tool_calls —
+/// whose arguments are instances of their function's schema; `none` never opens calls; a serve
+/// line from stdin gets its calls too.
+#[test]
+fn v3r_serves_tool_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (art, ckpt, cache) = (dir.path().join("art"), dir.path().join("ckpt"), dir.path().join("cache"));
+    let config = ModelConfig { vocab_size: 1024, ..ModelConfig::preset("deepseek-v3-tiny").unwrap() };
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, 11).unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer");
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixtures.join(file), ckpt.join(file)).unwrap();
+    }
+    let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
+    let compile = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "cpu", "--max-rows", "4"];
+    let out = run_binary_env(
+        "v3c",
+        &[&compile[..], &["--max-context", "640", "--out", art.to_str().unwrap()]].concat(),
+        &env,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tools = serde_json::json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                "unit": {"enum": ["c", "f"]}}, "required": ["city"]}}},
+        {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}},
+    ]);
+    let messages = serde_json::json!([{"role": "user", "content": "Weather in Paris?"}]);
+    // A call's function is a given one, its arguments an instance of its schema.
+    let check_call = |call: &serde_json::Value, only: Option<&str>| {
+        let (name, arguments) =
+            (call["function"]["name"].as_str().unwrap(), call["function"]["arguments"].as_str().unwrap());
+        let args: serde_json::Map<String, serde_json::Value> = serde_json::from_str(arguments).unwrap();
+        match name {
+            "get_weather" => {
+                assert!(["Paris", "Oslo"].contains(&args["city"].as_str().unwrap()), "{call}");
+                assert!(args.keys().all(|k| k == "city" || k == "unit"), "{call}");
+            }
+            "now" => assert!(args.is_empty(), "{call}"),
+            other => panic!("{other}"),
+        }
+        assert!(only.is_none_or(|f| f == name), "{call}");
+        assert_eq!(call["type"], "function");
+        assert!(call["id"].as_str().unwrap().starts_with("call_"), "{call}");
+    };
+    let server = v3c_tests::HttpServer::start(&[art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()], &env);
+    let chat = |extra: serde_json::Value| {
+        let mut body =
+            serde_json::json!({"messages": messages, "tools": tools, "max_tokens": 120, "temperature": 1, "seed": 5});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, reply) = server.request("POST", "/v1/chat/completions", &body.to_string());
+        assert_eq!(status, "HTTP/1.1 200 OK", "{reply}");
+        reply
+    };
+    for seed in [5, 6] {
+        let reply = chat(serde_json::json!({"tool_choice": "required", "parallel_tool_calls": false, "seed": seed}));
+        let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        let choice = &v["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{reply}");
+        assert!(choice["message"]["content"].is_null(), "{reply}");
+        let calls = choice["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{reply}");
+        check_call(&calls[0], None);
+    }
+    let named = serde_json::json!({"type": "function", "function": {"name": "get_weather"}});
+    let streamed = chat(serde_json::json!({"tool_choice": named, "stream": true}));
+    let chunks = v3c_tests::HttpServer::events(&streamed);
+    let deltas: Vec<&serde_json::Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+    let calls: Vec<&serde_json::Value> = deltas.iter().filter_map(|d| d.get("tool_calls")).collect();
+    assert_eq!(calls.len(), 1, "{streamed}");
+    assert_eq!(calls[0][0]["index"], 0);
+    check_call(&calls[0][0], Some("get_weather"));
+    assert!(deltas.iter().all(|d| d.get("content").is_none_or(|c| c == "")), "{streamed}");
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls", "{streamed}");
+    let none = chat(serde_json::json!({"tool_choice": "none", "max_tokens": 40}));
+    let v: serde_json::Value = serde_json::from_str(&none).unwrap();
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{none}");
+    assert!(!v["choices"][0]["tokens"].as_array().unwrap().contains(&971.into()), "{none}");
+    // A serve line: the calls in its reply line.
+    let line = serde_json::json!({"messages": messages, "tools": tools, "tool_choice": "required", "id": "t",
+        "parallel_tool_calls": false, "max_new_tokens": 120});
+    let out = serve_stdin(&art, &ckpt, &cache, &[], &format!("{line}\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["finish_reason"], "tool_calls", "{reply}");
+    check_call(&reply["tool_calls"][0], None);
+}
