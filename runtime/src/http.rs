@@ -4,6 +4,8 @@
 //!   "max_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop": ["text", ...] or [[ids], ...],
 //!   "logprobs": true or K, "echo": true, "stream": true}`;
 //! - `POST /v1/chat/completions`: `{"messages": [...], ...}`, written by the tokenizer's chat template;
+//!   with `"tools": [...]`, the functions the model may call ([`crate::tools`]), its calls in the
+//!   message's `tool_calls`;
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus).
 //!
 //! Text needs a tokenizer ([`crate::tokenizer`]); replies carry the tokens in `tokens` and, with a
@@ -139,7 +141,8 @@ pub const MAX_CHOICES: usize = 128;
 /// A chat completion request's body as the serving loop takes it, and whether it streams: as
 /// [`completion_request`] with `messages` (the conversation, which the tokenizer's chat template
 /// writes with the assistant's turn opened) for `prompt`, `max_completion_tokens` (or
-/// `max_tokens`), `logprobs` true and `top_logprobs` K; no `echo`.
+/// `max_tokens`), `logprobs` true and `top_logprobs` K, `tools`, `tool_choice` and
+/// `parallel_tool_calls`; no `echo`.
 pub fn chat_request(
     body: &[u8],
     defaults: &RequestDefaults,
