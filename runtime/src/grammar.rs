@@ -706,8 +706,10 @@ const MAX_BOUND: u64 = 256;
 
 /// The regular expression of the JSON texts a JSON schema allows, as OpenAI's strict mode
 /// writes schemas and more: objects with `properties` in their order, those not `required` there
-/// or not (no others: `additionalProperties` false or left out); `items` of arrays (`minItems`, `maxItems`);
-/// strings (`minLength`, `maxLength`), numbers, integers, booleans, null; `enum`, `const`,
+/// or not (no others: `additionalProperties` false or left out); `items` of arrays (`minItems`,
+/// `maxItems`); strings (`minLength`, `maxLength`, or a `format`: date, time, date-time, uuid,
+/// ipv4, email), numbers, integers (`minimum`, `maximum`, `exclusiveMinimum`,
+/// `exclusiveMaximum`), booleans, null; `enum`, `const`,
 /// `anyOf` / `oneOf`, a list of `type`s, and `$ref` to `#/$defs/...` or `#/definitions/...`
 /// (not recursive). Annotations (`title`, `description`, `default`, `examples`, `$schema`,
 /// `$id`) are left out; any other keyword is refused by name with where it is.
@@ -740,7 +742,12 @@ impl SchemaRegex<'_> {
     fn object_schema(&mut self, o: &serde_json::Map<String, serde_json::Value>, at: &str) -> Result<String, String> {
         use serde_json::Value;
         const NOTES: [&str; 7] = ["title", "description", "default", "examples", "$schema", "$id", "$comment"];
-        const KNOWN: [&str; 17] = [
+        const KNOWN: [&str; 22] = [
+            "minimum",
+            "maximum",
+            "exclusiveMinimum",
+            "exclusiveMaximum",
+            "format",
             "type",
             "properties",
             "required",
@@ -810,8 +817,29 @@ impl SchemaRegex<'_> {
             each.push(match t {
                 "null" => "null".to_string(),
                 "boolean" => "(?:true|false)".to_string(),
-                "integer" => "-?(?:0|[1-9][0-9]*)".to_string(),
-                "number" => r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?".to_string(),
+                "integer" => {
+                    let (lo, hi) = integer_bounds(o, at)?;
+                    if hi.zip(lo).is_some_and(|(h, l)| h < l) {
+                        return Err(format!("{at}: no integer is within its minimum and maximum"));
+                    }
+                    integer_regex(lo, hi)
+                }
+                "number" => {
+                    let bounded = ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"];
+                    if let Some(k) = bounded.iter().find(|k| o.contains_key(**k)) {
+                        return Err(format!("{at}/{k}: bounds are supported on integers only"));
+                    }
+                    r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?".to_string()
+                }
+                "string" if o.contains_key("format") => {
+                    if let Some(k) = ["minLength", "maxLength"].iter().find(|k| o.contains_key(**k)) {
+                        return Err(format!("{at}/{k}: not with a format"));
+                    }
+                    let f = o["format"].as_str().and_then(format_regex).ok_or_else(|| {
+                        format!("{at}/format: {} is not supported ({})", o["format"], FORMATS.join(", "))
+                    })?;
+                    format!("\"{f}\"")
+                }
                 "string" => {
                     let (min, max) = (bound("minLength")?.unwrap_or(0), bound("maxLength")?);
                     let max = max.map_or(String::new(), |m| m.to_string());
@@ -897,6 +925,101 @@ fn object_fields(fields: &[(String, bool)]) -> String {
         1 => each.remove(0),
         _ => format!("(?:{})", each.join("|")),
     }
+}
+
+/// The string formats a schema may ask for.
+const FORMATS: [&str; 6] = ["date", "time", "date-time", "uuid", "ipv4", "email"];
+
+/// The regular expression of a string format's texts (none needs a JSON escape).
+fn format_regex(format: &str) -> Option<String> {
+    const DATE: &str = r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])";
+    const TIME: &str =
+        r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])";
+    const OCTET: &str = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
+    Some(match format {
+        "date" => DATE.to_string(),
+        "time" => TIME.to_string(),
+        "date-time" => format!("{DATE}T{TIME}"),
+        "uuid" => r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}".to_string(),
+        "ipv4" => format!(r"(?:{OCTET}\.){{3}}{OCTET}"),
+        "email" => r"[a-zA-Z0-9._%+-]+@[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*\.[a-zA-Z]{2,}".to_string(),
+        _ => return None,
+    })
+}
+
+/// The bounds an integer's schema sets (`minimum`, `maximum`, and the exclusive ones), as the
+/// least and greatest integers allowed.
+fn integer_bounds(
+    o: &serde_json::Map<String, serde_json::Value>,
+    at: &str,
+) -> Result<(Option<i64>, Option<i64>), String> {
+    const LIMIT: f64 = 1e15;
+    let get = |k: &str| -> Result<Option<f64>, String> {
+        match o.get(k) {
+            None => Ok(None),
+            Some(x) => match x.as_f64() {
+                Some(v) if v.abs() <= LIMIT => Ok(Some(v)),
+                _ => Err(format!("{at}/{k}: {x} is not a number within ±1e15")),
+            },
+        }
+    };
+    let lo = [get("minimum")?.map(f64::ceil), get("exclusiveMinimum")?.map(|v| v.floor() + 1.0)];
+    let hi = [get("maximum")?.map(f64::floor), get("exclusiveMaximum")?.map(|v| v.ceil() - 1.0)];
+    let lo = lo.into_iter().flatten().reduce(f64::max).map(|v| v as i64);
+    let hi = hi.into_iter().flatten().reduce(f64::min).map(|v| v as i64);
+    Ok((lo, hi))
+}
+
+/// The regular expression of the integers from `lo` to `hi` (None: no bound), written as JSON
+/// writes them (no leading zeros, no `-0`).
+fn integer_regex(lo: Option<i64>, hi: Option<i64>) -> String {
+    let mut each = Vec::new();
+    // The negative ones: minus the naturals from -hi (at least 1) to -lo.
+    if lo.is_none_or(|l| l < 0) {
+        let from = hi.map_or(1, |h| (-h).max(1) as u64);
+        each.push(format!("-{}", natural_regex(from, lo.map(|l| l.unsigned_abs()))));
+    }
+    if hi.is_none_or(|h| h >= 0) {
+        each.push(natural_regex(lo.map_or(0, |l| l.max(0) as u64), hi.map(|h| h as u64)));
+    }
+    format!("(?:{})", each.join("|"))
+}
+
+/// The naturals from `lo` to `hi` (None: no bound), in decimal without leading zeros.
+fn natural_regex(lo: u64, hi: Option<u64>) -> String {
+    let digits = |n: u64| n.to_string().len();
+    let mut each = Vec::new();
+    let last = hi.map_or(digits(lo), digits);
+    for len in digits(lo)..=last {
+        let first = if len == 1 { 0 } else { 10u64.pow(len as u32 - 1) };
+        let end = 10u64.pow(len as u32) - 1;
+        let (a, b) = (lo.max(first), hi.map_or(end, |h| h.min(end)));
+        if a <= b {
+            each.push(same_length(a.to_string().as_bytes(), b.to_string().as_bytes()));
+        }
+    }
+    if hi.is_none() {
+        // Every longer number.
+        each.push(format!("[1-9][0-9]{{{},}}", digits(lo)));
+    }
+    format!("(?:{})", each.join("|"))
+}
+
+/// The digit strings from `lo` to `hi`, both of the same length.
+fn same_length(lo: &[u8], hi: &[u8]) -> String {
+    let Some((&a, rest_lo)) = lo.split_first() else { return String::new() };
+    let (&b, rest_hi) = hi.split_first().expect("the same length");
+    if a == b {
+        return format!("{}{}", a as char, same_length(rest_lo, rest_hi));
+    }
+    let n = rest_lo.len();
+    let (nines, zeros) = (vec![b'9'; n], vec![b'0'; n]);
+    let mut each = vec![format!("{}{}", a as char, same_length(rest_lo, &nines))];
+    if b - a >= 2 {
+        each.push(format!("[{}-{}][0-9]{{{n}}}", (a + 1) as char, (b - 1) as char));
+    }
+    each.push(format!("{}{}", b as char, same_length(&zeros, rest_hi)));
+    format!("(?:{})", each.join("|"))
 }
 
 /// `text` as a regular expression matching itself.
@@ -1298,8 +1421,16 @@ mod tests {
         }
         let refused = |s: serde_json::Value| schema_regex(&s).unwrap_err();
         assert_eq!(
-            refused(serde_json::json!({"type": "string", "format": "date"})),
-            "#: the keyword format is not supported"
+            refused(serde_json::json!({"type": "string", "format": "uri"})),
+            "#/format: \"uri\" is not supported (date, time, date-time, uuid, ipv4, email)"
+        );
+        assert_eq!(
+            refused(serde_json::json!({"type": "number", "minimum": 0})),
+            "#/minimum: bounds are supported on integers only"
+        );
+        assert_eq!(
+            refused(serde_json::json!({"type": "integer", "minimum": 3, "exclusiveMaximum": 3})),
+            "#: no integer is within its minimum and maximum"
         );
         assert_eq!(
             refused(serde_json::json!({"type": "object", "properties": {"a": {"type": "null"}}, "required": ["b"]})),
@@ -1313,6 +1444,80 @@ mod tests {
             serde_json::json!({"$ref": "#/$defs/a", "$defs": {"a": {"type": "array", "items": {"$ref": "#/$defs/a"}}}});
         assert!(refused(looped).contains("nested more than 32 deep"));
         assert!(refused(serde_json::json!({"type": "string", "maxLength": 100000})).contains("at most 256"));
+    }
+
+    /// Integers' bounds: for each of many (minimum, maximum, exclusive ones), every integer from
+    /// -1200 to 1200 matches exactly when it is within them, and no other spelling of one does
+    /// (leading zeros, `-0`, a plus sign, a fraction).
+    #[test]
+    fn integer_bounds_match_exactly_the_integers_within() {
+        let bounds: Vec<serde_json::Value> = vec![
+            serde_json::json!({}),
+            serde_json::json!({"minimum": 0}),
+            serde_json::json!({"minimum": 1}),
+            serde_json::json!({"exclusiveMinimum": 0}),
+            serde_json::json!({"maximum": -1}),
+            serde_json::json!({"minimum": -7, "maximum": 7}),
+            serde_json::json!({"minimum": 13, "maximum": 987}),
+            serde_json::json!({"minimum": -1000, "maximum": -10}),
+            serde_json::json!({"minimum": -85, "exclusiveMaximum": 110}),
+            serde_json::json!({"minimum": 99, "maximum": 100}),
+            serde_json::json!({"minimum": 5.5, "maximum": 5.5}),
+            serde_json::json!({"minimum": 5.5, "maximum": 6.5}),
+            serde_json::json!({"exclusiveMinimum": -3.5, "exclusiveMaximum": 1000}),
+            serde_json::json!({"minimum": 190}),
+            serde_json::json!({"maximum": 321}),
+        ];
+        for b in bounds {
+            let mut schema = b.clone();
+            schema["type"] = "integer".into();
+            let regex = match schema_regex(&schema) {
+                Ok(r) => r,
+                Err(e) => {
+                    assert_eq!(b, serde_json::json!({"minimum": 5.5, "maximum": 5.5}), "{e}");
+                    continue;
+                }
+            };
+            let p = Pattern::new(&regex).unwrap();
+            let f = |k: &str| b.get(k).and_then(serde_json::Value::as_f64);
+            for x in -1200i64..=1200 {
+                let v = x as f64;
+                let within = f("minimum").is_none_or(|m| v >= m)
+                    && f("maximum").is_none_or(|m| v <= m)
+                    && f("exclusiveMinimum").is_none_or(|m| v > m)
+                    && f("exclusiveMaximum").is_none_or(|m| v < m);
+                assert_eq!(p.matches(x.to_string().as_bytes()), within, "{b}: {x}");
+            }
+            for spelled in ["-0", "007", "+5", "5.0", "", "-", "1e2"] {
+                assert!(!p.matches(spelled.as_bytes()), "{b}: {spelled}");
+            }
+        }
+    }
+
+    /// String formats: instances match, near misses do not.
+    #[test]
+    fn string_formats_match_their_texts() {
+        for (format, good, bad) in [
+            ("date", vec!["2026-12-01", "1999-02-29"], vec!["2026-13-01", "2026-1-01", "2026-12-32"]),
+            (
+                "time",
+                vec!["23:59:60Z", "00:00:00Z", "12:30:05.25+05:30"],
+                vec!["24:00:00Z", "12:30Z", "12:60:00Z", "12:00:00"],
+            ),
+            ("date-time", vec!["2026-12-01T06:58:00Z", "2026-12-01T06:58:00.5-08:00"], vec!["2026-12-01 06:58:00Z"]),
+            ("uuid", vec!["123e4567-e89b-12d3-a456-426614174000"], vec!["123e4567e89b12d3a456426614174000"]),
+            ("ipv4", vec!["192.168.0.1", "255.255.255.255"], vec!["256.1.1.1", "1.2.3", "01.2.3.4"]),
+            ("email", vec!["ada@example.org", "a.b+c@mail.co.uk"], vec!["ada@", "@example.org", "ada@example"]),
+        ] {
+            let p =
+                Pattern::new(&schema_regex(&serde_json::json!({"type": "string", "format": format})).unwrap()).unwrap();
+            for g in good {
+                assert!(p.matches(format!("\"{g}\"").as_bytes()), "{format}: {g}");
+            }
+            for b in bad {
+                assert!(!p.matches(format!("\"{b}\"").as_bytes()), "{format}: {b}");
+            }
+        }
     }
 
     /// Optional properties: for every choice of which of four are required and every subset of
