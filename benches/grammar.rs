@@ -2,11 +2,11 @@
 //! the mask of the tokens JSON's grammar allows next, walked through the vocabulary's byte trie,
 //! in three places of a text — between values (few tokens fit), inside a string (almost all do)
 //! and inside a number — walked afresh, and kept from an earlier token in the same state; and
-//! building the trie. The tokenizer: `V3R_BENCH_TOKENIZER` (a
+//! building the trie, and patterns' automata. The tokenizer: `V3R_BENCH_TOKENIZER` (a
 //! tokenizer.json, e.g. DeepSeek-V3's 129280 tokens), else the fixture's 971.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use v3c_runtime::grammar::{schema_regex, Json, Pattern, TokenTrie};
+use v3c_runtime::grammar::{any_object_regex, schema_regex, Json, Pattern, TokenTrie};
 use v3c_runtime::tokenizer::Tokenizer;
 
 fn grammar(c: &mut Criterion) {
@@ -37,6 +37,12 @@ fn grammar(c: &mut Criterion) {
     g.bench_function("in_string_kept", |b| b.iter(|| trie.allowed(std::hint::black_box(state))));
     g.sample_size(10);
     g.bench_function("build_trie", |b| b.iter(|| TokenTrie::of(&t)));
+    // Building a pattern's DFA (once per distinct schema: patterns are kept): the schema above,
+    // and any JSON object three deep (a tool's arguments where its schema is not taken).
+    let any = any_object_regex(3);
+    let regex = schema_regex(&schema).expect("a schema");
+    g.bench_function("build_pattern_schema", |b| b.iter(|| Pattern::new(std::hint::black_box(&regex))));
+    g.bench_function("build_pattern_any_object3", |b| b.iter(|| Pattern::new(std::hint::black_box(&any))));
     g.finish();
 }
 
