@@ -1442,4 +1442,41 @@ fn v3r_serves_tool_calls() {
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reply["finish_reason"], "tool_calls", "{reply}");
     check_call(&reply["tool_calls"][0], None);
+    // `v3r chat --tools`: a call printed, its output read from the next line, the model going on
+    // (called again: every reply must call); an unknown function's name refused.
+    let tools_file = dir.path().join("tools.json");
+    std::fs::write(&tools_file, tools.to_string()).unwrap();
+    let chat = |choice: &str, input: &[u8]| {
+        let mut session = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
+            .args(["chat", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--max-new-tokens", "120"])
+            .args(["--tools", tools_file.to_str().unwrap(), "--tool-choice", choice, "--temperature", "1"])
+            .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut session.stdin.take().unwrap(), input).unwrap();
+        session.wait_with_output().unwrap()
+    };
+    let out = chat("get_weather", b"Weather in Paris?\n21C and sunny\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let calls: Vec<&str> = stdout.lines().filter(|l| l.starts_with("tool call ")).collect();
+    assert_eq!(calls.len(), 2, "{stdout}");
+    for (k, line) in calls.iter().enumerate() {
+        let (id, rest) = line["tool call ".len()..].split_once(": ").unwrap();
+        let (name, arguments) = rest.split_once(' ').unwrap();
+        let call =
+            serde_json::json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}});
+        check_call(&call, Some("get_weather"));
+        assert_eq!(id, format!("call_{k}_0"));
+    }
+    let refused = chat("get_time", b"x\n");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("tool_choice: get_time is not among the tools"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }

@@ -144,6 +144,16 @@ struct ChatArgs {
     /// Prefill every turn whole (default: the earlier turns' cache pages shared).
     #[arg(long)]
     no_prefix_reuse: bool,
+    /// Functions the model may call: a JSON file of OpenAI's `tools` (a list of {"type":
+    /// "function", "function": {"name", "description", "parameters"}}), which the chat template
+    /// describes. A call is printed as `tool call ID: NAME ARGUMENTS`; each call's output is then
+    /// read as the next line of stdin, and the model goes on.
+    #[arg(long, value_name = "FILE")]
+    tools: Option<PathBuf>,
+    /// When the model calls them: auto (it decides), none, required (every reply), or a
+    /// function's name (every reply calls it).
+    #[arg(long, value_name = "CHOICE", requires = "tools", default_value = "auto")]
+    tool_choice: String,
     /// Most tokens a reply, its sampling (each turn seeded with --seed plus its number).
     #[command(flatten)]
     generating: Generating,
@@ -1669,8 +1679,42 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
     }
     let eos = eos_of(&a, args.generating.ignore_eos);
     let guide = args.generating.shaping.constraint(Some(&tokenizer), eos).map_err(Failure::Other)?;
+    let tools = match &args.tools {
+        None => None,
+        Some(path) => {
+            let at = |e: String| Failure::Other(format!("{}: {e}", path.display()));
+            let text = std::fs::read_to_string(path).map_err(|e| at(e.to_string()))?;
+            let given: serde_json::Value = serde_json::from_str(&text).map_err(|e| at(format!("not JSON: {e}")))?;
+            let choice = match args.tool_choice.as_str() {
+                c @ ("auto" | "none" | "required") => serde_json::Value::from(c),
+                name => serde_json::json!({"type": "function", "function": {"name": name}}),
+            };
+            let tools = v3c_runtime::tools::Tools::parse(Some(&given), Some(&choice), None, &tokenizer)
+                .map_err(|e| Failure::Other(format!("--tools {}: {e}", path.display())))?;
+            tools.filter(|t| t.calling() || guide.is_none()).map(std::sync::Arc::new)
+        }
+    };
+    let calling = tools.as_ref().filter(|t| t.calling());
+    if let Some(t) = calling {
+        if guide.is_some() {
+            return Err(Failure::Other("--tools and a guided flag: one of them (or --tool-choice none)".into()));
+        }
+        let Some(eos) = eos else {
+            return Err(Failure::Other("--tools: needs the end token to end the calls (not --ignore-eos)".into()));
+        };
+        // Checked once: every turn's constraint is made alike.
+        t.constraint(&tokenizer, eos).map_err(Failure::Other)?;
+    }
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
+    if let (Some(t), Some(vocab)) = (calling, v3c_runtime::session::vocabulary(program.as_ref())) {
+        if t.trigger as usize >= vocab {
+            return Err(at(format!(
+                "--tools: the calls' opening marker (token id {}) is outside the model's vocabulary (0..{vocab})",
+                t.trigger
+            )));
+        }
+    }
     let (max_len, max_prompt, _) = serving_limits(program.as_ref()).map_err(at)?;
     let serving = v3c_runtime::session::Serving {
         slots: 1,
@@ -1688,19 +1732,34 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
     let (terminal, mut turn) = (std::io::stdin().is_terminal(), 0u64);
     let mut lines = std::io::stdin().lock().lines();
     eprintln!("chatting with {} ({kind}); an empty line ends", args.artifact.display());
+    // The calls the last reply made, each waiting for its output: (id, name).
+    let waiting = std::cell::RefCell::new(std::collections::VecDeque::<(String, String)>::new());
+    let given = tools.as_ref().map(|t| &t.given);
     let mut next = |idle: bool| {
         if !idle {
             return Arrival::NotYet;
         }
+        let call = waiting.borrow_mut().pop_front();
         if terminal {
-            eprint!("> ");
+            match &call {
+                Some((id, name)) => eprint!("{name} ({id}) output> "),
+                None => eprint!("> "),
+            }
         }
         let Some(Ok(line)) = lines.next() else { return Arrival::Closed };
         if line.trim().is_empty() {
             return Arrival::Closed;
         }
-        messages.borrow_mut().push(serde_json::json!({ "role": "user", "content": line }));
-        let ids = match tokenizer.chat(&serde_json::Value::from(messages.borrow().clone()), true) {
+        let message = match call {
+            Some((id, _)) => serde_json::json!({ "role": "tool", "tool_call_id": id, "content": line }),
+            None => serde_json::json!({ "role": "user", "content": line }),
+        };
+        messages.borrow_mut().push(message);
+        if !waiting.borrow().is_empty() {
+            // More calls' outputs to read before the model goes on.
+            return Arrival::NotYet;
+        }
+        let ids = match tokenizer.chat_with(&serde_json::Value::from(messages.borrow().clone()), given, true) {
             Ok(ids) => ids,
             Err(e) => {
                 eprintln!("v3r: error: {e}");
@@ -1719,23 +1778,54 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         turn += 1;
         let g = &args.generating;
         let s = g.sampler(g.seed + turn);
-        Arrival::Request(Request::new(ids, new, guide.as_ref().map_or(s.clone(), |c| s.constrained(c.clone()))))
+        let constraint = match (&tools, eos) {
+            (Some(t), Some(eos)) if guide.is_none() => t.constraint(&tokenizer, eos).ok(),
+            _ => guide.clone(),
+        };
+        Arrival::Request(Request::new(ids, new, constraint.map_or(s.clone(), |c| s.constrained(c))))
     };
     let mut so_far: Option<TextSoFar> = None;
-    let mut report = |_: usize, p: Progress| -> Result<(), String> {
+    // Once the reply opens its calls, their text: not printed as it comes.
+    let mut held: Option<String> = None;
+    let mut report = |i: usize, p: Progress| -> Result<(), String> {
         let mut out = std::io::stdout().lock();
         let write = |out: &mut std::io::StdoutLock, s: &str| out.write_all(s.as_bytes()).and_then(|_| out.flush());
         match p {
             Progress::Scored(..) => {}
             Progress::Token(t) => {
                 let piece = so_far.get_or_insert_with(|| TextSoFar::new(&tokenizer, None)).push(t);
-                write(&mut out, &piece).map_err(|e| format!("stdout: {e}"))?;
+                match &mut held {
+                    Some(h) => h.push_str(&piece),
+                    None if calling.is_some_and(|c| c.trigger == t) => held = Some(piece),
+                    None => write(&mut out, &piece).map_err(|e| format!("stdout: {e}"))?,
+                }
             }
             Progress::Ended(g) | Progress::Cancelled(g) => {
                 let rest = so_far.take().map_or(String::new(), TextSoFar::finish);
-                write(&mut out, &format!("{rest}\n")).map_err(|e| format!("stdout: {e}"))?;
-                let reply = v3c_runtime::session::generation_text(&tokenizer, &g.tokens, None);
-                messages.borrow_mut().push(serde_json::json!({ "role": "assistant", "content": reply }));
+                let called = v3c_runtime::http::called(calling.map(|t| t.as_ref()), &tokenizer, i, &g);
+                let printed = match (&called, held.take()) {
+                    // Calls not well formed: their text after all.
+                    (None, Some(h)) => h + &rest,
+                    (None, None) => rest,
+                    (Some(_), _) => String::new(),
+                };
+                write(&mut out, &format!("{printed}\n")).map_err(|e| format!("stdout: {e}"))?;
+                let Some(called) = called else {
+                    let reply = v3c_runtime::session::generation_text(&tokenizer, &g.tokens, None);
+                    messages.borrow_mut().push(serde_json::json!({ "role": "assistant", "content": reply }));
+                    return Ok(());
+                };
+                for call in called.tool_calls.as_array().into_iter().flatten() {
+                    let (id, f) = (call["id"].as_str().unwrap_or(""), &call["function"]);
+                    let (name, arguments) = (f["name"].as_str().unwrap_or(""), f["arguments"].as_str().unwrap_or(""));
+                    write(&mut out, &format!("tool call {id}: {name} {arguments}\n"))
+                        .map_err(|e| format!("stdout: {e}"))?;
+                    waiting.borrow_mut().push_back((id.to_string(), name.to_string()));
+                }
+                let content = if called.content.is_empty() { serde_json::Value::Null } else { called.content.into() };
+                let message =
+                    serde_json::json!({ "role": "assistant", "content": content, "tool_calls": called.tool_calls });
+                messages.borrow_mut().push(message);
                 let seconds = g.total_s.max(1e-9);
                 tracing::info!("{} tokens in {seconds:.2} s, {} prompt tokens' rows shared", g.tokens.len(), g.reused);
             }
