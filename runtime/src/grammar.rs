@@ -707,8 +707,8 @@ const MAX_BOUND: u64 = 256;
 /// The regular expression of the JSON texts a JSON schema allows, as OpenAI's strict mode
 /// writes schemas and more: objects with `properties` in their order, those not `required` there
 /// or not (no others: `additionalProperties` false or left out); `items` of arrays (`minItems`,
-/// `maxItems`); strings (`minLength`, `maxLength`, or a `format`: date, time, date-time, uuid,
-/// ipv4, email), numbers, integers (`minimum`, `maximum`, `exclusiveMinimum`,
+/// `maxItems`); strings (`minLength`, `maxLength`; or a `format`: date, time, date-time, uuid,
+/// ipv4, email; or a `pattern`: [`string_pattern_regex`]), numbers, integers (`minimum`, `maximum`, `exclusiveMinimum`,
 /// `exclusiveMaximum`), booleans, null; `enum`, `const`,
 /// `anyOf` / `oneOf`, a list of `type`s, and `$ref` to `#/$defs/...` or `#/definitions/...`
 /// (not recursive). Annotations (`title`, `description`, `default`, `examples`, `$schema`,
@@ -742,7 +742,8 @@ impl SchemaRegex<'_> {
     fn object_schema(&mut self, o: &serde_json::Map<String, serde_json::Value>, at: &str) -> Result<String, String> {
         use serde_json::Value;
         const NOTES: [&str; 7] = ["title", "description", "default", "examples", "$schema", "$id", "$comment"];
-        const KNOWN: [&str; 22] = [
+        const KNOWN: [&str; 23] = [
+            "pattern",
             "minimum",
             "maximum",
             "exclusiveMinimum",
@@ -830,6 +831,13 @@ impl SchemaRegex<'_> {
                         return Err(format!("{at}/{k}: bounds are supported on integers only"));
                     }
                     r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?".to_string()
+                }
+                "string" if o.contains_key("pattern") => {
+                    if let Some(k) = ["minLength", "maxLength", "format"].iter().find(|k| o.contains_key(**k)) {
+                        return Err(format!("{at}/{k}: not with a pattern"));
+                    }
+                    let p = o["pattern"].as_str().ok_or_else(|| format!("{at}/pattern: not a string"))?;
+                    string_pattern_regex(p).map_err(|e| format!("{at}/pattern: {e}"))?
                 }
                 "string" if o.contains_key("format") => {
                     if let Some(k) = ["minLength", "maxLength"].iter().find(|k| o.contains_key(**k)) {
@@ -924,6 +932,127 @@ fn object_fields(fields: &[(String, bool)]) -> String {
     match each.len() {
         1 => each.remove(0),
         _ => format!("(?:{})", each.join("|")),
+    }
+}
+
+/// The regular expression of the JSON strings (quotes and escapes included) whose contents hold a
+/// match of `pattern` (JSON Schema's: found anywhere unless anchored with `^` / `$`): the
+/// pattern's characters as JSON writes them — a quote, a backslash and control characters
+/// escaped (any of JSON's spellings of them), others as they are.
+pub fn string_pattern_regex(pattern: &str) -> Result<String, String> {
+    use regex_syntax::hir::{HirKind, Look};
+    let hir = regex_syntax::Parser::new().parse(pattern).map_err(|e| {
+        let e = e.to_string();
+        e.lines().last().unwrap_or(&e).trim().to_string()
+    })?;
+    // Anchors at the ends decide whether anything may come before or after.
+    let mut parts: Vec<&regex_syntax::hir::Hir> = match hir.kind() {
+        HirKind::Concat(parts) => parts.iter().collect(),
+        _ => vec![&hir],
+    };
+    let start = parts.first().is_some_and(|h| matches!(h.kind(), HirKind::Look(Look::Start)));
+    if start {
+        parts.remove(0);
+    }
+    let end = parts.last().is_some_and(|h| matches!(h.kind(), HirKind::Look(Look::End)));
+    if end {
+        parts.pop();
+    }
+    let mut core = String::new();
+    for part in parts {
+        core.push_str(&json_encoded(part)?);
+    }
+    let any = format!("{STRING_CHAR}*");
+    Ok(format!("\"{}(?:{core}){}\"", if start { "" } else { &any }, if end { "" } else { &any }))
+}
+
+/// The regular expression of the JSON encodings of what `hir` matches (inside a string).
+fn json_encoded(hir: &regex_syntax::hir::Hir) -> Result<String, String> {
+    use regex_syntax::hir::{Class, HirKind};
+    Ok(match hir.kind() {
+        HirKind::Empty => String::new(),
+        HirKind::Literal(l) => {
+            let text = std::str::from_utf8(&l.0).map_err(|_| "bytes that are not UTF-8".to_string())?;
+            text.chars().map(json_char).collect()
+        }
+        HirKind::Class(Class::Unicode(c)) => {
+            // The characters JSON writes as they are, in one class; the others each escaped.
+            let mut plain = String::new();
+            let mut escaped = Vec::new();
+            for r in c.iter() {
+                let (lo, hi) = (r.start() as u32, r.end() as u32);
+                for special in ['"', '\\'].into_iter().map(|c| c as u32).chain(0..0x20) {
+                    if (lo..=hi).contains(&special) {
+                        escaped.push(json_char(char::from_u32(special).unwrap_or('\0')));
+                    }
+                }
+                // The range less the specials: split around them.
+                let mut from = lo;
+                for cut in (0..0x20u32).chain(['"' as u32, '\\' as u32]) {
+                    if (from..=hi).contains(&cut) {
+                        if cut > from {
+                            plain.push_str(&format!("\\x{{{from:x}}}-\\x{{{:x}}}", cut - 1));
+                        }
+                        from = cut + 1;
+                    }
+                }
+                if from <= hi {
+                    plain.push_str(&format!("\\x{{{from:x}}}-\\x{{{hi:x}}}"));
+                }
+            }
+            let mut each = escaped;
+            if !plain.is_empty() {
+                each.insert(0, format!("[{plain}]"));
+            }
+            match each.len() {
+                // An empty class: nothing matches.
+                0 => "[^\\x{0}-\\x{10ffff}]".to_string(),
+                _ => format!("(?:{})", each.join("|")),
+            }
+        }
+        HirKind::Class(Class::Bytes(_)) => return Err("byte classes ((?-u)) are not supported".into()),
+        HirKind::Look(look) => {
+            return Err(format!("the assertion {look:?} is not supported (only ^ and $ at the ends)"))
+        }
+        HirKind::Repetition(r) => {
+            let max = r.max.map_or(String::new(), |m| m.to_string());
+            format!("(?:{}){{{},{max}}}", json_encoded(&r.sub)?, r.min)
+        }
+        HirKind::Capture(c) => format!("(?:{})", json_encoded(&c.sub)?),
+        HirKind::Concat(parts) => parts.iter().map(json_encoded).collect::<Result<String, String>>()?,
+        HirKind::Alternation(parts) => {
+            format!("(?:{})", parts.iter().map(json_encoded).collect::<Result<Vec<_>, _>>()?.join("|"))
+        }
+    })
+}
+
+/// The regular expression of a character as JSON writes it in a string: a quote or a
+/// backslash escaped, a control character as any of its escapes, others as they are.
+fn json_char(c: char) -> String {
+    let short = match c {
+        '"' => return r#"\\""#.to_string(),
+        '\\' => return r"\\\\".to_string(),
+        '\n' => Some('n'),
+        '\r' => Some('r'),
+        '\t' => Some('t'),
+        '\u{8}' => Some('b'),
+        '\u{c}' => Some('f'),
+        c if (c as u32) < 0x20 => None,
+        c => return regex_syntax::escape(c.encode_utf8(&mut [0; 4])),
+    };
+    let n = c as u32;
+    let hex = |d: u32| {
+        let x = char::from_digit(d, 16).unwrap_or('0');
+        if x.is_ascii_digit() {
+            x.to_string()
+        } else {
+            format!("[{}{}]", x, x.to_ascii_uppercase())
+        }
+    };
+    let long = format!(r"\\u00{}{}", hex(n >> 4), hex(n & 15));
+    match short {
+        Some(s) => format!(r"(?:\\{s}|{long})"),
+        None => long,
     }
 }
 
@@ -1492,6 +1621,58 @@ mod tests {
                 assert!(!p.matches(spelled.as_bytes()), "{b}: {spelled}");
             }
         }
+    }
+
+    /// A string's `pattern`: the JSON encoding of a text matches exactly when the regex crate
+    /// finds the pattern in the text (JSON Schema's search; anchored with ^ and $), over texts
+    /// with quotes, backslashes, control characters and non-ASCII — and serde_json's encoding
+    /// with its escapes spelled otherwise (\u000A for \n) too.
+    #[test]
+    fn string_patterns_match_as_the_regex_crate_finds_them() {
+        let patterns = [
+            "^[a-z]+$",
+            "[0-9]{3}-[0-9]{4}",
+            "^\"q",
+            r"a\\b",
+            r"^\d+(\.\d+)?$",
+            "x|y",
+            "^(ab)*$",
+            "é+",
+            "^[^a]*$",
+            r"\n\t",
+            "^.{2,3}$",
+            r"(?i)^AB",
+            "^$",
+            r"[\x00-\x1f]",
+        ];
+        let mut rng = 11u64;
+        let mut next = move |n: u64| {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (rng >> 33) % n
+        };
+        let alphabet: Vec<char> = "abxyAB019-.\"\\\n\t\u{1}\u{1f}é😀 q".chars().collect();
+        let mut texts: Vec<String> = vec![String::new(), "ab".into(), "abab".into(), "123-4567".into(), "a\\b".into()];
+        for _ in 0..400 {
+            let len = next(7);
+            texts.push((0..len).map(|_| alphabet[next(alphabet.len() as u64) as usize]).collect());
+        }
+        for pattern in patterns {
+            let regex = string_pattern_regex(pattern).unwrap();
+            let p = Pattern::new(&regex).unwrap();
+            let oracle = fancy_regex::Regex::new(pattern).unwrap();
+            for text in &texts {
+                let found = oracle.is_match(text).unwrap();
+                let encoded = serde_json::to_string(text).unwrap();
+                assert_eq!(p.matches(encoded.as_bytes()), found, "{pattern} on {encoded}");
+                let respelled = encoded.replace("\\n", "\\u000A").replace("\\u001f", "\\u001F");
+                assert_eq!(p.matches(respelled.as_bytes()), found, "{pattern} on {respelled}");
+            }
+        }
+        let refused = |p: &str| string_pattern_regex(p).unwrap_err();
+        assert!(refused(r"\bword").contains("is not supported (only ^ and $ at the ends)"), "{}", refused(r"\bword"));
+        assert!(refused("(").contains("unclosed group"), "{}", refused("("));
+        let schema = serde_json::json!({"type": "string", "pattern": "^a", "maxLength": 3});
+        assert_eq!(schema_regex(&schema).unwrap_err(), "#/maxLength: not with a pattern");
     }
 
     /// String formats: instances match, near misses do not.
