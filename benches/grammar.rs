@@ -3,7 +3,7 @@
 //! in three places of a text — between values (few tokens fit), inside a string (almost all do)
 //! and inside a number — walked afresh, and kept from an earlier token in the same state; and
 //! building the trie, and patterns' automata. The tokenizer: `V3R_BENCH_TOKENIZER` (a
-//! tokenizer.json, e.g. DeepSeek-V3's 129280 tokens), else the fixture's 971.
+//! tokenizer.json, e.g. DeepSeek-V3's 129280 tokens), else the fixture's 980.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use v3c_runtime::grammar::{any_object_regex, schema_regex, Json, Pattern, TokenTrie};

@@ -1,6 +1,6 @@
 //! Text to token ids and back with the tokenizer `v3r run --prompt` and `serve` use
 //! (`v3c_runtime::tokenizer`): the fixture tokenizer.json (DeepSeek-V3's pre-tokenizer chain, a
-//! 971-token BPE that `tests/fixtures/gen_tokenizer.py` trained) over this repository's README
+//! 980-token BPE that `tests/fixtures/gen_tokenizer.py` trained) over this repository's README
 //! (prose, code, tables, Unicode): encoding with the template's BOS, and decoding the ids back.
 //! Loading the file is timed too.
 

@@ -954,7 +954,7 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     let back = json(&serde_json::json!({"tokens": ids}).to_string(), "/detokenize");
     assert_eq!(back["prompt"], tokenizer.decode(&ids, false));
     for (method, path, body, want, why) in [
-        ("POST", "/detokenize", r#"{"tokens": [5, 99999]}"#, "400 Bad Request", "not token ids of a vocabulary of 971"),
+        ("POST", "/detokenize", r#"{"tokens": [5, 99999]}"#, "400 Bad Request", "not token ids of a vocabulary of 980"),
         ("POST", "/tokenize", r#"{"prompt": 5}"#, "400 Bad Request", "prompt: 5 is not a string"),
         ("POST", "/tokenize", r#"{"text": "x"}"#, "400 Bad Request", "unknown field 'text'"),
         ("GET", "/tokenize", "", "405 Method Not Allowed", "GET /tokenize"),
@@ -1356,9 +1356,10 @@ fn speculative_decoding_with_the_mtp_module_gives_the_greedy_tokens() {
 /// required (one call) and a named function (streamed) give well-formed calls — the message's
 /// `tool_calls` (streamed: one `tool_calls` delta), content null, `finish_reason` tool_calls —
 /// whose arguments are instances of their function's schema; `none` never opens calls; a serve
-/// line from stdin gets its calls too.
+/// line from stdin gets its calls too; `v3r chat --tools` prints calls and reads their outputs.
+/// DeepSeek-R1's reasoning told from the answer (`--reasoning-parser`), whole and streamed.
 #[test]
-fn v3r_serves_tool_calls() {
+fn v3r_serves_tool_calls_and_reasoning() {
     let dir = tempfile::tempdir().unwrap();
     let (art, ckpt, cache) = (dir.path().join("art"), dir.path().join("ckpt"), dir.path().join("cache"));
     let config = ModelConfig { vocab_size: 1024, ..ModelConfig::preset("deepseek-v3-tiny").unwrap() };
@@ -1479,4 +1480,47 @@ fn v3r_serves_tool_calls() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+    // `--reasoning-parser deepseek-r1` with a template that opens the <think> itself (as R1's):
+    // the reply's reasoning is its text before the first </think> (made likely by a bias), its
+    // content the rest — whole, and streamed (the deltas adding up to the same, seed for seed).
+    let template = dir.path().join("r1.jinja");
+    std::fs::write(
+        &template,
+        "{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}<｜Assistant｜><think>\n",
+    )
+    .unwrap();
+    let weights = ckpt.to_str().unwrap();
+    let args = [art.to_str().unwrap(), "--weights", weights, "--chat-template", template.to_str().unwrap()];
+    let server = v3c_tests::HttpServer::start(&[&args[..], &["--reasoning-parser", "deepseek-r1"]].concat(), &env);
+    let tokenizer = v3c_runtime::tokenizer::Tokenizer::from_file(&ckpt.join("tokenizer.json")).unwrap();
+    let end = tokenizer.token_id("</think>").unwrap();
+    let body = |stream: bool| {
+        serde_json::json!({"messages": messages, "max_tokens": 24, "temperature": 1, "seed": 9, "stream": stream,
+            "logit_bias": {end.to_string(): 3}})
+        .to_string()
+    };
+    let (_, whole) = server.request("POST", "/v1/chat/completions", &body(false));
+    let whole: serde_json::Value = serde_json::from_str(&whole).unwrap();
+    let tokens: Vec<u32> =
+        whole["choices"][0]["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let k = tokens.iter().position(|&t| t == end).expect("a </think> among the tokens");
+    let message = &whole["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], tokenizer.decode(&tokens[..k], true), "{whole}");
+    assert_eq!(message["content"], tokenizer.decode(&tokens[k + 1..], true), "{whole}");
+    let (_, streamed) = server.request("POST", "/v1/chat/completions", &body(true));
+    let deltas: Vec<serde_json::Value> =
+        v3c_tests::HttpServer::events(&streamed).iter().map(|c| c["choices"][0]["delta"].clone()).collect();
+    let joined = |key: &str| deltas.iter().filter_map(|d| d[key].as_str()).collect::<String>();
+    assert_eq!(
+        (joined("reasoning_content"), joined("content")),
+        (message["reasoning_content"].as_str().unwrap().to_string(), message["content"].as_str().unwrap().to_string()),
+        "{streamed}"
+    );
+    drop(server);
+    // Without the parser, all of it is content.
+    let server = v3c_tests::HttpServer::start(&args, &env);
+    let (_, plain) = server.request("POST", "/v1/chat/completions", &body(false));
+    let plain: serde_json::Value = serde_json::from_str(&plain).unwrap();
+    assert!(plain["choices"][0]["message"].get("reasoning_content").is_none(), "{plain}");
+    assert_eq!(plain["choices"][0]["message"]["content"], tokenizer.decode(&tokens, true));
 }

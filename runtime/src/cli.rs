@@ -194,6 +194,8 @@ pub struct RequestDefaults {
     pub shaping: v3c_models::sampling::Shaping,
     /// The end token, which a structured output ends with ([`crate::grammar`]).
     pub eos: Option<u32>,
+    /// Chats' completions part into reasoning and answer ([`crate::reasoning`]: DeepSeek-R1's).
+    pub reasoning: bool,
 }
 
 /// A line of `v3r serve`'s input that cancels a request: `{"cancel": ID}`, ID a request's id (its
@@ -447,6 +449,11 @@ pub fn parse_request(
             }
         }
     }
+    // A chat's reasoning, told from its answer where the server reads it.
+    let reasoning = match (d.reasoning, o.contains_key("messages"), tokenizer) {
+        (true, true, Some(t)) => Some(crate::reasoning::Reasoning::new(t, &prompt)?),
+        _ => None,
+    };
     let top_logprobs = whole("top_logprobs")?.unwrap_or(0) as usize;
     if top_logprobs > MAX_TOP_LOGPROBS {
         return Err(format!("top_logprobs: {top_logprobs} (at most {MAX_TOP_LOGPROBS})"));
@@ -463,6 +470,7 @@ pub fn parse_request(
         logprobs,
         top_logprobs,
         tools: tools.map(std::sync::Arc::new),
+        reasoning,
         ..crate::session::Request::new(prompt, max_new, sampler)
     };
     Ok((o.get("id").cloned(), request))
@@ -526,7 +534,15 @@ mod tests {
 
     /// Greedy, 8 new tokens, seed 3, no end token.
     fn defaults() -> RequestDefaults {
-        RequestDefaults { max_new: 8, temperature: 0.0, top_p: 1.0, seed: 3, shaping: Default::default(), eos: None }
+        RequestDefaults {
+            max_new: 8,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 3,
+            shaping: Default::default(),
+            eos: None,
+            reasoning: false,
+        }
     }
 
     /// A serve request: plain ids take the defaults, JSON fields replace them; every bad field is
@@ -581,7 +597,8 @@ mod tests {
     #[test]
     fn requests_shape_their_sampling() {
         let shaping = v3c_models::sampling::Shaping { top_k: 40, repetition_penalty: 1.2, ..Default::default() };
-        let d = RequestDefaults { max_new: 8, temperature: 0.7, top_p: 1.0, seed: 3, shaping, eos: None };
+        let d =
+            RequestDefaults { max_new: 8, temperature: 0.7, top_p: 1.0, seed: 3, shaping, eos: None, reasoning: false };
         let (_, r) = parse_request("1 2", &d, None).unwrap();
         assert_eq!(*r.sampler.shaping, d.shaping);
         let line = r#"{"prompt": [1], "min_p": 0.05, "presence_penalty": -0.5, "frequency_penalty": 1,

@@ -440,16 +440,16 @@ pub struct Called {
     pub tool_calls: serde_json::Value,
 }
 
-/// The calls a chat completion (request number `number`, which may call `tools`) made, if it
-/// was read for calls and they are well formed.
+/// The calls a chat completion (request number `number`, which may call `tools`; `tokens`: its
+/// answer's) made, if it was read for calls and they are well formed.
 pub fn called(
     tools: Option<&crate::tools::Tools>,
     tokenizer: &Tokenizer,
     number: usize,
-    g: &Generation,
+    tokens: &[u32],
 ) -> Option<Called> {
     tools.filter(|t| t.calling())?;
-    let (content, calls) = crate::tools::split_calls(tokenizer, &g.tokens)?;
+    let (content, calls) = crate::tools::split_calls(tokenizer, tokens)?;
     let tool_calls = crate::tools::calls_json(number, &calls);
     (!calls.is_empty()).then_some(Called { content, tool_calls })
 }
@@ -463,14 +463,16 @@ fn chat_finish(g: &Generation, called: bool) -> &'static str {
 }
 
 /// A chat completion's choice number `index`: the assistant's message (with `called`, its
-/// content before them, null if none, and its `tool_calls`), its tokens (in `tokens`), and with
-/// log-probabilities each token's text, bytes and alternatives.
+/// content before them, null if none, and its `tool_calls`; with `reasoning`, its
+/// `reasoning_content`), its tokens (in `tokens`), and with log-probabilities each token's text,
+/// bytes and alternatives.
 pub fn chat_choice(
     index: usize,
     g: &Generation,
     text: &str,
     tokenizer: &Tokenizer,
     called: Option<&Called>,
+    reasoning: Option<&str>,
 ) -> serde_json::Value {
     let logprobs = match g.logprobs.is_empty() {
         true => serde_json::Value::Null,
@@ -487,13 +489,16 @@ pub fn chat_choice(
             serde_json::json!({ "content": content })
         }
     };
-    let message = match called {
+    let mut message = match called {
         None => serde_json::json!({ "role": "assistant", "content": text }),
         Some(c) => {
             let content = if c.content.is_empty() { serde_json::Value::Null } else { c.content.clone().into() };
             serde_json::json!({ "role": "assistant", "content": content, "tool_calls": c.tool_calls })
         }
     };
+    if let Some(r) = reasoning {
+        message["reasoning_content"] = r.into();
+    }
     serde_json::json!({
         "index": index,
         "message": message,
@@ -945,6 +950,19 @@ struct Pending {
     events: mpsc::Receiver<Progress>,
     /// The functions it may call (read for calls when it ends).
     tools: Option<Arc<crate::tools::Tools>>,
+    /// How its completion parts into reasoning and answer.
+    reasoning: Option<crate::reasoning::Reasoning>,
+}
+
+impl Pending {
+    /// Its completion's reasoning tokens (None: it did not reason, or is not read for reasoning)
+    /// and answer tokens.
+    fn split(&self, g: &Generation) -> (Option<Vec<u32>>, Vec<u32>) {
+        match self.reasoning {
+            Some(r) => r.split(&g.tokens),
+            None => (None, g.tokens.clone()),
+        }
+    }
 }
 
 /// A completion: parsed, queued (each choice a request of its own), answered whole or streamed.
@@ -966,7 +984,7 @@ fn completion(
     let mut pending = Vec::with_capacity(requests.len());
     for request in requests {
         let (prompt, echoed) = (request.prompt.clone(), request.echo && api == Api::Completions);
-        let (stops, tools) = (request.stop_text.clone(), request.tools.clone());
+        let (stops, tools, reasoning) = (request.stop_text.clone(), request.tools.clone(), request.reasoning);
         let (progress, events) = mpsc::channel();
         let (number_tx, number_rx) = mpsc::channel();
         let number = match tx.send((Message::Request(Box::new(request), progress), Some(number_tx))) {
@@ -977,7 +995,7 @@ fn completion(
             let _ = respond_error(conn, "503 Service Unavailable", "the server is stopping");
             return;
         };
-        pending.push(Pending { number, prompt, echoed, stops, events, tools });
+        pending.push(Pending { number, prompt, echoed, stops, events, tools, reasoning });
     }
     let (kind, object) = match api {
         Api::Completions => ("cmpl", "text_completion"),
@@ -1023,14 +1041,17 @@ fn completion(
         .iter()
         .zip(&ended)
         .enumerate()
-        .map(|(k, (p, g))| {
-            let text = tokenizer.map_or(String::new(), |t| generation_text(t, &g.tokens, p.stops.as_ref()));
-            match (api, tokenizer) {
-                (Api::Chat, Some(t)) => {
-                    let called = called(p.tools.as_deref(), t, p.number, g);
-                    chat_choice(k, g, &text, t, called.as_ref())
-                }
-                _ => completion_choice(k, &p.prompt, p.echoed, g, &(prompt_text(p) + &text)),
+        .map(|(k, (p, g))| match (api, tokenizer) {
+            (Api::Chat, Some(t)) => {
+                let (reasoning, answer) = p.split(g);
+                let text = generation_text(t, &answer, p.stops.as_ref());
+                let called = called(p.tools.as_deref(), t, p.number, &answer);
+                let reasoning = reasoning.map(|r| t.decode(&r, true));
+                chat_choice(k, g, &text, t, called.as_ref(), reasoning.as_deref())
+            }
+            _ => {
+                let text = tokenizer.map_or(String::new(), |t| generation_text(t, &g.tokens, p.stops.as_ref()));
+                completion_choice(k, &p.prompt, p.echoed, g, &(prompt_text(p) + &text))
             }
         })
         .collect();
@@ -1115,6 +1136,10 @@ fn stream_choices(
             .map(|p| p.tools.as_ref().filter(|t| t.calling() && api == Api::Chat).map(|t| t.trigger))
             .collect();
         let mut held: Vec<Option<String>> = vec![None; pending.len()];
+        // A chat choice read for reasoning: where its completion is, and its reasoning's text so far.
+        let mut phase: Vec<Option<crate::reasoning::Phase>> =
+            pending.iter().map(|p| p.reasoning.filter(|_| api == Api::Chat).map(|r| r.first())).collect();
+        let mut thought: Vec<Option<TextSoFar>> = pending.iter().map(|_| None).collect();
         // Each choice's log-probability and alternatives, for its token to come.
         type Scored = Option<(f32, Vec<(u32, f32)>)>;
         let mut scored: Vec<Scored> = vec![None; pending.len()];
@@ -1135,23 +1160,52 @@ fn stream_choices(
                     continue;
                 }
                 Progress::Token(t) => {
-                    let piece = text[k].as_mut().map_or(String::new(), |x| x.push(t));
-                    if held[k].is_some() || openers[k] == Some(t) {
-                        held[k].get_or_insert_with(String::new).push_str(&piece);
-                        scored[k] = None;
-                        continue;
+                    use crate::reasoning::Part;
+                    let part = match (pending[k].reasoning, phase[k]) {
+                        (Some(r), Some(now)) => {
+                            let (next, part) = r.step(now, t);
+                            phase[k] = Some(next);
+                            part
+                        }
+                        _ => Some(Part::Content),
+                    };
+                    if part != Some(Part::Content) {
+                        // Reasoning text, or a marker (which ends a reasoning: its held-back text).
+                        let piece = match (part, tokenizer) {
+                            (Some(_), Some(tok)) => thought[k].get_or_insert_with(|| TextSoFar::new(tok, None)).push(t),
+                            _ => thought[k].take().map_or(String::new(), TextSoFar::finish),
+                        };
+                        let lp = scored[k].take();
+                        if piece.is_empty() && part.is_none() {
+                            continue;
+                        }
+                        let mut c = chunk(k, part.map(|_| t), "", None);
+                        c["choices"][0]["delta"] = serde_json::json!({ "reasoning_content": piece });
+                        if let (Some((lp, alts)), Some(_)) = (lp, part) {
+                            c["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
+                        }
+                        c
+                    } else {
+                        let piece = text[k].as_mut().map_or(String::new(), |x| x.push(t));
+                        if held[k].is_some() || openers[k] == Some(t) {
+                            held[k].get_or_insert_with(String::new).push_str(&piece);
+                            scored[k] = None;
+                            continue;
+                        }
+                        let mut c = chunk(k, Some(t), &piece, None);
+                        if let Some((lp, alts)) = scored[k].take() {
+                            c["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
+                        }
+                        c
                     }
-                    let mut c = chunk(k, Some(t), &piece, None);
-                    if let Some((lp, alts)) = scored[k].take() {
-                        c["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
-                    }
-                    c
                 }
                 Progress::Ended(g) | Progress::Cancelled(g) => {
                     let mut rest = text[k].take().map_or(String::new(), TextSoFar::finish);
+                    // A reasoning that never closed: its held-back text.
+                    let thought_rest = thought[k].take().map_or(String::new(), TextSoFar::finish);
                     let called = match (held[k].take(), tokenizer) {
                         (Some(h), Some(t)) => {
-                            let c = called(pending[k].tools.as_deref(), t, pending[k].number, &g);
+                            let c = called(pending[k].tools.as_deref(), t, pending[k].number, &pending[k].split(&g).1);
                             // Calls not well formed: the held text is content after all.
                             rest = if c.is_some() { String::new() } else { h + &rest };
                             c
@@ -1171,7 +1225,10 @@ fn stream_choices(
                             cancel_running(&ended);
                         }
                     }
-                    let c = chunk(k, None, &rest, Some(chat_finish(&g, called.is_some())));
+                    let mut c = chunk(k, None, &rest, Some(chat_finish(&g, called.is_some())));
+                    if !thought_rest.is_empty() {
+                        c["choices"][0]["delta"]["reasoning_content"] = thought_rest.into();
+                    }
                     ended[k] = Some(g);
                     c
                 }
@@ -1254,7 +1311,15 @@ mod tests {
     }
 
     fn defaults() -> RequestDefaults {
-        RequestDefaults { max_new: 16, temperature: 0.0, top_p: 1.0, seed: 0, shaping: Default::default(), eos: None }
+        RequestDefaults {
+            max_new: 16,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            shaping: Default::default(),
+            eos: None,
+            reasoning: false,
+        }
     }
 
     /// Request lines, headers and bodies as clients send them; what is not HTTP is said.

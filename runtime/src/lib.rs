@@ -30,6 +30,7 @@ pub mod pages;
 pub mod perplexity;
 pub mod plan;
 pub mod prepare;
+pub mod reasoning;
 pub mod session;
 pub mod speculative;
 pub mod tokenizer;

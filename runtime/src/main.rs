@@ -489,9 +489,22 @@ struct ServeArgs {
     /// 401). Default: the V3R_API_KEY environment variable, where set (no key shown in ps).
     #[arg(long, value_name = "KEY", requires = "http")]
     api_key: Option<String>,
+    /// Tell a chat's reasoning from its answer: deepseek-r1 — the text between <think> and
+    /// </think> (R1's template opens the <think> itself) is the reply's `reasoning_content`
+    /// (streamed: `delta.reasoning_content`), the rest its `content`. Needs a tokenizer with both.
+    #[arg(long, value_enum, value_name = "PARSER")]
+    reasoning_parser: Option<ReasoningParser>,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
+}
+
+/// How a chat's reasoning is told from its answer.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ReasoningParser {
+    /// DeepSeek-R1's <think> ... </think>.
+    #[value(name = "deepseek-r1", alias = "deepseek_r1")]
+    DeepseekR1,
 }
 
 #[derive(Args)]
@@ -929,6 +942,13 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
     let tokenizer = text_tokenizer(&args.text, &args.weights, false)?;
+    if args.reasoning_parser.is_some() {
+        let t = tokenizer.as_ref().ok_or_else(|| {
+            Failure::Other("--reasoning-parser: needs a tokenizer (--tokenizer, or tokenizer.json in --weights)".into())
+        })?;
+        v3c_runtime::reasoning::Reasoning::new(t, &[])
+            .map_err(|e| Failure::Other(format!("--reasoning-parser: {e}")))?;
+    }
     let eos = eos_of(&a, args.generating.ignore_eos);
     let model = a.manifest.model.name.clone();
     let (program, kind) = load_program(a, &args.weights, args.device)?;
@@ -943,6 +963,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         seed: args.generating.seed,
         shaping: args.generating.shaping(),
         eos,
+        reasoning: args.reasoning_parser.is_some(),
     };
     let limits = vec![max_len; slots];
     let serving = v3c_runtime::session::Serving {
@@ -998,7 +1019,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let ids = std::cell::RefCell::new(Vec::new());
     // Per request, with a tokenizer: it and the request's stop strings, and its text so far.
     let texts = std::cell::RefCell::new(Vec::new());
-    // Per request, the tools it may call.
+    // Per request, the tools it may call and how its completion parts into reasoning and answer.
     let tools = std::cell::RefCell::new(Vec::new());
     let mut so_far = std::collections::HashMap::new();
     let mut scored = std::collections::HashMap::new();
@@ -1042,7 +1063,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             Ok((id, r)) => {
                 ids.borrow_mut().push(id.unwrap_or(serde_json::json!(line_no)));
                 texts.borrow_mut().push(tokenizer.as_ref().map(|t| (t.clone(), r.stop_text.clone())));
-                tools.borrow_mut().push(r.tools.clone());
+                tools.borrow_mut().push((r.tools.clone(), r.reasoning));
                 return Arrival::Request(v3c_runtime::session::Request { arrived: Some(came), ..r });
             }
             Err(e) => {
@@ -1099,12 +1120,21 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                     "total_s": micro(g.total_s),
                     "decode_tokens_per_s": micro(g.decode_tokens_per_s()),
                 });
-                if let Some(text) = text_of(&g.tokens) {
+                // A chat's reasoning apart from its answer, where the server reads it.
+                let (its_tools, reasoning) = tools.borrow().get(i).cloned().unwrap_or_default();
+                let (thought, answer) = match reasoning {
+                    Some(r) => r.split(&g.tokens),
+                    None => (None, g.tokens.clone()),
+                };
+                if let Some(text) = text_of(&answer) {
                     line["text"] = text.into();
                 }
+                if let (Some(thought), Some(t)) = (thought, &tokenizer) {
+                    line["reasoning_content"] = t.decode(&thought, true).into();
+                }
                 // Calls of its tools: the content before them, the calls, and why it ended.
-                let its_tools = tools.borrow().get(i).cloned().flatten();
-                let called = tokenizer.as_ref().and_then(|t| v3c_runtime::http::called(its_tools.as_deref(), t, i, &g));
+                let called =
+                    tokenizer.as_ref().and_then(|t| v3c_runtime::http::called(its_tools.as_deref(), t, i, &answer));
                 if let Some(c) = called {
                     line["content"] = c.content.into();
                     line["tool_calls"] = c.tool_calls;
@@ -1241,6 +1271,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
                 seed: args.seed,
                 shaping: Default::default(),
                 eos: None,
+                reasoning: false,
             };
             let mut served = Vec::new();
             for (k, line) in body.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
@@ -1802,7 +1833,7 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
             }
             Progress::Ended(g) | Progress::Cancelled(g) => {
                 let rest = so_far.take().map_or(String::new(), TextSoFar::finish);
-                let called = v3c_runtime::http::called(calling.map(|t| t.as_ref()), &tokenizer, i, &g);
+                let called = v3c_runtime::http::called(calling.map(|t| t.as_ref()), &tokenizer, i, &g.tokens);
                 let printed = match (&called, held.take()) {
                     // Calls not well formed: their text after all.
                     (None, Some(h)) => h + &rest,

@@ -1394,6 +1394,8 @@ pub struct Request {
     pub ignore_eos: bool,
     /// The functions it may call (its completion is read for calls: a reply's business).
     pub tools: Option<std::sync::Arc<crate::tools::Tools>>,
+    /// Its completion parts into reasoning and answer (a reply's business).
+    pub reasoning: Option<crate::reasoning::Reasoning>,
 }
 
 /// Stop strings, matched in the text of a request's tokens.
@@ -1509,6 +1511,7 @@ impl Request {
             echo: false,
             ignore_eos: false,
             tools: None,
+            reasoning: None,
         }
     }
 
