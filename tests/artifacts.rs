@@ -160,8 +160,21 @@ fn serve_stdin(
     args: &[&str],
     input: &str,
 ) -> std::process::Output {
-    let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
-        .args(["serve", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()])
+    v3r_stdin("serve", art, ckpt, cache, args, input.as_bytes())
+}
+
+/// `v3r COMMAND ART --weights CKPT ARGS` (kernels cached in `cache`), `input` its stdin, run to
+/// its end.
+fn v3r_stdin(
+    command: &str,
+    art: &std::path::Path,
+    ckpt: &std::path::Path,
+    cache: &std::path::Path,
+    args: &[&str],
+    input: &[u8],
+) -> std::process::Output {
+    let mut child = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
+        .args([command, art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()])
         .args(args)
         .env("V3C_KERNEL_CACHE", cache)
         .stdin(std::process::Stdio::piped())
@@ -169,8 +182,8 @@ fn serve_stdin(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::io::Write::write_all(&mut server.stdin.take().unwrap(), input.as_bytes()).unwrap();
-    server.wait_with_output().unwrap()
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 /// `v3r run` generates from a cpu artifact what `v3c run` generates from the checkpoint: a prompt
@@ -883,25 +896,8 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
         .unwrap_or_else(|| panic!("two tokens with text in {alone:?}"));
     let end = (1..=alone.len()).find(|&e| tokenizer.decode(&alone[..e], false).contains(&stop)).unwrap();
     let request = serde_json::json!({"text": prompt, "stop_text": [stop.clone()], "id": "t"}).to_string();
-    let mut server = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
-        .args([
-            "serve",
-            art.to_str().unwrap(),
-            "--weights",
-            ckpt.to_str().unwrap(),
-            "--max-new-tokens",
-            "8",
-            "--ignore-eos",
-            "--stream",
-        ])
-        .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut server.stdin.take().unwrap(), format!("{request}\n").as_bytes()).unwrap();
-    let served = server.wait_with_output().unwrap();
+    let args = ["--max-new-tokens", "8", "--ignore-eos", "--stream"];
+    let served = serve_stdin(&art, &ckpt, &cache, &args, &format!("{request}\n"));
     assert!(served.status.success(), "{}", text(&served.stderr));
     let lines: Vec<serde_json::Value> =
         text(&served.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -1036,17 +1032,8 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
         format!("{}\n", tokenizer.decode(&chat_alone, true))
     );
     // `v3r chat`: two turns from stdin, each reply what `run` gives the conversation so far.
-    let mut session = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
-        .args(["chat", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()])
-        .args(["--tokenizer", fixture.to_str().unwrap(), "--max-new-tokens", "3", "--ignore-eos"])
-        .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut session.stdin.take().unwrap(), b"Hello!\na\n").unwrap();
-    let chatted = session.wait_with_output().unwrap();
+    let args = ["--tokenizer", fixture.to_str().unwrap(), "--max-new-tokens", "3", "--ignore-eos"];
+    let chatted = v3r_stdin("chat", &art, &ckpt, &cache, &args, b"Hello!\na\n");
     assert!(chatted.status.success(), "{}", text(&chatted.stderr));
     let first = run(&["--tokenizer", fixture.to_str().unwrap(), "--chat", "Hello!"], "3");
     let first = first.strip_suffix('\n').unwrap();
@@ -1448,17 +1435,8 @@ fn v3r_serves_tool_calls_and_reasoning() {
     let tools_file = dir.path().join("tools.json");
     std::fs::write(&tools_file, tools.to_string()).unwrap();
     let chat = |choice: &str, input: &[u8]| {
-        let mut session = std::process::Command::new(v3c_tests::workspace_binary("v3r"))
-            .args(["chat", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--max-new-tokens", "120"])
-            .args(["--tools", tools_file.to_str().unwrap(), "--tool-choice", choice, "--temperature", "1"])
-            .env("V3C_KERNEL_CACHE", cache.to_str().unwrap())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut session.stdin.take().unwrap(), input).unwrap();
-        session.wait_with_output().unwrap()
+        let args = ["--max-new-tokens", "120", "--tools", tools_file.to_str().unwrap(), "--tool-choice", choice];
+        v3r_stdin("chat", &art, &ckpt, &cache, &[&args[..], &["--temperature", "1"]].concat(), input)
     };
     let out = chat("get_weather", b"Weather in Paris?\n21C and sunny\n");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
