@@ -196,6 +196,8 @@ pub struct RequestDefaults {
     pub eos: Option<u32>,
     /// Chats' completions part into reasoning and answer ([`crate::reasoning`]: DeepSeek-R1's).
     pub reasoning: bool,
+    /// How the model writes tool calls ([`crate::tools`]).
+    pub tool_format: crate::tools::ToolFormat,
 }
 
 /// A line of `v3r serve`'s input that cancels a request: `{"cancel": ID}`, ID a request's id (its
@@ -269,6 +271,7 @@ pub fn parse_request(
     let tools = match (tokenizer, o.get("messages")) {
         (Some(t), Some(_)) => {
             crate::tools::Tools::parse(o.get("tools"), o.get("tool_choice"), o.get("parallel_tool_calls"), t)?
+                .map(|tools| tools.written_as(d.tool_format))
         }
         _ => match ["tools", "tool_choice", "parallel_tool_calls"].iter().find(|k| o.contains_key(**k)) {
             Some(k) => return Err(format!("{k}: only with \"messages\" (a chat) and a tokenizer")),
@@ -542,6 +545,7 @@ mod tests {
             shaping: Default::default(),
             eos: None,
             reasoning: false,
+            tool_format: Default::default(),
         }
     }
 
@@ -597,8 +601,16 @@ mod tests {
     #[test]
     fn requests_shape_their_sampling() {
         let shaping = v3c_models::sampling::Shaping { top_k: 40, repetition_penalty: 1.2, ..Default::default() };
-        let d =
-            RequestDefaults { max_new: 8, temperature: 0.7, top_p: 1.0, seed: 3, shaping, eos: None, reasoning: false };
+        let d = RequestDefaults {
+            max_new: 8,
+            temperature: 0.7,
+            top_p: 1.0,
+            seed: 3,
+            shaping,
+            eos: None,
+            reasoning: false,
+            tool_format: Default::default(),
+        };
         let (_, r) = parse_request("1 2", &d, None).unwrap();
         assert_eq!(*r.sampler.shaping, d.shaping);
         let line = r#"{"prompt": [1], "min_p": 0.05, "presence_penalty": -0.5, "frequency_penalty": 1,
@@ -778,8 +790,8 @@ mod tests {
         }
         for (line, err) in [
             (
-                r#"{"text": "x", "guided_json": {"type": "string", "pattern": "a"}}"#,
-                "guided_json: #: the keyword pattern is not supported",
+                r#"{"text": "x", "guided_json": {"type": "string", "format": "uri"}}"#,
+                "guided_json: #/format: \"uri\" is not supported",
             ),
             (r#"{"text": "x", "guided_json": "{"}"#, "guided_json: not a JSON schema: EOF while parsing"),
             (

@@ -448,8 +448,8 @@ pub fn called(
     number: usize,
     tokens: &[u32],
 ) -> Option<Called> {
-    tools.filter(|t| t.calling())?;
-    let (content, calls) = crate::tools::split_calls(tokenizer, tokens)?;
+    let tools = tools.filter(|t| t.calling())?;
+    let (content, calls) = crate::tools::split_calls(tokenizer, tokens, tools.format)?;
     let tool_calls = crate::tools::calls_json(number, &calls);
     (!calls.is_empty()).then_some(Called { content, tool_calls })
 }
@@ -1319,6 +1319,7 @@ mod tests {
             shaping: Default::default(),
             eos: None,
             reasoning: false,
+            tool_format: Default::default(),
         }
     }
 

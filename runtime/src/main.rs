@@ -154,6 +154,9 @@ struct ChatArgs {
     /// function's name (every reply calls it).
     #[arg(long, value_name = "CHOICE", requires = "tools", default_value = "auto")]
     tool_choice: String,
+    /// How the model writes tool calls.
+    #[arg(long, value_enum, value_name = "PARSER", default_value = "deepseek-v3")]
+    tool_call_parser: ToolCallParser,
     /// Most tokens a reply, its sampling (each turn seeded with --seed plus its number).
     #[command(flatten)]
     generating: Generating,
@@ -494,9 +497,32 @@ struct ServeArgs {
     /// (streamed: `delta.reasoning_content`), the rest its `content`. Needs a tokenizer with both.
     #[arg(long, value_enum, value_name = "PARSER")]
     reasoning_parser: Option<ReasoningParser>,
+    /// How the model writes tool calls (requests' `tools`).
+    #[arg(long, value_enum, value_name = "PARSER", default_value = "deepseek-v3")]
+    tool_call_parser: ToolCallParser,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
+}
+
+/// How a model writes tool calls.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ToolCallParser {
+    /// DeepSeek-V3's: `function<｜tool▁sep｜>NAME`, then the arguments in a fenced JSON block.
+    #[value(name = "deepseek-v3", alias = "deepseek_v3")]
+    DeepseekV3,
+    /// DeepSeek-V3.1's: `NAME<｜tool▁sep｜>ARGUMENTS`.
+    #[value(name = "deepseek-v3.1", alias = "deepseek_v31")]
+    DeepseekV31,
+}
+
+impl ToolCallParser {
+    fn format(self) -> v3c_runtime::tools::ToolFormat {
+        match self {
+            ToolCallParser::DeepseekV3 => v3c_runtime::tools::ToolFormat::DeepSeekV3,
+            ToolCallParser::DeepseekV31 => v3c_runtime::tools::ToolFormat::DeepSeekV31,
+        }
+    }
 }
 
 /// How a chat's reasoning is told from its answer.
@@ -964,6 +990,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         shaping: args.generating.shaping(),
         eos,
         reasoning: args.reasoning_parser.is_some(),
+        tool_format: args.tool_call_parser.format(),
     };
     let limits = vec![max_len; slots];
     let serving = v3c_runtime::session::Serving {
@@ -1272,6 +1299,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
                 shaping: Default::default(),
                 eos: None,
                 reasoning: false,
+                tool_format: Default::default(),
             };
             let mut served = Vec::new();
             for (k, line) in body.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
@@ -1721,7 +1749,8 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
                 name => serde_json::json!({"type": "function", "function": {"name": name}}),
             };
             let tools = v3c_runtime::tools::Tools::parse(Some(&given), Some(&choice), None, &tokenizer)
-                .map_err(|e| Failure::Other(format!("--tools {}: {e}", path.display())))?;
+                .map_err(|e| Failure::Other(format!("--tools {}: {e}", path.display())))?
+                .map(|t| t.written_as(args.tool_call_parser.format()));
             tools.filter(|t| t.calling() || guide.is_none()).map(std::sync::Arc::new)
         }
     };

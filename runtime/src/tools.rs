@@ -11,6 +11,9 @@
 //! <｜tool▁call▁begin｜>...<｜tool▁call▁end｜><｜tool▁calls▁end｜>
 //! ```
 //!
+//! or, DeepSeek-V3.1's ([`ToolFormat::DeepSeekV31`]: the same architecture, another template),
+//! `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜>` between the same outer markers.
+//!
 //! [`split_calls`] reads them back out of a completion. While it writes them, a
 //! [`ToolConstraint`] holds it to that shape: names of the given functions only, each one's
 //! arguments an instance of its `parameters` schema ([`crate::grammar::schema_regex`]; a schema
@@ -34,6 +37,50 @@ pub const SEP: &str = "<｜tool▁sep｜>";
 
 /// How deep a JSON object may nest where a function's schema is not one the compiler takes.
 const LOOSE_DEPTH: usize = 3;
+
+/// How a model writes its calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ToolFormat {
+    /// `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` + a fenced JSON block + `<｜tool▁call▁end｜>`.
+    #[default]
+    DeepSeekV3,
+    /// `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜>`.
+    DeepSeekV31,
+}
+
+impl ToolFormat {
+    /// One call's text: `name` and `arguments` (literal text or regular expressions, as the
+    /// caller writes them), the markers given by `marker`.
+    fn call(self, marker: impl Fn(&str) -> String, name: &str, arguments: &str, newline: &str) -> String {
+        match self {
+            ToolFormat::DeepSeekV3 => format!(
+                "{}function{}{name}{newline}```json{newline}{arguments}{newline}```{}",
+                marker(CALL_BEGIN),
+                marker(SEP),
+                marker(CALL_END)
+            ),
+            ToolFormat::DeepSeekV31 => {
+                format!("{}{name}{}{arguments}{}", marker(CALL_BEGIN), marker(SEP), marker(CALL_END))
+            }
+        }
+    }
+
+    /// One call's name and arguments out of its text between its begin and end markers.
+    fn read(self, call: &str) -> Option<ToolCall> {
+        let (name, arguments) = match self {
+            ToolFormat::DeepSeekV3 => {
+                let (_kind, rest) = call.split_once(SEP)?;
+                let (name, arguments) = rest.split_once('\n').unwrap_or((rest, ""));
+                let arguments = arguments.trim();
+                let arguments =
+                    arguments.strip_prefix("```json").or_else(|| arguments.strip_prefix("```")).unwrap_or(arguments);
+                (name, arguments.strip_suffix("```").unwrap_or(arguments))
+            }
+            ToolFormat::DeepSeekV31 => call.split_once(SEP)?,
+        };
+        Some(ToolCall { name: name.trim().to_string(), arguments: arguments.trim().to_string() })
+    }
+}
 
 /// `tool_choice`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +111,8 @@ pub struct Tools {
     pub trigger: u32,
     /// The markers that are special tokens (walked as their text while calls are written).
     specials: Vec<u32>,
+    /// How the model writes its calls.
+    pub format: ToolFormat,
 }
 
 impl Tools {
@@ -162,7 +211,13 @@ impl Tools {
         }
         let specials = ids.iter().copied().filter(|&id| tokenizer.is_special(id)).collect();
         let given = Value::Array(list.to_vec());
-        Ok(Some(Tools { given, functions, choice, parallel, loose, trigger: ids[0], specials }))
+        let format = ToolFormat::default();
+        Ok(Some(Tools { given, functions, choice, parallel, loose, trigger: ids[0], specials, format }))
+    }
+
+    /// The same tools, their calls written in `format`.
+    pub fn written_as(self, format: ToolFormat) -> Tools {
+        Tools { format, ..self }
     }
 
     /// Whether the completion is read for calls (and held to their shape once they begin).
@@ -178,17 +233,8 @@ impl Tools {
             ToolChoice::Function(f) => f == name,
             _ => true,
         });
-        let calls: Vec<String> = chosen
-            .map(|(name, arguments)| {
-                format!(
-                    "{}function{}{}\\n```json\\n{arguments}\\n```{}",
-                    escape(CALL_BEGIN),
-                    escape(SEP),
-                    escape(name),
-                    escape(CALL_END)
-                )
-            })
-            .collect();
+        let calls: Vec<String> =
+            chosen.map(|(name, arguments)| self.format.call(escape, &escape(name), arguments, "\\n")).collect();
         let call = format!("(?:{})", calls.join("|"));
         let single = !self.parallel || matches!(self.choice, ToolChoice::Function(_));
         match single {
@@ -285,9 +331,9 @@ pub struct ToolCall {
     pub arguments: String,
 }
 
-/// A completion's content and the calls after it; None when it has no well-formed calls (no
-/// opening marker, or calls cut short): then it is all content.
-pub fn split_calls(tokenizer: &Tokenizer, tokens: &[u32]) -> Option<(String, Vec<ToolCall>)> {
+/// A completion's content and the calls after it (written in `format`); None when it has no
+/// well-formed calls (no opening marker, or calls cut short): then it is all content.
+pub fn split_calls(tokenizer: &Tokenizer, tokens: &[u32], format: ToolFormat) -> Option<(String, Vec<ToolCall>)> {
     // Every token's bytes, special ones' too (the markers may be special tokens).
     let mut bytes = Vec::new();
     let mut starts = Vec::with_capacity(tokens.len());
@@ -310,14 +356,8 @@ pub fn split_calls(tokenizer: &Tokenizer, tokens: &[u32]) -> Option<(String, Vec
         if rest.starts_with(CALLS_END) || (!calls.is_empty() && !rest.starts_with(CALL_BEGIN)) {
             break;
         }
-        let (_kind, after) = rest.strip_prefix(CALL_BEGIN)?.split_once(SEP)?;
-        let (call, after) = after.split_once(CALL_END)?;
-        let (name, arguments) = call.split_once('\n').unwrap_or((call, ""));
-        let arguments = arguments.trim();
-        let arguments =
-            arguments.strip_prefix("```json").or_else(|| arguments.strip_prefix("```")).unwrap_or(arguments);
-        let arguments = arguments.strip_suffix("```").unwrap_or(arguments).trim();
-        calls.push(ToolCall { name: name.trim().to_string(), arguments: arguments.to_string() });
+        let (call, after) = rest.strip_prefix(CALL_BEGIN)?.split_once(CALL_END)?;
+        calls.push(format.read(call)?);
         rest = after;
     }
     Some((content, calls))
@@ -398,6 +438,12 @@ mod tests {
         let p = Pattern::new(&now.calls_regex()).unwrap();
         assert!(p.matches(format!("{}{CALLS_END}", call("now", "{ }")).as_bytes()));
         assert!(!p.matches(format!("{w}{CALLS_END}").as_bytes()));
+        // DeepSeek-V3.1's calls: no type, no fence.
+        let v31 = Tools { format: ToolFormat::DeepSeekV31, ..tools };
+        let p = Pattern::new(&v31.calls_regex()).unwrap();
+        let call = format!("{CALL_BEGIN}get_weather{SEP}{{\"city\":\"Paris\"}}{CALL_END}");
+        assert!(p.matches(format!("{call}\n{call}{CALLS_END}").as_bytes()));
+        assert!(!p.matches(format!("{w}{CALLS_END}").as_bytes()));
     }
 
     /// A schema the compiler does not take holds that function's arguments to any JSON object
@@ -406,11 +452,11 @@ mod tests {
     fn schemas_not_taken_hold_arguments_to_json_objects() {
         let t = fixture();
         let tools = serde_json::json!([{"type": "function", "function": {"name": "f", "parameters":
-            {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}]);
+            {"type": "object", "properties": {"n": {"type": "number", "minimum": 1}}}}}]);
         let tools = Tools::parse(Some(&tools), None, None, &t).unwrap().unwrap();
         assert_eq!(
             tools.loose,
-            vec![("f".to_string(), "#/properties/n: the keyword minimum is not supported".to_string())]
+            vec![("f".to_string(), "#/properties/n/minimum: bounds are supported on integers only".to_string())]
         );
         let p = Pattern::new(&tools.calls_regex()).unwrap();
         for (arguments, ok) in [
@@ -491,7 +537,7 @@ mod tests {
         };
         let w = call("get_weather", r#"{"city": "Paris"}"#);
         let text = format!("Let me look.{CALLS_BEGIN}{w}\n{}{CALLS_END}", call("now", "{}"));
-        let (content, calls) = split_calls(&t, &ids(&text)).unwrap();
+        let (content, calls) = split_calls(&t, &ids(&text), ToolFormat::DeepSeekV3).unwrap();
         assert_eq!(content, "Let me look.");
         assert_eq!(
             calls,
@@ -501,11 +547,19 @@ mod tests {
             ]
         );
         // The closing marker left out at the end: the calls still read.
-        let (_, calls) = split_calls(&t, &ids(&format!("{CALLS_BEGIN}{w}"))).unwrap();
+        let (_, calls) = split_calls(&t, &ids(&format!("{CALLS_BEGIN}{w}")), ToolFormat::DeepSeekV3).unwrap();
         assert_eq!(calls.len(), 1);
-        assert_eq!(split_calls(&t, &ids("no calls here")), None);
-        assert_eq!(split_calls(&t, &ids(&format!("{CALLS_BEGIN}{}", &w[..w.find(CALL_END).unwrap()]))), None);
-        assert_eq!(split_calls(&t, &ids(&format!("{CALLS_BEGIN}garbage{CALLS_END}"))), None);
+        assert_eq!(split_calls(&t, &ids("no calls here"), ToolFormat::DeepSeekV3), None);
+        assert_eq!(
+            split_calls(&t, &ids(&format!("{CALLS_BEGIN}{}", &w[..w.find(CALL_END).unwrap()])), ToolFormat::DeepSeekV3),
+            None
+        );
+        assert_eq!(split_calls(&t, &ids(&format!("{CALLS_BEGIN}garbage{CALLS_END}")), ToolFormat::DeepSeekV3), None);
+        // DeepSeek-V3.1's: the name, then the arguments as they are.
+        let v31 = format!("Hm.{CALLS_BEGIN}{CALL_BEGIN}now{SEP}{{}}{CALL_END}{CALL_BEGIN}get_weather{SEP}{{\"city\": \"Oslo\"}}{CALL_END}{CALLS_END}");
+        let (content, v31) = split_calls(&t, &ids(&v31), ToolFormat::DeepSeekV31).unwrap();
+        assert_eq!(content, "Hm.");
+        assert_eq!(v31[1], ToolCall { name: "get_weather".into(), arguments: r#"{"city": "Oslo"}"#.into() });
         let json = calls_json(7, &calls);
         assert_eq!(json[0]["id"], "call_7_0");
         assert_eq!(json[0]["function"]["name"], "get_weather");
@@ -526,11 +580,12 @@ mod tests {
         };
         let named = serde_json::json!({"type": "function", "function": {"name": "get_weather"}});
         let (mut ended, mut auto_calls, mut auto_plain) = (0, 0, 0);
-        for (choice, trials) in
-            [(Some(Value::from("required")), 40), (Some(named), 40), (Some("none".into()), 20), (None, 40)]
+        let choices = [(Some(Value::from("required")), 40), (Some(named), 40), (Some("none".into()), 20), (None, 40)];
+        for ((choice, trials), format) in
+            choices.iter().flat_map(|c| [ToolFormat::DeepSeekV3, ToolFormat::DeepSeekV31].map(|f| (c, f)))
         {
-            let tools = Tools::parse(Some(&weather()), choice.as_ref(), None, &t).unwrap().unwrap();
-            for trial in 0..trials {
+            let tools = Tools { format, ..Tools::parse(Some(&weather()), choice.as_ref(), None, &t).unwrap().unwrap() };
+            for trial in 0..*trials {
                 let mut c = tools.constraint(&t, eos).unwrap();
                 let mut tokens = Vec::new();
                 for _ in 0..120 {
@@ -576,7 +631,7 @@ mod tests {
                 }
                 ended += 1;
                 let (content, calls) =
-                    split_calls(&t, &tokens).unwrap_or_else(|| panic!("{:?}", t.decode(&tokens, false)));
+                    split_calls(&t, &tokens, format).unwrap_or_else(|| panic!("{:?}", t.decode(&tokens, false)));
                 if tools.choice != ToolChoice::Auto {
                     assert_eq!(content, "");
                 }
@@ -591,6 +646,6 @@ mod tests {
                 }
             }
         }
-        assert!(ended >= 40 && auto_calls >= 5 && auto_plain >= 5, "{ended} ended; auto: {auto_calls} {auto_plain}");
+        assert!(ended >= 80 && auto_calls >= 10 && auto_plain >= 10, "{ended} ended; auto: {auto_calls} {auto_plain}");
     }
 }
