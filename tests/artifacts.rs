@@ -1387,7 +1387,13 @@ fn v3r_serves_tool_calls_and_reasoning() {
         assert_eq!(call["type"], "function");
         assert!(call["id"].as_str().unwrap().starts_with("call_"), "{call}");
     };
-    let server = v3c_tests::HttpServer::start(&[art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()], &env);
+    let named = ["--served-model-name", "tiny-tools"];
+    let server = v3c_tests::HttpServer::start(
+        &[&[art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()][..], &named].concat(),
+        &env,
+    );
+    let (_, models) = server.request("GET", "/v1/models", "");
+    assert!(models.contains(r#""id":"tiny-tools""#), "{models}");
     let chat = |extra: serde_json::Value| {
         let mut body =
             serde_json::json!({"messages": messages, "tools": tools, "max_tokens": 120, "temperature": 1, "seed": 5});
@@ -1402,6 +1408,7 @@ fn v3r_serves_tool_calls_and_reasoning() {
         let reply = chat(serde_json::json!({"tool_choice": "required", "parallel_tool_calls": false, "seed": seed}));
         let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
         let choice = &v["choices"][0];
+        assert_eq!(v["model"], "tiny-tools");
         assert_eq!(choice["finish_reason"], "tool_calls", "{reply}");
         assert!(choice["message"]["content"].is_null(), "{reply}");
         let calls = choice["message"]["tool_calls"].as_array().unwrap();

@@ -492,6 +492,10 @@ struct ServeArgs {
     /// 401). Default: the V3R_API_KEY environment variable, where set (no key shown in ps).
     #[arg(long, value_name = "KEY", requires = "http")]
     api_key: Option<String>,
+    /// With --http: the model's name in replies and GET /v1/models (default: the name the
+    /// artifact was compiled from, e.g. a checkpoint's path).
+    #[arg(long, value_name = "NAME", requires = "http")]
+    served_model_name: Option<String>,
     /// Tell a chat's reasoning from its answer: deepseek-r1 — the text between <think> and
     /// </think> (R1's template opens the <think> itself) is the reply's `reasoning_content`
     /// (streamed: `delta.reasoning_content`), the rest its `content`. Needs a tokenizer with both.
@@ -976,7 +980,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             .map_err(|e| Failure::Other(format!("--reasoning-parser: {e}")))?;
     }
     let eos = eos_of(&a, args.generating.ignore_eos);
-    let model = a.manifest.model.name.clone();
+    let model = args.served_model_name.clone().unwrap_or_else(|| a.manifest.model.name.clone());
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let program = program.as_ref();
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
