@@ -383,8 +383,9 @@ mod tests {
     use super::*;
 
     fn fixture() -> Arc<Tokenizer> {
+        static READ: std::sync::OnceLock<Arc<Tokenizer>> = std::sync::OnceLock::new();
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
-        Arc::new(Tokenizer::from_file(&path).unwrap())
+        READ.get_or_init(|| Arc::new(Tokenizer::from_file(&path).unwrap())).clone()
     }
 
     fn weather() -> Value {
@@ -563,6 +564,29 @@ mod tests {
         let json = calls_json(7, &calls);
         assert_eq!(json[0]["id"], "call_7_0");
         assert_eq!(json[0]["function"]["name"], "get_weather");
+    }
+
+    proptest::proptest! {
+        /// Any tokens (markers among them) read without panicking; calls written after any
+        /// content read back as written, in either format.
+        #[test]
+        fn completions_read_back_what_was_written(
+            noise in proptest::collection::vec(0u32..980, 0..40),
+            content in "[a-z .,!]{0,20}",
+            calls in proptest::collection::vec(("[a-z_]{1,8}", "\\{(\"[a-z]{1,3}\": [0-9]{1,3})?\\}"), 1..4),
+            v31 in proptest::bool::ANY,
+        ) {
+            let t = fixture();
+            let format = if v31 { ToolFormat::DeepSeekV31 } else { ToolFormat::DeepSeekV3 };
+            let _ = split_calls(&t, &noise, format);
+            let written: Vec<String> = calls.iter().map(|(n, a)| format.call(str::to_string, n, a, "\n")).collect();
+            let text = format!("{content}{CALLS_BEGIN}{}{CALLS_END}", written.join("\n"));
+            let (got, read) = split_calls(&t, &t.encode(&text, false), format).unwrap();
+            proptest::prop_assert_eq!(got, content);
+            let want: Vec<ToolCall> =
+                calls.iter().map(|(n, a)| ToolCall { name: n.clone(), arguments: a.clone() }).collect();
+            proptest::prop_assert_eq!(read, want);
+        }
     }
 
     /// Sampling from random logits under each tool choice: `required` and a named function always
