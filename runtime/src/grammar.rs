@@ -427,6 +427,11 @@ impl TokenTrie {
         true
     }
 
+    /// How many nodes it has (with its address, what tells tries apart in kept masks).
+    pub fn size(&self) -> usize {
+        self.byte.len()
+    }
+
     /// The tokens whose bytes take `from` on without a refusal, as a bit set (bit `id % 64` of
     /// word `id / 64`), walked afresh.
     pub fn walk(&self, from: Json) -> Vec<u64> {
@@ -488,7 +493,7 @@ pub const CACHED: usize = 512;
 
 /// Sets the logits of the tokens not in bit set `ok` to -inf, but `end`'s (the end token is
 /// special, never in the trie: allowed where the grammar may end, at its own logit).
-fn keep_only(logits: &mut [f32], ok: &[u64], end: Option<u32>) {
+pub(crate) fn keep_only(logits: &mut [f32], ok: &[u64], end: Option<u32>) {
     let end = end.and_then(|e| Some((e as usize, *logits.get(e as usize)?)));
     for (i, l) in logits.iter_mut().enumerate() {
         if !has(ok, i as u32) {

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+pub mod gbnf;
 pub mod gpu;
 pub mod grammar;
 pub mod host;

@@ -1,0 +1,902 @@
+//! vLLM's `guided_grammar`: the completion is a sentence of a context-free grammar, written in
+//! GBNF (llama.cpp's EBNF): `name ::= alternatives`, each a sequence of `"strings"`, `[classes]`
+//! (`[^...]` negated, ranges `a-z`), `.` (any character), rule names and `( groups )`, each
+//! followed or not by `*`, `+`, `?`, `{m}`, `{m,}` or `{m,n}`; `#` comments; the start rule is
+//! `root`.
+//!
+//! Recognized a character at a time as llama.cpp's sampler does: the state is the set of the
+//! parse's stacks (positions in the rules' sequences, the innermost last), each expanded until
+//! its top expects a character; a byte at a time, the characters' UTF-8 decoded in the state.
+//! Returning into a sequence that is over is not pushed (a tail call), so repetitions and right
+//! recursion stay shallow; left recursion, which would expand for ever, is refused when the
+//! grammar is read. States are interned and their steps memoized, so the vocabulary's trie is
+//! walked over a lazily built automaton (as [`crate::grammar::Pattern`]'s), its masks kept.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use v3c_models::sampling::Constraint;
+
+use crate::grammar::TokenTrie;
+use crate::tokenizer::Tokenizer;
+
+/// The most stacks a state may hold (an ambiguous grammar's parses multiply).
+const MAX_STACKS: usize = 4096;
+/// The most frames a stack may hold.
+const MAX_DEPTH: usize = 512;
+/// The most states a grammar keeps interned (all dropped, and their masks, when full).
+const MAX_STATES: usize = 1 << 16;
+
+/// An element of a rule's sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Elem {
+    /// One character within the ranges (inclusive), or outside them when negated.
+    Chars(Vec<(u32, u32)>, bool),
+    Rule(u32),
+    /// The sequence is over.
+    End,
+}
+
+/// A grammar, read and checked.
+pub struct Grammar {
+    /// Every alternative's sequence, each ended by [`Elem::End`].
+    elems: Vec<Elem>,
+    /// Each rule's alternatives: where their sequences start in `elems`.
+    rules: Vec<Vec<u32>>,
+    names: Vec<String>,
+    root: u32,
+    machine: Mutex<Machine>,
+}
+
+impl std::fmt::Debug for Grammar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Grammar({} rules)", self.rules.len())
+    }
+}
+
+/// Where a parse is: its stacks (sorted; each a list of positions in `elems`, the top last,
+/// pointing at a character; an empty one: the root is complete), and the character being read
+/// (`need` more UTF-8 bytes to `code`'s bits).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct State {
+    stacks: Vec<Vec<u32>>,
+    need: u8,
+    code: u32,
+    /// The least character the bytes read so far may spell (longer spellings are refused).
+    least: u32,
+}
+
+/// Interned states, their steps and their masks.
+#[derive(Default)]
+struct Machine {
+    states: Vec<Arc<State>>,
+    index: HashMap<Arc<State>, u32>,
+    /// (state, byte) -> the state after it (u32::MAX: refused).
+    steps: HashMap<(u32, u8), u32>,
+    /// (trie address, trie size, state) -> the tokens allowed.
+    masks: HashMap<(usize, usize, u32), Arc<Vec<u64>>>,
+}
+
+impl Machine {
+    fn intern(&mut self, s: State) -> u32 {
+        if let Some(&id) = self.index.get(&s) {
+            return id;
+        }
+        let id = self.states.len() as u32;
+        let s = Arc::new(s);
+        self.states.push(s.clone());
+        self.index.insert(s, id);
+        id
+    }
+}
+
+impl Grammar {
+    /// Reads a grammar in GBNF; errors say where and what.
+    pub fn parse(text: &str) -> Result<Grammar, String> {
+        let mut p = Parser { text: text.as_bytes(), at: 0, rules: Vec::new(), names: Vec::new(), defined: Vec::new() };
+        p.grammar()?;
+        let Parser { rules, names, defined, .. } = p;
+        if let Some(k) = defined.iter().position(|d| !d) {
+            return Err(format!("rule {} is used but not defined", names[k]));
+        }
+        let root = names.iter().position(|n| n == "root").ok_or("no rule named root")? as u32;
+        let mut elems = Vec::new();
+        let mut starts = Vec::with_capacity(rules.len());
+        for alts in &rules {
+            let mut mine = Vec::with_capacity(alts.len());
+            for seq in alts {
+                mine.push(elems.len() as u32);
+                elems.extend(seq.iter().cloned());
+                elems.push(Elem::End);
+            }
+            starts.push(mine);
+        }
+        let g = Grammar { elems, rules: starts, names, root, machine: Mutex::default() };
+        g.refuse_left_recursion()?;
+        Ok(g)
+    }
+
+    /// A rule that may begin with itself (through rules that may match nothing) would expand
+    /// for ever: refused, naming the loop.
+    fn refuse_left_recursion(&self) -> Result<(), String> {
+        let n = self.rules.len();
+        // Which rules may match nothing.
+        let mut nullable = vec![false; n];
+        loop {
+            let mut changed = false;
+            for r in 0..n {
+                if !nullable[r] && self.rules[r].iter().any(|&a| self.nullable_from(a as usize, &nullable)) {
+                    nullable[r] = true;
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        // Each rule's left corners: the rules its alternatives may begin with.
+        let corners: Vec<Vec<u32>> = (0..n)
+            .map(|r| {
+                let mut out = Vec::new();
+                for &a in &self.rules[r] {
+                    let mut p = a as usize;
+                    while let Elem::Rule(b) = self.elems[p] {
+                        out.push(b);
+                        if !nullable[b as usize] {
+                            break;
+                        }
+                        p += 1;
+                    }
+                }
+                out
+            })
+            .collect();
+        // A cycle among left corners, found depth first.
+        let mut mark = vec![0u8; n];
+        fn visit(r: usize, corners: &[Vec<u32>], mark: &mut [u8], path: &mut Vec<usize>) -> Option<Vec<usize>> {
+            mark[r] = 1;
+            path.push(r);
+            for &b in &corners[r] {
+                let b = b as usize;
+                if mark[b] == 1 {
+                    let from = path.iter().position(|&x| x == b).unwrap_or(0);
+                    let mut cycle = path[from..].to_vec();
+                    cycle.push(b);
+                    return Some(cycle);
+                }
+                if mark[b] == 0 {
+                    if let Some(c) = visit(b, corners, mark, path) {
+                        return Some(c);
+                    }
+                }
+            }
+            path.pop();
+            mark[r] = 2;
+            None
+        }
+        for r in 0..n {
+            if mark[r] == 0 {
+                if let Some(cycle) = visit(r, &corners, &mut mark, &mut Vec::new()) {
+                    let names: Vec<&str> = cycle.iter().map(|&k| self.names[k].as_str()).collect();
+                    return Err(format!("rule {} is left-recursive ({})", names[0], names.join(" -> ")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn nullable_from(&self, mut p: usize, nullable: &[bool]) -> bool {
+        loop {
+            match &self.elems[p] {
+                Elem::End => return true,
+                Elem::Chars(..) => return false,
+                Elem::Rule(r) if nullable[*r as usize] => p += 1,
+                Elem::Rule(_) => return false,
+            }
+        }
+    }
+
+    /// Where every completion starts.
+    pub fn start(&self) -> State {
+        let mut stacks = Vec::new();
+        for &a in &self.rules[self.root as usize] {
+            self.expand(vec![a], &mut stacks);
+        }
+        stacks.sort();
+        stacks.dedup();
+        State { stacks, need: 0, code: 0, least: 0 }
+    }
+
+    /// `stack` expanded until its top expects a character (or it is empty: complete), into `out`.
+    fn expand(&self, mut stack: Vec<u32>, out: &mut Vec<Vec<u32>>) {
+        if stack.len() > MAX_DEPTH || out.len() > MAX_STACKS {
+            return;
+        }
+        let Some(&top) = stack.last() else {
+            out.push(stack);
+            return;
+        };
+        match &self.elems[top as usize] {
+            Elem::Chars(..) => out.push(stack),
+            Elem::End => {
+                stack.pop();
+                self.expand(stack, out);
+            }
+            Elem::Rule(r) => {
+                stack.pop();
+                // The return address, unless returning would end the sequence anyway.
+                if self.elems[top as usize + 1] != Elem::End {
+                    stack.push(top + 1);
+                }
+                for &a in &self.rules[*r as usize] {
+                    let mut s = stack.clone();
+                    s.push(a);
+                    self.expand(s, out);
+                }
+            }
+        }
+    }
+
+    /// The state after byte `b`; None: refused.
+    pub fn step(&self, s: &State, b: u8) -> Option<State> {
+        let (need, code, least) = match (s.need, b) {
+            (0, 0x00..=0x7f) => (0, b as u32, 0),
+            (0, 0xc2..=0xdf) => (1, (b & 0x1f) as u32, 0x80),
+            (0, 0xe0..=0xef) => (2, (b & 0x0f) as u32, 0x800),
+            (0, 0xf0..=0xf4) => (3, (b & 0x07) as u32, 0x10000),
+            (0, _) => return None,
+            (n, 0x80..=0xbf) => (n - 1, s.code << 6 | (b & 0x3f) as u32, s.least),
+            _ => return None,
+        };
+        if need > 0 {
+            // Part of a character: only if some stack takes a character these bytes begin.
+            let shift = 6 * need as u32;
+            let (lo, hi) = ((code << shift).max(least), (code << shift | ((1 << shift) - 1)).min(0x10ffff));
+            let takes = s.stacks.iter().any(|stack| match stack.last().map(|&p| &self.elems[p as usize]) {
+                Some(Elem::Chars(ranges, negated)) => overlaps(ranges, *negated, lo, hi),
+                _ => false,
+            });
+            return takes.then(|| State { need, code, least, ..s.clone() });
+        }
+        // Well formed: not spelled longer than it needs, not a surrogate, not past U+10FFFF.
+        if code < least {
+            return None;
+        }
+        let c = char::from_u32(code)? as u32;
+        let mut stacks = Vec::new();
+        for stack in &s.stacks {
+            let Some(&top) = stack.last() else { continue };
+            let Elem::Chars(ranges, negated) = &self.elems[top as usize] else { continue };
+            if ranges.iter().any(|&(lo, hi)| (lo..=hi).contains(&c)) != *negated {
+                let mut next = stack.clone();
+                *next.last_mut()? += 1;
+                self.expand(next, &mut stacks);
+            }
+        }
+        if stacks.is_empty() || stacks.len() > MAX_STACKS {
+            return None;
+        }
+        stacks.sort();
+        stacks.dedup();
+        Some(State { stacks, need: 0, code: 0, least: 0 })
+    }
+
+    /// Whether `s` has read a whole sentence.
+    pub fn accepts(&self, s: &State) -> bool {
+        s.need == 0 && s.stacks.iter().any(Vec::is_empty)
+    }
+
+    /// Whether `text` is a sentence.
+    pub fn matches(&self, text: &[u8]) -> bool {
+        text.iter().try_fold(self.start(), |s, &b| self.step(&s, b)).is_some_and(|s| self.accepts(&s))
+    }
+
+    /// The tokens of `trie` that go on from `s` (kept per state).
+    fn allowed(&self, trie: &TokenTrie, s: &State) -> Arc<Vec<u64>> {
+        let mut m = self.machine.lock().unwrap_or_else(|e| e.into_inner());
+        if m.states.len() > MAX_STATES {
+            *m = Machine::default();
+        }
+        let id = m.intern(s.clone());
+        let key = (trie as *const TokenTrie as usize, trie.size(), id);
+        if let Some(ok) = m.masks.get(&key) {
+            return ok.clone();
+        }
+        let machine = std::cell::RefCell::new(&mut *m);
+        let step = |id: u32, b: u8| -> Option<u32> {
+            let mut m = machine.borrow_mut();
+            if let Some(&next) = m.steps.get(&(id, b)) {
+                return (next != u32::MAX).then_some(next);
+            }
+            let state = m.states[id as usize].clone();
+            let next = self.step(&state, b).map(|s| m.intern(s));
+            m.steps.insert((id, b), next.unwrap_or(u32::MAX));
+            next
+        };
+        let ok = Arc::new(trie.walk_by(id, step, |_, _| false));
+        m.masks.insert(key, ok.clone());
+        ok
+    }
+}
+
+/// Whether a class (`ranges`, or what is outside them when `negated`) holds a character from
+/// `lo` to `hi`.
+fn overlaps(ranges: &[(u32, u32)], negated: bool, lo: u32, hi: u32) -> bool {
+    if !negated {
+        return ranges.iter().any(|&(a, b)| a <= hi && lo <= b);
+    }
+    // Some character of lo..=hi outside every range: walk up from lo past the ranges covering it.
+    let mut sorted = ranges.to_vec();
+    sorted.sort();
+    let mut at = lo;
+    for (a, b) in sorted {
+        if a > at {
+            break;
+        }
+        if b >= at {
+            match b.checked_add(1) {
+                Some(n) => at = n,
+                None => return false,
+            }
+        }
+    }
+    at <= hi
+}
+
+/// A sequence's completion held to a grammar: the tokens that keep it a prefix of a sentence,
+/// the end token once it is one.
+#[derive(Clone)]
+pub struct GrammarConstraint {
+    grammar: Arc<Grammar>,
+    trie: Arc<TokenTrie>,
+    tokenizer: Arc<Tokenizer>,
+    eos: u32,
+    state: State,
+    broken: bool,
+}
+
+impl GrammarConstraint {
+    pub fn new(grammar: Arc<Grammar>, tokenizer: &Arc<Tokenizer>, eos: u32) -> GrammarConstraint {
+        let state = grammar.start();
+        GrammarConstraint { grammar, trie: tokenizer.trie(), tokenizer: tokenizer.clone(), eos, state, broken: false }
+    }
+}
+
+impl std::fmt::Debug for GrammarConstraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrammarConstraint").field("stacks", &self.state.stacks.len()).field("eos", &self.eos).finish()
+    }
+}
+
+impl Constraint for GrammarConstraint {
+    fn mask(&self, logits: &mut [f32]) {
+        if self.broken {
+            return;
+        }
+        let ok = self.grammar.allowed(&self.trie, &self.state);
+        let end = self.grammar.accepts(&self.state).then_some(self.eos);
+        crate::grammar::keep_only(logits, &ok, end);
+    }
+
+    fn advance(&mut self, token: u32) {
+        if self.broken || token == self.eos {
+            return;
+        }
+        let bytes = self.tokenizer.token_bytes_of(token);
+        let next = bytes.iter().try_fold(self.state.clone(), |s, &b| self.grammar.step(&s, b));
+        match next {
+            Some(s) if !self.tokenizer.is_special(token) => self.state = s,
+            _ => self.broken = true,
+        }
+    }
+
+    fn restart(&mut self) {
+        (self.state, self.broken) = (self.grammar.start(), false);
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Constraint> {
+        Box::new(self.clone())
+    }
+}
+
+/// An item of a sequence while reading: characters, or a rule by its number.
+type Seq = Vec<Elem>;
+
+/// A recursive-descent reader of GBNF.
+struct Parser<'t> {
+    text: &'t [u8],
+    at: usize,
+    /// Each rule's alternatives (rules numbered as first named; groups and repetitions get
+    /// rules of their own).
+    rules: Vec<Vec<Seq>>,
+    names: Vec<String>,
+    defined: Vec<bool>,
+}
+
+impl Parser<'_> {
+    fn error(&self, what: &str) -> String {
+        let line = self.text[..self.at].iter().filter(|&&b| b == b'\n').count() + 1;
+        let col = self.at - self.text[..self.at].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+        format!("line {line}, column {col}: {what}")
+    }
+
+    fn space(&mut self) {
+        while self.at < self.text.len() {
+            match self.text[self.at] {
+                b' ' | b'\t' | b'\r' | b'\n' => self.at += 1,
+                b'#' => {
+                    while self.at < self.text.len() && self.text[self.at] != b'\n' {
+                        self.at += 1;
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.text.get(self.at).copied()
+    }
+
+    fn name(&mut self) -> Option<String> {
+        let start = self.at;
+        while self.peek().is_some_and(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
+            self.at += 1;
+        }
+        (self.at > start).then(|| String::from_utf8_lossy(&self.text[start..self.at]).into_owned())
+    }
+
+    fn rule_of(&mut self, name: &str) -> u32 {
+        match self.names.iter().position(|n| n == name) {
+            Some(k) => k as u32,
+            None => {
+                self.names.push(name.to_string());
+                self.rules.push(Vec::new());
+                self.defined.push(false);
+                (self.names.len() - 1) as u32
+            }
+        }
+    }
+
+    /// A new rule of its own (a group's, a repetition's), named after `base`.
+    fn anonymous(&mut self, base: &str, alts: Vec<Seq>) -> u32 {
+        let name = format!("{base}-{}", self.names.len());
+        let r = self.rule_of(&name);
+        self.rules[r as usize] = alts;
+        self.defined[r as usize] = true;
+        r
+    }
+
+    fn grammar(&mut self) -> Result<(), String> {
+        self.space();
+        if self.at >= self.text.len() {
+            return Err("an empty grammar".into());
+        }
+        while self.at < self.text.len() {
+            let start = self.at;
+            let name = self.name().ok_or_else(|| self.error("expected a rule's name"))?;
+            self.space();
+            if !self.text[self.at..].starts_with(b"::=") {
+                return Err(self.error(&format!("expected ::= after {name}")));
+            }
+            let r = self.rule_of(&name);
+            if self.defined[r as usize] {
+                self.at = start;
+                return Err(self.error(&format!("rule {name} is defined twice")));
+            }
+            self.at += 3;
+            self.defined[r as usize] = true;
+            let alts = self.alternatives(&name, 0)?;
+            self.rules[r as usize] = alts;
+            self.space();
+        }
+        Ok(())
+    }
+
+    fn alternatives(&mut self, rule: &str, depth: usize) -> Result<Vec<Seq>, String> {
+        if depth > 64 {
+            return Err(self.error("groups nested more than 64 deep"));
+        }
+        let mut alts = vec![self.sequence(rule, depth)?];
+        while self.peek() == Some(b'|') {
+            self.at += 1;
+            alts.push(self.sequence(rule, depth)?);
+        }
+        Ok(alts)
+    }
+
+    /// Items up to `|`, `)`, the next rule (`name ::=`) or the end.
+    fn sequence(&mut self, rule: &str, depth: usize) -> Result<Seq, String> {
+        let mut seq = Vec::new();
+        loop {
+            self.space();
+            let Some(c) = self.peek() else { break };
+            if c == b'|' || c == b')' {
+                break;
+            }
+            // The next rule's name?
+            let mark = self.at;
+            if let Some(_name) = self.name() {
+                self.space();
+                let next_rule = self.text[self.at..].starts_with(b"::=");
+                self.at = mark;
+                if next_rule {
+                    break;
+                }
+            }
+            let item = self.primary(rule, depth)?;
+            self.space();
+            let item = self.repeated(rule, item)?;
+            seq.extend(item);
+        }
+        Ok(seq)
+    }
+
+    fn primary(&mut self, rule: &str, depth: usize) -> Result<Seq, String> {
+        match self.peek() {
+            Some(b'"') => {
+                self.at += 1;
+                let mut seq = Vec::new();
+                loop {
+                    match self.peek() {
+                        None => return Err(self.error("a string that does not end")),
+                        Some(b'"') => {
+                            self.at += 1;
+                            return Ok(seq);
+                        }
+                        Some(_) => {
+                            let c = self.char()?;
+                            seq.push(Elem::Chars(vec![(c, c)], false));
+                        }
+                    }
+                }
+            }
+            Some(b'[') => {
+                self.at += 1;
+                let negated = self.peek() == Some(b'^');
+                if negated {
+                    self.at += 1;
+                }
+                let mut ranges = Vec::new();
+                loop {
+                    match self.peek() {
+                        None => return Err(self.error("a class that does not end")),
+                        Some(b']') => {
+                            self.at += 1;
+                            return Ok(vec![Elem::Chars(ranges, negated)]);
+                        }
+                        Some(_) => {
+                            let lo = self.char()?;
+                            let hi = if self.peek() == Some(b'-') && self.text.get(self.at + 1) != Some(&b']') {
+                                self.at += 1;
+                                self.char()?
+                            } else {
+                                lo
+                            };
+                            if hi < lo {
+                                return Err(self.error("a range that runs backwards"));
+                            }
+                            ranges.push((lo, hi));
+                        }
+                    }
+                }
+            }
+            Some(b'.') => {
+                self.at += 1;
+                Ok(vec![Elem::Chars(Vec::new(), true)])
+            }
+            Some(b'(') => {
+                self.at += 1;
+                let alts = self.alternatives(rule, depth + 1)?;
+                self.space();
+                if self.peek() != Some(b')') {
+                    return Err(self.error("expected )"));
+                }
+                self.at += 1;
+                Ok(vec![Elem::Rule(self.anonymous(rule, alts))])
+            }
+            Some(c) if c.is_ascii_alphanumeric() || c == b'-' || c == b'_' => {
+                let name = self.name().unwrap_or_default();
+                Ok(vec![Elem::Rule(self.rule_of(&name))])
+            }
+            _ => Err(self.error("expected a string, a class, a name, . or (")),
+        }
+    }
+
+    /// One character of a string or class: itself, or an escape.
+    fn char(&mut self) -> Result<u32, String> {
+        let rest = std::str::from_utf8(&self.text[self.at..]).map_err(|_| self.error("not UTF-8"))?;
+        let mut chars = rest.chars();
+        let c = chars.next().ok_or_else(|| self.error("unexpected end"))?;
+        self.at += c.len_utf8();
+        if c != '\\' {
+            return Ok(c as u32);
+        }
+        let e = chars.next().ok_or_else(|| self.error("an escape that does not end"))?;
+        self.at += e.len_utf8();
+        let hex = |p: &mut Self, n: usize| -> Result<u32, String> {
+            let digits = p.text.get(p.at..p.at + n).and_then(|d| std::str::from_utf8(d).ok()).unwrap_or("");
+            let v = u32::from_str_radix(digits, 16).map_err(|_| p.error(&format!("expected {n} hex digits")))?;
+            p.at += n;
+            char::from_u32(v).map(|c| c as u32).ok_or_else(|| p.error("not a character"))
+        };
+        Ok(match e {
+            'n' => '\n' as u32,
+            'r' => '\r' as u32,
+            't' => '\t' as u32,
+            'x' => hex(self, 2)?,
+            'u' => hex(self, 4)?,
+            'U' => hex(self, 8)?,
+            '\\' | '"' | '[' | ']' | '-' | '^' => e as u32,
+            _ => return Err(self.error(&format!("unknown escape \\{e}"))),
+        })
+    }
+
+    /// `item` with the repetition that follows it, if any.
+    fn repeated(&mut self, rule: &str, item: Seq) -> Result<Seq, String> {
+        let (min, max) = match self.peek() {
+            Some(b'*') => (0, None),
+            Some(b'+') => (1, None),
+            Some(b'?') => (0, Some(1)),
+            Some(b'{') => {
+                let close =
+                    self.text[self.at..].iter().position(|&b| b == b'}').ok_or_else(|| self.error("expected }"))?;
+                let inner = String::from_utf8_lossy(&self.text[self.at + 1..self.at + close]).replace(' ', "");
+                let bound =
+                    |s: &str| s.parse::<usize>().map_err(|_| self.error(&format!("{{{inner}}} is not a count")));
+                let (min, max) = match inner.split_once(',') {
+                    None => (bound(&inner)?, Some(bound(&inner)?)),
+                    Some((m, "")) => (bound(m)?, None),
+                    Some((m, n)) => (bound(m)?, Some(bound(n)?)),
+                };
+                if max.is_some_and(|n| n < min) || min > 1024 || max.is_some_and(|n| n > 1024) {
+                    return Err(self.error(&format!("{{{inner}}}: counts up to 1024, the least first")));
+                }
+                self.at += close;
+                (min, max)
+            }
+            _ => return Ok(item),
+        };
+        self.at += 1;
+        let mut seq: Seq = Vec::new();
+        for _ in 0..min {
+            seq.extend(item.iter().cloned());
+        }
+        match max {
+            // Any more: R ::= item R | (nothing).
+            None => {
+                let r = self.anonymous(rule, Vec::new());
+                self.rules[r as usize] = vec![[&item[..], &[Elem::Rule(r)]].concat(), Vec::new()];
+                seq.push(Elem::Rule(r));
+            }
+            // Up to max - min more, each optional after the one before: (item (item ...)?)?.
+            Some(max) => {
+                let mut tail: Option<u32> = None;
+                for _ in min..max {
+                    let mut inner = item.clone();
+                    inner.extend(tail.map(Elem::Rule));
+                    tail = Some(self.anonymous(rule, vec![inner, Vec::new()]));
+                }
+                seq.extend(tail.map(Elem::Rule));
+            }
+        }
+        Ok(seq)
+    }
+}
+
+/// The grammars read last, by their text (a server's requests repeat theirs).
+static CACHE: Mutex<Vec<(String, Arc<Grammar>)>> = Mutex::new(Vec::new());
+
+/// [`Grammar::parse`], kept: the last 16 grammars read are shared by their text.
+pub fn cached(text: &str) -> Result<Arc<Grammar>, String> {
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, g)) = cache.iter().find(|(t, _)| t == text) {
+        return Ok(g.clone());
+    }
+    let g = Arc::new(Grammar::parse(text)?);
+    if cache.len() >= 16 {
+        cache.remove(0);
+    }
+    cache.push((text.to_string(), g.clone()));
+    Ok(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// JSON's objects in GBNF (what serde_json reads, but for escapes of lone surrogates).
+    pub const JSON: &str = r#"
+        # A JSON object, whitespace around it.
+        root   ::= ws object ws
+        value  ::= object | array | string | number | "true" | "false" | "null"
+        object ::= "{" ws ( member ( ws "," ws member )* ws )? "}"
+        member ::= string ws ":" ws value
+        array  ::= "[" ws ( value ( ws "," ws value )* ws )? "]"
+        string ::= "\"" ( [^"\\\x00-\x1f] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\""
+        number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
+        ws     ::= [ \t\n\r]*
+    "#;
+
+    fn fixture() -> Arc<Tokenizer> {
+        static READ: std::sync::OnceLock<Arc<Tokenizer>> = std::sync::OnceLock::new();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
+        READ.get_or_init(|| Arc::new(Tokenizer::from_file(&path).unwrap())).clone()
+    }
+
+    fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut state = seed;
+        move |n| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        }
+    }
+
+    /// Grammars without recursion take exactly what the same regular expression matches.
+    #[test]
+    fn regular_grammars_match_as_their_regular_expressions() {
+        let mut next = rng(5);
+        let alphabet: Vec<char> = "abcxyz019é-\n".chars().collect();
+        for (gbnf, regex) in [
+            (r#"root ::= [a-c]+ ("x" | "yz")? [0-9]{2,3}"#, "[a-c]+(x|yz)?[0-9]{2,3}"),
+            (r#"root ::= "é"* [^a-c\n]{1,} | "-"? ab ab ::= "ab"{2}"#, "é*[^a-c\\n]+|-?abab"),
+            ("root ::= . . ?\n# two or three\n . ?", "(?s).(.)?(.)?"),
+            (r#"root ::= ( [ax] | [\x30-\x39] )+ "\n""#, "[ax0-9]+\\n"),
+            (r#"root ::= "a" x{0,2} "b" x ::= "y" | "z""#, "a[yz]{0,2}b"),
+            (r#"root ::= ("ab" | "a") "c"?"#, "(ab|a)c?"),
+        ] {
+            let g = Grammar::parse(gbnf).unwrap_or_else(|e| panic!("{gbnf}: {e}"));
+            let oracle = regex_automata::meta::Regex::new(&format!("^(?:{regex})$")).unwrap();
+            let mut agreed = [0, 0];
+            for _ in 0..3000 {
+                let len = next(7);
+                let text: String = (0..len).map(|_| alphabet[next(alphabet.len() as u64) as usize]).collect();
+                let want = oracle.is_match(text.as_str());
+                assert_eq!(g.matches(text.as_bytes()), want, "{gbnf} on {text:?}");
+                agreed[want as usize] += 1;
+            }
+            assert!(agreed[1] > 0, "{gbnf}: no text matched");
+        }
+    }
+
+    /// Recursion: balanced parentheses, every text of up to 12 of them.
+    #[test]
+    fn recursive_grammars_take_nested_sentences() {
+        let g = Grammar::parse(r#"root ::= ( "(" root ")" )*"#).unwrap();
+        for len in 0..=12 {
+            for bits in 0u32..1 << len {
+                let text: String = (0..len).map(|i| if bits >> i & 1 == 1 { '(' } else { ')' }).collect();
+                let balanced = text
+                    .chars()
+                    .try_fold(0i32, |d, c| {
+                        let d = if c == '(' { d + 1 } else { d - 1 };
+                        (d >= 0).then_some(d)
+                    })
+                    .is_some_and(|d| d == 0);
+                assert_eq!(g.matches(text.as_bytes()), balanced, "{text}");
+            }
+        }
+        // Deep nesting stays within the stack's bound only as deep as it goes.
+        let deep = format!("{}{}", "(".repeat(200), ")".repeat(200));
+        assert!(g.matches(deep.as_bytes()));
+    }
+
+    /// The JSON grammar against serde_json: serde_json's own objects (compact and pretty), and
+    /// each with one byte inserted, removed or replaced, are sentences exactly when serde_json
+    /// reads an object.
+    #[test]
+    fn the_json_grammar_reads_what_serde_json_reads() {
+        let g = Grammar::parse(JSON).unwrap();
+        let mut next = rng(9);
+        let docs = [
+            serde_json::json!({}),
+            serde_json::json!({"a": [1, -2.5e3, true, null, "x\"y\\z\n\u{1}é😀"], "b": {"c": {}}, "": []}),
+            serde_json::json!({"n": 0, "m": [[], [{}], [0.5, 1e-7]], "s": "tab\there"}),
+        ];
+        let bytes = b"{}[]\",:0123456789.eE+-tfnul \n\\xa\x01\xc3\xa9\xe2\x82\xac";
+        let mut seen = [0, 0];
+        for doc in &docs {
+            for text in [serde_json::to_string(doc).unwrap(), serde_json::to_string_pretty(doc).unwrap()] {
+                assert!(g.matches(text.as_bytes()), "{text}");
+                let text = text.into_bytes();
+                for _ in 0..1500 {
+                    let mut t = text.clone();
+                    let at = next(t.len() as u64 + 1) as usize;
+                    match next(3) {
+                        0 => t.insert(at, bytes[next(bytes.len() as u64) as usize]),
+                        1 if at < t.len() => _ = t.remove(at),
+                        _ if at < t.len() => t[at] = bytes[next(bytes.len() as u64) as usize],
+                        _ => continue,
+                    }
+                    let serde = match serde_json::from_slice::<serde_json::Value>(&t) {
+                        Ok(v) => v.is_object(),
+                        Err(e) => e.to_string().starts_with("number out of range"),
+                    };
+                    assert_eq!(g.matches(&t), serde, "{:?}", String::from_utf8_lossy(&t));
+                    seen[serde as usize] += 1;
+                }
+            }
+        }
+        assert!(seen[0] > 100 && seen[1] > 100, "{seen:?}");
+    }
+
+    #[test]
+    fn bad_grammars_are_refused_saying_where() {
+        for (text, error) in [
+            ("", "an empty grammar"),
+            ("root ::= x", "rule x is used but not defined"),
+            ("start ::= \"a\"", "no rule named root"),
+            ("root ::= root \"a\" | \"b\"", "rule root is left-recursive (root -> root)"),
+            ("root ::= a\na ::= b? a \"x\"\nb ::= \"y\"", "rule a is left-recursive (a -> a)"),
+            ("root ::= \"a\"\nroot ::= \"b\"", "line 2, column 1: rule root is defined twice"),
+            ("root ::= \"a", "line 1, column 12: a string that does not end"),
+            ("root ::= [z-a]", "a range that runs backwards"),
+            ("root = \"a\"", "line 1, column 6: expected ::= after root"),
+            ("root ::= \"a\"{3,1}", "{3,1}: counts up to 1024, the least first"),
+            ("root ::= \"\\q\"", "unknown escape \\q"),
+            ("root ::= ( \"a\"", "expected )"),
+        ] {
+            let e = Grammar::parse(text).unwrap_err();
+            assert!(e.contains(error), "{text:?}: {e}");
+        }
+    }
+
+    /// Masks: at states along a text, the tokens allowed are those whose bytes the grammar takes
+    /// from there, fed one by one; and sampling under the JSON grammar from random logits writes
+    /// objects serde_json reads.
+    #[test]
+    fn masks_and_sampling_follow_the_grammar() {
+        let t = fixture();
+        let g = Arc::new(Grammar::parse(JSON).unwrap());
+        let trie = t.trie();
+        let text = br#"{"key": [12, "str\u00e9 \"x", {"a": null}], "b": -0.5e+3}"#;
+        let mut s = g.start();
+        for (k, &b) in text.iter().enumerate() {
+            if k % 3 == 0 {
+                let ok = g.allowed(&trie, &s);
+                for id in 0..t.vocab_size() as u32 {
+                    let bytes = t.token_bytes_of(id);
+                    let fed = !t.is_special(id)
+                        && !bytes.is_empty()
+                        && bytes.iter().try_fold(s.clone(), |s, &b| g.step(&s, b)).is_some();
+                    assert_eq!(
+                        crate::grammar::has(&ok, id),
+                        fed,
+                        "at {k}: token {id} {:?}",
+                        String::from_utf8_lossy(&bytes)
+                    );
+                }
+            }
+            s = g.step(&s, b).unwrap();
+        }
+        assert!(g.accepts(&s));
+        let eos = t.token_id("<｜end▁of▁sentence｜>").unwrap();
+        let mut next = rng(3);
+        let mut ended = 0;
+        for _ in 0..30 {
+            let mut c = GrammarConstraint::new(g.clone(), &t, eos);
+            let mut out = Vec::new();
+            for _ in 0..80 {
+                let mut logits: Vec<f32> = (0..t.vocab_size() as u32)
+                    .map(|i| {
+                        let b = t.token_bytes_of(i);
+                        let lean = if b.contains(&b'}') || b.contains(&b']') || i == eos { 3.0 } else { 0.0 };
+                        lean + next(1000) as f32 / 250.0
+                    })
+                    .collect();
+                c.mask(&mut logits);
+                let best = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap() as u32;
+                assert!(logits[best as usize].is_finite(), "nothing after {:?}", String::from_utf8_lossy(&out));
+                if best == eos {
+                    ended += 1;
+                    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+                    assert!(v.is_object(), "{v}");
+                    break;
+                }
+                out.extend(t.token_bytes_of(best));
+                c.advance(best);
+            }
+        }
+        assert!(ended >= 10, "{ended} of 30 ended");
+    }
+}
