@@ -834,10 +834,13 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     let schema_file = dir.path().join("schema.json");
     let schema_text = r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}"#;
     std::fs::write(&schema_file, schema_text).unwrap();
+    let grammar_file = dir.path().join("list.gbnf");
+    std::fs::write(&grammar_file, "root ::= item (\",\" item){0,3}\nitem ::= \"a\" | \"bc\" | [0-9]").unwrap();
     for guide in [
         vec!["--guided-choice", "yes", "--guided-choice", "no"],
         vec!["--guided-regex", "[0-9]{2}x", "--temperature", "1", "--seed", "3"],
         vec!["--json-schema", schema_file.to_str().unwrap()],
+        vec!["--guided-grammar", grammar_file.to_str().unwrap(), "--temperature", "1", "--seed", "4"],
     ] {
         let common = [&["--prompt", "Hi", "--max-new-tokens", "20"][..], &guide].concat();
         let out = v3r_run(&common);
@@ -851,6 +854,13 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
         let held = match guide[0] {
             "--guided-choice" => ours == "yes" || ours == "no",
             "--guided-regex" => ours.len() == 3 && ours[..2].bytes().all(|b| b.is_ascii_digit()) && ours.ends_with('x'),
+            "--guided-grammar" => {
+                let items: Vec<&str> = ours.split(',').collect();
+                items.len() <= 4
+                    && items
+                        .iter()
+                        .all(|i| *i == "a" || *i == "bc" || (i.len() == 1 && i.as_bytes()[0].is_ascii_digit()))
+            }
             _ => serde_json::from_str::<serde_json::Value>(ours).is_ok_and(|v| v["ok"].is_boolean()),
         };
         assert!(held, "{guide:?}: {ours:?}");

@@ -122,8 +122,8 @@ pub struct ShapingArgs {
     /// Hold the completion to one JSON object (OpenAI's response_format json_object).
     #[arg(long, group = "guided")]
     json: bool,
-    /// Hold the completion to a JSON schema (a file; as OpenAI's strict mode writes them: every
-    /// property required, generated in order), ended by the end token.
+    /// Hold the completion to a JSON schema (a file; its properties generated in order, those not
+    /// required there or not), ended by the end token.
     #[arg(long, value_name = "FILE", group = "guided")]
     json_schema: Option<std::path::PathBuf>,
     /// Hold the completion to a regular expression, matched whole, ended by the end token.
@@ -132,16 +132,26 @@ pub struct ShapingArgs {
     /// Make the completion one of these strings (the flag repeated), ended by the end token.
     #[arg(long, value_name = "TEXT", group = "guided")]
     guided_choice: Vec<String>,
+    /// Hold the completion to a context-free grammar (a file in GBNF, llama.cpp's EBNF: `root ::=
+    /// ...`), a sentence of it ended by the end token.
+    #[arg(long, value_name = "FILE", group = "guided")]
+    guided_grammar: Option<std::path::PathBuf>,
 }
 
 impl ShapingArgs {
-    /// What `--json`, `--json-schema`, `--guided-regex` or `--guided-choice` hold the completion
-    /// to, through `tokenizer` (the token's bytes), ended by `eos` (None: none asked for).
+    /// What `--json`, `--json-schema`, `--guided-regex`, `--guided-choice` or `--guided-grammar`
+    /// hold the completion to, through `tokenizer` (the token's bytes), ended by `eos` (None:
+    /// none asked for).
     pub fn constraint(
         &self,
         tokenizer: Option<&std::sync::Arc<crate::tokenizer::Tokenizer>>,
         eos: Option<u32>,
     ) -> Result<Option<Box<dyn v3c_models::sampling::Constraint>>, String> {
+        if let Some(file) = &self.guided_grammar {
+            let at = |e: String| format!("--guided-grammar {}: {e}", file.display());
+            let text = std::fs::read_to_string(file).map_err(|e| at(e.to_string()))?;
+            return grammar_constraint(&text, tokenizer, eos).map(Some).map_err(at);
+        }
         let (flag, regex) = match (&self.json_schema, &self.guided_regex, self.guided_choice.is_empty()) {
             _ if self.json => ("--json", None),
             (Some(file), _, _) => {
@@ -167,7 +177,11 @@ impl ShapingArgs {
 
     /// Whether a constraint is asked for (a tokenizer is needed).
     pub fn guided(&self) -> bool {
-        self.json || self.json_schema.is_some() || self.guided_regex.is_some() || !self.guided_choice.is_empty()
+        self.json
+            || self.json_schema.is_some()
+            || self.guided_regex.is_some()
+            || !self.guided_choice.is_empty()
+            || self.guided_grammar.is_some()
     }
 
     pub fn shaping(&self) -> v3c_models::sampling::Shaping {
@@ -427,6 +441,16 @@ pub fn parse_request(
         }
         (None, Some(x)) => return Err(format!("guided_choice: {x} is not an array of strings")),
     };
+    // vLLM's: a context-free grammar (GBNF here) the completion is a sentence of.
+    if let Some(g) = o.get("guided_grammar").filter(|g| !g.is_null()) {
+        if sampler.constraint.is_some() || guided.is_some() {
+            return Err("guided_grammar and another response format or guided decoding: one of them".into());
+        }
+        let text = g.as_str().ok_or_else(|| format!("guided_grammar: {g} is not a grammar's text"))?;
+        let eos = d.eos.filter(|_| !ignore_eos);
+        sampler =
+            sampler.constrained(grammar_constraint(text, tokenizer, eos).map_err(|e| format!("guided_grammar: {e}"))?);
+    }
     if let Some((field, regex)) = guided {
         if sampler.constraint.is_some() {
             return Err(format!("{field} and response_format: one of them"));
@@ -479,10 +503,22 @@ pub fn parse_request(
     Ok((o.get("id").cloned(), request))
 }
 
+/// A completion held to the GBNF grammar `text` through `tokenizer`, ended by `eos`.
+fn grammar_constraint(
+    text: &str,
+    tokenizer: Option<&std::sync::Arc<crate::tokenizer::Tokenizer>>,
+    eos: Option<u32>,
+) -> Result<Box<dyn v3c_models::sampling::Constraint>, String> {
+    let t = tokenizer.ok_or("needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)")?;
+    let eos = eos.ok_or("needs the end token to end the sentence (not ignore_eos)")?;
+    let grammar = crate::gbnf::cached(text)?;
+    Ok(Box::new(crate::gbnf::GrammarConstraint::new(grammar, t, eos)))
+}
+
 /// A request's fields beyond temperature and top-p that shape its sampling and its end
 /// ([`v3c_models::sampling`]): OpenAI's and vLLM's, named as both name them (the HTTP API passes
 /// them on as they are).
-pub const SAMPLING_FIELDS: [&str; 13] = [
+pub const SAMPLING_FIELDS: [&str; 14] = [
     "top_k",
     "min_p",
     "repetition_penalty",
@@ -496,6 +532,7 @@ pub const SAMPLING_FIELDS: [&str; 13] = [
     "guided_regex",
     "guided_choice",
     "guided_json",
+    "guided_grammar",
 ];
 
 /// OpenAI's `logit_bias`: `{"token id": bias, ...}` (`null`: none).
@@ -723,6 +760,8 @@ mod tests {
         let d = RequestDefaults { eos: Some(1), ..d };
         let (_, r) = parse_request(r#"{"text": "x", "guided_choice": ["yes", "no"]}"#, &d, Some(&t)).unwrap();
         assert!(r.sampler.constraint.is_some());
+        let (_, r) = parse_request(r#"{"text": "x", "guided_grammar": "root ::= [0-9]+"}"#, &d, Some(&t)).unwrap();
+        assert!(r.sampler.constraint.is_some());
         let (_, r) = parse_request(r#"{"text": "x", "guided_regex": "^[0-9]+$"}"#, &d, Some(&t)).unwrap();
         assert!(r.sampler.constraint.is_some());
         for (line, err) in [
@@ -730,6 +769,16 @@ mod tests {
             (r#"{"text": "x", "guided_choice": []}"#, "guided_choice: [] is not an array of strings"),
             (r#"{"text": "x", "guided_choice": ["a"], "guided_regex": "a"}"#, "guided_regex and guided_choice: one"),
             (r#"{"text": "x", "guided_regex": "a", "ignore_eos": true}"#, "guided_regex: needs the end token"),
+            (r#"{"text": "x", "guided_grammar": "root ::= a"}"#, "guided_grammar: rule a is used but not defined"),
+            (r#"{"text": "x", "guided_grammar": 3}"#, "guided_grammar: 3 is not a grammar's text"),
+            (
+                r#"{"text": "x", "guided_grammar": "root ::= \"a\"", "guided_regex": "a"}"#,
+                "guided_grammar and another response format or guided decoding: one of them",
+            ),
+            (
+                r#"{"text": "x", "guided_grammar": "root ::= \"a\"", "ignore_eos": true}"#,
+                "guided_grammar: needs the end token to end the sentence",
+            ),
             (
                 r#"{"text": "x", "guided_regex": "a", "response_format": {"type": "json_object"}}"#,
                 "guided_regex and response_format: one of them",
