@@ -6,6 +6,7 @@
 //! tokenizer.json, e.g. DeepSeek-V3's 129280 tokens), else the fixture's 980.
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use v3c_runtime::gbnf::Grammar;
 use v3c_runtime::grammar::{any_object_regex, schema_regex, Json, Pattern, TokenTrie};
 use v3c_runtime::tokenizer::Tokenizer;
 
@@ -43,6 +44,21 @@ fn grammar(c: &mut Criterion) {
     let regex = schema_regex(&schema).expect("a schema");
     g.bench_function("build_pattern_schema", |b| b.iter(|| Pattern::new(std::hint::black_box(&regex))));
     g.bench_function("build_pattern_any_object3", |b| b.iter(|| Pattern::new(std::hint::black_box(&any))));
+    // A GBNF grammar of JSON objects inside a string: the first mask at a state (the grammar
+    // read afresh, its automaton built as the trie is walked), and one kept.
+    let json = v3c_runtime::gbnf::JSON_OBJECT;
+    let in_string =
+        |g: &Grammar| br#"{"a": "text "#.iter().try_fold(g.start(), |s, &b| g.step(&s, b)).expect("on the grammar");
+    g.bench_function("gbnf_json_in_string_first", |b| {
+        b.iter(|| {
+            let grammar = Grammar::parse(json).expect("a grammar");
+            grammar.allowed(&trie, &in_string(&grammar))
+        })
+    });
+    let grammar = Grammar::parse(json).expect("a grammar");
+    let state = in_string(&grammar);
+    grammar.allowed(&trie, &state);
+    g.bench_function("gbnf_json_in_string_kept", |b| b.iter(|| grammar.allowed(&trie, std::hint::black_box(&state))));
     g.finish();
 }
 

@@ -292,7 +292,7 @@ impl Grammar {
     }
 
     /// The tokens of `trie` that go on from `s` (kept per state).
-    fn allowed(&self, trie: &TokenTrie, s: &State) -> Arc<Vec<u64>> {
+    pub fn allowed(&self, trie: &TokenTrie, s: &State) -> Arc<Vec<u64>> {
         let mut m = self.machine.lock().unwrap_or_else(|e| e.into_inner());
         if m.states.len() > MAX_STATES {
             *m = Machine::default();
@@ -684,6 +684,20 @@ impl Parser<'_> {
     }
 }
 
+/// JSON's objects in GBNF (what serde_json reads, but for escapes of lone surrogates): an
+/// example, and what the tests and benchmarks check the engine with.
+pub const JSON_OBJECT: &str = r#"
+# A JSON object, whitespace around it.
+root   ::= ws object ws
+value  ::= object | array | string | number | "true" | "false" | "null"
+object ::= "{" ws ( member ( ws "," ws member )* ws )? "}"
+member ::= string ws ":" ws value
+array  ::= "[" ws ( value ( ws "," ws value )* ws )? "]"
+string ::= "\"" ( [^"\\\x00-\x1f] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\""
+number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
+ws     ::= [ \t\n\r]*
+"#;
+
 /// The grammars read last, by their text (a server's requests repeat theirs).
 static CACHE: Mutex<Vec<(String, Arc<Grammar>)>> = Mutex::new(Vec::new());
 
@@ -705,18 +719,7 @@ pub fn cached(text: &str) -> Result<Arc<Grammar>, String> {
 mod tests {
     use super::*;
 
-    /// JSON's objects in GBNF (what serde_json reads, but for escapes of lone surrogates).
-    pub const JSON: &str = r#"
-        # A JSON object, whitespace around it.
-        root   ::= ws object ws
-        value  ::= object | array | string | number | "true" | "false" | "null"
-        object ::= "{" ws ( member ( ws "," ws member )* ws )? "}"
-        member ::= string ws ":" ws value
-        array  ::= "[" ws ( value ( ws "," ws value )* ws )? "]"
-        string ::= "\"" ( [^"\\\x00-\x1f] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\""
-        number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
-        ws     ::= [ \t\n\r]*
-    "#;
+    const JSON: &str = JSON_OBJECT;
 
     fn fixture() -> Arc<Tokenizer> {
         static READ: std::sync::OnceLock<Arc<Tokenizer>> = std::sync::OnceLock::new();
