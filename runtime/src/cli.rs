@@ -152,27 +152,26 @@ impl ShapingArgs {
             let text = std::fs::read_to_string(file).map_err(|e| at(e.to_string()))?;
             return grammar_constraint(&text, tokenizer, eos).map(Some).map_err(at);
         }
-        let (flag, regex) = match (&self.json_schema, &self.guided_regex, self.guided_choice.is_empty()) {
-            _ if self.json => ("--json", None),
+        let (flag, guide) = match (&self.json_schema, &self.guided_regex, self.guided_choice.is_empty()) {
+            _ if self.json => (String::from("--json"), None),
             (Some(file), _, _) => {
-                let text =
-                    std::fs::read_to_string(file).map_err(|e| format!("--json-schema {}: {e}", file.display()))?;
-                let schema: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| format!("--json-schema {}: {e}", file.display()))?;
-                let regex = crate::grammar::schema_regex(&schema)
-                    .map_err(|e| format!("--json-schema {}: {e}", file.display()))?;
-                ("--json-schema", Some(regex))
+                let at = |e: String| format!("--json-schema {}: {e}", file.display());
+                let text = std::fs::read_to_string(file).map_err(|e| at(e.to_string()))?;
+                let schema: serde_json::Value = serde_json::from_str(&text).map_err(|e| at(e.to_string()))?;
+                ("--json-schema".into(), Some(Guide::of_schema(&schema).map_err(at)?))
             }
-            (None, Some(r), _) => ("--guided-regex", Some(r.clone())),
-            (None, None, false) => ("--guided-choice", Some(crate::grammar::choice_regex(&self.guided_choice))),
+            (None, Some(r), _) => ("--guided-regex".into(), Some(Guide::Regex(r.clone()))),
+            (None, None, false) => {
+                ("--guided-choice".into(), Some(Guide::Regex(crate::grammar::choice_regex(&self.guided_choice))))
+            }
             (None, None, true) => return Ok(None),
         };
-        let t = tokenizer
-            .ok_or_else(|| format!("{flag}: needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)"))?;
-        let Some(regex) = regex else { return Ok(Some(Box::new(crate::grammar::JsonConstraint::new(t, eos)))) };
-        let eos = eos.ok_or_else(|| format!("{flag}: needs the end token to end the match (not --ignore-eos)"))?;
-        let pattern = crate::grammar::Pattern::cached(&regex).map_err(|e| format!("{flag}: {e}"))?;
-        Ok(Some(Box::new(crate::grammar::PatternConstraint::new(pattern, t, eos))))
+        let Some(guide) = guide else {
+            let t = tokenizer.ok_or("--json: needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)")?;
+            return Ok(Some(Box::new(crate::grammar::JsonConstraint::new(t, eos))));
+        };
+        let eos_flag = |e: String| e.replace("(not ignore_eos)", "(not --ignore-eos)");
+        guide.constraint(tokenizer, eos).map(Some).map_err(|e| format!("{flag}: {}", eos_flag(e)))
     }
 
     /// Whether a constraint is asked for (a tokenizer is needed).
@@ -413,16 +412,14 @@ pub fn parse_request(
         (Some(_), Some(_)) => return Err("response_format and guided_json: one of them".into()),
         (Some(j), None) => {
             let s = j.get("schema").ok_or("response_format: json_schema needs {\"json_schema\": {\"schema\": ...}}")?;
-            Some(("response_format", crate::grammar::schema_regex(s).map_err(|e| format!("response_format: {e}"))?))
+            Some(("response_format", Guide::of_schema(s).map_err(|e| format!("response_format: {e}"))?))
         }
         (None, Some(serde_json::Value::String(text))) => {
             let s: serde_json::Value =
                 serde_json::from_str(text).map_err(|e| format!("guided_json: not a JSON schema: {e}"))?;
-            Some(("guided_json", crate::grammar::schema_regex(&s).map_err(|e| format!("guided_json: {e}"))?))
+            Some(("guided_json", Guide::of_schema(&s).map_err(|e| format!("guided_json: {e}"))?))
         }
-        (None, Some(s)) => {
-            Some(("guided_json", crate::grammar::schema_regex(s).map_err(|e| format!("guided_json: {e}"))?))
-        }
+        (None, Some(s)) => Some(("guided_json", Guide::of_schema(s).map_err(|e| format!("guided_json: {e}"))?)),
         (None, None) => None,
     };
     let guided = match (o.get("guided_regex"), o.get("guided_choice")) {
@@ -431,13 +428,13 @@ pub fn parse_request(
         }
         (None, None) => schema,
         (Some(_), Some(_)) => return Err("guided_regex and guided_choice: one of them".into()),
-        (Some(serde_json::Value::String(r)), None) => Some(("guided_regex", r.clone())),
+        (Some(serde_json::Value::String(r)), None) => Some(("guided_regex", Guide::Regex(r.clone()))),
         (Some(x), None) => return Err(format!("guided_regex: {x} is not a string")),
         (None, Some(serde_json::Value::Array(c)))
             if !c.is_empty() && c.iter().all(|c| c.as_str().is_some_and(|c| !c.is_empty())) =>
         {
             let choices: Vec<String> = c.iter().filter_map(|c| c.as_str().map(str::to_string)).collect();
-            Some(("guided_choice", crate::grammar::choice_regex(&choices)))
+            Some(("guided_choice", Guide::Regex(crate::grammar::choice_regex(&choices))))
         }
         (None, Some(x)) => return Err(format!("guided_choice: {x} is not an array of strings")),
     };
@@ -451,18 +448,12 @@ pub fn parse_request(
         sampler =
             sampler.constrained(grammar_constraint(text, tokenizer, eos).map_err(|e| format!("guided_grammar: {e}"))?);
     }
-    if let Some((field, regex)) = guided {
+    if let Some((field, guide)) = guided {
         if sampler.constraint.is_some() {
             return Err(format!("{field} and response_format: one of them"));
         }
-        let t = tokenizer
-            .ok_or_else(|| format!("{field}: needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)"))?;
-        let eos = d
-            .eos
-            .filter(|_| !ignore_eos)
-            .ok_or_else(|| format!("{field}: needs the end token to end the match (not --ignore-eos)"))?;
-        let pattern = crate::grammar::Pattern::cached(&regex).map_err(|e| format!("{field}: {e}"))?;
-        sampler = sampler.constrained(Box::new(crate::grammar::PatternConstraint::new(pattern, t, eos)));
+        let eos = d.eos.filter(|_| !ignore_eos);
+        sampler = sampler.constrained(guide.constraint(tokenizer, eos).map_err(|e| format!("{field}: {e}"))?);
     }
     if let (Some(tools), Some(t)) = (&tools, tokenizer) {
         match (tools.calling(), sampler.constraint.is_some()) {
@@ -501,6 +492,39 @@ pub fn parse_request(
         ..crate::session::Request::new(prompt, max_new, sampler)
     };
     Ok((o.get("id").cloned(), request))
+}
+
+/// What a completion is held to by a regular expression or a grammar.
+enum Guide {
+    Regex(String),
+    /// GBNF.
+    Grammar(String),
+}
+
+impl Guide {
+    /// A JSON schema's: its regular expression, or where its references recurse, its grammar.
+    fn of_schema(schema: &serde_json::Value) -> Result<Guide, String> {
+        Ok(match crate::gbnf::schema_grammar(schema)? {
+            Some(g) => Guide::Grammar(g),
+            None => Guide::Regex(crate::grammar::schema_regex(schema)?),
+        })
+    }
+
+    /// The constraint through `tokenizer`, ended by `eos`.
+    fn constraint(
+        &self,
+        tokenizer: Option<&std::sync::Arc<crate::tokenizer::Tokenizer>>,
+        eos: Option<u32>,
+    ) -> Result<Box<dyn v3c_models::sampling::Constraint>, String> {
+        let regex = match self {
+            Guide::Grammar(text) => return grammar_constraint(text, tokenizer, eos),
+            Guide::Regex(r) => r,
+        };
+        let t = tokenizer.ok_or("needs a tokenizer (--tokenizer FILE, or tokenizer.json in --weights)")?;
+        let eos = eos.ok_or("needs the end token to end the match (not --ignore-eos)")?;
+        let pattern = crate::grammar::Pattern::cached(regex)?;
+        Ok(Box::new(crate::grammar::PatternConstraint::new(pattern, t, eos)))
+    }
 }
 
 /// A completion held to the GBNF grammar `text` through `tokenizer`, ended by `eos`.
@@ -762,6 +786,10 @@ mod tests {
         assert!(r.sampler.constraint.is_some());
         let (_, r) = parse_request(r#"{"text": "x", "guided_grammar": "root ::= [0-9]+"}"#, &d, Some(&t)).unwrap();
         assert!(r.sampler.constraint.is_some());
+        // A schema whose references recurse: held by a grammar.
+        let list = r##"{"text": "x", "guided_json": {"type": "object", "properties": {"next": {"anyOf": [{"type": "null"}, {"$ref": "#"}]}}, "required": ["next"]}}"##;
+        let (_, r) = parse_request(list, &d, Some(&t)).unwrap();
+        assert!(format!("{:?}", r.sampler.constraint).contains("GrammarConstraint"), "{:?}", r.sampler.constraint);
         let (_, r) = parse_request(r#"{"text": "x", "guided_regex": "^[0-9]+$"}"#, &d, Some(&t)).unwrap();
         assert!(r.sampler.constraint.is_some());
         for (line, err) in [

@@ -684,6 +684,77 @@ impl Parser<'_> {
     }
 }
 
+/// A JSON schema whose references are recursive as a GBNF grammar (None: it has none — a
+/// regular expression holds it, [`crate::grammar::schema_regex`]): its expression and each
+/// referenced schema's ([`crate::grammar::schema_rules`]) written as rules `root` and `ref-k`.
+pub fn schema_grammar(schema: &serde_json::Value) -> Result<Option<String>, String> {
+    let (rules, recursive) = crate::grammar::schema_rules(schema)?;
+    if !recursive {
+        return Ok(None);
+    }
+    let mut text = String::new();
+    for (k, regex) in rules.iter().enumerate() {
+        let hir = regex_syntax::Parser::new().parse(regex).map_err(|e| e.to_string())?;
+        let name = if k == 0 { "root".to_string() } else { format!("ref-{}", k - 1) };
+        text.push_str(&format!("{name} ::= {}\n", gbnf_of(&hir)?));
+    }
+    Ok(Some(text))
+}
+
+/// A regular expression (its syntax tree) in GBNF; the reference marks as rule names.
+fn gbnf_of(hir: &regex_syntax::hir::Hir) -> Result<String, String> {
+    use regex_syntax::hir::{Class, HirKind};
+    let mark = crate::grammar::REF_MARK;
+    Ok(match hir.kind() {
+        HirKind::Empty => "\"\"".to_string(),
+        HirKind::Literal(l) => {
+            let text = std::str::from_utf8(&l.0).map_err(|_| "bytes that are not UTF-8".to_string())?;
+            let mut parts: Vec<String> = Vec::new();
+            let mut plain = String::new();
+            for c in text.chars() {
+                if (c as u32) >= mark && (c as u32) < mark + 0x10000 {
+                    if !plain.is_empty() {
+                        parts.push(format!("\"{}\"", std::mem::take(&mut plain)));
+                    }
+                    parts.push(format!("ref-{}", c as u32 - mark));
+                } else if c == '"' || c == '\\' {
+                    plain.push('\\');
+                    plain.push(c);
+                } else if (c as u32) < 0x20 {
+                    plain.push_str(&format!("\\x{:02x}", c as u32));
+                } else {
+                    plain.push(c);
+                }
+            }
+            if !plain.is_empty() {
+                parts.push(format!("\"{plain}\""));
+            }
+            format!("( {} )", parts.join(" "))
+        }
+        HirKind::Class(Class::Unicode(c)) => {
+            let ranges: String =
+                c.iter().map(|r| format!("\\U{:08x}-\\U{:08x}", r.start() as u32, r.end() as u32)).collect();
+            match ranges.is_empty() {
+                true => "[^\\U00000000-\\U0010ffff]".to_string(),
+                false => format!("[{ranges}]"),
+            }
+        }
+        HirKind::Class(Class::Bytes(_)) => return Err("byte classes are not supported".into()),
+        HirKind::Look(look) => return Err(format!("the assertion {look:?} is not supported")),
+        HirKind::Repetition(r) => {
+            let max = r.max.map_or(String::new(), |m| m.to_string());
+            format!("( {} ){{{},{max}}}", gbnf_of(&r.sub)?, r.min)
+        }
+        HirKind::Capture(c) => gbnf_of(&c.sub)?,
+        HirKind::Concat(parts) => {
+            format!("( {} )", parts.iter().map(gbnf_of).collect::<Result<Vec<_>, _>>()?.join(" "))
+        }
+        HirKind::Alternation(parts) => {
+            format!("( {} )", parts.iter().map(gbnf_of).collect::<Result<Vec<_>, _>>()?.join(" | "))
+        }
+    })
+}
+
 /// JSON's objects in GBNF (what serde_json reads, but for escapes of lone surrogates): an
 /// example, and what the tests and benchmarks check the engine with.
 pub const JSON_OBJECT: &str = r#"
@@ -821,6 +892,57 @@ mod tests {
             }
         }
         assert!(seen[0] > 100 && seen[1] > 100, "{seen:?}");
+    }
+
+    /// Recursive schemas become grammars: trees of nodes (through `$defs`) and linked lists
+    /// (through `#`) take their instances, nested, with every kind of leaf the regular
+    /// expressions write (bounded strings and integers, enums with escapes, formats, optional
+    /// properties), and refuse them broken at any depth; schemas without recursion stay
+    /// regular expressions.
+    #[test]
+    fn recursive_schemas_become_grammars() {
+        let tree = serde_json::json!({
+            "$ref": "#/$defs/node",
+            "$defs": {"node": {"type": "object", "properties": {
+                "name": {"type": "string", "maxLength": 5},
+                "n": {"type": "integer", "minimum": -3, "maximum": 120},
+                "tag": {"enum": ["a", "b\"c"]},
+                "when": {"type": "string", "format": "date"},
+                "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 3}},
+                "required": ["name", "n", "kids"]}}
+        });
+        let g = Grammar::parse(&schema_grammar(&tree).unwrap().expect("recursive")).unwrap();
+        let leaf = |name: &str, n: i64| serde_json::json!({"name": name, "n": n, "kids": []});
+        let good = serde_json::json!({"name": "root", "n": 120, "tag": "b\"c", "kids": [
+            leaf("x", -3),
+            {"name": "mid", "n": 7, "when": "2026-12-01", "kids": [leaf("deep", 0), {"name": "", "n": 1, "tag": "a", "kids": [leaf("z", 2)]}]},
+        ]});
+        for text in [serde_json::to_string(&good).unwrap(), serde_json::to_string(&leaf("a", 1)).unwrap()] {
+            assert!(g.matches(text.as_bytes()), "{text}");
+        }
+        let text = serde_json::to_string(&good).unwrap();
+        for bad in [
+            text.replace(r#""name":"deep","n":0"#, r#""name":"deep","n":121"#),
+            text.replace(r#""name":"z","n":2,"kids":[]"#, r#""name":"z","n":2"#),
+            text.replace(r#""name":"deep""#, r#""name":"deeper""#),
+            text.replace("2026-12-01", "2026-13-01"),
+            text.replace(r#""tag":"a""#, r#""tag":"c""#),
+            text.replace(r#""kids":[]}]}]}"#, r#""kids":[],"x":1}]}]}"#),
+        ] {
+            assert_ne!(bad, text);
+            assert!(!g.matches(bad.as_bytes()), "{bad}");
+        }
+        // Through the root: a list of names, each with the rest or null.
+        let list = serde_json::json!({"type": "object", "properties": {"name": {"type": "string"},
+            "next": {"anyOf": [{"type": "null"}, {"$ref": "#"}]}}, "required": ["name", "next"]});
+        let g = Grammar::parse(&schema_grammar(&list).unwrap().expect("recursive")).unwrap();
+        let three = r#"{"name":"a","next":{"name":"b","next":{"name":"c","next":null}}}"#;
+        assert!(g.matches(three.as_bytes()));
+        assert!(!g.matches(three.replace("null", "{}").as_bytes()));
+        // No recursion: the regular expression serves.
+        let flat =
+            serde_json::json!({"$ref": "#/$defs/a", "$defs": {"a": {"type": "array", "items": {"type": "null"}}}});
+        assert_eq!(schema_grammar(&flat).unwrap(), None);
     }
 
     #[test]

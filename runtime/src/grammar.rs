@@ -719,15 +719,78 @@ const MAX_BOUND: u64 = 256;
 /// (not recursive). Annotations (`title`, `description`, `default`, `examples`, `$schema`,
 /// `$id`) are left out; any other keyword is refused by name with where it is.
 pub fn schema_regex(schema: &serde_json::Value) -> Result<String, String> {
-    SchemaRegex { root: schema, depth: 0 }.of(schema, "#")
+    SchemaRegex { root: schema, depth: 0, refs: None, used: Vec::new() }.of(schema, "#")
+}
+
+/// The first of the private-use characters that stand for `$ref`s in [`schema_rules`]'
+/// expressions (the k-th reference: this plus k).
+pub const REF_MARK: u32 = 0xF0000;
+
+/// A schema as rules: the expression of its texts with each `$ref` (to `#`, `#/$defs/...` or
+/// `#/definitions/...`) a character [`REF_MARK`] + k, then each referenced schema's expression
+/// alike, the k-th after the root — for schemas that refer to themselves, which one regular
+/// expression cannot hold ([`crate::gbnf::schema_grammar`] writes them as a grammar). Also
+/// whether any reference is recursive.
+pub fn schema_rules(schema: &serde_json::Value) -> Result<(Vec<String>, bool), String> {
+    let mut compiler = SchemaRegex { root: schema, depth: 0, refs: Some(Vec::new()), used: Vec::new() };
+    let mut rules = vec![compiler.of(schema, "#")?];
+    let mut done = 0;
+    let mut uses: Vec<Vec<usize>> = vec![compiler.taken()];
+    while done < compiler.refs.as_ref().map_or(0, Vec::len) {
+        let path = compiler.refs.as_ref().map(|r| r[done].clone()).unwrap_or_default();
+        let target = compiler.target(&path, "#")?;
+        rules.push(compiler.of(target, &path)?);
+        uses.push(compiler.taken());
+        done += 1;
+    }
+    // A cycle among the references (rule k uses rule k + 1's references...).
+    let n = rules.len();
+    let mut reach: Vec<Vec<bool>> = vec![vec![false; n]; n];
+    for (k, u) in uses.iter().enumerate() {
+        for &r in u {
+            reach[k][r + 1] = true;
+        }
+    }
+    for m in 0..n {
+        for i in 0..n {
+            for j in 0..n {
+                if reach[i][m] && reach[m][j] {
+                    reach[i][j] = true;
+                }
+            }
+        }
+    }
+    let recursive = (0..n).any(|k| reach[k][k]);
+    Ok((rules, recursive))
 }
 
 struct SchemaRegex<'s> {
     root: &'s serde_json::Value,
     depth: usize,
+    /// Where `$ref`s are written as marks: the references met, in order (their paths), and
+    /// those the expression being compiled uses (taken by [`SchemaRegex::taken`]).
+    refs: Option<Vec<String>>,
+    used: Vec<usize>,
 }
 
-impl SchemaRegex<'_> {
+impl<'s> SchemaRegex<'s> {
+    /// The schema a `$ref` names.
+    fn target(&self, r: &str, at: &str) -> Result<&'s serde_json::Value, String> {
+        if r == "#" && self.refs.is_some() {
+            return Ok(self.root);
+        }
+        ["#/$defs/", "#/definitions/"]
+            .iter()
+            .find_map(|p| r.strip_prefix(p).map(|name| (p, name)))
+            .and_then(|(p, name)| self.root.get(&p[2..p.len() - 1])?.get(name))
+            .ok_or_else(|| format!("{at}/$ref: {r} is not a schema of #/$defs or #/definitions"))
+    }
+
+    /// The references the expressions compiled since the last call use (by number).
+    fn taken(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.used)
+    }
+
     fn of(&mut self, s: &serde_json::Value, at: &str) -> Result<String, String> {
         use serde_json::Value;
         let o = match s {
@@ -778,11 +841,19 @@ impl SchemaRegex<'_> {
         let literal = |v: &Value| escape(&v.to_string());
         if let Some(r) = o.get("$ref") {
             let r = r.as_str().ok_or_else(|| format!("{at}/$ref: not a string"))?;
-            let target = ["#/$defs/", "#/definitions/"]
-                .iter()
-                .find_map(|p| r.strip_prefix(p).map(|name| (p, name)))
-                .and_then(|(p, name)| self.root.get(&p[2..p.len() - 1])?.get(name))
-                .ok_or_else(|| format!("{at}/$ref: {r} is not a schema of #/$defs or #/definitions"))?;
+            let target = self.target(r, at)?;
+            if let Some(refs) = &mut self.refs {
+                // A mark for the reference, its schema compiled as a rule of its own.
+                let k = match refs.iter().position(|x| x == r) {
+                    Some(k) => k,
+                    None => {
+                        refs.push(r.to_string());
+                        refs.len() - 1
+                    }
+                };
+                self.used.push(k);
+                return Ok(format!("\\x{{{:x}}}", REF_MARK + k as u32));
+            }
             return self.of(target, r);
         }
         if let Some(c) = o.get("const") {
