@@ -716,7 +716,7 @@ const MAX_BOUND: u64 = 256;
 /// ipv4, email; or a `pattern`: [`string_pattern_regex`]), numbers, integers (`minimum`, `maximum`, `exclusiveMinimum`,
 /// `exclusiveMaximum`), booleans, null; `enum`, `const`,
 /// `anyOf` / `oneOf`, a list of `type`s, and `$ref` to `#/$defs/...` or `#/definitions/...`
-/// (not recursive). Annotations (`title`, `description`, `default`, `examples`, `$schema`,
+/// (not recursive here: [`crate::gbnf::schema_grammar`] takes those). Annotations (`title`, `description`, `default`, `examples`, `$schema`,
 /// `$id`) are left out; any other keyword is refused by name with where it is.
 pub fn schema_regex(schema: &serde_json::Value) -> Result<String, String> {
     SchemaRegex { root: schema, depth: 0, refs: None, used: Vec::new() }.of(schema, "#")
