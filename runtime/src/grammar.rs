@@ -710,14 +710,15 @@ pub fn any_object_regex(depth: usize) -> String {
 const MAX_BOUND: u64 = 256;
 
 /// The regular expression of the JSON texts a JSON schema allows, as OpenAI's strict mode
-/// writes schemas and more: objects with `properties` in their order, those not `required` there
-/// or not (no others: `additionalProperties` false or left out); `items` of arrays (`minItems`,
-/// `maxItems`); strings (`minLength`, `maxLength`; or a `format`: date, time, date-time, uuid,
-/// ipv4, email; or a `pattern`: [`string_pattern_regex`]), numbers, integers (`minimum`, `maximum`, `exclusiveMinimum`,
-/// `exclusiveMaximum`), booleans, null; `enum`, `const`,
-/// `anyOf` / `oneOf`, a list of `type`s, and `$ref` to `#/$defs/...` or `#/definitions/...`
-/// (not recursive here: [`crate::gbnf::schema_grammar`] takes those). Annotations (`title`, `description`, `default`, `examples`, `$schema`,
-/// `$id`) are left out; any other keyword is refused by name with where it is.
+/// writes schemas and more: objects with `properties` in their order, those not `required`
+/// there or not (no others: `additionalProperties` false or left out); `items` of arrays
+/// (`minItems`, `maxItems`); strings (`minLength`, `maxLength`; or a `format`: date, time,
+/// date-time, uuid, ipv4, email; or a `pattern`: [`string_pattern_regex`]), numbers, integers
+/// (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`), booleans, null; `enum`,
+/// `const`, `anyOf` / `oneOf`, a list of `type`s, and `$ref` to `#/$defs/...` or
+/// `#/definitions/...` (not recursive here: [`crate::gbnf::schema_grammar`] takes those).
+/// Annotations (`title`, `description`, `default`, `examples`, `$schema`, `$id`) are left out;
+/// any other keyword is refused by name with where it is.
 pub fn schema_regex(schema: &serde_json::Value) -> Result<String, String> {
     SchemaRegex { root: schema, depth: 0, refs: None, used: Vec::new() }.of(schema, "#")
 }
