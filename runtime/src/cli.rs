@@ -715,8 +715,7 @@ mod tests {
     #[test]
     fn chats_take_tools() {
         let d = RequestDefaults { eos: Some(1), ..defaults() };
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
-        let t = std::sync::Arc::new(crate::tokenizer::Tokenizer::from_file(&path).unwrap());
+        let t = crate::tokenizer::fixture::shared();
         let messages = serde_json::json!([{"role": "user", "content": "Weather?"}]);
         let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
@@ -764,8 +763,7 @@ mod tests {
     #[test]
     fn requests_take_text_with_a_tokenizer() {
         let d = defaults();
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
-        let t = std::sync::Arc::new(crate::tokenizer::Tokenizer::from_file(&path).unwrap());
+        let t = crate::tokenizer::fixture::shared();
         let (_, r) = parse_request(r#"{"text": "Hello world!", "stop_text": ["\n\n", "."]}"#, &d, Some(&t)).unwrap();
         assert_eq!(r.prompt, t.encode("Hello world!", true));
         assert_eq!(r.prompt[0], 0, "the template's BOS");

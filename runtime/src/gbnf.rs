@@ -793,9 +793,7 @@ mod tests {
     const JSON: &str = JSON_OBJECT;
 
     fn fixture() -> Arc<Tokenizer> {
-        static READ: std::sync::OnceLock<Arc<Tokenizer>> = std::sync::OnceLock::new();
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
-        READ.get_or_init(|| Arc::new(Tokenizer::from_file(&path).unwrap())).clone()
+        crate::tokenizer::fixture::shared()
     }
 
     fn rng(seed: u64) -> impl FnMut(u64) -> u64 {

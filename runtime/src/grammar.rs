@@ -1357,8 +1357,7 @@ mod tests {
     }
 
     fn fixture() -> Arc<Tokenizer> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
-        Arc::new(Tokenizer::from_file(&path).unwrap())
+        crate::tokenizer::fixture::shared()
     }
 
     /// Hand-picked texts, each accepted exactly when serde_json reads it as an object.

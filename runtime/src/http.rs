@@ -1435,8 +1435,7 @@ mod tests {
     /// special tokens, and string stops are stop strings; token id stops stay ids.
     #[test]
     fn text_prompts_and_string_stops_need_and_use_a_tokenizer() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
-        let t = Arc::new(Tokenizer::from_file(&path).unwrap());
+        let t = crate::tokenizer::fixture::shared();
         let want = t.encode("Hello world!", true);
         for body in [
             &br#"{"prompt": "Hello world!", "stop": "\n"}"#[..],
@@ -1457,8 +1456,7 @@ mod tests {
     /// chat API names them; without a chat template it is refused.
     #[test]
     fn chat_bodies_become_requests_through_the_chat_template() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
-        let t = Arc::new(Tokenizer::from_file(&path).unwrap());
+        let t = crate::tokenizer::fixture::shared();
         let messages =
             serde_json::json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
         let body = serde_json::json!({"model": "m", "messages": messages, "max_completion_tokens": 5, "max_tokens": 9,
@@ -1467,7 +1465,7 @@ mod tests {
         assert_eq!(r.prompt, t.chat(&messages, true).unwrap());
         assert_eq!((r.max_new, r.logprobs, r.top_logprobs, stream), (5, true, 2, true));
         assert_eq!(r.stop_text.unwrap().strings, ["\n"]);
-        let plain = Arc::new(Tokenizer::from_json(&std::fs::read_to_string(&path).unwrap(), None).unwrap());
+        let plain = Arc::new(Tokenizer::from_json(&crate::tokenizer::fixture::json().to_string(), None).unwrap());
         for (body, tokenizer, err) in [
             (r#"{"messages": [{"role": "user", "content": "x"}]}"#, None, "messages: chat needs a tokenizer"),
             (r#"{"messages": [{"role": "user", "content": "x"}]}"#, Some(&plain), "with a chat template"),

@@ -90,9 +90,8 @@ impl Reasoning {
 mod tests {
     use super::*;
 
-    fn fixture() -> Tokenizer {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
-        Tokenizer::from_file(&path).unwrap()
+    fn fixture() -> std::sync::Arc<Tokenizer> {
+        crate::tokenizer::fixture::shared()
     }
 
     /// Completions part as R1's are read: after an open `<think>` in the prompt, or one the
@@ -130,13 +129,7 @@ mod tests {
             }
             assert_eq!(streamed, content);
         }
-        let mut json: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let mut json = crate::tokenizer::fixture::json();
         json["added_tokens"].as_array_mut().unwrap().retain(|a| a["content"] != THINK_END);
         json["model"]["vocab"].as_object_mut().unwrap().remove(THINK_END);
         let bare = Tokenizer::from_json(&json.to_string(), None).unwrap();

@@ -2970,8 +2970,7 @@ mod tests {
     }
 
     fn fixture_tokenizer() -> std::sync::Arc<crate::tokenizer::Tokenizer> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
-        std::sync::Arc::new(crate::tokenizer::Tokenizer::from_file(&path).unwrap())
+        crate::tokenizer::fixture::shared()
     }
 
     /// A stop string ends a request at the token that completes it in the request's text (even

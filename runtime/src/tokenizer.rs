@@ -1056,6 +1056,29 @@ fn arrange(piece: &str, spans: Vec<(usize, usize, bool)>, behavior: Behavior) ->
     out.into_iter().map(|(s, e)| piece[s..e].to_string()).collect()
 }
 
+/// The committed fixture tokenizer (`tests/fixtures/tokenizer/`, which `gen_tokenizer.py` wrote),
+/// for the tests of this crate.
+#[cfg(test)]
+pub(crate) mod fixture {
+    use std::sync::{Arc, OnceLock};
+
+    /// Its tokenizer.json.
+    pub fn path() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json")
+    }
+
+    /// Its tokenizer.json as JSON (to make variants of it from).
+    pub fn json() -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path()).unwrap()).unwrap()
+    }
+
+    /// The tokenizer, read once and shared.
+    pub fn shared() -> Arc<super::Tokenizer> {
+        static READ: OnceLock<Arc<super::Tokenizer>> = OnceLock::new();
+        READ.get_or_init(|| Arc::new(super::Tokenizer::from_file(&path()).unwrap())).clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1098,7 +1121,7 @@ mod tests {
     }
 
     fn fixture_json() -> Value {
-        serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("tokenizer.json")).unwrap()).unwrap()
+        super::fixture::json()
     }
 
     fn expected_chat() -> Value {

@@ -383,9 +383,7 @@ mod tests {
     use super::*;
 
     fn fixture() -> Arc<Tokenizer> {
-        static READ: std::sync::OnceLock<Arc<Tokenizer>> = std::sync::OnceLock::new();
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json");
-        READ.get_or_init(|| Arc::new(Tokenizer::from_file(&path).unwrap())).clone()
+        crate::tokenizer::fixture::shared()
     }
 
     fn weather() -> Value {
@@ -512,13 +510,7 @@ mod tests {
         assert_eq!(parse(serde_json::json!([f("a")]), Some("none".into())), Ok(Some(ToolChoice::None)));
         assert_eq!(parse(serde_json::json!([f("a")]), Some("required".into())), Ok(Some(ToolChoice::Required)));
         // A tokenizer without DeepSeek-V3's markers cannot be read for calls.
-        let mut json: Value = serde_json::from_str(
-            &std::fs::read_to_string(
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/tokenizer.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let mut json = crate::tokenizer::fixture::json();
         json["added_tokens"].as_array_mut().unwrap().retain(|a| !a["content"].as_str().unwrap().contains("tool▁"));
         let bare = Tokenizer::from_json(&json.to_string(), None).unwrap();
         let e = Tools::parse(Some(&weather()), None, None, &bare).unwrap_err();
