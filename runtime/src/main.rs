@@ -35,11 +35,14 @@ enum Command {
     Run(RunArgs),
     /// Serve requests read from stdin as they arrive, one a line — token ids, or JSON
     /// {"prompt": [ids], "max_new_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop":
-    /// [[ids], ...], "logprobs": true, "top_logprobs": K, "echo": true, "id": ...}; with a tokenizer also
-    /// {"text": "...", "stop_text": ["...", ...]} — with at most --batch sequences decoding
-    /// together, each request joining the running batch as it arrives (a slot and cache pages
-    /// free); one JSON line per request on stdout as it ends (its tokens, with a tokenizer their
-    /// text, finish_reason, times).
+    /// [[ids], ...], "logprobs": true, "top_logprobs": K, "echo": true, "id": ...} (and top_k,
+    /// min_p, the penalties, logit_bias, min_tokens, stop_token_ids); with a tokenizer also
+    /// {"text": "...", "stop_text": ["...", ...]}, {"messages": [...], "tools": [...],
+    /// "tool_choice": ...} (a chat, written by the chat template) and the guided ones
+    /// (response_format, guided_json, guided_regex, guided_choice, guided_grammar) — with at most
+    /// --batch sequences decoding together, each request joining the running batch as it arrives
+    /// (a slot and cache pages free); one JSON line per request on stdout as it ends (its tokens,
+    /// with a tokenizer their text, tool_calls, reasoning_content, finish_reason, times).
     /// --max-new-tokens, --temperature, --top-p and --seed fill what a request leaves out; a line
     /// {"cancel": ID} ends the latest request of that id (with the tokens it has).
     Serve(ServeArgs),
@@ -484,8 +487,9 @@ struct ServeArgs {
     /// instead of stdin: OpenAI's completions API — POST /v1/completions {"prompt": "text" or
     /// [ids], "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "stream"}
     /// (server-sent events with "stream": true), POST /v1/chat/completions {"messages": [...],
-    /// ...} (with the tokenizer's chat template), GET /v1/models, GET /health. Runs until stopped
-    /// (Ctrl-C).
+    /// "tools": [...], "response_format": ..., ...} (with the tokenizer's chat template), vLLM's
+    /// POST /tokenize and /detokenize, GET /v1/models, GET /health, GET /metrics. Runs until
+    /// stopped (Ctrl-C).
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
     /// With --http: every request but GET /health must carry `Authorization: Bearer KEY` (else
