@@ -7,7 +7,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use v3c_runtime::gbnf::Grammar;
-use v3c_runtime::grammar::{any_object_regex, schema_regex, Json, Pattern, TokenTrie};
+use v3c_runtime::grammar::{schema_regex, Json, Pattern, TokenTrie};
 use v3c_runtime::tokenizer::Tokenizer;
 
 fn grammar(c: &mut Criterion) {
@@ -38,12 +38,9 @@ fn grammar(c: &mut Criterion) {
     g.bench_function("in_string_kept", |b| b.iter(|| trie.allowed(std::hint::black_box(state))));
     g.sample_size(10);
     g.bench_function("build_trie", |b| b.iter(|| TokenTrie::of(&t)));
-    // Building a pattern's DFA (once per distinct schema: patterns are kept): the schema above,
-    // and any JSON object three deep (a tool's arguments where its schema is not taken).
-    let any = any_object_regex(3);
+    // Building a pattern's DFA (once per distinct schema: patterns are kept): the schema above.
     let regex = schema_regex(&schema).expect("a schema");
     g.bench_function("build_pattern_schema", |b| b.iter(|| Pattern::new(std::hint::black_box(&regex))));
-    g.bench_function("build_pattern_any_object3", |b| b.iter(|| Pattern::new(std::hint::black_box(&any))));
     // A GBNF grammar of JSON objects inside a string: the first mask at a state (the grammar
     // read afresh, its automaton built as the trie is walked), and one kept.
     let json = v3c_runtime::gbnf::JSON_OBJECT;

@@ -357,8 +357,19 @@ pub struct GrammarConstraint {
 
 impl GrammarConstraint {
     pub fn new(grammar: Arc<Grammar>, tokenizer: &Arc<Tokenizer>, eos: u32) -> GrammarConstraint {
+        GrammarConstraint::walking(grammar, tokenizer.trie(), tokenizer, eos)
+    }
+
+    /// Held to `grammar` through `trie` (one of [`Tokenizer::trie_with`]'s: special tokens the
+    /// grammar spells are allowed as their text).
+    pub fn walking(
+        grammar: Arc<Grammar>,
+        trie: Arc<TokenTrie>,
+        tokenizer: &Arc<Tokenizer>,
+        eos: u32,
+    ) -> GrammarConstraint {
         let state = grammar.start();
-        GrammarConstraint { grammar, trie: tokenizer.trie(), tokenizer: tokenizer.clone(), eos, state, broken: false }
+        GrammarConstraint { grammar, trie, tokenizer: tokenizer.clone(), eos, state, broken: false }
     }
 }
 
@@ -385,7 +396,7 @@ impl Constraint for GrammarConstraint {
         let bytes = self.tokenizer.token_bytes_of(token);
         let next = bytes.iter().try_fold(self.state.clone(), |s, &b| self.grammar.step(&s, b));
         match next {
-            Some(s) if !self.tokenizer.is_special(token) => self.state = s,
+            Some(s) if !self.tokenizer.is_special(token) || self.trie.walks(token) => self.state = s,
             _ => self.broken = true,
         }
     }
@@ -684,25 +695,67 @@ impl Parser<'_> {
     }
 }
 
-/// A JSON schema whose references are recursive as a GBNF grammar (None: it has none — a
-/// regular expression holds it, [`crate::grammar::schema_regex`]): its expression and each
-/// referenced schema's ([`crate::grammar::schema_rules`]) written as rules `root` and `ref-k`.
-pub fn schema_grammar(schema: &serde_json::Value) -> Result<Option<String>, String> {
-    let (rules, recursive) = crate::grammar::schema_rules(schema)?;
-    if !recursive {
-        return Ok(None);
+/// `text` as a GBNF string: a quote, a backslash and control characters escaped.
+pub fn quote(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
     }
+    out.push('"');
+    out
+}
+
+/// A JSON schema whose references are recursive as a GBNF grammar (None: it has none — a
+/// regular expression holds it, [`crate::grammar::schema_regex`]): [`schema_rules`] under
+/// `root`.
+pub fn schema_grammar(schema: &serde_json::Value) -> Result<Option<String>, String> {
+    let (rules, recursive) = schema_rules(schema, "root")?;
+    Ok(recursive.then_some(rules))
+}
+
+/// A JSON schema's texts as GBNF rules: rule `name`, and each schema it refers to as
+/// `name-ref-k` ([`crate::grammar::schema_rules`]'s expressions written in GBNF); and whether
+/// its references recurse.
+pub fn schema_rules(schema: &serde_json::Value, name: &str) -> Result<(String, bool), String> {
+    let (rules, recursive) = crate::grammar::schema_rules(schema)?;
     let mut text = String::new();
     for (k, regex) in rules.iter().enumerate() {
         let hir = regex_syntax::Parser::new().parse(regex).map_err(|e| e.to_string())?;
-        let name = if k == 0 { "root".to_string() } else { format!("ref-{}", k - 1) };
-        text.push_str(&format!("{name} ::= {}\n", gbnf_of(&hir)?));
+        let rule = if k == 0 { name.to_string() } else { format!("{name}-ref-{}", k - 1) };
+        text.push_str(&format!("{rule} ::= {}\n", gbnf_of(&hir, name)?));
     }
-    Ok(Some(text))
+    Ok((text, recursive))
 }
 
-/// A regular expression (its syntax tree) in GBNF; the reference marks as rule names.
-fn gbnf_of(hir: &regex_syntax::hir::Hir) -> Result<String, String> {
+/// Rules of any JSON object, nested to any depth: rule `name` and its helpers `name-...`.
+pub fn any_object_rules(name: &str) -> String {
+    JSON_OBJECT
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            // Every rule renamed under `name` (`object` is the entry; root's whitespace dropped).
+            let mut line = format!(" {l} ");
+            for r in ["value", "object", "member", "array", "string", "number", "ws"] {
+                line = line.replace(&format!(" {r} "), &format!(" {name}-{r} "));
+            }
+            line.trim().to_string()
+        })
+        .filter(|l| !l.starts_with("root "))
+        .chain([format!("{name} ::= {name}-object")])
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// A regular expression (its syntax tree) in GBNF; the reference marks as rules `name-ref-k`.
+fn gbnf_of(hir: &regex_syntax::hir::Hir, name: &str) -> Result<String, String> {
     use regex_syntax::hir::{Class, HirKind};
     let mark = crate::grammar::REF_MARK;
     Ok(match hir.kind() {
@@ -714,20 +767,15 @@ fn gbnf_of(hir: &regex_syntax::hir::Hir) -> Result<String, String> {
             for c in text.chars() {
                 if (c as u32) >= mark && (c as u32) < mark + 0x10000 {
                     if !plain.is_empty() {
-                        parts.push(format!("\"{}\"", std::mem::take(&mut plain)));
+                        parts.push(quote(&std::mem::take(&mut plain)));
                     }
-                    parts.push(format!("ref-{}", c as u32 - mark));
-                } else if c == '"' || c == '\\' {
-                    plain.push('\\');
-                    plain.push(c);
-                } else if (c as u32) < 0x20 {
-                    plain.push_str(&format!("\\x{:02x}", c as u32));
+                    parts.push(format!("{name}-ref-{}", c as u32 - mark));
                 } else {
                     plain.push(c);
                 }
             }
             if !plain.is_empty() {
-                parts.push(format!("\"{plain}\""));
+                parts.push(quote(&plain));
             }
             format!("( {} )", parts.join(" "))
         }
@@ -743,14 +791,16 @@ fn gbnf_of(hir: &regex_syntax::hir::Hir) -> Result<String, String> {
         HirKind::Look(look) => return Err(format!("the assertion {look:?} is not supported")),
         HirKind::Repetition(r) => {
             let max = r.max.map_or(String::new(), |m| m.to_string());
-            format!("( {} ){{{},{max}}}", gbnf_of(&r.sub)?, r.min)
+            format!("( {} ){{{},{max}}}", gbnf_of(&r.sub, name)?, r.min)
         }
-        HirKind::Capture(c) => gbnf_of(&c.sub)?,
+        HirKind::Capture(c) => gbnf_of(&c.sub, name)?,
         HirKind::Concat(parts) => {
-            format!("( {} )", parts.iter().map(gbnf_of).collect::<Result<Vec<_>, _>>()?.join(" "))
+            let each = parts.iter().map(|p| gbnf_of(p, name)).collect::<Result<Vec<_>, _>>()?;
+            format!("( {} )", each.join(" "))
         }
         HirKind::Alternation(parts) => {
-            format!("( {} )", parts.iter().map(gbnf_of).collect::<Result<Vec<_>, _>>()?.join(" | "))
+            let each = parts.iter().map(|p| gbnf_of(p, name)).collect::<Result<Vec<_>, _>>()?;
+            format!("( {} )", each.join(" | "))
         }
     })
 }

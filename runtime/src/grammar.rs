@@ -427,6 +427,11 @@ impl TokenTrie {
         true
     }
 
+    /// Whether special token `id` is walked as its text ([`TokenTrie::with`]).
+    pub fn walks(&self, id: u32) -> bool {
+        self.specials.contains(&id)
+    }
+
     /// How many nodes it has (with its address, what tells tries apart in kept masks).
     pub fn size(&self) -> usize {
         self.byte.len()
@@ -689,22 +694,6 @@ const WS: &str = r"[ ]?";
 /// One character of a JSON string's contents: any but a quote, a backslash or a control
 /// character, or an escape.
 const STRING_CHAR: &str = r#"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})"#;
-
-/// The regular expression of any JSON object nested at most `depth` deep (1: its values are
-/// strings, numbers, booleans and nulls), written as [`schema_regex`]'s are: for what a schema
-/// it does not take allows.
-pub fn any_object_regex(depth: usize) -> String {
-    let string = format!(r#""{STRING_CHAR}*""#);
-    let number = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?";
-    let object =
-        |value: &str| format!(r"\{{{WS}(?:{string}{WS}:{WS}{value}(?:{WS},{WS}{string}{WS}:{WS}{value})*)?{WS}\}}");
-    let mut value = format!("(?:{string}|{number}|true|false|null)");
-    for _ in 1..depth.max(1) {
-        let array = format!(r"\[{WS}(?:{value}(?:{WS},{WS}{value})*)?{WS}\]");
-        value = format!("(?:{string}|{number}|true|false|null|{array}|{})", object(&value));
-    }
-    object(&value)
-}
 
 /// The most a `maxLength` or `maxItems` may be (larger ones make automata too large to build).
 const MAX_BOUND: u64 = 256;
@@ -1293,7 +1282,7 @@ impl Constraint for PatternConstraint {
         }
         let bytes = self.tokenizer.token_bytes_of(token);
         match bytes.iter().try_fold(self.state, |s, &b| self.pattern.step(s, b)) {
-            Some(s) if !self.tokenizer.is_special(token) || self.trie.specials.contains(&token) => self.state = s,
+            Some(s) if !self.tokenizer.is_special(token) || self.trie.walks(token) => self.state = s,
             _ => self.broken = true,
         }
     }

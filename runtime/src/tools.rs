@@ -15,9 +15,10 @@
 //! `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜>` between the same outer markers.
 //!
 //! [`split_calls`] reads them back out of a completion. While it writes them, a
-//! [`ToolConstraint`] holds it to that shape: names of the given functions only, each one's
-//! arguments an instance of its `parameters` schema ([`crate::grammar::schema_regex`]; a schema
-//! that does not take, any JSON object, said in the server's log). `tool_choice` decides when:
+//! [`ToolConstraint`] holds it to that shape, a GBNF grammar ([`crate::gbnf`]): names of the
+//! given functions only, each one's arguments an instance of its `parameters` schema
+//! ([`crate::gbnf::schema_rules`]; recursive ones too; a schema with keywords not taken, any
+//! JSON object, said in the server's log). `tool_choice` decides when:
 //! `auto` once the model opens the calls itself, `required` and a named function from the first
 //! token, `none` never (the opening marker is masked).
 
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use v3c_models::sampling::Constraint;
 
-use crate::grammar::{escape, Pattern, PatternConstraint};
+use crate::gbnf::GrammarConstraint;
 use crate::tokenizer::Tokenizer;
 
 pub const CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
@@ -34,9 +35,6 @@ pub const CALLS_END: &str = "<｜tool▁calls▁end｜>";
 pub const CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
 pub const CALL_END: &str = "<｜tool▁call▁end｜>";
 pub const SEP: &str = "<｜tool▁sep｜>";
-
-/// How deep a JSON object may nest where a function's schema is not one the compiler takes.
-const LOOSE_DEPTH: usize = 3;
 
 /// How a model writes its calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,19 +47,19 @@ pub enum ToolFormat {
 }
 
 impl ToolFormat {
-    /// One call's text: `name` and `arguments` (literal text or regular expressions, as the
-    /// caller writes them), the markers given by `marker`.
-    fn call(self, marker: impl Fn(&str) -> String, name: &str, arguments: &str, newline: &str) -> String {
+    /// One call's parts, in order: its fixed text (as `lit` writes it), `name` and `arguments`
+    /// (text, or a grammar's expressions, as the caller writes them).
+    fn call(self, lit: impl Fn(&str) -> String, name: &str, arguments: &str) -> Vec<String> {
+        let (name, arguments) = (name.to_string(), arguments.to_string());
         match self {
-            ToolFormat::DeepSeekV3 => format!(
-                "{}function{}{name}{newline}```json{newline}{arguments}{newline}```{}",
-                marker(CALL_BEGIN),
-                marker(SEP),
-                marker(CALL_END)
-            ),
-            ToolFormat::DeepSeekV31 => {
-                format!("{}{name}{}{arguments}{}", marker(CALL_BEGIN), marker(SEP), marker(CALL_END))
-            }
+            ToolFormat::DeepSeekV3 => vec![
+                lit(&format!("{CALL_BEGIN}function{SEP}")),
+                name,
+                lit("\n```json\n"),
+                arguments,
+                lit(&format!("\n```{CALL_END}")),
+            ],
+            ToolFormat::DeepSeekV31 => vec![lit(CALL_BEGIN), name, lit(SEP), arguments, lit(CALL_END)],
         }
     }
 
@@ -100,7 +98,7 @@ pub enum ToolChoice {
 pub struct Tools {
     /// As the request gave them: what the chat template is given.
     pub given: Value,
-    /// Each function's name and its arguments' regular expression.
+    /// Each function's name and the GBNF rules of its arguments (rule `args-K`, K its place).
     functions: Vec<(String, String)>,
     pub choice: ToolChoice,
     /// `parallel_tool_calls`: more than one call at a time.
@@ -167,11 +165,12 @@ impl Tools {
             if !is_object {
                 return Err(format!("{at}.parameters: {parameters} is not an object's schema"));
             }
-            let arguments = match crate::grammar::schema_regex(parameters) {
-                Ok(r) => r,
+            let rule = format!("args-{i}");
+            let arguments = match crate::gbnf::schema_rules(parameters, &rule) {
+                Ok((rules, _)) => rules,
                 Err(e) => {
                     loose.push((name.to_string(), e));
-                    crate::grammar::any_object_regex(LOOSE_DEPTH)
+                    crate::gbnf::any_object_rules(&rule)
                 }
             };
             functions.push((name.to_string(), arguments));
@@ -225,22 +224,29 @@ impl Tools {
         self.choice != ToolChoice::None
     }
 
-    /// The regular expression of what follows the opening marker: calls of the chosen functions
-    /// (one with a named function or without parallel calls; else one or more, a line apart),
-    /// then the closing marker.
-    pub fn calls_regex(&self) -> String {
-        let chosen = self.functions.iter().filter(|(name, _)| match &self.choice {
-            ToolChoice::Function(f) => f == name,
-            _ => true,
-        });
-        let calls: Vec<String> =
-            chosen.map(|(name, arguments)| self.format.call(escape, &escape(name), arguments, "\\n")).collect();
-        let call = format!("(?:{})", calls.join("|"));
+    /// The GBNF grammar of what follows the opening marker: calls of the chosen functions (one
+    /// with a named function or without parallel calls; else one or more, a line apart), then
+    /// the closing marker.
+    pub fn calls_grammar(&self) -> String {
+        use crate::gbnf::quote;
+        let chosen: Vec<(usize, &(String, String))> = (self.functions.iter().enumerate())
+            .filter(|(_, (name, _))| match &self.choice {
+                ToolChoice::Function(f) => f == name,
+                _ => true,
+            })
+            .collect();
         let single = !self.parallel || matches!(self.choice, ToolChoice::Function(_));
-        match single {
-            true => format!("{call}{}", escape(CALLS_END)),
-            false => format!("{call}(?:\\n{call})*{}", escape(CALLS_END)),
+        let mut g = match single {
+            true => format!("root ::= call {}\n", quote(CALLS_END)),
+            false => format!("root ::= call ( {} call )* {}\n", quote("\n"), quote(CALLS_END)),
+        };
+        let calls: Vec<String> = chosen.iter().map(|(i, _)| format!("call-{i}")).collect();
+        g.push_str(&format!("call ::= {}\n", calls.join(" | ")));
+        for (i, (name, arguments)) in chosen {
+            let parts = self.format.call(quote, &quote(name), &format!("args-{i}"));
+            g.push_str(&format!("call-{i} ::= {}\n{arguments}", parts.join(" ")));
         }
+        g
     }
 
     /// What holds a completion to `tool_choice` (`eos`: the end token, allowed once the calls
@@ -254,9 +260,9 @@ impl Tools {
         let calls = match mode {
             Mode::Forbid => None,
             _ => {
-                let pattern = Pattern::cached(&self.calls_regex()).map_err(|e| format!("tools: {e}"))?;
+                let grammar = crate::gbnf::cached(&self.calls_grammar()).map_err(|e| format!("tools: {e}"))?;
                 let trie = tokenizer.trie_with(&self.specials);
-                Some(PatternConstraint::walking(pattern, trie, tokenizer, eos))
+                Some(GrammarConstraint::walking(grammar, trie, tokenizer, eos))
             }
         };
         Ok(Box::new(ToolConstraint { trigger: self.trigger, mode, on: false, calls }))
@@ -280,7 +286,7 @@ pub struct ToolConstraint {
     mode: Mode,
     /// The calls have begun.
     on: bool,
-    calls: Option<PatternConstraint>,
+    calls: Option<GrammarConstraint>,
 }
 
 impl Constraint for ToolConstraint {
@@ -406,7 +412,7 @@ mod tests {
         let t = fixture();
         let tools = Tools::parse(Some(&weather()), None, None, &t).unwrap().unwrap();
         assert_eq!(tools.choice, ToolChoice::Auto);
-        let p = Pattern::new(&tools.calls_regex()).unwrap();
+        let p = crate::gbnf::Grammar::parse(&tools.calls_grammar()).unwrap();
         let w = call("get_weather", r#"{"city": "Paris"}"#);
         let both = format!("{w}\n{}{CALLS_END}", call("now", "{}"));
         for good in [
@@ -428,25 +434,25 @@ mod tests {
         }
         // One call only: without parallel calls, or with a named function (that one).
         let single = Tools::parse(Some(&weather()), None, Some(&false.into()), &t).unwrap().unwrap();
-        let p = Pattern::new(&single.calls_regex()).unwrap();
+        let p = crate::gbnf::Grammar::parse(&single.calls_grammar()).unwrap();
         assert!(p.matches(format!("{w}{CALLS_END}").as_bytes()));
         assert!(!p.matches(both.as_bytes()));
         let named = serde_json::json!({"type": "function", "function": {"name": "now"}});
         let now = Tools::parse(Some(&weather()), Some(&named), None, &t).unwrap().unwrap();
         assert_eq!(now.choice, ToolChoice::Function("now".into()));
-        let p = Pattern::new(&now.calls_regex()).unwrap();
+        let p = crate::gbnf::Grammar::parse(&now.calls_grammar()).unwrap();
         assert!(p.matches(format!("{}{CALLS_END}", call("now", "{ }")).as_bytes()));
         assert!(!p.matches(format!("{w}{CALLS_END}").as_bytes()));
         // DeepSeek-V3.1's calls: no type, no fence.
         let v31 = Tools { format: ToolFormat::DeepSeekV31, ..tools };
-        let p = Pattern::new(&v31.calls_regex()).unwrap();
+        let p = crate::gbnf::Grammar::parse(&v31.calls_grammar()).unwrap();
         let call = format!("{CALL_BEGIN}get_weather{SEP}{{\"city\":\"Paris\"}}{CALL_END}");
         assert!(p.matches(format!("{call}\n{call}{CALLS_END}").as_bytes()));
         assert!(!p.matches(format!("{w}{CALLS_END}").as_bytes()));
     }
 
     /// A schema the compiler does not take holds that function's arguments to any JSON object
-    /// (nested at most three deep), and says why.
+    /// (nested to any depth), and says why.
     #[test]
     fn schemas_not_taken_hold_arguments_to_json_objects() {
         let t = fixture();
@@ -457,20 +463,37 @@ mod tests {
             tools.loose,
             vec![("f".to_string(), "#/properties/n/minimum: bounds are supported on integers only".to_string())]
         );
-        let p = Pattern::new(&tools.calls_regex()).unwrap();
+        let p = crate::gbnf::Grammar::parse(&tools.calls_grammar()).unwrap();
         for (arguments, ok) in [
             (r#"{"n": 0}"#, true),
             (r#"{"anything": [1, {"x": null}], "s": "\"q\""}"#, true),
             ("{}", true),
             (r#"{"a": {"b": {"c": 1}}}"#, true),
-            (r#"{"a": {"b": {"c": {"d": 1}}}}"#, false),
-            (r#"{"a": [[[1]]]}"#, false),
+            (r#"{"a": {"b": {"c": {"d": [1, {"e": []}]}}}}"#, true),
+            (r#"{"a": [[[1]]]}"#, true),
+            (r#"{"a": [[[1]]}"#, false),
             (r#"{"a": }"#, false),
             ("[1]", false),
         ] {
             let text = format!("{}{CALLS_END}", call("f", arguments));
             assert_eq!(p.matches(text.as_bytes()), ok, "{arguments}");
         }
+    }
+
+    /// A function whose parameters refer to themselves (a tree) is held to its schema exactly.
+    #[test]
+    fn recursive_parameters_are_held_exactly() {
+        let t = fixture();
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "plant", "parameters":
+            {"type": "object", "properties": {"leaf": {"type": "boolean"},
+                "kids": {"type": "array", "items": {"$ref": "#"}}}, "required": ["leaf", "kids"]}}}]);
+        let tools = Tools::parse(Some(&tools), None, None, &t).unwrap().unwrap();
+        assert!(tools.loose.is_empty(), "{:?}", tools.loose);
+        let g = crate::gbnf::Grammar::parse(&tools.calls_grammar()).unwrap();
+        let tree = r#"{"leaf": false, "kids": [{"leaf": true, "kids": []}, {"leaf": false, "kids": [{"leaf": true, "kids": []}]}]}"#;
+        assert!(g.matches(format!("{}{CALLS_END}", call("plant", tree)).as_bytes()));
+        let wrong = tree.replace(r#""leaf": true, "kids": []}]"#, r#""leaf": 1, "kids": []}]"#);
+        assert!(!g.matches(format!("{}{CALLS_END}", call("plant", &wrong)).as_bytes()), "{wrong}");
     }
 
     #[test]
@@ -571,7 +594,7 @@ mod tests {
             let t = fixture();
             let format = if v31 { ToolFormat::DeepSeekV31 } else { ToolFormat::DeepSeekV3 };
             let _ = split_calls(&t, &noise, format);
-            let written: Vec<String> = calls.iter().map(|(n, a)| format.call(str::to_string, n, a, "\n")).collect();
+            let written: Vec<String> = calls.iter().map(|(n, a)| format.call(str::to_string, n, a).concat()).collect();
             let text = format!("{content}{CALLS_BEGIN}{}{CALLS_END}", written.join("\n"));
             let (got, read) = split_calls(&t, &t.encode(&text, false), format).unwrap();
             proptest::prop_assert_eq!(got, content);
