@@ -787,7 +787,7 @@ mod tests {
         // A schema whose references recurse: held by a grammar.
         let list = r##"{"text": "x", "guided_json": {"type": "object", "properties": {"next": {"anyOf": [{"type": "null"}, {"$ref": "#"}]}}, "required": ["next"]}}"##;
         let (_, r) = parse_request(list, &d, Some(&t)).unwrap();
-        assert!(format!("{:?}", r.sampler.constraint).contains("GrammarConstraint"), "{:?}", r.sampler.constraint);
+        assert!(format!("{:?}", r.sampler.constraint).contains("Held<Grammar>"), "{:?}", r.sampler.constraint);
         let (_, r) = parse_request(r#"{"text": "x", "guided_regex": "^[0-9]+$"}"#, &d, Some(&t)).unwrap();
         assert!(r.sampler.constraint.is_some());
         for (line, err) in [

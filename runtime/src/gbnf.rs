@@ -15,9 +15,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use v3c_models::sampling::Constraint;
-
-use crate::grammar::TokenTrie;
+use crate::grammar::{Automaton, Held, TokenTrie};
 use crate::tokenizer::Tokenizer;
 
 /// The most stacks a state may hold (an ambiguous grammar's parses multiply).
@@ -345,68 +343,31 @@ fn overlaps(ranges: &[(u32, u32)], negated: bool, lo: u32, hi: u32) -> bool {
 
 /// A sequence's completion held to a grammar: the tokens that keep it a prefix of a sentence,
 /// the end token once it is one.
-#[derive(Clone)]
-pub struct GrammarConstraint {
-    grammar: Arc<Grammar>,
-    trie: Arc<TokenTrie>,
-    tokenizer: Arc<Tokenizer>,
-    eos: u32,
-    state: State,
-    broken: bool,
-}
+pub type GrammarConstraint = Held<Grammar>;
 
-impl GrammarConstraint {
+impl Held<Grammar> {
     pub fn new(grammar: Arc<Grammar>, tokenizer: &Arc<Tokenizer>, eos: u32) -> GrammarConstraint {
-        GrammarConstraint::walking(grammar, tokenizer.trie(), tokenizer, eos)
-    }
-
-    /// Held to `grammar` through `trie` (one of [`Tokenizer::trie_with`]'s: special tokens the
-    /// grammar spells are allowed as their text).
-    pub fn walking(
-        grammar: Arc<Grammar>,
-        trie: Arc<TokenTrie>,
-        tokenizer: &Arc<Tokenizer>,
-        eos: u32,
-    ) -> GrammarConstraint {
-        let state = grammar.start();
-        GrammarConstraint { grammar, trie, tokenizer: tokenizer.clone(), eos, state, broken: false }
+        Held::walking(grammar, tokenizer.trie(), tokenizer, Some(eos))
     }
 }
 
-impl std::fmt::Debug for GrammarConstraint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GrammarConstraint").field("stacks", &self.state.stacks.len()).field("eos", &self.eos).finish()
-    }
-}
+impl Automaton for Grammar {
+    type State = State;
 
-impl Constraint for GrammarConstraint {
-    fn mask(&self, logits: &mut [f32]) {
-        if self.broken {
-            return;
-        }
-        let ok = self.grammar.allowed(&self.trie, &self.state);
-        let end = self.grammar.accepts(&self.state).then_some(self.eos);
-        crate::grammar::keep_only(logits, &ok, end);
+    fn start(&self) -> State {
+        Grammar::start(self)
     }
 
-    fn advance(&mut self, token: u32) {
-        if self.broken || token == self.eos {
-            return;
-        }
-        let bytes = self.tokenizer.token_bytes_of(token);
-        let next = bytes.iter().try_fold(self.state.clone(), |s, &b| self.grammar.step(&s, b));
-        match next {
-            Some(s) if !self.tokenizer.is_special(token) || self.trie.walks(token) => self.state = s,
-            _ => self.broken = true,
-        }
+    fn step(&self, s: &State, b: u8) -> Option<State> {
+        Grammar::step(self, s, b)
     }
 
-    fn restart(&mut self) {
-        (self.state, self.broken) = (self.grammar.start(), false);
+    fn accepts(&self, s: &State) -> bool {
+        Grammar::accepts(self, s)
     }
 
-    fn boxed_clone(&self) -> Box<dyn Constraint> {
-        Box::new(self.clone())
+    fn allowed(&self, trie: &TokenTrie, s: &State) -> Arc<Vec<u64>> {
+        Grammar::allowed(self, trie, s)
     }
 }
 
@@ -839,6 +800,7 @@ pub fn cached(text: &str) -> Result<Arc<Grammar>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use v3c_models::sampling::Constraint;
 
     const JSON: &str = JSON_OBJECT;
 

@@ -515,57 +515,124 @@ pub fn has(set: &[u64], id: u32) -> bool {
     set.get(id as usize / 64).is_some_and(|w| w >> (id % 64) & 1 == 1)
 }
 
-/// A sequence's JSON object: the tokens its state allows, `eos` once it is closed.
-#[derive(Clone)]
-pub struct JsonConstraint {
+/// A byte automaton a completion is held to ([`Held`]): its states, and the tokens of a trie
+/// that go on from one.
+pub trait Automaton: Send + Sync + 'static {
+    type State: Clone + std::fmt::Debug + Send + Sync + 'static;
+    fn start(&self) -> Self::State;
+    /// The state after byte `b`; None: refused.
+    fn step(&self, s: &Self::State, b: u8) -> Option<Self::State>;
+    /// Whether the completion may end in `s`.
+    fn accepts(&self, s: &Self::State) -> bool;
+    /// The tokens of `trie` whose bytes go on from `s` (a bit set).
+    fn allowed(&self, trie: &TokenTrie, s: &Self::State) -> Arc<Vec<u64>>;
+}
+
+/// A sequence's completion held to an automaton: before each token, every token whose bytes it
+/// refuses is masked, and the end token but where it accepts.
+pub struct Held<A: Automaton> {
+    automaton: Arc<A>,
     trie: Arc<TokenTrie>,
     tokenizer: Arc<Tokenizer>,
     eos: Option<u32>,
-    state: Json,
-    /// A token took the output off the grammar (picked where nothing was masked).
+    state: A::State,
+    /// A token took the output off the automaton (picked where nothing was masked).
     broken: bool,
 }
 
-impl JsonConstraint {
-    pub fn new(tokenizer: &Arc<Tokenizer>, eos: Option<u32>) -> JsonConstraint {
-        JsonConstraint { trie: tokenizer.trie(), tokenizer: tokenizer.clone(), eos, state: Json::new(), broken: false }
-    }
-
-    pub fn state(&self) -> Json {
-        self.state
+impl<A: Automaton> Clone for Held<A> {
+    fn clone(&self) -> Self {
+        Held {
+            automaton: self.automaton.clone(),
+            trie: self.trie.clone(),
+            tokenizer: self.tokenizer.clone(),
+            eos: self.eos,
+            state: self.state.clone(),
+            broken: self.broken,
+        }
     }
 }
 
-impl std::fmt::Debug for JsonConstraint {
+impl<A: Automaton> Held<A> {
+    /// Held to `automaton` through `trie` (the tokenizer's, or one of
+    /// [`Tokenizer::trie_with`]'s: special tokens the automaton spells are allowed as their text).
+    pub fn walking(automaton: Arc<A>, trie: Arc<TokenTrie>, tokenizer: &Arc<Tokenizer>, eos: Option<u32>) -> Held<A> {
+        let state = automaton.start();
+        Held { automaton, trie, tokenizer: tokenizer.clone(), eos, state, broken: false }
+    }
+
+    pub fn state(&self) -> &A::State {
+        &self.state
+    }
+}
+
+impl<A: Automaton> std::fmt::Debug for Held<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JsonConstraint").field("state", &self.state).field("eos", &self.eos).finish()
+        let name = std::any::type_name::<A>().rsplit("::").next().unwrap_or("?");
+        f.debug_struct(&format!("Held<{name}>")).field("state", &self.state).field("eos", &self.eos).finish()
     }
 }
 
-impl Constraint for JsonConstraint {
+impl<A: Automaton> Constraint for Held<A> {
     fn mask(&self, logits: &mut [f32]) {
         if self.broken {
             return;
         }
-        keep_only(logits, &self.trie.allowed(self.state), self.eos.filter(|_| self.state.done()));
+        let ok = self.automaton.allowed(&self.trie, &self.state);
+        keep_only(logits, &ok, self.eos.filter(|_| self.automaton.accepts(&self.state)));
     }
 
     fn advance(&mut self, token: u32) {
         if self.broken || Some(token) == self.eos {
             return;
         }
-        match self.state.feed(&self.tokenizer.token_bytes_of(token)) {
-            Some(s) if !self.tokenizer.is_special(token) => self.state = s,
+        let bytes = self.tokenizer.token_bytes_of(token);
+        let next = bytes.iter().try_fold(self.state.clone(), |s, &b| self.automaton.step(&s, b));
+        match next {
+            Some(s) if !self.tokenizer.is_special(token) || self.trie.walks(token) => self.state = s,
             _ => self.broken = true,
         }
     }
 
     fn restart(&mut self) {
-        (self.state, self.broken) = (Json::new(), false);
+        (self.state, self.broken) = (self.automaton.start(), false);
     }
 
     fn boxed_clone(&self) -> Box<dyn Constraint> {
         Box::new(self.clone())
+    }
+}
+
+/// JSON objects ([`Json`]'s automaton), as an [`Automaton`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonObject;
+
+impl Automaton for JsonObject {
+    type State = Json;
+
+    fn start(&self) -> Json {
+        Json::new()
+    }
+
+    fn step(&self, s: &Json, b: u8) -> Option<Json> {
+        s.step(b)
+    }
+
+    fn accepts(&self, s: &Json) -> bool {
+        s.done()
+    }
+
+    fn allowed(&self, trie: &TokenTrie, s: &Json) -> Arc<Vec<u64>> {
+        trie.allowed(*s)
+    }
+}
+
+/// A sequence's JSON object: the tokens its state allows, `eos` once it is closed.
+pub type JsonConstraint = Held<JsonObject>;
+
+impl Held<JsonObject> {
+    pub fn new(tokenizer: &Arc<Tokenizer>, eos: Option<u32>) -> JsonConstraint {
+        Held::walking(Arc::new(JsonObject), tokenizer.trie(), tokenizer, eos)
     }
 }
 
@@ -1230,69 +1297,31 @@ pub(crate) fn escape(text: &str) -> String {
 
 /// A sequence's completion held to a [`Pattern`]: the tokens that keep it a prefix of a match,
 /// the end token once it is one (needed: with no end token, a finished match would leave nothing).
-#[derive(Clone)]
-pub struct PatternConstraint {
-    pattern: Arc<Pattern>,
-    trie: Arc<TokenTrie>,
-    tokenizer: Arc<Tokenizer>,
-    eos: u32,
-    state: regex_automata::util::primitives::StateID,
-    broken: bool,
-}
+pub type PatternConstraint = Held<Pattern>;
 
-impl PatternConstraint {
+impl Held<Pattern> {
     pub fn new(pattern: Arc<Pattern>, tokenizer: &Arc<Tokenizer>, eos: u32) -> PatternConstraint {
-        PatternConstraint::walking(pattern, tokenizer.trie(), tokenizer, eos)
-    }
-
-    /// Held to `pattern` through `trie` (one of [`Tokenizer::trie_with`]'s: special tokens the
-    /// pattern spells are allowed as their text).
-    pub fn walking(
-        pattern: Arc<Pattern>,
-        trie: Arc<TokenTrie>,
-        tokenizer: &Arc<Tokenizer>,
-        eos: u32,
-    ) -> PatternConstraint {
-        let state = pattern.start;
-        PatternConstraint { pattern, trie, tokenizer: tokenizer.clone(), eos, state, broken: false }
+        Held::walking(pattern, tokenizer.trie(), tokenizer, Some(eos))
     }
 }
 
-impl std::fmt::Debug for PatternConstraint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PatternConstraint").field("state", &self.state).field("eos", &self.eos).finish()
-    }
-}
+impl Automaton for Pattern {
+    type State = regex_automata::util::primitives::StateID;
 
-impl Constraint for PatternConstraint {
-    fn mask(&self, logits: &mut [f32]) {
-        if self.broken {
-            return;
-        }
-        keep_only(
-            logits,
-            &self.pattern.allowed(&self.trie, self.state),
-            self.pattern.matched(self.state).then_some(self.eos),
-        );
+    fn start(&self) -> Self::State {
+        self.start
     }
 
-    fn advance(&mut self, token: u32) {
-        if self.broken || token == self.eos {
-            return;
-        }
-        let bytes = self.tokenizer.token_bytes_of(token);
-        match bytes.iter().try_fold(self.state, |s, &b| self.pattern.step(s, b)) {
-            Some(s) if !self.tokenizer.is_special(token) || self.trie.walks(token) => self.state = s,
-            _ => self.broken = true,
-        }
+    fn step(&self, s: &Self::State, b: u8) -> Option<Self::State> {
+        Pattern::step(self, *s, b)
     }
 
-    fn restart(&mut self) {
-        (self.state, self.broken) = (self.pattern.start, false);
+    fn accepts(&self, s: &Self::State) -> bool {
+        self.matched(*s)
     }
 
-    fn boxed_clone(&self) -> Box<dyn Constraint> {
-        Box::new(self.clone())
+    fn allowed(&self, trie: &TokenTrie, s: &Self::State) -> Arc<Vec<u64>> {
+        Pattern::allowed(self, trie, *s)
     }
 }
 

@@ -262,7 +262,7 @@ impl Tools {
             _ => {
                 let grammar = crate::gbnf::cached(&self.calls_grammar()).map_err(|e| format!("tools: {e}"))?;
                 let trie = tokenizer.trie_with(&self.specials);
-                Some(GrammarConstraint::walking(grammar, trie, tokenizer, eos))
+                Some(GrammarConstraint::walking(grammar, trie, tokenizer, Some(eos)))
             }
         };
         Ok(Box::new(ToolConstraint { trigger: self.trigger, mode, on: false, calls }))
