@@ -246,13 +246,15 @@ pub fn parse_request(
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    const FIELDS: [&str; 16] = [
+    const FIELDS: [&str; 18] = [
         "prompt",
         "text",
         "messages",
         "tools",
         "tool_choice",
         "parallel_tool_calls",
+        "chat_template_kwargs",
+        "add_generation_prompt",
         "echo",
         "max_new_tokens",
         "temperature",
@@ -286,7 +288,7 @@ pub fn parse_request(
             crate::tools::Tools::parse(o.get("tools"), o.get("tool_choice"), o.get("parallel_tool_calls"), t)?
                 .map(|tools| tools.written_as(d.tool_format))
         }
-        _ => match ["tools", "tool_choice", "parallel_tool_calls"].iter().find(|k| o.contains_key(**k)) {
+        _ => match CHAT_FIELDS.iter().find(|k| o.contains_key(**k)) {
             Some(k) => return Err(format!("{k}: only with \"messages\" (a chat) and a tokenizer")),
             None => None,
         },
@@ -305,7 +307,18 @@ pub fn parse_request(
         (_, Some(x), _) => return Err(format!("text: {x} is not a string")),
         // A conversation, the assistant's turn opened.
         (_, _, Some(messages)) => {
-            tokenizer_for("messages")?.chat_with(messages, tools.as_ref().map(|t| &t.given), true)?
+            let kwargs = match o.get("chat_template_kwargs") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::Object(k)) => Some(k),
+                Some(x) => return Err(format!("chat_template_kwargs: {x} is not an object")),
+            };
+            let context = crate::tokenizer::ChatContext { tools: tools.as_ref().map(|t| &t.given), kwargs };
+            // The assistant's turn opened, unless the request says not (vLLM's).
+            let gen = match o.get("add_generation_prompt") {
+                None | Some(serde_json::Value::Null) => true,
+                Some(x) => x.as_bool().ok_or_else(|| format!("add_generation_prompt: {x} is not true or false"))?,
+            };
+            tokenizer_for("messages")?.chat_with(messages, context, gen)?
         }
         (Some(serde_json::Value::String(ids)), _, _) => parse_token_ids(ids, "prompt")?,
         (Some(serde_json::Value::Array(ids)), _, _) => json_ids(ids, "prompt")?,
@@ -539,6 +552,10 @@ fn grammar_constraint(
     Ok(Box::new(crate::gbnf::GrammarConstraint::new(grammar, t, eos)))
 }
 
+/// A chat request's fields beside its `messages` (OpenAI's and vLLM's), which only a chat takes.
+pub const CHAT_FIELDS: [&str; 5] =
+    ["tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt"];
+
 /// A request's fields beyond temperature and top-p that shape its sampling and its end
 /// ([`v3c_models::sampling`]): OpenAI's and vLLM's, named as both name them (the HTTP API passes
 /// them on as they are).
@@ -722,7 +739,8 @@ mod tests {
         for choice in ["none", "auto", "required"] {
             let line = serde_json::json!({"messages": messages, "tools": tools, "tool_choice": choice});
             let (_, r) = parse_request(&line.to_string(), &d, Some(&t)).unwrap();
-            assert_eq!(r.prompt, t.chat_with(&messages, Some(&tools), true).unwrap());
+            let context = crate::tokenizer::ChatContext::tools(Some(&tools));
+            assert_eq!(r.prompt, t.chat_with(&messages, context, true).unwrap());
             assert_ne!(r.prompt, t.chat(&messages, true).unwrap(), "the tools described");
             let tools = r.tools.as_ref().unwrap();
             assert_eq!(tools.calling(), choice != "none");
@@ -733,6 +751,14 @@ mod tests {
         }
         let line = serde_json::json!({"messages": messages, "tools": []});
         assert!(parse_request(&line.to_string(), &d, Some(&t)).unwrap().1.tools.is_none());
+        // vLLM's chat_template_kwargs and add_generation_prompt reach the template.
+        let kwargs = serde_json::json!({"thinking": true});
+        let line =
+            serde_json::json!({"messages": messages, "chat_template_kwargs": kwargs, "add_generation_prompt": false});
+        let (_, r) = parse_request(&line.to_string(), &d, Some(&t)).unwrap();
+        let context = crate::tokenizer::ChatContext { tools: None, kwargs: kwargs.as_object() };
+        assert_eq!(r.prompt, t.chat_with(&messages, context, false).unwrap());
+        assert_ne!(r.prompt, t.chat(&messages, true).unwrap());
         for (line, err) in [
             (
                 serde_json::json!({"text": "x", "tools": tools}),
@@ -748,6 +774,18 @@ mod tests {
                 "tools: needs the end token to end the calls (not ignore_eos)",
             ),
             (serde_json::json!({"messages": messages, "tools": tools, "tool_choice": 3}), "tool_choice: 3 is not"),
+            (
+                serde_json::json!({"messages": messages, "chat_template_kwargs": 3}),
+                "chat_template_kwargs: 3 is not an object",
+            ),
+            (
+                serde_json::json!({"messages": messages, "add_generation_prompt": "yes"}),
+                "add_generation_prompt: \"yes\" is not true or false",
+            ),
+            (
+                serde_json::json!({"text": "x", "add_generation_prompt": true}),
+                "add_generation_prompt: only with \"messages\"",
+            ),
         ] {
             let e = parse_request(&line.to_string(), &d, Some(&t)).unwrap_err();
             assert!(e.starts_with(err), "{line}: {e}");

@@ -174,11 +174,11 @@ fn api_request(
     ];
     let own: &[&str] = match api {
         Api::Completions => &["prompt", "echo"],
-        Api::Chat => {
-            &["messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"]
-        }
+        Api::Chat => &["messages", "max_completion_tokens", "top_logprobs"],
     };
-    let fields: Vec<&str> = own.iter().chain(&COMMON).chain(&crate::cli::SAMPLING_FIELDS).copied().collect();
+    let chat: &[&str] = if api == Api::Chat { &crate::cli::CHAT_FIELDS } else { &[] };
+    let fields: Vec<&str> =
+        own.iter().chain(chat).chain(&COMMON).chain(&crate::cli::SAMPLING_FIELDS).copied().collect();
     if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
         return Err(format!("unknown field '{k}' ({})", fields.join(", ")));
     }
@@ -219,7 +219,7 @@ fn api_request(
             match tokenizer {
                 Some(t) if t.has_chat_template() => {
                     let mut line = serde_json::json!({ "messages": messages });
-                    for k in ["tools", "tool_choice", "parallel_tool_calls"] {
+                    for k in crate::cli::CHAT_FIELDS {
                         if let Some(x) = o.get(k).filter(|x| !x.is_null()) {
                             line[k] = x.clone();
                         }

@@ -1827,7 +1827,11 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
             // More calls' outputs to read before the model goes on.
             return Arrival::NotYet;
         }
-        let ids = match tokenizer.chat_with(&serde_json::Value::from(messages.borrow().clone()), given, true) {
+        let ids = match tokenizer.chat_with(
+            &serde_json::Value::from(messages.borrow().clone()),
+            v3c_runtime::tokenizer::ChatContext::tools(given),
+            true,
+        ) {
             Ok(ids) => ids,
             Err(e) => {
                 eprintln!("v3r: error: {e}");

@@ -318,17 +318,17 @@ impl Tokenizer {
     /// A conversation (OpenAI's `messages`: objects with a `role` and a `content`) as the chat
     /// template writes it, with the assistant's turn opened when `add_generation_prompt`.
     pub fn render_chat(&self, messages: &Value, add_generation_prompt: bool) -> Result<String, String> {
-        self.render_chat_with(messages, None, add_generation_prompt)
+        self.render_chat_with(messages, ChatContext::default(), add_generation_prompt)
     }
 
-    /// [`Tokenizer::render_chat`] with OpenAI's `tools` (the functions the model may call) given
-    /// to the template as transformers gives them (`tools`; left undefined when None).
+    /// [`Tokenizer::render_chat`] with what `context` gives the template beside the conversation.
     pub fn render_chat_with(
         &self,
         messages: &Value,
-        tools: Option<&Value>,
+        context: ChatContext<'_>,
         add_generation_prompt: bool,
     ) -> Result<String, String> {
+        let given = context;
         let chat = self.chat.as_ref().ok_or("no chat template (tokenizer_config.json has no chat_template)")?;
         let list = messages.as_array().ok_or_else(|| format!("messages: {messages} is not an array"))?;
         if list.is_empty() {
@@ -354,9 +354,15 @@ impl Tokenizer {
         let template = chat.env.get_template("chat").map_err(|e| e.to_string())?;
         let mut context: HashMap<&str, minijinja::Value> =
             chat.tokens.iter().map(|(k, v)| (k.as_str(), v.as_str().into())).collect();
+        for (k, v) in given.kwargs.into_iter().flatten() {
+            if ["messages", "tools", "add_generation_prompt"].contains(&k.as_str()) {
+                return Err(format!("chat_template_kwargs: {k} is the request's own"));
+            }
+            context.insert(k.as_str(), minijinja::Value::from(minijinja::value::Serde(v)));
+        }
         context.insert("messages", minijinja::Value::from(minijinja::value::Serde(&messages)));
         context.insert("add_generation_prompt", add_generation_prompt.into());
-        if let Some(tools) = tools {
+        if let Some(tools) = given.tools {
             context.insert("tools", minijinja::Value::from(minijinja::value::Serde(tools)));
         }
         template.render(context).map_err(|e| format!("chat template: {}", chat_error(&e)))
@@ -364,12 +370,12 @@ impl Tokenizer {
 
     /// The ids of a conversation: [`Tokenizer::render_chat`], encoded with no special tokens added.
     pub fn chat(&self, messages: &Value, add_generation_prompt: bool) -> Result<Vec<u32>, String> {
-        self.chat_with(messages, None, add_generation_prompt)
+        self.chat_with(messages, ChatContext::default(), add_generation_prompt)
     }
 
-    /// The ids of a conversation with tools: [`Tokenizer::render_chat_with`], encoded.
-    pub fn chat_with(&self, messages: &Value, tools: Option<&Value>, gen: bool) -> Result<Vec<u32>, String> {
-        Ok(self.encode(&self.render_chat_with(messages, tools, gen)?, false))
+    /// The ids of a conversation with a context: [`Tokenizer::render_chat_with`], encoded.
+    pub fn chat_with(&self, messages: &Value, context: ChatContext<'_>, gen: bool) -> Result<Vec<u32>, String> {
+        Ok(self.encode(&self.render_chat_with(messages, context, gen)?, false))
     }
 
     /// One more than the largest id any token has.
@@ -677,6 +683,22 @@ fn compile_chat(source: String, tokens: Vec<(String, String)>) -> Result<ChatTem
     env.add_filter("tojson", tojson);
     env.add_template_owned("chat", source).map_err(|e| chat_error(&e))?;
     Ok(ChatTemplate { env, tokens })
+}
+
+/// What a chat template is given beside the conversation and `add_generation_prompt`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChatContext<'a> {
+    /// OpenAI's `tools` (the functions the model may call), as transformers gives them (`tools`;
+    /// left undefined when None).
+    pub tools: Option<&'a Value>,
+    /// vLLM's `chat_template_kwargs`: more variables (DeepSeek-V3.1's `thinking`, say).
+    pub kwargs: Option<&'a serde_json::Map<String, Value>>,
+}
+
+impl<'a> ChatContext<'a> {
+    pub fn tools(tools: Option<&'a Value>) -> ChatContext<'a> {
+        ChatContext { tools, kwargs: None }
+    }
 }
 
 /// transformers' `tojson` filter: Python's `json.dumps(x, ensure_ascii=False, indent=None,
@@ -1160,7 +1182,7 @@ mod tests {
         assert!(cases.len() >= 10);
         for c in cases {
             let generation = c["add_generation_prompt"].as_bool().unwrap();
-            let tools = c.get("tools");
+            let tools = ChatContext::tools(c.get("tools"));
             let text = t.render_chat_with(&c["messages"], tools, generation).unwrap();
             assert_eq!(text, c["text"].as_str().unwrap(), "{c}");
             let ids: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
@@ -1174,7 +1196,7 @@ mod tests {
             let mut given = fixture();
             given.set_chat_template(c["template"].as_str().unwrap()).unwrap();
             let hi = serde_json::json!([{"role": "user", "content": "x"}]);
-            let text = given.render_chat_with(&hi, Some(&c["tools"]), false).unwrap();
+            let text = given.render_chat_with(&hi, ChatContext::tools(Some(&c["tools"])), false).unwrap();
             assert_eq!(text, c["text"].as_str().unwrap(), "{}", c["template"]);
         }
         let raises = &expected["raises"];
@@ -1200,6 +1222,23 @@ mod tests {
         given.set_chat_template(mine).unwrap();
         let hi = serde_json::json!([{"role": "user", "content": "hi"}]);
         assert_eq!(given.render_chat(&hi, true).unwrap(), "<｜begin▁of▁sentence｜>[user]hi");
+        // vLLM's chat_template_kwargs: more variables (a template switching its reasoning on).
+        let mut r1 = fixture();
+        let switch = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}\
+                      {% if add_generation_prompt %}<｜Assistant｜>{% if thinking %}<think>{% endif %}{% endif %}";
+        r1.set_chat_template(switch).unwrap();
+        let on = serde_json::json!({"thinking": true});
+        let thinking = ChatContext { tools: None, kwargs: on.as_object() };
+        let bos = "<｜begin▁of▁sentence｜>";
+        assert_eq!(r1.render_chat_with(&hi, thinking, true).unwrap(), format!("{bos}hi<｜Assistant｜><think>"));
+        assert_eq!(r1.render_chat(&hi, true).unwrap(), format!("{bos}hi<｜Assistant｜>"));
+        assert_eq!(r1.render_chat_with(&hi, thinking, false).unwrap(), format!("{bos}hi"));
+        let own = serde_json::json!({"messages": []});
+        let own = ChatContext { tools: None, kwargs: own.as_object() };
+        assert_eq!(
+            r1.render_chat_with(&hi, own, true).unwrap_err(),
+            "chat_template_kwargs: messages is the request's own"
+        );
         let mut bare = Tokenizer::from_json(&fixture_json().to_string(), None).unwrap();
         bare.set_chat_template(mine).unwrap();
         assert_eq!(bare.render_chat(&hi, true).unwrap(), "<｜begin▁of▁sentence｜>[user]hi");
