@@ -955,6 +955,32 @@ mod tests {
         assert_eq!(schema_grammar(&flat).unwrap(), None);
     }
 
+    proptest::proptest! {
+        /// Any text is read without panicking (a grammar or an error); grammars made of random
+        /// pieces step through any bytes without panicking.
+        #[test]
+        fn any_text_is_read_without_panicking(
+            text in "(root ::= |[a-z]{0,3} ?::= ?)[ \"\\[\\]()|*+?.{},0-9a-z^\\\\-]{0,24}( [a-z]{1,3} ::= [\"a-z|()*]{0,8})?",
+            pieces in proptest::collection::vec(0usize..13, 0..12),
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..16),
+        ) {
+            const PIECES: [&str; 13] =
+                ["\"a\"", "[a-c]", ".", "(", ")", "|", "*", "+", "?", "{1,2}", "x", "\"\\n\"", "[^\\x00-\\x7f]"];
+            let _ = Grammar::parse(&text);
+            let made: Vec<&str> = pieces.iter().map(|&k| PIECES[k]).collect();
+            if let Ok(g) = Grammar::parse(&format!("root ::= {}\nx ::= \"b\" x | \"\"", made.join(" "))) {
+                let mut s = g.start();
+                for b in bytes {
+                    match g.step(&s, b) {
+                        Some(next) => s = next,
+                        None => break,
+                    }
+                }
+                let _ = g.accepts(&s);
+            }
+        }
+    }
+
     #[test]
     fn bad_grammars_are_refused_saying_where() {
         for (text, error) in [
