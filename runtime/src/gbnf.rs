@@ -22,7 +22,8 @@ use crate::tokenizer::Tokenizer;
 const MAX_STACKS: usize = 4096;
 /// The most frames a stack may hold.
 const MAX_DEPTH: usize = 512;
-/// The most states a grammar keeps interned (all dropped, and their masks, when full).
+/// The most states a grammar keeps interned (all dropped, and their masks, when full; the masks
+/// alone are dropped past [`crate::grammar::CACHED`]).
 const MAX_STATES: usize = 1 << 16;
 
 /// An element of a rule's sequence.
@@ -312,6 +313,10 @@ impl Grammar {
             next
         };
         let ok = Arc::new(trie.walk_by(id, step, |_, _| false));
+        // At most as many masks kept as a trie keeps (16 KiB each for DeepSeek-V3's vocabulary).
+        if m.masks.len() >= crate::grammar::CACHED {
+            m.masks.clear();
+        }
         m.masks.insert(key, ok.clone());
         ok
     }
