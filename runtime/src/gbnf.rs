@@ -25,6 +25,8 @@ const MAX_DEPTH: usize = 512;
 /// The most states a grammar keeps interned (all dropped, and their masks, when full; the masks
 /// alone are dropped past [`crate::grammar::CACHED`]).
 const MAX_STATES: usize = 1 << 16;
+/// The most steps a grammar keeps memoized (all dropped with the states when full).
+const MAX_STEPS: usize = 1 << 20;
 
 /// An element of a rule's sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,7 +295,7 @@ impl Grammar {
     /// The tokens of `trie` that go on from `s` (kept per state).
     pub fn allowed(&self, trie: &TokenTrie, s: &State) -> Arc<Vec<u64>> {
         let mut m = self.machine.lock().unwrap_or_else(|e| e.into_inner());
-        if m.states.len() > MAX_STATES {
+        if m.states.len() > MAX_STATES || m.steps.len() > MAX_STEPS {
             *m = Machine::default();
         }
         let id = m.intern(s.clone());
