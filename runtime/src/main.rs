@@ -1759,7 +1759,7 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
             let tools = v3c_runtime::tools::Tools::parse(Some(&given), Some(&choice), None, &tokenizer)
                 .map_err(|e| Failure::Other(format!("--tools {}: {e}", path.display())))?
                 .map(|t| t.written_as(args.tool_call_parser.format()));
-            tools.filter(|t| t.calling() || guide.is_none()).map(std::sync::Arc::new)
+            tools.map(std::sync::Arc::new)
         }
     };
     let calling = tools.as_ref().filter(|t| t.calling());
