@@ -22,6 +22,8 @@ use crate::tokenizer::Tokenizer;
 const MAX_STACKS: usize = 4096;
 /// The most frames a stack may hold.
 const MAX_DEPTH: usize = 512;
+/// The most elements a grammar's repetitions may spell out.
+const MAX_ELEMS: usize = 1 << 18;
 /// The most states a grammar keeps interned (all dropped, and their masks, when full; the masks
 /// alone are dropped past [`crate::grammar::CACHED`]).
 const MAX_STATES: usize = 1 << 16;
@@ -94,7 +96,8 @@ impl Machine {
 impl Grammar {
     /// Reads a grammar in GBNF; errors say where and what.
     pub fn parse(text: &str) -> Result<Grammar, String> {
-        let mut p = Parser { text: text.as_bytes(), at: 0, rules: Vec::new(), names: Vec::new(), defined: Vec::new() };
+        let mut p =
+            Parser { text: text.as_bytes(), at: 0, rules: Vec::new(), names: Vec::new(), defined: Vec::new(), size: 0 };
         p.grammar()?;
         let Parser { rules, names, defined, .. } = p;
         if let Some(k) = defined.iter().position(|d| !d) {
@@ -390,6 +393,8 @@ struct Parser<'t> {
     rules: Vec<Vec<Seq>>,
     names: Vec<String>,
     defined: Vec<bool>,
+    /// Elements the repetitions have spelled so far.
+    size: usize,
 }
 
 impl Parser<'_> {
@@ -637,6 +642,12 @@ impl Parser<'_> {
             _ => return Ok(item),
         };
         self.at += 1;
+        // Copies of the item: bounded, so that nested counts cannot make a grammar of millions.
+        let copies = item.len().max(1) * max.unwrap_or(min).max(1);
+        self.size += copies;
+        if copies > MAX_ELEMS || self.size > MAX_ELEMS {
+            return Err(self.error(&format!("repetitions spell more than {MAX_ELEMS} elements")));
+        }
         let mut seq: Seq = Vec::new();
         for _ in 0..min {
             seq.extend(item.iter().cloned());
@@ -990,6 +1001,7 @@ mod tests {
 
     #[test]
     fn bad_grammars_are_refused_saying_where() {
+        let long = format!("root ::= \"{}\"{{1000}}", "a".repeat(300));
         for (text, error) in [
             ("", "an empty grammar"),
             ("root ::= x", "rule x is used but not defined"),
@@ -1003,6 +1015,7 @@ mod tests {
             ("root ::= \"a\"{3,1}", "{3,1}: counts up to 1024, the least first"),
             ("root ::= \"\\q\"", "unknown escape \\q"),
             ("root ::= ( \"a\"", "expected )"),
+            (long.as_str(), "repetitions spell more than 262144 elements"),
         ] {
             let e = Grammar::parse(text).unwrap_err();
             assert!(e.contains(error), "{text:?}: {e}");
