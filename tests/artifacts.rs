@@ -163,6 +163,15 @@ fn serve_stdin(
     v3r_stdin("serve", art, ckpt, cache, args, input.as_bytes())
 }
 
+/// `v3r serve`'s reply lines (JSON, each with a string `id`), by their ids.
+fn replies_by_id(stdout: &[u8]) -> HashMap<String, serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| (v["id"].as_str().unwrap().to_string(), v))
+        .collect()
+}
+
 /// `v3r COMMAND ART --weights CKPT ARGS` (kernels cached in `cache`), `input` its stdin, run to
 /// its end.
 fn v3r_stdin(
@@ -345,11 +354,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     );
     let out = serve_with(&["--max-new-tokens", "6"], &lines);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let by_id: std::collections::HashMap<String, serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .map(|v| (v["id"].as_str().unwrap().to_string(), v))
-        .collect();
+    let by_id = replies_by_id(&out.stdout);
     let tokens = |id: &str| -> Vec<u64> {
         by_id[id]["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
     };
@@ -806,11 +811,7 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     );
     let out = serve_stdin(&art, &ckpt, &cache, &["--max-new-tokens", "12"], &lines);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let guided: std::collections::HashMap<String, serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .map(|v| (v["id"].as_str().unwrap().to_string(), v))
-        .collect();
+    let guided = replies_by_id(&out.stdout);
     let (c, r) = (&guided["c"], &guided["r"]);
     assert!(["positive", "negative", "neutral"].contains(&c["text"].as_str().unwrap()), "{c}");
     let r_text = r["text"].as_str().unwrap().as_bytes();
