@@ -866,8 +866,20 @@ impl<'s> SchemaRegex<'s> {
 
     fn object_schema(&mut self, o: &serde_json::Map<String, serde_json::Value>, at: &str) -> Result<String, String> {
         use serde_json::Value;
-        const NOTES: [&str; 7] = ["title", "description", "default", "examples", "$schema", "$id", "$comment"];
-        const KNOWN: [&str; 23] = [
+        const NOTES: [&str; 10] = [
+            "title",
+            "description",
+            "default",
+            "examples",
+            "$schema",
+            "$id",
+            "$comment",
+            "deprecated",
+            "readOnly",
+            "writeOnly",
+        ];
+        const KNOWN: [&str; 24] = [
+            "allOf",
             "pattern",
             "minimum",
             "maximum",
@@ -920,6 +932,13 @@ impl<'s> SchemaRegex<'s> {
             let e = e.as_array().filter(|e| !e.is_empty()).ok_or_else(|| format!("{at}/enum: not a list of values"))?;
             return Ok(format!("(?:{})", e.iter().map(literal).collect::<Vec<_>>().join("|")));
         }
+        if let Some(all) = o.get("allOf") {
+            // One schema (what pydantic writes around a reference with a description): that one.
+            return match all.as_array().map(Vec::as_slice) {
+                Some([one]) => self.of(one, &format!("{at}/allOf/0")),
+                _ => Err(format!("{at}/allOf: only one schema is supported")),
+            };
+        }
         for key in ["anyOf", "oneOf"] {
             if let Some(all) = o.get(key) {
                 let all = all.as_array().filter(|a| !a.is_empty()).ok_or_else(|| format!("{at}/{key}: not a list"))?;
@@ -958,13 +977,7 @@ impl<'s> SchemaRegex<'s> {
                     }
                     integer_regex(lo, hi)
                 }
-                "number" => {
-                    let bounded = ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"];
-                    if let Some(k) = bounded.iter().find(|k| o.contains_key(**k)) {
-                        return Err(format!("{at}/{k}: bounds are supported on integers only"));
-                    }
-                    r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?".to_string()
-                }
+                "number" => number_regex(o, at)?,
                 "string" if o.contains_key("pattern") => {
                     if let Some(k) = ["minLength", "maxLength", "format"].iter().find(|k| o.contains_key(**k)) {
                         return Err(format!("{at}/{k}: not with a pattern"));
@@ -1230,6 +1243,218 @@ fn integer_bounds(
     let lo = lo.into_iter().flatten().reduce(f64::max).map(|v| v as i64);
     let hi = hi.into_iter().flatten().reduce(f64::min).map(|v| v as i64);
     Ok((lo, hi))
+}
+
+/// The regular expression of a number's schema: any JSON number, or with bounds (`minimum`,
+/// `maximum` and the exclusive ones, compared exactly as decimals) the numbers within them
+/// written without an exponent (`0.5`, `-12`, `3.250`; no `-0`).
+fn number_regex(o: &serde_json::Map<String, serde_json::Value>, at: &str) -> Result<String, String> {
+    let bound = |k: &str, inclusive: bool| -> Result<Option<Bound>, String> {
+        o.get(k).map(|x| Decimal::of(x).map(|d| (d, inclusive)).map_err(|e| format!("{at}/{k}: {e}"))).transpose()
+    };
+    let los = [bound("minimum", true)?, bound("exclusiveMinimum", false)?];
+    let his = [bound("maximum", true)?, bound("exclusiveMaximum", false)?];
+    if los.iter().chain(&his).all(Option::is_none) {
+        return Ok(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?".to_string());
+    }
+    // The tightest of each side; of two equal bounds the exclusive one.
+    let tightest = |all: [Option<Bound>; 2], tighter: std::cmp::Ordering| {
+        all.into_iter().flatten().reduce(|a, b| {
+            let c = b.0.cmp(&a.0);
+            if c == tighter || (c.is_eq() && !b.1) {
+                b
+            } else {
+                a
+            }
+        })
+    };
+    let (lo, hi) = (tightest(los, std::cmp::Ordering::Greater), tightest(his, std::cmp::Ordering::Less));
+    let zero = Decimal::default();
+    let mut each = Vec::new();
+    // The negative ones: minus the magnitudes above -hi (or zero, excluded) up to -lo.
+    if lo.as_ref().is_none_or(|l| l.0.negative) {
+        let above = match &hi {
+            Some((h, inclusive)) if h.negative => (h, *inclusive),
+            _ => (&zero, false),
+        };
+        if let Some(r) = magnitude_regex(above, lo.as_ref().map(|(l, i)| (l, *i))) {
+            each.push(format!("-{r}"));
+        }
+    }
+    if hi.as_ref().is_none_or(|h| !h.0.negative) {
+        let above = match &lo {
+            Some((l, inclusive)) if !l.negative => (l, *inclusive),
+            _ => (&zero, true),
+        };
+        if let Some(r) = magnitude_regex(above, hi.as_ref().map(|(h, i)| (h, *i))) {
+            each.push(r);
+        }
+    }
+    if each.is_empty() {
+        return Err(format!("{at}: no number is within its minimum and maximum"));
+    }
+    Ok(format!("(?:{})", each.join("|")))
+}
+
+/// A bound of a number, and whether it is included.
+type Bound = (Decimal, bool);
+
+/// A number exactly as its decimal: its sign, integer part and fraction's digits (no trailing
+/// zeros; zero is not negative).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Decimal {
+    negative: bool,
+    int: u64,
+    frac: Vec<u8>,
+}
+
+impl Decimal {
+    /// Integer parts up to 1e15 and fractions of up to 40 digits.
+    fn of(x: &serde_json::Value) -> Result<Decimal, String> {
+        let bad = || format!("{x} is not a number within ±1e15 of at most 40 decimals");
+        let text = match x {
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => return Err(bad()),
+        };
+        let (mantissa, exp) = match text.split_once(['e', 'E']) {
+            Some((m, e)) => (m, e.parse::<i32>().map_err(|_| bad())?),
+            None => (text.as_str(), 0),
+        };
+        let (negative, mantissa) = match mantissa.strip_prefix('-') {
+            Some(m) => (true, m),
+            None => (false, mantissa),
+        };
+        let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        let digits: Vec<u8> = int.bytes().chain(frac.bytes()).collect();
+        if !digits.iter().all(u8::is_ascii_digit) || exp.abs() > 64 {
+            return Err(bad());
+        }
+        // Where the point is, counted in digits from the left.
+        let point = int.len() as i32 + exp;
+        let digit = |i: i32| if (0..digits.len() as i32).contains(&i) { digits[i as usize] } else { b'0' };
+        let int: Vec<u8> = (0..point).map(digit).skip_while(|&d| d == b'0').collect();
+        let mut frac: Vec<u8> = (point.max(0)..digits.len() as i32).map(digit).collect();
+        frac.splice(0..0, (point..0).map(|_| b'0'));
+        while frac.last() == Some(&b'0') {
+            frac.pop();
+        }
+        if int.len() > 16 || frac.len() > 40 {
+            return Err(bad());
+        }
+        let int =
+            std::str::from_utf8(&int).ok().filter(|i| !i.is_empty()).map_or(Ok(0), str::parse).map_err(|_| bad())?;
+        if int > 1_000_000_000_000_000 {
+            return Err(bad());
+        }
+        let negative = negative && (int > 0 || !frac.is_empty());
+        Ok(Decimal { negative, int, frac })
+    }
+
+    fn magnitude(&self) -> (u64, &[u8]) {
+        // Without trailing zeros, fractions compare as their digit strings do.
+        (self.int, &self.frac)
+    }
+}
+
+impl Ord for Decimal {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        match (self.negative, other.negative) {
+            (false, true) => std::cmp::Ordering::Greater,
+            (true, false) => std::cmp::Ordering::Less,
+            (false, false) => self.magnitude().cmp(&other.magnitude()),
+            (true, true) => other.magnitude().cmp(&self.magnitude()),
+        }
+    }
+}
+
+impl PartialOrd for Decimal {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The regular expression of the non-negative numbers written `I` or `I.F` (no exponent) at or
+/// above `lo` (above only when it is not included) and up to `hi`, comparing magnitudes; None if
+/// there are none.
+fn magnitude_regex(lo: (&Decimal, bool), hi: Option<(&Decimal, bool)>) -> Option<String> {
+    let mut each = Vec::new();
+    let part = |int: u64, lo: Option<(&[u8], bool)>, hi: Option<(&[u8], bool)>| {
+        fraction_regex(fraction_digits(lo, hi)).map(|f| format!("{int}{f}"))
+    };
+    let low = Some((lo.0.frac.as_slice(), lo.1));
+    match hi {
+        Some((h, _)) if h.int < lo.0.int => return None,
+        Some((h, inclusive)) if h.int == lo.0.int => {
+            each.extend(part(h.int, low, Some((h.frac.as_slice(), inclusive))));
+        }
+        _ => {
+            each.extend(part(lo.0.int, low, None));
+            // The integer parts strictly between, any fraction.
+            let below = hi.map(|(h, _)| h.int - 1);
+            if below.is_none_or(|b| b > lo.0.int) {
+                each.push(format!(r"{}(?:\.[0-9]+)?", natural_regex(lo.0.int + 1, below)));
+            }
+            if let Some((h, inclusive)) = hi {
+                each.extend(part(h.int, None, Some((h.frac.as_slice(), inclusive))));
+            }
+        }
+    }
+    (!each.is_empty()).then(|| format!("(?:{})", each.join("|")))
+}
+
+/// What follows an integer part: nothing (where the empty fraction is allowed) or `.` and the
+/// digits, from [`fraction_digits`]; None if neither may.
+fn fraction_regex((empty, digits): (bool, Vec<String>)) -> Option<String> {
+    match (empty, digits.is_empty()) {
+        (true, true) => Some(String::new()),
+        (false, true) => None,
+        (_, false) => Some(format!(r"(?:\.(?:{})){}", digits.join("|"), if empty { "?" } else { "" })),
+    }
+}
+
+/// The digit strings `d` with `0.d` at or above `0.lo` (above only when it is not included)
+/// and at or below (below) `0.hi` (None: no bound; bounds without trailing zeros): whether the
+/// empty string is one, and regular expressions of the others, by first digit.
+fn fraction_digits(lo: Option<(&[u8], bool)>, hi: Option<(&[u8], bool)>) -> (bool, Vec<String>) {
+    // At or above zero: no bound.
+    let lo = lo.filter(|&(l, inclusive)| !(l.is_empty() && inclusive));
+    match (lo, hi) {
+        (None, None) => return (true, vec!["[0-9]+".to_string()]),
+        // At or below zero: zeros only (below zero: none).
+        (lo, Some((&[], inclusive))) => {
+            return (inclusive && lo.is_none(), if inclusive && lo.is_none() { vec!["0+".to_string()] } else { vec![] })
+        }
+        // Above zero, no upper bound: a digit other than zero somewhere.
+        (Some((&[], _)), None) => return (false, vec!["0*[1-9][0-9]*".to_string()]),
+        _ => {}
+    }
+    // The empty string is zero: above a bound left only where that bound is zero (and
+    // included: excluded above), below one wherever that bound is not zero.
+    let empty = lo.is_none() && hi.is_none_or(|(h, inclusive)| !h.is_empty() || inclusive);
+    let first = |b: Option<(&[u8], bool)>, unbounded: u8| b.map_or(unbounded, |(d, _)| d.first().map_or(b'0', |c| *c));
+    fn rest(b: Option<(&[u8], bool)>) -> Option<(&[u8], bool)> {
+        b.map(|(d, inclusive)| (d.get(1..).unwrap_or(&[]), inclusive))
+    }
+    let (a, z) = (first(lo, b'0'), first(hi, b'9'));
+    let mut each = Vec::new();
+    if a > z {
+        return (empty, each);
+    }
+    let then = |digit: u8, lo, hi| {
+        let (empty, more) = fraction_digits(lo, hi);
+        match (empty, more.is_empty()) {
+            (_, true) => empty.then(|| (digit as char).to_string()),
+            (e, false) => Some(format!("{}(?:{}){}", digit as char, more.join("|"), if e { "?" } else { "" })),
+        }
+    };
+    each.extend(then(a, rest(lo), if a == z { rest(hi) } else { None }));
+    if z > a {
+        if z - a >= 2 {
+            each.push(format!("[{}-{}][0-9]*", (a + 1) as char, (z - 1) as char));
+        }
+        each.extend(then(z, None, rest(hi)));
+    }
+    (empty, each)
 }
 
 /// The regular expression of the integers from `lo` to `hi` (None: no bound), written as JSON
@@ -1603,8 +1828,8 @@ mod tests {
                 "name": {"type": "string", "minLength": 1, "maxLength": 8},
                 "age": {"type": "integer"},
                 "score": {"type": ["number", "null"]},
-                "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "minItems": 1, "maxItems": 3},
-                "ok": {"type": "boolean", "description": "an annotation"},
+                "tags": {"type": "array", "items": {"allOf": [{"$ref": "#/$defs/tag"}], "readOnly": true}, "minItems": 1, "maxItems": 3},
+                "ok": {"type": "boolean", "description": "an annotation", "deprecated": false},
                 "kind": {"enum": ["a", "b c", 3]},
                 "pet": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"legs": {"const": 4}}, "required": ["legs"], "additionalProperties": false}]}
             },
@@ -1648,8 +1873,16 @@ mod tests {
             "#/format: \"uri\" is not supported (date, time, date-time, uuid, ipv4, email)"
         );
         assert_eq!(
-            refused(serde_json::json!({"type": "number", "minimum": 0})),
-            "#/minimum: bounds are supported on integers only"
+            refused(serde_json::json!({"allOf": [{"type": "number"}, {"minimum": 1}]})),
+            "#/allOf: only one schema is supported"
+        );
+        assert_eq!(
+            refused(serde_json::json!({"type": "number", "minimum": 1e20})),
+            "#/minimum: 1e+20 is not a number within ±1e15 of at most 40 decimals"
+        );
+        assert_eq!(
+            refused(serde_json::json!({"type": "number", "minimum": 0.5, "exclusiveMaximum": 0.5})),
+            "#: no number is within its minimum and maximum"
         );
         assert_eq!(
             refused(serde_json::json!({"type": "integer", "minimum": 3, "exclusiveMaximum": 3})),
@@ -1712,6 +1945,118 @@ mod tests {
                 assert_eq!(p.matches(x.to_string().as_bytes()), within, "{b}: {x}");
             }
             for spelled in ["-0", "007", "+5", "5.0", "", "-", "1e2"] {
+                assert!(!p.matches(spelled.as_bytes()), "{b}: {spelled}");
+            }
+        }
+    }
+
+    /// Numbers' bounds, compared exactly as decimals: for each of many (minimum, maximum,
+    /// exclusive ones), every number of a grid around them — integer parts from -30 to 30, with
+    /// fractions near the bounds' digits, trailing zeros included — matches exactly when it is
+    /// within them, and no spelling JSON does not write (`-0`, leading zeros, `.5`, `1.`) does.
+    #[test]
+    fn number_bounds_match_exactly_the_numbers_within() {
+        let bounds: Vec<serde_json::Value> = vec![
+            serde_json::json!({"minimum": 0}),
+            serde_json::json!({"exclusiveMinimum": 0}),
+            serde_json::json!({"minimum": 0, "maximum": 1}),
+            serde_json::json!({"exclusiveMinimum": 0, "exclusiveMaximum": 1}),
+            serde_json::json!({"minimum": -1, "maximum": 1}),
+            serde_json::json!({"minimum": 0.25, "maximum": 0.75}),
+            serde_json::json!({"minimum": 0.25, "exclusiveMaximum": 0.2501}),
+            serde_json::json!({"exclusiveMinimum": 0.05, "maximum": 2.5}),
+            serde_json::json!({"minimum": -2.5, "exclusiveMaximum": -0.05}),
+            serde_json::json!({"maximum": -0.5}),
+            serde_json::json!({"exclusiveMaximum": 0}),
+            serde_json::json!({"minimum": -12.125, "maximum": 17.0625}),
+            serde_json::json!({"exclusiveMinimum": -3, "exclusiveMaximum": -3.0001}),
+            serde_json::json!({"minimum": 1.5, "maximum": 1.5}),
+            serde_json::json!({"minimum": 9.99, "exclusiveMinimum": 9.99, "maximum": 20, "exclusiveMaximum": 10.01}),
+            serde_json::json!({"minimum": 0.1, "maximum": 0.3}),
+            serde_json::json!({"exclusiveMinimum": -0.0, "maximum": 0.0009}),
+            serde_json::json!({"minimum": 5e-4, "maximum": 1e1}),
+        ];
+        // Exactly, in units of 1e-9.
+        let scaled = |text: &str| -> i128 {
+            let (negative, t) = text.strip_prefix('-').map_or((false, text), |t| (true, t));
+            let (int, frac) = t.split_once('.').unwrap_or((t, ""));
+            let frac = format!("{frac:0<9}");
+            let v = int.parse::<i128>().unwrap() * 1_000_000_000 + frac.parse::<i128>().unwrap();
+            if negative {
+                -v
+            } else {
+                v
+            }
+        };
+        let fractions = [
+            "",
+            ".0",
+            ".00",
+            ".5",
+            ".50",
+            ".25",
+            ".2501",
+            ".25009",
+            ".2502",
+            ".05",
+            ".049",
+            ".051",
+            ".1",
+            ".3",
+            ".30",
+            ".3000001",
+            ".2999",
+            ".75",
+            ".7500",
+            ".7501",
+            ".0001",
+            ".0009",
+            ".00091",
+            ".00089",
+            ".0005",
+            ".0004999",
+            ".125",
+            ".1249",
+            ".0625",
+            ".06251",
+            ".99",
+            ".999999999",
+            ".01",
+            ".0099",
+            ".9",
+        ];
+        for b in bounds {
+            let mut schema = b.clone();
+            schema["type"] = "number".into();
+            let regex = match schema_regex(&schema) {
+                Ok(r) => r,
+                Err(e) => {
+                    assert_eq!(b["exclusiveMinimum"], serde_json::json!(-3), "{e}");
+                    continue;
+                }
+            };
+            let p = Pattern::new(&regex).unwrap();
+            let f = |k: &str| b.get(k).map(|v| scaled(&format!("{:.9}", v.as_f64().unwrap())));
+            let mut some = 0;
+            for int in -30i64..=30 {
+                for frac in fractions {
+                    let text = format!("{}{}{frac}", if int < 0 { "-" } else { "" }, int.abs());
+                    for text in [text.clone(), format!("-{text}")] {
+                        if text.starts_with("--") || text.strip_prefix('-').is_some_and(|t| scaled(t) == 0) {
+                            continue;
+                        }
+                        let v = scaled(&text);
+                        let within = f("minimum").is_none_or(|m| v >= m)
+                            && f("maximum").is_none_or(|m| v <= m)
+                            && f("exclusiveMinimum").is_none_or(|m| v > m)
+                            && f("exclusiveMaximum").is_none_or(|m| v < m);
+                        assert_eq!(p.matches(text.as_bytes()), within, "{b}: {text}");
+                        some += within as usize;
+                    }
+                }
+            }
+            assert!(some > 0, "{b}");
+            for spelled in ["-0", "-0.0", "-0.00", "00", "01", "+1", ".5", "1.", "1e0", "-", ""] {
                 assert!(!p.matches(spelled.as_bytes()), "{b}: {spelled}");
             }
         }
