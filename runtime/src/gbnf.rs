@@ -9,7 +9,8 @@
 //! its top expects a character; a byte at a time, the characters' UTF-8 decoded in the state.
 //! Returning into a sequence that is over is not pushed (a tail call), so repetitions and right
 //! recursion stay shallow; left recursion, which would expand for ever, is refused when the
-//! grammar is read. States are interned and their steps memoized, so the vocabulary's trie is
+//! grammar is read — unless its loops only ever make tail calls (a repetition of what may be
+//! empty, `("a"?)*`), which expand each rule once. States are interned and their steps memoized, so the vocabulary's trie is
 //! walked over a lazily built automaton (as [`crate::grammar::Pattern`]'s), its masks kept.
 
 use std::collections::HashMap;
@@ -48,6 +49,9 @@ pub struct Grammar {
     rules: Vec<Vec<u32>>,
     names: Vec<String>,
     root: u32,
+    /// Whether rules may reach themselves without a character read or a return address pushed
+    /// (`("a"?)*`): expansions then note the rules they expanded, to expand each once.
+    loops: bool,
     machine: Mutex<Machine>,
 }
 
@@ -115,14 +119,17 @@ impl Grammar {
             }
             starts.push(mine);
         }
-        let g = Grammar { elems, rules: starts, names, root, machine: Mutex::default() };
-        g.refuse_left_recursion()?;
+        let mut g = Grammar { elems, rules: starts, names, root, loops: false, machine: Mutex::default() };
+        g.loops = g.refuse_left_recursion()?;
         Ok(g)
     }
 
-    /// A rule that may begin with itself (through rules that may match nothing) would expand
-    /// for ever: refused, naming the loop.
-    fn refuse_left_recursion(&self) -> Result<(), String> {
+    /// A rule that may begin with itself (through rules that may match nothing) with something
+    /// after it would expand for ever, its stack growing: refused, naming the loop. Loops whose
+    /// every step is a sequence's last element (`("a"?)*`: R ::= "a"? R | ...) do not grow the
+    /// stack: they are kept, and the grammar marked to expand them once (see [`Grammar::expand`]).
+    /// Returns whether there are such loops.
+    fn refuse_left_recursion(&self) -> Result<bool, String> {
         let n = self.rules.len();
         // Which rules may match nothing.
         let mut nullable = vec![false; n];
@@ -138,14 +145,15 @@ impl Grammar {
                 break;
             }
         }
-        // Each rule's left corners: the rules its alternatives may begin with.
-        let corners: Vec<Vec<u32>> = (0..n)
+        // Each rule's left corners: the rules its alternatives may begin with, and whether each
+        // is the last of its sequence (nothing to return to).
+        let corners: Vec<Vec<(u32, bool)>> = (0..n)
             .map(|r| {
                 let mut out = Vec::new();
                 for &a in &self.rules[r] {
                     let mut p = a as usize;
                     while let Elem::Rule(b) = self.elems[p] {
-                        out.push(b);
+                        out.push((b, self.elems[p + 1] == Elem::End));
                         if !nullable[b as usize] {
                             break;
                         }
@@ -155,38 +163,43 @@ impl Grammar {
                 out
             })
             .collect();
-        // A cycle among left corners, found depth first.
-        let mut mark = vec![0u8; n];
-        fn visit(r: usize, corners: &[Vec<u32>], mark: &mut [u8], path: &mut Vec<usize>) -> Option<Vec<usize>> {
-            mark[r] = 1;
-            path.push(r);
-            for &b in &corners[r] {
-                let b = b as usize;
-                if mark[b] == 1 {
-                    let from = path.iter().position(|&x| x == b).unwrap_or(0);
-                    let mut cycle = path[from..].to_vec();
-                    cycle.push(b);
-                    return Some(cycle);
+        let edges: Vec<Vec<u32>> = corners.iter().map(|c| c.iter().map(|&(b, _)| b).collect()).collect();
+        let component = components(&edges);
+        let mut loops = false;
+        for (r, c) in corners.iter().enumerate() {
+            for &(b, last) in c {
+                if component[b as usize] != component[r] {
+                    continue;
                 }
-                if mark[b] == 0 {
-                    if let Some(c) = visit(b, corners, mark, path) {
-                        return Some(c);
+                if last {
+                    loops = true;
+                    continue;
+                }
+                // A loop through r -> b: the way back from b to r, breadth first.
+                let mut from = vec![u32::MAX; n];
+                let mut queue = std::collections::VecDeque::from([b]);
+                from[b as usize] = b;
+                while let Some(x) = queue.pop_front() {
+                    for &y in &edges[x as usize] {
+                        if from[y as usize] == u32::MAX && component[y as usize] == component[r] {
+                            from[y as usize] = x;
+                            queue.push_back(y);
+                        }
                     }
                 }
-            }
-            path.pop();
-            mark[r] = 2;
-            None
-        }
-        for r in 0..n {
-            if mark[r] == 0 {
-                if let Some(cycle) = visit(r, &corners, &mut mark, &mut Vec::new()) {
-                    let names: Vec<&str> = cycle.iter().map(|&k| self.names[k].as_str()).collect();
-                    return Err(format!("rule {} is left-recursive ({})", names[0], names.join(" -> ")));
+                let mut path = vec![r as u32];
+                let mut x = r as u32;
+                while x != b {
+                    x = from[x as usize];
+                    path.push(x);
                 }
+                path.push(r as u32);
+                path.reverse();
+                let names: Vec<&str> = path.iter().map(|&k| self.names[k as usize].as_str()).collect();
+                return Err(format!("rule {} is left-recursive ({})", names[0], names.join(" -> ")));
             }
         }
-        Ok(())
+        Ok(loops)
     }
 
     fn nullable_from(&self, mut p: usize, nullable: &[bool]) -> bool {
@@ -212,7 +225,19 @@ impl Grammar {
     }
 
     /// `stack` expanded until its top expects a character (or it is empty: complete), into `out`.
-    fn expand(&self, mut stack: Vec<u32>, out: &mut Vec<Vec<u32>>) {
+    fn expand(&self, stack: Vec<u32>, out: &mut Vec<Vec<u32>>) {
+        let mut expanded = self.loops.then(std::collections::HashSet::new);
+        self.expand_noting(stack, out, &mut expanded);
+    }
+
+    /// [`Grammar::expand`], each rule expanded once over the same stack below it where
+    /// `expanded` notes them.
+    fn expand_noting(
+        &self,
+        mut stack: Vec<u32>,
+        out: &mut Vec<Vec<u32>>,
+        expanded: &mut Option<std::collections::HashSet<(Vec<u32>, u32)>>,
+    ) {
         if stack.len() > MAX_DEPTH || out.len() > MAX_STACKS {
             return;
         }
@@ -224,7 +249,7 @@ impl Grammar {
             Elem::Chars(..) => out.push(stack),
             Elem::End => {
                 stack.pop();
-                self.expand(stack, out);
+                self.expand_noting(stack, out, expanded);
             }
             Elem::Rule(r) => {
                 stack.pop();
@@ -232,10 +257,15 @@ impl Grammar {
                 if self.elems[top as usize + 1] != Elem::End {
                     stack.push(top + 1);
                 }
+                if let Some(expanded) = expanded {
+                    if !expanded.insert((stack.clone(), *r)) {
+                        return;
+                    }
+                }
                 for &a in &self.rules[*r as usize] {
                     let mut s = stack.clone();
                     s.push(a);
-                    self.expand(s, out);
+                    self.expand_noting(s, out, expanded);
                 }
             }
         }
@@ -325,6 +355,60 @@ impl Grammar {
         m.masks.insert(key, ok.clone());
         ok
     }
+}
+
+/// The strongly connected components of a graph: each node's component (Kosaraju's, without
+/// recursion: grammars spelling out repetitions may chain thousands of rules).
+fn components(edges: &[Vec<u32>]) -> Vec<u32> {
+    let n = edges.len();
+    // Nodes in the order their depth-first visits finish.
+    let mut order = Vec::with_capacity(n);
+    let mut seen = vec![false; n];
+    for root in 0..n {
+        if seen[root] {
+            continue;
+        }
+        seen[root] = true;
+        let mut stack = vec![(root, 0usize)];
+        while let Some((x, i)) = stack.pop() {
+            match edges[x].get(i) {
+                Some(&y) => {
+                    stack.push((x, i + 1));
+                    if !seen[y as usize] {
+                        seen[y as usize] = true;
+                        stack.push((y as usize, 0));
+                    }
+                }
+                None => order.push(x),
+            }
+        }
+    }
+    let mut back = vec![Vec::new(); n];
+    for (x, out) in edges.iter().enumerate() {
+        for &y in out {
+            back[y as usize].push(x as u32);
+        }
+    }
+    // On the reversed graph, latest finished first: each search stays in one component.
+    let mut component = vec![u32::MAX; n];
+    let mut count = 0;
+    for &root in order.iter().rev() {
+        if component[root] != u32::MAX {
+            continue;
+        }
+        component[root] = count;
+        let mut stack = vec![root];
+        while let Some(x) = stack.pop() {
+            for &y in &back[x] {
+                if component[y as usize] == u32::MAX {
+                    component[y as usize] = count;
+                    stack.push(y as usize);
+                }
+            }
+        }
+        count += 1;
+    }
+    component
 }
 
 /// Whether a class (`ranges`, or what is outside them when `negated`) holds a character from
@@ -846,6 +930,11 @@ mod tests {
             (r#"root ::= ( [ax] | [\x30-\x39] )+ "\n""#, "[ax0-9]+\\n"),
             (r#"root ::= "a" x{0,2} "b" x ::= "y" | "z""#, "a[yz]{0,2}b"),
             (r#"root ::= ("ab" | "a") "c"?"#, "(ab|a)c?"),
+            // Repetitions of what may be empty: loops that read nothing, kept.
+            (r#"root ::= ("a"?)* "b""#, "a*b"),
+            (r#"root ::= ("a"? "b"?)+ "c""#, "[ab]*c"),
+            ("root ::= x (\"-\" x)*\nx ::= (\"1\" | \"\")*", "1*(-1*)*"),
+            ("root ::= y \"z\"\ny ::= \"x\"? y | \"\"", "x*z"),
         ] {
             let g = Grammar::parse(gbnf).unwrap_or_else(|e| panic!("{gbnf}: {e}"));
             let oracle = regex_automata::meta::Regex::new(&format!("^(?:{regex})$")).unwrap();
@@ -1008,6 +1097,7 @@ mod tests {
             ("start ::= \"a\"", "no rule named root"),
             ("root ::= root \"a\" | \"b\"", "rule root is left-recursive (root -> root)"),
             ("root ::= a\na ::= b? a \"x\"\nb ::= \"y\"", "rule a is left-recursive (a -> a)"),
+            ("root ::= a\na ::= \"x\"? b\nb ::= a \"y\" | \"z\"", "rule b is left-recursive (b -> a -> b)"),
             ("root ::= \"a\"\nroot ::= \"b\"", "line 2, column 1: rule root is defined twice"),
             ("root ::= \"a", "line 1, column 12: a string that does not end"),
             ("root ::= [z-a]", "a range that runs backwards"),
