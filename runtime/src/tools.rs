@@ -457,11 +457,11 @@ mod tests {
     fn schemas_not_taken_hold_arguments_to_json_objects() {
         let t = fixture();
         let tools = serde_json::json!([{"type": "function", "function": {"name": "f", "parameters":
-            {"type": "object", "properties": {"n": {"type": "number", "minimum": 1}}}}}]);
+            {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}}}]);
         let tools = Tools::parse(Some(&tools), None, None, &t).unwrap().unwrap();
         assert_eq!(
             tools.loose,
-            vec![("f".to_string(), "#/properties/n/minimum: bounds are supported on integers only".to_string())]
+            vec![("f".to_string(), "#/properties/n: the keyword multipleOf is not supported".to_string())]
         );
         let p = crate::gbnf::Grammar::parse(&tools.calls_grammar()).unwrap();
         for (arguments, ok) in [
