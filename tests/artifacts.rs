@@ -1519,4 +1519,26 @@ fn v3r_serves_tool_calls_and_reasoning() {
     let plain: serde_json::Value = serde_json::from_str(&plain).unwrap();
     assert!(plain["choices"][0]["message"].get("reasoning_content").is_none(), "{plain}");
     assert_eq!(plain["choices"][0]["message"]["content"], tokenizer.decode(&tokens, true));
+    drop(server);
+    // `v3r chat --reasoning-parser`: the reasoning on stderr, the answer on stdout — what serve
+    // parts the same completion into (a chat's first turn is seeded --seed + 1). The bias on
+    // </think> (a flag here) makes one likely; this seed gives both parts.
+    let template = template.to_str().unwrap();
+    let parser = ["--chat-template", template, "--reasoning-parser", "deepseek-r1", "--temperature", "1"];
+    let bias = format!("{end}=2.5");
+    let line = format!(
+        "{}\n",
+        serde_json::json!({"messages": messages, "max_new_tokens": 24, "seed": 1, "logit_bias": {end.to_string(): 2.5}})
+    );
+    let served = v3r_stdin("serve", &art, &ckpt, &cache, &parser, line.as_bytes());
+    let served: serde_json::Value = serde_json::from_slice(&served.stdout).unwrap();
+    let (reasoning, text) = (served["reasoning_content"].as_str().unwrap(), served["text"].as_str().unwrap());
+    assert!(!reasoning.is_empty() && !text.is_empty(), "{served}");
+    let flags = [&parser[..], &["--max-new-tokens", "24", "--seed", "0", "--logit-bias", &bias]].concat();
+    let chatted = v3r_stdin("chat", &art, &ckpt, &cache, &flags, b"Weather in Paris?\n");
+    assert!(chatted.status.success(), "{}", String::from_utf8_lossy(&chatted.stderr));
+    assert_eq!(String::from_utf8_lossy(&chatted.stdout), format!("{text}\n"));
+    let stderr = String::from_utf8_lossy(&chatted.stderr);
+    assert!(stderr.contains(&format!("{reasoning}\n")), "{stderr}");
+    assert!(!stderr.contains(text), "{stderr}");
 }

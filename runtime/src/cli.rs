@@ -119,6 +119,10 @@ pub struct ShapingArgs {
     /// generated (OpenAI's, in [-2, 2]).
     #[arg(long, value_name = "X", default_value_t = 0.0, allow_negative_numbers = true)]
     frequency_penalty: f32,
+    /// Add BIAS, in [-100, 100], to token ID's logit before the sampling (OpenAI's logit_bias;
+    /// the flag repeated for more tokens): -100 all but bans a token, 100 all but forces it.
+    #[arg(long, value_name = "ID=BIAS", value_parser = token_bias)]
+    logit_bias: Vec<(u32, f32)>,
     /// Hold the completion to one JSON object (OpenAI's response_format json_object).
     #[arg(long, group = "guided")]
     json: bool,
@@ -190,10 +194,18 @@ impl ShapingArgs {
             repetition_penalty: self.repetition_penalty,
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
-            logit_bias: Vec::new(),
+            logit_bias: self.logit_bias.clone(),
             ..Default::default()
         }
     }
+}
+
+/// `--logit-bias ID=BIAS`.
+fn token_bias(text: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = text.split_once('=').ok_or_else(|| format!("{text}: expected ID=BIAS (e.g. 128798=-100)"))?;
+    let id = id.trim().parse::<u32>().map_err(|_| format!("{id}: not a token id"))?;
+    let bias = bias.trim().parse::<f32>().map_err(|_| format!("{bias}: not a number"))?;
+    Ok((id, bias))
 }
 
 /// What a request to `v3r serve` leaves out: the command line's flags.

@@ -160,6 +160,12 @@ struct ChatArgs {
     /// How the model writes tool calls.
     #[arg(long, value_enum, value_name = "PARSER", default_value = "deepseek-v3")]
     tool_call_parser: ToolCallParser,
+    /// Tell the reasoning from the answer: deepseek-r1 — the text between <think> and </think>
+    /// goes to stderr as it comes (dim on a terminal), the answer to stdout; only the answer is
+    /// kept in the conversation (R1's template drops earlier turns' reasoning too), and tool
+    /// calls are read from it. Needs a tokenizer with both markers.
+    #[arg(long, value_enum, value_name = "PARSER")]
+    reasoning_parser: Option<ReasoningParser>,
     /// Most tokens a reply, its sampling (each turn seeded with --seed plus its number).
     #[command(flatten)]
     generating: Generating,
@@ -422,6 +428,17 @@ impl Generating {
         v3c_runtime::cli::check_sampling(self.temperature, self.top_p)
             .and_then(|()| self.shaping().check())
             .map_err(|e| Failure::Other(format!("--{e}")))
+    }
+
+    /// The tokens the flags name are within the vocabulary of the model `a` was compiled from.
+    fn check_vocabulary(&self, a: &v3c_runtime::artifact::Artifact) -> Result<(), Failure> {
+        let vocab = a.manifest.model.config.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
+        match self.shaping().logit_bias.iter().find(|(t, _)| *t as u64 >= vocab) {
+            Some((t, _)) => Err(Failure::Other(format!(
+                "--logit-bias: token id {t} is outside the model's vocabulary (0..{vocab})"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// A sequence's sampler, seeded with `seed`.
@@ -974,6 +991,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         None => None,
     };
     let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
+    args.generating.check_vocabulary(&a)?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
     let tokenizer = text_tokenizer(&args.text, &args.weights, false)?;
     if args.reasoning_parser.is_some() {
@@ -1541,6 +1559,7 @@ fn tokenize(args: &TokenizeArgs) -> Result<(), String> {
 fn run(args: &RunArgs) -> Result<(), Failure> {
     args.generating.check()?;
     let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
+    args.generating.check_vocabulary(&a)?;
     let mut prompts: Vec<Vec<u32>> = args
         .prompt_tokens
         .iter()
@@ -1734,15 +1753,20 @@ fn logits(args: &LogitsArgs) -> Result<(), Failure> {
 
 fn chat(args: &ChatArgs) -> Result<(), Failure> {
     use std::io::{BufRead, IsTerminal, Write};
+    use v3c_runtime::reasoning::{Part, Phase, Reasoning};
     use v3c_runtime::session::{Arrival, Progress, Request, TextSoFar};
     args.generating.check()?;
     let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
+    args.generating.check_vocabulary(&a)?;
     a.check_weights(&args.weights).map_err(Failure::Other)?;
     let tokenizer = text_tokenizer(&args.text, &args.weights, true)?.expect("needed");
     if !tokenizer.has_chat_template() {
         return Err(Failure::Other(
             "no chat template: the tokenizer's tokenizer_config.json has no chat_template".into(),
         ));
+    }
+    if args.reasoning_parser.is_some() {
+        Reasoning::new(&tokenizer, &[]).map_err(|e| Failure::Other(format!("--reasoning-parser: {e}")))?;
     }
     let eos = eos_of(&a, args.generating.ignore_eos);
     let guide = args.generating.shaping.constraint(Some(&tokenizer), eos).map_err(Failure::Other)?;
@@ -1802,6 +1826,8 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
     eprintln!("chatting with {} ({kind}); an empty line ends", args.artifact.display());
     // The calls the last reply made, each waiting for its output: (id, name).
     let waiting = std::cell::RefCell::new(std::collections::VecDeque::<(String, String)>::new());
+    // Where the reply is, with --reasoning-parser: in its reasoning or its answer.
+    let parting = std::cell::RefCell::new(None::<(Reasoning, Phase)>);
     let given = tools.as_ref().map(|t| &t.given);
     let mut next = |idle: bool| {
         if !idle {
@@ -1848,6 +1874,9 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
             return Arrival::Closed;
         }
         turn += 1;
+        if args.reasoning_parser.is_some() {
+            *parting.borrow_mut() = Reasoning::new(&tokenizer, &ids).ok().map(|r| (r, r.first()));
+        }
         let g = &args.generating;
         let s = g.sampler(g.seed + turn);
         let constraint = match (&tools, eos) {
@@ -1857,6 +1886,13 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         Arrival::Request(Request::new(ids, new, constraint.map_or(s.clone(), |c| s.constrained(c))))
     };
     let mut so_far: Option<TextSoFar> = None;
+    // The reasoning's text so far, printed on stderr as it comes (dim on a terminal).
+    let mut thought: Option<TextSoFar> = None;
+    let dim = std::io::stderr().is_terminal();
+    let think = |text: &str| match dim {
+        true => eprint!("\x1b[2m{text}\x1b[0m"),
+        false => eprint!("{text}"),
+    };
     // Once the reply opens its calls, their text: not printed as it comes.
     let mut held: Option<String> = None;
     let mut report = |i: usize, p: Progress| -> Result<(), String> {
@@ -1865,6 +1901,28 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         match p {
             Progress::Scored(..) => {}
             Progress::Token(t) => {
+                let part = match parting.borrow_mut().as_mut() {
+                    Some((r, phase)) => {
+                        let (next, part) = r.step(*phase, t);
+                        *phase = next;
+                        part
+                    }
+                    None => Some(Part::Content),
+                };
+                match part {
+                    Some(Part::Content) => {}
+                    Some(Part::Reasoning) => {
+                        think(&thought.get_or_insert_with(|| TextSoFar::new(&tokenizer, None)).push(t));
+                        return Ok(());
+                    }
+                    // A marker: at the reasoning's end, its last text and a line's end.
+                    None => {
+                        if let Some(rest) = thought.take() {
+                            think(&format!("{}\n", rest.finish()));
+                        }
+                        return Ok(());
+                    }
+                }
                 let piece = so_far.get_or_insert_with(|| TextSoFar::new(&tokenizer, None)).push(t);
                 match &mut held {
                     Some(h) => h.push_str(&piece),
@@ -1873,8 +1931,16 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
                 }
             }
             Progress::Ended(g) | Progress::Cancelled(g) => {
+                if let Some(rest) = thought.take() {
+                    // Reasoning that never closed.
+                    think(&format!("{}\n", rest.finish()));
+                }
+                let answer = match parting.borrow_mut().take() {
+                    Some((r, _)) => r.split(&g.tokens).1,
+                    None => g.tokens.clone(),
+                };
                 let rest = so_far.take().map_or(String::new(), TextSoFar::finish);
-                let called = v3c_runtime::http::called(calling.map(|t| t.as_ref()), &tokenizer, i, &g.tokens);
+                let called = v3c_runtime::http::called(calling.map(|t| t.as_ref()), &tokenizer, i, &answer);
                 let printed = match (&called, held.take()) {
                     // Calls not well formed: their text after all.
                     (None, Some(h)) => h + &rest,
@@ -1883,7 +1949,7 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
                 };
                 write(&mut out, &format!("{printed}\n")).map_err(|e| format!("stdout: {e}"))?;
                 let Some(called) = called else {
-                    let reply = v3c_runtime::session::generation_text(&tokenizer, &g.tokens, None);
+                    let reply = v3c_runtime::session::generation_text(&tokenizer, &answer, None);
                     messages.borrow_mut().push(serde_json::json!({ "role": "assistant", "content": reply }));
                     return Ok(());
                 };
