@@ -208,7 +208,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let prompt = "3 17 4 29 11 5 8 2 40 1";
     // Greedy; seeded; greedy with penalties (the argmax of logits the host changes: here they
     // change the tokens); seeded with top-k, min-p and penalties.
-    let penalized = ["--repetition-penalty", "0.6", "--frequency-penalty", "1.5"];
+    let penalized = ["--repetition-penalty", "0.6", "--frequency-penalty", "1.5", "--logit-bias", "17=-100"];
     let shaped =
         ["--temperature", "0.8", "--top-k", "5", "--min-p", "0.1", "--repetition-penalty", "1.3", "--seed", "3"];
     let seeded = ["--temperature", "0.9", "--top-p", "0.8", "--seed", "4"];
@@ -229,6 +229,20 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         outputs.push(text(&v3r.stdout));
     }
     assert_ne!(outputs[0], outputs[2], "the penalties change greedy tokens");
+    assert!(!outputs[2].split_whitespace().any(|t| t == "17"), "{}", outputs[2]);
+    // A bias of 100 all but forces its token; one past the vocabulary is refused by both.
+    let args = ["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", prompt];
+    let forced =
+        run_binary_env("v3r", &[&args[..], &["--max-new-tokens", "4", "--logit-bias", "5=100"]].concat(), &env);
+    assert_eq!(text(&forced.stdout).trim(), "5 5 5 5", "{}", text(&forced.stderr));
+    let past = ["--logit-bias", "7=1", "--logit-bias", "100000=-5"];
+    let refused = run_binary_env("v3r", &[&args[..], &past].concat(), &env);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stderr).contains("--logit-bias: token id 100000 is outside the model's vocabulary"));
+    let model = ["run", "--model-dir", ckpt.to_str().unwrap(), "--prompt-tokens", prompt];
+    let refused = run_binary_env("v3c", &[&model[..], &past].concat(), &env);
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr).contains("--logit-bias: token id 100000 is outside the model's vocabulary"));
     // Several prompts of different lengths in one batch (one decode launch per step over all of
     // them): each sequence's tokens are the ones it gets alone, greedy and seeded; a sequence that
     // stops early (fewer new tokens than the others would not: all run to --max-new-tokens with

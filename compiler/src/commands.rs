@@ -227,6 +227,10 @@ pub fn run(o: &RunOptions) -> Result<(), String> {
     } else {
         AnySession::Reference(model.session(max_len).map_err(|e| e.to_string())?)
     };
+    let vocab = model.config.vocab_size;
+    if let Some((t, _)) = o.shaping.shaping().logit_bias.iter().find(|(t, _)| *t as usize >= vocab) {
+        return Err(format!("--logit-bias: token id {t} is outside the model's vocabulary (0..{vocab})"));
+    }
     let eos = if o.ignore_eos { None } else { model.config.eos_token_id };
     let mut sampler = sampler_for(eos)?;
     let generation = v3c_runtime::session::generate(&mut session, &prompt, o.max_new_tokens, &mut sampler, eos)?;
