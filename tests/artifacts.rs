@@ -479,6 +479,15 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         ("GET", "/v1/models", "", "200 OK", "\"object\":\"model\""),
         ("GET", "/health", "", "200 OK", "ok"),
         ("GET", "/v2/anything", "", "404 Not Found", "served are POST /v1/completions"),
+        ("GET", "/v1/responses", "", "405 Method Not Allowed", "GET /v1/responses"),
+        (
+            "POST",
+            "/v1/responses",
+            "{\"input\": \"x\", \"previous_response_id\": \"resp_1\"}",
+            "400 Bad Request",
+            "responses are not stored here",
+        ),
+        ("POST", "/v1/responses", "{\"input\": \"x\"}", "400 Bad Request", "chat needs a tokenizer"),
         ("GET", "/v1/completions", "", "405 Method Not Allowed", "GET /v1/completions"),
         ("POST", "/v1/completions", "{\"prompt\": \"hi\"}", "400 Bad Request", "prompt: text needs a tokenizer"),
         ("POST", "/v1/completions", "{\"prompt\": [1], \"max_tokens\": 99}", "400 Bad Request", "the batch holds"),
@@ -1450,6 +1459,63 @@ fn v3r_serves_tool_calls_and_reasoning() {
     check_call(&calls[0][0], Some("get_weather"));
     assert!(deltas.iter().all(|d| d.get("content").is_none_or(|c| c == "")), "{streamed}");
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls", "{streamed}");
+    // The Responses API: its flat function tools, the calls as function_call items (whole, and
+    // streamed: each added, its arguments, done), their outputs fed back as input items.
+    let functions: Vec<serde_json::Value> = tools
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let mut f = t["function"].clone();
+            f["type"] = "function".into();
+            f
+        })
+        .collect();
+    let respond = |body: serde_json::Value| {
+        let (status, reply) = server.request("POST", "/v1/responses", &body.to_string());
+        assert_eq!(status, "HTTP/1.1 200 OK", "{reply}");
+        reply
+    };
+    let body = serde_json::json!({"input": messages, "tools": functions, "tool_choice": "required",
+        "max_output_tokens": 120, "temperature": 1, "seed": 5});
+    let reply: serde_json::Value = serde_json::from_str(&respond(body)).unwrap();
+    assert_eq!(
+        (&reply["object"], &reply["status"], &reply["model"]),
+        (&"response".into(), &"completed".into(), &"tiny-tools".into())
+    );
+    let items = reply["output"].as_array().unwrap();
+    assert!(!items.is_empty() && items.iter().all(|i| i["type"] == "function_call"), "{reply}");
+    let as_chat = |i: &serde_json::Value| serde_json::json!({"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}});
+    for item in items {
+        check_call(&as_chat(item), None);
+    }
+    let mut fed: Vec<serde_json::Value> = messages.as_array().unwrap().clone();
+    fed.extend(items.iter().cloned());
+    fed.extend(
+        items
+            .iter()
+            .map(|i| serde_json::json!({"type": "function_call_output", "call_id": i["call_id"], "output": "sunny"})),
+    );
+    let body = serde_json::json!({"input": fed, "tools": functions, "max_output_tokens": 8, "temperature": 0});
+    let next: serde_json::Value = serde_json::from_str(&respond(body)).unwrap();
+    assert!(
+        next["usage"]["input_tokens"].as_u64().unwrap() > reply["usage"]["input_tokens"].as_u64().unwrap(),
+        "{next}"
+    );
+    let body = serde_json::json!({"input": messages, "tools": functions, "max_output_tokens": 120, "stream": true,
+        "tool_choice": {"type": "function", "name": "get_weather"}, "temperature": 1, "seed": 5});
+    let events = v3c_tests::HttpServer::events(&respond(body));
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"response.created"));
+    assert_eq!(kinds.last(), Some(&"response.completed"), "{kinds:?}");
+    assert!(events.iter().enumerate().all(|(k, e)| e["sequence_number"] == k), "{kinds:?}");
+    let done: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["type"] == "response.output_item.done").map(|e| &e["item"]).collect();
+    assert_eq!(done.len(), kinds.iter().filter(|k| **k == "response.output_item.added").count());
+    assert_eq!(done[0]["type"], "function_call", "{kinds:?}");
+    check_call(&as_chat(done[0]), Some("get_weather"));
+    let final_items = events.last().unwrap()["response"]["output"].as_array().unwrap();
+    assert_eq!(final_items.iter().collect::<Vec<_>>(), done);
     let none = chat(serde_json::json!({"tool_choice": "none", "max_tokens": 40}));
     let v: serde_json::Value = serde_json::from_str(&none).unwrap();
     assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{none}");
@@ -1526,6 +1592,34 @@ fn v3r_serves_tool_calls_and_reasoning() {
         (message["reasoning_content"].as_str().unwrap().to_string(), message["content"].as_str().unwrap().to_string()),
         "{streamed}"
     );
+    // The Responses API over the same completion: a reasoning item, then the message — whole,
+    // and streamed (each item added then done, the deltas adding up to the whole).
+    let response_body = |stream: bool| {
+        serde_json::json!({"input": messages, "max_output_tokens": 24, "temperature": 1, "seed": 9, "stream": stream,
+            "logit_bias": {end.to_string(): 3}})
+        .to_string()
+    };
+    let (_, r) = server.request("POST", "/v1/responses", &response_body(false));
+    let r: serde_json::Value = serde_json::from_str(&r).unwrap();
+    let output = r["output"].as_array().unwrap();
+    assert_eq!((&output[0]["type"], &output[1]["type"]), (&"reasoning".into(), &"message".into()), "{r}");
+    assert_eq!(output[0]["content"][0]["text"], message["reasoning_content"], "{r}");
+    assert_eq!(output[1]["content"][0]["text"], message["content"], "{r}");
+    assert_eq!(r["usage"]["output_tokens_details"]["reasoning_tokens"], k, "{r}");
+    let incomplete = whole["choices"][0]["finish_reason"] == "length";
+    assert_eq!(r["status"], if incomplete { "incomplete" } else { "completed" }, "{r}");
+    let (_, streamed) = server.request("POST", "/v1/responses", &response_body(true));
+    let events = v3c_tests::HttpServer::events(&streamed);
+    let deltas = |kind: &str| {
+        events.iter().filter(|e| e["type"] == kind).map(|e| e["delta"].as_str().unwrap()).collect::<String>()
+    };
+    assert_eq!(deltas("response.reasoning_text.delta"), message["reasoning_content"].as_str().unwrap(), "{streamed}");
+    assert_eq!(deltas("response.output_text.delta"), message["content"].as_str().unwrap(), "{streamed}");
+    let last = &events.last().unwrap()["response"];
+    let texts = |r: &serde_json::Value| -> Vec<serde_json::Value> {
+        r["output"].as_array().unwrap().iter().map(|i| i["content"][0]["text"].clone()).collect()
+    };
+    assert_eq!((texts(last), &last["status"]), (texts(&r), &r["status"]), "{streamed}");
     drop(server);
     // Without the parser, all of it is content.
     let server = v3c_tests::HttpServer::start(&args, &env);

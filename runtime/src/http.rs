@@ -6,6 +6,8 @@
 //! - `POST /v1/chat/completions`: `{"messages": [...], ...}`, written by the tokenizer's chat template;
 //!   with `"tools": [...]`, the functions the model may call ([`crate::tools`]), its calls in the
 //!   message's `tool_calls`;
+//! - `POST /v1/responses`: OpenAI's Responses API over the chat path ([`crate::responses`]):
+//!   `input` items in, output items (reasoning, message, function calls) out, or its events;
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus).
 //!
 //! Text needs a tokenizer ([`crate::tokenizer`]); replies carry the tokens in `tokens` and, with a
@@ -874,6 +876,7 @@ fn answer(
         }
         ("POST", "/v1/completions") => completion(Api::Completions, conn, &request.body, tx, site),
         ("POST", "/v1/chat/completions") => completion(Api::Chat, conn, &request.body, tx, site),
+        ("POST", "/v1/responses") => responses(conn, &request.body, tx, site),
         ("POST", path @ ("/tokenize" | "/detokenize")) => {
             let _ = match tokenize(path == "/tokenize", &request.body, site) {
                 Ok(body) => respond(conn, "200 OK", &body),
@@ -887,6 +890,7 @@ fn answer(
             | "/v1/models"
             | "/v1/completions"
             | "/v1/chat/completions"
+            | "/v1/responses"
             | "/tokenize"
             | "/detokenize",
         ) => {
@@ -894,8 +898,8 @@ fn answer(
         }
         (_, path) => {
             let message = format!(
-                "{path}: served are POST /v1/completions, POST /v1/chat/completions, POST /tokenize, POST /detokenize, \
-                 GET /v1/models, GET /health and GET /metrics"
+                "{path}: served are POST /v1/completions, POST /v1/chat/completions, POST /v1/responses, POST /tokenize, \
+                 POST /detokenize, GET /v1/models, GET /health and GET /metrics"
             );
             let _ = respond_error(conn, "404 Not Found", &message);
         }
@@ -965,6 +969,28 @@ impl Pending {
     }
 }
 
+/// Queues `request` into the batch (`api`'s: echoed only by completions): what the connection
+/// keeps of it (None: the server is stopping).
+fn queue(api: Api, request: Request, tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>) -> Option<Pending> {
+    let (prompt, echoed) = (request.prompt.clone(), request.echo && api == Api::Completions);
+    let (stops, tools, reasoning) = (request.stop_text.clone(), request.tools.clone(), request.reasoning);
+    let (progress, events) = mpsc::channel();
+    let (number_tx, number_rx) = mpsc::channel();
+    tx.send((Message::Request(Box::new(request), progress), Some(number_tx))).ok()?;
+    let number = number_rx.recv().ok()?;
+    Some(Pending { number, prompt, echoed, stops, events, tools, reasoning })
+}
+
+/// `p`'s end: its generation, or the status and message of why there is none.
+fn wait(p: &Pending) -> Result<Generation, (&'static str, String)> {
+    let outcome = p.events.iter().find_map(|event| match event {
+        Progress::Token(_) | Progress::Scored(..) => None,
+        Progress::Ended(g) | Progress::Cancelled(g) => Some(Ok(g)),
+        Progress::Refused(e) => Some(Err(("400 Bad Request", e))),
+    });
+    outcome.unwrap_or_else(|| Err(("503 Service Unavailable", "the server stopped before the request ended".into())))
+}
+
 /// A completion: parsed, queued (each choice a request of its own), answered whole or streamed.
 fn completion(
     api: Api,
@@ -983,19 +1009,11 @@ fn completion(
     };
     let mut pending = Vec::with_capacity(requests.len());
     for request in requests {
-        let (prompt, echoed) = (request.prompt.clone(), request.echo && api == Api::Completions);
-        let (stops, tools, reasoning) = (request.stop_text.clone(), request.tools.clone(), request.reasoning);
-        let (progress, events) = mpsc::channel();
-        let (number_tx, number_rx) = mpsc::channel();
-        let number = match tx.send((Message::Request(Box::new(request), progress), Some(number_tx))) {
-            Ok(()) => number_rx.recv().ok(),
-            Err(_) => None,
-        };
-        let Some(number) = number else {
+        let Some(p) = queue(api, request, tx) else {
             let _ = respond_error(conn, "503 Service Unavailable", "the server is stopping");
             return;
         };
-        pending.push(Pending { number, prompt, echoed, stops, events, tools, reasoning });
+        pending.push(p);
     }
     let (kind, object) = match api {
         Api::Completions => ("cmpl", "text_completion"),
@@ -1016,23 +1034,13 @@ fn completion(
     // Every choice's end, in order; a refused one refuses the reply (the others cancelled).
     let mut ended = Vec::with_capacity(pending.len());
     for (k, p) in pending.iter().enumerate() {
-        let outcome = p.events.iter().find_map(|event| match event {
-            Progress::Token(_) | Progress::Scored(..) => None,
-            Progress::Ended(g) | Progress::Cancelled(g) => Some(Ok(g)),
-            Progress::Refused(e) => Some(Err(e)),
-        });
-        match outcome {
-            Some(Ok(g)) => ended.push(g),
-            Some(Err(e)) => {
+        match wait(p) {
+            Ok(g) => ended.push(g),
+            Err((status, e)) => {
                 for other in &pending[k + 1..] {
                     let _ = tx.send((Message::Gone(other.number), None));
                 }
-                let _ = respond_error(conn, "400 Bad Request", &e);
-                return;
-            }
-            None => {
-                let message = "the server stopped before the request ended";
-                let _ = respond_error(conn, "503 Service Unavailable", message);
+                let _ = respond_error(conn, status, &e);
                 return;
             }
         }
@@ -1059,6 +1067,328 @@ fn completion(
     let prompt_tokens: usize = pending.iter().step_by(n.max(1)).map(|p| p.prompt.len()).sum();
     let generations: Vec<&Generation> = ended.iter().collect();
     let _ = respond(conn, "200 OK", &reply_json(&id, object, model, created, choices, prompt_tokens, &generations));
+}
+
+/// OpenAI's Responses API ([`crate::responses`]): the request as a chat completion's (one
+/// choice), answered as a response object, or streamed as the API's events.
+fn responses(conn: &mut Conn, body: &[u8], tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>, site: &Site) {
+    use crate::responses::{items, response, usage, Outcome};
+    let (tokenizer, model) = (site.tokenizer.as_ref(), site.model.as_str());
+    let parsed = crate::responses::chat_body(body).and_then(|(chat, stream)| {
+        let r = api_request(Api::Chat, chat.to_string().as_bytes(), &site.defaults, tokenizer)?;
+        Ok((r.requests, stream))
+    });
+    let (request, stream, t) = match (parsed, tokenizer) {
+        (Ok((mut requests, stream)), Some(t)) if requests.len() == 1 => (requests.remove(0), stream, t),
+        (Err(e), _) => {
+            let _ = respond_error(conn, "400 Bad Request", &e);
+            return;
+        }
+        // A chat needs a tokenizer (refused above without one); `n` is not this API's.
+        _ => {
+            let _ = respond_error(conn, "400 Bad Request", "one response a request");
+            return;
+        }
+    };
+    // The request's settings, echoed in the response.
+    let given: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let Some(p) = queue(Api::Chat, request, tx) else {
+        let _ = respond_error(conn, "503 Service Unavailable", "the server is stopping");
+        return;
+    };
+    let created = now();
+    if stream {
+        stream_response(conn, &p, tx, site, t, &given, created);
+        return;
+    }
+    let g = match wait(&p) {
+        Ok(g) => g,
+        Err((status, e)) => {
+            let _ = respond_error(conn, status, &e);
+            return;
+        }
+    };
+    let (reasoning, answer) = p.split(&g);
+    let text = generation_text(t, &answer, p.stops.as_ref());
+    let called = called(p.tools.as_deref(), t, p.number, &answer);
+    let thought = reasoning.as_ref().map(|r| t.decode(r, true));
+    let text = called.as_ref().map_or(text, |c| c.content.clone());
+    let outcome = Outcome { number: p.number, reasoning: thought.as_deref(), text: &text, called: called.as_ref() };
+    let mut output = items(&outcome);
+    if !g.logprobs.is_empty() {
+        // Every token's, on the message.
+        let logprobs: Vec<serde_json::Value> = (g.tokens.iter().zip(&g.logprobs).enumerate())
+            .map(|(k, (&tok, &lp))| chat_token(t, tok, lp, g.top_logprobs.get(k).map_or(&[][..], Vec::as_slice)))
+            .collect();
+        if let Some(m) = output.iter_mut().find(|i| i["type"] == "message") {
+            m["content"][0]["logprobs"] = logprobs.into();
+        }
+    }
+    let status = if finish_reason(&g) == "length" { "incomplete" } else { "completed" };
+    let used = usage(p.prompt.len(), g.reused, g.tokens.len(), reasoning.map_or(0, |r| r.len()));
+    let _ = respond(conn, "200 OK", &response(p.number, created, model, &given, status, output, used));
+}
+
+/// A streamed response's events as it writes them: numbered, and its reasoning and message
+/// items opened (given the next output index), added to and closed.
+struct ResponseEvents<'a> {
+    stream: &'a mut TcpStream,
+    sequence: u64,
+    /// The client is still there.
+    ok: bool,
+    number: usize,
+    /// The next output item's index.
+    next: usize,
+    reasoning_at: Option<usize>,
+    reasoning_done: bool,
+    thought_text: String,
+    message_at: Option<usize>,
+    message_text: String,
+}
+
+impl ResponseEvents<'_> {
+    /// One event: its type named in `event:` and in the data, numbered in order.
+    fn send(&mut self, kind: &str, mut data: serde_json::Value) {
+        data["type"] = kind.into();
+        data["sequence_number"] = self.sequence.into();
+        self.sequence += 1;
+        let text = format!("event: {kind}\ndata: {data}\n\n");
+        self.ok = self.ok && self.stream.write_all(text.as_bytes()).and_then(|_| self.stream.flush()).is_ok();
+    }
+
+    /// An item added at the next index, with its (empty) content part: that index.
+    fn open(&mut self, item: serde_json::Value, part: serde_json::Value) -> usize {
+        let at = self.next;
+        self.next += 1;
+        let id = item["id"].clone();
+        self.send("response.output_item.added", serde_json::json!({ "output_index": at, "item": item }));
+        let added = serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part });
+        self.send("response.content_part.added", added);
+        at
+    }
+
+    fn reasoning(&mut self) -> usize {
+        match self.reasoning_at {
+            Some(at) => at,
+            None => {
+                let item = crate::responses::reasoning_item(self.number, "", "in_progress");
+                let at = self.open(item, serde_json::json!({ "type": "reasoning_text", "text": "" }));
+                *self.reasoning_at.insert(at)
+            }
+        }
+    }
+
+    fn message(&mut self) -> usize {
+        match self.message_at {
+            Some(at) => at,
+            None => {
+                let item = crate::responses::message_item(self.number, "", "in_progress");
+                let part = serde_json::json!({ "type": "output_text", "text": "", "annotations": [], "logprobs": [] });
+                let at = self.open(item, part);
+                *self.message_at.insert(at)
+            }
+        }
+    }
+
+    fn think(&mut self, piece: &str) {
+        let at = self.reasoning();
+        if !piece.is_empty() {
+            let id = format!("rs_{}", self.number);
+            let delta = serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "delta": piece });
+            self.send("response.reasoning_text.delta", delta);
+            self.thought_text.push_str(piece);
+        }
+    }
+
+    /// The reasoning's last text (`rest`) and its done events (once).
+    fn close_reasoning(&mut self, rest: &str) {
+        self.think(rest);
+        if std::mem::replace(&mut self.reasoning_done, true) {
+            return;
+        }
+        let (at, id, text) = (self.reasoning(), format!("rs_{}", self.number), self.thought_text.clone());
+        let done = serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "text": text });
+        self.send("response.reasoning_text.done", done);
+        let part = serde_json::json!({ "type": "reasoning_text", "text": text });
+        self.send(
+            "response.content_part.done",
+            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part }),
+        );
+        let item = crate::responses::reasoning_item(self.number, &text, "completed");
+        self.send("response.output_item.done", serde_json::json!({ "output_index": at, "item": item }));
+    }
+
+    fn say(&mut self, piece: &str, logprobs: serde_json::Value) {
+        if piece.is_empty() {
+            return;
+        }
+        let (at, id) = (self.message(), format!("msg_{}", self.number));
+        let delta = serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "delta": piece, "logprobs": logprobs });
+        self.send("response.output_text.delta", delta);
+        self.message_text.push_str(piece);
+    }
+
+    /// The message's last text (`rest`) and its done events.
+    fn close_message(&mut self, rest: &str) {
+        self.say(rest, serde_json::json!([]));
+        let (at, id, text) = (self.message(), format!("msg_{}", self.number), self.message_text.clone());
+        let done =
+            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "text": text, "logprobs": [] });
+        self.send("response.output_text.done", done);
+        let part = serde_json::json!({ "type": "output_text", "text": text, "annotations": [], "logprobs": [] });
+        self.send(
+            "response.content_part.done",
+            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part }),
+        );
+        let item = crate::responses::message_item(self.number, &text, "completed");
+        self.send("response.output_item.done", serde_json::json!({ "output_index": at, "item": item }));
+    }
+
+    /// A call's item added, its arguments in one delta, and done.
+    fn call(&mut self, call: &serde_json::Value) {
+        let arguments = call["function"]["arguments"].as_str().unwrap_or_default();
+        let item = crate::responses::call_item(call, arguments, "completed");
+        let (at, id) = (self.next, item["id"].clone());
+        self.next += 1;
+        let added = crate::responses::call_item(call, "", "in_progress");
+        self.send("response.output_item.added", serde_json::json!({ "output_index": at, "item": added }));
+        let delta = serde_json::json!({ "item_id": id, "output_index": at, "delta": arguments });
+        self.send("response.function_call_arguments.delta", delta);
+        let done =
+            serde_json::json!({ "item_id": id, "output_index": at, "arguments": arguments, "name": item["name"] });
+        self.send("response.function_call_arguments.done", done);
+        self.send("response.output_item.done", serde_json::json!({ "output_index": at, "item": item }));
+    }
+}
+
+/// A response's events as its completion comes: `response.created` and `response.in_progress`,
+/// then each output item added, its text (reasoning, then the message's) in deltas as it
+/// settles and done, the calls each added with their arguments and done once the completion
+/// ends, and `response.completed` (`response.incomplete` at the token budget) with the whole
+/// response; a refused request ends it with an `error` event, a client that goes away cancels it.
+fn stream_response(
+    conn: &mut Conn,
+    p: &Pending,
+    tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
+    site: &Site,
+    t: &Arc<Tokenizer>,
+    given: &serde_json::Value,
+    created: u64,
+) {
+    use crate::reasoning::{Part, Phase};
+    use crate::responses::{calls, items, response, usage, Outcome};
+    use serde_json::json;
+    conn.keep = false;
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
+    let ok = conn.stream.write_all(head.as_bytes()).is_ok();
+    let number = p.number;
+    let mut e = ResponseEvents {
+        stream: &mut conn.stream,
+        sequence: 0,
+        ok,
+        number,
+        next: 0,
+        reasoning_at: None,
+        reasoning_done: false,
+        thought_text: String::new(),
+        message_at: None,
+        message_text: String::new(),
+    };
+    let model = site.model.as_str();
+    let snapshot = |status: &str, output: Vec<serde_json::Value>, used: serde_json::Value| json!({ "response": response(number, created, model, given, status, output, used) });
+    e.send("response.created", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
+    e.send("response.in_progress", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
+    let mut thought: Option<TextSoFar> = None;
+    let mut text = TextSoFar::new(t, p.stops.as_ref());
+    let opener = p.tools.as_ref().filter(|x| x.calling()).map(|x| x.trigger);
+    let mut held: Option<String> = None;
+    let mut phase = p.reasoning.map(|r| r.first());
+    let mut scored: Option<(f32, Vec<(u32, f32)>)> = None;
+    let mut end = None;
+    for event in p.events.iter() {
+        match event {
+            Progress::Scored(lp, alts) => scored = Some((lp, alts)),
+            Progress::Token(tok) => {
+                let logprobs: Vec<serde_json::Value> =
+                    scored.take().map(|(lp, alts)| chat_token(t, tok, lp, &alts)).into_iter().collect();
+                let part = match (p.reasoning, phase) {
+                    (Some(r), Some(now)) => {
+                        let (after, part) = r.step(now, tok);
+                        phase = Some(after);
+                        part
+                    }
+                    _ => Some(Part::Content),
+                };
+                match part {
+                    Some(Part::Reasoning) => e.think(&thought.get_or_insert_with(|| TextSoFar::new(t, None)).push(tok)),
+                    // A marker: opening the reasoning, or closing it.
+                    None if phase == Some(Phase::Reasoning) => {
+                        e.reasoning();
+                    }
+                    None => e.close_reasoning(&thought.take().map_or(String::new(), TextSoFar::finish)),
+                    Some(Part::Content) => {
+                        let piece = text.push(tok);
+                        if held.is_some() || opener == Some(tok) {
+                            held.get_or_insert_with(String::new).push_str(&piece);
+                        } else {
+                            e.say(&piece, logprobs.into());
+                        }
+                    }
+                }
+            }
+            Progress::Ended(g) | Progress::Cancelled(g) => {
+                end = Some(g);
+                break;
+            }
+            Progress::Refused(why) => {
+                e.send("error", json!({ "code": null, "message": why, "param": null }));
+                return;
+            }
+        }
+        if !e.ok {
+            // The client went away.
+            let _ = tx.send((Message::Gone(number), None));
+            return;
+        }
+    }
+    let Some(g) = end else {
+        e.send(
+            "error",
+            json!({ "code": null, "message": "the server stopped before the request ended", "param": null }),
+        );
+        return;
+    };
+    let (reasoning, answer) = p.split(&g);
+    let called = held.as_ref().and_then(|_| called(p.tools.as_deref(), t, number, &answer));
+    let mut rest = text.finish();
+    if called.is_some() {
+        rest.clear();
+    } else if let Some(h) = held.take() {
+        // Calls not well formed: their text is the message's after all.
+        rest = h + &rest;
+    }
+    if reasoning.is_some() {
+        e.close_reasoning(&thought.take().map_or(String::new(), TextSoFar::finish));
+    }
+    let final_text = e.message_text.clone() + &rest;
+    let thought_text = e.thought_text.clone();
+    let outcome = Outcome {
+        number,
+        reasoning: reasoning.is_some().then_some(thought_text.as_str()),
+        text: &final_text,
+        called: called.as_ref(),
+    };
+    let output = items(&outcome);
+    if output.iter().any(|i| i["type"] == "message") {
+        e.close_message(&rest);
+    }
+    for call in calls(called.as_ref()) {
+        e.call(call);
+    }
+    let status = if finish_reason(&g) == "length" { "incomplete" } else { "completed" };
+    let used = usage(p.prompt.len(), g.reused, g.tokens.len(), reasoning.map_or(0, |r| r.len()));
+    e.send(&format!("response.{status}"), snapshot(status, output, used));
 }
 
 /// Streams a completion's choices as server-sent events as their tokens come, each chunk naming

@@ -32,6 +32,7 @@ pub mod perplexity;
 pub mod plan;
 pub mod prepare;
 pub mod reasoning;
+pub mod responses;
 pub mod session;
 pub mod speculative;
 pub mod tokenizer;

@@ -504,9 +504,11 @@ struct ServeArgs {
     /// instead of stdin: OpenAI's completions API — POST /v1/completions {"prompt": "text" or
     /// [ids], "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "stream"}
     /// (server-sent events with "stream": true), POST /v1/chat/completions {"messages": [...],
-    /// "tools": [...], "response_format": ..., ...} (with the tokenizer's chat template), vLLM's
-    /// POST /tokenize and /detokenize, GET /v1/models, GET /health, GET /metrics. Runs until
-    /// stopped (Ctrl-C).
+    /// "tools": [...], "response_format": ..., ...} (with the tokenizer's chat template), the
+    /// Responses API's POST /v1/responses {"input": ..., "instructions", "tools", "text": {"format"},
+    /// "max_output_tokens", "stream"} (stateless: the conversation in "input"), vLLM's POST
+    /// /tokenize and /detokenize, GET /v1/models, GET /health, GET /metrics. Runs until stopped
+    /// (Ctrl-C).
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
     /// With --http: every request but GET /health must carry `Authorization: Bearer KEY` (else
@@ -1037,8 +1039,11 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             Some(t) if t.has_chat_template() => "text and chat".to_string(),
             Some(_) => "text; no chat template, so no chat".to_string(),
         };
-        let chat =
-            if tokenizer.as_ref().is_some_and(|t| t.has_chat_template()) { ", POST /v1/chat/completions" } else { "" };
+        let chat = if tokenizer.as_ref().is_some_and(|t| t.has_chat_template()) {
+            ", POST /v1/chat/completions, POST /v1/responses"
+        } else {
+            ""
+        };
         eprintln!(
             "serving {model} on http://{addr} (POST /v1/completions{chat}, GET /v1/models, GET /health; {slots} at a \
              time, {text}{key}, {kind})"

@@ -1,0 +1,447 @@
+//! OpenAI's Responses API (`POST /v1/responses`), served through the chat completions path: a
+//! request's `instructions` and `input` items become the chat's messages (its `function_call` and
+//! `function_call_output` items an assistant's tool calls and the tools' outputs), its function
+//! `tools`, `tool_choice`, `text.format` and `max_output_tokens` the chat's; the completion comes
+//! back as output items — a `reasoning` item (with `--reasoning-parser`), a `message` of
+//! `output_text`, and a `function_call` item a call — whole, or streamed as the API's events.
+//!
+//! Nothing is stored: `previous_response_id` is refused (send the conversation as `input`, as
+//! stateless clients do with `store: false`).
+
+use serde_json::{json, Map, Value};
+
+use crate::http::Called;
+
+/// The request fields taken: the API's, then vLLM's sampling extensions (passed on as the chat
+/// path takes them).
+const FIELDS: [&str; 20] = [
+    "model",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "stream",
+    "text",
+    "reasoning",
+    "store",
+    "metadata",
+    "user",
+    "previous_response_id",
+    "include",
+    "truncation",
+    "top_logprobs",
+    "seed",
+];
+
+/// A Responses request's body as a chat completions body, and whether it streams.
+pub fn chat_body(body: &[u8]) -> Result<(Value, bool), String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
+    let o = v.as_object().ok_or("the body is not a JSON object")?;
+    let extra = crate::cli::SAMPLING_FIELDS.iter().chain(&["chat_template_kwargs"]).copied();
+    let fields: Vec<&str> = FIELDS.iter().copied().chain(extra).filter(|f| *f != "response_format").collect();
+    if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
+        return Err(format!("unknown field '{k}' ({})", fields.join(", ")));
+    }
+    let given = |k: &str| o.get(k).filter(|x| !x.is_null());
+    if let Some(id) = given("previous_response_id") {
+        return Err(format!(
+            "previous_response_id: {id}: responses are not stored here; send the whole conversation as input"
+        ));
+    }
+    if let Some(t) = given("truncation").filter(|t| t.as_str() != Some("disabled")) {
+        return Err(format!(
+            "truncation: {t}: only \"disabled\" (a conversation longer than the model takes is refused)"
+        ));
+    }
+    if let Some(i) = given("include") {
+        let list = i.as_array().ok_or_else(|| format!("include: {i} is not a list"))?;
+        if let Some(x) = list.first() {
+            return Err(format!("include: {x} is not supported (nothing to include)"));
+        }
+    }
+    let mut chat = Map::new();
+    chat.insert("messages".into(), messages(given("instructions"), o.get("input"))?.into());
+    for (ours, theirs) in [("max_completion_tokens", "max_output_tokens"), ("tool_choice", "tool_choice")] {
+        if let Some(x) = given(theirs) {
+            chat.insert(ours.into(), if ours == "tool_choice" { tool_choice(x)? } else { x.clone() });
+        }
+    }
+    if let Some(tools) = given("tools") {
+        chat.insert("tools".into(), function_tools(tools)?);
+    }
+    if let Some(format) = given("text").map(text_format).transpose()?.flatten() {
+        chat.insert("response_format".into(), format);
+    }
+    if let Some(k) = given("top_logprobs") {
+        chat.insert("logprobs".into(), true.into());
+        chat.insert("top_logprobs".into(), k.clone());
+    }
+    let same = ["model", "temperature", "top_p", "parallel_tool_calls", "seed", "chat_template_kwargs", "user"];
+    for k in same.iter().chain(&crate::cli::SAMPLING_FIELDS) {
+        if let Some(x) = given(k) {
+            chat.insert(k.to_string(), x.clone());
+        }
+    }
+    let stream = match given("stream") {
+        None => false,
+        Some(x) => x.as_bool().ok_or_else(|| format!("stream: {x} is not true or false"))?,
+    };
+    Ok((chat.into(), stream))
+}
+
+/// The chat's messages: `instructions` as a system message, then `input` (a text: one user
+/// message; or a list of items).
+fn messages(instructions: Option<&Value>, input: Option<&Value>) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    if let Some(i) = instructions {
+        let text = i.as_str().ok_or_else(|| format!("instructions: {i} is not a text"))?;
+        out.push(json!({ "role": "system", "content": text }));
+    }
+    let items = match input {
+        None => return Err("no \"input\" (a text, or a list of items)".into()),
+        Some(Value::String(text)) => return Ok([out, vec![json!({ "role": "user", "content": text })]].concat()),
+        Some(Value::Array(items)) => items,
+        Some(x) => return Err(format!("input: {x} is not a text or a list of items")),
+    };
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("input[{i}]");
+        let o = item.as_object().ok_or_else(|| format!("{at}: {item} is not an item"))?;
+        let get = |k: &str| o.get(k).and_then(Value::as_str).ok_or_else(|| format!("{at}: no \"{k}\" text"));
+        match o.get("type").and_then(Value::as_str).unwrap_or("message") {
+            "message" => {
+                let role = match get("role")? {
+                    "developer" => "system",
+                    r @ ("user" | "system" | "assistant") => r,
+                    r => return Err(format!("{at}.role: {r} is not user, assistant, system or developer")),
+                };
+                let content = content_text(o.get("content"), &at)?;
+                out.push(json!({ "role": role, "content": content }));
+            }
+            "function_call" => {
+                let call = json!({ "id": get("call_id")?, "type": "function",
+                    "function": { "name": get("name")?, "arguments": get("arguments")? } });
+                // The calls of one turn: one assistant message, after its text if any.
+                match out.last_mut() {
+                    Some(m) if m["role"] == "assistant" => match m["tool_calls"].as_array_mut() {
+                        Some(calls) => calls.push(call),
+                        None => m["tool_calls"] = vec![call].into(),
+                    },
+                    _ => out.push(json!({ "role": "assistant", "content": null, "tool_calls": [call] })),
+                }
+            }
+            "function_call_output" => {
+                let output = match o.get("output") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(parts @ Value::Array(_)) => content_text(Some(parts), &format!("{at}.output"))?,
+                    _ => return Err(format!("{at}: no \"output\" text")),
+                };
+                out.push(json!({ "role": "tool", "tool_call_id": get("call_id")?, "content": output }));
+            }
+            // The model's own reasoning: not shown to it again (as R1's template drops it).
+            "reasoning" => {}
+            t => {
+                return Err(format!(
+                "{at}: items of type {t} are not supported (message, function_call, function_call_output, reasoning)"
+            ))
+            }
+        }
+    }
+    if out.iter().all(|m| m["role"] == "system") {
+        return Err("input: no message to answer".into());
+    }
+    Ok(out)
+}
+
+/// A message's content: a text, or text parts (`input_text`, `output_text`) joined.
+fn content_text(content: Option<&Value>, at: &str) -> Result<String, String> {
+    match content {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (k, p) in parts.iter().enumerate() {
+                match (p["type"].as_str(), p["text"].as_str()) {
+                    (Some("input_text" | "output_text" | "text"), Some(t)) => text.push_str(t),
+                    (Some(t), _) => {
+                        return Err(format!("{at}.content[{k}]: parts of type {t} are not supported (text only)"))
+                    }
+                    _ => return Err(format!("{at}.content[{k}]: {p} is not a text part")),
+                }
+            }
+            Ok(text)
+        }
+        _ => Err(format!("{at}: no \"content\" (a text, or text parts)")),
+    }
+}
+
+/// The API's function tools (`{"type": "function", "name", "description", "parameters"}`) as
+/// the chat's (the function's fields under `function`).
+fn function_tools(tools: &Value) -> Result<Value, String> {
+    let tools = tools.as_array().ok_or_else(|| format!("tools: {tools} is not a list"))?;
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t["type"].as_str() {
+            Some("function") => {
+                let mut f = t.as_object().cloned().unwrap_or_default();
+                f.remove("type");
+                Ok(json!({ "type": "function", "function": f }))
+            }
+            other => Err(format!(
+                "tools[{i}]: type {} is not supported (function tools only)",
+                other.map_or(t["type"].to_string(), str::to_string)
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Value::from)
+}
+
+/// `tool_choice`: `auto`, `none`, `required`, or `{"type": "function", "name"}`.
+fn tool_choice(x: &Value) -> Result<Value, String> {
+    match (x, x["type"].as_str(), x["name"].as_str()) {
+        (Value::String(_), _, _) => Ok(x.clone()),
+        (_, Some("function"), Some(name)) => Ok(json!({ "type": "function", "function": { "name": name } })),
+        _ => Err(format!("tool_choice: {x} is not auto, none, required or {{\"type\": \"function\", \"name\": ...}}")),
+    }
+}
+
+/// `text.format` as the chat's `response_format` (None: plain text).
+fn text_format(text: &Value) -> Result<Option<Value>, String> {
+    let Some(format) = text.get("format").filter(|f| !f.is_null()) else { return Ok(None) };
+    match format["type"].as_str() {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({ "type": "json_object" }))),
+        Some("json_schema") => {
+            let schema = format.get("schema").ok_or("text.format: json_schema needs a \"schema\"")?;
+            Ok(Some(json!({ "type": "json_schema", "json_schema": { "name": format["name"], "schema": schema } })))
+        }
+        _ => Err(format!("text.format: {format} is not text, json_object or json_schema")),
+    }
+}
+
+/// What one completion became, for its output items.
+pub struct Outcome<'a> {
+    /// The request's number (the items' ids).
+    pub number: usize,
+    /// Its reasoning's text (None: it did not reason, or it is not read for reasoning).
+    pub reasoning: Option<&'a str>,
+    /// Its answer's text (before its calls, where it called).
+    pub text: &'a str,
+    pub called: Option<&'a Called>,
+}
+
+pub fn reasoning_item(number: usize, text: &str, status: &str) -> Value {
+    let content = if status == "in_progress" { json!([]) } else { json!([{ "type": "reasoning_text", "text": text }]) };
+    json!({ "type": "reasoning", "id": format!("rs_{number}"), "summary": [], "content": content, "status": status })
+}
+
+pub fn message_item(number: usize, text: &str, status: &str) -> Value {
+    let content = match status {
+        "in_progress" => json!([]),
+        _ => json!([{ "type": "output_text", "text": text, "annotations": [], "logprobs": [] }]),
+    };
+    json!({ "type": "message", "id": format!("msg_{number}"), "role": "assistant", "status": status, "content": content })
+}
+
+/// A call (an element of [`Called::tool_calls`]) as a `function_call` item.
+pub fn call_item(call: &Value, arguments: &str, status: &str) -> Value {
+    let call_id = call["id"].as_str().unwrap_or_default();
+    json!({ "type": "function_call", "id": format!("fc_{}", call_id.trim_start_matches("call_")),
+        "call_id": call_id, "name": call["function"]["name"], "arguments": arguments, "status": status })
+}
+
+/// A completion's output items: its reasoning, its message (unless it only called), its calls.
+pub fn items(o: &Outcome) -> Vec<Value> {
+    let mut items = Vec::new();
+    if let Some(r) = o.reasoning {
+        items.push(reasoning_item(o.number, r, "completed"));
+    }
+    if !o.text.is_empty() || o.called.is_none() {
+        items.push(message_item(o.number, o.text, "completed"));
+    }
+    for call in calls(o.called) {
+        items.push(call_item(call, call["function"]["arguments"].as_str().unwrap_or_default(), "completed"));
+    }
+    items
+}
+
+/// The calls made, in order.
+pub fn calls(called: Option<&Called>) -> &[Value] {
+    called.and_then(|c| c.tool_calls.as_array()).map_or(&[], Vec::as_slice)
+}
+
+/// The response object: `status` (`in_progress`, `completed`, or `incomplete` when the token
+/// budget ended it), the request's settings echoed, `output` and `usage` (null until known).
+pub fn response(
+    number: usize,
+    created: u64,
+    model: &str,
+    request: &Value,
+    status: &str,
+    output: Vec<Value>,
+    usage: Value,
+) -> Value {
+    let r = |k: &str, default: Value| request.get(k).filter(|x| !x.is_null()).cloned().unwrap_or(default);
+    let incomplete = (status == "incomplete").then(|| json!({ "reason": "max_output_tokens" }));
+    json!({
+        "id": format!("resp_{number}"),
+        "object": "response",
+        "created_at": created,
+        "status": status,
+        "error": null,
+        "incomplete_details": incomplete,
+        "model": model,
+        "instructions": r("instructions", Value::Null),
+        "max_output_tokens": r("max_output_tokens", Value::Null),
+        "output": output,
+        "parallel_tool_calls": r("parallel_tool_calls", true.into()),
+        "previous_response_id": null,
+        "reasoning": r("reasoning", json!({ "effort": null, "summary": null })),
+        "store": false,
+        "temperature": r("temperature", Value::Null),
+        "text": r("text", json!({ "format": { "type": "text" } })),
+        "tool_choice": r("tool_choice", "auto".into()),
+        "tools": r("tools", json!([])),
+        "top_p": r("top_p", Value::Null),
+        "truncation": "disabled",
+        "metadata": r("metadata", json!({})),
+        "usage": usage,
+        "user": r("user", Value::Null),
+    })
+}
+
+/// The usage: the prompt's tokens (`cached`: those held from earlier requests' pages), the
+/// completion's, of which `reasoning` reasoning.
+pub fn usage(prompt: usize, cached: usize, output: usize, reasoning: usize) -> Value {
+    json!({
+        "input_tokens": prompt,
+        "input_tokens_details": { "cached_tokens": cached },
+        "output_tokens": output,
+        "output_tokens_details": { "reasoning_tokens": reasoning },
+        "total_tokens": prompt + output,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Items become the chat's messages: instructions first, developer as system, text parts
+    /// joined, a turn's calls one assistant message after its text, outputs as tool messages,
+    /// reasoning dropped; tools, tool_choice and text.format as the chat's.
+    #[test]
+    fn requests_become_chat_bodies() {
+        let body = json!({
+            "model": "m", "instructions": "Be brief.", "max_output_tokens": 40, "temperature": 0.5, "seed": 3,
+            "input": [
+                {"role": "developer", "content": "Use tools."},
+                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in "},
+                    {"type": "input_text", "text": "Paris?"}]},
+                {"type": "reasoning", "id": "rs_1", "summary": []},
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+                {"type": "function_call", "call_id": "call_1_0", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+                {"type": "function_call", "call_id": "call_1_1", "name": "now", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_1_0", "output": "sunny"},
+                {"type": "function_call_output", "call_id": "call_1_1", "output": "noon"},
+                {"type": "function_call", "call_id": "call_2_0", "name": "now", "arguments": "{}"},
+            ],
+            "tools": [{"type": "function", "name": "now", "parameters": {"type": "object", "properties": {}}}],
+            "tool_choice": {"type": "function", "name": "now"},
+            "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}, "strict": true}},
+            "top_k": 5,
+        });
+        let (chat, stream) = chat_body(body.to_string().as_bytes()).unwrap();
+        assert!(!stream);
+        let want = json!({
+            "model": "m", "max_completion_tokens": 40, "temperature": 0.5, "seed": 3, "top_k": 5,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "system", "content": "Use tools."},
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "Checking.", "tool_calls": [
+                    {"id": "call_1_0", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                    {"id": "call_1_1", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_1_0", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "call_1_1", "content": "noon"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_2_0", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+            ],
+            "tools": [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}],
+            "tool_choice": {"type": "function", "function": {"name": "now"}},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}},
+        });
+        assert_eq!(chat, want);
+        let (chat, stream) =
+            chat_body(br#"{"input": "Hi", "stream": true, "text": {"format": {"type": "text"}}}"#).unwrap();
+        assert!(stream);
+        assert_eq!(chat, json!({"messages": [{"role": "user", "content": "Hi"}]}));
+    }
+
+    #[test]
+    fn what_is_not_served_is_refused_by_name() {
+        for (body, error) in [
+            (
+                r#"{"input": "x", "previous_response_id": "resp_1"}"#,
+                "previous_response_id: \"resp_1\": responses are not stored",
+            ),
+            (r#"{"input": "x", "frobnicate": 1}"#, "unknown field 'frobnicate'"),
+            (r#"{"input": "x", "response_format": {}}"#, "unknown field 'response_format'"),
+            (r#"{}"#, "no \"input\""),
+            (
+                r#"{"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}"#,
+                "input[0].content[0]: parts of type input_image are not supported (text only)",
+            ),
+            (
+                r#"{"input": [{"type": "web_search_call"}]}"#,
+                "input[0]: items of type web_search_call are not supported",
+            ),
+            (r#"{"input": [{"role": "robot", "content": "x"}]}"#, "input[0].role: robot is not"),
+            (
+                r#"{"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}"#,
+                "input[0]: no \"call_id\" text",
+            ),
+            (r#"{"input": "x", "tools": [{"type": "web_search"}]}"#, "tools[0]: type web_search is not supported"),
+            (r#"{"input": "x", "tool_choice": {"type": "function"}}"#, "tool_choice: "),
+            (r#"{"input": "x", "text": {"format": {"type": "xml"}}}"#, "text.format: "),
+            (r#"{"input": "x", "truncation": "auto"}"#, "truncation: \"auto\": only \"disabled\""),
+            (
+                r#"{"input": "x", "include": ["reasoning.encrypted_content"]}"#,
+                "include: \"reasoning.encrypted_content\" is not supported",
+            ),
+            (r#"{"input": [], "instructions": "x"}"#, "input: no message to answer"),
+            (r#"{"input": "x", "stream": 1}"#, "stream: 1 is not true or false"),
+        ] {
+            let e = chat_body(body.as_bytes()).unwrap_err();
+            assert!(e.contains(error), "{body}: {e}");
+        }
+    }
+
+    /// Output items: reasoning, then the message (left out when the reply only called), then a
+    /// function_call item a call, their ids from the request's number and the calls' ids.
+    #[test]
+    fn completions_become_output_items() {
+        let called = Called {
+            content: String::new(),
+            tool_calls: json!([{"id": "call_4_0", "type": "function", "function": {"name": "now", "arguments": "{}"}}]),
+        };
+        let only_calls = items(&Outcome { number: 4, reasoning: Some("hmm"), text: "", called: Some(&called) });
+        let types: Vec<&str> = only_calls.iter().map(|i| i["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["reasoning", "function_call"]);
+        assert_eq!(only_calls[0]["content"][0]["text"], "hmm");
+        assert_eq!(
+            only_calls[1],
+            json!({"type": "function_call", "id": "fc_4_0", "call_id": "call_4_0", "name": "now", "arguments": "{}",
+                "status": "completed"})
+        );
+        let plain = items(&Outcome { number: 5, reasoning: None, text: "", called: None });
+        assert_eq!(plain, vec![message_item(5, "", "completed")]);
+        assert_eq!(plain[0]["content"][0]["type"], "output_text");
+        let r = response(5, 1, "m", &json!({"max_output_tokens": 9}), "incomplete", plain, usage(3, 0, 9, 0));
+        assert_eq!(r["incomplete_details"]["reason"], "max_output_tokens");
+        assert_eq!((r["id"].as_str(), r["max_output_tokens"].as_u64()), (Some("resp_5"), Some(9)));
+        assert_eq!(r["usage"]["total_tokens"], 12);
+    }
+}
