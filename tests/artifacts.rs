@@ -488,6 +488,13 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
             "responses are not stored here",
         ),
         ("POST", "/v1/responses", "{\"input\": \"x\"}", "400 Bad Request", "chat needs a tokenizer"),
+        (
+            "POST",
+            "/v1/messages",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}",
+            "400 Bad Request",
+            "\"type\":\"error\"",
+        ),
         ("GET", "/v1/completions", "", "405 Method Not Allowed", "GET /v1/completions"),
         ("POST", "/v1/completions", "{\"prompt\": \"hi\"}", "400 Bad Request", "prompt: text needs a tokenizer"),
         ("POST", "/v1/completions", "{\"prompt\": [1], \"max_tokens\": 99}", "400 Bad Request", "the batch holds"),
@@ -1516,6 +1523,44 @@ fn v3r_serves_tool_calls_and_reasoning() {
     check_call(&as_chat(done[0]), Some("get_weather"));
     let final_items = events.last().unwrap()["response"]["output"].as_array().unwrap();
     assert_eq!(final_items.iter().collect::<Vec<_>>(), done);
+    // Anthropic's Messages API: tools with an input_schema, the calls as tool_use blocks
+    // (whole, and streamed: the input as one input_json_delta), stop_reason tool_use.
+    let anthropic: Vec<serde_json::Value> = tools
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| serde_json::json!({"name": t["function"]["name"], "input_schema": t["function"]["parameters"]}))
+        .collect();
+    let send = |body: serde_json::Value| {
+        let (status, reply) = server.request("POST", "/v1/messages", &body.to_string());
+        assert_eq!(status, "HTTP/1.1 200 OK", "{reply}");
+        reply
+    };
+    let as_call = |id: &serde_json::Value, name: &serde_json::Value, input: &str| serde_json::json!({"id": id, "type": "function", "function": {"name": name, "arguments": input}});
+    let body = serde_json::json!({"messages": messages, "tools": anthropic, "tool_choice": {"type": "any"},
+        "max_tokens": 120, "temperature": 1, "seed": 5});
+    let reply: serde_json::Value = serde_json::from_str(&send(body)).unwrap();
+    assert_eq!((&reply["type"], &reply["stop_reason"]), (&"message".into(), &"tool_use".into()), "{reply}");
+    let blocks = reply["content"].as_array().unwrap();
+    assert!(!blocks.is_empty() && blocks.iter().all(|b| b["type"] == "tool_use"), "{reply}");
+    for b in blocks {
+        check_call(&as_call(&b["id"], &b["name"], &b["input"].to_string()), None);
+    }
+    let body = serde_json::json!({"messages": messages, "tools": anthropic, "max_tokens": 120, "stream": true,
+        "tool_choice": {"type": "tool", "name": "get_weather"}, "temperature": 1, "seed": 5});
+    let events = v3c_tests::HttpServer::events(&send(body));
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!((kinds.first(), kinds.last()), (Some(&"message_start"), Some(&"message_stop")), "{kinds:?}");
+    let start = events.iter().find(|e| e["type"] == "content_block_start").unwrap();
+    assert_eq!(start["content_block"]["type"], "tool_use", "{kinds:?}");
+    let input: String = events
+        .iter()
+        .filter(|e| e["delta"]["type"] == "input_json_delta")
+        .map(|e| e["delta"]["partial_json"].as_str().unwrap())
+        .collect();
+    check_call(&as_call(&start["content_block"]["id"], &start["content_block"]["name"], &input), Some("get_weather"));
+    let end = events.iter().find(|e| e["type"] == "message_delta").unwrap();
+    assert_eq!(end["delta"]["stop_reason"], "tool_use");
     let none = chat(serde_json::json!({"tool_choice": "none", "max_tokens": 40}));
     let v: serde_json::Value = serde_json::from_str(&none).unwrap();
     assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{none}");
@@ -1620,6 +1665,31 @@ fn v3r_serves_tool_calls_and_reasoning() {
         r["output"].as_array().unwrap().iter().map(|i| i["content"][0]["text"].clone()).collect()
     };
     assert_eq!((texts(last), &last["status"]), (texts(&r), &r["status"]), "{streamed}");
+    // And Anthropic's: a thinking block, then the text — whole, and streamed.
+    let message_body = |stream: bool| {
+        serde_json::json!({"messages": messages, "max_tokens": 24, "temperature": 1, "seed": 9, "stream": stream,
+            "logit_bias": {end.to_string(): 3}})
+        .to_string()
+    };
+    let (_, m) = server.request("POST", "/v1/messages", &message_body(false));
+    let m: serde_json::Value = serde_json::from_str(&m).unwrap();
+    assert_eq!(
+        m["content"][0],
+        serde_json::json!({"type": "thinking", "thinking": message["reasoning_content"], "signature": ""})
+    );
+    assert_eq!(m["content"][1], serde_json::json!({"type": "text", "text": message["content"]}), "{m}");
+    assert_eq!(m["stop_reason"], if incomplete { "max_tokens" } else { "end_turn" }, "{m}");
+    let (_, streamed) = server.request("POST", "/v1/messages", &message_body(true));
+    let events = v3c_tests::HttpServer::events(&streamed);
+    let deltas = |kind: &str, field: &str| {
+        events
+            .iter()
+            .filter(|e| e["delta"]["type"] == kind)
+            .map(|e| e["delta"][field].as_str().unwrap())
+            .collect::<String>()
+    };
+    assert_eq!(deltas("thinking_delta", "thinking"), message["reasoning_content"].as_str().unwrap(), "{streamed}");
+    assert_eq!(deltas("text_delta", "text"), message["content"].as_str().unwrap(), "{streamed}");
     drop(server);
     // Without the parser, all of it is content.
     let server = v3c_tests::HttpServer::start(&args, &env);

@@ -8,6 +8,8 @@
 //!   message's `tool_calls`;
 //! - `POST /v1/responses`: OpenAI's Responses API over the chat path ([`crate::responses`]):
 //!   `input` items in, output items (reasoning, message, function calls) out, or its events;
+//! - `POST /v1/messages`: Anthropic's Messages API over the chat path ([`crate::messages`]):
+//!   content blocks in and out (thinking, text, tool_use), or Anthropic's events;
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus).
 //!
 //! Text needs a tokenizer ([`crate::tokenizer`]); replies carry the tokens in `tokens` and, with a
@@ -38,7 +40,7 @@ pub struct HttpRequest {
     pub method: String,
     pub path: String,
     pub body: Vec<u8>,
-    /// Its `Authorization` header.
+    /// Its `Authorization` header (or `x-api-key`'s key, as `Bearer KEY`).
     pub authorization: Option<String>,
     /// The connection stays open after the reply (HTTP/1.1 unless `Connection: close`; HTTP/1.0
     /// with `Connection: keep-alive`).
@@ -90,6 +92,9 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, St
                 }
             } else if name.trim().eq_ignore_ascii_case("authorization") {
                 authorization = Some(value.trim().to_string());
+            } else if name.trim().eq_ignore_ascii_case("x-api-key") && authorization.is_none() {
+                // Anthropic's clients' key.
+                authorization = Some(format!("Bearer {}", value.trim()));
             } else if name.trim().eq_ignore_ascii_case("transfer-encoding") {
                 return Err("chunked request bodies are not read: send a Content-Length".into());
             }
@@ -877,6 +882,7 @@ fn answer(
         ("POST", "/v1/completions") => completion(Api::Completions, conn, &request.body, tx, site),
         ("POST", "/v1/chat/completions") => completion(Api::Chat, conn, &request.body, tx, site),
         ("POST", "/v1/responses") => responses(conn, &request.body, tx, site),
+        ("POST", "/v1/messages") => messages(conn, &request.body, tx, site),
         ("POST", path @ ("/tokenize" | "/detokenize")) => {
             let _ = match tokenize(path == "/tokenize", &request.body, site) {
                 Ok(body) => respond(conn, "200 OK", &body),
@@ -891,6 +897,7 @@ fn answer(
             | "/v1/completions"
             | "/v1/chat/completions"
             | "/v1/responses"
+            | "/v1/messages"
             | "/tokenize"
             | "/detokenize",
         ) => {
@@ -898,8 +905,8 @@ fn answer(
         }
         (_, path) => {
             let message = format!(
-                "{path}: served are POST /v1/completions, POST /v1/chat/completions, POST /v1/responses, POST /tokenize, \
-                 POST /detokenize, GET /v1/models, GET /health and GET /metrics"
+                "{path}: served are POST /v1/completions, POST /v1/chat/completions, POST /v1/responses, POST \
+                 /v1/messages, POST /tokenize, POST /detokenize, GET /v1/models, GET /health and GET /metrics"
             );
             let _ = respond_error(conn, "404 Not Found", &message);
         }
@@ -1261,44 +1268,58 @@ impl ResponseEvents<'_> {
     }
 }
 
-/// A response's events as its completion comes: `response.created` and `response.in_progress`,
-/// then each output item added, its text (reasoning, then the message's) in deltas as it
-/// settles and done, the calls each added with their arguments and done once the completion
-/// ends, and `response.completed` (`response.incomplete` at the token budget) with the whole
-/// response; a refused request ends it with an `error` event, a client that goes away cancels it.
-fn stream_response(
-    conn: &mut Conn,
+/// Where a streamed reply's text goes as it settles: its reasoning's, then its answer's.
+trait Sink {
+    /// Reasoning text (empty: the reasoning opened).
+    fn think(&mut self, piece: &str);
+    /// The reasoning's last text: it is over.
+    fn close_reasoning(&mut self, rest: &str);
+    /// Answer text, with its token's log-probabilities (OpenAI's shape; none: empty).
+    fn say(&mut self, piece: &str, logprobs: serde_json::Value);
+    /// The request was refused, or the server stopped.
+    fn error(&mut self, message: &str);
+    /// The client is still there.
+    fn ok(&self) -> bool;
+}
+
+impl Sink for ResponseEvents<'_> {
+    fn think(&mut self, piece: &str) {
+        ResponseEvents::think(self, piece)
+    }
+    fn close_reasoning(&mut self, rest: &str) {
+        ResponseEvents::close_reasoning(self, rest)
+    }
+    fn say(&mut self, piece: &str, logprobs: serde_json::Value) {
+        ResponseEvents::say(self, piece, logprobs)
+    }
+    fn error(&mut self, message: &str) {
+        self.send("error", serde_json::json!({ "code": null, "message": message, "param": null }));
+    }
+    fn ok(&self) -> bool {
+        self.ok
+    }
+}
+
+/// How a streamed reply ended: its generation, its reasoning's tokens (None: it did not reason),
+/// its calls, and its answer's last text (none where it called).
+struct Followed {
+    g: Generation,
+    reasoning: Option<Vec<u32>>,
+    called: Option<Called>,
+    rest: String,
+}
+
+/// A chat reply's tokens as they come, their text routed to `sink`: reasoning (closed at its
+/// end), and answer — held back from the token that opens tool calls, and said after all if the
+/// calls are not well formed. None where it did not end (refused: said to the sink; the client
+/// gone: cancelled).
+fn follow(
     p: &Pending,
-    tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
-    site: &Site,
     t: &Arc<Tokenizer>,
-    given: &serde_json::Value,
-    created: u64,
-) {
+    sink: &mut impl Sink,
+    tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
+) -> Option<Followed> {
     use crate::reasoning::{Part, Phase};
-    use crate::responses::{calls, items, response, usage, Outcome};
-    use serde_json::json;
-    conn.keep = false;
-    let head =
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
-    let ok = conn.stream.write_all(head.as_bytes()).is_ok();
-    let number = p.number;
-    let mut e = ResponseEvents {
-        stream: &mut conn.stream,
-        sequence: 0,
-        ok,
-        number,
-        next: 0,
-        reasoning_at: None,
-        reasoning_done: false,
-        thought_text: String::new(),
-        message_at: None,
-        message_text: String::new(),
-    };
-    let model = site.model.as_str();
-    let snapshot = |status: &str, output: Vec<serde_json::Value>, used: serde_json::Value| json!({ "response": response(number, created, model, given, status, output, used) });
-    e.send("response.created", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
-    e.send("response.in_progress", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
     let mut thought: Option<TextSoFar> = None;
     let mut text = TextSoFar::new(t, p.stops.as_ref());
     let opener = p.tools.as_ref().filter(|x| x.calling()).map(|x| x.trigger);
@@ -1321,18 +1342,18 @@ fn stream_response(
                     _ => Some(Part::Content),
                 };
                 match part {
-                    Some(Part::Reasoning) => e.think(&thought.get_or_insert_with(|| TextSoFar::new(t, None)).push(tok)),
-                    // A marker: opening the reasoning, or closing it.
-                    None if phase == Some(Phase::Reasoning) => {
-                        e.reasoning();
+                    Some(Part::Reasoning) => {
+                        sink.think(&thought.get_or_insert_with(|| TextSoFar::new(t, None)).push(tok))
                     }
-                    None => e.close_reasoning(&thought.take().map_or(String::new(), TextSoFar::finish)),
+                    // A marker: opening the reasoning, or closing it.
+                    None if phase == Some(Phase::Reasoning) => sink.think(""),
+                    None => sink.close_reasoning(&thought.take().map_or(String::new(), TextSoFar::finish)),
                     Some(Part::Content) => {
                         let piece = text.push(tok);
                         if held.is_some() || opener == Some(tok) {
                             held.get_or_insert_with(String::new).push_str(&piece);
                         } else {
-                            e.say(&piece, logprobs.into());
+                            sink.say(&piece, logprobs.into());
                         }
                     }
                 }
@@ -1342,35 +1363,71 @@ fn stream_response(
                 break;
             }
             Progress::Refused(why) => {
-                e.send("error", json!({ "code": null, "message": why, "param": null }));
-                return;
+                sink.error(&why);
+                return None;
             }
         }
-        if !e.ok {
+        if !sink.ok() {
             // The client went away.
-            let _ = tx.send((Message::Gone(number), None));
-            return;
+            let _ = tx.send((Message::Gone(p.number), None));
+            return None;
         }
     }
     let Some(g) = end else {
-        e.send(
-            "error",
-            json!({ "code": null, "message": "the server stopped before the request ended", "param": null }),
-        );
-        return;
+        sink.error("the server stopped before the request ended");
+        return None;
     };
     let (reasoning, answer) = p.split(&g);
-    let called = held.as_ref().and_then(|_| called(p.tools.as_deref(), t, number, &answer));
+    let called = held.as_ref().and_then(|_| called(p.tools.as_deref(), t, p.number, &answer));
     let mut rest = text.finish();
     if called.is_some() {
         rest.clear();
     } else if let Some(h) = held.take() {
-        // Calls not well formed: their text is the message's after all.
+        // Calls not well formed: their text is the answer's after all.
         rest = h + &rest;
     }
     if reasoning.is_some() {
-        e.close_reasoning(&thought.take().map_or(String::new(), TextSoFar::finish));
+        sink.close_reasoning(&thought.take().map_or(String::new(), TextSoFar::finish));
     }
+    Some(Followed { g, reasoning, called, rest })
+}
+
+/// A response's events as its completion comes: `response.created` and `response.in_progress`,
+/// then each output item added, its text (reasoning, then the message's) in deltas as it
+/// settles and done, the calls each added with their arguments and done once the completion
+/// ends, and `response.completed` (`response.incomplete` at the token budget) with the whole
+/// response; a refused request ends it with an `error` event, a client that goes away cancels it.
+fn stream_response(
+    conn: &mut Conn,
+    p: &Pending,
+    tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
+    site: &Site,
+    t: &Arc<Tokenizer>,
+    given: &serde_json::Value,
+    created: u64,
+) {
+    use crate::responses::{calls, items, response, usage, Outcome};
+    use serde_json::json;
+    conn.keep = false;
+    let ok = conn.stream.write_all(EVENT_STREAM.as_bytes()).is_ok();
+    let number = p.number;
+    let mut e = ResponseEvents {
+        stream: &mut conn.stream,
+        sequence: 0,
+        ok,
+        number,
+        next: 0,
+        reasoning_at: None,
+        reasoning_done: false,
+        thought_text: String::new(),
+        message_at: None,
+        message_text: String::new(),
+    };
+    let model = site.model.as_str();
+    let snapshot = |status: &str, output: Vec<serde_json::Value>, used: serde_json::Value| json!({ "response": response(number, created, model, given, status, output, used) });
+    e.send("response.created", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
+    e.send("response.in_progress", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
+    let Some(Followed { g, reasoning, called, rest }) = follow(p, t, &mut e, tx) else { return };
     let final_text = e.message_text.clone() + &rest;
     let thought_text = e.thought_text.clone();
     let outcome = Outcome {
@@ -1390,6 +1447,177 @@ fn stream_response(
     let used = usage(p.prompt.len(), g.reused, g.tokens.len(), reasoning.map_or(0, |r| r.len()));
     e.send(&format!("response.{status}"), snapshot(status, output, used));
 }
+
+/// Anthropic's Messages API ([`crate::messages`]): the request as a chat completion's, answered
+/// as a message of content blocks, or streamed as Anthropic's events; errors in its shape.
+fn messages(conn: &mut Conn, body: &[u8], tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>, site: &Site) {
+    use crate::messages::{content, error, message, stop_reason, usage};
+    let (tokenizer, model) = (site.tokenizer.as_ref(), site.model.as_str());
+    let refuse = |conn: &mut Conn, status: &str, kind: &str, e: &str| {
+        let _ = respond(conn, status, &error(kind, e));
+    };
+    let parsed = crate::messages::chat_body(body).and_then(|(chat, stream)| {
+        let r = api_request(Api::Chat, chat.to_string().as_bytes(), &site.defaults, tokenizer)?;
+        Ok((r.requests, stream))
+    });
+    let (request, stream, t) = match (parsed, tokenizer) {
+        (Ok((mut requests, stream)), Some(t)) if requests.len() == 1 => (requests.remove(0), stream, t),
+        (Err(e), _) => return refuse(conn, "400 Bad Request", "invalid_request_error", &e),
+        _ => return refuse(conn, "400 Bad Request", "invalid_request_error", "one message a request"),
+    };
+    let given: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let stops: Vec<String> = given["stop_sequences"]
+        .as_array()
+        .map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let Some(p) = queue(Api::Chat, request, tx) else {
+        return refuse(conn, "503 Service Unavailable", "overloaded_error", "the server is stopping");
+    };
+    if stream {
+        conn.keep = false;
+        let ok = conn.stream.write_all(EVENT_STREAM.as_bytes()).is_ok();
+        let mut e = MessageEvents {
+            stream: &mut conn.stream,
+            ok,
+            next: 0,
+            thinking_at: None,
+            thinking_done: false,
+            text_at: None,
+        };
+        let start = message(p.number, model, Vec::new(), ("", serde_json::Value::Null), usage(p.prompt.len(), 0, 0));
+        e.send("message_start", serde_json::json!({ "message": start }));
+        let Some(Followed { g, reasoning: _, called, rest }) = follow(&p, t, &mut e, tx) else { return };
+        let answer = p.split(&g).1;
+        if called.is_none() || e.text_at.is_some() {
+            // The text block: every reply has one unless it only called.
+            e.say(&rest, serde_json::Value::Null);
+            let at = e.text();
+            e.send("content_block_stop", serde_json::json!({ "index": at }));
+        }
+        for call in crate::responses::calls(called.as_ref()) {
+            e.tool_use(call);
+        }
+        let (reason, sequence) = stop_reason(finish_reason(&g), called.is_some(), &stops, &t.decode(&answer, true));
+        let delta = serde_json::json!({ "stop_reason": reason, "stop_sequence": sequence });
+        let used = usage(p.prompt.len(), g.reused, g.tokens.len());
+        e.send("message_delta", serde_json::json!({ "delta": delta, "usage": used }));
+        e.send("message_stop", serde_json::json!({}));
+        return;
+    }
+    let g = match wait(&p) {
+        Ok(g) => g,
+        Err((status, e)) => {
+            let kind = if status.starts_with("400") { "invalid_request_error" } else { "api_error" };
+            return refuse(conn, status, kind, &e);
+        }
+    };
+    let (reasoning, answer) = p.split(&g);
+    let text = generation_text(t, &answer, p.stops.as_ref());
+    let called = called(p.tools.as_deref(), t, p.number, &answer);
+    let thought = reasoning.as_ref().map(|r| t.decode(r, true));
+    let text = called.as_ref().map_or(text, |c| c.content.clone());
+    let stop = stop_reason(finish_reason(&g), called.is_some(), &stops, &t.decode(&answer, true));
+    let blocks = content(thought.as_deref(), &text, called.as_ref());
+    let reply = message(p.number, model, blocks, stop, usage(p.prompt.len(), g.reused, g.tokens.len()));
+    let _ = respond(conn, "200 OK", &reply);
+}
+
+/// A streamed message's events as it writes them: its thinking and text blocks opened (at the
+/// next index), added to and stopped, its tool_use blocks whole.
+struct MessageEvents<'a> {
+    stream: &'a mut TcpStream,
+    ok: bool,
+    /// The next block's index.
+    next: usize,
+    thinking_at: Option<usize>,
+    thinking_done: bool,
+    text_at: Option<usize>,
+}
+
+impl MessageEvents<'_> {
+    /// One event, its type named in `event:` and in the data.
+    fn send(&mut self, kind: &str, mut data: serde_json::Value) {
+        data["type"] = kind.into();
+        let text = format!("event: {kind}\ndata: {data}\n\n");
+        self.ok = self.ok && self.stream.write_all(text.as_bytes()).and_then(|_| self.stream.flush()).is_ok();
+    }
+
+    /// A block started at the next index: that index.
+    fn start(&mut self, block: serde_json::Value) -> usize {
+        let at = self.next;
+        self.next += 1;
+        self.send("content_block_start", serde_json::json!({ "index": at, "content_block": block }));
+        at
+    }
+
+    fn thinking(&mut self) -> usize {
+        match self.thinking_at {
+            Some(at) => at,
+            None => {
+                let at = self.start(serde_json::json!({ "type": "thinking", "thinking": "", "signature": "" }));
+                *self.thinking_at.insert(at)
+            }
+        }
+    }
+
+    fn text(&mut self) -> usize {
+        match self.text_at {
+            Some(at) => at,
+            None => {
+                let at = self.start(serde_json::json!({ "type": "text", "text": "" }));
+                *self.text_at.insert(at)
+            }
+        }
+    }
+
+    fn delta(&mut self, at: usize, delta: serde_json::Value) {
+        self.send("content_block_delta", serde_json::json!({ "index": at, "delta": delta }));
+    }
+
+    /// A call's tool_use block: started, its arguments in one delta, stopped.
+    fn tool_use(&mut self, call: &serde_json::Value) {
+        let block =
+            serde_json::json!({ "type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": {} });
+        let at = self.start(block);
+        let arguments = call["function"]["arguments"].as_str().unwrap_or("{}");
+        self.delta(at, serde_json::json!({ "type": "input_json_delta", "partial_json": arguments }));
+        self.send("content_block_stop", serde_json::json!({ "index": at }));
+    }
+}
+
+impl Sink for MessageEvents<'_> {
+    fn think(&mut self, piece: &str) {
+        let at = self.thinking();
+        if !piece.is_empty() {
+            self.delta(at, serde_json::json!({ "type": "thinking_delta", "thinking": piece }));
+        }
+    }
+    fn close_reasoning(&mut self, rest: &str) {
+        self.think(rest);
+        if !std::mem::replace(&mut self.thinking_done, true) {
+            let at = self.thinking();
+            self.delta(at, serde_json::json!({ "type": "signature_delta", "signature": "" }));
+            self.send("content_block_stop", serde_json::json!({ "index": at }));
+        }
+    }
+    fn say(&mut self, piece: &str, _: serde_json::Value) {
+        if !piece.is_empty() {
+            let at = self.text();
+            self.delta(at, serde_json::json!({ "type": "text_delta", "text": piece }));
+        }
+    }
+    fn error(&mut self, message: &str) {
+        let e = crate::messages::error("invalid_request_error", message);
+        self.send("error", e);
+    }
+    fn ok(&self) -> bool {
+        self.ok
+    }
+}
+
+/// The head of a reply of server-sent events.
+const EVENT_STREAM: &str =
+    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
 
 /// Streams a completion's choices as server-sent events as their tokens come, each chunk naming
 /// its choice (`index`), then (with `usage`: the prompts' tokens) a chunk of no choices with the
@@ -1417,9 +1645,7 @@ fn stream_choices(
         }
         format!("data: {data}\n\n")
     };
-    let head =
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
-    let mut gone = !write(head);
+    let mut gone = !write(EVENT_STREAM);
     let chunk = |k: usize, token: Option<u32>, text: &str, finish: Option<&str>| {
         let mut c = chunk_json(api, id, model, created, token, text, finish);
         c["choices"][0]["index"] = k.into();
@@ -1662,6 +1888,11 @@ mod tests {
             (r.method.as_str(), r.path.as_str(), &r.body[..], r.authorization.as_deref(), r.keep_alive),
             ("POST", "/v1/completions", &b"{\"prompt\": 1}"[..], Some("Bearer k1"), true)
         );
+        // Anthropic's clients' key header; Authorization first where both come.
+        let raw = "POST /v1/messages HTTP/1.1\r\nx-api-key: k2\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(read_request(&mut raw.as_bytes()).unwrap().unwrap().authorization.as_deref(), Some("Bearer k2"));
+        let raw = "GET / HTTP/1.1\r\nAuthorization: Bearer k1\r\nX-Api-Key: k2\r\n\r\n";
+        assert_eq!(read_request(&mut raw.as_bytes()).unwrap().unwrap().authorization.as_deref(), Some("Bearer k1"));
         let r = read_request(&mut "GET /health HTTP/1.0\r\n\r\n".as_bytes()).unwrap().unwrap();
         assert_eq!((r.method.as_str(), r.body.len(), r.authorization, r.keep_alive), ("GET", 0, None, false));
         // Connection: close (1.1) and keep-alive (1.0); two requests read one after the other;

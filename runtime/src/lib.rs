@@ -26,6 +26,7 @@ pub mod host;
 pub mod http;
 pub mod lowering;
 pub mod measure;
+pub mod messages;
 pub mod optimizer;
 pub mod pages;
 pub mod perplexity;

@@ -506,13 +506,14 @@ struct ServeArgs {
     /// (server-sent events with "stream": true), POST /v1/chat/completions {"messages": [...],
     /// "tools": [...], "response_format": ..., ...} (with the tokenizer's chat template), the
     /// Responses API's POST /v1/responses {"input": ..., "instructions", "tools", "text": {"format"},
-    /// "max_output_tokens", "stream"} (stateless: the conversation in "input"), vLLM's POST
+    /// "max_output_tokens", "stream"} (stateless: the conversation in "input"), Anthropic's POST
+    /// /v1/messages {"messages", "system", "max_tokens", "tools", "stream", ...}, vLLM's POST
     /// /tokenize and /detokenize, GET /v1/models, GET /health, GET /metrics. Runs until stopped
     /// (Ctrl-C).
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
-    /// With --http: every request but GET /health must carry `Authorization: Bearer KEY` (else
-    /// 401). Default: the V3R_API_KEY environment variable, where set (no key shown in ps).
+    /// With --http: every request but GET /health must carry `Authorization: Bearer KEY` (or
+    /// Anthropic's `x-api-key: KEY`; else 401). Default: the V3R_API_KEY environment variable, where set (no key shown in ps).
     #[arg(long, value_name = "KEY", requires = "http")]
     api_key: Option<String>,
     /// With --http: the model's name in replies and GET /v1/models (default: the name the
@@ -1040,7 +1041,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
             Some(_) => "text; no chat template, so no chat".to_string(),
         };
         let chat = if tokenizer.as_ref().is_some_and(|t| t.has_chat_template()) {
-            ", POST /v1/chat/completions, POST /v1/responses"
+            ", POST /v1/chat/completions, POST /v1/responses, POST /v1/messages"
         } else {
             ""
         };
