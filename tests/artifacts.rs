@@ -1460,10 +1460,29 @@ fn v3r_serves_tool_calls_and_reasoning() {
     let streamed = chat(serde_json::json!({"tool_choice": named, "stream": true}));
     let chunks = v3c_tests::HttpServer::events(&streamed);
     let deltas: Vec<&serde_json::Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
-    let calls: Vec<&serde_json::Value> = deltas.iter().filter_map(|d| d.get("tool_calls")).collect();
-    assert_eq!(calls.len(), 1, "{streamed}");
-    assert_eq!(calls[0][0]["index"], 0);
-    check_call(&calls[0][0], Some("get_weather"));
+    // The calls as a client puts them together: an index's first delta names the call, the
+    // others add to its arguments — streamed as they are written, in more than one delta.
+    let pieces: Vec<&serde_json::Value> =
+        deltas.iter().filter_map(|d| d.get("tool_calls")).flat_map(|c| c.as_array().unwrap()).collect();
+    let mut merged: Vec<serde_json::Value> = Vec::new();
+    for d in &pieces {
+        let i = d["index"].as_u64().unwrap() as usize;
+        if i == merged.len() {
+            let mut first = (*d).clone();
+            first.as_object_mut().unwrap().remove("index");
+            merged.push(first);
+        } else {
+            let more = d["function"]["arguments"].as_str().unwrap();
+            let all = merged[i]["function"]["arguments"].as_str().unwrap().to_string() + more;
+            merged[i]["function"]["arguments"] = all.into();
+        }
+    }
+    assert!(pieces.len() > 2 && !merged.is_empty(), "{streamed}");
+    check_call(&merged[0], Some("get_weather"));
+    // The same calls as the whole reply's.
+    let whole: serde_json::Value = serde_json::from_str(&chat(serde_json::json!({"tool_choice": named}))).unwrap();
+    let functions = |calls: &[serde_json::Value]| calls.iter().map(|c| c["function"].clone()).collect::<Vec<_>>();
+    assert_eq!(functions(&merged), functions(whole["choices"][0]["message"]["tool_calls"].as_array().unwrap()));
     assert!(deltas.iter().all(|d| d.get("content").is_none_or(|c| c == "")), "{streamed}");
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls", "{streamed}");
     // The Responses API: its flat function tools, the calls as function_call items (whole, and

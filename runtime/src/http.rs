@@ -1150,10 +1150,21 @@ struct ResponseEvents<'a> {
     reasoning_done: bool,
     thought_text: String,
     message_at: Option<usize>,
+    message_done: bool,
     message_text: String,
+    /// The calls begun: each one's output index, id, name, arguments so far and whether it ended.
+    calls: Vec<(usize, String, String, String, bool)>,
+    /// The items done, by output index: the response's output.
+    done: std::collections::BTreeMap<usize, serde_json::Value>,
 }
 
 impl ResponseEvents<'_> {
+    /// Item `item` at `at` done.
+    fn item_done(&mut self, at: usize, item: serde_json::Value) {
+        self.send("response.output_item.done", serde_json::json!({ "output_index": at, "item": item }));
+        self.done.insert(at, item);
+    }
+
     /// One event: its type named in `event:` and in the data, numbered in order.
     fn send(&mut self, kind: &str, mut data: serde_json::Value) {
         data["type"] = kind.into();
@@ -1221,8 +1232,7 @@ impl ResponseEvents<'_> {
             "response.content_part.done",
             serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part }),
         );
-        let item = crate::responses::reasoning_item(self.number, &text, "completed");
-        self.send("response.output_item.done", serde_json::json!({ "output_index": at, "item": item }));
+        self.item_done(at, crate::responses::reasoning_item(self.number, &text, "completed"));
     }
 
     fn say(&mut self, piece: &str, logprobs: serde_json::Value) {
@@ -1235,9 +1245,13 @@ impl ResponseEvents<'_> {
         self.message_text.push_str(piece);
     }
 
-    /// The message's last text (`rest`) and its done events.
+    /// The message's last text (`rest`) and its done events (once).
     fn close_message(&mut self, rest: &str) {
+        if self.message_done {
+            return;
+        }
         self.say(rest, serde_json::json!([]));
+        self.message_done = true;
         let (at, id, text) = (self.message(), format!("msg_{}", self.number), self.message_text.clone());
         let done =
             serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "text": text, "logprobs": [] });
@@ -1247,24 +1261,46 @@ impl ResponseEvents<'_> {
             "response.content_part.done",
             serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part }),
         );
-        let item = crate::responses::message_item(self.number, &text, "completed");
-        self.send("response.output_item.done", serde_json::json!({ "output_index": at, "item": item }));
+        self.item_done(at, crate::responses::message_item(self.number, &text, "completed"));
     }
 
-    /// A call's item added, its arguments in one delta, and done.
-    fn call(&mut self, call: &serde_json::Value) {
-        let arguments = call["function"]["arguments"].as_str().unwrap_or_default();
-        let item = crate::responses::call_item(call, arguments, "completed");
-        let (at, id) = (self.next, item["id"].clone());
-        self.next += 1;
-        let added = crate::responses::call_item(call, "", "in_progress");
-        self.send("response.output_item.added", serde_json::json!({ "output_index": at, "item": added }));
-        let delta = serde_json::json!({ "item_id": id, "output_index": at, "delta": arguments });
-        self.send("response.function_call_arguments.delta", delta);
-        let done =
-            serde_json::json!({ "item_id": id, "output_index": at, "arguments": arguments, "name": item["name"] });
+    /// A call as it is written: its item added (the message, if any, done first), its
+    /// arguments' deltas, and done.
+    fn call(&mut self, event: &crate::tools::CallEvent, id: &str) {
+        use crate::tools::CallEvent;
+        match event {
+            CallEvent::Start { name, .. } => {
+                if self.message_at.is_some() {
+                    self.close_message("");
+                }
+                let at = self.next;
+                self.next += 1;
+                let added = crate::responses::call_item(id, name, "", "in_progress");
+                self.send("response.output_item.added", serde_json::json!({ "output_index": at, "item": added }));
+                self.calls.push((at, id.to_string(), name.clone(), String::new(), false));
+            }
+            CallEvent::Arguments { index, text } => {
+                let Some((at, id, _, arguments, _)) = self.calls.get_mut(*index) else { return };
+                arguments.push_str(text);
+                let delta = serde_json::json!({ "item_id": crate::responses::call_item_id(id), "output_index": *at, "delta": text });
+                self.send("response.function_call_arguments.delta", delta);
+            }
+            CallEvent::End { index } => self.end_call(*index, "completed"),
+        }
+    }
+
+    /// Call `index`'s arguments and item done (`status`: `completed`, or `incomplete` where it
+    /// was cut short).
+    fn end_call(&mut self, index: usize, status: &str) {
+        let Some((at, id, name, arguments, ended)) = self.calls.get_mut(index) else { return };
+        if std::mem::replace(ended, true) {
+            return;
+        }
+        let (at, item) = (*at, crate::responses::call_item(id, name, arguments, status));
+        let done = serde_json::json!({ "item_id": item["id"], "output_index": at, "arguments": item["arguments"],
+            "name": item["name"] });
         self.send("response.function_call_arguments.done", done);
-        self.send("response.output_item.done", serde_json::json!({ "output_index": at, "item": item }));
+        self.item_done(at, item);
     }
 }
 
@@ -1276,6 +1312,8 @@ trait Sink {
     fn close_reasoning(&mut self, rest: &str);
     /// Answer text, with its token's log-probabilities (OpenAI's shape; none: empty).
     fn say(&mut self, piece: &str, logprobs: serde_json::Value);
+    /// A tool call as it is written (`id`: its id).
+    fn call(&mut self, event: &crate::tools::CallEvent, id: &str);
     /// The request was refused, or the server stopped.
     fn error(&mut self, message: &str);
     /// The client is still there.
@@ -1285,6 +1323,9 @@ trait Sink {
 impl Sink for ResponseEvents<'_> {
     fn think(&mut self, piece: &str) {
         ResponseEvents::think(self, piece)
+    }
+    fn call(&mut self, event: &crate::tools::CallEvent, id: &str) {
+        ResponseEvents::call(self, event, id)
     }
     fn close_reasoning(&mut self, rest: &str) {
         ResponseEvents::close_reasoning(self, rest)
@@ -1309,10 +1350,16 @@ struct Followed {
     rest: String,
 }
 
+/// The id of call `index` of request `number` (as [`crate::tools::calls_json`] names it).
+fn call_id(number: usize, index: usize) -> String {
+    format!("call_{number}_{index}")
+}
+
 /// A chat reply's tokens as they come, their text routed to `sink`: reasoning (closed at its
-/// end), and answer — held back from the token that opens tool calls, and said after all if the
-/// calls are not well formed. None where it did not end (refused: said to the sink; the client
-/// gone: cancelled).
+/// end), and answer — until the token that opens tool calls, from which the calls are followed
+/// as they are written ([`crate::tools::CallStream`]); text after that token that makes no call
+/// is said after all. None where it did not end (refused: said to the sink; the client gone:
+/// cancelled).
 fn follow(
     p: &Pending,
     t: &Arc<Tokenizer>,
@@ -1322,8 +1369,10 @@ fn follow(
     use crate::reasoning::{Part, Phase};
     let mut thought: Option<TextSoFar> = None;
     let mut text = TextSoFar::new(t, p.stops.as_ref());
-    let opener = p.tools.as_ref().filter(|x| x.calling()).map(|x| x.trigger);
+    let opener = p.tools.as_ref().filter(|x| x.calling()).map(|x| (x.trigger, x.format));
     let mut held: Option<String> = None;
+    let mut calls: Option<crate::tools::CallStream> = None;
+    let mut started = false;
     let mut phase = p.reasoning.map(|r| r.first());
     let mut scored: Option<(f32, Vec<(u32, f32)>)> = None;
     let mut end = None;
@@ -1348,14 +1397,28 @@ fn follow(
                     // A marker: opening the reasoning, or closing it.
                     None if phase == Some(Phase::Reasoning) => sink.think(""),
                     None => sink.close_reasoning(&thought.take().map_or(String::new(), TextSoFar::finish)),
-                    Some(Part::Content) => {
-                        let piece = text.push(tok);
-                        if held.is_some() || opener == Some(tok) {
-                            held.get_or_insert_with(String::new).push_str(&piece);
-                        } else {
-                            sink.say(&piece, logprobs.into());
+                    Some(Part::Content) => match (&mut calls, opener) {
+                        (Some(c), _) => {
+                            held.get_or_insert_with(String::new).push_str(&text.push(tok));
+                            for e in c.push(t, tok) {
+                                started = true;
+                                sink.call(&e, &call_id(p.number, e.index()));
+                            }
                         }
-                    }
+                        (None, Some((trigger, format))) if trigger == tok => {
+                            // The answer's text is over: what it held back, said.
+                            let before = std::mem::replace(&mut text, TextSoFar::new(t, p.stops.as_ref())).finish();
+                            sink.say(&before, serde_json::Value::Array(Vec::new()));
+                            let mut c = crate::tools::CallStream::new(format);
+                            held = Some(text.push(tok));
+                            for e in c.push(t, tok) {
+                                started = true;
+                                sink.call(&e, &call_id(p.number, e.index()));
+                            }
+                            calls = Some(c);
+                        }
+                        _ => sink.say(&text.push(tok), logprobs.into()),
+                    },
                 }
             }
             Progress::Ended(g) | Progress::Cancelled(g) => {
@@ -1380,10 +1443,10 @@ fn follow(
     let (reasoning, answer) = p.split(&g);
     let called = held.as_ref().and_then(|_| called(p.tools.as_deref(), t, p.number, &answer));
     let mut rest = text.finish();
-    if called.is_some() {
+    if called.is_some() || started {
         rest.clear();
     } else if let Some(h) = held.take() {
-        // Calls not well formed: their text is the answer's after all.
+        // No call made: the text is the answer's after all.
         rest = h + &rest;
     }
     if reasoning.is_some() {
@@ -1406,7 +1469,7 @@ fn stream_response(
     given: &serde_json::Value,
     created: u64,
 ) {
-    use crate::responses::{calls, items, response, usage, Outcome};
+    use crate::responses::{response, usage};
     use serde_json::json;
     conn.keep = false;
     let ok = conn.stream.write_all(EVENT_STREAM.as_bytes()).is_ok();
@@ -1421,28 +1484,24 @@ fn stream_response(
         reasoning_done: false,
         thought_text: String::new(),
         message_at: None,
+        message_done: false,
         message_text: String::new(),
+        calls: Vec::new(),
+        done: Default::default(),
     };
     let model = site.model.as_str();
     let snapshot = |status: &str, output: Vec<serde_json::Value>, used: serde_json::Value| json!({ "response": response(number, created, model, given, status, output, used) });
     e.send("response.created", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
     e.send("response.in_progress", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
-    let Some(Followed { g, reasoning, called, rest }) = follow(p, t, &mut e, tx) else { return };
-    let final_text = e.message_text.clone() + &rest;
-    let thought_text = e.thought_text.clone();
-    let outcome = Outcome {
-        number,
-        reasoning: reasoning.is_some().then_some(thought_text.as_str()),
-        text: &final_text,
-        called: called.as_ref(),
-    };
-    let output = items(&outcome);
-    if output.iter().any(|i| i["type"] == "message") {
+    let Some(Followed { g, reasoning, rest, .. }) = follow(p, t, &mut e, tx) else { return };
+    // The message: every reply has one unless it only called.
+    if e.calls.is_empty() || e.message_at.is_some() {
         e.close_message(&rest);
     }
-    for call in calls(called.as_ref()) {
-        e.call(call);
+    for k in 0..e.calls.len() {
+        e.end_call(k, "incomplete");
     }
+    let output: Vec<serde_json::Value> = e.done.values().cloned().collect();
     let status = if finish_reason(&g) == "length" { "incomplete" } else { "completed" };
     let used = usage(p.prompt.len(), g.reused, g.tokens.len(), reasoning.map_or(0, |r| r.len()));
     e.send(&format!("response.{status}"), snapshot(status, output, used));
@@ -1483,19 +1542,19 @@ fn messages(conn: &mut Conn, body: &[u8], tx: &mpsc::Sender<(Message, Option<mps
             thinking_at: None,
             thinking_done: false,
             text_at: None,
+            text_done: false,
+            calls: Vec::new(),
         };
         let start = message(p.number, model, Vec::new(), ("", serde_json::Value::Null), usage(p.prompt.len(), 0, 0));
         e.send("message_start", serde_json::json!({ "message": start }));
-        let Some(Followed { g, reasoning: _, called, rest }) = follow(&p, t, &mut e, tx) else { return };
+        let Some(Followed { g, called, rest, .. }) = follow(&p, t, &mut e, tx) else { return };
         let answer = p.split(&g).1;
-        if called.is_none() || e.text_at.is_some() {
+        if e.calls.is_empty() || e.text_at.is_some() {
             // The text block: every reply has one unless it only called.
-            e.say(&rest, serde_json::Value::Null);
-            let at = e.text();
-            e.send("content_block_stop", serde_json::json!({ "index": at }));
+            e.close_text(&rest);
         }
-        for call in crate::responses::calls(called.as_ref()) {
-            e.tool_use(call);
+        for k in 0..e.calls.len() {
+            e.stop_call(k);
         }
         let (reason, sequence) = stop_reason(finish_reason(&g), called.is_some(), &stops, &t.decode(&answer, true));
         let delta = serde_json::json!({ "stop_reason": reason, "stop_sequence": sequence });
@@ -1532,6 +1591,9 @@ struct MessageEvents<'a> {
     thinking_at: Option<usize>,
     thinking_done: bool,
     text_at: Option<usize>,
+    text_done: bool,
+    /// The tool_use blocks begun: each one's index and whether it stopped.
+    calls: Vec<(usize, bool)>,
 }
 
 impl MessageEvents<'_> {
@@ -1574,14 +1636,23 @@ impl MessageEvents<'_> {
         self.send("content_block_delta", serde_json::json!({ "index": at, "delta": delta }));
     }
 
-    /// A call's tool_use block: started, its arguments in one delta, stopped.
-    fn tool_use(&mut self, call: &serde_json::Value) {
-        let block =
-            serde_json::json!({ "type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": {} });
-        let at = self.start(block);
-        let arguments = call["function"]["arguments"].as_str().unwrap_or("{}");
-        self.delta(at, serde_json::json!({ "type": "input_json_delta", "partial_json": arguments }));
+    /// The text block's last text (`rest`) and its stop (once; started first if it was not).
+    fn close_text(&mut self, rest: &str) {
+        if std::mem::replace(&mut self.text_done, true) {
+            return;
+        }
+        self.say(rest, serde_json::Value::Null);
+        let at = self.text();
         self.send("content_block_stop", serde_json::json!({ "index": at }));
+    }
+
+    /// Call `index`'s block stopped (once).
+    fn stop_call(&mut self, index: usize) {
+        let Some((at, stopped)) = self.calls.get_mut(index) else { return };
+        if !std::mem::replace(stopped, true) {
+            let at = *at;
+            self.send("content_block_stop", serde_json::json!({ "index": at }));
+        }
     }
 }
 
@@ -1606,6 +1677,26 @@ impl Sink for MessageEvents<'_> {
             self.delta(at, serde_json::json!({ "type": "text_delta", "text": piece }));
         }
     }
+    /// A call as it is written: its tool_use block started (the text block, if any, stopped
+    /// first), its input's JSON in deltas, stopped.
+    fn call(&mut self, event: &crate::tools::CallEvent, id: &str) {
+        use crate::tools::CallEvent;
+        match event {
+            CallEvent::Start { name, .. } => {
+                if self.text_at.is_some() {
+                    self.close_text("");
+                }
+                let at = self.start(serde_json::json!({ "type": "tool_use", "id": id, "name": name, "input": {} }));
+                self.calls.push((at, false));
+            }
+            CallEvent::Arguments { index, text } => {
+                if let Some(&(at, _)) = self.calls.get(*index) {
+                    self.delta(at, serde_json::json!({ "type": "input_json_delta", "partial_json": text }));
+                }
+            }
+            CallEvent::End { index } => self.stop_call(*index),
+        }
+    }
     fn error(&mut self, message: &str) {
         let e = crate::messages::error("invalid_request_error", message);
         self.send("error", e);
@@ -1618,6 +1709,25 @@ impl Sink for MessageEvents<'_> {
 /// The head of a reply of server-sent events.
 const EVENT_STREAM: &str =
     "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
+
+/// Chat chunks' `tool_calls` deltas of calls as they are written (request `number`'s): a call's
+/// first names its id, type and function with empty arguments, the next add to its arguments.
+fn call_deltas(number: usize, events: &[crate::tools::CallEvent]) -> Vec<serde_json::Value> {
+    use crate::tools::CallEvent;
+    events
+        .iter()
+        .filter_map(|e| match e {
+            CallEvent::Start { index, name } => {
+                Some(serde_json::json!({ "index": index, "id": call_id(number, *index),
+                "type": "function", "function": { "name": name, "arguments": "" } }))
+            }
+            CallEvent::Arguments { index, text } => {
+                Some(serde_json::json!({ "index": index, "function": { "arguments": text } }))
+            }
+            CallEvent::End { .. } => None,
+        })
+        .collect()
+}
 
 /// Streams a completion's choices as server-sent events as their tokens come, each chunk naming
 /// its choice (`index`), then (with `usage`: the prompts' tokens) a chunk of no choices with the
@@ -1687,11 +1797,14 @@ fn stream_choices(
             pending.iter().map(|p| tokenizer.map(|t| TextSoFar::new(t, p.stops.as_ref()))).collect();
         // A chat choice that may call tools: the token that opens its calls; once it came, the
         // text held back (streamed as content only if the calls turn out malformed).
-        let openers: Vec<Option<u32>> = pending
+        let openers: Vec<Option<(u32, crate::tools::ToolFormat)>> = pending
             .iter()
-            .map(|p| p.tools.as_ref().filter(|t| t.calling() && api == Api::Chat).map(|t| t.trigger))
+            .map(|p| p.tools.as_ref().filter(|t| t.calling() && api == Api::Chat).map(|t| (t.trigger, t.format)))
             .collect();
         let mut held: Vec<Option<String>> = vec![None; pending.len()];
+        // Once a choice's calls open: followed as they are written, and whether one began.
+        let mut follows: Vec<Option<crate::tools::CallStream>> = pending.iter().map(|_| None).collect();
+        let mut started = vec![false; pending.len()];
         // A chat choice read for reasoning: where its completion is, and its reasoning's text so far.
         let mut phase: Vec<Option<crate::reasoning::Phase>> =
             pending.iter().map(|p| p.reasoning.filter(|_| api == Api::Chat).map(|r| r.first())).collect();
@@ -1742,17 +1855,43 @@ fn stream_choices(
                         }
                         c
                     } else {
+                        // The token that opens a choice's calls: its content over (what its text
+                        // held back said now), its calls followed from here.
+                        if let (Some((trigger, format)), Some(tok), None) = (openers[k], tokenizer, &follows[k]) {
+                            if trigger == t {
+                                let fresh = TextSoFar::new(tok, pending[k].stops.as_ref());
+                                let before = text[k].replace(fresh).map_or(String::new(), TextSoFar::finish);
+                                if !before.is_empty() && !gone && !write(&event(&chunk(k, None, &before, None))) {
+                                    gone = true;
+                                    cancel_running(&ended);
+                                }
+                                held[k] = Some(String::new());
+                                follows[k] = Some(crate::tools::CallStream::new(format));
+                            }
+                        }
                         let piece = text[k].as_mut().map_or(String::new(), |x| x.push(t));
-                        if held[k].is_some() || openers[k] == Some(t) {
-                            held[k].get_or_insert_with(String::new).push_str(&piece);
-                            scored[k] = None;
-                            continue;
+                        match (follows[k].as_mut(), tokenizer) {
+                            // In the calls: their starts and arguments' text as they come.
+                            (Some(f), Some(tok)) => {
+                                held[k].get_or_insert_with(String::new).push_str(&piece);
+                                scored[k] = None;
+                                let deltas = call_deltas(pending[k].number, &f.push(tok, t));
+                                if deltas.is_empty() {
+                                    continue;
+                                }
+                                started[k] = true;
+                                let mut c = chunk(k, Some(t), "", None);
+                                c["choices"][0]["delta"] = serde_json::json!({ "tool_calls": deltas });
+                                c
+                            }
+                            _ => {
+                                let mut c = chunk(k, Some(t), &piece, None);
+                                if let Some((lp, alts)) = scored[k].take() {
+                                    c["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
+                                }
+                                c
+                            }
                         }
-                        let mut c = chunk(k, Some(t), &piece, None);
-                        if let Some((lp, alts)) = scored[k].take() {
-                            c["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
-                        }
-                        c
                     }
                 }
                 Progress::Ended(g) | Progress::Cancelled(g) => {
@@ -1762,25 +1901,12 @@ fn stream_choices(
                     let called = match (held[k].take(), tokenizer) {
                         (Some(h), Some(t)) => {
                             let c = called(pending[k].tools.as_deref(), t, pending[k].number, &pending[k].split(&g).1);
-                            // Calls not well formed: the held text is content after all.
-                            rest = if c.is_some() { String::new() } else { h + &rest };
+                            // No call begun: the held text is content after all.
+                            rest = if c.is_some() || started[k] { String::new() } else { h + &rest };
                             c
                         }
                         _ => None,
                     };
-                    if let Some(called) = &called {
-                        // The calls whole in one delta, then the end.
-                        let mut c = chunk(k, None, "", None);
-                        let mut each = called.tool_calls.clone();
-                        for (i, call) in each.as_array_mut().into_iter().flatten().enumerate() {
-                            call["index"] = i.into();
-                        }
-                        c["choices"][0]["delta"] = serde_json::json!({ "tool_calls": each });
-                        if !gone && !write(&event(&c)) {
-                            gone = true;
-                            cancel_running(&ended);
-                        }
-                    }
                     let mut c = chunk(k, None, &rest, Some(chat_finish(&g, called.is_some())));
                     if !thought_rest.is_empty() {
                         c["choices"][0]["delta"]["reasoning_content"] = thought_rest.into();

@@ -246,11 +246,15 @@ pub fn message_item(number: usize, text: &str, status: &str) -> Value {
     json!({ "type": "message", "id": format!("msg_{number}"), "role": "assistant", "status": status, "content": content })
 }
 
-/// A call (an element of [`Called::tool_calls`]) as a `function_call` item.
-pub fn call_item(call: &Value, arguments: &str, status: &str) -> Value {
-    let call_id = call["id"].as_str().unwrap_or_default();
-    json!({ "type": "function_call", "id": format!("fc_{}", call_id.trim_start_matches("call_")),
-        "call_id": call_id, "name": call["function"]["name"], "arguments": arguments, "status": status })
+/// A call (`call_id`, the function `name`) as a `function_call` item.
+pub fn call_item(call_id: &str, name: &str, arguments: &str, status: &str) -> Value {
+    json!({ "type": "function_call", "id": call_item_id(call_id), "call_id": call_id, "name": name,
+        "arguments": arguments, "status": status })
+}
+
+/// The id of the item of call `call_id`.
+pub fn call_item_id(call_id: &str) -> String {
+    format!("fc_{}", call_id.trim_start_matches("call_"))
 }
 
 /// A completion's output items: its reasoning, its message (unless it only called), its calls.
@@ -263,7 +267,9 @@ pub fn items(o: &Outcome) -> Vec<Value> {
         items.push(message_item(o.number, o.text, "completed"));
     }
     for call in calls(o.called) {
-        items.push(call_item(call, call["function"]["arguments"].as_str().unwrap_or_default(), "completed"));
+        let (id, f) = (call["id"].as_str().unwrap_or_default(), &call["function"]);
+        let (name, arguments) = (f["name"].as_str().unwrap_or_default(), f["arguments"].as_str().unwrap_or_default());
+        items.push(call_item(id, name, arguments, "completed"));
     }
     items
 }

@@ -369,6 +369,220 @@ pub fn split_calls(tokenizer: &Tokenizer, tokens: &[u32], format: ToolFormat) ->
     Some((content, calls))
 }
 
+/// What following a completion's calls as they are written tells, call by call (`index` from 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallEvent {
+    /// A call of the function `name` began.
+    Start { index: usize, name: String },
+    /// More of its arguments' text.
+    Arguments { index: usize, text: String },
+    /// It is whole.
+    End { index: usize },
+}
+
+impl CallEvent {
+    /// The call it tells of.
+    pub fn index(&self) -> usize {
+        match self {
+            CallEvent::Start { index, .. } | CallEvent::Arguments { index, .. } | CallEvent::End { index } => *index,
+        }
+    }
+}
+
+/// Where a [`CallStream`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallPhase {
+    /// Before the opening marker.
+    Opening,
+    /// Between calls, at `text[at..]`.
+    Between { at: usize },
+    /// In a call's text (after its begin marker, at `start`), before its name is known.
+    Header { start: usize },
+    /// In its arguments: their text from `start` (the fence and space included), the arguments'
+    /// own from `from` (None: before the fence and the space are known), `sent` bytes of them said.
+    Arguments { start: usize, from: Option<usize>, sent: usize },
+    /// The calls are over (closed, or not well formed: no more is said).
+    Over,
+}
+
+/// A completion's calls followed a token at a time from the token that opens them: each call's
+/// start (its name), its arguments' text as it settles — held back only where it may yet be the
+/// closing fence or trailing space — and its end. What it says adds up to what [`split_calls`]
+/// reads from the whole completion, for each call it reads; calls cut short end without an
+/// [`CallEvent::End`]. Each token's work is its own bytes' (long arguments are not read again).
+pub struct CallStream {
+    format: ToolFormat,
+    /// The calls' text so far, and the bytes of a character not yet whole.
+    text: String,
+    partial: Vec<u8>,
+    phase: CallPhase,
+    index: usize,
+}
+
+impl CallStream {
+    pub fn new(format: ToolFormat) -> CallStream {
+        CallStream { format, text: String::new(), partial: Vec::new(), phase: CallPhase::Opening, index: 0 }
+    }
+
+    /// Token `t` (its bytes, markers' too): what it tells.
+    pub fn push(&mut self, tokenizer: &Tokenizer, t: u32) -> Vec<CallEvent> {
+        self.partial.extend(tokenizer.token_bytes_of(t));
+        loop {
+            match std::str::from_utf8(&self.partial) {
+                Ok(whole) => {
+                    self.text.push_str(whole);
+                    self.partial.clear();
+                    break;
+                }
+                Err(e) => {
+                    let good = e.valid_up_to();
+                    self.text.push_str(std::str::from_utf8(&self.partial[..good]).unwrap_or_default());
+                    match e.error_len() {
+                        // The rest may yet be a character.
+                        None => {
+                            self.partial.drain(..good);
+                            break;
+                        }
+                        Some(bad) => {
+                            self.text.push(char::REPLACEMENT_CHARACTER);
+                            self.partial.drain(..good + bad);
+                        }
+                    }
+                }
+            }
+        }
+        let mut events = Vec::new();
+        while self.step(&mut events) {}
+        events
+    }
+
+    /// One step on from the phase: whether it moved.
+    fn step(&mut self, events: &mut Vec<CallEvent>) -> bool {
+        let text = self.text.as_str();
+        match self.phase {
+            CallPhase::Opening => match text.find(CALLS_BEGIN) {
+                Some(at) => self.phase = CallPhase::Between { at: at + CALLS_BEGIN.len() },
+                None => return false,
+            },
+            CallPhase::Between { at } => {
+                let rest = text[at..].trim_start();
+                if rest.starts_with(CALL_BEGIN) {
+                    self.phase = CallPhase::Header { start: text.len() - rest.len() + CALL_BEGIN.len() };
+                } else if rest.is_empty() || CALL_BEGIN.starts_with(rest) {
+                    return false;
+                } else {
+                    self.phase = CallPhase::Over;
+                }
+            }
+            CallPhase::Header { start } => {
+                let call = &text[start..];
+                let end = call.find(CALL_END);
+                let header = &call[..end.unwrap_or(call.len())];
+                let Some(sep) = header.find(SEP) else {
+                    if end.is_some() {
+                        // A call without a separator: not well formed.
+                        self.phase = CallPhase::Over;
+                        return true;
+                    }
+                    return false;
+                };
+                let (name, from) = match self.format {
+                    ToolFormat::DeepSeekV3 => {
+                        let after = &header[sep + SEP.len()..];
+                        match (after.find('\n'), end) {
+                            (Some(n), _) => (&after[..n], Some(start + sep + SEP.len() + n + 1)),
+                            // No arguments: the name runs to the end marker.
+                            (None, Some(_)) => (after, None),
+                            (None, None) => return false,
+                        }
+                    }
+                    ToolFormat::DeepSeekV31 => (&header[..sep], Some(start + sep + SEP.len())),
+                };
+                events.push(CallEvent::Start { index: self.index, name: name.trim().to_string() });
+                // The arguments' text (none: from the end marker) from here.
+                let args = from.unwrap_or(start + end.unwrap_or(0));
+                self.phase = CallPhase::Arguments { start: args, from: None, sent: 0 };
+            }
+            CallPhase::Arguments { start, from, sent } => {
+                let raw = &text[start..];
+                if let Some(end) = raw.find(CALL_END) {
+                    // Whole: the arguments as the whole completion's reading takes them.
+                    let arguments = self.format.arguments(&raw[..end]);
+                    if arguments.len() > sent {
+                        let rest = arguments.get(sent..).unwrap_or_default().to_string();
+                        events.push(CallEvent::Arguments { index: self.index, text: rest });
+                    }
+                    events.push(CallEvent::End { index: self.index });
+                    self.index += 1;
+                    self.phase = CallPhase::Between { at: start + end + CALL_END.len() };
+                    return true;
+                }
+                let from = match from {
+                    Some(f) => f,
+                    None => match self.format.arguments_start(raw) {
+                        Some(f) => {
+                            self.phase = CallPhase::Arguments { start, from: Some(start + f), sent };
+                            return true;
+                        }
+                        None => return false,
+                    },
+                };
+                // Said: all but a tail that may yet be the end marker (spelled out a character
+                // at a time), and before it one of space and backticks (trimmed, or the fence).
+                let args = &text[from..];
+                let marker = (1..CALL_END.len().min(args.len() + 1))
+                    .rev()
+                    .find(|&n| args.is_char_boundary(args.len() - n) && CALL_END.starts_with(&args[args.len() - n..]));
+                let args = &args[..args.len() - marker.unwrap_or(0)];
+                let settled = args.trim_end_matches(|c: char| c.is_whitespace() || c == '`');
+                if settled.len() > sent {
+                    events.push(CallEvent::Arguments { index: self.index, text: settled[sent..].to_string() });
+                    self.phase = CallPhase::Arguments { start, from: Some(from), sent: settled.len() };
+                }
+                return false;
+            }
+            CallPhase::Over => return false,
+        }
+        true
+    }
+}
+
+impl ToolFormat {
+    /// A call's arguments from their text between the name and the call's end marker, as
+    /// [`ToolFormat::read`] takes them.
+    fn arguments(self, raw: &str) -> String {
+        let arguments = raw.trim();
+        let arguments = match self {
+            ToolFormat::DeepSeekV3 => {
+                let a =
+                    arguments.strip_prefix("```json").or_else(|| arguments.strip_prefix("```")).unwrap_or(arguments);
+                a.strip_suffix("```").unwrap_or(a)
+            }
+            ToolFormat::DeepSeekV31 => arguments,
+        };
+        arguments.trim().to_string()
+    }
+
+    /// Where the arguments begin in `raw` (their text so far), once that is known: past the
+    /// leading space and (DeepSeek-V3's) the opening fence and the space after it.
+    fn arguments_start(self, raw: &str) -> Option<usize> {
+        let lead = raw.len() - raw.trim_start().len();
+        let rest = &raw[lead..];
+        let fence = match self {
+            ToolFormat::DeepSeekV31 => 0,
+            // Not yet known whether it is the fence (or ```json).
+            ToolFormat::DeepSeekV3 if rest.len() < "```json".len() && "```json".starts_with(rest) => return None,
+            ToolFormat::DeepSeekV3 if rest.starts_with("```json") => "```json".len(),
+            ToolFormat::DeepSeekV3 if rest.starts_with("```") => 3,
+            ToolFormat::DeepSeekV3 => 0,
+        };
+        let after = &rest[fence..];
+        let space = after.len() - after.trim_start().len();
+        // The arguments' first character not yet come: the space may run on.
+        (space < after.len()).then_some(lead + fence + space)
+    }
+}
+
 /// OpenAI's `tool_calls` of a message: each call's `id` (`call_{number}_{k}`), type and function.
 pub fn calls_json(number: usize, calls: &[ToolCall]) -> Value {
     calls
@@ -596,12 +810,73 @@ mod tests {
             let _ = split_calls(&t, &noise, format);
             let written: Vec<String> = calls.iter().map(|(n, a)| format.call(str::to_string, n, a).concat()).collect();
             let text = format!("{content}{CALLS_BEGIN}{}{CALLS_END}", written.join("\n"));
-            let (got, read) = split_calls(&t, &t.encode(&text, false), format).unwrap();
+            let tokens = t.encode(&text, false);
+            let (got, read) = split_calls(&t, &tokens, format).unwrap();
             proptest::prop_assert_eq!(got, content);
             let want: Vec<ToolCall> =
                 calls.iter().map(|(n, a)| ToolCall { name: n.clone(), arguments: a.clone() }).collect();
-            proptest::prop_assert_eq!(read, want);
+            proptest::prop_assert_eq!(&read, &want);
+            // Followed a token at a time: the same calls.
+            proptest::prop_assert_eq!(followed(&t, &tokens, format), (want, calls.len()));
         }
+
+        /// Followed a token at a time, calls whose arguments are any text — spaces, fences,
+        /// backticks, `<` and non-ASCII inside and around them — say what the whole completion's
+        /// reading reads, token boundaries wherever the tokenizer puts them, the markers tokens
+        /// or spelled out (as the tiny model wrote one over HTTP).
+        #[test]
+        fn calls_followed_as_they_come_add_up_to_the_whole(
+            calls in proptest::collection::vec(("[a-z_ ]{1,8}", "[ \n`a{}\":,<｜é😀]{0,24}"), 1..4),
+            between in "[ \n]{0,2}",
+            v31 in proptest::bool::ANY,
+            spelled in proptest::bool::ANY,
+            cut in 0usize..200,
+        ) {
+            let t = fixture();
+            let format = if v31 { ToolFormat::DeepSeekV31 } else { ToolFormat::DeepSeekV3 };
+            let written: Vec<String> = calls.iter().map(|(n, a)| format.call(str::to_string, n, a).concat()).collect();
+            let text = format!("{CALLS_BEGIN}{}{CALLS_END}", written.join(&between));
+            // The markers as their tokens, or (as a model may write them) spelled out.
+            let tokens = match spelled {
+                false => t.encode(&text, false),
+                true => text.chars().flat_map(|c| t.encode(&c.to_string(), false)).collect(),
+            };
+            if let Some((_, read)) = split_calls(&t, &tokens, format) {
+                let (got, ended) = followed(&t, &tokens, format);
+                proptest::prop_assert_eq!(ended, read.len());
+                proptest::prop_assert_eq!(&got[..read.len()], &read[..]);
+            }
+            // Cut short anywhere: what was said is a beginning of what the whole says.
+            let (whole, _) = followed(&t, &tokens, format);
+            let (part, _) = followed(&t, &tokens[..cut.min(tokens.len())], format);
+            for (p, w) in part.iter().zip(&whole) {
+                proptest::prop_assert_eq!(&p.name, &w.name);
+                proptest::prop_assert!(w.arguments.starts_with(&p.arguments), "{:?} {:?}", p, w);
+            }
+        }
+    }
+
+    /// `tokens` fed to a [`CallStream`] one by one: each call it started, with its arguments'
+    /// text put together, and how many ended.
+    fn followed(t: &Tokenizer, tokens: &[u32], format: ToolFormat) -> (Vec<ToolCall>, usize) {
+        let mut stream = CallStream::new(format);
+        let (mut calls, mut ended) = (Vec::<ToolCall>::new(), 0);
+        for &tok in tokens {
+            for e in stream.push(t, tok) {
+                match e {
+                    CallEvent::Start { index, name } => {
+                        assert_eq!(index, calls.len());
+                        calls.push(ToolCall { name, arguments: String::new() });
+                    }
+                    CallEvent::Arguments { index, text } => calls[index].arguments.push_str(&text),
+                    CallEvent::End { index } => {
+                        assert_eq!(index, ended);
+                        ended += 1;
+                    }
+                }
+            }
+        }
+        (calls, ended)
     }
 
     /// Sampling from random logits under each tool choice: `required` and a named function always
