@@ -1076,24 +1076,31 @@ fn completion(
     let _ = respond(conn, "200 OK", &reply_json(&id, object, model, created, choices, prompt_tokens, &generations));
 }
 
+/// Another API's request as a chat completion's body (`chat`: it, and whether the reply
+/// streams): the one request it makes, whether it streams, and the tokenizer a chat needs.
+fn one_chat(
+    chat: Result<(serde_json::Value, bool), String>,
+    site: &Site,
+) -> Result<(Request, bool, &Arc<Tokenizer>), String> {
+    let (chat, stream) = chat?;
+    let tokenizer = site.tokenizer.as_ref();
+    let mut r = api_request(Api::Chat, chat.to_string().as_bytes(), &site.defaults, tokenizer)?;
+    // A chat needs a tokenizer (refused above without one); `n` is not these APIs'.
+    match (r.requests.len(), tokenizer) {
+        (1, Some(t)) => Ok((r.requests.remove(0), stream, t)),
+        _ => Err("one reply a request".into()),
+    }
+}
+
 /// OpenAI's Responses API ([`crate::responses`]): the request as a chat completion's (one
 /// choice), answered as a response object, or streamed as the API's events.
 fn responses(conn: &mut Conn, body: &[u8], tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>, site: &Site) {
     use crate::responses::{items, response, usage, Outcome};
-    let (tokenizer, model) = (site.tokenizer.as_ref(), site.model.as_str());
-    let parsed = crate::responses::chat_body(body).and_then(|(chat, stream)| {
-        let r = api_request(Api::Chat, chat.to_string().as_bytes(), &site.defaults, tokenizer)?;
-        Ok((r.requests, stream))
-    });
-    let (request, stream, t) = match (parsed, tokenizer) {
-        (Ok((mut requests, stream)), Some(t)) if requests.len() == 1 => (requests.remove(0), stream, t),
-        (Err(e), _) => {
+    let model = site.model.as_str();
+    let (request, stream, t) = match one_chat(crate::responses::chat_body(body), site) {
+        Ok(r) => r,
+        Err(e) => {
             let _ = respond_error(conn, "400 Bad Request", &e);
-            return;
-        }
-        // A chat needs a tokenizer (refused above without one); `n` is not this API's.
-        _ => {
-            let _ = respond_error(conn, "400 Bad Request", "one response a request");
             return;
         }
     };
@@ -1511,18 +1518,13 @@ fn stream_response(
 /// as a message of content blocks, or streamed as Anthropic's events; errors in its shape.
 fn messages(conn: &mut Conn, body: &[u8], tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>, site: &Site) {
     use crate::messages::{content, error, message, stop_reason, usage};
-    let (tokenizer, model) = (site.tokenizer.as_ref(), site.model.as_str());
+    let model = site.model.as_str();
     let refuse = |conn: &mut Conn, status: &str, kind: &str, e: &str| {
         let _ = respond(conn, status, &error(kind, e));
     };
-    let parsed = crate::messages::chat_body(body).and_then(|(chat, stream)| {
-        let r = api_request(Api::Chat, chat.to_string().as_bytes(), &site.defaults, tokenizer)?;
-        Ok((r.requests, stream))
-    });
-    let (request, stream, t) = match (parsed, tokenizer) {
-        (Ok((mut requests, stream)), Some(t)) if requests.len() == 1 => (requests.remove(0), stream, t),
-        (Err(e), _) => return refuse(conn, "400 Bad Request", "invalid_request_error", &e),
-        _ => return refuse(conn, "400 Bad Request", "invalid_request_error", "one message a request"),
+    let (request, stream, t) = match one_chat(crate::messages::chat_body(body), site) {
+        Ok(r) => r,
+        Err(e) => return refuse(conn, "400 Bad Request", "invalid_request_error", &e),
     };
     let given: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let stops: Vec<String> = given["stop_sequences"]

@@ -43,14 +43,7 @@ const FIELDS: [&str; 21] = [
 
 /// A Messages request's body as a chat completions body, and whether it streams.
 pub fn chat_body(body: &[u8]) -> Result<(Value, bool), String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
-    let o = v.as_object().ok_or("the body is not a JSON object")?;
-    let extra = ["seed", "chat_template_kwargs"].into_iter().chain(crate::cli::SAMPLING_FIELDS);
-    let fields: Vec<&str> =
-        FIELDS.into_iter().chain(extra.filter(|f| *f != "response_format" && *f != "top_k")).collect();
-    if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
-        return Err(format!("unknown field '{k}' ({})", fields.join(", ")));
-    }
+    let o = crate::responses::body_object(body, &FIELDS)?;
     let given = |k: &str| o.get(k).filter(|x| !x.is_null());
     let max_tokens = given("max_tokens").ok_or("no \"max_tokens\" (the most tokens of the reply)")?;
     let mut chat = Map::new();
@@ -106,16 +99,7 @@ pub fn chat_body(body: &[u8]) -> Result<(Value, bool), String> {
             chat.insert("chat_template_kwargs".into(), json!({ "thinking": true }));
         }
     }
-    let same = ["model", "temperature", "top_p", "top_k", "seed", "chat_template_kwargs"];
-    for k in same.iter().chain(&crate::cli::SAMPLING_FIELDS) {
-        if let Some(x) = given(k) {
-            chat.insert(k.to_string(), x.clone());
-        }
-    }
-    let stream = match given("stream") {
-        None => false,
-        Some(x) => x.as_bool().ok_or_else(|| format!("stream: {x} is not true or false"))?,
-    };
+    let stream = crate::responses::pass_on(&o, &["model", "temperature", "top_p"], &mut chat)?;
     Ok((chat.into(), stream))
 }
 

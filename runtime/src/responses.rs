@@ -14,7 +14,7 @@ use crate::http::Called;
 
 /// The request fields taken: the API's, then vLLM's sampling extensions (passed on as the chat
 /// path takes them).
-const FIELDS: [&str; 20] = [
+const FIELDS: [&str; 19] = [
     "model",
     "input",
     "instructions",
@@ -34,18 +34,41 @@ const FIELDS: [&str; 20] = [
     "include",
     "truncation",
     "top_logprobs",
-    "seed",
 ];
+
+/// A body's JSON object, its fields among `fields` (an API's own) and vLLM's sampling fields
+/// (but `response_format`: each API says its format its own way), `seed` and
+/// `chat_template_kwargs`; others refused by name.
+pub(crate) fn body_object(body: &[u8], fields: &[&str]) -> Result<Map<String, Value>, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
+    let Value::Object(o) = v else { return Err("the body is not a JSON object".into()) };
+    let extra = crate::cli::SAMPLING_FIELDS.iter().chain(&["seed", "chat_template_kwargs"]);
+    let mut all: Vec<&str> = fields.to_vec();
+    all.extend(extra.filter(|f| **f != "response_format" && !fields.contains(f)));
+    if let Some(k) = o.keys().find(|k| !all.contains(&k.as_str())) {
+        return Err(format!("unknown field '{k}' ({})", all.join(", ")));
+    }
+    Ok(o)
+}
+
+/// The fields passed on as they are (`same`, vLLM's sampling fields, `seed` and
+/// `chat_template_kwargs`) copied from `o` into `chat`, and whether the reply streams.
+pub(crate) fn pass_on(o: &Map<String, Value>, same: &[&str], chat: &mut Map<String, Value>) -> Result<bool, String> {
+    let given = |k: &str| o.get(k).filter(|x| !x.is_null());
+    for k in same.iter().chain(&crate::cli::SAMPLING_FIELDS).chain(&["seed", "chat_template_kwargs"]) {
+        if let Some(x) = given(k) {
+            chat.insert(k.to_string(), x.clone());
+        }
+    }
+    match given("stream") {
+        None => Ok(false),
+        Some(x) => x.as_bool().ok_or_else(|| format!("stream: {x} is not true or false")),
+    }
+}
 
 /// A Responses request's body as a chat completions body, and whether it streams.
 pub fn chat_body(body: &[u8]) -> Result<(Value, bool), String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
-    let o = v.as_object().ok_or("the body is not a JSON object")?;
-    let extra = crate::cli::SAMPLING_FIELDS.iter().chain(&["chat_template_kwargs"]).copied();
-    let fields: Vec<&str> = FIELDS.iter().copied().chain(extra).filter(|f| *f != "response_format").collect();
-    if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
-        return Err(format!("unknown field '{k}' ({})", fields.join(", ")));
-    }
+    let o = body_object(body, &FIELDS)?;
     let given = |k: &str| o.get(k).filter(|x| !x.is_null());
     if let Some(id) = given("previous_response_id") {
         return Err(format!(
@@ -80,16 +103,7 @@ pub fn chat_body(body: &[u8]) -> Result<(Value, bool), String> {
         chat.insert("logprobs".into(), true.into());
         chat.insert("top_logprobs".into(), k.clone());
     }
-    let same = ["model", "temperature", "top_p", "parallel_tool_calls", "seed", "chat_template_kwargs", "user"];
-    for k in same.iter().chain(&crate::cli::SAMPLING_FIELDS) {
-        if let Some(x) = given(k) {
-            chat.insert(k.to_string(), x.clone());
-        }
-    }
-    let stream = match given("stream") {
-        None => false,
-        Some(x) => x.as_bool().ok_or_else(|| format!("stream: {x} is not true or false"))?,
-    };
+    let stream = pass_on(&o, &["model", "temperature", "top_p", "parallel_tool_calls", "user"], &mut chat)?;
     Ok((chat.into(), stream))
 }
 
