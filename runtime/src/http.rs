@@ -2181,4 +2181,114 @@ mod tests {
             assert!(got.contains(err), "{body}: {got}");
         }
     }
+
+    /// A JSON value of any shape, nested a few deep, its strings and keys from the words the
+    /// APIs use (so that mutated bodies reach past the first check).
+    fn any_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        const WORDS: [&str; 24] = [
+            "role",
+            "user",
+            "assistant",
+            "system",
+            "tool",
+            "content",
+            "text",
+            "type",
+            "function",
+            "name",
+            "arguments",
+            "input",
+            "tool_use",
+            "tool_result",
+            "tool_use_id",
+            "call_id",
+            "function_call",
+            "function_call_output",
+            "messages",
+            "format",
+            "json_schema",
+            "schema",
+            "id",
+            "output",
+        ];
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            (-5i64..300).prop_map(serde_json::Value::from),
+            (0..WORDS.len()).prop_map(|k| serde_json::Value::from(WORDS[k])),
+            "[ -~]{0,6}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 40, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(serde_json::Value::from),
+                proptest::collection::vec(((0..WORDS.len()).prop_map(|k| WORDS[k].to_string()), inner), 0..5)
+                    .prop_map(|kv| serde_json::Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// `value` with the node at `path` (each step an index into the arrays and objects on the
+    /// way, modulo their sizes) replaced by `by`.
+    fn replaced(value: serde_json::Value, path: &[usize], by: serde_json::Value) -> serde_json::Value {
+        let Some((&step, rest)) = path.split_first() else { return by };
+        match value {
+            serde_json::Value::Array(mut a) if !a.is_empty() => {
+                let k = step % a.len();
+                a[k] = replaced(a[k].take(), rest, by);
+                serde_json::Value::Array(a)
+            }
+            serde_json::Value::Object(mut o) if !o.is_empty() => {
+                let n = o.len();
+                if let Some(v) = o.values_mut().nth(step % n) {
+                    *v = replaced(v.take(), rest, by);
+                }
+                serde_json::Value::Object(o)
+            }
+            _ => by,
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+        /// Bodies of any shape — and valid ones with any part replaced by any value — are
+        /// answered or refused by the Responses and Messages translations and the chat reader
+        /// through the chat template, never with a panic.
+        #[test]
+        fn any_body_is_answered_or_refused(
+            by in any_json(),
+            path in proptest::collection::vec(0usize..8, 0..6),
+            which in 0usize..3,
+        ) {
+            let t = crate::tokenizer::fixture::shared();
+            let valid = [
+                serde_json::json!({"input": [{"role": "user", "content": [{"type": "input_text", "text": "x"}]},
+                    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "c", "output": "y"}],
+                    "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}],
+                    "text": {"format": {"type": "text"}}, "max_output_tokens": 4}),
+                serde_json::json!({"max_tokens": 4, "system": "s", "messages": [{"role": "user", "content": "x"},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "c", "name": "f", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c", "content": "y"}]}],
+                    "tools": [{"name": "f", "input_schema": {"type": "object", "properties": {}}}],
+                    "tool_choice": {"type": "any"}}),
+                serde_json::json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+                    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
+            ];
+            let d = RequestDefaults { eos: t.token_id("<｜end▁of▁sentence｜>"), ..defaults() };
+            let read = |body: &serde_json::Value| {
+                let bytes = body.to_string();
+                let chat = match which {
+                    0 => crate::responses::chat_body(bytes.as_bytes()).map(|(c, _)| c.to_string()),
+                    1 => crate::messages::chat_body(bytes.as_bytes()).map(|(c, _)| c.to_string()),
+                    _ => Ok(bytes),
+                };
+                chat.and_then(|chat| chat_request(chat.as_bytes(), &d, Some(&t)).map(|_| ()))
+            };
+            // The valid body is read whole; its changes and any value, without a panic.
+            proptest::prop_assert_eq!(read(&valid[which]), Ok(()));
+            let _ = read(&by);
+            let _ = read(&replaced(valid[which].clone(), &path, by));
+        }
+    }
 }
