@@ -1379,6 +1379,46 @@ fn speculative_decoding_with_the_mtp_module_gives_the_greedy_tokens() {
     assert!(text(&out.stderr).contains("compile it with `v3c compile --speculative`"), "{}", text(&out.stderr));
 }
 
+/// SIGTERM stops `v3r serve --http` gracefully: the request streaming goes on to its end, the
+/// server says it is unhealthy and refuses new requests (503) meanwhile, then it ends (exit 0,
+/// its summary said).
+#[test]
+fn v3r_serve_stops_gracefully_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (art, ckpt, cache) = (dir.path().join("art"), dir.path().join("ckpt"), dir.path().join("cache"));
+    let config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, 3).unwrap();
+    let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
+    let compile = ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--max-context", "320"];
+    let out = run_binary_env("v3c", &[&compile[..], &["--out", art.to_str().unwrap()]].concat(), &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let server = v3c_tests::HttpServer::start(&[art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()], &env);
+    // A long stream, its first chunk read before the signal.
+    let body = r#"{"prompt": [1, 2, 3], "max_tokens": 300, "ignore_eos": true, "stream": true}"#;
+    let mut c = std::net::TcpStream::connect(&server.addr).unwrap();
+    let request = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    std::io::Write::write_all(&mut c, request.as_bytes()).unwrap();
+    let mut reader = std::io::BufReader::new(c);
+    let mut streamed = String::new();
+    while !streamed.contains("data: ") {
+        assert!(std::io::BufRead::read_line(&mut reader, &mut streamed).unwrap() > 0, "{streamed}");
+    }
+    server.signal("TERM");
+    let (health, _) = server.request("GET", "/health", "");
+    assert_eq!(health, "HTTP/1.1 503 Service Unavailable");
+    let (status, refused) = server.request("POST", "/v1/completions", r#"{"prompt": [1], "max_tokens": 2}"#);
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{refused}");
+    assert!(refused.contains("the server is stopping"), "{refused}");
+    std::io::Read::read_to_string(&mut reader, &mut streamed).unwrap();
+    assert!(streamed.trim_end().ends_with("data: [DONE]"), "{streamed}");
+    let chunks = v3c_tests::HttpServer::events(streamed.split_once("\r\n\r\n").unwrap().1);
+    let tokens: usize = chunks.iter().map(|c| c["choices"][0]["tokens"].as_array().map_or(0, Vec::len)).sum();
+    assert_eq!((tokens, &chunks.last().unwrap()["choices"][0]["finish_reason"]), (300, &"length".into()));
+    let (ended, said) = server.wait();
+    assert!(ended.success(), "{ended:?}: {said}");
+    assert!(said.contains("stopping: no new requests") && said.contains("served 1 requests"), "{said}");
+}
+
 /// Tool calling end to end, on a model whose vocabulary holds DeepSeek-V3's tool markers (the
 /// fixture tokenizer's, ids 971..979) and with its chat template: over HTTP, `tool_choice`
 /// required (one call) and a named function (streamed) give well-formed calls — the message's

@@ -134,6 +134,9 @@ pub struct HttpServer {
     pub addr: String,
     /// Its `--api-key`, which [`HttpServer::request`] sends.
     key: Option<String>,
+    /// The rest of its stderr, read as it comes (kept open: a server whose stderr is closed
+    /// fails to write there).
+    said: std::thread::JoinHandle<String>,
 }
 
 impl HttpServer {
@@ -149,15 +152,32 @@ impl HttpServer {
             .expect("v3r serve starts");
         let mut said = std::io::BufReader::new(child.stderr.take().expect("its stderr"));
         let key = args.iter().position(|a| *a == "--api-key").and_then(|i| args.get(i + 1)).map(|k| k.to_string());
-        let mut server = HttpServer { child, addr: String::new(), key };
         let mut line = String::new();
         while !line.contains("serving ") {
             line.clear();
             let read = std::io::BufRead::read_line(&mut said, &mut line).unwrap_or(0);
             assert!(read > 0, "the server ended before it served");
         }
-        server.addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("").to_string();
-        server
+        let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("").to_string();
+        let said = std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = std::io::Read::read_to_string(&mut said, &mut rest);
+            rest
+        });
+        HttpServer { child, addr, key, said }
+    }
+
+    /// Sends it `signal` (`kill -SIGNAL`).
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{signal}");
+    }
+
+    /// Waits for it to end: how it ended, and what it said on stderr after it began serving.
+    pub fn wait(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait().expect("it ends");
+        let said = std::mem::replace(&mut self.said, std::thread::spawn(String::new));
+        (status, said.join().unwrap_or_default())
     }
 
     /// One request on its own connection (with the server's API key): the status line and the

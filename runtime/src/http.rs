@@ -742,7 +742,31 @@ pub fn serve_http(
     // Per request (in arrival order): where its progress goes.
     let replies: std::cell::RefCell<Vec<Option<mpsc::Sender<Progress>>>> = Default::default();
     let mut served = Served::default();
+    let mut stopping = false;
     let mut next = |idle: bool| {
+        if !stopping && stop() {
+            stopping = true;
+            eprintln!("stopping: no new requests; those running end first (signal again to end at once)");
+        }
+        if stopping {
+            // Draining: cancels still taken, new requests refused (503).
+            loop {
+                match rx.try_recv() {
+                    Ok((Message::Request(_, reply), number)) => {
+                        let mut replies = replies.borrow_mut();
+                        if let Some(number) = number {
+                            let _ = number.send(replies.len());
+                        }
+                        let _ = reply.send(Progress::Refused(STOPPING.into()));
+                        replies.push(None);
+                        seen.borrow_mut().push((std::time::Instant::now(), false, true));
+                    }
+                    Ok((Message::Gone(i), _)) => return Arrival::Cancel(i),
+                    Err(mpsc::TryRecvError::Empty) if !idle => return Arrival::NotYet,
+                    Err(_) => return Arrival::Closed,
+                }
+            }
+        }
         let message = match idle {
             true => loop {
                 match rx.recv_timeout(std::time::Duration::from_millis(100)) {
@@ -810,8 +834,23 @@ pub fn serve_http(
     let load = |l: crate::session::Load| metrics(&mut |m| m.load = l);
     let o = crate::session::Serving { load: Some(&load), ..*o };
     let (joined, prefill_s) = crate::session::serve(program, &o, &mut next, &mut report)?;
+    // No more taken: a request now is refused at once (503).
+    drop(next);
+    drop(rx);
+    // Stopped: the replies of the requests that ended written before the process ends (at most
+    // 30 s more).
+    let waited = std::time::Instant::now();
+    while ANSWERING.load(std::sync::atomic::Ordering::SeqCst) > 0 && waited.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     Ok(Served { joined, prefill_s, ..served })
 }
+
+/// Requests being answered (read, and their replies not yet all written).
+static ANSWERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Why a request that came while the server stops is refused (503).
+const STOPPING: &str = "the server is stopping";
 
 /// Seconds since the Unix epoch (`created`).
 fn now() -> u64 {
@@ -837,7 +876,9 @@ fn connection(stream: TcpStream, tx: mpsc::Sender<(Message, Option<mpsc::Sender<
             }
         };
         conn.keep = request.keep_alive;
+        ANSWERING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         answer(&mut conn, &request, &tx, site);
+        ANSWERING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         if !conn.keep {
             return;
         }
@@ -866,6 +907,10 @@ fn answer(
         return;
     }
     match (request.method.as_str(), request.path.as_str()) {
+        // Stopping: not healthy, so that a balancer sends no more.
+        ("GET", "/health") if crate::interrupt::happened() => {
+            let _ = respond(conn, "503 Service Unavailable", &serde_json::json!({ "status": "stopping" }));
+        }
         ("GET", "/health") => {
             let _ = respond(conn, "200 OK", &serde_json::json!({ "status": "ok" }));
         }
@@ -993,6 +1038,7 @@ fn wait(p: &Pending) -> Result<Generation, (&'static str, String)> {
     let outcome = p.events.iter().find_map(|event| match event {
         Progress::Token(_) | Progress::Scored(..) => None,
         Progress::Ended(g) | Progress::Cancelled(g) => Some(Ok(g)),
+        Progress::Refused(e) if e == STOPPING => Some(Err(("503 Service Unavailable", e))),
         Progress::Refused(e) => Some(Err(("400 Bad Request", e))),
     });
     outcome.unwrap_or_else(|| Err(("503 Service Unavailable", "the server stopped before the request ended".into())))

@@ -24,6 +24,7 @@ pub mod gpu;
 pub mod grammar;
 pub mod host;
 pub mod http;
+pub mod interrupt;
 pub mod lowering;
 pub mod measure;
 pub mod messages;

@@ -508,8 +508,9 @@ struct ServeArgs {
     /// Responses API's POST /v1/responses {"input": ..., "instructions", "tools", "text": {"format"},
     /// "max_output_tokens", "stream"} (stateless: the conversation in "input"), Anthropic's POST
     /// /v1/messages {"messages", "system", "max_tokens", "tools", "stream", ...}, vLLM's POST
-    /// /tokenize and /detokenize, GET /v1/models, GET /health, GET /metrics. Runs until stopped
-    /// (Ctrl-C).
+    /// /tokenize and /detokenize, GET /v1/models, GET /health, GET /metrics. Runs until SIGTERM
+    /// or Ctrl-C: then it takes no new requests (503; GET /health 503), lets those running end,
+    /// and exits; a second signal ends it at once.
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
     /// With --http: every request but GET /health must carry `Authorization: Bearer KEY` (or
@@ -1053,7 +1054,10 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
 
         let metrics = Default::default();
         let site = v3c_runtime::http::Site { defaults, tokenizer, model: model.clone(), api_key, max_len, metrics };
-        let served = v3c_runtime::http::serve_http(listener, program, &serving, site, &|| false).map_err(at)?;
+        // SIGTERM or Ctrl-C: no new requests, those running end, then the process (a second ends it at once).
+        let interrupt = v3c_runtime::interrupt::Interrupt::install(&[libc::SIGINT, libc::SIGTERM]);
+        let served =
+            v3c_runtime::http::serve_http(listener, program, &serving, site, &|| interrupt.happened()).map_err(at)?;
         eprintln!(
             "served {} requests, {} tokens in {:.3} s ({} joined a running batch, {:.3} s in prefills)",
             served.requests,

@@ -272,7 +272,7 @@ impl Run {
         let mut saver = Saver { out: o.out, config: &config, checkpoint: &checkpoint, kept: None };
         let started = Instant::now();
         // Ctrl-C stops the run after the step under way, saved (a second one ends it at once).
-        let interrupt = Interrupt::install();
+        let interrupt = crate::interrupt::Interrupt::install(&[libc::SIGINT]);
         for _ in 0..o.steps {
             let batch: Vec<Vec<i64>> = (0..o.batch)
                 .map(|_| {
@@ -347,46 +347,6 @@ impl Run {
             o.out.display()
         );
         Ok(())
-    }
-}
-
-/// SIGINT (Ctrl-C) noted instead of ending the process while a training run holds it: the run
-/// saves and stops after its step. The first signal puts back the default action, so a second ends
-/// the process at once; dropping it does too.
-struct Interrupt;
-
-static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-#[cfg(unix)]
-extern "C" fn note_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-    // SAFETY: signal() is async-signal-safe; restoring the default action.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
-}
-
-impl Interrupt {
-    fn install() -> Interrupt {
-        INTERRUPTED.store(false, std::sync::atomic::Ordering::SeqCst);
-        #[cfg(unix)]
-        // SAFETY: the handler only stores an atomic and calls signal(), both async-signal-safe.
-        unsafe {
-            libc::signal(libc::SIGINT, note_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t)
-        };
-        Interrupt
-    }
-
-    fn happened(&self) -> bool {
-        INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-impl Drop for Interrupt {
-    fn drop(&mut self) {
-        #[cfg(unix)]
-        // SAFETY: restoring the default action.
-        unsafe {
-            libc::signal(libc::SIGINT, libc::SIG_DFL)
-        };
     }
 }
 
