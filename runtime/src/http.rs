@@ -928,6 +928,13 @@ fn answer(
         ("POST", "/v1/chat/completions") => completion(Api::Chat, conn, &request.body, tx, site),
         ("POST", "/v1/responses") => responses(conn, &request.body, tx, site),
         ("POST", "/v1/messages") => messages(conn, &request.body, tx, site),
+        ("POST", "/v1/messages/count_tokens") => {
+            // The prompt the chat template writes of it (tools included), counted.
+            let _ = match one_chat(crate::messages::count_body(&request.body).map(|c| (c, false)), site) {
+                Ok((r, _, _)) => respond(conn, "200 OK", &serde_json::json!({ "input_tokens": r.prompt.len() })),
+                Err(e) => respond(conn, "400 Bad Request", &crate::messages::error("invalid_request_error", &e)),
+            };
+        }
         ("POST", path @ ("/tokenize" | "/detokenize")) => {
             let _ = match tokenize(path == "/tokenize", &request.body, site) {
                 Ok(body) => respond(conn, "200 OK", &body),
@@ -943,6 +950,7 @@ fn answer(
             | "/v1/chat/completions"
             | "/v1/responses"
             | "/v1/messages"
+            | "/v1/messages/count_tokens"
             | "/tokenize"
             | "/detokenize",
         ) => {
@@ -951,7 +959,8 @@ fn answer(
         (_, path) => {
             let message = format!(
                 "{path}: served are POST /v1/completions, POST /v1/chat/completions, POST /v1/responses, POST \
-                 /v1/messages, POST /tokenize, POST /detokenize, GET /v1/models, GET /health and GET /metrics"
+                 /v1/messages (and /v1/messages/count_tokens), POST /tokenize, POST /detokenize, GET /v1/models, GET \
+                 /health and GET /metrics"
             );
             let _ = respond_error(conn, "404 Not Found", &message);
         }

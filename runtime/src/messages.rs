@@ -103,6 +103,17 @@ pub fn chat_body(body: &[u8]) -> Result<(Value, bool), String> {
     Ok((chat.into(), stream))
 }
 
+/// A `count_tokens` request's body (a Messages request without `max_tokens`) as a chat
+/// completions body.
+pub fn count_body(body: &[u8]) -> Result<Value, String> {
+    let mut o = crate::responses::body_object(body, &FIELDS)?;
+    if let Some(k) = ["max_tokens", "stream"].iter().find(|k| o.contains_key(**k)) {
+        return Err(format!("unknown field '{k}' (count_tokens counts the prompt)"));
+    }
+    o.insert("max_tokens".into(), 1.into());
+    chat_body(Value::Object(o).to_string().as_bytes()).map(|(chat, _)| chat)
+}
+
 /// The chat's messages: `system` first, then each message's blocks — a user's tool results as
 /// tool messages (before its text), an assistant's `tool_use` blocks as its tool calls; thinking
 /// blocks dropped (as R1's template drops earlier reasoning).
@@ -396,6 +407,25 @@ mod tests {
             ),
         ] {
             let e = chat_body(body.as_bytes()).unwrap_err();
+            assert!(e.contains(error), "{body}: {e}");
+        }
+    }
+
+    /// count_tokens takes a request without max_tokens (refusing one with it or stream), read
+    /// as a request is.
+    #[test]
+    fn count_tokens_bodies_are_requests_without_a_budget() {
+        let body = br#"{"model": "m", "system": "s", "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"name": "f", "input_schema": {"type": "object"}}]}"#;
+        let chat = count_body(body).unwrap();
+        assert_eq!(chat["messages"][1], json!({"role": "user", "content": "x"}));
+        assert_eq!(chat["tools"][0]["function"]["name"], "f");
+        for (body, error) in [
+            (r#"{"max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}"#, "unknown field 'max_tokens'"),
+            (r#"{"stream": true, "messages": [{"role": "user", "content": "x"}]}"#, "unknown field 'stream'"),
+            (r#"{"messages": []}"#, "no \"messages\""),
+        ] {
+            let e = count_body(body.as_bytes()).unwrap_err();
             assert!(e.contains(error), "{body}: {e}");
         }
     }
