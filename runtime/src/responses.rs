@@ -13,8 +13,10 @@ use serde_json::{json, Map, Value};
 use crate::http::Called;
 
 /// The request fields taken: the API's, then vLLM's sampling extensions (passed on as the chat
-/// path takes them).
-const FIELDS: [&str; 19] = [
+/// path takes them). `prompt_cache_key` and `prompt_cache_retention` (the server reuses the
+/// whole cache pages a prompt shares with earlier ones anyway), `safety_identifier`,
+/// `service_tier` and `stream_options` change nothing here.
+const FIELDS: [&str; 25] = [
     "model",
     "input",
     "instructions",
@@ -34,6 +36,12 @@ const FIELDS: [&str; 19] = [
     "include",
     "truncation",
     "top_logprobs",
+    "background",
+    "stream_options",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "safety_identifier",
+    "service_tier",
 ];
 
 /// A body's JSON object, its fields among `fields` (an API's own) and vLLM's sampling fields
@@ -80,13 +88,27 @@ pub fn chat_body(body: &[u8]) -> Result<(Value, bool), String> {
             "truncation: {t}: only \"disabled\" (a conversation longer than the model takes is refused)"
         ));
     }
-    if let Some(i) = given("include") {
-        let list = i.as_array().ok_or_else(|| format!("include: {i} is not a list"))?;
-        if let Some(x) = list.first() {
-            return Err(format!("include: {x} is not supported (nothing to include)"));
-        }
+    if let Some(b) = given("background").filter(|b| b.as_bool() != Some(false)) {
+        return Err(format!("background: {b}: responses are not stored here (only false)"));
     }
     let mut chat = Map::new();
+    if let Some(i) = given("include") {
+        let list = i.as_array().ok_or_else(|| format!("include: {i} is not a list"))?;
+        for x in list {
+            match x.as_str() {
+                Some("message.output_text.logprobs") => {
+                    chat.insert("logprobs".into(), true.into());
+                }
+                // Reasoning is not encrypted here: its items carry their text.
+                Some("reasoning.encrypted_content") => {}
+                _ => {
+                    return Err(format!(
+                        "include: {x} is not supported (message.output_text.logprobs, reasoning.encrypted_content)"
+                    ))
+                }
+            }
+        }
+    }
     chat.insert("messages".into(), messages(given("instructions"), o.get("input"))?.into());
     for (ours, theirs) in [("max_completion_tokens", "max_output_tokens"), ("tool_choice", "tool_choice")] {
         if let Some(x) = given(theirs) {
@@ -394,6 +416,12 @@ mod tests {
             "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}},
         });
         assert_eq!(chat, want);
+        // What Codex-style clients send along: taken, logprobs asked for through include.
+        let body = br#"{"input": "Hi", "stream": true, "store": false, "prompt_cache_key": "k",
+            "include": ["reasoning.encrypted_content", "message.output_text.logprobs"],
+            "text": {"format": {"type": "text"}, "verbosity": "low"}}"#;
+        let (chat, _) = chat_body(body).unwrap();
+        assert_eq!(chat["logprobs"], true);
         let (chat, stream) =
             chat_body(br#"{"input": "Hi", "stream": true, "text": {"format": {"type": "text"}}}"#).unwrap();
         assert!(stream);
@@ -428,9 +456,10 @@ mod tests {
             (r#"{"input": "x", "text": {"format": {"type": "xml"}}}"#, "text.format: "),
             (r#"{"input": "x", "truncation": "auto"}"#, "truncation: \"auto\": only \"disabled\""),
             (
-                r#"{"input": "x", "include": ["reasoning.encrypted_content"]}"#,
-                "include: \"reasoning.encrypted_content\" is not supported",
+                r#"{"input": "x", "include": ["file_search_call.results"]}"#,
+                "include: \"file_search_call.results\" is not supported",
             ),
+            (r#"{"input": "x", "background": true}"#, "background: true: responses are not stored here"),
             (r#"{"input": [], "instructions": "x"}"#, "input: no message to answer"),
             (r#"{"input": "x", "stream": 1}"#, "stream: 1 is not true or false"),
         ] {
