@@ -480,6 +480,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         ("GET", "/health", "", "200 OK", "ok"),
         ("GET", "/v2/anything", "", "404 Not Found", "served are POST /v1/completions"),
         ("GET", "/v1/responses", "", "405 Method Not Allowed", "GET /v1/responses"),
+        ("GET", "/v1/models/nope", "", "404 Not Found", "model nope: served here is"),
         (
             "POST",
             "/v1/responses",

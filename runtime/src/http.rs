@@ -919,10 +919,16 @@ fn answer(
             let _ = respond_text(conn, "200 OK", "text/plain; version=0.0.4", &body);
         }
         ("GET", "/v1/models") => {
-            let one =
-                serde_json::json!({ "id": model, "object": "model", "owned_by": "v3c", "max_model_len": site.max_len });
-            let models = serde_json::json!({ "object": "list", "data": [one] });
+            let models = serde_json::json!({ "object": "list", "data": [model_object(site)] });
             let _ = respond(conn, "200 OK", &models);
+        }
+        // One model: this one, by its name.
+        ("GET", path) if path.strip_prefix("/v1/models/") == Some(model) => {
+            let _ = respond(conn, "200 OK", &model_object(site));
+        }
+        ("GET", path) if path.starts_with("/v1/models/") => {
+            let name = path.trim_start_matches("/v1/models/");
+            let _ = respond_error(conn, "404 Not Found", &format!("model {name}: served here is {model}"));
         }
         ("POST", "/v1/completions") => completion(Api::Completions, conn, &request.body, tx, site),
         ("POST", "/v1/chat/completions") => completion(Api::Chat, conn, &request.body, tx, site),
@@ -965,6 +971,12 @@ fn answer(
             let _ = respond_error(conn, "404 Not Found", &message);
         }
     }
+}
+
+/// The served model, as `GET /v1/models` lists it.
+fn model_object(site: &Site) -> serde_json::Value {
+    serde_json::json!({ "id": site.model, "object": "model", "created": 0, "owned_by": "v3c",
+        "max_model_len": site.max_len })
 }
 
 /// vLLM's `POST /tokenize` (`{"prompt": "text"}` or `{"messages": [...]}` through the chat
