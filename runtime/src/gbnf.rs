@@ -790,8 +790,12 @@ pub fn schema_rules(schema: &serde_json::Value, name: &str) -> Result<(String, b
     let (rules, recursive) = crate::grammar::schema_rules(schema)?;
     let mut text = String::new();
     for (k, regex) in rules.iter().enumerate() {
-        let hir = regex_syntax::Parser::new().parse(regex).map_err(|e| e.to_string())?;
         let rule = if k == 0 { name.to_string() } else { format!("{name}-ref-{}", k - 1) };
+        if regex == crate::grammar::ANY_OBJECT {
+            text.push_str(&any_object_rules(&rule));
+            continue;
+        }
+        let hir = regex_syntax::Parser::new().parse(regex).map_err(|e| e.to_string())?;
         text.push_str(&format!("{rule} ::= {}\n", gbnf_of(&hir, name)?));
     }
     Ok((text, recursive))
@@ -1060,6 +1064,25 @@ mod tests {
         let flat =
             serde_json::json!({"$ref": "#/$defs/a", "$defs": {"a": {"type": "array", "items": {"type": "null"}}}});
         assert_eq!(schema_grammar(&flat).unwrap(), None);
+        // Objects whose properties are left open (`{"type": "object"}`, or additionalProperties
+        // true without properties): any object there, nested to any depth.
+        for open in
+            [serde_json::json!({"type": "object"}), serde_json::json!({"type": "object", "additionalProperties": true})]
+        {
+            let schema = serde_json::json!({"type": "object", "properties": {"name": {"type": "string"},
+                "options": open, "more": {"type": "array", "items": open}}, "required": ["name", "options"]});
+            let g = Grammar::parse(&schema_grammar(&schema).unwrap().expect("a grammar")).unwrap();
+            for (text, ok) in [
+                (r#"{"name":"x","options":{}}"#, true),
+                (r#"{"name": "x", "options": {"a": [1, {"b": null}], "c": "d"}}"#, true),
+                (r#"{"name":"x","options":{"a":1},"more":[{},{"z":{"y":[]}}]}"#, true),
+                (r#"{"name":"x","options":[1]}"#, false),
+                (r#"{"name":"x","options":{"a":}}"#, false),
+                (r#"{"name":"x"}"#, false),
+            ] {
+                assert_eq!(g.matches(text.as_bytes()), ok, "{text}");
+            }
+        }
     }
 
     proptest::proptest! {

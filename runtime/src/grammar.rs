@@ -795,11 +795,20 @@ pub fn schema_rules(schema: &serde_json::Value) -> Result<(Vec<String>, bool), S
     let mut uses: Vec<Vec<usize>> = vec![compiler.taken()];
     while done < compiler.refs.as_ref().map_or(0, Vec::len) {
         let path = compiler.refs.as_ref().map(|r| r[done].clone()).unwrap_or_default();
+        if path == ANY_OBJECT {
+            // Any object: a rule of the grammar's own ([`crate::gbnf::any_object_rules`]).
+            rules.push(ANY_OBJECT.to_string());
+            uses.push(Vec::new());
+            done += 1;
+            continue;
+        }
         let target = compiler.target(&path, "#")?;
         rules.push(compiler.of(target, &path)?);
         uses.push(compiler.taken());
         done += 1;
     }
+    // Any object is not a regular language: a grammar too.
+    let free = compiler.refs.as_ref().is_some_and(|r| r.iter().any(|p| p == ANY_OBJECT));
     // A cycle among the references (rule k uses rule k + 1's references...).
     let n = rules.len();
     let mut reach: Vec<Vec<bool>> = vec![vec![false; n]; n];
@@ -817,9 +826,13 @@ pub fn schema_rules(schema: &serde_json::Value) -> Result<(Vec<String>, bool), S
             }
         }
     }
-    let recursive = (0..n).any(|k| reach[k][k]);
+    let recursive = free || (0..n).any(|k| reach[k][k]);
     Ok((rules, recursive))
 }
+
+/// The rule [`schema_rules`] gives in place of an expression for an object whose properties the
+/// schema leaves open (`{"type": "object"}`): any JSON object.
+pub const ANY_OBJECT: &str = "(any object)";
 
 struct SchemaRegex<'s> {
     root: &'s serde_json::Value,
@@ -1015,13 +1028,32 @@ impl<'s> SchemaRegex<'s> {
                     }
                 }
                 "object" => {
-                    match o.get("additionalProperties") {
-                        None | Some(Value::Bool(false)) => {}
+                    let open = match o.get("additionalProperties") {
+                        None => !o.contains_key("properties"),
+                        Some(Value::Bool(false)) => false,
+                        Some(Value::Bool(true)) if !o.contains_key("properties") => true,
                         Some(_) => {
                             return Err(format!(
-                                "{at}/additionalProperties: only false (no properties but those named)"
+                                "{at}/additionalProperties: only false (no properties but those named), or true \
+                                 without properties (any object)"
                             ))
                         }
+                    };
+                    if open {
+                        // Any object, its members as they come: a rule of its own.
+                        let Some(refs) = &mut self.refs else {
+                            return Err(format!("{at}: any object (no properties named) needs a grammar"));
+                        };
+                        let k = match refs.iter().position(|x| x == ANY_OBJECT) {
+                            Some(k) => k,
+                            None => {
+                                refs.push(ANY_OBJECT.to_string());
+                                refs.len() - 1
+                            }
+                        };
+                        self.used.push(k);
+                        each.push(format!("\\x{{{:x}}}", REF_MARK + k as u32));
+                        continue;
                     }
                     let empty = serde_json::Map::new();
                     let props = match o.get("properties") {
@@ -1893,8 +1925,13 @@ mod tests {
             "#/required: b is not among the properties"
         );
         assert_eq!(
-            refused(serde_json::json!({"type": "object", "additionalProperties": true})),
-            "#/additionalProperties: only false (no properties but those named)"
+            refused(serde_json::json!({"type": "object", "properties": {}, "additionalProperties": true})),
+            "#/additionalProperties: only false (no properties but those named), or true without properties (any \
+             object)"
+        );
+        assert_eq!(
+            refused(serde_json::json!({"type": "object"})),
+            "#: any object (no properties named) needs a grammar"
         );
         let looped =
             serde_json::json!({"$ref": "#/$defs/a", "$defs": {"a": {"type": "array", "items": {"$ref": "#/$defs/a"}}}});
