@@ -1028,14 +1028,22 @@ impl<'s> SchemaRegex<'s> {
                     }
                 }
                 "object" => {
+                    let named = o.contains_key("properties");
                     let open = match o.get("additionalProperties") {
-                        None => !o.contains_key("properties"),
+                        None => !named,
                         Some(Value::Bool(false)) => false,
-                        Some(Value::Bool(true)) if !o.contains_key("properties") => true,
+                        Some(Value::Bool(true)) if !named => true,
+                        // A map: any keys, each value an instance of the schema.
+                        Some(values @ Value::Object(_)) if !named => {
+                            let value = self.of(values, &format!("{at}/additionalProperties"))?;
+                            let pair = format!(r#""{STRING_CHAR}*"{WS}:{WS}{value}"#);
+                            each.push(format!(r"\{{{WS}(?:{pair}(?:{WS},{WS}{pair})*)?{WS}\}}"));
+                            continue;
+                        }
                         Some(_) => {
                             return Err(format!(
-                                "{at}/additionalProperties: only false (no properties but those named), or true \
-                                 without properties (any object)"
+                                "{at}/additionalProperties: only false (no properties but those named), or true or \
+                                 a schema without properties (any object, a map)"
                             ))
                         }
                     };
@@ -1235,7 +1243,7 @@ fn json_char(c: char) -> String {
 }
 
 /// The string formats a schema may ask for.
-const FORMATS: [&str; 6] = ["date", "time", "date-time", "uuid", "ipv4", "email"];
+const FORMATS: [&str; 7] = ["date", "time", "date-time", "uuid", "ipv4", "email", "uri"];
 
 /// The regular expression of a string format's texts (none needs a JSON escape).
 fn format_regex(format: &str) -> Option<String> {
@@ -1250,6 +1258,8 @@ fn format_regex(format: &str) -> Option<String> {
         "uuid" => r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}".to_string(),
         "ipv4" => format!(r"(?:{OCTET}\.){{3}}{OCTET}"),
         "email" => r"[a-zA-Z0-9._%+-]+@[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*\.[a-zA-Z]{2,}".to_string(),
+        // RFC 3986's characters after a scheme (its parts' order not checked).
+        "uri" => r"[a-zA-Z][a-zA-Z0-9+.\-]*:(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+".to_string(),
         _ => return None,
     })
 }
@@ -1901,8 +1911,8 @@ mod tests {
         }
         let refused = |s: serde_json::Value| schema_regex(&s).unwrap_err();
         assert_eq!(
-            refused(serde_json::json!({"type": "string", "format": "uri"})),
-            "#/format: \"uri\" is not supported (date, time, date-time, uuid, ipv4, email)"
+            refused(serde_json::json!({"type": "string", "format": "uri-template"})),
+            "#/format: \"uri-template\" is not supported (date, time, date-time, uuid, ipv4, email, uri)"
         );
         assert_eq!(
             refused(serde_json::json!({"allOf": [{"type": "number"}, {"minimum": 1}]})),
@@ -1926,8 +1936,8 @@ mod tests {
         );
         assert_eq!(
             refused(serde_json::json!({"type": "object", "properties": {}, "additionalProperties": true})),
-            "#/additionalProperties: only false (no properties but those named), or true without properties (any \
-             object)"
+            "#/additionalProperties: only false (no properties but those named), or true or a schema without \
+             properties (any object, a map)"
         );
         assert_eq!(
             refused(serde_json::json!({"type": "object"})),
@@ -2165,6 +2175,11 @@ mod tests {
             ("uuid", vec!["123e4567-e89b-12d3-a456-426614174000"], vec!["123e4567e89b12d3a456426614174000"]),
             ("ipv4", vec!["192.168.0.1", "255.255.255.255"], vec!["256.1.1.1", "1.2.3", "01.2.3.4"]),
             ("email", vec!["ada@example.org", "a.b+c@mail.co.uk"], vec!["ada@", "@example.org", "ada@example"]),
+            (
+                "uri",
+                vec!["https://example.org/a?b=c&d=%20#e", "mailto:ada@example.org", "urn:isbn:0451450523"],
+                vec!["example.org", "https://exa mple.org", "1http://x", "https://x/%zz", "https:"],
+            ),
         ] {
             let p =
                 Pattern::new(&schema_regex(&serde_json::json!({"type": "string", "format": format})).unwrap()).unwrap();
@@ -2174,6 +2189,25 @@ mod tests {
             for b in bad {
                 assert!(!p.matches(format!("\"{b}\"").as_bytes()), "{format}: {b}");
             }
+        }
+    }
+
+    /// A map (`additionalProperties` a schema, no properties named): any keys, each value an
+    /// instance of the schema.
+    #[test]
+    fn maps_take_any_keys_with_values_of_their_schema() {
+        let schema = serde_json::json!({"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}});
+        let p = Pattern::new(&schema_regex(&schema).unwrap()).unwrap();
+        for (text, ok) in [
+            ("{}", true),
+            (r#"{"a":1}"#, true),
+            (r#"{ "a": 1, "b \"c\"": 20, "é": 0 }"#, true),
+            (r#"{"a":-1}"#, false),
+            (r#"{"a":"1"}"#, false),
+            (r#"{"a":1,}"#, false),
+            (r#"{a:1}"#, false),
+        ] {
+            assert_eq!(p.matches(text.as_bytes()), ok, "{text}");
         }
     }
 
