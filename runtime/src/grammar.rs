@@ -856,6 +856,21 @@ impl<'s> SchemaRegex<'s> {
             .ok_or_else(|| format!("{at}/$ref: {r} is not a schema of #/$defs or #/definitions"))
     }
 
+    /// Where references are marks: the mark of the rule of `path` (a `$ref`, or [`ANY_OBJECT`]),
+    /// noted as used (None: references are not marks here).
+    fn mark(&mut self, path: &str) -> Option<String> {
+        let refs = self.refs.as_mut()?;
+        let k = match refs.iter().position(|x| x == path) {
+            Some(k) => k,
+            None => {
+                refs.push(path.to_string());
+                refs.len() - 1
+            }
+        };
+        self.used.push(k);
+        Some(format!("\\x{{{:x}}}", REF_MARK + k as u32))
+    }
+
     /// The references the expressions compiled since the last call use (by number).
     fn taken(&mut self) -> Vec<usize> {
         std::mem::take(&mut self.used)
@@ -924,17 +939,9 @@ impl<'s> SchemaRegex<'s> {
         if let Some(r) = o.get("$ref") {
             let r = r.as_str().ok_or_else(|| format!("{at}/$ref: not a string"))?;
             let target = self.target(r, at)?;
-            if let Some(refs) = &mut self.refs {
-                // A mark for the reference, its schema compiled as a rule of its own.
-                let k = match refs.iter().position(|x| x == r) {
-                    Some(k) => k,
-                    None => {
-                        refs.push(r.to_string());
-                        refs.len() - 1
-                    }
-                };
-                self.used.push(k);
-                return Ok(format!("\\x{{{:x}}}", REF_MARK + k as u32));
+            if let Some(mark) = self.mark(r) {
+                // Its schema compiled as a rule of its own.
+                return Ok(mark);
             }
             return self.of(target, r);
         }
@@ -1049,18 +1056,10 @@ impl<'s> SchemaRegex<'s> {
                     };
                     if open {
                         // Any object, its members as they come: a rule of its own.
-                        let Some(refs) = &mut self.refs else {
-                            return Err(format!("{at}: any object (no properties named) needs a grammar"));
-                        };
-                        let k = match refs.iter().position(|x| x == ANY_OBJECT) {
-                            Some(k) => k,
-                            None => {
-                                refs.push(ANY_OBJECT.to_string());
-                                refs.len() - 1
-                            }
-                        };
-                        self.used.push(k);
-                        each.push(format!("\\x{{{:x}}}", REF_MARK + k as u32));
+                        let mark = self.mark(ANY_OBJECT);
+                        each.push(
+                            mark.ok_or_else(|| format!("{at}: any object (no properties named) needs a grammar"))?,
+                        );
                         continue;
                     }
                     let empty = serde_json::Map::new();
