@@ -1429,70 +1429,173 @@ fn call_id(number: usize, index: usize) -> String {
     format!("call_{number}_{index}")
 }
 
-/// A chat reply's tokens as they come, their text routed to `sink`: reasoning (closed at its
-/// end), and answer — until the token that opens tool calls, from which the calls are followed
-/// as they are written ([`crate::tools::CallStream`]); text after that token that makes no call
-/// is said after all. None where it did not end (refused: said to the sink; the client gone:
-/// cancelled).
+/// What a reply's token comes to, told by a [`Router`]: its log-probability and alternatives
+/// (where they were asked for) with the token that carries text.
+enum Routed {
+    /// Reasoning text (empty: the reasoning opened; `token` None: the opening marker).
+    Think { text: String, token: Option<u32>, scored: Scored },
+    /// The reasoning's last text: it is over (at its closing marker).
+    ThinkEnd(String),
+    /// Answer text (`token` None: what the answer's text held back, said when the calls open).
+    Say { text: String, token: Option<u32>, scored: Scored },
+    /// A tool call as it is written.
+    Call(crate::tools::CallEvent),
+}
+
+/// A token's log-probability and alternatives, where they were asked for.
+type Scored = Option<(f32, Vec<(u32, f32)>)>;
+
+/// A reply's tokens routed as they come: with a chat's reasoning parser, into reasoning and
+/// answer; the answer's text as it settles (held back while it may be a stop string) — until
+/// the token that opens tool calls, from which the calls are followed as they are written
+/// ([`crate::tools::CallStream`]); text after that token that makes no call is answer after
+/// all ([`Router::end`]).
+struct Router {
+    tokenizer: Option<Arc<Tokenizer>>,
+    stops: Option<crate::session::TextStops>,
+    reasoning: Option<crate::reasoning::Reasoning>,
+    phase: Option<crate::reasoning::Phase>,
+    thought: Option<TextSoFar>,
+    text: Option<TextSoFar>,
+    /// The token that opens calls, and how they are written.
+    opener: Option<(u32, crate::tools::ToolFormat)>,
+    calls: Option<crate::tools::CallStream>,
+    /// The text after the opener, and whether a call began.
+    held: Option<String>,
+    started: bool,
+}
+
+/// How a routed reply ended: its reasoning's tokens (None: it did not reason), its calls, and
+/// the last text of its reasoning and of its answer (none where it called).
+struct RouteEnd {
+    reasoning: Option<Vec<u32>>,
+    called: Option<Called>,
+    thought: String,
+    rest: String,
+}
+
+impl Router {
+    /// `p`'s router (`chat`: read for reasoning and calls).
+    fn new(p: &Pending, tokenizer: Option<&Arc<Tokenizer>>, chat: bool) -> Router {
+        let reasoning = p.reasoning.filter(|_| chat);
+        Router {
+            tokenizer: tokenizer.cloned(),
+            stops: p.stops.clone(),
+            reasoning,
+            phase: reasoning.map(|r| r.first()),
+            thought: None,
+            text: tokenizer.map(|t| TextSoFar::new(t, p.stops.as_ref())),
+            opener: p
+                .tools
+                .as_ref()
+                .filter(|x| x.calling() && chat && tokenizer.is_some())
+                .map(|x| (x.trigger, x.format)),
+            calls: None,
+            held: None,
+            started: false,
+        }
+    }
+
+    /// Token `t` (`scored`: its log-probabilities): what it comes to.
+    fn token(&mut self, t: u32, scored: Scored) -> Vec<Routed> {
+        use crate::reasoning::{Part, Phase};
+        let part = match (self.reasoning, self.phase) {
+            (Some(r), Some(now)) => {
+                let (after, part) = r.step(now, t);
+                self.phase = Some(after);
+                part
+            }
+            _ => Some(Part::Content),
+        };
+        let tokenizer = self.tokenizer.clone();
+        let push = |x: &mut Option<TextSoFar>| x.as_mut().map_or(String::new(), |x| x.push(t));
+        match part {
+            Some(Part::Reasoning) => {
+                if let (None, Some(tok)) = (&self.thought, &tokenizer) {
+                    self.thought = Some(TextSoFar::new(tok, None));
+                }
+                vec![Routed::Think { text: push(&mut self.thought), token: Some(t), scored }]
+            }
+            // A marker: opening the reasoning, or closing it.
+            None if self.phase == Some(Phase::Reasoning) => {
+                vec![Routed::Think { text: String::new(), token: None, scored: None }]
+            }
+            None => vec![Routed::ThinkEnd(self.thought.take().map_or(String::new(), TextSoFar::finish))],
+            Some(Part::Content) => {
+                let mut out = Vec::new();
+                if let (None, Some((trigger, format)), Some(tok)) = (&self.calls, self.opener, &tokenizer) {
+                    if trigger == t {
+                        // The answer's text is over: what it held back, said.
+                        let fresh = TextSoFar::new(tok, self.stops.as_ref());
+                        let before = self.text.replace(fresh).map_or(String::new(), TextSoFar::finish);
+                        out.push(Routed::Say { text: before, token: None, scored: None });
+                        self.calls = Some(crate::tools::CallStream::new(format));
+                        self.held = Some(String::new());
+                    }
+                }
+                let piece = push(&mut self.text);
+                match (&mut self.calls, &tokenizer) {
+                    (Some(c), Some(tok)) => {
+                        self.held.get_or_insert_with(String::new).push_str(&piece);
+                        for e in c.push(tok, t) {
+                            self.started = true;
+                            out.push(Routed::Call(e));
+                        }
+                    }
+                    _ => out.push(Routed::Say { text: piece, token: Some(t), scored }),
+                }
+                out
+            }
+        }
+    }
+
+    /// The reply `g` of `p` ended: how.
+    fn end(mut self, p: &Pending, g: &Generation) -> RouteEnd {
+        let (reasoning, answer) = p.split(g);
+        let called = match (&self.held, &self.tokenizer) {
+            (Some(_), Some(t)) => called(p.tools.as_deref(), t, p.number, &answer),
+            _ => None,
+        };
+        let mut rest = self.text.take().map_or(String::new(), TextSoFar::finish);
+        if called.is_some() || self.started {
+            rest.clear();
+        } else if let Some(h) = self.held.take() {
+            // No call made: the text is the answer's after all.
+            rest = h + &rest;
+        }
+        let thought = self.thought.take().map_or(String::new(), TextSoFar::finish);
+        RouteEnd { reasoning, called, thought, rest }
+    }
+}
+
+/// A chat reply's tokens as they come, routed ([`Router`]) to `sink`; None where it did not end
+/// (refused: said to the sink; the client gone: cancelled).
 fn follow(
     p: &Pending,
     t: &Arc<Tokenizer>,
     sink: &mut impl Sink,
     tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
 ) -> Option<Followed> {
-    use crate::reasoning::{Part, Phase};
-    let mut thought: Option<TextSoFar> = None;
-    let mut text = TextSoFar::new(t, p.stops.as_ref());
-    let opener = p.tools.as_ref().filter(|x| x.calling()).map(|x| (x.trigger, x.format));
-    let mut held: Option<String> = None;
-    let mut calls: Option<crate::tools::CallStream> = None;
-    let mut started = false;
-    let mut phase = p.reasoning.map(|r| r.first());
-    let mut scored: Option<(f32, Vec<(u32, f32)>)> = None;
+    let mut router = Router::new(p, Some(t), true);
+    let mut scored: Scored = None;
     let mut end = None;
     for event in p.events.iter() {
         match event {
             Progress::Scored(lp, alts) => scored = Some((lp, alts)),
             Progress::Token(tok) => {
-                let logprobs: Vec<serde_json::Value> =
-                    scored.take().map(|(lp, alts)| chat_token(t, tok, lp, &alts)).into_iter().collect();
-                let part = match (p.reasoning, phase) {
-                    (Some(r), Some(now)) => {
-                        let (after, part) = r.step(now, tok);
-                        phase = Some(after);
-                        part
-                    }
-                    _ => Some(Part::Content),
-                };
-                match part {
-                    Some(Part::Reasoning) => {
-                        sink.think(&thought.get_or_insert_with(|| TextSoFar::new(t, None)).push(tok))
-                    }
-                    // A marker: opening the reasoning, or closing it.
-                    None if phase == Some(Phase::Reasoning) => sink.think(""),
-                    None => sink.close_reasoning(&thought.take().map_or(String::new(), TextSoFar::finish)),
-                    Some(Part::Content) => match (&mut calls, opener) {
-                        (Some(c), _) => {
-                            held.get_or_insert_with(String::new).push_str(&text.push(tok));
-                            for e in c.push(t, tok) {
-                                started = true;
-                                sink.call(&e, &call_id(p.number, e.index()));
-                            }
+                for r in router.token(tok, scored.take()) {
+                    match r {
+                        Routed::Think { text, .. } => sink.think(&text),
+                        Routed::ThinkEnd(rest) => sink.close_reasoning(&rest),
+                        Routed::Say { text, token, scored } => {
+                            let logprobs: Vec<serde_json::Value> = (token.zip(scored))
+                                .map(|(tok, (lp, alts))| chat_token(t, tok, lp, &alts))
+                                .into_iter()
+                                .collect();
+                            sink.say(&text, logprobs.into());
                         }
-                        (None, Some((trigger, format))) if trigger == tok => {
-                            // The answer's text is over: what it held back, said.
-                            let before = std::mem::replace(&mut text, TextSoFar::new(t, p.stops.as_ref())).finish();
-                            sink.say(&before, serde_json::Value::Array(Vec::new()));
-                            let mut c = crate::tools::CallStream::new(format);
-                            held = Some(text.push(tok));
-                            for e in c.push(t, tok) {
-                                started = true;
-                                sink.call(&e, &call_id(p.number, e.index()));
-                            }
-                            calls = Some(c);
-                        }
-                        _ => sink.say(&text.push(tok), logprobs.into()),
-                    },
+                        Routed::Call(e) => sink.call(&e, &call_id(p.number, e.index())),
+                    }
                 }
             }
             Progress::Ended(g) | Progress::Cancelled(g) => {
@@ -1514,17 +1617,9 @@ fn follow(
         sink.error("the server stopped before the request ended");
         return None;
     };
-    let (reasoning, answer) = p.split(&g);
-    let called = held.as_ref().and_then(|_| called(p.tools.as_deref(), t, p.number, &answer));
-    let mut rest = text.finish();
-    if called.is_some() || started {
-        rest.clear();
-    } else if let Some(h) = held.take() {
-        // No call made: the text is the answer's after all.
-        rest = h + &rest;
-    }
+    let RouteEnd { reasoning, called, thought, rest } = router.end(p, &g);
     if reasoning.is_some() {
-        sink.close_reasoning(&thought.take().map_or(String::new(), TextSoFar::finish));
+        sink.close_reasoning(&thought);
     }
     Some(Followed { g, reasoning, called, rest })
 }
@@ -1862,24 +1957,10 @@ fn stream_choices(
             });
         }
         drop(merged_tx);
-        let mut text: Vec<Option<TextSoFar>> =
-            pending.iter().map(|p| tokenizer.map(|t| TextSoFar::new(t, p.stops.as_ref()))).collect();
-        // A chat choice that may call tools: the token that opens its calls; once it came, the
-        // text held back (streamed as content only if the calls turn out malformed).
-        let openers: Vec<Option<(u32, crate::tools::ToolFormat)>> = pending
-            .iter()
-            .map(|p| p.tools.as_ref().filter(|t| t.calling() && api == Api::Chat).map(|t| (t.trigger, t.format)))
-            .collect();
-        let mut held: Vec<Option<String>> = vec![None; pending.len()];
-        // Once a choice's calls open: followed as they are written, and whether one began.
-        let mut follows: Vec<Option<crate::tools::CallStream>> = pending.iter().map(|_| None).collect();
-        let mut started = vec![false; pending.len()];
-        // A chat choice read for reasoning: where its completion is, and its reasoning's text so far.
-        let mut phase: Vec<Option<crate::reasoning::Phase>> =
-            pending.iter().map(|p| p.reasoning.filter(|_| api == Api::Chat).map(|r| r.first())).collect();
-        let mut thought: Vec<Option<TextSoFar>> = pending.iter().map(|_| None).collect();
+        // Each choice's tokens routed: a chat's into reasoning, content and calls.
+        let mut routers: Vec<Option<Router>> =
+            pending.iter().map(|p| Some(Router::new(p, tokenizer, api == Api::Chat))).collect();
         // Each choice's log-probability and alternatives, for its token to come.
-        type Scored = Option<(f32, Vec<(u32, f32)>)>;
         let mut scored: Vec<Scored> = vec![None; pending.len()];
         let mut ended: Vec<Option<Generation>> = vec![None; pending.len()];
         let mut failed = false;
@@ -1890,108 +1971,79 @@ fn stream_choices(
                 }
             }
         };
+        let logprobs = |c: &mut serde_json::Value, token: Option<u32>, scored: Scored| {
+            if let (Some(t), Some((lp, alts))) = (token, scored) {
+                c["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
+            }
+        };
         for (k, progress) in merged.iter() {
-            let data = match progress {
+            let chunks: Vec<serde_json::Value> = match progress {
                 // The token that follows carries them.
                 Progress::Scored(lp, alts) => {
                     scored[k] = Some((lp, alts));
                     continue;
                 }
                 Progress::Token(t) => {
-                    use crate::reasoning::Part;
-                    let part = match (pending[k].reasoning, phase[k]) {
-                        (Some(r), Some(now)) => {
-                            let (next, part) = r.step(now, t);
-                            phase[k] = Some(next);
-                            part
-                        }
-                        _ => Some(Part::Content),
-                    };
-                    if part != Some(Part::Content) {
-                        // Reasoning text, or a marker (which ends a reasoning: its held-back text).
-                        let piece = match (part, tokenizer) {
-                            (Some(_), Some(tok)) => thought[k].get_or_insert_with(|| TextSoFar::new(tok, None)).push(t),
-                            _ => thought[k].take().map_or(String::new(), TextSoFar::finish),
-                        };
-                        let lp = scored[k].take();
-                        if piece.is_empty() && part.is_none() {
-                            continue;
-                        }
-                        let mut c = chunk(k, part.map(|_| t), "", None);
-                        c["choices"][0]["delta"] = serde_json::json!({ "reasoning_content": piece });
-                        if let (Some((lp, alts)), Some(_)) = (lp, part) {
-                            c["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
-                        }
-                        c
-                    } else {
-                        // The token that opens a choice's calls: its content over (what its text
-                        // held back said now), its calls followed from here.
-                        if let (Some((trigger, format)), Some(tok), None) = (openers[k], tokenizer, &follows[k]) {
-                            if trigger == t {
-                                let fresh = TextSoFar::new(tok, pending[k].stops.as_ref());
-                                let before = text[k].replace(fresh).map_or(String::new(), TextSoFar::finish);
-                                if !before.is_empty() && !gone && !write(&event(&chunk(k, None, &before, None))) {
-                                    gone = true;
-                                    cancel_running(&ended);
-                                }
-                                held[k] = Some(String::new());
-                                follows[k] = Some(crate::tools::CallStream::new(format));
+                    let Some(router) = routers[k].as_mut() else { continue };
+                    let mut chunks = Vec::new();
+                    let mut calls = Vec::new();
+                    for r in router.token(t, scored[k].take()) {
+                        match r {
+                            Routed::Think { text, token, scored } if !text.is_empty() || token.is_some() => {
+                                let mut c = chunk(k, token, "", None);
+                                c["choices"][0]["delta"] = serde_json::json!({ "reasoning_content": text });
+                                logprobs(&mut c, token, scored);
+                                chunks.push(c);
                             }
-                        }
-                        let piece = text[k].as_mut().map_or(String::new(), |x| x.push(t));
-                        match (follows[k].as_mut(), tokenizer) {
-                            // In the calls: their starts and arguments' text as they come.
-                            (Some(f), Some(tok)) => {
-                                held[k].get_or_insert_with(String::new).push_str(&piece);
-                                scored[k] = None;
-                                let deltas = call_deltas(pending[k].number, &f.push(tok, t));
-                                if deltas.is_empty() {
-                                    continue;
-                                }
-                                started[k] = true;
-                                let mut c = chunk(k, Some(t), "", None);
-                                c["choices"][0]["delta"] = serde_json::json!({ "tool_calls": deltas });
-                                c
+                            Routed::ThinkEnd(text) if !text.is_empty() => {
+                                let mut c = chunk(k, None, "", None);
+                                c["choices"][0]["delta"] = serde_json::json!({ "reasoning_content": text });
+                                chunks.push(c);
                             }
-                            _ => {
-                                let mut c = chunk(k, Some(t), &piece, None);
-                                if let Some((lp, alts)) = scored[k].take() {
-                                    c["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
-                                }
-                                c
+                            Routed::Think { .. } | Routed::ThinkEnd(_) => {}
+                            // Held-back content said when the calls open (only if any).
+                            Routed::Say { text, token: None, .. } if text.is_empty() => {}
+                            Routed::Say { text, token, scored } => {
+                                let mut c = chunk(k, token, &text, None);
+                                logprobs(&mut c, token, scored);
+                                chunks.push(c);
                             }
+                            Routed::Call(e) => calls.push(e),
                         }
                     }
+                    // In the calls: their starts and arguments' text as they come.
+                    let deltas = call_deltas(pending[k].number, &calls);
+                    if !deltas.is_empty() {
+                        let mut c = chunk(k, Some(t), "", None);
+                        c["choices"][0]["delta"] = serde_json::json!({ "tool_calls": deltas });
+                        chunks.push(c);
+                    }
+                    chunks
                 }
                 Progress::Ended(g) | Progress::Cancelled(g) => {
-                    let mut rest = text[k].take().map_or(String::new(), TextSoFar::finish);
-                    // A reasoning that never closed: its held-back text.
-                    let thought_rest = thought[k].take().map_or(String::new(), TextSoFar::finish);
-                    let called = match (held[k].take(), tokenizer) {
-                        (Some(h), Some(t)) => {
-                            let c = called(pending[k].tools.as_deref(), t, pending[k].number, &pending[k].split(&g).1);
-                            // No call begun: the held text is content after all.
-                            rest = if c.is_some() || started[k] { String::new() } else { h + &rest };
-                            c
-                        }
-                        _ => None,
+                    let RouteEnd { called, thought, rest, .. } = match routers[k].take() {
+                        Some(r) => r.end(&pending[k], &g),
+                        None => continue,
                     };
                     let mut c = chunk(k, None, &rest, Some(chat_finish(&g, called.is_some())));
-                    if !thought_rest.is_empty() {
-                        c["choices"][0]["delta"]["reasoning_content"] = thought_rest.into();
+                    // A reasoning that never closed: its held-back text.
+                    if !thought.is_empty() {
+                        c["choices"][0]["delta"]["reasoning_content"] = thought.into();
                     }
                     ended[k] = Some(g);
-                    c
+                    vec![c]
                 }
                 Progress::Refused(e) => {
                     failed = true;
-                    serde_json::json!({ "error": { "message": e, "type": "invalid_request_error" } })
+                    vec![serde_json::json!({ "error": { "message": e, "type": "invalid_request_error" } })]
                 }
             };
-            if !gone && !write(&event(&data)) {
-                // The client went away: its choices leave the batch.
-                gone = true;
-                cancel_running(&ended);
+            for data in chunks {
+                if !gone && !write(&event(&data)) {
+                    // The client went away: its choices leave the batch.
+                    gone = true;
+                    cancel_running(&ended);
+                }
             }
             if failed {
                 cancel_running(&ended);
