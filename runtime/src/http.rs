@@ -28,7 +28,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use crate::cli::RequestDefaults;
-use crate::session::{generation_text, Arrival, Ending, Generation, Progress, Request, TextSoFar};
+use crate::route::{RouteEnd, Routed, Router, Scored};
+use crate::session::{generation_text, Arrival, Ending, Generation, Progress, Request};
 use crate::tokenizer::Tokenizer;
 
 /// The largest request body read (a prompt of a million token ids fits).
@@ -1429,145 +1430,6 @@ fn call_id(number: usize, index: usize) -> String {
     format!("call_{number}_{index}")
 }
 
-/// What a reply's token comes to, told by a [`Router`]: its log-probability and alternatives
-/// (where they were asked for) with the token that carries text.
-enum Routed {
-    /// Reasoning text (empty: the reasoning opened; `token` None: the opening marker).
-    Think { text: String, token: Option<u32>, scored: Scored },
-    /// The reasoning's last text: it is over (at its closing marker).
-    ThinkEnd(String),
-    /// Answer text (`token` None: what the answer's text held back, said when the calls open).
-    Say { text: String, token: Option<u32>, scored: Scored },
-    /// A tool call as it is written.
-    Call(crate::tools::CallEvent),
-}
-
-/// A token's log-probability and alternatives, where they were asked for.
-type Scored = Option<(f32, Vec<(u32, f32)>)>;
-
-/// A reply's tokens routed as they come: with a chat's reasoning parser, into reasoning and
-/// answer; the answer's text as it settles (held back while it may be a stop string) — until
-/// the token that opens tool calls, from which the calls are followed as they are written
-/// ([`crate::tools::CallStream`]); text after that token that makes no call is answer after
-/// all ([`Router::end`]).
-struct Router {
-    tokenizer: Option<Arc<Tokenizer>>,
-    stops: Option<crate::session::TextStops>,
-    reasoning: Option<crate::reasoning::Reasoning>,
-    phase: Option<crate::reasoning::Phase>,
-    thought: Option<TextSoFar>,
-    text: Option<TextSoFar>,
-    /// The token that opens calls, and how they are written.
-    opener: Option<(u32, crate::tools::ToolFormat)>,
-    calls: Option<crate::tools::CallStream>,
-    /// The text after the opener, and whether a call began.
-    held: Option<String>,
-    started: bool,
-}
-
-/// How a routed reply ended: its reasoning's tokens (None: it did not reason), its calls, and
-/// the last text of its reasoning and of its answer (none where it called).
-struct RouteEnd {
-    reasoning: Option<Vec<u32>>,
-    called: Option<Called>,
-    thought: String,
-    rest: String,
-}
-
-impl Router {
-    /// `p`'s router (`chat`: read for reasoning and calls).
-    fn new(p: &Pending, tokenizer: Option<&Arc<Tokenizer>>, chat: bool) -> Router {
-        let reasoning = p.reasoning.filter(|_| chat);
-        Router {
-            tokenizer: tokenizer.cloned(),
-            stops: p.stops.clone(),
-            reasoning,
-            phase: reasoning.map(|r| r.first()),
-            thought: None,
-            text: tokenizer.map(|t| TextSoFar::new(t, p.stops.as_ref())),
-            opener: p
-                .tools
-                .as_ref()
-                .filter(|x| x.calling() && chat && tokenizer.is_some())
-                .map(|x| (x.trigger, x.format)),
-            calls: None,
-            held: None,
-            started: false,
-        }
-    }
-
-    /// Token `t` (`scored`: its log-probabilities): what it comes to.
-    fn token(&mut self, t: u32, scored: Scored) -> Vec<Routed> {
-        use crate::reasoning::{Part, Phase};
-        let part = match (self.reasoning, self.phase) {
-            (Some(r), Some(now)) => {
-                let (after, part) = r.step(now, t);
-                self.phase = Some(after);
-                part
-            }
-            _ => Some(Part::Content),
-        };
-        let tokenizer = self.tokenizer.clone();
-        let push = |x: &mut Option<TextSoFar>| x.as_mut().map_or(String::new(), |x| x.push(t));
-        match part {
-            Some(Part::Reasoning) => {
-                if let (None, Some(tok)) = (&self.thought, &tokenizer) {
-                    self.thought = Some(TextSoFar::new(tok, None));
-                }
-                vec![Routed::Think { text: push(&mut self.thought), token: Some(t), scored }]
-            }
-            // A marker: opening the reasoning, or closing it.
-            None if self.phase == Some(Phase::Reasoning) => {
-                vec![Routed::Think { text: String::new(), token: None, scored: None }]
-            }
-            None => vec![Routed::ThinkEnd(self.thought.take().map_or(String::new(), TextSoFar::finish))],
-            Some(Part::Content) => {
-                let mut out = Vec::new();
-                if let (None, Some((trigger, format)), Some(tok)) = (&self.calls, self.opener, &tokenizer) {
-                    if trigger == t {
-                        // The answer's text is over: what it held back, said.
-                        let fresh = TextSoFar::new(tok, self.stops.as_ref());
-                        let before = self.text.replace(fresh).map_or(String::new(), TextSoFar::finish);
-                        out.push(Routed::Say { text: before, token: None, scored: None });
-                        self.calls = Some(crate::tools::CallStream::new(format));
-                        self.held = Some(String::new());
-                    }
-                }
-                let piece = push(&mut self.text);
-                match (&mut self.calls, &tokenizer) {
-                    (Some(c), Some(tok)) => {
-                        self.held.get_or_insert_with(String::new).push_str(&piece);
-                        for e in c.push(tok, t) {
-                            self.started = true;
-                            out.push(Routed::Call(e));
-                        }
-                    }
-                    _ => out.push(Routed::Say { text: piece, token: Some(t), scored }),
-                }
-                out
-            }
-        }
-    }
-
-    /// The reply `g` of `p` ended: how.
-    fn end(mut self, p: &Pending, g: &Generation) -> RouteEnd {
-        let (reasoning, answer) = p.split(g);
-        let called = match (&self.held, &self.tokenizer) {
-            (Some(_), Some(t)) => called(p.tools.as_deref(), t, p.number, &answer),
-            _ => None,
-        };
-        let mut rest = self.text.take().map_or(String::new(), TextSoFar::finish);
-        if called.is_some() || self.started {
-            rest.clear();
-        } else if let Some(h) = self.held.take() {
-            // No call made: the text is the answer's after all.
-            rest = h + &rest;
-        }
-        let thought = self.thought.take().map_or(String::new(), TextSoFar::finish);
-        RouteEnd { reasoning, called, thought, rest }
-    }
-}
-
 /// A chat reply's tokens as they come, routed ([`Router`]) to `sink`; None where it did not end
 /// (refused: said to the sink; the client gone: cancelled).
 fn follow(
@@ -1576,7 +1438,7 @@ fn follow(
     sink: &mut impl Sink,
     tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
 ) -> Option<Followed> {
-    let mut router = Router::new(p, Some(t), true);
+    let mut router = Router::new(Some(t), p.stops.as_ref(), p.reasoning, p.tools.as_deref());
     let mut scored: Scored = None;
     let mut end = None;
     for event in p.events.iter() {
@@ -1617,7 +1479,7 @@ fn follow(
         sink.error("the server stopped before the request ended");
         return None;
     };
-    let RouteEnd { reasoning, called, thought, rest } = router.end(p, &g);
+    let RouteEnd { reasoning, called, thought, rest, .. } = router.end(p.number, p.tools.as_deref(), &g.tokens);
     if reasoning.is_some() {
         sink.close_reasoning(&thought);
     }
@@ -1958,8 +1820,14 @@ fn stream_choices(
         }
         drop(merged_tx);
         // Each choice's tokens routed: a chat's into reasoning, content and calls.
-        let mut routers: Vec<Option<Router>> =
-            pending.iter().map(|p| Some(Router::new(p, tokenizer, api == Api::Chat))).collect();
+        let chat = api == Api::Chat;
+        let mut routers: Vec<Option<Router>> = pending
+            .iter()
+            .map(|p| {
+                let (reasoning, tools) = if chat { (p.reasoning, p.tools.as_deref()) } else { (None, None) };
+                Some(Router::new(tokenizer, p.stops.as_ref(), reasoning, tools))
+            })
+            .collect();
         // Each choice's log-probability and alternatives, for its token to come.
         let mut scored: Vec<Scored> = vec![None; pending.len()];
         let mut ended: Vec<Option<Generation>> = vec![None; pending.len()];
@@ -2022,7 +1890,7 @@ fn stream_choices(
                 }
                 Progress::Ended(g) | Progress::Cancelled(g) => {
                     let RouteEnd { called, thought, rest, .. } = match routers[k].take() {
-                        Some(r) => r.end(&pending[k], &g),
+                        Some(r) => r.end(pending[k].number, pending[k].tools.as_deref(), &g.tokens),
                         None => continue,
                     };
                     let mut c = chunk(k, None, &rest, Some(chat_finish(&g, called.is_some())));

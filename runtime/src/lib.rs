@@ -35,6 +35,7 @@ pub mod plan;
 pub mod prepare;
 pub mod reasoning;
 pub mod responses;
+pub mod route;
 pub mod session;
 pub mod speculative;
 pub mod tokenizer;

@@ -1763,8 +1763,9 @@ fn logits(args: &LogitsArgs) -> Result<(), Failure> {
 
 fn chat(args: &ChatArgs) -> Result<(), Failure> {
     use std::io::{BufRead, IsTerminal, Write};
-    use v3c_runtime::reasoning::{Part, Phase, Reasoning};
-    use v3c_runtime::session::{Arrival, Progress, Request, TextSoFar};
+    use v3c_runtime::reasoning::Reasoning;
+    use v3c_runtime::route::{RouteEnd, Routed, Router};
+    use v3c_runtime::session::{Arrival, Progress, Request};
     args.generating.check()?;
     let a = open_to_generate(&args.artifact, &args.weights, args.device)?;
     args.generating.check_vocabulary(&a)?;
@@ -1836,8 +1837,8 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
     eprintln!("chatting with {} ({kind}); an empty line ends", args.artifact.display());
     // The calls the last reply made, each waiting for its output: (id, name).
     let waiting = std::cell::RefCell::new(std::collections::VecDeque::<(String, String)>::new());
-    // Where the reply is, with --reasoning-parser: in its reasoning or its answer.
-    let parting = std::cell::RefCell::new(None::<(Reasoning, Phase)>);
+    // The reply's tokens routed: reasoning (with --reasoning-parser), answer and calls.
+    let router = std::cell::RefCell::new(None::<Router>);
     let given = tools.as_ref().map(|t| &t.given);
     let mut next = |idle: bool| {
         if !idle {
@@ -1884,9 +1885,8 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
             return Arrival::Closed;
         }
         turn += 1;
-        if args.reasoning_parser.is_some() {
-            *parting.borrow_mut() = Reasoning::new(&tokenizer, &ids).ok().map(|r| (r, r.first()));
-        }
+        let reasoning = args.reasoning_parser.and_then(|_| Reasoning::new(&tokenizer, &ids).ok());
+        *router.borrow_mut() = Some(Router::new(Some(&tokenizer), None, reasoning, calling.map(|t| t.as_ref())));
         let g = &args.generating;
         let s = g.sampler(g.seed + turn);
         let constraint = match (&tools, eos) {
@@ -1895,69 +1895,44 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         };
         Arrival::Request(Request::new(ids, new, constraint.map_or(s.clone(), |c| s.constrained(c))))
     };
-    let mut so_far: Option<TextSoFar> = None;
-    // The reasoning's text so far, printed on stderr as it comes (dim on a terminal).
-    let mut thought: Option<TextSoFar> = None;
     let dim = std::io::stderr().is_terminal();
-    let think = |text: &str| match dim {
-        true => eprint!("\x1b[2m{text}\x1b[0m"),
-        false => eprint!("{text}"),
+    // Reasoning printed and not yet ended with a line's end.
+    let mut thinking = false;
+    let mut think = |text: &str, end: bool| {
+        if text.is_empty() && !(end && thinking) {
+            return;
+        }
+        let text = if end { format!("{text}\n") } else { text.to_string() };
+        match dim {
+            true => eprint!("\x1b[2m{text}\x1b[0m"),
+            false => eprint!("{text}"),
+        }
+        thinking = !end;
     };
-    // Once the reply opens its calls, their text: not printed as it comes.
-    let mut held: Option<String> = None;
     let mut report = |i: usize, p: Progress| -> Result<(), String> {
         let mut out = std::io::stdout().lock();
         let write = |out: &mut std::io::StdoutLock, s: &str| out.write_all(s.as_bytes()).and_then(|_| out.flush());
         match p {
             Progress::Scored(..) => {}
             Progress::Token(t) => {
-                let part = match parting.borrow_mut().as_mut() {
-                    Some((r, phase)) => {
-                        let (next, part) = r.step(*phase, t);
-                        *phase = next;
-                        part
+                let Some(r) = router.borrow_mut().as_mut().map(|r| r.token(t, None)) else { return Ok(()) };
+                for routed in r {
+                    match routed {
+                        Routed::Think { text, .. } => think(&text, false),
+                        // At the reasoning's end, its last text and a line's end.
+                        Routed::ThinkEnd(rest) => think(&rest, true),
+                        Routed::Say { text, .. } => write(&mut out, &text).map_err(|e| format!("stdout: {e}"))?,
+                        // Calls are printed whole at the end.
+                        Routed::Call(_) => {}
                     }
-                    None => Some(Part::Content),
-                };
-                match part {
-                    Some(Part::Content) => {}
-                    Some(Part::Reasoning) => {
-                        think(&thought.get_or_insert_with(|| TextSoFar::new(&tokenizer, None)).push(t));
-                        return Ok(());
-                    }
-                    // A marker: at the reasoning's end, its last text and a line's end.
-                    None => {
-                        if let Some(rest) = thought.take() {
-                            think(&format!("{}\n", rest.finish()));
-                        }
-                        return Ok(());
-                    }
-                }
-                let piece = so_far.get_or_insert_with(|| TextSoFar::new(&tokenizer, None)).push(t);
-                match &mut held {
-                    Some(h) => h.push_str(&piece),
-                    None if calling.is_some_and(|c| c.trigger == t) => held = Some(piece),
-                    None => write(&mut out, &piece).map_err(|e| format!("stdout: {e}"))?,
                 }
             }
             Progress::Ended(g) | Progress::Cancelled(g) => {
-                if let Some(rest) = thought.take() {
-                    // Reasoning that never closed.
-                    think(&format!("{}\n", rest.finish()));
-                }
-                let answer = match parting.borrow_mut().take() {
-                    Some((r, _)) => r.split(&g.tokens).1,
-                    None => g.tokens.clone(),
-                };
-                let rest = so_far.take().map_or(String::new(), TextSoFar::finish);
-                let called = v3c_runtime::http::called(calling.map(|t| t.as_ref()), &tokenizer, i, &answer);
-                let printed = match (&called, held.take()) {
-                    // Calls not well formed: their text after all.
-                    (None, Some(h)) => h + &rest,
-                    (None, None) => rest,
-                    (Some(_), _) => String::new(),
-                };
-                write(&mut out, &format!("{printed}\n")).map_err(|e| format!("stdout: {e}"))?;
+                let Some(r) = router.borrow_mut().take() else { return Ok(()) };
+                let RouteEnd { answer, called, thought, rest, .. } = r.end(i, calling.map(|t| t.as_ref()), &g.tokens);
+                // Reasoning that never closed: its last text and a line's end.
+                think(&thought, true);
+                write(&mut out, &format!("{rest}\n")).map_err(|e| format!("stdout: {e}"))?;
                 let Some(called) = called else {
                     let reply = v3c_runtime::session::generation_text(&tokenizer, &answer, None);
                     messages.borrow_mut().push(serde_json::json!({ "role": "assistant", "content": reply }));
