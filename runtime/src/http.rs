@@ -143,6 +143,13 @@ pub struct ApiRequest {
     pub n: usize,
 }
 
+/// Fields clients send that change nothing here, taken (as OpenAI's API takes them): `metadata`
+/// and `store` (nothing is stored), `service_tier`, `safety_identifier`, and `prompt_cache_key`
+/// and `prompt_cache_retention` (the server reuses the whole cache pages a prompt shares with
+/// earlier ones anyway).
+const NO_EFFECT: [&str; 6] =
+    ["metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"];
+
 /// The most choices one body asks for (prompts times `n`).
 pub const MAX_CHOICES: usize = 128;
 
@@ -186,7 +193,7 @@ fn api_request(
     };
     let chat: &[&str] = if api == Api::Chat { &crate::cli::CHAT_FIELDS } else { &[] };
     let fields: Vec<&str> =
-        own.iter().chain(chat).chain(&COMMON).chain(&crate::cli::SAMPLING_FIELDS).copied().collect();
+        own.iter().chain(chat).chain(&COMMON).chain(&crate::cli::SAMPLING_FIELDS).chain(&NO_EFFECT).copied().collect();
     if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
         return Err(format!("unknown field '{k}' ({})", fields.join(", ")));
     }
@@ -2136,7 +2143,8 @@ mod tests {
         let messages =
             serde_json::json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
         let body = serde_json::json!({"model": "m", "messages": messages, "max_completion_tokens": 5, "max_tokens": 9,
-            "logprobs": true, "top_logprobs": 2, "stop": ["\n"], "stream": true});
+            "logprobs": true, "top_logprobs": 2, "stop": ["\n"], "stream": true, "store": false,
+            "metadata": {"run": "1"}, "prompt_cache_key": "k"});
         let (r, stream) = one(chat_request(body.to_string().as_bytes(), &defaults(), Some(&t)).unwrap());
         assert_eq!(r.prompt, t.chat(&messages, true).unwrap());
         assert_eq!((r.max_new, r.logprobs, r.top_logprobs, stream), (5, true, 2, true));
