@@ -400,7 +400,8 @@ enum CallPhase {
     Header { start: usize },
     /// In its arguments: their text from `start` (the fence and space included), the arguments'
     /// own from `from` (None: before the fence and the space are known), `sent` bytes of them said.
-    Arguments { start: usize, from: Option<usize>, sent: usize },
+    /// `seen`: where the end marker was last looked for (none begins before it).
+    Arguments { start: usize, from: Option<usize>, sent: usize, seen: usize },
     /// The calls are over (closed, or not well formed: no more is said).
     Over,
 }
@@ -409,7 +410,8 @@ enum CallPhase {
 /// start (its name), its arguments' text as it settles — held back only where it may yet be the
 /// closing fence or trailing space — and its end. What it says adds up to what [`split_calls`]
 /// reads from the whole completion, for each call it reads; calls cut short end without an
-/// [`CallEvent::End`]. Each token's work is its own bytes' (long arguments are not read again).
+/// [`CallEvent::End`]. Each token's work is about its own bytes' (long arguments are not read
+/// again for the end marker).
 pub struct CallStream {
     format: ToolFormat,
     /// The calls' text so far, and the bytes of a character not yet whole.
@@ -501,11 +503,17 @@ impl CallStream {
                 events.push(CallEvent::Start { index: self.index, name: name.trim().to_string() });
                 // The arguments' text (none: from the end marker) from here.
                 let args = from.unwrap_or(start + end.unwrap_or(0));
-                self.phase = CallPhase::Arguments { start: args, from: None, sent: 0 };
+                self.phase = CallPhase::Arguments { start: args, from: None, sent: 0, seen: args };
             }
-            CallPhase::Arguments { start, from, sent } => {
+            CallPhase::Arguments { start, from, sent, seen } => {
                 let raw = &text[start..];
-                if let Some(end) = raw.find(CALL_END) {
+                // Looked for from where it was last looked for: long arguments are not read again.
+                let found = text[seen..].find(CALL_END).map(|at| seen + at - start);
+                let mut seen = text.len().saturating_sub(CALL_END.len()).max(seen);
+                while !text.is_char_boundary(seen) {
+                    seen -= 1;
+                }
+                if let Some(end) = found {
                     // Whole: the arguments as the whole completion's reading takes them.
                     let arguments = self.format.arguments(&raw[..end]);
                     if arguments.len() > sent {
@@ -521,10 +529,13 @@ impl CallStream {
                     Some(f) => f,
                     None => match self.format.arguments_start(raw) {
                         Some(f) => {
-                            self.phase = CallPhase::Arguments { start, from: Some(start + f), sent };
+                            self.phase = CallPhase::Arguments { start, from: Some(start + f), sent, seen };
                             return true;
                         }
-                        None => return false,
+                        None => {
+                            self.phase = CallPhase::Arguments { start, from: None, sent, seen };
+                            return false;
+                        }
                     },
                 };
                 // Said: all but a tail that may yet be the end marker (spelled out a character
@@ -535,10 +546,14 @@ impl CallStream {
                     .find(|&n| args.is_char_boundary(args.len() - n) && CALL_END.starts_with(&args[args.len() - n..]));
                 let args = &args[..args.len() - marker.unwrap_or(0)];
                 let settled = args.trim_end_matches(|c: char| c.is_whitespace() || c == '`');
-                if settled.len() > sent {
-                    events.push(CallEvent::Arguments { index: self.index, text: settled[sent..].to_string() });
-                    self.phase = CallPhase::Arguments { start, from: Some(from), sent: settled.len() };
-                }
+                let sent = match settled.len() > sent {
+                    true => {
+                        events.push(CallEvent::Arguments { index: self.index, text: settled[sent..].to_string() });
+                        settled.len()
+                    }
+                    false => sent,
+                };
+                self.phase = CallPhase::Arguments { start, from: Some(from), sent, seen };
                 return false;
             }
             CallPhase::Over => return false,
