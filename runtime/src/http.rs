@@ -843,7 +843,6 @@ pub fn serve_http(
     let o = crate::session::Serving { load: Some(&load), ..*o };
     let (joined, prefill_s) = crate::session::serve(program, &o, &mut next, &mut report)?;
     // No more taken: a request now is refused at once (503).
-    drop(next);
     drop(rx);
     // Stopped: the replies of the requests that ended written before the process ends (at most
     // 30 s more).
