@@ -1038,7 +1038,30 @@ struct Pending {
     reasoning: Option<crate::reasoning::Reasoning>,
 }
 
+/// A chat reply's parts, whole: its reasoning (tokens and text; None: it did not reason, or is
+/// not read for reasoning), its answer's tokens, its text (cut before a stop string; where it
+/// called, the text before the calls) and its calls.
+struct Whole {
+    reasoning: Option<Vec<u32>>,
+    thought: Option<String>,
+    answer: Vec<u32>,
+    text: String,
+    called: Option<Called>,
+}
+
 impl Pending {
+    /// Its reply `g`'s parts, through `t`.
+    fn whole(&self, g: &Generation, t: &Tokenizer) -> Whole {
+        let (reasoning, answer) = self.split(g);
+        let called = called(self.tools.as_deref(), t, self.number, &answer);
+        let text = match &called {
+            Some(c) => c.content.clone(),
+            None => generation_text(t, &answer, self.stops.as_ref()),
+        };
+        let thought = reasoning.as_ref().map(|r| t.decode(r, true));
+        Whole { reasoning, thought, answer, text, called }
+    }
+
     /// Its completion's reasoning tokens (None: it did not reason, or is not read for reasoning)
     /// and answer tokens.
     fn split(&self, g: &Generation) -> (Option<Vec<u32>>, Vec<u32>) {
@@ -1132,11 +1155,8 @@ fn completion(
         .enumerate()
         .map(|(k, (p, g))| match (api, tokenizer) {
             (Api::Chat, Some(t)) => {
-                let (reasoning, answer) = p.split(g);
-                let text = generation_text(t, &answer, p.stops.as_ref());
-                let called = called(p.tools.as_deref(), t, p.number, &answer);
-                let reasoning = reasoning.map(|r| t.decode(&r, true));
-                chat_choice(k, g, &text, t, called.as_ref(), reasoning.as_deref())
+                let w = p.whole(g, t);
+                chat_choice(k, g, &w.text, t, w.called.as_ref(), w.thought.as_deref())
             }
             _ => {
                 let text = tokenizer.map_or(String::new(), |t| generation_text(t, &g.tokens, p.stops.as_ref()));
@@ -1196,11 +1216,7 @@ fn responses(conn: &mut Conn, body: &[u8], tx: &mpsc::Sender<(Message, Option<mp
             return;
         }
     };
-    let (reasoning, answer) = p.split(&g);
-    let text = generation_text(t, &answer, p.stops.as_ref());
-    let called = called(p.tools.as_deref(), t, p.number, &answer);
-    let thought = reasoning.as_ref().map(|r| t.decode(r, true));
-    let text = called.as_ref().map_or(text, |c| c.content.clone());
+    let Whole { reasoning, thought, text, called, .. } = p.whole(&g, t);
     let outcome = Outcome { number: p.number, reasoning: thought.as_deref(), text: &text, called: called.as_ref() };
     let mut output = items(&outcome);
     if !g.logprobs.is_empty() {
@@ -1602,11 +1618,7 @@ fn messages(conn: &mut Conn, body: &[u8], tx: &mpsc::Sender<(Message, Option<mps
             return refuse(conn, status, kind, &e);
         }
     };
-    let (reasoning, answer) = p.split(&g);
-    let text = generation_text(t, &answer, p.stops.as_ref());
-    let called = called(p.tools.as_deref(), t, p.number, &answer);
-    let thought = reasoning.as_ref().map(|r| t.decode(r, true));
-    let text = called.as_ref().map_or(text, |c| c.content.clone());
+    let Whole { thought, answer, text, called, .. } = p.whole(&g, t);
     let stop = stop_reason(finish_reason(&g), called.is_some(), &stops, &t.decode(&answer, true));
     let blocks = content(thought.as_deref(), &text, called.as_ref());
     let reply = message(p.number, model, blocks, stop, usage(p.prompt.len(), g.reused, g.tokens.len()));
