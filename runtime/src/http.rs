@@ -1305,6 +1305,57 @@ impl ResponseEvents<'_> {
         }
     }
 
+    /// The message's last text (`rest`) and its done events (once).
+    fn close_message(&mut self, rest: &str) {
+        if self.message_done {
+            return;
+        }
+        self.say(rest, serde_json::json!([]));
+        self.message_done = true;
+        let (at, id, text) = (self.message(), format!("msg_{}", self.number), self.message_text.clone());
+        let done =
+            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "text": text, "logprobs": [] });
+        self.send("response.output_text.done", done);
+        let part = serde_json::json!({ "type": "output_text", "text": text, "annotations": [], "logprobs": [] });
+        self.send(
+            "response.content_part.done",
+            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part }),
+        );
+        self.item_done(at, crate::responses::message_item(self.number, &text, "completed"));
+    }
+
+    /// Call `index`'s arguments and item done (`status`: `completed`, or `incomplete` where it
+    /// was cut short).
+    fn end_call(&mut self, index: usize, status: &str) {
+        let Some((at, id, name, arguments, ended)) = self.calls.get_mut(index) else { return };
+        if std::mem::replace(ended, true) {
+            return;
+        }
+        let (at, item) = (*at, crate::responses::call_item(id, name, arguments, status));
+        let done = serde_json::json!({ "item_id": item["id"], "output_index": at, "arguments": item["arguments"],
+            "name": item["name"] });
+        self.send("response.function_call_arguments.done", done);
+        self.item_done(at, item);
+    }
+}
+
+/// Where a streamed reply's text goes as it settles: its reasoning's, then its answer's.
+trait Sink {
+    /// Reasoning text (empty: the reasoning opened).
+    fn think(&mut self, piece: &str);
+    /// The reasoning's last text: it is over.
+    fn close_reasoning(&mut self, rest: &str);
+    /// Answer text, with its token's log-probabilities (OpenAI's shape; none: empty).
+    fn say(&mut self, piece: &str, logprobs: serde_json::Value);
+    /// A tool call as it is written (`id`: its id).
+    fn call(&mut self, event: &crate::tools::CallEvent, id: &str);
+    /// The request was refused, or the server stopped.
+    fn error(&mut self, message: &str);
+    /// The client is still there.
+    fn ok(&self) -> bool;
+}
+
+impl Sink for ResponseEvents<'_> {
     fn think(&mut self, piece: &str) {
         let at = self.reasoning();
         if !piece.is_empty() {
@@ -1342,25 +1393,6 @@ impl ResponseEvents<'_> {
         self.message_text.push_str(piece);
     }
 
-    /// The message's last text (`rest`) and its done events (once).
-    fn close_message(&mut self, rest: &str) {
-        if self.message_done {
-            return;
-        }
-        self.say(rest, serde_json::json!([]));
-        self.message_done = true;
-        let (at, id, text) = (self.message(), format!("msg_{}", self.number), self.message_text.clone());
-        let done =
-            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "text": text, "logprobs": [] });
-        self.send("response.output_text.done", done);
-        let part = serde_json::json!({ "type": "output_text", "text": text, "annotations": [], "logprobs": [] });
-        self.send(
-            "response.content_part.done",
-            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part }),
-        );
-        self.item_done(at, crate::responses::message_item(self.number, &text, "completed"));
-    }
-
     /// A call as it is written: its item added (the message, if any, done first), its
     /// arguments' deltas, and done.
     fn call(&mut self, event: &crate::tools::CallEvent, id: &str) {
@@ -1384,51 +1416,6 @@ impl ResponseEvents<'_> {
             }
             CallEvent::End { index } => self.end_call(*index, "completed"),
         }
-    }
-
-    /// Call `index`'s arguments and item done (`status`: `completed`, or `incomplete` where it
-    /// was cut short).
-    fn end_call(&mut self, index: usize, status: &str) {
-        let Some((at, id, name, arguments, ended)) = self.calls.get_mut(index) else { return };
-        if std::mem::replace(ended, true) {
-            return;
-        }
-        let (at, item) = (*at, crate::responses::call_item(id, name, arguments, status));
-        let done = serde_json::json!({ "item_id": item["id"], "output_index": at, "arguments": item["arguments"],
-            "name": item["name"] });
-        self.send("response.function_call_arguments.done", done);
-        self.item_done(at, item);
-    }
-}
-
-/// Where a streamed reply's text goes as it settles: its reasoning's, then its answer's.
-trait Sink {
-    /// Reasoning text (empty: the reasoning opened).
-    fn think(&mut self, piece: &str);
-    /// The reasoning's last text: it is over.
-    fn close_reasoning(&mut self, rest: &str);
-    /// Answer text, with its token's log-probabilities (OpenAI's shape; none: empty).
-    fn say(&mut self, piece: &str, logprobs: serde_json::Value);
-    /// A tool call as it is written (`id`: its id).
-    fn call(&mut self, event: &crate::tools::CallEvent, id: &str);
-    /// The request was refused, or the server stopped.
-    fn error(&mut self, message: &str);
-    /// The client is still there.
-    fn ok(&self) -> bool;
-}
-
-impl Sink for ResponseEvents<'_> {
-    fn think(&mut self, piece: &str) {
-        ResponseEvents::think(self, piece)
-    }
-    fn call(&mut self, event: &crate::tools::CallEvent, id: &str) {
-        ResponseEvents::call(self, event, id)
-    }
-    fn close_reasoning(&mut self, rest: &str) {
-        ResponseEvents::close_reasoning(self, rest)
-    }
-    fn say(&mut self, piece: &str, logprobs: serde_json::Value) {
-        ResponseEvents::say(self, piece, logprobs)
     }
     fn error(&mut self, message: &str) {
         self.send("error", serde_json::json!({ "code": null, "message": message, "param": null }));
