@@ -795,6 +795,10 @@ pub fn schema_rules(schema: &serde_json::Value, name: &str) -> Result<(String, b
             text.push_str(&any_object_rules(&rule));
             continue;
         }
+        if regex == crate::grammar::ANY_VALUE {
+            text.push_str(&any_json_rules(&rule, "value"));
+            continue;
+        }
         let hir = regex_syntax::Parser::new().parse(regex).map_err(|e| e.to_string())?;
         text.push_str(&format!("{rule} ::= {}\n", gbnf_of(&hir, name)?));
     }
@@ -803,6 +807,12 @@ pub fn schema_rules(schema: &serde_json::Value, name: &str) -> Result<(String, b
 
 /// Rules of any JSON object, nested to any depth: rule `name` and its helpers `name-...`.
 pub fn any_object_rules(name: &str) -> String {
+    any_json_rules(name, "object")
+}
+
+/// Rules of any JSON `entry` (`value` or `object`, as [`JSON_OBJECT`] names them), nested to any
+/// depth: rule `name` and its helpers `name-...`.
+fn any_json_rules(name: &str, entry: &str) -> String {
     JSON_OBJECT
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
@@ -815,7 +825,7 @@ pub fn any_object_rules(name: &str) -> String {
             line.trim().to_string()
         })
         .filter(|l| !l.starts_with("root "))
-        .chain([format!("{name} ::= {name}-object")])
+        .chain([format!("{name} ::= {name}-{entry}")])
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
@@ -1082,6 +1092,30 @@ mod tests {
             ] {
                 assert_eq!(g.matches(text.as_bytes()), ok, "{text}");
             }
+        }
+        // Any value: `{}`, `true`, an array without items, other members beside the named ones.
+        let schema = serde_json::json!({"type": "object", "properties": {"x": {}, "list": {"type": "array"},
+            "t": true}, "required": ["x"], "additionalProperties": true});
+        let g = Grammar::parse(&schema_grammar(&schema).unwrap().expect("a grammar")).unwrap();
+        for (text, ok) in [
+            (r#"{"x":1}"#, true),
+            (r#"{"x":"s","list":[1,"a",{"b":[null]},[]],"t":false}"#, true),
+            (r#"{"x":{"y":[{}]},"other":[1,2],"more":null}"#, true),
+            (r#"{"x":null,"t":{"a":1},"x2":-1.5e3}"#, true),
+            (r#"{"list":[]}"#, false),
+            (r#"{"x":1,"x":2}"#, false),
+            (r#"{"x":1,"other":1,"t":true}"#, false),
+            (r#"{"x":1,"list":{}}"#, false),
+            (r#"{"x":nul}"#, false),
+        ] {
+            assert_eq!(g.matches(text.as_bytes()), ok, "{text}");
+        }
+        for any in [serde_json::json!({}), serde_json::json!(true), serde_json::json!({"description": "any"})] {
+            let g = Grammar::parse(&schema_grammar(&any).unwrap().expect("a grammar")).unwrap();
+            for text in ["1", "\"a\"", "[1,{}]", "{\"a\":[true]}", "null", "-0.5"] {
+                assert!(g.matches(text.as_bytes()), "{text} of {any}");
+            }
+            assert!(!g.matches(b"[1,]"));
         }
     }
 

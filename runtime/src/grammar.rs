@@ -767,7 +767,8 @@ const MAX_BOUND: u64 = 256;
 
 /// The regular expression of the JSON texts a JSON schema allows, as OpenAI's strict mode
 /// writes schemas and more: objects with `properties` in their order, those not `required`
-/// there or not (no others: `additionalProperties` false or left out); `items` of arrays
+/// there or not (no others: `additionalProperties` false or left out; a schema: other members
+/// after them, keys none of the named, values of that schema); `items` of arrays
 /// (`minItems`, `maxItems`); strings (`minLength`, `maxLength`; or a `format`: date, time,
 /// date-time, uuid, ipv4, email; or a `pattern`: [`string_pattern_regex`]), numbers, integers
 /// (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`), booleans, null; `enum`,
@@ -795,9 +796,9 @@ pub fn schema_rules(schema: &serde_json::Value) -> Result<(Vec<String>, bool), S
     let mut uses: Vec<Vec<usize>> = vec![compiler.taken()];
     while done < compiler.refs.as_ref().map_or(0, Vec::len) {
         let path = compiler.refs.as_ref().map(|r| r[done].clone()).unwrap_or_default();
-        if path == ANY_OBJECT {
-            // Any object: a rule of the grammar's own ([`crate::gbnf::any_object_rules`]).
-            rules.push(ANY_OBJECT.to_string());
+        if path == ANY_OBJECT || path == ANY_VALUE {
+            // Any object or value: rules of the grammar's own ([`crate::gbnf::any_object_rules`] and alike).
+            rules.push(path);
             uses.push(Vec::new());
             done += 1;
             continue;
@@ -807,8 +808,8 @@ pub fn schema_rules(schema: &serde_json::Value) -> Result<(Vec<String>, bool), S
         uses.push(compiler.taken());
         done += 1;
     }
-    // Any object is not a regular language: a grammar too.
-    let free = compiler.refs.as_ref().is_some_and(|r| r.iter().any(|p| p == ANY_OBJECT));
+    // Any object or value is not a regular language: a grammar too.
+    let free = compiler.refs.as_ref().is_some_and(|r| r.iter().any(|p| p == ANY_OBJECT || p == ANY_VALUE));
     // A cycle among the references (rule k uses rule k + 1's references...).
     let n = rules.len();
     let mut reach: Vec<Vec<bool>> = vec![vec![false; n]; n];
@@ -833,6 +834,11 @@ pub fn schema_rules(schema: &serde_json::Value) -> Result<(Vec<String>, bool), S
 /// The rule [`schema_rules`] gives in place of an expression for an object whose properties the
 /// schema leaves open (`{"type": "object"}`): any JSON object.
 pub const ANY_OBJECT: &str = "(any object)";
+
+/// The rule [`schema_rules`] gives in place of an expression for a schema that allows any JSON
+/// value (`{}`, `true`, an array's missing `items`, `additionalProperties: true` beside
+/// properties).
+pub const ANY_VALUE: &str = "(any value)";
 
 struct SchemaRegex<'s> {
     root: &'s serde_json::Value,
@@ -871,6 +877,12 @@ impl<'s> SchemaRegex<'s> {
         Some(format!("\\x{{{:x}}}", REF_MARK + k as u32))
     }
 
+    /// Any object or value ([`ANY_OBJECT`], [`ANY_VALUE`]): the mark of its rule, which only a
+    /// grammar holds.
+    fn any(&mut self, what: &str, at: &str) -> Result<String, String> {
+        self.mark(what).ok_or_else(|| format!("{at}: {} needs a grammar", &what[1..what.len() - 1]))
+    }
+
     /// The references the expressions compiled since the last call use (by number).
     fn taken(&mut self) -> Vec<usize> {
         std::mem::take(&mut self.used)
@@ -880,7 +892,7 @@ impl<'s> SchemaRegex<'s> {
         use serde_json::Value;
         let o = match s {
             Value::Object(o) => o,
-            Value::Bool(true) => return Err(format!("{at}: `true` (any value) is not supported: give a type")),
+            Value::Bool(true) => return self.any(ANY_VALUE, at),
             x => return Err(format!("{at}: {x} is not a schema")),
         };
         self.depth += 1;
@@ -974,6 +986,13 @@ impl<'s> SchemaRegex<'s> {
                 .collect::<Result<_, _>>()?,
             Some(x) => return Err(format!("{at}/type: {x} is not a type name")),
             None if o.contains_key("properties") => vec!["object"],
+            // Nothing but annotations (`{}`): any value.
+            None if o
+                .keys()
+                .all(|k| NOTES.contains(&k.as_str()) || ["$defs", "definitions", "strict"].contains(&k.as_str())) =>
+            {
+                return self.any(ANY_VALUE, at)
+            }
             None => return Err(format!("{at}: no type")),
         };
         let bound = |k: &str| -> Result<Option<u64>, String> {
@@ -1020,8 +1039,11 @@ impl<'s> SchemaRegex<'s> {
                     format!(r#""{STRING_CHAR}{{{min},{max}}}""#)
                 }
                 "array" => {
-                    let items = o.get("items").ok_or_else(|| format!("{at}: an array without items"))?;
-                    let item = self.of(items, &format!("{at}/items"))?;
+                    let item = match o.get("items") {
+                        Some(items) => self.of(items, &format!("{at}/items"))?,
+                        // Items of any value.
+                        None => self.any(ANY_VALUE, &format!("{at}/items"))?,
+                    };
                     let (min, max) = (bound("minItems")?.unwrap_or(0), bound("maxItems")?);
                     if max.is_some_and(|m| m < min) {
                         return Err(format!("{at}: maxItems is below minItems"));
@@ -1036,10 +1058,11 @@ impl<'s> SchemaRegex<'s> {
                 }
                 "object" => {
                     let named = o.contains_key("properties");
-                    let open = match o.get("additionalProperties") {
-                        None => !named,
-                        Some(Value::Bool(false)) => false,
-                        Some(Value::Bool(true)) if !named => true,
+                    // Members besides the named ones: the expression of their values, if any.
+                    let (open, others) = match o.get("additionalProperties") {
+                        None => (!named, None),
+                        Some(Value::Bool(false)) => (false, None),
+                        Some(Value::Bool(true)) if !named => (true, None),
                         // A map: any keys, each value an instance of the schema.
                         Some(values @ Value::Object(_)) if !named => {
                             let value = self.of(values, &format!("{at}/additionalProperties"))?;
@@ -1047,11 +1070,11 @@ impl<'s> SchemaRegex<'s> {
                             each.push(format!(r"\{{{WS}(?:{pair}(?:{WS},{WS}{pair})*)?{WS}\}}"));
                             continue;
                         }
-                        Some(_) => {
-                            return Err(format!(
-                                "{at}/additionalProperties: only false (no properties but those named), or true or \
-                                 a schema without properties (any object, a map)"
-                            ))
+                        Some(values @ (Value::Bool(true) | Value::Object(_))) => {
+                            (false, Some(self.of(values, &format!("{at}/additionalProperties"))?))
+                        }
+                        Some(x) => {
+                            return Err(format!("{at}/additionalProperties: {x} is not true, false or a schema"))
                         }
                     };
                     if open {
@@ -1087,7 +1110,15 @@ impl<'s> SchemaRegex<'s> {
                             Ok((field, required.contains(&k.as_str())))
                         })
                         .collect::<Result<Vec<_>, String>>()?;
-                    format!(r"\{{{WS}{}{WS}\}}", object_fields(&fields))
+                    let members = match others {
+                        None => object_fields(&fields),
+                        Some(value) => {
+                            let names: Vec<&str> = props.keys().map(String::as_str).collect();
+                            let other = format!(r#""{}"{WS}:{WS}{value}"#, other_name(&names));
+                            object_fields_and_others(&fields, &other)
+                        }
+                    };
+                    format!(r"\{{{WS}{members}{WS}\}}")
                 }
                 t => return Err(format!("{at}/type: {t} is not a JSON type")),
             });
@@ -1096,10 +1127,67 @@ impl<'s> SchemaRegex<'s> {
     }
 }
 
+/// [`object_fields`] followed by any number of other members (`other`: one's expression), all
+/// separated by commas.
+fn object_fields_and_others(fields: &[(String, bool)], other: &str) -> String {
+    let sep = format!("{WS},{WS}");
+    let others = format!("(?:{sep}{other})*");
+    if fields.iter().any(|(_, required)| *required) {
+        return format!("{}{others}", object_fields(fields));
+    }
+    // Every named member optional: some of them, then others; or others only; or none.
+    let mut each: Vec<String> = fields_written(fields).into_iter().map(|f| format!("{f}{others}")).collect();
+    each.push(format!("(?:{other}{others})?"));
+    alternation(each)
+}
+
+/// The regular expression of a JSON string's contents (no escapes) other than each of `names`
+/// (the named properties, so that another member does not repeat one): a trie of the names, at
+/// each node the strings that end there (unless a name does), go on with a character no name
+/// does, or follow a name's character and are none of the names below.
+fn other_name(names: &[&str]) -> String {
+    const PLAIN: &str = r#"[^"\\\x00-\x1f]"#;
+    fn below(names: &[Vec<char>], depth: usize) -> String {
+        let mut alternatives = Vec::new();
+        if !names.iter().any(|n| n.len() == depth) {
+            alternatives.push(String::new());
+        }
+        let mut next: Vec<char> = names.iter().filter_map(|n| n.get(depth).copied()).collect();
+        next.sort_unstable();
+        next.dedup();
+        let hex = |c: char| format!("\\x{{{:x}}}", c as u32);
+        let others: String = next.iter().map(|&c| hex(c)).collect();
+        alternatives.push(format!(r#"[^"\\\x00-\x1f{others}]{PLAIN}*"#));
+        for c in next {
+            let with: Vec<Vec<char>> = names.iter().filter(|n| n.get(depth) == Some(&c)).cloned().collect();
+            alternatives.push(format!("{}{}", hex(c), below(&with, depth + 1)));
+        }
+        format!("(?:{})", alternatives.join("|"))
+    }
+    // A name a string without escapes cannot spell is no name to leave out.
+    let names: Vec<Vec<char>> = names
+        .iter()
+        .filter(|n| n.chars().all(|c| c != '"' && c != '\\' && c >= ' '))
+        .map(|n| n.chars().collect())
+        .collect();
+    below(&names, 0)
+}
+
 /// The regular expression of an object's members (`fields`: each member's expression and whether
 /// it is required), in their order, separated by commas: each optional one there or not. The
 /// first member written is any up to the first required one, the others each after a comma.
 fn object_fields(fields: &[(String, bool)]) -> String {
+    let mut each = fields_written(fields);
+    if !fields.iter().any(|(_, required)| *required) {
+        // Every member optional: none at all too.
+        each.push(String::new());
+    }
+    alternation(each)
+}
+
+/// [`object_fields`]' alternatives that write at least one member: one for each member that
+/// may be the first written.
+fn fields_written(fields: &[(String, bool)]) -> Vec<String> {
     let sep = format!("{WS},{WS}");
     // After member i: the members from i + 1 on, each preceded by a comma.
     let rest = |i: usize| {
@@ -1109,11 +1197,11 @@ fn object_fields(fields: &[(String, bool)]) -> String {
             .collect::<String>()
     };
     let firsts = fields.iter().position(|(_, required)| *required).map_or(fields.len(), |r| r + 1);
-    let mut each: Vec<String> = (0..firsts).map(|i| format!("{}{}", fields[i].0, rest(i))).collect();
-    if !fields.iter().any(|(_, required)| *required) {
-        // Every member optional: none at all too.
-        each.push(String::new());
-    }
+    (0..firsts).map(|i| format!("{}{}", fields[i].0, rest(i))).collect()
+}
+
+/// One of `each` (regular expressions): the one, or a group of them.
+fn alternation(mut each: Vec<String>) -> String {
     match each.len() {
         1 => each.remove(0),
         _ => format!("(?:{})", each.join("|")),
@@ -1935,9 +2023,15 @@ mod tests {
         );
         assert_eq!(
             refused(serde_json::json!({"type": "object", "properties": {}, "additionalProperties": true})),
-            "#/additionalProperties: only false (no properties but those named), or true or a schema without \
-             properties (any object, a map)"
+            "#/additionalProperties: any value needs a grammar"
         );
+        assert_eq!(
+            refused(serde_json::json!({"type": "object", "properties": {}, "additionalProperties": 1})),
+            "#/additionalProperties: 1 is not true, false or a schema"
+        );
+        assert_eq!(refused(serde_json::json!({"type": "array"})), "#/items: any value needs a grammar");
+        assert_eq!(refused(serde_json::json!({"description": "x"})), "#: any value needs a grammar");
+        assert_eq!(refused(serde_json::json!({"minimum": 1})), "#: no type");
         assert_eq!(
             refused(serde_json::json!({"type": "object"})),
             "#: any object (no properties named) needs a grammar"
@@ -2210,6 +2304,74 @@ mod tests {
         }
     }
 
+    /// Members besides the named properties (`additionalProperties` a schema beside `properties`):
+    /// for every object of up to three members with keys among a few (named ones, their
+    /// prefixes and extensions, the empty key) and values of either type, the text matches
+    /// exactly when the named members come first, in their order, the required one there, and
+    /// every other member's key is none of the named and its value an integer.
+    #[test]
+    fn other_members_follow_the_named_ones_and_repeat_none() {
+        let keys = ["a", "b", "ab", "ba", "", "c", "bb"];
+        let values = ["1", "\"s\""];
+        for required in [vec!["a"], vec![]] {
+            let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"},
+                "b": {"type": "string"}}, "required": required, "additionalProperties": {"type": "integer"}});
+            let p = Pattern::new(&schema_regex(&schema).unwrap()).unwrap();
+            // Every list of up to three (key, value) members.
+            let mut level: Vec<Vec<(usize, usize)>> = vec![vec![]];
+            let mut members = level.clone();
+            for _ in 0..3 {
+                level = level
+                    .iter()
+                    .flat_map(|m| {
+                        let pairs = (0..keys.len()).flat_map(|k| (0..values.len()).map(move |v| (k, v)));
+                        pairs.map(|pair| [m.as_slice(), &[pair]].concat()).collect::<Vec<_>>()
+                    })
+                    .collect();
+                members.extend(level.iter().cloned());
+            }
+            let mut matched = 0;
+            for m in &members {
+                let text = format!(
+                    "{{{}}}",
+                    m.iter().map(|&(k, v)| format!("\"{}\":{}", keys[k], values[v])).collect::<Vec<_>>().join(",")
+                );
+                // Named members: a (integer) then b (string), each at most once, before others.
+                let named = m.iter().take_while(|&&(k, _)| k < 2).collect::<Vec<_>>();
+                let ordered = named.windows(2).all(|w| w[0].0 < w[1].0);
+                let typed = named.iter().all(|&&(k, v)| v == k);
+                let has_a = named.first().is_some_and(|&&(k, _)| k == 0);
+                let others_ok = m[named.len()..].iter().all(|&(k, v)| k >= 2 && v == 0);
+                let ok = ordered && typed && others_ok && (required.is_empty() || has_a);
+                assert_eq!(p.matches(text.as_bytes()), ok, "{text} (required {required:?})");
+                matched += ok as usize;
+            }
+            assert!(matched > 20, "{matched}");
+        }
+    }
+
+    /// The keys of other members: every string of up to three of a few characters (and a
+    /// longer one) is one exactly when it is none of the names.
+    #[test]
+    fn other_names_are_every_string_but_the_names() {
+        for names in [vec![], vec![""], vec!["a"], vec!["a", "ab", "abc", "b"], vec!["ba", "é", "\"q", "c\\"]] {
+            let p = Pattern::new(&format!("\"{}\"", other_name(&names))).unwrap();
+            let mut level = vec![String::new()];
+            let mut strings = vec![String::new(), "abcabc".to_string()];
+            for _ in 0..3 {
+                level = level.iter().flat_map(|s| ["a", "b", "c", "é"].map(|c| format!("{s}{c}"))).collect();
+                strings.extend(level.iter().cloned());
+            }
+            for s in strings {
+                assert_eq!(
+                    p.matches(format!("\"{s}\"").as_bytes()),
+                    !names.contains(&s.as_str()),
+                    "{s:?} among {names:?}"
+                );
+            }
+        }
+    }
+
     /// Optional properties: for every choice of which of four are required and every subset of
     /// them written (in order, compact and spaced), the text matches exactly when the required
     /// ones are all there; stray, doubled, leading and trailing commas and reordered members
@@ -2256,6 +2418,30 @@ mod tests {
     /// instance serde_json reads, its properties in the schema's order.
     #[test]
     fn constrained_sampling_writes_schema_instances() {
+        /// The members of a JSON object's text, repeated keys each counted.
+        fn members(text: &[u8]) -> usize {
+            struct Count(usize);
+            impl<'de> serde::Deserialize<'de> for Count {
+                fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                    struct Members;
+                    impl<'de> serde::de::Visitor<'de> for Members {
+                        type Value = Count;
+                        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                            f.write_str("an object")
+                        }
+                        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+                            let mut n = 0;
+                            while map.next_entry::<String, serde::de::IgnoredAny>()?.is_some() {
+                                n += 1;
+                            }
+                            Ok(Count(n))
+                        }
+                    }
+                    d.deserialize_map(Members)
+                }
+            }
+            serde_json::from_slice::<Count>(text).unwrap().0
+        }
         let t = fixture();
         let eos = t.token_id("<｜end▁of▁sentence｜>").unwrap();
         let schema = serde_json::json!({"type": "object", "properties": {
@@ -2287,5 +2473,30 @@ mod tests {
             }
         }
         assert!(ended >= 10, "{ended} of 20 ended");
+        // Other members beside the named one: each sampled instance's are booleans, keyed apart.
+        let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}},
+            "required": ["a"], "additionalProperties": {"type": "boolean"}});
+        let p = Arc::new(Pattern::new(&schema_regex(&schema).unwrap()).unwrap());
+        // Strings ending likelier too (the other keys are any strings).
+        let lean: Vec<f32> = lean
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| l + 4.0 * t.token_bytes_of(i as u32).contains(&b'"') as u8 as f32)
+            .collect();
+        let (mut ended, mut others) = (0, 0);
+        for seed in 0..20u64 {
+            let c = Box::new(PatternConstraint::new(p.clone(), &t, eos));
+            let (bytes, end) = sample_constrained(&t, c, eos, seed, 160, &lean);
+            if end {
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                let (first, rest) = v.as_object().unwrap().iter().partition::<Vec<_>, _>(|(k, _)| *k == "a");
+                assert!(matches!(first[..], [(_, n)] if n.is_i64()), "{v}");
+                assert!(rest.iter().all(|(_, b)| b.is_boolean()), "{v}");
+                // Every member written is one serde_json keeps (no key twice).
+                assert_eq!(members(&bytes), 1 + rest.len(), "{v}");
+                (ended, others) = (ended + 1, others + rest.len());
+            }
+        }
+        assert!(ended >= 10 && others > 0, "{ended} of 20 ended, {others} other members");
     }
 }
