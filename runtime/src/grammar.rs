@@ -769,7 +769,7 @@ const MAX_BOUND: u64 = 256;
 /// writes schemas and more: objects with `properties` in their order, those not `required`
 /// there or not (no others: `additionalProperties` false or left out; a schema: other members
 /// after them, keys none of the named, values of that schema); `items` of arrays
-/// (`minItems`, `maxItems`); strings (`minLength`, `maxLength`; or a `format`: date, time,
+/// (`minItems`, `maxItems`; `prefixItems` first); strings (`minLength`, `maxLength`; or a `format`: date, time,
 /// date-time, uuid, ipv4, email; or a `pattern`: [`string_pattern_regex`]), numbers, integers
 /// (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`), booleans, null; `enum`,
 /// `const`, `anyOf` / `oneOf`, a list of `type`s, and `$ref` to `#/$defs/...` or
@@ -918,8 +918,9 @@ impl<'s> SchemaRegex<'s> {
             "readOnly",
             "writeOnly",
         ];
-        const KNOWN: [&str; 24] = [
+        const KNOWN: [&str; 25] = [
             "allOf",
+            "prefixItems",
             "pattern",
             "minimum",
             "maximum",
@@ -1039,22 +1040,32 @@ impl<'s> SchemaRegex<'s> {
                     format!(r#""{STRING_CHAR}{{{min},{max}}}""#)
                 }
                 "array" => {
-                    let item = match o.get("items") {
-                        Some(items) => self.of(items, &format!("{at}/items"))?,
-                        // Items of any value.
-                        None => self.any(ANY_VALUE, &format!("{at}/items"))?,
+                    // The first items' own schemas (a tuple), then `items` for the rest (`false`: none).
+                    let prefix = match o.get("prefixItems") {
+                        None => &[][..],
+                        Some(Value::Array(p)) => p.as_slice(),
+                        Some(x) => return Err(format!("{at}/prefixItems: {x} is not a list of schemas")),
                     };
                     let (min, max) = (bound("minItems")?.unwrap_or(0), bound("maxItems")?);
+                    let k = prefix.len() as u64;
+                    let max = match o.get("items") {
+                        Some(Value::Bool(false)) => Some(max.map_or(k, |m| m.min(k))),
+                        _ => max,
+                    };
                     if max.is_some_and(|m| m < min) {
-                        return Err(format!("{at}: maxItems is below minItems"));
+                        return Err(format!("{at}: maxItems (or prefixItems with items false) is below minItems"));
                     }
-                    let more = |n: u64| n.saturating_sub(1).to_string();
-                    let rest = format!("(?:{WS},{WS}{item}){{{},{}}}", more(min), max.map_or(String::new(), more));
-                    match (min, max) {
-                        (_, Some(0)) => format!(r"\[{WS}\]"),
-                        (0, _) => format!(r"\[{WS}(?:{item}{rest})?{WS}\]"),
-                        _ => format!(r"\[{WS}{item}{rest}{WS}\]"),
+                    let mut elements = Vec::new();
+                    for (i, p) in prefix.iter().enumerate().take(max.map_or(usize::MAX, |m| m as usize)) {
+                        elements.push(self.of(p, &format!("{at}/prefixItems/{i}"))?);
                     }
+                    let item = match o.get("items") {
+                        _ if max.is_some_and(|m| m <= k) => None,
+                        Some(items) => Some(self.of(items, &format!("{at}/items"))?),
+                        // Items of any value.
+                        None => Some(self.any(ANY_VALUE, &format!("{at}/items"))?),
+                    };
+                    array_regex(&elements, item.as_deref(), min, max)
                 }
                 "object" => {
                     let named = o.contains_key("properties");
@@ -1124,6 +1135,32 @@ impl<'s> SchemaRegex<'s> {
             });
         }
         Ok(if each.len() == 1 { each.remove(0) } else { format!("(?:{})", each.join("|")) })
+    }
+}
+
+/// The regular expression of a JSON array whose elements are `prefix`'s instances, in order, then
+/// any number of `item`'s (None: no more), between `min` and `max` of them in all.
+fn array_regex(prefix: &[String], item: Option<&str>, min: u64, max: Option<u64>) -> String {
+    let sep = format!("{WS},{WS}");
+    let k = prefix.len() as u64;
+    let element = |i: u64| prefix.get(i as usize).map_or(item.unwrap_or_default(), String::as_str);
+    // The elements from `i` on (if any), each after a comma, from the last back to the second.
+    let mut tail = match item {
+        Some(item) if max.is_none_or(|m| m > k.max(1)) => {
+            let from = k.max(1);
+            let hi = max.map_or(String::new(), |m| (m - from).to_string());
+            format!("(?:{sep}{item}){{{},{hi}}}", min.saturating_sub(from))
+        }
+        _ => String::new(),
+    };
+    for i in (1..k.min(max.unwrap_or(k))).rev() {
+        let this = format!("{sep}{}{tail}", element(i));
+        tail = if i >= min { format!("(?:{this})?") } else { this };
+    }
+    match (min, max) {
+        (_, Some(0)) => format!(r"\[{WS}\]"),
+        (0, _) => format!(r"\[{WS}(?:{}{tail})?{WS}\]", element(0)),
+        _ => format!(r"\[{WS}{}{tail}{WS}\]", element(0)),
     }
 }
 
@@ -2348,6 +2385,65 @@ mod tests {
             }
             assert!(matched > 20, "{matched}");
         }
+    }
+
+    /// Tuples (`prefixItems`, pydantic's `tuple[int, str]`): for prefixes of none to two schemas,
+    /// `items` a schema, `false` or left out of the tuple's length, and bounds on the count,
+    /// every array of up to four elements of three kinds matches exactly when it is an instance.
+    #[test]
+    fn tuples_take_their_prefix_then_the_items() {
+        let kinds = ["1", "\"s\"", "true"];
+        let schemas = [serde_json::json!({"type": "integer"}), serde_json::json!({"type": "string"})];
+        let mut arrays: Vec<Vec<usize>> = vec![vec![]];
+        let mut level = arrays.clone();
+        for _ in 0..4 {
+            level = level.iter().flat_map(|a| (0..3).map(move |e| [a.as_slice(), &[e]].concat())).collect();
+            arrays.extend(level.iter().cloned());
+        }
+        let mut checked = 0;
+        for k in 0..=2usize {
+            for items in [Some(serde_json::json!({"type": "boolean"})), Some(serde_json::json!(false)), None] {
+                if items.is_none() && k == 0 {
+                    continue;
+                }
+                for (min, max) in [(None, None), (Some(1), None), (Some(2), Some(3)), (None, Some(1)), (Some(3), None)]
+                {
+                    let mut schema = serde_json::json!({"type": "array", "prefixItems": schemas[..k]});
+                    for (key, v) in [("minItems", min), ("maxItems", max)] {
+                        if let Some(v) = v {
+                            schema[key] = v.into();
+                        }
+                    }
+                    // Items left out: the tuple's length at most (pydantic's fixed tuples).
+                    match &items {
+                        Some(i) => schema["items"] = i.clone(),
+                        None => schema["maxItems"] = max.unwrap_or(k).min(k).into(),
+                    }
+                    let limit = schema["maxItems"].as_u64().unwrap_or(u64::MAX) as usize;
+                    let closed = items.as_ref().is_some_and(|i| *i == false);
+                    let p = match schema_regex(&schema) {
+                        Ok(r) => Pattern::new(&r).unwrap(),
+                        Err(e) => {
+                            assert!(
+                                min.unwrap_or(0) as usize > limit.min(if closed { k } else { usize::MAX }),
+                                "{schema}: {e}"
+                            );
+                            continue;
+                        }
+                    };
+                    for a in &arrays {
+                        let text = format!("[{}]", a.iter().map(|&e| kinds[e]).collect::<Vec<_>>().join(", "));
+                        let ok = a.len() >= min.unwrap_or(0) as usize
+                            && a.len() <= limit
+                            && !(closed && a.len() > k)
+                            && a.iter().enumerate().all(|(i, &e)| if i < k { e == i } else { e == 2 });
+                        assert_eq!(p.matches(text.as_bytes()), ok, "{text} against {schema}");
+                        checked += ok as usize;
+                    }
+                }
+            }
+        }
+        assert!(checked > 60, "{checked}");
     }
 
     /// The keys of other members: every string of up to three of a few characters (and a
