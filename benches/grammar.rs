@@ -7,7 +7,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use v3c_runtime::gbnf::Grammar;
-use v3c_runtime::grammar::{schema_regex, Json, Pattern, TokenTrie};
+use v3c_runtime::grammar::{Json, Pattern, TokenTrie};
+use v3c_runtime::schema::schema_regex;
 use v3c_runtime::tokenizer::Tokenizer;
 
 fn grammar(c: &mut Criterion) {

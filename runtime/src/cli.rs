@@ -531,7 +531,7 @@ impl Guide {
     fn of_schema(schema: &serde_json::Value) -> Result<Guide, String> {
         Ok(match crate::gbnf::schema_grammar(schema)? {
             Some(g) => Guide::Grammar(g),
-            None => Guide::Regex(crate::grammar::schema_regex(schema)?),
+            None => Guide::Regex(crate::schema::schema_regex(schema)?),
         })
     }
 

@@ -776,7 +776,7 @@ pub fn quote(text: &str) -> String {
 }
 
 /// A JSON schema whose references are recursive as a GBNF grammar (None: it has none — a
-/// regular expression holds it, [`crate::grammar::schema_regex`]): [`schema_rules`] under
+/// regular expression holds it, [`crate::schema::schema_regex`]): [`schema_rules`] under
 /// `root`.
 pub fn schema_grammar(schema: &serde_json::Value) -> Result<Option<String>, String> {
     let (rules, recursive) = schema_rules(schema, "root")?;
@@ -784,18 +784,18 @@ pub fn schema_grammar(schema: &serde_json::Value) -> Result<Option<String>, Stri
 }
 
 /// A JSON schema's texts as GBNF rules: rule `name`, and each schema it refers to as
-/// `name-ref-k` ([`crate::grammar::schema_rules`]'s expressions written in GBNF); and whether
+/// `name-ref-k` ([`crate::schema::schema_rules`]'s expressions written in GBNF); and whether
 /// its references recurse.
 pub fn schema_rules(schema: &serde_json::Value, name: &str) -> Result<(String, bool), String> {
-    let (rules, recursive) = crate::grammar::schema_rules(schema)?;
+    let (rules, recursive) = crate::schema::schema_rules(schema)?;
     let mut text = String::new();
     for (k, regex) in rules.iter().enumerate() {
         let rule = if k == 0 { name.to_string() } else { format!("{name}-ref-{}", k - 1) };
-        if regex == crate::grammar::ANY_OBJECT {
+        if regex == crate::schema::ANY_OBJECT {
             text.push_str(&any_object_rules(&rule));
             continue;
         }
-        if regex == crate::grammar::ANY_VALUE {
+        if regex == crate::schema::ANY_VALUE {
             text.push_str(&any_json_rules(&rule, "value"));
             continue;
         }
@@ -834,7 +834,7 @@ fn any_json_rules(name: &str, entry: &str) -> String {
 /// A regular expression (its syntax tree) in GBNF; the reference marks as rules `name-ref-k`.
 fn gbnf_of(hir: &regex_syntax::hir::Hir, name: &str) -> Result<String, String> {
     use regex_syntax::hir::{Class, HirKind};
-    let mark = crate::grammar::REF_MARK;
+    let mark = crate::schema::REF_MARK;
     Ok(match hir.kind() {
         HirKind::Empty => "\"\"".to_string(),
         HirKind::Literal(l) => {

@@ -158,7 +158,7 @@ pub struct RowSplit {
 
 /// Runs one kernel launch on up to two threads (this machine's cores, at most two): a partitioned
 /// kernel as its two shares, a row-split one (`split`) on the halves of its rows when each gets
-/// `min_rows`, anything else — and any launch on less than [`MIN_SPREAD_BYTES`] — whole. `run(buffers, part, parts)` runs one job.
+/// `min_rows`, anything else — and any launch on less than `MIN_SPREAD_BYTES` — whole. `run(buffers, part, parts)` runs one job.
 ///
 /// # Safety
 /// Each job as `run` requires; the jobs write disjoint elements (shares: disjoint columns; halves:

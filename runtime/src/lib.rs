@@ -36,6 +36,7 @@ pub mod prepare;
 pub mod reasoning;
 pub mod responses;
 pub mod route;
+pub mod schema;
 pub mod session;
 pub mod speculative;
 pub mod tokenizer;

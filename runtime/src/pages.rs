@@ -15,7 +15,7 @@ use crate::plan::PAGE_POOL;
 pub const PAGE_ROWS: usize = crate::abi::PAGE_ROWS;
 
 /// Pages of a pool, handed to sequences as they grow. A page may be held by several holders at
-/// once — sequences sharing a prompt's whole pages ([`PagePool::share`]), kept prefixes
+/// once — sequences sharing a prompt's whole pages ([`PagePool::share_pinned`]), kept prefixes
 /// ([`PagePool::keep`]), a join's pinned prefix ([`PagePool::pin`]) — and is free again when the
 /// last lets it go. Shared pages are only read: a sequence writes rows past its prompt, and the
 /// pages it shares are whole pages of its prompt.
