@@ -1,5 +1,6 @@
 //! `v3r serve --http ADDR`: the serving loop ([`crate::session::serve`]) behind a small HTTP/1.1
-//! server speaking OpenAI's API:
+//! server speaking OpenAI's API (each API's bodies and replies in a module of its own: [`crate::openai`],
+//! [`crate::responses`], [`crate::messages`]; here the server, its routes, and what they share):
 //! - `POST /v1/completions`: `{"prompt": "text" or [ids] (or an array of prompts), "n": choices,
 //!   "max_tokens": N, "temperature": T, "top_p": P, "seed": S, "stop": ["text", ...] or [[ids], ...],
 //!   "logprobs": true or K, "echo": true, "stream": true}`;
@@ -28,8 +29,9 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use crate::cli::RequestDefaults;
+use crate::openai::{api_request, called, chat_token, finish_reason, Api, Called};
 use crate::route::{RouteEnd, Routed, Router, Scored};
-use crate::session::{generation_text, Arrival, Ending, Generation, Progress, Request};
+use crate::session::{generation_text, Arrival, Generation, Progress, Request};
 use crate::tokenizer::Tokenizer;
 
 /// The largest request body read (a prompt of a million token ids fits).
@@ -109,453 +111,8 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, St
     Ok(Some(HttpRequest { method, path, body, authorization, keep_alive }))
 }
 
-/// The two APIs served: OpenAI's completions and chat completions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Api {
-    /// `POST /v1/completions`: a prompt (text or token ids), `text` back.
-    Completions,
-    /// `POST /v1/chat/completions`: `messages` written by the chat template, a `message` back.
-    Chat,
-}
-
-/// A completion request's body as the serving loop takes it, and whether it streams. OpenAI's
-/// fields: `prompt` (text or token ids: one, or one in an array), `max_tokens`, `temperature`,
-/// `top_p`, `seed`, `stop` (strings, or token id sequences), `logprobs` (true: the chosen token's; a count:
-/// that many alternatives' too, at most [`crate::cli::MAX_TOP_LOGPROBS`]), `stream`; `model`, `n` (1), `user` and `echo` (false) are accepted and the
-/// others refused by name. What a request leaves out comes from `defaults`.
-pub fn completion_request(
-    body: &[u8],
-    defaults: &RequestDefaults,
-    tokenizer: Option<&Arc<Tokenizer>>,
-) -> Result<ApiRequest, String> {
-    api_request(Api::Completions, body, defaults, tokenizer)
-}
-
-/// A body's requests, one a choice in the reply's order (each prompt's `n` together), and
-/// whether the reply streams (one choice only).
-#[derive(Debug)]
-pub struct ApiRequest {
-    pub requests: Vec<Request>,
-    pub stream: bool,
-    /// `stream_options.include_usage`: a streamed reply's last chunk says the usage.
-    pub usage: bool,
-    /// Choices a prompt.
-    pub n: usize,
-}
-
-/// Fields clients send that change nothing here, taken (as OpenAI's API takes them): `metadata`
-/// and `store` (nothing is stored), `service_tier`, `safety_identifier`, and `prompt_cache_key`
-/// and `prompt_cache_retention` (the server reuses the whole cache pages a prompt shares with
-/// earlier ones anyway).
-const NO_EFFECT: [&str; 6] =
-    ["metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"];
-
-/// The most choices one body asks for (prompts times `n`).
-pub const MAX_CHOICES: usize = 128;
-
-/// A chat completion request's body as the serving loop takes it, and whether it streams: as
-/// [`completion_request`] with `messages` (the conversation, which the tokenizer's chat template
-/// writes with the assistant's turn opened) for `prompt`, `max_completion_tokens` (or
-/// `max_tokens`), `logprobs` true and `top_logprobs` K, `tools`, `tool_choice` and
-/// `parallel_tool_calls`; no `echo`.
-pub fn chat_request(
-    body: &[u8],
-    defaults: &RequestDefaults,
-    tokenizer: Option<&Arc<Tokenizer>>,
-) -> Result<ApiRequest, String> {
-    api_request(Api::Chat, body, defaults, tokenizer)
-}
-
-fn api_request(
-    api: Api,
-    body: &[u8],
-    defaults: &RequestDefaults,
-    tokenizer: Option<&Arc<Tokenizer>>,
-) -> Result<ApiRequest, String> {
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
-    let o = v.as_object().ok_or("the body is not a JSON object")?;
-    const COMMON: [&str; 11] = [
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "seed",
-        "stop",
-        "logprobs",
-        "stream",
-        "stream_options",
-        "model",
-        "n",
-        "user",
-    ];
-    let own: &[&str] = match api {
-        Api::Completions => &["prompt", "echo"],
-        Api::Chat => &["messages", "max_completion_tokens", "top_logprobs"],
-    };
-    let chat: &[&str] = if api == Api::Chat { &crate::cli::CHAT_FIELDS } else { &[] };
-    let fields: Vec<&str> =
-        own.iter().chain(chat).chain(&COMMON).chain(&crate::cli::SAMPLING_FIELDS).chain(&NO_EFFECT).copied().collect();
-    if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
-        return Err(format!("unknown field '{k}' ({})", fields.join(", ")));
-    }
-    let n = match o.get("n") {
-        None | Some(serde_json::Value::Null) => 1,
-        Some(x) => x.as_u64().filter(|&n| n >= 1).ok_or_else(|| format!("n: {x} is not a positive count"))? as usize,
-    };
-
-    let needs_tokenizer =
-        |what: &str| format!("{what} needs a tokenizer (v3r serve --tokenizer FILE, or tokenizer.json in --weights)");
-    // The serve lines' fields (a prompt each), which [`crate::cli::parse_request`] checks.
-    let mut lines: Vec<serde_json::Value> = match api {
-        Api::Completions => {
-            // A prompt (text or token ids), or an array of them.
-            let prompts = match o.get("prompt") {
-                None => return Err("no \"prompt\" (text, or token ids)".into()),
-                Some(serde_json::Value::Array(a))
-                    if !a.is_empty() && a.iter().all(|p| p.is_array() || p.is_string()) =>
-                {
-                    a.clone()
-                }
-                Some(p) => vec![p.clone()],
-            };
-            let mut lines = Vec::new();
-            for p in prompts {
-                lines.push(match p {
-                    serde_json::Value::String(_) if tokenizer.is_none() => {
-                        return Err(format!("prompt: {}; or give token ids", needs_tokenizer("text")))
-                    }
-                    serde_json::Value::String(_) => serde_json::json!({ "text": p }),
-                    _ => serde_json::json!({ "prompt": p }),
-                });
-            }
-            lines
-        }
-        Api::Chat => {
-            let messages = o.get("messages").ok_or("no \"messages\"")?;
-            match tokenizer {
-                Some(t) if t.has_chat_template() => {
-                    let mut line = serde_json::json!({ "messages": messages });
-                    for k in crate::cli::CHAT_FIELDS {
-                        if let Some(x) = o.get(k).filter(|x| !x.is_null()) {
-                            line[k] = x.clone();
-                        }
-                    }
-                    vec![line]
-                }
-                _ => {
-                    return Err(format!(
-                        "messages: {} with a chat template (its tokenizer_config.json)",
-                        needs_tokenizer("chat")
-                    ))
-                }
-            }
-        }
-    };
-    if lines.len() * n > MAX_CHOICES {
-        return Err(format!("{} prompts x n {n}: at most {MAX_CHOICES} choices a request", lines.len()));
-    }
-    let mut line = serde_json::json!({});
-    let max_tokens = o.get("max_completion_tokens").filter(|x| !x.is_null()).or(o.get("max_tokens"));
-    let same = ["temperature", "top_p"].iter().chain(&crate::cli::SAMPLING_FIELDS).map(|&k| (k, o.get(k)));
-    for (ours, x) in [("max_new_tokens", max_tokens)].into_iter().chain(same) {
-        if let Some(x) = x.filter(|x| !x.is_null()) {
-            line[ours] = x.clone();
-        }
-    }
-    if let Some(x) = o.get("seed").filter(|x| !x.is_null()) {
-        line["seed"] = x.clone();
-    }
-    // Strings (OpenAI's) or token id sequences.
-    match o.get("stop") {
-        None | Some(serde_json::Value::Null) => {}
-        Some(x @ serde_json::Value::String(_)) => line["stop_text"] = x.clone(),
-        Some(serde_json::Value::Array(a)) if !a.is_empty() && a.iter().all(|x| x.is_string()) => {
-            line["stop_text"] = a.clone().into()
-        }
-        Some(x) => line["stop"] = x.clone(),
-    }
-    match (api, o.get("logprobs")) {
-        (_, None | Some(serde_json::Value::Null)) => {}
-        (_, Some(serde_json::Value::Bool(b))) => line["logprobs"] = (*b).into(),
-        // A count: the chosen token's and that many alternatives' at each step.
-        (Api::Completions, Some(n)) if n.as_u64().is_some() => {
-            line["logprobs"] = true.into();
-            line["top_logprobs"] = n.clone();
-        }
-        (Api::Completions, Some(x)) => return Err(format!("logprobs: {x} is not true, false or a count")),
-        (Api::Chat, Some(x)) => return Err(format!("logprobs: {x} is not true or false")),
-    }
-    // The prompt's tokens before the completion's, scored where log-probabilities are asked for.
-    match o.get("echo") {
-        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
-        Some(serde_json::Value::Bool(true)) => line["echo"] = true.into(),
-        Some(x) => return Err(format!("echo: {x} is not true or false")),
-    }
-    if let Some(k) = o.get("top_logprobs").filter(|x| !x.is_null()) {
-        if o.get("logprobs").and_then(serde_json::Value::as_bool) != Some(true) {
-            return Err("top_logprobs: only with \"logprobs\": true".into());
-        }
-        line["top_logprobs"] = k.clone();
-    }
-    let stream = match o.get("stream") {
-        None | Some(serde_json::Value::Null) => false,
-        Some(x) => x.as_bool().ok_or_else(|| format!("stream: {x} is not true or false"))?,
-    };
-    let usage = match o.get("stream_options") {
-        None | Some(serde_json::Value::Null) => false,
-        Some(_) if !stream => return Err("stream_options: only with \"stream\": true".into()),
-        Some(serde_json::Value::Object(x)) => {
-            match (x.keys().find(|k| *k != "include_usage"), x.get("include_usage")) {
-                (Some(k), _) => return Err(format!("stream_options: unknown field '{k}' (include_usage)")),
-                (None, None | Some(serde_json::Value::Null)) => false,
-                (None, Some(b)) => {
-                    b.as_bool().ok_or_else(|| format!("stream_options.include_usage: {b} is not true or false"))?
-                }
-            }
-        }
-        Some(x) => return Err(format!("stream_options: {x} is not an object")),
-    };
-    // Each choice of a prompt its own seed: the given one (or the default) plus its number.
-    let seed = match line.get("seed") {
-        Some(x) => x.as_u64().ok_or_else(|| format!("seed: {x} is not a whole number"))?,
-        None => defaults.seed,
-    };
-    let mut requests = Vec::with_capacity(lines.len() * n);
-    for prompt in lines.iter_mut() {
-        for k in 0..n as u64 {
-            let mut one = line.clone();
-            for (key, value) in prompt.as_object().into_iter().flatten() {
-                one[key] = value.clone();
-            }
-            one["seed"] = (seed + k).into();
-            let (_, request) = crate::cli::parse_request(&one.to_string(), defaults, tokenizer).map_err(|e| {
-                // Named as this API names them.
-                let e = e.replacen("stop_text:", "stop:", 1).replacen("max_new_tokens:", "max_tokens:", 1);
-                match api {
-                    Api::Completions => e.replacen("text:", "prompt:", 1),
-                    Api::Chat => e,
-                }
-            })?;
-            requests.push(request);
-        }
-    }
-    Ok(ApiRequest { requests, stream, n, usage })
-}
-
-/// OpenAI's `finish_reason`: an end token or stop sequence is `stop`, the token budget `length`.
-fn finish_reason(g: &Generation) -> &'static str {
-    match g.ending {
-        Some(Ending::Eos) | Some(Ending::Stop) => "stop",
-        Some(Ending::Length) => "length",
-        None => "cancelled",
-    }
-}
-
-/// A reply's JSON: `object` (text_completion, chat.completion), its choices, and OpenAI's
-/// `usage` — each distinct prompt's tokens counted once (`prompt_tokens`), every choice's
-/// generated ones, and the prompt tokens whose cache rows were shared.
-pub fn reply_json(
-    id: &str,
-    object: &str,
-    model: &str,
-    created: u64,
-    choices: Vec<serde_json::Value>,
-    prompt_tokens: usize,
-    generations: &[&Generation],
-) -> serde_json::Value {
-    let completion: usize = generations.iter().map(|g| g.tokens.len()).sum();
-    let cached: usize = generations.iter().map(|g| g.reused).sum();
-    serde_json::json!({
-        "id": id,
-        "object": object,
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion,
-            "cached_prompt_tokens": cached,
-            "prompt_tokens_details": { "cached_tokens": cached },
-        },
-    })
-}
-
-/// A completion's choice number `index`; `echoed`: the prompt's tokens come first (in `tokens`
-/// and, where scored, the log-probabilities: the first token's null).
-pub fn completion_choice(index: usize, prompt: &[u32], echoed: bool, g: &Generation, text: &str) -> serde_json::Value {
-    let scored = !g.logprobs.is_empty() || !g.prompt_logprobs.is_empty();
-    let (mut tokens, mut lps, mut top) = (Vec::new(), Vec::new(), Vec::new());
-    if echoed {
-        tokens.extend_from_slice(prompt);
-        if scored {
-            lps.push(serde_json::Value::Null);
-            lps.extend(g.prompt_logprobs.iter().map(|&x| serde_json::json!(x)));
-            if !g.prompt_top_logprobs.is_empty() {
-                top.push(serde_json::Value::Null);
-                top.extend(g.prompt_top_logprobs.iter().map(|a| alternatives(a)));
-            }
-        }
-    }
-    tokens.extend_from_slice(&g.tokens);
-    lps.extend(g.logprobs.iter().map(|&x| serde_json::json!(x)));
-    top.extend(g.top_logprobs.iter().map(|a| alternatives(a)));
-    let logprobs = match scored {
-        false => serde_json::Value::Null,
-        true => {
-            let top = if top.is_empty() { serde_json::Value::Null } else { top.into() };
-            serde_json::json!({ "tokens": tokens, "token_logprobs": lps, "top_logprobs": top })
-        }
-    };
-    serde_json::json!({
-        "index": index,
-        "text": text,
-        "tokens": tokens,
-        "logprobs": logprobs,
-        "finish_reason": finish_reason(g),
-    })
-}
-
-/// The completions API's alternatives at a step: an object of token (its id) -> log-probability.
-fn alternatives(alts: &[(u32, f32)]) -> serde_json::Value {
-    alts.iter().map(|(t, lp)| (t.to_string(), serde_json::json!(lp))).collect::<serde_json::Map<_, _>>().into()
-}
-
-/// The chat API's log-probability entry of token `t`: its text, bytes, id, and its alternatives'.
-fn chat_token(tokenizer: &Tokenizer, t: u32, lp: f32, alts: &[(u32, f32)]) -> serde_json::Value {
-    let one = |t: u32, lp: f32| {
-        let bytes = tokenizer.token_bytes_of(t);
-        serde_json::json!({ "token": String::from_utf8_lossy(&bytes), "logprob": lp, "bytes": bytes, "id": t })
-    };
-    let mut entry = one(t, lp);
-    entry["top_logprobs"] = alts.iter().map(|&(a, alp)| one(a, alp)).collect();
-    entry
-}
-
-/// A streamed token's log-probabilities in `api`'s shape.
-fn streamed_logprobs(
-    api: Api,
-    tokenizer: Option<&Arc<Tokenizer>>,
-    t: u32,
-    lp: f32,
-    alts: &[(u32, f32)],
-) -> serde_json::Value {
-    match (api, tokenizer) {
-        (Api::Chat, Some(tok)) => serde_json::json!({ "content": [chat_token(tok, t, lp, alts)] }),
-        _ => {
-            let top = if alts.is_empty() { serde_json::Value::Null } else { vec![alternatives(alts)].into() };
-            serde_json::json!({ "tokens": [t], "token_logprobs": [lp], "top_logprobs": top })
-        }
-    }
-}
-
-/// A chat completion's calls of its tools: the content before them, and OpenAI's `tool_calls`.
-#[derive(Debug, Clone)]
-pub struct Called {
-    pub content: String,
-    pub tool_calls: serde_json::Value,
-}
-
-/// The calls a chat completion (request number `number`, which may call `tools`; `tokens`: its
-/// answer's) made, if it was read for calls and they are well formed.
-pub fn called(
-    tools: Option<&crate::tools::Tools>,
-    tokenizer: &Tokenizer,
-    number: usize,
-    tokens: &[u32],
-) -> Option<Called> {
-    let tools = tools.filter(|t| t.calling())?;
-    let (content, calls) = crate::tools::split_calls(tokenizer, tokens, tools.format)?;
-    let tool_calls = crate::tools::calls_json(number, &calls);
-    (!calls.is_empty()).then_some(Called { content, tool_calls })
-}
-
-/// OpenAI's `finish_reason` of a chat completion: `tool_calls` when it ended having called.
-fn chat_finish(g: &Generation, called: bool) -> &'static str {
-    match (called, finish_reason(g)) {
-        (true, "stop") => "tool_calls",
-        (_, reason) => reason,
-    }
-}
-
-/// A chat completion's choice number `index`: the assistant's message (with `called`, its
-/// content before them, null if none, and its `tool_calls`; with `reasoning`, its
-/// `reasoning_content`), its tokens (in `tokens`), and with log-probabilities each token's text,
-/// bytes and alternatives.
-pub fn chat_choice(
-    index: usize,
-    g: &Generation,
-    text: &str,
-    tokenizer: &Tokenizer,
-    called: Option<&Called>,
-    reasoning: Option<&str>,
-) -> serde_json::Value {
-    let logprobs = match g.logprobs.is_empty() {
-        true => serde_json::Value::Null,
-        false => {
-            let content: Vec<serde_json::Value> = g
-                .tokens
-                .iter()
-                .zip(&g.logprobs)
-                .enumerate()
-                .map(|(k, (&t, &lp))| {
-                    chat_token(tokenizer, t, lp, g.top_logprobs.get(k).map_or(&[][..], Vec::as_slice))
-                })
-                .collect();
-            serde_json::json!({ "content": content })
-        }
-    };
-    let mut message = match called {
-        None => serde_json::json!({ "role": "assistant", "content": text }),
-        Some(c) => {
-            let content = if c.content.is_empty() { serde_json::Value::Null } else { c.content.clone().into() };
-            serde_json::json!({ "role": "assistant", "content": content, "tool_calls": c.tool_calls })
-        }
-    };
-    if let Some(r) = reasoning {
-        message["reasoning_content"] = r.into();
-    }
-    serde_json::json!({
-        "index": index,
-        "message": message,
-        "tokens": g.tokens,
-        "logprobs": logprobs,
-        "finish_reason": chat_finish(g, called.is_some()),
-    })
-}
-
-/// One streamed chunk: a token and the text it settles, or (`finish`) the end and the rest.
-fn chunk_json(
-    api: Api,
-    id: &str,
-    model: &str,
-    created: u64,
-    token: Option<u32>,
-    text: &str,
-    finish: Option<&str>,
-) -> serde_json::Value {
-    let tokens: Vec<u32> = token.into_iter().collect();
-    let (object, choice) = match api {
-        Api::Completions => (
-            "text_completion",
-            serde_json::json!({ "index": 0, "text": text, "tokens": tokens, "finish_reason": finish }),
-        ),
-        // The end's delta is empty unless held-back text is left.
-        Api::Chat => {
-            let delta = match (finish, text.is_empty()) {
-                (Some(_), true) => serde_json::json!({}),
-                _ => serde_json::json!({ "content": text }),
-            };
-            (
-                "chat.completion.chunk",
-                serde_json::json!({ "index": 0, "delta": delta, "tokens": tokens, "finish_reason": finish }),
-            )
-        }
-    };
-    serde_json::json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice] })
-}
-
 /// Writes a whole response: `status` (e.g. "200 OK") and a JSON body.
-fn respond(conn: &mut Conn, status: &str, body: &serde_json::Value) -> std::io::Result<()> {
+pub(crate) fn respond(conn: &mut Conn, status: &str, body: &serde_json::Value) -> std::io::Result<()> {
     respond_text(conn, status, "application/json", &body.to_string())
 }
 
@@ -571,19 +128,22 @@ fn respond_text(conn: &mut Conn, status: &str, content_type: &str, body: &str) -
 }
 
 /// An error response in OpenAI's shape.
-fn respond_error(conn: &mut Conn, status: &str, message: &str) -> std::io::Result<()> {
+pub(crate) fn respond_error(conn: &mut Conn, status: &str, message: &str) -> std::io::Result<()> {
     let kind = if status.starts_with('4') { "invalid_request_error" } else { "server_error" };
     respond(conn, status, &serde_json::json!({ "error": { "message": message, "type": kind } }))
 }
 
 /// A client's connection, and whether it stays open after the reply being written.
-struct Conn {
-    stream: TcpStream,
-    keep: bool,
+pub(crate) struct Conn {
+    pub(crate) stream: TcpStream,
+    pub(crate) keep: bool,
 }
 
+/// A connection's way to the serving loop: a message, and where (for a request) its number goes.
+pub(crate) type ToLoop = mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>;
+
 /// What a connection's thread hands the serving loop.
-enum Message {
+pub(crate) enum Message {
     /// A request, and where its progress goes.
     Request(Box<Request>, mpsc::Sender<Progress>),
     /// The client of request `.0` (its number in arrival order) went away.
@@ -857,16 +417,16 @@ pub fn serve_http(
 static ANSWERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Why a request that came while the server stops is refused (503).
-const STOPPING: &str = "the server is stopping";
+pub(crate) const STOPPING: &str = "the server is stopping";
 
 /// Seconds since the Unix epoch (`created`).
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// One connection: its requests read, routed, answered, one after another while the client
 /// keeps it open (a streamed reply closes it).
-fn connection(stream: TcpStream, tx: mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>, site: &Site) {
+fn connection(stream: TcpStream, tx: ToLoop, site: &Site) {
     // A client that never finishes a request, or idles, does not hold its thread for ever.
     let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(60)));
     let Ok(reading) = stream.try_clone() else { return };
@@ -893,12 +453,7 @@ fn connection(stream: TcpStream, tx: mpsc::Sender<(Message, Option<mpsc::Sender<
 }
 
 /// One request of a connection, answered.
-fn answer(
-    conn: &mut Conn,
-    request: &HttpRequest,
-    tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
-    site: &Site,
-) {
+fn answer(conn: &mut Conn, request: &HttpRequest, tx: &ToLoop, site: &Site) {
     let model = site.model.as_str();
     let authorized = match &site.api_key {
         None => true,
@@ -937,10 +492,10 @@ fn answer(
             let name = path.trim_start_matches("/v1/models/");
             let _ = respond_error(conn, "404 Not Found", &format!("model {name}: served here is {model}"));
         }
-        ("POST", "/v1/completions") => completion(Api::Completions, conn, &request.body, tx, site),
-        ("POST", "/v1/chat/completions") => completion(Api::Chat, conn, &request.body, tx, site),
-        ("POST", "/v1/responses") => responses(conn, &request.body, tx, site),
-        ("POST", "/v1/messages") => messages(conn, &request.body, tx, site),
+        ("POST", "/v1/completions") => crate::openai::answer(Api::Completions, conn, &request.body, tx, site),
+        ("POST", "/v1/chat/completions") => crate::openai::answer(Api::Chat, conn, &request.body, tx, site),
+        ("POST", "/v1/responses") => crate::responses::answer(conn, &request.body, tx, site),
+        ("POST", "/v1/messages") => crate::messages::answer(conn, &request.body, tx, site),
         ("POST", "/v1/messages/count_tokens") => {
             // The prompt the chat template writes of it (tools included), counted.
             let _ = match one_chat(crate::messages::count_body(&request.body).map(|c| (c, false)), site) {
@@ -1026,32 +581,32 @@ fn tokenize(encode: bool, body: &[u8], site: &Site) -> Result<serde_json::Value,
 
 /// What a connection knows of one of its requests: its prompt, whether it is echoed, its stop
 /// strings, and where its progress comes.
-struct Pending {
-    number: usize,
-    prompt: Vec<u32>,
-    echoed: bool,
-    stops: Option<crate::session::TextStops>,
-    events: mpsc::Receiver<Progress>,
+pub(crate) struct Pending {
+    pub(crate) number: usize,
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) echoed: bool,
+    pub(crate) stops: Option<crate::session::TextStops>,
+    pub(crate) events: mpsc::Receiver<Progress>,
     /// The functions it may call (read for calls when it ends).
-    tools: Option<Arc<crate::tools::Tools>>,
+    pub(crate) tools: Option<Arc<crate::tools::Tools>>,
     /// How its completion parts into reasoning and answer.
-    reasoning: Option<crate::reasoning::Reasoning>,
+    pub(crate) reasoning: Option<crate::reasoning::Reasoning>,
 }
 
 /// A chat reply's parts, whole: its reasoning (tokens and text; None: it did not reason, or is
 /// not read for reasoning), its answer's tokens, its text (cut before a stop string; where it
 /// called, the text before the calls) and its calls.
-struct Whole {
-    reasoning: Option<Vec<u32>>,
-    thought: Option<String>,
-    answer: Vec<u32>,
-    text: String,
-    called: Option<Called>,
+pub(crate) struct Whole {
+    pub(crate) reasoning: Option<Vec<u32>>,
+    pub(crate) thought: Option<String>,
+    pub(crate) answer: Vec<u32>,
+    pub(crate) text: String,
+    pub(crate) called: Option<Called>,
 }
 
 impl Pending {
     /// Its reply `g`'s parts, through `t`.
-    fn whole(&self, g: &Generation, t: &Tokenizer) -> Whole {
+    pub(crate) fn whole(&self, g: &Generation, t: &Tokenizer) -> Whole {
         let (reasoning, answer) = self.split(g);
         let called = called(self.tools.as_deref(), t, self.number, &answer);
         let text = match &called {
@@ -1064,7 +619,7 @@ impl Pending {
 
     /// Its completion's reasoning tokens (None: it did not reason, or is not read for reasoning)
     /// and answer tokens.
-    fn split(&self, g: &Generation) -> (Option<Vec<u32>>, Vec<u32>) {
+    pub(crate) fn split(&self, g: &Generation) -> (Option<Vec<u32>>, Vec<u32>) {
         match self.reasoning {
             Some(r) => r.split(&g.tokens),
             None => (None, g.tokens.clone()),
@@ -1074,7 +629,7 @@ impl Pending {
 
 /// Queues `request` into the batch (`api`'s: echoed only by completions): what the connection
 /// keeps of it (None: the server is stopping).
-fn queue(api: Api, request: Request, tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>) -> Option<Pending> {
+pub(crate) fn queue(api: Api, request: Request, tx: &ToLoop) -> Option<Pending> {
     let (prompt, echoed) = (request.prompt.clone(), request.echo && api == Api::Completions);
     let (stops, tools, reasoning) = (request.stop_text.clone(), request.tools.clone(), request.reasoning);
     let (progress, events) = mpsc::channel();
@@ -1085,7 +640,7 @@ fn queue(api: Api, request: Request, tx: &mpsc::Sender<(Message, Option<mpsc::Se
 }
 
 /// `p`'s end: its generation, or the status and message of why there is none.
-fn wait(p: &Pending) -> Result<Generation, (&'static str, String)> {
+pub(crate) fn wait(p: &Pending) -> Result<Generation, (&'static str, String)> {
     let outcome = p.events.iter().find_map(|event| match event {
         Progress::Token(_) | Progress::Scored(..) => None,
         Progress::Ended(g) | Progress::Cancelled(g) => Some(Ok(g)),
@@ -1095,84 +650,9 @@ fn wait(p: &Pending) -> Result<Generation, (&'static str, String)> {
     outcome.unwrap_or_else(|| Err(("503 Service Unavailable", "the server stopped before the request ended".into())))
 }
 
-/// A completion: parsed, queued (each choice a request of its own), answered whole or streamed.
-fn completion(
-    api: Api,
-    conn: &mut Conn,
-    body: &[u8],
-    tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
-    site: &Site,
-) {
-    let (tokenizer, model) = (site.tokenizer.as_ref(), site.model.as_str());
-    let ApiRequest { requests, stream: streaming, n, usage } = match api_request(api, body, &site.defaults, tokenizer) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = respond_error(conn, "400 Bad Request", &e);
-            return;
-        }
-    };
-    let mut pending = Vec::with_capacity(requests.len());
-    for request in requests {
-        let Some(p) = queue(api, request, tx) else {
-            let _ = respond_error(conn, "503 Service Unavailable", "the server is stopping");
-            return;
-        };
-        pending.push(p);
-    }
-    let (kind, object) = match api {
-        Api::Completions => ("cmpl", "text_completion"),
-        Api::Chat => ("chatcmpl", "chat.completion"),
-    };
-    let (id, created) = (format!("{kind}-{}", pending[0].number), now());
-    // The prompt's text first where it is echoed.
-    let prompt_text = |p: &Pending| match (p.echoed, tokenizer) {
-        (true, Some(t)) => t.decode(&p.prompt, true),
-        _ => String::new(),
-    };
-    if streaming {
-        let prompt_tokens: usize = pending.iter().step_by(n.max(1)).map(|p| p.prompt.len()).sum();
-        let usage = usage.then_some(prompt_tokens);
-        stream_choices(api, conn, &mut pending, tx, site, (&id, created), usage);
-        return;
-    }
-    // Every choice's end, in order; a refused one refuses the reply (the others cancelled).
-    let mut ended = Vec::with_capacity(pending.len());
-    for (k, p) in pending.iter().enumerate() {
-        match wait(p) {
-            Ok(g) => ended.push(g),
-            Err((status, e)) => {
-                for other in &pending[k + 1..] {
-                    let _ = tx.send((Message::Gone(other.number), None));
-                }
-                let _ = respond_error(conn, status, &e);
-                return;
-            }
-        }
-    }
-    let choices: Vec<serde_json::Value> = pending
-        .iter()
-        .zip(&ended)
-        .enumerate()
-        .map(|(k, (p, g))| match (api, tokenizer) {
-            (Api::Chat, Some(t)) => {
-                let w = p.whole(g, t);
-                chat_choice(k, g, &w.text, t, w.called.as_ref(), w.thought.as_deref())
-            }
-            _ => {
-                let text = tokenizer.map_or(String::new(), |t| generation_text(t, &g.tokens, p.stops.as_ref()));
-                completion_choice(k, &p.prompt, p.echoed, g, &(prompt_text(p) + &text))
-            }
-        })
-        .collect();
-    // Each prompt's tokens once, however many choices it has.
-    let prompt_tokens: usize = pending.iter().step_by(n.max(1)).map(|p| p.prompt.len()).sum();
-    let generations: Vec<&Generation> = ended.iter().collect();
-    let _ = respond(conn, "200 OK", &reply_json(&id, object, model, created, choices, prompt_tokens, &generations));
-}
-
 /// Another API's request as a chat completion's body (`chat`: it, and whether the reply
 /// streams): the one request it makes, whether it streams, and the tokenizer a chat needs.
-fn one_chat(
+pub(crate) fn one_chat(
     chat: Result<(serde_json::Value, bool), String>,
     site: &Site,
 ) -> Result<(Request, bool, &Arc<Tokenizer>), String> {
@@ -1186,161 +666,8 @@ fn one_chat(
     }
 }
 
-/// OpenAI's Responses API ([`crate::responses`]): the request as a chat completion's (one
-/// choice), answered as a response object, or streamed as the API's events.
-fn responses(conn: &mut Conn, body: &[u8], tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>, site: &Site) {
-    use crate::responses::{items, response, usage, Outcome};
-    let model = site.model.as_str();
-    let (request, stream, t) = match one_chat(crate::responses::chat_body(body), site) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = respond_error(conn, "400 Bad Request", &e);
-            return;
-        }
-    };
-    // The request's settings, echoed in the response.
-    let given: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let Some(p) = queue(Api::Chat, request, tx) else {
-        let _ = respond_error(conn, "503 Service Unavailable", "the server is stopping");
-        return;
-    };
-    let created = now();
-    if stream {
-        stream_response(conn, &p, tx, site, t, &given, created);
-        return;
-    }
-    let g = match wait(&p) {
-        Ok(g) => g,
-        Err((status, e)) => {
-            let _ = respond_error(conn, status, &e);
-            return;
-        }
-    };
-    let Whole { reasoning, thought, text, called, .. } = p.whole(&g, t);
-    let outcome = Outcome { number: p.number, reasoning: thought.as_deref(), text: &text, called: called.as_ref() };
-    let mut output = items(&outcome);
-    if !g.logprobs.is_empty() {
-        // Every token's, on the message.
-        let logprobs: Vec<serde_json::Value> = (g.tokens.iter().zip(&g.logprobs).enumerate())
-            .map(|(k, (&tok, &lp))| chat_token(t, tok, lp, g.top_logprobs.get(k).map_or(&[][..], Vec::as_slice)))
-            .collect();
-        if let Some(m) = output.iter_mut().find(|i| i["type"] == "message") {
-            m["content"][0]["logprobs"] = logprobs.into();
-        }
-    }
-    let status = if finish_reason(&g) == "length" { "incomplete" } else { "completed" };
-    let used = usage(p.prompt.len(), g.reused, g.tokens.len(), reasoning.map_or(0, |r| r.len()));
-    let _ = respond(conn, "200 OK", &response(p.number, created, model, &given, status, output, used));
-}
-
-/// A streamed response's events as it writes them: numbered, and its reasoning and message
-/// items opened (given the next output index), added to and closed.
-struct ResponseEvents<'a> {
-    stream: &'a mut TcpStream,
-    sequence: u64,
-    /// The client is still there.
-    ok: bool,
-    number: usize,
-    /// The next output item's index.
-    next: usize,
-    reasoning_at: Option<usize>,
-    reasoning_done: bool,
-    thought_text: String,
-    message_at: Option<usize>,
-    message_done: bool,
-    message_text: String,
-    /// The calls begun: each one's output index, id, name, arguments so far and whether it ended.
-    calls: Vec<(usize, String, String, String, bool)>,
-    /// The items done, by output index: the response's output.
-    done: std::collections::BTreeMap<usize, serde_json::Value>,
-}
-
-impl ResponseEvents<'_> {
-    /// Item `item` at `at` done.
-    fn item_done(&mut self, at: usize, item: serde_json::Value) {
-        self.send("response.output_item.done", serde_json::json!({ "output_index": at, "item": item }));
-        self.done.insert(at, item);
-    }
-
-    /// One event: its type named in `event:` and in the data, numbered in order.
-    fn send(&mut self, kind: &str, mut data: serde_json::Value) {
-        data["type"] = kind.into();
-        data["sequence_number"] = self.sequence.into();
-        self.sequence += 1;
-        let text = format!("event: {kind}\ndata: {data}\n\n");
-        self.ok = self.ok && self.stream.write_all(text.as_bytes()).and_then(|_| self.stream.flush()).is_ok();
-    }
-
-    /// An item added at the next index, with its (empty) content part: that index.
-    fn open(&mut self, item: serde_json::Value, part: serde_json::Value) -> usize {
-        let at = self.next;
-        self.next += 1;
-        let id = item["id"].clone();
-        self.send("response.output_item.added", serde_json::json!({ "output_index": at, "item": item }));
-        let added = serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part });
-        self.send("response.content_part.added", added);
-        at
-    }
-
-    fn reasoning(&mut self) -> usize {
-        match self.reasoning_at {
-            Some(at) => at,
-            None => {
-                let item = crate::responses::reasoning_item(self.number, "", "in_progress");
-                let at = self.open(item, serde_json::json!({ "type": "reasoning_text", "text": "" }));
-                *self.reasoning_at.insert(at)
-            }
-        }
-    }
-
-    fn message(&mut self) -> usize {
-        match self.message_at {
-            Some(at) => at,
-            None => {
-                let item = crate::responses::message_item(self.number, "", "in_progress");
-                let part = serde_json::json!({ "type": "output_text", "text": "", "annotations": [], "logprobs": [] });
-                let at = self.open(item, part);
-                *self.message_at.insert(at)
-            }
-        }
-    }
-
-    /// The message's last text (`rest`) and its done events (once).
-    fn close_message(&mut self, rest: &str) {
-        if self.message_done {
-            return;
-        }
-        self.say(rest, serde_json::json!([]));
-        self.message_done = true;
-        let (at, id, text) = (self.message(), format!("msg_{}", self.number), self.message_text.clone());
-        let done =
-            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "text": text, "logprobs": [] });
-        self.send("response.output_text.done", done);
-        let part = serde_json::json!({ "type": "output_text", "text": text, "annotations": [], "logprobs": [] });
-        self.send(
-            "response.content_part.done",
-            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part }),
-        );
-        self.item_done(at, crate::responses::message_item(self.number, &text, "completed"));
-    }
-
-    /// Call `index`'s arguments and item done (`status`: `completed`, or `incomplete` where it
-    /// was cut short).
-    fn end_call(&mut self, index: usize, status: &str) {
-        let Some((at, id, name, arguments, ended)) = self.calls.get_mut(index) else { return };
-        if std::mem::replace(ended, true) {
-            return;
-        }
-        let (at, item) = (*at, crate::responses::call_item(id, name, arguments, status));
-        let done = serde_json::json!({ "item_id": item["id"], "output_index": at, "arguments": item["arguments"],
-            "name": item["name"] });
-        self.send("response.function_call_arguments.done", done);
-        self.item_done(at, item);
-    }
-}
-
 /// Where a streamed reply's text goes as it settles: its reasoning's, then its answer's.
-trait Sink {
+pub(crate) trait Sink {
     /// Reasoning text (empty: the reasoning opened).
     fn think(&mut self, piece: &str);
     /// The reasoning's last text: it is over.
@@ -1355,98 +682,23 @@ trait Sink {
     fn ok(&self) -> bool;
 }
 
-impl Sink for ResponseEvents<'_> {
-    fn think(&mut self, piece: &str) {
-        let at = self.reasoning();
-        if !piece.is_empty() {
-            let id = format!("rs_{}", self.number);
-            let delta = serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "delta": piece });
-            self.send("response.reasoning_text.delta", delta);
-            self.thought_text.push_str(piece);
-        }
-    }
-
-    /// The reasoning's last text (`rest`) and its done events (once).
-    fn close_reasoning(&mut self, rest: &str) {
-        self.think(rest);
-        if std::mem::replace(&mut self.reasoning_done, true) {
-            return;
-        }
-        let (at, id, text) = (self.reasoning(), format!("rs_{}", self.number), self.thought_text.clone());
-        let done = serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "text": text });
-        self.send("response.reasoning_text.done", done);
-        let part = serde_json::json!({ "type": "reasoning_text", "text": text });
-        self.send(
-            "response.content_part.done",
-            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part }),
-        );
-        self.item_done(at, crate::responses::reasoning_item(self.number, &text, "completed"));
-    }
-
-    fn say(&mut self, piece: &str, logprobs: serde_json::Value) {
-        if piece.is_empty() {
-            return;
-        }
-        let (at, id) = (self.message(), format!("msg_{}", self.number));
-        let delta = serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "delta": piece, "logprobs": logprobs });
-        self.send("response.output_text.delta", delta);
-        self.message_text.push_str(piece);
-    }
-
-    /// A call as it is written: its item added (the message, if any, done first), its
-    /// arguments' deltas, and done.
-    fn call(&mut self, event: &crate::tools::CallEvent, id: &str) {
-        use crate::tools::CallEvent;
-        match event {
-            CallEvent::Start { name, .. } => {
-                if self.message_at.is_some() {
-                    self.close_message("");
-                }
-                let at = self.next;
-                self.next += 1;
-                let added = crate::responses::call_item(id, name, "", "in_progress");
-                self.send("response.output_item.added", serde_json::json!({ "output_index": at, "item": added }));
-                self.calls.push((at, id.to_string(), name.clone(), String::new(), false));
-            }
-            CallEvent::Arguments { index, text } => {
-                let Some((at, id, _, arguments, _)) = self.calls.get_mut(*index) else { return };
-                arguments.push_str(text);
-                let delta = serde_json::json!({ "item_id": crate::responses::call_item_id(id), "output_index": *at, "delta": text });
-                self.send("response.function_call_arguments.delta", delta);
-            }
-            CallEvent::End { index } => self.end_call(*index, "completed"),
-        }
-    }
-    fn error(&mut self, message: &str) {
-        self.send("error", serde_json::json!({ "code": null, "message": message, "param": null }));
-    }
-    fn ok(&self) -> bool {
-        self.ok
-    }
-}
-
 /// How a streamed reply ended: its generation, its reasoning's tokens (None: it did not reason),
 /// its calls, and its answer's last text (none where it called).
-struct Followed {
-    g: Generation,
-    reasoning: Option<Vec<u32>>,
-    called: Option<Called>,
-    rest: String,
+pub(crate) struct Followed {
+    pub(crate) g: Generation,
+    pub(crate) reasoning: Option<Vec<u32>>,
+    pub(crate) called: Option<Called>,
+    pub(crate) rest: String,
 }
 
 /// The id of call `index` of request `number` (as [`crate::tools::calls_json`] names it).
-fn call_id(number: usize, index: usize) -> String {
+pub(crate) fn call_id(number: usize, index: usize) -> String {
     format!("call_{number}_{index}")
 }
 
 /// A chat reply's tokens as they come, routed ([`Router`]) to `sink`; None where it did not end
 /// (refused: said to the sink; the client gone: cancelled).
-fn follow(
-    p: &Pending,
-    t: &Arc<Tokenizer>,
-    sink: &mut impl Sink,
-    tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
-) -> Option<Followed> {
+pub(crate) fn follow(p: &Pending, t: &Arc<Tokenizer>, sink: &mut impl Sink, tx: &ToLoop) -> Option<Followed> {
     let mut router = Router::new(Some(t), p.stops.as_ref(), p.reasoning, p.tools.as_deref());
     let mut scored: Scored = None;
     let mut end = None;
@@ -1495,448 +747,9 @@ fn follow(
     Some(Followed { g, reasoning, called, rest })
 }
 
-/// A response's events as its completion comes: `response.created` and `response.in_progress`,
-/// then each output item added, its text (reasoning, then the message's) in deltas as it
-/// settles and done, the calls each added with their arguments and done once the completion
-/// ends, and `response.completed` (`response.incomplete` at the token budget) with the whole
-/// response; a refused request ends it with an `error` event, a client that goes away cancels it.
-fn stream_response(
-    conn: &mut Conn,
-    p: &Pending,
-    tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
-    site: &Site,
-    t: &Arc<Tokenizer>,
-    given: &serde_json::Value,
-    created: u64,
-) {
-    use crate::responses::{response, usage};
-    use serde_json::json;
-    conn.keep = false;
-    let ok = conn.stream.write_all(EVENT_STREAM.as_bytes()).is_ok();
-    let number = p.number;
-    let mut e = ResponseEvents {
-        stream: &mut conn.stream,
-        sequence: 0,
-        ok,
-        number,
-        next: 0,
-        reasoning_at: None,
-        reasoning_done: false,
-        thought_text: String::new(),
-        message_at: None,
-        message_done: false,
-        message_text: String::new(),
-        calls: Vec::new(),
-        done: Default::default(),
-    };
-    let model = site.model.as_str();
-    let snapshot = |status: &str, output: Vec<serde_json::Value>, used: serde_json::Value| json!({ "response": response(number, created, model, given, status, output, used) });
-    e.send("response.created", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
-    e.send("response.in_progress", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
-    let Some(Followed { g, reasoning, rest, .. }) = follow(p, t, &mut e, tx) else { return };
-    // The message: every reply has one unless it only called.
-    if e.calls.is_empty() || e.message_at.is_some() {
-        e.close_message(&rest);
-    }
-    for k in 0..e.calls.len() {
-        e.end_call(k, "incomplete");
-    }
-    let output: Vec<serde_json::Value> = e.done.values().cloned().collect();
-    let status = if finish_reason(&g) == "length" { "incomplete" } else { "completed" };
-    let used = usage(p.prompt.len(), g.reused, g.tokens.len(), reasoning.map_or(0, |r| r.len()));
-    e.send(&format!("response.{status}"), snapshot(status, output, used));
-}
-
-/// Anthropic's Messages API ([`crate::messages`]): the request as a chat completion's, answered
-/// as a message of content blocks, or streamed as Anthropic's events; errors in its shape.
-fn messages(conn: &mut Conn, body: &[u8], tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>, site: &Site) {
-    use crate::messages::{content, error, message, stop_reason, usage};
-    let model = site.model.as_str();
-    let refuse = |conn: &mut Conn, status: &str, kind: &str, e: &str| {
-        let _ = respond(conn, status, &error(kind, e));
-    };
-    let (request, stream, t) = match one_chat(crate::messages::chat_body(body), site) {
-        Ok(r) => r,
-        Err(e) => return refuse(conn, "400 Bad Request", "invalid_request_error", &e),
-    };
-    let given: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let stops: Vec<String> = given["stop_sequences"]
-        .as_array()
-        .map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
-    let Some(p) = queue(Api::Chat, request, tx) else {
-        return refuse(conn, "503 Service Unavailable", "overloaded_error", "the server is stopping");
-    };
-    if stream {
-        conn.keep = false;
-        let ok = conn.stream.write_all(EVENT_STREAM.as_bytes()).is_ok();
-        let mut e = MessageEvents {
-            stream: &mut conn.stream,
-            ok,
-            next: 0,
-            thinking_at: None,
-            thinking_done: false,
-            text_at: None,
-            text_done: false,
-            calls: Vec::new(),
-        };
-        let start = message(p.number, model, Vec::new(), ("", serde_json::Value::Null), usage(p.prompt.len(), 0, 0));
-        e.send("message_start", serde_json::json!({ "message": start }));
-        let Some(Followed { g, called, rest, .. }) = follow(&p, t, &mut e, tx) else { return };
-        let answer = p.split(&g).1;
-        if e.calls.is_empty() || e.text_at.is_some() {
-            // The text block: every reply has one unless it only called.
-            e.close_text(&rest);
-        }
-        for k in 0..e.calls.len() {
-            e.stop_call(k);
-        }
-        let (reason, sequence) = stop_reason(finish_reason(&g), called.is_some(), &stops, &t.decode(&answer, true));
-        let delta = serde_json::json!({ "stop_reason": reason, "stop_sequence": sequence });
-        let used = usage(p.prompt.len(), g.reused, g.tokens.len());
-        e.send("message_delta", serde_json::json!({ "delta": delta, "usage": used }));
-        e.send("message_stop", serde_json::json!({}));
-        return;
-    }
-    let g = match wait(&p) {
-        Ok(g) => g,
-        Err((status, e)) => {
-            let kind = if status.starts_with("400") { "invalid_request_error" } else { "api_error" };
-            return refuse(conn, status, kind, &e);
-        }
-    };
-    let Whole { thought, answer, text, called, .. } = p.whole(&g, t);
-    let stop = stop_reason(finish_reason(&g), called.is_some(), &stops, &t.decode(&answer, true));
-    let blocks = content(thought.as_deref(), &text, called.as_ref());
-    let reply = message(p.number, model, blocks, stop, usage(p.prompt.len(), g.reused, g.tokens.len()));
-    let _ = respond(conn, "200 OK", &reply);
-}
-
-/// A streamed message's events as it writes them: its thinking and text blocks opened (at the
-/// next index), added to and stopped, its tool_use blocks whole.
-struct MessageEvents<'a> {
-    stream: &'a mut TcpStream,
-    ok: bool,
-    /// The next block's index.
-    next: usize,
-    thinking_at: Option<usize>,
-    thinking_done: bool,
-    text_at: Option<usize>,
-    text_done: bool,
-    /// The tool_use blocks begun: each one's index and whether it stopped.
-    calls: Vec<(usize, bool)>,
-}
-
-impl MessageEvents<'_> {
-    /// One event, its type named in `event:` and in the data.
-    fn send(&mut self, kind: &str, mut data: serde_json::Value) {
-        data["type"] = kind.into();
-        let text = format!("event: {kind}\ndata: {data}\n\n");
-        self.ok = self.ok && self.stream.write_all(text.as_bytes()).and_then(|_| self.stream.flush()).is_ok();
-    }
-
-    /// A block started at the next index: that index.
-    fn start(&mut self, block: serde_json::Value) -> usize {
-        let at = self.next;
-        self.next += 1;
-        self.send("content_block_start", serde_json::json!({ "index": at, "content_block": block }));
-        at
-    }
-
-    fn thinking(&mut self) -> usize {
-        match self.thinking_at {
-            Some(at) => at,
-            None => {
-                let at = self.start(serde_json::json!({ "type": "thinking", "thinking": "", "signature": "" }));
-                *self.thinking_at.insert(at)
-            }
-        }
-    }
-
-    fn text(&mut self) -> usize {
-        match self.text_at {
-            Some(at) => at,
-            None => {
-                let at = self.start(serde_json::json!({ "type": "text", "text": "" }));
-                *self.text_at.insert(at)
-            }
-        }
-    }
-
-    fn delta(&mut self, at: usize, delta: serde_json::Value) {
-        self.send("content_block_delta", serde_json::json!({ "index": at, "delta": delta }));
-    }
-
-    /// The text block's last text (`rest`) and its stop (once; started first if it was not).
-    fn close_text(&mut self, rest: &str) {
-        if std::mem::replace(&mut self.text_done, true) {
-            return;
-        }
-        self.say(rest, serde_json::Value::Null);
-        let at = self.text();
-        self.send("content_block_stop", serde_json::json!({ "index": at }));
-    }
-
-    /// Call `index`'s block stopped (once).
-    fn stop_call(&mut self, index: usize) {
-        let Some((at, stopped)) = self.calls.get_mut(index) else { return };
-        if !std::mem::replace(stopped, true) {
-            let at = *at;
-            self.send("content_block_stop", serde_json::json!({ "index": at }));
-        }
-    }
-}
-
-impl Sink for MessageEvents<'_> {
-    fn think(&mut self, piece: &str) {
-        let at = self.thinking();
-        if !piece.is_empty() {
-            self.delta(at, serde_json::json!({ "type": "thinking_delta", "thinking": piece }));
-        }
-    }
-    fn close_reasoning(&mut self, rest: &str) {
-        self.think(rest);
-        if !std::mem::replace(&mut self.thinking_done, true) {
-            let at = self.thinking();
-            self.delta(at, serde_json::json!({ "type": "signature_delta", "signature": "" }));
-            self.send("content_block_stop", serde_json::json!({ "index": at }));
-        }
-    }
-    fn say(&mut self, piece: &str, _: serde_json::Value) {
-        if !piece.is_empty() {
-            let at = self.text();
-            self.delta(at, serde_json::json!({ "type": "text_delta", "text": piece }));
-        }
-    }
-    /// A call as it is written: its tool_use block started (the text block, if any, stopped
-    /// first), its input's JSON in deltas, stopped.
-    fn call(&mut self, event: &crate::tools::CallEvent, id: &str) {
-        use crate::tools::CallEvent;
-        match event {
-            CallEvent::Start { name, .. } => {
-                if self.text_at.is_some() {
-                    self.close_text("");
-                }
-                let at = self.start(serde_json::json!({ "type": "tool_use", "id": id, "name": name, "input": {} }));
-                self.calls.push((at, false));
-            }
-            CallEvent::Arguments { index, text } => {
-                if let Some(&(at, _)) = self.calls.get(*index) {
-                    self.delta(at, serde_json::json!({ "type": "input_json_delta", "partial_json": text }));
-                }
-            }
-            CallEvent::End { index } => self.stop_call(*index),
-        }
-    }
-    fn error(&mut self, message: &str) {
-        let e = crate::messages::error("invalid_request_error", message);
-        self.send("error", e);
-    }
-    fn ok(&self) -> bool {
-        self.ok
-    }
-}
-
 /// The head of a reply of server-sent events.
-const EVENT_STREAM: &str =
+pub(crate) const EVENT_STREAM: &str =
     "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
-
-/// Chat chunks' `tool_calls` deltas of calls as they are written (request `number`'s): a call's
-/// first names its id, type and function with empty arguments, the next add to its arguments.
-fn call_deltas(number: usize, events: &[crate::tools::CallEvent]) -> Vec<serde_json::Value> {
-    use crate::tools::CallEvent;
-    events
-        .iter()
-        .filter_map(|e| match e {
-            CallEvent::Start { index, name } => {
-                Some(serde_json::json!({ "index": index, "id": call_id(number, *index),
-                "type": "function", "function": { "name": name, "arguments": "" } }))
-            }
-            CallEvent::Arguments { index, text } => {
-                Some(serde_json::json!({ "index": index, "function": { "arguments": text } }))
-            }
-            CallEvent::End { .. } => None,
-        })
-        .collect()
-}
-
-/// Streams a completion's choices as server-sent events as their tokens come, each chunk naming
-/// its choice (`index`), then (with `usage`: the prompts' tokens) a chunk of no choices with the
-/// usage of them all, then `data: [DONE]`. A refused choice ends the stream with its error (the
-/// others cancelled); a client that goes away cancels every choice still running.
-fn stream_choices(
-    api: Api,
-    conn: &mut Conn,
-    pending: &mut [Pending],
-    tx: &mpsc::Sender<(Message, Option<mpsc::Sender<usize>>)>,
-    site: &Site,
-    (id, created): (&str, u64),
-    usage: Option<usize>,
-) {
-    let (tokenizer, model) = (site.tokenizer.as_ref(), site.model.as_str());
-    // A stream ends with its connection.
-    conn.keep = false;
-    let stream = &mut conn.stream;
-    let mut write = |text: &str| stream.write_all(text.as_bytes()).and_then(|_| stream.flush()).is_ok();
-    // Every chunk says `usage` when it is asked for (null until the last), as OpenAI's do.
-    let event = |data: &serde_json::Value| {
-        let mut data = data.clone();
-        if usage.is_some() && data.get("usage").is_none() {
-            data["usage"] = serde_json::Value::Null;
-        }
-        format!("data: {data}\n\n")
-    };
-    let mut gone = !write(EVENT_STREAM);
-    let chunk = |k: usize, token: Option<u32>, text: &str, finish: Option<&str>| {
-        let mut c = chunk_json(api, id, model, created, token, text, finish);
-        c["choices"][0]["index"] = k.into();
-        c
-    };
-    for (k, p) in pending.iter().enumerate() {
-        if api == Api::Chat && !gone {
-            // The role first, as OpenAI's streams begin.
-            let mut first = chunk(k, None, "", None);
-            first["choices"][0]["delta"] = serde_json::json!({ "role": "assistant", "content": "" });
-            gone = !write(&event(&first));
-        }
-        if p.echoed && !gone {
-            // The echoed prompt first: its text and tokens.
-            let text = tokenizer.map_or(String::new(), |t| t.decode(&p.prompt, true));
-            let mut first = chunk(k, None, &text, None);
-            first["choices"][0]["tokens"] = p.prompt.clone().into();
-            gone = !write(&event(&first));
-        }
-    }
-    // Every choice's events into one channel, tagged with its index, in the order they come.
-    let (merged_tx, merged) = mpsc::channel::<(usize, Progress)>();
-    let sources: Vec<mpsc::Receiver<Progress>> =
-        pending.iter_mut().map(|p| std::mem::replace(&mut p.events, mpsc::channel().1)).collect();
-    std::thread::scope(|scope| {
-        for (k, source) in sources.into_iter().enumerate() {
-            let merged_tx = merged_tx.clone();
-            scope.spawn(move || {
-                for event in source.iter() {
-                    let end = matches!(event, Progress::Ended(_) | Progress::Cancelled(_) | Progress::Refused(_));
-                    if merged_tx.send((k, event)).is_err() || end {
-                        break;
-                    }
-                }
-            });
-        }
-        drop(merged_tx);
-        // Each choice's tokens routed: a chat's into reasoning, content and calls.
-        let chat = api == Api::Chat;
-        let mut routers: Vec<Option<Router>> = pending
-            .iter()
-            .map(|p| {
-                let (reasoning, tools) = if chat { (p.reasoning, p.tools.as_deref()) } else { (None, None) };
-                Some(Router::new(tokenizer, p.stops.as_ref(), reasoning, tools))
-            })
-            .collect();
-        // Each choice's log-probability and alternatives, for its token to come.
-        let mut scored: Vec<Scored> = vec![None; pending.len()];
-        let mut ended: Vec<Option<Generation>> = vec![None; pending.len()];
-        let mut failed = false;
-        let cancel_running = |ended: &[Option<Generation>]| {
-            for (p, e) in pending.iter().zip(ended) {
-                if e.is_none() {
-                    let _ = tx.send((Message::Gone(p.number), None));
-                }
-            }
-        };
-        let logprobs = |c: &mut serde_json::Value, token: Option<u32>, scored: Scored| {
-            if let (Some(t), Some((lp, alts))) = (token, scored) {
-                c["choices"][0]["logprobs"] = streamed_logprobs(api, tokenizer, t, lp, &alts);
-            }
-        };
-        for (k, progress) in merged.iter() {
-            let chunks: Vec<serde_json::Value> = match progress {
-                // The token that follows carries them.
-                Progress::Scored(lp, alts) => {
-                    scored[k] = Some((lp, alts));
-                    continue;
-                }
-                Progress::Token(t) => {
-                    let Some(router) = routers[k].as_mut() else { continue };
-                    let mut chunks = Vec::new();
-                    let mut calls = Vec::new();
-                    for r in router.token(t, scored[k].take()) {
-                        match r {
-                            Routed::Think { text, token, scored } if !text.is_empty() || token.is_some() => {
-                                let mut c = chunk(k, token, "", None);
-                                c["choices"][0]["delta"] = serde_json::json!({ "reasoning_content": text });
-                                logprobs(&mut c, token, scored);
-                                chunks.push(c);
-                            }
-                            Routed::ThinkEnd(text) if !text.is_empty() => {
-                                let mut c = chunk(k, None, "", None);
-                                c["choices"][0]["delta"] = serde_json::json!({ "reasoning_content": text });
-                                chunks.push(c);
-                            }
-                            Routed::Think { .. } | Routed::ThinkEnd(_) => {}
-                            // Held-back content said when the calls open (only if any).
-                            Routed::Say { text, token: None, .. } if text.is_empty() => {}
-                            Routed::Say { text, token, scored } => {
-                                let mut c = chunk(k, token, &text, None);
-                                logprobs(&mut c, token, scored);
-                                chunks.push(c);
-                            }
-                            Routed::Call(e) => calls.push(e),
-                        }
-                    }
-                    // In the calls: their starts and arguments' text as they come.
-                    let deltas = call_deltas(pending[k].number, &calls);
-                    if !deltas.is_empty() {
-                        let mut c = chunk(k, Some(t), "", None);
-                        c["choices"][0]["delta"] = serde_json::json!({ "tool_calls": deltas });
-                        chunks.push(c);
-                    }
-                    chunks
-                }
-                Progress::Ended(g) | Progress::Cancelled(g) => {
-                    let RouteEnd { called, thought, rest, .. } = match routers[k].take() {
-                        Some(r) => r.end(pending[k].number, pending[k].tools.as_deref(), &g.tokens),
-                        None => continue,
-                    };
-                    let mut c = chunk(k, None, &rest, Some(chat_finish(&g, called.is_some())));
-                    // A reasoning that never closed: its held-back text.
-                    if !thought.is_empty() {
-                        c["choices"][0]["delta"]["reasoning_content"] = thought.into();
-                    }
-                    ended[k] = Some(g);
-                    vec![c]
-                }
-                Progress::Refused(e) => {
-                    failed = true;
-                    vec![serde_json::json!({ "error": { "message": e, "type": "invalid_request_error" } })]
-                }
-            };
-            for data in chunks {
-                if !gone && !write(&event(&data)) {
-                    // The client went away: its choices leave the batch.
-                    gone = true;
-                    cancel_running(&ended);
-                }
-            }
-            if failed {
-                cancel_running(&ended);
-                break;
-            }
-            if ended.iter().all(Option::is_some) {
-                break;
-            }
-        }
-        if gone {
-            return;
-        }
-        if let (Some(prompt_tokens), false) = (usage, failed) {
-            let object = if api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
-            let generations: Vec<&Generation> = ended.iter().flatten().collect();
-            let _ = write(&event(&reply_json(id, object, model, created, Vec::new(), prompt_tokens, &generations)));
-        }
-        let _ = write("data: [DONE]\n\n");
-    });
-}
 
 #[cfg(test)]
 mod tests {
@@ -1980,25 +793,6 @@ mod tests {
         }
     }
 
-    /// The one request of a body that asks for one choice, and whether it streams.
-    fn one(a: ApiRequest) -> (Request, bool) {
-        assert_eq!((a.requests.len(), a.n), (1, 1));
-        (a.requests.into_iter().next().expect("a request"), a.stream)
-    }
-
-    fn defaults() -> RequestDefaults {
-        RequestDefaults {
-            max_new: 16,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-            shaping: Default::default(),
-            eos: None,
-            reasoning: false,
-            tool_format: Default::default(),
-        }
-    }
-
     /// Request lines, headers and bodies as clients send them; what is not HTTP is said.
     #[test]
     fn requests_are_read_to_their_content_length() {
@@ -2033,255 +827,6 @@ mod tests {
         ] {
             let got = read_request(&mut raw.as_bytes()).unwrap_err();
             assert!(got.contains(err), "{raw:?}: {got}");
-        }
-    }
-
-    /// OpenAI's completion fields map onto a serve request; what this server cannot do is refused
-    /// by name.
-    #[test]
-    fn completion_bodies_become_requests() {
-        let body = br#"{"model": "m", "prompt": [[4, 5, 6]], "max_tokens": 3, "temperature": 0.5, "top_p": 0.9,
-            "seed": 7, "stop": [[1, 2]], "logprobs": 1, "stream": true, "n": 1}"#;
-        let (r, stream) = one(completion_request(body, &defaults(), None).unwrap());
-        assert_eq!((r.prompt, r.max_new, r.sampler.temperature, r.sampler.top_p), (vec![4, 5, 6], 3, 0.5, 0.9));
-        let usage = br#"{"prompt": [1], "stream": true, "stream_options": {"include_usage": true}}"#;
-        assert!(completion_request(usage, &defaults(), None).unwrap().usage);
-        let no_usage = br#"{"prompt": [1], "stream": true, "stream_options": {}}"#;
-        assert!(!completion_request(no_usage, &defaults(), None).unwrap().usage);
-        assert_eq!((r.stop, r.logprobs, r.top_logprobs, stream), (vec![vec![1, 2]], true, 1, true));
-        let echoed = br#"{"prompt": [9, 8], "echo": true, "logprobs": 1, "max_tokens": 0}"#;
-        let (r, _) = one(completion_request(echoed, &defaults(), None).unwrap());
-        assert_eq!((r.echo, r.logprobs, r.top_logprobs, r.max_new), (true, true, 1, 0));
-        let (r, stream) =
-            one(completion_request(br#"{"prompt": [9], "seed": null, "stop": null}"#, &defaults(), None).unwrap());
-        assert_eq!((r.prompt, r.max_new, r.logprobs, stream), (vec![9], 16, false, false));
-        // OpenAI's penalties and bias, vLLM's top-k, min-p and repetition penalty.
-        let shaped = br#"{"prompt": [9], "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"3": -100},
-            "top_k": 8, "min_p": 0.05, "repetition_penalty": 1.1}"#;
-        let (r, _) = one(completion_request(shaped, &defaults(), None).unwrap());
-        let want = v3c_models::sampling::Shaping {
-            top_k: 8,
-            min_p: 0.05,
-            repetition_penalty: 1.1,
-            presence_penalty: 0.5,
-            frequency_penalty: -1.0,
-            logit_bias: vec![(3, -100.0)],
-            ..Default::default()
-        };
-        assert_eq!(*r.sampler.shaping, want);
-        let nulls = br#"{"prompt": [9], "presence_penalty": null, "logit_bias": null, "top_k": null}"#;
-        assert_eq!(one(completion_request(nulls, &defaults(), None).unwrap()).0.sampler.shaping, Default::default());
-        for (body, err) in [
-            (&br#"{"prompt": [1], "presence_penalty": 3}"#[..], "presence-penalty 3 must be in [-2, 2]"),
-            (br#"{"prompt": [1], "logit_bias": {"a": 1}}"#, "logit_bias: \"a\" is not a token id"),
-            (br#"{"prompt": "hello"}"#, "prompt: text needs a tokenizer"),
-            (br#"{"prompt": [1], "stop": "x"}"#, "stop: text needs a tokenizer"),
-            (br#"{"prompt": [1], "n": 0}"#, "n: 0 is not a positive count"),
-            (
-                br#"{"prompt": [1], "stream_options": {"include_usage": true}}"#,
-                "stream_options: only with \"stream\": true",
-            ),
-            (br#"{"prompt": [1], "stream": true, "stream_options": {"x": 1}}"#, "stream_options: unknown field 'x'"),
-            (br#"{"prompt": [1], "stream": true, "stream_options": {"include_usage": 1}}"#, "include_usage: 1 is not"),
-            (br#"{"prompt": [[1], [2]], "n": 65}"#, "2 prompts x n 65: at most 128 choices a request"),
-            (br#"{"prompt": [1], "echo": 1}"#, "echo: 1 is not true or false"),
-            (br#"{"prompt": [1], "best_of": 2}"#, "unknown field 'best_of'"),
-            (br#"{"max_tokens": 2}"#, "no \"prompt\""),
-            (br#"{"prompt": [1], "stream": 1}"#, "stream: 1 is not true or false"),
-            (br#"{"prompt": [1], "logprobs": "x"}"#, "logprobs: \"x\" is not"),
-            (br#"{"prompt": [1], "logprobs": 50}"#, "top_logprobs: 50 (at most 20)"),
-            (b"[1]", "not a JSON object"),
-        ] {
-            let got = completion_request(body, &defaults(), None).unwrap_err();
-            assert!(got.contains(err), "{}: {got}", String::from_utf8_lossy(body));
-        }
-    }
-
-    /// Several prompts and `n` choices each: a request a choice, prompt by prompt, each choice of a
-    /// prompt seeded with the given seed plus its number.
-    #[test]
-    fn several_prompts_and_choices_are_a_request_each() {
-        let body = br#"{"prompt": [[4, 5], [6]], "n": 3, "seed": 10, "temperature": 0.7, "max_tokens": 2}"#;
-        let a = completion_request(body, &defaults(), None).unwrap();
-        assert_eq!((a.n, a.stream, a.requests.len()), (3, false, 6));
-        let prompts: Vec<&[u32]> = a.requests.iter().map(|r| r.prompt.as_slice()).collect();
-        assert_eq!(prompts, [&[4, 5][..], &[4, 5], &[4, 5], &[6], &[6], &[6]]);
-        for (k, r) in a.requests.iter().enumerate() {
-            let seeded = v3c_models::reference::Sampler::new(0.7, 1.0, 10 + (k % 3) as u64);
-            assert_eq!((format!("{:?}", r.sampler), r.max_new), (format!("{seeded:?}"), 2), "choice {k}");
-        }
-    }
-
-    /// With a tokenizer, a text prompt (alone or in a batch of one) is encoded with its template's
-    /// special tokens, and string stops are stop strings; token id stops stay ids.
-    #[test]
-    fn text_prompts_and_string_stops_need_and_use_a_tokenizer() {
-        let t = crate::tokenizer::fixture::shared();
-        let want = t.encode("Hello world!", true);
-        for body in [
-            &br#"{"prompt": "Hello world!", "stop": "\n"}"#[..],
-            br#"{"prompt": ["Hello world!"], "stop": ["\n", "END"]}"#,
-        ] {
-            let (r, _) = one(completion_request(body, &defaults(), Some(&t)).unwrap());
-            assert_eq!(r.prompt, want);
-            assert_eq!(r.stop_text.unwrap().strings[0], "\n");
-            assert!(r.stop.is_empty());
-        }
-        let (r, _) = one(completion_request(br#"{"prompt": "x", "stop": [[5, 6]]}"#, &defaults(), Some(&t)).unwrap());
-        assert_eq!((r.stop, r.stop_text.is_none()), (vec![vec![5, 6]], true));
-        let e = completion_request(br#"{"prompt": "x", "stop": [""]}"#, &defaults(), Some(&t)).unwrap_err();
-        assert_eq!(e, "stop: an empty string");
-    }
-
-    /// A chat request's messages go through the chat template; its own fields map as OpenAI's
-    /// chat API names them; without a chat template it is refused.
-    #[test]
-    fn chat_bodies_become_requests_through_the_chat_template() {
-        let t = crate::tokenizer::fixture::shared();
-        let messages =
-            serde_json::json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
-        let body = serde_json::json!({"model": "m", "messages": messages, "max_completion_tokens": 5, "max_tokens": 9,
-            "logprobs": true, "top_logprobs": 2, "stop": ["\n"], "stream": true, "store": false,
-            "metadata": {"run": "1"}, "prompt_cache_key": "k"});
-        let (r, stream) = one(chat_request(body.to_string().as_bytes(), &defaults(), Some(&t)).unwrap());
-        assert_eq!(r.prompt, t.chat(&messages, true).unwrap());
-        assert_eq!((r.max_new, r.logprobs, r.top_logprobs, stream), (5, true, 2, true));
-        assert_eq!(r.stop_text.unwrap().strings, ["\n"]);
-        let plain = Arc::new(Tokenizer::from_json(&crate::tokenizer::fixture::json().to_string(), None).unwrap());
-        for (body, tokenizer, err) in [
-            (r#"{"messages": [{"role": "user", "content": "x"}]}"#, None, "messages: chat needs a tokenizer"),
-            (r#"{"messages": [{"role": "user", "content": "x"}]}"#, Some(&plain), "with a chat template"),
-            (r#"{"messages": []}"#, Some(&t), "messages: an empty conversation"),
-            (r#"{"prompt": "x"}"#, Some(&t), "unknown field 'prompt'"),
-            (
-                r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": 3}"#,
-                Some(&t),
-                "logprobs: 3 is not true or false",
-            ),
-            (
-                r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}"#,
-                Some(&t),
-                "top_logprobs: only with",
-            ),
-            (
-                r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}"#,
-                Some(&t),
-                "max_tokens: -1 is not a whole number",
-            ),
-            (r#"{"messages": [{"role": "robot", "content": "x"}]}"#, Some(&t), "unknown role: robot"),
-        ] {
-            let got = chat_request(body.as_bytes(), &defaults(), tokenizer).unwrap_err();
-            assert!(got.contains(err), "{body}: {got}");
-        }
-    }
-
-    /// A JSON value of any shape, nested a few deep, its strings and keys from the words the
-    /// APIs use (so that mutated bodies reach past the first check).
-    fn any_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
-        use proptest::prelude::*;
-        const WORDS: [&str; 24] = [
-            "role",
-            "user",
-            "assistant",
-            "system",
-            "tool",
-            "content",
-            "text",
-            "type",
-            "function",
-            "name",
-            "arguments",
-            "input",
-            "tool_use",
-            "tool_result",
-            "tool_use_id",
-            "call_id",
-            "function_call",
-            "function_call_output",
-            "messages",
-            "format",
-            "json_schema",
-            "schema",
-            "id",
-            "output",
-        ];
-        let leaf = prop_oneof![
-            Just(serde_json::Value::Null),
-            any::<bool>().prop_map(serde_json::Value::from),
-            (-5i64..300).prop_map(serde_json::Value::from),
-            (0..WORDS.len()).prop_map(|k| serde_json::Value::from(WORDS[k])),
-            "[ -~]{0,6}".prop_map(serde_json::Value::from),
-        ];
-        leaf.prop_recursive(4, 40, 6, |inner| {
-            prop_oneof![
-                proptest::collection::vec(inner.clone(), 0..5).prop_map(serde_json::Value::from),
-                proptest::collection::vec(((0..WORDS.len()).prop_map(|k| WORDS[k].to_string()), inner), 0..5)
-                    .prop_map(|kv| serde_json::Value::Object(kv.into_iter().collect())),
-            ]
-        })
-    }
-
-    /// `value` with the node at `path` (each step an index into the arrays and objects on the
-    /// way, modulo their sizes) replaced by `by`.
-    fn replaced(value: serde_json::Value, path: &[usize], by: serde_json::Value) -> serde_json::Value {
-        let Some((&step, rest)) = path.split_first() else { return by };
-        match value {
-            serde_json::Value::Array(mut a) if !a.is_empty() => {
-                let k = step % a.len();
-                a[k] = replaced(a[k].take(), rest, by);
-                serde_json::Value::Array(a)
-            }
-            serde_json::Value::Object(mut o) if !o.is_empty() => {
-                let n = o.len();
-                if let Some(v) = o.values_mut().nth(step % n) {
-                    *v = replaced(v.take(), rest, by);
-                }
-                serde_json::Value::Object(o)
-            }
-            _ => by,
-        }
-    }
-
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
-        /// Bodies of any shape — and valid ones with any part replaced by any value — are
-        /// answered or refused by the Responses and Messages translations and the chat reader
-        /// through the chat template, never with a panic.
-        #[test]
-        fn any_body_is_answered_or_refused(
-            by in any_json(),
-            path in proptest::collection::vec(0usize..8, 0..6),
-            which in 0usize..3,
-        ) {
-            let t = crate::tokenizer::fixture::shared();
-            let valid = [
-                serde_json::json!({"input": [{"role": "user", "content": [{"type": "input_text", "text": "x"}]},
-                    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
-                    {"type": "function_call_output", "call_id": "c", "output": "y"}],
-                    "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}],
-                    "text": {"format": {"type": "text"}}, "max_output_tokens": 4}),
-                serde_json::json!({"max_tokens": 4, "system": "s", "messages": [{"role": "user", "content": "x"},
-                    {"role": "assistant", "content": [{"type": "tool_use", "id": "c", "name": "f", "input": {}}]},
-                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c", "content": "y"}]}],
-                    "tools": [{"name": "f", "input_schema": {"type": "object", "properties": {}}}],
-                    "tool_choice": {"type": "any"}}),
-                serde_json::json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
-                    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
-            ];
-            let d = RequestDefaults { eos: t.token_id("<｜end▁of▁sentence｜>"), ..defaults() };
-            let read = |body: &serde_json::Value| {
-                let bytes = body.to_string();
-                let chat = match which {
-                    0 => crate::responses::chat_body(bytes.as_bytes()).map(|(c, _)| c.to_string()),
-                    1 => crate::messages::chat_body(bytes.as_bytes()).map(|(c, _)| c.to_string()),
-                    _ => Ok(bytes),
-                };
-                chat.and_then(|chat| chat_request(chat.as_bytes(), &d, Some(&t)).map(|_| ()))
-            };
-            // The valid body is read whole; its changes and any value, without a panic.
-            proptest::prop_assert_eq!(read(&valid[which]), Ok(()));
-            let _ = read(&by);
-            let _ = read(&replaced(valid[which].clone(), &path, by));
         }
     }
 }

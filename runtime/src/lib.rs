@@ -28,6 +28,7 @@ pub mod interrupt;
 pub mod lowering;
 pub mod measure;
 pub mod messages;
+pub mod openai;
 pub mod optimizer;
 pub mod pages;
 pub mod perplexity;

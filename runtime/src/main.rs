@@ -1200,7 +1200,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                 }
                 // Calls of its tools: the content before them, the calls, and why it ended.
                 let called =
-                    tokenizer.as_ref().and_then(|t| v3c_runtime::http::called(its_tools.as_deref(), t, i, &answer));
+                    tokenizer.as_ref().and_then(|t| v3c_runtime::openai::called(its_tools.as_deref(), t, i, &answer));
                 if let Some(c) = called {
                     line["content"] = c.content.into();
                     line["tool_calls"] = c.tool_calls;

@@ -12,7 +12,11 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::http::Called;
+use std::io::Write;
+use std::net::TcpStream;
+
+use crate::http::{follow, one_chat, queue, respond, wait, Conn, Followed, Sink, Site, ToLoop, Whole, EVENT_STREAM};
+use crate::openai::{finish_reason, Api, Called};
 
 /// The request fields taken: the API's (its older sampling fields too), then vLLM's sampling
 /// extensions. `cache_control`, `diagnostics`, `inference_geo`, `speed`, `user_profile_id` and
@@ -309,6 +313,196 @@ pub fn usage(prompt: usize, cached: usize, output: usize) -> Value {
 /// An error in Anthropic's shape.
 pub fn error(kind: &str, message: &str) -> Value {
     json!({ "type": "error", "error": { "type": kind, "message": message } })
+}
+
+/// Answers a `POST /v1/messages` on `conn` ([`crate::http`]'s server): the request as a chat
+/// completion's, queued to the serving loop through `tx`, answered as a message of content
+/// blocks, or streamed as Anthropic's events; errors in its shape.
+pub(crate) fn answer(conn: &mut Conn, body: &[u8], tx: &ToLoop, site: &Site) {
+    let model = site.model.as_str();
+    let refuse = |conn: &mut Conn, status: &str, kind: &str, e: &str| {
+        let _ = respond(conn, status, &error(kind, e));
+    };
+    let (request, stream, t) = match one_chat(chat_body(body), site) {
+        Ok(r) => r,
+        Err(e) => return refuse(conn, "400 Bad Request", "invalid_request_error", &e),
+    };
+    let given: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let stops: Vec<String> = given["stop_sequences"]
+        .as_array()
+        .map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let Some(p) = queue(Api::Chat, request, tx) else {
+        return refuse(conn, "503 Service Unavailable", "overloaded_error", "the server is stopping");
+    };
+    if stream {
+        conn.keep = false;
+        let ok = conn.stream.write_all(EVENT_STREAM.as_bytes()).is_ok();
+        let mut e = MessageEvents {
+            stream: &mut conn.stream,
+            ok,
+            next: 0,
+            thinking_at: None,
+            thinking_done: false,
+            text_at: None,
+            text_done: false,
+            calls: Vec::new(),
+        };
+        let start = message(p.number, model, Vec::new(), ("", serde_json::Value::Null), usage(p.prompt.len(), 0, 0));
+        e.send("message_start", serde_json::json!({ "message": start }));
+        let Some(Followed { g, called, rest, .. }) = follow(&p, t, &mut e, tx) else { return };
+        let answer = p.split(&g).1;
+        if e.calls.is_empty() || e.text_at.is_some() {
+            // The text block: every reply has one unless it only called.
+            e.close_text(&rest);
+        }
+        for k in 0..e.calls.len() {
+            e.stop_call(k);
+        }
+        let (reason, sequence) = stop_reason(finish_reason(&g), called.is_some(), &stops, &t.decode(&answer, true));
+        let delta = serde_json::json!({ "stop_reason": reason, "stop_sequence": sequence });
+        let used = usage(p.prompt.len(), g.reused, g.tokens.len());
+        e.send("message_delta", serde_json::json!({ "delta": delta, "usage": used }));
+        e.send("message_stop", serde_json::json!({}));
+        return;
+    }
+    let g = match wait(&p) {
+        Ok(g) => g,
+        Err((status, e)) => {
+            let kind = if status.starts_with("400") { "invalid_request_error" } else { "api_error" };
+            return refuse(conn, status, kind, &e);
+        }
+    };
+    let Whole { thought, answer, text, called, .. } = p.whole(&g, t);
+    let stop = stop_reason(finish_reason(&g), called.is_some(), &stops, &t.decode(&answer, true));
+    let blocks = content(thought.as_deref(), &text, called.as_ref());
+    let reply = message(p.number, model, blocks, stop, usage(p.prompt.len(), g.reused, g.tokens.len()));
+    let _ = respond(conn, "200 OK", &reply);
+}
+
+/// A streamed message's events as it writes them: its thinking and text blocks opened (at the
+/// next index), added to and stopped, its tool_use blocks whole.
+struct MessageEvents<'a> {
+    stream: &'a mut TcpStream,
+    ok: bool,
+    /// The next block's index.
+    next: usize,
+    thinking_at: Option<usize>,
+    thinking_done: bool,
+    text_at: Option<usize>,
+    text_done: bool,
+    /// The tool_use blocks begun: each one's index and whether it stopped.
+    calls: Vec<(usize, bool)>,
+}
+
+impl MessageEvents<'_> {
+    /// One event, its type named in `event:` and in the data.
+    fn send(&mut self, kind: &str, mut data: serde_json::Value) {
+        data["type"] = kind.into();
+        let text = format!("event: {kind}\ndata: {data}\n\n");
+        self.ok = self.ok && self.stream.write_all(text.as_bytes()).and_then(|_| self.stream.flush()).is_ok();
+    }
+
+    /// A block started at the next index: that index.
+    fn start(&mut self, block: serde_json::Value) -> usize {
+        let at = self.next;
+        self.next += 1;
+        self.send("content_block_start", serde_json::json!({ "index": at, "content_block": block }));
+        at
+    }
+
+    fn thinking(&mut self) -> usize {
+        match self.thinking_at {
+            Some(at) => at,
+            None => {
+                let at = self.start(serde_json::json!({ "type": "thinking", "thinking": "", "signature": "" }));
+                *self.thinking_at.insert(at)
+            }
+        }
+    }
+
+    fn text(&mut self) -> usize {
+        match self.text_at {
+            Some(at) => at,
+            None => {
+                let at = self.start(serde_json::json!({ "type": "text", "text": "" }));
+                *self.text_at.insert(at)
+            }
+        }
+    }
+
+    fn delta(&mut self, at: usize, delta: serde_json::Value) {
+        self.send("content_block_delta", serde_json::json!({ "index": at, "delta": delta }));
+    }
+
+    /// The text block's last text (`rest`) and its stop (once; started first if it was not).
+    fn close_text(&mut self, rest: &str) {
+        if std::mem::replace(&mut self.text_done, true) {
+            return;
+        }
+        self.say(rest, serde_json::Value::Null);
+        let at = self.text();
+        self.send("content_block_stop", serde_json::json!({ "index": at }));
+    }
+
+    /// Call `index`'s block stopped (once).
+    fn stop_call(&mut self, index: usize) {
+        let Some((at, stopped)) = self.calls.get_mut(index) else { return };
+        if !std::mem::replace(stopped, true) {
+            let at = *at;
+            self.send("content_block_stop", serde_json::json!({ "index": at }));
+        }
+    }
+}
+
+impl Sink for MessageEvents<'_> {
+    fn think(&mut self, piece: &str) {
+        let at = self.thinking();
+        if !piece.is_empty() {
+            self.delta(at, serde_json::json!({ "type": "thinking_delta", "thinking": piece }));
+        }
+    }
+    fn close_reasoning(&mut self, rest: &str) {
+        self.think(rest);
+        if !std::mem::replace(&mut self.thinking_done, true) {
+            let at = self.thinking();
+            self.delta(at, serde_json::json!({ "type": "signature_delta", "signature": "" }));
+            self.send("content_block_stop", serde_json::json!({ "index": at }));
+        }
+    }
+    fn say(&mut self, piece: &str, _: serde_json::Value) {
+        if !piece.is_empty() {
+            let at = self.text();
+            self.delta(at, serde_json::json!({ "type": "text_delta", "text": piece }));
+        }
+    }
+    /// A call as it is written: its tool_use block started (the text block, if any, stopped
+    /// first), its input's JSON in deltas, stopped.
+    fn call(&mut self, event: &crate::tools::CallEvent, id: &str) {
+        use crate::tools::CallEvent;
+        match event {
+            CallEvent::Start { name, .. } => {
+                if self.text_at.is_some() {
+                    self.close_text("");
+                }
+                let at = self.start(serde_json::json!({ "type": "tool_use", "id": id, "name": name, "input": {} }));
+                self.calls.push((at, false));
+            }
+            CallEvent::Arguments { index, text } => {
+                if let Some(&(at, _)) = self.calls.get(*index) {
+                    self.delta(at, serde_json::json!({ "type": "input_json_delta", "partial_json": text }));
+                }
+            }
+            CallEvent::End { index } => self.stop_call(*index),
+        }
+    }
+    fn error(&mut self, message: &str) {
+        let e = error("invalid_request_error", message);
+        self.send("error", e);
+    }
+    fn ok(&self) -> bool {
+        self.ok
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,16 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::http::Called;
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Arc;
+
+use crate::http::{
+    follow, now, one_chat, queue, respond, respond_error, wait, Conn, Followed, Pending, Sink, Site, ToLoop, Whole,
+    EVENT_STREAM,
+};
+use crate::openai::{chat_token, finish_reason, Api, Called};
+use crate::tokenizer::Tokenizer;
 
 /// The request fields taken: the API's, then vLLM's sampling extensions (passed on as the chat
 /// path takes them). `prompt_cache_key` and `prompt_cache_retention` (the server reuses the
@@ -365,6 +374,280 @@ pub fn usage(prompt: usize, cached: usize, output: usize, reasoning: usize) -> V
         "output_tokens_details": { "reasoning_tokens": reasoning },
         "total_tokens": prompt + output,
     })
+}
+
+/// Answers a `POST /v1/responses` on `conn` ([`crate::http`]'s server): the request as a chat
+/// completion's (one choice), queued to the serving loop through `tx`, answered as a response
+/// object, or streamed as the API's events.
+pub(crate) fn answer(conn: &mut Conn, body: &[u8], tx: &ToLoop, site: &Site) {
+    let model = site.model.as_str();
+    let (request, stream, t) = match one_chat(chat_body(body), site) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = respond_error(conn, "400 Bad Request", &e);
+            return;
+        }
+    };
+    // The request's settings, echoed in the response.
+    let given: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let Some(p) = queue(Api::Chat, request, tx) else {
+        let _ = respond_error(conn, "503 Service Unavailable", "the server is stopping");
+        return;
+    };
+    let created = now();
+    if stream {
+        stream_response(conn, &p, tx, site, t, &given, created);
+        return;
+    }
+    let g = match wait(&p) {
+        Ok(g) => g,
+        Err((status, e)) => {
+            let _ = respond_error(conn, status, &e);
+            return;
+        }
+    };
+    let Whole { reasoning, thought, text, called, .. } = p.whole(&g, t);
+    let outcome = Outcome { number: p.number, reasoning: thought.as_deref(), text: &text, called: called.as_ref() };
+    let mut output = items(&outcome);
+    if !g.logprobs.is_empty() {
+        // Every token's, on the message.
+        let logprobs: Vec<serde_json::Value> = (g.tokens.iter().zip(&g.logprobs).enumerate())
+            .map(|(k, (&tok, &lp))| chat_token(t, tok, lp, g.top_logprobs.get(k).map_or(&[][..], Vec::as_slice)))
+            .collect();
+        if let Some(m) = output.iter_mut().find(|i| i["type"] == "message") {
+            m["content"][0]["logprobs"] = logprobs.into();
+        }
+    }
+    let status = if finish_reason(&g) == "length" { "incomplete" } else { "completed" };
+    let used = usage(p.prompt.len(), g.reused, g.tokens.len(), reasoning.map_or(0, |r| r.len()));
+    let _ = respond(conn, "200 OK", &response(p.number, created, model, &given, status, output, used));
+}
+
+/// A streamed response's events as it writes them: numbered, and its reasoning and message
+/// items opened (given the next output index), added to and closed.
+struct ResponseEvents<'a> {
+    stream: &'a mut TcpStream,
+    sequence: u64,
+    /// The client is still there.
+    ok: bool,
+    number: usize,
+    /// The next output item's index.
+    next: usize,
+    reasoning_at: Option<usize>,
+    reasoning_done: bool,
+    thought_text: String,
+    message_at: Option<usize>,
+    message_done: bool,
+    message_text: String,
+    /// The calls begun: each one's output index, id, name, arguments so far and whether it ended.
+    calls: Vec<(usize, String, String, String, bool)>,
+    /// The items done, by output index: the response's output.
+    done: std::collections::BTreeMap<usize, serde_json::Value>,
+}
+
+impl ResponseEvents<'_> {
+    /// Item `item` at `at` done.
+    fn item_done(&mut self, at: usize, item: serde_json::Value) {
+        self.send("response.output_item.done", serde_json::json!({ "output_index": at, "item": item }));
+        self.done.insert(at, item);
+    }
+
+    /// One event: its type named in `event:` and in the data, numbered in order.
+    fn send(&mut self, kind: &str, mut data: serde_json::Value) {
+        data["type"] = kind.into();
+        data["sequence_number"] = self.sequence.into();
+        self.sequence += 1;
+        let text = format!("event: {kind}\ndata: {data}\n\n");
+        self.ok = self.ok && self.stream.write_all(text.as_bytes()).and_then(|_| self.stream.flush()).is_ok();
+    }
+
+    /// An item added at the next index, with its (empty) content part: that index.
+    fn open(&mut self, item: serde_json::Value, part: serde_json::Value) -> usize {
+        let at = self.next;
+        self.next += 1;
+        let id = item["id"].clone();
+        self.send("response.output_item.added", serde_json::json!({ "output_index": at, "item": item }));
+        let added = serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part });
+        self.send("response.content_part.added", added);
+        at
+    }
+
+    fn reasoning(&mut self) -> usize {
+        match self.reasoning_at {
+            Some(at) => at,
+            None => {
+                let item = reasoning_item(self.number, "", "in_progress");
+                let at = self.open(item, serde_json::json!({ "type": "reasoning_text", "text": "" }));
+                *self.reasoning_at.insert(at)
+            }
+        }
+    }
+
+    fn message(&mut self) -> usize {
+        match self.message_at {
+            Some(at) => at,
+            None => {
+                let item = message_item(self.number, "", "in_progress");
+                let part = serde_json::json!({ "type": "output_text", "text": "", "annotations": [], "logprobs": [] });
+                let at = self.open(item, part);
+                *self.message_at.insert(at)
+            }
+        }
+    }
+
+    /// The message's last text (`rest`) and its done events (once).
+    fn close_message(&mut self, rest: &str) {
+        if self.message_done {
+            return;
+        }
+        self.say(rest, serde_json::json!([]));
+        self.message_done = true;
+        let (at, id, text) = (self.message(), format!("msg_{}", self.number), self.message_text.clone());
+        let done =
+            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "text": text, "logprobs": [] });
+        self.send("response.output_text.done", done);
+        let part = serde_json::json!({ "type": "output_text", "text": text, "annotations": [], "logprobs": [] });
+        self.send(
+            "response.content_part.done",
+            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part }),
+        );
+        self.item_done(at, message_item(self.number, &text, "completed"));
+    }
+
+    /// Call `index`'s arguments and item done (`status`: `completed`, or `incomplete` where it
+    /// was cut short).
+    fn end_call(&mut self, index: usize, status: &str) {
+        let Some((at, id, name, arguments, ended)) = self.calls.get_mut(index) else { return };
+        if std::mem::replace(ended, true) {
+            return;
+        }
+        let (at, item) = (*at, call_item(id, name, arguments, status));
+        let done = serde_json::json!({ "item_id": item["id"], "output_index": at, "arguments": item["arguments"],
+            "name": item["name"] });
+        self.send("response.function_call_arguments.done", done);
+        self.item_done(at, item);
+    }
+}
+
+impl Sink for ResponseEvents<'_> {
+    fn think(&mut self, piece: &str) {
+        let at = self.reasoning();
+        if !piece.is_empty() {
+            let id = format!("rs_{}", self.number);
+            let delta = serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "delta": piece });
+            self.send("response.reasoning_text.delta", delta);
+            self.thought_text.push_str(piece);
+        }
+    }
+
+    /// The reasoning's last text (`rest`) and its done events (once).
+    fn close_reasoning(&mut self, rest: &str) {
+        self.think(rest);
+        if std::mem::replace(&mut self.reasoning_done, true) {
+            return;
+        }
+        let (at, id, text) = (self.reasoning(), format!("rs_{}", self.number), self.thought_text.clone());
+        let done = serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "text": text });
+        self.send("response.reasoning_text.done", done);
+        let part = serde_json::json!({ "type": "reasoning_text", "text": text });
+        self.send(
+            "response.content_part.done",
+            serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "part": part }),
+        );
+        self.item_done(at, reasoning_item(self.number, &text, "completed"));
+    }
+
+    fn say(&mut self, piece: &str, logprobs: serde_json::Value) {
+        if piece.is_empty() {
+            return;
+        }
+        let (at, id) = (self.message(), format!("msg_{}", self.number));
+        let delta = serde_json::json!({ "item_id": id, "output_index": at, "content_index": 0, "delta": piece, "logprobs": logprobs });
+        self.send("response.output_text.delta", delta);
+        self.message_text.push_str(piece);
+    }
+
+    /// A call as it is written: its item added (the message, if any, done first), its
+    /// arguments' deltas, and done.
+    fn call(&mut self, event: &crate::tools::CallEvent, id: &str) {
+        use crate::tools::CallEvent;
+        match event {
+            CallEvent::Start { name, .. } => {
+                if self.message_at.is_some() {
+                    self.close_message("");
+                }
+                let at = self.next;
+                self.next += 1;
+                let added = call_item(id, name, "", "in_progress");
+                self.send("response.output_item.added", serde_json::json!({ "output_index": at, "item": added }));
+                self.calls.push((at, id.to_string(), name.clone(), String::new(), false));
+            }
+            CallEvent::Arguments { index, text } => {
+                let Some((at, id, _, arguments, _)) = self.calls.get_mut(*index) else { return };
+                arguments.push_str(text);
+                let delta = serde_json::json!({ "item_id": call_item_id(id), "output_index": *at, "delta": text });
+                self.send("response.function_call_arguments.delta", delta);
+            }
+            CallEvent::End { index } => self.end_call(*index, "completed"),
+        }
+    }
+    fn error(&mut self, message: &str) {
+        self.send("error", serde_json::json!({ "code": null, "message": message, "param": null }));
+    }
+    fn ok(&self) -> bool {
+        self.ok
+    }
+}
+
+/// A response's events as its completion comes: `response.created` and `response.in_progress`,
+/// then each output item added, its text (reasoning, then the message's) in deltas as it
+/// settles and done, the calls each added with their arguments and done once the completion
+/// ends, and `response.completed` (`response.incomplete` at the token budget) with the whole
+/// response; a refused request ends it with an `error` event, a client that goes away cancels it.
+fn stream_response(
+    conn: &mut Conn,
+    p: &Pending,
+    tx: &ToLoop,
+    site: &Site,
+    t: &Arc<Tokenizer>,
+    given: &serde_json::Value,
+    created: u64,
+) {
+    use serde_json::json;
+    conn.keep = false;
+    let ok = conn.stream.write_all(EVENT_STREAM.as_bytes()).is_ok();
+    let number = p.number;
+    let mut e = ResponseEvents {
+        stream: &mut conn.stream,
+        sequence: 0,
+        ok,
+        number,
+        next: 0,
+        reasoning_at: None,
+        reasoning_done: false,
+        thought_text: String::new(),
+        message_at: None,
+        message_done: false,
+        message_text: String::new(),
+        calls: Vec::new(),
+        done: Default::default(),
+    };
+    let model = site.model.as_str();
+    let snapshot = |status: &str, output: Vec<serde_json::Value>, used: serde_json::Value| json!({ "response": response(number, created, model, given, status, output, used) });
+    e.send("response.created", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
+    e.send("response.in_progress", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
+    let Some(Followed { g, reasoning, rest, .. }) = follow(p, t, &mut e, tx) else { return };
+    // The message: every reply has one unless it only called.
+    if e.calls.is_empty() || e.message_at.is_some() {
+        e.close_message(&rest);
+    }
+    for k in 0..e.calls.len() {
+        e.end_call(k, "incomplete");
+    }
+    let output: Vec<serde_json::Value> = e.done.values().cloned().collect();
+    let status = if finish_reason(&g) == "length" { "incomplete" } else { "completed" };
+    let used = usage(p.prompt.len(), g.reused, g.tokens.len(), reasoning.map_or(0, |r| r.len()));
+    e.send(&format!("response.{status}"), snapshot(status, output, used));
 }
 
 #[cfg(test)]

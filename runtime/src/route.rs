@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::http::{called, Called};
+use crate::openai::{called, Called};
 use crate::reasoning::Reasoning;
 use crate::session::{TextSoFar, TextStops};
 use crate::tokenizer::Tokenizer;
