@@ -10,6 +10,10 @@
 //! - [`toolchain`]: finding ptxas / cuobjdump / nvdisasm and reporting what is lost without them;
 //! - [`doctor`]: the `v3c doctor` report.
 
+// Internal items' docs link to the private helpers they use (read them with
+// `cargo doc --document-private-items`).
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod conversion;
 pub mod cpu_backend;
 pub mod doctor;

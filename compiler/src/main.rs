@@ -1,5 +1,8 @@
 //! `v3c`: the DeepSeek-V3 compiler's command line; see `v3c --help`.
 
+// The arguments' doc comments are clap's help text, written for a terminal (`<dir>`, `[N]`).
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

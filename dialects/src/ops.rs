@@ -107,7 +107,7 @@ fn segments<'c>(c: &'c Context, sizes: &[i32]) -> Attribute<'c> {
     DenseI32ArrayAttribute::new(c, sizes).into()
 }
 
-/// Creates `v3.embed`: rows of `table` [V, D] picked by `ids` [N].
+/// Creates `v3.embed`: rows of `table` `[V, D]` picked by `ids` `[N]`.
 pub fn embed<'c>(
     table: Value<'c, '_>,
     ids: Value<'c, '_>,

@@ -41,7 +41,7 @@ pub struct Yarn {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RopeConfig {
     pub theta: f64,
-    /// DeepSeek's layout: adjacent pairs (x[2i], x[2i+1]) rotate together (`rope_interleave`, default
+    /// DeepSeek's layout: adjacent pairs (`x[2i]`, `x[2i+1]`) rotate together (`rope_interleave`, default
     /// true); false means the two halves rotate together (`rotate_half`).
     pub interleave: bool,
     pub yarn: Option<Yarn>,

@@ -1,19 +1,19 @@
 //! DeepSeek-V3 in the DSL: MLA, dense MLP, MoE, decoder layer, the full model and the MTP module,
 //! for two entry points (see `shared/reference/deepseek-v3.md`).
 //!
-//! `prefill` — T tokens of one sequence at absolute `positions` [T], continuing a latent cache of P
+//! `prefill` — T tokens of one sequence at absolute `positions` `[T]`, continuing a latent cache of P
 //! earlier tokens per layer:
-//!   inputs  `tokens` [T] i64, `positions` [T] i64, `kv_cache.{l}` [P, 576] for every layer l,
-//!           and with MTP `mtp_tokens` [T] i64 (the token FOLLOWING each position) and `kv_cache.mtp`;
+//!   inputs  `tokens` `[T]` i64, `positions` `[T]` i64, `kv_cache.{l}` `[P, 576]` for every layer l,
+//!           and with MTP `mtp_tokens` `[T]` i64 (the token FOLLOWING each position) and `kv_cache.mtp`;
 //!   outputs `logits` [T, vocab], `kv_cache.{l}` [P+T, 576], and with MTP `mtp_logits` [T, vocab]
 //!           (row i predicts token i+2) and `kv_cache.mtp` [P+T, 576].
 //!   Attention is the naive form (latent expanded through kv_b_proj).
 //! `decode` — one new token for each of B sequences, each with its own cache of S rows:
-//!   inputs  `tokens` [B], `positions` [B] (= tokens already cached), `kv_cache.{l}` [B, S, 576],
-//!           with MTP `mtp_tokens` [B] and `kv_cache.mtp` [B, S, 576];
-//!   outputs `logits` [B, vocab], the caches with row positions[b] written, with MTP `mtp_logits`.
+//!   inputs  `tokens` `[B]`, `positions` `[B]` (= tokens already cached), `kv_cache.{l}` `[B, S, 576]`,
+//!           with MTP `mtp_tokens` `[B]` and `kv_cache.mtp` `[B, S, 576]`;
+//!   outputs `logits` `[B, vocab]`, the caches with row `positions[b]` written, with MTP `mtp_logits`.
 //!   Attention is the absorbed form over the latent cache.
-//! The cache row of a token is (RMSNorm_kv(ckv) [512], rope(k_pe) [64]); both forms read the same cache.
+//! The cache row of a token is (RMSNorm_kv(ckv) `[512]`, rope(k_pe) `[64]`); both forms read the same cache.
 //! MTP outputs depend on `mtp_tokens`, main outputs do not: a caller computes `logits`, picks the next
 //! token, then asks for `mtp_logits` (the interpreter evaluates only what an output needs).
 //!
@@ -33,7 +33,7 @@ pub enum Entry {
     Prefill,
     Decode,
     /// The MTP module alone, prefill-shaped: `hidden` [T, hidden] (the main model's final-normed
-    /// hidden state at `positions` [T]), `mtp_tokens` [T] (the token following each position) and
+    /// hidden state at `positions` `[T]`), `mtp_tokens` `[T]` (the token following each position) and
     /// `kv_cache.mtp` [P, 576] in; `mtp_logits` [T, vocab] (row i drafts the token after
     /// `mtp_tokens[i]`), `kv_cache.mtp` [P+T, 576] and `mtp_hidden` [T, hidden] (its own
     /// final-normed hidden state, which chained drafts feed back as the next position's `hidden`)

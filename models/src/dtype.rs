@@ -3,8 +3,8 @@
 //!
 //! e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities; S.1111.111 is NaN; the largest
 //! finite value is 448; subnormals down to 2^-9. Conversion from f32 saturates nothing: values beyond
-//! 448 round to NaN like torch's `.to(torch.float8_e4m3fn)` (callers scale first, see
-//! [`crate::fp8`]).
+//! 448 round to NaN like torch's `.to(torch.float8_e4m3fn)` (callers scale first: 128x128 weight
+//! blocks, [`crate::init::quantize_weight`]; 1x128 activation tiles).
 
 use std::fmt;
 

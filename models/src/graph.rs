@@ -149,27 +149,27 @@ pub enum Op {
     Input { name: String },
     /// A weight, by checkpoint name (`model.layers.0.self_attn.q_a_proj.weight`).
     Param { name: String, format: WeightFormat },
-    /// (table [V, D], ids [N]) -> [N, D]
+    /// (table `[V, D]`, ids `[N]`) -> `[N, D]`
     Embed,
     /// (x [.., K], w [N, K]) -> [.., N] = x @ w^T. With fp8 activations: (xq [.., K] f8, xs [.., K/g] f32, w).
     Linear,
-    /// (x [.., D], w [D]) -> [.., D], in f32.
+    /// (x `[.., D]`, w `[D]`) -> `[.., D]`, in f32.
     RmsNorm { eps: f32 },
-    /// (x [N, (H,) d], positions [N]) -> same; rotates at absolute positions.
+    /// (x `[N, (H,) d]`, positions `[N]`) -> same; rotates at absolute positions.
     Rope(RopeAttrs),
     /// MLA over one sequence, causal: (q_nope [T, H, dn], q_pe [T, H, dr], latent [S, kv + dr],
     /// kv_b [H * (dn + dv), kv]) -> [T, H, dv]. Query t sits at absolute position S - T + t; the latent
     /// rows are (normed ckv, rotated k_pe) of positions 0..S.
     Attention { form: AttentionForm, scale: f32, kv_lora_rank: usize },
     /// MLA decode, one new token per sequence: (q_nope [B, H, dn], q_pe [B, H, dr], latent [B, S, kv + dr],
-    /// positions [B], kv_b) -> [B, H, dv]; sequence b attends to latent rows 0..=positions[b].
+    /// positions `[B]`, kv_b) -> `[B, H, dv]`; sequence b attends to latent rows `0..=positions[b]`.
     AttentionDecode { form: AttentionForm, scale: f32, kv_lora_rank: usize },
-    /// (cache [B, S, C], entries [B, C], positions [B]) -> cache with row positions[b] of sequence b replaced.
+    /// (cache `[B, S, C]`, entries `[B, C]`, positions `[B]`) -> cache with row `positions[b]` of sequence b replaced.
     CacheWrite,
-    /// (x [T, D], gate [E, D], bias [E]) -> (indices [T, K] i32, weights [T, K] f32).
+    /// (x `[T, D]`, gate `[E, D]`, bias `[E]`) -> (indices `[T, K]` i32, weights `[T, K]` f32).
     MoeRoute(Routing),
     /// (x [T, D], indices [T, K], weights [T, K], then gate_e [I, D], up_e [I, D], down_e [D, I] for each
-    /// expert e) -> [T, D] = sum_k weights[t,k] * Expert_{indices[t,k]}(x[t]); experts are SwiGLU.
+    /// expert e) -> `[T, D]` = `sum_k weights[t,k] * Expert_{indices[t,k]}(x[t])`; experts are SwiGLU.
     /// With `fp8_activations` the expert inputs are quantized 1x128 and the GEMMs block-scaled.
     MoeExperts { num_experts: usize, fp8_activations: bool },
     /// (gate, up) -> silu(gate) * up
@@ -188,19 +188,19 @@ pub enum Op {
     /// (x [N, D], w [V, D]) -> logits [N, V] f32.
     LmHead,
     // --- Training ([`crate::autodiff`]): losses and the vector-Jacobian products of the ops.
-    /// (logits [N, V], targets [N] i64) -> [1]: `weight` x the mean over rows of
-    /// -log softmax(logits)[target].
+    /// (logits `[N, V]`, targets `[N]` i64) -> `[1]`: `weight` x the mean over rows of
+    /// `-log softmax(logits)[target]`.
     CrossEntropy { weight: f32 },
-    /// (logits [N, V], targets [N]) -> d (weighted mean cross-entropy) / d logits [N, V] (the
+    /// (logits `[N, V]`, targets `[N]`) -> d (weighted mean cross-entropy) / d logits `[N, V]` (the
     /// loss's seed is 1).
     CrossEntropyGrad { weight: f32 },
     /// (a, b) 2-D -> a' @ b' with ' the transposes asked for: the VJPs of linear layers.
     MatMul { transpose_a: bool, transpose_b: bool },
-    /// (x [N, D], w [D], dy [N, D]) -> (dx [N, D], dw [D]).
+    /// (x `[N, D]`, w `[D]`, dy `[N, D]`) -> (dx `[N, D]`, dw `[D]`).
     RmsNormGrad { eps: f32 },
     /// (gate, up, dy) -> (d gate, d up) of silu(gate) * up.
     SiluMulGrad,
-    /// (ids [N], dy [N, D]) -> d table [vocab, D]: rows scattered and summed.
+    /// (ids `[N]`, dy `[N, D]`) -> d table `[vocab, D]`: rows scattered and summed.
     EmbedGrad { vocab: usize },
     /// (dy, positions) -> dx of `rope`: the inverse rotation.
     RopeGrad(RopeAttrs),
@@ -221,7 +221,7 @@ pub enum Op {
     /// `fp8`: the recipe's e4m3 GEMMs (Fprop recomputed, Dgrad, Wgrad) on f32 master weights.
     MoeExpertsGrad { num_experts: usize, fp8: bool },
     /// DeepSeek-V3's complementary sequence-wise balance loss of one MoE layer, (x [T, D], gate [E, D],
-    /// indices [T, K]) -> [1]: `alpha * sum_i f_i P_i` with `f_i = E / (K T) * (tokens routed to i)`
+    /// indices `[T, K]`) -> `[1]`: `alpha * sum_i f_i P_i` with `f_i = E / (K T) * (tokens routed to i)`
     /// and `P_i = mean_t s_i,t / sum_j s_j,t` over the sigmoid affinities `s = sigmoid(x gate^T)`.
     BalanceLoss { alpha: f32 },
     /// (x, gate, indices) -> (dx, d gate) of `balance_loss` (through P; f is a count).
@@ -442,7 +442,7 @@ impl Builder {
         Ok(())
     }
 
-    /// (table [V, D], ids [N]) -> [N, D] f32
+    /// (table `[V, D]`, ids `[N]`) -> `[N, D]` f32
     pub fn embed(&mut self, table: ValueId, ids: ValueId) -> Result<ValueId, GraphError> {
         self.expect_ids("embed", ids, "ids")?;
         let t = self.ty(table);
@@ -518,7 +518,7 @@ impl Builder {
         Ok(self.push1(Op::RmsNorm { eps }, vec![x, w], ty))
     }
 
-    /// Rotates the last axis of x [N, d] or [N, H, d] at `positions` [N].
+    /// Rotates the last axis of x `[N, d]` or `[N, H, d]` at `positions` `[N]`.
     pub fn rope(&mut self, x: ValueId, positions: ValueId, rope: &RopeConfig) -> Result<ValueId, GraphError> {
         self.expect_float("rope", x, "input")?;
         self.expect_ids("rope", positions, "positions")?;
@@ -820,7 +820,7 @@ impl Builder {
         Builder { graph, param_index }
     }
 
-    /// Mean cross-entropy of `logits` [N, V] against `targets` [N] (i64): a [1] f32 loss.
+    /// Mean cross-entropy of `logits` `[N, V]` against `targets` `[N]` (i64): a `[1]` f32 loss.
     pub fn cross_entropy(&mut self, logits: ValueId, targets: ValueId) -> Result<ValueId, GraphError> {
         self.cross_entropy_weighted(logits, targets, 1.0)
     }

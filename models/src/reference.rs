@@ -158,7 +158,7 @@ impl<'m> Session<'m> {
         self.position
     }
 
-    /// Runs the prompt; returns the logits of its last token [vocab].
+    /// Runs the prompt; returns the logits of its last token `[vocab]`.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ReferenceError> {
         self.model.check_tokens(tokens)?;
         if tokens.len() > self.max_len {
@@ -197,7 +197,7 @@ impl<'m> Session<'m> {
         Ok(logits[(t - 1) * v..t * v].to_vec())
     }
 
-    /// Feeds one token at the next position; returns its logits [vocab].
+    /// Feeds one token at the next position; returns its logits `[vocab]`.
     pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, ReferenceError> {
         self.model.check_tokens(&[token])?;
         if self.position >= self.max_len {

@@ -1,5 +1,5 @@
 //! `absorb-mla`: decode-time MLA runs in the absorbed form (spec section 3): W_UK folds into the
-//! query (q_abs = q_nope W_UK[h]) and W_UV into the output (o = o_lat W_UV[h]^T), so attention reads
+//! query (q_abs = q_nope `W_UK[h]`) and W_UV into the output (o = o_lat `W_UV[h]^T`), so attention reads
 //! the 576-wide latent cache directly instead of expanding it per cached token.
 //!
 //! Level: `v3` ops of an entry. Rewrites every `attention_decode` built in the naive form to the

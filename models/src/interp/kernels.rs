@@ -303,7 +303,7 @@ pub fn mla_grad(
     [dqn, dqp, dlat, dkv_b]
 }
 
-/// Gradients of [`route`] for one row: the d logits [E] for the routing-weight gradient `dw` of
+/// Gradients of [`route`] for one row: the d logits `[E]` for the routing-weight gradient `dw` of
 /// the selected experts `idx` (zero for the others: the selection passes no gradient).
 pub fn route_grad(logits: &[f32], idx: &[usize], dw: &[f32], r: &Routing) -> Vec<f32> {
     let s: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();

@@ -573,7 +573,7 @@ fn fragment_type(n: usize) -> String {
 /// swizzle, out-of-bounds zero fill), `%out` (`memref<?x?xT>`, [M, N]); fp8: `%a_scale` [M,
 /// ceil(K/128)], `%b_scale` [ceil(N/128), ceil(K/128)] (`b_row_scales`: [N, ceil(K/128)]) (f32);
 /// residual: `%residual` (`memref<?x?xT>`, [M, N]); split K: `%ws` (f32 [splits, M, N]), `%counters`
-/// (i32 [tiles], zero before the first launch; the kernel leaves them zero), `%splits`; then `%k` (K in
+/// (i32 `[tiles]`, zero before the first launch; the kernel leaves them zero), `%splits`; then `%k` (K in
 /// elements).
 /// Launch: [`GemmConfig::threads`] threads, [`GemmConfig::shared_memory_bytes`] of dynamic shared
 /// memory, [`GemmConfig::grid`] blocks.

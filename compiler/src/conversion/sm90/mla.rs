@@ -646,7 +646,7 @@ scf.if %zero_tail {{
 /// scaled scores (`%lse`, f32 `[H * T]`, after `%out`) for the backward; the gradient kernels
 /// (`mla_grad{q,k,v}_*`, [`GradOf`]) take `q`, `k`, `v`, `dout [H * T, v]` (bf16 tensor maps), `lse`
 /// and `D = rowsum(dout * out)` (f32 `[H * T]`) and write one gradient (f32): dQ `[H * T, qk]`, dK
-/// `[H * S, qk]` or dV `[H * S, v]` — see [`emit_grad`].
+/// `[H * S, qk]` or dV `[H * S, v]` — see [`emit_prefill`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MlaPrefillConfig {
     /// Query/key head width (DeepSeek-V3: 128 nope + 64 rope): a positive multiple of 64.

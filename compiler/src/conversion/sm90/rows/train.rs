@@ -303,7 +303,7 @@ pub enum TrainRow {
     MoeGradX { k: usize },
     /// The (token, slot) pairs sorted by expert (one block, `d` = E): `offsets [E + 1]`, then each
     /// expert's pairs (`t * k + slot`) in token order into `pairs` — the pairs cut into chunks a
-    /// thread each counts per expert, then places in order (as [`RowOp::Dispatch`]).
+    /// thread each counts per expert, then places in order (as [`super::RowOp::Dispatch`]).
     PairSort,
     /// What the experts' grouped GEMMs read of the sorted pairs (one block, `d` = k, the slots per
     /// token; `w [T, k]` the routing weights): per sorted row r of pair p, its token `tok[r] = p /
