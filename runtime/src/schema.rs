@@ -5,10 +5,12 @@
 //! tokens), so that a [`crate::grammar::Pattern`] built from one masks a model's tokens to
 //! instances of the schema.
 //!
-//! Not handled (refused by name with where they are): `uniqueItems`, `multipleOf`,
-//! `minProperties`/`maxProperties`, `patternProperties`, `not`, `if`/`then`/`else`, `allOf` of
-//! more than one schema; other members of an object come after its named ones (an instance with
-//! them between is valid but never written).
+//! Not handled (refused by name with where they are): `multipleOf`, `minProperties`/`maxProperties`,
+//! `patternProperties`, `not`, `if`/`then`/`else`, `allOf` of more than one schema, `uniqueItems`
+//! over items of more than a few values (an enum's). What is written is a part of what a schema
+//! allows where the whole would not be regular: other members of an object come after its named
+//! ones, distinct items in their enum's order (instances otherwise arranged are valid but never
+//! written).
 
 use crate::grammar::escape;
 /// Whitespace between a schema's JSON tokens: one space at most (as outlines writes it): any
@@ -175,8 +177,9 @@ impl<'s> SchemaRegex<'s> {
             "readOnly",
             "writeOnly",
         ];
-        const KNOWN: [&str; 25] = [
+        const KNOWN: [&str; 26] = [
             "allOf",
+            "uniqueItems",
             "prefixItems",
             "pattern",
             "minimum",
@@ -304,6 +307,25 @@ impl<'s> SchemaRegex<'s> {
                         Some(x) => return Err(format!("{at}/prefixItems: {x} is not a list of schemas")),
                     };
                     let (min, max) = (bound("minItems")?.unwrap_or(0), bound("maxItems")?);
+                    match o.get("uniqueItems") {
+                        None | Some(Value::Bool(false)) => {}
+                        Some(Value::Bool(true)) => {
+                            // Items of a few values: each written at most once, in the schema's order.
+                            let values = match o.get("items").map(finite_values) {
+                                Some(Some(v)) if prefix.is_empty() => v,
+                                _ => {
+                                    return Err(format!(
+                                        "{at}/uniqueItems: only over items of an enum, a const or booleans (no prefixItems)"
+                                    ))
+                                }
+                            };
+                            let values: Vec<String> = values.iter().map(literal).collect();
+                            return distinct_regex(&values, min, max).ok_or_else(|| {
+                                format!("{at}: no array of distinct items is within minItems and maxItems")
+                            });
+                        }
+                        Some(x) => return Err(format!("{at}/uniqueItems: {x} is not true or false")),
+                    }
                     let k = prefix.len() as u64;
                     let max = match o.get("items") {
                         Some(Value::Bool(false)) => Some(max.map_or(k, |m| m.min(k))),
@@ -393,6 +415,67 @@ impl<'s> SchemaRegex<'s> {
         }
         Ok(if each.len() == 1 { each.remove(0) } else { format!("(?:{})", each.join("|")) })
     }
+}
+
+/// The values an items schema allows when they are few (an `enum`, a `const`, booleans, null):
+/// each once, in the schema's order (None: any other schema).
+fn finite_values(items: &serde_json::Value) -> Option<Vec<serde_json::Value>> {
+    use serde_json::Value;
+    let values: Vec<Value> = if let Some(e) = items.get("enum") {
+        e.as_array()?.clone()
+    } else if let Some(c) = items.get("const") {
+        vec![c.clone()]
+    } else {
+        match items.get("type")?.as_str()? {
+            "boolean" => vec![Value::Bool(true), Value::Bool(false)],
+            "null" => vec![Value::Null],
+            _ => return None,
+        }
+    };
+    let mut distinct: Vec<Value> = Vec::new();
+    for v in values {
+        if !distinct.contains(&v) {
+            distinct.push(v);
+        }
+    }
+    Some(distinct)
+}
+
+/// The regular expression of a JSON array of distinct `values` (regular expressions, each of one
+/// value), those written in their order, between `min` and `max` of them (None: no such array).
+/// Past 8 values, only counts from 0 or 1 up to all of them.
+fn distinct_regex(values: &[String], min: u64, max: Option<u64>) -> Option<String> {
+    let n = values.len() as u64;
+    let max = max.map_or(n, |m| m.min(n));
+    if min > max {
+        return None;
+    }
+    let sep = format!("{WS},{WS}");
+    let contents = if n > 8 {
+        if min > 1 || max < n {
+            return None;
+        }
+        let fields: Vec<(String, bool)> = values.iter().map(|v| (v.clone(), false)).collect();
+        match min {
+            0 => object_fields(&fields),
+            _ => alternation(fields_written(&fields)),
+        }
+    } else {
+        // The values from `i` on, `taken` already written (the first without a comma).
+        fn pick(values: &[String], i: usize, taken: u64, (min, max): (u64, u64), sep: &str) -> Option<String> {
+            if taken == max || i == values.len() {
+                return (taken >= min).then(String::new);
+            }
+            let comma = if taken == 0 { "" } else { sep };
+            let take =
+                pick(values, i + 1, taken + 1, (min, max), sep).map(|rest| format!("{comma}{}{rest}", values[i]));
+            let skip = pick(values, i + 1, taken, (min, max), sep);
+            let each: Vec<String> = take.into_iter().chain(skip).collect();
+            (!each.is_empty()).then(|| alternation(each))
+        }
+        pick(values, 0, 0, (min, max), &sep)?
+    };
+    Some(format!(r"\[{WS}{contents}{WS}\]"))
 }
 
 /// The regular expression of a JSON array whose elements are `prefix`'s instances, in order, then
@@ -1399,6 +1482,78 @@ mod tests {
             }
         }
         assert!(checked > 60, "{checked}");
+    }
+
+    /// Sets (`uniqueItems` over an enum, pydantic's `set[Literal[...]]`): for every array of up to
+    /// four of a few values and bounds on the count, the text matches exactly when its items are
+    /// the enum's, distinct, in the enum's order and as many as the bounds allow.
+    #[test]
+    fn unique_items_are_distinct_values_in_order() {
+        let kinds = ["\"a\"", "\"b\"", "\"c\"", "1"];
+        let mut arrays: Vec<Vec<usize>> = vec![vec![]];
+        let mut level = arrays.clone();
+        for _ in 0..4 {
+            level = level.iter().flat_map(|a| (0..4).map(move |e| [a.as_slice(), &[e]].concat())).collect();
+            arrays.extend(level.iter().cloned());
+        }
+        let mut checked = 0;
+        for (items, allowed) in [
+            (serde_json::json!({"enum": ["a", "b", "c"], "type": "string"}), vec![0, 1, 2]),
+            (serde_json::json!({"enum": ["b", "b", 1]}), vec![1, 3]),
+            (serde_json::json!({"const": "c"}), vec![2]),
+        ] {
+            for (min, max) in [(0, None), (1, None), (2, Some(2)), (0, Some(1)), (3, None)] {
+                let mut schema =
+                    serde_json::json!({"type": "array", "items": items, "uniqueItems": true, "minItems": min});
+                if let Some(m) = max {
+                    schema["maxItems"] = m.into();
+                }
+                let p = match schema_regex(&schema) {
+                    Ok(r) => Pattern::new(&r).unwrap(),
+                    Err(e) => {
+                        assert!(min > allowed.len(), "{schema}: {e}");
+                        assert!(e.contains("no array of distinct items"), "{e}");
+                        continue;
+                    }
+                };
+                for a in &arrays {
+                    let text = format!("[{}]", a.iter().map(|&e| kinds[e]).collect::<Vec<_>>().join(", "));
+                    let places: Option<Vec<usize>> = a.iter().map(|e| allowed.iter().position(|x| x == e)).collect();
+                    let ok = places.is_some_and(|p| p.windows(2).all(|w| w[0] < w[1]))
+                        && a.len() >= min
+                        && max.is_none_or(|m| a.len() <= m);
+                    assert_eq!(p.matches(text.as_bytes()), ok, "{text} against {schema}");
+                    checked += ok as usize;
+                }
+            }
+        }
+        assert!(checked > 20, "{checked}");
+        // Booleans, and many values (counts from 0 or 1 up to all only).
+        let p = Pattern::new(
+            &schema_regex(&serde_json::json!({"type": "array", "items": {"type": "boolean"},
+            "uniqueItems": true}))
+            .unwrap(),
+        )
+        .unwrap();
+        for (text, ok) in
+            [("[]", true), ("[true,false]", true), ("[false]", true), ("[false,true]", false), ("[true,true]", false)]
+        {
+            assert_eq!(p.matches(text.as_bytes()), ok, "{text}");
+        }
+        let many = serde_json::json!({"type": "array", "items": {"enum": (0..12).collect::<Vec<_>>()}, "uniqueItems": true,
+            "minItems": 1});
+        let p = Pattern::new(&schema_regex(&many).unwrap()).unwrap();
+        for (text, ok) in [("[0,5,11]", true), ("[3]", true), ("[]", false), ("[5,0]", false), ("[1,1]", false)] {
+            assert_eq!(p.matches(text.as_bytes()), ok, "{text}");
+        }
+        let refused = |s: serde_json::Value| schema_regex(&s).unwrap_err();
+        assert_eq!(
+            refused(serde_json::json!({"type": "array", "items": {"type": "string"}, "uniqueItems": true})),
+            "#/uniqueItems: only over items of an enum, a const or booleans (no prefixItems)"
+        );
+        let mut past = many.clone();
+        past["maxItems"] = 3.into();
+        assert_eq!(refused(past), "#: no array of distinct items is within minItems and maxItems");
     }
 
     /// The keys of other members: every string of up to three of a few characters (and a
