@@ -1,7 +1,8 @@
 //! Text to token ids and back with the tokenizer `v3r run --prompt` and `serve` use
 //! (`v3c_runtime::tokenizer`): the fixture tokenizer.json (DeepSeek-V3's pre-tokenizer chain, a
-//! 980-token BPE that `tests/fixtures/gen_tokenizer.py` trained) over this repository's README
-//! (prose, code, tables, Unicode): encoding with the template's BOS, and decoding the ids back.
+//! 980-token BPE that `tests/fixtures/gen_tokenizer.py` trained) over this repository's README and
+//! `docs/details.md` (prose, code, tables, Unicode): encoding with the template's BOS, and decoding
+//! the ids back.
 //! Loading the file is timed too.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -10,7 +11,8 @@ use v3c_runtime::tokenizer::Tokenizer;
 fn tokenizer(c: &mut Criterion) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let file = root.join("tests/fixtures/tokenizer/tokenizer.json");
-    let text = std::fs::read_to_string(root.join("README.md")).expect("the README");
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).expect("the repository's docs");
+    let text = read("README.md") + "\n" + &read("docs/details.md");
     let t = Tokenizer::from_file(&file).expect("the fixture tokenizer");
     let ids = t.encode(&text, true);
     let mut g = c.benchmark_group("tokenizer_readme");
