@@ -225,6 +225,23 @@ pub struct RequestDefaults {
     pub tool_format: crate::tools::ToolFormat,
 }
 
+#[cfg(test)]
+impl RequestDefaults {
+    /// What tests start from: greedy, 16 new tokens, no end token, no reasoning.
+    pub(crate) fn for_tests() -> RequestDefaults {
+        RequestDefaults {
+            max_new: 16,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            shaping: Default::default(),
+            eos: None,
+            reasoning: false,
+            tool_format: Default::default(),
+        }
+    }
+}
+
 /// A line of `v3r serve`'s input that cancels a request: `{"cancel": ID}`, ID a request's id (its
 /// own, or its line's number). None: not such a line.
 pub fn parse_cancel(line: &str) -> Option<serde_json::Value> {

@@ -34,6 +34,12 @@ use crate::route::{RouteEnd, Routed, Router, Scored};
 use crate::session::{generation_text, Arrival, Generation, Progress, Request};
 use crate::tokenizer::Tokenizer;
 
+/// The most connections open at once (a thread each); more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// The most bytes of a request line and its headers (a client cannot make a connection hold more).
+const MAX_HEAD: usize = 64 << 10;
+
 /// The largest request body read (a prompt of a million token ids fits).
 const MAX_BODY: usize = 16 << 20;
 
@@ -54,8 +60,18 @@ pub struct HttpRequest {
 /// None where the client closed the connection, or let it idle past its read timeout, before
 /// sending one (a kept-alive connection's end).
 pub fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, String> {
+    // What of the request line and headers may still be read: a line is read at most that far.
+    let mut room = MAX_HEAD;
+    let mut read_line = |reader: &mut dyn BufRead, line: &mut String| -> std::io::Result<usize> {
+        let n = std::io::Read::take(&mut *reader, room as u64).read_line(line)?;
+        room -= n;
+        if room == 0 && !line.ends_with('\n') {
+            return Err(std::io::Error::other(format!("the request line and headers exceed {MAX_HEAD} bytes")));
+        }
+        Ok(n)
+    };
     let mut line = String::new();
-    match reader.read_line(&mut line) {
+    match read_line(reader, &mut line) {
         Ok(0) => return Ok(None),
         Ok(_) => {}
         Err(e)
@@ -77,7 +93,7 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, St
     let mut keep_alive = version == "HTTP/1.1";
     loop {
         let mut header = String::new();
-        if reader.read_line(&mut header).map_err(|e| format!("reading the headers: {e}"))? == 0 {
+        if read_line(reader, &mut header).map_err(|e| format!("reading the headers: {e}"))? == 0 {
             return Err("the headers end before a blank line".into());
         }
         let header = header.trim_end();
@@ -278,6 +294,34 @@ impl Metrics {
     }
 }
 
+/// Takes `listener`'s connections, each served by a thread of its own ([`connection`]), at most
+/// `cap` at once: past it a connection is answered 503 and closed.
+fn accept(listener: TcpListener, cap: usize, tx: ToLoop, site: Arc<Site>) {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    /// One open connection, counted until its thread ends (however it ends).
+    struct Open(Arc<AtomicUsize>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, SeqCst);
+        }
+    }
+    let open = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming().flatten() {
+        if open.load(SeqCst) >= cap {
+            let mut conn = Conn { stream, keep: false };
+            let busy = format!("{cap} connections are open: try again later");
+            let _ = respond_error(&mut conn, "503 Service Unavailable", &busy);
+            continue;
+        }
+        open.fetch_add(1, SeqCst);
+        let (tx, site, held) = (tx.clone(), site.clone(), Open(open.clone()));
+        std::thread::spawn(move || {
+            let _held = held;
+            connection(stream, tx, &site);
+        });
+    }
+}
+
 /// Serves completions on `listener` until `stop` returns true between requests (checked every
 /// 100 ms while idle; a server runs until killed otherwise): each connection's request is served
 /// by [`crate::session::serve`] as `o` says, answered as `site` says.
@@ -293,12 +337,7 @@ pub fn serve_http(
     let accepting = tx.clone();
     let site = Arc::new(site);
     let serving = site.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let (tx, site) = (accepting.clone(), site.clone());
-            std::thread::spawn(move || connection(stream, tx, &site));
-        }
-    });
+    std::thread::spawn(move || accept(listener, MAX_CONNECTIONS, accepting, site));
     let metrics = |f: &mut dyn FnMut(&mut Metrics)| {
         if let Ok(mut m) = serving.metrics.lock() {
             f(&mut m);
@@ -791,6 +830,74 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
+    }
+
+    /// A request line and headers past [`MAX_HEAD`] bytes are refused (a client cannot make the
+    /// server hold a line without end); any bytes are read or refused, never a panic.
+    #[test]
+    fn heads_are_read_up_to_their_limit() {
+        let long = format!("GET /health HTTP/1.1\r\nX-Long: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        let got = read_request(&mut long.as_bytes()).unwrap_err();
+        assert!(got.contains("exceed 65536 bytes"), "{got}");
+        let endless = format!("GET /{} HTTP/1.1", "a".repeat(3 * MAX_HEAD));
+        assert!(read_request(&mut endless.as_bytes()).unwrap_err().contains("exceed"));
+        // Many short headers add up too.
+        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "A: b\r\n".repeat(MAX_HEAD / 6 + 1));
+        assert!(read_request(&mut many.as_bytes()).unwrap_err().contains("exceed"));
+        let fits = format!("GET / HTTP/1.1\r\nX-Long: {}\r\n\r\n", "a".repeat(MAX_HEAD - 64));
+        assert_eq!(read_request(&mut fits.as_bytes()).unwrap().unwrap().path, "/");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_a_request_or_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+                                              head in "(GET|POST) /[a-z/]{0,12} HTTP/1\\.[01]\r\n([A-Za-z-]{1,14}: ?[ -~]{0,12}\r\n){0,4}") {
+            let _ = read_request(&mut bytes.as_slice());
+            let _ = read_request(&mut [head.as_bytes(), &bytes].concat().as_slice());
+        }
+    }
+
+    /// Past `cap` open connections, one more is answered 503 and closed; once one closes, the
+    /// next is served.
+    #[test]
+    fn connections_past_the_cap_are_told_to_come_back() {
+        use std::io::Read;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, _rx) = mpsc::channel();
+        let site = Site {
+            defaults: RequestDefaults::for_tests(),
+            tokenizer: None,
+            model: "m".into(),
+            api_key: None,
+            max_len: 8,
+            metrics: Default::default(),
+        };
+        std::thread::spawn(move || accept(listener, 1, tx, Arc::new(site)));
+        let held = TcpStream::connect(addr).unwrap();
+        let reply = |mut s: TcpStream| {
+            let _ = s.write_all(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n");
+            let mut text = String::new();
+            let _ = s.read_to_string(&mut text);
+            text
+        };
+        // The held connection is counted once the acceptor takes it: wait until a second is refused.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let refused = loop {
+            let text = reply(TcpStream::connect(addr).unwrap());
+            if text.starts_with("HTTP/1.1 503") || std::time::Instant::now() > deadline {
+                break text;
+            }
+        };
+        assert!(refused.contains("1 connections are open: try again later"), "{refused}");
+        drop(held);
+        let served = loop {
+            let text = reply(TcpStream::connect(addr).unwrap());
+            if text.starts_with("HTTP/1.1 200") || std::time::Instant::now() > deadline {
+                break text;
+            }
+        };
+        assert!(served.contains("\"status\":\"ok\""), "{served}");
     }
 
     /// Request lines, headers and bodies as clients send them; what is not HTTP is said.

@@ -736,16 +736,7 @@ mod tests {
     }
 
     fn defaults() -> RequestDefaults {
-        RequestDefaults {
-            max_new: 16,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-            shaping: Default::default(),
-            eos: None,
-            reasoning: false,
-            tool_format: Default::default(),
-        }
+        RequestDefaults::for_tests()
     }
 
     /// OpenAI's completion fields map onto a serve request; what this server cannot do is refused
