@@ -243,6 +243,18 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let refused = run_binary_env("v3c", &[&model[..], &past].concat(), &env);
     assert!(!refused.status.success());
     assert!(text(&refused.stderr).contains("--logit-bias: token id 100000 is outside the model's vocabulary"));
+    // So is a prompt's token past it, named by where the prompt came from (here the second of two).
+    let past = ["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", prompt];
+    let refused = run_binary_env("v3r", &[&past[..], &["--prompt-tokens", "1 100000"]].concat(), &env);
+    assert_eq!(refused.status.code(), Some(1));
+    let said = text(&refused.stderr);
+    assert!(said.contains("--prompt-tokens 2: token id 100000 is outside the model's vocabulary"), "{said}");
+    let logits = ["logits", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--tokens", "1 100000"];
+    let unwritten = dir.path().join("unwritten.safetensors");
+    let refused = run_binary_env("v3r", &[&logits[..], &["--out", unwritten.to_str().unwrap()]].concat(), &env);
+    let said = text(&refused.stderr);
+    assert!(said.contains("--tokens: token id 100000 is outside the model's vocabulary"), "{said}");
+    assert!(!unwritten.exists());
     // Several prompts of different lengths in one batch (one decode launch per step over all of
     // them): each sequence's tokens are the ones it gets alone, greedy and seeded; a sequence that
     // stops early (fewer new tokens than the others would not: all run to --max-new-tokens with

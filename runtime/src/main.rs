@@ -435,7 +435,7 @@ impl Generating {
 
     /// The tokens the flags name are within the vocabulary of the model `a` was compiled from.
     fn check_vocabulary(&self, a: &v3c_runtime::artifact::Artifact) -> Result<(), Failure> {
-        let vocab = a.manifest.model.config.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
+        let vocab = vocabulary(a);
         match self.shaping().logit_bias.iter().find(|(t, _)| *t as u64 >= vocab) {
             Some((t, _)) => Err(Failure::Other(format!(
                 "--logit-bias: token id {t} is outside the model's vocabulary (0..{vocab})"
@@ -448,6 +448,11 @@ impl Generating {
     fn sampler(&self, seed: u64) -> v3c_models::reference::Sampler {
         v3c_models::reference::Sampler::new(self.temperature, self.top_p, seed).shaped(self.shaping())
     }
+}
+
+/// The model's vocabulary size as the artifact's config says (none said: no bound).
+fn vocabulary(a: &v3c_runtime::artifact::Artifact) -> u64 {
+    a.manifest.model.config.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(u64::MAX)
 }
 
 /// Where text is turned into tokens and back (`run`, `serve`).
@@ -1598,6 +1603,24 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     if let Some(file) = &args.prompts_file {
         prompts.extend(v3c_runtime::cli::read_prompts(file).map_err(Failure::Other)?);
     }
+    // A token past the vocabulary, named by where its prompt came from, before anything loads.
+    let vocab = vocabulary(&a);
+    let past = prompts.iter().enumerate().find_map(|(i, p)| p.iter().find(|&&t| t as u64 >= vocab).map(|&t| (i, t)));
+    if let Some((i, t)) = past {
+        let (tokens, texts, chats) = (args.prompt_tokens.len(), args.prompt.len(), args.chat.len());
+        let which = match i {
+            _ if i < tokens && tokens == 1 => "--prompt-tokens".to_string(),
+            _ if i < tokens => format!("--prompt-tokens {}", i + 1),
+            _ if i < tokens + texts => format!("--prompt {} (through the tokenizer)", i - tokens + 1),
+            _ if i < tokens + texts + chats => format!("--chat {} (through the tokenizer)", i - tokens - texts + 1),
+            _ => format!(
+                "{}: prompt {}",
+                args.prompts_file.as_deref().map_or("--prompts-file".into(), |f| f.display().to_string()),
+                i - tokens - texts - chats + 1
+            ),
+        };
+        return Err(Failure::Other(format!("{which}: token id {t} is outside the model's vocabulary (0..{vocab})")));
+    }
     let several = prompts.len() > 1;
     let print = |tokens: &[u32]| match &tokenizer {
         Some(t) if several => println!("{}", serde_json::Value::from(t.decode(tokens, true))),
@@ -1752,6 +1775,10 @@ fn logits(args: &LogitsArgs) -> Result<(), Failure> {
         device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
     }
     let tokens = v3c_runtime::cli::parse_token_ids(&args.tokens, "--tokens").map_err(Failure::Other)?;
+    let vocab = vocabulary(&a);
+    if let Some(t) = tokens.iter().find(|&&t| t as u64 >= vocab) {
+        return Err(Failure::Other(format!("--tokens: token id {t} is outside the model's vocabulary (0..{vocab})")));
+    }
     a.check_weights(&args.weights).map_err(Failure::Other)?;
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let mut session = v3c_runtime::session::ArtifactSession::new(program.as_ref(), tokens.len())
