@@ -842,6 +842,30 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     );
     let bad = run_binary_env("v3r", &["tokenize", ckpt.to_str().unwrap(), "--decode", "3 99999"], &env);
     assert!(text(&bad.stderr).contains("argument 1: 99999 is not a token of"), "{}", text(&bad.stderr));
+    // A conversation through the chat template (the fixture's, beside its tokenizer.json): its
+    // text with --render, else its ids; another template with --chat-template.
+    let fixtures = fixture.parent().unwrap().to_str().unwrap();
+    let tools =
+        serde_json::json!([{"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}]);
+    let conversation = serde_json::json!({"messages": [{"role": "user", "content": "Hello!"}], "tools": tools,
+        "add_generation_prompt": false});
+    let file = dir.path().join("conversation.json");
+    std::fs::write(&file, conversation.to_string()).unwrap();
+    let file = file.to_str().unwrap();
+    let rendered = tokenizer.render_conversation(&conversation).unwrap();
+    assert!(rendered.contains("get") && rendered.contains("Hello!"), "{rendered}");
+    assert_eq!(v3r(&["tokenize", fixtures, "--chat", file, "--render"]), rendered);
+    let chat_ids: Vec<String> = tokenizer.encode(&rendered, false).iter().map(u32::to_string).collect();
+    assert_eq!(v3r(&["tokenize", fixtures, "--chat", file]).trim(), chat_ids.join(" "));
+    let template = dir.path().join("roles.jinja");
+    std::fs::write(&template, "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}").unwrap();
+    let other = ["tokenize", fixtures, "--chat", file, "--render", "--chat-template", template.to_str().unwrap()];
+    assert_eq!(v3r(&other), "[user] Hello!\n");
+    std::fs::write(dir.path().join("bad.json"), r#"{"messages": [], "system": "x"}"#).unwrap();
+    let bad = dir.path().join("bad.json");
+    let refused = run_binary_env("v3r", &["tokenize", fixtures, "--chat", bad.to_str().unwrap()], &env);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stderr).contains("bad.json: unknown field 'system'"), "{}", text(&refused.stderr));
     // Guided decoding on a server that ends requests at the end token: vLLM's choice of strings
     // and regular expression, OpenAI's JSON schema — each completion matching whole, then ending.
     let schema = r#"{"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object",
@@ -1001,6 +1025,14 @@ fn v3r_takes_and_gives_text_with_a_checkpoints_tokenizer() {
     let hello = serde_json::json!([{"role": "user", "content": "Hello!"}]);
     let chat = json(&serde_json::json!({"messages": hello}).to_string(), "/tokenize");
     assert_eq!(chat["tokens"], serde_json::json!(tokenizer.chat(&hello, true).unwrap()));
+    // With what the template is given beside the messages: the tools, the turn left closed.
+    let tools =
+        serde_json::json!([{"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}]);
+    let asked = serde_json::json!({"messages": hello, "tools": tools, "add_generation_prompt": false});
+    let with_tools = json(&asked.to_string(), "/tokenize");
+    let rendered = tokenizer.render_conversation(&asked).unwrap();
+    assert_eq!(with_tools["tokens"], serde_json::json!(tokenizer.encode(&rendered, false)));
+    assert_ne!(with_tools["tokens"], chat["tokens"]);
     let back = json(&serde_json::json!({"tokens": ids}).to_string(), "/detokenize");
     assert_eq!(back["prompt"], tokenizer.decode(&ids, false));
     for (method, path, body, want, why) in [

@@ -580,14 +580,19 @@ fn model_object(site: &Site) -> serde_json::Value {
         "max_model_len": site.max_len })
 }
 
+/// What `POST /tokenize` reads: text (`prompt`) or a chat (`messages`, with what the template is
+/// given beside them), as vLLM's.
+const TOKENIZE_FIELDS: [&str; 7] =
+    ["prompt", "messages", "tools", "chat_template_kwargs", "add_generation_prompt", "add_special_tokens", "model"];
+
 /// vLLM's `POST /tokenize` (`{"prompt": "text"}` or `{"messages": [...]}` through the chat
-/// template with the assistant's turn opened, `add_special_tokens` true by default: `{"tokens",
-/// "count", "max_model_len"}`) and `POST /detokenize` (`{"tokens": [ids]}`: `{"prompt": text}`).
+/// template — with `tools`, `chat_template_kwargs` and `add_generation_prompt`, true unless said
+/// — `add_special_tokens` true by default: `{"tokens", "count", "max_model_len"}`) and
+/// `POST /detokenize` (`{"tokens": [ids]}`: `{"prompt": text}`).
 fn tokenize(encode: bool, body: &[u8], site: &Site) -> Result<serde_json::Value, String> {
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not a JSON body: {e}"))?;
     let o = v.as_object().ok_or("the body is not a JSON object")?;
-    let fields: &[&str] =
-        if encode { &["prompt", "messages", "add_special_tokens", "model"] } else { &["tokens", "model"] };
+    let fields: &[&str] = if encode { &TOKENIZE_FIELDS } else { &["tokens", "model"] };
     if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
         return Err(format!("unknown field '{k}' ({})", fields.join(", ")));
     }
@@ -609,7 +614,7 @@ fn tokenize(encode: bool, body: &[u8], site: &Site) -> Result<serde_json::Value,
     };
     let tokens = match (o.get("prompt"), o.get("messages")) {
         (Some(serde_json::Value::String(text)), None) => t.encode(text, special),
-        (None, Some(messages)) if t.has_chat_template() => t.chat(messages, true)?,
+        (None, Some(_)) if t.has_chat_template() => t.encode(&t.render_conversation(&v)?, false),
         (None, Some(_)) => return Err("messages: the tokenizer has no chat template".into()),
         (Some(_), Some(_)) => return Err("\"prompt\" and \"messages\": one of them".into()),
         (Some(x), None) => return Err(format!("prompt: {x} is not a string")),

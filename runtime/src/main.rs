@@ -222,6 +222,18 @@ struct TokenizeArgs {
     /// special tokens.
     #[arg(long)]
     no_special_tokens: bool,
+    /// A conversation written by the chat template (tokenizer_config.json's) and encoded, as a chat
+    /// request's prompt is: a JSON file (`-`: stdin) of OpenAI's messages, or an object with
+    /// "messages" and optionally "tools", "chat_template_kwargs" and "add_generation_prompt" (true
+    /// unless said)
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["text", "decode", "no_special_tokens"])]
+    chat: Option<PathBuf>,
+    /// With --chat: print the template's text instead of its token ids
+    #[arg(long, requires = "chat")]
+    render: bool,
+    /// With --chat: this chat template (Jinja) instead of tokenizer_config.json's
+    #[arg(long, value_name = "FILE", requires = "chat")]
+    chat_template: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -1551,7 +1563,31 @@ fn text_tokenizer(
 }
 
 fn tokenize(args: &TokenizeArgs) -> Result<(), String> {
-    let tokenizer = v3c_runtime::tokenizer::Tokenizer::from_path(&args.tokenizer)?;
+    let mut tokenizer = v3c_runtime::tokenizer::Tokenizer::from_path(&args.tokenizer)?;
+    if let Some(file) = &args.chat {
+        if let Some(template) = &args.chat_template {
+            let source = std::fs::read_to_string(template).map_err(|e| format!("{}: {e}", template.display()))?;
+            tokenizer.set_chat_template(&source).map_err(|e| format!("{}: {e}", template.display()))?;
+        }
+        let name = file.display().to_string();
+        let text = match name.as_str() {
+            "-" => std::io::read_to_string(std::io::stdin()).map_err(|e| format!("stdin: {e}"))?,
+            _ => std::fs::read_to_string(file).map_err(|e| format!("{name}: {e}"))?,
+        };
+        let conversation: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{name}: {e}"))?;
+        const FIELDS: [&str; 4] = ["messages", "tools", "chat_template_kwargs", "add_generation_prompt"];
+        if let Some(k) = conversation.as_object().and_then(|o| o.keys().find(|k| !FIELDS.contains(&k.as_str()))) {
+            return Err(format!("{name}: unknown field '{k}' ({})", FIELDS.join(", ")));
+        }
+        let rendered = tokenizer.render_conversation(&conversation).map_err(|e| format!("{name}: {e}"))?;
+        if args.render {
+            print!("{rendered}");
+        } else {
+            let ids: Vec<String> = tokenizer.encode(&rendered, false).iter().map(u32::to_string).collect();
+            println!("{}", ids.join(" "));
+        }
+        return Ok(());
+    }
     let special = !args.no_special_tokens;
     let mut texts = args.text.clone();
     if texts.is_empty() {

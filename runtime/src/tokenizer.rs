@@ -368,6 +368,29 @@ impl Tokenizer {
         template.render(context).map_err(|e| format!("chat template: {}", chat_error(&e)))
     }
 
+    /// A conversation as a request gives it, written by the chat template: OpenAI's `messages`
+    /// array, or an object with `messages` and, as vLLM's requests have them, `tools`,
+    /// `chat_template_kwargs` and `add_generation_prompt` (true unless said; other fields are the
+    /// caller's to check).
+    pub fn render_conversation(&self, conversation: &Value) -> Result<String, String> {
+        let (messages, o) = match conversation {
+            Value::Array(_) => (conversation, None),
+            Value::Object(o) => (o.get("messages").ok_or("no \"messages\"")?, Some(o)),
+            x => return Err(format!("{x} is neither a list of messages nor an object with \"messages\"")),
+        };
+        let field = |k: &str| o.and_then(|o| o.get(k)).filter(|v| !v.is_null());
+        let kwargs = match field("chat_template_kwargs") {
+            None => None,
+            Some(Value::Object(m)) => Some(m),
+            Some(x) => return Err(format!("chat_template_kwargs: {x} is not an object")),
+        };
+        let gen = match field("add_generation_prompt") {
+            None => true,
+            Some(x) => x.as_bool().ok_or_else(|| format!("add_generation_prompt: {x} is not true or false"))?,
+        };
+        self.render_chat_with(messages, ChatContext { tools: field("tools"), kwargs }, gen)
+    }
+
     /// The ids of a conversation: [`Tokenizer::render_chat`], encoded with no special tokens added.
     pub fn chat(&self, messages: &Value, add_generation_prompt: bool) -> Result<Vec<u32>, String> {
         self.chat_with(messages, ChatContext::default(), add_generation_prompt)
