@@ -498,7 +498,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
             "/v1/responses",
             "{\"input\": \"x\", \"previous_response_id\": \"resp_1\"}",
             "400 Bad Request",
-            "responses are not stored here",
+            "resp_1 is not a response kept here",
         ),
         ("POST", "/v1/responses", "{\"input\": \"x\"}", "400 Bad Request", "chat needs a tokenizer"),
         (
@@ -1612,6 +1612,46 @@ fn v3r_serves_tool_calls_and_reasoning() {
     assert!(
         next["usage"]["input_tokens"].as_u64().unwrap() > reply["usage"]["input_tokens"].as_u64().unwrap(),
         "{next}"
+    );
+    // The same turn on the stored response: the conversation the store rebuilds is the one sent
+    // whole (the same prompt, so the same greedy reply).
+    let outputs: Vec<serde_json::Value> = fed[messages.as_array().unwrap().len() + items.len()..].to_vec();
+    let body = serde_json::json!({"previous_response_id": reply["id"], "input": outputs, "tools": functions,
+        "max_output_tokens": 8, "temperature": 0});
+    let chained: serde_json::Value = serde_json::from_str(&respond(body)).unwrap();
+    assert_eq!(chained["previous_response_id"], reply["id"]);
+    for k in ["input_tokens", "output_tokens"] {
+        assert_eq!(chained["usage"][k], next["usage"][k], "{k}: {chained} against {next}");
+    }
+    let text = |r: &serde_json::Value| {
+        r["output"].as_array().unwrap().iter().map(|i| i["content"].clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(text(&chained), text(&next));
+    // Retrieved, deleted, then gone; a response not stored is not kept.
+    let id = reply["id"].as_str().unwrap();
+    let (status, kept) = server.request("GET", &format!("/v1/responses/{id}"), "");
+    assert_eq!(
+        (status.as_str(), serde_json::from_str::<serde_json::Value>(&kept).unwrap()),
+        ("HTTP/1.1 200 OK", reply.clone())
+    );
+    let (status, deleted) = server.request("DELETE", &format!("/v1/responses/{id}"), "");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{deleted}");
+    assert!(deleted.contains("\"deleted\":true"), "{deleted}");
+    assert_eq!(server.request("GET", &format!("/v1/responses/{id}"), "").0, "HTTP/1.1 404 Not Found");
+    let (status, gone) = server.request(
+        "POST",
+        "/v1/responses",
+        &serde_json::json!({"previous_response_id": id, "input": "x"}).to_string(),
+    );
+    assert_eq!(status, "HTTP/1.1 400 Bad Request");
+    assert!(gone.contains("is not a response kept here"), "{gone}");
+    let unstored: serde_json::Value = serde_json::from_str(&respond(serde_json::json!({"input": "x", "store": false,
+        "max_output_tokens": 2})))
+    .unwrap();
+    assert_eq!(unstored["store"], false);
+    assert_eq!(
+        server.request("GET", &format!("/v1/responses/{}", unstored["id"].as_str().unwrap()), "").0,
+        "HTTP/1.1 404 Not Found"
     );
     let body = serde_json::json!({"input": messages, "tools": functions, "max_output_tokens": 120, "stream": true,
         "tool_choice": {"type": "function", "name": "get_weather"}, "temperature": 1, "seed": 5});

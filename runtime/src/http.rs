@@ -187,6 +187,8 @@ pub struct Site {
     pub max_len: usize,
     /// What `GET /metrics` says; kept by [`serve_http`].
     pub metrics: std::sync::Mutex<Metrics>,
+    /// The Responses API's stored responses ([`crate::responses::Store`]).
+    pub responses: crate::responses::Store,
 }
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
@@ -534,6 +536,19 @@ fn answer(conn: &mut Conn, request: &HttpRequest, tx: &ToLoop, site: &Site) {
         ("POST", "/v1/completions") => crate::openai::answer(Api::Completions, conn, &request.body, tx, site),
         ("POST", "/v1/chat/completions") => crate::openai::answer(Api::Chat, conn, &request.body, tx, site),
         ("POST", "/v1/responses") => crate::responses::answer(conn, &request.body, tx, site),
+        (method @ ("GET" | "DELETE"), path) if path.starts_with("/v1/responses/") => {
+            // A stored response (OpenAI's `retrieve` and `delete`).
+            let id = path.trim_start_matches("/v1/responses/");
+            let _ = match (method, site.responses.get(id)) {
+                ("GET", Some(object)) => respond(conn, "200 OK", &object),
+                ("DELETE", Some(_)) if site.responses.delete(id) => respond(
+                    conn,
+                    "200 OK",
+                    &serde_json::json!({ "id": id, "object": "response.deleted", "deleted": true }),
+                ),
+                _ => respond_error(conn, "404 Not Found", &format!("no response {id} is kept here")),
+            };
+        }
         ("POST", "/v1/messages") => crate::messages::answer(conn, &request.body, tx, site),
         ("POST", "/v1/messages/count_tokens") => {
             // The prompt the chat template writes of it (tools included), counted.
@@ -565,8 +580,8 @@ fn answer(conn: &mut Conn, request: &HttpRequest, tx: &ToLoop, site: &Site) {
         }
         (_, path) => {
             let message = format!(
-                "{path}: served are POST /v1/completions, POST /v1/chat/completions, POST /v1/responses, POST \
-                 /v1/messages (and /v1/messages/count_tokens), POST /tokenize, POST /detokenize, GET /v1/models, GET \
+                "{path}: served are POST /v1/completions, POST /v1/chat/completions, POST /v1/responses (GET and \
+                 DELETE /v1/responses/ID), POST /v1/messages (and /v1/messages/count_tokens), POST /tokenize, POST /detokenize, GET /v1/models, GET \
                  /health and GET /metrics"
             );
             let _ = respond_error(conn, "404 Not Found", &message);
@@ -877,6 +892,7 @@ mod tests {
             api_key: None,
             max_len: 8,
             metrics: Default::default(),
+            responses: Default::default(),
         };
         std::thread::spawn(move || accept(listener, 1, tx, Arc::new(site)));
         let held = TcpStream::connect(addr).unwrap();

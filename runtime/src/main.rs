@@ -1073,7 +1073,9 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         let start = std::time::Instant::now();
 
         let metrics = Default::default();
-        let site = v3c_runtime::http::Site { defaults, tokenizer, model: model.clone(), api_key, max_len, metrics };
+        let responses = Default::default();
+        let site =
+            v3c_runtime::http::Site { defaults, tokenizer, model: model.clone(), api_key, max_len, metrics, responses };
         // SIGTERM or Ctrl-C: no new requests, those running end, then the process (a second ends it at once).
         let interrupt = v3c_runtime::interrupt::Interrupt::install(&[libc::SIGINT, libc::SIGTERM]);
         let served =

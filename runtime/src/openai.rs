@@ -975,7 +975,7 @@ mod tests {
             let read = |body: &serde_json::Value| {
                 let bytes = body.to_string();
                 let chat = match which {
-                    0 => crate::responses::chat_body(bytes.as_bytes()).map(|(c, _)| c.to_string()),
+                    0 => crate::responses::chat_body(bytes.as_bytes(), &Default::default()).map(|t| t.chat.to_string()),
                     1 => crate::messages::chat_body(bytes.as_bytes()).map(|(c, _)| c.to_string()),
                     _ => Ok(bytes),
                 };

@@ -5,8 +5,9 @@
 //! back as output items — a `reasoning` item (with `--reasoning-parser`), a `message` of
 //! `output_text`, and a `function_call` item a call — whole, or streamed as the API's events.
 //!
-//! Nothing is stored: `previous_response_id` is refused (send the conversation as `input`, as
-//! stateless clients do with `store: false`).
+//! Responses are kept in memory ([`Store`]: the last [`STORED`], unless a request says `store:
+//! false`): `previous_response_id` continues one, its conversation rebuilt from the stored turns;
+//! `GET` and `DELETE /v1/responses/ID` retrieve and let go of one. Nothing outlives the server.
 
 use serde_json::{json, Map, Value};
 
@@ -83,22 +84,35 @@ pub(crate) fn pass_on(o: &Map<String, Value>, same: &[&str], chat: &mut Map<Stri
     }
 }
 
-/// A Responses request's body as a chat completions body, and whether it streams.
-pub fn chat_body(body: &[u8]) -> Result<(Value, bool), String> {
+/// A Responses request read: the chat completions body it makes and whether it streams, the
+/// response it continues, and this turn's messages (its input's, instructions left out: those of
+/// a stored response are not carried on, as OpenAI's are not).
+#[derive(Debug)]
+pub struct Turn {
+    pub chat: Value,
+    pub stream: bool,
+    pub previous: Option<String>,
+    pub input: Vec<Value>,
+}
+
+/// A Responses request's body as a chat completions body: with `previous_response_id`, the
+/// conversation `store` holds up to that response goes after the instructions, before the input.
+pub fn chat_body(body: &[u8], store: &Store) -> Result<Turn, String> {
     let o = body_object(body, &FIELDS)?;
     let given = |k: &str| o.get(k).filter(|x| !x.is_null());
-    if let Some(id) = given("previous_response_id") {
-        return Err(format!(
-            "previous_response_id: {id}: responses are not stored here; send the whole conversation as input"
-        ));
-    }
+    let previous = match given("previous_response_id") {
+        None => None,
+        Some(Value::String(id)) => Some(id.clone()),
+        Some(x) => return Err(format!("previous_response_id: {x} is not a response id")),
+    };
+    let earlier = previous.as_deref().map(|id| store.conversation(id)).transpose()?.unwrap_or_default();
     if let Some(t) = given("truncation").filter(|t| t.as_str() != Some("disabled")) {
         return Err(format!(
             "truncation: {t}: only \"disabled\" (a conversation longer than the model takes is refused)"
         ));
     }
     if let Some(b) = given("background").filter(|b| b.as_bool() != Some(false)) {
-        return Err(format!("background: {b}: responses are not stored here (only false)"));
+        return Err(format!("background: {b}: responses are answered as they run here (only false)"));
     }
     let mut chat = Map::new();
     if let Some(i) = given("include") {
@@ -118,7 +132,11 @@ pub fn chat_body(body: &[u8]) -> Result<(Value, bool), String> {
             }
         }
     }
-    chat.insert("messages".into(), messages(given("instructions"), o.get("input"))?.into());
+    let mut all = messages(given("instructions"), o.get("input"))?;
+    let first = usize::from(given("instructions").is_some());
+    let input = all[first..].to_vec();
+    all.splice(first..first, earlier);
+    chat.insert("messages".into(), all.into());
     for (ours, theirs) in [("max_completion_tokens", "max_output_tokens"), ("tool_choice", "tool_choice")] {
         if let Some(x) = given(theirs) {
             chat.insert(ours.into(), if ours == "tool_choice" { tool_choice(x)? } else { x.clone() });
@@ -135,7 +153,106 @@ pub fn chat_body(body: &[u8]) -> Result<(Value, bool), String> {
         chat.insert("top_logprobs".into(), k.clone());
     }
     let stream = pass_on(&o, &["model", "temperature", "top_p", "parallel_tool_calls", "user"], &mut chat)?;
-    Ok((chat.into(), stream))
+    Ok(Turn { chat: chat.into(), stream, previous, input })
+}
+
+/// How many responses a server keeps for `previous_response_id` and `GET /v1/responses/ID` (the
+/// oldest let go first).
+pub const STORED: usize = 1024;
+
+/// The responses kept (`store`, true unless a request says false): each one's id, the response
+/// it continued, its turn as chat messages (its input's and its reply's) and the object answered.
+#[derive(Default)]
+pub struct Store {
+    kept: std::sync::Mutex<std::collections::VecDeque<Stored>>,
+}
+
+struct Stored {
+    id: String,
+    previous: Option<String>,
+    turn: Vec<Value>,
+    object: Value,
+}
+
+impl Store {
+    fn kept(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Stored>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps response `object` (its id inside), which continued `previous` with `turn`.
+    pub fn keep(&self, object: &Value, previous: Option<String>, turn: Vec<Value>) {
+        let id = object["id"].as_str().unwrap_or_default().to_string();
+        let mut kept = self.kept();
+        if kept.len() >= STORED {
+            kept.pop_front();
+        }
+        kept.push_back(Stored { id, previous, turn, object: object.clone() });
+    }
+
+    /// The response object kept as `id`.
+    pub fn get(&self, id: &str) -> Option<Value> {
+        self.kept().iter().find(|s| s.id == id).map(|s| s.object.clone())
+    }
+
+    /// Lets response `id` go: whether it was kept.
+    pub fn delete(&self, id: &str) -> bool {
+        let mut kept = self.kept();
+        let before = kept.len();
+        kept.retain(|s| s.id != id);
+        kept.len() < before
+    }
+
+    /// The conversation up to response `id`, as chat messages: each turn from the first on.
+    pub fn conversation(&self, id: &str) -> Result<Vec<Value>, String> {
+        let kept = self.kept();
+        let mut turns = Vec::new();
+        let mut at = Some(id.to_string());
+        while let Some(id) = at {
+            let s = kept.iter().find(|s| s.id == id).ok_or_else(|| {
+                format!("previous_response_id: {id} is not a response kept here (the last {STORED} stored are)")
+            })?;
+            turns.push(s.turn.clone());
+            at = s.previous.clone();
+            if turns.len() > STORED {
+                return Err(format!("previous_response_id: {id}: the responses before it loop"));
+            }
+        }
+        Ok(turns.into_iter().rev().flatten().collect())
+    }
+}
+
+/// A response's reply as the chat's assistant message: its message's text, its calls.
+fn assistant_message(output: &[Value]) -> Value {
+    let text: String = output
+        .iter()
+        .filter(|i| i["type"] == "message")
+        .flat_map(|i| i["content"].as_array().into_iter().flatten())
+        .filter_map(|c| c["text"].as_str())
+        .collect();
+    let calls: Vec<Value> = output
+        .iter()
+        .filter(|i| i["type"] == "function_call")
+        .map(|i| {
+            json!({ "id": i["call_id"], "type": "function",
+            "function": { "name": i["name"], "arguments": i["arguments"] } })
+        })
+        .collect();
+    match calls.is_empty() {
+        true => json!({ "role": "assistant", "content": text }),
+        false => json!({ "role": "assistant", "content": if text.is_empty() { Value::Null } else { text.into() },
+            "tool_calls": calls }),
+    }
+}
+
+/// The id of request `number`'s response: unique to this server's run too (a response id from an
+/// earlier run, whose store is gone, names none of this one's).
+pub fn response_id(number: usize) -> String {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        format!("{:x}", (nanos as u64) ^ (u64::from(std::process::id()) << 40))
+    });
+    format!("resp_{run}_{number}")
 }
 
 /// The chat's messages: `instructions` as a system message, then `input` (a text: one user
@@ -338,7 +455,7 @@ pub fn response(
     let r = |k: &str, default: Value| request.get(k).filter(|x| !x.is_null()).cloned().unwrap_or(default);
     let incomplete = (status == "incomplete").then(|| json!({ "reason": "max_output_tokens" }));
     json!({
-        "id": format!("resp_{number}"),
+        "id": response_id(number),
         "object": "response",
         "created_at": created,
         "status": status,
@@ -349,9 +466,9 @@ pub fn response(
         "max_output_tokens": r("max_output_tokens", Value::Null),
         "output": output,
         "parallel_tool_calls": r("parallel_tool_calls", true.into()),
-        "previous_response_id": null,
+        "previous_response_id": r("previous_response_id", Value::Null),
         "reasoning": r("reasoning", json!({ "effort": null, "summary": null })),
-        "store": false,
+        "store": request.get("store").and_then(Value::as_bool).unwrap_or(true),
         "temperature": r("temperature", Value::Null),
         "text": r("text", json!({ "format": { "type": "text" } })),
         "tool_choice": r("tool_choice", "auto".into()),
@@ -381,11 +498,20 @@ pub fn usage(prompt: usize, cached: usize, output: usize, reasoning: usize) -> V
 /// object, or streamed as the API's events.
 pub(crate) fn answer(conn: &mut Conn, body: &[u8], tx: &ToLoop, site: &Site) {
     let model = site.model.as_str();
-    let (request, stream, t) = match one_chat(chat_body(body), site) {
+    let turn = chat_body(body, &site.responses);
+    let (previous, input) = turn.as_ref().map_or((None, Vec::new()), |t| (t.previous.clone(), t.input.clone()));
+    let (request, stream, t) = match one_chat(turn.map(|t| (t.chat, t.stream)), site) {
         Ok(r) => r,
         Err(e) => {
             let _ = respond_error(conn, "400 Bad Request", &e);
             return;
+        }
+    };
+    // Kept, unless the request says not to, with the turn it continued.
+    let keep = |object: &Value| {
+        if object["store"] == true {
+            let turn = [input.clone(), vec![assistant_message(object["output"].as_array().map_or(&[], Vec::as_slice))]];
+            site.responses.keep(object, previous.clone(), turn.concat());
         }
     };
     // The request's settings, echoed in the response.
@@ -396,7 +522,9 @@ pub(crate) fn answer(conn: &mut Conn, body: &[u8], tx: &ToLoop, site: &Site) {
     };
     let created = now();
     if stream {
-        stream_response(conn, &p, tx, site, t, &given, created);
+        if let Some(object) = stream_response(conn, &p, tx, site, t, &given, created) {
+            keep(&object);
+        }
         return;
     }
     let g = match wait(&p) {
@@ -420,7 +548,9 @@ pub(crate) fn answer(conn: &mut Conn, body: &[u8], tx: &ToLoop, site: &Site) {
     }
     let status = if finish_reason(&g) == "length" { "incomplete" } else { "completed" };
     let used = usage(p.prompt.len(), g.reused, g.tokens.len(), reasoning.map_or(0, |r| r.len()));
-    let _ = respond(conn, "200 OK", &response(p.number, created, model, &given, status, output, used));
+    let object = response(p.number, created, model, &given, status, output, used);
+    keep(&object);
+    let _ = respond(conn, "200 OK", &object);
 }
 
 /// A streamed response's events as it writes them: numbered, and its reasoning and message
@@ -604,6 +734,7 @@ impl Sink for ResponseEvents<'_> {
 /// settles and done, the calls each added with their arguments and done once the completion
 /// ends, and `response.completed` (`response.incomplete` at the token budget) with the whole
 /// response; a refused request ends it with an `error` event, a client that goes away cancels it.
+/// The response when it ended.
 fn stream_response(
     conn: &mut Conn,
     p: &Pending,
@@ -612,8 +743,7 @@ fn stream_response(
     t: &Arc<Tokenizer>,
     given: &serde_json::Value,
     created: u64,
-) {
-    use serde_json::json;
+) -> Option<Value> {
     conn.keep = false;
     let ok = conn.stream.write_all(EVENT_STREAM.as_bytes()).is_ok();
     let number = p.number;
@@ -633,10 +763,12 @@ fn stream_response(
         done: Default::default(),
     };
     let model = site.model.as_str();
-    let snapshot = |status: &str, output: Vec<serde_json::Value>, used: serde_json::Value| json!({ "response": response(number, created, model, given, status, output, used) });
-    e.send("response.created", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
-    e.send("response.in_progress", snapshot("in_progress", Vec::new(), serde_json::Value::Null));
-    let Some(Followed { g, reasoning, rest, .. }) = follow(p, t, &mut e, tx) else { return };
+    let object =
+        |status: &str, output: Vec<Value>, used: Value| response(number, created, model, given, status, output, used);
+    let started = json!({ "response": object("in_progress", Vec::new(), Value::Null) });
+    e.send("response.created", started.clone());
+    e.send("response.in_progress", started);
+    let Followed { g, reasoning, rest, .. } = follow(p, t, &mut e, tx)?;
     // The message: every reply has one unless it only called.
     if e.calls.is_empty() || e.message_at.is_some() {
         e.close_message(&rest);
@@ -647,7 +779,9 @@ fn stream_response(
     let output: Vec<serde_json::Value> = e.done.values().cloned().collect();
     let status = if finish_reason(&g) == "length" { "incomplete" } else { "completed" };
     let used = usage(p.prompt.len(), g.reused, g.tokens.len(), reasoning.map_or(0, |r| r.len()));
-    e.send(&format!("response.{status}"), snapshot(status, output, used));
+    let done = object(status, output, used);
+    e.send(&format!("response.{status}"), json!({ "response": done }));
+    Some(done)
 }
 
 #[cfg(test)]
@@ -678,8 +812,10 @@ mod tests {
             "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}, "strict": true}},
             "top_k": 5,
         });
-        let (chat, stream) = chat_body(body.to_string().as_bytes()).unwrap();
-        assert!(!stream);
+        let store = Store::default();
+        let Turn { chat, stream, previous, input } = chat_body(body.to_string().as_bytes(), &store).unwrap();
+        assert!(!stream && previous.is_none());
+        assert_eq!(input[0], json!({"role": "system", "content": "Use tools."}), "the instructions left out");
         let want = json!({
             "model": "m", "max_completion_tokens": 40, "temperature": 0.5, "seed": 3, "top_k": 5,
             "messages": [
@@ -703,10 +839,9 @@ mod tests {
         let body = br#"{"input": "Hi", "stream": true, "store": false, "prompt_cache_key": "k",
             "include": ["reasoning.encrypted_content", "message.output_text.logprobs"],
             "text": {"format": {"type": "text"}, "verbosity": "low"}}"#;
-        let (chat, _) = chat_body(body).unwrap();
-        assert_eq!(chat["logprobs"], true);
-        let (chat, stream) =
-            chat_body(br#"{"input": "Hi", "stream": true, "text": {"format": {"type": "text"}}}"#).unwrap();
+        assert_eq!(chat_body(body, &store).unwrap().chat["logprobs"], true);
+        let turn = chat_body(br#"{"input": "Hi", "stream": true, "text": {"format": {"type": "text"}}}"#, &store);
+        let Turn { chat, stream, .. } = turn.unwrap();
         assert!(stream);
         assert_eq!(chat, json!({"messages": [{"role": "user", "content": "Hi"}]}));
     }
@@ -716,8 +851,9 @@ mod tests {
         for (body, error) in [
             (
                 r#"{"input": "x", "previous_response_id": "resp_1"}"#,
-                "previous_response_id: \"resp_1\": responses are not stored",
+                "previous_response_id: resp_1 is not a response kept here (the last 1024 stored are)",
             ),
+            (r#"{"input": "x", "previous_response_id": 7}"#, "previous_response_id: 7 is not a response id"),
             (r#"{"input": "x", "frobnicate": 1}"#, "unknown field 'frobnicate'"),
             (r#"{"input": "x", "response_format": {}}"#, "unknown field 'response_format'"),
             (r#"{}"#, "no \"input\""),
@@ -742,13 +878,70 @@ mod tests {
                 r#"{"input": "x", "include": ["file_search_call.results"]}"#,
                 "include: \"file_search_call.results\" is not supported",
             ),
-            (r#"{"input": "x", "background": true}"#, "background: true: responses are not stored here"),
+            (r#"{"input": "x", "background": true}"#, "background: true: responses are answered as they run here"),
             (r#"{"input": [], "instructions": "x"}"#, "input: no message to answer"),
             (r#"{"input": "x", "stream": 1}"#, "stream: 1 is not true or false"),
         ] {
-            let e = chat_body(body.as_bytes()).unwrap_err();
+            let e = chat_body(body.as_bytes(), &Store::default()).unwrap_err();
             assert!(e.contains(error), "{body}: {e}");
         }
+    }
+
+    /// A conversation continued by `previous_response_id`: each stored turn (its input and its
+    /// reply, calls included) in order after this request's instructions and before its input;
+    /// the earlier instructions not carried on; a deleted or evicted response is named.
+    #[test]
+    fn stored_responses_continue_conversations() {
+        let store = Store::default();
+        let first = chat_body(br#"{"instructions": "Be brief.", "input": "Weather in Paris?"}"#, &store).unwrap();
+        let call =
+            json!({"type": "function_call", "call_id": "call_1_0", "name": "get", "arguments": "{}", "id": "fc_1_0"});
+        let reply = json!({"id": "resp_x_1", "store": true, "output": [
+            {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "hmm"}]},
+            {"type": "message", "content": [{"type": "output_text", "text": "Checking."}]}, call]});
+        store.keep(
+            &reply,
+            first.previous,
+            [first.input, vec![assistant_message(reply["output"].as_array().unwrap())]].concat(),
+        );
+        let body = br#"{"instructions": "Be kind.", "previous_response_id": "resp_x_1",
+            "input": [{"type": "function_call_output", "call_id": "call_1_0", "output": "sunny"}]}"#;
+        let second = chat_body(body, &store).unwrap();
+        assert_eq!(second.previous.as_deref(), Some("resp_x_1"));
+        assert_eq!(
+            second.chat["messages"],
+            json!([
+                {"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "Checking.", "tool_calls": [
+                    {"id": "call_1_0", "type": "function", "function": {"name": "get", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_1_0", "content": "sunny"},
+            ])
+        );
+        // A third turn sees both before it.
+        let answer = json!({"id": "resp_x_2", "output": [{"type": "message", "content": [{"type": "output_text", "text": "Sunny."}]}]});
+        store.keep(
+            &answer,
+            second.previous,
+            [second.input, vec![assistant_message(answer["output"].as_array().unwrap())]].concat(),
+        );
+        let third = chat_body(br#"{"previous_response_id": "resp_x_2", "input": "Thanks"}"#, &store).unwrap();
+        let roles: Vec<&str> =
+            third.chat["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+        assert_eq!(roles, ["user", "assistant", "tool", "assistant", "user"]);
+        assert_eq!(store.get("resp_x_2").unwrap()["id"], "resp_x_2");
+        // Deleting the first breaks the chain through it.
+        assert!(store.delete("resp_x_1") && !store.delete("resp_x_1"));
+        let e = chat_body(br#"{"previous_response_id": "resp_x_2", "input": "x"}"#, &store).unwrap_err();
+        assert!(e.contains("resp_x_1 is not a response kept here"), "{e}");
+        // The oldest let go past STORED.
+        for k in 0..STORED {
+            store.keep(&json!({"id": format!("resp_y_{k}"), "output": []}), None, Vec::new());
+        }
+        assert!(store.get("resp_x_2").is_none() && store.get("resp_y_0").is_some());
+        // Ids of another run name nothing of this one's.
+        assert_ne!(response_id(3), "resp_3");
+        assert!(response_id(3).starts_with("resp_") && response_id(3).ends_with("_3"));
     }
 
     /// Output items: reasoning, then the message (left out when the reply only called), then a
@@ -773,7 +966,8 @@ mod tests {
         assert_eq!(plain[0]["content"][0]["type"], "output_text");
         let r = response(5, 1, "m", &json!({"max_output_tokens": 9}), "incomplete", plain, usage(3, 0, 9, 0));
         assert_eq!(r["incomplete_details"]["reason"], "max_output_tokens");
-        assert_eq!((r["id"].as_str(), r["max_output_tokens"].as_u64()), (Some("resp_5"), Some(9)));
+        assert_eq!((r["id"].as_str(), r["max_output_tokens"].as_u64()), (Some(&response_id(5)[..]), Some(9)));
+        assert_eq!((&r["store"], &r["previous_response_id"]), (&json!(true), &Value::Null));
         assert_eq!(r["usage"]["total_tokens"], 12);
     }
 }
