@@ -932,8 +932,8 @@ mod tests {
         }
         for (line, err) in [
             (
-                r#"{"text": "x", "guided_json": {"type": "string", "format": "uri-template"}}"#,
-                "guided_json: #/format: \"uri-template\" is not supported",
+                r#"{"text": "x", "guided_json": {"type": "string", "format": 5}}"#,
+                "guided_json: #/format: 5 is not a format's name",
             ),
             (r#"{"text": "x", "guided_json": "{"}"#, "guided_json: not a JSON schema: EOF while parsing"),
             (

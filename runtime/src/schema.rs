@@ -28,8 +28,8 @@ const MAX_BOUND: u64 = 256;
 /// writes schemas and more: objects with `properties` in their order, those not `required`
 /// there or not (no others: `additionalProperties` false or left out; a schema: other members
 /// after them, keys none of the named, values of that schema); `items` of arrays
-/// (`minItems`, `maxItems`; `prefixItems` first); strings (`minLength`, `maxLength`; or a `format`: date, time,
-/// date-time, uuid, ipv4, email; or a `pattern`: [`string_pattern_regex`]), numbers, integers
+/// (`minItems`, `maxItems`; `prefixItems` first); strings (`minLength`, `maxLength`; or a `format`
+/// of [`FORMATS`], others annotations; or a `pattern`: [`string_pattern_regex`]), numbers, integers
 /// (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`), booleans, null; `enum`,
 /// `const`, `anyOf` / `oneOf`, a list of `type`s, and `$ref` to `#/$defs/...` or
 /// `#/definitions/...` (not recursive here: [`crate::gbnf::schema_grammar`] takes those).
@@ -271,7 +271,12 @@ impl<'s> SchemaRegex<'s> {
                 "null" => "null".to_string(),
                 "boolean" => "(?:true|false)".to_string(),
                 "integer" => {
-                    let (lo, hi) = integer_bounds(o, at)?;
+                    let (mut lo, mut hi) = integer_bounds(o, at)?;
+                    // OpenAPI's int32 bounds it (other formats of numbers are annotations).
+                    if o.get("format").and_then(Value::as_str) == Some("int32") {
+                        lo = Some(lo.map_or(i64::from(i32::MIN), |l| l.max(i32::MIN.into())));
+                        hi = Some(hi.map_or(i64::from(i32::MAX), |h| h.min(i32::MAX.into())));
+                    }
                     if hi.zip(lo).is_some_and(|(h, l)| h < l) {
                         return Err(format!("{at}: no integer is within its minimum and maximum"));
                     }
@@ -285,14 +290,17 @@ impl<'s> SchemaRegex<'s> {
                     let p = o["pattern"].as_str().ok_or_else(|| format!("{at}/pattern: not a string"))?;
                     string_pattern_regex(p).map_err(|e| format!("{at}/pattern: {e}"))?
                 }
-                "string" if o.contains_key("format") => {
+                // A format of those known is held to; any other is an annotation (JSON Schema's
+                // default: any string).
+                "string" if o.get("format").and_then(Value::as_str).and_then(format_regex).is_some() => {
                     if let Some(k) = ["minLength", "maxLength"].iter().find(|k| o.contains_key(**k)) {
                         return Err(format!("{at}/{k}: not with a format"));
                     }
-                    let f = o["format"].as_str().and_then(format_regex).ok_or_else(|| {
-                        format!("{at}/format: {} is not supported ({})", o["format"], FORMATS.join(", "))
-                    })?;
+                    let f = o["format"].as_str().and_then(format_regex).unwrap_or_default();
                     format!("\"{f}\"")
+                }
+                "string" if o.get("format").is_some_and(|f| !f.is_string()) => {
+                    return Err(format!("{at}/format: {} is not a format's name", o["format"]))
                 }
                 "string" => {
                     let (min, max) = (bound("minLength")?.unwrap_or(0), bound("maxLength")?);
@@ -707,7 +715,9 @@ fn json_char(c: char) -> String {
 }
 
 /// The string formats a schema may ask for.
-const FORMATS: [&str; 7] = ["date", "time", "date-time", "uuid", "ipv4", "email", "uri"];
+/// The string formats held to (others are annotations: any string).
+pub const FORMATS: [&str; 11] =
+    ["date", "time", "date-time", "duration", "uuid", "ipv4", "ipv6", "hostname", "email", "uri", "byte"];
 
 /// The regular expression of a string format's texts (none needs a JSON escape).
 fn format_regex(format: &str) -> Option<String> {
@@ -721,11 +731,50 @@ fn format_regex(format: &str) -> Option<String> {
         "date-time" => format!("{DATE}T{TIME}"),
         "uuid" => r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}".to_string(),
         "ipv4" => format!(r"(?:{OCTET}\.){{3}}{OCTET}"),
+        "ipv6" => ipv6_regex(&format!(r"(?:{OCTET}\.){{3}}{OCTET}")),
+        // RFC 1123 labels (letters, digits, inner hyphens; 1 to 63 characters), at most four of at
+        // most 62: never past the 253 characters a name may have.
+        "hostname" => {
+            let label = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,60}[A-Za-z0-9])?";
+            format!(r"{label}(?:\.{label}){{0,3}}")
+        }
+        // RFC 3339's durations (its Appendix A): weeks; or a date of years, months, days and a
+        // time (after a T) of hours, minutes, seconds — each a run from its first part on
+        // (`1Y2M`, `2M3D`, not `1Y3D`), the date or the time there or both.
+        "duration" => {
+            let n = "[0-9]+";
+            let time = format!("T(?:{n}H(?:{n}M(?:{n}S)?)?|{n}M(?:{n}S)?|{n}S)");
+            let date = format!("(?:{n}Y(?:{n}M(?:{n}D)?)?|{n}M(?:{n}D)?|{n}D)");
+            format!("P(?:{n}W|{date}(?:{time})?|{time})")
+        }
+        // OpenAPI's base64 bytes, padded.
+        "byte" => "(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?".to_string(),
         "email" => r"[a-zA-Z0-9._%+-]+@[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*\.[a-zA-Z]{2,}".to_string(),
         // RFC 3986's characters after a scheme (its parts' order not checked).
         "uri" => r"[a-zA-Z][a-zA-Z0-9+.\-]*:(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+".to_string(),
         _ => return None,
     })
+}
+
+/// RFC 4291's text forms of an IPv6 address (RFC 3986's grammar): eight groups of 1 to 4 hex
+/// digits, or fewer around one `::`, the last two as an IPv4 address (`ipv4`) or not.
+fn ipv6_regex(ipv4: &str) -> String {
+    let h16 = "[0-9A-Fa-f]{1,4}";
+    let ls32 = format!("(?:{h16}:{h16}|{ipv4})");
+    // `before` groups (each followed by a colon, the last by none) then `::`, then `after`
+    // groups each followed by a colon, then what ends it.
+    let mut each = vec![format!("(?:{h16}:){{6}}{ls32}")];
+    for after in (0..=5).rev() {
+        let head = match 5 - after {
+            0 => String::new(),
+            n => format!("(?:(?:{h16}:){{0,{}}}{h16})?", n - 1),
+        };
+        let tail = if after > 0 { format!("(?:{h16}:){{{after}}}") } else { String::new() };
+        each.push(format!("{head}::{tail}{ls32}"));
+    }
+    each.push(format!("(?:(?:{h16}:){{0,5}}{h16})?::{h16}"));
+    each.push(format!("(?:(?:{h16}:){{0,6}}{h16})?::"));
+    format!("(?:{})", each.join("|"))
 }
 
 /// The bounds an integer's schema sets (`minimum`, `maximum`, and the exclusive ones), as the
@@ -1072,10 +1121,18 @@ mod tests {
             assert!(!p.matches(bad.as_bytes()), "{bad}");
         }
         let refused = |s: serde_json::Value| schema_regex(&s).unwrap_err();
-        assert_eq!(
-            refused(serde_json::json!({"type": "string", "format": "uri-template"})),
-            "#/format: \"uri-template\" is not supported (date, time, date-time, uuid, ipv4, email, uri)"
-        );
+        // Formats not known are annotations (JSON Schema's default): any string; int32 bounds.
+        let any =
+            Pattern::new(&schema_regex(&serde_json::json!({"type": "string", "format": "uri-template"})).unwrap());
+        assert!(any.unwrap().matches(br#""{x} y""#));
+        assert_eq!(refused(serde_json::json!({"type": "string", "format": 5})), "#/format: 5 is not a format's name");
+        let int32 = serde_json::json!({"type": "integer", "format": "int32", "minimum": -5});
+        let int32 = Pattern::new(&schema_regex(&int32).unwrap()).unwrap();
+        for (text, ok) in [("-5", true), ("2147483647", true), ("2147483648", false), ("-6", false)] {
+            assert_eq!(int32.matches(text.as_bytes()), ok, "{text}");
+        }
+        let int64 = Pattern::new(&schema_regex(&serde_json::json!({"type": "integer", "format": "int64"})).unwrap());
+        assert!(int64.unwrap().matches(b"99999999999999999999"));
         assert_eq!(
             refused(serde_json::json!({"allOf": [{"type": "number"}, {"minimum": 1}]})),
             "#/allOf: only one schema is supported"
@@ -1341,6 +1398,32 @@ mod tests {
             ),
             ("date-time", vec!["2026-12-01T06:58:00Z", "2026-12-01T06:58:00.5-08:00"], vec!["2026-12-01 06:58:00Z"]),
             ("uuid", vec!["123e4567-e89b-12d3-a456-426614174000"], vec!["123e4567e89b12d3a456426614174000"]),
+            (
+                "duration",
+                vec![
+                    "P1W",
+                    "P3Y",
+                    "P1Y2M",
+                    "P1Y2M3D",
+                    "P2M3D",
+                    "P4D",
+                    "PT1H",
+                    "PT1H2M",
+                    "PT1H2M3S",
+                    "PT2M",
+                    "PT2M3S",
+                    "PT3S",
+                    "P1DT12H",
+                    "P1Y2M3DT4H5M6S",
+                ],
+                vec!["P", "PT", "P1Y3D", "PT1H3S", "P1W2D", "1D", "P1.5D", "P1DT", "PT1S2M"],
+            ),
+            (
+                "hostname",
+                vec!["localhost", "example.org", "a-b.c0.example.org", "x1", &"a".repeat(62)],
+                vec!["-a.org", "a-.org", "a..org", "a_b.org", "", ".org", "a.b.c.d.e"],
+            ),
+            ("byte", vec!["", "QUJD", "QUI=", "QQ==", "SGVsbG8gd29ybGQ="], vec!["QUJ", "Q===", "QUJD=", "QU=D"]),
             ("ipv4", vec!["192.168.0.1", "255.255.255.255"], vec!["256.1.1.1", "1.2.3", "01.2.3.4"]),
             ("email", vec!["ada@example.org", "a.b+c@mail.co.uk"], vec!["ada@", "@example.org", "ada@example"]),
             (
@@ -1358,6 +1441,55 @@ mod tests {
                 assert!(!p.matches(format!("\"{b}\"").as_bytes()), "{format}: {b}");
             }
         }
+    }
+
+    /// IPv6 addresses: every text of a few groups, colons, `::` and IPv4 tails matches exactly
+    /// when Rust's own parser (`std::net::Ipv6Addr`) reads it.
+    #[test]
+    fn ipv6_addresses_are_what_the_standard_library_reads() {
+        let p = Pattern::new(&schema_regex(&serde_json::json!({"type": "string", "format": "ipv6"})).unwrap()).unwrap();
+        let pieces = [
+            "0",
+            "1f",
+            "abcd",
+            "FFFF",
+            "12345",
+            ":",
+            "::",
+            ":::",
+            "1.2.3.4",
+            "255.0.0.1",
+            "256.1.1.1",
+            "01.1.1.1",
+            "g",
+        ];
+        let (mut read, mut seen) = (0, 0);
+        let mut texts: Vec<String> = vec![String::new()];
+        let mut level = texts.clone();
+        for _ in 0..5 {
+            level = level.iter().flat_map(|t| pieces.iter().map(move |p| format!("{t}{p}"))).collect();
+            texts.extend(level.iter().cloned());
+        }
+        // Whole addresses too: eight groups, and each run of groups left out.
+        let groups = ["1", "0", "ab", "ffff", "0db8", "7", "c0", "10"];
+        for from in 0..=8 {
+            for to in from..=8 {
+                let (head, tail) = (groups[..from].join(":"), groups[to..].join(":"));
+                texts.push(if from == to && from > 0 && to < 8 {
+                    format!("{head}:{tail}")
+                } else {
+                    format!("{head}::{tail}")
+                });
+            }
+        }
+        texts.push(groups.join(":"));
+        texts.push(format!("{}:1.2.3.4", groups[..6].join(":")));
+        for t in &texts {
+            let std_reads = t.parse::<std::net::Ipv6Addr>().is_ok();
+            assert_eq!(p.matches(format!("\"{t}\"").as_bytes()), std_reads, "{t:?}");
+            (read, seen) = (read + std_reads as usize, seen + 1);
+        }
+        assert!(read > 50 && seen > 300_000, "{read} of {seen}");
     }
 
     /// A map (`additionalProperties` a schema, no properties named): any keys, each value an
