@@ -5,7 +5,8 @@
 //! tokens), so that a [`crate::grammar::Pattern`] built from one masks a model's tokens to
 //! instances of the schema.
 //!
-//! Not handled (refused by name with where they are): `multipleOf`, `minProperties`/`maxProperties`,
+//! Not handled (refused by name with where they are): `multipleOf` but powers of ten of at most 1
+//! (a number's decimals), `minProperties`/`maxProperties`,
 //! `patternProperties`, `not`, `if`/`then`/`else`, `allOf` of more than one schema, `uniqueItems`
 //! over items of more than a few values (an enum's). What is written is a part of what a schema
 //! allows where the whole would not be regular: other members of an object come after its named
@@ -177,8 +178,9 @@ impl<'s> SchemaRegex<'s> {
             "readOnly",
             "writeOnly",
         ];
-        const KNOWN: [&str; 26] = [
+        const KNOWN: [&str; 27] = [
             "allOf",
+            "multipleOf",
             "uniqueItems",
             "prefixItems",
             "pattern",
@@ -271,6 +273,10 @@ impl<'s> SchemaRegex<'s> {
                 "null" => "null".to_string(),
                 "boolean" => "(?:true|false)".to_string(),
                 "integer" => {
+                    // Every integer is a multiple of a power of ten of at most 1; of others, not all.
+                    if let Some(m) = o.get("multipleOf") {
+                        decimal_places(m, at)?;
+                    }
                     let (mut lo, mut hi) = integer_bounds(o, at)?;
                     // OpenAPI's int32 bounds it (other formats of numbers are annotations).
                     if o.get("format").and_then(Value::as_str) == Some("int32") {
@@ -809,7 +815,9 @@ fn number_regex(o: &serde_json::Map<String, serde_json::Value>, at: &str) -> Res
     };
     let los = [bound("minimum", true)?, bound("exclusiveMinimum", false)?];
     let his = [bound("maximum", true)?, bound("exclusiveMaximum", false)?];
-    if los.iter().chain(&his).all(Option::is_none) {
+    // `multipleOf` a power of ten: at most that many decimals (no exponent).
+    let cap = o.get("multipleOf").map(|m| decimal_places(m, at)).transpose()?;
+    if los.iter().chain(&his).all(Option::is_none) && cap.is_none() {
         return Ok(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?".to_string());
     }
     // The tightest of each side; of two equal bounds the exclusive one.
@@ -832,7 +840,7 @@ fn number_regex(o: &serde_json::Map<String, serde_json::Value>, at: &str) -> Res
             Some((h, inclusive)) if h.negative => (h, *inclusive),
             _ => (&zero, false),
         };
-        if let Some(r) = magnitude_regex(above, lo.as_ref().map(|(l, i)| (l, *i))) {
+        if let Some(r) = magnitude_regex(above, lo.as_ref().map(|(l, i)| (l, *i)), cap) {
             each.push(format!("-{r}"));
         }
     }
@@ -841,7 +849,7 @@ fn number_regex(o: &serde_json::Map<String, serde_json::Value>, at: &str) -> Res
             Some((l, inclusive)) if !l.negative => (l, *inclusive),
             _ => (&zero, true),
         };
-        if let Some(r) = magnitude_regex(above, hi.as_ref().map(|(h, i)| (h, *i))) {
+        if let Some(r) = magnitude_regex(above, hi.as_ref().map(|(h, i)| (h, *i)), cap) {
             each.push(r);
         }
     }
@@ -849,6 +857,17 @@ fn number_regex(o: &serde_json::Map<String, serde_json::Value>, at: &str) -> Res
         return Err(format!("{at}: no number is within its minimum and maximum"));
     }
     Ok(format!("(?:{})", each.join("|")))
+}
+
+/// The decimals `multipleOf` allows when it is a power of ten of at most 1 (1, 0.1, 0.01, ...):
+/// its number of decimals.
+fn decimal_places(m: &serde_json::Value, at: &str) -> Result<usize, String> {
+    let d = Decimal::of(m).map_err(|e| format!("{at}/multipleOf: {e}"))?;
+    match (d.negative, d.int, d.frac.split_last()) {
+        (false, 1, None) => Ok(0),
+        (false, 0, Some((b'1', zeros))) if zeros.iter().all(|&z| z == b'0') => Ok(d.frac.len()),
+        _ => Err(format!("{at}/multipleOf: {m}: only a power of ten of at most 1 (1, 0.1, 0.01, ...)")),
+    }
 }
 
 /// A bound of a number, and whether it is included.
@@ -931,10 +950,10 @@ impl PartialOrd for Decimal {
 /// The regular expression of the non-negative numbers written `I` or `I.F` (no exponent) at or
 /// above `lo` (above only when it is not included) and up to `hi`, comparing magnitudes; None if
 /// there are none.
-fn magnitude_regex(lo: (&Decimal, bool), hi: Option<(&Decimal, bool)>) -> Option<String> {
+fn magnitude_regex(lo: (&Decimal, bool), hi: Option<(&Decimal, bool)>, cap: Option<usize>) -> Option<String> {
     let mut each = Vec::new();
     let part = |int: u64, lo: Option<(&[u8], bool)>, hi: Option<(&[u8], bool)>| {
-        fraction_regex(fraction_digits(lo, hi)).map(|f| format!("{int}{f}"))
+        fraction_regex(fraction_digits(lo, hi, cap)).map(|f| format!("{int}{f}"))
     };
     let low = Some((lo.0.frac.as_slice(), lo.1));
     match hi {
@@ -947,7 +966,12 @@ fn magnitude_regex(lo: (&Decimal, bool), hi: Option<(&Decimal, bool)>) -> Option
             // The integer parts strictly between, any fraction.
             let below = hi.map(|(h, _)| h.int - 1);
             if below.is_none_or(|b| b > lo.0.int) {
-                each.push(format!(r"{}(?:\.[0-9]+)?", natural_regex(lo.0.int + 1, below)));
+                let any = match cap {
+                    None => r"(?:\.[0-9]+)?".to_string(),
+                    Some(0) => String::new(),
+                    Some(e) => format!(r"(?:\.[0-9]{{1,{e}}})?"),
+                };
+                each.push(format!("{}{any}", natural_regex(lo.0.int + 1, below)));
             }
             if let Some((h, inclusive)) = hi {
                 each.extend(part(h.int, None, Some((h.frac.as_slice(), inclusive))));
@@ -968,24 +992,38 @@ fn fraction_regex((empty, digits): (bool, Vec<String>)) -> Option<String> {
 }
 
 /// The digit strings `d` with `0.d` at or above `0.lo` (above only when it is not included)
-/// and at or below (below) `0.hi` (None: no bound; bounds without trailing zeros): whether the
-/// empty string is one, and regular expressions of the others, by first digit.
-fn fraction_digits(lo: Option<(&[u8], bool)>, hi: Option<(&[u8], bool)>) -> (bool, Vec<String>) {
+/// and at or below (below) `0.hi` (None: no bound; bounds without trailing zeros), of at most
+/// `cap` digits (None: any): whether the empty string is one, and regular expressions of the
+/// others, by first digit.
+fn fraction_digits(lo: Option<(&[u8], bool)>, hi: Option<(&[u8], bool)>, cap: Option<usize>) -> (bool, Vec<String>) {
+    // Up to `n` more digits: `{0,n}` (or `*`).
+    let upto = |n: usize| cap.map_or("*".to_string(), |_| format!("{{0,{n}}}"));
+    let room = cap.unwrap_or(usize::MAX);
     // At or above zero: no bound.
     let lo = lo.filter(|&(l, inclusive)| !(l.is_empty() && inclusive));
     match (lo, hi) {
-        (None, None) => return (true, vec!["[0-9]+".to_string()]),
+        (None, None) => return (true, if room == 0 { vec![] } else { vec![format!("[0-9][0-9]{}", upto(room - 1))] }),
         // At or below zero: zeros only (below zero: none).
         (lo, Some((&[], inclusive))) => {
-            return (inclusive && lo.is_none(), if inclusive && lo.is_none() { vec!["0+".to_string()] } else { vec![] })
+            let zeros = inclusive && lo.is_none();
+            return (zeros, if zeros && room > 0 { vec![format!("00{}", upto(room - 1))] } else { vec![] });
         }
         // Above zero, no upper bound: a digit other than zero somewhere.
-        (Some((&[], _)), None) => return (false, vec!["0*[1-9][0-9]*".to_string()]),
+        (Some((&[], _)), None) => {
+            return match cap {
+                None => (false, vec!["0*[1-9][0-9]*".to_string()]),
+                // The first digit other than zero at place k + 1: k zeros, it, then the rest.
+                Some(n) => (false, (0..n).map(|k| format!("0{{{k}}}[1-9][0-9]{{0,{}}}", n - k - 1)).collect()),
+            };
+        }
         _ => {}
     }
     // The empty string is zero: above a bound left only where that bound is zero (and
     // included: excluded above), below one wherever that bound is not zero.
     let empty = lo.is_none() && hi.is_none_or(|(h, inclusive)| !h.is_empty() || inclusive);
+    if room == 0 {
+        return (empty, Vec::new());
+    }
     let first = |b: Option<(&[u8], bool)>, unbounded: u8| b.map_or(unbounded, |(d, _)| d.first().map_or(b'0', |c| *c));
     fn rest(b: Option<(&[u8], bool)>) -> Option<(&[u8], bool)> {
         b.map(|(d, inclusive)| (d.get(1..).unwrap_or(&[]), inclusive))
@@ -996,7 +1034,7 @@ fn fraction_digits(lo: Option<(&[u8], bool)>, hi: Option<(&[u8], bool)>) -> (boo
         return (empty, each);
     }
     let then = |digit: u8, lo, hi| {
-        let (empty, more) = fraction_digits(lo, hi);
+        let (empty, more) = fraction_digits(lo, hi, cap.map(|n| n - 1));
         match (empty, more.is_empty()) {
             (_, true) => empty.then(|| (digit as char).to_string()),
             (e, false) => Some(format!("{}(?:{}){}", digit as char, more.join("|"), if e { "?" } else { "" })),
@@ -1005,7 +1043,7 @@ fn fraction_digits(lo: Option<(&[u8], bool)>, hi: Option<(&[u8], bool)>) -> (boo
     each.extend(then(a, rest(lo), if a == z { rest(hi) } else { None }));
     if z > a {
         if z - a >= 2 {
-            each.push(format!("[{}-{}][0-9]*", (a + 1) as char, (z - 1) as char));
+            each.push(format!("[{}-{}][0-9]{}", (a + 1) as char, (z - 1) as char, upto(room - 1)));
         }
         each.extend(then(z, None, rest(hi)));
     }
@@ -1126,6 +1164,13 @@ mod tests {
             Pattern::new(&schema_regex(&serde_json::json!({"type": "string", "format": "uri-template"})).unwrap());
         assert!(any.unwrap().matches(br#""{x} y""#));
         assert_eq!(refused(serde_json::json!({"type": "string", "format": 5})), "#/format: 5 is not a format's name");
+        for (m, ty) in [(5.0, "integer"), (0.25, "number"), (-0.1, "number"), (10.0, "number")] {
+            let e = refused(serde_json::json!({"type": ty, "multipleOf": m}));
+            assert!(e.ends_with("only a power of ten of at most 1 (1, 0.1, 0.01, ...)"), "{m}: {e}");
+        }
+        // Every integer is a multiple of 0.01.
+        let cents = Pattern::new(&schema_regex(&serde_json::json!({"type": "integer", "multipleOf": 0.01})).unwrap());
+        assert!(cents.unwrap().matches(b"-17"));
         let int32 = serde_json::json!({"type": "integer", "format": "int32", "minimum": -5});
         let int32 = Pattern::new(&schema_regex(&int32).unwrap()).unwrap();
         for (text, ok) in [("-5", true), ("2147483647", true), ("2147483648", false), ("-6", false)] {
@@ -1297,17 +1342,34 @@ mod tests {
             ".0099",
             ".9",
         ];
-        for b in bounds {
+        // `multipleOf` a power of ten: at most that many decimals, as well (a multiple written with
+        // more, trailing zeros, is left out: a part of what the schema allows).
+        let caps = [
+            None,
+            Some((serde_json::json!(1), 0)),
+            Some((serde_json::json!(0.1), 1)),
+            Some((serde_json::json!(0.01), 2)),
+            Some((serde_json::json!(0.0001), 4)),
+        ];
+        let runs = caps.iter().flat_map(|c| {
+            let unbounded = c.as_ref().map(|_| serde_json::json!({}));
+            bounds.iter().cloned().chain(unbounded).map(move |b| (b, c.clone()))
+        });
+        for (b, cap) in runs {
             let mut schema = b.clone();
             schema["type"] = "number".into();
-            let regex = match schema_regex(&schema) {
-                Ok(r) => r,
+            if let Some((m, _)) = &cap {
+                schema["multipleOf"] = m.clone();
+            }
+            let places = cap.as_ref().map_or(usize::MAX, |c| c.1);
+            // None: refused, as no number is within (then none of the grid may be).
+            let p = match schema_regex(&schema) {
+                Ok(r) => Some(Pattern::new(&r).unwrap()),
                 Err(e) => {
-                    assert_eq!(b["exclusiveMinimum"], serde_json::json!(-3), "{e}");
-                    continue;
+                    assert!(e.contains("no number is within"), "{schema}: {e}");
+                    None
                 }
             };
-            let p = Pattern::new(&regex).unwrap();
             let f = |k: &str| b.get(k).map(|v| scaled(&format!("{:.9}", v.as_f64().unwrap())));
             let mut some = 0;
             for int in -30i64..=30 {
@@ -1318,18 +1380,21 @@ mod tests {
                             continue;
                         }
                         let v = scaled(&text);
+                        let decimals = text.split_once('.').map_or(0, |(_, f)| f.len());
                         let within = f("minimum").is_none_or(|m| v >= m)
                             && f("maximum").is_none_or(|m| v <= m)
                             && f("exclusiveMinimum").is_none_or(|m| v > m)
-                            && f("exclusiveMaximum").is_none_or(|m| v < m);
-                        assert_eq!(p.matches(text.as_bytes()), within, "{b}: {text}");
+                            && f("exclusiveMaximum").is_none_or(|m| v < m)
+                            && decimals <= places;
+                        let matched = p.as_ref().is_some_and(|p| p.matches(text.as_bytes()));
+                        assert_eq!(matched, within, "{schema}: {text}");
                         some += within as usize;
                     }
                 }
             }
-            assert!(some > 0, "{b}");
+            assert!(some > 0 || (cap.is_some() && p.is_none()) || b["exclusiveMinimum"] == -3, "{schema}");
             for spelled in ["-0", "-0.0", "-0.00", "00", "01", "+1", ".5", "1.", "1e0", "-", ""] {
-                assert!(!p.matches(spelled.as_bytes()), "{b}: {spelled}");
+                assert!(!p.as_ref().is_some_and(|p| p.matches(spelled.as_bytes())), "{b}: {spelled}");
             }
         }
     }

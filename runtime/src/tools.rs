@@ -690,7 +690,10 @@ mod tests {
         let tools = Tools::parse(Some(&tools), None, None, &t).unwrap().unwrap();
         assert_eq!(
             tools.loose,
-            vec![("f".to_string(), "#/properties/n: the keyword multipleOf is not supported".to_string())]
+            vec![(
+                "f".to_string(),
+                "#/properties/n/multipleOf: 2: only a power of ten of at most 1 (1, 0.1, 0.01, ...)".to_string()
+            )]
         );
         let p = crate::gbnf::Grammar::parse(&tools.calls_grammar()).unwrap();
         for (arguments, ok) in [
