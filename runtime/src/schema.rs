@@ -7,7 +7,7 @@
 //!
 //! Not handled (refused by name with where they are): `multipleOf` but powers of ten of at most 1
 //! (a number's decimals), `minProperties`/`maxProperties`,
-//! `patternProperties`, `not`, `if`/`then`/`else`, `allOf` of more than one schema, `uniqueItems`
+//! `patternProperties`, `not`, `if`/`then`/`else`, `allOf` of more than one schema but objects, `uniqueItems`
 //! over items of more than a few values (an enum's). What is written is a part of what a schema
 //! allows where the whole would not be regular: other members of an object come after its named
 //! ones, distinct items in their enum's order (instances otherwise arranged are valid but never
@@ -100,6 +100,20 @@ pub const ANY_OBJECT: &str = "(any object)";
 /// properties).
 pub const ANY_VALUE: &str = "(any value)";
 
+/// Annotations: said of a schema, never of its texts.
+const NOTES: [&str; 10] = [
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$schema",
+    "$id",
+    "$comment",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+];
+
 struct SchemaRegex<'s> {
     root: &'s serde_json::Value,
     depth: usize,
@@ -120,6 +134,100 @@ impl<'s> SchemaRegex<'s> {
             .find_map(|p| r.strip_prefix(p).map(|name| (p, name)))
             .and_then(|(p, name)| self.root.get(&p[2..p.len() - 1])?.get(name))
             .ok_or_else(|| format!("{at}/$ref: {r} is not a schema of #/$defs or #/definitions"))
+    }
+
+    /// `allOf`'s `parts` (and what `o` says beside them) as one object schema: their properties
+    /// together, each named once (or alike wherever named), all their required ones, closed
+    /// unless every part leaves other members open alike. Anything but objects is refused: an
+    /// intersection of other schemas is not written here.
+    fn merged_objects(
+        &self,
+        o: &serde_json::Map<String, serde_json::Value>,
+        parts: &[serde_json::Value],
+        at: &str,
+    ) -> Result<serde_json::Value, String> {
+        use serde_json::{Map, Value};
+        const TAKEN: [&str; 9] = [
+            "type",
+            "properties",
+            "required",
+            "additionalProperties",
+            "$ref",
+            "allOf",
+            "$defs",
+            "definitions",
+            "strict",
+        ];
+        let beside: Map<String, Value> =
+            o.iter().filter(|(k, _)| *k != "allOf").map(|(k, v)| (k.clone(), v.clone())).collect();
+        // Depth first, in order (a base's properties before what extends it): a stack, the
+        // next part on top.
+        let mut stack: Vec<(String, Value)> = vec![(at.to_string(), Value::Object(beside))];
+        stack.extend(parts.iter().enumerate().rev().map(|(i, p)| (format!("{at}/allOf/{i}"), p.clone())));
+        let (mut properties, mut required, mut open) = (Map::new(), Vec::<Value>::new(), Vec::new());
+        let mut taken = 0;
+        while let Some((where_, part)) = stack.pop() {
+            taken += 1;
+            if taken > 64 {
+                return Err(format!("{at}/allOf: more than 64 schemas (a reference to itself?)"));
+            }
+            let part = match part.get("$ref").and_then(Value::as_str) {
+                Some(r) => self.target(r, &where_)?.clone(),
+                None => part,
+            };
+            let p = part.as_object().ok_or_else(|| format!("{where_}: {part} is not an object's schema"))?;
+            if let Some(k) = p.keys().find(|k| !TAKEN.contains(&k.as_str()) && !NOTES.contains(&k.as_str())) {
+                return Err(format!("{where_}: the keyword {k} in allOf (only objects' properties are merged)"));
+            }
+            if p.get("type").is_some_and(|t| t != "object") {
+                return Err(format!("{where_}: allOf of other than objects is not supported"));
+            }
+            if let Some(Value::Array(inner)) = p.get("allOf") {
+                // Its parts next, then what it says beside them.
+                let mut rest = p.clone();
+                rest.remove("allOf");
+                stack.push((where_.clone(), Value::Object(rest)));
+                stack.extend(inner.iter().enumerate().rev().map(|(i, s)| (format!("{where_}/allOf/{i}"), s.clone())));
+                continue;
+            }
+            if let Some(ps) = p.get("properties") {
+                let ps = ps.as_object().ok_or_else(|| format!("{where_}/properties: {ps} is not an object"))?;
+                for (name, schema) in ps {
+                    match properties.get(name) {
+                        Some(earlier) if earlier != schema => {
+                            return Err(format!("{where_}/properties/{name}: named again otherwise in allOf"))
+                        }
+                        _ => {
+                            properties.insert(name.clone(), schema.clone());
+                        }
+                    }
+                }
+            }
+            for r in p.get("required").and_then(Value::as_array).into_iter().flatten() {
+                if !required.contains(r) {
+                    required.push(r.clone());
+                }
+            }
+            // Only parts that say something of objects count for what they leave open.
+            if p.contains_key("properties") || p.contains_key("additionalProperties") || p.get("type").is_some() {
+                open.push(p.get("additionalProperties").cloned().unwrap_or(Value::Bool(false)));
+            }
+        }
+        let mut merged = Map::new();
+        for (k, v) in o.iter().filter(|(k, _)| NOTES.contains(&k.as_str())) {
+            merged.insert(k.clone(), v.clone());
+        }
+        merged.insert("type".into(), "object".into());
+        merged.insert("properties".into(), Value::Object(properties));
+        merged.insert("required".into(), Value::Array(required));
+        let closed = Value::Bool(false);
+        let others = match open.split_first() {
+            Some((first, rest)) if rest.iter().all(|x| x == first) => first.clone(),
+            // Some part closed: no others (what another part leaves open it does not allow).
+            _ => closed,
+        };
+        merged.insert("additionalProperties".into(), others);
+        Ok(Value::Object(merged))
     }
 
     /// Where references are marks: the mark of the rule of `path` (a `$ref`, or [`ANY_OBJECT`]),
@@ -166,18 +274,6 @@ impl<'s> SchemaRegex<'s> {
 
     fn object_schema(&mut self, o: &serde_json::Map<String, serde_json::Value>, at: &str) -> Result<String, String> {
         use serde_json::Value;
-        const NOTES: [&str; 10] = [
-            "title",
-            "description",
-            "default",
-            "examples",
-            "$schema",
-            "$id",
-            "$comment",
-            "deprecated",
-            "readOnly",
-            "writeOnly",
-        ];
         const KNOWN: [&str; 27] = [
             "allOf",
             "multipleOf",
@@ -228,10 +324,15 @@ impl<'s> SchemaRegex<'s> {
             return Ok(format!("(?:{})", e.iter().map(literal).collect::<Vec<_>>().join("|")));
         }
         if let Some(all) = o.get("allOf") {
-            // One schema (what pydantic writes around a reference with a description): that one.
             return match all.as_array().map(Vec::as_slice) {
+                // One schema (what pydantic writes around a reference with a description): that one.
                 Some([one]) => self.of(one, &format!("{at}/allOf/0")),
-                _ => Err(format!("{at}/allOf: only one schema is supported")),
+                // Objects (a base and what extends it, as OpenAPI's generators write them): one.
+                Some(parts) if !parts.is_empty() => {
+                    let merged = self.merged_objects(o, parts, at)?;
+                    self.of(&merged, &format!("{at}/allOf"))
+                }
+                _ => Err(format!("{at}/allOf: not a list of schemas")),
             };
         }
         for key in ["anyOf", "oneOf"] {
@@ -1180,7 +1281,7 @@ mod tests {
         assert!(int64.unwrap().matches(b"99999999999999999999"));
         assert_eq!(
             refused(serde_json::json!({"allOf": [{"type": "number"}, {"minimum": 1}]})),
-            "#/allOf: only one schema is supported"
+            "#/allOf/0: allOf of other than objects is not supported"
         );
         assert_eq!(
             refused(serde_json::json!({"type": "number", "minimum": 1e20})),
@@ -1679,6 +1780,41 @@ mod tests {
             }
         }
         assert!(checked > 60, "{checked}");
+    }
+
+    /// `allOf` of objects (a base by reference and what extends it, nested too): one object of
+    /// all their properties and required ones, closed; other intersections refused by name.
+    #[test]
+    fn all_of_objects_is_one_object() {
+        let schema = serde_json::json!({
+            "$defs": {
+                "Base": {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]},
+                "Named": {"allOf": [{"$ref": "#/$defs/Base"}, {"properties": {"name": {"type": "string"}}}]},
+            },
+            "description": "a pet",
+            "allOf": [{"$ref": "#/$defs/Named"}, {"type": "object", "properties": {"legs": {"enum": [2, 4]},
+                "id": {"type": "integer"}}, "required": ["legs"]}],
+        });
+        let p = Pattern::new(&schema_regex(&schema).unwrap()).unwrap();
+        for (text, ok) in [
+            (r#"{"id":1,"legs":4}"#, true),
+            (r#"{"id":1,"name":"Rex","legs":2}"#, true),
+            (r#"{"name":"Rex","legs":2}"#, false),
+            (r#"{"id":1}"#, false),
+            (r#"{"id":1,"legs":3}"#, false),
+            (r#"{"id":1,"legs":4,"tail":true}"#, false),
+        ] {
+            assert_eq!(p.matches(text.as_bytes()), ok, "{text}");
+        }
+        let refused = |s: serde_json::Value| schema_regex(&s).unwrap_err();
+        let clash = serde_json::json!({"allOf": [{"properties": {"a": {"type": "integer"}}},
+            {"properties": {"a": {"type": "string"}}}]});
+        assert_eq!(refused(clash), "#/allOf/1/properties/a: named again otherwise in allOf");
+        let bounded = serde_json::json!({"allOf": [{"properties": {"a": {"type": "integer"}}}, {"maxProperties": 1}]});
+        assert_eq!(
+            refused(bounded),
+            "#/allOf/1: the keyword maxProperties in allOf (only objects' properties are merged)"
+        );
     }
 
     /// Sets (`uniqueItems` over an enum, pydantic's `set[Literal[...]]`): for every array of up to
