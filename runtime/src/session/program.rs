@@ -1,0 +1,323 @@
+//! What a session runs its entries on ([`Program`]: a `cpu` artifact or a GPU one) and the
+//! steps every session takes through it: one run of an entry, its logits or tokens ([`Next`]), the
+//! caches kept between runs.
+
+use super::*;
+
+/// What a session runs its entries on: a `cpu` artifact ([`crate::cpu::CpuArtifact`]) or a GPU
+/// one ([`crate::cuda::GpuArtifact`]).
+pub trait Program {
+    /// The plan of entry `entry`.
+    fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String>;
+    /// Runs entry `entry` on `inputs` (shapes within its plan's) and returns the outputs in `wanted`.
+    fn run(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String>;
+    /// Whether [`Program::run_keeping`] keeps inputs on a device between runs (GPU artifacts).
+    fn keeps_inputs(&self) -> bool {
+        false
+    }
+    /// Decode caches' rows must be a multiple of this (GPU artifacts whose decode attention reads
+    /// them as bf16 pages: 64).
+    fn cache_rows_multiple(&self) -> usize {
+        1
+    }
+    /// As [`Program::run`], the inputs named in `resident` as the program keeps them — decode's
+    /// caches as the previous step left them, updated in place, or as a prefill carried them over
+    /// ([`Program::run_carrying`]) — rather than as given. Only where [`Program::keeps_inputs`].
+    fn run_keeping(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        if !resident.is_empty() {
+            return Err(format!("this program keeps no inputs between runs ({} given as kept)", resident.join(", ")));
+        }
+        self.run(entry, inputs, wanted)
+    }
+    /// Whether [`Program::run_carrying`] carries outputs over into inputs (GPU artifacts).
+    fn carries_outputs(&self) -> bool {
+        false
+    }
+    /// As [`Program::run_keeping`], then the outputs named in `carry` (caches the entry writes anew:
+    /// a prefill's) kept on the program's device as the inputs of that name, which a later run may
+    /// name resident: the next prefill chunk's caches, or a one-sequence decode's (its first rows).
+    /// Only where [`Program::carries_outputs`].
+    fn run_carrying(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+        carry: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        if !carry.is_empty() {
+            return Err(format!("this program keeps no outputs on a device ({} asked)", carry.join(", ")));
+        }
+        self.run_keeping(entry, inputs, wanted, resident)
+    }
+    /// Copies rows `from..from + n` of what the program's device holds as input `name` (rows of
+    /// its last dim) to rows `to..to + n` (not overlapping). Only where [`Program::carries_outputs`].
+    fn move_rows(&self, name: &str, from: usize, to: usize, n: usize) -> Result<(), String> {
+        let _ = (from, to, n);
+        Err(format!("this program keeps no {name} on a device"))
+    }
+    /// Takes the first `rows` rows of input `name` on the program's device as holding what was
+    /// carried or moved there, though decode steps since ran over the input as a whole (they wrote
+    /// none of those rows: a pool's scratch pages) — so that the next prefill chunk may name it
+    /// resident. Only where [`Program::carries_outputs`].
+    fn reclaim_rows(&self, name: &str, rows: usize) -> Result<(), String> {
+        let _ = rows;
+        Err(format!("this program keeps no {name} on a device"))
+    }
+    /// Whether [`Program::argmax_last`] picks greedy tokens where the program runs (GPU artifacts
+    /// with an argmax kernel: the logits are then not read back).
+    fn device_argmax(&self) -> bool {
+        false
+    }
+    /// The greedy token of each `logits` row of the last run of `entry`, picked where the program
+    /// keeps them (f32 total order, ties to the lower index: the host sampler's choice).
+    fn argmax_last(&self, entry: &str) -> Result<Vec<u32>, String> {
+        Err(format!("{entry}: this program picks no tokens itself"))
+    }
+    /// Milliseconds of each of `reps` runs of `entry` on `inputs` after one warm-up, outputs left
+    /// where they are (the GPU times its launches with CUDA events, inputs uploaded once).
+    fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
+        time_runs(reps, || self.run(entry, inputs, &[]).map(drop))
+    }
+}
+
+/// Milliseconds of each of `reps` calls of `run` after one warm-up call.
+pub(super) fn time_runs(reps: usize, mut run: impl FnMut() -> Result<(), String>) -> Result<Vec<f64>, String> {
+    run()?;
+    (0..reps)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            run()?;
+            Ok(start.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect()
+}
+
+impl Program for crate::cpu::CpuArtifact {
+    fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String> {
+        crate::cpu::CpuArtifact::entry_plan(self, entry)
+    }
+    fn run(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        crate::cpu::CpuArtifact::run(self, entry, inputs, wanted)
+    }
+    fn keeps_inputs(&self) -> bool {
+        true
+    }
+    fn run_keeping(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, wanted, resident)
+    }
+    /// Steps as a session runs them: the first with the given caches, the others on the caches the
+    /// previous step left in place (no copies of them).
+    fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
+        crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, &[], &[])?;
+        let kept = self.kept_inputs();
+        let kept: Vec<&str> = kept.iter().map(String::as_str).collect();
+        time_runs(reps, || crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, &[], &kept).map(drop))
+    }
+}
+
+/// Outputs with the caches in f32 (a GPU artifact's may be bf16: widened exactly), as sessions
+/// keep them on the host.
+pub fn f32_caches(out: HashMap<String, HostBuffer>) -> HashMap<String, HostBuffer> {
+    out.into_iter().map(|(n, b)| if n.starts_with("kv_cache.") { (n, b.into_f32()) } else { (n, b) }).collect()
+}
+
+impl Program for crate::cuda::GpuArtifact {
+    fn entry_plan(&self, entry: &str) -> Result<&EntryPlan, String> {
+        crate::cuda::GpuArtifact::entry_plan(self, entry)
+    }
+    fn run(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        crate::cuda::GpuArtifact::run(self, entry, inputs, wanted).map(f32_caches)
+    }
+    fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
+        crate::cuda::GpuArtifact::time_entry(self, entry, inputs, reps)
+    }
+    fn keeps_inputs(&self) -> bool {
+        true
+    }
+    fn run_keeping(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        crate::cuda::GpuArtifact::run_keeping(self, entry, inputs, wanted, resident).map(f32_caches)
+    }
+    /// Unless `V3R_CARRY=0` (caches through the host, as before: to tell the two apart).
+    fn carries_outputs(&self) -> bool {
+        std::env::var("V3R_CARRY").map_or(true, |v| v != "0")
+    }
+    fn move_rows(&self, name: &str, from: usize, to: usize, n: usize) -> Result<(), String> {
+        crate::cuda::GpuArtifact::move_rows(self, name, from, to, n)
+    }
+    fn reclaim_rows(&self, name: &str, rows: usize) -> Result<(), String> {
+        crate::cuda::GpuArtifact::reclaim_rows(self, name, rows)
+    }
+    fn run_carrying(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        resident: &[&str],
+        carry: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        crate::cuda::GpuArtifact::run_carrying(self, entry, inputs, wanted, resident, carry).map(f32_caches)
+    }
+    fn device_argmax(&self) -> bool {
+        self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some())
+    }
+    fn cache_rows_multiple(&self) -> usize {
+        self.artifact.lowering.as_ref().and_then(|l| l.cache_rows_multiple).unwrap_or(1)
+    }
+    fn argmax_last(&self, entry: &str) -> Result<Vec<u32>, String> {
+        crate::cuda::GpuArtifact::argmax_last(self, entry)?.ok_or_else(|| format!("{entry}: no argmax kernel"))
+    }
+}
+
+/// One decode step: the caches uploaded and read back — or, on a program that keeps inputs, left
+/// on the device after the first step (`resident` says whether they are there): only the logits
+/// come back (the session's host copies of the caches go stale).
+pub(super) fn step(
+    program: &dyn Program,
+    inputs: &HashMap<String, HostBuffer>,
+    caches: &[&str],
+    resident: &mut bool,
+    greedy: bool,
+) -> Result<(HashMap<String, HostBuffer>, Next), String> {
+    step_keeping(program, inputs, caches, resident, greedy, true)
+}
+
+/// As [`step`]; without `keep`, the caches come back every step (the session needs them on the
+/// host: a batch that lays joining sequences' rows there).
+pub(super) fn step_keeping(
+    program: &dyn Program,
+    inputs: &HashMap<String, HostBuffer>,
+    caches: &[&str],
+    resident: &mut bool,
+    greedy: bool,
+    keep: bool,
+) -> Result<(HashMap<String, HostBuffer>, Next), String> {
+    if !program.keeps_inputs() || !keep {
+        let wanted: Vec<&str> = caches.iter().copied().chain(["logits"]).collect();
+        let out = f32_caches(program.run("decode", inputs, &wanted)?);
+        let next = Next::logits_of(&out)?;
+        return Ok((out, next));
+    }
+    let kept: &[&str] = if *resident { caches } else { &[] };
+    // A failed step leaves the device caches in no known state: the next one uploads them.
+    *resident = false;
+    // Greedy on a program that picks tokens itself: the logits stay where they are.
+    let on_device = greedy && program.device_argmax();
+    let wanted: &[&str] = if on_device { &[] } else { &["logits"] };
+    let out = program.run_keeping("decode", inputs, wanted, kept)?;
+    *resident = true;
+    let next = if on_device { Next::Tokens(program.argmax_last("decode")?) } else { Next::logits_of(&out)? };
+    Ok((out, next))
+}
+
+/// What a decode step gives per sequence: its logits, or (greedy, picked on the device) its token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    Logits(Vec<Vec<f32>>),
+    Tokens(Vec<u32>),
+}
+
+impl Next {
+    fn logits_of(out: &HashMap<String, HostBuffer>) -> Result<Next, String> {
+        let logits = out.get("logits").ok_or("the entry has no logits")?;
+        let HostData::F32(v) = &logits.data else { return Err("logits are not f32".into()) };
+        let vocab = logits.shape[logits.shape.len() - 1];
+        Ok(Next::Logits(v.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect()))
+    }
+
+    /// Sequence `i`'s next token: picked on the device, or by `sampler` from its logits.
+    pub fn pick(&self, i: usize, sampler: &mut v3c_models::reference::Sampler) -> u32 {
+        match self {
+            Next::Tokens(t) => t[i],
+            Next::Logits(l) => sampler.sample(&l[i]),
+        }
+    }
+
+    /// The next token of each sequence `wanted[k].0`, by its sampler `wanted[k].1`, as
+    /// [`Next::pick`] picks it — from logits, the sequences spread over the host's cores (each
+    /// sampler draws only for its own sequence: the tokens of one by one). A batch of 64 sampled
+    /// over DeepSeek-V3's vocabulary is tens of milliseconds a step on one core.
+    pub fn pick_each(&self, wanted: &mut [(usize, &mut v3c_models::reference::Sampler)]) -> Vec<u32> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(wanted.len());
+        let Next::Logits(l) = self else { return wanted.iter_mut().map(|(i, s)| self.pick(*i, s)).collect() };
+        if threads <= 1 {
+            return wanted.iter_mut().map(|(i, s)| s.sample(&l[*i])).collect();
+        }
+        let per = wanted.len().div_ceil(threads);
+        let mut picked = vec![0u32; wanted.len()];
+        std::thread::scope(|scope| {
+            for (some, into) in wanted.chunks_mut(per).zip(picked.chunks_mut(per)) {
+                scope.spawn(move || {
+                    for ((i, s), t) in some.iter_mut().zip(into) {
+                        *t = s.sample(&l[*i]);
+                    }
+                });
+            }
+        });
+        picked
+    }
+}
+
+/// A cache the device holds is kept on the host by its shape only (its values there would be stale;
+/// a full model's caches are tens of GiB): a later upload of it is refused by the program (no
+/// data for its shape) rather than sending zeros.
+pub(super) fn kept_shape(cache: HostBuffer, resident: bool) -> HostBuffer {
+    match (resident, cache.data) {
+        (true, HostData::F32(_)) => HostBuffer { shape: cache.shape, data: HostData::F32(Vec::new()) },
+        (_, data) => HostBuffer { shape: cache.shape, data },
+    }
+}
+
+/// Puts the caches of a step's inputs back into the state after a failed step (the state is
+/// moved into the inputs for the step).
+pub(super) fn restore(
+    state: &mut HashMap<String, HostBuffer>,
+    inputs: &mut HashMap<String, HostBuffer>,
+    caches: &[String],
+) {
+    for c in caches {
+        if let Some(b) = inputs.remove(c) {
+            state.insert(c.clone(), b);
+        }
+    }
+}
+
+/// The vocabulary a program's logits span (its decode entry's `logits` width), when it says.
+pub fn vocabulary(program: &dyn Program) -> Option<usize> {
+    let plan = program.entry_plan("decode").ok()?;
+    let (_, id) = plan.outputs.iter().find(|(n, _)| n == "logits")?;
+    plan.buffers.iter().find(|b| b.id == *id)?.shape.last().copied()
+}

@@ -1,0 +1,320 @@
+//! The serving loop ([`serve`]): requests taken as they arrive, each joining the running batch when
+//! a slot and pages are free, their progress reported token by token.
+
+use super::*;
+
+/// What [`serve`] asks for next: a request, a request to cancel (its number, in arrival order),
+/// none yet (while others run or wait), or none ever again.
+pub enum Arrival {
+    Request(Request),
+    Cancel(usize),
+    NotYet,
+    Closed,
+}
+
+/// What [`serve`] tells of a request: a token it picked (where it asks for log-probabilities,
+/// just before: the token's and its alternatives', [`Progress::Scored`]), its end, its end when
+/// cancelled (the tokens so far), or why it was refused (or cannot be cancelled).
+pub enum Progress {
+    Scored(f32, Vec<(u32, f32)>),
+    Token(u32),
+    Ended(Generation),
+    Cancelled(Generation),
+    Refused(String),
+}
+
+/// A request [`serve`] is generating, in its slot.
+pub(super) struct Running {
+    id: usize,
+    request: Request,
+    tokens: Vec<u32>,
+    /// Its prefill's logits until its first token is picked.
+    prefilled: Option<Vec<f32>>,
+    /// Its prompt is still being prefilled ([`ArtifactBatch::continue_join`]).
+    joining: bool,
+    /// Seconds since the start when it joined, its wait before, and its prefill's.
+    joined_s: f64,
+    queued_s: f64,
+    prefill_s: f64,
+    /// Its prompt's rows in another's pages, not prefilled.
+    reused: usize,
+    /// Its tokens' log-probabilities, and the most probable tokens' at each step (where it asks).
+    logprobs: Vec<f32>,
+    top: Vec<Vec<(u32, f32)>>,
+    /// Its prompt's scores (where it asks: [`Request::echo`]).
+    prompt_scores: Vec<(f32, Vec<(u32, f32)>)>,
+}
+
+impl Running {
+    /// Its generation, ended (`ending`; None: cancelled) `total_s` after it joined, holding `pages`.
+    fn generation(self, pages: Option<(usize, usize)>, ending: Option<Ending>, total_s: f64) -> Generation {
+        Generation {
+            tokens: self.tokens,
+            stopped_at_eos: ending == Some(Ending::Eos),
+            prefill_s: self.prefill_s,
+            total_s,
+            pages,
+            queued_s: self.queued_s,
+            reused: self.reused,
+            logprobs: self.logprobs,
+            top_logprobs: self.top,
+            ending,
+            prompt_logprobs: self.prompt_scores.iter().map(|s| s.0).collect(),
+            prompt_top_logprobs: match self.request.top_logprobs {
+                0 => Vec::new(),
+                _ => self.prompt_scores.into_iter().map(|s| s.1).collect(),
+            },
+        }
+    }
+}
+
+/// How [`serve`] runs its batch.
+#[derive(Clone, Copy)]
+pub struct Serving<'l> {
+    /// At most this many sequences decode together.
+    pub slots: usize,
+    /// The batch is opened for sequences of these lengths and prompts of at most `max_prompt`
+    /// tokens ([`ArtifactBatch::open`]).
+    pub limits: &'l [usize],
+    pub max_prompt: usize,
+    pub eos: Option<u32>,
+    /// Prompt tokens joining requests prefill between two decode steps while sequences decode, in
+    /// the prefill plan's chunks, at least one (None: one chunk): more shortens a joining request's
+    /// wait for its first token, fewer the running ones' time per token.
+    pub prefill_budget: Option<usize>,
+    /// Joining prompts hold the whole pages of cache rows their first tokens share with a running
+    /// or ended request's tokens instead of prefilling them ([`ArtifactBatch::reuse_prefixes`]; a
+    /// pool of pages only).
+    pub reuse_prefixes: bool,
+    /// Told the batch's load after each step's joins.
+    pub load: Option<&'l dyn Fn(Load)>,
+}
+
+/// How loaded a serving batch is.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Load {
+    /// Requests in the batch (joining or decoding), and waiting to join.
+    pub running: usize,
+    pub waiting: usize,
+    /// Of the cache pages sequences may take, the share held (pages only kept prefixes hold
+    /// count as free: they are given back when needed); without a pool, the share of slots taken.
+    pub cache_usage: f64,
+}
+
+/// Serves requests as they arrive with at most `o.slots` sequences decoding together: `next(idle)`
+/// gives the next request (`idle`: nothing runs, so it may wait for one), numbered in arrival
+/// order; each joins the running batch in a vacant slot ([`ArtifactBatch::join`]), in order, once
+/// the pool has pages for all its tokens beside those the running sequences may still fill and the
+/// step's prefill budget allows, and is prefilled chunk by chunk between decode steps (while none
+/// decodes, without a budget); each ends at `eos` or its `max_new` tokens. `report(id, ...)` gets
+/// each token as it is picked, then the generation (its times from when it joined) — or why the
+/// batch cannot hold the request. Returns how many requests joined after the first decode step,
+/// and the seconds in prefills.
+pub fn serve(
+    program: &dyn Program,
+    o: &Serving,
+    next: &mut dyn FnMut(bool) -> Arrival,
+    report: &mut dyn FnMut(usize, Progress) -> Result<(), String>,
+) -> Result<(usize, f64), String> {
+    let (slots, limits, max_prompt, eos) = (o.slots, o.limits, o.max_prompt, o.eos);
+    let start = std::time::Instant::now();
+    let chunk = program.entry_plan("prefill")?.sizes.rows.max(1);
+    let budget = o.prefill_budget.unwrap_or(chunk);
+    let mut batch = ArtifactBatch::open(program, slots, limits, max_prompt)?;
+    batch.reuse_prefixes(o.reuse_prefixes);
+    let (room, rows) = (batch.room(), batch.layout.rows);
+    let vocab = vocabulary(program);
+    let mut running: Vec<Option<Running>> = (0..slots).map(|_| None).collect();
+    let mut fed = vec![0u32; slots];
+    // The requests waiting to join: their numbers and when they arrived.
+    let mut waiting: std::collections::VecDeque<(usize, Request, f64)> = Default::default();
+    let (mut arrived, mut closed) = (0, false);
+    let (mut prefill_s, mut joined, mut started) = (0.0, 0, false);
+    let mut logits = Next::Tokens(Vec::new());
+    loop {
+        // Every request and cancellation there is (waiting for one while nothing runs or waits).
+        while !closed {
+            let now = start.elapsed().as_secs_f64();
+            match next(waiting.is_empty() && running.iter().all(Option::is_none)) {
+                Arrival::Request(r) => {
+                    // Token ids the model has no row for are one request's mistake, refused now:
+                    // a step would fail for the whole batch.
+                    if let Some(e) = vocab.and_then(|v| r.outside(v)) {
+                        report(arrived, Progress::Refused(e))?;
+                        arrived += 1;
+                        continue;
+                    }
+                    let arrived_s = r.arrived.map_or(now, |t| now - t.elapsed().as_secs_f64());
+                    waiting.push_back((arrived, r, arrived_s));
+                    arrived += 1;
+                }
+                Arrival::Cancel(id) => {
+                    let g = if let Some(w) = waiting.iter().position(|w| w.0 == id) {
+                        let queued_s = waiting.remove(w).map_or(0.0, |(_, _, arrived_s)| now - arrived_s);
+                        Generation { queued_s, ending: None, ..Generation::alone(Vec::new(), false, 0.0, 0.0) }
+                    } else if let Some(s) = running.iter().position(|r| r.as_ref().is_some_and(|r| r.id == id)) {
+                        let Some(r) = running[s].take() else { continue };
+                        let pages = match r.joining {
+                            true => batch.cancel_join().map(|()| None)?,
+                            false => {
+                                let pages = batch.pages(s);
+                                batch.finish(s);
+                                pages
+                            }
+                        };
+                        let total_s = now - r.joined_s;
+                        r.generation(pages, None, total_s)
+                    } else {
+                        report(id, Progress::Refused("cancel: it is no longer waiting or running".into()))?;
+                        continue;
+                    };
+                    report(id, Progress::Cancelled(g))?;
+                }
+                Arrival::NotYet => break,
+                Arrival::Closed => closed = true,
+            }
+        }
+        // Waiting requests join vacant slots, in order, while the pool has their pages, prefilled
+        // chunk by chunk within the step's budget while sequences decode (those whose first token
+        // is still to be picked do not yet).
+        let decoding = running.iter().flatten().any(|r| !r.joining && r.prefilled.is_none());
+        let mut spent = 0;
+        let spend = |spent: usize| !decoding || spent == 0 || spent + chunk <= budget;
+        loop {
+            if let Some(s) = running.iter().position(|r| r.as_ref().is_some_and(|r| r.joining)) {
+                if !spend(spent) {
+                    break;
+                }
+                let (at, before) = (start.elapsed().as_secs_f64(), batch.joined_tokens());
+                let finished = batch.continue_join()?;
+                let took = start.elapsed().as_secs_f64() - at;
+                prefill_s += took;
+                let Some(r) = running[s].as_mut() else { break };
+                r.prefill_s += took;
+                spent += match finished {
+                    Some(_) => r.request.prompt.len(),
+                    None => batch.joined_tokens(),
+                } - before;
+                match finished {
+                    Some((_, logits)) => {
+                        (r.prefilled, r.joining) = (Some(logits), false);
+                        r.prompt_scores = batch.take_prompt_scores();
+                    }
+                    None => continue,
+                }
+            }
+            let Some((id, mut r, arrived_s)) = waiting.pop_front() else { break };
+            let limit = r.prompt.len() + r.max_new;
+            let too_long = r.prompt.len() > max_prompt || limit > rows;
+            if r.prompt.is_empty() || too_long || room.is_some_and(|room| pages_of(limit) > room) {
+                let pool = room.map_or(String::new(), |p| format!(" in {p} pages of 64"));
+                let err = format!(
+                    "{} + {} tokens: the batch holds prompts of 1..={max_prompt} tokens, sequences of {rows} tokens{pool}",
+                    r.prompt.len(),
+                    r.max_new
+                );
+                report(id, Progress::Refused(err))?;
+                continue;
+            }
+            let vacant = running.iter().position(Option::is_none).filter(|_| spend(spent));
+            // Each running request's slot and most tokens: the pages they may still take.
+            let limits: Vec<(usize, usize)> = running
+                .iter()
+                .enumerate()
+                .filter_map(|(s, r)| r.as_ref().map(|r| (s, r.request.prompt.len() + r.request.max_new)))
+                .collect();
+            let score = (r.echo && r.logprobs).then_some(r.top_logprobs);
+            let fits = vacant.is_some_and(|s| batch.fits(s, &r.prompt, limit, &limits, score.is_none()));
+            let (Some(s), true) = (vacant, fits) else {
+                waiting.push_front((id, r, arrived_s));
+                break;
+            };
+            let joined_s = start.elapsed().as_secs_f64();
+            batch.start_join_scoring(s, &r.prompt, limit, score)?;
+            r.sampler.start(&r.prompt);
+            joined += usize::from(started);
+            let queued_s = joined_s - arrived_s;
+            let (tokens, prefilled, joining, reused) = (Vec::new(), None, true, batch.reused_tokens());
+            let (prefill_s, logprobs, top, prompt_scores) = (0.0, Vec::new(), Vec::new(), Vec::new());
+            running[s] = Some(Running {
+                id,
+                request: r,
+                tokens,
+                prefilled,
+                joining,
+                joined_s,
+                queued_s,
+                prefill_s,
+                reused,
+                logprobs,
+                top,
+                prompt_scores,
+            });
+        }
+        if let Some(load) = o.load {
+            let running = running.iter().flatten().count();
+            let cache_usage = batch.pool_usage().unwrap_or(running as f64 / slots.max(1) as f64);
+            load(Load { running, waiting: waiting.len(), cache_usage });
+        }
+        // Each sequence's next token (those decoded: picked together); those that end leave their
+        // slot.
+        let mut picked = vec![None; slots];
+        {
+            let decoded = running.iter_mut().enumerate().filter_map(|(s, r)| {
+                let r = r.as_mut().filter(|r| !r.joining && r.prefilled.is_none())?;
+                (r.tokens.len() < r.request.max_new).then_some((s, &mut r.request.sampler))
+            });
+            let mut wanted: Vec<_> = decoded.collect();
+            let tokens = logits.pick_each(&mut wanted);
+            for ((s, _), t) in wanted.iter().zip(tokens) {
+                picked[*s] = Some(t);
+            }
+        }
+        let mut active = vec![false; slots];
+        for (s, slot) in running.iter_mut().enumerate() {
+            let Some(r) = slot.as_mut().filter(|r| !r.joining) else { continue };
+            if r.tokens.len() < r.request.max_new {
+                let prefilled = r.prefilled.take();
+                let t = match (&prefilled, picked[s]) {
+                    (Some(l), _) => r.request.sampler.sample(l),
+                    (None, Some(t)) => t,
+                    (None, None) => return Err(format!("slot {s}: no token picked")),
+                };
+                if r.request.logprobs {
+                    let row = match (&prefilled, &logits) {
+                        (Some(l), _) => Some(l.as_slice()),
+                        (None, Next::Logits(rows)) => rows.get(s).map(Vec::as_slice),
+                        // Picked on the device: no step runs so while it asks for them.
+                        (None, Next::Tokens(_)) => None,
+                    };
+                    r.logprobs.push(row.map_or(f32::NAN, |l| log_probability(l, t)));
+                    if r.request.top_logprobs > 0 {
+                        r.top.push(row.map_or(Vec::new(), |l| top_log_probabilities(l, r.request.top_logprobs)));
+                    }
+                    let lp = r.logprobs.last().copied().unwrap_or(f32::NAN);
+                    report(r.id, Progress::Scored(lp, r.top.last().cloned().unwrap_or_default()))?;
+                }
+                r.tokens.push(t);
+                report(r.id, Progress::Token(t))?;
+                fed[s] = t;
+            }
+            let Some(ending) = r.request.ends(&r.tokens, eos.filter(|_| !r.request.ignore_eos)) else {
+                active[s] = true;
+                continue;
+            };
+            let pages = batch.pages(s);
+            batch.finish(s);
+            let Some(r) = slot.take() else { continue };
+            let (id, total_s) = (r.id, start.elapsed().as_secs_f64() - r.joined_s);
+            report(id, Progress::Ended(r.generation(pages, Some(ending), total_s)))?;
+        }
+        if active.iter().any(|&a| a) {
+            // The device picks greedy tokens itself unless a request asks for log-probabilities.
+            let greedy = running.iter().flatten().all(|r| r.request.sampler.plain_greedy() && !r.request.logprobs);
+            logits = batch.decode(&fed, &active, greedy)?;
+            started = true;
+        } else if closed && waiting.is_empty() && running.iter().all(Option::is_none) {
+            return Ok((joined, prefill_s));
+        }
+    }
+}
