@@ -9,6 +9,7 @@
 //!   message's `tool_calls`;
 //! - `POST /v1/responses`: OpenAI's Responses API over the chat path ([`crate::responses`]):
 //!   `input` items in, output items (reasoning, message, function calls) out, or its events;
+//!   responses kept (`previous_response_id`; `GET` and `DELETE /v1/responses/ID`);
 //! - `POST /v1/messages`: Anthropic's Messages API over the chat path ([`crate::messages`]):
 //!   content blocks in and out (thinking, text, tool_use), or Anthropic's events;
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus).

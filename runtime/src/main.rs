@@ -526,7 +526,8 @@ struct ServeArgs {
     /// (server-sent events with "stream": true), POST /v1/chat/completions {"messages": [...],
     /// "tools": [...], "response_format": ..., ...} (with the tokenizer's chat template), the
     /// Responses API's POST /v1/responses {"input": ..., "instructions", "tools", "text": {"format"},
-    /// "max_output_tokens", "stream"} (stateless: the conversation in "input"), Anthropic's POST
+    /// "max_output_tokens", "stream", "previous_response_id"} (responses kept in memory, the last
+    /// 1024; GET and DELETE /v1/responses/ID), Anthropic's POST
     /// /v1/messages {"messages", "system", "max_tokens", "tools", "stream", ...}, vLLM's POST
     /// /tokenize and /detokenize, GET /v1/models, GET /health, GET /metrics. Runs until SIGTERM
     /// or Ctrl-C: then it takes no new requests (503; GET /health 503), lets those running end,
