@@ -1761,7 +1761,7 @@ mod tests {
                         Ok(r) => Pattern::new(&r).unwrap(),
                         Err(e) => {
                             assert!(
-                                min.unwrap_or(0) as usize > limit.min(if closed { k } else { usize::MAX }),
+                                min.unwrap_or(0) > limit.min(if closed { k } else { usize::MAX }),
                                 "{schema}: {e}"
                             );
                             continue;
@@ -1769,7 +1769,7 @@ mod tests {
                     };
                     for a in &arrays {
                         let text = format!("[{}]", a.iter().map(|&e| kinds[e]).collect::<Vec<_>>().join(", "));
-                        let ok = a.len() >= min.unwrap_or(0) as usize
+                        let ok = a.len() >= min.unwrap_or(0)
                             && a.len() <= limit
                             && !(closed && a.len() > k)
                             && a.iter().enumerate().all(|(i, &e)| if i < k { e == i } else { e == 2 });
