@@ -1667,6 +1667,11 @@ fn v3r_serves_tool_calls_and_reasoning() {
     check_call(&as_chat(done[0]), Some("get_weather"));
     let final_items = events.last().unwrap()["response"]["output"].as_array().unwrap();
     assert_eq!(final_items.iter().collect::<Vec<_>>(), done);
+    // A streamed response is kept too: as its last event says.
+    let streamed_id = events.last().unwrap()["response"]["id"].as_str().unwrap();
+    let (status, kept) = server.request("GET", &format!("/v1/responses/{streamed_id}"), "");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{kept}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&kept).unwrap(), events.last().unwrap()["response"]);
     // Anthropic's Messages API: tools with an input_schema, the calls as tool_use blocks
     // (whole, and streamed: the input as one input_json_delta), stop_reason tool_use.
     let anthropic: Vec<serde_json::Value> = tools

@@ -1760,10 +1760,7 @@ mod tests {
                     let p = match schema_regex(&schema) {
                         Ok(r) => Pattern::new(&r).unwrap(),
                         Err(e) => {
-                            assert!(
-                                min.unwrap_or(0) > limit.min(if closed { k } else { usize::MAX }),
-                                "{schema}: {e}"
-                            );
+                            assert!(min.unwrap_or(0) > limit.min(if closed { k } else { usize::MAX }), "{schema}: {e}");
                             continue;
                         }
                     };
