@@ -61,6 +61,16 @@ pub struct HttpRequest {
 /// None where the client closed the connection, or let it idle past its read timeout, before
 /// sending one (a kept-alive connection's end).
 pub fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, String> {
+    read_request_with(reader, &mut || Ok(()))
+}
+
+/// [`read_request`], with `go_on` called before a body is read that the client waits to send until
+/// it is told to (`Expect: 100-continue`, as curl sends bodies over 1 KiB: told nothing, it waits a
+/// second).
+pub fn read_request_with(
+    reader: &mut impl BufRead,
+    go_on: &mut dyn FnMut() -> std::io::Result<()>,
+) -> Result<Option<HttpRequest>, String> {
     // What of the request line and headers may still be read: a line is read at most that far.
     let mut room = MAX_HEAD;
     let mut read_line = |reader: &mut dyn BufRead, line: &mut String| -> std::io::Result<usize> {
@@ -92,6 +102,7 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, St
     let (method, path) = (method.to_string(), path.split('?').next().unwrap_or(path).to_string());
     let (mut length, mut authorization) = (0usize, None);
     let mut keep_alive = version == "HTTP/1.1";
+    let mut expects = false;
     loop {
         let mut header = String::new();
         if read_line(reader, &mut header).map_err(|e| format!("reading the headers: {e}"))? == 0 {
@@ -115,6 +126,8 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, St
             } else if name.trim().eq_ignore_ascii_case("x-api-key") && authorization.is_none() {
                 // Anthropic's clients' key.
                 authorization = Some(format!("Bearer {}", value.trim()));
+            } else if name.trim().eq_ignore_ascii_case("expect") {
+                expects = value.trim().eq_ignore_ascii_case("100-continue");
             } else if name.trim().eq_ignore_ascii_case("transfer-encoding") {
                 return Err("chunked request bodies are not read: send a Content-Length".into());
             }
@@ -122,6 +135,9 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, St
     }
     if length > MAX_BODY {
         return Err(format!("a body of {length} bytes (at most {MAX_BODY})"));
+    }
+    if expects && length > 0 {
+        go_on().map_err(|e| format!("telling the client to go on: {e}"))?;
     }
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body).map_err(|e| format!("reading a body of {length} bytes: {e}"))?;
@@ -475,7 +491,11 @@ fn connection(stream: TcpStream, tx: ToLoop, site: &Site) {
     let mut reader = BufReader::new(reading);
     let mut conn = Conn { stream, keep: false };
     loop {
-        let request = match read_request(&mut reader) {
+        let go_on = &mut || {
+            conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            conn.stream.flush()
+        };
+        let request = match read_request_with(&mut reader, go_on) {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
@@ -878,14 +898,12 @@ mod tests {
         }
     }
 
-    /// Past `cap` open connections, one more is answered 503 and closed; once one closes, the
-    /// next is served.
-    #[test]
-    fn connections_past_the_cap_are_told_to_come_back() {
-        use std::io::Read;
+    /// A server on a free port taking at most `cap` connections (no serving loop behind it: what
+    /// reaches the loop is never answered), and its address.
+    fn bare_server(cap: usize) -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, _rx) = mpsc::channel();
+        let (tx, rx) = mpsc::channel();
         let site = Site {
             defaults: RequestDefaults::for_tests(),
             tokenizer: None,
@@ -895,7 +913,43 @@ mod tests {
             metrics: Default::default(),
             responses: Default::default(),
         };
-        std::thread::spawn(move || accept(listener, 1, tx, Arc::new(site)));
+        std::thread::spawn(move || {
+            let _rx = rx;
+            accept(listener, cap, tx, Arc::new(site))
+        });
+        addr
+    }
+
+    /// A client that waits to send its body (`Expect: 100-continue`, as curl does past 1 KiB) is
+    /// told to go on at once, and answered once it has.
+    #[test]
+    fn clients_that_expect_100_continue_are_told_to_go_on() {
+        use std::io::Read;
+        let mut s = TcpStream::connect(bare_server(4)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let body = r#"{"prompt": "x"}"#;
+        let head = format!("POST /tokenize HTTP/1.1\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n", body.len());
+        s.write_all(head.as_bytes()).unwrap();
+        let mut got = [0u8; 25];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"HTTP/1.1 100 Continue\r\n\r\n");
+        s.write_all(body.as_bytes()).unwrap();
+        let mut reply = String::new();
+        let mut buf = [0u8; 4096];
+        while !reply.contains("no tokenizer") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "{reply}");
+            reply.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    }
+
+    /// Past `cap` open connections, one more is answered 503 and closed; once one closes, the
+    /// next is served.
+    #[test]
+    fn connections_past_the_cap_are_told_to_come_back() {
+        use std::io::Read;
+        let addr = bare_server(1);
         let held = TcpStream::connect(addr).unwrap();
         let reply = |mut s: TcpStream| {
             let _ = s.write_all(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n");
