@@ -102,7 +102,7 @@ pub fn read_request_with(
     let (method, path) = (method.to_string(), path.split('?').next().unwrap_or(path).to_string());
     let (mut length, mut authorization) = (0usize, None);
     let mut keep_alive = version == "HTTP/1.1";
-    let mut expects = false;
+    let (mut expects, mut chunked) = (false, false);
     loop {
         let mut header = String::new();
         if read_line(reader, &mut header).map_err(|e| format!("reading the headers: {e}"))? == 0 {
@@ -129,19 +129,69 @@ pub fn read_request_with(
             } else if name.trim().eq_ignore_ascii_case("expect") {
                 expects = value.trim().eq_ignore_ascii_case("100-continue");
             } else if name.trim().eq_ignore_ascii_case("transfer-encoding") {
-                return Err("chunked request bodies are not read: send a Content-Length".into());
+                match value.trim().to_ascii_lowercase().as_str() {
+                    "chunked" => chunked = true,
+                    other => return Err(format!("Transfer-Encoding: {other}: only chunked (or a Content-Length)")),
+                }
             }
         }
     }
     if length > MAX_BODY {
         return Err(format!("a body of {length} bytes (at most {MAX_BODY})"));
     }
-    if expects && length > 0 {
+    if expects && (length > 0 || chunked) {
         go_on().map_err(|e| format!("telling the client to go on: {e}"))?;
     }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body).map_err(|e| format!("reading a body of {length} bytes: {e}"))?;
+    let body = if chunked {
+        read_chunks(reader)?
+    } else {
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body).map_err(|e| format!("reading a body of {length} bytes: {e}"))?;
+        body
+    };
     Ok(Some(HttpRequest { method, path, body, authorization, keep_alive }))
+}
+
+/// A chunked body (RFC 9112 7.1): chunks of a hex size line (extensions after `;` left out), the
+/// bytes and a line end, up to one of size zero, then trailer lines (left out) up to a blank one;
+/// at most [`MAX_BODY`] bytes in all.
+fn read_chunks(reader: &mut impl BufRead) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    let mut line = String::new();
+    let mut read_line = |reader: &mut dyn BufRead, line: &mut String| -> Result<(), String> {
+        line.clear();
+        match std::io::Read::take(&mut *reader, 4096).read_line(line) {
+            Ok(0) => Err("the chunked body ends before its last chunk".to_string()),
+            Ok(_) if !line.ends_with('\n') => Err("a chunk's size line past 4096 bytes".to_string()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("reading a chunked body: {e}")),
+        }
+    };
+    loop {
+        read_line(reader, &mut line)?;
+        let size = line.split(';').next().unwrap_or_default().trim();
+        let n = usize::from_str_radix(size, 16).map_err(|_| format!("a chunk's size: {size:?} is not hex"))?;
+        if n == 0 {
+            break;
+        }
+        if body.len() + n > MAX_BODY {
+            return Err(format!("a chunked body past {MAX_BODY} bytes"));
+        }
+        let start = body.len();
+        body.resize(start + n, 0);
+        reader.read_exact(&mut body[start..]).map_err(|e| format!("reading a chunk of {n} bytes: {e}"))?;
+        read_line(reader, &mut line)?;
+        if !line.trim_end_matches(['\r', '\n']).is_empty() {
+            return Err(format!("a chunk of {n} bytes not followed by a line end"));
+        }
+    }
+    // Trailers, up to the blank line.
+    loop {
+        read_line(reader, &mut line)?;
+        if line.trim_end_matches(['\r', '\n']).is_empty() {
+            return Ok(body);
+        }
+    }
 }
 
 /// Writes a whole response: `status` (e.g. "200 OK") and a JSON body.
@@ -890,6 +940,28 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A body sent in chunks of any sizes (with extensions and trailers) is read as the same
+        /// body sent whole, and the next request after it read as well.
+        #[test]
+        fn chunked_bodies_are_the_bodies_sent_whole(body in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+                                                    cuts in proptest::collection::vec(0usize..200, 0..6)) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(body.len())).collect();
+            cuts.extend([0, body.len()]);
+            cuts.sort_unstable();
+            let mut raw = b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n".to_vec();
+            for (k, w) in cuts.windows(2).enumerate().filter(|(_, w)| w[1] > w[0]) {
+                let ext = if k % 2 == 1 { ";name=value" } else { "" };
+                raw.extend(format!("{:x}{ext}\r\n", w[1] - w[0]).bytes());
+                raw.extend(&body[w[0]..w[1]]);
+                raw.extend(b"\r\n");
+            }
+            raw.extend(b"0\r\nX-Trailer: t\r\n\r\nGET /health HTTP/1.1\r\n\r\n");
+            let mut reader = raw.as_slice();
+            let r = read_request(&mut reader).unwrap().unwrap();
+            proptest::prop_assert_eq!(r.body, body);
+            proptest::prop_assert_eq!(read_request(&mut reader).unwrap().unwrap().path, "/health");
+        }
+
         #[test]
         fn any_bytes_are_a_request_or_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
                                               head in "(GET|POST) /[a-z/]{0,12} HTTP/1\\.[01]\r\n([A-Za-z-]{1,14}: ?[ -~]{0,12}\r\n){0,4}") {
@@ -1005,7 +1077,13 @@ mod tests {
             ("GET / HTTP/2\r\n\r\n", "only HTTP/1.x"),
             ("POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", "Content-Length"),
             ("POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", "reading a body of 10 bytes"),
-            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", "chunked"),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", "Transfer-Encoding: gzip: only chunked"),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", "ends before its last chunk"),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "\"zz\" is not hex"),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n0\r\n\r\n",
+                "not followed by a line end",
+            ),
             ("GET / HTTP/1.1\r\nHost: a\r\n", "the headers end"),
         ] {
             let got = read_request(&mut raw.as_bytes()).unwrap_err();
