@@ -204,7 +204,7 @@ fn respond_text(conn: &mut Conn, status: &str, content_type: &str, body: &str) -
     let connection = if conn.keep { "keep-alive" } else { "close" };
     write!(
         conn.stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n{CORS}\r\n{body}",
         body.len()
     )?;
     conn.stream.flush()
@@ -574,6 +574,15 @@ fn answer(conn: &mut Conn, request: &HttpRequest, tx: &ToLoop, site: &Site) {
             given.len() == key.len() && given.bytes().zip(key.bytes()).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
         }),
     };
+    if request.method == "OPTIONS" {
+        // A browser's preflight before a cross-origin request: what it may send, no key needed.
+        let preflight = "HTTP/1.1 204 No Content\r\nAccess-Control-Allow-Origin: *\r\nAccess-Control-Allow-Methods: \
+                         GET, POST, DELETE, OPTIONS\r\nAccess-Control-Allow-Headers: Authorization, Content-Type, \
+                         X-Api-Key, Anthropic-Version, *\r\nAccess-Control-Max-Age: 600\r\nContent-Length: 0\r\n";
+        let connection = if conn.keep { "keep-alive" } else { "close" };
+        let _ = write!(conn.stream, "{preflight}Connection: {connection}\r\n\r\n").and_then(|_| conn.stream.flush());
+        return;
+    }
     if !authorized && request.path != "/health" && request.path != "/metrics" {
         let message = "a valid API key is needed: Authorization: Bearer KEY (v3r serve --api-key)";
         let body = serde_json::json!({ "error": { "message": message, "type": "invalid_request_error", "code": "invalid_api_key" } });
@@ -878,8 +887,12 @@ pub(crate) fn follow(p: &Pending, t: &Arc<Tokenizer>, sink: &mut impl Sink, tx: 
 }
 
 /// The head of a reply of server-sent events.
-pub(crate) const EVENT_STREAM: &str =
-    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
+pub(crate) const EVENT_STREAM: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: \
+     no-cache\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n\r\n";
+
+/// What every reply says for browsers' cross-origin requests: any origin may read it (as vLLM's
+/// server says by default; no cookies are read here, an API key goes in a header).
+const CORS: &str = "Access-Control-Allow-Origin: *\r\n";
 
 #[cfg(test)]
 mod tests {
@@ -1014,6 +1027,31 @@ mod tests {
             reply.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
         assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    }
+
+    /// Browsers' cross-origin requests: a preflight (OPTIONS, no key) says what may be sent, and
+    /// replies say any origin may read them.
+    #[test]
+    fn browsers_may_call_from_other_origins() {
+        use std::io::Read;
+        let exchange = |raw: &str| {
+            let mut s = TcpStream::connect(bare_server(4)).unwrap();
+            s.write_all(raw.as_bytes()).unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            reply
+        };
+        let preflight = exchange(
+            "OPTIONS /v1/chat/completions HTTP/1.1\r\nOrigin: http://a.example\r\nAccess-Control-Request-Method: \
+             POST\r\nConnection: close\r\n\r\n",
+        );
+        assert!(preflight.starts_with("HTTP/1.1 204 No Content\r\n"), "{preflight}");
+        for header in ["Access-Control-Allow-Origin: *", "Access-Control-Allow-Methods: GET, POST, DELETE, OPTIONS"] {
+            assert!(preflight.contains(header), "{preflight}");
+        }
+        assert!(preflight.contains("Access-Control-Allow-Headers: Authorization, Content-Type"), "{preflight}");
+        let health = exchange("GET /health HTTP/1.1\r\nOrigin: http://a.example\r\nConnection: close\r\n\r\n");
+        assert!(health.starts_with("HTTP/1.1 200 OK") && health.contains("Access-Control-Allow-Origin: *"), "{health}");
     }
 
     /// Past `cap` open connections, one more is answered 503 and closed; once one closes, the
