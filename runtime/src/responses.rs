@@ -5,8 +5,8 @@
 //! back as output items — a `reasoning` item (with `--reasoning-parser`), a `message` of
 //! `output_text`, and a `function_call` item a call — whole, or streamed as the API's events.
 //!
-//! Responses are kept in memory ([`Store`]: the last [`STORED`], unless a request says `store:
-//! false`): `previous_response_id` continues one, its conversation rebuilt from the stored turns;
+//! Responses are kept in memory ([`Store`]: the last [`STORED`], at most [`STORED_BYTES`], unless
+//! a request says `store: false`): `previous_response_id` continues one, its conversation rebuilt from the stored turns;
 //! `GET` and `DELETE /v1/responses/ID` retrieve and let go of one. Nothing outlives the server.
 
 use serde_json::{json, Map, Value};
@@ -160,6 +160,10 @@ pub fn chat_body(body: &[u8], store: &Store) -> Result<Turn, String> {
 /// oldest let go first).
 pub const STORED: usize = 1024;
 
+/// The most bytes the kept responses take (their turns' and objects' JSON): past it the oldest are
+/// let go too (clients that send a whole conversation every turn keep it again in each).
+pub const STORED_BYTES: usize = 64 << 20;
+
 /// The responses kept (`store`, true unless a request says false): each one's id, the response
 /// it continued, its turn as chat messages (its input's and its reply's) and the object answered.
 #[derive(Default)]
@@ -172,6 +176,7 @@ struct Stored {
     previous: Option<String>,
     turn: Vec<Value>,
     object: Value,
+    bytes: usize,
 }
 
 impl Store {
@@ -182,11 +187,12 @@ impl Store {
     /// Keeps response `object` (its id inside), which continued `previous` with `turn`.
     pub fn keep(&self, object: &Value, previous: Option<String>, turn: Vec<Value>) {
         let id = object["id"].as_str().unwrap_or_default().to_string();
+        let bytes = object.to_string().len() + turn.iter().map(|m| m.to_string().len()).sum::<usize>();
         let mut kept = self.kept();
-        if kept.len() >= STORED {
+        kept.push_back(Stored { id, previous, turn, object: object.clone(), bytes });
+        while kept.len() > STORED || (kept.len() > 1 && kept.iter().map(|s| s.bytes).sum::<usize>() > STORED_BYTES) {
             kept.pop_front();
         }
-        kept.push_back(Stored { id, previous, turn, object: object.clone() });
     }
 
     /// The response object kept as `id`.
@@ -939,6 +945,13 @@ mod tests {
             store.keep(&json!({"id": format!("resp_y_{k}"), "output": []}), None, Vec::new());
         }
         assert!(store.get("resp_x_2").is_none() && store.get("resp_y_0").is_some());
+        // And past STORED_BYTES: a turn of a quarter of them keeps the last three or four.
+        let big = vec![json!({"role": "user", "content": "x".repeat(STORED_BYTES / 4)})];
+        for k in 0..6 {
+            store.keep(&json!({"id": format!("resp_z_{k}"), "output": []}), None, big.clone());
+        }
+        let left: Vec<bool> = (0..6).map(|k| store.get(&format!("resp_z_{k}")).is_some()).collect();
+        assert_eq!(left, [false, false, false, true, true, true]);
         // Ids of another run name nothing of this one's.
         assert_ne!(response_id(3), "resp_3");
         assert!(response_id(3).starts_with("resp_") && response_id(3).ends_with("_3"));
