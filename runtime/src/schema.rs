@@ -6,12 +6,12 @@
 //! instances of the schema.
 //!
 //! Not handled (refused by name with where they are): `multipleOf` but powers of ten of at most 1
-//! (a number's decimals), `minProperties`/`maxProperties`,
-//! `patternProperties`, `not`, `if`/`then`/`else`, `allOf` of more than one schema but objects, `uniqueItems`
-//! over items of more than a few values (an enum's). What is written is a part of what a schema
-//! allows where the whole would not be regular: other members of an object come after its named
-//! ones, distinct items in their enum's order (instances otherwise arranged are valid but never
-//! written).
+//! (a number's decimals), `minProperties`/`maxProperties`, `patternProperties`, `not`,
+//! `if`/`then`/`else`, `allOf` of more than one schema but objects, `uniqueItems` over items of
+//! more than a few values (an enum's). What is written is a part of what a schema allows where the
+//! whole would not be regular: other members of an object come after its named ones, distinct
+//! items in their enum's order, numbers of a power of ten's decimals without trailing zeros past
+//! them (instances otherwise written are valid but never generated).
 
 use crate::grammar::escape;
 /// Whitespace between a schema's JSON tokens: one space at most (as outlines writes it): any
