@@ -158,7 +158,7 @@ pub fn read_request_with(
 fn read_chunks(reader: &mut impl BufRead) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
     let mut line = String::new();
-    let mut read_line = |reader: &mut dyn BufRead, line: &mut String| -> Result<(), String> {
+    let read_line = |reader: &mut dyn BufRead, line: &mut String| -> Result<(), String> {
         line.clear();
         match std::io::Read::take(&mut *reader, 4096).read_line(line) {
             Ok(0) => Err("the chunked body ends before its last chunk".to_string()),
