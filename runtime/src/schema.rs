@@ -1208,6 +1208,21 @@ mod tests {
     use super::*;
     use crate::grammar::Pattern;
 
+    /// Every sequence of up to `longest` picks among `0..kinds`, shorter ones first (the empty one
+    /// too): the texts, arrays and objects the tests below go through whole.
+    fn sequences(kinds: usize, longest: usize) -> Vec<Vec<usize>> {
+        let mut level = vec![Vec::new()];
+        let mut all = level.clone();
+        for _ in 0..longest {
+            level = level
+                .iter()
+                .flat_map(|s: &Vec<usize>| (0..kinds).map(move |k| [s.as_slice(), &[k]].concat()))
+                .collect();
+            all.extend(level.iter().cloned());
+        }
+        all
+    }
+
     /// A schema's texts: serde_json's writing of instances (compact, and a space after colons and
     /// commas) match, and each
     /// way of breaking one does not — a property missing, added, out of order, of the wrong type,
@@ -1630,12 +1645,8 @@ mod tests {
             "g",
         ];
         let (mut read, mut seen) = (0, 0);
-        let mut texts: Vec<String> = vec![String::new()];
-        let mut level = texts.clone();
-        for _ in 0..5 {
-            level = level.iter().flat_map(|t| pieces.iter().map(move |p| format!("{t}{p}"))).collect();
-            texts.extend(level.iter().cloned());
-        }
+        let mut texts: Vec<String> =
+            sequences(pieces.len(), 5).iter().map(|s| s.iter().map(|&i| pieces[i]).collect()).collect();
         // Whole addresses too: eight groups, and each run of groups left out.
         let groups = ["1", "0", "ab", "ffff", "0db8", "7", "c0", "10"];
         for from in 0..=8 {
@@ -1691,18 +1702,10 @@ mod tests {
                 "b": {"type": "string"}}, "required": required, "additionalProperties": {"type": "integer"}});
             let p = Pattern::new(&schema_regex(&schema).unwrap()).unwrap();
             // Every list of up to three (key, value) members.
-            let mut level: Vec<Vec<(usize, usize)>> = vec![vec![]];
-            let mut members = level.clone();
-            for _ in 0..3 {
-                level = level
-                    .iter()
-                    .flat_map(|m| {
-                        let pairs = (0..keys.len()).flat_map(|k| (0..values.len()).map(move |v| (k, v)));
-                        pairs.map(|pair| [m.as_slice(), &[pair]].concat()).collect::<Vec<_>>()
-                    })
-                    .collect();
-                members.extend(level.iter().cloned());
-            }
+            let members: Vec<Vec<(usize, usize)>> = sequences(keys.len() * values.len(), 3)
+                .into_iter()
+                .map(|m| m.into_iter().map(|i| (i / values.len(), i % values.len())).collect())
+                .collect();
             let mut matched = 0;
             for m in &members {
                 let text = format!(
@@ -1730,12 +1733,7 @@ mod tests {
     fn tuples_take_their_prefix_then_the_items() {
         let kinds = ["1", "\"s\"", "true"];
         let schemas = [serde_json::json!({"type": "integer"}), serde_json::json!({"type": "string"})];
-        let mut arrays: Vec<Vec<usize>> = vec![vec![]];
-        let mut level = arrays.clone();
-        for _ in 0..4 {
-            level = level.iter().flat_map(|a| (0..3).map(move |e| [a.as_slice(), &[e]].concat())).collect();
-            arrays.extend(level.iter().cloned());
-        }
+        let arrays = sequences(3, 4);
         let mut checked = 0;
         for k in 0..=2usize {
             for items in [Some(serde_json::json!({"type": "boolean"})), Some(serde_json::json!(false)), None] {
@@ -1820,12 +1818,7 @@ mod tests {
     #[test]
     fn unique_items_are_distinct_values_in_order() {
         let kinds = ["\"a\"", "\"b\"", "\"c\"", "1"];
-        let mut arrays: Vec<Vec<usize>> = vec![vec![]];
-        let mut level = arrays.clone();
-        for _ in 0..4 {
-            level = level.iter().flat_map(|a| (0..4).map(move |e| [a.as_slice(), &[e]].concat())).collect();
-            arrays.extend(level.iter().cloned());
-        }
+        let arrays = sequences(4, 4);
         let mut checked = 0;
         for (items, allowed) in [
             (serde_json::json!({"enum": ["a", "b", "c"], "type": "string"}), vec![0, 1, 2]),
@@ -1892,12 +1885,10 @@ mod tests {
     fn other_names_are_every_string_but_the_names() {
         for names in [vec![], vec![""], vec!["a"], vec!["a", "ab", "abc", "b"], vec!["ba", "é", "\"q", "c\\"]] {
             let p = Pattern::new(&format!("\"{}\"", other_name(&names))).unwrap();
-            let mut level = vec![String::new()];
-            let mut strings = vec![String::new(), "abcabc".to_string()];
-            for _ in 0..3 {
-                level = level.iter().flat_map(|s| ["a", "b", "c", "é"].map(|c| format!("{s}{c}"))).collect();
-                strings.extend(level.iter().cloned());
-            }
+            let chars = ["a", "b", "c", "é"];
+            let mut strings: Vec<String> =
+                sequences(chars.len(), 3).iter().map(|s| s.iter().map(|&i| chars[i]).collect()).collect();
+            strings.push("abcabc".to_string());
             for s in strings {
                 assert_eq!(
                     p.matches(format!("\"{s}\"").as_bytes()),
