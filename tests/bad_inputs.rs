@@ -141,6 +141,25 @@ fn out_of_vocabulary_token_is_named() {
     assert!(err.contains("--tokens: '-2' is not a token id"), "{err}");
 }
 
+/// An output that cannot be written is named, with the system's reason as it reads (not as
+/// `IoError(Os { .. })`, which it was).
+#[test]
+fn unwritable_output_is_named_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = fresh_checkpoint(dir.path(), "c", false);
+    let out = dir.path().join("missing").join("l.safetensors");
+    let r = run_binary(
+        "v3c",
+        &["logits", "--model-dir", ckpt.to_str().unwrap(), "--tokens", "1 2", "--out", out.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!("v3c: error: {}: cannot write: I/O error: No such file or directory (os error 2)", out.display())
+    );
+}
+
 #[test]
 fn sharded_index_with_a_missing_shard_is_named() {
     let dir = tempfile::tempdir().unwrap();

@@ -41,8 +41,13 @@ fn usage_errors_are_one_line_with_exit_code_2() {
         (
             "v3c",
             &["run", "--model-dir", "x", "--prompt-tokens", "1", "--max-new-tokens", "-3"],
-            "unexpected argument '-3' found",
+            "invalid value '-3' for '--max-new-tokens <N>': invalid digit found in string",
         ),
+        // Counts there must be at least one of; before, a plan for 0 rows was written.
+        ("v3c", &["compile", "--max-rows", "0"], "invalid value '0' for '--max-rows <N>': must be at least 1"),
+        ("v3c", &["compile", "--max-batch", "0"], "invalid value '0' for '--max-batch <N>': must be at least 1"),
+        ("v3c", &["dump-ir", "--max-context", "0"], "invalid value '0' for '--max-context <N>': must be at least 1"),
+        ("v3r", &["bench-kernels", "art", "--weights", "w", "--reps", "0"], "invalid value '0' for '--reps <N>'"),
         ("v3r", &["doctor", "--verbose-ish"], "v3r: error: unexpected argument '--verbose-ish' found"),
         ("v3r", &["run", "art", "--weights", "w", "--prompt-tokens", "1", "--device", "gpu0"], "invalid value 'gpu0'"),
     ];
@@ -53,6 +58,35 @@ fn usage_errors_are_one_line_with_exit_code_2() {
         assert_eq!(err.trim_end().lines().count(), 1, "{tool} {args:?} printed more than one line:\n{err}");
         assert!(err.contains(expected), "{tool} {args:?}: expected '{expected}' in: {err}");
         assert!(out.stdout.is_empty(), "{tool} {args:?} wrote to stdout");
+    }
+}
+
+/// A negative number is a flag's value, refused (exit 1) by what checks it, naming the flag and
+/// the range; before, clap took `-1` for an unknown flag. Nothing is read or compiled first.
+#[test]
+fn negative_values_are_refused_by_their_checks() {
+    let cases: &[(&str, &[&str], &str)] = &[
+        (
+            "v3c",
+            &["run", "--model-dir", "x", "--prompt-tokens", "1", "--temperature", "-1"],
+            "--temperature -1 must be >= 0",
+        ),
+        (
+            "v3c",
+            &["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--train", "--balance-alpha", "-0.5"],
+            "--balance-alpha -0.5: must be a finite number >= 0",
+        ),
+        (
+            "v3r",
+            &["run", "x", "--weights", "w", "--prompt-tokens", "1", "--top-p", "-1"],
+            "--top-p -1 must be in (0, 1]",
+        ),
+    ];
+    for (tool, args, expected) in cases {
+        let out = run_binary(tool, args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{tool} {args:?}: {err}");
+        assert_eq!(err.trim_end(), format!("{tool}: error: {expected}"), "{tool} {args:?}");
     }
 }
 

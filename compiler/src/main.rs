@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use v3c_compiler::{doctor, target::GpuTarget};
+use v3c_runtime::cli::positive;
 
 mod commands;
 
@@ -189,15 +190,15 @@ struct CompileArgs {
     target: CompileTarget,
     /// Most rows (tokens of one launch) the plan's arena is sized for (smaller runs fit it):
     /// a prefill's chunk of the prompt, a decode's sequences (unless --max-batch).
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 64)]
     max_rows: usize,
     /// Most sequences one decode step takes (default: --max-rows). With a larger --max-rows,
     /// prompts are prefilled in long chunks without planning (and holding caches for) a decode of
     /// as many sequences.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_parser = positive, value_name = "N")]
     max_batch: Option<usize>,
     /// Longest context (KV cache rows) the plan's arena is sized for (shorter ones fit it).
-    #[arg(long, value_name = "N", default_value_t = 4096)]
+    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 4096)]
     max_context: usize,
     /// Artifact directory to write (created; must not exist unless --force): kernels (sm_90a: PTX
     /// and cubins; cpu: shared objects), the launch plan, the manifest (sm_90a: and the lowering).
@@ -299,13 +300,13 @@ struct DumpIrArgs {
     #[arg(long, requires = "kernel")]
     llvm: bool,
     /// `--stage plan`: rows to plan for (tokens of a prefill, sequences of a decode).
-    #[arg(long, value_name = "N", default_value_t = 128)]
+    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 128)]
     max_rows: usize,
     /// `--stage plan`: sequences of a decode to plan for (default: --max-rows).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_parser = positive, value_name = "N")]
     max_batch: Option<usize>,
     /// `--stage plan`: context to plan for (tokens cached before a prefill, cache rows of a decode).
-    #[arg(long, value_name = "N", default_value_t = 4096)]
+    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 4096)]
     max_context: usize,
 }
 
@@ -426,7 +427,7 @@ struct TuneArgs {
     #[arg(long, value_name = "DIR")]
     emit_candidates: Option<PathBuf>,
     /// Candidates per problem kept after the cost model's ranking and ptxas's spill check.
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 4)]
     top: usize,
     /// Print, per GEMM kernel and M and per attention kernel, the database's default vs tuned time and
     /// winner (with --tuning).
@@ -486,6 +487,11 @@ fn train_config(a: &CompileArgs) -> v3c_models::train::TrainConfig {
     }
 }
 
+/// `--mtp-weight` and `--balance-alpha` of a `--train` compile, as `v3c train` takes them.
+fn loss_weights(a: &CompileArgs) -> Result<(), String> {
+    v3c_runtime::training::nonnegative(&[("--mtp-weight", a.mtp_weight), ("--balance-alpha", a.balance_alpha)])
+}
+
 fn main() -> ExitCode {
     let cli: Cli = v3c_runtime::cli::parse_or_exit("v3c");
     v3c_runtime::cli::init_logging(cli.verbose);
@@ -494,6 +500,7 @@ fn main() -> ExitCode {
         Command::Compile(a) if a.train && a.max_batch.is_some() => {
             Err("--max-batch with --train: a training step has no decode entry (--max-rows sizes its windows)".into())
         }
+        Command::Compile(a) if a.train && loss_weights(&a).is_err() => loss_weights(&a),
         Command::Compile(a) if a.train && a.kv_cache.is_some() => {
             Err("--kv-cache with --train: a training step keeps no decode caches".into())
         }

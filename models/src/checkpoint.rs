@@ -136,7 +136,7 @@ impl Checkpoint {
         let map = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| CheckpointError::File { path: shown.clone(), problem: format!("cannot map: {e}") })?;
         let parsed = SafeTensors::deserialize(&map)
-            .map_err(|e| CheckpointError::Format { path: shown.clone(), problem: format!("{e:?}") })?;
+            .map_err(|e| CheckpointError::Format { path: shown.clone(), problem: format!("{e}") })?;
         let base = map.as_ptr() as usize;
         let index = self.files.len();
         for (name, view) in parsed.tensors() {
@@ -377,11 +377,11 @@ pub fn save_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<(), Chec
         .iter()
         .map(|(n, d, s, b)| safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(format!("{e:?}")))?;
+        .map_err(|e| err(format!("{e}")))?;
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     let staging = path.with_file_name(format!(".{file_name}.partial-{}", std::process::id()));
     let written = safetensors::tensor::serialize_to_file(views, None, &staging)
-        .map_err(|e| err(format!("cannot write: {e:?}")))
+        .map_err(|e| err(format!("cannot write: {e}")))
         .and_then(|_| std::fs::rename(&staging, path).map_err(|e| err(format!("cannot write: {e}"))));
     if written.is_err() {
         let _ = std::fs::remove_file(&staging);

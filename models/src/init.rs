@@ -125,12 +125,12 @@ pub fn write_random_checkpoint(config: &ModelConfig, out: &Path, seed: u64) -> R
             .iter()
             .map(|(k, (d, s, b))| TensorView::new(*d, s.clone(), b).map(|v| (k.clone(), v)))
             .collect::<Result<_, _>>()
-            .map_err(|e| InitError::Io { path: staging.display().to_string(), problem: format!("{e:?}") })?;
+            .map_err(|e| InitError::Io { path: staging.display().to_string(), problem: format!("{e}") })?;
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         let file = staging.join("model.safetensors");
         safetensors::tensor::serialize_to_file(views, Some(meta), &file)
-            .map_err(|e| InitError::Io { path: file.display().to_string(), problem: format!("{e:?}") })?;
+            .map_err(|e| InitError::Io { path: file.display().to_string(), problem: format!("{e}") })?;
         let cfg = staging.join("config.json");
         let text = serde_json::to_string_pretty(&config.to_hf_json()).unwrap_or_default();
         std::fs::write(&cfg, text + "\n").map_err(|e| io(&cfg, e))?;

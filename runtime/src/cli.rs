@@ -11,7 +11,9 @@ use std::process::exit;
 /// Parses the process arguments into `C`, turning any usage error into one line on stderr and
 /// exit code 2.
 pub fn parse_or_exit<C: clap::Parser>(tool: &str) -> C {
-    match C::try_parse() {
+    let parsed =
+        negative_numbers(C::command()).try_get_matches().and_then(|mut matches| C::from_arg_matches_mut(&mut matches));
+    match parsed {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind::*;
@@ -32,6 +34,23 @@ pub fn parse_or_exit<C: clap::Parser>(tool: &str) -> C {
             eprintln!("{tool}: error: {first} (see '{tool} --help')");
             exit(2);
         }
+    }
+}
+
+/// `cmd` with every value-taking flag of it and its subcommands reading `-1` as its value, not
+/// as a flag: `--temperature -1` is then refused by what checks the value ("must be >= 0"), not
+/// as an unexpected argument.
+fn negative_numbers(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| if a.get_action().takes_values() { a.allow_negative_numbers(true) } else { a })
+        .mut_subcommands(negative_numbers)
+}
+
+/// `N` of a flag that counts something there must be at least one of (`--reps`, `--max-rows`).
+pub fn positive(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
 }
 

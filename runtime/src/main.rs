@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use v3c_runtime::cli::positive;
 use v3c_runtime::device;
 
 /// Run DeepSeek-V3 artifacts compiled by `v3c` on an NVIDIA GPU.
@@ -124,7 +125,7 @@ struct BenchArgs {
     #[arg(long, value_name = "NAME")]
     entry: Option<String>,
     /// Timed repetitions of each launch (after one warm-up).
-    #[arg(long, value_name = "N", default_value_t = 20)]
+    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 20)]
     reps: usize,
     /// Write the timings as JSON here.
     #[arg(long, value_name = "FILE")]
@@ -295,7 +296,7 @@ struct BenchDecodeArgs {
     #[arg(long, value_name = "N,..", value_delimiter = ',', default_values_t = [4096usize])]
     context: Vec<usize>,
     /// Timed steps per batch size (after one warm-up); the median is reported.
-    #[arg(long, value_name = "N", default_value_t = 20)]
+    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 20)]
     reps: usize,
     /// Write the figures as JSON here.
     #[arg(long, value_name = "FILE")]
@@ -317,7 +318,7 @@ struct BenchServeArgs {
     #[arg(long, value_name = "SEED")]
     random_weights: Option<u64>,
     /// Requests in the run.
-    #[arg(long, value_name = "N", default_value_t = 32)]
+    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 32)]
     requests: usize,
     /// At most N sequences decode together (default: the artifact's --max-batch).
     #[arg(long, value_name = "N")]
@@ -342,7 +343,7 @@ struct BenchServeArgs {
     shared_prefix: usize,
     /// New tokens per request (greedy; the end-of-sequence token does not stop it; --prompts'
     /// requests may say their own).
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 64)]
     new_tokens: usize,
     /// Requests arrive evenly spaced at this rate (per second); default: all at once.
     #[arg(long, value_name = "R")]
@@ -377,7 +378,7 @@ struct BenchTrainArgs {
     #[arg(long, value_name = "T")]
     seq: Option<usize>,
     /// Optimizer steps; the first is a warm-up, the medians are of the others.
-    #[arg(long, value_name = "N", default_value_t = 5)]
+    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 5)]
     steps: usize,
     /// Write every step's timings and the medians as JSON here.
     #[arg(long, value_name = "FILE")]
@@ -399,7 +400,7 @@ struct TuneArgs {
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
     /// Timed launches per candidate (after two warm-ups); the median is recorded.
-    #[arg(long, value_name = "N", default_value_t = 20)]
+    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 20)]
     reps: usize,
     /// CUDA device ordinal.
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
@@ -630,7 +631,7 @@ struct RunArgs {
     /// MTP drafts a pass of the main model verifies with --speculative: the first from the main
     /// model's hidden state, each next one from the MTP module fed its own hidden state back
     /// (more tokens a pass while they are accepted, a longer pass to verify them).
-    #[arg(long, value_name = "K", default_value_t = 1, requires = "speculative")]
+    #[arg(long, value_parser = positive, value_name = "K", default_value_t = 1, requires = "speculative")]
     draft_tokens: usize,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]

@@ -134,6 +134,15 @@ pub struct Run {
     eval: Vec<Vec<i64>>,
 }
 
+/// Each flag's value is a finite number >= 0 (a learning rate, a loss weight), or the error names
+/// the first that is not.
+pub fn nonnegative(flags: &[(&str, f32)]) -> Result<(), String> {
+    match flags.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+        Some((flag, v)) => Err(format!("{flag} {v}: must be a finite number >= 0")),
+        None => Ok(()),
+    }
+}
+
 impl Run {
     /// Checks the options, loads the checkpoint (`--out` when resuming), the data and the optimizer
     /// state. One-line errors naming the flag or file.
@@ -142,17 +151,13 @@ impl Run {
             return Err("--steps, --batch and --seq must be positive".into());
         }
         let opt = &o.optimizer;
-        for (flag, v) in [
+        nonnegative(&[
             ("--lr", o.lr),
             ("--mtp-weight", o.mtp_weight),
             ("--balance-alpha", o.balance_alpha),
             ("--weight-decay", opt.weight_decay),
             ("--clip-norm", opt.clip_norm),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("{flag} {v}: must be a finite number >= 0"));
-            }
-        }
+        ])?;
         if opt.clip_norm == 0.0 {
             return Err("--clip-norm 0: gradients are clipped to a positive norm".into());
         }
