@@ -97,6 +97,28 @@ impl Machine {
     }
 }
 
+/// Whether a class matches no character: `[]`, or `[^...]` of ranges that cover every scalar
+/// value (surrogates aside: no UTF-8 text holds them).
+fn no_char(ranges: &[(u32, u32)], negated: bool) -> bool {
+    if !negated {
+        return ranges.is_empty();
+    }
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable();
+    // The first character not yet covered, going up.
+    let mut next = 0u32;
+    for (lo, hi) in sorted {
+        if lo > next {
+            break;
+        }
+        next = next.max(hi.saturating_add(1));
+        if next == 0xD800 {
+            next = 0xE000;
+        }
+    }
+    next > 0x10FFFF
+}
+
 impl Grammar {
     /// Reads a grammar in GBNF; errors say where and what.
     pub fn parse(text: &str) -> Result<Grammar, String> {
@@ -121,7 +143,71 @@ impl Grammar {
         }
         let mut g = Grammar { elems, rules: starts, names, root, loops: false, machine: Mutex::default() };
         g.loops = g.refuse_left_recursion()?;
+        g.refuse_endless_rules()?;
         Ok(g)
+    }
+
+    /// A rule whose every alternative needs a rule that never ends (itself: `root ::= "a" root`,
+    /// `root ::= root`) matches no finite text: a completion held to it could never stop, and
+    /// one at a state with nothing left to take would go on unheld. Refused, naming the rule the
+    /// root reaches first and the rules it must go through (each one's first alternative's first
+    /// such rule) until one repeats.
+    fn refuse_endless_rules(&self) -> Result<(), String> {
+        let n = self.rules.len();
+        let mut ends = vec![false; n];
+        loop {
+            let mut changed = false;
+            for r in 0..n {
+                if !ends[r] && self.rules[r].iter().any(|&a| self.endless_in(a as usize, &ends).is_none()) {
+                    ends[r] = true;
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        // The rules the root reaches, breadth first.
+        let mut seen = vec![false; n];
+        let mut queue = std::collections::VecDeque::from([self.root]);
+        seen[self.root as usize] = true;
+        while let Some(r) = queue.pop_front() {
+            if !ends[r as usize] {
+                let mut path = vec![r];
+                while let Some(next) =
+                    self.rules[path[path.len() - 1] as usize].first().and_then(|&a| self.endless_in(a as usize, &ends))
+                {
+                    path.push(next);
+                    if path[..path.len() - 1].contains(&next) {
+                        break;
+                    }
+                }
+                let names: Vec<&str> = path.iter().map(|&k| self.names[k as usize].as_str()).collect();
+                return Err(format!(
+                    "rule {} matches no finite text: each of its alternatives needs a rule that never ends ({})",
+                    names[0],
+                    names.join(" -> ")
+                ));
+            }
+            for &a in &self.rules[r as usize] {
+                for e in self.elems[a as usize..].iter().take_while(|e| **e != Elem::End) {
+                    if let Elem::Rule(b) = e {
+                        if !std::mem::replace(&mut seen[*b as usize], true) {
+                            queue.push_back(*b);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The first rule of the sequence at `p` that cannot end (as `ends` knows so far), if any.
+    fn endless_in(&self, p: usize, ends: &[bool]) -> Option<u32> {
+        self.elems[p..].iter().take_while(|e| **e != Elem::End).find_map(|e| match e {
+            Elem::Rule(r) if !ends[*r as usize] => Some(*r),
+            _ => None,
+        })
     }
 
     /// A rule that may begin with itself (through rules that may match nothing) with something
@@ -620,6 +706,7 @@ impl Parser<'_> {
                 }
             }
             Some(b'[') => {
+                let start = self.at;
                 self.at += 1;
                 let negated = self.peek() == Some(b'^');
                 if negated {
@@ -629,6 +716,10 @@ impl Parser<'_> {
                 loop {
                     match self.peek() {
                         None => return Err(self.error("a class that does not end")),
+                        Some(b']') if no_char(&ranges, negated) => {
+                            self.at = start;
+                            return Err(self.error("a class that matches no character"));
+                        }
                         Some(b']') => {
                             self.at += 1;
                             return Ok(vec![Elem::Chars(ranges, negated)]);
@@ -1155,9 +1246,17 @@ mod tests {
             ("root ::= root \"a\" | \"b\"", "rule root is left-recursive (root -> root)"),
             ("root ::= a\na ::= b? a \"x\"\nb ::= \"y\"", "rule a is left-recursive (a -> a)"),
             ("root ::= a\na ::= \"x\"? b\nb ::= a \"y\" | \"z\"", "rule b is left-recursive (b -> a -> b)"),
+            ("root ::= root", "rule root matches no finite text: each of its alternatives needs a rule that never ends (root -> root)"),
+            ("root ::= \"a\" root", "rule root matches no finite text"),
+            ("root ::= x \"a\"\nx ::= \"b\" | y\ny ::= \"c\" y", "(y -> y)"),
+            ("root ::= x | \"b\"\nx ::= \"a\" y\ny ::= x", "rule x matches no finite text: each of its alternatives needs a rule that never ends (x -> y -> x)"),
             ("root ::= \"a\"\nroot ::= \"b\"", "line 2, column 1: rule root is defined twice"),
             ("root ::= \"a", "line 1, column 12: a string that does not end"),
             ("root ::= [z-a]", "a range that runs backwards"),
+            ("root ::= \"a\" []", "line 1, column 14: a class that matches no character"),
+            ("root ::= [^\\x00-\\U0010FFFF]", "line 1, column 10: a class that matches no character"),
+            ("root ::= [^\\x00-\\uD7FF\\uE000-\\U0010FFFF]", "a class that matches no character"),
+            ("root ::= [^a\\x00-`b-\\U0010FFFF]", "a class that matches no character"),
             ("root = \"a\"", "line 1, column 6: expected ::= after root"),
             ("root ::= \"a\"{3,1}", "{3,1}: counts up to 1024, the least first"),
             ("root ::= \"\\q\"", "unknown escape \\q"),
@@ -1166,6 +1265,14 @@ mod tests {
         ] {
             let e = Grammar::parse(text).unwrap_err();
             assert!(e.contains(error), "{text:?}: {e}");
+        }
+        // One character left is a class.
+        for one in [
+            "root ::= [^\\x00-\\U0010FFFE]",
+            "root ::= [^\\x01-\\U0010FFFF]",
+            "root ::= [^\\x00-\\uD7FE\\uE000-\\U0010FFFF]",
+        ] {
+            assert!(Grammar::parse(one).is_ok(), "{one}");
         }
     }
 

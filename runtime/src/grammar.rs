@@ -579,7 +579,11 @@ impl<A: Automaton> Constraint for Held<A> {
             return;
         }
         let ok = self.automaton.allowed(&self.trie, &self.state);
-        keep_only(logits, &ok, self.eos.filter(|_| self.automaton.accepts(&self.state)));
+        // A state no token goes on from (what follows needs bytes the vocabulary does not spell)
+        // ends the completion there: cut short, rather than a token picked from all -inf that
+        // takes it off the automaton.
+        let stuck = || ok.iter().all(|w| *w == 0);
+        keep_only(logits, &ok, self.eos.filter(|_| self.automaton.accepts(&self.state) || stuck()));
     }
 
     fn advance(&mut self, token: u32) {
@@ -682,7 +686,32 @@ impl Pattern {
             .map_err(|e| e.to_string())?;
         let anchored = start::Config::new().anchored(regex_automata::Anchored::Yes);
         let start = dfa.start_state(&anchored).map_err(|e| e.to_string())?;
-        Ok(Pattern { dfa, start, masks: Default::default() })
+        let pattern = Pattern { dfa, start, masks: Default::default() };
+        // One that matches nothing (`[^\s\S]`) would leave a completion nothing to take.
+        if !pattern.matches_something() {
+            return Err(format!("{regex} matches no text"));
+        }
+        Ok(pattern)
+    }
+
+    /// Whether a match state is reachable from the start (the DFA's states walked breadth
+    /// first: it is built whole, so this costs what building it did).
+    fn matches_something(&self) -> bool {
+        let mut seen = std::collections::HashSet::from([self.start]);
+        let mut queue = std::collections::VecDeque::from([self.start]);
+        while let Some(s) = queue.pop_front() {
+            if self.matched(s) {
+                return true;
+            }
+            for b in 0..=u8::MAX {
+                if let Some(next) = self.step(s, b) {
+                    if seen.insert(next) {
+                        queue.push_back(next);
+                    }
+                }
+            }
+        }
+        false
     }
 
     /// The state after byte `b`; None where nothing the pattern matches goes on so.
@@ -847,6 +876,36 @@ mod tests {
 
     fn fixture() -> Arc<Tokenizer> {
         crate::tokenizer::fixture::shared()
+    }
+
+    /// An automaton that takes nothing from its start, where it does not accept.
+    struct Stuck;
+
+    impl Automaton for Stuck {
+        type State = ();
+        fn start(&self) {}
+        fn step(&self, _: &(), _: u8) -> Option<()> {
+            None
+        }
+        fn accepts(&self, _: &()) -> bool {
+            false
+        }
+        fn allowed(&self, _: &TokenTrie, _: &()) -> Arc<Vec<u64>> {
+            Arc::new(vec![0; 4])
+        }
+    }
+
+    /// Where no token goes on, the end token ends the completion; before, every logit was -inf,
+    /// the first token was picked and the rest went unheld.
+    #[test]
+    fn a_state_no_token_goes_on_from_ends_the_completion() {
+        let t = fixture();
+        let eos = t.vocab_size() as u32 - 1;
+        let held = Held::walking(Arc::new(Stuck), t.trie(), &t, Some(eos));
+        let mut logits = vec![1.0f32; t.vocab_size()];
+        held.mask(&mut logits);
+        let left: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+        assert_eq!(left, [eos as usize]);
     }
 
     /// Hand-picked texts, each accepted exactly when serde_json reads it as an object.
@@ -1040,6 +1099,11 @@ mod tests {
         }
         assert!(p.matched(s) && p.matches(text));
         assert!(Pattern::new("(").err().unwrap().contains("unclosed group"), "the regex's own error");
+        // Before, a completion held to these took the vocabulary's first token, then went on unheld.
+        for empty in ["[^\\s\\S]", "a[^\\s\\S]b|[a&&b]"] {
+            assert_eq!(Pattern::new(empty).err().unwrap(), format!("{empty} matches no text"));
+        }
+        assert!(Pattern::new("a|[^\\s\\S]").is_ok(), "one alternative matches");
         let once = Pattern::cached("(ab)+c").unwrap();
         assert!(Arc::ptr_eq(&once, &Pattern::cached("(ab)+c").unwrap()), "built once");
         assert!(!Arc::ptr_eq(&once, &Pattern::cached("(ab)+d").unwrap()));
