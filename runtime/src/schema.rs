@@ -337,7 +337,10 @@ impl<'s> SchemaRegex<'s> {
         }
         for key in ["anyOf", "oneOf"] {
             if let Some(all) = o.get(key) {
-                let all = all.as_array().filter(|a| !a.is_empty()).ok_or_else(|| format!("{at}/{key}: not a list"))?;
+                let all = all.as_array().ok_or_else(|| format!("{at}/{key}: not a list of schemas"))?;
+                if all.is_empty() {
+                    return Err(format!("{at}/{key}: an empty list (no value matches)"));
+                }
                 let each = all.iter().enumerate().map(|(i, s)| self.of(s, &format!("{at}/{key}/{i}")));
                 return Ok(format!("(?:{})", each.collect::<Result<Vec<_>, _>>()?.join("|")));
             }
@@ -411,6 +414,9 @@ impl<'s> SchemaRegex<'s> {
                 }
                 "string" => {
                     let (min, max) = (bound("minLength")?.unwrap_or(0), bound("maxLength")?);
+                    if max.is_some_and(|m| m < min) {
+                        return Err(format!("{at}: maxLength is below minLength"));
+                    }
                     let max = max.map_or(String::new(), |m| m.to_string());
                     format!(r#""{STRING_CHAR}{{{min},{max}}}""#)
                 }
@@ -775,6 +781,8 @@ fn json_encoded(hir: &regex_syntax::hir::Hir) -> Result<String, String> {
                 _ => format!("(?:{})", each.join("|")),
             }
         }
+        // What regex-syntax makes of a class that matches nothing (`[^\s\S]`).
+        HirKind::Class(Class::Bytes(b)) if b.ranges().is_empty() => "[^\\x{0}-\\x{10ffff}]".to_string(),
         HirKind::Class(Class::Bytes(_)) => return Err("byte classes ((?-u)) are not supported".into()),
         HirKind::Look(look) => {
             return Err(format!("the assertion {look:?} is not supported (only ^ and $ at the ends)"))
@@ -1333,6 +1341,13 @@ mod tests {
             serde_json::json!({"$ref": "#/$defs/a", "$defs": {"a": {"type": "array", "items": {"$ref": "#/$defs/a"}}}});
         assert!(refused(looped).contains("nested more than 32 deep"));
         assert!(refused(serde_json::json!({"type": "string", "maxLength": 100000})).contains("at most 256"));
+        // Before, the regex's own parse error, which named none of them.
+        assert_eq!(
+            refused(
+                serde_json::json!({"type": "object", "properties": {"s": {"type": "string", "minLength": 5, "maxLength": 2}}})
+            ),
+            "#/properties/s: maxLength is below minLength"
+        );
     }
 
     /// Integers' bounds: for each of many (minimum, maximum, exclusive ones), every integer from
@@ -1536,6 +1551,8 @@ mod tests {
             r"(?i)^AB",
             "^$",
             r"[\x00-\x1f]",
+            // A class that matches nothing, beside one that matches: before, refused as a byte class.
+            r"^(a|[^\s\S])$",
         ];
         let mut rng = 11u64;
         let mut next = move |n: u64| {
@@ -1563,6 +1580,12 @@ mod tests {
         let refused = |p: &str| string_pattern_regex(p).unwrap_err();
         assert!(refused(r"\bword").contains("is not supported (only ^ and $ at the ends)"), "{}", refused(r"\bword"));
         assert!(refused("(").contains("unclosed group"), "{}", refused("("));
+        assert_eq!(
+            schema_regex(&serde_json::json!({"anyOf": []})).unwrap_err(),
+            "#/anyOf: an empty list (no value matches)"
+        );
+        let nothing = string_pattern_regex(r"[^\s\S]").unwrap();
+        assert_eq!(Pattern::new(&nothing).err().unwrap(), "matches no text");
         let schema = serde_json::json!({"type": "string", "pattern": "^a", "maxLength": 3});
         assert_eq!(schema_regex(&schema).unwrap_err(), "#/maxLength: not with a pattern");
     }
