@@ -589,6 +589,17 @@ fn answer(conn: &mut Conn, request: &HttpRequest, tx: &ToLoop, site: &Site) {
         let _ = respond(conn, "401 Unauthorized", &body);
         return;
     }
+    if let Some(other) = other_model(request, model) {
+        // As vLLM and OpenAI answer: a request meant for another model is not served by this one.
+        let message = format!("the model '{other}' is not served here: '{model}' is (v3r serve --served-model-name)");
+        let body = match request.path.starts_with("/v1/messages") {
+            true => crate::messages::error("not_found_error", &message),
+            false => serde_json::json!({ "error": { "message": message, "type": "invalid_request_error",
+                                                     "code": "model_not_found" } }),
+        };
+        let _ = respond(conn, "404 Not Found", &body);
+        return;
+    }
     match (request.method.as_str(), request.path.as_str()) {
         // Stopping: not healthy, so that a balancer sends no more.
         ("GET", "/health") if crate::interrupt::happened() => {
@@ -666,6 +677,23 @@ fn answer(conn: &mut Conn, request: &HttpRequest, tx: &ToLoop, site: &Site) {
             );
             let _ = respond_error(conn, "404 Not Found", &message);
         }
+    }
+}
+
+/// The model a POST's JSON body names, where it names one other than `served` (a body that is not
+/// JSON is left to the API's own reading to refuse).
+fn other_model(request: &HttpRequest, served: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<serde_json::Value>,
+    }
+    if request.method != "POST" {
+        return None;
+    }
+    match serde_json::from_slice::<Named>(&request.body).ok()?.model? {
+        serde_json::Value::String(name) if name == served => None,
+        serde_json::Value::String(name) => Some(name),
+        _ => None,
     }
 }
 
@@ -1052,6 +1080,35 @@ mod tests {
         assert!(preflight.contains("Access-Control-Allow-Headers: Authorization, Content-Type"), "{preflight}");
         let health = exchange("GET /health HTTP/1.1\r\nOrigin: http://a.example\r\nConnection: close\r\n\r\n");
         assert!(health.starts_with("HTTP/1.1 200 OK") && health.contains("Access-Control-Allow-Origin: *"), "{health}");
+    }
+
+    /// A request naming another model is answered 404 in its API's shape; naming this one, or
+    /// none, it goes on (here to /tokenize's refusal: the bare server has no tokenizer).
+    #[test]
+    fn requests_for_another_model_are_not_found() {
+        use std::io::Read;
+        let addr = bare_server(4);
+        let post = |path: &str, body: &str| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let head = format!("POST {path} HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            s.write_all([head.as_bytes(), body.as_bytes()].concat().as_slice()).unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            let (status, body) = reply.split_once("\r\n\r\n").unwrap();
+            (status.lines().next().unwrap().to_string(), serde_json::from_str::<serde_json::Value>(body).unwrap())
+        };
+        let message = "the model 'gpt-4o' is not served here: 'm' is (v3r serve --served-model-name)";
+        let (status, body) = post("/v1/chat/completions", r#"{"model": "gpt-4o", "messages": []}"#);
+        assert_eq!(status, "HTTP/1.1 404 Not Found");
+        assert_eq!(body["error"]["message"], message);
+        assert_eq!(body["error"]["code"], "model_not_found");
+        let (status, body) = post("/v1/messages", r#"{"model": "gpt-4o", "max_tokens": 1, "messages": []}"#);
+        assert_eq!(status, "HTTP/1.1 404 Not Found");
+        assert_eq!((&body["type"], &body["error"]["type"]), (&"error".into(), &"not_found_error".into()));
+        for named in [r#"{"model": "m", "prompt": "x"}"#, r#"{"prompt": "x"}"#, r#"{"model": null, "prompt": "x"}"#] {
+            let (status, body) = post("/tokenize", named);
+            assert_eq!(status, "HTTP/1.1 400 Bad Request", "{named}: {body}");
+        }
     }
 
     /// Past `cap` open connections, one more is answered 503 and closed; once one closes, the
