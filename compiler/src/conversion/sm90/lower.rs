@@ -1355,19 +1355,21 @@ fn split_bf16_steps(g: &GemmKernel, fused: &str, before: Vec<(Step, Temp)>, into
 }
 
 /// The routing row of a `v3.moe_dispatch` or `v3.moe_route` op over `experts` experts: prefill's
-/// ([`super::rows::ROUTE_TOKENS`] tokens a block; [`super::ModelKernels`] adds decode's, one a
+/// ([`super::rows::route_tokens`] tokens a block; [`super::ModelKernels`] adds decode's, one a
 /// block, for the fused kernels decode runs).
 pub(super) fn route_op(o: &OperationRef, experts: usize) -> Result<RowOp, String> {
     let int_attr =
         |name: &str| -> Option<usize> { o.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok() };
+    let (top_k, n_group) =
+        (int_attr("top_k").ok_or("routing without top_k")?, int_attr("n_group").ok_or("routing without n_group")?);
     Ok(RowOp::Route {
         experts,
-        top_k: int_attr("top_k").ok_or("routing without top_k")?,
-        n_group: int_attr("n_group").ok_or("routing without n_group")?,
+        top_k,
+        n_group,
         topk_group: int_attr("topk_group").ok_or("routing without topk_group")?,
         norm: o.attribute("norm_topk_prob").map(|a| a.to_string() == "true").unwrap_or(false),
         scale: float_attr(o, "routed_scaling_factor").unwrap_or(1.0),
-        tokens: super::rows::ROUTE_TOKENS,
+        tokens: super::rows::route_tokens(experts, n_group, top_k),
     })
 }
 

@@ -809,8 +809,8 @@ impl RowKernel {
             // Per token of the block: its logits (then scores), biased scores, flags, group scores
             // and flags, chosen scores.
             RowOp::Route { experts, n_group, top_k, tokens, .. } => vec![
-                ("sh_tile", route_chunk(tokens) * (experts + 1)),
-                ("sh_x", route_chunk(tokens) * tokens),
+                ("sh_tile", route_chunk(experts, n_group, top_k, tokens) * (experts + 1)),
+                ("sh_x", route_chunk(experts, n_group, top_k, tokens) * tokens),
                 ("sh_acc", tokens * experts),
                 ("sh_sb", tokens * experts),
                 ("sh_flag", tokens * experts),
@@ -1264,7 +1264,7 @@ scf.for %j = %tid to %cHalfAll step %cT {{
             }
             RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens } => {
                 let per = experts / n_group;
-                let chunk = route_chunk(tokens);
+                let chunk = route_chunk(experts, n_group, top_k, tokens);
                 let (tile, xs, acc, flag, gflag) =
                     (sh("sh_tile"), sh("sh_x"), sh("sh_acc"), sh("sh_flag"), sh("sh_gflag"));
                 let (sb, gscore, w_ty) = (sh("sh_sb"), sh("sh_gscore"), sh("sh_w"));
@@ -2487,7 +2487,7 @@ scf.for %i = %tid to %cD step %cT {{
             .to_string()
                 + MLA_CHUNKS;
         }
-        if let RowOp::Route { tokens, .. } = self.op {
+        if let RowOp::Route { experts, n_group, top_k, tokens, .. } = self.op {
             // The block's tokens `%row0..` (`%ntok` of them).
             return format!(
                 "%cCh = arith.constant {chunk} : index
@@ -2499,7 +2499,7 @@ scf.for %i = %tid to %cD step %cT {{
 %row_end = arith.minui %row_end0, %nrows : index
 %ntok = arith.subi %row_end, %row0 : index
 ",
-                chunk = route_chunk(tokens)
+                chunk = route_chunk(experts, n_group, top_k, tokens)
             );
         }
         if let RowOp::SplitRope { .. } = self.op {
@@ -2836,18 +2836,36 @@ scf.for %e = %tid to {e} step %cT {{
     }
 }
 
-/// Tokens a block of prefill's routing kernel takes ([`RowOp::Route`]): each gate value it reads
-/// serves them all (decode's takes one).
+/// Most tokens a block of prefill's routing kernel takes ([`RowOp::Route`]): each gate value it
+/// reads serves them all (decode's takes one). Fewer where their arrays would not fit
+/// ([`route_tokens`]).
 pub const ROUTE_TOKENS: usize = 8;
 
-/// Gate columns per shared-memory tile of the routing kernel: 32 for one token a block, 16 beside
-/// several tokens' logits.
-fn route_chunk(tokens: usize) -> usize {
-    if tokens == 1 {
-        32
-    } else {
-        16
+/// Floats of the routing kernel's shared arrays with `chunk` gate columns a tile (as
+/// [`RowKernel::shared`] lists them).
+fn route_floats(experts: usize, n_group: usize, top_k: usize, tokens: usize, chunk: usize) -> usize {
+    chunk * (experts + 1) + chunk * tokens + 3 * tokens * experts + 2 * tokens * n_group + tokens * top_k
+}
+
+/// Tokens a block of prefill's routing kernel takes: [`ROUTE_TOKENS`], halved while their arrays
+/// beside a 16-column tile would pass the static limit (Kimi K2's 384 experts: 4).
+pub fn route_tokens(experts: usize, n_group: usize, top_k: usize) -> usize {
+    let mut tokens = ROUTE_TOKENS;
+    while tokens > 1 && 4 * route_floats(experts, n_group, top_k, tokens, 16) > STATIC_SHARED_LIMIT {
+        tokens /= 2;
     }
+    tokens
+}
+
+/// Gate columns per shared-memory tile of the routing kernel: 32 for one token a block, 16 beside
+/// several tokens' logits — halved while the arrays would pass the static limit (Kimi K2's 384
+/// experts, one token a block: 16).
+fn route_chunk(experts: usize, n_group: usize, top_k: usize, tokens: usize) -> usize {
+    let mut chunk = if tokens == 1 { 32 } else { 16 };
+    while chunk > 1 && 4 * route_floats(experts, n_group, top_k, tokens, chunk) > STATIC_SHARED_LIMIT {
+        chunk /= 2;
+    }
+    chunk
 }
 
 /// A phase list item that opens a loop around the phases up to the matching [`LOOP_END`]: the rest
@@ -3675,11 +3693,17 @@ mod tests {
     fn routing_and_dispatch_match_the_reference() {
         // (43 tokens: the dispatch's 32 chunks of pairs hold several each; the routing's last block
         // of 8 tokens partial.)
-        let (experts, rows) = (16, 43);
+        let rows = 43;
         // (100 columns: the gate's last tile of 16 partial.)
-        // Decode's one token a block and prefill's several (the last block partial).
-        let cases = [(96, true, 4, 4, 2), (100, false, 3, 8, 3)].into_iter().flat_map(|c| [(c, 1), (c, ROUTE_TOKENS)]);
-        for ((d, norm, top_k, n_group, topk_group), tokens) in cases {
+        // Decode's one token a block and prefill's several (the last block partial). Kimi K2's 384
+        // experts in one group: 4 tokens a block and tiles of 16 columns, else the arrays would not
+        // fit (decode's tile of 32 alone would take 49,280 B).
+        assert_eq!((route_tokens(16, 4, 4), route_tokens(256, 8, 8), route_tokens(384, 1, 8)), (8, 8, 4));
+        assert_eq!((route_chunk(256, 8, 8, 1), route_chunk(384, 1, 8, 1), route_chunk(384, 1, 8, 4)), (32, 16, 16));
+        let cases = [(96, true, 4, 4, 2, 16), (100, false, 3, 8, 3, 16), (100, true, 8, 1, 1, 384)]
+            .into_iter()
+            .flat_map(|c| [(c, 1), (c, route_tokens(c.5, c.3, c.2))]);
+        for ((d, norm, top_k, n_group, topk_group, experts), tokens) in cases {
             let r = v3c_models::graph::Routing {
                 top_k,
                 n_group,
@@ -3702,6 +3726,7 @@ mod tests {
             let op = RowOp::Route { experts, top_k, n_group, topk_group, norm, scale: 2.5, tokens };
             let kernel = RowKernel::new(op, d, "bf16");
             assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
+            assert!(kernel.shared_memory_bytes() <= STATIC_SHARED_LIMIT, "{}", kernel.kernel_name());
             run_cpu(
                 &kernel,
                 &[
