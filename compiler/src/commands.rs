@@ -1063,6 +1063,7 @@ fn write_gpu_artifact(
                     shared: w.shared,
                     shared_scale: w.shared_scale,
                     rows: w.rows,
+                    shared_columns: w.shared_columns,
                 })
                 .collect(),
         }),

@@ -11,8 +11,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the format changes incompatibly (2: a row launch's grid may differ per regime,
-/// [`Blocks::Rows`]'s `decode_rows_per_block`, which a reader of 1 would ignore).
-pub const LOWERING_FORMAT_VERSION: u32 = 2;
+/// [`Blocks::Rows`]'s `decode_rows_per_block`, which a reader of 1 would ignore; 3: a grouped
+/// weight's shared experts may lie side by side along K, [`GroupedWeightSpec::shared_columns`]).
+pub const LOWERING_FORMAT_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lowering {
@@ -261,7 +262,7 @@ pub struct GroupedSpec {
 }
 
 /// One weight of a grouped GEMM (operand indices): the routed experts' `[E, rows, K]` and scales,
-/// the shared experts' `[S * rows, K]` and scales.
+/// the shared experts' `[S * rows, K]` and scales — or, `shared_columns`, `[rows, S * K]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupedWeightSpec {
     pub routed: usize,
@@ -273,6 +274,10 @@ pub struct GroupedWeightSpec {
     pub shared_scale: Option<usize>,
     /// Rows per expert.
     pub rows: usize,
+    /// The shared experts lie side by side along K: the down projection of S shared experts is
+    /// one MLP's `[rows, S * K]` (its intermediate columns, expert by expert).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_columns: bool,
 }
 
 /// A temporary: `[rows * rows_factor, cols]` of `dtype` (rows: the run's, or with `rows_of` the

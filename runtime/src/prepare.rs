@@ -20,6 +20,7 @@ pub fn rope_table(spec: &RopeTableSpec, positions: usize) -> Vec<f32> {
 /// One weight of a grouped GEMM as stored: the routed experts' e4m3 `[E, rows, K]` with their
 /// 128x128 scales `[E, rows / 128, ceil(K / 128)]`, and the shared experts' `[S * rows, K]` with
 /// theirs `[S * rows / 128, ceil(K / 128)]`.
+#[derive(Clone, Copy)]
 pub struct GroupedWeight<'a> {
     pub routed: &'a [u8],
     pub routed_scale: &'a [f32],
@@ -31,7 +32,9 @@ pub struct GroupedWeight<'a> {
 /// A grouped GEMM's B `[groups * n, K]` and its scales: group g (routed expert g, then the shared
 /// experts one by one) holds each weight's rows for g in turn (gate then up for the MoE gate/up
 /// GEMM). Weights of `element_bytes` per element: e4m3 in 128-row scale blocks, or unscaled (bf16:
-/// empty scales).
+/// empty scales). Where `spec` says a weight's shared experts lie side by side along K
+/// ([`crate::lowering::GroupedWeightSpec::shared_columns`]: the down projection of several shared
+/// experts, one MLP's `[rows, S * K]`), shared expert j is its columns `j * K..(j + 1) * K`.
 pub fn grouped_b(
     spec: &GroupedSpec,
     k: usize,
@@ -52,6 +55,14 @@ pub fn grouped_b(
                 let (Some(s), Some(ss)) = (w.shared, w.shared_scale) else {
                     return Err(format!("grouped weight {i}: group {g} is a shared expert, and none is given"));
                 };
+                if spec.weights.get(i).is_some_and(|w| w.shared_columns) {
+                    let shared = spec.groups - spec.routed;
+                    let (b, sc) = shared_columns(s, ss, g - spec.routed, shared, w.rows, k, element_bytes)
+                        .map_err(|e| format!("grouped weight {i}: {e}"))?;
+                    bits.extend(b);
+                    scales.extend(sc);
+                    continue;
+                }
                 (s, ss, g - spec.routed)
             };
             let (n, blocks) = (w.rows * k * element_bytes, if scaled { w.rows / 128 * kb } else { 0 });
@@ -64,6 +75,44 @@ pub fn grouped_b(
         }
     }
     Ok((bits, scales))
+}
+
+/// Shared expert `j` of `shared` lying side by side along K in `[rows, shared * k]` (elements of
+/// `element_bytes`), with its scales out of `[rows / 128, shared * k / 128]` (none: unscaled): its
+/// `[rows, k]` and `[rows / 128, k / 128]`.
+fn shared_columns(
+    bits: &[u8],
+    scales: &[f32],
+    j: usize,
+    shared: usize,
+    rows: usize,
+    k: usize,
+    element_bytes: usize,
+) -> Result<(Vec<u8>, Vec<f32>), String> {
+    let row = shared * k * element_bytes;
+    if bits.len() != rows * row {
+        return Err(format!("{} bytes of shared experts, not {rows} rows of {shared} x {k} columns", bits.len()));
+    }
+    let mut out = Vec::with_capacity(rows * k * element_bytes);
+    for r in bits.chunks(row) {
+        out.extend_from_slice(&r[j * k * element_bytes..(j + 1) * k * element_bytes]);
+    }
+    if scales.is_empty() {
+        return Ok((out, Vec::new()));
+    }
+    if k % 128 != 0 {
+        return Err(format!("the shared experts' {k} columns each are not whole 128-column scale blocks"));
+    }
+    let (kb, blocks) = (k / 128, shared * k / 128);
+    if scales.len() != rows.div_ceil(128) * blocks {
+        return Err(format!(
+            "{} scales of shared experts, not {} row blocks of {blocks}",
+            scales.len(),
+            rows.div_ceil(128)
+        ));
+    }
+    let picked = scales.chunks(blocks).flat_map(|b| b[j * kb..(j + 1) * kb].iter().copied()).collect();
+    Ok((out, picked))
 }
 
 #[cfg(test)]
@@ -117,5 +166,54 @@ mod tests {
         assert_eq!(scales, vec![1.0, 5.0, 2.0, 6.0, 3.0, 7.0]);
         let bad = GroupedWeight { routed: &gate, routed_scale: &gate_s, shared: None, shared_scale: None, rows: 128 };
         assert!(grouped_b(&spec, 1, 1, &[bad]).unwrap_err().contains("group 2 is a shared expert"));
+    }
+
+    /// Two shared experts' down projection, one MLP's `[rows, 2 * K]`: each is its half of every
+    /// row's columns, and of every row block's scales (K 256: two scale blocks an expert).
+    #[test]
+    fn shared_experts_side_by_side_along_k_are_their_columns() {
+        let (rows, k) = (128, 256);
+        let spec = GroupedSpec {
+            grouping: "contiguous".into(),
+            groups: 3,
+            routed: 1,
+            offsets: 1,
+            perm: 2,
+            row_scale: None,
+            scatter: true,
+            weights: vec![crate::lowering::GroupedWeightSpec {
+                routed: 0,
+                routed_scale: None,
+                shared: None,
+                shared_scale: None,
+                rows,
+                shared_columns: true,
+            }],
+        };
+        // Byte (r, c) of the shared [rows, 2K]: c / K names the expert, c % K / 128 the block.
+        let shared: Vec<u8> = (0..rows * 2 * k).map(|i| (i % (2 * k) / 128) as u8 + 100).collect();
+        let shared_s = [1.0f32, 2.0, 3.0, 4.0];
+        let routed = vec![7u8; rows * k];
+        let w = GroupedWeight {
+            routed: &routed,
+            routed_scale: &[9.0, 9.0],
+            shared: Some(&shared),
+            shared_scale: Some(&shared_s),
+            rows,
+        };
+        let (bits, scales) = grouped_b(&spec, k, 1, &[w]).unwrap();
+        let expert = |g: usize| &bits[g * rows * k..(g + 1) * rows * k];
+        assert!(expert(0).iter().all(|&b| b == 7));
+        for (g, want) in [(1, [100u8, 101]), (2, [102, 103])] {
+            let blocks: Vec<u8> = expert(g).chunks(128).map(|c| c[0]).collect();
+            assert_eq!(blocks, want.repeat(rows), "shared expert {}", g - 1);
+        }
+        assert_eq!(scales, vec![9.0, 9.0, 1.0, 2.0, 3.0, 4.0]);
+        // Scales can only be split where each expert's columns are whole blocks.
+        let narrow = [0u8; 128 * 2 * 64];
+        let odd = GroupedWeight { shared: Some(&narrow), shared_scale: Some(&[1.0]), ..w };
+        let err =
+            grouped_b(&spec, 64, 1, &[GroupedWeight { routed: &routed[..128 * 64], routed_scale: &[1.0], ..odd }]);
+        assert!(err.unwrap_err().contains("64 columns each are not whole 128-column scale blocks"));
     }
 }

@@ -103,6 +103,9 @@ pub struct GroupedWeight {
     pub shared_scale: Option<usize>,
     /// Rows per expert.
     pub rows: usize,
+    /// The shared experts lie side by side along K (the down projection of several, one MLP's
+    /// `[rows, S * K]`: [`v3c_runtime::lowering::GroupedWeightSpec::shared_columns`]).
+    pub shared_columns: bool,
 }
 
 /// How a grouped GEMM's operands are organized (indices are step operands). B is re-laid out at
@@ -1030,7 +1033,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             };
             let (routed, shared) = (int_attr("num_experts").ok_or("num_experts")?, int_attr("num_shared").unwrap_or(0));
             let (x, w) = (arg_shape(0)?, arg_shape(if gate_up { 3 } else { 4 })?);
-            if x.element != "f32" || w.element != "bf16" || shared != 1 {
+            if x.element != "f32" || w.element != "bf16" || shared == 0 {
                 return Err(format!(
                     "{kind} of {} activations on {} weights, {shared} shared experts",
                     x.element, w.element
@@ -1065,12 +1068,15 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 fixed_m: None,
                 k_range: None,
             };
+            // Several shared experts are one MLP's: the gate and up rows, or (down) the
+            // columns, expert after expert.
             let weight = |routed: usize, shared: usize| GroupedWeight {
                 routed,
                 routed_scale: None,
                 shared: Some(shared),
                 shared_scale: None,
                 rows,
+                shared_columns: !gate_up,
             };
             if gate_up {
                 // Arguments: x, offsets, perm, gate, up, shared gate, shared up.
@@ -1144,7 +1150,18 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         ["moe_gate_up", "quantize_fp8", "func.return"] | ["moe_down", "func.return"] => {
             let moe = &ops[0];
             let gate_up = names[0] == "moe_gate_up";
-            let n_args = if gate_up { 12 } else { 10 };
+            let int_attr = |name: &str| -> Option<usize> {
+                moe.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+            };
+            let (routed, shared) = (int_attr("num_experts").ok_or("num_experts")?, int_attr("num_shared").unwrap_or(0));
+            // The shared experts' weights and scales, where they are among the groups (several
+            // fp8 shared experts stay a dense MLP of their own: none here).
+            let n_args = match (gate_up, shared > 0) {
+                (true, true) => 12,
+                (true, false) => 8,
+                (false, true) => 10,
+                (false, false) => 8,
+            };
             let mut wired = moe.operand_count() == n_args;
             for i in 0..moe.operand_count() {
                 wired &= is_arg(operand(moe, i)?, i);
@@ -1160,10 +1177,6 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             if !wired {
                 return Err(format!("{} with its operands in another order", names[0]));
             }
-            let int_attr = |name: &str| -> Option<usize> {
-                moe.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
-            };
-            let (routed, shared) = (int_attr("num_experts").ok_or("num_experts")?, int_attr("num_shared").unwrap_or(0));
             let x = arg_shape(0)?;
             if x.element != "f8E4M3FN" {
                 return Err(format!("{} of {} activations (the grouped GEMMs here read e4m3)", names[0], x.element));
@@ -1181,6 +1194,8 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                     shared: (shared > 0).then_some(shared_arg),
                     shared_scale: (shared > 0).then_some(shared_scale),
                     rows: fixed(&w, 1)?,
+                    // Several shared experts are one MLP's: down's are its columns, expert by expert.
+                    shared_columns: !gate_up,
                 })
             };
             let per_token = {
@@ -1222,7 +1237,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             };
             use super::gemm::GemmGrouping;
             if gate_up {
-                // Arguments: x, x scales, offsets, perm, gate, up, their scales, shared gate, up, scales.
+                // Arguments: x, x scales, offsets, perm, gate, up, their scales, shared gate, up, scales (where there are shared experts).
                 let (g, u) = (weight(4, 6, 8, 10)?, weight(5, 7, 9, 11)?);
                 let (inter, k) = (g.rows, fixed(&arg_shape(4)?, 2)?);
                 Ok(Steps {
@@ -1234,7 +1249,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                                 k,
                                 grouped(GemmGrouping::Gather, vec![g, u], None, false),
                             )),
-                            operands: (0..12).map(Operand::Arg).chain([Operand::Temp(0)]).collect(),
+                            operands: (0..n_args).map(Operand::Arg).chain([Operand::Temp(0)]).collect(),
                         },
                         Step {
                             kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: true }, inter, "f32")),
@@ -1244,7 +1259,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                     rope_table: None,
                 })
             } else {
-                // Arguments: h, h scales, offsets, perm, weights, down, scales, shared down, scales, residual.
+                // Arguments: h, h scales, offsets, perm, weights, down, scales, shared down, scales (where there are shared experts), residual.
                 let down = weight(5, 6, 7, 8)?;
                 let (d, k) = (down.rows, fixed(&arg_shape(5)?, 2)?);
                 Ok(Steps {
@@ -1253,7 +1268,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                         // The residual first; the experts' rows are added onto it.
                         Step {
                             kernel: StepKernel::Row(RowKernel::new(RowOp::Copy, d, "f32")),
-                            operands: vec![Operand::Arg(9), Operand::Result(0)],
+                            operands: vec![Operand::Arg(n_args - 1), Operand::Result(0)],
                         },
                         Step {
                             kernel: StepKernel::Gemm(gemm(
@@ -1261,7 +1276,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                                 k,
                                 grouped(GemmGrouping::Contiguous, vec![down], Some(4), true),
                             )),
-                            operands: (0..9).map(Operand::Arg).chain([Operand::Result(0)]).collect(),
+                            operands: (0..n_args - 1).map(Operand::Arg).chain([Operand::Result(0)]).collect(),
                         },
                     ],
                     rope_table: None,
