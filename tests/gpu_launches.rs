@@ -15,10 +15,14 @@ fn small_checkpoint_of(dir: &std::path::Path, fp8: bool) -> std::path::PathBuf {
     small_checkpoint_with(dir, fp8, &[])
 }
 
-/// [`small_checkpoint_of`]'s model with some of its config's sizes changed.
-fn small_checkpoint_with(dir: &std::path::Path, fp8: bool, changed: &[(&str, usize)]) -> std::path::PathBuf {
+/// [`small_checkpoint_of`]'s model with some of its config's values changed.
+fn small_checkpoint_with(
+    dir: &std::path::Path,
+    fp8: bool,
+    changed: &[(&str, serde_json::Value)],
+) -> std::path::PathBuf {
     let mut j: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_TINY_JSON).unwrap();
-    for &(k, v) in [
+    for (k, v) in [
         ("hidden_size", 256),
         ("intermediate_size", 512),
         ("moe_intermediate_size", 128),
@@ -31,11 +35,11 @@ fn small_checkpoint_with(dir: &std::path::Path, fp8: bool, changed: &[(&str, usi
         ("num_key_value_heads", 2),
         ("vocab_size", 512),
         ("num_hidden_layers", 2),
-    ]
-    .iter()
-    .chain(changed)
-    {
+    ] {
         j[k] = v.into();
+    }
+    for (k, v) in changed {
+        j[*k] = v.clone();
     }
     let config = v3c_models::config::ModelConfig::from_json_str(&j.to_string(), "small").unwrap();
     let ckpt = dir.join("ckpt");
@@ -514,19 +518,24 @@ fn a_bf16_checkpoint_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_log
     assert_eq!(emulated_tokens(&err), want_tokens, "{err}");
 }
 
-/// Models of DeepSeek-V3's architecture with two shared experts (Moonlight's `n_shared_experts`),
-/// one MLP of twice the routed experts' width: in the f32 graph its rows are two more groups of
-/// the grouped GEMMs — gate and up by rows, down by columns (`[hidden, 2 * inter]`, expert after
-/// expert) — and in the fp8 graph it stays a dense MLP beside grouped GEMMs of no shared experts.
-/// Before, neither lowered for sm_90a ("unsupported"; the fp8 one would have read the shared down
+/// Models of DeepSeek-V3's architecture shaped as Moonlight is: two shared experts and no q LoRA.
+/// - The shared experts are one MLP of twice the routed experts' width. In the f32 graph its rows
+///   are two more groups of the grouped GEMMs: gate and up by rows, down by columns
+///   (`[hidden, 2 * inter]`, expert after expert). In the fp8 graph it stays a dense MLP beside
+///   grouped GEMMs of no shared experts.
+/// - q_proj is one GEMM with kv_a_proj_with_mqa, and its heads' split and RoPE a row of their own
+///   (`mla_q_rope`).
+///
+/// Before, neither lowered for sm_90a ("unsupported"; the fp8 MoE would have read the shared down
 /// projection's rows as if they were its experts'). Emulated, both give the CPU backend's logits.
 #[test]
-fn two_shared_experts_lower_for_sm90a_and_give_the_cpu_backends_logits() {
+fn moonlight_shaped_models_lower_for_sm90a_and_give_the_cpu_backends_logits() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let tokens = "3 17 42 5 9 11 2 250 31";
     for fp8 in [false, true] {
-        let ckpt = small_checkpoint_with(dir.path(), fp8, &[("n_shared_experts", 2)]);
+        let changed = [("n_shared_experts", 2.into()), ("q_lora_rank", serde_json::Value::Null)];
+        let ckpt = small_checkpoint_with(dir.path(), fp8, &changed);
         let two = ckpt.to_str().unwrap();
         let (art, emulated, cpu) = (p(&format!("art{fp8}")), p(&format!("e{fp8}")), p(&format!("c{fp8}")));
         let attention = ["--prefill-attention", "rows", "--decode-attention", "rows"];
@@ -536,6 +545,7 @@ fn two_shared_experts_lower_for_sm90a_and_give_the_cpu_backends_logits() {
         assert!(compiled.status.success(), "{err}");
         let groups = if fp8 { "grouped GEMM over 8 experts" } else { "grouped GEMM over 10 experts" };
         assert!(err.contains(groups), "{err}");
+        assert!(err.contains("mla_q_rope_0 -> 1 launches: rows_splitrope_h2_n128_r64_"), "{err}");
         let ran = run_binary("v3c", &["emulate", &art, "--weights", two, "--tokens", tokens, "--out", &emulated]);
         assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
         let precision = if fp8 { "fp8" } else { "f32" };
@@ -551,8 +561,8 @@ fn two_shared_experts_lower_for_sm90a_and_give_the_cpu_backends_logits() {
         let (got, want) = (read(&emulated), read(&cpu));
         let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         let worst = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        // (Measured: 2.1e-6 and 2.2e-6 of the largest; with the down projection's shared rows read
-        // as whole experts, 9.4e-2.)
+        // (Measured with q LoRA: 2.1e-6 and 2.2e-6 of the largest; with the down projection's
+        // shared rows read as whole experts, 9.4e-2. Without: 2.8e-6 and 2.6e-6.)
         assert!(worst <= 1e-5 * largest, "fp8 {fp8}: {worst} of {largest}");
         std::fs::remove_dir_all(&ckpt).unwrap();
     }

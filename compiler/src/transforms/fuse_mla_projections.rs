@@ -8,8 +8,9 @@
 //! 3. `q_b_proj` with the query latent's RMSNorm as prologue, and its head split and RoPE of q_pe as
 //!    epilogue.
 //! Each match is tagged as a fusion group; a match that cannot be scheduled as one launch is left
-//! alone (the pass never fails on a graph it does not recognise). MLA without q LoRA (one q_proj)
-//! gets groups 2 and 3 only where they match.
+//! alone (the pass never fails on a graph it does not recognise). MLA without q LoRA (one q_proj):
+//! group 1 is q_proj and kv_a_proj_with_mqa, and q_proj's head split and the RoPE of q_pe are a
+//! kernel of their own (`mla_q_rope`) in place of group 3.
 
 use melior::ir::operation::OperationRef;
 use melior::Context;
@@ -73,6 +74,16 @@ pub fn plan(g: &OpGraph, groups: &mut Groups) {
             _ => None,
         });
         if let Some(q_a) = q_a {
+            // Without q LoRA (q_a is q_proj itself, its heads read straight off it), the head split
+            // and RoPE of q_pe are their own launch, first: the GEMM then writes q's rows whole, as
+            // it writes the q latent with LoRA.
+            if q_norm.is_none() {
+                let (mut members, ends) = through_views(g, q_a);
+                members.extend(ends.iter().copied().filter(|&e| g.ops[e].name == "rope"));
+                if members.len() > 1 {
+                    groups.try_new(g, "mla_q_rope", &members);
+                }
+            }
             let mut gemm = vec![q_a, kv_a, split];
             gemm.sort();
             groups.try_new(g, "mla_projections", &gemm);

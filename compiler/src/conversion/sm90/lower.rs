@@ -840,6 +840,50 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 rope_table: Some(table),
             })
         }
+        ["reshape", "split", "rope", "func.return"] => {
+            // MLA without q LoRA (`mla_q_rope`): q_proj's rows split into heads, RoPE on q_pe —
+            // the q_b GEMM's epilogue row of the LoRA form, alone.
+            let (reshape, split, rope, ret) = (&ops[0], &ops[1], &ops[2], &ops[3]);
+            let wired = is_arg(operand(reshape, 0)?, 0)
+                && raw(operand(split, 0)?) == result(reshape, 0)?
+                && raw(operand(rope, 0)?) == result(split, 1)?
+                && is_arg(operand(rope, 1)?, 1)
+                && raw(operand(ret, 0)?) == result(split, 0)?
+                && raw(operand(ret, 1)?) == result(rope, 0)?;
+            if !wired {
+                return Err("the query heads' split and RoPE in another order".into());
+            }
+            let shape_of = |o: &OperationRef, i: usize| -> Result<Shape, String> {
+                Shape::parse(&o.result(i).map_err(|e| e.to_string())?.r#type().to_string())
+                    .ok_or_else(|| "a result".into())
+            };
+            let x = arg_shape(0)?;
+            let n = fixed(&x, 1)?;
+            let (heads, nope, rope_dim) =
+                (fixed(&shape_of(reshape, 0)?, 1)?, fixed(&shape_of(split, 0)?, 2)?, fixed(&shape_of(rope, 0)?, 2)?);
+            if x.element != "f32" || heads * (nope + rope_dim) != n {
+                return Err(format!("{heads} heads of {nope} + {rope_dim} from {n} {} columns", x.element));
+            }
+            let (table, interleave) = rope_table_of(rope)?;
+            Ok(Steps {
+                temps: Vec::new(),
+                steps: vec![Step {
+                    kernel: StepKernel::Row(RowKernel::new(
+                        RowOp::SplitRope { heads, nope, rope: rope_dim, interleave },
+                        n,
+                        "f32",
+                    )),
+                    operands: vec![
+                        Operand::Arg(0),
+                        Operand::Arg(1),
+                        Operand::RopeTable,
+                        Operand::Result(0),
+                        Operand::Result(1),
+                    ],
+                }],
+                rope_table: Some(table),
+            })
+        }
         ["linear", "linear", "silu_mul", "func.return"] => {
             // The f32 graph's SwiGLU MLP (bf16 weights): gate and up as one GEMM (weights
             // concatenated along N) on the split activations into `[gate | up]`, then the SwiGLU row.
