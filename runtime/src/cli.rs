@@ -294,7 +294,7 @@ pub fn parse_request(
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    const FIELDS: [&str; 18] = [
+    const FIELDS: [&str; 19] = [
         "prompt",
         "text",
         "messages",
@@ -303,6 +303,7 @@ pub fn parse_request(
         "parallel_tool_calls",
         "chat_template_kwargs",
         "add_generation_prompt",
+        "continue_final_message",
         "echo",
         "max_new_tokens",
         "temperature",
@@ -361,12 +362,11 @@ pub fn parse_request(
                 Some(x) => return Err(format!("chat_template_kwargs: {x} is not an object")),
             };
             let context = crate::tokenizer::ChatContext { tools: tools.as_ref().map(|t| &t.given), kwargs };
-            // The assistant's turn opened, unless the request says not (vLLM's).
-            let gen = match o.get("add_generation_prompt") {
-                None | Some(serde_json::Value::Null) => true,
-                Some(x) => x.as_bool().ok_or_else(|| format!("add_generation_prompt: {x} is not true or false"))?,
-            };
-            tokenizer_for("messages")?.chat_with(messages, context, gen)?
+            // The assistant's turn opened, unless the request says not, or continues its final
+            // message (vLLM's).
+            let turn = crate::tokenizer::Turn::of(|k| o.get(k).filter(|x| !x.is_null()))?;
+            let t = tokenizer_for("messages")?;
+            t.encode(&t.render_turn(messages, context, turn)?, false)
         }
         (Some(serde_json::Value::String(ids)), _, _) => parse_token_ids(ids, "prompt")?,
         (Some(serde_json::Value::Array(ids)), _, _) => json_ids(ids, "prompt")?,
@@ -601,8 +601,14 @@ fn grammar_constraint(
 }
 
 /// A chat request's fields beside its `messages` (OpenAI's and vLLM's), which only a chat takes.
-pub const CHAT_FIELDS: [&str; 5] =
-    ["tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt"];
+pub const CHAT_FIELDS: [&str; 6] = [
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "chat_template_kwargs",
+    "add_generation_prompt",
+    "continue_final_message",
+];
 
 /// A request's fields beyond temperature and top-p that shape its sampling and its end
 /// ([`v3c_models::sampling`]): OpenAI's and vLLM's, named as both name them (the HTTP API passes

@@ -705,8 +705,16 @@ fn model_object(site: &Site) -> serde_json::Value {
 
 /// What `POST /tokenize` reads: text (`prompt`) or a chat (`messages`, with what the template is
 /// given beside them), as vLLM's.
-const TOKENIZE_FIELDS: [&str; 7] =
-    ["prompt", "messages", "tools", "chat_template_kwargs", "add_generation_prompt", "add_special_tokens", "model"];
+const TOKENIZE_FIELDS: [&str; 8] = [
+    "prompt",
+    "messages",
+    "tools",
+    "chat_template_kwargs",
+    "add_generation_prompt",
+    "continue_final_message",
+    "add_special_tokens",
+    "model",
+];
 
 /// vLLM's `POST /tokenize` (`{"prompt": "text"}` or `{"messages": [...]}` through the chat
 /// template — with `tools`, `chat_template_kwargs` and `add_generation_prompt`, true unless said

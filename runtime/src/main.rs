@@ -225,8 +225,9 @@ struct TokenizeArgs {
     no_special_tokens: bool,
     /// A conversation written by the chat template (tokenizer_config.json's) and encoded, as a chat
     /// request's prompt is: a JSON file (`-`: stdin) of OpenAI's messages, or an object with
-    /// "messages" and optionally "tools", "chat_template_kwargs" and "add_generation_prompt" (true
-    /// unless said)
+    /// "messages" and optionally "tools", "chat_template_kwargs", "add_generation_prompt" (true
+    /// unless said) and "continue_final_message" (the final message left open, for the model to
+    /// continue)
     #[arg(long, value_name = "FILE", conflicts_with_all = ["text", "decode", "no_special_tokens"])]
     chat: Option<PathBuf>,
     /// With --chat: print the template's text instead of its token ids
@@ -1579,7 +1580,8 @@ fn tokenize(args: &TokenizeArgs) -> Result<(), String> {
             _ => std::fs::read_to_string(file).map_err(|e| format!("{name}: {e}"))?,
         };
         let conversation: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{name}: {e}"))?;
-        const FIELDS: [&str; 4] = ["messages", "tools", "chat_template_kwargs", "add_generation_prompt"];
+        const FIELDS: [&str; 5] =
+            ["messages", "tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"];
         if let Some(k) = conversation.as_object().and_then(|o| o.keys().find(|k| !FIELDS.contains(&k.as_str()))) {
             return Err(format!("{name}: unknown field '{k}' ({})", FIELDS.join(", ")));
         }

@@ -51,7 +51,13 @@ pub fn chat_body(body: &[u8]) -> Result<(Value, bool), String> {
     let given = |k: &str| o.get(k).filter(|x| !x.is_null());
     let max_tokens = given("max_tokens").ok_or("no \"max_tokens\" (the most tokens of the reply)")?;
     let mut chat = Map::new();
-    chat.insert("messages".into(), messages(given("system"), o.get("messages"))?.into());
+    let messages = messages(given("system"), o.get("messages"))?;
+    // A final assistant message is the reply's start, which the model continues (Anthropic's
+    // prefill): the template's text cut after it.
+    if messages.last().is_some_and(|m| m["role"] == "assistant" && m.get("tool_calls").is_none()) {
+        chat.insert("continue_final_message".into(), true.into());
+    }
+    chat.insert("messages".into(), messages.into());
     chat.insert("max_completion_tokens".into(), max_tokens.clone());
     if let Some(stops) = given("stop_sequences") {
         let ok = stops.as_array().is_some_and(|s| s.iter().all(Value::is_string));
@@ -555,6 +561,13 @@ mod tests {
             "chat_template_kwargs": {"thinking": true},
         });
         assert_eq!(chat, want);
+        // A final assistant message is the reply's start (a prefill): the chat continues it.
+        let prefill = json!({"max_tokens": 8, "messages": [
+            {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My answer:"}]});
+        let (chat, _) = chat_body(prefill.to_string().as_bytes()).unwrap();
+        assert_eq!(chat["continue_final_message"], true);
+        let asked = json!({"max_tokens": 8, "messages": [{"role": "user", "content": "Name a colour."}]});
+        assert!(chat_body(asked.to_string().as_bytes()).unwrap().0.get("continue_final_message").is_none());
     }
 
     #[test]

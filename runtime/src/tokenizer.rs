@@ -384,11 +384,33 @@ impl Tokenizer {
             Some(Value::Object(m)) => Some(m),
             Some(x) => return Err(format!("chat_template_kwargs: {x} is not an object")),
         };
-        let gen = match field("add_generation_prompt") {
-            None => true,
-            Some(x) => x.as_bool().ok_or_else(|| format!("add_generation_prompt: {x} is not true or false"))?,
+        let turn = Turn::of(field)?;
+        self.render_turn(messages, ChatContext { tools: field("tools"), kwargs }, turn)
+    }
+
+    /// [`Tokenizer::render_chat_with`] as `turn` says: the assistant's turn opened, or the final
+    /// message left open for the model to continue (transformers' `continue_final_message`: the
+    /// text cut after the final message's content, which the template wrote last — its end of
+    /// turn dropped).
+    pub fn render_turn(&self, messages: &Value, context: ChatContext<'_>, turn: Turn) -> Result<String, String> {
+        let text = self.render_chat_with(messages, context, turn.open)?;
+        if !turn.continue_final {
+            return Ok(text);
+        }
+        let last = messages.as_array().and_then(|m| m.last()).map(|m| &m["content"]);
+        let content = match last {
+            Some(Value::String(c)) => c.as_str(),
+            // Content parts: the last text one.
+            Some(Value::Array(parts)) => parts.iter().rev().find_map(|p| p["text"].as_str()).unwrap_or_default(),
+            _ => "",
         };
-        self.render_chat_with(messages, ChatContext { tools: field("tools"), kwargs }, gen)
+        let content = if text.contains(content) { content } else { content.trim() };
+        match text.rfind(content) {
+            Some(at) if !content.is_empty() => Ok(text[..at + content.len()].to_string()),
+            _ => Err("continue_final_message: the final message's text is not in the chat template's (nothing \
+                      to continue)"
+                .into()),
+        }
     }
 
     /// The ids of a conversation: [`Tokenizer::render_chat`], encoded with no special tokens added.
@@ -706,6 +728,37 @@ fn compile_chat(source: String, tokens: Vec<(String, String)>) -> Result<ChatTem
     env.add_filter("tojson", tojson);
     env.add_template_owned("chat", source).map_err(|e| chat_error(&e))?;
     Ok(ChatTemplate { env, tokens })
+}
+
+/// How a conversation's prompt ends (vLLM's `add_generation_prompt` and `continue_final_message`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Turn {
+    /// The assistant's turn opened (the template's `add_generation_prompt`).
+    pub open: bool,
+    /// The final message left open: the model continues it (an assistant's reply prefilled).
+    pub continue_final: bool,
+}
+
+impl Turn {
+    /// The assistant's turn opened, as a chat is by default.
+    pub const OPEN: Turn = Turn { open: true, continue_final: false };
+
+    /// A request's, from its fields (`field` gives a field's value, None where absent or null):
+    /// `add_generation_prompt` true unless said, or unless `continue_final_message` is; both true
+    /// refused.
+    pub fn of<'v>(field: impl Fn(&str) -> Option<&'v Value>) -> Result<Turn, String> {
+        let flag = |k: &str| -> Result<Option<bool>, String> {
+            field(k).map(|x| x.as_bool().ok_or_else(|| format!("{k}: {x} is not true or false"))).transpose()
+        };
+        let continue_final = flag("continue_final_message")?.unwrap_or(false);
+        let open = flag("add_generation_prompt")?.unwrap_or(!continue_final);
+        if open && continue_final {
+            return Err("continue_final_message with add_generation_prompt: the final message is continued, or \
+                        the assistant's turn opened, not both"
+                .into());
+        }
+        Ok(Turn { open, continue_final })
+    }
 }
 
 /// What a chat template is given beside the conversation and `add_generation_prompt`.
@@ -1196,6 +1249,37 @@ mod tests {
 
     /// Conversations render and encode as transformers' apply_chat_template makes them, and a
     /// template's raise_exception is an error with its message.
+    /// transformers' `continue_final_message`: the final message left open — the template's text
+    /// cut after its content — is the prompt with the assistant's turn opened and the message's
+    /// text after it (DeepSeek-V3's template); with content parts, the last text part; the flags
+    /// as vLLM reads them.
+    #[test]
+    fn a_continued_final_message_is_the_opened_turn_with_its_text() {
+        let t = fixture();
+        let user = serde_json::json!([{"role": "user", "content": "Hi"}]);
+        let opened = t.render_chat(&user, true).unwrap();
+        let continued = Turn { open: false, continue_final: true };
+        for content in
+            [serde_json::json!("The answer is"), serde_json::json!([{"type": "text", "text": "The answer is"}])]
+        {
+            let chat =
+                serde_json::json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}]);
+            let text = t.render_turn(&chat, ChatContext::default(), continued).unwrap();
+            assert_eq!(text, format!("{opened}The answer is"));
+            let closed = t.render_turn(&chat, ChatContext::default(), Turn { open: false, continue_final: false });
+            assert!(closed.unwrap().starts_with(&text), "the closed turn goes on past the text");
+        }
+        let empty = serde_json::json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]);
+        let err = t.render_turn(&empty, ChatContext::default(), continued).unwrap_err();
+        assert!(err.starts_with("continue_final_message: the final message's text is not in"), "{err}");
+        let of = |v: serde_json::Value| Turn::of(|k| v.get(k).filter(|x| !x.is_null()));
+        assert_eq!(of(serde_json::json!({})).unwrap(), Turn::OPEN);
+        assert_eq!(of(serde_json::json!({"continue_final_message": true})).unwrap(), continued);
+        let both = serde_json::json!({"continue_final_message": true, "add_generation_prompt": true});
+        assert!(of(both).unwrap_err().starts_with("continue_final_message with add_generation_prompt"));
+        assert!(of(serde_json::json!({"continue_final_message": 1})).unwrap_err().contains("is not true or false"));
+    }
+
     #[test]
     fn chat_templates_render_as_transformers_renders_them() {
         let t = fixture();
