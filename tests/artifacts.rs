@@ -1634,6 +1634,20 @@ fn v3r_serves_tool_calls_and_reasoning() {
         (status.as_str(), serde_json::from_str::<serde_json::Value>(&kept).unwrap()),
         ("HTTP/1.1 200 OK", reply.clone())
     );
+    // Its input items, the last given first, and a page of the first one.
+    let given = messages.as_array().unwrap();
+    let (status, listed) = server.request("GET", &format!("/v1/responses/{id}/input_items"), "");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{listed}");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let data = listed["data"].as_array().unwrap();
+    assert_eq!(data.len(), given.len().min(20), "{listed}");
+    assert_eq!((&data[0]["type"], &data[0]["role"]), (&"message".into(), &given[given.len() - 1]["role"]));
+    let (_, first) = server.request("GET", &format!("/v1/responses/{id}/input_items?order=asc&limit=1"), "");
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(
+        (first["data"][0]["role"].clone(), first["has_more"].clone()),
+        (given[0]["role"].clone(), (given.len() > 1).into())
+    );
     let (status, deleted) = server.request("DELETE", &format!("/v1/responses/{id}"), "");
     assert_eq!(status, "HTTP/1.1 200 OK", "{deleted}");
     assert!(deleted.contains("\"deleted\":true"), "{deleted}");

@@ -49,6 +49,8 @@ const MAX_BODY: usize = 16 << 20;
 pub struct HttpRequest {
     pub method: String,
     pub path: String,
+    /// What followed the path's `?` (empty: nothing).
+    pub query: String,
     pub body: Vec<u8>,
     /// Its `Authorization` header (or `x-api-key`'s key, as `Bearer KEY`).
     pub authorization: Option<String>,
@@ -99,7 +101,8 @@ pub fn read_request_with(
     if !version.starts_with("HTTP/1.") {
         return Err(format!("{version}: only HTTP/1.x is served"));
     }
-    let (method, path) = (method.to_string(), path.split('?').next().unwrap_or(path).to_string());
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let (method, path, query) = (method.to_string(), path.to_string(), query.to_string());
     let (mut length, mut authorization) = (0usize, None);
     let mut keep_alive = version == "HTTP/1.1";
     let (mut expects, mut chunked) = (false, false);
@@ -149,7 +152,7 @@ pub fn read_request_with(
         reader.read_exact(&mut body).map_err(|e| format!("reading a body of {length} bytes: {e}"))?;
         body
     };
-    Ok(Some(HttpRequest { method, path, body, authorization, keep_alive }))
+    Ok(Some(HttpRequest { method, path, query, body, authorization, keep_alive }))
 }
 
 /// A chunked body (RFC 9112 7.1): chunks of a hex size line (extensions after `;` left out), the
@@ -627,6 +630,17 @@ fn answer(conn: &mut Conn, request: &HttpRequest, tx: &ToLoop, site: &Site) {
         ("POST", "/v1/completions") => crate::openai::answer(Api::Completions, conn, &request.body, tx, site),
         ("POST", "/v1/chat/completions") => crate::openai::answer(Api::Chat, conn, &request.body, tx, site),
         ("POST", "/v1/responses") => crate::responses::answer(conn, &request.body, tx, site),
+        ("GET", path) if path.starts_with("/v1/responses/") && path.ends_with("/input_items") => {
+            // A stored response's input items (OpenAI's `input_items.list`), a page at a time.
+            let id = path.trim_start_matches("/v1/responses/").trim_end_matches("/input_items");
+            let _ = match site.responses.input_items(id) {
+                None => respond_error(conn, "404 Not Found", &format!("no response {id} is kept here")),
+                Some(items) => match crate::responses::items_page(items, &request.query) {
+                    Ok(page) => respond(conn, "200 OK", &page),
+                    Err(e) => respond_error(conn, "400 Bad Request", &e),
+                },
+            };
+        }
         (method @ ("GET" | "DELETE"), path) if path.starts_with("/v1/responses/") => {
             // A stored response (OpenAI's `retrieve` and `delete`).
             let id = path.trim_start_matches("/v1/responses/");
@@ -672,7 +686,7 @@ fn answer(conn: &mut Conn, request: &HttpRequest, tx: &ToLoop, site: &Site) {
         (_, path) => {
             let message = format!(
                 "{path}: served are POST /v1/completions, POST /v1/chat/completions, POST /v1/responses (GET and \
-                 DELETE /v1/responses/ID), POST /v1/messages (and /v1/messages/count_tokens), POST /tokenize, POST /detokenize, GET /v1/models, GET \
+                 DELETE /v1/responses/ID, GET /v1/responses/ID/input_items), POST /v1/messages (and /v1/messages/count_tokens), POST /tokenize, POST /detokenize, GET /v1/models, GET \
                  /health and GET /metrics"
             );
             let _ = respond_error(conn, "404 Not Found", &message);

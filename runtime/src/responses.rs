@@ -93,6 +93,72 @@ pub struct Turn {
     pub stream: bool,
     pub previous: Option<String>,
     pub input: Vec<Value>,
+    /// The request's `input` as Responses items (a text as a user message; messages given as
+    /// `role` and `content` as `message` items of content parts), for `input_items`.
+    pub items: Vec<Value>,
+}
+
+/// A request's `input` as Responses items: a text is one user message; a message given as `role`
+/// and `content` a `message` item, its text content one part (`input_text`, or the assistant's
+/// `output_text`); other items as given.
+fn input_items(input: Option<&Value>) -> Vec<Value> {
+    let message = |role: &Value, content: &Value| {
+        let kind = if role == "assistant" { "output_text" } else { "input_text" };
+        let content = match content {
+            Value::String(text) => json!([{ "type": kind, "text": text }]),
+            parts => parts.clone(),
+        };
+        json!({ "type": "message", "role": role, "content": content })
+    };
+    match input {
+        Some(Value::String(text)) => vec![message(&"user".into(), &text.as_str().into())],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| match (i.get("type"), i.get("role")) {
+                (None, Some(role)) => message(role, &i["content"]),
+                _ => i.clone(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A page of a response's input items as OpenAI lists them (`GET /v1/responses/ID/input_items`),
+/// by the query's `order` (`desc`, the default: the last given first; or `asc`), `limit` (1 to
+/// 100, 20 by default) and `after` / `before` (an item id the page starts after, or ends before).
+pub fn items_page(items: Vec<Value>, query: &str) -> Result<Value, String> {
+    let (mut order, mut limit, mut after, mut before) = ("desc".to_string(), 20usize, None, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "order" if v == "asc" || v == "desc" => order = v.to_string(),
+            "order" => return Err(format!("order: {v} is not asc or desc")),
+            "limit" => {
+                limit = v.parse().ok().filter(|n| (1..=100).contains(n)).ok_or(format!("limit: {v} is not 1 to 100"))?
+            }
+            "after" => after = Some(v.to_string()),
+            "before" => before = Some(v.to_string()),
+            // Reasoning is not encrypted here, and items carry what they have.
+            "include" | "include[]" => {}
+            _ => return Err(format!("{k}: not a query parameter of input_items (order, limit, after, before)")),
+        }
+    }
+    let mut items = items;
+    if order == "desc" {
+        items.reverse();
+    }
+    let at = |id: &str| items.iter().position(|i| i["id"] == id).ok_or(format!("no input item {id} in this response"));
+    let start = after.as_deref().map(at).transpose()?.map_or(0, |k| k + 1);
+    let end = before.as_deref().map(at).transpose()?.unwrap_or(items.len());
+    let window = items.get(start..end.max(start)).unwrap_or_default();
+    let page: Vec<Value> = window.iter().take(limit).cloned().collect();
+    Ok(json!({
+        "object": "list",
+        "data": page,
+        "first_id": page.first().map(|i| i["id"].clone()),
+        "last_id": page.last().map(|i| i["id"].clone()),
+        "has_more": window.len() > page.len(),
+    }))
 }
 
 /// A Responses request's body as a chat completions body: with `previous_response_id`, the
@@ -153,7 +219,7 @@ pub fn chat_body(body: &[u8], store: &Store) -> Result<Turn, String> {
         chat.insert("top_logprobs".into(), k.clone());
     }
     let stream = pass_on(&o, &["model", "temperature", "top_p", "parallel_tool_calls", "user"], &mut chat)?;
-    Ok(Turn { chat: chat.into(), stream, previous, input })
+    Ok(Turn { chat: chat.into(), stream, previous, input, items: input_items(o.get("input")) })
 }
 
 /// How many responses a server keeps for `previous_response_id` and `GET /v1/responses/ID` (the
@@ -176,6 +242,8 @@ struct Stored {
     previous: Option<String>,
     turn: Vec<Value>,
     object: Value,
+    /// The request's input items, each with an id.
+    items: Vec<Value>,
     bytes: usize,
 }
 
@@ -184,12 +252,19 @@ impl Store {
         self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps response `object` (its id inside), which continued `previous` with `turn`.
-    pub fn keep(&self, object: &Value, previous: Option<String>, turn: Vec<Value>) {
+    /// Keeps response `object` (its id inside), which continued `previous` with `turn`, asked with
+    /// input `items` (those without an id given one: `item_` and the response's, then their place).
+    pub fn keep(&self, object: &Value, previous: Option<String>, turn: Vec<Value>, items: Vec<Value>) {
         let id = object["id"].as_str().unwrap_or_default().to_string();
-        let bytes = object.to_string().len() + turn.iter().map(|m| m.to_string().len()).sum::<usize>();
+        let mut items = items;
+        for (k, item) in items.iter_mut().enumerate() {
+            if item.get("id").is_none_or(Value::is_null) {
+                item["id"] = format!("item_{}_{k}", id.trim_start_matches("resp_")).into();
+            }
+        }
+        let bytes = [object].into_iter().chain(&turn).chain(&items).map(|v| v.to_string().len()).sum::<usize>();
         let mut kept = self.kept();
-        kept.push_back(Stored { id, previous, turn, object: object.clone(), bytes });
+        kept.push_back(Stored { id, previous, turn, object: object.clone(), items, bytes });
         while kept.len() > STORED || (kept.len() > 1 && kept.iter().map(|s| s.bytes).sum::<usize>() > STORED_BYTES) {
             kept.pop_front();
         }
@@ -198,6 +273,11 @@ impl Store {
     /// The response object kept as `id`.
     pub fn get(&self, id: &str) -> Option<Value> {
         self.kept().iter().find(|s| s.id == id).map(|s| s.object.clone())
+    }
+
+    /// The input items of the response kept as `id`, in the order given.
+    pub fn input_items(&self, id: &str) -> Option<Vec<Value>> {
+        self.kept().iter().find(|s| s.id == id).map(|s| s.items.clone())
     }
 
     /// Lets response `id` go: whether it was kept.
@@ -505,7 +585,9 @@ pub fn usage(prompt: usize, cached: usize, output: usize, reasoning: usize) -> V
 pub(crate) fn answer(conn: &mut Conn, body: &[u8], tx: &ToLoop, site: &Site) {
     let model = site.model.as_str();
     let turn = chat_body(body, &site.responses);
-    let (previous, input) = turn.as_ref().map_or((None, Vec::new()), |t| (t.previous.clone(), t.input.clone()));
+    let (previous, input, given_items) = turn
+        .as_ref()
+        .map_or((None, Vec::new(), Vec::new()), |t| (t.previous.clone(), t.input.clone(), t.items.clone()));
     let (request, stream, t) = match one_chat(turn.map(|t| (t.chat, t.stream)), site) {
         Ok(r) => r,
         Err(e) => {
@@ -517,7 +599,7 @@ pub(crate) fn answer(conn: &mut Conn, body: &[u8], tx: &ToLoop, site: &Site) {
     let keep = |object: &Value| {
         if object["store"] == true {
             let turn = [input.clone(), vec![assistant_message(object["output"].as_array().map_or(&[], Vec::as_slice))]];
-            site.responses.keep(object, previous.clone(), turn.concat());
+            site.responses.keep(object, previous.clone(), turn.concat(), given_items.clone());
         }
     };
     // The request's settings, echoed in the response.
@@ -819,7 +901,7 @@ mod tests {
             "top_k": 5,
         });
         let store = Store::default();
-        let Turn { chat, stream, previous, input } = chat_body(body.to_string().as_bytes(), &store).unwrap();
+        let Turn { chat, stream, previous, input, .. } = chat_body(body.to_string().as_bytes(), &store).unwrap();
         assert!(!stream && previous.is_none());
         assert_eq!(input[0], json!({"role": "system", "content": "Use tools."}), "the instructions left out");
         let want = json!({
@@ -909,6 +991,7 @@ mod tests {
             &reply,
             first.previous,
             [first.input, vec![assistant_message(reply["output"].as_array().unwrap())]].concat(),
+            first.items,
         );
         let body = br#"{"instructions": "Be kind.", "previous_response_id": "resp_x_1",
             "input": [{"type": "function_call_output", "call_id": "call_1_0", "output": "sunny"}]}"#;
@@ -930,6 +1013,7 @@ mod tests {
             &answer,
             second.previous,
             [second.input, vec![assistant_message(answer["output"].as_array().unwrap())]].concat(),
+            second.items,
         );
         let third = chat_body(br#"{"previous_response_id": "resp_x_2", "input": "Thanks"}"#, &store).unwrap();
         let roles: Vec<&str> =
@@ -942,19 +1026,74 @@ mod tests {
         assert!(e.contains("resp_x_1 is not a response kept here"), "{e}");
         // The oldest let go past STORED.
         for k in 0..STORED {
-            store.keep(&json!({"id": format!("resp_y_{k}"), "output": []}), None, Vec::new());
+            store.keep(&json!({"id": format!("resp_y_{k}"), "output": []}), None, Vec::new(), Vec::new());
         }
         assert!(store.get("resp_x_2").is_none() && store.get("resp_y_0").is_some());
         // And past STORED_BYTES: a turn of a quarter of them keeps the last three or four.
         let big = vec![json!({"role": "user", "content": "x".repeat(STORED_BYTES / 4)})];
         for k in 0..6 {
-            store.keep(&json!({"id": format!("resp_z_{k}"), "output": []}), None, big.clone());
+            store.keep(&json!({"id": format!("resp_z_{k}"), "output": []}), None, big.clone(), Vec::new());
         }
         let left: Vec<bool> = (0..6).map(|k| store.get(&format!("resp_z_{k}")).is_some()).collect();
         assert_eq!(left, [false, false, false, true, true, true]);
         // Ids of another run name nothing of this one's.
         assert_ne!(response_id(3), "resp_3");
         assert!(response_id(3).starts_with("resp_") && response_id(3).ends_with("_3"));
+    }
+
+    /// A stored response's input items: a text as a user message, messages as message items of
+    /// content parts, other items as given, each with an id (its own, or one given); listed last
+    /// first by default, a page at a time through `limit`, `after` and `before`.
+    #[test]
+    fn input_items_are_listed_as_openai_lists_them() {
+        let store = Store::default();
+        let body = br#"{"input": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}], "id": "msg_a"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]}"#;
+        let turn = chat_body(body, &store).unwrap();
+        store.keep(&json!({"id": "resp_r_7", "output": []}), None, Vec::new(), turn.items);
+        let items = store.input_items("resp_r_7").unwrap();
+        assert_eq!(
+            items,
+            vec![
+                json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}], "id": "item_r_7_0"}),
+                json!({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello."}], "id": "item_r_7_1"}),
+                json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}], "id": "msg_a"}),
+                json!({"type": "function_call_output", "call_id": "c1", "output": "sunny", "id": "item_r_7_3"}),
+            ]
+        );
+        let ids = |page: &Value| -> Vec<String> {
+            page["data"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_string()).collect()
+        };
+        let all = items_page(items.clone(), "").unwrap();
+        assert_eq!(ids(&all), ["item_r_7_3", "msg_a", "item_r_7_1", "item_r_7_0"]);
+        assert_eq!(
+            (&all["object"], &all["first_id"], &all["last_id"], &all["has_more"]),
+            (&json!("list"), &json!("item_r_7_3"), &json!("item_r_7_0"), &json!(false))
+        );
+        let first = items_page(items.clone(), "order=asc&limit=2").unwrap();
+        assert_eq!(
+            (ids(&first), &first["has_more"]),
+            (vec!["item_r_7_0".to_string(), "item_r_7_1".into()], &json!(true))
+        );
+        let next = items_page(items.clone(), "order=asc&limit=2&after=item_r_7_1").unwrap();
+        assert_eq!((ids(&next), &next["has_more"]), (vec!["msg_a".to_string(), "item_r_7_3".into()], &json!(false)));
+        assert_eq!(ids(&items_page(items.clone(), "before=item_r_7_1").unwrap()), ["item_r_7_3", "msg_a"]);
+        for (query, error) in [
+            ("limit=0", "limit: 0 is not 1 to 100"),
+            ("order=up", "order: up is not asc or desc"),
+            ("after=nope", "no input item nope in this response"),
+            ("page=2", "page: not a query parameter of input_items (order, limit, after, before)"),
+        ] {
+            assert_eq!(items_page(items.clone(), query).unwrap_err(), error);
+        }
+        assert!(store.input_items("resp_r_8").is_none());
+        // A text input is one user message.
+        let text = chat_body(br#"{"input": "Hi"}"#, &store).unwrap();
+        assert_eq!(
+            text.items,
+            vec![json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]})]
+        );
     }
 
     /// Output items: reasoning, then the message (left out when the reply only called), then a
