@@ -294,16 +294,10 @@ pub fn parse_request(
     }
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
     let o = v.as_object().ok_or("a request is a JSON object")?;
-    const FIELDS: [&str; 19] = [
+    const FIELDS: [&str; 13] = [
         "prompt",
         "text",
         "messages",
-        "tools",
-        "tool_choice",
-        "parallel_tool_calls",
-        "chat_template_kwargs",
-        "add_generation_prompt",
-        "continue_final_message",
         "echo",
         "max_new_tokens",
         "temperature",
@@ -315,7 +309,7 @@ pub fn parse_request(
         "top_logprobs",
         "id",
     ];
-    let known: Vec<&str> = FIELDS.iter().chain(&SAMPLING_FIELDS).copied().collect();
+    let known: Vec<&str> = FIELDS.iter().chain(&CHAT_FIELDS).chain(&SAMPLING_FIELDS).copied().collect();
     if let Some(k) = o.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(format!("unknown field '{k}' ({})", known.join(", ")));
     }
