@@ -1247,8 +1247,6 @@ mod tests {
         }
     }
 
-    /// Conversations render and encode as transformers' apply_chat_template makes them, and a
-    /// template's raise_exception is an error with its message.
     /// transformers' `continue_final_message`: the final message left open — the template's text
     /// cut after its content — is the prompt with the assistant's turn opened and the message's
     /// text after it (DeepSeek-V3's template); with content parts, the last text part; the flags
@@ -1280,6 +1278,8 @@ mod tests {
         assert!(of(serde_json::json!({"continue_final_message": 1})).unwrap_err().contains("is not true or false"));
     }
 
+    /// Conversations render and encode as transformers' apply_chat_template makes them, and a
+    /// template's raise_exception is an error with its message.
     #[test]
     fn chat_templates_render_as_transformers_renders_them() {
         let t = fixture();

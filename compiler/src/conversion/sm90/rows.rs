@@ -806,18 +806,9 @@ impl RowKernel {
                 ("sh_out", v),
                 ("sh_red", 4),
             ],
-            // Per token of the block: its logits (then scores), biased scores, flags, group scores
-            // and flags, chosen scores.
-            RowOp::Route { experts, n_group, top_k, tokens, .. } => vec![
-                ("sh_tile", route_chunk(experts, n_group, top_k, tokens) * (experts + 1)),
-                ("sh_x", route_chunk(experts, n_group, top_k, tokens) * tokens),
-                ("sh_acc", tokens * experts),
-                ("sh_sb", tokens * experts),
-                ("sh_flag", tokens * experts),
-                ("sh_gscore", tokens * n_group),
-                ("sh_gflag", tokens * n_group),
-                ("sh_w", tokens * top_k),
-            ],
+            RowOp::Route { experts, n_group, top_k, tokens, .. } => {
+                route_arrays(experts, n_group, top_k, tokens, route_chunk(experts, n_group, top_k, tokens))
+            }
             RowOp::Dispatch { experts, shared } => vec![
                 ("sh_count", experts + shared),
                 ("sh_off", experts + shared),
@@ -2841,10 +2832,31 @@ scf.for %e = %tid to {e} step %cT {{
 /// ([`route_tokens`]).
 pub const ROUTE_TOKENS: usize = 8;
 
-/// Floats of the routing kernel's shared arrays with `chunk` gate columns a tile (as
-/// [`RowKernel::shared`] lists them).
+/// The routing kernel's shared arrays with `chunk` gate columns a tile, and their elements: per
+/// chunk, the gate tile (padded) and the tokens' columns; per token of the block, its logits (then
+/// scores), biased scores, flags, group scores and flags, chosen scores.
+fn route_arrays(
+    experts: usize,
+    n_group: usize,
+    top_k: usize,
+    tokens: usize,
+    chunk: usize,
+) -> Vec<(&'static str, usize)> {
+    vec![
+        ("sh_tile", chunk * (experts + 1)),
+        ("sh_x", chunk * tokens),
+        ("sh_acc", tokens * experts),
+        ("sh_sb", tokens * experts),
+        ("sh_flag", tokens * experts),
+        ("sh_gscore", tokens * n_group),
+        ("sh_gflag", tokens * n_group),
+        ("sh_w", tokens * top_k),
+    ]
+}
+
+/// Elements (4-byte) of [`route_arrays`].
 fn route_floats(experts: usize, n_group: usize, top_k: usize, tokens: usize, chunk: usize) -> usize {
-    chunk * (experts + 1) + chunk * tokens + 3 * tokens * experts + 2 * tokens * n_group + tokens * top_k
+    route_arrays(experts, n_group, top_k, tokens, chunk).iter().map(|(_, n)| n).sum()
 }
 
 /// Tokens a block of prefill's routing kernel takes: [`ROUTE_TOKENS`], halved while their arrays
