@@ -154,19 +154,7 @@ impl Grammar {
     /// such rule) until one repeats.
     fn refuse_endless_rules(&self) -> Result<(), String> {
         let n = self.rules.len();
-        let mut ends = vec![false; n];
-        loop {
-            let mut changed = false;
-            for r in 0..n {
-                if !ends[r] && self.rules[r].iter().any(|&a| self.endless_in(a as usize, &ends).is_none()) {
-                    ends[r] = true;
-                    changed = true;
-                }
-            }
-            if !changed {
-                break;
-            }
-        }
+        let ends = self.rules_where(|a, ends| self.endless_in(a, ends).is_none());
         // The rules the root reaches, breadth first.
         let mut seen = vec![false; n];
         let mut queue = std::collections::VecDeque::from([self.root]);
@@ -202,6 +190,24 @@ impl Grammar {
         Ok(())
     }
 
+    /// The rules with an alternative for which `holds` (given where it starts in `elems`, and what
+    /// is known so far of every rule) — the least such set, grown until it stops growing.
+    fn rules_where(&self, holds: impl Fn(usize, &[bool]) -> bool) -> Vec<bool> {
+        let mut known = vec![false; self.rules.len()];
+        loop {
+            let mut changed = false;
+            for r in 0..self.rules.len() {
+                if !known[r] && self.rules[r].iter().any(|&a| holds(a as usize, &known)) {
+                    known[r] = true;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return known;
+            }
+        }
+    }
+
     /// The first rule of the sequence at `p` that cannot end (as `ends` knows so far), if any.
     fn endless_in(&self, p: usize, ends: &[bool]) -> Option<u32> {
         self.elems[p..].iter().take_while(|e| **e != Elem::End).find_map(|e| match e {
@@ -218,19 +224,7 @@ impl Grammar {
     fn refuse_left_recursion(&self) -> Result<bool, String> {
         let n = self.rules.len();
         // Which rules may match nothing.
-        let mut nullable = vec![false; n];
-        loop {
-            let mut changed = false;
-            for r in 0..n {
-                if !nullable[r] && self.rules[r].iter().any(|&a| self.nullable_from(a as usize, &nullable)) {
-                    nullable[r] = true;
-                    changed = true;
-                }
-            }
-            if !changed {
-                break;
-            }
-        }
+        let nullable = self.rules_where(|a, nullable| self.nullable_from(a, nullable));
         // Each rule's left corners: the rules its alternatives may begin with, and whether each
         // is the last of its sequence (nothing to return to).
         let corners: Vec<Vec<(u32, bool)>> = (0..n)
