@@ -595,10 +595,10 @@ fn answer(conn: &mut Conn, request: &HttpRequest, tx: &ToLoop, site: &Site) {
     if let Some(other) = other_model(request, model) {
         // As vLLM and OpenAI answer: a request meant for another model is not served by this one.
         let message = format!("the model '{other}' is not served here: '{model}' is (v3r serve --served-model-name)");
-        let body = match request.path.starts_with("/v1/messages") {
-            true => crate::messages::error("not_found_error", &message),
-            false => serde_json::json!({ "error": { "message": message, "type": "invalid_request_error",
-                                                     "code": "model_not_found" } }),
+        let body = if request.path.starts_with("/v1/messages") {
+            crate::messages::error("not_found_error", &message)
+        } else {
+            serde_json::json!({ "error": { "message": message, "type": "invalid_request_error", "code": "model_not_found" } })
         };
         let _ = respond(conn, "404 Not Found", &body);
         return;
