@@ -696,6 +696,9 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         let a = block.argument(i).map_err(|e| e.to_string())?;
         Shape::parse(&a.r#type().to_string()).ok_or_else(|| "a non-tensor argument".to_string())
     };
+    let shape_of = |o: &OperationRef, i: usize| -> Result<Shape, String> {
+        Shape::parse(&o.result(i).map_err(|e| e.to_string())?.r#type().to_string()).ok_or_else(|| "a result".into())
+    };
     let is_arg = |v: melior::ir::Value, i: usize| block.argument(i).is_ok_and(|a| raw(a.into()) == raw(v));
     fn operand<'c, 'a>(o: &OperationRef<'c, 'a>, i: usize) -> Result<melior::ir::Value<'c, 'a>, String> {
         o.operand(i).map_err(|e| e.to_string())
@@ -772,10 +775,6 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 return Err(format!("a query up-projection of {} on {} weights", x.element, wq.element));
             }
             let (d, n) = (fixed(&w, 0)?, fixed(&wq, 0)?);
-            let shape_of = |o: &OperationRef, i: usize| -> Result<Shape, String> {
-                Shape::parse(&o.result(i).map_err(|e| e.to_string())?.r#type().to_string())
-                    .ok_or_else(|| "a result".into())
-            };
             let (heads, nope, rope_dim) =
                 (fixed(&shape_of(reshape, 0)?, 1)?, fixed(&shape_of(split, 0)?, 2)?, fixed(&shape_of(rope, 0)?, 2)?);
             if heads * (nope + rope_dim) != n {
@@ -853,10 +852,6 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             if !wired {
                 return Err("the query heads' split and RoPE in another order".into());
             }
-            let shape_of = |o: &OperationRef, i: usize| -> Result<Shape, String> {
-                Shape::parse(&o.result(i).map_err(|e| e.to_string())?.r#type().to_string())
-                    .ok_or_else(|| "a result".into())
-            };
             let x = arg_shape(0)?;
             let n = fixed(&x, 1)?;
             let (heads, nope, rope_dim) =
@@ -1243,8 +1238,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 })
             };
             let per_token = {
-                let out = Shape::parse(&moe.result(0).map_err(|e| e.to_string())?.r#type().to_string())
-                    .ok_or("moe result")?;
+                let out = shape_of(moe, 0)?;
                 if gate_up {
                     fixed(&out, 1)?
                 } else {
