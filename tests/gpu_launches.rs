@@ -585,7 +585,7 @@ fn emulated_tokens(report: &str) -> Vec<String> {
 /// continuation after cached rows (T < S).
 #[test]
 fn tensor_core_prefill_attention_emulated_follows_the_cpu_backend() {
-    let err = check_tensor_core_prefill(true, false, 3e-2);
+    let err = check_tensor_core_prefill(true, false, 3e-2, false);
     let launches =
         "compile: attention_quantize_0 -> 6 launches: rows_quantize_bf16_d128_t32 -> GEMM N 512 K 128 (prefill ";
     let rest =
@@ -600,7 +600,7 @@ fn tensor_core_prefill_attention_emulated_follows_the_cpu_backend() {
 /// CPU backend's f32 attention, argmax-equal.
 #[test]
 fn fp8_cache_prefill_emulated_follows_the_cpu_backend() {
-    let err = check_tensor_core_prefill(true, true, 5e-2);
+    let err = check_tensor_core_prefill(true, true, 5e-2, false);
     let launches = "compile: attention_quantize_0 -> 6 launches: rows_fp8latent_d128_t32 -> GEMM N 512 K 128 (prefill ";
     let rest = "rows_mlakeys_h2_n128_r64_v128_kv128_t32_bf16_c8 -> rows_mlaqueries_h2_n128_r64_t64";
     assert!(err.contains(launches) && err.contains(rest) && err.contains("_appendfp8"), "{err}");
@@ -610,10 +610,22 @@ fn fp8_cache_prefill_emulated_follows_the_cpu_backend() {
 /// the attention's output rows in f32 — within bf16's rounding of q, k, v and P.
 #[test]
 fn tensor_core_prefill_attention_of_the_f32_graph_follows_the_cpu_backend() {
-    let err = check_tensor_core_prefill(false, false, 3e-3);
+    let err = check_tensor_core_prefill(false, false, 3e-3, false);
     let launches = "compile: attention_0 -> 7 launches: rows_splitbf16_d128_t32 -> GEMM N 512 K 128 (prefill ";
     let rest = "mla_prefill_qk192_v128_s4 (2 heads, tensor cores) -> rows_mlaheadsout_h2_d256_t32_y";
     assert!(err.contains(launches) && err.contains(rest), "{err}");
+}
+
+/// The kernels' PTX itself, simulated instruction by instruction (`v3c_ptxsim`: TMA boxes and
+/// swizzles, mbarrier pipelines, warp-specialized producers, wgmma fragments, the flash kernel's
+/// online softmax), for every launch of the prefills above — the GEMMs, the flash attention, the
+/// rows — within the same bounds of the CPU backend as their semantics, the same greedy tokens:
+/// bf16 and fp8 weights, bf16 and fp8 cache rows.
+#[test]
+fn simulated_ptx_of_the_tensor_core_prefill_follows_the_cpu_backend() {
+    check_tensor_core_prefill(true, false, 3e-2, true);
+    check_tensor_core_prefill(true, true, 5e-2, true);
+    check_tensor_core_prefill(false, false, 3e-3, true);
 }
 
 /// `ckpt` compiled for sm_90a with the defaults (8 rows, 16 cached) and `extra` arguments into
@@ -661,11 +673,12 @@ fn checkpoint_config(ckpt: &std::path::Path) -> v3c_models::config::ModelConfig 
 }
 
 /// The small model (fp8 or bf16 weights) compiled for sm_90a with the defaults (and `extra`
-/// arguments): `check` gets the host emulation of its launches, the CPU backend on the same
-/// checkpoint, its config and the compile's report.
+/// arguments): `check` gets the host emulation of its launches (`ptx`: every launch's PTX
+/// simulated), the CPU backend on the same checkpoint, its config and the compile's report.
 fn with_default_artifact<R>(
     fp8: bool,
     extra: &[&str],
+    ptx: bool,
     check: impl FnOnce(
         &mut v3c_compiler::emulate::Emulator,
         &v3c_compiler::cpu_backend::CpuProgram,
@@ -681,6 +694,9 @@ fn with_default_artifact<R>(
     let context = v3c_compiler::mlir::new_context();
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
     let mut emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
+    if ptx {
+        emulator.simulate_ptx();
+    }
     let config = checkpoint_config(&ckpt);
     let cpu_context = v3c_compiler::mlir::new_context();
     let program = v3c_compiler::cpu_backend::CpuProgram::new(
@@ -699,11 +715,11 @@ fn with_default_artifact<R>(
 /// emulates two prefill chunks, and holds their outputs within `tolerance` (of the largest value)
 /// of the CPU backend's, greedy tokens equal (`fp8_cache`: compiled with `--kv-cache fp8`).
 /// Returns the compile's report.
-fn check_tensor_core_prefill(fp8: bool, fp8_cache: bool, tolerance: f32) -> String {
+fn check_tensor_core_prefill(fp8: bool, fp8_cache: bool, tolerance: f32, ptx: bool) -> String {
     use std::collections::HashMap;
     use v3c_runtime::host::{HostBuffer, HostData};
     let extra: &[&str] = if fp8_cache { &["--kv-cache", "fp8"] } else { &[] };
-    with_default_artifact(fp8, extra, |emulator, program, config, err| {
+    with_default_artifact(fp8, extra, ptx, |emulator, program, config, err| {
         let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
         let caches = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
         let wanted = ["logits", "mtp_logits", "kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
@@ -766,7 +782,7 @@ fn check_tensor_core_prefill(fp8: bool, fp8_cache: bool, tolerance: f32) -> Stri
 /// merged, W_UV — against the CPU backend's f32 decode.
 #[test]
 fn tensor_core_decode_attention_emulated_follows_the_cpu_backend() {
-    check_tensor_core_decode(true, false, 1.5e-2);
+    check_tensor_core_decode(true, false, 1.5e-2, false);
 }
 
 /// The same step over fp8 caches (`--kv-cache fp8`): the latent row quantizes the new row into
@@ -775,7 +791,7 @@ fn tensor_core_decode_attention_emulated_follows_the_cpu_backend() {
 /// rounding of the CPU backend's f32 step, greedy tokens equal.
 #[test]
 fn fp8_cache_decode_emulated_follows_the_cpu_backend() {
-    check_tensor_core_decode(true, true, 5e-2);
+    check_tensor_core_decode(true, true, 5e-2, false);
 }
 
 /// Generation over fp8 caches from the command line: `v3r info` names them, and `v3c emulate`'s
@@ -815,7 +831,17 @@ fn fp8_cache_sessions_pick_the_cpu_backends_tokens() {
 /// absorption and W_UV, the heads' outputs in f32 — within bf16's rounding of the CPU backend's.
 #[test]
 fn tensor_core_decode_attention_of_the_f32_graph_follows_the_cpu_backend() {
-    check_tensor_core_decode(false, false, 5e-3);
+    check_tensor_core_decode(false, false, 5e-3, false);
+}
+
+/// The same decode steps with every launch's PTX simulated (the split-K attention kernel's page
+/// ring through the block table, the fp8 rows decoded in shared memory, the combine): within the
+/// same bounds, the pages of other sequences untouched, the same greedy tokens.
+#[test]
+fn simulated_ptx_of_the_tensor_core_decode_follows_the_cpu_backend() {
+    check_tensor_core_decode(true, false, 1.5e-2, true);
+    check_tensor_core_decode(true, true, 5e-2, true);
+    check_tensor_core_decode(false, false, 5e-3, true);
 }
 
 /// Compiles the small model (fp8 or bf16 weights) for sm_90a with the defaults — its decode
@@ -823,11 +849,11 @@ fn tensor_core_decode_attention_of_the_f32_graph_follows_the_cpu_backend() {
 /// of two sequences over the CPU backend's prefilled caches: outputs within `tolerance` (of the
 /// largest value) of the CPU backend's, greedy tokens equal, the caches bf16 (`fp8_cache`: fp8
 /// rows, read back dequantized).
-fn check_tensor_core_decode(fp8: bool, fp8_cache: bool, tolerance: f32) {
+fn check_tensor_core_decode(fp8: bool, fp8_cache: bool, tolerance: f32, ptx: bool) {
     use std::collections::HashMap;
     use v3c_runtime::host::{HostBuffer, HostData};
     let extra: &[&str] = if fp8_cache { &["--kv-cache", "fp8"] } else { &[] };
-    with_default_artifact(fp8, extra, |emulator, program, config, err| {
+    with_default_artifact(fp8, extra, ptx, |emulator, program, config, err| {
         let (fused, f32_graph) =
             if fp8 { ("attention_decode_quantize_0", "") } else { ("attention_decode_0", "_bf16") };
         let launches = format!(

@@ -2106,6 +2106,7 @@ fn emulate_train_step(
     tokens: &[u32],
     out: &Path,
     dump: Option<&Path>,
+    ptx: bool,
 ) -> Result<(), String> {
     use v3c_models::train::{load_params, TrainConfig, Trainer};
     let config = ModelConfig::resolve(&weights.display().to_string()).map_err(|e| e.to_string())?;
@@ -2133,6 +2134,9 @@ fn emulate_train_step(
     let host = v3c_runtime::training::host_inputs(&inputs).map_err(|e| e.to_string())?;
     let context = v3c_compiler::mlir::new_context();
     let mut emulator = v3c_compiler::emulate::Emulator::new(&context, a, &v3c_runtime::gpu::Weights::Checkpoint(ckpt))?;
+    if ptx {
+        emulator.simulate_ptx();
+    }
     let names: Vec<String> = trainer.graph().outputs.iter().map(|(n, _)| n.clone()).collect();
     let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
     let start = Instant::now();
@@ -2162,6 +2166,7 @@ pub fn emulate(
     out: &Path,
     dump: Option<&Path>,
     decode_steps: usize,
+    ptx: bool,
 ) -> Result<(), String> {
     use v3c_runtime::host::{HostBuffer, HostData};
     let tokens = v3c_runtime::cli::parse_token_ids(tokens, "--tokens")?;
@@ -2179,7 +2184,7 @@ pub fn emulate(
     }
     let ckpt = v3c_models::checkpoint::Checkpoint::open(weights).map_err(|e| e.to_string())?;
     if let Some(info) = a.manifest.training.clone() {
-        return emulate_train_step(&a, weights, &ckpt, &info, &tokens, out, dump);
+        return emulate_train_step(&a, weights, &ckpt, &info, &tokens, out, dump, ptx);
     }
     let plan = a.plan.entries.iter().find(|e| e.name == "prefill").ok_or("the artifact has no prefill entry")?;
     if tokens.is_empty() || tokens.len() > plan.sizes.rows {
@@ -2207,6 +2212,9 @@ pub fn emulate(
     let context = v3c_compiler::mlir::new_context();
     let mut emulator =
         v3c_compiler::emulate::Emulator::new(&context, &a, &v3c_runtime::gpu::Weights::Checkpoint(&ckpt))?;
+    if ptx {
+        emulator.simulate_ptx();
+    }
     let start = Instant::now();
     let mut wanted: Vec<&str> = plan.bounds.keys().filter(|n| n.starts_with("kv_cache.")).map(String::as_str).collect();
     wanted.push("logits");

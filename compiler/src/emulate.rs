@@ -16,15 +16,22 @@ use v3c_runtime::gpu::{bind, host_buffer, plan_bytes, Action, Bindings, Expander
 use v3c_runtime::host::{call_packed, HostBuffer, RawBuffer};
 use v3c_runtime::plan::{element_bytes, shape_at};
 
-/// Host memory standing in for the device: 256-byte aligned, zeroed allocations kept alive.
+/// Host memory standing in for the device: 256-byte aligned, zeroed allocations kept alive, and
+/// where each lies (what a simulated kernel may touch).
 #[derive(Default)]
-pub struct HostMemory(Vec<Vec<u64>>);
+pub struct HostMemory {
+    blocks: Vec<Vec<u64>>,
+    /// (address, bytes) of every allocation, sorted by address.
+    regions: Vec<(u64, usize)>,
+}
 
 impl Memory for HostMemory {
     fn alloc(&mut self, bytes: usize, _: &str) -> Result<u64, String> {
         let mut v = vec![0u64; bytes.div_ceil(8) + 32];
         let addr = (v.as_mut_ptr() as u64).next_multiple_of(256);
-        self.0.push(v);
+        self.blocks.push(v);
+        let at = self.regions.partition_point(|r| r.0 < addr);
+        self.regions.insert(at, (addr, bytes));
         Ok(addr)
     }
 
@@ -301,6 +308,9 @@ pub struct Emulator<'a, 'c> {
     dumped: HashMap<String, usize>,
     /// What the inputs' buffers hold between runs, as a GPU keeps the books.
     held: v3c_runtime::gpu::HeldInputs,
+    /// Run every launch's PTX in the simulator ([`Emulator::simulate_ptx`]): the kernels parsed so
+    /// far, by name.
+    ptx: Option<HashMap<String, v3c_ptxsim::Kernel>>,
 }
 
 impl<'a, 'c> Emulator<'a, 'c> {
@@ -319,7 +329,80 @@ impl<'a, 'c> Emulator<'a, 'c> {
             engines: HashMap::new(),
             dumped: HashMap::new(),
             held: v3c_runtime::gpu::HeldInputs::default(),
+            ptx: None,
         })
+    }
+
+    /// From now on, runs every launch by simulating the artifact's PTX ([`v3c_ptxsim`]) — the GPU
+    /// kernels' own instructions — instead of the row kernels' CPU lowering and the GEMM and
+    /// attention kernels' semantics; every global access is checked against the emulated
+    /// device's allocations.
+    pub fn simulate_ptx(&mut self) {
+        self.ptx.get_or_insert_with(HashMap::new);
+    }
+
+    /// Runs a launch through the PTX simulator.
+    ///
+    /// # Safety
+    /// The launch's addresses must be this emulator's allocations (each access is checked against
+    /// them).
+    unsafe fn run_ptx(&mut self, k: &KernelLaunch) -> Result<(), String> {
+        let entry = self
+            .artifact
+            .manifest
+            .kernels
+            .iter()
+            .find(|e| e.name == k.kernel)
+            .ok_or_else(|| format!("kernel {} is not in the manifest", k.kernel))?;
+        let cache = self.ptx.get_or_insert_with(HashMap::new);
+        if !cache.contains_key(&k.kernel) {
+            let path = self.artifact.path(&entry.file);
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let module = v3c_ptxsim::Module::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let kernel = module
+                .kernels
+                .into_iter()
+                .find(|x| x.name == k.kernel)
+                .ok_or_else(|| format!("{}: no entry {}", path.display(), k.kernel))?;
+            cache.insert(k.kernel.clone(), kernel);
+        }
+        let kernel = &cache[&k.kernel];
+        let params: Vec<u64> = k
+            .params
+            .iter()
+            .map(|p| match *p {
+                Param::Value(v) => v,
+                Param::TensorMap(i) => v3c_ptxsim::TENSOR_MAP_BASE + 128 * i as u64,
+            })
+            .collect();
+        let maps: Vec<v3c_ptxsim::TensorMap> = k
+            .tensor_maps
+            .iter()
+            .map(|m| v3c_ptxsim::TensorMap {
+                addr: m.addr,
+                rows: m.rows,
+                cols: m.cols,
+                element_bytes: m.element_bytes(),
+                box_rows: m.box_rows,
+                box_cols: m.box_cols,
+                pitch: m.pitch,
+                swizzle: m.swizzle,
+            })
+            .collect();
+        let threads = entry.threads.ok_or_else(|| format!("kernel {} has no thread count", k.kernel))?;
+        let launch = v3c_ptxsim::Launch {
+            grid: [k.grid as u32, k.grid_y as u32],
+            threads: threads as u32,
+            dynamic_shared: entry.dynamic_shared_memory.unwrap_or(0),
+            params: &params,
+            tensor_maps: &maps,
+            regions: Some(&self.memory.regions),
+            max_instructions: 1 << 34,
+        };
+        // SAFETY: the caller's promise; every access is checked against the regions.
+        let stats = unsafe { v3c_ptxsim::run(kernel, &launch) }?;
+        tracing::debug!("{}: {} CTAs, {} instructions simulated", k.kernel, stats.ctas, stats.instructions);
+        Ok(())
     }
 
     pub fn bindings(&self) -> &Bindings {
@@ -459,6 +542,8 @@ impl<'a, 'c> Emulator<'a, 'c> {
             match a {
                 Action::Kernel(k) => {
                     match abis.get(k.kernel.as_str()) {
+                        // SAFETY: the expansion's addresses are this emulator's host allocations.
+                        Some(_) if self.ptx.is_some() => unsafe { self.run_ptx(k)? },
                         // SAFETY: the expansion's addresses are this emulator's host allocations.
                         Some(KernelAbi::Gemm(g)) => unsafe { emulate_gemm(g, k)? },
                         Some(KernelAbi::Memrefs { ranks }) => unsafe { self.run_row(k, ranks)? },

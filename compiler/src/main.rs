@@ -76,6 +76,11 @@ struct EmulateArgs {
     /// Then this many greedy decode steps, as `v3r run --max-new-tokens N+1` takes them (dumped too).
     #[arg(long, value_name = "N", default_value_t = 0)]
     decode_steps: usize,
+    /// Run the kernels' PTX instruction by instruction in a simulator of sm_90a (threads, shared
+    /// memory, barriers, mbarriers, TMA, wgmma) instead of their CPU lowering and their semantics:
+    /// the GPU code itself checked, every global access inside an allocation. Slow: small models.
+    #[arg(long)]
+    ptx: bool,
 }
 
 /// Pipeline stages, in order; the names are stable (dump folders and snapshots use them).
@@ -570,7 +575,7 @@ fn main() -> ExitCode {
             },
         }),
         Command::Emulate(a) => {
-            commands::emulate(&a.artifact, &a.weights, &a.tokens, &a.out, a.dump.as_deref(), a.decode_steps)
+            commands::emulate(&a.artifact, &a.weights, &a.tokens, &a.out, a.dump.as_deref(), a.decode_steps, a.ptx)
         }
         Command::Logits(a) => commands::require_backend(a.backend.name()).and_then(|_| {
             commands::logits(&a.model_dir, &a.tokens, a.first_position, a.precision.model(), a.backend.name(), &a.out)

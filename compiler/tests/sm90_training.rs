@@ -349,6 +349,17 @@ fn the_sm90a_training_artifact_with_flash_attention_emulated_follows_the_cpu_bac
     });
 }
 
+/// The training step's PTX simulated instruction by instruction (`v3c_ptxsim`), every launch:
+/// the flash attention forward and its dQ, dK and dV kernels (wgmma on transposed operands, four
+/// tensor maps), the GEMMs' dgrad and wgrad forms, the rows — the loss and every gradient within
+/// the bounds their semantics meet: the f32 graph on the flash kernels (measured 5.0e-3), the FP8
+/// recipe's MoE + MTP step (1.1e-6).
+#[test]
+fn the_sm90a_training_steps_simulated_ptx_follows_the_cpu_backend() {
+    artifact_step_of(true, false, true, &[], 20, BF16_ATTENTION, true, &|_| {});
+    artifact_step_of(false, true, false, &[], 9, 1e-5, true, &|_| {});
+}
+
 /// `v3c compile --target sm_90a --train` (and `extra` arguments) of the [`trainer_with`] model
 /// (`wide_heads`) into an artifact (`check` looks at it), run by the runtime's launch expansion over
 /// host memory: every output of one `tokens`-token window within `tolerance` of the CPU backend's.
@@ -359,6 +370,21 @@ fn artifact_step(
     extra: &[&str],
     tokens: usize,
     tolerance: f32,
+    check: &dyn Fn(&v3c_runtime::artifact::Artifact),
+) {
+    artifact_step_of(dense, fp8, wide_heads, extra, tokens, tolerance, false, check)
+}
+
+/// [`artifact_step`], with every launch's PTX simulated when `ptx` says so.
+#[allow(clippy::too_many_arguments)]
+fn artifact_step_of(
+    dense: bool,
+    fp8: bool,
+    wide_heads: bool,
+    extra: &[&str],
+    tokens: usize,
+    tolerance: f32,
+    ptx: bool,
     check: &dyn Fn(&v3c_runtime::artifact::Artifact),
 ) {
     let (config, trainer, dir) = trainer_with(dense, fp8, wide_heads);
@@ -380,6 +406,9 @@ fn artifact_step(
     let context = v3c_compiler::mlir::new_context();
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
     let mut emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
+    if ptx {
+        emulator.simulate_ptx();
+    }
     let names: Vec<String> = trainer.graph().outputs.iter().map(|(n, _)| n.clone()).collect();
     let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
     let inputs = trainer.window_inputs(&window(&config, tokens)).unwrap();
@@ -401,7 +430,10 @@ fn artifact_step(
         assert!(err < tolerance, "dense {dense}, fp8 {fp8}: {name}: relative error {err:e}");
         worst = worst.max(err);
     }
-    eprintln!("dense {dense}, fp8 {fp8}, {tokens} tokens: {} outputs, worst relative error {worst:e}", wanted.len());
+    eprintln!(
+        "dense {dense}, fp8 {fp8}, ptx {ptx}, {tokens} tokens: {} outputs, worst relative error {worst:e}",
+        wanted.len()
+    );
 }
 
 /// `v3r train`'s GPU path with the device swapped for its host emulation: the sm_90a artifact as

@@ -1,0 +1,1096 @@
+//! Running a kernel: CTAs one after another; in a CTA every thread runs on its own until it reaches
+//! something it must wait for (a barrier, a warp or warpgroup collective, an mbarrier phase), then
+//! the next; collectives complete when every thread they name has arrived.
+
+use std::collections::HashMap;
+
+use crate::parse::{
+    Arith, AtomOp, Cmp, CmpBase, IntRound, Kernel, Kind, Logic, Op, Opnd, ShflMode, Space, Special, Ty, Unary, SINK,
+};
+use crate::{Launch, Stats, SHARED_WINDOW, TENSOR_MAP_BASE};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Run,
+    /// At `bar.sync id` (expecting `count` threads; 0: every thread not exited).
+    Bar {
+        id: u64,
+        count: u64,
+    },
+    /// At a warp or warpgroup collective (this pc).
+    Shfl(usize),
+    Wgmma(usize),
+    /// Spinning on an mbarrier phase: (shared offset, parity).
+    Mbar(usize, u64),
+    Done,
+}
+
+impl State {
+    /// What a thread in this state waits for.
+    fn waiting(self) -> String {
+        match self {
+            State::Bar { id, count: 0 } => format!("waits at barrier {id} for every thread"),
+            State::Bar { id, count } => format!("waits at barrier {id} for {count} threads"),
+            State::Shfl(_) => "waits for its warp".into(),
+            State::Wgmma(_) => "waits for its warpgroup".into(),
+            State::Mbar(at, parity) => format!("waits on the mbarrier at shared {at} for the phase of parity {parity}"),
+            State::Run => "runs".into(),
+            State::Done => "has exited".into(),
+        }
+    }
+}
+
+struct Thread {
+    pc: usize,
+    regs: Vec<u64>,
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Mbarrier {
+    expected: i64,
+    pending: i64,
+    tx: i64,
+    phase: u64,
+}
+
+impl Mbarrier {
+    fn complete_if_done(&mut self) {
+        if self.pending <= 0 && self.tx == 0 {
+            self.phase += 1;
+            self.pending = self.expected;
+        }
+    }
+}
+
+/// A CTA being run.
+struct Cta<'a> {
+    k: &'a Kernel,
+    launch: &'a Launch<'a>,
+    ctaid: [u64; 2],
+    threads: Vec<Thread>,
+    shared: Vec<u8>,
+    params: Vec<u8>,
+    mbarriers: HashMap<usize, Mbarrier>,
+    executed: u64,
+}
+
+fn mask(v: u64, bits: u32) -> u64 {
+    if bits >= 64 {
+        v
+    } else {
+        v & ((1u64 << bits) - 1)
+    }
+}
+
+fn sext(v: u64, bits: u32) -> i64 {
+    if bits >= 64 {
+        v as i64
+    } else {
+        let s = 64 - bits;
+        ((v << s) as i64) >> s
+    }
+}
+
+fn f32v(v: u64) -> f32 {
+    f32::from_bits(v as u32)
+}
+
+fn f32b(x: f32) -> u64 {
+    u64::from(x.to_bits())
+}
+
+fn e4m3_satfinite(x: f32) -> u8 {
+    if !x.is_nan() && x.abs() >= 448.0 {
+        return if x < 0.0 { 0xfe } else { 0x7e };
+    }
+    v3c_models::dtype::f32_to_f8e4m3(x)
+}
+
+impl Cta<'_> {
+    fn err(&self, t: usize, pc: usize, msg: impl std::fmt::Display) -> String {
+        let line = self.k.instrs.get(pc).map_or(0, |i| i.line);
+        let text = self.k.text.get(pc).map_or("", String::as_str);
+        format!("{}: CTA ({}, {}) thread {t}, line {line} '{text}': {msg}", self.k.name, self.ctaid[0], self.ctaid[1])
+    }
+
+    fn special(&self, t: usize, s: Special) -> u64 {
+        match s {
+            Special::Tid(0) => t as u64,
+            Special::Tid(_) => 0,
+            Special::Ntid(0) => self.threads.len() as u64,
+            Special::Ntid(_) => 1,
+            Special::Ctaid(d) => self.ctaid.get(d).copied().unwrap_or(0),
+            Special::Nctaid(0) => u64::from(self.launch.grid[0]),
+            Special::Nctaid(1) => u64::from(self.launch.grid[1]),
+            Special::Nctaid(_) => 1,
+            Special::LaneId => (t % 32) as u64,
+            Special::WarpId => (t / 32) as u64,
+        }
+    }
+
+    fn value(&self, t: usize, o: &Opnd) -> Result<u64, String> {
+        Ok(match o {
+            Opnd::Reg(r) => self.threads[t].regs[*r as usize],
+            Opnd::Imm(v) => *v,
+            Opnd::Special(s) => self.special(t, *s),
+            _ => return Err(format!("{o:?} is not a value")),
+        })
+    }
+
+    fn address(&self, t: usize, o: &Opnd) -> Result<u64, String> {
+        match o {
+            Opnd::Addr { base, disp } => {
+                let b = base.map_or(0, |r| self.threads[t].regs[r as usize]);
+                Ok(b.wrapping_add(*disp as u64))
+            }
+            _ => Err(format!("{o:?} is not an address")),
+        }
+    }
+
+    /// A register's value (`_` reads as 0).
+    fn reg(&self, t: usize, r: u32) -> u64 {
+        if r == SINK {
+            0
+        } else {
+            self.threads[t].regs[r as usize]
+        }
+    }
+
+    /// Writes a register (`_`: nowhere).
+    fn write(&mut self, t: usize, r: u32, v: u64) {
+        if r != SINK {
+            self.threads[t].regs[r as usize] = v;
+        }
+    }
+
+    fn set(&mut self, t: usize, o: &Opnd, v: u64) -> Result<(), String> {
+        match o {
+            Opnd::Reg(r) => {
+                self.threads[t].regs[*r as usize] = v;
+                Ok(())
+            }
+            _ => Err(format!("{o:?} is not a register")),
+        }
+    }
+
+    fn check_global(&self, addr: u64, bytes: usize) -> Result<(), String> {
+        if let Some(regions) = self.launch.regions {
+            let end = addr.checked_add(bytes as u64).ok_or("address overflows")?;
+            let i = regions.partition_point(|r| r.0 <= addr);
+            let ok = i > 0 && {
+                let (s, n) = regions[i - 1];
+                end <= s + n as u64
+            };
+            if !ok {
+                return Err(format!("global access of {bytes} B at {addr:#x} outside every allocation"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The shared offset of a generic or shared address, if it is one.
+    fn shared_offset(&self, space: Space, addr: u64, bytes: usize) -> Result<Option<usize>, String> {
+        let off = match space {
+            Space::Shared => addr,
+            Space::Generic if addr >= SHARED_WINDOW => addr - SHARED_WINDOW,
+            _ => return Ok(None),
+        };
+        if off as usize + bytes > self.shared.len() {
+            return Err(format!(
+                "shared access of {bytes} B at offset {off} past the CTA's {} B of shared memory",
+                self.shared.len()
+            ));
+        }
+        Ok(Some(off as usize))
+    }
+
+    fn load(&self, space: Space, addr: u64, bytes: usize) -> Result<u64, String> {
+        let mut b = [0u8; 8];
+        if space == Space::Param {
+            let a = addr as usize;
+            if a + bytes > self.params.len() {
+                return Err(format!("parameter read at {a} past {} B", self.params.len()));
+            }
+            b[..bytes].copy_from_slice(&self.params[a..a + bytes]);
+        } else if let Some(off) = self.shared_offset(space, addr, bytes)? {
+            b[..bytes].copy_from_slice(&self.shared[off..off + bytes]);
+        } else {
+            self.check_global(addr, bytes)?;
+            // SAFETY: the launch's promise that global addresses are live host memory (checked
+            // against its regions when it names them).
+            unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, b.as_mut_ptr(), bytes) };
+        }
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn store(&mut self, space: Space, addr: u64, bytes: usize, v: u64) -> Result<(), String> {
+        let b = v.to_le_bytes();
+        if space == Space::Param {
+            return Err("a store to parameter space".into());
+        }
+        if let Some(off) = self.shared_offset(space, addr, bytes)? {
+            self.shared[off..off + bytes].copy_from_slice(&b[..bytes]);
+        } else {
+            self.check_global(addr, bytes)?;
+            // SAFETY: as in `load`.
+            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), addr as *mut u8, bytes) };
+        }
+        Ok(())
+    }
+
+    /// Runs thread `t` until it waits, exits or errs.
+    fn run_thread(&mut self, t: usize) -> Result<(), String> {
+        let k = self.k;
+        while self.threads[t].state == State::Run {
+            let pc = self.threads[t].pc;
+            let Some(ins) = k.instrs.get(pc) else {
+                self.threads[t].state = State::Done;
+                break;
+            };
+            self.executed += 1;
+            if self.executed > self.launch.max_instructions {
+                return Err(self.err(
+                    t,
+                    pc,
+                    format!(
+                        "more than {} instructions in one CTA: a loop that never ends?",
+                        self.launch.max_instructions
+                    ),
+                ));
+            }
+            if let Some((p, neg)) = ins.guard {
+                if (self.threads[t].regs[p as usize] != 0) == neg {
+                    self.threads[t].pc += 1;
+                    continue;
+                }
+            }
+            self.threads[t].pc += 1;
+            self.exec(t, pc).map_err(|e| self.err(t, pc, e))?;
+        }
+        Ok(())
+    }
+
+    fn exec(&mut self, t: usize, pc: usize) -> Result<(), String> {
+        let ins = &self.k.instrs[pc];
+        let a = &ins.args;
+        let arg = |i: usize| a.get(i).ok_or_else(|| format!("operand {i} missing"));
+        match &ins.op {
+            Op::Nop => {}
+            Op::Mov => match (arg(0)?, arg(1)?) {
+                // Unpacking into equal parts, low first (`mov.b32 {lo, hi}, r`).
+                (Opnd::Vector(parts), src) => {
+                    let (v, parts) = (self.value(t, src)?, parts.clone());
+                    let bits = mov_bits(&self.k.text[pc]).ok_or("an unpacking mov without a .bN type")?;
+                    let each = bits / parts.len().max(1) as u32;
+                    for (i, r) in parts.into_iter().enumerate() {
+                        self.write(t, r, mask(v >> (each * i as u32), each));
+                    }
+                }
+                (d, Opnd::Vector(parts)) => {
+                    let bits = mov_bits(&self.k.text[pc]).ok_or("a packing mov without a .bN type")?;
+                    let each = bits / parts.len().max(1) as u32;
+                    let mut v = 0u64;
+                    for (i, &r) in parts.iter().enumerate() {
+                        v |= mask(self.reg(t, r), each) << (each * i as u32);
+                    }
+                    let d = d.clone();
+                    self.set(t, &d, v)?;
+                }
+                (d, src) => {
+                    let v = self.value(t, src)?;
+                    let d = d.clone();
+                    self.set(t, &d, v)?;
+                }
+            },
+            Op::Arith(op, ty) => {
+                let v = self.arith(t, *op, *ty, a)?;
+                self.set(t, arg(0)?, v)?;
+            }
+            Op::MinMaxNan(max) => {
+                let (x, y) = (f32v(self.value(t, arg(1)?)?), f32v(self.value(t, arg(2)?)?));
+                let r = if x.is_nan() || y.is_nan() {
+                    f32::NAN
+                } else if *max {
+                    x.max(y)
+                } else {
+                    x.min(y)
+                };
+                self.set(t, arg(0)?, f32b(r))?;
+            }
+            Op::Logic(op, ty) => {
+                let x = self.value(t, arg(1)?)?;
+                let bits = if ty.kind == Kind::Pred { 1 } else { ty.bits };
+                let r = match op {
+                    Logic::Not => !x,
+                    Logic::And => x & self.value(t, arg(2)?)?,
+                    Logic::Or => x | self.value(t, arg(2)?)?,
+                    Logic::Xor => x ^ self.value(t, arg(2)?)?,
+                };
+                self.set(t, arg(0)?, mask(r, bits))?;
+            }
+            Op::Shl(ty) => {
+                let (x, s) = (self.value(t, arg(1)?)?, self.value(t, arg(2)?)? as u32);
+                let r = if s >= ty.bits { 0 } else { x << s };
+                self.set(t, arg(0)?, mask(r, ty.bits))?;
+            }
+            Op::Shr(ty) => {
+                let (x, s) = (self.value(t, arg(1)?)?, (self.value(t, arg(2)?)? as u32).min(ty.bits));
+                let r = if ty.kind == Kind::S {
+                    (sext(x, ty.bits) >> s.min(63)) as u64
+                } else if s >= ty.bits {
+                    0
+                } else {
+                    mask(x, ty.bits) >> s
+                };
+                self.set(t, arg(0)?, mask(r, ty.bits))?;
+            }
+            Op::Bfe(ty) => {
+                let x = mask(self.value(t, arg(1)?)?, ty.bits);
+                let pos = (self.value(t, arg(2)?)? & 0xff) as u32;
+                let len = (self.value(t, arg(3)?)? & 0xff) as u32;
+                let r = if len == 0 || pos >= ty.bits {
+                    if ty.kind == Kind::S && sext(x, ty.bits) < 0 && len != 0 {
+                        u64::MAX
+                    } else {
+                        0
+                    }
+                } else {
+                    let len = len.min(ty.bits - pos);
+                    let f = mask(x >> pos, len);
+                    if ty.kind == Kind::S {
+                        sext(f, len) as u64
+                    } else {
+                        f
+                    }
+                };
+                self.set(t, arg(0)?, mask(r, ty.bits))?;
+            }
+            Op::Setp(c, ty) => {
+                let (x, y) = (self.value(t, arg(1)?)?, self.value(t, arg(2)?)?);
+                let r = compare(*c, *ty, x, y);
+                self.set(t, arg(0)?, u64::from(r))?;
+            }
+            Op::Selp(_) => {
+                let p = self.value(t, arg(3)?)?;
+                let v = if p != 0 { self.value(t, arg(1)?)? } else { self.value(t, arg(2)?)? };
+                self.set(t, arg(0)?, v)?;
+            }
+            Op::Cvt { to, from, round, sat } => {
+                let x = self.value(t, arg(1)?)?;
+                let r = convert(*to, *from, *round, *sat, x)?;
+                self.set(t, arg(0)?, r)?;
+            }
+            Op::CvtE4m3x2 => {
+                let (hi, lo) = (f32v(self.value(t, arg(1)?)?), f32v(self.value(t, arg(2)?)?));
+                let r = (u64::from(e4m3_satfinite(hi)) << 8) | u64::from(e4m3_satfinite(lo));
+                self.set(t, arg(0)?, r)?;
+            }
+            Op::CvtE4m3x2ToF16x2 => {
+                let x = self.value(t, arg(1)?)?;
+                let half = |b: u8| u64::from(f32_to_f16(v3c_models::dtype::f8e4m3_to_f32(b)));
+                self.set(t, arg(0)?, half(x as u8) | (half((x >> 8) as u8) << 16))?;
+            }
+            Op::Cvta { to_generic, shared } => {
+                let x = self.value(t, arg(1)?)?;
+                let r = match (to_generic, shared) {
+                    (true, true) => x + SHARED_WINDOW,
+                    (false, true) => {
+                        if x < SHARED_WINDOW {
+                            return Err(format!("{x:#x} is not a generic shared address"));
+                        }
+                        x - SHARED_WINDOW
+                    }
+                    _ => x,
+                };
+                self.set(t, arg(0)?, r)?;
+            }
+            Op::Ld(space, ty) => {
+                let addr = self.address(t, arg(1)?)?;
+                let bytes = (ty.bits as usize / 8).max(1);
+                match arg(0)? {
+                    Opnd::Vector(regs) => {
+                        for (i, r) in regs.clone().into_iter().enumerate() {
+                            let v = self.load(*space, addr + (i * bytes) as u64, bytes)?;
+                            self.write(t, r, v);
+                        }
+                    }
+                    d => {
+                        let v = self.load(*space, addr, bytes)?;
+                        let v = if ty.kind == Kind::S { mask(sext(v, ty.bits) as u64, 64) } else { v };
+                        let d = d.clone();
+                        self.set(t, &d, v)?;
+                    }
+                }
+            }
+            Op::St(space, ty) => {
+                let addr = self.address(t, arg(0)?)?;
+                let bytes = (ty.bits as usize / 8).max(1);
+                match arg(1)? {
+                    Opnd::Vector(regs) => {
+                        for (i, r) in regs.clone().into_iter().enumerate() {
+                            let v = self.reg(t, r);
+                            self.store(*space, addr + (i * bytes) as u64, bytes, v)?;
+                        }
+                    }
+                    v => {
+                        let v = self.value(t, &v.clone())?;
+                        self.store(*space, addr, bytes, v)?;
+                    }
+                }
+            }
+            Op::Atom(space, op, ty) => {
+                let addr = self.address(t, arg(1)?)?;
+                let bytes = ty.bits as usize / 8;
+                let old = self.load(*space, addr, bytes)?;
+                let x = self.value(t, arg(2)?)?;
+                let new = match (op, ty.kind) {
+                    (AtomOp::Add, Kind::F) => f32b(f32v(old) + f32v(x)),
+                    (AtomOp::Add, _) => old.wrapping_add(x),
+                    (AtomOp::Exch, _) => x,
+                    (AtomOp::Cas, _) => {
+                        if mask(old, ty.bits) == mask(x, ty.bits) {
+                            self.value(t, arg(3)?)?
+                        } else {
+                            old
+                        }
+                    }
+                    (AtomOp::Min | AtomOp::Max, Kind::S) => {
+                        let (o, v) = (sext(old, ty.bits), sext(x, ty.bits));
+                        (if (*op == AtomOp::Max) == (v > o) { v } else { o }) as u64
+                    }
+                    (AtomOp::Min | AtomOp::Max, _) => {
+                        let (o, v) = (mask(old, ty.bits), mask(x, ty.bits));
+                        if (*op == AtomOp::Max) == (v > o) {
+                            v
+                        } else {
+                            o
+                        }
+                    }
+                };
+                self.store(*space, addr, bytes, mask(new, ty.bits))?;
+                self.set(t, arg(0)?, old)?;
+            }
+            Op::Unary(u) => {
+                let x = f32v(self.value(t, arg(1)?)?);
+                let r = match u {
+                    Unary::Ex2 => x.exp2(),
+                    Unary::Lg2 => x.log2(),
+                    Unary::Rcp => 1.0 / x,
+                    Unary::Sqrt => x.sqrt(),
+                    Unary::Rsqrt => 1.0 / x.sqrt(),
+                };
+                self.set(t, arg(0)?, f32b(r))?;
+            }
+            Op::Bra => match arg(0)? {
+                Opnd::Label(l) => self.threads[t].pc = *l,
+                o => return Err(format!("branch to {o:?}")),
+            },
+            Op::Ret => self.threads[t].state = State::Done,
+            Op::Bar => {
+                let id = self.value(t, arg(0)?)?;
+                let count = match a.get(1) {
+                    Some(c) => self.value(t, c)?,
+                    None => 0,
+                };
+                self.threads[t].pc = pc;
+                self.threads[t].state = State::Bar { id, count };
+            }
+            Op::Shfl(_) => {
+                // Waits for the warp; `release` computes it and moves the pc on.
+                self.threads[t].pc = pc;
+                self.threads[t].state = State::Shfl(pc);
+            }
+            Op::Wgmma(_) => {
+                self.threads[t].pc = pc;
+                self.threads[t].state = State::Wgmma(pc);
+            }
+            Op::MbarInit => {
+                let at = self.mbar_offset(t, arg(0)?)?;
+                let n = self.value(t, arg(1)?)? as i64;
+                self.mbarriers.insert(at, Mbarrier { expected: n, pending: n, tx: 0, phase: 0 });
+            }
+            Op::MbarArrive { expect_tx } => {
+                let at = self.mbar_offset(t, arg(1)?)?;
+                let tx = if *expect_tx { self.value(t, arg(2)?)? as i64 } else { 0 };
+                let m =
+                    self.mbarriers.get_mut(&at).ok_or_else(|| format!("mbarrier at shared {at} not initialized"))?;
+                m.tx += tx;
+                m.pending -= 1;
+                let state = m.phase;
+                m.complete_if_done();
+                self.set(t, arg(0)?, state)?;
+            }
+            Op::MbarWait => {
+                let at = self.mbar_offset(t, arg(1)?)?;
+                let parity = self.value(t, arg(2)?)? & 1;
+                let m = self.mbarriers.get(&at).ok_or_else(|| format!("mbarrier at shared {at} not initialized"))?;
+                if m.phase & 1 != parity {
+                    self.set(t, arg(0)?, 1)?;
+                } else {
+                    self.threads[t].pc = pc;
+                    self.threads[t].state = State::Mbar(at, parity);
+                }
+            }
+            Op::Tma => self.tma(t, a)?,
+        }
+        Ok(())
+    }
+
+    fn mbar_offset(&self, t: usize, o: &Opnd) -> Result<usize, String> {
+        let addr = self.address(t, o)?;
+        let off = if addr >= SHARED_WINDOW { addr - SHARED_WINDOW } else { addr };
+        if off as usize + 8 > self.shared.len() || off % 8 != 0 {
+            return Err(format!("mbarrier at shared {off}: outside the CTA's shared memory or not 8-byte aligned"));
+        }
+        Ok(off as usize)
+    }
+
+    fn arith(&self, t: usize, op: Arith, ty: Ty, a: &[Opnd]) -> Result<u64, String> {
+        let v = |i: usize| -> Result<u64, String> {
+            self.value(t, a.get(i).ok_or_else(|| format!("operand {i} missing"))?)
+        };
+        let bits = ty.bits;
+        if ty.kind == Kind::F && bits == 64 {
+            let f = |i: usize| -> Result<f64, String> { Ok(f64::from_bits(v(i)?)) };
+            let x = f(1)?;
+            let r = match op {
+                Arith::Add => x + f(2)?,
+                Arith::Sub => x - f(2)?,
+                Arith::MulLo => x * f(2)?,
+                Arith::Fma => x.mul_add(f(2)?, f(3)?),
+                Arith::Div => x / f(2)?,
+                Arith::Min => x.min(f(2)?),
+                Arith::Max => x.max(f(2)?),
+                Arith::Neg => -x,
+                Arith::Abs => x.abs(),
+                _ => return Err(format!("{op:?} on f64")),
+            };
+            return Ok(r.to_bits());
+        }
+        if ty.kind == Kind::F {
+            if bits != 32 {
+                return Err(format!("f{bits} arithmetic"));
+            }
+            let x = f32v(v(1)?);
+            let r = match op {
+                Arith::Add => x + f32v(v(2)?),
+                Arith::Sub => x - f32v(v(2)?),
+                Arith::MulLo => x * f32v(v(2)?),
+                Arith::Fma => x.mul_add(f32v(v(2)?), f32v(v(3)?)),
+                Arith::Div => x / f32v(v(2)?),
+                Arith::Min => x.min(f32v(v(2)?)),
+                Arith::Max => x.max(f32v(v(2)?)),
+                Arith::Neg => -x,
+                Arith::Abs => x.abs(),
+                _ => return Err(format!("{op:?} on f32")),
+            };
+            return Ok(f32b(r));
+        }
+        let signed = ty.kind == Kind::S;
+        let x = v(1)?;
+        Ok(match op {
+            Arith::Add => mask(x.wrapping_add(v(2)?), bits),
+            Arith::Sub => mask(x.wrapping_sub(v(2)?), bits),
+            Arith::MulLo => mask(x.wrapping_mul(v(2)?), bits),
+            Arith::MadLo => mask(x.wrapping_mul(v(2)?).wrapping_add(v(3)?), bits),
+            Arith::MulHi => {
+                let y = v(2)?;
+                if signed {
+                    let p = i128::from(sext(x, bits)) * i128::from(sext(y, bits));
+                    mask((p >> bits) as u64, bits)
+                } else {
+                    let p = u128::from(mask(x, bits)) * u128::from(mask(y, bits));
+                    mask((p >> bits) as u64, bits)
+                }
+            }
+            Arith::MulWide | Arith::MadWide => {
+                let y = v(2)?;
+                let p = if signed {
+                    (sext(x, bits).wrapping_mul(sext(y, bits))) as u64
+                } else {
+                    mask(x, bits).wrapping_mul(mask(y, bits))
+                };
+                let p = if op == Arith::MadWide { p.wrapping_add(v(3)?) } else { p };
+                mask(p, (2 * bits).min(64))
+            }
+            Arith::Div | Arith::Rem => {
+                let y = v(2)?;
+                if mask(y, bits) == 0 {
+                    return Err("integer division by zero".into());
+                }
+                let r = if signed {
+                    let (p, q) = (sext(x, bits), sext(y, bits));
+                    (if op == Arith::Div { p.wrapping_div(q) } else { p.wrapping_rem(q) }) as u64
+                } else {
+                    let (p, q) = (mask(x, bits), mask(y, bits));
+                    if op == Arith::Div {
+                        p / q
+                    } else {
+                        p % q
+                    }
+                };
+                mask(r, bits)
+            }
+            Arith::Min | Arith::Max => {
+                let y = v(2)?;
+                let max = op == Arith::Max;
+                if signed {
+                    let (p, q) = (sext(x, bits), sext(y, bits));
+                    mask((if max { p.max(q) } else { p.min(q) }) as u64, bits)
+                } else {
+                    let (p, q) = (mask(x, bits), mask(y, bits));
+                    if max {
+                        p.max(q)
+                    } else {
+                        p.min(q)
+                    }
+                }
+            }
+            Arith::Neg => mask(x.wrapping_neg(), bits),
+            Arith::Abs => mask(sext(x, bits).unsigned_abs(), bits),
+            Arith::Fma => return Err("fma on integers".into()),
+        })
+    }
+
+    /// `cp.async.bulk.tensor`: the box at the coordinates, out-of-bounds elements zero, written to
+    /// shared memory (128-byte swizzled on the shared address when the map says so), then its
+    /// bytes completed on the mbarrier.
+    fn tma(&mut self, t: usize, a: &[Opnd]) -> Result<(), String> {
+        let [dst, src, bar] = a else { return Err("cp.async.bulk.tensor takes 3 operands".into()) };
+        let Opnd::Tensor { map, coords } = src else { return Err("no tensor operand".into()) };
+        let map_addr = self.threads[t].regs[*map as usize];
+        let idx = map_addr.checked_sub(TENSOR_MAP_BASE).map(|d| (d / 128) as usize);
+        let m = idx
+            .and_then(|i| self.launch.tensor_maps.get(i))
+            .ok_or_else(|| format!("{map_addr:#x} is not one of the launch's tensor maps"))?;
+        if coords.len() != 2 {
+            return Err(format!("a {}-d tensor copy (2-d only)", coords.len()));
+        }
+        let (c0, c1) = (sext(self.value(t, &coords[0])?, 32), sext(self.value(t, &coords[1])?, 32));
+        let dst = self.address(t, dst)?;
+        let dst = if dst >= SHARED_WINDOW { dst - SHARED_WINDOW } else { dst } as usize;
+        let eb = m.element_bytes;
+        let row_bytes = m.box_cols * eb;
+        let total = m.box_rows * row_bytes;
+        if dst % 128 != 0 || dst + total > self.shared.len() {
+            return Err(format!(
+                "tensor copy of {total} B to shared {dst}: not 128-byte aligned or past the CTA's {} B",
+                self.shared.len()
+            ));
+        }
+        if m.swizzle && row_bytes > 128 {
+            return Err(format!("a 128-byte swizzled box with {row_bytes}-byte rows"));
+        }
+        for r in 0..m.box_rows {
+            let gr = c1 + r as i64;
+            for c in 0..m.box_cols {
+                let gc = c0 + c as i64;
+                let mut off = dst + r * row_bytes + c * eb;
+                if m.swizzle {
+                    off ^= ((off >> 7) & 7) << 4;
+                }
+                let inside = gr >= 0 && (gr as usize) < m.rows && gc >= 0 && (gc as usize) < m.cols;
+                if inside {
+                    let src = m.addr + (gr as usize * m.pitch + gc as usize * eb) as u64;
+                    self.check_global(src, eb)?;
+                    // SAFETY: inside the map's matrix (checked against the regions when given).
+                    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, self.shared[off..].as_mut_ptr(), eb) };
+                } else {
+                    self.shared[off..off + eb].fill(0);
+                }
+            }
+        }
+        let at = self.mbar_offset(t, bar)?;
+        let mb = self.mbarriers.get_mut(&at).ok_or_else(|| format!("mbarrier at shared {at} not initialized"))?;
+        mb.tx -= total as i64;
+        mb.complete_if_done();
+        Ok(())
+    }
+
+    /// Completes what every waiting thread needs: barriers, shuffles, wgmmas, mbarrier phases.
+    fn release(&mut self) -> Result<bool, String> {
+        let mut progressed = false;
+        let n = self.threads.len();
+        // Barriers.
+        let live = self.threads.iter().filter(|th| th.state != State::Done).count() as u64;
+        let mut at_bar: HashMap<u64, (u64, u64)> = HashMap::new();
+        for th in &self.threads {
+            if let State::Bar { id, count } = th.state {
+                let e = at_bar.entry(id).or_insert((0, count));
+                e.0 += 1;
+            }
+        }
+        for (id, (arrived, count)) in at_bar {
+            let need = if count == 0 { live } else { count };
+            if arrived >= need {
+                for th in &mut self.threads {
+                    if matches!(th.state, State::Bar { id: i, .. } if i == id) {
+                        th.state = State::Run;
+                        th.pc += 1;
+                    }
+                }
+                progressed = true;
+            }
+        }
+        // Mbarrier phases.
+        for th in &mut self.threads {
+            if let State::Mbar(at, parity) = th.state {
+                if self.mbarriers.get(&at).is_some_and(|m| m.phase & 1 != parity) {
+                    th.state = State::Run;
+                    progressed = true;
+                }
+            }
+        }
+        // Warps at a shuffle.
+        for w in 0..n.div_ceil(32) {
+            let lanes = w * 32..(w * 32 + 32).min(n);
+            let live: Vec<usize> = lanes.clone().filter(|&l| self.threads[l].state != State::Done).collect();
+            let Some(&first) = live.first() else { continue };
+            let State::Shfl(pc) = self.threads[first].state else { continue };
+            if live.iter().all(|&l| self.threads[l].state == State::Shfl(pc)) {
+                self.shuffle(w, pc, &live)?;
+                progressed = true;
+            }
+        }
+        // Warpgroups at a wgmma.
+        for g in 0..n / 128 {
+            let State::Wgmma(pc) = self.threads[g * 128].state else { continue };
+            if (g * 128..g * 128 + 128).all(|l| self.threads[l].state == State::Wgmma(pc)) {
+                self.wgmma(g, pc).map_err(|e| self.err(g * 128, pc, e))?;
+                progressed = true;
+            }
+        }
+        Ok(progressed)
+    }
+
+    fn shuffle(&mut self, w: usize, pc: usize, live: &[usize]) -> Result<(), String> {
+        let ins = &self.k.instrs[pc];
+        let Op::Shfl(mode) = ins.op else { return Err("not a shuffle".into()) };
+        let base = w * 32;
+        let lanes = (self.threads.len() - base).min(32);
+        let src_vals = (0..lanes).map(|l| self.value(base + l, &ins.args[1])).collect::<Result<Vec<u64>, String>>()?;
+        let mut results = Vec::new();
+        for &t in live {
+            let lane = t - base;
+            let b = self.value(t, &ins.args[2]).map_err(|e| self.err(t, pc, e))? as usize;
+            let c = self.value(t, &ins.args[3]).map_err(|e| self.err(t, pc, e))? as usize;
+            let (clamp, segmask) = (c & 0x1f, (c >> 8) & 0x1f);
+            let (min_lane, max_lane) = (lane & segmask, (lane & segmask) | (clamp & !segmask));
+            let (j, ok) = match mode {
+                ShflMode::Bfly => {
+                    let j = lane ^ b;
+                    (j, j <= max_lane)
+                }
+                ShflMode::Down => {
+                    let j = lane + b;
+                    (j, j <= max_lane)
+                }
+                ShflMode::Up => {
+                    let j = lane.wrapping_sub(b);
+                    (j, lane >= b && j >= min_lane)
+                }
+                ShflMode::Idx => {
+                    let j = min_lane | (b & !segmask);
+                    (j, j <= max_lane)
+                }
+            };
+            let src = if ok && j < lanes && self.threads[base + j].state != State::Done { j } else { lane };
+            results.push((t, src_vals[src], ok));
+        }
+        for (t, v, ok) in results {
+            let ins = &self.k.instrs[pc];
+            let (dst, pred) = (ins.args[0].clone(), ins.args.get(5).cloned());
+            self.set(t, &dst, mask(v, 32)).map_err(|e| self.err(t, pc, e))?;
+            if let Some(p) = pred {
+                self.set(t, &p, u64::from(ok)).map_err(|e| self.err(t, pc, e))?;
+            }
+            self.threads[t].pc = pc + 1;
+            self.threads[t].state = State::Run;
+        }
+        Ok(())
+    }
+
+    fn wgmma(&mut self, g: usize, pc: usize) -> Result<(), String> {
+        let ins = &self.k.instrs[pc];
+        let Op::Wgmma(mma) = ins.op else { return Err("not a wgmma".into()) };
+        let a = &ins.args;
+        let Some(Opnd::Vector(d)) = a.first() else { return Err("wgmma: no accumulator registers".into()) };
+        if d.len() != mma.n / 2 {
+            return Err(format!("wgmma m64n{}: {} accumulator registers, not {}", mma.n, d.len(), mma.n / 2));
+        }
+        if matches!(a.get(1), Some(Opnd::Vector(_))) {
+            return Err("wgmma with A in registers".into());
+        }
+        let t0 = g * 128;
+        let desc_a = self.value(t0, &a[1])?;
+        let desc_b = self.value(t0, &a[2])?;
+        let scale_d = self.value(t0, &a[3])? != 0;
+        let neg_a = a.get(4).map(|o| self.value(t0, o)).transpose()?.is_some_and(|v| sext(v, 32) < 0);
+        let neg_b = a.get(5).map(|o| self.value(t0, o)).transpose()?.is_some_and(|v| sext(v, 32) < 0);
+        let trans_a = a.get(6).map(|o| self.value(t0, o)).transpose()?.unwrap_or(0) != 0;
+        let trans_b = a.get(7).map(|o| self.value(t0, o)).transpose()?.unwrap_or(0) != 0;
+        let read = |desc: u64, rows: usize, trans: bool| -> Result<Vec<f32>, String> {
+            let mut out = vec![0f32; rows * mma.k];
+            for r in 0..rows {
+                for kk in 0..mma.k {
+                    let off = crate::layout::element(desc, r, kk, mma.input_bytes, trans)?;
+                    if off + mma.input_bytes > self.shared.len() {
+                        return Err(format!("wgmma operand read at shared {off} past {} B", self.shared.len()));
+                    }
+                    out[r * mma.k + kk] = if mma.input_bytes == 2 {
+                        v3c_models::dtype::bf16_to_f32(u16::from_le_bytes([self.shared[off], self.shared[off + 1]]))
+                    } else {
+                        v3c_models::dtype::f8e4m3_to_f32(self.shared[off])
+                    };
+                }
+            }
+            Ok(out)
+        };
+        let am = read(desc_a, 64, trans_a)?;
+        let bm = read(desc_b, mma.n, trans_b)?;
+        let (sa, sb) = (if neg_a { -1.0 } else { 1.0 }, if neg_b { -1.0 } else { 1.0 });
+        for lt in 0..128 {
+            let t = t0 + lt;
+            let (w, l) = (lt / 32, lt % 32);
+            for (j, &reg) in d.iter().enumerate() {
+                let (i, q) = (j / 4, j % 4);
+                let row = 16 * w + l / 4 + 8 * (q / 2);
+                let col = 8 * i + 2 * (l % 4) + (q % 2);
+                let mut acc = if scale_d { f32v(self.threads[t].regs[reg as usize]) } else { 0.0 };
+                for kk in 0..mma.k {
+                    acc += sa * am[row * mma.k + kk] * sb * bm[col * mma.k + kk];
+                }
+                self.threads[t].regs[reg as usize] = f32b(acc);
+            }
+            self.threads[t].pc = pc + 1;
+            self.threads[t].state = State::Run;
+        }
+        Ok(())
+    }
+}
+
+/// The width of a `mov.bN`, from its text.
+fn mov_bits(text: &str) -> Option<u32> {
+    let op = text.split_whitespace().next()?;
+    op.strip_prefix("mov.b")?.parse().ok()
+}
+
+fn compare(c: Cmp, ty: Ty, x: u64, y: u64) -> bool {
+    use std::cmp::Ordering;
+    let base = |b: CmpBase, o: Option<Ordering>| match (b, o) {
+        (_, None) => false,
+        (CmpBase::Eq, Some(o)) => o == Ordering::Equal,
+        (CmpBase::Ne, Some(o)) => o != Ordering::Equal,
+        (CmpBase::Lt, Some(o)) => o == Ordering::Less,
+        (CmpBase::Le, Some(o)) => o != Ordering::Greater,
+        (CmpBase::Gt, Some(o)) => o == Ordering::Greater,
+        (CmpBase::Ge, Some(o)) => o != Ordering::Less,
+    };
+    let of = |c: Cmp| match c {
+        Cmp::Eq => CmpBase::Eq,
+        Cmp::Ne => CmpBase::Ne,
+        Cmp::Lt => CmpBase::Lt,
+        Cmp::Le => CmpBase::Le,
+        Cmp::Gt => CmpBase::Gt,
+        _ => CmpBase::Ge,
+    };
+    if ty.kind == Kind::F {
+        let (a, b) = (f32v(x), f32v(y));
+        let nan = a.is_nan() || b.is_nan();
+        return match c {
+            Cmp::Num => !nan,
+            Cmp::Nan => nan,
+            Cmp::Unordered(bb) => nan || base(bb, a.partial_cmp(&b)),
+            // Ordered `ne` is false on NaN, as every ordered comparison.
+            c => !nan && base(of(c), a.partial_cmp(&b)),
+        };
+    }
+    let o = if ty.kind == Kind::S {
+        sext(x, ty.bits).cmp(&sext(y, ty.bits))
+    } else {
+        mask(x, ty.bits).cmp(&mask(y, ty.bits))
+    };
+    match c {
+        Cmp::Unordered(b) => base(b, Some(o)),
+        Cmp::Num => true,
+        Cmp::Nan => false,
+        c => base(of(c), Some(o)),
+    }
+}
+
+/// f16 bits -> f32 (exact).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
+    let (exp, man) = (i32::from((h >> 10) & 0x1f), f32::from(h & 0x3ff));
+    match exp {
+        0 => sign * man * 2f32.powi(-24),
+        31 if man == 0.0 => sign * f32::INFINITY,
+        31 => f32::NAN,
+        e => sign * (1.0 + man / 1024.0) * 2f32.powi(e - 15),
+    }
+}
+
+/// f32 -> f16 bits, round to nearest even (through f64: exact for f32 inputs).
+fn f32_to_f16(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7e00;
+    }
+    let sign = if x.is_sign_negative() { 0x8000u16 } else { 0 };
+    let a = f64::from(x.abs());
+    if a >= 65520.0 {
+        return sign | 0x7c00;
+    }
+    if a < 2f64.powi(-14) {
+        // Subnormal: multiples of 2^-24.
+        return sign | (a * 2f64.powi(24)).round_ties_even() as u16;
+    }
+    let e = a.log2().floor() as i32;
+    let e = if 2f64.powi(e) > a { e - 1 } else { e };
+    let m = (a / 2f64.powi(e) - 1.0) * 1024.0;
+    let m = m.round_ties_even() as u32;
+    let (e, m) = if m == 1024 { (e + 1, 0) } else { (e, m) };
+    if e > 15 {
+        return sign | 0x7c00;
+    }
+    sign | (((e + 15) as u16) << 10) | m as u16
+}
+
+fn convert(to: Ty, from: Ty, round: Option<IntRound>, sat: bool, x: u64) -> Result<u64, String> {
+    use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+    let float = |t: Ty| matches!(t.kind, Kind::F | Kind::Bf16);
+    let as_f64 = |x: u64| -> Result<f64, String> {
+        Ok(match (from.kind, from.bits) {
+            (Kind::F, 64) => f64::from_bits(x),
+            (Kind::F, 32) => f64::from(f32v(x)),
+            (Kind::F, 16) => f64::from(f16_to_f32(x as u16)),
+            (Kind::Bf16, _) => f64::from(bf16_to_f32(x as u16)),
+            _ => return Err(format!("cvt from {from:?}")),
+        })
+    };
+    let from_f32 = |f: f32| -> Result<u64, String> {
+        Ok(match (to.kind, to.bits) {
+            (Kind::F, 32) => f32b(f),
+            (Kind::F, 16) => u64::from(f32_to_f16(f)),
+            (Kind::Bf16, _) => u64::from(f32_to_bf16(f)),
+            _ => return Err(format!("cvt to {to:?}")),
+        })
+    };
+    Ok(match (float(to), float(from)) {
+        (false, false) => {
+            let v = if from.kind == Kind::S { sext(x, from.bits) as u64 } else { mask(x, from.bits) };
+            mask(v, to.bits)
+        }
+        (true, true) => {
+            let f = as_f64(x)?;
+            let f = if sat { f.clamp(0.0, 1.0) } else { f };
+            if (to.kind, to.bits) == (Kind::F, 64) {
+                f.to_bits()
+            } else {
+                from_f32(f as f32)?
+            }
+        }
+        (true, false) => {
+            let v: i128 =
+                if from.kind == Kind::S { i128::from(sext(x, from.bits)) } else { i128::from(mask(x, from.bits)) };
+            if (to.kind, to.bits) == (Kind::F, 64) {
+                (v as f64).to_bits()
+            } else {
+                from_f32(v as f32)?
+            }
+        }
+        (false, true) => {
+            let f = as_f64(x)?;
+            let f = match round.ok_or("float to integer without a rounding mode")? {
+                IntRound::Zero => f.trunc(),
+                IntRound::Nearest => f.round_ties_even(),
+                IntRound::Down => f.floor(),
+                IntRound::Up => f.ceil(),
+            };
+            let f = if f.is_nan() { 0.0 } else { f };
+            let v = if to.kind == Kind::S {
+                let (lo, hi) = (-(2f64.powi(to.bits as i32 - 1)), 2f64.powi(to.bits as i32 - 1) - 1.0);
+                f.clamp(lo, hi) as i64 as u64
+            } else {
+                f.clamp(0.0, 2f64.powi(to.bits as i32) - 1.0) as u64
+            };
+            mask(v, to.bits)
+        }
+    })
+}
+
+/// Runs every CTA of a launch.
+pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
+    let threads = launch.threads as usize;
+    if let Some(max) = k.max_threads {
+        if threads > max {
+            return Err(format!("{}: {threads} threads, the kernel allows {max}", k.name));
+        }
+    }
+    if launch.params.len() != k.params.len() {
+        return Err(format!(
+            "{}: {} parameters given, the kernel takes {}",
+            k.name,
+            launch.params.len(),
+            k.params.len()
+        ));
+    }
+    let mut params = vec![0u8; k.param_bytes];
+    for (&(off, n), v) in k.params.iter().zip(launch.params) {
+        params[off..off + n].copy_from_slice(&v.to_le_bytes()[..n]);
+    }
+    let shared_bytes = k.dynamic_offset + launch.dynamic_shared;
+    let mut stats = Stats::default();
+    for y in 0..launch.grid[1] {
+        for x in 0..launch.grid[0] {
+            let mut cta = Cta {
+                k,
+                launch,
+                ctaid: [u64::from(x), u64::from(y)],
+                threads: (0..threads)
+                    .map(|_| Thread { pc: 0, regs: vec![0; k.registers], state: State::Run })
+                    .collect(),
+                shared: vec![0; shared_bytes],
+                params: params.clone(),
+                mbarriers: HashMap::new(),
+                executed: 0,
+            };
+            loop {
+                let mut progressed = false;
+                for t in 0..threads {
+                    if cta.threads[t].state == State::Run {
+                        cta.run_thread(t)?;
+                        progressed = true;
+                    }
+                }
+                progressed |= cta.release()?;
+                if cta.threads.iter().all(|th| th.state == State::Done) {
+                    break;
+                }
+                if !progressed {
+                    let waiting: Vec<String> = cta
+                        .threads
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, th)| th.state != State::Done)
+                        .take(4)
+                        .map(|(t, th)| {
+                            let line = k.instrs.get(th.pc).map_or(0, |i| i.line);
+                            let text = k.text.get(th.pc).map_or("", String::as_str);
+                            format!("thread {t} at line {line} '{text}' {}", th.state.waiting())
+                        })
+                        .collect();
+                    return Err(format!(
+                        "{}: CTA ({x}, {y}) deadlocked: {}{}",
+                        k.name,
+                        waiting.join(", "),
+                        if waiting.len() == 4 { ", ..." } else { "" }
+                    ));
+                }
+            }
+            stats.instructions += cta.executed;
+            stats.ctas += 1;
+        }
+    }
+    Ok(stats)
+}

@@ -1,0 +1,180 @@
+//! A functional simulator of the PTX v3c generates for sm_90a, run on the host: the kernels' own
+//! instructions, not a model of what they compute. It exists so that the GPU kernels' code — index
+//! arithmetic, shared-memory layouts and swizzles, TMA boxes, mbarrier pipelines, warp
+//! specialization, wgmma fragments — is checked on machines without a GPU, against the CPU backend
+//! (`v3c emulate --ptx`).
+//!
+//! What it models:
+//! - CTAs one after another; threads of a CTA each run until they must wait: `bar.sync` (all
+//!   threads not exited, or the count given), a warp's `shfl.sync`, a warpgroup's
+//!   `wgmma.mma_async`, an mbarrier phase (`try_wait.parity`). A CTA where no thread can go on is
+//!   reported as a deadlock, naming the threads and lines.
+//! - Global memory is the host's (addresses are host pointers); with [`Launch::regions`] every
+//!   global access must fall inside one, else the launch fails naming the address. Shared memory is
+//!   the kernel's static variables then the dynamic part, bounds-checked; generic addresses of it
+//!   lie in a window at [`SHARED_WINDOW`].
+//! - Mbarriers: arrival counts, transaction bytes and phases. TMA (`cp.async.bulk.tensor`, 2-d
+//!   tiles): the box copied at once, zero outside the matrix, 128-byte swizzled by the shared
+//!   address, its bytes completed on the mbarrier. Tensor maps are passed as parameters
+//!   `TENSOR_MAP_BASE + 128 i` naming [`Launch::tensor_maps`]`[i]`.
+//! - wgmma: m64nNk16 (bf16) and m64nNk32 (e4m3) with f32 accumulators, operands from shared-memory
+//!   descriptors ([`layout`]), run synchronously when all 128 threads arrive (so `wait_group` has
+//!   nothing to wait for, and a kernel that overwrites an operand before waiting is not caught).
+//!
+//! What it does not: timing, memory ordering between CTAs (they run in turn), clusters larger
+//! than one CTA, the hardware's own rounding of wgmma's accumulation (sums here are sequential f32)
+//! and of `ex2.approx`/`lg2.approx` (exact functions here).
+
+mod exec;
+pub mod layout;
+pub mod parse;
+
+pub use parse::{Kernel, Module};
+
+/// Generic addresses of a CTA's shared memory: this plus the shared offset.
+pub const SHARED_WINDOW: u64 = 0xffff_8000_0000_0000;
+
+/// Tensor map `i` of a launch is passed as this plus `128 * i`.
+pub const TENSOR_MAP_BASE: u64 = 0xffff_f000_0000_0000;
+
+/// A 2-d tensor map (what `cuTensorMapEncodeTiled` encodes for the kernel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorMap {
+    pub addr: u64,
+    pub rows: usize,
+    pub cols: usize,
+    pub element_bytes: usize,
+    pub box_rows: usize,
+    pub box_cols: usize,
+    /// Bytes from one row to the next.
+    pub pitch: usize,
+    /// 128-byte swizzle; else none.
+    pub swizzle: bool,
+}
+
+/// One kernel launch.
+#[derive(Debug, Clone)]
+pub struct Launch<'a> {
+    pub grid: [u32; 2],
+    pub threads: u32,
+    pub dynamic_shared: usize,
+    /// Parameter values in order (each written in its declared width).
+    pub params: &'a [u64],
+    pub tensor_maps: &'a [TensorMap],
+    /// Where global memory may be accessed, as (start, bytes) sorted by start; `None`: anywhere.
+    pub regions: Option<&'a [(u64, usize)]>,
+    /// Instructions one CTA may execute before the launch is called endless.
+    pub max_instructions: u64,
+}
+
+/// What a launch executed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub ctas: u64,
+    pub instructions: u64,
+}
+
+/// Runs `kernel` as `launch` says.
+///
+/// # Safety
+/// Every global address the kernel touches (from its parameters and the tensor maps) must be live
+/// host memory it may read and write; when `launch.regions` is given, accesses outside those
+/// regions are refused instead.
+pub unsafe fn run(kernel: &Kernel, launch: &Launch) -> Result<Stats, String> {
+    exec::run(kernel, launch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sums 64 u32 by warp shuffles, the warps' sums through shared memory after a barrier.
+    const SUM: &str = "
+.visible .entry sum(
+\t.param .u64 sum_param_0,
+\t.param .u64 sum_param_1
+)
+.maxntid 64, 1, 1
+{
+\t.reg .pred %p<2>;
+\t.reg .b32 %r<8>;
+\t.reg .b64 %rd<8>;
+\t.shared .align 4 .b8 part[8];
+\tld.param.b64 %rd1, [sum_param_0];
+\tld.param.b64 %rd2, [sum_param_1];
+\tmov.u32 %r1, %tid.x;
+\tmul.wide.u32 %rd3, %r1, 4;
+\tadd.s64 %rd4, %rd1, %rd3;
+\tld.global.b32 %r2, [%rd4];
+\tshfl.sync.bfly.b32 %r3, %r2, 16, 31, -1;
+\tadd.s32 %r2, %r2, %r3;
+\tshfl.sync.bfly.b32 %r3, %r2, 8, 31, -1;
+\tadd.s32 %r2, %r2, %r3;
+\tshfl.sync.bfly.b32 %r3, %r2, 4, 31, -1;
+\tadd.s32 %r2, %r2, %r3;
+\tshfl.sync.bfly.b32 %r3, %r2, 2, 31, -1;
+\tadd.s32 %r2, %r2, %r3;
+\tshfl.sync.bfly.b32 %r3, %r2, 1, 31, -1;
+\tadd.s32 %r2, %r2, %r3;
+\tand.b32 %r4, %r1, 31;
+\tsetp.ne.b32 %p1, %r4, 0;
+\t@%p1 bra $L__skip;
+\tshr.u32 %r5, %r1, 5;
+\tmul.wide.u32 %rd5, %r5, 4;
+\tmov.b64 %rd6, part;
+\tadd.s64 %rd6, %rd6, %rd5;
+\tst.shared.b32 [%rd6], %r2;
+$L__skip:
+\tbar.sync BARRIER;
+\tsetp.ne.b32 %p1, %r1, 0;
+\t@%p1 bra $L__end;
+\tmov.b64 %rd6, part;
+\tld.shared.b32 %r6, [%rd6];
+\tld.shared.b32 %r7, [%rd6+4];
+\tadd.s32 %r6, %r6, %r7;
+\tst.global.b32 [%rd2], %r6;
+$L__end:
+\tret;
+}";
+
+    /// The sum of 1..=64 by [`SUM`]; `input_only`: global memory is the input alone.
+    fn sum(barrier: &str, input_only: bool) -> Result<u32, String> {
+        let module = Module::parse(&SUM.replace("BARRIER", barrier))?;
+        let input: Vec<u32> = (1..=64).collect();
+        let mut out = [0u32; 1];
+        let params = [input.as_ptr() as u64, out.as_mut_ptr() as u64];
+        let only = [(input.as_ptr() as u64, 256)];
+        let regions = input_only.then_some(&only[..]);
+        let launch = Launch {
+            grid: [1, 1],
+            threads: 64,
+            dynamic_shared: 0,
+            params: &params,
+            tensor_maps: &[],
+            regions,
+            max_instructions: 1 << 20,
+        };
+        // SAFETY: the parameters are the live input and output.
+        unsafe { run(&module.kernels[0], &launch) }?;
+        Ok(out[0])
+    }
+
+    #[test]
+    fn warps_shuffle_and_meet_at_a_barrier() {
+        assert_eq!(sum("0", false).unwrap(), 64 * 65 / 2);
+    }
+
+    #[test]
+    fn a_barrier_that_waits_for_more_threads_than_run_is_a_deadlock_named_by_line() {
+        let e = sum("1, 96", false).unwrap_err();
+        let want = "deadlocked: thread 0 at line 37 'bar.sync 1, 96' waits at barrier 1 for 96 threads";
+        assert!(e.contains(want), "{e}");
+    }
+
+    #[test]
+    fn global_accesses_outside_the_regions_are_refused_by_address() {
+        // The store of the sum is refused.
+        let e = sum("0", true).unwrap_err();
+        assert!(e.contains("outside every allocation") && e.contains("st.global.b32"), "{e}");
+    }
+}
