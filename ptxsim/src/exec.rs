@@ -20,8 +20,10 @@ enum State {
     /// At a warp or warpgroup collective (this pc).
     Shfl(usize),
     Wgmma(usize),
-    /// Spinning on an mbarrier phase: (shared offset, parity).
-    Mbar(usize, u64),
+    /// Spinning on an mbarrier phase: (CTA of the cluster, shared offset, parity).
+    Mbar(usize, usize, u64),
+    /// At `barrier.cluster.wait` for this phase's arrivals.
+    Cluster(u64),
     Done,
 }
 
@@ -33,7 +35,10 @@ impl State {
             State::Bar { id, count } => format!("waits at barrier {id} for {count} threads"),
             State::Shfl(_) => "waits for its warp".into(),
             State::Wgmma(_) => "waits for its warpgroup".into(),
-            State::Mbar(at, parity) => format!("waits on the mbarrier at shared {at} for the phase of parity {parity}"),
+            State::Mbar(_, at, parity) => {
+                format!("waits on the mbarrier at shared {at} for the phase of parity {parity}")
+            }
+            State::Cluster(phase) => format!("waits at the cluster barrier (phase {phase})"),
             State::Run => "runs".into(),
             State::Done => "has exited".into(),
         }
@@ -44,6 +49,8 @@ struct Thread {
     pc: usize,
     regs: Vec<u64>,
     state: State,
+    /// `barrier.cluster.arrive`s so far (the phase its next wait waits for).
+    cluster_phase: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -63,17 +70,27 @@ impl Mbarrier {
     }
 }
 
-/// A CTA being run.
+/// The CTAs of one cluster (one CTA without clusters) being run together: their threads one
+/// after another (thread `t` of the cluster is thread `t % n` of CTA `t / n`), each CTA's shared
+/// memory and mbarriers.
 struct Cta<'a> {
     k: &'a Kernel,
     launch: &'a Launch<'a>,
-    ctaid: [u64; 2],
+    /// Threads per CTA.
+    n: usize,
+    ctaids: Vec<[u64; 2]>,
     threads: Vec<Thread>,
-    shared: Vec<u8>,
+    shared: Vec<Vec<u8>>,
     params: Vec<u8>,
-    mbarriers: HashMap<usize, Mbarrier>,
+    mbarriers: Vec<HashMap<usize, Mbarrier>>,
+    /// `barrier.cluster` arrivals by phase.
+    cluster_arrivals: HashMap<u64, usize>,
     executed: u64,
 }
+
+/// A `shared::cluster` address of CTA `rank`'s shared memory (what `mapa` gives): the offset
+/// below bit 24, the rank + 1 above it. Offsets alone are the thread's own CTA.
+const CLUSTER_RANK_SHIFT: u32 = 24;
 
 fn mask(v: u64, bits: u32) -> u64 {
     if bits >= 64 {
@@ -111,21 +128,26 @@ impl Cta<'_> {
     fn err(&self, t: usize, pc: usize, msg: impl std::fmt::Display) -> String {
         let line = self.k.instrs.get(pc).map_or(0, |i| i.line);
         let text = self.k.text.get(pc).map_or("", String::as_str);
-        format!("{}: CTA ({}, {}) thread {t}, line {line} '{text}': {msg}", self.k.name, self.ctaid[0], self.ctaid[1])
+        let [x, y] = self.ctaids[(t / self.n).min(self.ctaids.len() - 1)];
+        format!("{}: CTA ({x}, {y}) thread {}, line {line} '{text}': {msg}", self.k.name, t % self.n)
     }
 
     fn special(&self, t: usize, s: Special) -> u64 {
         match s {
-            Special::Tid(0) => t as u64,
+            Special::Tid(0) => (t % self.n) as u64,
             Special::Tid(_) => 0,
-            Special::Ntid(0) => self.threads.len() as u64,
+            Special::Ntid(0) => self.n as u64,
             Special::Ntid(_) => 1,
-            Special::Ctaid(d) => self.ctaid.get(d).copied().unwrap_or(0),
+            Special::Ctaid(d) => self.ctaids[t / self.n].get(d).copied().unwrap_or(0),
+            Special::ClusterCtaid(0) => (t / self.n) as u64,
+            Special::ClusterCtaid(_) => 0,
+            Special::ClusterNctaid(0) => self.ctaids.len() as u64,
+            Special::ClusterNctaid(_) => 1,
             Special::Nctaid(0) => u64::from(self.launch.grid[0]),
             Special::Nctaid(1) => u64::from(self.launch.grid[1]),
             Special::Nctaid(_) => 1,
             Special::LaneId => (t % 32) as u64,
-            Special::WarpId => (t / 32) as u64,
+            Special::WarpId => ((t % self.n) / 32) as u64,
         }
     }
 
@@ -167,7 +189,7 @@ impl Cta<'_> {
     fn set(&mut self, t: usize, o: &Opnd, v: u64) -> Result<(), String> {
         match o {
             Opnd::Reg(r) => {
-                self.threads[t].regs[*r as usize] = v;
+                self.write(t, *r, v);
                 Ok(())
             }
             _ => Err(format!("{o:?} is not a register")),
@@ -189,23 +211,35 @@ impl Cta<'_> {
         Ok(())
     }
 
-    /// The shared offset of a generic or shared address, if it is one.
-    fn shared_offset(&self, space: Space, addr: u64, bytes: usize) -> Result<Option<usize>, String> {
-        let off = match space {
-            Space::Shared => addr,
-            Space::Generic if addr >= SHARED_WINDOW => addr - SHARED_WINDOW,
-            _ => return Ok(None),
+    /// The CTA (of the cluster) and offset a shared address of thread `t` names: a generic
+    /// address in the window, a `shared::cta` offset (its own CTA), a `shared::cluster` address.
+    fn cluster_shared(&self, t: usize, addr: u64, bytes: usize) -> Result<(usize, usize), String> {
+        let addr = if addr >= SHARED_WINDOW { addr - SHARED_WINDOW } else { addr };
+        let (cta, off) = match addr >> CLUSTER_RANK_SHIFT {
+            0 => (t / self.n, addr as usize),
+            r => ((r - 1) as usize, (addr & ((1 << CLUSTER_RANK_SHIFT) - 1)) as usize),
         };
-        if off as usize + bytes > self.shared.len() {
+        let len = self.shared.get(cta).map_or(0, Vec::len);
+        if off + bytes > len {
             return Err(format!(
-                "shared access of {bytes} B at offset {off} past the CTA's {} B of shared memory",
+                "shared access of {bytes} B at offset {off} of the cluster's CTA {cta}: past its {len} B of shared \
+                 memory (or no such CTA in a cluster of {})",
                 self.shared.len()
             ));
         }
-        Ok(Some(off as usize))
+        Ok((cta, off))
     }
 
-    fn load(&self, space: Space, addr: u64, bytes: usize) -> Result<u64, String> {
+    /// The CTA and shared offset of a generic or shared address, if it is one.
+    fn shared_offset(&self, t: usize, space: Space, addr: u64, bytes: usize) -> Result<Option<(usize, usize)>, String> {
+        match space {
+            Space::Shared => self.cluster_shared(t, addr, bytes).map(Some),
+            Space::Generic if addr >= SHARED_WINDOW => self.cluster_shared(t, addr, bytes).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn load(&self, t: usize, space: Space, addr: u64, bytes: usize) -> Result<u64, String> {
         let mut b = [0u8; 8];
         if space == Space::Param {
             let a = addr as usize;
@@ -213,8 +247,8 @@ impl Cta<'_> {
                 return Err(format!("parameter read at {a} past {} B", self.params.len()));
             }
             b[..bytes].copy_from_slice(&self.params[a..a + bytes]);
-        } else if let Some(off) = self.shared_offset(space, addr, bytes)? {
-            b[..bytes].copy_from_slice(&self.shared[off..off + bytes]);
+        } else if let Some((cta, off)) = self.shared_offset(t, space, addr, bytes)? {
+            b[..bytes].copy_from_slice(&self.shared[cta][off..off + bytes]);
         } else {
             self.check_global(addr, bytes)?;
             // SAFETY: the launch's promise that global addresses are live host memory (checked
@@ -224,13 +258,13 @@ impl Cta<'_> {
         Ok(u64::from_le_bytes(b))
     }
 
-    fn store(&mut self, space: Space, addr: u64, bytes: usize, v: u64) -> Result<(), String> {
+    fn store(&mut self, t: usize, space: Space, addr: u64, bytes: usize, v: u64) -> Result<(), String> {
         let b = v.to_le_bytes();
         if space == Space::Param {
             return Err("a store to parameter space".into());
         }
-        if let Some(off) = self.shared_offset(space, addr, bytes)? {
-            self.shared[off..off + bytes].copy_from_slice(&b[..bytes]);
+        if let Some((cta, off)) = self.shared_offset(t, space, addr, bytes)? {
+            self.shared[cta][off..off + bytes].copy_from_slice(&b[..bytes]);
         } else {
             self.check_global(addr, bytes)?;
             // SAFETY: as in `load`.
@@ -411,12 +445,12 @@ impl Cta<'_> {
                 match arg(0)? {
                     Opnd::Vector(regs) => {
                         for (i, r) in regs.clone().into_iter().enumerate() {
-                            let v = self.load(*space, addr + (i * bytes) as u64, bytes)?;
+                            let v = self.load(t, *space, addr + (i * bytes) as u64, bytes)?;
                             self.write(t, r, v);
                         }
                     }
                     d => {
-                        let v = self.load(*space, addr, bytes)?;
+                        let v = self.load(t, *space, addr, bytes)?;
                         let v = if ty.kind == Kind::S { mask(sext(v, ty.bits) as u64, 64) } else { v };
                         let d = d.clone();
                         self.set(t, &d, v)?;
@@ -430,19 +464,19 @@ impl Cta<'_> {
                     Opnd::Vector(regs) => {
                         for (i, r) in regs.clone().into_iter().enumerate() {
                             let v = self.reg(t, r);
-                            self.store(*space, addr + (i * bytes) as u64, bytes, v)?;
+                            self.store(t, *space, addr + (i * bytes) as u64, bytes, v)?;
                         }
                     }
                     v => {
                         let v = self.value(t, &v.clone())?;
-                        self.store(*space, addr, bytes, v)?;
+                        self.store(t, *space, addr, bytes, v)?;
                     }
                 }
             }
             Op::Atom(space, op, ty) => {
                 let addr = self.address(t, arg(1)?)?;
                 let bytes = ty.bits as usize / 8;
-                let old = self.load(*space, addr, bytes)?;
+                let old = self.load(t, *space, addr, bytes)?;
                 let x = self.value(t, arg(2)?)?;
                 let new = match (op, ty.kind) {
                     (AtomOp::Add, Kind::F) => f32b(f32v(old) + f32v(x)),
@@ -468,7 +502,7 @@ impl Cta<'_> {
                         }
                     }
                 };
-                self.store(*space, addr, bytes, mask(new, ty.bits))?;
+                self.store(t, *space, addr, bytes, mask(new, ty.bits))?;
                 self.set(t, arg(0)?, old)?;
             }
             Op::Unary(u) => {
@@ -506,15 +540,14 @@ impl Cta<'_> {
                 self.threads[t].state = State::Wgmma(pc);
             }
             Op::MbarInit => {
-                let at = self.mbar_offset(t, arg(0)?)?;
+                let (cta, at) = self.mbar_offset(t, arg(0)?)?;
                 let n = self.value(t, arg(1)?)? as i64;
-                self.mbarriers.insert(at, Mbarrier { expected: n, pending: n, tx: 0, phase: 0 });
+                self.mbarriers[cta].insert(at, Mbarrier { expected: n, pending: n, tx: 0, phase: 0 });
             }
             Op::MbarArrive { expect_tx } => {
-                let at = self.mbar_offset(t, arg(1)?)?;
+                let (cta, at) = self.mbar_offset(t, arg(1)?)?;
                 let tx = if *expect_tx { self.value(t, arg(2)?)? as i64 } else { 0 };
-                let m =
-                    self.mbarriers.get_mut(&at).ok_or_else(|| format!("mbarrier at shared {at} not initialized"))?;
+                let m = self.mbarrier(cta, at)?;
                 m.tx += tx;
                 m.pending -= 1;
                 let state = m.phase;
@@ -522,28 +555,51 @@ impl Cta<'_> {
                 self.set(t, arg(0)?, state)?;
             }
             Op::MbarWait => {
-                let at = self.mbar_offset(t, arg(1)?)?;
+                let (cta, at) = self.mbar_offset(t, arg(1)?)?;
                 let parity = self.value(t, arg(2)?)? & 1;
-                let m = self.mbarriers.get(&at).ok_or_else(|| format!("mbarrier at shared {at} not initialized"))?;
-                if m.phase & 1 != parity {
+                if self.mbarrier(cta, at)?.phase & 1 != parity {
                     self.set(t, arg(0)?, 1)?;
                 } else {
                     self.threads[t].pc = pc;
-                    self.threads[t].state = State::Mbar(at, parity);
+                    self.threads[t].state = State::Mbar(cta, at, parity);
                 }
             }
-            Op::Tma => self.tma(t, a)?,
+            Op::Tma { multicast } => self.tma(t, a, *multicast)?,
+            Op::Mapa => {
+                let (addr, rank) = (self.value(t, arg(1)?)?, self.value(t, arg(2)?)?);
+                if rank as usize >= self.shared.len() {
+                    return Err(format!("mapa to CTA {rank} of a cluster of {}", self.shared.len()));
+                }
+                let off = addr & ((1 << CLUSTER_RANK_SHIFT) - 1);
+                self.set(t, arg(0)?, ((rank + 1) << CLUSTER_RANK_SHIFT) | off)?;
+            }
+            Op::ClusterArrive => {
+                let phase = self.threads[t].cluster_phase;
+                *self.cluster_arrivals.entry(phase).or_insert(0) += 1;
+                self.threads[t].cluster_phase += 1;
+            }
+            Op::ClusterWait => {
+                self.threads[t].pc = pc;
+                self.threads[t].state = State::Cluster(self.threads[t].cluster_phase.saturating_sub(1));
+            }
         }
         Ok(())
     }
 
-    fn mbar_offset(&self, t: usize, o: &Opnd) -> Result<usize, String> {
-        let addr = self.address(t, o)?;
-        let off = if addr >= SHARED_WINDOW { addr - SHARED_WINDOW } else { addr };
-        if off as usize + 8 > self.shared.len() || off % 8 != 0 {
-            return Err(format!("mbarrier at shared {off}: outside the CTA's shared memory or not 8-byte aligned"));
+    /// The CTA and shared offset of an mbarrier operand.
+    fn mbar_offset(&self, t: usize, o: &Opnd) -> Result<(usize, usize), String> {
+        let (cta, off) = self.cluster_shared(t, self.address(t, o)?, 8)?;
+        if off % 8 != 0 {
+            return Err(format!("mbarrier at shared {off}: not 8-byte aligned"));
         }
-        Ok(off as usize)
+        Ok((cta, off))
+    }
+
+    /// The mbarrier at shared offset `at` of the cluster's CTA `cta`, initialized.
+    fn mbarrier(&mut self, cta: usize, at: usize) -> Result<&mut Mbarrier, String> {
+        self.mbarriers[cta]
+            .get_mut(&at)
+            .ok_or_else(|| format!("the mbarrier at shared {at} of the cluster's CTA {cta} is not initialized"))
     }
 
     fn arith(&self, t: usize, op: Arith, ty: Ty, a: &[Opnd]) -> Result<u64, String> {
@@ -656,8 +712,12 @@ impl Cta<'_> {
     /// `cp.async.bulk.tensor`: the box at the coordinates, out-of-bounds elements zero, written to
     /// shared memory (128-byte swizzled on the shared address when the map says so), then its
     /// bytes completed on the mbarrier.
-    fn tma(&mut self, t: usize, a: &[Opnd]) -> Result<(), String> {
-        let [dst, src, bar] = a else { return Err("cp.async.bulk.tensor takes 3 operands".into()) };
+    fn tma(&mut self, t: usize, a: &[Opnd], multicast: bool) -> Result<(), String> {
+        let (dst, src, bar) = match a {
+            [dst, src, bar] if !multicast => (dst, src, bar),
+            [dst, src, bar, _] if multicast => (dst, src, bar),
+            _ => return Err("cp.async.bulk.tensor: operands".into()),
+        };
         let Opnd::Tensor { map, coords } = src else { return Err("no tensor operand".into()) };
         let map_addr = self.threads[t].regs[*map as usize];
         let idx = map_addr.checked_sub(TENSOR_MAP_BASE).map(|d| (d / 128) as usize);
@@ -668,20 +728,18 @@ impl Cta<'_> {
             return Err(format!("a {}-d tensor copy (2-d only)", coords.len()));
         }
         let (c0, c1) = (sext(self.value(t, &coords[0])?, 32), sext(self.value(t, &coords[1])?, 32));
-        let dst = self.address(t, dst)?;
-        let dst = if dst >= SHARED_WINDOW { dst - SHARED_WINDOW } else { dst } as usize;
         let eb = m.element_bytes;
         let row_bytes = m.box_cols * eb;
         let total = m.box_rows * row_bytes;
-        if dst % 128 != 0 || dst + total > self.shared.len() {
-            return Err(format!(
-                "tensor copy of {total} B to shared {dst}: not 128-byte aligned or past the CTA's {} B",
-                self.shared.len()
-            ));
+        let (own, dst) = self.cluster_shared(t, self.address(t, dst)?, total)?;
+        if dst % 128 != 0 {
+            return Err(format!("tensor copy of {total} B to shared {dst}: not 128-byte aligned"));
         }
         if m.swizzle && row_bytes > 128 {
             return Err(format!("a 128-byte swizzled box with {row_bytes}-byte rows"));
         }
+        // The box, as shared memory holds it.
+        let mut boxed = vec![0u8; total];
         for r in 0..m.box_rows {
             let gr = c1 + r as i64;
             for c in 0..m.box_cols {
@@ -695,16 +753,24 @@ impl Cta<'_> {
                     let src = m.addr + (gr as usize * m.pitch + gc as usize * eb) as u64;
                     self.check_global(src, eb)?;
                     // SAFETY: inside the map's matrix (checked against the regions when given).
-                    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, self.shared[off..].as_mut_ptr(), eb) };
-                } else {
-                    self.shared[off..off + eb].fill(0);
+                    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, boxed[off - dst..].as_mut_ptr(), eb) };
                 }
             }
         }
-        let at = self.mbar_offset(t, bar)?;
-        let mb = self.mbarriers.get_mut(&at).ok_or_else(|| format!("mbarrier at shared {at} not initialized"))?;
-        mb.tx -= total as i64;
-        mb.complete_if_done();
+        // The CTAs it lands in (the same offsets in each), completing bytes on their mbarriers.
+        let (_, at) = self.mbar_offset(t, bar)?;
+        let ctas: Vec<usize> = if multicast {
+            let mask = self.value(t, &a[3])?;
+            (0..self.shared.len()).filter(|r| mask >> r & 1 == 1).collect()
+        } else {
+            vec![own]
+        };
+        for cta in ctas {
+            self.shared[cta][dst..dst + total].copy_from_slice(&boxed);
+            let mb = self.mbarrier(cta, at)?;
+            mb.tx -= total as i64;
+            mb.complete_if_done();
+        }
         Ok(())
     }
 
@@ -712,31 +778,44 @@ impl Cta<'_> {
     fn release(&mut self) -> Result<bool, String> {
         let mut progressed = false;
         let n = self.threads.len();
-        // Barriers.
-        let live = self.threads.iter().filter(|th| th.state != State::Done).count() as u64;
-        let mut at_bar: HashMap<u64, (u64, u64)> = HashMap::new();
-        for th in &self.threads {
-            if let State::Bar { id, count } = th.state {
-                let e = at_bar.entry(id).or_insert((0, count));
-                e.0 += 1;
+        // Barriers, per CTA.
+        for threads in self.threads.chunks_mut(self.n) {
+            let live = threads.iter().filter(|th| th.state != State::Done).count() as u64;
+            let mut at_bar: HashMap<u64, (u64, u64)> = HashMap::new();
+            for th in threads.iter() {
+                if let State::Bar { id, count } = th.state {
+                    let e = at_bar.entry(id).or_insert((0, count));
+                    e.0 += 1;
+                }
+            }
+            for (id, (arrived, count)) in at_bar {
+                let need = if count == 0 { live } else { count };
+                if arrived >= need {
+                    for th in threads.iter_mut() {
+                        if matches!(th.state, State::Bar { id: i, .. } if i == id) {
+                            th.state = State::Run;
+                            th.pc += 1;
+                        }
+                    }
+                    progressed = true;
+                }
             }
         }
-        for (id, (arrived, count)) in at_bar {
-            let need = if count == 0 { live } else { count };
-            if arrived >= need {
-                for th in &mut self.threads {
-                    if matches!(th.state, State::Bar { id: i, .. } if i == id) {
-                        th.state = State::Run;
-                        th.pc += 1;
-                    }
+        // The cluster barrier: every thread not exited has arrived for the phase.
+        let live = self.threads.iter().filter(|th| th.state != State::Done).count();
+        for th in &mut self.threads {
+            if let State::Cluster(phase) = th.state {
+                if self.cluster_arrivals.get(&phase).copied().unwrap_or(0) >= live {
+                    th.state = State::Run;
+                    th.pc += 1;
+                    progressed = true;
                 }
-                progressed = true;
             }
         }
         // Mbarrier phases.
         for th in &mut self.threads {
-            if let State::Mbar(at, parity) = th.state {
-                if self.mbarriers.get(&at).is_some_and(|m| m.phase & 1 != parity) {
+            if let State::Mbar(cta, at, parity) = th.state {
+                if self.mbarriers[cta].get(&at).is_some_and(|m| m.phase & 1 != parity) {
                     th.state = State::Run;
                     progressed = true;
                 }
@@ -835,13 +914,14 @@ impl Cta<'_> {
             for r in 0..rows {
                 for kk in 0..mma.k {
                     let off = crate::layout::element(desc, r, kk, mma.input_bytes, trans)?;
-                    if off + mma.input_bytes > self.shared.len() {
-                        return Err(format!("wgmma operand read at shared {off} past {} B", self.shared.len()));
+                    let shared = &self.shared[t0 / self.n];
+                    if off + mma.input_bytes > shared.len() {
+                        return Err(format!("wgmma operand read at shared {off} past {} B", shared.len()));
                     }
                     out[r * mma.k + kk] = if mma.input_bytes == 2 {
-                        v3c_models::dtype::bf16_to_f32(u16::from_le_bytes([self.shared[off], self.shared[off + 1]]))
+                        v3c_models::dtype::bf16_to_f32(u16::from_le_bytes([shared[off], shared[off + 1]]))
                     } else {
-                        v3c_models::dtype::f8e4m3_to_f32(self.shared[off])
+                        v3c_models::dtype::f8e4m3_to_f32(shared[off])
                     };
                 }
             }
@@ -1040,24 +1120,30 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
         params[off..off + n].copy_from_slice(&v.to_le_bytes()[..n]);
     }
     let shared_bytes = k.dynamic_offset + launch.dynamic_shared;
+    let cluster = k.cluster.max(1);
+    if launch.grid[0] as usize % cluster != 0 {
+        return Err(format!("{}: a grid of {} CTAs in clusters of {cluster}", k.name, launch.grid[0]));
+    }
     let mut stats = Stats::default();
     for y in 0..launch.grid[1] {
-        for x in 0..launch.grid[0] {
+        for x0 in (0..launch.grid[0]).step_by(cluster) {
             let mut cta = Cta {
                 k,
                 launch,
-                ctaid: [u64::from(x), u64::from(y)],
-                threads: (0..threads)
-                    .map(|_| Thread { pc: 0, regs: vec![0; k.registers], state: State::Run })
+                n: threads,
+                ctaids: (0..cluster as u32).map(|i| [u64::from(x0 + i), u64::from(y)]).collect(),
+                threads: (0..threads * cluster)
+                    .map(|_| Thread { pc: 0, regs: vec![0; k.registers], state: State::Run, cluster_phase: 0 })
                     .collect(),
-                shared: vec![0; shared_bytes],
+                shared: vec![vec![0; shared_bytes]; cluster],
                 params: params.clone(),
-                mbarriers: HashMap::new(),
+                mbarriers: vec![HashMap::new(); cluster],
+                cluster_arrivals: HashMap::new(),
                 executed: 0,
             };
             loop {
                 let mut progressed = false;
-                for t in 0..threads {
+                for t in 0..cta.threads.len() {
                     if cta.threads[t].state == State::Run {
                         cta.run_thread(t)?;
                         progressed = true;
@@ -1077,11 +1163,21 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
                         .map(|(t, th)| {
                             let line = k.instrs.get(th.pc).map_or(0, |i| i.line);
                             let text = k.text.get(th.pc).map_or("", String::as_str);
-                            format!("thread {t} at line {line} '{text}' {}", th.state.waiting())
+                            let who = if cluster > 1 {
+                                format!("CTA {} thread {}", t / threads, t % threads)
+                            } else {
+                                format!("thread {t}")
+                            };
+                            format!("{who} at line {line} '{text}' {}", th.state.waiting())
                         })
                         .collect();
+                    let at = if cluster > 1 {
+                        format!("the cluster at CTA ({x0}, {y})")
+                    } else {
+                        format!("CTA ({x0}, {y})")
+                    };
                     return Err(format!(
-                        "{}: CTA ({x}, {y}) deadlocked: {}{}",
+                        "{}: {at} deadlocked: {}{}",
                         k.name,
                         waiting.join(", "),
                         if waiting.len() == 4 { ", ..." } else { "" }
@@ -1089,7 +1185,7 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
                 }
             }
             stats.instructions += cta.executed;
-            stats.ctas += 1;
+            stats.ctas += cluster as u64;
         }
     }
     Ok(stats)

@@ -5,10 +5,13 @@
 //! (`v3c emulate --ptx`).
 //!
 //! What it models:
-//! - CTAs one after another; threads of a CTA each run until they must wait: `bar.sync` (all
-//!   threads not exited, or the count given), a warp's `shfl.sync`, a warpgroup's
-//!   `wgmma.mma_async`, an mbarrier phase (`try_wait.parity`). A CTA where no thread can go on is
-//!   reported as a deadlock, naming the threads and lines.
+//! - CTAs one after another (a cluster's CTAs together); threads each run until they must wait:
+//!   `bar.sync` (all threads of the CTA not exited, or the count given), a warp's `shfl.sync`, a
+//!   warpgroup's `wgmma.mma_async`, an mbarrier phase (`try_wait.parity`), `barrier.cluster`. A
+//!   CTA (or cluster) where no thread can go on is reported as a deadlock, naming the threads,
+//!   lines and what each waits for.
+//! - Clusters (`.reqnctapercluster`): `%cluster_ctaid`, `mapa` into another CTA's shared memory,
+//!   mbarrier arrivals there, TMA multicast to the CTAs of a mask.
 //! - Global memory is the host's (addresses are host pointers); with [`Launch::regions`] every
 //!   global access must fall inside one, else the launch fails naming the address. Shared memory is
 //!   the kernel's static variables then the dynamic part, bounds-checked; generic addresses of it
@@ -21,9 +24,11 @@
 //!   descriptors ([`layout`]), run synchronously when all 128 threads arrive (so `wait_group` has
 //!   nothing to wait for, and a kernel that overwrites an operand before waiting is not caught).
 //!
-//! What it does not: timing, memory ordering between CTAs (they run in turn), clusters larger
-//! than one CTA, the hardware's own rounding of wgmma's accumulation (sums here are sequential f32)
-//! and of `ex2.approx`/`lg2.approx` (exact functions here).
+//! What it does not: timing, memory ordering between CTAs of different clusters (they run in
+//! turn), data races (one schedule is run: each thread as far as it goes, in thread order), the
+//! hardware's own rounding of wgmma's accumulation (sums here are sequential f32; the tensor
+//! cores' fp8 accumulation keeps fewer bits) and of `ex2.approx`/`lg2.approx` (exact functions
+//! here).
 
 mod exec;
 pub mod layout;

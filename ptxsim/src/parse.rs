@@ -67,6 +67,9 @@ pub enum Special {
     Nctaid(usize),
     LaneId,
     WarpId,
+    /// `%cluster_ctaid` / `%cluster_nctaid`: the CTA's place in its cluster, the cluster's size.
+    ClusterCtaid(usize),
+    ClusterNctaid(usize),
 }
 
 /// The register of `_` in a vector (a value written nowhere).
@@ -229,8 +232,16 @@ pub enum Op {
     },
     /// try_wait / test_wait with a parity.
     MbarWait,
-    /// `cp.async.bulk.tensor.Nd.shared::cluster.global.tile.mbarrier::complete_tx::bytes`.
-    Tma,
+    /// `cp.async.bulk.tensor.Nd.shared::cluster.global.tile.mbarrier::complete_tx::bytes`, to one
+    /// CTA or (`multicast`) to those of a CTA mask.
+    Tma {
+        multicast: bool,
+    },
+    /// `mapa.shared::cluster d, a, rank`: a shared address in another CTA of the cluster.
+    Mapa,
+    /// `barrier.cluster.arrive` / `barrier.cluster.wait`.
+    ClusterArrive,
+    ClusterWait,
     Wgmma(Mma),
     /// Fences, prefetches, register reallocation, wgmma's fence/commit/wait (wgmma runs
     /// synchronously here): nothing to do.
@@ -259,6 +270,8 @@ pub struct Kernel {
     pub static_shared: usize,
     pub dynamic_offset: usize,
     pub max_threads: Option<usize>,
+    /// CTAs per cluster (`.reqnctapercluster`; 1 without).
+    pub cluster: usize,
     pub instrs: Vec<Instr>,
     /// Each instruction's text, for errors.
     pub text: Vec<String>,
@@ -428,6 +441,8 @@ fn special(s: &str) -> Option<Special> {
         "ntid" => Some(Special::Ntid(d)),
         "ctaid" => Some(Special::Ctaid(d)),
         "nctaid" => Some(Special::Nctaid(d)),
+        "cluster_ctaid" => Some(Special::ClusterCtaid(d)),
+        "cluster_nctaid" => Some(Special::ClusterNctaid(d)),
         _ => None,
     }
 }
@@ -496,6 +511,9 @@ impl Names {
         }
         if let Some(sp) = s.strip_prefix('%').and_then(special) {
             return Ok(Opnd::Special(sp));
+        }
+        if s == "_" {
+            return Ok(Opnd::Reg(SINK));
         }
         if let Some(r) = self.reg(s, scope) {
             return Ok(Opnd::Reg(r));
@@ -645,9 +663,12 @@ fn decode(opcode: &str) -> Result<Op, String> {
         "mbarrier" if has("init") => Ok(Op::MbarInit),
         "mbarrier" if has("arrive") && !has("noComplete") => Ok(Op::MbarArrive { expect_tx: has("expect_tx") }),
         "mbarrier" if (has("try_wait") || has("test_wait")) && has("parity") => Ok(Op::MbarWait),
-        "cp" if has("bulk") && has("tensor") && has("tile") && has("global") && !has("multicast::cluster") => {
-            Ok(Op::Tma)
+        "cp" if has("bulk") && has("tensor") && has("tile") && has("global") => {
+            Ok(Op::Tma { multicast: has("multicast::cluster") })
         }
+        "mapa" => Ok(Op::Mapa),
+        "barrier" if has("cluster") && has("arrive") => Ok(Op::ClusterArrive),
+        "barrier" if has("cluster") && has("wait") => Ok(Op::ClusterWait),
         "wgmma" if has("mma_async") => {
             let shape = parts.iter().find(|p| p.starts_with("m64n")).ok_or_else(|| format!("shape of '{opcode}'"))?;
             let (n, k) = shape[4..].split_once('k').ok_or_else(|| format!("shape of '{opcode}'"))?;
@@ -771,6 +792,10 @@ fn kernel(
         .split(|c: char| c == '\n' || c == ';')
         .find_map(|d| d.trim().strip_prefix(".maxntid").or_else(|| d.trim().strip_prefix(".reqntid")))
         .map(|d| d.split(',').filter_map(|x| x.trim().parse::<usize>().ok()).product());
+    let cluster = directives
+        .split(|c: char| c == '\n' || c == ';')
+        .find_map(|d| d.trim().strip_prefix(".reqnctapercluster"))
+        .map_or(1, |d| d.split(',').filter_map(|x| x.trim().parse::<usize>().ok()).product());
     let items = items(body, body_line)?;
     // Shared variables: module-level then the body's, laid out in order; the dynamic one after.
     let mut shared = 0usize;
@@ -862,6 +887,7 @@ fn kernel(
         static_shared: shared,
         dynamic_offset,
         max_threads,
+        cluster,
         instrs,
         text: texts,
     })
