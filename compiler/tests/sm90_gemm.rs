@@ -459,6 +459,10 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
         if let Some(r) = &k.resources {
             assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", k.name);
         }
+        // The kernel the artifact ships, its PTX simulated on a small ragged problem.
+        let config = GemmConfig::from_name(&k.name).unwrap_or_else(|| panic!("{}: not a GEMM name", k.name));
+        assert!(launched(&config), "{}", k.name);
+        simulate_gemm(&config, k);
     }
     // The embedding, the norms and their quantization are row kernels.
     let row = |name: &str| lowered.rows.iter().find(|(k, _)| k == name).map(|(_, r)| r.kernel.kernel_name());
@@ -651,149 +655,155 @@ impl Host {
 /// either block) too.
 #[test]
 fn every_launched_gemm_configuration_simulated_from_its_ptx_computes_its_semantics() {
-    use v3c_runtime::abi::{GemmOperands, Param};
     let context = v3c_compiler::mlir::new_context();
     let mut checked = 0;
     for config in configs() {
-        if config.swiglu || config.output == GemmOutput::Fp8 || config.grouping == GemmGrouping::Masked {
+        if !launched(&config) {
             continue;
         }
         let kernel = sm90::compile_gemm(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
-        let abi = config.host_abi();
-        let mut host = Host::default();
-        let fp8 = config.input == GemmInput::Fp8;
-        let grouped = config.grouping != GemmGrouping::Dense;
-        // K: two whole 128-blocks and a 16-wide tail; N: a partial tile past whole ones (an fp8
-        // expert's N in whole 128-row scale blocks, as the runtime requires of grouped weights).
-        let (k, n) = (272, if grouped && fp8 { 384 } else { config.block_n + 40 });
-        // Grouped: 3 groups of 37, 0 and 64 sorted rows (gathered from 90 tokens, scattered back).
-        let (groups, offsets) = if grouped { (3, vec![0, 37, 37, 101]) } else { (1, vec![0, 100]) };
-        let rows = *offsets.last().unwrap() as usize;
-        let tokens = 90;
-        let a_rows = if config.grouping == GemmGrouping::Gather { tokens } else { rows };
-        let a = host.matrix(config.input, [a_rows, k], 1);
-        let b = host.matrix(config.input, [groups * n, k], 2);
-        let kb = k.div_ceil(128);
-        let a_scale = fp8.then(|| {
-            host.f32s(&values(a_rows * kb, 3).iter().map(|x| 0.5 + x.abs()).collect::<Vec<_>>(), &[a_rows, kb])
-        });
-        let b_scale_rows = if config.b_row_scales { groups * n } else { (groups * n).div_ceil(128) };
-        let b_scale = fp8.then(|| {
-            host.f32s(
-                &values(b_scale_rows * kb, 4).iter().map(|x| 0.5 + x.abs()).collect::<Vec<_>>(),
-                &[b_scale_rows, kb],
-            )
-        });
-        let out_rows = if config.scatter { tokens } else { rows };
-        let out_el = if config.output == GemmOutput::Bf16 { "bf16" } else { "f32" };
-        let out_bytes = out_rows * n * if out_el == "bf16" { 2 } else { 4 };
-        let out = host.buf(&vec![0u8; out_bytes], &[out_rows, n], out_el);
-        let residual = config.residual.then(|| {
-            let v = values(out_rows * n, 5);
-            match out_el {
-                "bf16" => host.buf(
-                    &v.iter().flat_map(|x| v3c_models::dtype::f32_to_bf16(*x).to_le_bytes()).collect::<Vec<u8>>(),
-                    &[out_rows, n],
-                    "bf16",
-                ),
-                _ => host.f32s(&v, &[out_rows, n]),
-            }
-        });
-        let offsets_buf = grouped.then(|| host.i32s(&offsets, &[groups + 1]));
-        // Sorted row p holds token (7 p) mod 90 (scatter: each token at most twice).
-        let perm =
-            grouped.then(|| host.i32s(&(0..rows as i32).map(|p| (7 * p) % tokens as i32).collect::<Vec<_>>(), &[rows]));
-        let row_scale = config.row_scale.then(|| host.f32s(&values(rows, 6), &[rows]));
-        let k_range = config.k_range.then(|| host.i32s(&[128, 272], &[2]));
-        let problem = v3c_runtime::abi::GemmProblem { m: rows, n, k, groups };
-        let scratch = abi.scratch(problem, 132);
-        let workspace = config
-            .split_k
-            .then(|| host.buf(&vec![0u8; scratch.workspace_bytes], &[scratch.workspace_bytes], "i8").addr);
-        let counters =
-            config.split_k.then(|| host.buf(&vec![0u8; scratch.counters * 4], &[scratch.counters], "i32").addr);
-        let ops = GemmOperands {
-            a: &a,
-            a_scale: a_scale.as_ref(),
-            b: &b,
-            b_scale: b_scale.as_ref(),
-            out: &out,
-            residual: residual.as_ref(),
-            offsets: offsets_buf.as_ref(),
-            perm: if config.grouping == GemmGrouping::Contiguous && !config.scatter { None } else { perm.as_ref() },
-            row_scale: row_scale.as_ref(),
-            k_range: k_range.as_ref(),
-            workspace,
-            counters,
-        };
-        let launch = abi.launch(&kernel.name, &ops, 132).unwrap_or_else(|e| panic!("{e}"));
-        // SAFETY: the launch's buffers are `host`'s.
-        unsafe { v3c_compiler::emulate::emulate_gemm(&abi, &launch) }.unwrap();
-        let read = |b: &v3c_runtime::abi::Buf| -> Vec<f32> {
-            // SAFETY: the output's allocation.
-            let bytes = unsafe { std::slice::from_raw_parts(b.addr as *const u8, out_bytes) };
-            match out_el {
-                "bf16" => {
-                    bytes.chunks(2).map(|c| v3c_models::dtype::bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()
-                }
-                _ => bytes.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            }
-        };
-        let want = read(&out);
-        // SAFETY: as above.
-        unsafe { std::ptr::write_bytes(out.addr as *mut u8, 0, out_bytes) };
-        let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
-        let params: Vec<u64> = launch
-            .params
-            .iter()
-            .map(|p| match *p {
-                Param::Value(v) => v,
-                Param::TensorMap(i) => v3c_ptxsim::TENSOR_MAP_BASE + 128 * i as u64,
-            })
-            .collect();
-        let maps: Vec<v3c_ptxsim::TensorMap> = launch
-            .tensor_maps
-            .iter()
-            .map(|m| v3c_ptxsim::TensorMap {
-                addr: m.addr,
-                rows: m.rows,
-                cols: m.cols,
-                element_bytes: m.element_bytes(),
-                box_rows: m.box_rows,
-                box_cols: m.box_cols,
-                pitch: m.pitch,
-                swizzle: m.swizzle,
-            })
-            .collect();
-        let sim = v3c_ptxsim::Launch {
-            grid: [launch.grid as u32, 1],
-            threads: kernel.threads as u32,
-            dynamic_shared: kernel.shared_memory_bytes,
-            params: &params,
-            tensor_maps: &maps,
-            regions: Some(&host.regions),
-            max_instructions: 1 << 32,
-        };
-        // SAFETY: every access is checked against `host`'s regions.
-        let stats = unsafe { v3c_ptxsim::run(&module.kernels[0], &sim) }.unwrap_or_else(|e| panic!("{e}"));
-        let got = read(&out);
-        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let diff = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
-        eprintln!(
-            "{}: {} CTAs, {} instructions simulated; max |diff| {diff:.3e} of max |value| {scale:.3e}",
-            kernel.name, stats.ctas, stats.instructions
-        );
-        // f32 sums in another order (a bf16 output: one rounding apart).
-        let tolerance = if out_el == "bf16" { 1e-2 } else { 1e-5 };
-        assert!(scale > 0.0 && diff <= tolerance * scale, "{}: {diff} of {scale}", kernel.name);
-        if config.split_k {
-            // The kernel leaves its counters zero for the next launch.
-            let c = counters.unwrap();
-            // SAFETY: the counters' allocation.
-            let left = unsafe { std::slice::from_raw_parts(c as *const i32, scratch.counters) };
-            assert!(left.iter().all(|&x| x == 0), "{}: counters {left:?}", kernel.name);
-        }
+        simulate_gemm(&config, &kernel);
         checked += 1;
     }
     assert!(checked >= 15, "{checked} configurations simulated");
+}
+
+/// The GEMM forms the runtime launches (not the masked grouping, the SwiGLU epilogue or fp8
+/// outputs).
+fn launched(config: &GemmConfig) -> bool {
+    !config.swiglu && config.output != GemmOutput::Fp8 && config.grouping != GemmGrouping::Masked
+}
+
+/// Simulates `kernel` (the PTX of `config`) on a problem with ragged edges and holds its output to
+/// what the launch's semantics give.
+fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel) {
+    use v3c_runtime::abi::{GemmOperands, Param};
+    let abi = config.host_abi();
+    let mut host = Host::default();
+    let fp8 = config.input == GemmInput::Fp8;
+    let grouped = config.grouping != GemmGrouping::Dense;
+    // K: two whole 128-blocks and a 16-wide tail; N: a partial tile past whole ones (an fp8
+    // expert's N in whole 128-row scale blocks, as the runtime requires of grouped weights).
+    let (k, n) = (272, if grouped && fp8 { 384 } else { config.block_n + 40 });
+    // Grouped: 3 groups of 37, 0 and 64 sorted rows (gathered from 90 tokens, scattered back).
+    let (groups, offsets) = if grouped { (3, vec![0, 37, 37, 101]) } else { (1, vec![0, 100]) };
+    let rows = *offsets.last().unwrap() as usize;
+    let tokens = 90;
+    let a_rows = if config.grouping == GemmGrouping::Gather { tokens } else { rows };
+    let a = host.matrix(config.input, [a_rows, k], 1);
+    let b = host.matrix(config.input, [groups * n, k], 2);
+    let kb = k.div_ceil(128);
+    let a_scale = fp8
+        .then(|| host.f32s(&values(a_rows * kb, 3).iter().map(|x| 0.5 + x.abs()).collect::<Vec<_>>(), &[a_rows, kb]));
+    let b_scale_rows = if config.b_row_scales { groups * n } else { (groups * n).div_ceil(128) };
+    let b_scale = fp8.then(|| {
+        host.f32s(&values(b_scale_rows * kb, 4).iter().map(|x| 0.5 + x.abs()).collect::<Vec<_>>(), &[b_scale_rows, kb])
+    });
+    let out_rows = if config.scatter { tokens } else { rows };
+    let out_el = if config.output == GemmOutput::Bf16 { "bf16" } else { "f32" };
+    let out_bytes = out_rows * n * if out_el == "bf16" { 2 } else { 4 };
+    let out = host.buf(&vec![0u8; out_bytes], &[out_rows, n], out_el);
+    let residual = config.residual.then(|| {
+        let v = values(out_rows * n, 5);
+        match out_el {
+            "bf16" => host.buf(
+                &v.iter().flat_map(|x| v3c_models::dtype::f32_to_bf16(*x).to_le_bytes()).collect::<Vec<u8>>(),
+                &[out_rows, n],
+                "bf16",
+            ),
+            _ => host.f32s(&v, &[out_rows, n]),
+        }
+    });
+    let offsets_buf = grouped.then(|| host.i32s(&offsets, &[groups + 1]));
+    // Sorted row p holds token (7 p) mod 90 (scatter: each token at most twice).
+    let perm =
+        grouped.then(|| host.i32s(&(0..rows as i32).map(|p| (7 * p) % tokens as i32).collect::<Vec<_>>(), &[rows]));
+    let row_scale = config.row_scale.then(|| host.f32s(&values(rows, 6), &[rows]));
+    let k_range = config.k_range.then(|| host.i32s(&[128, 272], &[2]));
+    let problem = v3c_runtime::abi::GemmProblem { m: rows, n, k, groups };
+    let scratch = abi.scratch(problem, 132);
+    let workspace =
+        config.split_k.then(|| host.buf(&vec![0u8; scratch.workspace_bytes], &[scratch.workspace_bytes], "i8").addr);
+    let counters = config.split_k.then(|| host.buf(&vec![0u8; scratch.counters * 4], &[scratch.counters], "i32").addr);
+    let ops = GemmOperands {
+        a: &a,
+        a_scale: a_scale.as_ref(),
+        b: &b,
+        b_scale: b_scale.as_ref(),
+        out: &out,
+        residual: residual.as_ref(),
+        offsets: offsets_buf.as_ref(),
+        perm: if config.grouping == GemmGrouping::Contiguous && !config.scatter { None } else { perm.as_ref() },
+        row_scale: row_scale.as_ref(),
+        k_range: k_range.as_ref(),
+        workspace,
+        counters,
+    };
+    let launch = abi.launch(&kernel.name, &ops, 132).unwrap_or_else(|e| panic!("{e}"));
+    // SAFETY: the launch's buffers are `host`'s.
+    unsafe { v3c_compiler::emulate::emulate_gemm(&abi, &launch) }.unwrap();
+    let read = |b: &v3c_runtime::abi::Buf| -> Vec<f32> {
+        // SAFETY: the output's allocation.
+        let bytes = unsafe { std::slice::from_raw_parts(b.addr as *const u8, out_bytes) };
+        match out_el {
+            "bf16" => {
+                bytes.chunks(2).map(|c| v3c_models::dtype::bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()
+            }
+            _ => bytes.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        }
+    };
+    let want = read(&out);
+    // SAFETY: as above.
+    unsafe { std::ptr::write_bytes(out.addr as *mut u8, 0, out_bytes) };
+    let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+    let params: Vec<u64> = launch
+        .params
+        .iter()
+        .map(|p| match *p {
+            Param::Value(v) => v,
+            Param::TensorMap(i) => v3c_ptxsim::TENSOR_MAP_BASE + 128 * i as u64,
+        })
+        .collect();
+    let maps: Vec<v3c_ptxsim::TensorMap> = launch
+        .tensor_maps
+        .iter()
+        .map(|m| v3c_ptxsim::TensorMap {
+            addr: m.addr,
+            rows: m.rows,
+            cols: m.cols,
+            element_bytes: m.element_bytes(),
+            box_rows: m.box_rows,
+            box_cols: m.box_cols,
+            pitch: m.pitch,
+            swizzle: m.swizzle,
+        })
+        .collect();
+    let sim = v3c_ptxsim::Launch {
+        grid: [launch.grid as u32, 1],
+        threads: kernel.threads as u32,
+        dynamic_shared: kernel.shared_memory_bytes,
+        params: &params,
+        tensor_maps: &maps,
+        regions: Some(&host.regions),
+        max_instructions: 1 << 32,
+    };
+    // SAFETY: every access is checked against `host`'s regions.
+    let stats = unsafe { v3c_ptxsim::run(&module.kernels[0], &sim) }.unwrap_or_else(|e| panic!("{e}"));
+    let got = read(&out);
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    eprintln!(
+        "{}: {} CTAs, {} instructions simulated; max |diff| {diff:.3e} of max |value| {scale:.3e}",
+        kernel.name, stats.ctas, stats.instructions
+    );
+    // f32 sums in another order (a bf16 output: one rounding apart).
+    let tolerance = if out_el == "bf16" { 1e-2 } else { 1e-5 };
+    assert!(scale > 0.0 && diff <= tolerance * scale, "{}: {diff} of {scale}", kernel.name);
+    if config.split_k {
+        // The kernel leaves its counters zero for the next launch.
+        let c = counters.unwrap();
+        // SAFETY: the counters' allocation.
+        let left = unsafe { std::slice::from_raw_parts(c as *const i32, scratch.counters) };
+        assert!(left.iter().all(|&x| x == 0), "{}: counters {left:?}", kernel.name);
+    }
 }
