@@ -150,6 +150,55 @@ pub unsafe fn emulate_decode(l: &KernelLaunch) -> Result<(), String> {
     crate::conversion::sm90::host::mla_decode(heads, scale, &[mapped(l, 0)?, cache, table, seqlens, o_part, lse])
 }
 
+/// Runs `launch` (of `kernel`'s PTX, `threads` a block and `dynamic_shared` bytes) in the PTX
+/// simulator: tensor-map parameters passed as the simulator names them, the maps as the runtime
+/// would encode them; with `regions`, global accesses outside them fail the launch.
+///
+/// # Safety
+/// Every address the launch names must be live host memory of the sizes it names (outside
+/// `regions`, when given, nothing is touched).
+pub unsafe fn simulate_launch(
+    kernel: &v3c_ptxsim::Kernel,
+    launch: &KernelLaunch,
+    threads: usize,
+    dynamic_shared: usize,
+    regions: Option<&[(u64, usize)]>,
+) -> Result<v3c_ptxsim::Stats, String> {
+    let params: Vec<u64> = launch
+        .params
+        .iter()
+        .map(|p| match *p {
+            Param::Value(v) => v,
+            Param::TensorMap(i) => v3c_ptxsim::TENSOR_MAP_BASE + 128 * i as u64,
+        })
+        .collect();
+    let maps: Vec<v3c_ptxsim::TensorMap> = launch
+        .tensor_maps
+        .iter()
+        .map(|m| v3c_ptxsim::TensorMap {
+            addr: m.addr,
+            rows: m.rows,
+            cols: m.cols,
+            element_bytes: m.element_bytes(),
+            box_rows: m.box_rows,
+            box_cols: m.box_cols,
+            pitch: m.pitch,
+            swizzle: m.swizzle,
+        })
+        .collect();
+    let sim = v3c_ptxsim::Launch {
+        grid: [launch.grid as u32, launch.grid_y as u32],
+        threads: threads as u32,
+        dynamic_shared,
+        params: &params,
+        tensor_maps: &maps,
+        regions,
+        max_instructions: 1 << 34,
+    };
+    // SAFETY: the caller's promise.
+    unsafe { v3c_ptxsim::run(kernel, &sim) }
+}
+
 /// A launch's parameters after its `maps` tensor maps, as values.
 fn values_after_maps(l: &KernelLaunch, maps: usize) -> Result<Vec<u64>, String> {
     l.params[maps.min(l.params.len())..]
@@ -367,40 +416,10 @@ impl<'a, 'c> Emulator<'a, 'c> {
             cache.insert(k.kernel.clone(), kernel);
         }
         let kernel = &cache[&k.kernel];
-        let params: Vec<u64> = k
-            .params
-            .iter()
-            .map(|p| match *p {
-                Param::Value(v) => v,
-                Param::TensorMap(i) => v3c_ptxsim::TENSOR_MAP_BASE + 128 * i as u64,
-            })
-            .collect();
-        let maps: Vec<v3c_ptxsim::TensorMap> = k
-            .tensor_maps
-            .iter()
-            .map(|m| v3c_ptxsim::TensorMap {
-                addr: m.addr,
-                rows: m.rows,
-                cols: m.cols,
-                element_bytes: m.element_bytes(),
-                box_rows: m.box_rows,
-                box_cols: m.box_cols,
-                pitch: m.pitch,
-                swizzle: m.swizzle,
-            })
-            .collect();
         let threads = entry.threads.ok_or_else(|| format!("kernel {} has no thread count", k.kernel))?;
-        let launch = v3c_ptxsim::Launch {
-            grid: [k.grid as u32, k.grid_y as u32],
-            threads: threads as u32,
-            dynamic_shared: entry.dynamic_shared_memory.unwrap_or(0),
-            params: &params,
-            tensor_maps: &maps,
-            regions: Some(&self.memory.regions),
-            max_instructions: 1 << 34,
-        };
+        let shared = entry.dynamic_shared_memory.unwrap_or(0);
         // SAFETY: the caller's promise; every access is checked against the regions.
-        let stats = unsafe { v3c_ptxsim::run(kernel, &launch) }?;
+        let stats = unsafe { simulate_launch(kernel, k, threads, shared, Some(&self.memory.regions)) }?;
         tracing::debug!("{}: {} CTAs, {} instructions simulated", k.kernel, stats.ctas, stats.instructions);
         Ok(())
     }
@@ -779,25 +798,40 @@ mod tests {
             .collect()
     }
 
-    /// The fp8-cache decode launch as the runtime makes it (one buffer of packed rows seen through
-    /// the latent's and the rope key's tensor maps and the scales' strided memref), emulated: its
-    /// splits merged equal float64 attention over the rows' values (pages out of order, a sequence
-    /// of one key, one past two pages), within bf16's rounding of q and P.
-    #[test]
-    fn fp8_cache_decode_launch_computes_attention_over_the_rows_values() {
-        let (kv, rope, heads, pages, splits) = (128, 64, 3, 3, 2);
+    /// A decode launch as the runtime makes it over a pool of `kv + rope`-wide rows (bf16, or
+    /// `fp8_cache`: packed fp8 rows seen through the latent's and the rope key's tensor maps and the
+    /// scales' strided memref) — pages out of order, a sequence of one key, one past two pages — run
+    /// by `run`: the relative (Frobenius) error of its splits merged against float64 attention over
+    /// the rows' values, and the log-sum-exps.
+    fn decode_case(
+        kv: usize,
+        rope: usize,
+        heads: usize,
+        fp8_cache: bool,
+        run: impl FnOnce(&KernelLaunch),
+    ) -> (f64, Vec<f32>) {
+        let (pages, splits) = (3, 2);
         let (b, width, scale) = (2, kv + rope, 0.07f32);
-        let row = Fp8LatentRow::of(width).unwrap();
         let rows = b * pages * 64;
         let rows32 = values(rows * width, 3, 6.0);
-        let mut packed = vec![0u8; rows * row.bytes()];
-        let mut decoded = vec![0f32; rows * width];
-        for ((r32, r8), d) in
-            rows32.chunks_exact(width).zip(packed.chunks_exact_mut(row.bytes())).zip(decoded.chunks_exact_mut(width))
-        {
-            row.pack(r32, r8);
-            row.unpack(r8, d);
-        }
+        let (cache, decoded, element, cols) = if fp8_cache {
+            let row = Fp8LatentRow::of(width).unwrap();
+            let mut packed = vec![0u8; rows * row.bytes()];
+            let mut decoded = vec![0f32; rows * width];
+            for ((r32, r8), d) in rows32
+                .chunks_exact(width)
+                .zip(packed.chunks_exact_mut(row.bytes()))
+                .zip(decoded.chunks_exact_mut(width))
+            {
+                row.pack(r32, r8);
+                row.unpack(r8, d);
+            }
+            (packed, decoded, "i8", row.bytes())
+        } else {
+            let bits: Vec<u16> = rows32.iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect();
+            let decoded = bits.iter().map(|&x| v3c_models::dtype::bf16_to_f32(x)).collect();
+            (bits.iter().flat_map(|x| x.to_le_bytes()).collect(), decoded, "bf16", width)
+        };
         let q: Vec<u16> =
             values(b * heads * width, 4, 2.0).iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect();
         let table: Vec<i32> = vec![5, 0, 3, 2, 4, 1];
@@ -811,17 +845,15 @@ mod tests {
         };
         let ops = [
             buf(q.as_ptr() as *const u8, &[b * heads, width], "bf16"),
-            buf(packed.as_ptr(), &[rows, row.bytes()], "i8"),
+            buf(cache.as_ptr(), &[rows, cols], element),
             buf(table.as_ptr() as *const u8, &[b, pages], "i32"),
             buf(lens.as_ptr() as *const u8, &[b], "i32"),
             buf(o_part.as_mut_ptr() as *const u8, &[splits, b * heads, kv], "f32"),
             buf(lse.as_mut_ptr() as *const u8, &[splits, b * heads], "f32"),
         ];
-        let abi = MlaDecodeAbi { kv, rope, fp8_cache: true };
-        let launch = abi.launch("mla_decode_fp8", [&ops[0], &ops[1], &ops[2], &ops[3], &ops[4], &ops[5]], heads, scale);
-        let launch = launch.unwrap();
-        // SAFETY: every address is one of the vectors above, of the launch's shapes.
-        unsafe { emulate_decode(&launch).unwrap() };
+        let abi = MlaDecodeAbi { kv, rope, fp8_cache };
+        let launch = abi.launch("mla_decode", [&ops[0], &ops[1], &ops[2], &ops[3], &ops[4], &ops[5]], heads, scale);
+        run(&launch.unwrap());
         let (mut err2, mut norm2) = (0f64, 0f64);
         for seq in 0..b {
             let keys: Vec<usize> =
@@ -853,10 +885,42 @@ mod tests {
                 }
             }
         }
-        let rel = (err2 / norm2).sqrt();
+        ((err2 / norm2).sqrt(), lse)
+    }
+
+    /// The fp8-cache decode launch emulated from its parameters: its splits merged equal float64
+    /// attention over the rows' values, within bf16's rounding of q and P.
+    #[test]
+    fn fp8_cache_decode_launch_computes_attention_over_the_rows_values() {
+        let (heads, b) = (3, 2);
+        // SAFETY: every address is one of the case's vectors, of the launch's shapes.
+        let (rel, lse) = decode_case(128, 64, heads, true, |l| unsafe { emulate_decode(l).unwrap() });
         eprintln!("fp8-cache decode attention (host) vs float64: relative error {rel:.2e} (Frobenius)");
         assert!(rel <= 1e-3, "relative error {rel:.2e}");
         // The sequence of one key: its second split saw none.
         assert!(lse[b * heads].is_infinite() && lse[b * heads] < 0.0);
+    }
+
+    /// DeepSeek-V3's decode attention kernel (512 + 64 columns, 128 heads: two CTAs of 64 query
+    /// rows a sequence and split), bf16 and fp8 caches, its PTX simulated: float64 attention over
+    /// the rows within bf16's rounding of q and P, every access inside the case's buffers.
+    #[test]
+    fn deepseek_v3_decode_attention_simulated_from_its_ptx_computes_attention() {
+        use crate::conversion::sm90::mla::MlaDecodeConfig;
+        let context = crate::mlir::new_context();
+        for fp8_cache in [false, true] {
+            let config = MlaDecodeConfig { fp8_cache, ..MlaDecodeConfig::DEEPSEEK_V3 };
+            let kernel = crate::conversion::sm90::compile_mla(&context, &config, &crate::target::SM90A).unwrap();
+            let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
+            let (rel, _) = decode_case(config.kv, config.rope, 128, fp8_cache, |l| {
+                // SAFETY: the case's vectors, of the launch's shapes.
+                let stats =
+                    unsafe { simulate_launch(&module.kernels[0], l, kernel.threads, kernel.shared_memory_bytes, None) }
+                        .unwrap();
+                eprintln!("{}: {} CTAs, {} instructions simulated", kernel.name, stats.ctas, stats.instructions);
+            });
+            eprintln!("{}: relative error {rel:.2e} (Frobenius) vs float64", kernel.name);
+            assert!(rel <= 1e-3, "{}: relative error {rel:.2e}", kernel.name);
+        }
     }
 }

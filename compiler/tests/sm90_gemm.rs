@@ -677,7 +677,7 @@ fn launched(config: &GemmConfig) -> bool {
 /// Simulates `kernel` (the PTX of `config`) on a problem with ragged edges and holds its output to
 /// what the launch's semantics give.
 fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel) {
-    use v3c_runtime::abi::{GemmOperands, Param};
+    use v3c_runtime::abi::GemmOperands;
     let abi = config.host_abi();
     let mut host = Host::default();
     let fp8 = config.input == GemmInput::Fp8;
@@ -756,39 +756,17 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel) {
     // SAFETY: as above.
     unsafe { std::ptr::write_bytes(out.addr as *mut u8, 0, out_bytes) };
     let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
-    let params: Vec<u64> = launch
-        .params
-        .iter()
-        .map(|p| match *p {
-            Param::Value(v) => v,
-            Param::TensorMap(i) => v3c_ptxsim::TENSOR_MAP_BASE + 128 * i as u64,
-        })
-        .collect();
-    let maps: Vec<v3c_ptxsim::TensorMap> = launch
-        .tensor_maps
-        .iter()
-        .map(|m| v3c_ptxsim::TensorMap {
-            addr: m.addr,
-            rows: m.rows,
-            cols: m.cols,
-            element_bytes: m.element_bytes(),
-            box_rows: m.box_rows,
-            box_cols: m.box_cols,
-            pitch: m.pitch,
-            swizzle: m.swizzle,
-        })
-        .collect();
-    let sim = v3c_ptxsim::Launch {
-        grid: [launch.grid as u32, 1],
-        threads: kernel.threads as u32,
-        dynamic_shared: kernel.shared_memory_bytes,
-        params: &params,
-        tensor_maps: &maps,
-        regions: Some(&host.regions),
-        max_instructions: 1 << 32,
-    };
     // SAFETY: every access is checked against `host`'s regions.
-    let stats = unsafe { v3c_ptxsim::run(&module.kernels[0], &sim) }.unwrap_or_else(|e| panic!("{e}"));
+    let stats = unsafe {
+        v3c_compiler::emulate::simulate_launch(
+            &module.kernels[0],
+            &launch,
+            kernel.threads,
+            kernel.shared_memory_bytes,
+            Some(&host.regions),
+        )
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
     let got = read(&out);
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
     let diff = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
