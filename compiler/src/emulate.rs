@@ -164,6 +164,22 @@ pub unsafe fn simulate_launch(
     dynamic_shared: usize,
     regions: Option<&[(u64, usize)]>,
 ) -> Result<v3c_ptxsim::Stats, String> {
+    // SAFETY: the caller's promise.
+    unsafe { simulate_launch_in(kernel, launch, threads, dynamic_shared, regions, false) }
+}
+
+/// [`simulate_launch`], with each CTA's threads run last to first when `reversed` says so.
+///
+/// # Safety
+/// As [`simulate_launch`].
+pub unsafe fn simulate_launch_in(
+    kernel: &v3c_ptxsim::Kernel,
+    launch: &KernelLaunch,
+    threads: usize,
+    dynamic_shared: usize,
+    regions: Option<&[(u64, usize)]>,
+    reversed: bool,
+) -> Result<v3c_ptxsim::Stats, String> {
     let params: Vec<u64> = launch
         .params
         .iter()
@@ -194,6 +210,7 @@ pub unsafe fn simulate_launch(
         tensor_maps: &maps,
         regions,
         max_instructions: 1 << 34,
+        reversed,
     };
     // SAFETY: the caller's promise.
     unsafe { v3c_ptxsim::run(kernel, &sim) }
@@ -902,24 +919,36 @@ mod tests {
     }
 
     /// DeepSeek-V3's decode attention kernel (512 + 64 columns, 128 heads: two CTAs of 64 query
-    /// rows a sequence and split), bf16 and fp8 caches, its PTX simulated: float64 attention over
-    /// the rows within bf16's rounding of q and P, every access inside the case's buffers.
+    /// rows a sequence and split), bf16 and fp8 caches, its PTX simulated with the threads run
+    /// first to last and last to first: float64 attention over the rows within bf16's rounding of
+    /// q and P.
     #[test]
     fn deepseek_v3_decode_attention_simulated_from_its_ptx_computes_attention() {
         use crate::conversion::sm90::mla::MlaDecodeConfig;
         let context = crate::mlir::new_context();
-        for fp8_cache in [false, true] {
+        for (fp8_cache, reversed) in [(false, false), (true, false), (false, true), (true, true)] {
             let config = MlaDecodeConfig { fp8_cache, ..MlaDecodeConfig::DEEPSEEK_V3 };
             let kernel = crate::conversion::sm90::compile_mla(&context, &config, &crate::target::SM90A).unwrap();
             let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
             let (rel, _) = decode_case(config.kv, config.rope, 128, fp8_cache, |l| {
                 // SAFETY: the case's vectors, of the launch's shapes.
-                let stats =
-                    unsafe { simulate_launch(&module.kernels[0], l, kernel.threads, kernel.shared_memory_bytes, None) }
-                        .unwrap();
+                let stats = unsafe {
+                    simulate_launch_in(
+                        &module.kernels[0],
+                        l,
+                        kernel.threads,
+                        kernel.shared_memory_bytes,
+                        None,
+                        reversed,
+                    )
+                }
+                .unwrap();
                 eprintln!("{}: {} CTAs, {} instructions simulated", kernel.name, stats.ctas, stats.instructions);
             });
-            eprintln!("{}: relative error {rel:.2e} (Frobenius) vs float64", kernel.name);
+            eprintln!(
+                "{} (threads reversed: {reversed}): relative error {rel:.2e} (Frobenius) vs float64",
+                kernel.name
+            );
             assert!(rel <= 1e-3, "{}: relative error {rel:.2e}", kernel.name);
         }
     }

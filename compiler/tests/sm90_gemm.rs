@@ -753,30 +753,35 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel) {
         }
     };
     let want = read(&out);
-    // SAFETY: as above.
-    unsafe { std::ptr::write_bytes(out.addr as *mut u8, 0, out_bytes) };
     let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
-    // SAFETY: every access is checked against `host`'s regions.
-    let stats = unsafe {
-        v3c_compiler::emulate::simulate_launch(
-            &module.kernels[0],
-            &launch,
-            kernel.threads,
-            kernel.shared_memory_bytes,
-            Some(&host.regions),
-        )
+    // Two schedules: each CTA's threads first to last, and last to first.
+    for reversed in [false, true] {
+        // SAFETY: as above.
+        unsafe { std::ptr::write_bytes(out.addr as *mut u8, 0, out_bytes) };
+        // SAFETY: every access is checked against `host`'s regions.
+        let stats = unsafe {
+            v3c_compiler::emulate::simulate_launch_in(
+                &module.kernels[0],
+                &launch,
+                kernel.threads,
+                kernel.shared_memory_bytes,
+                Some(&host.regions),
+                reversed,
+            )
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+        let got = read(&out);
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        eprintln!(
+            "{} (threads reversed: {reversed}): {} CTAs, {} instructions simulated; max |diff| {diff:.3e} of max \
+             |value| {scale:.3e}",
+            kernel.name, stats.ctas, stats.instructions
+        );
+        // f32 sums in another order (a bf16 output: one rounding apart).
+        let tolerance = if out_el == "bf16" { 1e-2 } else { 1e-5 };
+        assert!(scale > 0.0 && diff <= tolerance * scale, "{} (reversed {reversed}): {diff} of {scale}", kernel.name);
     }
-    .unwrap_or_else(|e| panic!("{e}"));
-    let got = read(&out);
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let diff = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
-    eprintln!(
-        "{}: {} CTAs, {} instructions simulated; max |diff| {diff:.3e} of max |value| {scale:.3e}",
-        kernel.name, stats.ctas, stats.instructions
-    );
-    // f32 sums in another order (a bf16 output: one rounding apart).
-    let tolerance = if out_el == "bf16" { 1e-2 } else { 1e-5 };
-    assert!(scale > 0.0 && diff <= tolerance * scale, "{}: {diff} of {scale}", kernel.name);
     if config.split_k {
         // The kernel leaves its counters zero for the next launch.
         let c = counters.unwrap();

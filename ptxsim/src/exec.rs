@@ -20,6 +20,8 @@ enum State {
     /// At a warp or warpgroup collective (this pc).
     Shfl(usize),
     Wgmma(usize),
+    /// At `wgmma.wait_group` (this pc).
+    WgmmaWait(usize),
     /// Spinning on an mbarrier phase: (CTA of the cluster, shared offset, parity).
     Mbar(usize, usize, u64),
     /// At `barrier.cluster.wait` for this phase's arrivals.
@@ -35,6 +37,7 @@ impl State {
             State::Bar { id, count } => format!("waits at barrier {id} for {count} threads"),
             State::Shfl(_) => "waits for its warp".into(),
             State::Wgmma(_) => "waits for its warpgroup".into(),
+            State::WgmmaWait(_) => "waits for its warpgroup's wgmmas".into(),
             State::Mbar(_, at, parity) => {
                 format!("waits on the mbarrier at shared {at} for the phase of parity {parity}")
             }
@@ -85,7 +88,28 @@ struct Cta<'a> {
     mbarriers: Vec<HashMap<usize, Mbarrier>>,
     /// `barrier.cluster` arrivals by phase.
     cluster_arrivals: HashMap<u64, usize>,
+    /// Each warpgroup's wgmmas issued and not yet complete, and its commits so far.
+    in_flight: HashMap<usize, Vec<InFlight>>,
+    commits: HashMap<usize, u64>,
     executed: u64,
+}
+
+/// A wgmma issued by a warpgroup, what it read at issue (descriptors, scales, transposes), to run
+/// when the warpgroup waits for it: the operands are read from shared memory then, and the
+/// accumulators are the registers as they are then — as the tensor cores may read them any time
+/// before the wait, a kernel that changes either in between gets other results here.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    pc: usize,
+    /// The commit group it belongs to (the warpgroup's commits before it).
+    group: u64,
+    desc_a: u64,
+    desc_b: u64,
+    scale_d: bool,
+    neg_a: bool,
+    neg_b: bool,
+    trans_a: bool,
+    trans_b: bool,
 }
 
 /// A `shared::cluster` address of CTA `rank`'s shared memory (what `mapa` gives): the offset
@@ -539,6 +563,15 @@ impl Cta<'_> {
                 self.threads[t].pc = pc;
                 self.threads[t].state = State::Wgmma(pc);
             }
+            Op::WgmmaCommit => {
+                if (t % self.n) % 128 == 0 {
+                    *self.commits.entry(t / 128).or_insert(0) += 1;
+                }
+            }
+            Op::WgmmaWait => {
+                self.threads[t].pc = pc;
+                self.threads[t].state = State::WgmmaWait(pc);
+            }
             Op::MbarInit => {
                 let (cta, at) = self.mbar_offset(t, arg(0)?)?;
                 let n = self.value(t, arg(1)?)? as i64;
@@ -832,12 +865,37 @@ impl Cta<'_> {
                 progressed = true;
             }
         }
-        // Warpgroups at a wgmma.
+        // Warpgroups at a wgmma: issued.
         for g in 0..n / 128 {
             let State::Wgmma(pc) = self.threads[g * 128].state else { continue };
             if (g * 128..g * 128 + 128).all(|l| self.threads[l].state == State::Wgmma(pc)) {
-                self.wgmma(g, pc).map_err(|e| self.err(g * 128, pc, e))?;
+                self.issue(g, pc).map_err(|e| self.err(g * 128, pc, e))?;
                 progressed = true;
+            }
+        }
+        // Warpgroups waiting for their wgmmas: only when nothing else can go on (the latest the
+        // tensor cores may read their operands), the groups waited for run.
+        if !progressed {
+            for g in 0..n / 128 {
+                let State::WgmmaWait(pc) = self.threads[g * 128].state else { continue };
+                if (g * 128..g * 128 + 128).all(|l| self.threads[l].state == State::WgmmaWait(pc)) {
+                    let keep = self.value(g * 128, &self.k.instrs[pc].args[0]).map_err(|e| self.err(g * 128, pc, e))?;
+                    let commits = self.commits.get(&g).copied().unwrap_or(0);
+                    let ops = self.in_flight.remove(&g).unwrap_or_default();
+                    let (done, rest): (Vec<InFlight>, Vec<InFlight>) =
+                        ops.into_iter().partition(|op| op.group + keep < commits);
+                    for op in done {
+                        self.complete(g, &op).map_err(|e| self.err(g * 128, op.pc, e))?;
+                    }
+                    if !rest.is_empty() {
+                        self.in_flight.insert(g, rest);
+                    }
+                    for l in g * 128..g * 128 + 128 {
+                        self.threads[l].pc = pc + 1;
+                        self.threads[l].state = State::Run;
+                    }
+                    progressed = true;
+                }
             }
         }
         Ok(progressed)
@@ -890,7 +948,8 @@ impl Cta<'_> {
         Ok(())
     }
 
-    fn wgmma(&mut self, g: usize, pc: usize) -> Result<(), String> {
+    /// A warpgroup's wgmma issued: what it reads at issue recorded, the threads on.
+    fn issue(&mut self, g: usize, pc: usize) -> Result<(), String> {
         let ins = &self.k.instrs[pc];
         let Op::Wgmma(mma) = ins.op else { return Err("not a wgmma".into()) };
         let a = &ins.args;
@@ -902,13 +961,33 @@ impl Cta<'_> {
             return Err("wgmma with A in registers".into());
         }
         let t0 = g * 128;
-        let desc_a = self.value(t0, &a[1])?;
-        let desc_b = self.value(t0, &a[2])?;
-        let scale_d = self.value(t0, &a[3])? != 0;
-        let neg_a = a.get(4).map(|o| self.value(t0, o)).transpose()?.is_some_and(|v| sext(v, 32) < 0);
-        let neg_b = a.get(5).map(|o| self.value(t0, o)).transpose()?.is_some_and(|v| sext(v, 32) < 0);
-        let trans_a = a.get(6).map(|o| self.value(t0, o)).transpose()?.unwrap_or(0) != 0;
-        let trans_b = a.get(7).map(|o| self.value(t0, o)).transpose()?.unwrap_or(0) != 0;
+        let flag = |i: usize| -> Result<Option<u64>, String> { a.get(i).map(|o| self.value(t0, o)).transpose() };
+        let op = InFlight {
+            pc,
+            group: self.commits.get(&g).copied().unwrap_or(0),
+            desc_a: self.value(t0, &a[1])?,
+            desc_b: self.value(t0, &a[2])?,
+            scale_d: self.value(t0, &a[3])? != 0,
+            neg_a: flag(4)?.is_some_and(|v| sext(v, 32) < 0),
+            neg_b: flag(5)?.is_some_and(|v| sext(v, 32) < 0),
+            trans_a: flag(6)?.unwrap_or(0) != 0,
+            trans_b: flag(7)?.unwrap_or(0) != 0,
+        };
+        self.in_flight.entry(g).or_default().push(op);
+        for t in t0..t0 + 128 {
+            self.threads[t].pc = pc + 1;
+            self.threads[t].state = State::Run;
+        }
+        Ok(())
+    }
+
+    /// A warpgroup's wgmma run: its operands read from shared memory now, into the accumulators.
+    fn complete(&mut self, g: usize, op: &InFlight) -> Result<(), String> {
+        let ins = &self.k.instrs[op.pc];
+        let Op::Wgmma(mma) = ins.op else { return Err("not a wgmma".into()) };
+        let Some(Opnd::Vector(d)) = ins.args.first() else { return Err("wgmma: no accumulator registers".into()) };
+        let t0 = g * 128;
+        let InFlight { desc_a, desc_b, scale_d, neg_a, neg_b, trans_a, trans_b, .. } = *op;
         let read = |desc: u64, rows: usize, trans: bool| -> Result<Vec<f32>, String> {
             let mut out = vec![0f32; rows * mma.k];
             for r in 0..rows {
@@ -943,8 +1022,6 @@ impl Cta<'_> {
                 }
                 self.threads[t].regs[reg as usize] = f32b(acc);
             }
-            self.threads[t].pc = pc + 1;
-            self.threads[t].state = State::Run;
         }
         Ok(())
     }
@@ -1139,11 +1216,17 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
                 params: params.clone(),
                 mbarriers: vec![HashMap::new(); cluster],
                 cluster_arrivals: HashMap::new(),
+                in_flight: HashMap::new(),
+                commits: HashMap::new(),
                 executed: 0,
             };
             loop {
                 let mut progressed = false;
-                for t in 0..cta.threads.len() {
+                let order: Vec<usize> = match launch.reversed {
+                    true => (0..cta.threads.len()).rev().collect(),
+                    false => (0..cta.threads.len()).collect(),
+                };
+                for t in order {
                     if cta.threads[t].state == State::Run {
                         cta.run_thread(t)?;
                         progressed = true;
@@ -1151,6 +1234,15 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
                 }
                 progressed |= cta.release()?;
                 if cta.threads.iter().all(|th| th.state == State::Done) {
+                    if let Some((g, ops)) = cta.in_flight.iter().find(|(_, ops)| !ops.is_empty()) {
+                        let line = k.instrs[ops[0].pc].line;
+                        return Err(format!(
+                            "{}: CTA ({x0}, {y}): warpgroup {g} exited with {} wgmma in flight (the first at line {line}) \
+                             never waited for",
+                            k.name,
+                            ops.len()
+                        ));
+                    }
                     break;
                 }
                 if !progressed {

@@ -21,14 +21,17 @@
 //!   address, its bytes completed on the mbarrier. Tensor maps are passed as parameters
 //!   `TENSOR_MAP_BASE + 128 i` naming [`Launch::tensor_maps`]`[i]`.
 //! - wgmma: m64nNk16 (bf16) and m64nNk32 (e4m3) with f32 accumulators, operands from shared-memory
-//!   descriptors ([`layout`]), run synchronously when all 128 threads arrive (so `wait_group` has
-//!   nothing to wait for, and a kernel that overwrites an operand before waiting is not caught).
+//!   descriptors ([`layout`]). Issued when the warpgroup's 128 threads arrive, run when it waits
+//!   for its group (`commit_group`, `wait_group N`) and nothing else can go on: operands and
+//!   accumulators are read as late as the tensor cores may read them, so a kernel that changes
+//!   either before waiting gets other results. A warpgroup that exits with wgmmas in flight fails.
 //!
 //! What it does not: timing, memory ordering between CTAs of different clusters (they run in
-//! turn), data races (one schedule is run: each thread as far as it goes, in thread order), the
-//! hardware's own rounding of wgmma's accumulation (sums here are sequential f32; the tensor
-//! cores' fp8 accumulation keeps fewer bits) and of `ex2.approx`/`lg2.approx` (exact functions
-//! here).
+//! turn), data races as such (a schedule runs each thread as far as it goes, first to last or,
+//! with [`Launch::reversed`], last to first: a kernel that depends on an order it does not enforce
+//! may part between the two, not more), the hardware's own rounding of wgmma's accumulation (sums
+//! here are sequential f32; the tensor cores' fp8 accumulation keeps fewer bits) and of
+//! `ex2.approx`/`lg2.approx` (exact functions here).
 
 mod exec;
 pub mod layout;
@@ -70,6 +73,10 @@ pub struct Launch<'a> {
     pub regions: Option<&'a [(u64, usize)]>,
     /// Instructions one CTA may execute before the launch is called endless.
     pub max_instructions: u64,
+    /// Run a CTA's threads last to first (each as far as it goes before the next): another legal
+    /// schedule, under which a kernel that leans on an order it does not enforce (a missing
+    /// barrier) gives other results.
+    pub reversed: bool,
 }
 
 /// What a launch executed.
@@ -142,9 +149,10 @@ $L__end:
 \tret;
 }";
 
-    /// The sum of 1..=64 by [`SUM`]; `input_only`: global memory is the input alone.
-    fn sum(barrier: &str, input_only: bool) -> Result<u32, String> {
-        let module = Module::parse(&SUM.replace("BARRIER", barrier))?;
+    /// The sum of 1..=64 by [`SUM`] with `barrier` as its barrier instruction; `input_only`:
+    /// global memory is the input alone; `reversed`: the threads run last to first.
+    fn sum_with(barrier: &str, input_only: bool, reversed: bool) -> Result<u32, String> {
+        let module = Module::parse(&SUM.replace("bar.sync BARRIER", barrier))?;
         let input: Vec<u32> = (1..=64).collect();
         let mut out = [0u32; 1];
         let params = [input.as_ptr() as u64, out.as_mut_ptr() as u64];
@@ -158,14 +166,20 @@ $L__end:
             tensor_maps: &[],
             regions,
             max_instructions: 1 << 20,
+            reversed,
         };
         // SAFETY: the parameters are the live input and output.
         unsafe { run(&module.kernels[0], &launch) }?;
         Ok(out[0])
     }
 
+    fn sum(barrier: &str, input_only: bool) -> Result<u32, String> {
+        sum_with(&format!("bar.sync {barrier}"), input_only, false)
+    }
+
     #[test]
     fn warps_shuffle_and_meet_at_a_barrier() {
+        assert_eq!(sum_with("bar.sync 0", false, true).unwrap(), 64 * 65 / 2);
         assert_eq!(sum("0", false).unwrap(), 64 * 65 / 2);
     }
 
@@ -174,6 +188,16 @@ $L__end:
         let e = sum("1, 96", false).unwrap_err();
         let want = "deadlocked: thread 0 at line 37 'bar.sync 1, 96' waits at barrier 1 for 96 threads";
         assert!(e.contains(want), "{e}");
+    }
+
+    /// Without the barrier, thread 0 reads the second warp's sum before that warp wrote it when the
+    /// threads run first to last; last to first, after. The two schedules part.
+    #[test]
+    fn a_missing_barrier_gives_another_sum_when_the_threads_run_in_the_other_order() {
+        let forward = sum_with("membar.gl", false, false).unwrap();
+        let reversed = sum_with("membar.gl", false, true).unwrap();
+        assert_eq!(reversed, 64 * 65 / 2);
+        assert_ne!(forward, reversed);
     }
 
     #[test]

@@ -243,8 +243,11 @@ pub enum Op {
     ClusterArrive,
     ClusterWait,
     Wgmma(Mma),
-    /// Fences, prefetches, register reallocation, wgmma's fence/commit/wait (wgmma runs
-    /// synchronously here): nothing to do.
+    /// `wgmma.commit_group`: the warpgroup's wgmmas so far form a group.
+    WgmmaCommit,
+    /// `wgmma.wait_group N`: all but the newest N groups complete.
+    WgmmaWait,
+    /// Fences, prefetches, register reallocation: nothing to do.
     Nop,
 }
 
@@ -688,6 +691,8 @@ fn decode(opcode: &str) -> Result<Op, String> {
             }
             Ok(Op::Wgmma(Mma { n, k, input_bytes }))
         }
+        "wgmma" if has("commit_group") => Ok(Op::WgmmaCommit),
+        "wgmma" if has("wait_group") => Ok(Op::WgmmaWait),
         "wgmma" | "fence" | "membar" | "prefetch" | "setmaxnreg" => Ok(Op::Nop),
         _ => unsupported(),
     }
