@@ -952,4 +952,124 @@ mod tests {
             assert!(rel <= 1e-3, "{}: relative error {rel:.2e}", kernel.name);
         }
     }
+
+    /// DeepSeek-V3's flash attention kernels (q and k heads of 192, v of 128; causal; 70 queries
+    /// after 150 keys' start, two heads): inference's forward, training's forward with its
+    /// log-sum-exps and the dQ, dK and dV kernels, their PTX simulated with the threads run both
+    /// ways, give what their launches' semantics give (the gradients from the forward's
+    /// statistics, D = rowsum(dout out)).
+    #[test]
+    fn deepseek_v3_flash_attention_kernels_simulated_from_their_ptx_compute_their_semantics() {
+        use crate::conversion::sm90::mla::{FlashMode, GradOf, MlaPrefillConfig};
+        use v3c_runtime::abi::MlaPrefillAbi;
+        let context = crate::mlir::new_context();
+        let (heads, t, s, scale) = (2usize, 70usize, 150usize, 0.07f32);
+        let (qk, v) = (MlaPrefillConfig::DEEPSEEK_V3.qk, MlaPrefillConfig::DEEPSEEK_V3.v);
+        let bf16 = |n: usize, seed: u64, sc: f32| -> Vec<u16> {
+            values(n, seed, sc).iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect()
+        };
+        let (q, k, vv, dout) = (
+            bf16(heads * t * qk, 1, 2.0),
+            bf16(heads * s * qk, 2, 2.0),
+            bf16(heads * s * v, 3, 2.0),
+            bf16(heads * t * v, 4, 1.0),
+        );
+        let buf = |addr: *const u8, shape: &[usize], element: &str| Buf {
+            addr: addr as u64,
+            shape: shape.to_vec(),
+            element: element.into(),
+        };
+        let (bq, bk, bv, bd) = (
+            buf(q.as_ptr() as *const u8, &[heads * t, qk], "bf16"),
+            buf(k.as_ptr() as *const u8, &[heads * s, qk], "bf16"),
+            buf(vv.as_ptr() as *const u8, &[heads * s, v], "bf16"),
+            buf(dout.as_ptr() as *const u8, &[heads * t, v], "bf16"),
+        );
+        // The forward's output and statistics, by the semantics.
+        let (mut out, mut lse) = (vec![0f32; heads * t * v], vec![0f32; heads * t]);
+        let (bo, bl) = (
+            buf(out.as_mut_ptr() as *const u8, &[heads * t, v], "f32"),
+            buf(lse.as_mut_ptr() as *const u8, &[heads * t], "f32"),
+        );
+        let abi = MlaPrefillAbi { qk, v, kind: v3c_runtime::abi::FlashKind::Lse };
+        let launch = abi.launch("forward", &[&bq, &bk, &bv, &bo, &bl], heads, scale).unwrap();
+        // SAFETY: the vectors above, of the launch's shapes.
+        unsafe { emulate_prefill(&launch, abi.kind).unwrap() };
+        let d: Vec<f32> = (0..heads * t)
+            .map(|r| (0..v).map(|c| v3c_models::dtype::bf16_to_f32(dout[r * v + c]) * out[r * v + c]).sum())
+            .collect();
+        let bdd = buf(d.as_ptr() as *const u8, &[heads * t], "f32");
+        // The forward's log-sum-exps as the gradients' operand.
+        let bls = buf(lse.as_ptr() as *const u8, &[heads * t], "f32");
+        for mode in [
+            FlashMode::Forward,
+            FlashMode::Lse,
+            FlashMode::Grad(GradOf::Queries),
+            FlashMode::Grad(GradOf::Keys),
+            FlashMode::Grad(GradOf::Values),
+        ] {
+            let config = MlaPrefillConfig { mode, ..MlaPrefillConfig::DEEPSEEK_V3 };
+            let kernel =
+                crate::conversion::sm90::compile_mla_prefill(&context, &config, &crate::target::SM90A).unwrap();
+            let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
+            let abi = MlaPrefillAbi { qk, v, kind: config.flash_kind() };
+            let shape = match mode {
+                FlashMode::Forward | FlashMode::Lse => [heads * t, v],
+                FlashMode::Grad(GradOf::Queries) => [heads * t, qk],
+                FlashMode::Grad(GradOf::Keys) => [heads * s, qk],
+                FlashMode::Grad(GradOf::Values) => [heads * s, v],
+            };
+            // The semantics' result, then the simulation's both ways.
+            let mut results = Vec::new();
+            for run in 0..3 {
+                let (mut o, mut l) = (vec![0f32; shape[0] * shape[1]], vec![0f32; heads * t]);
+                let (bo, bl) = (
+                    buf(o.as_mut_ptr() as *const u8, &shape, "f32"),
+                    buf(l.as_mut_ptr() as *const u8, &[heads * t], "f32"),
+                );
+                let ops: Vec<&Buf> = match mode {
+                    FlashMode::Forward => vec![&bq, &bk, &bv, &bo],
+                    FlashMode::Lse => vec![&bq, &bk, &bv, &bo, &bl],
+                    FlashMode::Grad(_) => vec![&bq, &bk, &bv, &bd, &bls, &bdd, &bo],
+                };
+                let launch = abi.launch(&kernel.name, &ops, heads, scale).unwrap();
+                match run {
+                    // SAFETY: the vectors above, of the launch's shapes.
+                    0 => unsafe { emulate_prefill(&launch, abi.kind).unwrap() },
+                    _ => {
+                        // SAFETY: as above.
+                        let stats = unsafe {
+                            simulate_launch_in(
+                                &module.kernels[0],
+                                &launch,
+                                kernel.threads,
+                                kernel.shared_memory_bytes,
+                                None,
+                                run == 2,
+                            )
+                        }
+                        .unwrap();
+                        eprintln!(
+                            "{}: {} CTAs, {} instructions simulated",
+                            kernel.name, stats.ctas, stats.instructions
+                        );
+                    }
+                }
+                results.push((o, l));
+            }
+            let (want, want_lse) = &results[0];
+            let scale_of = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (got, got_lse) in &results[1..] {
+                let diff = got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+                eprintln!("{}: max |diff| {diff:.3e} of max |value| {scale_of:.3e}", kernel.name);
+                // P (and dS) in bf16 after a running maximum that is not the semantics' global one: bf16's
+                // rounding apart.
+                assert!(scale_of > 0.0 && diff <= 1e-2 * scale_of, "{}: {diff} of {scale_of}", kernel.name);
+                if mode == FlashMode::Lse {
+                    let dl = got_lse.iter().zip(want_lse).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+                    assert!(dl <= 1e-4, "{}: log-sum-exps {dl}", kernel.name);
+                }
+            }
+        }
+    }
 }
