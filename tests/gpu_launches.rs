@@ -527,7 +527,8 @@ fn a_bf16_checkpoint_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_log
 ///   (`mla_q_rope`).
 ///
 /// Before, neither lowered for sm_90a ("unsupported"; the fp8 MoE would have read the shared down
-/// projection's rows as if they were its experts'). Emulated, both give the CPU backend's logits.
+/// projection's rows as if they were its experts'). Emulated, both give the CPU backend's logits,
+/// with the launches' semantics and with their PTX simulated (`v3c emulate --ptx`).
 #[test]
 fn moonlight_shaped_models_lower_for_sm90a_and_give_the_cpu_backends_logits() {
     let dir = tempfile::tempdir().unwrap();
@@ -558,12 +559,19 @@ fn moonlight_shaped_models_lower_for_sm90a_and_give_the_cpu_backends_logits() {
             let t = st.tensor("logits").unwrap();
             t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
         };
-        let (got, want) = (read(&emulated), read(&cpu));
+        // The same launches with every kernel's PTX simulated (`--ptx`).
+        let simulated = p(&format!("s{fp8}"));
+        let args = ["emulate", &art, "--weights", two, "--tokens", tokens, "--ptx", "--out", &simulated];
+        let ran = run_binary("v3c", &args);
+        assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+        let want = read(&cpu);
         let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let worst = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        // (Measured with q LoRA: 2.1e-6 and 2.2e-6 of the largest; with the down projection's
-        // shared rows read as whole experts, 9.4e-2. Without: 2.8e-6 and 2.6e-6.)
-        assert!(worst <= 1e-5 * largest, "fp8 {fp8}: {worst} of {largest}");
+        for got in [read(&emulated), read(&simulated)] {
+            let worst = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            // (Measured with q LoRA: 2.1e-6 and 2.2e-6 of the largest; with the down projection's
+            // shared rows read as whole experts, 9.4e-2. Without: 2.8e-6 and 2.6e-6.)
+            assert!(worst <= 1e-5 * largest, "fp8 {fp8}: {worst} of {largest}");
+        }
         std::fs::remove_dir_all(&ckpt).unwrap();
     }
 }
