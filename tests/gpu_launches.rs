@@ -563,7 +563,10 @@ fn moonlight_shaped_models_lower_for_sm90a_and_give_the_cpu_backends_logits() {
         let simulated = p(&format!("s{fp8}"));
         let args = ["emulate", &art, "--weights", two, "--tokens", tokens, "--ptx", "--out", &simulated];
         let ran = run_binary("v3c", &args);
-        assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+        let report = String::from_utf8_lossy(&ran.stderr);
+        assert!(ran.status.success(), "{report}");
+        // Its profile: every kernel simulated, with its memory traffic.
+        assert!(report.contains("simulated PTX, per kernel:") && report.contains("global req"), "{report}");
         let want = read(&cpu);
         let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         for got in [read(&emulated), read(&simulated)] {

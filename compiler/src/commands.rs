@@ -2098,6 +2098,30 @@ fn train_on_gpu(o: &TrainOptions) -> Result<(), String> {
 /// as `v3r train` cuts them from its data) through the step, its loss and every gradient written to
 /// `out` (safetensors), every launch's buffers to `dump` — what `V3R_DUMP_DIR` makes `v3r train`
 /// write on the GPU for the same window (a data file of exactly one window).
+/// The simulated kernels' profile, most instructions first: launches, instructions, global
+/// requests and the share of their sectors' bytes used (coalescing), shared requests and their
+/// wavefronts each (1: no bank conflicts).
+fn simulated_profile(by_kernel: &std::collections::BTreeMap<String, (usize, v3c_ptxsim::Stats)>) -> String {
+    let mut rows: Vec<_> = by_kernel.iter().collect();
+    rows.sort_by(|a, b| b.1 .1.instructions.cmp(&a.1 .1.instructions).then(a.0.cmp(b.0)));
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(6).max(6);
+    let mut out = format!(
+        "simulated PTX, per kernel:\n  {:width$}  {:>8}  {:>14}  {:>10}  {:>6}  {:>10}  {:>10}\n",
+        "kernel", "launches", "instructions", "global req", "used", "shared req", "wavefronts"
+    );
+    for (kernel, (launches, s)) in rows {
+        let used =
+            if s.global_requests == 0 { "-".to_string() } else { format!("{:.0}%", 100.0 * s.global_efficiency()) };
+        let waves =
+            if s.shared_requests == 0 { "-".to_string() } else { format!("{:.2}", s.shared_wavefronts_per_request()) };
+        out.push_str(&format!(
+            "  {kernel:width$}  {launches:>8}  {:>14}  {:>10}  {used:>6}  {:>10}  {waves:>10}\n",
+            s.instructions, s.global_requests, s.shared_requests
+        ));
+    }
+    out
+}
+
 fn emulate_train_step(
     a: &v3c_runtime::artifact::Artifact,
     weights: &Path,
@@ -2141,6 +2165,9 @@ fn emulate_train_step(
     let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
     let start = Instant::now();
     let outs = emulator.run(entry, &host, &wanted, dump)?;
+    if ptx {
+        eprint!("{}", simulated_profile(emulator.simulated()));
+    }
     let tensors = v3c_runtime::training::output_tensors(outs).map_err(|e| e.to_string())?;
     let mut named: Vec<(&str, &v3c_models::tensor::Tensor)> =
         names.iter().filter_map(|n| tensors.get(n).filter(|t| t.as_f32().is_some()).map(|t| (n.as_str(), t))).collect();
@@ -2272,6 +2299,9 @@ pub fn emulate(
             }
             eprintln!("emulated decode step {step}: token {token} at position {}", tokens.len() + step);
         }
+    }
+    if ptx {
+        eprint!("{}", simulated_profile(emulator.simulated()));
     }
     let tensor = v3c_models::tensor::Tensor::f32(logits.shape.clone(), values.clone());
     save_tensors(out, &[("logits", &tensor)]).map_err(|e| e.to_string())?;

@@ -377,6 +377,8 @@ pub struct Emulator<'a, 'c> {
     /// Run every launch's PTX in the simulator ([`Emulator::simulate_ptx`]): the kernels parsed so
     /// far, by name.
     ptx: Option<HashMap<String, v3c_ptxsim::Kernel>>,
+    /// What the simulated launches executed, by kernel: launches and their stats.
+    simulated: std::collections::BTreeMap<String, (usize, v3c_ptxsim::Stats)>,
 }
 
 impl<'a, 'c> Emulator<'a, 'c> {
@@ -396,7 +398,14 @@ impl<'a, 'c> Emulator<'a, 'c> {
             dumped: HashMap::new(),
             held: v3c_runtime::gpu::HeldInputs::default(),
             ptx: None,
+            simulated: Default::default(),
         })
+    }
+
+    /// The simulated launches so far, by kernel: how many and what they executed (instructions,
+    /// global sectors and shared wavefronts: [`v3c_ptxsim::Stats`]).
+    pub fn simulated(&self) -> &std::collections::BTreeMap<String, (usize, v3c_ptxsim::Stats)> {
+        &self.simulated
     }
 
     /// From now on, runs every launch by simulating the artifact's PTX ([`v3c_ptxsim`]) — the GPU
@@ -438,6 +447,9 @@ impl<'a, 'c> Emulator<'a, 'c> {
         // SAFETY: the caller's promise; every access is checked against the regions.
         let stats = unsafe { simulate_launch(kernel, k, threads, shared, Some(&self.memory.regions)) }?;
         tracing::debug!("{}: {} CTAs, {} instructions simulated", k.kernel, stats.ctas, stats.instructions);
+        let e = self.simulated.entry(k.kernel.clone()).or_default();
+        e.0 += 1;
+        e.1.add(&stats);
         Ok(())
     }
 

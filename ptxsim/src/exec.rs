@@ -92,6 +92,13 @@ struct Cta<'a> {
     in_flight: HashMap<usize, Vec<InFlight>>,
     commits: HashMap<usize, u64>,
     executed: u64,
+    /// Memory accesses by warp-level request: (warp, pc, the lanes' n-th execution of it) -> the
+    /// space and each lane's (address, bytes); each thread's executions of each memory
+    /// instruction so far (`memory_index` numbers them).
+    requests: HashMap<(usize, usize, u32), (Space, Vec<(u64, usize)>)>,
+    executions: Vec<u32>,
+    memory_index: &'a [Option<usize>],
+    memory_instructions: usize,
 }
 
 /// A wgmma issued by a warpgroup, what it read at issue (descriptors, scales, transposes), to run
@@ -260,6 +267,61 @@ impl Cta<'_> {
             Space::Shared => self.cluster_shared(t, addr, bytes).map(Some),
             Space::Generic if addr >= SHARED_WINDOW => self.cluster_shared(t, addr, bytes).map(Some),
             _ => Ok(None),
+        }
+    }
+
+    /// Counts thread `t`'s access at `pc` into its warp's request.
+    fn record(&mut self, t: usize, pc: usize, space: Space, addr: u64, bytes: usize) {
+        let Some(i) = self.memory_index[pc] else { return };
+        let space = match space {
+            Space::Generic if addr >= SHARED_WINDOW => Space::Shared,
+            Space::Generic => Space::Global,
+            s => s,
+        };
+        if space == Space::Param {
+            return;
+        }
+        let n = &mut self.executions[t * self.memory_instructions + i];
+        let key = (t / 32, pc, *n);
+        *n += 1;
+        self.requests.entry(key).or_insert_with(|| (space, Vec::new())).1.push((addr, bytes));
+    }
+
+    /// The requests' sectors and wavefronts.
+    fn memory_stats(&self, stats: &mut Stats) {
+        for (space, lanes) in self.requests.values() {
+            let words = |step: u64| -> std::collections::HashSet<u64> {
+                lanes
+                    .iter()
+                    .flat_map(|&(a, b)| (a / step..(a + b.max(1) as u64).div_ceil(step)).collect::<Vec<u64>>())
+                    .collect()
+            };
+            match space {
+                Space::Shared => {
+                    let mut banks = [0u64; 32];
+                    for w in words(4) {
+                        banks[(w % 32) as usize] += 1;
+                    }
+                    stats.shared_requests += 1;
+                    stats.shared_wavefronts += banks.iter().copied().max().unwrap_or(1).max(1);
+                }
+                _ => {
+                    stats.global_requests += 1;
+                    stats.global_sectors += words(32).len() as u64;
+                    // Distinct bytes (lanes reading the same address share them).
+                    let mut ranges: Vec<(u64, u64)> = lanes.iter().map(|&(a, b)| (a, a + b as u64)).collect();
+                    ranges.sort_unstable();
+                    let (mut bytes, mut end) = (0u64, 0u64);
+                    for (a, b) in ranges {
+                        let a = a.max(end);
+                        if b > a {
+                            bytes += b - a;
+                            end = b;
+                        }
+                    }
+                    stats.global_bytes += bytes;
+                }
+            }
         }
     }
 
@@ -466,6 +528,8 @@ impl Cta<'_> {
             Op::Ld(space, ty) => {
                 let addr = self.address(t, arg(1)?)?;
                 let bytes = (ty.bits as usize / 8).max(1);
+                let lanes = if let Opnd::Vector(r) = arg(0)? { r.len() } else { 1 };
+                self.record(t, pc, *space, addr, bytes * lanes);
                 match arg(0)? {
                     Opnd::Vector(regs) => {
                         for (i, r) in regs.clone().into_iter().enumerate() {
@@ -484,6 +548,8 @@ impl Cta<'_> {
             Op::St(space, ty) => {
                 let addr = self.address(t, arg(0)?)?;
                 let bytes = (ty.bits as usize / 8).max(1);
+                let lanes = if let Opnd::Vector(r) = arg(1)? { r.len() } else { 1 };
+                self.record(t, pc, *space, addr, bytes * lanes);
                 match arg(1)? {
                     Opnd::Vector(regs) => {
                         for (i, r) in regs.clone().into_iter().enumerate() {
@@ -500,6 +566,7 @@ impl Cta<'_> {
             Op::Atom(space, op, ty) => {
                 let addr = self.address(t, arg(1)?)?;
                 let bytes = ty.bits as usize / 8;
+                self.record(t, pc, *space, addr, bytes);
                 let old = self.load(t, *space, addr, bytes)?;
                 let x = self.value(t, arg(2)?)?;
                 let new = match (op, ty.kind) {
@@ -1198,6 +1265,18 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
     }
     let shared_bytes = k.dynamic_offset + launch.dynamic_shared;
     let cluster = k.cluster.max(1);
+    // The memory instructions, numbered.
+    let mut memory_instructions = 0;
+    let memory_index: Vec<Option<usize>> = k
+        .instrs
+        .iter()
+        .map(|i| {
+            matches!(i.op, Op::Ld(..) | Op::St(..) | Op::Atom(..)).then(|| {
+                memory_instructions += 1;
+                memory_instructions - 1
+            })
+        })
+        .collect();
     if launch.grid[0] as usize % cluster != 0 {
         return Err(format!("{}: a grid of {} CTAs in clusters of {cluster}", k.name, launch.grid[0]));
     }
@@ -1219,6 +1298,10 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
                 in_flight: HashMap::new(),
                 commits: HashMap::new(),
                 executed: 0,
+                requests: HashMap::new(),
+                executions: vec![0; threads * cluster * memory_instructions],
+                memory_index: &memory_index,
+                memory_instructions,
             };
             loop {
                 let mut progressed = false;
@@ -1277,6 +1360,7 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
                 }
             }
             stats.instructions += cta.executed;
+            cta.memory_stats(&mut stats);
             stats.ctas += cluster as u64;
         }
     }

@@ -79,11 +79,42 @@ pub struct Launch<'a> {
     pub reversed: bool,
 }
 
-/// What a launch executed.
+/// What a launch executed, and how its threads' loads and stores met memory: warp-level requests
+/// (a warp's lanes executing one load, store or atomic together), the 32-byte sectors of global
+/// memory they touched against the distinct bytes they asked for (coalescing), and the wavefronts shared
+/// memory takes for them (one without bank conflicts). TMA copies and wgmma operand reads are the
+/// hardware's own and not counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     pub ctas: u64,
     pub instructions: u64,
+    pub global_requests: u64,
+    pub global_sectors: u64,
+    pub global_bytes: u64,
+    pub shared_requests: u64,
+    pub shared_wavefronts: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.ctas += o.ctas;
+        self.instructions += o.instructions;
+        self.global_requests += o.global_requests;
+        self.global_sectors += o.global_sectors;
+        self.global_bytes += o.global_bytes;
+        self.shared_requests += o.shared_requests;
+        self.shared_wavefronts += o.shared_wavefronts;
+    }
+
+    /// Bytes asked for per byte of sectors moved (1: every sector byte used).
+    pub fn global_efficiency(&self) -> f64 {
+        self.global_bytes as f64 / (32 * self.global_sectors).max(1) as f64
+    }
+
+    /// Wavefronts per shared request (1: no bank conflicts).
+    pub fn shared_wavefronts_per_request(&self) -> f64 {
+        self.shared_wavefronts as f64 / self.shared_requests.max(1) as f64
+    }
 }
 
 /// Runs `kernel` as `launch` says.
@@ -152,6 +183,11 @@ $L__end:
     /// The sum of 1..=64 by [`SUM`] with `barrier` as its barrier instruction; `input_only`:
     /// global memory is the input alone; `reversed`: the threads run last to first.
     fn sum_with(barrier: &str, input_only: bool, reversed: bool) -> Result<u32, String> {
+        sum_stats(barrier, input_only, reversed).map(|(v, _)| v)
+    }
+
+    /// [`sum_with`] and the launch's stats.
+    fn sum_stats(barrier: &str, input_only: bool, reversed: bool) -> Result<(u32, Stats), String> {
         let module = Module::parse(&SUM.replace("bar.sync BARRIER", barrier))?;
         let input: Vec<u32> = (1..=64).collect();
         let mut out = [0u32; 1];
@@ -169,8 +205,46 @@ $L__end:
             reversed,
         };
         // SAFETY: the parameters are the live input and output.
-        unsafe { run(&module.kernels[0], &launch) }?;
-        Ok(out[0])
+        let stats = unsafe { run(&module.kernels[0], &launch) }?;
+        Ok((out[0], stats))
+    }
+
+    /// The sum's memory traffic: two warps each loading 128 contiguous bytes (4 sectors, all
+    /// used), one 4-byte store; four one-lane shared accesses of one wavefront each.
+    #[test]
+    fn warp_requests_count_their_sectors_and_wavefronts() {
+        let (_, s) = sum_stats("bar.sync 0", false, false).unwrap();
+        assert_eq!((s.global_requests, s.global_sectors, s.global_bytes), (3, 9, 260));
+        assert_eq!((s.shared_requests, s.shared_wavefronts), (4, 4));
+    }
+
+    /// 32 lanes storing 128 bytes apart hit one bank: 32 wavefronts; 4 bytes apart: one.
+    #[test]
+    fn shared_stores_in_one_bank_take_a_wavefront_each() {
+        let wavefronts = |stride: u32| {
+            let text = format!(
+                ".visible .entry k()\n{{\n\t.reg .b32 %r<2>;\n\t.reg .b64 %rd<4>;\n\t.shared .align 4 .b8 buf[4096];\n\
+                 \tmov.u32 %r1, %tid.x;\n\tmul.wide.u32 %rd1, %r1, {stride};\n\tmov.b64 %rd2, buf;\n\
+                 \tadd.s64 %rd3, %rd2, %rd1;\n\tst.shared.b32 [%rd3], %r1;\n\tret;\n}}"
+            );
+            let module = Module::parse(&text).unwrap();
+            let launch = Launch {
+                grid: [1, 1],
+                threads: 32,
+                dynamic_shared: 0,
+                params: &[],
+                tensor_maps: &[],
+                regions: Some(&[]),
+                max_instructions: 1000,
+                reversed: false,
+            };
+            // SAFETY: no global memory.
+            let s = unsafe { run(&module.kernels[0], &launch) }.unwrap();
+            (s.shared_requests, s.shared_wavefronts)
+        };
+        assert_eq!(wavefronts(128), (1, 32));
+        assert_eq!(wavefronts(4), (1, 1));
+        assert_eq!(wavefronts(8), (1, 2));
     }
 
     fn sum(barrier: &str, input_only: bool) -> Result<u32, String> {
