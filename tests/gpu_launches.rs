@@ -782,6 +782,16 @@ fn check_tensor_core_prefill(fp8: bool, fp8_cache: bool, tolerance: f32, ptx: bo
         assert_eq!(argmax(&gpu["logits"]), argmax(&chunk["logits"]));
         eprintln!("worst relative difference {worst:.3e}");
         assert!(worst <= tolerance, "{worst}");
+        // The norms' shared memory without bank conflicts: their 1x128 quantization's |max| scan
+        // starts each lane at its own bank (it took 3.2 wavefronts a request when the lanes of a
+        // warp scanned parts 128 bytes apart).
+        for (kernel, (_, stats)) in emulator.simulated() {
+            if kernel.starts_with("rows_rmsnorm") {
+                let waves = stats.shared_wavefronts_per_request();
+                assert!(stats.shared_requests > 0 && waves == 1.0, "{kernel}: {waves} wavefronts a request");
+            }
+        }
+        assert!(!ptx || emulator.simulated().keys().any(|k| k.starts_with("rows_rmsnorm")));
         err.to_string()
     })
 }

@@ -2294,6 +2294,26 @@ scf.for %i = %tid to %cHalf step %cT {{
     fn quant_phases_to(&self, lowering: Lowering, value: &dyn Fn(&str) -> String, out: &QuantOut) -> Vec<String> {
         let sh = |name: &str| self.shared_type(name, lowering);
         let mut phases = Vec::new();
+        // On the GPU each thread starts its columns at its lane (and wraps around): a warp's lanes
+        // scan 32-column parts 128 bytes apart, which would all sit in one shared-memory bank; so
+        // they read 32 different banks at every step. (The |max| does not depend on the order.)
+        let columns = match lowering {
+            Lowering::Gpu => {
+                "  %len = arith.subi %hi, %lo : index
+  %lanes = arith.constant 32 : index
+  %lane = arith.remui %j, %lanes : index
+  %len1 = arith.maxui %len, %c1 : index
+  %rot = arith.remui %lane, %len1 : index
+  %m = scf.for %ci = %c0 to %len step %c1 iter_args(%mx = %zero) -> (f32) {
+    %rc = arith.addi %ci, %rot : index
+    %past = arith.cmpi uge, %rc, %len : index
+    %back = arith.subi %rc, %len : index
+    %wrapped = arith.select %past, %back, %rc : index
+    %c = arith.addi %lo, %wrapped : index
+"
+            }
+            Lowering::Cpu => "  %m = scf.for %c = %lo to %hi step %c1 iter_args(%mx = %zero) -> (f32) {\n",
+        };
         phases.push(format!(
             "scf.for %j = %tid to %cGP step %cT {{
   %g = arith.divui %j, %cP : index
@@ -2304,8 +2324,7 @@ scf.for %i = %tid to %cHalf step %cT {{
   %hi0 = arith.addi %lo0, %cPart : index
   %lo = arith.minui %lo0, %cD : index
   %hi = arith.minui %hi0, %cD : index
-  %m = scf.for %c = %lo to %hi step %c1 iter_args(%mx = %zero) -> (f32) {{
-{value_c}    %vb = arith.bitcast %v : f32 to i32
+{columns}{value_c}    %vb = arith.bitcast %v : f32 to i32
     %ab = arith.andi %vb, %abs_mask : i32
     %av = arith.bitcast %ab : i32 to f32
     %gt = arith.cmpf ogt, %av, %mx : f32
