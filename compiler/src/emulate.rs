@@ -152,27 +152,13 @@ pub unsafe fn emulate_decode(l: &KernelLaunch) -> Result<(), String> {
 
 /// Runs `launch` (of `kernel`'s PTX, `threads` a block and `dynamic_shared` bytes) in the PTX
 /// simulator: tensor-map parameters passed as the simulator names them, the maps as the runtime
-/// would encode them; with `regions`, global accesses outside them fail the launch.
+/// would encode them; with `regions`, global accesses outside them fail the launch; each CTA's
+/// threads run last to first when `reversed` says so.
 ///
 /// # Safety
 /// Every address the launch names must be live host memory of the sizes it names (outside
 /// `regions`, when given, nothing is touched).
 pub unsafe fn simulate_launch(
-    kernel: &v3c_ptxsim::Kernel,
-    launch: &KernelLaunch,
-    threads: usize,
-    dynamic_shared: usize,
-    regions: Option<&[(u64, usize)]>,
-) -> Result<v3c_ptxsim::Stats, String> {
-    // SAFETY: the caller's promise.
-    unsafe { simulate_launch_in(kernel, launch, threads, dynamic_shared, regions, false) }
-}
-
-/// [`simulate_launch`], with each CTA's threads run last to first when `reversed` says so.
-///
-/// # Safety
-/// As [`simulate_launch`].
-pub unsafe fn simulate_launch_in(
     kernel: &v3c_ptxsim::Kernel,
     launch: &KernelLaunch,
     threads: usize,
@@ -445,7 +431,7 @@ impl<'a, 'c> Emulator<'a, 'c> {
         let threads = entry.threads.ok_or_else(|| format!("kernel {} has no thread count", k.kernel))?;
         let shared = entry.dynamic_shared_memory.unwrap_or(0);
         // SAFETY: the caller's promise; every access is checked against the regions.
-        let stats = unsafe { simulate_launch(kernel, k, threads, shared, Some(&self.memory.regions)) }?;
+        let stats = unsafe { simulate_launch(kernel, k, threads, shared, Some(&self.memory.regions), false) }?;
         tracing::debug!("{}: {} CTAs, {} instructions simulated", k.kernel, stats.ctas, stats.instructions);
         let e = self.simulated.entry(k.kernel.clone()).or_default();
         e.0 += 1;
@@ -945,14 +931,7 @@ mod tests {
             let (rel, _) = decode_case(config.kv, config.rope, 128, fp8_cache, |l| {
                 // SAFETY: the case's vectors, of the launch's shapes.
                 let stats = unsafe {
-                    simulate_launch_in(
-                        &module.kernels[0],
-                        l,
-                        kernel.threads,
-                        kernel.shared_memory_bytes,
-                        None,
-                        reversed,
-                    )
+                    simulate_launch(&module.kernels[0], l, kernel.threads, kernel.shared_memory_bytes, None, reversed)
                 }
                 .unwrap();
                 eprintln!("{}: {} CTAs, {} instructions simulated", kernel.name, stats.ctas, stats.instructions);
@@ -1051,7 +1030,7 @@ mod tests {
                     _ => {
                         // SAFETY: as above.
                         let stats = unsafe {
-                            simulate_launch_in(
+                            simulate_launch(
                                 &module.kernels[0],
                                 &launch,
                                 kernel.threads,

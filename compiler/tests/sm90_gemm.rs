@@ -760,7 +760,7 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel) {
         unsafe { std::ptr::write_bytes(out.addr as *mut u8, 0, out_bytes) };
         // SAFETY: every access is checked against `host`'s regions.
         let stats = unsafe {
-            v3c_compiler::emulate::simulate_launch_in(
+            v3c_compiler::emulate::simulate_launch(
                 &module.kernels[0],
                 &launch,
                 kernel.threads,

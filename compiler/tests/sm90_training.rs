@@ -308,7 +308,7 @@ fn the_training_step_with_flash_attention_follows_the_cpu_backend() {
 fn the_sm90a_training_artifact_emulated_equals_the_cpu_backend() {
     for (dense, fp8, tokens) in [(false, false, 11), (true, true, 6), (false, true, 9)] {
         let tolerance = if fp8 { 1e-5 } else { F32_TENSOR_CORES };
-        artifact_step(dense, fp8, false, &[], tokens, tolerance, &|artifact| {
+        artifact_step(dense, fp8, false, &[], tokens, tolerance, false, &|artifact| {
             if fp8 && !dense {
                 // The routed experts on the tensor cores: grouped over the blocks each step quantizes.
                 let signatures: Vec<&str> =
@@ -335,14 +335,14 @@ fn the_sm90a_training_artifact_with_flash_attention_emulated_follows_the_cpu_bac
     let kernels = |artifact: &v3c_runtime::artifact::Artifact| -> Vec<String> {
         artifact.manifest.kernels.iter().map(|k| k.name.clone()).collect()
     };
-    artifact_step(true, false, true, &[], 20, BF16_ATTENTION, &|artifact| {
+    artifact_step(true, false, true, &[], 20, BF16_ATTENTION, false, &|artifact| {
         let kernels = kernels(artifact);
         for want in ["mla_prefill_qk128_v64_s4_lse", "mla_gradq_", "mla_gradk_", "mla_gradv_", "rows_flashdkv_"] {
             assert!(kernels.iter().any(|k| k.contains(want)), "{want}: {kernels:?}");
         }
     });
     // `--prefill-attention rows`: the same model's step on the CUDA-core rows, f32 as before.
-    artifact_step(true, false, true, &["--prefill-attention", "rows"], 20, F32_TENSOR_CORES, &|artifact| {
+    artifact_step(true, false, true, &["--prefill-attention", "rows"], 20, F32_TENSOR_CORES, false, &|artifact| {
         let kernels = kernels(artifact);
         assert!(kernels.iter().all(|k| !k.starts_with("mla_")), "{kernels:?}");
         assert!(kernels.iter().any(|k| k.starts_with("rows_mlagradkv_")), "{kernels:?}");
@@ -356,28 +356,16 @@ fn the_sm90a_training_artifact_with_flash_attention_emulated_follows_the_cpu_bac
 /// recipe's MoE + MTP step (1.1e-6).
 #[test]
 fn the_sm90a_training_steps_simulated_ptx_follows_the_cpu_backend() {
-    artifact_step_of(true, false, true, &[], 20, BF16_ATTENTION, true, &|_| {});
-    artifact_step_of(false, true, false, &[], 9, 1e-5, true, &|_| {});
+    artifact_step(true, false, true, &[], 20, BF16_ATTENTION, true, &|_| {});
+    artifact_step(false, true, false, &[], 9, 1e-5, true, &|_| {});
 }
 
 /// `v3c compile --target sm_90a --train` (and `extra` arguments) of the [`trainer_with`] model
 /// (`wide_heads`) into an artifact (`check` looks at it), run by the runtime's launch expansion over
-/// host memory: every output of one `tokens`-token window within `tolerance` of the CPU backend's.
-fn artifact_step(
-    dense: bool,
-    fp8: bool,
-    wide_heads: bool,
-    extra: &[&str],
-    tokens: usize,
-    tolerance: f32,
-    check: &dyn Fn(&v3c_runtime::artifact::Artifact),
-) {
-    artifact_step_of(dense, fp8, wide_heads, extra, tokens, tolerance, false, check)
-}
-
-/// [`artifact_step`], with every launch's PTX simulated when `ptx` says so.
+/// host memory (`ptx`: every launch's PTX simulated): every output of one `tokens`-token window
+/// within `tolerance` of the CPU backend's.
 #[allow(clippy::too_many_arguments)]
-fn artifact_step_of(
+fn artifact_step(
     dense: bool,
     fp8: bool,
     wide_heads: bool,

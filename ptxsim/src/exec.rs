@@ -270,6 +270,23 @@ impl Cta<'_> {
         }
     }
 
+    /// A load's or store's address and element bytes, the access (of `data`'s elements) counted.
+    fn access(
+        &mut self,
+        t: usize,
+        pc: usize,
+        space: Space,
+        ty: Ty,
+        at: &Opnd,
+        data: &Opnd,
+    ) -> Result<(u64, usize), String> {
+        let addr = self.address(t, at)?;
+        let bytes = (ty.bits as usize / 8).max(1);
+        let lanes = if let Opnd::Vector(r) = data { r.len() } else { 1 };
+        self.record(t, pc, space, addr, bytes * lanes);
+        Ok((addr, bytes))
+    }
+
     /// Counts thread `t`'s access at `pc` into its warp's request.
     fn record(&mut self, t: usize, pc: usize, space: Space, addr: u64, bytes: usize) {
         let Some(i) = self.memory_index[pc] else { return };
@@ -526,10 +543,7 @@ impl Cta<'_> {
                 self.set(t, arg(0)?, r)?;
             }
             Op::Ld(space, ty) => {
-                let addr = self.address(t, arg(1)?)?;
-                let bytes = (ty.bits as usize / 8).max(1);
-                let lanes = if let Opnd::Vector(r) = arg(0)? { r.len() } else { 1 };
-                self.record(t, pc, *space, addr, bytes * lanes);
+                let (addr, bytes) = self.access(t, pc, *space, *ty, arg(1)?, arg(0)?)?;
                 match arg(0)? {
                     Opnd::Vector(regs) => {
                         for (i, r) in regs.clone().into_iter().enumerate() {
@@ -546,10 +560,7 @@ impl Cta<'_> {
                 }
             }
             Op::St(space, ty) => {
-                let addr = self.address(t, arg(0)?)?;
-                let bytes = (ty.bits as usize / 8).max(1);
-                let lanes = if let Opnd::Vector(r) = arg(1)? { r.len() } else { 1 };
-                self.record(t, pc, *space, addr, bytes * lanes);
+                let (addr, bytes) = self.access(t, pc, *space, *ty, arg(0)?, arg(1)?)?;
                 match arg(1)? {
                     Opnd::Vector(regs) => {
                         for (i, r) in regs.clone().into_iter().enumerate() {
@@ -1102,44 +1113,28 @@ fn mov_bits(text: &str) -> Option<u32> {
 
 fn compare(c: Cmp, ty: Ty, x: u64, y: u64) -> bool {
     use std::cmp::Ordering;
-    let base = |b: CmpBase, o: Option<Ordering>| match (b, o) {
-        (_, None) => false,
-        (CmpBase::Eq, Some(o)) => o == Ordering::Equal,
-        (CmpBase::Ne, Some(o)) => o != Ordering::Equal,
-        (CmpBase::Lt, Some(o)) => o == Ordering::Less,
-        (CmpBase::Le, Some(o)) => o != Ordering::Greater,
-        (CmpBase::Gt, Some(o)) => o == Ordering::Greater,
-        (CmpBase::Ge, Some(o)) => o != Ordering::Less,
+    let base = |b: CmpBase, o: Ordering| match b {
+        CmpBase::Eq => o == Ordering::Equal,
+        CmpBase::Ne => o != Ordering::Equal,
+        CmpBase::Lt => o == Ordering::Less,
+        CmpBase::Le => o != Ordering::Greater,
+        CmpBase::Gt => o == Ordering::Greater,
+        CmpBase::Ge => o != Ordering::Less,
     };
-    let of = |c: Cmp| match c {
-        Cmp::Eq => CmpBase::Eq,
-        Cmp::Ne => CmpBase::Ne,
-        Cmp::Lt => CmpBase::Lt,
-        Cmp::Le => CmpBase::Le,
-        Cmp::Gt => CmpBase::Gt,
-        _ => CmpBase::Ge,
+    // None: unordered (a NaN).
+    let order = match (ty.kind, ty.bits) {
+        (Kind::F, 64) => f64::from_bits(x).partial_cmp(&f64::from_bits(y)),
+        (Kind::F, _) => f32v(x).partial_cmp(&f32v(y)),
+        (Kind::S, _) => Some(sext(x, ty.bits).cmp(&sext(y, ty.bits))),
+        _ => Some(mask(x, ty.bits).cmp(&mask(y, ty.bits))),
     };
-    if ty.kind == Kind::F {
-        let (a, b) = (f32v(x), f32v(y));
-        let nan = a.is_nan() || b.is_nan();
-        return match c {
-            Cmp::Num => !nan,
-            Cmp::Nan => nan,
-            Cmp::Unordered(bb) => nan || base(bb, a.partial_cmp(&b)),
-            // Ordered `ne` is false on NaN, as every ordered comparison.
-            c => !nan && base(of(c), a.partial_cmp(&b)),
-        };
-    }
-    let o = if ty.kind == Kind::S {
-        sext(x, ty.bits).cmp(&sext(y, ty.bits))
-    } else {
-        mask(x, ty.bits).cmp(&mask(y, ty.bits))
-    };
-    match c {
-        Cmp::Unordered(b) => base(b, Some(o)),
-        Cmp::Num => true,
-        Cmp::Nan => false,
-        c => base(of(c), Some(o)),
+    match (c, order) {
+        (Cmp::Num, o) => o.is_some(),
+        (Cmp::Nan, o) => o.is_none(),
+        // Ordered comparisons (`ne` too) are false on a NaN, unordered ones true.
+        (Cmp::Ordered(b), Some(o)) | (Cmp::Unordered(b), Some(o)) => base(b, o),
+        (Cmp::Ordered(_), None) => false,
+        (Cmp::Unordered(_), None) => true,
     }
 }
 

@@ -189,7 +189,11 @@ $L__end:
     /// [`sum_with`] and the launch's stats.
     fn sum_stats(barrier: &str, input_only: bool, reversed: bool) -> Result<(u32, Stats), String> {
         let module = Module::parse(&SUM.replace("bar.sync BARRIER", barrier))?;
-        let input: Vec<u32> = (1..=64).collect();
+        // The input 128-byte aligned (a warp's 128 bytes: 4 sectors).
+        let mut storage = vec![0u32; 64 + 32];
+        let skip = (128 - storage.as_ptr() as usize % 128) % 128 / 4;
+        let input = &mut storage[skip..skip + 64];
+        input.iter_mut().zip(1..).for_each(|(x, v)| *x = v);
         let mut out = [0u32; 1];
         let params = [input.as_ptr() as u64, out.as_mut_ptr() as u64];
         let only = [(input.as_ptr() as u64, 256)];

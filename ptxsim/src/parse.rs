@@ -95,15 +95,11 @@ pub enum Opnd {
     Label(usize),
 }
 
+/// A `setp` comparison: ordered (integers; floats false when either is NaN), unordered (`equ`,
+/// `neu`, `ltu`, ...: true when either is NaN), or whether both are numbers / either is NaN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cmp {
-    Eq,
-    Ne,
-    Lt,
-    Le,
-    Gt,
-    Ge,
-    /// Unordered forms of the float comparisons (`equ`, `neu`, `ltu`, ...): true when either is NaN.
+    Ordered(CmpBase),
     Unordered(CmpBase),
     Num,
     Nan,
@@ -537,12 +533,12 @@ impl Names {
 fn cmp(s: &str) -> Option<Cmp> {
     use CmpBase as B;
     Some(match s {
-        "eq" => Cmp::Eq,
-        "ne" => Cmp::Ne,
-        "lt" | "lo" => Cmp::Lt,
-        "le" | "ls" => Cmp::Le,
-        "gt" | "hi" => Cmp::Gt,
-        "ge" | "hs" => Cmp::Ge,
+        "eq" => Cmp::Ordered(B::Eq),
+        "ne" => Cmp::Ordered(B::Ne),
+        "lt" | "lo" => Cmp::Ordered(B::Lt),
+        "le" | "ls" => Cmp::Ordered(B::Le),
+        "gt" | "hi" => Cmp::Ordered(B::Gt),
+        "ge" | "hs" => Cmp::Ordered(B::Ge),
         "equ" => Cmp::Unordered(B::Eq),
         "neu" => Cmp::Unordered(B::Ne),
         "ltu" => Cmp::Unordered(B::Lt),
@@ -630,21 +626,18 @@ fn decode(opcode: &str) -> Result<Op, String> {
         "cvta" => Ok(Op::Cvta { to_generic: !has("to"), shared: parts.iter().any(|p| p.starts_with("shared")) }),
         "ld" => Ok(Op::Ld(space(&parts), ty()?)),
         "st" => Ok(Op::St(space(&parts), ty()?)),
-        "atom" | "red" if parts[0] == "atom" => {
-            let op = if has("add") {
-                AtomOp::Add
-            } else if has("min") {
-                AtomOp::Min
-            } else if has("max") {
-                AtomOp::Max
-            } else if has("exch") {
-                AtomOp::Exch
-            } else if has("cas") {
-                AtomOp::Cas
-            } else {
-                return unsupported();
-            };
-            Ok(Op::Atom(space(&parts), op, ty()?))
+        "atom" => {
+            let ops = [
+                ("add", AtomOp::Add),
+                ("min", AtomOp::Min),
+                ("max", AtomOp::Max),
+                ("exch", AtomOp::Exch),
+                ("cas", AtomOp::Cas),
+            ];
+            match ops.iter().find(|(m, _)| has(m)) {
+                Some(&(_, op)) => Ok(Op::Atom(space(&parts), op, ty()?)),
+                None => unsupported(),
+            }
         }
         "ex2" => Ok(Op::Unary(Unary::Ex2)),
         "lg2" => Ok(Op::Unary(Unary::Lg2)),
@@ -654,15 +647,10 @@ fn decode(opcode: &str) -> Result<Op, String> {
         "bra" => Ok(Op::Bra),
         "ret" | "exit" => Ok(Op::Ret),
         "bar" | "barrier" if has("sync") => Ok(Op::Bar),
-        "shfl" => Ok(Op::Shfl(if has("bfly") {
-            ShflMode::Bfly
-        } else if has("down") {
-            ShflMode::Down
-        } else if has("up") {
-            ShflMode::Up
-        } else {
-            ShflMode::Idx
-        })),
+        "shfl" => {
+            let modes = [("bfly", ShflMode::Bfly), ("down", ShflMode::Down), ("up", ShflMode::Up)];
+            Ok(Op::Shfl(modes.iter().find(|(m, _)| has(m)).map_or(ShflMode::Idx, |&(_, mode)| mode)))
+        }
         "mbarrier" if has("init") => Ok(Op::MbarInit),
         "mbarrier" if has("arrive") && !has("noComplete") => Ok(Op::MbarArrive { expect_tx: has("expect_tx") }),
         "mbarrier" if (has("try_wait") || has("test_wait")) && has("parity") => Ok(Op::MbarWait),
