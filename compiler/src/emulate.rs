@@ -25,6 +25,13 @@ pub struct HostMemory {
     regions: Vec<(u64, usize)>,
 }
 
+impl HostMemory {
+    /// Where the allocations lie: (address, bytes), sorted by address.
+    pub fn regions(&self) -> &[(u64, usize)] {
+        &self.regions
+    }
+}
+
 impl Memory for HostMemory {
     fn alloc(&mut self, bytes: usize, _: &str) -> Result<u64, String> {
         let mut v = vec![0u64; bytes.div_ceil(8) + 32];

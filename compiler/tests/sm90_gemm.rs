@@ -603,22 +603,14 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Host memory of one simulated launch: buffers kept alive, their regions for the simulator.
+/// Host memory of one simulated launch (the emulator's, its allocations the simulator's regions).
 #[derive(Default)]
-struct Host {
-    blocks: Vec<Vec<u64>>,
-    regions: Vec<(u64, usize)>,
-}
+struct Host(v3c_compiler::emulate::HostMemory);
 
 impl Host {
     fn buf(&mut self, bytes: &[u8], shape: &[usize], element: &str) -> v3c_runtime::abi::Buf {
-        let mut v = vec![0u64; bytes.len().div_ceil(8) + 32];
-        let addr = (v.as_mut_ptr() as u64).next_multiple_of(256);
-        // SAFETY: the allocation holds `bytes` past its aligned address.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
-        self.blocks.push(v);
-        self.regions.push((addr, bytes.len()));
-        self.regions.sort();
+        use v3c_runtime::gpu::Memory;
+        let addr = self.0.upload(bytes, element).unwrap();
         v3c_runtime::abi::Buf { addr, shape: shape.to_vec(), element: element.into() }
     }
 
@@ -765,7 +757,7 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel) {
                 &launch,
                 kernel.threads,
                 kernel.shared_memory_bytes,
-                Some(&host.regions),
+                Some(host.0.regions()),
                 reversed,
             )
         }
