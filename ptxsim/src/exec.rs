@@ -184,7 +184,7 @@ impl Cta<'_> {
 
     fn value(&self, t: usize, o: &Opnd) -> Result<u64, String> {
         Ok(match o {
-            Opnd::Reg(r) => self.threads[t].regs[*r as usize],
+            Opnd::Reg(r) => self.reg(t, *r),
             Opnd::Imm(v) => *v,
             Opnd::Special(s) => self.special(t, *s),
             _ => return Err(format!("{o:?} is not a value")),
