@@ -414,18 +414,18 @@ impl Cta<'_> {
         let arg = |i: usize| a.get(i).ok_or_else(|| format!("operand {i} missing"));
         match &ins.op {
             Op::Nop => {}
-            Op::Mov => match (arg(0)?, arg(1)?) {
+            Op::Mov(ty) => match (arg(0)?, arg(1)?) {
                 // Unpacking into equal parts, low first (`mov.b32 {lo, hi}, r`).
                 (Opnd::Vector(parts), src) => {
                     let (v, parts) = (self.value(t, src)?, parts.clone());
-                    let bits = mov_bits(&self.k.text[pc]).ok_or("an unpacking mov without a .bN type")?;
+                    let bits = ty.map(|t| t.bits).ok_or("an unpacking mov without a type")?;
                     let each = bits / parts.len().max(1) as u32;
                     for (i, r) in parts.into_iter().enumerate() {
                         self.write(t, r, mask(v >> (each * i as u32), each));
                     }
                 }
                 (d, Opnd::Vector(parts)) => {
-                    let bits = mov_bits(&self.k.text[pc]).ok_or("a packing mov without a .bN type")?;
+                    let bits = ty.map(|t| t.bits).ok_or("a packing mov without a type")?;
                     let each = bits / parts.len().max(1) as u32;
                     let mut v = 0u64;
                     for (i, &r) in parts.iter().enumerate() {
@@ -1103,12 +1103,6 @@ impl Cta<'_> {
         }
         Ok(())
     }
-}
-
-/// The width of a `mov.bN`, from its text.
-fn mov_bits(text: &str) -> Option<u32> {
-    let op = text.split_whitespace().next()?;
-    op.strip_prefix("mov.b")?.parse().ok()
 }
 
 fn compare(c: Cmp, ty: Ty, x: u64, y: u64) -> bool {

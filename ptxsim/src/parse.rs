@@ -187,7 +187,8 @@ pub struct Mma {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    Mov,
+    /// `mov`, with its width (what a packing or unpacking `mov.bN` splits).
+    Mov(Option<Ty>),
     Arith(Arith, Ty),
     /// `max.NaN.f32` / `min.NaN.f32`: NaN if either is.
     MinMaxNan(bool),
@@ -265,8 +266,7 @@ pub struct Kernel {
     pub params: Vec<(usize, usize)>,
     pub param_bytes: usize,
     pub registers: usize,
-    /// Static shared memory (bytes); dynamic shared memory starts at `dynamic_offset`.
-    pub static_shared: usize,
+    /// Where dynamic shared memory starts, after the static variables (bytes).
     pub dynamic_offset: usize,
     pub max_threads: Option<usize>,
     /// CTAs per cluster (`.reqnctapercluster`; 1 without).
@@ -576,7 +576,7 @@ fn decode(opcode: &str) -> Result<Op, String> {
     let arith = |a: Arith| -> Result<Op, String> { Ok(Op::Arith(a, ty()?)) };
     let unsupported = || Err(format!("unsupported instruction '{opcode}'"));
     match parts[0] {
-        "mov" => Ok(Op::Mov),
+        "mov" => Ok(Op::Mov(last_ty(&parts))),
         "add" => arith(Arith::Add),
         "sub" => arith(Arith::Sub),
         "mul" if has("hi") => arith(Arith::MulHi),
@@ -877,7 +877,7 @@ fn kernel(
         params,
         param_bytes: offset,
         registers: names.next_reg as usize,
-        static_shared: shared,
+
         dynamic_offset,
         max_threads,
         cluster,
