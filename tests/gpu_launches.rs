@@ -559,14 +559,15 @@ fn moonlight_shaped_models_lower_for_sm90a_and_give_the_cpu_backends_logits() {
             let t = st.tensor("logits").unwrap();
             t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
         };
-        // The same launches with every kernel's PTX simulated (`--ptx`).
+        // The same launches with every kernel's PTX simulated (`--ptx`), checked for races.
         let simulated = p(&format!("s{fp8}"));
-        let args = ["emulate", &art, "--weights", two, "--tokens", tokens, "--ptx", "--out", &simulated];
+        let args = ["emulate", &art, "--weights", two, "--tokens", tokens, "--ptx", "--races", "--out", &simulated];
         let ran = run_binary("v3c", &args);
         let report = String::from_utf8_lossy(&ran.stderr);
         assert!(ran.status.success(), "{report}");
-        // Its profile: every kernel simulated, with its memory traffic.
+        // Its profile: every kernel simulated, with its memory traffic; no race.
         assert!(report.contains("simulated PTX, per kernel:") && report.contains("global req"), "{report}");
+        assert!(report.contains("no data race on shared memory in "), "{report}");
         let want = read(&cpu);
         let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         for got in [read(&emulated), read(&simulated)] {
@@ -706,7 +707,7 @@ fn with_default_artifact<R>(
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
     let mut emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
     if ptx {
-        emulator.simulate_ptx();
+        emulator.simulate_ptx(v3c_compiler::emulate::Checks { reversed: false, races: true });
     }
     let config = checkpoint_config(&ckpt);
     let cpu_context = v3c_compiler::mlir::new_context();

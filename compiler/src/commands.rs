@@ -2101,7 +2101,12 @@ fn train_on_gpu(o: &TrainOptions) -> Result<(), String> {
 /// The simulated kernels' profile, most instructions first: launches, instructions, global
 /// requests and the share of their sectors' bytes used (coalescing), shared requests and their
 /// wavefronts each (1: no bank conflicts).
-fn simulated_profile(by_kernel: &std::collections::BTreeMap<String, (usize, v3c_ptxsim::Stats)>) -> String {
+/// The simulated launches' profile by kernel, most instructions first; with the race check, that
+/// it found none (a race fails the run before).
+fn simulated_profile(
+    by_kernel: &std::collections::BTreeMap<String, (usize, v3c_ptxsim::Stats)>,
+    checks: v3c_ptxsim::Checks,
+) -> String {
     let mut rows: Vec<_> = by_kernel.iter().collect();
     rows.sort_by(|a, b| b.1 .1.instructions.cmp(&a.1 .1.instructions).then(a.0.cmp(b.0)));
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(6).max(6);
@@ -2119,6 +2124,10 @@ fn simulated_profile(by_kernel: &std::collections::BTreeMap<String, (usize, v3c_
             s.instructions, s.global_requests, s.shared_requests
         ));
     }
+    if checks.races {
+        let launches: usize = by_kernel.values().map(|(n, _)| n).sum();
+        out.push_str(&format!("no data race on shared memory in {launches} launches (happens-before check)\n"));
+    }
     out
 }
 
@@ -2130,7 +2139,7 @@ fn emulate_train_step(
     tokens: &[u32],
     out: &Path,
     dump: Option<&Path>,
-    ptx: bool,
+    ptx: Option<v3c_ptxsim::Checks>,
 ) -> Result<(), String> {
     use v3c_models::train::{load_params, TrainConfig, Trainer};
     let config = ModelConfig::resolve(&weights.display().to_string()).map_err(|e| e.to_string())?;
@@ -2158,15 +2167,15 @@ fn emulate_train_step(
     let host = v3c_runtime::training::host_inputs(&inputs).map_err(|e| e.to_string())?;
     let context = v3c_compiler::mlir::new_context();
     let mut emulator = v3c_compiler::emulate::Emulator::new(&context, a, &v3c_runtime::gpu::Weights::Checkpoint(ckpt))?;
-    if ptx {
-        emulator.simulate_ptx();
+    if let Some(checks) = ptx {
+        emulator.simulate_ptx(checks);
     }
     let names: Vec<String> = trainer.graph().outputs.iter().map(|(n, _)| n.clone()).collect();
     let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
     let start = Instant::now();
     let outs = emulator.run(entry, &host, &wanted, dump)?;
-    if ptx {
-        eprint!("{}", simulated_profile(emulator.simulated()));
+    if let Some(checks) = ptx {
+        eprint!("{}", simulated_profile(emulator.simulated(), checks));
     }
     let tensors = v3c_runtime::training::output_tensors(outs).map_err(|e| e.to_string())?;
     let mut named: Vec<(&str, &v3c_models::tensor::Tensor)> =
@@ -2193,7 +2202,7 @@ pub fn emulate(
     out: &Path,
     dump: Option<&Path>,
     decode_steps: usize,
-    ptx: bool,
+    ptx: Option<v3c_ptxsim::Checks>,
 ) -> Result<(), String> {
     use v3c_runtime::host::{HostBuffer, HostData};
     let tokens = v3c_runtime::cli::parse_token_ids(tokens, "--tokens")?;
@@ -2239,8 +2248,8 @@ pub fn emulate(
     let context = v3c_compiler::mlir::new_context();
     let mut emulator =
         v3c_compiler::emulate::Emulator::new(&context, &a, &v3c_runtime::gpu::Weights::Checkpoint(&ckpt))?;
-    if ptx {
-        emulator.simulate_ptx();
+    if let Some(checks) = ptx {
+        emulator.simulate_ptx(checks);
     }
     let start = Instant::now();
     let mut wanted: Vec<&str> = plan.bounds.keys().filter(|n| n.starts_with("kv_cache.")).map(String::as_str).collect();
@@ -2300,8 +2309,8 @@ pub fn emulate(
             eprintln!("emulated decode step {step}: token {token} at position {}", tokens.len() + step);
         }
     }
-    if ptx {
-        eprint!("{}", simulated_profile(emulator.simulated()));
+    if let Some(checks) = ptx {
+        eprint!("{}", simulated_profile(emulator.simulated(), checks));
     }
     let tensor = v3c_models::tensor::Tensor::f32(logits.shape.clone(), values.clone());
     save_tensors(out, &[("logits", &tensor)]).map_err(|e| e.to_string())?;

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use melior::{Context, ExecutionEngine};
+pub use v3c_ptxsim::Checks;
 use v3c_runtime::abi::{GemmAbi, KernelAbi, KernelLaunch, Param, TensorMapSpec};
 use v3c_runtime::artifact::Artifact;
 use v3c_runtime::gpu::{bind, host_buffer, plan_bytes, Action, Bindings, Expander, Memory, Weights};
@@ -159,8 +160,8 @@ pub unsafe fn emulate_decode(l: &KernelLaunch) -> Result<(), String> {
 
 /// Runs `launch` (of `kernel`'s PTX, `threads` a block and `dynamic_shared` bytes) in the PTX
 /// simulator: tensor-map parameters passed as the simulator names them, the maps as the runtime
-/// would encode them; with `regions`, global accesses outside them fail the launch; each CTA's
-/// threads run last to first when `reversed` says so.
+/// would encode them; with `regions`, global accesses outside them fail the launch; run and
+/// checked as `checks` says (the threads' order, races).
 ///
 /// # Safety
 /// Every address the launch names must be live host memory of the sizes it names (outside
@@ -171,7 +172,7 @@ pub unsafe fn simulate_launch(
     threads: usize,
     dynamic_shared: usize,
     regions: Option<&[(u64, usize)]>,
-    reversed: bool,
+    checks: v3c_ptxsim::Checks,
 ) -> Result<v3c_ptxsim::Stats, String> {
     let params: Vec<u64> = launch
         .params
@@ -203,7 +204,7 @@ pub unsafe fn simulate_launch(
         tensor_maps: &maps,
         regions,
         max_instructions: 1 << 34,
-        reversed,
+        checks,
     };
     // SAFETY: the caller's promise.
     unsafe { v3c_ptxsim::run(kernel, &sim) }
@@ -370,6 +371,8 @@ pub struct Emulator<'a, 'c> {
     /// Run every launch's PTX in the simulator ([`Emulator::simulate_ptx`]): the kernels parsed so
     /// far, by name.
     ptx: Option<HashMap<String, v3c_ptxsim::Kernel>>,
+    /// How the simulated launches run and are checked.
+    checks: v3c_ptxsim::Checks,
     /// What the simulated launches executed, by kernel: launches and their stats.
     simulated: std::collections::BTreeMap<String, (usize, v3c_ptxsim::Stats)>,
 }
@@ -391,6 +394,7 @@ impl<'a, 'c> Emulator<'a, 'c> {
             dumped: HashMap::new(),
             held: v3c_runtime::gpu::HeldInputs::default(),
             ptx: None,
+            checks: v3c_ptxsim::Checks::default(),
             simulated: Default::default(),
         })
     }
@@ -404,9 +408,11 @@ impl<'a, 'c> Emulator<'a, 'c> {
     /// From now on, runs every launch by simulating the artifact's PTX ([`v3c_ptxsim`]) — the GPU
     /// kernels' own instructions — instead of the row kernels' CPU lowering and the GEMM and
     /// attention kernels' semantics; every global access is checked against the emulated
-    /// device's allocations.
-    pub fn simulate_ptx(&mut self) {
+    /// device's allocations; each launch run and checked as `checks` says (with
+    /// [`v3c_ptxsim::Checks::races`], a data race on shared memory fails it).
+    pub fn simulate_ptx(&mut self, checks: v3c_ptxsim::Checks) {
         self.ptx.get_or_insert_with(HashMap::new);
+        self.checks = checks;
     }
 
     /// Runs a launch through the PTX simulator.
@@ -438,7 +444,7 @@ impl<'a, 'c> Emulator<'a, 'c> {
         let threads = entry.threads.ok_or_else(|| format!("kernel {} has no thread count", k.kernel))?;
         let shared = entry.dynamic_shared_memory.unwrap_or(0);
         // SAFETY: the caller's promise; every access is checked against the regions.
-        let stats = unsafe { simulate_launch(kernel, k, threads, shared, Some(&self.memory.regions), false) }?;
+        let stats = unsafe { simulate_launch(kernel, k, threads, shared, Some(&self.memory.regions), self.checks) }?;
         tracing::debug!("{}: {} CTAs, {} instructions simulated", k.kernel, stats.ctas, stats.instructions);
         let e = self.simulated.entry(k.kernel.clone()).or_default();
         e.0 += 1;
@@ -938,7 +944,14 @@ mod tests {
             let (rel, _) = decode_case(config.kv, config.rope, 128, fp8_cache, |l| {
                 // SAFETY: the case's vectors, of the launch's shapes.
                 let stats = unsafe {
-                    simulate_launch(&module.kernels[0], l, kernel.threads, kernel.shared_memory_bytes, None, reversed)
+                    simulate_launch(
+                        &module.kernels[0],
+                        l,
+                        kernel.threads,
+                        kernel.shared_memory_bytes,
+                        None,
+                        v3c_ptxsim::Checks { reversed, races: !reversed },
+                    )
                 }
                 .unwrap();
                 eprintln!("{}: {} CTAs, {} instructions simulated", kernel.name, stats.ctas, stats.instructions);
@@ -949,6 +962,47 @@ mod tests {
             );
             assert!(rel <= 1e-3, "{}: relative error {rel:.2e}", kernel.name);
         }
+    }
+
+    /// The race check sees what the decode kernel's synchronization is for: without its proxy
+    /// fences the tensor cores read P unfenced, and without its block barriers threads read shared
+    /// memory the others write unordered (each found, naming the lines, on the first launch).
+    #[test]
+    fn the_decode_attention_kernel_without_its_fences_or_barriers_is_caught_racing() {
+        use crate::conversion::sm90::mla::MlaDecodeConfig;
+        let context = crate::mlir::new_context();
+        let config = MlaDecodeConfig::DEEPSEEK_V3;
+        let kernel = crate::conversion::sm90::compile_mla(&context, &config, &crate::target::SM90A).unwrap();
+        let race = |ptx: &str| -> String {
+            let module = v3c_ptxsim::Module::parse(ptx).unwrap();
+            let mut err = String::new();
+            decode_case(config.kv, config.rope, 64, false, |l| {
+                if err.is_empty() {
+                    // SAFETY: the case's vectors, of the launch's shapes.
+                    let r = unsafe {
+                        simulate_launch(
+                            &module.kernels[0],
+                            l,
+                            kernel.threads,
+                            kernel.shared_memory_bytes,
+                            None,
+                            Checks { reversed: false, races: true },
+                        )
+                    };
+                    err = r.err().unwrap_or_default();
+                }
+            });
+            err
+        };
+        assert_eq!(race(&kernel.ptx), "");
+        let fences = kernel.ptx.matches("fence.proxy.async").count();
+        assert!(fences > 0);
+        let unfenced = race(&kernel.ptx.replace("fence.proxy.async.shared::cta;", ""));
+        eprintln!("without its {fences} proxy fences: {unfenced}");
+        assert!(unfenced.contains("wgmma") && unfenced.contains("without a fence.proxy.async"), "{unfenced}");
+        let unordered = race(&kernel.ptx.replace("bar.sync", "membar.cta;//"));
+        eprintln!("without its barriers: {unordered}");
+        assert!(unordered.contains("data race on shared byte"), "{unordered}");
     }
 
     /// DeepSeek-V3's flash attention kernels (q and k heads of 192, v of 128; causal; 70 queries
@@ -1043,7 +1097,7 @@ mod tests {
                                 kernel.threads,
                                 kernel.shared_memory_bytes,
                                 None,
-                                run == 2,
+                                v3c_ptxsim::Checks { reversed: run == 2, races: run == 1 },
                             )
                         }
                         .unwrap();

@@ -81,6 +81,11 @@ struct EmulateArgs {
     /// the GPU code itself checked, every global access inside an allocation. Slow: small models.
     #[arg(long)]
     ptx: bool,
+    /// With --ptx: also check every launch for data races on shared memory (happens-before over
+    /// barriers, mbarriers, the cluster barrier and wgmma; and a proxy fence before a wgmma reads
+    /// what threads wrote). A race fails the run naming both accesses' lines. Slower still.
+    #[arg(long, requires = "ptx")]
+    races: bool,
 }
 
 /// Pipeline stages, in order; the names are stable (dump folders and snapshots use them).
@@ -575,7 +580,7 @@ fn main() -> ExitCode {
             },
         }),
         Command::Emulate(a) => {
-            commands::emulate(&a.artifact, &a.weights, &a.tokens, &a.out, a.dump.as_deref(), a.decode_steps, a.ptx)
+            commands::emulate(&a.artifact, &a.weights, &a.tokens, &a.out, a.dump.as_deref(), a.decode_steps, a.ptx.then_some(v3c_ptxsim::Checks { reversed: false, races: a.races }))
         }
         Command::Logits(a) => commands::require_backend(a.backend.name()).and_then(|_| {
             commands::logits(&a.model_dir, &a.tokens, a.first_position, a.precision.model(), a.backend.name(), &a.out)

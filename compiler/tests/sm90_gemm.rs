@@ -758,7 +758,7 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel) {
                 kernel.threads,
                 kernel.shared_memory_bytes,
                 Some(host.0.regions()),
-                reversed,
+                v3c_ptxsim::Checks { reversed, races: !reversed },
             )
         }
         .unwrap_or_else(|e| panic!("{e}"));

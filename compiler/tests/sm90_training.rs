@@ -395,7 +395,7 @@ fn artifact_step(
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
     let mut emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
     if ptx {
-        emulator.simulate_ptx();
+        emulator.simulate_ptx(v3c_compiler::emulate::Checks { reversed: false, races: true });
     }
     let names: Vec<String> = trainer.graph().outputs.iter().map(|(n, _)| n.clone()).collect();
     let wanted: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use crate::parse::{
     Arith, AtomOp, Cmp, CmpBase, IntRound, Kernel, Kind, Logic, Op, Opnd, ShflMode, Space, Special, Ty, Unary, SINK,
 };
+use crate::race::{Access, Epoch, Race, Races};
 use crate::{Launch, Stats, SHARED_WINDOW, TENSOR_MAP_BASE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +100,11 @@ struct Cta<'a> {
     executions: Vec<u32>,
     memory_index: &'a [Option<usize>],
     memory_instructions: usize,
+    /// Happens-before bookkeeping, when the launch checks for races; the clocks wgmmas in flight
+    /// were issued as of, by their `InFlight::id`.
+    races: Option<Races>,
+    issued: HashMap<u64, Vec<u32>>,
+    issues: u64,
 }
 
 /// A wgmma issued by a warpgroup, what it read at issue (descriptors, scales, transposes), to run
@@ -108,6 +114,8 @@ struct Cta<'a> {
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
     pc: usize,
+    /// The warpgroup's issues so far.
+    id: u64,
     /// The commit group it belongs to (the warpgroup's commits before it).
     group: u64,
     desc_a: u64,
@@ -122,6 +130,15 @@ struct InFlight {
 /// A `shared::cluster` address of CTA `rank`'s shared memory (what `mapa` gives): the offset
 /// below bit 24, the rank + 1 above it. Offsets alone are the thread's own CTA.
 const CLUSTER_RANK_SHIFT: u32 = 24;
+
+/// The registers a load or store moves (a vector's, or one).
+fn lanes(data: &Opnd) -> usize {
+    if let Opnd::Vector(r) = data {
+        r.len()
+    } else {
+        1
+    }
+}
 
 fn mask(v: u64, bits: u32) -> u64 {
     if bits >= 64 {
@@ -282,9 +299,83 @@ impl Cta<'_> {
     ) -> Result<(u64, usize), String> {
         let addr = self.address(t, at)?;
         let bytes = (ty.bits as usize / 8).max(1);
-        let lanes = if let Opnd::Vector(r) = data { r.len() } else { 1 };
-        self.record(t, pc, space, addr, bytes * lanes);
+        self.record(t, pc, space, addr, bytes * lanes(data));
         Ok((addr, bytes))
+    }
+
+    /// When the launch checks for races: thread `t`'s access at `pc` of `bytes` at `addr`, if
+    /// shared memory, checked and kept.
+    fn shadow(
+        &mut self,
+        t: usize,
+        pc: usize,
+        space: Space,
+        addr: u64,
+        bytes: usize,
+        access: Access,
+    ) -> Result<(), String> {
+        if self.races.is_none() {
+            return Ok(());
+        }
+        match self.shared_offset(t, space, addr, bytes)? {
+            Some((cta, off)) => self.race(t, pc, cta, off, bytes, access),
+            None => Ok(()),
+        }
+    }
+
+    /// `who`'s access of shared bytes `off..off + bytes` of the cluster's CTA `cta` checked for
+    /// races (when the launch checks) and kept.
+    fn race(
+        &mut self,
+        who: usize,
+        pc: usize,
+        cta: usize,
+        off: usize,
+        bytes: usize,
+        access: Access,
+    ) -> Result<(), String> {
+        let Some(r) = &mut self.races else { return Ok(()) };
+        r.check(who, cta, off, bytes, pc, access).map_err(|race| self.describe(&race))
+    }
+
+    /// A race, as what this access is not ordered after.
+    fn describe(&self, race: &Race) -> String {
+        let name = |access: Access| match access {
+            Access::Read => "read",
+            Access::Write => "write",
+            Access::AsyncWrite => "TMA copy's write",
+            Access::TensorRead => "wgmma's operand read",
+        };
+        let what = |(access, e): (Access, Epoch)| -> String {
+            let line = self.k.instrs.get(e.pc as usize).map_or(0, |i| i.line);
+            let text = self.k.text.get(e.pc as usize).map_or("", String::as_str);
+            let t = e.who as usize;
+            let who = if t >= self.threads.len() {
+                format!("warpgroup {}'s", t - self.threads.len())
+            } else if self.ctaids.len() > 1 {
+                format!("thread {} of CTA {}'s", t % self.n, t / self.n)
+            } else {
+                format!("thread {t}'s")
+            };
+            format!("{who} {} at line {line} '{text}'", name(access))
+        };
+        let at = if self.ctaids.len() > 1 { format!(" of CTA {}", race.cta) } else { String::new() };
+        if race.unfenced {
+            format!(
+                "the {} of shared byte {}{at} follows {} without a fence.proxy.async between that write and the wgmma",
+                name(race.now.0),
+                race.offset,
+                what(race.before)
+            )
+        } else {
+            format!(
+                "data race on shared byte {}{at}: this {} is not ordered after {} (no barrier, mbarrier phase or \
+                 cluster barrier between them)",
+                race.offset,
+                name(race.now.0),
+                what(race.before)
+            )
+        }
     }
 
     /// Counts thread `t`'s access at `pc` into its warp's request.
@@ -544,6 +635,7 @@ impl Cta<'_> {
             }
             Op::Ld(space, ty) => {
                 let (addr, bytes) = self.access(t, pc, *space, *ty, arg(1)?, arg(0)?)?;
+                self.shadow(t, pc, *space, addr, bytes * lanes(arg(0)?), Access::Read)?;
                 match arg(0)? {
                     Opnd::Vector(regs) => {
                         for (i, r) in regs.clone().into_iter().enumerate() {
@@ -561,6 +653,7 @@ impl Cta<'_> {
             }
             Op::St(space, ty) => {
                 let (addr, bytes) = self.access(t, pc, *space, *ty, arg(0)?, arg(1)?)?;
+                self.shadow(t, pc, *space, addr, bytes * lanes(arg(1)?), Access::Write)?;
                 match arg(1)? {
                     Opnd::Vector(regs) => {
                         for (i, r) in regs.clone().into_iter().enumerate() {
@@ -654,6 +747,9 @@ impl Cta<'_> {
                 let (cta, at) = self.mbar_offset(t, arg(0)?)?;
                 let n = self.value(t, arg(1)?)? as i64;
                 self.mbarriers[cta].insert(at, Mbarrier { expected: n, pending: n, tx: 0, phase: 0 });
+                if let Some(r) = &mut self.races {
+                    r.mbarrier_init(cta, at);
+                }
             }
             Op::MbarArrive { expect_tx } => {
                 let (cta, at) = self.mbar_offset(t, arg(1)?)?;
@@ -663,19 +759,31 @@ impl Cta<'_> {
                 m.pending -= 1;
                 let state = m.phase;
                 m.complete_if_done();
+                let completed = m.phase != state;
+                if let Some(r) = &mut self.races {
+                    r.arrive(t, cta, at, completed);
+                }
                 self.set(t, arg(0)?, state)?;
             }
             Op::MbarWait => {
                 let (cta, at) = self.mbar_offset(t, arg(1)?)?;
                 let parity = self.value(t, arg(2)?)? & 1;
                 if self.mbarrier(cta, at)?.phase & 1 != parity {
+                    if let Some(r) = &mut self.races {
+                        r.acquire(t, cta, at);
+                    }
                     self.set(t, arg(0)?, 1)?;
                 } else {
                     self.threads[t].pc = pc;
                     self.threads[t].state = State::Mbar(cta, at, parity);
                 }
             }
-            Op::Tma { multicast } => self.tma(t, a, *multicast)?,
+            Op::Tma { multicast } => self.tma(t, pc, a, *multicast)?,
+            Op::ProxyFence => {
+                if let Some(r) = &mut self.races {
+                    r.fence_proxy(t);
+                }
+            }
             Op::Mapa => {
                 let (addr, rank) = (self.value(t, arg(1)?)?, self.value(t, arg(2)?)?);
                 if rank as usize >= self.shared.len() {
@@ -687,6 +795,9 @@ impl Cta<'_> {
             Op::ClusterArrive => {
                 let phase = self.threads[t].cluster_phase;
                 *self.cluster_arrivals.entry(phase).or_insert(0) += 1;
+                if let Some(r) = &mut self.races {
+                    r.cluster_arrive(t, phase);
+                }
                 self.threads[t].cluster_phase += 1;
             }
             Op::ClusterWait => {
@@ -823,7 +934,7 @@ impl Cta<'_> {
     /// `cp.async.bulk.tensor`: the box at the coordinates, out-of-bounds elements zero, written to
     /// shared memory (128-byte swizzled on the shared address when the map says so), then its
     /// bytes completed on the mbarrier.
-    fn tma(&mut self, t: usize, a: &[Opnd], multicast: bool) -> Result<(), String> {
+    fn tma(&mut self, t: usize, pc: usize, a: &[Opnd], multicast: bool) -> Result<(), String> {
         let (dst, src, bar) = match a {
             [dst, src, bar] if !multicast => (dst, src, bar),
             [dst, src, bar, _] if multicast => (dst, src, bar),
@@ -877,10 +988,16 @@ impl Cta<'_> {
             vec![own]
         };
         for cta in ctas {
+            self.race(t, pc, cta, dst, total, Access::AsyncWrite)?;
             self.shared[cta][dst..dst + total].copy_from_slice(&boxed);
             let mb = self.mbarrier(cta, at)?;
+            let phase = mb.phase;
             mb.tx -= total as i64;
             mb.complete_if_done();
+            let completed = mb.phase != phase;
+            if let Some(r) = &mut self.races {
+                r.arrive(t, cta, at, completed);
+            }
         }
         Ok(())
     }
@@ -890,7 +1007,8 @@ impl Cta<'_> {
         let mut progressed = false;
         let n = self.threads.len();
         // Barriers, per CTA.
-        for threads in self.threads.chunks_mut(self.n) {
+        let mut met: Vec<Vec<usize>> = Vec::new();
+        for (c, threads) in self.threads.chunks_mut(self.n).enumerate() {
             let live = threads.iter().filter(|th| th.state != State::Done).count() as u64;
             let mut at_bar: HashMap<u64, (u64, u64)> = HashMap::new();
             for th in threads.iter() {
@@ -902,24 +1020,35 @@ impl Cta<'_> {
             for (id, (arrived, count)) in at_bar {
                 let need = if count == 0 { live } else { count };
                 if arrived >= need {
-                    for th in threads.iter_mut() {
+                    let mut these = Vec::new();
+                    for (i, th) in threads.iter_mut().enumerate() {
                         if matches!(th.state, State::Bar { id: i, .. } if i == id) {
                             th.state = State::Run;
                             th.pc += 1;
+                            these.push(c * self.n + i);
                         }
                     }
+                    met.push(these);
                     progressed = true;
                 }
             }
         }
+        if let Some(r) = &mut self.races {
+            for these in &met {
+                r.meet(these);
+            }
+        }
         // The cluster barrier: every thread not exited has arrived for the phase.
         let live = self.threads.iter().filter(|th| th.state != State::Done).count();
-        for th in &mut self.threads {
+        for (t, th) in self.threads.iter_mut().enumerate() {
             if let State::Cluster(phase) = th.state {
                 if self.cluster_arrivals.get(&phase).copied().unwrap_or(0) >= live {
                     th.state = State::Run;
                     th.pc += 1;
                     progressed = true;
+                    if let Some(r) = &mut self.races {
+                        r.cluster_wait(t, phase);
+                    }
                 }
             }
         }
@@ -1042,6 +1171,7 @@ impl Cta<'_> {
         let flag = |i: usize| -> Result<Option<u64>, String> { a.get(i).map(|o| self.value(t0, o)).transpose() };
         let op = InFlight {
             pc,
+            id: self.issues + 1,
             group: self.commits.get(&g).copied().unwrap_or(0),
             desc_a: self.value(t0, &a[1])?,
             desc_b: self.value(t0, &a[2])?,
@@ -1051,6 +1181,10 @@ impl Cta<'_> {
             trans_a: flag(6)?.unwrap_or(0) != 0,
             trans_b: flag(7)?.unwrap_or(0) != 0,
         };
+        self.issues = op.id;
+        if let Some(r) = &self.races {
+            self.issued.insert(op.id, r.issue_clock(g));
+        }
         self.in_flight.entry(g).or_default().push(op);
         for t in t0..t0 + 128 {
             self.threads[t].pc = pc + 1;
@@ -1066,11 +1200,16 @@ impl Cta<'_> {
         let Some(Opnd::Vector(d)) = ins.args.first() else { return Err("wgmma: no accumulator registers".into()) };
         let t0 = g * 128;
         let InFlight { desc_a, desc_b, scale_d, neg_a, neg_b, trans_a, trans_b, .. } = *op;
-        let read = |desc: u64, rows: usize, trans: bool| -> Result<Vec<f32>, String> {
+        let checking = self.races.is_some();
+        let mut offsets = Vec::new();
+        let mut read = |desc: u64, rows: usize, trans: bool| -> Result<Vec<f32>, String> {
             let mut out = vec![0f32; rows * mma.k];
             for r in 0..rows {
                 for kk in 0..mma.k {
                     let off = crate::layout::element(desc, r, kk, mma.input_bytes, trans)?;
+                    if checking {
+                        offsets.extend(off..off + mma.input_bytes);
+                    }
                     let shared = &self.shared[t0 / self.n];
                     if off + mma.input_bytes > shared.len() {
                         return Err(format!("wgmma operand read at shared {off} past {} B", shared.len()));
@@ -1086,6 +1225,12 @@ impl Cta<'_> {
         };
         let am = read(desc_a, 64, trans_a)?;
         let bm = read(desc_b, mma.n, trans_b)?;
+        if let (Some(r), Some(issued)) = (&mut self.races, self.issued.remove(&op.id)) {
+            offsets.sort_unstable();
+            offsets.dedup();
+            let cta = t0 / self.n;
+            r.tensor_read(g, cta, &offsets, op.pc, &issued).map_err(|race| self.describe(&race))?;
+        }
         let (sa, sb) = (if neg_a { -1.0 } else { 1.0 }, if neg_b { -1.0 } else { 1.0 });
         for lt in 0..128 {
             let t = t0 + lt;
@@ -1291,10 +1436,13 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
                 executions: vec![0; threads * cluster * memory_instructions],
                 memory_index: &memory_index,
                 memory_instructions,
+                races: launch.checks.races.then(|| Races::new(threads * cluster, cluster, shared_bytes)),
+                issued: HashMap::new(),
+                issues: 0,
             };
             loop {
                 let mut progressed = false;
-                let order: Vec<usize> = match launch.reversed {
+                let order: Vec<usize> = match launch.checks.reversed {
                     true => (0..cta.threads.len()).rev().collect(),
                     false => (0..cta.threads.len()).collect(),
                 };

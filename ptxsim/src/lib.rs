@@ -26,16 +26,22 @@
 //!   accumulators are read as late as the tensor cores may read them, so a kernel that changes
 //!   either before waiting gets other results. A warpgroup that exits with wgmmas in flight fails.
 //!
+//! - Schedules: a CTA's threads run first to last, or with [`Checks::reversed`] last to first; a
+//!   kernel that depends on an order it does not enforce may part between the two.
+//! - Data races on shared memory, with [`Checks::races`]: happens-before by vector clocks over
+//!   barriers, mbarrier phases (TMA copies' completed bytes included), the cluster barrier and
+//!   wgmma issue and wait, so a race in the run is found whatever order the threads ran in;
+//!   also a wgmma that reads bytes a thread wrote without a `fence.proxy.async` between.
+//!
 //! What it does not: timing, memory ordering between CTAs of different clusters (they run in
-//! turn), data races as such (a schedule runs each thread as far as it goes, first to last or,
-//! with [`Launch::reversed`], last to first: a kernel that depends on an order it does not enforce
-//! may part between the two, not more), the hardware's own rounding of wgmma's accumulation (sums
+//! turn), races in global memory, the hardware's own rounding of wgmma's accumulation (sums
 //! here are sequential f32; the tensor cores' fp8 accumulation keeps fewer bits) and of
 //! `ex2.approx`/`lg2.approx` (exact functions here).
 
 mod exec;
 pub mod layout;
 pub mod parse;
+mod race;
 
 pub use parse::{Kernel, Module};
 
@@ -73,10 +79,20 @@ pub struct Launch<'a> {
     pub regions: Option<&'a [(u64, usize)]>,
     /// Instructions one CTA may execute before the launch is called endless.
     pub max_instructions: u64,
+    pub checks: Checks,
+}
+
+/// How a launch runs, to check it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checks {
     /// Run a CTA's threads last to first (each as far as it goes before the next): another legal
     /// schedule, under which a kernel that leans on an order it does not enforce (a missing
     /// barrier) gives other results.
     pub reversed: bool,
+    /// Look for data races on shared memory, by happens-before (whatever the schedule): an access
+    /// not ordered after a conflicting one, or a wgmma that reads what a thread wrote without a
+    /// proxy fence, fails the launch naming both. Slower.
+    pub races: bool,
 }
 
 /// What a launch executed, and how its threads' loads and stores met memory: warp-level requests
@@ -206,7 +222,7 @@ $L__end:
             tensor_maps: &[],
             regions,
             max_instructions: 1 << 20,
-            reversed,
+            checks: Checks { reversed, races: false },
         };
         // SAFETY: the parameters are the live input and output.
         let stats = unsafe { run(&module.kernels[0], &launch) }?;
@@ -240,7 +256,7 @@ $L__end:
                 tensor_maps: &[],
                 regions: Some(&[]),
                 max_instructions: 1000,
-                reversed: false,
+                checks: Checks::default(),
             };
             // SAFETY: no global memory.
             let s = unsafe { run(&module.kernels[0], &launch) }.unwrap();
@@ -276,6 +292,123 @@ $L__end:
         let reversed = sum_with("membar.gl", false, true).unwrap();
         assert_eq!(reversed, 64 * 65 / 2);
         assert_ne!(forward, reversed);
+    }
+
+    /// [`SUM`] with `barrier`, checked for races under `reversed`'s schedule.
+    fn sum_checked(barrier: &str, reversed: bool) -> Result<u32, String> {
+        let module = Module::parse(&SUM.replace("bar.sync BARRIER", barrier))?;
+        let input: Vec<u32> = (1..=64).collect();
+        let mut out = [0u32; 1];
+        let params = [input.as_ptr() as u64, out.as_mut_ptr() as u64];
+        let regions = [(input.as_ptr() as u64, 256), (out.as_ptr() as u64, 4)];
+        let launch = Launch {
+            grid: [1, 1],
+            threads: 64,
+            dynamic_shared: 0,
+            params: &params,
+            tensor_maps: &[],
+            regions: Some(&regions),
+            max_instructions: 1 << 20,
+            checks: Checks { reversed, races: true },
+        };
+        // SAFETY: the parameters are the live input and output.
+        unsafe { run(&module.kernels[0], &launch) }?;
+        Ok(out[0])
+    }
+
+    /// Without the barrier the race is found whichever order the threads run in, naming both
+    /// accesses: thread 0's read of the second warp's sum and thread 32's write of it.
+    #[test]
+    fn a_missing_barrier_is_a_race_under_either_schedule() {
+        assert_eq!(sum_checked("bar.sync 0", false).unwrap(), 64 * 65 / 2);
+        assert_eq!(sum_checked("bar.sync 0", true).unwrap(), 64 * 65 / 2);
+        // First to last, thread 0 reads before the second warp writes; last to first, after.
+        let forward = sum_checked("membar.gl", false).unwrap_err();
+        assert!(
+            forward.contains(
+                "thread 32, line 35 'st.shared.b32 [%rd6], %r2': data race on shared byte 4: this write is \
+                              not ordered after thread 0's read at line 42 'ld.shared.b32 %r7, [%rd6+4]'"
+            ),
+            "{forward}"
+        );
+        let reversed = sum_checked("membar.gl", true).unwrap_err();
+        assert!(
+            reversed.contains(
+                "thread 0, line 42 'ld.shared.b32 %r7, [%rd6+4]': data race on shared byte 4: this read is \
+                               not ordered after thread 32's write at line 35"
+            ),
+            "{reversed}"
+        );
+    }
+
+    /// Thread 0 writes a word and arrives on an mbarrier; thread 32 reads the word after waiting
+    /// for the phase (`WAIT`), or without.
+    const HANDOFF: &str = "
+.visible .entry handoff(
+\t.param .u64 handoff_param_0
+)
+.maxntid 64, 1, 1
+{
+\t.reg .pred %p<4>;
+\t.reg .b32 %r<4>;
+\t.reg .b64 %rd<6>;
+\t.shared .align 8 .b8 bar[8];
+\t.shared .align 4 .b8 word[4];
+\tld.param.b64 %rd1, [handoff_param_0];
+\tmov.u32 %r1, %tid.x;
+\tmov.b64 %rd2, bar;
+\tmov.b64 %rd3, word;
+\tsetp.ne.b32 %p1, %r1, 0;
+\t@%p1 bra $L__after_init;
+\tmbarrier.init.shared.b64 [%rd2], 1;
+$L__after_init:
+\tbar.sync 0;
+\t@%p1 bra $L__consumer;
+\tst.shared.b32 [%rd3], 42;
+\tmbarrier.arrive.shared.b64 %rd4, [%rd2];
+\tret;
+$L__consumer:
+\tsetp.ne.b32 %p2, %r1, 32;
+\t@%p2 bra $L__end;
+$L__wait:
+WAIT
+\tld.shared.b32 %r2, [%rd3];
+\tst.global.b32 [%rd1], %r2;
+$L__end:
+\tret;
+}";
+
+    fn handoff(wait: &str, reversed: bool) -> Result<u32, String> {
+        let module = Module::parse(&HANDOFF.replace("WAIT", wait))?;
+        let mut out = [0u32; 1];
+        let params = [out.as_mut_ptr() as u64];
+        let regions = [(out.as_ptr() as u64, 4)];
+        let launch = Launch {
+            grid: [1, 1],
+            threads: 64,
+            dynamic_shared: 0,
+            params: &params,
+            tensor_maps: &[],
+            regions: Some(&regions),
+            max_instructions: 1 << 20,
+            checks: Checks { reversed, races: true },
+        };
+        // SAFETY: the parameter is the live output.
+        unsafe { run(&module.kernels[0], &launch) }?;
+        Ok(out[0])
+    }
+
+    /// An mbarrier phase orders the arrival's write before the waiter's read; without the wait,
+    /// the read races with the write (found first to last, and last to first).
+    #[test]
+    fn an_mbarrier_phase_orders_a_handoff_and_skipping_its_wait_is_a_race() {
+        let wait = "\tmbarrier.try_wait.parity.shared.b64 %p3, [%rd2], 0, 100;\n\t@!%p3 bra $L__wait;";
+        assert_eq!(handoff(wait, false).unwrap(), 42);
+        assert_eq!(handoff(wait, true).unwrap(), 42);
+        for reversed in [false, true] {
+            let e = handoff("", reversed).unwrap_err();
+            assert!(e.contains("data race on shared byte 8"), "{e}");
+        }
     }
 
     #[test]

@@ -244,7 +244,10 @@ pub enum Op {
     WgmmaCommit,
     /// `wgmma.wait_group N`: all but the newest N groups complete.
     WgmmaWait,
-    /// Fences, prefetches, register reallocation: nothing to do.
+    /// `fence.proxy.async`: the thread's shared-memory writes so far ordered before the async
+    /// proxy's (wgmma operand) reads that come after it.
+    ProxyFence,
+    /// Other fences, prefetches, register reallocation: nothing to do.
     Nop,
 }
 
@@ -681,6 +684,7 @@ fn decode(opcode: &str) -> Result<Op, String> {
         }
         "wgmma" if has("commit_group") => Ok(Op::WgmmaCommit),
         "wgmma" if has("wait_group") => Ok(Op::WgmmaWait),
+        "fence" if has("proxy") && has("async") => Ok(Op::ProxyFence),
         "wgmma" | "fence" | "membar" | "prefetch" | "setmaxnreg" => Ok(Op::Nop),
         _ => unsupported(),
     }
