@@ -783,13 +783,18 @@ fn check_tensor_core_prefill(fp8: bool, fp8_cache: bool, tolerance: f32, ptx: bo
         assert_eq!(argmax(&gpu["logits"]), argmax(&chunk["logits"]));
         eprintln!("worst relative difference {worst:.3e}");
         assert!(worst <= tolerance, "{worst}");
-        // The norms' shared memory without bank conflicts: their 1x128 quantization's |max| scan
-        // starts each lane at its own bank (it took 3.2 wavefronts a request when the lanes of a
-        // warp scanned parts 128 bytes apart).
+        // The 1x128 quantization's |max| scan reads 32 adjacent columns a warp: the norms' shared
+        // memory without bank conflicts (3.2 wavefronts a request when the lanes of a warp scanned
+        // parts 128 bytes apart), and the kernels that scan global memory use whole sectors (23% of
+        // their bytes for SiLU * up, 14% for the quantization alone, then).
         for (kernel, (_, stats)) in emulator.simulated() {
             if kernel.starts_with("rows_rmsnorm") {
                 let waves = stats.shared_wavefronts_per_request();
                 assert!(stats.shared_requests > 0 && waves == 1.0, "{kernel}: {waves} wavefronts a request");
+            }
+            if kernel.starts_with("rows_") && kernel.ends_with("_q") {
+                let used = stats.global_efficiency();
+                assert!(used >= 0.9, "{kernel}: {:.0}% of the sectors' bytes used", 100.0 * used);
             }
         }
         assert!(!ptx || emulator.simulated().keys().any(|k| k.starts_with("rows_rmsnorm")));

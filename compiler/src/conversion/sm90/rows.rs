@@ -2294,28 +2294,61 @@ scf.for %i = %tid to %cHalf step %cT {{
     fn quant_phases_to(&self, lowering: Lowering, value: &dyn Fn(&str) -> String, out: &QuantOut) -> Vec<String> {
         let sh = |name: &str| self.shared_type(name, lowering);
         let mut phases = Vec::new();
-        // On the GPU each thread starts its columns at its lane (and wraps around): a warp's lanes
-        // scan 32-column parts 128 bytes apart, which would all sit in one shared-memory bank; so
-        // they read 32 different banks at every step. (The |max| does not depend on the order.)
-        let columns = match lowering {
+        // Each (group, part)'s |max| into `sh_amax`. The |max| does not depend on the order, and
+        // select-if-greater skips NaNs in any order, so both lowerings give the same bits.
+        let abs_max = "    %vb = arith.bitcast %v : f32 to i32
+    %ab = arith.andi %vb, %abs_mask : i32
+    %av = arith.bitcast %ab : i32 to f32
+    %gt = arith.cmpf ogt, %av, %mx : f32
+    %mx2 = arith.select %gt, %av, %mx : f32
+    scf.yield %mx2 : f32
+  }";
+        let scan = match lowering {
+            // On the GPU a warp takes a group: lane l reads columns l, l + 32, ... of it, so that
+            // at every step the warp reads 32 adjacent columns (whole sectors of global memory,
+            // 32 banks of shared memory); then a butterfly of shuffles gives every lane the
+            // group's |max|, which the first `AMAX_PARTS` lanes store as the group's parts. (`T`
+            // and the loop's bound are multiples of 32, so a warp's lanes loop together.)
             Lowering::Gpu => {
-                "  %len = arith.subi %hi, %lo : index
+                let mut butterfly = String::new();
+                let mut m = "%m0".to_string();
+                for o in [16, 8, 4, 2, 1] {
+                    let _ = writeln!(
+                        butterfly,
+                        "  %o{o} = arith.constant {o} : i32
+  %s{o}, %ok{o} = gpu.shuffle xor {m}, %o{o}, %width : f32
+  %gt{o} = arith.cmpf ogt, %s{o}, {m} : f32
+  %m{o} = arith.select %gt{o}, %s{o}, {m} : f32"
+                    );
+                    m = format!("%m{o}");
+                }
+                format!(
+                    "scf.for %j = %tid to %cGW step %cT {{
   %lanes = arith.constant 32 : index
+  %width = arith.constant 32 : i32
+  %g = arith.divui %j, %lanes : index
   %lane = arith.remui %j, %lanes : index
-  %len1 = arith.maxui %len, %c1 : index
-  %rot = arith.remui %lane, %len1 : index
-  %m = scf.for %ci = %c0 to %len step %c1 iter_args(%mx = %zero) -> (f32) {
-    %rc = arith.addi %ci, %rot : index
-    %past = arith.cmpi uge, %rc, %len : index
-    %back = arith.subi %rc, %len : index
-    %wrapped = arith.select %past, %back, %rc : index
-    %c = arith.addi %lo, %wrapped : index
-"
+  %g0 = arith.muli %g, %cGroup : index
+  %start = arith.addi %g0, %lane : index
+  %end0 = arith.addi %g0, %cGroup : index
+  %end = arith.minui %end0, %cD : index
+  %m0 = scf.for %c = %start to %end step %lanes iter_args(%mx = %zero) -> (f32) {{
+{value_c}{abs_max}
+{butterfly}  %part_lane = arith.cmpi ult, %lane, %cP : index
+  scf.if %part_lane {{
+    %gp = arith.muli %g, %cP : index
+    %at = arith.addi %gp, %lane : index
+    memref.store {m}, %sh_amax[%at] : {amax}
+  }}
+}}
+",
+                    value_c = value("%c"),
+                    amax = sh("sh_amax")
+                )
             }
-            Lowering::Cpu => "  %m = scf.for %c = %lo to %hi step %c1 iter_args(%mx = %zero) -> (f32) {\n",
-        };
-        phases.push(format!(
-            "scf.for %j = %tid to %cGP step %cT {{
+            // On the CPU a thread (an iteration) per part of `GROUP / AMAX_PARTS` adjacent columns.
+            Lowering::Cpu => format!(
+                "scf.for %j = %tid to %cGP step %cT {{
   %g = arith.divui %j, %cP : index
   %part = arith.remui %j, %cP : index
   %g0 = arith.muli %g, %cGroup : index
@@ -2324,19 +2357,16 @@ scf.for %i = %tid to %cHalf step %cT {{
   %hi0 = arith.addi %lo0, %cPart : index
   %lo = arith.minui %lo0, %cD : index
   %hi = arith.minui %hi0, %cD : index
-{columns}{value_c}    %vb = arith.bitcast %v : f32 to i32
-    %ab = arith.andi %vb, %abs_mask : i32
-    %av = arith.bitcast %ab : i32 to f32
-    %gt = arith.cmpf ogt, %av, %mx : f32
-    %mx2 = arith.select %gt, %av, %mx : f32
-    scf.yield %mx2 : f32
-  }}
+  %m = scf.for %c = %lo to %hi step %c1 iter_args(%mx = %zero) -> (f32) {{
+{value_c}{abs_max}
   memref.store %m, %sh_amax[%j] : {amax}
 }}
 ",
-            value_c = value("%c"),
-            amax = sh("sh_amax")
-        ));
+                value_c = value("%c"),
+                amax = sh("sh_amax")
+            ),
+        };
+        phases.push(scan);
         phases.push(format!(
             "scf.for %g = %tid to %cG step %cT {{
   %base = arith.muli %g, %cP : index
@@ -3056,6 +3086,7 @@ fn quant_constants(groups: usize) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "%cG = arith.constant {groups} : index");
     let _ = writeln!(s, "%cGP = arith.constant {} : index", groups * AMAX_PARTS);
+    let _ = writeln!(s, "%cGW = arith.constant {} : index", groups * 32);
     let _ = writeln!(s, "%cP = arith.constant {AMAX_PARTS} : index");
     let _ = writeln!(s, "%cGroup = arith.constant {GROUP} : index");
     let _ = writeln!(s, "%cPart = arith.constant {} : index", GROUP / AMAX_PARTS);
