@@ -3216,6 +3216,39 @@ mod tests {
         }
     }
 
+    /// The same kernel's PTX for sm_90a run in the simulator over `buffers`, one block per row of
+    /// `rows` as the runtime launches it: every global access inside a buffer, shared memory checked
+    /// for races.
+    pub(super) fn run_simulated(kernel: &RowKernel, buffers: &[RawBuffer], rows: usize) -> v3c_ptxsim::Stats {
+        let context = crate::mlir::new_context();
+        let gpu = crate::conversion::sm90::compile_rows(&context, kernel, &crate::target::SM90A).unwrap();
+        let module = v3c_ptxsim::Module::parse(&gpu.ptx).unwrap();
+        let (mut params, mut regions) = (Vec::new(), Vec::new());
+        for b in buffers {
+            let buf = v3c_runtime::abi::Buf { addr: b.ptr as u64, shape: b.shape.clone(), element: b.element.clone() };
+            for p in v3c_runtime::abi::memref(&buf, b.shape.len()).unwrap() {
+                let v3c_runtime::abi::Param::Value(v) = p else { unreachable!("a memref is values") };
+                params.push(v);
+            }
+            let element = v3c_runtime::plan::element_bytes(&b.element).unwrap() as usize;
+            regions.push((buf.addr, b.shape.iter().product::<usize>() * element));
+        }
+        regions.sort_unstable();
+        let launch = v3c_ptxsim::Launch {
+            grid: [rows as u32, 1],
+            threads: kernel.threads as u32,
+            dynamic_shared: 0,
+            params: &params,
+            tensor_maps: &[],
+            regions: Some(&regions),
+            max_instructions: 1 << 32,
+            checks: v3c_ptxsim::Checks { reversed: false, races: true },
+        };
+        // SAFETY: the parameters are the buffers' (live, of their shapes); every access is checked
+        // against them.
+        unsafe { v3c_ptxsim::run(&module.kernels[0], &launch) }.unwrap_or_else(|e| panic!("{e}"))
+    }
+
     pub(super) fn raw<T>(data: &mut [T], shape: &[usize], element: &str) -> RawBuffer {
         assert_eq!(data.len(), shape.iter().product::<usize>());
         RawBuffer { ptr: data.as_mut_ptr() as *mut (), shape: shape.to_vec(), element: element.into() }
@@ -3232,7 +3265,8 @@ mod tests {
     }
 
     /// RMSNorm (+ quantization) of `rows` rows of `d` columns through the CPU lowering of the row
-    /// template, against the reference interpreter's `rms_norm` and `quantize_fp8`.
+    /// template and its sm_90a PTX in the simulator, against the reference interpreter's
+    /// `rms_norm` and `quantize_fp8`.
     fn check_rms_norm(rows: usize, d: usize, weight: &str, keep: bool, quantize: bool, threads: Option<usize>) {
         let eps = 1e-6;
         let mut kernel = RowKernel::new(RowOp::RmsNorm { eps, keep, quantize }, d, weight);
@@ -3255,44 +3289,63 @@ mod tests {
         let want = kernels::rms_norm(&x, &w_ref, eps);
         let (want_q, want_s) = kernels::quantize_fp8(&want, d, GROUP);
         let groups = d.div_ceil(GROUP);
-        let mut y = vec![f32::NAN; rows * d];
-        let mut q = vec![0u8; rows * d];
-        let mut s = vec![f32::NAN; rows * groups];
-        let mut buffers = vec![
-            raw(&mut x, &[rows, d], "f32"),
-            if weight == "bf16" { raw(&mut w_bf16, &[d], "bf16") } else { raw(&mut w_f32, &[d], "f32") },
-        ];
-        if keep {
-            buffers.push(raw(&mut y, &[rows, d], "f32"));
-        }
-        if quantize {
-            buffers.push(raw(&mut q, &[rows, d], "i8"));
-            buffers.push(raw(&mut s, &[rows, groups], "f32"));
-        }
-        run_cpu(&kernel, &buffers);
-        let name = kernel.kernel_name();
-        if keep {
-            // The sum of squares is a tree over threads, the reference's is sequential.
-            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() <= 1e-5 * b.abs() + 1e-30, "{name}: y[{i}] = {a}, reference {b}");
+        // Through the CPU lowering, then the PTX simulated: each against the reference.
+        for simulated in [false, true] {
+            let mut y = vec![f32::NAN; rows * d];
+            let mut q = vec![0u8; rows * d];
+            let mut s = vec![f32::NAN; rows * groups];
+            let mut buffers = vec![
+                raw(&mut x, &[rows, d], "f32"),
+                if weight == "bf16" { raw(&mut w_bf16, &[d], "bf16") } else { raw(&mut w_f32, &[d], "f32") },
+            ];
+            if keep {
+                buffers.push(raw(&mut y, &[rows, d], "f32"));
             }
-        }
-        if quantize {
-            for (i, (a, b)) in s.iter().zip(&want_s).enumerate() {
-                assert!((a - b).abs() <= 1e-5 * b.abs(), "{name}: scale[{i}] = {a}, reference {b}");
+            if quantize {
+                buffers.push(raw(&mut q, &[rows, d], "i8"));
+                buffers.push(raw(&mut s, &[rows, groups], "f32"));
             }
-            // A value at a rounding tie of e4m3 may round the other way after the tree sum: one
-            // step of e4m3 at most, and rarely.
-            let mut differ = 0;
-            for (i, (&a, &b)) in q.iter().zip(&want_q).enumerate() {
-                if a != b {
-                    differ += 1;
-                    let (fa, fb) = (f8e4m3_to_f32(a), f8e4m3_to_f32(b));
-                    assert!((fa - fb).abs() <= 0.125 * fb.abs().max(fa.abs()), "{name}: q[{i}] = {fa}, reference {fb}");
+            let name = kernel.kernel_name() + if simulated { " (PTX simulated)" } else { "" };
+            if simulated {
+                let stats = run_simulated(&kernel, &buffers, rows);
+                eprintln!(
+                    "{name}: {} instructions, {:.0}% of global sectors' bytes used, {:.2} shared wavefronts a request",
+                    stats.instructions,
+                    100.0 * stats.global_efficiency(),
+                    stats.shared_wavefronts_per_request()
+                );
+            } else {
+                run_cpu(&kernel, &buffers);
+            }
+            if keep {
+                // The sum of squares is a tree over threads, the reference's is sequential.
+                for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * b.abs() + 1e-30, "{name}: y[{i}] = {a}, reference {b}");
                 }
             }
-            assert!(differ * 100 <= q.len(), "{name}: {differ} of {} bytes differ", q.len());
+            if quantize {
+                // The tree sum's rounding apart.
+                assert_fp8_rows_near(&name, (&q, &s), (&want_q, &want_s));
+            }
         }
+    }
+
+    /// Quantized rows `(bytes, scales)` against the reference's: scales within 1e-5, and a value
+    /// that a rounding apart before quantization sits at a tie of e4m3 may round the other way —
+    /// one step of e4m3 at most, and in at most 1% of the bytes.
+    fn assert_fp8_rows_near(name: &str, (q, s): (&[u8], &[f32]), (want_q, want_s): (&[u8], &[f32])) {
+        for (i, (a, b)) in s.iter().zip(want_s).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "{name}: scale[{i}] = {a}, reference {b}");
+        }
+        let mut differ = 0;
+        for (i, (&a, &b)) in q.iter().zip(want_q).enumerate() {
+            if a != b {
+                differ += 1;
+                let (fa, fb) = (f8e4m3_to_f32(a), f8e4m3_to_f32(b));
+                assert!((fa - fb).abs() <= 0.125 * fb.abs().max(fa.abs()), "{name}: q[{i}] = {fa}, reference {fb}");
+            }
+        }
+        assert!(differ * 100 <= q.len(), "{name}: {differ} of {} bytes differ", q.len());
     }
 
     #[test]
@@ -3744,6 +3797,21 @@ mod tests {
             );
             assert_eq!(scale, want_s, "d {d}: scales");
             assert_eq!(q, want_q, "d {d}: e4m3 bytes");
+            // The PTX simulated: SiLU's exp by ex2 of x log2(e), a rounding apart.
+            let (mut q, mut scale) = (vec![0u8; rows * d], vec![f32::NAN; rows * groups]);
+            let buffers = [
+                raw(&mut input, &[rows, 2 * d], "f32"),
+                raw(&mut q, &[rows, d], "i8"),
+                raw(&mut scale, &[rows, groups], "f32"),
+            ];
+            let stats = run_simulated(&kernel, &buffers, rows);
+            let name = format!("{} (PTX simulated)", kernel.kernel_name());
+            eprintln!(
+                "{name}: {} instructions, {:.0}% of global sectors' bytes used",
+                stats.instructions,
+                100.0 * stats.global_efficiency()
+            );
+            assert_fp8_rows_near(&name, (&q, &scale), (&want_q, &want_s));
         }
     }
 
