@@ -1389,8 +1389,9 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             t.push_str(&self.quantized_store(out_cols));
             return t;
         }
-        // The final write of f32 value `v` at element `x`.
-        let store = |v: &str, x: &str| -> String {
+        // The output value of f32 `v` at element `x` (scaled, plus the residual, rounded to the
+        // output's type): its lines and its name.
+        let finish = |v: &str, x: &str| -> (String, String) {
             let mut s = String::new();
             let mut v = v.to_string();
             if c.row_scale {
@@ -1413,6 +1414,11 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 let _ = writeln!(s, "%h{x} = arith.truncf {v} : f32 to bf16");
                 v = format!("%h{x}");
             }
+            (s, v)
+        };
+        // The final write of f32 value `v` at element `x`.
+        let store = |v: &str, x: &str| -> String {
+            let (mut s, v) = finish(v, x);
             if c.scatter {
                 let _ = writeln!(
                     s,
@@ -1425,7 +1431,79 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             s
         };
         let guarded = |x: &str, body: &str| format!("scf.if %in{x} {{\n{}\n}}\n", indent(body, 2));
-        let direct: String = elements.iter().map(|x| guarded(x, &store(&format!("%v{x}"), x))).collect();
+        // A thread's two adjacent columns of a row (elements e and e + 1, e even) in one store of 8
+        // (f32) or 4 (bf16) bytes when both are inside, the rows' length is even and the output
+        // aligned; else each on its own. Scattered rows add with atomics, one at a time.
+        let direct: String = if c.scatter {
+            elements.iter().map(|x| guarded(x, &store(&format!("%v{x}"), x))).collect()
+        } else {
+            let (bytes, asm) = match c.output {
+                GemmOutput::Bf16 => (2, "\"st.global.b32 [$0], $1;\", \"l,r\""),
+                _ => (4, "\"st.global.v2.f32 [$0], {$1, $2};\", \"l,f,f\""),
+            };
+            let mut d = format!(
+                "%out_base = memref.extract_aligned_pointer_as_index %out : {out_ty} -> index
+%out_misaligned = arith.remui %out_base, %c{align} : index
+%out_aligned = arith.cmpi eq, %out_misaligned, %c0 : index
+%n_odd = arith.remui %n_out, %c2 : index
+%n_even = arith.cmpi eq, %n_odd, %c0 : index
+%pairs_ok = arith.andi %out_aligned, %n_even : i1
+",
+                align = 2 * bytes
+            );
+            for pair in elements.chunks(2) {
+                let [x0, x1] = pair else { unreachable!("a row's columns come in adjacent pairs") };
+                let (l0, v0) = finish(&format!("%v{x0}"), x0);
+                let (l1, v1) = finish(&format!("%v{x1}"), x1);
+                let write = match c.output {
+                    GemmOutput::Bf16 => format!(
+                        "%pk0_{x0} = arith.bitcast {v0} : bf16 to i16
+%pk1_{x0} = arith.bitcast {v1} : bf16 to i16
+%pw0_{x0} = arith.extui %pk0_{x0} : i16 to i32
+%pw1_{x0} = arith.extui %pk1_{x0} : i16 to i32
+%pw1s_{x0} = arith.shli %pw1_{x0}, %c16_i32 : i32
+%pw_{x0} = arith.ori %pw0_{x0}, %pw1s_{x0} : i32
+llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
+                    ),
+                    _ => {
+                        format!("llvm.inline_asm has_side_effects {asm} %pa64_{x0}, {v0}, {v1} : (i64, f32, f32) -> ()")
+                    }
+                };
+                // Rows past the end skip both at once; inside, column e + 1 in bounds means e is.
+                let _ = write!(
+                    d,
+                    "scf.if %ir{x0} {{
+  %paired_{x0} = arith.andi %ic{x1}, %pairs_ok : i1
+  scf.if %paired_{x0} {{
+{body}
+  }} else {{
+{single}
+  }}
+}}
+",
+                    body = indent(
+                        &format!(
+                            "{l0}{l1}%pe_{x0} = arith.muli %r{x0}, %n_out : index
+%pq_{x0} = arith.addi %pe_{x0}, %q{x0} : index
+%pb_{x0} = arith.muli %pq_{x0}, %c{bytes} : index
+%pa_{x0} = arith.addi %out_base, %pb_{x0} : index
+%pa64_{x0} = arith.index_cast %pa_{x0} : index to i64
+{write}"
+                        ),
+                        4
+                    ),
+                    single = indent(
+                        &format!(
+                            "{}{}",
+                            guarded(x0, &store(&format!("%v{x0}"), x0)),
+                            guarded(x1, &store(&format!("%v{x1}"), x1))
+                        ),
+                        4
+                    ),
+                );
+            }
+            d
+        };
         if !c.split_k {
             t.push_str(&direct);
             return t;

@@ -174,8 +174,9 @@ pub fn compile_unspilled(
     unspilled(compile_gemm(context, config, target)?, target, ptxas)
 }
 
-/// `kernel`, assembled by `ptxas` when given: None when ptxas reports spills.
-fn unspilled(
+/// `kernel`, assembled by `ptxas` when given: None when ptxas reports spills (the static pruning
+/// of what fits on paper but not in the registers).
+pub fn unspilled(
     mut kernel: GpuKernel,
     target: &GpuTarget,
     ptxas: Option<&FoundTool>,
