@@ -20,7 +20,8 @@
 //! accumulator with the A row scale x the B block scale (1x128 activation, 128x128 weight scaling), as
 //! DeepSeek-V3 prescribes; with `b_row_scales` (Wgrad: both operands activations quantized in 128-token
 //! groups along K) x each output column's own B row scale. The epilogue writes the fragments straight
-//! to global memory (bounds-checked: ragged M and N), adding the residual when asked. Split K: each
+//! to global memory (bounds-checked: ragged M and N), adding the residual when asked; a thread's two
+//! adjacent columns of a row go in one store when the output allows (aligned, even N). Split K: each
 //! unit writes its partial tile to a workspace; the last of a tile's units (an atomic counter) sums the
 //! partials in split order — deterministic whatever order the units finish in — applies the epilogue
 //! and resets the counter for the next launch.
