@@ -294,25 +294,31 @@ $L__end:
         assert_ne!(forward, reversed);
     }
 
-    /// [`SUM`] with `barrier`, checked for races under `reversed`'s schedule.
-    fn sum_checked(barrier: &str, reversed: bool) -> Result<u32, String> {
-        let module = Module::parse(&SUM.replace("bar.sync BARRIER", barrier))?;
-        let input: Vec<u32> = (1..=64).collect();
-        let mut out = [0u32; 1];
-        let params = [input.as_ptr() as u64, out.as_mut_ptr() as u64];
-        let regions = [(input.as_ptr() as u64, 256), (out.as_ptr() as u64, 4)];
+    /// Runs the one kernel of `text` in one CTA of 64 threads, checked for races under
+    /// `reversed`'s schedule, global memory inside `regions` only.
+    fn run_checked(text: &str, params: &[u64], regions: &[(u64, usize)], reversed: bool) -> Result<(), String> {
+        let module = Module::parse(text)?;
         let launch = Launch {
             grid: [1, 1],
             threads: 64,
             dynamic_shared: 0,
-            params: &params,
+            params,
             tensor_maps: &[],
-            regions: Some(&regions),
+            regions: Some(regions),
             max_instructions: 1 << 20,
             checks: Checks { reversed, races: true },
         };
-        // SAFETY: the parameters are the live input and output.
-        unsafe { run(&module.kernels[0], &launch) }?;
+        // SAFETY: every global access is checked against the regions.
+        unsafe { run(&module.kernels[0], &launch) }.map(|_| ())
+    }
+
+    /// [`SUM`] with `barrier`, checked for races under `reversed`'s schedule.
+    fn sum_checked(barrier: &str, reversed: bool) -> Result<u32, String> {
+        let input: Vec<u32> = (1..=64).collect();
+        let mut out = [0u32; 1];
+        let params = [input.as_ptr() as u64, out.as_mut_ptr() as u64];
+        let regions = [(input.as_ptr() as u64, 256), (out.as_ptr() as u64, 4)];
+        run_checked(&SUM.replace("bar.sync BARRIER", barrier), &params, &regions, reversed)?;
         Ok(out[0])
     }
 
@@ -379,22 +385,10 @@ $L__end:
 }";
 
     fn handoff(wait: &str, reversed: bool) -> Result<u32, String> {
-        let module = Module::parse(&HANDOFF.replace("WAIT", wait))?;
         let mut out = [0u32; 1];
         let params = [out.as_mut_ptr() as u64];
         let regions = [(out.as_ptr() as u64, 4)];
-        let launch = Launch {
-            grid: [1, 1],
-            threads: 64,
-            dynamic_shared: 0,
-            params: &params,
-            tensor_maps: &[],
-            regions: Some(&regions),
-            max_instructions: 1 << 20,
-            checks: Checks { reversed, races: true },
-        };
-        // SAFETY: the parameter is the live output.
-        unsafe { run(&module.kernels[0], &launch) }?;
+        run_checked(&HANDOFF.replace("WAIT", wait), &params, &regions, reversed)?;
         Ok(out[0])
     }
 
