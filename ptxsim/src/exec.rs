@@ -1007,7 +1007,8 @@ impl Cta<'_> {
         let mut progressed = false;
         let n = self.threads.len();
         // Barriers, per CTA.
-        let mut met: Vec<Vec<usize>> = Vec::new();
+        // (Who met, for the race check's clocks.)
+        let (checking, mut met) = (self.races.is_some(), Vec::new());
         for (c, threads) in self.threads.chunks_mut(self.n).enumerate() {
             let live = threads.iter().filter(|th| th.state != State::Done).count() as u64;
             let mut at_bar: HashMap<u64, (u64, u64)> = HashMap::new();
@@ -1025,10 +1026,14 @@ impl Cta<'_> {
                         if matches!(th.state, State::Bar { id: i, .. } if i == id) {
                             th.state = State::Run;
                             th.pc += 1;
-                            these.push(c * self.n + i);
+                            if checking {
+                                these.push(c * self.n + i);
+                            }
                         }
                     }
-                    met.push(these);
+                    if checking {
+                        met.push(these);
+                    }
                     progressed = true;
                 }
             }
