@@ -21,7 +21,8 @@
 //! DeepSeek-V3 prescribes; with `b_row_scales` (Wgrad: both operands activations quantized in 128-token
 //! groups along K) x each output column's own B row scale. The epilogue writes the fragments straight
 //! to global memory (bounds-checked: ragged M and N), adding the residual when asked; a thread's two
-//! adjacent columns of a row go in one store when the output allows (aligned, even N). Split K: each
+//! adjacent columns of a row go in one store (their residual in one load) when the buffers allow
+//! (aligned, even N). Split K: each
 //! unit writes its partial tile to a workspace; the last of a tile's units (an atomic counter) sums the
 //! partials in split order — deterministic whatever order the units finish in — applies the epilogue
 //! and resets the counter for the next launch.
@@ -1390,9 +1391,9 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             t.push_str(&self.quantized_store(out_cols));
             return t;
         }
-        // The output value of f32 `v` at element `x` (scaled, plus the residual, rounded to the
-        // output's type): its lines and its name.
-        let finish = |v: &str, x: &str| -> (String, String) {
+        // The output value of f32 `v` at element `x` (scaled, plus the residual — loaded here, or
+        // `%rv{x}` already — rounded to the output's type): its lines and its name.
+        let finish_with = |v: &str, x: &str, residual_loaded: bool| -> (String, String) {
             let mut s = String::new();
             let mut v = v.to_string();
             if c.row_scale {
@@ -1401,7 +1402,9 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 v = format!("%scaled{x}");
             }
             if c.residual {
-                let _ = writeln!(s, "%rv{x} = memref.load %residual[%r{x}, %q{x}] : {out_ty}");
+                if !residual_loaded {
+                    let _ = writeln!(s, "%rv{x} = memref.load %residual[%r{x}, %q{x}] : {out_ty}");
+                }
                 let rv = if c.output == GemmOutput::Bf16 {
                     let _ = writeln!(s, "%rvf{x} = arith.extf %rv{x} : bf16 to f32");
                     format!("%rvf{x}")
@@ -1417,6 +1420,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             }
             (s, v)
         };
+        let finish = |v: &str, x: &str| finish_with(v, x, false);
         // The final write of f32 value `v` at element `x`.
         let store = |v: &str, x: &str| -> String {
             let (mut s, v) = finish(v, x);
@@ -1433,29 +1437,56 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         };
         let guarded = |x: &str, body: &str| format!("scf.if %in{x} {{\n{}\n}}\n", indent(body, 2));
         // A thread's two adjacent columns of a row (elements e and e + 1, e even) in one store of 8
-        // (f32) or 4 (bf16) bytes when both are inside, the rows' length is even and the output
-        // aligned; else each on its own. Scattered rows add with atomics, one at a time.
+        // (f32) or 4 (bf16) bytes — their residual in one load — when both are inside, the rows'
+        // length is even and the output (and residual) aligned; else each on its own. Scattered
+        // rows add with atomics, one at a time.
         let direct: String = if c.scatter {
             elements.iter().map(|x| guarded(x, &store(&format!("%v{x}"), x))).collect()
         } else {
-            let (bytes, asm) = match c.output {
-                GemmOutput::Bf16 => (2, "\"st.global.b32 [$0], $1;\", \"l,r\""),
-                _ => (4, "\"st.global.v2.f32 [$0], {$1, $2};\", \"l,f,f\""),
+            let (bytes, asm, el) = match c.output {
+                GemmOutput::Bf16 => (2, "\"st.global.b32 [$0], $1;\", \"l,r\"", "bf16"),
+                _ => (4, "\"st.global.v2.f32 [$0], {$1, $2};\", \"l,f,f\"", "f32"),
             };
+            let align = 2 * bytes;
             let mut d = format!(
                 "%out_base = memref.extract_aligned_pointer_as_index %out : {out_ty} -> index
 %out_misaligned = arith.remui %out_base, %c{align} : index
 %out_aligned = arith.cmpi eq, %out_misaligned, %c0 : index
 %n_odd = arith.remui %n_out, %c2 : index
 %n_even = arith.cmpi eq, %n_odd, %c0 : index
-%pairs_ok = arith.andi %out_aligned, %n_even : i1
-",
-                align = 2 * bytes
+"
             );
+            if c.residual {
+                let _ = write!(
+                    d,
+                    "%res_base = memref.extract_aligned_pointer_as_index %residual : {out_ty} -> index
+%res_misaligned = arith.remui %res_base, %c{align} : index
+%res_aligned = arith.cmpi eq, %res_misaligned, %c0 : index
+%both_aligned = arith.andi %out_aligned, %res_aligned : i1
+%pairs_ok = arith.andi %both_aligned, %n_even : i1
+"
+                );
+            } else {
+                d.push_str("%pairs_ok = arith.andi %out_aligned, %n_even : i1\n");
+            }
             for pair in elements.chunks(2) {
                 let [x0, x1] = pair else { unreachable!("a row's columns come in adjacent pairs") };
-                let (l0, v0) = finish(&format!("%v{x0}"), x0);
-                let (l1, v1) = finish(&format!("%v{x1}"), x1);
+                let (l0, v0) = finish_with(&format!("%v{x0}"), x0, true);
+                let (l1, v1) = finish_with(&format!("%v{x1}"), x1, true);
+                // The pair's residual, as `%rv{x0}` and `%rv{x1}`.
+                let residual = if c.residual {
+                    format!(
+                        "%ra_{x0} = arith.addi %res_base, %pb_{x0} : index
+%ra64_{x0} = arith.index_cast %ra_{x0} : index to i64
+%rp_{x0} = llvm.inttoptr %ra64_{x0} : i64 to !llvm.ptr<1>
+%rl_{x0} = llvm.load %rp_{x0} {{alignment = {align} : i64}} : !llvm.ptr<1> -> vector<2x{el}>
+%rv{x0} = llvm.extractelement %rl_{x0}[%c0_i32 : i32] : vector<2x{el}>
+%rv{x1} = llvm.extractelement %rl_{x0}[%c1_i32 : i32] : vector<2x{el}>
+"
+                    )
+                } else {
+                    String::new()
+                };
                 let write = match c.output {
                     GemmOutput::Bf16 => format!(
                         "%pk0_{x0} = arith.bitcast {v0} : bf16 to i16
@@ -1484,12 +1515,12 @@ llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
 ",
                     body = indent(
                         &format!(
-                            "{l0}{l1}%pe_{x0} = arith.muli %r{x0}, %n_out : index
+                            "%pe_{x0} = arith.muli %r{x0}, %n_out : index
 %pq_{x0} = arith.addi %pe_{x0}, %q{x0} : index
 %pb_{x0} = arith.muli %pq_{x0}, %c{bytes} : index
 %pa_{x0} = arith.addi %out_base, %pb_{x0} : index
 %pa64_{x0} = arith.index_cast %pa_{x0} : index to i64
-{write}"
+{residual}{l0}{l1}{write}"
                         ),
                         4
                     ),
