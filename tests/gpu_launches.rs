@@ -561,13 +561,27 @@ fn moonlight_shaped_models_lower_for_sm90a_and_give_the_cpu_backends_logits() {
         };
         // The same launches with every kernel's PTX simulated (`--ptx`), checked for races.
         let simulated = p(&format!("s{fp8}"));
+        let worst = ["--worst-accesses", "2"];
         let args = ["emulate", &art, "--weights", two, "--tokens", tokens, "--ptx", "--races", "--out", &simulated];
-        let ran = run_binary("v3c", &args);
+        let ran = run_binary("v3c", &[&args[..], &worst].concat());
         let report = String::from_utf8_lossy(&ran.stderr);
         assert!(ran.status.success(), "{report}");
-        // Its profile: every kernel simulated, with its memory traffic; no race.
+        // Its profile: every kernel simulated, with its memory traffic; no race; the accesses that
+        // waste most by PTX line, at most two a kernel.
         assert!(report.contains("simulated PTX, per kernel:") && report.contains("global req"), "{report}");
         assert!(report.contains("no data race on shared memory in "), "{report}");
+        let (_, worst) = report.split_once("the 2 most wasteful loads and stores of each kernel").expect("listed");
+        let mut kernel_lines = 0;
+        for l in worst.lines().skip(1).take_while(|l| l.starts_with("  ")) {
+            if l.starts_with("    line ") {
+                assert!(l.contains("requests") && (l.contains("`ld.") || l.contains("`st.")), "{l}");
+                kernel_lines += 1;
+                assert!(kernel_lines <= 2, "{worst}");
+            } else {
+                assert!(l.contains("global bytes moved unasked"), "{l}");
+                kernel_lines = 0;
+            }
+        }
         let want = read(&cpu);
         let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         for got in [read(&emulated), read(&simulated)] {

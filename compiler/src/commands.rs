@@ -2092,20 +2092,21 @@ fn train_on_gpu(o: &TrainOptions) -> Result<(), String> {
     run.execute(&o.run, &mut step, &format!("cuda:{} ({}, sm_90a, AdamW on the device)", device.ordinal, device.name))
 }
 
-/// `v3c emulate`: a GPU artifact's prefill of `tokens` from position 0 run on this CPU
-/// ([`v3c_compiler::emulate`]), its logits written to `out`, every launch's buffers to `dump`.
-/// `v3c emulate` of a training-step artifact: one window (`tokens`: the inputs and their targets,
-/// as `v3r train` cuts them from its data) through the step, its loss and every gradient written to
-/// `out` (safetensors), every launch's buffers to `dump` — what `V3R_DUMP_DIR` makes `v3r train`
-/// write on the GPU for the same window (a data file of exactly one window).
+/// `v3c emulate --ptx`: how the kernels' PTX is simulated and what is reported of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Simulation {
+    pub checks: v3c_ptxsim::Checks,
+    /// Per kernel, this many of its most wasteful memory instructions listed (`--worst-accesses`).
+    pub worst_accesses: usize,
+}
+
 /// The simulated kernels' profile, most instructions first: launches, instructions, global
 /// requests and the share of their sectors' bytes used (coalescing), shared requests and their
-/// wavefronts each (1: no bank conflicts).
-/// The simulated launches' profile by kernel, most instructions first; with the race check, that
-/// it found none (a race fails the run before).
+/// wavefronts each (1: no bank conflicts); with the race check, that it found none (a race fails
+/// the run before); then each kernel's most wasteful accesses ([`worst_accesses`]).
 fn simulated_profile(
     by_kernel: &std::collections::BTreeMap<String, (usize, v3c_ptxsim::Stats)>,
-    checks: v3c_ptxsim::Checks,
+    simulation: Simulation,
 ) -> String {
     let mut rows: Vec<_> = by_kernel.iter().collect();
     rows.sort_by(|a, b| b.1 .1.instructions.cmp(&a.1 .1.instructions).then(a.0.cmp(b.0)));
@@ -2124,13 +2125,62 @@ fn simulated_profile(
             s.instructions, s.global_requests, s.shared_requests
         ));
     }
-    if checks.races {
+    if simulation.checks.races {
         let launches: usize = by_kernel.values().map(|(n, _)| n).sum();
         out.push_str(&format!("no data race on shared memory in {launches} launches (happens-before check)\n"));
+    }
+    if simulation.worst_accesses > 0 {
+        out.push_str(&worst_accesses(by_kernel, simulation.worst_accesses));
     }
     out
 }
 
+/// Each kernel's `n` memory instructions that waste the most (most first; those that waste
+/// nothing left out), kernels in the order of what they waste in all: global sector bytes moved
+/// but not asked for, shared wavefronts past one a request, with the instruction's PTX line.
+fn worst_accesses(by_kernel: &std::collections::BTreeMap<String, (usize, v3c_ptxsim::Stats)>, n: usize) -> String {
+    let wasted = |s: &v3c_ptxsim::Stats| -> (u64, u64) {
+        (32 * s.global_sectors - s.global_bytes, s.shared_wavefronts - s.shared_requests)
+    };
+    let mut kernels: Vec<_> = by_kernel.iter().filter(|(_, (_, s))| wasted(s) != (0, 0)).collect();
+    kernels.sort_by(|a, b| wasted(&b.1 .1).cmp(&wasted(&a.1 .1)).then(a.0.cmp(b.0)));
+    if kernels.is_empty() {
+        return "every simulated load and store used all its sectors' bytes, without bank conflicts\n".into();
+    }
+    let mut out = format!("the {n} most wasteful loads and stores of each kernel, by line of kernels/NAME.ptx:\n");
+    for (kernel, (_, s)) in kernels {
+        let (global, shared) = wasted(s);
+        out.push_str(&format!(
+            "  {kernel}: {global} global bytes moved unasked ({:.0}% used), {shared} shared wavefronts past one a \
+             request\n",
+            100.0 * s.global_efficiency()
+        ));
+        let mut lines: Vec<_> = s.accesses.iter().filter(|(_, a)| a.waste() > 0).collect();
+        // Global waste in bytes, shared in wavefronts of 128 bytes: one order for both.
+        let weight = |a: &v3c_ptxsim::MemoryAccess| if a.shared { 128 * a.waste() } else { a.waste() };
+        lines.sort_by(|a, b| weight(b.1).cmp(&weight(a.1)).then(a.0.cmp(b.0)));
+        for (line, a) in lines.into_iter().take(n) {
+            let what = if a.shared {
+                format!("{} requests, {:.2} wavefronts each", a.requests, a.wavefronts as f64 / a.requests as f64)
+            } else {
+                format!(
+                    "{} requests, {} sectors, {:.0}% of their bytes used",
+                    a.requests,
+                    a.sectors,
+                    100.0 * a.bytes as f64 / (32 * a.sectors) as f64
+                )
+            };
+            out.push_str(&format!("    line {line:>6}  {what}  `{}`\n", a.text));
+        }
+    }
+    out
+}
+
+/// `v3c emulate` of a training-step artifact: one window (`tokens`: the inputs and their targets,
+/// as `v3r train` cuts them from its data) through the step, its loss and every gradient written to
+/// `out` (safetensors), every launch's buffers to `dump` — what `V3R_DUMP_DIR` makes `v3r train`
+/// write on the GPU for the same window (a data file of exactly one window).
+#[allow(clippy::too_many_arguments)]
 fn emulate_train_step(
     a: &v3c_runtime::artifact::Artifact,
     weights: &Path,
@@ -2139,7 +2189,7 @@ fn emulate_train_step(
     tokens: &[u32],
     out: &Path,
     dump: Option<&Path>,
-    ptx: Option<v3c_ptxsim::Checks>,
+    ptx: Option<Simulation>,
 ) -> Result<(), String> {
     use v3c_models::train::{load_params, TrainConfig, Trainer};
     let config = ModelConfig::resolve(&weights.display().to_string()).map_err(|e| e.to_string())?;
@@ -2167,15 +2217,15 @@ fn emulate_train_step(
     let host = v3c_runtime::training::host_inputs(&inputs).map_err(|e| e.to_string())?;
     let context = v3c_compiler::mlir::new_context();
     let mut emulator = v3c_compiler::emulate::Emulator::new(&context, a, &v3c_runtime::gpu::Weights::Checkpoint(ckpt))?;
-    if let Some(checks) = ptx {
-        emulator.simulate_ptx(checks);
+    if let Some(simulation) = ptx {
+        emulator.simulate_ptx(simulation.checks);
     }
     let names: Vec<String> = trainer.graph().outputs.iter().map(|(n, _)| n.clone()).collect();
     let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
     let start = Instant::now();
     let outs = emulator.run(entry, &host, &wanted, dump)?;
-    if let Some(checks) = ptx {
-        eprint!("{}", simulated_profile(emulator.simulated(), checks));
+    if let Some(simulation) = ptx {
+        eprint!("{}", simulated_profile(emulator.simulated(), simulation));
     }
     let tensors = v3c_runtime::training::output_tensors(outs).map_err(|e| e.to_string())?;
     let mut named: Vec<(&str, &v3c_models::tensor::Tensor)> =
@@ -2195,6 +2245,9 @@ fn emulate_train_step(
     Ok(())
 }
 
+/// `v3c emulate`: a GPU artifact's prefill of `tokens` from position 0 run on this CPU
+/// ([`v3c_compiler::emulate`]), its logits written to `out`, every launch's buffers to `dump`;
+/// `ptx`: the kernels' PTX simulated instead, and their profile reported.
 pub fn emulate(
     artifact: &Path,
     weights: &Path,
@@ -2202,7 +2255,7 @@ pub fn emulate(
     out: &Path,
     dump: Option<&Path>,
     decode_steps: usize,
-    ptx: Option<v3c_ptxsim::Checks>,
+    ptx: Option<Simulation>,
 ) -> Result<(), String> {
     use v3c_runtime::host::{HostBuffer, HostData};
     let tokens = v3c_runtime::cli::parse_token_ids(tokens, "--tokens")?;
@@ -2248,8 +2301,8 @@ pub fn emulate(
     let context = v3c_compiler::mlir::new_context();
     let mut emulator =
         v3c_compiler::emulate::Emulator::new(&context, &a, &v3c_runtime::gpu::Weights::Checkpoint(&ckpt))?;
-    if let Some(checks) = ptx {
-        emulator.simulate_ptx(checks);
+    if let Some(simulation) = ptx {
+        emulator.simulate_ptx(simulation.checks);
     }
     let start = Instant::now();
     let mut wanted: Vec<&str> = plan.bounds.keys().filter(|n| n.starts_with("kv_cache.")).map(String::as_str).collect();
@@ -2309,8 +2362,8 @@ pub fn emulate(
             eprintln!("emulated decode step {step}: token {token} at position {}", tokens.len() + step);
         }
     }
-    if let Some(checks) = ptx {
-        eprint!("{}", simulated_profile(emulator.simulated(), checks));
+    if let Some(simulation) = ptx {
+        eprint!("{}", simulated_profile(emulator.simulated(), simulation));
     }
     let tensor = v3c_models::tensor::Tensor::f32(logits.shape.clone(), values.clone());
     save_tensors(out, &[("logits", &tensor)]).map_err(|e| e.to_string())?;

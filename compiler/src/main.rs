@@ -86,6 +86,11 @@ struct EmulateArgs {
     /// what threads wrote). A race fails the run naming both accesses' lines. Slower still.
     #[arg(long, requires = "ptx")]
     races: bool,
+    /// With --ptx: under the profile, each kernel's N loads and stores that waste the most, by
+    /// line of its PTX (kernels/NAME.ptx): global sector bytes moved but not asked for
+    /// (uncoalesced), shared wavefronts past one a request (bank conflicts).
+    #[arg(long, value_name = "N", requires = "ptx")]
+    worst_accesses: Option<usize>,
 }
 
 /// Pipeline stages, in order; the names are stable (dump folders and snapshots use them).
@@ -580,7 +585,11 @@ fn main() -> ExitCode {
             },
         }),
         Command::Emulate(a) => {
-            commands::emulate(&a.artifact, &a.weights, &a.tokens, &a.out, a.dump.as_deref(), a.decode_steps, a.ptx.then_some(v3c_ptxsim::Checks { reversed: false, races: a.races }))
+            let ptx = a.ptx.then_some(commands::Simulation {
+                checks: v3c_ptxsim::Checks { reversed: false, races: a.races },
+                worst_accesses: a.worst_accesses.unwrap_or(0),
+            });
+            commands::emulate(&a.artifact, &a.weights, &a.tokens, &a.out, a.dump.as_deref(), a.decode_steps, ptx)
         }
         Command::Logits(a) => commands::require_backend(a.backend.name()).and_then(|_| {
             commands::logits(&a.model_dir, &a.tokens, a.first_position, a.precision.model(), a.backend.name(), &a.out)

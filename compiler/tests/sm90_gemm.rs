@@ -687,8 +687,18 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool) {
     // K: two whole 128-blocks and a 16-wide tail; N: a partial tile past whole ones (an fp8
     // expert's N in whole 128-row scale blocks, as the runtime requires of grouped weights).
     let (k, n) = (272, if grouped && fp8 { 384 } else { config.block_n + 40 + usize::from(odd_n) });
-    // Grouped: 3 groups of 37, 0 and 64 sorted rows (gathered from 90 tokens, scattered back).
-    let (groups, offsets) = if grouped { (3, vec![0, 37, 37, 101]) } else { (1, vec![0, 100]) };
+    // Grouped: 40 groups (two chunks of the warps' scan), 37 sorted rows in group 1 and 64 in
+    // group 34, the others empty (gathered from 90 tokens, scattered back).
+    let (groups, offsets) = if grouped {
+        let rows = |g: usize| match g {
+            1 => 37,
+            34 => 64,
+            _ => 0,
+        };
+        (40, (0..=40).map(|g| (0..g).map(rows).sum::<i32>()).collect())
+    } else {
+        (1, vec![0, 100])
+    };
     let rows = *offsets.last().unwrap() as usize;
     let tokens = 90;
     let a_rows = if config.grouping == GemmGrouping::Gather { tokens } else { rows };
@@ -741,7 +751,9 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool) {
         workspace,
         counters,
     };
-    let launch = abi.launch(&kernel.name, &ops, 132).unwrap_or_else(|e| panic!("{e}"));
+    // A grouped GEMM on 4 SMs: each block walks several units, resuming its scan of the groups.
+    let sm_count = if grouped { 4 } else { 132 };
+    let launch = abi.launch(&kernel.name, &ops, sm_count).unwrap_or_else(|e| panic!("{e}"));
     // SAFETY: the launch's buffers are `host`'s.
     unsafe { v3c_compiler::emulate::emulate_gemm(&abi, &launch) }.unwrap();
     let read = |b: &v3c_runtime::abi::Buf| -> Vec<f32> {

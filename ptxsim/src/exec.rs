@@ -8,7 +8,7 @@ use crate::parse::{
     Arith, AtomOp, Cmp, CmpBase, IntRound, Kernel, Kind, Logic, Op, Opnd, ShflMode, Space, Special, Ty, Unary, SINK,
 };
 use crate::race::{Access, Epoch, Race, Races};
-use crate::{Launch, Stats, SHARED_WINDOW, TENSOR_MAP_BASE};
+use crate::{Launch, MemoryAccess, Stats, SHARED_WINDOW, TENSOR_MAP_BASE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -397,7 +397,13 @@ impl Cta<'_> {
 
     /// The requests' sectors and wavefronts.
     fn memory_stats(&self, stats: &mut Stats) {
-        for (space, lanes) in self.requests.values() {
+        for (&(_, pc, _), (space, lanes)) in &self.requests {
+            let access = stats.accesses.entry(self.k.instrs[pc].line).or_insert_with(|| MemoryAccess {
+                text: self.k.text[pc].clone(),
+                shared: *space == Space::Shared,
+                ..MemoryAccess::default()
+            });
+            access.requests += 1;
             let words = |step: u64| -> std::collections::HashSet<u64> {
                 lanes
                     .iter()
@@ -410,12 +416,16 @@ impl Cta<'_> {
                     for w in words(4) {
                         banks[(w % 32) as usize] += 1;
                     }
+                    let wavefronts = banks.iter().copied().max().unwrap_or(1).max(1);
                     stats.shared_requests += 1;
-                    stats.shared_wavefronts += banks.iter().copied().max().unwrap_or(1).max(1);
+                    stats.shared_wavefronts += wavefronts;
+                    access.wavefronts += wavefronts;
                 }
                 _ => {
+                    let sectors = words(32).len() as u64;
                     stats.global_requests += 1;
-                    stats.global_sectors += words(32).len() as u64;
+                    stats.global_sectors += sectors;
+                    access.sectors += sectors;
                     // Distinct bytes (lanes reading the same address share them).
                     let mut ranges: Vec<(u64, u64)> = lanes.iter().map(|&(a, b)| (a, a + b as u64)).collect();
                     ranges.sort_unstable();
@@ -428,6 +438,7 @@ impl Cta<'_> {
                         }
                     }
                     stats.global_bytes += bytes;
+                    access.bytes += bytes;
                 }
             }
         }

@@ -99,8 +99,9 @@ pub struct Checks {
 /// (a warp's lanes executing one load, store or atomic together), the 32-byte sectors of global
 /// memory they touched against the distinct bytes they asked for (coalescing), and the wavefronts shared
 /// memory takes for them (one without bank conflicts). TMA copies and wgmma operand reads are the
-/// hardware's own and not counted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// hardware's own and not counted. `accesses` holds the same counts per load, store or atomic
+/// instruction (by its PTX line): where a kernel's uncoalesced or bank-conflicted accesses are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub ctas: u64,
     pub instructions: u64,
@@ -109,6 +110,33 @@ pub struct Stats {
     pub global_bytes: u64,
     pub shared_requests: u64,
     pub shared_wavefronts: u64,
+    pub accesses: std::collections::BTreeMap<usize, MemoryAccess>,
+}
+
+/// One memory instruction's warp-level requests over a launch (or the launches summed): in
+/// shared memory with their wavefronts, in global memory with their sectors and the distinct
+/// bytes they asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryAccess {
+    /// The instruction as the PTX has it.
+    pub text: String,
+    pub shared: bool,
+    pub requests: u64,
+    pub sectors: u64,
+    pub bytes: u64,
+    pub wavefronts: u64,
+}
+
+impl MemoryAccess {
+    /// Sector bytes moved but not asked for (global), or wavefronts past one per request
+    /// (shared, in wavefronts): what the access wastes.
+    pub fn waste(&self) -> u64 {
+        if self.shared {
+            self.wavefronts - self.requests
+        } else {
+            32 * self.sectors - self.bytes
+        }
+    }
 }
 
 impl Stats {
@@ -120,6 +148,17 @@ impl Stats {
         self.global_bytes += o.global_bytes;
         self.shared_requests += o.shared_requests;
         self.shared_wavefronts += o.shared_wavefronts;
+        for (line, a) in &o.accesses {
+            let mine = self
+                .accesses
+                .entry(*line)
+                .or_insert_with(|| MemoryAccess { text: a.text.clone(), ..MemoryAccess::default() });
+            mine.shared = a.shared;
+            mine.requests += a.requests;
+            mine.sectors += a.sectors;
+            mine.bytes += a.bytes;
+            mine.wavefronts += a.wavefronts;
+        }
     }
 
     /// Bytes asked for per byte of sectors moved (1: every sector byte used).
@@ -275,6 +314,47 @@ $L__end:
     fn warps_shuffle_and_meet_at_a_barrier() {
         assert_eq!(sum_with("bar.sync 0", false, true).unwrap(), 64 * 65 / 2);
         assert_eq!(sum("0", false).unwrap(), 64 * 65 / 2);
+    }
+
+    /// A warp's inclusive prefix sum by `shfl.sync.up` with its in-range predicate (`d|p`): lanes
+    /// below the distance get p false and add nothing. (Before the predicate was parsed, `d|p`
+    /// was one register and p never set: every lane added nothing.)
+    #[test]
+    fn shuffles_up_set_their_in_range_predicate() {
+        let mut text = String::from(
+            ".visible .entry scan(\n\t.param .u64 scan_param_0\n)\n.maxntid 32, 1, 1\n{\n\t.reg .pred %p<2>;\n\
+             \t.reg .b32 %r<8>;\n\t.reg .b64 %rd<4>;\n\tld.param.b64 %rd1, [scan_param_0];\n\tmov.u32 %r1, %tid.x;\n\
+             \tadd.s32 %r2, %r1, 1;\n",
+        );
+        for d in [1, 2, 4, 8, 16] {
+            text.push_str(&format!(
+                "\tshfl.sync.up.b32 %r3|%p1, %r2, {d}, 0, -1;\n\tselp.b32 %r4, %r3, 0, %p1;\n\tadd.s32 %r2, %r2, %r4;\n"
+            ));
+        }
+        text.push_str(
+            "\tmul.wide.u32 %rd2, %r1, 4;\n\tadd.s64 %rd3, %rd1, %rd2;\n\tst.global.b32 [%rd3], %r2;\n\tret;\n}",
+        );
+        let module = Module::parse(&text).unwrap();
+        let mut out = [0u32; 32];
+        let params = [out.as_mut_ptr() as u64];
+        let only = [(out.as_ptr() as u64, 128)];
+        let launch = Launch {
+            grid: [1, 1],
+            threads: 32,
+            dynamic_shared: 0,
+            params: &params,
+            tensor_maps: &[],
+            regions: Some(&only),
+            max_instructions: 10_000,
+            checks: Checks::default(),
+        };
+        // SAFETY: the one parameter is `out`, and accesses are held to it.
+        unsafe { run(&module.kernels[0], &launch) }.unwrap();
+        let want: Vec<u32> = (1..=32).map(|l| l * (l + 1) / 2).collect();
+        assert_eq!(out.to_vec(), want);
+        let bad = text.replace("selp.b32 %r4, %r3, 0, %p1", "selp.b32 %r4|%p1, %r3, 0, %p1");
+        let e = Module::parse(&bad).unwrap_err();
+        assert!(e.contains("'d|p' outside shfl.sync"), "{e}");
     }
 
     #[test]

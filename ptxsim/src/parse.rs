@@ -868,11 +868,20 @@ fn kernel(
             None => (rest, ""),
         };
         let op = decode(opcode).map_err(located)?;
-        let args = split_operands(operands)
-            .iter()
-            .map(|a| names.operand(a, scope))
-            .collect::<Result<Vec<Opnd>, String>>()
-            .map_err(located)?;
+        let mut operands = split_operands(operands);
+        // `shfl.sync d|p, a, b, c, mask`: the lane's predicate (whether its source lane was in
+        // range) goes last, after the member mask.
+        if let Some((d, p)) =
+            operands.first().and_then(|d| d.split_once('|')).map(|(d, p)| (d.to_string(), p.to_string()))
+        {
+            if !matches!(op, Op::Shfl(_)) || operands.len() != 5 {
+                return Err(located("a destination pair 'd|p' outside shfl.sync".into()));
+            }
+            operands[0] = d;
+            operands.push(p);
+        }
+        let args =
+            operands.iter().map(|a| names.operand(a, scope)).collect::<Result<Vec<Opnd>, String>>().map_err(located)?;
         instrs.push(Instr { op, guard, args, line: *line });
         texts.push(text.clone());
     }

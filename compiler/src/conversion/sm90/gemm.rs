@@ -692,7 +692,8 @@ impl Emitter {
             let gather = c.grouping == GemmGrouping::Gather;
             // One thread issues the loads; a gather takes the producer's first warp, each lane
             // loading every 32nd row (its rows' tokens looked up once per tile).
-            let active = if gather { "arith.cmpi ult, %plane, %c32" } else { "arith.cmpi eq, %plane, %c0" };
+            // A grouped GEMM's scan of its groups takes the whole warp too.
+            let active = if c.is_grouped() { "arith.cmpi ult, %plane, %c32" } else { "arith.cmpi eq, %plane, %c0" };
             let mut tokens = String::new();
             let mut rows = String::new();
             if gather {
@@ -721,6 +722,7 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
             } else {
                 format!("{}\n{}", self.expect_and_b("%st"), self.a_tile("%st"))
             };
+            let (carry_args, carry_yield, carry_types) = self.unit_carry();
             let _ = writeln!(
                 t,
                 "  %is_producer = arith.cmpi uge, %tid, %c{producers} : index
@@ -730,7 +732,7 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
     %p_active = {active} : index
     %p_first = arith.cmpi eq, %plane, %c0 : index
     scf.if %p_active {{
-      %p_end = scf.for %u = %ubx to %units step %ugdx iter_args(%it = %c0) -> (index) {{
+      %p_end{carried} = scf.for %u = %ubx to %units step %ugdx iter_args(%it = %c0{carry_args}) -> (index{carry_types}) {{
 {decode}
 {tokens}
         %it_next = scf.for %j = %c0 to %nkt step %c1 iter_args(%i = %it) -> (index) {{
@@ -749,7 +751,7 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
           %i1 = arith.addi %i, %c1 : index
           scf.yield %i1 : index
         }}
-        scf.yield %it_next : index
+        scf.yield %it_next{carry_yield} : index{carry_types}
       }}
     }}
   }} else {{
@@ -760,6 +762,7 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
                 first = indent(&first, 12),
                 rows = indent(&rows, 10),
                 regs = self.consumer_registers,
+                carried = if carry_types.is_empty() { "" } else { ":3" },
             );
             t.push_str(&indent(&self.consumer(), 2));
             t.push_str("\n  }\n");
@@ -922,66 +925,120 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
     }
 
     /// Grouped: `%groups` and `%units`, the tiles of every group (a group of r rows has
-    /// ceil(r / block_m) x n_tiles).
+    /// ceil(r / block_m) x n_tiles), each warp summing them 32 groups at a time (`%s_lane`: the
+    /// thread's lane; every warp of the block runs this together).
     fn group_units(&self) -> String {
         let groups = match self.c.grouping {
             GemmGrouping::Masked => "%groups = memref.dim %counts, %c0 : memref<?xi32>".to_string(),
             _ => "%offsets_n = memref.dim %offsets, %c0 : memref<?xi32>\n%groups = arith.subi %offsets_n, %c1 : index"
                 .to_string(),
         };
+        let (sum, total) = warp_sum("s_", "%s_t_i");
         let body = format!(
             "{}
-%s_mt = arith.ceildivui %s_rows, %c{bm} : index
-%s_t = arith.muli %s_mt, %n_tiles : index
-%s_next = arith.addi %s_acc, %s_t : index
+{sum}
+%s_total = arith.index_cast {total} : i32 to index
+%s_next = arith.addi %s_acc, %s_total : index
 scf.yield %s_next : index",
-            self.group_bounds("s_", "%g"),
-            bm = self.c.block_m
+            self.chunk_tiles("s_", "%g")
         );
         format!(
-            "{}\n  %units = scf.for %g = %c0 to %groups step %c1 iter_args(%s_acc = %c0) -> (index) {{\n{}\n  }}\n",
+            "{}
+  %s_lane = arith.remui %tid, %c32 : index
+  %units = scf.for %g = %c0 to %groups step %c32 iter_args(%s_acc = %c0) -> (index) {{
+{}
+  }}
+",
             indent(&groups, 2),
             indent(&body, 4)
         )
     }
 
-    /// Grouped unit `%u` -> its group `%grp` (scanning the groups' tile counts), the tile's first
-    /// row `%row0` and the group's row end `%row_end`, `%col0`, and `%brow0`, the tile's first row of
-    /// the stacked B.
+    /// `%<p>t_i` (i32): the tiles of group `first + lane` (none past the last group), the lane's
+    /// share of a warp's chunk of 32 groups.
+    fn chunk_tiles(&self, p: &str, first: &str) -> String {
+        format!(
+            "%{p}lg = arith.addi {first}, %s_lane : index
+%{p}in = arith.cmpi ult, %{p}lg, %groups : index
+%{p}t = scf.if %{p}in -> (index) {{
+{}
+  %{p}mt = arith.ceildivui %{p}rows, %c{bm} : index
+  %{p}tiles = arith.muli %{p}mt, %n_tiles : index
+  scf.yield %{p}tiles : index
+}} else {{
+  scf.yield %c0 : index
+}}
+%{p}t_i = arith.index_cast %{p}t : index to i32",
+            indent(&self.group_bounds(p, &format!("%{p}lg")), 2),
+            bm = self.c.block_m
+        )
+    }
+
+    /// Grouped: unit `%u`'s group and tile. The warp scans the groups 32 at a time (each lane a
+    /// group's tiles, their prefix sums by shuffles, the lanes whose groups end at or before the
+    /// unit counted), from the chunk where its previous unit's group was (`%gs_g`, with `%gs_base`
+    /// tiles before it): the block's units only grow, so over all of them it reads each group's
+    /// bounds about once. `%scan#0`, `%scan#1`: where the next unit's scan starts.
     fn decode_grouped(&self) -> String {
         let (bm, bn) = (self.c.block_m, self.c.block_n);
-        let scan = format!(
+        let (prefix, incl) = warp_prefix_sum("w_", "%w_t_i");
+        let (count, cnt) = warp_sum("wc_", "%w_le_i");
+        let chunk = format!(
             "{}
-%f_mt = arith.ceildivui %f_rows, %c{bm} : index
-%f_t = arith.muli %f_mt, %n_tiles : index
-%f_next = arith.addi %f_acc, %f_t : index
-%f_unset = arith.cmpi eq, %f_g, %groups : index
-%f_in = arith.cmpi ult, %u, %f_next : index
-%f_hit = arith.andi %f_unset, %f_in : i1
-%f_g2 = arith.select %f_hit, %g, %f_g : index
-%f_base2 = arith.select %f_hit, %f_acc, %f_base : index
-scf.yield %f_next, %f_g2, %f_base2 : index, index, index",
-            self.group_bounds("f_", "%g")
+{prefix}
+%w_excl = arith.subi {incl}, %w_t_i : i32
+%w_rel = arith.subi %u, %w_base : index
+%w_rel_i = arith.index_cast %w_rel : index to i32
+%w_le = arith.cmpi sle, {incl}, %w_rel_i : i32
+%w_le_i = arith.extui %w_le : i1 to i32
+{count}
+%w_more = arith.cmpi eq, {cnt}, %c32_i32 : i32
+%w_src = arith.minui {cnt}, %c31_i32 : i32
+%w_at, %w_at_ok = gpu.shuffle idx %w_excl, %w_src, %c32_i32 : i32
+%w_total, %w_total_ok = gpu.shuffle idx {incl}, %c31_i32, %c32_i32 : i32
+scf.condition(%w_more) %w_g, %w_base, {cnt}, %w_at, %w_total : index, index, i32, i32, i32",
+            self.chunk_tiles("w_", "%w_g")
         );
         format!(
-            "%found:3 = scf.for %g = %c0 to %groups step %c1 iter_args(%f_acc = %c0, %f_g = %groups, %f_base = %c0) -> (index, index, index) {{
+            "%scan:5 = scf.while (%w_g = %gs_g, %w_base = %gs_base) : (index, index) -> (index, index, i32, i32, i32) {{
 {}
+}} do {{
+^bb0(%x_g: index, %x_base: index, %x_cnt: i32, %x_at: i32, %x_total: i32):
+  %x_g2 = arith.addi %x_g, %c32 : index
+  %x_t = arith.index_cast %x_total : i32 to index
+  %x_base2 = arith.addi %x_base, %x_t : index
+  scf.yield %x_g2, %x_base2 : index, index
 }}
+%found_lane = arith.index_cast %scan#2 : i32 to index
+%found_g = arith.addi %scan#0, %found_lane : index
+%found_at = arith.index_cast %scan#3 : i32 to index
+%found_base = arith.addi %scan#1, %found_at : index
 {}
-%local = arith.subi %u, %found#2 : index
+%local = arith.subi %u, %found_base : index
 %mt = arith.divui %local, %n_tiles : index
 %nt = arith.remui %local, %n_tiles : index
 %row_off = arith.muli %mt, %c{bm} : index
 %row0 = arith.addi %d_start, %row_off : index
 %row_end = arith.addi %d_start, %d_rows : index
 %col0 = arith.muli %nt, %c{bn} : index
-%gcol = arith.muli %found#1, %n : index
+%gcol = arith.muli %found_g, %n : index
 %brow0 = arith.addi %gcol, %col0 : index
 %kt0 = arith.constant 0 : index
 %nkt = arith.addi %k_tiles, %c0 : index",
-            indent(&scan, 2),
-            self.group_bounds("d_", "%found#1"),
+            indent(&chunk, 2),
+            self.group_bounds("d_", "%found_g"),
         )
+    }
+
+    /// The persistent loop over units' extra carried values: a grouped GEMM's scan position
+    /// ([`Self::decode_grouped`]), as (iter_args, yielded values, types), each with a leading
+    /// comma; nothing for the others.
+    fn unit_carry(&self) -> (&'static str, &'static str, &'static str) {
+        if self.c.is_grouped() {
+            (", %gs_g = %c0, %gs_base = %c0", ", %scan#0, %scan#1", ", index, index")
+        } else {
+            ("", "", "")
+        }
     }
 
     /// Unit `%u` -> its tile's first row and column (`%row0`, `%col0`), `%tile`, split `%z`, and
@@ -1094,16 +1151,18 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         let m_tiles = c.row_tiles();
         let frag_n = c.block_n / 2;
         let frag = &self.frag;
+        let (carry_args, carry_yield, carry_types) = self.unit_carry();
         let mut t = String::new();
         t.push_str(&self.coordinates());
         let _ = writeln!(
             t,
             "  %wg_a = arith.muli %cw, %c{wg_bytes} : index
   %wg_a64 = arith.index_cast %wg_a : index to i64
-  %c_end = scf.for %u = %ubx to %units step %ugdx iter_args(%it = %c0) -> (index) {{
+  %c_end{carried} = scf.for %u = %ubx to %units step %ugdx iter_args(%it = %c0{carry_args}) -> (index{carry_types}) {{
 {decode}",
             wg_bytes = rows_per_wg * ROW_BYTES,
             decode = indent(&self.decode(), 4),
+            carried = if carry_types.is_empty() { "" } else { ":3" },
         );
         if !c.specialized {
             let _ = writeln!(
@@ -1201,7 +1260,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             types.join(", ")
         );
         t.push_str(&indent(&self.epilogue(), 4));
-        let _ = write!(t, "\n    scf.yield %res#{m_tiles} : index\n  }}");
+        let _ = write!(t, "\n    scf.yield %res#{m_tiles}{carry_yield} : index{carry_types}\n  }}");
         t
     }
 
@@ -1755,6 +1814,37 @@ pub(super) fn constants(body: &str) -> String {
         .collect()
 }
 
+/// A warp's sum of the i32 `x` in every lane (a butterfly of shuffles): the text and the sum's name.
+fn warp_sum(p: &str, x: &str) -> (String, String) {
+    let mut t = String::new();
+    let mut v = x.to_string();
+    for d in [16, 8, 4, 2, 1] {
+        let _ = writeln!(
+            t,
+            "%{p}x{d}, %{p}x{d}_ok = gpu.shuffle xor {v}, %c{d}_i32, %c32_i32 : i32\n%{p}s{d} = arith.addi {v}, %{p}x{d} : i32"
+        );
+        v = format!("%{p}s{d}");
+    }
+    (t.trim_end().to_string(), v)
+}
+
+/// A warp's inclusive prefix sum of the i32 `x` over its lanes (lane l: lanes 0..=l's), by
+/// shuffles up: the text and the sum's name.
+fn warp_prefix_sum(p: &str, x: &str) -> (String, String) {
+    let mut t = String::new();
+    let mut v = x.to_string();
+    for d in [1, 2, 4, 8, 16] {
+        let _ = writeln!(
+            t,
+            "%{p}u{d}, %{p}u{d}_ok = gpu.shuffle up {v}, %c{d}_i32, %c32_i32 : i32
+%{p}a{d} = arith.select %{p}u{d}_ok, %{p}u{d}, %c0_i32 : i32
+%{p}p{d} = arith.addi {v}, %{p}a{d} : i32"
+        );
+        v = format!("%{p}p{d}");
+    }
+    (t.trim_end().to_string(), v)
+}
+
 pub(super) fn indent(text: &str, n: usize) -> String {
     let pad = " ".repeat(n);
     text.lines().map(|l| if l.is_empty() { String::new() } else { format!("{pad}{l}") }).collect::<Vec<_>>().join("\n")
@@ -1955,42 +2045,135 @@ mod tests {
         result as usize
     }
 
+    /// The grouped scan ([`Emitter::group_units`], [`Emitter::decode_grouped`]: warp shuffles)
+    /// compiled to PTX and simulated: blocks of two warps walk the units persistently (each resuming
+    /// its scan where its previous unit's group was), lane 0 of each warp writes what it decoded.
+    /// 70 groups (three chunks of 32), most empty, some past 128 rows; every group's tiles are
+    /// computed once, by units in order, and both warps agree.
     #[test]
     fn grouped_units_cover_every_groups_tiles_once() {
         let context = crate::mlir::new_context();
-        let counts = [5usize, 0, 130, 1, 0, 64, 300, 2, 9];
+        let mut counts = vec![0usize; 70];
+        for (g, c) in [(0, 5), (2, 130), (3, 1), (31, 64), (32, 300), (33, 2), (40, 9), (63, 128), (64, 1), (69, 257)] {
+            counts[g] = c;
+        }
+        let fields = ["found_g", "row0", "row_end", "col0", "brow0", "nkt"];
         for grouping in [GemmGrouping::Contiguous, GemmGrouping::Masked] {
             let config = GemmConfig::grouped(grouping, GemmInput::Fp8, GemmOutput::F32, 128, 128, 4);
             let e = Emitter::new(&config, &crate::target::SM90A);
-            let body = format!("{}{}\n", e.group_units(), indent(&e.decode(), 2));
-            let (table, mut args, cap) = match grouping {
-                GemmGrouping::Masked => (counts.map(|c| c as i32).to_vec(), vec!["counts:memref", "cap"], 320),
+            let (carry_args, carry_yield, carry_types) = e.unit_carry();
+            let mut stores = String::new();
+            for (j, f) in fields.iter().enumerate() {
+                let _ = writeln!(
+                    stores,
+                    "      %o{j} = arith.addi %rec, %c{j} : index\n      %v{j} = arith.index_cast %{f} : index to i32\n      \
+                     memref.store %v{j}, %out[%o{j}] : memref<?xi32>"
+                );
+            }
+            let body = format!(
+                "  %tid = gpu.thread_id x
+  %bx = gpu.block_id x
+  %gdx = gpu.grid_dim x
+  %n_tiles = arith.ceildivui %n, %c128 : index
+  %k_tiles = arith.ceildivui %k, %c128 : index
+{units}  %lane0 = arith.cmpi eq, %s_lane, %c0 : index
+  %first = arith.cmpi eq, %tid, %c0 : index
+  %first_block = arith.cmpi eq, %bx, %c0 : index
+  %reporter = arith.andi %first, %first_block : i1
+  scf.if %reporter {{
+    %units_i = arith.index_cast %units : index to i32
+    memref.store %units_i, %out[%c0] : memref<?xi32>
+  }}
+  %warp = arith.divui %tid, %c32 : index
+  %end:3 = scf.for %u = %bx to %units step %gdx iter_args(%it = %c0{carry_args}) -> (index{carry_types}) {{
+{decode}
+    scf.if %lane0 {{
+      %slot = arith.muli %u, %c2 : index
+      %slot_w = arith.addi %slot, %warp : index
+      %rec0 = arith.muli %slot_w, %c{width} : index
+      %rec = arith.addi %rec0, %c1 : index
+{stores}    }}
+    scf.yield %it{carry_yield} : index{carry_types}
+  }}
+  gpu.return
+}}
+}}
+}}
+",
+                units = e.group_units(),
+                decode = indent(&e.decode(), 4),
+                width = fields.len(),
+            );
+            let (table, table_arg) = match grouping {
+                GemmGrouping::Masked => {
+                    (counts.iter().map(|&c| c as i32).collect::<Vec<_>>(), "%counts: memref<?xi32>, %cap: index")
+                }
                 _ => {
                     let mut offsets = vec![0i32];
-                    for c in counts {
-                        offsets.push(offsets.last().unwrap() + c as i32);
+                    for c in &counts {
+                        offsets.push(offsets.last().unwrap() + *c as i32);
                     }
-                    (offsets, vec!["offsets:memref"], 0)
+                    (offsets, "%offsets: memref<?xi32>")
                 }
             };
-            args.extend(["u", "n", "n_tiles", "k_tiles"]);
-            let engine = jit(&context, &body, &args, &["units", "found#1", "row0", "row_end", "col0", "brow0", "nkt"]);
-            let (n, n_tiles, k_tiles) = (384, 3, 7);
-            let call_all = |u: usize, name: &str| {
-                let mut a = Vec::new();
-                if grouping == GemmGrouping::Masked {
-                    a.push(cap);
-                }
-                a.extend([u, n, n_tiles, k_tiles]);
-                call_with_table(&engine, name, &table, &a)
+            let text = format!(
+                "module attributes {{gpu.container_module}} {{\ngpu.module @kernels {{\ngpu.func @scan({table_arg}, %out: memref<?xi32>, \
+                 %n: index, %k: index) kernel attributes {{known_block_size = array<i32: 64, 1, 1>}} {{\n{}{body}",
+                constants(&body)
+            );
+            let kernel = super::super::compile_module(&context, "scan".into(), Ok(text), 0, 64, &crate::target::SM90A)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let (n, n_tiles, k_tiles, cap) = (384, 3, 7, 320);
+            let units: usize = counts.iter().map(|c| c.div_ceil(128) * n_tiles).sum();
+            let mut out = vec![-1i32; 1 + units * 2 * fields.len()];
+            let buf = |v: &mut Vec<i32>| v3c_runtime::abi::Buf {
+                addr: v.as_mut_ptr() as u64,
+                shape: vec![v.len()],
+                element: "i32".into(),
             };
-            let units = call_all(0, "units");
-            let expected: usize = counts.iter().map(|c| c.div_ceil(128) * n_tiles).sum();
-            assert_eq!(units, expected, "{grouping:?}");
+            let mut table = table;
+            let (table_buf, out_buf) = (buf(&mut table), buf(&mut out));
+            let mut params: Vec<u64> = Vec::new();
+            for b in [&table_buf] {
+                params.extend(v3c_runtime::abi::memref(b, 1).unwrap().into_iter().map(|p| match p {
+                    v3c_runtime::abi::Param::Value(v) => v,
+                    _ => unreachable!("a memref is values"),
+                }));
+            }
+            if grouping == GemmGrouping::Masked {
+                params.push(cap as u64);
+            }
+            params.extend(v3c_runtime::abi::memref(&out_buf, 1).unwrap().into_iter().map(|p| match p {
+                v3c_runtime::abi::Param::Value(v) => v,
+                _ => unreachable!("a memref is values"),
+            }));
+            params.extend([n as u64, (k_tiles * 128) as u64]);
+            let mut regions = vec![(table_buf.addr, 4 * table.len()), (out_buf.addr, 4 * out.len())];
+            regions.sort_unstable();
+            let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
+            // Three blocks for 3 x (many) units: each walks about a third of them.
+            let launch = v3c_ptxsim::Launch {
+                grid: [3, 1],
+                threads: 64,
+                dynamic_shared: 0,
+                params: &params,
+                tensor_maps: &[],
+                regions: Some(&regions),
+                max_instructions: 1 << 28,
+                checks: v3c_ptxsim::Checks::default(),
+            };
+            // SAFETY: the parameters are `table` and `out`, and every access is held to them.
+            unsafe { v3c_ptxsim::run(&module.kernels[0], &launch) }.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(out[0] as usize, units, "{grouping:?}");
             let mut seen = std::collections::HashSet::new();
             for u in 0..units {
-                let [g, row0, row_end, col0, brow0, nkt] =
-                    ["found#1", "row0", "row_end", "col0", "brow0", "nkt"].map(|f| call_all(u, f));
+                let record = |w: usize| -> Vec<usize> {
+                    let at = 1 + (2 * u + w) * fields.len();
+                    out[at..at + fields.len()].iter().map(|&v| v as usize).collect()
+                };
+                let (r0, r1) = (record(0), record(1));
+                assert_eq!(r0, r1, "{grouping:?} unit {u}: the warps decoded it apart");
+                let [g, row0, row_end, col0, brow0, nkt] = r0[..] else { unreachable!() };
                 let start = match grouping {
                     GemmGrouping::Masked => g * cap,
                     _ => counts[..g].iter().sum(),
