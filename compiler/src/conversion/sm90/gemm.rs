@@ -722,7 +722,28 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
             } else {
                 format!("{}\n{}", self.expect_and_b("%st"), self.a_tile("%st"))
             };
-            let (carry_args, carry_yield, carry_types) = self.unit_carry();
+            let body = format!(
+                "{tokens}
+%it_next = scf.for %j = %c0 to %nkt step %c1 iter_args(%i = %it) -> (index) {{
+  %st = arith.remui %i, %c{stages} : index
+  %round = arith.divui %i, %c{stages} : index
+  %round1 = arith.addi %round, %c1 : index
+  %par = arith.remui %round1, %c2 : index
+  %parity = arith.index_cast %par : index to i1
+  nvgpu.mbarrier.try_wait.parity %empty[%st], %parity, %ticks : !bar
+  %kt = arith.addi %kt0, %j : index
+{views}
+  scf.if %p_first {{
+{first}
+  }}
+{rows}
+  %i1 = arith.addi %i, %c1 : index
+  scf.yield %i1 : index
+}}",
+                views = indent(&self.views("%kt", "%st"), 2),
+                first = indent(&first, 4),
+                rows = indent(&rows, 2),
+            );
             let _ = writeln!(
                 t,
                 "  %is_producer = arith.cmpi uge, %tid, %c{producers} : index
@@ -732,37 +753,12 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
     %p_active = {active} : index
     %p_first = arith.cmpi eq, %plane, %c0 : index
     scf.if %p_active {{
-      %p_end{carried} = scf.for %u = %ubx to %units step %ugdx iter_args(%it = %c0{carry_args}) -> (index{carry_types}) {{
-{decode}
-{tokens}
-        %it_next = scf.for %j = %c0 to %nkt step %c1 iter_args(%i = %it) -> (index) {{
-          %st = arith.remui %i, %c{stages} : index
-          %round = arith.divui %i, %c{stages} : index
-          %round1 = arith.addi %round, %c1 : index
-          %par = arith.remui %round1, %c2 : index
-          %parity = arith.index_cast %par : index to i1
-          nvgpu.mbarrier.try_wait.parity %empty[%st], %parity, %ticks : !bar
-          %kt = arith.addi %kt0, %j : index
-{views}
-          scf.if %p_first {{
-{first}
-          }}
-{rows}
-          %i1 = arith.addi %i, %c1 : index
-          scf.yield %i1 : index
-        }}
-        scf.yield %it_next{carry_yield} : index{carry_types}
-      }}
+{}
     }}
   }} else {{
     nvvm.setmaxregister increase {regs}",
-                decode = indent(&self.decode(), 8),
-                tokens = indent(&tokens, 8),
-                views = indent(&self.views("%kt", "%st"), 10),
-                first = indent(&first, 12),
-                rows = indent(&rows, 10),
+                indent(&self.unit_loop("%p_end", &body, "%it_next"), 6),
                 regs = self.consumer_registers,
-                carried = if carry_types.is_empty() { "" } else { ":3" },
             );
             t.push_str(&indent(&self.consumer(), 2));
             t.push_str("\n  }\n");
@@ -827,7 +823,7 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
             },
             k_tiles = self.k_tiles(),
             units = if c.is_grouped() {
-                self.group_units()
+                self.group_count()
             } else {
                 "  %units = arith.muli %tiles, %splits : index\n".into()
             },
@@ -924,131 +920,147 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
         }
     }
 
-    /// Grouped: `%groups` and `%units`, the tiles of every group (a group of r rows has
-    /// ceil(r / block_m) x n_tiles), each warp summing them 32 groups at a time (`%s_lane`: the
-    /// thread's lane; every warp of the block runs this together).
-    fn group_units(&self) -> String {
+    /// Grouped: `%groups`, and `%s_lane`, the thread's lane (for the warps' scan of the groups).
+    fn group_count(&self) -> String {
         let groups = match self.c.grouping {
             GemmGrouping::Masked => "%groups = memref.dim %counts, %c0 : memref<?xi32>".to_string(),
             _ => "%offsets_n = memref.dim %offsets, %c0 : memref<?xi32>\n%groups = arith.subi %offsets_n, %c1 : index"
                 .to_string(),
         };
-        let (sum, total) = warp_sum("s_", "%s_t_i");
-        let body = format!(
-            "{}
-{sum}
-%s_total = arith.index_cast {total} : i32 to index
-%s_next = arith.addi %s_acc, %s_total : index
-scf.yield %s_next : index",
-            self.chunk_tiles("s_", "%g")
-        );
-        format!(
-            "{}
-  %s_lane = arith.remui %tid, %c32 : index
-  %units = scf.for %g = %c0 to %groups step %c32 iter_args(%s_acc = %c0) -> (index) {{
-{}
-  }}
-",
-            indent(&groups, 2),
-            indent(&body, 4)
-        )
+        format!("{}\n  %s_lane = arith.remui %tid, %c32 : index\n", indent(&groups, 2))
     }
 
-    /// `%<p>t_i` (i32): the tiles of group `first + lane` (none past the last group), the lane's
-    /// share of a warp's chunk of 32 groups.
+    /// `%<p>t#0` (`%<p>t_i`: as i32), `%<p>t#1`, `%<p>t#2`: the tiles (ceil(rows / block_m) x
+    /// n_tiles), first row and rows of group `first + lane` (none past the last group): the
+    /// lane's share of a warp's chunk of 32 groups.
     fn chunk_tiles(&self, p: &str, first: &str) -> String {
         format!(
             "%{p}lg = arith.addi {first}, %s_lane : index
 %{p}in = arith.cmpi ult, %{p}lg, %groups : index
-%{p}t = scf.if %{p}in -> (index) {{
+%{p}t:3 = scf.if %{p}in -> (index, index, index) {{
 {}
   %{p}mt = arith.ceildivui %{p}rows, %c{bm} : index
   %{p}tiles = arith.muli %{p}mt, %n_tiles : index
-  scf.yield %{p}tiles : index
+  scf.yield %{p}tiles, %{p}start, %{p}rows : index, index, index
 }} else {{
-  scf.yield %c0 : index
+  scf.yield %c0, %c0, %c0 : index, index, index
 }}
-%{p}t_i = arith.index_cast %{p}t : index to i32",
+%{p}t_i = arith.index_cast %{p}t#0 : index to i32",
             indent(&self.group_bounds(p, &format!("%{p}lg")), 2),
             bm = self.c.block_m
         )
     }
 
-    /// Grouped: unit `%u`'s group and tile. The warp scans the groups 32 at a time (each lane a
-    /// group's tiles, their prefix sums by shuffles, the lanes whose groups end at or before the
-    /// unit counted), from the chunk where its previous unit's group was (`%gs_g`, with `%gs_base`
+    /// Grouped: unit `unit`'s group. The warp scans the groups 32 at a time (each lane a group's
+    /// tiles, their prefix sums by shuffles, the lanes whose groups end at or before the unit
+    /// counted), from the chunk where its previous unit's group was (`%gs_g`, with `%gs_base`
     /// tiles before it): the block's units only grow, so over all of them it reads each group's
-    /// bounds about once. `%scan#0`, `%scan#1`: where the next unit's scan starts.
-    fn decode_grouped(&self) -> String {
-        let (bm, bn) = (self.c.block_m, self.c.block_n);
+    /// bounds about once. `%found` (i1): the unit is one (it is not past the last group's tiles);
+    /// then `%found_g`, `%found_base` (the group's first unit), `%found_start` and `%found_rows`
+    /// (its rows); `%scan#0`, `%scan#1`: where the next unit's scan starts.
+    fn scan_groups(&self, unit: &str) -> String {
         let (prefix, incl) = warp_prefix_sum("w_", "%w_t_i");
         let (count, cnt) = warp_sum("wc_", "%w_le_i");
         let chunk = format!(
             "{}
 {prefix}
 %w_excl = arith.subi {incl}, %w_t_i : i32
-%w_rel = arith.subi %u, %w_base : index
+%w_rel = arith.subi {unit}, %w_base : index
 %w_rel_i = arith.index_cast %w_rel : index to i32
 %w_le = arith.cmpi sle, {incl}, %w_rel_i : i32
 %w_le_i = arith.extui %w_le : i1 to i32
 {count}
-%w_more = arith.cmpi eq, {cnt}, %c32_i32 : i32
+%w_past = arith.cmpi eq, {cnt}, %c32_i32 : i32
+%w_next_g = arith.addi %w_g, %c32 : index
+%w_left = arith.cmpi ult, %w_next_g, %groups : index
+%w_more = arith.andi %w_past, %w_left : i1
 %w_src = arith.minui {cnt}, %c31_i32 : i32
 %w_at, %w_at_ok = gpu.shuffle idx %w_excl, %w_src, %c32_i32 : i32
+%w_start_i = arith.index_cast %w_t#1 : index to i32
+%w_rows_i = arith.index_cast %w_t#2 : index to i32
+%w_fs, %w_fs_ok = gpu.shuffle idx %w_start_i, %w_src, %c32_i32 : i32
+%w_fr, %w_fr_ok = gpu.shuffle idx %w_rows_i, %w_src, %c32_i32 : i32
 %w_total, %w_total_ok = gpu.shuffle idx {incl}, %c31_i32, %c32_i32 : i32
-scf.condition(%w_more) %w_g, %w_base, {cnt}, %w_at, %w_total : index, index, i32, i32, i32",
+scf.condition(%w_more) %w_g, %w_base, {cnt}, %w_at, %w_total, %w_fs, %w_fr : index, index, i32, i32, i32, i32, i32",
             self.chunk_tiles("w_", "%w_g")
         );
         format!(
-            "%scan:5 = scf.while (%w_g = %gs_g, %w_base = %gs_base) : (index, index) -> (index, index, i32, i32, i32) {{
+            "%scan:7 = scf.while (%w_g = %gs_g, %w_base = %gs_base) : (index, index) -> (index, index, i32, i32, i32, i32, i32) {{
 {}
 }} do {{
-^bb0(%x_g: index, %x_base: index, %x_cnt: i32, %x_at: i32, %x_total: i32):
+^bb0(%x_g: index, %x_base: index, %x_cnt: i32, %x_at: i32, %x_total: i32, %x_fs: i32, %x_fr: i32):
   %x_g2 = arith.addi %x_g, %c32 : index
   %x_t = arith.index_cast %x_total : i32 to index
   %x_base2 = arith.addi %x_base, %x_t : index
   scf.yield %x_g2, %x_base2 : index, index
 }}
+%found = arith.cmpi ult, %scan#2, %c32_i32 : i32
 %found_lane = arith.index_cast %scan#2 : i32 to index
 %found_g = arith.addi %scan#0, %found_lane : index
 %found_at = arith.index_cast %scan#3 : i32 to index
 %found_base = arith.addi %scan#1, %found_at : index
-{}
-%local = arith.subi %u, %found_base : index
-%mt = arith.divui %local, %n_tiles : index
-%nt = arith.remui %local, %n_tiles : index
-%row_off = arith.muli %mt, %c{bm} : index
-%row0 = arith.addi %d_start, %row_off : index
-%row_end = arith.addi %d_start, %d_rows : index
-%col0 = arith.muli %nt, %c{bn} : index
-%gcol = arith.muli %found_g, %n : index
-%brow0 = arith.addi %gcol, %col0 : index
-%kt0 = arith.constant 0 : index
-%nkt = arith.addi %k_tiles, %c0 : index",
+%found_start = arith.index_cast %scan#5 : i32 to index
+%found_rows = arith.index_cast %scan#6 : i32 to index",
             indent(&chunk, 2),
-            self.group_bounds("d_", "%found_g"),
         )
     }
 
-    /// The persistent loop over units' extra carried values: a grouped GEMM's scan position
-    /// ([`Self::decode_grouped`]), as (iter_args, yielded values, types), each with a leading
-    /// comma; nothing for the others.
-    fn unit_carry(&self) -> (&'static str, &'static str, &'static str) {
-        if self.c.is_grouped() {
-            (", %gs_g = %c0, %gs_base = %c0", ", %scan#0, %scan#1", ", index, index")
-        } else {
-            ("", "", "")
+    /// Grouped: unit `%u` of group `%g_found` (its first unit `%g_base`, rows `%g_start` on, `%g_rows` of
+    /// them) -> its tile, as [`Self::decode`] gives a dense one's.
+    fn decode_in_group(&self) -> String {
+        let (bm, bn) = (self.c.block_m, self.c.block_n);
+        format!(
+            "%local = arith.subi %u, %g_base : index
+%mt = arith.divui %local, %n_tiles : index
+%nt = arith.remui %local, %n_tiles : index
+%row_off = arith.muli %mt, %c{bm} : index
+%row0 = arith.addi %g_start, %row_off : index
+%row_end = arith.addi %g_start, %g_rows : index
+%col0 = arith.muli %nt, %c{bn} : index
+%gcol = arith.muli %g_found, %n : index
+%brow0 = arith.addi %gcol, %col0 : index
+%kt0 = arith.constant 0 : index
+%nkt = arith.addi %k_tiles, %c0 : index"
+        )
+    }
+
+    /// The persistent loop over units as `result`: `%u` (this block's units: `%ubx`, then every
+    /// `%ugdx`-th) and `%it` (the ring position, from 0), each unit decoded, then `body`, which
+    /// leaves the ring position in `next_it`. Dense: a for loop over `%units`. Grouped: a while
+    /// loop, each unit's group scanned for ([`Self::scan_groups`]), until a unit is past the last
+    /// group's tiles.
+    fn unit_loop(&self, result: &str, body: &str, next_it: &str) -> String {
+        if !self.c.is_grouped() {
+            return format!(
+                "{result} = scf.for %u = %ubx to %units step %ugdx iter_args(%it = %c0) -> (index) {{
+{}
+{body}
+  scf.yield {next_it} : index
+}}",
+                indent(&self.decode(), 2)
+            );
         }
+        format!(
+            "{result}:8 = scf.while (%wu = %ubx, %wit = %c0, %gs_g = %c0, %gs_base = %c0) : (index, index, index, index) -> (index, index, index, index, index, index, index, index) {{
+{}
+  scf.condition(%found) %wu, %wit, %scan#0, %scan#1, %found_g, %found_base, %found_start, %found_rows : index, index, index, index, index, index, index, index
+}} do {{
+^bb0(%u: index, %it: index, %sc_g: index, %sc_base: index, %g_found: index, %g_base: index, %g_start: index, %g_rows: index):
+{}
+{body}
+  %u_next = arith.addi %u, %ugdx : index
+  scf.yield %u_next, {next_it}, %sc_g, %sc_base : index, index, index, index
+}}",
+            indent(&self.scan_groups("%wu"), 2),
+            indent(&self.decode_in_group(), 2)
+        )
     }
 
     /// Unit `%u` -> its tile's first row and column (`%row0`, `%col0`), `%tile`, split `%z`, and
     /// its K tiles `[%kt0, %kt0 + %nkt)`; `%row_end` bounds the rows, `%brow0` is the tile's first B
-    /// row.
+    /// row. Dense GEMMs (a grouped one's units: [`Self::unit_loop`]).
     fn decode(&self) -> String {
         let c = &self.c;
-        if c.is_grouped() {
-            return self.decode_grouped();
-        }
         let order = if c.raster == 0 {
             "%mtu = arith.divui %tile, %n_tiles : index\n%nt = arith.remui %tile, %n_tiles : index".to_string()
         } else {
@@ -1151,19 +1163,14 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         let m_tiles = c.row_tiles();
         let frag_n = c.block_n / 2;
         let frag = &self.frag;
-        let (carry_args, carry_yield, carry_types) = self.unit_carry();
-        let mut t = String::new();
-        t.push_str(&self.coordinates());
+        let mut head = self.coordinates();
         let _ = writeln!(
-            t,
-            "  %wg_a = arith.muli %cw, %c{wg_bytes} : index
-  %wg_a64 = arith.index_cast %wg_a : index to i64
-  %c_end{carried} = scf.for %u = %ubx to %units step %ugdx iter_args(%it = %c0{carry_args}) -> (index{carry_types}) {{
-{decode}",
+            head,
+            "  %wg_a = arith.muli %cw, %c{wg_bytes} : index\n  %wg_a64 = arith.index_cast %wg_a : index to i64",
             wg_bytes = rows_per_wg * ROW_BYTES,
-            decode = indent(&self.decode(), 4),
-            carried = if carry_types.is_empty() { "" } else { ":3" },
         );
+        // The loop's body, each unit's after its decode.
+        let mut t = String::new();
         if !c.specialized {
             let _ = writeln!(
                 t,
@@ -1260,8 +1267,8 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             types.join(", ")
         );
         t.push_str(&indent(&self.epilogue(), 4));
-        let _ = write!(t, "\n    scf.yield %res#{m_tiles}{carry_yield} : index{carry_types}\n  }}");
-        t
+        let _ = write!(head, "{}", indent(&self.unit_loop("%c_end", &t, &format!("%res#{m_tiles}")), 2));
+        head
     }
 
     /// One K tile: descriptors, the wgmma chain, and for fp8 the promotion. Returns the
@@ -2045,11 +2052,11 @@ mod tests {
         result as usize
     }
 
-    /// The grouped scan ([`Emitter::group_units`], [`Emitter::decode_grouped`]: warp shuffles)
-    /// compiled to PTX and simulated: blocks of two warps walk the units persistently (each resuming
-    /// its scan where its previous unit's group was), lane 0 of each warp writes what it decoded.
-    /// 70 groups (three chunks of 32), most empty, some past 128 rows; every group's tiles are
-    /// computed once, by units in order, and both warps agree.
+    /// The grouped units' loop ([`Emitter::unit_loop`]: the scan by warp shuffles) compiled to PTX
+    /// and simulated: blocks of two warps walk the units persistently (each resuming its scan where
+    /// its previous unit's group was) until the groups end, lane 0 of each warp writing what it
+    /// decoded. 70 groups (three chunks of 32), most empty, some past 128 rows: every group's tiles
+    /// are computed once, both warps agree, and no unit past the last is decoded.
     #[test]
     fn grouped_units_cover_every_groups_tiles_once() {
         let context = crate::mlir::new_context();
@@ -2057,52 +2064,43 @@ mod tests {
         for (g, c) in [(0, 5), (2, 130), (3, 1), (31, 64), (32, 300), (33, 2), (40, 9), (63, 128), (64, 1), (69, 257)] {
             counts[g] = c;
         }
-        let fields = ["found_g", "row0", "row_end", "col0", "brow0", "nkt"];
+        let fields = ["g_found", "row0", "row_end", "col0", "brow0", "nkt"];
         for grouping in [GemmGrouping::Contiguous, GemmGrouping::Masked] {
             let config = GemmConfig::grouped(grouping, GemmInput::Fp8, GemmOutput::F32, 128, 128, 4);
             let e = Emitter::new(&config, &crate::target::SM90A);
-            let (carry_args, carry_yield, carry_types) = e.unit_carry();
-            let mut stores = String::new();
+            let mut body = String::from(
+                "scf.if %lane0 {
+  %slot = arith.muli %u, %c2 : index
+  %slot_w = arith.addi %slot, %warp : index
+  %rec = arith.muli %slot_w, %c6 : index
+",
+            );
             for (j, f) in fields.iter().enumerate() {
                 let _ = writeln!(
-                    stores,
-                    "      %o{j} = arith.addi %rec, %c{j} : index\n      %v{j} = arith.index_cast %{f} : index to i32\n      \
+                    body,
+                    "  %o{j} = arith.addi %rec, %c{j} : index\n  %v{j} = arith.index_cast %{f} : index to i32\n  \
                      memref.store %v{j}, %out[%o{j}] : memref<?xi32>"
                 );
             }
+            body.push('}');
             let body = format!(
                 "  %tid = gpu.thread_id x
   %bx = gpu.block_id x
   %gdx = gpu.grid_dim x
+  %ubx = arith.addi %bx, %c0 : index
+  %ugdx = arith.addi %gdx, %c0 : index
   %n_tiles = arith.ceildivui %n, %c128 : index
   %k_tiles = arith.ceildivui %k, %c128 : index
-{units}  %lane0 = arith.cmpi eq, %s_lane, %c0 : index
-  %first = arith.cmpi eq, %tid, %c0 : index
-  %first_block = arith.cmpi eq, %bx, %c0 : index
-  %reporter = arith.andi %first, %first_block : i1
-  scf.if %reporter {{
-    %units_i = arith.index_cast %units : index to i32
-    memref.store %units_i, %out[%c0] : memref<?xi32>
-  }}
+{}  %lane0 = arith.cmpi eq, %s_lane, %c0 : index
   %warp = arith.divui %tid, %c32 : index
-  %end:3 = scf.for %u = %bx to %units step %gdx iter_args(%it = %c0{carry_args}) -> (index{carry_types}) {{
-{decode}
-    scf.if %lane0 {{
-      %slot = arith.muli %u, %c2 : index
-      %slot_w = arith.addi %slot, %warp : index
-      %rec0 = arith.muli %slot_w, %c{width} : index
-      %rec = arith.addi %rec0, %c1 : index
-{stores}    }}
-    scf.yield %it{carry_yield} : index{carry_types}
-  }}
+{}
   gpu.return
 }}
 }}
 }}
 ",
-                units = e.group_units(),
-                decode = indent(&e.decode(), 4),
-                width = fields.len(),
+                e.group_count(),
+                indent(&e.unit_loop("%end", &body, "%it"), 2),
             );
             let (table, table_arg) = match grouping {
                 GemmGrouping::Masked => {
@@ -2125,7 +2123,8 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
             let (n, n_tiles, k_tiles, cap) = (384, 3, 7, 320);
             let units: usize = counts.iter().map(|c| c.div_ceil(128) * n_tiles).sum();
-            let mut out = vec![-1i32; 1 + units * 2 * fields.len()];
+            // Room for 4 units past the last: a scan that went on would write there.
+            let mut out = vec![-1i32; (units + 4) * 2 * fields.len()];
             let buf = |v: &mut Vec<i32>| v3c_runtime::abi::Buf {
                 addr: v.as_mut_ptr() as u64,
                 shape: vec![v.len()],
@@ -2164,11 +2163,11 @@ mod tests {
             };
             // SAFETY: the parameters are `table` and `out`, and every access is held to them.
             unsafe { v3c_ptxsim::run(&module.kernels[0], &launch) }.unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(out[0] as usize, units, "{grouping:?}");
+            assert!(out[units * 2 * fields.len()..].iter().all(|&v| v == -1), "{grouping:?}: units past the last");
             let mut seen = std::collections::HashSet::new();
             for u in 0..units {
                 let record = |w: usize| -> Vec<usize> {
-                    let at = 1 + (2 * u + w) * fields.len();
+                    let at = (2 * u + w) * fields.len();
                     out[at..at + fields.len()].iter().map(|&v| v as usize).collect()
                 };
                 let (r0, r1) = (record(0), record(1));

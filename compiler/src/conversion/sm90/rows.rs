@@ -1038,6 +1038,11 @@ impl RowKernel {
     /// kv_b's element (row, col) into `{out}` as f32: e4m3 decoded and scaled by its 128x128 block's
     /// scale as read, bf16 widened.
     fn kv_b_weight(&self, row: &str, col: &str, out: &str) -> String {
+        self.kv_b_weight_scaled(row, col, out, None)
+    }
+
+    /// [`Self::kv_b_weight`], the block's scale already in `scale` when given (e4m3 weights).
+    fn kv_b_weight_scaled(&self, row: &str, col: &str, out: &str, scale: Option<&str>) -> String {
         if self.weight == "bf16" {
             return format!(
                 "{out}_raw = memref.load %kv_b[{row}, {col}] : memref<?x?xbf16>
@@ -1045,12 +1050,18 @@ impl RowKernel {
 "
             );
         }
-        format!(
-            "{out}_byte = memref.load %kv_b[{row}, {col}] : memref<?x?xi8>
-{dec}{out}_br = arith.divui {row}, %c128 : index
+        let load = match scale {
+            Some(s) => format!("{out}_s = arith.addf {s}, %zero : f32\n"),
+            None => format!(
+                "{out}_br = arith.divui {row}, %c128 : index
 {out}_bc = arith.divui {col}, %c128 : index
 {out}_s = memref.load %kv_b_scale[{out}_br, {out}_bc] : memref<?x?xf32>
-{out} = arith.mulf {out}_f, {out}_s : f32
+"
+            ),
+        };
+        format!(
+            "{out}_byte = memref.load %kv_b[{row}, {col}] : memref<?x?xi8>
+{dec}{load}{out} = arith.mulf {out}_f, {out}_s : f32
 ",
             dec = decode_e4m3(&format!("{out}_byte"), &format!("{out}_f")),
         )
@@ -1099,20 +1110,67 @@ impl RowKernel {
             })
             .collect();
         let mut phases = Vec::new();
-        phases.push(format!(
-            "{offsets}scf.for %e = %tid to %cV step %cT {{
+        let inits = (0..n).map(|t| format!("%s{t} = %zero")).collect::<Vec<_>>().join(", ");
+        let types = vec!["f32"; n].join(", ");
+        let yields = (0..n).map(|t| format!("%n{t}")).collect::<Vec<_>>().join(", ");
+        let w = self.kv_b_weight("%vrow", "%a", "%wv");
+        phases.push(match lowering {
+            // On the GPU a warp takes an output element e: lane l reads W_UV[e, l], [e, l + 32],
+            // ... (a warp's loads 32 adjacent weights: whole sectors, where a thread per element
+            // read weights a row apart), then shuffles add the lanes' parts ([`lane_sums`]). (`T`
+            // and the loop's bound are multiples of 32: a warp's lanes loop together.)
+            Lowering::Gpu => {
+                let (butterfly, stores) = lane_sums(n, v, &out);
+                let shifts: String =
+                    [16, 8, 4, 2, 1].iter().map(|o| format!("%o{o} = arith.constant {o} : i32\n")).collect();
+                format!(
+                    "{offsets}{shifts}%lanes = arith.constant 32 : index
+%width = arith.constant 32 : i32
+%cVW = arith.constant {vw} : index
+scf.for %j = %tid to %cVW step %cT {{
+  %e = arith.divui %j, %lanes : index
+  %lane = arith.remui %j, %lanes : index
+  %vrow0 = arith.addi %head_row, %cNope : index
+  %vrow = arith.addi %vrow0, %e : index
+  %acc:{n} = scf.for %ab = %c0 to %cD step %c128 iter_args({inits}) -> ({types}) {{
+{scale}    %a_end0 = arith.addi %ab, %c128 : index
+    %a_end = arith.minui %a_end0, %cD : index
+    %a0 = arith.addi %ab, %lane : index
+    %blk:{n} = scf.for %a = %a0 to %a_end step %lanes iter_args({block_inits}) -> ({types}) {{
+{w}{sums}      scf.yield {yields} : {types}
+    }}
+    scf.yield {block_yields} : {types}
+  }}
+{butterfly}{stores}}}
+",
+                    vw = v * 32,
+                    // Each 128-column block's scale once (e4m3 weights; the same for all its weights).
+                    scale = if bf16 {
+                        String::new()
+                    } else {
+                        "    %wblk_r = arith.divui %vrow, %c128 : index
+    %wblk_c = arith.divui %ab, %c128 : index
+    %wblk_s = memref.load %kv_b_scale[%wblk_r, %wblk_c] : memref<?x?xf32>
+"
+                        .to_string()
+                    },
+                    block_inits = (0..n).map(|t| format!("%s{t} = %bs{t}")).collect::<Vec<_>>().join(", "),
+                    block_yields = (0..n).map(|t| format!("%blk#{t}")).collect::<Vec<_>>().join(", "),
+                    inits = (0..n).map(|t| format!("%bs{t} = %zero")).collect::<Vec<_>>().join(", "),
+                    w = self.kv_b_weight_scaled("%vrow", "%a", "%wv", (!bf16).then_some("%wblk_s")),
+                )
+            }
+            Lowering::Cpu => format!(
+                "{offsets}scf.for %e = %tid to %cV step %cT {{
   %vrow0 = arith.addi %head_row, %cNope : index
   %vrow = arith.addi %vrow0, %e : index
   %acc:{n} = scf.for %a = %c0 to %cD step %c1 iter_args({inits}) -> ({types}) {{
 {w}{sums}    scf.yield {yields} : {types}
   }}
 {stores}}}
-",
-            inits = (0..n).map(|t| format!("%s{t} = %zero")).collect::<Vec<_>>().join(", "),
-            types = vec!["f32"; n].join(", "),
-            yields = (0..n).map(|t| format!("%n{t}")).collect::<Vec<_>>().join(", "),
-            w = self.kv_b_weight("%vrow", "%a", "%wv"),
-        ));
+"
+            ),
+        });
         let out_row = |t: usize| {
             format!(
                 "scf.for %e = %tid to %cV step %cT {{
@@ -1958,17 +2016,44 @@ scf.for %a = %tid to %cD step %cT {{
                     format!("{offsets}{loads}"),
                     // q_abs[a] = sum_d q_nope[d] W_UK[d, a] per token, then the rope query, in bf16.
                     format!(
-                        "{BF16_CONSTANTS}{offsets}scf.for %a = %tid to %cD step %cT {{
-  %acc:{tokens} = scf.for %d = %c0 to %cNope step %c1 iter_args({inits}) -> ({types}) {{
-    %wrow = arith.addi %head_row, %d : index
-{w}{sums}    scf.yield {yields} : {types}
+                        // In order over d, by the 128-row blocks of kv_b the head's rows cross: each
+                        // block's scale read once (e4m3 weights), not once a weight.
+                        "{BF16_CONSTANTS}{offsets}%rb_first = arith.divui %head_row, %c128 : index
+%head_end = arith.addi %head_row, %cNope : index
+%rb_end = arith.ceildivui %head_end, %c128 : index
+scf.for %a = %tid to %cD step %cT {{
+  %acc:{tokens} = scf.for %rb = %rb_first to %rb_end step %c1 iter_args({block_inits}) -> ({types}) {{
+{scale}    %rb_lo0 = arith.muli %rb, %c128 : index
+    %rb_lo = arith.maxui %rb_lo0, %head_row : index
+    %rb_hi0 = arith.addi %rb_lo0, %c128 : index
+    %rb_hi = arith.minui %rb_hi0, %head_end : index
+    %blk:{tokens} = scf.for %wrow = %rb_lo to %rb_hi step %c1 iter_args({inits}) -> ({types}) {{
+      %d = arith.subi %wrow, %head_row : index
+{w}{sums}      scf.yield {yields} : {types}
+    }}
+    scf.yield {block_yields} : {types}
   }}
 {stores}}}
 {ropes}",
-                        inits = (0..tokens).map(|t| format!("%s{t} = %zero")).collect::<Vec<_>>().join(", "),
+                        inits = (0..tokens).map(|t| format!("%s{t} = %bs{t}")).collect::<Vec<_>>().join(", "),
+                        block_inits = (0..tokens).map(|t| format!("%bs{t} = %zero")).collect::<Vec<_>>().join(", "),
+                        block_yields = (0..tokens).map(|t| format!("%blk#{t}")).collect::<Vec<_>>().join(", "),
                         types = vec!["f32"; tokens].join(", "),
                         yields = (0..tokens).map(|t| format!("%n{t}")).collect::<Vec<_>>().join(", "),
-                        w = indent2(&self.kv_b_weight("%wrow", "%a", "%wv")),
+                        scale = if self.weight == "bf16" {
+                            String::new()
+                        } else {
+                            "    %wblk_c = arith.divui %a, %c128 : index
+    %wblk_s = memref.load %kv_b_scale[%rb, %wblk_c] : memref<?x?xf32>
+"
+                            .to_string()
+                        },
+                        w = indent2(&indent2(&self.kv_b_weight_scaled(
+                            "%wrow",
+                            "%a",
+                            "%wv",
+                            (self.weight != "bf16").then_some("%wblk_s")
+                        ))),
                     ),
                 ]
             }
@@ -3012,6 +3097,88 @@ fn block_token(tiled: Option<usize>, t: usize) -> String {
 }
 
 /// `body(t)` for each token t of the block ([`block_token`]) that it has.
+/// A warp's sums of `n` per-lane values (`%acc#0..`, f32; in a loop over `%e` with `%lane`,
+/// `%o16`..`%o1` (i32 shift constants) and `%width` defined), value t's stored to `sh_out[e + t v]`
+/// (`out`: its type): the text of the sums and of the stores. The values halve at each of the first
+/// log2(n) shuffle steps (the lanes with the step's bit set keep the upper half and send the
+/// lower), so n values take n - 1 + (5 - log2 n) shuffles where a butterfly each would take 5 n;
+/// then token t's sum is in the lanes whose high bits spell t, and the first of them stores it.
+/// `n` past a power of two is padded with zeros.
+fn lane_sums(n: usize, v: usize, out: &str) -> (String, String) {
+    let width = n.next_power_of_two();
+    assert!(width <= 32, "at most 32 values per lane");
+    let mut t = String::new();
+    let mut vals: Vec<String> = (0..width).map(|i| if i < n { format!("%acc#{i}") } else { "%zero".into() }).collect();
+    let mut offset = 16;
+    let mut index = Vec::new();
+    while offset >= 1 {
+        let half = vals.len() / 2;
+        if half == 0 {
+            let x = &vals[0];
+            let _ = writeln!(
+                t,
+                "  %r{offset}, %r{offset}_ok = gpu.shuffle xor {x}, %o{offset}, %width : f32\n  %y{offset} = arith.addf {x}, %r{offset} : f32"
+            );
+            vals = vec![format!("%y{offset}")];
+        } else {
+            let _ = writeln!(
+                t,
+                "  %bit{offset}_c = arith.constant {offset} : index
+  %bit{offset}_m = arith.andi %lane, %bit{offset}_c : index
+  %hi{offset} = arith.cmpi ne, %bit{offset}_m, %c0 : index"
+            );
+            index.push((offset, half));
+            let mut next = Vec::new();
+            for i in 0..half {
+                let (lo, hi) = (&vals[i], &vals[i + half]);
+                let _ = writeln!(
+                    t,
+                    "  %send{offset}_{i} = arith.select %hi{offset}, {lo}, {hi} : f32
+  %keep{offset}_{i} = arith.select %hi{offset}, {hi}, {lo} : f32
+  %got{offset}_{i}, %got{offset}_{i}_ok = gpu.shuffle xor %send{offset}_{i}, %o{offset}, %width : f32
+  %h{offset}_{i} = arith.addf %keep{offset}_{i}, %got{offset}_{i} : f32"
+                );
+                next.push(format!("%h{offset}_{i}"));
+            }
+            vals = next;
+        }
+        offset /= 2;
+    }
+    // The lane's token: the halving steps' bits, each worth the half it kept.
+    let mut stores = String::from("  %tok0 = arith.constant 0 : index\n");
+    let mut tok = "%tok0".to_string();
+    for (offset, half) in &index {
+        let _ = writeln!(
+            stores,
+            "  %tk{offset}_h = arith.constant {half} : index
+  %tk{offset}_a = arith.select %hi{offset}, %tk{offset}_h, %c0 : index
+  %tk{offset} = arith.addi {tok}, %tk{offset}_a : index"
+        );
+        tok = format!("%tk{offset}");
+    }
+    // The first lane of each token's: its bits below the last halving step's are zero.
+    let low = index.last().map_or(32, |(offset, _)| *offset);
+    let _ = write!(
+        stores,
+        "  %low_m = arith.constant {} : index
+  %low = arith.andi %lane, %low_m : index
+  %low0 = arith.cmpi eq, %low, %c0 : index
+  %tok_n = arith.constant {n} : index
+  %tok_in = arith.cmpi ult, {tok}, %tok_n : index
+  %storer = arith.andi %low0, %tok_in : i1
+  scf.if %storer {{
+    %tok_v = arith.constant {v} : index
+    %tok_off = arith.muli {tok}, %tok_v : index
+    %tok_at = arith.addi %e, %tok_off : index
+    memref.store {sum}, %sh_out[%tok_at] : {out}
+  }}
+",
+        low - 1,
+        sum = vals[0],
+    );
+    (t, stores)
+}
+
 fn per_token(tiled: Option<usize>, body: impl Fn(usize) -> String) -> String {
     (0..tiled.unwrap_or(1)).map(|t| format!("{}scf.if %okt{t} {{\n{}}}\n", block_token(tiled, t), body(t))).collect()
 }
@@ -4172,6 +4339,23 @@ mod tests {
                     assert_eq!(qa[r * (kv + rope) + kv + c], pe, "q_pe[{r}, {c}] ({tokens} tokens)");
                 }
             }
+            // The PTX: each block's scale read once, the sums in the same order.
+            let mut simulated = vec![0u16; b * heads * (kv + rope)];
+            run_simulated(
+                &absorb,
+                &[
+                    raw(&mut qn, &[b, heads, nope], "f32"),
+                    raw(&mut qp, &[b, heads, rope], "f32"),
+                    raw(&mut kv_b.clone(), &[heads * per, kv], "i8"),
+                    raw(&mut kv_scale.clone(), &[sr, sc], "f32"),
+                    raw(&mut simulated, &[b * heads, kv + rope], "bf16"),
+                ],
+                b.div_ceil(tokens) * heads,
+            );
+            for (i, (&got, &want)) in simulated.iter().zip(&qa).enumerate() {
+                let (g, w) = (bf16_to_f32(got), bf16_to_f32(want));
+                assert!((g - w).abs() <= w.abs() / 128.0, "PTX q_abs [{i}] {g}, CPU {w} ({tokens} tokens)");
+            }
             let (mut q, mut qs) = (vec![0u8; b * heads * v], vec![f32::NAN; b * heads]);
             let up = RowKernel::new(RowOp::MlaUpV { heads, nope, v, tokens }, kv, "f8E4M3FN");
             run_cpu(
@@ -4185,6 +4369,34 @@ mod tests {
                 ],
             );
             assert_eq!((&qs, &q), (&want_s, &want_q), "{tokens} tokens");
+            // The PTX: a warp per output element, its lanes' sums added by shuffles (another
+            // order: the reference's bytes but for an e4m3 rounding now and then).
+            let (mut q, mut qs) = (vec![0u8; b * heads * v], vec![f32::NAN; b * heads]);
+            let stats = run_simulated(
+                &up,
+                &[
+                    raw(&mut o, &[b * heads, kv], "f32"),
+                    raw(&mut kv_b.clone(), &[heads * per, kv], "i8"),
+                    raw(&mut kv_scale.clone(), &[sr, sc], "f32"),
+                    raw(&mut q, &[b, heads * v], "i8"),
+                    raw(&mut qs, &[b, heads], "f32"),
+                ],
+                b.div_ceil(tokens) * heads,
+            );
+            assert_fp8_rows_near(&up.kernel_name(), (&q, &qs), (&want_q, &want_s));
+            // A warp's loads of W_UV's bytes take 32 adjacent ones: one sector, two where they
+            // straddle a boundary. (A thread per element read 32 bytes a row apart: 32 sectors.)
+            let w_loads: Vec<_> = stats.accesses.values().filter(|a| a.text.starts_with("ld.global.b8")).collect();
+            assert!(!w_loads.is_empty(), "{}: no byte loads", up.kernel_name());
+            for a in w_loads {
+                assert!(
+                    a.sectors <= 2 * a.requests,
+                    "{}: {} requests, {} sectors",
+                    up.kernel_name(),
+                    a.requests,
+                    a.sectors
+                );
+            }
             kernels.extend([absorb, up]);
         }
         // The f32 graph's: bf16 kv_b (no scales), the heads' outputs in f32.
@@ -4217,10 +4429,22 @@ mod tests {
                 raw(&mut y, &[b, heads * v], "f32"),
             ],
         );
+        let mut simulated = vec![f32::NAN; b * heads * v];
+        run_simulated(
+            &up,
+            &[
+                raw(&mut o, &[b * heads, kv], "f32"),
+                raw(&mut kv16.clone(), &[heads * per, kv], "bf16"),
+                raw(&mut simulated, &[b, heads * v], "f32"),
+            ],
+            b.div_ceil(2) * heads,
+        );
         for r in 0..b * heads {
             for e in 0..v {
                 let want = (0..kv).fold(0f32, |acc, a| acc + o[r * kv + a] * w16(r % heads * per + nope + e, a));
                 assert_eq!(y[r * v + e], want, "bf16 kv_b: out[{r}, {e}]");
+                let got = simulated[r * v + e];
+                assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "bf16 kv_b, PTX: out[{r}, {e}] {got} {want}");
             }
         }
         kernels.extend([absorb, up]);
