@@ -55,6 +55,8 @@ struct Thread {
     state: State,
     /// `barrier.cluster.arrive`s so far (the phase its next wait waits for).
     cluster_phase: u64,
+    /// Instructions it executed.
+    executed: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -488,6 +490,7 @@ impl Cta<'_> {
                 break;
             };
             self.executed += 1;
+            self.threads[t].executed += 1;
             if self.executed > self.launch.max_instructions {
                 return Err(self.err(
                     t,
@@ -1439,7 +1442,13 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
                 n: threads,
                 ctaids: (0..cluster as u32).map(|i| [u64::from(x0 + i), u64::from(y)]).collect(),
                 threads: (0..threads * cluster)
-                    .map(|_| Thread { pc: 0, regs: vec![0; k.registers], state: State::Run, cluster_phase: 0 })
+                    .map(|_| Thread {
+                        pc: 0,
+                        regs: vec![0; k.registers],
+                        state: State::Run,
+                        cluster_phase: 0,
+                        executed: 0,
+                    })
                     .collect(),
                 shared: vec![vec![0; shared_bytes]; cluster],
                 params: params.clone(),
@@ -1513,6 +1522,8 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
                 }
             }
             stats.instructions += cta.executed;
+            let longest = cta.threads.iter().map(|th| th.executed).max().unwrap_or(0);
+            stats.longest_thread = stats.longest_thread.max(longest);
             cta.memory_stats(&mut stats);
             stats.ctas += cluster as u64;
         }

@@ -110,6 +110,10 @@ pub struct Stats {
     pub global_bytes: u64,
     pub shared_requests: u64,
     pub shared_wavefronts: u64,
+    /// The most instructions one thread executed (in a launch: the busiest thread of any CTA;
+    /// summed over launches): a floor under the launch's time in dependent issues, where
+    /// `instructions` counts the work of all threads.
+    pub longest_thread: u64,
     pub accesses: std::collections::BTreeMap<usize, MemoryAccess>,
 }
 
@@ -148,6 +152,7 @@ impl Stats {
         self.global_bytes += o.global_bytes;
         self.shared_requests += o.shared_requests;
         self.shared_wavefronts += o.shared_wavefronts;
+        self.longest_thread += o.longest_thread;
         for (line, a) in &o.accesses {
             let mine = self
                 .accesses

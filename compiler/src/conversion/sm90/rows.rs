@@ -1328,6 +1328,7 @@ scf.for %q = %tid to %cEG step %cT {{
 %cGG = arith.constant {gg} : index
 scf.for %q = %tid to %cGG step %cT {{
   memref.store %zero, %sh_gflag[%q] : {gflag}
+  memref.store %zero, %sh_gscore[%q] : {gscore}
 }}
 ",
                     eg = tokens * experts,
@@ -1550,6 +1551,15 @@ scf.if %mine {{
                 );
                 let mut phases = vec![clear];
                 phases.extend(loop_phases("chunk", "nchunks", vec![load, sums]));
+                let select = match lowering {
+                    Lowering::Gpu => route_select_warp(
+                        RouteShape { experts, n_group, topk_group, top_k, threads: self.threads },
+                        scale,
+                        &weights,
+                        (&sb, &acc, &w_ty),
+                    ),
+                    Lowering::Cpu => select,
+                };
                 phases.extend([logits, select]);
                 phases
             }
@@ -3179,6 +3189,218 @@ fn lane_sums(n: usize, v: usize, out: &str) -> (String, String) {
     (t, stores)
 }
 
+/// The routing's sizes that its selection needs (compile-time).
+struct RouteShape {
+    experts: usize,
+    n_group: usize,
+    topk_group: usize,
+    top_k: usize,
+    threads: usize,
+}
+
+/// Routing's selection on the GPU: a warp per token (a block's warps take its tokens in turn), where
+/// the CPU lowering has a thread walk every expert once per pick. Lane l holds experts l, l + 32,
+/// ... (their biased scores from `sh_sb`, in registers). Each group's top two come from the lanes'
+/// own top two merged by shuffles; every lane then picks the best groups as the reference does (all
+/// lanes the same); each of the top-k picks is the lanes' best untaken expert of a kept group, then
+/// the warp's best by a butterfly of (score, index) — strictly greater wins, ties to the lower
+/// index, as in the reference's order — as lane 0 has it. Lane 0 writes the picks and `weights`
+/// (the normalization: `sh_w`, `%tk`, `%trow`). Non-NaN scores give the CPU lowering's picks.
+fn route_select_warp(shape: RouteShape, scale: f32, weights: &str, (sb, acc, w_ty): (&str, &str, &str)) -> String {
+    let RouteShape { experts, n_group, topk_group, top_k, threads } = shape;
+    let per = experts / n_group;
+    let m_count = experts.div_ceil(32);
+    let mut t = format!(
+        "%lanes = arith.constant 32 : index
+%width = arith.constant 32 : i32
+%lane = arith.remui %tid, %lanes : index
+%warp = arith.divui %tid, %lanes : index
+%cNW = arith.constant {nw} : index
+%ninf = arith.constant 0xFF800000 : f32
+%cE = arith.constant {experts} : index
+%cE_i = arith.constant {experts} : i32
+%cPer = arith.constant {per} : index
+%cK = arith.constant {top_k} : index
+%scale = arith.constant 0x{scale_bits:08X} : f32
+%false = arith.constant false
+%tru = arith.constant true
+%zero_i32 = arith.constant 0 : i32
+%lane0 = arith.cmpi eq, %lane, %c0 : index
+",
+        nw = threads / 32,
+        scale_bits = scale.to_bits(),
+    );
+    for o in [16, 8, 4, 2, 1] {
+        let _ = writeln!(t, "%o{o} = arith.constant {o} : i32");
+    }
+    let _ = writeln!(
+        t,
+        "scf.for %tt = %warp to %ntok step %cNW {{
+  %trow = arith.addi %row0, %tt : index
+  %te = arith.muli %tt, %cE : index
+  %tk = arith.muli %tt, %cK : index"
+    );
+    // The lane's experts: index, in range, group, biased score.
+    for m in 0..m_count {
+        let _ = writeln!(
+            t,
+            "  %x{m}_o = arith.constant {off} : index
+  %x{m} = arith.addi %lane, %x{m}_o : index
+  %xin{m} = arith.cmpi ult, %x{m}, %cE : index
+  %xg{m} = arith.divui %x{m}, %cPer : index
+  %v{m} = scf.if %xin{m} -> (f32) {{
+    %xa = arith.addi %te, %x{m} : index
+    %xv = memref.load %sh_sb[%xa] : SB_TYPE
+    scf.yield %xv : f32
+  }} else {{
+    scf.yield %ninf : f32
+  }}",
+            off = 32 * m
+        );
+    }
+    // Group scores: the sum of each group's top two.
+    for g in 0..n_group {
+        let (mut a, mut b) = ("%ninf".to_string(), "%ninf".to_string());
+        let _ = writeln!(t, "  %gc{g} = arith.constant {g} : index");
+        for m in 0..m_count {
+            let p = format!("g{g}m{m}");
+            let _ = writeln!(
+                t,
+                "  %{p}_in = arith.cmpi eq, %xg{m}, %gc{g} : index
+  %{p}_gta = arith.cmpf ogt, %v{m}, {a} : f32
+  %{p}_gtb = arith.cmpf ogt, %v{m}, {b} : f32
+  %{p}_na = arith.select %{p}_gta, %v{m}, {a} : f32
+  %{p}_nb0 = arith.select %{p}_gtb, %v{m}, {b} : f32
+  %{p}_nb = arith.select %{p}_gta, {a}, %{p}_nb0 : f32
+  %{p}_a = arith.select %{p}_in, %{p}_na, {a} : f32
+  %{p}_b = arith.select %{p}_in, %{p}_nb, {b} : f32"
+            );
+            (a, b) = (format!("%{p}_a"), format!("%{p}_b"));
+        }
+        // Merged across the lanes: the top two of the two pairs.
+        for o in [16, 8, 4, 2, 1] {
+            let p = format!("g{g}s{o}");
+            let _ = writeln!(
+                t,
+                "  %{p}_oa, %{p}_oa_ok = gpu.shuffle xor {a}, %o{o}, %width : f32
+  %{p}_ob, %{p}_ob_ok = gpu.shuffle xor {b}, %o{o}, %width : f32
+  %{p}_up = arith.cmpf ogt, %{p}_oa, {a} : f32
+  %{p}_a = arith.select %{p}_up, %{p}_oa, {a} : f32
+  %{p}_x0 = arith.cmpf ogt, %{p}_ob, {a} : f32
+  %{p}_m0 = arith.select %{p}_x0, %{p}_ob, {a} : f32
+  %{p}_x1 = arith.cmpf ogt, {b}, %{p}_oa : f32
+  %{p}_m1 = arith.select %{p}_x1, {b}, %{p}_oa : f32
+  %{p}_b = arith.select %{p}_up, %{p}_m0, %{p}_m1 : f32"
+            );
+            (a, b) = (format!("%{p}_a"), format!("%{p}_b"));
+        }
+        let _ = writeln!(t, "  %gs{g} = arith.addf {a}, {b} : f32");
+    }
+    // The best groups, as the reference picks them (every lane alike).
+    let mut kept: Vec<String> = vec!["%false".to_string(); n_group];
+    for j in 0..topk_group {
+        let (mut bv, mut bi) = ("%ninf".to_string(), format!("%gnone{j}"));
+        let _ = writeln!(t, "  %gnone{j} = arith.constant {n_group} : index");
+        for (g, k) in kept.iter().enumerate() {
+            let p = format!("kg{j}_{g}");
+            let _ = writeln!(
+                t,
+                "  %{p}_free = arith.xori {k}, %tru : i1
+  %{p}_gt = arith.cmpf ogt, %gs{g}, {bv} : f32
+  %{p}_none = arith.cmpi eq, {bi}, %gnone{j} : index
+  %{p}_better = arith.ori %{p}_gt, %{p}_none : i1
+  %{p}_take = arith.andi %{p}_free, %{p}_better : i1
+  %{p}_v = arith.select %{p}_take, %gs{g}, {bv} : f32
+  %{p}_i = arith.select %{p}_take, %gc{g}, {bi} : index"
+            );
+            (bv, bi) = (format!("%{p}_v"), format!("%{p}_i"));
+        }
+        for (g, k) in kept.iter_mut().enumerate() {
+            let p = format!("kg{j}_{g}");
+            let _ = writeln!(
+                t,
+                "  %{p}_is = arith.cmpi eq, {bi}, %gc{g} : index\n  %{p}_kept = arith.ori {k}, %{p}_is : i1"
+            );
+            *k = format!("%{p}_kept");
+        }
+    }
+    // The lane's experts a pick may take: in range, of a kept group.
+    for m in 0..m_count {
+        let mut el = "%false".to_string();
+        for (g, k) in kept.iter().enumerate() {
+            let p = format!("el{m}_{g}");
+            let _ = writeln!(
+                t,
+                "  %{p}_is = arith.cmpi eq, %xg{m}, %gc{g} : index\n  %{p}_k = arith.andi %{p}_is, {k} : i1\n  %{p} = arith.ori {el}, %{p}_k : i1"
+            );
+            el = format!("%{p}");
+        }
+        let _ = writeln!(t, "  %el{m} = arith.andi {el}, %xin{m} : i1");
+    }
+    // The picks.
+    let mut taken: Vec<String> = vec!["%false".to_string(); m_count];
+    for j in 0..top_k {
+        let (mut bv, mut bi) = ("%ninf".to_string(), "%cE_i".to_string());
+        for (m, tk) in taken.iter().enumerate() {
+            let p = format!("p{j}_{m}");
+            let _ = writeln!(
+                t,
+                "  %{p}_free = arith.xori {tk}, %tru : i1
+  %{p}_ok = arith.andi %el{m}, %{p}_free : i1
+  %{p}_gt = arith.cmpf ogt, %v{m}, {bv} : f32
+  %{p}_none = arith.cmpi eq, {bi}, %cE_i : i32
+  %{p}_better = arith.ori %{p}_gt, %{p}_none : i1
+  %{p}_take = arith.andi %{p}_ok, %{p}_better : i1
+  %{p}_x = arith.index_cast %x{m} : index to i32
+  %{p}_v = arith.select %{p}_take, %v{m}, {bv} : f32
+  %{p}_i = arith.select %{p}_take, %{p}_x, {bi} : i32"
+            );
+            (bv, bi) = (format!("%{p}_v"), format!("%{p}_i"));
+        }
+        for o in [16, 8, 4, 2, 1] {
+            let p = format!("w{j}s{o}");
+            let _ = writeln!(
+                t,
+                "  %{p}_ov, %{p}_ov_ok = gpu.shuffle xor {bv}, %o{o}, %width : f32
+  %{p}_oi, %{p}_oi_ok = gpu.shuffle xor {bi}, %o{o}, %width : i32
+  %{p}_some = arith.cmpi ne, %{p}_oi, %cE_i : i32
+  %{p}_none = arith.cmpi eq, {bi}, %cE_i : i32
+  %{p}_gt = arith.cmpf ogt, %{p}_ov, {bv} : f32
+  %{p}_eq = arith.cmpf oeq, %{p}_ov, {bv} : f32
+  %{p}_lo = arith.cmpi slt, %{p}_oi, {bi} : i32
+  %{p}_tie = arith.andi %{p}_eq, %{p}_lo : i1
+  %{p}_b0 = arith.ori %{p}_none, %{p}_gt : i1
+  %{p}_b1 = arith.ori %{p}_b0, %{p}_tie : i1
+  %{p}_better = arith.andi %{p}_some, %{p}_b1 : i1
+  %{p}_v = arith.select %{p}_better, %{p}_ov, {bv} : f32
+  %{p}_i = arith.select %{p}_better, %{p}_oi, {bi} : i32"
+            );
+            (bv, bi) = (format!("%{p}_v"), format!("%{p}_i"));
+        }
+        let _ = writeln!(
+            t,
+            "  %win{j}, %win{j}_ok = gpu.shuffle idx {bi}, %zero_i32, %width : i32
+  %wi{j} = arith.index_cast %win{j} : i32 to index
+  scf.if %lane0 {{
+    %jj{j} = arith.constant {j} : index
+    memref.store %win{j}, %idx[%trow, %jj{j}] : memref<?x?xi32>
+    %be{j} = arith.addi %te, %wi{j} : index
+    %sv{j} = memref.load %sh_acc[%be{j}] : ACC_TYPE
+    %wj{j} = arith.addi %tk, %jj{j} : index
+    memref.store %sv{j}, %sh_w[%wj{j}] : W_TYPE
+  }}"
+        );
+        for (m, tk) in taken.iter_mut().enumerate() {
+            let p = format!("t{j}_{m}");
+            let _ =
+                writeln!(t, "  %{p}_is = arith.cmpi eq, %wi{j}, %x{m} : index\n  %{p} = arith.ori {tk}, %{p}_is : i1");
+            *tk = format!("%{p}");
+        }
+    }
+    let _ = write!(t, "  scf.if %lane0 {{\n  {weights}}}\n}}\n");
+    t.replace("SB_TYPE", sb).replace("ACC_TYPE", acc).replace("W_TYPE", w_ty)
+}
+
 fn per_token(tiled: Option<usize>, body: impl Fn(usize) -> String) -> String {
     (0..tiled.unwrap_or(1)).map(|t| format!("{}scf.if %okt{t} {{\n{}}}\n", block_token(tiled, t), body(t))).collect()
 }
@@ -4040,6 +4262,24 @@ mod tests {
                 let got: Vec<usize> = idx[t * top_k..(t + 1) * top_k].iter().map(|&i| i as usize).collect();
                 assert_eq!(got, want_idx, "token {t} (norm {norm}): experts");
                 assert_eq!(&w[t * top_k..(t + 1) * top_k], &want_w[..], "token {t} (norm {norm}): weights");
+            }
+            // The PTX (a warp per token picks, by shuffles): the same experts in the same order,
+            // the weights within the GPU's exp.
+            let (mut gpu_idx, mut gpu_w) = (vec![-1i32; rows * top_k], vec![f32::NAN; rows * top_k]);
+            run_simulated(
+                &kernel,
+                &[
+                    raw(&mut x, &[rows, d], "f32"),
+                    raw(&mut gate, &[experts, d], "bf16"),
+                    raw(&mut bias, &[experts], "f32"),
+                    raw(&mut gpu_idx, &[rows, top_k], "i32"),
+                    raw(&mut gpu_w, &[rows, top_k], "f32"),
+                ],
+                rows.div_ceil(tokens),
+            );
+            assert_eq!(gpu_idx, idx, "{}: experts", kernel.kernel_name());
+            for (i, (g, c)) in gpu_w.iter().zip(&w).enumerate() {
+                assert!((g - c).abs() <= 1e-5 * c.abs(), "{}: weight {i} {g}, CPU {c}", kernel.kernel_name());
             }
             // The counting sort, with one shared expert.
             let shared = 1;
