@@ -2132,20 +2132,22 @@ mod tests {
             };
             let mut table = table;
             let (table_buf, out_buf) = (buf(&mut table), buf(&mut out));
-            let mut params: Vec<u64> = Vec::new();
-            for b in [&table_buf] {
-                params.extend(v3c_runtime::abi::memref(b, 1).unwrap().into_iter().map(|p| match p {
-                    v3c_runtime::abi::Param::Value(v) => v,
-                    _ => unreachable!("a memref is values"),
-                }));
-            }
+            // A memref argument's parameters: its descriptor's values.
+            let values = |b: &v3c_runtime::abi::Buf| -> Vec<u64> {
+                v3c_runtime::abi::memref(b, 1)
+                    .unwrap()
+                    .into_iter()
+                    .map(|p| match p {
+                        v3c_runtime::abi::Param::Value(v) => v,
+                        _ => unreachable!("a memref is values"),
+                    })
+                    .collect()
+            };
+            let mut params = values(&table_buf);
             if grouping == GemmGrouping::Masked {
                 params.push(cap as u64);
             }
-            params.extend(v3c_runtime::abi::memref(&out_buf, 1).unwrap().into_iter().map(|p| match p {
-                v3c_runtime::abi::Param::Value(v) => v,
-                _ => unreachable!("a memref is values"),
-            }));
+            params.extend(values(&out_buf));
             params.extend([n as u64, (k_tiles * 128) as u64]);
             let mut regions = vec![(table_buf.addr, 4 * table.len()), (out_buf.addr, 4 * out.len())];
             regions.sort_unstable();
