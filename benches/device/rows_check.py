@@ -27,8 +27,11 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
   rows_splitbf16_d<D>_t<T>: x [rows, D] (f32), hi [rows, D], lo [rows, D] (bf16)
   rows_concat_d<D>_b<B>_t<T>: x1 [rows, D], x2 [rows, B], y [rows, D + B]
   rows_argmax_d<D>_t<T>: x [rows, D] (f32), idx [rows] (i32): f32 total order, ties to the lower index
-  rows_route_<w>_d<D>_e<E>_k<K>_g<G>_kg<KG>_s<S>[_norm]_t<T>[_b<B>]: x [rows, D], gate [E, D], bias [E],
-      then idx [rows, K] (i32), w [rows, K]; B tokens a block (prefill's), else one (decode's)
+  rows_routelogits_<w>_d<D>_e<E>_t<T>[_b<B>]: x [rows, D], gate [E, D], then parts [rows, 16 E]: per split s of
+      the 16 ranges of ceil(D / 16) columns, expert e's sum at column s E + e; grid ceil(rows / B) x 16 x
+      ceil(E / 64); B tokens a block (prefill's 8, decode's 4), else one
+  rows_route_e<E>_k<K>_g<G>_kg<KG>_s<S>[_norm]_t<T>[_b<B>]: parts [rows, 16 E] (as above), bias [E], then
+      idx [rows, K] (i32), w [rows, K]: each logit the 16 parts' sum
   rows_dispatch_e<E>_s<S>_t<T>: idx [rows, K], w [rows, K], offsets [E + S + 1], sorted [rows, K + S] (i32),
       rw [rows, K + S]; one block (grid 1)
   rows_mladecode_h<H>_n<N>_r<R>_v<V>_kv<KV>_c<C>_s<S>_t<T>: q_nope [B, H, N], q_pe [B, H, R], cache
@@ -63,7 +66,10 @@ NAME = re.compile(r"^rows_(embed|rmsnorm)_(bf16|f32)_d(\d+)_t(\d+)(?:_eps([0-9a-
 SPLITROPE = re.compile(r"^rows_splitrope_h(\d+)_n(\d+)_r(\d+)_t(\d+)(_il)?$")
 SILUMUL = re.compile(r"^rows_silumul_d(\d+)_t(\d+)_(q|y)$")
 COPY = re.compile(r"^rows_copy_d(\d+)_t(\d+)$")
-ROUTE = re.compile(r"^rows_route_(bf16|f32)_d(\d+)_e(\d+)_k(\d+)_g(\d+)_kg(\d+)_s([0-9a-z]+?)(_norm)?_t(\d+)(?:_b(\d+))?$")
+ROUTE = re.compile(r"^rows_route_e(\d+)_k(\d+)_g(\d+)_kg(\d+)_s([0-9a-z]+?)(_norm)?_t(\d+)(?:_b(\d+))?$")
+ROUTELOGITS = re.compile(r"^rows_routelogits_(bf16|f32)_d(\d+)_e(\d+)_t(\d+)(?:_b(\d+))?$")
+SPLITS = 16  # the router's column ranges (models/src/interp/kernels.rs, ROUTER_SPLITS)
+EXPERT_TILE = 64  # experts a routelogits block sums
 DISPATCH = re.compile(r"^rows_dispatch_e(\d+)_s(\d+)_t(\d+)$")
 MLADECODE = re.compile(r"^rows_mla(decode|prefill)_h(\d+)_n(\d+)_r(\d+)_v(\d+)_kv(\d+)_c(\d+)_s([0-9a-z]+?)_t(\d+)$")
 SPLIT = re.compile(r"^rows_splitbf16_d(\d+)_t(\d+)$")
@@ -81,10 +87,15 @@ def parse(name):
         return {"name": name, "op": "mladecode", "prefill": kind == "prefill", "heads": int(h), "nope": int(n), "rope": int(r), "v": int(v),
                 "d": int(kv), "context": int(c), "scale": float(sc.replace("m", "-").replace("p", ".")),
                 "threads": int(t), "weight": "f8E4M3FN", "keep": False, "quantize": True}
+    m = ROUTELOGITS.match(name)
+    if m:
+        w, d, e, t, b = m.groups()
+        return {"name": name, "op": "routelogits", "weight": w, "d": int(d), "experts": int(e), "threads": int(t),
+                "tokens": int(b or 1), "keep": False, "quantize": False}
     m = ROUTE.match(name)
     if m:
-        w, d, e, k, g, kg, sc, norm, t, b = m.groups()
-        return {"name": name, "op": "route", "weight": w, "d": int(d), "experts": int(e), "top_k": int(k),
+        e, k, g, kg, sc, norm, t, b = m.groups()
+        return {"name": name, "op": "route", "weight": "f32", "d": int(e), "experts": int(e), "top_k": int(k),
                 "n_group": int(g), "topk_group": int(kg), "scale": float(sc.replace("m", "-").replace("p", ".")),
                 "norm": bool(norm), "threads": int(t), "tokens": int(b or 1), "keep": False, "quantize": False}
     m = DISPATCH.match(name)
@@ -247,14 +258,25 @@ def quantize_weight_blocks(w, block=128):
     return q.contiguous().view(torch.uint8), s
 
 
-def route_reference(cfg, x, gate, bias):
-    """DeepSeek-V3's routing in float64 (stable sorts: ties to the lower index): (experts, weights)."""
+def route_parts_reference(cfg, x, gate):
+    """The router logits' pieces in float64: [rows, SPLITS * E], split s of expert e at column s E + e."""
+    d, width = x.shape[1], -(-x.shape[1] // SPLITS)
+    parts = torch.zeros(x.shape[0], SPLITS, gate.shape[0], dtype=torch.float64, device=x.device)
+    for s in range(SPLITS):
+        lo, hi = min(s * width, d), min((s + 1) * width, d)
+        parts[:, s] = x[:, lo:hi].double() @ gate[:, lo:hi].double().T
+    return parts.view(x.shape[0], -1)
+
+
+def route_reference(cfg, parts, bias):
+    """DeepSeek-V3's routing in float64 from the logits' pieces (stable sorts: ties to the lower index):
+    (experts, weights)."""
     e, g, per = cfg["experts"], cfg["n_group"], cfg["experts"] // cfg["n_group"]
-    s = torch.sigmoid(x.double() @ gate.double().T)
+    s = torch.sigmoid(parts.double().view(parts.shape[0], SPLITS, e).sum(dim=1))
     sb = s + bias.double()[None, :]
     top2 = sb.view(-1, g, per).sort(dim=2, descending=True, stable=True).values[:, :, :2].sum(dim=2)
     groups = top2.sort(dim=1, descending=True, stable=True).indices[:, :cfg["topk_group"]]
-    keep = torch.zeros(x.shape[0], g, dtype=torch.bool, device=x.device).scatter_(1, groups, True)
+    keep = torch.zeros(parts.shape[0], g, dtype=torch.bool, device=parts.device).scatter_(1, groups, True)
     masked = torch.where(keep.repeat_interleave(per, dim=1), sb, torch.full_like(sb, float("-inf")))
     idx = masked.sort(dim=1, descending=True, stable=True).indices[:, :cfg["top_k"]]
     w = s.gather(1, idx)
@@ -318,9 +340,12 @@ def problem(cfg, rows, device, seed=0):
             p["cache"] = torch.randn(rows, slots, d + r, generator=gen).to(device)
             p["positions"] = torch.randint(0, slots, (rows,), generator=gen, dtype=torch.int64).to(device)
         return p
-    if cfg["op"] == "route":
+    if cfg["op"] == "routelogits":
         return {"x": torch.randn(rows, d, generator=gen).to(device),
-                "gate": (torch.randn(cfg["experts"], d, generator=gen) * 0.02).to(dtype(cfg["weight"])).to(device),
+                "gate": (torch.randn(cfg["experts"], d, generator=gen) * 0.02).to(dtype(cfg["weight"])).to(device)}
+    if cfg["op"] == "route":
+        # Pieces of logits of about a full-width router's spread (the sum of 16 of them).
+        return {"parts": (torch.randn(rows, SPLITS * cfg["experts"], generator=gen) * 0.3).to(device),
                 "bias": (torch.randn(cfg["experts"], generator=gen) * 0.01).to(device)}
     if cfg["op"] == "dispatch":
         k = cfg["top_k"]
@@ -385,6 +410,8 @@ def outputs(cfg, rows, device):
         hv = cfg["heads"] * cfg["v"]
         return {"q": torch.full((rows, hv), 0x7F, dtype=torch.uint8, device=device),
                 "scale": torch.full((rows, cfg["heads"]), float("nan"), device=device)}
+    if cfg["op"] == "routelogits":
+        return {"parts": torch.full((rows, SPLITS * cfg["experts"]), float("nan"), device=device)}
     if cfg["op"] == "route":
         return {"idx": torch.full((rows, cfg["top_k"]), -1, dtype=torch.int32, device=device),
                 "w_out": torch.full((rows, cfg["top_k"]), float("nan"), device=device)}
@@ -427,7 +454,8 @@ def outputs(cfg, rows, device):
 def arguments(cfg, inputs, outs):
     key = "mlaprefill" if cfg["op"] == "mladecode" and cfg["prefill"] else cfg["op"]
     order = {"embed": ["table", "ids", "out"], "latent": ["latent", "w", "k_pe", "positions", "cache", "rope", "table", "out"],
-             "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"], "copy": ["x", "y"], "route": ["x", "gate", "bias", "idx", "w_out"],
+             "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"], "copy": ["x", "y"], "route": ["parts", "bias", "idx", "w_out"],
+             "routelogits": ["x", "gate", "parts"],
              "mladecode": ["q_nope", "q_pe", "cache", "positions", "kv_b", "kv_b_scale", "q", "scale"],
              "mlaprefill": ["q_nope", "q_pe", "cache", "kv_b", "kv_b_scale", "q", "scale"],
              "dispatch": ["idx", "w", "offsets", "sorted", "rw"],
@@ -448,8 +476,18 @@ def check(cfg, inputs, outs):
         want = mla_decode_reference(cfg, inputs["q_nope"], inputs["q_pe"], inputs["cache"], inputs.get("positions"),
                                     inputs["kv_b"], inputs["kv_b_scale"])
         return quantized_errors(want, outs)
+    if cfg["op"] == "routelogits":
+        want = route_parts_reference(cfg, inputs["x"], inputs["gate"].float())
+        # Sequential f32 sums of up to 448 products: within 1e-5 of the sum of their magnitudes.
+        bound = route_parts_reference(cfg, inputs["x"].abs(), inputs["gate"].float().abs()) * 1e-5 + 1e-30
+        got = outs["parts"].double()
+        if not torch.isfinite(got).all():
+            errors.append("routelogits: pieces left unwritten")
+        elif ((got - want).abs() > bound).any():
+            errors.append(f"routelogits: pieces off by up to {float((got - want).abs().max()):.3g}")
+        return errors
     if cfg["op"] == "route":
-        want_idx, want_w = route_reference(cfg, inputs["x"], inputs["gate"].float(), inputs["bias"])
+        want_idx, want_w = route_reference(cfg, inputs["parts"], inputs["bias"])
         same = (outs["idx"].long() == want_idx).all(dim=1)
         # ex2.approx in the sigmoid may reorder near ties: rarely, and never more than that.
         if same.float().mean().item() < 0.99:
@@ -592,8 +630,10 @@ def bytes_moved(cfg, rows):
     if cfg["op"] == "mladecode":
         # The visible cache rows (f32 here), read once per head block: what a sequence's cache costs.
         return rows * (SLOTS // 2) * (d + cfg["rope"]) * 4
+    if cfg["op"] == "routelogits":
+        return rows * d * 4 + cfg["experts"] * d * wb + rows * SPLITS * cfg["experts"] * 4
     if cfg["op"] == "route":
-        return rows * d * 4 + cfg["experts"] * d * wb + rows * cfg["top_k"] * 8
+        return rows * SPLITS * cfg["experts"] * 4 + rows * cfg["top_k"] * 8
     if cfg["op"] == "dispatch":
         return rows * cfg["top_k"] * 8 + rows * (cfg["top_k"] + cfg["shared"]) * 8
     if cfg["op"] == "copy":
@@ -634,9 +674,12 @@ def run(drv, func, cfg, rows):
 
 
 def grid(cfg, rows):
-    """Blocks per launch: one per row (routing: per `tokens` rows), one for the dispatch's sort."""
+    """Blocks per launch: one per row (routing: per `tokens` rows, its logits per split and expert tile too),
+    one for the dispatch's sort."""
     if cfg["op"] == "mladecode":
         return rows * cfg["heads"]
+    if cfg["op"] == "routelogits":
+        return -(-rows // cfg["tokens"]) * SPLITS * -(-cfg["experts"] // EXPERT_TILE)
     if cfg["op"] == "route":
         return -(-rows // cfg["tokens"])
     return 1 if cfg["op"] == "dispatch" else rows
@@ -759,13 +802,23 @@ def self_test():
     cp = parse("rows_copy_d7168_t256")
     inputs = problem(cp, 2, "cpu")
     assert check(cp, inputs, {"y": inputs["x"].clone()}) == [] and check(cp, inputs, {"y": inputs["x"] + 1})
-    rt = parse("rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256")
+    rl = parse("rows_routelogits_bf16_d7168_e256_t256")
+    rl4 = parse("rows_routelogits_bf16_d7168_e256_t256_b4")
+    assert rl["tokens"] == 1 and rl4["tokens"] == 4 and grid(rl, 17) == 17 * 64 and grid(rl4, 17) == 5 * 64
+    small_logits = dict(rl, d=100, experts=16)
+    inputs = problem(small_logits, 3, "cpu")
+    parts = route_parts_reference(small_logits, inputs["x"], inputs["gate"].float())
+    full = inputs["x"].double() @ inputs["gate"].double().T
+    assert torch.allclose(parts.view(3, SPLITS, 16).sum(dim=1), full), "the pieces sum to the logits"
+    assert check(small_logits, inputs, {"parts": parts.float()}) == []
+    assert check(small_logits, inputs, {"parts": parts.float() + 1e-3}), "a wrong piece is caught"
+    rt = parse("rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256")
     assert rt["scale"] == 2.5 and rt["norm"] and rt["top_k"] == 8 and rt["tokens"] == 1
-    rt8 = parse("rows_route_bf16_d7168_e256_k8_g8_kg4_s2p5e0_norm_t256_b8")
+    rt8 = parse("rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8")
     assert rt8["tokens"] == 8 and rt8["norm"] and grid(rt8, 17) == 3 and grid(rt, 17) == 17
-    small = dict(rt, d=64, experts=16, n_group=4, topk_group=2, top_k=4)
+    small = dict(rt, d=16, experts=16, n_group=4, topk_group=2, top_k=4)
     inputs = problem(small, 5, "cpu")
-    idx, w = route_reference(small, inputs["x"], inputs["gate"].float(), inputs["bias"])
+    idx, w = route_reference(small, inputs["parts"], inputs["bias"])
     assert torch.allclose(w.sum(dim=1), torch.full((5,), 2.5, dtype=torch.float64)), "normalized and scaled"
     groups = (idx // 4).tolist()
     assert all(len(set(gs)) <= 2 for gs in groups), "at most topk_group groups"

@@ -38,16 +38,18 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::SiluMul { quantize: true }, 18432, "f32"),
         RowKernel::new(RowOp::SiluMul { quantize: false }, 2048, "f32"),
         RowKernel::new(RowOp::Copy, 7168, "f32"),
-        // Routing: decode's one token a block, prefill's 8.
+        // Routing: decode's logits 4 tokens a block and its selection one, prefill's 8.
+        RowKernel::new(RowOp::RouteLogits { experts: 256, tokens: 4 }, 7168, "bf16"),
+        RowKernel::new(RowOp::RouteLogits { experts: 256, tokens: 8 }, 7168, "bf16"),
         RowKernel::new(
             RowOp::Route { experts: 256, top_k: 8, n_group: 8, topk_group: 4, norm: true, scale: 2.5, tokens: 1 },
-            7168,
-            "bf16",
+            256,
+            "f32",
         ),
         RowKernel::new(
             RowOp::Route { experts: 256, top_k: 8, n_group: 8, topk_group: 4, norm: true, scale: 2.5, tokens: 8 },
-            7168,
-            "bf16",
+            256,
+            "f32",
         ),
         RowKernel::new(RowOp::Dispatch { experts: 256, shared: 1 }, 257, "f32"),
         RowKernel::new(RowOp::SplitBf16, 7168, "f32"),
@@ -240,9 +242,13 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), barriers, "{name}: |max| parts, scales, bytes");
                 assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), quantize, "{name}");
             }
+            RowOp::RouteLogits { .. } => {
+                // Cleared; per gate tile (a loop): the tile loaded, the sums; the pieces stored.
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), 3, "{name}: barriers")
+            }
             RowOp::Route { .. } => {
-                // Cleared; per gate tile (a loop): the tile loaded, the sums; the scores; the selection.
-                assert_eq!(kernel.ptx.matches("bar.sync").count(), 4, "{name}: barriers")
+                // Flags cleared; the logits and scores; the selection.
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), 2, "{name}: barriers")
             }
             RowOp::Dispatch { .. } => {
                 // Counts cleared, counted per chunk, totalled, scanned, placed.

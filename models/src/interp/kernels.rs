@@ -27,6 +27,29 @@ pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32>
     y
 }
 
+/// The column ranges a router logit's sum is cut into ([`router_logits`]).
+pub const ROUTER_SPLITS: usize = 16;
+
+/// Router logits `x gate^T` (`x` [t, d], `gate` [e, d]) -> [t, e], in the order every backend
+/// that routes as the reference does follows, bit for bit: the `d` columns cut into
+/// [`ROUTER_SPLITS`] consecutive ranges of `d.div_ceil(ROUTER_SPLITS)` columns (the last ones
+/// shorter, or empty), each range's products summed in column order from 0, then the ranges' sums
+/// in range order from 0. A GPU sums the ranges in parallel (decode's few tokens spread over many
+/// SMs) and still picks the same experts.
+pub fn router_logits(x: &[f32], gate: &[f32], t: usize, d: usize, e: usize) -> Vec<f32> {
+    let width = d.div_ceil(ROUTER_SPLITS).max(1);
+    let mut y = vec![0.0f32; t * e];
+    for (xrow, yrow) in x.chunks(d).zip(y.chunks_mut(e)) {
+        for (g, out) in gate.chunks(d).zip(yrow.iter_mut()) {
+            *out = xrow
+                .chunks(width)
+                .zip(g.chunks(width))
+                .fold(0.0f32, |total, (xs, gs)| total + xs.iter().zip(gs).fold(0.0f32, |part, (a, b)| part + a * b));
+        }
+    }
+    y
+}
+
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -534,6 +557,30 @@ mod tests {
         // x [2, 3], w [2, 3]
         let y = matmul_nt(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[1.0, 0.0, -1.0, 0.5, 0.5, 0.5], 2, 3, 2);
         assert_eq!(y, vec![-2.0, 3.0, -2.0, 7.5]);
+    }
+
+    #[test]
+    fn router_logits_sum_splits_in_order() {
+        // 40 columns: splits of 3, the 14th of 1 and the last two empty.
+        let (t, d, e) = (2, 40, 3);
+        let x: Vec<f32> = (0..t * d).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
+        let g: Vec<f32> = (0..e * d).map(|i| ((i * 53 % 29) as f32 - 14.0) * 0.11).collect();
+        let y = router_logits(&x, &g, t, d, e);
+        for (r, c) in (0..t).flat_map(|r| (0..e).map(move |c| (r, c))) {
+            let (xr, gr) = (&x[r * d..(r + 1) * d], &g[c * d..(c + 1) * d]);
+            let mut total = 0f32;
+            for s in 0..ROUTER_SPLITS {
+                let (lo, hi) = ((3 * s).min(d), (3 * s + 3).min(d));
+                total += (lo..hi).fold(0f32, |a, i| a + xr[i] * gr[i]);
+            }
+            assert_eq!(y[r * e + c].to_bits(), total.to_bits(), "row {r} expert {c}");
+            // The same value as any other order, up to rounding.
+            assert!((y[r * e + c] - dot(xr, gr)).abs() <= 1e-4 * (1.0 + total.abs()));
+        }
+        // A split of one column each: the sequential sum itself.
+        let (x1, g1) = (&x[..16], &g[..16]);
+        let seq = x1.iter().zip(g1).fold(0f32, |a, (p, q)| a + p * q);
+        assert_eq!(router_logits(x1, g1, 1, 16, 1)[0].to_bits(), seq.to_bits());
     }
 
     #[test]

@@ -255,7 +255,7 @@ impl Interpreter {
                 let (x, gate, bias) = (f(0)?, f(1)?, f(2)?);
                 let (e, d) = (a[1].shape[0], a[1].shape[1]);
                 let t = x.len() / d;
-                let logits = kernels::matmul_nt(x, gate, t, d, e);
+                let logits = kernels::router_logits(x, gate, t, d, e);
                 let (mut idx, mut w) = (Vec::with_capacity(t * r.top_k), Vec::with_capacity(t * r.top_k));
                 for row in logits.chunks(e) {
                     let (i, ws) = kernels::route(row, bias, r);
@@ -490,7 +490,7 @@ impl Interpreter {
                 let t = x.len() / d;
                 let TensorData::I32(idx) = &a[3].data else { return Err(op_err(node, "indices must be i32")) };
                 let k = a[3].shape[1];
-                let logits = kernels::matmul_nt(x, gate, t, d, e);
+                let logits = kernels::router_logits(x, gate, t, d, e);
                 let mut dl = Vec::with_capacity(t * e);
                 for tok in 0..t {
                     let sel: Vec<usize> = idx[tok * k..(tok + 1) * k].iter().map(|&i| i as usize).collect();
@@ -567,7 +567,7 @@ impl Interpreter {
                 let (e, d) = (a[1].shape[0], a[1].shape[1]);
                 let t = x.len() / d;
                 let TensorData::I32(idx) = &a[2].data else { return Err(op_err(node, "indices must be i32")) };
-                let logits = kernels::matmul_nt(x, gate, t, d, e);
+                let logits = kernels::router_logits(x, gate, t, d, e);
                 let (loss, dl) = kernels::balance_loss(&logits, idx, e, a[2].shape[1], *alpha);
                 match node.op {
                     Op::BalanceLoss { .. } => one(Tensor::f32(vec![1], vec![loss])),

@@ -20,6 +20,7 @@ use melior::ir::{RegionLike, ValueLike};
 use super::gemm::{GemmInput, GemmOutput};
 use super::rows::{CacheRows, RowKernel, RowOp};
 use crate::verify::Shape;
+use v3c_models::interp::kernels::ROUTER_SPLITS;
 pub use v3c_runtime::lowering::{RunCols, TempDim};
 
 /// A fused kernel as one GEMM launch: `out[M, N] = A[M, K] . W[N, K]^T (+ residual)`.
@@ -1021,35 +1022,32 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             let (experts, d) = (fixed(&gate, 0)?, fixed(&gate, 1)?);
             let top_k = int_attr("top_k").ok_or("moe_dispatch without top_k")?;
             let shared = int_attr("num_shared").unwrap_or(0);
-            let op = route_op(dispatch, experts)?;
-            Ok(Steps {
-                temps: vec![Temp::per_row(1, top_k, "i32"), Temp::per_row(1, top_k, "f32")],
-                steps: vec![
-                    Step {
-                        kernel: StepKernel::Row(RowKernel::new(op, d, &gate.element)),
-                        operands: vec![
-                            Operand::Arg(0),
-                            Operand::Arg(1),
-                            Operand::Arg(2),
-                            Operand::Temp(0),
-                            Operand::Temp(1),
-                        ],
-                    },
-                    Step {
-                        kernel: StepKernel::Row(RowKernel::new(
-                            RowOp::Dispatch { experts, shared },
-                            experts + shared,
-                            "f32",
-                        )),
-                        operands: vec![
-                            Operand::Temp(0),
-                            Operand::Temp(1),
-                            Operand::Result(0),
-                            Operand::Result(1),
-                            Operand::Result(2),
-                        ],
-                    },
+            let (mut steps, parts) = route_steps(
+                dispatch,
+                experts,
+                (d, &gate.element),
+                [
+                    Operand::Arg(0),
+                    Operand::Arg(1),
+                    Operand::Arg(2),
+                    Operand::Temp(0),
+                    Operand::Temp(1),
+                    Operand::Temp(2),
                 ],
+            )?;
+            steps.push(Step {
+                kernel: StepKernel::Row(RowKernel::new(RowOp::Dispatch { experts, shared }, experts + shared, "f32")),
+                operands: vec![
+                    Operand::Temp(0),
+                    Operand::Temp(1),
+                    Operand::Result(0),
+                    Operand::Result(1),
+                    Operand::Result(2),
+                ],
+            });
+            Ok(Steps {
+                temps: vec![Temp::per_row(1, top_k, "i32"), Temp::per_row(1, top_k, "f32"), parts],
+                steps,
                 rope_table: None,
             })
         }
@@ -1424,6 +1422,32 @@ pub(super) fn route_op(o: &OperationRef, experts: usize) -> Result<RowOp, String
         scale: float_attr(o, "routed_scaling_factor").unwrap_or(1.0),
         tokens: super::rows::route_tokens(experts, n_group, top_k),
     })
+}
+
+/// The routing of `o` ([`route_op`]) over `experts` experts, rows of `d` columns and a gate of
+/// `element`, as launches: the logits' pieces ([`RowOp::RouteLogits`], decode's spread over many
+/// blocks) into a temporary, then the selection. `[x, gate, bias, idx, w, parts]`: the operands,
+/// `parts` the returned temporary's.
+pub(super) fn route_steps(
+    o: &OperationRef,
+    experts: usize,
+    (d, element): (usize, &str),
+    operands: [Operand; 6],
+) -> Result<(Vec<Step>, Temp), String> {
+    let op = route_op(o, experts)?;
+    let [x, gate, bias, idx, w, parts] = operands;
+    let logits = RowOp::RouteLogits { experts, tokens: super::rows::ROUTE_TOKENS };
+    let steps = vec![
+        Step { kernel: StepKernel::Row(RowKernel::new(logits, d, element)), operands: vec![x, gate, parts] },
+        Step { kernel: StepKernel::Row(RowKernel::new(op, experts, "f32")), operands: vec![parts, bias, idx, w] },
+    ];
+    // As many rows as x (the MTP module's fewer than the run's: the selection walks the pieces'
+    // rows).
+    let parts_temp = match x {
+        Operand::Arg(i) => Temp::per_row_of(i, 1, ROUTER_SPLITS * experts, "f32"),
+        _ => Temp::per_row(1, ROUTER_SPLITS * experts, "f32"),
+    };
+    Ok((steps, parts_temp))
 }
 
 /// The table and pair layout of a `v3.rope` op.

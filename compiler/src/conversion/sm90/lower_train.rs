@@ -19,7 +19,7 @@ use melior::ir::{RegionLike, Value, ValueLike};
 use super::gemm::GemmGrouping::{self, Contiguous, Gather};
 use super::gemm::{GemmInput, GemmOutput};
 use super::lower::{
-    rope_table_of, route_op, GemmKernel, KRange, Operand, RowLaunch, RunCols, Step, StepKernel, Steps, Temp,
+    rope_table_of, route_steps, GemmKernel, KRange, Operand, RowLaunch, RunCols, Step, StepKernel, Steps, Temp,
 };
 use super::rows::{Mla, RowKernel, RowOp, TrainRow, GROUP};
 use crate::verify::Shape;
@@ -199,14 +199,6 @@ fn row_of_op(body: &Body, o: &OperationRef, name: &str) -> Option<Result<RowLaun
                 let op = TrainRow::RouteGrad { norm: flag(o, "norm_topk_prob"), scale };
                 Ok(launch(train_kernel(op, width(&logits)?, "f32"), in_order().collect()))
             }
-            "moe_route" => {
-                let (x, gate) = (operand_shape(o, 0)?, operand_shape(o, 1)?);
-                if x.element != "f32" {
-                    return Err(format!("routing of {} activations", x.element));
-                }
-                let op = route_op(o, gate.dims.first().copied().flatten().ok_or("a dynamic expert count")?)?;
-                Ok(launch(RowKernel::new(op, width(&x)?, &gate.element), in_order().collect()))
-            }
             "split_grad" => {
                 // Both pieces' gradients: their concatenation (x, the first operand, only shapes it).
                 let segments = o.attribute("operandSegmentSizes").map(|a| a.to_string()).unwrap_or_default();
@@ -223,7 +215,7 @@ fn row_of_op(body: &Body, o: &OperationRef, name: &str) -> Option<Result<RowLaun
         }
     };
     match name.as_str() {
-        "add" | "silu_mul" | "silu_mul_grad" | "matmul" | "linear" | "lm_head" | "rope" | "rope_grad" | "moe_route"
+        "add" | "silu_mul" | "silu_mul_grad" | "matmul" | "linear" | "lm_head" | "rope" | "rope_grad"
         | "split_grad" | "cross_entropy_grad" | "route_logits_grad" => Some(row()),
         _ => None,
     }
@@ -256,9 +248,28 @@ pub fn steps_of_train_kernel(kernel: &OperationRef) -> Option<Result<Steps, Stri
         ["moe_experts_grad", ..] => Some(moe_experts_grad(&body)),
         ["cross_entropy"] => Some(cross_entropy(&body)),
         ["balance_loss"] | ["balance_loss_grad"] => Some(balance_loss(&body)),
+        ["moe_route"] => Some(moe_route(&body)),
         [name, "reshape"] => row_of_op(&body, &body.ops[0], name).map(|launch| reshaped(&body, launch?)),
         _ => None,
     }
+}
+
+/// `moe_route` of the step's f32 activations: the logits' pieces, then the selection
+/// ([`route_steps`]), the indices and weights its results.
+fn moe_route(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    if !body.operands_are_args(o) || !body.returns_results_of(o) {
+        return Err("moe_route with its operands or results in another order".into());
+    }
+    let (x, gate) = (operand_shape(o, 0)?, operand_shape(o, 1)?);
+    if x.element != "f32" {
+        return Err(format!("routing of {} activations", x.element));
+    }
+    let experts = gate.dims.first().copied().flatten().ok_or("a dynamic expert count")?;
+    let operands =
+        [Operand::Arg(0), Operand::Arg(1), Operand::Arg(2), Operand::Result(0), Operand::Result(1), Operand::Temp(0)];
+    let (steps, parts) = route_steps(o, experts, (width(&x)?, &gate.element), operands)?;
+    Ok(Steps { steps, temps: vec![parts], rope_table: None })
 }
 
 /// A one-op kernel whose result is returned reshaped: the op's launch writes a temporary in its

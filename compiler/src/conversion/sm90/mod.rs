@@ -610,12 +610,18 @@ impl ModelKernels {
         regimes: [bool; 2],
         progress: &mut impl FnMut(&str),
     ) -> Result<Option<RegimeKernels>, Sm90Error> {
-        // Routing: decode's few tokens a block each (spread over as many SMs), prefill's several a
-        // block (each gate value read once for them).
-        if let rows::RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens } = k.op {
+        // Routing: decode's few tokens a block (its logits' blocks spread over splits and experts
+        // too), prefill's several (each gate value read once for them).
+        if matches!(k.op, rows::RowOp::Route { .. } | rows::RowOp::RouteLogits { .. }) {
             return Self::per_regime(regimes, |m| {
-                let tokens = if m == crate::tune::DECODE_M { 1 } else { tokens };
-                let op = rows::RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens };
+                let mut op = k.op;
+                if m == crate::tune::DECODE_M {
+                    match &mut op {
+                        rows::RowOp::Route { tokens, .. } => *tokens = 1,
+                        rows::RowOp::RouteLogits { tokens, .. } => *tokens = rows::ROUTE_DECODE_TOKENS,
+                        _ => {}
+                    }
+                }
                 let variant = rows::RowKernel { op, ..k.clone() };
                 self.row_kernel(context, &variant, target, ptxas, progress)?;
                 Ok(variant.kernel_name())

@@ -22,6 +22,8 @@
 
 use std::fmt::Write;
 
+use v3c_models::interp::kernels::ROUTER_SPLITS;
+
 mod matmul;
 mod mla_train;
 mod train;
@@ -107,12 +109,18 @@ pub enum RowOp {
     SiluMul { quantize: bool },
     /// `y = x` (f32 rows; e.g. the residual a scattering GEMM then adds into).
     Copy,
-    /// DeepSeek-V3's routing (`d` = hidden), `tokens` tokens a block (each gate value read once for
-    /// them; a thread per token selects — prefill's [`ROUTE_TOKENS`], decode's one: a block per
-    /// token spreads a few tokens' logits over as many SMs): logits `x . gate^T` (a sequential sum per
-    /// expert, the reference's order), sigmoid scores `s`, selection on `s + bias` (groups scored by
-    /// their top two, the best `topk_group` groups kept, then the best `top_k` experts in them; ties
-    /// to the lower index), weights `s` of the chosen, normalized (`norm`) and scaled. Writes the
+    /// The router's logits in pieces (`d` = hidden): `parts [rows, S * experts]`, piece `s` of
+    /// expert `e` at column `s * experts + e` the sequential sum of `x . gate^T` over the columns of
+    /// split `s` of the reference's [`ROUTER_SPLITS`] (see [`v3c_models::interp::kernels::router_logits`]). A block
+    /// takes `tokens` tokens, one split and [`ROUTE_EXPERT_TILE`] experts (each gate value read once
+    /// for its tokens): decode's one token spreads over `S x experts / 64` blocks instead of one
+    /// streaming the whole gate; prefill's [`ROUTE_TOKENS`] tokens read it once per 8 tokens.
+    RouteLogits { experts: usize, tokens: usize },
+    /// DeepSeek-V3's routing (`d` = experts) from [`RowOp::RouteLogits`]'s pieces, `tokens` tokens
+    /// a block (prefill's [`ROUTE_TOKENS`], decode's one): each logit the pieces' sum in split order
+    /// (the reference's bits), sigmoid scores `s`, selection on `s + bias` (groups scored by their
+    /// top two, the best `topk_group` groups kept, then the best `top_k` experts in them; ties to
+    /// the lower index), weights `s` of the chosen, normalized (`norm`) and scaled. Writes the
     /// experts `idx [rows, top_k]` (i32) and weights `w [rows, top_k]`.
     Route { experts: usize, top_k: usize, n_group: usize, topk_group: usize, norm: bool, scale: f32, tokens: usize },
     /// The counting sort of the routed (token, expert) pairs by expert (one block; the pairs cut
@@ -220,6 +228,8 @@ impl RowKernel {
             // One thread per expert's scan of the pairs.
             RowOp::Dispatch { .. } => d.next_power_of_two().clamp(32, 256),
             RowOp::MlaDecode { .. } | RowOp::MlaAbsorb { .. } | RowOp::MlaUpV { .. } => 128,
+            // A warp per token selects; the logits' tiles are loaded by all.
+            RowOp::Route { .. } | RowOp::RouteLogits { .. } => 256,
             RowOp::Train(op) => op.threads(d),
             _ => (d / 8).next_power_of_two().clamp(32, 256),
         };
@@ -291,7 +301,11 @@ impl RowKernel {
                 let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
                 let norm = if norm { "_norm" } else { "" };
                 let tokens = if tokens == 1 { String::new() } else { format!("_b{tokens}") };
-                format!("rows_route_{w}_d{d}_e{experts}_k{top_k}_g{n_group}_kg{topk_group}_s{scale}{norm}_t{t}{tokens}")
+                format!("rows_route_e{experts}_k{top_k}_g{n_group}_kg{topk_group}_s{scale}{norm}_t{t}{tokens}")
+            }
+            RowOp::RouteLogits { experts, tokens } => {
+                let tokens = if tokens == 1 { String::new() } else { format!("_b{tokens}") };
+                format!("rows_routelogits_{w}_d{d}_e{experts}_t{t}{tokens}")
             }
             RowOp::Dispatch { experts, shared } => format!("rows_dispatch_e{experts}_s{shared}_t{t}"),
             RowOp::Latent { eps, rope, interleave, append, cache } => {
@@ -340,7 +354,16 @@ impl RowKernel {
                 let op = RowOp::Dispatch { experts, shared };
                 Some(RowKernel { op, d: experts + shared, weight: "f32".into(), threads: number(t, 't')? })
             }
-            ("route", [w, d, e, k, g, kg, sc, rest @ ..]) => {
+            ("routelogits", [w, d, e, t, rest @ ..]) => {
+                let tokens = match rest {
+                    [b] => number(b, 'b')?,
+                    [] => 1,
+                    _ => return None,
+                };
+                let op = RowOp::RouteLogits { experts: number(e, 'e')?, tokens };
+                Some(RowKernel { op, d: number(d, 'd')?, weight: w.to_string(), threads: number(t, 't')? })
+            }
+            ("route", [e, k, g, kg, sc, rest @ ..]) => {
                 let (rest, tokens) = match rest {
                     [rest @ .., b] if b.starts_with('b') => (rest, number(b, 'b')?),
                     rest => (rest, 1),
@@ -359,7 +382,7 @@ impl RowKernel {
                     scale: sc.strip_prefix('s')?.replace('m', "-").replace('p', ".").parse().ok()?,
                     tokens,
                 };
-                Some(RowKernel { op, d: number(d, 'd')?, weight: w.to_string(), threads: number(t, 't')? })
+                Some(RowKernel { op, d: number(e, 'e')?, weight: "f32".into(), threads: number(t, 't')? })
             }
             (kind @ ("splitbf16" | "splitbf16t"), [d, t]) => Some(RowKernel {
                 op: if kind == "splitbf16" { RowOp::SplitBf16 } else { RowOp::SplitBf16T },
@@ -631,9 +654,13 @@ impl RowKernel {
                 ("x2", "memref<?x?xf32>".into()),
                 ("y", "memref<?x?xf32>".into()),
             ],
-            RowOp::Route { .. } => vec![
+            RowOp::RouteLogits { .. } => vec![
                 ("x", "memref<?x?xf32>".to_string()),
                 ("gate", format!("memref<?x?x{w}>")),
+                ("parts", "memref<?x?xf32>".into()),
+            ],
+            RowOp::Route { .. } => vec![
+                ("parts", "memref<?x?xf32>".to_string()),
                 ("bias", "memref<?xf32>".into()),
                 ("idx", "memref<?x?xi32>".into()),
                 ("w", "memref<?x?xf32>".into()),
@@ -717,7 +744,10 @@ impl RowKernel {
             RowOp::Latent { append: true, .. } => "out",
             RowOp::Latent { append: false, .. } => "latent",
             RowOp::SplitRope { .. } => "y",
-            RowOp::SiluMul { .. } | RowOp::Copy | RowOp::Route { .. } | RowOp::SplitBf16 | RowOp::SplitBf16T => "x",
+            RowOp::SiluMul { .. } | RowOp::Copy | RowOp::RouteLogits { .. } | RowOp::SplitBf16 | RowOp::SplitBf16T => {
+                "x"
+            }
+            RowOp::Route { .. } => "parts",
             RowOp::Concat { .. } => "x1",
             RowOp::MlaCombine => "out",
             RowOp::MlaKeys { .. } => "kv",
@@ -741,7 +771,7 @@ impl RowKernel {
     pub fn rows_per_block(&self) -> usize {
         match self.op {
             RowOp::MlaAbsorb { tokens, .. } | RowOp::MlaUpV { tokens, .. } => tokens,
-            RowOp::Route { tokens, .. } => tokens,
+            RowOp::Route { tokens, .. } | RowOp::RouteLogits { tokens, .. } => tokens,
             RowOp::Train(op) => op.rows_per_block(self.d),
             _ => 1,
         }
@@ -751,6 +781,7 @@ impl RowKernel {
     pub fn blocks_per_row(&self) -> usize {
         match self.op {
             RowOp::MlaDecode { heads, .. } | RowOp::MlaAbsorb { heads, .. } | RowOp::MlaUpV { heads, .. } => heads,
+            RowOp::RouteLogits { experts, .. } => ROUTER_SPLITS * experts.div_ceil(ROUTE_EXPERT_TILE),
             RowOp::Train(op) => op.blocks_per_row(self.d),
             _ => 1,
         }
@@ -806,8 +837,11 @@ impl RowKernel {
                 ("sh_out", v),
                 ("sh_red", 4),
             ],
-            RowOp::Route { experts, n_group, top_k, tokens, .. } => {
-                route_arrays(experts, n_group, top_k, tokens, route_chunk(experts, n_group, top_k, tokens))
+            RowOp::Route { experts, n_group, top_k, tokens, .. } => route_arrays(experts, n_group, top_k, tokens),
+            RowOp::RouteLogits { experts, tokens } => {
+                let tile = experts.min(ROUTE_EXPERT_TILE);
+                let chunk = route_chunk(self.d);
+                vec![("sh_tile", chunk * (tile + 1)), ("sh_x", chunk * tokens), ("sh_acc", tokens * tile)]
             }
             RowOp::Dispatch { experts, shared } => vec![
                 ("sh_count", experts + shared),
@@ -886,10 +920,15 @@ impl RowKernel {
                 ));
             }
         }
-        if let RowOp::Route { experts, top_k, n_group, topk_group, tokens, .. } = self.op {
-            let per = experts / n_group.max(1);
+        if let RowOp::RouteLogits { tokens, .. } | RowOp::Route { tokens, .. } = self.op {
             if !(1..=self.threads).contains(&tokens) {
                 return Err(format!("{name}: {tokens} tokens a block of {} threads", self.threads));
+            }
+        }
+        if let RowOp::Route { experts, top_k, n_group, topk_group, .. } = self.op {
+            let per = experts / n_group.max(1);
+            if self.d != experts {
+                return Err(format!("{name}: rows of {} logits for {experts} experts", self.d));
             }
             if n_group == 0
                 || experts % n_group != 0
@@ -1082,26 +1121,34 @@ impl RowKernel {
             _ => unreachable!("the up-projection of MLA's rows"),
         };
         let n = tiled.unwrap_or(1);
-        let offsets: String = (0..n)
-            .map(|t| {
-                format!(
-                    "%ooff{t} = arith.constant {} : index\n%voff{t} = arith.constant {} : index\n",
-                    t * self.d,
-                    t * v
-                )
-            })
-            .collect();
-        let sums: String = (0..n)
-            .map(|t| {
-                format!(
-                    "    %oi{t} = arith.addi %a, %ooff{t} : index
+        // Per count k of tokens a loop carries: the tokens' offsets, the products' sums, the
+        // loop-carried values.
+        let offsets_of = |k: usize| -> String {
+            (0..k)
+                .map(|t| {
+                    format!(
+                        "%ooff{t} = arith.constant {} : index\n%voff{t} = arith.constant {} : index\n",
+                        t * self.d,
+                        t * v
+                    )
+                })
+                .collect()
+        };
+        let offsets = offsets_of(n);
+        let sums_of = |k: usize| -> String {
+            (0..k)
+                .map(|t| {
+                    format!(
+                        "    %oi{t} = arith.addi %a, %ooff{t} : index
     %ov{t} = memref.load %sh_o[%oi{t}] : {o}
     %m{t} = arith.mulf %ov{t}, %wv : f32
     %n{t} = arith.addf %s{t}, %m{t} : f32
 "
-                )
-            })
-            .collect();
+                    )
+                })
+                .collect()
+        };
+        let list = |k: usize, f: &dyn Fn(usize) -> String| (0..k).map(f).collect::<Vec<_>>().join(", ");
         let stores: String = (0..n)
             .map(|t| {
                 format!(
@@ -1110,17 +1157,16 @@ impl RowKernel {
             })
             .collect();
         let mut phases = Vec::new();
-        let inits = (0..n).map(|t| format!("%s{t} = %zero")).collect::<Vec<_>>().join(", ");
-        let types = vec!["f32"; n].join(", ");
-        let yields = (0..n).map(|t| format!("%n{t}")).collect::<Vec<_>>().join(", ");
+        let types_of = |k: usize| vec!["f32"; k].join(", ");
         let w = self.kv_b_weight("%vrow", "%a", "%wv");
         phases.push(match lowering {
             // On the GPU a warp takes an output element e: lane l reads W_UV[e, l], [e, l + 32],
             // ... (a warp's loads 32 adjacent weights: whole sectors, where a thread per element
             // read weights a row apart), then shuffles add the lanes' parts ([`lane_sums`]). (`T`
-            // and the loop's bound are multiples of 32: a warp's lanes loop together.)
-            Lowering::Gpu => {
-                let (butterfly, stores) = lane_sums(n, v, &out);
+            // and the loop's bound are multiples of 32: a warp's lanes loop together.) A block of
+            // one token carries one sum ([`one_token_or_all`]).
+            Lowering::Gpu => one_token_or_all(tiled, |k| {
+                let (butterfly, stores) = lane_sums(k, v, &out);
                 let shifts: String =
                     [16, 8, 4, 2, 1].iter().map(|o| format!("%o{o} = arith.constant {o} : i32\n")).collect();
                 format!(
@@ -1132,17 +1178,18 @@ scf.for %j = %tid to %cVW step %cT {{
   %lane = arith.remui %j, %lanes : index
   %vrow0 = arith.addi %head_row, %cNope : index
   %vrow = arith.addi %vrow0, %e : index
-  %acc:{n} = scf.for %ab = %c0 to %cD step %c128 iter_args({inits}) -> ({types}) {{
+  %acc:{k} = scf.for %ab = %c0 to %cD step %c128 iter_args({inits}) -> ({types}) {{
 {scale}    %a_end0 = arith.addi %ab, %c128 : index
     %a_end = arith.minui %a_end0, %cD : index
     %a0 = arith.addi %ab, %lane : index
-    %blk:{n} = scf.for %a = %a0 to %a_end step %lanes iter_args({block_inits}) -> ({types}) {{
+    %blk:{k} = scf.for %a = %a0 to %a_end step %lanes iter_args({block_inits}) -> ({types}) {{
 {w}{sums}      scf.yield {yields} : {types}
     }}
     scf.yield {block_yields} : {types}
   }}
 {butterfly}{stores}}}
 ",
+                    offsets = offsets_of(k),
                     vw = v * 32,
                     // Each 128-column block's scale once (e4m3 weights; the same for all its weights).
                     scale = if bf16 {
@@ -1154,12 +1201,15 @@ scf.for %j = %tid to %cVW step %cT {{
 "
                         .to_string()
                     },
-                    block_inits = (0..n).map(|t| format!("%s{t} = %bs{t}")).collect::<Vec<_>>().join(", "),
-                    block_yields = (0..n).map(|t| format!("%blk#{t}")).collect::<Vec<_>>().join(", "),
-                    inits = (0..n).map(|t| format!("%bs{t} = %zero")).collect::<Vec<_>>().join(", "),
+                    sums = sums_of(k),
+                    types = types_of(k),
+                    yields = list(k, &|t| format!("%n{t}")),
+                    block_inits = list(k, &|t| format!("%s{t} = %bs{t}")),
+                    block_yields = list(k, &|t| format!("%blk#{t}")),
+                    inits = list(k, &|t| format!("%bs{t} = %zero")),
                     w = self.kv_b_weight_scaled("%vrow", "%a", "%wv", (!bf16).then_some("%wblk_s")),
                 )
-            }
+            }),
             Lowering::Cpu => format!(
                 "{offsets}scf.for %e = %tid to %cV step %cT {{
   %vrow0 = arith.addi %head_row, %cNope : index
@@ -1168,7 +1218,11 @@ scf.for %j = %tid to %cVW step %cT {{
 {w}{sums}    scf.yield {yields} : {types}
   }}
 {stores}}}
-"
+",
+                sums = sums_of(n),
+                inits = list(n, &|t| format!("%s{t} = %zero")),
+                types = types_of(n),
+                yields = list(n, &|t| format!("%n{t}")),
             ),
         });
         let out_row = |t: usize| {
@@ -1311,19 +1365,144 @@ scf.for %j = %tid to %cHalfAll step %cT {{
                     )
                 )]
             }
+            RowOp::RouteLogits { experts, tokens } => {
+                let tile = experts.min(ROUTE_EXPERT_TILE);
+                let (tile_ty, x_ty, acc) = (sh("sh_tile"), sh("sh_x"), sh("sh_acc"));
+                let (cells, padded) = (tokens * tile, tile + 1);
+                // 1: the block's sums cleared.
+                let clear = format!(
+                    "%cCells = arith.constant {cells} : index
+scf.for %q = %tid to %cCells step %cT {{
+  memref.store %zero, %sh_acc[%q] : {acc}
+}}
+"
+                );
+                // 2: per chunk of the split's columns, the block's experts' [tile, chunk] gate tile
+                // read row by row (a warp takes consecutive columns of one expert) into shared
+                // memory column-major with a padded stride (no bank conflicts either way), and the
+                // tokens' columns beside it.
+                let load = format!(
+                    "{ROUTE_CHUNK_COLUMNS}%cTileCells = arith.constant {tile_cells} : index
+%cPad = arith.constant {padded} : index
+scf.for %q = %tid to %cTileCells step %cT {{
+  %el = arith.divui %q, %cCh : index
+  %j = arith.remui %q, %cCh : index
+  %j_in = arith.cmpi ult, %j, %n : index
+  %e_in = arith.cmpi ult, %el, %ne : index
+  %in = arith.andi %j_in, %e_in : i1
+  scf.if %in {{
+    %e = arith.addi %e0, %el : index
+    %i = arith.addi %i0, %j : index
+{gate}    %slot0 = arith.muli %j, %cPad : index
+    %slot = arith.addi %slot0, %el : index
+    memref.store %gv, %sh_tile[%slot] : {tile_ty}
+  }}
+}}
+%cXs = arith.constant {x_cells} : index
+scf.for %q = %tid to %cXs step %cT {{
+  %t = arith.divui %q, %cCh : index
+  %j = arith.remui %q, %cCh : index
+  %j_in = arith.cmpi ult, %j, %n : index
+  %t_in = arith.cmpi ult, %t, %ntok : index
+  %in = arith.andi %j_in, %t_in : i1
+  scf.if %in {{
+    %trow = arith.addi %row0, %t : index
+    %i = arith.addi %i0, %j : index
+    %xv = memref.load %x[%trow, %i] : memref<?x?xf32>
+    memref.store %xv, %sh_x[%q] : {x_ty}
+  }}
+}}
+",
+                    tile_cells = route_chunk(self.d) * tile,
+                    x_cells = route_chunk(self.d) * tokens,
+                    gate = indent2(&indent2(&self.load_weight("gv", "%gate", "%e, %i"))),
+                );
+                // 3: a thread per (expert, `per` consecutive tokens) continues their sequential sums
+                // over the chunk, each gate value read once for its tokens (the sums of tokens past
+                // the block's never leave shared memory).
+                let per = route_tokens_per_thread(tokens, tile, self.threads);
+                let each = |f: &dyn Fn(usize) -> String| (0..per).map(f).collect::<String>();
+                let list = |f: &dyn Fn(usize) -> String| (0..per).map(f).collect::<Vec<_>>().join(", ");
+                let sums = format!(
+                    "{ROUTE_CHUNK_COLUMNS}%cTE = arith.constant {tile} : index
+%cPad = arith.constant {padded} : index
+%cPer = arith.constant {per} : index
+%cWork = arith.constant {work} : index
+scf.for %q = %tid to %cWork step %cT {{
+  %tg = arith.divui %q, %cTE : index
+  %el = arith.remui %q, %cTE : index
+  %tfirst = arith.muli %tg, %cPer : index
+  %t_in = arith.cmpi ult, %tfirst, %ntok : index
+  %e_in = arith.cmpi ult, %el, %ne : index
+  %in = arith.andi %t_in, %e_in : i1
+  scf.if %in {{
+{starts}    %sums:{per} = scf.for %j = %c0 to %n step %c1 iter_args({args}) -> ({types}) {{
+      %slot0 = arith.muli %j, %cPad : index
+      %slot = arith.addi %slot0, %el : index
+      %gv = memref.load %sh_tile[%slot] : {tile_ty}
+{products}      scf.yield {yields} : {types}
+    }}
+{stores}  }}
+}}
+",
+                    work = cells / per,
+                    starts = each(&|k| format!(
+                        "    %ck{k} = arith.constant {k} : index
+    %t{k} = arith.addi %tfirst, %ck{k} : index
+    %xo{k} = arith.muli %t{k}, %cCh : index
+    %ac0{k} = arith.muli %t{k}, %cTE : index
+    %ac{k} = arith.addi %ac0{k}, %el : index
+    %a0{k} = memref.load %sh_acc[%ac{k}] : {acc}
+"
+                    )),
+                    args = list(&|k| format!("%a{k} = %a0{k}")),
+                    types = vec!["f32"; per].join(", "),
+                    products = each(&|k| format!(
+                        "      %xi{k} = arith.addi %xo{k}, %j : index
+      %xv{k} = memref.load %sh_x[%xi{k}] : {x_ty}
+      %p{k} = arith.mulf %xv{k}, %gv : f32
+      %b{k} = arith.addf %a{k}, %p{k} : f32
+"
+                    )),
+                    yields = list(&|k| format!("%b{k}")),
+                    stores = each(&|k| format!("    memref.store %sums#{k}, %sh_acc[%ac{k}] : {acc}\n")),
+                );
+                // 4: the pieces out, consecutive threads at consecutive experts.
+                let store = format!(
+                    "%cTE = arith.constant {tile} : index
+%cCells = arith.constant {cells} : index
+%cE = arith.constant {experts} : index
+%pc0 = arith.muli %split, %cE : index
+%pcol0 = arith.addi %pc0, %e0 : index
+scf.for %q = %tid to %cCells step %cT {{
+  %t = arith.divui %q, %cTE : index
+  %el = arith.remui %q, %cTE : index
+  %t_in = arith.cmpi ult, %t, %ntok : index
+  %e_in = arith.cmpi ult, %el, %ne : index
+  %in = arith.andi %t_in, %e_in : i1
+  scf.if %in {{
+    %v = memref.load %sh_acc[%q] : {acc}
+    %trow = arith.addi %row0, %t : index
+    %pcol = arith.addi %pcol0, %el : index
+    memref.store %v, %parts[%trow, %pcol] : memref<?x?xf32>
+  }}
+}}
+"
+                );
+                let mut phases = vec![clear];
+                phases.extend(loop_phases("chunk", "nchunks", vec![load, sums]));
+                phases.push(store);
+                phases
+            }
             RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens } => {
                 let per = experts / n_group;
-                let chunk = route_chunk(experts, n_group, top_k, tokens);
-                let (tile, xs, acc, flag, gflag) =
-                    (sh("sh_tile"), sh("sh_x"), sh("sh_acc"), sh("sh_flag"), sh("sh_gflag"));
+                let (acc, flag, gflag) = (sh("sh_acc"), sh("sh_flag"), sh("sh_gflag"));
                 let (sb, gscore, w_ty) = (sh("sh_sb"), sh("sh_gscore"), sh("sh_w"));
-                let stride = experts + 1;
-                // 1: the block's logits' sums and selection flags cleared.
+                // 1: the block's selection flags cleared.
                 let clear = format!(
                     "%cEG = arith.constant {eg} : index
 scf.for %q = %tid to %cEG step %cT {{
   memref.store %zero, %sh_flag[%q] : {flag}
-  memref.store %zero, %sh_acc[%q] : {acc}
 }}
 %cGG = arith.constant {gg} : index
 scf.for %q = %tid to %cGG step %cT {{
@@ -1334,98 +1513,23 @@ scf.for %q = %tid to %cGG step %cT {{
                     eg = tokens * experts,
                     gg = tokens * n_group,
                 );
-                // 2: per chunk of the gate's columns, its [experts, chunk] tile read row by row (a warp
-                // takes consecutive columns of one expert) into shared memory, column-major with a
-                // padded stride (no bank conflicts either way), and the block's tokens' columns beside
-                // it; then each expert's logits continue their sequential sums over the chunk (the
-                // reference's order, kept in `sh_acc`) — each gate value read once for the tokens.
-                let load = format!(
-                    "%cE = arith.constant {experts} : index
-%cTile = arith.constant {tile_elems} : index
-%cStride = arith.constant {stride} : index
-%cXs = arith.constant {x_elems} : index
-%i0 = arith.muli %chunk, %cCh : index
-scf.for %q = %tid to %cTile step %cT {{
-  %e = arith.divui %q, %cCh : index
-  %j = arith.remui %q, %cCh : index
-  %i = arith.addi %i0, %j : index
-  %in = arith.cmpi ult, %i, %cD : index
-  scf.if %in {{
-{gate}    %slot0 = arith.muli %j, %cStride : index
-    %slot = arith.addi %slot0, %e : index
-    memref.store %gv, %sh_tile[%slot] : {tile}
-  }}
-}}
-scf.for %q = %tid to %cXs step %cT {{
-  %t = arith.divui %q, %cCh : index
-  %j = arith.remui %q, %cCh : index
-  %i = arith.addi %i0, %j : index
-  %i_in = arith.cmpi ult, %i, %cD : index
-  %t_in = arith.cmpi ult, %t, %ntok : index
-  %in = arith.andi %i_in, %t_in : i1
-  scf.if %in {{
-    %trow = arith.addi %row0, %t : index
-    %xv = memref.load %x[%trow, %i] : memref<?x?xf32>
-    memref.store %xv, %sh_x[%q] : {xs}
-  }}
-}}
-",
-                    tile_elems = chunk * experts,
-                    x_elems = chunk * tokens,
-                    gate = indent2(&indent2(&self.load_weight("gv", "%gate", "%e, %i"))),
-                );
-                let token_sums: Vec<String> = (0..tokens)
-                    .map(|t| {
-                        format!(
-                            "    %xo{t} = arith.addi %j, %cxo{t} : index
-    %xv{t} = memref.load %sh_x[%xo{t}] : {xs}
-    %p{t} = arith.mulf %xv{t}, %gv : f32
-    %b{t} = arith.addf %a{t}, %p{t} : f32
-"
-                        )
-                    })
-                    .collect();
-                let carried = |name: &str| (0..tokens).map(|t| format!("%{name}{t}")).collect::<Vec<_>>().join(", ");
-                let types = vec!["f32"; tokens].join(", ");
-                let sums = format!(
-                    "%cE = arith.constant {experts} : index
-%cStride = arith.constant {stride} : index
-%i0 = arith.muli %chunk, %cCh : index
-%left = arith.subi %cD, %i0 : index
-%n = arith.minui %left, %cCh : index
-scf.for %e = %tid to %cE step %cT {{
-{offsets}{loads}  %sums:{tokens} = scf.for %j = %c0 to %n step %c1 iter_args({args}) -> ({types}) {{
-    %slot0 = arith.muli %j, %cStride : index
-    %slot = arith.addi %slot0, %e : index
-    %gv = memref.load %sh_tile[%slot] : {tile}
-{token_sums}    scf.yield {yields} : {types}
-  }}
-{stores}}}
-",
-                    offsets = (0..tokens)
-                        .map(|t| {
-                            format!(
-                                "  %cxo{t} = arith.constant {xo} : index\n  %ct{t} = arith.constant {ao} : index\n  %at{t} = arith.addi %e, %ct{t} : index\n",
-                                xo = t * chunk,
-                                ao = t * experts
-                            )
-                        })
-                        .collect::<String>(),
-                    loads = (0..tokens).map(|t| format!("  %s{t} = memref.load %sh_acc[%at{t}] : {acc}\n")).collect::<String>(),
-                    args = (0..tokens).map(|t| format!("%a{t} = %s{t}")).collect::<Vec<_>>().join(", "),
-                    token_sums = token_sums.concat(),
-                    yields = carried("b"),
-                    stores = (0..tokens)
-                        .map(|t| format!("  memref.store %sums#{t}, %sh_acc[%at{t}] : {acc}\n"))
-                        .collect::<String>(),
-                );
-                // 3: per (token, expert) its score (in place of the logit) and biased score.
+                // 2: per (token, expert) its logit, the pieces summed in split order (consecutive
+                // threads read consecutive experts' pieces), its score and biased score.
                 let logits = format!(
                     "%cE = arith.constant {experts} : index
+%cS = arith.constant {ROUTER_SPLITS} : index
 %all = arith.muli %ntok, %cE : index
 scf.for %q = %tid to %all step %cT {{
+  %t = arith.divui %q, %cE : index
   %e = arith.remui %q, %cE : index
-  %logit = memref.load %sh_acc[%q] : {acc}
+  %prow = arith.addi %row0, %t : index
+  %logit = scf.for %s = %c0 to %cS step %c1 iter_args(%a = %zero) -> (f32) {{
+    %pc0 = arith.muli %s, %cE : index
+    %pc = arith.addi %pc0, %e : index
+    %pv = memref.load %parts[%prow, %pc] : memref<?x?xf32>
+    %a2 = arith.addf %a, %pv : f32
+    scf.yield %a2 : f32
+  }}
   %neg = arith.negf %logit : f32
 {exp}  %den = arith.addf %one, %ex : f32
   %s = arith.divf %one, %den : f32
@@ -1549,8 +1653,6 @@ scf.if %mine {{
 ",
                     scale_bits = scale.to_bits(),
                 );
-                let mut phases = vec![clear];
-                phases.extend(loop_phases("chunk", "nchunks", vec![load, sums]));
                 let select = match lowering {
                     Lowering::Gpu => route_select_warp(
                         RouteShape { experts, n_group, topk_group, top_k, threads: self.threads },
@@ -1560,8 +1662,7 @@ scf.if %mine {{
                     ),
                     Lowering::Cpu => select,
                 };
-                phases.extend([logits, select]);
-                phases
+                vec![clear, logits, select]
             }
             RowOp::Dispatch { experts, shared } => {
                 let (count, off) = (sh("sh_count"), sh("sh_off"));
@@ -1992,24 +2093,30 @@ scf.for %a = %tid to %cD step %cT {{
 "
                     )
                 });
-                let sums: String = (0..tokens)
-                    .map(|t| {
-                        format!(
-                            "    %qi{t} = arith.addi %d, %qoff{t} : index
+                // Per count k of tokens the loops carry.
+                let sums_of = |k: usize| -> String {
+                    (0..k)
+                        .map(|t| {
+                            format!(
+                                "    %qi{t} = arith.addi %d, %qoff{t} : index
     %qv{t} = memref.load %sh_qn[%qi{t}] : {qn}
     %m{t} = arith.mulf %qv{t}, %wv : f32
     %n{t} = arith.addf %s{t}, %m{t} : f32
 "
+                            )
+                        })
+                        .collect()
+                };
+                let stores_of = |k: usize| {
+                    per_token(Some(k), |t| {
+                        format!(
+                            "{}{}memref.store %qb, %qa[%qrow, %a] : memref<?x?xbf16>\n",
+                            query_row(t),
+                            round_bf16(&format!("%acc#{t}"), "%qb")
                         )
                     })
-                    .collect();
-                let stores = per_token(tiled, |t| {
-                    format!(
-                        "{}{}memref.store %qb, %qa[%qrow, %a] : memref<?x?xbf16>\n",
-                        query_row(t),
-                        round_bf16(&format!("%acc#{t}"), "%qb")
-                    )
-                });
+                };
+                let list = |k: usize, f: &dyn Fn(usize) -> String| (0..k).map(f).collect::<Vec<_>>().join(", ");
                 let ropes = per_token(tiled, |t| {
                     format!(
                         "{}scf.for %r = %tid to %cRope step %cT {{
@@ -2022,34 +2129,36 @@ scf.for %a = %tid to %cD step %cT {{
                         round_bf16("%pe", "%pb")
                     )
                 });
-                vec![
-                    format!("{offsets}{loads}"),
-                    // q_abs[a] = sum_d q_nope[d] W_UK[d, a] per token, then the rope query, in bf16.
+                // q_abs[a] = sum_d q_nope[d] W_UK[d, a] per token (a block of one token carrying one
+                // sum: [`one_token_or_all`]), then the rope query, in bf16. In order over d, by the
+                // 128-row blocks of kv_b the head's rows cross: each block's scale read once (e4m3
+                // weights), not once a weight.
+                let q_abs = one_token_or_all(tiled, |k| {
                     format!(
-                        // In order over d, by the 128-row blocks of kv_b the head's rows cross: each
-                        // block's scale read once (e4m3 weights), not once a weight.
-                        "{BF16_CONSTANTS}{offsets}%rb_first = arith.divui %head_row, %c128 : index
+                        "%rb_first = arith.divui %head_row, %c128 : index
 %head_end = arith.addi %head_row, %cNope : index
 %rb_end = arith.ceildivui %head_end, %c128 : index
 scf.for %a = %tid to %cD step %cT {{
-  %acc:{tokens} = scf.for %rb = %rb_first to %rb_end step %c1 iter_args({block_inits}) -> ({types}) {{
+  %acc:{k} = scf.for %rb = %rb_first to %rb_end step %c1 iter_args({block_inits}) -> ({types}) {{
 {scale}    %rb_lo0 = arith.muli %rb, %c128 : index
     %rb_lo = arith.maxui %rb_lo0, %head_row : index
     %rb_hi0 = arith.addi %rb_lo0, %c128 : index
     %rb_hi = arith.minui %rb_hi0, %head_end : index
-    %blk:{tokens} = scf.for %wrow = %rb_lo to %rb_hi step %c1 iter_args({inits}) -> ({types}) {{
+    %blk:{k} = scf.for %wrow = %rb_lo to %rb_hi step %c1 iter_args({inits}) -> ({types}) {{
       %d = arith.subi %wrow, %head_row : index
 {w}{sums}      scf.yield {yields} : {types}
     }}
     scf.yield {block_yields} : {types}
   }}
 {stores}}}
-{ropes}",
-                        inits = (0..tokens).map(|t| format!("%s{t} = %bs{t}")).collect::<Vec<_>>().join(", "),
-                        block_inits = (0..tokens).map(|t| format!("%bs{t} = %zero")).collect::<Vec<_>>().join(", "),
-                        block_yields = (0..tokens).map(|t| format!("%blk#{t}")).collect::<Vec<_>>().join(", "),
-                        types = vec!["f32"; tokens].join(", "),
-                        yields = (0..tokens).map(|t| format!("%n{t}")).collect::<Vec<_>>().join(", "),
+",
+                        sums = sums_of(k),
+                        stores = stores_of(k),
+                        inits = list(k, &|t| format!("%s{t} = %bs{t}")),
+                        block_inits = list(k, &|t| format!("%bs{t} = %zero")),
+                        block_yields = list(k, &|t| format!("%blk#{t}")),
+                        types = vec!["f32"; k].join(", "),
+                        yields = list(k, &|t| format!("%n{t}")),
                         scale = if self.weight == "bf16" {
                             String::new()
                         } else {
@@ -2064,8 +2173,9 @@ scf.for %a = %tid to %cD step %cT {{
                             "%wv",
                             (self.weight != "bf16").then_some("%wblk_s")
                         ))),
-                    ),
-                ]
+                    )
+                });
+                vec![format!("{offsets}{loads}"), format!("{BF16_CONSTANTS}{offsets}{q_abs}{ropes}")]
             }
             RowOp::Fp8Latent => {
                 // The e4m3 bytes as they are; each scale's four bytes (little-endian) as its f32.
@@ -2622,19 +2732,54 @@ scf.for %i = %tid to %cD step %cT {{
             .to_string()
                 + MLA_CHUNKS;
         }
-        if let RowOp::Route { experts, n_group, top_k, tokens, .. } = self.op {
+        if let RowOp::Route { tokens, .. } = self.op {
             // The block's tokens `%row0..` (`%ntok` of them).
             return format!(
-                "%cCh = arith.constant {chunk} : index
-%nchunks = arith.ceildivui %cD, %cCh : index
-%cTok = arith.constant {tokens} : index
+                "%cTok = arith.constant {tokens} : index
 %row0 = arith.muli %row, %cTok : index
+%nrows = memref.dim %parts, %c0 : memref<?x?xf32>
+%row_end0 = arith.addi %row0, %cTok : index
+%row_end = arith.minui %row_end0, %nrows : index
+%ntok = arith.subi %row_end, %row0 : index
+"
+            );
+        }
+        if let RowOp::RouteLogits { experts, tokens } = self.op {
+            // Block (token block, split, expert tile): tokens `%row0..` (`%ntok`), experts
+            // `%e0..` (`%ne`), columns `%k0..%k1` in chunks.
+            let tile = experts.min(ROUTE_EXPERT_TILE);
+            return format!(
+                "%cTok = arith.constant {tokens} : index
+%cParts = arith.constant {parts} : index
+%cTiles = arith.constant {tiles} : index
+%cTE0 = arith.constant {tile} : index
+%cE0 = arith.constant {experts} : index
+%cWidth = arith.constant {width} : index
+%cCh = arith.constant {chunk} : index
+%tb = arith.divui %row, %cParts : index
+%part = arith.remui %row, %cParts : index
+%split = arith.divui %part, %cTiles : index
+%etile = arith.remui %part, %cTiles : index
+%row0 = arith.muli %tb, %cTok : index
 %nrows = memref.dim %x, %c0 : memref<?x?xf32>
 %row_end0 = arith.addi %row0, %cTok : index
 %row_end = arith.minui %row_end0, %nrows : index
 %ntok = arith.subi %row_end, %row0 : index
+%e0 = arith.muli %etile, %cTE0 : index
+%e_end0 = arith.addi %e0, %cTE0 : index
+%e_end = arith.minui %e_end0, %cE0 : index
+%ne = arith.subi %e_end, %e0 : index
+%k0a = arith.muli %split, %cWidth : index
+%k0 = arith.minui %k0a, %cD : index
+%k1a = arith.addi %k0, %cWidth : index
+%k1 = arith.minui %k1a, %cD : index
+%nk = arith.subi %k1, %k0 : index
+%nchunks = arith.ceildivui %nk, %cCh : index
 ",
-                chunk = route_chunk(experts, n_group, top_k, tokens)
+                parts = self.blocks_per_row(),
+                tiles = experts.div_ceil(ROUTE_EXPERT_TILE),
+                width = self.d.div_ceil(ROUTER_SPLITS),
+                chunk = route_chunk(self.d),
             );
         }
         if let RowOp::SplitRope { .. } = self.op {
@@ -2971,24 +3116,49 @@ scf.for %e = %tid to {e} step %cT {{
     }
 }
 
-/// Most tokens a block of prefill's routing kernel takes ([`RowOp::Route`]): each gate value it
-/// reads serves them all (decode's takes one). Fewer where their arrays would not fit
-/// ([`route_tokens`]).
+/// Tokens a block of prefill's routing kernels take ([`RowOp::RouteLogits`]: each gate value it
+/// reads serves them all; [`RowOp::Route`]: a warp each selects); decode's take one. Fewer where the
+/// selection's arrays would not fit ([`route_tokens`]).
 pub const ROUTE_TOKENS: usize = 8;
 
-/// The routing kernel's shared arrays with `chunk` gate columns a tile, and their elements: per
-/// chunk, the gate tile (padded) and the tokens' columns; per token of the block, its logits (then
-/// scores), biased scores, flags, group scores and flags, chosen scores.
-fn route_arrays(
-    experts: usize,
-    n_group: usize,
-    top_k: usize,
-    tokens: usize,
-    chunk: usize,
-) -> Vec<(&'static str, usize)> {
+/// Tokens a block of decode's [`RowOp::RouteLogits`] takes: as fast as one at batch 1 (a thread
+/// still sums one token's expert: the block's 4 x 64 sums fit its 256 threads), a quarter of the
+/// gate's reads at larger batches (simulated at DeepSeek-V3's width, 8 tokens: 466,944 -> 122,880
+/// global requests, the longest thread 6,769 -> 6,825 instructions).
+pub const ROUTE_DECODE_TOKENS: usize = 4;
+
+/// Experts a block of [`RowOp::RouteLogits`] sums (a thread each per token).
+pub const ROUTE_EXPERT_TILE: usize = 64;
+
+/// Most gate columns per shared-memory tile of [`RowOp::RouteLogits`] (a split's columns in chunks).
+const ROUTE_CHUNK: usize = 128;
+
+/// [`RowOp::RouteLogits`]'s chunk `%chunk` of its split's columns `%k0..%k1`: from `%i0`, `%n` of
+/// them (the last chunk's fewer).
+const ROUTE_CHUNK_COLUMNS: &str = "%i0c = arith.muli %chunk, %cCh : index
+%i0 = arith.addi %k0, %i0c : index
+%left = arith.subi %k1, %i0 : index
+%n = arith.minui %left, %cCh : index
+";
+
+/// Consecutive tokens one thread of [`RowOp::RouteLogits`] sums an expert's tile for (each gate
+/// value read from shared memory once for them): the block's (token, expert) sums spread over its
+/// threads, a divisor of `tokens`.
+fn route_tokens_per_thread(tokens: usize, tile: usize, threads: usize) -> usize {
+    let most = (tokens * tile).div_ceil(threads).max(1);
+    (1..=most.min(tokens)).rev().find(|p| tokens % p == 0).unwrap_or(1)
+}
+
+/// Gate columns per tile of [`RowOp::RouteLogits`] over rows of `d`: a split's columns (a power of
+/// two), at most [`ROUTE_CHUNK`] — a narrow split's tile holds no columns no thread loads.
+fn route_chunk(d: usize) -> usize {
+    d.div_ceil(ROUTER_SPLITS).next_power_of_two().min(ROUTE_CHUNK)
+}
+
+/// The routing kernel's shared arrays and their elements: per token of the block, its scores,
+/// biased scores, flags, group scores and flags, chosen scores.
+fn route_arrays(experts: usize, n_group: usize, top_k: usize, tokens: usize) -> Vec<(&'static str, usize)> {
     vec![
-        ("sh_tile", chunk * (experts + 1)),
-        ("sh_x", chunk * tokens),
         ("sh_acc", tokens * experts),
         ("sh_sb", tokens * experts),
         ("sh_flag", tokens * experts),
@@ -2998,30 +3168,15 @@ fn route_arrays(
     ]
 }
 
-/// Elements (4-byte) of [`route_arrays`].
-fn route_floats(experts: usize, n_group: usize, top_k: usize, tokens: usize, chunk: usize) -> usize {
-    route_arrays(experts, n_group, top_k, tokens, chunk).iter().map(|(_, n)| n).sum()
-}
-
 /// Tokens a block of prefill's routing kernel takes: [`ROUTE_TOKENS`], halved while their arrays
-/// beside a 16-column tile would pass the static limit (Kimi K2's 384 experts: 4).
+/// would pass the static limit.
 pub fn route_tokens(experts: usize, n_group: usize, top_k: usize) -> usize {
+    let floats = |tokens| route_arrays(experts, n_group, top_k, tokens).iter().map(|(_, n)| n).sum::<usize>();
     let mut tokens = ROUTE_TOKENS;
-    while tokens > 1 && 4 * route_floats(experts, n_group, top_k, tokens, 16) > STATIC_SHARED_LIMIT {
+    while tokens > 1 && 4 * floats(tokens) > STATIC_SHARED_LIMIT {
         tokens /= 2;
     }
     tokens
-}
-
-/// Gate columns per shared-memory tile of the routing kernel: 32 for one token a block, 16 beside
-/// several tokens' logits — halved while the arrays would pass the static limit (Kimi K2's 384
-/// experts, one token a block: 16).
-fn route_chunk(experts: usize, n_group: usize, top_k: usize, tokens: usize) -> usize {
-    let mut chunk = if tokens == 1 { 32 } else { 16 };
-    while chunk > 1 && 4 * route_floats(experts, n_group, top_k, tokens, chunk) > STATIC_SHARED_LIMIT {
-        chunk /= 2;
-    }
-    chunk
 }
 
 /// A phase list item that opens a loop around the phases up to the matching [`LOOP_END`]: the rest
@@ -3103,6 +3258,25 @@ fn block_token(tiled: Option<usize>, t: usize) -> String {
 "
         ),
         None => "%bt0 = arith.addi %b, %c0 : index\n%okt0 = arith.constant true\n".into(),
+    }
+}
+
+/// `text(k)` for a block's tokens, `k` the tokens its loops carry a sum each for: with several
+/// tokens a block (`tiled`), a block holding one (decode at batch 1, or a batch's last token)
+/// branches to `text(1)` — one sum carried, not `tokens` of which all but one are never stored.
+fn one_token_or_all(tiled: Option<usize>, text: impl Fn(usize) -> String) -> String {
+    match tiled {
+        Some(n) if n > 1 => format!(
+            "%ntok_b = arith.subi %n_b, %b0 : index
+%one_token = arith.cmpi eq, %ntok_b, %c1 : index
+scf.if %one_token {{
+{}}} else {{
+{}}}
+",
+            text(1),
+            text(n)
+        ),
+        other => text(other.unwrap_or(1)),
     }
 }
 
@@ -4205,23 +4379,28 @@ mod tests {
     }
 
     /// Routing through the CPU lowering against the reference's `route` (bit for bit: the same
-    /// sequential logits, libm's exp, the same selection order), with and without normalization, on
-    /// near ties (equal logits for some experts), then the counting sort against the CPU
-    /// backend's layout (offsets, tokens in order per expert, the shared expert last).
+    /// logits in split order, libm's exp, the same selection order), with and without
+    /// normalization, on near ties (equal logits for some experts), then the counting sort against
+    /// the CPU backend's layout (offsets, tokens in order per expert, the shared expert last). The
+    /// PTX (simulated) writes the same logits' pieces and picks the same experts.
     #[test]
     fn routing_and_dispatch_match_the_reference() {
         // (43 tokens: the dispatch's 32 chunks of pairs hold several each; the routing's last block
         // of 8 tokens partial.)
         let rows = 43;
-        // (100 columns: the gate's last tile of 16 partial.)
-        // Decode's one token a block and prefill's several (the last block partial). Kimi K2's 384
-        // experts in one group: 4 tokens a block and tiles of 16 columns, else the arrays would not
-        // fit (decode's tile of 32 alone would take 49,280 B).
-        assert_eq!((route_tokens(16, 4, 4), route_tokens(256, 8, 8), route_tokens(384, 1, 8)), (8, 8, 4));
-        assert_eq!((route_chunk(256, 8, 8, 1), route_chunk(384, 1, 8, 1), route_chunk(384, 1, 8, 4)), (32, 16, 16));
-        let cases = [(96, true, 4, 4, 2, 16), (100, false, 3, 8, 3, 16), (100, true, 8, 1, 1, 384)]
-            .into_iter()
-            .flat_map(|c| [(c, 1), (c, route_tokens(c.5, c.3, c.2))]);
+        // Decode's one token a block and prefill's several (the last block partial). Columns:
+        // splits of 6 and 7 (the last ones shorter), of 132 (a chunk of 128 and one of 4; the last
+        // split's 120). Experts: 16, 96 (a tile of 64 and a partial one), Kimi K2's 384 in one group.
+        assert_eq!((route_tokens(16, 4, 4), route_tokens(256, 8, 8), route_tokens(384, 1, 8)), (8, 8, 8));
+        let cases = [
+            (96, true, 4, 4, 2, 16),
+            (100, false, 3, 8, 3, 16),
+            (100, true, 8, 1, 1, 384),
+            (2100, true, 4, 4, 2, 16),
+            (100, false, 6, 6, 3, 96),
+        ]
+        .into_iter()
+        .flat_map(|c| [(c, 1), (c, route_tokens(c.5, c.3, c.2))]);
         for ((d, norm, top_k, n_group, topk_group, experts), tokens) in cases {
             let r = v3c_models::graph::Routing {
                 top_k,
@@ -4230,7 +4409,7 @@ mod tests {
                 norm_topk_prob: norm,
                 routed_scaling_factor: 2.5,
             };
-            let mut x = values(rows * d, 20, 2.0);
+            let x = values(rows * d, 20, 2.0);
             let gate32 = values(experts * d, 21, 0.5);
             let mut gate: Vec<u16> = gate32.iter().map(|&v| f32_to_bf16(v)).collect();
             // Experts 3 and 5 share a gate row: their scores tie ...
@@ -4241,42 +4420,73 @@ mod tests {
             let mut bias = values(experts, 22, 0.1);
             // ... and their biases, large enough that both are chosen: the order says who won the tie.
             (bias[3], bias[5]) = (1.0, 1.0);
-            let (mut idx, mut w) = (vec![-1i32; rows * top_k], vec![f32::NAN; rows * top_k]);
+            // Decode's logits take 4 tokens a block where its selection takes one.
+            let logits_tokens = if tokens == 1 { ROUTE_DECODE_TOKENS } else { tokens };
+            let logits_kernel = RowKernel::new(RowOp::RouteLogits { experts, tokens: logits_tokens }, d, "bf16");
             let op = RowOp::Route { experts, top_k, n_group, topk_group, norm, scale: 2.5, tokens };
-            let kernel = RowKernel::new(op, d, "bf16");
-            assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
-            assert!(kernel.shared_memory_bytes() <= STATIC_SHARED_LIMIT, "{}", kernel.kernel_name());
-            run_cpu(
-                &kernel,
-                &[
-                    raw(&mut x, &[rows, d], "f32"),
-                    raw(&mut gate, &[experts, d], "bf16"),
-                    raw(&mut bias, &[experts], "f32"),
-                    raw(&mut idx, &[rows, top_k], "i32"),
-                    raw(&mut w, &[rows, top_k], "f32"),
-                ],
-            );
-            let logits = kernels::matmul_nt(&x, &g_ref, rows, d, experts);
+            let kernel = RowKernel::new(op, experts, "f32");
+            for k in [&logits_kernel, &kernel] {
+                assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k.clone()));
+                assert!(k.shared_memory_bytes() <= STATIC_SHARED_LIMIT, "{}", k.kernel_name());
+            }
+            // Every piece, the reference's split sums.
+            let width = d.div_ceil(ROUTER_SPLITS);
+            let mut want_parts = vec![0f32; rows * ROUTER_SPLITS * experts];
+            for t in 0..rows {
+                for s in 0..ROUTER_SPLITS {
+                    for e in 0..experts {
+                        let cols = (s * width).min(d)..((s + 1) * width).min(d);
+                        want_parts[(t * ROUTER_SPLITS + s) * experts + e] =
+                            cols.fold(0f32, |a, i| a + x[t * d + i] * g_ref[e * d + i]);
+                    }
+                }
+            }
+            let pieces = |lowering: &str, run: &dyn Fn(&RowKernel, &[RawBuffer], usize)| {
+                let (mut x, mut gate, mut bias) = (x.clone(), gate.clone(), bias.clone());
+                let mut parts = vec![f32::NAN; rows * ROUTER_SPLITS * experts];
+                let (mut idx, mut w) = (vec![-1i32; rows * top_k], vec![f32::NAN; rows * top_k]);
+                let parts_shape = [rows, ROUTER_SPLITS * experts];
+                let blocks = rows.div_ceil(tokens);
+                run(
+                    &logits_kernel,
+                    &[
+                        raw(&mut x, &[rows, d], "f32"),
+                        raw(&mut gate, &[experts, d], "bf16"),
+                        raw(&mut parts, &parts_shape, "f32"),
+                    ],
+                    rows.div_ceil(logits_tokens) * logits_kernel.blocks_per_row(),
+                );
+                assert!(
+                    parts.iter().zip(&want_parts).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{lowering} {}: the pieces",
+                    logits_kernel.kernel_name()
+                );
+                run(
+                    &kernel,
+                    &[
+                        raw(&mut parts, &parts_shape, "f32"),
+                        raw(&mut bias, &[experts], "f32"),
+                        raw(&mut idx, &[rows, top_k], "i32"),
+                        raw(&mut w, &[rows, top_k], "f32"),
+                    ],
+                    blocks,
+                );
+                (idx, w)
+            };
+            let (mut idx, mut w) = pieces("CPU", &|k, b, _| run_cpu(k, b));
+            let logits = kernels::router_logits(&x, &g_ref, rows, d, experts);
             for t in 0..rows {
                 let (want_idx, want_w) = kernels::route(&logits[t * experts..(t + 1) * experts], &bias, &r);
                 let got: Vec<usize> = idx[t * top_k..(t + 1) * top_k].iter().map(|&i| i as usize).collect();
                 assert_eq!(got, want_idx, "token {t} (norm {norm}): experts");
                 assert_eq!(&w[t * top_k..(t + 1) * top_k], &want_w[..], "token {t} (norm {norm}): weights");
             }
-            // The PTX (a warp per token picks, by shuffles): the same experts in the same order,
-            // the weights within the GPU's exp.
-            let (mut gpu_idx, mut gpu_w) = (vec![-1i32; rows * top_k], vec![f32::NAN; rows * top_k]);
-            run_simulated(
-                &kernel,
-                &[
-                    raw(&mut x, &[rows, d], "f32"),
-                    raw(&mut gate, &[experts, d], "bf16"),
-                    raw(&mut bias, &[experts], "f32"),
-                    raw(&mut gpu_idx, &[rows, top_k], "i32"),
-                    raw(&mut gpu_w, &[rows, top_k], "f32"),
-                ],
-                rows.div_ceil(tokens),
-            );
+            // The PTX (logits' blocks spread over splits and expert tiles; a warp per token picks,
+            // by shuffles): the same pieces, the same experts in the same order, the weights within
+            // the GPU's exp.
+            let (gpu_idx, gpu_w) = pieces("PTX", &|k, b, blocks| {
+                run_simulated(k, b, blocks);
+            });
             assert_eq!(gpu_idx, idx, "{}: experts", kernel.kernel_name());
             for (i, (g, c)) in gpu_w.iter().zip(&w).enumerate() {
                 assert!((g - c).abs() <= 1e-5 * c.abs(), "{}: weight {i} {g}, CPU {c}", kernel.kernel_name());
