@@ -1133,6 +1133,22 @@ impl Cta<'_> {
         let base = w * 32;
         let lanes = (self.threads.len() - base).min(32);
         let src_vals = (0..lanes).map(|l| self.value(base + l, &ins.args[1])).collect::<Result<Vec<u64>, String>>()?;
+        // Every lane the member mask names must execute this shuffle: on the hardware a lane that
+        // has exited (or a block's lane that does not exist) leaves the others waiting, or reading
+        // what no one wrote.
+        if let Some(m) = ins.args.get(4) {
+            for &t in live {
+                let members = self.value(t, m).map_err(|e| self.err(t, pc, e))? as u32;
+                if let Some(l) = (0..32).find(|&l| members >> l & 1 == 1 && !live.contains(&(base + l))) {
+                    let why = if l < lanes { "has exited" } else { "does not exist in the block" };
+                    return Err(self.err(
+                        t,
+                        pc,
+                        format!("shfl.sync's member mask {members:#010x} names lane {l}, which {why}"),
+                    ));
+                }
+            }
+        }
         let mut results = Vec::new();
         for &t in live {
             let lane = t - base;

@@ -339,13 +339,23 @@ $L__end:
         text.push_str(
             "\tmul.wide.u32 %rd2, %r1, 4;\n\tadd.s64 %rd3, %rd1, %rd2;\n\tst.global.b32 [%rd3], %r2;\n\tret;\n}",
         );
-        let module = Module::parse(&text).unwrap();
-        let mut out = [0u32; 32];
+        let want: Vec<u32> = (1..=32).map(|l| l * (l + 1) / 2).collect();
+        assert_eq!(lanes_out(&text, 32).unwrap(), want);
+        let bad = text.replace("selp.b32 %r4, %r3, 0, %p1", "selp.b32 %r4|%p1, %r3, 0, %p1");
+        let e = Module::parse(&bad).unwrap_err();
+        assert!(e.contains("'d|p' outside shfl.sync"), "{e}");
+    }
+
+    /// The 32 words a one-CTA launch of `text` (its one parameter: them, `u32::MAX` until written)
+    /// on `threads` threads leaves.
+    fn lanes_out(text: &str, threads: u32) -> Result<Vec<u32>, String> {
+        let module = Module::parse(text)?;
+        let mut out = [u32::MAX; 32];
         let params = [out.as_mut_ptr() as u64];
         let only = [(out.as_ptr() as u64, 128)];
         let launch = Launch {
             grid: [1, 1],
-            threads: 32,
+            threads,
             dynamic_shared: 0,
             params: &params,
             tensor_maps: &[],
@@ -354,12 +364,31 @@ $L__end:
             checks: Checks::default(),
         };
         // SAFETY: the one parameter is `out`, and accesses are held to it.
-        unsafe { run(&module.kernels[0], &launch) }.unwrap();
-        let want: Vec<u32> = (1..=32).map(|l| l * (l + 1) / 2).collect();
-        assert_eq!(out.to_vec(), want);
-        let bad = text.replace("selp.b32 %r4, %r3, 0, %p1", "selp.b32 %r4|%p1, %r3, 0, %p1");
-        let e = Module::parse(&bad).unwrap_err();
-        assert!(e.contains("'d|p' outside shfl.sync"), "{e}");
+        unsafe { run(&module.kernels[0], &launch) }?;
+        Ok(out.to_vec())
+    }
+
+    /// A shuffle whose member mask names a lane that has exited, or one the block does not have,
+    /// fails the launch (on the hardware the others would wait, or read what no one wrote); a mask
+    /// of the lanes that shuffle does not.
+    #[test]
+    fn shuffles_need_every_lane_their_mask_names() {
+        let shuffle = |mask: &str, exit_from: u32, threads: u32| -> Result<Vec<u32>, String> {
+            let text = format!(
+                ".visible .entry part(\n\t.param .u64 part_param_0\n)\n.maxntid 32, 1, 1\n{{\n\t.reg .pred %p<2>;\n\
+                 \t.reg .b32 %r<4>;\n\t.reg .b64 %rd<4>;\n\tld.param.b64 %rd1, [part_param_0];\n\tmov.u32 %r1, %tid.x;\n\
+                 \tsetp.ge.u32 %p1, %r1, {exit_from};\n\t@%p1 ret;\n\tshfl.sync.bfly.b32 %r2, %r1, 1, 31, {mask};\n\
+                 \tmul.wide.u32 %rd2, %r1, 4;\n\tadd.s64 %rd3, %rd1, %rd2;\n\tst.global.b32 [%rd3], %r2;\n\tret;\n}}"
+            );
+            lanes_out(&text, threads)
+        };
+        let half: Vec<u32> = (0..16).map(|l| l ^ 1).chain([u32::MAX; 16]).collect();
+        assert_eq!(shuffle("65535", 16, 32).unwrap(), half);
+        let e = shuffle("-1", 16, 32).unwrap_err();
+        assert!(e.contains("member mask 0xffffffff names lane 16, which has exited"), "{e}");
+        let e = shuffle("-1", 32, 16).unwrap_err();
+        assert!(e.contains("names lane 16, which does not exist in the block"), "{e}");
+        assert_eq!(shuffle("-1", 32, 32).unwrap(), (0..32).map(|l| l ^ 1).collect::<Vec<u32>>());
     }
 
     #[test]
