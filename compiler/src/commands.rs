@@ -2128,7 +2128,9 @@ fn simulated_profile(
     }
     if simulation.checks.races {
         let launches: usize = by_kernel.values().map(|(n, _)| n).sum();
-        out.push_str(&format!("no data race on shared memory in {launches} launches (happens-before check)\n"));
+        out.push_str(&format!(
+            "no data race on shared or global memory in {launches} launches (happens-before check)\n"
+        ));
     }
     if simulation.worst_accesses > 0 {
         out.push_str(&worst_accesses(by_kernel, simulation.worst_accesses));

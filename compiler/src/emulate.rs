@@ -409,7 +409,8 @@ impl<'a, 'c> Emulator<'a, 'c> {
     /// kernels' own instructions — instead of the row kernels' CPU lowering and the GEMM and
     /// attention kernels' semantics; every global access is checked against the emulated
     /// device's allocations; each launch run and checked as `checks` says (with
-    /// [`v3c_ptxsim::Checks::races`], a data race on shared memory fails it).
+    /// [`v3c_ptxsim::Checks::races`], a data race on shared memory, or on global memory between
+    /// CTAs, fails it).
     pub fn simulate_ptx(&mut self, checks: v3c_ptxsim::Checks) {
         self.ptx.get_or_insert_with(HashMap::new);
         self.checks = checks;

@@ -83,7 +83,9 @@ struct EmulateArgs {
     ptx: bool,
     /// With --ptx: also check every launch for data races on shared memory (happens-before over
     /// barriers, mbarriers, the cluster barrier and wgmma; and a proxy fence before a wgmma reads
-    /// what threads wrote). A race fails the run naming both accesses' lines. Slower still.
+    /// what threads wrote) and on global memory between CTAs (ordered only by a GPU-scope fence
+    /// then an atomic, as split-K's hand-off). A race fails the run naming both accesses' lines.
+    /// Slower still.
     #[arg(long, requires = "ptx")]
     races: bool,
     /// With --ptx: under the profile, each kernel's N loads and stores that waste the most, by

@@ -788,10 +788,14 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool) {
         let got = read(&out);
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         let diff = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        let used = stats.global_efficiency();
         eprintln!(
-            "{} (threads reversed: {reversed}): {} CTAs, {} instructions simulated; max |diff| {diff:.3e} of max \
-             |value| {scale:.3e}",
-            kernel.name, stats.ctas, stats.instructions
+            "{} (threads reversed: {reversed}): {} CTAs, {} instructions simulated, {:.0}% of the global sectors' \
+             bytes used; max |diff| {diff:.3e} of max |value| {scale:.3e}",
+            kernel.name,
+            stats.ctas,
+            stats.instructions,
+            100.0 * used
         );
         // f32 sums in another order (a bf16 output: one rounding apart).
         let tolerance = if out_el == "bf16" { 1e-2 } else { 1e-5 };
@@ -803,5 +807,23 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool) {
         // SAFETY: the counters' allocation.
         let left = unsafe { std::slice::from_raw_parts(c as *const i32, scratch.counters) };
         assert!(left.iter().all(|&x| x == 0), "{}: counters {left:?}", kernel.name);
+        // Without the fence before its count, a unit's partial tile is not released to the last
+        // unit, whose reads of it race (found by the launch's global happens-before).
+        let unfenced = kernel.ptx.replacen("membar.gl;", "membar.cta;", 1);
+        assert_ne!(unfenced, kernel.ptx, "{}: a split-K epilogue fences before it counts", kernel.name);
+        let module = v3c_ptxsim::Module::parse(&unfenced).unwrap();
+        // SAFETY: as above.
+        let e = unsafe {
+            v3c_compiler::emulate::simulate_launch(
+                &module.kernels[0],
+                &launch,
+                kernel.threads,
+                kernel.shared_memory_bytes,
+                Some(host.0.regions()),
+                v3c_ptxsim::Checks { reversed: false, races: true },
+            )
+        }
+        .unwrap_err();
+        assert!(e.contains("data race on global byte") && e.contains("no GPU-scope fence and atomic hand-off"), "{e}");
     }
 }

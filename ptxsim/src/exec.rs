@@ -4,10 +4,11 @@
 
 use std::collections::HashMap;
 
+use crate::global_race::{Agent, GlobalAccess, GlobalRace, GlobalRaces};
 use crate::parse::{
     Arith, AtomOp, Cmp, CmpBase, IntRound, Kernel, Kind, Logic, Op, Opnd, ShflMode, Space, Special, Ty, Unary, SINK,
 };
-use crate::race::{Access, Epoch, Race, Races};
+use crate::race::{Access, Byte, Epoch, Race, Races};
 use crate::{Launch, MemoryAccess, Stats, SHARED_WINDOW, TENSOR_MAP_BASE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +106,9 @@ struct Cta<'a> {
     /// Happens-before bookkeeping, when the launch checks for races; the clocks wgmmas in flight
     /// were issued as of, by their `InFlight::id`.
     races: Option<Races>,
+    /// Global memory's happens-before between the launch's CTAs, when it checks for races (one
+    /// for the launch, lent to each CTA as it runs).
+    global: Option<GlobalRaces>,
     issued: HashMap<u64, Vec<u32>>,
     issues: u64,
 }
@@ -320,24 +324,52 @@ impl Cta<'_> {
             return Ok(());
         }
         match self.shared_offset(t, space, addr, bytes)? {
-            Some((cta, off)) => self.race(t, pc, cta, off, bytes, access),
+            Some((cta, offset)) => self.race(t, pc, Byte::Shared { cta, offset }, bytes, access),
+            None if matches!(space, Space::Global | Space::Generic) => {
+                self.race(t, pc, Byte::Global(addr), bytes, access)?;
+                let what = if access == Access::Read { GlobalAccess::Read } else { GlobalAccess::Write };
+                self.global_race(pc, addr, bytes, what)
+            }
             None => Ok(()),
         }
     }
 
-    /// `who`'s access of shared bytes `off..off + bytes` of the cluster's CTA `cta` checked for
-    /// races (when the launch checks) and kept.
-    fn race(
-        &mut self,
-        who: usize,
-        pc: usize,
-        cta: usize,
-        off: usize,
-        bytes: usize,
-        access: Access,
-    ) -> Result<(), String> {
+    /// The access at `pc` of global bytes `addr..addr + bytes` checked against the other
+    /// CTAs' (when the launch checks for races) and kept.
+    fn global_race(&mut self, pc: usize, addr: u64, bytes: usize, what: GlobalAccess) -> Result<(), String> {
+        let Some(g) = &mut self.global else { return Ok(()) };
+        g.access(addr, bytes, pc, what).map_err(|race| self.describe_global(&race))
+    }
+
+    /// A race on global memory, as what this access is not ordered after.
+    fn describe_global(&self, race: &GlobalRace) -> String {
+        let name = |access: GlobalAccess| match access {
+            GlobalAccess::Read => "read",
+            GlobalAccess::Write => "write",
+            GlobalAccess::Atomic => "atomic",
+        };
+        let (access, mark) = race.before;
+        let line = self.k.instrs.get(mark.pc as usize).map_or(0, |i| i.line);
+        let text = self.k.text.get(mark.pc as usize).map_or("", String::as_str);
+        let grid_x = Agent::from(self.launch.grid[0]);
+        let who = match mark.agent {
+            Agent::MAX => "several CTAs' reads (one".to_string(),
+            a => format!("CTA ({}, {})'s {}", (a - 1) % grid_x, (a - 1) / grid_x, name(access)),
+        };
+        let close = if mark.agent == Agent::MAX { ")" } else { "" };
+        format!(
+            "data race on global byte {:#x}: this {} is not ordered after {who} at line {line} '{text}'{close} (no \
+             GPU-scope fence and atomic hand-off between the CTAs)",
+            race.addr,
+            name(race.now)
+        )
+    }
+
+    /// `who`'s access of `bytes` from `at` checked for races among the cluster's threads (when
+    /// the launch checks) and kept.
+    fn race(&mut self, who: usize, pc: usize, at: Byte, bytes: usize, access: Access) -> Result<(), String> {
         let Some(r) = &mut self.races else { return Ok(()) };
-        r.check(who, cta, off, bytes, pc, access).map_err(|race| self.describe(&race))
+        r.check(who, at, bytes, pc, access).map_err(|race| self.describe(&race))
     }
 
     /// A race, as what this access is not ordered after.
@@ -361,19 +393,21 @@ impl Cta<'_> {
             };
             format!("{who} {} at line {line} '{text}'", name(access))
         };
-        let at = if self.ctaids.len() > 1 { format!(" of CTA {}", race.cta) } else { String::new() };
+        let byte = match race.byte {
+            Byte::Shared { cta, offset } if self.ctaids.len() > 1 => format!("shared byte {offset} of CTA {cta}"),
+            Byte::Shared { offset, .. } => format!("shared byte {offset}"),
+            Byte::Global(addr) => format!("global byte {addr:#x}"),
+        };
         if race.unfenced {
             format!(
-                "the {} of shared byte {}{at} follows {} without a fence.proxy.async between that write and the wgmma",
+                "the {} of {byte} follows {} without a fence.proxy.async between that write and the wgmma",
                 name(race.now.0),
-                race.offset,
                 what(race.before)
             )
         } else {
             format!(
-                "data race on shared byte {}{at}: this {} is not ordered after {} (no barrier, mbarrier phase or \
-                 cluster barrier between them)",
-                race.offset,
+                "data race on {byte}: this {} is not ordered after {} (no barrier, mbarrier phase or cluster barrier \
+                 between them)",
                 name(race.now.0),
                 what(race.before)
             )
@@ -713,6 +747,9 @@ impl Cta<'_> {
                 };
                 self.store(t, *space, addr, bytes, mask(new, ty.bits))?;
                 self.set(t, arg(0)?, old)?;
+                if self.shared_offset(t, *space, addr, bytes)?.is_none() && *space != Space::Param {
+                    self.global_race(pc, addr, bytes, GlobalAccess::Atomic)?;
+                }
             }
             Op::Unary(u) => {
                 let x = f32v(self.value(t, arg(1)?)?);
@@ -793,6 +830,11 @@ impl Cta<'_> {
                 }
             }
             Op::Tma { multicast } => self.tma(t, pc, a, *multicast)?,
+            Op::GpuFence => {
+                if let Some(g) = &mut self.global {
+                    g.fence();
+                }
+            }
             Op::ProxyFence => {
                 if let Some(r) = &mut self.races {
                     r.fence_proxy(t);
@@ -1002,7 +1044,7 @@ impl Cta<'_> {
             vec![own]
         };
         for cta in ctas {
-            self.race(t, pc, cta, dst, total, Access::AsyncWrite)?;
+            self.race(t, pc, Byte::Shared { cta, offset: dst }, total, Access::AsyncWrite)?;
             self.shared[cta][dst..dst + total].copy_from_slice(&boxed);
             let mb = self.mbarrier(cta, at)?;
             let phase = mb.phase;
@@ -1450,6 +1492,7 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
         return Err(format!("{}: a grid of {} CTAs in clusters of {cluster}", k.name, launch.grid[0]));
     }
     let mut stats = Stats::default();
+    let mut global = launch.checks.races.then(GlobalRaces::default);
     for y in 0..launch.grid[1] {
         for x0 in (0..launch.grid[0]).step_by(cluster) {
             let mut cta = Cta {
@@ -1478,6 +1521,10 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
                 memory_index: &memory_index,
                 memory_instructions,
                 races: launch.checks.races.then(|| Races::new(threads * cluster, cluster, shared_bytes)),
+                global: global.take().map(|mut g| {
+                    g.begin(y * launch.grid[0] + x0 + 1);
+                    g
+                }),
                 issued: HashMap::new(),
                 issues: 0,
             };
@@ -1537,6 +1584,7 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
                     ));
                 }
             }
+            global = cta.global.take();
             stats.instructions += cta.executed;
             let longest = cta.threads.iter().map(|th| th.executed).max().unwrap_or(0);
             stats.longest_thread = stats.longest_thread.max(longest);

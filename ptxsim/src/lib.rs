@@ -32,13 +32,18 @@
 //!   barriers, mbarrier phases (TMA copies' completed bytes included), the cluster barrier and
 //!   wgmma issue and wait, so a race in the run is found whatever order the threads ran in;
 //!   also a wgmma that reads bytes a thread wrote without a `fence.proxy.async` between.
+//! - Data races on global memory between a launch's CTAs, with the same check (`global_race.rs`):
+//!   unordered but for a GPU-scope fence then an atomic (released) and an atomic at that address
+//!   (acquired), whatever order the CTAs ran in.
 //!
 //! What it does not: timing, memory ordering between CTAs of different clusters (they run in
-//! turn), races in global memory, the hardware's own rounding of wgmma's accumulation (sums
+//! turn; what it checks of it is the races above), races in global memory between a CTA's own
+//! threads, the hardware's own rounding of wgmma's accumulation (sums
 //! here are sequential f32; the tensor cores' fp8 accumulation keeps fewer bits) and of
 //! `ex2.approx`/`lg2.approx` (exact functions here).
 
 mod exec;
+mod global_race;
 pub mod layout;
 pub mod parse;
 mod race;
@@ -91,7 +96,8 @@ pub struct Checks {
     pub reversed: bool,
     /// Look for data races on shared memory, by happens-before (whatever the schedule): an access
     /// not ordered after a conflicting one, or a wgmma that reads what a thread wrote without a
-    /// proxy fence, fails the launch naming both. Slower.
+    /// proxy fence, fails the launch naming both; and on global memory between the launch's CTAs
+    /// (whatever order they run in). Slower.
     pub races: bool,
 }
 
@@ -517,6 +523,133 @@ $L__end:
             let e = handoff("", reversed).unwrap_err();
             assert!(e.contains("data race on shared byte 8"), "{e}");
         }
+    }
+
+    /// Thread 0 stores a global word, thread 32 loads it after `barrier`: `bar.sync` orders the two
+    /// (the word arrives under either schedule); without it, the load races with the store,
+    /// found whichever runs first.
+    #[test]
+    fn a_ctas_threads_race_on_global_memory_without_a_barrier() {
+        let handoff = |barrier: &str, reversed: bool| -> Result<u32, String> {
+            let text = format!(
+                ".visible .entry g(\n\t.param .u64 g_param_0\n)\n.maxntid 64, 1, 1\n{{\n\t.reg .pred %p<3>;\n\
+                 \t.reg .b32 %r<4>;\n\t.reg .b64 %rd<4>;\n\tld.param.b64 %rd1, [g_param_0];\n\tmov.u32 %r1, %tid.x;\n\
+                 \tsetp.ne.b32 %p1, %r1, 0;\n\t@%p1 bra $L__skip;\n\tst.global.b32 [%rd1], 42;\n$L__skip:\n\t{barrier}\n\
+                 \tsetp.ne.b32 %p2, %r1, 32;\n\t@%p2 bra $L__end;\n\tld.global.b32 %r2, [%rd1];\n\
+                 \tst.global.b32 [%rd1+4], %r2;\n$L__end:\n\tret;\n}}"
+            );
+            let mut out = [0u32; 2];
+            let params = [out.as_mut_ptr() as u64];
+            let regions = [(out.as_ptr() as u64, 8)];
+            run_checked(&text, &params, &regions, reversed)?;
+            Ok(out[1])
+        };
+        assert_eq!(handoff("bar.sync 0;", false).unwrap(), 42);
+        assert_eq!(handoff("bar.sync 0;", true).unwrap(), 42);
+        let forward = handoff("membar.gl;", false).unwrap_err();
+        assert!(
+            forward.contains("thread 32, line 18 'ld.global.b32 %r2, [%rd1]': data race on global byte 0x")
+                && forward.contains("this read is not ordered after thread 0's write at line 13"),
+            "{forward}"
+        );
+        let reversed = handoff("membar.gl;", true).unwrap_err();
+        assert!(
+            reversed.contains("thread 0, line 13 'st.global.b32 [%rd1], 42': data race on global byte 0x")
+                && reversed.contains("this write is not ordered after thread 32's read at line 18"),
+            "{reversed}"
+        );
+    }
+
+    /// A kernel whose thread 0 of each CTA runs `body` (`%r2` its CTA, `%rd1` and `%rd2` the two
+    /// parameters), on a grid of `ctas`, checked for races; the first 16 words of `words` are the
+    /// first parameter, the last word the second.
+    fn across_ctas(body: &str, ctas: u32, words: &mut [u32; 17]) -> Result<(), String> {
+        let text = format!(
+            ".visible .entry cross(\n\t.param .u64 cross_param_0,\n\t.param .u64 cross_param_1\n)\n.maxntid 32, 1, 1\n\
+             {{\n\t.reg .pred %p<3>;\n\t.reg .b32 %r<8>;\n\t.reg .b64 %rd<8>;\n\tld.param.b64 %rd1, [cross_param_0];\n\
+             \tld.param.b64 %rd2, [cross_param_1];\n\tmov.u32 %r1, %tid.x;\n\tsetp.ne.b32 %p1, %r1, 0;\n\
+             \t@%p1 bra $L__end;\n\tmov.u32 %r2, %ctaid.x;\n{body}\n$L__end:\n\tret;\n}}"
+        );
+        let module = Module::parse(&text)?;
+        let (data, counter) = words.split_at_mut(16);
+        let params = [data.as_mut_ptr() as u64, counter.as_mut_ptr() as u64];
+        let regions = [(data.as_ptr() as u64, 68)];
+        let launch = Launch {
+            grid: [ctas, 1],
+            threads: 32,
+            dynamic_shared: 0,
+            params: &params,
+            tensor_maps: &[],
+            regions: Some(&regions),
+            max_instructions: 1 << 16,
+            checks: Checks { reversed: false, races: true },
+        };
+        // SAFETY: every global access is checked against the region, the 17 words.
+        unsafe { run(&module.kernels[0], &launch) }.map(|_| ())
+    }
+
+    /// Split-K's hand-off: each of 4 CTAs writes its partial, fences, counts itself in with an
+    /// atomic; the last sums the partials. Without the fence, its reads of the others' partials
+    /// are races.
+    #[test]
+    fn the_last_cta_may_read_what_the_others_released_through_a_fence_and_an_atomic() {
+        let last = |fence: &str| {
+            let mut words = [0u32; 17];
+            let body = format!(
+                "\tmul.wide.u32 %rd3, %r2, 4;\n\tadd.s64 %rd4, %rd1, %rd3;\n\tadd.s32 %r3, %r2, 1;\n\
+                 \tst.global.b32 [%rd4], %r3;\n{fence}\n\tatom.global.add.u32 %r4, [%rd2], 1;\n\
+                 \tsetp.ne.b32 %p2, %r4, 3;\n\t@%p2 bra $L__end;\n\tld.global.b32 %r5, [%rd1];\n\
+                 \tld.global.b32 %r6, [%rd1+4];\n\tadd.s32 %r5, %r5, %r6;\n\tld.global.b32 %r6, [%rd1+8];\n\
+                 \tadd.s32 %r5, %r5, %r6;\n\tld.global.b32 %r6, [%rd1+12];\n\tadd.s32 %r5, %r5, %r6;\n\
+                 \tst.global.b32 [%rd1+32], %r5;"
+            );
+            across_ctas(&body, 4, &mut words).map(|()| (words[8], words[16]))
+        };
+        assert_eq!(last("\tmembar.gl;").unwrap(), (10, 4));
+        assert_eq!(last("\tfence.acq_rel.gpu;").unwrap(), (10, 4));
+        for fence in ["", "\tmembar.cta;"] {
+            let e = last(fence).unwrap_err();
+            assert!(
+                e.contains("CTA (3, 0) thread 0, line 24 'ld.global.b32 %r5, [%rd1]': data race on global byte 0x")
+                    && e.contains(
+                        "this read is not ordered after CTA (0, 0)'s write at line 19 'st.global.b32 [%rd4], %r3'"
+                    ),
+                "{e}"
+            );
+        }
+    }
+
+    /// CTAs writing one word race; writing neighbouring 2-byte halves of words do not; a CTA
+    /// writing what another read races whichever ran first.
+    #[test]
+    fn ctas_sharing_global_bytes_race() {
+        let mut words = [0u32; 17];
+        let e = across_ctas("\tst.global.b32 [%rd1], %r2;", 2, &mut words).unwrap_err();
+        assert!(
+            e.contains("CTA (1, 0) thread 0, line 16 'st.global.b32 [%rd1], %r2': data race on global byte")
+                && e.contains("this write is not ordered after CTA (0, 0)'s write at line 16"),
+            "{e}"
+        );
+        let halves = "\tmul.wide.u32 %rd3, %r2, 2;\n\tadd.s64 %rd4, %rd1, %rd3;\n\tst.global.b16 [%rd4], %r2;";
+        across_ctas(halves, 8, &mut words).unwrap();
+        assert_eq!(words[..4], [0x1_0000, 0x3_0002, 0x5_0004, 0x7_0006]);
+        let read_then_write = "\tsetp.ne.b32 %p2, %r2, 0;\n\t@%p2 bra $L__writer;\n\tld.global.b32 %r3, [%rd1+4];\n\
+                               \tst.global.b32 [%rd1+32], %r3;\n\tbra.uni $L__end;\n$L__writer:\n\tst.global.b32 [%rd1+4], %r2;";
+        let e = across_ctas(read_then_write, 2, &mut words).unwrap_err();
+        assert!(
+            e.contains("CTA (1, 0) thread 0") && e.contains("this write is not ordered after CTA (0, 0)'s read"),
+            "{e}"
+        );
+        // Two CTAs reading it, then a third writing.
+        let readers = read_then_write
+            .replace("%p2, %r2, 0", "%p2, %r2, 1")
+            .replace("setp.ne", "setp.gt")
+            .replace("\tst.global.b32 [%rd1+32], %r3;\n", "");
+        let e = across_ctas(&readers, 3, &mut words).unwrap_err();
+        assert!(
+            e.contains("CTA (2, 0) thread 0") && e.contains("not ordered after several CTAs' reads (one at line"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -247,6 +247,10 @@ pub enum Op {
     /// `fence.proxy.async`: the thread's shared-memory writes so far ordered before the async
     /// proxy's (wgmma operand) reads that come after it.
     ProxyFence,
+    /// A GPU- (or system-) scope memory fence: `membar.gl`, `fence.sc.gpu`, `fence.acq_rel.gpu`:
+    /// with an atomic after it, what the CTA wrote is released to the CTAs that atomic's address
+    /// hands off to.
+    GpuFence,
     /// Other fences, prefetches, register reallocation: nothing to do.
     Nop,
 }
@@ -685,6 +689,8 @@ fn decode(opcode: &str) -> Result<Op, String> {
         "wgmma" if has("commit_group") => Ok(Op::WgmmaCommit),
         "wgmma" if has("wait_group") => Ok(Op::WgmmaWait),
         "fence" if has("proxy") && has("async") => Ok(Op::ProxyFence),
+        "membar" if has("gl") || has("sys") => Ok(Op::GpuFence),
+        "fence" if (has("sc") || has("acq_rel")) && (has("gpu") || has("sys")) => Ok(Op::GpuFence),
         "wgmma" | "fence" | "membar" | "prefetch" | "setmaxnreg" => Ok(Op::Nop),
         _ => unsupported(),
     }

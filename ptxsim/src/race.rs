@@ -1,5 +1,5 @@
-//! Data races on shared memory, found by happens-before (vector clocks), whatever order the
-//! threads happen to run in.
+//! Data races on shared memory, and on global memory between the threads of a cluster, found by
+//! happens-before (vector clocks), whatever order the threads happen to run in.
 //!
 //! Every thread of a cluster has a vector clock; so has each warpgroup's tensor cores (the agent
 //! that reads wgmma operands). Synchronization moves clocks:
@@ -18,8 +18,41 @@
 //! read; the tensor cores' read of bytes a thread wrote (the generic proxy) also needs that thread's
 //! `fence.proxy.async` between the write and the wgmma's issue. The first access that breaks one
 //! of these fails the launch, naming both accesses. Atomics on shared memory are not checked.
+//!
+//! Global bytes a cluster's threads load and store are kept the same way (for as long as the
+//! cluster runs; between clusters, [`crate::global_race`]): `bar.sync` and mbarriers order them as
+//! they order shared memory. Global atomics are not checked here.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hashes the checks' keys (addresses, bytes) by a multiplication: they are looked up for every byte
+/// a checked launch touches, where the standard hasher's cost showed.
+#[derive(Default)]
+pub(crate) struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+}
+
+/// A map keyed by addresses, hashed by [`AddressHasher`].
+pub(crate) type AddressMap<K, V> = HashMap<K, V, BuildHasherDefault<AddressHasher>>;
 
 /// Who accessed a byte and when: the accessor (a thread of the cluster, or past them a
 /// warpgroup's tensor cores), its own clock then, and the instruction.
@@ -52,11 +85,17 @@ pub(crate) enum Access {
     TensorRead,
 }
 
+/// A byte the check keeps: of a cluster CTA's shared memory, or of global memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Byte {
+    Shared { cta: usize, offset: usize },
+    Global(u64),
+}
+
 /// A race found: the byte, the access now and the one it is not ordered after.
 #[derive(Debug, Clone)]
 pub(crate) struct Race {
-    pub cta: usize,
-    pub offset: usize,
+    pub byte: Byte,
     pub now: (Access, Epoch),
     pub before: (Access, Epoch),
     /// The earlier write was ordered, but no proxy fence came between it and the tensor cores.
@@ -68,7 +107,8 @@ pub(crate) struct Races {
     threads: usize,
     clocks: Vec<Vec<u32>>,
     cells: Vec<Vec<Cell>>,
-    reads: HashMap<(usize, usize), Vec<Epoch>>,
+    global: AddressMap<u64, Cell>,
+    reads: AddressMap<Byte, Vec<Epoch>>,
     /// Per thread, the clocks at which it executed `fence.proxy.async` (ascending).
     fences: Vec<Vec<u32>>,
     /// Per mbarrier (CTA, offset): the arrivals of its current phase, and its completed phases.
@@ -96,7 +136,8 @@ impl Races {
             threads,
             clocks,
             cells: vec![vec![Cell::default(); shared_bytes]; ctas],
-            reads: HashMap::new(),
+            global: AddressMap::default(),
+            reads: AddressMap::default(),
             fences: vec![Vec::new(); threads],
             mbarriers: HashMap::new(),
             cluster: HashMap::new(),
@@ -191,8 +232,8 @@ impl Races {
         let own = self.clocks[agent][agent];
         self.clocks[agent].copy_from_slice(issued);
         self.clocks[agent][agent] = own + 1;
-        for &off in offsets {
-            self.check(agent, cta, off, 1, pc, Access::TensorRead)?;
+        for &offset in offsets {
+            self.check(agent, Byte::Shared { cta, offset }, 1, pc, Access::TensorRead)?;
         }
         let c = self.clocks[agent][agent];
         for t in g * 128..g * 128 + 128 {
@@ -213,22 +254,24 @@ impl Races {
         fences.get(i).is_some_and(|&f| f <= view[w.who as usize])
     }
 
-    /// `who`'s access of `bytes` at shared `off` of the cluster's CTA `cta`, checked and kept.
-    pub fn check(
-        &mut self,
-        who: usize,
-        cta: usize,
-        off: usize,
-        bytes: usize,
-        pc: usize,
-        access: Access,
-    ) -> Result<(), Race> {
+    fn cell(&mut self, b: Byte) -> &mut Cell {
+        match b {
+            Byte::Shared { cta, offset } => &mut self.cells[cta][offset],
+            Byte::Global(addr) => self.global.entry(addr).or_default(),
+        }
+    }
+
+    /// `who`'s access at `pc` of `bytes` from `at`, checked and kept.
+    pub fn check(&mut self, who: usize, at: Byte, bytes: usize, pc: usize, access: Access) -> Result<(), Race> {
         let now = self.epoch(who, pc);
-        let view = &self.clocks[who];
-        for o in off..off + bytes {
-            let cell = self.cells[cta][o];
-            let race =
-                |before: (Access, Epoch), unfenced: bool| Race { cta, offset: o, now: (access, now), before, unfenced };
+        for i in 0..bytes {
+            let byte = match at {
+                Byte::Shared { cta, offset } => Byte::Shared { cta, offset: offset + i },
+                Byte::Global(addr) => Byte::Global(addr + i as u64),
+            };
+            let cell = *self.cell(byte);
+            let view = &self.clocks[who];
+            let race = |before: (Access, Epoch), unfenced: bool| Race { byte, now: (access, now), before, unfenced };
             let w = cell.write;
             if w.who != now.who && !Self::before(w, view) {
                 let was = if cell.write_async { Access::AsyncWrite } else { Access::Write };
@@ -239,31 +282,27 @@ impl Races {
             }
             let writes = matches!(access, Access::Write | Access::AsyncWrite);
             if writes {
-                let reads = if cell.concurrent {
-                    self.reads.get(&(cta, o)).cloned().unwrap_or_default()
-                } else {
-                    vec![cell.read]
-                };
+                let reads =
+                    if cell.concurrent { self.reads.get(&byte).cloned().unwrap_or_default() } else { vec![cell.read] };
                 if let Some(r) = reads.into_iter().find(|r| r.who != now.who && !Self::before(*r, view)) {
                     let was = if r.who as usize >= self.threads { Access::TensorRead } else { Access::Read };
                     return Err(race((was, r), false));
                 }
                 if cell.concurrent {
-                    self.reads.remove(&(cta, o));
+                    self.reads.remove(&byte);
                 }
-                self.cells[cta][o] = Cell { write: now, write_async: access == Access::AsyncWrite, ..Cell::default() };
+                *self.cell(byte) = Cell { write: now, write_async: access == Access::AsyncWrite, ..Cell::default() };
+            } else if cell.concurrent {
+                let view = &self.clocks[who];
+                let set = self.reads.entry(byte).or_default();
+                set.retain(|r| r.who != now.who && !Self::before(*r, view));
+                set.push(now);
+            } else if cell.read.who == now.who || Self::before(cell.read, view) {
+                self.cell(byte).read = now;
             } else {
-                let c = &mut self.cells[cta][o];
-                if c.concurrent {
-                    let set = self.reads.entry((cta, o)).or_default();
-                    set.retain(|r| r.who != now.who && !Self::before(*r, view));
-                    set.push(now);
-                } else if c.read.who == now.who || Self::before(c.read, view) {
-                    c.read = now;
-                } else {
-                    c.concurrent = true;
-                    self.reads.insert((cta, o), vec![c.read, now]);
-                }
+                let c = self.cell(byte);
+                c.concurrent = true;
+                self.reads.insert(byte, vec![cell.read, now]);
             }
         }
         Ok(())
