@@ -23,8 +23,9 @@
 //! to global memory (bounds-checked: ragged M and N), adding the residual when asked; a thread's two
 //! adjacent columns of a row go in one store (their residual in one load) when the buffers allow
 //! (aligned, even N). Split K: each
-//! unit writes its partial tile to a workspace; the last of a tile's units (an atomic counter) sums the
-//! partials in split order — deterministic whatever order the units finish in — applies the epilogue
+//! unit writes its partial tile to a workspace (a pair of columns in one 8-byte store); the last of a
+//! tile's units (an atomic counter, after a GPU-scope fence) sums the partials in split order — a pair
+//! in one 8-byte load a split; deterministic whatever order the units finish in — applies the epilogue
 //! and resets the counter for the next launch.
 //!
 //! Clusters of 2 along M: the two blocks take adjacent row tiles of one tile column; each producer
@@ -1506,132 +1507,194 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         // (f32) or 4 (bf16) bytes — their residual in one load — when both are inside, the rows'
         // length is even and the output (and residual) aligned; else each on its own. Scattered
         // rows add with atomics, one at a time.
-        let direct: String = if c.scatter {
-            elements.iter().map(|x| guarded(x, &store(&format!("%v{x}"), x))).collect()
-        } else {
-            let (bytes, asm, el) = match c.output {
-                GemmOutput::Bf16 => (2, "\"st.global.b32 [$0], $1;\", \"l,r\"", "bf16"),
-                _ => (4, "\"st.global.v2.f32 [$0], {$1, $2};\", \"l,f,f\"", "f32"),
-            };
-            let align = 2 * bytes;
-            let mut d = format!(
-                "%out_base = memref.extract_aligned_pointer_as_index %out : {out_ty} -> index
+        let (bytes, asm, el) = match c.output {
+            GemmOutput::Bf16 => (2, "\"st.global.b32 [$0], $1;\", \"l,r\"", "bf16"),
+            _ => (4, "\"st.global.v2.f32 [$0], {$1, $2};\", \"l,f,f\"", "f32"),
+        };
+        let align = 2 * bytes;
+        // `%pairs_ok`: the output (and residual) aligned for a pair's one access, the rows' length
+        // even.
+        let mut pairs_ok = format!(
+            "%out_base = memref.extract_aligned_pointer_as_index %out : {out_ty} -> index
 %out_misaligned = arith.remui %out_base, %c{align} : index
 %out_aligned = arith.cmpi eq, %out_misaligned, %c0 : index
 %n_odd = arith.remui %n_out, %c2 : index
 %n_even = arith.cmpi eq, %n_odd, %c0 : index
 "
-            );
-            if c.residual {
-                let _ = write!(
-                    d,
-                    "%res_base = memref.extract_aligned_pointer_as_index %residual : {out_ty} -> index
+        );
+        if c.residual {
+            let _ = write!(
+                pairs_ok,
+                "%res_base = memref.extract_aligned_pointer_as_index %residual : {out_ty} -> index
 %res_misaligned = arith.remui %res_base, %c{align} : index
 %res_aligned = arith.cmpi eq, %res_misaligned, %c0 : index
 %both_aligned = arith.andi %out_aligned, %res_aligned : i1
 %pairs_ok = arith.andi %both_aligned, %n_even : i1
 "
-                );
-            } else {
-                d.push_str("%pairs_ok = arith.andi %out_aligned, %n_even : i1\n");
-            }
-            for pair in elements.chunks(2) {
-                let [x0, x1] = pair else { unreachable!("a row's columns come in adjacent pairs") };
-                let (l0, v0) = finish_with(&format!("%v{x0}"), x0, true);
-                let (l1, v1) = finish_with(&format!("%v{x1}"), x1, true);
-                // The pair's residual, as `%rv{x0}` and `%rv{x1}`.
-                let residual = if c.residual {
-                    format!(
-                        "%ra_{x0} = arith.addi %res_base, %pb_{x0} : index
+            );
+        } else {
+            pairs_ok.push_str("%pairs_ok = arith.andi %out_aligned, %n_even : i1\n");
+        }
+        // The final write of a pair's values `v0`, `v1` (f32, elements x0 and x1 = x0 + 1) in one
+        // store of 8 (f32) or 4 (bf16) bytes, their residual in one load; `%pairs_ok` and both
+        // inside known.
+        let pair_write = |x0: &str, x1: &str, v0: &str, v1: &str| -> String {
+            let (l0, v0) = finish_with(v0, x0, true);
+            let (l1, v1) = finish_with(v1, x1, true);
+            // The pair's residual, as `%rv{x0}` and `%rv{x1}`.
+            let residual = if c.residual {
+                format!(
+                    "%ra_{x0} = arith.addi %res_base, %pb_{x0} : index
 %ra64_{x0} = arith.index_cast %ra_{x0} : index to i64
 %rp_{x0} = llvm.inttoptr %ra64_{x0} : i64 to !llvm.ptr<1>
 %rl_{x0} = llvm.load %rp_{x0} {{alignment = {align} : i64}} : !llvm.ptr<1> -> vector<2x{el}>
 %rv{x0} = llvm.extractelement %rl_{x0}[%c0_i32 : i32] : vector<2x{el}>
 %rv{x1} = llvm.extractelement %rl_{x0}[%c1_i32 : i32] : vector<2x{el}>
 "
-                    )
-                } else {
-                    String::new()
-                };
-                let write = match c.output {
-                    GemmOutput::Bf16 => format!(
-                        "%pk0_{x0} = arith.bitcast {v0} : bf16 to i16
+                )
+            } else {
+                String::new()
+            };
+            let write = match c.output {
+                GemmOutput::Bf16 => format!(
+                    "%pk0_{x0} = arith.bitcast {v0} : bf16 to i16
 %pk1_{x0} = arith.bitcast {v1} : bf16 to i16
 %pw0_{x0} = arith.extui %pk0_{x0} : i16 to i32
 %pw1_{x0} = arith.extui %pk1_{x0} : i16 to i32
 %pw1s_{x0} = arith.shli %pw1_{x0}, %c16_i32 : i32
 %pw_{x0} = arith.ori %pw0_{x0}, %pw1s_{x0} : i32
 llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
-                    ),
-                    _ => {
-                        format!("llvm.inline_asm has_side_effects {asm} %pa64_{x0}, {v0}, {v1} : (i64, f32, f32) -> ()")
-                    }
-                };
-                // Rows past the end skip both at once; inside, column e + 1 in bounds means e is.
-                let _ = write!(
-                    d,
-                    "scf.if %ir{x0} {{
-  %paired_{x0} = arith.andi %ic{x1}, %pairs_ok : i1
-  scf.if %paired_{x0} {{
-{body}
-  }} else {{
-{single}
-  }}
-}}
-",
-                    body = indent(
-                        &format!(
-                            "%pe_{x0} = arith.muli %r{x0}, %n_out : index
+                ),
+                _ => format!("llvm.inline_asm has_side_effects {asm} %pa64_{x0}, {v0}, {v1} : (i64, f32, f32) -> ()"),
+            };
+            format!(
+                "%pe_{x0} = arith.muli %r{x0}, %n_out : index
 %pq_{x0} = arith.addi %pe_{x0}, %q{x0} : index
 %pb_{x0} = arith.muli %pq_{x0}, %c{bytes} : index
 %pa_{x0} = arith.addi %out_base, %pb_{x0} : index
 %pa64_{x0} = arith.index_cast %pa_{x0} : index to i64
 {residual}{l0}{l1}{write}"
-                        ),
-                        4
-                    ),
-                    single = indent(
-                        &format!(
-                            "{}{}",
-                            guarded(x0, &store(&format!("%v{x0}"), x0)),
-                            guarded(x1, &store(&format!("%v{x1}"), x1))
-                        ),
-                        4
-                    ),
+            )
+        };
+        // Per pair of a thread's adjacent columns (elements e and e + 1, e even): rows past the
+        // end skip both at once; inside, column e + 1 in bounds means e is. `paired` (both inside,
+        // and what `ok` names holds) gets the pair's lines, else `single` each element's.
+        let per_pair = |tag: &str, ok: &str, paired: &dyn Fn(&str, &str) -> String, single: &dyn Fn(&str) -> String| {
+            let mut d = String::new();
+            for pair in elements.chunks(2) {
+                let [x0, x1] = pair else { unreachable!("a row's columns come in adjacent pairs") };
+                let _ = write!(
+                    d,
+                    "scf.if %ir{x0} {{
+  %{tag}{x0} = arith.andi %ic{x1}, {ok} : i1
+  scf.if %{tag}{x0} {{
+{}
+  }} else {{
+{}
+  }}
+}}
+",
+                    indent(&paired(x0, x1), 4),
+                    indent(&format!("{}{}", single(x0), single(x1)), 4)
                 );
             }
             d
+        };
+        let single_write = |x: &str| guarded(x, &store(&format!("%v{x}"), x));
+        // Scattered rows add with atomics, one at a time.
+        let direct: String = if c.scatter {
+            elements.iter().map(|x| single_write(x)).collect()
+        } else {
+            let v = |x: &str| format!("%v{x}");
+            let paired = |x0: &str, x1: &str| pair_write(x0, x1, &v(x0), &v(x1));
+            format!("{pairs_ok}{}", per_pair("paired_", "%pairs_ok", &paired, &single_write))
         };
         if !c.split_k {
             t.push_str(&direct);
             return t;
         }
-        let partial: String = elements
-            .iter()
-            .map(|x| guarded(x, &format!("memref.store %v{x}, %ws[%z, %r{x}, %q{x}] : memref<?x?x?xf32>")))
-            .collect();
-        let reduce: String = elements
-            .iter()
-            .map(|x| {
-                let sum = format!(
-                    "%fs{x} = scf.for %zz = %c0 to %splits step %c1 iter_args(%acc = %zero) -> (f32) {{
+        // Split K: the unit's partial tile into the workspace, a pair's two f32 in one 8-byte
+        // store (the workspace aligned to 8, its rows' length even); the last unit sums each pair's
+        // partials in one 8-byte load a split and writes the pair as the direct path does.
+        let ws_pairs = "%ws_base = memref.extract_aligned_pointer_as_index %ws : memref<?x?x?xf32> -> index
+%ws_misaligned = arith.remui %ws_base, %c8 : index
+%ws_aligned = arith.cmpi eq, %ws_misaligned, %c0 : index
+%ws_rows = memref.dim %ws, %c1 : memref<?x?x?xf32>
+%ws_cols = memref.dim %ws, %c2 : memref<?x?x?xf32>
+%ws_cols_odd = arith.remui %ws_cols, %c2 : index
+%ws_cols_even = arith.cmpi eq, %ws_cols_odd, %c0 : index
+%ws_ok = arith.andi %ws_aligned, %ws_cols_even : i1
+%ws_split = arith.muli %ws_rows, %ws_cols : index
+%reduce_ok = arith.andi %ws_ok, %pairs_ok : i1
+%wst_r = arith.muli %e_row_base, %ws_cols : index
+%wst_e = arith.addi %wst_r, %e_col_base0 : index
+%wst_b = arith.muli %wst_e, %c4 : index
+%wst = arith.addi %ws_base, %wst_b : index
+";
+        // Element x0's address in split `z` of the workspace, as `%{name}_a64`: from the thread's
+        // first element's (`%wst`) by the fragment's row and column offsets — the partial's and the
+        // reduction's addresses share no more than that and a row's offset, so nothing per
+        // element lives across the hand-off.
+        let ws_at = |x0: &str, z: &str, name: &str| {
+            let (i, e) = x0.split_once('_').expect("elements are named tile_element");
+            let (row_off, col_off) = fragment_offset(i.parse().expect("a row tile"), e.parse().expect("an element"));
+            format!(
+                "%{name}_z = arith.muli {z}, %ws_split : index
+%{name}_r = arith.muli %ws_cols, %c{row_off} : index
+%{name}_rz = arith.addi %{name}_z, %{name}_r : index
+%{name}_i = arith.addi %{name}_rz, %c{col_off} : index
+%{name}_b = arith.muli %{name}_i, %c4 : index
+%{name}_a = arith.addi %wst, %{name}_b : index
+%{name}_a64 = arith.index_cast %{name}_a : index to i64
+"
+            )
+        };
+        let partial_pair = |x0: &str, x1: &str| {
+            format!(
+                "{}llvm.inline_asm has_side_effects \"st.global.v2.f32 [$0], {{$1, $2}};\", \"l,f,f\" %wp_{x0}_a64, %v{x0}, \
+                 %v{x1} : (i64, f32, f32) -> ()",
+                ws_at(x0, "%z", &format!("wp_{x0}"))
+            )
+        };
+        let partial_single =
+            |x: &str| guarded(x, &format!("memref.store %v{x}, %ws[%z, %r{x}, %q{x}] : memref<?x?x?xf32>"));
+        let partial = per_pair("wpaired_", "%ws_ok", &partial_pair, &partial_single);
+        let reduce_pair = |x0: &str, x1: &str| {
+            let sums = format!(
+                "%fp{x0}:2 = scf.for %zz = %c0 to %splits step %c1 iter_args(%acc0 = %zero, %acc1 = %zero) -> (f32, f32) {{
+{}  %wl_{x0}_p = llvm.inttoptr %wl_{x0}_a64 : i64 to !llvm.ptr<1>
+  %wl_{x0} = llvm.load %wl_{x0}_p {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>
+  %part0 = llvm.extractelement %wl_{x0}[%c0_i32 : i32] : vector<2xf32>
+  %part1 = llvm.extractelement %wl_{x0}[%c1_i32 : i32] : vector<2xf32>
+  %acc0_next = arith.addf %acc0, %part0 : f32
+  %acc1_next = arith.addf %acc1, %part1 : f32
+  scf.yield %acc0_next, %acc1_next : f32, f32
+}}
+",
+                indent(&ws_at(x0, "%zz", &format!("wl_{x0}")), 2)
+            );
+            sums + &pair_write(x0, x1, &format!("%fp{x0}#0"), &format!("%fp{x0}#1"))
+        };
+        let reduce_single = |x: &str| {
+            let sum = format!(
+                "%fs{x} = scf.for %zz = %c0 to %splits step %c1 iter_args(%acc = %zero) -> (f32) {{
   %part = memref.load %ws[%zz, %r{x}, %q{x}] : memref<?x?x?xf32>
   %acc_next = arith.addf %acc, %part : f32
   scf.yield %acc_next : f32
 }}
 {}",
-                    store(&format!("%fs{x}"), x)
-                );
-                guarded(x, &sum)
-            })
-            .collect();
+                store(&format!("%fs{x}"), x)
+            );
+            guarded(x, &sum)
+        };
+        let reduce = per_pair("rpaired_", "%reduce_ok", &reduce_pair, &reduce_single);
         let ws = WORKGROUP;
         let _ = write!(
             t,
             "%single = arith.cmpi eq, %splits, %c1 : index
 scf.if %single {{
 {direct}}} else {{
-{partial}  nvvm.memory.barrier <gpu>
+{pairs_ok}{ws_pairs}{partial}  nvvm.memory.barrier <gpu>
   nvvm.barrier id = %c{bar}_i32 number_of_threads = %c{nthreads}_i32
   %first = arith.cmpi eq, %tid, %c0 : index
   scf.if %first {{
