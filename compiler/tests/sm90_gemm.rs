@@ -768,23 +768,27 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool) {
         }
     };
     let want = read(&out);
-    let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
-    // Two schedules: each CTA's threads first to last, and last to first.
-    for reversed in [false, true] {
-        // SAFETY: as above.
-        unsafe { std::ptr::write_bytes(out.addr as *mut u8, 0, out_bytes) };
+    // The launch of `ptx` (the kernel's, or a variant) simulated as `checks` says.
+    let simulate = |ptx: &str, checks: v3c_ptxsim::Checks| {
+        let module = v3c_ptxsim::Module::parse(ptx).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
         // SAFETY: every access is checked against `host`'s regions.
-        let stats = unsafe {
+        unsafe {
             v3c_compiler::emulate::simulate_launch(
                 &module.kernels[0],
                 &launch,
                 kernel.threads,
                 kernel.shared_memory_bytes,
                 Some(host.0.regions()),
-                v3c_ptxsim::Checks { reversed, races: !reversed },
+                checks,
             )
         }
-        .unwrap_or_else(|e| panic!("{e}"));
+    };
+    // Two schedules: each CTA's threads first to last, and last to first.
+    for reversed in [false, true] {
+        // SAFETY: as above.
+        unsafe { std::ptr::write_bytes(out.addr as *mut u8, 0, out_bytes) };
+        let stats =
+            simulate(&kernel.ptx, v3c_ptxsim::Checks { reversed, races: !reversed }).unwrap_or_else(|e| panic!("{e}"));
         let got = read(&out);
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         let diff = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
@@ -811,19 +815,7 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool) {
         // unit, whose reads of it race (found by the launch's global happens-before).
         let unfenced = kernel.ptx.replacen("membar.gl;", "membar.cta;", 1);
         assert_ne!(unfenced, kernel.ptx, "{}: a split-K epilogue fences before it counts", kernel.name);
-        let module = v3c_ptxsim::Module::parse(&unfenced).unwrap();
-        // SAFETY: as above.
-        let e = unsafe {
-            v3c_compiler::emulate::simulate_launch(
-                &module.kernels[0],
-                &launch,
-                kernel.threads,
-                kernel.shared_memory_bytes,
-                Some(host.0.regions()),
-                v3c_ptxsim::Checks { reversed: false, races: true },
-            )
-        }
-        .unwrap_err();
+        let e = simulate(&unfenced, v3c_ptxsim::Checks { reversed: false, races: true }).unwrap_err();
         assert!(e.contains("data race on global byte") && e.contains("no GPU-scope fence and atomic hand-off"), "{e}");
     }
 }

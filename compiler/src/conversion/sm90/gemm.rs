@@ -1515,22 +1515,18 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         // `%pairs_ok`: the output (and residual) aligned for a pair's one access, the rows' length
         // even.
         let mut pairs_ok = format!(
-            "%out_base = memref.extract_aligned_pointer_as_index %out : {out_ty} -> index
-%out_misaligned = arith.remui %out_base, %c{align} : index
-%out_aligned = arith.cmpi eq, %out_misaligned, %c0 : index
-%n_odd = arith.remui %n_out, %c2 : index
+            "{}%n_odd = arith.remui %n_out, %c2 : index
 %n_even = arith.cmpi eq, %n_odd, %c0 : index
-"
+",
+            aligned_base("out", &format!("%out : {out_ty}"), align)
         );
         if c.residual {
             let _ = write!(
                 pairs_ok,
-                "%res_base = memref.extract_aligned_pointer_as_index %residual : {out_ty} -> index
-%res_misaligned = arith.remui %res_base, %c{align} : index
-%res_aligned = arith.cmpi eq, %res_misaligned, %c0 : index
-%both_aligned = arith.andi %out_aligned, %res_aligned : i1
+                "{}%both_aligned = arith.andi %out_aligned, %res_aligned : i1
 %pairs_ok = arith.andi %both_aligned, %n_even : i1
-"
+",
+                aligned_base("res", &format!("%residual : {out_ty}"), align)
             );
         } else {
             pairs_ok.push_str("%pairs_ok = arith.andi %out_aligned, %n_even : i1\n");
@@ -1616,10 +1612,8 @@ llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
         // Split K: the unit's partial tile into the workspace, a pair's two f32 in one 8-byte
         // store (the workspace aligned to 8, its rows' length even); the last unit sums each pair's
         // partials in one 8-byte load a split and writes the pair as the direct path does.
-        let ws_pairs = "%ws_base = memref.extract_aligned_pointer_as_index %ws : memref<?x?x?xf32> -> index
-%ws_misaligned = arith.remui %ws_base, %c8 : index
-%ws_aligned = arith.cmpi eq, %ws_misaligned, %c0 : index
-%ws_rows = memref.dim %ws, %c1 : memref<?x?x?xf32>
+        let ws_pairs = aligned_base("ws", "%ws : memref<?x?x?xf32>", 8)
+            + "%ws_rows = memref.dim %ws, %c1 : memref<?x?x?xf32>
 %ws_cols = memref.dim %ws, %c2 : memref<?x?x?xf32>
 %ws_cols_odd = arith.remui %ws_cols, %c2 : index
 %ws_cols_even = arith.cmpi eq, %ws_cols_odd, %c0 : index
@@ -1847,6 +1841,17 @@ pub(super) fn fragment_coordinates() -> &'static str {
 /// in each 8-column group).
 pub(super) fn fragment_offset(i: usize, e: usize) -> (usize, usize) {
     (i * 64 + 8 * ((e % 4) / 2), 8 * (e / 4) + e % 2)
+}
+
+/// `%{name}_base`, the aligned pointer of `memref` (`%value : type`) as an index, and
+/// `%{name}_aligned`, whether it is a multiple of `align` bytes.
+fn aligned_base(name: &str, memref: &str, align: usize) -> String {
+    format!(
+        "%{name}_base = memref.extract_aligned_pointer_as_index {memref} -> index
+%{name}_misaligned = arith.remui %{name}_base, %c{align} : index
+%{name}_aligned = arith.cmpi eq, %{name}_misaligned, %c0 : index
+"
+    )
 }
 
 /// Declarations of the `%c<N>` (index), `%c<N>_i64` and `%c<N>_i32` constants `body` uses.
