@@ -1205,6 +1205,9 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 }
             }
         }
+        if self.fp8() {
+            t.push_str(&self.scale_rows());
+        }
         let _ = writeln!(t, "    %frag0 = llvm.mlir.poison : {frag}");
         for e in 0..frag_n {
             let _ = writeln!(t, "    %frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {frag}", e + 1);
@@ -1221,8 +1224,8 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
       %round = arith.divui %i, %c{stages} : index
       %par = arith.remui %round, %c2 : index
       %parity = arith.index_cast %par : index to i1
-      nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
       %kt = arith.addi %kt0, %j : index
+{}      nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
       %a_off = arith.muli %st, %c{tx} : index
       %a_off64 = arith.index_cast %a_off : index to i64
       %stage_addr = arith.addi %smem_base, %a_off64 : i64
@@ -1231,6 +1234,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             m_tiles + 1,
             iter_args.join(", "),
             types.join(", "),
+            if self.fp8() { self.scale_loads() } else { String::new() },
         );
         let results = self.mainloop_body(&mut t, &accs);
         if c.specialized {
@@ -1270,6 +1274,84 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         t.push_str(&indent(&self.epilogue(), 4));
         let _ = write!(head, "{}", indent(&self.unit_loop("%c_end", &t, &format!("%res#{m_tiles}")), 2));
         head
+    }
+
+    /// fp8, once per unit: the scale rows of the thread's accumulator rows (trow and trow + 8 of
+    /// each row tile; a gather's, its tokens') and whether each is a row of A; per row of B, the
+    /// thread's first column and B's last row.
+    fn scale_rows(&self) -> String {
+        let c = &self.c;
+        let mut t = String::from(
+            "    %m_rows = memref.dim %a_scale, %c0 : memref<?x?xf32>
+    %srow = arith.addi %row0, %trow : index\n",
+        );
+        for i in 0..c.row_tiles() {
+            for h in 0..2 {
+                let row = if c.grouping == GemmGrouping::Gather {
+                    format!("arith.addi %ctok{i}_{h}, %c0 : index")
+                } else {
+                    format!("arith.addi %srow, %c{} : index", i * 64 + 8 * h)
+                };
+                let _ = writeln!(
+                    t,
+                    "    %sr{i}_{h} = {row}
+    %sr{i}_{h}_in = arith.cmpi ult, %sr{i}_{h}, %m_rows : index"
+                );
+            }
+        }
+        if c.b_row_scales {
+            t.push_str(
+                "    %n_rows = memref.dim %b_scale, %c0 : memref<?x?xf32>
+    %n_last = arith.subi %n_rows, %c1 : index
+    %bcol0 = arith.addi %brow0, %lcol : index\n",
+            );
+        } else {
+            t.push_str("    %nb = arith.divui %brow0, %c128 : index\n");
+        }
+        t
+    }
+
+    /// fp8: K tile `%kt`'s scales (A's, and B's one per tile), loaded before the wait on its
+    /// stage so that their latency overlaps the wait and the wgmma chain (they are used after
+    /// it); rows past A (not loaded) scale by zero.
+    fn scale_loads(&self) -> String {
+        let c = &self.c;
+        let mut t = String::new();
+        for i in 0..c.row_tiles() {
+            for h in 0..2 {
+                let _ = writeln!(
+                    t,
+                    "      %sa{i}_{h} = scf.if %sr{i}_{h}_in -> (f32) {{
+        %v = memref.load %a_scale[%sr{i}_{h}, %kt] : memref<?x?xf32>
+        scf.yield %v : f32
+      }} else {{
+        scf.yield %zero : f32
+      }}"
+                );
+            }
+        }
+        if !c.b_row_scales {
+            t.push_str("      %sb = memref.load %b_scale[%nb, %kt] : memref<?x?xf32>\n");
+        }
+        t
+    }
+
+    /// fp8 with per-row B scales: the thread's block_n / 4 of K tile `%kt`, loaded after the
+    /// wgmma chain (held across it, with 128-wide tiles they would spill).
+    fn b_row_scale_loads(&self) -> String {
+        let mut t = String::new();
+        for j in 0..self.c.block_n / 8 {
+            for p in 0..2 {
+                let _ = writeln!(
+                    t,
+                    "      %bc{j}_{p}_u = arith.addi %bcol0, %c{off} : index
+      %bc{j}_{p} = arith.minui %bc{j}_{p}_u, %n_last : index
+      %sb{j}_{p} = memref.load %b_scale[%bc{j}_{p}, %kt] : memref<?x?xf32>",
+                    off = 8 * j + p
+                );
+            }
+        }
+        t
     }
 
     /// One K tile: descriptors, the wgmma chain, and for fp8 the promotion. Returns the
@@ -1325,59 +1407,14 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             return cur;
         }
         // fp8 promotion: main += block * a_scale[row, kt] * b_scale[col0 / 128, kt] (per row of B:
-        // b_scale[col, kt], the thread's block_n / 4 columns loaded once, clamped to the last).
-        let _ = writeln!(
-            t,
-            "      %m_rows = memref.dim %a_scale, %c0 : memref<?x?xf32>
-      %srow = arith.addi %row0, %trow : index"
-        );
+        // b_scale[col, kt]), with the scales `scale_loads` fetched before the wait.
         if c.b_row_scales {
-            let _ = writeln!(
-                t,
-                "      %n_rows = memref.dim %b_scale, %c0 : memref<?x?xf32>
-      %n_last = arith.subi %n_rows, %c1 : index
-      %bcol0 = arith.addi %brow0, %lcol : index"
-            );
-            for j in 0..c.block_n / 8 {
-                for p in 0..2 {
-                    let _ = writeln!(
-                        t,
-                        "      %bc{j}_{p}_u = arith.addi %bcol0, %c{off} : index
-      %bc{j}_{p} = arith.minui %bc{j}_{p}_u, %n_last : index
-      %sb{j}_{p} = memref.load %b_scale[%bc{j}_{p}, %kt] : memref<?x?xf32>",
-                        off = 8 * j + p
-                    );
-                }
-            }
-        } else {
-            let _ = writeln!(
-                t,
-                "      %nb = arith.divui %brow0, %c128 : index
-      %sb = memref.load %b_scale[%nb, %kt] : memref<?x?xf32>"
-            );
+            t.push_str(&self.b_row_scale_loads());
         }
         let mut out = Vec::new();
         for (i, acc) in accs.iter().enumerate() {
-            // The two rows this thread holds in row tile i: trow and trow + 8.
-            for h in 0..2 {
-                // A gather's scales are its tokens' (looked up once per tile).
-                let row = if c.grouping == GemmGrouping::Gather {
-                    format!("arith.addi %ctok{i}_{h}, %c0 : index")
-                } else {
-                    format!("arith.addi %srow, %c{} : index", i * 64 + 8 * h)
-                };
-                let _ = writeln!(
-                    t,
-                    "      %r{i}_{h} = {row}
-      %r{i}_{h}_in = arith.cmpi ult, %r{i}_{h}, %m_rows : index
-      %sa{i}_{h} = scf.if %r{i}_{h}_in -> (f32) {{
-        %v = memref.load %a_scale[%r{i}_{h}, %kt] : memref<?x?xf32>
-        scf.yield %v : f32
-      }} else {{
-        scf.yield %zero : f32
-      }}"
-                );
-                if !c.b_row_scales {
+            if !c.b_row_scales {
+                for h in 0..2 {
                     let _ = writeln!(t, "      %s{i}_{h} = arith.mulf %sa{i}_{h}, %sb : f32");
                 }
             }
