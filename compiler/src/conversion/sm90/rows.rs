@@ -1384,38 +1384,38 @@ scf.for %q = %tid to %cCells step %cT {{
                 let load = format!(
                     "{ROUTE_CHUNK_COLUMNS}%cTileCells = arith.constant {tile_cells} : index
 %cPad = arith.constant {padded} : index
-scf.for %q = %tid to %cTileCells step %cT {{
-  %el = arith.divui %q, %cCh : index
-  %j = arith.remui %q, %cCh : index
-  %j_in = arith.cmpi ult, %j, %n : index
-  %e_in = arith.cmpi ult, %el, %ne : index
-  %in = arith.andi %j_in, %e_in : i1
-  scf.if %in {{
-    %e = arith.addi %e0, %el : index
+{}%cXs = arith.constant {x_cells} : index
+{}",
+                    grid_loop(
+                        "%cTileCells",
+                        "%cCh",
+                        ("el", "%ne"),
+                        ("j", "%n"),
+                        &format!(
+                            "    %e = arith.addi %e0, %el : index
     %i = arith.addi %i0, %j : index
-{gate}    %slot0 = arith.muli %j, %cPad : index
+{}    %slot0 = arith.muli %j, %cPad : index
     %slot = arith.addi %slot0, %el : index
     memref.store %gv, %sh_tile[%slot] : {tile_ty}
-  }}
-}}
-%cXs = arith.constant {x_cells} : index
-scf.for %q = %tid to %cXs step %cT {{
-  %t = arith.divui %q, %cCh : index
-  %j = arith.remui %q, %cCh : index
-  %j_in = arith.cmpi ult, %j, %n : index
-  %t_in = arith.cmpi ult, %t, %ntok : index
-  %in = arith.andi %j_in, %t_in : i1
-  scf.if %in {{
-    %trow = arith.addi %row0, %t : index
+",
+                            indent2(&indent2(&self.load_weight("gv", "%gate", "%e, %i")))
+                        )
+                    ),
+                    grid_loop(
+                        "%cXs",
+                        "%cCh",
+                        ("t", "%ntok"),
+                        ("j", "%n"),
+                        &format!(
+                            "    %trow = arith.addi %row0, %t : index
     %i = arith.addi %i0, %j : index
     %xv = memref.load %x[%trow, %i] : memref<?x?xf32>
     memref.store %xv, %sh_x[%q] : {x_ty}
-  }}
-}}
-",
+"
+                        )
+                    ),
                     tile_cells = route_chunk(self.d) * tile,
                     x_cells = route_chunk(self.d) * tokens,
-                    gate = indent2(&indent2(&self.load_weight("gv", "%gate", "%e, %i"))),
                 );
                 // 3: a thread per (expert, `per` consecutive tokens) continues their sequential sums
                 // over the chunk, each gate value read once for its tokens (the sums of tokens past
@@ -1474,20 +1474,20 @@ scf.for %q = %tid to %cWork step %cT {{
 %cE = arith.constant {experts} : index
 %pc0 = arith.muli %split, %cE : index
 %pcol0 = arith.addi %pc0, %e0 : index
-scf.for %q = %tid to %cCells step %cT {{
-  %t = arith.divui %q, %cTE : index
-  %el = arith.remui %q, %cTE : index
-  %t_in = arith.cmpi ult, %t, %ntok : index
-  %e_in = arith.cmpi ult, %el, %ne : index
-  %in = arith.andi %t_in, %e_in : i1
-  scf.if %in {{
-    %v = memref.load %sh_acc[%q] : {acc}
+{}",
+                    grid_loop(
+                        "%cCells",
+                        "%cTE",
+                        ("t", "%ntok"),
+                        ("el", "%ne"),
+                        &format!(
+                            "    %v = memref.load %sh_acc[%q] : {acc}
     %trow = arith.addi %row0, %t : index
     %pcol = arith.addi %pcol0, %el : index
     memref.store %v, %parts[%trow, %pcol] : memref<?x?xf32>
-  }}
-}}
 "
+                        )
+                    )
                 );
                 let mut phases = vec![clear];
                 phases.extend(loop_phases("chunk", "nchunks", vec![load, sums]));
@@ -3186,6 +3186,23 @@ const LOOP_BEGIN: &str = "//loop ";
 const LOOP_END: &str = "//end loop";
 
 /// `body` as a loop over `%{var}` from 0 to `%{count}` (phases: see [`LOOP_BEGIN`]).
+/// A block's threads over a grid of `count` cells, `cols` to a row: cell `%q` is (`%<r>`,
+/// `%<c>`), and `body` (indented 4) runs where both are below their bounds.
+fn grid_loop(count: &str, cols: &str, (r, r_bound): (&str, &str), (c, c_bound): (&str, &str), body: &str) -> String {
+    format!(
+        "scf.for %q = %tid to {count} step %cT {{
+  %{r} = arith.divui %q, {cols} : index
+  %{c} = arith.remui %q, {cols} : index
+  %{r}_in = arith.cmpi ult, %{r}, {r_bound} : index
+  %{c}_in = arith.cmpi ult, %{c}, {c_bound} : index
+  %in = arith.andi %{r}_in, %{c}_in : i1
+  scf.if %in {{
+{body}  }}
+}}
+"
+    )
+}
+
 fn loop_phases(var: &str, count: &str, body: Vec<String>) -> Vec<String> {
     let mut phases = vec![format!("{LOOP_BEGIN}scf.for %{var} = %c0 to %{count} step %c1")];
     phases.extend(body);
