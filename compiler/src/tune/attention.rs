@@ -289,9 +289,9 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             let splits = v3c_runtime::lowering::attention_splits(sequences, heads, context, sms);
             let blocks = sequences * heads.div_ceil(PAGE) * splits;
             let pages = context.div_ceil(PAGE).div_ceil(splits);
-            // Both warpgroups compute the page's scores (each needs the softmax's row statistics),
-            // each multiplies P by half the values' columns.
-            let flops = 2.0 * 2.0 * (PAGE * PAGE * width) as f64 + 2.0 * (PAGE * PAGE * kv) as f64;
+            // Each warpgroup scores half the page's keys (the rows' maxima swapped through shared
+            // memory) and multiplies P by half the values' columns.
+            let flops = 2.0 * (PAGE * PAGE * width) as f64 + 2.0 * (PAGE * PAGE * kv) as f64;
             let convert = if fp8_cache { (PAGE * kv) as f64 * FP8_CONVERT_OPS } else { 0.0 };
             let work = flops / flops_us + ((PAGE * PAGE) as f64 * SOFTMAX_OPS + convert) / ops_us;
             // A page from DRAM at the SM's share of the bandwidth, split among its blocks.

@@ -10,14 +10,16 @@
 //! - the query tile is loaded once (TMA, 128-byte swizzle, 64-column boxes), the split's pages stream
 //!   through a ring of `stages` page buffers (TMA into mbarrier-tracked buffers, refilled after a block
 //!   barrier);
-//! - two warpgroups each compute `S = Q K^T` for the page (wgmma m64n64k16 over the `kv + rope`
-//!   columns, both operands K-major from shared memory), mask the keys past the sequence, and run the
-//!   online softmax in f32 (exp2 of scores pre-scaled by `scale * log2 e`, row maxima across the 4
-//!   lanes sharing a row, per-thread partial row sums reduced at the end);
-//! - warpgroup 0 writes `P` (bf16, the 128-byte-swizzled K-major layout wgmma reads) to shared memory;
-//!   after a proxy fence and a block barrier both multiply it by the page's values — the first `kv`
-//!   columns of the same buffer, read MN-major (transposed B) — each into its half of the output
-//!   columns (`kv / 2` columns: `kv / 128` accumulators of m64n64);
+//! - warpgroup w computes `S = Q K^T` for the page's keys 32 w .. 32 w + 31 (wgmma m64n32k16 over
+//!   the `kv + rope` columns, both operands K-major from shared memory), masks the keys past the
+//!   sequence, and runs the online softmax in f32 (exp2 of scores pre-scaled by `scale * log2 e`,
+//!   row maxima across the 4 lanes sharing a row, then across the warpgroups through 512 B of shared
+//!   memory and a block barrier; each thread's partial row sums of its keys, reduced across the quad
+//!   and the warpgroups at the end);
+//! - each warpgroup writes its 32 columns of `P` (bf16, the 128-byte-swizzled K-major layout wgmma
+//!   reads) to shared memory; after a proxy fence and a block barrier both multiply the whole `P` by
+//!   the page's values — the first `kv` columns of the same buffer, read MN-major (transposed B) —
+//!   each into its half of the output columns (`kv / 2` columns: `kv / 128` accumulators of m64n64);
 //! - the split's normalized output `o_part [splits, rows, kv]` (f32) and its log-sum-exp `lse
 //!   [splits, rows]` (natural log; `-inf` and zeros for a split without keys) are written.
 //!
@@ -35,8 +37,8 @@
 //! scaled and rounded to bf16 into one shared buffer the tensor cores read (wgmma reads e4m3 only
 //! K-major, and `P V` needs the values transposed).
 //!
-//! Not yet: warp specialization, splitting a page's keys between the warpgroups (each computes the
-//! whole `S` now) and overlapping `S` of the next page with `P V` of this one (FlashMLA's ping-pong).
+//! Not yet: warp specialization and overlapping `S` of the next page with `P V` of this one
+//! (FlashMLA's ping-pong).
 
 use std::fmt::Write;
 
@@ -134,9 +136,16 @@ impl MlaDecodeConfig {
         self.converted_offset() + if self.fp8_cache { self.latent_chunks() * CHUNK_BYTES } else { 0 }
     }
 
-    /// Dynamic shared memory: the query tile, the page ring, (fp8 cache) the converted latent, `P`.
-    pub fn shared_memory_bytes(&self) -> usize {
+    /// Offset of the warpgroups' row statistics (f32 `[2, 64]`: each one's row maxima of its
+    /// keys' scores, then at the end its row sums), after `P`.
+    fn exchange_offset(&self) -> usize {
         self.p_offset() + CHUNK_BYTES
+    }
+
+    /// Dynamic shared memory: the query tile, the page ring, (fp8 cache) the converted latent, `P`,
+    /// the row statistics' exchange.
+    pub fn shared_memory_bytes(&self) -> usize {
+        self.exchange_offset() + 2 * PAGE * 4
     }
 
     pub fn threads(&self) -> usize {
@@ -165,7 +174,7 @@ impl MlaDecodeConfig {
             return Err(format!("{name}: {} page buffers (1 to 4)", self.stages));
         }
         let what = format!(
-            "query tile, {} page buffers of {} B, {}P, barriers",
+            "query tile, {} page buffers of {} B, {}P, row statistics, barriers",
             self.stages,
             self.stage_bytes(),
             if self.fp8_cache { "the converted latent, " } else { "" }
@@ -204,6 +213,12 @@ const FRAG: &str = "!llvm.struct<(f32, f32, f32, f32, f32, f32, f32, f32, f32, f
 
 /// Values of one fragment per thread.
 const FRAG_N: usize = 32;
+
+/// Decode: each warpgroup scores half of a page's keys (an m64n32 fragment, 16 values a thread).
+const HALF_KEYS: usize = PAGE / 2;
+const HALF_N: usize = HALF_KEYS / 2;
+const HALF_FRAG: &str =
+    "!llvm.struct<(f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32)>";
 
 impl Emitter {
     fn module(&self) -> String {
@@ -304,11 +319,19 @@ impl Emitter {
   %cw_bytes = arith.muli %cw, %c{half} : index
   %cw_bytes64 = arith.index_cast %cw_bytes : index to i64
   %p_addr = arith.addi %smem_base, %c{p_off}_i64 : i64
+  %cw_keys = arith.muli %cw, %c{HALF_KEYS} : index
+  %cw_key_bytes = arith.muli %cw_keys, %c128 : index
+  %cw_keys64 = arith.index_cast %cw_key_bytes : index to i64
+  %xview = memref.view %smem[%c{x_off}][] : memref<?xi8, {ws}> to memref<2x{PAGE}xf32, {ws}>
+  %other_wg = arith.subi %c1, %cw : index
+  %first_lane = arith.cmpi eq, %lcol0, %c0 : index
 {dp}
-{zero}",
+{zero}{zero_half}",
             coords = fragment_coordinates(),
             half = c.accumulators() * CHUNK_BYTES,
             p_off = c.p_offset(),
+            x_off = c.exchange_offset(),
+            zero_half = zero_half_fragment(),
             dp = desc("%dp", "%p_addr", "%desc_k"),
             zero = zero_fragment(),
         );
@@ -488,12 +511,18 @@ gpu.barrier
         }
         // S = Q K^T. The fp8 cache's latent chunks are the converted ones; its rope chunks follow
         // the e4m3 latent in the page buffer.
+        // Warpgroup w scores keys 32 w .. 32 w + 31: their rows start 32 x 128 B into each chunk
+        // (a whole number of the swizzle's 1024-byte atoms).
         let key = |k: usize| match (c.fp8_cache, k < c.latent_chunks()) {
-            (true, true) => ("%conv_addr", k * CHUNK_BYTES),
-            (true, false) => ("%stage_addr", PAGE * c.kv + (k - c.latent_chunks()) * CHUNK_BYTES),
-            (false, _) => ("%stage_addr", k * CHUNK_BYTES),
+            (true, true) => ("%kconv_addr", k * CHUNK_BYTES),
+            (true, false) => ("%kstage_addr", PAGE * c.kv + (k - c.latent_chunks()) * CHUNK_BYTES),
+            (false, _) => ("%kstage_addr", k * CHUNK_BYTES),
         };
-        let s = qk_products(&mut t, "", chunks, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
+        let _ = writeln!(t, "    %kstage_addr = arith.addi %stage_addr, %cw_keys64 : i64");
+        if c.fp8_cache {
+            let _ = writeln!(t, "    %kconv_addr = arith.addi %conv_addr, %cw_keys64 : i64");
+        }
+        let s = qk_products(&mut t, "", chunks, HALF_KEYS, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
         let (softmax, mut o) = self.softmax(&s);
         t.push_str(&indent(&softmax, 4));
         t.push('\n');
@@ -546,19 +575,21 @@ scf.if %zero_tail {{
         )
     }
 
-    /// The online softmax of the page's scores `s`; warpgroup 0 stores P (see [`online_softmax`]).
+    /// The online softmax of the warpgroup's half of the page's scores `s`, with the other's row
+    /// maxima; each stores its half of P (see [`online_softmax`]).
     fn softmax(&self, s: &str) -> (String, Vec<String>) {
         let c = &self.c;
         let prelude = "%page = arith.addi %p0, %j : index
 %page_key = arith.muli %page, %c64 : index
-%key_t = arith.addi %page_key, %lcol : index
+%page_half = arith.addi %page_key, %cw_keys : index
+%key_t = arith.addi %page_half, %lcol : index
 ";
         let mask = |e: usize| {
             let h = fragment_offset(0, e).0 / 8;
             format!("%in{e} = arith.cmpi ult, %key{e}, %lim{h} : index")
         };
         let (body, scaled) =
-            online_softmax(s, c.accumulators(), &mask, Some("%is_wg0"), &format!("%c{}", c.p_offset()));
+            online_softmax(s, Scores::KeyHalves, c.accumulators(), &mask, &format!("%c{}", c.p_offset()));
         (format!("{prelude}{body}"), scaled)
     }
 
@@ -567,14 +598,23 @@ scf.if %zero_tail {{
         let c = &self.c;
         let accs = c.accumulators();
         let mut t = String::new();
+        // The rows' sums: the quad's, then both warpgroups' (each summed its own keys).
         for h in 0..2 {
-            let (m, l) = (format!("%res#{}", accs + h), format!("%res#{}", accs + 2 + h));
+            let l = format!("%res#{}", accs + 2 + h);
             let _ = writeln!(
                 t,
                 "  %ls{h}a, %ls{h}a_ok = gpu.shuffle xor {l}, %c1_i32, %c32_i32 : f32
-  %lt{h}a = arith.addf {l}, %ls{h}a : f32
-  %ls{h}b, %ls{h}b_ok = gpu.shuffle xor %lt{h}a, %c2_i32, %c32_i32 : f32
-  %lt{h} = arith.addf %lt{h}a, %ls{h}b : f32
+  %lq{h}a = arith.addf {l}, %ls{h}a : f32
+  %ls{h}b, %ls{h}b_ok = gpu.shuffle xor %lq{h}a, %c2_i32, %c32_i32 : f32
+  %lq{h} = arith.addf %lq{h}a, %ls{h}b : f32"
+            );
+        }
+        t.push_str(&indent(&exchange_rows("%lq", "lo"), 2));
+        for h in 0..2 {
+            let m = format!("%res#{}", accs + h);
+            let _ = writeln!(
+                t,
+                "  %lt{h} = arith.addf %lq{h}, %lo{h} : f32
   %has{h} = arith.cmpf ogt, %lt{h}, %zero : f32
   %one{h} = arith.constant 1.0 : f32
   %safe{h} = arith.select %has{h}, %lt{h}, %one{h} : f32
@@ -594,8 +634,7 @@ scf.if %zero_tail {{
         }
         let _ = writeln!(
             t,
-            "  %first_lane = arith.cmpi eq, %lcol0, %c0 : index
-  %writes_lse = arith.andi %is_wg0, %first_lane : i1
+            "  %writes_lse = arith.andi %is_wg0, %first_lane : i1
   %col_wg = arith.muli %cw, %c{half_cols} : index
   %col_t = arith.addi %col_wg, %lcol : index",
             half_cols = c.kv / 2
@@ -863,7 +902,9 @@ impl PrefillEmitter {
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
         let (iter, types) = loop_carried(accs);
         let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
-        let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
+        let s = qk_products(&mut t, "", qc, PAGE, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
+            ("%stage_addr", k * CHUNK_BYTES)
+        });
         // Causal and length masks: key <= the row's position, key < S.
         let mask = |e: usize| {
             let h = fragment_offset(0, e).0 / 8;
@@ -873,7 +914,7 @@ impl PrefillEmitter {
 %in{e} = arith.andi %vis{e}, %inside{e} : i1"
             )
         };
-        let (softmax, mut o) = online_softmax(&s, accs, &mask, None, "%p_off");
+        let (softmax, mut o) = online_softmax(&s, Scores::Whole, accs, &mask, "%p_off");
         let _ = writeln!(
             t,
             "    %tile_key = arith.muli %j, %c{PAGE} : index
@@ -1071,7 +1112,9 @@ impl GradEmitter {
         );
         // S (own rows x streamed rows) over the qk columns, P from it; then (dQ, dK) dP over the v
         // columns, and dS (S is dead by then: fewer live registers).
-        let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
+        let s = qk_products(&mut t, "", qc, PAGE, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
+            ("%stage_addr", k * CHUNK_BYTES)
+        });
         let mut body = format!("%tile_col = arith.addi %tile_r, %lcol : index\n");
         let mut d_of = Vec::new();
         let mut column_stats = std::collections::BTreeSet::new();
@@ -1129,7 +1172,7 @@ impl GradEmitter {
         let ds = self.of != GradOf::Values;
         if ds {
             let at = |k: usize| (qc + k) * CHUNK_BYTES;
-            let dp = qk_products(&mut t, "g", vc, &|k| ("%own_addr", at(k)), &|k| ("%stage_addr", at(k)));
+            let dp = qk_products(&mut t, "g", vc, PAGE, &|k| ("%own_addr", at(k)), &|k| ("%stage_addr", at(k)));
             if !queries {
                 // The streamed queries' D, loaded once dP is there (not live across its products).
                 for col in &column_stats {
@@ -1146,7 +1189,7 @@ impl GradEmitter {
             }
         }
         let value = |e: usize| if ds { format!("%ds{e}") } else { format!("%pe{e}") };
-        store_tile(&mut body, None, "%p_off", &value);
+        store_tile(&mut body, FRAG_N, None, "%p_off", &value);
         let _ = writeln!(
             t,
             "{}
@@ -1412,6 +1455,15 @@ fn shared_memory_and_barriers(stages: usize, query_bytes: usize, maps: &[(&str, 
     )
 }
 
+/// A zero m64n32 fragment, `%hfrag16` (built up from `%hfrag0`).
+fn zero_half_fragment() -> String {
+    let mut t = format!("  %hfrag0 = llvm.mlir.poison : {HALF_FRAG}\n");
+    for e in 0..HALF_N {
+        let _ = writeln!(t, "  %hfrag{} = llvm.insertvalue %zero, %hfrag{e}[{e}] : {HALF_FRAG}", e + 1);
+    }
+    t
+}
+
 /// A zero m64n64 accumulator fragment, `%frag32` (built up from `%frag0`).
 fn zero_fragment() -> String {
     let mut t = format!("  %frag0 = llvm.mlir.poison : {FRAG}\n");
@@ -1452,16 +1504,24 @@ fn tile_loop_head(count: &str, iter: &[String], types: &[String], stages: usize,
     )
 }
 
-/// `S = Q K^T` for one tile: per 64-column chunk k the query's at `q(k)` and the keys' at `key(k)`
-/// (a base address SSA value and a byte offset; both K-major, 128-byte swizzled), 4 k16 steps each.
-/// Returns the S fragment's name. `p` prefixes the SSA names (a second product in the same body).
+/// `S = Q K^T` for one tile of `n` keys (64, or decode's 32): per 64-column chunk k the query's at
+/// `q(k)` and the keys' at `key(k)` (a base address SSA value and a byte offset; both K-major,
+/// 128-byte swizzled), 4 k16 steps each. Returns the S fragment's name. `p` prefixes the SSA names
+/// (a second product in the same body).
 fn qk_products(
     t: &mut String,
     p: &str,
     chunks: usize,
+    n: usize,
     q: &dyn Fn(usize) -> (&'static str, usize),
     key: &dyn Fn(usize) -> (&'static str, usize),
 ) -> String {
+    let (frag, mut s) = if n == PAGE {
+        (FRAG, format!("%frag{FRAG_N}"))
+    } else {
+        assert_eq!(n, HALF_KEYS, "S tiles of 64 or 32 keys");
+        (HALF_FRAG, format!("%hfrag{HALF_N}"))
+    };
     for k in 0..chunks {
         for (name, (base, off)) in [("q", q(k)), ("k", key(k))] {
             let _ = writeln!(t, "    %{p}{name}a{k} = arith.addi {base}, %c{off}_i64 : i64");
@@ -1470,7 +1530,6 @@ fn qk_products(
         }
     }
     let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
-    let mut s = format!("%frag{FRAG_N}");
     for k in 0..chunks {
         for ks in 0..4 {
             let (da, db) = if ks == 0 {
@@ -1484,7 +1543,7 @@ fn qk_products(
             let out = format!("%{p}s{k}_{ks}");
             let _ = writeln!(
                 t,
-                "    {out} = nvvm.wgmma.mma_async {da}, {db}, {s}, <m = 64, n = 64, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {FRAG} -> {FRAG}"
+                "    {out} = nvvm.wgmma.mma_async {da}, {db}, {s}, <m = 64, n = {n}, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {frag} -> {frag}"
             );
             s = out;
         }
@@ -1550,30 +1609,45 @@ fn tile_loop_tail(count: &str, stages: usize, load: &str, yields: &[String], typ
     )
 }
 
-/// The online softmax of one 64 x 64 score fragment `s` in f32: each element's key `%key<e>` is
-/// `%key_t` plus its column, `mask(e)` defines `%in<e>` (the key is visible to the element's row;
-/// rows `%trow + 8 h` with h = [`fragment_offset`]'s row half), scores scaled into the log2 domain
-/// (`%scale_log2`); the row maxima across the 4 lanes sharing a row (a row that has seen no key yet
-/// keeps the maximum -inf and subtracts 0 instead: P of 0, not NaN — a decode split whose pages all
-/// lie past a speculative token's position, say), the new maxima `%m0`, `%m1` from
-/// `%m<h>_in`, the thread's partial sums `%l0`, `%l1` from `%l<h>_in`, the `accs` accumulators
-/// `%o<n>_in` rescaled (their names returned), and P (bf16, the 128-byte-swizzled K-major 64 x 64
-/// layout wgmma reads) stored at byte `p_off` of `%smem` by the threads where `p_guard` holds (all
-/// without one).
+/// Whose scores an online softmax sees: a warpgroup's own 64 x 64 tile (prefill), or (decode) the
+/// warpgroup's half of a page's keys (`%cw_keys` on), the rows' maxima completed with the other
+/// half's through shared memory (`%xview`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scores {
+    Whole,
+    KeyHalves,
+}
+
+/// The online softmax of one score fragment `s` in f32 (64 x 64, or 64 x 32 with
+/// [`Scores::KeyHalves`]): each element's key `%key<e>` is `%key_t` plus its column, `mask(e)`
+/// defines `%in<e>` (the key is visible to the element's row; rows `%trow + 8 h` with h =
+/// [`fragment_offset`]'s row half), scores scaled into the log2 domain (`%scale_log2`); the row
+/// maxima across the 4 lanes sharing a row (and, for key halves, the other warpgroup's: each
+/// quad's first lane stores its row's, a block barrier, then it reads the other's), the new maxima
+/// `%m0`, `%m1` from `%m<h>_in` (a row that has seen no key yet keeps the maximum -inf and
+/// subtracts 0 instead: P of 0, not NaN — a decode split whose pages all lie past a speculative
+/// token's position, say), the thread's partial sums `%l0`, `%l1` from `%l<h>_in` (of its own
+/// keys), the `accs` accumulators `%o<n>_in` rescaled (their names returned), and P (bf16, the
+/// 128-byte-swizzled K-major 64 x 64 layout wgmma reads) stored at byte `p_off` of `%smem` (key
+/// halves: each warpgroup its columns).
 fn online_softmax(
     s: &str,
+    scores: Scores,
     accs: usize,
     mask: &dyn Fn(usize) -> String,
-    p_guard: Option<&str>,
     p_off: &str,
 ) -> (String, Vec<String>) {
+    let (frag, n_vals) = match scores {
+        Scores::Whole => (FRAG, FRAG_N),
+        Scores::KeyHalves => (HALF_FRAG, HALF_N),
+    };
     let mut t = String::new();
     let half = |e: usize| fragment_offset(0, e).0 / 8;
-    for e in 0..FRAG_N {
+    for e in 0..n_vals {
         let col = fragment_offset(0, e).1;
         let _ = writeln!(
             t,
-            "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}
+            "%sv{e} = llvm.extractvalue {s}[{e}] : {frag}
 %key{e} = arith.addi %key_t, %c{col} : index
 {mask}
 %sl{e} = arith.mulf %sv{e}, %scale_log2 : f32
@@ -1581,10 +1655,31 @@ fn online_softmax(
             mask = mask(e)
         );
     }
+    let members = |h: usize| (0..n_vals).filter(move |&e| half(e) == h);
+    // Row half h's new maximum, P and partial sum from its row maximum `%rm<h>`.
+    let rest = |t: &mut String, h: usize| {
+        let _ = writeln!(
+            t,
+            "%m{h} = arith.maximumf %m{h}_in, %rm{h} : f32
+%none{h} = arith.cmpf oeq, %m{h}, %ninf : f32
+%mb{h} = arith.select %none{h}, %zero, %m{h} : f32
+%md{h} = arith.subf %m{h}_in, %mb{h} : f32
+%alpha{h} = {ex2_md}",
+            ex2_md = ex2(&format!("%md{h}"))
+        );
+        let mut sum = "%zero".to_string();
+        for e in members(h) {
+            let _ = writeln!(t, "%xd{e} = arith.subf %x{e}, %mb{h} : f32\n%pe{e} = {}", ex2(&format!("%xd{e}")));
+            let _ = writeln!(t, "%ps{h}_{e} = arith.addf {sum}, %pe{e} : f32");
+            sum = format!("%ps{h}_{e}");
+        }
+        let _ = writeln!(t, "%lr{h} = arith.mulf %l{h}_in, %alpha{h} : f32\n%l{h} = arith.addf %lr{h}, {sum} : f32");
+    };
+    // The quad's row maxima: the rows' own, or (key halves) this warpgroup's part of them.
+    let quad = if scores == Scores::KeyHalves { "rmq" } else { "rm" };
     for h in 0..2 {
-        let members: Vec<usize> = (0..FRAG_N).filter(|&e| half(e) == h).collect();
         let mut acc = "%ninf".to_string();
-        for &e in &members {
+        for e in members(h) {
             let _ = writeln!(t, "%mx{h}_{e} = arith.maximumf {acc}, %x{e} : f32");
             acc = format!("%mx{h}_{e}");
         }
@@ -1593,21 +1688,18 @@ fn online_softmax(
             "%sh{h}a, %sh{h}a_ok = gpu.shuffle xor {acc}, %c1_i32, %c32_i32 : f32
 %rm{h}a = arith.maximumf {acc}, %sh{h}a : f32
 %sh{h}b, %sh{h}b_ok = gpu.shuffle xor %rm{h}a, %c2_i32, %c32_i32 : f32
-%rm{h} = arith.maximumf %rm{h}a, %sh{h}b : f32
-%m{h} = arith.maximumf %m{h}_in, %rm{h} : f32
-%none{h} = arith.cmpf oeq, %m{h}, %ninf : f32
-%mb{h} = arith.select %none{h}, %zero, %m{h} : f32
-%md{h} = arith.subf %m{h}_in, %mb{h} : f32
-%alpha{h} = {ex2_md}",
-            ex2_md = ex2(&format!("%md{h}"))
+%{quad}{h} = arith.maximumf %rm{h}a, %sh{h}b : f32"
         );
-        let mut sum = "%zero".to_string();
-        for &e in &members {
-            let _ = writeln!(t, "%xd{e} = arith.subf %x{e}, %mb{h} : f32\n%pe{e} = {}", ex2(&format!("%xd{e}")));
-            let _ = writeln!(t, "%ps{h}_{e} = arith.addf {sum}, %pe{e} : f32");
-            sum = format!("%ps{h}_{e}");
+        if scores == Scores::Whole {
+            rest(&mut t, h);
         }
-        let _ = writeln!(t, "%lr{h} = arith.mulf %l{h}_in, %alpha{h} : f32\n%l{h} = arith.addf %lr{h}, {sum} : f32");
+    }
+    if scores == Scores::KeyHalves {
+        t.push_str(&exchange_rows("%rmq", "rmo"));
+        for h in 0..2 {
+            let _ = writeln!(t, "%rm{h} = arith.maximumf %rmq{h}, %rmo{h} : f32");
+            rest(&mut t, h);
+        }
     }
     // Rescale the accumulators by their row's alpha.
     let mut scaled = Vec::new();
@@ -1625,29 +1717,58 @@ fn online_softmax(
         }
         scaled.push(cur);
     }
-    store_tile(&mut t, p_guard, p_off, &|e| format!("%pe{e}"));
+    let columns = if scores == Scores::KeyHalves { Some("%cw_keys") } else { None };
+    store_tile(&mut t, n_vals, columns, p_off, &|e| format!("%pe{e}"));
     (t, scaled)
+}
+
+/// Decode's warpgroups swap a value per row (`<src>0`, `<src>1`: rows `%trow`, `%trow + 8`): each
+/// quad's first lane stores its warpgroup's into `%xview`, a block barrier, then every thread reads
+/// the other warpgroup's as `%<dst>0`, `%<dst>1`. (The next store into `%xview` comes after another
+/// block barrier: the tile loop's, or the epilogue's after the loop's.)
+fn exchange_rows(src: &str, dst: &str) -> String {
+    let ws = WORKGROUP;
+    let mut t = format!("scf.if %first_lane {{\n");
+    for h in 0..2 {
+        let _ = writeln!(
+            t,
+            "  %{dst}_r{h} = arith.addi %trow, %c{off} : index
+  memref.store {src}{h}, %xview[%cw, %{dst}_r{h}] : memref<2x{PAGE}xf32, {ws}>",
+            off = 8 * h
+        );
+    }
+    t.push_str("}\ngpu.barrier\n");
+    for h in 0..2 {
+        let _ = writeln!(
+            t,
+            "%{dst}_q{h} = arith.addi %trow, %c{off} : index
+%{dst}{h} = memref.load %xview[%other_wg, %{dst}_q{h}] : memref<2x{PAGE}xf32, {ws}>",
+            off = 8 * h
+        );
+    }
+    t
 }
 
 /// A 64 x 64 fragment's values (`value(e)`: element e's f32) stored as bf16 at byte `p_off` of
 /// `%smem` in the 128-byte-swizzled K-major layout wgmma reads as A, by the threads where `guard`
 /// holds (all without one): element (r, k) at r * 64 + ((k / 8) xor (r mod 8)) * 8 + k mod 8 (a
 /// thread's pairs (k, k + 1) share a 16-byte unit).
-fn store_tile(t: &mut String, guard: Option<&str>, p_off: &str, value: &dyn Fn(usize) -> String) {
+fn store_tile(t: &mut String, n_vals: usize, columns: Option<&str>, p_off: &str, value: &dyn Fn(usize) -> String) {
     let ws = WORKGROUP;
     let _ = writeln!(
         t,
-        "scf.if {guard} {{
-  %pview = memref.view %smem[{p_off}][] : memref<?xi8, {ws}> to memref<{elems}xbf16, {ws}>",
-        guard = guard.unwrap_or("%true"),
+        "scf.if %true {{
+  %pview = memref.view %smem[{p_off}][] : memref<?xi8, {ws}> to memref<{elems}xbf16, {ws}>
+  %pcol = arith.addi %lcol, {first} : index",
+        first = columns.unwrap_or("%c0"),
         elems = PAGE * CHUNK
     );
-    for e in 0..FRAG_N {
+    for e in 0..n_vals {
         let (r, k) = fragment_offset(0, e);
         let _ = writeln!(
             t,
             "  %pr{e} = arith.addi %trow, %c{r} : index
-  %pk{e} = arith.addi %lcol, %c{k} : index
+  %pk{e} = arith.addi %pcol, %c{k} : index
   %pu{e} = arith.divui %pk{e}, %c8 : index
   %pm{e} = arith.remui %pr{e}, %c8 : index
   %px{e} = arith.xori %pu{e}, %pm{e} : index
@@ -1695,11 +1816,11 @@ mod tests {
         for bad in ["mla_decode_kv512_r64_p32_s2", "mla_decode_kv512_r64_p64_s", "mla_decode_kv+512_r64_p64_s2"] {
             assert_eq!(MlaDecodeConfig::from_name(bad), None, "{bad}");
         }
-        // 3 x 72 KiB + 8 KiB fits the 227 KiB of an H100/H200 block; three page buffers do not.
-        assert_eq!(c.shared_memory_bytes(), 229_376);
+        // 3 x 72 KiB + 8 KiB + 512 B fits the 227 KiB of an H100/H200 block; three page buffers do not.
+        assert_eq!(c.shared_memory_bytes(), 229_888);
         assert!(c.validate(&SM90A).is_ok());
         let err = MlaDecodeConfig { stages: 3, ..c }.validate(&SM90A).unwrap_err();
-        assert!(err.contains("needs 304128 B of shared memory"), "{err}");
+        assert!(err.contains("needs 304640 B of shared memory"), "{err}");
         let err = MlaDecodeConfig { kv: 448, ..c }.validate(&SM90A).unwrap_err();
         assert!(err.contains("a latent width of 448"), "{err}");
         let err = MlaDecodeConfig { rope: 32, ..c }.validate(&SM90A).unwrap_err();
