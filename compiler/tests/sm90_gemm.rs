@@ -171,18 +171,26 @@ fn gemm_configs_compile_to_sm90a_tensor_core_code_without_spills() {
     }
 }
 
-/// An MLA attention kernel's tensor-core code: `s_steps` wgmma for S = Q K^T (K-major B) and
-/// `pv_steps` for P V (transposed B) in the PTX; with ptxas, no spills, no serialized wgmma, and as
-/// many HGMMA.64x64x16 in the SASS plus TMA loads and no local memory.
+/// An MLA attention kernel's tensor-core code: `s_steps` wgmma of `s_n` keys for S = Q K^T (K-major
+/// B) and `pv_steps` m64n64 for P V (transposed B) in the PTX; with ptxas, no spills, no serialized
+/// wgmma, and as many HGMMA.64x<s_n>x16 and HGMMA.64x64x16 in the SASS plus TMA loads and no local
+/// memory.
 fn assert_attention_tensor_core_code(
     kernel: &sm90::GpuKernel,
-    s_steps: usize,
+    (s_steps, s_n): (usize, usize),
     pv_steps: usize,
     ptxas: Option<&toolchain::FoundTool>,
 ) {
     // The trailing immediates: scale-a, scale-b, transpose-a, transpose-b.
     let wgmma = |transposed: u8| kernel.ptx.matches(&format!("p, 1,  1, 0,  {transposed};")).count();
-    assert_eq!(kernel.ptx.matches("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16").count(), s_steps + pv_steps);
+    let ptx_shape =
+        |n: usize| kernel.ptx.matches(&format!("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16")).count();
+    let (s_shape, pv_shape) = (format!("HGMMA.64x{s_n}x16.F32.BF16"), "HGMMA.64x64x16.F32.BF16");
+    if s_n == 64 {
+        assert_eq!(ptx_shape(64), s_steps + pv_steps, "{}", kernel.name);
+    } else {
+        assert_eq!((ptx_shape(s_n), ptx_shape(64)), (s_steps, pv_steps), "{}", kernel.name);
+    }
     assert_eq!(wgmma(0), s_steps, "{}: S = Q K^T wgmma (K-major B)", kernel.name);
     assert_eq!(wgmma(1), pv_steps, "{}: P V wgmma (transposed B)", kernel.name);
     assert!(kernel.ptx.contains("fence.proxy.async.shared::cta"), "{}: P's generic-to-async fence", kernel.name);
@@ -197,20 +205,25 @@ fn assert_attention_tensor_core_code(
     assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", kernel.name);
     assert!(r.shared_memory_bytes as usize <= sm90::gemm::STATIC_SHARED_BYTES, "{}: static smem", kernel.name);
     if let Some(sass) = sass(&cubin.cubin) {
-        assert_eq!(sass.matches("HGMMA.64x64x16.F32.BF16").count(), s_steps + pv_steps, "{}", kernel.name);
+        let (s_count, pv_count) = (sass.matches(s_shape.as_str()).count(), sass.matches(pv_shape).count());
+        if s_n == 64 {
+            assert_eq!(s_count, s_steps + pv_steps, "{}", kernel.name);
+        } else {
+            assert_eq!((s_count, pv_count), (s_steps, pv_steps), "{}", kernel.name);
+        }
         assert!(sass.contains("UTMALDG.2D"), "{}: no TMA loads in SASS", kernel.name);
         assert!(!sass.contains("LDL") && !sass.contains("STL"), "{}: local memory traffic", kernel.name);
         eprintln!(
-            "  SASS: {} x HGMMA.64x64x16, {} x UTMALDG.2D",
-            s_steps + pv_steps,
+            "  SASS: {s_steps} x {s_shape}, {pv_steps} x {pv_shape}, {} x UTMALDG.2D",
             sass.matches("UTMALDG.2D").count()
         );
     }
 }
 
 /// The tensor-core MLA decode kernel (DeepSeek-V3's 512 + 64 columns, its fp8-cache form, and a
-/// narrower latent): the 36 HGMMA of S = Q K^T (9 chunks x 4 k16 steps) and the 16 of P V (4 steps x
-/// 4 accumulators, transposed B), TMA loads, no spills; the fp8 cache's pages are converted.
+/// narrower latent): the 36 HGMMA.64x32 of S = Q K^T (9 chunks x 4 k16 steps, each warpgroup half
+/// the page's keys) and the 16 HGMMA.64x64 of P V (4 steps x 4 accumulators, transposed B), TMA
+/// loads, no spills; the fp8 cache's pages are converted.
 #[test]
 fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::MlaDecodeConfig;
@@ -224,7 +237,7 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         let kernel = sm90::compile_mla(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
         let converts = kernel.ptx.contains("cvt.rn.f16x2.e4m3x2");
         assert_eq!(converts, config.fp8_cache, "{}: the fp8 cache's conversion", kernel.name);
-        assert_attention_tensor_core_code(&kernel, config.dim() / 16, 4 * config.kv / 128, ptxas.as_ref());
+        assert_attention_tensor_core_code(&kernel, (config.dim() / 16, 32), 4 * config.kv / 128, ptxas.as_ref());
     }
 }
 
@@ -240,7 +253,7 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
     for config in [MlaPrefillConfig::DEEPSEEK_V3, narrow] {
         assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
         let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
-        assert_attention_tensor_core_code(&kernel, config.qk / 16, 4 * config.v / 64, ptxas.as_ref());
+        assert_attention_tensor_core_code(&kernel, (config.qk / 16, 64), 4 * config.v / 64, ptxas.as_ref());
     }
     let err = MlaPrefillConfig { v: 320, ..MlaPrefillConfig::DEEPSEEK_V3 }.validate(&target::SM90A).unwrap_err();
     assert!(err.contains("a value width of 320"), "{err}");
@@ -275,7 +288,7 @@ fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
                 _ => (qk / 16, 4 * v / 64),
             };
             assert_eq!(kernel.ptx.contains("lg2.approx"), mode == FlashMode::Lse, "{}", kernel.name);
-            assert_attention_tensor_core_code(&kernel, s_steps, pv_steps, ptxas.as_ref());
+            assert_attention_tensor_core_code(&kernel, (s_steps, 64), pv_steps, ptxas.as_ref());
         }
     }
     for bad in ["mla_gradx_qk192_v128_s2", "mla_gradq_qk192_v128_s2_lse", "mla_prefill_qk192_v128_s2_ls"] {

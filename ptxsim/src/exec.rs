@@ -1016,10 +1016,16 @@ impl Cta<'_> {
         if m.swizzle && row_bytes > 128 {
             return Err(format!("a 128-byte swizzled box with {row_bytes}-byte rows"));
         }
-        // The box, as shared memory holds it.
+        // The box, as shared memory holds it; each row's bytes inside the matrix read (checked
+        // against the other CTAs' writes as one read of the issuing thread's CTA).
         let mut boxed = vec![0u8; total];
+        let (lo, hi) = (c0.max(0), (c0 + m.box_cols as i64).min(m.cols as i64));
         for r in 0..m.box_rows {
             let gr = c1 + r as i64;
+            if gr >= 0 && (gr as usize) < m.rows && lo < hi {
+                let first = m.addr + (gr as usize * m.pitch + lo as usize * eb) as u64;
+                self.global_race(pc, first, (hi - lo) as usize * eb, GlobalAccess::Read)?;
+            }
             for c in 0..m.box_cols {
                 let gc = c0 + c as i64;
                 let mut off = dst + r * row_bytes + c * eb;

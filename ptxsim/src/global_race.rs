@@ -14,9 +14,9 @@
 //! last write and the reads; an atomic after the last store and the reads (atomics among
 //! themselves never race). A read ordered after the kept one replaces it; bytes read by several
 //! CTAs unordered among themselves, then written, are reported whatever the writer's ordering
-//! (which CTAs read is not kept). Within a CTA, global accesses
-//! are not checked (its threads' shared-memory races are, in [`crate::race`]); neither are TMA
-//! copies' global reads.
+//! (which CTAs read is not kept). TMA copies' global reads count as reads of the issuing CTA.
+//! Within a CTA, threads' global accesses are checked with its shared-memory races, in
+//! [`crate::race`] (TMA copies' global reads are not).
 
 use std::collections::HashMap;
 

@@ -652,6 +652,69 @@ $L__end:
         );
     }
 
+    /// CTA 0's thread 0 stores a word of a [2, 32] f32 matrix (1, 2, ..) at byte `write`; CTA 1's
+    /// copies row 0 into shared memory by TMA and returns its first word. Unordered, the copy's read of row 0
+    /// races with the store; a store into row 1 is outside the box.
+    fn tma_after_a_store(write: usize) -> Result<u32, String> {
+        let text = format!(
+            ".visible .entry tma(\n\t.param .u64 tma_param_0,\n\t.param .u64 tma_param_1,\n\t.param .u64 tma_param_2\n)\n\
+             .maxntid 32, 1, 1\n{{\n\t.reg .pred %p<4>;\n\t.reg .b32 %r<8>;\n\t.reg .b64 %rd<8>;\n\
+             \t.shared .align 128 .b8 box[128];\n\t.shared .align 8 .b8 bar[8];\n\
+             \tld.param.b64 %rd1, [tma_param_0];\n\tld.param.b64 %rd2, [tma_param_1];\n\tld.param.b64 %rd3, [tma_param_2];\n\
+             \tmov.u32 %r1, %tid.x;\n\tsetp.ne.b32 %p1, %r1, 0;\n\t@%p1 bra $L__end;\n\tmov.u32 %r2, %ctaid.x;\n\
+             \tsetp.ne.b32 %p2, %r2, 0;\n\t@%p2 bra $L__reader;\n\tst.global.b32 [%rd1+{write}], 7;\n\tbra.uni $L__end;\n\
+             $L__reader:\n\tmov.b64 %rd4, bar;\n\tmov.b64 %rd5, box;\n\tmbarrier.init.shared.b64 [%rd4], 1;\n\
+             \tmbarrier.arrive.expect_tx.shared.b64 %rd6, [%rd4], 128;\n\tmov.u32 %r3, 0;\n\
+             \tcp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%rd5], [%rd2, {{%r3, %r3}}], [%rd4];\n\
+             $L__wait:\n\tmbarrier.try_wait.parity.shared.b64 %p3, [%rd4], 0, 100;\n\t@!%p3 bra $L__wait;\n\
+             \tld.shared.b32 %r4, [%rd5];\n\tst.global.b32 [%rd3], %r4;\n$L__end:\n\tret;\n}}"
+        );
+        let module = Module::parse(&text)?;
+        let mut matrix: Vec<f32> = (1..=64).map(|i| i as f32).collect();
+        let mut out = [0u32; 1];
+        let map = TensorMap {
+            addr: matrix.as_ptr() as u64,
+            rows: 2,
+            cols: 32,
+            element_bytes: 4,
+            box_rows: 1,
+            box_cols: 32,
+            pitch: 128,
+            swizzle: false,
+        };
+        let params = [matrix.as_mut_ptr() as u64, TENSOR_MAP_BASE, out.as_mut_ptr() as u64];
+        let mut regions = [(matrix.as_ptr() as u64, 256), (out.as_ptr() as u64, 4)];
+        regions.sort_unstable();
+        let launch = Launch {
+            grid: [2, 1],
+            threads: 32,
+            dynamic_shared: 0,
+            params: &params,
+            tensor_maps: &[map],
+            regions: Some(&regions),
+            max_instructions: 1 << 16,
+            checks: Checks { reversed: false, races: true },
+        };
+        // SAFETY: every global access is checked against the regions (the copy against the map's
+        // matrix, inside the first).
+        unsafe { run(&module.kernels[0], &launch) }?;
+        Ok(out[0])
+    }
+
+    #[test]
+    fn a_tma_copy_reading_what_another_cta_writes_races() {
+        assert_eq!(tma_after_a_store(128).unwrap(), 1f32.to_bits());
+        let e = tma_after_a_store(4).unwrap_err();
+        assert!(
+            e.contains("CTA (1, 0) thread 0, line 30 'cp.async.bulk.tensor")
+                && e.contains("data race on global byte 0x")
+                && e.contains(
+                    "this read is not ordered after CTA (0, 0)'s write at line 22 'st.global.b32 [%rd1+4], 7'"
+                ),
+            "{e}"
+        );
+    }
+
     #[test]
     fn global_accesses_outside_the_regions_are_refused_by_address() {
         // The store of the sum is refused.
