@@ -8,7 +8,8 @@ the PTX of the attention kernel (`mla_decode_kv<KV>_r<R>_p64_s<S>`) and of the s
 Kernel ABI (compiler/src/conversion/sm90/mla.rs, `emit`): (q_map*, kv_map*, block_table i32 [B, max_pages] (7
 scalars), seqlens i32 [B] (5), o_part f32 [splits, B * H, KV] (9), lse f32 [splits, B * H] (7),
 rows_per_sequence (i64: tokens x heads), heads (i64), scale (f32)); 256 threads, grid (B * ceil(H / 64), splits); dynamic shared memory
-(1 + S) * 64 * (KV + R) * 2 + 8192 bytes. Tensor maps: 2-D bf16, box 64 columns x 64 rows, 128-byte swizzle,
+as the PTX's first line says (prepare.sh keeps the compiler's `// ----- stage ptx: NAME (256 threads, N B dynamic
+shared memory)`; without it (1 + S) * 64 * (KV + R) * 2 + 8704: P and the warpgroups' row statistics). Tensor maps: 2-D bf16, box 64 columns x 64 rows, 128-byte swizzle,
 zero fill; the queries [B * H, KV + R], the cache [pages * 64, KV + R]. The fp8-cache variant (`_fp8`, `v3c
 compile --kv-cache fp8`) reads the runtime's packed rows (KV e4m3 bytes, KV / 128 power-of-two f32 scales padded
 to 16 bytes, R bf16: 656 bytes for 512 + 64) through three views: kv_map (UINT8, box 128 bytes x 64 rows, no
@@ -55,6 +56,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gemm_check import Driver, median_ms, memref_args  # noqa: E402
+
+
+def dynamic_shared(ptx, fallback):
+    """The kernel's dynamic shared memory as the compiler's header line says (prepare.sh keeps it),
+    else `fallback` (the layout's formula)."""
+    declared = re.search(r"\(\d+ threads, (\d+) B dynamic shared memory\)", ptx)
+    return int(declared[1]) if declared else fallback
+
 
 ATTN = re.compile(r"^mla_decode_kv(\d+)_r(\d+)_p64_s(\d+)(_fp8)?$")
 E4M3_MAX = 448.0
@@ -210,15 +219,17 @@ class Mla:
         m = ATTN.match(attn)
         self.kv, self.rope, self.stages, self.fp8 = int(m[1]), int(m[2]), int(m[3]), bool(m[4])
         self.threads_c = int(COMBINE.match(comb)[2])
-        self.attn = drv.load(open(os.path.join(ptx_dir, attn + ".ptx")).read(), attn)
+        attn_ptx = open(os.path.join(ptx_dir, attn + ".ptx")).read()
+        self.attn = drv.load(attn_ptx, attn)
         self.comb = drv.load(open(os.path.join(ptx_dir, comb + ".ptx")).read(), comb)
         self.names = (attn, comb)
         dim = self.kv + self.rope
         if self.fp8:
-            # Query tile, page ring (e4m3 latent + bf16 rope), the converted bf16 latent, P.
-            self.smem = PAGE * dim * 2 + self.stages * PAGE * (self.kv + 2 * self.rope) + PAGE * self.kv * 2 + 8192
+            # Query tile, page ring (e4m3 latent + bf16 rope), the converted bf16 latent, P, row statistics.
+            fallback = PAGE * dim * 2 + self.stages * PAGE * (self.kv + 2 * self.rope) + PAGE * self.kv * 2 + 8704
         else:
-            self.smem = (1 + self.stages) * PAGE * dim * 2 + 8192
+            fallback = (1 + self.stages) * PAGE * dim * 2 + 8704
+        self.smem = dynamic_shared(attn_ptx, fallback)
         self.drv.check(self.drv.cu.cuFuncSetAttribute(self.attn, 8, self.smem), f"{attn}: max dynamic shared memory")
 
     def launch(self, func, grid, threads, smem, args, name):
@@ -298,8 +309,9 @@ class Prefill:
         m = PREFILL.match(name)
         self.qk, self.v, self.stages = int(m[1]), int(m[2]), int(m[3])
         self.drv, self.name = drv, name
-        self.func = drv.load(open(os.path.join(ptx_dir, name + ".ptx")).read(), name)
-        self.smem = 2 * self.qk * 128 + self.stages * 64 * (self.qk + self.v) * 2 + 16384
+        ptx = open(os.path.join(ptx_dir, name + ".ptx")).read()
+        self.func = drv.load(ptx, name)
+        self.smem = dynamic_shared(ptx, 2 * self.qk * 128 + self.stages * 64 * (self.qk + self.v) * 2 + 16384)
         drv.check(drv.cu.cuFuncSetAttribute(self.func, 8, self.smem), f"{name}: max dynamic shared memory")
 
     def prepare(self, q, k, v, heads, t, s, scale):
@@ -341,9 +353,10 @@ class Flash:
         m = TRAIN.match(name)
         self.grad, self.qk, self.v, self.stages = m[1], int(m[2]), int(m[3]), int(m[4])
         self.drv, self.name = drv, name
-        self.func = drv.load(open(os.path.join(ptx_dir, name + ".ptx")).read(), name)
+        ptx = open(os.path.join(ptx_dir, name + ".ptx")).read()
+        self.func = drv.load(ptx, name)
         own = (self.qk + self.v) // 64 if self.grad in ("q", "k") else self.qk // 64
-        self.smem = 2 * own * 8192 + self.stages * (self.qk + self.v) // 64 * 8192 + 16384
+        self.smem = dynamic_shared(ptx, 2 * own * 8192 + self.stages * (self.qk + self.v) // 64 * 8192 + 16384)
         drv.check(drv.cu.cuFuncSetAttribute(self.func, 8, self.smem), f"{name}: max dynamic shared memory")
 
     def prepare(self, maps, memrefs, rows, heads, t, s, scale):

@@ -62,7 +62,7 @@ for k in mla_decode_kv512_r64_p64_s2 mla_decode_kv512_r64_p64_s2_fp8 rows_mlacom
   mla_prefill_qk192_v128_s4 mla_prefill_qk192_v128_s2_lse mla_gradq_qk192_v128_s2 mla_gradk_qk192_v128_s2 \
   mla_gradv_qk192_v128_s2 mla_prefill_qk192_v128_s4_lse mla_gradq_qk192_v128_s3 mla_gradv_qk192_v128_s4; do
   target/release/v3c dump-ir --stage ptx --kernel "$k" \
-    | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/mla/$k.ptx"
+    | awk '/^\/\/ ----- stage ptx/ {p = 1; print; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/mla/$k.ptx"
   grep -q "\.entry $k(" ".device/mla/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }
 done
 # Tuning candidates for the full model's GEMM kernels (cost model's top 3 per problem, spill-free).
