@@ -1757,8 +1757,7 @@ fn store_tile(t: &mut String, n_vals: usize, columns: Option<&str>, p_off: &str,
     let ws = WORKGROUP;
     let _ = writeln!(
         t,
-        "scf.if %true {{
-  %pview = memref.view %smem[{p_off}][] : memref<?xi8, {ws}> to memref<{elems}xbf16, {ws}>
+        "%pview = memref.view %smem[{p_off}][] : memref<?xi8, {ws}> to memref<{elems}xbf16, {ws}>
   %pcol = arith.addi %lcol, {first} : index",
         first = columns.unwrap_or("%c0"),
         elems = PAGE * CHUNK
@@ -1783,7 +1782,6 @@ fn store_tile(t: &mut String, n_vals: usize, columns: Option<&str>, p_off: &str,
             elems = PAGE * CHUNK
         );
     }
-    t.push_str("}\n");
 }
 
 /// `name = <wgmma descriptor of the shared-memory address addr>` (address bits 4-17 in bits 0-13).
