@@ -829,9 +829,10 @@ mod tests {
 
     /// A decode launch as the runtime makes it over a pool of `kv + rope`-wide rows (bf16, or
     /// `fp8_cache`: packed fp8 rows seen through the latent's and the rope key's tensor maps and the
-    /// scales' strided memref) — pages out of order, a sequence of one key, one past two pages — run
-    /// by `run`: the relative (Frobenius) error of its splits merged against float64 attention over
-    /// the rows' values, and the log-sum-exps.
+    /// scales' strided memref) — pages out of order, a sequence of one key, one past two pages, one
+    /// past five (its splits hold three pages each: more than a ring of two buffers, which refills
+    /// and turns its barriers' phase) — run by `run`: the relative (Frobenius) error of its splits
+    /// merged against float64 attention over the rows' values, and the log-sum-exps.
     fn decode_case(
         kv: usize,
         rope: usize,
@@ -839,8 +840,8 @@ mod tests {
         fp8_cache: bool,
         run: impl FnOnce(&KernelLaunch),
     ) -> (f64, Vec<f32>) {
-        let (pages, splits) = (3, 2);
-        let (b, width, scale) = (2, kv + rope, 0.07f32);
+        let (pages, splits) = (6, 2);
+        let (b, width, scale) = (3, kv + rope, 0.07f32);
         let rows = b * pages * 64;
         let rows32 = values(rows * width, 3, 6.0);
         let (cache, decoded, element, cols) = if fp8_cache {
@@ -863,8 +864,9 @@ mod tests {
         };
         let q: Vec<u16> =
             values(b * heads * width, 4, 2.0).iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect();
-        let table: Vec<i32> = vec![5, 0, 3, 2, 4, 1];
-        let lens: Vec<i32> = vec![1, 150];
+        // The pool's pages, out of order (7 is prime to the pool's 18).
+        let table: Vec<i32> = (0..b * pages).map(|i| ((i * 7 + 5) % (b * pages)) as i32).collect();
+        let lens: Vec<i32> = vec![1, 150, 5 * 64 + 1];
         let mut o_part = vec![f32::NAN; splits * b * heads * kv];
         let mut lse = vec![f32::NAN; splits * b * heads];
         let buf = |addr: *const u8, shape: &[usize], element: &str| Buf {
@@ -921,7 +923,7 @@ mod tests {
     /// attention over the rows' values, within bf16's rounding of q and P.
     #[test]
     fn fp8_cache_decode_launch_computes_attention_over_the_rows_values() {
-        let (heads, b) = (3, 2);
+        let (heads, b) = (3, 3);
         // SAFETY: every address is one of the case's vectors, of the launch's shapes.
         let (rel, lse) = decode_case(128, 64, heads, true, |l| unsafe { emulate_decode(l).unwrap() });
         eprintln!("fp8-cache decode attention (host) vs float64: relative error {rel:.2e} (Frobenius)");
