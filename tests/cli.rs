@@ -365,9 +365,11 @@ fn tuning_database_steers_compile() {
             ("mla_decode kv512 r64 h128 fp8cache", &serde_json::json!(64)),
         ]
     );
-    // The cost model's best two ring depths of each.
+    // The cost model's best two of each: prefill's ring depths; decode's two page buffers in clusters
+    // of 2 (a sequence's two 64-head blocks share each page), then without.
     assert_eq!(attention[0]["default"], "mla_prefill_qk192_v128_s4");
-    assert_eq!(attention[1]["candidates"][1]["name"], "mla_decode_kv512_r64_p64_s1");
+    assert_eq!(attention[1]["default"], "mla_decode_kv512_r64_p64_s2_cl2");
+    assert_eq!(attention[1]["candidates"][1]["name"], "mla_decode_kv512_r64_p64_s2");
     let kv_b: Vec<&serde_json::Value> =
         problems.iter().filter(|p| p["kernel"].as_str().unwrap().contains("n32768 k512")).collect();
     assert_eq!(kv_b.len(), 1, "{kv_b:?}");
@@ -411,7 +413,7 @@ fn tuning_database_steers_compile() {
     moe_entry["candidates_sha256"] = moe["candidates_sha256"].clone();
     moe_entry["default_config"] = moe_default.into();
     moe_entry["timings"] = serde_json::json!([[moe_default, 1.7], [moe_other, 1.6]]);
-    // Decode attention's second ring depth (one page buffer) measured faster than the default.
+    // Decode attention's second candidate (no cluster) measured faster than the default.
     let decode = attention[1];
     let (attn_default, attn_other) =
         (decode["default"].as_str().unwrap(), decode["candidates"][1]["name"].as_str().unwrap());
@@ -460,9 +462,9 @@ fn tuning_database_steers_compile() {
     );
     assert!(
         err.contains(
-            "compile: attention_decode_quantize_0 (128 heads) decode -> mla_decode_kv512_r64_p64_s1 [tuning database: \
+            "compile: attention_decode_quantize_0 (128 heads) decode -> mla_decode_kv512_r64_p64_s2 [tuning database: \
              0.2500 ms measured on H200"
-        ) && err.contains("mla_decode_kv512_r64_p64_s1 (128 heads, split K, tensor cores)"),
+        ) && err.contains("mla_decode_kv512_r64_p64_s2 (128 heads, split K, tensor cores)"),
         "{err}"
     );
     assert!(
@@ -474,14 +476,14 @@ fn tuning_database_steers_compile() {
     );
     assert!(
         err.contains("compile: attention_quantize_0 (128 heads) prefill -> mla_prefill_qk192_v128_s4 [cost model: ")
-            && err.contains("compile: mla_decode_kv512_r64_p64_s1: 256 threads"),
+            && err.contains("compile: mla_decode_kv512_r64_p64_s2: 256 threads"),
         "{err}"
     );
     let report = run_binary("v3c", &["tune", "--model", "deepseek-v3", "--report", "--tuning", db.to_str().unwrap()]);
     let table = text(&report.stdout);
     assert!(table.contains(&format!("    0.0200     0.0150    1.33x  {other}")), "{table}");
     assert!(
-        table.contains("mla_decode kv512 r64 h128") && table.contains("1.20x  mla_decode_kv512_r64_p64_s1"),
+        table.contains("mla_decode kv512 r64 h128") && table.contains("1.20x  mla_decode_kv512_r64_p64_s2"),
         "{table}"
     );
     assert!(table.contains("mla_prefill qk192 v128 h128") && table.contains("no entry"), "{table}");
@@ -1359,7 +1361,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         (
             "attention_decode_quantize_0",
             "5 launches: rows_mlaabsorb_h128_n128_r64_v128_kv512_b8_t128 -> rows_mlalengths_t32 -> \
-             mla_decode_kv512_r64_p64_s2 (128 heads, split K, tensor cores) -> rows_mlacombine_d512_t64",
+             mla_decode_kv512_r64_p64_s2_cl2 (128 heads, split K, tensor cores) -> rows_mlacombine_d512_t64",
         ),
         (
             "attention_quantize_0",
@@ -1395,7 +1397,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     let decode = choice("attention_decode_quantize_0", "decode");
     assert_eq!(
         (&decode["signature"], &decode["config"]),
-        (&"mla_decode kv512 r64 h128".into(), &"mla_decode_kv512_r64_p64_s2".into())
+        (&"mla_decode kv512 r64 h128".into(), &"mla_decode_kv512_r64_p64_s2_cl2".into())
     );
     assert!(decode["source"].as_str().unwrap().starts_with("cost model: "), "{decode}");
     assert_eq!(choice("attention_quantize_0", "prefill")["config"], "mla_prefill_qk192_v128_s4");
@@ -1420,7 +1422,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     assert!(stdout.contains("lowering: 19 fused kernels as 39 launches"), "{stdout}");
     assert!(
         stdout.contains(
-            "\n  decode attention_decode_quantize_0 [mla_decode kv512 r64 h128] -> mla_decode_kv512_r64_p64_s2 (cost \
+            "\n  decode attention_decode_quantize_0 [mla_decode kv512 r64 h128] -> mla_decode_kv512_r64_p64_s2_cl2 (cost \
              model: "
         ),
         "{stdout}"

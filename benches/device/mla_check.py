@@ -2,8 +2,10 @@
 """Correctness and speed of v3c's tensor-core MLA decode attention (sm_90a) on the device, against torch.
 
 Run by benches/device/check.sh on the GPU machine (python3 + torch, no Rust). benches/device/prepare.sh writes
-the PTX of the attention kernel (`mla_decode_kv<KV>_r<R>_p64_s<S>`) and of the split combine
-(`rows_mlacombine_d<KV>_t<T>`) into .device/mla/.
+the PTX of the attention kernels (`mla_decode_kv<KV>_r<R>_p64_s<S>[_cl2][_fp8]`; `_cl2`: clusters of 2 blocks,
+compiled in — a sequence's two 64-head blocks share each page, each loading half of it by TMA multicast — so
+only cases with heads a multiple of 128 run on it) and of the split combine (`rows_mlacombine_d<KV>_t<T>`) into
+.device/mla/.
 
 Kernel ABI (compiler/src/conversion/sm90/mla.rs, `emit`): (q_map*, kv_map*, block_table i32 [B, max_pages] (7
 scalars), seqlens i32 [B] (5), o_part f32 [splits, B * H, KV] (9), lse f32 [splits, B * H] (7),
@@ -65,7 +67,7 @@ def dynamic_shared(ptx, fallback):
     return int(declared[1]) if declared else fallback
 
 
-ATTN = re.compile(r"^mla_decode_kv(\d+)_r(\d+)_p64_s(\d+)(_fp8)?$")
+ATTN = re.compile(r"^mla_decode_kv(\d+)_r(\d+)_p64_s(\d+)(_cl2)?(_fp8)?$")
 E4M3_MAX = 448.0
 PREFILL = re.compile(r"^mla_prefill_qk(\d+)_v(\d+)_s(\d+)$")
 # Training's flash kernels: the forward with log-sum-exps, the three gradients.
@@ -217,7 +219,9 @@ class Mla:
     def __init__(self, drv, ptx_dir, attn, comb):
         self.drv = drv
         m = ATTN.match(attn)
-        self.kv, self.rope, self.stages, self.fp8 = int(m[1]), int(m[2]), int(m[3]), bool(m[4])
+        self.kv, self.rope, self.stages, self.fp8 = int(m[1]), int(m[2]), int(m[3]), bool(m[5])
+        # Clusters of 2 (compiled in): a sequence's 64-row blocks paired, so heads a multiple of 128.
+        self.cluster = 2 if m[4] else 1
         self.threads_c = int(COMBINE.match(comb)[2])
         attn_ptx = open(os.path.join(ptx_dir, attn + ".ptx")).read()
         self.attn = drv.load(attn_ptx, attn)
@@ -504,6 +508,8 @@ def check_decode(mla, result, copy):
              (128, [700], 3, 1), (128, [64, 65], 8, 1), (16, [2, 65, 1000], 2, 2), (128, [130, 64], 3, 2),
              (16, [20000, 70], 39, 1)]
     for i, (heads, lens, splits, tokens) in enumerate(cases):
+        if heads % (PAGE * mla.cluster):
+            continue
         q, cache, table, lt = problem(heads, mla.kv, mla.rope, lens, seed=i, tokens=tokens)
         if mla.fp8:
             fp8_cache, cache = mla.quantize_cache(cache)

@@ -933,15 +933,16 @@ mod tests {
     }
 
     /// DeepSeek-V3's decode attention kernel (512 + 64 columns, 128 heads: two CTAs of 64 query
-    /// rows a sequence and split), bf16 and fp8 caches, its PTX simulated with the threads run
-    /// first to last and last to first: float64 attention over the rows within bf16's rounding of
-    /// q and P.
+    /// rows a sequence and split, in clusters sharing the pages or not), bf16 and fp8 caches, its
+    /// PTX simulated with the threads run first to last and last to first: float64 attention over
+    /// the rows within bf16's rounding of q and P.
     #[test]
     fn deepseek_v3_decode_attention_simulated_from_its_ptx_computes_attention() {
         use crate::conversion::sm90::mla::MlaDecodeConfig;
         let context = crate::mlir::new_context();
-        for (fp8_cache, reversed) in [(false, false), (true, false), (false, true), (true, true)] {
-            let config = MlaDecodeConfig { fp8_cache, ..MlaDecodeConfig::DEEPSEEK_V3 };
+        let runs = [(false, false), (true, false), (false, true), (true, true)];
+        for (cluster, (fp8_cache, reversed)) in [2, 1].into_iter().flat_map(|c| runs.map(|r| (c, r))) {
+            let config = MlaDecodeConfig { fp8_cache, cluster, ..MlaDecodeConfig::DEEPSEEK_V3 };
             let kernel = crate::conversion::sm90::compile_mla(&context, &config, &crate::target::SM90A).unwrap();
             let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
             let (rel, _) = decode_case(config.kv, config.rope, 128, fp8_cache, |l| {
@@ -969,17 +970,19 @@ mod tests {
 
     /// The race check sees what the decode kernel's synchronization is for: without its proxy
     /// fences the tensor cores read P unfenced, and without its block barriers threads read shared
-    /// memory the others write unordered (each found, naming the lines, on the first launch).
+    /// memory the others write unordered; in a cluster, a block that refills a buffer without
+    /// waiting for its peer's release multicasts into a page the peer still reads (each found,
+    /// naming the lines, on the first launch).
     #[test]
     fn the_decode_attention_kernel_without_its_fences_or_barriers_is_caught_racing() {
         use crate::conversion::sm90::mla::MlaDecodeConfig;
         let context = crate::mlir::new_context();
-        let config = MlaDecodeConfig::DEEPSEEK_V3;
+        let config = MlaDecodeConfig { cluster: 1, ..MlaDecodeConfig::DEEPSEEK_V3 };
         let kernel = crate::conversion::sm90::compile_mla(&context, &config, &crate::target::SM90A).unwrap();
-        let race = |ptx: &str| -> String {
+        let race_at = |ptx: &str, heads: usize| -> String {
             let module = v3c_ptxsim::Module::parse(ptx).unwrap();
             let mut err = String::new();
-            decode_case(config.kv, config.rope, 64, false, |l| {
+            decode_case(config.kv, config.rope, heads, false, |l| {
                 if err.is_empty() {
                     // SAFETY: the case's vectors, of the launch's shapes.
                     let r = unsafe {
@@ -997,6 +1000,7 @@ mod tests {
             });
             err
         };
+        let race = |ptx: &str| race_at(ptx, 64);
         assert_eq!(race(&kernel.ptx), "");
         let fences = kernel.ptx.matches("fence.proxy.async").count();
         assert!(fences > 0);
@@ -1006,6 +1010,22 @@ mod tests {
         let unordered = race(&kernel.ptx.replace("bar.sync", "membar.cta;//"));
         eprintln!("without its barriers: {unordered}");
         assert!(unordered.contains("data race on shared byte"), "{unordered}");
+        // The cluster's kernel (128 heads: two blocks a sequence), its refill's wait on the empty
+        // barrier (the wait after the arrival on the peer's) made to pass at once: parity 1 is the
+        // phase before the first.
+        let clustered = MlaDecodeConfig::DEEPSEEK_V3;
+        let kernel = crate::conversion::sm90::compile_mla(&context, &clustered, &crate::target::SM90A).unwrap();
+        assert_eq!(race_at(&kernel.ptx, 128), "");
+        let (before, after) = kernel.ptx.split_once("mbarrier.arrive.release.cluster").unwrap();
+        let (wait, rest) = after.split_once("mbarrier.try_wait.parity.shared.b64 P1, ").unwrap();
+        let (address, rest) = rest.split_once(", ").unwrap();
+        let (_parity, rest) = rest.split_once(", ").unwrap();
+        let unreleased = format!(
+            "{before}mbarrier.arrive.release.cluster{wait}mbarrier.try_wait.parity.shared.b64 P1, {address}, 1, {rest}"
+        );
+        let early = race_at(&unreleased, 128);
+        eprintln!("refilling without the peer's release: {early}");
+        assert!(early.contains("data race on shared byte"), "{early}");
     }
 
     /// DeepSeek-V3's flash attention kernels (q and k heads of 192, v of 128; causal; 70 queries

@@ -220,10 +220,11 @@ fn assert_attention_tensor_core_code(
     }
 }
 
-/// The tensor-core MLA decode kernel (DeepSeek-V3's 512 + 64 columns, its fp8-cache form, and a
-/// narrower latent): the 36 HGMMA.64x32 of S = Q K^T (9 chunks x 4 k16 steps, each warpgroup half
-/// the page's keys) and the 16 HGMMA.64x64 of P V (4 steps x 4 accumulators, transposed B), TMA
-/// loads, no spills; the fp8 cache's pages are converted.
+/// The tensor-core MLA decode kernel (DeepSeek-V3's 512 + 64 columns in clusters of 2 and not, its
+/// fp8-cache form, and a narrower latent): the 36 HGMMA.64x32 of S = Q K^T (9 chunks x 4 k16 steps,
+/// each warpgroup half the page's keys) and the 16 HGMMA.64x64 of P V (4 steps x 4 accumulators,
+/// transposed B), TMA loads (multicast in a cluster: each block half of a page's boxes, in the
+/// prologue's loads and the refill's), no spills; the fp8 cache's pages are converted.
 #[test]
 fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::MlaDecodeConfig;
@@ -231,12 +232,20 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
     let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
     let fp8 = MlaDecodeConfig { fp8_cache: true, ..MlaDecodeConfig::DEEPSEEK_V3 };
     assert_eq!(MlaDecodeConfig::from_name(&fp8.kernel_name()), Some(fp8));
-    for config in
-        [MlaDecodeConfig::DEEPSEEK_V3, MlaDecodeConfig { kv: 256, rope: 64, stages: 3, fp8_cache: false }, fp8]
-    {
+    for config in [
+        MlaDecodeConfig::DEEPSEEK_V3,
+        MlaDecodeConfig { cluster: 1, ..MlaDecodeConfig::DEEPSEEK_V3 },
+        MlaDecodeConfig { kv: 256, rope: 64, stages: 3, fp8_cache: false, cluster: 1 },
+        fp8,
+    ] {
         let kernel = sm90::compile_mla(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
         let converts = kernel.ptx.contains("cvt.rn.f16x2.e4m3x2");
         assert_eq!(converts, config.fp8_cache, "{}: the fp8 cache's conversion", kernel.name);
+        // Boxes a page: the bf16 chunks, or the fp8 latent's 128-byte boxes and the rope's chunks.
+        let boxes = if config.fp8_cache { config.kv / 128 + config.rope / 64 } else { config.dim() / 64 };
+        let multicasts = kernel.ptx.matches(".multicast::cluster").count();
+        assert_eq!(multicasts, if config.cluster > 1 { 2 * boxes } else { 0 }, "{}", kernel.name);
+        assert_eq!(kernel.ptx.contains(".reqnctapercluster 2, 1, 1"), config.cluster > 1, "{}", kernel.name);
         assert_attention_tensor_core_code(&kernel, (config.dim() / 16, 32), 4 * config.kv / 128, ptxas.as_ref());
     }
 }
@@ -557,12 +566,12 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
         [
             "rows_mlaabsorb_h128_n128_r64_v128_kv512_b8_t128",
             "rows_mlalengths_t32",
-            "mla_decode_kv512_r64_p64_s2",
+            "mla_decode_kv512_r64_p64_s2_cl2",
             "rows_mlacombine_d512_t64",
             "rows_mlaupv_h128_n128_v128_kv512_b8_t128",
         ]
     );
-    let attention = lowered.kernels.iter().find(|k| k.name == "mla_decode_kv512_r64_p64_s2").expect("compiled");
+    let attention = lowered.kernels.iter().find(|k| k.name == "mla_decode_kv512_r64_p64_s2_cl2").expect("compiled");
     if let Some(r) = &attention.resources {
         assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", attention.name);
     }

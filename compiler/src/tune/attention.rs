@@ -139,15 +139,28 @@ impl AttentionShape {
         }
     }
 
-    /// Its kernel with a ring of `stages` buffers.
+    /// Its kernel with a ring of `stages` buffers (decode: in clusters where its heads allow them,
+    /// [`MlaDecodeConfig::cluster_for`]).
     pub fn config(&self, stages: usize) -> AttentionConfig {
         match *self {
-            AttentionShape::Decode { kv, rope, fp8_cache, .. } => {
-                AttentionConfig::Decode(MlaDecodeConfig { kv, rope, stages, fp8_cache })
+            AttentionShape::Decode { heads, kv, rope, fp8_cache, .. } => {
+                let cluster = MlaDecodeConfig::cluster_for(heads);
+                AttentionConfig::Decode(MlaDecodeConfig { kv, rope, stages, fp8_cache, cluster })
             }
             AttentionShape::Prefill { qk, v, mode, .. } => {
                 AttentionConfig::Prefill(MlaPrefillConfig { qk, v, stages, mode })
             }
+        }
+    }
+
+    /// Its kernels with a ring of `stages` buffers: [`Self::config`], and (decode in clusters)
+    /// the same without them.
+    pub fn configs(&self, stages: usize) -> Vec<AttentionConfig> {
+        match self.config(stages) {
+            AttentionConfig::Decode(c) if c.cluster > 1 => {
+                vec![AttentionConfig::Decode(MlaDecodeConfig { cluster: 1, ..c }), AttentionConfig::Decode(c)]
+            }
+            config => vec![config],
         }
     }
 }
@@ -222,9 +235,10 @@ impl Tunable for AttentionConfig {
     }
 }
 
-/// Every ring depth of `shape`'s kernel that fits `target`.
+/// Every ring depth of `shape`'s kernel that fits `target` (decode whose heads allow clusters:
+/// each with and without them).
 pub fn candidates(shape: &AttentionShape, target: &GpuTarget) -> Vec<AttentionConfig> {
-    (1..=4).map(|stages| shape.config(stages)).filter(|c| c.validate(target).is_ok()).collect()
+    (1..=4).flat_map(|stages| shape.configs(stages)).filter(|c| c.validate(target).is_ok()).collect()
 }
 
 /// The cost model's view of one configuration on one shape.
@@ -294,8 +308,13 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             let flops = 2.0 * (PAGE * PAGE * width) as f64 + 2.0 * (PAGE * PAGE * kv) as f64;
             let convert = if fp8_cache { (PAGE * kv) as f64 * FP8_CONVERT_OPS } else { 0.0 };
             let work = flops / flops_us + ((PAGE * PAGE) as f64 * SOFTMAX_OPS + convert) / ops_us;
-            // A page from DRAM at the SM's share of the bandwidth, split among its blocks.
-            let load = (PAGE * row_bytes) as f64 / (dram_us / sms as f64 / per_sm as f64);
+            // A page from DRAM at the SM's share of the bandwidth, split among its blocks; in a
+            // cluster each block loads its share of the page (multicast into both).
+            let cluster = match config {
+                AttentionConfig::Decode(c) => c.cluster,
+                AttentionConfig::Prefill(_) => 1,
+            };
+            let load = (PAGE * row_bytes / cluster) as f64 / (dram_us / sms as f64 / per_sm as f64);
             let step_us = step(load, work);
             let waves = blocks.div_ceil(slots);
             let compute = waves as f64 * (pages as f64 * step_us + WAVE_US);
@@ -391,7 +410,7 @@ pub fn choose(shape: &AttentionShape, device: &DeviceModel, db: Option<&db::Tuni
     );
     let problem = super::Problem { signature: shape.signature(), bucket: shape.bucket(), device };
     let sha = || candidates_sha256(&candidates(shape, &device.target));
-    let implements = |c: &AttentionConfig| *c == shape.config(c.stages());
+    let implements = |c: &AttentionConfig| shape.configs(c.stages()).contains(c);
     super::decide(preferences, model, db, &problem, sha, implements, AttentionConfig::kernel_name)
 }
 
@@ -417,18 +436,25 @@ mod tests {
         let names = |s: &AttentionShape| -> Vec<String> {
             candidates(s, &h200.target).iter().map(AttentionConfig::kernel_name).collect()
         };
-        // DeepSeek-V3's decode: the query tile and a page are 72 KiB each: two pages at most.
-        assert_eq!(names(&decode(false, 64)), ["mla_decode_kv512_r64_p64_s1", "mla_decode_kv512_r64_p64_s2"]);
-        assert_eq!(names(&decode(true, 64)), ["mla_decode_kv512_r64_p64_s1_fp8", "mla_decode_kv512_r64_p64_s2_fp8"]);
+        // DeepSeek-V3's decode: the query tile and a page are 72 KiB each: two pages at most; its
+        // 128 heads' blocks of a sequence in clusters of 2 or not.
+        let (s1, s2) = ("mla_decode_kv512_r64_p64_s1", "mla_decode_kv512_r64_p64_s2");
+        assert_eq!(names(&decode(false, 64)), [s1, &format!("{s1}_cl2"), s2, &format!("{s2}_cl2")]);
+        let fp8: Vec<String> = names(&decode(false, 64)).iter().map(|n| format!("{n}_fp8")).collect();
+        assert_eq!(names(&decode(true, 64)), fp8);
+        for c in candidates(&decode(true, 64), &h200.target) {
+            assert_eq!(AttentionConfig::from_name(&c.kernel_name()), Some(c));
+        }
         assert_eq!(names(&prefill(4096)).len(), 4);
         assert_eq!(decode(false, 64).signature(), "mla_decode kv512 r64 h128");
         assert_eq!(decode(true, 64).signature(), "mla_decode kv512 r64 h128 fp8cache");
         assert_eq!(prefill(4096).signature(), "mla_prefill qk192 v128 h128");
         assert_eq!((decode(false, 50).bucket(), prefill(3000).bucket()), (64, 4096));
-        // A narrow head whose ring fits three deep.
+        // A narrow head whose ring fits three deep; 16 heads: one block a sequence, no clusters.
         let small =
             AttentionShape::Decode { heads: 16, kv: 128, rope: 64, fp8_cache: false, sequences: 4, context: 64 };
         assert_eq!(names(&small).len(), 4);
+        assert!(names(&small).iter().all(|n| !n.contains("_cl")), "{:?}", names(&small));
         for c in candidates(&prefill(4096), &h200.target) {
             assert_eq!(AttentionConfig::from_name(&c.kernel_name()), Some(c));
         }
@@ -480,13 +506,21 @@ mod tests {
     fn the_model_hides_loads_behind_deeper_rings_and_counts_occupancy() {
         let h200 = DeviceModel::by_name("H200").unwrap();
         let d = rank(&decode(false, 64), &h200);
-        assert_eq!(d[0].config.stages(), 2, "{d:?}");
+        let of = |ranked: &[AttentionEstimate], name: &str| {
+            ranked.iter().find(|e| e.config.kernel_name() == name).unwrap_or_else(|| panic!("{name}")).clone()
+        };
+        let (s1, s2) = (of(&d, "mla_decode_kv512_r64_p64_s1"), of(&d, "mla_decode_kv512_r64_p64_s2"));
+        assert_eq!(d[0].config.kernel_name(), "mla_decode_kv512_r64_p64_s2_cl2", "{d:?}");
         // 64 sequences x 2 blocks of 64 heads, split 3 ways to fill two waves of 132 SMs.
         assert_eq!((d[0].blocks, d[0].splits, d[0].per_sm), (384, 3, 1));
-        assert!(d[1].micros > d[0].micros * 1.2, "one page buffer exposes every load: {d:?}");
+        assert!(s1.micros > s2.micros * 1.2, "one page buffer exposes every load: {d:?}");
+        // A cluster's blocks each load half of a page: a step loads in half the time.
+        assert!(d[0].step_us < s2.step_us * 0.85, "{d:?}");
         // The fp8 cache moves 43% fewer bytes and converts them on the CUDA cores.
         let f = rank(&decode(true, 64), &h200);
-        assert!(f[0].step_us > d[0].step_us * 0.5 && f[0].micros < d[1].micros, "{f:?}");
+        assert_eq!(f[0].config.kernel_name(), "mla_decode_kv512_r64_p64_s2_cl2_fp8", "{f:?}");
+        let f2 = of(&f, "mla_decode_kv512_r64_p64_s2_fp8");
+        assert!(f2.step_us > s2.step_us * 0.5 && f2.micros < s1.micros, "{f:?}");
         let p = rank(&prefill(4096), &h200);
         assert_eq!(p.iter().map(|e| e.config.stages()).collect::<Vec<_>>(), [4, 3, 2, 1]);
         // 174 registers a thread (ptxas): one block an SM even where shared memory holds two.

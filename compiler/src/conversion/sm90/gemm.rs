@@ -1243,8 +1243,8 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 // And on the peer's: it multicasts into this block's buffer too.
                 let _ = writeln!(
                     t,
-                    "      %empty_addr = nvgpu.mbarrier.get %empty[%st] : !bar -> i32
-      llvm.inline_asm has_side_effects \"{{\\n.reg .b32 ra;\\nmapa.shared::cluster.u32 ra, $0, $1;\\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\\n}}\", \"r,r\" %empty_addr, %peer_i32 : (i32, i32) -> ()"
+                    "      %empty_addr = nvgpu.mbarrier.get %empty[%st] : !bar -> i32\n      {}",
+                    arrive_on_peer("%empty_addr", "%peer_i32")
                 );
             }
         } else {
@@ -1955,6 +1955,14 @@ fn warp_prefix_sum(p: &str, x: &str) -> (String, String) {
         v = format!("%{p}p{d}");
     }
     (t.trim_end().to_string(), v)
+}
+
+/// An arrival (release, cluster scope) on the mbarrier at shared address `addr` (i32) of this
+/// block, in cluster block `peer`'s shared memory (`mapa`).
+pub(super) fn arrive_on_peer(addr: &str, peer: &str) -> String {
+    format!(
+        "llvm.inline_asm has_side_effects \"{{\\n.reg .b32 ra;\\nmapa.shared::cluster.u32 ra, $0, $1;\\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\\n}}\", \"r,r\" {addr}, {peer} : (i32, i32) -> ()"
+    )
 }
 
 pub(super) fn indent(text: &str, n: usize) -> String {

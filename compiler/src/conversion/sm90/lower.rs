@@ -1610,7 +1610,8 @@ pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps,
     let weight = launch.kernel.weight.clone();
     let fp8 = weight == "f8E4M3FN";
     let kv = launch.kernel.d;
-    let config = super::mla::MlaDecodeConfig { kv, rope, stages: 2, fp8_cache };
+    let cluster = super::mla::MlaDecodeConfig::cluster_for(heads);
+    let config = super::mla::MlaDecodeConfig { kv, rope, stages: 2, fp8_cache, cluster };
     config.validate(&crate::target::SM90A)?;
     if fp8_cache && v3c_runtime::plan::Fp8LatentRow::of(kv + rope).is_none_or(|r| r.latent != kv) {
         return Err(format!("an fp8 cache of rows of {kv} + {rope} (a rope key of 64)"));

@@ -26,6 +26,14 @@
 //! On a sequence's last page the rows past its length are zeroed in shared memory first (a masked
 //! key's P of 0 would still multiply whatever the cache holds there).
 //!
+//! Clusters (`cluster` 2, DeepSeek-V3's 128 heads: two blocks of 64 query rows a sequence, which
+//! read the same pages): the pair runs as a cluster; each block's leader loads every other box of a
+//! page (from its rank's) by TMA multicast into both blocks' buffers — half the L2-to-SM traffic and
+//! TMA issue a block, and the page read once. A consumed buffer is released on both blocks' empty
+//! barriers (one arrival from each block's leader, the peer's through `mapa`), and a leader refills
+//! it only when both have; a cluster barrier after the barriers' initialization and another before
+//! the blocks leave.
+//!
 //! [`crate::conversion::sm90::rows::RowOp::MlaCombine`] then merges the splits:
 //! `out = sum_z exp(lse_z - max) o_z / sum_z exp(lse_z - max)`.
 //!
@@ -42,7 +50,9 @@
 
 use std::fmt::Write;
 
-use super::gemm::{constants, fragment_coordinates, fragment_offset, indent, STATIC_SHARED_BYTES, WORKGROUP};
+use super::gemm::{
+    arrive_on_peer, constants, fragment_coordinates, fragment_offset, indent, STATIC_SHARED_BYTES, WORKGROUP,
+};
 use crate::target::GpuTarget;
 
 /// Rows of a cache page (the block size of the paged cache), and query rows per block.
@@ -66,16 +76,34 @@ pub struct MlaDecodeConfig {
     /// The fp8 cache: the latent as e4m3 with one f32 scale per row and 128 columns (the rope part
     /// stays bf16), converted to bf16 in shared memory page by page before the tensor cores read it.
     pub fp8_cache: bool,
+    /// Blocks per cluster along x (1 or 2). With 2, the blocks of a sequence's query rows 0..63 and
+    /// 64..127 (and so on) share each page: each loads half of its boxes and multicasts them into
+    /// both — half the L2-to-SM traffic and TMA issue a block. Launches must pair such blocks: an
+    /// even number of 64-row blocks a sequence ([`Self::cluster_for`]).
+    pub cluster: usize,
 }
 
 impl MlaDecodeConfig {
-    /// DeepSeek-V3's: 512 latent + 64 rope columns, two page buffers, a bf16 cache.
-    pub const DEEPSEEK_V3: MlaDecodeConfig = MlaDecodeConfig { kv: 512, rope: 64, stages: 2, fp8_cache: false };
+    /// DeepSeek-V3's: 512 latent + 64 rope columns, two page buffers, a bf16 cache, its 128 heads'
+    /// two blocks a sequence in a cluster.
+    pub const DEEPSEEK_V3: MlaDecodeConfig =
+        MlaDecodeConfig { kv: 512, rope: 64, stages: 2, fp8_cache: false, cluster: 2 };
 
-    /// `mla_decode_kv512_r64_p64_s2` (`_fp8`: the fp8 cache).
+    /// The cluster a launch of `heads` query rows per token takes: 2 when a sequence's rows fill
+    /// an even number of 64-row blocks whatever its tokens (heads a multiple of 128), else 1.
+    pub fn cluster_for(heads: usize) -> usize {
+        if heads > 0 && heads.is_multiple_of(2 * PAGE) {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// `mla_decode_kv512_r64_p64_s2_cl2` (`_cl2`: clusters of 2; `_fp8`: the fp8 cache).
     pub fn kernel_name(&self) -> String {
         let fp8 = if self.fp8_cache { "_fp8" } else { "" };
-        format!("mla_decode_kv{}_r{}_p{PAGE}_s{}{fp8}", self.kv, self.rope, self.stages)
+        let cluster = if self.cluster != 1 { format!("_cl{}", self.cluster) } else { String::new() };
+        format!("mla_decode_kv{}_r{}_p{PAGE}_s{}{cluster}{fp8}", self.kv, self.rope, self.stages)
     }
 
     /// The configuration a [`Self::kernel_name`] names.
@@ -83,12 +111,17 @@ impl MlaDecodeConfig {
         let rest = name.strip_prefix("mla_decode_kv")?;
         let (kv, rest) = rest.split_once("_r")?;
         let (rope, rest) = rest.split_once(&format!("_p{PAGE}_s"))?;
-        let (stages, fp8_cache) = match rest.strip_suffix("_fp8") {
-            Some(stages) => (stages, true),
+        let (rest, fp8_cache) = match rest.strip_suffix("_fp8") {
+            Some(rest) => (rest, true),
             None => (rest, false),
         };
         let number = |s: &str| s.parse::<usize>().ok().filter(|_| s.bytes().all(|b| b.is_ascii_digit()));
-        let config = MlaDecodeConfig { kv: number(kv)?, rope: number(rope)?, stages: number(stages)?, fp8_cache };
+        let (stages, cluster) = match rest.split_once("_cl") {
+            Some((stages, cluster)) => (stages, number(cluster)?),
+            None => (rest, 1),
+        };
+        let (kv, rope, stages) = (number(kv)?, number(rope)?, number(stages)?);
+        let config = MlaDecodeConfig { kv, rope, stages, fp8_cache, cluster };
         (config.kernel_name() == name).then_some(config)
     }
 
@@ -173,6 +206,9 @@ impl MlaDecodeConfig {
         if !(1..=4).contains(&self.stages) {
             return Err(format!("{name}: {} page buffers (1 to 4)", self.stages));
         }
+        if !(1..=2).contains(&self.cluster) {
+            return Err(format!("{name}: clusters of {} blocks (1 or 2)", self.cluster));
+        }
         let what = format!(
             "query tile, {} page buffers of {} B, {}P, row statistics, barriers",
             self.stages,
@@ -228,13 +264,19 @@ impl Emitter {
         let head = module_head(
             &c.kernel_name(),
             c.stages,
+            c.cluster,
             if c.fp8_cache { tmap8 } else { "" },
             &format!(
                 "%q_ptr: !llvm.ptr, %kv_ptr: !llvm.ptr, {fp8_args}%block_table: memref<?x?xi32>, %seqlens: memref<?xi32>, \
                  %o_part: memref<?x?x?xf32>, %lse: memref<?x?xf32>, %rows_per_sequence: index, %heads: index, %scale: f32"
             ),
         );
-        let body = format!("{}{}{}", self.prelude(), self.main_loop(), self.epilogue());
+        let mut body = format!("{}{}{}", self.prelude(), self.main_loop(), self.epilogue());
+        if c.cluster > 1 {
+            // No block leaves while its peer may still multicast into its shared memory or arrive
+            // on its barriers.
+            body.push_str("  nvvm.cluster.arrive\n  nvvm.cluster.wait\n");
+        }
         module_text(&head, &body)
     }
 
@@ -265,10 +307,22 @@ impl Emitter {
   %p1_raw = arith.addi %p0_raw, %per : index
   %p1 = arith.minui %p1_raw, %pages : index
   %np = arith.subi %p1, %p0 : index
-{barriers}",
+{cluster}{barriers}",
             consts = kernel_constants(),
+            // The cluster's blocks: this one's rank, the other's, both in the multicasts' mask.
+            cluster = if c.cluster > 1 {
+                "  %rank_i32 = nvvm.read.ptx.sreg.cluster.ctaid.x : i32
+  %rank = arith.index_cast %rank_i32 : i32 to index
+  %rank0 = arith.cmpi eq, %rank, %c0 : index
+  %peer_i32 = arith.subi %c1_i32, %rank_i32 : i32
+  %mcast = arith.constant 3 : i16
+"
+            } else {
+                ""
+            },
             barriers = shared_memory_and_barriers(
                 stages,
+                c.cluster,
                 c.query_bytes(),
                 if c.fp8_cache {
                     &[("%kv_map", "!tmap8"), ("%rope_map", "!tmap")][..]
@@ -344,7 +398,9 @@ impl Emitter {
         t
     }
 
-    /// TMA loads of the split's page `j` (its `j`-th page) into ring buffer `j mod stages` (one thread).
+    /// TMA loads of the split's page `j` (its `j`-th page) into ring buffer `j mod stages` (one
+    /// thread). In a cluster, block `rank` loads every other box, from its `rank`-th, multicast into
+    /// both blocks' buffers (each block's barrier expects the whole page).
     fn load_page(&self, j: &str, i: &str) -> String {
         let c = &self.c;
         let ws = WORKGROUP;
@@ -362,40 +418,37 @@ nvgpu.mbarrier.arrive.expect_tx %bars[%lp_st], %c{stage_bytes} : !bar
             stage_bytes = c.stage_bytes(),
             q_bytes = c.query_bytes()
         );
-        if c.fp8_cache {
+        let mcast = if c.cluster > 1 { " multicast_mask = %mcast" } else { "" };
+        // One box: its name, tensor map (and type), column, byte offset in the buffer, memref type.
+        let bf16_box = format!("{PAGE}x{CHUNK}xbf16");
+        let load = |name: &str, map: &str, map_ty: &str, col: usize, off: usize, ty: &str| {
+            format!(
+                "%lp_o{name} = arith.addi %lp_base, %c{off} : index
+%lp_{name} = memref.view %smem[%lp_o{name}][] : memref<?xi8, {ws}> to memref<{ty}, {ws}>
+nvgpu.tma.async.load {map}[%c{col}, %lp_row], %bars[%lp_st] to %lp_{name}{mcast} : {map_ty}, !bar -> memref<{ty}, {ws}>
+"
+            )
+        };
+        let boxes: Vec<String> = if c.fp8_cache {
             // The e4m3 latent in 128-byte boxes, then the bf16 rope chunks.
-            for b in 0..c.kv / 128 {
-                let _ = writeln!(
-                    t,
-                    "%lp_o8_{b} = arith.addi %lp_base, %c{off} : index
-%lp_b8_{b} = memref.view %smem[%lp_o8_{b}][] : memref<?xi8, {ws}> to memref<{PAGE}x128xi8, {ws}>
-nvgpu.tma.async.load %kv_map[%c{col}, %lp_row], %bars[%lp_st] to %lp_b8_{b} : !tmap8, !bar -> memref<{PAGE}x128xi8, {ws}>",
-                    off = b * PAGE * 128,
-                    col = b * 128
-                );
-            }
-            for r in 0..c.rope / CHUNK {
-                let _ = writeln!(
-                    t,
-                    "%lp_or{r} = arith.addi %lp_base, %c{off} : index
-%lp_r{r} = memref.view %smem[%lp_or{r}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
-nvgpu.tma.async.load %rope_map[%c{col}, %lp_row], %bars[%lp_st] to %lp_r{r} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
-                    off = PAGE * c.kv + r * CHUNK_BYTES,
-                    col = r * CHUNK
-                );
-            }
+            let latent = (0..c.kv / 128).map(|b| {
+                load(&format!("b8_{b}"), "%kv_map", "!tmap8", b * 128, b * PAGE * 128, &format!("{PAGE}x128xi8"))
+            });
+            let rope = (0..c.rope / CHUNK).map(|r| {
+                load(&format!("r{r}"), "%rope_map", "!tmap", r * CHUNK, PAGE * c.kv + r * CHUNK_BYTES, &bf16_box)
+            });
+            latent.chain(rope).collect()
+        } else {
+            (0..c.chunks())
+                .map(|k| load(&format!("v{k}"), "%kv_map", "!tmap", k * CHUNK, k * CHUNK_BYTES, &bf16_box))
+                .collect()
+        };
+        if c.cluster == 1 {
+            t.push_str(&boxes.concat());
             return t;
         }
-        for k in 0..c.chunks() {
-            let _ = writeln!(
-                t,
-                "%lp_off{k} = arith.addi %lp_base, %c{off} : index
-%lp_v{k} = memref.view %smem[%lp_off{k}][] : memref<?xi8, {ws}> to memref<{PAGE}x{CHUNK}xbf16, {ws}>
-nvgpu.tma.async.load %kv_map[%c{col}, %lp_row], %bars[%lp_st] to %lp_v{k} : !tmap, !bar -> memref<{PAGE}x{CHUNK}xbf16, {ws}>",
-                off = k * CHUNK_BYTES,
-                col = k * CHUNK
-            );
-        }
+        let share = |rank: usize| -> String { boxes.iter().skip(rank).step_by(c.cluster).cloned().collect() };
+        let _ = writeln!(t, "scf.if %rank0 {{\n{}\n}} else {{\n{}\n}}", indent(&share(0), 2), indent(&share(1), 2));
         t
     }
 
@@ -536,8 +589,30 @@ gpu.barrier
         );
         pv_products(&mut t, "%v_addr", 0, &mut o);
         o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
-        t.push_str(&tile_loop_tail("%np", c.stages, &self.load_page("%jn", "%jn"), &o, &types));
+        t.push_str(&tile_loop_tail("%np", c.stages, &self.refill_page(), &o, &types));
         t
+    }
+
+    /// The leader's refill of the buffer just consumed with page `%jn`. In a cluster the peer
+    /// multicasts into this block's buffer and this one into the peer's: the buffer is released on
+    /// both blocks' empty barriers (`stages + 1 + %st`), and the load waits until both have released
+    /// it (the barrier's phase of this round, `%parity`).
+    fn refill_page(&self) -> String {
+        let c = &self.c;
+        let load = self.load_page("%jn", "%jn");
+        if c.cluster == 1 {
+            return load;
+        }
+        format!(
+            "%e_bar = arith.addi %st, %c{first} : index
+%released = nvgpu.mbarrier.arrive %bars[%e_bar] : !bar -> !nvgpu.mbarrier.token
+%empty_addr = nvgpu.mbarrier.get %bars[%e_bar] : !bar -> i32
+{arrive}
+nvgpu.mbarrier.try_wait.parity %bars[%e_bar], %parity, %ticks : !bar
+{load}",
+            first = c.stages + 1,
+            arrive = arrive_on_peer("%empty_addr", "%peer_i32")
+        )
     }
 
     /// On the sequence's last page, rows past its length are zeroed in the page buffer (whatever the
@@ -854,6 +929,7 @@ impl PrefillEmitter {
         let head = module_head(
             &c.kernel_name(),
             stages,
+            1,
             "",
             &format!(
                 "%q_ptr: !llvm.ptr, %k_ptr: !llvm.ptr, %v_ptr: !llvm.ptr, %out: memref<?x?xf32>, {lse}%t_len: index, \
@@ -876,7 +952,8 @@ impl PrefillEmitter {
 {barriers}",
             consts = kernel_constants(),
             block = block_of(&["q", "k", "v"], "%t_len", true),
-            barriers = shared_memory_and_barriers(stages, c.query_bytes(), &[("%k_map", "!tmap"), ("%v_map", "!tmap")]),
+            barriers =
+                shared_memory_and_barriers(stages, 1, c.query_bytes(), &[("%k_map", "!tmap"), ("%v_map", "!tmap")]),
         );
         let own: Vec<(&str, usize)> = (0..qc).map(|k| ("%q_map", k * CHUNK)).collect();
         t.push_str(&own_tile_loads(&own, "%q_row0", stages));
@@ -1016,6 +1093,7 @@ impl GradEmitter {
         let head = module_head(
             &c.kernel_name(),
             stages,
+            1,
             "",
             "%q_ptr: !llvm.ptr, %k_ptr: !llvm.ptr, %v_ptr: !llvm.ptr, %do_ptr: !llvm.ptr, %lse: memref<?xf32>, \
              %dd: memref<?xf32>, %out: memref<?x?xf32>, %t_len: index, %s_len: index, %scale: f32",
@@ -1061,6 +1139,7 @@ impl GradEmitter {
             block = block_of(&["q", "k", "v", "do"], rows_len, queries),
             barriers = shared_memory_and_barriers(
                 stages,
+                1,
                 c.query_bytes(),
                 &[("%k_map", "!tmap"), ("%v_map", "!tmap"), ("%do_map", "!tmap")]
             ),
@@ -1384,17 +1463,22 @@ fn check_shared_memory(name: &str, dynamic: usize, what: &str, target: &GpuTarge
 }
 
 /// The module around an attention kernel: the barrier group (`stages` ring buffers + the query
-/// tile's), the bf16 tensor map type (`extra_types` after it), and the `gpu.func` head with `args`.
-fn module_head(name: &str, stages: usize, extra_types: &str, args: &str) -> String {
+/// tile's; in a cluster of `cluster` blocks, as many again after them: the buffers' empty
+/// barriers), the bf16 tensor map type (`extra_types` after it), and the `gpu.func` head with
+/// `args`.
+fn module_head(name: &str, stages: usize, cluster: usize, extra_types: &str, args: &str) -> String {
     let ws = WORKGROUP;
+    let (barriers, cluster_dim) = match cluster {
+        1 => (stages + 1, String::new()),
+        n => (2 * stages + 1, format!(", nvvm.cluster_dim = array<i32: {n}, 1, 1>")),
+    };
     format!(
-        "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {}>
+        "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {barriers}>
 !tmap = !nvgpu.tensormap.descriptor<tensor = memref<{PAGE}x{CHUNK}xbf16, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>
 {extra_types}module attributes {{gpu.container_module}} {{
 gpu.module @kernels {{
-gpu.func @{name}({args}) kernel attributes {{known_block_size = array<i32: {THREADS}, 1, 1>}} {{
-",
-        stages + 1
+gpu.func @{name}({args}) kernel attributes {{known_block_size = array<i32: {THREADS}, 1, 1>{cluster_dim}}} {{
+"
     )
 }
 
@@ -1430,11 +1514,26 @@ fn kernel_constants() -> String {
 
 /// Dynamic shared memory (`%smem`, its address `%smem_base`), the barriers initialized by the
 /// leader thread (which prefetches the query's and `maps`' tensor maps), a block barrier, then the
-/// leader's branch opened with the query tile's expected bytes on barrier `stages`.
-fn shared_memory_and_barriers(stages: usize, query_bytes: usize, maps: &[(&str, &str)]) -> String {
+/// leader's branch opened with the query tile's expected bytes on barrier `stages`. In a cluster
+/// (`cluster` > 1): the buffers' empty barriers (`stages + 1 ..`) expect one arrival per block,
+/// and a cluster barrier makes every block's initialized barriers visible before any multicasts.
+fn shared_memory_and_barriers(stages: usize, cluster: usize, query_bytes: usize, maps: &[(&str, &str)]) -> String {
     let ws = WORKGROUP;
-    let prefetch: String =
+    let mut prefetch: String =
         maps.iter().map(|(map, ty)| format!("    nvgpu.tma.prefetch.descriptor {map} : {ty}\n")).collect();
+    let mut cluster_wait = "";
+    if cluster > 1 {
+        prefetch = format!(
+            "    scf.for %s = %c{first} to %c{end} step %c1 {{
+      nvgpu.mbarrier.init %bars[%s], %c{cluster} : !bar
+    }}
+    nvvm.fence.mbarrier.init
+{prefetch}",
+            first = stages + 1,
+            end = 2 * stages + 1
+        );
+        cluster_wait = "  nvvm.cluster.arrive\n  nvvm.cluster.wait\n";
+    }
     format!(
         "  %smem = gpu.dynamic_shared_memory : memref<?xi8, {ws}>
   %smem_base_idx = memref.extract_aligned_pointer_as_index %smem : memref<?xi8, {ws}> -> index
@@ -1448,7 +1547,7 @@ fn shared_memory_and_barriers(stages: usize, query_bytes: usize, maps: &[(&str, 
     nvgpu.tma.prefetch.descriptor %q_map : !tmap
 {prefetch}  }}
   gpu.barrier
-  scf.if %leader {{
+{cluster_wait}  scf.if %leader {{
     nvgpu.mbarrier.arrive.expect_tx %bars[%c{stages}], %c{query_bytes} : !bar
 ",
         nbars = stages + 1
@@ -1809,11 +1908,26 @@ mod tests {
     #[test]
     fn names_round_trip_and_limits_are_named() {
         let c = MlaDecodeConfig::DEEPSEEK_V3;
-        assert_eq!(c.kernel_name(), "mla_decode_kv512_r64_p64_s2");
-        assert_eq!(MlaDecodeConfig::from_name(&c.kernel_name()), Some(c));
-        for bad in ["mla_decode_kv512_r64_p32_s2", "mla_decode_kv512_r64_p64_s", "mla_decode_kv+512_r64_p64_s2"] {
+        assert_eq!(c.kernel_name(), "mla_decode_kv512_r64_p64_s2_cl2");
+        let single = MlaDecodeConfig { cluster: 1, fp8_cache: true, ..c };
+        assert_eq!(single.kernel_name(), "mla_decode_kv512_r64_p64_s2_fp8");
+        for config in [c, single, MlaDecodeConfig { fp8_cache: true, ..c }, MlaDecodeConfig { cluster: 1, ..c }] {
+            assert_eq!(MlaDecodeConfig::from_name(&config.kernel_name()), Some(config));
+        }
+        for bad in [
+            "mla_decode_kv512_r64_p32_s2",
+            "mla_decode_kv512_r64_p64_s",
+            "mla_decode_kv+512_r64_p64_s2",
+            "mla_decode_kv512_r64_p64_s2_cl1",
+            "mla_decode_kv512_r64_p64_s2_fp8_cl2",
+        ] {
             assert_eq!(MlaDecodeConfig::from_name(bad), None, "{bad}");
         }
+        // Clusters pair a sequence's 64-row blocks: an even number of them at any token count.
+        let clusters: Vec<usize> = [128, 256, 64, 16, 192, 0].map(MlaDecodeConfig::cluster_for).into();
+        assert_eq!(clusters, [2, 2, 1, 1, 1, 1]);
+        let err = MlaDecodeConfig { cluster: 4, ..c }.validate(&SM90A).unwrap_err();
+        assert!(err.contains("clusters of 4 blocks (1 or 2)"), "{err}");
         // 3 x 72 KiB + 8 KiB + 512 B fits the 227 KiB of an H100/H200 block; three page buffers do not.
         assert_eq!(c.shared_memory_bytes(), 229_888);
         assert!(c.validate(&SM90A).is_ok());
