@@ -2,15 +2,17 @@
 //! over the paged latent cache and the causal flash-attention prefill — inference's, and a training
 //! step's forward with its log-sum-exps and its three gradient kernels (dQ, dK, dV).
 //!
-//! At a model's widths the one field these templates leave free is the depth of their TMA ring
+//! At a model's widths the field these templates leave free is the depth of their TMA ring
 //! (`stages`: page buffers for decode, key/value tile buffers for prefill); the space is every depth
-//! that fits shared memory ([`candidates`]). Decode's K splits are not a kernel field: the runtime
+//! that fits shared memory ([`candidates`]), and for decode whose heads pair its blocks (128 heads)
+//! each depth in clusters of 2 and without. Decode's K splits are not a kernel field: the runtime
 //! picks them per run from the batch and the SMs ([`v3c_runtime::lowering::attention_splits`]), and
 //! the cost model uses the same rule.
 //!
 //! The cost model ([`estimate`]) is a per-block pipeline model, not a simulator. A block walks its
 //! pages (decode) or key tiles (prefill); per step it loads the tile (decode: from DRAM at an SM's
-//! share of the bandwidth; prefill: the head's keys and values stay in L2 across its query tiles),
+//! share of the bandwidth, in a cluster its half of the page; prefill: the head's keys and values
+//! stay in L2 across its query tiles),
 //! runs the tensor-core products (decode: `S = Q K^T` in each of the two warpgroups, then `P V`;
 //! prefill: both warpgroups' 64 query rows) at the SM's share of the dense bf16 peak, and the online
 //! softmax (and the fp8 cache's conversion) on the CUDA cores. One buffer: the load is exposed every
