@@ -1076,12 +1076,12 @@ impl RowKernel {
 
     /// kv_b's element (row, col) into `{out}` as f32: e4m3 decoded and scaled by its 128x128 block's
     /// scale as read, bf16 widened.
-    fn kv_b_weight(&self, row: &str, col: &str, out: &str) -> String {
-        self.kv_b_weight_scaled(row, col, out, None)
+    fn kv_b_weight(&self, row: &str, col: &str, out: &str, lowering: Lowering) -> String {
+        self.kv_b_weight_scaled(row, col, out, None, lowering)
     }
 
     /// [`Self::kv_b_weight`], the block's scale already in `scale` when given (e4m3 weights).
-    fn kv_b_weight_scaled(&self, row: &str, col: &str, out: &str, scale: Option<&str>) -> String {
+    fn kv_b_weight_scaled(&self, row: &str, col: &str, out: &str, scale: Option<&str>, lowering: Lowering) -> String {
         if self.weight == "bf16" {
             return format!(
                 "{out}_raw = memref.load %kv_b[{row}, {col}] : memref<?x?xbf16>
@@ -1102,7 +1102,7 @@ impl RowKernel {
             "{out}_byte = memref.load %kv_b[{row}, {col}] : memref<?x?xi8>
 {dec}{load}{out} = arith.mulf {out}_f, {out}_s : f32
 ",
-            dec = decode_e4m3(&format!("{out}_byte"), &format!("{out}_f")),
+            dec = decode_e4m3(&format!("{out}_byte"), &format!("{out}_f"), lowering),
         )
     }
 
@@ -1158,7 +1158,7 @@ impl RowKernel {
             .collect();
         let mut phases = Vec::new();
         let types_of = |k: usize| vec!["f32"; k].join(", ");
-        let w = self.kv_b_weight("%vrow", "%a", "%wv");
+        let w = self.kv_b_weight("%vrow", "%a", "%wv", lowering);
         phases.push(match lowering {
             // On the GPU a warp takes an output element e: lane l reads W_UV[e, l], [e, l + 32],
             // ... (a warp's loads 32 adjacent weights: whole sectors, where a thread per element
@@ -1207,7 +1207,7 @@ scf.for %j = %tid to %cVW step %cT {{
                     block_inits = list(k, &|t| format!("%s{t} = %bs{t}")),
                     block_yields = list(k, &|t| format!("%blk#{t}")),
                     inits = list(k, &|t| format!("%bs{t} = %zero")),
-                    w = self.kv_b_weight_scaled("%vrow", "%a", "%wv", (!bf16).then_some("%wblk_s")),
+                    w = self.kv_b_weight_scaled("%vrow", "%a", "%wv", (!bf16).then_some("%wblk_s"), lowering),
                 )
             }),
             Lowering::Cpu => format!(
@@ -1913,7 +1913,7 @@ scf.for %i = %tid to %cB step %cT {{
                         format!("%cache[%b, %j, {col}] : memref<?x?x?xf32>")
                     }
                 };
-                let weight = |row: &str, col: &str, out: &str| self.kv_b_weight(row, col, out);
+                let weight = |row: &str, col: &str, out: &str| self.kv_b_weight(row, col, out, lowering);
                 let (qn, qpe, qa, pp, o, red) =
                     (t("sh_qn"), t("sh_qpe"), t("sh_qa"), t("sh_p"), t("sh_o"), t("sh_red"));
                 let mut phases = vec![format!(
@@ -2171,7 +2171,8 @@ scf.for %a = %tid to %cD step %cT {{
                             "%wrow",
                             "%a",
                             "%wv",
-                            (self.weight != "bf16").then_some("%wblk_s")
+                            (self.weight != "bf16").then_some("%wblk_s"),
+                            lowering
                         ))),
                     )
                 });
@@ -3220,9 +3221,20 @@ fn shared_element(name: &str) -> &'static str {
     }
 }
 
-/// `{out}` (f32) = the e4m3 byte `{byte}` (i8) decoded, exactly (the same integer arithmetic in both
-/// lowerings; NaN for the NaN pattern).
-fn decode_e4m3(byte: &str, out: &str) -> String {
+/// `{out}` (f32) = the e4m3 byte `{byte}` (i8) decoded, exactly (NaN for the NaN pattern): on the
+/// GPU by the hardware's conversion to f16 (`cvt.rn.f16x2.e4m3x2`: every e4m3 value is an f16) and
+/// widened, two instructions; on the CPU by integer arithmetic on the byte's fields.
+fn decode_e4m3(byte: &str, out: &str, lowering: Lowering) -> String {
+    if lowering == Lowering::Gpu {
+        return format!(
+            "{out}_b16 = arith.extui {byte} : i8 to i16
+{out}_h2 = llvm.inline_asm \"cvt.rn.f16x2.e4m3x2 $0, $1;\", \"=r,h\" {out}_b16 : (i16) -> i32
+{out}_h = arith.trunci {out}_h2 : i32 to i16
+{out}_hf = arith.bitcast {out}_h : i16 to f16
+{out} = arith.extf {out}_hf : f16 to f32
+"
+        );
+    }
     format!(
         "{out}_bi = arith.extui {byte} : i8 to i32
 {out}_k3 = arith.constant 3 : i32
