@@ -831,12 +831,15 @@ mod tests {
     /// `fp8_cache`: packed fp8 rows seen through the latent's and the rope key's tensor maps and the
     /// scales' strided memref) — pages out of order, a sequence of one key, one past two pages, one
     /// past five (its splits hold three pages each: more than a ring of two buffers, which refills
-    /// and turns its barriers' phase) — run by `run`: the relative (Frobenius) error of its splits
-    /// merged against float64 attention over the rows' values, and the log-sum-exps.
+    /// and turns its barriers' phase) —, `tokens` new tokens a sequence (causal among themselves:
+    /// token t of T sees the keys before `len - T + t + 1`; the shortest sequence has T keys), run
+    /// by `run`: the relative (Frobenius) error of its splits merged against float64 attention over
+    /// the rows' values, and the log-sum-exps.
     fn decode_case(
         kv: usize,
         rope: usize,
         heads: usize,
+        tokens: usize,
         fp8_cache: bool,
         run: impl FnOnce(&KernelLaunch),
     ) -> (f64, Vec<f32>) {
@@ -862,25 +865,26 @@ mod tests {
             let decoded = bits.iter().map(|&x| v3c_models::dtype::bf16_to_f32(x)).collect();
             (bits.iter().flat_map(|x| x.to_le_bytes()).collect(), decoded, "bf16", width)
         };
-        let q: Vec<u16> =
-            values(b * heads * width, 4, 2.0).iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect();
+        // Query rows a sequence: its tokens' heads, token by token.
+        let per = tokens * heads;
+        let q: Vec<u16> = values(b * per * width, 4, 2.0).iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect();
         // The pool's pages, out of order (7 is prime to the pool's 18).
         let table: Vec<i32> = (0..b * pages).map(|i| ((i * 7 + 5) % (b * pages)) as i32).collect();
-        let lens: Vec<i32> = vec![1, 150, 5 * 64 + 1];
-        let mut o_part = vec![f32::NAN; splits * b * heads * kv];
-        let mut lse = vec![f32::NAN; splits * b * heads];
+        let lens: Vec<i32> = vec![tokens as i32, 150, 5 * 64 + 1];
+        let mut o_part = vec![f32::NAN; splits * b * per * kv];
+        let mut lse = vec![f32::NAN; splits * b * per];
         let buf = |addr: *const u8, shape: &[usize], element: &str| Buf {
             addr: addr as u64,
             shape: shape.to_vec(),
             element: element.into(),
         };
         let ops = [
-            buf(q.as_ptr() as *const u8, &[b * heads, width], "bf16"),
+            buf(q.as_ptr() as *const u8, &[b * per, width], "bf16"),
             buf(cache.as_ptr(), &[rows, cols], element),
             buf(table.as_ptr() as *const u8, &[b, pages], "i32"),
             buf(lens.as_ptr() as *const u8, &[b], "i32"),
-            buf(o_part.as_mut_ptr() as *const u8, &[splits, b * heads, kv], "f32"),
-            buf(lse.as_mut_ptr() as *const u8, &[splits, b * heads], "f32"),
+            buf(o_part.as_mut_ptr() as *const u8, &[splits, b * per, kv], "f32"),
+            buf(lse.as_mut_ptr() as *const u8, &[splits, b * per], "f32"),
         ];
         let abi = MlaDecodeAbi { kv, rope, fp8_cache };
         let launch = abi.launch("mla_decode", [&ops[0], &ops[1], &ops[2], &ops[3], &ops[4], &ops[5]], heads, scale);
@@ -889,8 +893,9 @@ mod tests {
         for seq in 0..b {
             let keys: Vec<usize> =
                 (0..lens[seq] as usize).map(|j| table[seq * pages + j / 64] as usize * 64 + j % 64).collect();
-            for h in 0..heads {
-                let r = seq * heads + h;
+            for row in 0..per {
+                let r = seq * per + row;
+                let keys = &keys[..keys.len() + row / heads + 1 - tokens];
                 let qv = |c: usize| v3c_models::dtype::bf16_to_f32(q[r * width + c]) as f64;
                 let s: Vec<f64> = keys
                     .iter()
@@ -899,7 +904,7 @@ mod tests {
                 let m = s.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
                 let l: f64 = s.iter().map(|x| (x - m).exp()).sum();
                 // The splits merged by their log-sum-exps.
-                let lz: Vec<f64> = (0..splits).map(|z| lse[z * b * heads + r] as f64).collect();
+                let lz: Vec<f64> = (0..splits).map(|z| lse[z * b * per + r] as f64).collect();
                 let top = lz.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
                 let wz: Vec<f64> = lz.iter().map(|&x| if x.is_finite() { (x - top).exp() } else { 0.0 }).collect();
                 for c in 0..kv {
@@ -909,7 +914,7 @@ mod tests {
                         .map(|(&k, &sk)| (sk - m).exp() * decoded[k * width + c] as f64)
                         .sum::<f64>()
                         / l;
-                    let got = (0..splits).map(|z| wz[z] * o_part[(z * b * heads + r) * kv + c] as f64).sum::<f64>()
+                    let got = (0..splits).map(|z| wz[z] * o_part[(z * b * per + r) * kv + c] as f64).sum::<f64>()
                         / wz.iter().sum::<f64>();
                     err2 += (got - want).powi(2);
                     norm2 += want.powi(2);
@@ -925,7 +930,7 @@ mod tests {
     fn fp8_cache_decode_launch_computes_attention_over_the_rows_values() {
         let (heads, b) = (3, 3);
         // SAFETY: every address is one of the case's vectors, of the launch's shapes.
-        let (rel, lse) = decode_case(128, 64, heads, true, |l| unsafe { emulate_decode(l).unwrap() });
+        let (rel, lse) = decode_case(128, 64, heads, 1, true, |l| unsafe { emulate_decode(l).unwrap() });
         eprintln!("fp8-cache decode attention (host) vs float64: relative error {rel:.2e} (Frobenius)");
         assert!(rel <= 1e-3, "relative error {rel:.2e}");
         // The sequence of one key: its second split saw none.
@@ -934,18 +939,22 @@ mod tests {
 
     /// DeepSeek-V3's decode attention kernel (512 + 64 columns, 128 heads: two CTAs of 64 query
     /// rows a sequence and split, in clusters sharing the pages or not), bf16 and fp8 caches, its
-    /// PTX simulated with the threads run first to last and last to first: float64 attention over
-    /// the rows within bf16's rounding of q and P.
+    /// PTX simulated with the threads run first to last and last to first (and MTP's two tokens a
+    /// sequence in clusters): float64 attention over the rows within bf16's rounding of q and P.
     #[test]
     fn deepseek_v3_decode_attention_simulated_from_its_ptx_computes_attention() {
         use crate::conversion::sm90::mla::MlaDecodeConfig;
         let context = crate::mlir::new_context();
         let runs = [(false, false), (true, false), (false, true), (true, true)];
-        for (cluster, (fp8_cache, reversed)) in [2, 1].into_iter().flat_map(|c| runs.map(|r| (c, r))) {
+        let mut runs: Vec<(usize, bool, bool, usize)> =
+            [2, 1].into_iter().flat_map(|c| runs.map(|(f, r)| (c, f, r, 1))).collect();
+        // MTP's two tokens a sequence: four 64-row blocks, two clusters, reading the same pages.
+        runs.push((2, false, false, 2));
+        for (cluster, fp8_cache, reversed, tokens) in runs {
             let config = MlaDecodeConfig { fp8_cache, cluster, ..MlaDecodeConfig::DEEPSEEK_V3 };
             let kernel = crate::conversion::sm90::compile_mla(&context, &config, &crate::target::SM90A).unwrap();
             let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
-            let (rel, _) = decode_case(config.kv, config.rope, 128, fp8_cache, |l| {
+            let (rel, _) = decode_case(config.kv, config.rope, 128, tokens, fp8_cache, |l| {
                 // SAFETY: the case's vectors, of the launch's shapes.
                 let stats = unsafe {
                     simulate_launch(
@@ -961,7 +970,7 @@ mod tests {
                 eprintln!("{}: {} CTAs, {} instructions simulated", kernel.name, stats.ctas, stats.instructions);
             });
             eprintln!(
-                "{} (threads reversed: {reversed}): relative error {rel:.2e} (Frobenius) vs float64",
+                "{} ({tokens} tokens, threads reversed: {reversed}): relative error {rel:.2e} (Frobenius) vs float64",
                 kernel.name
             );
             assert!(rel <= 1e-3, "{}: relative error {rel:.2e}", kernel.name);
@@ -982,7 +991,7 @@ mod tests {
         let race_at = |ptx: &str, heads: usize| -> String {
             let module = v3c_ptxsim::Module::parse(ptx).unwrap();
             let mut err = String::new();
-            decode_case(config.kv, config.rope, heads, false, |l| {
+            decode_case(config.kv, config.rope, heads, 1, false, |l| {
                 if err.is_empty() {
                     // SAFETY: the case's vectors, of the launch's shapes.
                     let r = unsafe {
