@@ -1164,94 +1164,68 @@ impl RowKernel {
             // ... (a warp's loads 32 adjacent weights: whole sectors, where a thread per element
             // read weights a row apart), then shuffles add the lanes' parts ([`lane_sums`]). (`T`
             // and the loop's bound are multiples of 32: a warp's lanes loop together.) A block of
-            // one token carries one sum ([`one_token_or_all`]).
-            // Latent rows of whole 128-column blocks: the loop over a block's columns unrolled,
-            // lane l taking l, l + 32, l + 64, l + 96 (the same order as the loop's).
-            Lowering::Gpu if self.d.is_multiple_of(128) => one_token_or_all(tiled, |k| {
-                let (butterfly, stores) = lane_sums(k, v, &out);
-                let shifts: String =
-                    [16, 8, 4, 2, 1].iter().map(|o| format!("%o{o} = arith.constant {o} : i32\n")).collect();
-                let mut body = String::new();
-                for i in 0..4 {
-                    let _ = writeln!(body, "    %a{i} = arith.addi %a, %k32_{i} : index");
-                    body.push_str(&indent2(&indent2(&self.kv_b_weight_scaled(
-                        "%vrow",
-                        &format!("%a{i}"),
-                        &format!("%wv{i}"),
-                        (!bf16).then_some("%wblk_s"),
-                        lowering,
-                    ))));
-                }
-                let mut sums: Vec<String> = (0..k).map(|t| format!("%s{t}")).collect();
-                for t in 0..k {
-                    for i in 0..4 {
-                        let _ = writeln!(
-                            body,
-                            "    %oi{t}_{i} = arith.addi %a{i}, %ooff{t} : index
-    %ov{t}_{i} = memref.load %sh_o[%oi{t}_{i}] : {o}
-    %m{t}_{i} = arith.mulf %ov{t}_{i}, %wv{i} : f32
-    %n{t}_{i} = arith.addf {sum}, %m{t}_{i} : f32",
-                            sum = sums[t]
-                        );
-                        sums[t] = format!("%n{t}_{i}");
-                    }
-                }
-                format!(
-                    "{offsets}{shifts}%lanes = arith.constant 32 : index
-%width = arith.constant 32 : i32
-%cVW = arith.constant {vw} : index
-%k32_0 = arith.constant 0 : index
-%k32_1 = arith.constant 32 : index
-%k32_2 = arith.constant 64 : index
-%k32_3 = arith.constant 96 : index
-scf.for %j = %tid to %cVW step %cT {{
-  %e = arith.divui %j, %lanes : index
-  %lane = arith.remui %j, %lanes : index
-  %vrow0 = arith.addi %head_row, %cNope : index
-  %vrow = arith.addi %vrow0, %e : index
-  %acc:{k} = scf.for %ab = %c0 to %cD step %c128 iter_args({inits}) -> ({types}) {{
-{scale}    %a = arith.addi %ab, %lane : index
-{body}    scf.yield {yields} : {types}
-  }}
-{butterfly}{stores}}}
-",
-                    offsets = offsets_of(k),
-                    vw = v * 32,
-                    scale = if bf16 {
-                        String::new()
-                    } else {
-                        "    %wblk_r = arith.divui %vrow, %c128 : index
-    %wblk_c = arith.divui %ab, %c128 : index
-    %wblk_s = memref.load %kv_b_scale[%wblk_r, %wblk_c] : memref<?x?xf32>
-"
-                        .to_string()
-                    },
-                    types = types_of(k),
-                    yields = sums.join(", "),
-                    inits = list(k, &|t| format!("%s{t} = %zero")),
-                )
-            }),
+            // one token carries one sum ([`one_token_or_all`]). Latent rows of whole 128-column
+            // blocks: the loop over a block's columns unrolled (the same order).
             Lowering::Gpu => one_token_or_all(tiled, |k| {
                 let (butterfly, stores) = lane_sums(k, v, &out);
                 let shifts: String =
                     [16, 8, 4, 2, 1].iter().map(|o| format!("%o{o} = arith.constant {o} : i32\n")).collect();
-                format!(
-                    "{offsets}{shifts}%lanes = arith.constant 32 : index
-%width = arith.constant 32 : i32
-%cVW = arith.constant {vw} : index
-scf.for %j = %tid to %cVW step %cT {{
-  %e = arith.divui %j, %lanes : index
-  %lane = arith.remui %j, %lanes : index
-  %vrow0 = arith.addi %head_row, %cNope : index
-  %vrow = arith.addi %vrow0, %e : index
-  %acc:{k} = scf.for %ab = %c0 to %cD step %c128 iter_args({inits}) -> ({types}) {{
-{scale}    %a_end0 = arith.addi %ab, %c128 : index
+                let (columns, block, yields) = if self.d.is_multiple_of(128) {
+                    let mut body = String::new();
+                    let mut columns = String::new();
+                    for i in 0..4 {
+                        let _ = writeln!(columns, "%k32_{i} = arith.constant {} : index", 32 * i);
+                        let _ = writeln!(body, "    %a{i} = arith.addi %a, %k32_{i} : index");
+                        body.push_str(&indent2(&indent2(&self.kv_b_weight_scaled(
+                            "%vrow",
+                            &format!("%a{i}"),
+                            &format!("%wv{i}"),
+                            (!bf16).then_some("%wblk_s"),
+                            lowering,
+                        ))));
+                    }
+                    let mut sums: Vec<String> = (0..k).map(|t| format!("%bs{t}")).collect();
+                    for (t, sum) in sums.iter_mut().enumerate() {
+                        for i in 0..4 {
+                            let _ = writeln!(
+                                body,
+                                "    %oi{t}_{i} = arith.addi %a{i}, %ooff{t} : index
+    %ov{t}_{i} = memref.load %sh_o[%oi{t}_{i}] : {o}
+    %m{t}_{i} = arith.mulf %ov{t}_{i}, %wv{i} : f32
+    %n{t}_{i} = arith.addf {sum}, %m{t}_{i} : f32"
+                            );
+                            *sum = format!("%n{t}_{i}");
+                        }
+                    }
+                    (columns, format!("    %a = arith.addi %ab, %lane : index\n{body}"), sums.join(", "))
+                } else {
+                    let block = format!(
+                        "    %a_end0 = arith.addi %ab, %c128 : index
     %a_end = arith.minui %a_end0, %cD : index
     %a0 = arith.addi %ab, %lane : index
     %blk:{k} = scf.for %a = %a0 to %a_end step %lanes iter_args({block_inits}) -> ({types}) {{
 {w}{sums}      scf.yield {yields} : {types}
     }}
-    scf.yield {block_yields} : {types}
+",
+                        sums = sums_of(k),
+                        types = types_of(k),
+                        yields = list(k, &|t| format!("%n{t}")),
+                        block_inits = list(k, &|t| format!("%s{t} = %bs{t}")),
+                        w = self.kv_b_weight_scaled("%vrow", "%a", "%wv", (!bf16).then_some("%wblk_s"), lowering),
+                    );
+                    (String::new(), block, list(k, &|t| format!("%blk#{t}")))
+                };
+                format!(
+                    "{offsets}{shifts}{columns}%lanes = arith.constant 32 : index
+%width = arith.constant 32 : i32
+%cVW = arith.constant {vw} : index
+scf.for %j = %tid to %cVW step %cT {{
+  %e = arith.divui %j, %lanes : index
+  %lane = arith.remui %j, %lanes : index
+  %vrow0 = arith.addi %head_row, %cNope : index
+  %vrow = arith.addi %vrow0, %e : index
+  %acc:{k} = scf.for %ab = %c0 to %cD step %c128 iter_args({inits}) -> ({types}) {{
+{scale}{block}    scf.yield {yields} : {types}
   }}
 {butterfly}{stores}}}
 ",
@@ -1267,13 +1241,8 @@ scf.for %j = %tid to %cVW step %cT {{
 "
                         .to_string()
                     },
-                    sums = sums_of(k),
                     types = types_of(k),
-                    yields = list(k, &|t| format!("%n{t}")),
-                    block_inits = list(k, &|t| format!("%s{t} = %bs{t}")),
-                    block_yields = list(k, &|t| format!("%blk#{t}")),
                     inits = list(k, &|t| format!("%bs{t} = %zero")),
-                    w = self.kv_b_weight_scaled("%vrow", "%a", "%wv", (!bf16).then_some("%wblk_s"), lowering),
                 )
             }),
             Lowering::Cpu => format!(
