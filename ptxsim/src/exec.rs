@@ -642,6 +642,14 @@ impl Cta<'_> {
                 };
                 self.set(t, arg(0)?, mask(r, ty.bits))?;
             }
+            Op::Shf { left, wrap } => {
+                let (lo, hi) = (mask(self.value(t, arg(1)?)?, 32), mask(self.value(t, arg(2)?)?, 32));
+                let n = mask(self.value(t, arg(3)?)?, 32);
+                let n = if *wrap { n & 31 } else { n.min(32) };
+                let both = (hi << 32) | lo;
+                let r = if *left { (both << n) >> 32 } else { both >> n };
+                self.set(t, arg(0)?, mask(r, 32))?;
+            }
             Op::Setp(c, ty) => {
                 let (x, y) = (self.value(t, arg(1)?)?, self.value(t, arg(2)?)?);
                 let r = compare(*c, *ty, x, y);
@@ -666,6 +674,11 @@ impl Cta<'_> {
                 let x = self.value(t, arg(1)?)?;
                 let half = |b: u8| u64::from(f32_to_f16(v3c_models::dtype::f8e4m3_to_f32(b)));
                 self.set(t, arg(0)?, half(x as u8) | (half((x >> 8) as u8) << 16))?;
+            }
+            Op::CvtF32x2ToBf16x2 => {
+                let bf16 = |x: u64| u64::from(v3c_models::dtype::f32_to_bf16(f32::from_bits(x as u32)));
+                let (a, b) = (self.value(t, arg(1)?)?, self.value(t, arg(2)?)?);
+                self.set(t, arg(0)?, (bf16(a) << 16) | bf16(b))?;
             }
             Op::Cvta { to_generic, shared } => {
                 let x = self.value(t, arg(1)?)?;

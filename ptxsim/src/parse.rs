@@ -196,6 +196,13 @@ pub enum Op {
     Shl(Ty),
     Shr(Ty),
     Bfe(Ty),
+    /// `shf.{l,r}.{wrap,clamp}.b32 d, a, b, n`: the funnel shift of the 64 bits `b:a` (b high),
+    /// `d` the high word after a left shift, the low one after a right shift; `n` taken mod 32
+    /// (wrap) or at most 32 (clamp).
+    Shf {
+        left: bool,
+        wrap: bool,
+    },
     Setp(Cmp, Ty),
     Selp(Ty),
     /// `round`: the rounding of a float to an integer.
@@ -209,6 +216,9 @@ pub enum Op {
     CvtE4m3x2,
     /// `cvt.rn.f16x2.e4m3x2 d, a`: each byte of a to the f16 in the same half of d.
     CvtE4m3x2ToF16x2,
+    /// `cvt.rn.bf16x2.f32 d, a, b`: a rounded to bf16 (to nearest even) in the high half, b in
+    /// the low.
+    CvtF32x2ToBf16x2,
     /// `cvta.X` (to generic) or `cvta.to.X` (from generic), X shared or global.
     Cvta {
         to_generic: bool,
@@ -608,6 +618,9 @@ fn decode(opcode: &str) -> Result<Op, String> {
         "shl" => Ok(Op::Shl(ty()?)),
         "shr" => Ok(Op::Shr(ty()?)),
         "bfe" => Ok(Op::Bfe(ty()?)),
+        "shf" if ty()?.bits == 32 && (has("l") || has("r")) && (has("wrap") || has("clamp")) => {
+            Ok(Op::Shf { left: has("l"), wrap: has("wrap") })
+        }
         "setp" => {
             let c = parts.get(1).and_then(|c| cmp(c)).ok_or_else(|| format!("comparison in '{opcode}'"))?;
             if parts.len() > 3 {
@@ -617,6 +630,9 @@ fn decode(opcode: &str) -> Result<Op, String> {
         }
         "selp" => Ok(Op::Selp(ty()?)),
         "cvt" if has("e4m3x2") && has("f16x2") => Ok(Op::CvtE4m3x2ToF16x2),
+        "cvt" if has("bf16x2") && has("f32") && has("rn") && !has("relu") && !has("satfinite") => {
+            Ok(Op::CvtF32x2ToBf16x2)
+        }
         "cvt" if has("e4m3x2") => Ok(Op::CvtE4m3x2),
         "cvt" => {
             let tys: Vec<Ty> = parts.iter().filter_map(|p| Ty::parse(p)).collect();
