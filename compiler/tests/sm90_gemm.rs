@@ -548,9 +548,9 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     if let Some(r) = &attention.resources {
         assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", attention.name);
     }
-    // Decode attention on the tensor cores (the default): absorbed queries, the block table over
-    // the caches (bf16 pages read in place), split-K attention, the splits merged, W_UV +
-    // quantization.
+    // Decode attention on the tensor cores (the default): absorbed queries (tensor cores), the
+    // block table over the caches (bf16 pages read in place), split-K attention, the splits
+    // merged, W_UV + quantization (tensor cores).
     let (decode, _) = compound("attention_decode_quantize_0").expect("decode attention lowers to launches");
     let names: Vec<String> = decode
         .steps
@@ -564,11 +564,11 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     assert_eq!(
         names,
         [
-            "rows_mlaabsorb_h128_n128_r64_v128_kv512_b8_t128",
+            "rows_mlaabsorbmma_h128_n128_r64_v128_kv512_t128",
             "rows_mlalengths_t32",
             "mla_decode_kv512_r64_p64_s2_cl2",
             "rows_mlacombine_d512_t64",
-            "rows_mlaupv_h128_n128_v128_kv512_b8_t128",
+            "rows_mlaupvmma_h128_n128_v128_kv512_t128",
         ]
     );
     let attention = lowered.kernels.iter().find(|k| k.name == "mla_decode_kv512_r64_p64_s2_cl2").expect("compiled");

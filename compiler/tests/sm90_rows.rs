@@ -73,7 +73,11 @@ fn kernels() -> Vec<RowKernel> {
         ),
         RowKernel::new(RowOp::MlaQueries { heads: 128, nope: 128, rope: 64 }, 128 * 192, "f32"),
         RowKernel::new(RowOp::MlaAbsorb { heads: 128, nope: 128, rope: 64, v: 128, tokens: 8 }, 512, "f8E4M3FN"),
+        RowKernel::new(RowOp::MlaAbsorbMma { heads: 128, nope: 128, rope: 64, v: 128 }, 512, "f8E4M3FN"),
+        RowKernel::new(RowOp::MlaAbsorbMma { heads: 128, nope: 128, rope: 64, v: 128 }, 512, "bf16"),
         RowKernel::new(RowOp::MlaUpV { heads: 128, nope: 128, v: 128, tokens: 8 }, 512, "f8E4M3FN"),
+        RowKernel::new(RowOp::MlaUpVMma { heads: 128, nope: 128, v: 128 }, 512, "f8E4M3FN"),
+        RowKernel::new(RowOp::MlaUpVMma { heads: 128, nope: 128, v: 128 }, 512, "bf16"),
         RowKernel::new(RowOp::MlaLengths, 64, "f32"),
         RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: true }, 128 * 128, "f32"),
         RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: false }, 128 * 128, "f32"),
@@ -232,6 +236,20 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             }
             RowOp::MlaAbsorb { .. } => {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), 1, "{name}: q_nope shared, then q_abs");
+            }
+            RowOp::MlaAbsorbMma { nope, .. } => {
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), 1, "{name}: operands staged, then multiplied");
+                assert_eq!(kernel.ptx.matches("wgmma.mma_async").count(), nope / 16, "{name}: k16 steps");
+                assert!(
+                    kernel.ptx.contains("fence.proxy.async"),
+                    "{name}: threads' writes before the tensor cores' reads"
+                );
+            }
+            RowOp::MlaUpVMma { .. } => {
+                // Per latent chunk: staged, then multiplied (a barrier before the next staging).
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), 2, "{name}: barriers");
+                assert_eq!(kernel.ptx.matches("wgmma.mma_async").count(), 4, "{name}: a chunk's k16 steps");
+                assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), k.weight != "bf16", "{name}");
             }
             RowOp::MlaUpV { .. } => {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), 3, "{name}: o shared, W_UV, scale, bytes");
@@ -881,9 +899,11 @@ fn check_tensor_core_decode_steps(heads: usize, positions: &[i64], seed: u64) {
         let keys = positions[seq] as usize + 1;
         for h in 0..heads {
             let row = seq * heads + h;
-            // The absorbed query as the kernel feeds the tensor cores: rounded to bf16.
+            // The absorbed query as the kernel feeds the tensor cores: from q_nope rounded to bf16
+            // (`rows_mlaabsorbmma`), itself rounded to bf16.
+            let q16 = |d: usize| bf16_to_f32(f32_to_bf16(q_nope[row * nope + d])) as f64;
             let q_abs: Vec<f64> = (0..kv)
-                .map(|a| (0..nope).map(|d| q_nope[row * nope + d] as f64 * w(h * per + d, a)).sum::<f64>())
+                .map(|a| (0..nope).map(|d| q16(d) * w(h * per + d, a)).sum::<f64>())
                 .map(|x| bf16_to_f32(f32_to_bf16(x as f32)) as f64)
                 .collect();
             let q_pe16 = |r: usize| bf16_to_f32(f32_to_bf16(q_pe[row * rope + r])) as f64;

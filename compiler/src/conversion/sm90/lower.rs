@@ -1587,7 +1587,9 @@ pub fn mla_prefill_steps(kernel: &OperationRef, cache_rows: CacheRows) -> Result
 /// `[B, H, rope]`, the caches `[B, S, kv + rope]`, positions `[B]`, kv_b e4m3 and its
 /// scales), or the f32 graph's `attention_decode` + `reshape` (kv_b bf16, f32 output rows), as
 /// five launches:
-/// 1. the absorbed queries `[q_nope W_UK | q_pe]` per (token, head) in bf16 (`rows_mlaabsorb`);
+/// 1. the absorbed queries `[q_nope W_UK | q_pe]` per (token, head) in bf16: on the tensor cores
+///    (`rows_mlaabsorbmma`, the query rounded to bf16 first) where the head's widths allow, else
+///    `rows_mlaabsorb`;
 /// 2. the sequences' lengths (`rows_mlalengths`): the decode entry's caches are pools of 64-row
 ///    pages (bf16 or fp8 rows) where the decode attention runs on the tensor cores, addressed
 ///    through a block table the plan adds as the kernel's last argument
@@ -1595,10 +1597,13 @@ pub fn mla_prefill_steps(kernel: &OperationRef, cache_rows: CacheRows) -> Result
 /// 3. split-K attention (`mla_decode_*`: wgmma for `S = Q K^T` and `P V`, TMA page ring; the
 ///    runtime picks the splits for the run, [`v3c_runtime::lowering::attention_splits`]);
 /// 4. the splits merged (`rows_mlacombine`); 5. each head's latent output through `W_UV`,
-///    quantized 1x128 (`rows_mlaupv`; the f32 graph's: as it is, `_bf16`).
+///    quantized 1x128 (`rows_mlaupvmma` on the tensor cores, the output times the block scale
+///    rounded to bf16 first, where the head's widths allow, else `rows_mlaupv`; the f32 graph's:
+///    as it is, `_bf16`).
 ///
 /// Numerics: the cache (each row rounded to bf16 as the latent row stores it), the absorbed
-/// queries and P in bf16 (the CUDA-core row keeps the reference's f32). `Err`: not this kernel, or
+/// queries and P in bf16, kv_b's products' inputs rounded to bf16 (the CUDA-core row keeps the
+/// reference's f32). `Err`: not this kernel, or
 /// shapes the templates do not take.
 pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps, String> {
     use Operand::{Arg, Result as Out, Temp as T};
@@ -1632,6 +1637,20 @@ pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps,
     let splits = TempDim::Splits { heads, table };
     let row = |op: RowOp, d: usize, weight: &str| StepKernel::Row(RowKernel::new(op, d, weight));
     let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };
+    // kv_b's products on the tensor cores where the head's widths fit the blocks' operands, else
+    // on the CUDA cores.
+    let tensor_cores = |op: RowOp, else_op: RowOp| {
+        let mma = RowKernel::new(op, kv, &weight);
+        match mma.validate(&crate::target::SM90A) {
+            Ok(()) => StepKernel::Row(mma),
+            Err(_) => row(else_op, kv, &weight),
+        }
+    };
+    let absorb = tensor_cores(
+        RowOp::MlaAbsorbMma { heads, nope, rope, v },
+        RowOp::MlaAbsorb { heads, nope, rope, v, tokens: HEAD_TOKENS },
+    );
+    let up_v = tensor_cores(RowOp::MlaUpVMma { heads, nope, v }, RowOp::MlaUpV { heads, nope, v, tokens: HEAD_TOKENS });
     Ok(Steps {
         temps: vec![
             Temp::per_row(heads, width, "bf16"),
@@ -1641,20 +1660,14 @@ pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps,
             Temp::per_row(heads, kv, "f32"),
         ],
         steps: vec![
-            step(
-                row(RowOp::MlaAbsorb { heads, nope, rope, v, tokens: HEAD_TOKENS }, kv, &weight),
-                [vec![Arg(q_nope), Arg(q_pe)], weights.clone(), vec![T(0)]].concat(),
-            ),
+            step(absorb, [vec![Arg(q_nope), Arg(q_pe)], weights.clone(), vec![T(0)]].concat()),
             step(row(RowOp::MlaLengths, page, "f32"), vec![Arg(positions), Arg(table), T(1)]),
             step(
                 StepKernel::MlaDecode(MlaDecodeLaunch { config, heads, scale }),
                 vec![T(0), Arg(cache), Arg(table), T(1), T(2), T(3)],
             ),
             step(row(RowOp::MlaCombine, kv, "f32"), vec![T(2), T(3), T(4)]),
-            step(
-                row(RowOp::MlaUpV { heads, nope, v, tokens: HEAD_TOKENS }, kv, &weight),
-                [vec![T(4)], weights, outs].concat(),
-            ),
+            step(up_v, [vec![T(4)], weights, outs].concat()),
         ],
         rope_table: None,
     })

@@ -25,6 +25,7 @@ use std::fmt::Write;
 use v3c_models::interp::kernels::ROUTER_SPLITS;
 
 mod matmul;
+mod mla_mma;
 mod mla_train;
 mod train;
 pub use train::{Mla, TrainRow};
@@ -182,12 +183,19 @@ pub enum RowOp {
     /// tokens, each weight read once for all of them. `d` is the latent width. Weight `bf16`: the
     /// f32 graph's kv_b (bf16, no scales).
     MlaAbsorb { heads: usize, nope: usize, rope: usize, v: usize, tokens: usize },
+    /// [`RowOp::MlaAbsorb`] on the tensor cores (`rows/mla_mma.rs`): a block per (64 tokens, head,
+    /// 64 latent columns), the query rounded to bf16 before the product and the block scale
+    /// applied to the sum.
+    MlaAbsorbMma { heads: usize, nope: usize, rope: usize, v: usize },
     /// The decode attention's latent output `o [B H, d]` (f32) through each head's value rows of
     /// kv_b (`W_UV_h`) and quantized 1x128: `q[b, h v ..][..v]` and its group's scale `scale[b,
     /// h]` (v = 128: a head is a group) — the CUDA-core row's last phases. One block per head and
     /// `tokens` tokens, each weight read once for all of them. Weight `bf16`: the f32 graph's kv_b,
     /// the heads' outputs `out [B, H v]` in f32 as they are.
     MlaUpV { heads: usize, nope: usize, v: usize, tokens: usize },
+    /// [`RowOp::MlaUpV`] on the tensor cores (`rows/mla_mma.rs`): a block per (64 tokens, head),
+    /// `o` times each 128 x 128 block's scale rounded to bf16 before the product.
+    MlaUpVMma { heads: usize, nope: usize, v: usize },
     /// The lengths of the decode sequences over a pool of 64-row pages (the tensor-core
     /// attention's caches): sequence b's `min(position_b + 1, 64 n)` for the n columns of its
     /// block table (0 for a negative position). One block per sequence; the table is read for its
@@ -227,7 +235,11 @@ impl RowKernel {
         let threads = match op {
             // One thread per expert's scan of the pairs.
             RowOp::Dispatch { .. } => d.next_power_of_two().clamp(32, 256),
-            RowOp::MlaDecode { .. } | RowOp::MlaAbsorb { .. } | RowOp::MlaUpV { .. } => 128,
+            RowOp::MlaDecode { .. }
+            | RowOp::MlaAbsorb { .. }
+            | RowOp::MlaAbsorbMma { .. }
+            | RowOp::MlaUpV { .. }
+            | RowOp::MlaUpVMma { .. } => 128,
             // A warp per token selects; the logits' tiles are loaded by all.
             RowOp::Route { .. } | RowOp::RouteLogits { .. } => 256,
             RowOp::Train(op) => op.threads(d),
@@ -277,6 +289,14 @@ impl RowKernel {
             RowOp::MlaAbsorb { heads, nope, rope, v, tokens } => {
                 let f32_graph = if w == "bf16" { "_bf16" } else { "" };
                 format!("rows_mlaabsorb_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_b{tokens}_t{t}{f32_graph}")
+            }
+            RowOp::MlaAbsorbMma { heads, nope, rope, v } => {
+                let f32_graph = if w == "bf16" { "_bf16" } else { "" };
+                format!("rows_mlaabsorbmma_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_t{t}{f32_graph}")
+            }
+            RowOp::MlaUpVMma { heads, nope, v } => {
+                let f32_graph = if w == "bf16" { "_bf16" } else { "" };
+                format!("rows_mlaupvmma_h{heads}_n{nope}_v{v}_kv{d}_t{t}{f32_graph}")
             }
             RowOp::MlaUpV { heads, nope, v, tokens } => {
                 let f32_graph = if w == "bf16" { "_bf16" } else { "" };
@@ -452,6 +472,29 @@ impl RowKernel {
                     threads: number(t, 't')?,
                 })
             }
+            ("mlaabsorbmma", [h, n, r, v, kv, t, f32_graph @ ..]) if f32_graph.is_empty() || f32_graph == ["bf16"] => {
+                let op = RowOp::MlaAbsorbMma {
+                    heads: number(h, 'h')?,
+                    nope: number(n, 'n')?,
+                    rope: number(r, 'r')?,
+                    v: number(v, 'v')?,
+                };
+                Some(RowKernel {
+                    op,
+                    d: kv.strip_prefix("kv")?.parse().ok()?,
+                    weight: if f32_graph.is_empty() { "f8E4M3FN" } else { "bf16" }.into(),
+                    threads: number(t, 't')?,
+                })
+            }
+            ("mlaupvmma", [h, n, v, kv, t, f32_graph @ ..]) if f32_graph.is_empty() || f32_graph == ["bf16"] => {
+                let op = RowOp::MlaUpVMma { heads: number(h, 'h')?, nope: number(n, 'n')?, v: number(v, 'v')? };
+                Some(RowKernel {
+                    op,
+                    d: kv.strip_prefix("kv")?.parse().ok()?,
+                    weight: if f32_graph.is_empty() { "f8E4M3FN" } else { "bf16" }.into(),
+                    threads: number(t, 't')?,
+                })
+            }
             ("mlaupv", [h, n, v, kv, b, t, f32_graph @ ..]) if f32_graph.is_empty() || f32_graph == ["bf16"] => {
                 let op = RowOp::MlaUpV {
                     heads: number(h, 'h')?,
@@ -619,13 +662,13 @@ impl RowKernel {
                 ("k", "memref<?x?xbf16>".into()),
                 ("vv", "memref<?x?xbf16>".into()),
             ],
-            RowOp::MlaAbsorb { .. } => {
+            RowOp::MlaAbsorb { .. } | RowOp::MlaAbsorbMma { .. } => {
                 let mut args = vec![("q_nope", "memref<?x?x?xf32>".to_string()), ("q_pe", "memref<?x?x?xf32>".into())];
                 args.extend(self.kv_b_arguments());
                 args.push(("qa", "memref<?x?xbf16>".into()));
                 args
             }
-            RowOp::MlaUpV { .. } => {
+            RowOp::MlaUpV { .. } | RowOp::MlaUpVMma { .. } => {
                 let mut args = vec![("o", "memref<?x?xf32>".to_string())];
                 args.extend(self.kv_b_arguments());
                 args.extend(self.head_outputs());
@@ -752,9 +795,9 @@ impl RowKernel {
             RowOp::MlaCombine => "out",
             RowOp::MlaKeys { .. } => "kv",
             RowOp::Fp8Latent => "cache",
-            RowOp::MlaQueries { .. } | RowOp::MlaAbsorb { .. } => "q_nope",
-            RowOp::MlaUpV { .. } if self.weight == "bf16" => "out",
-            RowOp::MlaUpV { .. } => "q",
+            RowOp::MlaQueries { .. } | RowOp::MlaAbsorb { .. } | RowOp::MlaAbsorbMma { .. } => "q_nope",
+            RowOp::MlaUpV { .. } | RowOp::MlaUpVMma { .. } if self.weight == "bf16" => "out",
+            RowOp::MlaUpV { .. } | RowOp::MlaUpVMma { .. } => "q",
             RowOp::MlaLengths => "positions",
             RowOp::MlaHeadsOut { quantize: true, .. } => "q",
             RowOp::MlaHeadsOut { quantize: false, .. } => "y",
@@ -771,6 +814,7 @@ impl RowKernel {
     pub fn rows_per_block(&self) -> usize {
         match self.op {
             RowOp::MlaAbsorb { tokens, .. } | RowOp::MlaUpV { tokens, .. } => tokens,
+            RowOp::MlaAbsorbMma { .. } | RowOp::MlaUpVMma { .. } => mla_mma::TILE,
             RowOp::Route { tokens, .. } | RowOp::RouteLogits { tokens, .. } => tokens,
             RowOp::Train(op) => op.rows_per_block(self.d),
             _ => 1,
@@ -780,7 +824,11 @@ impl RowKernel {
     /// Blocks per row of the rows argument: the grid is rows x this (attention: one per head).
     pub fn blocks_per_row(&self) -> usize {
         match self.op {
-            RowOp::MlaDecode { heads, .. } | RowOp::MlaAbsorb { heads, .. } | RowOp::MlaUpV { heads, .. } => heads,
+            RowOp::MlaDecode { heads, .. }
+            | RowOp::MlaAbsorb { heads, .. }
+            | RowOp::MlaUpV { heads, .. }
+            | RowOp::MlaUpVMma { heads, .. } => heads,
+            RowOp::MlaAbsorbMma { heads, .. } => heads * (self.d / mla_mma::TILE),
             RowOp::RouteLogits { experts, .. } => ROUTER_SPLITS * experts.div_ceil(ROUTE_EXPERT_TILE),
             RowOp::Train(op) => op.blocks_per_row(self.d),
             _ => 1,
@@ -821,6 +869,8 @@ impl RowKernel {
             | RowOp::Fp8Latent
             | RowOp::MlaCombine => Vec::new(),
             RowOp::MlaAbsorb { nope, tokens, .. } => vec![("sh_qn", tokens * nope)],
+            RowOp::MlaAbsorbMma { .. } => self.absorb().map_or(Vec::new(), |a| a.shared()),
+            RowOp::MlaUpVMma { .. } => self.up_v().map_or(Vec::new(), |u| u.shared()),
             RowOp::MlaUpV { v, tokens, .. } => {
                 vec![("sh_o", tokens * self.d), ("sh_out", tokens * v), ("sh_red", 2 + tokens.max(2))]
             }
@@ -953,6 +1003,18 @@ impl RowKernel {
                 return Err(format!("{name}: {tokens} tokens per block (1 to the {} threads)", self.threads));
             }
         }
+        if let (RowOp::MlaAbsorbMma { v, .. }, Some(a)) = (self.op, self.absorb()) {
+            a.check(v, self.d).map_err(|e| format!("{name}: {e}"))?;
+            if !matches!(self.weight.as_str(), "bf16" | "f8E4M3FN") {
+                return Err(format!("{name}: {} kv_b (e4m3 with block scales, or bf16)", self.weight));
+            }
+        }
+        if let (RowOp::MlaUpVMma { nope, .. }, Some(u)) = (self.op, self.up_v()) {
+            u.check(nope, self.d).map_err(|e| format!("{name}: {e}"))?;
+            if !matches!(self.weight.as_str(), "bf16" | "f8E4M3FN") {
+                return Err(format!("{name}: {} kv_b (e4m3 with block scales, or bf16)", self.weight));
+            }
+        }
         if let RowOp::MlaHeadsOut { heads, .. } = self.op {
             if heads == 0 || !self.d.is_multiple_of(heads) {
                 return Err(format!("{name}: rows of {} columns are not {heads} heads", self.d));
@@ -1024,8 +1086,10 @@ impl RowKernel {
             s.push_str(&quant_constants(1));
         }
         let mla_heads = match self.op {
-            RowOp::MlaAbsorb { heads, nope, rope, v, .. } => Some((heads, nope, rope, v)),
-            RowOp::MlaUpV { heads, nope, v, .. } => Some((heads, nope, 0, v)),
+            RowOp::MlaAbsorb { heads, nope, rope, v, .. } | RowOp::MlaAbsorbMma { heads, nope, rope, v } => {
+                Some((heads, nope, rope, v))
+            }
+            RowOp::MlaUpV { heads, nope, v, .. } | RowOp::MlaUpVMma { heads, nope, v } => Some((heads, nope, 0, v)),
             _ => None,
         };
         if let Some((heads, nope, rope, v)) = mla_heads {
@@ -1035,7 +1099,7 @@ impl RowKernel {
             let _ = writeln!(s, "%cV = arith.constant {v} : index");
             let _ = writeln!(s, "%cPerHead = arith.constant {} : index", nope + v);
             let _ = writeln!(s, "%c128 = arith.constant 128 : index");
-            if let RowOp::MlaUpV { .. } = self.op {
+            if let RowOp::MlaUpV { .. } | RowOp::MlaUpVMma { .. } = self.op {
                 s.push_str(&quant_constants(1));
             }
         }
@@ -1061,6 +1125,24 @@ impl RowKernel {
             }
         }
         s
+    }
+
+    /// The tensor-core absorb's operand shapes ([`RowOp::MlaAbsorbMma`]).
+    fn absorb(&self) -> Option<mla_mma::Absorb> {
+        match self.op {
+            RowOp::MlaAbsorbMma { nope, rope, .. } => {
+                Some(mla_mma::Absorb { nope, rope, bf16_weight: self.weight == "bf16" })
+            }
+            _ => None,
+        }
+    }
+
+    /// The tensor-core up-projection's shape ([`RowOp::MlaUpVMma`]).
+    fn up_v(&self) -> Option<mla_mma::UpV> {
+        match self.op {
+            RowOp::MlaUpVMma { v, .. } => Some(mla_mma::UpV { v, bf16_weight: self.weight == "bf16" }),
+            _ => None,
+        }
     }
 
     /// The weight (or table) element at `index` as f32, into `%{out}`.
@@ -1330,6 +1412,14 @@ scf.if %mine {{
         let sh = |name: &str| self.shared_type(name, lowering);
         match self.op {
             RowOp::Train(op) => op.phases(self, lowering),
+            RowOp::MlaAbsorbMma { .. } => {
+                let a = self.absorb().expect("the tensor-core absorb");
+                a.phases(lowering, &sh("sh_mma"))
+            }
+            RowOp::MlaUpVMma { .. } => {
+                let u = self.up_v().expect("the tensor-core up-projection");
+                u.phases(lowering, &sh("sh_mma"))
+            }
             RowOp::Embed => {
                 let p = format!(
                     "%zero_i64 = arith.constant 0 : i64
@@ -2746,6 +2836,12 @@ scf.for %i = %tid to %cD step %cT {{
         if let RowOp::Train(op) = self.op {
             return op.prologue();
         }
+        if let Some(a) = self.absorb() {
+            return a.prologue(self.d);
+        }
+        if let Some(u) = self.up_v() {
+            return u.prologue();
+        }
         if let RowOp::MlaAbsorb { tokens, .. } | RowOp::MlaUpV { tokens, .. } = self.op {
             // Block (tokens b0 .. b0 + tokens, head h) of the n_b tokens.
             let (rows, ty) = match self.op {
@@ -2981,6 +3077,7 @@ scf.for %i = %tid to %cD step %cT {{
                 | RowOp::MlaDecode { .. }
                 | RowOp::MlaHeadsOut { quantize: true, .. }
                 | RowOp::MlaUpV { .. }
+                | RowOp::MlaUpVMma { .. }
                 | RowOp::Latent { cache: CacheRows::Fp8, .. }
         ) || matches!(self.op, RowOp::Train(op) if op.encodes_fp8())
         {
@@ -5011,6 +5108,188 @@ mod tests {
         assert_eq!((table, seqlens), (vec![7, 2, -1, 5, 0, 1, 3, 4], vec![70, 4, 0, 128]));
         for k in kernels.into_iter().chain([lengths]) {
             assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k));
+        }
+    }
+
+    /// The absorbed queries on the tensor cores: the CPU lowering is its definition (the query
+    /// rounded to bf16, each output one f32 sum over k, the block's scale after), the PTX equals it
+    /// but for the order of the sums, both within the query's bf16 rounding of the CUDA-core row's
+    /// f32 form. Token tiles of 64 with a short last one, column blocks across a 128-column scale
+    /// block, kv_b e4m3 and bf16.
+    #[test]
+    fn mla_absorb_on_the_tensor_cores_is_its_definition() {
+        use v3c_models::dtype::f32_to_f8e4m3;
+        let (heads, nope, rope, v, kv): (usize, usize, usize, usize, usize) = (2, 128, 64, 128, 192);
+        let per = nope + v;
+        let (sr, sc) = ((heads * per).div_ceil(128), kv.div_ceil(128));
+        let kv_b: Vec<u8> = values(heads * per * kv, 90, 300.0).iter().map(|&x| f32_to_f8e4m3(x)).collect();
+        let kv_scale: Vec<f32> = (0..sr * sc).map(|i| 0.002 + 0.001 * i as f32).collect();
+        let kv16: Vec<u16> = (0..heads * per * kv)
+            .map(|i| f32_to_bf16(f8e4m3_to_f32(kv_b[i]) * kv_scale[(i / kv / 128) * sc + i % kv / 128]))
+            .collect();
+        let mut kernels = Vec::new();
+        for (b, weight) in [(70, "f8E4M3FN"), (5, "bf16")] {
+            let (mut qn, mut qp) = (values(b * heads * nope, 91, 4.0), values(b * heads * rope, 92, 2.0));
+            // The weight unscaled and the block's scale (bf16: 1).
+            let w = |row: usize, col: usize| match weight {
+                "bf16" => (bf16_to_f32(kv16[row * kv + col]), 1.0),
+                _ => (f8e4m3_to_f32(kv_b[row * kv + col]), kv_scale[(row / 128) * sc + col / 128]),
+            };
+            let kernel = RowKernel::new(RowOp::MlaAbsorbMma { heads, nope, rope, v }, kv, weight);
+            let (mut kb, mut ks, mut k16) = (kv_b.clone(), kv_scale.clone(), kv16.clone());
+            let mut buffers = |qa: &mut Vec<u16>| {
+                let mut args = vec![raw(&mut qn, &[b, heads, nope], "f32"), raw(&mut qp, &[b, heads, rope], "f32")];
+                match weight {
+                    "bf16" => args.push(raw(&mut k16, &[heads * per, kv], "bf16")),
+                    _ => args.extend([raw(&mut kb, &[heads * per, kv], "i8"), raw(&mut ks, &[sr, sc], "f32")]),
+                }
+                args.push(raw(qa, &[b * heads, kv + rope], "bf16"));
+                args
+            };
+            let mut qa = vec![0u16; b * heads * (kv + rope)];
+            run_cpu(&kernel, &buffers(&mut qa));
+            let mut simulated = vec![0u16; b * heads * (kv + rope)];
+            let blocks = b.div_ceil(mla_mma::TILE) * kernel.blocks_per_row();
+            let stats = run_simulated(&kernel, &buffers(&mut simulated), blocks);
+            eprintln!("{}: {} instructions simulated", kernel.kernel_name(), stats.instructions);
+            for r in 0..b * heads {
+                let h = r % heads;
+                for a in 0..kv {
+                    let (mut sum, mut terms, mut exact) = (0f32, 0f32, 0f32);
+                    for d in 0..nope {
+                        let (wv, _) = w(h * per + d, a);
+                        let q = bf16_to_f32(f32_to_bf16(qn[r * nope + d]));
+                        sum += q * wv;
+                        terms += (q * wv).abs();
+                        exact += qn[r * nope + d] * wv;
+                    }
+                    let s = w(h * per, a).1;
+                    let at = r * (kv + rope) + a;
+                    assert_eq!(qa[at], f32_to_bf16(sum * s), "CPU q_abs[{r}, {a}] ({weight})");
+                    // The PTX's sums in the tensor cores' order: within nope roundings, then bf16's.
+                    let (got, want) = (bf16_to_f32(simulated[at]), sum * s);
+                    let bound = want.abs() / 128.0 + nope as f32 * f32::EPSILON * terms * s;
+                    assert!((got - want).abs() <= bound, "PTX q_abs[{r}, {a}] {got}, want {want} ({weight})");
+                    // The f32 query's form: apart by the query's rounding (2^-9 of each term).
+                    let f32_form = exact * s;
+                    assert!(
+                        (bf16_to_f32(qa[at]) - f32_form).abs() <= f32_form.abs() / 128.0 + terms * s / 256.0,
+                        "q_abs[{r}, {a}] {} vs the f32 query's {f32_form}",
+                        bf16_to_f32(qa[at])
+                    );
+                }
+                for c in 0..rope {
+                    let pe = f32_to_bf16(qp[r * rope + c]);
+                    assert_eq!(qa[r * (kv + rope) + kv + c], pe, "CPU q_pe[{r}, {c}]");
+                    assert_eq!(simulated[r * (kv + rope) + kv + c], pe, "PTX q_pe[{r}, {c}]");
+                }
+            }
+            kernels.push(kernel);
+        }
+        for k in kernels {
+            assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k));
+        }
+        // Heads the block's operands cannot take.
+        for (nope, v, kv) in [(192, 128, 512), (128, 64, 512), (128, 128, 96)] {
+            let k = RowKernel::new(RowOp::MlaAbsorbMma { heads: 2, nope, rope: 64, v }, kv, "f8E4M3FN");
+            assert!(k.emit_gpu().is_err(), "{}", k.kernel_name());
+        }
+    }
+
+    /// The up-projection on the tensor cores: the CPU lowering is its definition (`o` times the
+    /// block's scale rounded to bf16, each output one f32 sum over the latent, the head's group
+    /// quantized as the reference quantizes), the PTX's bytes and scales near it (the sums in the
+    /// tensor cores' order), both near the CUDA-core row's f32 form. Token tiles of 64 with a
+    /// short last one, a latent of 3 chunks across two scale blocks, kv_b e4m3 and bf16.
+    #[test]
+    fn mla_up_projection_on_the_tensor_cores_is_its_definition() {
+        use v3c_models::dtype::f32_to_f8e4m3;
+        let (heads, nope, v, kv): (usize, usize, usize, usize) = (2, 128, 128, 192);
+        let per = nope + v;
+        let (sr, sc) = ((heads * per).div_ceil(128), kv.div_ceil(128));
+        let kv_b: Vec<u8> = values(heads * per * kv, 93, 300.0).iter().map(|&x| f32_to_f8e4m3(x)).collect();
+        let kv_scale: Vec<f32> = (0..sr * sc).map(|i| 0.002 + 0.001 * i as f32).collect();
+        let kv16: Vec<u16> = (0..heads * per * kv)
+            .map(|i| f32_to_bf16(f8e4m3_to_f32(kv_b[i]) * kv_scale[(i / kv / 128) * sc + i % kv / 128]))
+            .collect();
+        let mut kernels = Vec::new();
+        for (b, weight) in [(70, "f8E4M3FN"), (5, "bf16")] {
+            let mut o = values(b * heads * kv, 94, 3.0);
+            let w = |row: usize, col: usize| match weight {
+                "bf16" => (bf16_to_f32(kv16[row * kv + col]), 1.0),
+                _ => (f8e4m3_to_f32(kv_b[row * kv + col]), kv_scale[(row / 128) * sc + col / 128]),
+            };
+            // The definition, its terms' magnitudes, and the CUDA-core row's f32 form.
+            let (mut want, mut terms, mut f32_form) =
+                (vec![0f32; b * heads * v], vec![0f32; b * heads * v], vec![0f32; b * heads * v]);
+            for r in 0..b * heads {
+                let h = r % heads;
+                for e in 0..v {
+                    for a in 0..kv {
+                        let (wv, s) = w(h * per + nope + e, a);
+                        let x = bf16_to_f32(f32_to_bf16(o[r * kv + a] * s)) * wv;
+                        want[r * v + e] += x;
+                        terms[r * v + e] += x.abs();
+                        f32_form[r * v + e] += o[r * kv + a] * (wv * s);
+                    }
+                }
+            }
+            let kernel = RowKernel::new(RowOp::MlaUpVMma { heads, nope, v }, kv, weight);
+            let blocks = b.div_ceil(mla_mma::TILE) * kernel.blocks_per_row();
+            let (mut kb, mut ks, mut k16) = (kv_b.clone(), kv_scale.clone(), kv16.clone());
+            let mut inputs = |o: &mut Vec<f32>| {
+                let mut args = vec![raw(o, &[b * heads, kv], "f32")];
+                match weight {
+                    "bf16" => args.push(raw(&mut k16, &[heads * per, kv], "bf16")),
+                    _ => args.extend([raw(&mut kb, &[heads * per, kv], "i8"), raw(&mut ks, &[sr, sc], "f32")]),
+                }
+                args
+            };
+            if weight == "bf16" {
+                let (mut y, mut simulated) = (vec![f32::NAN; b * heads * v], vec![f32::NAN; b * heads * v]);
+                let mut args = inputs(&mut o);
+                args.push(raw(&mut y, &[b, heads * v], "f32"));
+                run_cpu(&kernel, &args);
+                let mut args = inputs(&mut o);
+                args.push(raw(&mut simulated, &[b, heads * v], "f32"));
+                let stats = run_simulated(&kernel, &args, blocks);
+                eprintln!("{}: {} instructions simulated", kernel.kernel_name(), stats.instructions);
+                for i in 0..b * heads * v {
+                    assert_eq!(y[i], want[i], "CPU out[{i}]");
+                    let bound = kv as f32 * f32::EPSILON * terms[i];
+                    assert!((simulated[i] - want[i]).abs() <= bound, "PTX out[{i}] {} want {}", simulated[i], want[i]);
+                    // o's rounding: 2^-9 of each term.
+                    assert!((want[i] - f32_form[i]).abs() <= terms[i] / 256.0, "out[{i}] vs the f32 form");
+                }
+            } else {
+                let (want_q, want_s) = kernels::quantize_fp8(&want, heads * v, GROUP);
+                let (mut q, mut qs) = (vec![0u8; b * heads * v], vec![f32::NAN; b * heads]);
+                let mut args = inputs(&mut o);
+                args.extend([raw(&mut q, &[b, heads * v], "i8"), raw(&mut qs, &[b, heads], "f32")]);
+                run_cpu(&kernel, &args);
+                assert_eq!((&qs, &q), (&want_s, &want_q), "CPU bytes and scales");
+                let (mut sq, mut sqs) = (vec![0u8; b * heads * v], vec![f32::NAN; b * heads]);
+                let mut args = inputs(&mut o);
+                args.extend([raw(&mut sq, &[b, heads * v], "i8"), raw(&mut sqs, &[b, heads], "f32")]);
+                let stats = run_simulated(&kernel, &args, blocks);
+                eprintln!("{}: {} instructions simulated", kernel.kernel_name(), stats.instructions);
+                assert_fp8_rows_near(&kernel.kernel_name(), (&sq, &sqs), (&want_q, &want_s));
+                // Dequantized, near the f32 form: e4m3's rounding (2^-4 of the value, or of the
+                // scale's step below the normal range), and o's (2^-9 of each term).
+                for i in 0..b * heads * v {
+                    let (got, scale) = (f8e4m3_to_f32(q[i]) * qs[i / v], qs[i / v]);
+                    let bound = f32_form[i].abs() / 16.0 + scale / 64.0 + terms[i] / 256.0;
+                    assert!((got - f32_form[i]).abs() <= bound, "out[{i}] {got} vs the f32 form's {}", f32_form[i]);
+                }
+            }
+            kernels.push(kernel);
+        }
+        for k in kernels {
+            assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k));
+        }
+        for (nope, v, kv) in [(64, 128, 512), (128, 64, 512), (128, 128, 96)] {
+            let k = RowKernel::new(RowOp::MlaUpVMma { heads: 2, nope, v }, kv, "f8E4M3FN");
+            assert!(k.emit_gpu().is_err(), "{}", k.kernel_name());
         }
     }
 

@@ -1,0 +1,806 @@
+//! MLA decode's absorbed queries on the tensor cores ([`super::RowOp::MlaAbsorbMma`]): `q[b H + h]
+//! = bf16([s * (bf16(q_nope[b, h]) W_UK_h) | q_pe[b, h]])`, a block per (64 tokens, head, 64
+//! latent columns). The CUDA-core row ([`super::RowOp::MlaAbsorb`]) spends `nope` FMAs per output
+//! on 128 threads; here one warpgroup's `wgmma m64n64k16` chain does a block's 64 x 64 outputs.
+//!
+//! The block stages, in 128-byte-swizzled shared memory (1024-byte aligned inside one static array):
+//! - A: its 64 tokens' `q_nope` rows of head h rounded to bf16, K-major, `nope / 64` chunks of 64
+//!   rows x 128 B (rows past the batch are left as they are: a row of A makes only its own row of
+//!   outputs, and those are not stored);
+//! - B: the head's nope rows of kv_b at its 64 columns, `W_UK_h[k, n0 .. n0 + 64]`, as bf16 —
+//!   e4m3 decoded exactly (every e4m3 value is a bf16), the 128 x 128 block's scale left out —
+//!   read as they lie: MN-major (`nope` rows of 64 columns, 128 B each; the transposed B).
+//!
+//! then multiplies (f32 accumulators) and stores each output times the block's one scale (the
+//! head's nope rows and the 64 columns lie in one 128 x 128 block: `(nope + v) % 128 == 0`, `nope
+//! <= 128`), rounded to bf16. The blocks of the first 64 columns also copy the rope query.
+//!
+//! Numerics differ from the CUDA-core row's (which multiplies the f32 query by each scaled weight):
+//! the query is rounded to bf16 first and the scale applied to the sum. The CPU lowering computes
+//! exactly that (each output one sequential f32 sum over k, as `ptxsim` runs wgmma), so the two
+//! lowerings agree but for the tensor cores' own accumulation order on the device.
+
+use std::fmt::Write;
+
+use super::{decode_e4m3, round_bf16, Lowering, BF16_CONSTANTS};
+use crate::conversion::sm90::gemm::{fragment_coordinates, fragment_offset};
+
+/// Tokens (the wgmma M) and latent columns (N) a block takes.
+pub const TILE: usize = 64;
+/// Bytes of one swizzled 64-column bf16 chunk row, and of the swizzle pattern's 8 rows.
+const ROW_BYTES: usize = 128;
+const PATTERN_BYTES: usize = 8 * ROW_BYTES;
+
+/// The accumulator fragment of one m64n64 wgmma (32 f32 a thread).
+const FRAG: &str = "!llvm.struct<(f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, \
+f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32)>";
+
+/// The shape a block's operands take: `nope` rows of the head (the K of the product).
+#[derive(Debug, Clone, Copy)]
+pub struct Absorb {
+    pub nope: usize,
+    pub rope: usize,
+    /// bf16 kv_b (the f32 graph's), else e4m3 with 128 x 128 block scales.
+    pub bf16_weight: bool,
+}
+
+impl Absorb {
+    fn a_bytes(&self) -> usize {
+        TILE * self.nope * 2
+    }
+
+    fn b_bytes(&self) -> usize {
+        self.nope * TILE * 2
+    }
+
+    /// The one shared array (f32 words): A, B and the slack that aligns them to 1024 bytes.
+    pub fn shared(&self) -> Vec<(&'static str, usize)> {
+        vec![("sh_mma", (self.a_bytes() + self.b_bytes() + PATTERN_BYTES) / 4)]
+    }
+
+    /// Why a head of these widths cannot take this kernel, if it cannot.
+    pub fn check(&self, v: usize, d: usize) -> Result<(), String> {
+        if !(self.nope == 64 || self.nope == 128) {
+            return Err(format!("nope heads of {} (64 or 128: 64-column chunks, within one 128-row block)", self.nope));
+        }
+        if !(self.nope + v).is_multiple_of(128) {
+            return Err(format!("nope + v heads of {} (whole 128-row blocks of kv_b)", self.nope + v));
+        }
+        if d == 0 || !d.is_multiple_of(TILE) {
+            return Err(format!("a latent of {d} columns (a multiple of {TILE})"));
+        }
+        Ok(())
+    }
+
+    /// The block's tokens `%b0 ..` (of `%n_b`), head `%h` (its kv_b rows from `%head_row`) and
+    /// columns `%n0 ..`: blocks run the columns of a head, then its heads, then the token tiles.
+    pub fn prologue(&self, d: usize) -> String {
+        format!(
+            "%mm_nb = arith.constant {nb} : index
+%mm_per_tile = arith.muli %cH, %mm_nb : index
+%tile = arith.divui %row, %mm_per_tile : index
+%mm_rest = arith.remui %row, %mm_per_tile : index
+%h = arith.divui %mm_rest, %mm_nb : index
+%mm_col_block = arith.remui %mm_rest, %mm_nb : index
+%mm_tile = arith.constant {TILE} : index
+%b0 = arith.muli %tile, %mm_tile : index
+%n0 = arith.muli %mm_col_block, %mm_tile : index
+%n_b = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
+%head_row = arith.muli %h, %cPerHead : index
+",
+            nb = d / TILE
+        )
+    }
+
+    /// The block's output scale `%mm_s` (1 for bf16 weights).
+    fn scale(&self) -> String {
+        if self.bf16_weight {
+            return "%mm_s = arith.constant 1.0 : f32\n".into();
+        }
+        "%mm_rb = arith.divui %head_row, %c128 : index
+%mm_cb = arith.divui %n0, %c128 : index
+%mm_s = memref.load %kv_b_scale[%mm_rb, %mm_cb] : memref<?x?xf32>
+"
+        .into()
+    }
+
+    /// Token `%t` of the block (`%bt`, `%tok_in`: within the batch) and its query value `k` of
+    /// head h rounded to bf16: `%{out}` (bf16), `%{out}_f` (as f32), `%{out}_top` (its bits, i32).
+    fn query(&self, k: &str, out: &str) -> String {
+        format!(
+            "{out}_raw = memref.load %q_nope[%bt_safe, %h, {k}] : memref<?x?x?xf32>
+{out}_x = arith.select %tok_in, {out}_raw, %zero : f32
+{}",
+            round_bf16(&format!("{out}_x"), out)
+        )
+    }
+
+    /// The phases: on the GPU, the operands staged (and the rope query copied), then the products
+    /// and the stores; on the CPU each output's sum in order over k, then the rope query.
+    pub fn phases(&self, lowering: Lowering, sh_mma: &str) -> Vec<String> {
+        let token = "%bt = arith.addi %b0, %t : index
+%tok_in = arith.cmpi ult, %bt, %n_b : index
+%bt_safe = arith.select %tok_in, %bt, %c0 : index
+";
+        let rope = format!(
+            "%mm_first = arith.cmpi eq, %n0, %c0 : index
+scf.if %mm_first {{
+  %mm_rope_all = arith.constant {all} : index
+  scf.for %i = %tid to %mm_rope_all step %cT {{
+    %t = arith.divui %i, %cRope : index
+    %r = arith.remui %i, %cRope : index
+    %bt = arith.addi %b0, %t : index
+    %tok_in = arith.cmpi ult, %bt, %n_b : index
+    scf.if %tok_in {{
+      %pe = memref.load %q_pe[%bt, %h, %r] : memref<?x?x?xf32>
+{round}      %qrow0 = arith.muli %bt, %cH : index
+      %qrow = arith.addi %qrow0, %h : index
+      %col = arith.addi %cD, %r : index
+      memref.store %pb, %qa[%qrow, %col] : memref<?x?xbf16>
+    }}
+  }}
+}}
+",
+            all = TILE * self.rope,
+            round = round_bf16("%pe", "%pb"),
+        );
+        let store = "%qv = arith.mulf %acc, %mm_s : f32
+%qrow0 = arith.muli %bt, %cH : index
+%qrow = arith.addi %qrow0, %h : index
+%qcol = arith.addi %n0, %n : index
+";
+        if lowering == Lowering::Cpu {
+            let weight = weight(self.bf16_weight, "%wrow", "%wcol", "%w", lowering);
+            let sum = format!(
+                "{BF16_CONSTANTS}{scale}%mm_outs = arith.constant {outs} : index
+scf.for %i = %tid to %mm_outs step %cT {{
+  %t = arith.divui %i, %mm_tile : index
+  %n = arith.remui %i, %mm_tile : index
+{token}  scf.if %tok_in {{
+    %wcol = arith.addi %n0, %n : index
+    %acc = scf.for %k = %c0 to %cNope step %c1 iter_args(%s = %zero) -> (f32) {{
+{query}      %wrow = arith.addi %head_row, %k : index
+{weight}      %p = arith.mulf %q_f, %w_f : f32
+      %sn = arith.addf %s, %p : f32
+      scf.yield %sn : f32
+    }}
+{store}{round}    memref.store %qb, %qa[%qrow, %qcol] : memref<?x?xbf16>
+  }}
+}}
+",
+                scale = self.scale(),
+                outs = TILE * TILE,
+                token = indent(token, 2),
+                query = indent(&self.query("%k", "%q"), 6),
+                weight = indent(&weight, 6),
+                store = indent(store, 4),
+                round = round_bf16("%qv", "%qb"),
+            );
+            return vec![format!("{sum}{rope}")];
+        }
+        vec![self.stage(sh_mma, &rope), self.multiply(sh_mma, store)]
+    }
+
+    /// The GPU's first phase: A (the batch's rows only: a row of A makes only its own row of
+    /// outputs, and those of rows past the batch are not stored) and B staged, the rope query
+    /// copied, then a proxy fence (the tensor cores read what threads wrote).
+    fn stage(&self, sh_mma: &str, rope: &str) -> String {
+        let query = |t: &str, k: &str, out: &str| {
+            format!("%{out}_bt = arith.addi %b0, {t} : index\n{out} = memref.load %q_nope[%{out}_bt, %h, {k}] : memref<?x?x?xf32>\n")
+                .replace(&format!("%{out}_bt"), &format!("{out}_bt"))
+        };
+        format!(
+            "{BF16_CONSTANTS}{aligned}%a_left = arith.subi %n_b, %b0 : index
+%a_rows = arith.minui %a_left, %mm_tile : index
+%mm_b_off = arith.constant {a_bytes} : index
+{a}{b}{rope}{FENCE}",
+            aligned = aligned(sh_mma),
+            a_bytes = self.a_bytes(),
+            a = stage_rows("a", self.nope, "%a_rows", &query, sh_mma),
+            b = stage_weights("b", self.nope, "%head_row", "%n0", "%mm_b_off", self.bf16_weight, sh_mma),
+        )
+    }
+
+    /// The GPU's second phase: the block's `nope / 16` wgmmas (A K-major by 64-column chunks, B
+    /// MN-major), then each thread's 32 outputs scaled, rounded and stored.
+    fn multiply(&self, sh_mma: &str, store: &str) -> String {
+        let mut t = aligned(sh_mma);
+        // Descriptors' high bits: 128-byte swizzle (bits 62-63), 1024 B between 8-row groups
+        // (stride, bits 32-45, 16-byte units); MN-major B's leading offset (bits 16-29) is unused
+        // by a 64-wide instruction.
+        let _ = write!(
+            t,
+            "%mm_desc = arith.constant {desc} : i64
+%mm_mask = arith.constant 262143 : i64
+%mm_c4_i64 = arith.constant 4 : i64
+%mm_addr = arith.index_cast %mm_al : index to i64
+{scale}",
+            desc = (1u64 << 62) | ((PATTERN_BYTES as u64 / 16) << 32),
+            scale = self.scale(),
+        );
+        for s in 0..self.nope / 16 {
+            // A: chunk s / 4, 32 bytes a k16 step within its 128-byte rows; B: 16 rows a step.
+            t.push_str(&descriptor(&format!("%da{s}"), (s / 4) * TILE * ROW_BYTES + (s % 4) * 32));
+            t.push_str(&descriptor(&format!("%db{s}"), self.a_bytes() + s * 16 * ROW_BYTES));
+        }
+        let _ = writeln!(t, "%frag0 = llvm.mlir.poison : {FRAG}");
+        for e in 0..32 {
+            let _ = writeln!(t, "%frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {FRAG}", e + 1);
+        }
+        t.push_str("nvvm.wgmma.fence.aligned\n");
+        let mut acc = "%frag32".to_string();
+        for s in 0..self.nope / 16 {
+            let scale_out = if s == 0 { "zero" } else { "one" };
+            let _ = writeln!(
+                t,
+                "%mma{s} = nvvm.wgmma.mma_async %da{s}, %db{s}, {acc}, <m = 64, n = 64, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {FRAG} -> {FRAG}"
+            );
+            acc = format!("%mma{s}");
+        }
+        let _ = write!(
+            t,
+            "nvvm.wgmma.commit.group.sync.aligned
+nvvm.wgmma.wait.group.sync.aligned 0
+%c2 = arith.constant 2 : index
+%c4 = arith.constant 4 : index
+%c16 = arith.constant 16 : index
+%c32 = arith.constant 32 : index
+{coords}",
+            coords = fragment_coordinates()
+        );
+        for e in 0..32 {
+            let (r, c) = fragment_offset(0, e);
+            let _ = write!(
+                t,
+                "scf.execute_region {{
+  %acc = llvm.extractvalue {acc}[{e}] : {FRAG}
+  %er = arith.constant {r} : index
+  %ec = arith.constant {c} : index
+  %t = arith.addi %trow0, %er : index
+  %n = arith.addi %lcol, %ec : index
+{token}  scf.if %tok_in {{
+{store}    %qb = arith.truncf %qv : f32 to bf16
+    memref.store %qb, %qa[%qrow, %qcol] : memref<?x?xbf16>
+  }}
+  scf.yield
+}}
+",
+                token = indent("%bt = arith.addi %b0, %t : index\n%tok_in = arith.cmpi ult, %bt, %n_b : index\n", 2),
+                store = indent(store, 4),
+            );
+        }
+        t
+    }
+}
+
+/// MLA decode's up-projection on the tensor cores ([`super::RowOp::MlaUpVMma`]): a block per (64
+/// tokens, head) multiplies the heads' latent outputs `o [B H, kv]` by the head's value rows of
+/// kv_b (`W_UV_h`, `v` = 128 rows: one m64n128 accumulator) in 64-column chunks of the latent:
+/// per chunk A (the tokens' `o` times the chunk's 128 x 128 block scale, rounded to bf16) and B
+/// (the 128 rows' 64 weights as bf16, e4m3 decoded exactly), both K-major and swizzled, then 4
+/// wgmmas, with block barriers around them (one buffer: 24 KiB). The outputs are then each head's
+/// 1x128 group quantized (a row's |max| across the 4 lanes that hold it) or, the f32 graph's (bf16
+/// kv_b), stored as they are.
+#[derive(Debug, Clone, Copy)]
+pub struct UpV {
+    pub v: usize,
+    /// bf16 kv_b (the f32 graph's: f32 outputs), else e4m3 with 128 x 128 block scales (1x128
+    /// quantized outputs).
+    pub bf16_weight: bool,
+}
+
+/// Bytes of A's chunk (64 tokens x 64 columns of bf16), after which B's lies.
+const UPV_A_BYTES: usize = TILE * ROW_BYTES;
+
+/// An m64nN accumulator fragment's type (`n / 2` f32 a thread).
+fn fragment(n: usize) -> String {
+    format!("!llvm.struct<({})>", vec!["f32"; n / 2].join(", "))
+}
+
+impl UpV {
+    /// The one shared array (f32 words): a chunk of A and of B and the aligning slack.
+    pub fn shared(&self) -> Vec<(&'static str, usize)> {
+        vec![("sh_mma", (UPV_A_BYTES + self.v * ROW_BYTES + PATTERN_BYTES) / 4)]
+    }
+
+    /// Why a head of these widths cannot take this kernel, if it cannot.
+    pub fn check(&self, nope: usize, d: usize) -> Result<(), String> {
+        if self.v != 128 {
+            return Err(format!("v heads of {} (128: one m64n128 accumulator, one quantization group)", self.v));
+        }
+        if !nope.is_multiple_of(128) {
+            return Err(format!("nope heads of {nope} (the value rows in one 128-row block of kv_b)"));
+        }
+        if d == 0 || !d.is_multiple_of(TILE) {
+            return Err(format!("a latent of {d} columns (a multiple of {TILE})"));
+        }
+        Ok(())
+    }
+
+    /// The head outputs' rows argument (its first dim the tokens).
+    fn rows(&self) -> (&'static str, &'static str) {
+        if self.bf16_weight {
+            ("out", "memref<?x?xf32>")
+        } else {
+            ("q", "memref<?x?xi8>")
+        }
+    }
+
+    /// The block's tokens `%b0 ..` (of `%n_b`) and head `%h` (its value rows from `%vrow0`).
+    pub fn prologue(&self) -> String {
+        let (rows, ty) = self.rows();
+        format!(
+            "%tile = arith.divui %row, %cH : index
+%h = arith.remui %row, %cH : index
+%mm_tile = arith.constant {TILE} : index
+%b0 = arith.muli %tile, %mm_tile : index
+%n_b = memref.dim %{rows}, %c0 : {ty}
+%head_row = arith.muli %h, %cPerHead : index
+%vrow0 = arith.addi %head_row, %cNope : index
+"
+        )
+    }
+
+    /// The scale of the value rows' block at latent column `col` into `%{out}` (1 for bf16).
+    fn scale(&self, col: &str, out: &str) -> String {
+        if self.bf16_weight {
+            return format!("{out} = arith.constant 1.0 : f32\n");
+        }
+        format!(
+            "{out}_r = arith.divui %vrow0, %c128 : index
+{out}_c = arith.divui {col}, %c128 : index
+{out} = memref.load %kv_b_scale[{out}_r, {out}_c] : memref<?x?xf32>
+"
+        )
+    }
+
+    /// The phases: one on the GPU (the chunk loop, then the outputs); on the CPU each token's
+    /// outputs, one sequential f32 sum over the latent each (twice where they are quantized: for
+    /// the |max|, then for the bytes).
+    pub fn phases(&self, lowering: Lowering, sh_mma: &str) -> Vec<String> {
+        if lowering == Lowering::Gpu {
+            return vec![self.gpu(sh_mma)];
+        }
+        // Output e of token `%bt` (o row `%orow`) into `%{out}`.
+        let value = |out: &str| {
+            format!(
+                "%{out}_vrow = arith.addi %vrow0, %e : index
+%{out} = scf.for %a = %c0 to %cD step %c1 iter_args(%{out}_s = %zero) -> (f32) {{
+{scale}  %{out}_o = memref.load %o[%orow, %a] : memref<?x?xf32>
+  %{out}_os = arith.mulf %{out}_o, %{out}_sc : f32
+{round}{weight}  %{out}_p = arith.mulf %{out}_ob_f, %{out}_w_f : f32
+  %{out}_n = arith.addf %{out}_s, %{out}_p : f32
+  scf.yield %{out}_n : f32
+}}
+",
+                scale = indent(&self.scale("%a", &format!("%{out}_sc")), 2),
+                round = round_bf16(&format!("%{out}_os"), &format!("%{out}_ob")),
+                weight =
+                    indent(&weight(self.bf16_weight, &format!("%{out}_vrow"), "%a", &format!("%{out}_w"), lowering), 2),
+            )
+        };
+        let outputs = if self.bf16_weight {
+            format!(
+                "%col0 = arith.muli %h, %cV : index
+scf.for %e = %c0 to %cV step %c1 {{
+{value}  %col = arith.addi %col0, %e : index
+  memref.store %y, %out[%bt, %col] : memref<?x?xf32>
+}}
+",
+                value = indent(&value("y"), 2)
+            )
+        } else {
+            format!(
+                "%col0 = arith.muli %h, %cV : index
+%amax = scf.for %e = %c0 to %cV step %c1 iter_args(%mx = %zero) -> (f32) {{
+{value}  %mb = arith.bitcast %m : f32 to i32
+  %ma = arith.andi %mb, %abs_mask : i32
+  %mv = arith.bitcast %ma : i32 to f32
+  %gt = arith.cmpf ogt, %mv, %mx : f32
+  %mx2 = arith.select %gt, %mv, %mx : f32
+  scf.yield %mx2 : f32
+}}
+%small = arith.cmpf olt, %amax, %amax_floor : f32
+%floored = arith.select %small, %amax_floor, %amax : f32
+%s = arith.divf %floored, %e4m3_max : f32
+memref.store %s, %scale[%bt, %h] : memref<?x?xf32>
+scf.for %e = %c0 to %cV step %c1 {{
+{value2}  %qv = arith.divf %y, %s : f32
+{encode}  %col = arith.addi %col0, %e : index
+  memref.store %byte, %q[%bt, %col] : memref<?x?xi8>
+}}
+",
+                value = indent(&value("m"), 2),
+                value2 = indent(&value("y"), 2),
+                encode = super::encode_e4m3(lowering, "%qv", "%byte"),
+            )
+        };
+        vec![format!(
+            "{BF16_CONSTANTS}scf.for %t = %tid to %mm_tile step %cT {{
+  %bt = arith.addi %b0, %t : index
+  %tok_in = arith.cmpi ult, %bt, %n_b : index
+  scf.if %tok_in {{
+    %orow0 = arith.muli %bt, %cH : index
+    %orow = arith.addi %orow0, %h : index
+{outputs}  }}
+}}
+",
+            outputs = indent(&outputs, 4)
+        )]
+    }
+
+    /// The GPU's phase: per 64-column chunk of the latent, A and B staged, a barrier, the chunk's
+    /// 4 wgmmas (m64n128k16, both operands K-major) waited for, a barrier (the buffer is reused);
+    /// then the outputs.
+    fn gpu(&self, sh_mma: &str) -> String {
+        let frag = fragment(self.v);
+        let regs = self.v / 2;
+        let o_value = |t: &str, k: &str, out: &str| {
+            format!(
+                "{out}_bt = arith.addi %b0, {t} : index
+{out}_r0 = arith.muli {out}_bt, %cH : index
+{out}_r = arith.addi {out}_r0, %h : index
+{out}_col = arith.addi %chunk0, {k} : index
+{out}_o = memref.load %o[{out}_r, {out}_col] : memref<?x?xf32>
+{out} = arith.mulf {out}_o, %chunk_s : f32
+"
+            )
+        };
+        let mut t = format!(
+            "{BF16_CONSTANTS}{aligned}%a_left = arith.subi %n_b, %b0 : index
+%a_rows = arith.minui %a_left, %mm_tile : index
+%mm_b_off = arith.constant {UPV_A_BYTES} : index
+%mm_desc = arith.constant {desc} : i64
+%mm_mask = arith.constant 262143 : i64
+%mm_c4_i64 = arith.constant 4 : i64
+%mm_addr = arith.index_cast %mm_al : index to i64
+%frag0 = llvm.mlir.poison : {frag}
+",
+            aligned = aligned(sh_mma),
+            desc = (1u64 << 62) | ((PATTERN_BYTES as u64 / 16) << 32),
+        );
+        for e in 0..regs {
+            let _ = writeln!(t, "%frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {frag}", e + 1);
+        }
+        let mut products = String::new();
+        for s in 0..4 {
+            // k16 step s: 32 bytes into both operands' 128-byte rows.
+            products.push_str(&indent(&descriptor(&format!("%da{s}"), s * 32), 2));
+            products.push_str(&indent(&descriptor(&format!("%db{s}"), UPV_A_BYTES + s * 32), 2));
+        }
+        let mut acc = "%acc_in".to_string();
+        products.push_str("  nvvm.wgmma.fence.aligned\n");
+        for s in 0..4 {
+            let _ = writeln!(
+                products,
+                "  %mma{s} = nvvm.wgmma.mma_async %da{s}, %db{s}, {acc}, <m = 64, n = {n}, k = 16>, D[<f32>, <one>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {frag} -> {frag}",
+                n = self.v
+            );
+            acc = format!("%mma{s}");
+        }
+        let _ = write!(
+            t,
+            "%acc = scf.for %chunk0 = %c0 to %cD step %mm_tile iter_args(%acc_in = %frag{regs}) -> ({frag}) {{
+{scale}{a}{b}{FENCE}  gpu.barrier
+{products}  nvvm.wgmma.commit.group.sync.aligned
+  nvvm.wgmma.wait.group.sync.aligned 0
+  gpu.barrier
+  scf.yield {acc} : {frag}
+}}
+%c2 = arith.constant 2 : index
+%c4 = arith.constant 4 : index
+%c16 = arith.constant 16 : index
+%c32 = arith.constant 32 : index
+{coords}%col0 = arith.muli %h, %cV : index
+",
+            scale = indent(&self.scale("%chunk0", "%chunk_s"), 2),
+            a = indent(&stage_rows("a", TILE, "%a_rows", &o_value, sh_mma), 2),
+            b = indent(&stage_weights("b", self.v, "%vrow0", "%chunk0", "%mm_b_off", self.bf16_weight, sh_mma), 2),
+            coords = fragment_coordinates(),
+        );
+        // Row halves: rows trow0 and trow0 + 8, each thread's v / 4 columns of them.
+        for half in 0..2 {
+            let elements: Vec<usize> = (0..regs).filter(|e| fragment_offset(0, *e).0 == 8 * half).collect();
+            let _ = write!(
+                t,
+                "%row_off{half} = arith.constant {off} : index
+%row{half} = arith.addi %trow0, %row_off{half} : index
+%bt{half} = arith.addi %b0, %row{half} : index
+%in{half} = arith.cmpi ult, %bt{half}, %n_b : index
+",
+                off = 8 * half
+            );
+            for &e in &elements {
+                let _ = writeln!(t, "%v{e} = llvm.extractvalue %acc[{e}] : {frag}");
+            }
+            if self.bf16_weight {
+                for &e in &elements {
+                    let _ = write!(
+                        t,
+                        "scf.if %in{half} {{
+  %ec = arith.constant {c} : index
+  %c_a = arith.addi %lcol, %ec : index
+  %col = arith.addi %col0, %c_a : index
+  memref.store %v{e}, %out[%bt{half}, %col] : memref<?x?xf32>
+}}
+",
+                        c = fragment_offset(0, e).1
+                    );
+                }
+                continue;
+            }
+            // The row's |max|: the thread's columns in order, then across its quad (max is
+            // exact: any order gives the reference's).
+            let mut mx = "%zero".to_string();
+            for &e in &elements {
+                let _ = write!(
+                    t,
+                    "%ab{e}_b = arith.bitcast %v{e} : f32 to i32
+%ab{e}_m = arith.andi %ab{e}_b, %abs_mask : i32
+%ab{e} = arith.bitcast %ab{e}_m : i32 to f32
+%gt{e} = arith.cmpf ogt, %ab{e}, {mx} : f32
+%mx{e} = arith.select %gt{e}, %ab{e}, {mx} : f32
+"
+                );
+                mx = format!("%mx{e}");
+            }
+            for lane in [1, 2] {
+                let _ = write!(
+                    t,
+                    "%q{half}_o{lane} = arith.constant {lane} : i32
+%q{half}_w{lane} = arith.constant 32 : i32
+%q{half}_x{lane}, %q{half}_ok{lane} = gpu.shuffle xor {mx}, %q{half}_o{lane}, %q{half}_w{lane} : f32
+%q{half}_gt{lane} = arith.cmpf ogt, %q{half}_x{lane}, {mx} : f32
+%q{half}_m{lane} = arith.select %q{half}_gt{lane}, %q{half}_x{lane}, {mx} : f32
+"
+                );
+                mx = format!("%q{half}_m{lane}");
+            }
+            let _ = write!(
+                t,
+                "%small{half} = arith.cmpf olt, {mx}, %amax_floor : f32
+%floored{half} = arith.select %small{half}, %amax_floor, {mx} : f32
+%s{half} = arith.divf %floored{half}, %e4m3_max : f32
+%first{half} = arith.cmpi eq, %lcol0, %c0 : index
+%writes{half} = arith.andi %in{half}, %first{half} : i1
+scf.if %writes{half} {{
+  memref.store %s{half}, %scale[%bt{half}, %h] : memref<?x?xf32>
+}}
+"
+            );
+            for &e in &elements {
+                let _ = write!(
+                    t,
+                    "scf.if %in{half} {{
+  %qv = arith.divf %v{e}, %s{half} : f32
+{encode}  %ec = arith.constant {c} : index
+  %c_a = arith.addi %lcol, %ec : index
+  %col = arith.addi %col0, %c_a : index
+  memref.store %byte, %q[%bt{half}, %col] : memref<?x?xi8>
+}}
+",
+                    encode = super::encode_e4m3(Lowering::Gpu, "%qv", "%byte"),
+                    c = fragment_offset(0, e).1
+                );
+            }
+        }
+        t
+    }
+}
+
+/// kv_b's element (`row`, `col`) as bf16 bits (`{out}_top`, i32) and as f32 (`{out}_f`),
+/// unscaled: an e4m3 weight decoded exactly, a bf16 one as it is.
+fn weight(bf16_weight: bool, row: &str, col: &str, out: &str, lowering: Lowering) -> String {
+    if bf16_weight {
+        return format!(
+            "{out}_raw = memref.load %kv_b[{row}, {col}] : memref<?x?xbf16>
+{out}_f = arith.extf {out}_raw : bf16 to f32
+{out}_i16 = arith.bitcast {out}_raw : bf16 to i16
+{out}_top = arith.extui {out}_i16 : i16 to i32
+"
+        );
+    }
+    format!(
+        "{out}_byte = memref.load %kv_b[{row}, {col}] : memref<?x?xi8>
+{}{}",
+        decode_e4m3(&format!("{out}_byte"), &format!("{out}_e"), lowering),
+        round_bf16(&format!("{out}_e"), out)
+    )
+}
+
+/// `{name}`: the wgmma descriptor of the operand at byte `offset` of the aligned tile (`%mm_addr`):
+/// `%mm_desc` (its high bits) with the address's 16-byte units.
+fn descriptor(name: &str, offset: usize) -> String {
+    format!(
+        "{name}_off = arith.constant {offset} : i64
+{name}_a = arith.addi %mm_addr, {name}_off : i64
+{name}_m = arith.andi {name}_a, %mm_mask : i64
+{name}_s = arith.shrui {name}_m, %mm_c4_i64 : i64
+{name} = arith.ori %mm_desc, {name}_s : i64
+"
+    )
+}
+
+/// A proxy fence: the threads' shared-memory writes before the tensor cores' reads.
+const FENCE: &str = "nvvm.fence.proxy {kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}\n";
+
+/// `%mm_al`: the first 1024-byte boundary in `sh_mma` (a shared address), `%mm_w0` its word index
+/// there, and the constants the phases share.
+fn aligned(sh_mma: &str) -> String {
+    format!(
+        "%mm_c2 = arith.constant 2 : index
+%mm_c16_i32 = arith.constant 16 : i32
+%mm_c0 = arith.constant 0 : index
+%mm_c1 = arith.constant 1 : index
+%mm_c3 = arith.constant 3 : index
+%mm_c4 = arith.constant 4 : index
+%mm_c8 = arith.constant 8 : index
+%mm_c16 = arith.constant 16 : index
+%mm_c64 = arith.constant 64 : index
+%mm_row_bytes = arith.constant {ROW_BYTES} : index
+%mm_chunk_bytes = arith.constant {chunk} : index
+%mm_pattern = arith.constant {PATTERN_BYTES} : index
+%mm_pattern_m1 = arith.constant {last} : index
+%mm_base = memref.extract_aligned_pointer_as_index %sh_mma : {sh_mma} -> index
+%mm_up = arith.addi %mm_base, %mm_pattern_m1 : index
+%mm_patterns = arith.divui %mm_up, %mm_pattern : index
+%mm_al = arith.muli %mm_patterns, %mm_pattern : index
+%mm_skip = arith.subi %mm_al, %mm_base : index
+%mm_w0 = arith.divui %mm_skip, %mm_c4 : index
+",
+        chunk = TILE * ROW_BYTES,
+        last = PATTERN_BYTES - 1,
+    )
+}
+
+/// Stages `cols` columns (64, 128 or 256) of rows `0 .. rows` as A (K-major, 64-column chunks of
+/// 64 rows x 128 B from the aligned tile's start), rounded to bf16: `value(t, k, out)` defines
+/// `out` (f32), column `k` of row `t`. A thread keeps one pair of columns (one `cvt.rn.bf16x2.f32`
+/// and one 32-bit store a row) and steps through the rows, so that only the row's part of a place
+/// is computed in the loop. Names start with `%{p}`.
+fn stage_rows(p: &str, cols: usize, rows: &str, value: &dyn Fn(&str, &str, &str) -> String, sh_mma: &str) -> String {
+    let pairs = cols / 2;
+    format!(
+        "%{p}_pairs = arith.constant {pairs} : index
+%{p}_step = arith.constant {step} : index
+%{p}_kp = arith.remui %tid, %{p}_pairs : index
+%{p}_t0 = arith.divui %tid, %{p}_pairs : index
+%{p}_k = arith.muli %{p}_kp, %mm_c2 : index
+%{p}_k1 = arith.addi %{p}_k, %mm_c1 : index
+%{p}_chunk = arith.divui %{p}_k, %mm_c64 : index
+%{p}_kc = arith.remui %{p}_k, %mm_c64 : index
+%{p}_cb = arith.muli %{p}_chunk, %mm_chunk_bytes : index
+{place}scf.for %{p}_t = %{p}_t0 to {rows} step %{p}_step {{
+{v0}{v1}  %{p}_pk = {pack}
+{store}}}
+",
+        step = 128 / pairs,
+        place = column_place(p, &format!("%{p}_cb"), &format!("%{p}_kc")),
+        v0 = indent(&value(&format!("%{p}_t"), &format!("%{p}_k"), &format!("%{p}_v0")), 2),
+        v1 = indent(&value(&format!("%{p}_t"), &format!("%{p}_k1"), &format!("%{p}_v1")), 2),
+        pack = bf16x2(&format!("%{p}_v1"), &format!("%{p}_v0")),
+        store = indent(&row_store(p, &format!("%{p}_t"), &[&format!("%{p}_pk")], sh_mma), 2),
+    )
+}
+
+/// Stages kv_b's rows `row0 .. row0 + rows` (a multiple of 8) at its 64 columns from `col0` as
+/// 64-column chunk rows (128 B, swizzled) from byte `base` of the aligned tile, in bf16: e4m3
+/// decoded exactly (every e4m3 value is a bf16; the block's scale left out), bf16 as it is. A
+/// thread takes 4 adjacent columns (two pairs: one 16-byte unit's half) of every 8th row.
+fn stage_weights(p: &str, rows: usize, row0: &str, col0: &str, base: &str, bf16_weight: bool, sh_mma: &str) -> String {
+    let pair = |j: usize| -> String {
+        let q = format!("%{p}{j}");
+        let loads = format!(
+            "{q}_c0 = arith.addi %{p}_col, %mm_c{a} : index
+{q}_c1 = arith.addi %{p}_col, %mm_c{b} : index
+",
+            a = 2 * j,
+            b = 2 * j + 1
+        );
+        if bf16_weight {
+            return format!(
+                "{loads}{q}_r0 = memref.load %kv_b[%{p}_row, {q}_c0] : memref<?x?xbf16>
+{q}_r1 = memref.load %kv_b[%{p}_row, {q}_c1] : memref<?x?xbf16>
+{q}_i0 = arith.bitcast {q}_r0 : bf16 to i16
+{q}_i1 = arith.bitcast {q}_r1 : bf16 to i16
+{q}_w0 = arith.extui {q}_i0 : i16 to i32
+{q}_w1 = arith.extui {q}_i1 : i16 to i32
+{q}_hi = arith.shli {q}_w1, %mm_c16_i32 : i32
+{q}_pk = arith.ori {q}_w0, {q}_hi : i32
+"
+            );
+        }
+        // Both bytes through one `cvt.rn.f16x2.e4m3x2` (the first in the low half), each f16
+        // widened (exact), both rounded back to bf16 at once (exact).
+        format!(
+            "{loads}{q}_b0 = memref.load %kv_b[%{p}_row, {q}_c0] : memref<?x?xi8>
+{q}_b1 = memref.load %kv_b[%{p}_row, {q}_c1] : memref<?x?xi8>
+{q}_h0 = arith.extui {q}_b0 : i8 to i16
+{q}_h1 = arith.extui {q}_b1 : i8 to i16
+{q}_c8 = arith.constant 8 : i16
+{q}_sh = arith.shli {q}_h1, {q}_c8 : i16
+{q}_pair = arith.ori {q}_h0, {q}_sh : i16
+{q}_x2 = llvm.inline_asm \"cvt.rn.f16x2.e4m3x2 $0, $1;\", \"=r,h\" {q}_pair : (i16) -> i32
+{q}_lo16 = arith.trunci {q}_x2 : i32 to i16
+{q}_hi32 = arith.shrui {q}_x2, %mm_c16_i32 : i32
+{q}_hi16 = arith.trunci {q}_hi32 : i32 to i16
+{q}_lo_h = arith.bitcast {q}_lo16 : i16 to f16
+{q}_hi_h = arith.bitcast {q}_hi16 : i16 to f16
+{q}_lo = arith.extf {q}_lo_h : f16 to f32
+{q}_hi = arith.extf {q}_hi_h : f16 to f32
+{q}_pk = {pack}
+",
+            pack = bf16x2(&format!("{q}_hi"), &format!("{q}_lo"))
+        )
+    };
+    format!(
+        "%{p}_units = arith.constant {units} : index
+%{p}_step = arith.constant {step} : index
+%{p}_rows = arith.constant {rows} : index
+%{p}_np = arith.remui %tid, %{p}_units : index
+%{p}_r0 = arith.divui %tid, %{p}_units : index
+%{p}_n = arith.muli %{p}_np, %mm_c4 : index
+%{p}_col = arith.addi {col0}, %{p}_n : index
+{place}scf.for %{p}_r = %{p}_r0 to %{p}_rows step %{p}_step {{
+  %{p}_row = arith.addi {row0}, %{p}_r : index
+{pair0}{pair1}{store}}}
+",
+        units = TILE / 4,
+        step = 128 / (TILE / 4),
+        place = column_place(p, base, &format!("%{p}_n")),
+        pair0 = indent(&pair(0), 2),
+        pair1 = indent(&pair(1), 2),
+        store = indent(&row_store(p, &format!("%{p}_r"), &[&format!("%{p}0_pk"), &format!("%{p}1_pk")], sh_mma), 2),
+    )
+}
+
+/// The loop-invariant part of a bf16 pair's place at columns `col`, `col + 1` of a 64-column
+/// chunk at byte `chunk` of the aligned tile: `%{p}_unit` (16-byte unit before the swizzle) and
+/// `%{p}_base` (the chunk and the pair's bytes within its unit).
+fn column_place(p: &str, chunk: &str, col: &str) -> String {
+    format!(
+        "%{p}_unit = arith.divui {col}, %mm_c8 : index
+%{p}_in = arith.remui {col}, %mm_c8 : index
+%{p}_inb = arith.muli %{p}_in, %mm_c2 : index
+%{p}_base = arith.addi {chunk}, %{p}_inb : index
+"
+    )
+}
+
+/// Stores the 32-bit `values` (consecutive words of one 16-byte unit) at their [`column_place`] `p`
+/// in chunk row `row`, 128-byte swizzled: byte `base + 128 row + 16 (unit ^ row % 8)` on.
+fn row_store(p: &str, row: &str, values: &[&str], sh_mma: &str) -> String {
+    let mut t = format!(
+        "%sw_row = arith.muli {row}, %mm_row_bytes : index
+%sw_r8 = arith.remui {row}, %mm_c8 : index
+%sw_x = arith.xori %{p}_unit, %sw_r8 : index
+%sw_xb = arith.muli %sw_x, %mm_c16 : index
+%sw_0 = arith.addi %{p}_base, %sw_row : index
+%sw_1 = arith.addi %sw_0, %sw_xb : index
+%sw_w = arith.divui %sw_1, %mm_c4 : index
+%sw_at0 = arith.addi %mm_w0, %sw_w : index
+"
+    );
+    for (j, value) in values.iter().enumerate() {
+        if j > 0 {
+            let _ =
+                writeln!(t, "%sw_j{j} = arith.constant {j} : index\n%sw_at{j} = arith.addi %sw_at0, %sw_j{j} : index");
+        }
+        let _ = writeln!(
+            t,
+            "%sw_f{j} = arith.bitcast {value} : i32 to f32\nmemref.store %sw_f{j}, %sh_mma[%sw_at{j}] : {sh_mma}"
+        );
+    }
+    t
+}
+
+/// Two f32 rounded to bf16 (to nearest even) in one i32, `hi` in the high half (the GPU's
+/// `cvt.rn.bf16x2.f32`).
+fn bf16x2(hi: &str, lo: &str) -> String {
+    format!("llvm.inline_asm \"cvt.rn.bf16x2.f32 $0, $1, $2;\", \"=r,f,f\" {hi}, {lo} : (f32, f32) -> i32")
+}
+
+fn indent(text: &str, n: usize) -> String {
+    let pad = " ".repeat(n);
+    text.lines().map(|l| format!("{pad}{l}\n")).collect()
+}
