@@ -317,6 +317,45 @@ $L__end:
         assert_eq!(wavefronts(8), (1, 2));
     }
 
+    /// Funnel shifts of `hi:lo` (wrap: the count mod 32; clamp: at most 32) and the pair rounding
+    /// to bf16 (the first operand in the high half, to nearest even), one thread each.
+    #[test]
+    fn funnel_shifts_and_bf16_pairs() {
+        let run_one = |ins: &str, a: u32, b: u32, c: u32| -> u32 {
+            let text = format!(
+                ".visible .entry k(\n\t.param .u64 k_param_0\n)\n{{\n\t.reg .b32 %r<5>;\n\t.reg .f32 %f<3>;\n\t.reg .b64 %rd<2>;\n\
+                 \tld.param.b64 %rd1, [k_param_0];\n\tmov.b32 %r1, {a};\n\tmov.b32 %r2, {b};\n\tmov.b32 %r3, {c};\n\
+                 \tmov.b32 %f1, %r1;\n\tmov.b32 %f2, %r2;\n\t{ins};\n\tst.global.b32 [%rd1], %r4;\n\tret;\n}}"
+            );
+            let module = Module::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+            let mut out = [0u32; 1];
+            let params = [out.as_mut_ptr() as u64];
+            let launch = Launch {
+                grid: [1, 1],
+                threads: 1,
+                dynamic_shared: 0,
+                params: &params,
+                tensor_maps: &[],
+                regions: None,
+                max_instructions: 100,
+                checks: Checks::default(),
+            };
+            // SAFETY: the one parameter is the live output.
+            unsafe { run(&module.kernels[0], &launch) }.unwrap_or_else(|e| panic!("{e}"));
+            out[0]
+        };
+        let shf =
+            |mode: &str, lo: u32, hi: u32, n: u32| run_one(&format!("shf.{mode}.b32 %r4, %r1, %r2, %r3"), lo, hi, n);
+        assert_eq!(shf("l.wrap", 0x1234_5678, 0x9abc_def0, 16), 0xdef0_1234);
+        assert_eq!(shf("l.wrap", 0x1234_5678, 0x9abc_def0, 48), 0xdef0_1234);
+        assert_eq!(shf("l.clamp", 0x1234_5678, 0x9abc_def0, 40), 0x1234_5678);
+        assert_eq!(shf("r.wrap", 0x1234_5678, 0x9abc_def0, 8), 0xf012_3456);
+        assert_eq!(shf("r.clamp", 0x1234_5678, 0x9abc_def0, 33), 0x9abc_def0);
+        // Ties both: 1 + 2^-8 to the even 1.0 (high half), 1 + 3 * 2^-8 to the even 1 + 2^-6 (low).
+        let pair = run_one("cvt.rn.bf16x2.f32 %r4, %f1, %f2", 0x3f80_8000, 0x3f81_8000, 0);
+        assert_eq!(pair, 0x3f80_3f82);
+    }
+
     fn sum(barrier: &str, input_only: bool) -> Result<u32, String> {
         sum_with(&format!("bar.sync {barrier}"), input_only, false)
     }
