@@ -429,63 +429,212 @@ scf.for %e = %c0 to %cV step %c1 {{
         )]
     }
 
-    /// The GPU's phase: per 64-column chunk of the latent, A and B staged, a barrier, the chunk's
-    /// 4 wgmmas (m64n128k16, both operands K-major) waited for, a barrier (the buffer is reused);
-    /// then the outputs.
+    /// The GPU's phase: per 64-column chunk of the latent, A and B staged from registers, a
+    /// barrier, the chunk's 4 wgmmas (m64n128k16, both operands K-major) waited for, a barrier (the
+    /// buffer is reused); then the outputs. A thread's loads of the next chunk (16 pairs of `o`, 16
+    /// words of weights: vector and 32-bit loads, the buffers 8-byte aligned as the runtime's are)
+    /// are issued before it stages this one, so that they are in flight through the staging, the
+    /// products and the barriers (the last chunk loads itself again: no branch).
     fn gpu(&self, sh_mma: &str) -> String {
         let frag = fragment(self.v);
         let regs = self.v / 2;
-        let o_value = |t: &str, k: &str, out: &str| {
-            format!(
-                "{out}_bt = arith.addi %b0, {t} : index
-{out}_r0 = arith.muli {out}_bt, %cH : index
-{out}_r = arith.addi {out}_r0, %h : index
-{out}_col = arith.addi %chunk0, {k} : index
-{out}_o = memref.load %o[{out}_r, {out}_col] : memref<?x?xf32>
-{out} = arith.mulf {out}_o, %chunk_s : f32
-"
-            )
-        };
+        // Rows a thread stages: A's 64 token rows 4 at a time (32 column pairs), B's v weight rows
+        // 8 at a time (16 units of 4 columns).
+        let (a_iters, b_iters) = (TILE / 4, self.v / 8);
+        let (w_bytes, b_ty) = if self.bf16_weight { (2, "vector<2xi32>") } else { (1, "i32") };
         let mut t = format!(
             "{BF16_CONSTANTS}{aligned}%a_left = arith.subi %n_b, %b0 : index
 %a_rows = arith.minui %a_left, %mm_tile : index
+%a_last = arith.subi %a_rows, %mm_c1 : index
 %mm_b_off = arith.constant {UPV_A_BYTES} : index
 %mm_desc = arith.constant {desc} : i64
 %mm_mask = arith.constant 262143 : i64
 %mm_c4_i64 = arith.constant 4 : i64
 %mm_addr = arith.index_cast %mm_al : index to i64
-%frag0 = llvm.mlir.poison : {frag}
+%mm_c32 = arith.constant 32 : index
+%mm_c0_i32 = arith.constant 0 : i32
+%mm_c1_i32 = arith.constant 1 : i32
+%mm_w_bytes = arith.constant {w_bytes} : index
+%mm_last_chunk = arith.subi %cD, %mm_tile : index
+%o_base = memref.extract_aligned_pointer_as_index %o : memref<?x?xf32> -> index
+%kvb_base = memref.extract_aligned_pointer_as_index %kv_b : memref<?x?x{w}> -> index
+%a_kp = arith.remui %tid, %mm_c32 : index
+%a_first = arith.divui %tid, %mm_c32 : index
+%a_k = arith.muli %a_kp, %mm_c2 : index
+{a_place}%b_np = arith.remui %tid, %mm_c16 : index
+%b_first = arith.divui %tid, %mm_c16 : index
+%b_n = arith.muli %b_np, %mm_c4 : index
+{b_place}%frag0 = llvm.mlir.poison : {frag}
 ",
             aligned = aligned(sh_mma),
             desc = (1u64 << 62) | ((PATTERN_BYTES as u64 / 16) << 32),
+            w = if self.bf16_weight { "bf16" } else { "i8" },
+            a_place = column_place("a", "%mm_c0", "%a_k"),
+            b_place = column_place("b", "%mm_b_off", "%b_n"),
         );
         for e in 0..regs {
             let _ = writeln!(t, "%frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {frag}", e + 1);
         }
+        // Each staged row's byte address in `o` / kv_b at column 0 (`%a_at{i}`, `%b_at{i}`); rows
+        // past the batch read the last row again (their outputs are not stored).
+        for i in 0..a_iters {
+            let _ = write!(
+                t,
+                "%a_t{i}_k = arith.constant {row} : index
+%a_t{i} = arith.addi %a_first, %a_t{i}_k : index
+%a_tc{i} = arith.minui %a_t{i}, %a_last : index
+%a_bt{i} = arith.addi %b0, %a_tc{i} : index
+%a_r0_{i} = arith.muli %a_bt{i}, %cH : index
+%a_r{i} = arith.addi %a_r0_{i}, %h : index
+%a_e0_{i} = arith.muli %a_r{i}, %cD : index
+%a_e{i} = arith.addi %a_e0_{i}, %a_k : index
+%a_b{i} = arith.muli %a_e{i}, %mm_c4 : index
+%a_at{i} = arith.addi %o_base, %a_b{i} : index
+",
+                row = 4 * i
+            );
+        }
+        for i in 0..b_iters {
+            let _ = write!(
+                t,
+                "%b_r{i}_k = arith.constant {row} : index
+%b_r{i} = arith.addi %b_first, %b_r{i}_k : index
+%b_row{i} = arith.addi %vrow0, %b_r{i} : index
+%b_e0_{i} = arith.muli %b_row{i}, %cD : index
+%b_e{i} = arith.addi %b_e0_{i}, %b_n : index
+%b_b{i} = arith.muli %b_e{i}, %mm_w_bytes : index
+%b_at{i} = arith.addi %kvb_base, %b_b{i} : index
+",
+                row = 8 * i
+            );
+        }
+        // A chunk's loads from column `col` into `%{tag}a{i}` (vector<2xf32>), `%{tag}b{i}`.
+        let fetch = |tag: &str, col: &str| -> String {
+            let mut f = format!(
+                "%{tag}_ca = arith.muli {col}, %mm_c4 : index\n%{tag}_cb = arith.muli {col}, %mm_w_bytes : index\n"
+            );
+            for i in 0..a_iters {
+                let _ = write!(
+                    f,
+                    "%{tag}a{i}_at = arith.addi %a_at{i}, %{tag}_ca : index
+%{tag}a{i}_64 = arith.index_cast %{tag}a{i}_at : index to i64
+%{tag}a{i}_p = llvm.inttoptr %{tag}a{i}_64 : i64 to !llvm.ptr<1>
+%{tag}a{i} = llvm.load %{tag}a{i}_p {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>
+"
+                );
+            }
+            for i in 0..b_iters {
+                let _ = write!(
+                    f,
+                    "%{tag}b{i}_at = arith.addi %b_at{i}, %{tag}_cb : index
+%{tag}b{i}_64 = arith.index_cast %{tag}b{i}_at : index to i64
+%{tag}b{i}_p = llvm.inttoptr %{tag}b{i}_64 : i64 to !llvm.ptr<1>
+%{tag}b{i} = llvm.load %{tag}b{i}_p {{alignment = {align} : i64}} : !llvm.ptr<1> -> {b_ty}
+",
+                    align = 4 * w_bytes
+                );
+            }
+            f
+        };
+        let carried: Vec<String> = (0..a_iters)
+            .map(|i| format!("%ra{i} = %fa{i}"))
+            .chain((0..b_iters).map(|i| format!("%rb{i} = %fb{i}")))
+            .collect();
+        let types: Vec<String> = std::iter::once(frag.clone())
+            .chain((0..a_iters).map(|_| "vector<2xf32>".to_string()))
+            .chain((0..b_iters).map(|_| b_ty.to_string()))
+            .collect();
+        // The chunk's staging from the registers: A's pairs times the block scale, rounded; B's
+        // words as bf16 pairs.
+        let mut stage = String::new();
+        for i in 0..a_iters {
+            let store = row_store("a", &format!("%a_t{i}"), &["%pk"], sh_mma);
+            let _ = write!(
+                stage,
+                "scf.execute_region {{
+%x0_raw = llvm.extractelement %ra{i}[%mm_c0_i32 : i32] : vector<2xf32>
+%x1_raw = llvm.extractelement %ra{i}[%mm_c1_i32 : i32] : vector<2xf32>
+%x0 = arith.mulf %x0_raw, %chunk_s : f32
+%x1 = arith.mulf %x1_raw, %chunk_s : f32
+%pk = {pack}
+{store}scf.yield
+}}
+",
+                pack = bf16x2("%x1", "%x0"),
+            );
+        }
+        for i in 0..b_iters {
+            let words = if self.bf16_weight {
+                format!(
+                    "%w0 = llvm.extractelement %rb{i}[%mm_c0_i32 : i32] : vector<2xi32>
+%w1 = llvm.extractelement %rb{i}[%mm_c1_i32 : i32] : vector<2xi32>
+"
+                )
+            } else {
+                // Bytes 0, 1 (columns n, n + 1) and 2, 3: each pair through `cvt.rn.f16x2.e4m3x2`,
+                // widened, rounded back to bf16 at once (exact).
+                let mut w = String::new();
+                for j in 0..2 {
+                    let _ = write!(
+                        w,
+                        "%h{j}_sh = arith.constant {shift} : i32
+%h{j}_w = arith.shrui %rb{i}, %h{j}_sh : i32
+%h{j} = arith.trunci %h{j}_w : i32 to i16
+%x{j} = llvm.inline_asm \"cvt.rn.f16x2.e4m3x2 $0, $1;\", \"=r,h\" %h{j} : (i16) -> i32
+%lo{j}_16 = arith.trunci %x{j} : i32 to i16
+%hi{j}_32 = arith.shrui %x{j}, %mm_c16_i32 : i32
+%hi{j}_16 = arith.trunci %hi{j}_32 : i32 to i16
+%lo{j}_h = arith.bitcast %lo{j}_16 : i16 to f16
+%hi{j}_h = arith.bitcast %hi{j}_16 : i16 to f16
+%lo{j} = arith.extf %lo{j}_h : f16 to f32
+%hi{j} = arith.extf %hi{j}_h : f16 to f32
+%w{j} = {pack}
+",
+                        shift = 16 * j,
+                        pack = bf16x2(&format!("%hi{j}"), &format!("%lo{j}"))
+                    );
+                }
+                w
+            };
+            let _ = write!(
+                stage,
+                "scf.execute_region {{
+{words}{store}scf.yield
+}}
+",
+                store = row_store("b", &format!("%b_r{i}"), &["%w0", "%w1"], sh_mma),
+            );
+        }
         let mut products = String::new();
         for s in 0..4 {
             // k16 step s: 32 bytes into both operands' 128-byte rows.
-            products.push_str(&indent(&descriptor(&format!("%da{s}"), s * 32), 2));
-            products.push_str(&indent(&descriptor(&format!("%db{s}"), UPV_A_BYTES + s * 32), 2));
+            products.push_str(&descriptor(&format!("%da{s}"), s * 32));
+            products.push_str(&descriptor(&format!("%db{s}"), UPV_A_BYTES + s * 32));
         }
         let mut acc = "%acc_in".to_string();
-        products.push_str("  nvvm.wgmma.fence.aligned\n");
+        products.push_str("nvvm.wgmma.fence.aligned\n");
         for s in 0..4 {
             let _ = writeln!(
                 products,
-                "  %mma{s} = nvvm.wgmma.mma_async %da{s}, %db{s}, {acc}, <m = 64, n = {n}, k = 16>, D[<f32>, <one>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {frag} -> {frag}",
+                "%mma{s} = nvvm.wgmma.mma_async %da{s}, %db{s}, {acc}, <m = 64, n = {n}, k = 16>, D[<f32>, <one>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {frag} -> {frag}",
                 n = self.v
             );
             acc = format!("%mma{s}");
         }
+        let yields: Vec<String> = std::iter::once(acc)
+            .chain((0..a_iters).map(|i| format!("%na{i}")))
+            .chain((0..b_iters).map(|i| format!("%nb{i}")))
+            .collect();
         let _ = write!(
             t,
-            "%acc = scf.for %chunk0 = %c0 to %cD step %mm_tile iter_args(%acc_in = %frag{regs}) -> ({frag}) {{
-{scale}{a}{b}{FENCE}  gpu.barrier
+            "{first}%loop:{n} = scf.for %chunk0 = %c0 to %cD step %mm_tile iter_args(%acc_in = %frag{regs}, {carried}) -> ({types}) {{
+  %next0 = arith.addi %chunk0, %mm_tile : index
+  %next = arith.minui %next0, %mm_last_chunk : index
+{next}{scale}{stage}{FENCE}  gpu.barrier
 {products}  nvvm.wgmma.commit.group.sync.aligned
   nvvm.wgmma.wait.group.sync.aligned 0
   gpu.barrier
-  scf.yield {acc} : {frag}
+  scf.yield {yields} : {types}
 }}
 %c2 = arith.constant 2 : index
 %c4 = arith.constant 4 : index
@@ -493,9 +642,15 @@ scf.for %e = %c0 to %cV step %c1 {{
 %c32 = arith.constant 32 : index
 {coords}%col0 = arith.muli %h, %cV : index
 ",
+            first = fetch("f", "%c0"),
+            n = types.len(),
+            carried = carried.join(", "),
+            types = types.join(", "),
+            next = indent(&fetch("n", "%next"), 2),
             scale = indent(&self.scale("%chunk0", "%chunk_s"), 2),
-            a = indent(&stage_rows("a", TILE, "%a_rows", &o_value, sh_mma), 2),
-            b = indent(&stage_weights("b", self.v, "%vrow0", "%chunk0", "%mm_b_off", self.bf16_weight, sh_mma), 2),
+            stage = indent(&stage, 2),
+            products = indent(&products, 2),
+            yields = yields.join(", "),
             coords = fragment_coordinates(),
         );
         // Row halves: rows trow0 and trow0 + 8, each thread's v / 4 columns of them.
@@ -511,7 +666,7 @@ scf.for %e = %c0 to %cV step %c1 {{
                 off = 8 * half
             );
             for &e in &elements {
-                let _ = writeln!(t, "%v{e} = llvm.extractvalue %acc[{e}] : {frag}");
+                let _ = writeln!(t, "%v{e} = llvm.extractvalue %loop#0[{e}] : {frag}");
             }
             if self.bf16_weight {
                 for &e in &elements {
