@@ -1,4 +1,8 @@
-//! MLA decode's absorbed queries on the tensor cores ([`super::RowOp::MlaAbsorbMma`]): `q[b H + h]
+//! MLA decode's products with kv_b on the tensor cores, as row kernels (static shared memory, the
+//! threads staging both operands as bf16 — e4m3 weights convert exactly —, no TMA): the absorbed
+//! queries ([`Absorb`]) and the heads' up-projection with its 1x128 quantization ([`UpV`]).
+//!
+//! The absorbed queries ([`super::RowOp::MlaAbsorbMma`]): `q[b H + h]
 //! = bf16([s * (bf16(q_nope[b, h]) W_UK_h) | q_pe[b, h]])`, a block per (64 tokens, head, 64
 //! latent columns). The CUDA-core row ([`super::RowOp::MlaAbsorb`]) spends `nope` FMAs per output
 //! on 128 threads; here one warpgroup's `wgmma m64n64k16` chain does a block's 64 x 64 outputs.
@@ -185,16 +189,31 @@ scf.for %i = %tid to %mm_outs step %cT {{
     /// outputs, and those of rows past the batch are not stored) and B staged, the rope query
     /// copied, then a proxy fence (the tensor cores read what threads wrote).
     fn stage(&self, sh_mma: &str, rope: &str) -> String {
+        // Query values k, k + 1 of token t's head h: one 8-byte load.
         let query = |t: &str, k: &str, out: &str| {
-            format!("%{out}_bt = arith.addi %b0, {t} : index\n{out} = memref.load %q_nope[%{out}_bt, %h, {k}] : memref<?x?x?xf32>\n")
-                .replace(&format!("%{out}_bt"), &format!("{out}_bt"))
+            format!(
+                "{out}_bt = arith.addi %b0, {t} : index
+{out}_r0 = arith.muli {out}_bt, %cH : index
+{out}_r = arith.addi {out}_r0, %h : index
+{out}_e0 = arith.muli {out}_r, %cNope : index
+{out}_e = arith.addi {out}_e0, {k} : index
+{out}_b = arith.muli {out}_e, %mm_c4 : index
+{out}_at = arith.addi %q_base, {out}_b : index
+{load}{out}_0 = llvm.extractelement {out}_v[%mm_c0_i32 : i32] : vector<2xf32>
+{out}_1 = llvm.extractelement {out}_v[%mm_c1_i32 : i32] : vector<2xf32>
+",
+                load = global_load(&format!("{out}_at"), "vector<2xf32>", 8, &format!("{out}_v"))
+            )
         };
         format!(
             "{BF16_CONSTANTS}{aligned}%a_left = arith.subi %n_b, %b0 : index
 %a_rows = arith.minui %a_left, %mm_tile : index
 %mm_b_off = arith.constant {a_bytes} : index
+%q_base = memref.extract_aligned_pointer_as_index %q_nope : memref<?x?x?xf32> -> index
+%kvb_base = memref.extract_aligned_pointer_as_index %kv_b : memref<?x?x{w}> -> index
 {a}{b}{rope}{FENCE}",
             aligned = aligned(sh_mma),
+            w = if self.bf16_weight { "bf16" } else { "i8" },
             a_bytes = self.a_bytes(),
             a = stage_rows("a", self.nope, "%a_rows", &query, sh_mma),
             b = stage_weights("b", self.nope, "%head_row", "%n0", "%mm_b_off", self.bf16_weight, sh_mma),
@@ -452,8 +471,6 @@ scf.for %e = %c0 to %cV step %c1 {{
 %mm_c4_i64 = arith.constant 4 : i64
 %mm_addr = arith.index_cast %mm_al : index to i64
 %mm_c32 = arith.constant 32 : index
-%mm_c0_i32 = arith.constant 0 : i32
-%mm_c1_i32 = arith.constant 1 : i32
 %mm_w_bytes = arith.constant {w_bytes} : index
 %mm_last_chunk = arith.subi %cD, %mm_tile : index
 %o_base = memref.extract_aligned_pointer_as_index %o : memref<?x?xf32> -> index
@@ -516,22 +533,15 @@ scf.for %e = %c0 to %cV step %c1 {{
             for i in 0..a_iters {
                 let _ = write!(
                     f,
-                    "%{tag}a{i}_at = arith.addi %a_at{i}, %{tag}_ca : index
-%{tag}a{i}_64 = arith.index_cast %{tag}a{i}_at : index to i64
-%{tag}a{i}_p = llvm.inttoptr %{tag}a{i}_64 : i64 to !llvm.ptr<1>
-%{tag}a{i} = llvm.load %{tag}a{i}_p {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>
-"
+                    "%{tag}a{i}_at = arith.addi %a_at{i}, %{tag}_ca : index\n{}",
+                    global_load(&format!("%{tag}a{i}_at"), "vector<2xf32>", 8, &format!("%{tag}a{i}"))
                 );
             }
             for i in 0..b_iters {
                 let _ = write!(
                     f,
-                    "%{tag}b{i}_at = arith.addi %b_at{i}, %{tag}_cb : index
-%{tag}b{i}_64 = arith.index_cast %{tag}b{i}_at : index to i64
-%{tag}b{i}_p = llvm.inttoptr %{tag}b{i}_64 : i64 to !llvm.ptr<1>
-%{tag}b{i} = llvm.load %{tag}b{i}_p {{alignment = {align} : i64}} : !llvm.ptr<1> -> {b_ty}
-",
-                    align = 4 * w_bytes
+                    "%{tag}b{i}_at = arith.addi %b_at{i}, %{tag}_cb : index\n{}",
+                    global_load(&format!("%{tag}b{i}_at"), b_ty, 4 * w_bytes, &format!("%{tag}b{i}"))
                 );
             }
             f
@@ -564,44 +574,13 @@ scf.for %e = %c0 to %cV step %c1 {{
             );
         }
         for i in 0..b_iters {
-            let words = if self.bf16_weight {
-                format!(
-                    "%w0 = llvm.extractelement %rb{i}[%mm_c0_i32 : i32] : vector<2xi32>
-%w1 = llvm.extractelement %rb{i}[%mm_c1_i32 : i32] : vector<2xi32>
-"
-                )
-            } else {
-                // Bytes 0, 1 (columns n, n + 1) and 2, 3: each pair through `cvt.rn.f16x2.e4m3x2`,
-                // widened, rounded back to bf16 at once (exact).
-                let mut w = String::new();
-                for j in 0..2 {
-                    let _ = write!(
-                        w,
-                        "%h{j}_sh = arith.constant {shift} : i32
-%h{j}_w = arith.shrui %rb{i}, %h{j}_sh : i32
-%h{j} = arith.trunci %h{j}_w : i32 to i16
-%x{j} = llvm.inline_asm \"cvt.rn.f16x2.e4m3x2 $0, $1;\", \"=r,h\" %h{j} : (i16) -> i32
-%lo{j}_16 = arith.trunci %x{j} : i32 to i16
-%hi{j}_32 = arith.shrui %x{j}, %mm_c16_i32 : i32
-%hi{j}_16 = arith.trunci %hi{j}_32 : i32 to i16
-%lo{j}_h = arith.bitcast %lo{j}_16 : i16 to f16
-%hi{j}_h = arith.bitcast %hi{j}_16 : i16 to f16
-%lo{j} = arith.extf %lo{j}_h : f16 to f32
-%hi{j} = arith.extf %hi{j}_h : f16 to f32
-%w{j} = {pack}
-",
-                        shift = 16 * j,
-                        pack = bf16x2(&format!("%hi{j}"), &format!("%lo{j}"))
-                    );
-                }
-                w
-            };
             let _ = write!(
                 stage,
                 "scf.execute_region {{
 {words}{store}scf.yield
 }}
 ",
+                words = bf16_pairs(&format!("%rb{i}"), self.bf16_weight, "%w"),
                 store = row_store("b", &format!("%b_r{i}"), &["%w0", "%w1"], sh_mma),
             );
         }
@@ -785,6 +764,8 @@ fn aligned(sh_mma: &str) -> String {
     format!(
         "%mm_c2 = arith.constant 2 : index
 %mm_c16_i32 = arith.constant 16 : i32
+%mm_c0_i32 = arith.constant 0 : i32
+%mm_c1_i32 = arith.constant 1 : i32
 %mm_c0 = arith.constant 0 : index
 %mm_c1 = arith.constant 1 : index
 %mm_c3 = arith.constant 3 : index
@@ -809,11 +790,11 @@ fn aligned(sh_mma: &str) -> String {
 }
 
 /// Stages `cols` columns (64, 128 or 256) of rows `0 .. rows` as A (K-major, 64-column chunks of
-/// 64 rows x 128 B from the aligned tile's start), rounded to bf16: `value(t, k, out)` defines
-/// `out` (f32), column `k` of row `t`. A thread keeps one pair of columns (one `cvt.rn.bf16x2.f32`
-/// and one 32-bit store a row) and steps through the rows, so that only the row's part of a place
-/// is computed in the loop. Names start with `%{p}`.
-fn stage_rows(p: &str, cols: usize, rows: &str, value: &dyn Fn(&str, &str, &str) -> String, sh_mma: &str) -> String {
+/// 64 rows x 128 B from the aligned tile's start), rounded to bf16: `pair(t, k, out)` defines
+/// `{out}_0`, `{out}_1` (f32), columns `k`, `k + 1` of row `t`. A thread keeps one pair of columns
+/// (one `cvt.rn.bf16x2.f32` and one 32-bit store a row) and steps through the rows, so that only the
+/// row's part of a place is computed in the loop. Names start with `%{p}`.
+fn stage_rows(p: &str, cols: usize, rows: &str, pair: &dyn Fn(&str, &str, &str) -> String, sh_mma: &str) -> String {
     let pairs = cols / 2;
     format!(
         "%{p}_pairs = arith.constant {pairs} : index
@@ -821,19 +802,17 @@ fn stage_rows(p: &str, cols: usize, rows: &str, value: &dyn Fn(&str, &str, &str)
 %{p}_kp = arith.remui %tid, %{p}_pairs : index
 %{p}_t0 = arith.divui %tid, %{p}_pairs : index
 %{p}_k = arith.muli %{p}_kp, %mm_c2 : index
-%{p}_k1 = arith.addi %{p}_k, %mm_c1 : index
 %{p}_chunk = arith.divui %{p}_k, %mm_c64 : index
 %{p}_kc = arith.remui %{p}_k, %mm_c64 : index
 %{p}_cb = arith.muli %{p}_chunk, %mm_chunk_bytes : index
 {place}scf.for %{p}_t = %{p}_t0 to {rows} step %{p}_step {{
-{v0}{v1}  %{p}_pk = {pack}
+{v}  %{p}_pk = {pack}
 {store}}}
 ",
         step = 128 / pairs,
         place = column_place(p, &format!("%{p}_cb"), &format!("%{p}_kc")),
-        v0 = indent(&value(&format!("%{p}_t"), &format!("%{p}_k"), &format!("%{p}_v0")), 2),
-        v1 = indent(&value(&format!("%{p}_t"), &format!("%{p}_k1"), &format!("%{p}_v1")), 2),
-        pack = bf16x2(&format!("%{p}_v1"), &format!("%{p}_v0")),
+        v = indent(&pair(&format!("%{p}_t"), &format!("%{p}_k"), &format!("%{p}_v")), 2),
+        pack = bf16x2(&format!("%{p}_v_1"), &format!("%{p}_v_0")),
         store = indent(&row_store(p, &format!("%{p}_t"), &[&format!("%{p}_pk")], sh_mma), 2),
     )
 }
@@ -841,72 +820,80 @@ fn stage_rows(p: &str, cols: usize, rows: &str, value: &dyn Fn(&str, &str, &str)
 /// Stages kv_b's rows `row0 .. row0 + rows` (a multiple of 8) at its 64 columns from `col0` as
 /// 64-column chunk rows (128 B, swizzled) from byte `base` of the aligned tile, in bf16: e4m3
 /// decoded exactly (every e4m3 value is a bf16; the block's scale left out), bf16 as it is. A
-/// thread takes 4 adjacent columns (two pairs: one 16-byte unit's half) of every 8th row.
+/// thread takes 4 adjacent columns (one 32-bit load of e4m3, 64-bit of bf16; two bf16 pairs: one
+/// 16-byte unit's half) of every 8th row. Needs `%kvb_base`.
 fn stage_weights(p: &str, rows: usize, row0: &str, col0: &str, base: &str, bf16_weight: bool, sh_mma: &str) -> String {
-    let pair = |j: usize| -> String {
-        let q = format!("%{p}{j}");
-        let loads = format!(
-            "{q}_c0 = arith.addi %{p}_col, %mm_c{a} : index
-{q}_c1 = arith.addi %{p}_col, %mm_c{b} : index
-",
-            a = 2 * j,
-            b = 2 * j + 1
-        );
-        if bf16_weight {
-            return format!(
-                "{loads}{q}_r0 = memref.load %kv_b[%{p}_row, {q}_c0] : memref<?x?xbf16>
-{q}_r1 = memref.load %kv_b[%{p}_row, {q}_c1] : memref<?x?xbf16>
-{q}_i0 = arith.bitcast {q}_r0 : bf16 to i16
-{q}_i1 = arith.bitcast {q}_r1 : bf16 to i16
-{q}_w0 = arith.extui {q}_i0 : i16 to i32
-{q}_w1 = arith.extui {q}_i1 : i16 to i32
-{q}_hi = arith.shli {q}_w1, %mm_c16_i32 : i32
-{q}_pk = arith.ori {q}_w0, {q}_hi : i32
-"
-            );
-        }
-        // Both bytes through one `cvt.rn.f16x2.e4m3x2` (the first in the low half), each f16
-        // widened (exact), both rounded back to bf16 at once (exact).
-        format!(
-            "{loads}{q}_b0 = memref.load %kv_b[%{p}_row, {q}_c0] : memref<?x?xi8>
-{q}_b1 = memref.load %kv_b[%{p}_row, {q}_c1] : memref<?x?xi8>
-{q}_h0 = arith.extui {q}_b0 : i8 to i16
-{q}_h1 = arith.extui {q}_b1 : i8 to i16
-{q}_c8 = arith.constant 8 : i16
-{q}_sh = arith.shli {q}_h1, {q}_c8 : i16
-{q}_pair = arith.ori {q}_h0, {q}_sh : i16
-{q}_x2 = llvm.inline_asm \"cvt.rn.f16x2.e4m3x2 $0, $1;\", \"=r,h\" {q}_pair : (i16) -> i32
-{q}_lo16 = arith.trunci {q}_x2 : i32 to i16
-{q}_hi32 = arith.shrui {q}_x2, %mm_c16_i32 : i32
-{q}_hi16 = arith.trunci {q}_hi32 : i32 to i16
-{q}_lo_h = arith.bitcast {q}_lo16 : i16 to f16
-{q}_hi_h = arith.bitcast {q}_hi16 : i16 to f16
-{q}_lo = arith.extf {q}_lo_h : f16 to f32
-{q}_hi = arith.extf {q}_hi_h : f16 to f32
-{q}_pk = {pack}
-",
-            pack = bf16x2(&format!("{q}_hi"), &format!("{q}_lo"))
-        )
-    };
+    let (bytes, ty) = if bf16_weight { (2, "vector<2xi32>") } else { (1, "i32") };
     format!(
         "%{p}_units = arith.constant {units} : index
 %{p}_step = arith.constant {step} : index
 %{p}_rows = arith.constant {rows} : index
+%{p}_bytes = arith.constant {bytes} : index
 %{p}_np = arith.remui %tid, %{p}_units : index
 %{p}_r0 = arith.divui %tid, %{p}_units : index
 %{p}_n = arith.muli %{p}_np, %mm_c4 : index
 %{p}_col = arith.addi {col0}, %{p}_n : index
 {place}scf.for %{p}_r = %{p}_r0 to %{p}_rows step %{p}_step {{
   %{p}_row = arith.addi {row0}, %{p}_r : index
-{pair0}{pair1}{store}}}
+  %{p}_e0 = arith.muli %{p}_row, %cD : index
+  %{p}_e = arith.addi %{p}_e0, %{p}_col : index
+  %{p}_b = arith.muli %{p}_e, %{p}_bytes : index
+  %{p}_at = arith.addi %kvb_base, %{p}_b : index
+{load}{pairs}{store}}}
 ",
         units = TILE / 4,
         step = 128 / (TILE / 4),
         place = column_place(p, base, &format!("%{p}_n")),
-        pair0 = indent(&pair(0), 2),
-        pair1 = indent(&pair(1), 2),
-        store = indent(&row_store(p, &format!("%{p}_r"), &[&format!("%{p}0_pk"), &format!("%{p}1_pk")], sh_mma), 2),
+        load = indent(&global_load(&format!("%{p}_at"), ty, 4 * bytes, &format!("%{p}_w")), 2),
+        pairs = indent(&bf16_pairs(&format!("%{p}_w"), bf16_weight, &format!("%{p}_pk")), 2),
+        store = indent(&row_store(p, &format!("%{p}_r"), &[&format!("%{p}_pk0"), &format!("%{p}_pk1")], sh_mma), 2),
     )
+}
+
+/// `{out}`, of type `ty`, loaded from the global byte address `at` (an index, `align`-aligned).
+fn global_load(at: &str, ty: &str, align: usize, out: &str) -> String {
+    format!(
+        "{out}_64 = arith.index_cast {at} : index to i64
+{out}_p = llvm.inttoptr {out}_64 : i64 to !llvm.ptr<1>
+{out} = llvm.load {out}_p {{alignment = {align} : i64}} : !llvm.ptr<1> -> {ty}
+"
+    )
+}
+
+/// The two bf16 pairs (`{out}0`, `{out}1`, i32) of 4 adjacent weights as loaded in `word`: bf16
+/// (a `vector<2xi32>`) as they are; e4m3 (an i32: bytes 0, 1 then 2, 3) each byte pair through
+/// `cvt.rn.f16x2.e4m3x2`, widened and rounded back to bf16 at once (exact).
+fn bf16_pairs(word: &str, bf16_weight: bool, out: &str) -> String {
+    if bf16_weight {
+        return format!(
+            "{out}0 = llvm.extractelement {word}[%mm_c0_i32 : i32] : vector<2xi32>
+{out}1 = llvm.extractelement {word}[%mm_c1_i32 : i32] : vector<2xi32>
+"
+        );
+    }
+    let mut t = String::new();
+    for j in 0..2 {
+        let q = format!("{out}{j}");
+        let _ = write!(
+            t,
+            "{q}_sh = arith.constant {shift} : i32
+{q}_w = arith.shrui {word}, {q}_sh : i32
+{q}_h = arith.trunci {q}_w : i32 to i16
+{q}_x = llvm.inline_asm \"cvt.rn.f16x2.e4m3x2 $0, $1;\", \"=r,h\" {q}_h : (i16) -> i32
+{q}_lo16 = arith.trunci {q}_x : i32 to i16
+{q}_hi32 = arith.shrui {q}_x, %mm_c16_i32 : i32
+{q}_hi16 = arith.trunci {q}_hi32 : i32 to i16
+{q}_lo_h = arith.bitcast {q}_lo16 : i16 to f16
+{q}_hi_h = arith.bitcast {q}_hi16 : i16 to f16
+{q}_lo = arith.extf {q}_lo_h : f16 to f32
+{q}_hi = arith.extf {q}_hi_h : f16 to f32
+{q} = {pack}
+",
+            shift = 16 * j,
+            pack = bf16x2(&format!("{q}_hi"), &format!("{q}_lo"))
+        );
+    }
+    t
 }
 
 /// The loop-invariant part of a bf16 pair's place at columns `col`, `col + 1` of a 64-column
