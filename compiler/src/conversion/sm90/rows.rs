@@ -349,6 +349,20 @@ impl RowKernel {
         let eps_of =
             |e: &str| -> Option<f32> { e.strip_prefix("eps")?.replace('m', "-").replace('p', ".").parse().ok() };
         let number = |part: &str, prefix: char| -> Option<usize> { part.strip_prefix(prefix)?.parse().ok() };
+        // A kernel over kv_b (MLA's decode rows): e4m3, or (`_bf16`) the f32 graph's bf16.
+        let kv_b_kernel = |op: RowOp, kv: &str, t: &str, f32_graph: &[&str]| -> Option<RowKernel> {
+            let weight = match f32_graph {
+                [] => "f8E4M3FN",
+                ["bf16"] => "bf16",
+                _ => return None,
+            };
+            Some(RowKernel {
+                op,
+                d: kv.strip_prefix("kv")?.parse().ok()?,
+                weight: weight.into(),
+                threads: number(t, 't')?,
+            })
+        };
         let kernel = match (op, &parts[..]) {
             ("splitrope", [h, n, r, t, rest @ ..]) => {
                 let interleave = match rest {
@@ -457,57 +471,22 @@ impl RowKernel {
                     threads: number(t, 't')?,
                 })
             }
-            ("mlaabsorb", [h, n, r, v, kv, b, t, f32_graph @ ..]) if f32_graph.is_empty() || f32_graph == ["bf16"] => {
-                let op = RowOp::MlaAbsorb {
-                    heads: number(h, 'h')?,
-                    nope: number(n, 'n')?,
-                    rope: number(r, 'r')?,
-                    v: number(v, 'v')?,
-                    tokens: number(b, 'b')?,
-                };
-                Some(RowKernel {
-                    op,
-                    d: kv.strip_prefix("kv")?.parse().ok()?,
-                    weight: if f32_graph.is_empty() { "f8E4M3FN" } else { "bf16" }.into(),
-                    threads: number(t, 't')?,
-                })
+            ("mlaabsorb", [h, n, r, v, kv, b, t, f32_graph @ ..]) => {
+                let (heads, nope, rope, v, tokens) =
+                    (number(h, 'h')?, number(n, 'n')?, number(r, 'r')?, number(v, 'v')?, number(b, 'b')?);
+                kv_b_kernel(RowOp::MlaAbsorb { heads, nope, rope, v, tokens }, kv, t, f32_graph)
             }
-            ("mlaabsorbmma", [h, n, r, v, kv, t, f32_graph @ ..]) if f32_graph.is_empty() || f32_graph == ["bf16"] => {
-                let op = RowOp::MlaAbsorbMma {
-                    heads: number(h, 'h')?,
-                    nope: number(n, 'n')?,
-                    rope: number(r, 'r')?,
-                    v: number(v, 'v')?,
-                };
-                Some(RowKernel {
-                    op,
-                    d: kv.strip_prefix("kv")?.parse().ok()?,
-                    weight: if f32_graph.is_empty() { "f8E4M3FN" } else { "bf16" }.into(),
-                    threads: number(t, 't')?,
-                })
+            ("mlaabsorbmma", [h, n, r, v, kv, t, f32_graph @ ..]) => {
+                let (heads, nope, rope, v) = (number(h, 'h')?, number(n, 'n')?, number(r, 'r')?, number(v, 'v')?);
+                kv_b_kernel(RowOp::MlaAbsorbMma { heads, nope, rope, v }, kv, t, f32_graph)
             }
-            ("mlaupvmma", [h, n, v, kv, t, f32_graph @ ..]) if f32_graph.is_empty() || f32_graph == ["bf16"] => {
-                let op = RowOp::MlaUpVMma { heads: number(h, 'h')?, nope: number(n, 'n')?, v: number(v, 'v')? };
-                Some(RowKernel {
-                    op,
-                    d: kv.strip_prefix("kv")?.parse().ok()?,
-                    weight: if f32_graph.is_empty() { "f8E4M3FN" } else { "bf16" }.into(),
-                    threads: number(t, 't')?,
-                })
+            ("mlaupvmma", [h, n, v, kv, t, f32_graph @ ..]) => {
+                let (heads, nope, v) = (number(h, 'h')?, number(n, 'n')?, number(v, 'v')?);
+                kv_b_kernel(RowOp::MlaUpVMma { heads, nope, v }, kv, t, f32_graph)
             }
-            ("mlaupv", [h, n, v, kv, b, t, f32_graph @ ..]) if f32_graph.is_empty() || f32_graph == ["bf16"] => {
-                let op = RowOp::MlaUpV {
-                    heads: number(h, 'h')?,
-                    nope: number(n, 'n')?,
-                    v: number(v, 'v')?,
-                    tokens: number(b, 'b')?,
-                };
-                Some(RowKernel {
-                    op,
-                    d: kv.strip_prefix("kv")?.parse().ok()?,
-                    weight: if f32_graph.is_empty() { "f8E4M3FN" } else { "bf16" }.into(),
-                    threads: number(t, 't')?,
-                })
+            ("mlaupv", [h, n, v, kv, b, t, f32_graph @ ..]) => {
+                let (heads, nope, v, tokens) = (number(h, 'h')?, number(n, 'n')?, number(v, 'v')?, number(b, 'b')?);
+                kv_b_kernel(RowOp::MlaUpV { heads, nope, v, tokens }, kv, t, f32_graph)
             }
             ("fp8latent", [d, t]) => Some(RowKernel {
                 op: RowOp::Fp8Latent,
@@ -1370,22 +1349,16 @@ scf.if %mine {{
   %m = scf.for %e = %c0 to %cV step %c1 iter_args(%mx = %zero) -> (f32) {{
     %si = arith.addi %e, %voff{t} : index
     %v = memref.load %sh_out[%si] : {out}
-    %vb = arith.bitcast %v : f32 to i32
-    %ab = arith.andi %vb, %abs_mask : i32
-    %av = arith.bitcast %ab : i32 to f32
-    %gt = arith.cmpf ogt, %av, %mx : f32
-    %mx2 = arith.select %gt, %av, %mx : f32
-    scf.yield %mx2 : f32
+{step}    scf.yield %mx2 : f32
   }}
-  %small = arith.cmpf olt, %m, %amax_floor : f32
-  %floored = arith.select %small, %amax_floor, %m : f32
-  %s = arith.divf %floored, %e4m3_max : f32
-  memref.store %s, %scale[%bt{t}, %h] : memref<?x?xf32>
+{scale}  memref.store %s, %scale[%bt{t}, %h] : memref<?x?xf32>
   %ri = arith.constant {} : index
   memref.store %s, %sh_red[%ri] : {red}
 }}
 ",
-                2 + t
+                2 + t,
+                step = indent2(&indent2(&abs_max_step("%v", "%mx", "%mx2"))),
+                scale = indent2(&group_scale("%m", "%s")),
             )
         });
         phases.push(format!("{offsets}{scales}"));
@@ -3812,6 +3785,30 @@ const BF16_CONSTANTS: &str = "%c16_i32 = arith.constant 16 : i32
 %c1_i32 = arith.constant 1 : i32
 %c7fff_i32 = arith.constant 32767 : i32
 ";
+
+/// `{out}` = the larger of `{mx}` and |`{v}`| (f32; `ogt`: a NaN value is passed over, as the
+/// reference's |max| fold passes it).
+fn abs_max_step(v: &str, mx: &str, out: &str) -> String {
+    format!(
+        "{out}_b = arith.bitcast {v} : f32 to i32
+{out}_m = arith.andi {out}_b, %abs_mask : i32
+{out}_a = arith.bitcast {out}_m : i32 to f32
+{out}_gt = arith.cmpf ogt, {out}_a, {mx} : f32
+{out} = arith.select {out}_gt, {out}_a, {mx} : f32
+"
+    )
+}
+
+/// `{s}`: a 1x128 group's scale from its |max| `{amax}`: floored, over e4m3's largest (needs
+/// [`quant_constants`]).
+fn group_scale(amax: &str, s: &str) -> String {
+    format!(
+        "{s}_small = arith.cmpf olt, {amax}, %amax_floor : f32
+{s}_floored = arith.select {s}_small, %amax_floor, {amax} : f32
+{s} = arith.divf {s}_floored, %e4m3_max : f32
+"
+    )
+}
 
 /// `{out}` (bf16) = `{x}` (f32) rounded to nearest even by its bits — the same integer arithmetic
 /// in both lowerings — and `{out}_f`, that value as f32 (needs [`BF16_CONSTANTS`]).

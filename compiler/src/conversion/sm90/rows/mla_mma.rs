@@ -26,7 +26,7 @@
 
 use std::fmt::Write;
 
-use super::{decode_e4m3, round_bf16, Lowering, BF16_CONSTANTS};
+use super::{abs_max_step, decode_e4m3, group_scale, round_bf16, Lowering, BF16_CONSTANTS};
 use crate::conversion::sm90::gemm::{fragment_coordinates, fragment_offset};
 
 /// Tokens (the wgmma M) and latent columns (N) a block takes.
@@ -412,17 +412,9 @@ scf.for %e = %c0 to %cV step %c1 {{
             format!(
                 "%col0 = arith.muli %h, %cV : index
 %amax = scf.for %e = %c0 to %cV step %c1 iter_args(%mx = %zero) -> (f32) {{
-{value}  %mb = arith.bitcast %m : f32 to i32
-  %ma = arith.andi %mb, %abs_mask : i32
-  %mv = arith.bitcast %ma : i32 to f32
-  %gt = arith.cmpf ogt, %mv, %mx : f32
-  %mx2 = arith.select %gt, %mv, %mx : f32
-  scf.yield %mx2 : f32
+{value}{step}  scf.yield %mx2 : f32
 }}
-%small = arith.cmpf olt, %amax, %amax_floor : f32
-%floored = arith.select %small, %amax_floor, %amax : f32
-%s = arith.divf %floored, %e4m3_max : f32
-memref.store %s, %scale[%bt, %h] : memref<?x?xf32>
+{scale}memref.store %s, %scale[%bt, %h] : memref<?x?xf32>
 scf.for %e = %c0 to %cV step %c1 {{
 {value2}  %qv = arith.divf %y, %s : f32
 {encode}  %col = arith.addi %col0, %e : index
@@ -430,6 +422,8 @@ scf.for %e = %c0 to %cV step %c1 {{
 }}
 ",
                 value = indent(&value("m"), 2),
+                step = indent(&abs_max_step("%m", "%mx", "%mx2"), 2),
+                scale = group_scale("%amax", "%s"),
                 value2 = indent(&value("y"), 2),
                 encode = super::encode_e4m3(lowering, "%qv", "%byte"),
             )
@@ -667,15 +661,7 @@ scf.for %e = %c0 to %cV step %c1 {{
             // exact: any order gives the reference's).
             let mut mx = "%zero".to_string();
             for &e in &elements {
-                let _ = write!(
-                    t,
-                    "%ab{e}_b = arith.bitcast %v{e} : f32 to i32
-%ab{e}_m = arith.andi %ab{e}_b, %abs_mask : i32
-%ab{e} = arith.bitcast %ab{e}_m : i32 to f32
-%gt{e} = arith.cmpf ogt, %ab{e}, {mx} : f32
-%mx{e} = arith.select %gt{e}, %ab{e}, {mx} : f32
-"
-                );
+                t.push_str(&abs_max_step(&format!("%v{e}"), &mx, &format!("%mx{e}")));
                 mx = format!("%mx{e}");
             }
             for lane in [1, 2] {
@@ -692,15 +678,13 @@ scf.for %e = %c0 to %cV step %c1 {{
             }
             let _ = write!(
                 t,
-                "%small{half} = arith.cmpf olt, {mx}, %amax_floor : f32
-%floored{half} = arith.select %small{half}, %amax_floor, {mx} : f32
-%s{half} = arith.divf %floored{half}, %e4m3_max : f32
-%first{half} = arith.cmpi eq, %lcol0, %c0 : index
+                "{scale}%first{half} = arith.cmpi eq, %lcol0, %c0 : index
 %writes{half} = arith.andi %in{half}, %first{half} : i1
 scf.if %writes{half} {{
   memref.store %s{half}, %scale[%bt{half}, %h] : memref<?x?xf32>
 }}
-"
+",
+                scale = group_scale(&mx, &format!("%s{half}"))
             );
             for &e in &elements {
                 let _ = write!(
