@@ -5108,6 +5108,29 @@ mod tests {
         }
     }
 
+    /// A kv_b of `rows x cols`: e4m3 bytes, their 128x128 blocks' scales (`[sr, sc]`), and the
+    /// same weights dequantized to bf16 (the f32 graph's).
+    struct KvB {
+        kv_b: Vec<u8>,
+        kv_scale: Vec<f32>,
+        kv16: Vec<u16>,
+        sr: usize,
+        sc: usize,
+    }
+
+    impl KvB {
+        fn new(rows: usize, cols: usize, seed: u64) -> KvB {
+            use v3c_models::dtype::f32_to_f8e4m3;
+            let (sr, sc) = (rows.div_ceil(128), cols.div_ceil(128));
+            let kv_b: Vec<u8> = values(rows * cols, seed, 300.0).iter().map(|&x| f32_to_f8e4m3(x)).collect();
+            let kv_scale: Vec<f32> = (0..sr * sc).map(|i| 0.002 + 0.001 * i as f32).collect();
+            let kv16 = (0..rows * cols)
+                .map(|i| f32_to_bf16(f8e4m3_to_f32(kv_b[i]) * kv_scale[(i / cols / 128) * sc + i % cols / 128]))
+                .collect();
+            KvB { kv_b, kv_scale, kv16, sr, sc }
+        }
+    }
+
     /// The absorbed queries on the tensor cores: the CPU lowering is its definition (the query
     /// rounded to bf16, each output one f32 sum over k, the block's scale after), the PTX equals it
     /// but for the order of the sums, both within the query's bf16 rounding of the CUDA-core row's
@@ -5115,15 +5138,9 @@ mod tests {
     /// block, kv_b e4m3 and bf16.
     #[test]
     fn mla_absorb_on_the_tensor_cores_is_its_definition() {
-        use v3c_models::dtype::f32_to_f8e4m3;
         let (heads, nope, rope, v, kv): (usize, usize, usize, usize, usize) = (2, 128, 64, 128, 192);
         let per = nope + v;
-        let (sr, sc) = ((heads * per).div_ceil(128), kv.div_ceil(128));
-        let kv_b: Vec<u8> = values(heads * per * kv, 90, 300.0).iter().map(|&x| f32_to_f8e4m3(x)).collect();
-        let kv_scale: Vec<f32> = (0..sr * sc).map(|i| 0.002 + 0.001 * i as f32).collect();
-        let kv16: Vec<u16> = (0..heads * per * kv)
-            .map(|i| f32_to_bf16(f8e4m3_to_f32(kv_b[i]) * kv_scale[(i / kv / 128) * sc + i % kv / 128]))
-            .collect();
+        let KvB { kv_b, kv_scale, kv16, sr, sc } = KvB::new(heads * per, kv, 90);
         let mut kernels = Vec::new();
         for (b, weight) in [(70, "f8E4M3FN"), (5, "bf16")] {
             let (mut qn, mut qp) = (values(b * heads * nope, 91, 4.0), values(b * heads * rope, 92, 2.0));
@@ -5200,15 +5217,9 @@ mod tests {
     /// short last one, a latent of 3 chunks across two scale blocks, kv_b e4m3 and bf16.
     #[test]
     fn mla_up_projection_on_the_tensor_cores_is_its_definition() {
-        use v3c_models::dtype::f32_to_f8e4m3;
         let (heads, nope, v, kv): (usize, usize, usize, usize) = (2, 128, 128, 192);
         let per = nope + v;
-        let (sr, sc) = ((heads * per).div_ceil(128), kv.div_ceil(128));
-        let kv_b: Vec<u8> = values(heads * per * kv, 93, 300.0).iter().map(|&x| f32_to_f8e4m3(x)).collect();
-        let kv_scale: Vec<f32> = (0..sr * sc).map(|i| 0.002 + 0.001 * i as f32).collect();
-        let kv16: Vec<u16> = (0..heads * per * kv)
-            .map(|i| f32_to_bf16(f8e4m3_to_f32(kv_b[i]) * kv_scale[(i / kv / 128) * sc + i % kv / 128]))
-            .collect();
+        let KvB { kv_b, kv_scale, kv16, sr, sc } = KvB::new(heads * per, kv, 93);
         let mut kernels = Vec::new();
         for (b, weight) in [(70, "f8E4M3FN"), (5, "bf16")] {
             let mut o = values(b * heads * kv, 94, 3.0);
