@@ -1357,7 +1357,7 @@ scf.if %mine {{
 }}
 ",
                 2 + t,
-                step = indent2(&indent2(&abs_max_step("%v", "%mx", "%mx2"))),
+                step = indent2(&indent2(&amax_step("%v", "%mx", "%mx2"))),
                 scale = indent2(&group_scale("%m", "%s")),
             )
         });
@@ -3786,15 +3786,15 @@ const BF16_CONSTANTS: &str = "%c16_i32 = arith.constant 16 : i32
 %c7fff_i32 = arith.constant 32767 : i32
 ";
 
-/// `{out}` = the larger of `{mx}` and |`{v}`| (f32; `ogt`: a NaN value is passed over, as the
-/// reference's |max| fold passes it).
-fn abs_max_step(v: &str, mx: &str, out: &str) -> String {
+/// `{out}` = the larger of `{acc}` and |`{value}`| (a bit mask, as the inference quantization
+/// takes it; `ogt`: a NaN value is passed over, as the reference's |max| fold passes it).
+fn amax_step(value: &str, acc: &str, out: &str) -> String {
     format!(
-        "{out}_b = arith.bitcast {v} : f32 to i32
-{out}_m = arith.andi {out}_b, %abs_mask : i32
-{out}_a = arith.bitcast {out}_m : i32 to f32
-{out}_gt = arith.cmpf ogt, {out}_a, {mx} : f32
-{out} = arith.select {out}_gt, {out}_a, {mx} : f32
+        "{out}_bits = arith.bitcast {value} : f32 to i32
+{out}_abs_bits = arith.andi {out}_bits, %abs_mask : i32
+{out}_abs = arith.bitcast {out}_abs_bits : i32 to f32
+{out}_gt = arith.cmpf ogt, {out}_abs, {acc} : f32
+{out} = arith.select {out}_gt, {out}_abs, {acc} : f32
 "
     )
 }

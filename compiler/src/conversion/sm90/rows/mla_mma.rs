@@ -26,7 +26,7 @@
 
 use std::fmt::Write;
 
-use super::{abs_max_step, decode_e4m3, group_scale, round_bf16, Lowering, BF16_CONSTANTS};
+use super::{amax_step, decode_e4m3, group_scale, round_bf16, Lowering, BF16_CONSTANTS};
 use crate::conversion::sm90::gemm::{fragment_coordinates, fragment_offset};
 
 /// Tokens (the wgmma M) and latent columns (N) a block takes.
@@ -34,10 +34,6 @@ pub const TILE: usize = 64;
 /// Bytes of one swizzled 64-column bf16 chunk row, and of the swizzle pattern's 8 rows.
 const ROW_BYTES: usize = 128;
 const PATTERN_BYTES: usize = 8 * ROW_BYTES;
-
-/// The accumulator fragment of one m64n64 wgmma (32 f32 a thread).
-const FRAG: &str = "!llvm.struct<(f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, \
-f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32)>";
 
 /// The shape a block's operands take: `nope` rows of the head (the K of the product).
 #[derive(Debug, Clone, Copy)]
@@ -223,6 +219,7 @@ scf.for %i = %tid to %mm_outs step %cT {{
     /// The GPU's second phase: the block's `nope / 16` wgmmas (A K-major by 64-column chunks, B
     /// MN-major), then each thread's 32 outputs scaled, rounded and stored.
     fn multiply(&self, sh_mma: &str, store: &str) -> String {
+        let frag = fragment(TILE);
         let mut t = aligned(sh_mma);
         // Descriptors' high bits: 128-byte swizzle (bits 62-63), 1024 B between 8-row groups
         // (stride, bits 32-45, 16-byte units); MN-major B's leading offset (bits 16-29) is unused
@@ -242,9 +239,9 @@ scf.for %i = %tid to %mm_outs step %cT {{
             t.push_str(&descriptor(&format!("%da{s}"), (s / 4) * TILE * ROW_BYTES + (s % 4) * 32));
             t.push_str(&descriptor(&format!("%db{s}"), self.a_bytes() + s * 16 * ROW_BYTES));
         }
-        let _ = writeln!(t, "%frag0 = llvm.mlir.poison : {FRAG}");
+        let _ = writeln!(t, "%frag0 = llvm.mlir.poison : {frag}");
         for e in 0..32 {
-            let _ = writeln!(t, "%frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {FRAG}", e + 1);
+            let _ = writeln!(t, "%frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {frag}", e + 1);
         }
         t.push_str("nvvm.wgmma.fence.aligned\n");
         let mut acc = "%frag32".to_string();
@@ -252,7 +249,7 @@ scf.for %i = %tid to %mm_outs step %cT {{
             let scale_out = if s == 0 { "zero" } else { "one" };
             let _ = writeln!(
                 t,
-                "%mma{s} = nvvm.wgmma.mma_async %da{s}, %db{s}, {acc}, <m = 64, n = 64, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {FRAG} -> {FRAG}"
+                "%mma{s} = nvvm.wgmma.mma_async %da{s}, %db{s}, {acc}, <m = 64, n = 64, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {frag} -> {frag}"
             );
             acc = format!("%mma{s}");
         }
@@ -272,7 +269,7 @@ nvvm.wgmma.wait.group.sync.aligned 0
             let _ = write!(
                 t,
                 "scf.execute_region {{
-  %acc = llvm.extractvalue {acc}[{e}] : {FRAG}
+  %acc = llvm.extractvalue {acc}[{e}] : {frag}
   %er = arith.constant {r} : index
   %ec = arith.constant {c} : index
   %t = arith.addi %trow0, %er : index
@@ -422,7 +419,7 @@ scf.for %e = %c0 to %cV step %c1 {{
 }}
 ",
                 value = indent(&value("m"), 2),
-                step = indent(&abs_max_step("%m", "%mx", "%mx2"), 2),
+                step = indent(&amax_step("%m", "%mx", "%mx2"), 2),
                 scale = group_scale("%amax", "%s"),
                 value2 = indent(&value("y"), 2),
                 encode = super::encode_e4m3(lowering, "%qv", "%byte"),
@@ -661,7 +658,7 @@ scf.for %e = %c0 to %cV step %c1 {{
             // exact: any order gives the reference's).
             let mut mx = "%zero".to_string();
             for &e in &elements {
-                t.push_str(&abs_max_step(&format!("%v{e}"), &mx, &format!("%mx{e}")));
+                t.push_str(&amax_step(&format!("%v{e}"), &mx, &format!("%mx{e}")));
                 mx = format!("%mx{e}");
             }
             for lane in [1, 2] {
@@ -706,23 +703,20 @@ scf.if %writes{half} {{
     }
 }
 
-/// kv_b's element (`row`, `col`) as bf16 bits (`{out}_top`, i32) and as f32 (`{out}_f`),
-/// unscaled: an e4m3 weight decoded exactly, a bf16 one as it is.
+/// kv_b's element (`row`, `col`) as f32 (`{out}_f`), unscaled: an e4m3 weight decoded (exact: every
+/// e4m3 value is a bf16, as the GPU stages it), a bf16 one widened.
 fn weight(bf16_weight: bool, row: &str, col: &str, out: &str, lowering: Lowering) -> String {
     if bf16_weight {
         return format!(
             "{out}_raw = memref.load %kv_b[{row}, {col}] : memref<?x?xbf16>
 {out}_f = arith.extf {out}_raw : bf16 to f32
-{out}_i16 = arith.bitcast {out}_raw : bf16 to i16
-{out}_top = arith.extui {out}_i16 : i16 to i32
 "
         );
     }
     format!(
         "{out}_byte = memref.load %kv_b[{row}, {col}] : memref<?x?xi8>
-{}{}",
-        decode_e4m3(&format!("{out}_byte"), &format!("{out}_e"), lowering),
-        round_bf16(&format!("{out}_e"), out)
+{}",
+        decode_e4m3(&format!("{out}_byte"), &format!("{out}_f"), lowering)
     )
 }
 

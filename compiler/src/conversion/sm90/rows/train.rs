@@ -15,8 +15,8 @@
 use std::fmt::Write;
 
 use super::{
-    encode_e4m3, exp, indent2, mla_train, quant_constants, rope_rotation, round_bf16, sqrt, tree_phases, Lowering,
-    RowKernel, AMAX_PARTS, BF16_CONSTANTS, E4M3_MAX,
+    amax_step, encode_e4m3, exp, indent2, mla_train, quant_constants, rope_rotation, round_bf16, sqrt, tree_phases,
+    Lowering, RowKernel, AMAX_PARTS, BF16_CONSTANTS, E4M3_MAX,
 };
 
 /// `{out} = ln(value)`: on sm_90a `lg2.approx` times ln 2 (no libdevice), on the CPU libm's.
@@ -74,19 +74,6 @@ fn swiglu_grad(lowering: Lowering, g: &str, u: &str, dy: &str) -> String {
 %du = arith.mulf {dy}, %swg_silu : f32
 ",
         exp = exp(lowering, "%swg_neg", "%swg_e")
-    )
-}
-
-/// `{out}` = the larger of `{acc}` and |`{value}`| (a bit mask, as the inference quantization
-/// takes it).
-fn amax_step(value: &str, acc: &str, out: &str) -> String {
-    format!(
-        "{out}_bits = arith.bitcast {value} : f32 to i32
-{out}_abs_bits = arith.andi {out}_bits, %abs_mask : i32
-{out}_abs = arith.bitcast {out}_abs_bits : i32 to f32
-{out}_gt = arith.cmpf ogt, {out}_abs, {acc} : f32
-{out} = arith.select {out}_gt, {out}_abs, {acc} : f32
-"
     )
 }
 
