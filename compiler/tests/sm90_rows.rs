@@ -238,8 +238,11 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), 1, "{name}: q_nope shared, then q_abs");
             }
             RowOp::MlaAbsorbMma { nope, .. } => {
-                assert_eq!(kernel.ptx.matches("bar.sync").count(), 1, "{name}: operands staged, then multiplied");
-                assert_eq!(kernel.ptx.matches("wgmma.mma_async").count(), nope / 16, "{name}: k16 steps");
+                // A staged, then per latent chunk B staged and multiplied (a barrier before the
+                // next staging).
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), 3, "{name}: A, then B, then products");
+                assert_eq!(kernel.ptx.matches("wgmma.mma_async").count(), nope / 16, "{name}: a chunk's k16 steps");
+                assert!(kernel.ptx.contains("st.shared.v2.b32"), "{name}: B's word pairs in one store");
                 assert!(
                     kernel.ptx.contains("fence.proxy.async"),
                     "{name}: threads' writes before the tensor cores' reads"
@@ -249,6 +252,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 // Per latent chunk: staged, then multiplied (a barrier before the next staging).
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), 2, "{name}: barriers");
                 assert_eq!(kernel.ptx.matches("wgmma.mma_async").count(), 4, "{name}: a chunk's k16 steps");
+                assert!(kernel.ptx.contains("st.shared.v2.b32"), "{name}: B's word pairs in one store");
                 assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), k.weight != "bf16", "{name}");
             }
             RowOp::MlaUpV { .. } => {

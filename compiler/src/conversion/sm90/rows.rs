@@ -807,7 +807,7 @@ impl RowKernel {
             | RowOp::MlaAbsorb { heads, .. }
             | RowOp::MlaUpV { heads, .. }
             | RowOp::MlaUpVMma { heads, .. } => heads,
-            RowOp::MlaAbsorbMma { heads, .. } => heads * (self.d / mla_mma::TILE),
+            RowOp::MlaAbsorbMma { heads, .. } => heads * (self.d / mla_mma::Absorb::columns(self.d)),
             RowOp::RouteLogits { experts, .. } => ROUTER_SPLITS * experts.div_ceil(ROUTE_EXPERT_TILE),
             RowOp::Train(op) => op.blocks_per_row(self.d),
             _ => 1,
@@ -1387,7 +1387,7 @@ scf.if %mine {{
             RowOp::Train(op) => op.phases(self, lowering),
             RowOp::MlaAbsorbMma { .. } => {
                 let a = self.absorb().expect("the tensor-core absorb");
-                a.phases(lowering, &sh("sh_mma"))
+                a.phases(self.d, lowering, &sh("sh_mma"))
             }
             RowOp::MlaUpVMma { .. } => {
                 let u = self.up_v().expect("the tensor-core up-projection");
@@ -5138,11 +5138,13 @@ mod tests {
     /// block, kv_b e4m3 and bf16.
     #[test]
     fn mla_absorb_on_the_tensor_cores_is_its_definition() {
-        let (heads, nope, rope, v, kv): (usize, usize, usize, usize, usize) = (2, 128, 64, 128, 192);
+        let (heads, nope, rope, v): (usize, usize, usize, usize) = (2, 128, 64, 128);
         let per = nope + v;
-        let KvB { kv_b, kv_scale, kv16, sr, sc } = KvB::new(heads * per, kv, 90);
         let mut kernels = Vec::new();
-        for (b, weight) in [(70, "f8E4M3FN"), (5, "bf16")] {
+        // A latent of 3 chunks (a block a chunk), then of 4 (a block two chunks: A staged once,
+        // the second block's columns in the second 128-column block of scales).
+        for (kv, b, weight) in [(192, 70, "f8E4M3FN"), (192, 5, "bf16"), (256, 70, "f8E4M3FN"), (256, 5, "bf16")] {
+            let KvB { kv_b, kv_scale, kv16, sr, sc } = KvB::new(heads * per, kv, 90);
             let (mut qn, mut qp) = (values(b * heads * nope, 91, 4.0), values(b * heads * rope, 92, 2.0));
             // The weight unscaled and the block's scale (bf16: 1).
             let w = |row: usize, col: usize| match weight {

@@ -3,21 +3,23 @@
 //! queries ([`Absorb`]) and the heads' up-projection with its 1x128 quantization ([`UpV`]).
 //!
 //! The absorbed queries ([`super::RowOp::MlaAbsorbMma`]): `q[b H + h]
-//! = bf16([s * (bf16(q_nope[b, h]) W_UK_h) | q_pe[b, h]])`, a block per (64 tokens, head, 64
-//! latent columns). The CUDA-core row ([`super::RowOp::MlaAbsorb`]) spends `nope` FMAs per output
-//! on 128 threads; here one warpgroup's `wgmma m64n64k16` chain does a block's 64 x 64 outputs.
+//! = bf16([s * (bf16(q_nope[b, h]) W_UK_h) | q_pe[b, h]])`, a block per (64 tokens, head, 128
+//! latent columns; 64 where the latent is an odd number of 64-column chunks). The CUDA-core row
+//! ([`super::RowOp::MlaAbsorb`]) spends `nope` FMAs per output on 128 threads; here one
+//! warpgroup's `wgmma m64n64k16` chain does a chunk's 64 x 64 outputs.
 //!
 //! The block stages, in 128-byte-swizzled shared memory (1024-byte aligned inside one static array):
-//! - A: its 64 tokens' `q_nope` rows of head h rounded to bf16, K-major, `nope / 64` chunks of 64
-//!   rows x 128 B (rows past the batch are left as they are: a row of A makes only its own row of
-//!   outputs, and those are not stored);
-//! - B: the head's nope rows of kv_b at its 64 columns, `W_UK_h[k, n0 .. n0 + 64]`, as bf16 —
-//!   e4m3 decoded exactly (every e4m3 value is a bf16), the 128 x 128 block's scale left out —
-//!   read as they lie: MN-major (`nope` rows of 64 columns, 128 B each; the transposed B).
+//! - A, once: its 64 tokens' `q_nope` rows of head h rounded to bf16, K-major, `nope / 64` chunks
+//!   of 64 rows x 128 B (rows past the batch are left as they are: a row of A makes only its own
+//!   row of outputs, and those are not stored);
+//! - B, per chunk: the head's nope rows of kv_b at the chunk's 64 columns, `W_UK_h[k, n .. n +
+//!   64]`, as bf16 — e4m3 decoded exactly (every e4m3 value is a bf16), the 128 x 128 block's
+//!   scale left out — read as they lie: MN-major (`nope` rows of 64 columns, 128 B each; the
+//!   transposed B), the next chunk's words loaded into registers before this one is staged;
 //!
-//! then multiplies (f32 accumulators) and stores each output times the block's one scale (the
-//! head's nope rows and the 64 columns lie in one 128 x 128 block: `(nope + v) % 128 == 0`, `nope
-//! <= 128`), rounded to bf16. The blocks of the first 64 columns also copy the rope query.
+//! then per chunk multiplies (f32 accumulators) and stores each output times the chunk's one scale
+//! (the head's nope rows and the 64 columns lie in one 128 x 128 block: `(nope + v) % 128 == 0`,
+//! `nope <= 128`), rounded to bf16. The blocks of the first columns also copy the rope query.
 //!
 //! Numerics differ from the CUDA-core row's (which multiplies the f32 query by each scaled weight):
 //! the query is rounded to bf16 first and the scale applied to the sum. The CPU lowering computes
@@ -72,11 +74,23 @@ impl Absorb {
         Ok(())
     }
 
+    /// Latent columns a block takes: two 64-column chunks where the latent has an even number of
+    /// them (A staged once for both; DeepSeek-V3's 512: 4 blocks a head and 64 tokens), else one.
+    pub fn columns(d: usize) -> usize {
+        if d.is_multiple_of(2 * TILE) {
+            2 * TILE
+        } else {
+            TILE
+        }
+    }
+
     /// The block's tokens `%b0 ..` (of `%n_b`), head `%h` (its kv_b rows from `%head_row`) and
-    /// columns `%n0 ..`: blocks run the columns of a head, then its heads, then the token tiles.
+    /// columns `%n0 ..` (`%mm_cols` of them): blocks run the columns of a head, then its heads,
+    /// then the token tiles.
     pub fn prologue(&self, d: usize) -> String {
         format!(
             "%mm_nb = arith.constant {nb} : index
+%mm_cols = arith.constant {cols} : index
 %mm_per_tile = arith.muli %cH, %mm_nb : index
 %tile = arith.divui %row, %mm_per_tile : index
 %mm_rest = arith.remui %row, %mm_per_tile : index
@@ -84,24 +98,27 @@ impl Absorb {
 %mm_col_block = arith.remui %mm_rest, %mm_nb : index
 %mm_tile = arith.constant {TILE} : index
 %b0 = arith.muli %tile, %mm_tile : index
-%n0 = arith.muli %mm_col_block, %mm_tile : index
+%n0 = arith.muli %mm_col_block, %mm_cols : index
 %n_b = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
 %head_row = arith.muli %h, %cPerHead : index
 ",
-            nb = d / TILE
+            nb = d / Self::columns(d),
+            cols = Self::columns(d)
         )
     }
 
-    /// The block's output scale `%mm_s` (1 for bf16 weights).
-    fn scale(&self) -> String {
+    /// The output scale `%mm_s` of latent column `col` (1 for bf16 weights): its 128 x 128 block's,
+    /// one for the head's nope rows.
+    fn scale(&self, col: &str) -> String {
         if self.bf16_weight {
             return "%mm_s = arith.constant 1.0 : f32\n".into();
         }
-        "%mm_rb = arith.divui %head_row, %c128 : index
-%mm_cb = arith.divui %n0, %c128 : index
+        format!(
+            "%mm_rb = arith.divui %head_row, %c128 : index
+%mm_cb = arith.divui {col}, %c128 : index
 %mm_s = memref.load %kv_b_scale[%mm_rb, %mm_cb] : memref<?x?xf32>
 "
-        .into()
+        )
     }
 
     /// Token `%t` of the block (`%bt`, `%tok_in`: within the batch) and its query value `k` of
@@ -115,13 +132,10 @@ impl Absorb {
         )
     }
 
-    /// The phases: on the GPU, the operands staged (and the rope query copied), then the products
-    /// and the stores; on the CPU each output's sum in order over k, then the rope query.
-    pub fn phases(&self, lowering: Lowering, sh_mma: &str) -> Vec<String> {
-        let token = "%bt = arith.addi %b0, %t : index
-%tok_in = arith.cmpi ult, %bt, %n_b : index
-%bt_safe = arith.select %tok_in, %bt, %c0 : index
-";
+    /// The phases: on the GPU, A staged (and the rope query copied), then per 64-column chunk B
+    /// staged, the products and the stores; on the CPU each output's sum in order over k, then the
+    /// rope query.
+    pub fn phases(&self, d: usize, lowering: Lowering, sh_mma: &str) -> Vec<String> {
         let rope = format!(
             "%mm_first = arith.cmpi eq, %n0, %c0 : index
 scf.if %mm_first {{
@@ -144,46 +158,45 @@ scf.if %mm_first {{
             all = TILE * self.rope,
             round = round_bf16("%pe", "%pb"),
         );
-        let store = "%qv = arith.mulf %acc, %mm_s : f32
-%qrow0 = arith.muli %bt, %cH : index
-%qrow = arith.addi %qrow0, %h : index
-%qcol = arith.addi %n0, %n : index
-";
         if lowering == Lowering::Cpu {
             let weight = weight(self.bf16_weight, "%wrow", "%wcol", "%w", lowering);
             let sum = format!(
-                "{BF16_CONSTANTS}{scale}%mm_outs = arith.constant {outs} : index
+                "{BF16_CONSTANTS}%mm_outs = arith.constant {outs} : index
 scf.for %i = %tid to %mm_outs step %cT {{
-  %t = arith.divui %i, %mm_tile : index
-  %n = arith.remui %i, %mm_tile : index
-{token}  scf.if %tok_in {{
+  %t = arith.divui %i, %mm_cols : index
+  %n = arith.remui %i, %mm_cols : index
+  %bt = arith.addi %b0, %t : index
+  %tok_in = arith.cmpi ult, %bt, %n_b : index
+  %bt_safe = arith.select %tok_in, %bt, %c0 : index
+  scf.if %tok_in {{
     %wcol = arith.addi %n0, %n : index
-    %acc = scf.for %k = %c0 to %cNope step %c1 iter_args(%s = %zero) -> (f32) {{
+{scale}    %acc = scf.for %k = %c0 to %cNope step %c1 iter_args(%s = %zero) -> (f32) {{
 {query}      %wrow = arith.addi %head_row, %k : index
 {weight}      %p = arith.mulf %q_f, %w_f : f32
       %sn = arith.addf %s, %p : f32
       scf.yield %sn : f32
     }}
-{store}{round}    memref.store %qb, %qa[%qrow, %qcol] : memref<?x?xbf16>
+    %qv = arith.mulf %acc, %mm_s : f32
+    %qrow0 = arith.muli %bt, %cH : index
+    %qrow = arith.addi %qrow0, %h : index
+{round}    memref.store %qb, %qa[%qrow, %wcol] : memref<?x?xbf16>
   }}
 }}
 ",
-                scale = self.scale(),
-                outs = TILE * TILE,
-                token = indent(token, 2),
+                outs = TILE * Self::columns(d),
+                scale = indent(&self.scale("%wcol"), 4),
                 query = indent(&self.query("%k", "%q"), 6),
                 weight = indent(&weight, 6),
-                store = indent(store, 4),
-                round = round_bf16("%qv", "%qb"),
+                round = indent(&round_bf16("%qv", "%qb"), 4),
             );
             return vec![format!("{sum}{rope}")];
         }
-        vec![self.stage(sh_mma, &rope), self.multiply(sh_mma, store)]
+        vec![self.stage(sh_mma, &rope), self.multiply(sh_mma)]
     }
 
     /// The GPU's first phase: A (the batch's rows only: a row of A makes only its own row of
-    /// outputs, and those of rows past the batch are not stored) and B staged, the rope query
-    /// copied, then a proxy fence (the tensor cores read what threads wrote).
+    /// outputs, and those of rows past the batch are not stored) staged, the rope query copied,
+    /// then a proxy fence (the tensor cores read what threads wrote).
     fn stage(&self, sh_mma: &str, rope: &str) -> String {
         // Query values k, k + 1 of token t's head h: one 8-byte load.
         let query = |t: &str, k: &str, out: &str| {
@@ -204,22 +217,21 @@ scf.for %i = %tid to %mm_outs step %cT {{
         format!(
             "{BF16_CONSTANTS}{aligned}%a_left = arith.subi %n_b, %b0 : index
 %a_rows = arith.minui %a_left, %mm_tile : index
-%mm_b_off = arith.constant {a_bytes} : index
 %q_base = memref.extract_aligned_pointer_as_index %q_nope : memref<?x?x?xf32> -> index
-%kvb_base = memref.extract_aligned_pointer_as_index %kv_b : memref<?x?x{w}> -> index
-{a}{b}{rope}{FENCE}",
+{a}{rope}{FENCE}",
             aligned = aligned(sh_mma),
-            w = if self.bf16_weight { "bf16" } else { "i8" },
-            a_bytes = self.a_bytes(),
             a = stage_rows("a", self.nope, "%a_rows", &query, sh_mma),
-            b = stage_weights("b", self.nope, "%head_row", "%n0", "%mm_b_off", self.bf16_weight, sh_mma),
         )
     }
 
-    /// The GPU's second phase: the block's `nope / 16` wgmmas (A K-major by 64-column chunks, B
-    /// MN-major), then each thread's 32 outputs scaled, rounded and stored.
-    fn multiply(&self, sh_mma: &str, store: &str) -> String {
+    /// The GPU's second phase, a loop over the block's 64-column chunks: B (the head's nope rows of
+    /// kv_b at the chunk's columns, MN-major) staged from registers — the next chunk's words loaded
+    /// first, in flight through this chunk's staging, products and stores —, a barrier, the
+    /// chunk's `nope / 16` wgmmas (A K-major by 64-column chunks), each thread's 32 outputs scaled
+    /// and stored as 16 bf16 pairs, and a barrier before the next staging overwrites B.
+    fn multiply(&self, sh_mma: &str) -> String {
         let frag = fragment(TILE);
+        let rows = self.nope;
         let mut t = aligned(sh_mma);
         // Descriptors' high bits: 128-byte swizzle (bits 62-63), 1024 B between 8-row groups
         // (stride, bits 32-45, 16-byte units); MN-major B's leading offset (bits 16-29) is unused
@@ -230,61 +242,101 @@ scf.for %i = %tid to %mm_outs step %cT {{
 %mm_mask = arith.constant 262143 : i64
 %mm_c4_i64 = arith.constant 4 : i64
 %mm_addr = arith.index_cast %mm_al : index to i64
-{scale}",
+%mm_b_off = arith.constant {a_bytes} : index
+%mm_last_chunk = arith.subi %mm_cols, %mm_tile : index
+%qa_base = memref.extract_aligned_pointer_as_index %qa : memref<?x?xbf16> -> index
+%qa_cols = arith.addi %cD, %cRope : index
+{places}%c2 = arith.constant 2 : index
+%c4 = arith.constant 4 : index
+%c16 = arith.constant 16 : index
+%c32 = arith.constant 32 : index
+{coords}",
             desc = (1u64 << 62) | ((PATTERN_BYTES as u64 / 16) << 32),
-            scale = self.scale(),
+            a_bytes = self.a_bytes(),
+            places = weight_places("b", rows, "%head_row", "%n0", self.bf16_weight),
+            coords = fragment_coordinates(),
         );
         for s in 0..self.nope / 16 {
             // A: chunk s / 4, 32 bytes a k16 step within its 128-byte rows; B: 16 rows a step.
             t.push_str(&descriptor(&format!("%da{s}"), (s / 4) * TILE * ROW_BYTES + (s % 4) * 32));
             t.push_str(&descriptor(&format!("%db{s}"), self.a_bytes() + s * 16 * ROW_BYTES));
         }
-        let _ = writeln!(t, "%frag0 = llvm.mlir.poison : {frag}");
+        let mut body = format!(
+            "{stage}{FENCE}gpu.barrier
+%nc = arith.addi %n0, %chunk : index
+{scale}%frag0 = llvm.mlir.poison : {frag}
+",
+            stage = stage_weight_words("b", rows, "%rb", self.bf16_weight, sh_mma),
+            scale = self.scale("%nc"),
+        );
         for e in 0..32 {
-            let _ = writeln!(t, "%frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {frag}", e + 1);
+            let _ = writeln!(body, "%frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {frag}", e + 1);
         }
-        t.push_str("nvvm.wgmma.fence.aligned\n");
+        body.push_str("nvvm.wgmma.fence.aligned\n");
         let mut acc = "%frag32".to_string();
         for s in 0..self.nope / 16 {
             let scale_out = if s == 0 { "zero" } else { "one" };
             let _ = writeln!(
-                t,
+                body,
                 "%mma{s} = nvvm.wgmma.mma_async %da{s}, %db{s}, {acc}, <m = 64, n = 64, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {frag} -> {frag}"
             );
             acc = format!("%mma{s}");
         }
-        let _ = write!(
-            t,
-            "nvvm.wgmma.commit.group.sync.aligned
-nvvm.wgmma.wait.group.sync.aligned 0
-%c2 = arith.constant 2 : index
-%c4 = arith.constant 4 : index
-%c16 = arith.constant 16 : index
-%c32 = arith.constant 32 : index
-{coords}",
-            coords = fragment_coordinates()
-        );
-        for e in 0..32 {
+        body.push_str("nvvm.wgmma.commit.group.sync.aligned\nnvvm.wgmma.wait.group.sync.aligned 0\n");
+        // Elements e, e + 1: adjacent columns of one row, one 4-byte store.
+        for e in (0..32).step_by(2) {
             let (r, c) = fragment_offset(0, e);
             let _ = write!(
-                t,
+                body,
                 "scf.execute_region {{
-  %acc = llvm.extractvalue {acc}[{e}] : {frag}
+  %acc0 = llvm.extractvalue {acc}[{e}] : {frag}
+  %acc1 = llvm.extractvalue {acc}[{e1}] : {frag}
   %er = arith.constant {r} : index
   %ec = arith.constant {c} : index
   %t = arith.addi %trow0, %er : index
   %n = arith.addi %lcol, %ec : index
-{token}  scf.if %tok_in {{
-{store}    %qb = arith.truncf %qv : f32 to bf16
-    memref.store %qb, %qa[%qrow, %qcol] : memref<?x?xbf16>
-  }}
+  %bt = arith.addi %b0, %t : index
+  %tok_in = arith.cmpi ult, %bt, %n_b : index
+  scf.if %tok_in {{
+    %qv0 = arith.mulf %acc0, %mm_s : f32
+    %qv1 = arith.mulf %acc1, %mm_s : f32
+    %pk = {pack}
+    %qrow0 = arith.muli %bt, %cH : index
+    %qrow = arith.addi %qrow0, %h : index
+    %qcol = arith.addi %nc, %n : index
+    %qe0 = arith.muli %qrow, %qa_cols : index
+    %qe = arith.addi %qe0, %qcol : index
+    %qb = arith.muli %qe, %mm_c2 : index
+    %qat = arith.addi %qa_base, %qb : index
+{store}  }}
   scf.yield
 }}
 ",
-                token = indent("%bt = arith.addi %b0, %t : index\n%tok_in = arith.cmpi ult, %bt, %n_b : index\n", 2),
-                store = indent(store, 4),
+                e1 = e + 1,
+                pack = bf16x2("%qv1", "%qv0"),
+                store = indent(&global_store("%qat", "%pk", "i32", 4), 4),
             );
         }
+        let words = rows / 8;
+        let ty = weight_word(self.bf16_weight).0;
+        let types = vec![ty; words].join(", ");
+        let carried: Vec<String> = (0..words).map(|i| format!("%rb{i} = %fb{i}")).collect();
+        let yields: Vec<String> = (0..words).map(|i| format!("%nb{i}")).collect();
+        let _ = write!(
+            t,
+            "{first}%chunks:{words} = scf.for %chunk = %c0 to %mm_cols step %mm_tile iter_args({carried}) -> ({types}) {{
+  %next0 = arith.addi %chunk, %mm_tile : index
+  %next = arith.minui %next0, %mm_last_chunk : index
+{next}{body}  gpu.barrier
+  scf.yield {yields} : {types}
+}}
+",
+            first = weight_loads("b", "f", rows, "%c0", self.bf16_weight),
+            carried = carried.join(", "),
+            next = indent(&weight_loads("b", "n", rows, "%next", self.bf16_weight), 2),
+            body = indent(&body, 2),
+            yields = yields.join(", "),
+        );
         t
     }
 }
@@ -451,7 +503,7 @@ scf.for %e = %c0 to %cV step %c1 {{
         // Rows a thread stages: A's 64 token rows 4 at a time (32 column pairs), B's v weight rows
         // 8 at a time (16 units of 4 columns).
         let (a_iters, b_iters) = (TILE / 4, self.v / 8);
-        let (w_bytes, b_ty) = if self.bf16_weight { (2, "vector<2xi32>") } else { (1, "i32") };
+        let b_ty = weight_word(self.bf16_weight).0;
         let mut t = format!(
             "{BF16_CONSTANTS}{aligned}%a_left = arith.subi %n_b, %b0 : index
 %a_rows = arith.minui %a_left, %mm_tile : index
@@ -462,29 +514,23 @@ scf.for %e = %c0 to %cV step %c1 {{
 %mm_c4_i64 = arith.constant 4 : i64
 %mm_addr = arith.index_cast %mm_al : index to i64
 %mm_c32 = arith.constant 32 : index
-%mm_w_bytes = arith.constant {w_bytes} : index
 %mm_last_chunk = arith.subi %cD, %mm_tile : index
 %o_base = memref.extract_aligned_pointer_as_index %o : memref<?x?xf32> -> index
-%kvb_base = memref.extract_aligned_pointer_as_index %kv_b : memref<?x?x{w}> -> index
 %a_kp = arith.remui %tid, %mm_c32 : index
 %a_first = arith.divui %tid, %mm_c32 : index
 %a_k = arith.muli %a_kp, %mm_c2 : index
-{a_place}%b_np = arith.remui %tid, %mm_c16 : index
-%b_first = arith.divui %tid, %mm_c16 : index
-%b_n = arith.muli %b_np, %mm_c4 : index
-{b_place}%frag0 = llvm.mlir.poison : {frag}
+{a_place}{b_places}%frag0 = llvm.mlir.poison : {frag}
 ",
             aligned = aligned(sh_mma),
             desc = (1u64 << 62) | ((PATTERN_BYTES as u64 / 16) << 32),
-            w = if self.bf16_weight { "bf16" } else { "i8" },
             a_place = column_place("a", "%mm_c0", "%a_k"),
-            b_place = column_place("b", "%mm_b_off", "%b_n"),
+            b_places = weight_places("b", self.v, "%vrow0", "%mm_c0", self.bf16_weight),
         );
         for e in 0..regs {
             let _ = writeln!(t, "%frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {frag}", e + 1);
         }
-        // Each staged row's byte address in `o` / kv_b at column 0 (`%a_at{i}`, `%b_at{i}`); rows
-        // past the batch read the last row again (their outputs are not stored).
+        // Each staged row's byte address in `o` at column 0 (`%a_at{i}`); rows past the batch read
+        // the last row again (their outputs are not stored).
         for i in 0..a_iters {
             let _ = write!(
                 t,
@@ -502,25 +548,9 @@ scf.for %e = %c0 to %cV step %c1 {{
                 row = 4 * i
             );
         }
-        for i in 0..b_iters {
-            let _ = write!(
-                t,
-                "%b_r{i}_k = arith.constant {row} : index
-%b_r{i} = arith.addi %b_first, %b_r{i}_k : index
-%b_row{i} = arith.addi %vrow0, %b_r{i} : index
-%b_e0_{i} = arith.muli %b_row{i}, %cD : index
-%b_e{i} = arith.addi %b_e0_{i}, %b_n : index
-%b_b{i} = arith.muli %b_e{i}, %mm_w_bytes : index
-%b_at{i} = arith.addi %kvb_base, %b_b{i} : index
-",
-                row = 8 * i
-            );
-        }
         // A chunk's loads from column `col` into `%{tag}a{i}` (vector<2xf32>), `%{tag}b{i}`.
         let fetch = |tag: &str, col: &str| -> String {
-            let mut f = format!(
-                "%{tag}_ca = arith.muli {col}, %mm_c4 : index\n%{tag}_cb = arith.muli {col}, %mm_w_bytes : index\n"
-            );
+            let mut f = format!("%{tag}_ca = arith.muli {col}, %mm_c4 : index\n");
             for i in 0..a_iters {
                 let _ = write!(
                     f,
@@ -528,14 +558,7 @@ scf.for %e = %c0 to %cV step %c1 {{
                     global_load(&format!("%{tag}a{i}_at"), "vector<2xf32>", 8, &format!("%{tag}a{i}"))
                 );
             }
-            for i in 0..b_iters {
-                let _ = write!(
-                    f,
-                    "%{tag}b{i}_at = arith.addi %b_at{i}, %{tag}_cb : index\n{}",
-                    global_load(&format!("%{tag}b{i}_at"), b_ty, 4 * w_bytes, &format!("%{tag}b{i}"))
-                );
-            }
-            f
+            f + &weight_loads("b", tag, self.v, col, self.bf16_weight)
         };
         let carried: Vec<String> = (0..a_iters)
             .map(|i| format!("%ra{i} = %fa{i}"))
@@ -564,17 +587,7 @@ scf.for %e = %c0 to %cV step %c1 {{
                 pack = bf16x2("%x1", "%x0"),
             );
         }
-        for i in 0..b_iters {
-            let _ = write!(
-                stage,
-                "scf.execute_region {{
-{words}{store}scf.yield
-}}
-",
-                words = bf16_pairs(&format!("%rb{i}"), self.bf16_weight, "%w"),
-                store = row_store("b", &format!("%b_r{i}"), &["%w0", "%w1"], sh_mma),
-            );
-        }
+        stage.push_str(&stage_weight_words("b", self.v, "%rb", self.bf16_weight, sh_mma));
         let mut products = String::new();
         for s in 0..4 {
             // k16 step s: 32 bytes into both operands' 128-byte rows.
@@ -795,37 +808,82 @@ fn stage_rows(p: &str, cols: usize, rows: &str, pair: &dyn Fn(&str, &str, &str) 
     )
 }
 
-/// Stages kv_b's rows `row0 .. row0 + rows` (a multiple of 8) at its 64 columns from `col0` as
-/// 64-column chunk rows (128 B, swizzled) from byte `base` of the aligned tile, in bf16: e4m3
-/// decoded exactly (every e4m3 value is a bf16; the block's scale left out), bf16 as it is. A
-/// thread takes 4 adjacent columns (one 32-bit load of e4m3, 64-bit of bf16; two bf16 pairs: one
-/// 16-byte unit's half) of every 8th row. Needs `%kvb_base`.
-fn stage_weights(p: &str, rows: usize, row0: &str, col0: &str, base: &str, bf16_weight: bool, sh_mma: &str) -> String {
-    let (bytes, ty) = if bf16_weight { (2, "vector<2xi32>") } else { (1, "i32") };
-    format!(
-        "%{p}_units = arith.constant {units} : index
-%{p}_step = arith.constant {step} : index
-%{p}_rows = arith.constant {rows} : index
-%{p}_bytes = arith.constant {bytes} : index
-%{p}_np = arith.remui %tid, %{p}_units : index
-%{p}_r0 = arith.divui %tid, %{p}_units : index
+/// A 4-column word of kv_b as loaded (e4m3: an i32; bf16: a `vector<2xi32>`) and its bytes.
+fn weight_word(bf16_weight: bool) -> (&'static str, usize) {
+    if bf16_weight {
+        ("vector<2xi32>", 8)
+    } else {
+        ("i32", 4)
+    }
+}
+
+/// A thread's share of a 64-column chunk of kv_b's rows `row0 .. row0 + rows` (a multiple of 8),
+/// staged as B (64-column chunk rows of 128 B, swizzled, from `%mm_b_off` of the aligned tile): 4
+/// adjacent columns (one word; two bf16 pairs: half a 16-byte unit) of every 8th row from
+/// `%{p}_first`, their [`column_place`], and each row `%{p}_r{i}`'s byte address `%{p}_at{i}` in
+/// kv_b at column `col0 + %{p}_n` (a chunk at `c` adds `c` weights: [`weight_loads`]). Defines
+/// `%kvb_base`, `%mm_w_bytes`.
+fn weight_places(p: &str, rows: usize, row0: &str, col0: &str, bf16_weight: bool) -> String {
+    let mut t = format!(
+        "%kvb_base = memref.extract_aligned_pointer_as_index %kv_b : memref<?x?x{w}> -> index
+%mm_w_bytes = arith.constant {bytes} : index
+%{p}_np = arith.remui %tid, %mm_c16 : index
+%{p}_first = arith.divui %tid, %mm_c16 : index
 %{p}_n = arith.muli %{p}_np, %mm_c4 : index
 %{p}_col = arith.addi {col0}, %{p}_n : index
-{place}scf.for %{p}_r = %{p}_r0 to %{p}_rows step %{p}_step {{
-  %{p}_row = arith.addi {row0}, %{p}_r : index
-  %{p}_e0 = arith.muli %{p}_row, %cD : index
-  %{p}_e = arith.addi %{p}_e0, %{p}_col : index
-  %{p}_b = arith.muli %{p}_e, %{p}_bytes : index
-  %{p}_at = arith.addi %kvb_base, %{p}_b : index
-{load}{pairs}{store}}}
+{place}",
+        w = if bf16_weight { "bf16" } else { "i8" },
+        bytes = if bf16_weight { 2 } else { 1 },
+        place = column_place(p, "%mm_b_off", &format!("%{p}_n")),
+    );
+    for i in 0..rows / 8 {
+        let _ = write!(
+            t,
+            "%{p}_r{i}_k = arith.constant {row} : index
+%{p}_r{i} = arith.addi %{p}_first, %{p}_r{i}_k : index
+%{p}_row{i} = arith.addi {row0}, %{p}_r{i} : index
+%{p}_e0_{i} = arith.muli %{p}_row{i}, %cD : index
+%{p}_e{i} = arith.addi %{p}_e0_{i}, %{p}_col : index
+%{p}_b{i} = arith.muli %{p}_e{i}, %mm_w_bytes : index
+%{p}_at{i} = arith.addi %kvb_base, %{p}_b{i} : index
 ",
-        units = TILE / 4,
-        step = 128 / (TILE / 4),
-        place = column_place(p, base, &format!("%{p}_n")),
-        load = indent(&global_load(&format!("%{p}_at"), ty, 4 * bytes, &format!("%{p}_w")), 2),
-        pairs = indent(&bf16_pairs(&format!("%{p}_w"), bf16_weight, &format!("%{p}_pk")), 2),
-        store = indent(&row_store(p, &format!("%{p}_r"), &[&format!("%{p}_pk0"), &format!("%{p}_pk1")], sh_mma), 2),
-    )
+            row = 8 * i
+        );
+    }
+    t
+}
+
+/// The [`weight_places`]' words of the chunk at latent column `col`: `%{tag}{p}{i}`.
+fn weight_loads(p: &str, tag: &str, rows: usize, col: &str, bf16_weight: bool) -> String {
+    let (ty, bytes) = weight_word(bf16_weight);
+    let mut t = format!("%{tag}{p}_cb = arith.muli {col}, %mm_w_bytes : index\n");
+    for i in 0..rows / 8 {
+        let at = format!("%{tag}{p}{i}_at");
+        let _ = write!(
+            t,
+            "{at} = arith.addi %{p}_at{i}, %{tag}{p}_cb : index\n{}",
+            global_load(&at, ty, bytes, &format!("%{tag}{p}{i}"))
+        );
+    }
+    t
+}
+
+/// Stages the [`weight_places`]' words `{regs}{i}` as bf16 (e4m3 decoded exactly: every e4m3 value
+/// is a bf16; the block's scale left out), each word's two pairs in one 8-byte store.
+fn stage_weight_words(p: &str, rows: usize, regs: &str, bf16_weight: bool, sh_mma: &str) -> String {
+    let mut t = String::new();
+    for i in 0..rows / 8 {
+        let _ = write!(
+            t,
+            "scf.execute_region {{
+{words}{store}scf.yield
+}}
+",
+            words = bf16_pairs(&format!("{regs}{i}"), bf16_weight, "%w"),
+            store = row_store(p, &format!("%{p}_r{i}"), &["%w0", "%w1"], sh_mma),
+        );
+    }
+    t
 }
 
 /// `{out}`, of type `ty`, loaded from the global byte address `at` (an index, `align`-aligned).
@@ -834,6 +892,16 @@ fn global_load(at: &str, ty: &str, align: usize, out: &str) -> String {
         "{out}_64 = arith.index_cast {at} : index to i64
 {out}_p = llvm.inttoptr {out}_64 : i64 to !llvm.ptr<1>
 {out} = llvm.load {out}_p {{alignment = {align} : i64}} : !llvm.ptr<1> -> {ty}
+"
+    )
+}
+
+/// Stores `value`, of type `ty`, at the global byte address `at` (an index, `align`-aligned).
+fn global_store(at: &str, value: &str, ty: &str, align: usize) -> String {
+    format!(
+        "{at}_64 = arith.index_cast {at} : index to i64
+{at}_p = llvm.inttoptr {at}_64 : i64 to !llvm.ptr<1>
+llvm.store {value}, {at}_p {{alignment = {align} : i64}} : {ty}, !llvm.ptr<1>
 "
     )
 }
@@ -887,9 +955,9 @@ fn column_place(p: &str, chunk: &str, col: &str) -> String {
     )
 }
 
-/// Stores the 32-bit `values` (consecutive words of one 16-byte unit) at their [`column_place`] `p`
+/// Stores one 32-bit word, or two consecutive ones of a 16-byte unit, at their [`column_place`] `p`
 /// in chunk row `row`, 128-byte swizzled: byte `base + 128 row + 16 (unit ^ row % 8)` on.
-fn row_store(p: &str, row: &str, values: &[&str], sh_mma: &str) -> String {
+fn row_store(p: &str, row: &str, words: &[&str], sh_mma: &str) -> String {
     let mut t = format!(
         "%sw_row = arith.muli {row}, %mm_row_bytes : index
 %sw_r8 = arith.remui {row}, %mm_c8 : index
@@ -897,19 +965,35 @@ fn row_store(p: &str, row: &str, values: &[&str], sh_mma: &str) -> String {
 %sw_xb = arith.muli %sw_x, %mm_c16 : index
 %sw_0 = arith.addi %{p}_base, %sw_row : index
 %sw_1 = arith.addi %sw_0, %sw_xb : index
-%sw_w = arith.divui %sw_1, %mm_c4 : index
-%sw_at0 = arith.addi %mm_w0, %sw_w : index
 "
     );
-    for (j, value) in values.iter().enumerate() {
-        if j > 0 {
-            let _ =
-                writeln!(t, "%sw_j{j} = arith.constant {j} : index\n%sw_at{j} = arith.addi %sw_at0, %sw_j{j} : index");
+    match words {
+        // One 8-byte store: a warp's two rows of 128 B take two wavefronts, no bank conflict (two
+        // 4-byte stores of them take two each).
+        [lo, hi] => {
+            let _ = write!(
+                t,
+                "%sw_addr = arith.addi %mm_al, %sw_1 : index
+%sw_64 = arith.index_cast %sw_addr : index to i64
+%sw_p = llvm.inttoptr %sw_64 : i64 to !llvm.ptr<3>
+%sw_v0 = llvm.mlir.poison : vector<2xi32>
+%sw_v1 = llvm.insertelement {lo}, %sw_v0[%mm_c0_i32 : i32] : vector<2xi32>
+%sw_v = llvm.insertelement {hi}, %sw_v1[%mm_c1_i32 : i32] : vector<2xi32>
+llvm.store %sw_v, %sw_p {{alignment = 8 : i64}} : vector<2xi32>, !llvm.ptr<3>
+"
+            );
         }
-        let _ = writeln!(
-            t,
-            "%sw_f{j} = arith.bitcast {value} : i32 to f32\nmemref.store %sw_f{j}, %sh_mma[%sw_at{j}] : {sh_mma}"
-        );
+        _ => {
+            let _ = write!(
+                t,
+                "%sw_w = arith.divui %sw_1, %mm_c4 : index
+%sw_at = arith.addi %mm_w0, %sw_w : index
+%sw_f = arith.bitcast {word} : i32 to f32
+memref.store %sw_f, %sh_mma[%sw_at] : {sh_mma}
+",
+                word = words[0]
+            );
+        }
     }
     t
 }
