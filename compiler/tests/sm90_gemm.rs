@@ -172,24 +172,24 @@ fn gemm_configs_compile_to_sm90a_tensor_core_code_without_spills() {
 }
 
 /// An MLA attention kernel's tensor-core code: `s_steps` wgmma of `s_n` keys for S = Q K^T (K-major
-/// B) and `pv_steps` m64n64 for P V (transposed B) in the PTX; with ptxas, no spills, no serialized
-/// wgmma, and as many HGMMA.64x<s_n>x16 and HGMMA.64x64x16 in the SASS plus TMA loads and no local
-/// memory.
+/// B) and `pv_steps` of `pv_n` columns for P V (transposed B: all the accumulated columns in one
+/// instruction) in the PTX; with ptxas, no spills, no serialized wgmma, and as many
+/// HGMMA.64x<s_n>x16 and HGMMA.64x<pv_n>x16 in the SASS plus TMA loads and no local memory.
 fn assert_attention_tensor_core_code(
     kernel: &sm90::GpuKernel,
     (s_steps, s_n): (usize, usize),
-    pv_steps: usize,
+    (pv_steps, pv_n): (usize, usize),
     ptxas: Option<&toolchain::FoundTool>,
 ) {
     // The trailing immediates: scale-a, scale-b, transpose-a, transpose-b.
     let wgmma = |transposed: u8| kernel.ptx.matches(&format!("p, 1,  1, 0,  {transposed};")).count();
     let ptx_shape =
         |n: usize| kernel.ptx.matches(&format!("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16")).count();
-    let (s_shape, pv_shape) = (format!("HGMMA.64x{s_n}x16.F32.BF16"), "HGMMA.64x64x16.F32.BF16");
-    if s_n == 64 {
-        assert_eq!(ptx_shape(64), s_steps + pv_steps, "{}", kernel.name);
+    let (s_shape, pv_shape) = (format!("HGMMA.64x{s_n}x16.F32.BF16"), format!("HGMMA.64x{pv_n}x16.F32.BF16"));
+    if s_n == pv_n {
+        assert_eq!(ptx_shape(s_n), s_steps + pv_steps, "{}", kernel.name);
     } else {
-        assert_eq!((ptx_shape(s_n), ptx_shape(64)), (s_steps, pv_steps), "{}", kernel.name);
+        assert_eq!((ptx_shape(s_n), ptx_shape(pv_n)), (s_steps, pv_steps), "{}", kernel.name);
     }
     assert_eq!(wgmma(0), s_steps, "{}: S = Q K^T wgmma (K-major B)", kernel.name);
     assert_eq!(wgmma(1), pv_steps, "{}: P V wgmma (transposed B)", kernel.name);
@@ -205,8 +205,8 @@ fn assert_attention_tensor_core_code(
     assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", kernel.name);
     assert!(r.shared_memory_bytes as usize <= sm90::gemm::STATIC_SHARED_BYTES, "{}: static smem", kernel.name);
     if let Some(sass) = sass(&cubin.cubin) {
-        let (s_count, pv_count) = (sass.matches(s_shape.as_str()).count(), sass.matches(pv_shape).count());
-        if s_n == 64 {
+        let (s_count, pv_count) = (sass.matches(s_shape.as_str()).count(), sass.matches(pv_shape.as_str()).count());
+        if s_n == pv_n {
             assert_eq!(s_count, s_steps + pv_steps, "{}", kernel.name);
         } else {
             assert_eq!((s_count, pv_count), (s_steps, pv_steps), "{}", kernel.name);
@@ -222,8 +222,8 @@ fn assert_attention_tensor_core_code(
 
 /// The tensor-core MLA decode kernel (DeepSeek-V3's 512 + 64 columns in clusters of 2 and not, its
 /// fp8-cache form, and a narrower latent): the 36 HGMMA.64x32 of S = Q K^T (9 chunks x 4 k16 steps,
-/// each warpgroup half the page's keys) and the 16 HGMMA.64x64 of P V (4 steps x 4 accumulators,
-/// transposed B), TMA loads (multicast in a cluster: each block half of a page's boxes, in the
+/// each warpgroup half the page's keys) and the 4 HGMMA.64x256 of P V (4 k16 steps over the
+/// warpgroup's half of the values, transposed B), TMA loads (multicast in a cluster: each block half of a page's boxes, in the
 /// prologue's loads and the refill's), no spills; the fp8 cache's pages are converted.
 #[test]
 fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
@@ -246,12 +246,12 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         let multicasts = kernel.ptx.matches(".multicast::cluster").count();
         assert_eq!(multicasts, if config.cluster > 1 { 2 * boxes } else { 0 }, "{}", kernel.name);
         assert_eq!(kernel.ptx.contains(".reqnctapercluster 2, 1, 1"), config.cluster > 1, "{}", kernel.name);
-        assert_attention_tensor_core_code(&kernel, (config.dim() / 16, 32), 4 * config.kv / 128, ptxas.as_ref());
+        assert_attention_tensor_core_code(&kernel, (config.dim() / 16, 32), (4, config.kv / 2), ptxas.as_ref());
     }
 }
 
 /// The tensor-core MLA prefill (flash attention, causal; DeepSeek-V3's 192/128 heads and a 3-stage
-/// ring of narrower ones): HGMMA for S = Q K^T (qk / 16 steps) and P V (4 steps per 64 value
+/// ring of narrower ones): HGMMA for S = Q K^T (qk / 16 steps) and P V (4 steps over all the value
 /// columns), TMA loads, no spills.
 #[test]
 fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
@@ -262,7 +262,7 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
     for config in [MlaPrefillConfig::DEEPSEEK_V3, narrow] {
         assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
         let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
-        assert_attention_tensor_core_code(&kernel, (config.qk / 16, 64), 4 * config.v / 64, ptxas.as_ref());
+        assert_attention_tensor_core_code(&kernel, (config.qk / 16, 64), (4, config.v), ptxas.as_ref());
     }
     let err = MlaPrefillConfig { v: 320, ..MlaPrefillConfig::DEEPSEEK_V3 }.validate(&target::SM90A).unwrap_err();
     assert!(err.contains("a value width of 320"), "{err}");
@@ -274,7 +274,8 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
 /// Training's flash attention: the forward with its log-sum-exps (`_lse`: one `lg2` per row half
 /// stored), and the three gradient kernels — dQ and dK recompute S (qk / 16 steps) and dP (v / 16),
 /// then multiply dS by the keys (queries) as the transposed B (4 steps per 64 columns of qk); dV
-/// recomputes S and multiplies P by dout (4 per 64 columns of v). HGMMA, TMA, no spills.
+/// recomputes S and multiplies P by dout (4 per 64 columns of v); the forward's P V is 4 steps of
+/// m64n<v>. HGMMA, TMA, no spills.
 #[test]
 fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::{FlashMode, GradOf, MlaPrefillConfig};
@@ -291,13 +292,14 @@ fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
             let config = MlaPrefillConfig { mode, ..base };
             assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
             let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
-            let (s_steps, pv_steps) = match mode {
-                FlashMode::Grad(GradOf::Values) => (qk / 16, 4 * v / 64),
-                FlashMode::Grad(_) => (qk / 16 + v / 16, 4 * qk / 64),
-                _ => (qk / 16, 4 * v / 64),
+            // P V's 4 k16 steps over all the value columns (the forward), or per 64 columns.
+            let (s_steps, pv) = match mode {
+                FlashMode::Grad(GradOf::Values) => (qk / 16, (4 * v / 64, 64)),
+                FlashMode::Grad(_) => (qk / 16 + v / 16, (4 * qk / 64, 64)),
+                _ => (qk / 16, (4, v)),
             };
             assert_eq!(kernel.ptx.contains("lg2.approx"), mode == FlashMode::Lse, "{}", kernel.name);
-            assert_attention_tensor_core_code(&kernel, (s_steps, 64), pv_steps, ptxas.as_ref());
+            assert_attention_tensor_core_code(&kernel, (s_steps, 64), pv, ptxas.as_ref());
         }
     }
     for bad in ["mla_gradx_qk192_v128_s2", "mla_gradq_qk192_v128_s2_lse", "mla_prefill_qk192_v128_s2_ls"] {

@@ -587,7 +587,7 @@ gpu.barrier
     %v_addr = arith.addi {values}, %cw_bytes64 : i64",
             values = if c.fp8_cache { "%conv_addr" } else { "%stage_addr" }
         );
-        pv_products(&mut t, "%v_addr", 0, &mut o);
+        pv_products(&mut t, "%v_addr", 0, o.len(), &mut o);
         o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
         t.push_str(&tile_loop_tail("%np", c.stages, &self.refill_page(), &o, &types));
         t
@@ -1001,7 +1001,7 @@ impl PrefillEmitter {
     gpu.barrier",
             indent(&softmax, 4)
         );
-        pv_products(&mut t, "%stage_addr", qc * CHUNK_BYTES, &mut o);
+        pv_products(&mut t, "%stage_addr", qc * CHUNK_BYTES, o.len(), &mut o);
         o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
         t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn"), &o, &types));
         t
@@ -1279,7 +1279,8 @@ impl GradEmitter {
         // dQ += dS K, dK += dS^T Q: the ring's first columns; dV += P^T dout: its last.
         let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
         let b_offset = if self.of == GradOf::Values { qc * CHUNK_BYTES } else { 0 };
-        pv_products(&mut t, "%stage_addr", b_offset, &mut o);
+        // One chunk an instruction: dK's accumulators leave no registers for a wider one's.
+        pv_products(&mut t, "%stage_addr", b_offset, 1, &mut o);
         t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn", other_head), &o, &types));
         t
     }
@@ -1652,12 +1653,37 @@ fn qk_products(
 }
 
 /// `O += P V` for one tile: P (`%dp`, K-major) times the 64-column value chunks at `v_base +
-/// v_offset + n * 8 KiB` (MN-major: the transposed B), 4 k16 steps of keys; `o` are the
-/// accumulators (renamed to their results).
-fn pv_products(t: &mut String, v_base: &str, v_offset: usize, o: &mut [String]) {
-    for n in 0..o.len() {
-        let _ = writeln!(t, "    %va{n} = arith.addi {v_base}, %c{}_i64 : i64", v_offset + n * CHUNK_BYTES);
-        let _ = writeln!(t, "{}", indent(&desc(&format!("%dv{n}"), &format!("%va{n}"), "%desc_mn"), 4));
+/// v_offset + n * 8 KiB` (MN-major: the transposed B, the descriptor's leading offset stepping
+/// from chunk to chunk), 4 k16 steps of keys; `o` are the chunks' m64n64 accumulators (renamed to
+/// their results). A step multiplies `group` chunks at a time in one `wgmma m64n(64 group)k16`
+/// (DeepSeek-V3's decode: m64n256 over a warpgroup's 4 chunks; 4 m64n64 read P's 2 KiB from
+/// shared memory 4 times): their fragments joined into the wide one's and split back (an m64nN
+/// fragment is the m64n64 ones in column order).
+fn pv_products(t: &mut String, v_base: &str, v_offset: usize, group: usize, o: &mut [String]) {
+    assert!(group > 0 && o.len().is_multiple_of(group), "{} accumulators in groups of {group}", o.len());
+    let n = 64 * group;
+    let wide = format!("!llvm.struct<({})>", vec!["f32"; n / 2].join(", "));
+    let mut accs: Vec<String> = Vec::new();
+    for (g, chunks) in o.chunks(group).enumerate() {
+        let _ = writeln!(t, "    %va{g} = arith.addi {v_base}, %c{}_i64 : i64", v_offset + g * group * CHUNK_BYTES);
+        let _ = writeln!(t, "{}", indent(&desc(&format!("%dv{g}"), &format!("%va{g}"), "%desc_mn"), 4));
+        if group == 1 {
+            accs.push(chunks[0].clone());
+            continue;
+        }
+        let _ = writeln!(t, "    %pvw{g}_0 = llvm.mlir.poison : {wide}");
+        for (c, o_c) in chunks.iter().enumerate() {
+            for e in 0..FRAG_N {
+                let w = c * FRAG_N + e;
+                let _ = writeln!(
+                    t,
+                    "    %pvx{g}_{w} = llvm.extractvalue {o_c}[{e}] : {FRAG}
+    %pvw{g}_{} = llvm.insertvalue %pvx{g}_{w}, %pvw{g}_{w}[{w}] : {wide}",
+                    w + 1
+                );
+            }
+        }
+        accs.push(format!("%pvw{g}_{}", n / 2));
     }
     let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
     for ks in 0..4 {
@@ -1667,20 +1693,39 @@ fn pv_products(t: &mut String, v_base: &str, v_offset: usize, o: &mut [String]) 
             let _ = writeln!(t, "    %dp_{ks} = arith.addi %dp, %c{}_i64 : i64", 2 * ks);
             format!("%dp_{ks}")
         };
-        for (n, o_n) in o.iter_mut().enumerate() {
+        for (g, acc) in accs.iter_mut().enumerate() {
             let dv = if ks == 0 {
-                format!("%dv{n}")
+                format!("%dv{g}")
             } else {
                 // 16 keys further: two 8-key groups of 1024 B (64 units of 16 B each).
-                let _ = writeln!(t, "    %dv{n}_{ks} = arith.addi %dv{n}, %c{}_i64 : i64", 128 * ks);
-                format!("%dv{n}_{ks}")
+                let _ = writeln!(t, "    %dv{g}_{ks} = arith.addi %dv{g}, %c{}_i64 : i64", 128 * ks);
+                format!("%dv{g}_{ks}")
             };
-            let out = format!("%pv{n}_{ks}");
+            let out = format!("%pv{g}_{ks}");
             let _ = writeln!(
                 t,
-                "    {out} = nvvm.wgmma.mma_async {dp}, {dv}, {o_n}, <m = 64, n = 64, k = 16>, D[<f32>, <one>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {FRAG} -> {FRAG}"
+                "    {out} = nvvm.wgmma.mma_async {dp}, {dv}, {acc}, <m = 64, n = {n}, k = 16>, D[<f32>, <one>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {wide} -> {wide}"
             );
-            *o_n = out;
+            *acc = out;
+        }
+    }
+    for (g, (chunks, acc)) in o.chunks_mut(group).zip(&accs).enumerate() {
+        if group == 1 {
+            chunks[0] = acc.clone();
+            continue;
+        }
+        for (c, o_c) in chunks.iter_mut().enumerate() {
+            let _ = writeln!(t, "    %pvo{g}_{c}_0 = llvm.mlir.poison : {FRAG}");
+            for e in 0..FRAG_N {
+                let w = c * FRAG_N + e;
+                let _ = writeln!(
+                    t,
+                    "    %pvy{g}_{w} = llvm.extractvalue {acc}[{w}] : {wide}
+    %pvo{g}_{c}_{} = llvm.insertvalue %pvy{g}_{w}, %pvo{g}_{c}_{e}[{e}] : {FRAG}",
+                    e + 1
+                );
+            }
+            *o_c = format!("%pvo{g}_{c}_{FRAG_N}");
         }
     }
 }
