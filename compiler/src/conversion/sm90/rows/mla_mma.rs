@@ -357,6 +357,10 @@ pub struct UpV {
     pub bf16_weight: bool,
 }
 
+/// A thread's rows of A (every 4th of the 64) go in groups of this many, each group loaded and
+/// staged only when its first row is in the batch.
+const A_GROUP: usize = 4;
+
 /// Bytes of A's chunk (64 tokens x 64 columns of bf16), after which B's lies.
 const UPV_A_BYTES: usize = TILE * ROW_BYTES;
 
@@ -496,7 +500,8 @@ scf.for %e = %c0 to %cV step %c1 {{
     /// buffer is reused); then the outputs. A thread's loads of the next chunk (16 pairs of `o`, 16
     /// words of weights: vector and 32-bit loads, the buffers 8-byte aligned as the runtime's are)
     /// are issued before it stages this one, so that they are in flight through the staging, the
-    /// products and the barriers (the last chunk loads itself again: no branch).
+    /// products and the barriers (the last chunk loads itself again). `o`'s rows past the batch are
+    /// skipped 4 at a time (a warp-uniform branch; `A_GROUP`).
     fn gpu(&self, sh_mma: &str) -> String {
         let frag = fragment(self.v);
         let regs = self.v / 2;
@@ -508,6 +513,7 @@ scf.for %e = %c0 to %cV step %c1 {{
             "{BF16_CONSTANTS}{aligned}%a_left = arith.subi %n_b, %b0 : index
 %a_rows = arith.minui %a_left, %mm_tile : index
 %a_last = arith.subi %a_rows, %mm_c1 : index
+%a_none = llvm.mlir.poison : vector<2xf32>
 %mm_b_off = arith.constant {UPV_A_BYTES} : index
 %mm_desc = arith.constant {desc} : i64
 %mm_mask = arith.constant 262143 : i64
@@ -529,8 +535,20 @@ scf.for %e = %c0 to %cV step %c1 {{
         for e in 0..regs {
             let _ = writeln!(t, "%frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {frag}", e + 1);
         }
-        // Each staged row's byte address in `o` at column 0 (`%a_at{i}`); rows past the batch read
-        // the last row again (their outputs are not stored).
+        // Each staged row's byte address in `o` at column 0 (`%a_at{i}`; rows past the batch read
+        // its last row again). A warp's rows go in groups of 4 (`%a_in{g}`: whether the group's
+        // first row is in the batch, a uniform branch); groups past the batch are neither loaded
+        // nor staged (a row of A makes only its own row of outputs, and those are not stored): at
+        // batch 1, warp 0 stages 4 rows of the 64 and the others none.
+        for g in 0..a_iters / A_GROUP {
+            let _ = writeln!(
+                t,
+                "%a_g{g}_k = arith.constant {row} : index
+%a_g{g} = arith.addi %a_first, %a_g{g}_k : index
+%a_in{g} = arith.cmpi ult, %a_g{g}, %a_rows : index",
+                row = 4 * A_GROUP * g
+            );
+        }
         for i in 0..a_iters {
             let _ = write!(
                 t,
@@ -551,12 +569,33 @@ scf.for %e = %c0 to %cV step %c1 {{
         // A chunk's loads from column `col` into `%{tag}a{i}` (vector<2xf32>), `%{tag}b{i}`.
         let fetch = |tag: &str, col: &str| -> String {
             let mut f = format!("%{tag}_ca = arith.muli {col}, %mm_c4 : index\n");
-            for i in 0..a_iters {
+            for g in 0..a_iters / A_GROUP {
+                let rows: Vec<usize> = (A_GROUP * g..A_GROUP * (g + 1)).collect();
+                let names: Vec<String> = rows.iter().map(|i| format!("%{tag}a{i}_v")).collect();
+                let types = vec!["vector<2xf32>"; A_GROUP].join(", ");
+                let mut loads = String::new();
+                for i in &rows {
+                    let _ = write!(
+                        loads,
+                        "%{tag}a{i}_at = arith.addi %a_at{i}, %{tag}_ca : index\n{}",
+                        global_load(&format!("%{tag}a{i}_at"), "vector<2xf32>", 8, &format!("%{tag}a{i}_v"))
+                    );
+                }
                 let _ = write!(
                     f,
-                    "%{tag}a{i}_at = arith.addi %a_at{i}, %{tag}_ca : index\n{}",
-                    global_load(&format!("%{tag}a{i}_at"), "vector<2xf32>", 8, &format!("%{tag}a{i}"))
+                    "%{tag}ag{g}:{A_GROUP} = scf.if %a_in{g} -> ({types}) {{
+{loads}  scf.yield {names} : {types}
+}} else {{
+  scf.yield {none} : {types}
+}}
+",
+                    loads = indent(&loads, 2),
+                    names = names.join(", "),
+                    none = vec!["%a_none"; A_GROUP].join(", "),
                 );
+                for (j, i) in rows.iter().enumerate() {
+                    let _ = writeln!(f, "%{tag}a{i} = llvm.bitcast %{tag}ag{g}#{j} : vector<2xf32> to vector<2xf32>");
+                }
             }
             f + &weight_loads("b", tag, self.v, col, self.bf16_weight)
         };
@@ -572,6 +611,9 @@ scf.for %e = %c0 to %cV step %c1 {{
         // words as bf16 pairs.
         let mut stage = String::new();
         for i in 0..a_iters {
+            if i % A_GROUP == 0 {
+                let _ = writeln!(stage, "scf.if %a_in{} {{", i / A_GROUP);
+            }
             let store = row_store("a", &format!("%a_t{i}"), &["%pk"], sh_mma);
             let _ = write!(
                 stage,
@@ -586,6 +628,9 @@ scf.for %e = %c0 to %cV step %c1 {{
 ",
                 pack = bf16x2("%x1", "%x0"),
             );
+            if i % A_GROUP == A_GROUP - 1 {
+                stage.push_str("}\n");
+            }
         }
         stage.push_str(&stage_weight_words("b", self.v, "%rb", self.bf16_weight, sh_mma));
         let mut products = String::new();
