@@ -273,9 +273,9 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
 
 /// Training's flash attention: the forward with its log-sum-exps (`_lse`: one `lg2` per row half
 /// stored), and the three gradient kernels — dQ and dK recompute S (qk / 16 steps) and dP (v / 16),
-/// then multiply dS by the keys (queries) as the transposed B (4 steps per 64 columns of qk); dV
-/// recomputes S and multiplies P by dout (4 per 64 columns of v); the forward's P V is 4 steps of
-/// m64n<v>. HGMMA, TMA, no spills.
+/// then multiply dS by the keys (queries) as the transposed B (dQ: 4 steps of m64n<qk>; dK: 4 per
+/// 64 columns of qk); dV recomputes S and multiplies P by dout (4 of m64n<v>); the forward's P V is
+/// 4 steps of m64n<v>. HGMMA, TMA, no spills.
 #[test]
 fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::{FlashMode, GradOf, MlaPrefillConfig};
@@ -292,10 +292,11 @@ fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
             let config = MlaPrefillConfig { mode, ..base };
             assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
             let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
-            // P V's 4 k16 steps over all the value columns (the forward), or per 64 columns.
+            // P V's 4 k16 steps over all the accumulated columns, dK's per 64 columns.
             let (s_steps, pv) = match mode {
-                FlashMode::Grad(GradOf::Values) => (qk / 16, (4 * v / 64, 64)),
-                FlashMode::Grad(_) => (qk / 16 + v / 16, (4 * qk / 64, 64)),
+                FlashMode::Grad(GradOf::Values) => (qk / 16, (4, v)),
+                FlashMode::Grad(GradOf::Keys) => (qk / 16 + v / 16, (4 * qk / 64, 64)),
+                FlashMode::Grad(GradOf::Queries) => (qk / 16 + v / 16, (4, qk)),
                 _ => (qk / 16, (4, v)),
             };
             assert_eq!(kernel.ptx.contains("lg2.approx"), mode == FlashMode::Lse, "{}", kernel.name);

@@ -19,7 +19,8 @@
 //! - each warpgroup writes its 32 columns of `P` (bf16, the 128-byte-swizzled K-major layout wgmma
 //!   reads) to shared memory; after a proxy fence and a block barrier both multiply the whole `P` by
 //!   the page's values — the first `kv` columns of the same buffer, read MN-major (transposed B) —
-//!   each into its half of the output columns (`kv / 2` columns: `kv / 128` accumulators of m64n64);
+//!   each into its half of the output columns (`kv / 2` columns: `kv / 128` accumulators of m64n64,
+//!   multiplied as one `wgmma m64n(kv / 2)k16` a k16 step);
 //! - the split's normalized output `o_part [splits, rows, kv]` (f32) and its log-sum-exp `lse
 //!   [splits, rows]` (natural log; `-inf` and zeros for a split without keys) are written.
 //!
@@ -1279,8 +1280,10 @@ impl GradEmitter {
         // dQ += dS K, dK += dS^T Q: the ring's first columns; dV += P^T dout: its last.
         let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
         let b_offset = if self.of == GradOf::Values { qc * CHUNK_BYTES } else { 0 };
-        // One chunk an instruction: dK's accumulators leave no registers for a wider one's.
-        pv_products(&mut t, "%stage_addr", b_offset, 1, &mut o);
+        // All the chunks in one instruction, but dK's a chunk each: its accumulators leave no
+        // registers for a wider one's (an m64n192 spilled).
+        let group = if self.of == GradOf::Keys { 1 } else { o.len() };
+        pv_products(&mut t, "%stage_addr", b_offset, group, &mut o);
         t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn", other_head), &o, &types));
         t
     }
