@@ -5206,8 +5206,8 @@ mod tests {
             assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k));
         }
         // Heads the block's operands cannot take.
-        for (nope, v, kv) in [(192, 128, 512), (128, 64, 512), (128, 128, 96)] {
-            let k = RowKernel::new(RowOp::MlaAbsorbMma { heads: 2, nope, rope: 64, v }, kv, "f8E4M3FN");
+        for (nope, rope, v, kv) in [(192, 64, 128, 512), (128, 64, 64, 512), (128, 64, 128, 96), (128, 63, 128, 512)] {
+            let k = RowKernel::new(RowOp::MlaAbsorbMma { heads: 2, nope, rope, v }, kv, "f8E4M3FN");
             assert!(k.emit_gpu().is_err(), "{}", k.kernel_name());
         }
     }

@@ -71,6 +71,9 @@ impl Absorb {
         if d == 0 || !d.is_multiple_of(TILE) {
             return Err(format!("a latent of {d} columns (a multiple of {TILE})"));
         }
+        if !self.rope.is_multiple_of(2) {
+            return Err(format!("rope heads of {} (even: the outputs stored as bf16 pairs)", self.rope));
+        }
         Ok(())
     }
 
