@@ -672,7 +672,11 @@ scf.for %e = %c0 to %cV step %c1 {{
 %c16 = arith.constant 16 : index
 %c32 = arith.constant 32 : index
 {coords}%col0 = arith.muli %h, %cV : index
+%out_base = memref.extract_aligned_pointer_as_index %{out} : {out_ty} -> index
+%out_cols = arith.muli %cH, %cV : index
 ",
+            out = self.rows().0,
+            out_ty = self.rows().1,
             first = fetch("f", "%c0"),
             n = types.len(),
             carried = carried.join(", "),
@@ -699,18 +703,36 @@ scf.for %e = %c0 to %cV step %c1 {{
             for &e in &elements {
                 let _ = writeln!(t, "%v{e} = llvm.extractvalue %loop#0[{e}] : {frag}");
             }
+            // Elements e, e + 1 (e even) are adjacent columns of the row: stored as one pair, at
+            // byte `%at` of the row's `bytes`-wide elements (the outputs' rows of H v of them).
+            let place = |e: usize, bytes: usize| {
+                format!(
+                    "  %ec = arith.constant {c} : index
+  %c_a = arith.addi %lcol, %ec : index
+  %col = arith.addi %col0, %c_a : index
+  %el0 = arith.muli %bt{half}, %out_cols : index
+  %el = arith.addi %el0, %col : index
+  %eb = arith.constant {bytes} : index
+  %off = arith.muli %el, %eb : index
+  %at = arith.addi %out_base, %off : index
+",
+                    c = fragment_offset(0, e).1
+                )
+            };
             if self.bf16_weight {
-                for &e in &elements {
+                for pair in elements.chunks(2) {
                     let _ = write!(
                         t,
                         "scf.if %in{half} {{
-  %ec = arith.constant {c} : index
-  %c_a = arith.addi %lcol, %ec : index
-  %col = arith.addi %col0, %c_a : index
-  memref.store %v{e}, %out[%bt{half}, %col] : memref<?x?xf32>
-}}
+  %pv0 = llvm.mlir.poison : vector<2xf32>
+  %pv1 = llvm.insertelement %v{e0}, %pv0[%mm_c0_i32 : i32] : vector<2xf32>
+  %pv = llvm.insertelement %v{e1}, %pv1[%mm_c1_i32 : i32] : vector<2xf32>
+{place}{store}}}
 ",
-                        c = fragment_offset(0, e).1
+                        e0 = pair[0],
+                        e1 = pair[1],
+                        place = place(pair[0], 4),
+                        store = indent(&global_store("%at", "%pv", "vector<2xf32>", 8), 2),
                     );
                 }
                 continue;
@@ -744,19 +766,19 @@ scf.if %writes{half} {{
 ",
                 scale = group_scale(&mx, &format!("%s{half}"))
             );
-            for &e in &elements {
+            for pair in elements.chunks(2) {
                 let _ = write!(
                     t,
                     "scf.if %in{half} {{
-  %qv = arith.divf %v{e}, %s{half} : f32
-{encode}  %ec = arith.constant {c} : index
-  %c_a = arith.addi %lcol, %ec : index
-  %col = arith.addi %col0, %c_a : index
-  memref.store %byte, %q[%bt{half}, %col] : memref<?x?xi8>
-}}
+  %qv0 = arith.divf %v{e0}, %s{half} : f32
+  %qv1 = arith.divf %v{e1}, %s{half} : f32
+  %bytes = nvvm.convert.f32x2.to.f8x2 %qv1, %qv0 {{rnd = #nvvm.fp_rnd_mode<rn>, sat = #nvvm.sat_mode<satfinite>}} : i16 (f8E4M3FN)
+{place}{store}}}
 ",
-                    encode = super::encode_e4m3(Lowering::Gpu, "%qv", "%byte"),
-                    c = fragment_offset(0, e).1
+                    e0 = pair[0],
+                    e1 = pair[1],
+                    place = place(pair[0], 1),
+                    store = indent(&global_store("%at", "%bytes", "i16", 2), 2),
                 );
             }
         }
