@@ -179,6 +179,7 @@ fn assert_attention_tensor_core_code(
     kernel: &sm90::GpuKernel,
     (s_steps, s_n): (usize, usize),
     (pv_steps, pv_n): (usize, usize),
+    outputs: usize,
     ptxas: Option<&toolchain::FoundTool>,
 ) {
     // The trailing immediates: scale-a, scale-b, transpose-a, transpose-b.
@@ -194,6 +195,11 @@ fn assert_attention_tensor_core_code(
     assert_eq!(wgmma(0), s_steps, "{}: S = Q K^T wgmma (K-major B)", kernel.name);
     assert_eq!(wgmma(1), pv_steps, "{}: P V wgmma (transposed B)", kernel.name);
     assert!(kernel.ptx.contains("fence.proxy.async.shared::cta"), "{}: P's generic-to-async fence", kernel.name);
+    // A thread's share of its warpgroup's 64 output rows of `outputs` columns, stored in column
+    // pairs (8 bytes each); scalar stores only for the log-sum-exps (one a row half).
+    let pairs = kernel.ptx.matches("st.global.v2.b32").count();
+    assert_eq!(pairs, outputs / 4, "{}: the outputs' 8-byte stores", kernel.name);
+    assert!(kernel.ptx.matches("st.global.b32").count() <= 2, "{}: scalar output stores", kernel.name);
     let Some(ptxas) = ptxas else {
         eprintln!("{}: PTX only (no ptxas: run scripts/bootstrap.sh)", kernel.name);
         return;
@@ -246,7 +252,13 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         let multicasts = kernel.ptx.matches(".multicast::cluster").count();
         assert_eq!(multicasts, if config.cluster > 1 { 2 * boxes } else { 0 }, "{}", kernel.name);
         assert_eq!(kernel.ptx.contains(".reqnctapercluster 2, 1, 1"), config.cluster > 1, "{}", kernel.name);
-        assert_attention_tensor_core_code(&kernel, (config.dim() / 16, 32), (4, config.kv / 2), ptxas.as_ref());
+        assert_attention_tensor_core_code(
+            &kernel,
+            (config.dim() / 16, 32),
+            (4, config.kv / 2),
+            config.kv / 2,
+            ptxas.as_ref(),
+        );
     }
 }
 
@@ -262,7 +274,7 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
     for config in [MlaPrefillConfig::DEEPSEEK_V3, narrow] {
         assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
         let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
-        assert_attention_tensor_core_code(&kernel, (config.qk / 16, 64), (4, config.v), ptxas.as_ref());
+        assert_attention_tensor_core_code(&kernel, (config.qk / 16, 64), (4, config.v), config.v, ptxas.as_ref());
     }
     let err = MlaPrefillConfig { v: 320, ..MlaPrefillConfig::DEEPSEEK_V3 }.validate(&target::SM90A).unwrap_err();
     assert!(err.contains("a value width of 320"), "{err}");
@@ -292,15 +304,16 @@ fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
             let config = MlaPrefillConfig { mode, ..base };
             assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
             let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
-            // P V's 4 k16 steps over all the accumulated columns, dK's per 64 columns.
-            let (s_steps, pv) = match mode {
-                FlashMode::Grad(GradOf::Values) => (qk / 16, (4, v)),
-                FlashMode::Grad(GradOf::Keys) => (qk / 16 + v / 16, (4 * qk / 64, 64)),
-                FlashMode::Grad(GradOf::Queries) => (qk / 16 + v / 16, (4, qk)),
-                _ => (qk / 16, (4, v)),
+            // P V's 4 k16 steps over all the accumulated columns, dK's per 64 columns; the
+            // output's columns.
+            let (s_steps, pv, outputs) = match mode {
+                FlashMode::Grad(GradOf::Values) => (qk / 16, (4, v), v),
+                FlashMode::Grad(GradOf::Keys) => (qk / 16 + v / 16, (4 * qk / 64, 64), qk),
+                FlashMode::Grad(GradOf::Queries) => (qk / 16 + v / 16, (4, qk), qk),
+                _ => (qk / 16, (4, v), v),
             };
             assert_eq!(kernel.ptx.contains("lg2.approx"), mode == FlashMode::Lse, "{}", kernel.name);
-            assert_attention_tensor_core_code(&kernel, (s_steps, 64), pv, ptxas.as_ref());
+            assert_attention_tensor_core_code(&kernel, (s_steps, 64), pv, outputs, ptxas.as_ref());
         }
     }
     for bad in ["mla_gradx_qk192_v128_s2", "mla_gradq_qk192_v128_s2_lse", "mla_prefill_qk192_v128_s2_ls"] {

@@ -305,7 +305,12 @@ impl Cta<'_> {
     ) -> Result<(u64, usize), String> {
         let addr = self.address(t, at)?;
         let bytes = (ty.bits as usize / 8).max(1);
-        self.record(t, pc, space, addr, bytes * lanes(data));
+        let whole = bytes * lanes(data);
+        // As the hardware: an access of N bytes (a vector's all) at a multiple of N, or a fault.
+        if addr % whole as u64 != 0 {
+            return Err(format!("misaligned address: a {whole}-byte access at {addr:#x}"));
+        }
+        self.record(t, pc, space, addr, whole);
         Ok((addr, bytes))
     }
 

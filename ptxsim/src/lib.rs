@@ -317,6 +317,35 @@ $L__end:
         assert_eq!(wavefronts(8), (1, 2));
     }
 
+    /// A vector access must sit at a multiple of its whole size, as on the GPU (which faults with
+    /// "misaligned address"): 8 bytes of `st.shared.v2.b32` at offset 4 is refused, at 8 taken.
+    #[test]
+    fn vector_accesses_must_be_aligned_to_their_size() {
+        let store_at = |offset: u32| {
+            let text = format!(
+                ".visible .entry k()\n{{\n\t.reg .b32 %r<3>;\n\t.reg .b64 %rd<3>;\n\t.shared .align 16 .b8 buf[64];\n\
+                 \tmov.b32 %r1, 1;\n\tmov.b32 %r2, 2;\n\tmov.b64 %rd1, buf;\n\tadd.s64 %rd2, %rd1, {offset};\n\
+                 \tst.shared.v2.b32 [%rd2], {{%r1, %r2}};\n\tret;\n}}"
+            );
+            let module = Module::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+            let launch = Launch {
+                grid: [1, 1],
+                threads: 1,
+                dynamic_shared: 0,
+                params: &[],
+                tensor_maps: &[],
+                regions: Some(&[]),
+                max_instructions: 100,
+                checks: Checks::default(),
+            };
+            // SAFETY: no global memory.
+            unsafe { run(&module.kernels[0], &launch) }.map(|_| ())
+        };
+        assert!(store_at(8).is_ok());
+        let e = store_at(4).unwrap_err();
+        assert!(e.contains("misaligned address: a 8-byte access"), "{e}");
+    }
+
     /// Funnel shifts of `hi:lo` (wrap: the count mod 32; clamp: at most 32) and the pair rounding
     /// to bf16 (the first operand in the high half, to nearest even), one thread each.
     #[test]

@@ -224,7 +224,7 @@ impl MlaDecodeConfig {
 /// 2-D bf16 `[rows, kv + rope]`, box `[64 columns, 64 rows]`, 128-byte swizzle, out-of-bounds zero
 /// fill; the queries `[sequences * rows_per_sequence, ..]`, the cache `[pages * 64, ..]`),
 /// `%block_table` (i32 `[sequences, max_pages]`), `%seqlens` (i32 `[sequences]`), `%o_part` (f32
-/// `[splits, sequences * rows_per_sequence, kv]`), `%lse` (f32 `[splits, sequences *
+/// `[splits, sequences * rows_per_sequence, kv]`, 8-byte aligned: stored in column pairs), `%lse` (f32 `[splits, sequences *
 /// rows_per_sequence]`), `%rows_per_sequence` (index: tokens x heads), `%heads` (index: query rows
 /// per token), `%scale` (f32, the softmax scale). A sequence's rows are its new tokens' heads, token
 /// by token: token t of T sees the keys before position `len - T + t + 1` (T = 1: all of them; T > 1:
@@ -724,22 +724,15 @@ scf.if %zero_tail {{
   }}"
             );
         }
-        for n in 0..accs {
-            for e in 0..FRAG_N {
-                let (r, k) = fragment_offset(0, e);
-                let h = r / 8;
-                let _ = writeln!(
-                    t,
-                    "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}
-  %fo{n}_{e} = arith.mulf %fv{n}_{e}, %inv{h} : f32
-  %fc{n}_{e} = arith.addi %col_t, %c{col} : index
-  scf.if %oin{h} {{
-    memref.store %fo{n}_{e}, %o_part[%z, %og{h}, %fc{n}_{e}] : memref<?x?x?xf32>
-  }}",
-                    col = n * CHUNK + k
-                );
-            }
-        }
+        t.push_str(&store_fragment_pairs("%o_part", true, "%col_t", accs, &|n, e, t| {
+            let h = fragment_offset(0, e).0 / 8;
+            let _ = writeln!(
+                t,
+                "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}
+  %fo{n}_{e} = arith.mulf %fv{n}_{e}, %inv{h} : f32"
+            );
+            format!("%fo{n}_{e}")
+        }));
         t
     }
 }
@@ -752,7 +745,7 @@ scf.if %zero_tail {{
 /// its own shared tile and `O += P V` (transposed B), then writes `O / l` (f32).
 ///
 /// Layout (head-major, 2-D): `q [H * T, qk]`, `k [H * S, qk]`, `v [H * S, v]` bf16 (tensor maps: box 64
-/// columns x 64 rows, 128-byte swizzle, zero fill), `out [H * T, v]` f32; arguments `%q_ptr`, `%k_ptr`,
+/// columns x 64 rows, 128-byte swizzle, zero fill), `out [H * T, v]` f32 (8-byte aligned); arguments `%q_ptr`, `%k_ptr`,
 /// `%v_ptr`, `%out`, `%t_len`, `%s_len` (index), `%scale` (f32). Grid `(ceil(T / 128), H)` — or as
 /// many blocks along x alone (block `head * ceil(T / 128) + i` takes query tile `ceil(T / 128) - 1 -
 /// i`: the last tiles, which see the most keys, start first; the runtime's 1-D launches).
@@ -1042,22 +1035,15 @@ impl PrefillEmitter {
                 );
             }
         }
-        for n in 0..accs {
-            for e in 0..FRAG_N {
-                let (r, k) = fragment_offset(0, e);
-                let h = r / 8;
-                let _ = writeln!(
-                    t,
-                    "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}
-  %fo{n}_{e} = arith.mulf %fv{n}_{e}, %inv{h} : f32
-  %fc{n}_{e} = arith.addi %lcol, %c{col} : index
-  scf.if %oin{h} {{
-    memref.store %fo{n}_{e}, %out[%og{h}, %fc{n}_{e}] : memref<?x?xf32>
-  }}",
-                    col = n * CHUNK + k
-                );
-            }
-        }
+        t.push_str(&store_fragment_pairs("%out", false, "%lcol", accs, &|n, e, t| {
+            let h = fragment_offset(0, e).0 / 8;
+            let _ = writeln!(
+                t,
+                "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}
+  %fo{n}_{e} = arith.mulf %fv{n}_{e}, %inv{h} : f32"
+            );
+            format!("%fo{n}_{e}")
+        }));
         t
     }
 }
@@ -1078,7 +1064,7 @@ impl PrefillEmitter {
 ///
 /// and writes its rows' gradient in f32, dQ and dK times the scale. Arguments: `%q_ptr`, `%k_ptr`,
 /// `%v_ptr`, `%do_ptr` (tensor maps as the forward's, `dout [H * T, v]`), `%lse`, `%dd` (f32 `[H *
-/// T]`), `%out` (the gradient), `%t_len`, `%s_len`, `%scale`. Grid `ceil(rows / 128) x H` (rows: T
+/// T]`), `%out` (the gradient, f32, 8-byte aligned), `%t_len`, `%s_len`, `%scale`. Grid `ceil(rows / 128) x H` (rows: T
 /// for dQ, S for dK and dV), as the forward's.
 struct GradEmitter {
     c: MlaPrefillConfig,
@@ -1300,31 +1286,14 @@ impl GradEmitter {
   %og{h} = arith.addi {own_head}, %r{h} : index"
             );
         }
-        for n in 0..accs {
-            for e in 0..FRAG_N {
-                let (r, k) = fragment_offset(0, e);
-                let h = r / 8;
-                let value = if scaled {
-                    let _ = writeln!(
-                        t,
-                        "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}
-  %fo{n}_{e} = arith.mulf %fv{n}_{e}, %scale : f32"
-                    );
-                    format!("%fo{n}_{e}")
-                } else {
-                    let _ = writeln!(t, "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}");
-                    format!("%fv{n}_{e}")
-                };
-                let _ = writeln!(
-                    t,
-                    "  %fc{n}_{e} = arith.addi %lcol, %c{col} : index
-  scf.if %oin{h} {{
-    memref.store {value}, %out[%og{h}, %fc{n}_{e}] : memref<?x?xf32>
-  }}",
-                    col = n * CHUNK + k
-                );
+        t.push_str(&store_fragment_pairs("%out", false, "%lcol", accs, &|n, e, t| {
+            let _ = writeln!(t, "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}");
+            if !scaled {
+                return format!("%fv{n}_{e}");
             }
-        }
+            let _ = writeln!(t, "  %fo{n}_{e} = arith.mulf %fv{n}_{e}, %scale : f32");
+            format!("%fo{n}_{e}")
+        }));
         t
     }
 }
@@ -1487,6 +1456,74 @@ gpu.func @{name}({args}) kernel attributes {{known_block_size = array<i32: {THRE
 }
 
 /// The module text: the head, the constants the body uses, the body, the closing braces.
+/// Stores a thread's output fragments (`accs` accumulators of a warpgroup's 64 rows) to the
+/// row-major f32 `memref`: `[rows, cols]`, or with `split` `[splits, rows, cols]` at split `%z`;
+/// the fragments' two row halves to rows `%og0` / `%og1` where `%oin0` / `%oin1`, element e of
+/// accumulator n to column `col` + `n * CHUNK` + its own. `value(n, e, t)` writes the element's f32
+/// into `t` and names it. Elements e, e + 1 (e even) are adjacent columns of one row: stored as a
+/// pair in one 8-byte store, so `memref` is 8-byte aligned and `cols` even.
+fn store_fragment_pairs(
+    memref: &str,
+    split: bool,
+    col: &str,
+    accs: usize,
+    value: &dyn Fn(usize, usize, &mut String) -> String,
+) -> String {
+    let (ty, rows_dim) = if split { ("memref<?x?x?xf32>", 1) } else { ("memref<?x?xf32>", 0) };
+    let mut t = format!(
+        "  %op_base = memref.extract_aligned_pointer_as_index {memref} : {ty} -> index
+  %op_cols = memref.dim {memref}, %c{cols_dim} : {ty}
+",
+        cols_dim = rows_dim + 1
+    );
+    let first_row = if split {
+        let _ = writeln!(
+            t,
+            "  %op_rows = memref.dim {memref}, %c{rows_dim} : {ty}
+  %op_split = arith.muli %z, %op_rows : index"
+        );
+        "%op_split"
+    } else {
+        "%c0"
+    };
+    for h in 0..2 {
+        let _ = writeln!(
+            t,
+            "  %op_row{h} = arith.addi {first_row}, %og{h} : index
+  %op_el{h} = arith.muli %op_row{h}, %op_cols : index
+  %op_col{h} = arith.addi %op_el{h}, {col} : index
+  %op_off{h} = arith.muli %op_col{h}, %c4 : index
+  %op_at{h} = arith.addi %op_base, %op_off{h} : index"
+        );
+    }
+    let mut stores = [String::new(), String::new()];
+    for n in 0..accs {
+        for e in (0..FRAG_N).step_by(2) {
+            let (r, k) = fragment_offset(0, e);
+            let (v0, v1) = (value(n, e, &mut t), value(n, e + 1, &mut t));
+            let _ = writeln!(
+                t,
+                "  %fp{n}_{e}a = llvm.mlir.poison : vector<2xf32>
+  %fp{n}_{e}b = llvm.insertelement {v0}, %fp{n}_{e}a[%c0_i32 : i32] : vector<2xf32>
+  %fp{n}_{e} = llvm.insertelement {v1}, %fp{n}_{e}b[%c1_i32 : i32] : vector<2xf32>"
+            );
+            let _ = writeln!(
+                stores[r / 8],
+                "    %fa{n}_{e} = arith.addi %op_at{h}, %c{bytes} : index
+    %fa{n}_{e}_64 = arith.index_cast %fa{n}_{e} : index to i64
+    %fa{n}_{e}_p = llvm.inttoptr %fa{n}_{e}_64 : i64 to !llvm.ptr<1>
+    llvm.store %fp{n}_{e}, %fa{n}_{e}_p {{alignment = 8 : i64}} : vector<2xf32>, !llvm.ptr<1>",
+                h = r / 8,
+                bytes = 4 * (n * CHUNK + k)
+            );
+        }
+    }
+    for (h, stores) in stores.iter().enumerate() {
+        let _ = write!(t, "  scf.if %oin{h} {{\n{stores}  }}\n");
+    }
+    t
+}
+
 fn module_text(head: &str, body: &str) -> String {
     format!("{head}{}{body}  gpu.return\n}}\n}}\n}}\n", constants(body))
 }
