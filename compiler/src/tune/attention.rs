@@ -14,7 +14,8 @@
 //! share of the bandwidth, in a cluster its half of the page; prefill: the head's keys and values
 //! stay in L2 across its query tiles),
 //! runs the tensor-core products (decode: `S = Q K^T` in each of the two warpgroups, then `P V`;
-//! prefill: both warpgroups' 64 query rows) at the SM's share of the dense bf16 peak, and the online
+//! prefill: both warpgroups' 64 query rows) at the SM's share of the dense bf16 peak times the
+//! efficiency of each product's wgmma width ([`super::wgmma_width_efficiency`]), and the online
 //! softmax (and the fp8 cache's conversion) on the CUDA cores. One buffer: the load is exposed every
 //! step; a deeper ring hides it behind the previous steps' work, all but a residue that shrinks
 //! with depth. Blocks per SM come from shared memory, threads and a lower bound on registers (the
@@ -269,8 +270,6 @@ const CUDA_OPS_PER_SM_US: f64 = 128.0 * 1.8e3;
 /// and per latent element of the fp8 cache's conversion (cvt, scale, cvt, shared store).
 const SOFTMAX_OPS: f64 = 12.0;
 const FP8_CONVERT_OPS: f64 = 4.0;
-/// The wgmma efficiency of N = 64 tiles (as the GEMM model's `1 - 12.8 / N`).
-const NARROW_WGMMA: f64 = 0.8;
 /// L2's bandwidth as a multiple of DRAM's (what prefill's re-read keys and values stream at).
 const L2_PER_DRAM: f64 = 2.5;
 /// The share of a step's load a ring of 2 buffers leaves exposed (deeper rings: divided by
@@ -285,8 +284,13 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
     let registers = target.registers_per_sm as usize / (config.threads() * config.registers_at_least());
     let per_sm = (target.shared_memory_per_sm as usize / smem).min(2048 / config.threads()).min(registers).max(1);
     let slots = sms * per_sm;
-    // Per microsecond of one of the SM's `per_sm` blocks: tensor-core FLOPs, CUDA-core operations.
-    let flops_us = device.bf16_tflops * 1e6 / sms as f64 / per_sm as f64 * NARROW_WGMMA;
+    // Per microsecond of one of the SM's `per_sm` blocks: tensor-core FLOPs at the peak,
+    // CUDA-core operations. A product's time: its FLOPs over the peak times the efficiency of
+    // the wgmma width it runs at.
+    let flops_us = device.bf16_tflops * 1e6 / sms as f64 / per_sm as f64;
+    let tensor_us = |products: &[(usize, usize)]| -> f64 {
+        products.iter().map(|&(flops, n)| flops as f64 / (flops_us * super::wgmma_width_efficiency(n))).sum()
+    };
     let ops_us = CUDA_OPS_PER_SM_US / per_sm as f64;
     let dram_us = device.dram_tbps * 1e6;
     let stages = config.stages();
@@ -305,11 +309,12 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             let splits = v3c_runtime::lowering::attention_splits(sequences, heads, context, sms);
             let blocks = sequences * heads.div_ceil(PAGE) * splits;
             let pages = context.div_ceil(PAGE).div_ceil(splits);
-            // Each warpgroup scores half the page's keys (the rows' maxima swapped through shared
-            // memory) and multiplies P by half the values' columns.
-            let flops = 2.0 * (PAGE * PAGE * width) as f64 + 2.0 * (PAGE * PAGE * kv) as f64;
+            // Each warpgroup scores half the page's keys (m64n32: the rows' maxima swapped through
+            // shared memory) and multiplies P by half the values' columns (one m64n<kv / 2> a k16
+            // step).
+            let products = [(2 * PAGE * PAGE * width, PAGE / 2), (2 * PAGE * PAGE * kv, (kv / 2).min(256))];
             let convert = if fp8_cache { (PAGE * kv) as f64 * FP8_CONVERT_OPS } else { 0.0 };
-            let work = flops / flops_us + ((PAGE * PAGE) as f64 * SOFTMAX_OPS + convert) / ops_us;
+            let work = tensor_us(&products) + ((PAGE * PAGE) as f64 * SOFTMAX_OPS + convert) / ops_us;
             // A page from DRAM at the SM's share of the bandwidth, split among its blocks; in a
             // cluster each block loads its share of the page (multicast into both).
             let cluster = match config {
@@ -345,15 +350,18 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             let steps_of = |i: usize| ((i + 1) * queries).div_ceil(PAGE).min(key_tiles);
             let all_steps: usize = heads * (0..tiles).map(steps_of).sum::<usize>();
             let longest = steps_of(tiles.saturating_sub(1));
-            // A step's products: S = Q K^T, then P V (forward), dP = dO V^T and dS K or dS^T Q
-            // (dQ, dK), P^T dO (dV).
-            let widths = match mode {
-                FlashMode::Forward | FlashMode::Lse => qk + v,
-                FlashMode::Grad(GradOf::Queries | GradOf::Keys) => 2 * qk + v,
-                FlashMode::Grad(GradOf::Values) => qk + v,
+            // A step's products (the FLOPs' reduction width, the wgmma's N): S = Q K^T (m64n64),
+            // then P V (forward: one m64n<v> a k16 step), dP = dO V^T (m64n64) and dS K (dQ:
+            // m64n<qk>) or dS^T Q (dK: m64n64 a chunk), P^T dO (dV: m64n<v>).
+            let widths: &[(usize, usize)] = match mode {
+                FlashMode::Forward | FlashMode::Lse => &[(qk, PAGE), (v, v)],
+                FlashMode::Grad(GradOf::Queries) => &[(qk, PAGE), (v, PAGE), (qk, qk)],
+                FlashMode::Grad(GradOf::Keys) => &[(qk, PAGE), (v, PAGE), (qk, PAGE)],
+                FlashMode::Grad(GradOf::Values) => &[(qk, PAGE), (v, v)],
             };
-            let flops = 2.0 * (queries * PAGE * widths) as f64;
-            let work = flops / flops_us + (queries * PAGE) as f64 * SOFTMAX_OPS / ops_us;
+            let products: Vec<(usize, usize)> =
+                widths.iter().map(|&(k, n)| (2 * queries * PAGE * k, n.min(256))).collect();
+            let work = tensor_us(&products) + (queries * PAGE) as f64 * SOFTMAX_OPS / ops_us;
             let l2_us = dram_us * L2_PER_DRAM / sms as f64 / per_sm as f64;
             let load = (PAGE * (qk + v) * 2) as f64 / l2_us;
             let step_us = step(load, work);

@@ -251,6 +251,14 @@ const UNIT_US: f64 = 1.0;
 /// How many times its fair share of DRAM bandwidth one SM can pull when few are streaming.
 const SM_BANDWIDTH_SHARE: f64 = 2.5;
 
+/// The cost models' share of the tensor cores' peak that a chain of `wgmma m64nNk16` reaches for
+/// its width N (`1 - 12.8 / N`: 0.6 at N = 32, 0.8 at 64, 0.95 at 256): an instruction's 64 x 16 A
+/// operand is read whatever N, so narrow ones move more operand bytes a multiply-add. A model's
+/// figure, not a measurement; the database's timings override what it ranks.
+pub(crate) fn wgmma_width_efficiency(n: usize) -> f64 {
+    1.0 - 12.8 / n as f64
+}
+
 /// The cost model (see the module doc) for `config` on `shape` on `device`.
 pub fn estimate(shape: &GemmShape, config: &GemmConfig, device: &DeviceModel) -> Estimate {
     if let Some(g) = &shape.grouped {
@@ -280,7 +288,7 @@ pub fn estimate(shape: &GemmShape, config: &GemmConfig, device: &DeviceModel) ->
     let peak_per_sm = if shape.input == GemmInput::Fp8 { device.fp8_tflops } else { device.bf16_tflops } * 1e12
         / sms as f64
         / per_sm as f64;
-    let width = 1.0 - 12.8 / c.block_n as f64;
+    let width = wgmma_width_efficiency(c.block_n);
     let hiding = match (c.consumers, c.specialized) {
         (2, true) => 1.0,
         (2, false) | (1, true) => 0.9,
@@ -357,7 +365,7 @@ fn estimate_grouped(shape: &GemmShape, g: &GroupedProblem, c: &GemmConfig, devic
     let peak_per_sm = if shape.input == GemmInput::Fp8 { device.fp8_tflops } else { device.bf16_tflops } * 1e12
         / sms as f64
         / per_sm as f64;
-    let width = 1.0 - 12.8 / c.block_n as f64;
+    let width = wgmma_width_efficiency(c.block_n);
     let hiding = if c.consumers == 2 { 1.0 } else { 0.9 };
     let depth = (0.6 + 0.1 * (c.stages as f64 - 1.0)).min(1.0);
     let promotion = match (shape.input, c.consumers) {
