@@ -1811,7 +1811,8 @@ enum Scores {
 /// `%m0`, `%m1` from `%m<h>_in` (a row that has seen no key yet keeps the maximum -inf and
 /// subtracts 0 instead: P of 0, not NaN — a decode split whose pages all lie past a speculative
 /// token's position, say), the thread's partial sums `%l0`, `%l1` from `%l<h>_in` (of its own
-/// keys), the `accs` accumulators `%o<n>_in` rescaled (their names returned), and P (bf16, the
+/// keys), the `accs` accumulators `%o<n>_in` rescaled (their names returned; a thread whose two rows
+/// kept their maxima skips the multiplications by exactly 1), and P (bf16, the
 /// 128-byte-swizzled K-major 64 x 64 layout wgmma reads) stored at byte `p_off` of `%smem` (key
 /// halves: each warpgroup its columns).
 fn online_softmax(
@@ -1885,22 +1886,42 @@ fn online_softmax(
             rest(&mut t, h);
         }
     }
-    // Rescale the accumulators by their row's alpha.
-    let mut scaled = Vec::new();
+    // Rescale the accumulators by their row's alpha — unless both of the thread's rows kept their
+    // maximum (alpha exactly 1: the products would be the accumulators themselves), as most rows
+    // do once their largest scores are behind them.
+    let types = vec![FRAG; accs].join(", ");
+    let (mut kept, mut rescaled) = (Vec::new(), Vec::new());
+    let mut rescale = String::new();
     for n in 0..accs {
         let mut cur = format!("%o{n}_in");
         for e in 0..FRAG_N {
             let _ = writeln!(
-                t,
-                "%ov{n}_{e} = llvm.extractvalue %o{n}_in[{e}] : {FRAG}
-%oa{n}_{e} = arith.mulf %ov{n}_{e}, %alpha{h} : f32
-%oi{n}_{e} = llvm.insertvalue %oa{n}_{e}, {cur}[{e}] : {FRAG}",
+                rescale,
+                "  %ov{n}_{e} = llvm.extractvalue %o{n}_in[{e}] : {FRAG}
+  %oa{n}_{e} = arith.mulf %ov{n}_{e}, %alpha{h} : f32
+  %oi{n}_{e} = llvm.insertvalue %oa{n}_{e}, {cur}[{e}] : {FRAG}",
                 h = half(e)
             );
             cur = format!("%oi{n}_{e}");
         }
-        scaled.push(cur);
+        kept.push(format!("%o{n}_in"));
+        rescaled.push(cur);
     }
+    let _ = writeln!(
+        t,
+        "%alpha_one = arith.constant 1.0 : f32
+%kept0 = arith.cmpf oeq, %alpha0, %alpha_one : f32
+%kept1 = arith.cmpf oeq, %alpha1, %alpha_one : f32
+%kept = arith.andi %kept0, %kept1 : i1
+%rescaled:{accs} = scf.if %kept -> ({types}) {{
+  scf.yield {kept} : {types}
+}} else {{
+{rescale}  scf.yield {rescaled} : {types}
+}}",
+        kept = kept.join(", "),
+        rescaled = rescaled.join(", ")
+    );
+    let scaled = (0..accs).map(|n| format!("%rescaled#{n}")).collect();
     let columns = if scores == Scores::KeyHalves { Some("%cw_keys") } else { None };
     store_tile(&mut t, n_vals, columns, p_off, &|e| format!("%pe{e}"));
     (t, scaled)
