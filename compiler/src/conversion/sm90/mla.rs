@@ -576,7 +576,7 @@ gpu.barrier
         if c.fp8_cache {
             let _ = writeln!(t, "    %kconv_addr = arith.addi %conv_addr, %cw_keys64 : i64");
         }
-        let s = qk_products(&mut t, "", chunks, HALF_KEYS, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
+        let s = qk_products(&mut t, "", true, chunks, HALF_KEYS, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
         let (softmax, mut o) = self.softmax(&s);
         t.push_str(&indent(&softmax, 4));
         t.push('\n');
@@ -973,7 +973,7 @@ impl PrefillEmitter {
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
         let (iter, types) = loop_carried(accs);
         let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
-        let s = qk_products(&mut t, "", qc, PAGE, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
+        let s = qk_products(&mut t, "", true, qc, PAGE, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
             ("%stage_addr", k * CHUNK_BYTES)
         });
         // Causal and length masks: key <= the row's position, key < S.
@@ -1178,7 +1178,7 @@ impl GradEmitter {
         );
         // S (own rows x streamed rows) over the qk columns, P from it; then (dQ, dK) dP over the v
         // columns, and dS (S is dead by then: fewer live registers).
-        let s = qk_products(&mut t, "", qc, PAGE, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
+        let s = qk_products(&mut t, "", false, qc, PAGE, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
             ("%stage_addr", k * CHUNK_BYTES)
         });
         let mut body = format!("%tile_col = arith.addi %tile_r, %lcol : index\n");
@@ -1238,7 +1238,7 @@ impl GradEmitter {
         let ds = self.of != GradOf::Values;
         if ds {
             let at = |k: usize| (qc + k) * CHUNK_BYTES;
-            let dp = qk_products(&mut t, "g", vc, PAGE, &|k| ("%own_addr", at(k)), &|k| ("%stage_addr", at(k)));
+            let dp = qk_products(&mut t, "g", false, vc, PAGE, &|k| ("%own_addr", at(k)), &|k| ("%stage_addr", at(k)));
             if !queries {
                 // The streamed queries' D, loaded once dP is there (not live across its products).
                 for col in &column_stats {
@@ -1651,6 +1651,7 @@ fn tile_loop_head(count: &str, iter: &[String], types: &[String], stages: usize,
 fn qk_products(
     t: &mut String,
     p: &str,
+    one_base: bool,
     chunks: usize,
     n: usize,
     q: &dyn Fn(usize) -> (&'static str, usize),
@@ -1662,23 +1663,32 @@ fn qk_products(
         assert_eq!(n, HALF_KEYS, "S tiles of 64 or 32 keys");
         (HALF_FRAG, format!("%hfrag{HALF_N}"))
     };
-    for k in 0..chunks {
-        for (name, (base, off)) in [("q", q(k)), ("k", key(k))] {
-            let _ = writeln!(t, "    %{p}{name}a{k} = arith.addi {base}, %c{off}_i64 : i64");
-            let (d, a) = (format!("%{p}d{name}{k}"), format!("%{p}{name}a{k}"));
-            let _ = writeln!(t, "{}", indent(&desc(&d, &a, "%desc_k"), 4));
+    // The operands' descriptors: each chunk's from its address, or (`one_base`: decode and the
+    // flash forward) every one from its base address's — fewer instructions, more values live:
+    // the gradient kernels, at 250-255 registers, would spill.
+    let mut bases: Vec<(&str, usize)> = Vec::new();
+    for (base, off) in (0..chunks).flat_map(|k| [q(k), key(k)]) {
+        let at = if one_base { (base, 0) } else { (base, off) };
+        if !bases.contains(&at) {
+            let i = bases.len();
+            let _ = writeln!(t, "    %{p}ba{i} = arith.addi {base}, %c{}_i64 : i64", at.1);
+            let _ = writeln!(t, "{}", indent(&desc(&format!("%{p}db{i}"), &format!("%{p}ba{i}"), "%desc_k"), 4));
+            bases.push(at);
         }
     }
+    let operand = |(base, off): (&str, usize)| {
+        let at = if one_base { (base, 0) } else { (base, off) };
+        let i = bases.iter().position(|&b| b == at).expect("a base of the product");
+        (format!("%{p}db{i}"), (off - at.1) / 16)
+    };
     let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
     for k in 0..chunks {
+        let ((qb, qu), (kb, ku)) = (operand(q(k)), operand(key(k)));
         for ks in 0..4 {
-            let (da, db) = if ks == 0 {
-                (format!("%{p}dq{k}"), format!("%{p}dk{k}"))
-            } else {
-                let _ = writeln!(t, "    %{p}dq{k}_{ks} = arith.addi %{p}dq{k}, %c{}_i64 : i64", 2 * ks);
-                let _ = writeln!(t, "    %{p}dk{k}_{ks} = arith.addi %{p}dk{k}, %c{}_i64 : i64", 2 * ks);
-                (format!("%{p}dq{k}_{ks}"), format!("%{p}dk{k}_{ks}"))
-            };
+            // 16 columns further: 32 bytes of each 128-byte swizzled row.
+            let (da, db) = (format!("%{p}dq{k}_{ks}"), format!("%{p}dk{k}_{ks}"));
+            let _ = writeln!(t, "{}", indent(&desc_at(&da, &qb, qu + 2 * ks), 4));
+            let _ = writeln!(t, "{}", indent(&desc_at(&db, &kb, ku + 2 * ks), 4));
             let scale_out = if k == 0 && ks == 0 { "zero" } else { "one" };
             let out = format!("%{p}s{k}_{ks}");
             let _ = writeln!(
@@ -1704,9 +1714,8 @@ fn pv_products(t: &mut String, v_base: &str, v_offset: usize, group: usize, o: &
     let n = 64 * group;
     let wide = format!("!llvm.struct<({})>", vec!["f32"; n / 2].join(", "));
     let mut accs: Vec<String> = Vec::new();
+    let _ = writeln!(t, "{}", indent(&desc("%dvb", v_base, "%desc_mn"), 4));
     for (g, chunks) in o.chunks(group).enumerate() {
-        let _ = writeln!(t, "    %va{g} = arith.addi {v_base}, %c{}_i64 : i64", v_offset + g * group * CHUNK_BYTES);
-        let _ = writeln!(t, "{}", indent(&desc(&format!("%dv{g}"), &format!("%va{g}"), "%desc_mn"), 4));
         if group == 1 {
             accs.push(chunks[0].clone());
             continue;
@@ -1727,20 +1736,14 @@ fn pv_products(t: &mut String, v_base: &str, v_offset: usize, group: usize, o: &
     }
     let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
     for ks in 0..4 {
-        let dp = if ks == 0 {
-            "%dp".to_string()
-        } else {
-            let _ = writeln!(t, "    %dp_{ks} = arith.addi %dp, %c{}_i64 : i64", 2 * ks);
-            format!("%dp_{ks}")
-        };
+        let dp = format!("%dp_{ks}");
+        let _ = writeln!(t, "{}", indent(&desc_at(&dp, "%dp", 2 * ks), 4));
         for (g, acc) in accs.iter_mut().enumerate() {
-            let dv = if ks == 0 {
-                format!("%dv{g}")
-            } else {
-                // 16 keys further: two 8-key groups of 1024 B (64 units of 16 B each).
-                let _ = writeln!(t, "    %dv{g}_{ks} = arith.addi %dv{g}, %c{}_i64 : i64", 128 * ks);
-                format!("%dv{g}_{ks}")
-            };
+            // The group's first chunk, 16 keys further a step: two 8-key groups of 1024 B (64
+            // units of 16 B each).
+            let dv = format!("%dv{g}_{ks}");
+            let units = (v_offset + g * group * CHUNK_BYTES) / 16 + 128 * ks;
+            let _ = writeln!(t, "{}", indent(&desc_at(&dv, "%dvb", units), 4));
             let out = format!("%pv{g}_{ks}");
             let _ = writeln!(
                 t,
@@ -1989,11 +1992,33 @@ fn store_tile(t: &mut String, n_vals: usize, columns: Option<&str>, p_off: &str,
     }
 }
 
-/// `name = <wgmma descriptor of the shared-memory address addr>` (address bits 4-17 in bits 0-13).
+/// `name` = the wgmma descriptor (i64) of the shared-memory address `addr` (its bits 4-17 in bits
+/// 0-13) with `high`'s fixed fields, and `{name}_lo` its low word (i32), from which [`desc_at`]
+/// derives the descriptors of the addresses after it.
 fn desc(name: &str, addr: &str, high: &str) -> String {
     format!(
-        "{name}_m = arith.andi {addr}, %addr_mask : i64\n{name}_s = arith.shrui {name}_m, %c4_i64 : i64\n{name} = arith.ori {high}, {name}_s : i64"
+        "{name}_m = arith.andi {addr}, %addr_mask : i64
+{name}_s = arith.shrui {name}_m, %c4_i64 : i64
+{name}_a = arith.trunci {name}_s : i64 to i32
+{name}_fixed = arith.trunci {high} : i64 to i32
+{name}_lo = arith.ori {name}_a, {name}_fixed : i32
+{}",
+        desc_word(name)
     )
+}
+
+/// `name` = the descriptor of the address `units` x 16 bytes after `base`'s (a [`desc`]): its
+/// low word plus `units` (the address field of a shared-memory address below 256 KiB takes the add
+/// without a carry), the high word's fields constants — one 32-bit add an operand, not 64-bit
+/// arithmetic on both words.
+fn desc_at(name: &str, base: &str, units: usize) -> String {
+    format!("{name}_lo = arith.addi {base}_lo, %c{units}_i32 : i32\n{}", desc_word(name))
+}
+
+/// `name` (i64) from its low word `{name}_lo` and the high word every descriptor here shares
+/// (`%desc_k`'s: the swizzle mode and the stride offset).
+fn desc_word(name: &str) -> String {
+    format!("{name}_w = arith.extui {name}_lo : i32 to i64\n{name} = arith.ori %desc_k, {name}_w : i64")
 }
 
 /// `2^x` (the SFU's approximation; 2^-inf = 0).
