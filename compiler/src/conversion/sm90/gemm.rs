@@ -683,7 +683,18 @@ impl Emitter {
             c.kernel_name(),
             args.join(", "),
             c.threads(),
-            if c.cluster > 1 { format!(", nvvm.cluster_dim = array<i32: {}, 1, 1>", c.cluster) } else { String::new() }
+            // With a producer warpgroup, `.minnctapersm 1`: ptxas honours `setmaxnreg` only when it
+            // knows the registers a thread has at entry (the SM's over the block's threads) —
+            // without it, "'setmaxnreg' ignored" and every warpgroup keeps the entry's count.
+            format!(
+                "{}{}",
+                if c.specialized { ", nvvm.minctasm = 1 : i32" } else { "" },
+                if c.cluster > 1 {
+                    format!(", nvvm.cluster_dim = array<i32: {}, 1, 1>", c.cluster)
+                } else {
+                    String::new()
+                }
+            )
         );
 
         let mut t = String::new();
