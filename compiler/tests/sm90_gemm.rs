@@ -203,6 +203,9 @@ fn assert_attention_tensor_core_code(
     let pairs = kernel.ptx.matches("st.global.v2.b32").count();
     assert_eq!(pairs, outputs / 4, "{}: the outputs' 8-byte stores", kernel.name);
     assert!(kernel.ptx.matches("st.global.b32").count() <= 2, "{}: scalar output stores", kernel.name);
+    // P (and the fp8 cache's decoded page) rounded to bf16 in column pairs, a word a store.
+    assert!(kernel.ptx.contains("cvt.rn.bf16x2.f32"), "{}: bf16 pairs", kernel.name);
+    assert!(!kernel.ptx.contains("st.shared.b16"), "{}: bf16 stored one element at a time", kernel.name);
     let Some(ptxas) = ptxas else {
         eprintln!("{}: PTX only (no ptxas: run scripts/bootstrap.sh)", kernel.name);
         return;
@@ -615,8 +618,8 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
 
 /// Static pruning by ptxas: a kernel that fits on paper but spills is passed over for the next one.
 /// A dK flash kernel of 256-wide queries and keys spills with a ring of one tile (255 registers) and
-/// not with two (DeepSeek-V3's 192-wide one did too, until its wgmma descriptors became 32-bit adds
-/// of a base: it spills at no depth now). The
+/// not with two (DeepSeek-V3's 192-wide one did too until its wgmma descriptors became 32-bit adds;
+/// at 255 registers which depths spill moves with every change to the kernel). The
 /// GEMM configuration this test used to hold, 128x256 bf16 output over two consumer warpgroups,
 /// spilled until the epilogue stored column pairs; it assembles without spills now.
 #[test]

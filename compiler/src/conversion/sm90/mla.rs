@@ -456,12 +456,14 @@ nvgpu.tma.async.load {map}[%c{col}, %lp_row], %bars[%lp_st] to %lp_{name}{mcast}
     /// fp8 cache: the page's e4m3 latent (ring buffer `%st`) decoded, scaled by its row's 1x128
     /// scales and rounded to bf16 into the converted buffer, in the 128-byte-swizzled chunks the
     /// tensor cores read (rows past the sequence's length as zeros); then a proxy fence and a block
-    /// barrier. Each thread converts 16-byte units: 8 pairs through `cvt.rn.f16x2.e4m3x2`.
+    /// barrier. Each thread converts 16-byte units: 8 pairs through `cvt.rn.f16x2.e4m3x2`, each pair
+    /// rounded to bf16 together (`cvt.rn.bf16x2.f32`) and stored as one word.
     fn convert_page(&self) -> String {
         let c = &self.c;
         let ws = WORKGROUP;
         let units_per_row = c.kv / 16;
-        let elems = c.latent_chunks() * PAGE * CHUNK;
+        // The converted buffer in bf16 pairs (a column pair a 4-byte word).
+        let words = c.latent_chunks() * PAGE * CHUNK / 2;
         let mut t = format!(
             "%cv_valid = arith.select %zero_tail, %tail, %c{PAGE} : index
 %cv_page = arith.addi %p0, %j : index
@@ -470,8 +472,8 @@ nvgpu.tma.async.load {map}[%c{col}, %lp_row], %bars[%lp_st] to %lp_{name}{mcast}
 %cv_row0 = arith.muli %cv_blk, %c{PAGE} : index
 %cv_src_off = arith.addi %st_off, %c{q_bytes} : index
 %cv_src = memref.view %smem[%cv_src_off][] : memref<?xi8, {ws}> to memref<{half_words}xi16, {ws}>
-%cv_dst = memref.view %smem[%c{dst_off}][] : memref<?xi8, {ws}> to memref<{elems}xbf16, {ws}>
-%cv_zero_bf = arith.constant 0.0 : bf16
+%cv_dst = memref.view %smem[%c{dst_off}][] : memref<?xi8, {ws}> to memref<{words}xi32, {ws}>
+%cv_zero_pair = arith.constant 0 : i32
 scf.for %u = %tid to %c{units} step %c{THREADS} {{
   %cv_r = arith.divui %u, %c{units_per_row} : index
   %cv_uc = arith.remui %u, %c{units_per_row} : index
@@ -496,8 +498,8 @@ scf.for %u = %tid to %c{units} step %c{THREADS} {{
   %cv_ccol = arith.remui %cv_col0, %c64 : index
   %cv_unit0 = arith.divui %cv_ccol, %c8 : index
   %cv_rm8 = arith.remui %cv_r, %c8 : index
-  %cv_cbase = arith.muli %cv_chunk, %c{chunk_elems} : index
-  %cv_rbase = arith.muli %cv_r, %c64 : index
+  %cv_cbase = arith.muli %cv_chunk, %c{chunk_words} : index
+  %cv_rbase = arith.muli %cv_r, %c32 : index
   %cv_base = arith.addi %cv_cbase, %cv_rbase : index
 ",
             q_bytes = c.query_bytes(),
@@ -505,7 +507,7 @@ scf.for %u = %tid to %c{units} step %c{THREADS} {{
             dst_off = c.converted_offset(),
             units = PAGE * units_per_row,
             box_bytes = PAGE * 128,
-            chunk_elems = PAGE * CHUNK,
+            chunk_words = PAGE * CHUNK / 2,
         );
         for p in 0..8 {
             // Pair p: bytes 2p, 2p + 1 of the unit -> columns col0 + 2p, + 1 (16-byte unit p / 4 of
@@ -524,21 +526,21 @@ scf.for %u = %tid to %c{units} step %c{THREADS} {{
   %cv_eh{p} = arith.extf %cv_fh{p} : f16 to f32
   %cv_vl{p} = arith.mulf %cv_el{p}, %cv_sc : f32
   %cv_vh{p} = arith.mulf %cv_eh{p}, %cv_sc : f32
-  %cv_bl0_{p} = arith.truncf %cv_vl{p} : f32 to bf16
-  %cv_bh0_{p} = arith.truncf %cv_vh{p} : f32 to bf16
-  %cv_bl{p} = arith.select %cv_in, %cv_bl0_{p}, %cv_zero_bf : bf16
-  %cv_bh{p} = arith.select %cv_in, %cv_bh0_{p}, %cv_zero_bf : bf16
+  %cv_v{p}a = llvm.mlir.poison : vector<2xf32>
+  %cv_v{p}b = llvm.insertelement %cv_vl{p}, %cv_v{p}a[%c0_i32 : i32] : vector<2xf32>
+  %cv_v{p} = llvm.insertelement %cv_vh{p}, %cv_v{p}b[%c1_i32 : i32] : vector<2xf32>
+  %cv_b{p} = arith.truncf %cv_v{p} : vector<2xf32> to vector<2xbf16>
+  %cv_w0_{p} = llvm.bitcast %cv_b{p} : vector<2xbf16> to i32
+  %cv_pair{p} = arith.select %cv_in, %cv_w0_{p}, %cv_zero_pair : i32
   %cv_un{p} = arith.addi %cv_unit0, %c{unit} : index
   %cv_sx{p} = arith.xori %cv_un{p}, %cv_rm8 : index
-  %cv_so{p} = arith.muli %cv_sx{p}, %c8 : index
+  %cv_so{p} = arith.muli %cv_sx{p}, %c4 : index
   %cv_d0_{p} = arith.addi %cv_base, %cv_so{p} : index
   %cv_d{p} = arith.addi %cv_d0_{p}, %c{within} : index
-  %cv_d1_{p} = arith.addi %cv_d{p}, %c1 : index
-  memref.store %cv_bl{p}, %cv_dst[%cv_d{p}] : memref<{elems}xbf16, {ws}>
-  memref.store %cv_bh{p}, %cv_dst[%cv_d1_{p}] : memref<{elems}xbf16, {ws}>",
+  memref.store %cv_pair{p}, %cv_dst[%cv_d{p}] : memref<{words}xi32, {ws}>",
                 half_words = PAGE * c.kv / 2,
                 unit = p / 4,
-                within = 2 * (p % 4),
+                within = p % 4,
             );
         }
         t.push_str(
@@ -1959,18 +1961,19 @@ fn exchange_rows(src: &str, dst: &str) -> String {
 
 /// A 64 x 64 fragment's values (`value(e)`: element e's f32) stored as bf16 at byte `p_off` of
 /// `%smem` in the 128-byte-swizzled K-major layout wgmma reads as A, by the threads where `guard`
-/// holds (all without one): element (r, k) at r * 64 + ((k / 8) xor (r mod 8)) * 8 + k mod 8 (a
-/// thread's pairs (k, k + 1) share a 16-byte unit).
+/// holds (all without one): element (r, k) at r * 64 + ((k / 8) xor (r mod 8)) * 8 + k mod 8. A
+/// thread's elements e, e + 1 (e even) are columns k, k + 1 (k even) of one row, in one 16-byte
+/// unit: rounded together (`cvt.rn.bf16x2.f32`) and stored as one 4-byte word.
 fn store_tile(t: &mut String, n_vals: usize, columns: Option<&str>, p_off: &str, value: &dyn Fn(usize) -> String) {
     let ws = WORKGROUP;
     let _ = writeln!(
         t,
-        "%pview = memref.view %smem[{p_off}][] : memref<?xi8, {ws}> to memref<{elems}xbf16, {ws}>
+        "%pview = memref.view %smem[{p_off}][] : memref<?xi8, {ws}> to memref<{words}xi32, {ws}>
   %pcol = arith.addi %lcol, {first} : index",
         first = columns.unwrap_or("%c0"),
-        elems = PAGE * CHUNK
+        words = PAGE * CHUNK / 2
     );
-    for e in 0..n_vals {
+    for e in (0..n_vals).step_by(2) {
         let (r, k) = fragment_offset(0, e);
         let _ = writeln!(
             t,
@@ -1984,10 +1987,16 @@ fn store_tile(t: &mut String, n_vals: usize, columns: Option<&str>, p_off: &str,
   %punit{e} = arith.muli %px{e}, %c8 : index
   %pi0_{e} = arith.addi %prow{e}, %punit{e} : index
   %pi{e} = arith.addi %pi0_{e}, %pw{e} : index
-  %pb{e} = arith.truncf {value} : f32 to bf16
-  memref.store %pb{e}, %pview[%pi{e}] : memref<{elems}xbf16, {ws}>",
-            value = value(e),
-            elems = PAGE * CHUNK
+  %pj{e} = arith.divui %pi{e}, %c2 : index
+  %pf{e}a = llvm.mlir.poison : vector<2xf32>
+  %pf{e}b = llvm.insertelement {v0}, %pf{e}a[%c0_i32 : i32] : vector<2xf32>
+  %pf{e} = llvm.insertelement {v1}, %pf{e}b[%c1_i32 : i32] : vector<2xf32>
+  %pb{e} = arith.truncf %pf{e} : vector<2xf32> to vector<2xbf16>
+  %pbits{e} = llvm.bitcast %pb{e} : vector<2xbf16> to i32
+  memref.store %pbits{e}, %pview[%pj{e}] : memref<{words}xi32, {ws}>",
+            v0 = value(e),
+            v1 = value(e + 1),
+            words = PAGE * CHUNK / 2
         );
     }
 }
