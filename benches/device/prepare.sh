@@ -57,12 +57,13 @@ done
 # sequence apart or in a cluster sharing each page by multicast — the compiler's default) with its split combine, causal
 # prefill at the ring depths the cost model ranks first (4) and the template's former default (2); `v3r tune`
 # (step 2b) checks every depth against the default; training's flash forward (_lse) and its dQ, dK, dV kernels
-# at the depths the cost model picks (4, 3, 2 — dK's 3 spills —, 4) and at 2.
+# at the depths the cost model picks (4, 3, 3, 4) and at 2.
 rm -rf .device/mla && mkdir -p .device/mla
 for k in mla_decode_kv512_r64_p64_s2 mla_decode_kv512_r64_p64_s2_fp8 mla_decode_kv512_r64_p64_s2_cl2 \
   mla_decode_kv512_r64_p64_s2_cl2_fp8 rows_mlacombine_d512_t64 mla_prefill_qk192_v128_s2 \
   mla_prefill_qk192_v128_s4 mla_prefill_qk192_v128_s2_lse mla_gradq_qk192_v128_s2 mla_gradk_qk192_v128_s2 \
-  mla_gradv_qk192_v128_s2 mla_prefill_qk192_v128_s4_lse mla_gradq_qk192_v128_s3 mla_gradv_qk192_v128_s4; do
+  mla_gradv_qk192_v128_s2 mla_prefill_qk192_v128_s4_lse mla_gradq_qk192_v128_s3 mla_gradk_qk192_v128_s3 \
+  mla_gradv_qk192_v128_s4; do
   target/release/v3c dump-ir --stage ptx --kernel "$k" \
     | awk '/^\/\/ ----- stage ptx/ {p = 1; print; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/mla/$k.ptx"
   grep -q "\.entry $k(" ".device/mla/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }

@@ -617,9 +617,9 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
 }
 
 /// Static pruning by ptxas: a kernel that fits on paper but spills is passed over for the next one.
-/// A dK flash kernel of 256-wide queries and keys spills with a ring of one tile (255 registers) and
-/// not with two (DeepSeek-V3's 192-wide one did too until its wgmma descriptors became 32-bit adds;
-/// at 255 registers which depths spill moves with every change to the kernel). The
+/// DeepSeek-V3's dK flash kernel spills with a ring of one tile (255 registers) and not with two
+/// (at 255 registers which depths spill moves with every change to the kernel: it is the case to
+/// hold while it does). The
 /// GEMM configuration this test used to hold, 128x256 bf16 output over two consumer warpgroups,
 /// spilled until the epilogue stored column pairs; it assembles without spills now.
 #[test]
@@ -631,8 +631,7 @@ fn configurations_that_spill_are_pruned() {
     };
     let context = v3c_compiler::mlir::new_context();
     let dk = |stages| {
-        let mode = FlashMode::Grad(GradOf::Keys);
-        let config = MlaPrefillConfig { qk: 256, stages, mode, ..MlaPrefillConfig::DEEPSEEK_V3 };
+        let config = MlaPrefillConfig { stages, mode: FlashMode::Grad(GradOf::Keys), ..MlaPrefillConfig::DEEPSEEK_V3 };
         let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap();
         sm90::unspilled(kernel, &target::SM90A, Some(&ptxas)).unwrap()
     };

@@ -578,7 +578,7 @@ gpu.barrier
         if c.fp8_cache {
             let _ = writeln!(t, "    %kconv_addr = arith.addi %conv_addr, %cw_keys64 : i64");
         }
-        let s = qk_products(&mut t, "", true, chunks, HALF_KEYS, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
+        let s = qk_products(&mut t, "", chunks, HALF_KEYS, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
         let (softmax, mut o) = self.softmax(&s);
         t.push_str(&indent(&softmax, 4));
         t.push('\n');
@@ -975,7 +975,7 @@ impl PrefillEmitter {
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
         let (iter, types) = loop_carried(accs);
         let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
-        let s = qk_products(&mut t, "", true, qc, PAGE, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
+        let s = qk_products(&mut t, "", qc, PAGE, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
             ("%stage_addr", k * CHUNK_BYTES)
         });
         // Causal and length masks: key <= the row's position, key < S.
@@ -1180,7 +1180,7 @@ impl GradEmitter {
         );
         // S (own rows x streamed rows) over the qk columns, P from it; then (dQ, dK) dP over the v
         // columns, and dS (S is dead by then: fewer live registers).
-        let s = qk_products(&mut t, "", false, qc, PAGE, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
+        let s = qk_products(&mut t, "", qc, PAGE, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
             ("%stage_addr", k * CHUNK_BYTES)
         });
         let mut body = format!("%tile_col = arith.addi %tile_r, %lcol : index\n");
@@ -1240,7 +1240,7 @@ impl GradEmitter {
         let ds = self.of != GradOf::Values;
         if ds {
             let at = |k: usize| (qc + k) * CHUNK_BYTES;
-            let dp = qk_products(&mut t, "g", false, vc, PAGE, &|k| ("%own_addr", at(k)), &|k| ("%stage_addr", at(k)));
+            let dp = qk_products(&mut t, "g", vc, PAGE, &|k| ("%own_addr", at(k)), &|k| ("%stage_addr", at(k)));
             if !queries {
                 // The streamed queries' D, loaded once dP is there (not live across its products).
                 for col in &column_stats {
@@ -1653,7 +1653,6 @@ fn tile_loop_head(count: &str, iter: &[String], types: &[String], stages: usize,
 fn qk_products(
     t: &mut String,
     p: &str,
-    one_base: bool,
     chunks: usize,
     n: usize,
     q: &dyn Fn(usize) -> (&'static str, usize),
@@ -1665,23 +1664,18 @@ fn qk_products(
         assert_eq!(n, HALF_KEYS, "S tiles of 64 or 32 keys");
         (HALF_FRAG, format!("%hfrag{HALF_N}"))
     };
-    // The operands' descriptors: each chunk's from its address, or (`one_base`: decode and the
-    // flash forward) every one from its base address's — fewer instructions, more values live:
-    // the gradient kernels, at 250-255 registers, would spill.
-    let mut bases: Vec<(&str, usize)> = Vec::new();
-    for (base, off) in (0..chunks).flat_map(|k| [q(k), key(k)]) {
-        let at = if one_base { (base, 0) } else { (base, off) };
-        if !bases.contains(&at) {
-            let i = bases.len();
-            let _ = writeln!(t, "    %{p}ba{i} = arith.addi {base}, %c{}_i64 : i64", at.1);
-            let _ = writeln!(t, "{}", indent(&desc(&format!("%{p}db{i}"), &format!("%{p}ba{i}"), "%desc_k"), 4));
-            bases.push(at);
+    // The operands' descriptors: one a distinct base address, every operand's its low word plus
+    // the operand's offset.
+    let mut bases: Vec<&str> = Vec::new();
+    for (base, _) in (0..chunks).flat_map(|k| [q(k), key(k)]) {
+        if !bases.contains(&base) {
+            let _ = writeln!(t, "{}", indent(&desc(&format!("%{p}db{}", bases.len()), base, "%desc_k"), 4));
+            bases.push(base);
         }
     }
     let operand = |(base, off): (&str, usize)| {
-        let at = if one_base { (base, 0) } else { (base, off) };
-        let i = bases.iter().position(|&b| b == at).expect("a base of the product");
-        (format!("%{p}db{i}"), (off - at.1) / 16)
+        let i = bases.iter().position(|&b| b == base).expect("a base of the product");
+        (format!("%{p}db{i}"), off / 16)
     };
     let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
     for k in 0..chunks {
