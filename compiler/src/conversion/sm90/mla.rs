@@ -726,15 +726,7 @@ scf.if %zero_tail {{
   }}"
             );
         }
-        t.push_str(&store_fragment_pairs("%o_part", true, "%col_t", accs, &|n, e, t| {
-            let h = fragment_offset(0, e).0 / 8;
-            let _ = writeln!(
-                t,
-                "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}
-  %fo{n}_{e} = arith.mulf %fv{n}_{e}, %inv{h} : f32"
-            );
-            format!("%fo{n}_{e}")
-        }));
+        t.push_str(&store_fragment_pairs("%o_part", true, "%col_t", accs, &normalized_output));
         t
     }
 }
@@ -1037,15 +1029,7 @@ impl PrefillEmitter {
                 );
             }
         }
-        t.push_str(&store_fragment_pairs("%out", false, "%lcol", accs, &|n, e, t| {
-            let h = fragment_offset(0, e).0 / 8;
-            let _ = writeln!(
-                t,
-                "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}
-  %fo{n}_{e} = arith.mulf %fv{n}_{e}, %inv{h} : f32"
-            );
-            format!("%fo{n}_{e}")
-        }));
+        t.push_str(&store_fragment_pairs("%out", false, "%lcol", accs, &normalized_output));
         t
     }
 }
@@ -1458,6 +1442,18 @@ gpu.func @{name}({args}) kernel attributes {{known_block_size = array<i32: {THRE
 }
 
 /// The module text: the head, the constants the body uses, the body, the closing braces.
+/// Element e of the final accumulator n (`%res#n`) over its row's sum (times `%inv<h>`, h its row
+/// half), written into `t`; its name.
+fn normalized_output(n: usize, e: usize, t: &mut String) -> String {
+    let h = fragment_offset(0, e).0 / 8;
+    let _ = writeln!(
+        t,
+        "  %fv{n}_{e} = llvm.extractvalue %res#{n}[{e}] : {FRAG}
+  %fo{n}_{e} = arith.mulf %fv{n}_{e}, %inv{h} : f32"
+    );
+    format!("%fo{n}_{e}")
+}
+
 /// Stores a thread's output fragments (`accs` accumulators of a warpgroup's 64 rows) to the
 /// row-major f32 `memref`: `[rows, cols]`, or with `split` `[splits, rows, cols]` at split `%z`;
 /// the fragments' two row halves to rows `%og0` / `%og1` where `%oin0` / `%oin1`, element e of
