@@ -1441,7 +1441,6 @@ gpu.func @{name}({args}) kernel attributes {{known_block_size = array<i32: {THRE
     )
 }
 
-/// The module text: the head, the constants the body uses, the body, the closing braces.
 /// Element e of the final accumulator n (`%res#n`) over its row's sum (times `%inv<h>`, h its row
 /// half), written into `t`; its name.
 fn normalized_output(n: usize, e: usize, t: &mut String) -> String {
@@ -1522,6 +1521,7 @@ fn store_fragment_pairs(
     t
 }
 
+/// The module text: the head, the constants the body uses, the body, the closing braces.
 fn module_text(head: &str, body: &str) -> String {
     format!("{head}{}{body}  gpu.return\n}}\n}}\n}}\n", constants(body))
 }
