@@ -233,10 +233,10 @@ fn assert_attention_tensor_core_code(
 }
 
 /// The tensor-core MLA decode kernel (DeepSeek-V3's 512 + 64 columns in clusters of 2 and not, its
-/// fp8-cache form, and a narrower latent): the 36 HGMMA.64x32 of S = Q K^T (9 chunks x 4 k16 steps,
-/// each warpgroup half the page's keys) and the 4 HGMMA.64x256 of P V (4 k16 steps over the
+/// fp8-cache form, and a narrower latent): the 36 HGMMA.64x64 of S = Q K^T (9 chunks x 4 k16 steps,
+/// the first warpgroup's, the page's 64 keys) and the 4 HGMMA.64x256 of P V (4 k16 steps over the
 /// warpgroup's half of the values, transposed B), TMA loads (multicast in a cluster: each block half of a page's boxes, in the
-/// prologue's loads and the refill's), no spills; the fp8 cache's pages are converted.
+/// prologue's loads and the refill's), no spills; the fp8 cache's pages are converted 16 bytes at a time.
 #[test]
 fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::MlaDecodeConfig;
@@ -253,6 +253,12 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         let kernel = sm90::compile_mla(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
         let converts = kernel.ptx.contains("cvt.rn.f16x2.e4m3x2");
         assert_eq!(converts, config.fp8_cache, "{}: the fp8 cache's conversion", kernel.name);
+        // The conversion moves 16 bytes at a time: a unit of 16 e4m3 in, its 16 bf16 out as two
+        // units of the swizzled chunk.
+        let (loads, stores) =
+            (kernel.ptx.matches("ld.shared.v4.b32").count(), kernel.ptx.matches("st.shared.v4.b32").count());
+        assert_eq!((loads, stores), if config.fp8_cache { (1, 2) } else { (0, 0) }, "{}", kernel.name);
+        assert!(!kernel.ptx.contains("ld.shared.b16"), "{}: 2-byte shared loads", kernel.name);
         // Boxes a page: the bf16 chunks, or the fp8 latent's 128-byte boxes and the rope's chunks.
         let boxes = if config.fp8_cache { config.kv / 128 + config.rope / 64 } else { config.dim() / 64 };
         let multicasts = kernel.ptx.matches(".multicast::cluster").count();
@@ -260,7 +266,7 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         assert_eq!(kernel.ptx.contains(".reqnctapercluster 2, 1, 1"), config.cluster > 1, "{}", kernel.name);
         assert_attention_tensor_core_code(
             &kernel,
-            (config.dim() / 16, 32),
+            (config.dim() / 16, 64),
             (4, config.kv / 2),
             config.kv / 2,
             ptxas.as_ref(),

@@ -13,7 +13,7 @@
 //! pages (decode) or key tiles (prefill); per step it loads the tile (decode: from DRAM at an SM's
 //! share of the bandwidth, in a cluster its half of the page; prefill: the head's keys and values
 //! stay in L2 across its query tiles),
-//! runs the tensor-core products (decode: `S = Q K^T` in each of the two warpgroups, then `P V`;
+//! runs the tensor-core products (decode: `S = Q K^T` in the first warpgroup, then `P V` in both;
 //! prefill: both warpgroups' 64 query rows) at the SM's share of the dense bf16 peak times the
 //! efficiency of each product's wgmma width ([`super::wgmma_width_efficiency`]), and the online
 //! softmax (and the fp8 cache's conversion) on the CUDA cores. One buffer: the load is exposed every
@@ -309,10 +309,9 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             let splits = v3c_runtime::lowering::attention_splits(sequences, heads, context, sms);
             let blocks = sequences * heads.div_ceil(PAGE) * splits;
             let pages = context.div_ceil(PAGE).div_ceil(splits);
-            // Each warpgroup scores half the page's keys (m64n32: the rows' maxima swapped through
-            // shared memory) and multiplies P by half the values' columns (one m64n<kv / 2> a k16
-            // step).
-            let products = [(2 * PAGE * PAGE * width, PAGE / 2), (2 * PAGE * PAGE * kv, (kv / 2).min(256))];
+            // Warpgroup 0 scores the page's keys (m64n64) and runs the softmax; both multiply P by
+            // their halves of the values' columns (one m64n<kv / 2> a k16 step).
+            let products = [(2 * PAGE * PAGE * width, PAGE), (2 * PAGE * PAGE * kv, (kv / 2).min(256))];
             let convert = if fp8_cache { (PAGE * kv) as f64 * FP8_CONVERT_OPS } else { 0.0 };
             let work = tensor_us(&products) + ((PAGE * PAGE) as f64 * SOFTMAX_OPS + convert) / ops_us;
             // A page from DRAM at the SM's share of the bandwidth, split among its blocks; in a

@@ -10,17 +10,19 @@
 //! - the query tile is loaded once (TMA, 128-byte swizzle, 64-column boxes), the split's pages stream
 //!   through a ring of `stages` page buffers (TMA into mbarrier-tracked buffers, refilled after a block
 //!   barrier);
-//! - warpgroup w computes `S = Q K^T` for the page's keys 32 w .. 32 w + 31 (wgmma m64n32k16 over
-//!   the `kv + rope` columns, both operands K-major from shared memory), masks the keys past the
-//!   sequence, and runs the online softmax in f32 (exp2 of scores pre-scaled by `scale * log2 e`,
-//!   row maxima across the 4 lanes sharing a row, then across the warpgroups through 512 B of shared
-//!   memory and a block barrier; each thread's partial row sums of its keys, reduced across the quad
-//!   and the warpgroups at the end);
-//! - each warpgroup writes its 32 columns of `P` (bf16, the 128-byte-swizzled K-major layout wgmma
-//!   reads) to shared memory; after a proxy fence and a block barrier both multiply the whole `P` by
-//!   the page's values — the first `kv` columns of the same buffer, read MN-major (transposed B) —
-//!   each into its half of the output columns (`kv / 2` columns: `kv / 128` accumulators of m64n64,
-//!   multiplied as one `wgmma m64n(kv / 2)k16` a k16 step);
+//! - warpgroup 0 computes `S = Q K^T` for the page's 64 keys (wgmma m64n64k16 over the `kv + rope`
+//!   columns, both operands K-major from shared memory), masks the keys past the sequence, and runs
+//!   the online softmax in f32 (exp2 of scores pre-scaled by `scale * log2 e`, row maxima across the
+//!   4 lanes sharing a row, the thread's partial row sums, reduced across the quad at the end); it
+//!   writes `P` (bf16, the 128-byte-swizzled K-major layout wgmma reads) and each row's rescale
+//!   factor (f32, 256 B) to shared memory — FlashMLA's division of the work: one m64n64 a k16 step
+//!   reads the query's 2 KiB once for 64 keys, where each warpgroup scoring half the keys (m64n32)
+//!   read it twice for the same multiply-adds;
+//! - after a proxy fence and a block barrier both warpgroups rescale their accumulators by those
+//!   factors and multiply the whole `P` by the page's values — the first `kv` columns of the same
+//!   buffer, read MN-major (transposed B) — each into its half of the output columns (`kv / 2`
+//!   columns: `kv / 128` accumulators of m64n64, multiplied as one `wgmma m64n(kv / 2)k16` a k16
+//!   step);
 //! - the split's normalized output `o_part [splits, rows, kv]` (f32) and its log-sum-exp `lse
 //!   [splits, rows]` (natural log; `-inf` and zeros for a split without keys) are written.
 //!
@@ -170,16 +172,16 @@ impl MlaDecodeConfig {
         self.converted_offset() + if self.fp8_cache { self.latent_chunks() * CHUNK_BYTES } else { 0 }
     }
 
-    /// Offset of the warpgroups' row statistics (f32 `[2, 64]`: each one's row maxima of its
-    /// keys' scores, then at the end its row sums), after `P`.
+    /// Offset of the rows' statistics warpgroup 0 shares (f32 `[64]`: a page's rescale factors,
+    /// at the end the rows' sums), after `P`.
     fn exchange_offset(&self) -> usize {
         self.p_offset() + CHUNK_BYTES
     }
 
     /// Dynamic shared memory: the query tile, the page ring, (fp8 cache) the converted latent, `P`,
-    /// the row statistics' exchange.
+    /// the rows' statistics.
     pub fn shared_memory_bytes(&self) -> usize {
-        self.exchange_offset() + 2 * PAGE * 4
+        self.exchange_offset() + PAGE * 4
     }
 
     pub fn threads(&self) -> usize {
@@ -250,12 +252,6 @@ const FRAG: &str = "!llvm.struct<(f32, f32, f32, f32, f32, f32, f32, f32, f32, f
 
 /// Values of one fragment per thread.
 const FRAG_N: usize = 32;
-
-/// Decode: each warpgroup scores half of a page's keys (an m64n32 fragment, 16 values a thread).
-const HALF_KEYS: usize = PAGE / 2;
-const HALF_N: usize = HALF_KEYS / 2;
-const HALF_FRAG: &str =
-    "!llvm.struct<(f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32)>";
 
 impl Emitter {
     fn module(&self) -> String {
@@ -374,19 +370,15 @@ impl Emitter {
   %cw_bytes = arith.muli %cw, %c{half} : index
   %cw_bytes64 = arith.index_cast %cw_bytes : index to i64
   %p_addr = arith.addi %smem_base, %c{p_off}_i64 : i64
-  %cw_keys = arith.muli %cw, %c{HALF_KEYS} : index
-  %cw_key_bytes = arith.muli %cw_keys, %c128 : index
-  %cw_keys64 = arith.index_cast %cw_key_bytes : index to i64
-  %xview = memref.view %smem[%c{x_off}][] : memref<?xi8, {ws}> to memref<2x{PAGE}xf32, {ws}>
-  %other_wg = arith.subi %c1, %cw : index
+  %xview = memref.view %smem[%c{x_off}][] : memref<?xi8, {ws}> to memref<{PAGE}xf32, {ws}>
   %first_lane = arith.cmpi eq, %lcol0, %c0 : index
+  %shares_rows = arith.andi %is_wg0, %first_lane : i1
 {dp}
-{zero}{zero_half}",
+{zero}",
             coords = fragment_coordinates(),
             half = c.accumulators() * CHUNK_BYTES,
             p_off = c.p_offset(),
             x_off = c.exchange_offset(),
-            zero_half = zero_half_fragment(),
             dp = desc("%dp", "%p_addr", "%desc_k"),
             zero = zero_fragment(),
         );
@@ -456,14 +448,12 @@ nvgpu.tma.async.load {map}[%c{col}, %lp_row], %bars[%lp_st] to %lp_{name}{mcast}
     /// fp8 cache: the page's e4m3 latent (ring buffer `%st`) decoded, scaled by its row's 1x128
     /// scales and rounded to bf16 into the converted buffer, in the 128-byte-swizzled chunks the
     /// tensor cores read (rows past the sequence's length as zeros); then a proxy fence and a block
-    /// barrier. Each thread converts 16-byte units: 8 pairs through `cvt.rn.f16x2.e4m3x2`, each pair
-    /// rounded to bf16 together (`cvt.rn.bf16x2.f32`) and stored as one word.
+    /// barrier. Each thread converts 16-byte units of a row: one 16-byte load, 8 pairs through
+    /// `cvt.rn.f16x2.e4m3x2`, each pair rounded to bf16 together (`cvt.rn.bf16x2.f32`), and the 16
+    /// columns stored as the two 16-byte units of the swizzled chunk they land in.
     fn convert_page(&self) -> String {
         let c = &self.c;
-        let ws = WORKGROUP;
         let units_per_row = c.kv / 16;
-        // The converted buffer in bf16 pairs (a column pair a 4-byte word).
-        let words = c.latent_chunks() * PAGE * CHUNK / 2;
         let mut t = format!(
             "%cv_valid = arith.select %zero_tail, %tail, %c{PAGE} : index
 %cv_page = arith.addi %p0, %j : index
@@ -471,80 +461,95 @@ nvgpu.tma.async.load {map}[%c{col}, %lp_row], %bars[%lp_st] to %lp_{name}{mcast}
 %cv_blk = arith.index_cast %cv_blk_i : i32 to index
 %cv_row0 = arith.muli %cv_blk, %c{PAGE} : index
 %cv_src_off = arith.addi %st_off, %c{q_bytes} : index
-%cv_src = memref.view %smem[%cv_src_off][] : memref<?xi8, {ws}> to memref<{half_words}xi16, {ws}>
-%cv_dst = memref.view %smem[%c{dst_off}][] : memref<?xi8, {ws}> to memref<{words}xi32, {ws}>
-%cv_zero_pair = arith.constant 0 : i32
+%cv_src_off64 = arith.index_cast %cv_src_off : index to i64
+%cv_src = arith.addi %smem_base, %cv_src_off64 : i64
+%cv_dst = arith.addi %smem_base, %c{dst_off}_i64 : i64
+%cv_zero_unit = arith.constant dense<0> : vector<4xi32>
 scf.for %u = %tid to %c{units} step %c{THREADS} {{
   %cv_r = arith.divui %u, %c{units_per_row} : index
   %cv_uc = arith.remui %u, %c{units_per_row} : index
   %cv_in = arith.cmpi ult, %cv_r, %cv_valid : index
   %cv_grp = arith.divui %cv_uc, %c8 : index
-  %cv_sc = scf.if %cv_in -> (f32) {{
-    %g_row = arith.addi %cv_row0, %cv_r : index
-    %sv = memref.load %kv_scale[%g_row, %cv_grp] : memref<?x?xf32>
-    scf.yield %sv : f32
-  }} else {{
-    scf.yield %zero : f32
-  }}
-  %cv_u8 = arith.remui %cv_uc, %c8 : index
-  %cv_sb0 = arith.muli %cv_grp, %c{box_bytes} : index
-  %cv_sb1 = arith.muli %cv_r, %c128 : index
-  %cv_sb2 = arith.muli %cv_u8, %c16 : index
-  %cv_sba = arith.addi %cv_sb0, %cv_sb1 : index
-  %cv_sb = arith.addi %cv_sba, %cv_sb2 : index
-  %cv_sw = arith.divui %cv_sb, %c2 : index
   %cv_col0 = arith.muli %cv_uc, %c16 : index
   %cv_chunk = arith.divui %cv_col0, %c64 : index
   %cv_ccol = arith.remui %cv_col0, %c64 : index
   %cv_unit0 = arith.divui %cv_ccol, %c8 : index
+  %cv_unit1 = arith.addi %cv_unit0, %c1 : index
   %cv_rm8 = arith.remui %cv_r, %c8 : index
-  %cv_cbase = arith.muli %cv_chunk, %c{chunk_words} : index
-  %cv_rbase = arith.muli %cv_r, %c32 : index
+  %cv_cbase = arith.muli %cv_chunk, %c{CHUNK_BYTES} : index
+  %cv_rbase = arith.muli %cv_r, %c128 : index
   %cv_base = arith.addi %cv_cbase, %cv_rbase : index
+  %cv_sw0 = arith.xori %cv_unit0, %cv_rm8 : index
+  %cv_sw1 = arith.xori %cv_unit1, %cv_rm8 : index
+  %cv_o0 = arith.muli %cv_sw0, %c16 : index
+  %cv_o1 = arith.muli %cv_sw1, %c16 : index
+  %cv_d0 = arith.addi %cv_base, %cv_o0 : index
+  %cv_d1 = arith.addi %cv_base, %cv_o1 : index
+  %cv_d0_64 = arith.index_cast %cv_d0 : index to i64
+  %cv_d1_64 = arith.index_cast %cv_d1 : index to i64
+  %cv_a0 = arith.addi %cv_dst, %cv_d0_64 : i64
+  %cv_a1 = arith.addi %cv_dst, %cv_d1_64 : i64
+  %cv_p0 = llvm.inttoptr %cv_a0 : i64 to !llvm.ptr<3>
+  %cv_p1 = llvm.inttoptr %cv_a1 : i64 to !llvm.ptr<3>
+  %cv_units:2 = scf.if %cv_in -> (vector<4xi32>, vector<4xi32>) {{
+    %g_row = arith.addi %cv_row0, %cv_r : index
+    %cv_sc = memref.load %kv_scale[%g_row, %cv_grp] : memref<?x?xf32>
+    %cv_u8 = arith.remui %cv_uc, %c8 : index
+    %cv_sb0 = arith.muli %cv_grp, %c{box_bytes} : index
+    %cv_sba = arith.addi %cv_sb0, %cv_rbase : index
+    %cv_sb2 = arith.muli %cv_u8, %c16 : index
+    %cv_sb = arith.addi %cv_sba, %cv_sb2 : index
+    %cv_sb64 = arith.index_cast %cv_sb : index to i64
+    %cv_sa = arith.addi %cv_src, %cv_sb64 : i64
+    %cv_sp = llvm.inttoptr %cv_sa : i64 to !llvm.ptr<3>
+    %cv_in16 = llvm.load %cv_sp {{alignment = 16 : i64}} : !llvm.ptr<3> -> vector<4xi32>
+    %cv_w0 = llvm.mlir.poison : vector<4xi32>
+    %cv_w1 = llvm.mlir.poison : vector<4xi32>
 ",
             q_bytes = c.query_bytes(),
-            half_words = PAGE * c.kv / 2,
             dst_off = c.converted_offset(),
             units = PAGE * units_per_row,
             box_bytes = PAGE * 128,
-            chunk_words = PAGE * CHUNK / 2,
         );
         for p in 0..8 {
-            // Pair p: bytes 2p, 2p + 1 of the unit -> columns col0 + 2p, + 1 (16-byte unit p / 4 of
-            // the destination's two).
+            // Pair p: bytes 2p, 2p + 1 of the unit (half p mod 2 of its word p / 2) -> columns col0
+            // + 2p, + 1: word p mod 4 of the destination's unit p / 4.
+            let (out, slot) = (p / 4, p % 4);
             let _ = writeln!(
                 t,
-                "  %cv_w{p} = arith.addi %cv_sw, %c{p} : index
-  %cv_h{p} = memref.load %cv_src[%cv_w{p}] : memref<{half_words}xi16, {ws}>
-  %cv_x{p} = llvm.inline_asm \"cvt.rn.f16x2.e4m3x2 $0, $1;\", \"=r,h\" %cv_h{p} : (i16) -> i32
-  %cv_lo{p} = arith.trunci %cv_x{p} : i32 to i16
-  %cv_hs{p} = arith.shrui %cv_x{p}, %c16_i32 : i32
-  %cv_hi{p} = arith.trunci %cv_hs{p} : i32 to i16
-  %cv_fl{p} = arith.bitcast %cv_lo{p} : i16 to f16
-  %cv_fh{p} = arith.bitcast %cv_hi{p} : i16 to f16
-  %cv_el{p} = arith.extf %cv_fl{p} : f16 to f32
-  %cv_eh{p} = arith.extf %cv_fh{p} : f16 to f32
-  %cv_vl{p} = arith.mulf %cv_el{p}, %cv_sc : f32
-  %cv_vh{p} = arith.mulf %cv_eh{p}, %cv_sc : f32
-  %cv_v{p}a = llvm.mlir.poison : vector<2xf32>
-  %cv_v{p}b = llvm.insertelement %cv_vl{p}, %cv_v{p}a[%c0_i32 : i32] : vector<2xf32>
-  %cv_v{p} = llvm.insertelement %cv_vh{p}, %cv_v{p}b[%c1_i32 : i32] : vector<2xf32>
-  %cv_b{p} = arith.truncf %cv_v{p} : vector<2xf32> to vector<2xbf16>
-  %cv_w0_{p} = llvm.bitcast %cv_b{p} : vector<2xbf16> to i32
-  %cv_pair{p} = arith.select %cv_in, %cv_w0_{p}, %cv_zero_pair : i32
-  %cv_un{p} = arith.addi %cv_unit0, %c{unit} : index
-  %cv_sx{p} = arith.xori %cv_un{p}, %cv_rm8 : index
-  %cv_so{p} = arith.muli %cv_sx{p}, %c4 : index
-  %cv_d0_{p} = arith.addi %cv_base, %cv_so{p} : index
-  %cv_d{p} = arith.addi %cv_d0_{p}, %c{within} : index
-  memref.store %cv_pair{p}, %cv_dst[%cv_d{p}] : memref<{words}xi32, {ws}>",
-                half_words = PAGE * c.kv / 2,
-                unit = p / 4,
-                within = p % 4,
+                "    %cv_word{p} = llvm.extractelement %cv_in16[%c{word}_i32 : i32] : vector<4xi32>
+    %cv_sh{p} = arith.shrui %cv_word{p}, %c{shift}_i32 : i32
+    %cv_h{p} = arith.trunci %cv_sh{p} : i32 to i16
+    %cv_x{p} = llvm.inline_asm \"cvt.rn.f16x2.e4m3x2 $0, $1;\", \"=r,h\" %cv_h{p} : (i16) -> i32
+    %cv_lo{p} = arith.trunci %cv_x{p} : i32 to i16
+    %cv_hs{p} = arith.shrui %cv_x{p}, %c16_i32 : i32
+    %cv_hi{p} = arith.trunci %cv_hs{p} : i32 to i16
+    %cv_fl{p} = arith.bitcast %cv_lo{p} : i16 to f16
+    %cv_fh{p} = arith.bitcast %cv_hi{p} : i16 to f16
+    %cv_el{p} = arith.extf %cv_fl{p} : f16 to f32
+    %cv_eh{p} = arith.extf %cv_fh{p} : f16 to f32
+    %cv_vl{p} = arith.mulf %cv_el{p}, %cv_sc : f32
+    %cv_vh{p} = arith.mulf %cv_eh{p}, %cv_sc : f32
+    %cv_v{p}a = llvm.mlir.poison : vector<2xf32>
+    %cv_v{p}b = llvm.insertelement %cv_vl{p}, %cv_v{p}a[%c0_i32 : i32] : vector<2xf32>
+    %cv_v{p} = llvm.insertelement %cv_vh{p}, %cv_v{p}b[%c1_i32 : i32] : vector<2xf32>
+    %cv_b{p} = arith.truncf %cv_v{p} : vector<2xf32> to vector<2xbf16>
+    %cv_pair{p} = llvm.bitcast %cv_b{p} : vector<2xbf16> to i32
+    %cv_w{out}_{next} = llvm.insertelement %cv_pair{p}, %cv_w{out}{prev}[%c{slot}_i32 : i32] : vector<4xi32>",
+                word = p / 2,
+                shift = 16 * (p % 2),
+                next = slot + 1,
+                prev = if slot == 0 { String::new() } else { format!("_{slot}") },
             );
         }
         t.push_str(
-            "}
+            "    scf.yield %cv_w0_4, %cv_w1_4 : vector<4xi32>, vector<4xi32>
+  } else {
+    scf.yield %cv_zero_unit, %cv_zero_unit : vector<4xi32>, vector<4xi32>
+  }
+  llvm.store %cv_units#0, %cv_p0 {alignment = 16 : i64} : vector<4xi32>, !llvm.ptr<3>
+  llvm.store %cv_units#1, %cv_p1 {alignment = 16 : i64} : vector<4xi32>, !llvm.ptr<3>
+}
 nvvm.fence.proxy {kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}
 gpu.barrier
 ",
@@ -565,33 +570,42 @@ gpu.barrier
             t.push_str(&indent(&self.convert_page(), 4));
             let _ = writeln!(t, "\n    %conv_addr = arith.addi %smem_base, %c{}_i64 : i64", c.converted_offset());
         }
-        // S = Q K^T. The fp8 cache's latent chunks are the converted ones; its rope chunks follow
-        // the e4m3 latent in the page buffer.
-        // Warpgroup w scores keys 32 w .. 32 w + 31: their rows start 32 x 128 B into each chunk
-        // (a whole number of the swizzle's 1024-byte atoms).
+        // Warpgroup 0: S = Q K^T over the whole page (wgmma m64n64k16; the fp8 cache's latent
+        // chunks are the converted ones, its rope chunks follow the e4m3 latent in the page
+        // buffer), the online softmax, P and the rows' rescale factors into shared memory.
         let key = |k: usize| match (c.fp8_cache, k < c.latent_chunks()) {
-            (true, true) => ("%kconv_addr", k * CHUNK_BYTES),
-            (true, false) => ("%kstage_addr", PAGE * c.kv + (k - c.latent_chunks()) * CHUNK_BYTES),
-            (false, _) => ("%kstage_addr", k * CHUNK_BYTES),
+            (true, true) => ("%conv_addr", k * CHUNK_BYTES),
+            (true, false) => ("%stage_addr", PAGE * c.kv + (k - c.latent_chunks()) * CHUNK_BYTES),
+            (false, _) => ("%stage_addr", k * CHUNK_BYTES),
         };
-        let _ = writeln!(t, "    %kstage_addr = arith.addi %stage_addr, %cw_keys64 : i64");
-        if c.fp8_cache {
-            let _ = writeln!(t, "    %kconv_addr = arith.addi %conv_addr, %cw_keys64 : i64");
-        }
-        let s = qk_products(&mut t, "", chunks, HALF_KEYS, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
-        let (softmax, mut o) = self.softmax(&s);
-        t.push_str(&indent(&softmax, 4));
-        t.push('\n');
-        // P V: each warpgroup's `accs` 64-column chunks of the values.
+        let mut scores = String::new();
+        let s = qk_products(&mut scores, "", chunks, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
+        scores.push_str(&indent(&self.softmax(&s), 4));
         let _ = writeln!(
             t,
-            "    nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
+            "    %stats:4 = scf.if %is_wg0 -> (f32, f32, f32, f32) {{
+{}
+      scf.yield %m0, %m1, %l0, %l1 : f32, f32, f32, f32
+    }} else {{
+      scf.yield %m0_in, %m1_in, %l0_in, %l1_in : f32, f32, f32, f32
+    }}
+    nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
     gpu.barrier
-    %v_addr = arith.addi {values}, %cw_bytes64 : i64",
+{}",
+            indent(&scores, 2),
+            indent(&load_rows("%ra"), 4)
+        );
+        // Both warpgroups: the accumulators rescaled, then P V into each one's half of the
+        // values' columns.
+        let (rescaled, mut o) = rescale(accs, "%ra");
+        t.push_str(&indent(&rescaled, 4));
+        let _ = writeln!(
+            t,
+            "\n    %v_addr = arith.addi {values}, %cw_bytes64 : i64",
             values = if c.fp8_cache { "%conv_addr" } else { "%stage_addr" }
         );
         pv_products(&mut t, "%v_addr", 0, o.len(), &mut o);
-        o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
+        o.extend((0..4).map(|i| format!("%stats#{i}")));
         t.push_str(&tile_loop_tail("%np", c.stages, &self.refill_page(), &o, &types));
         t
     }
@@ -653,22 +667,20 @@ scf.if %zero_tail {{
         )
     }
 
-    /// The online softmax of the warpgroup's half of the page's scores `s`, with the other's row
-    /// maxima; each stores its half of P (see [`online_softmax`]).
-    fn softmax(&self, s: &str) -> (String, Vec<String>) {
+    /// Warpgroup 0's online softmax of the page's scores `s` (see [`online_softmax`]): P stored,
+    /// the rows' rescale factors shared ([`store_rows`]).
+    fn softmax(&self, s: &str) -> String {
         let c = &self.c;
         let prelude = "%page = arith.addi %p0, %j : index
 %page_key = arith.muli %page, %c64 : index
-%page_half = arith.addi %page_key, %cw_keys : index
-%key_t = arith.addi %page_half, %lcol : index
+%key_t = arith.addi %page_key, %lcol : index
 ";
         let mask = |e: usize| {
             let h = fragment_offset(0, e).0 / 8;
             format!("%in{e} = arith.cmpi ult, %key{e}, %lim{h} : index")
         };
-        let (body, scaled) =
-            online_softmax(s, Scores::KeyHalves, c.accumulators(), &mask, &format!("%c{}", c.p_offset()));
-        (format!("{prelude}{body}"), scaled)
+        let body = online_softmax(s, &mask);
+        format!("{prelude}{body}{}{}", store_p(&format!("%c{}", c.p_offset())), store_rows("%alpha"))
     }
 
     /// Row sums across the quad, normalization, and the split's output and log-sum-exp (natural log).
@@ -676,7 +688,8 @@ scf.if %zero_tail {{
         let c = &self.c;
         let accs = c.accumulators();
         let mut t = String::new();
-        // The rows' sums: the quad's, then both warpgroups' (each summed its own keys).
+        // The rows' sums: the quad's, warpgroup 0's shared with warpgroup 1 (after the page loop's
+        // last barrier: its rescale factors are read).
         for h in 0..2 {
             let l = format!("%res#{}", accs + 2 + h);
             let _ = writeln!(
@@ -687,13 +700,12 @@ scf.if %zero_tail {{
   %lq{h} = arith.addf %lq{h}a, %ls{h}b : f32"
             );
         }
-        t.push_str(&indent(&exchange_rows("%lq", "lo"), 2));
+        let _ = writeln!(t, "{}  gpu.barrier\n{}", indent(&store_rows("%lq"), 2), indent(&load_rows("%lt"), 2));
         for h in 0..2 {
             let m = format!("%res#{}", accs + h);
             let _ = writeln!(
                 t,
-                "  %lt{h} = arith.addf %lq{h}, %lo{h} : f32
-  %has{h} = arith.cmpf ogt, %lt{h}, %zero : f32
+                "  %has{h} = arith.cmpf ogt, %lt{h}, %zero : f32
   %one{h} = arith.constant 1.0 : f32
   %safe{h} = arith.select %has{h}, %lt{h}, %one{h} : f32
   %inv0_{h} = arith.divf %one{h}, %safe{h} : f32
@@ -712,15 +724,14 @@ scf.if %zero_tail {{
         }
         let _ = writeln!(
             t,
-            "  %writes_lse = arith.andi %is_wg0, %first_lane : i1
-  %col_wg = arith.muli %cw, %c{half_cols} : index
+            "  %col_wg = arith.muli %cw, %c{half_cols} : index
   %col_t = arith.addi %col_wg, %lcol : index",
             half_cols = c.kv / 2
         );
         for h in 0..2 {
             let _ = writeln!(
                 t,
-                "  %wl{h} = arith.andi %writes_lse, %oin{h} : i1
+                "  %wl{h} = arith.andi %shares_rows, %oin{h} : i1
   scf.if %wl{h} {{
     memref.store %lse{h}, %lse[%z, %og{h}] : memref<?x?xf32>
   }}"
@@ -967,9 +978,7 @@ impl PrefillEmitter {
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
         let (iter, types) = loop_carried(accs);
         let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
-        let s = qk_products(&mut t, "", qc, PAGE, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
-            ("%stage_addr", k * CHUNK_BYTES)
-        });
+        let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
         // Causal and length masks: key <= the row's position, key < S.
         let mask = |e: usize| {
             let h = fragment_offset(0, e).0 / 8;
@@ -979,15 +988,17 @@ impl PrefillEmitter {
 %in{e} = arith.andi %vis{e}, %inside{e} : i1"
             )
         };
-        let (softmax, mut o) = online_softmax(&s, Scores::Whole, accs, &mask, "%p_off");
+        let (rescaled, mut o) = rescale(accs, "%alpha");
         let _ = writeln!(
             t,
             "    %tile_key = arith.muli %j, %c{PAGE} : index
     %key_t = arith.addi %tile_key, %lcol : index
-{}
+{}{}{}
     nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
     gpu.barrier",
-            indent(&softmax, 4)
+            indent(&online_softmax(&s, &mask), 4),
+            indent(&rescaled, 4),
+            indent(&store_p("%p_off"), 4)
         );
         pv_products(&mut t, "%stage_addr", qc * CHUNK_BYTES, o.len(), &mut o);
         o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
@@ -1164,9 +1175,7 @@ impl GradEmitter {
         );
         // S (own rows x streamed rows) over the qk columns, P from it; then (dQ, dK) dP over the v
         // columns, and dS (S is dead by then: fewer live registers).
-        let s = qk_products(&mut t, "", qc, PAGE, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
-            ("%stage_addr", k * CHUNK_BYTES)
-        });
+        let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
         let mut body = format!("%tile_col = arith.addi %tile_r, %lcol : index\n");
         let mut d_of = Vec::new();
         let mut column_stats = std::collections::BTreeSet::new();
@@ -1224,7 +1233,7 @@ impl GradEmitter {
         let ds = self.of != GradOf::Values;
         if ds {
             let at = |k: usize| (qc + k) * CHUNK_BYTES;
-            let dp = qk_products(&mut t, "g", vc, PAGE, &|k| ("%own_addr", at(k)), &|k| ("%stage_addr", at(k)));
+            let dp = qk_products(&mut t, "g", vc, &|k| ("%own_addr", at(k)), &|k| ("%stage_addr", at(k)));
             if !queries {
                 // The streamed queries' D, loaded once dP is there (not live across its products).
                 for col in &column_stats {
@@ -1241,7 +1250,7 @@ impl GradEmitter {
             }
         }
         let value = |e: usize| if ds { format!("%ds{e}") } else { format!("%pe{e}") };
-        store_tile(&mut body, FRAG_N, None, "%p_off", &value);
+        store_tile(&mut body, "%p_off", &value);
         let _ = writeln!(
             t,
             "{}
@@ -1593,15 +1602,6 @@ fn shared_memory_and_barriers(stages: usize, cluster: usize, query_bytes: usize,
     )
 }
 
-/// A zero m64n32 fragment, `%hfrag16` (built up from `%hfrag0`).
-fn zero_half_fragment() -> String {
-    let mut t = format!("  %hfrag0 = llvm.mlir.poison : {HALF_FRAG}\n");
-    for e in 0..HALF_N {
-        let _ = writeln!(t, "  %hfrag{} = llvm.insertvalue %zero, %hfrag{e}[{e}] : {HALF_FRAG}", e + 1);
-    }
-    t
-}
-
 /// A zero m64n64 accumulator fragment, `%frag32` (built up from `%frag0`).
 fn zero_fragment() -> String {
     let mut t = format!("  %frag0 = llvm.mlir.poison : {FRAG}\n");
@@ -1642,7 +1642,7 @@ fn tile_loop_head(count: &str, iter: &[String], types: &[String], stages: usize,
     )
 }
 
-/// `S = Q K^T` for one tile of `n` keys (64, or decode's 32): per 64-column chunk k the query's at
+/// `S = Q K^T` for one tile of 64 keys (an m64n64 fragment): per 64-column chunk k the query's at
 /// `q(k)` and the keys' at `key(k)` (a base address SSA value and a byte offset; both K-major,
 /// 128-byte swizzled), 4 k16 steps each. Returns the S fragment's name. `p` prefixes the SSA names
 /// (a second product in the same body).
@@ -1650,16 +1650,10 @@ fn qk_products(
     t: &mut String,
     p: &str,
     chunks: usize,
-    n: usize,
     q: &dyn Fn(usize) -> (&'static str, usize),
     key: &dyn Fn(usize) -> (&'static str, usize),
 ) -> String {
-    let (frag, mut s) = if n == PAGE {
-        (FRAG, format!("%frag{FRAG_N}"))
-    } else {
-        assert_eq!(n, HALF_KEYS, "S tiles of 64 or 32 keys");
-        (HALF_FRAG, format!("%hfrag{HALF_N}"))
-    };
+    let mut s = format!("%frag{FRAG_N}");
     // The operands' descriptors: one a distinct base address, every operand's its low word plus
     // the operand's offset.
     let mut bases: Vec<&str> = Vec::new();
@@ -1685,7 +1679,7 @@ fn qk_products(
             let out = format!("%{p}s{k}_{ks}");
             let _ = writeln!(
                 t,
-                "    {out} = nvvm.wgmma.mma_async {da}, {db}, {s}, <m = 64, n = {n}, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {frag} -> {frag}"
+                "    {out} = nvvm.wgmma.mma_async {da}, {db}, {s}, <m = 64, n = {PAGE}, k = 16>, D[<f32>, <{scale_out}>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <col>] : {FRAG} -> {FRAG}"
             );
             s = out;
         }
@@ -1788,46 +1782,22 @@ fn tile_loop_tail(count: &str, stages: usize, load: &str, yields: &[String], typ
     )
 }
 
-/// Whose scores an online softmax sees: a warpgroup's own 64 x 64 tile (prefill), or (decode) the
-/// warpgroup's half of a page's keys (`%cw_keys` on), the rows' maxima completed with the other
-/// half's through shared memory (`%xview`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Scores {
-    Whole,
-    KeyHalves,
-}
-
-/// The online softmax of one score fragment `s` in f32 (64 x 64, or 64 x 32 with
-/// [`Scores::KeyHalves`]): each element's key `%key<e>` is `%key_t` plus its column, `mask(e)`
-/// defines `%in<e>` (the key is visible to the element's row; rows `%trow + 8 h` with h =
-/// [`fragment_offset`]'s row half), scores scaled into the log2 domain (`%scale_log2`); the row
-/// maxima across the 4 lanes sharing a row (and, for key halves, the other warpgroup's: each
-/// quad's first lane stores its row's, a block barrier, then it reads the other's), the new maxima
-/// `%m0`, `%m1` from `%m<h>_in` (a row that has seen no key yet keeps the maximum -inf and
-/// subtracts 0 instead: P of 0, not NaN — a decode split whose pages all lie past a speculative
-/// token's position, say), the thread's partial sums `%l0`, `%l1` from `%l<h>_in` (of its own
-/// keys), the `accs` accumulators `%o<n>_in` rescaled (their names returned; a thread whose two rows
-/// kept their maxima skips the multiplications by exactly 1), and P (bf16, the
-/// 128-byte-swizzled K-major 64 x 64 layout wgmma reads) stored at byte `p_off` of `%smem` (key
-/// halves: each warpgroup its columns).
-fn online_softmax(
-    s: &str,
-    scores: Scores,
-    accs: usize,
-    mask: &dyn Fn(usize) -> String,
-    p_off: &str,
-) -> (String, Vec<String>) {
-    let (frag, n_vals) = match scores {
-        Scores::Whole => (FRAG, FRAG_N),
-        Scores::KeyHalves => (HALF_FRAG, HALF_N),
-    };
+/// The online softmax of one 64 x 64 score fragment `s` in f32: each element's key `%key<e>` is
+/// `%key_t` plus its column, `mask(e)` defines `%in<e>` (the key is visible to the element's row;
+/// rows `%trow + 8 h` with h = [`fragment_offset`]'s row half), scores scaled into the log2 domain
+/// (`%scale_log2`); the row maxima across the 4 lanes sharing a row, the new maxima `%m0`, `%m1`
+/// from `%m<h>_in` (a row that has seen no key yet keeps the maximum -inf and subtracts 0 instead:
+/// P of 0, not NaN — a decode split whose pages all lie past a speculative token's position, say),
+/// the rows' rescale factors `%alpha0`, `%alpha1` (for [`rescale`]), the thread's partial sums
+/// `%l0`, `%l1` from `%l<h>_in`, and P (`%pe<e>`, for [`store_p`]).
+fn online_softmax(s: &str, mask: &dyn Fn(usize) -> String) -> String {
     let mut t = String::new();
     let half = |e: usize| fragment_offset(0, e).0 / 8;
-    for e in 0..n_vals {
+    for e in 0..FRAG_N {
         let col = fragment_offset(0, e).1;
         let _ = writeln!(
             t,
-            "%sv{e} = llvm.extractvalue {s}[{e}] : {frag}
+            "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}
 %key{e} = arith.addi %key_t, %c{col} : index
 {mask}
 %sl{e} = arith.mulf %sv{e}, %scale_log2 : f32
@@ -1835,31 +1805,10 @@ fn online_softmax(
             mask = mask(e)
         );
     }
-    let members = |h: usize| (0..n_vals).filter(move |&e| half(e) == h);
-    // Row half h's new maximum, P and partial sum from its row maximum `%rm<h>`.
-    let rest = |t: &mut String, h: usize| {
-        let _ = writeln!(
-            t,
-            "%m{h} = arith.maximumf %m{h}_in, %rm{h} : f32
-%none{h} = arith.cmpf oeq, %m{h}, %ninf : f32
-%mb{h} = arith.select %none{h}, %zero, %m{h} : f32
-%md{h} = arith.subf %m{h}_in, %mb{h} : f32
-%alpha{h} = {ex2_md}",
-            ex2_md = ex2(&format!("%md{h}"))
-        );
-        let mut sum = "%zero".to_string();
-        for e in members(h) {
-            let _ = writeln!(t, "%xd{e} = arith.subf %x{e}, %mb{h} : f32\n%pe{e} = {}", ex2(&format!("%xd{e}")));
-            let _ = writeln!(t, "%ps{h}_{e} = arith.addf {sum}, %pe{e} : f32");
-            sum = format!("%ps{h}_{e}");
-        }
-        let _ = writeln!(t, "%lr{h} = arith.mulf %l{h}_in, %alpha{h} : f32\n%l{h} = arith.addf %lr{h}, {sum} : f32");
-    };
-    // The quad's row maxima: the rows' own, or (key halves) this warpgroup's part of them.
-    let quad = if scores == Scores::KeyHalves { "rmq" } else { "rm" };
     for h in 0..2 {
+        let members = || (0..FRAG_N).filter(move |&e| half(e) == h);
         let mut acc = "%ninf".to_string();
-        for e in members(h) {
+        for e in members() {
             let _ = writeln!(t, "%mx{h}_{e} = arith.maximumf {acc}, %x{e} : f32");
             acc = format!("%mx{h}_{e}");
         }
@@ -1868,32 +1817,41 @@ fn online_softmax(
             "%sh{h}a, %sh{h}a_ok = gpu.shuffle xor {acc}, %c1_i32, %c32_i32 : f32
 %rm{h}a = arith.maximumf {acc}, %sh{h}a : f32
 %sh{h}b, %sh{h}b_ok = gpu.shuffle xor %rm{h}a, %c2_i32, %c32_i32 : f32
-%{quad}{h} = arith.maximumf %rm{h}a, %sh{h}b : f32"
+%rm{h} = arith.maximumf %rm{h}a, %sh{h}b : f32
+%m{h} = arith.maximumf %m{h}_in, %rm{h} : f32
+%none{h} = arith.cmpf oeq, %m{h}, %ninf : f32
+%mb{h} = arith.select %none{h}, %zero, %m{h} : f32
+%md{h} = arith.subf %m{h}_in, %mb{h} : f32
+%alpha{h} = {ex2_md}",
+            ex2_md = ex2(&format!("%md{h}"))
         );
-        if scores == Scores::Whole {
-            rest(&mut t, h);
+        let mut sum = "%zero".to_string();
+        for e in members() {
+            let _ = writeln!(t, "%xd{e} = arith.subf %x{e}, %mb{h} : f32\n%pe{e} = {}", ex2(&format!("%xd{e}")));
+            let _ = writeln!(t, "%ps{h}_{e} = arith.addf {sum}, %pe{e} : f32");
+            sum = format!("%ps{h}_{e}");
         }
+        let _ = writeln!(t, "%lr{h} = arith.mulf %l{h}_in, %alpha{h} : f32\n%l{h} = arith.addf %lr{h}, {sum} : f32");
     }
-    if scores == Scores::KeyHalves {
-        t.push_str(&exchange_rows("%rmq", "rmo"));
-        for h in 0..2 {
-            let _ = writeln!(t, "%rm{h} = arith.maximumf %rmq{h}, %rmo{h} : f32");
-            rest(&mut t, h);
-        }
-    }
-    // Rescale the accumulators by their row's alpha — unless both of the thread's rows kept their
-    // maximum (alpha exactly 1: the products would be the accumulators themselves), as most rows
-    // do once their largest scores are behind them.
+    t
+}
+
+/// The `accs` accumulators `%o<n>_in` rescaled by their rows' factors `<alpha>0`, `<alpha>1`
+/// (rows `%trow`, `%trow + 8`); their names returned. A thread whose two rows kept their maxima
+/// (factors exactly 1, as most rows once their largest scores are behind them) skips the
+/// multiplications: the products would be the accumulators themselves.
+fn rescale(accs: usize, alpha: &str) -> (String, Vec<String>) {
+    let half = |e: usize| fragment_offset(0, e).0 / 8;
     let types = vec![FRAG; accs].join(", ");
     let (mut kept, mut rescaled) = (Vec::new(), Vec::new());
-    let mut rescale = String::new();
+    let mut multiply = String::new();
     for n in 0..accs {
         let mut cur = format!("%o{n}_in");
         for e in 0..FRAG_N {
             let _ = writeln!(
-                rescale,
+                multiply,
                 "  %ov{n}_{e} = llvm.extractvalue %o{n}_in[{e}] : {FRAG}
-  %oa{n}_{e} = arith.mulf %ov{n}_{e}, %alpha{h} : f32
+  %oa{n}_{e} = arith.mulf %ov{n}_{e}, {alpha}{h} : f32
   %oi{n}_{e} = llvm.insertvalue %oa{n}_{e}, {cur}[{e}] : {FRAG}",
                 h = half(e)
             );
@@ -1902,73 +1860,81 @@ fn online_softmax(
         kept.push(format!("%o{n}_in"));
         rescaled.push(cur);
     }
-    let _ = writeln!(
-        t,
+    let t = format!(
         "%alpha_one = arith.constant 1.0 : f32
-%kept0 = arith.cmpf oeq, %alpha0, %alpha_one : f32
-%kept1 = arith.cmpf oeq, %alpha1, %alpha_one : f32
+%kept0 = arith.cmpf oeq, {alpha}0, %alpha_one : f32
+%kept1 = arith.cmpf oeq, {alpha}1, %alpha_one : f32
 %kept = arith.andi %kept0, %kept1 : i1
 %rescaled:{accs} = scf.if %kept -> ({types}) {{
   scf.yield {kept} : {types}
 }} else {{
-{rescale}  scf.yield {rescaled} : {types}
-}}",
+{multiply}  scf.yield {rescaled} : {types}
+}}
+",
         kept = kept.join(", "),
         rescaled = rescaled.join(", ")
     );
-    let scaled = (0..accs).map(|n| format!("%rescaled#{n}")).collect();
-    let columns = if scores == Scores::KeyHalves { Some("%cw_keys") } else { None };
-    store_tile(&mut t, n_vals, columns, p_off, &|e| format!("%pe{e}"));
-    (t, scaled)
+    (t, (0..accs).map(|n| format!("%rescaled#{n}")).collect())
 }
 
-/// Decode's warpgroups swap a value per row (`<src>0`, `<src>1`: rows `%trow`, `%trow + 8`): each
-/// quad's first lane stores its warpgroup's into `%xview`, a block barrier, then every thread reads
-/// the other warpgroup's as `%<dst>0`, `%<dst>1`. (The next store into `%xview` comes after another
-/// block barrier: the tile loop's, or the epilogue's after the loop's.)
-fn exchange_rows(src: &str, dst: &str) -> String {
+/// Decode's warpgroup 0 shares a value per row (`<src>0`, `<src>1`: rows `%trow`, `%trow + 8`)
+/// with warpgroup 1: each of its quads' first lane stores its rows' into `%xview` ([`load_rows`] reads
+/// them after a block barrier; the next store comes after another).
+fn store_rows(src: &str) -> String {
     let ws = WORKGROUP;
-    let mut t = format!("scf.if %first_lane {{\n");
+    let mut t = "scf.if %shares_rows {\n".to_string();
     for h in 0..2 {
         let _ = writeln!(
             t,
-            "  %{dst}_r{h} = arith.addi %trow, %c{off} : index
-  memref.store {src}{h}, %xview[%cw, %{dst}_r{h}] : memref<2x{PAGE}xf32, {ws}>",
+            "  %{name}_sr{h} = arith.addi %trow, %c{off} : index
+  memref.store {src}{h}, %xview[%{name}_sr{h}] : memref<{PAGE}xf32, {ws}>",
+            name = &src[1..],
             off = 8 * h
         );
     }
-    t.push_str("}\ngpu.barrier\n");
+    t.push_str("}\n");
+    t
+}
+
+/// The values [`store_rows`] shared, for the thread's rows, as `<dst>0`, `<dst>1`.
+fn load_rows(dst: &str) -> String {
+    let ws = WORKGROUP;
+    let mut t = String::new();
     for h in 0..2 {
         let _ = writeln!(
             t,
-            "%{dst}_q{h} = arith.addi %trow, %c{off} : index
-%{dst}{h} = memref.load %xview[%other_wg, %{dst}_q{h}] : memref<2x{PAGE}xf32, {ws}>",
+            "{dst}_q{h} = arith.addi %trow, %c{off} : index
+{dst}{h} = memref.load %xview[{dst}_q{h}] : memref<{PAGE}xf32, {ws}>",
             off = 8 * h
         );
     }
     t
 }
 
+/// P of [`online_softmax`] stored at byte `p_off` of `%smem` (see [`store_tile`]).
+fn store_p(p_off: &str) -> String {
+    let mut t = String::new();
+    store_tile(&mut t, p_off, &|e| format!("%pe{e}"));
+    t
+}
+
 /// A 64 x 64 fragment's values (`value(e)`: element e's f32) stored as bf16 at byte `p_off` of
-/// `%smem` in the 128-byte-swizzled K-major layout wgmma reads as A, by the threads where `guard`
-/// holds (all without one): element (r, k) at r * 64 + ((k / 8) xor (r mod 8)) * 8 + k mod 8. A
+/// `%smem` in the 128-byte-swizzled K-major layout wgmma reads as A: element (r, k) at r * 64 + ((k / 8) xor (r mod 8)) * 8 + k mod 8. A
 /// thread's elements e, e + 1 (e even) are columns k, k + 1 (k even) of one row, in one 16-byte
 /// unit: rounded together (`cvt.rn.bf16x2.f32`) and stored as one 4-byte word.
-fn store_tile(t: &mut String, n_vals: usize, columns: Option<&str>, p_off: &str, value: &dyn Fn(usize) -> String) {
+fn store_tile(t: &mut String, p_off: &str, value: &dyn Fn(usize) -> String) {
     let ws = WORKGROUP;
     let _ = writeln!(
         t,
-        "%pview = memref.view %smem[{p_off}][] : memref<?xi8, {ws}> to memref<{words}xi32, {ws}>
-  %pcol = arith.addi %lcol, {first} : index",
-        first = columns.unwrap_or("%c0"),
+        "%pview = memref.view %smem[{p_off}][] : memref<?xi8, {ws}> to memref<{words}xi32, {ws}>",
         words = PAGE * CHUNK / 2
     );
-    for e in (0..n_vals).step_by(2) {
+    for e in (0..FRAG_N).step_by(2) {
         let (r, k) = fragment_offset(0, e);
         let _ = writeln!(
             t,
             "  %pr{e} = arith.addi %trow, %c{r} : index
-  %pk{e} = arith.addi %pcol, %c{k} : index
+  %pk{e} = arith.addi %lcol, %c{k} : index
   %pu{e} = arith.divui %pk{e}, %c8 : index
   %pm{e} = arith.remui %pr{e}, %c8 : index
   %px{e} = arith.xori %pu{e}, %pm{e} : index
@@ -2058,11 +2024,11 @@ mod tests {
         assert_eq!(clusters, [2, 2, 1, 1, 1, 1]);
         let err = MlaDecodeConfig { cluster: 4, ..c }.validate(&SM90A).unwrap_err();
         assert!(err.contains("clusters of 4 blocks (1 or 2)"), "{err}");
-        // 3 x 72 KiB + 8 KiB + 512 B fits the 227 KiB of an H100/H200 block; three page buffers do not.
-        assert_eq!(c.shared_memory_bytes(), 229_888);
+        // 3 x 72 KiB + 8 KiB + 256 B fits the 227 KiB of an H100/H200 block; three page buffers do not.
+        assert_eq!(c.shared_memory_bytes(), 229_632);
         assert!(c.validate(&SM90A).is_ok());
         let err = MlaDecodeConfig { stages: 3, ..c }.validate(&SM90A).unwrap_err();
-        assert!(err.contains("needs 304640 B of shared memory"), "{err}");
+        assert!(err.contains("needs 304384 B of shared memory"), "{err}");
         let err = MlaDecodeConfig { kv: 448, ..c }.validate(&SM90A).unwrap_err();
         assert!(err.contains("a latent width of 448"), "{err}");
         let err = MlaDecodeConfig { rope: 32, ..c }.validate(&SM90A).unwrap_err();
