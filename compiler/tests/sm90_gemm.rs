@@ -623,9 +623,9 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
 }
 
 /// Static pruning by ptxas: a kernel that fits on paper but spills is passed over for the next one.
-/// DeepSeek-V3's dK flash kernel spills with a ring of one tile (255 registers) and not with two
-/// (at 255 registers which depths spill moves with every change to the kernel: it is the case to
-/// hold while it does). The
+/// A dK flash kernel for 384-wide heads spills (its accumulators alone are 192 registers a
+/// thread); DeepSeek-V3's (192) does not, with any ring (until 2026-12-03 its ring of one spilled:
+/// at 255 registers which depths spill moved with every change to the kernel). The
 /// GEMM configuration this test used to hold, 128x256 bf16 output over two consumer warpgroups,
 /// spilled until the epilogue stored column pairs; it assembles without spills now.
 #[test]
@@ -636,13 +636,18 @@ fn configurations_that_spill_are_pruned() {
         return;
     };
     let context = v3c_compiler::mlir::new_context();
-    let dk = |stages| {
-        let config = MlaPrefillConfig { stages, mode: FlashMode::Grad(GradOf::Keys), ..MlaPrefillConfig::DEEPSEEK_V3 };
+    let dk = |qk, stages| {
+        let config =
+            MlaPrefillConfig { qk, stages, mode: FlashMode::Grad(GradOf::Keys), ..MlaPrefillConfig::DEEPSEEK_V3 };
+        config.validate(&target::SM90A).unwrap();
         let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap();
         sm90::unspilled(kernel, &target::SM90A, Some(&ptxas)).unwrap()
     };
-    assert!(dk(1).is_none(), "a ring of one spills");
-    assert_eq!(dk(2).expect("a ring of two does not spill").resources.unwrap().spill_stores_bytes, 0);
+    assert!(dk(384, 1).is_none(), "384-wide heads' dK spills");
+    for stages in [1, 2, 3] {
+        let kernel = dk(192, stages).unwrap_or_else(|| panic!("DeepSeek-V3's dK spills with a ring of {stages}"));
+        assert_eq!(kernel.resources.unwrap().spill_stores_bytes, 0);
+    }
     let wide = GemmConfig {
         consumers: 2,
         specialized: true,

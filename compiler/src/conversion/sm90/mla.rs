@@ -675,12 +675,9 @@ scf.if %zero_tail {{
 %page_key = arith.muli %page, %c64 : index
 %key_t = arith.addi %page_key, %lcol : index
 ";
-        let mask = |e: usize| {
-            let h = fragment_offset(0, e).0 / 8;
-            format!("%in{e} = arith.cmpi ult, %key{e}, %lim{h} : index")
-        };
-        let body = online_softmax(s, &mask);
-        format!("{prelude}{body}{}{}", store_p(&format!("%c{}", c.p_offset())), store_rows("%alpha"))
+        let limits = below_limits(["%lim0", "%lim1"], "%key_t");
+        let body = online_softmax(s, &below);
+        format!("{prelude}{limits}{body}{}{}", store_p(&format!("%c{}", c.p_offset())), store_rows("%alpha"))
     }
 
     /// Row sums across the quad, normalization, and the split's output and log-sum-exp (natural log).
@@ -959,7 +956,15 @@ impl PrefillEmitter {
         t.push_str(&ring_prologue(&self.load_tile("%j"), stages));
         // This warpgroup's query rows and their absolute positions.
         t.push_str(&warpgroup_place("%q_first", qc * CHUNK_BYTES, c.p_offset()));
-        t.push_str("\n  %qpos0 = arith.addi %past, %r0 : index\n  %qpos1 = arith.addi %past, %r1 : index\n");
+        // Row h sees the keys below min(its position + 1, S).
+        for h in 0..2 {
+            let _ = writeln!(
+                t,
+                "  %qpos{h} = arith.addi %past, %r{h} : index
+  %qend{h} = arith.addi %qpos{h}, %c1 : index
+  %qlim{h} = arith.minui %qend{h}, %s_len : index"
+            );
+        }
         let _ = writeln!(t, "  nvgpu.mbarrier.try_wait.parity %bars[%c{stages}], %parity0, %ticks : !bar");
         t.push_str(&self.main_loop());
         t.push_str(&self.epilogue());
@@ -980,23 +985,16 @@ impl PrefillEmitter {
         let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
         let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
         // Causal and length masks: key <= the row's position, key < S.
-        let mask = |e: usize| {
-            let h = fragment_offset(0, e).0 / 8;
-            format!(
-                "%vis{e} = arith.cmpi ule, %key{e}, %qpos{h} : index
-%inside{e} = arith.cmpi ult, %key{e}, %s_len : index
-%in{e} = arith.andi %vis{e}, %inside{e} : i1"
-            )
-        };
         let (rescaled, mut o) = rescale(accs, "%alpha");
         let _ = writeln!(
             t,
             "    %tile_key = arith.muli %j, %c{PAGE} : index
     %key_t = arith.addi %tile_key, %lcol : index
-{}{}{}
+{}{}{}{}
     nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
     gpu.barrier",
-            indent(&online_softmax(&s, &mask), 4),
+            indent(&below_limits(["%qlim0", "%qlim1"], "%key_t"), 4),
+            indent(&online_softmax(&s, &below), 4),
             indent(&rescaled, 4),
             indent(&store_p("%p_off"), 4)
         );
@@ -1142,8 +1140,15 @@ impl GradEmitter {
   %ri{h} = arith.addi %q_head, %rc{h} : index
   %lse_r{h} = memref.load %lse[%ri{h}] : memref<?xf32>
   %d_r{h} = memref.load %dd[%ri{h}] : memref<?xf32>
-  %qpos{h} = arith.addi %past, %r{h} : index"
+  %qpos{h} = arith.addi %past, %r{h} : index
+  %qend{h} = arith.addi %qpos{h}, %c1 : index
+  %qlim{h} = arith.minui %qend{h}, %s_len : index"
                 );
+            }
+        } else {
+            // A key row is visible to the queries from position r - past on.
+            for h in 0..2 {
+                let _ = writeln!(t, "  %kfirst{h} = arith.subi %r{h}, %past : index");
             }
         }
         let _ = writeln!(t, "  nvgpu.mbarrier.try_wait.parity %bars[%c{stages}], %parity0, %ticks : !bar");
@@ -1176,41 +1181,42 @@ impl GradEmitter {
         // S (own rows x streamed rows) over the qk columns, P from it; then (dQ, dK) dP over the v
         // columns, and dS (S is dead by then: fewer live registers).
         let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
+        // Visible: key <= past + query (and both inside their lengths), as 32-bit compares of the
+        // element's column (see [`below_limits`]): dQ's keys below min(position + 1, S); dK's and
+        // dV's queries from their key's first on (`%rel<h>` from below) and below T (`%hi`).
         let mut body = format!("%tile_col = arith.addi %tile_r, %lcol : index\n");
+        if queries {
+            body.push_str(&below_limits(["%qlim0", "%qlim1"], "%tile_col"));
+        } else {
+            body.push_str(&below_limits(["%kfirst0", "%kfirst1"], "%tile_col"));
+            body.push_str(
+                "%hi_ix = arith.subi %t_len, %tile_col : index\n%hi = arith.index_cast %hi_ix : index to i32\n",
+            );
+        }
         let mut d_of = Vec::new();
         let mut column_stats = std::collections::BTreeSet::new();
         for e in 0..FRAG_N {
             let (r, col) = fragment_offset(0, e);
             let h = r / 8;
-            let _ = writeln!(
-                body,
-                "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}\n%col{e} = arith.addi %tile_col, %c{col} : index"
-            );
-            // Visible: key <= past + query (and both inside their lengths).
+            let _ = writeln!(body, "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}");
             let (mask, lse, d) = if queries {
-                (
-                    format!(
-                        "%vis{e} = arith.cmpi ule, %col{e}, %qpos{h} : index
-%inside{e} = arith.cmpi ult, %col{e}, %s_len : index"
-                    ),
-                    format!("%lse_r{h}"),
-                    format!("%d_r{h}"),
-                )
+                (below(e), format!("%lse_r{h}"), format!("%d_r{h}"))
             } else {
                 if column_stats.insert(col) {
                     // A streamed query's statistics (a column past T reads row T - 1's, masked).
                     let _ = writeln!(
                         body,
-                        "%cc{col} = arith.minui %col{e}, %t_last : index
+                        "%col{e} = arith.addi %tile_col, %c{col} : index
+%cc{col} = arith.minui %col{e}, %t_last : index
 %ci{col} = arith.addi %q_head, %cc{col} : index
-%lse_c{col} = memref.load %lse[%ci{col}] : memref<?xf32>
-%qp{col} = arith.addi %past, %col{e} : index"
+%lse_c{col} = memref.load %lse[%ci{col}] : memref<?xf32>"
                     );
                 }
                 (
                     format!(
-                        "%vis{e} = arith.cmpi ule, %r{h}, %qp{col} : index
-%inside{e} = arith.cmpi ult, %col{e}, %t_len : index"
+                        "%vis{e} = arith.cmpi sge, %c{col}_i32, %rel{h} : i32
+%inside{e} = arith.cmpi slt, %c{col}_i32, %hi : i32
+%in{e} = arith.andi %vis{e}, %inside{e} : i1"
                     ),
                     format!("%lse_c{col}"),
                     format!("%d_c{col}"),
@@ -1219,7 +1225,6 @@ impl GradEmitter {
             let _ = writeln!(
                 body,
                 "{mask}
-%in{e} = arith.andi %vis{e}, %inside{e} : i1
 %sl{e} = arith.mulf %sv{e}, %scale_log2 : f32
 %xl{e} = arith.subf %sl{e}, {lse} : f32
 %pe0_{e} = {ex2}
@@ -1782,9 +1787,9 @@ fn tile_loop_tail(count: &str, stages: usize, load: &str, yields: &[String], typ
     )
 }
 
-/// The online softmax of one 64 x 64 score fragment `s` in f32: each element's key `%key<e>` is
-/// `%key_t` plus its column, `mask(e)` defines `%in<e>` (the key is visible to the element's row;
-/// rows `%trow + 8 h` with h = [`fragment_offset`]'s row half), scores scaled into the log2 domain
+/// The online softmax of one 64 x 64 score fragment `s` in f32: `mask(e)` defines `%in<e>` (element
+/// e's key is visible to its row: rows `%trow + 8 h` with h = [`fragment_offset`]'s row half; see
+/// [`below_limits`]), scores scaled into the log2 domain
 /// (`%scale_log2`); the row maxima across the 4 lanes sharing a row, the new maxima `%m0`, `%m1`
 /// from `%m<h>_in` (a row that has seen no key yet keeps the maximum -inf and subtracts 0 instead:
 /// P of 0, not NaN — a decode split whose pages all lie past a speculative token's position, say),
@@ -1794,11 +1799,9 @@ fn online_softmax(s: &str, mask: &dyn Fn(usize) -> String) -> String {
     let mut t = String::new();
     let half = |e: usize| fragment_offset(0, e).0 / 8;
     for e in 0..FRAG_N {
-        let col = fragment_offset(0, e).1;
         let _ = writeln!(
             t,
             "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}
-%key{e} = arith.addi %key_t, %c{col} : index
 {mask}
 %sl{e} = arith.mulf %sv{e}, %scale_log2 : f32
 %x{e} = arith.select %in{e}, %sl{e}, %ninf : f32",
@@ -1834,6 +1837,28 @@ fn online_softmax(s: &str, mask: &dyn Fn(usize) -> String) -> String {
         let _ = writeln!(t, "%lr{h} = arith.mulf %l{h}_in, %alpha{h} : f32\n%l{h} = arith.addf %lr{h}, {sum} : f32");
     }
     t
+}
+
+/// Masks as 32-bit compares of constants: element e's key is `key_t` plus its column c_e (a
+/// constant of the fragment layout), so `key < lim` is `c_e < lim - key_t`. Defines `%rel0`,
+/// `%rel1` (i32: `lims[h] - key_t`, negative when the row sees none of the tile) — not a 64-bit
+/// add and compare an element. [`below`] is then one element's mask.
+fn below_limits(lims: [&str; 2], key_t: &str) -> String {
+    let mut t = String::new();
+    for (h, lim) in lims.iter().enumerate() {
+        let _ = writeln!(
+            t,
+            "%rel{h}_ix = arith.subi {lim}, {key_t} : index
+%rel{h} = arith.index_cast %rel{h}_ix : index to i32"
+        );
+    }
+    t
+}
+
+/// `%in<e>`: element e's key below its row's limit ([`below_limits`]).
+fn below(e: usize) -> String {
+    let (r, col) = fragment_offset(0, e);
+    format!("%in{e} = arith.cmpi slt, %c{col}_i32, %rel{h} : i32", h = r / 8)
 }
 
 /// The `accs` accumulators `%o<n>_in` rescaled by their rows' factors `<alpha>0`, `<alpha>1`
