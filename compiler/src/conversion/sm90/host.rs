@@ -432,7 +432,8 @@ pub unsafe fn mla_grad(of: super::mla::GradOf, heads: usize, scale: f32, bufs: &
             for j in 0..=(s_len - t_len + t) {
                 let key_row = h * s_len + j;
                 let (key, value) = (&kv[key_row * qk..][..qk], &vv[key_row * dv..][..dv]);
-                let p = (dot(query, key) * scale_log2 - lse[row]).exp2();
+                // The kernel's exponent: one fused multiply-add.
+                let p = dot(query, key).mul_add(scale_log2, -lse[row]).exp2();
                 let (target, from, factor) = match of {
                     GradOf::Values => (key_row, grad, round(p)),
                     GradOf::Queries => (row, key, round(p * (dot(grad, value) - dd[row]))),

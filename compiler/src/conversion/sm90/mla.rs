@@ -1139,6 +1139,7 @@ impl GradEmitter {
                     "  %rc{h} = arith.minui %r{h}, %t_last : index
   %ri{h} = arith.addi %q_head, %rc{h} : index
   %lse_r{h} = memref.load %lse[%ri{h}] : memref<?xf32>
+  %nlse_r{h} = arith.negf %lse_r{h} : f32
   %d_r{h} = memref.load %dd[%ri{h}] : memref<?xf32>
   %qpos{h} = arith.addi %past, %r{h} : index
   %qend{h} = arith.addi %qpos{h}, %c1 : index
@@ -1200,7 +1201,7 @@ impl GradEmitter {
             let h = r / 8;
             let _ = writeln!(body, "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}");
             let (mask, lse, d) = if queries {
-                (below(e), format!("%lse_r{h}"), format!("%d_r{h}"))
+                (below(e), format!("%nlse_r{h}"), format!("%d_r{h}"))
             } else {
                 if column_stats.insert(col) {
                     // A streamed query's statistics (a column past T reads row T - 1's, masked).
@@ -1209,7 +1210,8 @@ impl GradEmitter {
                         "%col{e} = arith.addi %tile_col, %c{col} : index
 %cc{col} = arith.minui %col{e}, %t_last : index
 %ci{col} = arith.addi %q_head, %cc{col} : index
-%lse_c{col} = memref.load %lse[%ci{col}] : memref<?xf32>"
+%lse_c{col} = memref.load %lse[%ci{col}] : memref<?xf32>
+%nlse_c{col} = arith.negf %lse_c{col} : f32"
                     );
                 }
                 (
@@ -1218,15 +1220,14 @@ impl GradEmitter {
 %inside{e} = arith.cmpi slt, %c{col}_i32, %hi : i32
 %in{e} = arith.andi %vis{e}, %inside{e} : i1"
                     ),
-                    format!("%lse_c{col}"),
+                    format!("%nlse_c{col}"),
                     format!("%d_c{col}"),
                 )
             };
             let _ = writeln!(
                 body,
                 "{mask}
-%sl{e} = arith.mulf %sv{e}, %scale_log2 : f32
-%xl{e} = arith.subf %sl{e}, {lse} : f32
+%xl{e} = llvm.intr.fma(%sv{e}, %scale_log2, {lse}) : (f32, f32, f32) -> f32
 %pe0_{e} = {ex2}
 %pe{e} = arith.select %in{e}, %pe0_{e}, %zero : f32",
                 ex2 = ex2(&format!("%xl{e}"))
@@ -1789,7 +1790,9 @@ fn tile_loop_tail(count: &str, stages: usize, load: &str, yields: &[String], typ
 
 /// The online softmax of one 64 x 64 score fragment `s` in f32: `mask(e)` defines `%in<e>` (element
 /// e's key is visible to its row: rows `%trow + 8 h` with h = [`fragment_offset`]'s row half; see
-/// [`below_limits`]), scores scaled into the log2 domain
+/// [`below_limits`]), the masked scores' row maxima scaled into the log2 domain by `%scale_log2`
+/// (positive: the maximum of the scaled scores, rounding and all), each score's exponent
+/// `score * scale_log2 - max` one fused multiply-add
 /// (`%scale_log2`); the row maxima across the 4 lanes sharing a row, the new maxima `%m0`, `%m1`
 /// from `%m<h>_in` (a row that has seen no key yet keeps the maximum -inf and subtracts 0 instead:
 /// P of 0, not NaN — a decode split whose pages all lie past a speculative token's position, say),
@@ -1803,8 +1806,7 @@ fn online_softmax(s: &str, mask: &dyn Fn(usize) -> String) -> String {
             t,
             "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}
 {mask}
-%sl{e} = arith.mulf %sv{e}, %scale_log2 : f32
-%x{e} = arith.select %in{e}, %sl{e}, %ninf : f32",
+%x{e} = arith.select %in{e}, %sv{e}, %ninf : f32",
             mask = mask(e)
         );
     }
@@ -1820,17 +1822,23 @@ fn online_softmax(s: &str, mask: &dyn Fn(usize) -> String) -> String {
             "%sh{h}a, %sh{h}a_ok = gpu.shuffle xor {acc}, %c1_i32, %c32_i32 : f32
 %rm{h}a = arith.maximumf {acc}, %sh{h}a : f32
 %sh{h}b, %sh{h}b_ok = gpu.shuffle xor %rm{h}a, %c2_i32, %c32_i32 : f32
-%rm{h} = arith.maximumf %rm{h}a, %sh{h}b : f32
+%rmr{h} = arith.maximumf %rm{h}a, %sh{h}b : f32
+%rm{h} = arith.mulf %rmr{h}, %scale_log2 : f32
 %m{h} = arith.maximumf %m{h}_in, %rm{h} : f32
 %none{h} = arith.cmpf oeq, %m{h}, %ninf : f32
 %mb{h} = arith.select %none{h}, %zero, %m{h} : f32
 %md{h} = arith.subf %m{h}_in, %mb{h} : f32
-%alpha{h} = {ex2_md}",
+%alpha{h} = {ex2_md}
+%nmb{h} = arith.negf %mb{h} : f32",
             ex2_md = ex2(&format!("%md{h}"))
         );
         let mut sum = "%zero".to_string();
         for e in members() {
-            let _ = writeln!(t, "%xd{e} = arith.subf %x{e}, %mb{h} : f32\n%pe{e} = {}", ex2(&format!("%xd{e}")));
+            let _ = writeln!(
+                t,
+                "%xd{e} = llvm.intr.fma(%x{e}, %scale_log2, %nmb{h}) : (f32, f32, f32) -> f32\n%pe{e} = {}",
+                ex2(&format!("%xd{e}"))
+            );
             let _ = writeln!(t, "%ps{h}_{e} = arith.addf {sum}, %pe{e} : f32");
             sum = format!("%ps{h}_{e}");
         }
