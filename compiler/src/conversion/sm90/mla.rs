@@ -375,7 +375,7 @@ impl Emitter {
   %shares_rows = arith.andi %is_wg0, %first_lane : i1
 {dp}
 {zero}",
-            coords = fragment_coordinates(),
+            coords = uniform_fragment_coordinates(),
             half = c.accumulators() * CHUNK_BYTES,
             p_off = c.p_offset(),
             x_off = c.exchange_offset(),
@@ -1417,7 +1417,7 @@ fn warpgroup_place(first: &str, tile_bytes: usize, p_off: usize) -> String {
   %p_addr = arith.addi %smem_base, %p_off64 : i64
 {dp}
 {zero}",
-        coords = fragment_coordinates(),
+        coords = uniform_fragment_coordinates(),
         dp = desc("%dp", "%p_addr", "%desc_k"),
         zero = zero_fragment(),
     )
@@ -2017,6 +2017,23 @@ fn desc_at(name: &str, base: &str, units: usize) -> String {
 /// (`%desc_k`'s: the swizzle mode and the stride offset).
 fn desc_word(name: &str) -> String {
     format!("{name}_w = arith.extui {name}_lo : i32 to i64\n{name} = arith.ori %desc_k, {name}_w : i64")
+}
+
+/// [`fragment_coordinates`] with the warpgroup index `%cw` broadcast from lane 0 (`shfl.sync.idx`,
+/// as CUTLASS's `canonical_warp_group_idx`): ptxas then knows it is the same across a warp and
+/// keeps what derives from it — the own tiles', P's and the values' wgmma descriptors — in uniform
+/// registers, where from `%tid / 128` it built them in vector registers and moved each to uniform
+/// ones (`R2UR`) before every `HGMMA`.
+fn uniform_fragment_coordinates() -> String {
+    let (cw, rest) = fragment_coordinates().split_once('\n').expect("lines");
+    assert!(cw.trim_start().starts_with("%cw = arith.divui %tid, %c128"), "{cw}");
+    format!(
+        "  %cw_t = arith.divui %tid, %c128 : index
+  %cw_t32 = arith.index_cast %cw_t : index to i32
+  %cw_u32, %cw_ok = gpu.shuffle idx %cw_t32, %c0_i32, %c32_i32 : i32
+  %cw = arith.index_cast %cw_u32 : i32 to index
+{rest}"
+    )
 }
 
 /// `2^x` (the SFU's approximation; 2^-inf = 0).
