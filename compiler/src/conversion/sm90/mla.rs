@@ -565,6 +565,15 @@ gpu.barrier
         let (accs, chunks) = (c.accumulators(), c.chunks());
         let (iter, types) = loop_carried(accs);
         let mut t = tile_loop_head("%np", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
+        // The page buffer's address broadcast from lane 0: ptxas then keeps the keys' and values'
+        // descriptors in uniform registers (from the loop's own it built them in vector registers
+        // and moved each to uniform ones before every HGMMA).
+        let _ = writeln!(
+            t,
+            "    %page_lo = arith.trunci %stage_addr : i64 to i32
+    %page_u32, %page_ok = gpu.shuffle idx %page_lo, %c0_i32, %c32_i32 : i32
+    %page_addr = arith.extui %page_u32 : i32 to i64"
+        );
         t.push_str(&indent(&self.zero_tail(), 4));
         if c.fp8_cache {
             t.push_str(&indent(&self.convert_page(), 4));
@@ -575,8 +584,8 @@ gpu.barrier
         // buffer), the online softmax, P and the rows' rescale factors into shared memory.
         let key = |k: usize| match (c.fp8_cache, k < c.latent_chunks()) {
             (true, true) => ("%conv_addr", k * CHUNK_BYTES),
-            (true, false) => ("%stage_addr", PAGE * c.kv + (k - c.latent_chunks()) * CHUNK_BYTES),
-            (false, _) => ("%stage_addr", k * CHUNK_BYTES),
+            (true, false) => ("%page_addr", PAGE * c.kv + (k - c.latent_chunks()) * CHUNK_BYTES),
+            (false, _) => ("%page_addr", k * CHUNK_BYTES),
         };
         let mut scores = String::new();
         let s = qk_products(&mut scores, "", chunks, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
@@ -602,7 +611,7 @@ gpu.barrier
         let _ = writeln!(
             t,
             "\n    %v_addr = arith.addi {values}, %cw_bytes64 : i64",
-            values = if c.fp8_cache { "%conv_addr" } else { "%stage_addr" }
+            values = if c.fp8_cache { "%conv_addr" } else { "%page_addr" }
         );
         pv_products(&mut t, "%v_addr", 0, o.len(), &mut o);
         o.extend((0..4).map(|i| format!("%stats#{i}")));
