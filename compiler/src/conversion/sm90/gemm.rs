@@ -1228,6 +1228,10 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         iter_args.push("%i = %it".into());
         let mut types = vec![frag.clone(); m_tiles];
         types.push("index".into());
+        // The stage's operand addresses broadcast from lane 0 (`shfl.sync.idx`): ptxas then keeps
+        // their wgmma descriptors in uniform registers; from the loop-carried stage counter (and
+        // the consumer's `%tid / 128`) it built them in vector registers and moved each to uniform
+        // ones (`R2UR`) before every wgmma.
         let _ = writeln!(
             t,
             "    %res:{} = scf.for %j = %c0 to %nkt step %c1 iter_args({}) -> ({}) {{
@@ -1240,8 +1244,14 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
       %a_off = arith.muli %st, %c{tx} : index
       %a_off64 = arith.index_cast %a_off : index to i64
       %stage_addr = arith.addi %smem_base, %a_off64 : i64
-      %a_addr = arith.addi %stage_addr, %wg_a64 : i64
-      %b_addr = arith.addi %stage_addr, %c{a_bytes}_i64 : i64",
+      %a_addr_t = arith.addi %stage_addr, %wg_a64 : i64
+      %b_addr_t = arith.addi %stage_addr, %c{a_bytes}_i64 : i64
+      %a_lo = arith.trunci %a_addr_t : i64 to i32
+      %b_lo = arith.trunci %b_addr_t : i64 to i32
+      %a_u32, %a_ok = gpu.shuffle idx %a_lo, %c0_i32, %c32_i32 : i32
+      %b_u32, %b_ok = gpu.shuffle idx %b_lo, %c0_i32, %c32_i32 : i32
+      %a_addr = arith.extui %a_u32 : i32 to i64
+      %b_addr = arith.extui %b_u32 : i32 to i64",
             m_tiles + 1,
             iter_args.join(", "),
             types.join(", "),
