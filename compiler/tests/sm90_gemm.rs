@@ -235,8 +235,9 @@ fn assert_attention_tensor_core_code(
 /// The tensor-core MLA decode kernel (DeepSeek-V3's 512 + 64 columns in clusters of 2 and not, its
 /// fp8-cache form, and a narrower latent): the 36 HGMMA.64x64 of S = Q K^T (9 chunks x 4 k16 steps,
 /// the first warpgroup's, the page's 64 keys) and the 4 HGMMA.64x256 of P V (4 k16 steps over the
-/// warpgroup's half of the values, transposed B), TMA loads (multicast in a cluster: each block half of a page's boxes, in the
-/// prologue's loads and the refill's), no spills; the fp8 cache's pages are converted 16 bytes at a time.
+/// warpgroup's half of the values, transposed B) — twice each where warpgroup 0 runs a page ahead
+/// —, TMA loads (multicast in a cluster: each block half of a page's boxes, in the prologue's loads
+/// and the refill's), no spills; the fp8 cache's pages are converted 16 bytes at a time.
 #[test]
 fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::MlaDecodeConfig;
@@ -264,10 +265,14 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         let multicasts = kernel.ptx.matches(".multicast::cluster").count();
         assert_eq!(multicasts, if config.cluster > 1 { 2 * boxes } else { 0 }, "{}", kernel.name);
         assert_eq!(kernel.ptx.contains(".reqnctapercluster 2, 1, 1"), config.cluster > 1, "{}", kernel.name);
+        // A page ahead (two page buffers or more, the bf16 cache): S of page 0 before the loop and
+        // of the next page in it, P V in each warpgroup's branch.
+        let copies = if config.pipelined() { 2 } else { 1 };
+        assert_eq!(config.pipelined(), config.stages >= 2 && !config.fp8_cache, "{}", kernel.name);
         assert_attention_tensor_core_code(
             &kernel,
-            (config.dim() / 16, 64),
-            (4, config.kv / 2),
+            (copies * config.dim() / 16, 64),
+            (copies * 4, config.kv / 2),
             config.kv / 2,
             ptxas.as_ref(),
         );

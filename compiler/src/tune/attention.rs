@@ -14,6 +14,7 @@
 //! share of the bandwidth, in a cluster its half of the page; prefill: the head's keys and values
 //! stay in L2 across its query tiles),
 //! runs the tensor-core products (decode: `S = Q K^T` in the first warpgroup, then `P V` in both;
+//! a page ahead, the softmax behind `P V`;
 //! prefill: both warpgroups' 64 query rows) at the SM's share of the dense bf16 peak times the
 //! efficiency of each product's wgmma width ([`super::wgmma_width_efficiency`]), and the online
 //! softmax (and the fp8 cache's conversion) on the CUDA cores. One buffer: the load is exposed every
@@ -310,10 +311,17 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             let blocks = sequences * heads.div_ceil(PAGE) * splits;
             let pages = context.div_ceil(PAGE).div_ceil(splits);
             // Warpgroup 0 scores the page's keys (m64n64) and runs the softmax; both multiply P by
-            // their halves of the values' columns (one m64n<kv / 2> a k16 step).
-            let products = [(2 * PAGE * PAGE * width, PAGE), (2 * PAGE * PAGE * kv, (kv / 2).min(256))];
+            // their halves of the values' columns (one m64n<kv / 2> a k16 step). A page ahead
+            // (pipelined), warpgroup 0's softmax runs while the tensor cores multiply: it hides
+            // behind up to half of `P V` (warpgroup 1's half starts with the next page's S).
+            let (scores, values) = ((2 * PAGE * PAGE * width, PAGE), (2 * PAGE * PAGE * kv, (kv / 2).min(256)));
             let convert = if fp8_cache { (PAGE * kv) as f64 * FP8_CONVERT_OPS } else { 0.0 };
-            let work = tensor_us(&products) + ((PAGE * PAGE) as f64 * SOFTMAX_OPS + convert) / ops_us;
+            let softmax = (PAGE * PAGE) as f64 * SOFTMAX_OPS / ops_us;
+            let hidden = match config {
+                AttentionConfig::Decode(c) if c.pipelined() => softmax.min(tensor_us(&[values]) / 2.0),
+                _ => 0.0,
+            };
+            let work = tensor_us(&[scores, values]) + softmax - hidden + convert / ops_us;
             // A page from DRAM at the SM's share of the bandwidth, split among its blocks; in a
             // cluster each block loads its share of the page (multicast into both).
             let cluster = match config {

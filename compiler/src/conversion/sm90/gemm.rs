@@ -1246,16 +1246,12 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
       %stage_addr = arith.addi %smem_base, %a_off64 : i64
       %a_addr_t = arith.addi %stage_addr, %wg_a64 : i64
       %b_addr_t = arith.addi %stage_addr, %c{a_bytes}_i64 : i64
-      %a_lo = arith.trunci %a_addr_t : i64 to i32
-      %b_lo = arith.trunci %b_addr_t : i64 to i32
-      %a_u32, %a_ok = gpu.shuffle idx %a_lo, %c0_i32, %c32_i32 : i32
-      %b_u32, %b_ok = gpu.shuffle idx %b_lo, %c0_i32, %c32_i32 : i32
-      %a_addr = arith.extui %a_u32 : i32 to i64
-      %b_addr = arith.extui %b_u32 : i32 to i64",
+{}",
             m_tiles + 1,
             iter_args.join(", "),
             types.join(", "),
             if self.fp8() { self.scale_loads() } else { String::new() },
+            indent(&(lane0_broadcast("%a_addr", "%a_addr_t") + &lane0_broadcast("%b_addr", "%b_addr_t")), 6),
         );
         let results = self.mainloop_body(&mut t, &accs);
         if c.specialized {
@@ -1983,6 +1979,21 @@ fn warp_prefix_sum(p: &str, x: &str) -> (String, String) {
 pub(super) fn arrive_on_peer(addr: &str, peer: &str) -> String {
     format!(
         "llvm.inline_asm has_side_effects \"{{\\n.reg .b32 ra;\\nmapa.shared::cluster.u32 ra, $0, $1;\\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\\n}}\", \"r,r\" {addr}, {peer} : (i32, i32) -> ()"
+    )
+}
+
+/// `dst` (i64) = the shared-memory address `src` (i64) broadcast from the warp's lane 0
+/// (`shfl.sync.idx` of its low word: shared addresses fit 32 bits). ptxas then knows it is the
+/// same in every lane and keeps what derives from it — the wgmma descriptors — in uniform
+/// registers; from an address it cannot prove uniform (a ring stage from a loop counter carried
+/// across tiles, say) it builds them in vector registers and moves each to uniform ones (`R2UR`)
+/// before every HGMMA. CUTLASS's `canonical_warp_group_idx` trick.
+pub(super) fn lane0_broadcast(dst: &str, src: &str) -> String {
+    format!(
+        "{dst}_lo = arith.trunci {src} : i64 to i32
+{dst}_u32, {dst}_ok = gpu.shuffle idx {dst}_lo, %c0_i32, %c32_i32 : i32
+{dst} = arith.extui {dst}_u32 : i32 to i64
+"
     )
 }
 

@@ -48,13 +48,16 @@
 //! scaled and rounded to bf16 into one shared buffer the tensor cores read (wgmma reads e4m3 only
 //! K-major, and `P V` needs the values transposed).
 //!
-//! Not yet: warp specialization and overlapping `S` of the next page with `P V` of this one
-//! (FlashMLA's ping-pong).
+//! With a ring of two page buffers or more (bf16 cache), warpgroup 0 runs a page ahead: it scores
+//! page `j + 1` while both multiply page `j`'s P by its values, its online softmax overlapping the
+//! tensor cores' `P V` ([`MlaDecodeConfig::pipelined`]). Not yet: warp specialization (a producer
+//! warp) and a second P buffer (it does not fit beside DeepSeek-V3's two 72 KiB page buffers).
 
 use std::fmt::Write;
 
 use super::gemm::{
-    arrive_on_peer, constants, fragment_coordinates, fragment_offset, indent, STATIC_SHARED_BYTES, WORKGROUP,
+    arrive_on_peer, constants, fragment_coordinates, fragment_offset, indent, lane0_broadcast, STATIC_SHARED_BYTES,
+    WORKGROUP,
 };
 use crate::target::GpuTarget;
 
@@ -176,6 +179,14 @@ impl MlaDecodeConfig {
     /// at the end the rows' sums), after `P`.
     fn exchange_offset(&self) -> usize {
         self.p_offset() + CHUNK_BYTES
+    }
+
+    /// Whether the page loop overlaps the next page's `S` with this one's `P V`
+    /// ([`Emitter::pipelined_loop`]): a ring of two buffers or more (the next page is in one while
+    /// this one is multiplied) of the bf16 cache (the fp8 cache's pages are converted into one
+    /// buffer both products read).
+    pub fn pipelined(&self) -> bool {
+        self.stages >= 2 && !self.fp8_cache
     }
 
     /// Dynamic shared memory: the query tile, the page ring, (fp8 cache) the converted latent, `P`,
@@ -382,6 +393,10 @@ impl Emitter {
             dp = desc("%dp", "%p_addr", "%desc_k"),
             zero = zero_fragment(),
         );
+        if c.pipelined() {
+            // The last page's "next scores": nothing seen.
+            t.push_str(&filled_fragment("nfrag", "%ninf"));
+        }
         // Every thread waits for the query tile (the barrier's first phase).
         let _ = writeln!(
             t,
@@ -557,65 +572,210 @@ gpu.barrier
         t
     }
 
-    /// The page loop: per page, S, the online softmax, P, and P V; the ring buffer refilled after.
-    /// Carries the output accumulators, and per row half (rows `trow`, `trow + 8`) the running maximum
-    /// (log2 domain) and the thread's partial sum.
+    /// The page loop: [`Self::pipelined_loop`] where a ring of two or more bf16 page buffers lets
+    /// warpgroup 0 score the next page while this one's values are multiplied, else
+    /// [`Self::serial_loop`].
     fn main_loop(&self) -> String {
+        if self.c.pipelined() {
+            self.pipelined_loop()
+        } else {
+            self.serial_loop()
+        }
+    }
+
+    /// Warpgroup 0's `S = Q K^T` over a whole page (wgmma m64n64k16) whose bf16 buffer is at
+    /// `page` (the fp8 cache: its latent chunks are the converted ones at `%conv_addr`, its rope
+    /// chunks follow the e4m3 latent in the page buffer); the fragment's name.
+    fn scores(&self, t: &mut String, page: &'static str) -> String {
         let c = &self.c;
-        let (accs, chunks) = (c.accumulators(), c.chunks());
-        let (iter, types) = loop_carried(accs);
+        let key = |k: usize| match (c.fp8_cache, k < c.latent_chunks()) {
+            (true, true) => ("%conv_addr", k * CHUNK_BYTES),
+            (true, false) => (page, PAGE * c.kv + (k - c.latent_chunks()) * CHUNK_BYTES),
+            (false, _) => (page, k * CHUNK_BYTES),
+        };
+        qk_products(t, "", c.chunks(), &|k| ("%smem_base", k * CHUNK_BYTES), &key)
+    }
+
+    /// Warpgroup 0's whole page `j` (its buffer at `%page_addr`, which `setup` may define): S, the
+    /// online softmax, P and the rows' rescale factors stored; yields the rows' maxima and partial
+    /// sums as `<name>:4` (warpgroup 1: `stats_in`'s).
+    fn score_page(&self, name: &str, j: &str, stats_in: &str, setup: &str) -> String {
+        let mut scores = indent(setup, 4) + "\n";
+        let s = self.scores(&mut scores, "%page_addr");
+        let stores = format!("{}{}", store_p(&format!("%c{}", self.c.p_offset())), store_rows("%alpha"));
+        scores.push_str(&indent(&format!("{}{stores}", self.softmax(&s, j)), 4));
+        format!(
+            "{name}:4 = scf.if %is_wg0 -> (f32, f32, f32, f32) {{
+{scores}
+  scf.yield %m0, %m1, %l0, %l1 : f32, f32, f32, f32
+}} else {{
+  scf.yield {stats_in} : f32, f32, f32, f32
+}}",
+        )
+    }
+
+    /// The page loop, one page after the other: per page warpgroup 0 scores it ([`Self::score_page`])
+    /// while warpgroup 1 waits; after a proxy fence and a block barrier both rescale their
+    /// accumulators and multiply P by their halves of the values; the ring buffer is refilled after
+    /// the next barrier. Carries the output accumulators, and per row half (rows `trow`, `trow + 8`)
+    /// the running maximum (log2 domain) and the thread's partial sum. The fp8 cache's (each page
+    /// converted into the one bf16 buffer both products read) and a ring of one buffer's.
+    fn serial_loop(&self) -> String {
+        let c = &self.c;
+        let accs = c.accumulators();
+        let (iter, types) = loop_carried(accs, NO_KEYS_YET);
         let mut t = tile_loop_head("%np", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
-        // The page buffer's address broadcast from lane 0: ptxas then keeps the keys' and values'
-        // descriptors in uniform registers (from the loop's own it built them in vector registers
-        // and moved each to uniform ones before every HGMMA).
-        let _ = writeln!(
-            t,
-            "    %page_lo = arith.trunci %stage_addr : i64 to i32
-    %page_u32, %page_ok = gpu.shuffle idx %page_lo, %c0_i32, %c32_i32 : i32
-    %page_addr = arith.extui %page_u32 : i32 to i64"
-        );
-        t.push_str(&indent(&self.zero_tail(), 4));
+        t.push_str(&indent(&lane0_broadcast("%page_addr", "%stage_addr"), 4));
+        t.push_str(&indent(&self.zero_tail("%j", "%st_off", false), 4));
         if c.fp8_cache {
             t.push_str(&indent(&self.convert_page(), 4));
             let _ = writeln!(t, "\n    %conv_addr = arith.addi %smem_base, %c{}_i64 : i64", c.converted_offset());
         }
-        // Warpgroup 0: S = Q K^T over the whole page (wgmma m64n64k16; the fp8 cache's latent
-        // chunks are the converted ones, its rope chunks follow the e4m3 latent in the page
-        // buffer), the online softmax, P and the rows' rescale factors into shared memory.
-        let key = |k: usize| match (c.fp8_cache, k < c.latent_chunks()) {
-            (true, true) => ("%conv_addr", k * CHUNK_BYTES),
-            (true, false) => ("%page_addr", PAGE * c.kv + (k - c.latent_chunks()) * CHUNK_BYTES),
-            (false, _) => ("%page_addr", k * CHUNK_BYTES),
-        };
-        let mut scores = String::new();
-        let s = qk_products(&mut scores, "", chunks, &|k| ("%smem_base", k * CHUNK_BYTES), &key);
-        scores.push_str(&indent(&self.softmax(&s), 4));
         let _ = writeln!(
             t,
-            "    %stats:4 = scf.if %is_wg0 -> (f32, f32, f32, f32) {{
-{}
-      scf.yield %m0, %m1, %l0, %l1 : f32, f32, f32, f32
-    }} else {{
-      scf.yield %m0_in, %m1_in, %l0_in, %l1_in : f32, f32, f32, f32
-    }}
+            "{}
     nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
     gpu.barrier
 {}",
-            indent(&scores, 2),
+            indent(&self.score_page("%stats", "%j", "%m0_in, %m1_in, %l0_in, %l1_in", ""), 4),
             indent(&load_rows("%ra"), 4)
         );
         // Both warpgroups: the accumulators rescaled, then P V into each one's half of the
         // values' columns.
         let (rescaled, mut o) = rescale(accs, "%ra");
         t.push_str(&indent(&rescaled, 4));
-        let _ = writeln!(
-            t,
-            "\n    %v_addr = arith.addi {values}, %cw_bytes64 : i64",
-            values = if c.fp8_cache { "%conv_addr" } else { "%page_addr" }
-        );
+        let values = if c.fp8_cache { "%conv_addr" } else { "%page_addr" };
+        let _ = writeln!(t, "\n    %v_addr = arith.addi {values}, %cw_bytes64 : i64");
         pv_products(&mut t, "%v_addr", 0, o.len(), &mut o);
         o.extend((0..4).map(|i| format!("%stats#{i}")));
         t.push_str(&tile_loop_tail("%np", c.stages, &self.refill_page(), &o, &types));
+        t
+    }
+
+    /// The page loop with warpgroup 0 a page ahead (FlashMLA's overlap of the next page's `S` with
+    /// this one's `P V`). Before the loop warpgroup 0 scores page 0 ([`Self::score_page`]). Page
+    /// `j`: after a proxy fence and a block barrier (P and the rescale factors of page `j` stored)
+    /// both warpgroups rescale their accumulators; warpgroup 1 multiplies P by its half of the
+    /// values at once, while warpgroup 0 first computes the next page's `S` (waiting for its
+    /// buffer: the ring holds two pages or more), then issues its own `P V` and runs the next
+    /// page's online softmax while the tensor cores multiply — the softmax, which the serial loop
+    /// leaves the tensor cores idle for, hides behind `P V`. After the products and a block
+    /// barrier (every warp done with P, the factors and the buffer) warpgroup 0 stores the next
+    /// page's P and factors, and the buffer is refilled. On the last page there is no next one:
+    /// warpgroup 0's softmax takes a fragment of -inf (factors 1, P of 0, nothing read).
+    fn pipelined_loop(&self) -> String {
+        let c = &self.c;
+        let accs = c.accumulators();
+        // Page 0 in buffer 0; the rows' statistics before it, those of no key.
+        let first_page = format!(
+            "%first_addr = arith.addi %smem_base, %c{}_i64 : i64
+{}%m0_in = arith.constant 0xFF800000 : f32
+%m1_in = arith.constant 0xFF800000 : f32
+%l0_in = arith.constant 0.0 : f32
+%l1_in = arith.constant 0.0 : f32",
+            c.query_bytes(),
+            lane0_broadcast("%page_addr", "%first_addr")
+        );
+        let mut t = format!(
+            "  %has_pages = arith.cmpi ugt, %np, %c0 : index
+  scf.if %has_pages {{
+    nvgpu.mbarrier.try_wait.parity %bars[%c0], %parity0, %ticks : !bar
+{zero}
+  }}
+{first}
+",
+            zero = indent(&self.zero_tail("%c0", "%c0", false), 4),
+            first = indent(&self.score_page("%first", "%c0", &NO_KEYS_YET.join(", "), &first_page), 2),
+        );
+        let (iter, types) = loop_carried(accs, ["%first#0", "%first#1", "%first#2", "%first#3"]);
+        t.push_str(&tile_loop_head("%np", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes()));
+        t.push_str(&indent(&lane0_broadcast("%page_addr", "%stage_addr"), 4));
+        // Page 0's tail was zeroed before warpgroup 0 scored it; a later page's is zeroed here,
+        // after the barrier that followed its scores.
+        t.push_str(&indent(&self.zero_tail("%j", "%st_off", true), 4));
+        let (rescaled, o) = rescale(accs, "%ra");
+        let _ = writeln!(
+            t,
+            "    nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
+    gpu.barrier
+{}{}
+    %v_addr = arith.addi %page_addr, %cw_bytes64 : i64
+    %nj = arith.addi %j, %c1 : index
+    %has_next = arith.cmpi ult, %nj, %np : index",
+            indent(&load_rows("%ra"), 4),
+            indent(&rescaled, 4),
+        );
+        // Warpgroup 0: the next page's S, then its own P V issued, the softmax while it runs.
+        let mut next = String::new();
+        let s = self.scores(&mut next, "%next_addr");
+        let mut wg0 = format!(
+            "  %sn = scf.if %has_next -> ({FRAG}) {{
+    %nst = arith.remui %nj, %c{stages} : index
+    %nround = arith.divui %nj, %c{stages} : index
+    %npar = arith.remui %nround, %c2 : index
+    %nparity = arith.index_cast %npar : index to i1
+    nvgpu.mbarrier.try_wait.parity %bars[%nst], %nparity, %ticks : !bar
+    %nst_off = arith.muli %nst, %c{stage_bytes} : index
+    %nst_off64 = arith.index_cast %nst_off : index to i64
+    %nst_rel = arith.addi %nst_off64, %c{q_bytes}_i64 : i64
+    %nst_addr = arith.addi %smem_base, %nst_rel : i64
+{broadcast}
+{next}
+    scf.yield {s} : {FRAG}
+  }} else {{
+    scf.yield %nfrag{FRAG_N} : {FRAG}
+  }}
+",
+            stages = c.stages,
+            stage_bytes = c.stage_bytes(),
+            q_bytes = c.query_bytes(),
+            broadcast = indent(&lane0_broadcast("%next_addr", "%nst_addr"), 4),
+        );
+        let mut o0 = o.clone();
+        pv_products(&mut wg0, "%v_addr", 0, accs, &mut o0);
+        let _ = writeln!(wg0, "    nvvm.wgmma.commit.group.sync.aligned\n{}", indent(&self.softmax("%sn", "%nj"), 4));
+        let mut o1 = o;
+        let mut wg1 = String::new();
+        pv_products(&mut wg1, "%v_addr", 0, accs, &mut o1);
+        let stats = ["%m0", "%m1", "%l0", "%l1", "%alpha0", "%alpha1"].map(String::from);
+        let pe = (0..FRAG_N).map(|e| format!("%pe{e}"));
+        o0.extend(stats.into_iter().chain(pe));
+        let passed = ["%m0_in", "%m1_in", "%l0_in", "%l1_in"].map(String::from);
+        o1.extend(passed.into_iter().chain(std::iter::repeat_n("%fpoison".to_string(), 2 + FRAG_N)));
+        let mut it_types = types.clone();
+        it_types.extend(std::iter::repeat_n("f32".to_string(), 2 + FRAG_N));
+        let it_types = it_types.join(", ");
+        let it = |i: usize| format!("%it#{i}");
+        let mut p_store = String::new();
+        store_tile(&mut p_store, &format!("%c{}", c.p_offset()), &|e| it(accs + 6 + e));
+        let _ = writeln!(
+            t,
+            "    %fpoison = llvm.mlir.poison : f32
+    %it:{n} = scf.if %is_wg0 -> ({it_types}) {{
+{wg0}
+    nvvm.wgmma.wait.group.sync.aligned 0
+    scf.yield {o0} : {it_types}
+    }} else {{
+{wg1}
+    nvvm.wgmma.commit.group.sync.aligned
+    nvvm.wgmma.wait.group.sync.aligned 0
+    scf.yield {o1} : {it_types}
+    }}
+    gpu.barrier
+    scf.if %is_wg0 {{
+{p_store}
+    }}
+{rows}",
+            n = types.len() + 2 + FRAG_N,
+            wg0 = indent(&wg0, 2),
+            wg1 = indent(&wg1, 2),
+            o0 = o0.join(", "),
+            o1 = o1.join(", "),
+            p_store = indent(&p_store, 6),
+            rows = indent(&store_row_values("alpha_n", [&it(accs + 4), &it(accs + 5)]), 4),
+        );
+        let yields: Vec<String> = (0..types.len()).map(it).collect();
+        t.push_str(&ring_refill(c.stages, &self.refill_page(), "%np", &yields, &types));
         t
     }
 
@@ -644,19 +804,29 @@ nvgpu.mbarrier.try_wait.parity %bars[%e_bar], %parity, %ticks : !bar
     /// On the sequence's last page, rows past its length are zeroed in the page buffer (whatever the
     /// cache holds there, NaN included, must not reach `P V`, where a masked key's P of 0 would
     /// still multiply it); then a proxy fence and a block barrier before the wgmma read it.
-    fn zero_tail(&self) -> String {
+    /// The split's page `j`, in the buffer `st_off` bytes into the ring; `after_first`: only
+    /// when it is not the split's first page.
+    fn zero_tail(&self, j: &str, st_off: &str, after_first: bool) -> String {
         let c = &self.c;
         let ws = WORKGROUP;
         let words = c.stage_bytes() / 4;
+        let zero_tail = match after_first {
+            true => format!(
+                "%zt_later = arith.cmpi ugt, {j}, %c0 : index
+%zt_last = arith.andi %is_last, %has_tail : i1
+%zero_tail = arith.andi %zt_last, %zt_later : i1"
+            ),
+            false => "%zero_tail = arith.andi %is_last, %has_tail : i1".to_string(),
+        };
         format!(
             "%pages_m1 = arith.subi %pages, %c1 : index
-%this_page = arith.addi %p0, %j : index
+%this_page = arith.addi %p0, {j} : index
 %is_last = arith.cmpi eq, %this_page, %pages_m1 : index
 %tail = arith.remui %len, %c{PAGE} : index
 %has_tail = arith.cmpi ne, %tail, %c0 : index
-%zero_tail = arith.andi %is_last, %has_tail : i1
+{zero_tail}
 scf.if %zero_tail {{
-  %zt_off = arith.addi %st_off, %c{q_bytes} : index
+  %zt_off = arith.addi {st_off}, %c{q_bytes} : index
   %zt = memref.view %smem[%zt_off][] : memref<?xi8, {ws}> to memref<{words}xi32, {ws}>
   %zt_zero = arith.constant 0 : i32
   scf.for %w = %tid to %c{words} step %c{THREADS} {{
@@ -676,17 +846,17 @@ scf.if %zero_tail {{
         )
     }
 
-    /// Warpgroup 0's online softmax of the page's scores `s` (see [`online_softmax`]): P stored,
-    /// the rows' rescale factors shared ([`store_rows`]).
-    fn softmax(&self, s: &str) -> String {
-        let c = &self.c;
-        let prelude = "%page = arith.addi %p0, %j : index
+    /// Warpgroup 0's online softmax (see [`online_softmax`]) of the scores `s` of the split's
+    /// page `j`.
+    fn softmax(&self, s: &str, j: &str) -> String {
+        let prelude = format!(
+            "%page = arith.addi %p0, {j} : index
 %page_key = arith.muli %page, %c64 : index
 %key_t = arith.addi %page_key, %lcol : index
-";
+"
+        );
         let limits = below_limits(["%lim0", "%lim1"], "%key_t");
-        let body = online_softmax(s, &below);
-        format!("{prelude}{limits}{body}{}{}", store_p(&format!("%c{}", c.p_offset())), store_rows("%alpha"))
+        format!("{prelude}{limits}{}", online_softmax(s, &below))
     }
 
     /// Row sums across the quad, normalization, and the split's output and log-sum-exp (natural log).
@@ -990,7 +1160,7 @@ impl PrefillEmitter {
     fn main_loop(&self) -> String {
         let c = &self.c;
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
-        let (iter, types) = loop_carried(accs);
+        let (iter, types) = loop_carried(accs, NO_KEYS_YET);
         let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
         let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
         // Causal and length masks: key <= the row's position, key < S.
@@ -1617,20 +1787,30 @@ fn shared_memory_and_barriers(stages: usize, cluster: usize, query_bytes: usize,
     )
 }
 
+/// The rows' maxima and partial sums before any key: -inf, -inf, 0, 0.
+const NO_KEYS_YET: [&str; 4] = ["%ninf", "%ninf", "%zero", "%zero"];
+
 /// A zero m64n64 accumulator fragment, `%frag32` (built up from `%frag0`).
 fn zero_fragment() -> String {
-    let mut t = format!("  %frag0 = llvm.mlir.poison : {FRAG}\n");
+    filled_fragment("frag", "%zero")
+}
+
+/// An m64n64 fragment of `value` everywhere, `%<name>32` (built up from `%<name>0`).
+fn filled_fragment(name: &str, value: &str) -> String {
+    let mut t = format!("  %{name}0 = llvm.mlir.poison : {FRAG}\n");
     for e in 0..FRAG_N {
-        let _ = writeln!(t, "  %frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {FRAG}", e + 1);
+        let _ = writeln!(t, "  %{name}{} = llvm.insertvalue {value}, %{name}{e}[{e}] : {FRAG}", e + 1);
     }
     t
 }
 
 /// The tile loop's carried values: `accs` output accumulators (zero), the two row halves' maxima
-/// (-inf) and partial sums (0); (`iter_args` entries, their types).
-fn loop_carried(accs: usize) -> (Vec<String>, Vec<String>) {
+/// and partial sums (from `stats`: before any key -inf, -inf, 0, 0); (`iter_args` entries, their
+/// types).
+fn loop_carried(accs: usize, stats: [&str; 4]) -> (Vec<String>, Vec<String>) {
     let mut iter: Vec<String> = (0..accs).map(|n| format!("%o{n}_in = %frag{FRAG_N}")).collect();
-    iter.extend(["%m0_in = %ninf", "%m1_in = %ninf", "%l0_in = %zero", "%l1_in = %zero"].map(String::from));
+    let names = ["%m0_in", "%m1_in", "%l0_in", "%l1_in"];
+    iter.extend(names.iter().zip(stats).map(|(name, init)| format!("{name} = {init}")));
     let mut types = vec![FRAG.to_string(); accs];
     types.extend(["f32"; 4].map(String::from));
     (iter, types)
@@ -1782,7 +1962,16 @@ fn tile_loop_tail(count: &str, stages: usize, load: &str, yields: &[String], typ
         "    nvvm.wgmma.commit.group.sync.aligned
     nvvm.wgmma.wait.group.sync.aligned 0
     gpu.barrier
-    %jn = arith.addi %j, %c{stages} : index
+{}",
+        ring_refill(stages, load, count, yields, types)
+    )
+}
+
+/// After the tile's last block barrier: the leader refills the buffer with tile `%j + stages`
+/// (`load`) when there is one, the carried values yielded.
+fn ring_refill(stages: usize, load: &str, count: &str, yields: &[String], types: &[String]) -> String {
+    format!(
+        "    %jn = arith.addi %j, %c{stages} : index
     %more = arith.cmpi ult, %jn, {count} : index
     %refill = arith.andi %leader, %more : i1
     scf.if %refill {{
@@ -1923,14 +2112,18 @@ fn rescale(accs: usize, alpha: &str) -> (String, Vec<String>) {
 /// with warpgroup 1: each of its quads' first lane stores its rows' into `%xview` ([`load_rows`] reads
 /// them after a block barrier; the next store comes after another).
 fn store_rows(src: &str) -> String {
+    store_row_values(&src[1..], [&format!("{src}0"), &format!("{src}1")])
+}
+
+/// [`store_rows`] of the values `rows` (SSA names prefixed `name`).
+fn store_row_values(name: &str, rows: [&str; 2]) -> String {
     let ws = WORKGROUP;
     let mut t = "scf.if %shares_rows {\n".to_string();
-    for h in 0..2 {
+    for (h, value) in rows.iter().enumerate() {
         let _ = writeln!(
             t,
             "  %{name}_sr{h} = arith.addi %trow, %c{off} : index
-  memref.store {src}{h}, %xview[%{name}_sr{h}] : memref<{PAGE}xf32, {ws}>",
-            name = &src[1..],
+  memref.store {value}, %xview[%{name}_sr{h}] : memref<{PAGE}xf32, {ws}>",
             off = 8 * h
         );
     }
