@@ -1085,14 +1085,20 @@ mod tests {
         let bdd = buf(d.as_ptr() as *const u8, &[heads * t], "f32");
         // The forward's log-sum-exps as the gradients' operand.
         let bls = buf(lse.as_ptr() as *const u8, &[heads * t], "f32");
-        for mode in [
+        let modes = [
             FlashMode::Forward,
             FlashMode::Lse,
             FlashMode::Grad(GradOf::Queries),
             FlashMode::Grad(GradOf::Keys),
             FlashMode::Grad(GradOf::Values),
-        ] {
-            let config = MlaPrefillConfig { mode, ..MlaPrefillConfig::DEEPSEEK_V3 };
+        ];
+        let mut configs = modes.map(|mode| MlaPrefillConfig { mode, ..MlaPrefillConfig::DEEPSEEK_V3 }).to_vec();
+        // The forward a tile ahead (two buffers or more) and one tile after the other (one).
+        assert!(configs[0].pipelined());
+        configs.push(MlaPrefillConfig { stages: 1, ..configs[0] });
+        assert!(!configs[5].pipelined());
+        for config in configs {
+            let mode = config.mode;
             let kernel =
                 crate::conversion::sm90::compile_mla_prefill(&context, &config, &crate::target::SM90A).unwrap();
             let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();

@@ -279,19 +279,23 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
     }
 }
 
-/// The tensor-core MLA prefill (flash attention, causal; DeepSeek-V3's 192/128 heads and a 3-stage
-/// ring of narrower ones): HGMMA for S = Q K^T (qk / 16 steps) and P V (4 steps over all the value
-/// columns), TMA loads, no spills.
+/// The tensor-core MLA prefill (flash attention, causal; DeepSeek-V3's 192/128 heads, a 3-stage
+/// ring of narrower ones and a ring of one): HGMMA for S = Q K^T (qk / 16 steps; twice where the
+/// loop runs a tile ahead: tile 0's before it) and P V (4 steps over all the value columns), TMA
+/// loads, no spills.
 #[test]
 fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::MlaPrefillConfig;
     let context = v3c_compiler::mlir::new_context();
     let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
     let narrow = MlaPrefillConfig { qk: 128, v: 64, stages: 3, ..MlaPrefillConfig::DEEPSEEK_V3 };
-    for config in [MlaPrefillConfig::DEEPSEEK_V3, narrow] {
+    let single = MlaPrefillConfig { stages: 1, ..MlaPrefillConfig::DEEPSEEK_V3 };
+    for config in [MlaPrefillConfig::DEEPSEEK_V3, narrow, single] {
         assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
+        assert_eq!(config.pipelined(), config.stages >= 2, "{}", config.kernel_name());
         let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
-        assert_attention_tensor_core_code(&kernel, (config.qk / 16, 64), (4, config.v), config.v, ptxas.as_ref());
+        let s_steps = if config.pipelined() { 2 } else { 1 } * config.qk / 16;
+        assert_attention_tensor_core_code(&kernel, (s_steps, 64), (4, config.v), config.v, ptxas.as_ref());
     }
     let err = MlaPrefillConfig { v: 320, ..MlaPrefillConfig::DEEPSEEK_V3 }.validate(&target::SM90A).unwrap_err();
     assert!(err.contains("a value width of 320"), "{err}");
@@ -301,7 +305,8 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
 }
 
 /// Training's flash attention: the forward with its log-sum-exps (`_lse`: one `lg2` per row half
-/// stored), and the three gradient kernels — dQ and dK recompute S (qk / 16 steps) and dP (v / 16),
+/// stored; a tile ahead: S twice), and the three gradient kernels — dQ and dK recompute S (qk / 16
+/// steps) and dP (v / 16),
 /// then multiply dS by the keys (queries) as the transposed B (dQ: 4 steps of m64n<qk>; dK: 4 per
 /// 64 columns of qk); dV recomputes S and multiplies P by dout (4 of m64n<v>); the forward's P V is
 /// 4 steps of m64n<v>. HGMMA, TMA, no spills.
@@ -327,8 +332,10 @@ fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
                 FlashMode::Grad(GradOf::Values) => (qk / 16, (4, v), v),
                 FlashMode::Grad(GradOf::Keys) => (qk / 16 + v / 16, (4 * qk / 64, 64), qk),
                 FlashMode::Grad(GradOf::Queries) => (qk / 16 + v / 16, (4, qk), qk),
-                _ => (qk / 16, (4, v), v),
+                // A tile ahead: tile 0's S before the loop, the next tile's in it.
+                _ => (2 * qk / 16, (4, v), v),
             };
+            assert_eq!(config.pipelined(), mode == FlashMode::Lse, "{}", kernel.name);
             assert_eq!(kernel.ptx.contains("lg2.approx"), mode == FlashMode::Lse, "{}", kernel.name);
             assert_attention_tensor_core_code(&kernel, (s_steps, 64), pv, outputs, ptxas.as_ref());
         }

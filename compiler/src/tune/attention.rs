@@ -15,7 +15,7 @@
 //! stay in L2 across its query tiles),
 //! runs the tensor-core products (decode: `S = Q K^T` in the first warpgroup, then `P V` in both;
 //! a page ahead, the softmax behind `P V`;
-//! prefill: both warpgroups' 64 query rows) at the SM's share of the dense bf16 peak times the
+//! prefill: both warpgroups' 64 query rows, the forward's softmax a tile ahead behind `P V`) at the SM's share of the dense bf16 peak times the
 //! efficiency of each product's wgmma width ([`super::wgmma_width_efficiency`]), and the online
 //! softmax (and the fp8 cache's conversion) on the CUDA cores. One buffer: the load is exposed every
 //! step; a deeper ring hides it behind the previous steps' work, all but a residue that shrinks
@@ -368,7 +368,14 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             };
             let products: Vec<(usize, usize)> =
                 widths.iter().map(|&(k, n)| (2 * queries * PAGE * k, n.min(256))).collect();
-            let work = tensor_us(&products) + (queries * PAGE) as f64 * SOFTMAX_OPS / ops_us;
+            // A tile ahead (the forward's, pipelined), the next tile's softmax runs while P V
+            // multiplies.
+            let softmax = (queries * PAGE) as f64 * SOFTMAX_OPS / ops_us;
+            let hidden = match config {
+                AttentionConfig::Prefill(c) if c.pipelined() => softmax.min(tensor_us(&products[1..])),
+                _ => 0.0,
+            };
+            let work = tensor_us(&products) + softmax - hidden;
             let l2_us = dram_us * L2_PER_DRAM / sms as f64 / per_sm as f64;
             let load = (PAGE * (qk + v) * 2) as f64 / l2_us;
             let step_us = step(load, work);

@@ -708,29 +708,7 @@ gpu.barrier
         // Warpgroup 0: the next page's S, then its own P V issued, the softmax while it runs.
         let mut next = String::new();
         let s = self.scores(&mut next, "%next_addr");
-        let mut wg0 = format!(
-            "  %sn = scf.if %has_next -> ({FRAG}) {{
-    %nst = arith.remui %nj, %c{stages} : index
-    %nround = arith.divui %nj, %c{stages} : index
-    %npar = arith.remui %nround, %c2 : index
-    %nparity = arith.index_cast %npar : index to i1
-    nvgpu.mbarrier.try_wait.parity %bars[%nst], %nparity, %ticks : !bar
-    %nst_off = arith.muli %nst, %c{stage_bytes} : index
-    %nst_off64 = arith.index_cast %nst_off : index to i64
-    %nst_rel = arith.addi %nst_off64, %c{q_bytes}_i64 : i64
-    %nst_addr = arith.addi %smem_base, %nst_rel : i64
-{broadcast}
-{next}
-    scf.yield {s} : {FRAG}
-  }} else {{
-    scf.yield %nfrag{FRAG_N} : {FRAG}
-  }}
-",
-            stages = c.stages,
-            stage_bytes = c.stage_bytes(),
-            q_bytes = c.query_bytes(),
-            broadcast = indent(&lane0_broadcast("%next_addr", "%nst_addr"), 4),
-        );
+        let mut wg0 = indent(&next_scores(c.stages, c.stage_bytes(), c.query_bytes(), &next, &s), 2) + "\n";
         let mut o0 = o.clone();
         pv_products(&mut wg0, "%v_addr", 0, accs, &mut o0);
         let _ = writeln!(wg0, "    nvvm.wgmma.commit.group.sync.aligned\n{}", indent(&self.softmax("%sn", "%nj"), 4));
@@ -775,7 +753,8 @@ gpu.barrier
             rows = indent(&store_row_values("alpha_n", [&it(accs + 4), &it(accs + 5)]), 4),
         );
         let yields: Vec<String> = (0..types.len()).map(it).collect();
-        t.push_str(&ring_refill(c.stages, &self.refill_page(), "%np", &yields, &types));
+        t.push_str(&refill_ring(c.stages, &self.refill_page(), "%np"));
+        t.push_str(&loop_yield(&yields, &types));
         t
     }
 
@@ -924,6 +903,8 @@ scf.if %zero_tail {{
 /// of `stages` buffers by TMA; per tile each warpgroup computes `S = Q K^T` (wgmma, K-major), the
 /// causal online softmax (query t at absolute position `S - T + t` sees keys `0..=S - T + t`), P into
 /// its own shared tile and `O += P V` (transposed B), then writes `O / l` (f32).
+/// With a ring of two buffers or more the forward runs a tile ahead: the next tile's softmax
+/// while this tile's `P V` multiplies ([`MlaPrefillConfig::pipelined`]).
 ///
 /// Layout (head-major, 2-D): `q [H * T, qk]`, `k [H * S, qk]`, `v [H * S, v]` bf16 (tensor maps: box 64
 /// columns x 64 rows, 128-byte swizzle, zero fill), `out [H * T, v]` f32 (8-byte aligned); arguments `%q_ptr`, `%k_ptr`,
@@ -1059,6 +1040,13 @@ impl MlaPrefillConfig {
         self.p_offset() + 2 * CHUNK_BYTES
     }
 
+    /// Whether the forward's tile loop runs a tile ahead, its softmax overlapping `P V`
+    /// ([`PrefillEmitter::pipelined_loop`]): the forward kernels with a ring of two buffers or
+    /// more (the next tile is in one while this one is multiplied).
+    pub fn pipelined(&self) -> bool {
+        self.stages >= 2 && matches!(self.mode, FlashMode::Forward | FlashMode::Lse)
+    }
+
     pub fn threads(&self) -> usize {
         THREADS
     }
@@ -1135,6 +1123,10 @@ impl PrefillEmitter {
         t.push_str(&ring_prologue(&self.load_tile("%j"), stages));
         // This warpgroup's query rows and their absolute positions.
         t.push_str(&warpgroup_place("%q_first", qc * CHUNK_BYTES, c.p_offset()));
+        if c.pipelined() {
+            // The last tile's "next scores": nothing seen.
+            t.push_str(&filled_fragment("nfrag", "%ninf"));
+        }
         // Row h sees the keys below min(its position + 1, S).
         for h in 0..2 {
             let _ = writeln!(
@@ -1157,7 +1149,19 @@ impl PrefillEmitter {
         ring_load(c, j, "%k_row0", &maps)
     }
 
+    /// The key/value tile loop: [`Self::pipelined_loop`] with a ring of two buffers or more, else
+    /// [`Self::serial_loop`].
     fn main_loop(&self) -> String {
+        if self.c.pipelined() {
+            self.pipelined_loop()
+        } else {
+            self.serial_loop()
+        }
+    }
+
+    /// Per tile: S, the masked online softmax, the accumulators rescaled, P stored; after a proxy
+    /// fence and a block barrier `P V`; the buffer refilled after the next barrier.
+    fn serial_loop(&self) -> String {
         let c = &self.c;
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
         let (iter, types) = loop_carried(accs, NO_KEYS_YET);
@@ -1180,6 +1184,92 @@ impl PrefillEmitter {
         pv_products(&mut t, "%stage_addr", qc * CHUNK_BYTES, o.len(), &mut o);
         o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
         t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn"), &o, &types));
+        t
+    }
+
+    /// The scores `s` of key tile `j` masked (causal, and below S) and through the online softmax
+    /// ([`online_softmax`]).
+    fn softmax(&self, s: &str, j: &str) -> String {
+        format!(
+            "%tile_key = arith.muli {j}, %c{PAGE} : index
+%key_t = arith.addi %tile_key, %lcol : index
+{}{}",
+            below_limits(["%qlim0", "%qlim1"], "%key_t"),
+            online_softmax(s, &below)
+        )
+    }
+
+    /// The tile loop a tile ahead (FlashAttention-3's overlap of the softmax with the other
+    /// product, P through shared memory). Before the loop each warpgroup scores key tile 0 and
+    /// stores its P. Tile `j`: the next tile's `S` (waiting for its buffer: the ring holds two
+    /// tiles or more); a block barrier (P of tile `j` stored, after its proxy fence); `P V` issued
+    /// and, while the tensor cores multiply, the next tile's online softmax; the accumulators
+    /// rescaled by its factors; after a block barrier (every warp done with the buffer and its P)
+    /// the buffer refilled and the next P stored. The last tile's "next scores" are a fragment of
+    /// -inf (factors 1, P of 0).
+    fn pipelined_loop(&self) -> String {
+        let c = &self.c;
+        let (qc, accs) = (c.qk_chunks(), c.v_chunks());
+        let fence = "nvvm.fence.proxy {kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}";
+        // Tile 0, in buffer 0; the rows' statistics before it, those of no key.
+        let mut first = format!(
+            "  nvgpu.mbarrier.try_wait.parity %bars[%c0], %parity0, %ticks : !bar
+  %first_addr = arith.addi %smem_base, %c{}_i64 : i64
+  %m0_in = arith.constant 0xFF800000 : f32
+  %m1_in = arith.constant 0xFF800000 : f32
+  %l0_in = arith.constant 0.0 : f32
+  %l1_in = arith.constant 0.0 : f32
+",
+            c.query_bytes()
+        );
+        let s =
+            qk_products(&mut first, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%first_addr", k * CHUNK_BYTES));
+        let mut t = format!(
+            "  %has_tiles = arith.cmpi ugt, %nt, %c0 : index
+  %first:4 = scf.if %has_tiles -> (f32, f32, f32, f32) {{
+{first}
+{softmax}
+{store}
+    {fence}
+    scf.yield %m0, %m1, %l0, %l1 : f32, f32, f32, f32
+  }} else {{
+    scf.yield {none} : f32, f32, f32, f32
+  }}
+",
+            softmax = indent(&self.softmax(&s, "%c0"), 4),
+            store = indent(&store_p("%p_off"), 4),
+            none = NO_KEYS_YET.join(", "),
+        );
+        let (iter, types) = loop_carried(accs, ["%first#0", "%first#1", "%first#2", "%first#3"]);
+        t.push_str(&tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes()));
+        let mut next = String::new();
+        let s =
+            qk_products(&mut next, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%next_addr", k * CHUNK_BYTES));
+        let _ = writeln!(
+            t,
+            "    %nj = arith.addi %j, %c1 : index
+    %has_next = arith.cmpi ult, %nj, %nt : index
+{}
+    gpu.barrier",
+            indent(&next_scores(c.stages, c.stage_bytes(), c.query_bytes(), &next, &s), 4)
+        );
+        let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
+        pv_products(&mut t, "%stage_addr", qc * CHUNK_BYTES, accs, &mut o);
+        let (rescaled, mut o) = rescale_of(&o, "%alpha");
+        let _ = writeln!(
+            t,
+            "    nvvm.wgmma.commit.group.sync.aligned
+{}
+    nvvm.wgmma.wait.group.sync.aligned 0
+{}
+    gpu.barrier",
+            indent(&self.softmax("%sn", "%nj"), 4),
+            indent(&rescaled, 4),
+        );
+        t.push_str(&refill_ring(c.stages, &self.load_tile("%jn"), "%nt"));
+        let _ = writeln!(t, "{}\n    {fence}", indent(&store_p("%p_off"), 4));
+        o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
+        t.push_str(&loop_yield(&o, &types));
         t
     }
 
@@ -1962,14 +2052,15 @@ fn tile_loop_tail(count: &str, stages: usize, load: &str, yields: &[String], typ
         "    nvvm.wgmma.commit.group.sync.aligned
     nvvm.wgmma.wait.group.sync.aligned 0
     gpu.barrier
-{}",
-        ring_refill(stages, load, count, yields, types)
+{}{}",
+        refill_ring(stages, load, count),
+        loop_yield(yields, types)
     )
 }
 
 /// After the tile's last block barrier: the leader refills the buffer with tile `%j + stages`
-/// (`load`) when there is one, the carried values yielded.
-fn ring_refill(stages: usize, load: &str, count: &str, yields: &[String], types: &[String]) -> String {
+/// (`load`) when there is one.
+fn refill_ring(stages: usize, load: &str, count: &str) -> String {
     format!(
         "    %jn = arith.addi %j, %c{stages} : index
     %more = arith.cmpi ult, %jn, {count} : index
@@ -1977,12 +2068,39 @@ fn ring_refill(stages: usize, load: &str, count: &str, yields: &[String], types:
     scf.if %refill {{
 {load}
     }}
-    scf.yield {yields} : {types}
-  }}
 ",
         load = indent(load, 6),
-        yields = yields.join(", "),
-        types = types.join(", "),
+    )
+}
+
+/// The tile loop's end: the carried values yielded.
+fn loop_yield(yields: &[String], types: &[String]) -> String {
+    format!("    scf.yield {} : {}\n  }}\n", yields.join(", "), types.join(", "))
+}
+
+/// `%sn`: the next tile's scores when there is one (`%has_next`: tile `%nj` of a ring of
+/// `stages` buffers of `stage_bytes` after the `query_bytes` of queries) — after waiting for its
+/// buffer, `products` (ending in the fragment `s`) from its address `%next_addr` —, else a
+/// fragment of -inf (`%nfrag32`: the softmax then sees no key: factors 1, P of 0).
+fn next_scores(stages: usize, stage_bytes: usize, query_bytes: usize, products: &str, s: &str) -> String {
+    format!(
+        "%sn = scf.if %has_next -> ({FRAG}) {{
+  %nst = arith.remui %nj, %c{stages} : index
+  %nround = arith.divui %nj, %c{stages} : index
+  %npar = arith.remui %nround, %c2 : index
+  %nparity = arith.index_cast %npar : index to i1
+  nvgpu.mbarrier.try_wait.parity %bars[%nst], %nparity, %ticks : !bar
+  %nst_off = arith.muli %nst, %c{stage_bytes} : index
+  %nst_off64 = arith.index_cast %nst_off : index to i64
+  %nst_rel = arith.addi %nst_off64, %c{query_bytes}_i64 : i64
+  %nst_addr = arith.addi %smem_base, %nst_rel : i64
+{broadcast}
+{products}
+  scf.yield {s} : {FRAG}
+}} else {{
+  scf.yield %nfrag{FRAG_N} : {FRAG}
+}}",
+        broadcast = indent(&lane0_broadcast("%next_addr", "%nst_addr"), 2),
     )
 }
 
@@ -2067,28 +2185,35 @@ fn below(e: usize) -> String {
     format!("%in{e} = arith.cmpi slt, %c{col}_i32, %rel{h} : i32", h = r / 8)
 }
 
-/// The `accs` accumulators `%o<n>_in` rescaled by their rows' factors `<alpha>0`, `<alpha>1`
-/// (rows `%trow`, `%trow + 8`); their names returned. A thread whose two rows kept their maxima
+/// The `accs` accumulators `%o<n>_in` rescaled (see [`rescale_of`]).
+fn rescale(accs: usize, alpha: &str) -> (String, Vec<String>) {
+    let inputs: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
+    rescale_of(&inputs, alpha)
+}
+
+/// The accumulators `inputs` rescaled by their rows' factors `<alpha>0`, `<alpha>1` (rows
+/// `%trow`, `%trow + 8`); their names returned. A thread whose two rows kept their maxima
 /// (factors exactly 1, as most rows once their largest scores are behind them) skips the
 /// multiplications: the products would be the accumulators themselves.
-fn rescale(accs: usize, alpha: &str) -> (String, Vec<String>) {
+fn rescale_of(inputs: &[String], alpha: &str) -> (String, Vec<String>) {
     let half = |e: usize| fragment_offset(0, e).0 / 8;
+    let accs = inputs.len();
     let types = vec![FRAG; accs].join(", ");
     let (mut kept, mut rescaled) = (Vec::new(), Vec::new());
     let mut multiply = String::new();
-    for n in 0..accs {
-        let mut cur = format!("%o{n}_in");
+    for (n, input) in inputs.iter().enumerate() {
+        let mut cur = input.clone();
         for e in 0..FRAG_N {
             let _ = writeln!(
                 multiply,
-                "  %ov{n}_{e} = llvm.extractvalue %o{n}_in[{e}] : {FRAG}
+                "  %ov{n}_{e} = llvm.extractvalue {input}[{e}] : {FRAG}
   %oa{n}_{e} = arith.mulf %ov{n}_{e}, {alpha}{h} : f32
   %oi{n}_{e} = llvm.insertvalue %oa{n}_{e}, {cur}[{e}] : {FRAG}",
                 h = half(e)
             );
             cur = format!("%oi{n}_{e}");
         }
-        kept.push(format!("%o{n}_in"));
+        kept.push(input.clone());
         rescaled.push(cur);
     }
     let t = format!(
