@@ -1911,19 +1911,29 @@ fn loop_carried(accs: usize, stats: [&str; 4]) -> (Vec<String>, Vec<String>) {
 fn tile_loop_head(count: &str, iter: &[String], types: &[String], stages: usize, stage: usize, query: usize) -> String {
     format!(
         "  %res:{n} = scf.for %j = %c0 to {count} step %c1 iter_args({iter}) -> ({types}) {{
-    %st = arith.remui %j, %c{stages} : index
-    %round = arith.divui %j, %c{stages} : index
-    %par = arith.remui %round, %c2 : index
-    %parity = arith.index_cast %par : index to i1
-    nvgpu.mbarrier.try_wait.parity %bars[%st], %parity, %ticks : !bar
-    %st_off = arith.muli %st, %c{stage} : index
-    %st_off64 = arith.index_cast %st_off : index to i64
-    %st_rel = arith.addi %st_off64, %c{query}_i64 : i64
-    %stage_addr = arith.addi %smem_base, %st_rel : i64
+{wait}
 ",
         n = types.len(),
         iter = iter.join(", "),
         types = types.join(", "),
+        wait = indent(&ring_wait("", "%j", stages, stage, query), 4),
+    )
+}
+
+/// The wait for tile `j`'s ring buffer `%<p>st` of `stages` (its barrier's phase parity
+/// `%<p>parity`), whose address is `%<p>stage_addr` (`%<p>st_off` from the ring's start, after the
+/// `query` bytes of queries); `p` prefixes the names.
+fn ring_wait(p: &str, j: &str, stages: usize, stage: usize, query: usize) -> String {
+    format!(
+        "%{p}st = arith.remui {j}, %c{stages} : index
+%{p}round = arith.divui {j}, %c{stages} : index
+%{p}par = arith.remui %{p}round, %c2 : index
+%{p}parity = arith.index_cast %{p}par : index to i1
+nvgpu.mbarrier.try_wait.parity %bars[%{p}st], %{p}parity, %ticks : !bar
+%{p}st_off = arith.muli %{p}st, %c{stage} : index
+%{p}st_off64 = arith.index_cast %{p}st_off : index to i64
+%{p}st_rel = arith.addi %{p}st_off64, %c{query}_i64 : i64
+%{p}stage_addr = arith.addi %smem_base, %{p}st_rel : i64"
     )
 }
 
@@ -2085,22 +2095,15 @@ fn loop_yield(yields: &[String], types: &[String]) -> String {
 fn next_scores(stages: usize, stage_bytes: usize, query_bytes: usize, products: &str, s: &str) -> String {
     format!(
         "%sn = scf.if %has_next -> ({FRAG}) {{
-  %nst = arith.remui %nj, %c{stages} : index
-  %nround = arith.divui %nj, %c{stages} : index
-  %npar = arith.remui %nround, %c2 : index
-  %nparity = arith.index_cast %npar : index to i1
-  nvgpu.mbarrier.try_wait.parity %bars[%nst], %nparity, %ticks : !bar
-  %nst_off = arith.muli %nst, %c{stage_bytes} : index
-  %nst_off64 = arith.index_cast %nst_off : index to i64
-  %nst_rel = arith.addi %nst_off64, %c{query_bytes}_i64 : i64
-  %nst_addr = arith.addi %smem_base, %nst_rel : i64
+{wait}
 {broadcast}
 {products}
   scf.yield {s} : {FRAG}
 }} else {{
   scf.yield %nfrag{FRAG_N} : {FRAG}
 }}",
-        broadcast = indent(&lane0_broadcast("%next_addr", "%nst_addr"), 2),
+        wait = indent(&ring_wait("n", "%nj", stages, stage_bytes, query_bytes), 2),
+        broadcast = indent(&lane0_broadcast("%next_addr", "%nstage_addr"), 2),
     )
 }
 
