@@ -666,16 +666,8 @@ gpu.barrier
     fn pipelined_loop(&self) -> String {
         let c = &self.c;
         let accs = c.accumulators();
-        // Page 0 in buffer 0; the rows' statistics before it, those of no key.
-        let first_page = format!(
-            "%first_addr = arith.addi %smem_base, %c{}_i64 : i64
-{}%m0_in = arith.constant 0xFF800000 : f32
-%m1_in = arith.constant 0xFF800000 : f32
-%l0_in = arith.constant 0.0 : f32
-%l1_in = arith.constant 0.0 : f32",
-            c.query_bytes(),
-            lane0_broadcast("%page_addr", "%first_addr")
-        );
+        let first_page =
+            format!("{}\n{}", first_tile_inputs(c.query_bytes()), lane0_broadcast("%page_addr", "%first_addr"));
         let mut t = format!(
             "  %has_pages = arith.cmpi ugt, %np, %c0 : index
   scf.if %has_pages {{
@@ -1213,14 +1205,8 @@ impl PrefillEmitter {
         let fence = "nvvm.fence.proxy {kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}";
         // Tile 0, in buffer 0; the rows' statistics before it, those of no key.
         let mut first = format!(
-            "  nvgpu.mbarrier.try_wait.parity %bars[%c0], %parity0, %ticks : !bar
-  %first_addr = arith.addi %smem_base, %c{}_i64 : i64
-  %m0_in = arith.constant 0xFF800000 : f32
-  %m1_in = arith.constant 0xFF800000 : f32
-  %l0_in = arith.constant 0.0 : f32
-  %l1_in = arith.constant 0.0 : f32
-",
-            c.query_bytes()
+            "  nvgpu.mbarrier.try_wait.parity %bars[%c0], %parity0, %ticks : !bar\n{}\n",
+            indent(&first_tile_inputs(c.query_bytes()), 2)
         );
         let s =
             qk_products(&mut first, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%first_addr", k * CHUNK_BYTES));
@@ -1879,6 +1865,19 @@ fn shared_memory_and_barriers(stages: usize, cluster: usize, query_bytes: usize,
 
 /// The rows' maxima and partial sums before any key: -inf, -inf, 0, 0.
 const NO_KEYS_YET: [&str; 4] = ["%ninf", "%ninf", "%zero", "%zero"];
+
+/// What a loop a tile ahead scores its first tile from, before the loop: its buffer's address
+/// `%first_addr` (the ring's first, after the `query_bytes` of queries) and, as
+/// [`online_softmax`]'s inputs `%m<h>_in`, `%l<h>_in`, the statistics of no key.
+fn first_tile_inputs(query_bytes: usize) -> String {
+    format!(
+        "%first_addr = arith.addi %smem_base, %c{query_bytes}_i64 : i64
+%m0_in = arith.constant 0xFF800000 : f32
+%m1_in = arith.constant 0xFF800000 : f32
+%l0_in = arith.constant 0.0 : f32
+%l1_in = arith.constant 0.0 : f32"
+    )
+}
 
 /// A zero m64n64 accumulator fragment, `%frag32` (built up from `%frag0`).
 fn zero_fragment() -> String {
