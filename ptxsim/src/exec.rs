@@ -124,7 +124,9 @@ struct InFlight {
     id: u64,
     /// The commit group it belongs to (the warpgroup's commits before it).
     group: u64,
-    desc_a: u64,
+    /// A's descriptor; `None`: A in registers (bf16 only; `wgmma ... {d}, {a0, a1, a2, a3}, desc_b,
+    /// scale_d, scale_a, scale_b, trans_b`), read with the accumulators.
+    desc_a: Option<u64>,
     desc_b: u64,
     scale_d: bool,
     neg_a: bool,
@@ -1265,22 +1267,31 @@ impl Cta<'_> {
         if d.len() != mma.n / 2 {
             return Err(format!("wgmma m64n{}: {} accumulator registers, not {}", mma.n, d.len(), mma.n / 2));
         }
-        if matches!(a.get(1), Some(Opnd::Vector(_))) {
-            return Err("wgmma with A in registers".into());
-        }
+        // A in registers: a thread's 4 words of bf16 pairs, and no A transpose among the flags.
+        let registers_a = match a.get(1) {
+            Some(Opnd::Vector(r)) if mma.input_bytes == 2 && mma.k == 16 && r.len() == 4 => true,
+            Some(Opnd::Vector(r)) => {
+                return Err(format!("wgmma with A in {} registers: only bf16 k16's 4 are simulated", r.len()));
+            }
+            _ => false,
+        };
         let t0 = g * 128;
         let flag = |i: usize| -> Result<Option<u64>, String> { a.get(i).map(|o| self.value(t0, o)).transpose() };
+        let (trans_a, trans_b) = match registers_a {
+            true => (None, flag(6)?),
+            false => (flag(6)?, flag(7)?),
+        };
         let op = InFlight {
             pc,
             id: self.issues + 1,
             group: self.commits.get(&g).copied().unwrap_or(0),
-            desc_a: self.value(t0, &a[1])?,
+            desc_a: if registers_a { None } else { Some(self.value(t0, &a[1])?) },
             desc_b: self.value(t0, &a[2])?,
             scale_d: self.value(t0, &a[3])? != 0,
             neg_a: flag(4)?.is_some_and(|v| sext(v, 32) < 0),
             neg_b: flag(5)?.is_some_and(|v| sext(v, 32) < 0),
-            trans_a: flag(6)?.unwrap_or(0) != 0,
-            trans_b: flag(7)?.unwrap_or(0) != 0,
+            trans_a: trans_a.unwrap_or(0) != 0,
+            trans_b: trans_b.unwrap_or(0) != 0,
         };
         self.issues = op.id;
         if let Some(r) = &self.races {
@@ -1294,7 +1305,29 @@ impl Cta<'_> {
         Ok(())
     }
 
-    /// A warpgroup's wgmma run: its operands read from shared memory now, into the accumulators.
+    /// A (64 x 16 bf16) from the registers `a` of warpgroup threads `t0..t0 + 128`, as they are now:
+    /// warp w holds rows 16w..16w + 16; lane l's word i the columns 8 (i / 2) + 2 (l mod 4) (low
+    /// half) and the next (high half) of row 16w + l / 4 + 8 (i mod 2) — an m64nNk16 accumulator's
+    /// layout for 16 of its columns, so that a product's f32 fragment packed in pairs is the next
+    /// one's A.
+    fn registers_a(&self, t0: usize, a: &Opnd) -> Result<Vec<f32>, String> {
+        let Opnd::Vector(regs) = a else { return Err("wgmma: A is not a register vector".into()) };
+        let mut out = vec![0f32; 64 * 16];
+        for lt in 0..128 {
+            let (w, l) = (lt / 32, lt % 32);
+            for (i, &reg) in regs.iter().enumerate() {
+                let word = self.threads[t0 + lt].regs[reg as usize] as u32;
+                let row = 16 * w + l / 4 + 8 * (i % 2);
+                let col = 8 * (i / 2) + 2 * (l % 4);
+                out[row * 16 + col] = v3c_models::dtype::bf16_to_f32(word as u16);
+                out[row * 16 + col + 1] = v3c_models::dtype::bf16_to_f32((word >> 16) as u16);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A warpgroup's wgmma run: its operands read from shared memory (or A from its registers)
+    /// now, into the accumulators.
     fn complete(&mut self, g: usize, op: &InFlight) -> Result<(), String> {
         let ins = &self.k.instrs[op.pc];
         let Op::Wgmma(mma) = ins.op else { return Err("not a wgmma".into()) };
@@ -1324,7 +1357,10 @@ impl Cta<'_> {
             }
             Ok(out)
         };
-        let am = read(desc_a, 64, trans_a)?;
+        let am = match desc_a {
+            Some(desc) => read(desc, 64, trans_a)?,
+            None => self.registers_a(t0, &ins.args[1])?,
+        };
         let bm = read(desc_b, mma.n, trans_b)?;
         if let (Some(r), Some(issued)) = (&mut self.races, self.issued.remove(&op.id)) {
             offsets.sort_unstable();

@@ -21,7 +21,7 @@
 //!   address, its bytes completed on the mbarrier. Tensor maps are passed as parameters
 //!   `TENSOR_MAP_BASE + 128 i` naming [`Launch::tensor_maps`]`[i]`.
 //! - wgmma: m64nNk16 (bf16) and m64nNk32 (e4m3) with f32 accumulators, operands from shared-memory
-//!   descriptors ([`layout`]). Issued when the warpgroup's 128 threads arrive, run when it waits
+//!   descriptors ([`layout`]), bf16's A from registers too. Issued when the warpgroup's 128 threads arrive, run when it waits
 //!   for its group (`commit_group`, `wait_group N`) and nothing else can go on: operands and
 //!   accumulators are read as late as the tensor cores may read them, so a kernel that changes
 //!   either before waiting gets other results. A warpgroup that exits with wgmmas in flight fails.
@@ -440,6 +440,89 @@ $L__end:
         // SAFETY: the one parameter is `out`, and accesses are held to it.
         unsafe { run(&module.kernels[0], &launch) }?;
         Ok(out.to_vec())
+    }
+
+    /// A wgmma m64n8k16 with A from registers (each thread's bf16 pairs in the accumulator layout)
+    /// gives what the same A from shared memory gives, and both the product of the matrices.
+    #[test]
+    fn a_wgmma_reads_a_from_registers_in_the_accumulator_layout() {
+        // A(r, k) and B(n, k): small integers, exact in bf16 and in f32 sums.
+        let a = |r: usize, k: usize| ((3 * r + 5 * k) % 11) as f32 - 5.0;
+        let b = |n: usize, k: usize| ((7 * n + 2 * k) % 9) as f32 - 4.0;
+        let mut text = String::from(
+            ".visible .entry mma(\n\t.param .u64 mma_param_0\n)\n{\n\t.reg .pred %p<2>;\n\t.reg .b32 %r<80>;\n\
+             \t.reg .f32 %f<40>;\n\t.reg .b64 %rd<20>;\n\t.shared .align 1024 .b8 buf[4096];\n\
+             \tld.param.b64 %rd1, [mma_param_0];\n\tmov.u32 %r1, %tid.x;\n\tshr.u32 %r2, %r1, 5;\n\
+             \tand.b32 %r3, %r1, 31;\n\tshr.u32 %r4, %r3, 2;\n\tand.b32 %r5, %r3, 3;\n\tmov.b64 %rd2, buf;\n\
+             \tcvt.u32.u64 %r6, %rd2;\n\tmul.lo.u32 %r7, %r2, 16;\n\tadd.s32 %r7, %r7, %r4;\n\tshl.b32 %r8, %r5, 1;\n",
+        );
+        // Word i of the thread: row 16w + g + 8 (i mod 2), columns 8 (i / 2) + 2q and the next; A
+        // also stored K-major without swizzle (8 x 16-byte rows 128 B apart, K's halves 1024 B).
+        for i in 0..4 {
+            let (r, c, x, lo, hi, fl, fh, off) =
+                (20 + 8 * i, 21 + 8 * i, 22 + 8 * i, 23 + 8 * i, 24 + 8 * i, 2 * i + 10, 2 * i + 11, 25 + 8 * i);
+            text.push_str(&format!(
+                "\tadd.s32 %r{r}, %r7, {row};\n\tadd.s32 %r{c}, %r8, {col};\n\tmul.lo.u32 %r{x}, %r{r}, 3;\n\
+                 \tmad.lo.u32 %r{x}, %r{c}, 5, %r{x};\n\trem.u32 %r{lo}, %r{x}, 11;\n\tadd.s32 %r{x}, %r{x}, 5;\n\
+                 \trem.u32 %r{hi}, %r{x}, 11;\n\tsub.s32 %r{lo}, %r{lo}, 5;\n\tsub.s32 %r{hi}, %r{hi}, 5;\n\
+                 \tcvt.rn.f32.s32 %f{fl}, %r{lo};\n\tcvt.rn.f32.s32 %f{fh}, %r{hi};\n\
+                 \tcvt.rn.bf16x2.f32 %r{w}, %f{fh}, %f{fl};\n\tmul.lo.u32 %r{off}, %r{r}, 16;\n\
+                 \tand.b32 %r{x}, %r{c}, 7;\n\tmad.lo.u32 %r{off}, %r{x}, 2, %r{off};\n\tshr.u32 %r{x}, %r{c}, 3;\n\
+                 \tmad.lo.u32 %r{off}, %r{x}, 1024, %r{off};\n\tadd.s32 %r{off}, %r{off}, %r6;\n\
+                 \tst.shared.b32 [%r{off}], %r{w};\n",
+                row = 8 * (i % 2),
+                col = 8 * (i / 2),
+                w = 60 + i
+            ));
+        }
+        // B (8 x 16) by threads 0..63: n = t / 8, columns 2 (t mod 8) and the next, at 2048 + 16 n,
+        // K's halves 128 B apart.
+        text.push_str(
+            "\tsetp.ge.u32 %p1, %r1, 64;\n\t@%p1 bra $L__b;\n\tshr.u32 %r50, %r1, 3;\n\tand.b32 %r51, %r1, 7;\n\
+             \tshl.b32 %r51, %r51, 1;\n\tmul.lo.u32 %r52, %r50, 7;\n\tmad.lo.u32 %r52, %r51, 2, %r52;\n\
+             \trem.u32 %r53, %r52, 9;\n\tadd.s32 %r52, %r52, 2;\n\trem.u32 %r54, %r52, 9;\n\tsub.s32 %r53, %r53, 4;\n\
+             \tsub.s32 %r54, %r54, 4;\n\tcvt.rn.f32.s32 %f20, %r53;\n\tcvt.rn.f32.s32 %f21, %r54;\n\
+             \tcvt.rn.bf16x2.f32 %r55, %f21, %f20;\n\tmul.lo.u32 %r56, %r50, 16;\n\tand.b32 %r57, %r51, 7;\n\
+             \tmad.lo.u32 %r56, %r57, 2, %r56;\n\tshr.u32 %r57, %r51, 3;\n\tmad.lo.u32 %r56, %r57, 128, %r56;\n\
+             \tadd.s32 %r56, %r56, %r6;\n\tst.shared.b32 [%r56+2048], %r55;\n$L__b:\n\
+             \tfence.proxy.async.shared::cta;\n\tbar.sync 0;\n\
+             \tand.b64 %rd3, %rd2, 262143;\n\tshr.u64 %rd3, %rd3, 4;\n\tor.b64 %rd4, %rd3, 34359738368;\n\
+             \tor.b64 %rd5, %rd4, 4194304;\n\tadd.s64 %rd6, %rd4, 128;\n\tor.b64 %rd6, %rd6, 524288;\n\
+             \twgmma.fence.sync.aligned;\n\tsetp.ne.b32 %p1, 0, 0;\n\
+             \twgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%f1, %f2, %f3, %f4}, %rd5, %rd6, %p1, 1, 1, 0, 0;\n\
+             \twgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%f5, %f6, %f7, %f8}, {%r60, %r61, %r62, %r63}, %rd6, %p1, 1, 1, 0;\n\
+             \twgmma.commit_group.sync.aligned;\n\twgmma.wait_group.sync.aligned 0;\n\tmul.wide.u32 %rd7, %r1, 32;\n\
+             \tadd.s64 %rd8, %rd1, %rd7;\n",
+        );
+        for j in 0..8 {
+            text.push_str(&format!("\tst.global.f32 [%rd8+{}], %f{};\n", 4 * j, j + 1));
+        }
+        text.push_str("\tret;\n}");
+        let module = Module::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        let mut out = vec![f32::NAN; 128 * 8];
+        let params = [out.as_mut_ptr() as u64];
+        let only = [(out.as_ptr() as u64, 4 * out.len())];
+        let launch = Launch {
+            grid: [1, 1],
+            threads: 128,
+            dynamic_shared: 0,
+            params: &params,
+            tensor_maps: &[],
+            regions: Some(&only),
+            max_instructions: 1 << 20,
+            checks: Checks { reversed: false, races: true },
+        };
+        // SAFETY: the one parameter is `out`, and accesses are held to it.
+        unsafe { run(&module.kernels[0], &launch) }.unwrap_or_else(|e| panic!("{e}"));
+        for t in 0..128 {
+            let (w, l) = (t / 32, t % 32);
+            for q in 0..4 {
+                let (row, col) = (16 * w + l / 4 + 8 * (q / 2), 2 * (l % 4) + q % 2);
+                let want: f32 = (0..16).map(|k| a(row, k) * b(col, k)).sum();
+                assert_eq!(out[8 * t + q], want, "shared A, thread {t}, D({row}, {col})");
+                assert_eq!(out[8 * t + 4 + q], want, "registers' A, thread {t}, D({row}, {col})");
+            }
+        }
     }
 
     /// A shuffle whose member mask names a lane that has exited, or one the block does not have,
