@@ -176,17 +176,21 @@ fn gemm_configs_compile_to_sm90a_tensor_core_code_without_spills() {
 
 /// An MLA attention kernel's tensor-core code: `s_steps` wgmma of `s_n` keys for S = Q K^T (K-major
 /// B) and `pv_steps` of `pv_n` columns for P V (transposed B: all the accumulated columns in one
-/// instruction) in the PTX; with ptxas, no spills, no serialized wgmma, and as many
+/// instruction; `p_registers`: A, the bf16 P, from registers, else from shared memory behind a
+/// proxy fence) in the PTX; with ptxas, no spills, no serialized wgmma, and as many
 /// HGMMA.64x<s_n>x16 and HGMMA.64x<pv_n>x16 in the SASS plus TMA loads and no local memory.
 fn assert_attention_tensor_core_code(
     kernel: &sm90::GpuKernel,
     (s_steps, s_n): (usize, usize),
     (pv_steps, pv_n): (usize, usize),
+    p_registers: bool,
     outputs: usize,
     ptxas: Option<&toolchain::FoundTool>,
 ) {
-    // The trailing immediates: scale-a, scale-b, transpose-a, transpose-b.
+    // The trailing immediates: scale-a, scale-b, transpose-a, transpose-b (A from registers: no
+    // transpose-a).
     let wgmma = |transposed: u8| kernel.ptx.matches(&format!("p, 1,  1, 0,  {transposed};")).count();
+    let registers_a = kernel.ptx.matches("p, 1, 1, 1;").count();
     let ptx_shape =
         |n: usize| kernel.ptx.matches(&format!("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16")).count();
     let (s_shape, pv_shape) = (format!("HGMMA.64x{s_n}x16.F32.BF16"), format!("HGMMA.64x{pv_n}x16.F32.BF16"));
@@ -196,8 +200,11 @@ fn assert_attention_tensor_core_code(
         assert_eq!((ptx_shape(s_n), ptx_shape(pv_n)), (s_steps, pv_steps), "{}", kernel.name);
     }
     assert_eq!(wgmma(0), s_steps, "{}: S = Q K^T wgmma (K-major B)", kernel.name);
-    assert_eq!(wgmma(1), pv_steps, "{}: P V wgmma (transposed B)", kernel.name);
-    assert!(kernel.ptx.contains("fence.proxy.async.shared::cta"), "{}: P's generic-to-async fence", kernel.name);
+    let want = if p_registers { (0, pv_steps) } else { (pv_steps, 0) };
+    assert_eq!((wgmma(1), registers_a), want, "{}: P V wgmma (transposed B; A shared, registers)", kernel.name);
+    if !p_registers {
+        assert!(kernel.ptx.contains("fence.proxy.async.shared::cta"), "{}: P's generic-to-async fence", kernel.name);
+    }
     // A thread's share of its warpgroup's 64 output rows of `outputs` columns, stored in column
     // pairs (8 bytes each); scalar stores only for the log-sum-exps (one a row half).
     let pairs = kernel.ptx.matches("st.global.v2.b32").count();
@@ -273,6 +280,7 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
             &kernel,
             (copies * config.dim() / 16, 64),
             (copies * 4, config.kv / 2),
+            false,
             config.kv / 2,
             ptxas.as_ref(),
         );
@@ -295,7 +303,7 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
         assert_eq!(config.pipelined(), config.stages >= 2, "{}", config.kernel_name());
         let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
         let s_steps = if config.pipelined() { 2 } else { 1 } * config.qk / 16;
-        assert_attention_tensor_core_code(&kernel, (s_steps, 64), (4, config.v), config.v, ptxas.as_ref());
+        assert_attention_tensor_core_code(&kernel, (s_steps, 64), (4, config.v), true, config.v, ptxas.as_ref());
     }
     let err = MlaPrefillConfig { v: 320, ..MlaPrefillConfig::DEEPSEEK_V3 }.validate(&target::SM90A).unwrap_err();
     assert!(err.contains("a value width of 320"), "{err}");
@@ -337,7 +345,8 @@ fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
             };
             assert_eq!(config.pipelined(), mode == FlashMode::Lse, "{}", kernel.name);
             assert_eq!(kernel.ptx.contains("lg2.approx"), mode == FlashMode::Lse, "{}", kernel.name);
-            assert_attention_tensor_core_code(&kernel, (s_steps, 64), pv, outputs, ptxas.as_ref());
+            let p_registers = mode == FlashMode::Lse;
+            assert_attention_tensor_core_code(&kernel, (s_steps, 64), pv, p_registers, outputs, ptxas.as_ref());
         }
     }
     for bad in ["mla_gradx_qk192_v128_s2", "mla_gradq_qk192_v128_s2_lse", "mla_prefill_qk192_v128_s2_ls"] {

@@ -1151,8 +1151,8 @@ impl PrefillEmitter {
         }
     }
 
-    /// Per tile: S, the masked online softmax, the accumulators rescaled, P stored; after a proxy
-    /// fence and a block barrier `P V`; the buffer refilled after the next barrier.
+    /// Per tile: S, the masked online softmax, the accumulators rescaled, `P V` with P from
+    /// registers; the buffer refilled after the tile's block barrier.
     fn serial_loop(&self) -> String {
         let c = &self.c;
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
@@ -1161,19 +1161,9 @@ impl PrefillEmitter {
         let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
         // Causal and length masks: key <= the row's position, key < S.
         let (rescaled, mut o) = rescale(accs, "%alpha");
-        let _ = writeln!(
-            t,
-            "    %tile_key = arith.muli %j, %c{PAGE} : index
-    %key_t = arith.addi %tile_key, %lcol : index
-{}{}{}{}
-    nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
-    gpu.barrier",
-            indent(&below_limits(["%qlim0", "%qlim1"], "%key_t"), 4),
-            indent(&online_softmax(&s, &below), 4),
-            indent(&rescaled, 4),
-            indent(&store_p("%p_off"), 4)
-        );
-        pv_products(&mut t, "%stage_addr", qc * CHUNK_BYTES, o.len(), &mut o);
+        let (packed, p) = pack_fragment("%pw", &|e| format!("%pe{e}"));
+        let _ = writeln!(t, "{}{}{}", indent(&self.softmax(&s, "%j"), 4), indent(&rescaled, 4), indent(&packed, 4));
+        pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
         o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
         t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn"), &o, &types));
         t
@@ -1192,17 +1182,16 @@ impl PrefillEmitter {
     }
 
     /// The tile loop a tile ahead (FlashAttention-3's overlap of the softmax with the other
-    /// product, P through shared memory). Before the loop each warpgroup scores key tile 0 and
-    /// stores its P. Tile `j`: the next tile's `S` (waiting for its buffer: the ring holds two
-    /// tiles or more); a block barrier (P of tile `j` stored, after its proxy fence); `P V` issued
-    /// and, while the tensor cores multiply, the next tile's online softmax; the accumulators
-    /// rescaled by its factors; after a block barrier (every warp done with the buffer and its P)
-    /// the buffer refilled and the next P stored. The last tile's "next scores" are a fragment of
-    /// -inf (factors 1, P of 0).
+    /// product, P in registers). Before the loop each warpgroup scores key tile 0 and packs its P
+    /// into bf16 pairs (16 words a thread, carried by the loop). Tile `j`: the next tile's `S`
+    /// (waiting for its buffer: the ring holds two tiles or more); `P V` issued with P from the
+    /// registers and, while the tensor cores multiply, the next tile's online softmax and its P
+    /// packed; the accumulators rescaled by its factors; after a block barrier (every warp done
+    /// with the buffer) the buffer refilled. The last tile's "next scores" are a fragment of -inf
+    /// (factors 1, P of 0).
     fn pipelined_loop(&self) -> String {
         let c = &self.c;
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
-        let fence = "nvvm.fence.proxy {kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}";
         // Tile 0, in buffer 0; the rows' statistics before it, those of no key.
         let mut first = format!(
             "  nvgpu.mbarrier.try_wait.parity %bars[%c0], %parity0, %ticks : !bar\n{}\n",
@@ -1210,23 +1199,31 @@ impl PrefillEmitter {
         );
         let s =
             qk_products(&mut first, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%first_addr", k * CHUNK_BYTES));
+        let (packed, p0) = pack_fragment("%pf", &|e| format!("%pe{e}"));
+        let words = p0.len();
+        let first_types = format!("f32, f32, f32, f32, {}", vec!["i32"; words].join(", "));
         let mut t = format!(
             "  %has_tiles = arith.cmpi ugt, %nt, %c0 : index
-  %first:4 = scf.if %has_tiles -> (f32, f32, f32, f32) {{
+  %first:{n} = scf.if %has_tiles -> ({first_types}) {{
 {first}
 {softmax}
-{store}
-    {fence}
-    scf.yield %m0, %m1, %l0, %l1 : f32, f32, f32, f32
+{packed}
+    scf.yield %m0, %m1, %l0, %l1, {p0} : {first_types}
   }} else {{
-    scf.yield {none} : f32, f32, f32, f32
+    scf.yield {none}, {zeros} : {first_types}
   }}
 ",
+            n = 4 + words,
             softmax = indent(&self.softmax(&s, "%c0"), 4),
-            store = indent(&store_p("%p_off"), 4),
+            packed = indent(&packed, 4),
+            p0 = p0.join(", "),
             none = NO_KEYS_YET.join(", "),
+            zeros = vec!["%c0_i32"; words].join(", "),
         );
-        let (iter, types) = loop_carried(accs, ["%first#0", "%first#1", "%first#2", "%first#3"]);
+        let (mut iter, mut types) = loop_carried(accs, ["%first#0", "%first#1", "%first#2", "%first#3"]);
+        let p: Vec<String> = (0..words).map(|w| format!("%pc{w}_in")).collect();
+        iter.extend(p.iter().enumerate().map(|(w, name)| format!("{name} = %first#{}", 4 + w)));
+        types.extend(std::iter::repeat_n("i32".to_string(), words));
         t.push_str(&tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes()));
         let mut next = String::new();
         let s =
@@ -1235,26 +1232,28 @@ impl PrefillEmitter {
             t,
             "    %nj = arith.addi %j, %c1 : index
     %has_next = arith.cmpi ult, %nj, %nt : index
-{}
-    gpu.barrier",
+{}",
             indent(&next_scores(c.stages, c.stage_bytes(), c.query_bytes(), &next, &s), 4)
         );
         let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
-        pv_products(&mut t, "%stage_addr", qc * CHUNK_BYTES, accs, &mut o);
+        pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
         let (rescaled, mut o) = rescale_of(&o, "%alpha");
+        let (packed, pn) = pack_fragment("%pn", &|e| format!("%pe{e}"));
         let _ = writeln!(
             t,
             "    nvvm.wgmma.commit.group.sync.aligned
+{}
 {}
     nvvm.wgmma.wait.group.sync.aligned 0
 {}
     gpu.barrier",
             indent(&self.softmax("%sn", "%nj"), 4),
+            indent(&packed, 4),
             indent(&rescaled, 4),
         );
         t.push_str(&refill_ring(c.stages, &self.load_tile("%jn"), "%nt"));
-        let _ = writeln!(t, "{}\n    {fence}", indent(&store_p("%p_off"), 4));
         o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
+        o.extend(pn);
         t.push_str(&loop_yield(&o, &types));
         t
     }
@@ -1990,6 +1989,79 @@ fn qk_products(
 /// shared memory 4 times): their fragments joined into the wide one's and split back (an m64nN
 /// fragment is the m64n64 ones in column order).
 fn pv_products(t: &mut String, v_base: &str, v_offset: usize, group: usize, o: &mut [String]) {
+    pv_products_of(t, None, v_base, v_offset, group, o)
+}
+
+/// [`pv_products`] with P (A) from this thread's registers: `p`, the 16 words [`pack_fragment`]
+/// makes of its 64 x 64 fragment (words 4 ks..4 ks + 4 are k step ks's A: the accumulator's layout
+/// of those 16 columns is the A operand's), not from shared memory — no stores, no proxy fence and
+/// no barrier between the softmax and the product.
+fn pv_products_from_registers(t: &mut String, p: &[String], v_base: &str, v_offset: usize, o: &mut [String]) {
+    pv_products_of(t, Some(p), v_base, v_offset, o.len(), o)
+}
+
+/// The words `{name}{w}` (i32, w < 16) of a 64 x 64 f32 fragment's values (`value(e)`) rounded to
+/// bf16 in pairs: word w holds elements 2w (low half) and 2w + 1 (high), adjacent columns of one
+/// row.
+fn pack_fragment(name: &str, value: &dyn Fn(usize) -> String) -> (String, Vec<String>) {
+    let mut t = String::new();
+    let mut words = Vec::new();
+    for w in 0..FRAG_N / 2 {
+        let _ = writeln!(
+            t,
+            "{name}{w}_a = llvm.mlir.poison : vector<2xf32>
+{name}{w}_b = llvm.insertelement {v0}, {name}{w}_a[%c0_i32 : i32] : vector<2xf32>
+{name}{w}_c = llvm.insertelement {v1}, {name}{w}_b[%c1_i32 : i32] : vector<2xf32>
+{name}{w}_h = arith.truncf {name}{w}_c : vector<2xf32> to vector<2xbf16>
+{name}{w} = llvm.bitcast {name}{w}_h : vector<2xbf16> to i32",
+            v0 = value(2 * w),
+            v1 = value(2 * w + 1)
+        );
+        words.push(format!("{name}{w}"));
+    }
+    (t, words)
+}
+
+/// One `wgmma.mma_async` m64n`n`k16 (bf16, B `desc_b` transposed: MN-major) with A the four words
+/// `a` of this thread, accumulating into `acc` (a struct of n / 2 f32): `nvvm.wgmma.mma_async`
+/// takes A's descriptor only, so the instruction as inline PTX — the form the NVVM lowering gives
+/// its own — the accumulators tied to the results.
+fn wgmma_registers_a(out: &str, a: &[String], desc_b: &str, acc: &str, n: usize) -> String {
+    let regs = n / 2;
+    let wide = format!("!llvm.struct<({})>", vec!["f32"; regs].join(", "));
+    let mut t = String::new();
+    let mut accs = Vec::new();
+    for r in 0..regs {
+        let _ = writeln!(t, "{out}_i{r} = llvm.extractvalue {acc}[{r}] : {wide}");
+        accs.push(format!("{out}_i{r}"));
+    }
+    let d: Vec<String> = (0..regs).map(|r| format!("${r}")).collect();
+    let asm = format!(
+        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\nwgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16          {{{d}}}, {{${a0}, ${a1}, ${a2}, ${a3}}}, ${b}, p, 1, 1, 1;\\n}}",
+        d = d.join(", "),
+        a0 = regs,
+        a1 = regs + 1,
+        a2 = regs + 2,
+        a3 = regs + 3,
+        b = regs + 4,
+    );
+    let constraints: Vec<String> = std::iter::repeat_n("=f".to_string(), regs)
+        .chain(std::iter::repeat_n("r".to_string(), 4))
+        .chain(["l".to_string()])
+        .chain((0..regs).map(|r| r.to_string()))
+        .collect();
+    let _ = writeln!(
+        t,
+        "{out} = llvm.inline_asm has_side_effects \"{asm}\", \"{c}\" {a}, {desc_b}, {accs} : (i32, i32, i32, i32, i64, {f}) -> {wide}",
+        c = constraints.join(","),
+        a = a.join(", "),
+        accs = accs.join(", "),
+        f = vec!["f32"; regs].join(", "),
+    );
+    t
+}
+
+fn pv_products_of(t: &mut String, p: Option<&[String]>, v_base: &str, v_offset: usize, group: usize, o: &mut [String]) {
     assert!(group > 0 && o.len().is_multiple_of(group), "{} accumulators in groups of {group}", o.len());
     let n = 64 * group;
     let wide = format!("!llvm.struct<({})>", vec!["f32"; n / 2].join(", "));
@@ -2017,7 +2089,9 @@ fn pv_products(t: &mut String, v_base: &str, v_offset: usize, group: usize, o: &
     let _ = writeln!(t, "    nvvm.wgmma.fence.aligned");
     for ks in 0..4 {
         let dp = format!("%dp_{ks}");
-        let _ = writeln!(t, "{}", indent(&desc_at(&dp, "%dp", 2 * ks), 4));
+        if p.is_none() {
+            let _ = writeln!(t, "{}", indent(&desc_at(&dp, "%dp", 2 * ks), 4));
+        }
         for (g, acc) in accs.iter_mut().enumerate() {
             // The group's first chunk, 16 keys further a step: two 8-key groups of 1024 B (64
             // units of 16 B each).
@@ -2025,10 +2099,18 @@ fn pv_products(t: &mut String, v_base: &str, v_offset: usize, group: usize, o: &
             let units = (v_offset + g * group * CHUNK_BYTES) / 16 + 128 * ks;
             let _ = writeln!(t, "{}", indent(&desc_at(&dv, "%dvb", units), 4));
             let out = format!("%pv{g}_{ks}");
-            let _ = writeln!(
-                t,
-                "    {out} = nvvm.wgmma.mma_async {dp}, {dv}, {acc}, <m = 64, n = {n}, k = 16>, D[<f32>, <one>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {wide} -> {wide}"
-            );
+            match p {
+                Some(words) => {
+                    let asm = wgmma_registers_a(&out, &words[4 * ks..4 * ks + 4], &dv, acc, n);
+                    let _ = writeln!(t, "{}", indent(&asm, 4));
+                }
+                None => {
+                    let _ = writeln!(
+                        t,
+                        "    {out} = nvvm.wgmma.mma_async {dp}, {dv}, {acc}, <m = 64, n = {n}, k = 16>, D[<f32>, <one>, <wrapped>], A[<bf16>, <one>, <row>], B[<bf16>, <one>, <row>] : {wide} -> {wide}"
+                    );
+                }
+            }
             *acc = out;
         }
     }
