@@ -317,7 +317,7 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
 /// steps) and dP (v / 16),
 /// then multiply dS by the keys (queries) as the transposed B (dQ: 4 steps of m64n<qk>; dK: 4 per
 /// 64 columns of qk); dV recomputes S and multiplies P by dout (4 of m64n<v>); the forward's P V is
-/// 4 steps of m64n<v>. HGMMA, TMA, no spills.
+/// 4 steps of m64n<v>; P and dS the A of those products from registers. HGMMA, TMA, no spills.
 #[test]
 fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::{FlashMode, GradOf, MlaPrefillConfig};
@@ -345,8 +345,7 @@ fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
             };
             assert_eq!(config.pipelined(), mode == FlashMode::Lse, "{}", kernel.name);
             assert_eq!(kernel.ptx.contains("lg2.approx"), mode == FlashMode::Lse, "{}", kernel.name);
-            let p_registers = mode == FlashMode::Lse;
-            assert_attention_tensor_core_code(&kernel, (s_steps, 64), pv, p_registers, outputs, ptxas.as_ref());
+            assert_attention_tensor_core_code(&kernel, (s_steps, 64), pv, true, outputs, ptxas.as_ref());
         }
     }
     for bad in ["mla_gradx_qk192_v128_s2", "mla_gradq_qk192_v128_s2_lse", "mla_prefill_qk192_v128_s2_ls"] {

@@ -1023,13 +1023,9 @@ impl MlaPrefillConfig {
         (self.qk_chunks() + self.v_chunks()) * CHUNK_BYTES
     }
 
-    fn p_offset(&self) -> usize {
-        self.query_bytes() + self.stages * self.stage_bytes()
-    }
-
-    /// Dynamic shared memory: the warpgroups' own tiles, the ring, a P (dS) tile per warpgroup.
+    /// Dynamic shared memory: the warpgroups' own tiles, the ring (P and dS stay in registers).
     pub fn shared_memory_bytes(&self) -> usize {
-        self.p_offset() + 2 * CHUNK_BYTES
+        self.query_bytes() + self.stages * self.stage_bytes()
     }
 
     /// Whether the forward's tile loop runs a tile ahead, its softmax overlapping `P V`
@@ -1059,7 +1055,7 @@ impl MlaPrefillConfig {
         if !(1..=4).contains(&self.stages) {
             return Err(format!("{name}: {} tile buffers (1 to 4)", self.stages));
         }
-        let what = format!("own tiles, {} ring buffers of {} B, P, barriers", self.stages, self.stage_bytes());
+        let what = format!("own tiles, {} ring buffers of {} B, barriers", self.stages, self.stage_bytes());
         check_shared_memory(&name, self.shared_memory_bytes(), &what, target)
     }
 }
@@ -1114,7 +1110,7 @@ impl PrefillEmitter {
         t.push_str(&own_tile_loads(&own, "%q_row0", stages));
         t.push_str(&ring_prologue(&self.load_tile("%j"), stages));
         // This warpgroup's query rows and their absolute positions.
-        t.push_str(&warpgroup_place("%q_first", qc * CHUNK_BYTES, c.p_offset()));
+        t.push_str(&warpgroup_place("%q_first", qc * CHUNK_BYTES));
         if c.pipelined() {
             // The last tile's "next scores": nothing seen.
             t.push_str(&filled_fragment("nfrag", "%ninf"));
@@ -1161,9 +1157,9 @@ impl PrefillEmitter {
         let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
         // Causal and length masks: key <= the row's position, key < S.
         let (rescaled, mut o) = rescale(accs, "%alpha");
-        let (packed, p) = pack_fragment("%pw", &|e| format!("%pe{e}"));
+        let (packed, p) = pack_fragment("%pbw", &|e| format!("%pe{e}"));
         let _ = writeln!(t, "{}{}{}", indent(&self.softmax(&s, "%j"), 4), indent(&rescaled, 4), indent(&packed, 4));
-        pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
+        pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, accs, &mut o);
         o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
         t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn"), &o, &types));
         t
@@ -1236,7 +1232,7 @@ impl PrefillEmitter {
             indent(&next_scores(c.stages, c.stage_bytes(), c.query_bytes(), &next, &s), 4)
         );
         let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
-        pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
+        pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, accs, &mut o);
         let (rescaled, mut o) = rescale_of(&o, "%alpha");
         let (packed, pn) = pack_fragment("%pn", &|e| format!("%pe{e}"));
         let _ = writeln!(
@@ -1307,9 +1303,10 @@ impl PrefillEmitter {
 /// sees its first key). Per tile each warpgroup recomputes its scores `S` (wgmma; for dK and dV
 /// transposed, `K Q^T`), `P = 2^(scale log2(e) S - lse)` (the forward's base-2 log-sum-exp of the
 /// query row; 0 where masked), and
-/// - dV: `dV += P^T dout` (P through shared memory in bf16, dout the transposed B);
+/// - dV: `dV += P^T dout` (P^T from registers in bf16: its rows are the block's, as the product's
+///   A; dout the transposed B);
 /// - dQ, dK: `dP = dout V^T` (`V dout^T`), `dS = P (dP - D)` with `D = rowsum(dout * out)` of the
-///   query row, then `dQ += dS K` (`dK += dS^T Q`), dS through shared memory in bf16;
+///   query row, then `dQ += dS K` (`dK += dS^T Q`), dS (dS^T) from registers in bf16;
 ///
 /// and writes its rows' gradient in f32, dQ and dK times the scale. Arguments: `%q_ptr`, `%k_ptr`,
 /// `%v_ptr`, `%do_ptr` (tensor maps as the forward's, `dout [H * T, v]`), `%lse`, `%dd` (f32 `[H *
@@ -1383,7 +1380,7 @@ impl GradEmitter {
         t.push_str(&own_tile_loads(&own_maps, "%own_row0", stages));
         t.push_str(&ring_prologue(&self.load_tile("%j", other_head), stages));
         // This thread's own rows r0, r1 (relative to the head) and the warpgroup's tiles.
-        t.push_str(&warpgroup_place("%r_first", own * CHUNK_BYTES, c.p_offset()));
+        t.push_str(&warpgroup_place("%r_first", own * CHUNK_BYTES));
         t.push('\n');
         if queries {
             // A query row's statistics, once: lse and D (rows past T read row T - 1's, unused).
@@ -1509,22 +1506,18 @@ impl GradEmitter {
                 );
             }
         }
+        // dS (P), rows the thread's own: A of the next product from registers.
         let value = |e: usize| if ds { format!("%ds{e}") } else { format!("%pe{e}") };
-        store_tile(&mut body, "%p_off", &value);
-        let _ = writeln!(
-            t,
-            "{}
-    nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
-    gpu.barrier",
-            indent(&body, 4)
-        );
+        let (packed, p) = pack_fragment("%pbw", &value);
+        body.push_str(&packed);
+        let _ = writeln!(t, "{}", indent(&body, 4));
         // dQ += dS K, dK += dS^T Q: the ring's first columns; dV += P^T dout: its last.
         let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
         let b_offset = if self.of == GradOf::Values { qc * CHUNK_BYTES } else { 0 };
         // All the chunks in one instruction, but dK's a chunk each: its accumulators leave no
         // registers for a wider one's (an m64n192 spilled).
         let group = if self.of == GradOf::Keys { 1 } else { o.len() };
-        pv_products(&mut t, "%stage_addr", b_offset, group, &mut o);
+        pv_products_from_registers(&mut t, &p, "%stage_addr", b_offset, group, &mut o);
         t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn", other_head), &o, &types));
         t
     }
@@ -1653,9 +1646,8 @@ fn own_tile_loads(maps: &[(&str, usize)], row0: &str, stages: usize) -> String {
 
 /// A thread's place (from `%tid`): its fragment coordinates, its own rows `%r0`, `%r1` (`first`
 /// plus the warpgroup's 64 plus its fragment rows), its warpgroup's own tiles at `%own_addr`
-/// (`tile_bytes` each), its P tile (`%p_off`, `%p_addr`, descriptor `%dp`; byte `p_off` on), a zero
-/// accumulator fragment.
-fn warpgroup_place(first: &str, tile_bytes: usize, p_off: usize) -> String {
+/// (`tile_bytes` each), a zero accumulator fragment.
+fn warpgroup_place(first: &str, tile_bytes: usize) -> String {
     format!(
         "{coords}  %trow = arith.addi %trow0, %c0 : index
   %wr = arith.muli %cw, %c64 : index
@@ -1665,14 +1657,8 @@ fn warpgroup_place(first: &str, tile_bytes: usize, p_off: usize) -> String {
   %own_tile = arith.muli %cw, %c{tile_bytes} : index
   %own_tile64 = arith.index_cast %own_tile : index to i64
   %own_addr = arith.addi %smem_base, %own_tile64 : i64
-  %p_rel = arith.muli %cw, %c{CHUNK_BYTES} : index
-  %p_off = arith.addi %p_rel, %c{p_off} : index
-  %p_off64 = arith.index_cast %p_off : index to i64
-  %p_addr = arith.addi %smem_base, %p_off64 : i64
-{dp}
 {zero}",
         coords = uniform_fragment_coordinates(),
-        dp = desc("%dp", "%p_addr", "%desc_k"),
         zero = zero_fragment(),
     )
 }
@@ -1996,8 +1982,15 @@ fn pv_products(t: &mut String, v_base: &str, v_offset: usize, group: usize, o: &
 /// makes of its 64 x 64 fragment (words 4 ks..4 ks + 4 are k step ks's A: the accumulator's layout
 /// of those 16 columns is the A operand's), not from shared memory — no stores, no proxy fence and
 /// no barrier between the softmax and the product.
-fn pv_products_from_registers(t: &mut String, p: &[String], v_base: &str, v_offset: usize, o: &mut [String]) {
-    pv_products_of(t, Some(p), v_base, v_offset, o.len(), o)
+fn pv_products_from_registers(
+    t: &mut String,
+    p: &[String],
+    v_base: &str,
+    v_offset: usize,
+    group: usize,
+    o: &mut [String],
+) {
+    pv_products_of(t, Some(p), v_base, v_offset, group, o)
 }
 
 /// The words `{name}{w}` (i32, w < 16) of a 64 x 64 f32 fragment's values (`value(e)`) rounded to
