@@ -315,8 +315,7 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
 /// Training's flash attention: the forward with its log-sum-exps (`_lse`: one `lg2` per row half
 /// stored; a tile ahead: S twice), and the three gradient kernels — dQ and dK recompute S (qk / 16
 /// steps) and dP (v / 16),
-/// then multiply dS by the keys (queries) as the transposed B (dQ: 4 steps of m64n<qk>; dK: 4 per
-/// 64 columns of qk); dV recomputes S and multiplies P by dout (4 of m64n<v>); the forward's P V is
+/// then multiply dS by the keys (queries) as the transposed B (both 4 steps of m64n<qk>); dV recomputes S and multiplies P by dout (4 of m64n<v>); the forward's P V is
 /// 4 steps of m64n<v>; P and dS the A of those products from registers. HGMMA, TMA, no spills.
 #[test]
 fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
@@ -334,12 +333,10 @@ fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
             let config = MlaPrefillConfig { mode, ..base };
             assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
             let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
-            // P V's 4 k16 steps over all the accumulated columns, dK's per 64 columns; the
-            // output's columns.
+            // P V's 4 k16 steps over all the accumulated columns; the output's columns.
             let (s_steps, pv, outputs) = match mode {
                 FlashMode::Grad(GradOf::Values) => (qk / 16, (4, v), v),
-                FlashMode::Grad(GradOf::Keys) => (qk / 16 + v / 16, (4 * qk / 64, 64), qk),
-                FlashMode::Grad(GradOf::Queries) => (qk / 16 + v / 16, (4, qk), qk),
+                FlashMode::Grad(GradOf::Keys | GradOf::Queries) => (qk / 16 + v / 16, (4, qk), qk),
                 // A tile ahead: tile 0's S before the loop, the next tile's in it.
                 _ => (2 * qk / 16, (4, v), v),
             };

@@ -359,11 +359,11 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             let longest = steps_of(tiles.saturating_sub(1));
             // A step's products (the FLOPs' reduction width, the wgmma's N): S = Q K^T (m64n64),
             // then P V (forward: one m64n<v> a k16 step), dP = dO V^T (m64n64) and dS K (dQ:
-            // m64n<qk>) or dS^T Q (dK: m64n64 a chunk), P^T dO (dV: m64n<v>).
+            // m64n<qk>) or dS^T Q (dK: m64n<qk>), P^T dO (dV: m64n<v>).
             let widths: &[(usize, usize)] = match mode {
                 FlashMode::Forward | FlashMode::Lse => &[(qk, PAGE), (v, v)],
                 FlashMode::Grad(GradOf::Queries) => &[(qk, PAGE), (v, PAGE), (qk, qk)],
-                FlashMode::Grad(GradOf::Keys) => &[(qk, PAGE), (v, PAGE), (qk, PAGE)],
+                FlashMode::Grad(GradOf::Keys) => &[(qk, PAGE), (v, PAGE), (qk, qk)],
                 FlashMode::Grad(GradOf::Values) => &[(qk, PAGE), (v, v)],
             };
             let products: Vec<(usize, usize)> =

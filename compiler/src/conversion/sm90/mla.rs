@@ -646,7 +646,7 @@ gpu.barrier
         t.push_str(&indent(&rescaled, 4));
         let values = if c.fp8_cache { "%conv_addr" } else { "%page_addr" };
         let _ = writeln!(t, "\n    %v_addr = arith.addi {values}, %cw_bytes64 : i64");
-        pv_products(&mut t, "%v_addr", 0, o.len(), &mut o);
+        pv_products(&mut t, "%v_addr", 0, &mut o);
         o.extend((0..4).map(|i| format!("%stats#{i}")));
         t.push_str(&tile_loop_tail("%np", c.stages, &self.refill_page(), &o, &types));
         t
@@ -702,11 +702,11 @@ gpu.barrier
         let s = self.scores(&mut next, "%next_addr");
         let mut wg0 = indent(&next_scores(c.stages, c.stage_bytes(), c.query_bytes(), &next, &s), 2) + "\n";
         let mut o0 = o.clone();
-        pv_products(&mut wg0, "%v_addr", 0, accs, &mut o0);
+        pv_products(&mut wg0, "%v_addr", 0, &mut o0);
         let _ = writeln!(wg0, "    nvvm.wgmma.commit.group.sync.aligned\n{}", indent(&self.softmax("%sn", "%nj"), 4));
         let mut o1 = o;
         let mut wg1 = String::new();
-        pv_products(&mut wg1, "%v_addr", 0, accs, &mut o1);
+        pv_products(&mut wg1, "%v_addr", 0, &mut o1);
         let stats = ["%m0", "%m1", "%l0", "%l1", "%alpha0", "%alpha1"].map(String::from);
         let pe = (0..FRAG_N).map(|e| format!("%pe{e}"));
         o0.extend(stats.into_iter().chain(pe));
@@ -1159,7 +1159,7 @@ impl PrefillEmitter {
         let (rescaled, mut o) = rescale(accs, "%alpha");
         let (packed, p) = pack_fragment("%pbw", &|e| format!("%pe{e}"));
         let _ = writeln!(t, "{}{}{}", indent(&self.softmax(&s, "%j"), 4), indent(&rescaled, 4), indent(&packed, 4));
-        pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, accs, &mut o);
+        pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
         o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
         t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn"), &o, &types));
         t
@@ -1232,7 +1232,7 @@ impl PrefillEmitter {
             indent(&next_scores(c.stages, c.stage_bytes(), c.query_bytes(), &next, &s), 4)
         );
         let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
-        pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, accs, &mut o);
+        pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
         let (rescaled, mut o) = rescale_of(&o, "%alpha");
         let (packed, pn) = pack_fragment("%pn", &|e| format!("%pe{e}"));
         let _ = writeln!(
@@ -1514,10 +1514,10 @@ impl GradEmitter {
         // dQ += dS K, dK += dS^T Q: the ring's first columns; dV += P^T dout: its last.
         let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
         let b_offset = if self.of == GradOf::Values { qc * CHUNK_BYTES } else { 0 };
-        // All the chunks in one instruction, but dK's a chunk each: its accumulators leave no
-        // registers for a wider one's (an m64n192 spilled).
-        let group = if self.of == GradOf::Keys { 1 } else { o.len() };
-        pv_products_from_registers(&mut t, &p, "%stage_addr", b_offset, group, &mut o);
+        // As many chunks as one instruction takes (DeepSeek-V3's dK: its m64n192 fits the
+        // registers since dS is no longer stored; with it, it spilled, and dK took a chunk at a
+        // time).
+        pv_products_from_registers(&mut t, &p, "%stage_addr", b_offset, &mut o);
         t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn", other_head), &o, &types));
         t
     }
@@ -1970,27 +1970,25 @@ fn qk_products(
 /// `O += P V` for one tile: P (`%dp`, K-major) times the 64-column value chunks at `v_base +
 /// v_offset + n * 8 KiB` (MN-major: the transposed B, the descriptor's leading offset stepping
 /// from chunk to chunk), 4 k16 steps of keys; `o` are the chunks' m64n64 accumulators (renamed to
-/// their results). A step multiplies `group` chunks at a time in one `wgmma m64n(64 group)k16`
-/// (DeepSeek-V3's decode: m64n256 over a warpgroup's 4 chunks; 4 m64n64 read P's 2 KiB from
-/// shared memory 4 times): their fragments joined into the wide one's and split back (an m64nN
-/// fragment is the m64n64 ones in column order).
-fn pv_products(t: &mut String, v_base: &str, v_offset: usize, group: usize, o: &mut [String]) {
-    pv_products_of(t, None, v_base, v_offset, group, o)
+/// their results). A step multiplies as many chunks at a time as one `wgmma m64n(64 group)k16`
+/// takes ([`widest_group`]; DeepSeek-V3's decode: m64n256 over a warpgroup's 4 chunks; 4 m64n64
+/// read P's 2 KiB from shared memory 4 times): their fragments joined into the wide one's and
+/// split back (an m64nN fragment is the m64n64 ones in column order).
+fn pv_products(t: &mut String, v_base: &str, v_offset: usize, o: &mut [String]) {
+    pv_products_of(t, None, v_base, v_offset, o)
+}
+
+/// The most of `chunks` 64-column chunks one wgmma multiplies (N up to 256), the same number each.
+fn widest_group(chunks: usize) -> usize {
+    (1..=4).rev().find(|g| chunks.is_multiple_of(*g)).unwrap_or(1)
 }
 
 /// [`pv_products`] with P (A) from this thread's registers: `p`, the 16 words [`pack_fragment`]
 /// makes of its 64 x 64 fragment (words 4 ks..4 ks + 4 are k step ks's A: the accumulator's layout
 /// of those 16 columns is the A operand's), not from shared memory — no stores, no proxy fence and
 /// no barrier between the softmax and the product.
-fn pv_products_from_registers(
-    t: &mut String,
-    p: &[String],
-    v_base: &str,
-    v_offset: usize,
-    group: usize,
-    o: &mut [String],
-) {
-    pv_products_of(t, Some(p), v_base, v_offset, group, o)
+fn pv_products_from_registers(t: &mut String, p: &[String], v_base: &str, v_offset: usize, o: &mut [String]) {
+    pv_products_of(t, Some(p), v_base, v_offset, o)
 }
 
 /// The words `{name}{w}` (i32, w < 16) of a 64 x 64 f32 fragment's values (`value(e)`) rounded to
@@ -2054,8 +2052,8 @@ fn wgmma_registers_a(out: &str, a: &[String], desc_b: &str, acc: &str, n: usize)
     t
 }
 
-fn pv_products_of(t: &mut String, p: Option<&[String]>, v_base: &str, v_offset: usize, group: usize, o: &mut [String]) {
-    assert!(group > 0 && o.len().is_multiple_of(group), "{} accumulators in groups of {group}", o.len());
+fn pv_products_of(t: &mut String, p: Option<&[String]>, v_base: &str, v_offset: usize, o: &mut [String]) {
+    let group = widest_group(o.len());
     let n = 64 * group;
     let wide = format!("!llvm.struct<({})>", vec!["f32"; n / 2].join(", "));
     let mut accs: Vec<String> = Vec::new();
