@@ -1998,19 +1998,24 @@ fn pack_fragment(name: &str, value: &dyn Fn(usize) -> String) -> (String, Vec<St
     let mut t = String::new();
     let mut words = Vec::new();
     for w in 0..FRAG_N / 2 {
-        let _ = writeln!(
-            t,
-            "{name}{w}_a = llvm.mlir.poison : vector<2xf32>
-{name}{w}_b = llvm.insertelement {v0}, {name}{w}_a[%c0_i32 : i32] : vector<2xf32>
-{name}{w}_c = llvm.insertelement {v1}, {name}{w}_b[%c1_i32 : i32] : vector<2xf32>
-{name}{w}_h = arith.truncf {name}{w}_c : vector<2xf32> to vector<2xbf16>
-{name}{w} = llvm.bitcast {name}{w}_h : vector<2xbf16> to i32",
-            v0 = value(2 * w),
-            v1 = value(2 * w + 1)
-        );
-        words.push(format!("{name}{w}"));
+        let word = format!("{name}{w}");
+        t.push_str(&pack_pair(&word, &value(2 * w), &value(2 * w + 1)));
+        words.push(word);
     }
     (t, words)
+}
+
+/// `word` (i32) = the f32 values `lo`, `hi` rounded to bf16 (`cvt.rn.bf16x2.f32`), `lo` in the
+/// low half.
+fn pack_pair(word: &str, lo: &str, hi: &str) -> String {
+    format!(
+        "{word}_a = llvm.mlir.poison : vector<2xf32>
+{word}_b = llvm.insertelement {lo}, {word}_a[%c0_i32 : i32] : vector<2xf32>
+{word}_c = llvm.insertelement {hi}, {word}_b[%c1_i32 : i32] : vector<2xf32>
+{word}_h = arith.truncf {word}_c : vector<2xf32> to vector<2xbf16>
+{word} = llvm.bitcast {word}_h : vector<2xbf16> to i32
+"
+    )
 }
 
 /// One `wgmma.mma_async` m64n`n`k16 (bf16, B `desc_b` transposed: MN-major) with A the four words
@@ -2379,14 +2384,9 @@ fn store_tile(t: &mut String, p_off: &str, value: &dyn Fn(usize) -> String) {
   %pi0_{e} = arith.addi %prow{e}, %punit{e} : index
   %pi{e} = arith.addi %pi0_{e}, %pw{e} : index
   %pj{e} = arith.divui %pi{e}, %c2 : index
-  %pf{e}a = llvm.mlir.poison : vector<2xf32>
-  %pf{e}b = llvm.insertelement {v0}, %pf{e}a[%c0_i32 : i32] : vector<2xf32>
-  %pf{e} = llvm.insertelement {v1}, %pf{e}b[%c1_i32 : i32] : vector<2xf32>
-  %pb{e} = arith.truncf %pf{e} : vector<2xf32> to vector<2xbf16>
-  %pbits{e} = llvm.bitcast %pb{e} : vector<2xbf16> to i32
+{pack}
   memref.store %pbits{e}, %pview[%pj{e}] : memref<{words}xi32, {ws}>",
-            v0 = value(e),
-            v1 = value(e + 1),
+            pack = indent(&pack_pair(&format!("%pbits{e}"), &value(e), &value(e + 1)), 2),
             words = PAGE * CHUNK / 2
         );
     }
