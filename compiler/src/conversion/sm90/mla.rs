@@ -1155,7 +1155,7 @@ impl PrefillEmitter {
         let (iter, types) = loop_carried(accs, NO_KEYS_YET);
         let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
         let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
-        // Causal and length masks: key <= the row's position, key < S.
+        // The softmax's causal and length masks: key <= the row's position, key < S.
         let (rescaled, mut o) = rescale(accs, "%alpha");
         let (packed, p) = pack_fragment("%pbw", &|e| format!("%pe{e}"));
         let _ = writeln!(t, "{}{}{}", indent(&self.softmax(&s, "%j"), 4), indent(&rescaled, 4), indent(&packed, 4));
@@ -2033,7 +2033,7 @@ fn wgmma_registers_a(out: &str, a: &[String], desc_b: &str, acc: &str, n: usize)
     }
     let d: Vec<String> = (0..regs).map(|r| format!("${r}")).collect();
     let asm = format!(
-        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\nwgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16          {{{d}}}, {{${a0}, ${a1}, ${a2}, ${a3}}}, ${b}, p, 1, 1, 1;\\n}}",
+        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\nwgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{d}}}, {{${a0}, ${a1}, ${a2}, ${a3}}}, ${b}, p, 1, 1, 1;\\n}}",
         d = d.join(", "),
         a0 = regs,
         a1 = regs + 1,
@@ -2057,6 +2057,7 @@ fn wgmma_registers_a(out: &str, a: &[String], desc_b: &str, acc: &str, n: usize)
     t
 }
 
+/// [`pv_products`] (`p` None: P from shared memory) and [`pv_products_from_registers`].
 fn pv_products_of(t: &mut String, p: Option<&[String]>, v_base: &str, v_offset: usize, o: &mut [String]) {
     let group = widest_group(o.len());
     let n = 64 * group;
