@@ -204,6 +204,11 @@ fn assert_attention_tensor_core_code(
     assert_eq!((wgmma(1), registers_a), want, "{}: P V wgmma (transposed B; A shared, registers)", kernel.name);
     if !p_registers {
         assert!(kernel.ptx.contains("fence.proxy.async.shared::cta"), "{}: P's generic-to-async fence", kernel.name);
+    } else {
+        // The flash kernels' one block barrier publishes the initialized mbarriers: a tile's buffer
+        // is released on its empty mbarrier (an arrival a thread), not at a block barrier.
+        assert_eq!(kernel.ptx.matches("bar.sync").count(), 1, "{}: block barriers", kernel.name);
+        assert_eq!(kernel.ptx.matches("mbarrier.arrive.shared.b64").count(), 1, "{}: the release", kernel.name);
     }
     // A thread's share of its warpgroup's 64 output rows of `outputs` columns, stored in column
     // pairs (8 bytes each); scalar stores only for the log-sum-exps (one a row half).

@@ -265,6 +265,12 @@ const FRAG: &str = "!llvm.struct<(f32, f32, f32, f32, f32, f32, f32, f32, f32, f
 const FRAG_N: usize = 32;
 
 impl Emitter {
+    /// The page buffers' empty barriers expect one arrival per block of a cluster (each block's
+    /// leader releases a page on both); a block alone has none (a block barrier frees a page).
+    fn empty_arrivals(&self) -> Option<usize> {
+        (self.c.cluster > 1).then_some(self.c.cluster)
+    }
+
     fn module(&self) -> String {
         let c = &self.c;
         let fp8_args = if c.fp8_cache { "%rope_ptr: !llvm.ptr, %kv_scale: memref<?x?xf32>, " } else { "" };
@@ -273,6 +279,7 @@ impl Emitter {
             &c.kernel_name(),
             c.stages,
             c.cluster,
+            self.empty_arrivals(),
             if c.fp8_cache { tmap8 } else { "" },
             &format!(
                 "%q_ptr: !llvm.ptr, %kv_ptr: !llvm.ptr, {fp8_args}%block_table: memref<?x?xi32>, %seqlens: memref<?xi32>, \
@@ -331,6 +338,7 @@ impl Emitter {
             barriers = shared_memory_and_barriers(
                 stages,
                 c.cluster,
+                self.empty_arrivals(),
                 c.query_bytes(),
                 if c.fp8_cache {
                     &[("%kv_map", "!tmap8"), ("%rope_map", "!tmap")][..]
@@ -1081,6 +1089,7 @@ impl PrefillEmitter {
             &c.kernel_name(),
             stages,
             1,
+            Some(THREADS),
             "",
             &format!(
                 "%q_ptr: !llvm.ptr, %k_ptr: !llvm.ptr, %v_ptr: !llvm.ptr, %out: memref<?x?xf32>, {lse}%t_len: index, \
@@ -1103,8 +1112,13 @@ impl PrefillEmitter {
 {barriers}",
             consts = kernel_constants(),
             block = block_of(&["q", "k", "v"], "%t_len", true),
-            barriers =
-                shared_memory_and_barriers(stages, 1, c.query_bytes(), &[("%k_map", "!tmap"), ("%v_map", "!tmap")]),
+            barriers = shared_memory_and_barriers(
+                stages,
+                1,
+                Some(THREADS),
+                c.query_bytes(),
+                &[("%k_map", "!tmap"), ("%v_map", "!tmap")]
+            ),
         );
         let own: Vec<(&str, usize)> = (0..qc).map(|k| ("%q_map", k * CHUNK)).collect();
         t.push_str(&own_tile_loads(&own, "%q_row0", stages));
@@ -1161,7 +1175,7 @@ impl PrefillEmitter {
         let _ = writeln!(t, "{}{}{}", indent(&self.softmax(&s, "%j"), 4), indent(&rescaled, 4), indent(&packed, 4));
         pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
         o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
-        t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn"), &o, &types));
+        t.push_str(&release_tile_tail(c.stages, &self.load_tile("%jn"), &o, &types));
         t
     }
 
@@ -1241,13 +1255,12 @@ impl PrefillEmitter {
 {}
 {}
     nvvm.wgmma.wait.group.sync.aligned 0
-{}
-    gpu.barrier",
+{}",
             indent(&self.softmax("%sn", "%nj"), 4),
             indent(&packed, 4),
             indent(&rescaled, 4),
         );
-        t.push_str(&refill_ring(c.stages, &self.load_tile("%jn"), "%nt"));
+        t.push_str(&release_and_refill(c.stages, &self.load_tile("%jn")));
         o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
         o.extend(pn);
         t.push_str(&loop_yield(&o, &types));
@@ -1327,6 +1340,7 @@ impl GradEmitter {
             &c.kernel_name(),
             stages,
             1,
+            Some(THREADS),
             "",
             "%q_ptr: !llvm.ptr, %k_ptr: !llvm.ptr, %v_ptr: !llvm.ptr, %do_ptr: !llvm.ptr, %lse: memref<?xf32>, \
              %dd: memref<?xf32>, %out: memref<?x?xf32>, %t_len: index, %s_len: index, %scale: f32",
@@ -1373,6 +1387,7 @@ impl GradEmitter {
             barriers = shared_memory_and_barriers(
                 stages,
                 1,
+                Some(THREADS),
                 c.query_bytes(),
                 &[("%k_map", "!tmap"), ("%v_map", "!tmap"), ("%do_map", "!tmap")]
             ),
@@ -1518,7 +1533,7 @@ impl GradEmitter {
         // registers since dS is no longer stored; with it, it spilled, and dK took a chunk at a
         // time).
         pv_products_from_registers(&mut t, &p, "%stage_addr", b_offset, &mut o);
-        t.push_str(&tile_loop_tail("%nt", c.stages, &self.load_tile("%jn", other_head), &o, &types));
+        t.push_str(&release_tile_tail(c.stages, &self.load_tile("%jn", other_head), &o, &types));
         t
     }
 
@@ -1677,14 +1692,22 @@ fn check_shared_memory(name: &str, dynamic: usize, what: &str, target: &GpuTarge
 }
 
 /// The module around an attention kernel: the barrier group (`stages` ring buffers + the query
-/// tile's; in a cluster of `cluster` blocks, as many again after them: the buffers' empty
-/// barriers), the bf16 tensor map type (`extra_types` after it), and the `gpu.func` head with
-/// `args`.
-fn module_head(name: &str, stages: usize, cluster: usize, extra_types: &str, args: &str) -> String {
+/// tile's; with `empty_arrivals`, as many again after them: the buffers' empty barriers), the bf16
+/// tensor map type (`extra_types` after it), and the `gpu.func` head with `args` (in a cluster of
+/// `cluster` blocks).
+fn module_head(
+    name: &str,
+    stages: usize,
+    cluster: usize,
+    empty_arrivals: Option<usize>,
+    extra_types: &str,
+    args: &str,
+) -> String {
     let ws = WORKGROUP;
-    let (barriers, cluster_dim) = match cluster {
-        1 => (stages + 1, String::new()),
-        n => (2 * stages + 1, format!(", nvvm.cluster_dim = array<i32: {n}, 1, 1>")),
+    let barriers = if empty_arrivals.is_some() { 2 * stages + 1 } else { stages + 1 };
+    let cluster_dim = match cluster {
+        1 => String::new(),
+        n => format!(", nvvm.cluster_dim = array<i32: {n}, 1, 1>"),
     };
     format!(
         "!bar = !nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {barriers}>
@@ -1808,26 +1831,32 @@ fn kernel_constants() -> String {
 
 /// Dynamic shared memory (`%smem`, its address `%smem_base`), the barriers initialized by the
 /// leader thread (which prefetches the query's and `maps`' tensor maps), a block barrier, then the
-/// leader's branch opened with the query tile's expected bytes on barrier `stages`. In a cluster
-/// (`cluster` > 1): the buffers' empty barriers (`stages + 1 ..`) expect one arrival per block,
-/// and a cluster barrier makes every block's initialized barriers visible before any multicasts.
-fn shared_memory_and_barriers(stages: usize, cluster: usize, query_bytes: usize, maps: &[(&str, &str)]) -> String {
+/// leader's branch opened with the query tile's expected bytes on barrier `stages`. With
+/// `empty_arrivals`, the buffers' empty barriers (`stages + 1 ..`) expect that many arrivals (a
+/// cluster's blocks, or a block's threads). In a cluster (`cluster` > 1) a cluster barrier makes
+/// every block's initialized barriers visible before any multicasts.
+fn shared_memory_and_barriers(
+    stages: usize,
+    cluster: usize,
+    empty_arrivals: Option<usize>,
+    query_bytes: usize,
+    maps: &[(&str, &str)],
+) -> String {
     let ws = WORKGROUP;
     let mut prefetch: String =
         maps.iter().map(|(map, ty)| format!("    nvgpu.tma.prefetch.descriptor {map} : {ty}\n")).collect();
-    let mut cluster_wait = "";
-    if cluster > 1 {
+    if let Some(arrivals) = empty_arrivals {
         prefetch = format!(
             "    scf.for %s = %c{first} to %c{end} step %c1 {{
-      nvgpu.mbarrier.init %bars[%s], %c{cluster} : !bar
+      nvgpu.mbarrier.init %bars[%s], %c{arrivals} : !bar
     }}
-    nvvm.fence.mbarrier.init
-{prefetch}",
+{fence}{prefetch}",
             first = stages + 1,
-            end = 2 * stages + 1
+            end = 2 * stages + 1,
+            fence = if cluster > 1 { "    nvvm.fence.mbarrier.init\n" } else { "" },
         );
-        cluster_wait = "  nvvm.cluster.arrive\n  nvvm.cluster.wait\n";
     }
+    let cluster_wait = if cluster > 1 { "  nvvm.cluster.arrive\n  nvvm.cluster.wait\n" } else { "" };
     format!(
         "  %smem = gpu.dynamic_shared_memory : memref<?xi8, {ws}>
   %smem_base_idx = memref.extract_aligned_pointer_as_index %smem : memref<?xi8, {ws}> -> index
@@ -2158,6 +2187,47 @@ fn refill_ring(stages: usize, load: &str, count: &str) -> String {
     }}
 ",
         load = indent(load, 6),
+    )
+}
+
+/// A flash kernel's tile loop end: the products done, the buffer released and refilled
+/// ([`release_and_refill`]), the carried values yielded.
+fn release_tile_tail(stages: usize, load: &str, yields: &[String], types: &[String]) -> String {
+    format!(
+        "    nvvm.wgmma.commit.group.sync.aligned
+    nvvm.wgmma.wait.group.sync.aligned 0
+{}{}",
+        release_and_refill(stages, load),
+        loop_yield(yields, types)
+    )
+}
+
+/// A flash kernel's release of tile `%j`'s buffer `%st` once its products are done (every
+/// thread's wgmmas waited for): every thread arrives on the buffer's empty barrier (`stages + 1 +
+/// %st`, one arrival a thread); when there is a tile `%j + stages` (of `%nt`) for the buffer,
+/// the leader's warpgroup waits for the round's phase (`%parity`: both warpgroups done) and the
+/// leader refills it (`load`). No block barrier: the other warpgroup runs on into its next tiles
+/// (the leader's waits for it, as it would at the barrier, only when it refills). The whole
+/// warpgroup waits, not the leader alone: its index is uniform (a spin loop in the leader's
+/// branch made ptxas treat the loop's addresses as divergent, and build every descriptor in
+/// vector registers again).
+fn release_and_refill(stages: usize, load: &str) -> String {
+    format!(
+        "    %e_bar = arith.addi %st, %c{first} : index
+    %released = nvgpu.mbarrier.arrive %bars[%e_bar] : !bar -> !nvgpu.mbarrier.token
+    %jn = arith.addi %j, %c{stages} : index
+    %more = arith.cmpi ult, %jn, %nt : index
+    %wg_leads = arith.cmpi eq, %cw, %c0 : index
+    %wg_refills = arith.andi %wg_leads, %more : i1
+    scf.if %wg_refills {{
+      nvgpu.mbarrier.try_wait.parity %bars[%e_bar], %parity, %ticks : !bar
+      scf.if %leader {{
+{load}
+      }}
+    }}
+",
+        first = stages + 1,
+        load = indent(load, 8),
     )
 }
 
