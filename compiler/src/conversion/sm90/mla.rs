@@ -901,8 +901,10 @@ scf.if %zero_tail {{
 /// causal, as a flash-attention kernel on the tensor cores: one block per (128 queries, head), two
 /// warpgroups of 64 query rows each; the head's key and value tiles (64 keys) stream through a ring
 /// of `stages` buffers by TMA; per tile each warpgroup computes `S = Q K^T` (wgmma, K-major), the
-/// causal online softmax (query t at absolute position `S - T + t` sees keys `0..=S - T + t`), P into
-/// its own shared tile and `O += P V` (transposed B), then writes `O / l` (f32).
+/// causal online softmax (query t at absolute position `S - T + t` sees keys `0..=S - T + t`), P
+/// rounded to bf16 in its registers and `O += P V` (P wgmma's A from them, V the transposed B),
+/// then writes `O / l` (f32). A tile's buffer is released on its empty mbarrier, not at a block
+/// barrier: the warpgroups need not run in lockstep ([`release_and_refill`]).
 /// With a ring of two buffers or more the forward runs a tile ahead: the next tile's softmax
 /// while this tile's `P V` multiplies ([`MlaPrefillConfig::pipelined`]).
 ///
@@ -1162,7 +1164,7 @@ impl PrefillEmitter {
     }
 
     /// Per tile: S, the masked online softmax, the accumulators rescaled, `P V` with P from
-    /// registers; the buffer refilled after the tile's block barrier.
+    /// registers; the buffer released, and refilled ([`release_and_refill`]).
     fn serial_loop(&self) -> String {
         let c = &self.c;
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
@@ -1196,8 +1198,8 @@ impl PrefillEmitter {
     /// into bf16 pairs (16 words a thread, carried by the loop). Tile `j`: the next tile's `S`
     /// (waiting for its buffer: the ring holds two tiles or more); `P V` issued with P from the
     /// registers and, while the tensor cores multiply, the next tile's online softmax and its P
-    /// packed; the accumulators rescaled by its factors; after a block barrier (every warp done
-    /// with the buffer) the buffer refilled. The last tile's "next scores" are a fragment of -inf
+    /// packed; the accumulators rescaled by its factors; the buffer released and refilled
+    /// ([`release_and_refill`]). The last tile's "next scores" are a fragment of -inf
     /// (factors 1, P of 0).
     fn pipelined_loop(&self) -> String {
         let c = &self.c;
@@ -2161,7 +2163,7 @@ fn pv_products_of(t: &mut String, p: Option<&[String]>, v_base: &str, v_offset: 
     }
 }
 
-/// The tile loop's end: the products done, a block barrier (every warp has read the buffer and
+/// Decode's page loop end: the products done, a block barrier (every warp has read the buffer and
 /// P), the leader refills the buffer with tile `%j + stages` (`load`) when there is one, the
 /// carried values yielded.
 fn tile_loop_tail(count: &str, stages: usize, load: &str, yields: &[String], types: &[String]) -> String {
