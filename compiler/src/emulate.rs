@@ -1093,10 +1093,11 @@ mod tests {
             FlashMode::Grad(GradOf::Values),
         ];
         let mut configs = modes.map(|mode| MlaPrefillConfig { mode, ..MlaPrefillConfig::DEEPSEEK_V3 }).to_vec();
-        // The forward a tile ahead (two buffers or more) and one tile after the other (one).
-        assert!(configs[0].pipelined());
+        // The forward and dV a tile ahead (two buffers or more) and one tile after the other (one).
+        assert!(configs[0].pipelined() && configs[4].pipelined());
         configs.push(MlaPrefillConfig { stages: 1, ..configs[0] });
-        assert!(!configs[5].pipelined());
+        configs.push(MlaPrefillConfig { stages: 1, ..configs[4] });
+        assert!(!configs[5].pipelined() && !configs[6].pipelined());
         for config in configs {
             let mode = config.mode;
             let kernel =

@@ -320,8 +320,10 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
 /// Training's flash attention: the forward with its log-sum-exps (`_lse`: one `lg2` per row half
 /// stored; a tile ahead: S twice), and the three gradient kernels — dQ and dK recompute S (qk / 16
 /// steps) and dP (v / 16),
-/// then multiply dS by the keys (queries) as the transposed B (both 4 steps of m64n<qk>); dV recomputes S and multiplies P by dout (4 of m64n<v>); the forward's P V is
-/// 4 steps of m64n<v>; P and dS the A of those products from registers. HGMMA, TMA, no spills.
+/// then multiply dS by the keys (queries) as the transposed B (both 4 steps of m64n<qk>); dV
+/// recomputes S (a tile ahead: twice, and with a ring of one once) and multiplies P by dout (4 of
+/// m64n<v>); the forward's P V is 4 steps of m64n<v>; P and dS the A of those products from
+/// registers. HGMMA, TMA, no spills.
 #[test]
 fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::{FlashMode, GradOf, MlaPrefillConfig};
@@ -329,23 +331,26 @@ fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
     let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
     for (qk, v) in [(192, 128), (128, 64)] {
         let base = MlaPrefillConfig { qk, v, ..MlaPrefillConfig::DEEPSEEK_V3 };
-        for mode in [
-            FlashMode::Lse,
-            FlashMode::Grad(GradOf::Queries),
-            FlashMode::Grad(GradOf::Keys),
-            FlashMode::Grad(GradOf::Values),
+        for (mode, stages) in [
+            (FlashMode::Lse, 2),
+            (FlashMode::Grad(GradOf::Queries), 2),
+            (FlashMode::Grad(GradOf::Keys), 2),
+            (FlashMode::Grad(GradOf::Values), 2),
+            (FlashMode::Grad(GradOf::Values), 1),
         ] {
-            let config = MlaPrefillConfig { mode, ..base };
+            let config = MlaPrefillConfig { mode, stages, ..base };
             assert_eq!(MlaPrefillConfig::from_name(&config.kernel_name()), Some(config));
             let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
             // P V's 4 k16 steps over all the accumulated columns; the output's columns.
+            // A tile ahead: tile 0's S before the loop, the next tile's in it.
+            let ahead = if config.pipelined() { 2 } else { 1 };
             let (s_steps, pv, outputs) = match mode {
-                FlashMode::Grad(GradOf::Values) => (qk / 16, (4, v), v),
+                FlashMode::Grad(GradOf::Values) => (ahead * qk / 16, (4, v), v),
                 FlashMode::Grad(GradOf::Keys | GradOf::Queries) => (qk / 16 + v / 16, (4, qk), qk),
-                // A tile ahead: tile 0's S before the loop, the next tile's in it.
-                _ => (2 * qk / 16, (4, v), v),
+                _ => (ahead * qk / 16, (4, v), v),
             };
-            assert_eq!(config.pipelined(), mode == FlashMode::Lse, "{}", kernel.name);
+            let ahead_modes = [FlashMode::Lse, FlashMode::Grad(GradOf::Values)];
+            assert_eq!(config.pipelined(), stages >= 2 && ahead_modes.contains(&mode), "{}", kernel.name);
             assert_eq!(kernel.ptx.contains("lg2.approx"), mode == FlashMode::Lse, "{}", kernel.name);
             assert_attention_tensor_core_code(&kernel, (s_steps, 64), pv, true, outputs, ptxas.as_ref());
         }

@@ -15,7 +15,8 @@
 //! stay in L2 across its query tiles),
 //! runs the tensor-core products (decode: `S = Q K^T` in the first warpgroup, then `P V` in both;
 //! a page ahead, the softmax behind `P V`;
-//! prefill: both warpgroups' 64 query rows, the forward's softmax a tile ahead behind `P V`) at the SM's share of the dense bf16 peak times the
+//! prefill: both warpgroups' 64 query rows, the forward's softmax (dV's P) a tile ahead behind `P V`
+//! (`P^T dout`)) at the SM's share of the dense bf16 peak times the
 //! efficiency of each product's wgmma width ([`super::wgmma_width_efficiency`]), and the online
 //! softmax (and the fp8 cache's conversion) on the CUDA cores. One buffer: the load is exposed every
 //! step; a deeper ring hides it behind the previous steps' work, all but a residue that shrinks
@@ -368,8 +369,8 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             };
             let products: Vec<(usize, usize)> =
                 widths.iter().map(|&(k, n)| (2 * queries * PAGE * k, n.min(256))).collect();
-            // A tile ahead (the forward's, pipelined), the next tile's softmax runs while P V
-            // multiplies.
+            // A tile ahead (the forward's and dV's, pipelined), the next tile's softmax (P) runs
+            // while P V (P^T dout) multiplies.
             let softmax = (queries * PAGE) as f64 * SOFTMAX_OPS / ops_us;
             let hidden = match config {
                 AttentionConfig::Prefill(c) if c.pipelined() => softmax.min(tensor_us(&products[1..])),

@@ -1038,11 +1038,13 @@ impl MlaPrefillConfig {
         self.query_bytes() + self.stages * self.stage_bytes()
     }
 
-    /// Whether the forward's tile loop runs a tile ahead, its softmax overlapping `P V`
-    /// ([`PrefillEmitter::pipelined_loop`]): the forward kernels with a ring of two buffers or
-    /// more (the next tile is in one while this one is multiplied).
+    /// Whether the tile loop runs a tile ahead, the next tile's softmax (dV: its P) overlapping
+    /// this one's `P V` (dV: `P^T dout`) ([`PrefillEmitter::pipelined_loop`],
+    /// [`GradEmitter::pipelined_loop`]): the forward kernels and dV with a ring of two buffers or
+    /// more (the next tile is in one while this one is multiplied). dQ and dK keep one tile at a
+    /// time: the next tile's S and dP beside dS's product do not fit dK's registers.
     pub fn pipelined(&self) -> bool {
-        self.stages >= 2 && matches!(self.mode, FlashMode::Forward | FlashMode::Lse)
+        self.stages >= 2 && matches!(self.mode, FlashMode::Forward | FlashMode::Lse | FlashMode::Grad(GradOf::Values))
     }
 
     pub fn threads(&self) -> usize {
@@ -1399,6 +1401,10 @@ impl GradEmitter {
         // This thread's own rows r0, r1 (relative to the head) and the warpgroup's tiles.
         t.push_str(&warpgroup_place("%r_first", own * CHUNK_BYTES));
         t.push('\n');
+        if c.pipelined() {
+            // The last tile's "next scores": no query sees the keys.
+            t.push_str(&filled_fragment("nfrag", "%ninf"));
+        }
         if queries {
             // A query row's statistics, once: lse and D (rows past T read row T - 1's, unused).
             for h in 0..2 {
@@ -1434,26 +1440,31 @@ impl GradEmitter {
         ring_load(&self.c, j, head, &|k| if k < qc { first } else { second })
     }
 
+    /// The tile loop: [`Self::pipelined_loop`] for dV with a ring of two buffers or more, else
+    /// [`Self::serial_loop`].
     fn main_loop(&self, other_head: &str) -> String {
-        let c = &self.c;
-        let (qc, vc) = (c.qk_chunks(), c.v_chunks());
+        if self.c.pipelined() {
+            self.pipelined_loop(other_head)
+        } else {
+            self.serial_loop(other_head)
+        }
+    }
+
+    /// `P` (`%pe<e>`) of the scores `s` of streamed tile `tile` (relative to `%tile0`), masked
+    /// (causal, and inside both lengths): the body's text, each element's D (`%d_r<h>` or
+    /// `%d_c<col>`: dQ's and dK's `dP - D`), and the streamed columns whose statistics it loads
+    /// (dK, dV: `%ci<col>`, the query row each column is).
+    fn probabilities(&self, s: &str, tile: &str) -> (String, Vec<String>, std::collections::BTreeSet<usize>) {
         let queries = self.of == GradOf::Queries;
-        let accs = if self.of == GradOf::Values { vc } else { qc };
-        let iter: Vec<String> = (0..accs).map(|n| format!("%o{n}_in = %frag{FRAG_N}")).collect();
-        let types = vec![FRAG.to_string(); accs];
-        let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
-        let _ = writeln!(
-            t,
-            "    %tile_t = arith.addi %j, %tile0 : index
-    %tile_r = arith.muli %tile_t, %c{PAGE} : index"
-        );
-        // S (own rows x streamed rows) over the qk columns, P from it; then (dQ, dK) dP over the v
-        // columns, and dS (S is dead by then: fewer live registers).
-        let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
         // Visible: key <= past + query (and both inside their lengths), as 32-bit compares of the
         // element's column (see [`below_limits`]): dQ's keys below min(position + 1, S); dK's and
         // dV's queries from their key's first on (`%rel<h>` from below) and below T (`%hi`).
-        let mut body = format!("%tile_col = arith.addi %tile_r, %lcol : index\n");
+        let mut body = format!(
+            "%tile_t = arith.addi {tile}, %tile0 : index
+%tile_r = arith.muli %tile_t, %c{PAGE} : index
+%tile_col = arith.addi %tile_r, %lcol : index
+"
+        );
         if queries {
             body.push_str(&below_limits(["%qlim0", "%qlim1"], "%tile_col"));
         } else {
@@ -1502,6 +1513,93 @@ impl GradEmitter {
             );
             d_of.push(d);
         }
+        (body, d_of, column_stats)
+    }
+
+    /// dV's tile loop a tile ahead, as the forward's ([`PrefillEmitter::pipelined_loop`]): before
+    /// the loop each warpgroup scores streamed tile 0 and packs its P^T (16 words a thread, carried
+    /// by the loop); tile `j`: the next tile's S (waiting for its buffer), `dV += P^T dout` issued
+    /// with this tile's P^T from the registers and, while the tensor cores multiply, the next
+    /// tile's P computed and packed; the buffer released and refilled. The last tile's "next
+    /// scores" are a fragment of -inf (P of 0; its columns' statistics read but masked).
+    fn pipelined_loop(&self, other_head: &str) -> String {
+        let c = &self.c;
+        let (qc, accs) = (c.qk_chunks(), c.v_chunks());
+        let mut first = format!(
+            "  nvgpu.mbarrier.try_wait.parity %bars[%c0], %parity0, %ticks : !bar\n{}\n",
+            indent(&first_tile_inputs(c.query_bytes()), 2)
+        );
+        let s =
+            qk_products(&mut first, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%first_addr", k * CHUNK_BYTES));
+        let (p_first, _, _) = self.probabilities(&s, "%c0");
+        let (packed, p0) = pack_fragment("%pf", &|e| format!("%pe{e}"));
+        let words = p0.len();
+        let first_types = vec!["i32"; words].join(", ");
+        let mut t = format!(
+            "  %has_tiles = arith.cmpi ugt, %nt, %c0 : index
+  %first:{words} = scf.if %has_tiles -> ({first_types}) {{
+{first}
+{p_first}
+{packed}
+    scf.yield {p0} : {first_types}
+  }} else {{
+    scf.yield {zeros} : {first_types}
+  }}
+",
+            p_first = indent(&p_first, 4),
+            packed = indent(&packed, 4),
+            p0 = p0.join(", "),
+            zeros = vec!["%c0_i32"; words].join(", "),
+        );
+        let mut iter: Vec<String> = (0..accs).map(|n| format!("%o{n}_in = %frag{FRAG_N}")).collect();
+        let mut types = vec![FRAG.to_string(); accs];
+        let p: Vec<String> = (0..words).map(|w| format!("%pc{w}_in")).collect();
+        iter.extend(p.iter().enumerate().map(|(w, name)| format!("{name} = %first#{w}")));
+        types.extend(std::iter::repeat_n("i32".to_string(), words));
+        t.push_str(&tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes()));
+        let mut next = String::new();
+        let s =
+            qk_products(&mut next, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%next_addr", k * CHUNK_BYTES));
+        let _ = writeln!(
+            t,
+            "    %nj = arith.addi %j, %c1 : index
+    %has_next = arith.cmpi ult, %nj, %nt : index
+{}",
+            indent(&next_scores(c.stages, c.stage_bytes(), c.query_bytes(), &next, &s), 4)
+        );
+        let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
+        pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
+        let (p_next, _, _) = self.probabilities("%sn", "%nj");
+        let (packed, pn) = pack_fragment("%pn", &|e| format!("%pe{e}"));
+        let _ = writeln!(
+            t,
+            "    nvvm.wgmma.commit.group.sync.aligned
+{}
+{}
+    nvvm.wgmma.wait.group.sync.aligned 0",
+            indent(&p_next, 4),
+            indent(&packed, 4),
+        );
+        t.push_str(&release_and_refill(c.stages, &self.load_tile("%jn", other_head)));
+        o.extend(pn);
+        t.push_str(&loop_yield(&o, &types));
+        t
+    }
+
+    /// Per tile: S, P; then (dQ, dK) dP and dS; the gradient's product with dS (P) from
+    /// registers; the buffer released and refilled ([`release_and_refill`]).
+    fn serial_loop(&self, other_head: &str) -> String {
+        let c = &self.c;
+        let (qc, vc) = (c.qk_chunks(), c.v_chunks());
+        let queries = self.of == GradOf::Queries;
+        let accs = if self.of == GradOf::Values { vc } else { qc };
+        let iter: Vec<String> = (0..accs).map(|n| format!("%o{n}_in = %frag{FRAG_N}")).collect();
+        let types = vec![FRAG.to_string(); accs];
+        let mut t = tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
+        // S (own rows x streamed rows) over the qk columns, P from it; then (dQ, dK) dP over the v
+        // columns, and dS (S is dead by then: fewer live registers).
+        let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
+        let (body, d_of, column_stats) = self.probabilities(&s, "%j");
         let _ = writeln!(t, "{}", indent(&body, 4));
         let mut body = String::new();
         let ds = self.of != GradOf::Values;
