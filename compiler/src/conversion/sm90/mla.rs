@@ -1207,12 +1207,7 @@ impl PrefillEmitter {
         let c = &self.c;
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
         // Tile 0, in buffer 0; the rows' statistics before it, those of no key.
-        let mut first = format!(
-            "  nvgpu.mbarrier.try_wait.parity %bars[%c0], %parity0, %ticks : !bar\n{}\n",
-            indent(&first_tile_inputs(c.query_bytes()), 2)
-        );
-        let s =
-            qk_products(&mut first, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%first_addr", k * CHUNK_BYTES));
+        let (first, s) = first_tile_scores(c);
         let (packed, p0) = pack_fragment("%pf", &|e| format!("%pe{e}"));
         let words = p0.len();
         let first_types = format!("f32, f32, f32, f32, {}", vec!["i32"; words].join(", "));
@@ -1234,21 +1229,8 @@ impl PrefillEmitter {
             none = NO_KEYS_YET.join(", "),
             zeros = vec!["%c0_i32"; words].join(", "),
         );
-        let (mut iter, mut types) = loop_carried(accs, ["%first#0", "%first#1", "%first#2", "%first#3"]);
-        let p: Vec<String> = (0..words).map(|w| format!("%pc{w}_in")).collect();
-        iter.extend(p.iter().enumerate().map(|(w, name)| format!("{name} = %first#{}", 4 + w)));
-        types.extend(std::iter::repeat_n("i32".to_string(), words));
-        t.push_str(&tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes()));
-        let mut next = String::new();
-        let s =
-            qk_products(&mut next, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%next_addr", k * CHUNK_BYTES));
-        let _ = writeln!(
-            t,
-            "    %nj = arith.addi %j, %c1 : index
-    %has_next = arith.cmpi ult, %nj, %nt : index
-{}",
-            indent(&next_scores(c.stages, c.stage_bytes(), c.query_bytes(), &next, &s), 4)
-        );
+        let (iter, types) = loop_carried(accs, ["%first#0", "%first#1", "%first#2", "%first#3"]);
+        let (p, types) = pipelined_loop_head(c, &mut t, iter, types, 4, words);
         let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
         pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
         let (rescaled, mut o) = rescale_of(&o, "%alpha");
@@ -1525,12 +1507,7 @@ impl GradEmitter {
     fn pipelined_loop(&self, other_head: &str) -> String {
         let c = &self.c;
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
-        let mut first = format!(
-            "  nvgpu.mbarrier.try_wait.parity %bars[%c0], %parity0, %ticks : !bar\n{}\n",
-            indent(&first_tile_inputs(c.query_bytes()), 2)
-        );
-        let s =
-            qk_products(&mut first, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%first_addr", k * CHUNK_BYTES));
+        let (first, s) = first_tile_scores(c);
         let (p_first, _, _) = self.probabilities(&s, "%c0");
         let (packed, p0) = pack_fragment("%pf", &|e| format!("%pe{e}"));
         let words = p0.len();
@@ -1551,22 +1528,8 @@ impl GradEmitter {
             p0 = p0.join(", "),
             zeros = vec!["%c0_i32"; words].join(", "),
         );
-        let mut iter: Vec<String> = (0..accs).map(|n| format!("%o{n}_in = %frag{FRAG_N}")).collect();
-        let mut types = vec![FRAG.to_string(); accs];
-        let p: Vec<String> = (0..words).map(|w| format!("%pc{w}_in")).collect();
-        iter.extend(p.iter().enumerate().map(|(w, name)| format!("{name} = %first#{w}")));
-        types.extend(std::iter::repeat_n("i32".to_string(), words));
-        t.push_str(&tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes()));
-        let mut next = String::new();
-        let s =
-            qk_products(&mut next, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%next_addr", k * CHUNK_BYTES));
-        let _ = writeln!(
-            t,
-            "    %nj = arith.addi %j, %c1 : index
-    %has_next = arith.cmpi ult, %nj, %nt : index
-{}",
-            indent(&next_scores(c.stages, c.stage_bytes(), c.query_bytes(), &next, &s), 4)
-        );
+        let iter: Vec<String> = (0..accs).map(|n| format!("%o{n}_in = %frag{FRAG_N}")).collect();
+        let (p, types) = pipelined_loop_head(c, &mut t, iter, vec![FRAG.to_string(); accs], 0, words);
         let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
         pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
         let (p_next, _, _) = self.probabilities("%sn", "%nj");
@@ -1983,6 +1946,49 @@ const NO_KEYS_YET: [&str; 4] = ["%ninf", "%ninf", "%zero", "%zero"];
 /// What a loop a tile ahead scores its first tile from, before the loop: its buffer's address
 /// `%first_addr` (the ring's first, after the `query_bytes` of queries) and, as
 /// [`online_softmax`]'s inputs `%m<h>_in`, `%l<h>_in`, the statistics of no key.
+/// Tile 0's scores before a loop a tile ahead: the wait for buffer 0, the tile's inputs and `S`
+/// (returned with the name of its fragment).
+fn first_tile_scores(c: &MlaPrefillConfig) -> (String, String) {
+    let mut first = format!(
+        "  nvgpu.mbarrier.try_wait.parity %bars[%c0], %parity0, %ticks : !bar\n{}\n",
+        indent(&first_tile_inputs(c.query_bytes()), 2)
+    );
+    let s = qk_products(&mut first, "", c.qk_chunks(), &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
+        ("%first_addr", k * CHUNK_BYTES)
+    });
+    (first, s)
+}
+
+/// The head of a tile loop a tile ahead (the forward's and dV's): the loop carries `iter`
+/// (of `types`) and then this tile's P, `words` packed words from `%first#{first_p}` on; in
+/// its body, tile `j + 1`'s index `%nj` and its scores `%sn` ([`next_scores`]). Returns the P
+/// words' names and all the carried types.
+fn pipelined_loop_head(
+    c: &MlaPrefillConfig,
+    t: &mut String,
+    mut iter: Vec<String>,
+    mut types: Vec<String>,
+    first_p: usize,
+    words: usize,
+) -> (Vec<String>, Vec<String>) {
+    let p: Vec<String> = (0..words).map(|w| format!("%pc{w}_in")).collect();
+    iter.extend(p.iter().enumerate().map(|(w, name)| format!("{name} = %first#{}", first_p + w)));
+    types.extend(std::iter::repeat_n("i32".to_string(), words));
+    t.push_str(&tile_loop_head("%nt", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes()));
+    let mut next = String::new();
+    let s = qk_products(&mut next, "", c.qk_chunks(), &|k| ("%own_addr", k * CHUNK_BYTES), &|k| {
+        ("%next_addr", k * CHUNK_BYTES)
+    });
+    let _ = writeln!(
+        t,
+        "    %nj = arith.addi %j, %c1 : index
+    %has_next = arith.cmpi ult, %nj, %nt : index
+{}",
+        indent(&next_scores(c.stages, c.stage_bytes(), c.query_bytes(), &next, &s), 4)
+    );
+    (p, types)
+}
+
 fn first_tile_inputs(query_bytes: usize) -> String {
     format!(
         "%first_addr = arith.addi %smem_base, %c{query_bytes}_i64 : i64
