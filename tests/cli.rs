@@ -47,6 +47,15 @@ fn usage_errors_are_one_line_with_exit_code_2() {
         ("v3c", &["compile", "--max-rows", "0"], "invalid value '0' for '--max-rows <N>': must be at least 1"),
         ("v3c", &["compile", "--max-batch", "0"], "invalid value '0' for '--max-batch <N>': must be at least 1"),
         ("v3c", &["dump-ir", "--max-context", "0"], "invalid value '0' for '--max-context <N>': must be at least 1"),
+        // Sizes whose plan overflowed 64-bit byte counts: before, `--max-rows 4611686018427387904`
+        // wrote a plan with a wrapped 4.7 MB arena.
+        (
+            "v3c",
+            &["compile", "--max-rows", "4611686018427387904"],
+            "invalid value '4611686018427387904' for '--max-rows <N>': must be at most 16777216 (2^24)",
+        ),
+        ("v3c", &["compile", "--max-context", "16777217"], "'--max-context <N>': must be at most 16777216 (2^24)"),
+        ("v3c", &["dump-ir", "--max-batch", "16777217"], "'--max-batch <N>': must be at most 16777216 (2^24)"),
         ("v3r", &["bench-kernels", "art", "--weights", "w", "--reps", "0"], "invalid value '0' for '--reps <N>'"),
         ("v3r", &["doctor", "--verbose-ish"], "v3r: error: unexpected argument '--verbose-ish' found"),
         ("v3r", &["run", "art", "--weights", "w", "--prompt-tokens", "1", "--device", "gpu0"], "invalid value 'gpu0'"),

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use v3c_compiler::{doctor, target::GpuTarget};
-use v3c_runtime::cli::positive;
+use v3c_runtime::cli::{plan_rows, positive};
 
 mod commands;
 
@@ -207,15 +207,15 @@ struct CompileArgs {
     target: CompileTarget,
     /// Most rows (tokens of one launch) the plan's arena is sized for (smaller runs fit it):
     /// a prefill's chunk of the prompt, a decode's sequences (unless --max-batch).
-    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 64)]
+    #[arg(long, value_parser = plan_rows, value_name = "N", default_value_t = 64)]
     max_rows: usize,
     /// Most sequences one decode step takes (default: --max-rows). With a larger --max-rows,
     /// prompts are prefilled in long chunks without planning (and holding caches for) a decode of
     /// as many sequences.
-    #[arg(long, value_parser = positive, value_name = "N")]
+    #[arg(long, value_parser = plan_rows, value_name = "N")]
     max_batch: Option<usize>,
     /// Longest context (KV cache rows) the plan's arena is sized for (shorter ones fit it).
-    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 4096)]
+    #[arg(long, value_parser = plan_rows, value_name = "N", default_value_t = 4096)]
     max_context: usize,
     /// Artifact directory to write (created; must not exist unless --force): kernels (sm_90a: PTX
     /// and cubins; cpu: shared objects), the launch plan, the manifest (sm_90a: and the lowering).
@@ -317,13 +317,13 @@ struct DumpIrArgs {
     #[arg(long, requires = "kernel")]
     llvm: bool,
     /// `--stage plan`: rows to plan for (tokens of a prefill, sequences of a decode).
-    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 128)]
+    #[arg(long, value_parser = plan_rows, value_name = "N", default_value_t = 128)]
     max_rows: usize,
     /// `--stage plan`: sequences of a decode to plan for (default: --max-rows).
-    #[arg(long, value_parser = positive, value_name = "N")]
+    #[arg(long, value_parser = plan_rows, value_name = "N")]
     max_batch: Option<usize>,
     /// `--stage plan`: context to plan for (tokens cached before a prefill, cache rows of a decode).
-    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 4096)]
+    #[arg(long, value_parser = plan_rows, value_name = "N", default_value_t = 4096)]
     max_context: usize,
 }
 

@@ -98,7 +98,9 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
                 let per = element_bytes(dtype).ok_or_else(|| format!("no size for element type {dtype}"))?;
                 let id = buffers.len();
                 let shape = shape_at(&dims, sizes);
-                let bytes = per * shape.iter().product::<usize>() as u64;
+                let bytes = shape.iter().try_fold(per, |b, &n| b.checked_mul(n as u64)).ok_or_else(|| {
+                    format!("{name}: a buffer of {shape:?} {dtype} at {sizes:?} has more bytes than 64 bits count")
+                })?;
                 buffers.push(Buffer { id, kind, dims, shape, dtype: dtype.to_string(), bytes });
                 Ok(id)
             };

@@ -54,6 +54,20 @@ pub fn positive(text: &str) -> Result<usize, String> {
     }
 }
 
+/// The most rows or cache rows a plan may be sized for (`v3c compile --max-rows`,
+/// `--max-batch`, `--max-context`): 2^24. Far beyond what any device holds at a real model's
+/// widths (a DeepSeek-V3 prefill of that many rows needs terabytes of activations), and small
+/// enough that every byte count of a plan fits in 64 bits.
+pub const MAX_PLAN_ROWS: usize = 1 << 24;
+
+/// `N` of a flag sizing a plan: at least 1, at most [`MAX_PLAN_ROWS`].
+pub fn plan_rows(text: &str) -> Result<usize, String> {
+    match positive(text)? {
+        n if n > MAX_PLAN_ROWS => Err(format!("must be at most {MAX_PLAN_ROWS} (2^24)")),
+        n => Ok(n),
+    }
+}
+
 /// Installs the global log subscriber writing to stderr. Calling it twice is harmless.
 pub fn init_logging(verbosity: u8) {
     let level = match verbosity {

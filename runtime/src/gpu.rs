@@ -586,7 +586,7 @@ impl Expander<'_> {
     /// Expands every entry — at its planned sizes and at `more` — over made-up addresses (as the
     /// executor binds them: only weights kernels read directly), and holds every kernel launch
     /// against its kernel's PTX: as many 8-byte parameters as the `.entry` declares, a non-empty
-    /// grid; tensor maps are checked against TMA's rules by the expansion itself. Needs no device.
+    /// grid within CUDA's limits; tensor maps are checked against TMA's rules by the expansion itself. Needs no device.
     pub fn check(&self, more: &[(&str, Sizes)]) -> Result<ExpansionCheck, String> {
         let artifact = self.artifact;
         let direct = self.direct_weights()?;
@@ -617,7 +617,11 @@ impl Expander<'_> {
                 }
             }
         }
-        report.input_bytes = inputs.values().sum::<u64>() as usize;
+        report.input_bytes = inputs
+            .values()
+            .try_fold(0u64, |sum, &b| sum.checked_add(b))
+            .ok_or("the inputs (the caches) at the planned sizes have more bytes than 64 bits count")?
+            as usize;
         report.temp_bytes = self.temp_bytes()?;
         for p in self.prepared_weights()? {
             report.prepared_bytes += p.rows * p.k * element_bytes(&p.element)?;
@@ -651,6 +655,17 @@ impl Expander<'_> {
                         k.kernel,
                         k.params.len(),
                         k.grid
+                    ));
+                }
+                // CUDA's limits on a grid (x below 2^31, y at most 65535).
+                if k.grid > i32::MAX as usize || k.grid_y > u16::MAX as usize {
+                    return Err(format!(
+                        "{entry} at {at:?}: {} needs a grid of {} x {} blocks, beyond CUDA's {} x {}",
+                        k.kernel,
+                        k.grid,
+                        k.grid_y,
+                        i32::MAX,
+                        u16::MAX
                     ));
                 }
                 report.launches += 1;
