@@ -1033,9 +1033,25 @@ impl MlaPrefillConfig {
         (self.qk_chunks() + self.v_chunks()) * CHUNK_BYTES
     }
 
-    /// Dynamic shared memory: the warpgroups' own tiles, the ring (P and dS stay in registers).
+    /// Dynamic shared memory: the warpgroups' own tiles, the ring (P and dS stay in registers),
+    /// dK's and dV's staged column statistics.
     pub fn shared_memory_bytes(&self) -> usize {
+        self.stats_offset() + self.stats_bytes()
+    }
+
+    /// Where the staged column statistics start: after the own tiles and the ring.
+    fn stats_offset(&self) -> usize {
         self.query_bytes() + self.stages * self.stage_bytes()
+    }
+
+    /// dK's and dV's streamed queries' statistics (`-lse`, dK: and D), staged per tile for the
+    /// warpgroup's threads ([`GradEmitter::probabilities`]): per warpgroup, two tiles' (by
+    /// parity) 64 `-lse` then 64 D, f32.
+    fn stats_bytes(&self) -> usize {
+        match self.mode {
+            FlashMode::Grad(GradOf::Keys | GradOf::Values) => 2 * STATS_PER_WARPGROUP * 4,
+            _ => 0,
+        }
     }
 
     /// Whether the tile loop runs a tile ahead, the next tile's softmax (dV: its P) overlapping
@@ -1071,6 +1087,9 @@ impl MlaPrefillConfig {
         check_shared_memory(&name, self.shared_memory_bytes(), &what, target)
     }
 }
+
+/// Staged statistics of one warpgroup: two tiles (by parity) of 64 `-lse` and 64 D.
+const STATS_PER_WARPGROUP: usize = 2 * 2 * PAGE;
 
 /// The prefill kernel's `gpu.module` text (see [`MlaPrefillConfig`]).
 pub fn emit_prefill(config: &MlaPrefillConfig, target: &GpuTarget) -> Result<String, String> {
@@ -1407,6 +1426,22 @@ impl GradEmitter {
             for h in 0..2 {
                 let _ = writeln!(t, "  %kfirst{h} = arith.subi %r{h}, %past : index");
             }
+            // The staged statistics: thread `%ctid` of the warpgroup loads column `%ctid mod 64`'s
+            // -lse (below 64) or D (dK, from 64 on) of each tile; reads at its own columns.
+            let _ = writeln!(
+                t,
+                "  %stv = memref.view %smem[%c{off}][] : memref<?xi8, {ws}> to memref<{n}xf32, {ws}>
+  %sx_col = arith.remui %ctid, %c{PAGE} : index
+  %sx_lse = arith.cmpi ult, %ctid, %c{PAGE} : index
+  %sx_wg = arith.muli %cw, %c{STATS_PER_WARPGROUP} : index
+  %sx_wr = arith.addi %sx_wg, %ctid : index
+  %sx_rd = arith.addi %sx_wg, %lcol : index
+  %sx_bar0 = arith.index_cast %cw : index to i32
+  %sx_bar = arith.addi %sx_bar0, %c1_i32 : i32",
+                off = c.stats_offset(),
+                ws = WORKGROUP,
+                n = 2 * STATS_PER_WARPGROUP,
+            );
         }
         let _ = writeln!(t, "  nvgpu.mbarrier.try_wait.parity %bars[%c{stages}], %parity0, %ticks : !bar");
         t.push_str(&self.main_loop(other_head));
@@ -1435,7 +1470,7 @@ impl GradEmitter {
     /// `P` (`%pe<e>`) of the scores `s` of streamed tile `tile` (relative to `%tile0`), masked
     /// (causal, and inside both lengths): the body's text, each element's D (`%d_r<h>` or
     /// `%d_c<col>`: dQ's and dK's `dP - D`), and the streamed columns whose statistics it loads
-    /// (dK, dV: `%ci<col>`, the query row each column is).
+    /// (dK, dV: staged, `%si<col>` where its -lse is, D 64 floats on).
     fn probabilities(&self, s: &str, tile: &str) -> (String, Vec<String>, std::collections::BTreeSet<usize>) {
         let queries = self.of == GradOf::Queries;
         // Visible: key <= past + query (and both inside their lengths), as 32-bit compares of the
@@ -1454,6 +1489,7 @@ impl GradEmitter {
             body.push_str(
                 "%hi_ix = arith.subi %t_len, %tile_col : index\n%hi = arith.index_cast %hi_ix : index to i32\n",
             );
+            body.push_str(&self.stage_statistics());
         }
         let mut d_of = Vec::new();
         let mut column_stats = std::collections::BTreeSet::new();
@@ -1465,14 +1501,13 @@ impl GradEmitter {
                 (below(e), format!("%nlse_r{h}"), format!("%d_r{h}"))
             } else {
                 if column_stats.insert(col) {
-                    // A streamed query's statistics (a column past T reads row T - 1's, masked).
+                    // A streamed query's -lse, staged (`%si<col>`: where).
                     let _ = writeln!(
                         body,
-                        "%col{e} = arith.addi %tile_col, %c{col} : index
-%cc{col} = arith.minui %col{e}, %t_last : index
-%ci{col} = arith.addi %q_head, %cc{col} : index
-%lse_c{col} = memref.load %lse[%ci{col}] : memref<?xf32>
-%nlse_c{col} = arith.negf %lse_c{col} : f32"
+                        "%si{col} = arith.addi %sx_at, %c{col} : index
+%nlse_c{col} = memref.load %stv[%si{col}] : memref<{n}xf32, {ws}>",
+                        n = 2 * STATS_PER_WARPGROUP,
+                        ws = WORKGROUP,
                     );
                 }
                 (
@@ -1549,6 +1584,44 @@ impl GradEmitter {
         t
     }
 
+    /// dK's and dV's statistics of the streamed tile (`%tile_r` its first query row): each
+    /// thread loads one (-lse, or dK's D; a column past T reads row T - 1's, masked) into its
+    /// warpgroup's half of the tile's parity, and the warpgroup waits on its named barrier (1 +
+    /// `%cw`); `%sx_at` is where the thread's columns' -lse are. One barrier a tile suffices: a
+    /// parity is written again two tiles on, after every thread of the warpgroup has passed the
+    /// next tile's barrier, so read this one's. (The loads and their index arithmetic per column
+    /// made a third of dK's loop.)
+    fn stage_statistics(&self) -> String {
+        let (n, ws) = (2 * STATS_PER_WARPGROUP, WORKGROUP);
+        let d = if self.of == GradOf::Keys {
+            format!(
+                " else {{
+  %sx_d = memref.load %dd[%sx_i] : memref<?xf32>
+  memref.store %sx_d, %stv[%sx_w] : memref<{n}xf32, {ws}>
+}}"
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "%sx_par = arith.remui %tile_t, %c2 : index
+%sx_off = arith.muli %sx_par, %c{half} : index
+%sx_q = arith.addi %tile_r, %sx_col : index
+%sx_qc = arith.minui %sx_q, %t_last : index
+%sx_i = arith.addi %q_head, %sx_qc : index
+%sx_w = arith.addi %sx_wr, %sx_off : index
+scf.if %sx_lse {{
+  %sx_l = memref.load %lse[%sx_i] : memref<?xf32>
+  %sx_nl = arith.negf %sx_l : f32
+  memref.store %sx_nl, %stv[%sx_w] : memref<{n}xf32, {ws}>
+}}{d}
+nvvm.barrier id = %sx_bar number_of_threads = %c128_i32
+%sx_at = arith.addi %sx_rd, %sx_off : index
+",
+            half = STATS_PER_WARPGROUP / 2,
+        )
+    }
+
     /// Per tile: S, P; then (dQ, dK) dP and dS; the gradient's product with dS (P) from
     /// registers; the buffer released and refilled ([`release_and_refill`]).
     fn serial_loop(&self, other_head: &str) -> String {
@@ -1570,9 +1643,15 @@ impl GradEmitter {
             let at = |k: usize| (qc + k) * CHUNK_BYTES;
             let dp = qk_products(&mut t, "g", vc, &|k| ("%own_addr", at(k)), &|k| ("%stage_addr", at(k)));
             if !queries {
-                // The streamed queries' D, loaded once dP is there (not live across its products).
+                // The streamed queries' D, read once dP is there (not live across its products).
                 for col in &column_stats {
-                    let _ = writeln!(body, "%d_c{col} = memref.load %dd[%ci{col}] : memref<?xf32>");
+                    let _ = writeln!(
+                        body,
+                        "%sd{col} = arith.addi %si{col}, %c{PAGE} : index
+%d_c{col} = memref.load %stv[%sd{col}] : memref<{n}xf32, {ws}>",
+                        n = 2 * STATS_PER_WARPGROUP,
+                        ws = WORKGROUP,
+                    );
                 }
             }
             for (e, d) in d_of.iter().enumerate() {
