@@ -829,9 +829,10 @@ mod tests {
 
     /// A decode launch as the runtime makes it over a pool of `kv + rope`-wide rows (bf16, or
     /// `fp8_cache`: packed fp8 rows seen through the latent's and the rope key's tensor maps and the
-    /// scales' strided memref) — pages out of order, a sequence of one key, one past two pages, one
-    /// past five (its splits hold three pages each: more than a ring of two buffers, which refills
-    /// and turns its barriers' phase) —, `tokens` new tokens a sequence (causal among themselves:
+    /// scales' strided memref) — pages out of order, a sequence of one key, one of three whole pages
+    /// (the kernel's unmasked pages end where its earliest token's keys do, or one key before with
+    /// two tokens), one past five (its splits hold three pages each: more than a ring of two
+    /// buffers, which refills and turns its barriers' phase) —, `tokens` new tokens a sequence (causal among themselves:
     /// token t of T sees the keys before `len - T + t + 1`; the shortest sequence has T keys), run
     /// by `run`: the relative (Frobenius) error of its splits merged against float64 attention over
     /// the rows' values, and the log-sum-exps.
@@ -870,7 +871,7 @@ mod tests {
         let q: Vec<u16> = values(b * per * width, 4, 2.0).iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect();
         // The pool's pages, out of order (7 is prime to the pool's 18).
         let table: Vec<i32> = (0..b * pages).map(|i| ((i * 7 + 5) % (b * pages)) as i32).collect();
-        let lens: Vec<i32> = vec![tokens as i32, 150, 5 * 64 + 1];
+        let lens: Vec<i32> = vec![tokens as i32, 3 * 64, 5 * 64 + 1];
         let mut o_part = vec![f32::NAN; splits * b * per * kv];
         let mut lse = vec![f32::NAN; splits * b * per];
         let buf = |addr: *const u8, shape: &[usize], element: &str| Buf {
@@ -1038,7 +1039,7 @@ mod tests {
     }
 
     /// DeepSeek-V3's flash attention kernels (q and k heads of 192, v of 128; causal; 70 queries
-    /// after 150 keys' start, two heads): inference's forward, training's forward with its
+    /// after 150 keys' start, and 191 after 253, two heads): inference's forward, training's forward with its
     /// log-sum-exps and the dQ, dK and dV kernels, their PTX simulated with the threads run both
     /// ways, give what their launches' semantics give (the gradients from the forward's
     /// statistics, D = rowsum(dout out)).
@@ -1047,118 +1048,124 @@ mod tests {
         use crate::conversion::sm90::mla::{FlashMode, GradOf, MlaPrefillConfig};
         use v3c_runtime::abi::MlaPrefillAbi;
         let context = crate::mlir::new_context();
-        let (heads, t, s, scale) = (2usize, 70usize, 150usize, 0.07f32);
-        let (qk, v) = (MlaPrefillConfig::DEEPSEEK_V3.qk, MlaPrefillConfig::DEEPSEEK_V3.v);
-        let bf16 = |n: usize, seed: u64, sc: f32| -> Vec<u16> {
-            values(n, seed, sc).iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect()
-        };
-        let (q, k, vv, dout) = (
-            bf16(heads * t * qk, 1, 2.0),
-            bf16(heads * s * qk, 2, 2.0),
-            bf16(heads * s * v, 3, 2.0),
-            bf16(heads * t * v, 4, 1.0),
-        );
-        let buf = |addr: *const u8, shape: &[usize], element: &str| Buf {
-            addr: addr as u64,
-            shape: shape.to_vec(),
-            element: element.into(),
-        };
-        let (bq, bk, bv, bd) = (
-            buf(q.as_ptr() as *const u8, &[heads * t, qk], "bf16"),
-            buf(k.as_ptr() as *const u8, &[heads * s, qk], "bf16"),
-            buf(vv.as_ptr() as *const u8, &[heads * s, v], "bf16"),
-            buf(dout.as_ptr() as *const u8, &[heads * t, v], "bf16"),
-        );
-        // The forward's output and statistics, by the semantics.
-        let (mut out, mut lse) = (vec![0f32; heads * t * v], vec![0f32; heads * t]);
-        let (bo, bl) = (
-            buf(out.as_mut_ptr() as *const u8, &[heads * t, v], "f32"),
-            buf(lse.as_mut_ptr() as *const u8, &[heads * t], "f32"),
-        );
-        let abi = MlaPrefillAbi { qk, v, kind: v3c_runtime::abi::FlashKind::Lse };
-        let launch = abi.launch("forward", &[&bq, &bk, &bv, &bo, &bl], heads, scale).unwrap();
-        // SAFETY: the vectors above, of the launch's shapes.
-        unsafe { emulate_prefill(&launch, abi.kind).unwrap() };
-        let d: Vec<f32> = (0..heads * t)
-            .map(|r| (0..v).map(|c| v3c_models::dtype::bf16_to_f32(dout[r * v + c]) * out[r * v + c]).sum())
-            .collect();
-        let bdd = buf(d.as_ptr() as *const u8, &[heads * t], "f32");
-        // The forward's log-sum-exps as the gradients' operand.
-        let bls = buf(lse.as_ptr() as *const u8, &[heads * t], "f32");
-        let modes = [
-            FlashMode::Forward,
-            FlashMode::Lse,
-            FlashMode::Grad(GradOf::Queries),
-            FlashMode::Grad(GradOf::Keys),
-            FlashMode::Grad(GradOf::Values),
-        ];
-        let mut configs = modes.map(|mode| MlaPrefillConfig { mode, ..MlaPrefillConfig::DEEPSEEK_V3 }).to_vec();
-        // The forward and dV a tile ahead (two buffers or more) and one tile after the other (one).
-        assert!(configs[0].pipelined() && configs[4].pipelined());
-        configs.push(MlaPrefillConfig { stages: 1, ..configs[0] });
-        configs.push(MlaPrefillConfig { stages: 1, ..configs[4] });
-        assert!(!configs[5].pipelined() && !configs[6].pipelined());
-        for config in configs {
-            let mode = config.mode;
-            let kernel =
-                crate::conversion::sm90::compile_mla_prefill(&context, &config, &crate::target::SM90A).unwrap();
-            let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
-            let abi = MlaPrefillAbi { qk, v, kind: config.flash_kind() };
-            let shape = match mode {
-                FlashMode::Forward | FlashMode::Lse => [heads * t, v],
-                FlashMode::Grad(GradOf::Queries) => [heads * t, qk],
-                FlashMode::Grad(GradOf::Keys) => [heads * s, qk],
-                FlashMode::Grad(GradOf::Values) => [heads * s, v],
+        // A second shape whose streamed tiles include interior ones after the first (dV a tile
+        // ahead takes its unmasked branch only for the next tile), and whose limits fall a key
+        // short of a tile's end (a past of 62, T of 64 x 3 - 1): interior tiles decided a key
+        // too generously are caught.
+        for (t, s) in [(70usize, 150usize), (191, 253)] {
+            let (heads, scale) = (2usize, 0.07f32);
+            let (qk, v) = (MlaPrefillConfig::DEEPSEEK_V3.qk, MlaPrefillConfig::DEEPSEEK_V3.v);
+            let bf16 = |n: usize, seed: u64, sc: f32| -> Vec<u16> {
+                values(n, seed, sc).iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect()
             };
-            // The semantics' result, then the simulation's both ways.
-            let mut results = Vec::new();
-            for run in 0..3 {
-                let (mut o, mut l) = (vec![0f32; shape[0] * shape[1]], vec![0f32; heads * t]);
-                let (bo, bl) = (
-                    buf(o.as_mut_ptr() as *const u8, &shape, "f32"),
-                    buf(l.as_mut_ptr() as *const u8, &[heads * t], "f32"),
-                );
-                let ops: Vec<&Buf> = match mode {
-                    FlashMode::Forward => vec![&bq, &bk, &bv, &bo],
-                    FlashMode::Lse => vec![&bq, &bk, &bv, &bo, &bl],
-                    FlashMode::Grad(_) => vec![&bq, &bk, &bv, &bd, &bls, &bdd, &bo],
+            let (q, k, vv, dout) = (
+                bf16(heads * t * qk, 1, 2.0),
+                bf16(heads * s * qk, 2, 2.0),
+                bf16(heads * s * v, 3, 2.0),
+                bf16(heads * t * v, 4, 1.0),
+            );
+            let buf = |addr: *const u8, shape: &[usize], element: &str| Buf {
+                addr: addr as u64,
+                shape: shape.to_vec(),
+                element: element.into(),
+            };
+            let (bq, bk, bv, bd) = (
+                buf(q.as_ptr() as *const u8, &[heads * t, qk], "bf16"),
+                buf(k.as_ptr() as *const u8, &[heads * s, qk], "bf16"),
+                buf(vv.as_ptr() as *const u8, &[heads * s, v], "bf16"),
+                buf(dout.as_ptr() as *const u8, &[heads * t, v], "bf16"),
+            );
+            // The forward's output and statistics, by the semantics.
+            let (mut out, mut lse) = (vec![0f32; heads * t * v], vec![0f32; heads * t]);
+            let (bo, bl) = (
+                buf(out.as_mut_ptr() as *const u8, &[heads * t, v], "f32"),
+                buf(lse.as_mut_ptr() as *const u8, &[heads * t], "f32"),
+            );
+            let abi = MlaPrefillAbi { qk, v, kind: v3c_runtime::abi::FlashKind::Lse };
+            let launch = abi.launch("forward", &[&bq, &bk, &bv, &bo, &bl], heads, scale).unwrap();
+            // SAFETY: the vectors above, of the launch's shapes.
+            unsafe { emulate_prefill(&launch, abi.kind).unwrap() };
+            let d: Vec<f32> = (0..heads * t)
+                .map(|r| (0..v).map(|c| v3c_models::dtype::bf16_to_f32(dout[r * v + c]) * out[r * v + c]).sum())
+                .collect();
+            let bdd = buf(d.as_ptr() as *const u8, &[heads * t], "f32");
+            // The forward's log-sum-exps as the gradients' operand.
+            let bls = buf(lse.as_ptr() as *const u8, &[heads * t], "f32");
+            let modes = [
+                FlashMode::Forward,
+                FlashMode::Lse,
+                FlashMode::Grad(GradOf::Queries),
+                FlashMode::Grad(GradOf::Keys),
+                FlashMode::Grad(GradOf::Values),
+            ];
+            let mut configs = modes.map(|mode| MlaPrefillConfig { mode, ..MlaPrefillConfig::DEEPSEEK_V3 }).to_vec();
+            // The forward and dV a tile ahead (two buffers or more) and one tile after the other (one).
+            assert!(configs[0].pipelined() && configs[4].pipelined());
+            configs.push(MlaPrefillConfig { stages: 1, ..configs[0] });
+            configs.push(MlaPrefillConfig { stages: 1, ..configs[4] });
+            assert!(!configs[5].pipelined() && !configs[6].pipelined());
+            for config in configs {
+                let mode = config.mode;
+                let kernel =
+                    crate::conversion::sm90::compile_mla_prefill(&context, &config, &crate::target::SM90A).unwrap();
+                let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
+                let abi = MlaPrefillAbi { qk, v, kind: config.flash_kind() };
+                let shape = match mode {
+                    FlashMode::Forward | FlashMode::Lse => [heads * t, v],
+                    FlashMode::Grad(GradOf::Queries) => [heads * t, qk],
+                    FlashMode::Grad(GradOf::Keys) => [heads * s, qk],
+                    FlashMode::Grad(GradOf::Values) => [heads * s, v],
                 };
-                let launch = abi.launch(&kernel.name, &ops, heads, scale).unwrap();
-                match run {
-                    // SAFETY: the vectors above, of the launch's shapes.
-                    0 => unsafe { emulate_prefill(&launch, abi.kind).unwrap() },
-                    _ => {
-                        // SAFETY: as above.
-                        let stats = unsafe {
-                            simulate_launch(
-                                &module.kernels[0],
-                                &launch,
-                                kernel.threads,
-                                kernel.shared_memory_bytes,
-                                None,
-                                v3c_ptxsim::Checks { reversed: run == 2, races: run == 1 },
-                            )
+                // The semantics' result, then the simulation's both ways.
+                let mut results = Vec::new();
+                for run in 0..3 {
+                    let (mut o, mut l) = (vec![0f32; shape[0] * shape[1]], vec![0f32; heads * t]);
+                    let (bo, bl) = (
+                        buf(o.as_mut_ptr() as *const u8, &shape, "f32"),
+                        buf(l.as_mut_ptr() as *const u8, &[heads * t], "f32"),
+                    );
+                    let ops: Vec<&Buf> = match mode {
+                        FlashMode::Forward => vec![&bq, &bk, &bv, &bo],
+                        FlashMode::Lse => vec![&bq, &bk, &bv, &bo, &bl],
+                        FlashMode::Grad(_) => vec![&bq, &bk, &bv, &bd, &bls, &bdd, &bo],
+                    };
+                    let launch = abi.launch(&kernel.name, &ops, heads, scale).unwrap();
+                    match run {
+                        // SAFETY: the vectors above, of the launch's shapes.
+                        0 => unsafe { emulate_prefill(&launch, abi.kind).unwrap() },
+                        _ => {
+                            // SAFETY: as above.
+                            let stats = unsafe {
+                                simulate_launch(
+                                    &module.kernels[0],
+                                    &launch,
+                                    kernel.threads,
+                                    kernel.shared_memory_bytes,
+                                    None,
+                                    v3c_ptxsim::Checks { reversed: run == 2, races: run == 1 },
+                                )
+                            }
+                            .unwrap();
+                            eprintln!(
+                                "{}: {} CTAs, {} instructions simulated",
+                                kernel.name, stats.ctas, stats.instructions
+                            );
                         }
-                        .unwrap();
-                        eprintln!(
-                            "{}: {} CTAs, {} instructions simulated",
-                            kernel.name, stats.ctas, stats.instructions
-                        );
                     }
+                    results.push((o, l));
                 }
-                results.push((o, l));
-            }
-            let (want, want_lse) = &results[0];
-            let scale_of = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-            for (got, got_lse) in &results[1..] {
-                let diff = got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
-                eprintln!("{}: max |diff| {diff:.3e} of max |value| {scale_of:.3e}", kernel.name);
-                // P (and dS) in bf16 after a running maximum that is not the semantics' global one: bf16's
-                // rounding apart.
-                assert!(scale_of > 0.0 && diff <= 1e-2 * scale_of, "{}: {diff} of {scale_of}", kernel.name);
-                if mode == FlashMode::Lse {
-                    let dl = got_lse.iter().zip(want_lse).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
-                    assert!(dl <= 1e-4, "{}: log-sum-exps {dl}", kernel.name);
+                let (want, want_lse) = &results[0];
+                let scale_of = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                for (got, got_lse) in &results[1..] {
+                    let diff = got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+                    eprintln!("{}: max |diff| {diff:.3e} of max |value| {scale_of:.3e}", kernel.name);
+                    // P (and dS) in bf16 after a running maximum that is not the semantics' global one: bf16's
+                    // rounding apart.
+                    assert!(scale_of > 0.0 && diff <= 1e-2 * scale_of, "{}: {diff} of {scale_of}", kernel.name);
+                    if mode == FlashMode::Lse {
+                        let dl = got_lse.iter().zip(want_lse).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+                        assert!(dl <= 1e-4, "{}: log-sum-exps {dl}", kernel.name);
+                    }
                 }
             }
         }

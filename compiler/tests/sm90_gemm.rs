@@ -255,6 +255,18 @@ fn assert_attention_tensor_core_code(
     }
 }
 
+/// A flash kernel's tile loop takes its interior tiles (every key visible to every row of the
+/// warpgroup) without the per-element masks: the loop's exponentials in two copies, masked and
+/// not; tile 0's before a loop a tile ahead in one, masked. A tile's exponentials: a thread's 32
+/// P, and the forward's two rows' rescale factors.
+fn assert_interior_tiles_unmasked(kernel: &sm90::GpuKernel, config: &sm90::mla::MlaPrefillConfig) {
+    use sm90::mla::FlashMode;
+    let per_tile = 32 + if matches!(config.mode, FlashMode::Forward | FlashMode::Lse) { 2 } else { 0 };
+    let copies = 2 + usize::from(config.pipelined());
+    let exponentials = kernel.ptx.matches("ex2.approx.ftz.f32").count();
+    assert_eq!(exponentials, copies * per_tile, "{}: the exponentials' copies", kernel.name);
+}
+
 /// The tensor-core MLA decode kernel (DeepSeek-V3's 512 + 64 columns in clusters of 2 and not, its
 /// fp8-cache form, and a narrower latent): the 36 HGMMA.64x64 of S = Q K^T (9 chunks x 4 k16 steps,
 /// the first warpgroup's, the page's 64 keys) and the 4 HGMMA.64x256 of P V (4 k16 steps over the
@@ -320,6 +332,7 @@ fn mla_prefill_compiles_to_hgmma_and_tma_without_spills() {
         let kernel = sm90::compile_mla_prefill(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
         let s_steps = if config.pipelined() { 2 } else { 1 } * config.qk / 16;
         assert_attention_tensor_core_code(&kernel, (s_steps, 64), (4, config.v), true, config.v, ptxas.as_ref());
+        assert_interior_tiles_unmasked(&kernel, &config);
     }
     let err = MlaPrefillConfig { v: 320, ..MlaPrefillConfig::DEEPSEEK_V3 }.validate(&target::SM90A).unwrap_err();
     assert!(err.contains("a value width of 320"), "{err}");
@@ -364,6 +377,7 @@ fn mla_training_attention_compiles_to_hgmma_and_tma_without_spills() {
             assert_eq!(config.pipelined(), stages >= 2 && ahead_modes.contains(&mode), "{}", kernel.name);
             assert_eq!(kernel.ptx.contains("lg2.approx"), mode == FlashMode::Lse, "{}", kernel.name);
             assert_attention_tensor_core_code(&kernel, (s_steps, 64), pv, true, outputs, ptxas.as_ref());
+            assert_interior_tiles_unmasked(&kernel, &config);
         }
     }
     for bad in ["mla_gradx_qk192_v128_s2", "mla_gradq_qk192_v128_s2_lse", "mla_prefill_qk192_v128_s2_ls"] {

@@ -386,6 +386,10 @@ impl Emitter {
   %lim1_a = arith.addi %len_t, %tok1 : index
   %lim1_b = arith.addi %lim1_a, %c1 : index
   %lim1 = arith.minui %lim1_b, %len : index
+  %wtok = arith.divui %r_first, %heads : index
+  %wlim_a = arith.addi %len_t, %wtok : index
+  %wlim_b = arith.addi %wlim_a, %c1 : index
+  %wlim = arith.minui %wlim_b, %len : index
   %cw_bytes = arith.muli %cw, %c{half} : index
   %cw_bytes64 = arith.index_cast %cw_bytes : index to i64
   %p_addr = arith.addi %smem_base, %c{p_off}_i64 : i64
@@ -715,7 +719,7 @@ gpu.barrier
         let mut o1 = o;
         let mut wg1 = String::new();
         pv_products(&mut wg1, "%v_addr", 0, &mut o1);
-        let stats = ["%m0", "%m1", "%l0", "%l1", "%alpha0", "%alpha1"].map(String::from);
+        let stats = SOFTMAX_RESULTS.map(String::from);
         let pe = (0..FRAG_N).map(|e| format!("%pe{e}"));
         o0.extend(stats.into_iter().chain(pe));
         let passed = ["%m0_in", "%m1_in", "%l0_in", "%l1_in"].map(String::from);
@@ -826,16 +830,19 @@ scf.if %zero_tail {{
     }
 
     /// Warpgroup 0's online softmax (see [`online_softmax`]) of the scores `s` of the split's
-    /// page `j`.
+    /// page `j`, behind [`interior_or_masked`]: a page whose keys the block's first row sees
+    /// (`%wlim`; every page but a sequence's last, and MTP's tokens' causal diagonal) skips the
+    /// masks.
     fn softmax(&self, s: &str, j: &str) -> String {
         let prelude = format!(
             "%page = arith.addi %p0, {j} : index
-%page_key = arith.muli %page, %c64 : index
+%page_key = arith.muli %page, %c{PAGE} : index
 %key_t = arith.addi %page_key, %lcol : index
+%page_end = arith.addi %page_key, %c{PAGE} : index
+%interior = arith.cmpi ule, %page_end, %wlim : index
 "
         );
-        let limits = below_limits(["%lim0", "%lim1"], "%key_t");
-        format!("{prelude}{limits}{}", online_softmax(s, &below))
+        prelude + &online_softmax_unless_interior(s, ["%lim0", "%lim1"], Some("%interior"))
     }
 
     /// Row sums across the quad, normalization, and the split's output and log-sum-exp (natural log).
@@ -1161,6 +1168,7 @@ impl PrefillEmitter {
   %qlim{h} = arith.minui %qend{h}, %s_len : index"
             );
         }
+        t.push_str(WARPGROUP_KEY_LIMIT);
         let _ = writeln!(t, "  nvgpu.mbarrier.try_wait.parity %bars[%c{stages}], %parity0, %ticks : !bar");
         t.push_str(&self.main_loop());
         t.push_str(&self.epilogue());
@@ -1194,8 +1202,8 @@ impl PrefillEmitter {
         let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
         // The softmax's causal and length masks: key <= the row's position, key < S.
         let (rescaled, mut o) = rescale(accs, "%alpha");
-        let (packed, p) = pack_fragment("%pbw", &|e| format!("%pe{e}"));
-        let _ = writeln!(t, "{}{}{}", indent(&self.softmax(&s, "%j"), 4), indent(&rescaled, 4), indent(&packed, 4));
+        let (softmax, p) = self.softmax(&s, "%j", "%pbw", true);
+        let _ = writeln!(t, "{}\n{}", indent(&softmax, 4), indent(&rescaled, 4));
         pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
         o.extend(["%m0", "%m1", "%l0", "%l1"].map(String::from));
         t.push_str(&release_tile_tail(c.stages, &self.load_tile("%jn"), &o, &types));
@@ -1203,15 +1211,23 @@ impl PrefillEmitter {
     }
 
     /// The scores `s` of key tile `j` masked (causal, and below S) and through the online softmax
-    /// ([`online_softmax`]).
-    fn softmax(&self, s: &str, j: &str) -> String {
-        format!(
-            "%tile_key = arith.muli {j}, %c{PAGE} : index
-%key_t = arith.addi %tile_key, %lcol : index
-{}{}",
-            below_limits(["%qlim0", "%qlim1"], "%key_t"),
-            online_softmax(s, &below)
-        )
+    /// ([`online_softmax`]), P packed into bf16 pairs `<words><w>` (returned; after the branch:
+    /// packed words out of a branch are moves into the next `P V`'s registers, which ptxas
+    /// answers by serializing the wgmma pipeline). With `interior`, behind
+    /// [`interior_or_masked`]: the tiles whose keys every row of the warpgroup sees (`%wlim`, its
+    /// first row's limit) skip the masks.
+    fn softmax(&self, s: &str, j: &str, words: &str, interior: bool) -> (String, Vec<String>) {
+        let mut t =
+            format!("%tile_key = arith.muli {j}, %c{PAGE} : index\n%key_t = arith.addi %tile_key, %lcol : index\n");
+        if interior {
+            let _ = writeln!(
+                t,
+                "%tile_end = arith.addi %tile_key, %c{PAGE} : index\n%interior = arith.cmpi ule, %tile_end, %wlim : index"
+            );
+        }
+        t.push_str(&online_softmax_unless_interior(s, ["%qlim0", "%qlim1"], interior.then_some("%interior")));
+        let (packed, p) = pack_fragment(words, &|e| format!("%pe{e}"));
+        (t + &packed, p)
     }
 
     /// The tile loop a tile ahead (FlashAttention-3's overlap of the softmax with the other
@@ -1227,7 +1243,8 @@ impl PrefillEmitter {
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
         // Tile 0, in buffer 0; the rows' statistics before it, those of no key.
         let (first, s) = first_tile_scores(c);
-        let (packed, p0) = pack_fragment("%pf", &|e| format!("%pe{e}"));
+        // (Tile 0 masked: one tile a block.)
+        let (softmax, p0) = self.softmax(&s, "%c0", "%pf", false);
         let words = p0.len();
         let first_types = format!("f32, f32, f32, f32, {}", vec!["i32"; words].join(", "));
         let mut t = format!(
@@ -1235,15 +1252,13 @@ impl PrefillEmitter {
   %first:{n} = scf.if %has_tiles -> ({first_types}) {{
 {first}
 {softmax}
-{packed}
     scf.yield %m0, %m1, %l0, %l1, {p0} : {first_types}
   }} else {{
     scf.yield {none}, {zeros} : {first_types}
   }}
 ",
             n = 4 + words,
-            softmax = indent(&self.softmax(&s, "%c0"), 4),
-            packed = indent(&packed, 4),
+            softmax = indent(&softmax, 4),
             p0 = p0.join(", "),
             none = NO_KEYS_YET.join(", "),
             zeros = vec!["%c0_i32"; words].join(", "),
@@ -1253,16 +1268,14 @@ impl PrefillEmitter {
         let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
         pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
         let (rescaled, mut o) = rescale_of(&o, "%alpha");
-        let (packed, pn) = pack_fragment("%pn", &|e| format!("%pe{e}"));
+        let (softmax, pn) = self.softmax("%sn", "%nj", "%pn", true);
         let _ = writeln!(
             t,
             "    nvvm.wgmma.commit.group.sync.aligned
 {}
-{}
     nvvm.wgmma.wait.group.sync.aligned 0
 {}",
-            indent(&self.softmax("%sn", "%nj"), 4),
-            indent(&packed, 4),
+            indent(&softmax, 4),
             indent(&rescaled, 4),
         );
         t.push_str(&release_and_refill(c.stages, &self.load_tile("%jn")));
@@ -1421,11 +1434,14 @@ impl GradEmitter {
   %qlim{h} = arith.minui %qend{h}, %s_len : index"
                 );
             }
+            t.push_str(WARPGROUP_KEY_LIMIT);
         } else {
             // A key row is visible to the queries from position r - past on.
             for h in 0..2 {
                 let _ = writeln!(t, "  %kfirst{h} = arith.subi %r{h}, %past : index");
             }
+            // The warpgroup's last key row (its queries: those from this less the past on).
+            let _ = writeln!(t, "  %wk_last = arith.addi %wr0, %c{} : index", PAGE - 1);
             // The staged statistics: thread `%ctid` of the warpgroup loads column `%ctid mod 64`'s
             // -lse (below 64) or D (dK, from 64 on) of each tile; reads at its own columns.
             let _ = writeln!(
@@ -1468,37 +1484,35 @@ impl GradEmitter {
     }
 
     /// `P` (`%pe<e>`) of the scores `s` of streamed tile `tile` (relative to `%tile0`), masked
-    /// (causal, and inside both lengths): the body's text, each element's D (`%d_r<h>` or
-    /// `%d_c<col>`: dQ's and dK's `dP - D`), and the streamed columns whose statistics it loads
-    /// (dK, dV: staged, `%si<col>` where its -lse is, D 64 floats on).
-    fn probabilities(&self, s: &str, tile: &str) -> (String, Vec<String>, std::collections::BTreeSet<usize>) {
+    /// (causal, and inside both lengths), with `interior` unless the tile is interior to the
+    /// warpgroup's ([`interior_or_masked`]): the body's text, each element's D (`%d_r<h>` or `%d_c<col>`:
+    /// dQ's and dK's `dP - D`), and the streamed columns whose statistics it loads (dK, dV:
+    /// staged, `%si<col>` where its -lse is, D 64 floats on).
+    fn probabilities(
+        &self,
+        s: &str,
+        tile: &str,
+        interior: bool,
+    ) -> (String, Vec<String>, std::collections::BTreeSet<usize>) {
         let queries = self.of == GradOf::Queries;
-        // Visible: key <= past + query (and both inside their lengths), as 32-bit compares of the
-        // element's column (see [`below_limits`]): dQ's keys below min(position + 1, S); dK's and
-        // dV's queries from their key's first on (`%rel<h>` from below) and below T (`%hi`).
         let mut body = format!(
             "%tile_t = arith.addi {tile}, %tile0 : index
 %tile_r = arith.muli %tile_t, %c{PAGE} : index
 %tile_col = arith.addi %tile_r, %lcol : index
 "
         );
-        if queries {
-            body.push_str(&below_limits(["%qlim0", "%qlim1"], "%tile_col"));
-        } else {
-            body.push_str(&below_limits(["%kfirst0", "%kfirst1"], "%tile_col"));
-            body.push_str(
-                "%hi_ix = arith.subi %t_len, %tile_col : index\n%hi = arith.index_cast %hi_ix : index to i32\n",
-            );
+        if !queries {
             body.push_str(&self.stage_statistics());
         }
         let mut d_of = Vec::new();
         let mut column_stats = std::collections::BTreeSet::new();
+        let mut lse_of = Vec::new();
         for e in 0..FRAG_N {
             let (r, col) = fragment_offset(0, e);
             let h = r / 8;
-            let _ = writeln!(body, "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}");
-            let (mask, lse, d) = if queries {
-                (below(e), format!("%nlse_r{h}"), format!("%d_r{h}"))
+            if queries {
+                lse_of.push(format!("%nlse_r{h}"));
+                d_of.push(format!("%d_r{h}"));
             } else {
                 if column_stats.insert(col) {
                     // A streamed query's -lse, staged (`%si<col>`: where).
@@ -1510,25 +1524,72 @@ impl GradEmitter {
                         ws = WORKGROUP,
                     );
                 }
-                (
+                lse_of.push(format!("%nlse_c{col}"));
+                d_of.push(format!("%d_c{col}"));
+            }
+        }
+        // Visible: key <= past + query (and both inside their lengths), as 32-bit compares of the
+        // element's column (see [`below_limits`]): dQ's keys below min(position + 1, S); dK's and
+        // dV's queries from their key's first on (`%rel<h>` from below) and below T (`%hi`).
+        let p = |masked: bool| {
+            let mut t = String::new();
+            if masked && queries {
+                t.push_str(&below_limits(["%qlim0", "%qlim1"], "%tile_col"));
+            } else if masked {
+                t.push_str(&below_limits(["%kfirst0", "%kfirst1"], "%tile_col"));
+                t.push_str(
+                    "%hi_ix = arith.subi %t_len, %tile_col : index\n%hi = arith.index_cast %hi_ix : index to i32\n",
+                );
+            }
+            for (e, lse) in lse_of.iter().enumerate() {
+                let (r, col) = fragment_offset(0, e);
+                let h = r / 8;
+                let _ = writeln!(
+                    t,
+                    "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}
+%xl{e} = llvm.intr.fma(%sv{e}, %scale_log2, {lse}) : (f32, f32, f32) -> f32"
+                );
+                if !masked {
+                    let _ = writeln!(t, "%pe{e} = {}", ex2(&format!("%xl{e}")));
+                    continue;
+                }
+                let mask = if queries {
+                    below(e)
+                } else {
                     format!(
                         "%vis{e} = arith.cmpi sge, %c{col}_i32, %rel{h} : i32
 %inside{e} = arith.cmpi slt, %c{col}_i32, %hi : i32
 %in{e} = arith.andi %vis{e}, %inside{e} : i1"
-                    ),
-                    format!("%nlse_c{col}"),
-                    format!("%d_c{col}"),
-                )
-            };
-            let _ = writeln!(
-                body,
-                "{mask}
-%xl{e} = llvm.intr.fma(%sv{e}, %scale_log2, {lse}) : (f32, f32, f32) -> f32
+                    )
+                };
+                let _ = writeln!(
+                    t,
+                    "{mask}
 %pe0_{e} = {ex2}
 %pe{e} = arith.select %in{e}, %pe0_{e}, %zero : f32",
-                ex2 = ex2(&format!("%xl{e}"))
-            );
-            d_of.push(d);
+                    ex2 = ex2(&format!("%xl{e}"))
+                );
+            }
+            t
+        };
+        if interior {
+            // Interior: dQ's keys all below the warpgroup's first row's limit; dK's and dV's
+            // queries all at or past its last key's first (`%wk_last`: that key's row, less the
+            // past) and below T.
+            let _ = writeln!(body, "%tile_end = arith.addi %tile_r, %c{PAGE} : index");
+            body.push_str(if queries {
+                "%interior = arith.cmpi ule, %tile_end, %wlim : index\n"
+            } else {
+                "%tile_pos = arith.addi %tile_r, %past : index
+%tile_vis = arith.cmpi uge, %tile_pos, %wk_last : index
+%tile_in = arith.cmpi ule, %tile_end, %t_len : index
+%interior = arith.andi %tile_vis, %tile_in : i1
+"
+            });
+            let results: Vec<String> = (0..FRAG_N).map(|e| format!("%pe{e}")).collect();
+            body.push_str(&interior_or_masked("%interior", &results, &["f32"; FRAG_N], &p));
+        } else {
+            body.push_str(&p(true));
         }
         (body, d_of, column_stats)
     }
@@ -1543,7 +1604,8 @@ impl GradEmitter {
         let c = &self.c;
         let (qc, accs) = (c.qk_chunks(), c.v_chunks());
         let (first, s) = first_tile_scores(c);
-        let (p_first, _, _) = self.probabilities(&s, "%c0");
+        // (Tile 0 masked: one tile a block, most often the causal diagonal's.)
+        let (p_first, _, _) = self.probabilities(&s, "%c0", false);
         let (packed, p0) = pack_fragment("%pf", &|e| format!("%pe{e}"));
         let words = p0.len();
         let first_types = vec!["i32"; words].join(", ");
@@ -1567,7 +1629,7 @@ impl GradEmitter {
         let (p, types) = pipelined_loop_head(c, &mut t, iter, vec![FRAG.to_string(); accs], 0, words);
         let mut o: Vec<String> = (0..accs).map(|n| format!("%o{n}_in")).collect();
         pv_products_from_registers(&mut t, &p, "%stage_addr", qc * CHUNK_BYTES, &mut o);
-        let (p_next, _, _) = self.probabilities("%sn", "%nj");
+        let (p_next, _, _) = self.probabilities("%sn", "%nj", true);
         let (packed, pn) = pack_fragment("%pn", &|e| format!("%pe{e}"));
         let _ = writeln!(
             t,
@@ -1635,7 +1697,7 @@ nvvm.barrier id = %sx_bar number_of_threads = %c128_i32
         // S (own rows x streamed rows) over the qk columns, P from it; then (dQ, dK) dP over the v
         // columns, and dS (S is dead by then: fewer live registers).
         let s = qk_products(&mut t, "", qc, &|k| ("%own_addr", k * CHUNK_BYTES), &|k| ("%stage_addr", k * CHUNK_BYTES));
-        let (body, d_of, column_stats) = self.probabilities(&s, "%j");
+        let (body, d_of, column_stats) = self.probabilities(&s, "%j", true);
         let _ = writeln!(t, "{}", indent(&body, 4));
         let mut body = String::new();
         let ds = self.of != GradOf::Values;
@@ -2442,7 +2504,7 @@ fn next_scores(stages: usize, stage_bytes: usize, query_bytes: usize, products: 
 
 /// The online softmax of one 64 x 64 score fragment `s` in f32: `mask(e)` defines `%in<e>` (element
 /// e's key is visible to its row: rows `%trow + 8 h` with h = [`fragment_offset`]'s row half; see
-/// [`below_limits`]), the masked scores' row maxima scaled into the log2 domain by `%scale_log2`
+/// [`below_limits`]; no mask: an interior tile, see [`interior_or_masked`]), the masked scores' row maxima scaled into the log2 domain by `%scale_log2`
 /// (positive: the maximum of the scaled scores, rounding and all), each score's exponent
 /// `score * scale_log2 - max` one fused multiply-add
 /// (`%scale_log2`); the row maxima across the 4 lanes sharing a row, the new maxima `%m0`, `%m1`
@@ -2450,23 +2512,22 @@ fn next_scores(stages: usize, stage_bytes: usize, query_bytes: usize, products: 
 /// P of 0, not NaN — a decode split whose pages all lie past a speculative token's position, say),
 /// the rows' rescale factors `%alpha0`, `%alpha1` (for [`rescale`]), the thread's partial sums
 /// `%l0`, `%l1` from `%l<h>_in`, and P (`%pe<e>`, for [`store_p`]).
-fn online_softmax(s: &str, mask: &dyn Fn(usize) -> String) -> String {
+fn online_softmax(s: &str, mask: Option<&dyn Fn(usize) -> String>) -> String {
     let mut t = String::new();
     let half = |e: usize| fragment_offset(0, e).0 / 8;
     for e in 0..FRAG_N {
-        let _ = writeln!(
-            t,
-            "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}
-{mask}
-%x{e} = arith.select %in{e}, %sv{e}, %ninf : f32",
-            mask = mask(e)
-        );
+        let _ = writeln!(t, "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}");
+        if let Some(mask) = mask {
+            let _ = writeln!(t, "{}\n%x{e} = arith.select %in{e}, %sv{e}, %ninf : f32", mask(e));
+        }
     }
+    // An interior tile's scores as they are (every key visible to every row).
+    let x = |e: usize| if mask.is_some() { format!("%x{e}") } else { format!("%sv{e}") };
     for h in 0..2 {
         let members = || (0..FRAG_N).filter(move |&e| half(e) == h);
         let mut acc = "%ninf".to_string();
         for e in members() {
-            let _ = writeln!(t, "%mx{h}_{e} = arith.maximumf {acc}, %x{e} : f32");
+            let _ = writeln!(t, "%mx{h}_{e} = arith.maximumf {acc}, {} : f32", x(e));
             acc = format!("%mx{h}_{e}");
         }
         let _ = writeln!(
@@ -2488,7 +2549,8 @@ fn online_softmax(s: &str, mask: &dyn Fn(usize) -> String) -> String {
         for e in members() {
             let _ = writeln!(
                 t,
-                "%xd{e} = llvm.intr.fma(%x{e}, %scale_log2, %nmb{h}) : (f32, f32, f32) -> f32\n%pe{e} = {}",
+                "%xd{e} = llvm.intr.fma({}, %scale_log2, %nmb{h}) : (f32, f32, f32) -> f32\n%pe{e} = {}",
+                x(e),
                 ex2(&format!("%xd{e}"))
             );
             let _ = writeln!(t, "%ps{h}_{e} = arith.addf {sum}, %pe{e} : f32");
@@ -2497,6 +2559,53 @@ fn online_softmax(s: &str, mask: &dyn Fn(usize) -> String) -> String {
         let _ = writeln!(t, "%lr{h} = arith.mulf %l{h}_in, %alpha{h} : f32\n%l{h} = arith.addf %lr{h}, {sum} : f32");
     }
     t
+}
+
+/// What [`online_softmax`] defines beside P: the rows' maxima, partial sums and rescale factors.
+const SOFTMAX_RESULTS: [&str; 6] = ["%m0", "%m1", "%l0", "%l1", "%alpha0", "%alpha1"];
+
+/// `%wlim`: the keys the warpgroup's first row sees, min(its position + 1, S); rows are in
+/// ascending positions, so every row of the warpgroup sees every key below it.
+const WARPGROUP_KEY_LIMIT: &str = "  %wq = arith.addi %past, %wr0 : index
+  %wq_end = arith.addi %wq, %c1 : index
+  %wlim = arith.minui %wq_end, %s_len : index
+";
+
+/// `body(masked)` twice, behind a branch on `interior` (i1: every element of the tile visible to
+/// its row, decided for the whole warpgroup, so no warp diverges): the interior tiles skip the
+/// per-element masks (FlashAttention-3's split of the masking iterations from the others), the
+/// tiles on the causal diagonal or across a length take them. Both bodies define `results` (of
+/// `types`), which the branch then defines.
+fn interior_or_masked(interior: &str, results: &[String], types: &[&str], body: &dyn Fn(bool) -> String) -> String {
+    let (names, types) = (results.join(", "), types.join(", "));
+    format!(
+        "{names} = scf.if {interior} -> ({types}) {{
+{}
+  scf.yield {names} : {types}
+}} else {{
+{}
+  scf.yield {names} : {types}
+}}
+",
+        indent(&body(false), 2),
+        indent(&body(true), 2)
+    )
+}
+
+/// [`online_softmax`] of `s` masked by the rows' limits `lims` (keys below them, from `%key_t`),
+/// or with `interior` behind [`interior_or_masked`], which then defines its results.
+fn online_softmax_unless_interior(s: &str, lims: [&str; 2], interior: Option<&str>) -> String {
+    let body = |masked: bool| {
+        if masked {
+            below_limits(lims, "%key_t") + &online_softmax(s, Some(&below))
+        } else {
+            online_softmax(s, None)
+        }
+    };
+    let Some(interior) = interior else { return body(true) };
+    let mut results: Vec<String> = SOFTMAX_RESULTS.map(String::from).into();
+    results.extend((0..FRAG_N).map(|e| format!("%pe{e}")));
+    interior_or_masked(interior, &results, &vec!["f32"; results.len()], &body)
 }
 
 /// Masks as 32-bit compares of constants: element e's key is `key_t` plus its column c_e (a
