@@ -11,7 +11,8 @@
 //!   through a ring of `stages` page buffers (TMA into mbarrier-tracked buffers, refilled after a block
 //!   barrier);
 //! - warpgroup 0 computes `S = Q K^T` for the page's 64 keys (wgmma m64n64k16 over the `kv + rope`
-//!   columns, both operands K-major from shared memory), masks the keys past the sequence, and runs
+//!   columns, both operands K-major from shared memory), masks the keys past the sequence (a page
+//!   every row sees whole skips the masks: [`interior_or_masked`]), and runs
 //!   the online softmax in f32 (exp2 of scores pre-scaled by `scale * log2 e`, row maxima across the
 //!   4 lanes sharing a row, the thread's partial row sums, reduced across the quad at the end); it
 //!   writes `P` (bf16, the 128-byte-swizzled K-major layout wgmma reads) and each row's rescale
