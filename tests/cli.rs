@@ -265,6 +265,37 @@ fn v3r_info_validates_artifacts_file_by_file() {
         v["kernels"][0].as_object_mut().unwrap().remove("partitioned");
     });
     check(&unflagged, "a cpu kernel needs its symbol and partitioned flag");
+    // A plan edited with its hash updated gets past the hashes but not the plan's own checks (before,
+    // a launch naming a buffer past the entry's panicked, an arena buffer past the arena was run).
+    let plan_text = std::fs::read_to_string(art.join("plan.json")).unwrap();
+    let edit_plan = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let mut plan: serde_json::Value = serde_json::from_str(&plan_text).unwrap();
+        f(&mut plan);
+        let bytes = serde_json::to_vec(&plan).unwrap();
+        let d = edit(name, &|v| v["plan"]["sha256"] = v3c_runtime::artifact::sha256_hex(&bytes).into());
+        std::fs::write(d.join("plan.json"), &bytes).unwrap();
+        d
+    };
+    check(
+        &edit_plan("arg", &|p| p["entries"][0]["launches"][0]["args"][0] = 1_000_000.into()),
+        "plan.json: entry prefill: launch 0 (embed_0) names buffer 1000000 of",
+    );
+    check(
+        &edit_plan("arena", &|p| p["entries"][1]["arena_bytes"] = 256.into()),
+        "bytes at offset 0 of an arena of 256 bytes (aligned to 256)",
+    );
+    check(
+        &edit_plan("bytes", &|p| p["entries"][0]["buffers"][0]["bytes"] = 1.into()),
+        "plan.json: entry prefill: buffer 0 (input 'tokens'): 1 bytes, its [64] i64 has 512",
+    );
+    check(
+        &edit_plan("shape", &|p| p["entries"][0]["buffers"][0]["dims"][0]["rows"] = (1u64 << 62).into()),
+        "plan.json: entry prefill: buffer 0 (input 'tokens'): shape [64] is not its dims",
+    );
+    check(
+        &edit_plan("output", &|p| p["entries"][0]["outputs"][0][1] = 99_999.into()),
+        "plan.json: entry prefill: output 'logits' is buffer 99999 of",
+    );
     // Kernel timings of the cpu artifact, as the tuner reads them.
     let json = dir.path().join("bench.json");
     let args = ["bench-kernels", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--reps", "2"];

@@ -220,6 +220,23 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
         .check(&[("decode", Sizes { pages: 1, ..Sizes::new(1, 17) })])
         .unwrap_err();
     assert!(err.contains("'block_table': 17 rows of cache per sequence, not whole pages of 64"), "{err}");
+    // A lowering (its hash updated) that binds another operand to a role the kernel indexes by is
+    // refused before any launch: the permutation, the routing weights, the residual (before, the
+    // emulator read outside its buffers and crashed).
+    let relabelled = |role: &str, relabel: &dyn Fn(&mut v3c_runtime::lowering::GemmSpec) -> bool| {
+        let mut a = v3c_runtime::artifact::Artifact::open(&out).unwrap();
+        let gemms = a.lowering.as_mut().unwrap().kernels.iter_mut().flat_map(|k| &mut k.launches);
+        let changed = gemms.filter_map(|l| l.gemm.as_mut()).map(relabel).filter(|&c| c).count();
+        assert!(changed > 0, "{role}: no GEMM has one");
+        let err = v3c_runtime::gpu::Expander::new(&a).unwrap().check(&[]).unwrap_err();
+        assert!(err.contains(&format!("{role} is [")) && err.contains("the kernel reads"), "{role}: {err}");
+    };
+    relabelled("the permutation", &|g| g.grouped.as_mut().map(|gr| gr.perm = g.a).is_some());
+    relabelled("the row scale", &|g| {
+        let a = g.a;
+        g.grouped.as_mut().and_then(|gr| gr.row_scale.as_mut()).map(|r| *r = a).is_some()
+    });
+    relabelled("the residual", &|g| g.residual.as_mut().map(|r| *r = g.a).is_some());
     eprintln!("{launches} launches of {kernels} kernels checked");
     assert!(launches > 300, "{launches} launches");
     assert!(kernels >= 25, "{kernels} kernels");

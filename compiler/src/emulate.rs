@@ -34,8 +34,22 @@ impl HostMemory {
 }
 
 impl Memory for HostMemory {
-    fn alloc(&mut self, bytes: usize, _: &str) -> Result<u64, String> {
-        let mut v = vec![0u64; bytes.div_ceil(8) + 32];
+    fn alloc(&mut self, bytes: usize, what: &str) -> Result<u64, String> {
+        // Fallible: a plan or lowering sized past this machine's memory is an error, not an abort.
+        let failed = || format!("cannot allocate {bytes} bytes of host memory for {what} (the emulated device)");
+        let words = bytes.div_ceil(8) + 32;
+        let layout = std::alloc::Layout::array::<u64>(words).map_err(|_| failed())?;
+        // Zeroed as `vec![0u64; words]` would be (untouched pages stay unmapped), but an error when
+        // the allocator refuses.
+        // SAFETY: a non-zero size; on success the memory holds `words` zeroed u64s, allocated by the
+        // global allocator with the layout `Vec<u64>` frees it with.
+        let mut v = unsafe {
+            let p = std::alloc::alloc_zeroed(layout).cast::<u64>();
+            if p.is_null() {
+                return Err(failed());
+            }
+            Vec::from_raw_parts(p, words, words)
+        };
         let addr = (v.as_mut_ptr() as u64).next_multiple_of(256);
         self.blocks.push(v);
         let at = self.regions.partition_point(|r| r.0 < addr);
@@ -381,6 +395,8 @@ impl<'a, 'c> Emulator<'a, 'c> {
     /// Binds `artifact`'s weights (from `weights`) and regions in host memory.
     pub fn new(context: &'c Context, artifact: &'a Artifact, weights: &Weights) -> Result<Emulator<'a, 'c>, String> {
         let expander = Expander::new(artifact)?;
+        // What `v3r` checks before it touches a GPU: every launch against its kernel's PTX.
+        expander.check(&[])?;
         let mut memory = HostMemory::default();
         let (bindings, input_bytes) = bind(&expander, weights, &mut memory, &mut |_| {})?;
         Ok(Emulator {
@@ -816,6 +832,27 @@ mod tests {
     use super::*;
     use v3c_runtime::abi::{Buf, MlaDecodeAbi};
     use v3c_runtime::plan::Fp8LatentRow;
+
+    /// The emulated device's memory is zeroed and aligned; an allocation past any machine's (a
+    /// lowering's temporaries sized for 2^32 columns, say) is an error naming it, not an abort.
+    #[test]
+    fn host_memory_refuses_what_it_cannot_allocate() {
+        use v3c_runtime::gpu::Memory;
+        let mut memory = HostMemory::default();
+        let addr = memory.alloc(1000, "a buffer").unwrap();
+        assert_eq!(addr % 256, 0);
+        // SAFETY: 1000 bytes past `addr` were just allocated.
+        assert!(unsafe { std::slice::from_raw_parts(addr as *const u8, 1000) }.iter().all(|&b| b == 0));
+        assert_eq!(memory.regions(), &[(addr, 1000)]);
+        for bytes in [1usize << 62, usize::MAX] {
+            let err = memory.alloc(bytes, "the temporaries").unwrap_err();
+            assert_eq!(
+                err,
+                format!("cannot allocate {bytes} bytes of host memory for the temporaries (the emulated device)")
+            );
+        }
+        assert_eq!(memory.regions().len(), 1);
+    }
 
     fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         let mut state = seed;

@@ -560,6 +560,25 @@ impl GemmAbi {
         } else {
             (a[0], 1)
         };
+        if self.output != "fp8" && ops.out.element != self.output {
+            return Err(fail(format!("the output is {}, the kernel writes {}", ops.out.element, self.output)));
+        }
+        // The operands the kernel indexes by: what they must be (a plan or lowering that binds
+        // another buffer to one of them would have the kernel read or write outside it).
+        let expect = |b: Option<&Buf>, what: &str, element: &str, elements: Option<usize>| match b {
+            Some(b) if b.element != element || elements.is_some_and(|n| b.elements() != n) => Err(fail(format!(
+                "{what} is {:?} {}, the kernel reads {}{element}",
+                b.shape,
+                b.element,
+                elements.map_or(String::new(), |n| format!("{n} "))
+            ))),
+            _ => Ok(()),
+        };
+        if self.grouped() {
+            expect(ops.offsets, "the group offsets", "i32", Some(groups + 1))?;
+            expect(ops.perm, "the permutation", "i32", (self.grouping != "gather").then_some(m))?;
+        }
+        expect(ops.row_scale.filter(|_| self.row_scale), "the row scale", "f32", Some(m))?;
         if b[0] % groups != 0 {
             return Err(fail(format!("B has {} rows, not a multiple of its {groups} groups", b[0])));
         }
@@ -570,6 +589,8 @@ impl GemmAbi {
         if out != [out_rows, n_out] {
             return Err(fail(format!("the output is {out:?}, expected [{out_rows}, {n_out}]")));
         }
+        let residual = ops.residual.filter(|_| self.residual);
+        expect(residual, "the residual", &ops.out.element, Some(ops.out.elements()))?;
         let maps = vec![
             TensorMapSpec::new(ops.a.addr, [a[0], k], in_el, [self.a_box_rows, self.block_k]),
             TensorMapSpec::new(ops.b.addr, [b[0], k], in_el, [self.b_box_rows, self.block_k]),

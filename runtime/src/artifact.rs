@@ -249,6 +249,7 @@ impl Artifact {
                 format!("plan format_version {}, this v3r reads {PLAN_FORMAT_VERSION}", plan.format_version),
             ));
         }
+        plan.check().map_err(|why| ArtifactError::Invalid(plan_path.clone(), why))?;
         let plan_entries: Vec<&str> = plan.entries.iter().map(|e| e.name.as_str()).collect();
         if plan_entries != manifest.entries.iter().map(String::as_str).collect::<Vec<_>>() {
             return Err(ArtifactError::Invalid(

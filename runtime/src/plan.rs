@@ -24,6 +24,88 @@ pub struct Plan {
     pub entries: Vec<EntryPlan>,
 }
 
+impl Plan {
+    /// Why the plan cannot be run as written (what a hand-edited or corrupted `plan.json` whose hash
+    /// was updated gets past the hashes with): per entry, each buffer's id its index, its shape its
+    /// dims at the planned sizes, its bytes those of its shape and dtype (no count past 64 bits), an
+    /// arena buffer aligned and inside the arena; every launch's arguments and results and every
+    /// output a buffer of the entry; each bound an input's planned shape; the planned sizes within
+    /// [`MAX_PLAN_ROWS`](crate::cli::MAX_PLAN_ROWS). Errors name the entry and the buffer, launch or
+    /// input.
+    pub fn check(&self) -> Result<(), String> {
+        for e in &self.entries {
+            e.check().map_err(|why| format!("entry {}: {why}", e.name))?;
+        }
+        Ok(())
+    }
+}
+
+impl EntryPlan {
+    fn check(&self) -> Result<(), String> {
+        let most = crate::cli::MAX_PLAN_ROWS;
+        if self.sizes.rows > most || self.sizes.context > most {
+            return Err(format!(
+                "planned for {} rows and {} cached rows, more than the {most} (2^24) v3c plans for",
+                self.sizes.rows, self.sizes.context
+            ));
+        }
+        let n = self.buffers.len();
+        for (i, b) in self.buffers.iter().enumerate() {
+            let what = || match &b.kind {
+                BufferKind::Input { name } => format!("buffer {i} (input '{name}')"),
+                BufferKind::Weight { name } => format!("buffer {i} (weight '{name}')"),
+                BufferKind::Arena { .. } => format!("buffer {i}"),
+            };
+            if b.id != i {
+                return Err(format!("{} has id {}", what(), b.id));
+            }
+            let shape: Option<Vec<usize>> = b.dims.iter().map(|d| d.checked_eval(self.sizes)).collect();
+            if shape.as_ref() != Some(&b.shape) {
+                return Err(format!(
+                    "{}: shape {:?} is not its dims {:?} at {:?}",
+                    what(),
+                    b.shape,
+                    b.dims,
+                    self.sizes
+                ));
+            }
+            match tensor_bytes(&b.shape, &b.dtype) {
+                Some(bytes) if bytes == b.bytes => {}
+                Some(bytes) => {
+                    return Err(format!("{}: {} bytes, its {:?} {} has {bytes}", what(), b.bytes, b.shape, b.dtype))
+                }
+                None => return Err(format!("{}: no size for {:?} of element type '{}'", what(), b.shape, b.dtype)),
+            }
+            if let BufferKind::Arena { offset } = b.kind {
+                if !offset.is_multiple_of(ARENA_ALIGN)
+                    || offset.checked_add(b.bytes).is_none_or(|end| end > self.arena_bytes)
+                {
+                    return Err(format!(
+                        "{}: {} bytes at offset {offset} of an arena of {} bytes (aligned to {ARENA_ALIGN})",
+                        what(),
+                        b.bytes,
+                        self.arena_bytes
+                    ));
+                }
+            }
+        }
+        for (i, l) in self.launches.iter().enumerate() {
+            if let Some(id) = l.args.iter().chain(&l.results).find(|&&id| id >= n) {
+                return Err(format!("launch {i} ({}) names buffer {id} of {n}", l.kernel));
+            }
+        }
+        if let Some((name, id)) = self.outputs.iter().find(|(_, id)| *id >= n) {
+            return Err(format!("output '{name}' is buffer {id} of {n}"));
+        }
+        for (name, shape) in &self.bounds {
+            if self.input(name).is_none_or(|b| &b.shape != shape) {
+                return Err(format!("the bound {shape:?} of '{name}' is not an input's planned shape"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The sizes of an entry's dynamic dims.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Sizes {
@@ -76,6 +158,14 @@ impl Dim {
     pub fn eval(&self, sizes: Sizes) -> usize {
         let n = self.constant + self.rows * sizes.rows + self.context * sizes.context + self.pages * sizes.pages;
         n / self.div.max(1)
+    }
+
+    /// [`Self::eval`], `None` where it would count past `usize` (a checked plan's dims at sizes up
+    /// to its planned ones never do).
+    pub fn checked_eval(&self, sizes: Sizes) -> Option<usize> {
+        let terms = [(self.rows, sizes.rows), (self.context, sizes.context), (self.pages, sizes.pages)];
+        let n = terms.iter().try_fold(self.constant, |n, &(k, s)| n.checked_add(k.checked_mul(s)?))?;
+        Some(n / self.div.max(1))
     }
 
     /// The sum of two dims (a concatenation; undivided dims).
@@ -331,12 +421,16 @@ pub fn pow2_scale(amax: f32) -> f32 {
 }
 
 /// Bytes of a tensor of `shape` and `dtype` (a [`LATENT_FP8`] cache by its rows).
+/// `None` also where the count would pass 64 bits.
 pub fn tensor_bytes(shape: &[usize], dtype: &str) -> Option<u64> {
-    if dtype == LATENT_FP8 {
-        let (cols, rows) = shape.split_last()?;
-        return Some((rows.iter().product::<usize>() * Fp8LatentRow::of(*cols)?.bytes()) as u64);
-    }
-    Some(shape.iter().product::<usize>() as u64 * element_bytes(dtype)?)
+    let (per, dims) = match dtype {
+        LATENT_FP8 => {
+            let (cols, rows) = shape.split_last()?;
+            (Fp8LatentRow::of(*cols)?.bytes() as u64, rows)
+        }
+        _ => (element_bytes(dtype)?, shape),
+    };
+    dims.iter().try_fold(per, |bytes, &n| bytes.checked_mul(n as u64))
 }
 
 /// A tensor as kernels see it: a [`LATENT_FP8`] cache `[.., C]` as its bytes `[.., row bytes]` of

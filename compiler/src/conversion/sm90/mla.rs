@@ -1532,6 +1532,14 @@ impl GradEmitter {
         // Visible: key <= past + query (and both inside their lengths), as 32-bit compares of the
         // element's column (see [`below_limits`]): dQ's keys below min(position + 1, S); dK's and
         // dV's queries from their key's first on (`%rel<h>` from below) and below T (`%hi`).
+        // Each element's exponent, one fused multiply-add (the same on both sides of the branch).
+        for (e, lse) in lse_of.iter().enumerate() {
+            let _ = writeln!(
+                body,
+                "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}
+%xl{e} = llvm.intr.fma(%sv{e}, %scale_log2, {lse}) : (f32, f32, f32) -> f32"
+            );
+        }
         let p = |masked: bool| {
             let mut t = String::new();
             if masked && queries {
@@ -1542,14 +1550,9 @@ impl GradEmitter {
                     "%hi_ix = arith.subi %t_len, %tile_col : index\n%hi = arith.index_cast %hi_ix : index to i32\n",
                 );
             }
-            for (e, lse) in lse_of.iter().enumerate() {
+            for e in 0..FRAG_N {
                 let (r, col) = fragment_offset(0, e);
                 let h = r / 8;
-                let _ = writeln!(
-                    t,
-                    "%sv{e} = llvm.extractvalue {s}[{e}] : {FRAG}
-%xl{e} = llvm.intr.fma(%sv{e}, %scale_log2, {lse}) : (f32, f32, f32) -> f32"
-                );
                 if !masked {
                     let _ = writeln!(t, "%pe{e} = {}", ex2(&format!("%xl{e}")));
                     continue;
@@ -2505,9 +2508,9 @@ fn next_scores(stages: usize, stage_bytes: usize, query_bytes: usize, products: 
 
 /// The online softmax of one 64 x 64 score fragment `s` in f32: `mask(e)` defines `%in<e>` (element
 /// e's key is visible to its row: rows `%trow + 8 h` with h = [`fragment_offset`]'s row half; see
-/// [`below_limits`]; no mask: an interior tile, see [`interior_or_masked`]), the masked scores' row maxima scaled into the log2 domain by `%scale_log2`
-/// (positive: the maximum of the scaled scores, rounding and all), each score's exponent
-/// `score * scale_log2 - max` one fused multiply-add
+/// [`below_limits`]; no mask: an interior tile, see [`interior_or_masked`]), the masked scores' row
+/// maxima scaled into the log2 domain by `%scale_log2` (positive: the maximum of the scaled scores,
+/// rounding and all), each score's exponent `score * scale_log2 - max` one fused multiply-add
 /// (`%scale_log2`); the row maxima across the 4 lanes sharing a row, the new maxima `%m0`, `%m1`
 /// from `%m<h>_in` (a row that has seen no key yet keeps the maximum -inf and subtracts 0 instead:
 /// P of 0, not NaN — a decode split whose pages all lie past a speculative token's position, say),
