@@ -265,6 +265,11 @@ fn v3r_info_validates_artifacts_file_by_file() {
         v["kernels"][0].as_object_mut().unwrap().remove("partitioned");
     });
     check(&unflagged, "a cpu kernel needs its symbol and partitioned flag");
+    let kernel0 = manifest["kernels"][0]["name"].as_str().unwrap().to_string();
+    check(
+        &edit("abi", &|v| v["kernels"][0]["abi"] = serde_json::json!({ "MlaDecode": { "kv": 96, "rope": 64 } })),
+        &format!("manifest.json: kernel {kernel0}: decode attention with a latent width of 96"),
+    );
     // A plan edited with its hash updated gets past the hashes but not the plan's own checks (before,
     // a launch naming a buffer past the entry's panicked, an arena buffer past the arena was run).
     let plan_text = std::fs::read_to_string(art.join("plan.json")).unwrap();

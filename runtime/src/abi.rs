@@ -25,6 +25,49 @@ pub enum KernelAbi {
     MlaDecode(MlaDecodeAbi),
 }
 
+impl KernelAbi {
+    /// Why no kernel the compiler emits takes this convention (a manifest edited with its hashes
+    /// left valid): a GEMM's tile dims, boxes and cluster from 1 (they divide the problem) and its
+    /// element types and grouping ones the template has; the attention kernels' widths as their
+    /// templates require (multiples of 64; decode's latent of 128). Row kernels' memrefs are held
+    /// against their PTX by the pre-flight expansion.
+    pub fn check(&self) -> Result<(), String> {
+        let multiple = |what: &str, n: usize, of: usize| match n > 0 && n.is_multiple_of(of) {
+            true => Ok(()),
+            false => Err(format!("{what} {n} (a positive multiple of {of})")),
+        };
+        match self {
+            KernelAbi::Memrefs { .. } => Ok(()),
+            KernelAbi::Gemm(g) => {
+                let dims = [
+                    ("block_m", g.block_m),
+                    ("block_n", g.block_n),
+                    ("block_k", g.block_k),
+                    ("cluster", g.cluster),
+                    ("a_box_rows", g.a_box_rows),
+                    ("b_box_rows", g.b_box_rows),
+                ];
+                if let Some((name, n)) = dims.iter().find(|(_, n)| *n == 0) {
+                    return Err(format!("a GEMM's {name} of {n}"));
+                }
+                let known = ["bf16", "fp8"].contains(&g.input.as_str())
+                    && ["f32", "bf16", "fp8"].contains(&g.output.as_str())
+                    && ["dense", "contiguous", "gather", "masked"].contains(&g.grouping.as_str());
+                match known {
+                    true => Ok(()),
+                    false => Err(format!("a GEMM of {} -> {}, {} grouping", g.input, g.output, g.grouping)),
+                }
+            }
+            KernelAbi::MlaPrefill(a) => multiple("a query/key width of", a.qk, 64)
+                .and_then(|_| multiple("a value width of", a.v, 64))
+                .map_err(|why| format!("flash attention with {why}")),
+            KernelAbi::MlaDecode(a) => multiple("a latent width of", a.kv, 128)
+                .and_then(|_| multiple("a rope width of", a.rope, 64))
+                .map_err(|why| format!("decode attention with {why}")),
+        }
+    }
+}
+
 /// The decode attention kernel's widths: rows of `kv + rope` (the latent then the rope key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MlaDecodeAbi {
@@ -746,6 +789,27 @@ mod tests {
             b_row_scales: name_opts.contains(&"b1x128"),
             k_range: name_opts.contains(&"krange"),
         }
+    }
+
+    /// Conventions no template emits are refused by name (before, a GEMM's block_m of 0 divided
+    /// by zero when its grid was computed).
+    #[test]
+    fn kernel_conventions_are_checked() {
+        assert_eq!(KernelAbi::Gemm(abi(&["gather", "splitk"])).check(), Ok(()));
+        let zero = KernelAbi::Gemm(GemmAbi { block_m: 0, ..abi(&[]) });
+        assert_eq!(zero.check(), Err("a GEMM's block_m of 0".to_string()));
+        let odd = KernelAbi::Gemm(GemmAbi { grouping: "sorted".into(), ..abi(&[]) });
+        assert_eq!(odd.check(), Err("a GEMM of fp8 -> f32, sorted grouping".to_string()));
+        let decode = |kv, rope| KernelAbi::MlaDecode(MlaDecodeAbi { kv, rope, fp8_cache: false }).check();
+        assert_eq!(decode(512, 64), Ok(()));
+        assert_eq!(
+            decode(96, 64),
+            Err("decode attention with a latent width of 96 (a positive multiple of 128)".into())
+        );
+        assert!(decode(512, 0).unwrap_err().contains("a rope width of 0"));
+        let flash = |qk, v| KernelAbi::MlaPrefill(MlaPrefillAbi { qk, v, kind: FlashKind::GradK }).check();
+        assert_eq!(flash(192, 128), Ok(()));
+        assert!(flash(192, 0).unwrap_err().contains("flash attention with a value width of 0"));
     }
 
     /// An fp8 GEMM's operands: A, B, their scales and the output, nothing else.

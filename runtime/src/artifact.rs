@@ -264,6 +264,9 @@ impl Artifact {
                     format!("kernel {}: a cpu kernel needs its symbol and partitioned flag", k.name),
                 ));
             }
+            if let Some(why) = k.abi.as_ref().and_then(|a| a.check().err()) {
+                return Err(ArtifactError::Invalid(manifest_path, format!("kernel {}: {why}", k.name)));
+            }
             verified(dir, &k.file, &k.sha256)?;
             if let Some(c) = &k.cubin {
                 verified(dir, &c.file, &c.sha256)?;
