@@ -120,6 +120,19 @@ fn a_cpu_artifact_runs_without_the_compiler_and_matches_the_cpu_backend() {
     for name in &decode_wanted {
         assert_eq!(kept[*name], direct[*name], "decode on kept caches: {name}");
     }
+    // In place (a batch's steps on host caches): the caches updated in the caller's map, not
+    // copied out; the other outputs as a plain run gives them. A refused run leaves every input.
+    let mut in_place = next.clone();
+    let out = runtime.run_in_place("decode", &mut in_place, &decode_wanted).unwrap();
+    assert_eq!(out.keys().collect::<Vec<_>>(), vec!["logits"]);
+    assert_eq!(out["logits"], direct["logits"]);
+    for name in &caches {
+        assert_eq!(in_place[name], direct[name], "decode in place: {name}");
+    }
+    let mut refused = shapes_only.clone();
+    let err = runtime.run_in_place("decode", &mut refused, &decode_wanted).unwrap_err();
+    assert!(err.contains("0 values for shape [2, 1, "), "{err}");
+    assert_eq!(refused, shapes_only);
     // Shapes without values are refused unless kept; kept caches only serve the same shapes.
     let err = runtime.run("decode", &shapes_only, &["logits"]).unwrap_err();
     assert!(err.contains("input kv_cache.") && err.contains("0 values for shape [2, 1, "), "{err}");

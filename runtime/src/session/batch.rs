@@ -615,7 +615,7 @@ impl<'a> ArtifactBatch<'a> {
         // The steps may leave the caches on the device unless joining sequences' rows are laid
         // into them on the host.
         let keep = self.on_device || !self.joinable;
-        let stepped = step_keeping(self.program, &inputs, &caches, &mut self.resident, greedy, keep);
+        let stepped = step_keeping(self.program, &mut inputs, &caches, &mut self.resident, greedy, keep);
         let (mut out, next) = stepped.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
         for c in &self.caches {
             let cache = out.remove(c).or_else(|| inputs.remove(c)).ok_or_else(|| format!("decode gave no {c}"))?;

@@ -16,6 +16,26 @@ pub trait Program {
         inputs: &HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String>;
+    /// As [`Program::run`], the outputs that are inputs updated in place (decode's caches) left in
+    /// `inputs` rather than returned: a program on the host runs on the caller's buffers instead of
+    /// copies in and out of them. On an error `inputs` still holds every input (those the run
+    /// updates in no known state).
+    fn run_in_place(
+        &self,
+        entry: &str,
+        inputs: &mut HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        let mut out = self.run(entry, inputs, wanted)?;
+        for name in wanted {
+            if inputs.contains_key(*name) {
+                if let Some(b) = out.remove(*name) {
+                    inputs.insert(name.to_string(), b);
+                }
+            }
+        }
+        Ok(out)
+    }
     /// Whether [`Program::run_keeping`] keeps inputs on a device between runs (GPU artifacts).
     fn keeps_inputs(&self) -> bool {
         false
@@ -116,6 +136,14 @@ impl Program for crate::cpu::CpuArtifact {
     ) -> Result<HashMap<String, HostBuffer>, String> {
         crate::cpu::CpuArtifact::run(self, entry, inputs, wanted)
     }
+    fn run_in_place(
+        &self,
+        entry: &str,
+        inputs: &mut HashMap<String, HostBuffer>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostBuffer>, String> {
+        crate::cpu::CpuArtifact::run_in_place(self, entry, inputs, wanted)
+    }
     fn keeps_inputs(&self) -> bool {
         true
     }
@@ -207,7 +235,7 @@ impl Program for crate::cuda::GpuArtifact {
 /// come back (the session's host copies of the caches go stale).
 pub(super) fn step(
     program: &dyn Program,
-    inputs: &HashMap<String, HostBuffer>,
+    inputs: &mut HashMap<String, HostBuffer>,
     caches: &[&str],
     resident: &mut bool,
     greedy: bool,
@@ -216,10 +244,11 @@ pub(super) fn step(
 }
 
 /// As [`step`]; without `keep`, the caches come back every step (the session needs them on the
-/// host: a batch that lays joining sequences' rows there).
+/// host: a batch that lays joining sequences' rows there) — updated in `inputs` ([`Program::
+/// run_in_place`]; a host program's steps then copy no cache), in f32.
 pub(super) fn step_keeping(
     program: &dyn Program,
-    inputs: &HashMap<String, HostBuffer>,
+    inputs: &mut HashMap<String, HostBuffer>,
     caches: &[&str],
     resident: &mut bool,
     greedy: bool,
@@ -227,7 +256,12 @@ pub(super) fn step_keeping(
 ) -> Result<(HashMap<String, HostBuffer>, Next), String> {
     if !program.keeps_inputs() || !keep {
         let wanted: Vec<&str> = caches.iter().copied().chain(["logits"]).collect();
-        let out = f32_caches(program.run("decode", inputs, &wanted)?);
+        let out = f32_caches(program.run_in_place("decode", inputs, &wanted)?);
+        for c in caches {
+            if let Some(b) = inputs.remove(*c) {
+                inputs.insert(c.to_string(), b.into_f32());
+            }
+        }
         let next = Next::logits_of(&out)?;
         return Ok((out, next));
     }
@@ -237,7 +271,7 @@ pub(super) fn step_keeping(
     // Greedy on a program that picks tokens itself: the logits stay where they are.
     let on_device = greedy && program.device_argmax();
     let wanted: &[&str] = if on_device { &[] } else { &["logits"] };
-    let out = program.run_keeping("decode", inputs, wanted, kept)?;
+    let out = program.run_keeping("decode", &*inputs, wanted, kept)?;
     *resident = true;
     let next = if on_device { Next::Tokens(program.argmax_last("decode")?) } else { Next::logits_of(&out)? };
     Ok((out, next))

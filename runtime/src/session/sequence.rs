@@ -224,7 +224,7 @@ impl<'a> ArtifactSession<'a> {
             inputs.insert("mtp_tokens".into(), ids(vec![0]));
         }
         let caches: Vec<&str> = self.caches.iter().map(String::as_str).collect();
-        let stepped = step(self.program, &inputs, &caches, &mut self.resident, greedy);
+        let stepped = step(self.program, &mut inputs, &caches, &mut self.resident, greedy);
         let (mut out, next) = stepped.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
         for c in &self.caches {
             let cache = out.remove(c).or_else(|| inputs.remove(c)).ok_or_else(|| format!("decode gave no {c}"))?;
