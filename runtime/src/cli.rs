@@ -412,7 +412,15 @@ pub fn parse_request(
         Some(x) => x.as_bool().ok_or_else(|| format!("{k}: {x} is not true or false")),
     };
     let (logprobs, echo, ignore_eos) = (flag("logprobs")?, flag("echo")?, flag("ignore_eos")?);
-    let number = |k: &str| o.get(k).map(|x| x.as_f64().ok_or_else(|| format!("{k}: {x} is not a number"))).transpose();
+    // Sampling numbers are f32: one past its range is named as given, not as the infinity it rounds to.
+    let number = |k: &str| {
+        let of = |x: &serde_json::Value| match x.as_f64() {
+            Some(v) if v.abs() <= f64::from(f32::MAX) => Ok(v),
+            Some(_) => Err(format!("{k}: {x} is out of range")),
+            None => Err(format!("{k}: {x} is not a number")),
+        };
+        o.get(k).map(of).transpose()
+    };
     let whole =
         |k: &str| o.get(k).map(|x| x.as_u64().ok_or_else(|| format!("{k}: {x} is not a whole number"))).transpose();
     let max_new = whole("max_new_tokens")?.map_or(d.max_new, |n| n as usize);
@@ -723,6 +731,9 @@ mod tests {
             (r#"{"prompt": []}"#, "prompt: no token ids given"),
             (r#"{"max_new_tokens": 3}"#, "no \"prompt\""),
             (r#"{"prompt": "1", "top_p": 0}"#, "top-p 0 must be in (0, 1]"),
+            (r#"{"prompt": "1", "top_p": 1e308}"#, "top_p: 1e+308 is out of range"),
+            (r#"{"prompt": "1", "temperature": -1e39}"#, "temperature: -1e+39 is out of range"),
+            (r#"{"prompt": "1", "presence_penalty": 1e300}"#, "presence_penalty: 1e+300 is out of range"),
             (r#"{"prompt": "1", "seed": 1.5}"#, "seed: 1.5 is not a whole number"),
             ("{\"prompt\": ", "not a JSON request"),
             ("", "prompt: no token ids given"),
