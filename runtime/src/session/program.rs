@@ -244,8 +244,8 @@ pub(super) fn step(
 }
 
 /// As [`step`]; without `keep`, the caches come back every step (the session needs them on the
-/// host: a batch that lays joining sequences' rows there) — updated in `inputs` ([`Program::
-/// run_in_place`]; a host program's steps then copy no cache), in f32.
+/// host: a batch that lays joining sequences' rows there) — updated in `inputs`
+/// ([`Program::run_in_place`]; a host program's steps then copy no cache), in f32.
 pub(super) fn step_keeping(
     program: &dyn Program,
     inputs: &mut HashMap<String, HostBuffer>,
