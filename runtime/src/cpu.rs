@@ -549,12 +549,7 @@ impl CpuArtifact {
         let mut kept = self.kept.lock().map_err(|_| "a previous run panicked".to_string())?;
         let arena = std::mem::take(&mut kept.arena);
         let mut bound = BoundPlan::at_sizes(plan, &self.weights, std::mem::take(inputs), arena, sizes);
-        let ran = bound.launch_all(&mut |name, buffers| {
-            let k = self.kernel(name)?;
-            // SAFETY: as in `run_with`: a validated artifact, inputs checked against the plan.
-            unsafe { k.run(buffers) };
-            Ok(())
-        });
+        let ran = self.launch_all(&mut bound);
         // The outputs that are inputs stay where they are.
         let in_place = |name: &&str| {
             let id = plan.outputs.iter().find(|(n, _)| n == *name).map(|(_, id)| *id);
@@ -564,6 +559,19 @@ impl CpuArtifact {
         let out = ran.and_then(|()| bound.outputs(&copied));
         (*inputs, kept.arena) = bound.into_parts();
         out
+    }
+
+    /// Every launch of `bound`'s plan, each kernel from this artifact. Callers check the inputs
+    /// first (shapes bound by the plan, values' counts, id ranges).
+    fn launch_all(&self, bound: &mut BoundPlan) -> Result<(), String> {
+        bound.launch_all(&mut |name, buffers| {
+            let k = self.kernel(name)?;
+            // SAFETY: the artifact was validated (hashes, plan vs manifest): the plan's buffers have
+            // the shapes its kernels were compiled for at its sizes, the inputs were checked
+            // against the plan's bounds, their values' counts and their id ranges.
+            unsafe { k.run(buffers) };
+            Ok(())
+        })
     }
 
     /// The names of the inputs kept from the last [`CpuArtifact::run_keeping`].
@@ -618,14 +626,7 @@ impl CpuArtifact {
         }
         let arena = std::mem::take(&mut kept.arena);
         let mut bound = BoundPlan::with_parts(plan, &self.weights, owned, arena)?;
-        bound.launch_all(&mut |name, buffers| {
-            let k = self.kernel(name)?;
-            // SAFETY: the artifact was validated (hashes, plan vs manifest): the plan's buffers have
-            // the shapes its kernels were compiled for at its sizes, the inputs were checked
-            // against the plan's bounds, their values' counts and their id ranges above.
-            unsafe { k.run(buffers) };
-            Ok(())
-        })?;
+        self.launch_all(&mut bound)?;
         let out = bound.outputs(wanted)?;
         let (mut owned, arena) = bound.into_parts();
         kept.arena = arena;
