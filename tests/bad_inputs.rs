@@ -129,6 +129,47 @@ fn bad_config_is_named_by_key() {
     assert!(err.contains("config.json: (json): not valid JSON"), "{err}");
 }
 
+/// Sizes past what the compiler builds are refused by key before anything is compiled, and a
+/// norm wider than any row kernel's shared memory says so (it said "none of the 0
+/// configurations tried assembles without spilling"); no artifact is left behind.
+#[test]
+fn oversized_configs_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let base: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_TINY_JSON).unwrap();
+    let cases = [
+        (
+            "num_hidden_layers",
+            610_000u64,
+            "num_hidden_layers: 610000 is more than v3c supports: at most 1024 layers (the graph unrolls every layer)",
+        ),
+        (
+            "num_attention_heads",
+            1 << 40,
+            "num_attention_heads x (qk_nope_head_dim + qk_rope_head_dim): 43980465111040 columns of the queries; \
+             kernels address a dimension with 32-bit coordinates (at most 2147483647)",
+        ),
+        (
+            "hidden_size",
+            65536,
+            "rms_norm_0: no width of rows_rmsnorm_bf16_d65536_eps1em6_y fits sm_90a: rows_rmsnorm_bf16_d65536_t256\
+             _eps1em6_y: 263168 B of shared memory for rows of 65536 columns (at most 49152 B)",
+        ),
+    ];
+    for (key, value, expected) in cases {
+        let mut config = base.clone();
+        config[key] = value.into();
+        let model = dir.path().join(key);
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+        let out = dir.path().join(format!("{key}.art"));
+        let r = run_binary("v3c", &["compile", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{err}");
+        assert!(err.trim_end().lines().last().unwrap().ends_with(expected), "{key}: {err}");
+        assert!(!err.contains("panicked") && !out.exists(), "{key}: {err}");
+    }
+}
+
 #[test]
 fn out_of_vocabulary_token_is_named() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,8 @@
 //!
 //! Every rejected config names the offending key: unknown model types, missing keys, wrong JSON
 //! types and impossible values (odd rope dim, experts not divisible into groups, top-k larger than
-//! the experts the group limit allows, ...).
+//! the experts the group limit allows, sizes whose tensors the kernels' 32-bit coordinates cannot
+//! address, ...).
 //!
 //! Not handled: configs of other architectures (DeepSeek-V2's `topk_method: greedy`, softmax
 //! scoring), attention biases, RoPE types other than default and YaRN.
@@ -91,6 +92,14 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
 }
+
+/// The largest tensor dimension a config may make: the GPU kernels address a dimension with signed
+/// 32-bit coordinates (TMA's, and token, expert and position ids).
+pub const MAX_DIM: usize = i32::MAX as usize;
+/// The most decoder layers v3c compiles (DeepSeek-V3 has 61); every layer is unrolled in the graph.
+pub const MAX_LAYERS: usize = 1024;
+/// The most routed experts v3c compiles (DeepSeek-V3 has 256).
+pub const MAX_EXPERTS: usize = 65536;
 
 /// Built-in model names for `--model`.
 pub const PRESETS: &[&str] = &["deepseek-v3", "deepseek-v3-tiny"];
@@ -342,9 +351,82 @@ impl ModelConfig {
                 return fail("quantization_config.weight_block_size", "block sizes must be positive".into());
             }
         }
-        if let Some(t) = self.bos_token_id.into_iter().chain(self.eos_token_id).find(|&t| t as usize >= self.vocab_size)
-        {
-            return fail("eos_token_id", format!("token {t} is outside the vocabulary ({})", self.vocab_size));
+        for (key, token) in [("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id)] {
+            if let Some(t) = token.filter(|&t| t as usize >= self.vocab_size) {
+                return fail(key, format!("token {t} is outside the vocabulary ({})", self.vocab_size));
+            }
+        }
+        self.validate_extents(source_name)
+    }
+
+    /// Sizes the compiler can build: at most [`MAX_LAYERS`] layers and [`MAX_EXPERTS`] routed
+    /// experts, and every tensor dimension the sizes make (a GEMM's N or K, a row's width) at most
+    /// [`MAX_DIM`], computed without overflow. Without this a typo such as `"num_hidden_layers":
+    /// 610000` runs for hours, a rope dim of 2^40 aborts on a failed allocation, and 2^40 heads
+    /// compile into kernels whose coordinates wrap.
+    fn validate_extents(&self, source_name: &str) -> Result<(), ConfigError> {
+        let fail =
+            |key: &str, problem: String| Err(ConfigError { source_name: source_name.into(), key: key.into(), problem });
+        let counts = [
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS, "layers (the graph unrolls every layer)"),
+            ("n_routed_experts", self.n_routed_experts, MAX_EXPERTS, "routed experts"),
+        ];
+        for (key, n, max, what) in counts {
+            if n > max {
+                return fail(key, format!("{n} is more than v3c supports: at most {max} {what}"));
+            }
+        }
+        let heads = self.num_attention_heads;
+        let two = |n: usize| n.checked_mul(2);
+        // (the keys that make it, what it sizes, its size: None when it overflows)
+        let dims: [(&str, &str, Option<usize>); 11] = [
+            ("vocab_size", "rows of the embedding", Some(self.vocab_size)),
+            ("hidden_size", "columns of the hidden state", Some(self.hidden_size)),
+            ("2 x intermediate_size", "columns of the dense MLP's gate|up", two(self.intermediate_size)),
+            ("q_lora_rank", "columns of the query latent", self.q_lora_rank.or(Some(0))),
+            (
+                "num_attention_heads x (qk_nope_head_dim + qk_rope_head_dim)",
+                "columns of the queries",
+                self.qk_nope_head_dim.checked_add(self.qk_rope_head_dim).and_then(|d| d.checked_mul(heads)),
+            ),
+            (
+                "num_attention_heads x (qk_nope_head_dim + v_head_dim)",
+                "columns of kv_b_proj",
+                self.qk_nope_head_dim.checked_add(self.v_head_dim).and_then(|d| d.checked_mul(heads)),
+            ),
+            (
+                "num_attention_heads x (kv_lora_rank + qk_rope_head_dim)",
+                "columns of the absorbed queries",
+                self.kv_lora_rank.checked_add(self.qk_rope_head_dim).and_then(|d| d.checked_mul(heads)),
+            ),
+            (
+                "kv_lora_rank + qk_rope_head_dim",
+                "columns of a latent cache row",
+                self.kv_lora_rank.checked_add(self.qk_rope_head_dim),
+            ),
+            (
+                "n_routed_experts x 2 x moe_intermediate_size",
+                "rows of the routed experts' stacked gate|up",
+                two(self.moe_intermediate_size).and_then(|d| d.checked_mul(self.n_routed_experts)),
+            ),
+            (
+                "n_shared_experts x 2 x moe_intermediate_size",
+                "columns of the shared experts' gate|up",
+                two(self.moe_intermediate_size).and_then(|d| d.checked_mul(self.n_shared_experts)),
+            ),
+            ("max_position_embeddings", "positions", Some(self.max_position_embeddings)),
+        ];
+        for (key, what, size) in dims {
+            match size {
+                Some(n) if n <= MAX_DIM => {}
+                Some(n) => {
+                    return fail(
+                        key,
+                        format!("{n} {what}; kernels address a dimension with 32-bit coordinates (at most {MAX_DIM})"),
+                    )
+                }
+                None => return fail(key, format!("{what} overflow 64 bits")),
+            }
         }
         Ok(())
     }
@@ -422,13 +504,15 @@ impl Reader<'_> {
             None => Ok(None),
             Some(Value::Array(items)) => match items.first() {
                 None => Ok(None),
-                Some(v) => v.as_u64().map(|n| Some(n as u32)).ok_or_else(|| self.err(key, "expected token ids")),
+                Some(v) => self.token(key, v).map(Some),
             },
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as u32))
-                .ok_or_else(|| self.err(key, format!("expected a token id, found {v}"))),
+            Some(v) => self.token(key, v).map(Some),
         }
+    }
+
+    fn token(&self, key: &str, v: &Value) -> Result<u32, ConfigError> {
+        let n = v.as_u64().ok_or_else(|| self.err(key, format!("expected a token id, found {v}")))?;
+        u32::try_from(n).map_err(|_| self.err(key, format!("token {n} does not fit 32 bits")))
     }
 
     fn parse(&self) -> Result<ModelConfig, ConfigError> {
@@ -799,6 +883,56 @@ mod tests {
                     m["quantization_config"]["fmt"] = "e5m2".into();
                 }),
                 "config.json: quantization_config.fmt: 'e5m2' is not supported (expected 'e4m3')",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("num_hidden_layers".into(), 610_000.into());
+                }),
+                "config.json: num_hidden_layers: 610000 is more than v3c supports: at most 1024 layers",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("n_routed_experts".into(), (1u64 << 31).into());
+                }),
+                "config.json: n_routed_experts: 2147483648 is more than v3c supports: at most 65536 routed experts",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("num_attention_heads".into(), (1u64 << 40).into());
+                }),
+                "config.json: num_attention_heads x (qk_nope_head_dim + qk_rope_head_dim): 43980465111040 columns \
+                 of the queries; kernels address a dimension with 32-bit coordinates (at most 2147483647)",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("qk_rope_head_dim".into(), (1u64 << 62).into());
+                }),
+                "config.json: num_attention_heads x (qk_nope_head_dim + qk_rope_head_dim): columns of the queries \
+                 overflow 64 bits",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("vocab_size".into(), (1u64 << 31).into());
+                }),
+                "config.json: vocab_size: 2147483648 rows of the embedding;",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("moe_intermediate_size".into(), (1u64 << 27).into());
+                }),
+                "config.json: n_routed_experts x 2 x moe_intermediate_size: 2147483648 rows of the routed experts'",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("bos_token_id".into(), (1u64 << 40).into());
+                }),
+                "config.json: bos_token_id: token 1099511627776 does not fit 32 bits",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("bos_token_id".into(), 320.into());
+                }),
+                "config.json: bos_token_id: token 320 is outside the vocabulary (320)",
             ),
             ("[1, 2]".into(), "config.json: (json): expected a JSON object"),
             ("{".into(), "config.json: (json): not valid JSON"),

@@ -585,6 +585,14 @@ impl ModelKernels {
         progress: &mut impl FnMut(&str),
     ) -> Result<rows::RowKernel, Sm90Error> {
         let preferences = choose.rows(name, shape);
+        if preferences.is_empty() {
+            // No width fits the target: say why the template's own width does not.
+            let why = shape.kernel.validate(target).err().unwrap_or_else(|| "no width fits".into());
+            return Err(Sm90Error::Config {
+                kernel: name.to_string(),
+                problem: format!("{name}: no width of {} fits {}: {why}", shape.signature(), target.name),
+            });
+        }
         let compiles = preferences
             .iter()
             .map(|r| (r.kernel_name(), Box::new(move || compile_rows(context, r, target)) as Box<_>))
