@@ -659,7 +659,8 @@ pub const OPTIMIZER_CHUNK: usize = 4096;
 /// `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`]), for an
 /// attention kernel and for a reduction's width per regime; with ptxas the first that assembles
 /// without spilling is taken, without it the first. `progress` is told each kernel name as it is compiled. `attention` picks where attention
-/// runs.
+/// runs. A kernel whose row template does not take its shapes is named in `unsupported` with the
+/// template's reason, as one without a template is.
 pub fn compile_model(
     context: &Context,
     module: &Module,
@@ -687,7 +688,15 @@ pub fn compile_model(
         let runs = regimes.get(&fused).copied().unwrap_or_default();
         if let (Ok(launch), None) = (&row, &tensor_core_attention) {
             let launch = launch.clone();
-            let tuned = out.row_kernels(context, &fused, &launch.kernel, target, ptxas, choose, runs, &mut progress)?;
+            let tuned =
+                match out.row_kernels(context, &fused, &launch.kernel, target, ptxas, choose, runs, &mut progress) {
+                    Err(Sm90Error::Config { problem, .. }) => {
+                        let why = problem.strip_prefix(&format!("{fused}: ")).unwrap_or(&problem).to_string();
+                        out.unsupported.push((fused, why));
+                        continue;
+                    }
+                    tuned => tuned?,
+                };
             if let Some(kernels) = tuned {
                 out.row_regimes.insert(fused.clone(), kernels);
             }
@@ -700,7 +709,13 @@ pub fn compile_model(
                 match &step.kernel {
                     lower::StepKernel::Row(k) => {
                         let name = format!("{fused}.{i}");
-                        picked.push(out.row_kernels(context, &name, k, target, ptxas, choose, runs, &mut progress)?);
+                        match out.row_kernels(context, &name, k, target, ptxas, choose, runs, &mut progress) {
+                            Err(Sm90Error::Config { problem, .. }) => {
+                                out.unsupported.push((fused.clone(), problem));
+                                break;
+                            }
+                            kernels => picked.push(kernels?),
+                        }
                     }
                     lower::StepKernel::Gemm(g) => {
                         picked.push(Some(out.gemm_kernels(context, g, target, ptxas, choose, runs, &mut progress)?))
@@ -711,7 +726,9 @@ pub fn compile_model(
                     }
                 }
             }
-            out.compound.push((fused, steps, picked));
+            if picked.len() == steps.steps.len() {
+                out.compound.push((fused, steps, picked));
+            }
             continue;
         }
         match lower::gemm_of_kernel(&f) {
