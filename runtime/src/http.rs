@@ -177,7 +177,8 @@ fn read_chunks(reader: &mut impl BufRead) -> Result<Vec<u8>, String> {
         if n == 0 {
             break;
         }
-        if body.len() + n > MAX_BODY {
+        // (`n` may be up to 2^64 - 1: compared with what is left, not added.)
+        if n > MAX_BODY - body.len() {
             return Err(format!("a chunked body past {MAX_BODY} bytes"));
         }
         let start = body.len();
@@ -1000,6 +1001,18 @@ mod tests {
         assert!(read_request(&mut many.as_bytes()).unwrap_err().contains("exceed"));
         let fits = format!("GET / HTTP/1.1\r\nX-Long: {}\r\n\r\n", "a".repeat(MAX_HEAD - 64));
         assert_eq!(read_request(&mut fits.as_bytes()).unwrap().unwrap().path, "/");
+    }
+
+    /// A chunk size near 2^64 after a first chunk is refused; the size and the bytes read so far
+    /// were added, which wrapped past the limit's check and panicked slicing the body.
+    #[test]
+    fn chunk_sizes_past_the_limit_are_refused() {
+        for size in ["ffffffffffffffff", "fffffffffffffffe", "1000000"] {
+            let raw =
+                format!("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n{size}\r\nb\r\n0\r\n\r\n");
+            let got = read_request(&mut raw.as_bytes()).unwrap_err();
+            assert_eq!(got, format!("a chunked body past {MAX_BODY} bytes"), "{size}");
+        }
     }
 
     proptest::proptest! {
