@@ -98,8 +98,11 @@ pub struct ModelConfig {
 pub const MAX_DIM: usize = i32::MAX as usize;
 /// The most decoder layers v3c compiles (DeepSeek-V3 has 61); every layer is unrolled in the graph.
 pub const MAX_LAYERS: usize = 1024;
-/// The most routed experts v3c compiles (DeepSeek-V3 has 256).
+/// The most routed (and shared) experts v3c compiles (DeepSeek-V3 has 256 and 1).
 pub const MAX_EXPERTS: usize = 65536;
+/// The widest attention head dims (and latent) v3c compiles (DeepSeek-V3's widest: the latent, 512);
+/// RoPE's frequencies are attributes of the IR, one per pair of dims.
+pub const MAX_HEAD_DIM: usize = 65536;
 
 /// Built-in model names for `--model`.
 pub const PRESETS: &[&str] = &["deepseek-v3", "deepseek-v3-tiny"];
@@ -359,8 +362,8 @@ impl ModelConfig {
         self.validate_extents(source_name)
     }
 
-    /// Sizes the compiler can build: at most [`MAX_LAYERS`] layers and [`MAX_EXPERTS`] routed
-    /// experts, and every tensor dimension the sizes make (a GEMM's N or K, a row's width) at most
+    /// Sizes the compiler can build: at most [`MAX_LAYERS`] layers, [`MAX_EXPERTS`] routed
+    /// (and shared) experts and [`MAX_HEAD_DIM`] dims a head (or latent), and every tensor dimension the sizes make (a GEMM's N or K, a row's width) at most
     /// [`MAX_DIM`], computed without overflow. Without this a typo such as `"num_hidden_layers":
     /// 610000` runs for hours, a rope dim of 2^40 aborts on a failed allocation, and 2^40 heads
     /// compile into kernels whose coordinates wrap.
@@ -370,6 +373,11 @@ impl ModelConfig {
         let counts = [
             ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS, "layers (the graph unrolls every layer)"),
             ("n_routed_experts", self.n_routed_experts, MAX_EXPERTS, "routed experts"),
+            ("n_shared_experts", self.n_shared_experts, MAX_EXPERTS, "shared experts"),
+            ("qk_nope_head_dim", self.qk_nope_head_dim, MAX_HEAD_DIM, "dims a head"),
+            ("qk_rope_head_dim", self.qk_rope_head_dim, MAX_HEAD_DIM, "dims a head"),
+            ("v_head_dim", self.v_head_dim, MAX_HEAD_DIM, "dims a head"),
+            ("kv_lora_rank", self.kv_lora_rank, MAX_HEAD_DIM, "dims of the latent"),
         ];
         for (key, n, max, what) in counts {
             if n > max {
@@ -905,10 +913,17 @@ mod tests {
             ),
             (
                 with(DEEPSEEK_V3_TINY_JSON, |m| {
-                    m.insert("qk_rope_head_dim".into(), (1u64 << 62).into());
+                    m.insert("num_attention_heads".into(), (1u64 << 62).into());
                 }),
                 "config.json: num_attention_heads x (qk_nope_head_dim + qk_rope_head_dim): columns of the queries \
                  overflow 64 bits",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("qk_rope_head_dim".into(), (1u64 << 30).into());
+                    m.insert("num_attention_heads".into(), 1.into());
+                }),
+                "config.json: qk_rope_head_dim: 1073741824 is more than v3c supports: at most 65536 dims a head",
             ),
             (
                 with(DEEPSEEK_V3_TINY_JSON, |m| {
