@@ -66,20 +66,24 @@ pub struct EvalOptions<'a> {
     pub windows: usize,
 }
 
-/// Token ids from `path`: whitespace-separated integers, else little-endian u32; each checked
-/// against the vocabulary (the message names the file and the position).
+/// Token ids from `path`: text (UTF-8 without control characters but whitespace) is
+/// whitespace-separated integers, anything else little-endian u32; each checked against the
+/// vocabulary (the message names the file and the position). A text's word that is not an integer
+/// is named; such a text was read as u32 when its length was a multiple of 4 (`1 2 -3 4`: "token 0
+/// is 540155953").
 pub fn read_token_file(path: &Path, vocab: usize) -> Result<Vec<i64>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let ids: Vec<i64> = match std::str::from_utf8(&bytes) {
-        Ok(text) if text.chars().all(|c| c.is_ascii_digit() || c.is_whitespace()) => text
+    let text = std::str::from_utf8(&bytes).ok().filter(|t| t.chars().all(|c| c.is_whitespace() || !c.is_control()));
+    let ids: Vec<i64> = match text {
+        Some(text) => text
             .split_whitespace()
             .enumerate()
             .map(|(i, w)| w.parse::<i64>().map_err(|e| format!("{}: token {i} '{w}': {e}", path.display())))
             .collect::<Result<_, _>>()?,
-        _ if bytes.len() % 4 == 0 => {
+        None if bytes.len() % 4 == 0 => {
             bytes.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()
         }
-        _ => {
+        None => {
             return Err(format!(
                 "{}: neither whitespace-separated token ids nor little-endian u32 ({} bytes)",
                 path.display(),
@@ -870,4 +874,39 @@ pub fn bench_steps(
         timings.push(t);
     }
     Ok(timings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_token_file;
+
+    /// Text is read as ids whatever its length (a text of a multiple of 4 bytes was read as u32),
+    /// its words that are not ids named; u32 files are read as such; either is checked against the
+    /// vocabulary.
+    #[test]
+    fn token_files_are_text_or_u32_and_name_what_is_wrong() {
+        let dir = std::env::temp_dir().join(format!("v3r-token-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let read = |name: &str, bytes: &[u8]| {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            read_token_file(&path, 320)
+                .map_err(|e| e.strip_prefix(&format!("{}: ", path.display())).unwrap().to_string())
+        };
+        assert_eq!(read("ids.txt", b"1 2\n 30\t4\n"), Ok(vec![1, 2, 30, 4]));
+        assert_eq!(read("neg.txt", b"1 2 -3 4"), Err("token 2 is -3, outside the vocabulary (0..320)".into()));
+        assert_eq!(read("float.txt", b"1 2.5 3 4"), Err("token 1 '2.5': invalid digit found in string".into()));
+        assert_eq!(read("wide.txt", "7 ３".as_bytes()), Err("token 1 '３': invalid digit found in string".into()));
+        let u32s: Vec<u8> = [5u32, 0, 319].iter().flat_map(|t| t.to_le_bytes()).collect();
+        assert_eq!(read("ids.bin", &u32s), Ok(vec![5, 0, 319]));
+        assert_eq!(
+            read("big.bin", &320u32.to_le_bytes()),
+            Err("token 0 is 320, outside the vocabulary (0..320)".into())
+        );
+        assert_eq!(
+            read("odd.bin", &[1, 0, 0]),
+            Err("neither whitespace-separated token ids nor little-endian u32 (3 bytes)".into())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
