@@ -362,11 +362,11 @@ impl ModelConfig {
         self.validate_extents(source_name)
     }
 
-    /// Sizes the compiler can build: at most [`MAX_LAYERS`] layers, [`MAX_EXPERTS`] routed
-    /// (and shared) experts and [`MAX_HEAD_DIM`] dims a head (or latent), and every tensor dimension the sizes make (a GEMM's N or K, a row's width) at most
-    /// [`MAX_DIM`], computed without overflow. Without this a typo such as `"num_hidden_layers":
-    /// 610000` runs for hours, a rope dim of 2^40 aborts on a failed allocation, and 2^40 heads
-    /// compile into kernels whose coordinates wrap.
+    /// Sizes the compiler can build: at most [`MAX_LAYERS`] layers, [`MAX_EXPERTS`] routed (and
+    /// shared) experts and [`MAX_HEAD_DIM`] dims a head (or latent), and every tensor dimension the
+    /// sizes make (a GEMM's N or K, a row's width) at most [`MAX_DIM`], computed without overflow.
+    /// Without this a typo such as `"num_hidden_layers": 610000` runs for hours, a rope dim of 2^40
+    /// aborts on a failed allocation, and 2^40 heads compile into kernels whose coordinates wrap.
     fn validate_extents(&self, source_name: &str) -> Result<(), ConfigError> {
         let fail =
             |key: &str, problem: String| Err(ConfigError { source_name: source_name.into(), key: key.into(), problem });
@@ -391,7 +391,7 @@ impl ModelConfig {
             ("vocab_size", "rows of the embedding", Some(self.vocab_size)),
             ("hidden_size", "columns of the hidden state", Some(self.hidden_size)),
             ("2 x intermediate_size", "columns of the dense MLP's gate|up", two(self.intermediate_size)),
-            ("q_lora_rank", "columns of the query latent", self.q_lora_rank.or(Some(0))),
+            ("q_lora_rank", "columns of the query latent", Some(self.q_lora_rank.unwrap_or(0))),
             (
                 "num_attention_heads x (qk_nope_head_dim + qk_rope_head_dim)",
                 "columns of the queries",
