@@ -70,7 +70,8 @@ pub fn run() -> Report {
                 .map_err(|e| e.to_string()),
         ));
         if let (Ok(ptx), Ok(ptxas)) = (&ptx, &ptxas) {
-            let cubin = target::assemble(ptx, "doctor.ptx", t, ptxas);
+            // Never from the kernel cache: the check is that ptxas runs.
+            let cubin = target::assemble_with(ptx, "doctor.ptx", t, ptxas, None);
             checks.push(check(
                 format!("PTX -> cubin {}", t.name),
                 cubin
@@ -138,23 +139,37 @@ fn mlir_smoke() -> Result<String, String> {
     ))
 }
 
-/// Where CPU kernels are cached, how many entries and bytes it holds, and whether `cc` links them.
+/// Where kernels are cached, how many entries (CPU kernels, cubins) and bytes it holds, and whether
+/// `cc` links CPU kernels.
 fn kernel_cache() -> Result<String, String> {
     let Some(cache) = crate::kernel_cache::KernelCache::from_env() else {
-        return Ok("off (V3C_KERNEL_CACHE=off, or no HOME): CPU kernels are JIT-compiled every run".into());
+        return Ok(
+            "off (V3C_KERNEL_CACHE=off, or no HOME): CPU kernels are JIT-compiled and PTX assembled every run".into()
+        );
     };
-    let (mut entries, mut bytes) = (0usize, 0u64);
+    let (mut objects, mut cubins, mut bytes) = (0usize, 0usize, 0u64);
     if let Ok(dir) = std::fs::read_dir(cache.dir()) {
         for e in dir.flatten() {
-            if e.path().extension().is_some_and(|x| x == "so") {
-                entries += 1;
+            let path = e.path();
+            let count = match path.extension().and_then(|x| x.to_str()) {
+                Some("so") => &mut objects,
+                Some("cubin") => &mut cubins,
+                _ => continue,
+            };
+            // Entries being written are hidden files.
+            if !e.file_name().to_string_lossy().starts_with('.') {
+                *count += 1;
                 bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
             }
         }
     }
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let linker = std::process::Command::new(&cc).arg("--version").output();
-    let held = format!("{}: {entries} kernels, {:.1} MiB", cache.dir().display(), bytes as f64 / (1 << 20) as f64);
+    let held = format!(
+        "{}: {objects} CPU kernels, {cubins} cubins, {:.1} MiB",
+        cache.dir().display(),
+        bytes as f64 / (1 << 20) as f64
+    );
     match linker {
         Ok(o) if o.status.success() => Ok(held),
         _ => Err(format!("{held}; '{cc}' cannot be run, so new kernels are not stored (set CC)")),

@@ -2,10 +2,13 @@
 //!
 //! ptxas is optional: without it the artifact carries PTX only and the driver JIT-compiles it at
 //! load. Callers find it with [`crate::toolchain::find`] and decide what to do when it is missing.
+//! Its cubins and reports are kept in the kernel cache ([`crate::kernel_cache`]), keyed by the PTX,
+//! the target and the ptxas binary, so a model compiled again skips the kernels it assembled before.
 
 use std::process::Command;
 
 use super::GpuTarget;
+use crate::kernel_cache::KernelCache;
 use crate::toolchain::FoundTool;
 
 /// ptxas's verdict on one kernel (`ptxas -v` prints one such block per entry).
@@ -35,8 +38,40 @@ pub enum AssembleError {
     Failed { module: String, ptxas: String, target: String, log: String },
 }
 
-/// Assembles `ptx` (named `module` in errors) for `target` with `ptxas -v`.
+/// Assembles `ptx` (named `module` in errors) for `target` with `ptxas -v`; what ptxas made of
+/// the same PTX before is taken from the program's cubin cache instead, when it chose one
+/// ([`crate::kernel_cache::keep_cubins_in`]).
 pub fn assemble(ptx: &str, module: &str, target: &GpuTarget, ptxas: &FoundTool) -> Result<Assembled, AssembleError> {
+    assemble_with(ptx, module, target, ptxas, crate::kernel_cache::cubin_cache())
+}
+
+/// [`assemble`] with the cache given: ptxas runs only for PTX the cache has no cubin of (by this
+/// ptxas, for this target), and what it assembles is kept there. Failures are not kept.
+pub fn assemble_with(
+    ptx: &str,
+    module: &str,
+    target: &GpuTarget,
+    ptxas: &FoundTool,
+    cache: Option<&KernelCache>,
+) -> Result<Assembled, AssembleError> {
+    let key = cache.and_then(|_| KernelCache::cubin_key(ptx, target.name, &PTXAS_ARGS, &ptxas.path));
+    let kept = cache.zip(key.as_deref());
+    if let Some((cubin, log)) = kept.and_then(|(cache, key)| cache.load_cubin(key)) {
+        return Ok(Assembled { cubin, kernels: parse_resource_report(&log), log });
+    }
+    let assembled = run_ptxas(ptx, module, target, ptxas)?;
+    if let Some((cache, key)) = kept {
+        if let Err(e) = cache.store_cubin(key, &assembled.cubin, &assembled.log) {
+            tracing::warn!("{module}: the cubin is not kept: {e}");
+        }
+    }
+    Ok(assembled)
+}
+
+/// The arguments ptxas gets besides the target and the files.
+const PTXAS_ARGS: [&str; 1] = ["-v"];
+
+fn run_ptxas(ptx: &str, module: &str, target: &GpuTarget, ptxas: &FoundTool) -> Result<Assembled, AssembleError> {
     let io = |source| AssembleError::Io { module: module.into(), source };
     let dir = tempfile::tempdir().map_err(io)?;
     let input = dir.path().join("kernel.ptx");
@@ -44,7 +79,7 @@ pub fn assemble(ptx: &str, module: &str, target: &GpuTarget, ptxas: &FoundTool) 
     std::fs::write(&input, ptx).map_err(io)?;
     let out = Command::new(&ptxas.path)
         .arg(format!("-arch={}", target.name))
-        .arg("-v")
+        .args(PTXAS_ARGS)
         .arg(&input)
         .arg("-o")
         .arg(&output)

@@ -9,7 +9,7 @@
 mod cubin;
 mod ptx;
 
-pub use cubin::{assemble, parse_resource_report, AssembleError, Assembled, KernelResources};
+pub use cubin::{assemble, assemble_with, parse_resource_report, AssembleError, Assembled, KernelResources};
 pub use ptx::{emit_ptx, PtxError, SMOKE_KERNEL_LL};
 
 /// Everything the compiler needs to know about one GPU architecture.
