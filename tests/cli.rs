@@ -154,7 +154,10 @@ fn v3c_doctor_checks_the_toolchain_and_exits_0() {
     let out = run_binary_env("v3c", &["doctor"], &[("V3C_KERNEL_CACHE", dir.path().to_str().unwrap())]);
     let report = text(&out.stdout);
     assert!(
-        report.contains(&format!("kernel cache         {}: 0 CPU kernels, 0 cubins, 0.0 MiB", dir.path().display())),
+        report.contains(&format!(
+            "kernel cache         {}: 0 CPU kernels, 0 PTX, 0 cubins, 0.0 MiB",
+            dir.path().display()
+        )),
         "{report}"
     );
 }
@@ -1382,77 +1385,113 @@ fn plan_stage_prints_json_and_reports_arena_peaks() {
     assert!(report.contains(" KiB peak (rows 2, context 9)"), "{report}");
 }
 
-/// What ptxas made of a kernel is kept in the kernel cache: a second compile takes its cubin and
-/// report from there (a report edited in the cache is what the compile then prints) and writes the
-/// same artifact; a damaged entry is named, assembled again and replaced.
+/// What the GPU lowering makes is kept in the kernel cache: a second compile takes each kernel's
+/// PTX (and, with ptxas, its cubin and ptxas's report) from there — an entry edited in the cache is
+/// what the compile then writes or prints — and writes the same artifact; a damaged entry is named,
+/// made again and replaced; with the cache off nothing is kept.
 #[test]
-fn ptxas_results_are_kept_in_the_kernel_cache() {
+fn gpu_kernels_are_kept_in_the_kernel_cache() {
     use v3c_compiler::kernel_cache::KernelCache;
     let dir = tempfile::tempdir().unwrap();
     let cache_dir = dir.path().join("cache");
+    let cache = KernelCache::new(&cache_dir);
+    // The artifact's files by name, and what the compile printed.
     let compile = |out: &str| {
         let out = dir.path().join(out);
         let args = ["compile", "--model", "deepseek-v3-tiny", "--target", "sm_90a", "--out", out.to_str().unwrap()];
         let run = run_binary_env("v3c", &args, &[("V3C_KERNEL_CACHE", cache_dir.to_str().unwrap())]);
         assert!(run.status.success(), "{}", text(&run.stderr));
-        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(out.join("kernels"))
+        let mut files: std::collections::BTreeMap<String, Vec<u8>> = std::fs::read_dir(out.join("kernels"))
             .unwrap()
             .map(|e| e.unwrap().path())
             .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
             .collect();
-        files.sort();
         for name in ["manifest.json", "plan.json", "lowering.json"] {
-            files.push((name.into(), std::fs::read(out.join(name)).unwrap()));
+            files.insert(name.into(), std::fs::read(out.join(name)).unwrap());
         }
         (text(&run.stderr), files)
     };
-    let (first, artifact) = compile("a");
-    if !artifact.iter().any(|(name, _)| name.ends_with(".cubin")) {
-        eprintln!("skipped: no ptxas, so there are no cubins to keep");
-        return;
-    }
-    let cache = KernelCache::new(&cache_dir);
-    let keys: Vec<String> = std::fs::read_dir(&cache_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "cubin"))
-        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
-        .collect();
-    let cubins = artifact.iter().filter(|(name, _)| name.ends_with(".cubin")).count();
-    assert!(keys.len() >= cubins, "{} entries for {cubins} cubins", keys.len());
-    // One entry's report edited: the next compile prints the edited register count.
-    let (key, cubin, log) = keys
-        .iter()
-        .map(|k| {
-            let (cubin, log) = cache.load_cubin(k).expect("a whole entry");
-            (k, cubin, log)
-        })
-        .find(|(_, _, log)| log.contains("entry function 'gemm_bf16_f32_64x64x64_s8'"))
-        .expect("the tiny model's bf16 GEMM is kept");
-    let registers = log.split("Used ").nth(1).unwrap().split(' ').next().unwrap().to_string();
-    cache.store_cubin(key, &cubin, &log.replace(&format!("Used {registers} registers"), "Used 250 registers")).unwrap();
-    let shown = |report: &str, registers: &str| {
-        report.lines().any(|l| {
-            l.starts_with("compile: gemm_bf16_f32_64x64x64_s8: ") && l.contains(&format!(", {registers} registers,"))
-        })
+    let entries = |ext: &str| -> Vec<String> {
+        let paths = std::fs::read_dir(&cache_dir).unwrap().map(|e| e.unwrap().path());
+        paths
+            .filter(|p| p.extension().is_some_and(|x| x == ext))
+            .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+            .collect()
     };
-    assert!(shown(&first, &registers), "{first}");
-    let (second, again) = compile("b");
-    assert!(shown(&second, "250"), "{second}");
-    assert!(again == artifact, "a compile from the cache writes the same artifact");
-    // A damaged entry is a miss: named, assembled again and replaced.
-    std::fs::write(cache.cubin_path(key), b"v3c-cubin-1\n\x05").unwrap();
-    let (third, rebuilt) = compile("c");
-    assert!(third.contains(&format!("{} is unusable (truncated)", cache.cubin_path(key).display())), "{third}");
-    assert!(shown(&third, &registers), "{third}");
-    assert!(rebuilt == artifact);
-    let (cubin_again, log_again) = cache.load_cubin(key).expect("replaced");
-    assert!(cubin_again == cubin && log_again.contains(&format!("Used {registers} registers")), "{log_again}");
+    let only = |files: &std::collections::BTreeMap<String, Vec<u8>>, ext: &str| {
+        files.iter().filter(|(name, _)| name.ends_with(ext)).map(|(n, b)| (n.clone(), b.clone())).collect::<Vec<_>>()
+    };
+    let (first, artifact) = compile("a");
+    let ptxas = artifact.keys().any(|name| name.ends_with(".cubin"));
+    assert!(entries("ptx").len() >= only(&artifact, ".ptx").len());
+    assert!(entries("cubin").len() >= only(&artifact, ".cubin").len());
+    // The embedding's PTX edited in the cache is what the next compile writes.
+    let (ptx_key, ptx) = entries("ptx")
+        .into_iter()
+        .map(|k| {
+            let ptx = cache.load_ptx(&k).expect("a whole entry");
+            (k, ptx)
+        })
+        .find(|(_, ptx)| ptx.contains(".entry rows_embed_bf16_d96_t32("))
+        .expect("the tiny model's embedding is kept");
+    cache.store_ptx(&ptx_key, &format!("{ptx}// kept in the cache\n")).unwrap();
+    // With ptxas: a GEMM's report edited in the cache is what the next compile prints.
+    let gemm = "gemm_bf16_f32_64x64x64_s8";
+    let shown = |report: &str, registers: &str| {
+        report
+            .lines()
+            .any(|l| l.starts_with(&format!("compile: {gemm}: ")) && l.contains(&format!(", {registers} registers,")))
+    };
+    let kept_cubin = ptxas.then(|| {
+        let (key, cubin, log) = entries("cubin")
+            .into_iter()
+            .map(|k| {
+                let (cubin, log) = cache.load_cubin(&k).expect("a whole entry");
+                (k, cubin, log)
+            })
+            .find(|(_, _, log)| log.contains(&format!("entry function '{gemm}'")))
+            .expect("the tiny model's bf16 GEMM is kept");
+        let registers = log.split("Used ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+        assert!(shown(&first, &registers), "{first}");
+        let edited = log.replace(&format!("Used {registers} registers"), "Used 250 registers");
+        cache.store_cubin(&key, &cubin, &edited).unwrap();
+        (key, registers)
+    });
+    let (second, edited) = compile("b");
+    assert!(kept_cubin.is_none() || shown(&second, "250"), "{second}");
+    let embedding = "rows_embed_bf16_d96_t32.ptx";
+    assert!(edited[embedding].ends_with(b"}\n// kept in the cache\n"));
+    for (name, bytes) in &artifact {
+        if !name.starts_with("rows_embed_bf16_d96_t32.") && name != "manifest.json" {
+            assert!(edited[name] == *bytes, "{name} differs");
+        }
+    }
+    // Put back, every kernel is the cache's: the same artifact.
+    cache.store_ptx(&ptx_key, &ptx).unwrap();
+    assert!(compile("c").1 == artifact, "a compile from the cache writes the same artifact");
+    // Damaged entries are misses: named, made again and replaced (ptxas need not make the same
+    // bytes twice: the PTX is compared).
+    std::fs::write(cache.ptx_path(&ptx_key), b"v3c-ptx-1\n\x05").unwrap();
+    if let Some((key, _)) = &kept_cubin {
+        std::fs::write(cache.cubin_path(key), b"not an entry").unwrap();
+    }
+    let (third, rebuilt) = compile("d");
+    assert!(third.contains(&format!("{} is unusable (truncated)", cache.ptx_path(&ptx_key).display())), "{third}");
+    assert_eq!(only(&rebuilt, ".ptx"), only(&artifact, ".ptx"));
+    assert_eq!(cache.load_ptx(&ptx_key), Some(ptx));
+    if let Some((key, registers)) = kept_cubin {
+        let named = format!("{} is unusable (not a v3c entry of this kind)", cache.cubin_path(&key).display());
+        assert!(third.contains(&named), "{third}");
+        assert!(shown(&third, &registers), "{third}");
+        let (_, log) = cache.load_cubin(&key).expect("replaced");
+        assert!(log.contains(&format!("Used {registers} registers")), "{log}");
+    }
     // The cache off keeps nothing.
+    let held = std::fs::read_dir(&cache_dir).unwrap().count();
     let off = dir.path().join("off");
     let args = ["compile", "--model", "deepseek-v3-tiny", "--target", "sm_90a", "--out", off.to_str().unwrap()];
     assert!(run_binary("v3c", &args).status.success());
-    assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), keys.len());
+    assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), held);
 }
 
 /// `v3c compile` for sm_90a runs the pipeline, lowers every kernel onto the Hopper templates

@@ -532,7 +532,8 @@ fn gpu_kernel_text(
     let kernel = &k.name;
     let mut text = format!("// ----- stage gpu: {kernel}\n{}", k.mlir);
     if stage != "gpu" {
-        text.push_str(&format!("// ----- stage nvvm: {kernel}\n{}", k.llvm_dialect));
+        let dialect = k.llvm_dialect.as_deref().ok_or("the LLVM dialect of a kernel whose PTX was cached")?;
+        text.push_str(&format!("// ----- stage nvvm: {kernel}\n{dialect}"));
     }
     if stage == "ptx" {
         text.push_str(&format!(

@@ -139,20 +139,19 @@ fn mlir_smoke() -> Result<String, String> {
     ))
 }
 
-/// Where kernels are cached, how many entries (CPU kernels, cubins) and bytes it holds, and whether
+/// Where kernels are cached, how many entries (CPU kernels, PTX, cubins) and bytes it holds, and whether
 /// `cc` links CPU kernels.
 fn kernel_cache() -> Result<String, String> {
     let Some(cache) = crate::kernel_cache::KernelCache::from_env() else {
-        return Ok(
-            "off (V3C_KERNEL_CACHE=off, or no HOME): CPU kernels are JIT-compiled and PTX assembled every run".into()
-        );
+        return Ok("off (V3C_KERNEL_CACHE=off, or no HOME): every kernel is compiled afresh every run".into());
     };
-    let (mut objects, mut cubins, mut bytes) = (0usize, 0usize, 0u64);
+    let (mut objects, mut ptx, mut cubins, mut bytes) = (0usize, 0usize, 0usize, 0u64);
     if let Ok(dir) = std::fs::read_dir(cache.dir()) {
         for e in dir.flatten() {
             let path = e.path();
             let count = match path.extension().and_then(|x| x.to_str()) {
                 Some("so") => &mut objects,
+                Some("ptx") => &mut ptx,
                 Some("cubin") => &mut cubins,
                 _ => continue,
             };
@@ -166,7 +165,7 @@ fn kernel_cache() -> Result<String, String> {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let linker = std::process::Command::new(&cc).arg("--version").output();
     let held = format!(
-        "{}: {objects} CPU kernels, {cubins} cubins, {:.1} MiB",
+        "{}: {objects} CPU kernels, {ptx} PTX, {cubins} cubins, {:.1} MiB",
         cache.dir().display(),
         bytes as f64 / (1 << 20) as f64
     );

@@ -1,5 +1,5 @@
-//! A content-addressed cache of kernels compiled to machine code: CPU kernels' shared objects and
-//! GPU kernels' cubins.
+//! A content-addressed cache of compiled kernels: CPU kernels' shared objects, GPU kernels' PTX and
+//! cubins.
 //!
 //! The key of a CPU kernel is the SHA-256 of everything its machine code depends on: the kernel's
 //! `cpu`-stage MLIR, the pass pipeline that lowers it to LLVM, the JIT's optimization level, this
@@ -7,9 +7,12 @@
 //! entry is one shared object, `<key>.so`, linked by the system `cc` from the object file MLIR's
 //! ExecutionEngine emits; a hit is `dlopen`ed instead of lowered and JIT-compiled again.
 //!
-//! GPU kernels are kept too: what ptxas made of a PTX module (the cubin and ptxas's `-v` report), as
-//! `<key>.cubin`, keyed by the PTX, the target, ptxas's arguments and the ptxas binary (its version,
-//! path, size and modification time).
+//! GPU kernels are kept too, when the program asks ([`keep_gpu_kernels_in`]; `v3c` does): the PTX a
+//! template's `gpu.module` lowers to, as `<key>.ptx`, keyed by the module's MLIR, the lowering
+//! pipeline, the target, LLVM's version and this compiler's executable (its path, size and
+//! modification time: the lowering's own code is in it); and what ptxas made of the PTX (the cubin
+//! and ptxas's `-v` report), as `<key>.cubin`, keyed by the PTX, the target, ptxas's arguments and
+//! the ptxas binary (its version, path, size and modification time).
 //!
 //! Entries are written to a temporary file and renamed into place, so concurrent compilers never
 //! see a partial entry. An entry that fails to load (truncated, foreign, missing its symbol) is a
@@ -124,39 +127,56 @@ impl KernelCache {
     }
 }
 
-/// The cache [`crate::target::assemble`] keeps cubins in: none unless the program chose one.
-static CUBINS: std::sync::OnceLock<Option<KernelCache>> = std::sync::OnceLock::new();
+/// The cache GPU kernels are kept in (their PTX by [`crate::conversion::sm90`], cubins by
+/// [`crate::target::assemble`]): none unless the program chose one.
+static GPU_KERNELS: std::sync::OnceLock<Option<KernelCache>> = std::sync::OnceLock::new();
 
-/// Has [`crate::target::assemble`] keep what ptxas makes in `cache` from now on (the `v3c` command
-/// line passes [`KernelCache::from_env`]; a library user that never calls this assembles afresh
-/// every time). Only the first call counts: false when a cache was chosen before.
-pub fn keep_cubins_in(cache: Option<KernelCache>) -> bool {
-    CUBINS.set(cache).is_ok()
+/// Has the GPU lowering keep what it makes (PTX, and what ptxas makes of it) in `cache` from now on
+/// (the `v3c` command line passes [`KernelCache::from_env`]; a library user that never calls this
+/// lowers and assembles afresh every time). Only the first call counts: false when a cache was
+/// chosen before.
+pub fn keep_gpu_kernels_in(cache: Option<KernelCache>) -> bool {
+    GPU_KERNELS.set(cache).is_ok()
 }
 
-/// The cache cubins are kept in, if the program chose one ([`keep_cubins_in`]).
-pub fn cubin_cache() -> Option<&'static KernelCache> {
-    CUBINS.get().and_then(Option::as_ref)
+/// The cache GPU kernels are kept in, if the program chose one ([`keep_gpu_kernels_in`]).
+pub fn gpu_cache() -> Option<&'static KernelCache> {
+    GPU_KERNELS.get().and_then(Option::as_ref)
 }
 
-/// The first bytes of a cubin entry; the format's version is in them.
-const CUBIN_MAGIC: &[u8; 12] = b"v3c-cubin-1\n";
+/// The first bytes of a cubin entry (the format's version is in them): ptxas's log, the cubin.
+const CUBIN_MAGIC: &[u8] = b"v3c-cubin-1\n";
+/// The first bytes of a PTX entry: the PTX of one `gpu.module`.
+const PTX_MAGIC: &[u8] = b"v3c-ptx-1\n";
+
+/// SHA-256 of `parts`, each length-prefixed (moving a boundary changes the key), lowercase hex.
+fn key_of<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+    let mut h = Sha256::new();
+    for part in parts {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
 
 impl KernelCache {
     /// The key of what `ptxas` makes of `ptx` for `arch` with `args`: None when the ptxas binary
     /// cannot be identified (its version, path, size and modification time), so nothing is kept.
     pub fn cubin_key(ptx: &str, arch: &str, args: &[&str], ptxas: &Path) -> Option<String> {
         let identity = ptxas_identity(ptxas)?;
-        let mut h = Sha256::new();
-        for part in [CUBIN_MAGIC.as_slice(), env!("CARGO_PKG_VERSION").as_bytes(), identity.as_bytes(), arch.as_bytes()]
-            .into_iter()
-            .chain(args.iter().map(|a| a.as_bytes()))
-            .chain([ptx.as_bytes()])
-        {
-            h.update((part.len() as u64).to_le_bytes());
-            h.update(part);
-        }
-        Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        let head = [CUBIN_MAGIC, env!("CARGO_PKG_VERSION").as_bytes(), identity.as_bytes(), arch.as_bytes()];
+        Some(key_of(head.into_iter().chain(args.iter().map(|a| a.as_bytes())).chain([ptx.as_bytes()])))
+    }
+
+    /// The key of the PTX `mlir` (a `gpu.module`) lowers to by `pipeline` for `target` (its
+    /// [`Debug`] form: name, PTX ISA, features): None when this compiler's executable cannot be
+    /// identified (its path, size and modification time: the lowering's own code is in it).
+    pub fn ptx_key(mlir: &str, pipeline: &str, target: &str) -> Option<String> {
+        let compiler = compiler_identity()?;
+        let (major, minor, patch) = inkwell::support::get_llvm_version();
+        let llvm = format!("llvm {major}.{minor}.{patch}");
+        let parts = [PTX_MAGIC, env!("CARGO_PKG_VERSION").as_bytes(), compiler.as_bytes(), llvm.as_bytes()];
+        Some(key_of(parts.into_iter().chain([target.as_bytes(), pipeline.as_bytes(), mlir.as_bytes()])))
     }
 
     /// The cubin entry of `key`.
@@ -164,73 +184,128 @@ impl KernelCache {
         self.dir.join(format!("{key}.cubin"))
     }
 
+    /// The PTX entry of `key`.
+    pub fn ptx_path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{key}.ptx"))
+    }
+
     /// The cubin and ptxas's log kept under `key`; None when absent or unreadable (a damaged entry
     /// is reported on stderr and will be replaced).
     pub fn load_cubin(&self, key: &str) -> Option<(Vec<u8>, String)> {
         let path = self.cubin_path(key);
-        let bytes = std::fs::read(&path).ok()?;
-        let entry = (|| {
-            let rest = bytes.strip_prefix(CUBIN_MAGIC.as_slice()).ok_or("not a v3c cubin entry")?;
-            let (len, rest) = rest.split_first_chunk::<8>().ok_or("truncated")?;
-            let len = usize::try_from(u64::from_le_bytes(*len)).map_err(|_| "truncated")?;
-            if len > rest.len() {
-                return Err("truncated");
-            }
-            let (log, cubin) = rest.split_at(len);
-            let log = std::str::from_utf8(log).map_err(|_| "ptxas log is not UTF-8")?;
+        let [log, cubin] = load_entry(&path, CUBIN_MAGIC, |[log, cubin]: [Vec<u8>; 2]| {
             // Every cubin is an ELF file.
-            if !cubin.starts_with(b"\x7fELF") {
-                return Err("the cubin is not an ELF file");
+            if cubin.starts_with(b"\x7fELF") {
+                Ok([log, cubin])
+            } else {
+                Err("the cubin is not an ELF file")
             }
-            Ok((cubin.to_vec(), log.to_string()))
-        })();
-        match entry {
-            Ok(e) => Some(e),
-            Err(e) => {
-                tracing::warn!("kernel cache entry {} is unusable ({e}); assembling it again", path.display());
-                None
-            }
-        }
+        })?;
+        Some((cubin, utf8(&path, log)?))
     }
 
     /// Keeps `cubin` and ptxas's `log` under `key` (written whole or not at all).
     pub fn store_cubin(&self, key: &str, cubin: &[u8], log: &str) -> Result<(), String> {
+        self.store_entry(&self.cubin_path(key), CUBIN_MAGIC, &[log.as_bytes(), cubin])
+    }
+
+    /// The PTX kept under `key`; None when absent or unreadable (a damaged entry is reported on
+    /// stderr and will be replaced).
+    pub fn load_ptx(&self, key: &str) -> Option<String> {
+        let path = self.ptx_path(key);
+        let [ptx] = load_entry(&path, PTX_MAGIC, Ok)?;
+        utf8(&path, ptx)
+    }
+
+    /// Keeps the PTX a `gpu.module` lowers to under `key`.
+    pub fn store_ptx(&self, key: &str, ptx: &str) -> Result<(), String> {
+        self.store_entry(&self.ptx_path(key), PTX_MAGIC, &[ptx.as_bytes()])
+    }
+
+    /// Writes `magic` and `parts` (each length-prefixed) to `path` whole or not at all.
+    fn store_entry(&self, path: &Path, magic: &[u8], parts: &[&[u8]]) -> Result<(), String> {
         use std::io::Write;
         let failed = |e: std::io::Error| format!("kernel cache {}: {e}", self.dir.display());
         std::fs::create_dir_all(&self.dir).map_err(failed)?;
-        let mut partial = tempfile::Builder::new()
-            .prefix(&format!(".{key}."))
-            .suffix(".cubin")
-            .tempfile_in(&self.dir)
-            .map_err(failed)?;
-        let mut entry = Vec::with_capacity(CUBIN_MAGIC.len() + 8 + log.len() + cubin.len());
-        entry.extend_from_slice(CUBIN_MAGIC);
-        entry.extend_from_slice(&(log.len() as u64).to_le_bytes());
-        entry.extend_from_slice(log.as_bytes());
-        entry.extend_from_slice(cubin);
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let mut partial =
+            tempfile::Builder::new().prefix(&format!(".{name}.")).tempfile_in(&self.dir).map_err(failed)?;
+        let mut entry = magic.to_vec();
+        for part in parts {
+            entry.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            entry.extend_from_slice(part);
+        }
         partial.write_all(&entry).map_err(failed)?;
-        partial.persist(self.cubin_path(key)).map_err(|e| failed(e.error))?;
+        partial.persist(path).map_err(|e| failed(e.error))?;
         Ok(())
     }
 }
 
-/// What identifies a ptxas binary: its `--version` answer, where it is, its size and when it was
-/// last modified (read once per binary).
+/// The `N` parts of the entry at `path` (written by [`KernelCache::store_entry`] after `magic`),
+/// checked by `check`; None when absent, or unreadable (then reported on stderr).
+fn load_entry<const N: usize>(
+    path: &Path,
+    magic: &[u8],
+    check: impl FnOnce([Vec<u8>; N]) -> Result<[Vec<u8>; N], &'static str>,
+) -> Option<[Vec<u8>; N]> {
+    let bytes = std::fs::read(path).ok()?;
+    let parts = (|| {
+        let mut rest = bytes.strip_prefix(magic).ok_or("not a v3c entry of this kind")?;
+        let mut parts: [Vec<u8>; N] = std::array::from_fn(|_| Vec::new());
+        for part in &mut parts {
+            let (len, after) = rest.split_first_chunk::<8>().ok_or("truncated")?;
+            let len = usize::try_from(u64::from_le_bytes(*len)).map_err(|_| "truncated")?;
+            if len > after.len() {
+                return Err("truncated");
+            }
+            *part = after[..len].to_vec();
+            rest = &after[len..];
+        }
+        if !rest.is_empty() {
+            return Err("bytes past its end");
+        }
+        check(parts)
+    })();
+    parts.map_err(|e| unusable(path, e)).ok()
+}
+
+/// `bytes` as text, or None with the entry at `path` reported unusable.
+fn utf8(path: &Path, bytes: Vec<u8>) -> Option<String> {
+    String::from_utf8(bytes).map_err(|_| unusable(path, "text that is not UTF-8")).ok()
+}
+
+fn unusable(path: &Path, why: &str) {
+    tracing::warn!("kernel cache entry {} is unusable ({why}); making it again", path.display());
+}
+
+/// What identifies a binary: where it is, its size and when it was last modified.
+fn file_identity(path: &Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let meta = std::fs::metadata(&path).ok()?;
+    let modified = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some(format!("{} {} {}", path.display(), meta.len(), modified.as_nanos()))
+}
+
+/// What identifies this compiler's executable (read once).
+fn compiler_identity() -> Option<&'static str> {
+    static IDENTITY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    IDENTITY.get_or_init(|| file_identity(&std::env::current_exe().ok()?)).as_deref()
+}
+
+/// What identifies a ptxas binary: its `--version` answer and [`file_identity`] (read once per
+/// binary).
 fn ptxas_identity(ptxas: &Path) -> Option<String> {
     static KNOWN: std::sync::Mutex<Vec<(PathBuf, Option<String>)>> = std::sync::Mutex::new(Vec::new());
     if let Some((_, id)) = KNOWN.lock().ok()?.iter().find(|(p, _)| p == ptxas) {
         return id.clone();
     }
     let id = (|| {
-        let path = std::fs::canonicalize(ptxas).ok()?;
-        let meta = std::fs::metadata(&path).ok()?;
-        let modified = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
-        let out = Command::new(&path).arg("--version").output().ok()?;
+        let file = file_identity(ptxas)?;
+        let out = Command::new(ptxas).arg("--version").output().ok()?;
         if !out.status.success() {
             return None;
         }
-        let version = String::from_utf8_lossy(&out.stdout);
-        Some(format!("{} {} {} {}", path.display(), meta.len(), modified.as_nanos(), version.trim()))
+        Some(format!("{file} {}", String::from_utf8_lossy(&out.stdout).trim()))
     })();
     KNOWN.lock().ok()?.push((ptxas.to_path_buf(), id.clone()));
     id
@@ -343,6 +418,34 @@ mod tests {
         assert_ne!(base, key("ptx", "sm_90a", &["-v"], &b));
         // A ptxas that cannot say what it is keeps nothing.
         assert!(KernelCache::cubin_key("ptx", "sm_90a", &[], &dir.path().join("absent")).is_none());
+    }
+
+    #[test]
+    fn ptx_entries_round_trip_and_their_keys_change_with_every_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = KernelCache::new(dir.path());
+        let ptx = ".version 8.0\n.target sm_90a\n";
+        assert!(cache.load_ptx("k").is_none());
+        cache.store_ptx("k", ptx).unwrap();
+        assert_eq!(cache.load_ptx("k").as_deref(), Some(ptx));
+        // A cubin entry is not a PTX entry, nor is a PTX entry with bytes after it or not UTF-8.
+        cache.store_cubin("c", b"\x7fELF", "log").unwrap();
+        std::fs::rename(cache.cubin_path("c"), cache.ptx_path("c")).unwrap();
+        assert!(cache.load_ptx("c").is_none());
+        let mut longer = std::fs::read(cache.ptx_path("k")).unwrap();
+        longer.push(0);
+        std::fs::write(cache.ptx_path("k"), &longer).unwrap();
+        assert!(cache.load_ptx("k").is_none());
+        cache.store_entry(&cache.ptx_path("k"), PTX_MAGIC, &[b"\xff\xfe"]).unwrap();
+        assert!(cache.load_ptx("k").is_none());
+
+        let key = |mlir: &str, pipeline: &str, target: &str| KernelCache::ptx_key(mlir, pipeline, target).unwrap();
+        let base = key("gpu.module", "lower", "sm_90a");
+        assert_eq!(base, key("gpu.module", "lower", "sm_90a"));
+        assert_ne!(base, key("gpu.module ", "lower", "sm_90a"));
+        assert_ne!(base, key("gpu.module", "lower,cse", "sm_90a"));
+        assert_ne!(base, key("gpu.module", "lower", "sm_90a ptx 8.1"));
+        assert_ne!(key("ab", "c", "t"), key("a", "bc", "t"));
     }
 
     #[test]

@@ -201,9 +201,9 @@ struct ModelArg {
 struct CompileArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// Target: a GPU (sm_90a) or `cpu` (this machine: kernels JIT-compiled through MLIR). Machine
-    /// code (CPU kernels, ptxas's cubins) is kept in the content-addressed kernel cache,
-    /// V3C_KERNEL_CACHE=<dir>|off.
+    /// Target: a GPU (sm_90a) or `cpu` (this machine: kernels JIT-compiled through MLIR). Compiled
+    /// kernels (CPU machine code; GPU PTX and ptxas's cubins) are kept in the content-addressed
+    /// kernel cache, V3C_KERNEL_CACHE=<dir>|off.
     #[arg(long, value_name = "TARGET", default_value = "sm_90a", value_parser = parse_compile_target)]
     target: CompileTarget,
     /// Most rows (tokens of one launch) the plan's arena is sized for (smaller runs fit it):
@@ -513,7 +513,10 @@ fn loss_weights(a: &CompileArgs) -> Result<(), String> {
 fn main() -> ExitCode {
     let cli: Cli = v3c_runtime::cli::parse_or_exit("v3c");
     v3c_runtime::cli::init_logging(cli.verbose);
-    v3c_compiler::kernel_cache::keep_cubins_in(v3c_compiler::kernel_cache::KernelCache::from_env());
+    // dump-ir shows every stage of a kernel's lowering, which the cache does not keep.
+    if !matches!(cli.command, Command::DumpIr(_)) {
+        v3c_compiler::kernel_cache::keep_gpu_kernels_in(v3c_compiler::kernel_cache::KernelCache::from_env());
+    }
     let result = match cli.command {
         Command::Doctor(a) => run_doctor(&a),
         Command::Compile(a) if a.train && a.max_batch.is_some() => {

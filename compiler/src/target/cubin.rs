@@ -2,8 +2,9 @@
 //!
 //! ptxas is optional: without it the artifact carries PTX only and the driver JIT-compiles it at
 //! load. Callers find it with [`crate::toolchain::find`] and decide what to do when it is missing.
-//! Its cubins and reports are kept in the kernel cache ([`crate::kernel_cache`]), keyed by the PTX,
-//! the target and the ptxas binary, so a model compiled again skips the kernels it assembled before.
+//! Its cubins and reports are kept in the program's kernel cache ([`crate::kernel_cache`]), keyed by
+//! the PTX, the target and the ptxas binary, so a model compiled again skips the kernels it
+//! assembled before.
 
 use std::process::Command;
 
@@ -40,9 +41,9 @@ pub enum AssembleError {
 
 /// Assembles `ptx` (named `module` in errors) for `target` with `ptxas -v`; what ptxas made of
 /// the same PTX before is taken from the program's cubin cache instead, when it chose one
-/// ([`crate::kernel_cache::keep_cubins_in`]).
+/// ([`crate::kernel_cache::keep_gpu_kernels_in`]).
 pub fn assemble(ptx: &str, module: &str, target: &GpuTarget, ptxas: &FoundTool) -> Result<Assembled, AssembleError> {
-    assemble_with(ptx, module, target, ptxas, crate::kernel_cache::cubin_cache())
+    assemble_with(ptx, module, target, ptxas, crate::kernel_cache::gpu_cache())
 }
 
 /// [`assemble`] with the cache given: ptxas runs only for PTX the cache has no cubin of (by this

@@ -20,6 +20,7 @@ use melior::ir::{Module, RegionLike};
 use melior::pass::PassManager;
 use melior::Context;
 
+use crate::kernel_cache::KernelCache;
 use crate::target::{self, GpuTarget, KernelResources};
 use crate::toolchain::FoundTool;
 use crate::tune::attention::{AttentionConfig, AttentionShape};
@@ -50,8 +51,9 @@ pub enum Sm90Error {
 pub struct GpuKernel {
     pub name: String,
     pub mlir: String,
-    pub llvm_dialect: String,
-    pub llvm_ir: String,
+    /// The module lowered to the LLVM and NVVM dialects; None when the PTX was taken from the
+    /// kernel cache (which keeps only the PTX).
+    pub llvm_dialect: Option<String>,
     pub ptx: String,
     /// Dynamic shared memory the launch must request, in bytes.
     pub shared_memory_bytes: usize,
@@ -64,8 +66,10 @@ pub struct GpuKernel {
 impl GpuKernel {
     /// Assembles the PTX with `ptxas` and keeps the cubin and ptxas's report.
     pub fn assemble(&mut self, target: &GpuTarget, ptxas: &FoundTool) -> Result<(), Sm90Error> {
+        let start = std::time::Instant::now();
         let assembled =
             target::assemble(&self.ptx, &self.name, target, ptxas).map_err(|e| Sm90Error::Assemble(e.to_string()))?;
+        tracing::debug!(kernel = self.name, ms = start.elapsed().as_secs_f64() * 1e3, "assembled");
         self.resources = assembled.kernels.into_iter().find(|k| k.name == self.name);
         self.cubin = Some(assembled.cubin);
         Ok(())
@@ -158,9 +162,41 @@ fn compile_module(
     target: &GpuTarget,
 ) -> Result<GpuKernel, Sm90Error> {
     let mlir = mlir.map_err(|problem| Sm90Error::Config { kernel: name.clone(), problem })?;
+    let kernel = |llvm_dialect, ptx| GpuKernel {
+        name: name.clone(),
+        mlir: mlir.clone(),
+        llvm_dialect,
+        ptx,
+        shared_memory_bytes,
+        threads,
+        cubin: None,
+        resources: None,
+    };
+    // The PTX of the same module lowered before (by this compiler, for this target) is taken from
+    // the cache.
+    let cache = crate::kernel_cache::gpu_cache();
+    let key = cache.and_then(|_| KernelCache::ptx_key(&mlir, LOWER_GPU_MODULE, &format!("{target:?}")));
+    let kept = cache.zip(key.as_deref());
+    if let Some(ptx) = kept.and_then(|(cache, key)| cache.load_ptx(key)) {
+        tracing::debug!(kernel = name, "lowered (PTX from the kernel cache)");
+        return Ok(kernel(None, ptx));
+    }
+    let start = std::time::Instant::now();
     let (llvm_dialect, llvm_ir) = lower_gpu_module(context, &mlir, &name)?;
+    let lowered = start.elapsed();
     let ptx = target::emit_ptx(&llvm_ir, &format!("{name}.ll"), target)?;
-    Ok(GpuKernel { name, mlir, llvm_dialect, llvm_ir, ptx, shared_memory_bytes, threads, cubin: None, resources: None })
+    tracing::debug!(
+        kernel = name,
+        mlir_to_llvm_ms = lowered.as_secs_f64() * 1e3,
+        llvm_to_ptx_ms = (start.elapsed() - lowered).as_secs_f64() * 1e3,
+        "lowered"
+    );
+    if let Some((cache, key)) = kept {
+        if let Err(e) = cache.store_ptx(key, &ptx) {
+            tracing::warn!("{name}: the PTX is not kept: {e}");
+        }
+    }
+    Ok(kernel(Some(llvm_dialect), ptx))
 }
 
 /// Compiles `config`; with ptxas, assembles it and returns None when ptxas reports spills (the
