@@ -138,8 +138,10 @@ fn form_in_entry(
     let mut groups: Vec<Vec<MlirOperation>> = Vec::new();
     let mut group_of: HashMap<usize, usize> = HashMap::new();
     let mut by_tag: HashMap<String, usize> = HashMap::new();
+    let mut order = Order::default();
     let mut op = block.first_operation();
     while let Some(o) = op {
+        order.0.insert(key(o.to_raw()), order.0.len());
         let name = op_name(&o);
         if v3c_dialects::is_v3_op(&name) {
             let raw = o.to_raw();
@@ -163,9 +165,32 @@ fn form_in_entry(
         op = o.next_in_block();
     }
     for members in &groups {
-        outline(context, module_body, entry, members, kernels)?;
+        outline(context, module_body, entry, members, kernels, &mut order)?;
     }
     Ok(())
+}
+
+/// The entry block's ops in order, kept as launches replace groups: MLIR's own order
+/// (`mlirOperationIsBeforeInBlock`) is recomputed over the whole block after every insertion, which
+/// made forming kernels quadratic in the ops of an entry.
+#[derive(Default)]
+struct Order(HashMap<usize, usize>);
+
+impl Order {
+    /// Whether `a` comes before `b` in the block.
+    fn before(&self, a: MlirOperation, b: MlirOperation) -> bool {
+        match (self.0.get(&key(a)), self.0.get(&key(b))) {
+            (Some(a), Some(b)) => a < b,
+            _ => comes_before(a, b),
+        }
+    }
+
+    /// `new` was inserted right before `anchor`, which is about to go: it takes its place.
+    fn replace(&mut self, anchor: MlirOperation, new: MlirOperation) {
+        if let Some(at) = self.0.get(&key(anchor)).copied() {
+            self.0.insert(key(new), at);
+        }
+    }
 }
 
 fn outline(
@@ -174,6 +199,7 @@ fn outline(
     entry: &OperationRef,
     members: &[MlirOperation],
     kernels: &mut Kernels,
+    order: &mut Order,
 ) -> Result<(), FormKernelsError> {
     let inside: HashSet<usize> = members.iter().map(|m| key(*m)).collect();
     let mut inputs: Vec<MlirValue> = Vec::new();
@@ -274,7 +300,7 @@ fn outline(
     let first = members[0];
     let defined_before_first = |v: MlirValue| match defining_op(v) {
         None => true,
-        Some(d) => inside.contains(&key(d)) || comes_before(d, first),
+        Some(d) => inside.contains(&key(d)) || order.before(d, first),
     };
     let anchor = if inputs.iter().all(|&v| defined_before_first(v)) {
         first
@@ -285,12 +311,15 @@ fn outline(
         entry.region(0).ok().and_then(|r| r.first_block()).ok_or_else(|| FormKernelsError("no body".into()))?;
     // SAFETY: `anchor` is a live op of `parent`.
     let call = parent.insert_operation_before(unsafe { OperationRef::from_raw(anchor) }, call);
+    order.replace(anchor, call.to_raw());
     for (i, &old) in outputs.iter().enumerate() {
         let new = call.result(i).map_err(|e| FormKernelsError(e.to_string()))?;
         // SAFETY: both values are live; every use of `old` outside the group moves to the call.
         unsafe { mlirValueReplaceAllUsesOfWith(old, new.to_raw()) };
     }
     for &m in members.iter().rev() {
+        // Its address may be another op's next.
+        order.0.remove(&key(m));
         // SAFETY: the member's results have no users left (replaced above, or used only by later
         // members already destroyed); it is detached, then destroyed.
         unsafe {

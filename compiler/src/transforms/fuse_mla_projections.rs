@@ -40,6 +40,12 @@ fn activations(g: &OpGraph, op: usize) -> Vec<Source> {
 
 pub fn plan(g: &OpGraph, groups: &mut Groups) {
     let n = g.ops.len();
+    // The linears by the activations they read, in block order (found once: a search of the whole
+    // entry per layer made the pass quadratic in layers).
+    let mut linears: std::collections::HashMap<Vec<Source>, Vec<usize>> = std::collections::HashMap::new();
+    for o in (0..n).filter(|&o| g.ops[o].name == "linear") {
+        linears.entry(activations(g, o)).or_default().push(o);
+    }
     for kv_a in 0..n {
         if g.ops[kv_a].name != "linear" {
             continue;
@@ -67,8 +73,7 @@ pub fn plan(g: &OpGraph, groups: &mut Groups) {
             continue;
         }
         // q_a: another linear on the same activations, result -> rms_norm -> q_b linear.
-        let act = activations(g, kv_a);
-        let q_a = (0..n).find(|&o| o != kv_a && g.ops[o].name == "linear" && activations(g, o) == act);
+        let q_a = linears[&activations(g, kv_a)].iter().copied().find(|&o| o != kv_a);
         let q_norm = q_a.and_then(|q| match g.all_users(q)[..] {
             [u] if g.ops[u].name == "rms_norm" => Some(u),
             _ => None,

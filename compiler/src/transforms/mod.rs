@@ -129,7 +129,10 @@ pub fn run_passes(context: &Context, module: &mut Module, passes: &[&str]) -> Re
         let failure = failure.clone();
         let pass = create_external(
             move |op: OperationRef, pass: ExternalPass| {
-                if let Err(e) = work(context, &op) {
+                let started = std::time::Instant::now();
+                let done = work(context, &op);
+                tracing::debug!(pass = name, ms = started.elapsed().as_secs_f64() * 1e3, "pass done");
+                if let Err(e) = done {
                     *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                     pass.signal_failure();
                 }

@@ -21,7 +21,7 @@ use mlir_sys::{
 };
 
 /// Where an operand comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
     /// Result `.1` of op `.0` (index into [`OpGraph::ops`]).
     Op(usize, usize),
