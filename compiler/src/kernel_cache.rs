@@ -62,12 +62,8 @@ impl KernelCache {
 
     /// The key of a kernel whose `cpu`-stage text is `text`, lowered by `pipeline` at `opt_level`.
     pub fn key(text: &str, pipeline: &str, opt_level: usize) -> String {
-        let mut h = Sha256::new();
-        for part in [FORMAT, env!("CARGO_PKG_VERSION"), environment(), pipeline, &opt_level.to_string(), text] {
-            h.update((part.len() as u64).to_le_bytes());
-            h.update(part.as_bytes());
-        }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        let parts = [FORMAT, env!("CARGO_PKG_VERSION"), environment(), pipeline, &opt_level.to_string(), text];
+        key_of(parts.iter().map(|p| p.as_bytes()))
     }
 
     /// The shared object of `key`.
