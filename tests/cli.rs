@@ -1468,7 +1468,11 @@ fn gpu_kernels_are_kept_in_the_kernel_cache() {
     }
     // Put back, every kernel is the cache's: the same artifact.
     cache.store_ptx(&ptx_key, &ptx).unwrap();
-    assert!(compile("c").1 == artifact, "a compile from the cache writes the same artifact");
+    let (reused, again) = compile("c");
+    assert!(again == artifact, "a compile from the cache writes the same artifact");
+    let counts = reused.lines().find(|l| l.starts_with("compile: kernel cache ")).unwrap_or_default();
+    let made = if ptxas { ", 0 lowered; " } else { ", 0 lowered; 0 cubins reused, 0 assembled" };
+    assert!(counts.contains(made) && !counts.contains("PTX of 0 kernels reused"), "{reused}");
     // Damaged entries are misses: named, made again and replaced (ptxas need not make the same
     // bytes twice: the PTX is compared).
     std::fs::write(cache.ptx_path(&ptx_key), b"v3c-ptx-1\n\x05").unwrap();
@@ -1483,6 +1487,7 @@ fn gpu_kernels_are_kept_in_the_kernel_cache() {
         let named = format!("{} is unusable (not a v3c entry of this kind)", cache.cubin_path(&key).display());
         assert!(third.contains(&named), "{third}");
         assert!(shown(&third, &registers), "{third}");
+        assert!(third.contains(", 1 lowered; ") && third.contains(" cubins reused, 1 assembled\n"), "{third}");
         let (_, log) = cache.load_cubin(&key).expect("replaced");
         assert!(log.contains(&format!("Used {registers} registers")), "{log}");
     }

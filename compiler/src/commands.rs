@@ -1305,6 +1305,17 @@ fn write_gpu_artifact(
             if lowered.caches.paged_decode() { format!(" in a pool of {PAGE_ROWS}-row pages") } else { String::new() };
         eprintln!("caches: prefill {}, decode {}{pages}", row(lowered.caches.prefill), row(lowered.caches.decode));
     }
+    if let Some(cache) = v3c_compiler::kernel_cache::gpu_cache() {
+        let c = v3c_compiler::kernel_cache::gpu_cache_counts();
+        eprintln!(
+            "compile: kernel cache {}: PTX of {} kernels reused, {} lowered; {} cubins reused, {} assembled",
+            cache.dir().display(),
+            c.ptx_kept,
+            c.ptx_made,
+            c.cubins_kept,
+            c.cubins_made
+        );
+    }
     eprintln!(
         "wrote {} ({} kernels, plan for {}, lowering, manifest)",
         out.display(),

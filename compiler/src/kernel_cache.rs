@@ -140,6 +140,35 @@ pub fn gpu_cache() -> Option<&'static KernelCache> {
     GPU_KERNELS.get().and_then(Option::as_ref)
 }
 
+/// What the GPU kernel cache gave and took so far in this process: PTX taken from it and made
+/// (lowered), cubins taken from it and made (assembled by ptxas).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GpuCacheCounts {
+    pub ptx_kept: usize,
+    pub ptx_made: usize,
+    pub cubins_kept: usize,
+    pub cubins_made: usize,
+}
+
+static GPU_COUNTS: std::sync::Mutex<GpuCacheCounts> =
+    std::sync::Mutex::new(GpuCacheCounts { ptx_kept: 0, ptx_made: 0, cubins_kept: 0, cubins_made: 0 });
+
+/// The counts so far ([`GpuCacheCounts`]).
+pub fn gpu_cache_counts() -> GpuCacheCounts {
+    *GPU_COUNTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts one kernel's PTX or cubin as taken from the cache (`kept`) or made.
+pub(crate) fn count(cubin: bool, kept: bool) {
+    let mut c = GPU_COUNTS.lock().unwrap_or_else(|p| p.into_inner());
+    *match (cubin, kept) {
+        (false, true) => &mut c.ptx_kept,
+        (false, false) => &mut c.ptx_made,
+        (true, true) => &mut c.cubins_kept,
+        (true, false) => &mut c.cubins_made,
+    } += 1;
+}
+
 /// The first bytes of a cubin entry (the format's version is in them): ptxas's log, the cubin.
 const CUBIN_MAGIC: &[u8] = b"v3c-cubin-1\n";
 /// The first bytes of a PTX entry: the PTX of one `gpu.module`.

@@ -58,10 +58,12 @@ pub fn assemble_with(
     let key = cache.and_then(|_| KernelCache::cubin_key(ptx, target.name, &PTXAS_ARGS, &ptxas.path));
     let kept = cache.zip(key.as_deref());
     if let Some((cubin, log)) = kept.and_then(|(cache, key)| cache.load_cubin(key)) {
+        crate::kernel_cache::count(true, true);
         return Ok(Assembled { cubin, kernels: parse_resource_report(&log), log });
     }
     let assembled = run_ptxas(ptx, module, target, ptxas)?;
     if let Some((cache, key)) = kept {
+        crate::kernel_cache::count(true, false);
         if let Err(e) = cache.store_cubin(key, &assembled.cubin, &assembled.log) {
             tracing::warn!("{module}: the cubin is not kept: {e}");
         }

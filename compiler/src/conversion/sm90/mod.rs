@@ -179,6 +179,7 @@ fn compile_module(
     let kept = cache.zip(key.as_deref());
     if let Some(ptx) = kept.and_then(|(cache, key)| cache.load_ptx(key)) {
         tracing::debug!(kernel = name, "lowered (PTX from the kernel cache)");
+        crate::kernel_cache::count(false, true);
         return Ok(kernel(None, ptx));
     }
     let start = std::time::Instant::now();
@@ -192,6 +193,7 @@ fn compile_module(
         "lowered"
     );
     if let Some((cache, key)) = kept {
+        crate::kernel_cache::count(false, false);
         if let Err(e) = cache.store_ptx(key, &ptx) {
             tracing::warn!("{name}: the PTX is not kept: {e}");
         }
