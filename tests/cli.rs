@@ -317,11 +317,61 @@ fn v3r_info_validates_artifacts_file_by_file() {
     let decode = timings["entries"]["decode"].as_array().unwrap();
     assert_eq!(decode.len(), 15, "every kernel of decode");
     assert!(decode.iter().all(|t| t["median_ms"].as_f64().unwrap() > 0.0 && t["launches"].as_u64().unwrap() > 0));
+    // What the plans and the manifest say of the kernels is checked against what the kernels' code
+    // says it takes, when `v3r` loads them: a launch bound to a buffer of the launch's shape but
+    // another element type (before: a segfault), and a kernel listed with the wrong partitioned flag
+    // (its code would misread its arguments), each one line.
+    let loads = |case: &Path, want: &str| {
+        let args = ["run", case.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", "1 2 3"];
+        let out = run_binary("v3r", &args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{want}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.starts_with("v3r: error: ") && err.contains(want), "{want}: {err}");
+    };
+    let plan: serde_json::Value = serde_json::from_str(&plan_text).unwrap();
+    let (entry, launch, slot, other) =
+        same_shape_other_type(&plan).expect("a buffer of another type at a launch's shape");
+    let e = &plan["entries"][entry];
+    let kernel = e["launches"][launch]["kernel"].as_str().unwrap();
+    let id = e["launches"][launch]["args"][slot].as_u64().unwrap() as usize;
+    let (shape, dtype, was) =
+        (&e["buffers"][other]["shape"], &e["buffers"][other]["dtype"], &e["buffers"][id]["dtype"]);
+    let swapped = edit_plan("swapped", &|p| p["entries"][entry]["launches"][launch]["args"][slot] = other.into());
+    let shape: Vec<u64> = serde_json::from_value(shape.clone()).unwrap();
+    loads(
+        &swapped,
+        &format!("plan.json: entry {}, launch {launch} (kernel {kernel}): buffer {other}", e["name"].as_str().unwrap()),
+    );
+    loads(&swapped, &format!("is {shape:?} {}; the kernel takes ", dtype.as_str().unwrap()));
+    loads(&swapped, &format!("x{} there", was.as_str().unwrap()));
+    let k = manifest["kernels"].as_array().unwrap().iter().position(|k| k["partitioned"] == true).unwrap();
+    let name = manifest["kernels"][k]["name"].as_str().unwrap().to_string();
+    let unpartitioned = edit("unpartitioned", &|v| v["kernels"][k]["partitioned"] = false.into());
+    loads(&unpartitioned, &format!("manifest.json: kernel {name} is listed as partitioned false"));
+    loads(&unpartitioned, "is partitioned true");
     // A cpu artifact relabelled for a GPU lacks the lowering a GPU artifact carries.
     let gpu = edit("gpu", &|v| {
         v["target"] = serde_json::json!({ "name": "sm_90a", "compute_capability": [9, 0] });
     });
     check(&gpu, "manifest.json: a GPU artifact without its lowering file");
+}
+
+/// In `plan` (plan.json), a launch argument and a buffer of the same entry with its shape but another
+/// element type: `(entry, launch, argument, buffer id)`.
+fn same_shape_other_type(plan: &serde_json::Value) -> Option<(usize, usize, usize, usize)> {
+    for (i, e) in plan["entries"].as_array()?.iter().enumerate() {
+        let buffers = e["buffers"].as_array()?;
+        for (j, l) in e["launches"].as_array()?.iter().enumerate() {
+            for (k, arg) in l["args"].as_array()?.iter().enumerate() {
+                let b = &buffers[arg.as_u64()? as usize];
+                if let Some(o) = buffers.iter().position(|o| o["shape"] == b["shape"] && o["dtype"] != b["dtype"]) {
+                    return Some((i, j, k, o));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Every file under `dir`, recursively.

@@ -15,38 +15,7 @@ use melior::ir::{RegionLike, ValueLike};
 
 use crate::verify::Shape;
 
-/// How one dim of a kernel result follows from the kernel's inputs.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub enum DimRule {
-    /// A known size.
-    Const(usize),
-    /// Dim `dim` of input `input`.
-    Input { input: usize, dim: usize },
-    /// The sum of two (a concatenation).
-    Sum(Box<DimRule>, Box<DimRule>),
-}
-
-impl DimRule {
-    /// The size for inputs of `inputs` shapes.
-    pub fn eval(&self, inputs: &[Vec<usize>]) -> Option<usize> {
-        match self {
-            DimRule::Const(n) => Some(*n),
-            DimRule::Input { input, dim } => inputs.get(*input)?.get(*dim).copied(),
-            DimRule::Sum(a, b) => Some(a.eval(inputs)? + b.eval(inputs)?),
-        }
-    }
-}
-
-impl DimRule {
-    /// The dim, affine in an entry's sizes, for inputs with dims `inputs` (the plan's form).
-    pub fn eval_dims(&self, inputs: &[Vec<v3c_runtime::plan::Dim>]) -> Option<v3c_runtime::plan::Dim> {
-        match self {
-            DimRule::Const(n) => Some(v3c_runtime::plan::Dim::fixed(*n)),
-            DimRule::Input { input, dim } => inputs.get(*input)?.get(*dim).copied(),
-            DimRule::Sum(a, b) => Some(a.eval_dims(inputs)?.plus(&b.eval_dims(inputs)?)),
-        }
-    }
-}
+pub use v3c_runtime::plan::DimRule;
 
 /// Per result of `kernel` (a kernel function), per dim, its rule.
 pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, String> {

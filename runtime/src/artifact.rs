@@ -6,13 +6,16 @@
 //!                   entry points, every file with its SHA-256, tuning provenance
 //!   plan.json       launches, buffers, arena layout, weight bindings (crate::plan::Plan)
 //!   lowering.json   GPU targets: each fused kernel as template kernel launches (crate::lowering)
-//!   kernels/        machine code: <kernel>.so (cpu), <kernel>.ptx (+ .cubin) (GPU targets)
+//!   kernels/        machine code: <kernel>.so (cpu; with its signature, crate::signature),
+//!                   <kernel>.ptx (+ .cubin) (GPU targets)
 //! ```
 //!
 //! [`Artifact::open`] validates everything before anything runs: the format version, every file's
 //! presence and hash (a flipped byte is reported by file name), the plan against the manifest (entry
 //! points, kernels), the model config against its hash. [`Artifact::runs_here`] then says whether
-//! this machine can run the target. Every failure is one line naming the file (and the key).
+//! this machine can run the target. Every failure is one line naming the file (and the key). Loading a
+//! cpu artifact's kernels ([`crate::cpu::CpuArtifact::load`]) then checks the plan against what each
+//! kernel's code says it takes.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -13,6 +13,7 @@ use v3c_models::graph::{Dim, TensorType, WeightFormat};
 use crate::artifact::Artifact;
 use crate::host::{call_packed, run_spread, HostBuffer, HostData, PackedFn, RawBuffer, RowSplit};
 use crate::plan::{shape_at, BufferKind, EntryPlan, Sizes};
+use crate::signature::KernelSignature;
 
 /// Why a weight could not be loaded as a kernel takes it.
 #[derive(Debug, thiserror::Error)]
@@ -305,17 +306,18 @@ pub struct KernelTiming {
     pub total_ms: f64,
 }
 
-/// A kernel of a `cpu` artifact: its shared object, kept loaded.
+/// A kernel of a `cpu` artifact: its shared object, kept loaded, and the signature its code holds.
 pub struct SharedObjectKernel {
     pub name: String,
     entry: PackedFn,
-    partitioned: bool,
-    row_split: Option<RowSplit>,
+    pub signature: KernelSignature,
     _library: libloading::Library,
 }
 
 impl SharedObjectKernel {
-    /// Loads `path` and looks up `symbol` (the kernel's packed entry).
+    /// Loads `path`, looks up `symbol` (the kernel's packed entry) and reads the kernel's signature
+    /// from its code ([`crate::signature`]), which must say what the manifest says of it (`spread`:
+    /// its partitioned flag and row split).
     pub fn load(
         name: &str,
         path: &Path,
@@ -329,26 +331,75 @@ impl SharedObjectKernel {
         let entry = unsafe { library.get::<PackedFn>(symbol.as_bytes()) }
             .map(|s| *s)
             .map_err(|e| format!("{}: no entry {symbol}: {e}", path.display()))?;
-        Ok(SharedObjectKernel { name: name.to_string(), entry, partitioned, row_split, _library: library })
+        let global = KernelSignature::symbol(name);
+        // SAFETY: the global is a NUL-terminated string the compiler put beside the entry.
+        let text = unsafe { library.get::<*const std::ffi::c_char>(global.as_bytes()) }
+            .map(|s| unsafe { std::ffi::CStr::from_ptr(*s) }.to_string_lossy().into_owned())
+            .map_err(|_| {
+                format!(
+                    "{}: no {global} (the code says nothing of its buffers: compiled by an older v3c? compile the \
+                     model again)",
+                    path.display()
+                )
+            })?;
+        let signature = KernelSignature::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if (signature.partitioned, &signature.row_split) != (partitioned, &row_split) {
+            return Err(format!(
+                "manifest.json: kernel {name} is listed as partitioned {partitioned}, row split {row_split:?}; its \
+                 code ({}) is partitioned {}, row split {:?}",
+                path.display(),
+                signature.partitioned,
+                signature.row_split
+            ));
+        }
+        Ok(SharedObjectKernel { name: name.to_string(), entry, signature, _library: library })
     }
 
     /// Runs the kernel on its arguments then results, over the machine's cores as the compiler's
     /// CPU backend does ([`run_spread`]: a partitioned kernel as two shares, a row-split one on
-    /// the halves of its rows).
+    /// the halves of its rows). Buffers that do not fit the kernel's signature are refused.
     ///
     /// # Safety
-    /// As [`call_packed`].
-    pub unsafe fn run(&self, buffers: &[RawBuffer]) {
+    /// As [`call_packed`], and each buffer addresses as many elements as its shape says.
+    pub unsafe fn run(&self, buffers: &[RawBuffer]) -> Result<(), String> {
+        let shapes: Vec<(&[usize], &str)> = buffers.iter().map(|b| (&b.shape[..], b.element.as_str())).collect();
+        self.signature.check(&shapes, &|i| format!("buffer {i}")).map_err(|e| format!("kernel {}: {e}", self.name))?;
         let entry = self.entry;
+        let partitioned = self.signature.partitioned;
         let job = |b: &[RawBuffer], part: usize, parts: usize| -> Result<(), ()> {
             // SAFETY: forwarded; the argument array outlives the call; shares and halves write
             // disjoint elements, and the kernels keep no global state.
-            unsafe { call_packed(b, self.partitioned, part, parts, |args| entry(args.as_mut_ptr())) };
+            unsafe { call_packed(b, partitioned, part, parts, |args| entry(args.as_mut_ptr())) };
             Ok(())
         };
-        // SAFETY: as above.
-        let _ = unsafe { run_spread(buffers, self.partitioned, self.row_split.as_ref(), &job) };
+        // SAFETY: as above; the buffers fit the signature (checked above).
+        let _ = unsafe { run_spread(buffers, partitioned, self.signature.row_split.as_ref(), &job) };
+        Ok(())
     }
+}
+
+/// Checks every launch of `artifact`'s plan, at the planned sizes, against the signature of the
+/// kernel it launches (read from the kernel's code): a plan edited with its hash updated cannot make
+/// a kernel read or write past its buffers. (Smaller sizes keep the same relations: each launch is
+/// checked again as it runs.)
+fn check_launches(artifact: &Artifact, kernels: &HashMap<String, SharedObjectKernel>) -> Result<(), String> {
+    for e in &artifact.plan.entries {
+        for (i, l) in e.launches.iter().enumerate() {
+            let k = kernels.get(&l.kernel).ok_or_else(|| format!("kernel {} missing", l.kernel))?;
+            let ids: Vec<usize> = l.args.iter().chain(&l.results).copied().collect();
+            let buffers: Vec<(&[usize], &str)> =
+                ids.iter().map(|&id| (&e.buffers[id].shape[..], e.buffers[id].dtype.as_str())).collect();
+            k.signature.check(&buffers, &|j| e.buffers[ids[j]].describe(ids[j])).map_err(|why| {
+                format!(
+                    "{}: entry {}, launch {i} (kernel {}): {why}",
+                    artifact.dir.join(&artifact.manifest.plan.file).display(),
+                    e.name,
+                    l.kernel
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// A `cpu` artifact ready to run: kernels loaded, weights loaded as the plan binds them.
@@ -410,6 +461,7 @@ impl CpuArtifact {
             let loaded = SharedObjectKernel::load(&k.name, &artifact.path(&k.file), &symbol, spread)?;
             kernels.insert(k.name.clone(), loaded);
         }
+        check_launches(&artifact, &kernels)?;
         let mut loaded = HashMap::new();
         for e in &artifact.plan.entries {
             for b in &e.buffers {
@@ -451,7 +503,7 @@ impl CpuArtifact {
             for rep in 0..=reps {
                 let start = std::time::Instant::now();
                 // SAFETY: as in `run`: the validated plan's buffers at their planned shapes.
-                unsafe { k.run(&buffers) };
+                unsafe { k.run(&buffers) }?;
                 if rep > 0 {
                     times.push(start.elapsed().as_secs_f64() * 1e3);
                 }
@@ -566,11 +618,10 @@ impl CpuArtifact {
     fn launch_all(&self, bound: &mut BoundPlan) -> Result<(), String> {
         bound.launch_all(&mut |name, buffers| {
             let k = self.kernel(name)?;
-            // SAFETY: the artifact was validated (hashes, plan vs manifest): the plan's buffers have
-            // the shapes its kernels were compiled for at its sizes, the inputs were checked
-            // against the plan's bounds, their values' counts and their id ranges.
-            unsafe { k.run(buffers) };
-            Ok(())
+            // SAFETY: the artifact was validated (hashes, plan vs manifest, every launch against its
+            // kernel's signature); the inputs were checked against the plan's bounds, their values'
+            // counts and their id ranges; `run` checks the buffers against the signature again.
+            unsafe { k.run(buffers) }
         })
     }
 

@@ -39,6 +39,7 @@ pub mod responses;
 pub mod route;
 pub mod schema;
 pub mod session;
+pub mod signature;
 pub mod speculative;
 pub mod tokenizer;
 pub mod tools;

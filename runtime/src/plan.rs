@@ -51,11 +51,7 @@ impl EntryPlan {
         }
         let n = self.buffers.len();
         for (i, b) in self.buffers.iter().enumerate() {
-            let what = || match &b.kind {
-                BufferKind::Input { name } => format!("buffer {i} (input '{name}')"),
-                BufferKind::Weight { name } => format!("buffer {i} (weight '{name}')"),
-                BufferKind::Arena { .. } => format!("buffer {i}"),
-            };
+            let what = || b.describe(i);
             if b.id != i {
                 return Err(format!("{} has id {}", what(), b.id));
             }
@@ -180,6 +176,37 @@ impl Dim {
     }
 }
 
+/// How one dim of a kernel result follows from the kernel's inputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DimRule {
+    /// A known size.
+    Const(usize),
+    /// Dim `dim` of input `input`.
+    Input { input: usize, dim: usize },
+    /// The sum of two (a concatenation).
+    Sum(Box<DimRule>, Box<DimRule>),
+}
+
+impl DimRule {
+    /// The size for inputs of `inputs` shapes (`None`: no such input dim, or past `usize`).
+    pub fn eval<S: AsRef<[usize]>>(&self, inputs: &[S]) -> Option<usize> {
+        match self {
+            DimRule::Const(n) => Some(*n),
+            DimRule::Input { input, dim } => inputs.get(*input)?.as_ref().get(*dim).copied(),
+            DimRule::Sum(a, b) => a.eval(inputs)?.checked_add(b.eval(inputs)?),
+        }
+    }
+
+    /// The dim, affine in an entry's sizes, for inputs with dims `inputs` (the plan's form).
+    pub fn eval_dims(&self, inputs: &[Vec<Dim>]) -> Option<Dim> {
+        match self {
+            DimRule::Const(n) => Some(Dim::fixed(*n)),
+            DimRule::Input { input, dim } => inputs.get(*input)?.get(*dim).copied(),
+            DimRule::Sum(a, b) => Some(a.eval_dims(inputs)?.plus(&b.eval_dims(inputs)?)),
+        }
+    }
+}
+
 /// A shape at `sizes`.
 pub fn shape_at(dims: &[Dim], sizes: Sizes) -> Vec<usize> {
     dims.iter().map(|d| d.eval(sizes)).collect()
@@ -211,6 +238,17 @@ pub struct Buffer {
     /// MLIR element type name (`f32`, `bf16`, `f8E4M3FN`, `i64`, `i32`).
     pub dtype: String,
     pub bytes: u64,
+}
+
+impl Buffer {
+    /// `buffer <id>`, with the input's or weight's name: what errors call it (`id` its index).
+    pub fn describe(&self, id: usize) -> String {
+        match &self.kind {
+            BufferKind::Input { name } => format!("buffer {id} (input '{name}')"),
+            BufferKind::Weight { name } => format!("buffer {id} (weight '{name}')"),
+            BufferKind::Arena { .. } => format!("buffer {id}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

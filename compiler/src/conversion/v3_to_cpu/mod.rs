@@ -32,6 +32,7 @@ use melior::{Context, ExecutionEngine};
 use crate::kernel_cache::KernelCache;
 use crate::shapes::{kernel_shape_rules, DimRule};
 use crate::verify::Shape;
+use v3c_runtime::signature::{BufferType, KernelSignature};
 
 /// Why a kernel has no CPU lowering (yet), or failed to build.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -533,13 +534,72 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         blocks.extend(e.row_tiles.iter().map(rows::RowTile::script));
         globals.push_str(&gemm::transform_script(&e.column_tiles, &blocks));
     }
+    let output_rules = kernel_shape_rules(kernel).map_err(lowering)?;
+    let row_split = row_split(kernel, &inputs, &outputs, &output_rules);
+    let signature = KernelSignature {
+        inputs: inputs.iter().map(buffer_type).collect(),
+        outputs: outputs.iter().map(buffer_type).collect(),
+        output_rules: output_rules.clone(),
+        partitioned: e.partitioned,
+        row_split: row_split.clone(),
+    };
+    globals.push_str(&signature_global(&name, &signature));
     let text = format!(
         "{globals}func.func @{name}({}) attributes {{llvm.emit_c_interface}} {{\n{}{deallocs}    return\n  }}\n",
         params.join(", "),
         e.body
     );
-    let output_rules = kernel_shape_rules(kernel).map_err(lowering)?;
-    Ok(LoweredKernel { text, inputs, outputs, output_rules, partitioned: e.partitioned })
+    Ok(LoweredKernel { text, inputs, outputs, output_rules, partitioned: e.partitioned, row_split })
+}
+
+fn buffer_type(s: &Shape) -> BufferType {
+    BufferType { dims: s.dims.clone(), element: s.element.clone() }
+}
+
+/// The global that carries `signature` in the kernel's code (read back by the runtime,
+/// [`v3c_runtime::signature`]): its JSON, NUL-terminated, as an MLIR string (quotes and
+/// backslashes escaped in hex).
+fn signature_global(kernel: &str, signature: &KernelSignature) -> String {
+    let json = signature.to_json();
+    let escaped: String = json
+        .chars()
+        .map(|c| match c {
+            '"' => "\\22".to_string(),
+            '\\' => "\\5C".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    format!(
+        "llvm.mlir.global external constant @{}(\"{escaped}\\00\") {{addr_space = 0 : i32}} : !llvm.array<{} x i8>\n",
+        KernelSignature::symbol(kernel),
+        json.len() + 1
+    )
+}
+
+/// Whether `kernel`'s rows may run on different threads: a row-independent kind whose outputs take
+/// their rows from dim 0 of row inputs (dynamic dim 0), every row input sharing that dim.
+fn row_split(
+    kernel: &OperationRef,
+    inputs: &[Shape],
+    outputs: &[Shape],
+    output_rules: &[Vec<DimRule>],
+) -> Option<RowSplit> {
+    let kind = kernel
+        .attribute(v3c_dialects::KERNEL_ATTR)
+        .map(|a| a.to_string().trim_matches('"').to_string())
+        .unwrap_or_default();
+    let row_inputs: Vec<bool> = inputs.iter().map(|s| s.dims.first().is_some_and(|d| d.is_none())).collect();
+    let rows_follow =
+        output_rules.iter().all(|r| matches!(r.first(), Some(DimRule::Input { input, dim: 0 }) if row_inputs[*input]));
+    let row_outputs: Vec<bool> = outputs.iter().map(|s| s.dims.first().is_some_and(|d| d.is_none())).collect();
+    (ROW_INDEPENDENT.contains(&kind.as_str())
+        && rows_follow
+        && row_outputs.iter().all(|&r| r)
+        && row_inputs.iter().any(|&r| r))
+    .then(|| RowSplit {
+        rows: row_inputs.into_iter().chain(row_outputs).collect(),
+        min_rows: if kind.starts_with("attention_decode") { 1 } else { 8 },
+    })
 }
 
 /// The routing attributes of `moe_route` / `moe_dispatch`.
@@ -572,6 +632,8 @@ pub struct LoweredKernel {
     pub output_rules: Vec<Vec<DimRule>>,
     /// Takes `(part, parts)` after its buffers and computes that share of its outputs.
     pub partitioned: bool,
+    /// How its rows may be split over threads (see [`CpuKernel::row_split`]).
+    pub row_split: Option<RowSplit>,
 }
 
 /// The pass pipeline from linalg on memrefs to the LLVM dialect.
@@ -720,7 +782,7 @@ impl CpuKernel {
         kernel: &OperationRef,
         cache: Option<&KernelCache>,
     ) -> Result<CpuKernel, CpuError> {
-        let LoweredKernel { text, inputs, outputs, output_rules, partitioned } = lower_kernel(kernel)?;
+        let LoweredKernel { text, inputs, outputs, output_rules, partitioned, row_split } = lower_kernel(kernel)?;
         let name =
             kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
         let lowering = |problem: String| CpuError::Lowering { kernel: name.clone(), problem };
@@ -748,25 +810,6 @@ impl CpuKernel {
                 KernelCode::Jit(engine)
             }
         };
-        // Row-split eligibility: a row-independent kind whose outputs take their rows from dim 0
-        // of row inputs (dynamic dim 0), every row input sharing that dim.
-        let kind = kernel
-            .attribute(v3c_dialects::KERNEL_ATTR)
-            .map(|a| a.to_string().trim_matches('"').to_string())
-            .unwrap_or_default();
-        let row_inputs: Vec<bool> = inputs.iter().map(|s| s.dims.first().is_some_and(|d| d.is_none())).collect();
-        let rows_follow = output_rules
-            .iter()
-            .all(|r| matches!(r.first(), Some(DimRule::Input { input, dim: 0 }) if row_inputs[*input]));
-        let row_outputs: Vec<bool> = outputs.iter().map(|s| s.dims.first().is_some_and(|d| d.is_none())).collect();
-        let row_split = (ROW_INDEPENDENT.contains(&kind.as_str())
-            && rows_follow
-            && row_outputs.iter().all(|&r| r)
-            && row_inputs.iter().any(|&r| r))
-        .then(|| RowSplit {
-            rows: row_inputs.into_iter().chain(row_outputs).collect(),
-            min_rows: if kind.starts_with("attention_decode") { 1 } else { 8 },
-        });
         Ok(CpuKernel {
             code,
             name,
