@@ -406,7 +406,7 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
         if !v3c_compiler::transforms::form_kernels::is_kernel(&f) {
             continue;
         }
-        let name = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let name = f.attribute("sym_name").map(v3c_compiler::mlir::attribute_text).unwrap_or_default();
         if name != kernel {
             names.push(name);
             continue;
@@ -878,8 +878,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
                 continue;
             }
             let Some(block) = f.region(0).ok().and_then(|r| r.first_block()) else { continue };
-            let entry =
-                f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+            let entry = f.attribute("sym_name").map(v3c_compiler::mlir::attribute_text).unwrap_or_default();
             let (mut calls, mut launches) = (0, 0);
             let mut c = block.first_operation();
             while let Some(call) = c {
@@ -1623,8 +1622,7 @@ fn model_problems(
         if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
             use v3c_compiler::conversion::sm90::lower;
             use v3c_compiler::tune::attention::AttentionShape;
-            let fused =
-                f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+            let fused = f.attribute("sym_name").map(v3c_compiler::mlir::attribute_text).unwrap_or_default();
             let steps = v3c_compiler::conversion::sm90::tensor_core_attention(&f, defaults, caches);
             for step in steps.iter().flat_map(|s| &s.steps) {
                 let (Some(shape), Some((_, _, scale))) =

@@ -77,7 +77,7 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
     let mut op = module.body().first_operation();
     while let Some(f) = op {
         op = f.next_in_block();
-        let name = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let name = f.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
         if crate::transforms::form_kernels::is_kernel(&f) {
             rules.insert(name.clone(), kernel_shape_rules(&f)?);
             in_place.insert(name, kernel_in_place(&f));
@@ -106,7 +106,7 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
             };
         for i in 0..block.argument_count() {
             let arg = block.argument(i).map_err(|e| e.to_string())?;
-            let ty = Shape::parse(&arg.r#type().to_string()).ok_or("entry argument is not a tensor")?;
+            let ty = Shape::of(arg.r#type()).ok_or("entry argument is not a tensor")?;
             let attr = arg_attrs.get(i).copied().unwrap_or("");
             let (kind, dims) = match (quoted(attr, v3c_dialects::INPUT_ATTR), quoted(attr, v3c_dialects::PARAM_ATTR)) {
                 (Some(input), _) => {
@@ -156,8 +156,7 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
                     .map(|r| r.eval_dims(&input_dims))
                     .collect::<Option<Vec<Dim>>>()
                     .ok_or_else(|| format!("{kernel}: result {k} shape"))?;
-                let ty = Shape::parse(&c.result(k).map_err(|e| e.to_string())?.r#type().to_string())
-                    .ok_or("result is not a tensor")?;
+                let ty = Shape::of(c.result(k).map_err(|e| e.to_string())?.r#type()).ok_or("result is not a tensor")?;
                 let id = new_buffer(&mut buffers, BufferKind::Arena { offset: 0 }, dims, &ty.element)?;
                 by_value.insert(c.result(k).map_err(|e| e.to_string())?.to_raw().ptr as usize, id);
                 results.push(id);

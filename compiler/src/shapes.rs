@@ -21,10 +21,10 @@ pub use v3c_runtime::plan::DimRule;
 pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, String> {
     let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("kernel without a body")?;
     let mut rules: HashMap<usize, Vec<DimRule>> = HashMap::new();
-    let shape_of = |t: String| Shape::parse(&t).ok_or_else(|| format!("{t} is not a ranked tensor"));
+    let shape_of = |t: melior::ir::Type| Shape::of(t).ok_or_else(|| format!("{t} is not a ranked tensor"));
     for i in 0..block.argument_count() {
         let arg = block.argument(i).map_err(|e| e.to_string())?;
-        let shape = shape_of(arg.r#type().to_string())?;
+        let shape = shape_of(arg.r#type())?;
         let r = shape
             .dims
             .iter()
@@ -50,7 +50,7 @@ pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, St
             .flatten();
         for r in 0..o.result_count() {
             let result = o.result(r).map_err(|e| e.to_string())?;
-            let shape = shape_of(result.r#type().to_string())?;
+            let shape = shape_of(result.r#type())?;
             let dims = shape
                 .dims
                 .iter()

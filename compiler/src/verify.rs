@@ -7,7 +7,8 @@
 
 use melior::ir::block::BlockLike;
 use melior::ir::operation::{OperationLike, OperationRef};
-use melior::ir::{Module, RegionLike, ValueLike};
+use melior::ir::r#type::{DimSize, RankedTensorType, ShapedTypeLike, TypeLike};
+use melior::ir::{Module, RegionLike, Type, ValueLike};
 
 /// A tensor type read from MLIR: dims (None = dynamic) and element type.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +30,24 @@ impl Shape {
         Some(Shape { dims, element })
     }
 
+    /// The shape of a ranked tensor type, read through MLIR's API (as [`Shape::parse`] of its text,
+    /// without printing it: each print builds an MLIR `AsmState`, which sorts every loaded dialect,
+    /// about a third of a large model's compile); None for anything else.
+    pub fn of(t: Type) -> Option<Shape> {
+        let tensor = RankedTensorType::try_from(t).ok()?;
+        if tensor.encoding().is_some() {
+            return Shape::parse(&t.to_string());
+        }
+        let dims = (0..tensor.rank())
+            .map(|i| match tensor.dim_size(i) {
+                Ok(DimSize::Static(n)) => Some(Some(n as usize)),
+                Ok(DimSize::Dynamic) => Some(None),
+                Err(_) => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Shape { dims, element: element_name(tensor.element()) })
+    }
+
     fn rank(&self) -> usize {
         self.dims.len()
     }
@@ -40,6 +59,31 @@ impl Shape {
     fn last(&self) -> Option<usize> {
         self.dims.last().copied().flatten()
     }
+}
+
+/// MLIR's name of an element type (`f32`, `bf16`, `f8E4M3FN`, `i64`, ...), printed only when it is
+/// none of the common ones.
+pub fn element_name(t: Type) -> String {
+    use mlir_sys::*;
+    let raw = t.to_raw();
+    // SAFETY: `raw` is a live type of its context; these only inspect it.
+    unsafe {
+        let named = [
+            (mlirTypeIsAF32(raw), "f32"),
+            (mlirTypeIsABF16(raw), "bf16"),
+            (mlirTypeIsAF16(raw), "f16"),
+            (mlirTypeIsAF64(raw), "f64"),
+            (mlirTypeIsAFloat8E4M3FN(raw), "f8E4M3FN"),
+            (mlirTypeIsAIndex(raw), "index"),
+        ];
+        if let Some((_, name)) = named.iter().find(|(is, _)| *is) {
+            return (*name).to_string();
+        }
+        if mlirTypeIsAInteger(raw) && mlirIntegerTypeIsSignless(raw) {
+            return format!("i{}", mlirIntegerTypeGetWidth(raw));
+        }
+    }
+    t.to_string()
 }
 
 impl std::fmt::Display for Shape {
@@ -93,11 +137,11 @@ fn check_op(op: &OperationRef) -> Result<(), String> {
     let name = op.name().as_string_ref().as_str().unwrap_or("").to_string();
     let Some(kind) = name.strip_prefix("v3.") else { return Ok(()) };
     let operands: Vec<Shape> = (0..op.operand_count())
-        .map(|i| op.operand(i).ok().and_then(|v| Shape::parse(&v.r#type().to_string())))
+        .map(|i| op.operand(i).ok().and_then(|v| Shape::of(v.r#type())))
         .collect::<Option<_>>()
         .ok_or("operands must be ranked tensors")?;
     let results: Vec<Shape> = (0..op.result_count())
-        .map(|i| op.result(i).ok().and_then(|v| Shape::parse(&v.r#type().to_string())))
+        .map(|i| op.result(i).ok().and_then(|v| Shape::of(v.r#type())))
         .collect::<Option<_>>()
         .ok_or("results must be ranked tensors")?;
     let int_attr = |n: &str| -> Option<i64> {
@@ -278,5 +322,29 @@ mod tests {
         assert_eq!(s.dims, vec![None, Some(64)]);
         assert_eq!(s.to_string(), "[?, 64] f8E4M3FN");
         assert!(Shape::parse("memref<4xf32>").is_none());
+    }
+
+    #[test]
+    fn shapes_read_through_the_api_are_those_of_the_printed_types() {
+        let context = crate::mlir::new_context();
+        for text in [
+            "tensor<?x64xf8E4M3FN>",
+            "tensor<2x?x7168xbf16>",
+            "tensor<f32>",
+            "tensor<8xi64>",
+            "tensor<?x8xi32>",
+            "tensor<4xi1>",
+            "tensor<2xf16>",
+            "tensor<2xf64>",
+            "tensor<2xf8E5M2>",
+            "tensor<2xui8>",
+            "memref<4xf32>",
+            "vector<4xf32>",
+            "f32",
+        ] {
+            let t = Type::parse(&context, text).unwrap_or_else(|| panic!("{text}"));
+            assert_eq!(Shape::of(t), Shape::parse(&t.to_string()), "{text}");
+        }
+        assert!(Shape::of(Type::parse(&context, "tensor<?x64xf32>").unwrap()).is_some());
     }
 }

@@ -145,7 +145,7 @@ fn form_in_entry(
         let name = op_name(&o);
         if v3c_dialects::is_v3_op(&name) {
             let raw = o.to_raw();
-            let tag = o.attribute(FUSION_ATTR).ok().map(|a| a.to_string());
+            let tag = o.attribute(FUSION_ATTR).ok().map(crate::mlir::attribute_text);
             let producer_group =
                 operands(raw).first().and_then(|v| defining_op(*v)).and_then(|p| group_of.get(&key(p)).copied());
             let g = match (tag, producer_group) {
@@ -226,7 +226,7 @@ fn outline(
     let root_name = op_name(&root);
     // A fusion group is named by its kind (`mla_latent#3` -> `mla_latent`), a single op by its name.
     let kind = match root.attribute(FUSION_ATTR) {
-        Ok(tag) => tag.to_string().trim_matches('"').split('#').next().unwrap_or_default().to_string(),
+        Ok(tag) => crate::mlir::attribute_text(tag).split('#').next().unwrap_or_default().to_string(),
         Err(_) => root_name.trim_start_matches(v3c_dialects::DIALECT).trim_start_matches('.').to_string(),
     };
     let location = Location::unknown(context);
@@ -355,7 +355,7 @@ pub fn launch_report(module_op: &OperationRef) -> (Vec<EntryLaunches>, usize) {
             continue;
         }
         let Some(block) = f.region(0).ok().and_then(|r| r.first_block()) else { continue };
-        let names = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let names = f.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
         // Layer of each argument, from its `v3.param` name.
         let arg_attrs: Vec<String> = match f.attribute("arg_attrs") {
             Ok(attrs) => attrs.to_string().split("}, {").map(str::to_string).collect(),

@@ -44,7 +44,7 @@ fn is(op: MlirOperation, bare: &str) -> bool {
 
 fn shape(v: MlirValue) -> Option<Shape> {
     // SAFETY: `v` is a live value.
-    Shape::parse(&unsafe { Value::from_raw(v) }.r#type().to_string())
+    Shape::of(unsafe { Value::from_raw(v) }.r#type())
 }
 
 /// Identity of a value (MLIR values compare by address).
@@ -72,7 +72,7 @@ fn only_user(v: MlirValue, user: MlirOperation) -> bool {
 fn attr_text(op: MlirOperation, attr: &str) -> Option<String> {
     // SAFETY: as in `name`.
     let op = unsafe { OperationRef::from_raw(op) };
-    Some(op.attribute(attr).ok()?.to_string())
+    Some(crate::mlir::attribute_text(op.attribute(attr).ok()?))
 }
 
 fn attr_number(op: MlirOperation, attr: &str) -> Option<f64> {

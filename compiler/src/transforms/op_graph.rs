@@ -83,7 +83,7 @@ impl OpGraph {
                     }
                 })
                 .collect();
-            let fusion = o.attribute(FUSION_ATTR).ok().map(|a| a.to_string().trim_matches('"').to_string());
+            let fusion = o.attribute(FUSION_ATTR).ok().map(crate::mlir::attribute_text);
             ops.push(OpNode { raw, name, operands, users: vec![Vec::new(); n_results as usize], fusion });
             op = o.next_in_block();
         }

@@ -145,12 +145,12 @@ pub fn gemm_of_kernel(kernel: &OperationRef) -> Result<GemmKernel, String> {
 /// [`gemm_of_kernel`]; `f32_on_bf16`: linears on f32 activations with bf16 weights are taken too
 /// (as bf16 GEMMs: the caller splits the activations, see [`split_bf16_steps`]).
 fn gemm_of(kernel: &OperationRef, f32_on_bf16: bool) -> Result<GemmKernel, String> {
-    let name = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    let name = kernel.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
     let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("a kernel without a body")?;
     let mut args: HashMap<usize, (usize, Shape)> = HashMap::new();
     for i in 0..block.argument_count() {
         let arg = block.argument(i).map_err(|e| e.to_string())?;
-        let shape = Shape::parse(&arg.r#type().to_string()).ok_or("a non-tensor argument")?;
+        let shape = Shape::of(arg.r#type()).ok_or("a non-tensor argument")?;
         args.insert(arg.to_raw().ptr as usize, (i, shape));
     }
     let arg_of = |v: melior::ir::Value| args.get(&(v.to_raw().ptr as usize)).cloned();
@@ -181,7 +181,7 @@ fn gemm_of(kernel: &OperationRef, f32_on_bf16: bool) -> Result<GemmKernel, Strin
         let operand = |i: usize| o.operand(i).map_err(|e| e.to_string());
         let result_shape = |i: usize| -> Result<Shape, String> {
             let r = o.result(i).map_err(|e| e.to_string())?;
-            Shape::parse(&r.r#type().to_string()).ok_or_else(|| format!("{kind}: a non-tensor result"))
+            Shape::of(r.r#type()).ok_or_else(|| format!("{kind}: a non-tensor result"))
         };
         match kind.as_str() {
             "linear" => {
@@ -339,7 +339,7 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
         |o: &OperationRef| o.name().as_string_ref().as_str().unwrap_or_default().trim_start_matches("v3.").to_string();
     let raw = |v: melior::ir::Value| v.to_raw().ptr as usize;
     let is_arg = |v: melior::ir::Value, i: usize| block.argument(i).is_ok_and(|a| raw(a.into()) == raw(v));
-    let shape = |v: melior::ir::Value| Shape::parse(&v.r#type().to_string()).ok_or("a non-tensor value");
+    let shape = |v: melior::ir::Value| Shape::of(v.r#type()).ok_or("a non-tensor value");
     let names: Vec<String> = ops.iter().map(kind).collect();
     let first = ops.first().ok_or("an empty kernel")?;
     fn operand<'c, 'a>(o: &OperationRef<'c, 'a>, i: usize) -> Result<melior::ir::Value<'c, 'a>, String> {
@@ -695,10 +695,10 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
     let raw = |v: melior::ir::Value| v.to_raw().ptr as usize;
     let arg_shape = |i: usize| -> Result<Shape, String> {
         let a = block.argument(i).map_err(|e| e.to_string())?;
-        Shape::parse(&a.r#type().to_string()).ok_or_else(|| "a non-tensor argument".to_string())
+        Shape::of(a.r#type()).ok_or_else(|| "a non-tensor argument".to_string())
     };
     let shape_of = |o: &OperationRef, i: usize| -> Result<Shape, String> {
-        Shape::parse(&o.result(i).map_err(|e| e.to_string())?.r#type().to_string()).ok_or_else(|| "a result".into())
+        Shape::of(o.result(i).map_err(|e| e.to_string())?.r#type()).ok_or_else(|| "a result".into())
     };
     let is_arg = |v: melior::ir::Value, i: usize| block.argument(i).is_ok_and(|a| raw(a.into()) == raw(v));
     fn operand<'c, 'a>(o: &OperationRef<'c, 'a>, i: usize) -> Result<melior::ir::Value<'c, 'a>, String> {
@@ -736,7 +736,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         fixed_m: None,
         k_range: None,
     };
-    let fused = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    let fused = kernel.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
     match names.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["rms_norm", "quantize_fp8", "linear", "reshape", "split", "rope", "func.return"]
         | ["rms_norm", "linear", "reshape", "split", "rope", "func.return"] => {
@@ -1512,7 +1512,7 @@ pub fn mla_prefill_steps(kernel: &OperationRef, cache_rows: CacheRows) -> Result
     if fp8 && !(kv.is_multiple_of(group) && v.is_multiple_of(group)) {
         return Err(format!("a latent of {kv} and value heads of {v} (multiples of 128 for the 1x128 groups)"));
     }
-    let fused = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    let fused = kernel.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
     let n = heads * (nope + v);
     let (q_nope, q_pe, cache, kv_b) = (0, 1, 2, 3);
     let gemm = |input, output, a, a_scale, weights| GemmKernel {

@@ -52,8 +52,7 @@ impl<'c, 'a> Body<'c, 'a> {
             .iter()
             .map(|o| o.name().as_string_ref().as_str().unwrap_or_default().trim_start_matches("v3.").into())
             .collect();
-        let name =
-            kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let name = kernel.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
         Some(Body { name, ops, names, returned, args })
     }
 
@@ -79,7 +78,7 @@ fn raw(v: Value) -> usize {
 }
 
 fn shape(v: Value) -> Result<Shape, String> {
-    Shape::parse(&v.r#type().to_string()).ok_or_else(|| "a non-tensor value".to_string())
+    Shape::of(v.r#type()).ok_or_else(|| "a non-tensor value".to_string())
 }
 
 fn operand_shape(o: &OperationRef, i: usize) -> Result<Shape, String> {

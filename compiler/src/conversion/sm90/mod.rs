@@ -378,7 +378,7 @@ pub fn regimes(module: &Module) -> Regimes {
         if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
             continue;
         }
-        let entry = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let entry = f.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
         let Some(block) = f.region(0).ok().and_then(|r| r.first_block()) else { continue };
         let mut call = block.first_operation();
         while let Some(c) = call {
@@ -719,7 +719,7 @@ pub fn compile_model(
         if f.attribute(v3c_dialects::KERNEL_ATTR).is_err() {
             continue;
         }
-        let fused = f.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let fused = f.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
         let tensor_core_attention = tensor_core_attention(&f, attention, caches)
             .or_else(|| bf16_step.then(|| lower_train::bf16_matmul_steps(&f).and_then(Result::ok)).flatten());
         let row = row_launch(&f, caches);

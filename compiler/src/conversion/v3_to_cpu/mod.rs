@@ -170,7 +170,7 @@ fn int_attr(op: &OperationRef, name: &str) -> Option<i64> {
 
 /// Lowers the kernel function `kernel` to CPU MLIR text: `func.func @<name>` on memrefs.
 pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
-    let name = kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    let name = kernel.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
     let lowering = |problem: String| CpuError::Lowering { kernel: name.clone(), problem };
     let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or_else(|| lowering("no body".into()))?;
     let mut e = Emitter {
@@ -191,8 +191,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
     let mut inputs = Vec::new();
     for i in 0..block.argument_count() {
         let arg = block.argument(i).map_err(|err| lowering(err.to_string()))?;
-        let shape =
-            Shape::parse(&arg.r#type().to_string()).ok_or_else(|| lowering(format!("argument {i} is not a tensor")))?;
+        let shape = Shape::of(arg.r#type()).ok_or_else(|| lowering(format!("argument {i} is not a tensor")))?;
         e.values.insert(arg.to_raw().ptr as usize, (format!("%in{i}"), shape.clone()));
         inputs.push(shape);
     }
@@ -202,7 +201,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
     let mut output_of: HashMap<usize, String> = HashMap::new();
     for i in 0..terminator.operand_count() {
         let v = terminator.operand(i).map_err(|err| lowering(err.to_string()))?;
-        let shape = Shape::parse(&v.r#type().to_string()).ok_or_else(|| lowering("result is not a tensor".into()))?;
+        let shape = Shape::of(v.r#type()).ok_or_else(|| lowering("result is not a tensor".into()))?;
         output_of.entry(v.to_raw().ptr as usize).or_insert(format!("%out{i}"));
         outputs.push(shape);
     }
@@ -228,8 +227,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         let mut dests = Vec::new();
         for r in 0..o.result_count() {
             let result = o.result(r).map_err(|err| lowering(err.to_string()))?;
-            let shape =
-                Shape::parse(&result.r#type().to_string()).ok_or_else(|| lowering("result is not a tensor".into()))?;
+            let shape = Shape::of(result.r#type()).ok_or_else(|| lowering("result is not a tensor".into()))?;
             let key = result.to_raw().ptr as usize;
             let dest = match output_of.get(&key) {
                 Some(out) => out.clone(),
@@ -584,10 +582,7 @@ fn row_split(
     outputs: &[Shape],
     output_rules: &[Vec<DimRule>],
 ) -> Option<RowSplit> {
-    let kind = kernel
-        .attribute(v3c_dialects::KERNEL_ATTR)
-        .map(|a| a.to_string().trim_matches('"').to_string())
-        .unwrap_or_default();
+    let kind = kernel.attribute(v3c_dialects::KERNEL_ATTR).map(crate::mlir::attribute_text).unwrap_or_default();
     let row_inputs: Vec<bool> = inputs.iter().map(|s| s.dims.first().is_some_and(|d| d.is_none())).collect();
     let rows_follow =
         output_rules.iter().all(|r| matches!(r.first(), Some(DimRule::Input { input, dim: 0 }) if row_inputs[*input]));
@@ -783,8 +778,7 @@ impl CpuKernel {
         cache: Option<&KernelCache>,
     ) -> Result<CpuKernel, CpuError> {
         let LoweredKernel { text, inputs, outputs, output_rules, partitioned, row_split } = lower_kernel(kernel)?;
-        let name =
-            kernel.attribute("sym_name").map(|a| a.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let name = kernel.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
         let lowering = |problem: String| CpuError::Lowering { kernel: name.clone(), problem };
         // The packed wrapper of the C interface: what `ExecutionEngine::invoke_packed(name)` calls.
         let packed = format!("_mlir__mlir_ciface_{name}");
