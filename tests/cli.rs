@@ -14,7 +14,7 @@ fn v3c_help_lists_every_subcommand() {
     let out = run_binary("v3c", &["--help"]);
     assert!(out.status.success());
     let help = text(&out.stdout);
-    for sub in ["compile", "dump-ir", "logits", "run", "tune", "init-weights", "doctor"] {
+    for sub in ["compile", "dump-ir", "logits", "run", "tune", "init-weights", "doctor", "cache"] {
         assert!(help.contains(&format!("  {sub} ")), "missing {sub} in:\n{help}");
     }
     assert!(help.contains("Examples:"), "{help}");
@@ -1799,6 +1799,59 @@ fn compile_for_the_cpu_fills_and_reuses_the_kernel_cache() {
         .filter(|n| n.starts_with(".v3c-artifact"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // `v3c cache` says what is held; a cache over V3C_KERNEL_CACHE_MAX is trimmed after the
+    // command, least recently used first; `--trim` and `--clear` on demand.
+    let show = |extra: &[&str], env: &[(&str, &str)]| {
+        let out = run_binary_env("v3c", &[&["cache"][..], extra].concat(), env);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let held = show(&[], &env);
+    let line = format!("kernel cache {}: {kernels} CPU kernels, 0 PTX, 0 cubins, ", cache.display());
+    assert!(held.contains(&line) && held.contains("; held to 2048.0 MiB (V3C_KERNEL_CACHE_MAX)"), "{held}");
+    let objects = || -> Vec<(std::path::PathBuf, u64)> {
+        let so = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "so"));
+        so.map(|p| {
+            let len = std::fs::metadata(&p).unwrap().len();
+            (p, len)
+        })
+        .collect()
+    };
+    let (smallest, largest) =
+        (objects().iter().map(|o| o.1).min().unwrap(), objects().iter().map(|o| o.1).max().unwrap());
+    let limit = (largest + smallest).to_string();
+    let bounded = [env[0], ("V3C_KERNEL_CACHE_MAX", limit.as_str())];
+    let out = run_binary_env("v3c", &["compile", "--model", "deepseek-v3-tiny", "--target", "cpu"], &bounded);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let total: u64 = objects().iter().map(|o| o.1).sum();
+    let kept = objects().len();
+    assert!((1..kernels).contains(&kept) && total <= largest + smallest, "{err}");
+    let said =
+        format!("kernel cache {}: removed the {} least recently used entries (", cache.display(), kernels - kept);
+    assert!(err.contains(&said), "{err}");
+    let bad = run_binary_env("v3c", &["cache"], &[env[0], ("V3C_KERNEL_CACHE_MAX", "2 parsecs")]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("V3C_KERNEL_CACHE_MAX=2 parsecs: unknown unit 'parsecs'"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let trimmed = show(&["--trim", "0"], &env);
+    assert!(trimmed.contains(&format!("removed {kept} entries")), "{trimmed}");
+    assert!(trimmed.contains(": 0 CPU kernels, 0 PTX, 0 cubins, 0.0 MiB;"), "{trimmed}");
+    let out = run_binary_env("v3c", &["compile", "--model", "deepseek-v3-tiny", "--target", "cpu"], &env);
+    assert_eq!(count(&text(&out.stderr), " JIT-compiled)"), kernels, "emptied: {}", text(&out.stderr));
+    let cleared = show(&["--clear"], &env);
+    assert!(
+        cleared.contains(&format!("removed {kernels} entries")) && cleared.contains(": 0 CPU kernels"),
+        "{cleared}"
+    );
+    assert!(show(&[], &[("V3C_KERNEL_CACHE", "off")]).starts_with("kernel cache off"));
 }
 
 /// `dump-ir --stage gpu|nvvm|ptx --kernel NAME` follows a Hopper template kernel down to PTX (with

@@ -145,30 +145,14 @@ fn kernel_cache() -> Result<String, String> {
     let Some(cache) = crate::kernel_cache::KernelCache::from_env() else {
         return Ok("off (V3C_KERNEL_CACHE=off, or no HOME): every kernel is compiled afresh every run".into());
     };
-    let (mut objects, mut ptx, mut cubins, mut bytes) = (0usize, 0usize, 0usize, 0u64);
-    if let Ok(dir) = std::fs::read_dir(cache.dir()) {
-        for e in dir.flatten() {
-            let path = e.path();
-            let count = match path.extension().and_then(|x| x.to_str()) {
-                Some("so") => &mut objects,
-                Some("ptx") => &mut ptx,
-                Some("cubin") => &mut cubins,
-                _ => continue,
-            };
-            // Entries being written are hidden files.
-            if !e.file_name().to_string_lossy().starts_with('.') {
-                *count += 1;
-                bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
-            }
-        }
-    }
+    let usage = cache.usage()?;
+    let limit = match crate::kernel_cache::max_bytes_from_env()? {
+        Some(max) => format!("held to {} (V3C_KERNEL_CACHE_MAX)", crate::kernel_cache::mib(max)),
+        None => "no size limit (V3C_KERNEL_CACHE_MAX=unlimited)".into(),
+    };
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let linker = std::process::Command::new(&cc).arg("--version").output();
-    let held = format!(
-        "{}: {objects} CPU kernels, {ptx} PTX, {cubins} cubins, {:.1} MiB",
-        cache.dir().display(),
-        bytes as f64 / (1 << 20) as f64
-    );
+    let held = format!("{}: {usage}, {limit}", cache.dir().display());
     match linker {
         Ok(o) if o.status.success() => Ok(held),
         _ => Err(format!("{held}; '{cc}' cannot be run, so new kernels are not stored (set CC)")),

@@ -17,6 +17,11 @@
 //! Entries are written to a temporary file and renamed into place, so concurrent compilers never
 //! see a partial entry. An entry that fails to load (truncated, foreign, missing its symbol) is a
 //! miss: it is rebuilt and replaced, with a warning naming the file.
+//!
+//! The cache is held to a size ([`max_bytes_from_env`]: 2 GiB unless `V3C_KERNEL_CACHE_MAX` says
+//! otherwise): [`KernelCache::trim`] removes the least recently used entries (a hit renews an
+//! entry's modification time) until the rest fit; `v3c` does after each command that may store
+//! kernels, and `v3c cache` reports, trims or clears it on demand.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -86,7 +91,10 @@ impl KernelCache {
             Ok(CachedKernel { entry, _library: lib })
         });
         match loaded {
-            Ok(k) => Some(k),
+            Ok(k) => {
+                used(&path);
+                Some(k)
+            }
             Err(e) => {
                 tracing::warn!("kernel cache entry {} is unusable ({e}); rebuilding it", path.display());
                 None
@@ -291,7 +299,215 @@ fn load_entry<const N: usize>(
         }
         check(parts)
     })();
-    parts.map_err(|e| unusable(path, e)).ok()
+    let parts = parts.map_err(|e| unusable(path, e)).ok()?;
+    used(path);
+    Some(parts)
+}
+
+/// Renews the modification time of the entry at `path`, which [`KernelCache::trim`] reads as its
+/// last use (best effort: a read-only cache is still a cache).
+fn used(path: &Path) {
+    if let Ok(file) = std::fs::File::options().append(true).open(path) {
+        let _ = file.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// The kinds of entries, by file extension: CPU kernels' shared objects, PTX, cubins.
+const KINDS: [&str; 3] = ["so", "ptx", "cubin"];
+
+/// Partial entries older than this are left over from a compiler that died while writing them.
+const ABANDONED: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// The size a cache is held to unless `V3C_KERNEL_CACHE_MAX` says otherwise.
+pub const DEFAULT_MAX_BYTES: u64 = 2 << 30;
+
+/// What a cache holds: entries (and their bytes) per kind, and partial entries being written.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Entries of each of [`KINDS`]: CPU kernels, PTX, cubins.
+    pub entries: [usize; 3],
+    pub bytes: [u64; 3],
+    /// Partial entries (hidden files being written, or abandoned).
+    pub partial: usize,
+}
+
+impl Usage {
+    pub fn total_entries(&self) -> usize {
+        self.entries.iter().sum()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes.iter().sum()
+    }
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [so, ptx, cubins] = self.entries;
+        write!(f, "{so} CPU kernels, {ptx} PTX, {cubins} cubins, {}", mib(self.total_bytes()))
+    }
+}
+
+/// `bytes` in MiB, one decimal.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// What [`KernelCache::trim`] or [`KernelCache::clear`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Removed {
+    pub entries: usize,
+    pub bytes: u64,
+    /// Abandoned partial entries.
+    pub partial: usize,
+}
+
+/// One file of the cache directory.
+struct Listed {
+    path: PathBuf,
+    kind: Option<usize>,
+    bytes: u64,
+    modified: std::time::SystemTime,
+}
+
+impl KernelCache {
+    /// Every entry and partial entry in the directory (nothing when it does not exist yet); other
+    /// files are not the cache's and are left alone.
+    fn list(&self) -> Result<Vec<Listed>, String> {
+        let dir = match std::fs::read_dir(&self.dir) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(format!("kernel cache {}: {e}", self.dir.display())),
+        };
+        let mut files = Vec::new();
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // An entry is `<key>.<kind>`; a partial one a hidden `.<key>.<...>` (`.<key>.<random>.so`,
+            // `.<key>.ptx.<random>`).
+            let keyed = |n: &str| {
+                n.len() > 65 && n.as_bytes()[..64].iter().all(u8::is_ascii_hexdigit) && n.as_bytes()[64] == b'.'
+            };
+            let kind = match name.strip_prefix('.') {
+                Some(rest) if keyed(rest) => None,
+                Some(_) => continue,
+                None if keyed(&name) => match KINDS.iter().position(|k| name[65..] == **k) {
+                    Some(k) => Some(k),
+                    None => continue,
+                },
+                None => continue,
+            };
+            let Ok(meta) = e.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            files.push(Listed { path: e.path(), kind, bytes: meta.len(), modified });
+        }
+        Ok(files)
+    }
+
+    /// What the cache holds.
+    pub fn usage(&self) -> Result<Usage, String> {
+        let mut usage = Usage::default();
+        for f in self.list()? {
+            match f.kind {
+                Some(k) => {
+                    usage.entries[k] += 1;
+                    usage.bytes[k] += f.bytes;
+                }
+                None => usage.partial += 1,
+            }
+        }
+        Ok(usage)
+    }
+
+    /// Removes the least recently used entries until the rest take at most `max_bytes`, and
+    /// partial entries abandoned for a day. An entry another process has loaded stays mapped there;
+    /// one it is about to load becomes a miss and is made again.
+    pub fn trim(&self, max_bytes: u64) -> Result<Removed, String> {
+        let mut files = self.list()?;
+        let now = std::time::SystemTime::now();
+        let mut removed = Removed::default();
+        let remove = |f: &Listed| match std::fs::remove_file(&f.path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(format!("kernel cache: cannot remove {}: {e}", f.path.display())),
+        };
+        for f in files.iter().filter(|f| f.kind.is_none()) {
+            if now.duration_since(f.modified).is_ok_and(|age| age > ABANDONED) && remove(f)? {
+                removed.partial += 1;
+            }
+        }
+        files.retain(|f| f.kind.is_some());
+        let mut total: u64 = files.iter().map(|f| f.bytes).sum();
+        // Oldest first; the path orders entries used at the same instant, so trimming is
+        // deterministic.
+        files.sort_by(|a, b| a.modified.cmp(&b.modified).then_with(|| a.path.cmp(&b.path)));
+        for f in &files {
+            if total <= max_bytes {
+                break;
+            }
+            total -= f.bytes;
+            if remove(f)? {
+                removed.entries += 1;
+                removed.bytes += f.bytes;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes every entry, and every partial entry (a compiler writing one then fails to store
+    /// it, and makes it again next time).
+    pub fn clear(&self) -> Result<Removed, String> {
+        let mut removed = Removed::default();
+        for f in self.list()? {
+            match std::fs::remove_file(&f.path) {
+                Ok(()) if f.kind.is_some() => {
+                    removed.entries += 1;
+                    removed.bytes += f.bytes;
+                }
+                Ok(()) => removed.partial += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("kernel cache: cannot remove {}: {e}", f.path.display())),
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// The size the cache is held to: `V3C_KERNEL_CACHE_MAX` (bytes, or with a unit: `500M`, `2G`,
+/// `1.5GiB`; `unlimited` for no limit), else [`DEFAULT_MAX_BYTES`]. None: no limit.
+pub fn max_bytes_from_env() -> Result<Option<u64>, String> {
+    match std::env::var("V3C_KERNEL_CACHE_MAX") {
+        Err(_) => Ok(Some(DEFAULT_MAX_BYTES)),
+        Ok(v) if v.trim().is_empty() => Ok(Some(DEFAULT_MAX_BYTES)),
+        Ok(v) if v.trim() == "unlimited" => Ok(None),
+        Ok(v) => parse_size(&v).map(Some).map_err(|e| format!("V3C_KERNEL_CACHE_MAX={v}: {e}")),
+    }
+}
+
+/// A size in bytes: a number with an optional unit (`K`, `M`, `G`, `T`, powers of 1024, with or
+/// without `iB`/`B`; case-insensitive).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let unit = unit.trim().to_ascii_lowercase();
+    let shift = match unit.trim_end_matches("ib").trim_end_matches('b') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return Err(format!("unknown unit '{unit}' (use K, M, G or T)")),
+    };
+    let value: f64 =
+        number.parse().map_err(|_| "not a size (a number of bytes, or with a unit: 500M, 2G, 1.5GiB)".to_string())?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err("too large".into());
+    }
+    Ok(bytes as u64)
 }
 
 /// `bytes` as text, or None with the entry at `path` reported unusable.
@@ -471,6 +687,96 @@ mod tests {
         assert_ne!(base, key("gpu.module", "lower,cse", "sm_90a"));
         assert_ne!(base, key("gpu.module", "lower", "sm_90a ptx 8.1"));
         assert_ne!(key("ab", "c", "t"), key("a", "bc", "t"));
+    }
+
+    /// A 64-digit key like the cache's own, from `n`.
+    fn key(n: u8) -> String {
+        format!("{n:02x}").repeat(32)
+    }
+
+    /// Sets the modification time of `path` to `secs` seconds after the epoch.
+    fn age(path: &Path, secs: u64) {
+        let file = std::fs::File::options().append(true).open(path).unwrap();
+        file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)).unwrap();
+    }
+
+    #[test]
+    fn trimming_removes_the_least_recently_used_entries_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = KernelCache::new(dir.path());
+        assert_eq!(cache.usage().unwrap(), Usage::default(), "a cache not made yet is empty");
+        // Four entries of 1,000 bytes of PTX (plus the entry's header), used at times 40, 10, 30, 20.
+        let ptx = "p".repeat(1000);
+        for (n, at) in [(1, 40), (2, 10), (3, 30), (4, 20)] {
+            cache.store_ptx(&key(n), &ptx).unwrap();
+            age(&cache.ptx_path(&key(n)), 1_000_000 + at);
+        }
+        let entry = std::fs::metadata(cache.ptx_path(&key(1))).unwrap().len();
+        // Files that are not the cache's are neither counted nor removed.
+        for foreign in ["notes.txt", "short.ptx", &format!("{}.txt", key(5)), &format!(".{}", key(6))] {
+            std::fs::write(dir.path().join(foreign), "x").unwrap();
+        }
+        let usage = cache.usage().unwrap();
+        assert_eq!((usage.entries, usage.total_bytes(), usage.partial), ([0, 4, 0], 4 * entry, 0));
+        assert_eq!(usage.to_string(), "0 CPU kernels, 4 PTX, 0 cubins, 0.0 MiB");
+        // Used since: entry 2 is now the most recent.
+        assert!(cache.load_ptx(&key(2)).is_some());
+        // Room for two and a half: the two used longest ago (4, then 3) go.
+        let removed = cache.trim(2 * entry + entry / 2).unwrap();
+        assert_eq!(removed, Removed { entries: 2, bytes: 2 * entry, partial: 0 });
+        let left = |c: &KernelCache| [1, 2, 3, 4].map(|n| c.ptx_path(&key(n)).exists());
+        assert_eq!(left(&cache), [true, true, false, false]);
+        // Within the size already: nothing goes.
+        assert_eq!(cache.trim(2 * entry).unwrap(), Removed::default());
+        assert_eq!(cache.trim(2 * entry - 1).unwrap().entries, 1);
+        assert_eq!(left(&cache), [false, true, false, false]);
+        assert_eq!(cache.trim(0).unwrap().entries, 1);
+        assert_eq!(cache.usage().unwrap().total_entries(), 0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4, "the foreign files stay");
+    }
+
+    #[test]
+    fn abandoned_partial_entries_are_removed_and_clearing_empties_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = KernelCache::new(dir.path());
+        cache.store_cubin(&key(1), b"\x7fELF", "log").unwrap();
+        cache.store_ptx(&key(2), "ptx").unwrap();
+        std::fs::write(cache.path(&key(3)), b"a shared object").unwrap();
+        // Partial entries as the stores name them: one being written now, one from a day ago.
+        let (fresh, old) =
+            (dir.path().join(format!(".{}.ptx.a1b2c3", key(4))), dir.path().join(format!(".{}.x9.so", key(5))));
+        for p in [&fresh, &old] {
+            std::fs::write(p, "partial").unwrap();
+        }
+        age(&old, 0);
+        let usage = cache.usage().unwrap();
+        assert_eq!((usage.entries, usage.partial), ([1, 1, 1], 2));
+        let removed = cache.trim(u64::MAX).unwrap();
+        assert_eq!(removed, Removed { entries: 0, bytes: 0, partial: 1 });
+        assert!(fresh.exists() && !old.exists());
+        let removed = cache.clear().unwrap();
+        assert_eq!((removed.entries, removed.partial), (3, 1));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        for (text, bytes) in [
+            ("0", 0),
+            ("1234", 1234),
+            ("4K", 4096),
+            ("500M", 500 << 20),
+            ("2G", 2 << 30),
+            ("2g", 2 << 30),
+            ("1.5GiB", 3 << 29),
+            ("3 MB", 3 << 20),
+            ("1T", 1 << 40),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+        for bad in ["", "M", "-1", "5Q", "1e3", "2GG", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

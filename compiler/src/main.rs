@@ -21,7 +21,7 @@ mod commands;
 #[derive(Parser)]
 #[command(name = "v3c", version, propagate_version = true, max_term_width = 100)]
 #[command(
-    after_help = "Examples:\n  v3c doctor                                        # what this machine can do\n  v3c compile --model deepseek-v3 --target sm_90a --out out/deepseek-v3\n  v3c dump-ir --model deepseek-v3-tiny --stage v3 --entry decode\n  v3c init-weights --model deepseek-v3-tiny --out ckpt/ [--fp8]\n  v3c logits --model-dir ckpt/ --tokens \"0 3 17\" --backend reference --out logits.safetensors\n  v3c run --model-dir ckpt/ --prompt-tokens \"0 3 17\" --max-new-tokens 8\n  v3c compile --model ckpt/ --target cpu --speculative --out out/spec   # + the MTP draft entry\n  v3c tune --model deepseek-v3 --emit-candidates cands/   # for `v3r tune` on a GPU machine\n  v3c emulate out/small --weights ckpt/ --tokens \"0 3 17\" --out l.safetensors --dump dump/\n\nStages, in order: v3, fused, cpu, gpu, nvvm, ptx, plan.\nEnvironment: V3C_DUMP_DIR=<dir> dumps every stage; V3C_LOG=<filter> sets logging;\nV3C_PTXAS / V3C_CUOBJDUMP / V3C_NVDISASM name tools not in .tools/bin or on PATH."
+    after_help = "Examples:\n  v3c doctor                                        # what this machine can do\n  v3c compile --model deepseek-v3 --target sm_90a --out out/deepseek-v3\n  v3c dump-ir --model deepseek-v3-tiny --stage v3 --entry decode\n  v3c init-weights --model deepseek-v3-tiny --out ckpt/ [--fp8]\n  v3c logits --model-dir ckpt/ --tokens \"0 3 17\" --backend reference --out logits.safetensors\n  v3c run --model-dir ckpt/ --prompt-tokens \"0 3 17\" --max-new-tokens 8\n  v3c compile --model ckpt/ --target cpu --speculative --out out/spec   # + the MTP draft entry\n  v3c tune --model deepseek-v3 --emit-candidates cands/   # for `v3r tune` on a GPU machine\n  v3c emulate out/small --weights ckpt/ --tokens \"0 3 17\" --out l.safetensors --dump dump/\n  v3c cache --trim 500M                              # keep the 500 MiB of kernels used last\n\nStages, in order: v3, fused, cpu, gpu, nvvm, ptx, plan.\nEnvironment: V3C_DUMP_DIR=<dir> dumps every stage; V3C_LOG=<filter> sets logging;\nV3C_KERNEL_CACHE=<dir>|off moves or disables the kernel cache; V3C_KERNEL_CACHE_MAX=2G caps it;\nV3C_PTXAS / V3C_CUOBJDUMP / V3C_NVDISASM name tools not in .tools/bin or on PATH."
 )]
 struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace); V3C_LOG=<filter> overrides.
@@ -49,6 +49,12 @@ enum Command {
     Train(TrainArgs),
     /// Report LLVM/MLIR, PTX and cubin generation, CUDA tools, driver and GPUs; works without a GPU.
     Doctor(DoctorArgs),
+    /// Show the kernel cache (CPU kernels, PTX and cubins kept between runs), or trim or clear it.
+    ///
+    /// The cache is held to V3C_KERNEL_CACHE_MAX (default 2G; `unlimited` for no limit): after each
+    /// command that may store kernels, the least recently used entries are removed until the rest fit.
+    /// V3C_KERNEL_CACHE=<dir> moves the cache, =off turns it off.
+    Cache(CacheArgs),
     /// Run a GPU artifact's launches on this CPU (row kernels through their CPU lowering, GEMMs from
     /// their parameters): the logits a GPU must give, and with --dump every launch's buffers, for
     /// `benches/device/dump_compare.py` against `V3R_DUMP_DIR=... v3r logits` on the GPU.
@@ -473,6 +479,21 @@ struct TuneArgs {
 }
 
 #[derive(Args)]
+struct CacheArgs {
+    /// Remove the least recently used entries until the rest take at most SIZE (bytes, or with a
+    /// unit: 500M, 2G, 1.5GiB; 0 empties it).
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, conflicts_with = "clear")]
+    trim: Option<u64>,
+    /// Remove every entry.
+    #[arg(long)]
+    clear: bool,
+}
+
+fn size_arg(text: &str) -> Result<u64, String> {
+    v3c_compiler::kernel_cache::parse_size(text)
+}
+
+#[derive(Args)]
 struct DoctorArgs {
     /// Print the report as JSON.
     #[arg(long)]
@@ -517,8 +538,10 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::DumpIr(_)) {
         v3c_compiler::kernel_cache::keep_gpu_kernels_in(v3c_compiler::kernel_cache::KernelCache::from_env());
     }
+    let stores_kernels = !matches!(cli.command, Command::DumpIr(_) | Command::Doctor(_) | Command::Cache(_));
     let result = match cli.command {
         Command::Doctor(a) => run_doctor(&a),
+        Command::Cache(a) => run_cache(&a),
         Command::Compile(a) if a.train && a.max_batch.is_some() => {
             Err("--max-batch with --train: a training step has no decode entry (--max-rows sizes its windows)".into())
         }
@@ -656,12 +679,68 @@ fn main() -> ExitCode {
             only: &a.only,
         }),
     };
+    if stores_kernels {
+        hold_kernel_cache_to_its_size();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
             eprintln!("v3c: error: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `v3c cache`: what the kernel cache holds, and `--trim` / `--clear`.
+fn run_cache(args: &CacheArgs) -> Result<(), String> {
+    use v3c_compiler::kernel_cache::{max_bytes_from_env, mib, KernelCache};
+    let Some(cache) = KernelCache::from_env() else {
+        println!("kernel cache off (V3C_KERNEL_CACHE=off, or no HOME): nothing is kept");
+        return Ok(());
+    };
+    let dir = cache.dir().display();
+    let removed = match (args.clear, args.trim) {
+        (true, _) => Some(cache.clear()?),
+        (false, Some(max)) => Some(cache.trim(max)?),
+        (false, None) => None,
+    };
+    if let Some(r) = removed {
+        let partial = if r.partial > 0 { format!(" and {} partial entries", r.partial) } else { String::new() };
+        println!("kernel cache {dir}: removed {} entries ({}){partial}", r.entries, mib(r.bytes));
+    }
+    let usage = cache.usage()?;
+    let limit = match max_bytes_from_env()? {
+        Some(max) => format!("held to {} (V3C_KERNEL_CACHE_MAX)", mib(max)),
+        None => "no size limit (V3C_KERNEL_CACHE_MAX=unlimited)".into(),
+    };
+    println!("kernel cache {dir}: {usage}; {limit}");
+    Ok(())
+}
+
+/// After a command that may have stored kernels: the least recently used entries removed until the
+/// cache fits `V3C_KERNEL_CACHE_MAX`, said on stderr when any were (a failure only warns: the
+/// command's own work is done).
+fn hold_kernel_cache_to_its_size() {
+    use v3c_compiler::kernel_cache::{max_bytes_from_env, mib, KernelCache};
+    let Some(cache) = KernelCache::from_env() else { return };
+    let max = match max_bytes_from_env() {
+        Ok(Some(max)) => max,
+        Ok(None) => return,
+        Err(e) => {
+            eprintln!("v3c: warning: {e}; the kernel cache is not trimmed");
+            return;
+        }
+    };
+    match cache.trim(max) {
+        Ok(r) if r.entries > 0 => eprintln!(
+            "kernel cache {}: removed the {} least recently used entries ({}) to stay within {} (V3C_KERNEL_CACHE_MAX)",
+            cache.dir().display(),
+            r.entries,
+            mib(r.bytes),
+            mib(max)
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("v3c: warning: {e}"),
     }
 }
 
