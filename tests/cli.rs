@@ -1282,6 +1282,42 @@ fn v3r_trains_from_a_training_artifact_like_v3c_train() {
     let not_training = run_binary("v3r", &["bench-train", &p("inf"), "--random-weights", "1"]);
     assert_eq!(not_training.status.code(), Some(1));
     assert!(text(&not_training.stderr).contains("not a training-step artifact"), "{}", text(&not_training.stderr));
+    // The targets planned as one row (bound and hash to match): the cross-entropy kernel reads a
+    // target per row of logits, as its code's signature says; refused when the kernels load.
+    let edited = dir.path().join("edited");
+    std::fs::create_dir(&edited).unwrap();
+    for e in walk(Path::new(&p("art"))) {
+        let to = edited.join(e.strip_prefix(p("art")).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&e, to).unwrap();
+    }
+    let mut plan: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(edited.join("plan.json")).unwrap()).unwrap();
+    let entry = &mut plan["entries"][0];
+    let targets =
+        entry["buffers"].as_array().unwrap().iter().position(|b| b["kind"]["Input"]["name"] == "targets").unwrap();
+    entry["buffers"][targets]["dims"] = serde_json::json!([{ "constant": 1, "rows": 0, "context": 0 }]);
+    entry["buffers"][targets]["shape"] = serde_json::json!([1]);
+    entry["buffers"][targets]["bytes"] = 8.into();
+    entry["bounds"]["targets"] = serde_json::json!([1]);
+    let bytes = serde_json::to_vec(&plan).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(edited.join("manifest.json")).unwrap()).unwrap();
+    manifest["plan"]["sha256"] = v3c_runtime::artifact::sha256_hex(&bytes).into();
+    std::fs::write(edited.join("plan.json"), &bytes).unwrap();
+    std::fs::write(edited.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let out = run_binary(
+        "v3r",
+        &[&["train", edited.to_str().unwrap(), "--weights", &p("ckpt"), "--out", &p("e")], &common[..]].concat(),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let said = format!("(kernel cross_entropy_0): buffer {targets} (input 'targets') is [1] and buffer ");
+    assert!(
+        err.contains(&said) && err.ends_with(&format!(", {vocab}]; the kernel reads dim 0 of both as one size\n")),
+        "{err}"
+    );
+    assert!(!dir.path().join("e").exists(), "nothing written");
 }
 
 /// `dump-ir --entry train-step`: the training graph in the v3 dialect (its VJPs as dialect ops),

@@ -19,8 +19,25 @@ pub use v3c_runtime::plan::DimRule;
 
 /// Per result of `kernel` (a kernel function), per dim, its rule.
 pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, String> {
+    walk(kernel).map(|(rules, _)| rules)
+}
+
+/// The dynamic dims of `kernel`'s inputs that its ops read as one size, in classes of `(input,
+/// dim)` (each sorted, of two or more, the classes in order of their first member): the rows of
+/// a norm's input and of RoPE's positions, of the MoE routing's input and its expert ids, a
+/// concatenation's operands off its axis, ... ([`dim_relations`]). A launch whose buffers differ
+/// there would have the kernel index one past the other's end.
+pub fn kernel_input_equalities(kernel: &OperationRef) -> Result<Vec<Vec<(usize, usize)>>, String> {
+    walk(kernel).map(|(_, equal)| equal)
+}
+
+/// One pass over `kernel`: its results' rules and its inputs' equal dims.
+#[allow(clippy::type_complexity)]
+fn walk(kernel: &OperationRef) -> Result<(Vec<Vec<DimRule>>, Vec<Vec<(usize, usize)>>), String> {
     let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("kernel without a body")?;
     let mut rules: HashMap<usize, Vec<DimRule>> = HashMap::new();
+    // Union-find over input dims: each dim's representative.
+    let mut parent: HashMap<(usize, usize), (usize, usize)> = HashMap::new();
     let shape_of = |t: melior::ir::Type| Shape::of(t).ok_or_else(|| format!("{t} is not a ranked tensor"));
     for i in 0..block.argument_count() {
         let arg = block.argument(i).map_err(|e| e.to_string())?;
@@ -41,13 +58,17 @@ pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, St
             .map(|i| o.operand(i).ok().and_then(|v| rules.get(&(v.to_raw().ptr as usize)).cloned()).unwrap_or_default())
             .collect();
         if name == "func.return" {
-            return Ok(operand_rules);
+            return Ok((operand_rules, classes(&parent)));
         }
-        let transposes = |key: &str| o.attribute(key).map(|a| a.to_string() == "true").unwrap_or(false);
+        let transposes =
+            |key: &str| o.attribute(key).map(|a| crate::mlir::attribute_text(a) == "true").unwrap_or(false);
         let matmul_t = (transposes("transpose_a"), transposes("transpose_b"));
-        let concat_axis = (name == "v3.concat")
-            .then(|| o.attribute("axis").ok()?.to_string().split(':').next()?.trim().parse::<usize>().ok())
-            .flatten();
+        let axis = o
+            .attribute("axis")
+            .ok()
+            .and_then(|a| crate::mlir::attribute_text(a).split(':').next()?.trim().parse::<usize>().ok());
+        let concat_axis = axis.filter(|_| name == "v3.concat");
+        let mut result_rules: Vec<Vec<DimRule>> = Vec::new();
         for r in 0..o.result_count() {
             let result = o.result(r).map_err(|e| e.to_string())?;
             let shape = shape_of(result.r#type())?;
@@ -72,10 +93,186 @@ pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, St
                         .ok_or_else(|| format!("{name}: no rule for dynamic result dim {d}")),
                 })
                 .collect::<Result<Vec<_>, String>>()?;
-            rules.insert(result.to_raw().ptr as usize, dims);
+            rules.insert(result.to_raw().ptr as usize, dims.clone());
+            result_rules.push(dims);
+        }
+        let ranks = |rules: &[Vec<DimRule>]| rules.iter().map(Vec::len).collect::<Vec<_>>();
+        for (a, b) in dim_relations(&name, &ranks(&operand_rules), &ranks(&result_rules), matmul_t, axis) {
+            let rule = |(slot, d): Slot| match slot {
+                Side::Operand(k) => operand_rules.get(k).and_then(|r| r.get(d)),
+                Side::Result(k) => result_rules.get(k).and_then(|r| r.get(d)),
+            };
+            if let (Some(DimRule::Input { input: i, dim: d }), Some(DimRule::Input { input: j, dim: e })) =
+                (rule(a), rule(b))
+            {
+                let (x, y) = (find(&mut parent, (*i, *d)), find(&mut parent, (*j, *e)));
+                if x != y {
+                    parent.insert(x.max(y), x.min(y));
+                }
+            }
         }
     }
     Err("kernel without a return".into())
+}
+
+/// An operand or a result of an op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Operand(usize),
+    Result(usize),
+}
+
+/// A dim of an operand or result.
+type Slot = (Side, usize);
+
+/// The representative of input dim `x`.
+fn find(parent: &mut HashMap<(usize, usize), (usize, usize)>, x: (usize, usize)) -> (usize, usize) {
+    let mut root = x;
+    while let Some(&p) = parent.get(&root) {
+        root = p;
+    }
+    // Path halving is not worth it at a kernel's handful of ops; point `x` at the root.
+    if root != x {
+        parent.insert(x, root);
+    }
+    root
+}
+
+/// The classes of the union-find `parent`, sorted.
+fn classes(parent: &HashMap<(usize, usize), (usize, usize)>) -> Vec<Vec<(usize, usize)>> {
+    let mut parent = parent.clone();
+    let mut by_root: std::collections::BTreeMap<(usize, usize), Vec<(usize, usize)>> = Default::default();
+    let members: Vec<(usize, usize)> = parent.keys().copied().collect();
+    for m in members {
+        let root = find(&mut parent, m);
+        by_root.entry(root).or_insert_with(|| vec![root]).push(m);
+    }
+    by_root
+        .into_values()
+        .map(|mut c| {
+            c.sort_unstable();
+            c.dedup();
+            c
+        })
+        .collect()
+}
+
+/// The dims of an op's operands and results that must be one size, as the op's semantics (and
+/// its CPU lowering, which indexes one by the other) take them; `ranks` of its operands and
+/// results, the matmul's transposes and the op's `axis`. Only what every use of the op satisfies:
+/// prefill attention's latent has the cached rows too, so only its queries' rows are related.
+fn dim_relations(
+    name: &str,
+    operands: &[usize],
+    results: &[usize],
+    (ta, tb): (bool, bool),
+    axis: Option<usize>,
+) -> Vec<(Slot, Slot)> {
+    use Side::{Operand as O, Result as R};
+    let mut rel: Vec<(Slot, Slot)> = Vec::new();
+    // Every dim of `a` and `b` (of one rank).
+    let whole = |rel: &mut Vec<(Slot, Slot)>, a: Side, b: Side, rank: usize| {
+        rel.extend((0..rank).map(|d| ((a, d), (b, d))));
+    };
+    // Every dim but `axis` of each of `sides` and the first.
+    let off_axis = |rel: &mut Vec<(Slot, Slot)>, sides: &[Side], rank: usize, axis: usize| {
+        for &s in &sides[1..] {
+            rel.extend((0..rank).filter(|&d| d != axis).map(|d| ((sides[0], d), (s, d))));
+        }
+    };
+    // Dim 0 (rows) of each two of `sides` (every pair: a static one among them links none).
+    let rows = |rel: &mut Vec<(Slot, Slot)>, sides: &[Side]| {
+        for (i, &a) in sides.iter().enumerate() {
+            rel.extend(sides[i + 1..].iter().map(|&b| ((a, 0), (b, 0))));
+        }
+    };
+    let op = |k: usize| operands.get(k).copied().unwrap_or(0);
+    let kind = name.strip_prefix("v3.").unwrap_or(name);
+    match kind {
+        // Elementwise: one shape.
+        "add" | "silu_mul" => {
+            whole(&mut rel, O(0), O(1), op(0));
+            whole(&mut rel, O(0), R(0), op(0));
+        }
+        "rms_norm" => whole(&mut rel, O(0), R(0), op(0)),
+        // (x, positions): a position per row.
+        "rope" | "rope_grad" => {
+            whole(&mut rel, O(0), R(0), op(0));
+            rows(&mut rel, &[O(0), O(1)]);
+        }
+        // (x, [x_scale,] w, [w_scale]): the result has x's leading dims.
+        "linear" => rel.extend((0..op(0).saturating_sub(1)).map(|d| ((O(0), d), (R(0), d)))),
+        "fp8_linear" | "fp8_linear_dgrad" | "lm_head" | "cross_entropy_grad" => rows(&mut rel, &[O(0), R(0)]),
+        "fp8_linear_wgrad" | "cross_entropy" | "embed_grad" => rows(&mut rel, &[O(0), O(1)]),
+        "embed" => rows(&mut rel, &[O(1), R(0)]),
+        "matmul" => {
+            let (ta, tb) = (usize::from(ta), usize::from(tb));
+            rel.push(((O(0), 1 - ta), (O(1), tb)));
+            rel.push(((R(0), 0), (O(0), ta)));
+            rel.push(((R(0), 1), (O(1), 1 - tb)));
+        }
+        "concat" => {
+            let sides: Vec<Side> = (0..operands.len()).map(O).chain([R(0)]).collect();
+            if let Some(axis) = axis {
+                off_axis(&mut rel, &sides, op(0), axis);
+            }
+        }
+        "split" => {
+            let sides: Vec<Side> = [O(0)].into_iter().chain((0..results.len()).map(R)).collect();
+            if let Some(axis) = axis {
+                off_axis(&mut rel, &sides, op(0), axis);
+            }
+        }
+        // (d concat, a, b) -> (d a, d b); (d a, d b, ...) -> d concat: each gradient shaped like
+        // what it is the gradient of, the pieces one size off the axis.
+        "concat_grad" => {
+            for r in 0..results.len() {
+                whole(&mut rel, R(r), O(r + 1), op(r + 1));
+            }
+            let sides: Vec<Side> = (0..operands.len()).map(O).collect();
+            if let Some(axis) = axis {
+                off_axis(&mut rel, &sides, op(0), axis);
+            }
+        }
+        "split_grad" => whole(&mut rel, O(0), R(0), op(0)),
+        // Rows kept: [T, a*b] <-> [T, a, b].
+        "reshape" if op(0) > 0 && results.first().is_some_and(|&r| r > 0) => rows(&mut rel, &[O(0), R(0)]),
+        // (cache [B, S, C], entries [B, C], positions [B]) -> the cache.
+        "cache_write" => {
+            whole(&mut rel, O(0), R(0), op(0));
+            rows(&mut rel, &[O(0), O(1), O(2)]);
+        }
+        // Prefill (q_nope, q_pe, latent, kv_b): the latent has the cached rows as well, so only
+        // the queries' rows; decode (q_nope, q_pe, cache, positions, kv_b): a sequence per row.
+        "attention" => rows(&mut rel, &[O(0), O(1), R(0)]),
+        "attention_decode" => rows(&mut rel, &[O(0), O(1), O(2), O(3), R(0)]),
+        // (q_nope, q_pe, latent, kv_b, dy) -> their gradients; dy like the output (q_nope's).
+        "attention_grad" => {
+            for r in 0..results.len() {
+                whole(&mut rel, R(r), O(r), op(r));
+            }
+            whole(&mut rel, O(4), O(0), op(0));
+        }
+        // (x, w, dy) -> (dx, dw); (gate, up, dy) -> (d gate, d up).
+        "rms_norm_grad" | "silu_mul_grad" => {
+            whole(&mut rel, O(2), O(0), op(0));
+            if kind == "silu_mul_grad" {
+                whole(&mut rel, O(1), O(0), op(0));
+            }
+            for r in 0..results.len() {
+                whole(&mut rel, R(r), O(r), op(r));
+            }
+        }
+        // Routing, the grouped expert GEMMs and the balance loss: every operand and result with
+        // rows is a token's (x, its scales, expert ids, routing weights, residual, gradients).
+        "moe_route" | "moe_dispatch" | "moe_gate_up" | "moe_down" | "moe_experts" | "moe_experts_grad"
+        | "route_logits_grad" | "balance_loss" | "balance_loss_grad" => {
+            let sides: Vec<Side> = (0..operands.len()).map(O).chain((0..results.len()).map(R)).collect();
+            rows(&mut rel, &sides);
+        }
+        _ => {}
+    }
+    rel
 }
 
 /// The operand and dim that dim `d` of result `r` of a training op copies: a gradient is shaped
@@ -127,4 +324,70 @@ pub fn kernel_in_place(kernel: &OperationRef) -> Vec<Option<usize>> {
         }
     }
     Vec::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use melior::ir::block::BlockLike;
+
+    /// The input equalities of each function of `text` (kernels in the `v3` dialect), by name.
+    fn equalities(text: &str) -> Vec<(String, Vec<Vec<(usize, usize)>>)> {
+        let context = crate::mlir::new_context();
+        v3c_dialects::load(&context).unwrap();
+        let module = crate::mlir::parse_module(&context, text, "kernels.mlir").unwrap();
+        let mut found = Vec::new();
+        let mut f = module.body().first_operation();
+        while let Some(func) = f {
+            let name = func.attribute("sym_name").map(crate::mlir::attribute_text).unwrap();
+            found.push((name, kernel_input_equalities(&func).unwrap()));
+            f = func.next_in_block();
+        }
+        found
+    }
+
+    #[test]
+    fn inputs_read_as_one_size_are_found_through_the_kernels_ops() {
+        let text = r#"
+  func.func private @q_rope(%x: tensor<?x48xf32>, %w: tensor<48xbf16>, %p: tensor<?xi64>) -> tensor<?x48xf32> {
+    %0 = "v3.rms_norm"(%x, %w) {eps = 1.0e-06 : f32} : (tensor<?x48xf32>, tensor<48xbf16>) -> tensor<?x48xf32>
+    %1 = "v3.rope"(%0, %p) {attention_factor = 1.0 : f32, dim = 48 : i64, interleave = true, inv_freq = array<f32: 1.0>, theta = 1.0e+04 : f64} : (tensor<?x48xf32>, tensor<?xi64>) -> tensor<?x48xf32>
+    return %1 : tensor<?x48xf32>
+  }
+  func.func private @residual(%x: tensor<?x96xf32>, %w: tensor<96x96xbf16>, %r: tensor<?x96xf32>) -> tensor<?x96xf32> {
+    %0 = "v3.linear"(%x, %w) {operandSegmentSizes = array<i32: 1, 0, 1, 0>} : (tensor<?x96xf32>, tensor<96x96xbf16>) -> tensor<?x96xf32>
+    %1 = "v3.add"(%r, %0) : (tensor<?x96xf32>, tensor<?x96xf32>) -> tensor<?x96xf32>
+    return %1 : tensor<?x96xf32>
+  }
+  func.func private @latent(%cache: tensor<?x48xf32>, %entry: tensor<?x48xf32>, %a: tensor<?x4x24xf32>, %b: tensor<?x4x16xf32>, %w: tensor<192x32xbf16>) -> tensor<?x4x24xf32> {
+    %0 = "v3.concat"(%cache, %entry) {axis = 0 : i64} : (tensor<?x48xf32>, tensor<?x48xf32>) -> tensor<?x48xf32>
+    %1 = "v3.attention"(%a, %b, %0, %w) {form = "naive", kv_lora_rank = 32 : i64, scale = 0.2 : f32} : (tensor<?x4x24xf32>, tensor<?x4x16xf32>, tensor<?x48xf32>, tensor<192x32xbf16>) -> tensor<?x4x24xf32>
+    return %1 : tensor<?x4x24xf32>
+  }
+  func.func private @pieces(%a: tensor<?x?xf32>, %b: tensor<?x?xf32>) -> tensor<?x?xf32> {
+    %0 = "v3.concat"(%a, %b) {axis = 1 : i64} : (tensor<?x?xf32>, tensor<?x?xf32>) -> tensor<?x?xf32>
+    return %0 : tensor<?x?xf32>
+  }
+  func.func private @grads(%a: tensor<?x?xf32>, %b: tensor<?x8xf32>) -> tensor<?x8xf32> {
+    %0 = "v3.matmul"(%a, %b) {transpose_a = true, transpose_b = false} : (tensor<?x?xf32>, tensor<?x8xf32>) -> tensor<?x8xf32>
+    return %0 : tensor<?x8xf32>
+  }
+"#;
+        let found = equalities(text);
+        let want: Vec<(&str, Vec<Vec<(usize, usize)>>)> = vec![
+            // A position per row, through the norm's result.
+            ("q_rope", vec![vec![(0, 0), (2, 0)]]),
+            // The residual's rows are the GEMM's.
+            ("residual", vec![vec![(0, 0), (2, 0)]]),
+            // Concatenated rows differ (the cache's and the new ones), and attention relates only
+            // its queries' rows to each other, not to the latent's.
+            ("latent", vec![vec![(2, 0), (3, 0)]]),
+            // Off the axis: rows.
+            ("pieces", vec![vec![(0, 0), (1, 0)]]),
+            // aᵀ b contracts a's rows with b's.
+            ("grads", vec![vec![(0, 0), (1, 0)]]),
+        ];
+        let want: Vec<(String, Vec<Vec<(usize, usize)>>)> = want.into_iter().map(|(n, c)| (n.to_string(), c)).collect();
+        assert_eq!(found, want);
+    }
 }

@@ -57,6 +57,11 @@ pub struct KernelSignature {
     pub output_rules: Vec<Vec<DimRule>>,
     pub partitioned: bool,
     pub row_split: Option<crate::host::RowSplit>,
+    /// Classes of `(input, dim)`: dynamic dims of the inputs that the kernel reads as one size
+    /// (the rows of a norm's input and of RoPE's positions, ...). Absent in the signatures of
+    /// kernels compiled before it was recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub equal_dims: Vec<Vec<(usize, usize)>>,
 }
 
 impl KernelSignature {
@@ -90,6 +95,10 @@ impl KernelSignature {
         };
         if s.row_split.as_ref().is_some_and(|r| !split_fits(r)) {
             return Err("signature: its row split does not match its buffers".into());
+        }
+        let dynamic = |&(i, d): &(usize, usize)| s.inputs.get(i).and_then(|b| b.dims.get(d)) == Some(&None);
+        if s.equal_dims.iter().any(|class| class.len() < 2 || !class.iter().all(dynamic)) {
+            return Err("signature: its equal dims are not dynamic dims of its inputs".into());
         }
         Ok(s)
     }
@@ -132,6 +141,23 @@ impl KernelSignature {
             }
         }
         let inputs: Vec<&[usize]> = buffers[..self.inputs.len()].iter().map(|(s, _)| s.as_ref()).collect();
+        for class in &self.equal_dims {
+            let (i, d) = class[0];
+            if let Some(&(j, e)) = class.iter().find(|&&(j, e)| inputs[j][e] != inputs[i][d]) {
+                let dims = if d == e {
+                    format!("dim {d} of both")
+                } else {
+                    format!("dim {e} of the one and {d} of the other")
+                };
+                return Err(format!(
+                    "{} is {:?} and {} is {:?}; the kernel reads {dims} as one size",
+                    describe(j),
+                    inputs[j],
+                    describe(i),
+                    inputs[i]
+                ));
+            }
+        }
         for (k, rules) in self.output_rules.iter().enumerate() {
             let i = self.inputs.len() + k;
             let wanted: Option<Vec<usize>> = rules.iter().map(|r| r.eval(&inputs)).collect();
@@ -169,7 +195,36 @@ mod tests {
             output_rules: vec![vec![DimRule::Input { input: 0, dim: 0 }, DimRule::Const(8)]],
             partitioned: false,
             row_split: None,
+            equal_dims: Vec::new(),
         }
+    }
+
+    #[test]
+    fn dims_the_kernel_reads_as_one_size_are_equal() {
+        // (x [?, 4], positions [?], weight [4, 8]) -> [?, 8]: a position per row.
+        let mut s = rows_matmul();
+        s.inputs.insert(1, BufferType { dims: vec![None], element: "i64".into() });
+        s.equal_dims = vec![vec![(0, 0), (1, 0)]];
+        assert_eq!(KernelSignature::from_json(&s.to_json()).unwrap(), s);
+        let name = |i: usize| format!("buffer {i}");
+        let with = |positions: usize| {
+            let buffers = [(vec![6, 4], "f32"), (vec![positions], "i64"), (vec![4, 8], "f32"), (vec![6, 8], "f32")];
+            s.check(&buffers, &name)
+        };
+        with(6).unwrap();
+        assert_eq!(
+            with(3).unwrap_err(),
+            "buffer 1 is [3] and buffer 0 is [6, 4]; the kernel reads dim 0 of both as one size"
+        );
+        // Only dynamic dims of inputs, two or more to a class.
+        for class in [vec![(0, 0), (2, 0)], vec![(0, 0), (5, 0)], vec![(0, 0), (1, 1)], vec![(0, 0)]] {
+            let mut bad = s.clone();
+            bad.equal_dims = vec![class];
+            assert!(KernelSignature::from_json(&bad.to_json()).unwrap_err().contains("equal dims"));
+        }
+        // A signature without them (an older compiler's) reads as none.
+        let json = s.to_json().replace(r#","equal_dims":[[[0,0],[1,0]]]"#, "");
+        assert_eq!(KernelSignature::from_json(&json).unwrap().equal_dims, Vec::<Vec<(usize, usize)>>::new());
     }
 
     #[test]

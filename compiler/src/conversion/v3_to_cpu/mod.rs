@@ -30,7 +30,7 @@ use melior::pass::PassManager;
 use melior::{Context, ExecutionEngine};
 
 use crate::kernel_cache::KernelCache;
-use crate::shapes::{kernel_shape_rules, DimRule};
+use crate::shapes::{kernel_input_equalities, kernel_shape_rules, DimRule};
 use crate::verify::Shape;
 use v3c_runtime::signature::{BufferType, KernelSignature};
 
@@ -540,6 +540,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         output_rules: output_rules.clone(),
         partitioned: e.partitioned,
         row_split: row_split.clone(),
+        equal_dims: kernel_input_equalities(kernel).map_err(lowering)?,
     };
     globals.push_str(&signature_global(&name, &signature));
     let text = format!(
