@@ -605,9 +605,12 @@ unsafe fn launch(kernel: &CpuKernel, buffers: &[RawBuffer]) -> Result<(), CpuErr
     // SAFETY: forwarded contract; JIT-compiled kernels are reentrant (no global state,
     // temporaries from malloc) and their shares and halves write disjoint elements.
     unsafe {
-        v3c_runtime::host::run_spread(buffers, kernel.partitioned, kernel.row_split.as_ref(), &|b, part, parts| {
-            kernel.run_part(b, part, parts)
-        })
+        v3c_runtime::host::run_spread(
+            buffers,
+            kernel.signature.partitioned,
+            kernel.signature.row_split.as_ref(),
+            &|b, part, parts| kernel.run_part(b, part, parts),
+        )
     }
 }
 

@@ -489,7 +489,7 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
                 .map(|s| buffer(s, rows, &mut rng, config.vocab_size, config.n_routed_experts))
                 .collect();
             // Grouped GEMMs read a permutation: (offsets, rows[, row weights]) after the activations.
-            if kernel.partitioned {
+            if kernel.signature.partitioned {
                 let width = kernel.inputs[2].dims[1].unwrap();
                 let (total, experts) = (kernel.inputs[1].dims[0].unwrap() - 1, kernel.inputs[4].dims[0].unwrap());
                 let perm = random_permutation(rows, experts, total - experts, width - (total - experts), &mut rng);
@@ -517,7 +517,7 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
             assert_eq!(inferred, want.iter().map(|w| w.1.clone()).collect::<Vec<_>>(), "{}", kernel.name);
             // SAFETY: output buffers have exactly the shapes the kernel computes (the reference's).
             unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
-            if kernel.partitioned {
+            if kernel.signature.partitioned {
                 check_shares(kernel, &mut inputs, &outputs);
             }
             for (got, (want, _)) in outputs.iter().zip(&want) {
@@ -800,7 +800,7 @@ fn fp8_grouped_moe_case(hidden: usize, inter: usize, fp8_activations: bool) {
     };
     let (gate_up, down) =
         (kernel(if fp8_activations { "moe_gate_up_quantize" } else { "moe_gate_up" }), kernel("moe_down"));
-    assert!(gate_up.partitioned && down.partitioned);
+    assert!(gate_up.signature.partitioned && down.signature.partitioned);
     let (d, inter, experts) = (config.hidden_size, config.moe_intermediate_size, config.n_routed_experts);
     let (db, ib, k) = (d.div_ceil(128), inter.div_ceil(128), config.num_experts_per_tok);
     let mut rng = Rng(11);

@@ -537,9 +537,9 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
     let signature = KernelSignature {
         inputs: inputs.iter().map(buffer_type).collect(),
         outputs: outputs.iter().map(buffer_type).collect(),
-        output_rules: output_rules.clone(),
+        output_rules,
         partitioned: e.partitioned,
-        row_split: row_split.clone(),
+        row_split,
         equal_dims: kernel_input_equalities(kernel).map_err(lowering)?,
     };
     globals.push_str(&signature_global(&name, &signature));
@@ -548,7 +548,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         params.join(", "),
         e.body
     );
-    Ok(LoweredKernel { text, inputs, outputs, output_rules, partitioned: e.partitioned, row_split })
+    Ok(LoweredKernel { text, inputs, outputs, signature })
 }
 
 fn buffer_type(s: &Shape) -> BufferType {
@@ -618,18 +618,14 @@ fn route_spec(o: &OperationRef) -> Result<RouteSpec, String> {
     })
 }
 
-/// A kernel lowered to CPU MLIR text, with its buffer signature.
+/// A kernel lowered to CPU MLIR text, with its buffers' shapes and its signature (the text embeds
+/// it too).
 #[derive(Debug, Clone)]
 pub struct LoweredKernel {
     pub text: String,
     pub inputs: Vec<Shape>,
     pub outputs: Vec<Shape>,
-    /// Per output, per dim: how its size follows from the input sizes.
-    pub output_rules: Vec<Vec<DimRule>>,
-    /// Takes `(part, parts)` after its buffers and computes that share of its outputs.
-    pub partitioned: bool,
-    /// How its rows may be split over threads (see [`CpuKernel::row_split`]).
-    pub row_split: Option<RowSplit>,
+    pub signature: KernelSignature,
 }
 
 /// The pass pipeline from linalg on memrefs to the LLVM dialect.
@@ -652,14 +648,14 @@ pub struct CpuKernel {
     pub key: String,
     pub inputs: Vec<Shape>,
     pub outputs: Vec<Shape>,
-    output_rules: Vec<Vec<DimRule>>,
-    /// Rows (dim 0 of the arguments marked true) are independent: the kernel may run on disjoint
-    /// row ranges concurrently, from `min_rows` per thread (8, but 1 for decode attention: a row
-    /// is a whole sequence's attention over its cache). Weights (false) are shared whole.
-    pub row_split: Option<RowSplit>,
-    /// Takes `(part, parts)`: [`CpuKernel::run_part`] computes one share of the outputs (disjoint
-    /// columns), so shares can run on different threads.
-    pub partitioned: bool,
+    /// What the code takes: its buffers, how its outputs' dims follow from its inputs', the input
+    /// dims it reads as one size, whether it takes `(part, parts)` ([`CpuKernel::run_part`]
+    /// computes one share of the outputs, disjoint columns, so shares can run on different
+    /// threads) and its row split (rows, dim 0 of the buffers marked true, are independent: the
+    /// kernel may run on disjoint row ranges concurrently, from `min_rows` per thread — 8, but 1
+    /// for decode attention, a row being a whole sequence's attention over its cache; weights are
+    /// shared whole).
+    pub signature: KernelSignature,
 }
 
 /// Lowers a kernel's `cpu`-stage `text` to LLVM and JIT-compiles it (position-independent code
@@ -778,7 +774,7 @@ impl CpuKernel {
         kernel: &OperationRef,
         cache: Option<&KernelCache>,
     ) -> Result<CpuKernel, CpuError> {
-        let LoweredKernel { text, inputs, outputs, output_rules, partitioned, row_split } = lower_kernel(kernel)?;
+        let LoweredKernel { text, inputs, outputs, signature } = lower_kernel(kernel)?;
         let name = kernel.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
         let lowering = |problem: String| CpuError::Lowering { kernel: name.clone(), problem };
         // The packed wrapper of the C interface: what `ExecutionEngine::invoke_packed(name)` calls.
@@ -805,22 +801,13 @@ impl CpuKernel {
                 KernelCode::Jit(engine)
             }
         };
-        Ok(CpuKernel {
-            code,
-            name,
-            from_cache,
-            key: key.unwrap_or_default(),
-            inputs,
-            outputs,
-            output_rules,
-            row_split,
-            partitioned,
-        })
+        Ok(CpuKernel { code, name, from_cache, key: key.unwrap_or_default(), inputs, outputs, signature })
     }
 
     /// The shapes of the outputs for inputs of `input_shapes` (what [`CpuKernel::run`] requires).
     pub fn output_shapes(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<Vec<usize>>, CpuError> {
-        self.output_rules
+        self.signature
+            .output_rules
             .iter()
             .map(|rules| {
                 rules.iter().map(|r| r.eval(input_shapes)).collect::<Option<Vec<usize>>>().ok_or_else(|| {
@@ -833,10 +820,11 @@ impl CpuKernel {
     /// Runs the kernel on `inputs`, writing `outputs`.
     ///
     /// # Safety
-    /// Every output buffer must have exactly the shape the kernel computes from its inputs (ranks,
-    /// element types and static dims are checked here; dynamic output dims are not: the kernel
-    /// writes as many rows as its inputs imply). Ids and positions must be in range (embedding rows,
-    /// cache rows). The entry-level executor derives both from the plan before launching.
+    /// The buffers are checked against the kernel's signature here (element types, ranks, static
+    /// dims, the input dims it reads as one size, and each output's dims, which must be exactly
+    /// those the kernel computes from its inputs'); what is left to the caller is that ids and
+    /// positions are in range (embedding rows, cache rows). The entry-level executor derives those
+    /// from the plan before launching.
     pub unsafe fn run(&self, inputs: &mut [HostBuffer], outputs: &mut [HostBuffer]) -> Result<(), CpuError> {
         if inputs.len() != self.inputs.len() || outputs.len() != self.outputs.len() {
             return Err(CpuError::Run {
@@ -865,26 +853,17 @@ impl CpuKernel {
     /// parts of the outputs), nothing else may touch the buffers meanwhile.
     pub unsafe fn run_part(&self, buffers: &[RawBuffer], part: usize, parts: usize) -> Result<(), CpuError> {
         let err = |problem: String| CpuError::Run { kernel: self.name.clone(), problem };
-        if buffers.len() != self.inputs.len() + self.outputs.len() {
-            return Err(err(format!("expected {} buffers", self.inputs.len() + self.outputs.len())));
-        }
-        let declared = self.inputs.iter().chain(&self.outputs);
-        for (i, (buf, shape)) in buffers.iter().zip(declared).enumerate() {
-            let fits = buf.element == shape.element
-                && buf.shape.len() == shape.dims.len()
-                && buf.shape.iter().zip(&shape.dims).all(|(a, b)| b.is_none_or(|b| b == *a));
-            if !fits {
-                return Err(err(format!("buffer {i}: {:?} {} does not fit {shape}", buf.shape, buf.element)));
-            }
-        }
-        if !self.partitioned && (part, parts) != (0, 1) {
+        let shapes: Vec<(&[usize], &str)> = buffers.iter().map(|b| (&b.shape[..], b.element.as_str())).collect();
+        self.signature.check(&shapes, &|i| format!("buffer {i}")).map_err(err)?;
+        let partitioned = self.signature.partitioned;
+        if !partitioned && (part, parts) != (0, 1) {
             return Err(err(format!("not a partitioned kernel (asked for part {part} of {parts})")));
         }
         let mut result = Ok(());
         // SAFETY: every buffer matches the kernel's memref type at its position (checked above);
         // the buffers outlive the call.
         unsafe {
-            v3c_runtime::host::call_packed(buffers, self.partitioned, part, parts, |args| match &self.code {
+            v3c_runtime::host::call_packed(buffers, partitioned, part, parts, |args| match &self.code {
                 KernelCode::Jit(engine) => {
                     result = engine.invoke_packed(&self.name, args).map_err(|e| err(e.to_string()));
                 }
