@@ -195,6 +195,7 @@ fn v3r_info_validates_artifacts_file_by_file() {
         "target: cpu (",
         "kernels: 17 (every file's sha256 verified)",
         "runs here: yes",
+        " launches of 17 kernels at the planned sizes, each as its kernel's code says it takes",
     ] {
         assert!(report.contains(want), "{want}: {report}");
     }
@@ -345,11 +346,14 @@ fn v3r_info_validates_artifacts_file_by_file() {
     );
     loads(&swapped, &format!("is {shape:?} {}; the kernel takes ", dtype.as_str().unwrap()));
     loads(&swapped, &format!("x{} there", was.as_str().unwrap()));
+    // `v3r info` reads the signatures from the kernels' symbol tables, without loading their code.
+    check(&swapped, &format!("launch {launch} (kernel {kernel}): buffer {other}"));
     let k = manifest["kernels"].as_array().unwrap().iter().position(|k| k["partitioned"] == true).unwrap();
     let name = manifest["kernels"][k]["name"].as_str().unwrap().to_string();
     let unpartitioned = edit("unpartitioned", &|v| v["kernels"][k]["partitioned"] = false.into());
     loads(&unpartitioned, &format!("manifest.json: kernel {name} is listed as partitioned false"));
     loads(&unpartitioned, "is partitioned true");
+    check(&unpartitioned, &format!("manifest.json: kernel {name} is listed as partitioned false"));
     // A cpu artifact relabelled for a GPU lacks the lowering a GPU artifact carries.
     let gpu = edit("gpu", &|v| {
         v["target"] = serde_json::json!({ "name": "sm_90a", "compute_capability": [9, 0] });

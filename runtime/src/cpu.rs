@@ -343,15 +343,7 @@ impl SharedObjectKernel {
                 )
             })?;
         let signature = KernelSignature::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        if (signature.partitioned, &signature.row_split) != (partitioned, &row_split) {
-            return Err(format!(
-                "manifest.json: kernel {name} is listed as partitioned {partitioned}, row split {row_split:?}; its \
-                 code ({}) is partitioned {}, row split {:?}",
-                path.display(),
-                signature.partitioned,
-                signature.row_split
-            ));
-        }
+        listed_as_coded(name, path, &signature, (partitioned, &row_split))?;
         Ok(SharedObjectKernel { name: name.to_string(), entry, signature, _library: library })
     }
 
@@ -378,18 +370,57 @@ impl SharedObjectKernel {
     }
 }
 
+/// Whether the manifest lists kernel `name` (code at `path`) with the partitioned flag and row split
+/// its code has (else the call would misread its arguments).
+fn listed_as_coded(
+    name: &str,
+    path: &Path,
+    signature: &KernelSignature,
+    (partitioned, row_split): (bool, &Option<RowSplit>),
+) -> Result<(), String> {
+    if (signature.partitioned, &signature.row_split) != (partitioned, row_split) {
+        return Err(format!(
+            "manifest.json: kernel {name} is listed as partitioned {partitioned}, row split {row_split:?}; its code \
+             ({}) is partitioned {}, row split {:?}",
+            path.display(),
+            signature.partitioned,
+            signature.row_split
+        ));
+    }
+    Ok(())
+}
+
+/// What `v3r info` checks of a cpu artifact without loading its code (it may be another
+/// machine's): each kernel's signature read from its shared object's symbol table, its manifest
+/// flags against it, and every launch of the plan against it ([`check_launches`]). The number of
+/// launches checked.
+pub fn check_signatures(artifact: &Artifact) -> Result<usize, String> {
+    let mut signatures = HashMap::new();
+    for k in &artifact.manifest.kernels {
+        let path = artifact.path(&k.file);
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let signature =
+            crate::signature::read_embedded(&bytes, &k.name).map_err(|e| format!("{}: {e}", path.display()))?;
+        listed_as_coded(&k.name, &path, &signature, (k.partitioned.unwrap_or(false), &k.row_split))?;
+        signatures.insert(k.name.clone(), signature);
+    }
+    check_launches(artifact, &signatures.iter().map(|(n, s)| (n.clone(), s)).collect())
+}
+
 /// Checks every launch of `artifact`'s plan, at the planned sizes, against the signature of the
 /// kernel it launches (read from the kernel's code): a plan edited with its hash updated cannot make
 /// a kernel read or write past its buffers. (Smaller sizes keep the same relations: each launch is
-/// checked again as it runs.)
-fn check_launches(artifact: &Artifact, kernels: &HashMap<String, SharedObjectKernel>) -> Result<(), String> {
+/// checked again as it runs.) The number of launches checked.
+fn check_launches(artifact: &Artifact, signatures: &HashMap<String, &KernelSignature>) -> Result<usize, String> {
+    let mut checked = 0;
     for e in &artifact.plan.entries {
         for (i, l) in e.launches.iter().enumerate() {
-            let k = kernels.get(&l.kernel).ok_or_else(|| format!("kernel {} missing", l.kernel))?;
+            let k = signatures.get(&l.kernel).ok_or_else(|| format!("kernel {} missing", l.kernel))?;
             let ids: Vec<usize> = l.args.iter().chain(&l.results).copied().collect();
             let buffers: Vec<(&[usize], &str)> =
                 ids.iter().map(|&id| (&e.buffers[id].shape[..], e.buffers[id].dtype.as_str())).collect();
-            k.signature.check(&buffers, &|j| e.buffers[ids[j]].describe(ids[j])).map_err(|why| {
+            checked += 1;
+            k.check(&buffers, &|j| e.buffers[ids[j]].describe(ids[j])).map_err(|why| {
                 format!(
                     "{}: entry {}, launch {i} (kernel {}): {why}",
                     artifact.dir.join(&artifact.manifest.plan.file).display(),
@@ -399,7 +430,7 @@ fn check_launches(artifact: &Artifact, kernels: &HashMap<String, SharedObjectKer
             })?;
         }
     }
-    Ok(())
+    Ok(checked)
 }
 
 /// A `cpu` artifact ready to run: kernels loaded, weights loaded as the plan binds them.
@@ -461,7 +492,7 @@ impl CpuArtifact {
             let loaded = SharedObjectKernel::load(&k.name, &artifact.path(&k.file), &symbol, spread)?;
             kernels.insert(k.name.clone(), loaded);
         }
-        check_launches(&artifact, &kernels)?;
+        check_launches(&artifact, &kernels.iter().map(|(n, k)| (n.clone(), &k.signature)).collect())?;
         let mut loaded = HashMap::new();
         for e in &artifact.plan.entries {
             for b in &e.buffers {

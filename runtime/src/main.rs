@@ -824,6 +824,15 @@ fn info(args: &InfoArgs) -> Result<(), String> {
             l.kernels.iter().filter(|k| !k.temps.is_empty()).count()
         ));
     }
+    if m.target.name == "cpu" {
+        // Every launch against the signature its kernel's code holds, read without loading it.
+        let launches = v3c_runtime::cpu::check_signatures(&a)?;
+        put("launch_check", serde_json::json!({ "checked": true, "launches": launches, "kernels": m.kernels.len() }));
+        line(format!(
+            "launches: {launches} launches of {} kernels at the planned sizes, each as its kernel's code says it takes",
+            m.kernels.len()
+        ));
+    }
     if a.lowering.is_some() {
         // Every launch the executor would make, checked without a device.
         match v3c_runtime::gpu::Expander::new(&a) {

@@ -174,6 +174,80 @@ impl KernelSignature {
     }
 }
 
+/// The signature `kernel`'s shared object `object` (its bytes: a 64-bit little-endian ELF file, as
+/// v3c links them) holds, read from its symbol table without loading it: what `v3r info` checks
+/// a cpu artifact's plan against on any machine, whether or not it could run the code.
+pub fn read_embedded(object: &[u8], kernel: &str) -> Result<KernelSignature, String> {
+    let symbol = KernelSignature::symbol(kernel);
+    let bytes = elf_symbol(object, &symbol)?.ok_or_else(|| {
+        format!("no {symbol} (the code says nothing of its buffers: compiled by an older v3c? compile the model again)")
+    })?;
+    let text = bytes.split(|&b| b == 0).next().unwrap_or_default();
+    let text = std::str::from_utf8(text).map_err(|_| format!("{symbol} is not UTF-8"))?;
+    KernelSignature::from_json(text)
+}
+
+/// The bytes of the data symbol `name` in the ELF file `elf` (None: no such symbol), bounds-checked
+/// throughout: a damaged file is an error, never a read past it.
+fn elf_symbol<'a>(elf: &'a [u8], name: &str) -> Result<Option<&'a [u8]>, String> {
+    let bad = |what: &str| format!("not a 64-bit little-endian ELF file ({what})");
+    let at = |offset: u64, len: u64| -> Result<&'a [u8], String> {
+        let start = usize::try_from(offset).map_err(|_| bad("offset"))?;
+        let end = start.checked_add(usize::try_from(len).map_err(|_| bad("size"))?).ok_or_else(|| bad("size"))?;
+        elf.get(start..end).ok_or_else(|| bad("truncated"))
+    };
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    let header = at(0, 64)?;
+    if &header[..4] != b"\x7fELF" || header[4] != 2 || header[5] != 1 {
+        return Err(bad("header"));
+    }
+    let (shoff, shentsize, shnum) = (u64_at(header, 0x28), u16_at(header, 0x3a) as u64, u16_at(header, 0x3c) as u64);
+    if shentsize < 64 {
+        return Err(bad("section header size"));
+    }
+    let section = |i: u64| -> Result<&'a [u8], String> {
+        if i >= shnum {
+            return Err(bad("section index"));
+        }
+        at(shoff.checked_add(i * shentsize).ok_or_else(|| bad("section offset"))?, 64)
+    };
+    // (type, addr, offset, size, link, entsize) of section `i`.
+    let fields = |i: u64| -> Result<(u32, u64, u64, u64, u32, u64), String> {
+        let h = section(i)?;
+        Ok((u32_at(h, 4), u64_at(h, 16), u64_at(h, 24), u64_at(h, 32), u32_at(h, 40), u64_at(h, 56)))
+    };
+    const SYMTAB: u32 = 2;
+    const DYNSYM: u32 = 11;
+    const NOBITS: u32 = 8;
+    for i in 0..shnum {
+        let (kind, _, offset, size, link, entsize) = fields(i)?;
+        if kind != SYMTAB && kind != DYNSYM {
+            continue;
+        }
+        if entsize < 24 {
+            return Err(bad("symbol size"));
+        }
+        let table = at(offset, size)?;
+        let (_, _, str_offset, str_size, _, _) = fields(link as u64)?;
+        let strings = at(str_offset, str_size)?;
+        for sym in table.chunks_exact(entsize as usize) {
+            let name_at = u32_at(sym, 0) as usize;
+            let named = strings.get(name_at..).and_then(|s| s.split(|&b| b == 0).next());
+            if named != Some(name.as_bytes()) {
+                continue;
+            }
+            let (shndx, value, len) = (u16_at(sym, 6) as u64, u64_at(sym, 8), u64_at(sym, 16));
+            let (kind, addr, offset, size, _, _) = fields(shndx)?;
+            let within = value.checked_sub(addr).filter(|o| o.checked_add(len).is_some_and(|end| end <= size));
+            let Some(into) = within.filter(|_| kind != NOBITS) else { return Err(bad("symbol outside its section")) };
+            return at(offset.checked_add(into).ok_or_else(|| bad("symbol offset"))?, len).map(Some);
+        }
+    }
+    Ok(None)
+}
+
 /// Whether every input dim `r` names is one of inputs of `ranks`.
 fn names_input_dims(r: &DimRule, ranks: &[usize]) -> bool {
     match r {
@@ -266,6 +340,43 @@ mod tests {
         s.check(&[(vec![3, 4], "f32"), (vec![3, 8], "f32"), (vec![3, 8], "f32")], &name).unwrap();
         let err = s.check(&[(vec![3, 4], "f32"), (vec![2, 8], "f32"), (vec![3, 8], "f32")], &name).unwrap_err();
         assert_eq!(err, "buffer 1 has 2 rows, buffer 0 has 3; the kernel's rows are one count");
+    }
+
+    #[test]
+    fn signatures_are_read_from_shared_objects_without_loading_them() {
+        let s = rows_matmul();
+        let dir = tempfile::tempdir().unwrap();
+        let c = dir.path().join("k.c");
+        let escaped = s.to_json().replace('\\', "\\\\").replace('"', "\\\"");
+        let source = format!(
+            "const char {}[] = \"{escaped}\";\nint padding[64] = {{1}};\nvoid entry(void **a) {{ (void)a; }}\n",
+            KernelSignature::symbol("k")
+        );
+        std::fs::write(&c, source).unwrap();
+        let so = dir.path().join("k.so");
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+        let built = std::process::Command::new(cc).args(["-shared", "-fPIC", "-o"]).arg(&so).arg(&c).status().unwrap();
+        assert!(built.success());
+        let bytes = std::fs::read(&so).unwrap();
+        assert_eq!(read_embedded(&bytes, "k").unwrap(), s);
+        assert!(read_embedded(&bytes, "other").unwrap_err().starts_with("no v3c_signature_other (the code says"));
+        // Damaged files are errors, never reads past them: every truncation, and bytes flipped.
+        for len in (0..bytes.len()).step_by(7) {
+            let _ = read_embedded(&bytes[..len], "k");
+        }
+        assert!(read_embedded(&bytes[..40], "k").unwrap_err().contains("not a 64-bit little-endian ELF file"));
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            let mut damaged = bytes.clone();
+            for _ in 0..4 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let at = (rng % damaged.len() as u64) as usize;
+                damaged[at] = (rng >> 32) as u8;
+            }
+            let _ = read_embedded(&damaged, "k");
+        }
     }
 
     #[test]
