@@ -288,7 +288,7 @@ impl<'c> CpuProgram<'c> {
             let shapes = kernel.output_shapes(&ins.iter().map(|b| b.shape.clone()).collect::<Vec<_>>())?;
             let mut outs: Vec<HostBuffer> = shapes
                 .into_iter()
-                .zip(&kernel.outputs)
+                .zip(&kernel.signature.outputs)
                 .map(|(shape, declared)| {
                     let n = shape.iter().product();
                     let data = match declared.element.as_str() {

@@ -14,6 +14,7 @@ use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
 use v3c_models::graph::AttentionForm;
 use v3c_models::interp::kernels;
 use v3c_models::{BuildOptions, Entry, ModelConfig};
+use v3c_runtime::signature::BufferType;
 
 struct Rng(u64);
 impl Rng {
@@ -25,7 +26,7 @@ impl Rng {
 
 /// Random data for one kernel input: floats in [-2, 2), ids/positions below `rows` (and the
 /// vocabulary), expert indices below `experts`.
-fn buffer(shape: &Shape, rows: usize, rng: &mut Rng, vocab: usize, experts: usize) -> HostBuffer {
+fn buffer(shape: &BufferType, rows: usize, rng: &mut Rng, vocab: usize, experts: usize) -> HostBuffer {
     let dims: Vec<usize> = shape.dims.iter().map(|d| d.unwrap_or(rows)).collect();
     let n: usize = dims.iter().product();
     let data = match shape.element.as_str() {
@@ -46,7 +47,7 @@ fn buffer(shape: &Shape, rows: usize, rng: &mut Rng, vocab: usize, experts: usiz
 fn run_on_nan(kernel: &CpuKernel, inputs: &mut [HostBuffer], want: &[(Vec<f32>, Vec<usize>)]) -> Vec<HostBuffer> {
     let mut outputs: Vec<HostBuffer> = want
         .iter()
-        .zip(&kernel.outputs)
+        .zip(&kernel.signature.outputs)
         .map(|((v, shape), declared)| HostBuffer {
             shape: shape.clone(),
             data: match declared.element.as_str() {
@@ -484,14 +485,16 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
     for (f, kernel) in &compiled {
         for rows in [1usize, 3, 50] {
             let mut inputs: Vec<HostBuffer> = kernel
+                .signature
                 .inputs
                 .iter()
                 .map(|s| buffer(s, rows, &mut rng, config.vocab_size, config.n_routed_experts))
                 .collect();
             // Grouped GEMMs read a permutation: (offsets, rows[, row weights]) after the activations.
             if kernel.signature.partitioned {
-                let width = kernel.inputs[2].dims[1].unwrap();
-                let (total, experts) = (kernel.inputs[1].dims[0].unwrap() - 1, kernel.inputs[4].dims[0].unwrap());
+                let width = kernel.signature.inputs[2].dims[1].unwrap();
+                let (total, experts) =
+                    (kernel.signature.inputs[1].dims[0].unwrap() - 1, kernel.signature.inputs[4].dims[0].unwrap());
                 let perm = random_permutation(rows, experts, total - experts, width - (total - experts), &mut rng);
                 let n = if kernel.name.starts_with("moe_down") { 3 } else { 2 };
                 for (slot, b) in inputs[1..1 + n].iter_mut().zip(perm) {
@@ -502,7 +505,7 @@ fn cpu_kernels_match_the_reference_on_awkward_sizes() {
             // Outputs poisoned with NaN, shaped as the reference computes them.
             let mut outputs: Vec<HostBuffer> = want
                 .iter()
-                .zip(&kernel.outputs)
+                .zip(&kernel.signature.outputs)
                 .map(|((v, shape), declared)| HostBuffer {
                     shape: shape.clone(),
                     data: match declared.element.as_str() {
@@ -575,7 +578,7 @@ fn attention_kernels_match_the_reference_bit_for_bit() {
             let kernel = CpuKernel::compile(&context, &f).unwrap();
             for rows in [1usize, 17, 300] {
                 let mut inputs: Vec<HostBuffer> =
-                    kernel.inputs.iter().map(|s| buffer(s, rows, &mut rng, config.vocab_size, 1)).collect();
+                    kernel.signature.inputs.iter().map(|s| buffer(s, rows, &mut rng, config.vocab_size, 1)).collect();
                 let want = reference(&f, &inputs);
                 let outputs = run_on_nan(&kernel, &mut inputs, &want);
                 for (got, (want, _)) in outputs.iter().zip(&want) {
@@ -723,14 +726,14 @@ fn fp8_weight_kernels_match_the_dequantized_reference() {
         let kernel = CpuKernel::compile(&context, &f).unwrap();
         // GEMM + residual kernels with an fp8 weight: (x, w, w_scale, h) -> h + x @ W^T.
         let fits = kernel.name.starts_with("gemm_residual")
-            && kernel.inputs.len() == 4
-            && kernel.inputs[1].element == "f8E4M3FN"
-            && kernel.inputs[0].dims.len() == 2;
+            && kernel.signature.inputs.len() == 4
+            && kernel.signature.inputs[1].element == "f8E4M3FN"
+            && kernel.signature.inputs[0].dims.len() == 2;
         if !fits {
             continue;
         }
         for rows in [1usize, 5] {
-            let (k, n) = (kernel.inputs[0].dims[1].unwrap(), kernel.inputs[1].dims[0].unwrap());
+            let (k, n) = (kernel.signature.inputs[0].dims[1].unwrap(), kernel.signature.inputs[1].dims[0].unwrap());
             let x: Vec<f32> = (0..rows * k).map(|_| rng.next() * 4.0).collect();
             // Valid e4m3 codes (no NaN): 0x00..=0x7e with random sign.
             let bits: Vec<u8> =
@@ -1257,7 +1260,8 @@ fn row_templates_are_vectorized_and_match_the_reference() {
         }
         let kernel = CpuKernel::compile(&context, &f).unwrap();
         for rows in [1usize, 5] {
-            let mut inputs: Vec<HostBuffer> = kernel.inputs.iter().map(|s| buffer(s, rows, &mut rng, 50, 1)).collect();
+            let mut inputs: Vec<HostBuffer> =
+                kernel.signature.inputs.iter().map(|s| buffer(s, rows, &mut rng, 50, 1)).collect();
             if name.contains("views") {
                 // Positions far from zero: large angles.
                 inputs[2] = HostBuffer {

@@ -509,7 +509,7 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
         let width = |e: &str| v3c_runtime::plan::element_bytes(e).unwrap() as usize;
         let mut fused_out: Vec<Vec<u8>> = out_shapes
             .iter()
-            .zip(&cpu.outputs)
+            .zip(&cpu.signature.outputs)
             .map(|(s, o)| vec![0u8; s.iter().product::<usize>() * width(&o.element)])
             .collect();
         let raw = |b: &mut Vec<u8>, shape: &[usize], element: &str| RawBuffer {
@@ -519,7 +519,7 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
         };
         let mut buffers: Vec<RawBuffer> = args.iter_mut().map(|(b, s, e)| raw(b, s, e)).collect();
         for (k, b) in fused_out.iter_mut().enumerate() {
-            buffers.push(raw(b, &out_shapes[k], &cpu.outputs[k].element));
+            buffers.push(raw(b, &out_shapes[k], &cpu.signature.outputs[k].element));
         }
         // SAFETY: buffers sized by the kernel's own shape rules.
         unsafe { cpu.run_raw(&buffers) }.unwrap();
@@ -558,7 +558,7 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                         let (b, shape, e) = &mut temps[i];
                         raw(b, shape, e)
                     }
-                    Operand::Result(i) => raw(&mut results[i], &out_shapes[i], &cpu.outputs[i].element),
+                    Operand::Result(i) => raw(&mut results[i], &out_shapes[i], &cpu.signature.outputs[i].element),
                     Operand::TempRows { .. } | Operand::TempRowsOf { .. } => {
                         panic!("inference lowerings view no temporaries' rows")
                     }
@@ -737,7 +737,7 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
             }
         }
         for (k, (got, want)) in results.iter().zip(&fused_out).enumerate() {
-            match cpu.outputs[k].element.as_str() {
+            match cpu.signature.outputs[k].element.as_str() {
                 "f32" => {
                     let f = |b: &[u8]| {
                         b.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>()

@@ -548,7 +548,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         params.join(", "),
         e.body
     );
-    Ok(LoweredKernel { text, inputs, outputs, signature })
+    Ok(LoweredKernel { text, signature })
 }
 
 fn buffer_type(s: &Shape) -> BufferType {
@@ -618,13 +618,10 @@ fn route_spec(o: &OperationRef) -> Result<RouteSpec, String> {
     })
 }
 
-/// A kernel lowered to CPU MLIR text, with its buffers' shapes and its signature (the text embeds
-/// it too).
+/// A kernel lowered to CPU MLIR text, with its signature (the text embeds it too).
 #[derive(Debug, Clone)]
 pub struct LoweredKernel {
     pub text: String,
-    pub inputs: Vec<Shape>,
-    pub outputs: Vec<Shape>,
     pub signature: KernelSignature,
 }
 
@@ -646,9 +643,7 @@ pub struct CpuKernel {
     pub from_cache: bool,
     /// The kernel's content address (empty when compiled without a cache).
     pub key: String,
-    pub inputs: Vec<Shape>,
-    pub outputs: Vec<Shape>,
-    /// What the code takes: its buffers, how its outputs' dims follow from its inputs', the input
+    /// What the code takes: its buffers (`inputs`, then `outputs`), how its outputs' dims follow from its inputs', the input
     /// dims it reads as one size, whether it takes `(part, parts)` ([`CpuKernel::run_part`]
     /// computes one share of the outputs, disjoint columns, so shares can run on different
     /// threads) and its row split (rows, dim 0 of the buffers marked true, are independent: the
@@ -774,7 +769,7 @@ impl CpuKernel {
         kernel: &OperationRef,
         cache: Option<&KernelCache>,
     ) -> Result<CpuKernel, CpuError> {
-        let LoweredKernel { text, inputs, outputs, signature } = lower_kernel(kernel)?;
+        let LoweredKernel { text, signature } = lower_kernel(kernel)?;
         let name = kernel.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
         let lowering = |problem: String| CpuError::Lowering { kernel: name.clone(), problem };
         // The packed wrapper of the C interface: what `ExecutionEngine::invoke_packed(name)` calls.
@@ -801,7 +796,7 @@ impl CpuKernel {
                 KernelCode::Jit(engine)
             }
         };
-        Ok(CpuKernel { code, name, from_cache, key: key.unwrap_or_default(), inputs, outputs, signature })
+        Ok(CpuKernel { code, name, from_cache, key: key.unwrap_or_default(), signature })
     }
 
     /// The shapes of the outputs for inputs of `input_shapes` (what [`CpuKernel::run`] requires).
@@ -826,10 +821,11 @@ impl CpuKernel {
     /// positions are in range (embedding rows, cache rows). The entry-level executor derives those
     /// from the plan before launching.
     pub unsafe fn run(&self, inputs: &mut [HostBuffer], outputs: &mut [HostBuffer]) -> Result<(), CpuError> {
-        if inputs.len() != self.inputs.len() || outputs.len() != self.outputs.len() {
+        let (ins, outs) = (self.signature.inputs.len(), self.signature.outputs.len());
+        if inputs.len() != ins || outputs.len() != outs {
             return Err(CpuError::Run {
                 kernel: self.name.clone(),
-                problem: format!("expected {} inputs and {} outputs", self.inputs.len(), self.outputs.len()),
+                problem: format!("expected {ins} inputs and {outs} outputs"),
             });
         }
         let views: Vec<RawBuffer> = inputs.iter_mut().chain(outputs.iter_mut()).map(|b| b.raw()).collect();
