@@ -1850,30 +1850,31 @@ fn compile_for_the_cpu_fills_and_reuses_the_kernel_cache() {
     let held = show(&[], &env);
     let line = format!("kernel cache {}: {kernels} CPU kernels, 0 PTX, 0 cubins, ", cache.display());
     assert!(held.contains(&line) && held.contains("; held to 2048.0 MiB (V3C_KERNEL_CACHE_MAX)"), "{held}");
-    let objects = || -> Vec<(std::path::PathBuf, u64)> {
-        let so = std::fs::read_dir(&cache)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "so"));
-        so.map(|p| {
-            let len = std::fs::metadata(&p).unwrap().len();
-            (p, len)
-        })
-        .collect()
+    let objects = || -> Vec<std::path::PathBuf> {
+        let paths = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path());
+        paths.filter(|p| p.extension().is_some_and(|x| x == "so")).collect()
     };
-    let (smallest, largest) =
-        (objects().iter().map(|o| o.1).min().unwrap(), objects().iter().map(|o| o.1).max().unwrap());
-    let limit = (largest + smallest).to_string();
-    let bounded = [env[0], ("V3C_KERNEL_CACHE_MAX", limit.as_str())];
-    let out = run_binary_env("v3c", &["compile", "--model", "deepseek-v3-tiny", "--target", "cpu"], &bounded);
+    // The kernels last used an hour ago; compiling the training step under a 1-byte limit then
+    // removes every one it does not use, and spares those it used (within the last ten minutes:
+    // another compiler might be copying them).
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for p in objects() {
+        std::fs::File::options().append(true).open(&p).unwrap().set_modified(hour_ago).unwrap();
+    }
+    let bounded = [env[0], ("V3C_KERNEL_CACHE_MAX", "1")];
+    let train = ["compile", "--model", "deepseek-v3-tiny", "--target", "cpu", "--train"];
+    let out = run_binary_env("v3c", &train, &bounded);
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
-    let total: u64 = objects().iter().map(|o| o.1).sum();
-    let kept = objects().len();
-    assert!((1..kernels).contains(&kept) && total <= largest + smallest, "{err}");
-    let said =
-        format!("kernel cache {}: removed the {} least recently used entries (", cache.display(), kernels - kept);
+    let used = count(&err, " kernels (");
+    let fresh = |p: &std::path::PathBuf| std::fs::metadata(p).unwrap().modified().unwrap() > hour_ago;
+    let kept = objects();
+    assert!(kept.len() == used && kept.iter().all(fresh), "{err}");
+    let removed = kernels + count(&err, " JIT-compiled)") - used;
+    assert!(removed > 0, "{err}");
+    let said = format!("kernel cache {}: removed the {removed} least recently used entries (", cache.display());
     assert!(err.contains(&said), "{err}");
+    let kept = kept.len();
     let bad = run_binary_env("v3c", &["cache"], &[env[0], ("V3C_KERNEL_CACHE_MAX", "2 parsecs")]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(

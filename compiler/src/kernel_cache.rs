@@ -318,6 +318,10 @@ const KINDS: [&str; 3] = ["so", "ptx", "cubin"];
 /// Partial entries older than this are left over from a compiler that died while writing them.
 const ABANDONED: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+/// How long after its last use an entry is spared by the trimming after each command (another
+/// compiler may be using it): [`KernelCache::trim_sparing`].
+pub const SPARED_AFTER_USE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The size a cache is held to unless `V3C_KERNEL_CACHE_MAX` says otherwise.
 pub const DEFAULT_MAX_BYTES: u64 = 2 << 30;
 
@@ -425,6 +429,13 @@ impl KernelCache {
     /// partial entries abandoned for a day. An entry another process has loaded stays mapped there;
     /// one it is about to load becomes a miss and is made again.
     pub fn trim(&self, max_bytes: u64) -> Result<Removed, String> {
+        self.trim_sparing(max_bytes, std::time::Duration::ZERO)
+    }
+
+    /// As [`KernelCache::trim`], sparing the entries used within `recent` (they may be some running
+    /// compiler's, about to be copied into its artifact): the cache may stay over `max_bytes` for
+    /// that long.
+    pub fn trim_sparing(&self, max_bytes: u64, recent: std::time::Duration) -> Result<Removed, String> {
         let mut files = self.list()?;
         let now = std::time::SystemTime::now();
         let mut removed = Removed::default();
@@ -444,7 +455,7 @@ impl KernelCache {
         // deterministic.
         files.sort_by(|a, b| a.modified.cmp(&b.modified).then_with(|| a.path.cmp(&b.path)));
         for f in &files {
-            if total <= max_bytes {
+            if total <= max_bytes || now.duration_since(f.modified).map_or(true, |age| age < recent) {
                 break;
             }
             total -= f.bytes;
@@ -730,6 +741,12 @@ mod tests {
         assert_eq!(cache.trim(2 * entry).unwrap(), Removed::default());
         assert_eq!(cache.trim(2 * entry - 1).unwrap().entries, 1);
         assert_eq!(left(&cache), [false, true, false, false]);
+        // Entries used within the spared time stay, over the size or not.
+        cache.store_ptx(&key(7), &ptx).unwrap();
+        age(&cache.ptx_path(&key(2)), 1_000_000);
+        let spared = cache.trim_sparing(0, std::time::Duration::from_secs(3600)).unwrap();
+        assert_eq!(spared.entries, 1, "entry 2, used long ago, goes; entry 7, made now, stays");
+        assert!(cache.ptx_path(&key(7)).exists() && !cache.ptx_path(&key(2)).exists());
         assert_eq!(cache.trim(0).unwrap().entries, 1);
         assert_eq!(cache.usage().unwrap().total_entries(), 0);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4, "the foreign files stay");

@@ -52,7 +52,8 @@ enum Command {
     /// Show the kernel cache (CPU kernels, PTX and cubins kept between runs), or trim or clear it.
     ///
     /// The cache is held to V3C_KERNEL_CACHE_MAX (default 2G; `unlimited` for no limit): after each
-    /// command that may store kernels, the least recently used entries are removed until the rest fit.
+    /// command that may store kernels, the least recently used entries are removed until the rest fit
+    /// (entries used in the last ten minutes are spared).
     /// V3C_KERNEL_CACHE=<dir> moves the cache, =off turns it off.
     Cache(CacheArgs),
     /// Run a GPU artifact's launches on this CPU (row kernels through their CPU lowering, GEMMs from
@@ -718,7 +719,8 @@ fn run_cache(args: &CacheArgs) -> Result<(), String> {
 }
 
 /// After a command that may have stored kernels: the least recently used entries removed until the
-/// cache fits `V3C_KERNEL_CACHE_MAX`, said on stderr when any were (a failure only warns: the
+/// cache fits `V3C_KERNEL_CACHE_MAX`, but for those used in the last ten minutes (another compiler
+/// may be copying them into its artifact); said on stderr when any were (a failure only warns: the
 /// command's own work is done).
 fn hold_kernel_cache_to_its_size() {
     use v3c_compiler::kernel_cache::{max_bytes_from_env, mib, KernelCache};
@@ -731,7 +733,7 @@ fn hold_kernel_cache_to_its_size() {
             return;
         }
     };
-    match cache.trim(max) {
+    match cache.trim_sparing(max, v3c_compiler::kernel_cache::SPARED_AFTER_USE) {
         Ok(r) if r.entries > 0 => eprintln!(
             "kernel cache {}: removed the {} least recently used entries ({}) to stay within {} (V3C_KERNEL_CACHE_MAX)",
             cache.dir().display(),
