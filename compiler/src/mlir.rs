@@ -91,6 +91,20 @@ pub fn attribute_text(a: Attribute) -> String {
     a.to_string().trim_matches('"').to_string()
 }
 
+/// An integer attribute's value (any signedness and width up to 64, or `index`; not a bool), read
+/// through MLIR's API as [`attribute_text`] does: None for any other attribute.
+pub fn int_value(a: Attribute) -> Option<i64> {
+    if BoolAttribute::try_from(a).is_ok() {
+        return None;
+    }
+    IntegerAttribute::try_from(a).ok().map(|i| i.value())
+}
+
+/// A bool attribute's value; None for any other attribute.
+pub fn bool_value(a: Attribute) -> Option<bool> {
+    BoolAttribute::try_from(a).ok().map(|b| b.value())
+}
+
 /// Parses (and thereby verifies) `text`; `source_name` names the input in errors (a file name).
 pub fn parse_module<'c>(context: &'c Context, text: &str, source_name: &str) -> Result<Module<'c>, MlirError> {
     let (module, diagnostics) = with_diagnostics(context, || Module::parse(context, text));
@@ -163,6 +177,12 @@ mod tests {
         ] {
             let a = Attribute::parse(&context, text).unwrap_or_else(|| panic!("{text}"));
             assert_eq!(attribute_text(a), a.to_string().trim_matches('"'), "{text}");
+            // The values the passes read: what parsing the printed number gave (bools as bools).
+            let printed = a.to_string();
+            let number: Option<i64> = printed.split(':').next().and_then(|n| n.trim().parse().ok());
+            assert_eq!(int_value(a), number, "{text}");
+            let truth = ["true", "false"].iter().position(|t| printed == *t).map(|i| i == 0);
+            assert_eq!(bool_value(a), truth, "{text}");
         }
     }
 

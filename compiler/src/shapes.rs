@@ -60,8 +60,7 @@ fn walk(kernel: &OperationRef) -> Result<(Vec<Vec<DimRule>>, Vec<Vec<(usize, usi
         if name == "func.return" {
             return Ok((operand_rules, classes(&parent)));
         }
-        let transposes =
-            |key: &str| o.attribute(key).map(|a| crate::mlir::attribute_text(a) == "true").unwrap_or(false);
+        let transposes = |key: &str| o.attribute(key).ok().and_then(crate::mlir::bool_value).unwrap_or(false);
         let matmul_t = (transposes("transpose_a"), transposes("transpose_b"));
         let axis = o
             .attribute("axis")

@@ -250,7 +250,7 @@ fn check_op(op: &OperationRef) -> Result<(), String> {
         }
         "matmul" => {
             let (a, b) = (&operands[0], &operands[1]);
-            let flag = |n: &str| op.attribute(n).map(|v| v.to_string() == "true").unwrap_or(false);
+            let flag = |n: &str| op.attribute(n).ok().and_then(crate::mlir::bool_value).unwrap_or(false);
             let (ta, tb) = (usize::from(flag("transpose_a")), usize::from(flag("transpose_b")));
             let ok = a.rank() == 2
                 && b.rank() == 2

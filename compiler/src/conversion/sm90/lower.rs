@@ -1013,7 +1013,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 return Err("moe_dispatch with its operands in another order".into());
             }
             let int_attr = |name: &str| -> Option<usize> {
-                dispatch.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+                usize::try_from(dispatch.attribute(name).ok().and_then(crate::mlir::int_value)?).ok()
             };
             let (x, gate) = (arg_shape(0)?, arg_shape(1)?);
             if x.element != "f32" {
@@ -1066,7 +1066,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 return Err(format!("{kind} with its operands in another order"));
             }
             let int_attr = |name: &str| -> Option<usize> {
-                moe.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+                usize::try_from(moe.attribute(name).ok().and_then(crate::mlir::int_value)?).ok()
             };
             let (routed, shared) = (int_attr("num_experts").ok_or("num_experts")?, int_attr("num_shared").unwrap_or(0));
             let (x, w) = (arg_shape(0)?, arg_shape(if gate_up { 3 } else { 4 })?);
@@ -1188,7 +1188,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             let moe = &ops[0];
             let gate_up = names[0] == "moe_gate_up";
             let int_attr = |name: &str| -> Option<usize> {
-                moe.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+                usize::try_from(moe.attribute(name).ok().and_then(crate::mlir::int_value)?).ok()
             };
             let (routed, shared) = (int_attr("num_experts").ok_or("num_experts")?, int_attr("num_shared").unwrap_or(0));
             // The shared experts' weights and scales, where they are among the groups (several
@@ -1409,8 +1409,9 @@ fn split_bf16_steps(g: &GemmKernel, fused: &str, before: Vec<(Step, Temp)>, into
 /// ([`super::rows::route_tokens`] tokens a block; [`super::ModelKernels`] adds decode's, one a
 /// block, for the fused kernels decode runs).
 pub(super) fn route_op(o: &OperationRef, experts: usize) -> Result<RowOp, String> {
-    let int_attr =
-        |name: &str| -> Option<usize> { o.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok() };
+    let int_attr = |name: &str| -> Option<usize> {
+        usize::try_from(o.attribute(name).ok().and_then(crate::mlir::int_value)?).ok()
+    };
     let (top_k, n_group) =
         (int_attr("top_k").ok_or("routing without top_k")?, int_attr("n_group").ok_or("routing without n_group")?);
     Ok(RowOp::Route {
@@ -1418,7 +1419,7 @@ pub(super) fn route_op(o: &OperationRef, experts: usize) -> Result<RowOp, String
         top_k,
         n_group,
         topk_group: int_attr("topk_group").ok_or("routing without topk_group")?,
-        norm: o.attribute("norm_topk_prob").map(|a| a.to_string() == "true").unwrap_or(false),
+        norm: o.attribute("norm_topk_prob").ok().and_then(crate::mlir::bool_value).unwrap_or(false),
         scale: float_attr(o, "routed_scaling_factor").unwrap_or(1.0),
         tokens: super::rows::route_tokens(experts, n_group, top_k),
     })
@@ -1452,11 +1453,12 @@ pub(super) fn route_steps(
 
 /// The table and pair layout of a `v3.rope` op.
 pub(super) fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), String> {
-    let interleave = rope.attribute("interleave").map(|a| a.to_string() == "true").unwrap_or(true);
+    let interleave = rope.attribute("interleave").ok().and_then(crate::mlir::bool_value).unwrap_or(true);
     let dim = rope
         .attribute("dim")
         .ok()
-        .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<usize>().ok()))
+        .and_then(crate::mlir::int_value)
+        .and_then(|n| usize::try_from(n).ok())
         .ok_or("rope without dim")?;
     let inv = rope.attribute("inv_freq").map(|a| a.to_string()).map_err(|_| "rope without inv_freq")?;
     let inv_freq = inv

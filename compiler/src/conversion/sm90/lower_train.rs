@@ -95,11 +95,11 @@ fn width(s: &Shape) -> Result<usize, String> {
 }
 
 fn flag(o: &OperationRef, name: &str) -> bool {
-    o.attribute(name).map(|a| a.to_string() == "true").unwrap_or(false)
+    o.attribute(name).ok().and_then(crate::mlir::bool_value).unwrap_or(false)
 }
 
 fn int_attr(o: &OperationRef, name: &str) -> Option<i64> {
-    o.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+    o.attribute(name).ok().and_then(crate::mlir::int_value)
 }
 
 /// Every operand and result f32.

@@ -165,7 +165,7 @@ fn identity(rank: usize) -> String {
 }
 
 fn int_attr(op: &OperationRef, name: &str) -> Option<i64> {
-    op.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
+    op.attribute(name).ok().and_then(crate::mlir::int_value)
 }
 
 /// Lowers the kernel function `kernel` to CPU MLIR text: `func.func @<name>` on memrefs.
@@ -295,7 +295,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
             "rope" | "rope_grad" => {
                 let (x, positions) = (&args[0], &args[1]);
                 let dim = int_attr(&o, "dim").ok_or_else(|| lowering("rope without dim".into()))? as usize;
-                let interleave = o.attribute("interleave").map(|a| a.to_string() == "true").unwrap_or(true);
+                let interleave = o.attribute("interleave").ok().and_then(crate::mlir::bool_value).unwrap_or(true);
                 let factor = o.attribute("attention_factor").map(|a| a.to_string()).unwrap_or_default();
                 let factor = factor.split(':').next().unwrap_or("1.0").trim().to_string();
                 let inv = o
@@ -397,7 +397,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 }
             }
             "matmul" => {
-                let flag = |n: &str| o.attribute(n).map(|a| a.to_string() == "true").unwrap_or(false);
+                let flag = |n: &str| o.attribute(n).ok().and_then(crate::mlir::bool_value).unwrap_or(false);
                 let (a, b) = (&args[0], &args[1]);
                 if a.1.element != "f32" || b.1.element != "f32" {
                     return Err(CpuError::Unsupported(format!("{full} of {} and {}", a.1, b.1)));
@@ -470,7 +470,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
             }
             "moe_experts" => {
                 // Unfused (a training graph): f32 experts, or the fp8 recipe on f32 masters.
-                let fp8 = o.attribute("fp8_activations").map(|a| a.to_string() == "true").unwrap_or(false);
+                let fp8 = o.attribute("fp8_activations").ok().and_then(crate::mlir::bool_value).unwrap_or(false);
                 if args.len() != 6 || args[3..].iter().any(|a| a.1.element != "f32") {
                     return Err(CpuError::Unsupported(format!("{full} unfused with fp8 weights")));
                 }
@@ -485,7 +485,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 if args[4..].iter().any(|a| a.1.element != "f32") {
                     return Err(CpuError::Unsupported(format!("{full} of fp8 experts")));
                 }
-                let fp8 = o.attribute("fp8").map(|a| a.to_string() == "true").unwrap_or(false);
+                let fp8 = o.attribute("fp8").ok().and_then(crate::mlir::bool_value).unwrap_or(false);
                 let a: Vec<&(String, Shape)> = args.iter().collect();
                 let [x, idx, w, dy, gate, up, down] = a[..] else {
                     return Err(lowering(format!("{full}: {} operands", args.len())));
@@ -605,7 +605,7 @@ fn route_spec(o: &OperationRef) -> Result<RouteSpec, String> {
         top_k: int("top_k")?,
         n_group: int("n_group")?,
         topk_group: int("topk_group")?,
-        norm: o.attribute("norm_topk_prob").map(|a| a.to_string() == "true").unwrap_or(false),
+        norm: o.attribute("norm_topk_prob").ok().and_then(crate::mlir::bool_value).unwrap_or(false),
         factor: o
             .attribute("routed_scaling_factor")
             .map(|a| a.to_string())
