@@ -144,10 +144,7 @@ fn check_op(op: &OperationRef) -> Result<(), String> {
         .map(|i| op.result(i).ok().and_then(|v| Shape::of(v.r#type())))
         .collect::<Option<_>>()
         .ok_or("results must be ranked tensors")?;
-    let int_attr = |n: &str| -> Option<i64> {
-        let text = op.attribute(n).ok()?.to_string();
-        text.split(':').next()?.trim().parse().ok()
-    };
+    let int_attr = |n: &str| op.attribute(n).ok().and_then(crate::mlir::int_value);
     let fail = |msg: String| Err(msg);
     let r0 = results.first().ok_or("no result")?;
     match kind {

@@ -392,7 +392,7 @@ fn listed_as_coded(
 
 /// What `v3r info` checks of a cpu artifact without loading its code (it may be another
 /// machine's): each kernel's signature read from its shared object's symbol table, its manifest
-/// flags against it, and every launch of the plan against it ([`check_launches`]). The number of
+/// flags against it, and every launch of the plan against it (as loading does). The number of
 /// launches checked.
 pub fn check_signatures(artifact: &Artifact) -> Result<usize, String> {
     let mut signatures = HashMap::new();
