@@ -146,10 +146,7 @@ fn kernel_cache() -> Result<String, String> {
         return Ok("off (V3C_KERNEL_CACHE=off, or no HOME): every kernel is compiled afresh every run".into());
     };
     let usage = cache.usage()?;
-    let limit = match crate::kernel_cache::max_bytes_from_env()? {
-        Some(max) => format!("held to {} (V3C_KERNEL_CACHE_MAX)", crate::kernel_cache::mib(max)),
-        None => "no size limit (V3C_KERNEL_CACHE_MAX=unlimited)".into(),
-    };
+    let limit = crate::kernel_cache::limit_text()?;
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let linker = std::process::Command::new(&cc).arg("--version").output();
     let held = format!("{}: {usage}, {limit}", cache.dir().display());

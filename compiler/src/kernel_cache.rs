@@ -497,6 +497,14 @@ pub fn max_bytes_from_env() -> Result<Option<u64>, String> {
     }
 }
 
+/// The size limit as `v3c cache` and `v3c doctor` state it.
+pub fn limit_text() -> Result<String, String> {
+    Ok(match max_bytes_from_env()? {
+        Some(max) => format!("held to {} (V3C_KERNEL_CACHE_MAX)", mib(max)),
+        None => "no size limit (V3C_KERNEL_CACHE_MAX=unlimited)".into(),
+    })
+}
+
 /// A size in bytes: a number with an optional unit (`K`, `M`, `G`, `T`, powers of 1024, with or
 /// without `iB`/`B`; case-insensitive).
 pub fn parse_size(text: &str) -> Result<u64, String> {

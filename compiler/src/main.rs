@@ -539,7 +539,8 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::DumpIr(_)) {
         v3c_compiler::kernel_cache::keep_gpu_kernels_in(v3c_compiler::kernel_cache::KernelCache::from_env());
     }
-    let stores_kernels = !matches!(cli.command, Command::DumpIr(_) | Command::Doctor(_) | Command::Cache(_));
+    let stores_kernels =
+        !matches!(cli.command, Command::DumpIr(_) | Command::Doctor(_) | Command::Cache(_) | Command::InitWeights(_));
     let result = match cli.command {
         Command::Doctor(a) => run_doctor(&a),
         Command::Cache(a) => run_cache(&a),
@@ -694,7 +695,7 @@ fn main() -> ExitCode {
 
 /// `v3c cache`: what the kernel cache holds, and `--trim` / `--clear`.
 fn run_cache(args: &CacheArgs) -> Result<(), String> {
-    use v3c_compiler::kernel_cache::{max_bytes_from_env, mib, KernelCache};
+    use v3c_compiler::kernel_cache::{mib, KernelCache};
     let Some(cache) = KernelCache::from_env() else {
         println!("kernel cache off (V3C_KERNEL_CACHE=off, or no HOME): nothing is kept");
         return Ok(());
@@ -709,11 +710,7 @@ fn run_cache(args: &CacheArgs) -> Result<(), String> {
         let partial = if r.partial > 0 { format!(" and {} partial entries", r.partial) } else { String::new() };
         println!("kernel cache {dir}: removed {} entries ({}){partial}", r.entries, mib(r.bytes));
     }
-    let usage = cache.usage()?;
-    let limit = match max_bytes_from_env()? {
-        Some(max) => format!("held to {} (V3C_KERNEL_CACHE_MAX)", mib(max)),
-        None => "no size limit (V3C_KERNEL_CACHE_MAX=unlimited)".into(),
-    };
+    let (usage, limit) = (cache.usage()?, v3c_compiler::kernel_cache::limit_text()?);
     println!("kernel cache {dir}: {usage}; {limit}");
     Ok(())
 }

@@ -19,21 +19,19 @@ pub use v3c_runtime::plan::DimRule;
 
 /// Per result of `kernel` (a kernel function), per dim, its rule.
 pub fn kernel_shape_rules(kernel: &OperationRef) -> Result<Vec<Vec<DimRule>>, String> {
-    walk(kernel).map(|(rules, _)| rules)
+    kernel_shapes(kernel).map(|(rules, _)| rules)
 }
 
-/// The dynamic dims of `kernel`'s inputs that its ops read as one size, in classes of `(input,
-/// dim)` (each sorted, of two or more, the classes in order of their first member): the rows of
-/// a norm's input and of RoPE's positions, of the MoE routing's input and its expert ids, a
-/// concatenation's operands off its axis, ... ([`dim_relations`]). A launch whose buffers differ
-/// there would have the kernel index one past the other's end.
-pub fn kernel_input_equalities(kernel: &OperationRef) -> Result<Vec<Vec<(usize, usize)>>, String> {
-    walk(kernel).map(|(_, equal)| equal)
-}
+/// Classes of `(input, dim)` of a kernel's inputs ([`kernel_shapes`]).
+pub type EqualDims = Vec<Vec<(usize, usize)>>;
 
-/// One pass over `kernel`: its results' rules and its inputs' equal dims.
-#[allow(clippy::type_complexity)]
-fn walk(kernel: &OperationRef) -> Result<(Vec<Vec<DimRule>>, Vec<Vec<(usize, usize)>>), String> {
+/// In one pass over `kernel`: its results' rules ([`kernel_shape_rules`]), and the dynamic dims of
+/// its inputs that its ops read as one size, in classes of `(input, dim)` (each sorted, of two or
+/// more, the classes in order of their first member): the rows of a norm's input and of RoPE's
+/// positions, of the MoE routing's input and its expert ids, a concatenation's operands off its
+/// axis, ... ([`dim_relations`]). A launch whose buffers differ there would have the kernel index
+/// one past the other's end.
+pub fn kernel_shapes(kernel: &OperationRef) -> Result<(Vec<Vec<DimRule>>, EqualDims), String> {
     let block = kernel.region(0).ok().and_then(|r| r.first_block()).ok_or("kernel without a body")?;
     let mut rules: HashMap<usize, Vec<DimRule>> = HashMap::new();
     // Union-find over input dims: each dim's representative.
@@ -62,10 +60,7 @@ fn walk(kernel: &OperationRef) -> Result<(Vec<Vec<DimRule>>, Vec<Vec<(usize, usi
         }
         let transposes = |key: &str| o.attribute(key).ok().and_then(crate::mlir::bool_value).unwrap_or(false);
         let matmul_t = (transposes("transpose_a"), transposes("transpose_b"));
-        let axis = o
-            .attribute("axis")
-            .ok()
-            .and_then(|a| crate::mlir::attribute_text(a).split(':').next()?.trim().parse::<usize>().ok());
+        let axis = o.attribute("axis").ok().and_then(crate::mlir::int_value).and_then(|a| usize::try_from(a).ok());
         let concat_axis = axis.filter(|_| name == "v3.concat");
         let mut result_rules: Vec<Vec<DimRule>> = Vec::new();
         for r in 0..o.result_count() {
@@ -339,7 +334,7 @@ mod tests {
         let mut f = module.body().first_operation();
         while let Some(func) = f {
             let name = func.attribute("sym_name").map(crate::mlir::attribute_text).unwrap();
-            found.push((name, kernel_input_equalities(&func).unwrap()));
+            found.push((name, kernel_shapes(&func).unwrap().1));
             f = func.next_in_block();
         }
         found

@@ -404,18 +404,21 @@ pub fn check_signatures(artifact: &Artifact) -> Result<usize, String> {
         listed_as_coded(&k.name, &path, &signature, (k.partitioned.unwrap_or(false), &k.row_split))?;
         signatures.insert(k.name.clone(), signature);
     }
-    check_launches(artifact, &signatures.iter().map(|(n, s)| (n.clone(), s)).collect())
+    check_launches(artifact, &|name| signatures.get(name))
 }
 
 /// Checks every launch of `artifact`'s plan, at the planned sizes, against the signature of the
 /// kernel it launches (read from the kernel's code): a plan edited with its hash updated cannot make
 /// a kernel read or write past its buffers. (Smaller sizes keep the same relations: each launch is
 /// checked again as it runs.) The number of launches checked.
-fn check_launches(artifact: &Artifact, signatures: &HashMap<String, &KernelSignature>) -> Result<usize, String> {
+fn check_launches<'s>(
+    artifact: &Artifact,
+    signature_of: &dyn Fn(&str) -> Option<&'s KernelSignature>,
+) -> Result<usize, String> {
     let mut checked = 0;
     for e in &artifact.plan.entries {
         for (i, l) in e.launches.iter().enumerate() {
-            let k = signatures.get(&l.kernel).ok_or_else(|| format!("kernel {} missing", l.kernel))?;
+            let k = signature_of(&l.kernel).ok_or_else(|| format!("kernel {} missing", l.kernel))?;
             let ids: Vec<usize> = l.args.iter().chain(&l.results).copied().collect();
             let buffers: Vec<(&[usize], &str)> =
                 ids.iter().map(|&id| (&e.buffers[id].shape[..], e.buffers[id].dtype.as_str())).collect();
@@ -492,7 +495,7 @@ impl CpuArtifact {
             let loaded = SharedObjectKernel::load(&k.name, &artifact.path(&k.file), &symbol, spread)?;
             kernels.insert(k.name.clone(), loaded);
         }
-        check_launches(&artifact, &kernels.iter().map(|(n, k)| (n.clone(), &k.signature)).collect())?;
+        check_launches(&artifact, &|name| kernels.get(name).map(|k| &k.signature))?;
         let mut loaded = HashMap::new();
         for e in &artifact.plan.entries {
             for b in &e.buffers {

@@ -30,7 +30,7 @@ use melior::pass::PassManager;
 use melior::{Context, ExecutionEngine};
 
 use crate::kernel_cache::KernelCache;
-use crate::shapes::{kernel_input_equalities, kernel_shape_rules, DimRule};
+use crate::shapes::{kernel_shapes, DimRule};
 use crate::verify::Shape;
 use v3c_runtime::signature::{BufferType, KernelSignature};
 
@@ -532,7 +532,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         blocks.extend(e.row_tiles.iter().map(rows::RowTile::script));
         globals.push_str(&gemm::transform_script(&e.column_tiles, &blocks));
     }
-    let output_rules = kernel_shape_rules(kernel).map_err(lowering)?;
+    let (output_rules, equal_dims) = kernel_shapes(kernel).map_err(lowering)?;
     let row_split = row_split(kernel, &inputs, &outputs, &output_rules);
     let signature = KernelSignature {
         inputs: inputs.iter().map(buffer_type).collect(),
@@ -540,7 +540,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
         output_rules,
         partitioned: e.partitioned,
         row_split,
-        equal_dims: kernel_input_equalities(kernel).map_err(lowering)?,
+        equal_dims,
     };
     globals.push_str(&signature_global(&name, &signature));
     let text = format!(
