@@ -277,17 +277,14 @@ fn truncate(
 /// The drafts of one verify step: each token with the distribution it was drawn from.
 type Drafts = Vec<(u32, Vec<(u32, f32)>)>;
 
-/// Generates up to `max_new` tokens after `prompt`, picked by `sampler` (greedy or with a
-/// temperature), with `drafts` MTP drafts verified at a time (see the module doc), stopping after
-/// `eos` when given.
-pub fn generate_speculative(
-    program: &dyn Program,
-    prompt: &[u32],
-    max_new: usize,
-    drafts: usize,
-    sampler: &mut Sampler,
-    eos: Option<u32>,
-) -> Result<Speculation, String> {
+/// What a speculative generation tells of each token it picks: the token and the main model's
+/// logits it was picked from (the row of the position before it); it answers whether the
+/// generation ends there.
+pub type Emit<'e> = dyn FnMut(u32, &[f32]) -> Result<bool, String> + 'e;
+
+/// Whether `program` can generate speculatively with `drafts` MTP drafts a pass, picked by
+/// `sampler`: its MTP cache's width, or why not.
+fn check(program: &dyn Program, drafts: usize, sampler: &Sampler) -> Result<usize, String> {
     let prefill = program.entry_plan("prefill")?;
     let draft = program.entry_plan("draft").map_err(|_| {
         "the artifact has no draft entry: compile it with `v3c compile --speculative` (a model with an MTP module)"
@@ -312,64 +309,112 @@ pub fn generate_speculative(
              entry does not output (compile it again with `v3c compile --speculative`)"
         ));
     }
-    let width =
-        draft.bounds.get("kv_cache.mtp").and_then(|s| s.last().copied()).ok_or("the draft entry has no MTP cache")?;
-    if prompt.is_empty() {
-        return Err("an empty prompt".into());
-    }
-    let names = prefill.bounds.keys().filter(|n| n.starts_with("kv_cache.")).cloned();
-    let mut caches = Caches::new(program, names, width);
-    caches.chain = drafts > 1;
-    let start = std::time::Instant::now();
-    let (logits, hidden) = caches.prefill(prompt, 0)?;
-    let prefill_s = start.elapsed().as_secs_f64();
-    let (mut tokens, mut stopped_at_eos) = (Vec::new(), false);
-    let mut emit = |t: u32, tokens: &mut Vec<u32>| -> bool {
-        tokens.push(t);
-        if Some(t) == eos {
-            stopped_at_eos = true;
+    draft
+        .bounds
+        .get("kv_cache.mtp")
+        .and_then(|s| s.last().copied())
+        .ok_or_else(|| "the draft entry has no MTP cache".into())
+}
+
+/// The most tokens, prompt and new ones together, a sequence generated speculatively with
+/// `drafts` drafts a pass may hold on `program`: a pass writes the cache rows of its drafts
+/// beyond the sequence's tokens, and each entry's chunks start within the rows its plan caches.
+pub fn sequence_limit(program: &dyn Program, drafts: usize) -> Result<usize, String> {
+    let cached = |entry| program.entry_plan(entry).map(|p| p.sizes.context);
+    Ok(cached("prefill")?.min(cached("draft")?).saturating_sub(drafts))
+}
+
+/// A sequence generated speculatively, one pass of the main model at a time: [`Speculator::start`]
+/// prefills its prompt and picks its first token, each [`Speculator::pass`] verifies the drafts
+/// after the token picked last and picks the tokens they give.
+pub struct Speculator<'a> {
+    caches: Caches<'a>,
+    drafts: usize,
+    /// The token picked last (its cache rows not yet written), its position and the drafts after it.
+    x: u32,
+    pos: usize,
+    proposed: Drafts,
+    /// Drafts verified (those after a rejected one are not), the ones kept, and passes of the
+    /// main model after the prompt's.
+    pub drafted: usize,
+    pub accepted: usize,
+    pub passes: usize,
+}
+
+/// A speculative generation's start ([`Speculator::start`]).
+pub struct Started<'a> {
+    /// What goes on with the generation (None: it ended at its first token).
+    pub speculator: Option<Speculator<'a>>,
+    /// The prompt's logits, a row a position, and the prefill's seconds.
+    pub prompt_logits: Rows,
+    pub prefill_s: f64,
+}
+
+impl<'a> Speculator<'a> {
+    /// Prefills `prompt` on `program`, picks the first token from its last logits with `sampler`
+    /// and tells `emit`; unless that ends the generation, writes the prompt's MTP cache rows and
+    /// drafts `drafts` tokens ahead (see the module doc).
+    pub fn start(
+        program: &'a dyn Program,
+        prompt: &[u32],
+        drafts: usize,
+        sampler: &mut Sampler,
+        emit: &mut Emit,
+    ) -> Result<Started<'a>, String> {
+        let width = check(program, drafts, sampler)?;
+        if prompt.is_empty() {
+            return Err("an empty prompt".into());
         }
-        stopped_at_eos || tokens.len() >= max_new
-    };
-    let (mut drafted, mut accepted, mut passes) = (0, 0, 0);
-    let last = logits.last().ok_or("prefill gave no logits")?;
-    let mut x = sampler.sample(last);
-    let generated =
-        |tokens, stopped_at_eos| Generation::alone(tokens, stopped_at_eos, prefill_s, start.elapsed().as_secs_f64());
-    if max_new == 0 || emit(x, &mut tokens) {
-        return Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted, passes });
+        let prefill = program.entry_plan("prefill")?;
+        let names = prefill.bounds.keys().filter(|n| n.starts_with("kv_cache.")).cloned();
+        let mut caches = Caches::new(program, names, width);
+        caches.chain = drafts > 1;
+        let start = std::time::Instant::now();
+        let (prompt_logits, hidden) = caches.prefill(prompt, 0)?;
+        let prefill_s = start.elapsed().as_secs_f64();
+        let last = prompt_logits.last().ok_or("prefill gave no logits")?;
+        let x = sampler.sample(last);
+        if emit(x, last)? {
+            return Ok(Started { speculator: None, prompt_logits, prefill_s });
+        }
+        // MTP rows of the prompt: hidden state i with token i + 1 (the last with x).
+        let next: Vec<u32> = prompt[1..].iter().copied().chain([x]).collect();
+        let pos = prompt.len();
+        let first = caches_draft(&mut caches, &hidden, &next, 0)?;
+        let proposed = chain(&mut caches, sampler, first, drafts, pos)?;
+        let speculator = Speculator { caches, drafts, x, pos, proposed, drafted: 0, accepted: 0, passes: 0 };
+        Ok(Started { speculator: Some(speculator), prompt_logits, prefill_s })
     }
-    // MTP rows of the prompt: hidden state i with token i + 1 (the last with x).
-    let next: Vec<u32> = prompt[1..].iter().copied().chain([x]).collect();
-    let mut pos = prompt.len();
-    let first = caches_draft(&mut caches, &hidden, &next, 0)?;
-    let mut proposed = chain(&mut caches, sampler, first, drafts, pos)?;
-    'generating: loop {
-        // One pass of the main model over x and the drafts.
-        let fed: Vec<u32> = std::iter::once(x).chain(proposed.iter().map(|d| d.0)).collect();
+
+    /// One pass of the main model over the token picked last and the drafts after it: the drafts
+    /// in order, each kept or replaced (then the rest dropped), and with all kept one token more,
+    /// told to `emit` until it ends the generation; then the next drafts. Returns whether it ended.
+    pub fn pass(&mut self, sampler: &mut Sampler, emit: &mut Emit) -> Result<bool, String> {
+        let (caches, pos) = (&mut self.caches, self.pos);
+        let fed: Vec<u32> = std::iter::once(self.x).chain(self.proposed.iter().map(|d| d.0)).collect();
         let (logits, hidden) = caches.prefill(&fed, pos)?;
-        passes += 1;
-        // The drafts in order, each kept or replaced (then the rest dropped); all kept: one more.
+        self.passes += 1;
         let mut kept = 0;
         let mut new = None;
-        for (j, (d, q)) in proposed.iter().enumerate() {
-            drafted += 1;
+        for (j, (d, q)) in self.proposed.iter().enumerate() {
+            self.drafted += 1;
             let (token, ok) = verify(&sampler.distribution(&logits[j]), q, *d, sampler);
-            if emit(token, &mut tokens) {
-                break 'generating;
+            if emit(token, &logits[j])? {
+                return Ok(true);
             }
             if !ok {
                 new = Some(token);
                 break;
             }
-            (accepted, kept) = (accepted + 1, kept + 1);
+            (self.accepted, kept) = (self.accepted + 1, kept + 1);
         }
         let new = match new {
             Some(t) => t,
             None => {
-                let t = sampler.sample(&logits[proposed.len()]);
-                if emit(t, &mut tokens) {
-                    break;
+                let row = &logits[self.proposed.len()];
+                let t = sampler.sample(row);
+                if emit(t, row)? {
+                    return Ok(true);
                 }
                 t
             }
@@ -378,11 +423,48 @@ pub fn generate_speculative(
         // their chained stand-ins replaced.
         caches.truncate_main(pos + 1 + kept)?;
         let next: Vec<u32> = fed[1..=kept].iter().copied().chain([new]).collect();
-        let first = caches_draft(&mut caches, &hidden[..=kept], &next, pos)?;
-        (x, pos) = (new, pos + kept + 1);
-        proposed = chain(&mut caches, sampler, first, drafts, pos)?;
+        let first = caches_draft(caches, &hidden[..=kept], &next, pos)?;
+        (self.x, self.pos) = (new, pos + kept + 1);
+        self.proposed = chain(caches, sampler, first, self.drafts, self.pos)?;
+        Ok(false)
     }
-    Ok(Speculation { generation: generated(tokens, stopped_at_eos), drafted, accepted, passes })
+}
+
+/// Generates up to `max_new` tokens after `prompt`, picked by `sampler` (greedy or with a
+/// temperature), with `drafts` MTP drafts verified at a time (see the module doc), stopping after
+/// `eos` when given.
+pub fn generate_speculative(
+    program: &dyn Program,
+    prompt: &[u32],
+    max_new: usize,
+    drafts: usize,
+    sampler: &mut Sampler,
+    eos: Option<u32>,
+) -> Result<Speculation, String> {
+    check(program, drafts, sampler)?;
+    let start = std::time::Instant::now();
+    let (mut tokens, mut stopped_at_eos) = (Vec::new(), false);
+    if max_new == 0 {
+        return Ok(Speculation {
+            generation: Generation::alone(tokens, false, 0.0, 0.0),
+            drafted: 0,
+            accepted: 0,
+            passes: 0,
+        });
+    }
+    let mut emit = |t: u32, _: &[f32]| -> Result<bool, String> {
+        tokens.push(t);
+        stopped_at_eos |= Some(t) == eos;
+        Ok(stopped_at_eos || tokens.len() >= max_new)
+    };
+    let started = Speculator::start(program, prompt, drafts, sampler, &mut emit)?;
+    let (mut drafted, mut accepted, mut passes) = (0, 0, 0);
+    if let Some(mut s) = started.speculator {
+        while !s.pass(sampler, &mut emit)? {}
+        (drafted, accepted, passes) = (s.drafted, s.accepted, s.passes);
+    }
+    let generation = Generation::alone(tokens, stopped_at_eos, started.prefill_s, start.elapsed().as_secs_f64());
+    Ok(Speculation { generation, drafted, accepted, passes })
 }
 
 /// [`Caches::draft`]'s last row: its logits and (chaining) its MTP hidden state.
