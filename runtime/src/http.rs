@@ -309,6 +309,8 @@ pub struct Metrics {
     generation_tokens: u64,
     time_to_first_token: Histogram,
     latency: Histogram,
+    /// Speculative: the MTP drafts of the requests ended (None: none was speculative).
+    speculated: Option<crate::session::Speculated>,
     /// The batch's load after its latest step.
     load: crate::session::Load,
 }
@@ -330,6 +332,9 @@ impl Metrics {
             self.generation_tokens += g.tokens.len() as u64;
             self.cached_prompt_tokens += g.reused as u64;
             self.latency.observe(seconds);
+            if let Some(d) = g.speculation {
+                self.speculated = Some(self.speculated.unwrap_or_default() + d);
+            }
         }
     }
 
@@ -354,6 +359,15 @@ impl Metrics {
             ("v3r_requests_waiting", "gauge", "Requests waiting to join the batch.", self.load.waiting as u64),
         ] {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        }
+        if let Some(d) = self.speculated {
+            for (name, help, value) in [
+                ("v3r_spec_decode_draft_tokens_total", "MTP drafts verified by the main model.", d.drafted),
+                ("v3r_spec_decode_accepted_tokens_total", "MTP drafts the main model accepted.", d.accepted),
+                ("v3r_spec_decode_passes_total", "Passes of the main model verifying drafts.", d.passes),
+            ] {
+                out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"));
+            }
         }
         let usage = "Share of the cache pages sequences may take that are held (of the slots, without a pool).";
         out.push_str(&format!(
@@ -961,6 +975,13 @@ mod tests {
         m.time_to_first_token.observe(3.0);
         let g = Generation { reused: 64, ..Generation::alone(vec![1, 2, 3], false, 0.0, 0.0) };
         m.ended(1, 0.5, Some(&g));
+        assert!(!m.render().contains("spec_decode"), "speculative counters of a server that is not");
+        let drafts = crate::session::Speculated { drafted: 5, accepted: 3, passes: 4 };
+        let s = Generation { speculation: Some(drafts), ..Generation::alone(vec![1], false, 0.0, 0.0) };
+        for _ in 0..2 {
+            m.arrived(0);
+            m.ended(1, 0.0, Some(&s));
+        }
         m.ended(3, 0.0, None);
         m.load = crate::session::Load { running: 2, waiting: 5, cache_usage: 0.25 };
         let text = m.render();
@@ -968,19 +989,22 @@ mod tests {
             "v3r_requests_running 2",
             "v3r_requests_waiting 5",
             "v3r_kv_cache_usage_ratio 0.25",
-            "v3r_requests_total{finish=\"length\"} 1",
+            "v3r_requests_total{finish=\"length\"} 3",
             "v3r_requests_total{finish=\"refused\"} 1",
             "v3r_requests_total{finish=\"stop\"} 0",
             "v3r_requests_in_flight 1",
             "v3r_prompt_tokens_total 13",
             "v3r_cached_prompt_tokens_total 64",
-            "v3r_generation_tokens_total 3",
+            "v3r_generation_tokens_total 5",
+            "v3r_spec_decode_draft_tokens_total 10",
+            "v3r_spec_decode_accepted_tokens_total 6",
+            "v3r_spec_decode_passes_total 8",
             "v3r_time_to_first_token_seconds_bucket{le=\"0.01\"} 0",
             "v3r_time_to_first_token_seconds_bucket{le=\"0.025\"} 1",
             "v3r_time_to_first_token_seconds_bucket{le=\"5\"} 2",
             "v3r_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2",
             "v3r_time_to_first_token_seconds_sum 3.02",
-            "v3r_request_latency_seconds_count 1",
+            "v3r_request_latency_seconds_count 3",
             "# TYPE v3r_request_latency_seconds histogram",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");

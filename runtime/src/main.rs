@@ -355,6 +355,8 @@ struct BenchServeArgs {
     /// Write the figures (and every request's) as JSON here.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    speculating: Speculating,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -552,6 +554,8 @@ struct ServeArgs {
     /// How the model writes tool calls (requests' `tools`).
     #[arg(long, value_enum, value_name = "PARSER", default_value = "deepseek-v3")]
     tool_call_parser: ToolCallParser,
+    #[command(flatten)]
+    speculating: Speculating,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -622,11 +626,23 @@ struct RunArgs {
     scheduling: Scheduling,
     #[command(flatten)]
     generating: Generating,
-    /// Speculative decoding with the MTP module: each pass of the main model verifies the MTP
-    /// module's draft of the next token and, when it accepts it, yields two tokens. Greedy: the
-    /// draft is accepted when it is the main model's own token; with --temperature / --top-p, by
-    /// speculative sampling (tokens distributed as plain sampling's). One prompt; an artifact
-    /// compiled with `v3c compile --speculative`. Prints the drafts' acceptance.
+    #[command(flatten)]
+    speculating: Speculating,
+    /// CUDA device ordinal (GPU artifacts).
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
+}
+
+/// Speculative decoding with the MTP module.
+#[derive(Args)]
+struct Speculating {
+    /// Speculative decoding with the MTP module (an artifact compiled with `v3c compile
+    /// --speculative`): each pass of the main model verifies the MTP module's drafts of the next
+    /// tokens and yields one token more than it accepts. Greedy: a draft is accepted when it is
+    /// the main model's own token; with --temperature / --top-p, by speculative sampling (tokens
+    /// distributed as plain sampling's). One sequence at a time (`run`: one prompt; `serve`:
+    /// requests in turn, those with logit bias, penalties, min-tokens or a response format
+    /// refused). Says the drafts' acceptance.
     #[arg(long)]
     speculative: bool,
     /// MTP drafts a pass of the main model verifies with --speculative: the first from the main
@@ -634,9 +650,23 @@ struct RunArgs {
     /// (more tokens a pass while they are accepted, a longer pass to verify them).
     #[arg(long, value_parser = positive, value_name = "K", default_value_t = 1, requires = "speculative")]
     draft_tokens: usize,
-    /// CUDA device ordinal (GPU artifacts).
-    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
-    device: usize,
+}
+
+impl Speculating {
+    /// MTP drafts a pass, where speculative.
+    fn drafts(&self) -> Option<usize> {
+        self.speculative.then_some(self.draft_tokens)
+    }
+
+    /// `batch` (sequences decoding together, where given) with --speculative: one at most.
+    fn check_batch(&self, batch: Option<usize>) -> Result<(), Failure> {
+        match batch {
+            Some(n) if n > 1 && self.speculative => Err(Failure::Other(format!(
+                "--batch {n} with --speculative: speculative decoding generates one sequence at a time (--batch 1)"
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -1019,6 +1049,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     if args.batch == Some(0) {
         return Err(Failure::Other("--batch 0: at least one sequence decodes at a time".into()));
     }
+    args.speculating.check_batch(args.batch)?;
     // Bound before anything loads: a taken port is said at once.
     let listener = match &args.http {
         Some(addr) => {
@@ -1042,7 +1073,16 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let program = program.as_ref();
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
-    let (max_len, max_prompt, rows) = serving_limits(program).map_err(at)?;
+    let drafts = args.speculating.drafts();
+    let kind = match drafts {
+        Some(k) => {
+            // What the artifact or the defaults of every request cannot do is said now.
+            v3c_runtime::speculative::check(program, k, &args.generating.sampler(0)).map_err(at)?;
+            format!("{kind}, speculative: {k} MTP draft(s) a pass")
+        }
+        None => kind,
+    };
+    let (max_len, max_prompt, rows) = serving_limits(program, drafts).map_err(at)?;
     let slots = args.batch.unwrap_or(rows);
     let defaults = v3c_runtime::cli::RequestDefaults {
         max_new: args.generating.max_new_tokens,
@@ -1063,6 +1103,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         prefill_budget: args.scheduling.prefill_budget,
         reuse_prefixes: !args.scheduling.no_prefix_reuse,
         load: None,
+        speculative: drafts,
     };
     if let Some(listener) = listener {
         let addr = listener.local_addr().map_err(|e| Failure::Other(e.to_string()))?;
@@ -1122,6 +1163,8 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let mut scored = std::collections::HashMap::new();
     let (mut line_no, mut refused, mut served, mut cancelled, mut tokens) = (0usize, 0usize, 0usize, 0usize, 0usize);
     let mut reused = 0usize;
+    // Speculative: the drafts of every request together, and their tokens after the first.
+    let (mut drafted, mut later) = (v3c_runtime::session::Speculated::default(), 0usize);
     // A line of stdout; a reader that went away (a closed pipe) ends the serving.
     let reply = |v: serde_json::Value| -> Result<(), String> {
         use std::io::Write;
@@ -1217,6 +1260,10 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                     "total_s": micro(g.total_s),
                     "decode_tokens_per_s": micro(g.decode_tokens_per_s()),
                 });
+                if let Some(d) = g.speculation {
+                    line["speculation"] = d.json(g.tokens.len().saturating_sub(1));
+                    (drafted, later) = (drafted + d, later + g.tokens.len().saturating_sub(1));
+                }
                 // A chat's reasoning apart from its answer, where the server reads it.
                 let (its_tools, reasoning) = tools.borrow().get(i).cloned().unwrap_or_default();
                 let (thought, answer) = match reasoning {
@@ -1271,6 +1318,10 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                     "prefill_s": micro(g.prefill_s),
                     "total_s": micro(g.total_s),
                 });
+                if let Some(d) = g.speculation {
+                    line["speculation"] = d.json(g.tokens.len().saturating_sub(1));
+                    (drafted, later) = (drafted + d, later + g.tokens.len().saturating_sub(1));
+                }
                 if let Some(text) = text_of(&g.tokens) {
                     line["text"] = text.into();
                 }
@@ -1283,11 +1334,20 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut done).map_err(at)?;
     let refused = refused + ids.borrow().len() - served - cancelled;
     let total_s = start.elapsed().as_secs_f64();
+    let speculation = match drafts {
+        Some(_) => format!(
+            ", {} of {} MTP drafts accepted, {:.2} tokens per main-model pass",
+            drafted.accepted,
+            drafted.drafted,
+            drafted.tokens_per_pass(later)
+        ),
+        None => String::new(),
+    };
     eprintln!(
         "served {served} requests ({refused} refused, {cancelled} cancelled), {slots} at most at a time, {joined} \
          joined a running batch: \
          {tokens} tokens in {total_s:.3} s ({:.2} tok/s), {prefill_s:.3} s in prefills, {reused} prompt tokens' \
-         cache rows reused ({kind})",
+         cache rows reused{speculation} ({kind})",
         tokens as f64 / total_s.max(1e-9)
     );
     Ok(())
@@ -1295,7 +1355,15 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
 
 /// What a program serves: sequences of up to its decode plan's context (in whole pages where it
 /// asks), prompts up to what its prefill plan takes, and its decode plan's sequences.
-fn serving_limits(program: &dyn v3c_runtime::session::Program) -> Result<(usize, usize, usize), String> {
+/// Speculative (`drafts` a pass): sequences the speculative entries hold, one at a time.
+fn serving_limits(
+    program: &dyn v3c_runtime::session::Program,
+    drafts: Option<usize>,
+) -> Result<(usize, usize, usize), String> {
+    if let Some(k) = drafts {
+        let limit = v3c_runtime::speculative::sequence_limit(program, k)?;
+        return Ok((limit, limit, 1));
+    }
     let (decode, prefill) = (program.entry_plan("decode")?, program.entry_plan("prefill")?);
     let multiple = program.cache_rows_multiple().max(1);
     let max_len = decode.sizes.context / multiple * multiple;
@@ -1323,6 +1391,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     if args.requests == 0 || args.batch == Some(0) || args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         return Err(Failure::Other("--requests, --batch and --rate must be positive".into()));
     }
+    args.speculating.check_batch(args.batch)?;
     let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
     let gpu = a.manifest.target.name != "cpu";
     if gpu {
@@ -1340,7 +1409,11 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     let program = load_bench(a, args.weights.as_deref(), args.random_weights, args.device, &kind)?;
     let program = program.as_ref();
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
-    let (max_len, max_prompt, rows) = serving_limits(program).map_err(at)?;
+    let drafts = args.speculating.drafts();
+    if let Some(k) = drafts {
+        v3c_runtime::speculative::check(program, k, &v3c_models::reference::Sampler::new(0.0, 1.0, 0)).map_err(at)?;
+    }
+    let (max_len, max_prompt, rows) = serving_limits(program, drafts).map_err(at)?;
     if args.prompts.is_none() && (hi > max_prompt || hi + args.new_tokens > max_len) {
         return Err(Failure::Other(format!(
             "--prompt-tokens up to {hi} with --new-tokens {}: the artifact serves prompts of 1..={max_prompt} tokens \
@@ -1420,6 +1493,8 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         .collect();
     let (mut first, mut end, mut tokens) = (vec![None; n], vec![None; n], vec![0usize; n]);
     let mut reused = vec![0usize; n];
+    // Speculative: the drafts of every request together.
+    let mut drafted = v3c_runtime::session::Speculated::default();
     let bar = indicatif::ProgressBar::new(n as u64);
     if let Ok(style) = indicatif::ProgressStyle::with_template("serving [{bar:30}] {pos}/{len} requests") {
         bar.set_style(style.progress_chars("=> "));
@@ -1445,6 +1520,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             }
             Progress::Ended(g) => {
                 (end[i], tokens[i], reused[i]) = (Some(now), g.tokens.len(), g.reused);
+                drafted = drafted + g.speculation.unwrap_or_default();
                 bar.inc(1);
             }
             Progress::Refused(e) => return Err(format!("request {i}: {e}")),
@@ -1465,6 +1541,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         prefill_budget: args.scheduling.prefill_budget,
         reuse_prefixes: !args.scheduling.no_prefix_reuse,
         load: None,
+        speculative: drafts,
     };
     let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut report).map_err(at)?;
     let total_s = start.elapsed().as_secs_f64();
@@ -1513,6 +1590,16 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         "  prefills              {prefill_s:.3} s of the run; {reused_total} of {prompt_total} prompt tokens' cache rows \
          reused"
     );
+    let speculated = drafts.map(|_| drafted.json(generated.saturating_sub(n)));
+    if let Some(d) = &speculated {
+        println!(
+            "  MTP drafts            {} of {} accepted ({:.1}%), {:.2} tokens per main-model pass",
+            drafted.accepted,
+            drafted.drafted,
+            100.0 * drafted.acceptance(),
+            d["tokens_per_pass"].as_f64().unwrap_or(0.0)
+        );
+    }
     if let Some(out) = &args.out {
         let per: Vec<serde_json::Value> = (0..n)
             .map(|i| {
@@ -1529,7 +1616,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             "prefix_reuse": !args.scheduling.no_prefix_reuse, "reused_prompt_tokens": reused_total, "joined": joined, "total_s": total_s, "prefill_s": prefill_s, "generated_tokens": generated,
             "tokens_per_s": generated as f64 / total_s.max(1e-9),
             "time_to_first_token_s": ttft, "time_per_output_token_s": tpot, "latency_s": latency,
-            "per_request": per,
+            "speculation": speculated, "per_request": per,
         });
         let text = serde_json::to_string_pretty(&json).map_err(|e| Failure::Other(e.to_string()))? + "\n";
         std::fs::write(out, text).map_err(|e| Failure::Other(format!("{}: {e}", out.display())))?;
@@ -1692,29 +1779,30 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     };
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let program = program.as_ref();
-    if args.speculative {
+    if args.speculating.speculative {
         if prompts.len() > 1 || args.batch.is_some() {
             return Err(Failure::Other(
                 "--speculative generates for one prompt (one --prompt-tokens, no --prompts-file or --batch)".into(),
             ));
         }
         let mut sampler = sampler(args.generating.seed);
-        let s = v3c_runtime::speculative::generate_speculative(
+        let g = v3c_runtime::speculative::generate_speculative(
             program,
             &prompt,
             args.generating.max_new_tokens,
-            args.draft_tokens,
+            args.speculating.draft_tokens,
             &mut sampler,
             eos,
         )
         .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
-        print(&s.generation.tokens);
+        print(&g.tokens);
+        let s = g.speculation.unwrap_or_default();
         eprintln!(
             "{} ({kind}, speculative: {} of {} MTP drafts accepted, {:.2} tokens per main-model pass)",
-            s.generation.summary(prompt.len()),
+            g.summary(prompt.len()),
             s.accepted,
             s.drafted,
-            s.tokens_per_pass()
+            s.tokens_per_pass(g.tokens.len().saturating_sub(1))
         );
         return Ok(());
     }
@@ -1899,7 +1987,7 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
             )));
         }
     }
-    let (max_len, max_prompt, _) = serving_limits(program.as_ref()).map_err(at)?;
+    let (max_len, max_prompt, _) = serving_limits(program.as_ref(), None).map_err(at)?;
     let serving = v3c_runtime::session::Serving {
         slots: 1,
         limits: &[max_len],
@@ -1908,6 +1996,7 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         prefill_budget: None,
         reuse_prefixes: !args.no_prefix_reuse,
         load: None,
+        speculative: None,
     };
     let messages = std::cell::RefCell::new(match &args.system {
         Some(s) => vec![serde_json::json!({ "role": "system", "content": s })],
@@ -2062,7 +2151,7 @@ fn perplexity(args: &PerplexityArgs) -> Result<(), Failure> {
     a.check_weights(&args.weights).map_err(Failure::Other)?;
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
-    let (_, max_prompt, _) = serving_limits(program.as_ref()).map_err(at)?;
+    let (_, max_prompt, _) = serving_limits(program.as_ref(), None).map_err(at)?;
     let window = args.window.unwrap_or(max_prompt.min(tokens.len().max(2)));
     if window > max_prompt {
         return Err(Failure::Other(format!(

@@ -31,31 +31,8 @@
 use std::collections::HashMap;
 
 use crate::host::{HostBuffer, HostData};
-use crate::session::{Generation, Program};
+use crate::session::{Generation, Program, Speculated};
 use v3c_models::reference::Sampler;
-
-/// A speculative generation and how its drafts fared.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Speculation {
-    pub generation: Generation,
-    /// Drafts verified (those after a rejected one are not), the ones kept, and passes of the
-    /// main model after the prompt's.
-    pub drafted: usize,
-    pub accepted: usize,
-    pub passes: usize,
-}
-
-impl Speculation {
-    /// `accepted / drafted`.
-    pub fn acceptance(&self) -> f64 {
-        self.accepted as f64 / self.drafted.max(1) as f64
-    }
-
-    /// Tokens per pass of the main model (the first token, from the prompt's pass, not counted).
-    pub fn tokens_per_pass(&self) -> f64 {
-        self.generation.tokens.len().saturating_sub(1) as f64 / self.passes.max(1) as f64
-    }
-}
 
 /// Row vectors (logits or hidden states of consecutive positions).
 type Rows = Vec<Vec<f32>>;
@@ -282,9 +259,20 @@ type Drafts = Vec<(u32, Vec<(u32, f32)>)>;
 /// generation ends there.
 pub type Emit<'e> = dyn FnMut(u32, &[f32]) -> Result<bool, String> + 'e;
 
+/// Why tokens picked by `sampler` cannot be generated speculatively, where they cannot: drafts
+/// are drawn before the tokens they follow are accepted, so logits shaped by those tokens
+/// (penalties, a response format's grammar, ends held back for a minimum of tokens) would be of
+/// a sequence not yet known.
+pub fn refusal(sampler: &Sampler) -> Option<&'static str> {
+    sampler.changes_logits().then_some(
+        "speculative decoding takes no logit bias, penalties, min_tokens or response format (temperature, top-k, \
+         top-p, min-p only)",
+    )
+}
+
 /// Whether `program` can generate speculatively with `drafts` MTP drafts a pass, picked by
 /// `sampler`: its MTP cache's width, or why not.
-fn check(program: &dyn Program, drafts: usize, sampler: &Sampler) -> Result<usize, String> {
+pub fn check(program: &dyn Program, drafts: usize, sampler: &Sampler) -> Result<usize, String> {
     let prefill = program.entry_plan("prefill")?;
     let draft = program.entry_plan("draft").map_err(|_| {
         "the artifact has no draft entry: compile it with `v3c compile --speculative` (a model with an MTP module)"
@@ -296,12 +284,8 @@ fn check(program: &dyn Program, drafts: usize, sampler: &Sampler) -> Result<usiz
     if drafts == 0 {
         return Err("0 drafts a step: at least one".into());
     }
-    // Drafts are drawn before the tokens they follow are accepted: penalties counting those
-    // tokens would be of a sequence not yet known.
-    if sampler.changes_logits() {
-        return Err(
-            "speculative decoding takes no logit bias, penalties or response format (temperature, top-k, top-p, min-p only)".into()
-        );
+    if let Some(e) = refusal(sampler) {
+        return Err(e.into());
     }
     if drafts > 1 && !draft.outputs.iter().any(|(n, _)| n == "mtp_hidden") {
         return Err(format!(
@@ -334,11 +318,8 @@ pub struct Speculator<'a> {
     x: u32,
     pos: usize,
     proposed: Drafts,
-    /// Drafts verified (those after a rejected one are not), the ones kept, and passes of the
-    /// main model after the prompt's.
-    pub drafted: usize,
-    pub accepted: usize,
-    pub passes: usize,
+    /// How its drafts have fared so far.
+    pub counts: Speculated,
 }
 
 /// A speculative generation's start ([`Speculator::start`]).
@@ -382,7 +363,7 @@ impl<'a> Speculator<'a> {
         let pos = prompt.len();
         let first = caches_draft(&mut caches, &hidden, &next, 0)?;
         let proposed = chain(&mut caches, sampler, first, drafts, pos)?;
-        let speculator = Speculator { caches, drafts, x, pos, proposed, drafted: 0, accepted: 0, passes: 0 };
+        let speculator = Speculator { caches, drafts, x, pos, proposed, counts: Speculated::default() };
         Ok(Started { speculator: Some(speculator), prompt_logits, prefill_s })
     }
 
@@ -393,11 +374,11 @@ impl<'a> Speculator<'a> {
         let (caches, pos) = (&mut self.caches, self.pos);
         let fed: Vec<u32> = std::iter::once(self.x).chain(self.proposed.iter().map(|d| d.0)).collect();
         let (logits, hidden) = caches.prefill(&fed, pos)?;
-        self.passes += 1;
+        self.counts.passes += 1;
         let mut kept = 0;
         let mut new = None;
         for (j, (d, q)) in self.proposed.iter().enumerate() {
-            self.drafted += 1;
+            self.counts.drafted += 1;
             let (token, ok) = verify(&sampler.distribution(&logits[j]), q, *d, sampler);
             if emit(token, &logits[j])? {
                 return Ok(true);
@@ -406,7 +387,7 @@ impl<'a> Speculator<'a> {
                 new = Some(token);
                 break;
             }
-            (self.accepted, kept) = (self.accepted + 1, kept + 1);
+            (self.counts.accepted, kept) = (self.counts.accepted + 1, kept + 1);
         }
         let new = match new {
             Some(t) => t,
@@ -440,31 +421,27 @@ pub fn generate_speculative(
     drafts: usize,
     sampler: &mut Sampler,
     eos: Option<u32>,
-) -> Result<Speculation, String> {
+) -> Result<Generation, String> {
     check(program, drafts, sampler)?;
     let start = std::time::Instant::now();
     let (mut tokens, mut stopped_at_eos) = (Vec::new(), false);
-    if max_new == 0 {
-        return Ok(Speculation {
-            generation: Generation::alone(tokens, false, 0.0, 0.0),
-            drafted: 0,
-            accepted: 0,
-            passes: 0,
-        });
+    let mut counts = Speculated::default();
+    let mut prefill_s = 0.0;
+    if max_new > 0 {
+        let mut emit = |t: u32, _: &[f32]| -> Result<bool, String> {
+            tokens.push(t);
+            stopped_at_eos |= Some(t) == eos;
+            Ok(stopped_at_eos || tokens.len() >= max_new)
+        };
+        let started = Speculator::start(program, prompt, drafts, sampler, &mut emit)?;
+        prefill_s = started.prefill_s;
+        if let Some(mut s) = started.speculator {
+            while !s.pass(sampler, &mut emit)? {}
+            counts = s.counts;
+        }
     }
-    let mut emit = |t: u32, _: &[f32]| -> Result<bool, String> {
-        tokens.push(t);
-        stopped_at_eos |= Some(t) == eos;
-        Ok(stopped_at_eos || tokens.len() >= max_new)
-    };
-    let started = Speculator::start(program, prompt, drafts, sampler, &mut emit)?;
-    let (mut drafted, mut accepted, mut passes) = (0, 0, 0);
-    if let Some(mut s) = started.speculator {
-        while !s.pass(sampler, &mut emit)? {}
-        (drafted, accepted, passes) = (s.drafted, s.accepted, s.passes);
-    }
-    let generation = Generation::alone(tokens, stopped_at_eos, started.prefill_s, start.elapsed().as_secs_f64());
-    Ok(Speculation { generation, drafted, accepted, passes })
+    let alone = Generation::alone(tokens, stopped_at_eos, prefill_s, start.elapsed().as_secs_f64());
+    Ok(Generation { speculation: Some(counts), ..alone })
 }
 
 /// [`Caches::draft`]'s last row: its logits and (chaining) its MTP hidden state.
@@ -719,29 +696,200 @@ mod tests {
         let toy = toy();
         let greedy = Sampler::new(0.0, 1.0, 0);
         for (prompt, k) in [(vec![1u32], 1), (vec![3, 0, 2], 1), (vec![2, 2, 2, 2, 2, 1, 0], 1), (vec![3, 0, 2], 3)] {
-            let s = generate_speculative(&toy, &prompt, 20, k, &mut greedy.clone(), None).unwrap();
+            let g = generate_speculative(&toy, &prompt, 20, k, &mut greedy.clone(), None).unwrap();
             let on_device = toy_on_device();
             let d = generate_speculative(&on_device, &prompt, 20, k, &mut greedy.clone(), None).unwrap();
-            assert_eq!(
-                (d.generation.tokens, d.drafted, d.accepted),
-                (s.generation.tokens.clone(), s.drafted, s.accepted)
-            );
+            assert_eq!((&d.tokens, d.speculation), (&g.tokens, g.speculation));
             assert_eq!(*on_device.uploaded_rows.borrow(), 0, "cache rows given from the host");
             let mut tokens = prompt.clone();
             for _ in 0..20 {
                 let h = tokens.iter().fold(0, |h, &t| fold(h, t));
                 tokens.push(greedy.clone().sample(&main_logits(h)));
             }
-            assert_eq!(s.generation.tokens, tokens[prompt.len()..], "{prompt:?}");
+            assert_eq!(g.tokens, tokens[prompt.len()..], "{prompt:?}");
+            let s = g.speculation.unwrap();
             assert!(s.drafted > 0 && s.accepted < s.drafted, "{} of {}", s.accepted, s.drafted);
             if k > 1 {
-                assert!(s.passes < s.drafted && s.tokens_per_pass() > 1.0, "{} passes, {} drafts", s.passes, s.drafted);
+                let per_pass = s.tokens_per_pass(g.tokens.len() - 1);
+                assert!(s.passes < s.drafted && per_pass > 1.0, "{} passes, {} drafts", s.passes, s.drafted);
             }
         }
         let mut unchained = super::tests::toy();
         unchained.draft.outputs.clear();
         let err = generate_speculative(&unchained, &[1], 5, 2, &mut greedy.clone(), None).unwrap_err();
         assert!(err.contains("does not output") && err.contains("v3c compile --speculative"), "{err}");
+    }
+
+    /// What [`serve_toy`] saw of a request: its tokens and scores as reported, and its end (its
+    /// generation, and whether it was cancelled) or why it was refused.
+    #[derive(Default)]
+    struct Seen {
+        tokens: Vec<u32>,
+        scored: Vec<(f32, Vec<(u32, f32)>)>,
+        ended: Option<(Generation, bool)>,
+        refused: Option<String>,
+    }
+
+    /// An item of a serving script: once request `.0.0` has `.0.1` tokens (None: at once), a
+    /// request arrives (Ok) or one is cancelled (Err: its number).
+    type Scripted = (Option<(usize, usize)>, Result<crate::session::Request, usize>);
+
+    /// Serves `script` speculatively on `toy`, `drafts` drafts a pass ([`crate::session::serve`]):
+    /// what was seen of each request, in arrival order, and the cancellations refused.
+    fn serve_toy(toy: &Toy, drafts: usize, script: Vec<Scripted>) -> (Vec<Seen>, Vec<usize>) {
+        use crate::session::{serve, Arrival, Progress, Serving};
+        let requests = script.iter().filter(|s| s.1.is_ok()).count();
+        let seen = RefCell::new((0..requests).map(|_| Seen::default()).collect::<Vec<_>>());
+        let mut script = script.into_iter().peekable();
+        let mut next = |idle: bool| {
+            let Some((when, _)) = script.peek() else { return Arrival::Closed };
+            if when.is_some_and(|(r, k)| seen.borrow()[r].tokens.len() < k) {
+                assert!(!idle, "the script waits for tokens while nothing runs");
+                return Arrival::NotYet;
+            }
+            match script.next().map(|s| s.1) {
+                Some(Ok(r)) => Arrival::Request(r),
+                Some(Err(id)) => Arrival::Cancel(id),
+                None => Arrival::Closed,
+            }
+        };
+        let mut refused_cancels = Vec::new();
+        let mut report = |id: usize, p: Progress| -> Result<(), String> {
+            if matches!(&p, Progress::Refused(e) if e.starts_with("cancel:")) {
+                refused_cancels.push(id);
+                return Ok(());
+            }
+            let mut seen = seen.borrow_mut();
+            let s = &mut seen[id];
+            assert!(s.ended.is_none() && s.refused.is_none(), "request {id}: a report after its end");
+            match p {
+                Progress::Scored(lp, top) => s.scored.push((lp, top)),
+                Progress::Token(t) => s.tokens.push(t),
+                Progress::Ended(g) => s.ended = Some((g, false)),
+                Progress::Cancelled(g) => s.ended = Some((g, true)),
+                Progress::Refused(e) => s.refused = Some(e),
+            }
+            Ok(())
+        };
+        let serving = Serving {
+            slots: 1,
+            limits: &[],
+            max_prompt: 0,
+            eos: None,
+            prefill_budget: None,
+            reuse_prefixes: false,
+            load: None,
+            speculative: Some(drafts),
+        };
+        serve(toy, &serving, &mut next, &mut report).unwrap();
+        (seen.into_inner(), refused_cancels)
+    }
+
+    /// The toy main model's greedy tokens after `prompt`, `n` of them.
+    fn greedy_tokens(prompt: &[u32], n: usize) -> Vec<u32> {
+        let mut tokens = prompt.to_vec();
+        for _ in 0..n {
+            let h = tokens.iter().fold(0, |h, &t| fold(h, t));
+            tokens.push(Sampler::new(0.0, 1.0, 0).sample(&main_logits(h)));
+        }
+        tokens.split_off(prompt.len())
+    }
+
+    /// Served speculatively, one at a time, each request gets what it would alone: greedy and
+    /// sampled tokens as [`generate_speculative`] gives them (their drafts' counts too), each
+    /// token's log-probability and alternatives under the main model's logits (reported before
+    /// it), its prompt's scores, an end at its stop sequence — with the caches on a device too,
+    /// each request starting from empty ones. Requests the drafts cannot serve (penalties) and
+    /// those longer than the artifact holds are refused, each with its reason.
+    #[test]
+    fn served_speculatively_each_request_gets_its_own_generation() {
+        use crate::session::{log_probability, top_log_probabilities, Ending, Request};
+        use v3c_models::sampling::Shaping;
+        let greedy = Sampler::new(0.0, 1.0, 0);
+        let hot = Sampler::new(0.9, 0.9, 5);
+        let expected = greedy_tokens(&[2, 2, 1], 20);
+        let stop = expected[4..6].to_vec();
+        let stops_at = (1..expected.len()).find(|&i| expected[i - 1..=i] == stop[..]).unwrap() + 1;
+        for (k, on_device) in [(1, false), (3, false), (1, true), (3, true)] {
+            let toy = if on_device { toy_on_device() } else { toy() };
+            let mut scored = Request::new(vec![3, 0, 2], 12, greedy.clone());
+            (scored.logprobs, scored.top_logprobs, scored.echo) = (true, 2, true);
+            let mut stopping = Request::new(vec![2, 2, 1], 20, greedy.clone());
+            stopping.stop = vec![stop.clone()];
+            let penalized = hot.clone().shaped(Shaping { repetition_penalty: 1.3, ..Shaping::default() });
+            let script: Vec<Scripted> = vec![
+                (None, Ok(scored)),
+                (None, Ok(Request::new(vec![1], 8, hot.clone()))),
+                (None, Ok(stopping)),
+                (None, Ok(Request::new(vec![1, 2], 4, penalized))),
+                (None, Ok(Request::new(vec![1], 64, greedy.clone()))),
+            ];
+            let (seen, _) = serve_toy(&toy, k, script);
+            let case = format!("{k} drafts, on a device: {on_device}");
+            // Alone: the tokens and the drafts' counts.
+            let alone = |prompt: &[u32], n: usize, sampler: &Sampler| {
+                generate_speculative(&super::tests::toy(), prompt, n, k, &mut sampler.clone(), None).unwrap()
+            };
+            for (i, (prompt, n, sampler)) in [(vec![3, 0, 2], 12, &greedy), (vec![1], 8, &hot)].into_iter().enumerate()
+            {
+                let (g, cancelled) = seen[i].ended.clone().unwrap_or_else(|| panic!("{case}: request {i} did not end"));
+                let a = alone(&prompt, n, sampler);
+                assert!(!cancelled);
+                assert_eq!((&g.tokens, g.speculation), (&a.tokens, a.speculation), "{case}: request {i}");
+                assert_eq!((&seen[i].tokens, g.ending), (&a.tokens, Some(Ending::Length)), "{case}: request {i}");
+            }
+            assert_eq!(seen[0].tokens, greedy_tokens(&[3, 0, 2], 12), "{case}");
+            // Request 0's scores: each token's under the main model's logits before it.
+            let (g, _) = seen[0].ended.clone().unwrap();
+            let logits_after = |tokens: &[u32]| main_logits(tokens.iter().fold(0, |h, &t| fold(h, t)));
+            let sequence: Vec<u32> = [3, 0, 2].iter().chain(&g.tokens).copied().collect();
+            for (i, &t) in g.tokens.iter().enumerate() {
+                let row = logits_after(&sequence[..3 + i]);
+                assert_eq!(g.logprobs[i], log_probability(&row, t), "{case}: token {i}");
+                assert_eq!(g.top_logprobs[i], top_log_probabilities(&row, 2), "{case}: token {i}");
+                assert_eq!(seen[0].scored[i], (g.logprobs[i], g.top_logprobs[i].clone()), "{case}: reported");
+            }
+            let prompt_scores: Vec<f32> =
+                (1..3).map(|i| log_probability(&logits_after(&sequence[..i]), sequence[i])).collect();
+            assert_eq!((g.prompt_logprobs, g.prompt_top_logprobs.len()), (prompt_scores, 2), "{case}");
+            assert!(seen[1].scored.is_empty() && seen[1].ended.as_ref().unwrap().0.logprobs.is_empty());
+            // Request 2 ends at its stop sequence.
+            let (g, _) = seen[2].ended.clone().unwrap();
+            assert_eq!((g.tokens, g.ending), (expected[..stops_at].to_vec(), Some(Ending::Stop)), "{case}");
+            let refused = |i: usize| seen[i].refused.clone().unwrap_or_else(|| panic!("{case}: request {i} served"));
+            assert!(refused(3).contains("speculative serving") && refused(3).contains("penalties"), "{}", refused(3));
+            assert!(
+                refused(4).contains("1 + 64 tokens") && refused(4).contains(&format!("1..={}", 64 - k)),
+                "{}",
+                refused(4)
+            );
+        }
+    }
+
+    /// Cancelled while served speculatively: a waiting request leaves with no tokens, the running
+    /// one with those it has (a prefix of its tokens alone) and its drafts' counts so far; the
+    /// next then gets its tokens as alone; cancelling a request that has ended is refused.
+    #[test]
+    fn speculative_serving_cancels_waiting_and_running_requests() {
+        use crate::session::Request;
+        let greedy = Sampler::new(0.0, 1.0, 0);
+        let script: Vec<Scripted> = vec![
+            (None, Ok(Request::new(vec![3, 0, 2], 30, greedy.clone()))),
+            (None, Ok(Request::new(vec![1], 5, greedy.clone()))),
+            (None, Err(1)),
+            (Some((0, 6)), Ok(Request::new(vec![2], 5, greedy.clone()))),
+            (Some((0, 6)), Err(0)),
+            (Some((2, 5)), Err(2)),
+        ];
+        let (seen, refused) = serve_toy(&toy(), 2, script);
+        let ended = |i: usize| seen[i].ended.clone().unwrap_or_else(|| panic!("request {i} did not end"));
+        assert_eq!((ended(1).0.tokens.len(), ended(1).1), (0, true));
+        let (g, cancelled) = ended(0);
+        assert!(cancelled && g.tokens.len() >= 6 && g.tokens.len() < 30, "{} tokens", g.tokens.len());
+        assert_eq!(g.tokens, greedy_tokens(&[3, 0, 2], 30)[..g.tokens.len()]);
+        assert!(g.speculation.is_some_and(|s| s.passes > 0 && s.drafted >= s.accepted), "{:?}", g.speculation);
+        assert_eq!((ended(2).0.tokens, ended(2).1), (greedy_tokens(&[2], 5), false));
+        assert_eq!(refused, vec![2]);
     }
 
     /// With a temperature and top-p, speculative sampling's continuations are distributed as plain
@@ -770,10 +918,11 @@ mod tests {
                 // The caches kept on a device: the same draws, the same tokens.
                 let mut sampler = Sampler::new(0.9, 0.9, seed);
                 let d = generate_speculative(&toy_on_device(), &prompt, n, k, &mut sampler, None).unwrap();
-                assert_eq!(d.generation.tokens, s.generation.tokens, "seed {seed}");
+                assert_eq!(d.tokens, s.tokens, "seed {seed}");
             }
-            *seen.entry(s.generation.tokens).or_insert(0) += 1;
-            (drafted, accepted) = (drafted + s.drafted, accepted + s.accepted);
+            let counts = s.speculation.unwrap();
+            *seen.entry(s.tokens).or_insert(0) += 1;
+            (drafted, accepted) = (drafted + counts.drafted, accepted + counts.accepted);
         }
         assert!(seen.keys().all(|k| exact.contains_key(k)), "a continuation plain sampling never gives");
         for (path, &p) in &exact {

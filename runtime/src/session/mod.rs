@@ -85,6 +85,49 @@ pub struct Generation {
     pub prompt_logprobs: Vec<f32>,
     /// And with `top_logprobs`, the most probable tokens at each of those positions.
     pub prompt_top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// Generated speculatively ([`crate::speculative`]): how its MTP drafts fared.
+    pub speculation: Option<Speculated>,
+}
+
+/// How a speculative generation's MTP drafts fared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Speculated {
+    /// Drafts verified (those after a rejected one are not), the ones kept, and passes of the
+    /// main model after the prompt's.
+    pub drafted: usize,
+    pub accepted: usize,
+    pub passes: usize,
+}
+
+impl std::ops::Add for Speculated {
+    type Output = Speculated;
+    fn add(self, other: Speculated) -> Speculated {
+        let (drafted, accepted, passes) =
+            (self.drafted + other.drafted, self.accepted + other.accepted, self.passes + other.passes);
+        Speculated { drafted, accepted, passes }
+    }
+}
+
+impl Speculated {
+    /// `accepted / drafted`.
+    pub fn acceptance(&self) -> f64 {
+        self.accepted as f64 / self.drafted.max(1) as f64
+    }
+
+    /// Tokens per pass of the main model, `later` being the tokens after each sequence's first
+    /// (which its prompt's pass gives).
+    pub fn tokens_per_pass(&self, later: usize) -> f64 {
+        later as f64 / self.passes.max(1) as f64
+    }
+
+    /// The counts as JSON, with the acceptance and the tokens per pass (`later` as
+    /// [`Speculated::tokens_per_pass`] takes it).
+    pub fn json(&self, later: usize) -> serde_json::Value {
+        serde_json::json!({
+            "drafted": self.drafted, "accepted": self.accepted, "passes": self.passes,
+            "acceptance": self.acceptance(), "tokens_per_pass": self.tokens_per_pass(later),
+        })
+    }
 }
 
 impl Generation {
@@ -104,6 +147,7 @@ impl Generation {
             ending: Some(if stopped_at_eos { Ending::Eos } else { Ending::Length }),
             prompt_logprobs: Vec::new(),
             prompt_top_logprobs: Vec::new(),
+            speculation: None,
         }
     }
 
@@ -823,8 +867,16 @@ mod tests {
             }
             Ok(())
         };
-        let serving =
-            Serving { slots, limits: &limits, max_prompt: longest, eos, prefill_budget, reuse_prefixes, load: None };
+        let serving = Serving {
+            slots,
+            limits: &limits,
+            max_prompt: longest,
+            eos,
+            prefill_budget,
+            reuse_prefixes,
+            load: None,
+            speculative: None,
+        };
         serve(toy, &serving, &mut next, &mut report).unwrap();
         let got: Vec<(Vec<u32>, usize)> = got.into_iter().map(|g| g.expect("every request ends")).collect();
         assert_eq!(got.iter().map(|g| g.0.clone()).collect::<Vec<_>>(), streamed, "the tokens reported as picked");
@@ -898,6 +950,7 @@ mod tests {
                 prefill_budget: None,
                 reuse_prefixes: true,
                 load: None,
+                speculative: None,
             };
             serve(&toy, &serving, &mut next, &mut report).unwrap();
             let queued = queued.unwrap();
@@ -955,6 +1008,7 @@ mod tests {
             prefill_budget: None,
             reuse_prefixes: true,
             load: None,
+            speculative: None,
         };
         serve(toy, &serving, &mut next, &mut report).unwrap();
         (done, refused)
@@ -1062,6 +1116,7 @@ mod tests {
                 prefill_budget: None,
                 reuse_prefixes: true,
                 load: None,
+                speculative: None,
             };
             serve(&toy, &serving, &mut next, &mut report).unwrap();
             let [Some(second), Some(first)] = ended.as_slice() else { panic!("{name}: both end") };
@@ -1126,6 +1181,7 @@ mod tests {
             prefill_budget: None,
             reuse_prefixes: true,
             load: None,
+            speculative: None,
         };
         serve(&Toy::paged(), &serving, &mut next, &mut report).unwrap();
         let g = ended.unwrap();
@@ -1154,6 +1210,7 @@ mod tests {
             prefill_budget: None,
             reuse_prefixes: false,
             load: Some(&record),
+            speculative: None,
         };
         serve(&toy, &serving, &mut next, &mut report).unwrap();
         let loads = loads.into_inner();
@@ -1237,6 +1294,7 @@ mod tests {
                 prefill_budget: None,
                 reuse_prefixes: true,
                 load: None,
+                speculative: None,
             };
             serve(&t, &serving, &mut next, &mut report).unwrap();
             let [Some(plain), Some(echoed), Some(scored)] = ended.as_slice() else { panic!("all end") };
@@ -1340,6 +1398,7 @@ mod tests {
                     prefill_budget: None,
                     reuse_prefixes: reuse,
                     load: None,
+                    speculative: None,
                 };
                 serve(&t, &serving, &mut next, &mut report).unwrap();
                 let name = format!("device {on_device}, reuse {reuse}");

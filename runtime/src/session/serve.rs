@@ -23,6 +23,9 @@ pub enum Progress {
     Refused(String),
 }
 
+/// What [`serve`] reports to: a request's number and its progress.
+pub type Report<'r> = dyn FnMut(usize, Progress) -> Result<(), String> + 'r;
+
 /// A request [`serve`] is generating, in its slot.
 pub(super) struct Running {
     id: usize,
@@ -46,6 +49,52 @@ pub(super) struct Running {
 }
 
 impl Running {
+    /// Request `id`, joining (or starting) `joined_s` after the start having waited `queued_s`,
+    /// its first `reused` prompt tokens' cache rows shared.
+    fn new(id: usize, request: Request, joined_s: f64, queued_s: f64, reused: usize) -> Running {
+        let (tokens, prefilled, joining, prefill_s) = (Vec::new(), None, true, 0.0);
+        let (logprobs, top, prompt_scores) = (Vec::new(), Vec::new(), Vec::new());
+        Running {
+            id,
+            request,
+            tokens,
+            prefilled,
+            joining,
+            joined_s,
+            queued_s,
+            prefill_s,
+            reused,
+            logprobs,
+            top,
+            prompt_scores,
+        }
+    }
+
+    /// Takes token `t` and reports it — where it asks for them, first its log-probabilities
+    /// under `row`, the logits it was picked from (None: not read back; NaN).
+    fn take(&mut self, t: u32, row: Option<&[f32]>, report: &mut Report) -> Result<(), String> {
+        if self.request.logprobs {
+            let lp = row.map_or(f32::NAN, |l| log_probability(l, t));
+            self.logprobs.push(lp);
+            let top = match self.request.top_logprobs {
+                0 => Vec::new(),
+                k => {
+                    let top = row.map_or(Vec::new(), |l| top_log_probabilities(l, k));
+                    self.top.push(top.clone());
+                    top
+                }
+            };
+            report(self.id, Progress::Scored(lp, top))?;
+        }
+        self.tokens.push(t);
+        report(self.id, Progress::Token(t))
+    }
+
+    /// Whether its tokens so far end it, and how (`eos`: the model's end token).
+    fn ending(&self, eos: Option<u32>) -> Option<Ending> {
+        self.request.ends(&self.tokens, eos.filter(|_| !self.request.ignore_eos))
+    }
+
     /// Its generation, ended (`ending`; None: cancelled) `total_s` after it joined, holding `pages`.
     fn generation(self, pages: Option<(usize, usize)>, ending: Option<Ending>, total_s: f64) -> Generation {
         Generation {
@@ -64,7 +113,14 @@ impl Running {
                 0 => Vec::new(),
                 _ => self.prompt_scores.into_iter().map(|s| s.1).collect(),
             },
+            speculation: None,
         }
+    }
+
+    /// Its generation as [`Running::generation`] gives it, generated speculatively with its
+    /// drafts faring as `drafts` say.
+    fn speculated(self, drafts: Speculated, ending: Option<Ending>, total_s: f64) -> Generation {
+        Generation { speculation: Some(drafts), ..self.generation(None, ending, total_s) }
     }
 }
 
@@ -88,6 +144,10 @@ pub struct Serving<'l> {
     pub reuse_prefixes: bool,
     /// Told the batch's load after each step's joins.
     pub load: Option<&'l dyn Fn(Load)>,
+    /// Speculative decoding with this many MTP drafts a pass of the main model (an artifact
+    /// compiled with `v3c compile --speculative`): requests are generated one at a time
+    /// ([`crate::speculative::Speculator`]; `slots`, `limits` and the prefill budget do not apply).
+    pub speculative: Option<usize>,
 }
 
 /// How loaded a serving batch is.
@@ -114,8 +174,11 @@ pub fn serve(
     program: &dyn Program,
     o: &Serving,
     next: &mut dyn FnMut(bool) -> Arrival,
-    report: &mut dyn FnMut(usize, Progress) -> Result<(), String>,
+    report: &mut Report,
 ) -> Result<(usize, f64), String> {
+    if let Some(drafts) = o.speculative {
+        return serve_speculative(program, o, drafts, next, report);
+    }
     let (slots, limits, max_prompt, eos) = (o.slots, o.limits, o.max_prompt, o.eos);
     let start = std::time::Instant::now();
     let chunk = program.entry_plan("prefill")?.sizes.rows.max(1);
@@ -136,22 +199,10 @@ pub fn serve(
         while !closed {
             let now = start.elapsed().as_secs_f64();
             match next(waiting.is_empty() && running.iter().all(Option::is_none)) {
-                Arrival::Request(r) => {
-                    // Token ids the model has no row for are one request's mistake, refused now:
-                    // a step would fail for the whole batch.
-                    if let Some(e) = vocab.and_then(|v| r.outside(v)) {
-                        report(arrived, Progress::Refused(e))?;
-                        arrived += 1;
-                        continue;
-                    }
-                    let arrived_s = r.arrived.map_or(now, |t| now - t.elapsed().as_secs_f64());
-                    waiting.push_back((arrived, r, arrived_s));
-                    arrived += 1;
-                }
+                Arrival::Request(r) => queue(r, None, vocab, now, (&mut arrived, &mut waiting), report)?,
                 Arrival::Cancel(id) => {
-                    let g = if let Some(w) = waiting.iter().position(|w| w.0 == id) {
-                        let queued_s = waiting.remove(w).map_or(0.0, |(_, _, arrived_s)| now - arrived_s);
-                        Generation { queued_s, ending: None, ..Generation::alone(Vec::new(), false, 0.0, 0.0) }
+                    let g = if let Some(g) = cancel_waiting(&mut waiting, id, now) {
+                        g
                     } else if let Some(s) = running.iter().position(|r| r.as_ref().is_some_and(|r| r.id == id)) {
                         let Some(r) = running[s].take() else { continue };
                         let pages = match r.joining {
@@ -233,23 +284,7 @@ pub fn serve(
             batch.start_join_scoring(s, &r.prompt, limit, score)?;
             r.sampler.start(&r.prompt);
             joined += usize::from(started);
-            let queued_s = joined_s - arrived_s;
-            let (tokens, prefilled, joining, reused) = (Vec::new(), None, true, batch.reused_tokens());
-            let (prefill_s, logprobs, top, prompt_scores) = (0.0, Vec::new(), Vec::new(), Vec::new());
-            running[s] = Some(Running {
-                id,
-                request: r,
-                tokens,
-                prefilled,
-                joining,
-                joined_s,
-                queued_s,
-                prefill_s,
-                reused,
-                logprobs,
-                top,
-                prompt_scores,
-            });
+            running[s] = Some(Running::new(id, r, joined_s, joined_s - arrived_s, batch.reused_tokens()));
         }
         if let Some(load) = o.load {
             let running = running.iter().flatten().count();
@@ -280,25 +315,16 @@ pub fn serve(
                     (None, Some(t)) => t,
                     (None, None) => return Err(format!("slot {s}: no token picked")),
                 };
-                if r.request.logprobs {
-                    let row = match (&prefilled, &logits) {
-                        (Some(l), _) => Some(l.as_slice()),
-                        (None, Next::Logits(rows)) => rows.get(s).map(Vec::as_slice),
-                        // Picked on the device: no step runs so while it asks for them.
-                        (None, Next::Tokens(_)) => None,
-                    };
-                    r.logprobs.push(row.map_or(f32::NAN, |l| log_probability(l, t)));
-                    if r.request.top_logprobs > 0 {
-                        r.top.push(row.map_or(Vec::new(), |l| top_log_probabilities(l, r.request.top_logprobs)));
-                    }
-                    let lp = r.logprobs.last().copied().unwrap_or(f32::NAN);
-                    report(r.id, Progress::Scored(lp, r.top.last().cloned().unwrap_or_default()))?;
-                }
-                r.tokens.push(t);
-                report(r.id, Progress::Token(t))?;
+                let row = match (&prefilled, &logits) {
+                    (Some(l), _) => Some(l.as_slice()),
+                    (None, Next::Logits(rows)) => rows.get(s).map(Vec::as_slice),
+                    // Picked on the device: no step runs so while a request asks for log-probabilities.
+                    (None, Next::Tokens(_)) => None,
+                };
+                r.take(t, row, report)?;
                 fed[s] = t;
             }
-            let Some(ending) = r.request.ends(&r.tokens, eos.filter(|_| !r.request.ignore_eos)) else {
+            let Some(ending) = r.ending(eos) else {
                 active[s] = true;
                 continue;
             };
@@ -317,4 +343,165 @@ pub fn serve(
             return Ok((joined, prefill_s));
         }
     }
+}
+
+/// Requests waiting to be served: each one's number, the request and when it arrived (seconds
+/// after the start).
+type Waiting = std::collections::VecDeque<(usize, Request, f64)>;
+
+/// Queues request `r`, numbered `arrived` (then counted), arriving `now` (its wait counted from
+/// when it came, where it says) — or refuses it at once: for a token id past the model's
+/// vocabulary `vocab` (a step would fail for the whole batch), or for `refusal`.
+fn queue(
+    r: Request,
+    refusal: Option<String>,
+    vocab: Option<usize>,
+    now: f64,
+    (arrived, waiting): (&mut usize, &mut Waiting),
+    report: &mut Report,
+) -> Result<(), String> {
+    let id = *arrived;
+    *arrived += 1;
+    if let Some(e) = vocab.and_then(|v| r.outside(v)).or(refusal) {
+        return report(id, Progress::Refused(e));
+    }
+    let arrived_s = r.arrived.map_or(now, |t| now - t.elapsed().as_secs_f64());
+    waiting.push_back((id, r, arrived_s));
+    Ok(())
+}
+
+/// Request `id` taken off the waiting ones, cancelled `now`: its (empty) generation — None
+/// where it is not waiting.
+fn cancel_waiting(waiting: &mut Waiting, id: usize, now: f64) -> Option<Generation> {
+    let (_, _, arrived_s) = waiting.remove(waiting.iter().position(|w| w.0 == id)?)?;
+    Some(Generation { queued_s: now - arrived_s, ending: None, ..Generation::alone(Vec::new(), false, 0.0, 0.0) })
+}
+
+/// [`serve`] with MTP drafts, `drafts` a pass ([`Serving::speculative`]): requests generated one
+/// at a time in arrival order, each pass of the main model ([`Speculator::pass`]) yielding one
+/// token or more; arrivals and cancellations are taken between passes. Requests whose sampling
+/// changes the logits (bias, penalties, a response format, held-back ends) are refused: their
+/// drafts would be drawn before the tokens they follow are known.
+fn serve_speculative(
+    program: &dyn Program,
+    o: &Serving,
+    drafts: usize,
+    next: &mut dyn FnMut(bool) -> Arrival,
+    report: &mut Report,
+) -> Result<(usize, f64), String> {
+    use crate::speculative::{sequence_limit, Speculator};
+    let start = std::time::Instant::now();
+    // What the artifact cannot do is said before any request is taken.
+    crate::speculative::check(program, drafts, &v3c_models::reference::Sampler::new(0.0, 1.0, 0))?;
+    let limit = sequence_limit(program, drafts)?;
+    let vocab = vocabulary(program);
+    let mut waiting = Waiting::new();
+    let (mut arrived, mut closed, mut prefill_s) = (0, false, 0.0);
+    let mut current: Option<(Running, Speculator)> = None;
+    loop {
+        while !closed {
+            let now = start.elapsed().as_secs_f64();
+            match next(waiting.is_empty() && current.is_none()) {
+                Arrival::Request(r) => {
+                    let refusal = crate::speculative::refusal(&r.sampler).map(|e| format!("speculative serving: {e}"));
+                    queue(r, refusal, vocab, now, (&mut arrived, &mut waiting), report)?;
+                }
+                Arrival::Cancel(id) => {
+                    let g = match (cancel_waiting(&mut waiting, id, now), current.take()) {
+                        (Some(g), running) => {
+                            current = running;
+                            g
+                        }
+                        (None, Some((r, speculator))) if r.id == id => {
+                            let total_s = now - r.joined_s;
+                            r.speculated(speculator.counts, None, total_s)
+                        }
+                        (None, running) => {
+                            current = running;
+                            report(id, Progress::Refused("cancel: it is no longer waiting or running".into()))?;
+                            continue;
+                        }
+                    };
+                    report(id, Progress::Cancelled(g))?;
+                }
+                Arrival::NotYet => break,
+                Arrival::Closed => closed = true,
+            }
+        }
+        if let Some(load) = o.load {
+            let running = usize::from(current.is_some());
+            load(Load { running, waiting: waiting.len(), cache_usage: running as f64 });
+        }
+        // A pass for the running request, or the next request's start.
+        let now = || start.elapsed().as_secs_f64();
+        if let Some((r, speculator)) = current.as_mut() {
+            let (_, ending) = speculate(r, o.eos, report, |sampler, emit| speculator.pass(sampler, emit))?;
+            let (Some(ending), Some((r, speculator))) = (ending, current.take_if(|_| ending.is_some())) else {
+                continue;
+            };
+            let (id, total_s) = (r.id, now() - r.joined_s);
+            report(id, Progress::Ended(r.speculated(speculator.counts, Some(ending), total_s)))?;
+            continue;
+        }
+        let Some((id, r, arrived_s)) = waiting.pop_front() else {
+            match closed {
+                true => return Ok((0, prefill_s)),
+                false => continue,
+            }
+        };
+        if r.prompt.is_empty() || r.prompt.len() + r.max_new > limit {
+            let e = format!(
+                "{} + {} tokens: with {drafts} MTP draft(s) a pass the artifact holds sequences of 1..={limit} tokens",
+                r.prompt.len(),
+                r.max_new
+            );
+            report(id, Progress::Refused(e))?;
+            continue;
+        }
+        let joined_s = now();
+        let mut r = Running::new(id, r, joined_s, joined_s - arrived_s, 0);
+        r.joining = false;
+        let prompt = r.request.prompt.clone();
+        r.request.sampler.start(&prompt);
+        let (started, ending) = speculate(&mut r, o.eos, report, |sampler, emit| {
+            Speculator::start(program, &prompt, drafts, sampler, emit)
+        })?;
+        (r.prefill_s, prefill_s) = (started.prefill_s, prefill_s + started.prefill_s);
+        if r.request.echo && r.request.logprobs {
+            // Row i predicts the prompt's token i + 1.
+            let k = r.request.top_logprobs;
+            r.prompt_scores = (started.prompt_logits.iter().zip(&prompt[1..]))
+                .map(|(row, &t)| (log_probability(row, t), top_log_probabilities(row, k)))
+                .collect();
+        }
+        match (ending, started.speculator) {
+            (Some(ending), _) => {
+                let total_s = now() - joined_s;
+                report(id, Progress::Ended(r.speculated(Speculated::default(), Some(ending), total_s)))?;
+            }
+            (None, Some(speculator)) => current = Some((r, speculator)),
+            (None, None) => return Err("a speculative generation stopped without an end".into()),
+        }
+    }
+}
+
+/// Runs `step` (a [`Speculator`]'s start or pass) for the running request `r` with its sampler,
+/// its tokens taken and reported as they come: the step's result, and how the request ends where
+/// it does (`eos`: the model's end token).
+fn speculate<T>(
+    r: &mut Running,
+    eos: Option<u32>,
+    report: &mut Report,
+    step: impl FnOnce(&mut v3c_models::reference::Sampler, &mut crate::speculative::Emit) -> Result<T, String>,
+) -> Result<(T, Option<Ending>), String> {
+    let placeholder = v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+    let mut sampler = std::mem::replace(&mut r.request.sampler, placeholder);
+    let mut ending = None;
+    let out = step(&mut sampler, &mut |t, row| {
+        r.take(t, Some(row), report)?;
+        ending = r.ending(eos);
+        Ok(ending.is_some())
+    });
+    r.request.sampler = sampler;
+    Ok((out?, ending))
 }
