@@ -857,7 +857,11 @@ mod tests {
             let (g, _) = seen[2].ended.clone().unwrap();
             assert_eq!((g.tokens, g.ending), (expected[..stops_at].to_vec(), Some(Ending::Stop)), "{case}");
             let refused = |i: usize| seen[i].refused.clone().unwrap_or_else(|| panic!("{case}: request {i} served"));
-            assert!(refused(3).contains("speculative serving") && refused(3).contains("penalties"), "{}", refused(3));
+            assert!(
+                refused(3).contains("speculative decoding takes no") && refused(3).contains("penalties"),
+                "{}",
+                refused(3)
+            );
             assert!(
                 refused(4).contains("1 + 64 tokens") && refused(4).contains(&format!("1..={}", 64 - k)),
                 "{}",

@@ -403,7 +403,7 @@ fn serve_speculative(
             let now = start.elapsed().as_secs_f64();
             match next(waiting.is_empty() && current.is_none()) {
                 Arrival::Request(r) => {
-                    let refusal = crate::speculative::refusal(&r.sampler).map(|e| format!("speculative serving: {e}"));
+                    let refusal = crate::speculative::refusal(&r.sampler).map(str::to_string);
                     queue(r, refusal, vocab, now, (&mut arrived, &mut waiting), report)?;
                 }
                 Arrival::Cancel(id) => {
