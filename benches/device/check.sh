@@ -14,8 +14,9 @@
 # 3. end to end on the small model: `v3r logits` against the CPU backend's (argmax per row, 5e-2), the
 #    prefill and two decode steps dumped launch by launch against the host emulation (dump_compare.py
 #    names the first launch that differs), `v3r run` of two prompts as a batch and `v3r run
-#    --speculative` against the CPU backend's greedy tokens (attention on the CUDA-core rows; sampled:
-#    the caches on the device against through the host), then
+#    --speculative` and two requests in turn to `v3r serve --speculative` against the CPU backend's
+#    greedy tokens (attention on the CUDA-core rows; sampled: the caches on the device against through
+#    the host), then
 #    the default tensor-core attention (flash prefill, split-K decode): logits (5e-2, argmax) and
 #    launch by launch, its pool of pages (a batch, and three prompts two at a time — the third
 #    joining the running batch — as each alone, by `v3r run --batch 2` and `v3r serve`); 3b. `v3r train` of the tiny model's sm_90a
@@ -314,6 +315,26 @@ PY
       row "$name" "FAILED" "v3r run --speculative --draft-tokens $drafts failed (check.log)"
     fi
   done
+  # Speculative serving: the first prompt twice to `v3r serve --speculative`, one request after the
+  # other on one loaded program — each its greedy tokens (the second from fresh caches: nothing of
+  # the first's left on the device).
+  printf '{"prompt": "%s", "max_new_tokens": 16}\n' "$(cat "$e2e/prompt1.txt")" "$(cat "$e2e/prompt1.txt")" \
+    > "$out/spec_serve_requests.jsonl"
+  if timeout 60 "$v3r" serve "$e2e/sm90spec" --weights "$e2e/ckpt" --speculative --draft-tokens 2 --ignore-eos \
+      < "$out/spec_serve_requests.jsonl" > "$out/spec_serve.jsonl" 2>>"$log"; then
+    tail -1 "$log"
+    python3 -c 'import json, sys
+r = sorted((json.loads(l) for l in open(sys.argv[1])), key=lambda v: v["id"])
+print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) for v in r))' "$out/spec_serve.jsonl" \
+      > "$out/spec_serve_tokens.txt"
+    if cmp -s "$out/spec_serve_tokens.txt" <(head -1 "$e2e/expected_tokens.txt"; head -1 "$e2e/expected_tokens.txt"); then
+      row "3. speculative serving" "ok" "2 requests in turn, each 16/16 greedy tokens (acceptance in check.log)"
+    else
+      row "3. speculative serving" "DIFFERS" "spec_serve_tokens.txt vs the CPU backend's"
+    fi
+  else
+    row "3. speculative serving" "FAILED" "v3r serve --speculative failed (check.log)"
+  fi
   # Speculative sampling (--temperature): the caches kept on the device (the default) and moved
   # through the host (V3R_CARRY=0) make the same draws on the same caches: the same tokens.
   spec_sampled=(run "$e2e/sm90spec" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")"
