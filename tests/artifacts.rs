@@ -1458,6 +1458,15 @@ fn speculative_decoding_with_the_mtp_module_gives_the_greedy_tokens() {
     assert!(text(&served.stderr).contains("MTP drafts accepted"), "{}", text(&served.stderr));
     let batched = serve_stdin(&art, &trained, &cache, &["--speculative", "--batch", "2"], "");
     assert!(text(&batched.stderr).contains("--batch 2 with --speculative"), "{}", text(&batched.stderr));
+    // `v3r chat --speculative`: two turns, the replies plain chat gives.
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer/tokenizer.json");
+    let chat_args = ["--tokenizer", fixture.to_str().unwrap(), "--max-new-tokens", "5", "--ignore-eos"];
+    let plain_chat = v3r_stdin("chat", &art, &trained, &cache, &chat_args, b"Hello!\na\n");
+    let spec_args = [&chat_args[..], &speculative[..3]].concat();
+    let spec_chat = v3r_stdin("chat", &art, &trained, &cache, &spec_args, b"Hello!\na\n");
+    assert!(plain_chat.status.success() && spec_chat.status.success(), "{}", text(&spec_chat.stderr));
+    assert_eq!(text(&spec_chat.stdout), text(&plain_chat.stdout));
+    assert_eq!(text(&spec_chat.stdout).lines().count(), 2, "{}", text(&spec_chat.stdout));
     // bench-serve speculatively: the drafts' acceptance among its figures.
     let art_path = s(&art);
     let bench = ["bench-serve", &art_path, "--random-weights", "1", "--requests", "3", "--prompt-tokens", "4..8"];

@@ -173,6 +173,8 @@ struct ChatArgs {
     /// Most tokens a reply, its sampling (each turn seeded with --seed plus its number).
     #[command(flatten)]
     generating: Generating,
+    #[command(flatten)]
+    speculating: Speculating,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -1987,7 +1989,24 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
             )));
         }
     }
-    let (max_len, max_prompt, _) = serving_limits(program.as_ref(), None).map_err(at)?;
+    let drafts = args.speculating.drafts();
+    let kind = match drafts {
+        Some(k) => {
+            if calling.is_some() {
+                return Err(Failure::Other(
+                    "--speculative with --tools: calls are written under a grammar, which speculative decoding does \
+                     not take (--tool-choice none)"
+                        .into(),
+                ));
+            }
+            let sampler = args.generating.sampler(0);
+            let sampler = guide.as_ref().map_or(sampler.clone(), |c| sampler.constrained(c.clone()));
+            v3c_runtime::speculative::check(program.as_ref(), k, &sampler).map_err(at)?;
+            format!("{kind}, speculative: {k} MTP draft(s) a pass")
+        }
+        None => kind,
+    };
+    let (max_len, max_prompt, _) = serving_limits(program.as_ref(), drafts).map_err(at)?;
     let serving = v3c_runtime::session::Serving {
         slots: 1,
         limits: &[max_len],
@@ -1996,7 +2015,7 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         prefill_budget: None,
         reuse_prefixes: !args.no_prefix_reuse,
         load: None,
-        speculative: None,
+        speculative: drafts,
     };
     let messages = std::cell::RefCell::new(match &args.system {
         Some(s) => vec![serde_json::json!({ "role": "system", "content": s })],
