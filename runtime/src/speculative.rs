@@ -305,7 +305,13 @@ pub fn check(program: &dyn Program, drafts: usize, sampler: &Sampler) -> Result<
 /// beyond the sequence's tokens, and each entry's chunks start within the rows its plan caches.
 pub fn sequence_limit(program: &dyn Program, drafts: usize) -> Result<usize, String> {
     let cached = |entry| program.entry_plan(entry).map(|p| p.sizes.context);
-    Ok(cached("prefill")?.min(cached("draft")?).saturating_sub(drafts))
+    let rows = cached("prefill")?.min(cached("draft")?);
+    match rows.checked_sub(drafts) {
+        Some(limit) if limit > 1 => Ok(limit),
+        _ => Err(format!(
+            "{drafts} drafts a pass: the artifact caches {rows} rows a sequence (compile with a larger --max-context)"
+        )),
+    }
 }
 
 /// A sequence generated speculatively, one pass of the main model at a time: [`Speculator::start`]
