@@ -1474,9 +1474,15 @@ fn speculative_decoding_with_the_mtp_module_gives_the_greedy_tokens() {
     let out = run_binary_env("v3r", &bench, &env);
     let said = text(&out.stdout);
     assert!(out.status.success() && said.contains("MTP drafts"), "{said}{}", text(&out.stderr));
-    // Several prompts: refused with the reason.
-    let two = run_binary_env("v3r", &[&run[..], &["--speculative", "--prompt-tokens", "5 9"]].concat(), &env);
-    assert!(text(&two.stderr).contains("--speculative generates for one prompt"), "{}", text(&two.stderr));
+    // Several prompts: in turn, each its greedy tokens (those of the prompts as a batch).
+    let two = [&run[..], &["--prompt-tokens", "5 9"]].concat();
+    let (batched, spec) =
+        (run_binary_env("v3r", &two, &env), run_binary_env("v3r", &[&two[..], &["--speculative"]].concat(), &env));
+    assert!(spec.status.success() && batched.status.success(), "{}", text(&spec.stderr));
+    assert_eq!(text(&spec.stdout), text(&batched.stdout));
+    assert_eq!((text(&spec.stdout).lines().count(), text(&spec.stderr).matches("MTP drafts accepted").count()), (2, 2));
+    let batch = run_binary_env("v3r", &[&two[..], &["--speculative", "--batch", "2"]].concat(), &env);
+    assert!(text(&batch.stderr).contains("--batch 2 with --speculative"), "{}", text(&batch.stderr));
     // An artifact without a draft entry says how to get one.
     let plain_art = dir.path().join("plain");
     let compile = ["compile", "--model", &s(&trained), "--target", "cpu", "--max-rows", "8", "--max-context", "64"];

@@ -642,9 +642,9 @@ struct Speculating {
     /// --speculative`): each pass of the main model verifies the MTP module's drafts of the next
     /// tokens and yields one token more than it accepts. Greedy: a draft is accepted when it is
     /// the main model's own token; with --temperature / --top-p, by speculative sampling (tokens
-    /// distributed as plain sampling's). One sequence at a time (`run`: one prompt; `serve`:
-    /// requests in turn, those with logit bias, penalties, min-tokens or a response format
-    /// refused). Says the drafts' acceptance.
+    /// distributed as plain sampling's). One sequence at a time (prompts and requests in turn;
+    /// `serve` refuses those with logit bias, penalties, min-tokens or a response format). Says
+    /// the drafts' acceptance.
     #[arg(long)]
     speculative: bool,
     /// MTP drafts a pass of the main model verifies with --speculative: the first from the main
@@ -1782,30 +1782,29 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     let (program, kind) = load_program(a, &args.weights, args.device)?;
     let program = program.as_ref();
     if args.speculating.speculative {
-        if prompts.len() > 1 || args.batch.is_some() {
-            return Err(Failure::Other(
-                "--speculative generates for one prompt (one --prompt-tokens, no --prompts-file or --batch)".into(),
-            ));
+        args.speculating.check_batch(args.batch)?;
+        // Speculative decoding runs one sequence at a time: the prompts in turn.
+        for prompt in &prompts {
+            let mut sampler = sampler(args.generating.seed);
+            let g = v3c_runtime::speculative::generate_speculative(
+                program,
+                prompt,
+                args.generating.max_new_tokens,
+                args.speculating.draft_tokens,
+                &mut sampler,
+                eos,
+            )
+            .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
+            print(&g.tokens);
+            let s = g.speculation.unwrap_or_default();
+            eprintln!(
+                "{} ({kind}, speculative: {} of {} MTP drafts accepted, {:.2} tokens per main-model pass)",
+                g.summary(prompt.len()),
+                s.accepted,
+                s.drafted,
+                s.tokens_per_pass(g.tokens.len().saturating_sub(1))
+            );
         }
-        let mut sampler = sampler(args.generating.seed);
-        let g = v3c_runtime::speculative::generate_speculative(
-            program,
-            &prompt,
-            args.generating.max_new_tokens,
-            args.speculating.draft_tokens,
-            &mut sampler,
-            eos,
-        )
-        .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
-        print(&g.tokens);
-        let s = g.speculation.unwrap_or_default();
-        eprintln!(
-            "{} ({kind}, speculative: {} of {} MTP drafts accepted, {:.2} tokens per main-model pass)",
-            g.summary(prompt.len()),
-            s.accepted,
-            s.drafted,
-            s.tokens_per_pass(g.tokens.len().saturating_sub(1))
-        );
         return Ok(());
     }
     if prompts.len() > 1 || args.batch.is_some() {
