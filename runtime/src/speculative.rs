@@ -823,12 +823,15 @@ mod tests {
             let mut stopping = Request::new(vec![2, 2, 1], 20, greedy.clone());
             stopping.stop = vec![stop.clone()];
             let penalized = hot.clone().shaped(Shaping { repetition_penalty: 1.3, ..Shaping::default() });
+            let mut prompt_only = Request::new(vec![3, 0, 2], 0, greedy.clone());
+            (prompt_only.logprobs, prompt_only.echo) = (true, true);
             let script: Vec<Scripted> = vec![
                 (None, Ok(scored)),
                 (None, Ok(Request::new(vec![1], 8, hot.clone()))),
                 (None, Ok(stopping)),
                 (None, Ok(Request::new(vec![1, 2], 4, penalized))),
                 (None, Ok(Request::new(vec![1], 64, greedy.clone()))),
+                (None, Ok(prompt_only)),
             ];
             let (seen, _) = serve_toy(&toy, k, script);
             let case = format!("{k} drafts, on a device: {on_device}");
@@ -857,7 +860,15 @@ mod tests {
             }
             let prompt_scores: Vec<f32> =
                 (1..3).map(|i| log_probability(&logits_after(&sequence[..i]), sequence[i])).collect();
-            assert_eq!((g.prompt_logprobs, g.prompt_top_logprobs.len()), (prompt_scores, 2), "{case}");
+            assert_eq!((g.prompt_logprobs, g.prompt_top_logprobs.len()), (prompt_scores.clone(), 2), "{case}");
+            // Request 5 asks for no tokens, its prompt scored: none, and the same scores.
+            let (g, _) = seen[5].ended.clone().unwrap();
+            assert_eq!(
+                (g.tokens.len(), g.ending, g.prompt_logprobs),
+                (0, Some(Ending::Length), prompt_scores),
+                "{case}"
+            );
+            assert!(seen[5].tokens.is_empty() && seen[5].scored.is_empty(), "{case}");
             assert!(seen[1].scored.is_empty() && seen[1].ended.as_ref().unwrap().0.logprobs.is_empty());
             // Request 2 ends at its stop sequence.
             let (g, _) = seen[2].ended.clone().unwrap();

@@ -498,7 +498,10 @@ fn speculate<T>(
     let mut sampler = std::mem::replace(&mut r.request.sampler, placeholder);
     let mut ending = None;
     let out = step(&mut sampler, &mut |t, row| {
-        r.take(t, Some(row), report)?;
+        // A request for no tokens (its prompt scored, say) takes none: the start picks one anyway.
+        if r.tokens.len() < r.request.max_new {
+            r.take(t, Some(row), report)?;
+        }
         ending = r.ending(eos);
         Ok(ending.is_some())
     });
