@@ -736,8 +736,8 @@ mod tests {
         refused: Option<String>,
     }
 
-    /// An item of a serving script: once request `.0.0` has `.0.1` tokens (None: at once), a
-    /// request arrives (Ok) or one is cancelled (Err: its number).
+    /// An item of a serving script: once request `.0.0` has `.0.1` tokens or has ended (None: at
+    /// once), a request arrives (Ok) or one is cancelled (Err: its number).
     type Scripted = (Option<(usize, usize)>, Result<crate::session::Request, usize>);
 
     /// Serves `script` speculatively on `toy`, `drafts` drafts a pass ([`crate::session::serve`]):
@@ -749,7 +749,11 @@ mod tests {
         let mut script = script.into_iter().peekable();
         let mut next = |idle: bool| {
             let Some((when, _)) = script.peek() else { return Arrival::Closed };
-            if when.is_some_and(|(r, k)| seen.borrow()[r].tokens.len() < k) {
+            let waits = |(r, k): (usize, usize)| {
+                let s = &seen.borrow()[r];
+                s.tokens.len() < k && s.ended.is_none() && s.refused.is_none()
+            };
+            if when.is_some_and(waits) {
                 assert!(!idle, "the script waits for tokens while nothing runs");
                 return Arrival::NotYet;
             }
@@ -911,6 +915,61 @@ mod tests {
         assert!(g.speculation.is_some_and(|s| s.passes > 0 && s.drafted >= s.accepted), "{:?}", g.speculation);
         assert_eq!((ended(2).0.tokens, ended(2).1), (greedy_tokens(&[2], 5), false));
         assert_eq!(refused, vec![2]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+        /// Any script of requests (greedy or sampled, stop sequences, log-probabilities, no tokens
+        /// at all) and cancellations (of waiting, running or ended requests), served speculatively:
+        /// each request ends once, its reported tokens its generation's; one that ends gets its
+        /// tokens alone up to its stop sequence, one cancelled a prefix of them.
+        #[test]
+        fn speculative_serving_keeps_each_request_its_own(
+            drafts in 1usize..4,
+            items in proptest::collection::vec(
+                (proptest::collection::vec(0u32..4, 1..5), 0usize..10, proptest::option::of(0u64..50),
+                 proptest::collection::vec(0u32..4, 0..3), proptest::bool::ANY,
+                 proptest::option::of((0usize..8, 0usize..8, 0usize..6))),
+                1..7),
+        ) {
+            use crate::session::{Ending, Request};
+            let mut script: Vec<Scripted> = Vec::new();
+            let mut requests = Vec::new();
+            for (prompt, max_new, seed, stop, logprobs, cancel) in items {
+                let sampler = seed.map_or(Sampler::new(0.0, 1.0, 0), |s| Sampler::new(0.9, 0.9, s));
+                let mut r = Request::new(prompt, max_new, sampler);
+                r.stop = vec![stop].into_iter().filter(|s| !s.is_empty()).collect();
+                r.logprobs = logprobs;
+                requests.push(r.clone());
+                script.push((None, Ok(r)));
+                // Request `which` cancelled once request `after` has `at` tokens (or has ended).
+                if let Some((which, after, at)) = cancel {
+                    let n = requests.len();
+                    script.push((Some((after % n, at)), Err(which % (n + 1))));
+                }
+            }
+            let (seen, _) = serve_toy(&toy(), drafts, script);
+            for (i, (r, s)) in requests.iter().zip(&seen).enumerate() {
+                let (g, cancelled) = s.ended.clone().unwrap_or_else(|| panic!("request {i} did not end"));
+                proptest::prop_assert_eq!(&s.tokens, &g.tokens, "request {}: reported", i);
+                proptest::prop_assert_eq!(g.logprobs.len(), if r.logprobs { g.tokens.len() } else { 0 });
+                let alone = generate_speculative(&toy(), &r.prompt, r.max_new, drafts, &mut r.sampler.clone(), None)
+                    .unwrap().tokens;
+                // Alone, cut after the first stop sequence.
+                let stop = r.stop.first();
+                let cut = (1..=alone.len()).find(|&n| stop.is_some_and(|s| alone[..n].ends_with(s))).unwrap_or(alone.len());
+                let expected = &alone[..cut];
+                match cancelled {
+                    true => proptest::prop_assert!(expected.starts_with(&g.tokens), "request {}: {:?} of {:?}", i, g.tokens, expected),
+                    false => {
+                        proptest::prop_assert_eq!(&g.tokens[..], expected, "request {}", i);
+                        let how = if cut < alone.len() || (stop.is_some_and(|s| expected.ends_with(s)) && cut > 0) { Ending::Stop } else { Ending::Length };
+                        proptest::prop_assert_eq!(g.ending, Some(how), "request {}", i);
+                    }
+                }
+            }
+        }
     }
 
     /// With a temperature and top-p, speculative sampling's continuations are distributed as plain
