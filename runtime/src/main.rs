@@ -1098,14 +1098,10 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     };
     let limits = vec![max_len; slots];
     let serving = v3c_runtime::session::Serving {
-        slots,
-        limits: &limits,
-        max_prompt,
-        eos,
         prefill_budget: args.scheduling.prefill_budget,
         reuse_prefixes: !args.scheduling.no_prefix_reuse,
-        load: None,
         speculative: drafts,
+        ..v3c_runtime::session::Serving::new(slots, &limits, max_prompt, eos)
     };
     if let Some(listener) = listener {
         let addr = listener.local_addr().map_err(|e| Failure::Other(e.to_string()))?;
@@ -1536,14 +1532,10 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     let chunk = program.entry_plan("prefill").map_err(at)?.sizes.rows.max(1);
     let budget = args.scheduling.prefill_budget.unwrap_or(chunk).max(chunk) / chunk * chunk;
     let serving = v3c_runtime::session::Serving {
-        slots,
-        limits: &limits,
-        max_prompt: hi,
-        eos: None,
         prefill_budget: args.scheduling.prefill_budget,
         reuse_prefixes: !args.scheduling.no_prefix_reuse,
-        load: None,
         speculative: drafts,
+        ..v3c_runtime::session::Serving::new(slots, &limits, hi, None)
     };
     let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut report).map_err(at)?;
     let total_s = start.elapsed().as_secs_f64();
@@ -2006,15 +1998,11 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         None => kind,
     };
     let (max_len, max_prompt, _) = serving_limits(program.as_ref(), drafts).map_err(at)?;
+    let limits = [max_len];
     let serving = v3c_runtime::session::Serving {
-        slots: 1,
-        limits: &[max_len],
-        max_prompt,
-        eos,
-        prefill_budget: None,
         reuse_prefixes: !args.no_prefix_reuse,
-        load: None,
         speculative: drafts,
+        ..v3c_runtime::session::Serving::new(1, &limits, max_prompt, eos)
     };
     let messages = std::cell::RefCell::new(match &args.system {
         Some(s) => vec![serde_json::json!({ "role": "system", "content": s })],

@@ -781,16 +781,7 @@ mod tests {
             }
             Ok(())
         };
-        let serving = Serving {
-            slots: 1,
-            limits: &[],
-            max_prompt: 0,
-            eos: None,
-            prefill_budget: None,
-            reuse_prefixes: false,
-            load: None,
-            speculative: Some(drafts),
-        };
+        let serving = Serving { speculative: Some(drafts), ..Serving::new(1, &[], 0, None) };
         serve(toy, &serving, &mut next, &mut report).unwrap();
         (seen.into_inner(), refused_cancels)
     }

@@ -800,16 +800,7 @@ pub fn generate_queue(
         }
         Ok(())
     };
-    let serving = Serving {
-        slots,
-        limits: &limits,
-        max_prompt: longest,
-        eos,
-        prefill_budget,
-        reuse_prefixes,
-        load: None,
-        speculative: None,
-    };
+    let serving = Serving { prefill_budget, reuse_prefixes, ..Serving::new(slots, &limits, longest, eos) };
     let (joined, prefill_s) = serve(program, &serving, &mut next, &mut finished)?;
     let generations = done.into_iter().collect::<Option<Vec<_>>>().ok_or("a request was never served")?;
     let total_s = start.elapsed().as_secs_f64();

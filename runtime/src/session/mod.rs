@@ -867,16 +867,7 @@ mod tests {
             }
             Ok(())
         };
-        let serving = Serving {
-            slots,
-            limits: &limits,
-            max_prompt: longest,
-            eos,
-            prefill_budget,
-            reuse_prefixes,
-            load: None,
-            speculative: None,
-        };
+        let serving = Serving { prefill_budget, reuse_prefixes, ..Serving::new(slots, &limits, longest, eos) };
         serve(toy, &serving, &mut next, &mut report).unwrap();
         let got: Vec<(Vec<u32>, usize)> = got.into_iter().map(|g| g.expect("every request ends")).collect();
         assert_eq!(got.iter().map(|g| g.0.clone()).collect::<Vec<_>>(), streamed, "the tokens reported as picked");
@@ -942,16 +933,7 @@ mod tests {
                 }
                 Ok(())
             };
-            let serving = Serving {
-                slots: 1,
-                limits: &[4],
-                max_prompt: 2,
-                eos: None,
-                prefill_budget: None,
-                reuse_prefixes: true,
-                load: None,
-                speculative: None,
-            };
+            let serving = Serving { reuse_prefixes: true, ..Serving::new(1, &[4], 2, None) };
             serve(&toy, &serving, &mut next, &mut report).unwrap();
             let queued = queued.unwrap();
             assert!(queued >= at_least && queued < at_least + 1.0, "{arrived:?}: queued {queued} s");
@@ -1000,16 +982,7 @@ mod tests {
             }
             Ok(())
         };
-        let serving = Serving {
-            slots,
-            limits: &limits,
-            max_prompt: longest,
-            eos: None,
-            prefill_budget: None,
-            reuse_prefixes: true,
-            load: None,
-            speculative: None,
-        };
+        let serving = Serving { reuse_prefixes: true, ..Serving::new(slots, &limits, longest, None) };
         serve(toy, &serving, &mut next, &mut report).unwrap();
         (done, refused)
     }
@@ -1108,16 +1081,7 @@ mod tests {
                 }
                 Ok(())
             };
-            let serving = Serving {
-                slots: 2,
-                limits: &[15, 15],
-                max_prompt: 3,
-                eos: None,
-                prefill_budget: None,
-                reuse_prefixes: true,
-                load: None,
-                speculative: None,
-            };
+            let serving = Serving { reuse_prefixes: true, ..Serving::new(2, &[15, 15], 3, None) };
             serve(&toy, &serving, &mut next, &mut report).unwrap();
             let [Some(second), Some(first)] = ended.as_slice() else { panic!("{name}: both end") };
             assert_eq!((&first.tokens[..], first.ending), (&alone[..end], Some(Ending::Stop)), "{name}");
@@ -1173,16 +1137,7 @@ mod tests {
             }
             Ok(())
         };
-        let serving = Serving {
-            slots: 1,
-            limits: &[15],
-            max_prompt: 3,
-            eos: None,
-            prefill_budget: None,
-            reuse_prefixes: true,
-            load: None,
-            speculative: None,
-        };
+        let serving = Serving { reuse_prefixes: true, ..Serving::new(1, &[15], 3, None) };
         serve(&Toy::paged(), &serving, &mut next, &mut report).unwrap();
         let g = ended.unwrap();
         assert_eq!((&g.tokens[..], g.ending), (&alone[..end], Some(Ending::Stop)));
@@ -1202,16 +1157,7 @@ mod tests {
         let mut report = |_: usize, _: Progress| Ok(());
         let loads = RefCell::new(Vec::new());
         let record = |l: Load| loads.borrow_mut().push(l);
-        let serving = Serving {
-            slots: 3,
-            limits: &[80, 80, 80],
-            max_prompt: 5,
-            eos: None,
-            prefill_budget: None,
-            reuse_prefixes: false,
-            load: Some(&record),
-            speculative: None,
-        };
+        let serving = Serving { load: Some(&record), ..Serving::new(3, &[80, 80, 80], 5, None) };
         serve(&toy, &serving, &mut next, &mut report).unwrap();
         let loads = loads.into_inner();
         let load = |running, waiting, pages: f64| Load { running, waiting, cache_usage: pages / 6.0 };
@@ -1286,16 +1232,7 @@ mod tests {
                 }
                 Ok(())
             };
-            let serving = Serving {
-                slots: 1,
-                limits: &[80],
-                max_prompt: 70,
-                eos: None,
-                prefill_budget: None,
-                reuse_prefixes: true,
-                load: None,
-                speculative: None,
-            };
+            let serving = Serving { reuse_prefixes: true, ..Serving::new(1, &[80], 70, None) };
             serve(&t, &serving, &mut next, &mut report).unwrap();
             let [Some(plain), Some(echoed), Some(scored)] = ended.as_slice() else { panic!("all end") };
             assert!(plain.prompt_logprobs.is_empty());
@@ -1390,16 +1327,7 @@ mod tests {
                     }
                     Ok(())
                 };
-                let serving = Serving {
-                    slots: 3,
-                    limits: &[76; 3],
-                    max_prompt: 66,
-                    eos: None,
-                    prefill_budget: None,
-                    reuse_prefixes: reuse,
-                    load: None,
-                    speculative: None,
-                };
+                let serving = Serving { reuse_prefixes: reuse, ..Serving::new(3, &[76; 3], 66, None) };
                 serve(&t, &serving, &mut next, &mut report).unwrap();
                 let name = format!("device {on_device}, reuse {reuse}");
                 let ended: Vec<Generation> = ended.into_iter().map(Option::unwrap).collect();

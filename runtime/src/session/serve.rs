@@ -150,6 +150,15 @@ pub struct Serving<'l> {
     pub speculative: Option<usize>,
 }
 
+impl<'l> Serving<'l> {
+    /// `slots` sequences at most, of `limits` and prompts of `max_prompt` tokens, ending at `eos`:
+    /// no prefill budget, no prefix reuse, no load told, not speculative.
+    pub fn new(slots: usize, limits: &'l [usize], max_prompt: usize, eos: Option<u32>) -> Serving<'l> {
+        let (prefill_budget, reuse_prefixes, load, speculative) = (None, false, None, None);
+        Serving { slots, limits, max_prompt, eos, prefill_budget, reuse_prefixes, load, speculative }
+    }
+}
+
 /// How loaded a serving batch is.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Load {
