@@ -387,8 +387,9 @@ fn cancel_waiting(waiting: &mut Waiting, id: usize, now: f64) -> Option<Generati
 }
 
 /// [`serve`] with MTP drafts, `drafts` a pass ([`Serving::speculative`]): requests generated one
-/// at a time in arrival order, each pass of the main model ([`Speculator::pass`]) yielding one
-/// token or more; arrivals and cancellations are taken between passes. Requests whose sampling
+/// at a time in arrival order, each pass of the main model
+/// ([`crate::speculative::Speculator::pass`]) yielding one token or more; arrivals and
+/// cancellations are taken between passes. Requests whose sampling
 /// changes the logits (bias, penalties, a response format, held-back ends) are refused: their
 /// drafts would be drawn before the tokens they follow are known.
 fn serve_speculative(
@@ -494,9 +495,9 @@ fn serve_speculative(
     }
 }
 
-/// Runs `step` (a [`Speculator`]'s start or pass) for the running request `r` with its sampler,
-/// its tokens taken and reported as they come: the step's result, and how the request ends where
-/// it does (`eos`: the model's end token).
+/// Runs `step` (a [`crate::speculative::Speculator`]'s start or pass) for the running request
+/// `r` with its sampler, its tokens taken and reported as they come: the step's result, and how
+/// the request ends where it does (`eos`: the model's end token).
 fn speculate<T>(
     r: &mut Running,
     eos: Option<u32>,
