@@ -642,9 +642,9 @@ struct Speculating {
     /// --speculative`): each pass of the main model verifies the MTP module's drafts of the next
     /// tokens and yields one token more than it accepts. Greedy: a draft is accepted when it is
     /// the main model's own token; with --temperature / --top-p, by speculative sampling (tokens
-    /// distributed as plain sampling's). One sequence at a time (prompts and requests in turn;
-    /// `serve` refuses those with logit bias, penalties, min-tokens or a response format). Says
-    /// the drafts' acceptance.
+    /// distributed as plain sampling's; penalties, logit bias and response formats shape both as
+    /// they would plain decoding). One sequence at a time: prompts and requests in turn. Says the
+    /// drafts' acceptance.
     #[arg(long)]
     speculative: bool,
     /// MTP drafts a pass of the main model verifies with --speculative: the first from the main
@@ -658,6 +658,14 @@ impl Speculating {
     /// MTP drafts a pass, where speculative.
     fn drafts(&self) -> Option<usize> {
         self.speculative.then_some(self.draft_tokens)
+    }
+
+    /// What runs (`kind`), with the drafts a pass where speculative — once `program` is checked
+    /// to have what speculative decoding needs.
+    fn said(&self, program: &dyn v3c_runtime::session::Program, kind: String) -> Result<String, String> {
+        let Some(k) = self.drafts() else { return Ok(kind) };
+        v3c_runtime::speculative::check(program, k)?;
+        Ok(format!("{kind}, speculative: {k} MTP draft(s) a pass"))
     }
 
     /// `batch` (sequences decoding together, where given) with --speculative: one at most.
@@ -1076,14 +1084,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let program = program.as_ref();
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
     let drafts = args.speculating.drafts();
-    let kind = match drafts {
-        Some(k) => {
-            // What the artifact or the defaults of every request cannot do is said now.
-            v3c_runtime::speculative::check(program, k, &args.generating.sampler(0)).map_err(at)?;
-            format!("{kind}, speculative: {k} MTP draft(s) a pass")
-        }
-        None => kind,
-    };
+    let kind = args.speculating.said(program, kind).map_err(at)?;
     let (max_len, max_prompt, rows) = serving_limits(program, drafts).map_err(at)?;
     let slots = args.batch.unwrap_or(rows);
     let defaults = v3c_runtime::cli::RequestDefaults {
@@ -1409,7 +1410,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
     let drafts = args.speculating.drafts();
     if let Some(k) = drafts {
-        v3c_runtime::speculative::check(program, k, &v3c_models::reference::Sampler::new(0.0, 1.0, 0)).map_err(at)?;
+        v3c_runtime::speculative::check(program, k).map_err(at)?;
     }
     let (max_len, max_prompt, rows) = serving_limits(program, drafts).map_err(at)?;
     if args.prompts.is_none() && (hi > max_prompt || hi + args.new_tokens > max_len) {
@@ -1981,22 +1982,7 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         }
     }
     let drafts = args.speculating.drafts();
-    let kind = match drafts {
-        Some(k) => {
-            if calling.is_some() {
-                return Err(Failure::Other(
-                    "--speculative with --tools: calls are written under a grammar, which speculative decoding does \
-                     not take (--tool-choice none)"
-                        .into(),
-                ));
-            }
-            let sampler = args.generating.sampler(0);
-            let sampler = guide.as_ref().map_or(sampler.clone(), |c| sampler.constrained(c.clone()));
-            v3c_runtime::speculative::check(program.as_ref(), k, &sampler).map_err(at)?;
-            format!("{kind}, speculative: {k} MTP draft(s) a pass")
-        }
-        None => kind,
-    };
+    let kind = args.speculating.said(program.as_ref(), kind).map_err(at)?;
     let (max_len, max_prompt, _) = serving_limits(program.as_ref(), drafts).map_err(at)?;
     let limits = [max_len];
     let serving = v3c_runtime::session::Serving {

@@ -27,6 +27,14 @@
 //! min(1, p(d) / q(d)), else the token is drawn from max(0, p - q) renormalized — each token is
 //! distributed as the main model's p after the tokens before it, as plain sampling's are (the
 //! same distribution of outputs, not the same tokens for a seed: the draws differ).
+//!
+//! Sampling that shapes the logits by the tokens before (penalties, logit bias, `min_tokens`, a
+//! grammar's constraint) holds too: p at each verified position is shaped by the sampler as the
+//! tokens accepted before it left it (each token counted as it is taken), and a draft may be
+//! drawn from any distribution q at all — the MTP head's, shaped by the sampler as it stood when
+//! the draft was drawn (for chained drafts, before the drafts ahead of it were accepted) — as long
+//! as q is the one it was drawn from: a token p does not allow (a grammar's, say) is then always
+//! rejected and replaced from p.
 
 use std::collections::HashMap;
 
@@ -259,20 +267,9 @@ type Drafts = Vec<(u32, Vec<(u32, f32)>)>;
 /// generation ends there.
 pub type Emit<'e> = dyn FnMut(u32, &[f32]) -> Result<bool, String> + 'e;
 
-/// Why tokens picked by `sampler` cannot be generated speculatively, where they cannot: drafts
-/// are drawn before the tokens they follow are accepted, so logits shaped by those tokens
-/// (penalties, a response format's grammar, ends held back for a minimum of tokens) would be of
-/// a sequence not yet known.
-pub fn refusal(sampler: &Sampler) -> Option<&'static str> {
-    sampler.changes_logits().then_some(
-        "speculative decoding takes no logit bias, penalties, min_tokens or response format (temperature, top-k, \
-         top-p, min-p only)",
-    )
-}
-
-/// Whether `program` can generate speculatively with `drafts` MTP drafts a pass, picked by
-/// `sampler`: its MTP cache's width, or why not.
-pub fn check(program: &dyn Program, drafts: usize, sampler: &Sampler) -> Result<usize, String> {
+/// Whether `program` can generate speculatively with `drafts` MTP drafts a pass: its MTP cache's
+/// width, or why not.
+pub fn check(program: &dyn Program, drafts: usize) -> Result<usize, String> {
     let prefill = program.entry_plan("prefill")?;
     let draft = program.entry_plan("draft").map_err(|_| {
         "the artifact has no draft entry: compile it with `v3c compile --speculative` (a model with an MTP module)"
@@ -283,9 +280,6 @@ pub fn check(program: &dyn Program, drafts: usize, sampler: &Sampler) -> Result<
     }
     if drafts == 0 {
         return Err("0 drafts a step: at least one".into());
-    }
-    if let Some(e) = refusal(sampler) {
-        return Err(e.into());
     }
     if drafts > 1 && !draft.outputs.iter().any(|(n, _)| n == "mtp_hidden") {
         return Err(format!(
@@ -339,7 +333,7 @@ pub struct Started<'a> {
 
 impl<'a> Speculator<'a> {
     /// Prefills `prompt` on `program`, picks the first token from its last logits with `sampler`
-    /// and tells `emit`; unless that ends the generation, writes the prompt's MTP cache rows and
+    /// (started on the prompt) and tells `emit`; unless that ends the generation, writes the prompt's MTP cache rows and
     /// drafts `drafts` tokens ahead (see the module doc).
     pub fn start(
         program: &'a dyn Program,
@@ -348,10 +342,12 @@ impl<'a> Speculator<'a> {
         sampler: &mut Sampler,
         emit: &mut Emit,
     ) -> Result<Started<'a>, String> {
-        let width = check(program, drafts, sampler)?;
+        let width = check(program, drafts)?;
         if prompt.is_empty() {
             return Err("an empty prompt".into());
         }
+        // The penalties count the prompt's tokens; a constraint starts over.
+        sampler.start(prompt);
         let prefill = program.entry_plan("prefill")?;
         let names = prefill.bounds.keys().filter(|n| n.starts_with("kv_cache.")).cloned();
         let mut caches = Caches::new(program, names, width);
@@ -386,6 +382,8 @@ impl<'a> Speculator<'a> {
         for (j, (d, q)) in self.proposed.iter().enumerate() {
             self.counts.drafted += 1;
             let (token, ok) = verify(&sampler.distribution(&logits[j]), q, *d, sampler);
+            // Counted for the penalties and taken by the constraint before the next position's p.
+            sampler.note(token);
             if emit(token, &logits[j])? {
                 return Ok(true);
             }
@@ -428,7 +426,7 @@ pub fn generate_speculative(
     sampler: &mut Sampler,
     eos: Option<u32>,
 ) -> Result<Generation, String> {
-    check(program, drafts, sampler)?;
+    check(program, drafts)?;
     let start = std::time::Instant::now();
     let (mut tokens, mut stopped_at_eos) = (Vec::new(), false);
     let mut counts = Speculated::default();
@@ -490,6 +488,7 @@ mod tests {
     use crate::plan::{EntryPlan, Sizes};
     use std::cell::RefCell;
     use std::collections::BTreeMap;
+    use v3c_models::sampling::Shaping;
 
     const VOCAB: usize = 4;
     /// Cache rows: [token, position]; hidden states: [prefix hash, 0].
@@ -674,14 +673,19 @@ mod tests {
     }
 
     /// The main model's probability of each continuation of `prompt` by `n` tokens, sampled
-    /// plainly: the product of its distributions' normalized weights.
+    /// plainly by `sampler` (its shaping too): the product of its distributions' normalized
+    /// weights.
     fn plain_probabilities(prompt: &[u32], n: usize, sampler: &Sampler) -> HashMap<Vec<u32>, f64> {
         let mut paths = HashMap::from([(Vec::new(), 1.0f64)]);
         for _ in 0..n {
             let mut longer = HashMap::new();
             for (path, p) in paths {
                 let h = prompt.iter().chain(&path).fold(0, |h, &t| fold(h, t));
-                let dist = sampler.distribution(&main_logits(h));
+                // Shaped as after the prompt and the path's tokens.
+                let mut after = sampler.clone();
+                after.start(prompt);
+                path.iter().for_each(|&t| after.note(t));
+                let dist = after.distribution(&main_logits(h));
                 let mass: f64 = dist.iter().map(|t| f64::from(t.1)).sum();
                 for (t, w) in dist {
                     let next: Vec<u32> = path.iter().copied().chain([t]).collect();
@@ -694,25 +698,32 @@ mod tests {
     }
 
     /// Greedy, the speculative tokens are plain greedy generation's, whatever the drafts, one or
-    /// several a pass (chained through the MTP module's hidden state) — with the caches on a device
-    /// too, where no cache row crosses from the host. A draft entry without its hidden state
-    /// cannot chain: said.
+    /// several a pass (chained through the MTP module's hidden state), with logits shaped by the
+    /// tokens before or not — with the caches on a device too, where no cache row crosses from the
+    /// host. A draft entry without its hidden state cannot chain: said.
     #[test]
     fn greedy_speculation_gives_the_greedy_tokens() {
         let toy = toy();
         let greedy = Sampler::new(0.0, 1.0, 0);
-        for (prompt, k) in [(vec![1u32], 1), (vec![3, 0, 2], 1), (vec![2, 2, 2, 2, 2, 1, 0], 1), (vec![3, 0, 2], 3)] {
-            let g = generate_speculative(&toy, &prompt, 20, k, &mut greedy.clone(), None).unwrap();
+        // Shaped by the tokens before too: a penalty, a bias and a constraint; the end token 3
+        // held back for 6 tokens.
+        let ends = Shaping { repetition_penalty: 1.6, min_tokens: 6, ends: vec![3], ..Shaping::default() };
+        let shaped_greedy = shaped(greedy.clone()).shaped(Shaping { logit_bias: vec![(1, 0.8)], ..ends });
+        let cases = [(vec![1u32], 1), (vec![3, 0, 2], 1), (vec![2, 2, 2, 2, 2, 1, 0], 1), (vec![3, 0, 2], 3)];
+        for ((prompt, k), sampler) in cases.into_iter().flat_map(|c| [(c.clone(), &greedy), (c, &shaped_greedy)]) {
+            let g = generate_speculative(&toy, &prompt, 20, k, &mut sampler.clone(), None).unwrap();
             let on_device = toy_on_device();
-            let d = generate_speculative(&on_device, &prompt, 20, k, &mut greedy.clone(), None).unwrap();
+            let d = generate_speculative(&on_device, &prompt, 20, k, &mut sampler.clone(), None).unwrap();
             assert_eq!((&d.tokens, d.speculation), (&g.tokens, g.speculation));
             assert_eq!(*on_device.uploaded_rows.borrow(), 0, "cache rows given from the host");
-            let mut tokens = prompt.clone();
+            // Plain greedy decoding, token by token.
+            let (mut tokens, mut plain) = (prompt.clone(), sampler.clone());
+            plain.start(&prompt);
             for _ in 0..20 {
                 let h = tokens.iter().fold(0, |h, &t| fold(h, t));
-                tokens.push(greedy.clone().sample(&main_logits(h)));
+                tokens.push(plain.sample(&main_logits(h)));
             }
-            assert_eq!(g.tokens, tokens[prompt.len()..], "{prompt:?}");
+            assert_eq!(g.tokens, tokens[prompt.len()..], "{prompt:?} {sampler:?}");
             let s = g.speculation.unwrap();
             assert!(s.drafted > 0 && s.accepted < s.drafted, "{} of {}", s.accepted, s.drafted);
             if k > 1 {
@@ -800,12 +811,11 @@ mod tests {
     /// sampled tokens as [`generate_speculative`] gives them (their drafts' counts too), each
     /// token's log-probability and alternatives under the main model's logits (reported before
     /// it), its prompt's scores, an end at its stop sequence — with the caches on a device too,
-    /// each request starting from empty ones. Requests the drafts cannot serve (penalties) and
-    /// those longer than the artifact holds are refused, each with its reason.
+    /// each request starting from empty ones; a penalty shaping one's tokens as alone. Requests
+    /// longer than the artifact holds are refused with the reason.
     #[test]
     fn served_speculatively_each_request_gets_its_own_generation() {
         use crate::session::{log_probability, top_log_probabilities, Ending, Request};
-        use v3c_models::sampling::Shaping;
         let greedy = Sampler::new(0.0, 1.0, 0);
         let hot = Sampler::new(0.9, 0.9, 5);
         let expected = greedy_tokens(&[2, 2, 1], 20);
@@ -824,7 +834,7 @@ mod tests {
                 (None, Ok(scored)),
                 (None, Ok(Request::new(vec![1], 8, hot.clone()))),
                 (None, Ok(stopping)),
-                (None, Ok(Request::new(vec![1, 2], 4, penalized))),
+                (None, Ok(Request::new(vec![1, 2], 4, penalized.clone()))),
                 (None, Ok(Request::new(vec![1], 64, greedy.clone()))),
                 (None, Ok(prompt_only)),
             ];
@@ -868,12 +878,10 @@ mod tests {
             // Request 2 ends at its stop sequence.
             let (g, _) = seen[2].ended.clone().unwrap();
             assert_eq!((g.tokens, g.ending), (expected[..stops_at].to_vec(), Some(Ending::Stop)), "{case}");
+            // Request 3's penalty shapes its tokens as alone.
+            let (g, _) = seen[3].ended.clone().unwrap();
+            assert_eq!(g.tokens, alone(&[1, 2], 4, &penalized).tokens, "{case}");
             let refused = |i: usize| seen[i].refused.clone().unwrap_or_else(|| panic!("{case}: request {i} served"));
-            assert!(
-                refused(3).contains("speculative decoding takes no") && refused(3).contains("penalties"),
-                "{}",
-                refused(3)
-            );
             assert!(
                 refused(4).contains("1 + 64 tokens") && refused(4).contains(&format!("1..={}", 64 - k)),
                 "{}",
@@ -970,24 +978,57 @@ mod tests {
     #[test]
     fn sampled_speculation_draws_as_plain_sampling() {
         for k in [1, 3] {
-            sampled_speculation_with(k);
+            sampled_speculation_with(k, &Sampler::new(0.9, 0.9, 0));
+            sampled_speculation_with(k, &shaped(Sampler::new(0.9, 0.9, 0)));
         }
     }
 
-    /// [`sampled_speculation_draws_as_plain_sampling`] with `k` drafts a pass.
-    fn sampled_speculation_with(k: usize) {
+    /// `sampler` shaped by the tokens before: a presence penalty, a logit bias and a constraint
+    /// (no token twice in a row).
+    fn shaped(sampler: Sampler) -> Sampler {
+        let shaping = Shaping { presence_penalty: 1.5, logit_bias: vec![(1, 0.8)], ..Shaping::default() };
+        sampler.shaped(shaping).constrained(Box::new(NoRepeat(None)))
+    }
+
+    /// A constraint: no token twice in a row.
+    #[derive(Debug, Clone)]
+    struct NoRepeat(Option<u32>);
+
+    impl v3c_models::sampling::Constraint for NoRepeat {
+        fn mask(&self, logits: &mut [f32]) {
+            if let Some(l) = self.0.and_then(|t| logits.get_mut(t as usize)) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        fn advance(&mut self, token: u32) {
+            self.0 = Some(token);
+        }
+        fn restart(&mut self) {
+            self.0 = None;
+        }
+        fn boxed_clone(&self) -> Box<dyn v3c_models::sampling::Constraint> {
+            Box::new(self.clone())
+        }
+    }
+
+    /// [`sampled_speculation_draws_as_plain_sampling`] with `k` drafts a pass, picked as
+    /// `settings` picks (its seed replaced).
+    fn sampled_speculation_with(k: usize, settings: &Sampler) {
         let toy = toy();
         let (prompt, n, runs) = ([2u32, 0, 3], 3, 4000);
-        let settings = Sampler::new(0.9, 0.9, 0);
-        let exact = plain_probabilities(&prompt, n, &settings);
+        let exact = plain_probabilities(&prompt, n, settings);
+        let seeded = |seed: u64| {
+            let s = Sampler::new(settings.temperature, settings.top_p, seed).shaped((*settings.shaping).clone());
+            settings.constraint.as_ref().map_or(s.clone(), |c| s.constrained(c.clone()))
+        };
         let mut seen: HashMap<Vec<u32>, usize> = HashMap::new();
         let (mut drafted, mut accepted) = (0, 0);
         for seed in 0..runs {
-            let mut sampler = Sampler::new(0.9, 0.9, seed);
+            let mut sampler = seeded(seed);
             let s = generate_speculative(&toy, &prompt, n, k, &mut sampler, None).unwrap();
             if seed % 8 == 0 {
                 // The caches kept on a device: the same draws, the same tokens.
-                let mut sampler = Sampler::new(0.9, 0.9, seed);
+                let mut sampler = seeded(seed);
                 let d = generate_speculative(&toy_on_device(), &prompt, n, k, &mut sampler, None).unwrap();
                 assert_eq!(d.tokens, s.tokens, "seed {seed}");
             }

@@ -208,7 +208,7 @@ pub fn serve(
         while !closed {
             let now = start.elapsed().as_secs_f64();
             match next(waiting.is_empty() && running.iter().all(Option::is_none)) {
-                Arrival::Request(r) => queue(r, None, vocab, now, (&mut arrived, &mut waiting), report)?,
+                Arrival::Request(r) => queue(r, vocab, now, (&mut arrived, &mut waiting), report)?,
                 Arrival::Cancel(id) => {
                     let g = if let Some(g) = cancel_waiting(&mut waiting, id, now) {
                         g
@@ -359,11 +359,10 @@ pub fn serve(
 type Waiting = std::collections::VecDeque<(usize, Request, f64)>;
 
 /// Queues request `r`, numbered `arrived` (then counted), arriving `now` (its wait counted from
-/// when it came, where it says) — or refuses it at once: for a token id past the model's
-/// vocabulary `vocab` (a step would fail for the whole batch), or for `refusal`.
+/// when it came, where it says) — or refuses it at once for a token id past the model's
+/// vocabulary `vocab` (a step would fail for the whole batch).
 fn queue(
     r: Request,
-    refusal: Option<String>,
     vocab: Option<usize>,
     now: f64,
     (arrived, waiting): (&mut usize, &mut Waiting),
@@ -371,7 +370,7 @@ fn queue(
 ) -> Result<(), String> {
     let id = *arrived;
     *arrived += 1;
-    if let Some(e) = vocab.and_then(|v| r.outside(v)).or(refusal) {
+    if let Some(e) = vocab.and_then(|v| r.outside(v)) {
         return report(id, Progress::Refused(e));
     }
     let arrived_s = r.arrived.map_or(now, |t| now - t.elapsed().as_secs_f64());
@@ -389,9 +388,7 @@ fn cancel_waiting(waiting: &mut Waiting, id: usize, now: f64) -> Option<Generati
 /// [`serve`] with MTP drafts, `drafts` a pass ([`Serving::speculative`]): requests generated one
 /// at a time in arrival order, each pass of the main model
 /// ([`crate::speculative::Speculator::pass`]) yielding one token or more; arrivals and
-/// cancellations are taken between passes. Requests whose sampling
-/// changes the logits (bias, penalties, a response format, held-back ends) are refused: their
-/// drafts would be drawn before the tokens they follow are known.
+/// cancellations are taken between passes.
 fn serve_speculative(
     program: &dyn Program,
     o: &Serving,
@@ -402,7 +399,7 @@ fn serve_speculative(
     use crate::speculative::{sequence_limit, Speculator};
     let start = std::time::Instant::now();
     // What the artifact cannot do is said before any request is taken.
-    crate::speculative::check(program, drafts, &v3c_models::reference::Sampler::new(0.0, 1.0, 0))?;
+    crate::speculative::check(program, drafts)?;
     let limit = sequence_limit(program, drafts)?;
     let vocab = vocabulary(program);
     let mut waiting = Waiting::new();
@@ -412,10 +409,7 @@ fn serve_speculative(
         while !closed {
             let now = start.elapsed().as_secs_f64();
             match next(waiting.is_empty() && current.is_none()) {
-                Arrival::Request(r) => {
-                    let refusal = crate::speculative::refusal(&r.sampler).map(str::to_string);
-                    queue(r, refusal, vocab, now, (&mut arrived, &mut waiting), report)?;
-                }
+                Arrival::Request(r) => queue(r, vocab, now, (&mut arrived, &mut waiting), report)?,
                 Arrival::Cancel(id) => {
                     let g = match (cancel_waiting(&mut waiting, id, now), current.take()) {
                         (Some(g), running) => {
@@ -472,7 +466,6 @@ fn serve_speculative(
         let mut r = Running::new(id, r, joined_s, joined_s - arrived_s, 0);
         r.joining = false;
         let prompt = r.request.prompt.clone();
-        r.request.sampler.start(&prompt);
         let (started, ending) = speculate(&mut r, o.eos, report, |sampler, emit| {
             Speculator::start(program, &prompt, drafts, sampler, emit)
         })?;
