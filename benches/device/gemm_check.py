@@ -226,7 +226,12 @@ class Output:
 def expected(cfg, ref, tol):
     """What a kernel's output is compared with: the reference, or for fp8 outputs the reference
     quantized the same way (1x128, s = max(amax, 1e-4) / 448). An element whose f32 value sits on a
-    rounding boundary may round to its neighbour (one e4m3 step, ~6%): hence 2e-2 for fp8 outputs."""
+    rounding boundary may round to its neighbour (one e4m3 step, ~6%): hence 2e-2 for fp8 outputs; bf16
+    outputs are held to 1e-2 as the bf16 GEMMs are."""
+    if cfg["output"] == "bf16":
+        # bf16 outputs round each element to 8 bits of mantissa: ~1.7e-3 relative (seen on the H200
+        # for fp8 operands as for bf16 ones), over the fp8 reference's 1e-3.
+        return ref, max(tol, 1e-2)
     if cfg["output"] != "fp8":
         return ref, tol
     q, s = quantize_rows(ref)

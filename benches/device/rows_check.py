@@ -204,6 +204,9 @@ def fp8_rows_decoded(d, rope, rows):
     """Packed fp8 cache rows [..., row bytes] (u8) as float64 values [..., d + rope], and their scales."""
     scales_at, rope_at, _ = fp8_row_bytes(d, rope)
     flat = rows.reshape(-1, rows.shape[-1]).contiguous()
+    if flat.shape[0] == 0:  # torch cannot view no rows as another dtype
+        empty = torch.zeros(0, d + rope, dtype=torch.float64, device=rows.device)
+        return empty, torch.zeros(0, d // GROUP, dtype=torch.float64, device=rows.device)
     s = flat[:, scales_at:scales_at + 4 * (d // GROUP)].contiguous().view(torch.float32).double()
     lat = flat[:, :d].contiguous().view(torch.float8_e4m3fn).double().view(-1, d // GROUP, GROUP) * s[:, :, None]
     rope_v = flat[:, rope_at:].contiguous().view(torch.bfloat16).double()

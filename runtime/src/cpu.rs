@@ -68,8 +68,27 @@ pub fn load_weight(
 }
 
 /// Checks the id inputs a kernel indexes memory with: token ids inside the vocabulary, positions
-/// inside the decode caches (`[B, S, C]`).
+/// inside the decode caches (`[B, S, C]`, or a pool of pages `[pages, 64, C]` with a block table
+/// `[B, S / 64]`: a position inside the table's pages, each page inside the pool or -1, none).
 pub fn check_id_inputs(inputs: &HashMap<String, HostBuffer>, vocab: usize) -> Result<(), String> {
+    let table = inputs.get(crate::plan::PAGE_POOL);
+    if let (Some(t), Some((cache_name, cache))) =
+        (table, inputs.iter().find(|(n, b)| n.starts_with("kv_cache.") && b.shape.len() == 3))
+    {
+        let pages: Vec<i64> = match &t.data {
+            HostData::I32(v) => v.iter().map(|&p| p as i64).collect(),
+            HostData::I64(v) => v.clone(),
+            _ => Vec::new(),
+        };
+        // -1: no page (a sequence's table row past what it holds).
+        if let Some(&p) = pages.iter().find(|&&p| p < -1 || (p >= 0 && p as usize >= cache.shape[0])) {
+            return Err(format!(
+                "{}: page {p} is outside {cache_name}'s pool ({} pages)",
+                crate::plan::PAGE_POOL,
+                cache.shape[0]
+            ));
+        }
+    }
     for (name, buf) in inputs {
         let HostData::I64(ids) = &buf.data else { continue };
         if ["tokens", "mtp_tokens", "targets", "mtp_targets"].contains(&name.as_str()) {
@@ -79,8 +98,13 @@ pub fn check_id_inputs(inputs: &HashMap<String, HostBuffer>, vocab: usize) -> Re
         }
         if name == "positions" {
             for (cache_name, cache) in inputs.iter().filter(|(n, b)| n.starts_with("kv_cache.") && b.shape.len() == 3) {
-                if let Some(&p) = ids.iter().find(|&&p| p < 0 || p as usize >= cache.shape[1]) {
-                    return Err(format!("position {p} is outside {cache_name} ({} rows)", cache.shape[1]));
+                // Paged: a sequence holds its block table's pages of `shape[1]` rows each.
+                let rows = match table.map(|t| &t.shape[..]) {
+                    Some([_, pages]) => pages * cache.shape[1],
+                    _ => cache.shape[1],
+                };
+                if let Some(&p) = ids.iter().find(|&&p| p < 0 || p as usize >= rows) {
+                    return Err(format!("position {p} is outside {cache_name} ({rows} rows a sequence)"));
                 }
             }
         }
@@ -727,5 +751,44 @@ impl CpuArtifact {
             kept.run = Some((entry.to_string(), shapes));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buffer(shape: &[usize], data: HostData) -> HostBuffer {
+        HostBuffer { shape: shape.to_vec(), data }
+    }
+
+    /// A paged decode's positions reach past one page (seen on the H200: `v3r bench-decode` of a
+    /// paged slice refused position 511 as outside a 64-row page); its table's pages stay in the pool.
+    #[test]
+    fn paged_positions_are_held_to_the_block_tables_pages() {
+        let mut inputs = HashMap::from([
+            ("positions".to_string(), buffer(&[2], HostData::I64(vec![511, 3]))),
+            ("kv_cache.0".to_string(), buffer(&[16, 64, 4], HostData::F32(vec![0.0; 16 * 64 * 4]))),
+            (crate::plan::PAGE_POOL.to_string(), buffer(&[2, 8], HostData::I32((0..15).chain([-1]).collect()))),
+        ]);
+        assert_eq!(check_id_inputs(&inputs, 10), Ok(()));
+        inputs.get_mut("positions").unwrap().data = HostData::I64(vec![512, 3]);
+        assert_eq!(
+            check_id_inputs(&inputs, 10),
+            Err("position 512 is outside kv_cache.0 (512 rows a sequence)".to_string())
+        );
+        inputs.get_mut("positions").unwrap().data = HostData::I64(vec![5, 3]);
+        inputs.get_mut(crate::plan::PAGE_POOL).unwrap().data = HostData::I32((1..17).collect());
+        assert_eq!(
+            check_id_inputs(&inputs, 10),
+            Err("block_table: page 16 is outside kv_cache.0's pool (16 pages)".to_string())
+        );
+        // Unpaged caches hold their own rows.
+        inputs.remove(crate::plan::PAGE_POOL);
+        inputs.get_mut("positions").unwrap().data = HostData::I64(vec![64, 3]);
+        assert_eq!(
+            check_id_inputs(&inputs, 10),
+            Err("position 64 is outside kv_cache.0 (64 rows a sequence)".to_string())
+        );
     }
 }

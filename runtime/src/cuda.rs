@@ -325,7 +325,10 @@ impl GpuArtifact {
             let handle = unsafe { result::module::get_function(module, name) }
                 .map_err(cuda(&format!("kernel {}: cuModuleGetFunction", k.name)))?;
             let shared = k.dynamic_shared_memory.unwrap_or(0) as u32;
-            if shared > 48 * 1024 {
+            // Opted in whatever the size: the 48 KiB a launch gets without it count the kernel's static
+            // shared memory too (the mbarriers a GEMM declares beside its 48 KiB of stages went over it:
+            // CUDA_ERROR_INVALID_VALUE at launch, seen on the H200).
+            if shared > 0 {
                 // SAFETY: a valid function handle.
                 unsafe {
                     result::function::set_function_attribute(

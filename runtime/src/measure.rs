@@ -305,7 +305,8 @@ fn measure(
         // SAFETY: a module just loaded.
         let function = unsafe { result::module::get_function(module, symbol) }
             .map_err(cuda(&format!("{name}: cuModuleGetFunction")))?;
-        if c.dynamic_shared_memory_bytes > 48 * 1024 {
+        // Opted in whatever the size: the static mbarriers count against the 48 KiB without it.
+        if c.dynamic_shared_memory_bytes > 0 {
             // SAFETY: a valid function handle.
             unsafe {
                 result::function::set_function_attribute(
