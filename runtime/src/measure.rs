@@ -157,7 +157,7 @@ fn download(ptr: u64, n: usize, what: &str) -> Result<Vec<f32>, String> {
 }
 
 /// Measures every problem of `dir`'s candidate set on device `ordinal` and merges the entries into
-/// the database at `out` (created when absent), skipping problems it already holds for this GPU,
+/// the database at `out` (created when absent; rewritten after each problem measured), skipping problems it already holds for this GPU,
 /// compiler and candidate set unless `again`. `report` gets one line per candidate. Returns the
 /// entries written.
 pub fn tune(
@@ -222,6 +222,9 @@ pub fn tune(
                     measured_on: measured_on.clone(),
                 });
                 written += 1;
+                // Written as each problem ends: a run cut short (the H200 check's time ran out in the
+                // lm_head's candidates) keeps what it measured.
+                db.write(out)?;
             }
             Err(e) => report(&format!("{} M {}: not measured: {e}", problem.kernel, problem.m)),
         }
