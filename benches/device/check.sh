@@ -6,12 +6,14 @@
 # host emulation's results for it, a 4-layer full-width slice's artifact and the tuning candidates into
 # .device/ (git-ignored, ~59 MB) and packs it as .device.tar.xz (~12 MB); carry that (a device call
 # carries 64 MiB with the working tree): this script unpacks it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
-# ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, gemm_<kernel>.json, rows_<kernel>.json, mla.json,
+# ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, hf_gpu_*.json (transformers' fixtures), gemm_<kernel>.json, rows_<kernel>.json, mla.json,
 # decode_slice*.json, train_slice_*.json, tuning.json, perplexity.json, shared_serve.jsonl.
 #
 # Steps, in this order (correctness first; every step bounded by what is left of 570 s):
 # 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
-# 3. end to end on the small model: `v3r logits` against the CPU backend's (argmax per row, 5e-2), the
+# 3. end to end on the small model: `v3r logits` against the CPU backend's (argmax per row, 5e-2); 3c.
+#    transformers' fixtures (tests/fixtures/hf/gpu_*: the f32 graph within 1e-2 of transformers' logits,
+#    fp8 argmax-equal to the fp8 reference where the margins are clear); the
 #    prefill and two decode steps dumped launch by launch against the host emulation (dump_compare.py
 #    names the first launch that differs), `v3r run` of two prompts as a batch and `v3r run
 #    --speculative` and two requests in turn to `v3r serve --speculative` against the CPU backend's
@@ -166,6 +168,55 @@ if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]'
   else
     row "3. bf16 checkpoint logits" "FAILED" "v3r logits failed or no .device/e2e/bf16 (check.log)"
   fi
+  # 3c. Transformers' logits (tests/fixtures/hf, prepare.sh): the f32 graph (bf16 checkpoint) within
+  # 1e-2 of them, argmax equal on every row; fp8 no further from them than twice the fp8 reference,
+  # argmax equal to that reference on every row whose top-two margin is over twice their largest
+  # difference (fp8 rounding ties flip bytes that spread to a few percent: the host's PTX simulation,
+  # 7e-2) — and beside it, the host emulation of the same artifact.
+  for f in gpu_bf16 gpu_fp8_v3dims; do
+    h="$root/.device/hf/$f" label="3c. transformers, ${f#gpu_}"
+    if [ -d "$h/sm90" ] && V3R_SYNC_EACH=1 timeout 60 "$v3r" logits "$h/sm90" --weights "$h/ckpt" --tokens "$(cat "$h/tokens.txt")" \
+        --out "$out/hf_${f}_logits.safetensors" 2>&1 | tee -a "$log"; then
+      if verdict=$(python3 - "$out/hf_${f}_logits.safetensors" "$h" "$out/hf_$f.json" <<'PY' 2>&1
+import array, json, os, struct, sys
+def logits(path):
+    b = open(path, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
+    t = h["logits"]; s, e = t["data_offsets"]; a = array.array("f"); a.frombytes(b[8 + n + s:8 + n + e])
+    return t["shape"][1], list(a)
+vocab, gpu = logits(sys.argv[1])
+_, hf = logits(os.path.join(sys.argv[2], "hf_logits.safetensors"))
+_, emulated = logits(os.path.join(sys.argv[2], "emulated_logits.safetensors"))
+rows = lambda v: [v[r * vocab:(r + 1) * vocab] for r in range(len(v) // vocab)]
+diff = lambda a, b: max(abs(x - y) for x, y in zip(a, b))
+argmax = lambda r: max(range(len(r)), key=lambda i: (r[i], -i))
+lead = lambda r: (lambda s: s[0] - s[1])(sorted(r, reverse=True))
+res = {"rows": len(gpu) // vocab, "to_transformers": diff(gpu, hf), "max_abs_transformers": max(map(abs, hf)),
+       "to_emulation": diff(gpu, emulated),
+       "argmax_equal_transformers": sum(argmax(a) == argmax(b) for a, b in zip(rows(gpu), rows(hf)))}
+ref_path = os.path.join(sys.argv[2], "fp8_reference.safetensors")
+if os.path.exists(ref_path):
+    _, ref = logits(ref_path)
+    res.update(fp8_reference_to_transformers=diff(ref, hf), to_fp8_reference=diff(gpu, ref))
+    clear = [(a, b) for a, b in zip(rows(gpu), rows(ref)) if lead(b) > 2 * res["to_fp8_reference"]]
+    res.update(clear_rows=len(clear), argmax_equal_clear_rows=sum(argmax(a) == argmax(b) for a, b in clear))
+    ok = (res["to_transformers"] <= 2 * res["fp8_reference_to_transformers"] and clear
+          and res["argmax_equal_clear_rows"] == len(clear))
+    print(f"{res['to_transformers']:.2e} from transformers (fp8 reference {res['fp8_reference_to_transformers']:.2e}), "
+          f"argmax = fp8 reference on {res['argmax_equal_clear_rows']}/{len(clear)} clear rows, "
+          f"{res['to_emulation']:.1e} from the emulation")
+else:
+    ok = res["to_transformers"] <= 1e-2 and res["argmax_equal_transformers"] == res["rows"]
+    print(f"{res['to_transformers']:.2e} from transformers, argmax {res['argmax_equal_transformers']}/{res['rows']}, "
+          f"{res['to_emulation']:.1e} from the emulation")
+json.dump(res, open(sys.argv[3], "w"), indent=1)
+sys.exit(0 if ok else 1)
+PY
+      ); then row "$label" "ok" "$verdict"; else row "$label" "DIFFERS" "$verdict"; fi
+      note "$label: $verdict"
+    else
+      row "$label" "FAILED" "v3r logits failed or no .device/hf/$f (check.log)"
+    fi
+  done
   # Launch by launch: every launch's buffers on the GPU against the host emulation's (prepare.sh).
   launch_by_launch sm90 dump "3. launch by launch"
   # Attention on the tensor cores (sm90tc, the default lowering): prefill as flash attention after
@@ -503,8 +554,9 @@ if [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"com
   fi
   left=$((570 - SECONDS))
   if [ "$left" -ge 120 ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
-    timeout 120 python3 "$root/benches/device/hf_decode.py" --config "$slice/config/config.json" --points 1x4096,64x512 \
-      --out "$out/decode_slice_hf.json" 2>&1 | tee -a "$log"
+    # Both of v3r's points (the cache prefilled 1024 rows at a time; the JSON written after each point).
+    timeout "$(budget 150)" python3 "$root/benches/device/hf_decode.py" --config "$slice/config/config.json" \
+      --points 1x4096,64x4096 --out "$out/decode_slice_hf.json" 2>&1 | tee -a "$log"
     # Ours over theirs at the points both measured.
     ratio=$(python3 - "$out/decode_slice.json" "$out/decode_slice_hf.json" <<'PY' 2>>"$log"
 import json, sys

@@ -107,6 +107,35 @@ target/release/v3c compile --model .device/e2e/bf16/ckpt --target sm_90a --max-r
 echo "3 17 42 5 9 11 2 250 31" > .device/e2e/bf16/prompt.txt
 target/release/v3c logits --model-dir .device/e2e/bf16/ckpt --tokens "$(cat .device/e2e/bf16/prompt.txt)" --backend cpu \
   --out .device/e2e/bf16/expected_logits.safetensors 2>/dev/null
+# Transformers' own logits through sm_90a (check.sh 3c): the HF fixtures the sm_90a lowering takes —
+# `gpu_bf16` (the f32 graph) and `gpu_fp8_v3dims` (fp8, DeepSeek-V3's head dims) — compiled with the
+# defaults, with their checkpoints, tokens and transformers' logits (expected.safetensors), the fp8
+# reference's logits (`v3c logits --precision fp8`) and the host emulation's of the artifact.
+rm -rf .device/hf && mkdir -p .device/hf
+for f in gpu_bf16 gpu_fp8_v3dims; do
+  src=tests/fixtures/hf/$f dst=.device/hf/$f
+  mkdir -p "$dst/ckpt"
+  cp "$src/config.json" "$src/model.safetensors" "$dst/ckpt/"
+  cp "$src/expected.safetensors" "$dst/hf_logits.safetensors"
+  python3 - "$src/expected.safetensors" > "$dst/tokens.txt" <<'PY'
+import array, json, struct, sys
+b = open(sys.argv[1], "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
+for key in ("tokens", "positions"):
+    s, e = h[key]["data_offsets"]; a = array.array("q"); a.frombytes(b[8 + n + s:8 + n + e])
+    if key == "tokens":
+        print(" ".join(map(str, a)))
+    elif a[0] != 0:
+        sys.exit(f"prepare: {sys.argv[1]} starts at position {a[0]}; v3r logits prefills from 0")
+PY
+  target/release/v3c compile --model "$dst/ckpt" --target sm_90a --max-rows 16 --max-context 64 --out "$dst/sm90" \
+    --force 2>/dev/null
+  target/release/v3c emulate "$dst/sm90" --weights "$dst/ckpt" --tokens "$(cat "$dst/tokens.txt")" \
+    --out "$dst/emulated_logits.safetensors" 2>/dev/null
+  if [ "$f" = gpu_fp8_v3dims ]; then
+    target/release/v3c logits --model-dir "$dst/ckpt" --tokens "$(cat "$dst/tokens.txt")" --backend cpu \
+      --precision fp8 --out "$dst/fp8_reference.safetensors" 2>/dev/null
+  fi
+done
 # The same model with its MTP module as a draft entry, for `v3r run --speculative` (greedy: the tokens
 # must be the plain greedy ones).
 target/release/v3c compile --model .device/e2e/ckpt --target sm_90a --max-rows 16 --max-context 128 --speculative \

@@ -613,11 +613,27 @@ def quantized_errors(y, outs):
     differ = outs["q"] != q
     if differ.sum().item() * 100 > differ.numel():
         errors.append(f"q: {differ.sum().item()} of {differ.numel()} bytes differ (more than 1 %)")
-    a = outs["q"][differ].view(torch.float8_e4m3fn).float()
-    b = q[differ].view(torch.float8_e4m3fn).float()
-    if ((a - b).abs() > 0.125 * torch.maximum(a.abs(), b.abs())).any() or a.isnan().any():
-        errors.append("q: a byte more than one e4m3 step from the reference")
+    far = e4m3_steps_apart(outs["q"], q) > 1
+    if far.any():
+        at = far.nonzero()[0].tolist()
+        a, b = outs["q"][tuple(at)].item(), q[tuple(at)].item()
+        value = lambda byte: torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).float().item()
+        errors.append(f"q: {int(far.sum())} bytes more than one e4m3 step from the reference (first at "
+                      f"{tuple(at)}: 0x{a:02x} = {value(a):g} for 0x{b:02x} = {value(b):g})")
     return errors
+
+
+def e4m3_steps_apart(a, b):
+    """How many e4m3 steps apart bytes a and b (uint8 tensors of one shape) are, at least: |a - b| over
+    the step of the e4m3 grid at the smaller magnitude — 2^(e - 3) in binade [2^e, 2^(e + 1)), 2^-9
+    among the subnormals (below 2^-6), where a bound relative to the value (1/8) takes a one-step flip
+    near zero for many. Neighbours, across a binade or zero too, are exactly 1 apart. NaN bytes are
+    infinitely far."""
+    x, y = (t.view(torch.float8_e4m3fn).double() for t in (a, b))
+    m = torch.minimum(x.abs(), y.abs())
+    step = torch.pow(2.0, torch.floor(torch.log2(m.clamp(min=2.0 ** -6))) - 3)
+    steps = (x - y).abs() / step
+    return torch.where(x.isnan() | y.isnan(), torch.full_like(steps, math.inf), steps)
 
 
 def argmax_reference(x):
@@ -723,6 +739,23 @@ def self_test():
     assert check(cfg, inputs, outs) == [], "the references pass their own check"
     outs["q"][1, 3] ^= 0x40
     assert check(cfg, inputs, outs), "a wrong byte is caught"
+    # One e4m3 step, wherever on the grid: across a binade (0x38 = 1 and 0x37 = 0.9375), among the
+    # subnormals (0x02 = 2^-8 and 0x03 = 3 * 2^-9, 33 % apart), to zero and across it (-0 and 2^-9);
+    # two steps (1 and 0.875, 3 * 2^-9 and 2^-9, 2^-9 and -2^-9) are not; NaN (0x7F) is never.
+    steps = e4m3_steps_apart(torch.tensor([0x38, 0x02, 0x01, 0x80, 0x38, 0x03, 0x01, 0x7F], dtype=torch.uint8),
+                             torch.tensor([0x37, 0x03, 0x00, 0x01, 0x36, 0x01, 0x81, 0x7E], dtype=torch.uint8))
+    assert steps.tolist()[:6] == [1.0, 1.0, 1.0, 1.0, 2.0, 2.0], steps
+    assert steps[6] == 2.0 and steps[7] == math.inf, steps
+    outs["q"][1, 3] ^= 0x40
+    small = (outs["q"] & 0x7F) < 0x08
+    assert small.any(), "the test rows have subnormal bytes"
+    at = small.nonzero()[0].tolist()
+    byte = outs["q"][tuple(at)].item()
+    outs["q"][tuple(at)] = byte + 1 if byte & 0x07 != 0x07 else byte - 1  # one subnormal step
+    assert check(cfg, inputs, outs) == [], "a subnormal byte one step off passes"
+    outs["q"][tuple(at)] = byte + 4 if byte & 0x07 < 4 else byte - 4  # four subnormal steps
+    assert check(cfg, inputs, outs), "a subnormal byte several steps off is caught"
+    outs["q"][tuple(at)] = byte
     emb = parse("rows_embed_f32_d64_t32")
     inputs = problem(emb, 4, "cpu")
     table, ids = inputs["table"], inputs["ids"]
