@@ -479,7 +479,7 @@ fn tuning_database_steers_compile() {
         problems.iter().filter(|p| p["kernel"].as_str().unwrap().contains("n32768 k512")).collect();
     assert_eq!(kv_b.len(), 1, "{kv_b:?}");
     assert_ne!(kv_b[0]["m"], 64, "{kv_b:?}");
-    let grouped = problems.iter().find(|p| p["kernel"] == "grouped gather fp8->f32 n4096 k7168 e256+1 top8").unwrap();
+    let grouped = problems.iter().find(|p| p["kernel"] == "grouped contig fp8->f32 n4096 k7168 e256+1 top8").unwrap();
     assert_eq!(grouped["grouped"], serde_json::json!({ "routed": 256, "shared": 1, "top_k": 8 }));
     assert!(problems
         .iter()

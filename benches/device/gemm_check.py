@@ -400,8 +400,9 @@ def random_operand(rows, cols, fp8):
 
 
 def time_grouped(drv, func, cfg, sms, tokens=4096, experts=256, top_k=8):
-    """DeepSeek-V3's MoE shapes, 256 routed experts + the shared one as group 257: gate/up (gather: N
-    2 x 2048, K 7168), down (contiguous: N 7168, K 2048) over 4096 tokens x 9; decode (masked) 64 tokens.
+    """DeepSeek-V3's MoE shapes, 256 routed experts + the shared one as group 257: gate/up (gathered, or
+    contiguous without routing weights: N 2 x 2048, K 7168), down (contiguous with routing weights: N 7168,
+    K 2048) over 4096 tokens x 9; decode (masked) 64 tokens.
     Reports TFLOP/s and the bandwidth of the expert weights the launch reads."""
     groups = experts + 1
     decode = cfg["grouping"] == "masked"
@@ -410,7 +411,8 @@ def time_grouped(drv, func, cfg, sms, tokens=4096, experts=256, top_k=8):
     choice = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=1).indices
     counts = torch.bincount(choice.flatten(), minlength=experts).cpu()
     counts = torch.cat([counts, torch.tensor([tokens])])  # the shared expert takes every token
-    n, k = (7168, 2048) if cfg["grouping"] == "contig" else (4096, 7168)
+    down = cfg["grouping"] == "contig" and (cfg["row_scale"] or cfg["scatter"])
+    n, k = (7168, 2048) if down else (4096, 7168)
     n_out = n // 2 if cfg["swiglu"] else n
     fp8 = cfg["input"] == "fp8"
     rows = int(counts.sum())

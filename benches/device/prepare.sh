@@ -12,13 +12,15 @@ cp target/release/v3r .device/
 # scheduling variants, then the four kernels `v3c compile --target sm_90a` picks for the full model with
 # the cost model (H200; decode: 64-row tiles, split K for the MLA projections; prefill: two consumers +
 # producer; +residual),
-# then the grouped (MoE) forms: gathered tokens, contiguous sorted rows with routing weights, masked;
+# then the grouped (MoE) forms: gathered tokens, contiguous sorted rows (the fp8 gate/up's prefill
+# kernel; with routing weights), masked;
 # then fp8 outputs (1x128 scales written by the epilogue), then a cluster of two (B multicast).
 for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_64x128x128_s6 gemm_fp8_f32_128x64x128_s4 \
   gemm_bf16_bf16_128x128x64_s4_wg2_ws_persist_r8 gemm_bf16_f32_64x128x64_s6_splitk \
   gemm_fp8_f32_64x64x128_s5_splitk gemm_fp8_f32_256x64x128_s5_wg2_ws \
   gemm_fp8_f32_64x64x128_s8_res gemm_fp8_f32_128x128x128_s5_wg2_ws_res \
-  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_gather gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale \
+  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_gather gemm_fp8_f32_128x128x128_s3_wg2_ws_persist_contig \
+  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale \
   gemm_fp8_f32_64x128x128_s8_ws_masked_rowscale gemm_bf16_bf16_128x128x64_s6_wg2_ws_gather_swiglu \
   gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale_scatter \
   gemm_bf16_fp8_128x128x64_s6_wg2_ws gemm_fp8_fp8_128x128x128_s6_wg2_ws_persist_contig \
@@ -31,7 +33,7 @@ done
 # widths the cost model picks for decode and prefill too), then ragged forms (a width that is no multiple of 128 or of the block, f32 weights, a small block), then
 # MLA's latent-cache rows (decode write, prefill append; interleaved and half-split rope; f32, bf16 and fp8
 # caches), then the row steps of the multi-launch lowerings (MLA's query split + RoPE; SwiGLU, quantized and
-# f32), greedy sampling's argmax over the vocabulary; MLA attention (decode, prefill), and decode with a 16-key capacity
+# f32), greedy sampling's argmax over the vocabulary, the fp8 MoE's rows copied into expert order; MLA attention (decode, prefill), and decode with a 16-key capacity
 # (the 64-row caches go through shared memory in up to 4 chunks).
 rm -rf .device/rows && mkdir -p .device/rows
 for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q \
@@ -45,7 +47,7 @@ for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_
   rows_copy_d7168_t256 rows_splitbf16_d7168_t256 rows_concat_d7168_b7168_t256 rows_argmax_d129280_t256 rows_argmax_d129280_t1024 \
   rows_routelogits_bf16_d7168_e256_t256_b4 rows_routelogits_bf16_d7168_e256_t256_b8 \
   rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256 rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8 \
-  rows_dispatch_e256_s1_t256 \
+  rows_dispatch_e256_s1_t256 rows_gatherfp8_d7168_t256 \
   rows_mladecode_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128 \
   rows_mlaprefill_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128 \
   rows_mladecode_h16_n128_r64_v128_kv512_c16_s1p3523377em1_t128; do

@@ -34,6 +34,9 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
       idx [rows, K] (i32), w [rows, K]: each logit the 16 parts' sum
   rows_dispatch_e<E>_s<S>_t<T>: idx [rows, K], w [rows, K], offsets [E + S + 1], sorted [rows, K + S] (i32),
       rw [rows, K + S]; one block (grid 1)
+  rows_gatherfp8_d<D>_t<T>: x [rows, D] (e4m3 bytes), x_scale [rows, D / 128], sorted [rows, 9] (i32 tokens),
+      then q [9 rows, D], scale [9 rows, D / 128]: each sorted row its token's bytes and scales, exact; grid
+      9 rows (the fp8 MoE's rows in expert order before its contiguous grouped GEMM)
   rows_mladecode_h<H>_n<N>_r<R>_v<V>_kv<KV>_c<C>_s<S>_t<T>: q_nope [B, H, N], q_pe [B, H, R], cache
       [B, slots, KV + R], positions [B], kv_b [H (N + V), KV] (e4m3), kv_b_scale [.., ..], q [B, H V] (e4m3),
       scale [B, H]; grid B x H. The CUDA-core baseline: timed at 64 sequences of 64 cache slots only.
@@ -42,7 +45,7 @@ Launch: one block of T threads per row, no dynamic shared memory.
 Checks: outputs poisoned (NaN, 0x7F bytes) and fully written. y against torch in float64 within 1e-5
 relative per element (the kernel sums squares as a tree over threads); scales within 1e-5 relative; e4m3
 bytes equal to torch's conversion of the reference except at rare rounding ties (at most 1 %, each within
-one e4m3 step); embeddings exact, ids outside the table give rows of zeros.
+one e4m3 step, subnormals' 2^-9 included: the failing bytes are named); embeddings exact, ids outside the table give rows of zeros.
 Timing: median of 50 launches at 64 rows (a decode batch) and 8192 rows (a prefill; 1024 sequences for
 the latent decode write), as GB/s moved
 (bytes read + written) and, with --ceilings, as a fraction of the device's measured copy bandwidth.
@@ -66,6 +69,7 @@ NAME = re.compile(r"^rows_(embed|rmsnorm)_(bf16|f32)_d(\d+)_t(\d+)(?:_eps([0-9a-
 SPLITROPE = re.compile(r"^rows_splitrope_h(\d+)_n(\d+)_r(\d+)_t(\d+)(_il)?$")
 SILUMUL = re.compile(r"^rows_silumul_d(\d+)_t(\d+)_(q|y)$")
 COPY = re.compile(r"^rows_copy_d(\d+)_t(\d+)$")
+GATHERFP8 = re.compile(r"^rows_gatherfp8_d(\d+)_t(\d+)$")
 ROUTE = re.compile(r"^rows_route_e(\d+)_k(\d+)_g(\d+)_kg(\d+)_s([0-9a-z]+?)(_norm)?_t(\d+)(?:_b(\d+))?$")
 ROUTELOGITS = re.compile(r"^rows_routelogits_(bf16|f32)_d(\d+)_e(\d+)_t(\d+)(?:_b(\d+))?$")
 SPLITS = 16  # the router's column ranges (models/src/interp/kernels.rs, ROUTER_SPLITS)
@@ -78,6 +82,7 @@ ARGMAX = re.compile(r"^rows_argmax_d(\d+)_t(\d+)$")
 LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)(bf16|fp8)?$")
 GROUP = 128
 SLOTS = 64  # cache rows per sequence of the decode (write) problems
+GATHER_WIDTH = 9  # experts a token takes in the gather problems (DeepSeek-V3: 8 routed + 1 shared)
 
 
 def parse(name):
@@ -114,6 +119,10 @@ def parse(name):
     m = ARGMAX.match(name)
     if m:
         return {"name": name, "op": "argmax", "d": int(m.group(1)), "threads": int(m.group(2)), "weight": "f32",
+                "keep": False, "quantize": False}
+    m = GATHERFP8.match(name)
+    if m:
+        return {"name": name, "op": "gatherfp8", "d": int(m.group(1)), "threads": int(m.group(2)), "weight": "f32",
                 "keep": False, "quantize": False}
     m = COPY.match(name)
     if m:
@@ -361,6 +370,12 @@ def problem(cfg, rows, device, seed=0):
         return {"x": (torch.randn(rows, 2 * d, generator=gen) * 4).to(device)}
     if cfg["op"] in ("copy", "splitbf16"):
         return {"x": (torch.randn(rows, d, generator=gen) * 30).to(device)}
+    if cfg["op"] == "gatherfp8":
+        # `rows` tokens, each in GATHER_WIDTH experts: the sorted rows name tokens out of order, repeated.
+        sorted_rows = torch.stack([torch.randperm(rows, generator=gen) for _ in range(GATHER_WIDTH)], dim=1)
+        return {"x": torch.randint(0, 256, (rows, d), generator=gen, dtype=torch.uint8).to(device),
+                "x_scale": torch.rand(rows, d // GROUP, generator=gen).to(device),
+                "sorted": sorted_rows.reshape(rows, GATHER_WIDTH).to(torch.int32).to(device)}
     if cfg["op"] == "argmax":
         x = torch.randn(rows, d, generator=gen) * 30
         x[0, 3] = x[0, d - 2] = 1e4  # a tie: the lower index
@@ -425,6 +440,9 @@ def outputs(cfg, rows, device):
                 "rw": torch.full((rows, width), float("nan"), device=device)}
     if cfg["op"] == "copy":
         return {"y": torch.full((rows, d), float("nan"), device=device)}
+    if cfg["op"] == "gatherfp8":
+        return {"q": torch.full((rows * GATHER_WIDTH, d), 0x7F, dtype=torch.uint8, device=device),
+                "scale": torch.full((rows * GATHER_WIDTH, d // GROUP), float("nan"), device=device)}
     if cfg["op"] == "argmax":
         return {"idx": torch.full((rows,), -1, dtype=torch.int32, device=device)}
     if cfg["op"] == "splitbf16":
@@ -457,7 +475,7 @@ def outputs(cfg, rows, device):
 def arguments(cfg, inputs, outs):
     key = "mlaprefill" if cfg["op"] == "mladecode" and cfg["prefill"] else cfg["op"]
     order = {"embed": ["table", "ids", "out"], "latent": ["latent", "w", "k_pe", "positions", "cache", "rope", "table", "out"],
-             "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"], "copy": ["x", "y"], "route": ["parts", "bias", "idx", "w_out"],
+             "splitrope": ["y", "positions", "rope", "q_nope", "q_pe"], "copy": ["x", "y"], "gatherfp8": ["x", "x_scale", "sorted", "q", "scale"], "route": ["parts", "bias", "idx", "w_out"],
              "routelogits": ["x", "gate", "parts"],
              "mladecode": ["q_nope", "q_pe", "cache", "positions", "kv_b", "kv_b_scale", "q", "scale"],
              "mlaprefill": ["q_nope", "q_pe", "cache", "kv_b", "kv_b_scale", "q", "scale"],
@@ -511,6 +529,10 @@ def check(cfg, inputs, outs):
         return errors
     if cfg["op"] == "copy":
         return [] if torch.equal(outs["y"], inputs["x"]) else ["copy: rows differ"]
+    if cfg["op"] == "gatherfp8":
+        tok = inputs["sorted"].flatten().long()
+        errors = [] if torch.equal(outs["q"], inputs["x"][tok]) else ["gatherfp8: bytes differ"]
+        return errors + ([] if torch.equal(outs["scale"], inputs["x_scale"][tok]) else ["gatherfp8: scales differ"])
     if cfg["op"] == "argmax":
         want = argmax_reference(inputs["x"])
         bad = (outs["idx"].long() != want).sum().item()
@@ -657,6 +679,8 @@ def bytes_moved(cfg, rows):
         return rows * cfg["top_k"] * 8 + rows * (cfg["top_k"] + cfg["shared"]) * 8
     if cfg["op"] == "copy":
         return 2 * rows * d * 4
+    if cfg["op"] == "gatherfp8":
+        return 2 * rows * GATHER_WIDTH * (d + d // GROUP * 4) + rows * GATHER_WIDTH * 4
     if cfg["op"] == "argmax":
         return rows * d * 4 + rows * 4
     if cfg["op"] == "splitbf16":
@@ -701,6 +725,8 @@ def grid(cfg, rows):
         return -(-rows // cfg["tokens"]) * SPLITS * -(-cfg["experts"] // EXPERT_TILE)
     if cfg["op"] == "route":
         return -(-rows // cfg["tokens"])
+    if cfg["op"] == "gatherfp8":
+        return rows * GATHER_WIDTH
     return 1 if cfg["op"] == "dispatch" else rows
 
 
@@ -877,6 +903,16 @@ def self_test():
     assert want.shape == (3, 2 * 128) and torch.isfinite(want).all()
     q, s = quantize_reference(want.float())
     assert check(md, inputs, {"q": q, "scale": s}) == []
+    ga = parse("rows_gatherfp8_d7168_t256")
+    assert ga["op"] == "gatherfp8" and grid(ga, 3) == 27
+    small = dict(ga, d=256)
+    inputs = problem(small, 4, "cpu")
+    tok = inputs["sorted"].flatten().long()
+    assert sorted(tok.tolist()) == sorted(list(range(4)) * GATHER_WIDTH)
+    outs = {"q": inputs["x"][tok], "scale": inputs["x_scale"][tok]}
+    assert check(small, inputs, outs) == []
+    outs["q"][5, 7] ^= 1
+    assert check(small, inputs, outs) == ["gatherfp8: bytes differ"], "a wrong byte is caught"
     sp = parse("rows_splitbf16_d300_t64")
     inputs = problem(sp, 2, "cpu")
     hi = inputs["x"].to(torch.bfloat16)

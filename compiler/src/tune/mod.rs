@@ -712,7 +712,9 @@ mod tests {
         assert!(choice.source.starts_with("tuning database: 0.0100 ms measured on H200"), "{}", choice.source);
     }
 
-    /// DeepSeek-V3's MoE gate/up: 256 routed experts (8 per token) + 1 shared, gathered rows.
+    /// A gathered grouped GEMM of DeepSeek-V3's MoE gate/up shape: 256 routed experts (8 per token) +
+    /// 1 shared (the f32 graph's and the training step's form; the fp8 graph's copies its rows into
+    /// expert order and runs a contiguous one).
     fn moe(m: usize) -> GemmShape {
         let grouped = GroupedProblem {
             grouping: GemmGrouping::Gather,

@@ -110,6 +110,13 @@ pub enum RowOp {
     SiluMul { quantize: bool },
     /// `y = x` (f32 rows; e.g. the residual a scattering GEMM then adds into).
     Copy,
+    /// The fp8 MoE's rows in expert order: sorted row r is token `sorted[r / W, r % W]`'s e4m3
+    /// bytes `x [T, d]` and 1x128 scales `x_scale [T, d / 128]` (`sorted [T, W]` from
+    /// [`RowOp::Dispatch`], W the routed and shared experts a token takes), copied as they are into
+    /// `q [T W, d]` and `scale [T W, d / 128]` — a contiguous grouped GEMM's operand, one TMA box of
+    /// a tile's rows a k step (gathering by token in the GEMM takes a TMA copy per row). One block
+    /// per sorted row.
+    GatherFp8,
     /// The router's logits in pieces (`d` = hidden): `parts [rows, S * experts]`, piece `s` of
     /// expert `e` at column `s * experts + e` the sequential sum of `x . gate^T` over the columns of
     /// split `s` of the reference's [`ROUTER_SPLITS`] (see [`v3c_models::interp::kernels::router_logits`]). A block
@@ -272,6 +279,7 @@ impl RowKernel {
             }
             RowOp::SiluMul { quantize } => format!("rows_silumul_d{d}_t{t}{}", if quantize { "_q" } else { "_y" }),
             RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
+            RowOp::GatherFp8 => format!("rows_gatherfp8_d{d}_t{t}"),
             RowOp::MlaCombine => format!("rows_mlacombine_d{d}_t{t}"),
             RowOp::MlaKeys { heads, nope, rope, v, cache } => {
                 format!(
@@ -525,6 +533,12 @@ impl RowKernel {
             ("copy", [d, t]) => {
                 Some(RowKernel { op: RowOp::Copy, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
             }
+            ("gatherfp8", [d, t]) => Some(RowKernel {
+                op: RowOp::GatherFp8,
+                d: number(d, 'd')?,
+                weight: "f32".into(),
+                threads: number(t, 't')?,
+            }),
             _ => None,
         };
         if let Some(kernel) = kernel {
@@ -607,6 +621,13 @@ impl RowKernel {
                 args
             }
             RowOp::Copy => vec![("x", "memref<?x?xf32>".to_string()), ("y", "memref<?x?xf32>".into())],
+            RowOp::GatherFp8 => vec![
+                ("x", "memref<?x?xi8>".to_string()),
+                ("x_scale", "memref<?x?xf32>".into()),
+                ("sorted", "memref<?x?xi32>".into()),
+                ("q", "memref<?x?xi8>".into()),
+                ("scale", "memref<?x?xf32>".into()),
+            ],
             RowOp::Argmax => vec![("x", "memref<?x?xf32>".to_string()), ("idx", "memref<?xi32>".into())],
             RowOp::MlaCombine => vec![
                 ("o_part", "memref<?x?x?xf32>".to_string()),
@@ -774,6 +795,7 @@ impl RowKernel {
             RowOp::MlaCombine => "out",
             RowOp::MlaKeys { .. } => "kv",
             RowOp::Fp8Latent => "cache",
+            RowOp::GatherFp8 => "q",
             RowOp::MlaQueries { .. } | RowOp::MlaAbsorb { .. } | RowOp::MlaAbsorbMma { .. } => "q_nope",
             RowOp::MlaUpV { .. } | RowOp::MlaUpVMma { .. } if self.weight == "bf16" => "out",
             RowOp::MlaUpV { .. } | RowOp::MlaUpVMma { .. } => "q",
@@ -839,6 +861,7 @@ impl RowKernel {
             RowOp::SplitRope { .. }
             | RowOp::SiluMul { quantize: false }
             | RowOp::Copy
+            | RowOp::GatherFp8
             | RowOp::SplitBf16
             | RowOp::SplitBf16T
             | RowOp::Concat { .. }
@@ -920,6 +943,9 @@ impl RowKernel {
         }
         if let RowOp::Train(op) = self.op {
             op.check(&name, self.d)?;
+        }
+        if self.op == RowOp::GatherFp8 && !self.d.is_multiple_of(GROUP) {
+            return Err(format!("{name}: rows of {} columns (whole 128-column scale groups)", self.d));
         }
         if let RowOp::Latent { rope, .. } | RowOp::SplitRope { rope, .. } = self.op {
             if rope == 0 || rope % 2 != 0 {
@@ -2450,6 +2476,25 @@ scf.for %i = %tid to %cD step %cT {{
                     w_col = indent2(&weight("%e")),
                 )]
             }
+            RowOp::GatherFp8 => vec![format!(
+                "%c1g = arith.constant 1 : index
+%width = memref.dim %sorted, %c1g : memref<?x?xi32>
+%s_tok = arith.divui %row, %width : index
+%s_slot = arith.remui %row, %width : index
+%tok_i = memref.load %sorted[%s_tok, %s_slot] : memref<?x?xi32>
+%tok = arith.index_cast %tok_i : i32 to index
+%cGroups = arith.constant {groups} : index
+scf.for %i = %tid to %cD step %cT {{
+  %v = memref.load %x[%tok, %i] : memref<?x?xi8>
+  memref.store %v, %q[%row, %i] : memref<?x?xi8>
+}}
+scf.for %g = %tid to %cGroups step %cT {{
+  %s = memref.load %x_scale[%tok, %g] : memref<?x?xf32>
+  memref.store %s, %scale[%row, %g] : memref<?x?xf32>
+}}
+",
+                groups = self.groups()
+            )],
             RowOp::Copy => vec!["scf.for %i = %tid to %cD step %cT {
   %v = memref.load %x[%row, %i] : memref<?x?xf32>
   memref.store %v, %y[%row, %i] : memref<?x?xf32>
@@ -4388,6 +4433,42 @@ mod tests {
                 row.pack(r32, r8);
             }
             assert_eq!(out8, want8, "prefill into fp8 rows (interleave {interleave})");
+        }
+    }
+
+    /// The fp8 MoE's rows in expert order: each sorted row its token's e4m3 bytes and scales as
+    /// they are, through the CPU lowering and the PTX simulated (every access inside the buffers),
+    /// tokens repeated (a token in several experts) and out of order as a dispatch sorts them.
+    #[test]
+    fn fp8_rows_gather_into_expert_order() {
+        let (tokens, width, d) = (5, 3, 256);
+        let kernel = RowKernel::new(RowOp::GatherFp8, d, "f32");
+        assert_eq!(RowKernel::from_name(&kernel.kernel_name()).as_ref(), Some(&kernel));
+        assert!(RowKernel::new(RowOp::GatherFp8, 200, "f32").emit_cpu().is_err(), "200 columns: no whole groups");
+        let mut x: Vec<u8> = (0..tokens * d).map(|i| (i * 7 + i / d) as u8).collect();
+        let mut x_scale: Vec<f32> = (0..tokens * d / 128).map(|i| 0.5 + i as f32).collect();
+        let mut sorted: Vec<i32> = vec![4, 0, 2, 1, 1, 3, 0, 4, 2, 3, 3, 0, 2, 4, 1];
+        assert_eq!(sorted.len(), tokens * width);
+        for simulated in [false, true] {
+            let rows = tokens * width;
+            let (mut q, mut scale) = (vec![0x7fu8; rows * d], vec![f32::NAN; rows * d / 128]);
+            let buffers = [
+                raw(&mut x, &[tokens, d], "i8"),
+                raw(&mut x_scale, &[tokens, d / 128], "f32"),
+                raw(&mut sorted, &[tokens, width], "i32"),
+                raw(&mut q, &[rows, d], "i8"),
+                raw(&mut scale, &[rows, d / 128], "f32"),
+            ];
+            if simulated {
+                run_simulated(&kernel, &buffers, rows);
+            } else {
+                run_cpu(&kernel, &buffers);
+            }
+            for (r, &t) in sorted.iter().enumerate() {
+                let t = t as usize;
+                assert_eq!(&q[r * d..][..d], &x[t * d..][..d], "row {r} (token {t}), simulated {simulated}");
+                assert_eq!(&scale[r * 2..][..2], &x_scale[t * 2..][..2], "row {r} scales, simulated {simulated}");
+            }
         }
     }
 
