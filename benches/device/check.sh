@@ -57,6 +57,10 @@ note() { echo "$*" | tee -a "$log"; }
 # Seconds a step may take: at most $1, and never past 570 s into the run (a device call has 600 s).
 budget() { local left=$((570 - SECONDS)); [ "$left" -lt "$1" ] && echo "$left" || echo "$1"; }
 row() { table+=("$(printf '%-28s %-10s %s' "$1" "$2" "$3")"); }
+# CHECK_STEPS="3 2c 2b" runs only those steps (their names as in the headers: 1b 3 2 2c 2d 5 5b 2b; step 3
+# takes 3c, 3b and 4 along; 1, the doctor, always runs) — e.g. a second call for what the first ran out
+# of time for. Unset: every step.
+want() { [ -z "${CHECK_STEPS:-}" ] || [[ " $CHECK_STEPS " == *" $1 "* ]]; }
 
 # Logits (safetensors `logits` [rows, vocab]) against expected ones: argmax equal on every row and
 # max |diff| within $4 of the largest expected |logit|; the figures into the JSON file $3.
@@ -116,7 +120,9 @@ else
 fi
 
 note "== 1b. ceilings (torch)"
-if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
+if ! want 1b; then
+  note "(step 1b not in CHECK_STEPS)"
+elif python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
   python3 - "$out/ceilings.json" <<'PY' 2>&1 | tee -a "$log"
 import json, sys, torch
 def median_ms(fn, reps=30):
@@ -148,7 +154,9 @@ fi
 
 note "== 3. end to end: a small fp8 model's sm_90a artifact run by v3r, against the CPU backend"
 e2e="$root/.device/e2e"
-if [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
+if ! want 3; then
+  note "(step 3 not in CHECK_STEPS)"
+elif [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
   # Logits of a 12-token prompt (one prefill), every launch synchronized so a faulting kernel is named.
   if V3R_SYNC_EACH=1 timeout 60 "$v3r" logits "$e2e/sm90" --weights "$e2e/ckpt" --tokens "$(cat "$e2e/prompt1.txt")" \
       --out "$out/e2e_logits.safetensors" 2>&1 | tee -a "$log"; then
@@ -459,7 +467,9 @@ else
 fi
 
 note "== 2. GEMM template kernels vs torch (correctness, then timing)"
-if [ -d "$root/.device/gemm" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
+if ! want 2; then
+  note "(step 2 not in CHECK_STEPS)"
+elif [ -d "$root/.device/gemm" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
   # One process per kernel under its own timeout: a kernel that hangs (a pipeline deadlock) is killed
   # with its process and the others still run.
   # The step stops starting kernels after 240 s (a device call has 600 s; the other steps need some).
@@ -481,7 +491,9 @@ else
 fi
 
 note "== 2c. row kernels vs torch (benches/device/rows_check.py: correctness, then GB/s)"
-if [ -d "$root/.device/rows" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
+if ! want 2c; then
+  note "(step 2c not in CHECK_STEPS)"
+elif [ -d "$root/.device/rows" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
   # One process for every row kernel (they hold no pipeline that could hang), 120 s at most.
   total=$(ls "$root"/.device/rows/*.ptx | wc -l)
   if [ "$(budget 100)" -gt 10 ] && timeout "$(budget 100)" python3 "$root/benches/device/rows_check.py" --ptx-dir "$root/.device/rows" --all \
@@ -496,7 +508,9 @@ else
 fi
 
 note "== 2d. MLA attention vs torch (benches/device/mla_check.py: decode paged + split K, then GB/s; causal prefill, then TFLOP/s; training's flash forward + dQ/dK/dV vs autograd, then vs SDPA fwd+bwd)"
-if [ -d "$root/.device/mla" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
+if ! want 2d; then
+  note "(step 2d not in CHECK_STEPS)"
+elif [ -d "$root/.device/mla" ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
   if [ "$(budget 80)" -gt 10 ] && timeout "$(budget 80)" python3 "$root/benches/device/mla_check.py" --ptx-dir "$root/.device/mla" \
       --ceilings "$out/ceilings.json" --out "$out/mla.json" 2>&1 | tee -a "$log"; then
     row "2d. MLA attention" "ok" "mla.json"
@@ -511,7 +525,9 @@ fi
 note "== 5. decode: a 4-layer full-width slice (random fp8 weights) by v3r, and transformers on the same device"
 slice="$root/.device/slice"
 left=$((570 - SECONDS))
-if [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
+if ! want 5; then
+  note "(step 5 not in CHECK_STEPS)"
+elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
   if timeout "$(budget 150)" "$v3r" bench-decode "$slice/sm90" --random-weights 1 --batch 1,64 --context 512,4096 --reps 10 \
       --out "$out/decode_slice.json" 2>&1 | tee -a "$log"; then
     row "5. decode (v3r)" "ok" "$(grep -o 'batch *64[^,]*' "$log" | tail -1)"
@@ -586,7 +602,9 @@ for m in fp8 f32 fp8-host; do
   art="$root/.device/train_slice/${m%-host}"
   flags=()
   [ "$m" = fp8-host ] && flags=(--host-optimizer)
-  if [ -d "$art" ] && [ -n "$v3r" ] && [ $((570 - SECONDS)) -ge 200 ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
+  if ! want 5b; then
+    note "(step 5b not in CHECK_STEPS)"
+  elif [ -d "$art" ] && [ -n "$v3r" ] && [ $((570 - SECONDS)) -ge 200 ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
     if timeout "$(budget 100)" "$v3r" bench-train "$art" --random-weights 1 --batch 1 --seq 256 --steps 3 "${flags[@]}" \
         --out "$out/train_slice_$m.json" 2>&1 | tee -a "$log"; then
       row "5b. training slice $m" "ok" "$(grep -o '[0-9.]* tokens/s' "$log" | tail -1) (train_slice_$m.json)"
@@ -599,7 +617,9 @@ for m in fp8 f32 fp8-host; do
 done
 
 note "== 2b. tuning: the full model's GEMM candidates measured (v3r tune; tune_check.py if it fails)"
-if [ -f "$root/.device/tune/candidates.json" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
+if ! want 2b; then
+  note "(step 2b not in CHECK_STEPS)"
+elif [ -f "$root/.device/tune/candidates.json" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
   # Whatever is left of a 570 s run (a device call has 600 s), at most 240 s; under 40 s, nothing.
   left=$(budget 240)
   [ "$left" -lt 40 ] && { note "under 40 s left: tuning skipped"; left=0; }
@@ -622,7 +642,9 @@ else
 fi
 
 note "== 2b. tuning: the training step's flash attention (forward, log-sum-exps, dQ, dK, dV) at 4096-token windows"
-if [ -f "$root/.device/tune_train/candidates.json" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
+if ! want 2b; then
+  note "(step 2b not in CHECK_STEPS)"
+elif [ -f "$root/.device/tune_train/candidates.json" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\]' "$out/doctor.json" 2>/dev/null; then
   left=$(budget 120)
   # Each default against the host's attention (gradient) rows first, every other depth against it.
   if [ "$left" -ge 40 ] && timeout "$left" "$v3r" tune "$root/.device/tune_train" --out "$out/tuning.json" 2>&1 | tee -a "$log"; then

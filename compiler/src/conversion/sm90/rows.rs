@@ -111,9 +111,9 @@ pub enum RowOp {
     /// `y = x` (f32 rows; e.g. the residual a scattering GEMM then adds into).
     Copy,
     /// The fp8 MoE's rows in expert order: sorted row r is token `sorted[r / W, r % W]`'s e4m3
-    /// bytes `x [T, d]` and 1x128 scales `x_scale [T, d / 128]` (`sorted [T, W]` from
+    /// bytes `x [T, d]` and 1x128 scales `x_scale [T, ceil(d / 128)]` (`sorted [T, W]` from
     /// [`RowOp::Dispatch`], W the routed and shared experts a token takes), copied as they are into
-    /// `q [T W, d]` and `scale [T W, d / 128]` — a contiguous grouped GEMM's operand, one TMA box of
+    /// `q [T W, d]` and `scale [T W, ceil(d / 128)]` — a contiguous grouped GEMM's operand, one TMA box of
     /// a tile's rows a k step (gathering by token in the GEMM takes a TMA copy per row). One block
     /// per sorted row.
     GatherFp8,
@@ -943,9 +943,6 @@ impl RowKernel {
         }
         if let RowOp::Train(op) = self.op {
             op.check(&name, self.d)?;
-        }
-        if self.op == RowOp::GatherFp8 && !self.d.is_multiple_of(GROUP) {
-            return Err(format!("{name}: rows of {} columns (whole 128-column scale groups)", self.d));
         }
         if let RowOp::Latent { rope, .. } | RowOp::SplitRope { rope, .. } = self.op {
             if rope == 0 || rope % 2 != 0 {
@@ -4438,36 +4435,40 @@ mod tests {
 
     /// The fp8 MoE's rows in expert order: each sorted row its token's e4m3 bytes and scales as
     /// they are, through the CPU lowering and the PTX simulated (every access inside the buffers),
-    /// tokens repeated (a token in several experts) and out of order as a dispatch sorts them.
+    /// tokens repeated (a token in several experts) and out of order as a dispatch sorts them; rows
+    /// of whole 128-column groups and of a ragged last group.
     #[test]
     fn fp8_rows_gather_into_expert_order() {
-        let (tokens, width, d) = (5, 3, 256);
-        let kernel = RowKernel::new(RowOp::GatherFp8, d, "f32");
-        assert_eq!(RowKernel::from_name(&kernel.kernel_name()).as_ref(), Some(&kernel));
-        assert!(RowKernel::new(RowOp::GatherFp8, 200, "f32").emit_cpu().is_err(), "200 columns: no whole groups");
-        let mut x: Vec<u8> = (0..tokens * d).map(|i| (i * 7 + i / d) as u8).collect();
-        let mut x_scale: Vec<f32> = (0..tokens * d / 128).map(|i| 0.5 + i as f32).collect();
+        let (tokens, width) = (5, 3);
         let mut sorted: Vec<i32> = vec![4, 0, 2, 1, 1, 3, 0, 4, 2, 3, 3, 0, 2, 4, 1];
         assert_eq!(sorted.len(), tokens * width);
-        for simulated in [false, true] {
-            let rows = tokens * width;
-            let (mut q, mut scale) = (vec![0x7fu8; rows * d], vec![f32::NAN; rows * d / 128]);
-            let buffers = [
-                raw(&mut x, &[tokens, d], "i8"),
-                raw(&mut x_scale, &[tokens, d / 128], "f32"),
-                raw(&mut sorted, &[tokens, width], "i32"),
-                raw(&mut q, &[rows, d], "i8"),
-                raw(&mut scale, &[rows, d / 128], "f32"),
-            ];
-            if simulated {
-                run_simulated(&kernel, &buffers, rows);
-            } else {
-                run_cpu(&kernel, &buffers);
-            }
-            for (r, &t) in sorted.iter().enumerate() {
-                let t = t as usize;
-                assert_eq!(&q[r * d..][..d], &x[t * d..][..d], "row {r} (token {t}), simulated {simulated}");
-                assert_eq!(&scale[r * 2..][..2], &x_scale[t * 2..][..2], "row {r} scales, simulated {simulated}");
+        for d in [256usize, 200] {
+            let g = d.div_ceil(128);
+            let kernel = RowKernel::new(RowOp::GatherFp8, d, "f32");
+            assert_eq!(RowKernel::from_name(&kernel.kernel_name()).as_ref(), Some(&kernel));
+            let mut x: Vec<u8> = (0..tokens * d).map(|i| (i * 7 + i / d) as u8).collect();
+            let mut x_scale: Vec<f32> = (0..tokens * g).map(|i| 0.5 + i as f32).collect();
+            for simulated in [false, true] {
+                let rows = tokens * width;
+                let (mut q, mut scale) = (vec![0x7fu8; rows * d], vec![f32::NAN; rows * g]);
+                let buffers = [
+                    raw(&mut x, &[tokens, d], "i8"),
+                    raw(&mut x_scale, &[tokens, g], "f32"),
+                    raw(&mut sorted, &[tokens, width], "i32"),
+                    raw(&mut q, &[rows, d], "i8"),
+                    raw(&mut scale, &[rows, g], "f32"),
+                ];
+                if simulated {
+                    run_simulated(&kernel, &buffers, rows);
+                } else {
+                    run_cpu(&kernel, &buffers);
+                }
+                for (r, &t) in sorted.iter().enumerate() {
+                    let t = t as usize;
+                    let at = format!("d {d}, row {r} (token {t}), simulated {simulated}");
+                    assert_eq!(&q[r * d..][..d], &x[t * d..][..d], "{at}");
+                    assert_eq!(&scale[r * g..][..g], &x_scale[t * g..][..g], "{at}: scales");
+                }
             }
         }
     }
