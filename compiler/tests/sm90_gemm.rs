@@ -660,12 +660,16 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     let (dispatch, _) = compound("moe_dispatch_0").expect("routing lowers to launches");
     // The logits' pieces, the selection, the counting sort.
     assert_eq!(dispatch.steps.len(), 3);
-    // The MoE grouped GEMMs: gathered gate|up over 257 groups (256 routed + 1 shared), then the
-    // down projection scattering into the residual.
-    let (gate_up, _) = compound("moe_gate_up_quantize_0").expect("the gate/up grouped GEMM");
-    let StepKernel::Gemm(g) = &gate_up.steps[0].kernel else { panic!("a GEMM") };
+    // The MoE grouped GEMMs: the tokens' rows copied into expert order, the contiguous gate|up over
+    // 257 groups (256 routed + 1 shared), then the down projection scattering into the residual.
+    let (gate_up, picks) = compound("moe_gate_up_quantize_0").expect("the gate/up grouped GEMM");
+    let StepKernel::Row(copy) = &gate_up.steps[0].kernel else { panic!("a row kernel") };
+    assert_eq!(copy.kernel_name(), "rows_gatherfp8_d7168_t256");
+    let StepKernel::Gemm(g) = &gate_up.steps[1].kernel else { panic!("a GEMM") };
     let gr = g.grouped.as_ref().unwrap();
     assert_eq!((g.n, g.k, gr.groups, gr.routed, gr.weights.len()), (4096, 7168, 257, 256, 2));
+    assert_eq!(gr.grouping, v3c_compiler::conversion::sm90::gemm::GemmGrouping::Contiguous);
+    assert!(picks[1].as_ref().unwrap()[0].ends_with("_contig"), "{:?}", picks[1]);
     let (down, picks) = compound("moe_down_0").expect("the down grouped GEMM");
     let StepKernel::Gemm(g) = &down.steps[1].kernel else { panic!("a GEMM") };
     assert!(g.grouped.as_ref().unwrap().scatter && g.grouped.as_ref().unwrap().row_scale.is_some());

@@ -38,6 +38,8 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::SiluMul { quantize: true }, 18432, "f32"),
         RowKernel::new(RowOp::SiluMul { quantize: false }, 2048, "f32"),
         RowKernel::new(RowOp::Copy, 7168, "f32"),
+        // The fp8 MoE gate/up's rows copied into expert order.
+        RowKernel::new(RowOp::GatherFp8, 7168, "f32"),
         // Routing: decode's logits 4 tokens a block and its selection one, prefill's 8.
         RowKernel::new(RowOp::RouteLogits { experts: 256, tokens: 4 }, 7168, "bf16"),
         RowKernel::new(RowOp::RouteLogits { experts: 256, tokens: 8 }, 7168, "bf16"),
@@ -215,6 +217,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             | RowOp::MlaKeys { .. }
             | RowOp::MlaLengths
             | RowOp::Fp8Latent
+            | RowOp::GatherFp8
             | RowOp::MlaQueries { .. } => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase")
             }
