@@ -412,7 +412,7 @@ fn tuning_covers_the_training_step() {
     let kernels: Vec<&str> =
         manifest["problems"].as_array().unwrap().iter().map(|p| p["kernel"].as_str().unwrap()).collect();
     for want in [
-        "grouped gather fp8->f32 n48 k96 e8+0 top3 +b1x128",
+        "grouped contig fp8->f32 n48 k96 e8+0 top3 +b1x128",
         "grouped contig fp8->f32 n96 k48 e8+0 top3 +rowscale +b1x128",
         "grouped contig fp8->f32 n48 k96 e8+0 top3 +b1x128",
         "wgrad fp8->f32 m96 n48",

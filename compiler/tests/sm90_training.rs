@@ -230,7 +230,8 @@ fn the_training_step_through_its_sm90a_launches_equals_the_cpu_backend() {
 
 /// DeepSeek-V3's FP8 recipe: Fprop and Dgrad through the fp8 GEMM template's launches, the
 /// quantizers and Wgrad through their row kernels; the routed experts' forward through the grouped
-/// fp8 GEMM template (gathered gate/up, down over the sorted pairs) and its pair rows.
+/// fp8 GEMM template (gate/up over the pairs' token rows copied into expert order, down over the
+/// sorted pairs) and its pair rows.
 /// A short window's whole step gives the CPU backend's; with more tokens than one 128-token group
 /// kernel by kernel on the same inputs (whole, e4m3 rounding turns last-bit differences upstream —
 /// the norms' tree sums — into 1e-2 ones downstream, as between the CPU backend and the reference).
@@ -314,7 +315,7 @@ fn the_sm90a_training_artifact_emulated_equals_the_cpu_backend() {
                 let signatures: Vec<&str> =
                     artifact.manifest.tuning.choices.iter().map(|c| c.signature.as_str()).collect();
                 for want in [
-                    "grouped gather fp8->f32 n48 k96 e8+0 top3 +b1x128",
+                    "grouped contig fp8->f32 n48 k96 e8+0 top3 +b1x128",
                     "grouped contig fp8->f32 n96 k48 e8+0 top3 +rowscale +b1x128",
                 ] {
                     assert!(signatures.contains(&want), "{want}: {signatures:?}");

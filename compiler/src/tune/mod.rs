@@ -757,11 +757,14 @@ mod tests {
         assert!(candidates(&down, &h200.target).iter().all(|c| c.scatter && c.row_scale));
         assert!(down.signature().ends_with("+rowscale +scatter"), "{}", down.signature());
         // The training experts' GEMMs over the blocks a step quantizes: per-row B scales, keyed apart.
-        let g = GroupedProblem { shared: 0, b_row_scales: true, ..s.grouped.unwrap() };
+        let g =
+            GroupedProblem { shared: 0, b_row_scales: true, grouping: GemmGrouping::Contiguous, ..s.grouped.unwrap() };
         let train = GemmShape { grouped: Some(g), ..shape(4096, 2048, 7168) };
-        assert_eq!(train.signature(), "grouped gather fp8->f32 n2048 k7168 e256+0 top8 +b1x128");
+        assert_eq!(train.signature(), "grouped contig fp8->f32 n2048 k7168 e256+0 top8 +b1x128");
         let all = candidates(&train, &h200.target);
-        assert!(!all.is_empty() && all.iter().all(|c| c.b_row_scales && c.grouping == GemmGrouping::Gather));
+        assert!(!all.is_empty() && all.iter().all(|c| c.b_row_scales && c.grouping == GemmGrouping::Contiguous));
+        let gathered = GemmShape { grouped: Some(GroupedProblem { grouping: GemmGrouping::Gather, ..g }), ..train };
+        assert_eq!(gathered.signature(), "grouped gather fp8->f32 n2048 k7168 e256+0 top8 +b1x128");
     }
 
     /// A grouped GEMM takes its database winner, and not a dense GEMM's filed under its signature.
