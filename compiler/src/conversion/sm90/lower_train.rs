@@ -777,8 +777,6 @@ impl Experts {
         self.row(TrainRow::PairRows { k }, k, vec![pairs, w, tok, wt, pos]);
         self.sorted = Some((offsets, tok));
         let (g, u, gu) = (self.per_pair(inter, "f32"), self.per_pair(inter, "f32"), self.per_pair(2 * inter, "f32"));
-        // Each weight's blocks made as its GEMM reads them: one set live at a time (the
-        // temporaries of launches that do not overlap share bytes).
         // The pairs' token rows copied into expert order (`tok [P, 1]`: one slot a row), read by
         // contiguous grouped GEMMs — gathering each row by TMA in the GEMM ran at a fifth of their
         // speed on the H200 (92 against 430-473 TFLOP/s).
@@ -787,6 +785,8 @@ impl Experts {
             kernel: StepKernel::Row(RowKernel::new(RowOp::GatherFp8, d, "f32")),
             operands: vec![xq, xs, tok, xq_sorted, xs_sorted],
         });
+        // Each weight's blocks made as its GEMM reads them: one set live at a time (the
+        // temporaries of launches that do not overlap share bytes).
         let gate = self.blocks(gate, inter, d, false);
         self.gemm("gate", Contiguous, (xq_sorted, xs_sorted), gate, (inter, d), None, g);
         let up = self.blocks(up, inter, d, false);
