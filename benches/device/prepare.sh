@@ -9,9 +9,10 @@ cargo build --release -q -p v3c-runtime -p v3c-compiler
 rm -rf .device/gemm && mkdir -p .device/gemm
 cp target/release/v3r .device/
 # GEMM template kernels: bf16 and fp8 block-scaled, f32 and bf16 outputs (plain forms), then the
-# scheduling variants, then the four kernels `v3c compile --target sm_90a` picks for the full model with
-# the cost model (H200; decode: 64-row tiles, split K for the MLA projections; prefill: two consumers +
-# producer; +residual),
+# scheduling variants, then kernels `v3c compile --target sm_90a` picked for the full model with the cost
+# model before its H200 run-1 fit (decode: 64-row tiles, split K for the MLA projections; prefill: two
+# consumers + producer; +residual) and the fitted model's picks (prefill: 128x64 tiles, two consumers, no
+# producer, two blocks an SM; decode's o_proj split K; bf16 prefill 128x256),
 # then the grouped (MoE) forms: gathered tokens, contiguous sorted rows (the fp8 gate/up's prefill
 # kernel; with routing weights), masked;
 # then fp8 outputs (1x128 scales written by the epilogue), then a cluster of two (B multicast).
@@ -19,6 +20,7 @@ for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_6
   gemm_bf16_bf16_128x128x64_s4_wg2_ws_persist_r8 gemm_bf16_f32_64x128x64_s6_splitk \
   gemm_fp8_f32_64x64x128_s5_splitk gemm_fp8_f32_256x64x128_s5_wg2_ws \
   gemm_fp8_f32_64x64x128_s8_res gemm_fp8_f32_128x128x128_s5_wg2_ws_res \
+  gemm_fp8_f32_128x64x128_s4_wg2 gemm_fp8_f32_64x64x128_s5_splitk_res gemm_bf16_f32_128x256x64_s4_wg2_ws \
   gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_gather gemm_fp8_f32_128x128x128_s3_wg2_ws_persist_contig \
   gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale \
   gemm_fp8_f32_64x128x128_s8_ws_masked_rowscale gemm_bf16_bf16_128x128x64_s6_wg2_ws_gather_swiglu \
