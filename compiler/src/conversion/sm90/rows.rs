@@ -1403,6 +1403,59 @@ scf.if %mine {{
         phases
     }
 
+    /// The gather's copy of token `%tok`'s e4m3 row into row `%row` of `%q`. On the GPU, 16 bytes
+    /// a thread a step (one `ld.global.v4` and one `st.global.v4`) when the rows are whole
+    /// 16-byte chunks and both buffers start on 16 bytes, else (and on the CPU) a byte a step:
+    /// a warp's 32 bytes, a sector, a step — 16x the instructions.
+    fn gather_bytes(&self, lowering: Lowering) -> String {
+        let bytewise = |indent: &str| {
+            format!(
+                "{indent}scf.for %i = %tid to %cD step %cT {{
+{indent}  %v = memref.load %x[%tok, %i] : memref<?x?xi8>
+{indent}  memref.store %v, %q[%row, %i] : memref<?x?xi8>
+{indent}}}
+"
+            )
+        };
+        if lowering == Lowering::Cpu || !self.d.is_multiple_of(16) {
+            return bytewise("");
+        }
+        format!(
+            "%gx_base = memref.extract_aligned_pointer_as_index %x : memref<?x?xi8> -> index
+%gq_base = memref.extract_aligned_pointer_as_index %q : memref<?x?xi8> -> index
+%gx_cols = memref.dim %x, %c1g : memref<?x?xi8>
+%gq_cols = memref.dim %q, %c1g : memref<?x?xi8>
+%c16g = arith.constant 16 : index
+%gx_or = arith.ori %gx_base, %gq_base : index
+%gx_or2 = arith.ori %gx_or, %gx_cols : index
+%gx_or3 = arith.ori %gx_or2, %gq_cols : index
+%gx_mis = arith.remui %gx_or3, %c16g : index
+%g_vec = arith.cmpi eq, %gx_mis, %c0 : index
+scf.if %g_vec {{
+  %gx_row = arith.muli %tok, %gx_cols : index
+  %gx_src = arith.addi %gx_base, %gx_row : index
+  %gq_row = arith.muli %row, %gq_cols : index
+  %gq_dst = arith.addi %gq_base, %gq_row : index
+  %cChunks = arith.constant {chunks} : index
+  scf.for %ch = %tid to %cChunks step %cT {{
+    %ch_off = arith.muli %ch, %c16g : index
+    %ch_src = arith.addi %gx_src, %ch_off : index
+    %ch_dst = arith.addi %gq_dst, %ch_off : index
+    %ch_src64 = arith.index_cast %ch_src : index to i64
+    %ch_dst64 = arith.index_cast %ch_dst : index to i64
+    %ch_sp = llvm.inttoptr %ch_src64 : i64 to !llvm.ptr<1>
+    %ch_dp = llvm.inttoptr %ch_dst64 : i64 to !llvm.ptr<1>
+    %ch_v = llvm.load %ch_sp {{alignment = 16 : i64}} : !llvm.ptr<1> -> vector<4xi32>
+    llvm.store %ch_v, %ch_dp {{alignment = 16 : i64}} : vector<4xi32>, !llvm.ptr<1>
+  }}
+}} else {{
+{}}}
+",
+            bytewise("  "),
+            chunks = self.d / 16,
+        )
+    }
+
     /// The per-thread bodies, in order; a barrier separates consecutive phases.
     fn phases(&self, lowering: Lowering) -> Vec<String> {
         let sh = |name: &str| self.shared_type(name, lowering);
@@ -2481,16 +2534,13 @@ scf.for %i = %tid to %cD step %cT {{
 %tok_i = memref.load %sorted[%s_tok, %s_slot] : memref<?x?xi32>
 %tok = arith.index_cast %tok_i : i32 to index
 %cGroups = arith.constant {groups} : index
-scf.for %i = %tid to %cD step %cT {{
-  %v = memref.load %x[%tok, %i] : memref<?x?xi8>
-  memref.store %v, %q[%row, %i] : memref<?x?xi8>
-}}
-scf.for %g = %tid to %cGroups step %cT {{
+{bytes}scf.for %g = %tid to %cGroups step %cT {{
   %s = memref.load %x_scale[%tok, %g] : memref<?x?xf32>
   memref.store %s, %scale[%row, %g] : memref<?x?xf32>
 }}
 ",
-                groups = self.groups()
+                groups = self.groups(),
+                bytes = self.gather_bytes(lowering),
             )],
             RowOp::Copy => vec!["scf.for %i = %tid to %cD step %cT {
   %v = memref.load %x[%row, %i] : memref<?x?xf32>
@@ -4434,38 +4484,51 @@ mod tests {
     }
 
     /// The fp8 MoE's rows in expert order: each sorted row its token's e4m3 bytes and scales as
-    /// they are, through the CPU lowering and the PTX simulated (every access inside the buffers),
-    /// tokens repeated (a token in several experts) and out of order as a dispatch sorts them; rows
-    /// of whole 128-column groups and of a ragged last group.
+    /// they are, through the CPU lowering and the PTX simulated (every access inside the buffers,
+    /// each vector access aligned), tokens repeated (a token in several experts) and out of order
+    /// as a dispatch sorts them; rows of whole 128-column groups and of a ragged last group; the
+    /// tokens' rows starting on 16 bytes (the GPU copies 16 bytes a thread a step) and one byte
+    /// past (a byte a step).
     #[test]
     fn fp8_rows_gather_into_expert_order() {
         let (tokens, width) = (5, 3);
         let mut sorted: Vec<i32> = vec![4, 0, 2, 1, 1, 3, 0, 4, 2, 3, 3, 0, 2, 4, 1];
         assert_eq!(sorted.len(), tokens * width);
-        for d in [256usize, 200] {
+        for (d, shift) in [(256usize, 0usize), (256, 1), (200, 0)] {
             let g = d.div_ceil(128);
             let kernel = RowKernel::new(RowOp::GatherFp8, d, "f32");
             assert_eq!(RowKernel::from_name(&kernel.kernel_name()).as_ref(), Some(&kernel));
-            let mut x: Vec<u8> = (0..tokens * d).map(|i| (i * 7 + i / d) as u8).collect();
+            // 16 bytes more than the rows, so that they can start on 16 bytes, or one past.
+            let mut backing: Vec<u8> = vec![0; tokens * d + 16];
+            let skip = (16 - backing.as_ptr() as usize % 16) % 16 + shift;
+            let x = &mut backing[skip..][..tokens * d];
+            for (i, b) in x.iter_mut().enumerate() {
+                *b = (i * 7 + i / d) as u8;
+            }
             let mut x_scale: Vec<f32> = (0..tokens * g).map(|i| 0.5 + i as f32).collect();
             for simulated in [false, true] {
                 let rows = tokens * width;
                 let (mut q, mut scale) = (vec![0x7fu8; rows * d], vec![f32::NAN; rows * g]);
                 let buffers = [
-                    raw(&mut x, &[tokens, d], "i8"),
+                    raw(x, &[tokens, d], "i8"),
                     raw(&mut x_scale, &[tokens, g], "f32"),
                     raw(&mut sorted, &[tokens, width], "i32"),
                     raw(&mut q, &[rows, d], "i8"),
                     raw(&mut scale, &[rows, g], "f32"),
                 ];
                 if simulated {
-                    run_simulated(&kernel, &buffers, rows);
+                    let stats = run_simulated(&kernel, &buffers, rows);
+                    // A row of 256 bytes: 16 chunks of 16 for its first 16 threads, against a byte
+                    // for each of 256 threads.
+                    let vector = d % 16 == 0 && shift == 0 && q.as_ptr() as usize % 16 == 0;
+                    let bytes = stats.accesses.values().filter(|a| !a.shared && a.text.contains(".b8")).count();
+                    assert_eq!(bytes == 0, vector, "d {d}, shift {shift}: {:?}", stats.accesses);
                 } else {
                     run_cpu(&kernel, &buffers);
                 }
                 for (r, &t) in sorted.iter().enumerate() {
                     let t = t as usize;
-                    let at = format!("d {d}, row {r} (token {t}), simulated {simulated}");
+                    let at = format!("d {d}, shift {shift}, row {r} (token {t}), simulated {simulated}");
                     assert_eq!(&q[r * d..][..d], &x[t * d..][..d], "{at}");
                     assert_eq!(&scale[r * g..][..g], &x_scale[t * g..][..g], "{at}: scales");
                 }
