@@ -1218,13 +1218,6 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         }
         if self.fp8() {
             t.push_str(&self.scale_rows());
-            // The first K tile's scales (clamped into the scale columns: a split past K has none).
-            t.push_str(
-                "    %s_kcols = memref.dim %a_scale, %c1 : memref<?x?xf32>
-    %s_klast = arith.subi %s_kcols, %c1 : index
-    %kt_s0 = arith.minui %kt0, %s_klast : index\n",
-            );
-            t.push_str(&self.scale_loads("%kt_s0", "_p"));
         }
         let _ = writeln!(t, "    %frag0 = llvm.mlir.poison : {frag}");
         for e in 0..frag_n {
@@ -1235,13 +1228,6 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         iter_args.push("%i = %it".into());
         let mut types = vec![frag.clone(); m_tiles];
         types.push("index".into());
-        // fp8: each K tile's scales are loaded one tile ahead (carried), so their latency overlaps
-        // a whole K tile rather than only its wait and wgmma chain.
-        let scales = self.carried_scales();
-        for s in &scales {
-            iter_args.push(format!("{s} = {s}_p"));
-            types.push("f32".into());
-        }
         // The stage's operand addresses broadcast from lane 0 (`shfl.sync.idx`): ptxas then keeps
         // their wgmma descriptors in uniform registers; from the loop-carried stage counter (and
         // the consumer's `%tid / 128`) it built them in vector registers and moved each to uniform
@@ -1261,16 +1247,10 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
       %a_addr_t = arith.addi %stage_addr, %wg_a64 : i64
       %b_addr_t = arith.addi %stage_addr, %c{a_bytes}_i64 : i64
 {}",
-            types.len(),
+            m_tiles + 1,
             iter_args.join(", "),
             types.join(", "),
-            if self.fp8() {
-                "      %kt_n = arith.addi %kt, %c1 : index\n      %kt_s = arith.minui %kt_n, %s_klast : index\n"
-                    .to_string()
-                    + &self.scale_loads("%kt_s", "_nx")
-            } else {
-                String::new()
-            },
+            if self.fp8() { self.scale_loads() } else { String::new() },
             indent(&(lane0_broadcast("%a_addr", "%a_addr_t") + &lane0_broadcast("%b_addr", "%b_addr_t")), 6),
         );
         let results = self.mainloop_body(&mut t, &accs);
@@ -1303,10 +1283,9 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         let _ = writeln!(
             t,
             "      %i_next = arith.addi %i, %c1 : index
-      scf.yield {}, %i_next{} : {}
+      scf.yield {}, %i_next : {}
     }}",
             results.join(", "),
-            scales.iter().map(|s| format!(", {s}_nx")).collect::<String>(),
             types.join(", ")
         );
         t.push_str(&indent(&self.epilogue(), 4));
@@ -1349,32 +1328,18 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         t
     }
 
-    /// fp8: the scales the main loop carries from one K tile to the next (A's per accumulator
-    /// row, and B's one per tile unless B's scales are per row); empty for bf16.
-    fn carried_scales(&self) -> Vec<String> {
-        if !self.fp8() {
-            return Vec::new();
-        }
-        let mut names: Vec<String> =
-            (0..self.c.row_tiles()).flat_map(|i| (0..2).map(move |h| format!("%sa{i}_{h}"))).collect();
-        if !self.c.b_row_scales {
-            names.push("%sb".into());
-        }
-        names
-    }
-
-    /// fp8: K tile `kt`'s scales (A's, and B's one per tile) as the [`Self::carried_scales`]
-    /// names with `suffix`; the main loop loads the next tile's while it works on this one, so
-    /// their latency hides behind a whole K tile. Rows past A (not loaded) scale by zero.
-    fn scale_loads(&self, kt: &str, suffix: &str) -> String {
+    /// fp8: K tile `%kt`'s scales (A's, and B's one per tile), loaded before the wait on its
+    /// stage so that their latency overlaps the wait and the wgmma chain (they are used after
+    /// it); rows past A (not loaded) scale by zero.
+    fn scale_loads(&self) -> String {
         let c = &self.c;
         let mut t = String::new();
         for i in 0..c.row_tiles() {
             for h in 0..2 {
                 let _ = writeln!(
                     t,
-                    "      %sa{i}_{h}{suffix} = scf.if %sr{i}_{h}_in -> (f32) {{
-        %v = memref.load %a_scale[%sr{i}_{h}, {kt}] : memref<?x?xf32>
+                    "      %sa{i}_{h} = scf.if %sr{i}_{h}_in -> (f32) {{
+        %v = memref.load %a_scale[%sr{i}_{h}, %kt] : memref<?x?xf32>
         scf.yield %v : f32
       }} else {{
         scf.yield %zero : f32
@@ -1383,7 +1348,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             }
         }
         if !c.b_row_scales {
-            let _ = writeln!(t, "      %sb{suffix} = memref.load %b_scale[%nb, {kt}] : memref<?x?xf32>");
+            t.push_str("      %sb = memref.load %b_scale[%nb, %kt] : memref<?x?xf32>\n");
         }
         t
     }
