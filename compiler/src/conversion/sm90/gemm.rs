@@ -1240,7 +1240,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
       %par = arith.remui %round, %c2 : index
       %parity = arith.index_cast %par : index to i1
       %kt = arith.addi %kt0, %j : index
-{}      nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
+      nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
       %a_off = arith.muli %st, %c{tx} : index
       %a_off64 = arith.index_cast %a_off : index to i64
       %stage_addr = arith.addi %smem_base, %a_off64 : i64
@@ -1250,7 +1250,6 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             m_tiles + 1,
             iter_args.join(", "),
             types.join(", "),
-            if self.fp8() { self.scale_loads() } else { String::new() },
             indent(&(lane0_broadcast("%a_addr", "%a_addr_t") + &lane0_broadcast("%b_addr", "%b_addr_t")), 6),
         );
         let results = self.mainloop_body(&mut t, &accs);
@@ -1328,9 +1327,10 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         t
     }
 
-    /// fp8: K tile `%kt`'s scales (A's, and B's one per tile), loaded before the wait on its
-    /// stage so that their latency overlaps the wait and the wgmma chain (they are used after
-    /// it); rows past A (not loaded) scale by zero.
+    /// fp8: K tile `%kt`'s scales (A's, and B's one per tile), loaded once the tile's wgmma chain
+    /// is issued, before its wait, so that their latency overlaps the chain; rows past A (not
+    /// loaded) scale by zero. (Loaded before the stage's wait instead, ptxas scheduled the scales'
+    /// product ahead of the chain's first wgmma, which then waited for the loads.)
     fn scale_loads(&self) -> String {
         let c = &self.c;
         let mut t = String::new();
@@ -1419,12 +1419,16 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 *cur_i = out;
             }
         }
-        let _ = writeln!(t, "      nvvm.wgmma.commit.group.sync.aligned\n      nvvm.wgmma.wait.group.sync.aligned 0");
+        let _ = writeln!(t, "      nvvm.wgmma.commit.group.sync.aligned");
+        if fp8 {
+            t.push_str(&self.scale_loads());
+        }
+        let _ = writeln!(t, "      nvvm.wgmma.wait.group.sync.aligned 0");
         if !fp8 {
             return cur;
         }
         // fp8 promotion: main += block * a_scale[row, kt] * b_scale[col0 / 128, kt] (per row of B:
-        // b_scale[col, kt]), with the scales `scale_loads` fetched before the wait.
+        // b_scale[col, kt]), with the scales `scale_loads` fetched during the chain.
         if c.b_row_scales {
             t.push_str(&self.b_row_scale_loads());
         }
