@@ -253,8 +253,8 @@ pub struct Estimate {
 const LAUNCH_US: f64 = 4.0;
 const UNIT_US: f64 = 1.0;
 /// Split K's cost per split: the last unit of a tile reads every split's partial tile back from
-/// the workspace after the counter's fence (H200 run 1: split-K decode GEMMs took 7-19 us more
-/// than their K tiles).
+/// the workspace after the counter's fence (H200 run 1: the split-K decode GEMMs took 7-19 us more
+/// than this model gives them with a flat 2 us).
 const SPLIT_US: f64 = 2.0;
 /// How many times its fair share of DRAM bandwidth one SM can pull when few are streaming.
 const SM_BANDWIDTH_SHARE: f64 = 2.5;
@@ -274,7 +274,7 @@ pub(crate) fn wgmma_width_efficiency(n: usize) -> f64 {
 /// measurements of the template (`benches/device/RESULTS.md`, the test
 /// `the_cost_model_follows_h200_run_1`): fp8 prefill tiles peaked at 668-840 TFLOP/s (0.34-0.42 of
 /// the dense peak), bf16's at 663 (0.67); decode's 64x64 fp8 tiles took ~465 ns a K tile alone on
-/// an SM. A roofline at the peak's share was 1.3-2.7x off.
+/// an SM. A roofline at the peak's share was 1.15-2.12x off (median 1.88x), every estimate too fast.
 const SERIAL_NS: f64 = 240.0;
 const PROMOTION_NS_PER_VALUE: f64 = 5.0;
 /// How fast an SM's rings fill from L2 (GB/s): the most run 1 saw, bf16 128x128x64 tiles at 663
@@ -336,7 +336,6 @@ pub fn estimate(shape: &GemmShape, config: &GemmConfig, device: &DeviceModel) ->
     let tiles = tiles_m * tiles_n;
     let splits = if c.split_k { sms.div_ceil(tiles).clamp(1, k_tiles) } else { 1 };
     let units = tiles * splits;
-    // Blocks per SM: shared memory bounds it (the ring is most of it), then threads.
     let per_sm = blocks_per_sm(c, &device.target);
     let slots = sms * per_sm;
     let waves = units.div_ceil(slots);
