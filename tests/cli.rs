@@ -1616,7 +1616,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         (
             "attention_decode_quantize_0",
             "5 launches: rows_mlaabsorbmma_h128_n128_r64_v128_kv512_t128 -> rows_mlalengths_t32 -> \
-             mla_decode_kv512_r64_p64_s2_cl2 (128 heads, split K, tensor cores) -> rows_mlacombine_d512_t64",
+             mla_decode_kv512_r64_p64_s2_cl2 (128 heads, split K, tensor cores) -> rows_mlacombine_d512_t512",
         ),
         (
             "attention_quantize_0",

@@ -64,7 +64,7 @@ done
 # at the depths the cost model picks (4, 3, 3, 4) and at 2.
 rm -rf .device/mla && mkdir -p .device/mla
 for k in mla_decode_kv512_r64_p64_s2 mla_decode_kv512_r64_p64_s2_fp8 mla_decode_kv512_r64_p64_s2_cl2 \
-  mla_decode_kv512_r64_p64_s2_cl2_fp8 rows_mlacombine_d512_t64 mla_prefill_qk192_v128_s2 \
+  mla_decode_kv512_r64_p64_s2_cl2_fp8 rows_mlacombine_d512_t512 mla_prefill_qk192_v128_s2 \
   mla_prefill_qk192_v128_s4 mla_prefill_qk192_v128_s2_lse mla_gradq_qk192_v128_s2 mla_gradk_qk192_v128_s2 \
   mla_gradv_qk192_v128_s2 mla_prefill_qk192_v128_s4_lse mla_gradq_qk192_v128_s3 mla_gradk_qk192_v128_s3 \
   mla_gradv_qk192_v128_s4; do

@@ -647,7 +647,7 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
             "rows_mlaabsorbmma_h128_n128_r64_v128_kv512_t128",
             "rows_mlalengths_t32",
             "mla_decode_kv512_r64_p64_s2_cl2",
-            "rows_mlacombine_d512_t64",
+            "rows_mlacombine_d512_t512",
             "rows_mlaupvmma_h128_n128_v128_kv512_t128",
         ]
     );

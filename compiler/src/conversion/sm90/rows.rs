@@ -43,6 +43,8 @@ pub const PAGE_ROWS: usize = 64;
 /// Tokens one block of decode's per-head rows ([`RowOp::MlaAbsorb`], [`RowOp::MlaUpV`]) takes: each
 /// of the head's kv_b weights is read once for all of them.
 pub const HEAD_TOKENS: usize = 8;
+/// Splits the combine ([`RowOp::MlaCombine`]) reads at a time: a thread's loads in flight.
+const COMBINE_SPLITS: usize = 8;
 /// Static shared memory a CTA may declare without opting in.
 const STATIC_SHARED_LIMIT: usize = 48 * 1024;
 
@@ -163,7 +165,8 @@ pub enum RowOp {
     /// The combine step of split-K attention ([`super::mla`]): per row, the splits' normalized
     /// outputs `o_part [splits, rows, d]` weighted by `exp(lse_z - max_z lse_z)` (`lse [splits,
     /// rows]`, natural log, `-inf` for a split without keys) over the weights' sum, into `out
-    /// [rows, d]`; a row no split saw is zeros.
+    /// [rows, d]`; a row no split saw is zeros. A thread per column (the block as wide as the
+    /// row, up to 512), the splits read 8 at a time.
     MlaCombine,
     /// MLA prefill on the tensor cores (the naive form), its keys and values: one block per latent
     /// row s of `kv [S, heads * (nope + v)]` (the kv_b up-projection of the cache's latent, f32)
@@ -250,6 +253,9 @@ impl RowKernel {
             // A warp per token selects; the logits' tiles are loaded by all.
             RowOp::Route { .. } | RowOp::RouteLogits { .. } => 256,
             RowOp::Train(op) => op.threads(d),
+            // A thread per column: batch-1 decode's few rows (128 a sequence) over many splits
+            // keep the SMs' loads in flight only with wide blocks.
+            RowOp::MlaCombine => d.next_power_of_two().clamp(32, 512),
             _ => (d / 8).next_power_of_two().clamp(32, 256),
         };
         RowKernel { op, d, weight: weight.to_string(), threads }
@@ -2487,43 +2493,90 @@ scf.if %first {{
                 phases
             }
             RowOp::MlaCombine => {
-                // The splits' maximum and weight sum (every thread: splits are few), then per column
-                // the weighted sum in split order.
-                let weight = |out: &str| {
-                    format!(
-                        "  %l = memref.load %lse[%z, %row] : memref<?x?xf32>
-  %dl = arith.subf %l, %mx : f32
-{}",
-                        exp(lowering, "%dl", out)
-                    )
-                };
+                // A thread per column (the block as wide as the row, up to 512): the splits' maximum,
+                // then per column the weighted sum and the weights' sum in split order. The splits
+                // are read COMBINE_SPLITS at a time: their loads (each behind its bounds check) are
+                // all issued before the first is used, so a thread has that many in flight where
+                // a loop over the splits would wait for each.
+                let u = COMBINE_SPLITS;
+                let mut max_loads = String::new();
+                let mut col_loads = String::new();
+                let mut col_sums = String::new();
+                for k in 0..u {
+                    let prev = if k == 0 { "%m".to_string() } else { format!("%mm{}", k - 1) };
+                    let _ = write!(
+                        max_loads,
+                        "  %mz{k} = arith.addi %z0, %c{k}_u : index
+  %min{k} = arith.cmpi ult, %mz{k}, %splits : index
+  %ml{k} = scf.if %min{k} -> (f32) {{
+    %v = memref.load %lse[%mz{k}, %row] : memref<?x?xf32>
+    scf.yield %v : f32
+  }} else {{
+    scf.yield %ninf : f32
+  }}
+  %mm{k} = arith.maximumf {prev}, %ml{k} : f32
+"
+                    );
+                    let _ = write!(
+                        col_loads,
+                        "    %cz{k} = arith.addi %z0, %c{k}_u : index
+    %cin{k} = arith.cmpi ult, %cz{k}, %splits : index
+    %cv{k}:2 = scf.if %cin{k} -> (f32, f32) {{
+      %l = memref.load %lse[%cz{k}, %row] : memref<?x?xf32>
+      %o = memref.load %o_part[%cz{k}, %row, %i] : memref<?x?x?xf32>
+      scf.yield %l, %o : f32, f32
+    }} else {{
+      scf.yield %none, %none : f32, f32
+    }}
+"
+                    );
+                    let (a, s) = if k == 0 {
+                        ("%a".to_string(), "%s".to_string())
+                    } else {
+                        (format!("%a{}", k - 1), format!("%s{}", k - 1))
+                    };
+                    let weight = exp(lowering, &format!("%cd{k}"), &format!("%ce{k}"));
+                    // A split past the last leaves the sums as they are (its values, never read from
+                    // memory, are poison: no default is moved into the loads' registers).
+                    let _ = write!(
+                        col_sums,
+                        "    %cd{k} = arith.subf %cv{k}#0, %mx : f32
+{weight}    %ceo{k} = arith.mulf %ce{k}, %cv{k}#1 : f32
+    %ca{k} = arith.addf {a}, %ceo{k} : f32
+    %cs{k} = arith.addf {s}, %ce{k} : f32
+    %a{k} = arith.select %cin{k}, %ca{k}, {a} : f32
+    %s{k} = arith.select %cin{k}, %cs{k}, {s} : f32
+",
+                        weight = indent2(&indent2(&weight)),
+                    );
+                }
+                let consts: String = (0..u)
+                    .map(|k| {
+                        format!(
+                            "%c{k}_u = arith.constant {k} : index
+"
+                        )
+                    })
+                    .collect();
                 vec![format!(
                     "%ninf = arith.constant 0xFF800000 : f32
+%none = llvm.mlir.poison : f32
 %splits = memref.dim %lse, %c0 : memref<?x?xf32>
-%mx = scf.for %z = %c0 to %splits step %c1 iter_args(%m = %ninf) -> (f32) {{
-  %l = memref.load %lse[%z, %row] : memref<?x?xf32>
-  %m2 = arith.maximumf %m, %l : f32
-  scf.yield %m2 : f32
+%cU = arith.constant {u} : index
+{consts}%mx = scf.for %z0 = %c0 to %splits step %cU iter_args(%m = %ninf) -> (f32) {{
+{max_loads}  scf.yield %mm{last} : f32
 }}
 %seen = arith.cmpf ogt, %mx, %ninf : f32
-%wsum = scf.for %z = %c0 to %splits step %c1 iter_args(%s = %zero) -> (f32) {{
-{w_sum}  %s2 = arith.addf %s, %e : f32
-  scf.yield %s2 : f32
-}}
 scf.for %i = %tid to %cD step %cT {{
-  %acc = scf.for %z = %c0 to %splits step %c1 iter_args(%a = %zero) -> (f32) {{
-{w_col}    %o = memref.load %o_part[%z, %row, %i] : memref<?x?x?xf32>
-    %eo = arith.mulf %e, %o : f32
-    %a2 = arith.addf %a, %eo : f32
-    scf.yield %a2 : f32
+  %acc:2 = scf.for %z0 = %c0 to %splits step %cU iter_args(%a = %zero, %s = %zero) -> (f32, f32) {{
+{col_loads}{col_sums}    scf.yield %a{last}, %s{last} : f32, f32
   }}
-  %y0 = arith.divf %acc, %wsum : f32
+  %y0 = arith.divf %acc#0, %acc#1 : f32
   %y = arith.select %seen, %y0, %zero : f32
   memref.store %y, %out[%row, %i] : memref<?x?xf32>
 }}
 ",
-                    w_sum = weight("%e"),
-                    w_col = indent2(&weight("%e")),
+                    last = u - 1,
                 )]
             }
             RowOp::GatherFp8 => vec![format!(
@@ -4893,58 +4946,78 @@ mod tests {
     }
 
     /// The split-K combine: attention over keys cut into splits (empty ones included: lse -inf,
-    /// zeros), each split's softmax-normalized output and log-sum-exp, merged by the CPU lowering,
-    /// equals attention over all keys; a row no split saw is zeros.
+    /// zeros), each split's softmax-normalized output and log-sum-exp, merged by the CPU lowering
+    /// and by the PTX simulated, equals attention over all keys; a row no split saw is zeros. The
+    /// splits fill part of one group of 8, spill into a second, or fill two; blocks as wide as the
+    /// row and narrower (several columns a thread).
     #[test]
     fn mla_combine_merges_split_attention() {
         let (rows, d, keys) = (3, 40, 37);
         let scores = values(rows * keys, 60, 8.0);
         let vals = values(keys * d, 61, 2.0);
-        // Splits of keys [0, 10), [10, 10) (empty), [10, 30), [30, 37).
-        let bounds = [(0, 10), (10, 10), (10, 30), (30, 37)];
-        let splits = bounds.len();
-        let (mut o_part, mut lse) = (vec![0f32; splits * rows * d], vec![0f32; splits * rows]);
-        // Row `rows - 1` is seen by no split.
-        for (z, &(k0, k1)) in bounds.iter().enumerate() {
-            for r in 0..rows {
-                let at = z * rows + r;
-                if k0 == k1 || r == rows - 1 {
-                    lse[at] = f32::NEG_INFINITY;
-                    continue;
-                }
-                let s = &scores[r * keys..(r + 1) * keys];
-                let m = s[k0..k1].iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-                let l: f64 = s[k0..k1].iter().map(|&v| (v as f64 - m).exp()).sum();
-                lse[at] = (m + l.ln()) as f32;
-                for c in 0..d {
-                    let o: f64 = (k0..k1).map(|k| (s[k] as f64 - m).exp() * vals[k * d + c] as f64).sum();
-                    o_part[at * d + c] = (o / l) as f32;
+        // Key cut points: consecutive ones bound a split ([10, 10): empty).
+        let cuts: [&[usize]; 3] = [
+            &[0, 10, 10, 30, 37],
+            &[0, 3, 3, 7, 10, 10, 15, 20, 22, 30, 30, 37],
+            &[0, 2, 5, 5, 8, 11, 14, 17, 20, 23, 26, 26, 29, 32, 34, 36, 37],
+        ];
+        for (cuts, threads) in cuts.into_iter().zip([64, 64, 32]) {
+            let bounds: Vec<(usize, usize)> = cuts.windows(2).map(|w| (w[0], w[1])).collect();
+            let splits = bounds.len();
+            let (mut o_part, mut lse) = (vec![0f32; splits * rows * d], vec![0f32; splits * rows]);
+            // Row `rows - 1` is seen by no split.
+            for (z, &(k0, k1)) in bounds.iter().enumerate() {
+                for r in 0..rows {
+                    let at = z * rows + r;
+                    if k0 == k1 || r == rows - 1 {
+                        lse[at] = f32::NEG_INFINITY;
+                        continue;
+                    }
+                    let s = &scores[r * keys..(r + 1) * keys];
+                    let m = s[k0..k1].iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                    let l: f64 = s[k0..k1].iter().map(|&v| (v as f64 - m).exp()).sum();
+                    lse[at] = (m + l.ln()) as f32;
+                    for c in 0..d {
+                        let o: f64 = (k0..k1).map(|k| (s[k] as f64 - m).exp() * vals[k * d + c] as f64).sum();
+                        o_part[at * d + c] = (o / l) as f32;
+                    }
                 }
             }
-        }
-        let mut out = vec![f32::NAN; rows * d];
-        run_cpu(
-            &RowKernel::new(RowOp::MlaCombine, d, "f32"),
-            &[
-                raw(&mut o_part, &[splits, rows, d], "f32"),
-                raw(&mut lse, &[splits, rows], "f32"),
-                raw(&mut out, &[rows, d], "f32"),
-            ],
-        );
-        for r in 0..rows - 1 {
-            let s = &scores[r * keys..(r + 1) * keys];
-            let m = s.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-            let l: f64 = s.iter().map(|&v| (v as f64 - m).exp()).sum();
-            for c in 0..d {
-                let want: f64 = (0..keys).map(|k| (s[k] as f64 - m).exp() * vals[k * d + c] as f64).sum::<f64>() / l;
-                let got = out[r * d + c] as f64;
-                assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "row {r} col {c}: {got} vs {want}");
+            let kernel = RowKernel { threads, ..RowKernel::new(RowOp::MlaCombine, d, "f32") };
+            for simulated in [false, true] {
+                let mut out = vec![f32::NAN; rows * d];
+                let buffers = [
+                    raw(&mut o_part, &[splits, rows, d], "f32"),
+                    raw(&mut lse, &[splits, rows], "f32"),
+                    raw(&mut out, &[rows, d], "f32"),
+                ];
+                if simulated {
+                    run_simulated(&kernel, &buffers, rows);
+                } else {
+                    run_cpu(&kernel, &buffers);
+                }
+                let at = format!("{splits} splits, {threads} threads, simulated {simulated}");
+                for r in 0..rows - 1 {
+                    let s = &scores[r * keys..(r + 1) * keys];
+                    let m = s.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                    let l: f64 = s.iter().map(|&v| (v as f64 - m).exp()).sum();
+                    for c in 0..d {
+                        let want: f64 =
+                            (0..keys).map(|k| (s[k] as f64 - m).exp() * vals[k * d + c] as f64).sum::<f64>() / l;
+                        let got = out[r * d + c] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{at}: row {r} col {c}: {got} vs {want}"
+                        );
+                    }
+                }
+                assert!(out[(rows - 1) * d..].iter().all(|&v| v == 0.0), "{at}: the unseen row is zeros");
             }
         }
-        assert!(out[(rows - 1) * d..].iter().all(|&v| v == 0.0), "the unseen row is zeros");
         let k = RowKernel::new(RowOp::MlaCombine, 512, "f32");
-        assert_eq!(k.kernel_name(), "rows_mlacombine_d512_t64");
+        assert_eq!(k.kernel_name(), "rows_mlacombine_d512_t512");
         assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k));
+        assert_eq!(RowKernel::new(RowOp::MlaCombine, 40, "f32").threads, 64, "a thread per column");
     }
 
     /// MLA prefill's layout rows around the tensor-core kernel: keys and values (head-major, bf16
