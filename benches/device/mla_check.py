@@ -294,10 +294,14 @@ class Mla:
         grid = (len(lens) * math.ceil(tokens * heads / PAGE), splits)
         keep = (q_map, kv_map, rope_map, cache, o_part, lse)
 
-        def run():
+        def attention():
             self.launch(self.attn, grid, 256, self.smem, args, self.names[0])
+
+        def run():
+            attention()
             self.launch(self.comb, (rows, 1), self.threads_c, 0, cargs, self.names[1])
         run.keep = keep
+        run.attention = attention
         return run, out
 
 
@@ -549,6 +553,8 @@ def check_decode(mla, result, copy):
         else:
             run, out = mla.prepare(q, cache, table, lt, heads, splits, scale)
         ms = median_ms(run)
+        # The attention kernel alone: what of the time the combine takes.
+        attention_ms = median_ms(run.attention)
         spin = {}
         if mla.attn_spin is not None:
             # The kernel waiting without the suspend hint: the same bits, then its time.
@@ -573,12 +579,14 @@ def check_decode(mla, result, copy):
         unique = batch * ctx * row_bytes + q.numel() * 2 + out.numel() * 4
         gbs = unique / (ms * 1e-3) / 1e9
         result.setdefault("timing", {})[f"{attn} {batch}x{ctx}"] = {
-            "batch": batch, "context": ctx, "heads": heads, "splits": splits, "median_ms": ms, "torch_ms": torch_ms,
+            "batch": batch, "context": ctx, "heads": heads, "splits": splits, "median_ms": ms,
+            "attention_ms": attention_ms, "torch_ms": torch_ms,
             "GBps": gbs, "fraction_of_copy": gbs / (copy * 1e3) if copy else None, **spin}
         frac = f", {100 * gbs / (copy * 1e3):.0f}% of copy" if copy else ""
         ab = (f"; without the suspend hint {spin['no_suspend_hint_ms']:.3f} ms, same bits "
               f"{spin['no_suspend_hint_same_bits']}" if spin else "")
         print(f"{attn} + {comb}: batch {batch} x context {ctx}, {heads} heads, {splits} splits: {ms:.3f} ms "
+              f"(attention alone {attention_ms:.3f}) "
               f"({gbs:.0f} GB/s{frac}); torch gather+bmm {torch_ms:.3f} ms ({torch_ms / ms:.2f}x){ab}")
 
 

@@ -63,7 +63,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gemm_check import E4M3_MAX, Driver, memref_args  # noqa: E402
+from gemm_check import E4M3_MAX, Driver, median_ms, memref_args  # noqa: E402
 
 NAME = re.compile(r"^rows_(embed|rmsnorm)_(bf16|f32)_d(\d+)_t(\d+)(?:_eps([0-9a-z]+))?(_y)?(_q)?$")
 SPLITROPE = re.compile(r"^rows_splitrope_h(\d+)_n(\d+)_r(\d+)_t(\d+)(_il)?$")
@@ -731,17 +731,9 @@ def grid(cfg, rows):
 
 
 def median_us(drv, func, cfg, rows, args, reps=50):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for i in range(reps + 5):
-        start.record()
-        drv.launch(func, grid(cfg, rows), cfg["threads"], 0, args, cfg["name"])
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 5:
-            times.append(start.elapsed_time(end) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    """The kernel's median GPU time in µs (`gemm_check.median_ms`: L2 evicted, the host's launch
+    overhead outside the events)."""
+    return 1e3 * median_ms(lambda: drv.launch(func, grid(cfg, rows), cfg["threads"], 0, args, cfg["name"]), reps)
 
 
 def self_test():
