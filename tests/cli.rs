@@ -318,6 +318,11 @@ fn v3r_info_validates_artifacts_file_by_file() {
     let decode = timings["entries"]["decode"].as_array().unwrap();
     assert_eq!(decode.len(), 15, "every kernel of decode");
     assert!(decode.iter().all(|t| t["median_ms"].as_f64().unwrap() > 0.0 && t["launches"].as_u64().unwrap() > 0));
+    // The same without a checkpoint: made-up weights (check.sh times the full-width slice so).
+    let args = ["bench-kernels", art.to_str().unwrap(), "--random-weights", "3", "--reps", "1", "--entry", "decode"];
+    let bench = run_binary("v3r", &args);
+    assert!(bench.status.success(), "{}", text(&bench.stderr));
+    assert!(text(&bench.stdout).starts_with("entry decode: ") && text(&bench.stdout).contains("(15 kernels"));
     // What the plans and the manifest say of the kernels is checked against what the kernels' code
     // says it takes, when `v3r` loads them: a launch bound to a buffer of the launch's shape but
     // another element type (before: a segfault), and a kernel listed with the wrong partitioned flag

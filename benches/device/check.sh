@@ -7,7 +7,7 @@
 # .device/ (git-ignored, ~59 MB) and packs it as .device.tar.xz (~12 MB); carry that (a device call
 # carries 64 MiB with the working tree): this script unpacks it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
 # ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, hf_gpu_*.json (transformers' fixtures), gemm_<kernel>.json, rows_<kernel>.json, mla.json,
-# decode_slice*.json, train_slice_*.json, tuning.json, perplexity.json, shared_serve.jsonl.
+# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), train_slice_*.json, tuning.json, perplexity.json, shared_serve.jsonl.
 #
 # Steps, in this order (correctness first; every step bounded by what is left of 570 s):
 # 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
@@ -27,7 +27,8 @@
 #    4. its kernels timed (`v3r bench-kernels`);
 # 2. the GEMM template kernels vs torch (gemm_check.py: correctness, then TFLOP/s); 2c. the row kernels
 #    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py; training's flash kernels too);
-# 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, a serving
+# 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, its decode
+#    kernels one by one (`v3r bench-kernels`), a serving
 #    load on it (`v3r bench-serve`: requests joining a running batch; and prompts sharing a system
 #    prompt, its rows reused or not), and transformers'
 #    on the same device (hf_decode.py); 5b. training steps of a 2-layer full-width slice (`v3r
@@ -533,6 +534,17 @@ elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"c
     row "5. decode (v3r)" "ok" "$(grep -o 'batch *64[^,]*' "$log" | tail -1)"
   else
     row "5. decode (v3r)" "FAILED" "see check.log"
+  fi
+  # Where a decode step's time goes: each kernel of the decode entry at the plan's 64 x 4096, timed
+  # after an L2-evicting memset (zero inputs: every token routes to the same 8 experts).
+  left=$((570 - SECONDS))
+  if [ "$left" -ge 240 ]; then
+    if timeout 60 "$v3r" bench-kernels "$slice/sm90" --random-weights 1 --entry decode --reps 10 \
+        --out "$out/decode_slice_kernels.json" 2>&1 | tee -a "$log"; then
+      row "5. decode kernels (v3r)" "ok" "$(grep -o 'entry decode: [0-9.]* ms per run' "$log" | tail -1) (decode_slice_kernels.json)"
+    else
+      row "5. decode kernels (v3r)" "FAILED" "see check.log"
+    fi
   fi
   # fp8 decode caches (--kv-cache fp8): the attention streams 656 bytes a cached row instead of 1152.
   left=$((570 - SECONDS))

@@ -798,6 +798,9 @@ impl GpuArtifact {
     /// Times every kernel launch of `entry` at its planned sizes (inputs from
     /// [`crate::cpu::bench_inputs`]): one run first so every buffer holds what it would, then each
     /// launch `reps` times after one warm-up, timed by CUDA events; per kernel, the medians summed.
+    /// Each timed launch follows a 256 MiB memset, as `v3r tune` times candidates: L2 holds none of
+    /// its weights (as in a step, where a layer's weights were last read a step ago), and the
+    /// launch is queued while the memset runs, so the host's launch overhead is not in its time.
     pub fn bench_kernels(&self, entry: &str, reps: usize) -> Result<Vec<crate::cpu::KernelTiming>, String> {
         let plan = self.entry_plan(entry)?;
         let inputs = crate::cpu::bench_inputs(plan)?;
@@ -805,6 +808,7 @@ impl GpuArtifact {
         *self.last_inputs.borrow_mut() = None;
         self.held.borrow_mut().clear();
         let staged = self.stage(plan, &inputs, &[])?;
+        let flush = DeviceBuffer::new(256 << 20, "the L2 flush buffer")?;
         let event = |what: &str| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda(what));
         let (start, end) = (event("cuEventCreate")?, event("cuEventCreate")?);
         let mut per_launch = Vec::new();
@@ -812,8 +816,11 @@ impl GpuArtifact {
             let Action::Kernel(k) = a else { continue };
             let mut times = Vec::with_capacity(reps);
             for rep in 0..=reps {
-                // SAFETY: events and stream of this context.
-                unsafe { result::event::record(start, self.stream) }.map_err(cuda("cuEventRecord"))?;
+                // SAFETY: events, stream and buffer of this context.
+                unsafe {
+                    result::memset_d8_async(flush.ptr, 0, flush.bytes, self.stream).map_err(cuda("flushing L2"))?;
+                    result::event::record(start, self.stream).map_err(cuda("cuEventRecord"))?;
+                }
                 self.launch(entry, &staged, i)?;
                 // SAFETY: as above.
                 let ms = unsafe {

@@ -80,8 +80,10 @@ enum Command {
     /// checked against the default configuration, the default against the host's product or
     /// attention) and merge the timings into a tuning database for `v3c compile --tuning`.
     Tune(TuneArgs),
-    /// Time every kernel of an artifact's entry points (warm-up, median of repetitions) and write
-    /// JSON, as the tuner reads it; cpu artifacts run here, GPU ones need their GPU.
+    /// Time every kernel of an artifact's entry points (warm-up, median of repetitions; on a GPU
+    /// each launch after an L2-evicting memset, by CUDA events) and write JSON, as the tuner reads
+    /// it; with a checkpoint or made-up weights (`--random-weights`); cpu artifacts run here, GPU
+    /// ones need their GPU.
     BenchKernels(BenchArgs),
     /// Time whole training steps of a training-step artifact (`v3c compile --train`): parameters
     /// bound, the step run, AdamW on the host — medians and tokens/s; with a checkpoint or made-up
@@ -115,12 +117,17 @@ struct TrainArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["weights", "random_weights"])))]
 struct BenchArgs {
     /// Artifact directory written by `v3c compile`.
     artifact: PathBuf,
     /// Checkpoint directory in the Hugging Face layout (the kernels run on real weights).
     #[arg(long, value_name = "DIR")]
-    weights: PathBuf,
+    weights: Option<PathBuf>,
+    /// Made-up weights from this seed instead of a checkpoint (timing only; the inputs are zeros,
+    /// so every token routes to the same experts).
+    #[arg(long, value_name = "SEED")]
+    random_weights: Option<u64>,
     /// Entry point to time (default: all).
     #[arg(long, value_name = "NAME")]
     entry: Option<String>,
@@ -978,12 +985,22 @@ fn bench_kernels(args: &BenchArgs) -> Result<(), Failure> {
     };
     let target = a.manifest.target.name.clone();
     type Bench = Box<dyn Fn(&str, usize) -> Result<Vec<v3c_runtime::cpu::KernelTiming>, String>>;
+    let ckpt;
+    let weights = match (&args.weights, args.random_weights) {
+        (Some(dir), _) => {
+            a.check_weights(dir).map_err(Failure::Other)?;
+            ckpt = v3c_models::checkpoint::Checkpoint::open(dir).map_err(|e| Failure::Other(e.to_string()))?;
+            v3c_runtime::gpu::Weights::Checkpoint(&ckpt)
+        }
+        (None, Some(seed)) => v3c_runtime::gpu::Weights::Random(seed),
+        (None, None) => return Err(Failure::Other("--weights or --random-weights".into())),
+    };
     let bench: Bench = if target == "cpu" {
-        let program = v3c_runtime::cpu::CpuArtifact::load(a, &args.weights).map_err(Failure::Other)?;
+        let program = v3c_runtime::cpu::CpuArtifact::load_weights(a, &weights).map_err(Failure::Other)?;
         Box::new(move |entry, reps| program.bench_kernels(entry, reps))
     } else {
         device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
-        let program = v3c_runtime::cuda::GpuArtifact::load(a, &args.weights, args.device, &mut |what| {
+        let program = v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, args.device, &mut |what| {
             tracing::debug!("{what}");
         })
         .map_err(Failure::Other)?;
