@@ -1063,12 +1063,12 @@ mod tests {
         let clustered = MlaDecodeConfig::DEEPSEEK_V3;
         let kernel = crate::conversion::sm90::compile_mla(&context, &clustered, &crate::target::SM90A).unwrap();
         assert_eq!(race_at(&kernel.ptx, 128), "");
-        let (before, after) = kernel.ptx.split_once("mbarrier.arrive.release.cluster").unwrap();
+        let (before, after) = kernel.ptx.split_once("mbarrier.arrive.shared::cluster").unwrap();
         let (wait, rest) = after.split_once("mbarrier.try_wait.parity.shared.b64 P1, ").unwrap();
         let (address, rest) = rest.split_once(", ").unwrap();
         let (_parity, rest) = rest.split_once(", ").unwrap();
         let unreleased = format!(
-            "{before}mbarrier.arrive.release.cluster{wait}mbarrier.try_wait.parity.shared.b64 P1, {address}, 1, {rest}"
+            "{before}mbarrier.arrive.shared::cluster{wait}mbarrier.try_wait.parity.shared.b64 P1, {address}, 1, {rest}"
         );
         let early = race_at(&unreleased, 128);
         eprintln!("refilling without the peer's release: {early}");

@@ -1978,11 +1978,16 @@ fn warp_prefix_sum(p: &str, x: &str) -> (String, String) {
     (t.trim_end().to_string(), v)
 }
 
-/// An arrival (release, cluster scope) on the mbarrier at shared address `addr` (i32) of this
-/// block, in cluster block `peer`'s shared memory (`mapa`).
+/// An arrival on the mbarrier at shared address `addr` (i32) of this block, in cluster block
+/// `peer`'s shared memory (`mapa`): a consumer telling the peer's producer that a buffer it
+/// multicasts into is free. The PTX default semantics (release at CTA scope), as CUTLASS's
+/// `ClusterBarrier::arrive(cta_id)`: what the arrival orders are reads of the buffer that have
+/// completed (the wgmma's, waited for), so no write may overtake them. Written `.release.cluster`,
+/// ptxas put `MEMBAR.ALL.GPU` (a GPU-scope fence) before every such arrival, on the path of the
+/// buffer's refill.
 pub(super) fn arrive_on_peer(addr: &str, peer: &str) -> String {
     format!(
-        "llvm.inline_asm has_side_effects \"{{\\n.reg .b32 ra;\\nmapa.shared::cluster.u32 ra, $0, $1;\\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\\n}}\", \"r,r\" {addr}, {peer} : (i32, i32) -> ()"
+        "llvm.inline_asm has_side_effects \"{{\\n.reg .b32 ra;\\nmapa.shared::cluster.u32 ra, $0, $1;\\nmbarrier.arrive.shared::cluster.b64 _, [ra];\\n}}\", \"r,r\" {addr}, {peer} : (i32, i32) -> ()"
     )
 }
 
