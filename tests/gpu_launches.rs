@@ -589,7 +589,12 @@ fn moonlight_shaped_models_lower_for_sm90a_and_give_the_cpu_backends_logits() {
         assert!(ran.status.success(), "{report}");
         // Its profile: every kernel simulated, with its memory traffic; no race; the accesses that
         // waste most by PTX line, at most two a kernel.
-        assert!(report.contains("simulated PTX, per kernel:") && report.contains("global req"), "{report}");
+        assert!(
+            report.contains("simulated PTX, per kernel:")
+                && report.contains("load rounds")
+                && report.contains("global req"),
+            "{report}"
+        );
         assert!(report.contains("no data race on shared or global memory in "), "{report}");
         let (_, worst) = report.split_once("the 2 most wasteful loads and stores of each kernel").expect("listed");
         let mut kernel_lines = 0;

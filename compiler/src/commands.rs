@@ -2111,7 +2111,9 @@ pub struct Simulation {
 }
 
 /// The simulated kernels' profile, most instructions first: launches, instructions (all threads',
-/// and the busiest thread's summed over the launches), global requests and the share of their
+/// and the busiest thread's summed over the launches), the global-load latencies the thread that
+/// waited most waited out (summed over the launches; in PTX order: a kernel whose launch these
+/// dominate is latency-bound), global requests and the share of their
 /// sectors' bytes used (coalescing), shared requests and their wavefronts each (1: no bank
 /// conflicts); with the race check, that it found none (a race fails
 /// the run before); then each kernel's most wasteful accesses ([`worst_accesses`]).
@@ -2123,8 +2125,16 @@ fn simulated_profile(
     rows.sort_by(|a, b| b.1 .1.instructions.cmp(&a.1 .1.instructions).then(a.0.cmp(b.0)));
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(6).max(6);
     let mut out = format!(
-        "simulated PTX, per kernel:\n  {:width$}  {:>8}  {:>14}  {:>14}  {:>10}  {:>6}  {:>10}  {:>10}\n",
-        "kernel", "launches", "instructions", "longest thread", "global req", "used", "shared req", "wavefronts"
+        "simulated PTX, per kernel:\n  {:width$}  {:>8}  {:>14}  {:>14}  {:>11}  {:>10}  {:>6}  {:>10}  {:>10}\n",
+        "kernel",
+        "launches",
+        "instructions",
+        "longest thread",
+        "load rounds",
+        "global req",
+        "used",
+        "shared req",
+        "wavefronts"
     );
     for (kernel, (launches, s)) in rows {
         let used =
@@ -2132,8 +2142,8 @@ fn simulated_profile(
         let waves =
             if s.shared_requests == 0 { "-".to_string() } else { format!("{:.2}", s.shared_wavefronts_per_request()) };
         out.push_str(&format!(
-            "  {kernel:width$}  {launches:>8}  {:>14}  {:>14}  {:>10}  {used:>6}  {:>10}  {waves:>10}\n",
-            s.instructions, s.longest_thread, s.global_requests, s.shared_requests
+            "  {kernel:width$}  {launches:>8}  {:>14}  {:>14}  {:>11}  {:>10}  {used:>6}  {:>10}  {waves:>10}\n",
+            s.instructions, s.longest_thread, s.load_rounds, s.global_requests, s.shared_requests
         ));
     }
     if simulation.checks.races {

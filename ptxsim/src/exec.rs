@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use crate::global_race::{Agent, GlobalAccess, GlobalRace, GlobalRaces};
 use crate::parse::{
-    Arith, AtomOp, Cmp, CmpBase, IntRound, Kernel, Kind, Logic, Op, Opnd, ShflMode, Space, Special, Ty, Unary, SINK,
+    Arith, AtomOp, Cmp, CmpBase, Instr, IntRound, Kernel, Kind, Logic, Op, Opnd, ShflMode, Space, Special, Ty, Unary,
+    SINK,
 };
 use crate::race::{Access, Byte, Epoch, Race, Races};
 use crate::{Launch, MemoryAccess, Stats, SHARED_WINDOW, TENSOR_MAP_BASE};
@@ -58,6 +59,10 @@ struct Thread {
     cluster_phase: u64,
     /// Instructions it executed.
     executed: u64,
+    /// Global-load latencies it has waited out ([`crate::Stats::load_rounds`]), and per register
+    /// the count its value needs: a global load sets its destinations' to `rounds + 1`.
+    rounds: u32,
+    ready: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -549,9 +554,49 @@ impl Cta<'_> {
                 }
             }
             self.threads[t].pc += 1;
+            self.wait_for_loads(t, ins);
             self.exec(t, pc).map_err(|e| self.err(t, pc, e))?;
         }
         Ok(())
+    }
+
+    /// In-order issue: an instruction naming a register a global load has yet to fill (to read
+    /// it, or to write it over) waits for that load's round ([`crate::Stats::load_rounds`]).
+    fn wait_for_loads(&mut self, t: usize, ins: &Instr) {
+        fn regs(o: &Opnd, out: &mut Vec<u32>) {
+            match o {
+                Opnd::Reg(r) => out.push(*r),
+                Opnd::Addr { base: Some(r), .. } => out.push(*r),
+                Opnd::Vector(rs) => out.extend(rs),
+                Opnd::Tensor { map, coords } => {
+                    out.push(*map);
+                    coords.iter().for_each(|c| regs(c, out));
+                }
+                _ => {}
+            }
+        }
+        let mut named = Vec::new();
+        ins.args.iter().for_each(|o| regs(o, &mut named));
+        let th = &mut self.threads[t];
+        let need = named.iter().filter_map(|&r| th.ready.get(r as usize)).copied().max().unwrap_or(0);
+        th.rounds = th.rounds.max(need);
+    }
+
+    /// A global load (or atomic) into the registers of `dest`: their values arrive a round later.
+    fn loaded_from_global(&mut self, t: usize, dest: &Opnd) {
+        let th = &mut self.threads[t];
+        let next = th.rounds + 1;
+        match dest {
+            Opnd::Reg(r) if (*r as usize) < th.ready.len() => th.ready[*r as usize] = next,
+            Opnd::Vector(rs) => {
+                for &r in rs {
+                    if let Some(x) = th.ready.get_mut(r as usize) {
+                        *x = next;
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 
     fn exec(&mut self, t: usize, pc: usize) -> Result<(), String> {
@@ -704,6 +749,10 @@ impl Cta<'_> {
             Op::Ld(space, ty) => {
                 let (addr, bytes) = self.access(t, pc, *space, *ty, arg(1)?, arg(0)?)?;
                 self.shadow(t, pc, *space, addr, bytes * lanes(arg(0)?), Access::Read)?;
+                if *space != Space::Param && self.shared_offset(t, *space, addr, bytes)?.is_none() {
+                    let dest = arg(0)?.clone();
+                    self.loaded_from_global(t, &dest);
+                }
                 match arg(0)? {
                     Opnd::Vector(regs) => {
                         for (i, r) in regs.clone().into_iter().enumerate() {
@@ -740,6 +789,10 @@ impl Cta<'_> {
                 let bytes = ty.bits as usize / 8;
                 self.record(t, pc, *space, addr, bytes);
                 let old = self.load(t, *space, addr, bytes)?;
+                if self.shared_offset(t, *space, addr, bytes)?.is_none() {
+                    let dest = arg(0)?.clone();
+                    self.loaded_from_global(t, &dest);
+                }
                 let x = self.value(t, arg(2)?)?;
                 let new = match (op, ty.kind) {
                     (AtomOp::Add, Kind::F) => f32b(f32v(old) + f32v(x)),
@@ -1567,6 +1620,8 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
                         state: State::Run,
                         cluster_phase: 0,
                         executed: 0,
+                        rounds: 0,
+                        ready: vec![0; k.registers],
                     })
                     .collect(),
                 shared: vec![vec![0; shared_bytes]; cluster],
@@ -1648,6 +1703,8 @@ pub fn run(k: &Kernel, launch: &Launch) -> Result<Stats, String> {
             stats.instructions += cta.executed;
             let longest = cta.threads.iter().map(|th| th.executed).max().unwrap_or(0);
             stats.longest_thread = stats.longest_thread.max(longest);
+            let rounds = cta.threads.iter().map(|th| u64::from(th.rounds)).max().unwrap_or(0);
+            stats.load_rounds = stats.load_rounds.max(rounds);
             cta.memory_stats(&mut stats);
             stats.ctas += cluster as u64;
         }

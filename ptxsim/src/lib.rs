@@ -120,6 +120,13 @@ pub struct Stats {
     /// summed over launches): a floor under the launch's time in dependent issues, where
     /// `instructions` counts the work of all threads.
     pub longest_thread: u64,
+    /// The most global-load latencies one thread waited out (in a launch: the thread of any CTA
+    /// that waited most; summed over launches). A thread issues in order: an instruction that
+    /// names a register a global load (or atomic) has yet to fill waits for that load, and with it
+    /// for every load issued before it; loads issued before the first such use overlap. In PTX
+    /// order (ptxas may hoist loads or unroll loops and wait less): a floor under a latency-bound
+    /// launch's time in DRAM round trips, where the kernel issues too few loads ahead.
+    pub load_rounds: u64,
     pub accesses: std::collections::BTreeMap<usize, MemoryAccess>,
 }
 
@@ -159,6 +166,7 @@ impl Stats {
         self.shared_requests += o.shared_requests;
         self.shared_wavefronts += o.shared_wavefronts;
         self.longest_thread += o.longest_thread;
+        self.load_rounds += o.load_rounds;
         for (line, a) in &o.accesses {
             let mine = self
                 .accesses
@@ -440,6 +448,51 @@ $L__end:
         // SAFETY: the one parameter is `out`, and accesses are held to it.
         unsafe { run(&module.kernels[0], &launch) }?;
         Ok(out.to_vec())
+    }
+
+    /// Loads issued before the first use of any overlap (one wait); a loop that uses each load
+    /// before the next waits for every one; shared loads and stores wait for nothing; a register a
+    /// pending load will fill waits when written over.
+    #[test]
+    fn load_rounds_count_the_waits_for_global_loads() {
+        let rounds = |body: &str| -> u64 {
+            let text = format!(
+                ".visible .entry r(\n\t.param .u64 r_param_0\n)\n.maxntid 32, 1, 1\n{{\n\t.reg .pred %p<2>;\n\
+                 \t.reg .b32 %r<20>;\n\t.reg .f32 %f<20>;\n\t.reg .b64 %rd<8>;\n\t.shared .align 4 .b8 s[256];\n\
+                 \tld.param.b64 %rd1, [r_param_0];\n\tmov.u32 %r1, %tid.x;\n\tmul.wide.u32 %rd2, %r1, 4;\n\
+                 \tadd.s64 %rd3, %rd1, %rd2;\n\tmov.b64 %rd4, s;\n\tcvt.u32.u64 %r2, %rd4;\n{body}\tret;\n}}"
+            );
+            let module = Module::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+            let mut data = vec![1.0f32; 4 * 32 + 32];
+            let params = [data.as_mut_ptr() as u64];
+            let only = [(data.as_ptr() as u64, 4 * data.len())];
+            let launch = Launch {
+                grid: [2, 1],
+                threads: 32,
+                dynamic_shared: 0,
+                params: &params,
+                tensor_maps: &[],
+                regions: Some(&only),
+                max_instructions: 1 << 16,
+                checks: Checks::default(),
+            };
+            // SAFETY: the one parameter is `data`, and accesses are held to it.
+            unsafe { run(&module.kernels[0], &launch) }.unwrap_or_else(|e| panic!("{e}")).load_rounds
+        };
+        let loads: String = (0..4).map(|i| format!("\tld.global.f32 %f{}, [%rd3+{}];\n", i + 1, 128 * i)).collect();
+        let batched = format!(
+            "{loads}\tadd.f32 %f5, %f1, %f2;\n\tadd.f32 %f5, %f5, %f3;\n\tadd.f32 %f5, %f5, %f4;\n\
+             \tst.global.f32 [%rd3+512], %f5;\n"
+        );
+        assert_eq!(rounds(&batched), 1, "four loads, then their sum");
+        let serial: String = (0..4)
+            .map(|i| format!("\tld.global.f32 %f{}, [%rd3+{}];\n\tadd.f32 %f6, %f6, %f{};\n", i + 1, 128 * i, i + 1))
+            .collect();
+        assert_eq!(rounds(&serial), 4, "each load used before the next");
+        let shared = "\tst.shared.f32 [%r2], %f1;\n\tld.shared.f32 %f2, [%r2];\n\tadd.f32 %f3, %f2, %f2;\n";
+        assert_eq!(rounds(shared), 0, "shared memory");
+        let over = "\tld.global.f32 %f1, [%rd3];\n\tmov.f32 %f1, 0f3F800000;\n\tld.global.f32 %f2, [%rd3+4];\n";
+        assert_eq!(rounds(over), 1, "a pending load's register written over");
     }
 
     /// A wgmma m64n8k16 with A from registers (each thread's bf16 pairs in the accumulator layout)

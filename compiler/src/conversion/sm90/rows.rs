@@ -4991,12 +4991,17 @@ mod tests {
                     raw(&mut lse, &[splits, rows], "f32"),
                     raw(&mut out, &[rows, d], "f32"),
                 ];
+                let at = format!("{splits} splits, {threads} threads, simulated {simulated}");
                 if simulated {
-                    run_simulated(&kernel, &buffers, rows);
+                    // Eight splits' loads in flight at a time: the maximum's groups, then each of
+                    // a thread's columns' (40 columns over 64 threads: one; over 32: two).
+                    let stats = run_simulated(&kernel, &buffers, rows);
+                    let groups = splits.div_ceil(COMBINE_SPLITS) as u64;
+                    let columns = d.div_ceil(threads) as u64;
+                    assert_eq!(stats.load_rounds, groups * (1 + columns), "{at}: global-load waits");
                 } else {
                     run_cpu(&kernel, &buffers);
                 }
-                let at = format!("{splits} splits, {threads} threads, simulated {simulated}");
                 for r in 0..rows - 1 {
                     let s = &scores[r * keys..(r + 1) * keys];
                     let m = s.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
