@@ -907,11 +907,12 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool) {
         let diff = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
         let used = stats.global_efficiency();
         eprintln!(
-            "{} (threads reversed: {reversed}): {} CTAs, {} instructions simulated, {:.0}% of the global sectors' \
-             bytes used; max |diff| {diff:.3e} of max |value| {scale:.3e}",
+            "{} (threads reversed: {reversed}): {} CTAs, {} instructions simulated, {} load rounds, {:.0}% of the \
+             global sectors' bytes used; max |diff| {diff:.3e} of max |value| {scale:.3e}",
             kernel.name,
             stats.ctas,
             stats.instructions,
+            stats.load_rounds,
             100.0 * used
         );
         // f32 sums in another order (a bf16 output: one rounding apart).

@@ -25,8 +25,10 @@
 //! (aligned, even N). Split K: each
 //! unit writes its partial tile to a workspace (a pair of columns in one 8-byte store); the last of a
 //! tile's units (an atomic counter, after a GPU-scope fence) sums the partials in split order — a pair
-//! in one 8-byte load a split; deterministic whatever order the units finish in — applies the epilogue
-//! and resets the counter for the next launch.
+//! in one 8-byte load a split, each split's loads of up to 16 pairs issued together; deterministic
+//! whatever order the units finish in — applies the epilogue and resets the counter for the next
+//! launch. Scattered rows (the MoE down projection) load each of a thread's rows' scale and target
+//! once, before the atomic adds.
 //!
 //! Clusters of 2 along M: the two blocks take adjacent row tiles of one tile column; each producer
 //! loads half of the B tile and multicasts it into both blocks (whose consumers release a buffer on
@@ -133,6 +135,10 @@ const ROW_BYTES: usize = 128;
 const REGISTER_HEADROOM: usize = 64;
 /// Registers per thread left to a producer warpgroup (`setmaxnreg.dec`).
 const PRODUCER_REGISTERS: usize = 40;
+/// Pairs of output columns the split-K reduction sums at a time (their 8-byte loads in flight
+/// together, one split after the other): 32 accumulators and as many values loaded.
+const REDUCE_PAIRS: usize = 16;
+
 /// Static shared memory beside the dynamic ring: the mbarriers (and the split-K flag), padded so
 /// that the dynamic region starts 1024-byte aligned (what ptxas reports for these kernels).
 pub const STATIC_SHARED_BYTES: usize = 1024;
@@ -1482,6 +1488,51 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             (c.block_n / 2, "%e_col_base0 = arith.addi %col0, %lcol : index")
         };
         let _ = writeln!(t, "%e_row_base = arith.addi %row0, %trow : index\n{col_base}");
+        // The row scale and the scatter's target row, per row of the thread's (rows trow and
+        // trow + 8 of each row tile), loaded together before any output: per element after the
+        // previous element's atomic, ptxas could not reuse them, and each element's store waited
+        // on its own two loads.
+        if c.row_scale || c.scatter {
+            for i in 0..c.row_tiles() {
+                for h in 0..2 {
+                    let _ = writeln!(
+                        t,
+                        "%er{i}_{h} = arith.addi %e_row_base, %c{off} : index
+%erin{i}_{h} = arith.cmpi ult, %er{i}_{h}, %row_end : index",
+                        off = i * 64 + 8 * h
+                    );
+                    if c.row_scale {
+                        let _ = writeln!(
+                            t,
+                            "%ersc{i}_{h} = scf.if %erin{i}_{h} -> (f32) {{
+  %v = memref.load %row_scale[%er{i}_{h}] : memref<?xf32>
+  scf.yield %v : f32
+}} else {{
+  scf.yield %zero : f32
+}}"
+                        );
+                    }
+                    if c.scatter {
+                        let _ = writeln!(
+                            t,
+                            "%etk{i}_{h} = scf.if %erin{i}_{h} -> (index) {{
+  %v = memref.load %perm[%er{i}_{h}] : memref<?xi32>
+  %vi = arith.index_cast %v : i32 to index
+  scf.yield %vi : index
+}} else {{
+  scf.yield %c0 : index
+}}"
+                        );
+                    }
+                }
+            }
+        }
+        // Element `i_e`'s row of the thread's: `i_h`.
+        let row_of = |x: &str| -> String {
+            let (i, e) = x.split_once('_').expect("elements are named tile_element");
+            let (i, e): (usize, usize) = (i.parse().expect("a row tile"), e.parse().expect("an element"));
+            format!("{i}_{}", (fragment_offset(i, e).0 - i * 64) / 8)
+        };
         let mut elements = Vec::new();
         for i in 0..c.row_tiles() {
             for e in 0..out_cols {
@@ -1522,8 +1573,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             let mut s = String::new();
             let mut v = v.to_string();
             if c.row_scale {
-                let _ = writeln!(s, "%rsc{x} = memref.load %row_scale[%r{x}] : memref<?xf32>");
-                let _ = writeln!(s, "%scaled{x} = arith.mulf {v}, %rsc{x} : f32");
+                let _ = writeln!(s, "%scaled{x} = arith.mulf {v}, %ersc{} : f32", row_of(x));
                 v = format!("%scaled{x}");
             }
             if c.residual {
@@ -1550,11 +1600,11 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         let store = |v: &str, x: &str| -> String {
             let (mut s, v) = finish(v, x);
             if c.scatter {
-                let _ = writeln!(
+                let _ = write!(
                     s,
-                    "%tk{x}_i = memref.load %perm[%r{x}] : memref<?xi32>\n%tk{x} = arith.index_cast %tk{x}_i : i32 to index"
+                    "%old{x} = memref.atomic_rmw addf {v}, %out[%etk{}, %q{x}] : (f32, {out_ty}) -> f32",
+                    row_of(x)
                 );
-                let _ = write!(s, "%old{x} = memref.atomic_rmw addf {v}, %out[%tk{x}, %q{x}] : (f32, {out_ty}) -> f32");
             } else {
                 let _ = write!(s, "memref.store {v}, %out[%r{x}, %q{x}] : {out_ty}");
             }
@@ -1711,22 +1761,6 @@ llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
         let partial_single =
             |x: &str| guarded(x, &format!("memref.store %v{x}, %ws[%z, %r{x}, %q{x}] : memref<?x?x?xf32>"));
         let partial = per_pair("wpaired_", "%ws_ok", &partial_pair, &partial_single);
-        let reduce_pair = |x0: &str, x1: &str| {
-            let sums = format!(
-                "%fp{x0}:2 = scf.for %zz = %c0 to %splits step %c1 iter_args(%acc0 = %zero, %acc1 = %zero) -> (f32, f32) {{
-{}  %wl_{x0}_p = llvm.inttoptr %wl_{x0}_a64 : i64 to !llvm.ptr<1>
-  %wl_{x0} = llvm.load %wl_{x0}_p {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>
-  %part0 = llvm.extractelement %wl_{x0}[%c0_i32 : i32] : vector<2xf32>
-  %part1 = llvm.extractelement %wl_{x0}[%c1_i32 : i32] : vector<2xf32>
-  %acc0_next = arith.addf %acc0, %part0 : f32
-  %acc1_next = arith.addf %acc1, %part1 : f32
-  scf.yield %acc0_next, %acc1_next : f32, f32
-}}
-",
-                indent(&ws_at(x0, "%zz", &format!("wl_{x0}")), 2)
-            );
-            sums + &pair_write(x0, x1, &format!("%fp{x0}#0"), &format!("%fp{x0}#1"))
-        };
         let reduce_single = |x: &str| {
             let sum = format!(
                 "%fs{x} = scf.for %zz = %c0 to %splits step %c1 iter_args(%acc = %zero) -> (f32) {{
@@ -1739,7 +1773,73 @@ llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
             );
             guarded(x, &sum)
         };
-        let reduce = per_pair("rpaired_", "%reduce_ok", &reduce_pair, &reduce_single);
+        // The last unit's sums: with pairs (`%reduce_ok`), up to REDUCE_PAIRS pairs at a time,
+        // the splits one after the other, each split's loads of all of them (8 bytes a pair: both
+        // inside) issued before any is added — a pair's partials still summed in split order, so
+        // the same bits as a loop over each pair's splits, which waited for every load in turn;
+        // a pair whose second column is past the output sums its first alone. Without pairs,
+        // element by element.
+        let reduce = {
+            let pairs: Vec<(&str, &str)> = elements.chunks(2).map(|p| (p[0].as_str(), p[1].as_str())).collect();
+            let mut paired = String::from("%rz2 = arith.constant dense<0.0> : vector<2xf32>\n");
+            for (g, group) in pairs.chunks(REDUCE_PAIRS).enumerate() {
+                let mut body = String::new();
+                let mut iter = Vec::new();
+                let mut next = Vec::new();
+                for (x0, x1) in group {
+                    let _ = writeln!(paired, "%rin_{x0} = arith.andi %ir{x0}, %ic{x1} : i1");
+                    iter.push(format!("%ra0_{x0} = %zero, %ra1_{x0} = %zero"));
+                    let _ = writeln!(
+                        body,
+                        "  %rl_{x0} = scf.if %rin_{x0} -> (vector<2xf32>) {{
+{}    %wl_{x0}_p = llvm.inttoptr %wl_{x0}_a64 : i64 to !llvm.ptr<1>
+    %wl_{x0} = llvm.load %wl_{x0}_p {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>
+    scf.yield %wl_{x0} : vector<2xf32>
+  }} else {{
+    scf.yield %rz2 : vector<2xf32>
+  }}",
+                        indent(&ws_at(x0, "%zz", &format!("wl_{x0}")), 4) + "\n"
+                    );
+                }
+                for (x0, _) in group {
+                    let _ = writeln!(
+                        body,
+                        "  %rp0_{x0} = llvm.extractelement %rl_{x0}[%c0_i32 : i32] : vector<2xf32>
+  %rp1_{x0} = llvm.extractelement %rl_{x0}[%c1_i32 : i32] : vector<2xf32>
+  %rn0_{x0} = arith.addf %ra0_{x0}, %rp0_{x0} : f32
+  %rn1_{x0} = arith.addf %ra1_{x0}, %rp1_{x0} : f32"
+                    );
+                    next.push(format!("%rn0_{x0}, %rn1_{x0}"));
+                }
+                let types = vec!["f32"; 2 * group.len()].join(", ");
+                let _ = writeln!(
+                    paired,
+                    "%rs{g}:{n} = scf.for %zz = %c0 to %splits step %c1 iter_args({iter}) -> ({types}) {{
+{body}  scf.yield {next} : {types}
+}}",
+                    n = 2 * group.len(),
+                    iter = iter.join(", "),
+                    next = next.join(", "),
+                );
+                for (k, (x0, x1)) in group.iter().enumerate() {
+                    let write = pair_write(x0, x1, &format!("%rs{g}#{}", 2 * k), &format!("%rs{g}#{}", 2 * k + 1));
+                    let _ = writeln!(
+                        paired,
+                        "scf.if %ir{x0} {{
+  scf.if %rin_{x0} {{
+{}
+  }} else {{
+{}
+  }}
+}}",
+                        indent(&write, 4),
+                        indent(&format!("{}{}", reduce_single(x0), reduce_single(x1)), 4)
+                    );
+                }
+            }
+            let singles: String = elements.iter().map(|x| reduce_single(x)).collect();
+            format!("scf.if %reduce_ok {{\n{}\n}} else {{\n{}\n}}\n", indent(&paired, 2), indent(&singles, 2))
+        };
         let ws = WORKGROUP;
         let _ = write!(
             t,
