@@ -21,8 +21,8 @@
 //! DeepSeek-V3 prescribes; with `b_row_scales` (Wgrad: both operands activations quantized in 128-token
 //! groups along K) x each output column's own B row scale. The epilogue writes the fragments straight
 //! to global memory (bounds-checked: ragged M and N), adding the residual when asked; a thread's two
-//! adjacent columns of a row go in one store (their residual in one load) when the buffers allow
-//! (aligned, even N). Split K: each
+//! adjacent columns of a row go in one store (their residual in one load, eight pairs' loads issued
+//! before their stores) when the buffers allow (aligned, even N). Split K: each
 //! unit writes its partial tile to a workspace (a pair of columns in one 8-byte store); the last of a
 //! tile's units (an atomic counter, after a GPU-scope fence) sums the partials in split order — a pair
 //! in one 8-byte load a split, each split's loads of up to 16 pairs issued together; deterministic
@@ -138,6 +138,8 @@ const PRODUCER_REGISTERS: usize = 40;
 /// Pairs of output columns the split-K reduction sums at a time (their 8-byte loads in flight
 /// together, one split after the other): 32 accumulators and as many values loaded.
 const REDUCE_PAIRS: usize = 16;
+/// Pairs of output columns whose residuals the epilogue loads together before writing them.
+const RESIDUAL_PAIRS: usize = 8;
 
 /// Static shared memory beside the dynamic ring: the mbarriers (and the split-K flag), padded so
 /// that the dynamic region starts 1024-byte aligned (what ptxas reports for these kernels).
@@ -1642,18 +1644,43 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         // The final write of a pair's values `v0`, `v1` (f32, elements x0 and x1 = x0 + 1) in one
         // store of 8 (f32) or 4 (bf16) bytes, their residual in one load; `%pairs_ok` and both
         // inside known.
+        // The residual pairs of `pairs` (each loaded when `cond(x0)` holds: both inside and 8-byte
+        // pairs allowed), as `%rrl_{x0}`, all issued before any of the pairs' writes: one pair's
+        // load after the previous pair's store waited on each (the store and the load may alias:
+        // the residual stream updated in place; each pair's own load still comes first).
+        let residual_preloads = |pairs: &[(&str, &str)], cond: &dyn Fn(&str) -> String, zero: &str| -> String {
+            if !c.residual {
+                return String::new();
+            }
+            let mut t = format!("%rrz{zero} = arith.constant dense<0.0> : vector<2x{el}>\n");
+            for (x0, _) in pairs {
+                let _ = writeln!(
+                    t,
+                    "%rrl_{x0} = scf.if {cond} -> (vector<2x{el}>) {{
+  %rre_{x0} = arith.muli %r{x0}, %n_out : index
+  %rrq_{x0} = arith.addi %rre_{x0}, %q{x0} : index
+  %rrb_{x0} = arith.muli %rrq_{x0}, %c{bytes} : index
+  %rra_{x0} = arith.addi %res_base, %rrb_{x0} : index
+  %rra64_{x0} = arith.index_cast %rra_{x0} : index to i64
+  %rrp_{x0} = llvm.inttoptr %rra64_{x0} : i64 to !llvm.ptr<1>
+  %rrv_{x0} = llvm.load %rrp_{x0} {{alignment = {align} : i64}} : !llvm.ptr<1> -> vector<2x{el}>
+  scf.yield %rrv_{x0} : vector<2x{el}>
+}} else {{
+  scf.yield %rrz{zero} : vector<2x{el}>
+}}",
+                    cond = cond(x0)
+                );
+            }
+            t
+        };
         let pair_write = |x0: &str, x1: &str, v0: &str, v1: &str| -> String {
             let (l0, v0) = finish_with(v0, x0, true);
             let (l1, v1) = finish_with(v1, x1, true);
-            // The pair's residual, as `%rv{x0}` and `%rv{x1}`.
+            // The pair's residual (`residual_preloads`), as `%rv{x0}` and `%rv{x1}`.
             let residual = if c.residual {
                 format!(
-                    "%ra_{x0} = arith.addi %res_base, %pb_{x0} : index
-%ra64_{x0} = arith.index_cast %ra_{x0} : index to i64
-%rp_{x0} = llvm.inttoptr %ra64_{x0} : i64 to !llvm.ptr<1>
-%rl_{x0} = llvm.load %rp_{x0} {{alignment = {align} : i64}} : !llvm.ptr<1> -> vector<2x{el}>
-%rv{x0} = llvm.extractelement %rl_{x0}[%c0_i32 : i32] : vector<2x{el}>
-%rv{x1} = llvm.extractelement %rl_{x0}[%c1_i32 : i32] : vector<2x{el}>
+                    "%rv{x0} = llvm.extractelement %rrl_{x0}[%c0_i32 : i32] : vector<2x{el}>
+%rv{x1} = llvm.extractelement %rrl_{x0}[%c1_i32 : i32] : vector<2x{el}>
 "
                 )
             } else {
@@ -1683,13 +1710,29 @@ llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
         // Per pair of a thread's adjacent columns (elements e and e + 1, e even): rows past the
         // end skip both at once; inside, column e + 1 in bounds means e is. `paired` (both inside,
         // and what `ok` names holds) gets the pair's lines, else `single` each element's.
-        let per_pair = |tag: &str, ok: &str, paired: &dyn Fn(&str, &str) -> String, single: &dyn Fn(&str) -> String| {
+        // `writes`: `paired` writes the output (its residual pairs preloaded, `REDUCE_PAIRS` pairs at
+        // a time), not the workspace.
+        let per_pair = |tag: &str,
+                        ok: &str,
+                        writes: bool,
+                        paired: &dyn Fn(&str, &str) -> String,
+                        single: &dyn Fn(&str) -> String| {
             let mut d = String::new();
-            for pair in elements.chunks(2) {
-                let [x0, x1] = pair else { unreachable!("a row's columns come in adjacent pairs") };
-                let _ = write!(
-                    d,
-                    "scf.if %ir{x0} {{
+            let pairs: Vec<(&str, &str)> = elements.chunks(2).map(|p| (p[0].as_str(), p[1].as_str())).collect();
+            for (g, group) in pairs.chunks(RESIDUAL_PAIRS).enumerate() {
+                if writes && c.residual {
+                    for (x0, x1) in group {
+                        let _ = writeln!(
+                            d,
+                            "%{tag}rin_{x0} = arith.andi %ir{x0}, %ic{x1} : i1\n%{tag}rq_{x0} = arith.andi %{tag}rin_{x0}, {ok} : i1"
+                        );
+                    }
+                    d.push_str(&residual_preloads(group, &|x0| format!("%{tag}rq_{x0}"), &format!("_{tag}{g}")));
+                }
+                for (x0, x1) in group {
+                    let _ = write!(
+                        d,
+                        "scf.if %ir{x0} {{
   %{tag}{x0} = arith.andi %ic{x1}, {ok} : i1
   scf.if %{tag}{x0} {{
 {}
@@ -1698,9 +1741,10 @@ llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
   }}
 }}
 ",
-                    indent(&paired(x0, x1), 4),
-                    indent(&format!("{}{}", single(x0), single(x1)), 4)
-                );
+                        indent(&paired(x0, x1), 4),
+                        indent(&format!("{}{}", single(x0), single(x1)), 4)
+                    );
+                }
             }
             d
         };
@@ -1711,7 +1755,7 @@ llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
         } else {
             let v = |x: &str| format!("%v{x}");
             let paired = |x0: &str, x1: &str| pair_write(x0, x1, &v(x0), &v(x1));
-            format!("{pairs_ok}{}", per_pair("paired_", "%pairs_ok", &paired, &single_write))
+            format!("{pairs_ok}{}", per_pair("paired_", "%pairs_ok", true, &paired, &single_write))
         };
         if !c.split_k {
             t.push_str(&direct);
@@ -1760,7 +1804,7 @@ llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
         };
         let partial_single =
             |x: &str| guarded(x, &format!("memref.store %v{x}, %ws[%z, %r{x}, %q{x}] : memref<?x?x?xf32>"));
-        let partial = per_pair("wpaired_", "%ws_ok", &partial_pair, &partial_single);
+        let partial = per_pair("wpaired_", "%ws_ok", false, &partial_pair, &partial_single);
         let reduce_single = |x: &str| {
             let sum = format!(
                 "%fs{x} = scf.for %zz = %c0 to %splits step %c1 iter_args(%acc = %zero) -> (f32) {{
@@ -1821,6 +1865,7 @@ llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
                     iter = iter.join(", "),
                     next = next.join(", "),
                 );
+                paired.push_str(&residual_preloads(group, &|x0| format!("%rin_{x0}"), &format!("_r{g}")));
                 for (k, (x0, x1)) in group.iter().enumerate() {
                     let write = pair_write(x0, x1, &format!("%rs{g}#{}", 2 * k), &format!("%rs{g}#{}", 2 * k + 1));
                     let _ = writeln!(
