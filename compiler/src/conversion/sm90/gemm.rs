@@ -1641,9 +1641,6 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         } else {
             pairs_ok.push_str("%pairs_ok = arith.andi %out_aligned, %n_even : i1\n");
         }
-        // The final write of a pair's values `v0`, `v1` (f32, elements x0 and x1 = x0 + 1) in one
-        // store of 8 (f32) or 4 (bf16) bytes, their residual in one load; `%pairs_ok` and both
-        // inside known.
         // The residual pairs of `pairs` (each loaded when `cond(x0)` holds: both inside and 8-byte
         // pairs allowed), as `%rrl_{x0}`, all issued before any of the pairs' writes: one pair's
         // load after the previous pair's store waited on each (the store and the load may alias:
@@ -1673,6 +1670,9 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             }
             t
         };
+        // The final write of a pair's values `v0`, `v1` (f32, elements x0 and x1 = x0 + 1) in one
+        // store of 8 (f32) or 4 (bf16) bytes, their residual the one `residual_preloads` loaded;
+        // `%pairs_ok` and both inside known.
         let pair_write = |x0: &str, x1: &str, v0: &str, v1: &str| -> String {
             let (l0, v0) = finish_with(v0, x0, true);
             let (l1, v1) = finish_with(v1, x1, true);
@@ -1710,8 +1710,8 @@ llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
         // Per pair of a thread's adjacent columns (elements e and e + 1, e even): rows past the
         // end skip both at once; inside, column e + 1 in bounds means e is. `paired` (both inside,
         // and what `ok` names holds) gets the pair's lines, else `single` each element's.
-        // `writes`: `paired` writes the output (its residual pairs preloaded, `REDUCE_PAIRS` pairs at
-        // a time), not the workspace.
+        // `writes`: `paired` writes the output (its residual pairs preloaded, `RESIDUAL_PAIRS` pairs
+        // at a time), not the workspace.
         let per_pair = |tag: &str,
                         ok: &str,
                         writes: bool,

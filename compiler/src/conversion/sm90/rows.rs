@@ -2550,14 +2550,7 @@ scf.if %first {{
                         weight = indent2(&indent2(&weight)),
                     );
                 }
-                let consts: String = (0..u)
-                    .map(|k| {
-                        format!(
-                            "%c{k}_u = arith.constant {k} : index
-"
-                        )
-                    })
-                    .collect();
+                let consts: String = (0..u).map(|k| format!("%c{k}_u = arith.constant {k} : index\n")).collect();
                 vec![format!(
                     "%ninf = arith.constant 0xFF800000 : f32
 %none = llvm.mlir.poison : f32
