@@ -985,16 +985,8 @@ fn bench_kernels(args: &BenchArgs) -> Result<(), Failure> {
     };
     let target = a.manifest.target.name.clone();
     type Bench = Box<dyn Fn(&str, usize) -> Result<Vec<v3c_runtime::cpu::KernelTiming>, String>>;
-    let ckpt;
-    let weights = match (&args.weights, args.random_weights) {
-        (Some(dir), _) => {
-            a.check_weights(dir).map_err(Failure::Other)?;
-            ckpt = v3c_models::checkpoint::Checkpoint::open(dir).map_err(|e| Failure::Other(e.to_string()))?;
-            v3c_runtime::gpu::Weights::Checkpoint(&ckpt)
-        }
-        (None, Some(seed)) => v3c_runtime::gpu::Weights::Random(seed),
-        (None, None) => return Err(Failure::Other("--weights or --random-weights".into())),
-    };
+    let source = WeightSource::open(&a, args.weights.as_deref(), args.random_weights)?;
+    let weights = source.weights();
     let bench: Bench = if target == "cpu" {
         let program = v3c_runtime::cpu::CpuArtifact::load_weights(a, &weights).map_err(Failure::Other)?;
         Box::new(move |entry, reps| program.bench_kernels(entry, reps))
@@ -2299,8 +2291,38 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// A progress line for loading a GPU artifact (kernels, weights read, prepared weights): drawn on a
-/// terminal only; each step is also logged at debug level.
+/// Where a timing command's weights come from: a checkpoint (checked against the artifact's plan
+/// first) or made-up values from a seed.
+enum WeightSource {
+    Checkpoint(v3c_models::checkpoint::Checkpoint),
+    Random(u64),
+}
+
+impl WeightSource {
+    fn open(
+        a: &v3c_runtime::artifact::Artifact,
+        dir: Option<&std::path::Path>,
+        random: Option<u64>,
+    ) -> Result<WeightSource, Failure> {
+        match (dir, random) {
+            (Some(dir), _) => {
+                a.check_weights(dir).map_err(Failure::Other)?;
+                let ckpt = v3c_models::checkpoint::Checkpoint::open(dir).map_err(|e| Failure::Other(e.to_string()))?;
+                Ok(WeightSource::Checkpoint(ckpt))
+            }
+            (None, Some(seed)) => Ok(WeightSource::Random(seed)),
+            (None, None) => Err(Failure::Other("--weights or --random-weights".into())),
+        }
+    }
+
+    fn weights(&self) -> v3c_runtime::gpu::Weights<'_> {
+        match self {
+            WeightSource::Checkpoint(ckpt) => v3c_runtime::gpu::Weights::Checkpoint(ckpt),
+            WeightSource::Random(seed) => v3c_runtime::gpu::Weights::Random(*seed),
+        }
+    }
+}
+
 /// An artifact loaded to be timed, with a checkpoint's weights or made-up ones from `random`
 /// (a GPU one on device `ordinal`); says how long it took.
 fn load_bench(
@@ -2310,16 +2332,8 @@ fn load_bench(
     ordinal: usize,
     kind: &str,
 ) -> Result<Box<dyn v3c_runtime::session::Program>, Failure> {
-    let ckpt;
-    let weights = match (weights, random) {
-        (Some(dir), _) => {
-            a.check_weights(dir).map_err(Failure::Other)?;
-            ckpt = v3c_models::checkpoint::Checkpoint::open(dir).map_err(|e| Failure::Other(e.to_string()))?;
-            v3c_runtime::gpu::Weights::Checkpoint(&ckpt)
-        }
-        (None, Some(seed)) => v3c_runtime::gpu::Weights::Random(seed),
-        (None, None) => return Err(Failure::Other("--weights or --random-weights".into())),
-    };
+    let source = WeightSource::open(&a, weights, random)?;
+    let weights = source.weights();
     let start = std::time::Instant::now();
     let program: Box<dyn v3c_runtime::session::Program> = if a.manifest.target.name != "cpu" {
         let (bar, mut tick) = load_progress(&a);
@@ -2333,6 +2347,8 @@ fn load_bench(
     Ok(program)
 }
 
+/// A progress line for loading a GPU artifact (kernels, weights read, prepared weights): drawn on a
+/// terminal only; each step is also logged at debug level.
 fn load_progress(a: &v3c_runtime::artifact::Artifact) -> (indicatif::ProgressBar, impl FnMut(&str)) {
     let weights: std::collections::BTreeSet<&str> = a
         .plan
