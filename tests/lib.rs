@@ -108,6 +108,7 @@ pub fn candidates_launch_as_their_ptx_declares(cands: &std::path::Path) {
             let range = buf(vec![2], "i32");
             let ops = GemmOperands {
                 a: &a,
+                a2: Some(&a),
                 a_scale: Some(&sa),
                 b: &b,
                 b_scale: Some(&sb),

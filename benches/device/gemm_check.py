@@ -10,7 +10,9 @@ kernel's dynamic shared memory.
 Kernel ABI (compiler/src/conversion/sm90/gemm.rs, `emit`): (a_map*, b_map*, out memref [M, N] as 7 scalars
 (allocated, aligned, offset, size0, size1, stride0, stride1), fp8 only a_scale and b_scale memrefs [.., ..]
 as 7 scalars each, `_res` the residual [M, N] (7), `_splitk` the f32 workspace [splits, M, N] (9), the i32
-tile counters [tiles] (5, zeroed once) and splits, then k). out = A[M, K] . B[N, K]^T (+ residual).
+tile counters [tiles] (5, zeroed once) and splits, then k). out = A[M, K] . B[N, K]^T (+ residual). `_a2`: a
+second A's tensor map after B's, out = (A + A2) . B^T with B read once (f32 activations as bf16 hi + lo: the
+check splits f32 rows so and holds the output to the f32 activations' product).
 Launch: 128 threads per consumer warpgroup (`_wg2`: two) plus 128 for the producer (`_ws`); a 1-D grid of
 one block per unit (tile x K split), `_persist`: min(units, SM count); `_cl2`: the kernel declares clusters of
 2 (two adjacent row tiles share the B tile; its tensor map's box is half the B tile), grid in whole clusters.
@@ -54,8 +56,9 @@ def parse(name):
     consumers = next((int(o[2:]) for o in opts if o.startswith("wg")), 1)
     cluster = next((int(o[2:]) for o in opts if o.startswith("cl")), 1)
     ws = "ws" in opts
+    dual = "a2" in opts
     return {"name": name, "input": inp, "output": out, "bm": bm, "bn": bn, "bk": bk, "stages": stages,
-            "smem": stages * (bm + bn) * 128, "threads": 128 * (consumers + ws), "persistent": "persist" in opts,
+            "smem": stages * ((1 + dual) * bm + bn) * 128, "dual_a": dual, "threads": 128 * (consumers + ws), "persistent": "persist" in opts,
             "split_k": "splitk" in opts, "residual": "res" in opts, "swiglu": "swiglu" in opts,
             "row_scale": "rowscale" in opts, "cluster": cluster, "scatter": "scatter" in opts,
             "grouping": next((o for o in opts if o in ("contig", "gather", "masked")), None)}
@@ -101,6 +104,17 @@ def fp8_reference(aq, a_s, bq, b_s):
 
 def self_test():
     torch.manual_seed(0)
+    # A second A: the kernel's name, its shared memory (two A tiles a stage), and hi + lo rows whose
+    # bf16 products sum to the f32 rows' within the check's tolerance.
+    cfg = parse("gemm_bf16_f32_64x256x64_s2_a2")
+    assert cfg["dual_a"] and cfg["smem"] == 2 * (2 * 64 + 256) * 128, cfg
+    inputs, ref, tol = make_inputs(cfg, 5, 40, 300, device="cpu")
+    dual = inputs["a"].float() @ inputs["b"].float().T + inputs["a2"].float() @ inputs["b"].float().T
+    rel = ((dual - ref).norm() / ref.norm()).item()
+    assert rel < tol / 10, f"hi + lo products vs the f32 rows' product: {rel}"
+    hi_only = ((inputs["a"].float() @ inputs["b"].float().T - ref).norm() / ref.norm()).item()
+    assert hi_only > tol, f"hi alone is within {hi_only}: the check would not see a dropped lo"
+
     for m, n, k in [(3, 5, 200), (130, 129, 300)]:
         a, w = torch.randn(m, k) * 3, torch.randn(n, k) * 0.05
         aq, a_s = quantize_rows(a)
@@ -266,14 +280,19 @@ def prepare(drv, cfg, m, n, k, inputs, out, sms):
     a_map = drv.tensor_map(inputs["a"], cfg["bm"], cfg["bk"], code)
     # A cluster's blocks each load (and multicast) 1 / cluster of the B tile's rows.
     b_map = drv.tensor_map(inputs["b"], cfg["bn"] // cfg["cluster"], cfg["bk"], code)
-    args = [ctypes.c_uint64(a_map.data_ptr()), ctypes.c_uint64(b_map.data_ptr())] + out.args()
+    args = [ctypes.c_uint64(a_map.data_ptr()), ctypes.c_uint64(b_map.data_ptr())]
+    keep = [a_map, b_map]
+    if cfg["dual_a"]:
+        a2_map = drv.tensor_map(inputs["a2"], cfg["bm"], cfg["bk"], code)
+        args.append(ctypes.c_uint64(a2_map.data_ptr()))
+        keep.append(a2_map)
+    args += out.args()
     if not bf16:
         args += memref_args(inputs["a_scale"]) + memref_args(inputs["b_scale"])
     if cfg["residual"]:
         args += memref_args(inputs["residual"])
     tiles = math.ceil(m / cfg["bm"]) * math.ceil(n / cfg["bn"])
     splits = splits_for(cfg, m, n, k, sms)
-    keep = [a_map, b_map]
     if cfg["split_k"]:
         ws = torch.empty(splits, m, n, device="cuda", dtype=torch.float32)
         counters = torch.zeros(tiles, device="cuda", dtype=torch.int32)
@@ -457,10 +476,21 @@ def run(drv, func, cfg, launch):
     drv.launch(func, launch["grid"], cfg["threads"], cfg["smem"], launch["args"], cfg["name"])
 
 
-def make_inputs(cfg, m, n, k):
-    a = torch.randn(m, k, device="cuda") * 2
-    w = torch.randn(n, k, device="cuda") * 0.05
-    if cfg["input"] == "bf16":
+def split_bf16(x):
+    """f32 rows as bf16 hi + lo (round to nearest even), as rows_splitbf16 writes them."""
+    hi = x.to(torch.bfloat16)
+    return hi, (x - hi.float()).to(torch.bfloat16)
+
+
+def make_inputs(cfg, m, n, k, device="cuda"):
+    a = torch.randn(m, k, device=device) * 2
+    w = torch.randn(n, k, device=device) * 0.05
+    if cfg["dual_a"]:
+        # f32 activations as hi + lo: the product of the f32 rows to ~2^-16 (held to 1e-4).
+        hi, lo = split_bf16(a)
+        w16 = w.to(torch.bfloat16)
+        inputs, ref, tol = {"a": hi, "a2": lo, "b": w16}, a @ w16.float().T, 1e-4
+    elif cfg["input"] == "bf16":
         a16, w16 = a.to(torch.bfloat16), w.to(torch.bfloat16)
         inputs, ref, tol = {"a": a16, "b": w16}, a16.float() @ w16.float().T, 1e-2
     else:
@@ -471,7 +501,7 @@ def make_inputs(cfg, m, n, k):
         ref, tol = fp8_reference(aq, a_s, bq, b_s), 1e-3
     if cfg["residual"]:
         out_dtype = torch.float32 if cfg["output"] == "f32" else torch.bfloat16  # fp8 outputs take no residual
-        inputs["residual"] = torch.randn(m, n, device="cuda").to(out_dtype)
+        inputs["residual"] = torch.randn(m, n, device=device).to(out_dtype)
         ref = ref + inputs["residual"].float()
     return inputs, ref, tol
 
@@ -523,6 +553,8 @@ def main():
     # K a multiple of 16 (TMA row pitch); 528 leaves a ragged last K block, 200 and 1 ragged M tiles.
     shapes = [(64, 2112, 7168), (128, 576, 1536), (200, 384, 528), (1, 256, 256)]
     timed = [(4096, 7168, 16384), (64, 2112, 7168)]
+    # A second A is the head's form (f32 activations as hi + lo): its decode shape, the weights read once.
+    head = [(64, 129280, 7168)]
     for path in sorted(os.listdir(args.ptx_dir)):
         if not path.endswith(".ptx") or (args.kernel and path != args.kernel + ".ptx"):
             continue
@@ -554,7 +586,7 @@ def main():
                 first = out.data.clone()
                 run(drv, func, cfg, launch)
                 torch.cuda.synchronize()
-                counters_zero = bool((launch["keep"][3] == 0).all())
+                counters_zero = bool((launch["keep"][-1] == 0).all())
                 same = bool(torch.equal(first, out.data))
                 ok = ok and counters_zero and same
                 extra = f"  splits {launch['splits']}, counters reset {counters_zero}, deterministic {same}"
@@ -562,7 +594,7 @@ def main():
             results.append({"kernel": cfg["name"], "m": m, "n": n, "k": k, "rel_err": rel, "tolerance": tol,
                             "fully_written": written, "ok": ok, "splits": launch["splits"]})
             print(f"{cfg['name']:44s} {m:5d}x{n:5d}x{k:5d}  rel err {rel:.2e} (<= {tol:g}){extra}  {'ok' if ok else 'FAIL'}")
-        for m, n, k in timed:
+        for m, n, k in timed + (head if cfg["dual_a"] else []):
             inputs, _, _ = make_inputs(cfg, m, n, k)
             out = Output(cfg, m, n)
             launch = prepare(drv, cfg, m, n, k, inputs, out, sms)
@@ -570,8 +602,11 @@ def main():
             a16, b16 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             torch_ms = median_ms(lambda: a16 @ b16.T)
             tf, torch_tf = 2 * m * n * k / (ms * 1e-3) / 1e12, 2 * m * n * k / (torch_ms * 1e-3) / 1e12
+            # The weights' (B's) bytes over the time: what bounds the decode shapes.
+            weight_gbps = n * k * (2 if cfg["input"] == "bf16" else 1) / (ms * 1e-3) / 1e9
             rec = {"kernel": cfg["name"], "m": m, "n": n, "k": k, "ms": ms, "TFLOPs": tf,
-                   "torch_bf16_TFLOPs": torch_tf, "splits": launch["splits"], "grid": launch["grid"]}
+                   "torch_bf16_TFLOPs": torch_tf, "splits": launch["splits"], "grid": launch["grid"],
+                   "weight_GBps": weight_gbps}
             ab = ""
             if spin is not None:
                 # The same kernel waiting without the suspend hint: the same bits, then its time.
@@ -586,7 +621,8 @@ def main():
                 ab = f"; without the suspend hint {ms / spin_ms:.3f}x as fast, same bits {same}"
                 failed += not same
             results.append(rec)
-            print(f"{cfg['name']:44s} {m:5d}x{n:5d}x{k:5d}  {tf:7.1f} TFLOP/s (torch bf16 {torch_tf:7.1f}, ratio {tf / torch_tf:.2f}){ab}")
+            print(f"{cfg['name']:44s} {m:5d}x{n:5d}x{k:5d}  {tf:7.1f} TFLOP/s (torch bf16 {torch_tf:7.1f}, ratio "
+                  f"{tf / torch_tf:.2f}), weights {weight_gbps:6.0f} GB/s{ab}")
     json.dump(results, open(args.out, "w"), indent=1)
     print(f"gemm_check: {failed} failed of {sum(1 for r in results if 'ok' in r)} correctness runs")
     return 1 if failed else 0

@@ -1068,6 +1068,7 @@ fn write_gpu_artifact(
                 .collect(),
         }),
         k_range: g.k_range.map(|r| r.operand),
+        a2: g.a2,
     };
     let mut fused = Vec::new();
     // A single GEMM: its operands are the fused kernel's arguments in the GEMM's roles, then its

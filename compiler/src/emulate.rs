@@ -248,13 +248,14 @@ fn mapped(l: &KernelLaunch, i: usize) -> Result<RawBuffer, String> {
 /// maps for A and B, then the memrefs in the template's order): `out = A . B^T` per 128-wide K
 /// block with the 1x128 / 128x128 (`b_row_scales`: 1x128) scales (fp8), grouped rows by offsets
 /// (gathered through the permutation, weighted by the row scale, scattered into token rows), plus
-/// the residual.
+/// the residual; a second A (tensor map 2) adds its product with the same B.
 ///
 /// # Safety
 /// Every address in the launch must be live host memory of the sizes it names.
 pub unsafe fn emulate_gemm(abi: &GemmAbi, l: &KernelLaunch) -> Result<(), String> {
     use v3c_models::dtype::{bf16_to_f32, f8e4m3_to_f32};
-    let v = values_after_maps(l, 2)?;
+    let maps = 2 + usize::from(abi.dual_a);
+    let v = values_after_maps(l, maps)?;
     let mut at = 0;
     let mut memref = |rank: usize| {
         let (ptr, sizes) = (v[at + 1], v[at + 3..at + 3 + rank].iter().map(|&d| d as usize).collect::<Vec<usize>>());
@@ -284,6 +285,8 @@ pub unsafe fn emulate_gemm(abi: &GemmAbi, l: &KernelLaunch) -> Result<(), String
     let residual = abi.residual.then(|| memref(2));
     let k = *v.last().ok_or("no parameters")? as usize;
     let (a, b) = (&l.tensor_maps[0], &l.tensor_maps[1]);
+    let a2 =
+        if abi.dual_a { Some(l.tensor_maps.get(2).ok_or("a dual-A GEMM without its third tensor map")?) } else { None };
     // SAFETY (all accesses below): the caller's promise.
     let f32_at = |ptr: u64, i: usize| unsafe { *(ptr as *const f32).add(i) };
     let i32_at = |ptr: u64, i: usize| unsafe { *(ptr as *const i32).add(i) };
@@ -307,7 +310,8 @@ pub unsafe fn emulate_gemm(abi: &GemmAbi, l: &KernelLaunch) -> Result<(), String
         for blk in blocks.clone() {
             let mut part = 0f32;
             for c in blk * 128..((blk + 1) * 128).min(k) {
-                part += el(a, arow, c) * el(b, brow, c);
+                let bv = el(b, brow, c);
+                part += el(a, arow, c) * bv + a2.map_or(0.0, |a2| el(a2, arow, c) * bv);
             }
             let scale = match (&a_scale, &b_scale) {
                 (Some((sa, sas)), Some((sb, sbs))) => {

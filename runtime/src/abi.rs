@@ -53,10 +53,16 @@ impl KernelAbi {
                 let known = ["bf16", "fp8"].contains(&g.input.as_str())
                     && ["f32", "bf16", "fp8"].contains(&g.output.as_str())
                     && ["dense", "contiguous", "gather", "masked"].contains(&g.grouping.as_str());
-                match known {
-                    true => Ok(()),
-                    false => Err(format!("a GEMM of {} -> {}, {} grouping", g.input, g.output, g.grouping)),
+                if !known {
+                    return Err(format!("a GEMM of {} -> {}, {} grouping", g.input, g.output, g.grouping));
                 }
+                if g.dual_a && (g.input != "bf16" || g.grouping != "dense") {
+                    return Err(format!(
+                        "a dual-A GEMM of {} inputs, {} grouping (dense bf16 only)",
+                        g.input, g.grouping
+                    ));
+                }
+                Ok(())
             }
             KernelAbi::MlaPrefill(a) => multiple("a query/key width of", a.qk, 64)
                 .and_then(|_| multiple("a value width of", a.v, 64))
@@ -352,6 +358,10 @@ pub struct GemmAbi {
     /// K's range `[start, end)` comes from the device (`k_range`, two i32): the K tiles summed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub k_range: bool,
+    /// A second A of A's shape, multiplied by the same B into the same output (`(A + A2) B^T`, B
+    /// read once: f32 activations as bf16 hi + lo): its tensor map follows B's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dual_a: bool,
 }
 
 impl GemmAbi {
@@ -509,6 +519,8 @@ pub struct SplitScratch {
 #[derive(Debug, Clone)]
 pub struct GemmOperands<'a> {
     pub a: &'a Buf,
+    /// The second A of a dual-A kernel (`GemmAbi::dual_a`).
+    pub a2: Option<&'a Buf>,
     pub a_scale: Option<&'a Buf>,
     pub b: &'a Buf,
     pub b_scale: Option<&'a Buf>,
@@ -631,14 +643,24 @@ impl GemmAbi {
         }
         let residual = ops.residual.filter(|_| self.residual);
         expect(residual, "the residual", &ops.out.element, Some(ops.out.elements()))?;
-        let maps = vec![
+        let mut maps = vec![
             TensorMapSpec::new(ops.a.addr, [a[0], k], in_el, [self.a_box_rows, self.block_k]),
             TensorMapSpec::new(ops.b.addr, [b[0], k], in_el, [self.b_box_rows, self.block_k]),
         ];
+        match (self.dual_a, ops.a2) {
+            (true, Some(a2)) => {
+                if a2.element != in_el || a2.shape_at_rank(2).map_err(fail)? != a {
+                    return Err(fail(format!("the second A is {:?} {}, A is {a:?} {in_el}", a2.shape, a2.element)));
+                }
+                maps.push(TensorMapSpec::new(a2.addr, [a[0], k], in_el, [self.a_box_rows, self.block_k]));
+            }
+            (true, None) => return Err(fail("a dual-A GEMM without its second A".into())),
+            (false, _) => {}
+        }
         for t in &maps {
             t.check().map_err(fail)?;
         }
-        let mut params = vec![Param::TensorMap(0), Param::TensorMap(1)];
+        let mut params: Vec<Param> = (0..maps.len()).map(Param::TensorMap).collect();
         params.extend(memref(ops.out, 2).map_err(fail)?);
         if self.output == "fp8" {
             return Err(fail("fp8 outputs (with their scales) are not launched by the runtime yet".into()));
@@ -699,6 +721,7 @@ impl GemmAbi {
         params.push(Param::Value(k as u64));
         let operands = [
             Some(ops.a),
+            ops.a2.filter(|_| self.dual_a),
             ops.a_scale,
             Some(ops.b),
             ops.b_scale,
@@ -785,6 +808,7 @@ mod tests {
             b_box_rows: 64,
             b_row_scales: name_opts.contains(&"b1x128"),
             k_range: name_opts.contains(&"krange"),
+            dual_a: false,
         }
     }
 
@@ -813,6 +837,7 @@ mod tests {
     fn fp8_operands<'a>(a: &'a Buf, s: &'a Buf, b: &'a Buf, bs: &'a Buf, out: &'a Buf) -> GemmOperands<'a> {
         GemmOperands {
             a,
+            a2: None,
             a_scale: Some(s),
             b,
             b_scale: Some(bs),
@@ -845,6 +870,43 @@ mod tests {
         assert!(g.launch("k", &bad, 132).unwrap_err().contains("a K range of [3] i32"));
         let none = GemmOperands { k_range: None, ..ops };
         assert!(g.launch("k", &none, 132).unwrap_err().contains("no K range operand"));
+    }
+
+    /// A dual-A GEMM: the second A's tensor map follows B's, of A's shape and type; without it, or
+    /// with another shape, the launch is refused.
+    #[test]
+    fn a_second_a_is_a_third_tensor_map() {
+        let g = GemmAbi { input: "bf16".into(), dual_a: true, block_k: 64, ..abi(&["res"]) };
+        let (hi, lo) = (buf(0x10000, &[3, 256], "bf16"), buf(0x20000, &[3, 256], "bf16"));
+        let (b, out) = (buf(0x30000, &[320, 256], "bf16"), buf(0x50000, &[3, 320], "f32"));
+        let ops = GemmOperands {
+            a: &hi,
+            a2: Some(&lo),
+            a_scale: None,
+            b: &b,
+            b_scale: None,
+            out: &out,
+            residual: Some(&out),
+            offsets: None,
+            perm: None,
+            row_scale: None,
+            k_range: None,
+            workspace: None,
+            counters: None,
+        };
+        let l = g.launch("k", &ops, 132).unwrap();
+        // maps (3), out (7), residual (7), k.
+        assert_eq!(l.params[..3], [Param::TensorMap(0), Param::TensorMap(1), Param::TensorMap(2)]);
+        assert_eq!(l.params.len(), 3 + 7 * 2 + 1);
+        assert_eq!((l.tensor_maps[2].addr, l.tensor_maps[2].rows, l.tensor_maps[2].cols), (0x20000, 3, 256));
+        assert_eq!(l.operands[1], lo);
+        let short = buf(0x20000, &[2, 256], "bf16");
+        let bad = GemmOperands { a2: Some(&short), ..ops.clone() };
+        assert!(g.launch("k", &bad, 132).unwrap_err().contains("the second A is [2, 256] bf16, A is [3, 256] bf16"));
+        let none = GemmOperands { a2: None, ..ops };
+        assert!(g.launch("k", &none, 132).unwrap_err().contains("without its second A"));
+        let fp8 = KernelAbi::Gemm(GemmAbi { dual_a: true, ..abi(&[]) });
+        assert!(fp8.check().unwrap_err().contains("a dual-A GEMM of fp8 inputs"));
     }
 
     #[test]

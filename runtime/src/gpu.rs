@@ -496,6 +496,7 @@ impl<'a> Expander<'a> {
                         let grouped = gs.grouped.as_ref();
                         let operands = GemmOperands {
                             a,
+                            a2: gs.a2.map(op).transpose()?,
                             a_scale,
                             b: &b,
                             b_scale: b_scale.as_ref(),
@@ -510,6 +511,7 @@ impl<'a> Expander<'a> {
                         };
                         let used = [
                             Some(operands.a),
+                            operands.a2,
                             operands.a_scale,
                             Some(operands.b),
                             operands.b_scale,

@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the format changes incompatibly (2: a row launch's grid may differ per regime,
 /// [`Blocks::Rows`]'s `decode_rows_per_block`, which a reader of 1 would ignore; 3: a grouped
-/// weight's shared experts may lie side by side along K, [`GroupedWeightSpec::shared_columns`]).
-pub const LOWERING_FORMAT_VERSION: u32 = 3;
+/// weight's shared experts may lie side by side along K, [`GroupedWeightSpec::shared_columns`]; 4:
+/// a GEMM may read a second A, [`GemmSpec::a2`], which a reader of 3 would not pass).
+pub const LOWERING_FORMAT_VERSION: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lowering {
@@ -244,6 +245,9 @@ pub struct GemmSpec {
     /// The operand holding K's range `[start, end)` (two i32) when the device decides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub k_range: Option<usize>,
+    /// The second A of a dual-A GEMM (`(A + A2) B^T`: f32 activations as bf16 hi + lo).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub a2: Option<usize>,
 }
 
 /// A grouped (MoE) GEMM.

@@ -67,6 +67,8 @@ struct Operands {
     k: usize,
     n: usize,
     a: Vec<u8>,
+    /// A dual-A kernel's second A (A's shape).
+    a2: Option<Vec<u8>>,
     a_scale: Vec<f32>,
     b: Vec<u8>,
     b_scale: Vec<f32>,
@@ -94,7 +96,11 @@ impl Operands {
         for blk in 0..kb {
             let mut part = 0f64;
             for c in blk * 128..((blk + 1) * 128).min(self.k) {
-                part += f64::from(self.element(&self.a, a_row, c)) * f64::from(self.element(&self.b, b_row, c));
+                let b = f64::from(self.element(&self.b, b_row, c));
+                part += f64::from(self.element(&self.a, a_row, c)) * b;
+                if let Some(a2) = &self.a2 {
+                    part += f64::from(self.element(a2, a_row, c)) * b;
+                }
             }
             let scale = if self.fp8 {
                 f64::from(self.a_scale[a_row * kb + blk]) * f64::from(self.b_scale[abi.b_scale_row(b_row) * kb + blk])
@@ -429,6 +435,7 @@ struct GemmBench {
     /// The default candidate's (the host's product follows its epilogue and grouping).
     default: GemmAbi,
     bufs: Vec<Buf>,
+    a2: Option<Buf>,
     residual: Option<Buf>,
     offsets: Option<Buf>,
     perm: Option<Buf>,
@@ -483,6 +490,7 @@ impl GemmBench {
             k,
             n,
             a: rand.operand(a_rows * k, fp8),
+            a2: default.dual_a.then(|| rand.operand(a_rows * k, fp8)),
             a_scale: rand.floats(a_rows * kb, 1e-3, 1e-2),
             b: rand.operand(groups * n * k, fp8),
             b_scale: rand.floats(b_scale_rows * kb, 1e-3, 1e-2),
@@ -496,6 +504,10 @@ impl GemmBench {
         let mut held = Vec::new();
         let buf = |addr: u64, shape: Vec<usize>, element: &str| Buf { addr, shape, element: element.into() };
         let a = buf(upload(&ops.a, "A", &mut held)?, vec![a_rows, k], in_el);
+        let a2 = match &ops.a2 {
+            Some(a2) => Some(buf(upload(a2, "the second A", &mut held)?, vec![a_rows, k], in_el)),
+            None => None,
+        };
         let b = buf(upload(&ops.b, "B", &mut held)?, vec![groups * n, k], in_el);
         let a_scale = buf(upload(&bytes_of(&ops.a_scale), "A scales", &mut held)?, vec![a_rows, kb], "f32");
         let b_scale = buf(upload(&bytes_of(&ops.b_scale), "B scales", &mut held)?, vec![b_scale_rows, kb], "f32");
@@ -531,6 +543,7 @@ impl GemmBench {
             abis,
             default,
             bufs: vec![a, a_scale, b, b_scale, row_scale],
+            a2,
             residual,
             offsets,
             perm,
@@ -556,6 +569,7 @@ impl Bench for GemmBench {
         let fp8 = self.ops.fp8;
         let operands = GemmOperands {
             a,
+            a2: self.a2.as_ref(),
             a_scale: fp8.then_some(a_scale),
             b,
             b_scale: fp8.then_some(b_scale),
@@ -605,7 +619,9 @@ impl Bench for GemmBench {
     }
 
     fn rate(&self, ms: f64) -> String {
-        let tflops = 2.0 * self.rows as f64 * self.ops.n as f64 * self.ops.k as f64 / (ms * 1e-3) / 1e12;
+        // The tensor cores' FLOPs: a second A is a second product.
+        let products = if self.a2.is_some() { 2.0 } else { 1.0 };
+        let tflops = 2.0 * products * self.rows as f64 * self.ops.n as f64 * self.ops.k as f64 / (ms * 1e-3) / 1e12;
         format!("{tflops:7.1} TFLOP/s")
     }
 }

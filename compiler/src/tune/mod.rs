@@ -47,6 +47,8 @@ pub struct GemmShape {
     pub wgrad: bool,
     /// K's range from the device (one expert's pairs of a Wgrad): K is the range's average.
     pub k_range: bool,
+    /// A second A multiplied by the same B (`(A + A2) B^T`: f32 activations as bf16 hi + lo).
+    pub dual_a: bool,
 }
 
 /// A grouped GEMM's routing: `routed` experts each token picks `top_k` of, `shared` experts every
@@ -93,6 +95,7 @@ impl GemmShape {
             k,
             wgrad: kernel.fixed_m.is_some(),
             k_range: kernel.k_range.is_some(),
+            dual_a: kernel.a2.is_some(),
             input: kernel.input,
             output: kernel.output,
             residual: kernel.residual.is_some(),
@@ -135,7 +138,8 @@ impl GemmShape {
         }
         let Some(g) = &self.grouped else {
             let residual = if self.residual { " +residual" } else { "" };
-            return format!("gemm {}->{o} n{} k{}{residual}", t(self.input), self.n, self.k);
+            let dual = if self.dual_a { " +a2" } else { "" };
+            return format!("gemm {}->{o} n{} k{}{residual}{dual}", t(self.input), self.n, self.k);
         };
         let grouping = match g.grouping {
             GemmGrouping::Gather => "gather",
@@ -216,6 +220,7 @@ pub fn candidates(shape: &GemmShape, target: &GpuTarget) -> Vec<GemmConfig> {
                                         residual: shape.residual,
                                         b_row_scales: shape.b_row_scales(),
                                         k_range: shape.k_range,
+                                        dual_a: shape.dual_a,
                                         ..GemmConfig::new(shape.input, shape.output, block_m, block_n, stages)
                                     };
                                     if c.validate(target).is_ok() {
@@ -295,7 +300,9 @@ const DRAM_EFFICIENCY: f64 = 0.87;
 fn k_tile_round_us(c: &GemmConfig, device: &DeviceModel, per_sm: usize) -> f64 {
     let fp8 = c.input == GemmInput::Fp8;
     let peak_sm = if fp8 { device.fp8_tflops } else { device.bf16_tflops } * 1e12 / device.sm_count as f64;
-    let wg_flops = 2.0 * (c.block_m / c.consumers * c.block_n * c.block_k()) as f64;
+    // A second A is a second chain over the same B tile.
+    let products = if c.dual_a { 2.0 } else { 1.0 };
+    let wg_flops = 2.0 * products * (c.block_m / c.consumers * c.block_n * c.block_k()) as f64;
     let chain_ns = wg_flops / (peak_sm * wgmma_width_efficiency(c.block_n)) * 1e9;
     let block_values = (c.block_m / c.consumers / 64 * c.block_n / 2) as f64;
     let serial = SERIAL_NS + if fp8 { PROMOTION_NS_PER_VALUE * block_values } else { 0.0 };
@@ -346,7 +353,9 @@ pub fn estimate(shape: &GemmShape, config: &GemmConfig, device: &DeviceModel) ->
     // DRAM: each operand once when the tiles running together share it in L2 (rasterized order, or
     // small enough), re-read otherwise — A across tile columns, B across tile rows; the output
     // (+ residual); split K's workspace written and read.
-    let (a_bytes, b_bytes) = ((shape.m * shape.k) as f64 * elt, (shape.n * shape.k) as f64 * elt);
+    // (A second A: twice A's bytes, B's once.)
+    let products = if shape.dual_a { 2.0 } else { 1.0 };
+    let (a_bytes, b_bytes) = (products * (shape.m * shape.k) as f64 * elt, (shape.n * shape.k) as f64 * elt);
     let fits = |bytes: f64| bytes < device.l2_bytes as f64 / 4.0;
     let reread =
         |bytes: f64, other_tiles: usize| if c.raster > 0 || fits(bytes) || other_tiles == 1 { 1.0 } else { 1.5 };
@@ -365,7 +374,7 @@ pub fn estimate(shape: &GemmShape, config: &GemmConfig, device: &DeviceModel) ->
     let fixed =
         LAUNCH_US + UNIT_US * units.div_ceil(slots) as f64 + if splits > 1 { SPLIT_US * splits as f64 } else { 0.0 };
     let micros = compute_us.max(memory_us) + fixed;
-    let flops = 2.0 * (shape.m * shape.n * shape.k) as f64;
+    let flops = 2.0 * products * (shape.m * shape.n * shape.k) as f64;
     Estimate {
         config: *c,
         splits,
@@ -515,6 +524,7 @@ pub fn choose(kernel: &GemmKernel, m: usize, device: &DeviceModel, db: Option<&d
         (config.input, config.output, config.residual) == (shape.input, shape.output, shape.residual)
             && config.grouping == shape.grouped.map_or(GemmGrouping::Dense, |g| g.grouping)
             && config.b_row_scales == shape.b_row_scales()
+            && config.dual_a == shape.dual_a
             && shape.grouped.is_none_or(|g| (config.row_scale, config.scatter) == (g.row_scale, g.scatter))
     };
     let problem = Problem { signature: shape.signature(), bucket: m_bucket(m), device };
@@ -649,6 +659,7 @@ mod tests {
             grouped: None,
             wgrad: false,
             k_range: false,
+            dual_a: false,
         }
     }
 
@@ -790,6 +801,7 @@ mod tests {
             grouped: None,
             fixed_m: None,
             k_range: None,
+            a2: None,
         };
         let shape = GemmShape::of(&kernel, DECODE_M);
         let entry = |winner: &str| measured(&shape, &h200, winner, 0.01);
@@ -888,6 +900,7 @@ mod tests {
             }),
             fixed_m: None,
             k_range: None,
+            a2: None,
         };
         let shape = GemmShape::of(&kernel, DECODE_M);
         assert_eq!(shape, moe(DECODE_M));

@@ -127,6 +127,9 @@ pub struct GemmConfig {
     /// whole: the caller pads it with zeros) — one expert's pairs in a Wgrad over pairs laid out per
     /// expert (a count only the device knows).
     pub k_range: bool,
+    /// A second A (`a2`, A's shape) multiplied by the same B into the same accumulators: `out =
+    /// (A + A2) B^T` with B read once — f32 activations as bf16 `hi + lo` (bf16 only; dense).
+    pub dual_a: bool,
 }
 
 /// Bytes of K per pipeline stage: one 128-byte swizzle row per tile row.
@@ -169,6 +172,7 @@ impl GemmConfig {
             scatter: false,
             b_row_scales: false,
             k_range: false,
+            dual_a: false,
         }
     }
 
@@ -208,9 +212,14 @@ impl GemmConfig {
         32 / self.element_bytes()
     }
 
-    /// Bytes of one pipeline stage (an A tile and a B tile).
+    /// A tiles per pipeline stage (two with a second A).
+    fn a_tiles(&self) -> usize {
+        1 + usize::from(self.dual_a)
+    }
+
+    /// Bytes of one pipeline stage (the A tile, or both, and a B tile).
     pub fn stage_bytes(&self) -> usize {
-        (self.block_m + self.block_n) * ROW_BYTES
+        (self.a_tiles() * self.block_m + self.block_n) * ROW_BYTES
     }
 
     /// Dynamic shared memory the kernel needs.
@@ -265,7 +274,7 @@ impl GemmConfig {
 
     /// How [`GemmConfig::kernel_name`] spells a configuration (optional parts in this order).
     pub const NAME_FORMAT: &str = "gemm_<bf16|fp8>_<f32|bf16|fp8>_<M>x<N>x<K>_s<stages>[_wg2][_ws][_persist][_r<G>]\
-        [_contig|_gather|_masked][_splitk][_swiglu][_rowscale][_scatter][_res][_b1x128][_krange]";
+        [_contig|_gather|_masked][_splitk][_swiglu][_rowscale][_scatter][_res][_b1x128][_krange][_a2]";
 
     /// Blocks to launch for a grouped GEMM of `rows` group-sorted rows (masked: `groups * cap`)
     /// over `groups` groups: enough for the most tiles the rows can form (each group's last tile
@@ -336,6 +345,9 @@ impl GemmConfig {
         if self.k_range {
             name.push_str("_krange");
         }
+        if self.dual_a {
+            name.push_str("_a2");
+        }
         name
     }
 
@@ -364,6 +376,7 @@ impl GemmConfig {
             b_box_rows: self.block_n / self.cluster,
             b_row_scales: self.b_row_scales,
             k_range: self.k_range,
+            dual_a: self.dual_a,
         }
     }
 
@@ -425,6 +438,9 @@ impl GemmConfig {
             } else if part == "krange" {
                 config.k_range = true;
                 (13, true)
+            } else if part == "a2" {
+                config.dual_a = true;
+                (14, true)
             } else if let Some(v) = part.strip_prefix("wg") {
                 config.consumers = v.parse().ok()?;
                 (1, config.consumers != 1)
@@ -475,6 +491,11 @@ impl GemmConfig {
             return Err(format!(
                 "{name}: a K range from the device goes with dense fp8 GEMMs without split K (the host sizes splits \
                  by K; the range is in 128-wide scale groups)"
+            ));
+        }
+        if self.dual_a && (self.is_grouped() || self.input != GemmInput::Bf16 || self.swiglu) {
+            return Err(format!(
+                "{name}: a second A goes with dense bf16 GEMMs without SwiGLU (f32 activations as hi + lo)"
             ));
         }
         if self.stages < 2 || self.stages > 8 {
@@ -644,7 +665,11 @@ impl Emitter {
         }
         let _ = writeln!(head, "module attributes {{gpu.container_module}} {{\ngpu.module @kernels {{");
         let out_ty = format!("memref<?x?x{}>", self.out_el);
-        let mut args = vec!["%a_ptr: !llvm.ptr".to_string(), "%b_ptr: !llvm.ptr".into(), format!("%out: {out_ty}")];
+        let mut args = vec!["%a_ptr: !llvm.ptr".to_string(), "%b_ptr: !llvm.ptr".into()];
+        if c.dual_a {
+            args.push("%a2_ptr: !llvm.ptr".into());
+        }
+        args.push(format!("%out: {out_ty}"));
         if c.output == GemmOutput::Fp8 {
             args.push("%out_scale: memref<?x?xf32>".into());
         }
@@ -814,7 +839,7 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
   %sh8 = arith.constant 8 : i16
 {splits}  %a_map = builtin.unrealized_conversion_cast %a_ptr : !llvm.ptr to !amap
   %b_map = builtin.unrealized_conversion_cast %b_ptr : !llvm.ptr to !bmap
-  %tid = gpu.thread_id x
+{a2_map}  %tid = gpu.thread_id x
   %bx = gpu.block_id x
   %gdx = gpu.grid_dim x
   %m = memref.dim %out, %c0 : memref<?x?x{out}>
@@ -830,6 +855,11 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
             // bits 32-45 (16-byte units); the start address goes in bits 0-13 (16-byte units).
             desc_hi = (1u64 << 62) | (64u64 << 32),
             out = self.out_el,
+            a2_map = if c.dual_a {
+                "  %a2_map = builtin.unrealized_conversion_cast %a2_ptr : !llvm.ptr to !amap\n"
+            } else {
+                ""
+            },
             n = if c.swiglu {
                 format!(
                     "  %n_out = memref.dim %out, %c1 : memref<?x?x{}>\n  %n = arith.muli %n_out, %c2 : index\n",
@@ -881,10 +911,11 @@ nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap
     scf.for %s = %c0 to %c{stages} step %c1 {{
 {init}    }}
 {fence}    nvgpu.tma.prefetch.descriptor %a_map : !amap
-    nvgpu.tma.prefetch.descriptor %b_map : !bmap
+{a2}    nvgpu.tma.prefetch.descriptor %b_map : !bmap
   }}
   gpu.barrier{}",
-            if c.cluster > 1 { "\n  nvvm.cluster.arrive\n  nvvm.cluster.wait" } else { "" }
+            if c.cluster > 1 { "\n  nvvm.cluster.arrive\n  nvvm.cluster.wait" } else { "" },
+            a2 = if c.dual_a { "    nvgpu.tma.prefetch.descriptor %a2_map : !amap\n" } else { "" }
         );
     }
 
@@ -1128,12 +1159,22 @@ scf.condition(%w_more) %w_g, %w_base, {cnt}, %w_at, %w_total, %w_fs, %w_fr : ind
         let c = &self.c;
         let (bm, bn, bk) = (c.block_m, c.block_n, c.block_k());
         let (tx, a_bytes, in_el, ws) = (c.stage_bytes(), bm * ROW_BYTES, self.in_el, WORKGROUP);
+        // The stage: A's tile, the second A's (dual), then B's.
+        let a2 = if c.dual_a {
+            format!(
+                "\n%ld_a2_off = arith.addi %ld_a_off, %c{a_bytes} : index
+%ld_a2 = memref.view %smem[%ld_a2_off][] : memref<?xi8, {ws}> to memref<{bm}x{bk}x{in_el}, {ws}>"
+            )
+        } else {
+            String::new()
+        };
         format!(
             "%ld_a_off = arith.muli {st}, %c{tx} : index
-%ld_b_off = arith.addi %ld_a_off, %c{a_bytes} : index
-%ld_a = memref.view %smem[%ld_a_off][] : memref<?xi8, {ws}> to memref<{bm}x{bk}x{in_el}, {ws}>
+%ld_b_off = arith.addi %ld_a_off, %c{b_at} : index
+%ld_a = memref.view %smem[%ld_a_off][] : memref<?xi8, {ws}> to memref<{bm}x{bk}x{in_el}, {ws}>{a2}
 %ld_b = memref.view %smem[%ld_b_off][] : memref<?xi8, {ws}> to memref<{bn}x{bk}x{in_el}, {ws}>
-%ld_k0 = arith.muli {kt}, %c{bk} : index"
+%ld_k0 = arith.muli {kt}, %c{bk} : index",
+            b_at = c.a_tiles() * a_bytes
         )
     }
 
@@ -1161,13 +1202,19 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         )
     }
 
-    /// The A tile's load (rows `%row0..`; not for gathers).
+    /// The A tile's load, and the second A's (rows `%row0..`; not for gathers).
     fn a_tile(&self, st: &str) -> String {
         let c = &self.c;
         let (bm, bk, in_el, ws) = (c.block_m, c.block_k(), self.in_el, WORKGROUP);
-        format!(
-            "nvgpu.tma.async.load %a_map[%ld_k0, %row0], %full[{st}] to %ld_a : !amap, !bar -> memref<{bm}x{bk}x{in_el}, {ws}>"
-        )
+        let maps: &[(&str, &str)] = if c.dual_a { &[("a", "a"), ("a2", "a2")] } else { &[("a", "a")] };
+        maps.iter()
+            .map(|(map, view)| {
+                format!(
+                    "nvgpu.tma.async.load %{map}_map[%ld_k0, %row0], %full[{st}] to %ld_{view} : !amap, !bar -> memref<{bm}x{bk}x{in_el}, {ws}>"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// TMA issue of K tile `kt` into ring buffer `st` (one thread; the caller guards).
@@ -1179,6 +1226,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
     fn consumer(&self) -> String {
         let c = &self.c;
         let (stages, tx, a_bytes) = (c.stages, c.stage_bytes(), c.block_m * ROW_BYTES);
+        let b_at = c.a_tiles() * a_bytes;
         let rows_per_wg = c.block_m / c.consumers;
         let m_tiles = c.row_tiles();
         let frag_n = c.block_n / 2;
@@ -1253,13 +1301,17 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
       %a_off64 = arith.index_cast %a_off : index to i64
       %stage_addr = arith.addi %smem_base, %a_off64 : i64
       %a_addr_t = arith.addi %stage_addr, %wg_a64 : i64
-      %b_addr_t = arith.addi %stage_addr, %c{a_bytes}_i64 : i64
+      %b_addr_t = arith.addi %stage_addr, %c{b_at}_i64 : i64
 {}",
             m_tiles + 1,
             iter_args.join(", "),
             types.join(", "),
             indent(&(lane0_broadcast("%a_addr", "%a_addr_t") + &lane0_broadcast("%b_addr", "%b_addr_t")), 6),
         );
+        if c.dual_a {
+            // The second A's tile follows the first in the stage.
+            let _ = writeln!(t, "      %a2_addr = arith.addi %a_addr, %c{a_bytes}_i64 : i64");
+        }
         let results = self.mainloop_body(&mut t, &accs);
         if c.specialized {
             let _ = writeln!(t, "      %released = nvgpu.mbarrier.arrive %empty[%st] : !bar -> !nvgpu.mbarrier.token");
@@ -1393,9 +1445,13 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 "      %{name}_m = arith.andi {addr}, %addr_mask : i64\n      %{name}_s = arith.shrui %{name}_m, %c4_i64 : i64\n      %{name} = arith.ori %desc_hi, %{name}_s : i64"
             )
         };
-        for i in 0..m_tiles {
-            let _ = writeln!(t, "      %a_addr{i} = arith.addi %a_addr, %c{}_i64 : i64", i * 64 * ROW_BYTES);
-            let _ = writeln!(t, "{}", desc(&format!("da{i}"), &format!("%a_addr{i}")));
+        // The A operands: A's tile, and the second A's (`dc`), each multiplied by the same B tile.
+        let operands: &[(&str, &str)] = if c.dual_a { &[("a", "da"), ("a2", "dc")] } else { &[("a", "da")] };
+        for (a, d) in operands {
+            for i in 0..m_tiles {
+                let _ = writeln!(t, "      %{a}_addr{i} = arith.addi %{a}_addr, %c{}_i64 : i64", i * 64 * ROW_BYTES);
+                let _ = writeln!(t, "{}", desc(&format!("{d}{i}"), &format!("%{a}_addr{i}")));
+            }
         }
         let _ = writeln!(t, "{}", desc("db", "%b_addr"));
         let _ = writeln!(t, "      nvvm.wgmma.fence.aligned");
@@ -1403,28 +1459,32 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         // K block (scale-out zero on the first step).
         let mut cur: Vec<String> =
             if fp8 { vec![String::new(); m_tiles] } else { accs.iter().map(|a| format!("{a}_in")).collect() };
-        for ks in 0..c.block_k() / c.wgmma_k() {
-            for (i, cur_i) in cur.iter_mut().enumerate() {
-                let (da, db) = if ks == 0 {
-                    (format!("%da{i}"), "%db".to_string())
-                } else {
-                    let _ = writeln!(t, "      %da{i}_{ks} = arith.addi %da{i}, %c{}_i64 : i64", 2 * ks);
-                    if i == 0 {
-                        let _ = writeln!(t, "      %db_{ks} = arith.addi %db, %c{}_i64 : i64", 2 * ks);
-                    }
-                    (format!("%da{i}_{ks}"), format!("%db_{ks}"))
-                };
-                let (input, scale_out) =
-                    if fp8 && ks == 0 { (format!("%frag{frag_n}"), "zero") } else { (cur_i.clone(), "one") };
-                let out = format!("%w{i}_{ks}");
-                let _ = writeln!(
-                    t,
-                    "      {out} = nvvm.wgmma.mma_async {da}, {db}, {input}, <m = 64, n = {bn}, k = {wk}>, D[<f32>, <{scale_out}>, <wrapped>], A[<{el}>, <one>, <row>], B[<{el}>, <one>, <col>] : {frag} -> {frag}",
-                    bn = c.block_n,
-                    wk = c.wgmma_k(),
-                    el = self.wgmma_el,
-                );
-                *cur_i = out;
+        // (Dual: the second A's chain after the first's, into the same accumulators — bf16 only.)
+        let steps = c.block_k() / c.wgmma_k();
+        for (pass, (_, d)) in operands.iter().enumerate() {
+            for ks in 0..steps {
+                for (i, cur_i) in cur.iter_mut().enumerate() {
+                    let (da, db) = if ks == 0 {
+                        (format!("%{d}{i}"), "%db".to_string())
+                    } else {
+                        let _ = writeln!(t, "      %{d}{i}_{ks} = arith.addi %{d}{i}, %c{}_i64 : i64", 2 * ks);
+                        if i == 0 && pass == 0 {
+                            let _ = writeln!(t, "      %db_{ks} = arith.addi %db, %c{}_i64 : i64", 2 * ks);
+                        }
+                        (format!("%{d}{i}_{ks}"), format!("%db_{ks}"))
+                    };
+                    let (input, scale_out) =
+                        if fp8 && ks == 0 { (format!("%frag{frag_n}"), "zero") } else { (cur_i.clone(), "one") };
+                    let out = format!("%w{i}_{}", pass * steps + ks);
+                    let _ = writeln!(
+                        t,
+                        "      {out} = nvvm.wgmma.mma_async {da}, {db}, {input}, <m = 64, n = {bn}, k = {wk}>, D[<f32>, <{scale_out}>, <wrapped>], A[<{el}>, <one>, <row>], B[<{el}>, <one>, <col>] : {frag} -> {frag}",
+                        bn = c.block_n,
+                        wk = c.wgmma_k(),
+                        el = self.wgmma_el,
+                    );
+                    *cur_i = out;
+                }
             }
         }
         let _ = writeln!(t, "      nvvm.wgmma.commit.group.sync.aligned");

@@ -216,7 +216,8 @@ fn computed(g: &lower::GemmKernel) -> bool {
 /// e4m3 products summed in order, then scaled by A's and B's scales, as the reference's
 /// `matmul_fp8`. Grouped: sorted row r of group e (`offsets`) reads A row `perm[r]` (gathered) or r,
 /// B rows `e * N..`, times its row scale. A K range from the device ([`lower::KRange`]): the K
-/// blocks from the one holding its start to the one holding its last column.
+/// blocks from the one holding its start to the one holding its last column. A second A
+/// ([`lower::GemmKernel::a2`]): each product `a b + a2 b`.
 ///
 /// # Safety
 /// The buffers address their shapes' elements.
@@ -267,6 +268,12 @@ unsafe fn gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), String> 
         }
     };
     let (av, bv) = (values(a), values(b));
+    let a2v = match g.a2.map(at).transpose()? {
+        Some(a2) if a2.shape != a.shape => {
+            return Err(format!("{}: A {:?} but the second A {:?}", g.kernel, a.shape, a2.shape));
+        }
+        a2 => a2.map(values),
+    };
     let residual = g.residual.map(|r| at(r).map(|r| floats(r).to_vec())).transpose()?;
     // Scales (fp8): A's per row and 128 columns; B's per 128x128 block, or (Wgrad's form) per row.
     let scales = match (g.a_scale, g.weights[0].1) {
@@ -303,8 +310,12 @@ unsafe fn gemm(g: &lower::GemmKernel, bufs: &[RawBuffer]) -> Result<(), String> 
             let j = brow + col;
             let mut acc = 0.0f32;
             for block in blocks.clone() {
-                let partial: f32 =
-                    (block * group..((block + 1) * group).min(k)).map(|c| av[i * k + c] * bv[j * k + c]).sum();
+                let partial: f32 = (block * group..((block + 1) * group).min(k))
+                    .map(|c| {
+                        let b = bv[j * k + c];
+                        av[i * k + c] * b + a2v.as_ref().map_or(0.0, |a2| a2[i * k + c] * b)
+                    })
+                    .sum();
                 acc += match scales {
                     Some((sa, sb)) => {
                         partial * floats(sa)[i * sa.shape[1] + block] * floats(sb)[b_row(j) * sb.shape[1] + block]

@@ -48,6 +48,9 @@ pub struct GemmKernel {
     pub fixed_m: Option<usize>,
     /// K's range from the device (Wgrad over one expert's pairs): see [`KRange`].
     pub k_range: Option<KRange>,
+    /// A second activation argument of A's shape, multiplied by the same weights into the same
+    /// output (`(A + A2) W^T`, the weights read once): f32 activations as bf16 hi + lo.
+    pub a2: Option<usize>,
 }
 
 /// A GEMM whose K range `[start, end)` (in whole 128-wide tiles, zero-padded) a step operand holds
@@ -80,6 +83,7 @@ impl GemmKernel {
             grouped: None,
             fixed_m: None,
             k_range: None,
+            a2: None,
         }
     }
 
@@ -170,6 +174,7 @@ fn gemm_of(kernel: &OperationRef, f32_on_bf16: bool) -> Result<GemmKernel, Strin
         grouped: None,
         fixed_m: None,
         k_range: None,
+        a2: None,
     };
     let mut residual_sum: Option<usize> = None;
     let mut op = block.first_operation();
@@ -671,8 +676,8 @@ pub struct Steps {
 /// - the MoE grouped GEMMs (fp8): `moe_gate_up` + its quantization as a gathered grouped GEMM then
 ///   the SwiGLU row; `moe_down` as a copy of the residual then a grouped GEMM scattering into it;
 /// - a GEMM on f32 activations with bf16 weights (`lm_head`, the MTP's `eh_proj` linear): the
-///   activations split into bf16 hi + lo by a row, then two bf16 GEMMs, the second adding onto the
-///   first's output (x W^T to ~2^-16, on the tensor cores);
+///   activations split into bf16 hi + lo by a row, then one dual-A bf16 GEMM over both halves
+///   (x W^T to ~2^-16 on the tensor cores, the weights read once);
 /// - the dense SwiGLU MLP's first half (fp8): gate and up `linear`s on the same quantized
 ///   activation, `silu_mul`, `quantize_fp8` -> one fp8 GEMM over the gate and up weights
 ///   concatenated along N (f32 out), row kernel (SwiGLU + 1x128 quantization). (The GEMM template
@@ -720,6 +725,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         grouped: None,
         fixed_m: None,
         k_range: None,
+        a2: None,
     };
     let bf16_gemm = |name: String, n: usize, k: usize, weights: Vec<(usize, Option<usize>)>| GemmKernel {
         kernel: name,
@@ -735,13 +741,14 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         grouped: None,
         fixed_m: None,
         k_range: None,
+        a2: None,
     };
     let fused = kernel.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
     match names.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["rms_norm", "quantize_fp8", "linear", "reshape", "split", "rope", "func.return"]
         | ["rms_norm", "linear", "reshape", "split", "rope", "func.return"] => {
             // fp8: norm + 1x128 quantization row, fp8 GEMM (f32 out), split + RoPE row. The f32
-            // graph (bf16 weights): the norm's f32 rows split into bf16 hi + lo for two GEMMs.
+            // graph (bf16 weights): the norm's f32 rows split into bf16 hi + lo for one dual-A GEMM.
             let fp8 = ops.len() == 7;
             let at = |i: usize| &ops[if fp8 && i > 0 { i + 1 } else { i }];
             let (norm, linear, reshape, split, rope, ret) = (at(0), at(1), at(2), at(3), at(4), at(5));
@@ -969,41 +976,9 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 return Err(format!("{head} on {} activations with {} weights", x.element, w.element));
             }
             let (n, k) = (fixed(&w, 0)?, fixed(&w, 1)?);
-            // f32 activations on the bf16 tensor cores: x = hi + lo (both bf16), two GEMMs into one
-            // f32 output, the second adding onto the first (its residual is the output).
-            let bf16_gemm = |suffix: &str, residual: Option<usize>| GemmKernel {
-                kernel: format!("{fused}.{suffix}"),
-                input: GemmInput::Bf16,
-                output: GemmOutput::F32,
-                n,
-                k,
-                a: 0,
-                a_scale: None,
-                weights: vec![(1, None)],
-                residual,
-                results: vec![(0, n)],
-                grouped: None,
-                fixed_m: None,
-                k_range: None,
-            };
-            Ok(Steps {
-                temps: vec![Temp::per_row(1, k, "bf16"), Temp::per_row(1, k, "bf16")],
-                steps: vec![
-                    Step {
-                        kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
-                        operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
-                    },
-                    Step {
-                        kernel: StepKernel::Gemm(bf16_gemm("hi", None)),
-                        operands: vec![Operand::Temp(0), Operand::Arg(1), Operand::Result(0)],
-                    },
-                    Step {
-                        kernel: StepKernel::Gemm(bf16_gemm("lo", Some(2))),
-                        operands: vec![Operand::Temp(1), Operand::Arg(1), Operand::Result(0), Operand::Result(0)],
-                    },
-                ],
-                rope_table: None,
-            })
+            // f32 activations on the bf16 tensor cores: x = hi + lo (both bf16), one dual-A GEMM.
+            let g = bf16_gemm(fused.clone(), n, k, vec![(1, None)]);
+            Ok(split_bf16_steps(&g, &fused, Vec::new(), None))
         }
         ["moe_dispatch", "func.return"] => {
             let dispatch = &ops[0];
@@ -1104,6 +1079,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 }),
                 fixed_m: None,
                 k_range: None,
+                a2: None,
             };
             // Several shared experts are one MLP's: the gate and up rows, or (down) the
             // columns, expert after expert.
@@ -1270,6 +1246,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 grouped: Some(g),
                 fixed_m: None,
                 k_range: None,
+                a2: None,
             };
             use super::gemm::GemmGrouping;
             if gate_up {
@@ -1352,11 +1329,11 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
 }
 
 /// `g` (a bf16 GEMM whose activation argument `g.a` is f32) on the tensor cores to ~2^-16: the
-/// activations split into bf16 hi + lo by a row (`x = hi + lo`), two bf16 GEMMs into one f32
-/// output, the second adding onto the first (its residual is the output); the first adds `g`'s
-/// residual. `before`: steps that come first (`g.a` then names one of their temporaries, numbered
-/// after the split's); the output is `into` (a step operand), else the kernel's one result, else a
-/// temporary whose column ranges are copied into the results.
+/// activations split into bf16 hi + lo by a row (`x = hi + lo`), then one dual-A bf16 GEMM
+/// `(hi + lo) W^T` into the f32 output (the weights read once), adding `g`'s residual.
+/// `before`: steps that come first (`g.a` then names one of their temporaries, numbered after the
+/// split's); the output is `into` (a step operand), else the kernel's one result, else a temporary
+/// whose column ranges are copied into the results.
 fn split_bf16_steps(g: &GemmKernel, fused: &str, before: Vec<(Step, Temp)>, into: Option<Operand>) -> Steps {
     let (n, k) = (g.n, g.k);
     let mut temps = vec![Temp::per_row(1, k, "bf16"), Temp::per_row(1, k, "bf16")];
@@ -1380,43 +1357,39 @@ fn split_bf16_steps(g: &GemmKernel, fused: &str, before: Vec<(Step, Temp)>, into
         kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
         operands: vec![source, Operand::Temp(0), Operand::Temp(1)],
     });
-    for (half, part) in [("hi", 0), ("lo", 1)] {
-        let mut operands = vec![Operand::Temp(part)];
-        let weights: Vec<(usize, Option<usize>)> = g
-            .weights
-            .iter()
-            .map(|&(w, _)| {
-                operands.push(Operand::Arg(w));
-                (operands.len() - 1, None)
-            })
-            .collect();
-        let residual = match (half, g.residual) {
-            ("hi", Some(r)) => Some(Operand::Arg(r)),
-            ("hi", None) => None,
-            _ => Some(out),
-        };
-        let residual = residual.map(|r| {
-            operands.push(r);
-            operands.len() - 1
-        });
-        operands.push(out);
-        let kernel = GemmKernel {
-            kernel: format!("{fused}.{half}"),
-            input: GemmInput::Bf16,
-            output: GemmOutput::F32,
-            n,
-            k,
-            a: 0,
-            a_scale: None,
-            weights,
-            residual,
-            results: vec![(0, n)],
-            grouped: None,
-            fixed_m: None,
-            k_range: None,
-        };
-        steps.push(Step { kernel: StepKernel::Gemm(kernel), operands });
-    }
+    // One GEMM over both halves (each K tile's weights read once, multiplied by hi's and lo's
+    // tiles into the same accumulators), adding `g`'s residual.
+    let mut operands = vec![Operand::Temp(0), Operand::Temp(1)];
+    let weights: Vec<(usize, Option<usize>)> = g
+        .weights
+        .iter()
+        .map(|&(w, _)| {
+            operands.push(Operand::Arg(w));
+            (operands.len() - 1, None)
+        })
+        .collect();
+    let residual = g.residual.map(|r| {
+        operands.push(Operand::Arg(r));
+        operands.len() - 1
+    });
+    operands.push(out);
+    let kernel = GemmKernel {
+        kernel: format!("{fused}.gemm"),
+        input: GemmInput::Bf16,
+        output: GemmOutput::F32,
+        n,
+        k,
+        a: 0,
+        a_scale: None,
+        weights,
+        residual,
+        results: vec![(0, n)],
+        grouped: None,
+        fixed_m: None,
+        k_range: None,
+        a2: Some(1),
+    };
+    steps.push(Step { kernel: StepKernel::Gemm(kernel), operands });
     if !single && into.is_none() {
         for (i, &(start, end)) in g.results.iter().enumerate() {
             let copy =
@@ -1507,8 +1480,8 @@ pub(super) fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), St
 /// 5. flash attention (`mla_prefill_*`: wgmma, causal, query t seeing keys `0..=S - T + t`);
 /// 6. its head-major f32 output back to token rows, quantized 1x128 (`rows_mlaheadsout_*_q`).
 ///
-/// The f32 graph's `attention` + `reshape` (bf16 kv_b, f32 output): the up-projection as two bf16
-/// GEMMs of the latent split into hi + lo (to ~2^-16), the output rows in f32 (`_y`): 7 launches.
+/// The f32 graph's `attention` + `reshape` (bf16 kv_b, f32 output): the up-projection as a dual-A bf16
+/// GEMM of the latent split into hi + lo (to ~2^-16), the output rows in f32 (`_y`): 6 launches.
 ///
 /// Numerics: (fp8) the latent in e4m3 for the up-projection, then q, k, v and P in bf16 (the
 /// CUDA-core row, [`RowOp::MlaDecode`], keeps the reference's f32 instead). `Err`: not this
@@ -1553,6 +1526,7 @@ pub fn mla_prefill_steps(kernel: &OperationRef, cache_rows: CacheRows) -> Result
         grouped: None,
         fixed_m: None,
         k_range: None,
+        a2: None,
     };
     let row = |op: RowOp, d: usize| StepKernel::Row(RowKernel::new(op, d, "f32"));
     let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };

@@ -1113,6 +1113,7 @@ fn moe_experts_grad_fp8(
             results: Vec::new(),
             fixed_m: Some(m),
             k_range: Some(KRange { operand: 4, per_token: k, groups: experts }),
+            a2: None,
             ..GemmKernel::fp8(format!("{kernel}.wgrad_{}", names[which]), n, 0)
         };
         ex.steps.push(Step { kernel: StepKernel::Gemm(gemm), operands: vec![a.0, a.1, b.0, b.1, range, Res(i)] });
@@ -1486,6 +1487,7 @@ fn matmul_steps(
             grouped: None,
             fixed_m,
             k_range: None,
+            a2: None,
         };
         steps.push(Step { kernel: StepKernel::Gemm(kernel), operands });
     }
