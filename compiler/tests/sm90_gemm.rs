@@ -110,6 +110,17 @@ fn grouped() -> Vec<GemmConfig> {
             ..g(Contiguous, GemmInput::Fp8, GemmOutput::F32, 128, 6)
         },
         GemmConfig { swiglu: true, ..g(Masked, GemmInput::Bf16, GemmOutput::Bf16, 64, 8) },
+        // The f32 graph's experts: f32 activations as bf16 hi + lo, one GEMM reading each expert's
+        // weights once — gate/up gathered by token, down scattered with the routing weights.
+        GemmConfig { dual_a: true, ..g(Gather, GemmInput::Bf16, GemmOutput::F32, 128, 4) },
+        GemmConfig {
+            consumers: 2,
+            persistent: true,
+            row_scale: true,
+            scatter: true,
+            dual_a: true,
+            ..g(Contiguous, GemmInput::Bf16, GemmOutput::F32, 128, 4)
+        },
         // fp8 outputs with their 1x128 scales: a dense bf16 GEMM, the bf16 SwiGLU gate/up (256 wide:
         // 128 output columns), an fp8 grouped GEMM.
         GemmConfig {
@@ -469,9 +480,17 @@ fn configs_that_do_not_fit_are_rejected_before_codegen() {
     }
     // A second A: dense bf16 GEMMs without SwiGLU only.
     GemmConfig { dual_a: true, split_k: true, residual: true, ..base }.validate(t).unwrap();
-    for bad in [GemmConfig { dual_a: true, ..fp8 }, GemmConfig { dual_a: true, swiglu: true, ..base }] {
+    let masked_bf16 = GemmConfig::grouped(GemmGrouping::Masked, GemmInput::Bf16, GemmOutput::F32, 64, 128, 4);
+    for bad in [
+        GemmConfig { dual_a: true, ..fp8 },
+        GemmConfig { dual_a: true, swiglu: true, ..base },
+        GemmConfig { dual_a: true, ..masked_bf16 },
+    ] {
         let err = bad.validate(t).unwrap_err();
-        assert!(err.contains("a second A goes with dense bf16 GEMMs without SwiGLU"), "{err}");
+        assert!(
+            err.contains("a second A goes with bf16 GEMMs (dense, gathered or contiguous) without SwiGLU"),
+            "{err}"
+        );
     }
     let context = v3c_compiler::mlir::new_context();
     let err = sm90::compile_gemm(&context, &GemmConfig { stages: 1, ..base }, t).unwrap_err().to_string();

@@ -56,9 +56,9 @@ impl KernelAbi {
                 if !known {
                     return Err(format!("a GEMM of {} -> {}, {} grouping", g.input, g.output, g.grouping));
                 }
-                if g.dual_a && (g.input != "bf16" || g.grouping != "dense") {
+                if g.dual_a && (g.input != "bf16" || g.grouping == "masked") {
                     return Err(format!(
-                        "a dual-A GEMM of {} inputs, {} grouping (dense bf16 only)",
+                        "a dual-A GEMM of {} inputs, {} grouping (bf16, not masked)",
                         g.input, g.grouping
                     ));
                 }

@@ -148,7 +148,7 @@ impl GemmShape {
             GemmGrouping::Dense => "dense",
         };
         format!(
-            "grouped {grouping} {}->{o} n{} k{} e{}+{} top{}{}{}{}",
+            "grouped {grouping} {}->{o} n{} k{} e{}+{} top{}{}{}{}{}",
             t(self.input),
             self.n,
             self.k,
@@ -157,7 +157,8 @@ impl GemmShape {
             g.top_k,
             if g.row_scale { " +rowscale" } else { "" },
             if g.scatter { " +scatter" } else { "" },
-            if self.b_row_scales() { " +b1x128" } else { "" }
+            if self.b_row_scales() { " +b1x128" } else { "" },
+            if self.dual_a { " +a2" } else { "" }
         )
     }
 }
@@ -187,6 +188,7 @@ pub fn candidates(shape: &GemmShape, target: &GpuTarget) -> Vec<GemmConfig> {
                                 row_scale: g.row_scale,
                                 scatter: g.scatter,
                                 b_row_scales: shape.b_row_scales(),
+                                dual_a: shape.dual_a,
                                 ..GemmConfig::grouped(g.grouping, shape.input, shape.output, block_m, block_n, stages)
                             };
                             if c.validate(target).is_ok() {
@@ -412,9 +414,11 @@ fn estimate_grouped(shape: &GemmShape, g: &GroupedProblem, c: &GemmConfig, devic
     let weight = (shape.n * shape.k) as f64 * elt;
     let fits = weight < device.l2_bytes as f64 / 8.0;
     let weights: f64 = tile_rows.iter().filter(|&&t| t > 0).map(|&t| weight * if fits { 1.0 } else { t as f64 }).sum();
-    // Each tile column loads its rows again (L2 catches the rest after the first two).
+    // Each tile column loads its rows again (L2 catches the rest after the first two); a second A
+    // doubles them.
     let total_rows: usize = rows.iter().sum();
-    let activations = (total_rows * shape.k) as f64 * elt * (tiles_n as f64).min(2.0);
+    let products = if shape.dual_a { 2.0 } else { 1.0 };
+    let activations = products * (total_rows * shape.k) as f64 * elt * (tiles_n as f64).min(2.0);
     // Scattered rows are added into their token's row: read and written.
     let output = (total_rows * shape.n) as f64 * out_elt * if g.scatter { 2.0 } else { 1.0 };
     let bytes = weights + activations + output;
@@ -426,7 +430,7 @@ fn estimate_grouped(shape: &GemmShape, g: &GroupedProblem, c: &GemmConfig, devic
     let unit_us = if c.persistent { 0.3 } else { UNIT_US };
     let fixed = LAUNCH_US + unit_us * units.div_ceil(slots) as f64;
     let micros = compute_us.max(memory_us) + fixed;
-    let flops = 2.0 * (total_rows * shape.n * shape.k) as f64;
+    let flops = 2.0 * products * (total_rows * shape.n * shape.k) as f64;
     Estimate {
         config: *c,
         splits: 1,

@@ -128,7 +128,8 @@ pub struct GemmConfig {
     /// expert (a count only the device knows).
     pub k_range: bool,
     /// A second A (`a2`, A's shape) multiplied by the same B into the same accumulators: `out =
-    /// (A + A2) B^T` with B read once — f32 activations as bf16 `hi + lo` (bf16 only; dense).
+    /// (A + A2) B^T` with B read once — f32 activations as bf16 `hi + lo` (bf16; dense, gathered or
+    /// contiguous).
     pub dual_a: bool,
 }
 
@@ -493,9 +494,10 @@ impl GemmConfig {
                  by K; the range is in 128-wide scale groups)"
             ));
         }
-        if self.dual_a && (self.is_grouped() || self.input != GemmInput::Bf16 || self.swiglu) {
+        if self.dual_a && (self.grouping == GemmGrouping::Masked || self.input != GemmInput::Bf16 || self.swiglu) {
             return Err(format!(
-                "{name}: a second A goes with dense bf16 GEMMs without SwiGLU (f32 activations as hi + lo)"
+                "{name}: a second A goes with bf16 GEMMs (dense, gathered or contiguous) without SwiGLU (f32 \
+                 activations as hi + lo)"
             ));
         }
         if self.stages < 2 || self.stages > 8 {
@@ -760,6 +762,15 @@ impl Emitter {
 %ld_row{rr} = memref.view %smem[%ro{rr}][] : memref<?xi8, {ws}> to memref<1x{bk}x{in_el}, {ws}>
 nvgpu.tma.async.load %a_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row{rr} : !amap, !bar -> memref<1x{bk}x{in_el}, {ws}>"
                     );
+                    if c.dual_a {
+                        // The second A's row, at the same place in its tile.
+                        let _ = writeln!(
+                            rows,
+                            "%ro2_{rr} = arith.addi %ld_a2_off, %ro{rr}_b : index
+%ld_row2_{rr} = memref.view %smem[%ro2_{rr}][] : memref<?xi8, {ws}> to memref<1x{bk}x{in_el}, {ws}>
+nvgpu.tma.async.load %a2_map[%ld_k0, %tok{rr}], %full[%st] to %ld_row2_{rr} : !amap, !bar -> memref<1x{bk}x{in_el}, {ws}>"
+                        );
+                    }
                 }
             }
             let first = if gather {

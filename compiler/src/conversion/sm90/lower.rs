@@ -1028,9 +1028,9 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         }
         [kind @ ("moe_gate_up" | "moe_down"), "func.return"] if ops[0].operand_count() == 7 => {
             // The f32 graph's routed + shared experts (bf16 weights): the activations split into
-            // bf16 hi + lo, each through the grouped GEMM (gate/up: gathered by token, the two
-            // products added, then SwiGLU; down: sorted rows weighted and scattered onto a copy of
-            // the residual, hi and lo both).
+            // bf16 hi + lo, both through one dual-A grouped GEMM (each expert's weights read once;
+            // gate/up: gathered by token, then SwiGLU; down: sorted rows weighted and scattered
+            // onto a copy of the residual). The second A is the operand before the output.
             let moe = &ops[0];
             let gate_up = kind == "moe_gate_up";
             let mut wired = moe.operand_count() == 7 && raw(operand(&ops[1], 0)?) == result(moe, 0)?;
@@ -1054,8 +1054,8 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             let per_token = fixed(&arg_shape(2)?, 1)?;
             let (rows, k) = (fixed(&w, 1)?, fixed(&w, 2)?);
             use super::gemm::GemmGrouping;
-            let grouped_gemm = |half: &str, grouping, weights: Vec<GroupedWeight>, row_scale, scatter| GemmKernel {
-                kernel: format!("{fused}.{half}"),
+            let grouped_gemm = |a2: usize, grouping, weights: Vec<GroupedWeight>, row_scale, scatter| GemmKernel {
+                kernel: format!("{fused}.grouped"),
                 input: GemmInput::Bf16,
                 output: GemmOutput::F32,
                 n: weights.iter().map(|w: &GroupedWeight| w.rows).sum(),
@@ -1079,7 +1079,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 }),
                 fixed_m: None,
                 k_range: None,
-                a2: None,
+                a2: Some(a2),
             };
             // Several shared experts are one MLP's: the gate and up rows, or (down) the
             // columns, expert after expert.
@@ -1094,44 +1094,37 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             if gate_up {
                 // Arguments: x, offsets, perm, gate, up, shared gate, shared up.
                 let both = || vec![weight(3, 5), weight(4, 6)];
-                let mut steps = vec![Step {
-                    kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
-                    operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
-                }];
-                for (half, part) in [("hi", 0), ("lo", 1)] {
-                    steps.push(Step {
-                        kernel: StepKernel::Gemm(grouped_gemm(half, GemmGrouping::Gather, both(), None, false)),
-                        operands: [Operand::Temp(part)]
+                let steps = vec![
+                    Step {
+                        kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
+                        operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
+                    },
+                    Step {
+                        kernel: StepKernel::Gemm(grouped_gemm(7, GemmGrouping::Gather, both(), None, false)),
+                        operands: [Operand::Temp(0)]
                             .into_iter()
                             .chain((1..7).map(Operand::Arg))
-                            .chain([Operand::Temp(2 + part)])
+                            .chain([Operand::Temp(1), Operand::Temp(2)])
                             .collect(),
-                    });
-                }
-                let add = RowKernel::new(RowOp::Train(super::rows::TrainRow::Add), 2 * rows, "f32");
-                steps.push(Step {
-                    kernel: StepKernel::Row(add),
-                    operands: vec![Operand::Temp(2), Operand::Temp(3), Operand::Temp(4)],
-                });
-                steps.push(Step {
-                    kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: false }, rows, "f32")),
-                    operands: vec![Operand::Temp(4), Operand::Result(0)],
-                });
-                let sorted = |cols: usize, element: &str| Temp::per_row(per_token, cols, element);
+                    },
+                    Step {
+                        kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: false }, rows, "f32")),
+                        operands: vec![Operand::Temp(2), Operand::Result(0)],
+                    },
+                ];
                 Ok(Steps {
                     temps: vec![
                         Temp::per_row(1, k, "bf16"),
                         Temp::per_row(1, k, "bf16"),
-                        sorted(2 * rows, "f32"),
-                        sorted(2 * rows, "f32"),
-                        sorted(2 * rows, "f32"),
+                        Temp::per_row(per_token, 2 * rows, "f32"),
                     ],
                     steps,
                     rope_table: None,
                 })
             } else {
                 // Arguments: h (sorted rows), offsets, perm, routing weights, down, shared down, residual.
-                let mut steps = vec![
+                let g = grouped_gemm(6, GemmGrouping::Contiguous, vec![weight(4, 5)], Some(3), true);
+                let steps = vec![
                     // The residual first; the experts' rows are added onto it.
                     Step {
                         kernel: StepKernel::Row(RowKernel::new(RowOp::Copy, rows, "f32")),
@@ -1141,18 +1134,15 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                         kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
                         operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
                     },
-                ];
-                for (half, part) in [("hi", 0), ("lo", 1)] {
-                    let g = grouped_gemm(half, GemmGrouping::Contiguous, vec![weight(4, 5)], Some(3), true);
-                    steps.push(Step {
+                    Step {
                         kernel: StepKernel::Gemm(g),
-                        operands: [Operand::Temp(part)]
+                        operands: [Operand::Temp(0)]
                             .into_iter()
                             .chain((1..6).map(Operand::Arg))
-                            .chain([Operand::Result(0)])
+                            .chain([Operand::Temp(1), Operand::Result(0)])
                             .collect(),
-                    });
-                }
+                    },
+                ];
                 Ok(Steps {
                     temps: vec![Temp::per_row(per_token, k, "bf16"), Temp::per_row(per_token, k, "bf16")],
                     steps,

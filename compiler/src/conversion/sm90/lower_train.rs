@@ -1409,8 +1409,8 @@ fn tensor_core_matmul(body: &Body) -> Option<Steps> {
 /// tensor cores to ~2^-16 relative: each operand split into bf16 `hi + lo` (`x = hi + lo`, round
 /// to nearest even) laid out K-major as the GEMM template reads them — transposed by the split
 /// where the contraction runs over its rows (padded to 8 columns: TMA's 16-byte rows) — then
-/// `hi.hi`, `hi.lo` and `lo.hi` as three bf16 GEMMs into the f32 output, each adding onto it
-/// (`lo.lo`, ~2^-18, is dropped). A contraction over the run's rows (a weight gradient) is the
+/// `hi.hi + lo.hi` as one dual-A bf16 GEMM (b's hi read once for both) and `hi.lo` as a second
+/// adding onto its f32 output (`lo.lo`, ~2^-18, is dropped). A contraction over the run's rows (a weight gradient) is the
 /// template's Wgrad form (M fixed, K the tokens). Temporaries are appended to `temps`.
 fn matmul_steps(
     fused: &str,
@@ -1467,12 +1467,9 @@ fn matmul_steps(
     };
     let (ah, al) = split(a, (ra, ca), ta)?;
     let (bh, bl) = split(b, (rb, cb), !tb)?;
-    for (i, (half, x, y)) in [("hihi", ah, bh), ("hilo", ah, bl), ("lohi", al, bh)].into_iter().enumerate() {
-        let mut operands = vec![x, y];
-        if i > 0 {
-            operands.push(out);
-        }
-        operands.push(out);
+    // Operands: A, B, then the second A (hi.hi + lo.hi) or the residual (hi.lo), then the output.
+    for (i, (half, y, third)) in [("hi", bh, al), ("hilo", bl, out)].into_iter().enumerate() {
+        let operands = vec![ah, y, third, out];
         let kernel = GemmKernel {
             kernel: format!("{fused}.{half}"),
             input: GemmInput::Bf16,
@@ -1487,7 +1484,7 @@ fn matmul_steps(
             grouped: None,
             fixed_m,
             k_range: None,
-            a2: None,
+            a2: (i == 0).then_some(2),
         };
         steps.push(Step { kernel: StepKernel::Gemm(kernel), operands });
     }

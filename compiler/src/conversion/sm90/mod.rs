@@ -259,8 +259,8 @@ pub type RegimeKernels = [String; 2];
 pub enum AttentionKernel {
     /// On the tensor cores: prefill as flash attention in the naive form
     /// ([`lower::mla_prefill_steps`]: q, k, v and P in bf16, kv_b's up-projection of the latent in
-    /// e4m3 — the fp8 graph, DeepSeek-V3's own naive-form inference numerics — or as bf16 hi + lo
-    /// GEMMs, the f32 graph); decode as split-K attention over bf16 pages in the absorbed form
+    /// e4m3 — the fp8 graph, DeepSeek-V3's own naive-form inference numerics — or as one GEMM over
+    /// bf16 hi + lo, the f32 graph); decode as split-K attention over bf16 pages in the absorbed form
     /// ([`lower::mla_decode_steps`]; kv_b e4m3 or, the f32 graph, bf16). Attention whose shapes the
     /// kernels do not take stays on the row.
     #[default]
