@@ -237,6 +237,14 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
         g.grouped.as_mut().and_then(|gr| gr.row_scale.as_mut()).map(|r| *r = a).is_some()
     });
     relabelled("the residual", &|g| g.residual.as_mut().map(|r| *r = g.a).is_some());
+    // A GEMM over the activations' hi + lo whose lowering lost its second A would leave lo's product
+    // out: refused.
+    let mut a = v3c_runtime::artifact::Artifact::open(&out).unwrap();
+    let gemms = a.lowering.as_mut().unwrap().kernels.iter_mut().flat_map(|k| &mut k.launches);
+    let dual = gemms.filter_map(|l| l.gemm.as_mut()).find(|g| g.a2.is_some()).expect("a dual-A GEMM");
+    dual.a2 = None;
+    let err = v3c_runtime::gpu::Expander::new(&a).unwrap().check(&[]).unwrap_err();
+    assert!(err.contains("the lowering binds no second A, the kernel reads one"), "{err}");
     eprintln!("{launches} launches of {kernels} kernels checked");
     assert!(launches > 300, "{launches} launches");
     assert!(kernels >= 25, "{kernels} kernels");

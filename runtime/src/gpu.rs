@@ -522,6 +522,15 @@ impl<'a> Expander<'a> {
                         if used.iter().chain(&more).flatten().any(|b| b.addr == 0) {
                             return Err(at(format!("{kernel}: an operand has no memory (a weight left unbound)")));
                         }
+                        // A second A the kernel would not read (or one it would miss) is a product
+                        // left out: refused, not launched.
+                        if gs.a2.is_some() != g.dual_a {
+                            return Err(at(format!(
+                                "{kernel}: the lowering binds {} second A, the kernel {}",
+                                if gs.a2.is_some() { "a" } else { "no" },
+                                if g.dual_a { "reads one" } else { "reads none" }
+                            )));
+                        }
                         let launch = g.launch(kernel, &operands, sms).map_err(at)?;
                         let p = crate::abi::GemmProblem {
                             m: if g.grouping == "gather" {
