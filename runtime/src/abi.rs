@@ -879,20 +879,13 @@ mod tests {
         let g = GemmAbi { input: "bf16".into(), dual_a: true, block_k: 64, ..abi(&["res"]) };
         let (hi, lo) = (buf(0x10000, &[3, 256], "bf16"), buf(0x20000, &[3, 256], "bf16"));
         let (b, out) = (buf(0x30000, &[320, 256], "bf16"), buf(0x50000, &[3, 320], "f32"));
+        // (A bf16 GEMM reads no scales: none passed.)
         let ops = GemmOperands {
-            a: &hi,
             a2: Some(&lo),
             a_scale: None,
-            b: &b,
             b_scale: None,
-            out: &out,
             residual: Some(&out),
-            offsets: None,
-            perm: None,
-            row_scale: None,
-            k_range: None,
-            workspace: None,
-            counters: None,
+            ..fp8_operands(&hi, &hi, &b, &b, &out)
         };
         let l = g.launch("k", &ops, 132).unwrap();
         // maps (3), out (7), residual (7), k.
