@@ -695,6 +695,11 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                     let a = bf16s(&bufs[g.a]);
                     let w = bf16s(&bufs[g.weights[0].0]);
                     let mut y = v3c_models::interp::kernels::matmul_nt(&a, &w, rows, g.k, g.n);
+                    // A second A (the activations' lo half): its product with the same weights.
+                    if let Some(a2) = g.a2 {
+                        let lo = v3c_models::interp::kernels::matmul_nt(&bf16s(&bufs[a2]), &w, rows, g.k, g.n);
+                        y.iter_mut().zip(lo).for_each(|(v, l)| *v += l);
+                    }
                     if let Some(r) = g.residual {
                         // SAFETY: the residual holds rows x n f32.
                         let res = unsafe { std::slice::from_raw_parts(bufs[r].ptr as *const f32, rows * g.n) };
