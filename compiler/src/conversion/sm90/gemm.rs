@@ -1217,11 +1217,12 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
     fn a_tile(&self, st: &str) -> String {
         let c = &self.c;
         let (bm, bk, in_el, ws) = (c.block_m, c.block_k(), self.in_el, WORKGROUP);
-        let maps: &[(&str, &str)] = if c.dual_a { &[("a", "a"), ("a2", "a2")] } else { &[("a", "a")] };
-        maps.iter()
-            .map(|(map, view)| {
+        let operands: &[&str] = if c.dual_a { &["a", "a2"] } else { &["a"] };
+        operands
+            .iter()
+            .map(|a| {
                 format!(
-                    "nvgpu.tma.async.load %{map}_map[%ld_k0, %row0], %full[{st}] to %ld_{view} : !amap, !bar -> memref<{bm}x{bk}x{in_el}, {ws}>"
+                    "nvgpu.tma.async.load %{a}_map[%ld_k0, %row0], %full[{st}] to %ld_{a} : !amap, !bar -> memref<{bm}x{bk}x{in_el}, {ws}>"
                 )
             })
             .collect::<Vec<_>>()
